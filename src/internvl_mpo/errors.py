@@ -1,0 +1,17 @@
+"""Exceptions raised for bad input. Each names the file or value at fault."""
+
+
+class InternVLError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(InternVLError, ValueError):
+    """A config.json that cannot be read or asks for maths we do not implement."""
+
+
+class CheckpointError(InternVLError, ValueError):
+    """Weights that are missing, unexpected, mis-shaped, corrupt or not safetensors."""
+
+
+class InputError(InternVLError, ValueError):
+    """A bad image, video, prompt or data record given by a user."""
