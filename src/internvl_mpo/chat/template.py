@@ -1,0 +1,293 @@
+"""Conversation templates, `<image>` expansion and prompt / training token ids for InternVL2.5.
+
+Mirrors, from OpenGVLab/InternVL `internvl_chat`:
+- `conversation.py`, template `internvl2_5` (MPT separator style) and `get_prompt`, as used by
+  `InternVLChatModel.chat`: the system turn, then each (role, message); a non-empty message renders as
+  role + message + sep, an empty one as the role alone (the generation slot). Kept quirk: an empty
+  question or an empty answer in the history renders as a bare role too, exactly like the reference.
+- `chat()`: `"<image>\\n"` is prepended to the first question when images are given and it has no
+  `<image>`; each `<image>`, left to right, becomes `<img>` + `<IMG_CONTEXT>` x (256 x tiles) + `</img>`.
+  Unlike the reference (which replaces as many placeholders as it has images and never checks), a
+  placeholder count that differs from the number of images raises InputError.
+- `train/dataset.py` `preprocess_internvl2_5`: each turn is tokenized on its own and the ids are
+  concatenated; labels are -100 except in assistant segments, where the `<|im_start|>assistant\\n`
+  header and the final `\\n` are masked, so the response and its `<|im_end|>` are supervised.
+  Deliberate difference: the reference masks a fixed 3 header tokens; when a response starts with a
+  newline, BPE merges it with the header's `\\n` into one token and the reference silently masks that
+  first response newline. We mask only the tokens that are entirely header (the ids shared with the
+  header tokenized alone), so the first response token is always supervised. Ids are identical.
+
+Prompts are tokenized piecewise: the text between `<image>` placeholders is encoded on its own and
+the image ids are spliced in, which gives the same ids as encoding the expanded string (the image
+tokens are added tokens that split the text anyway) without running 40k characters of
+`<IMG_CONTEXT>` through the tokenizer. When the tokenizer's image tokens strip whitespace, need word
+boundaries or are matched after normalization, the whole expanded string is encoded instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from internvl_mpo.chat.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokenizer
+from internvl_mpo.errors import ConfigError, InputError
+
+IMAGE_PLACEHOLDER = "<image>"
+IGNORE_INDEX = -100
+NUM_IMAGE_TOKEN = 256  # LLM tokens per 448x448 tile: (448 / 14) ** 2 * 0.5 ** 2
+
+
+@dataclass(frozen=True)
+class Template:
+    """An MPT-style conversation template, as in the reference `conversation.py`."""
+
+    name: str
+    system_template: str
+    system_message: str
+    roles: tuple[str, str]  # (user prefix, assistant prefix)
+    sep: str
+
+    def system_turn(self, system_message: str | None = None) -> str:
+        message = self.system_message if system_message is None else system_message
+        return self.system_template.replace("{system_message}", message) + self.sep
+
+    def render(self, messages: Sequence[tuple[str, str | None]], system_message: str | None = None) -> str:
+        """System turn, then role + message + sep per message, or the bare role for an empty message."""
+        parts = [self.system_turn(system_message)]
+        for role, message in messages:
+            parts.append(role + message + self.sep if message else role)
+        return "".join(parts)
+
+
+TEMPLATES: dict[str, Template] = {
+    "internvl2_5": Template(
+        name="internvl2_5",
+        system_template="<|im_start|>system\n{system_message}",
+        system_message=(
+            "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+        ),
+        roles=("<|im_start|>user\n", "<|im_start|>assistant\n"),
+        sep="<|im_end|>\n",
+    ),
+}
+
+
+def get_template(name: str) -> Template:
+    if name not in TEMPLATES:
+        raise ConfigError(f"unknown conversation template {name!r}; known: {sorted(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def render_prompt(
+    question: str,
+    history: Sequence[tuple[str, str]] = (),
+    system_message: str | None = None,
+    template: str = "internvl2_5",
+) -> str:
+    """The prompt `chat()` builds: history as user/assistant pairs, the question, an open assistant turn."""
+    tmpl = get_template(template)
+    user, assistant = tmpl.roles
+    messages: list[tuple[str, str | None]] = []
+    for turn in history:
+        if len(turn) != 2:
+            raise InputError(f"history entries must be (question, answer) pairs, got {turn!r}")
+        messages += [(user, turn[0]), (assistant, turn[1])]
+    messages += [(user, question), (assistant, None)]
+    return tmpl.render(messages, system_message)
+
+
+def add_image_prefix(question: str, num_images: int) -> str:
+    """Put image placeholders in front of a first question that has none.
+
+    One image: `"<image>\\n" + question`, as `chat()` does. Several: `"Image-1: <image>\\nImage-2: <image>\\n"`
+    + question, the model card's multi-image convention. Unchanged when there is no image or the
+    question already holds `<image>`.
+    """
+    if num_images == 0 or IMAGE_PLACEHOLDER in question:
+        return question
+    if num_images == 1:
+        return f"{IMAGE_PLACEHOLDER}\n{question}"
+    return "".join(f"Image-{k}: {IMAGE_PLACEHOLDER}\n" for k in range(1, num_images + 1)) + question
+
+
+def _check_images(text: str, num_patches_list: Sequence[int]) -> None:
+    count = text.count(IMAGE_PLACEHOLDER)
+    if count != len(num_patches_list):
+        raise InputError(
+            f"the prompt has {count} {IMAGE_PLACEHOLDER} placeholder(s) but {len(num_patches_list)} image(s)"
+            f" were given (num_patches_list={list(num_patches_list)})"
+        )
+    for tiles in num_patches_list:
+        if not isinstance(tiles, int) or tiles < 1:
+            raise InputError(f"each image needs a positive whole number of tiles, got {tiles!r}")
+
+
+def _image_text(tiles: int, num_image_token: int) -> str:
+    return IMG_START + IMG_CONTEXT * (num_image_token * tiles) + IMG_END
+
+
+def expand_image_tokens(prompt: str, num_patches_list: Sequence[int], num_image_token: int = NUM_IMAGE_TOKEN) -> str:
+    """Replace each `<image>`, in order, by `<img>` + `<IMG_CONTEXT>` x (num_image_token x tiles) + `</img>`."""
+    _check_images(prompt, num_patches_list)
+    pieces = prompt.split(IMAGE_PLACEHOLDER)
+    out = [pieces[0]]
+    for tiles, piece in zip(num_patches_list, pieces[1:]):
+        out += [_image_text(tiles, num_image_token), piece]
+    return "".join(out)
+
+
+def encode_with_images(
+    tokenizer: Tokenizer, text: str, num_patches_list: Sequence[int], num_image_token: int = NUM_IMAGE_TOKEN
+) -> list[int]:
+    """Ids of `expand_image_tokens(text, ...)`, computed piecewise (see the module docstring)."""
+    _check_images(text, num_patches_list)
+    if not all(tokenizer.is_plain_added_token(t) for t in (IMG_START, IMG_CONTEXT, IMG_END)):
+        return tokenizer.encode(expand_image_tokens(text, num_patches_list, num_image_token))
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    piece_ids = tokenizer.encode_batch(pieces) if len(pieces) > 1 else [tokenizer.encode(text)]
+    start, context, end = tokenizer.img_start_id, tokenizer.img_context_id, tokenizer.img_end_id
+    ids = list(piece_ids[0])
+    for tiles, after in zip(num_patches_list, piece_ids[1:]):
+        ids += [start, *([context] * (num_image_token * tiles)), end, *after]
+    return ids
+
+
+def build_prompt_ids(
+    tokenizer: Tokenizer,
+    question: str,
+    history: Sequence[tuple[str, str]] = (),
+    num_patches_list: Sequence[int] = (),
+    system_message: str | None = None,
+    max_length: int | None = None,
+    num_image_token: int = NUM_IMAGE_TOKEN,
+    template: str = "internvl2_5",
+) -> list[int]:
+    """Token ids of the `chat()` prompt, ready for prefill.
+
+    On the first turn (empty history) a question without `<image>` gets the image prefix; on later
+    turns the placeholders live in the stored first question (pass it with its prefix, as `chat()`
+    stores it) and are expanded again with the same `num_patches_list`.
+    """
+    if not history:
+        question = add_image_prefix(question, len(num_patches_list))
+    prompt = render_prompt(question, history, system_message, template)
+    ids = encode_with_images(tokenizer, prompt, num_patches_list, num_image_token)
+    if max_length is not None and len(ids) > max_length:
+        image_tokens = sum(num_image_token * tiles + 2 for tiles in num_patches_list)
+        raise InputError(
+            f"prompt is {len(ids)} tokens ({image_tokens} of them image tokens), longer than the context of {max_length}"
+        )
+    return ids
+
+
+def _assistant_labels(ids: list[int], header_ids: list[int]) -> list[int]:
+    """Supervise an assistant segment except its header tokens and its final "\\n"."""
+    masked = 0
+    while masked < min(len(header_ids), len(ids)) and ids[masked] == header_ids[masked]:
+        masked += 1
+    return [IGNORE_INDEX] * masked + ids[masked:-1] + [IGNORE_INDEX]
+
+
+def _segments(
+    tokenizer: Tokenizer,
+    tmpl: Template,
+    turns: Sequence[tuple[str, str]],
+    num_patches_list: Sequence[int],
+    num_image_token: int,
+) -> tuple[list[int], list[int]]:
+    """Tokenize (role, content) turns one segment each, as `preprocess_internvl2_5`; returns ids, labels."""
+    user_images = sum(content.count(IMAGE_PLACEHOLDER) for role, content in turns if role == "user")
+    if user_images != len(num_patches_list):
+        raise InputError(
+            f"the user turns hold {user_images} {IMAGE_PLACEHOLDER} placeholder(s) but {len(num_patches_list)}"
+            f" image(s) were given (num_patches_list={list(num_patches_list)})"
+        )
+    header_ids = tokenizer.encode(tmpl.roles[1])
+    input_ids: list[int] = []
+    labels: list[int] = []
+    next_image = 0
+    for role, content in turns:
+        if role == "system":
+            ids = tokenizer.encode(tmpl.system_turn(content))
+            seg_labels = [IGNORE_INDEX] * len(ids)
+        elif role == "user":
+            count = content.count(IMAGE_PLACEHOLDER)
+            patches = num_patches_list[next_image : next_image + count]
+            next_image += count
+            ids = encode_with_images(tokenizer, tmpl.roles[0] + content + tmpl.sep, patches, num_image_token)
+            seg_labels = [IGNORE_INDEX] * len(ids)
+        else:
+            ids = tokenizer.encode(tmpl.roles[1] + content + tmpl.sep)
+            seg_labels = _assistant_labels(ids, header_ids)
+        input_ids += ids
+        labels += seg_labels
+    return input_ids, labels
+
+
+def _read_messages(messages: Sequence[Mapping[str, str]], system_message: str | None, tmpl: Template) -> list[tuple[str, str]]:
+    turns: list[tuple[str, str]] = []
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in ("system", "user", "assistant") or not isinstance(content, str):
+            raise InputError(f"message {i} needs role system/user/assistant and string content, got {dict(message)!r}")
+        if role == "system" and i != 0:
+            raise InputError(f"message {i}: a system message may only come first")
+        turns.append((role, content))
+    if not any(role == "assistant" for role, _ in turns):
+        raise InputError("a training conversation needs at least one assistant message to supervise")
+    if not turns or turns[0][0] != "system":
+        turns.insert(0, ("system", tmpl.system_message if system_message is None else system_message))
+    return turns
+
+
+def build_training_ids(
+    tokenizer: Tokenizer,
+    messages: Sequence[Mapping[str, str]],
+    num_patches_list: Sequence[int] = (),
+    system_message: str | None = None,
+    num_image_token: int = NUM_IMAGE_TOKEN,
+    template: str = "internvl2_5",
+) -> tuple[list[int], list[int]]:
+    """Input ids and labels of a training conversation (list of {"role", "content"} dicts).
+
+    A leading system message wins over `system_message`, which wins over the template's. `<image>`
+    placeholders are expanded in user turns only, in order. No truncation happens here.
+    """
+    tmpl = get_template(template)
+    turns = _read_messages(messages, system_message, tmpl)
+    return _segments(tokenizer, tmpl, turns, num_patches_list, num_image_token)
+
+
+class PairIds(NamedTuple):
+    """A preference pair sharing one prompt: full sequences are prompt + chosen and prompt + rejected."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    chosen_labels: list[int]
+    rejected_ids: list[int]
+    rejected_labels: list[int]
+
+
+def build_pair_ids(
+    tokenizer: Tokenizer,
+    question: str,
+    chosen: str,
+    rejected: str,
+    num_patches_list: Sequence[int] = (),
+    system_message: str | None = None,
+    num_image_token: int = NUM_IMAGE_TOKEN,
+    template: str = "internvl2_5",
+) -> PairIds:
+    """Ids for one MPO record: the question (image prefix added as the MPO dataset does) and two answers.
+
+    Because turns are tokenized separately, prompt_ids + chosen_ids equals `build_training_ids` of
+    [user: question, assistant: chosen]; the prompt labels are all -100.
+    """
+    tmpl = get_template(template)
+    question = add_image_prefix(question, len(num_patches_list))
+    system = tmpl.system_message if system_message is None else system_message
+    prompt_ids, _ = _segments(tokenizer, tmpl, [("system", system), ("user", question)], num_patches_list, num_image_token)
+    chosen_ids, chosen_labels = _segments(tokenizer, tmpl, [("assistant", chosen)], (), num_image_token)
+    rejected_ids, rejected_labels = _segments(tokenizer, tmpl, [("assistant", rejected)], (), num_image_token)
+    return PairIds(prompt_ids, chosen_ids, chosen_labels, rejected_ids, rejected_labels)

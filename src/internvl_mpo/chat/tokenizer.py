@@ -1,0 +1,311 @@
+"""Qwen2 byte-level BPE tokenizer of InternVL2.5 checkpoints, on the `tokenizers` library only.
+
+Mirrors transformers' `Qwen2Tokenizer` (the fast, `tokenizers`-backed class of transformers 5; the
+same pipeline as the v4 `Qwen2Converter`): NFC normalizer; the Qwen2 split regex (isolated) followed
+by a ByteLevel pre-tokenizer without prefix space or its own regex; a BPE model with no unk token,
+no dropout and no unk fusing; a ByteLevel decoder. `load_tokenizer` reads `tokenizer.json` when the
+folder has one, else builds that pipeline from `vocab.json` + `merges.txt` and adds the added tokens
+from `tokenizer_config.json` (`added_tokens_decoder`, with each token's lstrip / rstrip /
+normalized / single_word / special flags), or, for older folders without that key, from
+`added_tokens.json` + `special_tokens_map.json` the way transformers' legacy path does. Then, as
+Qwen2Tokenizer's constructor does, every named special token (eos, pad, unk, bos,
+additional_special_tokens; unk/eos/pad default to `<|endoftext|>` when the config omits the key) is
+added again as a special token with default flags: a missing one gets the next id, and
+lstrip/rstrip/single_word flags the config sets on it are dropped (non-special added tokens keep
+theirs).
+
+Kept from the reference: no BOS is ever added; special tokens written in the text are recognised as
+single ids (the official prompts rely on it); decoding skips special tokens but keeps non-special
+added tokens such as `<tool_call>`; invalid UTF-8 decodes to U+FFFD. Not done: transformers'
+`clean_up_tokenization_spaces` (Qwen2 checkpoints set it False). Special-token ids are looked up by
+string; none is hard-coded.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as Backend
+
+from internvl_mpo.errors import CheckpointError, InputError
+
+# The Qwen2 pre-tokenizer split pattern (transformers `tokenization_qwen2.PRETOKENIZE_REGEX`).
+QWEN2_SPLIT_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+IMG_START = "<img>"
+IMG_END = "</img>"
+IMG_CONTEXT = "<IMG_CONTEXT>"
+
+# Keys of tokenizer_config.json / special_tokens_map.json that name one special token each.
+_NAMED_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# Qwen2Tokenizer's constructor defaults for keys the config does not mention.
+_QWEN2_DEFAULTS = {"unk_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "pad_token": ENDOFTEXT}
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's byte -> printable character table that byte-level BPE tokens are written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {chr(b): b for b in printable}
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            table[chr(256 + extra)] = byte
+            extra += 1
+    return table
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
+class Tokenizer:
+    """A loaded tokenizer: text <-> ids, special-token ids, streaming decode."""
+
+    def __init__(self, backend: Backend, eos_token: str | None, pad_token: str | None, source: str):
+        self.backend = backend
+        self.source = source
+        self._eos_token = eos_token or IM_END
+        self._pad_token = pad_token or ENDOFTEXT
+        self._added = backend.get_added_tokens_decoder()  # id -> AddedToken
+        self._special_ids = frozenset(i for i, tok in self._added.items() if tok.special)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special tokens written in it become their ids; no BOS."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [enc.ids for enc in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int:
+        token_id = self.backend.token_to_id(token)
+        if token_id is None:
+            raise CheckpointError(f"token {token!r} is not in the tokenizer loaded from {self.source}")
+        return token_id
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    def is_plain_added_token(self, token: str) -> bool:
+        """True if `token` is an added token matched on the raw text (before normalization) that strips
+        no neighbouring whitespace and needs no word boundary: text on either side of it is then
+        tokenized independently of it."""
+        added = self._added.get(self.backend.token_to_id(token))
+        return added is not None and not (added.lstrip or added.rstrip or added.single_word or added.normalized)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes a single id stands for (an added token's text, or a byte-level piece)."""
+        added = self._added.get(token_id)
+        if added is not None:
+            return added.content.encode("utf-8")
+        piece = self.backend.id_to_token(token_id)
+        if piece is None:  # ids past the vocabulary decode to nothing, as in `tokenizers`
+            return b""
+        return bytes(_BYTE_DECODER[char] for char in piece)
+
+    def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
+        return StreamDecoder(self, skip_special_tokens)
+
+    @property
+    def im_start_id(self) -> int:
+        return self.token_to_id(IM_START)
+
+    @property
+    def im_end_id(self) -> int:
+        return self.token_to_id(IM_END)
+
+    @property
+    def eos_id(self) -> int:
+        """The config's eos_token (`<|im_end|>` in InternVL2.5, also the fallback when unset)."""
+        return self.token_to_id(self._eos_token)
+
+    @property
+    def pad_id(self) -> int:
+        """The config's pad_token, else `<|endoftext|>`."""
+        return self.token_to_id(self._pad_token)
+
+    @property
+    def img_context_id(self) -> int:
+        return self.token_to_id(IMG_CONTEXT)
+
+    @property
+    def img_start_id(self) -> int:
+        return self.token_to_id(IMG_START)
+
+    @property
+    def img_end_id(self) -> int:
+        return self.token_to_id(IMG_END)
+
+
+class StreamDecoder:
+    """Turns ids fed one by one (or a few at a time) into text pieces for streaming.
+
+    A byte-level token can end inside a multi-byte UTF-8 character; those bytes are held back until
+    the character is complete, so no piece ends in a broken character. Joining every piece returned
+    by `feed` plus `flush()` gives `tokenizer.decode(all_ids, skip_special_tokens)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, ids: int | Iterable[int]) -> str:
+        """Add ids; return the text they complete ("" while a character is still incomplete)."""
+        if isinstance(ids, int):
+            ids = (ids,)
+        data = b"".join(
+            self._tokenizer.token_bytes(i)
+            for i in ids
+            if not (self._skip_special and self._tokenizer.is_special(i))
+        )
+        return self._utf8.decode(data)
+
+    def flush(self) -> str:
+        """Text of bytes still held back (an unfinished character decodes to U+FFFD)."""
+        return self._utf8.decode(b"", final=True)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read tokenizer file {path}: {err}") from err
+
+
+def _token_text(value: object) -> str | None:
+    """A special-token entry is a string, None, or an AddedToken dict with a "content" key."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_merges(path: Path) -> list[tuple[str, str]]:
+    merges = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f):
+            line = line.strip()
+            if not line or (line_no == 0 and line.startswith("#version")):
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise CheckpointError(f"{path} line {line_no + 1}: expected two symbols, got {line!r}")
+            merges.append((parts[0], parts[1]))
+    return merges
+
+
+def build_qwen2_backend(vocab: dict[str, int], merges: list[tuple[str, str]], add_prefix_space: bool = False) -> Backend:
+    """The Qwen2 byte-level BPE pipeline over a base vocabulary (no added tokens yet)."""
+    backend = Backend(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            unk_token=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            byte_fallback=False,
+        )
+    )
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    return backend
+
+
+def _declared_added_tokens(folder: Path, config: dict, named: dict[str, str | None]) -> dict[int, AddedToken]:
+    """id -> AddedToken from tokenizer_config.json, or the legacy added_tokens.json."""
+    declared: dict[int, AddedToken] = {}
+    if "added_tokens_decoder" in config:
+        for key, entry in config["added_tokens_decoder"].items():
+            if not isinstance(entry, dict) or "content" not in entry:
+                raise CheckpointError(f"{folder / 'tokenizer_config.json'}: added_tokens_decoder[{key}] has no content")
+            flags = {k: bool(entry[k]) for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in entry}
+            declared[int(key)] = AddedToken(entry["content"], **flags)
+        return declared
+    legacy = folder / "added_tokens.json"
+    if legacy.is_file():
+        specials = {t for t in named.values() if t} | set(config.get("additional_special_tokens") or [])
+        for content, token_id in _read_json(legacy).items():
+            is_special = content in specials
+            declared[int(token_id)] = AddedToken(content, normalized=not is_special, special=is_special)
+    return declared
+
+
+def _add_tokens(backend: Backend, declared: dict[int, AddedToken], source: Path) -> None:
+    for token_id, token in sorted(declared.items()):
+        backend.add_tokens([token])
+        got = backend.token_to_id(token.content)
+        if got != token_id:
+            raise CheckpointError(
+                f"{source}: added token {token.content!r} is declared as id {token_id} but lands on id {got}"
+                " (added-token ids must follow the base vocabulary without gaps)"
+            )
+
+
+def load_tokenizer(folder: str | Path) -> Tokenizer:
+    """Load the tokenizer files of a checkpoint folder (see the module docstring for the rules)."""
+    folder = Path(folder)
+    config_path = folder / "tokenizer_config.json"
+    config = _read_json(config_path) if config_path.is_file() else {}
+    map_path = folder / "special_tokens_map.json"
+    special_map = _read_json(map_path) if map_path.is_file() and "added_tokens_decoder" not in config else {}
+
+    named: dict[str, str | None] = {}
+    for key in _NAMED_SPECIAL_KEYS:
+        if key in config:
+            named[key] = _token_text(config[key])
+        elif key in special_map:
+            named[key] = _token_text(special_map[key])
+        else:
+            named[key] = _QWEN2_DEFAULTS.get(key)
+    extra: list = []
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        value = config.get(key, special_map.get(key)) or []
+        extra += list(value.values()) if isinstance(value, dict) else list(value)
+    named_specials = [t for t in named.values() if t] + [t for t in map(_token_text, extra) if t]
+
+    if (folder / "tokenizer.json").is_file():
+        try:
+            backend = Backend.from_file(str(folder / "tokenizer.json"))
+        except Exception as err:  # the Rust loader raises a plain Exception
+            raise CheckpointError(f"cannot read tokenizer file {folder / 'tokenizer.json'}: {err}") from err
+        if not isinstance(backend.model, models.BPE) or not isinstance(backend.decoder, decoders.ByteLevel):
+            raise CheckpointError(f"{folder / 'tokenizer.json'} is not a byte-level BPE tokenizer (Qwen2 style)")
+        source = folder / "tokenizer.json"
+    else:
+        vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
+        missing = [p.name for p in (vocab_path, merges_path) if not p.is_file()]
+        if missing:
+            raise CheckpointError(f"tokenizer folder {folder} has no tokenizer.json and no {' or '.join(missing)}")
+        vocab = _read_json(vocab_path)
+        backend = build_qwen2_backend(vocab, _read_merges(merges_path), bool(config.get("add_prefix_space", False)))
+        source = config_path if "added_tokens_decoder" in config else folder / "added_tokens.json"
+
+    _add_tokens(backend, _declared_added_tokens(folder, config, named), source)
+    # Qwen2Tokenizer's constructor re-adds every named special token with default flags: missing ones
+    # get the next ids, and lstrip/rstrip/single_word set for them in the config are dropped.
+    backend.add_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(named_specials)])
+    return Tokenizer(backend, named["eos_token"], named["pad_token"], str(folder))
