@@ -1,0 +1,227 @@
+"""Checkpoint I/O in the official InternVL layout: config.json + (sharded) safetensors.
+
+Reading resolves every tensor through `model.safetensors.index.json` (or the single
+`model.safetensors`), checks each key and shape against the model before reading any data, and
+reports all missing, unexpected and mis-shaped keys in one `CheckpointError`. Tensors are read one
+by one straight into the target dtype and device, so peak memory stays near the size of the weights.
+Only safetensors are read: pickle-based files (`*.bin`, `*.pt`, `*.pth`, `*.ckpt`) are refused,
+never unpickled. Writing produces the same layout, with tokenizer, generation and remote-code files
+copied from the source folder so the official code, vLLM and lmdeploy can load the result.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import CheckpointError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Files that travel with the weights when a model is saved.
+COMPANION_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+    "added_tokens.json", "special_tokens_map.json", "tokenizer.model", "preprocessor_config.json",
+)
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.py", "*.model", "*.md"]
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(dtype, device: torch.device, config_dtype: str | None = None) -> torch.dtype:
+    """None -> bf16 on CUDA, fp32 elsewhere; "auto" -> the config's torch_dtype; names or torch dtypes."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "auto":
+        return _DTYPES.get(config_dtype or "float32", torch.float32)
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None) -> Path:
+    """A local folder as it is, or a hub id ("OpenGVLab/InternVL2_5-4B-MPO") downloaded to the cache."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; give the checkpoint folder that holds config.json")
+        return path
+    text = str(path_or_id)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", text) or text.startswith((".", "/")):
+        raise CheckpointError(f"{text}: no such checkpoint folder (and not a hub id like 'org/name')")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # network, auth, missing repo: one clear message
+        raise CheckpointError(f"{text}: not a local folder, and downloading it from the hub failed: {e}") from None
+
+
+def weight_map(folder: Path) -> dict[str, Path]:
+    """Key -> shard file, from the index, the single file, or a refusal."""
+    index = folder / INDEX_FILE
+    if index.exists():
+        try:
+            mapping = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = {name: folder / name for name in set(mapping.values())}
+        for name, file in files.items():
+            if not file.exists():
+                raise CheckpointError(f"{index} names {name}, which is not in {folder}")
+        return {key: files[name] for key, name in mapping.items()}
+    single = folder / SINGLE_FILE
+    if single.exists():
+        with _open(single) as f:
+            return {key: single for key in f.keys()}
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{folder} holds only pickle-based weights ({', '.join(pickles)}); we read safetensors only and "
+            "never unpickle a file. Convert them with a tool you trust, then save as safetensors."
+        )
+    raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def _describe(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def read_state_dict(
+    folder: Path,
+    expected: dict[str, torch.Size],
+    dtype: torch.dtype,
+    device: torch.device,
+    optional: tuple[str, ...] = (),
+) -> dict[str, torch.Tensor]:
+    """Read exactly the `expected` keys (name -> shape), checked before any tensor data is read.
+
+    Keys in `optional` may be present or absent (a tied head written out by some tools).
+    """
+    mapping = weight_map(folder)
+    present = set(mapping)
+    missing = sorted(set(expected) - present - set(optional))
+    unexpected = sorted(present - set(expected) - set(optional))
+    handles = {file: _open(file) for file in set(mapping.values())}
+    wrong = []
+    for key in sorted(present & set(expected)):
+        try:
+            shape = tuple(handles[mapping[key]].get_slice(key).get_shape())
+        except SafetensorError as e:
+            raise CheckpointError(f"{mapping[key]}: cannot read {key} ({e})") from None
+        if shape != tuple(expected[key]):
+            wrong.append(f"{key}: checkpoint {list(shape)} vs model {list(expected[key])}")
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: {_describe(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected: {_describe(unexpected)}")
+        if wrong:
+            parts.append(f"{len(wrong)} with the wrong shape: {_describe(wrong, 4)}")
+        raise CheckpointError(
+            f"{folder}: the weights do not match config.json ({'; '.join(parts)})"
+        )
+    state = {}
+    for key in expected:
+        if key not in mapping:
+            continue
+        try:
+            tensor = handles[mapping[key]].get_tensor(key)
+        except SafetensorError as e:
+            raise CheckpointError(f"{mapping[key]}: tensor {key} is corrupt ({e})") from None
+        if tensor.is_floating_point():
+            tensor = tensor.to(device=device, dtype=dtype)
+        state[key] = tensor.to(device)
+    return state
+
+
+def parse_size(size: int | str) -> int:
+    """"5GB", "500MB", "2GiB" or a byte count."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", size.upper())
+    if not match:
+        raise ValueError(f"cannot read the size {size!r}; write e.g. '5GB' or '500MB'")
+    number, unit = float(match[1]), match[2] or "B"
+    base = 1024 if "I" in unit else 1000
+    return int(number * base ** "BKMGT".index(unit[0]))
+
+
+def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB") -> None:
+    """Write `state` as model.safetensors, or as numbered shards plus the index when it is too large."""
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor.detach().to("cpu").contiguous()
+        size += nbytes
+    for old in list(folder.glob("model*.safetensors")) + [folder / INDEX_FILE]:
+        old.unlink(missing_ok=True)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / SINGLE_FILE), metadata=meta)
+        return
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    mapping = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata=meta)
+        mapping.update({key: name for key in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(mapping.items()))}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def copy_companions(source: Path | None, folder: Path) -> None:
+    """Copy tokenizer, generation and remote-code files from the folder a model was loaded from."""
+    if source is None or source.resolve() == folder.resolve():
+        return
+    names = set(COMPANION_FILES) | {p.name for p in source.glob("*.py")}
+    for name in sorted(names):
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
+
+
+def find_token_id(folder: Path, token: str) -> int | None:
+    """Id of an added token, read from the tokenizer files by string (no tokenizer needed)."""
+    tok_json = folder / "tokenizer.json"
+    if tok_json.exists():
+        for added in json.loads(tok_json.read_text(encoding="utf-8")).get("added_tokens", []):
+            if added.get("content") == token:
+                return int(added["id"])
+    config = folder / "tokenizer_config.json"
+    if config.exists():
+        for idx, added in json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder", {}).items():
+            if added.get("content") == token:
+                return int(idx)
+    added_file = folder / "added_tokens.json"
+    if added_file.exists():
+        value = json.loads(added_file.read_text(encoding="utf-8")).get(token)
+        if value is not None:
+            return int(value)
+    return None

@@ -1,0 +1,291 @@
+"""Configs of InternVL2.5 checkpoints, read from and written to the official `config.json`.
+
+Mirrors `configuration_internvl_chat.InternVLChatConfig` (top level), `configuration_intern_vit.
+InternVisionConfig` (`vision_config`) and transformers' `Qwen2Config` (`llm_config`). Field names are
+the config.json keys. Keys we do not use (`auto_map`, `_name_or_path`, MoE leftovers, ...) are kept in
+`extra` so that `to_dict` writes the file back as it came. Settings that would change the maths and
+that we do not implement raise `ConfigError` instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_LLM_ARCHITECTURES = ("Qwen2ForCausalLM",)
+SUPPORTED_ROPE_SCALING = (None, "linear", "dynamic")
+
+
+def _split(cls, d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    known = {k: v for k, v in d.items() if k in names}
+    extra = {k: v for k, v in d.items() if k not in names}
+    return known, extra
+
+
+def _to_dict(obj, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    out = dict(obj.extra)
+    for f in dataclasses.fields(obj):
+        if f.name in ("extra", *skip):
+            continue
+        out[f.name] = getattr(obj, f.name)
+    return out
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """InternViT. Defaults are InternViT-300M-448px-V2_5 (the 4B model's vision tower)."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    patch_size: int = 14
+    image_size: int = 448
+    num_channels: int = 3
+    norm_type: str = "layer_norm"  # "layer_norm" (300M) or "rms_norm" (6B)
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    qk_normalization: bool = False
+    hidden_act: str = "gelu"
+    drop_path_rate: float = 0.0
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    initializer_factor: float = 0.1
+    initializer_range: float = 1e-10
+    architectures: tuple[str, ...] = ("InternVisionModel",)
+    model_type: str = "intern_vit_6b"
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if self.norm_type not in ("layer_norm", "rms_norm"):
+            raise ConfigError(f"vision_config.norm_type {self.norm_type!r} is not 'layer_norm' or 'rms_norm'")
+        if self.hidden_act != "gelu":
+            raise ConfigError(f"vision_config.hidden_act {self.hidden_act!r} is not implemented (only 'gelu')")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError("vision_config.hidden_size must be divisible by num_attention_heads")
+        if self.image_size % self.patch_size:
+            raise ConfigError("vision_config.image_size must be a multiple of patch_size")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side of one tile (448 // 14 = 32)."""
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VisionConfig":
+        known, extra = _split(cls, d)
+        for key in ("image_size", "patch_size"):  # some configs write [h, w]
+            value = known.get(key)
+            if isinstance(value, (list, tuple)):
+                if len(set(value)) != 1:
+                    raise ConfigError(f"vision_config.{key} {value} is not square")
+                known[key] = value[0]
+                extra[f"_{key}_was_list"] = True
+        if "architectures" in known and known["architectures"] is not None:
+            known["architectures"] = tuple(known["architectures"])
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = _to_dict(self)
+        for key in ("image_size", "patch_size"):
+            if out.pop(f"_{key}_was_list", False):
+                out[key] = [out[key], out[key]]
+        out["architectures"] = list(self.architectures)
+        return out
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """The language model. Defaults are Qwen2.5-3B-Instruct with the InternVL vocabulary (151674)."""
+
+    hidden_size: int = 2048
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 2
+    vocab_size: int = 151674
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    attention_dropout: float = 0.0
+    bos_token_id: int | None = 151643
+    eos_token_id: int | list[int] | None = 151645
+    architectures: tuple[str, ...] = ("Qwen2ForCausalLM",)
+    model_type: str = "qwen2"
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        arch = self.architectures[0] if self.architectures else None
+        if arch not in SUPPORTED_LLM_ARCHITECTURES:
+            raise ConfigError(
+                f"llm_config.architectures {list(self.architectures)} is not implemented; "
+                f"supported: {list(SUPPORTED_LLM_ARCHITECTURES)}"
+            )
+        if self.hidden_act != "silu":
+            raise ConfigError(f"llm_config.hidden_act {self.hidden_act!r} is not implemented (only 'silu')")
+        if self.rope_type not in SUPPORTED_ROPE_SCALING:
+            raise ConfigError(
+                f"llm_config.rope_scaling type {self.rope_type!r} is not implemented; "
+                f"supported: none, 'linear', 'dynamic'"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError("llm_config.num_attention_heads must be a multiple of num_key_value_heads")
+        if self.extra.get("use_sliding_window"):
+            raise ConfigError("llm_config.use_sliding_window=true is not implemented")
+
+    @property
+    def rope_type(self) -> str | None:
+        if not self.rope_scaling:
+            return None
+        return self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LLMConfig":
+        known, extra = _split(cls, d)
+        if known.get("architectures") is not None:
+            known["architectures"] = tuple(known["architectures"])
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = _to_dict(self)
+        out["architectures"] = list(self.architectures)
+        return out
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Top level of an InternVL chat checkpoint's config.json."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    downsample_ratio: float = 0.5
+    select_layer: int = -1
+    template: str = "internvl2_5"
+    ps_version: str = "v2"
+    force_image_size: int | None = 448
+    dynamic_image_size: bool = True
+    use_thumbnail: bool = True
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 12
+    architectures: tuple[str, ...] = ("InternVLChatModel",)
+    model_type: str = "internvl_chat"
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if self.ps_version != "v2":
+            raise ConfigError(
+                f"ps_version {self.ps_version!r} is not implemented: only 'v2' (the InternVL2.5 pixel shuffle)"
+            )
+        if self.downsample_ratio != 0.5:
+            raise ConfigError(f"downsample_ratio {self.downsample_ratio} is not implemented (only 0.5)")
+        if self.vision.grid_size % 2:
+            raise ConfigError("the ViT patch grid must be even for pixel shuffle 0.5")
+        n = self.vision.num_hidden_layers
+        if not -n - 1 <= self.select_layer <= n:
+            raise ConfigError(f"select_layer {self.select_layer} is out of range for a {n}-layer ViT")
+        if self.force_image_size not in (None, self.vision.image_size):
+            raise ConfigError(
+                f"force_image_size {self.force_image_size} differs from vision_config.image_size "
+                f"{self.vision.image_size}; resize the position table first"
+            )
+
+    @property
+    def image_size(self) -> int:
+        return self.vision.image_size
+
+    @property
+    def num_image_token(self) -> int:
+        """LLM tokens per tile: (448 // 14) ** 2 * 0.5 ** 2 = 256."""
+        return int(self.vision.grid_size**2 * self.downsample_ratio**2)
+
+    @property
+    def projector_in_features(self) -> int:
+        return self.vision.hidden_size * int(1 / self.downsample_ratio) ** 2
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        if d.get("model_type") not in (None, "internvl_chat"):
+            raise ConfigError(f"model_type {d.get('model_type')!r} is not an InternVL chat checkpoint")
+        for key in ("vision_config", "llm_config"):
+            if not isinstance(d.get(key), dict):
+                raise ConfigError(f"config.json has no {key} object")
+        d = dict(d)
+        vision = VisionConfig.from_dict(d.pop("vision_config"))
+        llm = LLMConfig.from_dict(d.pop("llm_config"))
+        known, extra = _split(cls, d)
+        known.pop("vision", None)
+        known.pop("llm", None)
+        if known.get("architectures") is not None:
+            known["architectures"] = tuple(known["architectures"])
+        ignored = sorted(k for k in extra if k not in _QUIET_TOP_KEYS)
+        if ignored:
+            log.info("config.json keys kept but not used: %s", ", ".join(ignored))
+        return cls(vision=vision, llm=llm, **known, extra=extra)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        try:
+            return cls.from_dict(d)
+        except TypeError as e:  # a value of the wrong kind in a known field
+            raise ConfigError(f"{path}: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = _to_dict(self, skip=("vision", "llm"))
+        out["architectures"] = list(self.architectures)
+        out["vision_config"] = self.vision.to_dict()
+        out["llm_config"] = self.llm.to_dict()
+        # The official config class forces these; write them so its loader sees what we ran.
+        out["hidden_size"] = self.llm.hidden_size
+        out["tie_word_embeddings"] = self.llm.tie_word_embeddings
+        out.setdefault("auto_map", _AUTO_MAP)
+        return out
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+_AUTO_MAP = {
+    "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+    "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+    "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
+}
+# Top-level keys that official files carry and that change nothing at inference.
+_QUIET_TOP_KEYS = {
+    "auto_map", "_name_or_path", "_commit_hash", "hidden_size", "tie_word_embeddings", "torch_dtype",
+    "transformers_version", "pad2square", "use_backbone_lora", "use_llm_lora", "use_flash_attn",
+    "system_message", "eos_token_id", "bos_token_id", "pad_token_id", "output_attentions",
+}

@@ -1,0 +1,193 @@
+"""The Qwen2 / Qwen2.5 decoder that InternVL2.5 uses as its language model.
+
+Mirrors transformers' `Qwen2ForCausalLM` (the official InternVL code wraps it unchanged), so the
+attribute names equal the checkpoint keys under `language_model.`: `model.embed_tokens`,
+`model.layers.N.self_attn.{q,k,v,o}_proj`, `model.layers.N.mlp.{gate,up,down}_proj`,
+`model.layers.N.{input,post_attention}_layernorm`, `model.norm`, `lm_head`. q/k/v projections carry a
+bias, o_proj does not; RoPE is the non-interleaved (rotate-half) form over the whole head dim, with
+the cos/sin tables computed in fp32 and cast to the activation dtype, as transformers does.
+
+The forward takes embeddings (the image splice happens in `model.py`) and returns final hidden
+states; `lm_head` is applied by the caller, so training can compute label log-probs in chunks
+without building the full (B, T, V) logits. An optional static KV cache serves generation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LLMConfig
+from .kv_cache import KVCache
+from .vision import RMSNorm
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.theta = config.rope_theta
+        # Linear scaling divides positions; dynamic NTK equals plain RoPE up to max_position_embeddings,
+        # and the context is capped there (prompts beyond it are refused before any compute).
+        scaling = config.rope_scaling or {}
+        self.position_scale = 1.0 / float(scaling.get("factor", 1.0)) if config.rope_type == "linear" else 1.0
+
+    def inv_freq(self, device) -> torch.Tensor:
+        """Computed per call, always in fp32: a stored buffer would be rounded by `model.to(bf16)`."""
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        return 1.0 / (self.theta**exponent)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, T) -> cos, sin (B, T, D) in `dtype`."""
+        positions = position_ids.float() * self.position_scale
+        freqs = positions[..., None] * self.inv_freq(position_ids.device)  # (B, T, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D); cos/sin (B, T, D)."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.dropout = config.attention_dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        cache_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(cache_positions, k, v)  # (B, K, S, D)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache=None, cache_positions=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_positions)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
+        cache_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """inputs_embeds (B, T, C), position_ids (B, T) -> final hidden states (B, T, C).
+
+        mask: boolean (B, 1, T, S), True where a query may attend a key; None means plainly causal
+        (no padding, no cache). caches: one KVCache per layer; cache_positions (T,) are the slots
+        written by this call.
+        """
+        cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
+        x = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, caches[i] if caches is not None else None, cache_positions)
+        return self.norm(x)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, inputs_embeds, position_ids, mask=None, caches=None, cache_positions=None) -> torch.Tensor:
+        """Logits (B, T, V) in the activation dtype."""
+        return self.lm_head(self.model(inputs_embeds, position_ids, mask, caches, cache_positions))
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Random init for training from scratch (never needed when loading a checkpoint)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+
+def causal_mask(attention_mask: torch.Tensor, query_len: int | None = None) -> torch.Tensor:
+    """Boolean (B, 1, T, S) mask from a (B, S) padding mask (1 = real token), causal over positions.
+
+    Queries are the last `query_len` keys. A padded query may attend to itself, so no row is fully
+    masked: SDPA would return NaN there, and NaN values in padded rows would leak through the
+    zero-weighted keys of later layers.
+    """
+    b, s = attention_mask.shape
+    t = s if query_len is None else query_len
+    keys = torch.arange(s, device=attention_mask.device)
+    queries = keys[s - t :]
+    causal = keys[None, :] <= queries[:, None]  # (T, S)
+    mask = causal[None] & attention_mask.bool()[:, None, :]  # (B, T, S)
+    mask = mask | (keys[None, :] == queries[:, None])[None]
+    return mask[:, None]

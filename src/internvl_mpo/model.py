@@ -1,0 +1,207 @@
+"""InternVL: InternViT -> pixel shuffle -> mlp1 -> Qwen2, with image features spliced into the text.
+
+Mirrors `InternVLChatModel` in OpenGVLab/InternVL `modeling_internvl_chat.py` (`extract_feature`,
+`forward`), without its loss, prompt building and hidden state. Differences on purpose:
+- a count mismatch between `<IMG_CONTEXT>` tokens and image feature rows raises (the official
+  training forward truncates silently and zeroes the loss);
+- with an attention mask and no explicit position ids, positions count real tokens only, so a
+  left-padded sequence gets the same logits as the unpadded one (the official generate() path does
+  the same; a plain forward there uses 0..T-1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import CheckpointError, InputError
+from .llm import Qwen2ForCausalLM, causal_mask
+from .projector import make_projector, pixel_shuffle
+from .vision import InternVisionModel
+
+IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+
+
+def splice_image_embeddings(
+    input_ids: torch.Tensor, input_embeds: torch.Tensor, image_embeds: torch.Tensor, image_token_id: int
+) -> torch.Tensor:
+    """Each `image_token_id` position in input_ids (B, T) takes the next row of image_embeds (R, C)."""
+    slots = input_ids == image_token_id  # (B, T)
+    n_slots = int(slots.sum())
+    if n_slots != image_embeds.shape[0]:
+        raise InputError(
+            f"the prompt has {n_slots} {IMG_CONTEXT_TOKEN} tokens but the images give {image_embeds.shape[0]} "
+            "feature rows; each tile needs exactly num_image_token context tokens, in order"
+        )
+    if n_slots == 0:
+        return input_embeds
+    return input_embeds.masked_scatter(slots[..., None], image_embeds.to(input_embeds.dtype))
+
+
+def default_position_ids(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+    """(B, T) positions: 0..T-1, or counting real tokens only when a padding mask is given."""
+    if attention_mask is None:
+        return torch.arange(length, device=device).expand(batch, length)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class InternVL(nn.Module):
+    def __init__(self, config: ModelConfig, image_token_id: int | None = None):
+        super().__init__()
+        self.config = config
+        self.image_token_id = image_token_id
+        self.source_dir: Path | None = None  # set by from_pretrained; save_pretrained copies its files
+        self.vision_model = InternVisionModel(config.vision)
+        # `mlp1` is the official name of the projector.
+        self.mlp1 = make_projector(config.vision.hidden_size, config.llm.hidden_size, config.downsample_ratio)
+        self.language_model = Qwen2ForCausalLM(config.llm)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mlp1[1].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.mlp1[1].weight.dtype
+
+    @property
+    def num_image_token(self) -> int:
+        return self.config.num_image_token
+
+    def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) tiles -> (N, num_image_token, llm_hidden) image embeddings."""
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.vision.num_channels:
+            raise InputError(f"pixel_values must be (tiles, 3, H, W), got {tuple(pixel_values.shape)}")
+        vit_embeds = self.vision_model(pixel_values, self.config.select_layer)[:, 1:]  # drop CLS: (N, P, C)
+        n, p, c = vit_embeds.shape
+        side = int(p**0.5)
+        vit_embeds = pixel_shuffle(vit_embeds.reshape(n, side, side, c))  # (N, P/4, 4C)
+        return self.mlp1(vit_embeds)
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_flags: torch.Tensor | None = None,
+        vit_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings (B, T, C) with image features spliced in at the context tokens.
+
+        `vit_embeds` are precomputed `extract_feature` outputs (to encode shared images once);
+        `image_flags` (N,) drop the features of tiles flagged 0 (official dummy tiles).
+        """
+        embeds = self.language_model.model.embed_tokens(input_ids)
+        if pixel_values is not None and vit_embeds is None:
+            vit_embeds = self.extract_feature(pixel_values)
+        if vit_embeds is None:
+            rows = embeds.new_zeros(0, embeds.shape[-1])
+        else:
+            if image_flags is not None:
+                vit_embeds = vit_embeds[image_flags.bool()]
+            rows = vit_embeds.reshape(-1, vit_embeds.shape[-1])
+        if self.image_token_id is None:
+            if rows.shape[0]:
+                raise InputError("this model has no image_token_id (no tokenizer files); pass image_token_id=")
+            return embeds
+        return splice_image_embeddings(input_ids, embeds, rows, self.image_token_id)
+
+    def hidden_states(
+        self,
+        input_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final LLM hidden states (B, T, C) for embeddings, causal, padding-aware."""
+        b, t, _ = input_embeds.shape
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, b, t, input_embeds.device)
+        mask = None if attention_mask is None or bool(attention_mask.all()) else causal_mask(attention_mask)
+        return self.language_model.model(input_embeds, position_ids, mask)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        image_flags: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, V). Each `<IMG_CONTEXT>` id takes the next image feature row, in order."""
+        embeds = self.embed(input_ids, pixel_values, image_flags)
+        return self.language_model.lm_head(self.hidden_states(embeds, attention_mask, position_ids))
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Random init for training from scratch (never needed when loading a checkpoint)."""
+        self.vision_model.init_weights(std)
+        for m in self.mlp1:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.language_model.init_weights(std)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def expected_keys(self) -> dict[str, torch.Size]:
+        state = self.state_dict()
+        if self.config.llm.tie_word_embeddings:
+            state.pop("language_model.lm_head.weight")
+        return {k: v.shape for k, v in state.items()}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str = "cpu",
+        revision: str | None = None,
+        image_token_id: int | None = None,
+    ) -> "InternVL":
+        """Load a checkpoint folder in the official layout, or download a hub id.
+
+        The model is built on the meta device and each tensor is read straight into `dtype` on
+        `device` (default: bf16 on CUDA, fp32 elsewhere; "auto" = the checkpoint's torch_dtype).
+        """
+        from . import checkpoint
+
+        folder = checkpoint.resolve_checkpoint(path_or_id, revision)
+        config = ModelConfig.from_json(folder / "config.json")
+        device = torch.device(device)
+        dtype = checkpoint.parse_dtype(dtype, device, config.extra.get("torch_dtype"))
+        if image_token_id is None:
+            image_token_id = checkpoint.find_token_id(folder, IMG_CONTEXT_TOKEN)
+        with torch.device("meta"):
+            model = cls(config, image_token_id=image_token_id)
+        optional = ("language_model.lm_head.weight",) if config.llm.tie_word_embeddings else ()
+        state = checkpoint.read_state_dict(folder, model.expected_keys(), dtype, device, optional)
+        if config.llm.tie_word_embeddings:
+            state.pop("language_model.lm_head.weight", None)
+        try:
+            model.load_state_dict(state, strict=not config.llm.tie_word_embeddings, assign=True)
+        except RuntimeError as e:  # read_state_dict checked keys and shapes; this is a safety net
+            raise CheckpointError(f"{folder}: {e}") from None
+        if config.llm.tie_word_embeddings:
+            model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+        model.source_dir = folder
+        return model.eval()
+
+    def save_pretrained(self, folder: str | Path, max_shard_size: int | str = "5GB") -> Path:
+        """Write config.json and safetensors in the official layout (plus the source's tokenizer files)."""
+        from . import checkpoint
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict()
+        if self.config.llm.tie_word_embeddings:
+            state.pop("language_model.lm_head.weight")
+        checkpoint.save_state_dict(state, folder, max_shard_size)
+        config = self.config.replace(extra={**self.config.extra, "torch_dtype": str(self.dtype).split(".")[-1]})
+        config.to_json(folder / "config.json")
+        checkpoint.copy_companions(self.source_dir, folder)
+        return folder

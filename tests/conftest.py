@@ -1,0 +1,147 @@
+"""Tiny configs, and transformers' InternVL as the independent reference implementation.
+
+The reference model is built with random weights, its state dict is renamed to the official
+InternVL keys (the rename rules of transformers' conversion script, run backwards) and written as
+an official-layout checkpoint folder; our model then loads that folder through our own loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from internvl_mpo.config import LLMConfig, ModelConfig, VisionConfig
+
+IMAGE_TOKEN_ID = 299  # the last id of the tiny vocabulary plays <IMG_CONTEXT>
+
+
+def tiny_config(**vision_changes) -> ModelConfig:
+    vision = dataclasses.replace(
+        VisionConfig(), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=56, **vision_changes,
+    )
+    llm = dataclasses.replace(
+        LLMConfig(), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=300,
+    )
+    return ModelConfig(vision=vision, llm=llm, force_image_size=56)
+
+
+def hf_config(config: ModelConfig):
+    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+
+    v, l = config.vision, config.llm
+    vision = InternVLVisionConfig(
+        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
+        num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
+        attention_bias=v.qkv_bias, use_qk_norm=v.qk_normalization, norm_type=v.norm_type,
+        layer_norm_eps=v.layer_norm_eps, use_mean_pooling=True,
+    )
+    text = Qwen2Config(
+        hidden_size=l.hidden_size, intermediate_size=l.intermediate_size, num_hidden_layers=l.num_hidden_layers,
+        num_attention_heads=l.num_attention_heads, num_key_value_heads=l.num_key_value_heads,
+        vocab_size=l.vocab_size, rms_norm_eps=l.rms_norm_eps, rope_theta=l.rope_theta,
+        max_position_embeddings=l.max_position_embeddings, tie_word_embeddings=l.tie_word_embeddings,
+    )
+    return InternVLConfig(
+        vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
+        image_seq_length=config.num_image_token, downsample_ratio=config.downsample_ratio,
+        vision_feature_layer=config.select_layer, tie_word_embeddings=l.tie_word_embeddings,
+    )
+
+
+def hf_reference(config: ModelConfig, seed: int = 0):
+    """transformers' InternVLForConditionalGeneration with random, non-trivial weights (eager attention)."""
+    from transformers import InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(hf_config(config)).eval()
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("lambda_1", "lambda_2")) or "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+def hf_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename transformers' native InternVL keys to the official InternVL checkpoint keys."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        new = key
+        if key == "lm_head.weight":
+            new = "language_model.lm_head.weight"
+        elif key.startswith("model.language_model."):
+            new = "language_model.model." + key[len("model.language_model."):]
+        elif key.startswith("model.multi_modal_projector."):
+            new = key.replace("model.multi_modal_projector.", "mlp1.")
+            new = new.replace("layer_norm", "0").replace("linear_1", "1").replace("linear_2", "3")
+        elif key.startswith("model.vision_tower."):
+            new = key.replace("model.vision_tower.", "vision_model.")
+            new = new.replace("embeddings.cls_token", "embeddings.class_embedding")
+            new = new.replace("embeddings.position_embeddings", "embeddings.position_embedding")
+            new = new.replace("embeddings.patch_embeddings.projection", "embeddings.patch_embedding")
+            new = new.replace("encoder.layer.", "encoder.layers.")
+            new = new.replace("lambda_1", "ls1").replace("lambda_2", "ls2")
+            new = new.replace("layernorm_before", "norm1").replace("layernorm_after", "norm2")
+            new = new.replace("attention.projection_layer", "attn.proj").replace("attention.", "attn.")
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                if f"attn.{proj}." in new:
+                    prefix, kind = new.split(f"attn.{proj}.")
+                    qkv.setdefault(f"{prefix}attn.qkv.{kind}", {})[proj] = value
+                    new = None
+                    break
+        if new is not None:
+            out[new] = value
+    for key, parts in qkv.items():
+        out[key] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]], dim=0)
+    return out
+
+
+def write_checkpoint(folder: Path, config: ModelConfig, state: dict[str, torch.Tensor], shards: int = 1) -> Path:
+    """Write config.json and safetensors in the official layout, sharded by hand when shards > 1."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    keys = sorted(state)
+    if shards == 1:
+        save_file({k: state[k].contiguous() for k in keys}, str(folder / "model.safetensors"))
+        return folder
+    mapping = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = keys[i::shards]
+        save_file({k: state[k].contiguous() for k in part}, str(folder / name))
+        mapping.update({k: name for k in part})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": mapping})
+    )
+    return folder
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config()
+
+
+@pytest.fixture
+def reference_pair(tmp_path):
+    """(transformers model, our model loaded from an official-layout folder written from it)."""
+    from internvl_mpo.model import InternVL
+
+    def make(config: ModelConfig, shards: int = 2):
+        ref = hf_reference(config)
+        folder = write_checkpoint(tmp_path / "ckpt", config, hf_to_official(ref.state_dict()), shards=shards)
+        ours = InternVL.from_pretrained(folder, dtype=torch.float32, image_token_id=IMAGE_TOKEN_ID)
+        return ref, ours
+
+    return make

@@ -1,0 +1,238 @@
+"""Checkpoint folders in the official layout: round trips, key accounting, refusals, peak memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from internvl_mpo.checkpoint import parse_size
+from internvl_mpo.config import LLMConfig, ModelConfig, VisionConfig
+from internvl_mpo.errors import CheckpointError
+from internvl_mpo.model import InternVL
+
+from conftest import IMAGE_TOKEN_ID, hf_reference, hf_to_official, write_checkpoint
+
+
+def official_4b_shapes(layers: int = 1) -> ModelConfig:
+    """The InternVL2.5-4B widths and vocabulary, with `layers` ViT and LLM layers."""
+    return ModelConfig(
+        vision=dataclasses.replace(VisionConfig(), num_hidden_layers=layers),
+        llm=dataclasses.replace(LLMConfig(), num_hidden_layers=layers),
+    )
+
+
+def expected_4b_keys(layers: int) -> dict[str, tuple]:
+    """Key names and shapes of the official 4B checkpoint, written from the reference doc (section 2)."""
+    keys = {
+        "vision_model.embeddings.class_embedding": (1, 1, 1024),
+        "vision_model.embeddings.patch_embedding.weight": (1024, 3, 14, 14),
+        "vision_model.embeddings.patch_embedding.bias": (1024,),
+        "vision_model.embeddings.position_embedding": (1, 1025, 1024),
+        "mlp1.0.weight": (4096,), "mlp1.0.bias": (4096,),
+        "mlp1.1.weight": (2048, 4096), "mlp1.1.bias": (2048,),
+        "mlp1.3.weight": (2048, 2048), "mlp1.3.bias": (2048,),
+        "language_model.model.embed_tokens.weight": (151674, 2048),
+        "language_model.model.norm.weight": (2048,),
+        "language_model.lm_head.weight": (151674, 2048),
+    }
+    for i in range(layers):
+        v = f"vision_model.encoder.layers.{i}."
+        keys.update({
+            v + "ls1": (1024,), v + "ls2": (1024,),
+            v + "attn.qkv.weight": (3072, 1024), v + "attn.qkv.bias": (3072,),
+            v + "attn.proj.weight": (1024, 1024), v + "attn.proj.bias": (1024,),
+            v + "mlp.fc1.weight": (4096, 1024), v + "mlp.fc1.bias": (4096,),
+            v + "mlp.fc2.weight": (1024, 4096), v + "mlp.fc2.bias": (1024,),
+            v + "norm1.weight": (1024,), v + "norm1.bias": (1024,),
+            v + "norm2.weight": (1024,), v + "norm2.bias": (1024,),
+        })
+        q = f"language_model.model.layers.{i}."
+        keys.update({
+            q + "self_attn.q_proj.weight": (2048, 2048), q + "self_attn.q_proj.bias": (2048,),
+            q + "self_attn.k_proj.weight": (256, 2048), q + "self_attn.k_proj.bias": (256,),
+            q + "self_attn.v_proj.weight": (256, 2048), q + "self_attn.v_proj.bias": (256,),
+            q + "self_attn.o_proj.weight": (2048, 2048),
+            q + "mlp.gate_proj.weight": (11008, 2048), q + "mlp.up_proj.weight": (11008, 2048),
+            q + "mlp.down_proj.weight": (2048, 11008),
+            q + "input_layernorm.weight": (2048,), q + "post_attention_layernorm.weight": (2048,),
+        })
+    return keys
+
+
+def test_4b_layout_round_trip(tmp_path):
+    config = official_4b_shapes(layers=1)
+    with torch.device("meta"):
+        meta = InternVL(config)
+    assert {k: tuple(v) for k, v in meta.expected_keys().items()} == expected_4b_keys(1)
+
+    model = InternVL(config, image_token_id=151667).to(torch.bfloat16)
+    model.init_weights()
+    folder = model.save_pretrained(tmp_path / "out", max_shard_size="300MB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in model.state_dict().values())
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["model_type"] == "internvl_chat" and saved["llm_config"]["vocab_size"] == 151674
+    assert saved["vision_config"]["model_type"] == "intern_vit_6b" and saved["ps_version"] == "v2"
+    assert saved["torch_dtype"] == "bfloat16" and "auto_map" in saved
+
+    loaded = InternVL.from_pretrained(folder, dtype="bf16", image_token_id=151667)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+    ids = torch.tensor([[1, 2, 3] + [151667] * 256 + [4]])
+    pixels = torch.randn(1, 3, 448, 448)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, pixel_values=pixels), model(ids, pixel_values=pixels))
+
+
+def test_config_round_trip_keeps_unknown_keys(tmp_path, tiny):
+    d = tiny.to_dict()
+    d["_name_or_path"] = "somewhere"
+    d["vision_config"]["use_moe"] = False
+    d["llm_config"]["sliding_window"] = 32768
+    d["system_message"] = "hi"
+    config = ModelConfig.from_dict(d)
+    assert config.to_dict() == d
+
+
+def test_copies_tokenizer_and_remote_code_files(tmp_path, tiny):
+    ref = hf_reference(tiny)
+    src = write_checkpoint(tmp_path / "src", tiny, hf_to_official(ref.state_dict()))
+    for name in ("tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json",
+                 "modeling_internvl_chat.py"):
+        (src / name).write_text("{}" if name.endswith(".json") else "x")
+    model = InternVL.from_pretrained(src, image_token_id=IMAGE_TOKEN_ID)
+    out = model.save_pretrained(tmp_path / "dst")
+    for name in ("tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json",
+                 "modeling_internvl_chat.py", "model.safetensors"):
+        assert (out / name).exists(), name
+
+
+def test_image_token_id_is_read_from_tokenizer_files(tmp_path, tiny):
+    ref = hf_reference(tiny)
+    src = write_checkpoint(tmp_path / "src", tiny, hf_to_official(ref.state_dict()))
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"added_tokens_decoder": {"298": {"content": "<img>"}, "299": {"content": "<IMG_CONTEXT>"}}}
+    ))
+    assert InternVL.from_pretrained(src).image_token_id == 299
+
+
+@pytest.fixture
+def good_state(tiny):
+    return hf_to_official(hf_reference(tiny).state_dict())
+
+
+def test_missing_extra_and_wrong_shape_keys_reported_together(tmp_path, tiny, good_state):
+    state = dict(good_state)
+    del state["mlp1.1.bias"]
+    del state["language_model.model.norm.weight"]
+    state["vision_model.extra.weight"] = torch.zeros(3)
+    state["mlp1.3.weight"] = torch.zeros(5, 5)
+    folder = write_checkpoint(tmp_path / "bad", tiny, state)
+    with pytest.raises(CheckpointError) as info:
+        InternVL.from_pretrained(folder)
+    message = str(info.value)
+    assert "2 missing: language_model.model.norm.weight, mlp1.1.bias" in message
+    assert "1 unexpected: vision_model.extra.weight" in message
+    assert "mlp1.3.weight: checkpoint [5, 5] vs model [64, 64]" in message
+
+
+def test_config_that_does_not_match_weights(tmp_path, tiny, good_state):
+    wider = tiny.replace(llm=dataclasses.replace(tiny.llm, intermediate_size=256))
+    folder = write_checkpoint(tmp_path / "bad", wider, good_state)
+    with pytest.raises(CheckpointError, match="do not match config.json.*6 with the wrong shape"):
+        InternVL.from_pretrained(folder)
+
+
+def test_pickle_only_folder_is_refused_without_unpickling(tmp_path, tiny):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(tiny.to_dict()))
+    # A file that would run code if it were ever unpickled.
+    (folder / "pytorch_model.bin").write_bytes(b"cos\nsystem\n(S'touch pwned'\ntR.")
+    with pytest.raises(CheckpointError, match="pickle-based weights .*pytorch_model.bin.*never unpickle"):
+        InternVL.from_pretrained(folder)
+    assert not Path("pwned").exists()
+
+
+def test_corrupt_shard(tmp_path, tiny, good_state):
+    folder = write_checkpoint(tmp_path / "bad", tiny, good_state, shards=2)
+    shard = folder / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors: not a readable safetensors"):
+        InternVL.from_pretrained(folder)
+
+
+def test_index_naming_a_missing_shard(tmp_path, tiny, good_state):
+    folder = write_checkpoint(tmp_path / "bad", tiny, good_state, shards=2)
+    (folder / "model-00001-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="names model-00001-of-00002.safetensors, which is not in"):
+        InternVL.from_pretrained(folder)
+
+
+def test_no_folder_and_not_a_hub_id(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        InternVL.from_pretrained(tmp_path / "nothing" / "here")
+
+
+def test_hub_id_without_network_gives_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(CheckpointError, match="OpenGVLab/InternVL2_5-4B-MPO: not a local folder, and downloading"):
+        InternVL.from_pretrained("OpenGVLab/InternVL2_5-4B-MPO")
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5_000_000_000
+    assert parse_size("2GiB") == 2 * 1024**3
+    assert parse_size("500MB") == 500_000_000
+    assert parse_size(123) == 123
+    with pytest.raises(ValueError, match="cannot read the size"):
+        parse_size("lots")
+
+
+def test_single_file_written_when_small(tmp_path, tiny):
+    model = InternVL(tiny)
+    model.init_weights()
+    folder = model.save_pretrained(tmp_path / "one")
+    assert (folder / "model.safetensors").exists() and not (folder / "model.safetensors.index.json").exists()
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+
+
+PEAK_SCRIPT = """
+import resource, sys, torch
+from internvl_mpo.model import InternVL
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model = InternVL.from_pretrained(sys.argv[1], dtype=torch.float32)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024)
+"""
+
+
+def test_loading_peak_memory_stays_near_weight_size(tmp_path):
+    """About 1 GB of fp32 weights must load without needing several times that."""
+    config = ModelConfig(
+        vision=dataclasses.replace(VisionConfig(), num_hidden_layers=1),
+        llm=dataclasses.replace(LLMConfig(), num_hidden_layers=4, vocab_size=60000),
+    )
+    with torch.device("meta"):
+        meta = InternVL(config)
+    state = {k: torch.randn(v.shape) * 0.02 for k, v in meta.state_dict().items()}
+    size = sum(t.numel() * 4 for t in state.values())
+    write_checkpoint(tmp_path / "big", config, state, shards=3)
+    del state
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / "big")],
+                         capture_output=True, text=True, check=True)
+    growth = int(out.stdout.strip())
+    assert size > 0.9e9
+    assert growth < 1.3 * size, f"loading {size / 1e9:.2f} GB grew the process by {growth / 1e9:.2f} GB"

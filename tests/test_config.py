@@ -1,0 +1,64 @@
+"""Reading the official config.json: defaults equal the 4B values, refusals are clear."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from internvl_mpo.config import ModelConfig
+from internvl_mpo.errors import ConfigError
+
+
+def test_defaults_are_the_4b_model():
+    config = ModelConfig()
+    assert config.num_image_token == 256
+    assert config.projector_in_features == 4096
+    assert config.vision.grid_size == 32 and config.vision.head_dim == 64
+    assert config.llm.head_dim == 128 and config.llm.vocab_size == 151674
+    assert config.llm.tie_word_embeddings is False
+
+
+def write(tmp_path, change):
+    d = ModelConfig().to_dict()
+    change(d)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(d))
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.update(ps_version="v1"), "ps_version 'v1' is not implemented"),
+        (lambda d: d["llm_config"].update(rope_scaling={"type": "yarn", "factor": 4.0}),
+         "rope_scaling type 'yarn' is not implemented"),
+        (lambda d: d["llm_config"].update(architectures=["InternLM2ForCausalLM"]),
+         r"architectures \['InternLM2ForCausalLM'\] is not implemented"),
+        (lambda d: d["vision_config"].update(norm_type="batch_norm"), "norm_type 'batch_norm'"),
+        (lambda d: d.update(downsample_ratio=0.25), "downsample_ratio 0.25 is not implemented"),
+        (lambda d: d.pop("llm_config"), "no llm_config object"),
+        (lambda d: d["llm_config"].update(use_sliding_window=True), "use_sliding_window"),
+        (lambda d: d.update(select_layer=-40), "select_layer -40 is out of range"),
+    ],
+)
+def test_unsupported_settings_are_refused(tmp_path, change, message):
+    path = write(tmp_path, change)
+    with pytest.raises(ConfigError, match=message) as info:
+        ModelConfig.from_json(path)
+    assert str(path) in str(info.value)
+
+
+def test_supported_rope_scaling_and_list_sizes(tmp_path):
+    path = write(tmp_path, lambda d: (d["llm_config"].update(rope_scaling={"type": "dynamic", "factor": 2.0}),
+                                      d["vision_config"].update(image_size=[448, 448], patch_size=[14, 14])))
+    config = ModelConfig.from_json(path)
+    assert config.llm.rope_type == "dynamic" and config.vision.image_size == 448
+    assert config.to_dict()["vision_config"]["image_size"] == [448, 448]
+
+
+def test_not_json(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("{nope")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelConfig.from_json(tmp_path)

@@ -1,0 +1,183 @@
+"""Parity of our InternVL with transformers' native InternVL / Qwen2 on random weights (fp32, CPU).
+
+Every comparison loads the reference weights through our own checkpoint loader (see conftest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from internvl_mpo.errors import InputError
+from internvl_mpo.projector import pixel_shuffle
+from internvl_mpo.vision import VisionEmbeddings
+
+from conftest import IMAGE_TOKEN_ID, tiny_config
+
+TOL = dict(atol=1e-4, rtol=0)
+
+
+def image_ids(n_tiles: int, per_tile: int, prefix=(5, 6), suffix=(7, 8, 9)) -> list[int]:
+    return list(prefix) + [IMAGE_TOKEN_ID] * (n_tiles * per_tile) + list(suffix)
+
+
+def hf_logits(ref, input_ids, pixel_values=None, attention_mask=None, position_ids=None):
+    with torch.no_grad():
+        return ref(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids
+        ).logits
+
+
+@pytest.mark.parametrize("variant", ["300m", "6b-style"])
+def test_vision_tower_parity(reference_pair, variant):
+    changes = {} if variant == "300m" else dict(norm_type="rms_norm", qk_normalization=True, qkv_bias=False)
+    config = tiny_config(**changes)
+    ref, ours = reference_pair(config)
+    pixels = torch.randn(3, 3, 56, 56)
+    with torch.no_grad():
+        expected = ref.model.vision_tower(pixel_values=pixels, output_hidden_states=True)
+        assert_close(ours.vision_model(pixels), expected.last_hidden_state, **TOL)
+        for layer in range(config.vision.num_hidden_layers + 1):  # select_layer semantics
+            assert_close(ours.vision_model(pixels, select_layer=layer), expected.hidden_states[layer], **TOL)
+
+
+def test_projector_parity(reference_pair, tiny):
+    ref, ours = reference_pair(tiny)
+    features = torch.randn(2, 4, 4, tiny.vision.hidden_size)
+    with torch.no_grad():
+        shuffled = ref.model.pixel_shuffle(features, scale_factor=0.5).reshape(2, -1, 4 * tiny.vision.hidden_size)
+        assert torch.equal(pixel_shuffle(features), shuffled)
+        assert_close(ours.mlp1(shuffled), ref.model.multi_modal_projector(shuffled), **TOL)
+    # The closed form of the reference doc: token (i, j) = [x(2i,2j) | x(2i,2j+1) | x(2i+1,2j) | x(2i+1,2j+1)].
+    out = pixel_shuffle(features).reshape(2, 2, 2, -1)
+    c = tiny.vision.hidden_size
+    assert torch.equal(out[:, 1, 0, :c], features[:, 2, 0])
+    assert torch.equal(out[:, 1, 0, c : 2 * c], features[:, 2, 1])
+    assert torch.equal(out[:, 1, 0, 2 * c : 3 * c], features[:, 3, 0])
+
+
+def test_extract_feature_matches_reference(reference_pair, tiny):
+    ref, ours = reference_pair(tiny)
+    pixels = torch.randn(5, 3, 56, 56)
+    with torch.no_grad():
+        expected = ref.model.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
+                                                vision_feature_select_strategy="default").pooler_output
+        assert_close(ours.extract_feature(pixels), expected, **TOL)
+
+
+def test_decoder_parity_with_qwen2(reference_pair, tiny):
+    from transformers import Qwen2ForCausalLM
+
+    ref, ours = reference_pair(tiny)
+    qwen = Qwen2ForCausalLM(ref.config.text_config).eval()
+    qwen.set_attn_implementation("eager")
+    qwen.model.load_state_dict(ref.model.language_model.state_dict())
+    qwen.lm_head.load_state_dict(ref.lm_head.state_dict())
+    ids = torch.randint(0, 290, (2, 11))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, 7:] = 0  # right padding
+    with torch.no_grad():
+        expected = qwen(input_ids=ids, attention_mask=mask).logits
+        embeds = ours.language_model.model.embed_tokens(ids)
+        positions = torch.arange(11).expand(2, 11)
+        from internvl_mpo.llm import causal_mask
+
+        got = ours.language_model(embeds, positions, causal_mask(mask))
+    assert_close(got[0], expected[0], **TOL)
+    assert_close(got[1, :7], expected[1, :7], **TOL)
+
+
+@pytest.mark.parametrize("tiles", [0, 1, 13])
+def test_full_model_parity(reference_pair, tiny, tiles):
+    ref, ours = reference_pair(tiny)
+    per = tiny.num_image_token
+    ids = torch.tensor([image_ids(tiles, per)])
+    pixels = torch.randn(tiles, 3, 56, 56) if tiles else None
+    with torch.no_grad():
+        got = ours(ids, pixel_values=pixels)
+    assert_close(got, hf_logits(ref, ids, pixels), **TOL)
+
+
+def test_two_images_parity(reference_pair, tiny):
+    ref, ours = reference_pair(tiny)
+    per = tiny.num_image_token
+    ids = [5] + [IMAGE_TOKEN_ID] * (3 * per) + [6, 7] + [IMAGE_TOKEN_ID] * (1 * per) + [8, 9]
+    ids = torch.tensor([ids])
+    pixels = torch.randn(4, 3, 56, 56)  # image 1: 3 tiles, image 2: 1 tile
+    with torch.no_grad():
+        assert_close(ours(ids, pixel_values=pixels), hf_logits(ref, ids, pixels), **TOL)
+
+
+def test_padded_batch_parity(reference_pair, tiny):
+    """Batch of 2 with left padding: our positions come from the mask; the reference gets them explicitly."""
+    ref, ours = reference_pair(tiny)
+    per = tiny.num_image_token
+    long = image_ids(2, per, prefix=(5, 6, 7, 8))
+    short = image_ids(1, per)
+    pad = len(long) - len(short)
+    ids = torch.tensor([long, [0] * pad + short])
+    mask = torch.tensor([[1] * len(long), [0] * pad + [1] * len(short)])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    pixels = torch.randn(3, 3, 56, 56)
+    with torch.no_grad():
+        got = ours(ids, pixel_values=pixels, attention_mask=mask)
+        expected = hf_logits(ref, ids, pixels, attention_mask=mask, position_ids=positions)
+        alone = ours(torch.tensor([short]), pixel_values=pixels[2:])
+    assert not got.isnan().any()
+    assert_close(got[0], expected[0], **TOL)
+    assert_close(got[1, pad:], expected[1, pad:], **TOL)
+    assert_close(got[1, pad:], alone[0], **TOL)  # padding changes nothing for the real tokens
+
+
+def test_image_token_count_mismatch_raises(reference_pair, tiny):
+    _, ours = reference_pair(tiny)
+    ids = torch.tensor([image_ids(1, tiny.num_image_token)])
+    with pytest.raises(InputError, match="4 <IMG_CONTEXT> tokens but the images give 8"):
+        ours(ids, pixel_values=torch.randn(2, 3, 56, 56))
+    with pytest.raises(InputError, match="4 <IMG_CONTEXT> tokens but the images give 0"):
+        ours(ids)
+
+
+def test_native_size_skips_interpolation_bit_exactly(tiny):
+    torch.manual_seed(0)
+    emb = VisionEmbeddings(tiny.vision)
+    torch.nn.init.normal_(emb.position_embedding)
+    grid = emb.grid
+    table = emb.position_embedding
+    resized = torch.nn.functional.interpolate(
+        table[:, 1:].float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2),
+        size=(grid, grid), mode="bicubic", align_corners=False,
+    ).reshape(1, -1, grid * grid).permute(0, 2, 1)
+    assert torch.equal(torch.cat([table[:, :1], resized], dim=1), emb.position_table(grid, grid, torch.float32))
+
+
+def test_other_tile_size_interpolates_like_reference(reference_pair, tiny):
+    """A 70x70 input (5x5 patches) resizes the 4x4 position grid bicubically, as the reference does."""
+    ref, ours = reference_pair(tiny)
+    pixels = torch.randn(1, 3, 70, 70)
+    with torch.no_grad():
+        expected = ref.model.vision_tower.embeddings(pixels)
+        assert_close(ours.vision_model.embeddings(pixels), expected, **TOL)
+
+
+def test_bf16_forward_runs_close_to_fp32(reference_pair, tiny):
+    _, ours = reference_pair(tiny)
+    ids = torch.tensor([image_ids(1, tiny.num_image_token)])
+    pixels = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        full = ours(ids, pixel_values=pixels)
+        half = ours.to(torch.bfloat16)(ids, pixel_values=pixels)
+    assert half.dtype == torch.bfloat16
+    assert_close(half.float(), full, atol=0.1, rtol=0.05)
+
+
+def test_tied_head_config_shares_the_embedding(tiny):
+    from internvl_mpo.model import InternVL
+
+    config = tiny.replace(llm=dataclasses.replace(tiny.llm, tie_word_embeddings=True))
+    model = InternVL(config, image_token_id=IMAGE_TOKEN_ID)
+    assert model.language_model.lm_head.weight is model.language_model.model.embed_tokens.weight
+    assert "language_model.lm_head.weight" not in model.expected_keys()
