@@ -160,6 +160,13 @@ class Qwen2ForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    # The two accessors every language model of this package offers (InternLM2 names them differently).
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def output_head(self) -> nn.Linear:
+        return self.lm_head
+
     def forward(self, inputs_embeds, position_ids, mask=None, caches=None, cache_positions=None) -> torch.Tensor:
         """Logits (B, T, V) in the activation dtype."""
         return self.lm_head(self.model(inputs_embeds, position_ids, mask, caches, cache_positions))

@@ -93,7 +93,7 @@ class InternVL(nn.Module):
         `vit_embeds` are precomputed `extract_feature` outputs (to encode shared images once);
         `image_flags` (N,) drop the features of tiles flagged 0 (official dummy tiles).
         """
-        embeds = self.language_model.model.embed_tokens(input_ids)
+        embeds = self.language_model.input_embeddings()(input_ids)
         if pixel_values is not None and vit_embeds is None:
             vit_embeds = self.extract_feature(pixel_values)
         if vit_embeds is None:
@@ -131,7 +131,7 @@ class InternVL(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, V). Each `<IMG_CONTEXT>` id takes the next image feature row, in order."""
         embeds = self.embed(input_ids, pixel_values, image_flags)
-        return self.language_model.lm_head(self.hidden_states(embeds, attention_mask, position_ids))
+        return self.language_model.output_head()(self.hidden_states(embeds, attention_mask, position_ids))
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
