@@ -70,22 +70,22 @@ BASE_CORPUS: tuple[str, ...] = (
     "مرحبا بالعالم. هذا نص تجريبي.",
     "Café, naïve, façade, résumé, über, Ångström, smörgåsbord.",
     "Emoji: 😀 😃 😄 🐼 🐱 ❤️ 👍🏽 👨‍👩‍👧 🇨🇳 ✨ 🚀",
-    "def main(args):\n    for i in range(10):\n        print(f\"value {i}: {args[i]!r}\")\n    return 0\n",
-    "#include <stdio.h>\nint main(void) {\n\treturn printf(\"%d\\n\", 42);\n}\n",
+    'def main(args):\n    for i in range(10):\n        print(f"value {i}: {args[i]!r}")\n    return 0\n',
+    '#include <stdio.h>\nint main(void) {\n\treturn printf("%d\\n", 42);\n}\n',
     "## Heading\n\n- item one\n- item two\n\n```python\nx = [1, 2, 3]\n```\n",
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 3.14159 2024-12-31 12:30:45 $1,234.56 50% 1e-6",
     "Spaces:    four   three  two and\ttabs\t\there.\n\n\nThree newlines above.\r\nWindows line.",
     "A. yes\nB. no\nC. maybe\nD. all of the above\nAnswer with the option's letter from the given choices directly.",
     "<ref>the cat</ref><box>[[12, 34, 567, 890]]</box> <quad>quad</quad>",
+    # Chat-role words, so that "<|im_start|>assistant\n" is three tokens as in Qwen.
+    "system\nuser\nassistant\nsystem\nuser\nassistant\n",
 )
 
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table used by byte-level BPE."""
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     chars = list(printable)
     extra = 0

@@ -145,7 +145,7 @@ def encode_with_images(
     if not all(tokenizer.is_plain_added_token(t) for t in (IMG_START, IMG_CONTEXT, IMG_END)):
         return tokenizer.encode(expand_image_tokens(text, num_patches_list, num_image_token))
     pieces = text.split(IMAGE_PLACEHOLDER)
-    piece_ids = tokenizer.encode_batch(pieces) if len(pieces) > 1 else [tokenizer.encode(text)]
+    piece_ids = [tokenizer.encode(piece) for piece in pieces]
     start, context, end = tokenizer.img_start_id, tokenizer.img_context_id, tokenizer.img_end_id
     ids = list(piece_ids[0])
     for tiles, after in zip(num_patches_list, piece_ids[1:]):
@@ -176,7 +176,8 @@ def build_prompt_ids(
     if max_length is not None and len(ids) > max_length:
         image_tokens = sum(num_image_token * tiles + 2 for tiles in num_patches_list)
         raise InputError(
-            f"prompt is {len(ids)} tokens ({image_tokens} of them image tokens), longer than the context of {max_length}"
+            f"prompt is {len(ids)} tokens ({image_tokens} of them image tokens),"
+            f" longer than the context of {max_length}"
         )
     return ids
 
@@ -225,7 +226,9 @@ def _segments(
     return input_ids, labels
 
 
-def _read_messages(messages: Sequence[Mapping[str, str]], system_message: str | None, tmpl: Template) -> list[tuple[str, str]]:
+def _read_messages(
+    messages: Sequence[Mapping[str, str]], system_message: str | None, tmpl: Template
+) -> list[tuple[str, str]]:
     turns: list[tuple[str, str]] = []
     for i, message in enumerate(messages):
         role, content = message.get("role"), message.get("content")
@@ -287,7 +290,9 @@ def build_pair_ids(
     tmpl = get_template(template)
     question = add_image_prefix(question, len(num_patches_list))
     system = tmpl.system_message if system_message is None else system_message
-    prompt_ids, _ = _segments(tokenizer, tmpl, [("system", system), ("user", question)], num_patches_list, num_image_token)
+    prompt_ids, _ = _segments(
+        tokenizer, tmpl, [("system", system), ("user", question)], num_patches_list, num_image_token
+    )
     chosen_ids, chosen_labels = _segments(tokenizer, tmpl, [("assistant", chosen)], (), num_image_token)
     rejected_ids, rejected_labels = _segments(tokenizer, tmpl, [("assistant", rejected)], (), num_image_token)
     return PairIds(prompt_ids, chosen_ids, chosen_labels, rejected_ids, rejected_labels)

@@ -31,7 +31,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
-from internvl_mpo.errors import CheckpointError, InputError
+from internvl_mpo.errors import CheckpointError
 
 # The Qwen2 pre-tokenizer split pattern (transformers `tokenization_qwen2.PRETOKENIZE_REGEX`).
 QWEN2_SPLIT_PATTERN = (
@@ -81,9 +81,6 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special tokens written in it become their ids; no BOS."""
         return self.backend.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [enc.ids for enc in self.backend.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -169,9 +166,7 @@ class StreamDecoder:
         if isinstance(ids, int):
             ids = (ids,)
         data = b"".join(
-            self._tokenizer.token_bytes(i)
-            for i in ids
-            if not (self._skip_special and self._tokenizer.is_special(i))
+            self._tokenizer.token_bytes(i) for i in ids if not (self._skip_special and self._tokenizer.is_special(i))
         )
         return self._utf8.decode(data)
 
@@ -209,7 +204,9 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
     return merges
 
 
-def build_qwen2_backend(vocab: dict[str, int], merges: list[tuple[str, str]], add_prefix_space: bool = False) -> Backend:
+def build_qwen2_backend(
+    vocab: dict[str, int], merges: list[tuple[str, str]], add_prefix_space: bool = False
+) -> Backend:
     """The Qwen2 byte-level BPE pipeline over a base vocabulary (no added tokens yet)."""
     backend = Backend(
         models.BPE(
@@ -235,19 +232,20 @@ def build_qwen2_backend(vocab: dict[str, int], merges: list[tuple[str, str]], ad
     return backend
 
 
-def _declared_added_tokens(folder: Path, config: dict, named: dict[str, str | None]) -> dict[int, AddedToken]:
+def _declared_added_tokens(folder: Path, config: dict, specials: set[str]) -> dict[int, AddedToken]:
     """id -> AddedToken from tokenizer_config.json, or the legacy added_tokens.json."""
     declared: dict[int, AddedToken] = {}
     if "added_tokens_decoder" in config:
         for key, entry in config["added_tokens_decoder"].items():
             if not isinstance(entry, dict) or "content" not in entry:
                 raise CheckpointError(f"{folder / 'tokenizer_config.json'}: added_tokens_decoder[{key}] has no content")
-            flags = {k: bool(entry[k]) for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in entry}
+            flags = {
+                k: bool(entry[k]) for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in entry
+            }
             declared[int(key)] = AddedToken(entry["content"], **flags)
         return declared
     legacy = folder / "added_tokens.json"
     if legacy.is_file():
-        specials = {t for t in named.values() if t} | set(config.get("additional_special_tokens") or [])
         for content, token_id in _read_json(legacy).items():
             is_special = content in specials
             declared[int(token_id)] = AddedToken(content, normalized=not is_special, special=is_special)
@@ -294,7 +292,6 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
             raise CheckpointError(f"cannot read tokenizer file {folder / 'tokenizer.json'}: {err}") from err
         if not isinstance(backend.model, models.BPE) or not isinstance(backend.decoder, decoders.ByteLevel):
             raise CheckpointError(f"{folder / 'tokenizer.json'} is not a byte-level BPE tokenizer (Qwen2 style)")
-        source = folder / "tokenizer.json"
     else:
         vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
         missing = [p.name for p in (vocab_path, merges_path) if not p.is_file()]
@@ -302,9 +299,9 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
             raise CheckpointError(f"tokenizer folder {folder} has no tokenizer.json and no {' or '.join(missing)}")
         vocab = _read_json(vocab_path)
         backend = build_qwen2_backend(vocab, _read_merges(merges_path), bool(config.get("add_prefix_space", False)))
-        source = config_path if "added_tokens_decoder" in config else folder / "added_tokens.json"
 
-    _add_tokens(backend, _declared_added_tokens(folder, config, named), source)
+    source = config_path if "added_tokens_decoder" in config else folder / "added_tokens.json"
+    _add_tokens(backend, _declared_added_tokens(folder, config, set(named_specials)), source)
     # Qwen2Tokenizer's constructor re-adds every named special token with default flags: missing ones
     # get the next ids, and lstrip/rstrip/single_word set for them in the config are dropped.
     backend.add_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(named_specials)])
