@@ -38,8 +38,8 @@ Deliberate differences (all numerically neutral for the 4B-MPO recipe, or docume
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -1,0 +1,377 @@
+"""Reading MMPR-format preference data (and InternVL SFT conversations), without tokenization.
+
+Mirrors the data side of `internvl_chat/internvl/train/internvl_chat_mpo.py` (`build_datasets`,
+`LazySupervisedDataset.__init__`, `get_image_path`, `__getitem__`'s branch choice):
+
+- `meta.json` maps dataset name -> {root, annotation (.jsonl), repeat_time, data_augment, length,
+  optional max_dynamic_patch}. Relative paths are taken against the working directory, as the
+  official script does (or against `base_dir` when given).
+- Per dataset, in meta order with index i: the annotation's lines are read; `repeat_time < 1` keeps
+  `random.sample(lines, k=int(len(lines) * repeat_time))` from Python's `random` (the official code
+  draws from the global generator seeded by `set_seed(42)`, consumed dataset after dataset:
+  `read_datasets(sample_seed=42)` reproduces that, assuming nothing else drew from it first);
+  `repeat_time > 1` repeats the list `int(repeat_time)` times — the fractional part is dropped, as
+  there; then `numpy.random.default_rng(seed=i).shuffle(lines)`. Datasets are concatenated.
+- Image paths: `s3://` paths are prefixed with the root as strings, others joined with
+  `os.path.join(root, path)`. An `image` that is a list (even of one path) selects the official
+  multi-image branch (no `<image>` auto-prefix, tiles split across images), so records keep
+  `multi_image`. An empty `image` ("" or []) means text-only; then `video` if non-empty.
+
+Deliberate differences: the official loader parses lines lazily and silently replaces a record
+that fails (bad JSON, missing image) by a random other one. Here every selected line is parsed and
+checked up front: by default the first problem raises `InputError` naming `file:line`; with a
+`SkipReport` the bad lines are dropped and counted instead. Lines that subsampling leaves out are
+never parsed (as in the official code), so a bad line there goes unnoticed. Sampling and
+shuffling run over all raw lines before dropping, so the order of the good records is the
+official one. Blank lines count as malformed (the official JSON parse fails on them too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from internvl_mpo.errors import InputError
+
+MAX_REPORTED_MESSAGES = 5
+SFT_ROLES = ("human", "gpt", "system")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One entry of meta.json. `root` and `annotation` are absolute (or `s3://` for root)."""
+
+    name: str
+    root: str
+    annotation: str
+    repeat_time: float = 1.0
+    data_augment: bool = False
+    max_dynamic_patch: int | None = None
+    length: int | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a record came from: annotation file and 1-based line number."""
+
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    question: str
+    chosen: str
+    rejected: str
+    images: tuple[str, ...]  # absolute paths (root-prefixed for s3://); empty for text/video items
+    multi_image: bool  # `image` was a list: the official multi-image branch
+    video: str | None
+    dataset: str
+    source: Source
+
+
+@dataclass(frozen=True)
+class SFTRecord:
+    conversations: tuple[dict[str, str], ...]  # {"from": "human"|"gpt"|"system", "value": str}
+    images: tuple[str, ...]
+    multi_image: bool
+    video: str | None
+    source: Source
+
+
+@dataclass
+class SkipReport:
+    """Counts of dropped lines by problem kind, plus the first few messages."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, kind: str, message: str) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if len(self.messages) < MAX_REPORTED_MESSAGES:
+            self.messages.append(message)
+
+
+class _BadLine(Exception):
+    def __init__(self, kind: str, problem: str) -> None:
+        super().__init__(problem)
+        self.kind = kind
+        self.problem = problem
+
+
+# ----------------------------------------------------------------------------- meta.json
+
+
+def _resolve(path: str, base_dir: str) -> str:
+    if path.startswith("s3://"):
+        return path
+    return os.path.abspath(os.path.join(base_dir, os.path.expanduser(path)))
+
+
+def _meta_field(entry: dict, key: str, types: tuple[type, ...], where: str, required: bool) -> Any:
+    if key not in entry:
+        if required:
+            raise InputError(f"{where}: missing required field {key!r}")
+        return None
+    value = entry[key]
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+        names = " or ".join(t.__name__ for t in types)
+        raise InputError(f"{where}: field {key!r} must be {names}, got {type(value).__name__}")
+    return value
+
+
+def load_meta(meta_path: str, base_dir: str | None = None) -> list[DatasetSpec]:
+    """Read a meta.json into specs, in file order. Relative paths resolve against `base_dir` (cwd)."""
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{meta_path}: meta file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{meta_path}: expected a JSON object mapping dataset names to entries")
+    base = os.getcwd() if base_dir is None else base_dir
+    specs = []
+    for name, entry in meta.items():
+        where = f"{meta_path}: dataset {name!r}"
+        if not isinstance(entry, dict):
+            raise InputError(f"{where}: expected an object, got {type(entry).__name__}")
+        root = _meta_field(entry, "root", (str,), where, required=True)
+        annotation = _meta_field(entry, "annotation", (str,), where, required=True)
+        repeat_time = _meta_field(entry, "repeat_time", (int, float), where, required=True)
+        data_augment = _meta_field(entry, "data_augment", (bool,), where, required=False)
+        max_patch = _meta_field(entry, "max_dynamic_patch", (int,), where, required=False)
+        length = _meta_field(entry, "length", (int,), where, required=False)
+        if not annotation.endswith("jsonl"):
+            raise InputError(f"{where}: annotation must be a .jsonl file, got {annotation!r}")
+        if repeat_time < 0:
+            raise InputError(f"{where}: repeat_time must be >= 0, got {repeat_time}")
+        if max_patch is not None and max_patch < 1:
+            raise InputError(f"{where}: max_dynamic_patch must be >= 1, got {max_patch}")
+        specs.append(
+            DatasetSpec(
+                name=name,
+                root=_resolve(root, base),
+                annotation=_resolve(annotation, base),
+                repeat_time=float(repeat_time),
+                data_augment=bool(data_augment),
+                max_dynamic_patch=max_patch,
+                length=length,
+            )
+        )
+    return specs
+
+
+def write_meta(path: str, datasets: list[DatasetSpec]) -> None:
+    """Write specs as a meta.json that `load_meta` (and the official loader) reads back."""
+    meta: dict[str, dict[str, Any]] = {}
+    for spec in datasets:
+        if spec.name in meta:
+            raise InputError(f"{path}: dataset name {spec.name!r} given twice")
+        entry: dict[str, Any] = {
+            "root": spec.root,
+            "annotation": spec.annotation,
+            "data_augment": spec.data_augment,
+            "repeat_time": spec.repeat_time,
+        }
+        if spec.length is not None:
+            entry["length"] = spec.length
+        if spec.max_dynamic_patch is not None:
+            entry["max_dynamic_patch"] = spec.max_dynamic_patch
+        meta[spec.name] = entry
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+# ----------------------------------------------------------------------------- line parsing
+
+
+def _read_lines(path: str) -> list[bytes]:
+    """Raw lines as `readlines()` splits them on '\\n' (a trailing newline adds no line)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise InputError(f"{path}: annotation file not found") from None
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return lines
+
+
+def _parse_object(raw: bytes) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _BadLine("json", f"not UTF-8 ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise _BadLine("json", "empty line, expected a JSON object")
+    try:
+        item = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _BadLine("json", f"malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(item, dict):
+        raise _BadLine("json", f"expected a JSON object, got {type(item).__name__}")
+    return item
+
+
+def _require_str(item: dict, key: str) -> str:
+    if key not in item:
+        raise _BadLine("missing_field", f"missing required field {key!r}")
+    value = item[key]
+    if not isinstance(value, str):
+        raise _BadLine("wrong_type", f"field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _image_path(root: str, path: str) -> str:
+    if path.startswith("s3://"):
+        return root + path
+    return os.path.abspath(os.path.join(root, path))
+
+
+def _media(item: dict, root: str) -> tuple[tuple[str, ...], bool, str | None]:
+    """(images, multi_image, video) with the official branch order: image, then video, else text."""
+    if "image" in item:
+        image = item["image"]
+        if isinstance(image, str):
+            paths, multi = ([image] if image else []), False
+        elif isinstance(image, list) and all(isinstance(p, str) for p in image):
+            paths, multi = image, True
+        else:
+            raise _BadLine("wrong_type", f"field 'image' must be a string or a list of strings, got {image!r:.80}")
+        if paths:
+            resolved = tuple(_image_path(root, p) for p in paths)
+            for p in resolved:
+                if not os.path.isfile(p):
+                    raise _BadLine("missing_file", f"image file not found: {p}")
+            return resolved, multi, None
+    video = item.get("video")
+    if video is None or video == "":
+        return (), False, None
+    if not isinstance(video, str):
+        raise _BadLine("wrong_type", f"field 'video' must be a string, got {type(video).__name__}")
+    path = os.path.abspath(os.path.join(root, video))
+    if not os.path.isfile(path):
+        raise _BadLine("missing_file", f"video file not found: {path}")
+    return (), False, path
+
+
+def _preference(item: dict, spec: DatasetSpec, source: Source) -> PreferenceRecord:
+    question = _require_str(item, "question")
+    chosen = _require_str(item, "chosen")
+    rejected = _require_str(item, "rejected")
+    images, multi, video = _media(item, spec.root)
+    return PreferenceRecord(question, chosen, rejected, images, multi, video, spec.name, source)
+
+
+def _conversations(item: dict) -> tuple[dict[str, str], ...]:
+    if "conversations" not in item:
+        raise _BadLine("missing_field", "missing required field 'conversations'")
+    turns = item["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise _BadLine("wrong_type", "field 'conversations' must be a non-empty list")
+    out = []
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise _BadLine("wrong_type", f"conversations[{k}] must be an object, got {type(turn).__name__}")
+        for key in ("from", "value"):
+            if key not in turn:
+                raise _BadLine("missing_field", f"conversations[{k}] is missing {key!r}")
+            if not isinstance(turn[key], str):
+                raise _BadLine("wrong_type", f"conversations[{k}].{key} must be a string, got {type(turn[key]).__name__}")
+        if turn["from"] not in SFT_ROLES:
+            raise _BadLine("wrong_type", f"conversations[{k}].from must be one of {SFT_ROLES}, got {turn['from']!r}")
+        out.append({"from": turn["from"], "value": turn["value"]})
+    return tuple(out)
+
+
+def _fail_or_count(e: _BadLine, source: Source, report: SkipReport | None) -> None:
+    message = f"{source}: {e.problem}"
+    if report is None:
+        raise InputError(message)
+    report.add(e.kind, message)
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def select_lines(n_lines: int, repeat_time: float, seed: int, sample_rng: random.Random) -> list[int]:
+    """Line indices in training order: subsample or repeat, then the per-dataset numpy shuffle."""
+    order = list(range(n_lines))
+    if repeat_time < 1:
+        order = sample_rng.sample(order, k=int(n_lines * repeat_time))
+    if repeat_time > 1:
+        order = order * int(repeat_time)
+    np.random.default_rng(seed=seed).shuffle(order)
+    return order
+
+
+def read_records(
+    spec: DatasetSpec,
+    seed: int,
+    *,
+    report: SkipReport | None = None,
+    sample_rng: random.Random | None = None,
+) -> list[PreferenceRecord]:
+    """One dataset's preference records in training order (`seed` = its index in the meta file).
+
+    Without `report` the first bad selected line raises InputError("file:line: problem"); with one,
+    bad lines are dropped and counted there. `sample_rng` draws the `repeat_time < 1` subsample
+    (default `random.Random(seed)`).
+    """
+    lines = _read_lines(spec.annotation)
+    rng = random.Random(seed) if sample_rng is None else sample_rng
+    order = select_lines(len(lines), spec.repeat_time, seed, rng)
+    parsed: dict[int, PreferenceRecord | None] = {}
+    for i in sorted(set(order)):
+        source = Source(spec.annotation, i + 1)
+        try:
+            parsed[i] = _preference(_parse_object(lines[i]), spec, source)
+        except _BadLine as e:
+            _fail_or_count(e, source, report)
+            parsed[i] = None
+    return [rec for rec in (parsed[i] for i in order) if rec is not None]
+
+
+def read_datasets(
+    specs: list[DatasetSpec], *, skip_bad: bool = False, sample_seed: int = 42
+) -> tuple[list[PreferenceRecord], SkipReport]:
+    """All datasets concatenated in meta order, seeds = indices, one shared subsample generator."""
+    report = SkipReport() if skip_bad else None
+    sample_rng = random.Random(sample_seed)
+    records: list[PreferenceRecord] = []
+    for index, spec in enumerate(specs):
+        records += read_records(spec, index, report=report, sample_rng=sample_rng)
+    return records, report if report is not None else SkipReport()
+
+
+def read_sft_records(jsonl_path: str, image_root: str, *, report: SkipReport | None = None) -> list[SFTRecord]:
+    """Official SFT conversation lines, in file order, with the same validation as `read_records`."""
+    lines = _read_lines(jsonl_path)
+    records = []
+    for i, raw in enumerate(lines):
+        source = Source(jsonl_path, i + 1)
+        try:
+            item = _parse_object(raw)
+            conversations = _conversations(item)
+            images, multi, video = _media(item, image_root)
+        except _BadLine as e:
+            _fail_or_count(e, source, report)
+            continue
+        records.append(SFTRecord(conversations, images, multi, video, source))
+    return records

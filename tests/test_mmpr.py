@@ -1,0 +1,302 @@
+"""Tests for internvl_mpo.train.mmpr: meta round trips, repeat_time, shuffle order, validation.
+
+The order test compares with the official `build_datasets` / `LazySupervisedDataset.__init__`
+algorithm written out below on raw line strings (Python `random.sample` from one generator seeded
+42 across datasets, list repetition, `numpy.random.default_rng(dataset_index).shuffle`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+
+import numpy as np
+import pytest
+
+from internvl_mpo.errors import InputError
+from internvl_mpo.train.mmpr import (
+    DatasetSpec,
+    SkipReport,
+    load_meta,
+    read_datasets,
+    read_records,
+    read_sft_records,
+    write_meta,
+)
+
+
+def _pair(k: int, **extra) -> dict:
+    return {"question": f"q{k}", "chosen": f"good {k}", "rejected": f"bad {k}", **extra}
+
+
+def _write_jsonl(path, items) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines((item if isinstance(item, str) else json.dumps(item)) + "\n" for item in items)
+    return str(path)
+
+
+@pytest.fixture
+def root(tmp_path):
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    for name in ("a.jpg", "b.jpg", "sub/c.png", "clip.mp4"):
+        (images / name).write_bytes(b"x")
+    return str(images)
+
+
+def _spec(tmp_path, root, items, name="ds", repeat_time=1.0) -> DatasetSpec:
+    ann = _write_jsonl(tmp_path / f"{name}.jsonl", items)
+    return DatasetSpec(name=name, root=root, annotation=ann, repeat_time=repeat_time)
+
+
+# ----------------------------------------------------------------------------- meta.json
+
+
+def test_meta_round_trip(tmp_path):
+    specs = [
+        DatasetSpec("m3cot_pairs", str(tmp_path / "img"), str(tmp_path / "a.jsonl"), 0.5, False, None, 120),
+        DatasetSpec("other", "s3://bucket/imgs/", str(tmp_path / "b.jsonl"), 2.0, True, 6, None),
+    ]
+    meta = tmp_path / "meta.json"
+    write_meta(str(meta), specs)
+    assert load_meta(str(meta)) == specs
+    raw = json.loads(meta.read_text())
+    assert list(raw) == ["m3cot_pairs", "other"]
+    assert "max_dynamic_patch" not in raw["m3cot_pairs"] and raw["other"]["max_dynamic_patch"] == 6
+    with pytest.raises(InputError, match="given twice"):
+        write_meta(str(meta), [specs[0], specs[0]])
+
+
+def test_meta_relative_paths_resolve_against_base_dir(tmp_path):
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"d": {"root": "MMPR/images", "annotation": "MMPR/annotations/d.jsonl",
+                                      "data_augment": False, "repeat_time": 1, "length": 3}}))
+    (spec,) = load_meta(str(meta), base_dir=str(tmp_path))
+    assert spec.root == os.path.join(str(tmp_path), "MMPR", "images")
+    assert spec.annotation == os.path.join(str(tmp_path), "MMPR", "annotations", "d.jsonl")
+    assert spec.repeat_time == 1.0 and isinstance(spec.repeat_time, float) and spec.length == 3
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"d": 3}', "expected an object"),
+        ('{"d": {"annotation": "a.jsonl", "repeat_time": 1}}', "missing required field 'root'"),
+        ('{"d": {"root": "r", "repeat_time": 1}}', "missing required field 'annotation'"),
+        ('{"d": {"root": "r", "annotation": "a.jsonl"}}', "missing required field 'repeat_time'"),
+        ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": "2"}}', "'repeat_time' must be int or float"),
+        ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": true}}', "'repeat_time' must be int or float"),
+        ('{"d": {"root": "r", "annotation": "a.json", "repeat_time": 1}}', "must be a .jsonl"),
+        ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": -1}}', "repeat_time must be >= 0"),
+        ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": 1, "data_augment": "no"}}', "'data_augment'"),
+        ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": 1, "max_dynamic_patch": 0}}', "max_dynamic_patch"),
+    ],
+)
+def test_meta_errors_name_file_and_problem(tmp_path, content, problem):
+    meta = tmp_path / "meta.json"
+    meta.write_text(content)
+    with pytest.raises(InputError, match=problem) as err:
+        load_meta(str(meta))
+    assert str(meta) in str(err.value)
+
+
+def test_missing_meta_and_annotation_files(tmp_path, root):
+    with pytest.raises(InputError, match="meta file not found"):
+        load_meta(str(tmp_path / "nope.json"))
+    spec = DatasetSpec("d", root, str(tmp_path / "nope.jsonl"))
+    with pytest.raises(InputError, match="nope.jsonl: annotation file not found"):
+        read_records(spec, 0)
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def test_record_fields_and_media_branches(tmp_path, root):
+    items = [
+        _pair(0, image="a.jpg"),
+        _pair(1, image=["a.jpg", "sub/c.png"]),
+        _pair(2, image=["b.jpg"]),
+        _pair(3),
+        _pair(4, image="", video="clip.mp4"),
+        _pair(5, image=[], video=""),
+        _pair(6, image=os.path.join(root, "b.jpg"), answer_gt="B", chosen_meta={"x": 1}),
+    ]
+    spec = _spec(tmp_path, root, items)
+    records = sorted(read_records(spec, 0), key=lambda r: r.source.line)
+    assert [r.question for r in records] == [f"q{k}" for k in range(7)]
+    r0, r1, r2, r3, r4, r5, r6 = records
+    assert r0.images == (os.path.join(root, "a.jpg"),) and not r0.multi_image
+    assert r0.chosen == "good 0" and r0.rejected == "bad 0" and r0.dataset == "ds"
+    assert r0.source.file == spec.annotation and r0.source.line == 1 and str(r0.source) == f"{spec.annotation}:1"
+    assert r1.images == (os.path.join(root, "a.jpg"), os.path.join(root, "sub", "c.png")) and r1.multi_image
+    assert r2.multi_image and len(r2.images) == 1  # a one-element list still takes the multi-image branch
+    assert r3.images == () and r3.video is None
+    assert r4.images == () and r4.video == os.path.join(root, "clip.mp4")
+    assert r5.images == () and r5.video is None
+    assert r6.images == (os.path.join(root, "b.jpg"),)
+    assert all(os.path.isabs(p) for r in records for p in r.images)
+
+
+def test_s3_images_are_root_prefixed(tmp_path, root):
+    spec = _spec(tmp_path, "s3://bucket/", [_pair(0, image="s3://x/y.jpg")])
+    with pytest.raises(InputError, match="s3://bucket/s3://x/y.jpg"):
+        read_records(spec, 0)
+
+
+@pytest.mark.parametrize("n_lines, repeat_time, expected_len, copies", [
+    (10, 1.0, 10, 1), (10, 0.5, 5, 1), (7, 0.3, 2, 1), (10, 2.0, 20, 2), (10, 2.7, 20, 2), (10, 0.0, 0, 0),
+])
+def test_repeat_time(tmp_path, root, n_lines, repeat_time, expected_len, copies):
+    """<1 keeps int(n * r) distinct lines; >1 repeats int(r) times (fraction dropped, as the official code)."""
+    spec = _spec(tmp_path, root, [_pair(k) for k in range(n_lines)], repeat_time=repeat_time)
+    records = read_records(spec, 3)
+    assert len(records) == expected_len
+    counts = {q: sum(r.question == q for r in records) for q in {r.question for r in records}}
+    assert all(c == copies for c in counts.values())
+    if repeat_time >= 1:
+        assert len(counts) == n_lines
+
+
+def _official_order(specs: list[DatasetSpec], seed: int = 42) -> list[str]:
+    """build_datasets + LazySupervisedDataset.__init__ on raw lines, then the question of each."""
+    rng = random.Random(seed)  # stands for the global `random` after set_seed(42)
+    out = []
+    for ds_idx, spec in enumerate(specs):
+        with open(spec.annotation) as f:
+            raw = f.readlines()
+        if spec.repeat_time < 1:
+            raw = rng.sample(raw, k=int(len(raw) * spec.repeat_time))
+        if spec.repeat_time > 1:
+            raw = raw * int(spec.repeat_time)
+        np.random.default_rng(seed=ds_idx).shuffle(raw)
+        out += [json.loads(line)["question"] for line in raw]
+    return out
+
+
+def test_order_matches_official_algorithm_and_is_deterministic(tmp_path, root):
+    specs = [
+        _spec(tmp_path, root, [_pair(k) for k in range(30)], name="a", repeat_time=0.4),
+        _spec(tmp_path, root, [_pair(k) for k in range(100, 112)], name="b", repeat_time=2.0),
+        _spec(tmp_path, root, [_pair(k) for k in range(200, 225)], name="c", repeat_time=0.6),
+        _spec(tmp_path, root, [_pair(k) for k in range(300, 309)], name="d", repeat_time=1),
+    ]
+    records, report = read_datasets(specs)
+    questions = [r.question for r in records]
+    assert questions == _official_order(specs)
+    assert report.total == 0
+    assert [r.question for r in read_datasets(specs)[0]] == questions  # deterministic
+    assert [r.dataset for r in records] == ["a"] * 12 + ["b"] * 24 + ["c"] * 15 + ["d"] * 9
+    # the numpy shuffle is seeded by the dataset's index: the same file at another index reorders
+    alone = [r.question for r in read_records(specs[3], 0)]
+    assert sorted(alone) == sorted(questions[-9:]) and alone != questions[-9:]
+    assert [r.question for r in read_records(specs[3], 3)] == questions[-9:]
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+BAD_LINES = [
+    ("{\"question\": \"q\", \"chosen\": ", "json", "malformed JSON"),
+    ("", "json", "empty line"),
+    ("[1, 2, 3]", "json", "expected a JSON object, got list"),
+    (json.dumps({"chosen": "c", "rejected": "r"}), "missing_field", "missing required field 'question'"),
+    (json.dumps({"question": "q", "rejected": "r"}), "missing_field", "missing required field 'chosen'"),
+    (json.dumps({"question": "q", "chosen": "c"}), "missing_field", "missing required field 'rejected'"),
+    (json.dumps({"question": 3, "chosen": "c", "rejected": "r"}), "wrong_type", "field 'question' must be a string, got int"),
+    (json.dumps(_pair(0, chosen=["c"])), "wrong_type", "field 'chosen' must be a string, got list"),
+    (json.dumps(_pair(0, image=5)), "wrong_type", "field 'image' must be a string or a list of strings"),
+    (json.dumps(_pair(0, image=None)), "wrong_type", "field 'image' must be a string or a list of strings"),
+    (json.dumps(_pair(0, image=["a.jpg", 1])), "wrong_type", "field 'image' must be a string or a list of strings"),
+    (json.dumps(_pair(0, video=7)), "wrong_type", "field 'video' must be a string"),
+    (json.dumps(_pair(0, image="missing.jpg")), "missing_file", "image file not found: .*missing.jpg"),
+    (json.dumps(_pair(0, image=["a.jpg", "gone.png"])), "missing_file", "image file not found: .*gone.png"),
+    (json.dumps(_pair(0, image="sub")), "missing_file", "image file not found"),  # a directory
+    (json.dumps(_pair(0, video="none.mp4")), "missing_file", "video file not found"),
+]
+
+
+@pytest.mark.parametrize("bad, kind, problem", BAD_LINES)
+def test_bad_line_raises_with_file_and_line(tmp_path, root, bad, kind, problem):
+    spec = _spec(tmp_path, root, [_pair(0), _pair(1), bad, _pair(3)])
+    with pytest.raises(InputError, match=f"^{re.escape(spec.annotation)}:3: {problem}"):
+        read_records(spec, 0)
+    report = SkipReport()
+    records = read_records(spec, 0, report=report)
+    assert sorted(r.question for r in records) == ["q0", "q1", "q3"]
+    assert report.counts == {kind: 1} and report.total == 1
+    assert report.messages[0].startswith(f"{spec.annotation}:3: ")
+
+
+def test_non_utf8_line(tmp_path, root):
+    path = tmp_path / "bin.jsonl"
+    path.write_bytes(json.dumps(_pair(0)).encode() + b"\n\xff\xfe{}\n")
+    with pytest.raises(InputError, match=f"{path}:2: not UTF-8"):
+        read_records(DatasetSpec("b", root, str(path)), 0)
+
+
+def test_skip_bad_counts_and_keeps_first_messages(tmp_path, root):
+    lines = [_pair(0)] + ["{oops"] * 4 + [_pair(0, image="nope.jpg")] * 3 + [json.dumps({"question": "q"})] + [_pair(9)]
+    spec = _spec(tmp_path, root, lines, repeat_time=2.0)
+    records, report = read_datasets([spec], skip_bad=True)
+    assert sorted(r.question for r in records) == ["q0", "q0", "q9", "q9"]
+    # each bad line counts once, however often repetition selects it
+    assert report.counts == {"json": 4, "missing_file": 3, "missing_field": 1}
+    assert report.total == 8
+    assert report.messages == [f"{spec.annotation}:{n}: malformed JSON (Expecting property name enclosed in "
+                               f"double quotes at column 2)" for n in (2, 3, 4, 5)] + [
+        f"{spec.annotation}:6: image file not found: {os.path.join(root, 'nope.jpg')}"]
+    with pytest.raises(InputError, match=f"{spec.annotation}:2: malformed JSON"):
+        read_datasets([spec])
+
+
+def test_subsampled_out_lines_are_not_checked(tmp_path, root):
+    """As in the official lazy loader, only the selected lines are parsed."""
+    spec = _spec(tmp_path, root, [_pair(k) for k in range(9)] + ["{bad"], repeat_time=0.5)
+    selected_bad = []
+    for seed in range(20):
+        report = SkipReport()
+        records = read_records(spec, seed, report=report)
+        selected_bad.append(report.total)
+        assert len(records) + report.total == 5
+    assert 0 in selected_bad and 1 in selected_bad
+
+
+# ----------------------------------------------------------------------------- SFT
+
+
+def test_sft_records(tmp_path, root):
+    conv = [{"from": "system", "value": "s"}, {"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "yo"}]
+    path = _write_jsonl(tmp_path / "sft.jsonl", [
+        {"id": 1, "image": "a.jpg", "conversations": conv},
+        {"image": ["a.jpg", "b.jpg"], "conversations": conv[1:]},
+        {"conversations": conv[1:], "width": 3},
+    ])
+    a, b, c = read_sft_records(path, root)
+    assert a.conversations == tuple(conv) and a.images == (os.path.join(root, "a.jpg"),) and not a.multi_image
+    assert b.multi_image and len(b.images) == 2
+    assert c.images == () and c.video is None and str(c.source) == f"{path}:3"
+
+
+@pytest.mark.parametrize("item, kind, problem", [
+    ({"image": "a.jpg"}, "missing_field", "missing required field 'conversations'"),
+    ({"conversations": []}, "wrong_type", "field 'conversations' must be a non-empty list"),
+    ({"conversations": "hi"}, "wrong_type", "field 'conversations' must be a non-empty list"),
+    ({"conversations": ["hi"]}, "wrong_type", r"conversations\[0\] must be an object"),
+    ({"conversations": [{"from": "human"}]}, "missing_field", r"conversations\[0\] is missing 'value'"),
+    ({"conversations": [{"from": "user", "value": "x"}]}, "wrong_type", r"conversations\[0\].from must be one of"),
+    ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": None}]}, "wrong_type",
+     r"conversations\[1\].value must be a string"),
+    ({"image": "zzz.jpg", "conversations": [{"from": "human", "value": "x"}]}, "missing_file", "image file not found"),
+])
+def test_sft_bad_lines(tmp_path, root, item, kind, problem):
+    good = {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]}
+    path = _write_jsonl(tmp_path / "sft.jsonl", [good, item])
+    with pytest.raises(InputError, match=f"^{re.escape(path)}:2: {problem}"):
+        read_sft_records(path, root)
+    report = SkipReport()
+    assert len(read_sft_records(path, root, report=report)) == 1
+    assert report.counts == {kind: 1}
