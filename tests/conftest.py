@@ -31,7 +31,7 @@ def tiny_config(**vision_changes) -> ModelConfig:
     return ModelConfig(vision=vision, llm=llm, force_image_size=56)
 
 
-def hf_config(config: ModelConfig):
+def hf_config(config: ModelConfig, image_token_id: int = IMAGE_TOKEN_ID):
     from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
 
     v, l = config.vision, config.llm
@@ -48,18 +48,18 @@ def hf_config(config: ModelConfig):
         max_position_embeddings=l.max_position_embeddings, tie_word_embeddings=l.tie_word_embeddings,
     )
     return InternVLConfig(
-        vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
+        vision_config=vision, text_config=text, image_token_id=image_token_id,
         image_seq_length=config.num_image_token, downsample_ratio=config.downsample_ratio,
         vision_feature_layer=config.select_layer, tie_word_embeddings=l.tie_word_embeddings,
     )
 
 
-def hf_reference(config: ModelConfig, seed: int = 0):
+def hf_reference(config: ModelConfig, seed: int = 0, image_token_id: int = IMAGE_TOKEN_ID):
     """transformers' InternVLForConditionalGeneration with random, non-trivial weights (eager attention)."""
     from transformers import InternVLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(hf_config(config)).eval()
+    model = InternVLForConditionalGeneration(hf_config(config, image_token_id)).eval()
     model.set_attn_implementation("eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -126,6 +126,24 @@ def write_checkpoint(folder: Path, config: ModelConfig, state: dict[str, torch.T
         json.dumps({"metadata": {"total_size": total}, "weight_map": mapping})
     )
     return folder
+
+
+def tiny_chat_folder(folder: Path, seed: int = 0, **vision_changes):
+    """A tiny chat checkpoint: Qwen2-layout tokenizer files, config sized to them, random weights.
+
+    Returns (folder, transformers reference model holding the same weights).
+    """
+    from internvl_mpo.chat.tokenizer import load_tokenizer
+    from tokenizer_fixture import write_qwen2_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_qwen2_tokenizer(folder)
+    tokenizer = load_tokenizer(folder)
+    base = tiny_config(**vision_changes)
+    config = base.replace(llm=dataclasses.replace(base.llm, vocab_size=len(tokenizer)))
+    ref = hf_reference(config, seed=seed, image_token_id=tokenizer.img_context_id)
+    write_checkpoint(folder, config, hf_to_official(ref.state_dict()))
+    return folder, ref
 
 
 @pytest.fixture

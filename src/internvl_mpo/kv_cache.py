@@ -1,8 +1,10 @@
-"""Static per-layer key/value buffers for generation.
+"""Static per-layer key/value buffers for generation, one row per sequence.
 
-The buffers have a fixed shape (B, K, S, D) and are written by position index, so the decode step
-sees the same shapes every time (friendly to torch.compile and CUDA graphs); positions not yet
-written are hidden by the attention mask the engine builds.
+Each buffer has a fixed shape (B, K, S, D). A row's slot s holds the token at position s; prefill
+fills slots 0..T-1 of one row, each decode step writes one slot per row at that row's position.
+Slots not yet written are hidden by the attention mask the engine keeps, so the decode step sees
+the same shapes every time (friendly to torch.compile and CUDA graphs). The attention modules only
+call `update(positions, k, v)`; `prefill_row` and `decode_view` choose what that call does.
 """
 
 from __future__ import annotations
@@ -18,16 +20,41 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, K, T, D) at slots `positions` (T,); return the whole buffers."""
-        self.k.index_copy_(2, positions, k)
-        self.v.index_copy_(2, positions, v)
-        return self.k, self.v
+    def prefill_row(self, row: int) -> "_PrefillRow":
+        return _PrefillRow(self, row)
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only batch rows `rows` (finished sequences leave the batch)."""
-        self.k = self.k.index_select(0, rows)
-        self.v = self.v.index_select(0, rows)
+    def decode_view(self, rows: int, span: int) -> "_DecodeView":
+        return _DecodeView(self, rows, span)
+
+    def move_row(self, src: int, dst: int) -> None:
+        self.k[dst] = self.k[src]
+        self.v[dst] = self.v[src]
+
+
+class _PrefillRow:
+    """Writes a whole prompt's k, v (1, K, T, D) into slots 0..T-1 of one row; attention stays local."""
+
+    def __init__(self, cache: KVCache, row: int):
+        self.cache, self.row = cache, row
+
+    def update(self, positions, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.shape[2]
+        self.cache.k[self.row, :, :t] = k[0]
+        self.cache.v[self.row, :, :t] = v[0]
+        return k, v
+
+
+class _DecodeView:
+    """Writes one token per row (rows 0..n-1) at its position; returns the first `span` slots."""
+
+    def __init__(self, cache: KVCache, rows: int, span: int):
+        self.cache, self.rows, self.span = cache, rows, span
+
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.arange(self.rows, device=k.device)
+        self.cache.k[index, :, positions] = k[:, :, 0]
+        self.cache.v[index, :, positions] = v[:, :, 0]
+        return self.cache.k[: self.rows, :, : self.span], self.cache.v[: self.rows, :, : self.span]
 
 
 def make_caches(config, batch: int, max_len: int, dtype, device) -> list[KVCache]:

@@ -1,0 +1,254 @@
+"""The generation engine: prefill on spliced embeddings, then token-by-token decode on a static cache.
+
+It works on token ids and tensors only (no chat roles, no HTTP, no text). A `Generation` holds up
+to `max_batch` sequences in the rows of one static KV cache. Requests may be added at any time
+(continuous batching: they are prefilled and join the running batch between decode steps) and
+finished from outside (a stop string matched, a client went away). Active rows are kept packed at
+the front of the cache, so a finished sequence stops costing compute at once: the last active row
+moves into its place. Each `step()` returns the tokens produced by that step, so one iterator serves
+streaming, the CLI, the server and the tests.
+
+The decode step has static shapes for a given number of active rows and is free of host syncs and
+graph breaks; `compile=True` wraps it in torch.compile (and CUDA graphs via "reduce-overhead" on GPU).
+Without compile, attention reads only the filled part of the cache (rounded up to 256 slots).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InputError
+from ..kv_cache import make_caches
+from ..model import InternVL
+from .sampling import SamplingParams, apply_repetition_penalty, choose_tokens, exponential_noise, make_generator
+
+SPAN_BUCKET = 256
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    pixel_values: torch.Tensor | None = None  # the tiles of this prompt's images, in placeholder order
+    vit_embeds: torch.Tensor | None = None  # or their precomputed image embeddings
+
+
+@dataclass(frozen=True)
+class Event:
+    """One token produced for request `rid`; `finish` is "stop" or "length" on its last token."""
+
+    rid: int
+    token: int | None
+    finish: str | None = None
+
+
+@dataclass
+class _Row:
+    rid: int
+    position: int  # position (= cache slot) of the next token to feed
+    remaining: int
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None
+    pending: int  # the last sampled token, to be fed at the next decode step
+
+
+class Engine:
+    def __init__(self, model: InternVL, stop_token_ids: tuple[int, ...] = (), compile: bool = False):
+        self.model = model.eval()
+        self.stop_token_ids = tuple(stop_token_ids)
+        self.context = model.config.llm.max_position_embeddings
+        self.compiled = compile
+        self._decode_fn = self._decode
+        if compile:
+            mode = "reduce-overhead" if model.device.type == "cuda" else None
+            self._decode_fn = torch.compile(self._decode, fullgraph=True, dynamic=False, mode=mode)
+
+    def start(self, max_batch: int, max_len: int) -> "Generation":
+        """An empty batch of `max_batch` rows, each holding up to `max_len` tokens."""
+        return Generation(self, max_batch, min(max_len, self.context))
+
+    def generate(self, requests: list[Request]) -> "Generation":
+        """A Generation over all `requests` at once, sized to fit them exactly."""
+        if not requests:
+            raise InputError("no requests to generate for")
+        longest = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
+        gen = self.start(len(requests), longest)
+        for request in requests:
+            gen.add(request)
+        return gen
+
+    @torch.no_grad()
+    def prefill(self, request: Request, caches, row: int) -> torch.Tensor:
+        """Run one prompt into cache row `row`; return the fp32 logits (V,) of its last position."""
+        model = self.model
+        ids = torch.tensor([request.prompt_ids], device=model.device)
+        pixels = None if request.pixel_values is None else request.pixel_values.to(model.device, model.dtype)
+        embeds = model.embed(ids, pixels, vit_embeds=request.vit_embeds)
+        positions = torch.arange(ids.shape[1], device=model.device)[None]
+        lm = model.language_model
+        hidden = lm.model(embeds, positions, None, [c.prefill_row(row) for c in caches], None)
+        return lm.output_head()(hidden[:, -1]).float()[0]
+
+    def _decode(self, tokens, positions, key_mask, caches, rows: int, span: int) -> torch.Tensor:
+        """One token per active row -> fp32 logits (rows, V). Static shapes, no host sync."""
+        lm = self.model.language_model
+        key_mask[torch.arange(rows, device=tokens.device), positions] = True
+        mask = key_mask[:rows, None, None, :span]
+        embeds = lm.input_embeddings()(tokens[:, None])
+        views = [c.decode_view(rows, span) for c in caches]
+        hidden = lm.model(embeds, positions[:, None], mask, views, positions)
+        return lm.output_head()(hidden[:, 0]).float()
+
+
+class Generation:
+    """A running batch. `add` requests, then iterate: each item is the list of Events of one step."""
+
+    def __init__(self, engine: Engine, max_batch: int, max_len: int):
+        model = engine.model
+        self.engine = engine
+        self.max_batch, self.max_len = max_batch, max_len
+        device = model.device
+        self.caches = make_caches(model.config.llm, max_batch, max_len, model.dtype, device)
+        vocab = model.config.llm.vocab_size
+        self.key_mask = torch.zeros(max_batch, max_len, dtype=torch.bool, device=device)
+        self.seen = torch.zeros(max_batch, vocab, dtype=torch.bool, device=device)
+        self.greedy = torch.ones(max_batch, dtype=torch.bool, device=device)
+        self.temperature = torch.ones(max_batch, device=device)
+        self.top_k = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.top_p = torch.ones(max_batch, device=device)
+        self.penalty = torch.ones(max_batch, device=device)
+        self.rows: list[_Row] = []
+        self.waiting: list[tuple[int, Request]] = []
+        self._ids = itertools.count()
+        self._cancelled: set[int] = set()
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add(self, request: Request) -> int:
+        """Queue a request; it joins the batch at the next step with a free row. Returns its id."""
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise InputError("the prompt is empty")
+        if n >= self.max_len:
+            raise InputError(f"the prompt is {n} tokens; this batch holds at most {self.max_len - 1} prompt tokens")
+        rid = next(self._ids)
+        self.waiting.append((rid, request))
+        return rid
+
+    def finish(self, rid: int) -> None:
+        """Stop request `rid` now (stop string, disconnected client); its row is freed."""
+        self._cancelled.add(rid)
+
+    @property
+    def active(self) -> int:
+        return len(self.rows)
+
+    def __bool__(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    def __iter__(self):
+        while self:
+            yield self.step()
+
+    # ---- one step -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[Event]:
+        events: list[Event] = []
+        self._drop_cancelled()
+        while self.waiting and len(self.rows) < self.max_batch:
+            rid, request = self.waiting.pop(0)
+            events += self._admit(rid, request)
+        if not self.rows:
+            return events
+        n = len(self.rows)
+        tokens = torch.tensor([r.pending for r in self.rows], device=self.key_mask.device)
+        positions = torch.tensor([r.position for r in self.rows], device=self.key_mask.device)
+        span = self.max_len
+        if not self.engine.compiled:
+            span = min(self.max_len, -(-(max(r.position for r in self.rows) + 1) // SPAN_BUCKET) * SPAN_BUCKET)
+        logits = self.engine._decode_fn(tokens, positions, self.key_mask, self.caches, n, span)
+        chosen = self._choose(logits, slice(0, n)).tolist()
+        for row, token in zip(self.rows, chosen):
+            row.position += 1
+        events += self._emit(chosen)
+        return events
+
+    def _admit(self, rid: int, request: Request) -> list[Event]:
+        p = request.params
+        row = len(self.rows)
+        n = len(request.prompt_ids)
+        logits = self.engine.prefill(request, self.caches, row)
+        self.key_mask[row] = False
+        self.key_mask[row, :n] = True
+        self.seen[row] = False
+        self.greedy[row] = p.greedy
+        self.temperature[row] = p.temperature if p.temperature > 0 else 1.0
+        self.top_k[row] = p.top_k
+        self.top_p[row] = p.top_p
+        self.penalty[row] = p.repetition_penalty
+        stops = frozenset(() if p.ignore_eos else self.engine.stop_token_ids + tuple(p.stop_token_ids))
+        generator = None if p.greedy else make_generator(p.seed, logits.device)
+        remaining = min(p.max_new_tokens, self.max_len - n)
+        self.rows.append(_Row(rid, n, remaining, stops, generator, -1))
+        token = self._choose(logits[None], slice(row, row + 1)).tolist()
+        return self._emit(token, first=row)
+
+    def _choose(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        seen = self.seen[rows]
+        if bool((self.penalty[rows] != 1.0).any()):
+            logits = apply_repetition_penalty(logits, seen, self.penalty[rows])
+        generators = [r.generator for r in self.rows[rows]]
+        noise = None
+        if any(g is not None for g in generators):
+            generators = [g or make_generator(0, logits.device) for g in generators]
+            noise = exponential_noise(generators, logits.shape[-1], logits.device)
+        tokens = choose_tokens(
+            logits, self.greedy[rows], self.temperature[rows], self.top_k[rows], self.top_p[rows], noise
+        )
+        seen.scatter_(1, tokens[:, None], True)
+        return tokens
+
+    def _emit(self, tokens: list[int], first: int = 0) -> list[Event]:
+        """Record sampled tokens for rows first.., report them, and retire finished rows."""
+        events, done = [], []
+        for offset, token in enumerate(tokens):
+            row = self.rows[first + offset]
+            row.remaining -= 1
+            row.pending = token
+            if token in row.stop_ids:
+                events.append(Event(row.rid, token, "stop"))
+                done.append(row.rid)
+            elif row.remaining <= 0:
+                events.append(Event(row.rid, token, "length"))
+                done.append(row.rid)
+            else:
+                events.append(Event(row.rid, token))
+        for rid in done:
+            self._release(rid)
+        return events
+
+    def _drop_cancelled(self) -> None:
+        if not self._cancelled:
+            return
+        self.waiting = [(rid, r) for rid, r in self.waiting if rid not in self._cancelled]
+        for rid in list(self._cancelled):
+            if any(r.rid == rid for r in self.rows):
+                self._release(rid)
+        self._cancelled.clear()
+
+    def _release(self, rid: int) -> None:
+        """Free the row of `rid`: the last active row moves into its place, keeping rows packed."""
+        index = next(i for i, r in enumerate(self.rows) if r.rid == rid)
+        last = len(self.rows) - 1
+        if index != last:
+            for cache in self.caches:
+                cache.move_row(last, index)
+            for state in (self.key_mask, self.seen, self.greedy, self.temperature, self.top_k, self.top_p,
+                          self.penalty):
+                state[index] = state[last]
+            self.rows[index] = self.rows[last]
+        self.rows.pop()

@@ -1,0 +1,105 @@
+"""Next-token choice: greedy, temperature, top-k, top-p and repetition penalty, per batch row.
+
+Follows the order and semantics of transformers' logits processors, as used by the official
+`chat()` (which calls the inner language model's `generate`): repetition penalty (over the tokens
+generated so far: the official call passes embeddings, so the prompt ids are not seen), then
+temperature, top-k, top-p (drop the tokens whose cumulative probability from the least likely up
+is <= 1 - top_p, always keeping the most likely). Sampling draws with the exponential-race trick
+(argmax of p / Exp(1) noise), which needs no host sync; each row has its own torch.Generator so a
+seeded request is reproducible even when batched with others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Defaults are the official card's quick start: HF's top_k 50 applies when sampling."""
+
+    max_new_tokens: int = 1024
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """logits (B, V), seen (B, V) bool, penalty (B,): seen logits < 0 are multiplied, others divided."""
+    p = penalty[:, None]
+    penalised = torch.where(logits < 0, logits * p, logits / p)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf what top-k (B,) (0 = off) and then top-p (B,) remove."""
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    kth = sorted_logits.gather(-1, (k - 1)[:, None])
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    probs = sorted_logits.softmax(-1)
+    before = probs.cumsum(-1) - probs  # probability mass strictly more likely than each token
+    drop = before >= top_p[:, None]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def choose_tokens(
+    logits: torch.Tensor,
+    greedy: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    noise: torch.Tensor | None,
+) -> torch.Tensor:
+    """(B, V) fp32 logits -> (B,) token ids. `noise` is Exp(1) noise (B, V), needed when any row samples."""
+    best = logits.argmax(-1)
+    if noise is None:
+        return best
+    scaled = logits / temperature.clamp(min=1e-5)[:, None]
+    probs = filter_top_k_top_p(scaled, top_k, top_p).softmax(-1)
+    drawn = (probs / noise).argmax(-1)
+    return torch.where(greedy, best, drawn)
+
+
+def exponential_noise(generators: list[torch.Generator], vocab: int, device) -> torch.Tensor:
+    """(B, V) Exp(1) draws, row b from generators[b]."""
+    rows = [torch.empty(vocab, device=device).exponential_(1.0, generator=g) for g in generators]
+    return torch.stack(rows)
+
+
+def make_generator(seed: int | None, device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g

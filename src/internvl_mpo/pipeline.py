@@ -1,0 +1,284 @@
+"""`InternVLChat`: the model, its tokenizer and the generation engine behind the official chat API.
+
+`chat`, `stream_chat` and `batch_chat` take the names users of the official `InternVLChatModel`
+know, without the tokenizer argument: images may be paths, bytes, PIL images or preprocessed
+`pixel_values`; a video may be a file, a list of frames or a folder of frames. The prompt is the
+official one (template, `<image>\\n` prefix on the first turn, `Image-k:` / `FrameK:` prefixes for
+several images or frames), the answer is cleaned up as `chat()` does (cut at `<|im_end|>`, strip).
+
+Default generation settings are the model card's quick start: `max_new_tokens=1024,
+do_sample=True` with transformers' defaults (temperature 1.0, top_k 50, top_p 1.0). Pass
+`do_sample=False` (or `temperature=0`) for greedy decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .chat.template import build_prompt_ids
+from .chat.tokenizer import Tokenizer, load_tokenizer
+from .errors import InputError
+from .generate.engine import Engine, Generation, Request
+from .generate.sampling import SamplingParams
+from .model import InternVL
+from .processor.image import load_image
+
+CARD_DEFAULTS = dict(max_new_tokens=1024, do_sample=True)
+GENERATION_KEYS = {
+    "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "stop",
+    "stop_token_ids", "seed", "ignore_eos",
+}
+
+
+@dataclass
+class Prepared:
+    """A prompt ready for the engine, and the question as history stores it."""
+
+    prompt_ids: list[int]
+    pixel_values: torch.Tensor | None
+    num_patches_list: list[int]
+    question: str
+
+    @property
+    def image_tokens(self) -> int:
+        return sum(self.num_patches_list)
+
+
+def sampling_params(**generation) -> SamplingParams:
+    """Map `chat(**generation)` keywords (HF names) to SamplingParams, refusing unknown ones."""
+    unknown = set(generation) - GENERATION_KEYS - {"num_beams", "eos_token_id", "pad_token_id"}
+    if unknown:
+        raise InputError(f"unknown generation settings: {sorted(unknown)}; known: {sorted(GENERATION_KEYS)}")
+    if generation.pop("num_beams", 1) != 1:
+        raise InputError("beam search is not implemented; use num_beams=1")
+    generation.pop("eos_token_id", None)  # chat() always stops at <|im_end|>, as the official one does
+    generation.pop("pad_token_id", None)
+    stop = generation.pop("stop", None) or ()
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    return SamplingParams(**{**CARD_DEFAULTS, **generation}, stop=stop)
+
+
+def _as_list(images) -> list:
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
+
+
+class InternVLChat:
+    def __init__(self, model: InternVL, tokenizer: Tokenizer, compile: bool = False):
+        if model.image_token_id is None:
+            model.image_token_id = tokenizer.img_context_id
+        elif model.image_token_id != tokenizer.img_context_id:
+            raise InputError(
+                f"the model's image token id {model.image_token_id} is not the tokenizer's <IMG_CONTEXT> "
+                f"id {tokenizer.img_context_id}"
+            )
+        if len(tokenizer) > model.config.llm.vocab_size:
+            raise InputError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {model.config.llm.vocab_size}"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.engine = Engine(model, stop_token_ids=(tokenizer.im_end_id,), compile=compile)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str = "cpu",
+        compile: bool = False,
+        revision: str | None = None,
+    ) -> "InternVLChat":
+        from .checkpoint import resolve_checkpoint
+
+        folder = resolve_checkpoint(path_or_id, revision)
+        tokenizer = load_tokenizer(folder)
+        model = InternVL.from_pretrained(folder, dtype=dtype, device=device, image_token_id=tokenizer.img_context_id)
+        return cls(model, tokenizer, compile=compile)
+
+    @property
+    def context(self) -> int:
+        return self.config.llm.max_position_embeddings
+
+    # ---- inputs ---------------------------------------------------------------------------
+
+    def load_images(
+        self, images, max_num: int | None = None, total_max_num: int | None = None, num_patches_list=None
+    ) -> tuple[torch.Tensor | None, list[int]]:
+        """Tiles of every image, concatenated, and the tile count of each image.
+
+        Each image gets `max_num` tiles at most (default: the config's max_dynamic_patch); with
+        `total_max_num`, the per-image budget shrinks to max(1, total_max_num // n_images).
+        A preprocessed tensor (N, 3, S, S) passes through; `num_patches_list` then splits it.
+        """
+        items = _as_list(images)
+        if not items:
+            return None, []
+        if len(items) == 1 and isinstance(items[0], torch.Tensor):
+            pixels = items[0]
+            counts = list(num_patches_list) if num_patches_list is not None else [pixels.shape[0]]
+            if sum(counts) != pixels.shape[0]:
+                raise InputError(f"num_patches_list {counts} does not add up to the {pixels.shape[0]} tiles given")
+            return pixels, counts
+        budget = max_num or self.config.max_dynamic_patch
+        if total_max_num is not None:
+            budget = min(budget, max(1, total_max_num // len(items)))
+        tiles = [
+            load_image(
+                item, max_num=budget, min_num=self.config.min_dynamic_patch, image_size=self.config.image_size,
+                use_thumbnail=self.config.use_thumbnail,
+            )
+            for item in items
+        ]
+        return torch.cat(tiles), [t.shape[0] for t in tiles]
+
+    def prepare(
+        self,
+        question: str,
+        images=None,
+        video=None,
+        history: Sequence[tuple[str, str]] | None = None,
+        max_num: int | None = None,
+        total_max_num: int | None = None,
+        num_segments: int = 8,
+        num_patches_list: Sequence[int] | None = None,
+        system_message: str | None = None,
+        max_new_tokens: int = 1,
+    ) -> Prepared:
+        if not isinstance(question, str):
+            raise InputError(f"the question must be a string, got {type(question).__name__}")
+        if video is not None and images is not None:
+            raise InputError("give images or a video, not both")
+        if video is not None:
+            from .processor.video import load_video
+
+            clip = load_video(video, num_segments=num_segments, image_size=self.config.image_size)
+            pixels, counts = clip.pixel_values, list(clip.num_patches_list)
+            if not history and "<image>" not in question:
+                question = clip.prefix + question
+        else:
+            pixels, counts = self.load_images(images, max_num, total_max_num, num_patches_list)
+        ids = build_prompt_ids(
+            self.tokenizer, question, tuple(history or ()), counts, system_message,
+            max_length=self.context - max_new_tokens if max_new_tokens < self.context else self.context - 1,
+            num_image_token=self.model.num_image_token, template=self.config.template,
+        )
+        if not history:
+            from .chat.template import add_image_prefix
+
+            question = add_image_prefix(question, len(counts))
+        return Prepared(ids, pixels, counts, question)
+
+    # ---- chat -----------------------------------------------------------------------------
+
+    def _split(self, kwargs: dict) -> tuple[dict, SamplingParams]:
+        generation = {k: kwargs.pop(k) for k in list(kwargs) if k in GENERATION_KEYS | {"num_beams", "eos_token_id", "pad_token_id"}}
+        return kwargs, sampling_params(**generation)
+
+    def stream_chat(self, question: str, images=None, video=None, history=None, **kwargs) -> Iterator[str]:
+        """Yield the answer as text pieces (never a broken UTF-8 character); joined and stripped they equal chat()."""
+        inputs, params = self._split(kwargs)
+        prepared = self.prepare(question, images, video, history, max_new_tokens=params.max_new_tokens, **inputs)
+        gen = self.engine.generate([Request(prepared.prompt_ids, params, prepared.pixel_values)])
+        yield from _stream_text(self.tokenizer, gen, 0, params.stop)
+
+    def chat(self, question: str, images=None, video=None, history=None, return_history: bool = False, **kwargs):
+        """The answer as a string; with return_history=True, (answer, history + [(question, answer)])."""
+        inputs, params = self._split(kwargs)
+        prepared = self.prepare(question, images, video, history, max_new_tokens=params.max_new_tokens, **inputs)
+        gen = self.engine.generate([Request(prepared.prompt_ids, params, prepared.pixel_values)])
+        answer = "".join(_stream_text(self.tokenizer, gen, 0, params.stop)).strip()
+        if return_history:
+            return answer, list(history or []) + [(prepared.question, answer)]
+        return answer
+
+    def batch_chat(self, questions: Sequence[str], images=None, **kwargs) -> list[str]:
+        """Answers to several independent questions, decoded together. `images[i]` goes with questions[i]."""
+        inputs, params = self._split(kwargs)
+        per_question = list(images) if images is not None else [None] * len(questions)
+        if len(per_question) != len(questions):
+            raise InputError(f"{len(questions)} questions but {len(per_question)} image entries")
+        requests = []
+        for question, imgs in zip(questions, per_question):
+            p = self.prepare(question, imgs, max_new_tokens=params.max_new_tokens, **inputs)
+            requests.append(Request(p.prompt_ids, params, p.pixel_values))
+        return generate_texts(self.tokenizer, self.engine.generate(requests), len(requests), params.stop)
+
+
+def _stream_text(tokenizer: Tokenizer, gen: Generation, rid: int, stop: tuple[str, ...]) -> Iterator[str]:
+    """Text pieces of request `rid`, held back while they could still be the start of a stop string."""
+    texts = TextAssembler(tokenizer, stop)
+    started = False
+    for events in gen:
+        for event in events:
+            if event.rid != rid:
+                continue
+            piece, stopped = texts.feed(event.token, last=event.finish is not None)
+            if not started:
+                piece = piece.lstrip()
+                started = bool(piece)
+            if piece:
+                yield piece
+            if stopped:
+                gen.finish(rid)
+                return
+
+
+def generate_texts(tokenizer: Tokenizer, gen: Generation, n: int, stop: tuple[str, ...]) -> list[str]:
+    """Run a Generation to the end and return the stripped answer of each request id 0..n-1."""
+    assemblers = [TextAssembler(tokenizer, stop) for _ in range(n)]
+    answers = [""] * n
+    for events in gen:
+        for event in events:
+            piece, stopped = assemblers[event.rid].feed(event.token, last=event.finish is not None)
+            answers[event.rid] += piece
+            if stopped:
+                gen.finish(event.rid)
+    return [a.strip() for a in answers]
+
+
+class TextAssembler:
+    """Turns one sequence's tokens into text pieces, cutting at the first stop string.
+
+    Special tokens are skipped (so `<|im_end|>` never reaches the text); a piece that could be the
+    start of a stop string is held back until it is decided.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
+        self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
+        self.stop = tuple(s for s in stop if s)
+        self.held = ""
+        self.done = False
+
+    def feed(self, token: int | None, last: bool = False) -> tuple[str, bool]:
+        """(text that is safe to show, whether a stop string ended the answer)."""
+        if self.done:
+            return "", True
+        text = self.held + (self.decoder.feed(token) if token is not None else "")
+        if last:
+            text += self.decoder.flush()
+        for s in self.stop:
+            cut = text.find(s)
+            if cut >= 0:
+                self.done = True
+                self.held = ""
+                return text[:cut], True
+        keep = 0 if last else max((_overlap(text, s) for s in self.stop), default=0)
+        self.held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], False
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
