@@ -34,6 +34,9 @@ GENERATION_KEYS = {
 }
 
 
+INPUT_KEYS = {"max_num", "total_max_num", "num_segments", "num_patches_list", "system_message"}
+
+
 @dataclass
 class Prepared:
     """A prompt ready for the engine, and the question as history stores it."""
@@ -52,7 +55,9 @@ def sampling_params(**generation) -> SamplingParams:
     """Map `chat(**generation)` keywords (HF names) to SamplingParams, refusing unknown ones."""
     unknown = set(generation) - GENERATION_KEYS - {"num_beams", "eos_token_id", "pad_token_id"}
     if unknown:
-        raise InputError(f"unknown generation settings: {sorted(unknown)}; known: {sorted(GENERATION_KEYS)}")
+        raise InputError(
+            f"unknown generation settings: {sorted(unknown)}; known: {sorted(GENERATION_KEYS | INPUT_KEYS)}"
+        )
     if generation.pop("num_beams", 1) != 1:
         raise InputError("beam search is not implemented; use num_beams=1")
     generation.pop("eos_token_id", None)  # chat() always stops at <|im_end|>, as the official one does
@@ -180,8 +185,9 @@ class InternVLChat:
     # ---- chat -----------------------------------------------------------------------------
 
     def _split(self, kwargs: dict) -> tuple[dict, SamplingParams]:
-        generation = {k: kwargs.pop(k) for k in list(kwargs) if k in GENERATION_KEYS | {"num_beams", "eos_token_id", "pad_token_id"}}
-        return kwargs, sampling_params(**generation)
+        """Separate input settings (tile budgets, system message, ...) from generation settings."""
+        inputs = {k: kwargs.pop(k) for k in list(kwargs) if k in INPUT_KEYS}
+        return inputs, sampling_params(**kwargs)
 
     def stream_chat(self, question: str, images=None, video=None, history=None, **kwargs) -> Iterator[str]:
         """Yield the answer as text pieces (never a broken UTF-8 character); joined and stripped they equal chat()."""

@@ -1,0 +1,266 @@
+"""Generation: greedy tokens equal transformers', cache equals recomputation, sampling rules, chat API."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from internvl_mpo.errors import InputError
+from internvl_mpo.generate.engine import Engine, Request
+from internvl_mpo.generate.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    choose_tokens,
+    filter_top_k_top_p,
+)
+from internvl_mpo.pipeline import InternVLChat, TextAssembler
+
+from conftest import tiny_chat_folder
+
+STEPS = 64
+GREEDY = SamplingParams(max_new_tokens=STEPS, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder, ref = tiny_chat_folder(tmp_path_factory.mktemp("gen") / "model")
+    chat = InternVLChat.from_pretrained(folder, dtype=torch.float32)
+    return chat, ref
+
+
+def run(engine: Engine, requests: list[Request]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {i: [] for i in range(len(requests))}
+    for events in engine.generate(requests):
+        for e in events:
+            out[e.rid].append(e.token)
+    return out
+
+
+def hf_greedy(ref, ids, pixels=None, attention_mask=None, steps=STEPS) -> torch.Tensor:
+    kw = {} if pixels is None else {"pixel_values": pixels}
+    with torch.no_grad():
+        out = ref.generate(input_ids=ids, attention_mask=attention_mask, max_new_tokens=steps, do_sample=False,
+                           eos_token_id=None, pad_token_id=0, **kw)
+    return out[:, ids.shape[1]:]
+
+
+def prompt(chat, question, images=None):
+    p = chat.prepare(question, images)
+    return p.prompt_ids, p.pixel_values
+
+
+@pytest.mark.parametrize("case", ["text", "one image", "two images"])
+def test_greedy_tokens_equal_transformers(setup, case):
+    chat, ref = setup
+    images = {"text": None, "one image": Image.new("RGB", (100, 50), "red"),
+              "two images": [Image.new("RGB", (60, 60), "blue"), Image.new("RGB", (50, 120), "green")]}[case]
+    ids, pixels = prompt(chat, "Describe it.", images)
+    ours = run(chat.engine, [Request(ids, GREEDY, pixels)])[0]
+    assert ours == hf_greedy(ref, torch.tensor([ids]), pixels)[0].tolist()
+
+
+def test_left_padded_batch_of_three_equals_transformers(setup):
+    chat, ref = setup
+    cases = [("Hello there, how are you today?", None), ("What?", Image.new("RGB", (90, 40), "red")),
+             ("Tell me more about it please", Image.new("RGB", (40, 40), "white"))]
+    prompts = [prompt(chat, q, im) for q, im in cases]
+    ours = run(chat.engine, [Request(ids, GREEDY, px) for ids, px in prompts])
+    width = max(len(ids) for ids, _ in prompts)
+    padded = torch.tensor([[0] * (width - len(ids)) + ids for ids, _ in prompts])
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in prompts])
+    pixels = torch.cat([px for _, px in prompts if px is not None])
+    expected = hf_greedy(ref, padded, pixels, attention_mask=mask)
+    for i in range(3):
+        assert ours[i] == expected[i].tolist(), i
+
+
+def test_cached_decoding_equals_uncached_recomputation(setup):
+    chat, _ = setup
+    ids, pixels = prompt(chat, "Describe it.", Image.new("RGB", (70, 70), "red"))
+    cached = run(chat.engine, [Request(ids, SamplingParams(max_new_tokens=24, ignore_eos=True), pixels)])[0]
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(24):
+            logits = chat.model(torch.tensor([seq]), pixel_values=pixels)
+            seq.append(int(logits[0, -1].argmax()))
+    assert cached == seq[len(ids):]
+
+
+def test_request_joining_a_running_batch_gets_the_same_tokens(setup):
+    chat, _ = setup
+    a, pa = prompt(chat, "First question here.", Image.new("RGB", (70, 30), "red"))
+    b, _ = prompt(chat, "Second one")
+    alone = {0: run(chat.engine, [Request(a, GREEDY, pa)])[0], 1: run(chat.engine, [Request(b, GREEDY)])[0]}
+    gen = chat.engine.start(max_batch=2, max_len=256)
+    got = {0: [], 1: []}
+    gen.add(Request(a, GREEDY, pa))
+    steps = 0
+    while gen:
+        for e in gen.step():
+            got[e.rid].append(e.token)
+        steps += 1
+        if steps == 5:
+            assert gen.add(Request(b, GREEDY)) == 1  # joins between decode steps
+    assert got == alone
+
+
+def test_early_finish_frees_the_row(setup):
+    chat, _ = setup
+    a, _ = prompt(chat, "one")
+    b, _ = prompt(chat, "two two")
+    gen = chat.engine.generate([Request(a, SamplingParams(max_new_tokens=3, ignore_eos=True)), Request(b, GREEDY)])
+    finishes, active = {}, []
+    for events in gen:
+        active.append(gen.active)
+        for e in events:
+            if e.finish:
+                finishes[e.rid] = e.finish
+    assert finishes == {0: "length", 1: "length"}
+    assert 1 in active and active[0] == 2  # the short request left the batch early
+    assert run(chat.engine, [Request(b, GREEDY)])[0] == run(chat.engine, [Request(a, GREEDY), Request(b, GREEDY)])[1]
+
+
+def test_stop_token_ends_a_request(setup):
+    chat, _ = setup
+    ids, _ = prompt(chat, "Stop early")
+    first = run(chat.engine, [Request(ids, SamplingParams(max_new_tokens=5, ignore_eos=True))])[0]
+    stopped = run(chat.engine, [Request(ids, SamplingParams(max_new_tokens=5, stop_token_ids=(first[2],)))])[0]
+    assert stopped == first[:3]
+
+
+def test_seeded_sampling_is_reproducible(setup):
+    chat, _ = setup
+    ids, _ = prompt(chat, "Sample")
+    params = SamplingParams(max_new_tokens=20, do_sample=True, temperature=1.5, top_k=0, seed=7, ignore_eos=True)
+    first = run(chat.engine, [Request(ids, params)])[0]
+    again = run(chat.engine, [Request(ids, params)])[0]
+    other = run(chat.engine, [Request(ids, SamplingParams(**{**params.__dict__, "seed": 8}))])[0]
+    batched = run(chat.engine, [Request(ids, GREEDY), Request(ids, params)])[1]
+    assert first == again == batched
+    assert first != other
+
+
+def test_top_k_and_top_p_masks_on_hand_made_logits():
+    # probabilities 0.5, 0.25, 0.125, 0.125 (log-space logits)
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]] * 3))
+    top_k = torch.tensor([2, 0, 0])
+    top_p = torch.tensor([1.0, 0.7, 0.5])
+    kept = filter_top_k_top_p(logits, top_k, top_p).isfinite()
+    assert kept[0].tolist() == [True, True, False, False]  # top-k 2
+    assert kept[1].tolist() == [True, True, False, False]  # 0.5 + 0.25 reaches 0.7
+    assert kept[2].tolist() == [True, False, False, False]  # 0.5 alone reaches 0.5
+    # The most likely token is always kept, however small top_p is.
+    assert filter_top_k_top_p(logits[:1], torch.tensor([0]), torch.tensor([1e-6])).isfinite()[0].tolist() == [
+        True, False, False, False]
+
+
+def test_greedy_rows_ignore_noise_and_sampled_rows_follow_it():
+    logits = torch.tensor([[0.0, 1.0, 0.5], [0.0, 1.0, 0.5]])
+    noise = torch.tensor([[1.0, 1e6, 1e-6], [1.0, 1e6, 1e-6]])  # favours token 2 overwhelmingly
+    tokens = choose_tokens(logits, torch.tensor([True, False]), torch.ones(2), torch.zeros(2, dtype=torch.long),
+                           torch.ones(2), noise)
+    assert tokens.tolist() == [1, 2]
+
+
+def test_repetition_penalty_matches_the_hf_rule():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False]])
+    out = apply_repetition_penalty(logits, seen, torch.tensor([2.0]))
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_bad_sampling_settings_are_refused():
+    with pytest.raises(InputError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(InputError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+
+
+def test_decode_step_compiles_without_graph_breaks(setup):
+    chat, _ = setup
+    ids, _ = prompt(chat, "compile me")
+    gen = chat.engine.start(max_batch=1, max_len=128)
+    gen.add(Request(ids, GREEDY))
+    gen.step()
+    tokens = torch.tensor([5])
+    positions = torch.tensor([len(ids) + 1])
+    explanation = torch._dynamo.explain(chat.engine._decode)(tokens, positions, gen.key_mask, gen.caches, 1, 128)
+    assert explanation.graph_break_count == 0
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.slow  # about 30 s of compilation on a 2-core CPU
+def test_compiled_engine_gives_the_same_tokens(setup):
+    chat, _ = setup
+    ids, _ = prompt(chat, "Compiled decode")
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    eager = run(chat.engine, [Request(ids, params)])[0]
+    compiled = run(Engine(chat.model, chat.engine.stop_token_ids, compile=True), [Request(ids, params)])[0]
+    assert compiled == eager
+
+
+# ---- text assembly and the chat API -------------------------------------------------------
+
+class CharTokenizer:
+    """Each id is one character; enough to test text assembly."""
+
+    def stream_decoder(self, skip_special_tokens=True):
+        class Decoder:
+            def feed(self, token):
+                return chr(token)
+
+            def flush(self):
+                return ""
+
+        return Decoder()
+
+
+def test_stop_strings_cut_the_text_and_hold_back_partial_matches():
+    text = TextAssembler(CharTokenizer(), stop=("END",))
+    pieces = [text.feed(ord(c)) for c in "abEcdEN"]
+    assert "".join(p for p, _ in pieces) == "abEcd"  # "EN" is held back: it may begin "END"
+    assert text.feed(ord("D")) == ("", True)
+
+
+def test_chat_stream_and_batch_agree(setup):
+    chat, _ = setup
+    image = Image.new("RGB", (80, 40), "red")
+    kw = dict(max_new_tokens=12, do_sample=False)
+    answer = chat.chat("What is it?", images=image, **kw)
+    assert "".join(chat.stream_chat("What is it?", images=image, **kw)).strip() == answer
+    assert chat.batch_chat(["Hi", "What is it?"], images=[None, image], **kw)[1] == answer
+    answer2, history = chat.chat("What is it?", images=image, return_history=True, **kw)
+    assert answer2 == answer and history == [("<image>\nWhat is it?", answer)]
+    follow = chat.prepare("And then?", image, history=history)
+    assert follow.prompt_ids[: len(chat.prepare("What is it?", image).prompt_ids) - 3] == \
+        chat.prepare("What is it?", image).prompt_ids[:-3]
+
+
+def test_prompt_longer_than_context_is_refused_before_compute(setup):
+    chat, _ = setup
+    small = chat.model.config.llm.max_position_embeddings
+    with pytest.raises(InputError, match="longer than the context"):
+        chat.chat("word " * (small + 10), max_new_tokens=4)
+
+
+def test_placeholder_count_mismatch(setup):
+    chat, _ = setup
+    with pytest.raises(InputError, match="2 <image> placeholder"):
+        chat.chat("<image> and <image>", images=Image.new("RGB", (20, 20)))
+
+
+def test_unknown_generation_setting(setup):
+    chat, _ = setup
+    with pytest.raises(InputError, match="unknown generation settings"):
+        chat.chat("hi", temprature=0.5)
+
+
+def test_sampling_default_is_the_model_card(setup):
+    from internvl_mpo.pipeline import sampling_params
+
+    params = sampling_params()
+    assert params.do_sample and params.max_new_tokens == 1024 and params.top_k == 50
+    assert math.isclose(params.temperature, 1.0)
