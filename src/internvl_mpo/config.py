@@ -20,7 +20,7 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_LLM_ARCHITECTURES = ("Qwen2ForCausalLM",)
+SUPPORTED_LLM_ARCHITECTURES = ("Qwen2ForCausalLM", "InternLM2ForCausalLM")
 SUPPORTED_ROPE_SCALING = (None, "linear", "dynamic")
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import LLMConfig, ModelConfig
 from .errors import CheckpointError, InputError
+from .internlm2 import InternLM2ForCausalLM
 from .llm import Qwen2ForCausalLM, causal_mask
 from .projector import make_projector, pixel_shuffle
 from .vision import InternVisionModel
@@ -48,6 +49,13 @@ def default_position_ids(attention_mask: torch.Tensor | None, batch: int, length
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def build_language_model(config: LLMConfig) -> nn.Module:
+    """The decoder named by llm_config.architectures (Qwen2 or InternLM2)."""
+    if config.architectures[0] == "InternLM2ForCausalLM":
+        return InternLM2ForCausalLM(config)
+    return Qwen2ForCausalLM(config)
+
+
 class InternVL(nn.Module):
     def __init__(self, config: ModelConfig, image_token_id: int | None = None):
         super().__init__()
@@ -57,7 +65,7 @@ class InternVL(nn.Module):
         self.vision_model = InternVisionModel(config.vision)
         # `mlp1` is the official name of the projector.
         self.mlp1 = make_projector(config.vision.hidden_size, config.llm.hidden_size, config.downsample_ratio)
-        self.language_model = Qwen2ForCausalLM(config.llm)
+        self.language_model = build_language_model(config.llm)
 
     @property
     def device(self) -> torch.device:
