@@ -1,0 +1,113 @@
+"""The `internvl-mpo` command (also `python -m internvl_mpo`).
+
+Each subcommand is a typed function; its signature gives the flags and its docstring the help
+(one "name: text" line per parameter). Parameters without a default are positional. Subcommands
+live with the code they drive and are imported only when called, so `internvl-mpo chat` does not
+import the trainer or the web stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import sys
+import types
+import typing
+from pathlib import Path
+
+# name -> "module:function" (relative to this package)
+COMMANDS = {
+    "chat": "cli_chat:chat",
+    "generate": "cli_chat:generate",
+    "tiles": "cli_chat:tiles",
+}
+
+
+def _unwrap(annotation):
+    """(base type, is_list) of an annotation such as `int | None` or `list[str]`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _unwrap(args[0]) if len(args) == 1 else (str, False)
+    if origin in (list, tuple):
+        args = typing.get_args(annotation)
+        return (args[0] if args else str), True
+    return annotation, False
+
+
+def _param_help(doc: str) -> dict[str, str]:
+    out = {}
+    for line in doc.splitlines():
+        name, sep, text = line.strip().partition(": ")
+        if sep and name.isidentifier():
+            out[name] = text
+    return out
+
+
+def build_parser(fn) -> argparse.ArgumentParser:
+    doc = inspect.getdoc(fn) or ""
+    parser = argparse.ArgumentParser(
+        prog=f"internvl-mpo {fn.__name__.rstrip('_').replace('_', '-')}",
+        description=doc.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    helps = _param_help(doc)
+    hints = typing.get_type_hints(fn)
+    for name, param in inspect.signature(fn).parameters.items():
+        kind, many = _unwrap(hints.get(name, str))
+        help_text = helps.get(name, "")
+        if param.default is inspect.Parameter.empty:
+            parser.add_argument(name, type=kind, nargs="+" if many else None, help=help_text)
+            continue
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=param.default, help=help_text)
+        elif many:
+            parser.add_argument(flag, type=kind, action="append", default=None, help=help_text + " (repeatable)")
+        else:
+            parser.add_argument(flag, type=kind, default=param.default, help=help_text)
+    return parser
+
+
+def _resolve(name: str):
+    module, _, func = COMMANDS[name].partition(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: internvl-mpo <command> [options]\n\ncommands:")
+        for name in COMMANDS:
+            print(f"  {name:10s} {(inspect.getdoc(_resolve(name)) or '').splitlines()[0]}")
+        print("\n`internvl-mpo <command> --help` lists a command's options.")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"internvl-mpo: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    fn = _resolve(name)
+    args = vars(build_parser(fn).parse_args(rest))
+    for key, value in args.items():  # repeatable flags not given -> the function's default
+        if value is None:
+            args[key] = inspect.signature(fn).parameters[key].default
+    from .errors import InternVLError
+
+    try:
+        result = fn(**args)
+    except InternVLError as e:
+        print(f"internvl-mpo {name}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return int(result or 0)
+
+
+def default_model() -> Path:
+    """The demo checkpoint shipped inside the package."""
+    return Path(__file__).parent / "demo_model"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
