@@ -1,0 +1,74 @@
+"""Several images in one prompt: tiles, per-image tile counts and the `<image>` placeholder prefix.
+
+Mirrors the model card's multi-image examples and VLMEvalKit's InternVL wrapper (reference
+section 6.2):
+- Separate images: each image is tiled on its own; the prefix is "Image-1: <image>\\nImage-2:
+  <image>\\n..." and `num_patches_list` has one entry per image, in placeholder order. A single
+  image gets the card's plain "<image>\\n".
+- Combined images: one "<image>\\n" placeholder for all tiles, `num_patches_list = [total]`.
+- Tile budget (VLMEvalKit `total_max_num`, 64 in the official evaluation): every image's max_num
+  becomes `max(1, min(max_num, budget // n_images))`. Like the official rule it does not count
+  thumbnails, so the total can exceed the budget by one tile per image (5 images x (12 + 1) = 65).
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from internvl_mpo.errors import InputError
+from internvl_mpo.processor.image import ImageSource, load_image
+
+OFFICIAL_EVAL_TILE_BUDGET = 64
+
+
+@dataclass
+class MultiImageInput:
+    pixel_values: torch.Tensor  # (N, 3, S, S) float32, images in order
+    num_patches_list: list[int]  # tiles per <image> placeholder
+    prefix: str
+
+
+def per_image_max_num(max_num: int | Sequence[int], n_images: int, total_budget: int | None = None) -> list[int]:
+    """Each image's max tile count after applying the optional total budget."""
+    maxes = [max_num] * n_images if isinstance(max_num, int) else list(max_num)
+    if len(maxes) != n_images:
+        raise InputError(f"got {len(maxes)} max_num values for {n_images} images")
+    if total_budget is None:
+        return maxes
+    if total_budget < 1:
+        raise InputError(f"total tile budget must be >= 1, got {total_budget}")
+    cap = max(1, total_budget // n_images)
+    return [max(1, min(m, cap)) for m in maxes]
+
+
+def images_prefix(n_images: int) -> str:
+    if n_images == 1:
+        return "<image>\n"
+    return "".join(f"Image-{k + 1}: <image>\n" for k in range(n_images))
+
+
+def load_images(
+    images: Sequence[ImageSource],
+    max_num: int | Sequence[int] = 12,
+    min_num: int = 1,
+    image_size: int = 448,
+    use_thumbnail: bool = True,
+    total_budget: int | None = None,
+    combined: bool = False,
+    max_pixels: int | None = None,
+) -> MultiImageInput:
+    """Tile every image (each with its own max_num) and build the prompt prefix."""
+    if not images:
+        raise InputError("no images given")
+    maxes = per_image_max_num(max_num, len(images), total_budget)
+    tiles = [
+        load_image(img, max_num=m, min_num=min(min_num, m), image_size=image_size,
+                   use_thumbnail=use_thumbnail, max_pixels=max_pixels)
+        for img, m in zip(images, maxes)
+    ]
+    counts = [t.shape[0] for t in tiles]
+    pixel_values = torch.cat(tiles)
+    if combined:
+        return MultiImageInput(pixel_values, [sum(counts)], "<image>\n")
+    return MultiImageInput(pixel_values, counts, images_prefix(len(images)))

@@ -1,0 +1,178 @@
+"""Video input: sample frames uniformly, one 448x448 tile per frame, and the `Frame{k}: <image>` prefix.
+
+Mirrors the model card's `get_index` / `load_video` (reference section 6.1), with PyAV instead of
+decord. Kept for parity:
+- `get_index` arithmetic exactly: `round` is round-half-even (Python and NumPy agree), the segment
+  centre is `start_idx + seg/2 + round(seg*k)` summed in that order and truncated by `int`. Without
+  a bound the range is the whole video, [0, num_frames - 1] (the card's +-100000 s sentinels).
+- Each frame goes through dynamic tiling with `max_num=1` (one tile, hence no thumbnail), then the
+  same ToTensor + Normalize as images.
+- The prompt prefix is "Frame1: <image>\\nFrame2: <image>\\n..." with a newline after every frame
+  (the inference card; the MPO training code joins with "\\n" and has none after the last frame,
+  reference section 13.8).
+
+Differences: frames come from PyAV (`frame.to_image()`, FFmpeg's swscale yuv->rgb24), not decord,
+so pixels may differ slightly from decord's conversion (not verified: decord is not installed).
+The frame count is the container's (`stream.frames`, or the number of packets when the container
+does not say); if fewer frames decode, the indices are recomputed from the true count. A bound
+that selects no frames raises InputError instead of indexing outside the video.
+"""
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from internvl_mpo.errors import InputError
+from internvl_mpo.processor.image import ImageSource, image_to_pixel_values, open_image
+
+FrameSource = str | os.PathLike | Sequence[str | os.PathLike | Image.Image]
+
+
+@dataclass
+class VideoInput:
+    pixel_values: torch.Tensor  # (N, 3, S, S) float32, frames in order
+    num_patches_list: list[int]  # tiles per frame
+    frame_indices: list[int]  # which frames of the source were used
+    prefix: str  # "Frame1: <image>\nFrame2: <image>\n..."
+
+
+def get_index(
+    bound: tuple[float, float] | None,
+    fps: float,
+    max_frame: int,
+    first_idx: int = 0,
+    num_segments: int = 32,
+) -> list[int]:
+    """Indices of `num_segments` frames spread evenly over `bound` (seconds) or the whole video."""
+    if num_segments < 1:
+        raise InputError(f"num_segments must be >= 1, got {num_segments}")
+    start, end = bound if bound else (-100000, 100000)
+    start_idx = max(first_idx, round(start * fps))
+    end_idx = min(round(end * fps), max_frame)
+    if end_idx < start_idx:
+        raise InputError(
+            f"bound {bound} selects no frames (frames {start_idx}..{end_idx} of 0..{max_frame} at {fps} fps)"
+        )
+    seg_size = float(end_idx - start_idx) / num_segments
+    return [int(start_idx + seg_size / 2 + np.round(seg_size * k)) for k in range(num_segments)]
+
+
+def video_prefix(num_frames: int) -> str:
+    return "".join(f"Frame{k + 1}: <image>\n" for k in range(num_frames))
+
+
+def _import_av():
+    try:
+        import av
+    except ImportError as e:
+        raise ImportError("reading video files needs PyAV: pip install av (or internvl-mpo[video])") from e
+    return av
+
+
+def _open_container(av, path: str):
+    try:
+        return av.open(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except av.error.FFmpegError as e:
+        raise InputError(f"{path}: not a video FFmpeg can read: {e}") from None
+
+
+def _decode_frames(av, path: str, wanted: set[int]) -> tuple[dict[int, Image.Image], int]:
+    """Decode `path` in order, keeping the frames whose index is in `wanted`; also count frames."""
+    kept: dict[int, Image.Image] = {}
+    decoded = 0
+    last = max(wanted)
+    with _open_container(av, path) as container:
+        try:
+            for frame in container.decode(container.streams.video[0]):
+                if decoded in wanted:
+                    kept[decoded] = frame.to_image()
+                decoded += 1
+                if decoded > last:
+                    break
+        except av.error.FFmpegError as e:
+            if decoded == 0:
+                raise InputError(f"{path}: cannot decode video: {e}") from None
+    return kept, decoded
+
+
+def _read_video(path: str, num_segments: int, bound) -> tuple[list[Image.Image], list[int]]:
+    av = _import_av()
+    with _open_container(av, path) as container:
+        if not container.streams.video:
+            raise InputError(f"{path}: has no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else 0.0
+        num_frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+    if bound and fps <= 0:
+        raise InputError(f"{path}: frame rate unknown, cannot apply bound {bound}")
+    for _ in range(2):  # second round only when fewer frames decode than the container claims
+        if num_frames < 1:
+            raise InputError(f"{path}: no decodable video frames")
+        indices = get_index(bound, fps, num_frames - 1, num_segments=num_segments)
+        kept, decoded = _decode_frames(av, path, set(indices))
+        if len(kept) == len(set(indices)):
+            return [kept[i] for i in indices], indices
+        num_frames = decoded
+    raise InputError(f"{path}: only {num_frames} frames decode, fewer than the sampled indices need")
+
+
+def _frame_files(folder: Path) -> list[Path]:
+    extensions = set(Image.registered_extensions())
+    files = sorted(
+        (p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions),
+        key=lambda p: p.name,
+    )
+    if not files:
+        raise InputError(f"{folder}: folder has no image files to use as video frames")
+    return files
+
+
+def _read_frames(
+    frames: Sequence[ImageSource], num_segments: int, bound, fps: float | None, max_pixels: int | None, name: str
+) -> tuple[list[Image.Image], list[int]]:
+    if not frames:
+        raise InputError(f"{name}: no frames given")
+    if bound and not fps:
+        raise InputError(f"{name}: a bound in seconds needs the frame rate (fps) of the frames")
+    indices = get_index(bound, fps or 1.0, len(frames) - 1, num_segments=num_segments)
+    opened = {i: open_image(frames[i], max_pixels=max_pixels) for i in sorted(set(indices))}
+    return [opened[i] for i in indices], indices
+
+
+def load_video(
+    src: FrameSource,
+    num_segments: int = 8,
+    bound: tuple[float, float] | None = None,
+    image_size: int = 448,
+    max_num: int = 1,
+    fps: float | None = None,
+    max_pixels: int | None = None,
+) -> VideoInput:
+    """Sample `num_segments` frames from a video file, a folder of frame images or a list of frames.
+
+    `bound` is (start, end) in seconds; for frame folders and lists it needs `fps`. A folder's
+    frames are its image files sorted by file name.
+    """
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        if path.is_dir():
+            frames, indices = _read_frames(_frame_files(path), num_segments, bound, fps, max_pixels, str(path))
+        else:
+            frames, indices = _read_video(os.fspath(path), num_segments, bound)
+    else:
+        frames, indices = _read_frames(list(src), num_segments, bound, fps, max_pixels, "<frame list>")
+    per_frame = [image_to_pixel_values(f, max_num=max_num, image_size=image_size) for f in frames]
+    return VideoInput(
+        pixel_values=torch.cat(per_frame),
+        num_patches_list=[t.shape[0] for t in per_frame],
+        frame_indices=indices,
+        prefix=video_prefix(len(frames)),
+    )
