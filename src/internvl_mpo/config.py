@@ -289,3 +289,25 @@ _QUIET_TOP_KEYS = {
     "transformers_version", "pad2square", "use_backbone_lora", "use_llm_lora", "use_flash_attn",
     "system_message", "eos_token_id", "bos_token_id", "pad_token_id", "output_attentions",
 }
+
+
+FAMILY_SIZES = ("1B", "2B", "4B", "8B", "26B", "38B", "78B")
+
+
+def family_config(size: str, layers: int | None = None) -> ModelConfig:
+    """The config.json of InternVL2.5-<size>-MPO (shipped in `configs/`; see the README there).
+
+    `layers` cuts both the ViT and the LLM to that many layers (for shape tests and tiny runs).
+    """
+    name = size.upper()
+    if name not in FAMILY_SIZES:
+        raise ConfigError(f"unknown InternVL2.5-MPO size {size!r}; known: {', '.join(FAMILY_SIZES)}")
+    config = ModelConfig.from_json(Path(__file__).parent / "configs" / f"{name}.json")
+    if layers is None:
+        return config
+    if layers < 1:
+        raise ConfigError(f"layers must be at least 1, got {layers}")
+    return config.replace(
+        vision=dataclasses.replace(config.vision, num_hidden_layers=layers),
+        llm=dataclasses.replace(config.llm, num_hidden_layers=layers),
+    )
