@@ -1,7 +1,9 @@
 """The `internvl-mpo` command (also `python -m internvl_mpo`).
 
 Each subcommand is a typed function; its signature gives the flags and its docstring the help
-(one "name: text" line per parameter). Parameters without a default are positional. Subcommands
+(one "name: text" line per parameter). Parameters without a default are positional, and so are
+positional-only ones (before `/`), which are optional when they have a default; keyword-only ones
+(after `*`) are flags, required when they have no default. Subcommands
 live with the code they drive and are imported only when called, so `internvl-mpo chat` does not
 import the trainer or the web stack.
 """
@@ -57,10 +59,16 @@ def build_parser(fn) -> argparse.ArgumentParser:
     for name, param in inspect.signature(fn).parameters.items():
         kind, many = _unwrap(hints.get(name, str))
         help_text = helps.get(name, "")
-        if param.default is inspect.Parameter.empty:
-            parser.add_argument(name, type=kind, nargs="+" if many else None, help=help_text)
-            continue
         flag = "--" + name.replace("_", "-")
+        if param.default is inspect.Parameter.empty:
+            if param.kind is inspect.Parameter.KEYWORD_ONLY:
+                parser.add_argument(flag, type=kind, required=True, nargs="+" if many else None, help=help_text)
+            else:
+                parser.add_argument(name, type=kind, nargs="+" if many else None, help=help_text)
+            continue
+        if param.kind is inspect.Parameter.POSITIONAL_ONLY:
+            parser.add_argument(name, type=kind, nargs="*" if many else "?", default=param.default, help=help_text)
+            continue
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=param.default, help=help_text)
         elif many:
@@ -94,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             args[key] = inspect.signature(fn).parameters[key].default
     from .errors import InternVLError
 
+    positional = [args.pop(p.name) for p in inspect.signature(fn).parameters.values()
+                  if p.kind is inspect.Parameter.POSITIONAL_ONLY]
     try:
-        result = fn(**args)
+        result = fn(*positional, **args)
     except InternVLError as e:
         print(f"internvl-mpo {name}: error: {e}", file=sys.stderr)
         return 1

@@ -193,6 +193,10 @@ class InternVLChat:
         """Yield the answer as text pieces (never a broken UTF-8 character); joined and stripped they equal chat()."""
         inputs, params = self._split(kwargs)
         prepared = self.prepare(question, images, video, history, max_new_tokens=params.max_new_tokens, **inputs)
+        yield from self.stream_prepared(prepared, params)
+
+    def stream_prepared(self, prepared: Prepared, params: SamplingParams) -> Iterator[str]:
+        """Text pieces of the answer to an already prepared prompt."""
         gen = self.engine.generate([Request(prepared.prompt_ids, params, prepared.pixel_values)])
         yield from _stream_text(self.tokenizer, gen, 0, params.stop)
 
@@ -200,8 +204,7 @@ class InternVLChat:
         """The answer as a string; with return_history=True, (answer, history + [(question, answer)])."""
         inputs, params = self._split(kwargs)
         prepared = self.prepare(question, images, video, history, max_new_tokens=params.max_new_tokens, **inputs)
-        gen = self.engine.generate([Request(prepared.prompt_ids, params, prepared.pixel_values)])
-        answer = "".join(_stream_text(self.tokenizer, gen, 0, params.stop)).strip()
+        answer = "".join(self.stream_prepared(prepared, params)).strip()
         if return_history:
             return answer, list(history or []) + [(prepared.question, answer)]
         return answer

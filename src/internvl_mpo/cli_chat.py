@@ -1,0 +1,240 @@
+"""CLI commands that talk to a model: `chat`, `generate` (batch files) and `tiles` (where tokens go)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+
+def _model_path(model: str | None) -> str:
+    from .cli import default_model
+
+    if model:
+        return model
+    if default_model().exists():
+        return str(default_model())
+    raise InputError("no --model given and the demo model is not installed; pass --model PATH_OR_HUB_ID")
+
+
+def _generation(temperature: float, top_p: float, top_k: int, max_new_tokens: int, seed: int | None,
+                repetition_penalty: float) -> dict:
+    return dict(
+        do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0, top_p=top_p, top_k=top_k,
+        max_new_tokens=max_new_tokens, seed=seed, repetition_penalty=repetition_penalty,
+    )
+
+
+def chat(
+    question: str | None = None,
+    /,
+    model: str | None = None,
+    image: list[str] | None = None,
+    video: str | None = None,
+    max_num: int | None = None,
+    num_segments: int = 8,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 50,
+    repetition_penalty: float = 1.0,
+    max_new_tokens: int = 1024,
+    seed: int | None = None,
+    system: str | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    compile: bool = False,
+) -> int:
+    """Chat with a model; streams the answer. Without a question: an interactive multi-turn chat.
+
+    question: the question; omit it for an interactive session (/image F adds an image, /reset, /exit)
+    model: checkpoint folder or hub id (default: the shipped demo model)
+    image: an image file; repeat the flag for several images
+    video: a video file or a folder of frames
+    max_num: most tiles per image (default: the model's max_dynamic_patch)
+    num_segments: frames sampled from a video
+    temperature: 0 = greedy (default), > 0 samples
+    top_p: nucleus sampling mass
+    top_k: sample among the k most likely tokens (0 = off)
+    repetition_penalty: > 1 discourages repeating generated tokens
+    max_new_tokens: most tokens in an answer
+    seed: seed for sampling
+    system: a system message instead of the template's
+    device: cpu, cuda, cuda:1, ...
+    dtype: float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)
+    compile: torch.compile the decode step
+    """
+    from .pipeline import InternVLChat, sampling_params
+
+    bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device, compile=compile)
+    params = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty))
+    inputs = dict(max_num=max_num, system_message=system, num_segments=num_segments)
+    images = list(image or [])
+    if question is not None:
+        _answer(bot, bot.prepare(question, images or None, video, None, **inputs), params)
+        return 0
+    history: list[tuple[str, str]] = []
+    print("Interactive chat. /image FILE adds an image, /reset starts over, /exit quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            return 0
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history, images, video = [], [], None
+            continue
+        if line.startswith("/image "):
+            path = line[len("/image "):].strip()
+            if not Path(path).exists():
+                print(f"no such file: {path}", file=sys.stderr)
+                continue
+            images.append(path)
+            history = []  # a new image starts a new conversation
+            print(f"added {path}; the conversation starts over with {len(images)} image(s)", file=sys.stderr)
+            continue
+        try:
+            prepared = bot.prepare(line, images or None, video, history, **inputs,
+                                   max_new_tokens=params.max_new_tokens)
+            history.append((prepared.question, _answer(bot, prepared, params)))
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr)
+
+
+def _answer(bot, prepared, params) -> str:
+    pieces = []
+    for piece in bot.stream_prepared(prepared, params):
+        pieces.append(piece)
+        print(piece, end="", flush=True)
+    print()
+    return "".join(pieces).strip()
+
+
+def generate(
+    *,
+    input: str,
+    output: str,
+    model: str | None = None,
+    batch_size: int = 8,
+    max_num: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 50,
+    max_new_tokens: int = 1024,
+    seed: int | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+) -> int:
+    """Answer a JSONL file of requests; resumes where an interrupted run stopped.
+
+    input: JSONL lines {"id", "question", "image" (path or list, relative to the file), "video"}
+    output: JSONL lines {"id", "question", "answer"}, appended as answers arrive
+    model: checkpoint folder or hub id (default: the shipped demo model)
+    batch_size: requests decoded together
+    max_num: most tiles per image
+    temperature: 0 = greedy
+    top_p: nucleus sampling mass
+    top_k: sample among the k most likely tokens
+    max_new_tokens: most tokens per answer
+    seed: seed for sampling (each request uses seed + its line number)
+    device: cpu, cuda, ...
+    dtype: float32, bfloat16 or float16
+    """
+    from tqdm import tqdm
+
+    from .generate.engine import Request
+    from .pipeline import InternVLChat, generate_texts, sampling_params
+
+    src = Path(input)
+    requests = _read_requests(src)
+    out = Path(output)
+    done = _finished_ids(out)
+    todo = [r for r in requests if r["id"] not in done]
+    bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device)
+    settings = _generation(temperature, top_p, top_k, max_new_tokens, seed, 1.0)
+    with out.open("a", encoding="utf-8") as sink, tqdm(total=len(requests), initial=len(requests) - len(todo),
+                                                       desc="generate", unit="req") as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            reqs = []
+            for item in batch:
+                params = sampling_params(**{**settings, "seed": None if seed is None else seed + item["_line"]})
+                p = bot.prepare(item["question"], item.get("image"), item.get("video"), max_num=max_num,
+                                max_new_tokens=params.max_new_tokens)
+                reqs.append(Request(p.prompt_ids, params, p.pixel_values))
+            answers = generate_texts(bot.tokenizer, bot.engine.generate(reqs), len(reqs), reqs[0].params.stop)
+            for item, answer in zip(batch, answers):
+                sink.write(json.dumps({"id": item["id"], "question": item["question"], "answer": answer},
+                                      ensure_ascii=False) + "\n")
+            sink.flush()
+            os.fsync(sink.fileno())
+            bar.update(len(batch))
+    return 0
+
+
+def _finished_ids(out: Path) -> set:
+    """Ids already answered in `out`; a line cut by an interrupted write is dropped (it runs again)."""
+    if not out.exists():
+        return set()
+    kept, done = [], set()
+    for line in out.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+            done.add(row["id"])
+            kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    os.replace(tmp, out)
+    return done
+
+
+def _read_requests(path: Path) -> list[dict]:
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(item, dict) or not isinstance(item.get("question"), str):
+            raise InputError(f"{path}:{number}: each line needs a string field 'question'")
+        item.setdefault("id", number)
+        item["_line"] = number
+        for key in ("image", "video"):
+            value = item.get(key)
+            if isinstance(value, str):
+                item[key] = str(path.parent / value)
+            elif isinstance(value, list):
+                item[key] = [str(path.parent / v) for v in value]
+        items.append(item)
+    ids = [item["id"] for item in items]
+    if len(set(ids)) != len(ids):
+        raise InputError(f"{path}: request ids are not unique")
+    return items
+
+
+def tiles(image: str, max_num: int = 12, min_num: int = 1, output: str | None = None) -> int:
+    """Show how an image is tiled: grid, tile count, token cost, and a PNG of the tiles.
+
+    image: the image file
+    max_num: most tiles (the official default is 12)
+    min_num: fewest tiles
+    output: PNG to write (default: IMAGE.tiles.png beside the image)
+    """
+    from .processor.preview import tiles_report
+
+    png = output or str(Path(image).with_suffix("")) + ".tiles.png"
+    report = tiles_report(image, max_num=max_num, min_num=min_num, output_png=png)
+    for key, value in report.items():
+        print(f"{key}: {value}")
+    return 0

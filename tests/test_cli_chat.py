@@ -1,0 +1,85 @@
+"""The `internvl-mpo chat` and `generate` commands, run for real in subprocesses on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from internvl_mpo.pipeline import InternVLChat
+
+from conftest import tiny_chat_folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    folder, _ = tiny_chat_folder(root / "model")
+    Image.new("RGB", (90, 50), "red").save(root / "red.png")
+    Image.new("RGB", (50, 50), "blue").save(root / "blue.png")
+    return folder
+
+
+def cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "internvl_mpo.cli", *map(str, args)], capture_output=True,
+                          text=True, input=stdin, timeout=120)
+
+
+def test_chat_one_question_with_image_streams_the_greedy_answer(folder):
+    image = folder.parent / "red.png"
+    out = cli("chat", "--model", folder, "--image", image, "--max-new-tokens", "12", "What colour?")
+    assert out.returncode == 0, out.stderr
+    expected = InternVLChat.from_pretrained(folder).chat("What colour?", images=str(image), max_new_tokens=12,
+                                                        do_sample=False)
+    assert out.stdout.strip() == expected
+
+
+def test_interactive_chat_keeps_history(folder):
+    image = folder.parent / "blue.png"
+    out = cli("chat", "--model", folder, "--max-new-tokens", "6", stdin=f"/image {image}\nfirst?\nsecond?\n/exit\n")
+    assert out.returncode == 0, out.stderr
+    bot = InternVLChat.from_pretrained(folder)
+    a1, history = bot.chat("first?", images=str(image), max_new_tokens=6, do_sample=False, return_history=True)
+    a2 = bot.chat("second?", images=str(image), history=history, max_new_tokens=6, do_sample=False)
+    assert a1 != a2
+    first = out.stdout.index(a1)
+    assert out.stdout.index(a2, first + len(a1)) > first
+
+
+def test_chat_errors_are_one_clear_line(folder):
+    out = cli("chat", "--model", folder, "--image", folder / "missing.png", "hi")
+    assert out.returncode == 1
+    assert "error:" in out.stderr and "missing.png" in out.stderr and "Traceback" not in out.stderr
+    out = cli("chat", "--model", folder / "nope", "hi")
+    assert out.returncode == 1 and "no such checkpoint folder" in out.stderr
+
+
+def test_generate_batch_file_and_resume(folder, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    images = {"a": "red.png", "c": "blue.png"}
+    lines = [{"id": "a", "question": "Colour?", "image": images["a"]}, {"id": "b", "question": "Hello"},
+             {"id": "c", "question": "Shape?", "image": images["c"]}]
+    for name in images.values():
+        (tmp_path / name).write_bytes((folder.parent / name).read_bytes())
+    requests.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    answers = tmp_path / "answers.jsonl"
+    # An interrupted earlier run: "b" done, plus a half-written line.
+    answers.write_text(json.dumps({"id": "b", "question": "Hello", "answer": "kept"}) + "\n{\"id\": \"c\", \"ans")
+    out = cli("generate", "--input", requests, "--output", answers, "--model", folder, "--max-new-tokens", "8",
+              "--batch-size", "2")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(x) for x in answers.read_text().splitlines() if x.startswith("{") and x.endswith("}")]
+    by_id = {r["id"]: r["answer"] for r in rows}
+    assert set(by_id) == {"a", "b", "c"} and by_id["b"] == "kept"
+    bot = InternVLChat.from_pretrained(folder)
+    assert by_id["a"] == bot.chat("Colour?", images=str(tmp_path / "red.png"), max_new_tokens=8, do_sample=False)
+
+
+def test_help_lists_commands():
+    out = cli("--help")
+    assert out.returncode == 0 and "chat" in out.stdout and "generate" in out.stdout
+    out = cli("chat", "--help")
+    assert "--max-new-tokens" in out.stdout and "repeat the flag" in out.stdout
