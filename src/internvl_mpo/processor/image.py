@@ -94,7 +94,18 @@ def open_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
     limit even when `max_pixels` is larger.
     """
     name = source_name(src)
-    image = src if isinstance(src, Image.Image) else _open_pil(src, name)
+    if isinstance(src, Image.Image):
+        return _checked_rgb(src, name, max_pixels)
+    image = _open_pil(src, name)
+    try:
+        return _checked_rgb(image, name, max_pixels)
+    except InputError:
+        if not hasattr(src, "read"):
+            image.close()  # a file Pillow opened itself; the caller's file objects stay open
+        raise
+
+
+def _checked_rgb(image: Image.Image, name: str, max_pixels: int | None) -> Image.Image:
     width, height = image.size
     if width < 1 or height < 1:
         raise InputError(f"{name}: image has zero area ({width}x{height})")

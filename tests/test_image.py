@@ -1,0 +1,254 @@
+"""Pixel tensors against an independent PIL + NumPy implementation of the model card's `load_image`
+(Image.open().convert('RGB'), dynamic_preprocess, ToTensor = uint8/255, Normalize = (x-mean)/std in
+float32), against transformers' GOT-OCR2 image processor, and every bad-input case."""
+
+import io
+import struct
+import threading
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from internvl_mpo.errors import InputError
+from internvl_mpo.processor.image import image_to_pixel_values, load_image, open_image
+
+MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
+STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
+
+
+def reference_grid(width, height, max_num=12, size=448):
+    ratios = sorted(
+        {(i, j) for n in range(1, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1) if 1 <= i * j <= max_num},
+        key=lambda r: r[0] * r[1],
+    )
+    best_diff, best = float("inf"), (1, 1)
+    for cols, rows in ratios:
+        diff = abs(width / height - cols / rows)
+        if diff < best_diff:
+            best_diff, best = diff, (cols, rows)
+        elif diff == best_diff and width * height > 0.5 * size * size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def reference_pixel_values(source, max_num=12, size=448):
+    image = source.convert("RGB") if isinstance(source, Image.Image) else Image.open(source).convert("RGB")
+    cols, rows = reference_grid(*image.size, max_num=max_num)
+    resized = image.resize((cols * size, rows * size))
+    tiles = [resized.crop((c * size, r * size, (c + 1) * size, (r + 1) * size)) for r in range(rows) for c in range(cols)]
+    if len(tiles) > 1:
+        tiles.append(image.resize((size, size)))
+    arrays = [(np.asarray(t, np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255) - MEAN) / STD for t in tiles]
+    return torch.from_numpy(np.stack(arrays))
+
+
+def photo(width, height, seed=0):
+    """Smooth colour gradients plus noise, so resampling and JPEG coding both matter."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None, None]
+    pixels = np.sin(x * 17 + y * 9 + np.arange(3, dtype=np.float32)) * 90 + 128 + rng.normal(0, 20, (height, width, 3))
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def assert_same(ours, expected):
+    assert ours.dtype == torch.float32 and ours.shape == expected.shape
+    assert torch.equal(ours, expected), float((ours - expected).abs().max())
+
+
+@pytest.mark.parametrize(
+    "size,fmt", [((1920, 1080), "JPEG"), ((448, 448), "JPEG"), ((447, 449), "PNG"), ((1, 10000), "PNG"), ((10000, 1), "PNG"), ((1, 1), "PNG"), ((800, 600), "JPEG")]
+)
+def test_load_image_matches_reference(tmp_path, size, fmt):
+    path = tmp_path / f"img.{fmt.lower()}"
+    photo(*size).save(path, format=fmt)
+    assert_same(load_image(path), reference_pixel_values(path))
+
+
+@pytest.mark.parametrize("max_num", [1, 6])
+def test_load_image_other_max_num(tmp_path, max_num):
+    path = tmp_path / "img.jpg"
+    photo(1000, 700).save(path)
+    assert_same(load_image(path, max_num=max_num), reference_pixel_values(path, max_num=max_num))
+
+
+def test_use_thumbnail_false_drops_only_the_thumbnail(tmp_path):
+    path = tmp_path / "img.png"
+    photo(900, 450).save(path)
+    full, bare = load_image(path), load_image(path, use_thumbnail=False)
+    assert full.shape[0] == 3 and bare.shape[0] == 2
+    assert torch.equal(full[:2], bare)
+
+
+MODES = {
+    "1": "PNG", "L": "PNG", "P": "PNG", "RGBA": "PNG", "LA": "PNG", "I;16": "PNG", "CMYK": "JPEG",
+    "I": "TIFF", "F": "TIFF", "RGB": "TIFF", "YCbCr": "TIFF",
+}
+
+
+def image_in_mode(mode, width=300, height=200):
+    base = photo(width, height, seed=3)
+    if mode == "P":
+        return base.quantize(50)
+    if mode in ("I;16", "I", "F"):
+        gray = np.asarray(base.convert("L"), np.float32)
+        values = {"I;16": (gray * 250).astype(np.uint16), "I": (gray * 1000 - 40000).astype(np.int32), "F": gray / 7 - 3}[mode]
+        return Image.fromarray(values)
+    if mode in ("RGBA", "LA"):
+        rgba = base.convert("RGBA")
+        rgba.putalpha(Image.fromarray(np.tile(np.arange(width, dtype=np.uint8), (height, 1))))
+        return rgba.convert(mode)
+    return base.convert(mode)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_every_image_mode_converts_like_the_official_open(tmp_path, mode):
+    path = tmp_path / f"img.{MODES[mode].lower()}"
+    image = image_in_mode(mode)
+    image.save(path, format=MODES[mode])
+    with Image.open(path) as check:
+        assert check.mode == image.mode  # the file really has that mode
+        official_rgb = np.asarray(check.convert("RGB"))
+    rgb = open_image(path)
+    assert rgb.mode == "RGB" and np.array_equal(np.asarray(rgb), official_rgb)
+    assert_same(load_image(path), reference_pixel_values(path))
+
+
+def test_palette_with_transparency_and_pil_modes_without_files():
+    palette = image_in_mode("P")
+    palette.info["transparency"] = 0
+    for image in (palette, Image.new("HSV", (40, 30), (10, 200, 90)), image_in_mode("RGBA").convert("RGBa")):
+        assert np.array_equal(np.asarray(open_image(image)), np.asarray(image.convert("RGB")))
+        assert_same(load_image(image), reference_pixel_values(image))
+
+
+def test_all_source_kinds_give_the_same_tensor(tmp_path):
+    path = tmp_path / "img.jpg"
+    photo(640, 480).save(path)
+    expected = reference_pixel_values(path)
+    data = path.read_bytes()
+    with open(path, "rb") as f:
+        from_file = load_image(f)
+    with Image.open(path) as pil:
+        from_pil = load_image(pil)
+    for ours in (load_image(str(path)), load_image(path), load_image(data), load_image(bytearray(data)), from_file, from_pil):
+        assert_same(ours, expected)
+
+
+def test_image_to_pixel_values_on_an_open_image():
+    image = photo(1200, 500)
+    assert_same(image_to_pixel_values(image, max_num=6), reference_pixel_values(image, max_num=6))
+
+
+def test_concurrent_calls_give_identical_results():
+    image = photo(1000, 500)
+    expected = reference_pixel_values(image)
+    results = [None] * 4
+
+    def work(k):
+        results[k] = load_image(image)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        assert_same(r, expected)
+
+
+def test_matches_transformers_got_ocr2_processor():
+    """transformers' InternVL image processor (GOT-OCR2 tiler, PIL backend) gives the same tiles."""
+    got_ocr2 = pytest.importorskip("transformers.models.got_ocr2.image_processing_pil_got_ocr2")
+    processor = got_ocr2.GotOcr2ImageProcessorPil(
+        size={"height": 448, "width": 448}, image_mean=list(MEAN.ravel()), image_std=list(STD.ravel()),
+        crop_to_patches=True, min_patches=1, max_patches=12,
+    )
+    for size in [(1920, 1080), (447, 449), (30, 900)]:
+        image = photo(*size)
+        theirs = processor(images=image, return_tensors="pt")["pixel_values"]
+        ours = load_image(image)
+        assert ours.shape == theirs.shape
+        assert (ours - theirs).abs().max() <= 1e-6
+
+
+# --- bad input ---
+
+
+def png_header_only(width, height):
+    """A PNG whose header claims width x height (enough for Image.open, which reads only the header)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.jpg"
+    with pytest.raises(InputError, match="nope.jpg.*no such file"):
+        load_image(path)
+
+
+def test_not_an_image(tmp_path):
+    path = tmp_path / "notes.jpg"
+    path.write_text("just some text, not pixels")
+    with pytest.raises(InputError, match="notes.jpg.*not an image"):
+        load_image(path)
+    with pytest.raises(InputError, match="directory"):
+        open_image(tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_file(tmp_path, fmt):
+    path = tmp_path / f"cut.{fmt.lower()}"
+    photo(256, 256).save(path, format=fmt)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 6 // 10])
+    with Image.open(path) as header_ok:
+        assert header_ok.size == (256, 256)  # the header survives: only a full decode notices
+    with pytest.raises(InputError, match=f"cut.{fmt.lower()}.*truncated"):
+        load_image(path)
+
+
+def test_zero_area_image():
+    with pytest.raises(InputError, match="zero area"):
+        load_image(Image.new("RGB", (0, 5)))
+
+
+def test_mode_without_rgb_conversion():
+    with pytest.raises(InputError, match="'La'"):
+        open_image(Image.new("La", (4, 4)))
+
+
+def test_decompression_bomb_refused_without_pillow_warning(tmp_path):
+    just_over = tmp_path / "bomb.png"  # 10000 x 9000 = 90 M pixels > Pillow's 89.5 M: Pillow would only warn
+    just_over.write_bytes(png_header_only(10000, 9000))
+    far_over = tmp_path / "huge.png"  # 400 M pixels: Pillow itself raises
+    far_over.write_bytes(png_header_only(20000, 20000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InputError, match="bomb.png.*exceeds the limit of 89478485"):
+            open_image(just_over)
+        with pytest.raises(InputError, match="huge.png.*decompression bomb"):
+            open_image(far_over)
+
+
+def test_configurable_pixel_limit(tmp_path):
+    path = tmp_path / "small.png"
+    photo(100, 50).save(path)
+    with pytest.raises(InputError, match="small.png.*5000 pixels exceeds the limit of 4999"):
+        load_image(path, max_pixels=4999)
+    assert load_image(path, max_pixels=5000).shape == (3, 3, 448, 448)
+
+
+def test_bytes_and_file_objects_are_named_in_errors():
+    with pytest.raises(InputError, match="<12 bytes>"):
+        open_image(b"not an image")
+    stream = io.BytesIO(b"not an image either")
+    with pytest.raises(InputError, match="<file object>"):
+        open_image(stream)

@@ -1,0 +1,99 @@
+"""`tiles_report`: grid, tile count and token cost against the published tiling rule, and the PNG."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from internvl_mpo.errors import InputError
+from internvl_mpo.processor.preview import PREVIEW_MAX_SIDE, format_tiles_report, tiles_report
+
+
+def save(tmp_path, width, height, name="img.png"):
+    path = tmp_path / name
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def row_major_boxes(cols, rows, size=448):
+    return [(c * size, r * size, (c + 1) * size, (r + 1) * size) for r in range(rows) for c in range(cols)]
+
+
+@pytest.mark.parametrize(
+    "size,grid,tiles",
+    # Expected grids from reference section 5.1; tokens = tiles * 256 + 2 (<img>, </img>).
+    [((1920, 1080), (4, 2), 9), ((448, 448), (1, 1), 1), ((800, 600), (4, 3), 13), ((1, 10000), (1, 12), 13), ((1000, 500), (2, 1), 3)],
+)
+def test_report_numbers(tmp_path, size, grid, tiles):
+    report = tiles_report(save(tmp_path, *size))
+    assert report["grid"] == grid and (report["cols"], report["rows"]) == grid
+    assert report["tiles"] == tiles
+    assert report["grid_tiles"] == grid[0] * grid[1]
+    assert report["thumbnail"] == (tiles > 1)
+    assert report["tokens"] == tiles * 256 + 2
+    assert report["image_tokens"] == tiles * 256
+    assert report["resized"] == (grid[0] * 448, grid[1] * 448)
+    assert report["boxes"] == row_major_boxes(*grid)
+    assert (report["width"], report["height"]) == size
+    assert report["output_png"] is None
+
+
+def test_report_options(tmp_path):
+    path = save(tmp_path, 1920, 1080)
+    no_thumb = tiles_report(path, use_thumbnail=False)
+    assert no_thumb["tiles"] == 8 and no_thumb["tokens"] == 8 * 256 + 2
+    small = tiles_report(path, max_num=6, tokens_per_tile=64)
+    assert small["grid"] == (2, 1) and small["tokens"] == 3 * 64 + 2
+    assert tiles_report(save(tmp_path, 640, 480))["upscaled"] is True
+    assert tiles_report(save(tmp_path, 4000, 3000, "big.png"))["upscaled"] is False
+
+
+def test_formatted_lines(tmp_path):
+    text = format_tiles_report(tiles_report(save(tmp_path, 1920, 1080)))
+    first = text.splitlines()[0]
+    assert first == "1920x1080 -> 4x2 grid (1792x896), 8 tiles + 1 thumbnail = 9 tiles, 2306 tokens"
+    assert "9 x 256 + 2 (<img></img>) = 2306" in text
+
+
+def red_columns(image, top, bottom):
+    pixels = np.asarray(image)[top:bottom].astype(int)
+    red = (pixels[..., 0] > 200) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)
+    return set(np.nonzero(red.mean(axis=0) > 0.9)[0])
+
+
+def test_png_shows_grid_and_thumbnail(tmp_path):
+    out = tmp_path / "tiles.png"
+    # A dark blue image, so only the drawn grid is red.
+    path = tmp_path / "blue.png"
+    Image.new("RGB", (1920, 1080), (20, 30, 120)).save(path)
+    report = tiles_report(path, output_png=out)
+    assert report["output_png"] == str(out)
+    picture = Image.open(out)
+    assert picture.format == "PNG" and picture.mode == "RGB"
+    scale = min(1.0, PREVIEW_MAX_SIDE / 1792)
+    grid_w, grid_h = round(1792 * scale), round(896 * scale)
+    assert picture.width > grid_w + 100  # the thumbnail sits beside the grid
+    pixels = np.asarray(picture).astype(int)
+    red_rows = ((pixels[..., 0] > 200) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)).mean(axis=1)
+    top = int(np.argmax(red_rows > 0.5))  # the top border of the grid (and of the thumbnail)
+    tile = round(448 * scale)
+    columns = red_columns(picture, top + 20, top + tile - 20)  # inside the first row of tiles
+    left = 16
+    for c in range(1, 4):  # interior vertical grid lines between the 4 columns of tiles
+        x = left + round(c * 448 * scale)
+        assert columns & set(range(x - 3, x + 3)), c
+    # the thumbnail (dark blue) is framed in red to the right of the grid
+    assert any(x > left + grid_w + 8 for x in columns)
+
+
+def test_png_for_an_extreme_aspect_ratio(tmp_path):
+    out = tmp_path / "tall.png"
+    report = tiles_report(save(tmp_path, 1, 10000), output_png=out)
+    picture = Image.open(out)
+    assert report["tiles"] == 13
+    assert picture.height <= PREVIEW_MAX_SIDE + 200 and picture.width < 1000
+
+
+def test_bad_input_names_the_file(tmp_path):
+    with pytest.raises(InputError, match="missing.png"):
+        tiles_report(tmp_path / "missing.png")

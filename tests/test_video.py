@@ -1,0 +1,198 @@
+"""Video frame sampling against an independent NumPy implementation of the model card's `get_index`,
+and frame tensors against the image recipe applied to independently decoded frames."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from internvl_mpo.errors import InputError
+from internvl_mpo.processor.video import get_index, load_video
+
+av = pytest.importorskip("av")
+
+MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
+STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
+FPS = 10
+NUM_FRAMES = 30
+
+
+def reference_index(bound, fps, max_frame, num_segments, first_idx=0):
+    """The card's rule, vectorised: numpy rounds half to even, int() truncates."""
+    start, end = (bound[0], bound[1]) if bound else (-100000, 100000)
+    start_idx = max(first_idx, int(np.round(start * fps)))
+    end_idx = min(int(np.round(end * fps)), max_frame)
+    seg = float(end_idx - start_idx) / num_segments
+    return [int(v) for v in (start_idx + seg / 2 + np.round(seg * np.arange(num_segments)))]
+
+
+def reference_tile(frame):
+    """One tile per frame (max_num=1): resize to 448x448, ToTensor, Normalize."""
+    pixels = np.asarray(frame.convert("RGB").resize((448, 448)), np.uint8).transpose(2, 0, 1)
+    return torch.from_numpy((pixels.astype(np.float32) / np.float32(255) - MEAN) / STD)
+
+
+def frame_image(k, width=64, height=48):
+    """Frame k: grey level 8k with a coloured bar, so frames are told apart after lossy coding."""
+    pixels = np.full((height, width, 3), 8 * k, np.uint8)
+    pixels[:, : 4 + k, 0] = 255
+    return Image.fromarray(pixels)
+
+
+def available_encoder():
+    for name in ("mpeg4", "libx264", "mjpeg"):
+        try:
+            av.codec.Codec(name, "w")
+            return name
+        except Exception:
+            continue
+    pytest.skip("no video encoder in this PyAV build")
+
+
+@pytest.fixture(scope="module")
+def video_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    codec = available_encoder()
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=FPS)
+        stream.width, stream.height = 64, 48
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        for k in range(NUM_FRAMES):
+            for packet in stream.encode(av.VideoFrame.from_image(frame_image(k))):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def decoded_frames(path):
+    with av.open(str(path)) as container:
+        return [f.to_image() for f in container.decode(container.streams.video[0])]
+
+
+@pytest.mark.parametrize("max_frame", [0, 1, 7, 29, 30, 99, 1000])
+@pytest.mark.parametrize("num_segments", [1, 3, 4, 8, 32])
+@pytest.mark.parametrize("bound", [None, (0.0, 1.0), (0.55, 2.45), (1.25, 50.0), (-3.0, 0.35)])
+def test_get_index_matches_reference(max_frame, num_segments, bound):
+    fps = 29.97 if max_frame > 100 else 10.0
+    try:
+        ours = get_index(bound, fps, max_frame, num_segments=num_segments)
+    except InputError:
+        start_idx = max(0, int(np.round(bound[0] * fps)))
+        assert min(int(np.round(bound[1] * fps)), max_frame) < start_idx  # only empty ranges raise
+        return
+    assert ours == reference_index(bound, fps, max_frame, num_segments)
+    assert all(0 <= i <= max_frame for i in ours)
+
+
+def test_get_index_rounds_half_to_even():
+    # 30 frames, 8 segments: seg = 29/8 = 3.625; k = 4 gives 14.5, which rounds to 14 (not 15),
+    # so the frame is int(1.8125 + 14) = 15.
+    assert get_index(None, 10.0, 29, num_segments=8) == [1, 5, 8, 12, 15, 19, 23, 26]
+
+
+def test_video_file(video_path):
+    result = load_video(video_path, num_segments=8)
+    expected_indices = reference_index(None, FPS, NUM_FRAMES - 1, 8)
+    assert result.frame_indices == expected_indices
+    assert result.num_patches_list == [1] * 8
+    assert result.pixel_values.shape == (8, 3, 448, 448)
+    assert result.prefix == "".join(f"Frame{k}: <image>\n" for k in range(1, 9))
+    frames = decoded_frames(video_path)
+    assert len(frames) == NUM_FRAMES
+    for tile, index in zip(result.pixel_values, expected_indices):
+        assert torch.equal(tile, reference_tile(frames[index]))
+        grey = float((tile[1, :, 300:] * STD[1, 0, 0] + MEAN[1, 0, 0]).mean() * 255)
+        assert abs(grey - 8 * index) < 4  # it really is frame `index`
+
+
+def test_video_file_with_bound(video_path):
+    result = load_video(video_path, num_segments=4, bound=(1.0, 2.0))
+    assert result.frame_indices == reference_index((1.0, 2.0), FPS, NUM_FRAMES - 1, 4)
+    assert all(10 <= i <= 20 for i in result.frame_indices)
+
+
+def test_frame_list_and_folder(tmp_path):
+    frames = [frame_image(k) for k in range(12)]
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for k in reversed(range(12)):  # written out of order; names sort into frame order
+        frames[k].save(folder / f"frame_{k:03d}.png")
+    (folder / "notes.txt").write_text("not a frame")
+    expected_indices = reference_index(None, 1.0, 11, 5)
+    expected = torch.stack([reference_tile(frames[i]) for i in expected_indices])
+    for source in (frames, sorted(folder.glob("*.png")), folder, str(folder)):
+        result = load_video(source, num_segments=5)
+        assert result.frame_indices == expected_indices
+        assert result.num_patches_list == [1] * 5
+        assert torch.equal(result.pixel_values, expected)
+
+
+def test_frame_folder_with_bound_needs_fps(tmp_path):
+    for k in range(6):
+        frame_image(k).save(tmp_path / f"{k}.png")
+    with pytest.raises(InputError, match="fps"):
+        load_video(tmp_path, num_segments=2, bound=(0, 1))
+    result = load_video(tmp_path, num_segments=2, bound=(0.0, 1.0), fps=2.0)
+    assert result.frame_indices == reference_index((0.0, 1.0), 2.0, 5, 2)
+
+
+def test_more_tiles_per_frame_when_asked(tmp_path):
+    wide = Image.fromarray(np.zeros((100, 300, 3), np.uint8))
+    result = load_video([wide, wide], num_segments=2, max_num=6)
+    assert result.num_patches_list == [4, 4]  # 3x1 grid + thumbnail
+    assert result.pixel_values.shape[0] == 8
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(InputError, match="no image files"):
+        load_video(tmp_path)
+
+
+def test_missing_and_non_video_files(tmp_path):
+    with pytest.raises(InputError, match="missing.mp4"):
+        load_video(tmp_path / "missing.mp4")
+    bogus = tmp_path / "bogus.mp4"
+    bogus.write_bytes(b"definitely not a video" * 10)
+    with pytest.raises(InputError, match="bogus.mp4"):
+        load_video(bogus)
+
+
+def test_video_without_frames(tmp_path):
+    for name, message in [("empty.avi", "no decodable video frames"), ("empty.mp4", "no video stream")]:
+        path = tmp_path / name
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream(available_encoder(), rate=FPS)
+            stream.width, stream.height = 64, 48
+            container.start_encoding()  # header only; an mp4 without samples also loses the stream
+        with pytest.raises(InputError, match=f"{name}.*{message}"):
+            load_video(path)
+
+
+@pytest.mark.parametrize("container_format,keep", [("avi", 0.8), ("mkv", 0.6)])
+def test_truncated_video_uses_the_frames_that_decode(tmp_path, container_format, keep):
+    """The avi header still claims 30 frames; the mkv has no frame count, so packets are counted."""
+    if available_encoder() != "mpeg4":
+        pytest.skip("needs the mpeg4 encoder")
+    path = tmp_path / f"cut.{container_format}"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for k in range(NUM_FRAMES):
+            for packet in stream.encode(av.VideoFrame.from_image(frame_image(k))):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    frames = decoded_frames(path)
+    assert 0 < len(frames) < NUM_FRAMES
+    result = load_video(path, num_segments=8)
+    assert result.frame_indices == reference_index(None, FPS, len(frames) - 1, 8)
+    for tile, index in zip(result.pixel_values, result.frame_indices):
+        assert torch.equal(tile, reference_tile(frames[index]))
+
+
+def test_bound_outside_the_video(video_path):
+    with pytest.raises(InputError, match="selects no frames"):
+        load_video(video_path, bound=(10.0, 20.0))
