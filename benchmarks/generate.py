@@ -1,0 +1,221 @@
+"""Generation speed: our engine vs transformers' InternVLForConditionalGeneration on the same weights.
+
+    python benchmarks/generate.py                       # tiny and small configs, fp32, this device
+    python benchmarks/generate.py --config small --dtype bfloat16
+    python benchmarks/generate.py --device cuda --dtype bfloat16 --compile
+
+Each side runs in its own subprocess (fair peak-memory numbers) on weights written once to a temp
+folder, in the official layout for us and transformers' layout for them. Greedy tokens are checked
+to agree first. Reported: vision+projector time for one tile, prefill latency (1 tile + ~40 text
+tokens, vision included), decode tokens/s at batch 1 and 4 (64 new tokens, eos ignored; measured
+as (t(64 tokens) - t(1 token)) / 63), peak memory, and the machine's limit for batch-1 decode: the
+time to stream the decoder's weights once through matrix-vector products.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+IMAGE_TOKEN = 151667
+NEW = 64
+
+
+def make_config(name: str):
+    from internvl_mpo.config import LLMConfig, ModelConfig, VisionConfig
+
+    if name == "tiny":
+        vision = dataclasses.replace(VisionConfig(), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=4)
+        llm = dataclasses.replace(LLMConfig(), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2)
+    else:  # InternViT widths with 6 layers; a Qwen2.5-0.5B-sized LLM
+        vision = dataclasses.replace(VisionConfig(), num_hidden_layers=6)
+        llm = dataclasses.replace(LLMConfig(), hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                  num_attention_heads=14, num_key_value_heads=2)
+    return ModelConfig(vision=vision, llm=llm)
+
+
+def prompts(n: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(100, 150000, (40 + 7 * i,), generator=g).tolist() for i in range(n)]
+
+
+def image_prompt(per_tile: int) -> list[int]:
+    return [1, 2, 151665] + [IMAGE_TOKEN] * per_tile + [151666] + prompts(1)[0]
+
+
+def timed(fn, repeat: int = 3) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def peak_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_ours(folder: str, device: str, dtype: str, compile: bool) -> dict:
+    from internvl_mpo.generate.engine import Engine, Request
+    from internvl_mpo.generate.sampling import SamplingParams
+    from internvl_mpo.model import InternVL
+
+    model = InternVL.from_pretrained(folder, dtype=dtype, device=device, image_token_id=IMAGE_TOKEN)
+    engine = Engine(model, compile=compile)
+    pixels = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(1)).to(device, model.dtype)
+    per_tile = model.num_image_token
+
+    def generate(batch: list[list[int]], new: int, images=None) -> list[list[int]]:
+        params = SamplingParams(max_new_tokens=new, ignore_eos=True)
+        reqs = [Request(p, params, images) for p in batch]
+        out = [[] for _ in reqs]
+        for events in engine.generate(reqs):
+            for e in events:
+                out[e.rid].append(e.token)
+        return out
+
+    result = {"tokens": generate([image_prompt(per_tile)], NEW, pixels)[0]}
+    with torch.no_grad():
+        result["vision_s"] = timed(lambda: model.extract_feature(pixels))
+    result["prefill_s"] = timed(lambda: generate([image_prompt(per_tile)], 1, pixels))
+    for b in (1, 4):
+        batch = prompts(b)
+        t64 = timed(lambda: generate(batch, NEW), repeat=2)
+        t1 = timed(lambda: generate(batch, 1), repeat=2)
+        result[f"decode_b{b}_tok_s"] = b * (NEW - 1) / (t64 - t1)
+    result["peak_bytes"] = peak_bytes(device)
+    result["stream_limit_tok_s"] = weight_stream_rate(model)
+    return result
+
+
+def weight_stream_rate(model) -> float:
+    """1 / (time to multiply every decoder weight matrix, head included, by one vector)."""
+    mats = [m.weight for m in model.language_model.modules() if isinstance(m, torch.nn.Linear)]
+    vecs = [torch.randn(w.shape[1], 1, device=w.device, dtype=w.dtype) for w in mats]
+
+    def stream():
+        with torch.no_grad():
+            for w, v in zip(mats, vecs):
+                w @ v
+
+    return 1.0 / timed(stream, repeat=5)
+
+
+def run_hf(folder: str, device: str, dtype: str) -> dict:
+    from transformers import InternVLForConditionalGeneration
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = InternVLForConditionalGeneration.from_pretrained(folder, dtype=torch_dtype).to(device).eval()
+    per_tile = model.config.image_seq_length
+    pixels = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(1)).to(device, torch_dtype)
+
+    def generate(batch: list[list[int]], new: int, images=None) -> list[list[int]]:
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        kw = {} if images is None else {"pixel_values": images}
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0, **kw)
+        return out[:, width:].tolist()
+
+    result = {"tokens": generate([image_prompt(per_tile)], NEW, pixels)[0]}
+    with torch.no_grad():
+        result["vision_s"] = timed(lambda: model.model.get_image_features(
+            pixel_values=pixels, vision_feature_layer=-1, vision_feature_select_strategy="default"))
+    result["prefill_s"] = timed(lambda: generate([image_prompt(per_tile)], 1, pixels))
+    for b in (1, 4):
+        batch = prompts(b)
+        t64 = timed(lambda: generate(batch, NEW), repeat=2)
+        t1 = timed(lambda: generate(batch, 1), repeat=2)
+        result[f"decode_b{b}_tok_s"] = b * (NEW - 1) / (t64 - t1)
+    result["peak_bytes"] = peak_bytes(device)
+    return result
+
+
+def write_weights(config_name: str, folder: Path) -> None:
+    """Random weights saved once in both layouts (official for us, transformers' for the reference)."""
+    from conftest import hf_config, hf_to_official, write_checkpoint
+
+    from transformers import InternVLForConditionalGeneration
+
+    config = make_config(config_name)
+    torch.manual_seed(0)
+    ref = InternVLForConditionalGeneration(hf_config(config, image_token_id=IMAGE_TOKEN)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.02)
+    ref.save_pretrained(folder / "hf")
+    write_checkpoint(folder / "ours", config, hf_to_official(ref.state_dict()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=["tiny", "small", "both"], default="both")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our decode step")
+    parser.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:  # child process
+        if args.side == "ours":
+            out = run_ours(args.folder + "/ours", args.device, args.dtype, args.compile)
+        else:
+            out = run_hf(args.folder + "/hf", args.device, args.dtype)
+        print("RESULT " + json.dumps(out))
+        return
+    names = ["tiny", "small"] if args.config == "both" else [args.config]
+    for name in names:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_weights(name, Path(tmp))
+            results = {}
+            for side in ("ours", "hf"):
+                cmd = [sys.executable, __file__, "--side", side, "--folder", tmp, "--device", args.device,
+                       "--dtype", args.dtype] + (["--compile"] if args.compile else [])
+                text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                results[side] = json.loads(text.split("RESULT ", 1)[1])
+        report(name, args, results)
+
+
+def report(name: str, args, results: dict) -> None:
+    ours, hf = results["ours"], results["hf"]
+    print(f"\n== {name} config, {args.device}, {args.dtype}{', compiled decode' if args.compile else ''} ==")
+    print(f"greedy tokens agree for {NEW} steps: {ours['tokens'] == hf['tokens']}")
+    rows = [("vision+projector, 1 tile (ms)", "vision_s", 1e3, False),
+            ("prefill, 1 tile + 40 tokens (ms)", "prefill_s", 1e3, False),
+            ("decode batch 1 (tok/s)", "decode_b1_tok_s", 1, True),
+            ("decode batch 4 (tok/s)", "decode_b4_tok_s", 1, True),
+            ("peak memory (MB)", "peak_bytes", 1e-6, False)]
+    print(f"{'':36s}{'ours':>12s}{'transformers':>14s}{'speed-up':>10s}")
+    for label, key, scale, higher_better in rows:
+        a, b = ours[key] * scale, hf[key] * scale
+        gain = a / b if higher_better else b / a
+        print(f"{label:36s}{a:12.2f}{b:14.2f}{gain:9.2f}x")
+    limit = ours["stream_limit_tok_s"]
+    print(f"weight-streaming limit for batch-1 decode: {limit:.1f} tok/s; "
+          f"ours reaches {ours['decode_b1_tok_s'] / limit:.0%} of it")
+
+
+if __name__ == "__main__":
+    main()
