@@ -83,3 +83,13 @@ def test_help_lists_commands():
     assert out.returncode == 0 and "chat" in out.stdout and "generate" in out.stdout
     out = cli("chat", "--help")
     assert "--max-new-tokens" in out.stdout and "repeat the flag" in out.stdout
+
+
+def test_tiles_command_prints_grid_and_writes_png(tmp_path):
+    image = tmp_path / "wide.jpg"
+    Image.new("RGB", (1920, 1080), "red").save(image)
+    out = cli("tiles", image, "--output", tmp_path / "t.png")
+    assert out.returncode == 0, out.stderr
+    assert "4x2 grid" in out.stdout and "9 tiles" in out.stdout and "2306 tokens" in out.stdout
+    with Image.open(tmp_path / "t.png") as png:
+        assert png.width > 448 and png.height > 200

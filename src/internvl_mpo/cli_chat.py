@@ -223,7 +223,7 @@ def _read_requests(path: Path) -> list[dict]:
     return items
 
 
-def tiles(image: str, max_num: int = 12, min_num: int = 1, output: str | None = None) -> int:
+def tiles(image: str, *, max_num: int = 12, min_num: int = 1, output: str | None = None) -> int:
     """Show how an image is tiled: grid, tile count, token cost, and a PNG of the tiles.
 
     image: the image file
@@ -231,10 +231,8 @@ def tiles(image: str, max_num: int = 12, min_num: int = 1, output: str | None = 
     min_num: fewest tiles
     output: PNG to write (default: IMAGE.tiles.png beside the image)
     """
-    from .processor.preview import tiles_report
+    from .processor.preview import format_tiles_report, tiles_report
 
     png = output or str(Path(image).with_suffix("")) + ".tiles.png"
-    report = tiles_report(image, max_num=max_num, min_num=min_num, output_png=png)
-    for key, value in report.items():
-        print(f"{key}: {value}")
+    print(format_tiles_report(tiles_report(image, max_num=max_num, min_num=min_num, output_png=png)))
     return 0

@@ -25,7 +25,7 @@ from .errors import InputError
 from .generate.engine import Engine, Generation, Request
 from .generate.sampling import SamplingParams
 from .model import InternVL
-from .processor.image import load_image
+from .processor.multi import load_images
 
 CARD_DEFAULTS = dict(max_new_tokens=1024, do_sample=True)
 GENERATION_KEYS = {
@@ -121,7 +121,8 @@ class InternVLChat:
         """Tiles of every image, concatenated, and the tile count of each image.
 
         Each image gets `max_num` tiles at most (default: the config's max_dynamic_patch); with
-        `total_max_num`, the per-image budget shrinks to max(1, total_max_num // n_images).
+        `total_max_num`, the per-image budget shrinks to max(1, total_max_num // n_images)
+        (see processor/multi.py).
         A preprocessed tensor (N, 3, S, S) passes through; `num_patches_list` then splits it.
         """
         items = _as_list(images)
@@ -133,17 +134,11 @@ class InternVLChat:
             if sum(counts) != pixels.shape[0]:
                 raise InputError(f"num_patches_list {counts} does not add up to the {pixels.shape[0]} tiles given")
             return pixels, counts
-        budget = max_num or self.config.max_dynamic_patch
-        if total_max_num is not None:
-            budget = min(budget, max(1, total_max_num // len(items)))
-        tiles = [
-            load_image(
-                item, max_num=budget, min_num=self.config.min_dynamic_patch, image_size=self.config.image_size,
-                use_thumbnail=self.config.use_thumbnail,
-            )
-            for item in items
-        ]
-        return torch.cat(tiles), [t.shape[0] for t in tiles]
+        loaded = load_images(
+            items, max_num=max_num or self.config.max_dynamic_patch, min_num=self.config.min_dynamic_patch,
+            image_size=self.config.image_size, use_thumbnail=self.config.use_thumbnail, total_budget=total_max_num,
+        )
+        return loaded.pixel_values, loaded.num_patches_list
 
     def prepare(
         self,
