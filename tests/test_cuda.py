@@ -1,0 +1,62 @@
+"""CUDA path: bf16 weights, SDPA attention, compiled decode with CUDA graphs. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from internvl_mpo.generate.engine import Engine, Request
+from internvl_mpo.generate.sampling import SamplingParams
+from internvl_mpo.model import InternVL
+from internvl_mpo.pipeline import InternVLChat
+
+from conftest import tiny_chat_folder
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_chat_folder(tmp_path_factory.mktemp("cuda") / "model")[0]
+
+
+def test_bf16_on_cuda_matches_fp32_on_cpu(folder):
+    cpu = InternVL.from_pretrained(folder)
+    gpu = InternVL.from_pretrained(folder, device="cuda")
+    assert gpu.dtype == torch.bfloat16 and gpu.device.type == "cuda"
+    ids = torch.tensor([[5, 6, 7] + [cpu.image_token_id] * 4 + [8, 9]])
+    pixels = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        expected = cpu(ids, pixel_values=pixels)
+        got = gpu(ids.cuda(), pixel_values=pixels.cuda())
+    assert_close(got.float().cpu(), expected, atol=0.05, rtol=0.05)
+
+
+def test_compiled_cuda_graph_decode_equals_eager(folder):
+    chat = InternVLChat.from_pretrained(folder, device="cuda", dtype="float32")
+    ids = chat.prepare("Describe the picture.").prompt_ids
+    params = SamplingParams(max_new_tokens=32, ignore_eos=True)
+
+    def run(engine):
+        out = {0: [], 1: []}
+        for events in engine.generate([Request(ids, params), Request(ids[:-3], params)]):
+            for e in events:
+                out[e.rid].append(e.token)
+        return out
+
+    eager = run(chat.engine)
+    compiled = run(Engine(chat.model, chat.engine.stop_token_ids, compile=True))
+    assert compiled == eager
+
+
+def test_chat_on_cuda_bf16(folder):
+    chat = InternVLChat.from_pretrained(folder, device="cuda")
+    from PIL import Image
+
+    answer = chat.chat("What is it?", images=Image.new("RGB", (80, 40), "red"), max_new_tokens=8, do_sample=False)
+    assert isinstance(answer, str)
+    assert chat.batch_chat(["a", "b"], max_new_tokens=4, do_sample=False)
