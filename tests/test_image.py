@@ -37,7 +37,7 @@ def reference_grid(width, height, max_num=12, size=448):
 
 def reference_pixel_values(source, max_num=12, size=448):
     image = source.convert("RGB") if isinstance(source, Image.Image) else Image.open(source).convert("RGB")
-    cols, rows = reference_grid(*image.size, max_num=max_num)
+    cols, rows = reference_grid(*image.size, max_num=max_num, size=size)
     resized = image.resize((cols * size, rows * size))
     tiles = [resized.crop((c * size, r * size, (c + 1) * size, (r + 1) * size)) for r in range(rows) for c in range(cols)]
     if len(tiles) > 1:
@@ -252,3 +252,71 @@ def test_bytes_and_file_objects_are_named_in_errors():
     stream = io.BytesIO(b"not an image either")
     with pytest.raises(InputError, match="<file object>"):
         open_image(stream)
+
+
+def test_split_resize_is_exact_across_many_shapes():
+    """The grid resize is split into Pillow's two passes and run in bands; sweep shapes that take
+    either pass order (tall images shrink height first on Pillow 13) and every band layout."""
+    rng = np.random.default_rng(7)
+    shapes = [tuple(int(v) for v in rng.integers(1, 400, 2)) for _ in range(60)]
+    shapes += [(40, 900), (900, 40), (300, 1200), (1200, 300), (64, 64), (33, 640), (640, 33)]
+    for width, height in shapes:
+        image = photo(width, height, seed=width * 1000 + height)
+        for max_num in (6, 12):
+            ours = image_to_pixel_values(image, max_num=max_num, image_size=32)
+            assert torch.equal(ours, reference_pixel_values(image, max_num=max_num, size=32)), (width, height, max_num)
+
+
+# --- several images in one prompt (processor/multi.py) ---
+
+
+def test_separate_images_prefix_counts_and_pixels():
+    from internvl_mpo.processor.multi import load_images
+
+    images = [photo(900, 450, seed=1), photo(300, 300, seed=2), photo(200, 800, seed=3)]
+    result = load_images(images, max_num=6)
+    expected = [reference_pixel_values(img, max_num=6) for img in images]
+    assert result.num_patches_list == [e.shape[0] for e in expected] == [3, 1, 5]
+    assert result.prefix == "Image-1: <image>\nImage-2: <image>\nImage-3: <image>\n"
+    assert torch.equal(result.pixel_values, torch.cat(expected))
+
+
+def test_combined_images_share_one_placeholder():
+    from internvl_mpo.processor.multi import load_images
+
+    images = [photo(900, 450, seed=1), photo(300, 300, seed=2)]
+    result = load_images(images, max_num=[2, 12], combined=True)
+    assert result.prefix == "<image>\n"
+    assert result.num_patches_list == [3 + 1]
+    assert torch.equal(result.pixel_values, torch.cat([reference_pixel_values(images[0], max_num=2), reference_pixel_values(images[1])]))
+    assert load_images(images[:1]).prefix == "<image>\n"  # one image: the card's plain placeholder
+
+
+def test_tile_budget_follows_the_official_evaluation_rule():
+    from internvl_mpo.processor.multi import OFFICIAL_EVAL_TILE_BUDGET, load_images, per_image_max_num
+
+    # VLMEvalKit: max_num = max(1, min(max_num, total_max_num // n_images)), total_max_num = 64.
+    assert OFFICIAL_EVAL_TILE_BUDGET == 64
+    assert per_image_max_num(12, 2, 64) == [12, 12]
+    assert per_image_max_num(12, 5, 64) == [12] * 5  # 64 // 5 = 12: thumbnails can push the total to 65
+    assert per_image_max_num(12, 10, 64) == [6] * 10
+    assert per_image_max_num(12, 100, 64) == [1] * 100
+    assert per_image_max_num([2, 24, 9], 3, 30) == [2, 10, 9]
+    assert per_image_max_num(12, 3) == [12, 12, 12]
+    wide = photo(1600, 400)
+    result = load_images([wide] * 3, max_num=12, total_budget=9)  # each image capped at 3 tiles
+    assert result.num_patches_list == [4, 4, 4]
+    assert torch.equal(result.pixel_values[:4], reference_pixel_values(wide, max_num=3))
+
+
+def test_multi_image_bad_input():
+    from internvl_mpo.processor.multi import load_images
+
+    with pytest.raises(InputError, match="no images"):
+        load_images([])
+    with pytest.raises(InputError, match="2 max_num values for 3 images"):
+        load_images([photo(10, 10)] * 3, max_num=[1, 2])
+    with pytest.raises(InputError, match="budget"):
+        load_images([photo(10, 10)], total_budget=0)
+    with pytest.raises(InputError, match="gone.png"):
+        load_images([photo(10, 10), "gone.png"])

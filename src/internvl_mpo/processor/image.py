@@ -8,13 +8,19 @@ divided by 255) and Normalize with the ImageNet mean/std ((x - mean) / std in fl
 Our result is bit-identical to that recipe but computed differently, for speed:
 - an image that is already RGB is not copied by a `convert('RGB')`, and an image that already has
   the resized size is not resized (PIL would return a copy);
-- all grid tiles are converted at once from the resized image with one strided copy and three
+- tiles are converted in blocks straight from the resized pixels with one strided copy and three
   in-place float32 ops (the same ops, in the same order, as ToTensor + Normalize);
-- the thumbnail (a second resize of the original image) is computed on a worker thread while the
-  main thread resizes the grid; Pillow releases the GIL while resampling.
-The resizes themselves are whole-image PIL resizes exactly as in the official code: Pillow 13
-chooses the order of its horizontal and vertical passes from the sizes involved, so resizing
-strips separately would not give the same pixels.
+- work runs on a small thread pool (Pillow and torch release the GIL): the thumbnail resize runs
+  beside the grid resize, and the grid resize is split into Pillow's own two passes, the second
+  one cut into bands of whole tile columns (or rows) that resize in parallel.
+Splitting the resize is exact only because it repeats what Pillow does inside one `resize`: a
+horizontal-only pass and a vertical-only pass, in the order Pillow picks, each of which depends on
+one row (or column) at a time. Pillow <= 12 always runs the horizontal pass first; Pillow 13 runs
+the vertical pass first when `in_h - out_h > 0 and in_h - out_h > 2 * (in_w - out_w)`
+(src/libImaging/Resample.c, python-pillow/Pillow PR #9549). For a Pillow whose rule we have not
+read we fall back to one whole-image resize. (Note the rule change itself: images that shrink much
+more in height than in width get slightly different pixels under Pillow 13 than under the Pillow
+versions the model was trained with; parity here is with the official recipe on the same Pillow.)
 
 No EXIF orientation is applied (the official code does not apply it either).
 """
@@ -22,10 +28,12 @@ No EXIF orientation is applied (the official code does not apply it either).
 import io
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import BinaryIO
 
 import numpy as np
+import PIL
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -39,7 +47,9 @@ ImageSource = str | os.PathLike | bytes | bytearray | BinaryIO | Image.Image
 
 _MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
-_THUMBNAIL_POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="internvl-thumb")
+_WORKERS = min(4, os.cpu_count() or 1)
+_POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="internvl-tiles")
+_PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
 
 # Pillow errors that mean "this file is not a readable image" (truncated data, bad headers, bad
 # chunks); anything else is a bug and propagates.
@@ -133,24 +143,73 @@ def _to_tensor_(out: torch.Tensor, pixels: torch.Tensor) -> None:
     out.div_(255).sub_(_MEAN).div_(_STD)
 
 
-def _fill_thumbnail(image: Image.Image, image_size: int, out: torch.Tensor) -> None:
-    thumb = torch.from_numpy(np.array(image.resize((image_size, image_size))))  # (H, W, C) uint8
-    _to_tensor_(out, thumb.permute(2, 0, 1))
+def _fill_tiles(block: Image.Image, out: torch.Tensor) -> None:
+    """Normalise a resized block of whole tiles into `out` (rows, cols, C, S, S)."""
+    rows, cols, _, s, _ = out.shape
+    pixels = torch.from_numpy(np.array(block))  # (rows*S, cols*S, C) uint8
+    _to_tensor_(out, pixels.view(rows, s, cols, s, 3).permute(0, 2, 4, 1, 3))
+
+
+def _thumbnail_job(image: Image.Image, out: torch.Tensor) -> None:
+    s = out.shape[-1]
+    _fill_tiles(image.resize((s, s)), out.view(1, 1, 3, s, s))
+
+
+def _horizontal_first(in_size: tuple[int, int], out_size: tuple[int, int]) -> bool | None:
+    """Pillow's order of resize passes (see the module docstring); None for an unknown Pillow."""
+    if _PILLOW_MAJOR > 13:
+        return None
+    shrink_w, shrink_h = in_size[0] - out_size[0], in_size[1] - out_size[1]
+    return _PILLOW_MAJOR < 13 or not (shrink_h > 0 and shrink_h > 2 * shrink_w)
+
+
+def _splits(n: int, parts: int) -> list[tuple[int, int]]:
+    bounds = [round(k * n / parts) for k in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _resize_band(source: Image.Image, box: tuple[int, int, int, int], size: tuple[int, int], out: torch.Tensor) -> None:
+    _fill_tiles(source.crop(box).resize(size), out)
+
+
+def _grid_jobs(image: Image.Image, plan: TilePlan, grid: torch.Tensor) -> list[partial]:
+    """Jobs that resize the grid and fill `grid` (rows, cols, C, S, S) between them.
+
+    Runs Pillow's first pass here and returns one job per band of the second pass.
+    """
+    s, out_size = plan.image_size, plan.resized_size
+    (in_w, in_h), (out_w, out_h) = image.size, out_size
+    order = _horizontal_first(image.size, out_size)
+    bands = min(_WORKERS, plan.cols if order else plan.rows)
+    if order is None or bands < 2:
+        resized = image if image.size == out_size else image.resize(out_size)
+        return [partial(_fill_tiles, resized, grid)]
+    if order:  # horizontal pass on the whole image, then vertical passes on bands of tile columns
+        first = image if in_w == out_w else image.resize((out_w, in_h))
+        return [
+            partial(_resize_band, first, (c0 * s, 0, c1 * s, in_h), ((c1 - c0) * s, out_h), grid[:, c0:c1])
+            for c0, c1 in _splits(plan.cols, bands)
+        ]
+    first = image.resize((in_w, out_h))  # vertical pass on the whole image, then horizontal on bands of tile rows
+    return [
+        partial(_resize_band, first, (0, r0 * s, in_w, r1 * s), (out_w, (r1 - r0) * s), grid[r0:r1])
+        for r0, r1 in _splits(plan.rows, bands)
+    ]
 
 
 def tiles_to_tensor(image: Image.Image, plan: TilePlan) -> torch.Tensor:
     """Normalised tiles of an RGB `image` laid out by `plan`: (N, 3, S, S) float32."""
     s = plan.image_size
     pixel_values = torch.empty((plan.num_tiles, 3, s, s), dtype=torch.float32)  # (N, C, H, W)
-    thumbnail = None
+    pending: list[Future] = []
     if plan.has_thumbnail:
-        thumbnail = _THUMBNAIL_POOL.submit(_fill_thumbnail, image, s, pixel_values[-1])
-    resized = image if image.size == plan.resized_size else image.resize(plan.resized_size)
-    grid = torch.from_numpy(np.array(resized))  # (rows*S, cols*S, C) uint8
-    tiles = grid.view(plan.rows, s, plan.cols, s, 3).permute(0, 2, 4, 1, 3)  # (rows, cols, C, S, S)
-    _to_tensor_(pixel_values[: plan.grid_tiles].view(plan.rows, plan.cols, 3, s, s), tiles)
-    if thumbnail is not None:
-        thumbnail.result()
+        pending.append(_POOL.submit(_thumbnail_job, image, pixel_values[-1]))
+    grid = pixel_values[: plan.grid_tiles].view(plan.rows, plan.cols, 3, s, s)
+    *others, last = _grid_jobs(image, plan, grid)
+    pending += [_POOL.submit(job) for job in others]
+    last()
+    for job in pending:
+        job.result()
     return pixel_values
 
 
