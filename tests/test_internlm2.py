@@ -57,7 +57,8 @@ def hf_llama_config(config: ModelConfig):
     hf.text_config = LlamaConfig(
         hidden_size=l.hidden_size, intermediate_size=l.intermediate_size, num_hidden_layers=l.num_hidden_layers,
         num_attention_heads=l.num_attention_heads, num_key_value_heads=l.num_key_value_heads,
-        vocab_size=l.vocab_size, rms_norm_eps=l.rms_norm_eps, rope_theta=l.rope_theta, rope_scaling=l.rope_scaling,
+        vocab_size=l.vocab_size, rms_norm_eps=l.rms_norm_eps, rope_theta=l.rope_theta,
+        rope_scaling=dict(l.rope_scaling),  # a copy: transformers edits the dict in place
         max_position_embeddings=l.max_position_embeddings, attention_bias=bool(l.extra.get("bias", True)),
         mlp_bias=False, tie_word_embeddings=False, pad_token_id=2, bos_token_id=1, eos_token_id=2,
     )
@@ -137,7 +138,8 @@ def test_official_key_names_and_shapes():
         p = f"language_model.model.layers.{i}."
         expected.update({
             p + "attention.wqkv.weight": (128, c), p + "attention.wo.weight": (c, h),
-            p + "feed_forward.w1.weight": (f, c), p + "feed_forward.w3.weight": (f, c), p + "feed_forward.w2.weight": (c, f),
+            p + "feed_forward.w1.weight": (f, c), p + "feed_forward.w3.weight": (f, c),
+            p + "feed_forward.w2.weight": (c, f),
             p + "attention_norm.weight": (c,), p + "ffn_norm.weight": (c,),
         })
     assert keys == expected

@@ -1,0 +1,437 @@
+"""Convert checkpoints between the official InternVL layout and transformers' native InternVL layout.
+
+The official layout (`InternVLChatModel`, remote code) is what this package loads; transformers'
+`InternVLForConditionalGeneration` (the `-hf` ports) renames keys and splits fused projections.
+The rules are those of transformers' `models/internvl/convert_internvl_weights_to_hf.py`; the names
+are the ones transformers writes to disk (and the hub `-hf` checkpoints hold):
+- vision: `vision_model` -> `vision_tower`, `layers` -> `layer`, `class_embedding` -> `cls_token`,
+  `position_embedding` -> `position_embeddings`, `patch_embedding` -> `patch_embeddings.projection`,
+  `ls1/ls2` -> `lambda_1/lambda_2`, `attn.proj` -> `attention.projection_layer`, `attn` -> `attention`,
+  `norm1/norm2` -> `layernorm_before/layernorm_after`; the fused `qkv` rows [Q | K | V] become
+  `q_proj`, `k_proj`, `v_proj`;
+- projector: `mlp1.0/1/3` -> `multi_modal_projector.layer_norm/linear_1/linear_2`;
+- Qwen2 LLM: unchanged (`language_model.model.*`, `language_model.lm_head`);
+- InternLM2 LLM -> Llama: `tok_embeddings` -> `embed_tokens`, `attention.wo` -> `self_attn.o_proj`,
+  `feed_forward.w1/w3/w2` -> `mlp.gate_proj/up_proj/down_proj`, `attention_norm/ffn_norm` ->
+  `input_layernorm/post_attention_layernorm`, `output` -> `lm_head`, and `wqkv` (grouped per kv head:
+  H/K query heads, then k, then v) split into `q_proj`, `k_proj`, `v_proj`.
+Reading also accepts transformers' in-memory names (`model.vision_tower.*`, `model.language_model.*`,
+`lm_head.*`). Only one table is written (official -> transformers); the other direction is its exact
+inverse, so a round trip gives back every tensor bit for bit. Tensors keep their dtype and are
+streamed one at a time into shards, so memory stays near one shard. Config fields that change the
+maths are carried both ways; the official chat-only fields (template, tiling limits) are not part of
+transformers' config and come back as the InternVL2.5 values. Tokenizer and generation files are
+copied unchanged (the hub `-hf` InternLM2 ports ship a re-made Llama tokenizer; that is not done here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import checkpoint
+from .config import LLMConfig, ModelConfig, VisionConfig
+from .errors import CheckpointError, ConfigError, InputError
+from .model import InternVL
+
+HF_ARCHITECTURE = "InternVLForConditionalGeneration"
+IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+TOKENIZER_FILES = tuple(name for name in checkpoint.COMPANION_FILES if name != "preprocessor_config.json")
+
+# Module renames inside one layer (official -> transformers), matched on the module path before
+# ".weight" / ".bias" (or the whole name for parameters such as ls1).
+_VISION_LAYER = {
+    "ls1": "lambda_1", "ls2": "lambda_2", "attn.proj": "attention.projection_layer",
+    "attn.q_norm": "attention.q_norm", "attn.k_norm": "attention.k_norm",
+    "norm1": "layernorm_before", "norm2": "layernorm_after", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+}
+_VISION_TOP = {
+    "embeddings.class_embedding": "embeddings.cls_token",
+    "embeddings.position_embedding": "embeddings.position_embeddings",
+    "embeddings.patch_embedding": "embeddings.patch_embeddings.projection",
+}
+_INTERNLM2_LAYER = {
+    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_PROJECTOR = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """One official tensor and the transformers tensor(s) it becomes: one renamed, or q/k/v of a fused one."""
+
+    official: str
+    hf: tuple[str, ...]
+    fused: str | None = None  # None, "qkv" (vision rows [Q|K|V]) or "wqkv" (InternLM2 grouped rows)
+    shape: tuple[int, ...] = ()  # of the official tensor
+
+
+def _split_module(name: str) -> tuple[str, str]:
+    """'a.b.weight' -> ('a.b', '.weight'); 'ls1' -> ('ls1', '')."""
+    for suffix in (".weight", ".bias"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)], suffix
+    return name, ""
+
+
+def _map_key(key: str, llm_arch: str) -> KeyMap:
+    """The official key -> its transformers key(s) (shape left empty)."""
+    if key.startswith("vision_model."):
+        rest = key[len("vision_model."):]
+        match = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", rest)
+        if match:
+            module, suffix = _split_module(match[2])
+            base = f"vision_tower.encoder.layer.{match[1]}."
+            if module == "attn.qkv":
+                return KeyMap(key, tuple(f"{base}attention.{p}_proj{suffix}" for p in "qkv"), "qkv")
+            if module in _VISION_LAYER:
+                return KeyMap(key, (base + _VISION_LAYER[module] + suffix,))
+        module, suffix = _split_module(rest)
+        if module in _VISION_TOP:
+            return KeyMap(key, ("vision_tower." + _VISION_TOP[module] + suffix,))
+    elif key.startswith("mlp1."):
+        index, _, param = key[len("mlp1."):].partition(".")
+        if index in _PROJECTOR:
+            return KeyMap(key, (f"multi_modal_projector.{_PROJECTOR[index]}.{param}",))
+    elif llm_arch == "Qwen2ForCausalLM":
+        if key.startswith(("language_model.model.", "language_model.lm_head.")):
+            return KeyMap(key, (key,))
+    else:  # InternLM2
+        fixed = {
+            "language_model.output.weight": "language_model.lm_head.weight",
+            "language_model.model.tok_embeddings.weight": "language_model.model.embed_tokens.weight",
+            "language_model.model.norm.weight": "language_model.model.norm.weight",
+        }
+        if key in fixed:
+            return KeyMap(key, (fixed[key],))
+        match = re.fullmatch(r"language_model\.model\.layers\.(\d+)\.(.+)", key)
+        if match:
+            module, suffix = _split_module(match[2])
+            base = f"language_model.model.layers.{match[1]}."
+            if module == "attention.wqkv":
+                return KeyMap(key, tuple(f"{base}self_attn.{p}_proj{suffix}" for p in "qkv"), "wqkv")
+            if module in _INTERNLM2_LAYER:
+                return KeyMap(key, (base + _INTERNLM2_LAYER[module] + suffix,))
+    raise CheckpointError(f"no conversion rule for the official key {key!r}")
+
+
+def key_maps(config: ModelConfig) -> list[KeyMap]:
+    """The conversion table of every tensor of a model with this config."""
+    with torch.device("meta"):
+        expected = InternVL(config).expected_keys()
+    maps = [_map_key(key, config.llm.architectures[0]) for key in expected]
+    return [dataclasses.replace(m, shape=tuple(expected[m.official])) for m in maps]
+
+
+def split_fused(tensor: torch.Tensor, fused: str | None, llm: LLMConfig) -> list[torch.Tensor]:
+    if fused is None:
+        return [tensor]
+    if fused == "qkv":  # rows [Q all heads | K all heads | V all heads]
+        return [t.contiguous() for t in tensor.chunk(3, dim=0)]
+    kv, groups = llm.num_key_value_heads, llm.num_attention_heads // llm.num_key_value_heads
+    rows = tensor.view(kv, groups + 2, llm.head_dim, *tensor.shape[1:])  # (K, H/K + 2, D, ...)
+    q = rows[:, :groups].reshape(-1, *tensor.shape[1:])
+    return [q.contiguous(), rows[:, -2].reshape(-1, *tensor.shape[1:]).contiguous(),
+            rows[:, -1].reshape(-1, *tensor.shape[1:]).contiguous()]
+
+
+def merge_fused(parts: list[torch.Tensor], fused: str | None, llm: LLMConfig) -> torch.Tensor:
+    if fused is None:
+        return parts[0]
+    if fused == "qkv":
+        return torch.cat(parts, dim=0)
+    q, k, v = parts
+    rest = q.shape[1:]
+    grouped = [t.reshape(llm.num_key_value_heads, -1, llm.head_dim, *rest) for t in (q, k, v)]  # (K, n, D, ...)
+    return torch.cat(grouped, dim=1).reshape(-1, *rest)
+
+
+# ---- configs -------------------------------------------------------------------------------------
+
+
+def hf_config_dict(config: ModelConfig, image_token_id: int) -> dict[str, Any]:
+    """transformers' InternVLConfig (as config.json) for an official ModelConfig."""
+    v, l = config.vision, config.llm
+    internlm2 = l.architectures[0] == "InternLM2ForCausalLM"
+    vision = {
+        "model_type": "internvl_vision", "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+        "num_hidden_layers": v.num_hidden_layers, "num_attention_heads": v.num_attention_heads,
+        "attention_bias": v.qkv_bias, "use_qk_norm": v.qk_normalization, "norm_type": v.norm_type,
+        "layer_norm_eps": v.layer_norm_eps, "image_size": [v.image_size, v.image_size],
+        "patch_size": [v.patch_size, v.patch_size], "num_channels": v.num_channels, "hidden_act": v.hidden_act,
+        "hidden_dropout_prob": v.dropout, "attention_dropout": v.attention_dropout,
+        "projection_dropout": v.attention_dropout, "layer_scale_init_value": v.initializer_factor,
+        "initializer_range": v.initializer_range, "drop_path_rate": v.drop_path_rate,
+        "use_absolute_position_embeddings": True, "use_mask_token": False, "use_mean_pooling": True,
+    }
+    text = {
+        "model_type": "llama" if internlm2 else "qwen2",
+        "architectures": ["LlamaForCausalLM" if internlm2 else "Qwen2ForCausalLM"],
+        "hidden_size": l.hidden_size, "intermediate_size": l.intermediate_size,
+        "num_hidden_layers": l.num_hidden_layers, "num_attention_heads": l.num_attention_heads,
+        "num_key_value_heads": l.num_key_value_heads, "head_dim": l.head_dim, "vocab_size": l.vocab_size,
+        "hidden_act": l.hidden_act, "rms_norm_eps": l.rms_norm_eps, "rope_theta": l.rope_theta,
+        "rope_scaling": l.rope_scaling, "max_position_embeddings": l.max_position_embeddings,
+        "attention_dropout": l.attention_dropout, "tie_word_embeddings": l.tie_word_embeddings,
+        "bos_token_id": l.bos_token_id, "eos_token_id": l.eos_token_id, "use_cache": True,
+    }
+    if "pad_token_id" in l.extra:
+        text["pad_token_id"] = l.extra["pad_token_id"]
+    if internlm2:  # Llama's attention_bias covers q/k/v/o, as InternLM2's `bias` covers wqkv and wo
+        text.update(attention_bias=bool(l.extra.get("bias", True)), mlp_bias=False)
+    else:
+        text["use_sliding_window"] = False
+    out = {
+        "architectures": [HF_ARCHITECTURE], "model_type": "internvl", "vision_config": vision, "text_config": text,
+        "image_token_id": image_token_id, "image_seq_length": config.num_image_token,
+        "downsample_ratio": config.downsample_ratio, "projector_hidden_act": "gelu",
+        "vision_feature_layer": config.select_layer, "vision_feature_select_strategy": "default",
+        "tie_word_embeddings": l.tie_word_embeddings,
+    }
+    if "torch_dtype" in config.extra:
+        out["torch_dtype"] = config.extra["torch_dtype"]
+    return out
+
+
+def _rope_scaling(text: dict[str, Any]) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from legacy keys or transformers 5's `rope_parameters`."""
+    params = text.get("rope_parameters")
+    if params:
+        kind = params.get("rope_type", params.get("type", "default"))
+        scaling = None
+        if kind != "default":  # the official spelling: {"type": ..., "factor": ...}
+            rest = {k: v for k, v in params.items() if k not in ("rope_theta", "rope_type", "type")}
+            scaling = {"type": kind, **rest}
+        return params.get("rope_theta", text.get("rope_theta", 10000.0)), scaling
+    return text.get("rope_theta", 10000.0), text.get("rope_scaling")
+
+
+def config_from_hf(d: dict[str, Any]) -> ModelConfig:
+    """The official ModelConfig for a transformers InternVLConfig dict (config.json)."""
+    if d.get("model_type") != "internvl":
+        raise ConfigError(f"model_type {d.get('model_type')!r} is not transformers' 'internvl'")
+    v, t = d.get("vision_config") or {}, d.get("text_config") or {}
+    kind = t.get("model_type")
+    if kind not in ("llama", "qwen2"):
+        raise ConfigError(f"text_config.model_type {kind!r} is not implemented (only 'llama' and 'qwen2')")
+    if d.get("vision_feature_select_strategy", "default") != "default" or not isinstance(
+            d.get("vision_feature_layer", -1), int):
+        raise ConfigError("only vision_feature_select_strategy 'default' with one vision_feature_layer is implemented")
+    if d.get("projector_hidden_act", "gelu") != "gelu":
+        raise ConfigError(f"projector_hidden_act {d.get('projector_hidden_act')!r} is not implemented (only 'gelu')")
+
+    def square(value, name):
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if len(set(values)) != 1:
+            raise ConfigError(f"vision_config.{name} {value} is not square")
+        return values[0]
+
+    vision = VisionConfig(
+        hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
+        num_hidden_layers=v["num_hidden_layers"], num_attention_heads=v["num_attention_heads"],
+        patch_size=square(v.get("patch_size", 14), "patch_size"),
+        image_size=square(v.get("image_size", 448), "image_size"),
+        num_channels=v.get("num_channels", 3), norm_type=v.get("norm_type", "layer_norm"),
+        layer_norm_eps=v.get("layer_norm_eps", 1e-6), qkv_bias=v.get("attention_bias", False),
+        qk_normalization=v.get("use_qk_norm", False), hidden_act=v.get("hidden_act", "gelu"),
+        dropout=v.get("hidden_dropout_prob", 0.0), attention_dropout=v.get("attention_dropout", 0.0),
+        drop_path_rate=v.get("drop_path_rate", 0.0), initializer_factor=v.get("layer_scale_init_value", 0.1),
+        initializer_range=v.get("initializer_range", 1e-10),
+    )
+    if t.get("head_dim") not in (None, t["hidden_size"] // t["num_attention_heads"]):
+        raise ConfigError(f"text_config.head_dim {t['head_dim']} is not hidden_size / num_attention_heads")
+    rope_theta, rope_scaling = _rope_scaling(t)
+    internlm2 = kind == "llama"
+    if internlm2 and t.get("mlp_bias"):
+        raise ConfigError("text_config.mlp_bias=true has no InternLM2 equivalent")
+    extra: dict[str, Any] = {}
+    if internlm2:
+        extra["bias"] = bool(t.get("attention_bias", False))
+    if t.get("pad_token_id") is not None:
+        extra["pad_token_id"] = t["pad_token_id"]
+    llm = LLMConfig(
+        hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
+        num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
+        num_key_value_heads=t.get("num_key_value_heads") or t["num_attention_heads"], vocab_size=t["vocab_size"],
+        hidden_act=t.get("hidden_act", "silu"), rms_norm_eps=t.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
+        rope_scaling=rope_scaling, max_position_embeddings=t.get("max_position_embeddings", 32768),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
+        attention_dropout=t.get("attention_dropout", 0.0), bos_token_id=t.get("bos_token_id"),
+        eos_token_id=t.get("eos_token_id"),
+        architectures=("InternLM2ForCausalLM",) if internlm2 else ("Qwen2ForCausalLM",),
+        model_type="internlm2" if internlm2 else "qwen2", extra=extra,
+    )
+    top_extra = {}
+    dtype = d.get("torch_dtype", d.get("dtype"))
+    if dtype is not None:
+        top_extra["torch_dtype"] = dtype
+    return ModelConfig(
+        vision=vision, llm=llm, downsample_ratio=d.get("downsample_ratio", 0.5),
+        select_layer=d.get("vision_feature_layer", -1), force_image_size=vision.image_size, extra=top_extra,
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+# ---- tensors -------------------------------------------------------------------------------------
+
+
+class _ShardWriter:
+    """Collects tensors and writes numbered shards of at most `limit` bytes, then the index."""
+
+    def __init__(self, folder: Path, limit: int):
+        self.folder, self.limit = folder, limit
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.written: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.size + nbytes > self.limit:
+            self._flush()
+        self.pending[key] = tensor.contiguous()
+        self.size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        path = self.folder / f"partial-{len(self.written):05d}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.written.append((path, list(self.pending)))
+        self.pending, self.size = {}, 0
+
+    def close(self) -> None:
+        self._flush()
+        if len(self.written) == 1:
+            self.written[0][0].rename(self.folder / checkpoint.SINGLE_FILE)
+            return
+        mapping = {}
+        n = len(self.written)
+        for i, (path, keys) in enumerate(self.written, 1):
+            name = f"model-{i:05d}-of-{n:05d}.safetensors"
+            path.rename(self.folder / name)
+            mapping.update({key: name for key in keys})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(mapping.items()))}
+        (self.folder / checkpoint.INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+# transformers writes the layout above (that of the hub `-hf` checkpoints); its in-memory names, which
+# some tools save, are read too.
+_HF_MEMORY_PREFIXES = {
+    "model.vision_tower.": "vision_tower.", "model.multi_modal_projector.": "multi_modal_projector.",
+    "model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
+}
+
+
+def hf_disk_name(key: str) -> str:
+    for memory, disk in _HF_MEMORY_PREFIXES.items():
+        if key.startswith(memory):
+            return disk + key[len(memory):]
+    return key
+
+
+def _check_keys(folder: Path, present: set[str], expected: set[str]) -> None:
+    missing = sorted(expected - present)
+    unexpected = sorted(present - expected)
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing: {', '.join(missing[:8])}"] if missing else []
+        parts += [f"{len(unexpected)} unexpected: {', '.join(unexpected[:8])}"] if unexpected else []
+        raise CheckpointError(f"{folder}: the weights do not match config.json ({'; '.join(parts)})")
+
+
+def _check_shape(folder: Path, name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != shape:
+        raise CheckpointError(f"{folder}: {name} has shape {list(tensor.shape)}, config.json implies {list(shape)}")
+
+
+def _prepare_destination(src: Path, dst: Path) -> None:
+    if dst.resolve() == src.resolve():
+        raise InputError(f"{dst}: the destination must differ from the source folder")
+    if dst.exists() and any(dst.iterdir()):
+        raise InputError(f"{dst} exists and is not empty; give a new folder")
+    dst.mkdir(parents=True, exist_ok=True)
+
+
+def convert(
+    src: str | Path, dst: str | Path, to: str, image_token_id: int | None = None, max_shard_size: int | str = "5GB"
+) -> Path:
+    """Convert the checkpoint folder `src` into `dst`: to="hf" (official -> transformers) or "official".
+
+    `image_token_id` (to="hf" only) defaults to the id of `<IMG_CONTEXT>` in src's tokenizer files.
+    """
+    src, dst = Path(src), Path(dst)
+    if to not in ("hf", "official"):
+        raise InputError(f"to={to!r}: choose 'hf' (official -> transformers) or 'official' (transformers -> official)")
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: no such checkpoint folder")
+    source_config = _read_json(src / "config.json")
+    if to == "hf":
+        config = ModelConfig.from_dict(source_config)
+        if image_token_id is None:
+            image_token_id = checkpoint.find_token_id(src, IMG_CONTEXT_TOKEN)
+        if image_token_id is None:
+            raise CheckpointError(f"{src}: no {IMG_CONTEXT_TOKEN} in the tokenizer files; pass image_token_id=")
+        out_config = hf_config_dict(config, image_token_id)
+    else:
+        if source_config.get("architectures") not in (None, [HF_ARCHITECTURE]):
+            raise ConfigError(f"{src / 'config.json'}: architectures {source_config['architectures']} is not "
+                              f"[{HF_ARCHITECTURE!r}]")
+        config = config_from_hf(source_config)
+        out_config = config.to_dict()
+
+    maps = key_maps(config)
+    mapping = checkpoint.weight_map(src)
+    names = {key: key for key in mapping}  # the name the table uses -> the name in the files
+    if to == "official":
+        names = {hf_disk_name(key): key for key in mapping}
+    source_keys = [k for m in maps for k in ((m.official,) if to == "hf" else m.hf)]
+    _check_keys(src, set(names), set(source_keys))
+    _prepare_destination(src, dst)
+    handles = {file: safe_open(str(file), framework="pt", device="cpu") for file in set(mapping.values())}
+    writer = _ShardWriter(dst, checkpoint.parse_size(max_shard_size))
+    for m in maps:
+        if to == "hf":
+            tensor = handles[mapping[m.official]].get_tensor(m.official)
+            _check_shape(src, m.official, tensor, m.shape)
+            for key, part in zip(m.hf, split_fused(tensor, m.fused, config.llm)):
+                writer.add(key, part)
+        else:
+            parts = [handles[mapping[names[key]]].get_tensor(names[key]) for key in m.hf]
+            try:
+                merged = merge_fused(parts, m.fused, config.llm)
+            except RuntimeError:  # parts of sizes that do not fit together
+                raise CheckpointError(f"{src}: {', '.join(m.hf)} do not fit {m.official} {list(m.shape)}") from None
+            _check_shape(src, ", ".join(m.hf), merged, m.shape)
+            writer.add(m.official, merged)
+    writer.close()
+    (dst / "config.json").write_text(json.dumps(out_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    return dst
+
+
+def convert_command(src: str, dst: str, to: str) -> Path:
+    """Convert a checkpoint folder between the official InternVL layout and transformers' layout.
+
+    src: checkpoint folder to read; dst: new folder to write; to: "hf" (official -> transformers'
+    InternVLForConditionalGeneration) or "official" (back to the layout this package loads).
+    """
+    return convert(src, dst, to)

@@ -1,0 +1,171 @@
+"""Conversion official <-> transformers InternVL: transformers loads what we write, with our logits;
+what transformers writes loads in our model; both round trips are bit-exact."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from internvl_mpo.checkpoint import weight_map
+from internvl_mpo.config import FAMILY_SIZES, ModelConfig, family_config
+from internvl_mpo.convert import (
+    config_from_hf, convert, convert_command, hf_config_dict, hf_disk_name, key_maps, split_fused,
+)
+from internvl_mpo.errors import CheckpointError, InputError
+from internvl_mpo.model import InternVL
+
+from conftest import IMAGE_TOKEN_ID, hf_reference, hf_to_official, tiny_config, write_checkpoint
+from test_internlm2 import hf_llama_reference, hf_llama_to_official, internlm2_config
+
+SIX_B = dict(norm_type="rms_norm", qk_normalization=True, qkv_bias=False)
+
+
+def official_folder(folder, llm: str, **vision):
+    """An official-layout checkpoint with random weights, plus a tokenizer_config naming <IMG_CONTEXT>."""
+    if llm == "internlm2":
+        config = internlm2_config(**vision)
+        state = hf_llama_to_official(hf_llama_reference(config).state_dict(), config)
+    else:
+        config = tiny_config(**vision)
+        state = hf_to_official(hf_reference(config).state_dict())
+    write_checkpoint(folder, config, state, shards=2)
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"added_tokens_decoder": {str(IMAGE_TOKEN_ID): {"content": "<IMG_CONTEXT>", "special": True}}}))
+    return folder
+
+
+def tensors(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, file in weight_map(folder).items():
+        with safe_open(str(file), "pt") as f:
+            out[key] = f.get_tensor(key)
+    return out
+
+
+def inputs(config: ModelConfig, tiles: int = 2):
+    torch.manual_seed(1)
+    ids = torch.tensor([[5, 6] + [IMAGE_TOKEN_ID] * (tiles * config.num_image_token) + [7, 8, 9]])
+    return ids, torch.randn(tiles, 3, 56, 56)
+
+
+def load_hf(folder):
+    from transformers import InternVLForConditionalGeneration
+
+    model = InternVLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    model.set_attn_implementation("eager")
+    return model
+
+
+@pytest.mark.parametrize("llm,vision", [("qwen2", {}), ("internlm2", SIX_B)])
+def test_to_hf_loads_in_transformers_with_our_logits(tmp_path, llm, vision):
+    src = official_folder(tmp_path / "src", llm, **vision)
+    dst = convert(src, tmp_path / "hf", to="hf")
+    ours = InternVL.from_pretrained(src, dtype=torch.float32)
+    ref = load_hf(dst)
+    assert ref.config.image_token_id == IMAGE_TOKEN_ID == ours.image_token_id
+    assert ref.config.text_config.model_type == ("llama" if llm == "internlm2" else "qwen2")
+    ids, pixels = inputs(ours.config)
+    with torch.no_grad():
+        diff = (ours(ids, pixel_values=pixels) - ref(input_ids=ids, pixel_values=pixels).logits).abs().max()
+    assert diff <= 1e-4
+    assert (dst / "tokenizer_config.json").exists()
+
+
+@pytest.mark.parametrize("llm,vision", [("qwen2", {}), ("internlm2", SIX_B)])
+def test_official_round_trip_is_lossless(tmp_path, llm, vision):
+    src = official_folder(tmp_path / "src", llm, **vision)
+    convert(src, tmp_path / "hf", to="hf", max_shard_size=20_000)
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    back = convert(tmp_path / "hf", tmp_path / "back", to="official")
+    before, after = tensors(src), tensors(back)
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    src_config, back_config = ModelConfig.from_json(src), ModelConfig.from_json(back)
+    assert back_config == src_config
+    assert back_config.llm.extra.get("bias") == src_config.llm.extra.get("bias")
+    assert back_config.llm.extra.get("pad_token_id") == src_config.llm.extra.get("pad_token_id")
+
+
+@pytest.mark.parametrize("llm,vision", [("qwen2", SIX_B), ("internlm2", {})])
+def test_transformers_checkpoint_to_official(tmp_path, llm, vision):
+    """A folder written by transformers' save_pretrained converts, loads in our model, gives its logits,
+    and converts back to the same transformers tensors."""
+    if llm == "internlm2":
+        config = internlm2_config(**vision)
+        ref = hf_llama_reference(config)
+    else:
+        config = tiny_config(**vision)
+        ref = hf_reference(config)
+    ref.save_pretrained(tmp_path / "hf")
+    official = convert(tmp_path / "hf", tmp_path / "official", to="official")
+    ours = InternVL.from_pretrained(official, dtype=torch.float32, image_token_id=IMAGE_TOKEN_ID)
+    # transformers wrote bos/eos as null (not given) and its own init-only initializer_range; all else comes back.
+    llm = dataclasses.replace(
+        ours.config.llm, bos_token_id=config.llm.bos_token_id, eos_token_id=config.llm.eos_token_id)
+    vision = dataclasses.replace(ours.config.vision, initializer_range=config.vision.initializer_range)
+    assert ours.config.replace(llm=llm, vision=vision) == config
+    ids, pixels = inputs(config, tiles=1)
+    with torch.no_grad():
+        diff = (ours(ids, pixel_values=pixels) - ref(input_ids=ids, pixel_values=pixels).logits).abs().max()
+    assert diff <= 1e-4
+    again = convert(official, tmp_path / "hf2", to="hf", image_token_id=IMAGE_TOKEN_ID)
+    first, second = tensors(tmp_path / "hf"), tensors(again)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_refusals(tmp_path):
+    src = official_folder(tmp_path / "src", "qwen2")
+    with pytest.raises(InputError, match="to='llama'"):
+        convert(src, tmp_path / "x", to="llama")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    with pytest.raises(InputError, match="exists and is not empty"):
+        convert(src, tmp_path / "full", to="hf")
+    with pytest.raises(InputError, match="must differ from the source"):
+        convert(src, src, to="hf")
+    (src / "tokenizer_config.json").unlink()
+    with pytest.raises(CheckpointError, match="no <IMG_CONTEXT> in the tokenizer files"):
+        convert(src, tmp_path / "y", to="hf")
+    bad = tmp_path / "bad"
+    config = tiny_config()
+    state = hf_to_official(hf_reference(config).state_dict())
+    del state["mlp1.1.bias"]
+    write_checkpoint(bad, config, state)
+    with pytest.raises(CheckpointError, match="1 missing: mlp1.1.bias"):
+        convert(bad, tmp_path / "z", to="hf", image_token_id=IMAGE_TOKEN_ID)
+    assert not (tmp_path / "z").exists()
+
+
+def test_convert_command(tmp_path):
+    src = official_folder(tmp_path / "src", "internlm2")
+    out = convert_command(str(src), str(tmp_path / "hf"), "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["InternVLForConditionalGeneration"]
+    assert config["text_config"]["attention_bias"] is False and config["image_token_id"] == IMAGE_TOKEN_ID
+
+
+@pytest.mark.parametrize("size", FAMILY_SIZES)
+def test_every_size_maps_onto_transformers_model(size):
+    """For each released size (one layer, meta device): transformers' model built from our converted
+    config has exactly the tensor names and shapes our table produces, and the config converts back."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    config = family_config(size, layers=1)
+    hf_dict = hf_config_dict(config, image_token_id=92546)
+    ours = {}
+    for m in key_maps(config):
+        for name, part in zip(m.hf, split_fused(torch.empty(m.shape, device="meta"), m.fused, config.llm)):
+            ours[name] = tuple(part.shape)
+    with torch.device("meta"):
+        ref = InternVLForConditionalGeneration(InternVLConfig.from_dict(hf_dict))
+    theirs = {hf_disk_name(k): tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert ours == theirs
+    back = config_from_hf(hf_dict)
+    assert back.vision == config.vision and back.llm == config.llm
+    assert back.llm.extra.get("bias") == config.llm.extra.get("bias")
