@@ -161,7 +161,8 @@ def official_internvit(state: dict[str, torch.Tensor], config, pixels: torch.Ten
     jointly, no qkv bias, layer scale; the last hidden state."""
     c, heads, eps = config.hidden_size, config.num_attention_heads, config.layer_norm_eps
     e = "embeddings."
-    x = F.conv2d(pixels, state[e + "patch_embedding.weight"], state[e + "patch_embedding.bias"], stride=config.patch_size)
+    x = F.conv2d(pixels, state[e + "patch_embedding.weight"], state[e + "patch_embedding.bias"],
+                 stride=config.patch_size)
     x = x.flatten(2).transpose(1, 2)
     x = torch.cat([state[e + "class_embedding"].expand(x.shape[0], 1, c), x], dim=1) + state[e + "position_embedding"]
     n, p, _ = x.shape

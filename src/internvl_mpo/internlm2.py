@@ -131,7 +131,9 @@ class InternLM2ForCausalLM(nn.Module):
     def __init__(self, config: LLMConfig):
         super().__init__()
         if config.tie_word_embeddings:
-            raise ConfigError("llm_config.tie_word_embeddings=true is not supported for InternLM2 (InternVL forces false)")
+            raise ConfigError(
+                "llm_config.tie_word_embeddings=true is not supported for InternLM2 (InternVL forces false)"
+            )
         version = config.extra.get("rope_pos_id_version")
         if version not in (None, "default"):
             raise ConfigError(f"llm_config.rope_pos_id_version {version!r} is not implemented (only 'default')")
