@@ -1,0 +1,737 @@
+"""`internvl-mpo serve`: an OpenAI-compatible HTTP server over the generation engine.
+
+Endpoints: `POST /v1/chat/completions` (plain or `stream: true` server-sent events in OpenAI's
+`chat.completion.chunk` format, ending with `data: [DONE]`), `GET /v1/models`, `GET /health`.
+
+It is a thin layer: requests are parsed and checked against the limits up front (4xx with an
+OpenAI-style `{"error": {...}}` body), images are decoded and the prompt is tokenized off the event
+loop, and one worker thread owns the model and a single `Generation` (continuous batching): new
+requests join the running batch between decode steps through a thread-safe inbox, and each
+request's text flows back to its handler through an asyncio queue. A client that goes away has its
+rows finished at once.
+
+OpenAI messages map onto the internvl2_5 template as the official `chat()` builds it: an optional
+leading system (or developer) message replaces the template's system message, earlier user /
+assistant turns become the history pairs and the last user message is the question. Each image part
+becomes an `<image>` placeholder where it occurs (parts of one message joined with "\\n"), so
+`[image, text]` gives `chat()`'s `"<image>\\n" + question`; with several images in a request each is
+labelled `Image-k: <image>` as in the model card's multi-image example. `usage.prompt_tokens` counts
+every prompt id, image context tokens included.
+
+Differences from OpenAI kept on purpose: `top_k`, `repetition_penalty`, `ignore_eos` and `max_num`
+(tiles per image) are accepted as extra body fields (vLLM accepts the first three too); the `model`
+field is not checked (one model is served); the text is the raw decoded answer (not stripped as
+`chat()` strips it), so streamed pieces join to exactly the non-streamed content.
+"""
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import hmac
+import json
+import logging
+import queue
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .chat.template import IMAGE_PLACEHOLDER, build_prompt_ids
+from .errors import ConfigError, InputError
+from .generate.engine import Generation, Request
+from .generate.sampling import SamplingParams
+from .pipeline import InternVLChat, TextAssembler
+from .processor.image import load_image
+
+log = logging.getLogger("internvl_mpo.server")
+
+MAX_STOP_STRINGS = 4  # as OpenAI
+DISCONNECT_POLL_S = 0.5  # how often a waiting non-streamed request checks that its client is still there
+UNSUPPORTED_FIELDS = ("tools", "functions", "logit_bias", "audio", "prediction")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The flags of `internvl-mpo serve` (see `serve` for their meaning)."""
+
+    model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_batch: int = 8
+    max_len: int = 4096
+    device: str | None = None
+    dtype: str | None = None
+    compile: bool = False
+    allow_remote_images: bool = False
+    allow_local_images: bool = False
+    max_request_bytes: int = 32 * 2**20
+    max_images: int = 8
+    max_tiles: int = 24
+    max_image_bytes: int = 16 * 2**20
+    max_image_pixels: int = 40_000_000
+    image_timeout: float = 10.0
+    max_prompt_tokens: int | None = None
+    max_tokens: int = 2048
+    max_n: int = 4
+
+
+class ApiError(Exception):
+    """A request the server refuses; becomes an OpenAI-style error body with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ---- request parsing --------------------------------------------------------------------------
+
+
+@dataclass
+class ChatRequest:
+    """A parsed /v1/chat/completions body; images are still URLs."""
+
+    question: str
+    history: list[tuple[str, str]]
+    system_message: str | None
+    image_urls: list[tuple[str, str]]  # (param path, url), in prompt order
+    params: SamplingParams  # max_new_tokens is a placeholder until the prompt length is known
+    max_tokens: int | None
+    n: int
+    stream: bool
+    include_usage: bool
+    max_num: int | None
+
+
+def _field(body: dict, key: str, kinds: tuple[type, ...], default=None, low=None, high=None):
+    """body[key] checked for type (bool is never a number) and range, or `default` when absent/null."""
+    value = body.get(key)
+    if value is None:
+        return default
+    is_bool_field = bool in kinds
+    if isinstance(value, bool) != is_bool_field or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise ApiError(400, f"{key} must be {names}, got {json.dumps(value)[:80]}", key)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ApiError(400, f"{key} must be between {low} and {high}, got {value}", key)
+    return value
+
+
+def _plain_text(text: str, param: str) -> str:
+    if IMAGE_PLACEHOLDER in text:
+        raise ApiError(400, f"{param}: the text holds {IMAGE_PLACEHOLDER!r}; send images as image_url parts", param)
+    return text
+
+
+def _content_text(content, param: str, role: str, images: list[tuple[str, str]]) -> str:
+    """The text of one message, image parts replaced by `<image>` (their URLs appended to `images`)."""
+    if isinstance(content, str):
+        return _plain_text(content, param)
+    if not isinstance(content, list):
+        raise ApiError(400, f"{param} must be a string or a list of content parts", param)
+    pieces = []
+    for k, part in enumerate(content):
+        where = f"{param}[{k}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            pieces.append(_plain_text(part["text"], where))
+        elif kind == "image_url":
+            if role != "user":
+                raise ApiError(400, f"{where}: images are only accepted in user messages", where)
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str) or not url:
+                raise ApiError(400, f"{where}: image_url needs a url string", where)
+            images.append((f"{where}.image_url", url))
+            pieces.append(IMAGE_PLACEHOLDER)
+        else:
+            raise ApiError(400, f"{where}: content parts must be {{'type': 'text', 'text': ...}} or "
+                                f"{{'type': 'image_url', 'image_url': {{'url': ...}}}}", where)
+    return "\n".join(pieces)
+
+
+def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], list[tuple[str, str]]]:
+    """(system message, [(role, text)] alternating user/assistant and ending with user, image urls)."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list", "messages")
+    system, turns, images = None, [], []
+    for i, message in enumerate(messages):
+        param = f"messages[{i}]"
+        role = message.get("role") if isinstance(message, dict) else None
+        if role in ("system", "developer"):
+            if i != 0:
+                raise ApiError(400, f"{param}: a system message may only come first", param)
+            system = _content_text(message.get("content"), f"{param}.content", role, [])
+            continue
+        if role not in ("user", "assistant"):
+            raise ApiError(400, f"{param}: role must be system, user or assistant, got {role!r}", param)
+        text = _content_text(message.get("content"), f"{param}.content", role, images)
+        if turns and turns[-1][0] == role:  # consecutive messages of one role read as one turn
+            turns[-1] = (role, turns[-1][1] + "\n" + text)
+        else:
+            turns.append((role, text))
+    if not turns or turns[0][0] != "user" or turns[-1][0] != "user":
+        raise ApiError(400, "the conversation must start and end with a user message (after an optional "
+                            "system message)", "messages")
+    if not turns[-1][1].strip():
+        raise ApiError(400, "the last user message is empty", "messages")
+    return system, turns, images
+
+
+def _label_images(turns: list[tuple[str, str]], count: int) -> list[tuple[str, str]]:
+    """With several images, write each placeholder as `Image-k: <image>` (k counts over the request)."""
+    if count < 2:
+        return turns
+    k = 0
+    out = []
+    for role, text in turns:
+        pieces = text.split(IMAGE_PLACEHOLDER)
+        labelled = [pieces[0]]
+        for piece in pieces[1:]:
+            k += 1
+            labelled += [f"Image-{k}: {IMAGE_PLACEHOLDER}", piece]
+        out.append((role, "".join(labelled)))
+    return out
+
+
+def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
+    """Check a /v1/chat/completions body and map it onto the chat template; raises ApiError."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    for key in UNSUPPORTED_FIELDS:
+        if body.get(key):
+            raise ApiError(400, f"{key} is not supported by this server", key)
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise ApiError(400, "logprobs are not supported by this server", "logprobs")
+    for key in ("frequency_penalty", "presence_penalty"):
+        if _field(body, key, (int, float), 0):
+            raise ApiError(400, f"{key} is not supported (use repetition_penalty)", key)
+    response_format = body.get("response_format")
+    if response_format and response_format != {"type": "text"}:
+        raise ApiError(400, "only response_format {'type': 'text'} is supported", "response_format")
+
+    system, turns, images = _conversation(body.get("messages"))
+    if len(images) > settings.max_images:
+        raise ApiError(400, f"the request has {len(images)} images; this server accepts at most "
+                            f"{settings.max_images}", "messages", "too_many_images")
+    turns = _label_images(turns, len(images))
+    history = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
+
+    temperature = _field(body, "temperature", (int, float), 1.0, 0, 2)
+    top_p = _field(body, "top_p", (int, float), 1.0, 0, 1)
+    if top_p == 0:
+        raise ApiError(400, "top_p must be greater than 0", "top_p")
+    max_tokens = _field(body, "max_completion_tokens", (int,), None, 1)
+    max_tokens = _field(body, "max_tokens", (int,), max_tokens, 1)
+    if max_tokens is not None and max_tokens > settings.max_tokens:
+        raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {settings.max_tokens}",
+                       "max_tokens")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop or []
+    if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them",
+                       "stop")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise ApiError(400, "stream_options must be an object", "stream_options")
+    max_num = _field(body, "max_num", (int,), None, 1, settings.max_tiles)
+    params = SamplingParams(
+        max_new_tokens=1, do_sample=temperature > 0, temperature=float(temperature), top_p=float(top_p),
+        top_k=_field(body, "top_k", (int,), 0, 0), stop=tuple(stop),
+        repetition_penalty=float(_field(body, "repetition_penalty", (int, float), 1.0, 0.01, 10)),
+        seed=_field(body, "seed", (int,), None), ignore_eos=_field(body, "ignore_eos", (bool,), False),
+    )
+    return ChatRequest(
+        question=turns[-1][1], history=history, system_message=system, image_urls=images, params=params,
+        max_tokens=max_tokens, n=_field(body, "n", (int,), 1, 1, settings.max_n),
+        stream=_field(body, "stream", (bool,), False),
+        include_usage=bool(stream_options.get("include_usage")), max_num=max_num,
+    )
+
+
+# ---- images and the prompt --------------------------------------------------------------------
+
+
+def _fetch_remote(url: str, param: str, settings: ServerSettings) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=settings.image_timeout) as response:
+            data = response.read(settings.max_image_bytes + 1)
+    except (OSError, ValueError) as e:
+        raise ApiError(400, f"{param}: could not fetch {url[:200]}: {e}", param, "image_fetch_failed") from None
+    return data
+
+
+def _read_local(url: str, param: str, settings: ServerSettings) -> bytes:
+    path = Path(url.removeprefix("file://"))
+    if not path.is_file():
+        raise ApiError(400, f"{param}: {path} is not a file", param, "invalid_image")
+    if path.stat().st_size > settings.max_image_bytes:
+        raise ApiError(413, f"{param}: {path} is {path.stat().st_size} bytes; images may be at most "
+                            f"{settings.max_image_bytes} bytes", param, "image_too_large")
+    return path.read_bytes()
+
+
+def image_bytes(url: str, param: str, settings: ServerSettings) -> bytes:
+    """The bytes behind an image URL: a base64 `data:` URL, or (only when allowed) http(s) or a local file."""
+    if url.startswith("data:"):
+        header, comma, data = url.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise ApiError(400, f"{param}: a data URL must be base64 encoded (data:image/png;base64,...)", param,
+                           "invalid_image")
+        data = "".join(data.split())
+        if len(data) // 4 * 3 > settings.max_image_bytes + 2:
+            raise ApiError(413, f"{param}: the image is over the limit of {settings.max_image_bytes} bytes", param,
+                           "image_too_large")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ApiError(400, f"{param}: the data URL is not valid base64 ({e})", param, "invalid_image") from None
+    elif url.startswith(("http://", "https://")):
+        if not settings.allow_remote_images:
+            raise ApiError(400, f"{param}: remote image URLs are refused; send the image as a data: URL "
+                                "(or start the server with --allow-remote-images)", param, "remote_image_refused")
+        raw = _fetch_remote(url, param, settings)
+    else:
+        if not settings.allow_local_images:
+            raise ApiError(400, f"{param}: local image files are refused; send the image as a data: URL "
+                                "(or start the server with --allow-local-images)", param, "local_image_refused")
+        raw = _read_local(url, param, settings)
+    if len(raw) > settings.max_image_bytes:
+        raise ApiError(413, f"{param}: the image is over the limit of {settings.max_image_bytes} bytes", param,
+                       "image_too_large")
+    return raw
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    pixel_values: torch.Tensor | None
+    max_new_tokens: int
+
+
+def build_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings, max_len: int) -> Prompt:
+    """Fetch and tile the images, tokenize the conversation and check the token limits (blocking)."""
+    config = chat.config
+    per_image = req.max_num or config.max_dynamic_patch
+    if req.image_urls:
+        per_image = min(per_image, max(1, settings.max_tiles // len(req.image_urls)))
+    tiles = []
+    for param, url in req.image_urls:
+        raw = image_bytes(url, param, settings)
+        try:
+            tiles.append(load_image(raw, max_num=per_image, min_num=config.min_dynamic_patch,
+                                    image_size=config.image_size, use_thumbnail=config.use_thumbnail,
+                                    max_pixels=settings.max_image_pixels))
+        except InputError as e:
+            raise ApiError(400, f"{param}: {e}", param, "invalid_image") from None
+    try:
+        ids = build_prompt_ids(chat.tokenizer, req.question, req.history, [t.shape[0] for t in tiles],
+                               req.system_message, num_image_token=chat.model.num_image_token,
+                               template=config.template)
+    except InputError as e:
+        raise ApiError(400, str(e), "messages") from None
+    limit = min(settings.max_prompt_tokens or max_len - 1, max_len - 1)
+    if len(ids) > limit:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens (images included); this server accepts at most "
+                            f"{limit}", "messages", "context_length_exceeded")
+    room = max_len - len(ids)
+    if req.max_tokens is not None and req.max_tokens > room:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens and max_tokens is {req.max_tokens}, more than the "
+                            f"{max_len} tokens a sequence may hold here", "max_tokens", "context_length_exceeded")
+    pixels = torch.cat(tiles) if tiles else None
+    return Prompt(ids, pixels, req.max_tokens or min(settings.max_tokens, room))
+
+
+# ---- the generation worker --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """New text of choice `index`; `finish_reason` and the choice's token count on its last chunk."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
+@dataclass(eq=False)
+class Job:
+    """One choice of one HTTP request, as the worker sees it. `deliver` must be thread-safe."""
+
+    request: Request
+    index: int
+    deliver: Callable[[object], None]  # gets Chunks, or an Exception if generation failed
+    rid: int | None = None
+    tokens: int = 0
+    texts: TextAssembler | None = None
+    cancelled: bool = False
+    done: bool = False
+
+
+class BatchWorker:
+    """The one thread that owns the model and its `Generation`; handlers talk to it through `submit`/`cancel`."""
+
+    def __init__(self, chat: InternVLChat, max_batch: int, max_len: int):
+        self.chat = chat
+        self.max_batch, self.max_len = max_batch, min(max_len, chat.context)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="internvl-generation", daemon=True)
+        self.stats = {"active": 0, "waiting": 0, "max_active": 0, "requests": 0, "cancelled": 0,
+                      "completion_tokens": 0, "steps": 0}
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._inbox.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        self._inbox.put(("add", job))
+
+    def cancel(self, job: Job) -> None:
+        """Free the row of `job` (its client went away); a no-op once it has finished."""
+        if not job.done and not job.cancelled:
+            job.cancelled = True
+            self._inbox.put(("cancel", job))
+
+    def _run(self) -> None:
+        gen = self.chat.engine.start(self.max_batch, self.max_len)
+        jobs: dict[int, Job] = {}
+        stats = dict(self.stats)
+        while True:
+            commands = [self._inbox.get()] if not gen else []
+            while True:
+                try:
+                    commands.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for command in commands:
+                if command is None:
+                    for job in jobs.values():
+                        job.deliver(ApiError(503, "the server is shutting down", type="server_error"))
+                    return
+                self._command(gen, jobs, *command, stats)
+            if not gen:
+                continue
+            try:
+                events = gen.step()
+            except Exception as e:  # a failed step must not take the server down: fail its requests, go on
+                log.exception("generation step failed")
+                for job in jobs.values():
+                    job.deliver(ApiError(500, f"generation failed: {e}", type="server_error"))
+                jobs.clear()
+                gen = self.chat.engine.start(self.max_batch, self.max_len)
+                continue
+            for event in events:
+                self._event(gen, jobs, event, stats)
+            stats.update(active=gen.active, waiting=len(gen.waiting), steps=stats["steps"] + 1,
+                         max_active=max(stats["max_active"], gen.active))
+            self.stats = dict(stats)
+
+    def _command(self, gen: Generation, jobs: dict[int, Job], kind: str, job: Job, stats: dict) -> None:
+        if kind == "cancel":
+            if job.rid in jobs:
+                gen.finish(job.rid)
+                del jobs[job.rid]
+                stats["cancelled"] += 1
+            return
+        if job.cancelled:
+            return
+        try:
+            job.rid = gen.add(job.request)
+        except InputError as e:
+            job.deliver(ApiError(400, str(e), "messages"))
+            return
+        job.texts = TextAssembler(self.chat.tokenizer, job.request.params.stop)
+        jobs[job.rid] = job
+        stats["requests"] += 1
+
+    def _event(self, gen: Generation, jobs: dict[int, Job], event, stats: dict) -> None:
+        job = jobs.get(event.rid)
+        if job is None:  # cancelled after this step began
+            return
+        job.tokens += 1
+        stats["completion_tokens"] += 1
+        piece, stopped = job.texts.feed(event.token, last=event.finish is not None)
+        finish = "stop" if stopped else event.finish
+        if finish:
+            if event.finish is None:
+                gen.finish(event.rid)
+            del jobs[event.rid]
+            job.done = True
+        if piece or finish:
+            job.deliver(Chunk(job.index, piece, finish, job.tokens))
+
+
+# ---- HTTP -------------------------------------------------------------------------------------
+
+
+def _completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex
+
+
+def _sse(payload: dict | str) -> str:
+    return "data: " + (payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)) + "\n\n"
+
+
+def create_app(chat: InternVLChat, settings: ServerSettings):
+    """The FastAPI app: one BatchWorker (started and stopped with the app) behind the OpenAI routes."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+    from fastapi import Request as HttpRequest
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    worker = BatchWorker(chat, settings.max_batch, settings.max_len)
+    model_name = settings.model or "internvl-mpo"
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="internvl-mpo", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.worker = worker
+
+    class _EventStream(StreamingResponse):
+        """Server-sent events that cancel their generation however the response ends (done, error, gone)."""
+
+        def __init__(self, content, on_close: Callable[[], None]):
+            super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            self.on_close = on_close
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.on_close()
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc: ApiError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(ApiError(exc.status_code, str(exc.detail), type=kind).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc: Exception):
+        log.exception("request failed")
+        return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error").body(),
+                            status_code=500)
+
+    def authorize(request: HttpRequest) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), settings.api_key.encode()):
+            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
+
+    async def read_json(request: HttpRequest):
+        limit = settings.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"the request is {declared} bytes; this server accepts at most {limit}",
+                           code="request_too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"the request is over the limit of {limit} bytes", code="request_too_large")
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+
+    @app.get("/health")
+    async def health():
+        status = "ok" if worker.alive else "error"
+        return JSONResponse({"status": status, "model": model_name, "max_batch": worker.max_batch,
+                             "max_len": worker.max_len, **worker.stats}, status_code=200 if worker.alive else 503)
+
+    @app.get("/v1/models")
+    async def models(request: HttpRequest):
+        authorize(request)
+        return {"object": "list",
+                "data": [{"id": model_name, "object": "model", "created": started, "owned_by": "internvl-mpo"}]}
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: HttpRequest):
+        authorize(request)
+        req = parse_chat_request(await read_json(request), settings)
+        prompt = await run_in_threadpool(build_prompt, chat, req, settings, worker.max_len)
+        if not worker.alive:
+            raise ApiError(503, "the generation worker is not running", type="server_error")
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+
+        def deliver(item) -> None:  # called on the worker thread
+            loop.call_soon_threadsafe(inbox.put_nowait, item)
+
+        jobs = []
+        for index in range(req.n):
+            seed = None if req.params.seed is None else req.params.seed + index
+            params = dataclasses.replace(req.params, max_new_tokens=prompt.max_new_tokens, seed=seed)
+            jobs.append(Job(Request(prompt.ids, params, prompt.pixel_values), index, deliver))
+            worker.submit(jobs[-1])
+        head = {"id": _completion_id(), "created": int(time.time()), "model": model_name}
+        usage = {"prompt_tokens": len(prompt.ids)}
+
+        def close() -> None:
+            for job in jobs:
+                worker.cancel(job)
+
+        if req.stream:
+            return _EventStream(_stream(inbox, req, head, usage), close)
+        try:
+            return await _collect(inbox, request, req.n, head, usage)
+        finally:
+            close()
+
+    async def _collect(inbox: asyncio.Queue, request: HttpRequest, n: int, head: dict, usage: dict) -> dict:
+        texts, finishes, tokens = [""] * n, [None] * n, [0] * n
+        while None in finishes:
+            try:
+                item = await asyncio.wait_for(inbox.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    raise ApiError(499, "the client went away") from None
+                continue
+            if isinstance(item, Exception):
+                raise item
+            texts[item.index] += item.text
+            if item.finish_reason:
+                finishes[item.index], tokens[item.index] = item.finish_reason, item.completion_tokens
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
+                    "finish_reason": finishes[i]} for i in range(n)]
+        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(usage, sum(tokens))}
+
+    async def _stream(inbox: asyncio.Queue, req: ChatRequest, head: dict, usage: dict):
+        head = {**head, "object": "chat.completion.chunk"}
+
+        def chunk(index: int, delta: dict, finish: str | None = None) -> str:
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return _sse({**head, "choices": [choice]})
+
+        for index in range(req.n):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        finished, tokens = 0, 0
+        while finished < req.n:
+            item = await inbox.get()
+            if isinstance(item, Exception):
+                error = item if isinstance(item, ApiError) else ApiError(500, str(item), type="server_error")
+                yield _sse(error.body())
+                break
+            yield chunk(item.index, {"content": item.text} if item.text else {}, item.finish_reason)
+            if item.finish_reason:
+                finished += 1
+                tokens += item.completion_tokens
+        if req.include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(usage, tokens)})
+        yield _sse("[DONE]")
+
+    return app
+
+
+def _usage(usage: dict, completion_tokens: int) -> dict:
+    return {**usage, "completion_tokens": completion_tokens,
+            "total_tokens": usage["prompt_tokens"] + completion_tokens}
+
+
+# ---- the command ------------------------------------------------------------------------------
+
+
+def _require_web_stack():
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise ConfigError(f"the server needs FastAPI and uvicorn ({e}); install them with "
+                          "pip install 'internvl-mpo[serve]'") from None
+    return uvicorn
+
+
+def serve(
+    model: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_len: int = 4096,
+    device: str | None = None,
+    dtype: str | None = None,
+    compile: bool = False,
+    allow_remote_images: bool = False,
+    allow_local_images: bool = False,
+    max_request_bytes: int = 32 * 2**20,
+    max_images: int = 8,
+    max_tiles: int = 24,
+    max_image_bytes: int = 16 * 2**20,
+    max_image_pixels: int = 40_000_000,
+    image_timeout: float = 10.0,
+    max_prompt_tokens: int | None = None,
+    max_tokens: int = 2048,
+    max_n: int = 4,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health).
+
+    model: checkpoint folder or hub id (default: the demo checkpoint, when installed)
+    host: address to bind; the default answers this machine only
+    port: TCP port
+    api_key: require 'Authorization: Bearer <key>' on /v1 routes
+    max_batch: sequences decoded together (continuous batching)
+    max_len: tokens per sequence, prompt included (capped at the model's context)
+    device: torch device (default: cuda when available, else cpu)
+    dtype: weights dtype (bfloat16, float16, float32, auto; default: bf16 on CUDA, fp32 elsewhere)
+    compile: torch.compile the decode step
+    allow_remote_images: fetch http(s) image URLs (off: only data: URLs are accepted)
+    allow_local_images: read image files on this machine named by path or file:// URL
+    max_request_bytes: largest request body accepted (413 above)
+    max_images: images per request
+    max_tiles: tile budget per request, shared by its images (InternVL's total_max_num)
+    max_image_bytes: largest image file accepted (413 above)
+    max_image_pixels: largest image accepted, in pixels (decompression-bomb guard)
+    image_timeout: seconds allowed to fetch a remote image
+    max_prompt_tokens: longest prompt accepted, image tokens included (default: max_len - 1)
+    max_tokens: largest max_tokens a request may ask for (also the default, within max_len)
+    max_n: largest n (choices per request)
+    """
+    settings = ServerSettings(**locals())  # the parameters are exactly the settings' fields
+    uvicorn = _require_web_stack()
+    if settings.model is None:
+        from .cli import default_model
+
+        if not default_model().exists():
+            raise ConfigError("no demo checkpoint is installed; pass --model <checkpoint folder or hub id>")
+        settings = dataclasses.replace(settings, model=str(default_model()))
+    if settings.max_batch < 1 or settings.max_len < 2:
+        raise ConfigError(f"--max-batch must be >= 1 and --max-len >= 2, got {settings.max_batch}, {settings.max_len}")
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+        log.warning("serving on %s without --api-key: anyone who can reach this address can use the model",
+                    settings.host)
+    chosen_device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    chat = InternVLChat.from_pretrained(settings.model, dtype=settings.dtype, device=chosen_device,
+                                        compile=settings.compile)
+    uvicorn.run(create_app(chat, settings), host=settings.host, port=settings.port, log_level="info")

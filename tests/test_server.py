@@ -1,0 +1,308 @@
+"""The OpenAI-compatible server over real HTTP: the real `internvl-mpo serve` process on a tiny checkpoint,
+driven by the official `openai` client (answers, streaming, images, multi-turn, stop strings, n, errors,
+limits, concurrent batching, client disconnects).
+
+Expected answers come from the in-process `InternVLChat.chat` (greedy), expected token counts from
+transformers' tokenizer on prompts written out by hand, so the server's message mapping and usage
+counts are checked against independent paths.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import inspect
+import io
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from conftest import tiny_chat_folder
+from PIL import Image
+from tokenizer_fixture import SYSTEM_MESSAGE
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from internvl_mpo.pipeline import InternVLChat
+from internvl_mpo.server import ServerSettings, parse_chat_request, serve
+
+KEY = "test-key"
+MAX_BATCH = 8
+STEPS = 24
+GREEDY = {"temperature": 0, "max_tokens": STEPS}
+LONG = {"temperature": 0, "max_tokens": STEPS, "extra_body": {"ignore_eos": True}}
+QUESTIONS = ["Hello there", "What is the capital of France?", "Count to ten.", "Tell me a story."]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(base url, checkpoint folder) of a running `internvl-mpo serve` subprocess, stopped after the module."""
+    root = tmp_path_factory.mktemp("serve")
+    folder, _ = tiny_chat_folder(root / "model")
+    port = free_port()
+    cmd = [sys.executable, "-m", "internvl_mpo.cli", "serve", "--model", str(folder), "--port", str(port),
+           "--api-key", KEY, "--max-batch", str(MAX_BATCH), "--max-len", "2048", "--max-tokens", "1800",
+           "--max-request-bytes", "200000", "--max-images", "2"]
+    url = f"http://127.0.0.1:{port}"
+    with open(root / "server.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (root / "server.log").read_text()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        yield url, folder
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def local_chat(server):
+    return InternVLChat.from_pretrained(server[1], dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(server):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(server[1])
+
+
+def png(width: int, height: int, seed: int = 0) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).numpy()
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def user(text: str, *images: bytes) -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": data_url(i)}} for i in images]
+    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+
+
+def hand_prompt(*turns: str) -> str:
+    """The internvl2_5 prompt written out: system turn, alternating user/assistant turns, open assistant turn."""
+    out = f"<|im_start|>system\n{SYSTEM_MESSAGE}<|im_end|>\n"
+    for i, text in enumerate(turns):
+        out += f"<|im_start|>{'user' if i % 2 == 0 else 'assistant'}\n{text}<|im_end|>\n"
+    return out + "<|im_start|>assistant\n"
+
+
+def stream_text(client, **kwargs) -> tuple[dict[int, str], dict[int, str], object]:
+    """(text per choice, finish_reason per choice, usage) of a streamed completion."""
+    texts, finishes, usage = {}, {}, None
+    for chunk in client.chat.completions.create(model="m", stream=True, **kwargs):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    return texts, finishes, usage
+
+
+def health(server) -> dict:
+    return httpx.get(server[0] + "/health").json()
+
+
+def test_serve_flags_are_the_settings_fields():
+    params = inspect.signature(serve).parameters
+    fields = {f.name: f.default for f in dataclasses.fields(ServerSettings)}
+    assert {name: p.default for name, p in params.items()} == fields
+    assert fields["host"] == "127.0.0.1" and not fields["allow_remote_images"] and not fields["allow_local_images"]
+
+
+def test_messages_map_onto_the_template():
+    body = {"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}},
+                                     {"type": "image_url", "image_url": {"url": "data:,"}},
+                                     {"type": "text", "text": "Compare."}]},
+        {"role": "assistant", "content": "Same."},
+        {"role": "user", "content": "Sure?"},
+        {"role": "user", "content": [{"type": "text", "text": "Really?"}]},
+    ]}
+    req = parse_chat_request(body, ServerSettings())
+    assert req.system_message == "Be brief."
+    # the model card's multi-image prompt; consecutive user messages read as one turn
+    assert req.history == [("Image-1: <image>\nImage-2: <image>\nCompare.", "Same.")]
+    assert req.question == "Sure?\nReally?"
+    assert [p for p, _ in req.image_urls] == ["messages[1].content[0].image_url", "messages[1].content[1].image_url"]
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [str(server[1])]
+    state = health(server)
+    assert state["status"] == "ok" and state["max_batch"] == MAX_BATCH
+
+
+def test_plain_answer_is_chat_and_stream_joins_to_it(client, local_chat, hf_tokenizer):
+    reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hello there"}], **GREEDY)
+    answer = reply.choices[0].message.content
+    assert answer.strip() == local_chat.chat("Hello there", do_sample=False, max_new_tokens=STEPS)
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.usage.prompt_tokens == len(hf_tokenizer(hand_prompt("Hello there"))["input_ids"])
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    texts, finishes, usage = stream_text(client, messages=[{"role": "user", "content": "Hello there"}],
+                                         stream_options={"include_usage": True}, **GREEDY)
+    assert texts == {0: answer} and finishes == {0: reply.choices[0].finish_reason}
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    assert [getattr(usage, k) for k in counts] == [getattr(reply.usage, k) for k in counts]
+
+
+def test_image_input_counts_image_tokens(client, local_chat, hf_tokenizer):
+    image = png(112, 56)  # 2:1 on 56-pixel tiles -> a 2x1 grid + thumbnail = 3 tiles of 4 tokens
+    reply = client.chat.completions.create(model="m", messages=[user("What is it?", image)], **GREEDY)
+    assert reply.choices[0].message.content.strip() == local_chat.chat(
+        "What is it?", images=image, do_sample=False, max_new_tokens=STEPS)
+    expanded = "<img>" + "<IMG_CONTEXT>" * 12 + "</img>\nWhat is it?"
+    assert reply.usage.prompt_tokens == len(hf_tokenizer(hand_prompt(expanded))["input_ids"])
+
+
+def test_multi_turn_keeps_the_image_of_the_first_turn(client, local_chat):
+    image = png(56, 56, seed=1)
+    messages = [user("What is it?", image), {"role": "assistant", "content": "A square."},
+                {"role": "user", "content": "Are you sure?"}]
+    reply = client.chat.completions.create(model="m", messages=messages, **GREEDY)
+    expected = local_chat.chat("Are you sure?", images=image, history=[("<image>\nWhat is it?", "A square.")],
+                               do_sample=False, max_new_tokens=STEPS)
+    assert reply.choices[0].message.content.strip() == expected
+    system = [{"role": "system", "content": "You answer in French."}] + messages
+    other = client.chat.completions.create(model="m", messages=system, **GREEDY)
+    assert other.choices[0].message.content.strip() == local_chat.chat(
+        "Are you sure?", images=image, history=[("<image>\nWhat is it?", "A square.")], do_sample=False,
+        max_new_tokens=STEPS, system_message="You answer in French.")
+
+
+def test_stop_string_cuts_the_answer(client):
+    messages = [{"role": "user", "content": "Count to ten."}]
+    full = client.chat.completions.create(model="m", messages=messages, **LONG).choices[0].message.content
+    start = next(k for k in range(3, len(full) - 2) if "\ufffd" not in full[k:k + 2] and full[k:k + 2].strip())
+    stop = full[start:start + 2]
+    cut = full[: full.find(stop)]
+    reply = client.chat.completions.create(model="m", messages=messages, stop=[stop, "never-seen"], **LONG)
+    assert reply.choices[0].message.content == cut and reply.choices[0].finish_reason == "stop"
+    texts, finishes, _ = stream_text(client, messages=messages, stop=stop, **LONG)
+    assert texts == {0: cut} and finishes == {0: "stop"}
+
+
+def test_n_choices(client):
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    greedy = client.chat.completions.create(model="m", messages=messages, n=2, **LONG)
+    assert [c.index for c in greedy.choices] == [0, 1]
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content
+    assert greedy.usage.completion_tokens == 2 * STEPS
+    sampled = {"messages": messages, "n": 2, "temperature": 1.0, "seed": 7, "max_tokens": STEPS}
+    first = [c.message.content for c in client.chat.completions.create(model="m", **sampled).choices]
+    again = [c.message.content for c in client.chat.completions.create(model="m", **sampled).choices]
+    assert first == again  # seeded: reproducible
+    assert first[0] != first[1]  # each choice gets its own seed
+    texts, finishes, _ = stream_text(client, **sampled)
+    assert texts == {0: first[0], 1: first[1]} and set(finishes) == {0, 1}
+
+
+def test_bad_requests_get_openai_errors(server, client):
+    corrupt = b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=[user("What?", corrupt)], **GREEDY)
+    error = e.value.body
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == "invalid_image"
+    assert "messages[0].content[0].image_url" in error["message"] and "image" in error["message"]
+
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x" * 300_000}])
+    assert e.value.status_code == 413
+
+    wrong = openai.OpenAI(base_url=server[0] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert httpx.get(server[0] + "/v1/models").status_code == 401
+
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=100_000)
+    with pytest.raises(openai.BadRequestError, match="allow-remote-images"):
+        remote = {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/cat.png"}}
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": [remote]}])
+    with pytest.raises(openai.BadRequestError, match="at most 2"):
+        client.chat.completions.create(model="m", messages=[user("Which?", *[png(56, 56)] * 3)])
+    with pytest.raises(openai.BadRequestError, match="context_length|tokens"):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "word " * 3000}])
+    with pytest.raises(openai.BadRequestError, match="end with a user message"):
+        client.chat.completions.create(model="m", messages=[{"role": "assistant", "content": "hi"}])
+    bad_json = httpx.post(server[0] + "/v1/chat/completions", content=b"{not json",
+                          headers={"Authorization": f"Bearer {KEY}"})
+    assert bad_json.status_code == 400 and "JSON" in bad_json.json()["error"]["message"]
+    assert health(server)["status"] == "ok"
+
+
+def test_concurrent_streams_are_batched(server, client):
+    solo = {q: client.chat.completions.create(model="m", messages=[{"role": "user", "content": q}], **LONG)
+            .choices[0].message.content for q in QUESTIONS}
+    clients = 16
+    barrier = threading.Barrier(clients)
+    results: dict[int, tuple] = {}
+
+    def one(i: int) -> None:
+        barrier.wait()
+        question = QUESTIONS[i % len(QUESTIONS)]
+        results[i] = (question, *stream_text(client, messages=[{"role": "user", "content": question}], **LONG))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == list(range(clients))
+    for question, texts, finishes, _ in results.values():
+        assert finishes == {0: "length"} and texts == {0: solo[question]}  # batched greedy == alone
+    state = health(server)
+    # earlier tests never had more than 2 rows at once (n=2); 16 clients fill the batch
+    assert state["max_active"] >= 4 and state["active"] == 0 and state["waiting"] == 0
+    after = client.chat.completions.create(model="m", messages=[{"role": "user", "content": QUESTIONS[0]}], **LONG)
+    assert after.choices[0].message.content == solo[QUESTIONS[0]]
+
+
+def test_disconnect_frees_the_row(server, client):
+    before = health(server)
+    stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Go on."}], stream=True,
+                                            temperature=0, max_tokens=1800, extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 10
+    while (state := health(server))["cancelled"] == before["cancelled"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert state["cancelled"] == before["cancelled"] + 1 and state["active"] == 0
+    assert state["completion_tokens"] - before["completion_tokens"] < 1800  # stopped well before max_tokens
