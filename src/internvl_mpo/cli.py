@@ -23,6 +23,7 @@ COMMANDS = {
     "chat": "cli_chat:chat",
     "generate": "cli_chat:generate",
     "tiles": "cli_chat:tiles",
+    "serve": "server:serve",
 }
 
 
