@@ -1,0 +1,392 @@
+"""Answer extraction and checking, shared by preference-pair construction and benchmark evaluation.
+
+Mirrors, from OpenGVLab/InternVL `internvl_chat/tools/mm_reasoning_pipeline/`:
+- `internvl_lmdeploy_correctness.py`: the English v1 chain-of-thought instruction (`COT_INSTRUCTION`)
+  and the stripping of a trailing short-answer instruction before wrapping the question in it.
+- `internvl_lmdeploy_correctness_postprocess.py` `parse_answer`: the final answer is the rest of the
+  line after the first "Final answer:" or "Answer:" (case-insensitive), stripped of `*`. In strict
+  mode (pair construction) its format rules apply too: the matched trigger appears at most twice and
+  some reasoning comes before it; a response failing them is a format negative.
+and from open-compass/VLMEvalKit:
+- `vlmeval/vlm/internvl/utils.py` `build_mpo_prompt` (options appended as "A. text" lines, then the
+  same CoT instruction) and `mpo_post_processing` (the same extraction; the whole response when no
+  trigger is found);
+- `vlmeval/utils/matching_util.py` `can_infer`: an option letter standing alone exactly once, else
+  the one option whose text the answer contains;
+- `vlmeval/dataset/utils/yorn.py` `YOrN_Extraction`: "yes" without "no" or the reverse.
+
+Additions, each a superset of the above: `\\boxed{}` answers (VLMEvalKit's `extract_boxed_content`),
+the Chinese trigger "答案:" of the official Chinese prompt, explicit letter statements ("The answer
+is B", "option (C)", "答案是C", which VLMEvalKit hands to its judge model), numbers compared with a
+relative tolerance (units, thousands commas, percentages, fractions, LaTeX `\\frac`, negative and
+full-width numbers), yes/no variants (true/false, 是/否), and short text compared after
+normalisation (NFKC, which also folds CJK full-width forms; case; punctuation; English articles;
+number words; whitespace, none kept next to CJK characters). The official checker for pairs uses
+the TextVQA evaluator and a 1e-3 relative tolerance for math; the normalisation here is close to
+TextVQA's but not identical.
+
+`check_answer` returns None when the prediction cannot be read as the expected kind (no option
+letter, no number, neither yes nor no): the pair builder files such responses as format negatives,
+the evaluator counts them wrong.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+from internvl_mpo.errors import InputError
+
+COT_INSTRUCTION = (
+    "Your task is to answer the question below. "
+    "Give step by step reasoning before you answer, and when you're ready to answer, "
+    'please use the format "Final answer: .."'
+    "\n\n"
+    "Question:"
+    "\n\n"
+    "{question}"
+)
+
+# Trailing instructions that ask for a bare answer; they contradict the CoT instruction. The first four
+# are the correctness pipeline's list, the others VLMEvalKit's prompt suffixes.
+ANSWER_INSTRUCTIONS = (
+    "Answer the question using a single word or phrase.",
+    "Answer with the option's letter from the given choices directly.",
+    "Please answer Yes or No.",
+    "Please answer the question and put the final answer within \\boxed{}.",
+    "Please answer yes or no.",
+    "Answer the question directly.",
+    "请直接回答选项字母。",
+    "请直接回答问题。",
+)
+
+KINDS = ("choice", "number", "yesno", "text")
+
+_TRIGGER = re.compile(r"(final answer\**\s*[:：]|answer\**\s*[:：]|答案\**\s*[:：])\s*(.*)", re.IGNORECASE)
+_BOXED = "\\boxed{"
+_LETTER_ONLY = re.compile(r"[(\[（]?\s*([A-Za-z])\s*[)\]）]?\s*[.:：]?")
+_LEADING_LETTER = re.compile(r"[(\[（]([A-Z])[)\]）]|([A-Z])[.:：)\]）,](?!\d)")
+_STATED_LETTER = re.compile(
+    r"(?:(?i:answer|option|choice)\s*(?i:is|would be|should be)?\s*[:：]?\s*(?i:option)?"
+    r"|(?:答案|选项|选择|选)\s*(?:是|为|应为|应该是)?\s*[:：]?\s*(?:选项)?)"
+    r"\s*[(\[（]?([A-Z])(?![A-Za-z])"
+)
+_DEFAULT_LETTERS = "ABCDEFGH"  # no "I": a pronoun far more often than an option
+_CJK = r"\u2e80-\u2fff\u3000-\u303f\u3040-\u30ff\u3100-\u312f\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+_NUMBER = r"-?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?"
+_NUMBER_RE = re.compile(rf"({_NUMBER})(?:\s*/\s*({_NUMBER}))?(\s*%)?")
+_UNIT_ONLY = re.compile(
+    rf"\s*[$€£¥]?\s*{_NUMBER}(?:\s*/\s*{_NUMBER})?\s*(?:%|°|degrees?|[A-Za-z]{{1,6}}(?:\^\d|[²³])?)?\s*\.?\s*"
+)
+_WORD_NUMBERS = {
+    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
+    "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15,
+    "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20,
+}
+_YES = {"yes", "true", "correct", "yeah", "yep"}
+_NO = {"no", "false", "incorrect", "nope"}
+_ARTICLES = {"a", "an", "the"}
+
+
+class Number(NamedTuple):
+    value: float
+    percent: bool
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def strip_answer_instruction(question: str) -> str:
+    """Drop trailing short-answer instructions (repeatedly, so stacked ones all go), then strip."""
+    question = question.strip()
+    changed = True
+    while changed:
+        changed = False
+        for instruction in ANSWER_INSTRUCTIONS:
+            if question.endswith(instruction):
+                question = question[: -len(instruction)].strip()
+                changed = True
+    return question
+
+
+def normalize_options(options: Mapping[str, str] | Sequence[str] | None) -> dict[str, str]:
+    """Options as {letter: text}: a list becomes A, B, C, ...; dict keys must be single letters."""
+    if options is None:
+        return {}
+    if isinstance(options, Mapping):
+        out = {}
+        for key, text in options.items():
+            letter = str(key).strip().upper()
+            if len(letter) != 1 or not "A" <= letter <= "Z":
+                raise InputError(f"option keys must be single letters A-Z, got {key!r}")
+            out[letter] = str(text)
+        return out
+    if isinstance(options, (str, bytes)) or not isinstance(options, Sequence):
+        raise InputError(f"options must be a dict letter -> text or a list of texts, got {type(options).__name__}")
+    if len(options) > 26:
+        raise InputError(f"at most 26 options are supported, got {len(options)}")
+    return {chr(ord("A") + i): str(text) for i, text in enumerate(options)}
+
+
+def options_text(options: Mapping[str, str]) -> str:
+    """VLMEvalKit's option block: one "A. text" line per option, each ending in a newline."""
+    return "".join(f"{key}. {text}\n" for key, text in options.items())
+
+
+def build_cot_question(question: str, options: Mapping[str, str] | Sequence[str] | None = None) -> str:
+    """The MPO chain-of-thought prompt: instruction stripped, options appended, wrapped, stripped.
+
+    Options follow the question after a newline as "A. text" lines (`build_mpo_prompt`); image
+    placeholders are left where they are (callers place them).
+    """
+    question = strip_answer_instruction(question)
+    block = options_text(normalize_options(options))
+    if block.strip():
+        question = f"{question}\n{block}"
+    return COT_INSTRUCTION.format(question=question).strip()
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last balanced \\boxed{...}, or None."""
+    start = text.rfind(_BOXED)
+    if start < 0:
+        return None
+    depth, i = 1, start + len(_BOXED)
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j]
+    return None
+
+
+def _clean(answer: str) -> str:
+    return answer.strip().strip("*").strip()
+
+
+def extract_final_answer(text: str, strict: bool = False) -> str | None:
+    """The final answer stated in a response, or None when it states none.
+
+    The rest of the line after the first "Final answer:" / "Answer:" / "答案:" (markdown stars
+    dropped; a \\boxed{} in it is unwrapped), else the content of the last \\boxed{}. `strict`
+    adds the pair pipeline's format rules: reasoning must come before the answer and the trigger
+    may appear at most twice.
+    """
+    match = _TRIGGER.search(text)
+    if match:
+        trigger = match.group(1)
+        if strict and (text.count(trigger) > 2 or not _clean(text[: match.start()])):
+            return None
+        answer = _clean(match.group(2))
+        boxed = _last_boxed(answer)
+        answer = _clean(boxed) if boxed is not None else answer
+        return answer or None
+    boxed = _last_boxed(text)
+    if boxed is None or not _clean(boxed):
+        return None
+    if strict and not _clean(text[: text.rfind(_BOXED)]):
+        return None
+    return _clean(boxed)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _simple(text: str) -> str:
+    """NFKC, casefold, collapsed whitespace, surrounding punctuation removed (for option texts)."""
+    text = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    return text.strip(" .,:;!?'\"()[]*。，：；！？")
+
+
+def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = None) -> str | None:
+    """The option letter an answer picks, or None.
+
+    In order: a bare letter ("B", "(b)", "B."); the text of exactly one option; a leading letter
+    with a bracket or mark ("B) ...", "(B) ...", "B. ..."); a stated letter ("The answer is B", "option (C)", "答案是C", the last one
+    wins); VLMEvalKit's rules (one valid letter standing alone, else one option text contained).
+    Without options, letters A-H are valid.
+    """
+    opts = normalize_options(options)
+    letters = set(opts) if opts else set(_DEFAULT_LETTERS)
+    text = unicodedata.normalize("NFKC", text).strip().strip("*").strip()
+    bare = _LETTER_ONLY.fullmatch(text)
+    if bare and bare.group(1).upper() in letters:
+        return bare.group(1).upper()
+    if opts:
+        same = [k for k, v in opts.items() if _simple(v) and _simple(v) == _simple(text)]
+        if len(same) == 1:
+            return same[0]
+    leading = _LEADING_LETTER.match(text)
+    if leading and (leading.group(1) or leading.group(2)) in letters:
+        return leading.group(1) or leading.group(2)
+    stated = [m.group(1) for m in _STATED_LETTER.finditer(text) if m.group(1) in letters]
+    if stated:
+        return stated[-1]
+    alone = {t for t in re.findall(r"[A-Za-z]+", text) if t in letters}
+    if len(alone) == 1:
+        return alone.pop()
+    lowered = text.casefold()
+    contained = [k for k, v in opts.items() if v.strip() and v.strip().casefold() in lowered]
+    return contained[0] if len(contained) == 1 else None
+
+
+def parse_yes_no(text: str) -> bool | None:
+    """True for yes, False for no, None when neither or both is said.
+
+    Chinese 是/对/正确 and 否/不是/不对/错 at the start; else a leading yes/no/true/false/correct/
+    incorrect word; else `YOrN_Extraction`'s rule ("yes" without "no" or the reverse)."""
+    s = unicodedata.normalize("NFKC", text).strip().strip("*").strip().casefold()
+    if s.startswith(("不是", "否", "不对", "不正确", "错")):
+        return False
+    if s.startswith(("是", "对", "正确")):
+        return True
+    words = re.findall(r"[a-z]+", s)
+    said_yes, said_no = "yes" in words, "no" in words
+    if said_yes and said_no:
+        return None
+    if words and words[0] in _YES | _NO:
+        return words[0] in _YES
+    return True if said_yes else False if said_no else None
+
+
+def _numeric_text(text: str) -> str:
+    """Text with LaTeX wrappers, unicode minus, thousands commas and \\frac{a}{b} made plain."""
+    s = unicodedata.normalize("NFKC", text).replace("\u2212", "-")
+    s = re.sub(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", s)
+    s = re.sub(r"\\(?:text|mathrm|mbox)\{([^{}]*)\}", r" \1 ", s)
+    s = s.replace("\\%", "%").replace("\\$", "$").replace("$", " ")
+    s = re.sub(r"\\(?:left|right|[,;!: ])", " ", s)
+    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
+    return re.sub(r"\((-?[\d.]+)\)", r"\1", s)
+
+
+def parse_number(text: str) -> Number | None:
+    """The number an answer gives: after the last "=", the first number (fractions a/b computed,
+    a following % marked), or a number word; None if there is none."""
+    s = _numeric_text(text)
+    if "=" in s:
+        s = s.rsplit("=", 1)[1]
+    match = _NUMBER_RE.search(s)
+    if match:
+        value = float(match.group(1))
+        if match.group(2) is not None:
+            denominator = float(match.group(2))
+            if denominator == 0:
+                return None
+            value /= denominator
+        percent = bool(match.group(3)) or bool(re.match(r"\s*percent", s[match.end():], re.IGNORECASE))
+        return Number(value, percent)
+    words = re.findall(r"[a-z]+", s.casefold())
+    if len(words) == 1 and words[0] in _WORD_NUMBERS:
+        return Number(float(_WORD_NUMBERS[words[0]]), False)
+    return None
+
+
+def _is_cjk(ch: str) -> bool:
+    return bool(re.match(f"[{_CJK}]", ch))
+
+
+def normalize_text(text: str) -> str:
+    """Short-answer normal form: NFKC, casefold, punctuation to spaces (decimal points kept),
+    thousands commas dropped, English articles dropped, number words as digits, single spaces and
+    no space next to a CJK character."""
+    s = unicodedata.normalize("NFKC", text).casefold()
+    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
+    chars = []
+    for i, ch in enumerate(s):
+        decimal = ch == "." and 0 < i < len(s) - 1 and s[i - 1].isdigit() and s[i + 1].isdigit()
+        chars.append(" " if unicodedata.category(ch).startswith("P") and not decimal else ch)
+    words = [str(_WORD_NUMBERS.get(w, w)) for w in "".join(chars).split() if w not in _ARTICLES]
+    out = ""
+    for word in words:
+        if out and not (_is_cjk(out[-1]) or _is_cjk(word[0])):
+            out += " "
+        out += word
+    return out
+
+
+# ----------------------------------------------------------------------------- checking
+
+
+def infer_kind(ground_truth: str, options: Mapping[str, str] | Sequence[str] | None = None) -> str:
+    """choice (options given, or a bare letter), yesno, number (a number with at most a unit), else text."""
+    if options:
+        return "choice"
+    gt = ground_truth.strip()
+    if re.fullmatch(r"[(\[]?[A-Z][)\]]?\.?", gt):
+        return "choice"
+    if _simple(gt) in _YES | _NO | {"是", "否", "对", "不对", "不是"}:
+        return "yesno"
+    if _UNIT_ONLY.fullmatch(_numeric_text(gt)):
+        return "number"
+    return "text"
+
+
+def _ground_truth_letter(ground_truth: str, options: dict[str, str]) -> str:
+    letters = set(options) if options else set("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    bare = _LETTER_ONLY.fullmatch(ground_truth.strip())
+    if bare and bare.group(1).upper() in letters:
+        return bare.group(1).upper()
+    same = [k for k, v in options.items() if _simple(v) == _simple(ground_truth)]
+    if len(same) == 1:
+        return same[0]
+    raise InputError(f"ground truth {ground_truth!r} is neither an option letter nor the text of one option")
+
+
+def _close(a: float, b: float, rel_tol: float) -> bool:
+    return math.isclose(a, b, rel_tol=rel_tol, abs_tol=1e-9)
+
+
+def check_answer(
+    prediction: str | None,
+    ground_truth: str,
+    kind: str | None = None,
+    options: Mapping[str, str] | Sequence[str] | None = None,
+    rel_tol: float = 1e-3,
+) -> bool | None:
+    """Whether an extracted answer matches the ground truth; None when it cannot be read as `kind`.
+
+    kind: "choice", "number", "yesno" or "text"; inferred from the ground truth and options when None.
+    Numbers match within `rel_tol` (relative); a percentage also matches its fraction (25% ~ 0.25).
+    """
+    if kind is None:
+        kind = infer_kind(ground_truth, options)
+    if kind not in KINDS:
+        raise InputError(f"unknown answer kind {kind!r}; known: {', '.join(KINDS)}")
+    if prediction is None or not prediction.strip():
+        return None
+    if kind == "choice":
+        opts = normalize_options(options)
+        want = _ground_truth_letter(ground_truth, opts)
+        got = parse_choice(prediction, opts or None)
+        return None if got is None else got == want
+    if kind == "yesno":
+        want = parse_yes_no(ground_truth)
+        if want is None:
+            raise InputError(f"ground truth {ground_truth!r} is neither yes nor no")
+        got = parse_yes_no(prediction)
+        return None if got is None else got == want
+    if kind == "number":
+        target = parse_number(ground_truth)
+        if target is None:
+            raise InputError(f"ground truth {ground_truth!r} holds no number")
+        got = parse_number(prediction)
+        if got is None:
+            return None
+        if _close(got.value, target.value, rel_tol):
+            return True
+        if got.percent != target.percent:
+            return _close(got.value / 100, target.value, rel_tol) or _close(got.value, target.value / 100, rel_tol)
+        return False
+    got_text = normalize_text(prediction)
+    if not got_text:
+        return None
+    return got_text == normalize_text(ground_truth)

@@ -1,0 +1,333 @@
+"""Answer extraction and checking on real-looking model outputs.
+
+Independent references written here from the published code: the official pair pipeline's
+`parse_answer` (OpenGVLab/InternVL `internvl_lmdeploy_correctness_postprocess.py`) and VLMEvalKit's
+`can_infer` (`vlmeval/utils/matching_util.py`), `YOrN_Extraction` (`vlmeval/dataset/utils/yorn.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+
+from internvl_mpo.answers import (
+    build_cot_question,
+    check_answer,
+    extract_final_answer,
+    infer_kind,
+    normalize_options,
+    normalize_text,
+    parse_choice,
+    parse_number,
+    parse_yes_no,
+    strip_answer_instruction,
+)
+from internvl_mpo.errors import InputError
+
+# The English v1 prompt, copied from the reference (section 10.3).
+REFERENCE_PROMPT = (
+    'Your task is to answer the question below. Give step by step reasoning before you answer, and when '
+    'you\'re ready to answer, please use the format "Final answer: .."' + "\n\nQuestion:\n\n"
+)
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def official_parse_answer(text: str) -> str | None:
+    """`parse_answer` of the official post-processing; None where it raises."""
+    match = re.search(r"(Final answer:|Answer:)\s*(.*)", text, re.IGNORECASE)
+    if not match:
+        return None
+    trigger = match.group(1).strip()
+    answer = match.group(2).strip().strip("*").strip()
+    if text.count(trigger) > 2:
+        return None
+    rationale = text.lower().split(trigger.lower())[0].strip().strip("*").strip()
+    if not rationale:
+        return None
+    return answer
+
+
+def vlmevalkit_can_infer(answer: str, choices: dict[str, str]):
+    def can_infer_option(answer, choices):
+        answer_mod = answer
+        for c in ".()[],:;!*#{}":
+            answer_mod = answer_mod.replace(c, " ")
+        splits = [x.strip() for x in answer_mod.split()]
+        count = sum(1 for c in choices if c in splits)
+        if count == 1:
+            for ch in choices:
+                if ch in splits:
+                    return ch
+        return False
+
+    def can_infer_text(answer, choices):
+        answer = answer.lower()
+        cands = [k for k in choices if str(choices[k]).lower() in answer]
+        return cands[0] if len(cands) == 1 else False
+
+    return can_infer_option(answer, choices) or can_infer_text(answer, copy.copy(choices))
+
+
+def vlmevalkit_yorn(output: str) -> str:
+    words = re.sub(r"[;/\[\]\"{}()=+\\_\-><@`,?!]", " ", output.lower())
+    words = re.sub(r"(?<!\d)\.(?!\d)", "", words).split()
+    if "yes" in words and "no" not in words:
+        return "Yes"
+    if "yes" not in words and "no" in words:
+        return "No"
+    return "Unknown"
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def test_cot_prompt_is_the_reference_text():
+    q = "<image>\nWhat color is the bus?\nAnswer the question using a single word or phrase."
+    assert build_cot_question(q) == REFERENCE_PROMPT + "<image>\nWhat color is the bus?"
+
+
+def test_cot_prompt_appends_options_as_vlmevalkit():
+    got = build_cot_question("Which animal is shown?", {"A": "dog", "B": "cat"})
+    assert got == REFERENCE_PROMPT + "Which animal is shown?\nA. dog\nB. cat"
+    assert build_cot_question("Which?", ["x", "y", "z"]).endswith("Which?\nA. x\nB. y\nC. z")
+
+
+@pytest.mark.parametrize(
+    "question, expected",
+    [
+        ("Is it red? Please answer Yes or No.", "Is it red?"),
+        ("Which one?\nA. x\nB. y\nAnswer with the option's letter from the given choices directly.", "Which one?\nA. x\nB. y"),
+        ("Solve it. Please answer the question and put the final answer within \\boxed{}.", "Solve it."),
+        ("Is it red? Please answer yes or no. Answer the question using a single word or phrase.", "Is it red?"),
+        ("图中有几只猫？请直接回答问题。", "图中有几只猫？"),
+        ("Describe the image.", "Describe the image."),
+    ],
+)
+def test_strip_answer_instruction(question, expected):
+    assert strip_answer_instruction(question) == expected
+
+
+# ----------------------------------------------------------------------------- extraction
+
+RESPONSES = [
+    ("The bus is parked by the road and its paint is bright red.\n\nFinal answer: Red", "Red"),
+    ("Step 1: count the apples: 3 + 4 = 7.\n**Final Answer:** 7\n\nThat is all.", "7"),
+    ("The sign says STOP.\nAnswer: stop", "stop"),
+    ("Looking at the chart, the 2019 value is 30,594.\nFinal answer: 30,594.", "30,594."),
+    ("We compare the options; the cat is on the mat.\nFinal answer: (B) cat", "(B) cat"),
+    ("Final answer: B", None),  # no reasoning before the answer
+    ("Reasoning. Final answer: A. Final answer: B. Final answer: C.", None),  # trigger thrice
+    ("I cannot tell from the picture.", None),
+    ("The two triangles are similar, so x = 12.\nfinal answer:\n12 cm", "12 cm"),
+]
+
+
+@pytest.mark.parametrize("text, expected", RESPONSES)
+def test_strict_extraction_matches_official_parse_answer(text, expected):
+    assert official_parse_answer(text) == expected
+    assert extract_final_answer(text, strict=True) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Final answer: B", "B"),  # lenient: no reasoning needed
+        ("So the area is \\boxed{\\frac{1}{2}} square units.", "\\frac{1}{2}"),
+        ("Reasoning...\nFinal answer: \\boxed{42}", "42"),
+        ("推理过程如下……\n答案：是", "是"),
+        ("**Final answer**: C", "C"),
+        ("no trigger here", None),
+        ("Final answer:   ", None),
+    ],
+)
+def test_lenient_extraction(text, expected):
+    assert extract_final_answer(text) == expected
+
+
+# ----------------------------------------------------------------------------- multiple choice
+
+OPTIONS = {"A": "a dog", "B": "a cat", "C": "a horse", "D": "Vitamin C"}
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("B", "B"),
+        ("(B)", "B"),
+        ("B.", "B"),
+        ("b", "B"),
+        ("B) a cat", "B"),
+        ("(C) a horse", "C"),
+        ("The answer is B", "B"),
+        ("The correct option is C.", "C"),
+        ("option (A)", "A"),
+        ("答案是C", "C"),
+        ("选B", "B"),
+        ("a cat", "B"),  # the option text itself
+        ("A CAT.", "B"),
+        ("Vitamin C", "D"),  # option text wins over the letter inside it
+        ("I think it is a horse.", "C"),
+        ("A or B, hard to say", None),
+        ("none of these", None),
+    ],
+)
+def test_parse_choice(text, expected):
+    assert parse_choice(text, OPTIONS) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["B", "(B)", "B.", "B) a cat", "The answer is B", "option (A)", "C, a horse", "I think it is a horse.",
+     "It shows a cat sitting", "A or B", "D", "**C**"],
+)
+def test_parse_choice_agrees_with_vlmevalkit_where_it_decides(text):
+    choices = {"A": "a dog", "B": "a cat", "C": "a horse", "D": "a cow"}
+    reference = vlmevalkit_can_infer(text, choices)
+    if reference:
+        assert parse_choice(text, choices) == reference
+
+
+def test_parse_choice_without_options_and_list_options():
+    assert parse_choice("The answer is (D).") == "D"
+    assert parse_choice("I think it's B") == "B"  # "I" is not a default letter
+    assert parse_choice("B", ["x", "y"]) == "B"
+    assert parse_choice("E", ["x", "y"]) is None
+    assert normalize_options(["x", "y"]) == {"A": "x", "B": "y"}
+    with pytest.raises(InputError):
+        normalize_options({"AB": "x"})
+
+
+# ----------------------------------------------------------------------------- numbers, yes/no, text
+
+
+@pytest.mark.parametrize(
+    "text, value, percent",
+    [
+        ("1,234", 1234, False),
+        ("30,594.", 30594, False),
+        ("12 cm", 12, False),
+        ("$1,200.50", 1200.5, False),
+        ("45°", 45, False),
+        ("-3.5", -3.5, False),
+        ("\u22127", -7, False),
+        ("3/4", 0.75, False),
+        ("\\frac{3}{4}", 0.75, False),
+        ("\\dfrac{-1}{8}", -0.125, False),
+        ("25%", 25, True),
+        ("12.5 percent", 12.5, True),
+        ("x = 5", 5, False),
+        ("42 (since 6 x 7 = 42)", 42, False),
+        ("5 cm^2", 5, False),
+        ("ten", 10, False),
+        ("１２", 12, False),
+        ("1.5e3", 1500, False),
+    ],
+)
+def test_parse_number(text, value, percent):
+    got = parse_number(text)
+    assert got is not None and got.value == pytest.approx(value) and got.percent == percent
+
+
+@pytest.mark.parametrize("text", ["none", "a lot", "1/0"])
+def test_parse_number_none(text):
+    assert parse_number(text) is None
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Yes", True), ("yes.", True), ("Yes, there is a dog.", True), ("**No**", False), ("No, it is not.", False),
+        ("True", True), ("false", False), ("There is no dog in the image.", False),
+        ("是", True), ("是的", True), ("否", False), ("不是", False), ("对", True), ("不对", False),
+        ("maybe", None), ("yes and no", None),
+    ],
+)
+def test_parse_yes_no(text, expected):
+    assert parse_yes_no(text) is expected
+
+
+@pytest.mark.parametrize("text", ["Yes", "No.", "There is no dog.", "yes, it is", "Unclear", "No, yes"])
+def test_parse_yes_no_agrees_with_vlmevalkit_where_it_decides(text):
+    reference = vlmevalkit_yorn(text)
+    if reference != "Unknown":
+        assert parse_yes_no(text) is (reference == "Yes")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The Eiffel Tower.", "eiffel tower"),
+        ("ＰＡＲＩＳ", "paris"),
+        ("北京 市", "北京市"),
+        ("Two apples", "2 apples"),
+        ("3.5 kg", "3.5 kg"),
+        ("  New   York!! ", "new york"),
+        ("東京タワー（日本）", "東京タワー日本"),
+    ],
+)
+def test_normalize_text(text, expected):
+    assert normalize_text(text) == expected
+
+
+# ----------------------------------------------------------------------------- check_answer
+
+CHECKS = [
+    # (prediction, ground truth, kind, options, expected)
+    ("(B)", "B", None, None, True),
+    ("B. a cat", "B", None, OPTIONS, True),
+    ("a cat", "B", None, OPTIONS, True),
+    ("The answer is C", "B", None, OPTIONS, False),
+    ("The answer is B", "a cat", "choice", OPTIONS, True),  # ground truth given as the option text
+    ("no idea", "B", None, OPTIONS, None),
+    ("12", "12 cm", None, None, True),
+    ("12.0005 cm", "12", None, None, True),
+    ("12.5", "12", None, None, False),
+    ("1,200", "1200", None, None, True),
+    ("25%", "0.25", None, None, True),
+    ("0.25", "25%", None, None, True),
+    ("-4", "4", None, None, False),
+    ("3/4", "0.75", None, None, True),
+    ("approximately a dozen", "12", None, None, None),
+    ("Yes, there is.", "yes", None, None, True),
+    ("No.", "Yes", None, None, False),
+    ("是", "yes", None, None, True),
+    ("否", "No", None, None, True),
+    ("不是", "是", None, None, False),
+    ("hard to say", "no", None, None, None),
+    ("The Eiffel Tower.", "eiffel tower", None, None, True),
+    ("ＰＡＲＩＳ", "Paris", None, None, True),
+    ("北京 市", "北京市", None, None, True),
+    ("London", "Paris", None, None, False),
+    ("...", "Paris", None, None, None),
+    (None, "Paris", None, None, None),
+]
+
+
+@pytest.mark.parametrize("prediction, truth, kind, options, expected", CHECKS)
+def test_check_answer(prediction, truth, kind, options, expected):
+    assert check_answer(prediction, truth, kind, options) is expected
+
+
+def test_check_answer_tolerance_and_bad_ground_truth():
+    assert check_answer("104", "100", "number", rel_tol=0.05) is True
+    assert check_answer("104", "100", "number") is False
+    with pytest.raises(InputError):
+        check_answer("B", "Z", "choice", OPTIONS)
+    with pytest.raises(InputError):
+        check_answer("5", "many", "number")
+    with pytest.raises(InputError):
+        check_answer("5", "5", "essay")
+
+
+@pytest.mark.parametrize(
+    "truth, options, kind",
+    [("B", None, "choice"), ("cat", ["cat", "dog"], "choice"), ("Yes", None, "yesno"), ("否", None, "yesno"),
+     ("12 cm", None, "number"), ("-0.5", None, "number"), ("25%", None, "number"), ("Route 66", None, "text"),
+     ("Paris", None, "text")],
+)
+def test_infer_kind(truth, options, kind):
+    assert infer_kind(truth, options) == kind
