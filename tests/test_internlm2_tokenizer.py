@@ -1,0 +1,169 @@
+"""The InternLM2 SentencePiece tokenizer against SentencePiece itself and transformers' Llama conversion.
+
+A small BPE model is trained with `sentencepiece` at test time with InternLM2's settings (BPE, byte
+fallback, no dummy prefix, no whitespace folding, identity normalisation); the references are
+(1) the official slow path, `InternLM2Tokenizer`: split on the added tokens, then `sp.encode` each
+piece, and (2) transformers' `LlamaTokenizer` built from the same file, as the `-hf` InternLM2 ports
+are (prepend scheme "never").
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import re
+
+import pytest
+
+from internvl_mpo.chat.internlm2_tokenizer import load_internlm2_tokenizer, read_sentencepiece_model
+from internvl_mpo.errors import CheckpointError
+
+spm = pytest.importorskip("sentencepiece")
+
+CHAT_TOKENS = ["<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>", "<|im_start|>"]
+INTERNVL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+WORDS = ("the quick brown fox jumps over a lazy dog . def return import torch ( ) { } = + image token "
+         "模型 图像 你好 世界 12345 678 describe picture what is in this").split()
+TEXTS = [
+    "Hello world, what is in this picture?",
+    "    def f(x):\n        return x + 1\n\n\n",
+    "  leading, trailing  and   runs\tof\twhitespace ",
+    "模型图像 你好世界！ unseen 龘 and emoji 🚀🤖 and über",
+    "12345678901234567890",
+    "",
+    " ",
+    "<|im_start|>system\n你是书生·万象<|im_end|>\n<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\n"
+    "Describe the image 🚀<|im_end|>\n<|im_start|>assistant\n",
+    "<s>x</s> <unk><ref>dog</ref><box>[[1, 2, 3, 4]]</box>",
+]
+
+
+def train(**options) -> bytes:
+    random.seed(0)
+    corpus = [" ".join(random.choice(WORDS) for _ in range(random.randint(3, 14))) for _ in range(2000)]
+    corpus += ["    def f(x):\n        return x + 1", "\tindent\ttab", "a  b   c"] * 30
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=out, model_type="bpe", vocab_size=400, hard_vocab_limit=False,
+        user_defined_symbols=CHAT_TOKENS, minloglevel=2, **options,
+    )
+    return out.getvalue()
+
+
+INTERNLM2_LIKE = dict(byte_fallback=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
+                      normalization_rule_name="identity", allow_whitespace_only_pieces=True)
+
+
+def write_folder(folder, proto: bytes):
+    """tokenizer.model + a tokenizer_config.json laid out like InternVL2.5-8B's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(proto)
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    decoder = {str(sp.piece_to_id(t)): {"content": t, "special": True} for t in ["<unk>", "<s>", "</s>", *CHAT_TOKENS]}
+    for i, token in enumerate(INTERNVL_TOKENS):
+        decoder[str(sp.get_piece_size() + i)] = {"content": token, "lstrip": False, "normalized": False,
+                                                 "rstrip": False, "single_word": False, "special": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "added_tokens_decoder": decoder, "bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>",
+        "unk_token": "<unk>", "add_bos_token": True, "tokenizer_class": "InternLM2Tokenizer",
+    }))
+    return folder, sp
+
+
+def slow_path_ids(sp, text: str) -> list[int]:
+    """InternLM2Tokenizer without BOS: added tokens (longest first) split the text; the rest is sp.encode'd."""
+    added = {t: sp.piece_to_id(t) for t in ["<unk>", "<s>", "</s>", *CHAT_TOKENS]}
+    added.update({t: sp.get_piece_size() + i for i, t in enumerate(INTERNVL_TOKENS)})
+    pattern = "(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")"
+    ids = []
+    for chunk in re.split(pattern, text):
+        if chunk in added:
+            ids.append(added[chunk])
+        elif chunk:
+            ids += sp.encode(chunk)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def internlm2_like(tmp_path_factory):
+    return write_folder(tmp_path_factory.mktemp("tok"), train(**INTERNLM2_LIKE))
+
+
+@pytest.mark.parametrize("options", [INTERNLM2_LIKE, dict(byte_fallback=False)])
+def test_model_file_is_read_like_sentencepiece(tmp_path, options):
+    proto = train(**options)
+    (tmp_path / "tokenizer.model").write_bytes(proto)
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    model = read_sentencepiece_model(tmp_path / "tokenizer.model")
+    assert len(model.pieces) == sp.get_piece_size()
+    for i, (piece, score, kind) in enumerate(model.pieces):
+        assert piece == sp.id_to_piece(i) and score == pytest.approx(sp.get_score(i))
+        assert (kind == 2, kind == 3, kind == 6) == (sp.is_unknown(i), sp.is_control(i), sp.is_byte(i))
+    assert (model.unk_id, model.bos_id, model.eos_id) == (sp.unk_id(), sp.bos_id(), sp.eos_id())
+    assert model.byte_fallback == options["byte_fallback"]
+    assert model.add_dummy_prefix == options.get("add_dummy_prefix", True)
+    assert bool(model.precompiled_charsmap) == ("normalization_rule_name" not in options)
+
+
+def test_ids_equal_the_official_slow_path(internlm2_like):
+    folder, sp = internlm2_like
+    tokenizer = load_internlm2_tokenizer(folder)
+    random.seed(1)
+    texts = TEXTS + [" ".join(random.choice(WORDS + CHAT_TOKENS + INTERNVL_TOKENS) for _ in range(30))
+                     for _ in range(50)]
+    for text in texts:
+        assert tokenizer.encode(text) == slow_path_ids(sp, text), text
+
+
+def test_ids_equal_transformers_llama_conversion(internlm2_like):
+    pytest.importorskip("google.protobuf")
+    from transformers import LlamaTokenizer
+
+    folder, _ = internlm2_like
+    reference = LlamaTokenizer.from_pretrained(folder, legacy=False, add_bos_token=False, add_prefix_space=False)
+    tokenizer = load_internlm2_tokenizer(folder)
+    for text in TEXTS[:5]:
+        assert tokenizer.encode(text) == reference.encode(text, add_special_tokens=False), text
+
+
+def test_sentencepiece_normaliser_options(tmp_path):
+    """Dummy prefix, whitespace folding and the nmt_nfkc charsmap, each as SentencePiece applies them."""
+    proto = train(byte_fallback=True)
+    folder, sp = write_folder(tmp_path, proto)
+    tokenizer = load_internlm2_tokenizer(folder)
+    for text in TEXTS[:5] + ["ＡＢＣ　全角 ﬁ ①"]:
+        assert tokenizer.encode(text) == sp.encode(text), text
+        assert tokenizer.decode(tokenizer.encode(text)) == sp.decode(sp.encode(text))
+
+
+def test_special_ids_decode_and_streaming(internlm2_like):
+    folder, sp = internlm2_like
+    tokenizer = load_internlm2_tokenizer(folder)
+    base = sp.get_piece_size()
+    assert (tokenizer.img_start_id, tokenizer.img_end_id, tokenizer.img_context_id) == (base, base + 1, base + 2)
+    assert tokenizer.im_end_id == sp.piece_to_id("<|im_end|>") and len(tokenizer) == base + 9
+    assert tokenizer.bos_id == sp.bos_id() and tokenizer.add_bos_token and tokenizer.eos_id == sp.eos_id()
+    text = "    def f(x):\n 模型 🚀 über龘"
+    ids = tokenizer.encode("<|im_start|>" + text + "<|im_end|>")
+    assert tokenizer.decode(ids) == sp.decode(sp.encode(text)) == text
+    stream = tokenizer.stream_decoder()
+    assert "".join(stream.feed(i) for i in ids) + stream.flush() == text
+
+
+def test_refusals(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"\x0a\x05hello\xff\xff")
+    with pytest.raises(CheckpointError, match="not a SentencePiece model file"):
+        load_internlm2_tokenizer(tmp_path)
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(WORDS * 20), model_writer=out, model_type="unigram",
+                                   vocab_size=80, hard_vocab_limit=False, minloglevel=2)
+    (tmp_path / "tokenizer.model").write_bytes(out.getvalue())
+    with pytest.raises(CheckpointError, match="model type 1 is not BPE"):
+        load_internlm2_tokenizer(tmp_path)
+    folder, sp = write_folder(tmp_path / "gap", train(**INTERNLM2_LIKE))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"][str(sp.get_piece_size() + 20)] = {"content": "<far>", "special": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="'<far>' is declared as id"):
+        load_internlm2_tokenizer(folder)
