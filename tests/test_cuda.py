@@ -60,3 +60,17 @@ def test_chat_on_cuda_bf16(folder):
     answer = chat.chat("What is it?", images=Image.new("RGB", (80, 40), "red"), max_new_tokens=8, do_sample=False)
     assert isinstance(answer, str)
     assert chat.batch_chat(["a", "b"], max_new_tokens=4, do_sample=False)
+
+
+def test_device_map_hops_between_devices(folder):
+    """Half the decoder on the CPU, the rest on the GPU: outputs equal the one-device model."""
+    cpu = InternVL.from_pretrained(folder)
+    device_map = {"vision_model": "cuda:0", "mlp1": "cuda:0", "language_model": "cuda:0",
+                  "language_model.model.layers.0": "cpu"}
+    split = InternVL.from_pretrained(folder, dtype="float32", device_map=device_map)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert_close(split(ids.cuda()).cpu(), cpu(ids), atol=1e-4, rtol=1e-4)
+    chat = InternVLChat(split, InternVLChat.from_pretrained(folder).tokenizer)
+    assert chat.chat("hi", max_new_tokens=5, do_sample=False) == InternVLChat(
+        cpu, chat.tokenizer).chat("hi", max_new_tokens=5, do_sample=False)

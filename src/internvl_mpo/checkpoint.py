@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -112,13 +113,15 @@ def read_state_dict(
     folder: Path,
     expected: dict[str, torch.Size],
     dtype: torch.dtype,
-    device: torch.device,
+    device: torch.device | Callable[[str], torch.device],
     optional: tuple[str, ...] = (),
 ) -> dict[str, torch.Tensor]:
     """Read exactly the `expected` keys (name -> shape), checked before any tensor data is read.
 
-    Keys in `optional` may be present or absent (a tied head written out by some tools).
+    `device` is one device, or a function of the key (a device map). Keys in `optional` may be
+    present or absent (a tied head written out by some tools).
     """
+    device_of = device if callable(device) else (lambda key: device)
     mapping = weight_map(folder)
     present = set(mapping)
     missing = sorted(set(expected) - present - set(optional))
@@ -151,9 +154,10 @@ def read_state_dict(
             tensor = handles[mapping[key]].get_tensor(key)
         except SafetensorError as e:
             raise CheckpointError(f"{mapping[key]}: tensor {key} is corrupt ({e})") from None
+        target = device_of(key)
         if tensor.is_floating_point():
-            tensor = tensor.to(device=device, dtype=dtype)
-        state[key] = tensor.to(device)
+            tensor = tensor.to(device=target, dtype=dtype)
+        state[key] = tensor.to(target)
     return state
 
 

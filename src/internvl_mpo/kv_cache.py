@@ -57,9 +57,10 @@ class _DecodeView:
         return self.cache.k[: self.rows, :, : self.span], self.cache.v[: self.rows, :, : self.span]
 
 
-def make_caches(config, batch: int, max_len: int, dtype, device) -> list[KVCache]:
-    """One cache per decoder layer of an LLMConfig."""
+def make_caches(config, batch: int, max_len: int, dtype, devices) -> list[KVCache]:
+    """One cache per decoder layer of an LLMConfig; `devices` is one device, or one per layer."""
+    if not isinstance(devices, (list, tuple)):
+        devices = [devices] * config.num_hidden_layers
     return [
-        KVCache(batch, max_len, config.num_key_value_heads, config.head_dim, dtype, device)
-        for _ in range(config.num_hidden_layers)
+        KVCache(batch, max_len, config.num_key_value_heads, config.head_dim, dtype, device) for device in devices
     ]

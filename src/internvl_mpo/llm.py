@@ -145,10 +145,8 @@ class Qwen2Model(nn.Module):
         written by this call.
         """
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
-        x = inputs_embeds
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, caches[i] if caches is not None else None, cache_positions)
-        return self.norm(x)
+        x = run_layers(self.layers, inputs_embeds, cos, sin, mask, caches, cache_positions)
+        return self.norm(x.to(self.norm.weight.device))
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -181,6 +179,19 @@ class Qwen2ForCausalLM(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
+
+
+def run_layers(layers, x, cos, sin, mask, caches=None, cache_positions=None) -> torch.Tensor:
+    """Run decoder layers in order. When layers sit on different devices (a `device_map`), the
+    hidden states and the per-call tensors follow them; on one device every `.to` is a no-op."""
+    for i, layer in enumerate(layers):
+        device = next(layer.parameters()).device
+        if x.device != device:
+            x, cos, sin = x.to(device), cos.to(device), sin.to(device)
+            mask = mask.to(device) if mask is not None else None
+            cache_positions = cache_positions.to(device) if cache_positions is not None else None
+        x = layer(x, cos, sin, mask, caches[i] if caches is not None else None, cache_positions)
+    return x
 
 
 def causal_mask(attention_mask: torch.Tensor, query_len: int | None = None) -> torch.Tensor:

@@ -170,16 +170,23 @@ class InternVL(nn.Module):
         device: torch.device | str = "cpu",
         revision: str | None = None,
         image_token_id: int | None = None,
+        device_map: str | dict | None = None,
     ) -> "InternVL":
         """Load a checkpoint folder in the official layout, or download a hub id.
 
         The model is built on the meta device and each tensor is read straight into `dtype` on
         `device` (default: bf16 on CUDA, fp32 elsewhere; "auto" = the checkpoint's torch_dtype).
+        `device_map="auto"` spreads the decoder over every visible GPU as the official
+        `split_model` recipe does; a dict {module prefix: device} places modules explicitly.
         """
         from . import checkpoint
+        from .placement import device_for, resolve_device_map
 
         folder = checkpoint.resolve_checkpoint(path_or_id, revision)
         config = ModelConfig.from_json(folder / "config.json")
+        device_map = resolve_device_map(device_map, config)
+        if device_map is not None and device == "cpu":
+            device = device_map.get("mlp1", "cuda:0")
         device = torch.device(device)
         dtype = checkpoint.parse_dtype(dtype, device, config.extra.get("torch_dtype"))
         if image_token_id is None:
@@ -187,7 +194,8 @@ class InternVL(nn.Module):
         with torch.device("meta"):
             model = cls(config, image_token_id=image_token_id)
         optional = ("language_model.lm_head.weight",) if config.llm.tie_word_embeddings else ()
-        state = checkpoint.read_state_dict(folder, model.expected_keys(), dtype, device, optional)
+        placement = device if device_map is None else (lambda key: device_for(key, device_map, device))
+        state = checkpoint.read_state_dict(folder, model.expected_keys(), dtype, placement, optional)
         if config.llm.tie_word_embeddings:
             state.pop("language_model.lm_head.weight", None)
         try:

@@ -111,7 +111,8 @@ class Generation:
         self.engine = engine
         self.max_batch, self.max_len = max_batch, max_len
         device = model.device
-        self.caches = make_caches(model.config.llm, max_batch, max_len, model.dtype, device)
+        layer_devices = [next(layer.parameters()).device for layer in model.language_model.model.layers]
+        self.caches = make_caches(model.config.llm, max_batch, max_len, model.dtype, layer_devices)
         vocab = model.config.llm.vocab_size
         self.key_mask = torch.zeros(max_batch, max_len, dtype=torch.bool, device=device)
         self.seen = torch.zeros(max_batch, vocab, dtype=torch.bool, device=device)

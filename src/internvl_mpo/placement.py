@@ -1,0 +1,69 @@
+"""Spreading a model over several GPUs the way the official `split_model` recipe does.
+
+The first GPU also holds the vision tower, the projector, the embeddings, the final norm, the head
+and the last decoder layer, so it is counted as half a GPU when the decoder layers are shared out:
+per_gpu = ceil(L / (n - 0.5)); GPU 0 takes ceil(per_gpu * 0.5) layers, the others per_gpu each,
+in order, and the last layer moves to GPU 0. Hidden states hop between devices inside the decoder
+loop; each layer's KV cache lives on that layer's device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import ModelConfig
+
+
+def layers_per_gpu(num_layers: int, num_gpus: int) -> list[int]:
+    """How many decoder layers each GPU gets (before the last layer moves to GPU 0)."""
+    if num_gpus < 1:
+        raise ValueError("num_gpus must be at least 1")
+    if num_gpus == 1:
+        return [num_layers]
+    per_gpu = math.ceil(num_layers / (num_gpus - 0.5))
+    counts = [per_gpu] * num_gpus
+    counts[0] = math.ceil(per_gpu * 0.5)
+    return counts
+
+
+def split_model(config: ModelConfig, num_gpus: int) -> dict[str, str]:
+    """Module prefix -> "cuda:i", as the official recipe assigns them."""
+    llm = "language_model.model."
+    num_layers = config.llm.num_hidden_layers
+    device_map: dict[str, str] = {}
+    layer = 0
+    for gpu, count in enumerate(layers_per_gpu(num_layers, num_gpus)):
+        for _ in range(count):
+            if layer < num_layers:
+                device_map[f"{llm}layers.{layer}"] = f"cuda:{gpu}"
+            layer += 1
+    embeddings = "tok_embeddings" if config.llm.architectures[0] == "InternLM2ForCausalLM" else "embed_tokens"
+    head = "language_model.output" if embeddings == "tok_embeddings" else "language_model.lm_head"
+    for name in ("vision_model", "mlp1", f"{llm}{embeddings}", f"{llm}norm", head, f"{llm}layers.{num_layers - 1}"):
+        device_map[name] = "cuda:0"
+    return device_map
+
+
+def resolve_device_map(device_map, config: ModelConfig) -> dict[str, str] | None:
+    """None, "auto" (every visible GPU) or an explicit {prefix: device} map."""
+    if device_map is None:
+        return None
+    if device_map == "auto":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError('device_map="auto" needs CUDA devices; use device="cpu" instead')
+        return split_model(config, count)
+    if not isinstance(device_map, dict):
+        raise ValueError(f"device_map must be None, 'auto' or a dict of module prefix -> device, got {device_map!r}")
+    return dict(device_map)
+
+
+def device_for(key: str, device_map: dict[str, str], default: torch.device) -> torch.device:
+    """The device of the longest prefix of `key` (a weight name) in the map."""
+    best = None
+    for prefix in device_map:
+        if (key == prefix or key.startswith(prefix + ".")) and (best is None or len(prefix) > len(best)):
+            best = prefix
+    return torch.device(device_map[best]) if best is not None else default

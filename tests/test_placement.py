@@ -1,0 +1,61 @@
+"""Layer placement over several GPUs (the official split_model recipe), as pure functions."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from internvl_mpo.config import LLMConfig, ModelConfig
+from internvl_mpo.model import InternVL
+from internvl_mpo.placement import device_for, layers_per_gpu, split_model
+
+
+def test_official_example_two_gpus_36_layers():
+    """Reference section 11: per_gpu 24 -> GPU0 layers 0-11 + 35, GPU1 layers 12-34."""
+    assert layers_per_gpu(36, 2) == [12, 24]
+    device_map = split_model(ModelConfig(), 2)
+    on = {g: sorted(int(k.split(".")[-1]) for k, v in device_map.items() if ".layers." in k and v == g)
+          for g in ("cuda:0", "cuda:1")}
+    assert on["cuda:0"] == list(range(12)) + [35]
+    assert on["cuda:1"] == list(range(12, 35))
+    for name in ("vision_model", "mlp1", "language_model.model.embed_tokens", "language_model.model.norm",
+                 "language_model.lm_head"):
+        assert device_map[name] == "cuda:0"
+
+
+@pytest.mark.parametrize("layers, gpus", [(24, 1), (24, 3), (32, 4), (48, 8), (80, 8), (36, 5)])
+def test_every_layer_placed_once(layers, gpus):
+    config = ModelConfig(llm=dataclasses.replace(LLMConfig(), num_hidden_layers=layers))
+    device_map = split_model(config, gpus)
+    placed = [k for k in device_map if ".layers." in k]
+    assert sorted(int(k.split(".")[-1]) for k in placed) == list(range(layers))
+    assert device_map[f"language_model.model.layers.{layers - 1}"] == "cuda:0"
+
+
+def test_longest_prefix_wins():
+    device_map = {"language_model.model.layers.1": "cuda:1", "language_model.model.layers.10": "cuda:2"}
+    default = torch.device("cuda:0")
+    assert device_for("language_model.model.layers.10.mlp.up_proj.weight", device_map, default) == torch.device("cuda:2")
+    assert device_for("language_model.model.layers.1.mlp.up_proj.weight", device_map, default) == torch.device("cuda:1")
+    assert device_for("mlp1.0.weight", device_map, default) == default
+
+
+def test_explicit_cpu_map_loads_and_runs(tmp_path, tiny):
+    model = InternVL(tiny, image_token_id=299)
+    model.init_weights()
+    model.save_pretrained(tmp_path / "m")
+    device_map = {name: "cpu" for name in split_model(tiny, 2)}
+    loaded = InternVL.from_pretrained(tmp_path / "m", device_map=device_map, image_token_id=299)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+
+
+def test_auto_without_gpus_is_a_clear_error(tmp_path, tiny):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    InternVL(tiny).save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="needs CUDA devices"):
+        InternVL.from_pretrained(tmp_path / "m", device_map="auto")
