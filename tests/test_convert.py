@@ -142,10 +142,11 @@ def test_refusals(tmp_path):
     assert not (tmp_path / "z").exists()
 
 
-def test_convert_command(tmp_path):
+def test_convert_command(tmp_path, capsys):
     src = official_folder(tmp_path / "src", "internlm2")
-    out = convert_command(str(src), str(tmp_path / "hf"), "hf")
-    config = json.loads((out / "config.json").read_text())
+    assert convert_command(str(src), str(tmp_path / "hf"), to="hf") == 0
+    assert "transformers layout" in capsys.readouterr().out
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architectures"] == ["InternVLForConditionalGeneration"]
     assert config["text_config"]["attention_bias"] is False and config["image_token_id"] == IMAGE_TOKEN_ID
 

@@ -428,10 +428,13 @@ def convert(
     return dst
 
 
-def convert_command(src: str, dst: str, to: str) -> Path:
-    """Convert a checkpoint folder between the official InternVL layout and transformers' layout.
+def convert_command(src: str, dst: str, *, to: str) -> int:
+    """Convert a checkpoint between the official InternVL layout and transformers' InternVL layout.
 
-    src: checkpoint folder to read; dst: new folder to write; to: "hf" (official -> transformers'
-    InternVLForConditionalGeneration) or "official" (back to the layout this package loads).
+    src: checkpoint folder to read
+    dst: new folder to write
+    to: "hf" (official -> transformers' InternVLForConditionalGeneration) or "official" (the reverse)
     """
-    return convert(src, dst, to)
+    out = convert(src, dst, to)
+    print(f"wrote {out} ({'transformers' if to == 'hf' else 'official'} layout)")
+    return 0
