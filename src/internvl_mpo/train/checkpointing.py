@@ -1,0 +1,308 @@
+"""Training checkpoints: official-layout weights plus the full training state, written atomically.
+
+A checkpoint is a folder `checkpoint-<step:06d>/` in the run's output folder:
+
+    model/                    config.json + safetensors in the official layout, tokenizer files
+    optimizer.safetensors     every optimizer state tensor, keyed "<param name>::<state name>"
+    optimizer.json            param groups (hyper-parameters and parameter names), non-tensor state
+    extra.safetensors         LoRA adapters, when the run has them
+    rank<r>.safetensors       that rank's RNG states (torch CPU, CUDA, numpy key array)
+    rank<r>.json              that rank's data position, python/numpy RNG scalars
+    trainer_state.json        step, BCO running mean, skip counts, settings (written last)
+
+Only safetensors and JSON are written; nothing is pickled. The folder is first written as
+`.tmp-checkpoint-<step>` inside the output folder, every file and folder is fsynced, then the folder
+is renamed into place, so a save that dies halfway leaves the last good checkpoint untouched and a
+`.tmp-*` folder that `latest_checkpoint` ignores (and the next save of that step replaces).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from internvl_mpo.errors import CheckpointError
+from internvl_mpo.model import InternVL
+from internvl_mpo.train.distributed import DistEnv, barrier
+
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+STATE_FILE = "trainer_state.json"
+EXTRA_FILE = "extra.safetensors"
+TMP_PREFIX = ".tmp-"
+KEY_SEP = "::"
+
+
+def checkpoint_dir(output: Path, step: int) -> Path:
+    return Path(output) / f"checkpoint-{step:06d}"
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    """The complete checkpoint with the highest step (folders being written are ignored)."""
+    best: tuple[int, Path] | None = None
+    output = Path(output)
+    if not output.is_dir():
+        return None
+    for path in output.iterdir():
+        match = CHECKPOINT_RE.fullmatch(path.name)
+        if match and path.is_dir() and (path / STATE_FILE).is_file():
+            step = int(match[1])
+            if best is None or step > best[0]:
+                best = (step, path)
+    return None if best is None else best[1]
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing from the checkpoint") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing from the checkpoint")
+    return load_file(str(path))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file, then every folder bottom-up, so the data is on disk before the rename."""
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(Path(root))
+
+
+def temp_dir(final: Path) -> Path:
+    return final.parent / (TMP_PREFIX + final.name)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Make `tmp` appear as `final` in one rename (an existing `final` is replaced)."""
+    fsync_tree(tmp)
+    if final.exists():
+        old = final.parent / (TMP_PREFIX + final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync(final.parent)
+
+
+def atomic_folder(final: Path, write: Callable[[Path], None]) -> Path:
+    """Single-process helper: `write(tmp)` fills a temporary folder, which is then published."""
+    tmp = temp_dir(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    publish(tmp, final)
+    return final
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """A name-keyed optimizer state dict (torch.distributed.checkpoint.state_dict layout) -> tensors, JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for name, entries in state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}{KEY_SEP}{key}"] = value
+            else:
+                scalars.setdefault(name, {})[key] = value
+    groups = [{k: _json_value(v) for k, v in group.items()} for group in state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[str, dict[str, Any]] = {}
+    for flat, value in tensors.items():
+        name, _, key = flat.rpartition(KEY_SEP)
+        state.setdefault(name, {})[key] = value
+    for name, entries in meta.get("scalars", {}).items():
+        state.setdefault(name, {}).update(entries)
+    groups = []
+    for group in meta["param_groups"]:
+        group = dict(group)
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+        groups.append(group)
+    return {"state": state, "param_groups": groups}
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state(device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    """torch (CPU and this rank's CUDA device), numpy and python RNG states as tensors + JSON."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        tensors["torch_cuda"] = torch.cuda.get_rng_state(device)
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64))
+    version, internal, gauss = random.getstate()
+    meta = {
+        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+    }
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, device: torch.device) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if device.type == "cuda" and "torch_cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["torch_cuda"], device)
+    n = meta["numpy"]
+    keys = tensors["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = meta["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+# ----------------------------------------------------------------------------- model weights
+
+
+def full_model_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The policy's whole state dict on CPU, names relative to the InternVL (rank 0 only under FSDP2).
+
+    `module` is the wrapper whose `model` attribute is the InternVL, itself possibly inside DDP or
+    sharded by FSDP2; torch.distributed.checkpoint gathers and un-prefixes it.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
+
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("model."): v for k, v in state.items()}
+
+
+def export_model(state: dict[str, torch.Tensor], like: InternVL, folder: Path) -> None:
+    """An official-layout model folder from a plain state dict, written by `InternVL.save_pretrained`.
+
+    The tensors are attached (not copied) to a meta-built model with `like`'s config, image token
+    and tokenizer source folder, whose files are copied along.
+    """
+    tied = like.config.llm.tie_word_embeddings
+    with torch.device("meta"):
+        plain = InternVL(like.config, image_token_id=like.image_token_id)
+    if tied:
+        state = {k: v for k, v in state.items() if k != "language_model.lm_head.weight"}
+    plain.load_state_dict(state, strict=not tied, assign=True)
+    if tied:
+        plain.language_model.lm_head.weight = plain.language_model.model.embed_tokens.weight
+    plain.source_dir = like.source_dir
+    plain.save_pretrained(folder)
+
+
+def load_model_weights(path: Path, model: InternVL, skip: set[str] = frozenset()) -> None:
+    """A checkpoint's official weights into a plain model, in float32, except the keys in `skip`."""
+    from internvl_mpo import checkpoint as weights_io
+
+    expected = {k: v for k, v in model.expected_keys().items() if k not in skip}
+    state = weights_io.read_state_dict(path / "model", expected, torch.float32, model.device, optional=tuple(skip))
+    model.load_state_dict(state, strict=False)
+
+
+# ----------------------------------------------------------------------------- whole checkpoints
+
+
+def save_checkpoint(
+    final: Path,
+    env: DistEnv,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    write_weights: Callable[[dict[str, torch.Tensor], Path], None],
+    trainer_state: dict,
+    rank_state: dict,
+) -> Path:
+    """Write a checkpoint folder atomically. Every rank calls this (the state gathers are collective).
+
+    Rank 0 writes the weights (`write_weights(full state dict, folder)`), the optimizer and
+    `trainer_state`; every rank writes its RNG states and `rank_state`; rank 0 then publishes.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
+
+    tmp = temp_dir(final)
+    state = full_model_state(module)
+    optim_state = get_optimizer_state_dict(
+        module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_weights(state, tmp)
+        tensors, meta = flatten_optimizer_state(optim_state)
+        write_tensors(tmp / "optimizer.safetensors", tensors)
+        write_json(tmp / "optimizer.json", meta)
+    del state, optim_state
+    barrier(env)
+    rng_tensors, rng_meta = rng_state(env.device)
+    write_tensors(tmp / f"rank{env.rank}.safetensors", rng_tensors)
+    write_json(tmp / f"rank{env.rank}.json", {**rank_state, "rng": rng_meta})
+    barrier(env)
+    if env.is_main:
+        write_json(tmp / STATE_FILE, trainer_state)
+        publish(tmp, final)
+    barrier(env)
+    return final
+
+
+def load_training_state(
+    path: Path, env: DistEnv, module: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict, dict]:
+    """Load the optimizer and this rank's RNG states; returns (trainer_state, this rank's state)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
+
+    state = read_json(path / STATE_FILE)
+    optim = unflatten_optimizer_state(read_tensors(path / "optimizer.safetensors"), read_json(path / "optimizer.json"))
+    set_optimizer_state_dict(module, optimizer, optim, options=StateDictOptions(full_state_dict=True))
+    rank_state = read_json(path / f"rank{env.rank}.json")
+    set_rng_state(read_tensors(path / f"rank{env.rank}.safetensors"), rank_state["rng"], env.device)
+    return state, rank_state

@@ -1,0 +1,179 @@
+"""`internvl-mpo train` and `internvl-mpo plot`.
+
+`train`'s parameters are `TrainConfig`'s fields one to one (a test checks names and defaults).
+Multi-GPU: `torchrun --nproc-per-node N -m internvl_mpo.cli train mpo ...`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from internvl_mpo.errors import InputError
+
+
+def train(
+    mode: str,
+    model: str | None = None,
+    data: str | None = None,
+    output: str | None = None,
+    image_root: str | None = None,
+    init_from_config: str | None = None,
+    tokenizer: str | None = None,
+    beta: float = 0.1,
+    pref_weight: float | None = None,
+    quality_weight: float | None = None,
+    gen_weight: float | None = None,
+    label_smoothing: float = 0.0,
+    lr: float = 1e-6,
+    weight_decay: float = 0.05,
+    adam_beta1: float = 0.9,
+    adam_beta2: float = 0.999,
+    adam_eps: float = 1e-8,
+    warmup_ratio: float = 0.03,
+    epochs: int = 1,
+    max_steps: int = 0,
+    batch_size: int = 1,
+    grad_accum: int = 1,
+    max_grad_norm: float = 1.0,
+    max_seq_length: int = 8192,
+    max_dynamic_patch: int | None = None,
+    video_frames: int = 8,
+    save_every: int = 0,
+    seed: int = 42,
+    shuffle: bool = True,
+    freeze_vision: bool = False,
+    freeze_projector: bool = False,
+    freeze_llm: bool = False,
+    lora_rank: int = 0,
+    lora_alpha: float | None = None,
+    lora_vision: bool = False,
+    drop_path_rate: float = 0.1,
+    grad_checkpointing: bool = True,
+    precompute_ref: bool = False,
+    skip_bad: bool = False,
+    resume: bool = False,
+    precision: str = "auto",
+    device: str | None = None,
+    fsdp: bool = False,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> int:
+    """Train with MPO (sigmoid DPO + BCO-pair + SFT), plain DPO, or SFT on conversations.
+
+    mode: mpo, dpo or sft
+    model: checkpoint folder (official layout) to start from and to use as the reference
+    data: meta.json (MMPR for mpo/dpo; conversation annotations for sft) or, for sft, one .jsonl
+    output: run folder: metrics.jsonl, checkpoint-N/, final/
+    image_root: image folder for a single sft .jsonl (default: the file's folder)
+    init_from_config: start from random weights built from this config.json instead of --model
+    tokenizer: tokenizer folder (default: the model folder; required with --init-from-config)
+    beta: DPO / BCO temperature
+    pref_weight: weight of the sigmoid DPO term (default: mpo 0.8, dpo 1, sft 0)
+    quality_weight: weight of the BCO-pair term (default: mpo 0.2, dpo 0, sft 0)
+    gen_weight: weight of the SFT NLL term on chosen answers (default: mpo 1, dpo 0, sft 1)
+    label_smoothing: conservative-DPO label smoothing
+    lr: peak learning rate
+    weight_decay: AdamW weight decay (not on biases and norm weights)
+    adam_beta1: AdamW beta1
+    adam_beta2: AdamW beta2
+    adam_eps: AdamW epsilon
+    warmup_ratio: share of the steps with linear warmup before the cosine decay
+    epochs: passes over the data (ignored when --max-steps is given)
+    max_steps: optimizer steps (0: from --epochs)
+    batch_size: pairs (or conversations) per micro-batch per process
+    grad_accum: micro-batches per optimizer step
+    max_grad_norm: gradient-norm clipping (0: no clipping)
+    max_seq_length: longest sequence; answers are cut at the tail, never the prompt or image tokens
+    max_dynamic_patch: tiles per image (default: meta.json's value, else the model config's)
+    video_frames: frames sampled per video
+    save_every: write a resumable checkpoint every N steps (0: only the final model)
+    seed: seed of the data order, initialisation and drop-path
+    shuffle: reshuffle the data every epoch
+    freeze_vision: freeze the vision tower
+    freeze_projector: freeze the projector (mlp1)
+    freeze_llm: freeze the language model
+    lora_rank: LoRA rank on the LLM's linear layers (0: full fine-tuning)
+    lora_alpha: LoRA alpha (default 2 x rank)
+    lora_vision: also put LoRA adapters on the vision tower's linear layers
+    drop_path_rate: ViT stochastic depth (policy only)
+    grad_checkpointing: recompute activations per ViT layer and decoder block in the backward
+    precompute_ref: compute reference log-probs in a first pass and cache them (no reference model in memory)
+    skip_bad: count and skip bad records instead of stopping at the first
+    resume: continue from the latest checkpoint in --output
+    precision: auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32
+    device: cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when available)
+    fsdp: shard with FSDP2 instead of DDP when several processes run
+    num_workers: data-loading worker processes
+    progress: show a progress bar
+    """
+    settings = dict(locals())
+    from internvl_mpo.train.distributed import print0
+    from internvl_mpo.train.mpo import TrainConfig
+    from internvl_mpo.train.mpo import train as run
+
+    config = TrainConfig(**settings)
+    result = run(config)
+    print0(f"trained {result.steps} steps; final model: {result.final_dir}")
+    if result.skipped.total:
+        print0(f"skipped {result.skipped.total} bad records: {result.skipped.counts}")
+        for message in result.skipped.messages:
+            print0(f"  {message}")
+    return 0
+
+
+PLOT_PANELS = (
+    ("losses", ("loss", "loss/pref", "loss/quality", "nll")),
+    ("rewards", ("rewards/chosen", "rewards/rejected", "rewards/margins")),
+    ("accuracy", ("rewards/accuracies",)),
+    ("delta", ("delta",)),
+)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def plot(run_dir: str, output: str | None = None) -> int:
+    """Plot the training curves of a run (losses, rewards, accuracy, BCO delta) to a PNG.
+
+    run_dir: run folder holding metrics.jsonl (or the metrics.jsonl file itself)
+    output: PNG path (default: <run_dir>/curves.png)
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(run_dir)
+    metrics = path if path.is_file() else path / "metrics.jsonl"
+    if not metrics.is_file():
+        raise InputError(f"{metrics}: no metrics file")
+    rows = read_metrics(metrics)
+    if not rows:
+        raise InputError(f"{metrics}: no metrics recorded yet")
+    panels = [(title, [k for k in keys if any(k in r for r in rows)]) for title, keys in PLOT_PANELS]
+    panels = [(title, keys) for title, keys in panels if keys]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False)
+    for ax, (title, keys) in zip(axes[:, 0], panels):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=key)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    target = Path(output) if output else (metrics.parent / "curves.png")
+    fig.savefig(target, dpi=100)
+    plt.close(fig)
+    print(f"wrote {target}")
+    return 0

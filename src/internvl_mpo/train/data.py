@@ -1,0 +1,406 @@
+"""Preference and SFT records -> token ids, labels and pixel tiles; the batch collators.
+
+Mirrors the per-item side of `internvl_chat/internvl/train/internvl_chat_mpo.py`
+(`LazySupervisedDataset.multi_modal_get_item`, `multi_modal_multi_image_get_item`,
+`video_get_item`, `pure_text_get_item`) and of the fine-tuning dataset for conversations:
+
+- single image: tiles from dynamic tiling with `max_num` = the dataset's `max_dynamic_patch` (meta.json)
+  or the model config's; the question gets `"<image>\\n"` in front when it has no placeholder;
+- multi-image (`image` is a list): each image gets `max(1, max_num // n_images)` tiles at most, as
+  the official multi-image branch; a question without placeholders gets "Image-k: <image>\\n" lines;
+- video: `load_video` frames, one tile each; `<video>\\n` (or nothing) becomes the
+  "Frame1: <image>\\nFrame2: <image>\\n..." prefix. Unlike the official branch (broken, pitfall 13.8)
+  this path works; the prefix is the inference card's, with a newline after every frame;
+- ids come from `chat.template.build_pair_ids` (one shared prompt, two answers), so labels mask the
+  system and user turns and supervise each response plus its `<|im_end|>`.
+
+Deliberate differences from the official code:
+- text-only samples carry no dummy white image (the official code encodes one and drops its
+  features with `image_flags = 0`); the trainer handles the distributed case on its own;
+- too-long samples are never cut through image tokens (pitfall 13.6): only the answers' tails are
+  truncated; when the prompt leaves no room for a supervised answer token the sample is refused
+  with its `file:line` (the trainer counts and skips it with `--skip-bad`);
+- the collator's attention mask comes from the true sequence lengths. The official collator uses
+  `input_ids != 0`, which also masks every real `!` token (id 0 in the Qwen vocabulary, pitfall
+  13.3); we do not reproduce that;
+- padding uses the tokenizer's pad id (`<|endoftext|>`) everywhere (the official code pads with 0
+  and then 151643, pitfall 13.4; labels are -100 on pads either way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from internvl_mpo.chat.template import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    add_image_prefix,
+    build_pair_ids,
+    build_training_ids,
+)
+from internvl_mpo.chat.tokenizer import Tokenizer
+from internvl_mpo.config import ModelConfig
+from internvl_mpo.errors import InputError
+from internvl_mpo.processor.image import load_image
+from internvl_mpo.processor.video import load_video
+from internvl_mpo.train.mmpr import PreferenceRecord, SFTRecord
+
+VIDEO_PLACEHOLDER = "<video>"
+SFT_ROLE_NAMES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+@dataclass(frozen=True)
+class MediaSettings:
+    """How images and videos become tiles (the model config's values unless overridden)."""
+
+    image_size: int = 448
+    num_image_token: int = 256
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 12
+    use_thumbnail: bool = True
+    dynamic_image_size: bool = True
+    video_frames: int = 8
+
+    @classmethod
+    def from_model_config(
+        cls, config: ModelConfig, max_dynamic_patch: int | None = None, video_frames: int = 8
+    ) -> MediaSettings:
+        return cls(
+            image_size=config.image_size,
+            num_image_token=config.num_image_token,
+            min_dynamic_patch=config.min_dynamic_patch,
+            max_dynamic_patch=config.max_dynamic_patch if max_dynamic_patch is None else max_dynamic_patch,
+            use_thumbnail=config.use_thumbnail,
+            dynamic_image_size=config.dynamic_image_size,
+            video_frames=video_frames,
+        )
+
+
+@dataclass
+class PairExample:
+    """One encoded preference pair. Full sequences are prompt + chosen and prompt + rejected."""
+
+    index: int  # position in the dataset (keys precomputed reference log-probs)
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    chosen_labels: list[int]
+    rejected_ids: list[int]
+    rejected_labels: list[int]
+    pixel_values: torch.Tensor  # (N, 3, S, S) float32; N = 0 for text-only
+    truncated: bool
+    source: str
+
+
+@dataclass
+class SFTExample:
+    index: int
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: torch.Tensor  # (N, 3, S, S)
+    truncated: bool
+    source: str
+
+
+@dataclass
+class BadExample:
+    """A sample that could not be encoded; the trainer raises or counts it (`--skip-bad`)."""
+
+    index: int
+    kind: str
+    message: str  # starts with file:line
+
+
+# ----------------------------------------------------------------------------- media
+
+
+def load_media(
+    images: Sequence[str],
+    multi_image: bool,
+    video: str | None,
+    question: str,
+    settings: MediaSettings,
+    max_num: int | None = None,
+) -> tuple[torch.Tensor, list[int], str]:
+    """(pixel_values (N, 3, S, S), tiles per `<image>` placeholder, question with the video prefix)."""
+    s = settings
+    max_num = s.max_dynamic_patch if max_num is None else max_num
+    if not s.dynamic_image_size:
+        max_num = 1
+    if images:
+        per_image = max(1, max_num // len(images)) if multi_image else max_num
+        tiles = [
+            load_image(p, max_num=per_image, min_num=min(s.min_dynamic_patch, per_image), image_size=s.image_size,
+                       use_thumbnail=s.use_thumbnail)
+            for p in images
+        ]
+        return torch.cat(tiles), [t.shape[0] for t in tiles], question
+    if video is not None:
+        frames = load_video(video, num_segments=s.video_frames, image_size=s.image_size)
+        if VIDEO_PLACEHOLDER in question:
+            question = question.replace(VIDEO_PLACEHOLDER + "\n", frames.prefix, 1)
+            question = question.replace(VIDEO_PLACEHOLDER, frames.prefix, 1)
+        elif IMAGE_PLACEHOLDER not in question:
+            question = frames.prefix + question
+        return frames.pixel_values, frames.num_patches_list, question
+    return torch.zeros(0, 3, s.image_size, s.image_size), [], question
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def _supervised(labels: Sequence[int]) -> int:
+    return sum(1 for x in labels if x != IGNORE_INDEX)
+
+
+def fit_pair(
+    prompt_len: int, chosen: tuple[list[int], list[int]], rejected: tuple[list[int], list[int]], max_seq_length: int
+) -> tuple[tuple[list[int], list[int]], tuple[list[int], list[int]], bool] | None:
+    """Cut each answer's tail so prompt + answer <= max_seq_length; None if an answer keeps no label."""
+    room = max_seq_length - prompt_len
+    out = []
+    truncated = False
+    for ids, labels in (chosen, rejected):
+        if len(ids) > room:
+            ids, labels, truncated = ids[: max(room, 0)], labels[: max(room, 0)], True
+        if _supervised(labels) == 0:
+            return None
+        out.append((ids, labels))
+    return out[0], out[1], truncated
+
+
+def encode_pair(
+    record: PreferenceRecord,
+    tokenizer: Tokenizer,
+    settings: MediaSettings,
+    max_seq_length: int,
+    max_num: int | None = None,
+    index: int = 0,
+) -> PairExample:
+    """Load a record's media and tokenize it; InputError("file:line: problem") when it cannot be used."""
+    where = str(record.source)
+    try:
+        pixel_values, num_patches, question = load_media(
+            record.images, record.multi_image, record.video, record.question, settings, max_num
+        )
+        pair = build_pair_ids(
+            tokenizer, question, record.chosen, record.rejected, num_patches, num_image_token=settings.num_image_token
+        )
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
+    fitted = fit_pair(
+        len(pair.prompt_ids), (pair.chosen_ids, pair.chosen_labels), (pair.rejected_ids, pair.rejected_labels),
+        max_seq_length,
+    )
+    if fitted is None:
+        image_tokens = sum(n * settings.num_image_token + 2 for n in num_patches)
+        raise InputError(
+            f"{where}: the prompt is {len(pair.prompt_ids)} tokens ({image_tokens} of them image tokens), which leaves"
+            f" no supervised answer token within max_seq_length={max_seq_length}; lower max_dynamic_patch or raise"
+            " max_seq_length"
+        )
+    (chosen_ids, chosen_labels), (rejected_ids, rejected_labels), truncated = fitted
+    return PairExample(
+        index, pair.prompt_ids, chosen_ids, chosen_labels, rejected_ids, rejected_labels, pixel_values, truncated, where
+    )
+
+
+def sft_messages(record: SFTRecord) -> list[dict[str, str]]:
+    """Official conversation turns ({"from": human|gpt|system}) as {"role", "content"} messages."""
+    return [{"role": SFT_ROLE_NAMES[t["from"]], "content": t["value"]} for t in record.conversations]
+
+
+def _image_prefix_first_user(messages: list[dict[str, str]], num_images: int) -> None:
+    """Images but no placeholder anywhere: the first user turn gets them in front (`add_image_prefix`)."""
+    if num_images and not any(IMAGE_PLACEHOLDER in m["content"] for m in messages):
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is not None:
+            first_user["content"] = add_image_prefix(first_user["content"], num_images)
+
+
+def encode_sft(
+    record: SFTRecord,
+    tokenizer: Tokenizer,
+    settings: MediaSettings,
+    max_seq_length: int,
+    max_num: int | None = None,
+    index: int = 0,
+) -> SFTExample:
+    """A conversation with its media; a too-long one loses its tail, never an image token."""
+    where = str(record.source)
+    messages = sft_messages(record)
+    first_user = next((m for m in messages if m["role"] == "user"), None)
+    try:
+        question = first_user["content"] if first_user is not None else ""
+        pixel_values, num_patches, question = load_media(
+            record.images, record.multi_image, record.video, question, settings, max_num
+        )
+        if first_user is not None:
+            first_user["content"] = question
+        _image_prefix_first_user(messages, len(num_patches))
+        ids, labels = build_training_ids(tokenizer, messages, num_patches, num_image_token=settings.num_image_token)
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
+    truncated = len(ids) > max_seq_length
+    if truncated:
+        image_ids = {tokenizer.img_start_id, tokenizer.img_context_id, tokenizer.img_end_id}
+        if any(t in image_ids for t in ids[max_seq_length:]):
+            raise InputError(
+                f"{where}: the conversation is {len(ids)} tokens and cutting it to max_seq_length={max_seq_length}"
+                " would cut image tokens; lower max_dynamic_patch or raise max_seq_length"
+            )
+        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+    if _supervised(labels) == 0:
+        raise InputError(f"{where}: no supervised answer token within max_seq_length={max_seq_length}")
+    return SFTExample(index, ids, labels, pixel_values, truncated, where)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+class PairDataset:
+    """Map-style dataset of preference records; items are encoded (images loaded) on access.
+
+    `__getitem__` never raises for bad data: it returns a `BadExample` whose message names the
+    record's file:line, so the trainer can stop with it or count it.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[PreferenceRecord],
+        tokenizer: Tokenizer,
+        settings: MediaSettings,
+        max_seq_length: int,
+        max_num_by_dataset: dict[str, int] | None = None,
+    ):
+        self.records = list(records)
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.max_seq_length = max_seq_length
+        self.max_num_by_dataset = dict(max_num_by_dataset or {})
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> PairExample | BadExample:
+        record = self.records[index]
+        try:
+            return encode_pair(
+                record, self.tokenizer, self.settings, self.max_seq_length,
+                self.max_num_by_dataset.get(record.dataset), index,
+            )
+        except InputError as e:
+            return BadExample(index, "encode", str(e))
+
+
+class SFTDataset:
+    """Map-style dataset of SFT conversation records (same error contract as `PairDataset`)."""
+
+    def __init__(
+        self,
+        records: Sequence[SFTRecord],
+        tokenizer: Tokenizer,
+        settings: MediaSettings,
+        max_seq_length: int,
+        max_num: Sequence[int | None] | None = None,
+    ):
+        self.records = list(records)
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.max_seq_length = max_seq_length
+        self.max_num = list(max_num) if max_num is not None else [None] * len(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> SFTExample | BadExample:
+        try:
+            return encode_sft(
+                self.records[index], self.tokenizer, self.settings, self.max_seq_length, self.max_num[index], index
+            )
+        except InputError as e:
+            return BadExample(index, "encode", str(e))
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    """Right-padded sequences for one forward.
+
+    For preference pairs the rows are [prompt+chosen_1..B ; prompt+rejected_1..B] (2B rows) and
+    `pixel_values` holds each pair's tiles once, pair after pair; for SFT there are B rows.
+    """
+
+    input_ids: torch.Tensor  # (R, T) int64, pad id after each sequence
+    labels: torch.Tensor  # (R, T) int64, -100 on prompt and pad positions
+    attention_mask: torch.Tensor  # (R, T) int64, 1 for the first `length` positions of a row
+    pixel_values: torch.Tensor  # (N, 3, S, S) float32
+    num_tiles: torch.Tensor  # (B,) int64 tiles per sample
+    indices: torch.Tensor  # (B,) int64 dataset positions
+    pairs: bool
+
+    @property
+    def num_samples(self) -> int:
+        return self.indices.numel()
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def to(self, device: torch.device | str) -> Batch:
+        move = {"non_blocking": True}
+        return Batch(
+            self.input_ids.to(device, **move), self.labels.to(device, **move), self.attention_mask.to(device, **move),
+            self.pixel_values.to(device, **move), self.num_tiles, self.indices, self.pairs,
+        )
+
+
+def pad_sequences(
+    sequences: Sequence[tuple[list[int], list[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, labels) pairs -> right-padded ids (pad_id), labels (-100) and a mask from the lengths."""
+    length = max(len(ids) for ids, _ in sequences)
+    n = len(sequences)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((n, length), dtype=torch.long)
+    for row, (ids, labs) in enumerate(sequences):
+        if len(ids) != len(labs):
+            raise ValueError(f"row {row}: {len(ids)} ids but {len(labs)} labels")
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[row, : len(ids)] = torch.tensor(labs, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, labels, attention_mask
+
+
+def _tiles(examples: Sequence[PairExample | SFTExample]) -> tuple[torch.Tensor, torch.Tensor]:
+    pixel_values = torch.cat([e.pixel_values for e in examples])
+    num_tiles = torch.tensor([e.pixel_values.shape[0] for e in examples], dtype=torch.long)
+    return pixel_values, num_tiles
+
+
+def collate_pairs(examples: Sequence[PairExample], pad_id: int) -> Batch:
+    """Stack B pairs as 2B rows (chosen block, then rejected block), tiles once per pair."""
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    chosen = [(e.prompt_ids + e.chosen_ids, [IGNORE_INDEX] * len(e.prompt_ids) + e.chosen_labels) for e in examples]
+    rejected = [
+        (e.prompt_ids + e.rejected_ids, [IGNORE_INDEX] * len(e.prompt_ids) + e.rejected_labels) for e in examples
+    ]
+    input_ids, labels, attention_mask = pad_sequences(chosen + rejected, pad_id)
+    pixel_values, num_tiles = _tiles(examples)
+    indices = torch.tensor([e.index for e in examples], dtype=torch.long)
+    return Batch(input_ids, labels, attention_mask, pixel_values, num_tiles, indices, pairs=True)
+
+
+def collate_sft(examples: Sequence[SFTExample], pad_id: int) -> Batch:
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    input_ids, labels, attention_mask = pad_sequences([(e.input_ids, e.labels) for e in examples], pad_id)
+    pixel_values, num_tiles = _tiles(examples)
+    indices = torch.tensor([e.index for e in examples], dtype=torch.long)
+    return Batch(input_ids, labels, attention_mask, pixel_values, num_tiles, indices, pairs=False)

@@ -1,0 +1,145 @@
+"""torchrun process groups, DDP and FSDP2 wrapping, rank-0 printing, and each rank's share of the data.
+
+One code path for one process and N: `init_distributed` reads `RANK`, `LOCAL_RANK` and `WORLD_SIZE`
+from the environment (torchrun sets them; absent means a single process) and starts a process
+group only when there is more than one rank, with NCCL on CUDA and gloo on CPU.
+
+FSDP2 (`torch.distributed.fsdp.fully_shard`) shards each ViT layer and each decoder block, then the
+root, with bf16 parameters and fp32 gradient reduction on CUDA (fp32 everywhere on CPU), and refuses
+to go on when nothing was sharded. The BCO running mean needs no code here: `RunningMean` in
+`losses.py` averages its batch value across ranks whenever a process group with several ranks is
+up, as TRL's `RunningMoments` does.
+
+Data: every epoch has one order of the whole dataset (a permutation seeded by seed + epoch); rank r
+of W reads positions r, r + W, r + 2W, ... of it, cut to the same length on every rank. With a
+per-rank micro-batch b, the global batch of one micro-step is therefore the next W * b positions of
+the epoch order, the same samples a single process with micro-batch W * b would read.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from internvl_mpo.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not a whole number") from None
+
+
+def init_distributed(device: str | None = None) -> DistEnv:
+    """Rank, world size and device from the torchrun environment; starts the process group if W > 1."""
+    rank, local_rank, world = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0), _env_int("WORLD_SIZE", 1)
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            dist.init_process_group("nccl", device_id=dev)
+        else:
+            dist.init_process_group("gloo")
+    return DistEnv(rank, local_rank, world, dev)
+
+
+def destroy_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs) -> None:
+    """`print` on rank 0 only (CLI-facing code; the library itself does not print)."""
+    if _env_int("RANK", 0) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum over ranks, as a new tensor (the input is left unchanged)."""
+    if not env.distributed:
+        return x.clone()
+    y = x.clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y
+
+
+def all_reduce_mean(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    return all_reduce_sum(x, env) / env.world_size
+
+
+def epoch_order(n: int, epoch: int, seed: int, shuffle: bool = True) -> list[int]:
+    """The order of all n dataset positions in one epoch (the same on every rank)."""
+    if not shuffle:
+        return list(range(n))
+    generator = torch.Generator().manual_seed(seed + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def rank_share(order: list[int], rank: int, world_size: int) -> list[int]:
+    """Positions rank, rank + W, ... of `order`, cut so every rank gets len(order) // W of them."""
+    per_rank = len(order) // world_size
+    return order[rank::world_size][:per_rank]
+
+
+def wrap_ddp(module: nn.Module, env: DistEnv) -> nn.Module:
+    """DistributedDataParallel over all ranks (gradients averaged)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The InternVL units that are checkpointed and sharded one by one: ViT layers, then decoder blocks."""
+    return [*model.vision_model.encoder.layers, *model.language_model.model.layers]
+
+
+def shard_fsdp2(root: nn.Module, blocks: list[nn.Module], bf16: bool) -> nn.Module:
+    """`fully_shard` each block, then the root (whose own parameters are the rest of the model)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    if bf16:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        policy = MixedPrecisionPolicy()
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(root, mp_policy=policy)
+    if not any(isinstance(p, DTensor) for p in root.parameters()):
+        raise ConfigError("FSDP2 sharded no parameter; check the model's layer lists")
+    return root

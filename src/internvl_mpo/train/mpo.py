@@ -1,0 +1,760 @@
+"""The MPO / DPO / SFT training loop, readable top to bottom.
+
+Mirrors the InternVL2.5-MPO recipe: `internvl_chat/internvl/train/internvl_chat_mpo.py` (model and
+data set-up) driving `trainer_dpo.py` (`MultimodalDPOTrainer`, TRL 0.10.1 `DPOTrainer`) under the HF
+Trainer (AdamW, cosine schedule with warmup ratio, gradient accumulation, clipping at 1.0, bf16).
+`losses.py` holds the maths; this file holds the order of operations:
+
+1. load the policy (or build it from a config.json with random weights) and the tokenizer;
+2. read the data (MMPR meta.json for mpo/dpo, conversations for sft);
+3. reference log-probs: a frozen copy of the initial model run under `torch.no_grad()` every step,
+   or (`precompute_ref`) one pass over the data before training, cached as safetensors + JSON;
+4. training set-up applied from outside the model: ViT drop-path rates, LoRA adapters, freezing,
+   activation checkpointing per ViT layer and decoder block (`torch.distributed._composable
+   .checkpoint`, i.e. `torch.utils.checkpoint` without changing parameter names), then DDP or FSDP2;
+5. per optimizer step: `grad_accum` micro-batches, each one forward over [chosen; rejected] with
+   each pair's images encoded once, `mpo_loss`, backward; clip, AdamW step, metrics, checkpoint.
+
+Differences from the reference trainer, on purpose:
+- images are encoded once per pair (the reference repeats `pixel_values` for the rejected half);
+- right-padded rows run with a plain causal mask: pads come after every real token, so no real
+  token can see them (the collator still builds the true mask from lengths; pitfall 13.3);
+- label log-probs come from the final hidden states chunk by chunk; full fp32 logits are never built;
+- text-only samples carry no dummy image; with several ranks, a rank whose micro-batch has no tile
+  encodes one zero tile and adds 0 x its features to the loss, so every rank runs the vision tower
+  (DDP needs every parameter used; FSDP2 needs every rank in the same collectives);
+- on CUDA with bf16, the trainable weights stay float32 under bf16 autocast (DeepSpeed's bf16
+  keeps bf16 weights plus an fp32 master copy); the reference copy is stored in bf16;
+- weight decay skips biases and the weights of LayerNorm / RMSNorm modules (the HF Trainer rule);
+- epochs reshuffle with a generator seeded by seed + epoch; the stream of samples runs on across
+  epochs, and the step count is `max_steps`, else `epochs * (samples per rank // (batch * accum))`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from internvl_mpo.chat.tokenizer import Tokenizer, load_tokenizer
+from internvl_mpo.config import ModelConfig
+from internvl_mpo.errors import CheckpointError, ConfigError, InputError
+from internvl_mpo.model import InternVL
+from internvl_mpo.train import checkpointing as ckpt
+from internvl_mpo.train.data import (
+    BadExample,
+    Batch,
+    MediaSettings,
+    PairDataset,
+    SFTDataset,
+    collate_pairs,
+    collate_sft,
+)
+from internvl_mpo.train.distributed import (
+    DistEnv,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    destroy_distributed,
+    epoch_order,
+    init_distributed,
+    rank_share,
+    shard_fsdp2,
+    transformer_blocks,
+    wrap_ddp,
+)
+from internvl_mpo.train.lora import (
+    apply_lora,
+    lora_state,
+    lora_target_names,
+    merge_lora_state,
+)
+from internvl_mpo.train.losses import (
+    MPOWeights,
+    RunningMean,
+    label_logps_from_hidden,
+    mpo_loss,
+    sft_nll,
+)
+from internvl_mpo.train.mmpr import (
+    SkipReport,
+    load_meta,
+    read_datasets,
+    read_sft_records,
+    select_lines,
+)
+
+MODES = ("mpo", "dpo", "sft")
+# (pref_weight, quality_weight, gen_weight) when the flag is not given.
+MODE_WEIGHTS = {"mpo": (0.8, 0.2, 1.0), "dpo": (1.0, 0.0, 0.0), "sft": (0.0, 0.0, 1.0)}
+REF_FILE = "ref_logps.safetensors"
+METRICS_FILE = "metrics.jsonl"
+FINAL_DIR = "final"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a run; the fields are the `internvl-mpo train` flags one to one."""
+
+    mode: str = "mpo"
+    model: str | None = None
+    data: str | None = None
+    output: str | None = None
+    image_root: str | None = None
+    init_from_config: str | None = None
+    tokenizer: str | None = None
+    beta: float = 0.1
+    pref_weight: float | None = None
+    quality_weight: float | None = None
+    gen_weight: float | None = None
+    label_smoothing: float = 0.0
+    lr: float = 1e-6
+    weight_decay: float = 0.05
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    warmup_ratio: float = 0.03
+    epochs: int = 1
+    max_steps: int = 0
+    batch_size: int = 1
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    max_seq_length: int = 8192
+    max_dynamic_patch: int | None = None
+    video_frames: int = 8
+    save_every: int = 0
+    seed: int = 42
+    shuffle: bool = True
+    freeze_vision: bool = False
+    freeze_projector: bool = False
+    freeze_llm: bool = False
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_vision: bool = False
+    drop_path_rate: float = 0.1
+    grad_checkpointing: bool = True
+    precompute_ref: bool = False
+    skip_bad: bool = False
+    resume: bool = False
+    precision: str = "auto"
+    device: str | None = None
+    fsdp: bool = False
+    num_workers: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not self.data or not self.output:
+            raise ConfigError("--data and --output are required")
+        if (self.model is None) == (self.init_from_config is None):
+            raise ConfigError("give exactly one of --model PATH and --init-from-config config.json")
+        if self.init_from_config is not None and self.tokenizer is None:
+            raise ConfigError("--init-from-config needs --tokenizer DIR (the folder with the tokenizer files)")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "epochs": self.epochs,
+                    "max_seq_length": self.max_seq_length, "video_frames": self.video_frames}
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if self.max_steps < 0 or self.save_every < 0 or self.lora_rank < 0:
+            raise ConfigError("max_steps, save_every and lora_rank must be >= 0")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.lora_vision and not self.lora_rank:
+            raise ConfigError("--lora-vision needs --lora-rank > 0")
+        loss_weights(self)
+
+    @property
+    def lora_scale(self) -> float:
+        alpha = 2.0 * self.lora_rank if self.lora_alpha is None else self.lora_alpha
+        return alpha / self.lora_rank if self.lora_rank else 0.0
+
+
+def loss_weights(cfg: TrainConfig) -> MPOWeights:
+    """The MPO weights of a run: the flags where given, else the mode's (mpo 0.8/0.2/1, dpo 1/0/0, sft 0/0/1)."""
+    given = (cfg.pref_weight, cfg.quality_weight, cfg.gen_weight)
+    pref, quality, gen = (g if g is not None else d for g, d in zip(given, MODE_WEIGHTS[cfg.mode]))
+    if cfg.mode == "sft" and (pref or quality):
+        raise ConfigError("sft mode trains on conversations only: pref_weight and quality_weight must be 0")
+    if not (pref or quality or gen):
+        raise ConfigError("all loss weights are 0: nothing to train")
+    return MPOWeights(beta=cfg.beta, pref_weight=pref, quality_weight=quality, gen_weight=gen,
+                      label_smoothing=cfg.label_smoothing)
+
+
+def lr_at(step: int, total_steps: int, warmup_ratio: float, base_lr: float) -> float:
+    """HF `get_cosine_schedule_with_warmup` at optimizer step `step` (0-based), warmup = ceil(ratio * total)."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if step < warmup:
+        return base_lr * step / max(1, warmup)
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return base_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class TrainResult:
+    final_dir: Path
+    steps: int
+    skipped: SkipReport
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- model pieces
+
+
+class SequenceLogps(nn.Module):
+    """InternVL -> summed label log-probs per row: the one forward that DDP and FSDP2 wrap.
+
+    For a pair batch (rows [chosen; rejected]) the tiles of each pair are encoded once and the
+    same features fill the context tokens of its chosen row and its rejected row.
+    """
+
+    def __init__(self, model: InternVL, encode_empty: bool = False):
+        super().__init__()
+        self.model = model
+        self.encode_empty = encode_empty
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: torch.Tensor, pairs: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
+        vit_embeds, keep_alive = None, None
+        if pixel_values.shape[0]:
+            vit_embeds = model.extract_feature(pixel_values)  # (N, P, C)
+            if pairs:
+                vit_embeds = torch.cat([vit_embeds, vit_embeds])  # chosen rows' slots, then rejected rows'
+        elif self.encode_empty:
+            size = model.config.image_size
+            keep_alive = model.extract_feature(pixel_values.new_zeros(1, 3, size, size)).sum() * 0
+        embeds = model.embed(input_ids, vit_embeds=vit_embeds)  # (R, T, C)
+        # Right padding: a causal mask alone keeps every pad out of every real token's view.
+        hidden = model.hidden_states(embeds)  # (R, T, C)
+        weight = model.language_model.output_head().weight
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        with torch.autocast(device_type, enabled=False):
+            logps, n_tokens = label_logps_from_hidden(hidden.to(dtype), weight.to(dtype), labels)
+        if keep_alive is not None:
+            logps = logps + keep_alive
+        return logps, n_tokens
+
+
+def load_initial_model(cfg: TrainConfig, device: torch.device) -> tuple[Tokenizer, InternVL]:
+    """The policy's starting point in float32 (a checkpoint, or random weights from a config.json)."""
+    if cfg.init_from_config is not None:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        config = ModelConfig.from_json(cfg.init_from_config)
+        if config.llm.vocab_size < len(tokenizer):
+            raise ConfigError(
+                f"{cfg.init_from_config}: vocab_size {config.llm.vocab_size} is smaller than the tokenizer's"
+                f" {len(tokenizer)} tokens"
+            )
+        torch.manual_seed(cfg.seed)
+        with torch.device(device):
+            model = InternVL(config, image_token_id=tokenizer.img_context_id)
+        model.init_weights()
+        model.source_dir = Path(cfg.tokenizer)
+    else:
+        model = InternVL.from_pretrained(cfg.model, dtype=torch.float32, device=device)
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    return tokenizer, model.train()
+
+
+def set_drop_path(model: InternVL, rate: float) -> None:
+    """ViT stochastic depth rising linearly 0 -> rate over the layers (the official `linspace`)."""
+    layers = model.vision_model.encoder.layers
+    n = len(layers)
+    for i, layer in enumerate(layers):
+        layer.drop_path.rate = rate * i / (n - 1) if n > 1 else 0.0
+    model.config = model.config.replace(vision=dataclasses.replace(model.config.vision, drop_path_rate=rate))
+
+
+def make_reference(model: InternVL, bf16: bool) -> InternVL:
+    """A frozen eval-mode copy of the initial model (bf16 when training under bf16 autocast)."""
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    return ref.to(torch.bfloat16) if bf16 else ref
+
+
+def freeze(model: InternVL, cfg: TrainConfig) -> None:
+    """Freeze flags; LoRA freezes the base weights it adapts (and the rest of that tower)."""
+    if cfg.freeze_vision or cfg.lora_vision:
+        model.vision_model.requires_grad_(False)
+    if cfg.freeze_projector:
+        model.mlp1.requires_grad_(False)
+    if cfg.freeze_llm or cfg.lora_rank:
+        model.language_model.requires_grad_(False)
+
+
+def build_optimizer(model: InternVL, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on every trainable tensor except biases and norm weights."""
+    no_decay = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.LayerNorm) or type(module).__name__ == "RMSNorm":
+            no_decay.update(f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False))
+    decay, plain = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (plain if name in no_decay or name.endswith("bias") else decay).append(param)
+    if not decay and not plain:
+        raise ConfigError("every parameter is frozen: nothing to train")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps
+    )
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def build_dataset(cfg: TrainConfig, tokenizer: Tokenizer, config: ModelConfig) -> tuple[PairDataset | SFTDataset, SkipReport]:
+    """Records in training order (official per-dataset sampling and shuffling) wrapped as a dataset."""
+    settings = MediaSettings.from_model_config(config, cfg.max_dynamic_patch, cfg.video_frames)
+    report = SkipReport()
+    if cfg.mode != "sft":
+        specs = load_meta(cfg.data)
+        records, report = read_datasets(specs, skip_bad=cfg.skip_bad, sample_seed=cfg.seed)
+        max_num = {s.name: s.max_dynamic_patch for s in specs if s.max_dynamic_patch is not None}
+        dataset: PairDataset | SFTDataset = PairDataset(records, tokenizer, settings, cfg.max_seq_length, max_num)
+    else:
+        skip = report if cfg.skip_bad else None
+        if cfg.data.endswith(".jsonl"):
+            root = cfg.image_root if cfg.image_root is not None else os.path.dirname(os.path.abspath(cfg.data))
+            records, max_nums = read_sft_records(cfg.data, root, report=skip), None
+        else:
+            # The official fine-tuning datasets sample/repeat and shuffle per dataset like MMPR.
+            records, max_nums = [], []
+            sample_rng = random.Random(cfg.seed)
+            for index, spec in enumerate(load_meta(cfg.data)):
+                good = read_sft_records(spec.annotation, spec.root, report=skip)
+                order = select_lines(len(good), spec.repeat_time, index, sample_rng)
+                records += [good[i] for i in order]
+                max_nums += [spec.max_dynamic_patch] * len(order)
+        dataset = SFTDataset(records, tokenizer, settings, cfg.max_seq_length, max_nums)
+    if len(dataset) == 0:
+        raise InputError(f"{cfg.data}: no usable training records")
+    return dataset, report
+
+
+def _identity(x):
+    return x
+
+
+class SampleStream:
+    """This rank's endless sequence of samples, epoch after epoch; its position is (epoch, cursor).
+
+    Bad samples (`BadExample`) raise InputError naming their file:line, or, with `skip_bad`, are
+    counted in `report` and replaced by the next sample of the stream.
+    """
+
+    def __init__(self, dataset, env: DistEnv, cfg: TrainConfig, report: SkipReport):
+        self.dataset = dataset
+        self.env = env
+        self.seed = cfg.seed
+        self.shuffle = cfg.shuffle
+        self.skip_bad = cfg.skip_bad
+        self.num_workers = cfg.num_workers
+        self.report = report
+        self.epoch = 0
+        self.cursor = 0
+        self._items = None
+
+    def per_rank(self) -> int:
+        return len(self.dataset) // self.env.world_size
+
+    def _open(self):
+        order = rank_share(epoch_order(len(self.dataset), self.epoch, self.seed, self.shuffle), self.env.rank,
+                           self.env.world_size)[self.cursor :]
+        if self.num_workers == 0:
+            return (self.dataset[i] for i in order)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=None, sampler=order, num_workers=self.num_workers, collate_fn=_identity,
+            multiprocessing_context="spawn",
+        )
+        return iter(loader)
+
+    def next_example(self):
+        while True:
+            if self._items is None:
+                self._items = self._open()
+            item = next(self._items, None)
+            if item is None:
+                self.epoch, self.cursor, self._items = self.epoch + 1, 0, None
+                continue
+            self.cursor += 1
+            if isinstance(item, BadExample):
+                if not self.skip_bad:
+                    raise InputError(item.message + " (pass --skip-bad to skip such records)")
+                self.report.add(item.kind, item.message)
+                continue
+            return item
+
+    def next_batch(self, batch_size: int, pad_id: int) -> Batch:
+        examples = [self.next_example() for _ in range(batch_size)]
+        if isinstance(self.dataset, PairDataset):
+            return collate_pairs(examples, pad_id)
+        return collate_sft(examples, pad_id)
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor, self._items = int(state["epoch"]), int(state["cursor"]), None
+
+
+# ----------------------------------------------------------------------------- reference log-probs
+
+
+def _ref_fingerprint(cfg: TrainConfig, dataset) -> dict:
+    return {
+        "model": str(cfg.model or cfg.init_from_config),
+        "data": os.path.abspath(cfg.data),
+        "records": len(dataset),
+        "sources": [str(r.source) for r in dataset.records[:1000]],
+        "max_seq_length": cfg.max_seq_length,
+        "max_dynamic_patch": cfg.max_dynamic_patch,
+        "seed": cfg.seed,
+    }
+
+
+def precompute_reference(
+    cfg: TrainConfig, env: DistEnv, ref: InternVL, dataset: PairDataset, pad_id: int, autocast
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference (chosen, rejected) log-probs of every record, computed once and cached in the output.
+
+    Stored as `ref_logps.safetensors` (chosen, rejected, valid) + `ref_logps.json` (what they were
+    computed from); a cache whose description matches the run is reused.
+    """
+    output = Path(cfg.output)
+    path, meta_path = output / REF_FILE, output / (Path(REF_FILE).stem + ".json")
+    fingerprint = _ref_fingerprint(cfg, dataset)
+    if path.is_file() and meta_path.is_file() and ckpt.read_json(meta_path) == fingerprint:
+        table = ckpt.read_tensors(path)
+        return table["chosen"], table["rejected"]
+    n = len(dataset)
+    values = torch.zeros(n, 2, dtype=torch.float64)
+    valid = torch.zeros(n, dtype=torch.float64)
+    module = SequenceLogps(ref)
+    mine = list(range(env.rank, n, env.world_size))
+    with torch.no_grad():
+        for start in range(0, len(mine), cfg.batch_size):
+            examples = []
+            for i in mine[start : start + cfg.batch_size]:
+                item = dataset[i]
+                if isinstance(item, BadExample):
+                    if not cfg.skip_bad:
+                        raise InputError(item.message + " (pass --skip-bad to skip such records)")
+                    continue
+                examples.append(item)
+            if not examples:
+                continue
+            batch = collate_pairs(examples, pad_id).to(env.device)
+            with autocast():
+                logps, _ = module(batch.input_ids, batch.labels, batch.pixel_values, True)
+            b = batch.num_samples
+            values[batch.indices] = torch.stack([logps[:b], logps[b:]], dim=1).double().cpu()
+            valid[batch.indices] = 1.0
+    values = all_reduce_sum(values.to(env.device), env).cpu()
+    valid = all_reduce_sum(valid.to(env.device), env).cpu()
+    chosen, rejected = values[:, 0].float(), values[:, 1].float()
+    if env.is_main:
+        tmp = path.with_name(".tmp-" + path.name)
+        ckpt.write_tensors(tmp, {"chosen": chosen, "rejected": rejected, "valid": valid.to(torch.uint8)})
+        os.replace(tmp, path)
+        ckpt.write_json(meta_path, fingerprint)
+    barrier(env)
+    return chosen, rejected
+
+
+# ----------------------------------------------------------------------------- one micro-batch
+
+
+def micro_batch_loss(
+    module: nn.Module,
+    ref_module: nn.Module | None,
+    ref_table: tuple[torch.Tensor, torch.Tensor] | None,
+    batch: Batch,
+    weights: MPOWeights,
+    running: RunningMean | None,
+    autocast,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Policy (and reference) log-probs of one micro-batch and its MPO / DPO / SFT loss."""
+    with autocast():
+        logps, n_tokens = module(batch.input_ids, batch.labels, batch.pixel_values, batch.pairs)
+    if not batch.pairs:
+        return mpo_loss(logps, None, None, None, sft_nll(logps, n_tokens), weights, None)
+    b = batch.num_samples
+    chosen, rejected = logps[:b], logps[b:]
+    ref_chosen = ref_rejected = None
+    if ref_table is not None:
+        ref_chosen = ref_table[0][batch.indices].to(chosen.device)
+        ref_rejected = ref_table[1][batch.indices].to(chosen.device)
+    elif ref_module is not None:
+        with torch.no_grad(), autocast():
+            ref_logps, _ = ref_module(batch.input_ids, batch.labels, batch.pixel_values, True)
+        ref_chosen, ref_rejected = ref_logps[:b], ref_logps[b:]
+    return mpo_loss(chosen, rejected, ref_chosen, ref_rejected, sft_nll(chosen, n_tokens[:b]), weights, running)
+
+
+def _sync_context(module: nn.Module, sync: bool):
+    """Skip the gradient all-reduce on micro-batches before the last one of a step."""
+    if sync:
+        return contextlib.nullcontext()
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        return module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        module.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext()
+
+
+def _grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+# Settings that must not change between a checkpoint and its resumption.
+RESUME_KEYS = ("mode", "data", "batch_size", "grad_accum", "seed", "shuffle", "lora_rank", "lora_vision")
+
+
+def official_state(state: dict[str, torch.Tensor], cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The policy's state dict in official keys: LoRA adapters merged into their base weights."""
+    return merge_lora_state(state, cfg.lora_scale) if cfg.lora_rank else state
+
+
+def _weights_writer(cfg: TrainConfig, policy: InternVL) -> Callable[[dict[str, torch.Tensor], Path], None]:
+    """Writes model/ in the official layout (LoRA merged) and, with LoRA, the adapters as extra tensors."""
+
+    def write(state: dict[str, torch.Tensor], folder: Path) -> None:
+        ckpt.export_model(official_state(state, cfg), policy, folder / "model")
+        if cfg.lora_rank:
+            ckpt.write_tensors(folder / ckpt.EXTRA_FILE, lora_state(state))
+
+    return write
+
+
+def save_checkpoint(
+    cfg: TrainConfig,
+    env: DistEnv,
+    step: int,
+    module: nn.Module,
+    policy: InternVL,
+    optimizer: torch.optim.Optimizer,
+    running: RunningMean | None,
+    stream: SampleStream,
+    total_steps: int,
+) -> Path:
+    trainer_state = {
+        "step": step,
+        "total_steps": total_steps,
+        "world_size": env.world_size,
+        "running_mean": running.state_dict() if running is not None else None,
+        "skipped": stream.report.counts,
+        "config": dataclasses.asdict(cfg),
+    }
+    return ckpt.save_checkpoint(
+        ckpt.checkpoint_dir(Path(cfg.output), step), env, module, optimizer, _weights_writer(cfg, policy),
+        trainer_state, {"data": stream.state()},
+    )
+
+
+def resume_weights(path: Path, policy: InternVL, cfg: TrainConfig) -> None:
+    """Checkpoint weights into the plain policy; with LoRA, the adapted linears keep their base weights."""
+    lora_names = lora_target_names(policy, llm=True, vision=cfg.lora_vision) if cfg.lora_rank else []
+    ckpt.load_model_weights(path, policy, skip={n + ".weight" for n in lora_names})
+
+
+def resume_training_state(
+    path: Path,
+    cfg: TrainConfig,
+    env: DistEnv,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    running: RunningMean | None,
+    stream: SampleStream,
+    total_steps: int,
+) -> int:
+    """Optimizer, RNG, BCO running mean and data position from a checkpoint; returns its step."""
+    state, rank_state = ckpt.load_training_state(path, env, module, optimizer)
+    saved = state.get("config", {})
+    changed = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    if state.get("world_size") != env.world_size:
+        changed.append("world_size")
+    if state.get("total_steps") != total_steps:
+        changed.append("total steps (epochs / max_steps)")
+    if changed:
+        raise CheckpointError(f"{path}: cannot resume, these settings differ from the checkpoint: {', '.join(changed)}")
+    if running is not None and state.get("running_mean") is not None:
+        running.load_state_dict(state["running_mean"])
+    stream.report.counts.update(state.get("skipped", {}))
+    stream.restore(rank_state["data"])
+    return int(state["step"])
+
+
+def _rewrite_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines past the resumed step (a killed run may have logged steps it never saved)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(".tmp-" + path.name)
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Run one training job; returns where the final model (official layout) was written."""
+    config.validate()
+    env = init_distributed(config.device)
+    try:
+        return _train(config, env, on_step)
+    finally:
+        if env.distributed:
+            destroy_distributed()
+
+
+def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
+    from tqdm import tqdm
+
+    output = Path(cfg.output)
+    if env.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+    barrier(env)
+    weights = loss_weights(cfg)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
+    # A fresh context per use (FSDP2 casts to bf16 through its own mixed-precision policy instead).
+    autocast = functools.partial(torch.autocast, env.device.type, dtype=torch.bfloat16, enabled=bf16 and not cfg.fsdp)
+
+    # 1. model and tokenizer
+    tokenizer, policy = load_initial_model(cfg, env.device)
+
+    # 2. data
+    dataset, report = build_dataset(cfg, tokenizer, policy.config)
+    stream = SampleStream(dataset, env, cfg, report)
+    samples_per_step = cfg.batch_size * cfg.grad_accum
+    total_steps = cfg.max_steps or cfg.epochs * (stream.per_rank() // samples_per_step)
+    if total_steps < 1:
+        raise InputError(
+            f"{cfg.data}: {len(dataset)} records are fewer than one step needs"
+            f" ({samples_per_step} per rank x {env.world_size} ranks)"
+        )
+
+    # 3. reference log-probs: a frozen copy of the initial model, or a cached first pass
+    needs_ref = cfg.mode != "sft" and (weights.pref_weight != 0 or weights.quality_weight != 0)
+    ref_module, ref_table = None, None
+    if needs_ref:
+        reference = make_reference(policy, bf16 and not cfg.fsdp)
+        if cfg.precompute_ref:
+            ref_table = precompute_reference(cfg, env, reference, dataset, tokenizer.pad_id, autocast)
+            del reference
+        else:
+            ref_module = SequenceLogps(reference, encode_empty=env.distributed)
+            if cfg.fsdp:
+                shard_fsdp2(ref_module, transformer_blocks(reference), bf16)
+
+    # 4. training set-up, applied from outside the model
+    resume_from = ckpt.latest_checkpoint(output) if cfg.resume else None
+    if resume_from is not None:
+        resume_weights(resume_from, policy, cfg)
+    set_drop_path(policy, cfg.drop_path_rate)
+    freeze(policy, cfg)
+    if cfg.lora_rank:
+        names = lora_target_names(policy, llm=True, vision=cfg.lora_vision)
+        apply_lora(policy, names, cfg.lora_rank, cfg.lora_scale * cfg.lora_rank)
+        if resume_from is not None:
+            adapters = ckpt.read_tensors(resume_from / ckpt.EXTRA_FILE)
+            unexpected = policy.load_state_dict(adapters, strict=False).unexpected_keys
+            if unexpected or len(adapters) != 2 * len(names):
+                raise CheckpointError(f"{resume_from}: LoRA adapters do not match this run's --lora-* settings")
+    if cfg.grad_checkpointing:
+        from torch.distributed._composable import checkpoint as activation_checkpoint
+
+        for block in transformer_blocks(policy):
+            activation_checkpoint(block)
+    vision_trains = any(p.requires_grad for p in [*policy.vision_model.parameters(), *policy.mlp1.parameters()])
+    module: nn.Module = SequenceLogps(policy, encode_empty=env.distributed and (cfg.fsdp or vision_trains))
+    if cfg.fsdp:
+        module = shard_fsdp2(module, transformer_blocks(policy), bf16)
+    elif env.distributed:
+        module = wrap_ddp(module, env)
+    optimizer = build_optimizer(policy, cfg)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    running = RunningMean() if weights.quality_weight != 0 else None
+
+    start_step = 0
+    if resume_from is not None:
+        start_step = resume_training_state(resume_from, cfg, env, module, optimizer, running, stream, total_steps)
+    metrics_path = output / METRICS_FILE
+    if env.is_main and resume_from is not None:
+        _rewrite_metrics(metrics_path, start_step)
+    elif env.is_main:
+        metrics_path.unlink(missing_ok=True)
+
+    # 5. the loop
+    bar = tqdm(total=total_steps, initial=start_step, disable=not (cfg.progress and env.is_main), desc=cfg.mode)
+    metrics: dict[str, float] = {}
+    for step in range(start_step, total_steps):
+        lr = lr_at(step, total_steps, cfg.warmup_ratio, cfg.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        started = time.perf_counter()
+        sums: dict[str, float] = {}
+        tokens = 0
+        for micro in range(cfg.grad_accum):
+            batch = stream.next_batch(cfg.batch_size, tokenizer.pad_id).to(env.device)
+            with _sync_context(module, micro == cfg.grad_accum - 1):
+                loss, micro_metrics = micro_batch_loss(module, ref_module, ref_table, batch, weights, running, autocast)
+                (loss / cfg.grad_accum).backward()
+            for key, value in micro_metrics.items():
+                sums[key] = sums.get(key, 0.0) + value / cfg.grad_accum
+            tokens += batch.num_tokens
+        if hasattr(module, "set_requires_gradient_sync"):
+            module.set_requires_gradient_sync(True)
+        grad_norm = _grad_norm(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        keys = sorted(sums)
+        values = all_reduce_mean(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=env.device), env)
+        tokens = int(all_reduce_sum(torch.tensor([tokens], dtype=torch.float64, device=env.device), env).item())
+        elapsed = time.perf_counter() - started
+        metrics = {"step": step + 1, **dict(zip(keys, values.tolist())), "lr": lr, "grad_norm": grad_norm,
+                   "epoch": stream.epoch + stream.cursor / max(1, stream.per_rank()), "tokens": tokens,
+                   "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "skipped": stream.report.total}
+        if env.is_main:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('rewards/accuracies', 0.0):.2f}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            save_checkpoint(cfg, env, step + 1, module, policy, optimizer, running, stream, total_steps)
+        if on_step is not None:
+            on_step(step + 1, metrics)
+    bar.close()
+
+    # 6. the final model, official layout
+    final_dir = output / FINAL_DIR
+    state = ckpt.full_model_state(module)
+    if env.is_main:
+        ckpt.atomic_folder(final_dir, lambda tmp: ckpt.export_model(official_state(state, cfg), policy, tmp))
+    barrier(env)
+    return TrainResult(final_dir, total_steps, stream.report, metrics)
