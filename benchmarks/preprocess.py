@@ -12,10 +12,12 @@ then run
 
     python benchmarks/preprocess.py --official-python /work/venv-official/bin/python
 
-which measures ours here and the official recipe in that interpreter (`--side official`, JSON on
-stdout), checks there that both give identical tensors, and prints both rates and their ratio.
-Each side reports the best of several timed rounds, which is the least disturbed by other load on
-a shared machine. `--side ours` alone needs nothing extra.
+which runs this script again in that interpreter (`--side both --json`, with our package on
+PYTHONPATH: it needs only torch, numpy and Pillow), times ours and the official recipe there in
+alternating rounds, checks that both give identical tensors on a few awkward images, and prints
+both rates and their ratio. Alternating rounds in one process keeps a change in background load on
+a shared machine from favouring one side; each side reports its best and median round.
+`--side ours` needs nothing extra; `--side official` needs torchvision in the running interpreter.
 """
 
 import argparse
@@ -97,18 +99,6 @@ def official_dynamic_preprocess(image, min_num=1, max_num=12, image_size=448, us
 # --- timing ---
 
 
-def images_per_second(fn, path: Path, rounds: int, seconds: float) -> dict:
-    fn(path)  # warm-up (imports, thread pools, caches)
-    rates = []
-    for _ in range(rounds):
-        count, start = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < seconds:
-            fn(path)
-            count += 1
-        rates.append(count / elapsed)
-    return {"best": max(rates), "median": float(np.median(rates)), "rounds": rates}
-
-
 def ours_fn():
     sys.path.insert(0, str(REPO / "src"))
     from internvl_mpo.processor.image import load_image
@@ -116,9 +106,42 @@ def ours_fn():
     return load_image
 
 
+def one_round(fn, path: Path, seconds: float) -> tuple[float, float]:
+    """(images per second of wall time, CPU milliseconds per image, all threads of the process)."""
+    count, start, cpu_start = 0, time.perf_counter(), time.process_time()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        fn(path)
+        count += 1
+    return count / elapsed, (time.process_time() - cpu_start) * 1000 / count
+
+
+def measure(sides: dict, workdir: Path, rounds: int, seconds: float) -> dict:
+    """Images/s per side and image. Rounds alternate between the sides, so a change in background
+    load on a shared machine hits both alike; each side reports its best and median round."""
+    result = {side: {} for side in sides}
+    for label, (w, h) in SIZES.items():
+        path = workdir / f"{label}.jpg"
+        make_jpeg(path, w, h)
+        for fn in sides.values():
+            fn(path)  # warm-up (imports, thread pools, caches)
+        rates = {side: [] for side in sides}
+        cpu_ms = {side: [] for side in sides}
+        for _ in range(rounds):
+            for side, fn in sides.items():
+                rate, cpu = one_round(fn, path, seconds)
+                rates[side].append(rate)
+                cpu_ms[side].append(cpu)
+        for side, r in rates.items():
+            result[side][label] = {
+                "best": max(r), "median": float(np.median(r)), "rounds": r, "cpu_ms": float(np.median(cpu_ms[side]))
+            }
+    return result
+
+
 def check_identical(workdir: Path) -> dict:
     """Ours vs the official recipe on a few awkward images; both must give the same tensor."""
     import torch
+    from PIL import ImageFilter
 
     load_image = ours_fn()
     cases = {
@@ -127,13 +150,14 @@ def check_identical(workdir: Path) -> dict:
         "31x1000_palette.png": ("P", (31, 1000)),
         "447x449_gray.png": ("L", (447, 449)),
         "3000x200_cmyk.jpg": ("CMYK", (3000, 200)),
+        "1000x3000.png": ("RGB", (1000, 3000)),
     }
     rng = np.random.default_rng(1)
     report = {}
     for name, (mode, (w, h)) in cases.items():
         path = workdir / name
-        rgb = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).filter(_smooth())
-        (rgb.convert(mode) if mode != "P" else rgb.quantize(64)).save(path)
+        rgb = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(2))
+        (rgb.quantize(64) if mode == "P" else rgb.convert(mode)).save(path)
         ours, official = load_image(path), official_load_image(path)
         report[name] = {
             "shape": list(ours.shape),
@@ -141,25 +165,6 @@ def check_identical(workdir: Path) -> dict:
             "max_abs_diff": float((ours - official).abs().max()) if ours.shape == official.shape else None,
         }
     return report
-
-
-def _smooth():
-    from PIL import ImageFilter
-
-    return ImageFilter.GaussianBlur(2)
-
-
-def run_side(side: str, workdir: Path, rounds: int, seconds: float, check: bool) -> dict:
-    fn = ours_fn() if side == "ours" else official_load_image
-    result = {"side": side, "python": sys.executable, "images_per_s": {}}
-    for label, (w, h) in SIZES.items():
-        path = workdir / f"{label}.jpg"
-        if not path.exists():
-            make_jpeg(path, w, h)
-        result["images_per_s"][label] = images_per_second(fn, path, rounds, seconds)
-    if check:
-        result["check"] = check_identical(workdir)
-    return result
 
 
 def torchvision_available() -> bool:
@@ -170,53 +175,69 @@ def torchvision_available() -> bool:
     return True
 
 
+def run_here(side: str, rounds: int, seconds: float) -> dict:
+    sides = {}
+    if side in ("both", "ours"):
+        sides["ours"] = ours_fn()
+    if side in ("both", "official"):
+        sides["official"] = official_load_image
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        result = {"python": sys.executable, "images_per_s": measure(sides, workdir, rounds, seconds)}
+        if "official" in sides:
+            result["check"] = check_identical(workdir)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--side", choices=["both", "ours", "official"], default="both")
-    parser.add_argument("--official-python", help="interpreter with torchvision that runs the official side")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--official-python", help="interpreter with torchvision that runs the comparison")
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=2.0, help="length of one timed round")
-    parser.add_argument("--json", action="store_true", help="print one JSON object (used for --side official)")
-    parser.add_argument("--check", action="store_true", help="also compare ours and official tensors")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        results = {}
-        if args.side in ("both", "ours"):
-            results["ours"] = run_side("ours", workdir, args.rounds, args.seconds, check=False)
-        if args.side == "official" or (args.side == "both" and torchvision_available()):
-            if not torchvision_available():
-                sys.exit("the official side needs torchvision; see this script's docstring")
-            results["official"] = run_side("official", workdir, args.rounds, args.seconds, args.check or args.side == "both")
-        elif args.side == "both" and args.official_python:
-            cmd = [args.official_python, __file__, "--side", "official", "--json", "--check",
+    side = args.side
+    if side != "ours" and not torchvision_available():
+        if side == "both" and args.official_python:
+            # Both sides in that interpreter (our package only needs torch, numpy and Pillow), so
+            # that their rounds interleave in one process.
+            cmd = [args.official_python, __file__, "--side", "both", "--json",
                    "--rounds", str(args.rounds), "--seconds", str(args.seconds)]
             env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
             done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-            results["official"] = json.loads(done.stdout)
-
-    if args.json:
-        print(json.dumps(results.get("official") or results.get("ours")))
-        return
-    report(results, args)
-
-
-def report(results: dict, args) -> None:
-    for side, result in results.items():
-        rates = ", ".join(f"{label} {r['best']:.1f} img/s (median {r['median']:.1f})" for label, r in result["images_per_s"].items())
-        print(f"{side:9s} {rates}   [{result['python']}]")
-    if "official" in results and "ours" in results:
-        for label in SIZES:
-            ratio = results["ours"]["images_per_s"][label]["best"] / results["official"]["images_per_s"][label]["best"]
-            print(f"speed-up {label}: {ratio:.2f}x")
-        for name, r in results["official"].get("check", {}).items():
-            print(f"identical {name} {r['shape']}: {r['identical']} (max abs diff {r['max_abs_diff']})")
-    elif args.side == "both":
+            report(json.loads(done.stdout))
+            return
+        if side == "official":
+            sys.exit("the official side needs torchvision; see this script's docstring")
         print(
             "official side not run: torchvision does not import here. Create /work/venv-official as described "
-            "in this script's docstring and pass --official-python /work/venv-official/bin/python"
+            "in this script's docstring and pass --official-python /work/venv-official/bin/python\n"
         )
+        side = "ours"
+    result = run_here(side, args.rounds, args.seconds)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        report(result)
+
+
+def report(result: dict) -> None:
+    print(f"measured with {result['python']} (best of interleaved rounds, median in brackets)")
+    rates = result["images_per_s"]
+    for side, by_label in rates.items():
+        line = ", ".join(
+            f"{label} {r['best']:.1f} img/s ({r['median']:.1f}), {r['cpu_ms']:.1f} CPU ms/img" for label, r in by_label.items()
+        )
+        print(f"  {side:9s} {line}")
+    if {"ours", "official"} <= rates.keys():
+        for label in SIZES:
+            best = rates["ours"][label]["best"] / rates["official"][label]["best"]
+            median = rates["ours"][label]["median"] / rates["official"][label]["median"]
+            print(f"  speed-up {label}: {best:.2f}x (medians {median:.2f}x)")
+    for name, r in result.get("check", {}).items():
+        print(f"  identical {name} {r['shape']}: {r['identical']} (max abs diff {r['max_abs_diff']})")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ Our result is bit-identical to that recipe but computed differently, for speed:
 - an image that is already RGB is not copied by a `convert('RGB')`, and an image that already has
   the resized size is not resized (PIL would return a copy);
 - tiles are converted in blocks straight from the resized pixels with one strided copy and three
-  in-place float32 ops (the same ops, in the same order, as ToTensor + Normalize);
-- work runs on a small thread pool (Pillow and torch release the GIL): the thumbnail resize runs
+  in-place float32 ops (the same ops, in the same order, as ToTensor + Normalize), written into
+  the output tensor's memory;
+- work runs on a small thread pool (Pillow and NumPy release the GIL): the thumbnail resize runs
   beside the grid resize, and the grid resize is split into Pillow's own two passes, the second
   one cut into bands of whole tile columns (or rows) that resize in parallel.
 Splitting the resize is exact only because it repeats what Pillow does inside one `resize`: a
@@ -45,8 +46,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ImageSource = str | os.PathLike | bytes | bytearray | BinaryIO | Image.Image
 
-_MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-_STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+_MEAN = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
+_STD = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
 _WORKERS = min(4, os.cpu_count() or 1)
 _POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="internvl-tiles")
 _PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
@@ -137,17 +138,20 @@ def _checked_rgb(image: Image.Image, name: str, max_pixels: int | None) -> Image
         raise InputError(f"{name}: cannot convert image mode {image.mode!r} to RGB: {e}") from None
 
 
-def _to_tensor_(out: torch.Tensor, pixels: torch.Tensor) -> None:
-    """Write uint8 `pixels` (..., 3, H, W) into float32 `out` as ToTensor + Normalize would."""
-    out.copy_(pixels)
-    out.div_(255).sub_(_MEAN).div_(_STD)
-
-
 def _fill_tiles(block: Image.Image, out: torch.Tensor) -> None:
-    """Normalise a resized block of whole tiles into `out` (rows, cols, C, S, S)."""
+    """Normalise a resized block of whole tiles into `out` (rows, cols, C, S, S), in place.
+
+    The same float32 ops as ToTensor + Normalize: x / 255, then - mean, then / std, each rounded
+    to float32 (NumPy and torch both divide exactly). Done in NumPy on one thread: torch's
+    intra-op threads cost more CPU than they save at this size, and the tiles already run in parallel.
+    """
     rows, cols, _, s, _ = out.shape
-    pixels = torch.from_numpy(np.array(block))  # (rows*S, cols*S, C) uint8
-    _to_tensor_(out, pixels.view(rows, s, cols, s, 3).permute(0, 2, 4, 1, 3))
+    pixels = np.asarray(block).reshape(rows, s, cols, s, 3).transpose(0, 2, 4, 1, 3)  # (rows, cols, C, S, S) uint8
+    dst = out.numpy()
+    np.copyto(dst, pixels, casting="unsafe")
+    np.divide(dst, np.float32(255), out=dst)
+    np.subtract(dst, _MEAN, out=dst)
+    np.divide(dst, _STD, out=dst)
 
 
 def _thumbnail_job(image: Image.Image, out: torch.Tensor) -> None:
