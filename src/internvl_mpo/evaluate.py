@@ -1,0 +1,359 @@
+"""Benchmark evaluation: multiple-choice, yes/no and short-answer questions, scored as VLMEvalKit scores MPO models.
+
+Mirrors open-compass/VLMEvalKit:
+- Prompts (`vlmeval/vlm/internvl/utils.py`, `internvl_chat.py` `build_prompt`): multiple choice as
+  `build_multi_choice_prompt` (hint line, question, "\\nA. text" per option, then "Answer with the
+  option's letter from the given choices directly." or "请直接回答选项字母。" when the prompt has Chinese);
+  yes/no questions as given; short answers + "\\nAnswer the question using a single word or phrase.".
+  With `cot`, the MPO prompt of `build_mpo_prompt`: the question (kept quirk: without the hint),
+  options appended as "A. text" lines, wrapped in the CoT instruction. One image goes in front as
+  `<image>\\n`, several as `Image-k: <image>` lines (`reorganize_prompt`); `max_num` tiles per image
+  and 64 in all (`set_max_num`); greedy decoding.
+- Answers: with `cot`, the text after the first "Final answer:" / "Answer:" (else the whole
+  response), as `mpo_post_processing`; letters as `can_infer` (`answers.parse_choice`, a superset);
+  yes/no as `YOrN_Extraction` (`answers.parse_yes_no`, a superset).
+- MMBench-style TSV (`ImageBaseDataset.prepare_tsv`): columns index, question, hint, A..Z, answer,
+  category, image (base64); an image cell of at most 64 characters names the row whose image it
+  shares. Images are decoded into memory.
+
+Differences: there is no judge model, so an answer whose letter cannot be inferred counts wrong
+(VLMEvalKit's exact-matching mode); no circular evaluation (each MMBench row is scored on its own);
+short answers are compared by `answers.check_answer` (VLMEvalKit has per-benchmark scorers); with
+`cot` the final answer is extracted for every kind, not only multiple choice and yes/no. Empty and
+"nan" TSV cells are missing values (pandas also reads "None", "NA", "null", ... as missing).
+
+Outputs, in the output folder: `predictions.jsonl` (one line per question, appended and fsynced as
+answers arrive; a rerun skips the ids found there), `score.json` (overall and per-category
+accuracy, recomputed from all predictions) and `settings.json` (a rerun must use the same settings).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from internvl_mpo.answers import (
+    ANSWER_INSTRUCTIONS,
+    KINDS,
+    build_cot_question,
+    check_answer,
+    extract_final_answer,
+    infer_kind,
+    normalize_options,
+)
+from internvl_mpo.errors import InputError
+from internvl_mpo.pairs import Progress, atomic_write, check_settings
+
+MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+MCQ_INSTRUCTION_ZH = "请直接回答选项字母。"
+SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
+TOTAL_MAX_NUM = 64  # VLMEvalKit's cap on tiles over all images of one question
+IMAGE_REFERENCE_CHARS = 64  # a TSV image cell this short names another row's image
+_MISSING = {"", "nan", "NaN"}
+
+
+@dataclass(frozen=True)
+class BenchItem:
+    id: str
+    question: str
+    answer: str
+    kind: str
+    images: tuple[str | bytes, ...] = ()  # paths or encoded image bytes
+    options: dict[str, str] | None = None
+    hint: str = ""
+    category: str = ""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    question: str
+    images: tuple[str | bytes, ...]
+
+
+Answerer = Callable[[list[Prompt]], list[str]]
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _item(item_id: str, question: str, answer: str, images, options, hint, category, kind, where: str) -> BenchItem:
+    try:
+        opts = normalize_options(options) or None
+        kind = kind or infer_kind(answer, opts)
+        if kind not in KINDS:
+            raise InputError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        ok = check_answer(answer, answer, kind, opts)
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
+    if not ok:
+        raise InputError(f"{where}: the answer {answer!r} cannot be checked (it does not match itself)")
+    return BenchItem(item_id, question, answer, kind, tuple(images), opts, hint, category)
+
+
+def _read_jsonl(path: Path) -> list[BenchItem]:
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: expected a JSON object")
+        for key in ("id", "question", "answer"):
+            if not isinstance(row.get(key), (str, int, float)) or isinstance(row.get(key), bool):
+                raise InputError(f"{where}: field {key!r} is required (a string)")
+        image = row.get("image") or []
+        names = [image] if isinstance(image, str) else image
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise InputError(f"{where}: field 'image' must be a path or a list of paths")
+        paths = []
+        for name in names:
+            p = Path(name) if os.path.isabs(name) else path.parent / name
+            if not p.is_file():
+                raise InputError(f"{where}: image file not found: {p}")
+            paths.append(str(p))
+        items.append(_item(
+            str(row["id"]), str(row["question"]), str(row["answer"]), paths, row.get("options"),
+            str(row.get("hint") or ""), str(row.get("category") or ""), row.get("kind"), where,
+        ))
+    return items
+
+
+def _tsv_rows(path: Path) -> list[dict[str, str]]:
+    previous = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # base64 images exceed the 128 kB default
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f, delimiter="\t"))
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _cell(row: dict[str, str], key: str) -> str:
+    value = row.get(key)
+    return "" if value is None or value.strip() in _MISSING else value
+
+
+def _read_tsv(path: Path) -> list[BenchItem]:
+    rows = _tsv_rows(path)
+    if not rows:
+        return []
+    missing = [k for k in ("index", "question", "answer") if k not in rows[0]]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
+    encoded = {row["index"]: _cell(row, "image") for row in rows}
+    items = []
+    for number, row in enumerate(rows, 2):
+        where = f"{path}:row {number} (index {row['index']})"
+        cell = encoded[row["index"]]
+        if cell and len(cell) <= IMAGE_REFERENCE_CHARS:
+            if len(encoded.get(cell, "")) <= IMAGE_REFERENCE_CHARS:
+                raise InputError(f"{where}: image refers to index {cell!r}, which holds no image")
+            cell = encoded[cell]
+        images = []
+        if cell:
+            try:
+                images.append(base64.b64decode(cell, validate=True))
+            except (binascii.Error, ValueError):
+                raise InputError(f"{where}: the image is not valid base64") from None
+        options = {k: _cell(row, k) for k in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if _cell(row, k)}
+        items.append(_item(
+            row["index"], row["question"], _cell(row, "answer"), images, options or None, _cell(row, "hint"),
+            _cell(row, "category"), None, where,
+        ))
+    return items
+
+
+def read_benchmark(path: str | Path) -> list[BenchItem]:
+    """Questions of a .jsonl or MMBench-style .tsv benchmark file, in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: benchmark file not found")
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".tsv"):
+        raise InputError(f"{path}: expected a .jsonl or .tsv benchmark file")
+    items = _read_tsv(path) if suffix == ".tsv" else _read_jsonl(path)
+    ids = [item.id for item in items]
+    if len(set(ids)) != len(ids):
+        raise InputError(f"{path}: ids are not unique")
+    if not items:
+        raise InputError(f"{path}: no questions")
+    return items
+
+
+# ----------------------------------------------------------------------------- prompts and scores
+
+
+def _has_instruction(question: str) -> bool:
+    return question.rstrip().endswith(ANSWER_INSTRUCTIONS)
+
+
+def build_prompt(item: BenchItem, cot: bool = False) -> str:
+    """The question the model sees (image placeholders are added by the chat pipeline)."""
+    if cot:
+        return build_cot_question(item.question, item.options)
+    if item.kind == "choice":
+        prompt = f"{item.hint}\n{item.question}" if item.hint else item.question
+        prompt += "".join(f"\n{key}. {text}" for key, text in (item.options or {}).items())
+        if _has_instruction(prompt):
+            return prompt
+        return prompt + "\n" + (MCQ_INSTRUCTION_ZH if re.search("[\u4e00-\u9fff]", prompt) else MCQ_INSTRUCTION)
+    if item.kind == "yesno" or _has_instruction(item.question):
+        return item.question
+    return f"{item.question}\n{SHORT_INSTRUCTION}"
+
+
+def score_response(item: BenchItem, response: str, cot: bool) -> tuple[str, bool | None]:
+    """(the answer text that was checked, True / False / None = unparseable)."""
+    text = (extract_final_answer(response) or response) if cot else response
+    return text, check_answer(text, item.answer, item.kind, item.options)
+
+
+def summarize(items: list[BenchItem], predictions: dict[str, dict], cot: bool) -> dict[str, Any]:
+    """Accuracy overall and per category (rescored from the stored responses)."""
+    totals: dict[str, list[int]] = {}
+    correct = unparsed = 0
+    for item in items:
+        _, verdict = score_response(item, predictions[item.id]["prediction"], cot)
+        counts = totals.setdefault(item.category, [0, 0])
+        counts[0] += verdict is True
+        counts[1] += 1
+        correct += verdict is True
+        unparsed += verdict is None
+    return {
+        "accuracy": correct / len(items),
+        "correct": correct,
+        "total": len(items),
+        "unparsed": unparsed,
+        "categories": {
+            name: {"accuracy": c / n, "correct": c, "total": n} for name, (c, n) in sorted(totals.items())
+        },
+    }
+
+
+def format_table(score: dict[str, Any]) -> str:
+    width = max([len("overall"), *(len(name) for name in score["categories"])])
+    lines = [f"{'category':<{width}}  accuracy  correct/total"]
+    rows = [("overall", score)]
+    if len(score["categories"]) > 1 or "" not in score["categories"]:
+        rows += [(name or "(none)", s) for name, s in score["categories"].items()]
+    for name, s in rows:
+        lines.append(f"{name:<{width}}  {100 * s['accuracy']:7.2f}%  {s['correct']}/{s['total']}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def default_output(data: str | Path, cot: bool) -> Path:
+    data = Path(data)
+    return data.parent / f"{data.stem}{'_cot' if cot else ''}_eval"
+
+
+def run_eval(
+    data: str | Path,
+    answer_fn: Answerer,
+    output: str | Path | None = None,
+    cot: bool = False,
+    batch_size: int = 8,
+    limit: int | None = None,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Answer every question not yet in predictions.jsonl, then score all; returns the score dict."""
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise InputError(f"batch_size must be at least 1, got {batch_size}")
+    items = read_benchmark(data)
+    if limit is not None:
+        items = items[:limit]
+    out = Path(output) if output else default_output(data, cot)
+    out.mkdir(parents=True, exist_ok=True)
+    check_settings(out / "settings.json", {"data": str(Path(data).resolve()), "cot": cot, **(settings or {})})
+    progress = Progress(out / "predictions.jsonl")
+    done = progress.load()
+    todo = [item for item in items if item.id not in done]
+    with tqdm(total=len(items), initial=len(items) - len(todo), desc="eval", unit="q") as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            prompts = [Prompt(build_prompt(item, cot), item.images) for item in batch]
+            responses = answer_fn(prompts)
+            if len(responses) != len(batch):
+                raise InputError(f"the answering function returned {len(responses)} answers for {len(batch)} questions")
+            rows = []
+            for item, prompt, response in zip(batch, prompts, responses, strict=True):
+                text, verdict = score_response(item, response, cot)
+                rows.append({
+                    "id": item.id, "category": item.category, "kind": item.kind, "prompt": prompt.question,
+                    "prediction": response, "extracted": text, "answer": item.answer, "correct": verdict,
+                })
+            progress.append(rows)
+            done.update((row["id"], row) for row in rows)
+            bar.update(len(batch))
+    score = {"data": str(data), "cot": cot, **summarize(items, done, cot)}
+    atomic_write(out / "score.json", json.dumps(score, indent=2, ensure_ascii=False) + "\n")
+    return score
+
+
+def model_answerer(chat, max_num: int, max_new_tokens: int) -> Answerer:
+    """Greedy answers from an InternVLChat, one batch at a time."""
+
+    def answer(prompts: list[Prompt]) -> list[str]:
+        return chat.batch_chat(
+            [p.question for p in prompts], images=[list(p.images) or None for p in prompts], do_sample=False,
+            max_new_tokens=max_new_tokens, max_num=max_num, total_max_num=TOTAL_MAX_NUM,
+        )
+
+    return answer
+
+
+def eval_(
+    model: str | None = None,
+    data: str | None = None,
+    output: str | None = None,
+    cot: bool = False,
+    max_num: int = 6,
+    batch_size: int = 8,
+    max_new_tokens: int = 1024,
+    limit: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> int:
+    """Score a model on a multiple-choice / short-answer benchmark (resumable); prints the accuracy table.
+
+    model: checkpoint folder or hub id (required)
+    data: benchmark file: JSONL {"id", "image", "question", "answer", optional "options", "category"} or MMBench-style TSV (required)
+    output: folder for predictions.jsonl and score.json (default: <data stem>_eval beside the data file)
+    cot: use the MPO chain-of-thought prompt and read the answer after "Final answer:"
+    max_num: most tiles per image (64 over all images of a question)
+    batch_size: questions decoded together
+    max_new_tokens: most tokens per answer
+    limit: only the first N questions
+    device: cpu, cuda, cuda:1, ... (default: cuda when available)
+    dtype: float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)
+    """
+    for flag, value in (("--model", model), ("--data", data)):
+        if not value:
+            raise InputError(f"{flag} is required")
+    import torch
+
+    from internvl_mpo.pipeline import InternVLChat
+
+    read_benchmark(data)  # fail on a bad file before loading the model
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    chat = InternVLChat.from_pretrained(model, dtype=dtype, device=device)
+    settings = {"model": model, "max_num": max_num, "max_new_tokens": max_new_tokens}
+    score = run_eval(data, model_answerer(chat, max_num, max_new_tokens), output, cot, batch_size, limit, settings)
+    print(format_table(score))
+    return 0

@@ -1,0 +1,619 @@
+"""Preference pairs in MMPR format from a model's own samples: the correctness pipeline and DropoutNTP.
+
+Mirrors OpenGVLab/InternVL `internvl_chat/tools/mm_reasoning_pipeline/`:
+- `internvl_lmdeploy_correctness.py`: the question loses a trailing short-answer instruction, is
+  wrapped in the English CoT instruction, and a single `<image>` placeholder moves to the front as
+  `<image>\\n`; K samples per question (the paper: 32 at temperature 0.7, top_k 50, top_p 1.0, 6 tiles).
+- `internvl_lmdeploy_correctness_postprocess.py`: a response without a parsable final answer is a
+  format negative; the others are checked against the ground truth. Pairs are positive x negative of
+  one question, skipping pairs where the positive's answer is contained in the negative's
+  (case-insensitive); at most P per question (3 when there are more than 500k responses); exact
+  duplicates removed; correctness pairs and format pairs go to separate files
+  (`<name>_pairs_vqa_correctness_rules.jsonl`, `<name>_pairs_vqa_format_rules.jsonl`), each line
+  {image, question (the CoT prompt the model saw), chosen, rejected, answer_gt}.
+- `internvl_lmdeploy_continue_wo_image.py` (DropoutNTP): the chosen answer is cut to its first
+  int(0.5 * n_words) words (split on single spaces, stripped); the model continues that prefix as its
+  own turn with the image placeholder removed from the question (stripped) and no image; rejected =
+  prefix + continuation, plain string concatenation. Pairs keep the item's question and image.
+
+Output folder: the pair files, a `meta.json` (`train.mmpr.write_meta`; root = the input file's
+folder, so relative image paths resolve as in the input), `settings.json` and `progress.jsonl`.
+Every finished item's raw samples are appended to `progress.jsonl` (one line per item, fsynced); a
+rerun skips the items found there (a line cut by an interruption is dropped and redone) and rebuilds
+the pair files from all samples, written atomically. The sampling settings must match the earlier
+run's; `max_pairs` may change, which only rebuilds the files.
+
+Deliberate differences:
+- Answers are checked by `answers.check_answer` for every dataset (the official picks TextVQA score,
+  relaxed accuracy, ANLS, letter or math rules from the dataset's file name), and a final answer that
+  cannot be read as the item's kind (no option letter, no number) is a format negative as well.
+- Format negatives without an extracted answer skip the containment check (the official compares with
+  the string 'None', so a positive answering "No" never pairs with them).
+- Duplicates are removed before the P pairs are drawn (a question yields P distinct pairs when it
+  can); the draw uses a generator seeded by (seed, item id), so the result does not depend on order.
+- Each sample has its own seed derived from (seed, item id, sample index): a rerun reproduces the
+  samples and a resumed run gives the same files as an uninterrupted one.
+- DropoutNTP draws one continuation per item (the paper; the official script defaults to 8); the
+  official min_new_tokens (1, and 5 for DropoutNTP) is not implemented.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from internvl_mpo.answers import KINDS, build_cot_question, check_answer, extract_final_answer, normalize_options
+from internvl_mpo.chat.template import IMAGE_PLACEHOLDER, add_image_prefix
+from internvl_mpo.errors import ConfigError, InputError
+
+CORRECTNESS = "correctness"
+DROPOUT_NTP = "dropout-ntp"
+METHODS = (CORRECTNESS, DROPOUT_NTP)
+LARGE_FILE_RESPONSES = 500_000  # above this many responses the official keeps 3 pairs per question
+LARGE_FILE_MAX_PAIRS = 3
+
+
+@dataclass(frozen=True)
+class Item:
+    """One line of the items file. `images` are absolute paths; `image` is the value as given."""
+
+    id: str
+    question: str
+    image: str | list[str] | None = None
+    images: tuple[str, ...] = ()
+    answer: str = ""
+    options: dict[str, str] | None = None
+    kind: str | None = None
+    chosen: str = ""
+
+
+@dataclass(frozen=True)
+class SampleJob:
+    """K answers to one prompt (image placeholders already placed), one per seed."""
+
+    question: str
+    images: tuple[str, ...]
+    seeds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ContinueJob:
+    """Continue `prefix` as the assistant's answer to `question` (text only)."""
+
+    question: str
+    prefix: str
+    seed: int
+
+
+Sampler = Callable[[list[SampleJob]], list[list[str]]]
+Continuer = Callable[[list[ContinueJob]], list[str]]
+
+
+@dataclass(frozen=True)
+class PairSettings:
+    samples: int = 32
+    max_pairs: int = 15
+    temperature: float = 0.7
+    top_k: int = 50
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    max_num: int = 6
+    batch_size: int = 8
+    seed: int = 0
+    start_ratio: float = 0.5
+    model: str = ""
+
+    def __post_init__(self):
+        if self.samples < 1 or self.max_pairs < 1 or self.batch_size < 1:
+            raise InputError("samples, max_pairs and batch_size must be at least 1")
+        if not 0 < self.start_ratio < 1:
+            raise InputError(f"start_ratio must be in (0, 1), got {self.start_ratio}")
+
+    def identity(self, method: str, input_path: Path) -> dict[str, Any]:
+        """What decides the samples: a resumed run must match it (max_pairs and batch_size may change)."""
+        out = asdict(self)
+        del out["max_pairs"], out["batch_size"]
+        if method == DROPOUT_NTP:
+            del out["samples"], out["max_num"]
+        return {"method": method, "input": str(input_path.resolve()), **out}
+
+
+@dataclass
+class PairStats:
+    items: int = 0
+    responses: int = 0
+    positives: int = 0
+    negatives: int = 0
+    format_negatives: int = 0
+    entail_skipped: int = 0
+    pairs: int = 0
+    format_pairs: int = 0
+    files: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"{k}={v}" for k, v in asdict(self).items() if k != "files"]
+        return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------- items
+
+
+def _resolve_image(value: Any, folder: Path, where: str) -> tuple[str | list[str] | None, tuple[str, ...]]:
+    if value is None or value == "" or value == []:
+        return None, ()
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise InputError(f"{where}: field 'image' must be a path or a list of paths, got {value!r:.80}")
+    paths = []
+    for name in names:
+        path = Path(name) if os.path.isabs(name) else folder / name
+        if not path.is_file():
+            raise InputError(f"{where}: image file not found: {path}")
+        paths.append(str(path.resolve()))
+    return value, tuple(paths)
+
+
+def place_images(question: str, n_images: int) -> str:
+    """One image: its placeholder moved to the front as `<image>\\n` (as the official pipeline); several:
+    the question's placeholders, or `Image-k: <image>` lines in front when it has none."""
+    count = question.count(IMAGE_PLACEHOLDER)
+    if n_images == 1 and count <= 1:
+        return IMAGE_PLACEHOLDER + "\n" + question.replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "")
+    if count == 0:
+        return add_image_prefix(question, n_images)
+    if count != n_images:
+        raise InputError(f"the question has {count} {IMAGE_PLACEHOLDER} placeholder(s) for {n_images} image(s)")
+    return question
+
+
+def correctness_prompt(item: Item) -> str:
+    """The prompt the sampler sees and the pairs store: CoT-wrapped, options appended, images placed."""
+    return place_images(build_cot_question(item.question, item.options), len(item.images))
+
+
+def _text_field(row: dict, key: str, where: str, required: bool = True) -> str:
+    value = row.get(key)
+    if value is None and not required:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or str(value).strip() == "":
+        raise InputError(f"{where}: field {key!r} must be a non-empty string, got {value!r:.80}")
+    return str(value)
+
+
+def _parse_item(row: dict, method: str, folder: Path, where: str) -> Item:
+    item_id = _text_field(row, "id", where)
+    question = _text_field(row, "question", where)
+    image, images = _resolve_image(row.get("image"), folder, where)
+    if method == DROPOUT_NTP:
+        chosen = row.get("chosen") or row.get("answer")
+        if not isinstance(chosen, str) or not chosen.strip():
+            raise InputError(f"{where}: DropoutNTP needs a non-empty string 'chosen' (or 'answer')")
+        return Item(item_id, question, image, images, chosen=chosen)
+    answer = _text_field(row, "answer", where)
+    kind = row.get("kind")
+    if kind is not None and kind not in KINDS:
+        raise InputError(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    try:
+        options = normalize_options(row.get("options")) or None
+        item = Item(item_id, question, image, images, answer, options, kind)
+        correctness_prompt(item)
+        self_check = check_answer(answer, answer, kind, options)
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
+    if not self_check:
+        raise InputError(f"{where}: the ground truth {answer!r} cannot be checked (it does not match itself)")
+    return item
+
+
+def read_items(path: str | Path, method: str) -> list[Item]:
+    """Items of a JSONL file; relative image paths are taken against the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: items file not found")
+    items, seen = [], set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: expected a JSON object")
+        item = _parse_item(row, method, path.parent, where)
+        if item.id in seen:
+            raise InputError(f"{where}: id {item.id!r} appears twice")
+        seen.add(item.id)
+        items.append(item)
+    if not items:
+        raise InputError(f"{path}: no items")
+    return items
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def sample_seed(seed: int, item_id: str, index: int) -> int:
+    """A 63-bit seed for sample `index` of an item, independent of order and batching."""
+    digest = hashlib.sha256(f"{seed}:{item_id}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class Progress:
+    """Append-only JSONL of finished items, keyed by id; a last line cut by an interruption is dropped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load(self) -> dict[str, dict]:
+        if not self.path.exists():
+            return {}
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            data = data[: data.rfind(b"\n") + 1]
+            with open(self.path, "r+b") as f:
+                f.truncate(len(data))
+        rows = {}
+        for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+            try:
+                row = json.loads(line)
+                rows[row["id"]] = row
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InputError(f"{self.path}:{number}: corrupt progress line; delete the folder to start over") from None
+        return rows
+
+    def append(self, rows: Iterable[dict]) -> None:
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        with open(self.path, "ab") as f:
+            f.write(text.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_settings(path: Path, identity: dict) -> None:
+    if path.exists():
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        if earlier != identity:
+            changed = sorted(k for k in set(earlier) | set(identity) if earlier.get(k) != identity.get(k))
+            raise ConfigError(
+                f"{path.parent} holds a run with other settings ({', '.join(changed)}); "
+                "use another output folder or the same settings"
+            )
+    else:
+        atomic_write(path, json.dumps(identity, indent=2, ensure_ascii=False) + "\n")
+
+
+def _write_outputs(out: Path, input_path: Path, files: dict[str, list[dict]]) -> list[str]:
+    """Each dataset's pairs as JSONL (exact duplicates dropped), then a meta.json of the non-empty ones."""
+    from internvl_mpo.train.mmpr import DatasetSpec, write_meta
+
+    specs, written = [], []
+    for name, rows in files.items():
+        seen, unique = set(), []
+        for row in rows:
+            key = json.dumps(row, sort_keys=True, ensure_ascii=False)
+            if key not in seen:
+                seen.add(key)
+                unique.append(row)
+        path = out / f"{name}.jsonl"
+        atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in unique))
+        written.append(str(path))
+        if unique:
+            root = str(input_path.parent.resolve())
+            specs.append(DatasetSpec(name, root, str(path.resolve()), repeat_time=1.0, length=len(unique)))
+    tmp = out / "meta.json.tmp"
+    write_meta(str(tmp), specs)
+    os.replace(tmp, out / "meta.json")
+    return [*written, str(out / "meta.json")]
+
+
+def _run(items: list[Item], progress: Progress, per_call: int, desc: str, work: Callable[[list[Item]], list[dict]]) -> dict:
+    """Call `work` on chunks of unfinished items, appending its rows to the progress file."""
+    from tqdm import tqdm
+
+    done = progress.load()
+    todo = [item for item in items if item.id not in done]
+    with tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, unit="item") as bar:
+        for start in range(0, len(todo), per_call):
+            chunk = todo[start : start + per_call]
+            rows = work(chunk)
+            progress.append(rows)
+            done.update((row["id"], row) for row in rows)
+            bar.update(len(chunk))
+    return done
+
+
+# ----------------------------------------------------------------------------- correctness
+
+
+def judge(item: Item, response: str) -> tuple[str, str | None]:
+    """("positive" | "negative" | "format", the extracted final answer or None)."""
+    answer = extract_final_answer(response, strict=True)
+    if answer is None:
+        return "format", None
+    correct = check_answer(answer, item.answer, item.kind, item.options)
+    if correct is None:
+        return "format", answer
+    return ("positive" if correct else "negative"), answer
+
+
+def _pair_row(item: Item, question: str, chosen: str, rejected: str, answer_gt: str | None) -> dict:
+    row: dict[str, Any] = {} if item.image is None else {"image": item.image}
+    row.update(question=question, chosen=chosen, rejected=rejected)
+    if answer_gt is not None:
+        row["answer_gt"] = answer_gt
+    return row
+
+
+def _draw(item: Item, question: str, positives, negatives, max_pairs: int, seed: int, tag: str, stats: PairStats):
+    candidates: dict[tuple[str, str], None] = {}
+    for chosen, chosen_answer in positives:
+        for rejected, rejected_answer in negatives:
+            if rejected_answer is not None and chosen_answer.lower() in rejected_answer.lower():
+                stats.entail_skipped += 1
+                continue
+            candidates.setdefault((chosen, rejected), None)
+    keys = list(candidates)
+    picked = random.Random(f"{seed}:{item.id}:{tag}").sample(keys, min(max_pairs, len(keys)))
+    return [_pair_row(item, question, c, r, item.answer) for c, r in picked]
+
+
+def item_pairs(item: Item, question: str, responses: Sequence[str], max_pairs: int, seed: int, stats: PairStats):
+    """(correctness pairs, format pairs) of one question's responses."""
+    verdicts: dict[str, list[tuple[str, str | None]]] = {"positive": [], "negative": [], "format": []}
+    for response in responses:
+        verdict, answer = judge(item, response)
+        verdicts[verdict].append((response, answer))
+    stats.responses += len(responses)
+    stats.positives += len(verdicts["positive"])
+    stats.negatives += len(verdicts["negative"])
+    stats.format_negatives += len(verdicts["format"])
+    pos = verdicts["positive"]
+    return (
+        _draw(item, question, pos, verdicts["negative"], max_pairs, seed, "correctness", stats),
+        _draw(item, question, pos, verdicts["format"], max_pairs, seed, "format", stats),
+    )
+
+
+def make_correctness_pairs(input: str | Path, output: str | Path, sample_fn: Sampler, settings: PairSettings) -> PairStats:
+    """Sample answers for every item (resuming), check them, write the pair files and meta.json."""
+    input_path, out = Path(input), Path(output)
+    items = read_items(input_path, CORRECTNESS)
+    out.mkdir(parents=True, exist_ok=True)
+    check_settings(out / "settings.json", settings.identity(CORRECTNESS, input_path))
+
+    def work(chunk: list[Item]) -> list[dict]:
+        jobs = [
+            SampleJob(correctness_prompt(it), it.images, tuple(sample_seed(settings.seed, it.id, k) for k in range(settings.samples)))
+            for it in chunk
+        ]
+        answers = sample_fn(jobs)
+        if len(answers) != len(jobs) or any(len(a) != settings.samples for a in answers):
+            raise InputError(f"the sampler returned {[len(a) for a in answers]} answers for {len(jobs)} x {settings.samples}")
+        return [{"id": it.id, "question": job.question, "responses": a} for it, job, a in zip(chunk, jobs, answers, strict=True)]
+
+    per_call = max(1, settings.batch_size // settings.samples)
+    done = _run(items, Progress(out / "progress.jsonl"), per_call, "pairs correctness", work)
+    max_pairs = settings.max_pairs
+    if len(items) * settings.samples > LARGE_FILE_RESPONSES:
+        max_pairs = min(max_pairs, LARGE_FILE_MAX_PAIRS)
+    stats = PairStats(items=len(items))
+    correct_rows, format_rows = [], []
+    for item in items:
+        row = done[item.id]
+        correct, formats = item_pairs(item, row["question"], row["responses"], max_pairs, settings.seed, stats)
+        correct_rows += correct
+        format_rows += formats
+    name = input_path.stem
+    stats.files = _write_outputs(
+        out, input_path,
+        {f"{name}_pairs_vqa_correctness_rules": correct_rows, f"{name}_pairs_vqa_format_rules": format_rows},
+    )
+    stats.pairs, stats.format_pairs = _count_lines(stats.files[0]), _count_lines(stats.files[1])
+    return stats
+
+
+def _count_lines(path: str) -> int:
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for _ in f)
+
+
+# ----------------------------------------------------------------------------- DropoutNTP
+
+
+def truncate_words(text: str, ratio: float = 0.5) -> str:
+    """The first int(ratio * n_words) words, split on single spaces (as the official), stripped."""
+    words = text.split(" ")
+    return " ".join(words[: int(len(words) * ratio)]).strip()
+
+
+def text_only_question(question: str) -> str:
+    return question.replace(IMAGE_PLACEHOLDER, "").strip()
+
+
+def make_dropout_ntp_pairs(input: str | Path, output: str | Path, continue_fn: Continuer, settings: PairSettings) -> PairStats:
+    """Continue half of each chosen answer without the image; write the pairs and meta.json."""
+    input_path, out = Path(input), Path(output)
+    items = read_items(input_path, DROPOUT_NTP)
+    out.mkdir(parents=True, exist_ok=True)
+    check_settings(out / "settings.json", settings.identity(DROPOUT_NTP, input_path))
+
+    def work(chunk: list[Item]) -> list[dict]:
+        jobs = [
+            ContinueJob(text_only_question(it.question), truncate_words(it.chosen, settings.start_ratio),
+                        sample_seed(settings.seed, it.id, 0))
+            for it in chunk
+        ]
+        texts = continue_fn(jobs)
+        if len(texts) != len(jobs):
+            raise InputError(f"the continuer returned {len(texts)} texts for {len(jobs)} prefixes")
+        return [{"id": it.id, "prefix": job.prefix, "continuation": t} for it, job, t in zip(chunk, jobs, texts, strict=True)]
+
+    done = _run(items, Progress(out / "progress.jsonl"), settings.batch_size, "pairs dropout-ntp", work)
+    stats = PairStats(items=len(items), responses=len(items))
+    rows = []
+    for item in items:
+        rejected = done[item.id]["prefix"] + done[item.id]["continuation"]
+        if rejected != item.chosen:
+            rows.append(_pair_row(item, item.question, item.chosen, rejected, None))
+    stats.files = _write_outputs(out, input_path, {f"{input_path.stem}_pairs_dropout_ntp": rows})
+    stats.pairs = _count_lines(stats.files[0])
+    return stats
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def continuation_prompt_ids(tokenizer, question: str, prefix: str, template: str = "internvl2_5") -> list[int]:
+    """Template prompt (open assistant turn) + the prefix's ids. The prefix is stripped, so this equals
+    tokenizing the rendered prompt and the prefix as one string, as the official script does: the
+    assistant header ends in a newline, which the Qwen2 pre-tokenizer never joins to following text."""
+    from internvl_mpo.chat.template import build_prompt_ids
+
+    return build_prompt_ids(tokenizer, question, template=template) + tokenizer.encode(prefix)
+
+
+class ModelGenerator:
+    """Samples and continuations through an InternVLChat's engine, with continuous batching.
+
+    A prompt's images are encoded once and shared by its K seeded requests.
+    """
+
+    def __init__(self, chat, settings: PairSettings):
+        self.chat = chat
+        self.settings = settings
+
+    def _params(self, seed: int):
+        from internvl_mpo.generate.sampling import SamplingParams
+
+        s = self.settings
+        return SamplingParams(
+            max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature, top_k=s.top_k,
+            top_p=s.top_p, seed=seed,
+        )
+
+    def _generate(self, requests: list) -> list[str]:
+        """Raw text of each request (special tokens skipped, nothing stripped)."""
+        from internvl_mpo.pipeline import TextAssembler
+
+        longest = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
+        gen = self.chat.engine.start(min(self.settings.batch_size, len(requests)), longest)
+        for request in requests:
+            gen.add(request)
+        assemblers = [TextAssembler(self.chat.tokenizer) for _ in requests]
+        texts = [""] * len(requests)
+        for events in gen:
+            for event in events:
+                piece, _ = assemblers[event.rid].feed(event.token, last=event.finish is not None)
+                texts[event.rid] += piece
+        return texts
+
+    def sample(self, jobs: list[SampleJob]) -> list[list[str]]:
+        import torch
+
+        from internvl_mpo.generate.engine import Request
+
+        model = self.chat.model
+        requests, owners = [], []
+        for j, job in enumerate(jobs):
+            prepared = self.chat.prepare(
+                job.question, list(job.images) or None, max_num=self.settings.max_num,
+                max_new_tokens=self.settings.max_new_tokens,
+            )
+            vit_embeds = None
+            if prepared.pixel_values is not None:
+                with torch.no_grad():
+                    vit_embeds = model.extract_feature(prepared.pixel_values.to(model.device, model.dtype))
+            for seed in job.seeds:
+                requests.append(Request(prepared.prompt_ids, self._params(seed), vit_embeds=vit_embeds))
+                owners.append(j)
+        out: list[list[str]] = [[] for _ in jobs]
+        for owner, text in zip(owners, self._generate(requests), strict=True):
+            out[owner].append(text.strip())
+        return out
+
+    def continue_prefix(self, jobs: list[ContinueJob]) -> list[str]:
+        from internvl_mpo.generate.engine import Request
+
+        template = self.chat.config.template
+        requests = [
+            Request(continuation_prompt_ids(self.chat.tokenizer, job.question, job.prefix, template), self._params(job.seed))
+            for job in jobs
+        ]
+        return self._generate(requests)
+
+
+def pairs(
+    method: str,
+    model: str | None = None,
+    input: str | None = None,
+    output: str | None = None,
+    samples: int = 32,
+    max_pairs: int = 15,
+    temperature: float = 0.7,
+    top_k: int = 50,
+    top_p: float = 1.0,
+    max_new_tokens: int = 1024,
+    max_num: int = 6,
+    batch_size: int = 8,
+    seed: int = 0,
+    start_ratio: float = 0.5,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> int:
+    """Build MMPR preference pairs from a model's samples (resumable).
+
+    method: correctness (sample K CoT answers, check them against "answer") or dropout-ntp (continue half of "chosen" without the image)
+    model: checkpoint folder or hub id (required)
+    input: JSONL items {"id", "image" (path or list, relative to the file), "question", "answer" or "chosen", optional "options", "kind"}
+    output: folder for the pair files, meta.json and the progress file (required)
+    samples: answers sampled per question (correctness; DropoutNTP draws one continuation)
+    max_pairs: most pairs per question (3 when there are more than 500k responses)
+    temperature: sampling temperature
+    top_k: sample among the k most likely tokens (0 = off)
+    top_p: nucleus sampling mass
+    max_new_tokens: most tokens per sample
+    max_num: most tiles per image
+    batch_size: sequences decoded together
+    seed: base seed; each sample's seed derives from it, the item id and the sample index
+    start_ratio: DropoutNTP keeps this fraction of the chosen answer's words
+    device: cpu, cuda, cuda:1, ... (default: cuda when available)
+    dtype: float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)
+    """
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    for flag, value in (("--model", model), ("--input", input), ("--output", output)):
+        if not value:
+            raise InputError(f"{flag} is required")
+    import torch
+
+    from internvl_mpo.pipeline import InternVLChat
+
+    settings = PairSettings(samples, max_pairs, temperature, top_k, top_p, max_new_tokens, max_num, batch_size, seed,
+                            start_ratio, model)
+    read_items(input, method)  # fail on a bad file before loading the model
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    generator = ModelGenerator(InternVLChat.from_pretrained(model, dtype=dtype, device=device), settings)
+    if method == CORRECTNESS:
+        stats = make_correctness_pairs(input, output, generator.sample, settings)
+    else:
+        stats = make_dropout_ntp_pairs(input, output, generator.continue_prefix, settings)
+    print(stats.summary())
+    print(f"meta: {stats.files[-1]}")
+    return 0

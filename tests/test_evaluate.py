@@ -1,0 +1,191 @@
+"""Benchmark evaluation: prompts as VLMEvalKit builds them, scores on a hand-made benchmark, resume, MMBench TSV."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from internvl_mpo.answers import COT_INSTRUCTION
+from internvl_mpo.evaluate import Prompt, build_prompt, read_benchmark, run_eval
+
+MCQ = "Answer with the option's letter from the given choices directly."
+COT_HEAD = COT_INSTRUCTION.split("{question}")[0]
+
+BENCH = [
+    {"id": "1", "image": "img.png", "question": "What color is the car?", "options": {"A": "red", "B": "blue"},
+     "answer": "B", "category": "color"},
+    {"id": "2", "question": "How many cats are there?", "options": ["one", "two", "three"], "answer": "C",
+     "category": "count"},
+    {"id": "3", "image": "img.png", "question": "Is there a cat in the image?", "answer": "Yes", "category": "exist"},
+    {"id": "4", "question": "How many dogs are there?", "answer": "3", "category": "count"},
+    {"id": "5", "question": "Which city is this?", "answer": "Paris", "category": "place"},
+    {"id": "6", "image": "img.png", "question": "What color is the sky?", "hint": "It is noon.",
+     "options": {"A": "blue", "B": "black"}, "answer": "A", "category": "color"},
+]
+# Direct answers per question: 1 right, 2 wrong, 3 right, 4 right (units), 5 wrong, 6 unparseable.
+DIRECT = {"car": "B", "cats": "The answer is B", "cat in": "Yes, there is.", "dogs": "3 dogs", "city": "London",
+          "sky": "I cannot tell"}
+COT = {k: f"Let me think about it step by step.\nFinal answer: {v}" for k, v in DIRECT.items()}
+
+
+def write_bench(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (56, 56), (20, 20, 220)).save(folder / "img.png")
+    path = folder / "bench.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in BENCH))
+    return path
+
+
+class FakeAnswerer:
+    def __init__(self, script: dict[str, str], fail: bool = False):
+        self.script, self.fail = script, fail
+        self.prompts: list[Prompt] = []
+
+    def __call__(self, prompts: list[Prompt]) -> list[str]:
+        if self.fail:
+            raise AssertionError("every answer should have been loaded from predictions.jsonl")
+        self.prompts += prompts
+        return [next(v for k, v in self.script.items() if k in p.question) for p in prompts]
+
+
+EXPECTED = {
+    "accuracy": 3 / 6, "correct": 3, "total": 6, "unparsed": 1,
+    "categories": {
+        "color": {"accuracy": 0.5, "correct": 1, "total": 2},
+        "count": {"accuracy": 0.5, "correct": 1, "total": 2},
+        "exist": {"accuracy": 1.0, "correct": 1, "total": 1},
+        "place": {"accuracy": 0.0, "correct": 0, "total": 1},
+    },
+}
+
+
+def test_vlmevalkit_prompts(tmp_path):
+    items = {i.id: i for i in read_benchmark(write_bench(tmp_path))}
+    assert build_prompt(items["1"]) == f"What color is the car?\nA. red\nB. blue\n{MCQ}"
+    assert build_prompt(items["2"]) == f"How many cats are there?\nA. one\nB. two\nC. three\n{MCQ}"
+    assert build_prompt(items["6"]) == f"It is noon.\nWhat color is the sky?\nA. blue\nB. black\n{MCQ}"
+    assert build_prompt(items["3"]) == "Is there a cat in the image?"  # yes/no: as given
+    assert build_prompt(items["5"]) == "Which city is this?\nAnswer the question using a single word or phrase."
+    # MPO CoT prompt: the question without the hint, options as "A. text" lines, the CoT instruction.
+    assert build_prompt(items["6"], cot=True) == COT_HEAD + "What color is the sky?\nA. blue\nB. black"
+    assert build_prompt(items["5"], cot=True) == COT_HEAD + "Which city is this?"
+
+
+def test_chinese_multiple_choice_instruction(tmp_path):
+    path = tmp_path / "zh.jsonl"
+    path.write_text(json.dumps({"id": 1, "question": "天空是什么颜色？", "options": ["蓝色", "红色"], "answer": "A"}) + "\n")
+    (item,) = read_benchmark(path)
+    assert build_prompt(item) == "天空是什么颜色？\nA. 蓝色\nB. 红色\n请直接回答选项字母。"
+
+
+@pytest.mark.parametrize("cot, script", [(False, DIRECT), (True, COT)])
+def test_scores_a_hand_made_benchmark(tmp_path, cot, script):
+    data = write_bench(tmp_path / "data")
+    answerer = FakeAnswerer(script)
+    score = run_eval(data, answerer, cot=cot, batch_size=4)
+    assert {k: score[k] for k in EXPECTED} == EXPECTED
+    out = tmp_path / "data" / ("bench_cot_eval" if cot else "bench_eval")
+    assert json.loads((out / "score.json").read_text()) == score
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["1", "2", "3", "4", "5", "6"]
+    assert [r["correct"] for r in rows] == [True, False, True, True, False, None]
+    assert rows[1]["extracted"] == "The answer is B" and rows[1]["prediction"] == script["cats"]
+    # Questions with an image get its path (relative to the data file); the others none.
+    assert [[Path(i).name for i in p.images] for p in answerer.prompts] == [["img.png"], [], ["img.png"], [], [], ["img.png"]]
+
+
+def test_resume_answers_only_missing_questions(tmp_path):
+    data = write_bench(tmp_path / "data")
+    out = tmp_path / "out"
+    first = run_eval(data, FakeAnswerer(DIRECT), out, batch_size=2)
+    assert run_eval(data, FakeAnswerer(DIRECT, fail=True), out) == first
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    (out / "predictions.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])  # cut mid-line
+    again = FakeAnswerer(DIRECT)
+    assert run_eval(data, again, out) == first
+    assert [p.question.split("\n")[0] for p in again.prompts] == ["Which city is this?", "It is noon."]
+    assert run_eval(data, FakeAnswerer(DIRECT), tmp_path / "limited", limit=2)["total"] == 2
+
+
+# ----------------------------------------------------------------------------- MMBench TSV
+
+
+def png_b64(color, size=(56, 56), noise=False) -> str:
+    image = Image.new("RGB", size, color)
+    if noise:
+        rng = random.Random(0)
+        image.putdata([tuple(rng.randrange(256) for _ in range(3)) for _ in range(size[0] * size[1])])
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_tsv(path: Path) -> list[dict]:
+    rows = [
+        {"index": "10", "question": "What color is the square?", "hint": "", "A": "red", "B": "green", "C": "blue",
+         "D": "", "answer": "C", "category": "color", "image": png_b64((0, 0, 255))},
+        {"index": "11", "question": "Which shape is it?\n(look closely)", "hint": "Only one shape is drawn.",
+         "A": "square", "B": "circle", "C": "", "D": "", "answer": "A", "category": "shape", "image": "10"},
+        {"index": "12", "question": "What is in the picture?", "hint": "nan", "A": "noise", "B": "a cat",
+         "C": "a dog", "D": "a car", "answer": "A", "category": "scene",
+         "image": png_b64(None, (260, 260), noise=True)},  # over csv's 128 kB default field limit
+    ]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def test_reads_mmbench_tsv_with_shared_and_large_images(tmp_path):
+    rows = write_tsv(tmp_path / "mmbench.tsv")
+    limit = csv.field_size_limit()
+    items = read_benchmark(tmp_path / "mmbench.tsv")
+    assert csv.field_size_limit() == limit
+    assert len(rows[2]["image"]) > 131072
+    assert [i.id for i in items] == ["10", "11", "12"]
+    assert items[0].options == {"A": "red", "B": "green", "C": "blue"} and items[0].kind == "choice"
+    assert items[1].images == items[0].images  # "10" in the image cell: row 10's image
+    assert Image.open(io.BytesIO(items[0].images[0])).getpixel((5, 5)) == (0, 0, 255)
+    assert Image.open(io.BytesIO(items[2].images[0])).size == (260, 260)
+    assert items[2].hint == ""
+    assert build_prompt(items[1]) == f"Only one shape is drawn.\nWhich shape is it?\n(look closely)\nA. square\nB. circle\n{MCQ}"
+    score = run_eval(tmp_path / "mmbench.tsv", FakeAnswerer({"color": "C. blue", "shape": "circle", "picture": "A"}))
+    assert score["correct"] == 2 and score["categories"]["shape"]["correct"] == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from conftest import tiny_chat_folder
+
+    folder, _ = tiny_chat_folder(tmp_path_factory.mktemp("ckpt") / "model")
+    return folder
+
+
+def test_real_model_on_tsv_through_the_cli(tiny_model, tmp_path, capsys):
+    from internvl_mpo.cli import main
+    from internvl_mpo.pipeline import InternVLChat
+
+    write_tsv(tmp_path / "mmbench.tsv")
+    out = tmp_path / "out"
+    args = ["eval", "--model", str(tiny_model), "--data", str(tmp_path / "mmbench.tsv"), "--output", str(out),
+            "--max-new-tokens", "4", "--batch-size", "2", "--device", "cpu", "--dtype", "float32"]
+    assert main(args) == 0
+    assert "overall" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    score = json.loads((out / "score.json").read_text())
+    assert [r["id"] for r in rows] == ["10", "11", "12"] and score["total"] == 3
+    assert score["correct"] == sum(r["correct"] is True for r in rows)
+    # Batched evaluation gives what a single greedy chat() gives for the same prompt and image.
+    item = read_benchmark(tmp_path / "mmbench.tsv")[2]
+    chat = InternVLChat.from_pretrained(tiny_model, dtype="float32")
+    single = chat.chat(build_prompt(item), list(item.images), do_sample=False, max_new_tokens=4, max_num=6,
+                       total_max_num=64)
+    assert rows[2]["prediction"] == single

@@ -1,0 +1,339 @@
+"""Preference-pair construction: pairing rules on scripted samples, MMPR validity, resume, the real model path."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from internvl_mpo.answers import COT_INSTRUCTION
+from internvl_mpo.errors import ConfigError, InputError
+from internvl_mpo.pairs import (
+    ContinueJob,
+    ModelGenerator,
+    PairSettings,
+    SampleJob,
+    continuation_prompt_ids,
+    judge,
+    make_correctness_pairs,
+    make_dropout_ntp_pairs,
+    read_items,
+    sample_seed,
+    truncate_words,
+)
+from internvl_mpo.train.mmpr import load_meta, read_datasets
+
+COT_HEAD = COT_INSTRUCTION.split("{question}")[0]
+
+# Scripted samples per question tag; the fake sampler cycles through them.
+SCRIPT = {
+    "Q1": [
+        "The animal has whiskers. Final answer: B",
+        "It has pointy ears, so it is a cat.\nFinal answer: (B)",
+        "It barks. Final answer: A",
+        "Looks like a dog.\nFinal answer: A. dog",
+        "I am not sure.",  # no final answer: format negative
+        "It could be either. Final answer: maybe",  # no letter: format negative; contains "b"
+    ],
+    "Q2": [
+        "Counting rows: 3 x 4.\nFinal answer: 12",
+        "Two rows of six.\nFinal answer: 12 apples",
+        "I count them.\nFinal answer: 11",
+        "Hmm, many. Final answer: 112",  # contains the positive "12": never paired with it
+        "Counting rows: 3 x 4.\nFinal answer: 12",  # an exact duplicate of the first
+        "Final answer: 13",  # no reasoning: format negative
+    ],
+    "Q3": ["The sky is blue on a clear day.\nFinal answer: Yes"] * 6,
+    "Q4": [
+        "The first picture is lighter. Final answer: A",
+        "The second is darker, so the first. Final answer: (A) first",
+        "The second looks brighter. Final answer: B",
+        "Both. Final answer: A and B",
+        "Hmm.",
+        "The first one. Final answer: A",
+    ],
+}
+
+
+def write_image(path: Path, color) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (56, 56), color).save(path)
+
+
+def write_items(folder: Path) -> Path:
+    write_image(folder / "img" / "a.png", (200, 30, 30))
+    write_image(folder / "img" / "b.png", (30, 30, 200))
+    rows = [
+        {"id": "mc", "image": "img/a.png", "answer": "B",
+         "question": "<image>\nQ1 Which animal is shown?\nA. dog\nB. cat\n"
+                     "Answer with the option's letter from the given choices directly."},
+        {"id": "num", "image": str((folder / "img" / "b.png").resolve()), "answer": "12",
+         "question": "Q2 How many apples are there?\nAnswer the question using a single word or phrase."},
+        {"id": "yn", "question": "Q3 Is the sky blue? Please answer Yes or No.", "answer": "yes"},
+        {"id": "multi", "image": ["img/a.png", "img/b.png"], "question": "Q4 Which image is brighter?",
+         "options": ["first", "second"], "answer": "A"},
+    ]
+    path = folder / "items.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+class FakeSampler:
+    """Answers from SCRIPT by the question's tag; records every job; can fail on a given call."""
+
+    def __init__(self, fail_on_call: int | None = None):
+        self.jobs: list[SampleJob] = []
+        self.calls = 0
+        self.fail_on_call = fail_on_call
+
+    def __call__(self, jobs: list[SampleJob]) -> list[list[str]]:
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise KeyboardInterrupt
+        self.jobs += jobs
+        out = []
+        for job in jobs:
+            script = SCRIPT[re.search(r"Q\d", job.question).group(0)]
+            out.append([script[k % len(script)] for k in range(len(job.seeds))])
+        return out
+
+
+def pair_lines(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+SETTINGS = PairSettings(samples=6, batch_size=1, model="fake")
+
+
+# ----------------------------------------------------------------------------- scripted samples
+
+
+def test_correctness_pairs_follow_the_official_rules(tmp_path):
+    items_path = write_items(tmp_path / "data")
+    sampler = FakeSampler()
+    stats = make_correctness_pairs(items_path, tmp_path / "out", sampler, SETTINGS)
+    out = tmp_path / "out"
+    correct = pair_lines(out / "items_pairs_vqa_correctness_rules.jsonl")
+    formats = pair_lines(out / "items_pairs_vqa_format_rules.jsonl")
+    by_id = {i.id: i for i in read_items(items_path, "correctness")}
+
+    def ids(rows, item_id):
+        tag = {"mc": "Q1", "num": "Q2", "yn": "Q3", "multi": "Q4"}[item_id]
+        return [r for r in rows if tag in r["question"]]
+
+    s1, s2, s4 = SCRIPT["Q1"], SCRIPT["Q2"], SCRIPT["Q4"]
+    assert {(r["chosen"], r["rejected"]) for r in ids(correct, "mc")} == {(a, b) for a in s1[:2] for b in s1[2:4]}
+    # "B" is contained in "maybe" (case-insensitive): that format pair is skipped; "(B)" is not.
+    assert {(r["chosen"], r["rejected"]) for r in ids(formats, "mc")} == {(s1[0], s1[4]), (s1[1], s1[4]), (s1[1], s1[5])}
+    # "12" is contained in "112": skipped; the duplicate positive adds nothing.
+    assert {(r["chosen"], r["rejected"]) for r in ids(correct, "num")} == {(s2[0], s2[2]), (s2[1], s2[2]), (s2[1], s2[3])}
+    assert {(r["chosen"], r["rejected"]) for r in ids(formats, "num")} == {(s2[0], s2[5]), (s2[1], s2[5])}
+    assert ids(correct, "yn") == [] and ids(formats, "yn") == []  # all samples correct: nothing to pair
+    # "A and B" names no single option: a format negative, and it contains the positive "A".
+    assert {(r["chosen"], r["rejected"]) for r in ids(correct, "multi")} == {(a, s4[2]) for a in (s4[0], s4[1], s4[5])}
+    assert {(r["chosen"], r["rejected"]) for r in ids(formats, "multi")} == {
+        (s4[1], s4[3]), (s4[0], s4[4]), (s4[1], s4[4]), (s4[5], s4[4])}
+    for row in correct + formats:
+        item = by_id[{"Q1": "mc", "Q2": "num", "Q3": "yn", "Q4": "multi"}[re.search(r"Q\d", row["question"]).group(0)]]
+        assert judge(item, row["chosen"])[0] == "positive"
+        assert judge(item, row["rejected"])[0] == ("format" if row in formats else "negative")
+        assert row["answer_gt"] == item.answer
+    assert len({json.dumps(r, sort_keys=True) for r in correct}) == len(correct)
+    assert (stats.pairs, stats.format_pairs, stats.entail_skipped) == (len(correct), len(formats), 1 + 2 + 2)
+    assert (stats.positives, stats.negatives, stats.format_negatives) == (2 + 3 + 6 + 3, 2 + 2 + 1, 2 + 1 + 2)
+
+    # The prompts: instruction stripped, CoT-wrapped, the single image placeholder in front, options appended.
+    q1 = ids(correct, "mc")[0]["question"]
+    assert q1 == "<image>\n" + COT_HEAD + "Q1 Which animal is shown?\nA. dog\nB. cat"
+    assert ids(correct, "num")[0]["question"].startswith("<image>\n" + COT_HEAD + "Q2 How many")
+    assert ids(correct, "multi")[0]["question"] == (
+        "Image-1: <image>\nImage-2: <image>\n" + COT_HEAD + "Q4 Which image is brighter?\nA. first\nB. second"
+    )
+    text_only = [j for j in sampler.jobs if "Q3" in j.question][0]
+    assert text_only.images == () and "<image>" not in text_only.question
+    # Seeds: one per sample, derived from (seed, id, index).
+    assert [j.seeds for j in sampler.jobs if "Q1" in j.question][0] == tuple(sample_seed(0, "mc", k) for k in range(6))
+
+
+def test_pair_files_are_valid_mmpr_input(tmp_path):
+    items_path = write_items(tmp_path / "data")
+    make_correctness_pairs(items_path, tmp_path / "out", FakeSampler(), SETTINGS)
+    specs = load_meta(str(tmp_path / "out" / "meta.json"))
+    assert [s.name for s in specs] == ["items_pairs_vqa_correctness_rules", "items_pairs_vqa_format_rules"]
+    records, report = read_datasets(specs)
+    assert report.total == 0
+    assert len(records) == sum(s.length for s in specs)
+    for record in records:
+        assert all(Path(p).is_file() for p in record.images)
+        assert record.question.count("<image>") == len(record.images)
+    multi = [r for r in records if "Q4" in r.question]
+    assert multi and all(r.multi_image and len(r.images) == 2 for r in multi)
+    assert {Path(p).name for r in records if "Q1" in r.question for p in r.images} == {"a.png"}
+
+
+def test_max_pairs_caps_each_question_and_rebuilds_without_sampling(tmp_path):
+    items_path = write_items(tmp_path / "data")
+    make_correctness_pairs(items_path, tmp_path / "out", FakeSampler(), SETTINGS)
+    again = FakeSampler()
+    stats = make_correctness_pairs(items_path, tmp_path / "out", again, PairSettings(samples=6, max_pairs=2, model="fake"))
+    assert again.calls == 0  # every item was finished: only the files are rebuilt
+    rows = pair_lines(tmp_path / "out" / "items_pairs_vqa_correctness_rules.jsonl")
+    counts = {tag: sum(tag in r["question"] for r in rows) for tag in ("Q1", "Q2", "Q4")}
+    assert counts == {"Q1": 2, "Q2": 2, "Q4": 2} and stats.pairs == 6
+
+
+def test_resume_skips_finished_items_and_matches_an_uninterrupted_run(tmp_path):
+    items_path = write_items(tmp_path / "data")
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        make_correctness_pairs(items_path, out, FakeSampler(fail_on_call=3), SETTINGS)
+    progress = (out / "progress.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in progress] == ["mc", "num"]
+    # An interrupted write leaves half a line: it is dropped and that item is redone.
+    with open(out / "progress.jsonl", "a") as f:
+        f.write('{"id": "yn", "question": "Q3 ..., "respon')
+    resumed = FakeSampler()
+    make_correctness_pairs(items_path, out, resumed, SETTINGS)
+    assert [re.search(r"Q\d", j.question).group(0) for j in resumed.jobs] == ["Q3", "Q4"]
+
+    fresh = tmp_path / "fresh"
+    make_correctness_pairs(items_path, fresh, FakeSampler(), SETTINGS)
+    for name in ("items_pairs_vqa_correctness_rules.jsonl", "items_pairs_vqa_format_rules.jsonl"):
+        assert (out / name).read_text() == (fresh / name).read_text()
+    with pytest.raises(ConfigError, match="temperature"):
+        make_correctness_pairs(items_path, out, FakeSampler(), PairSettings(samples=6, temperature=1.0, model="fake"))
+
+
+def test_bad_items_are_reported_with_their_line(tmp_path):
+    path = tmp_path / "items.jsonl"
+    path.write_text(json.dumps({"id": "a", "question": "q", "answer": "B", "image": "missing.png"}) + "\n")
+    with pytest.raises(InputError, match=r"items.jsonl:1: image file not found"):
+        read_items(path, "correctness")
+    path.write_text(json.dumps({"id": "a", "question": "q", "answer": "Z", "options": ["x", "y"]}) + "\n")
+    with pytest.raises(InputError, match=r"items.jsonl:1: ground truth 'Z'"):
+        read_items(path, "correctness")
+    path.write_text(json.dumps({"id": "a", "question": "q"}) + "\n" + json.dumps({"id": "a", "question": "q"}) + "\n")
+    with pytest.raises(InputError, match="chosen"):
+        read_items(path, "dropout-ntp")
+
+
+def test_dropout_ntp_pairs(tmp_path):
+    folder = tmp_path / "data"
+    write_image(folder / "a.png", (10, 200, 10))
+    chosen = "The image shows a green square on a plain background with no other objects."
+    rows = [
+        {"id": "1", "image": "a.png", "question": "<image>\nDescribe the image.", "chosen": chosen},
+        {"id": "2", "question": "Say hi.", "answer": "Hello there, how are you today?"},
+    ]
+    (folder / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen: list[ContinueJob] = []
+
+    def fake_continue(jobs):
+        seen.extend(jobs)
+        return [" and then it keeps going." for _ in jobs]
+
+    stats = make_dropout_ntp_pairs(folder / "items.jsonl", tmp_path / "out", fake_continue, SETTINGS)
+    words = chosen.split(" ")
+    assert seen[0].prefix == " ".join(words[: len(words) // 2]) == truncate_words(chosen)
+    assert seen[0].question == "Describe the image."  # placeholder removed, stripped
+    assert seen[1].prefix == "Hello there, how"  # 6 words -> 3
+    out = pair_lines(tmp_path / "out" / "items_pairs_dropout_ntp.jsonl")
+    assert out[0] == {"image": "a.png", "question": "<image>\nDescribe the image.", "chosen": chosen,
+                      "rejected": seen[0].prefix + " and then it keeps going."}
+    assert out[1]["rejected"] == "Hello there, how and then it keeps going." and "image" not in out[1]
+    records, _ = read_datasets(load_meta(str(tmp_path / "out" / "meta.json")))
+    assert len(records) == stats.pairs == 2 and records[0].images == (str((folder / "a.png").resolve()),)
+
+
+# ----------------------------------------------------------------------------- the real model
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from conftest import tiny_chat_folder
+
+    folder, _ = tiny_chat_folder(tmp_path_factory.mktemp("ckpt") / "model")
+    return folder
+
+
+def test_real_model_correctness_run_through_the_cli(tiny_model, tmp_path):
+    from internvl_mpo.cli import main
+
+    items_path = write_items(tmp_path / "data")
+    out = tmp_path / "out"
+    args = ["pairs", "correctness", "--model", str(tiny_model), "--input", str(items_path), "--output", str(out),
+            "--samples", "2", "--max-new-tokens", "4", "--batch-size", "4", "--device", "cpu", "--dtype", "float32"]
+    assert main(args) == 0
+    progress = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in progress] == ["mc", "num", "yn", "multi"]
+    assert all(len(p["responses"]) == 2 and all(isinstance(r, str) for r in p["responses"]) for p in progress)
+    assert len({r for p in progress for r in p["responses"]}) > 1  # seeded samples differ
+    records, _ = read_datasets(load_meta(str(out / "meta.json")))  # gibberish answers: likely no pairs, still valid
+    assert len(records) == sum(1 for f in out.glob("items_pairs_*.jsonl") for _ in f.read_text().splitlines())
+    assert main(args) == 0  # a rerun finds every item done
+    assert [json.loads(line)["id"] for line in (out / "progress.jsonl").read_text().splitlines()] == ["mc", "num", "yn", "multi"]
+
+
+def test_engine_sampler_equals_chat_with_the_same_seed(tiny_model, tmp_path):
+    from internvl_mpo.pipeline import InternVLChat
+
+    write_image(tmp_path / "a.png", (120, 60, 200))
+    chat = InternVLChat.from_pretrained(tiny_model, dtype="float32")
+    settings = PairSettings(samples=3, max_new_tokens=8, batch_size=2)
+    question = "<image>\n" + COT_HEAD + "What is shown?"
+    seeds = (11, 12, 13)
+    got = ModelGenerator(chat, settings).sample([SampleJob(question, (str(tmp_path / "a.png"),), seeds)])
+    want = [
+        chat.chat(question, str(tmp_path / "a.png"), do_sample=True, temperature=0.7, top_k=50, top_p=1.0, seed=s,
+                  max_new_tokens=8, max_num=6)
+        for s in seeds
+    ]
+    assert got == [want]
+
+
+def test_dropout_ntp_prompt_is_the_template_plus_the_prefix(tiny_model, tmp_path):
+    from internvl_mpo.chat.template import render_prompt
+    from internvl_mpo.chat.tokenizer import load_tokenizer
+    from internvl_mpo.cli import main
+
+    tokenizer = load_tokenizer(tiny_model)
+    for question, prefix in [("Describe the image.", "The image shows a"), ("Say hi.", "(1) Hello, 42"),
+                             ("说说看。", "这是一只")]:
+        ids = continuation_prompt_ids(tokenizer, question, prefix)
+        assert ids == tokenizer.encode(render_prompt(question) + prefix)  # the official joint tokenization
+        assert tokenizer.decode(ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n" + prefix)
+
+    folder = tmp_path / "data"
+    write_image(folder / "a.png", (10, 200, 10))
+    rows = [{"id": str(k), "image": "a.png", "question": "<image>\nDescribe it.",
+             "chosen": f"A small green square number {k} sits on a plain white background."} for k in range(3)]
+    (folder / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert main(["pairs", "dropout-ntp", "--model", str(tiny_model), "--input",
+                 str(folder / "items.jsonl"), "--output", str(out), "--max-new-tokens", "5", "--batch-size", "2",
+                 "--device", "cpu", "--dtype", "float32"]) == 0
+    pairs = pair_lines(out / "items_pairs_dropout_ntp.jsonl")
+    assert len(pairs) == 3
+    for row, item in zip(pairs, rows, strict=True):
+        assert row["chosen"] == item["chosen"] and row["rejected"].startswith(truncate_words(item["chosen"]))
+        assert row["rejected"] != row["chosen"]
+
+
+def test_one_mpo_training_step_on_the_pairs(tiny_model, tmp_path):
+    import math
+
+    from internvl_mpo.train.mpo import TrainConfig, train
+
+    items_path = write_items(tmp_path / "data")
+    make_correctness_pairs(items_path, tmp_path / "pairs", FakeSampler(), SETTINGS)
+    config = TrainConfig(
+        mode="mpo", model=str(tiny_model), data=str(tmp_path / "pairs" / "meta.json"), output=str(tmp_path / "run"),
+        max_steps=1, batch_size=2, precision="fp32", device="cpu", grad_checkpointing=False, progress=False,
+    )
+    result = train(config)
+    assert result.steps == 1 and result.skipped.total == 0
+    assert all(math.isfinite(v) for v in result.metrics.values()) and result.metrics["tokens"] > 0
+    assert result.metrics["loss/pref"] == pytest.approx(math.log(2), abs=0.05)  # policy ~ reference at step 0
