@@ -23,6 +23,8 @@ COMMANDS = {
     "chat": "cli_chat:chat",
     "generate": "cli_chat:generate",
     "tiles": "cli_chat:tiles",
+    "pairs": "pairs:pairs",
+    "eval": "evaluate:eval_",
     "serve": "server:serve",
 }
 
