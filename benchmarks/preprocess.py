@@ -170,7 +170,7 @@ def check_identical(workdir: Path) -> dict:
 def torchvision_available() -> bool:
     try:
         import torchvision  # noqa: F401
-    except Exception:
+    except (ImportError, RuntimeError, OSError):  # missing, or built for another torch
         return False
     return True
 

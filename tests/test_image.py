@@ -293,7 +293,11 @@ def test_combined_images_share_one_placeholder():
 
 
 def test_tile_budget_follows_the_official_evaluation_rule():
-    from internvl_mpo.processor.multi import OFFICIAL_EVAL_TILE_BUDGET, load_images, per_image_max_num
+    from internvl_mpo.processor.multi import (
+        OFFICIAL_EVAL_TILE_BUDGET,
+        load_images,
+        per_image_max_num,
+    )
 
     # VLMEvalKit: max_num = max(1, min(max_num, total_max_num // n_images)), total_max_num = 64.
     assert OFFICIAL_EVAL_TILE_BUDGET == 64

@@ -6,7 +6,12 @@ import pytest
 from PIL import Image
 
 from internvl_mpo.errors import InputError
-from internvl_mpo.processor.tiling import TilePlan, candidate_grids, dynamic_preprocess, plan_tiles
+from internvl_mpo.processor.tiling import (
+    TilePlan,
+    candidate_grids,
+    dynamic_preprocess,
+    plan_tiles,
+)
 
 # Awkward sizes: extremes, off-by-one around a tile, exact ratio ties, common photo/screen sizes.
 SIZES = [

@@ -1,8 +1,23 @@
 """Image and video inputs: dynamic tiling, normalised pixel tensors, multi-image and video prompts."""
 
-from internvl_mpo.processor.image import IMAGENET_MEAN, IMAGENET_STD, image_to_pixel_values, load_image, open_image
-from internvl_mpo.processor.multi import OFFICIAL_EVAL_TILE_BUDGET, MultiImageInput, load_images, per_image_max_num
-from internvl_mpo.processor.preview import format_tiles_report, render_tiles, tiles_report
+from internvl_mpo.processor.image import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    image_to_pixel_values,
+    load_image,
+    open_image,
+)
+from internvl_mpo.processor.multi import (
+    OFFICIAL_EVAL_TILE_BUDGET,
+    MultiImageInput,
+    load_images,
+    per_image_max_num,
+)
+from internvl_mpo.processor.preview import (
+    format_tiles_report,
+    render_tiles,
+    tiles_report,
+)
 from internvl_mpo.processor.tiling import (
     TilePlan,
     candidate_grids,

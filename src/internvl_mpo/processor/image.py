@@ -31,6 +31,7 @@ import os
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
+from itertools import pairwise
 from typing import BinaryIO
 
 import numpy as np
@@ -168,8 +169,7 @@ def _horizontal_first(in_size: tuple[int, int], out_size: tuple[int, int]) -> bo
 
 
 def _splits(n: int, parts: int) -> list[tuple[int, int]]:
-    bounds = [round(k * n / parts) for k in range(parts + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(pairwise(round(k * n / parts) for k in range(parts + 1)))
 
 
 def _resize_band(source: Image.Image, box: tuple[int, int, int, int], size: tuple[int, int], out: torch.Tensor) -> None:

@@ -64,12 +64,16 @@ def format_tiles_report(report: dict) -> str:
     """Human-readable lines for a `tiles_report` dict."""
     thumb = " + 1 thumbnail" if report["thumbnail"] else ""
     lines = [
-        f"{report['width']}x{report['height']} -> {report['cols']}x{report['rows']} grid "
-        f"({report['resized'][0]}x{report['resized'][1]}), {report['grid_tiles']} tiles{thumb} = "
-        f"{report['tiles']} tiles, {report['tokens']} tokens",
+        (
+            f"{report['width']}x{report['height']} -> {report['cols']}x{report['rows']} grid "
+            f"({report['resized'][0]}x{report['resized'][1]}), {report['grid_tiles']} tiles{thumb} = "
+            f"{report['tiles']} tiles, {report['tokens']} tokens"
+        ),
         f"image: {report['image']}",
-        f"aspect ratio {report['aspect_ratio']:.4f}, grid ratio {report['cols'] / report['rows']:.4f}"
-        + (" (image is upscaled)" if report["upscaled"] else ""),
+        (
+            f"aspect ratio {report['aspect_ratio']:.4f}, grid ratio {report['cols'] / report['rows']:.4f}"
+            + (" (image is upscaled)" if report["upscaled"] else "")
+        ),
         f"tokens: {report['tiles']} x {report['tokens_per_tile']} + 2 (<img></img>) = {report['tokens']}",
     ]
     if report["output_png"]:
