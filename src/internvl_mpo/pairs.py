@@ -581,7 +581,7 @@ def pairs(
 
     method: correctness (sample K CoT answers, check them against "answer") or dropout-ntp (continue half of "chosen" without the image)
     model: checkpoint folder or hub id (required)
-    input: JSONL items {"id", "image" (path or list, relative to the file), "question", "answer" or "chosen", optional "options", "kind"}
+    input: JSONL items {"id", "image" (path or list, relative to the file), "question", "answer" or "chosen", optional "options", "kind"} (required)
     output: folder for the pair files, meta.json and the progress file (required)
     samples: answers sampled per question (correctness; DropoutNTP draws one continuation)
     max_pairs: most pairs per question (3 when there are more than 500k responses)
