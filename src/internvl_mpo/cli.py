@@ -26,6 +26,9 @@ COMMANDS = {
     "pairs": "pairs:pairs",
     "eval": "evaluate:eval_",
     "serve": "server:serve",
+    "convert": "convert:convert_command",
+    "train": "train.cli:train",
+    "plot": "train.cli:plot",
 }
 
 
@@ -50,10 +53,10 @@ def _param_help(doc: str) -> dict[str, str]:
     return out
 
 
-def build_parser(fn) -> argparse.ArgumentParser:
+def build_parser(fn, name: str) -> argparse.ArgumentParser:
     doc = inspect.getdoc(fn) or ""
     parser = argparse.ArgumentParser(
-        prog=f"internvl-mpo {fn.__name__.rstrip('_').replace('_', '-')}",
+        prog=f"internvl-mpo {name}",
         description=doc.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"internvl-mpo: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     fn = _resolve(name)
-    args = vars(build_parser(fn).parse_args(rest))
+    args = vars(build_parser(fn, name).parse_args(rest))
     for key, value in args.items():  # repeatable flags not given -> the function's default
         if value is None:
             args[key] = inspect.signature(fn).parameters[key].default

@@ -173,6 +173,8 @@ def build_prompt_ids(
         question = add_image_prefix(question, len(num_patches_list))
     prompt = render_prompt(question, history, system_message, template)
     ids = encode_with_images(tokenizer, prompt, num_patches_list, num_image_token)
+    if tokenizer.add_bos_token:  # the official chat() tokenizes the prompt with the tokenizer's BOS
+        ids = [tokenizer.bos_id, *ids]
     if max_length is not None and len(ids) > max_length:
         image_tokens = sum(num_image_token * tiles + 2 for tiles in num_patches_list)
         raise InputError(

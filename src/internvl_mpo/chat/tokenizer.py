@@ -70,6 +70,8 @@ _BYTE_DECODER = _byte_decoder()
 class Tokenizer:
     """A loaded tokenizer: text <-> ids, special-token ids, streaming decode."""
 
+    add_bos_token = False  # Qwen2 prepends nothing; InternLM2's SentencePiece tokenizer prepends <s>
+
     def __init__(self, backend: Backend, eos_token: str | None, pad_token: str | None, source: str):
         self.backend = backend
         self.source = source
@@ -266,6 +268,10 @@ def _add_tokens(backend: Backend, declared: dict[int, AddedToken], source: Path)
 def load_tokenizer(folder: str | Path) -> Tokenizer:
     """Load the tokenizer files of a checkpoint folder (see the module docstring for the rules)."""
     folder = Path(folder)
+    if (folder / "tokenizer.model").is_file() and not (folder / "vocab.json").is_file():
+        from .internlm2_tokenizer import load_internlm2_tokenizer  # InternLM2 sizes: SentencePiece
+
+        return load_internlm2_tokenizer(folder)
     config_path = folder / "tokenizer_config.json"
     config = _read_json(config_path) if config_path.is_file() else {}
     map_path = folder / "special_tokens_map.json"
