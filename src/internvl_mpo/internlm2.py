@@ -31,7 +31,7 @@ from torch import nn
 from .config import LLMConfig
 from .errors import ConfigError
 from .kv_cache import KVCache
-from .llm import RotaryEmbedding, apply_rope
+from .llm import RotaryEmbedding, apply_rope, run_layers
 from .vision import RMSNorm
 
 
@@ -121,10 +121,8 @@ class InternLM2Model(nn.Module):
         Arguments as in `llm.Qwen2Model.forward`.
         """
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
-        x = inputs_embeds
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, caches[i] if caches is not None else None, cache_positions)
-        return self.norm(x)
+        x = run_layers(self.layers, inputs_embeds, cos, sin, mask, caches, cache_positions)
+        return self.norm(x.to(self.norm.weight.device))
 
 
 class InternLM2ForCausalLM(nn.Module):
