@@ -1,0 +1,290 @@
+"""Preference / SFT records -> ids, labels, tiles and batches (train/data.py).
+
+Label masks are checked against the official `preprocess_internvl2_5` rule written out here on top of
+transformers' Qwen2Tokenizer: each turn tokenized on its own, system and user turns all -100, the
+assistant turn supervised except its first 3 tokens (`<|im_start|>assistant\\n`) and its final "\\n".
+The helpers at the top (tiny PNGs, MMPR files) are shared with test_train.py and test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from internvl_mpo.chat.template import TEMPLATES
+from internvl_mpo.chat.tokenizer import load_tokenizer
+from internvl_mpo.config import ModelConfig
+from internvl_mpo.errors import InputError
+from internvl_mpo.processor.image import load_image
+from internvl_mpo.train.data import (
+    BadExample,
+    MediaSettings,
+    PairDataset,
+    SFTDataset,
+    collate_pairs,
+    collate_sft,
+    encode_pair,
+)
+from internvl_mpo.train.mmpr import load_meta, read_datasets, read_sft_records
+
+COLORS = {"red": (230, 20, 20), "blue": (20, 20, 230), "green": (20, 200, 20), "grey": (128, 128, 128)}
+SIZES = {"red": (40, 30), "blue": (30, 60), "green": (56, 56), "grey": (90, 30)}
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def write_images(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, color in COLORS.items():
+        Image.new("RGB", SIZES[name], color).save(folder / f"{name}.png")
+    return folder
+
+
+def write_mmpr(root: Path, records: list[dict], name: str = "toy", **spec) -> Path:
+    """One-dataset MMPR folder: images/, pairs.jsonl (records written as given), meta.json."""
+    images = write_images(root / "images")
+    annotation = root / f"{name}.jsonl"
+    annotation.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    meta = {name: {"root": str(images), "annotation": str(annotation), "data_augment": False, "repeat_time": 1,
+                   **spec}}
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root / "meta.json"
+
+
+def color_pairs(n: int, text_only: int = 0) -> list[dict]:
+    """Image questions whose chosen answer names the colour; a few text-only ones."""
+    names = list(COLORS)
+    out = [
+        {"image": f"{names[i % 4]}.png", "question": f"What colour is picture {i}?",
+         "chosen": f"It is {names[i % 4]}.", "rejected": "It is purple."}
+        for i in range(n)
+    ]
+    out += [{"question": f"Say hello {i}", "chosen": "Hello there!", "rejected": "Go away."} for i in range(text_only)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def chat_folder(tmp_path_factory):
+    from conftest import tiny_chat_folder
+
+    folder, _ = tiny_chat_folder(tmp_path_factory.mktemp("tiny") / "model")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer(chat_folder):
+    return load_tokenizer(chat_folder)
+
+
+@pytest.fixture(scope="module")
+def settings(chat_folder):
+    return MediaSettings.from_model_config(ModelConfig.from_json(chat_folder / "config.json"))
+
+
+def official_segments(hf, question: str, answer: str, system: str) -> tuple[list[int], list[int]]:
+    """`preprocess_internvl2_5` for one [human, gpt] conversation: per-turn tokenization and masks."""
+    system_ids = hf(f"<|im_start|>system\n{system}<|im_end|>\n", add_special_tokens=False).input_ids
+    user_ids = hf(f"<|im_start|>user\n{question}<|im_end|>\n", add_special_tokens=False).input_ids
+    answer_ids = hf(f"<|im_start|>assistant\n{answer}<|im_end|>\n", add_special_tokens=False).input_ids
+    answer_labels = [-100] * 3 + answer_ids[3:-1] + [-100]
+    ids = system_ids + user_ids + answer_ids
+    labels = [-100] * (len(system_ids) + len(user_ids)) + answer_labels
+    return ids, labels
+
+
+def expand(question: str, tiles: list[int], per_tile: int) -> str:
+    for n in tiles:
+        question = question.replace("<image>", "<img>" + "<IMG_CONTEXT>" * (per_tile * n) + "</img>", 1)
+    return question
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_label_masks_match_official_rendering(tmp_path, chat_folder, tokenizer, settings):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(chat_folder)
+    records = [
+        {"image": "red.png", "question": "What colour is it?", "chosen": "It is red!", "rejected": "Blue, I think."},
+        {"question": "Hi there\nfriend", "chosen": "Hello!\nNice day.", "rejected": "No."},
+    ]
+    specs = load_meta(str(write_mmpr(tmp_path, records)))
+    recs, _ = read_datasets(specs)
+    recs = sorted(recs, key=lambda r: r.source.line)
+    examples = [encode_pair(r, tokenizer, settings, max_seq_length=4096) for r in recs]
+    batch = collate_pairs(examples, tokenizer.pad_id)
+    system = TEMPLATES["internvl2_5"].system_message
+    tiles = load_image(tmp_path / "images" / "red.png", max_num=settings.max_dynamic_patch,
+                       image_size=settings.image_size).shape[0]
+    questions = [expand("<image>\nWhat colour is it?", [tiles], settings.num_image_token), "Hi there\nfriend"]
+    b = len(examples)
+    for i, (record, question) in enumerate(zip(recs, questions)):
+        for half, answer in ((0, record.chosen), (1, record.rejected)):
+            ids, labels = official_segments(hf, question, answer, system)
+            row = half * b + i
+            n = int(batch.attention_mask[row].sum())
+            assert batch.input_ids[row, :n].tolist() == ids
+            assert batch.labels[row, :n].tolist() == labels
+    assert batch.num_tiles.tolist() == [tiles, 0]
+    torch.testing.assert_close(batch.pixel_values, load_image(tmp_path / "images" / "red.png",
+                                                              max_num=settings.max_dynamic_patch,
+                                                              image_size=settings.image_size), rtol=0, atol=0)
+
+
+def test_collator_pads_with_pad_id_and_masks_from_lengths(tokenizer, settings, tmp_path):
+    # "!" is id 0 in the Qwen vocabulary: the official `input_ids != 0` mask would hide it.
+    assert tokenizer.encode("!") == [0]
+    records = [{"question": "Shout", "chosen": "Wow!!! Yes!", "rejected": "no"},
+               {"question": "A much longer question with many more words in it", "chosen": "ok", "rejected": "fine"}]
+    recs, _ = read_datasets(load_meta(str(write_mmpr(tmp_path, records))))
+    examples = [encode_pair(r, tokenizer, settings, 4096, index=k) for k, r in enumerate(recs)]
+    batch = collate_pairs(examples, tokenizer.pad_id)
+    lengths = [len(e.prompt_ids) + len(e.chosen_ids) for e in examples]
+    lengths += [len(e.prompt_ids) + len(e.rejected_ids) for e in examples]
+    assert batch.input_ids.shape == (4, max(lengths))
+    for row, n in enumerate(lengths):
+        assert batch.attention_mask[row].tolist() == [1] * n + [0] * (batch.input_ids.shape[1] - n)
+        assert (batch.input_ids[row, n:] == tokenizer.pad_id).all()
+        assert (batch.labels[row, n:] == -100).all()
+    has_bang = (batch.input_ids == 0) & (batch.attention_mask == 1)
+    assert has_bang.any()
+    assert batch.pixel_values.shape[0] == 0 and batch.num_tiles.tolist() == [0, 0]
+    assert batch.indices.tolist() == [0, 1]
+
+
+def test_multi_image_tiles_split_the_budget_and_meta_override(tmp_path, tokenizer, settings):
+    records = [{"image": ["red.png", "grey.png"], "question": "Compare them.", "chosen": "Red, grey.", "rejected": "x"},
+               {"image": "grey.png", "question": "What is it?", "chosen": "Grey.", "rejected": "y"}]
+    meta = write_mmpr(tmp_path, records, max_dynamic_patch=4)
+    specs = load_meta(str(meta))
+    recs, _ = read_datasets(specs)
+    dataset = PairDataset(recs, tokenizer, settings, 8192, {s.name: s.max_dynamic_patch for s in specs})
+    by_line = {dataset.records[i].source.line: dataset[i] for i in range(len(dataset))}
+    multi, single = by_line[1], by_line[2]
+    images = tmp_path / "images"
+    expected = [load_image(images / f"{n}.png", max_num=2, image_size=settings.image_size).shape[0]
+                for n in ("red", "grey")]
+    assert multi.pixel_values.shape[0] == sum(expected)
+    grey4 = load_image(images / "grey.png", max_num=4, image_size=settings.image_size)
+    assert single.pixel_values.shape[0] == grey4.shape[0] > expected[1]
+    text = tokenizer.decode(multi.prompt_ids, skip_special_tokens=False)
+    assert "Image-1: <img>" in text and "Image-2: <img>" in text
+    n_context = sum(t == tokenizer.img_context_id for t in multi.prompt_ids)
+    assert n_context == settings.num_image_token * sum(expected)
+
+
+def test_video_records_use_frames_and_the_card_prefix(tmp_path, tokenizer, settings):
+    av = pytest.importorskip("av")
+    codec = next((c for c in ("mpeg4", "mjpeg") if c in av.codecs_available), None)
+    if codec is None:
+        pytest.skip("no video encoder in this PyAV build")
+    root = tmp_path / "data"
+    write_images(root / "images")
+    with av.open(str(root / "images" / "clip.mp4"), "w") as container:
+        stream = container.add_stream(codec, rate=4)
+        stream.width, stream.height = 64, 48
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        for k in range(12):
+            frame = Image.new("RGB", (64, 48), (20 * k, 100, 255 - 20 * k))
+            for packet in stream.encode(av.VideoFrame.from_image(frame)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    meta = write_mmpr(root, [{"video": "clip.mp4", "question": "<video>\nWhat happens?", "chosen": "Bars grow.",
+                              "rejected": "Nothing."}])
+    recs, _ = read_datasets(load_meta(str(meta)))
+    example = encode_pair(recs[0], tokenizer, MediaSettings(**{**settings.__dict__, "video_frames": 3}), 8192)
+    assert example.pixel_values.shape[0] == 3
+    text = tokenizer.decode(example.prompt_ids, skip_special_tokens=False)
+    assert "Frame1: <img>" in text and "Frame3: <img>" in text and "</img>\nWhat happens?" in text
+    assert "<video>" not in text
+
+
+def test_long_answers_lose_their_tails_never_the_prompt(tmp_path, tokenizer, settings):
+    long = " ".join(["word"] * 200)
+    recs, _ = read_datasets(load_meta(str(write_mmpr(tmp_path, [
+        {"image": "red.png", "question": "Describe.", "chosen": long, "rejected": "Short."}]))))
+    full = encode_pair(recs[0], tokenizer, settings, 100_000)
+    room = len(full.rejected_ids) + 2
+    assert len(full.chosen_ids) > room
+    cut = encode_pair(recs[0], tokenizer, settings, len(full.prompt_ids) + room)
+    assert cut.truncated and not full.truncated
+    assert cut.prompt_ids == full.prompt_ids
+    assert cut.chosen_ids == full.chosen_ids[:room] and cut.chosen_labels == full.chosen_labels[:room]
+    assert cut.rejected_ids == full.rejected_ids
+    torch.testing.assert_close(cut.pixel_values, full.pixel_values, rtol=0, atol=0)
+
+
+def test_prompt_too_long_names_file_and_line(tmp_path, tokenizer, settings):
+    meta = write_mmpr(tmp_path, [{"question": "ok", "chosen": "a", "rejected": "b"},
+                                 {"image": "green.png", "question": "Long " * 50, "chosen": "a", "rejected": "b"}])
+    recs, _ = read_datasets(load_meta(str(meta)))
+    recs = sorted(recs, key=lambda r: r.source.line)
+    short = encode_pair(recs[0], tokenizer, settings, 100_000)
+    limit = len(short.prompt_ids) + max(len(short.chosen_ids), len(short.rejected_ids))
+    dataset = PairDataset(recs, tokenizer, settings, max_seq_length=limit)
+    assert not isinstance(dataset[0], BadExample)
+    bad = dataset[1]
+    assert isinstance(bad, BadExample)
+    assert f"{tmp_path / 'toy.jsonl'}:2:" in bad.message and f"max_seq_length={limit}" in bad.message
+    with pytest.raises(InputError, match=r"toy\.jsonl:2: the prompt is \d+ tokens"):
+        encode_pair(recs[1], tokenizer, settings, limit)
+
+
+def test_corrupt_image_names_file_and_line(tmp_path, tokenizer, settings):
+    meta = write_mmpr(tmp_path, [{"image": "broken.png", "question": "q", "chosen": "a", "rejected": "b"}])
+    (tmp_path / "images" / "broken.png").write_bytes(b"not a png")
+    recs, _ = read_datasets(load_meta(str(meta)))
+    item = PairDataset(recs, tokenizer, settings, 4096)[0]
+    assert isinstance(item, BadExample) and "toy.jsonl:1:" in item.message and "broken.png" in item.message
+
+
+def test_sft_conversations_match_official_masks(tmp_path, chat_folder, tokenizer, settings):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(chat_folder)
+    write_images(tmp_path / "images")
+    convo = [{"from": "human", "value": "What colour?"}, {"from": "gpt", "value": "Blue."},
+             {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes!"}]
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"image": "blue.png", "conversations": convo}) + "\n"
+                                        + json.dumps({"conversations": convo[:2]}) + "\n")
+    records = read_sft_records(str(tmp_path / "sft.jsonl"), str(tmp_path / "images"))
+    dataset = SFTDataset(records, tokenizer, settings, 4096)
+    batch = collate_sft([dataset[0], dataset[1]], tokenizer.pad_id)
+    tiles = batch.num_tiles.tolist()[0]
+    system = TEMPLATES["internvl2_5"].system_message
+    segments = [(f"<|im_start|>system\n{system}<|im_end|>\n", False),
+                (f"<|im_start|>user\n{expand('<image>' + chr(10) + 'What colour?', [tiles], settings.num_image_token)}"
+                 "<|im_end|>\n", False),
+                ("<|im_start|>assistant\nBlue.<|im_end|>\n", True),
+                ("<|im_start|>user\nSure?<|im_end|>\n", False),
+                ("<|im_start|>assistant\nYes!<|im_end|>\n", True)]
+    ids, labels = [], []
+    for text, supervised in segments:
+        seg = hf(text, add_special_tokens=False).input_ids
+        ids += seg
+        labels += ([-100] * 3 + seg[3:-1] + [-100]) if supervised else [-100] * len(seg)
+    n = int(batch.attention_mask[0].sum())
+    assert batch.input_ids[0, :n].tolist() == ids
+    assert batch.labels[0, :n].tolist() == labels
+    assert tiles > 0 and batch.num_tiles.tolist()[1] == 0
+
+
+def test_sft_truncation_never_cuts_image_tokens(tmp_path, tokenizer, settings):
+    write_images(tmp_path / "images")
+    convo = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."},
+             {"from": "human", "value": "<image>\nAnd this?"}, {"from": "gpt", "value": "Red " * 40}]
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"image": "red.png", "conversations": convo}) + "\n")
+    records = read_sft_records(str(tmp_path / "sft.jsonl"), str(tmp_path / "images"))
+    full = SFTDataset(records, tokenizer, settings, 100_000)[0]
+    image_end = full.input_ids.index(tokenizer.img_end_id) + 1
+    limit = len(full.input_ids) - 20
+    ok = SFTDataset(records, tokenizer, settings, limit)[0]
+    assert ok.truncated and ok.input_ids == full.input_ids[:limit] and ok.labels == full.labels[:limit]
+    torch.testing.assert_close(ok.pixel_values, full.pixel_values, rtol=0, atol=0)
+    bad = SFTDataset(records, tokenizer, settings, image_end - 3)[0]
+    assert isinstance(bad, BadExample) and "sft.jsonl:1:" in bad.message and "image tokens" in bad.message
