@@ -161,6 +161,21 @@ def test_concurrent_calls_give_identical_results():
         assert_same(r, expected)
 
 
+def _tile_count(path):
+    return load_image(path).shape[0]
+
+
+def test_works_in_a_forked_worker_after_use_in_the_parent(tmp_path):
+    """DataLoader workers fork: the child must not wait on the parent's (absent) pool threads."""
+    import multiprocessing
+
+    path = tmp_path / "img.png"
+    photo(900, 450).save(path)
+    assert load_image(path).shape[0] == 3  # starts the pool in this process
+    with multiprocessing.get_context("fork").Pool(1) as workers:
+        assert workers.apply_async(_tile_count, (path,)).get(timeout=60) == 3
+
+
 def test_matches_transformers_got_ocr2_processor():
     """transformers' InternVL image processor (GOT-OCR2 tiler, PIL backend) gives the same tiles."""
     got_ocr2 = pytest.importorskip("transformers.models.got_ocr2.image_processing_pil_got_ocr2")

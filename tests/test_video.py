@@ -196,3 +196,12 @@ def test_truncated_video_uses_the_frames_that_decode(tmp_path, container_format,
 def test_bound_outside_the_video(video_path):
     with pytest.raises(InputError, match="selects no frames"):
         load_video(video_path, bound=(10.0, 20.0))
+
+
+def test_missing_pyav_is_a_clear_error(video_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError
+    with pytest.raises(ImportError, match="pip install av"):
+        load_video(video_path)
+    assert load_video([frame_image(0)], num_segments=1).num_patches_list == [1]  # frames need no PyAV

@@ -50,12 +50,29 @@ ImageSource = str | os.PathLike | bytes | bytearray | BinaryIO | Image.Image
 _MEAN = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
 _STD = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
 _WORKERS = min(4, os.cpu_count() or 1)
-_POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="internvl-tiles")
+_pool: ThreadPoolExecutor | None = None
 _PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
 
 # Pillow errors that mean "this file is not a readable image" (truncated data, bad headers, bad
 # chunks); anything else is a bug and propagates.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="internvl-tiles")
+    return _pool
+
+
+def _forget_pool_after_fork() -> None:
+    # A forked child (e.g. a DataLoader worker) inherits the pool object but not its threads;
+    # submitting to it would wait forever, so the child starts its own pool.
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def source_name(src: ImageSource) -> str:
@@ -205,12 +222,13 @@ def tiles_to_tensor(image: Image.Image, plan: TilePlan) -> torch.Tensor:
     """Normalised tiles of an RGB `image` laid out by `plan`: (N, 3, S, S) float32."""
     s = plan.image_size
     pixel_values = torch.empty((plan.num_tiles, 3, s, s), dtype=torch.float32)  # (N, C, H, W)
+    pool = _thread_pool()
     pending: list[Future] = []
     if plan.has_thumbnail:
-        pending.append(_POOL.submit(_thumbnail_job, image, pixel_values[-1]))
+        pending.append(pool.submit(_thumbnail_job, image, pixel_values[-1]))
     grid = pixel_values[: plan.grid_tiles].view(plan.rows, plan.cols, 3, s, s)
     *others, last = _grid_jobs(image, plan, grid)
-    pending += [_POOL.submit(job) for job in others]
+    pending += [pool.submit(job) for job in others]
     last()
     for job in pending:
         job.result()
