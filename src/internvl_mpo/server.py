@@ -20,8 +20,10 @@ every prompt id, image context tokens included.
 
 Differences from OpenAI kept on purpose: `top_k`, `repetition_penalty`, `ignore_eos` and `max_num`
 (tiles per image) are accepted as extra body fields (vLLM accepts the first three too); the `model`
-field is not checked (one model is served); the text is the raw decoded answer (not stripped as
-`chat()` strips it), so streamed pieces join to exactly the non-streamed content.
+field is not checked (one model is served); sampling has no top-k unless asked (the model card's
+HF default of 50 does not apply); choice i of a seeded request with `n > 1` samples with seed + i;
+the text is the raw decoded answer (not stripped as `chat()` strips it), so streamed pieces join to
+exactly the non-streamed content.
 """
 
 import asyncio
