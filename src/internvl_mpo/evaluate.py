@@ -319,8 +319,9 @@ def model_answerer(chat, max_num: int, max_new_tokens: int) -> Answerer:
 
 
 def eval_(
-    model: str | None = None,
-    data: str | None = None,
+    *,
+    model: str,
+    data: str,
     output: str | None = None,
     cot: bool = False,
     max_num: int = 6,
@@ -332,8 +333,8 @@ def eval_(
 ) -> int:
     """Score a model on a multiple-choice / short-answer benchmark (resumable); prints the accuracy table.
 
-    model: checkpoint folder or hub id (required)
-    data: benchmark file: JSONL {"id", "image", "question", "answer", optional "options", "category"} or MMBench-style TSV (required)
+    model: checkpoint folder or hub id
+    data: benchmark file: JSONL {"id", "image", "question", "answer", optional "options", "category"} or MMBench-style TSV
     output: folder for predictions.jsonl and score.json (default: <data stem>_eval beside the data file)
     cot: use the MPO chain-of-thought prompt and read the answer after "Final answer:"
     max_num: most tiles per image (64 over all images of a question)
@@ -343,9 +344,6 @@ def eval_(
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
     dtype: float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)
     """
-    for flag, value in (("--model", model), ("--data", data)):
-        if not value:
-            raise InputError(f"{flag} is required")
     import torch
 
     from internvl_mpo.pipeline import InternVLChat

@@ -561,9 +561,10 @@ class ModelGenerator:
 
 def pairs(
     method: str,
-    model: str | None = None,
-    input: str | None = None,
-    output: str | None = None,
+    *,
+    model: str,
+    input: str,
+    output: str,
     samples: int = 32,
     max_pairs: int = 15,
     temperature: float = 0.7,
@@ -580,9 +581,9 @@ def pairs(
     """Build MMPR preference pairs from a model's samples (resumable).
 
     method: correctness (sample K CoT answers, check them against "answer") or dropout-ntp (continue half of "chosen" without the image)
-    model: checkpoint folder or hub id (required)
-    input: JSONL items {"id", "image" (path or list, relative to the file), "question", "answer" or "chosen", optional "options", "kind"} (required)
-    output: folder for the pair files, meta.json and the progress file (required)
+    model: checkpoint folder or hub id
+    input: JSONL items {"id", "image" (path or list, relative to the file), "question", "answer" or "chosen", optional "options", "kind"}
+    output: folder for the pair files, meta.json and the progress file
     samples: answers sampled per question (correctness; DropoutNTP draws one continuation)
     max_pairs: most pairs per question (3 when there are more than 500k responses)
     temperature: sampling temperature
@@ -598,9 +599,6 @@ def pairs(
     """
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-    for flag, value in (("--model", model), ("--input", input), ("--output", output)):
-        if not value:
-            raise InputError(f"{flag} is required")
     import torch
 
     from internvl_mpo.pipeline import InternVLChat
