@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from internvl_mpo.checkpoint import parse_size
 from internvl_mpo.config import LLMConfig, ModelConfig, VisionConfig
