@@ -45,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -357,7 +358,7 @@ class SampleStream:
     """This rank's endless sequence of samples, epoch after epoch; its position is (epoch, cursor).
 
     Bad samples (`BadExample`) raise InputError naming their file:line, or, with `skip_bad`, are
-    counted in `report` and replaced by the next sample of the stream.
+    counted in `report` (once per record, whatever the epoch) and replaced by the next sample.
     """
 
     def __init__(self, dataset, env: DistEnv, cfg: TrainConfig, report: SkipReport):
@@ -370,6 +371,7 @@ class SampleStream:
         self.report = report
         self.epoch = 0
         self.cursor = 0
+        self.bad: set[int] = set()
         self._items = None
 
     def per_rank(self) -> int:
@@ -398,7 +400,9 @@ class SampleStream:
             if isinstance(item, BadExample):
                 if not self.skip_bad:
                     raise InputError(item.message + " (pass --skip-bad to skip such records)")
-                self.report.add(item.kind, item.message)
+                if item.index not in self.bad:
+                    self.bad.add(item.index)
+                    self.report.add(item.kind, item.message)
                 continue
             return item
 
@@ -408,11 +412,12 @@ class SampleStream:
             return collate_pairs(examples, pad_id)
         return collate_sft(examples, pad_id)
 
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "bad": sorted(self.bad)}
 
-    def restore(self, state: dict[str, int]) -> None:
+    def restore(self, state: dict) -> None:
         self.epoch, self.cursor, self._items = int(state["epoch"]), int(state["cursor"]), None
+        self.bad = set(state.get("bad", []))
 
 
 # ----------------------------------------------------------------------------- reference log-probs
@@ -644,7 +649,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
     # A fresh context per use (FSDP2 casts to bf16 through its own mixed-precision policy instead).
     autocast = functools.partial(torch.autocast, env.device.type, dtype=torch.bfloat16, enabled=bf16 and not cfg.fsdp)
 
-    # 1. model and tokenizer
+    # 1. model and tokenizer (the seed makes random init and LoRA adapters equal on every rank)
+    torch.manual_seed(cfg.seed)
     tokenizer, policy = load_initial_model(cfg, env.device)
 
     # 2. data
@@ -700,6 +706,10 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
     params = [p for p in policy.parameters() if p.requires_grad]
     running = RunningMean() if weights.quality_weight != 0 else None
 
+    # Per-rank random streams (drop-path); a checkpoint replaces them with its saved states.
+    torch.manual_seed(cfg.seed + env.rank)
+    np.random.seed(cfg.seed + env.rank)
+    random.seed(cfg.seed + env.rank)
     start_step = 0
     if resume_from is not None:
         start_step = resume_training_state(resume_from, cfg, env, module, optimizer, running, stream, total_steps)

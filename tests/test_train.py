@@ -1,0 +1,371 @@
+"""The training loop (train/mpo.py), checkpoints (train/checkpointing.py), LoRA (train/lora.py), the CLI.
+
+Everything runs on the tiny chat checkpoint of conftest.py with a tiny generated MMPR set (small PNGs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train_data import color_pairs, write_mmpr
+
+from internvl_mpo.chat.tokenizer import load_tokenizer
+from internvl_mpo.errors import InputError
+from internvl_mpo.model import InternVL
+from internvl_mpo.train import checkpointing as ckpt
+from internvl_mpo.train.data import MediaSettings, PairDataset, collate_pairs
+from internvl_mpo.train.lora import apply_lora, lora_target_names
+from internvl_mpo.train.losses import MPOWeights, RunningMean, mpo_loss, sft_nll
+from internvl_mpo.train.mmpr import load_meta, read_datasets
+from internvl_mpo.train.mpo import SequenceLogps, TrainConfig, official_state, train
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture(scope="module")
+def chat_folder(tmp_path_factory):
+    from conftest import tiny_chat_folder
+
+    folder, _ = tiny_chat_folder(tmp_path_factory.mktemp("tiny") / "model")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def meta(tmp_path_factory):
+    return write_mmpr(tmp_path_factory.mktemp("mmpr"), color_pairs(8, text_only=2))
+
+
+def config(chat_folder, meta, output, **changes) -> TrainConfig:
+    base = TrainConfig(
+        model=str(chat_folder), data=str(meta), output=str(output), max_steps=2, batch_size=2, lr=1e-3,
+        warmup_ratio=0.0, drop_path_rate=0.0, grad_checkpointing=False, progress=False,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return InternVL.from_pretrained(folder, dtype=torch.float32).state_dict()
+
+
+def metric_rows(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def pair_batch(chat_folder, meta):
+    tokenizer = load_tokenizer(chat_folder)
+    model = InternVL.from_pretrained(chat_folder, dtype=torch.float32)
+    records, _ = read_datasets(load_meta(str(meta)))
+    dataset = PairDataset(records, tokenizer, MediaSettings.from_model_config(model.config), 4096)
+    picks = [i for i in range(len(dataset)) if dataset.records[i].images][:2]
+    picks += [i for i in range(len(dataset)) if not dataset.records[i].images][:1]
+    return model, collate_pairs([dataset[i] for i in picks], tokenizer.pad_id)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def plain_logps(model: InternVL, ids: torch.Tensor, labels: torch.Tensor, pixel_values) -> tuple[torch.Tensor, int]:
+    """Two-pass reference: the model's full logits, log-softmax, gather the next label, sum."""
+    logits = model(ids[None], pixel_values=pixel_values if pixel_values.shape[0] else None)[0]
+    logp = torch.log_softmax(logits.float(), dim=-1)[:-1]
+    target = labels[1:]
+    keep = target != -100
+    return logp[keep].gather(1, target[keep, None]).sum(), int(keep.sum())
+
+
+def test_one_encoding_per_pair_equals_two_passes(chat_folder, meta):
+    model, batch = pair_batch(chat_folder, meta)
+    b = batch.num_samples
+    ref_chosen = torch.randn(b) - 30
+    ref_rejected = torch.randn(b) - 30
+    weights = MPOWeights()
+
+    logps, n_tokens = SequenceLogps(model)(batch.input_ids, batch.labels, batch.pixel_values, True)
+    ours, _ = mpo_loss(logps[:b], logps[b:], ref_chosen, ref_rejected, sft_nll(logps[:b], n_tokens[:b]), weights,
+                       RunningMean())
+    ours.backward()
+    ours_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    tiles = torch.split(batch.pixel_values, batch.num_tiles.tolist())
+    chosen, rejected, n_chosen = [], [], 0
+    for i in range(b):
+        for row, out in ((i, chosen), (b + i, rejected)):
+            n = int(batch.attention_mask[row].sum())
+            value, count = plain_logps(model, batch.input_ids[row, :n], batch.labels[row, :n], tiles[i])
+            out.append(value)
+            n_chosen += count if row < b else 0
+    chosen, rejected = torch.stack(chosen), torch.stack(rejected)
+    nll = -chosen.sum() / n_chosen
+    plain, _ = mpo_loss(chosen, rejected, ref_chosen, ref_rejected, nll, weights, RunningMean())
+    plain.backward()
+
+    torch.testing.assert_close(logps[:b].detach(), chosen.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours.detach(), plain.detach(), rtol=1e-5, atol=1e-5)
+    assert batch.pixel_values.shape[0] > 0 and ours_grads["vision_model.embeddings.patch_embedding.weight"].abs().sum() > 0
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ours_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+def reward_stats(policy: InternVL, reference: InternVL, batch, beta: float = 0.1) -> tuple[float, float, float]:
+    """(reward accuracy, reward margin, policy's own chosen-minus-rejected log-prob margin)."""
+    b = batch.num_samples
+    with torch.no_grad():
+        pol, _ = SequenceLogps(policy.eval())(batch.input_ids, batch.labels, batch.pixel_values, True)
+        ref, _ = SequenceLogps(reference.eval())(batch.input_ids, batch.labels, batch.pixel_values, True)
+    chosen, rejected = beta * (pol[:b] - ref[:b]), beta * (pol[b:] - ref[b:])
+    return float((chosen > rejected).float().mean()), float((chosen - rejected).mean()), float((pol[:b] - pol[b:]).mean())
+
+
+def test_training_raises_reward_accuracy_and_margin(tmp_path, chat_folder, meta):
+    tokenizer = load_tokenizer(chat_folder)
+    initial = InternVL.from_pretrained(chat_folder, dtype=torch.float32)
+    records, _ = read_datasets(load_meta(str(meta)))
+    dataset = PairDataset(records, tokenizer, MediaSettings.from_model_config(initial.config), 4096)
+    batch = collate_pairs([dataset[i] for i in range(len(dataset))], tokenizer.pad_id)
+    acc0, margin0, own0 = reward_stats(initial, initial, batch)
+
+    result = train(config(chat_folder, meta, tmp_path / "run", max_steps=30, batch_size=5, lr=2e-3))
+    trained = InternVL.from_pretrained(result.final_dir, dtype=torch.float32)
+    acc1, margin1, own1 = reward_stats(trained, initial, batch)
+    assert (acc0, margin0) == (0.0, 0.0)  # policy == reference before training
+    assert acc1 >= 0.9 and margin1 > 0.5
+    assert own1 > own0 + 5.0
+    rows = metric_rows(tmp_path / "run")
+    assert len(rows) == 30 and rows[-1]["loss"] < rows[0]["loss"]
+    for key in ("loss/pref", "loss/quality", "nll", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                "rewards/margins", "delta", "grad_norm", "lr", "tokens_per_s"):
+        assert key in rows[0]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+CHILD = """
+import sys, time, torch
+sys.path[:0] = [{src!r}]
+torch.set_num_threads({threads})
+from internvl_mpo.train.mpo import TrainConfig, train
+cfg = TrainConfig(**{cfg!r})
+def hang_after_third(step, metrics):
+    if step == 3:
+        time.sleep(600)
+train(cfg, on_step=hang_after_third)
+"""
+
+
+def test_resume_after_sigkill_is_exact(tmp_path, chat_folder, meta):
+    common = {"max_steps": 6, "save_every": 3, "batch_size": 3, "drop_path_rate": 0.1, "grad_checkpointing": True,
+              "lr": 1e-3, "warmup_ratio": 0.2}
+    straight = train(config(chat_folder, meta, tmp_path / "straight", **common))
+
+    killed = config(chat_folder, meta, tmp_path / "killed", **common)
+    script = CHILD.format(src=str(SRC), threads=torch.get_num_threads(), cfg=dataclasses.asdict(killed))
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path)
+    marker = tmp_path / "killed" / "checkpoint-000003" / ckpt.STATE_FILE
+    deadline = time.time() + 120
+    while not marker.exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), "the child never wrote its step-3 checkpoint"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL
+    # A save that died halfway: a partial temp folder and a folder without its state file.
+    partial = tmp_path / "killed" / ".tmp-checkpoint-000006"
+    (partial / "model").mkdir(parents=True)
+    (partial / "optimizer.safetensors").write_bytes(b"\x00" * 10)
+    (tmp_path / "killed" / "checkpoint-000009").mkdir()
+    assert ckpt.latest_checkpoint(tmp_path / "killed") == tmp_path / "killed" / "checkpoint-000003"
+
+    resumed = train(dataclasses.replace(killed, resume=True))
+    a, b = load_weights(straight.final_dir), load_weights(resumed.final_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["loss"] for r in metric_rows(tmp_path / "straight")] == [r["loss"] for r in metric_rows(tmp_path / "killed")]
+    for name in ("optimizer.safetensors", "rank0.safetensors"):
+        first = load_file(tmp_path / "straight" / "checkpoint-000006" / name)
+        second = load_file(tmp_path / "killed" / "checkpoint-000006" / name)
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_checkpoint_folder_holds_only_safetensors_and_json(tmp_path, chat_folder, meta):
+    train(config(chat_folder, meta, tmp_path / "run", max_steps=1, save_every=1, quality_weight=0.2))
+    folder = tmp_path / "run" / "checkpoint-000001"
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert all(f.endswith((".safetensors", ".json", ".txt")) for f in files), files
+    assert {"model/config.json", "model/model.safetensors", "model/tokenizer_config.json", "optimizer.json",
+            "optimizer.safetensors", "rank0.json", "rank0.safetensors", "trainer_state.json"} <= set(files)
+    state = json.loads((folder / "trainer_state.json").read_text())
+    assert state["step"] == 1 and state["running_mean"]["count"] == pytest.approx(1.0)
+    assert not list((tmp_path / "run").glob(".tmp-*"))
+
+
+# ----------------------------------------------------------------------------- reference, modes
+
+
+def test_precomputed_reference_gives_the_live_reference_losses(tmp_path, chat_folder, meta):
+    live = train(config(chat_folder, meta, tmp_path / "live", max_steps=3))
+    cached = train(config(chat_folder, meta, tmp_path / "cached", max_steps=3, precompute_ref=True))
+    table = load_file(tmp_path / "cached" / "ref_logps.safetensors")
+    assert set(table) == {"chosen", "rejected", "valid"} and bool(table["valid"].all())
+    assert json.loads((tmp_path / "cached" / "ref_logps.json").read_text())["records"] == 10
+    for a, b in zip(metric_rows(tmp_path / "live"), metric_rows(tmp_path / "cached"), strict=True):
+        for key in ("loss", "loss/pref", "loss/quality", "rewards/chosen", "rewards/rejected", "delta"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    for key, value in load_weights(live.final_dir).items():
+        torch.testing.assert_close(value, load_weights(cached.final_dir)[key], rtol=1e-4, atol=1e-6)
+
+
+def test_dpo_mode_is_the_sigmoid_term_alone(tmp_path, chat_folder, meta):
+    train(config(chat_folder, meta, tmp_path / "run", mode="dpo", max_steps=1))
+    row = metric_rows(tmp_path / "run")[0]
+    assert "loss/quality" not in row and "delta" not in row
+    assert row["loss"] == pytest.approx(row["loss/pref"], rel=1e-6)
+
+
+def test_sft_from_scratch_with_init_from_config(tmp_path, chat_folder):
+    data = tmp_path / "sft.jsonl"
+    convo = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]
+    write_mmpr(tmp_path, [])
+    data.write_text("\n".join(json.dumps({"image": "red.png", "conversations": convo}) for _ in range(4)) + "\n")
+    result = train(TrainConfig(
+        mode="sft", init_from_config=str(chat_folder / "config.json"), tokenizer=str(chat_folder), data=str(data),
+        image_root=str(tmp_path / "images"), output=str(tmp_path / "run"), max_steps=3, batch_size=2, lr=1e-2,
+        warmup_ratio=0.0, progress=False,
+    ))
+    rows = metric_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["nll"] < rows[0]["nll"]
+    assert rows[0]["loss"] == pytest.approx(rows[0]["nll"]) and "rewards/chosen" not in rows[0]
+    model = InternVL.from_pretrained(result.final_dir, dtype=torch.float32)
+    assert (result.final_dir / "tokenizer_config.json").is_file()
+    assert model.image_token_id == load_tokenizer(chat_folder).img_context_id
+
+
+# ----------------------------------------------------------------------------- LoRA, freezing
+
+
+def test_lora_merges_into_plain_weights(tmp_path, chat_folder, meta):
+    model, batch = pair_batch(chat_folder, meta)
+    names = lora_target_names(model, llm=True, vision=True)
+    assert len(names) == 7 * 2 + 4 * 2  # 2 decoder blocks x 7 projections, 2 ViT layers x 4
+    apply_lora(model, names, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for name in names:
+            torch.nn.init.normal_(model.get_submodule(name).lora_B, std=0.05)
+    ids = batch.input_ids[:1, : int(batch.attention_mask[0].sum())]
+    tiles = batch.pixel_values[: int(batch.num_tiles[0])]
+    with torch.no_grad():
+        expected = model(ids, pixel_values=tiles)
+    ckpt.export_model(official_state(model.state_dict(), TrainConfig(lora_rank=4, lora_alpha=8.0)), model,
+                      tmp_path / "merged")
+    plain = InternVL.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    with torch.no_grad():
+        got = plain(ids, pixel_values=tiles)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(plain.language_model.model.layers[0].self_attn.q_proj.weight,
+                           InternVL.from_pretrained(chat_folder).language_model.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_lora_training_writes_official_layout(tmp_path, chat_folder, meta):
+    result = train(config(chat_folder, meta, tmp_path / "run", lora_rank=4, save_every=2))
+    initial, final = load_weights(chat_folder), load_weights(result.final_dir)
+    assert initial.keys() == final.keys()
+    assert torch.equal(initial["language_model.model.embed_tokens.weight"], final["language_model.model.embed_tokens.weight"])
+    assert not torch.equal(initial["language_model.model.layers.1.mlp.down_proj.weight"],
+                           final["language_model.model.layers.1.mlp.down_proj.weight"])
+    adapters = load_file(tmp_path / "run" / "checkpoint-000002" / ckpt.EXTRA_FILE)
+    assert len(adapters) == 2 * 14 and all(k.endswith((".lora_A", ".lora_B")) for k in adapters)
+
+
+@pytest.mark.parametrize("flags, frozen, trained", [
+    ({"freeze_vision": True, "freeze_projector": True}, ("vision_model.", "mlp1."), "language_model."),
+    ({"freeze_llm": True}, ("language_model.",), "vision_model."),
+])
+def test_freeze_flags_keep_frozen_weights_bit_identical(tmp_path, chat_folder, meta, flags, frozen, trained):
+    result = train(config(chat_folder, meta, tmp_path / "run", **flags))
+    initial, final = load_weights(chat_folder), load_weights(result.final_dir)
+    for key, value in initial.items():
+        if key.startswith(frozen):
+            assert torch.equal(value, final[key]), key
+    assert any(not torch.equal(v, final[k]) for k, v in initial.items() if k.startswith(trained))
+
+
+# ----------------------------------------------------------------------------- bad data, CLI
+
+
+def test_bad_records_name_file_and_line_or_are_counted(tmp_path, chat_folder):
+    records = color_pairs(6)
+    records.insert(1, '{"question": "broken json"')
+    records.insert(3, {"image": "missing.png", "question": "q", "chosen": "a", "rejected": "b"})
+    records.insert(5, {"image": "grey.png", "question": "long " * 400, "chosen": "a", "rejected": "b"})
+    meta = write_mmpr(tmp_path / "data", records)
+    annotation = tmp_path / "data" / "toy.jsonl"
+    with pytest.raises(InputError, match=rf"{annotation}:2: malformed JSON"):
+        train(config(chat_folder, meta, tmp_path / "a"))
+    records.pop(1)
+    write_mmpr(tmp_path / "data", records)
+    with pytest.raises(InputError, match=rf"{annotation}:3: image file not found"):
+        train(config(chat_folder, meta, tmp_path / "b"))
+    records.pop(2)
+    write_mmpr(tmp_path / "data", records)
+    with pytest.raises(InputError, match=rf"{annotation}:4: the prompt is \d+ tokens.*--skip-bad"):
+        train(config(chat_folder, meta, tmp_path / "c", max_seq_length=400, max_steps=4))
+
+    records.insert(1, '{"question": "broken json"')
+    records.insert(3, {"image": "missing.png", "question": "q", "chosen": "a", "rejected": "b"})
+    write_mmpr(tmp_path / "data", records)
+    result = train(config(chat_folder, meta, tmp_path / "d", max_seq_length=400, max_steps=6, skip_bad=True))
+    assert result.skipped.counts == {"json": 1, "missing_file": 1, "encode": 1}
+    assert metric_rows(tmp_path / "d")[-1]["skipped"] == 3
+
+
+def test_train_flags_are_the_config_fields():
+    from internvl_mpo.train.cli import train as cli_train
+
+    params = inspect.signature(cli_train).parameters
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    assert list(params) == list(fields)
+    assert {k: p.default for k, p in params.items() if k != "mode"} == {k: v for k, v in fields.items() if k != "mode"}
+
+
+def test_cli_train_then_plot(tmp_path, chat_folder, meta):
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "internvl_mpo.cli", "train", "mpo", "--model", str(chat_folder), "--data", str(meta),
+           "--output", str(out), "--max-steps", "2", "--batch-size", "2", "--save-every", "2", "--no-progress",
+           "--no-grad-checkpointing"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "final model" in done.stdout
+    assert len(metric_rows(out)) == 2
+    InternVL.from_pretrained(out / "checkpoint-000002" / "model")
+    InternVL.from_pretrained(out / "final")
+
+    from internvl_mpo.cli import main
+
+    assert main(["plot", str(out), "--output", str(tmp_path / "curves.png")]) == 0
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_reports_bad_data_without_traceback(tmp_path, chat_folder):
+    meta = write_mmpr(tmp_path / "data", ['{"oops"', *color_pairs(2)])
+    from internvl_mpo.cli import main
+
+    code = main(["train", "mpo", "--model", str(chat_folder), "--data", str(meta), "--output", str(tmp_path / "o"),
+                 "--no-progress"])
+    assert code == 1
