@@ -1,0 +1,105 @@
+"""Two CPU processes (gloo) against one process on the same global batch (train/distributed.py).
+
+Every chosen answer has the same number of tokens, so the SFT term (a token mean over each
+micro-batch, per rank, as in the reference trainer) is the same whether two samples sit in one
+micro-batch or one on each of two ranks; the DPO and BCO-pair terms and the BCO running mean match
+in general. Drop-path is off (its random masks differ per rank by design).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from test_train_data import COLORS, write_mmpr
+
+from internvl_mpo.chat.tokenizer import load_tokenizer
+from internvl_mpo.model import InternVL
+from internvl_mpo.train.distributed import epoch_order, rank_share
+from internvl_mpo.train.mpo import TrainConfig, train
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _worker(rank: int, world: int, ports: list[int], configs: list[dict]) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    for port, cfg in zip(ports, configs):
+        os.environ["MASTER_PORT"] = str(port)
+        train(TrainConfig(**cfg))
+
+
+def rows(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rank_shares_form_the_global_batch():
+    order = epoch_order(10, epoch=3, seed=7)
+    assert sorted(order) == list(range(10)) and order != list(range(10))
+    shares = [rank_share(order, r, 2) for r in range(2)]
+    assert [s[k] for k in range(5) for s in shares] == order
+    assert [len(rank_share(order, r, 3)) for r in range(3)] == [3, 3, 3]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from conftest import tiny_chat_folder
+
+    root = tmp_path_factory.mktemp("dist")
+    folder, _ = tiny_chat_folder(root / "model")
+    names = list(COLORS)
+    records = [{"image": f"{names[i % 4]}.png", "question": f"Look at picture {i}.", "chosen": "It is fine.",
+                "rejected": f"It is {names[i % 4]}, I think."} for i in range(6)]
+    records += [{"question": f"Greet me {i}", "chosen": "It is fine.", "rejected": "No."} for i in range(2)]
+    meta = write_mmpr(root / "data", records)
+    tokenizer = load_tokenizer(folder)
+    assert len({len(tokenizer.encode(r["chosen"])) for r in records}) == 1
+    return root, folder, meta
+
+
+def test_two_processes_match_one_on_the_same_global_batch(setup):
+    root, folder, meta = setup
+    base = TrainConfig(model=str(folder), data=str(meta), max_steps=3, lr=1e-3, warmup_ratio=0.0,
+                       drop_path_rate=0.0, progress=False, seed=3)
+    single = train(dataclasses.replace(base, output=str(root / "single"), batch_size=2))
+    configs = [dataclasses.asdict(dataclasses.replace(base, output=str(root / "ddp"), batch_size=1)),
+               dataclasses.asdict(dataclasses.replace(base, output=str(root / "fsdp"), batch_size=1, fsdp=True,
+                                                           save_every=3))]
+    mp.start_processes(_worker, args=(2, free_ports(2), configs), nprocs=2, start_method="spawn")
+
+    expected = InternVL.from_pretrained(single.final_dir, dtype=torch.float32).state_dict()
+    initial = InternVL.from_pretrained(folder, dtype=torch.float32).state_dict()
+    # Three AdamW steps at lr 1e-3 move weights by ~2e-3; summation order differs between the runs and
+    # Adam's normalisation magnifies it on tiny gradients, hence atol 1e-4 (5% of the total move).
+    assert min((expected[k] - initial[k]).abs().max() for k in expected) > 1e-3
+    for name in ("ddp", "fsdp"):
+        for a, b in zip(rows(root / "single"), rows(root / name), strict=True):
+            for key in ("loss", "loss/pref", "loss/quality", "nll", "rewards/margins", "delta", "grad_norm"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (name, a["step"], key)
+            assert b["tokens"] == a["tokens"]
+        got = InternVL.from_pretrained(root / name / "final", dtype=torch.float32).state_dict()
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-4, msg=f"{name}: {key}")
+
+    # FSDP2 saves gather full tensors on rank 0: official weights and unsharded optimizer states.
+    saved = root / "fsdp" / "checkpoint-000003"
+    torch.testing.assert_close(InternVL.from_pretrained(saved / "model").state_dict()["language_model.lm_head.weight"],
+                               got["language_model.lm_head.weight"], rtol=0, atol=0)
+    optim = load_file(saved / "optimizer.safetensors")
+    assert optim["model.language_model.lm_head.weight::exp_avg"].shape == expected["language_model.lm_head.weight"].shape
+    assert {p.name for p in saved.glob("rank*.json")} == {"rank0.json", "rank1.json"}
