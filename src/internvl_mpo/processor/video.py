@@ -102,6 +102,17 @@ def _decode_frames(av, path: str, wanted: set[int]) -> tuple[dict[int, Image.Ima
     return kept, decoded
 
 
+def _count_packets(av, container, stream) -> int:
+    """Frames in a stream whose container does not say, counted from its packets (up to an error)."""
+    count = 0
+    try:
+        for packet in container.demux(stream):
+            count += packet.size > 0
+    except av.error.FFmpegError:
+        pass  # a damaged tail: the frames before it still count
+    return count
+
+
 def _read_video(path: str, num_segments: int, bound) -> tuple[list[Image.Image], list[int]]:
     av = _import_av()
     with _open_container(av, path) as container:
@@ -110,7 +121,7 @@ def _read_video(path: str, num_segments: int, bound) -> tuple[list[Image.Image],
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
-        num_frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+        num_frames = stream.frames or _count_packets(av, container, stream)
     if bound and fps <= 0:
         raise InputError(f"{path}: frame rate unknown, cannot apply bound {bound}")
     for _ in range(2):  # second round only when fewer frames decode than the container claims
