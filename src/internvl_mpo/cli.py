@@ -29,6 +29,7 @@ COMMANDS = {
     "convert": "convert:convert_command",
     "train": "train.cli:train",
     "plot": "train.cli:plot",
+    "demo-data": "demo.synth:make_demo_data",
 }
 
 

@@ -1,0 +1,237 @@
+"""The demo: synthetic data generator, its tokenizer, the tiny config and the shipped checkpoint.
+
+Answers are recomputed here from the scene by reading the question text (an implementation of the
+question language independent of `synth.make_question`); the tokenizer is compared with
+transformers' Qwen2Tokenizer reading the same folder; the shipped checkpoint goes through the
+loader of the real checkpoints and must answer the shipped example questions.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from internvl_mpo.answers import extract_final_answer
+from internvl_mpo.chat.template import get_template
+from internvl_mpo.chat.tokenizer import load_tokenizer
+from internvl_mpo.config import ModelConfig
+from internvl_mpo.demo import synth
+from internvl_mpo.demo.config import demo_config
+from internvl_mpo.demo.tokenizer import ADDED_TOKENS, write_demo_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_MODEL = REPO / "src" / "internvl_mpo" / "demo_model"
+EXAMPLES = REPO / "examples"
+ROWS = {"top": 0, "middle": 1, "bottom": 2}
+COLS = {"left": 0, "middle": 1, "right": 2}
+
+
+def _cell(position: str) -> tuple[int, int]:
+    if position == "center":
+        return 1, 1
+    row, col = position.split()
+    return ROWS[row], COLS[col]
+
+
+def _singular(word: str) -> str:
+    return word[:-1] if word.endswith("s") else word
+
+
+def expected_answer(question: str, scene: list[dict]) -> str:
+    """The answer to a demo question, read from the question text and the scene alone."""
+
+    def count(color=None, shape=None, row=None) -> int:
+        return sum(
+            (color is None or s["color"] == color) and (shape is None or s["shape"] == shape)
+            and (row is None or s["row"] == row)
+            for s in scene
+        )
+
+    def group(words: str) -> dict:
+        words = words.split()
+        if words[-1] == "shapes":
+            return {"color": words[0]} if len(words) == 2 else {}
+        return {"shape": _singular(words[-1]), **({"color": words[0]} if len(words) == 2 else {})}
+
+    if m := re.fullmatch(r"How many shapes are in the (\w+) row\?", question):
+        return str(count(row=ROWS[m[1]]))
+    if m := re.fullmatch(r"How many more (.+) than (.+) are there\?", question):
+        return str(count(**group(m[1])) - count(**group(m[2])))
+    if m := re.fullmatch(r"How many (.+) are there\?", question):
+        return str(count(**group(m[1])))
+    if m := re.fullmatch(r"Are there more (.+) than (.+)\?", question):
+        return "yes" if count(**group(m[1])) > count(**group(m[2])) else "no"
+    if m := re.fullmatch(r"What (color|shape) is (?:the shape )?at the (.+)\?", question):
+        row, col = _cell(m[2])
+        (target,) = [s for s in scene if (s["row"], s["col"]) == (row, col)]
+        return target[m[1]]
+    raise AssertionError(f"question outside the demo language: {question!r}")
+
+
+# ---- data generator -----------------------------------------------------------------------
+
+
+def test_generator_is_deterministic_and_seeded():
+    a = synth.generate_split("test", 40, seed=3)
+    b = synth.generate_split("test", 40, seed=3)
+    c = synth.generate_split("test", 40, seed=4)
+    assert a == b
+    assert [i.scene for i in a] != [i.scene for i in c]
+    assert synth.picture(a[5], 3).tobytes() == synth.picture(b[5], 3).tobytes()
+
+
+def test_answers_match_the_scene():
+    items = synth.generate_split("val", 330, seed=0)
+    assert {i.category for i in items} == set(synth.CATEGORIES)
+    for item in items:
+        scene = synth.scene_to_json(item.scene)
+        assert item.answer == expected_answer(item.question, scene), item
+        lines = item.reasoning.split("\n")
+        assert lines[-1] == f"Final answer: {item.answer}"
+        assert extract_final_answer(item.reasoning, strict=True) == item.answer
+        # The scan lists every shape, in reading order, as "position: color shape, ...".
+        scanned = [re.match(r"(.+?): (\w+) (\w+),", line).groups() for line in lines[: len(scene)]]
+        assert [(_cell(p), c, s) for p, c, s in scanned] == [((s["row"], s["col"]), s["color"], s["shape"]) for s in scene]
+        assert not re.match(r".+?: \w+ \w+,", lines[len(scene)])
+
+
+def test_yes_no_and_differences_cover_both_sides():
+    items = synth.generate_split("train", 1100, seed=0)
+    compare = [i.answer for i in items if i.category.startswith("compare")]
+    more = [int(i.answer) for i in items if i.category.startswith("more")]
+    assert 0.2 < compare.count("yes") / len(compare) < 0.8
+    assert min(more) == 0 and max(more) >= 3
+
+
+def test_written_files(tmp_path):
+    """Pictures show their scene; files are byte-identical across runs; no scene is in two splits."""
+    for run in ("a", "b"):
+        seen: set = set()
+        for split, n in (("test", 12), ("train", 24)):
+            synth.write_split(tmp_path / run, split, synth.generate_split(split, n, 0, seen), seed=0)
+    for name in ("train.jsonl", "train_sft.jsonl", "test.jsonl", "images/train/train-00007.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    folder = tmp_path / "a"
+    rows = {s: [json.loads(x) for x in (folder / f"{s}.jsonl").read_text().splitlines()] for s in ("train", "test")}
+    keys = {s: {json.dumps(r["scene"]) for r in rows[s]} for s in rows}
+    assert not keys["train"] & keys["test"]
+
+    sft = [json.loads(x) for x in (folder / "train_sft.jsonl").read_text().splitlines()]
+    cell = synth.IMAGE_SIZE / synth.GRID
+    for row, conv in zip(rows["train"], sft):
+        assert conv["image"] == row["image"] and conv["id"] == row["id"]
+        human, gpt = conv["conversations"]
+        assert (human["from"], gpt["from"]) == ("human", "gpt")
+        assert human["value"].startswith("<image>\n") and row["question"] in human["value"]
+        assert extract_final_answer(gpt["value"]) == row["answer"] == expected_answer(row["question"], row["scene"])
+        image = Image.open(folder / row["image"])
+        assert image.format == "PNG" and image.size == (448, 448)
+        occupied = {(s["row"], s["col"]): s["color"] for s in row["scene"]}
+        for r in range(3):
+            for c in range(3):
+                pixel = image.getpixel((int((c + 0.5) * cell), int((r + 0.5) * cell)))
+                if (r, c) in occupied:
+                    assert pixel == synth.COLORS[occupied[(r, c)]]
+                else:
+                    assert pixel[0] == pixel[1] == pixel[2] >= 235
+    assert sum("Final answer" in c["conversations"][0]["value"] for c in sft) == len(sft) // 2  # CoT-wrapped half
+
+
+# ---- tokenizer and config -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo_tok")
+    write_demo_tokenizer(folder, synth.tokenizer_corpus(0, n=600))
+    return folder
+
+
+def test_tokenizer_special_tokens_and_round_trip(demo_tokenizer):
+    tok = load_tokenizer(demo_tokenizer)
+    vocab = json.loads((demo_tokenizer / "vocab.json").read_text())
+    for offset, (content, special) in enumerate(ADDED_TOKENS):
+        assert tok.token_to_id(content) == len(vocab) + offset
+        assert tok.is_special(len(vocab) + offset) == special
+    assert len(tok) == len(vocab) + len(ADDED_TOKENS)
+    assert tok.eos_id == tok.token_to_id("<|im_end|>") and tok.pad_id == tok.token_to_id("<|endoftext|>")
+    system = get_template("internvl2_5").system_message
+    assert len(tok.encode(system)) <= 12  # ~150 UTF-8 bytes without the merges
+    item = synth.generate_split("test", 1, 0)[0]
+    texts = [system, item.question, item.reasoning, "Zebra 🦓 naïve 你好 — unseen text\n\tstill round-trips", "<img></img>"]
+    for text in texts:
+        assert tok.decode(tok.encode(text), skip_special_tokens=False) == text
+    prompt = "<|im_start|>user\n<image>\nHow many red shapes are there?<|im_end|>\n"
+    ids = tok.encode(prompt)
+    assert ids[0] == tok.im_start_id and tok.im_end_id in ids
+    assert len(tok.encode(item.reasoning)) < len(item.reasoning) / 2.5  # the language is learned
+
+
+def test_tokenizer_matches_transformers_qwen2(demo_tokenizer, tmp_path):
+    """Ours (tokenizer.json and vocab/merges) against transformers' Qwen2Tokenizer on the same files."""
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(demo_tokenizer))
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for f in demo_tokenizer.iterdir():
+        if f.name != "tokenizer.json":
+            (legacy / f.name).write_bytes(f.read_bytes())
+    ours_json, ours_files = load_tokenizer(demo_tokenizer), load_tokenizer(legacy)
+    item = synth.generate_split("test", 2, 0)[1]
+    for text in [get_template("internvl2_5").system_message, item.question, item.reasoning, "x<IMG_CONTEXT><box>1</box>?"]:
+        expected = theirs.encode(text, add_special_tokens=False)
+        assert ours_json.encode(text) == expected
+        assert ours_files.encode(text) == expected
+    assert len(theirs) == len(ours_json)
+
+
+def test_demo_config_round_trip(tmp_path):
+    config = demo_config(700)
+    config.to_json(tmp_path / "config.json")
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["llm_config"]["vocab_size"] == 700 and raw["llm_config"]["architectures"] == ["Qwen2ForCausalLM"]
+    assert raw["vision_config"]["image_size"] == 448 and raw["vision_config"]["patch_size"] == 14
+    again = ModelConfig.from_json(tmp_path / "config.json")
+    assert again == config
+    assert again.num_image_token == 256 and again.template == "internvl2_5"
+
+
+# ---- the shipped checkpoint ---------------------------------------------------------------
+
+shipped = pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(), reason="demo checkpoint not built yet")
+
+
+@shipped
+def test_shipped_checkpoint_loads_like_a_real_one():
+    from internvl_mpo.model import InternVL
+
+    files = sorted(p.name for p in DEMO_MODEL.iterdir())
+    for name in ("config.json", "vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json",
+                 "special_tokens_map.json", "tokenizer.json"):
+        assert name in files
+    weights = [p for p in DEMO_MODEL.iterdir() if p.suffix == ".safetensors"]
+    assert weights and sum(p.stat().st_size for p in weights) <= 25 * 2**20
+    model = InternVL.from_pretrained(DEMO_MODEL)  # strict: every key present, none extra, shapes checked
+    tok = load_tokenizer(DEMO_MODEL)
+    assert model.image_token_id == tok.img_context_id
+    assert model.config.llm.vocab_size == len(tok)
+    assert set(model.state_dict()) == set(model.expected_keys())
+
+
+@shipped
+def test_shipped_model_answers_the_examples():
+    from internvl_mpo.pipeline import InternVLChat
+
+    torch.manual_seed(0)
+    rows = [json.loads(x) for x in (EXAMPLES / "questions.jsonl").read_text().splitlines()]
+    assert len(rows) >= 3
+    chat = InternVLChat.from_pretrained(str(DEMO_MODEL), dtype="float32", device="cpu")
+    for row in rows[:3]:
+        response = chat.chat(row["question"], images=[str(EXAMPLES / row["image"])], do_sample=False,
+                             max_new_tokens=160)
+        assert extract_final_answer(response) == row["answer"], (row, response)
