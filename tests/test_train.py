@@ -349,7 +349,7 @@ def test_cli_train_then_plot(tmp_path, chat_folder, meta):
     cmd = [sys.executable, "-m", "internvl_mpo.cli", "train", "mpo", "--model", str(chat_folder), "--data", str(meta),
            "--output", str(out), "--max-steps", "2", "--batch-size", "2", "--save-every", "2", "--no-progress",
            "--no-grad-checkpointing"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert "final model" in done.stdout
     assert len(metric_rows(out)) == 2

@@ -257,9 +257,9 @@ def test_sft_conversations_match_official_masks(tmp_path, chat_folder, tokenizer
     batch = collate_sft([dataset[0], dataset[1]], tokenizer.pad_id)
     tiles = batch.num_tiles.tolist()[0]
     system = TEMPLATES["internvl2_5"].system_message
+    question = expand("<image>\nWhat colour?", [tiles], settings.num_image_token)
     segments = [(f"<|im_start|>system\n{system}<|im_end|>\n", False),
-                (f"<|im_start|>user\n{expand('<image>' + chr(10) + 'What colour?', [tiles], settings.num_image_token)}"
-                 "<|im_end|>\n", False),
+                (f"<|im_start|>user\n{question}<|im_end|>\n", False),
                 ("<|im_start|>assistant\nBlue.<|im_end|>\n", True),
                 ("<|im_start|>user\nSure?<|im_end|>\n", False),
                 ("<|im_start|>assistant\nYes!<|im_end|>\n", True)]

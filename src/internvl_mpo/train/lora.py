@@ -70,7 +70,7 @@ def apply_lora(model: nn.Module, names: list[str], rank: int, alpha: float) -> N
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child)
         if not isinstance(base, nn.Linear):
-            raise ValueError(f"{name} is a {type(base).__name__}, not nn.Linear")
+            raise TypeError(f"{name} is a {type(base).__name__}, not nn.Linear")
         setattr(parent, child, LoRALinear(base, rank, alpha))
 
 

@@ -103,6 +103,8 @@ MODE_WEIGHTS = {"mpo": (0.8, 0.2, 1.0), "dpo": (1.0, 0.0, 0.0), "sft": (0.0, 0.0
 REF_FILE = "ref_logps.safetensors"
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
+# Label log-probs are computed this many logits at a time (rows x vocabulary): 128 MiB in float32.
+LOGPS_CHUNK_ELEMENTS = 2**25
 
 
 @dataclass(frozen=True)
@@ -247,8 +249,9 @@ class SequenceLogps(nn.Module):
         weight = model.language_model.output_head().weight
         device_type = hidden.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        chunk = max(16, LOGPS_CHUNK_ELEMENTS // weight.shape[0])
         with torch.autocast(device_type, enabled=False):
-            logps, n_tokens = label_logps_from_hidden(hidden.to(dtype), weight.to(dtype), labels)
+            logps, n_tokens = label_logps_from_hidden(hidden.to(dtype), weight.to(dtype), labels, chunk_size=chunk)
         if keep_alive is not None:
             logps = logps + keep_alive
         return logps, n_tokens
