@@ -228,7 +228,8 @@ def run_trl(args) -> dict:
         logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
         seed=0,
     )
-    data = Dataset.from_list(texts(args) * total)
+    # One epoch = one batch of exactly these pairs, so every step sees the batch ours sees.
+    data = Dataset.from_list(texts(args))
     # An explicit reference (same seed, same weights): TRL would otherwise reload it from a hub path.
     trainer = DPOTrainer(model=qwen2_model(args), ref_model=qwen2_model(args).eval(), args=config, train_dataset=data,
                          processing_class=word_tokenizer(), callbacks=[Timer()])

@@ -103,8 +103,8 @@ MODE_WEIGHTS = {"mpo": (0.8, 0.2, 1.0), "dpo": (1.0, 0.0, 0.0), "sft": (0.0, 0.0
 REF_FILE = "ref_logps.safetensors"
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
-# Label log-probs are computed this many logits at a time (rows x vocabulary): 128 MiB in float32.
-LOGPS_CHUNK_ELEMENTS = 2**25
+# Label log-probs are computed this many logits at a time (rows x vocabulary): 32 MiB in float32.
+LOGPS_CHUNK_ELEMENTS = 2**23
 
 
 @dataclass(frozen=True)
