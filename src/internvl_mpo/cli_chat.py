@@ -196,18 +196,12 @@ def _finished_ids(out: Path) -> set:
 
 
 def _read_requests(path: Path) -> list[dict]:
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
+    from .jsonl import read_objects
+
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        if not isinstance(item, dict) or not isinstance(item.get("question"), str):
-            raise InputError(f"{path}:{number}: each line needs a string field 'question'")
+    for number, (where, item) in enumerate(read_objects(path, "requests file"), 1):
+        if not isinstance(item.get("question"), str):
+            raise InputError(f"{where}: each line needs a string field 'question'")
         item.setdefault("id", number)
         item["_line"] = number
         for key in ("image", "video"):

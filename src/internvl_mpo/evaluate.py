@@ -50,6 +50,7 @@ from internvl_mpo.answers import (
     normalize_options,
 )
 from internvl_mpo.errors import InputError
+from internvl_mpo.jsonl import read_objects
 from internvl_mpo.pairs import Progress, atomic_write, check_settings
 
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -100,16 +101,7 @@ def _item(item_id: str, question: str, answer: str, images, options, hint, categ
 
 def _read_jsonl(path: Path) -> list[BenchItem]:
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{where}: expected a JSON object")
+    for where, row in read_objects(path, "benchmark file"):
         for key in ("id", "question", "answer"):
             if not isinstance(row.get(key), (str, int, float)) or isinstance(row.get(key), bool):
                 raise InputError(f"{where}: field {key!r} is required (a string)")

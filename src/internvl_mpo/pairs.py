@@ -48,9 +48,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from internvl_mpo.answers import KINDS, build_cot_question, check_answer, extract_final_answer, normalize_options
+from internvl_mpo.answers import (
+    KINDS,
+    build_cot_question,
+    check_answer,
+    extract_final_answer,
+    normalize_options,
+)
 from internvl_mpo.chat.template import IMAGE_PLACEHOLDER, add_image_prefix
 from internvl_mpo.errors import ConfigError, InputError
+from internvl_mpo.jsonl import read_objects
 
 CORRECTNESS = "correctness"
 DROPOUT_NTP = "dropout-ntp"
@@ -214,19 +221,8 @@ def _parse_item(row: dict, method: str, folder: Path, where: str) -> Item:
 def read_items(path: str | Path, method: str) -> list[Item]:
     """Items of a JSONL file; relative image paths are taken against the file's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: items file not found")
     items, seen = [], set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{where}: expected a JSON object")
+    for where, row in read_objects(path, "items file"):
         item = _parse_item(row, method, path.parent, where)
         if item.id in seen:
             raise InputError(f"{where}: id {item.id!r} appears twice")
