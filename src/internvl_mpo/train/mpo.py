@@ -385,9 +385,11 @@ class SampleStream:
                            self.env.world_size)[self.cursor :]
         if self.num_workers == 0:
             return (self.dataset[i] for i in order)
+        # Spawned workers (forked ones would inherit the image module's thread pool in a broken state); a
+        # generator of its own keeps the loader from drawing on the global RNG that drop-path uses.
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, sampler=order, num_workers=self.num_workers, collate_fn=_identity,
-            multiprocessing_context="spawn",
+            multiprocessing_context="spawn", generator=torch.Generator().manual_seed(self.seed + self.epoch),
         )
         return iter(loader)
 
