@@ -28,6 +28,11 @@ Differences from the reference trainer, on purpose:
 - weight decay skips biases and the weights of LayerNorm / RMSNorm modules (the HF Trainer rule);
 - epochs reshuffle with a generator seeded by seed + epoch; the stream of samples runs on across
   epochs, and the step count is `max_steps`, else `epochs * (samples per rank // (batch * accum))`.
+
+Kept from the reference: the BCO running mean folds in every micro-batch; the SFT term is a token
+mean per micro-batch and rank. Logged metrics are averaged over the micro-batches of a step and over
+ranks (`tokens` is summed; `skipped` is rank 0's count). Resuming needs the same world size, batch
+size, accumulation and step count; the reference model is always rebuilt from `--model`.
 """
 
 from __future__ import annotations
@@ -96,6 +101,7 @@ from internvl_mpo.train.mmpr import (
     read_sft_records,
     select_lines,
 )
+from internvl_mpo.vision import RMSNorm
 
 MODES = ("mpo", "dpo", "sft")
 # (pref_weight, quality_weight, gen_weight) when the flag is not given.
@@ -307,7 +313,7 @@ def build_optimizer(model: InternVL, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on every trainable tensor except biases and norm weights."""
     no_decay = set()
     for name, module in model.named_modules():
-        if isinstance(module, nn.LayerNorm) or type(module).__name__ == "RMSNorm":
+        if isinstance(module, (nn.LayerNorm, RMSNorm)):
             no_decay.update(f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False))
     decay, plain = [], []
     for name, param in model.named_parameters():
