@@ -264,3 +264,13 @@ def test_sampling_default_is_the_model_card(setup):
     params = sampling_params()
     assert params.do_sample and params.max_new_tokens == 1024 and params.top_k == 50
     assert math.isclose(params.temperature, 1.0)
+
+
+def test_repetition_penalty_in_the_engine_prevents_repeats(setup):
+    chat, _ = setup
+    ids, _ = prompt(chat, "Repeat after me")
+    plain = run(chat.engine, [Request(ids, SamplingParams(max_new_tokens=40, ignore_eos=True))])[0]
+    assert len(set(plain)) < len(plain)  # random weights repeat themselves without a penalty
+    strict = SamplingParams(max_new_tokens=40, ignore_eos=True, repetition_penalty=1e6)
+    penalised = run(chat.engine, [Request(ids, GREEDY), Request(ids, strict)])[1]
+    assert len(set(penalised)) == len(penalised)

@@ -53,6 +53,7 @@ class _Row:
     stop_ids: frozenset[int]
     generator: torch.Generator | None
     pending: int  # the last sampled token, to be fed at the next decode step
+    penalised: bool = False  # repetition_penalty != 1
 
 
 class Engine:
@@ -194,13 +195,13 @@ class Generation:
         stops = frozenset(() if p.ignore_eos else self.engine.stop_token_ids + tuple(p.stop_token_ids))
         generator = None if p.greedy else make_generator(p.seed, logits.device)
         remaining = min(p.max_new_tokens, self.max_len - n)
-        self.rows.append(_Row(rid, n, remaining, stops, generator, -1))
+        self.rows.append(_Row(rid, n, remaining, stops, generator, -1, p.repetition_penalty != 1.0))
         token = self._choose(logits[None], slice(row, row + 1)).tolist()
         return self._emit(token, first=row)
 
     def _choose(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
         seen = self.seen[rows]
-        if bool((self.penalty[rows] != 1.0).any()):
+        if any(r.penalised for r in self.rows[rows]):  # decided on the host: no device sync
             logits = apply_repetition_penalty(logits, seen, self.penalty[rows])
         generators = [r.generator for r in self.rows[rows]]
         noise = None
