@@ -18,8 +18,8 @@ DEMO_NAME = "internvl-mpo-demo"
 
 @dataclasses.dataclass(frozen=True)
 class DemoSize:
-    vision_width: int = 64
-    vision_layers: int = 2
+    vision_width: int = 96
+    vision_layers: int = 3
     vision_heads: int = 4
     llm_width: int = 128
     llm_layers: int = 4

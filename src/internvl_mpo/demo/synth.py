@@ -24,7 +24,8 @@ deterministic given `seed`: the same call writes byte-identical files.
 Files written by `write_split` (paths in items are relative to the output folder):
 - `images/<split>/<id>.png` (or .jpg);
 - `<split>.jsonl`: evaluation / `internvl-mpo pairs` items
-  {"id", "image", "question", "answer", "category", "scene"}; `scene` lists the shapes so that a
+  {"id", "image", "question", "answer", "category", "chosen", "scene"}; `chosen` is the reference
+  step-by-step answer (the good answer DropoutNTP truncates), `scene` lists the shapes so that a
   checker can recompute the answer;
 - `<split>_sft.jsonl`: SFT conversations in the official format
   {"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}.
@@ -272,7 +273,7 @@ def scene_from_json(records: list[dict]) -> tuple[Shape, ...]:
 def eval_record(item: Item, image: str) -> dict:
     return {
         "id": item.id, "image": image, "question": item.question, "answer": item.answer,
-        "category": item.category, "scene": scene_to_json(item.scene),
+        "category": item.category, "chosen": item.reasoning, "scene": scene_to_json(item.scene),
     }
 
 
