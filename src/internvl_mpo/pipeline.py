@@ -101,12 +101,16 @@ class InternVLChat:
         device: torch.device | str = "cpu",
         compile: bool = False,
         revision: str | None = None,
+        device_map: str | dict | None = None,
     ) -> "InternVLChat":
+        """Model and tokenizer from a checkpoint folder or hub id; see `InternVL.from_pretrained`."""
         from .checkpoint import resolve_checkpoint
 
         folder = resolve_checkpoint(path_or_id, revision)
         tokenizer = load_tokenizer(folder)
-        model = InternVL.from_pretrained(folder, dtype=dtype, device=device, image_token_id=tokenizer.img_context_id)
+        model = InternVL.from_pretrained(
+            folder, dtype=dtype, device=device, image_token_id=tokenizer.img_context_id, device_map=device_map
+        )
         return cls(model, tokenizer, compile=compile)
 
     @property
