@@ -70,8 +70,13 @@ def timed(fn, repeat: int = 3) -> float:
 
 
 def peak_bytes(device: str) -> int:
+    """Peak GPU memory, or this process's peak RSS (VmHWM: ru_maxrss would carry over the parent's
+    peak across fork + exec, and the parent held the weights while writing them)."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated()
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
