@@ -95,9 +95,10 @@ def test_answers_match_the_scene():
         assert lines[-1] == f"Final answer: {item.answer}"
         assert extract_final_answer(item.reasoning, strict=True) == item.answer
         # The scan lists every shape, in reading order, as "position: color shape, ...".
-        scanned = [re.match(r"(.+?): (\w+) (\w+),", line).groups() for line in lines[: len(scene)]]
+        assert lines[0].startswith("Goal: ")
+        scanned = [re.match(r"(.+?): (\w+) (\w+),", line).groups() for line in lines[1 : 1 + len(scene)]]
         assert [(_cell(p), c, s) for p, c, s in scanned] == [((s["row"], s["col"]), s["color"], s["shape"]) for s in scene]
-        assert not re.match(r".+?: \w+ \w+,", lines[len(scene)])
+        assert not re.match(r".+?: \w+ \w+,", lines[1 + len(scene)])
 
 
 def test_yes_no_and_differences_cover_both_sides():
@@ -129,6 +130,7 @@ def test_written_files(tmp_path):
         assert (human["from"], gpt["from"]) == ("human", "gpt")
         assert human["value"].startswith("<image>\n") and row["question"] in human["value"]
         assert extract_final_answer(gpt["value"]) == row["answer"] == expected_answer(row["question"], row["scene"])
+        assert row["chosen"] == gpt["value"]
         image = Image.open(folder / row["image"])
         assert image.format == "PNG" and image.size == (448, 448)
         occupied = {(s["row"], s["col"]): s["color"] for s in row["scene"]}

@@ -5,17 +5,20 @@ four colours, one per cell of a 3x3 grid, with a little jitter in size and place
 looking (which colour / shape is where) and a few steps of reasoning (filtering, counting,
 subtracting, comparing). Every answer is written in one small, regular language, step by step:
 
-    top left: red circle, red 1.
+    Goal: count red shapes and blue shapes.
+    top left: red circle, red 1 blue 0.
     top right: green square, no.
-    center: blue triangle, blue 1.
-    bottom left: red square, red 2.
+    center: blue triangle, red 1 blue 1.
+    bottom left: red square, red 2 blue 1.
     Red shapes: 2. Blue shapes: 1.
     2 - 1 = 1.
     Final answer: 1
 
-The answer first scans every shape in reading order (the looking step, so every item supervises the
-whole picture), noting for each whether it counts and keeping a running count, so that counting is
-copying the last number; then it concludes and ends in MMPR's "Final answer: ..." line. Half of the
+The answer first restates what the question asks for (a supervised token for reading the question,
+which the marks below depend on), then scans every shape in reading order (the looking step, so every
+item supervises the whole picture), marking each shape that counts with the matched attribute and the running count(s),
+so that counting is copying the last number; then it concludes and ends in MMPR's "Final answer: ..."
+line. Half of the
 SFT conversations wrap the question in MMPR's chain-of-thought instruction (the prompt of
 `internvl-mpo pairs correctness` and `internvl-mpo eval --cot`), half ask it plainly (`chat`).
 Splits are drawn from separate seeds and a scene never appears in two splits. Everything is
@@ -138,8 +141,12 @@ def scan(scene: tuple[Shape, ...], note) -> list[str]:
     return [f"{s.position}: {s.color} {s.shape}{note(s)}." for s in scene]
 
 
-def count_scan(scene: tuple[Shape, ...], match) -> tuple[list[str], int]:
-    """Scan lines marking each shape 'yes k' (k-th match so far) or 'no'; and the number of matches."""
+def count_scan(scene: tuple[Shape, ...], match, mark) -> tuple[list[str], int]:
+    """Scan lines marking each matching shape '<mark> k' (k-th match so far), the others 'no'; and the count.
+
+    The mark repeats the matched attribute ('yellow 1', 'circle 2'): writing it is a copy from the
+    line, which a small model learns much faster than a bare 'yes' that needs an equality test.
+    """
     count = 0
 
     def note(s: Shape) -> str:
@@ -147,14 +154,18 @@ def count_scan(scene: tuple[Shape, ...], match) -> tuple[list[str], int]:
         if not match(s):
             return ", no"
         count += 1
-        return f", yes {count}"
+        return f", {mark(s)} {count}"
 
     lines = scan(scene, note)
     return lines, count
 
 
 def two_group_scan(scene: tuple[Shape, ...], names: tuple[str, str], key) -> tuple[list[str], int, int]:
-    """Scan lines marking shapes of group a or b with a running count per group ('red 2'), others 'no'."""
+    """Scan lines carrying both running counts ('red 2 blue 1') on each shape of group a or b, others 'no'.
+
+    Each count line copies the previous one and bumps one number, so no count has to be looked up
+    further back than the last marked line.
+    """
     counts = {names[0]: 0, names[1]: 0}
 
     def note(s: Shape) -> str:
@@ -162,7 +173,7 @@ def two_group_scan(scene: tuple[Shape, ...], names: tuple[str, str], key) -> tup
         if group not in counts:
             return ", no"
         counts[group] += 1
-        return f", {group} {counts[group]}"
+        return f", {names[0]} {counts[names[0]]} {names[1]} {counts[names[1]]}"
 
     lines = scan(scene, note)
     return lines, counts[names[0]], counts[names[1]]
@@ -180,31 +191,38 @@ def _pick_pair(options, rng: random.Random) -> tuple[str, str]:
 def make_question(scene: tuple[Shape, ...], category: str, rng: random.Random) -> tuple[str, list[str], str]:
     """(question, reasoning lines without the final one, final answer) for one category."""
     if category in ("count_color", "count_shape", "count_both", "count_total", "count_row"):
+        yes = lambda s: "yes"  # noqa: E731
         if category == "count_color":
             color = rng.choice(list(COLORS))
-            question, label, match = f"How many {color} shapes are there?", f"{color} shapes", lambda s: s.color == color
+            question, label, match, mark = (f"How many {color} shapes are there?", f"{color} shapes",
+                                            lambda s: s.color == color, lambda s: s.color)
         elif category == "count_shape":
             shape = rng.choice(SHAPES)
-            question, label, match = f"How many {plural(shape)} are there?", plural(shape), lambda s: s.shape == shape
+            question, label, match, mark = (f"How many {plural(shape)} are there?", plural(shape),
+                                            lambda s: s.shape == shape, lambda s: s.shape)
         elif category == "count_both":
             color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
             question, label = f"How many {color} {plural(shape)} are there?", f"{color} {plural(shape)}"
             match = lambda s: s.color == color and s.shape == shape  # noqa: E731
+            mark = lambda s: f"{s.color} {s.shape}"  # noqa: E731
         elif category == "count_total":
-            question, label, match = "How many shapes are there?", "shapes", lambda s: True
+            question, label, match, mark = "How many shapes are there?", "shapes", lambda s: True, yes
         else:
             row = rng.randrange(GRID)
             question, label = f"How many shapes are in the {ROWS[row]} row?", f"shapes in the {ROWS[row]} row"
-            match = lambda s: s.row == row  # noqa: E731
-        lines, n = count_scan(scene, match)
-        return question, lines + [f"{label.capitalize()}: {n}."], str(n)
+            match, mark = (lambda s: s.row == row), yes
+        lines, n = count_scan(scene, match, mark)
+        return question, [f"Goal: count {label}.", *lines, f"{label.capitalize()}: {n}."], str(n)
     if category in ("color_at", "shape_at"):
         target = rng.choice(scene)
         lines = scan(scene, lambda s: ", yes" if s == target else ", no")
-        summary = f"The shape at the {target.position} is a {target.color} {target.shape}."
+        asked = "color" if category == "color_at" else "shape"
+        value = target.color if category == "color_at" else target.shape
+        lines = [f"Goal: find the {asked} at the {target.position}.", *lines,
+                 f"The {asked} at the {target.position} is {value}."]
         if category == "color_at":
-            return f"What color is the shape at the {target.position}?", lines + [summary], target.color
-        return f"What shape is at the {target.position}?", lines + [summary], target.shape
+            return f"What color is the shape at the {target.position}?", lines, value
+        return f"What shape is at the {target.position}?", lines, value
     if category in ("more_color", "compare_color", "more_shape", "compare_shape"):
         by_color = category.endswith("color")
         a, b = _pick_pair(COLORS if by_color else SHAPES, rng)
@@ -214,7 +232,8 @@ def make_question(scene: tuple[Shape, ...], category: str, rng: random.Random) -
             a, b = b, a
         lines, na, nb = two_group_scan(scene, (a, b), key)
         label_a, label_b = (f"{a} shapes", f"{b} shapes") if by_color else (plural(a), plural(b))
-        lines.append(f"{label_a.capitalize()}: {na}. {label_b.capitalize()}: {nb}.")
+        lines = [f"Goal: count {label_a} and {label_b}.", *lines,
+                 f"{label_a.capitalize()}: {na}. {label_b.capitalize()}: {nb}."]
         if category.startswith("more"):
             question = f"How many more {label_a} than {label_b} are there?"
             return question, lines + [f"{na} - {nb} = {na - nb}."], str(na - nb)
