@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -179,26 +180,79 @@ def test_bad_sampling_settings_are_refused():
         SamplingParams(max_new_tokens=0)
 
 
-def test_decode_step_compiles_without_graph_breaks(setup):
+@pytest.mark.parametrize("screen", [False, True])
+def test_decode_step_compiles_without_graph_breaks(setup, screen):
     chat, _ = setup
+    engine = Engine(chat.model, chat.engine.stop_token_ids, screen=screen)
     ids, _ = prompt(chat, "compile me")
-    gen = chat.engine.start(max_batch=1, max_len=128)
+    gen = engine.start(max_batch=1, max_len=128)
     gen.add(Request(ids, GREEDY))
     gen.step()
     tokens = torch.tensor([5])
     positions = torch.tensor([len(ids) + 1])
-    explanation = torch._dynamo.explain(chat.engine._decode)(tokens, positions, gen.key_mask, gen.caches, 1, 128)
+    greedy_screen = engine.greedy_screen()
+    assert (greedy_screen is not None) == screen
+    explanation = torch._dynamo.explain(engine._decode)(tokens, positions, gen.key_mask, gen.caches, 1, 128,
+                                                         greedy_screen)
     assert explanation.graph_break_count == 0
     assert explanation.graph_count == 1
 
 
+# ---- the greedy screen of the head (greedy_head.py) ---------------------------------------------
+
+def test_screened_engine_gives_the_same_tokens(setup):
+    """Forced on for the tiny vocabulary (the size rule keeps it off there): greedy tokens equal the
+    full head's and transformers'; sampled and penalised rows in the same batch are unaffected."""
+    chat, ref = setup
+    screened = Engine(chat.model, chat.engine.stop_token_ids, screen=True)
+    assert chat.engine.greedy_screen() is None and screened.greedy_screen() is not None
+    ids, pixels = prompt(chat, "Describe it.", Image.new("RGB", (100, 50), "red"))
+    assert run(screened, [Request(ids, GREEDY, pixels)])[0] == hf_greedy(ref, torch.tensor([ids]), pixels)[0].tolist()
+    texts = [prompt(chat, q)[0] for q in ("Hello there, how are you today?", "What?", "Tell me more about it")]
+    batch = [Request(t, GREEDY) for t in texts]
+    assert run(screened, batch) == run(chat.engine, batch)
+    sampled = SamplingParams(max_new_tokens=20, do_sample=True, temperature=1.5, top_k=0, seed=7, ignore_eos=True)
+    penalised = SamplingParams(max_new_tokens=20, ignore_eos=True, repetition_penalty=1.3)
+    mixed = [Request(texts[0], GREEDY), Request(texts[1], sampled), Request(texts[2], penalised)]
+    assert run(screened, mixed) == run(chat.engine, mixed)
+
+
+def test_failed_screen_checks_fall_back_to_the_full_head(setup):
+    """A head whose rows are all equal ties every logit (up to the matmul's rounding), so every check
+    fails and each token comes from the full head, as without the screen."""
+    chat, _ = setup
+    model = copy.deepcopy(chat.model)
+    with torch.no_grad():
+        head = model.language_model.output_head().weight
+        head.copy_(head[:1].expand_as(head))
+    ids, _ = prompt(chat, "Anything")
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    plain = run(Engine(model, screen=False), [Request(ids, params)])[0]
+    gen = Engine(model, screen=True).generate([Request(ids, params)])
+    got = [e.token for events in gen for e in events]
+    assert got == plain
+    assert gen.fallbacks == 6  # the first token (prefill) and five decode steps
+
+
+def test_screen_follows_changes_to_the_head(setup):
+    chat, _ = setup
+    model = copy.deepcopy(chat.model)
+    engine = Engine(model, screen=True)
+    first = engine.greedy_screen()
+    assert engine.greedy_screen() is first
+    with torch.no_grad():
+        model.language_model.output_head().weight.mul_(2)
+    assert engine.greedy_screen() is not first
+
+
 @pytest.mark.slow  # about 30 s of compilation on a 2-core CPU
-def test_compiled_engine_gives_the_same_tokens(setup):
+@pytest.mark.parametrize("screen", [False, True])
+def test_compiled_engine_gives_the_same_tokens(setup, screen):
     chat, _ = setup
     ids, _ = prompt(chat, "Compiled decode")
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
     eager = run(chat.engine, [Request(ids, params)])[0]
-    compiled = run(Engine(chat.model, chat.engine.stop_token_ids, compile=True), [Request(ids, params)])[0]
+    compiled = run(Engine(chat.model, chat.engine.stop_token_ids, compile=True, screen=screen), [Request(ids, params)])[0]
     assert compiled == eager
 
 

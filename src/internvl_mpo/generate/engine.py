@@ -23,9 +23,14 @@ import torch
 from ..errors import InputError
 from ..kv_cache import make_caches
 from ..model import InternVL
+from .greedy_head import GreedyScreen
 from .sampling import SamplingParams, apply_repetition_penalty, choose_tokens, exponential_noise, make_generator
 
 SPAN_BUCKET = 256
+# The greedy screen (greedy_head.py) pays where the fp32 head no longer fits a CPU's last-level
+# cache; its int8 copy adds a quarter of the head to memory, so very large heads go without it.
+SCREEN_MIN_BYTES = 32 << 20
+SCREEN_MAX_BYTES = 256 << 20
 
 
 @dataclass
@@ -54,14 +59,22 @@ class _Row:
     generator: torch.Generator | None
     pending: int  # the last sampled token, to be fed at the next decode step
     penalised: bool = False  # repetition_penalty != 1
+    plain: bool = False  # greedy and not penalised: only the argmax of the logits matters
 
 
 class Engine:
-    def __init__(self, model: InternVL, stop_token_ids: tuple[int, ...] = (), compile: bool = False):
+    def __init__(self, model: InternVL, stop_token_ids: tuple[int, ...] = (), compile: bool = False,
+                 screen: bool | None = None):
+        """`screen`: choose greedy tokens through the int8 screen of the head (greedy_head.py); None
+        uses it for fp32 CPU heads between SCREEN_MIN_BYTES and SCREEN_MAX_BYTES, True wherever it
+        can run, False never."""
         self.model = model.eval()
         self.stop_token_ids = tuple(stop_token_ids)
         self.context = model.config.llm.max_position_embeddings
         self.compiled = compile
+        self.screen = screen
+        self._screen: GreedyScreen | None = None
+        self._screen_key = None
         self._decode_fn = self._decode
         if compile:
             mode = "reduce-overhead" if model.device.type == "cuda" else None
@@ -81,9 +94,21 @@ class Engine:
             gen.add(request)
         return gen
 
+    def greedy_screen(self) -> GreedyScreen | None:
+        """The head's greedy screen, built on first use and again when the head's weights change;
+        None where it does not apply."""
+        weight = self.model.language_model.output_head().weight
+        key = (weight.data_ptr(), weight._version)
+        if key != self._screen_key:
+            use = self.screen if self.screen is not None else SCREEN_MIN_BYTES <= weight.nbytes <= SCREEN_MAX_BYTES
+            with torch.no_grad():
+                self._screen = GreedyScreen.build(weight) if use else None
+            self._screen_key = key
+        return self._screen
+
     @torch.no_grad()
     def prefill(self, request: Request, caches, row: int) -> torch.Tensor:
-        """Run one prompt into cache row `row`; return the fp32 logits (V,) of its last position."""
+        """Run one prompt into cache row `row`; return the final hidden state (1, C) of its last position."""
         model = self.model
         ids = torch.tensor([request.prompt_ids], device=model.device)
         pixels = None if request.pixel_values is None else request.pixel_values.to(model.device, model.dtype)
@@ -91,17 +116,24 @@ class Engine:
         positions = torch.arange(ids.shape[1], device=model.device)[None]
         lm = model.language_model
         hidden = lm.model(embeds, positions, None, [c.prefill_row(row) for c in caches], None)
-        return lm.output_head()(hidden[:, -1]).float()[0]
+        return hidden[:, -1]
 
-    def _decode(self, tokens, positions, key_mask, caches, rows: int, span: int) -> torch.Tensor:
-        """One token per active row -> fp32 logits (rows, V). Static shapes, no host sync."""
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits (B, V) of final hidden states (B, C)."""
+        return head_logits(self.model.language_model.output_head(), hidden)
+
+    def _decode(self, tokens, positions, key_mask, caches, rows: int, span: int, screen: GreedyScreen | None = None):
+        """One token per active row -> fp32 logits (rows, V); with a `screen`, its greedy tokens and
+        ok flags (rows,) and the hidden states (rows, C) instead. Static shapes, no host sync."""
         lm = self.model.language_model
         key_mask[torch.arange(rows, device=tokens.device), positions] = True
         mask = key_mask[:rows, None, None, :span]
         embeds = lm.input_embeddings()(tokens[:, None])
         views = [c.decode_view(rows, span) for c in caches]
-        hidden = lm.model(embeds, positions[:, None], mask, views, positions)
-        return head_logits(lm.output_head(), hidden[:, 0])
+        hidden = lm.model(embeds, positions[:, None], mask, views, positions)[:, 0]
+        if screen is not None:
+            return *screen(hidden), hidden
+        return head_logits(lm.output_head(), hidden)
 
 
 def head_logits(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
@@ -135,6 +167,7 @@ class Generation:
         self.top_p = torch.ones(max_batch, device=device)
         self.penalty = torch.ones(max_batch, device=device)
         self.rows: list[_Row] = []
+        self.fallbacks = 0  # greedy tokens the screen left to the full head
         self.waiting: list[tuple[int, Request]] = []
         self._ids = itertools.count()
         self._cancelled: set[int] = set()
@@ -184,9 +217,10 @@ class Generation:
         span = self.max_len
         if not self.engine.compiled:
             span = min(self.max_len, -(-(max(r.position for r in self.rows) + 1) // SPAN_BUCKET) * SPAN_BUCKET)
-        logits = self.engine._decode_fn(tokens, positions, self.key_mask, self.caches, n, span)
-        chosen = self._choose(logits, slice(0, n)).tolist()
-        for row, token in zip(self.rows, chosen):
+        screen = self.engine.greedy_screen() if all(r.plain for r in self.rows) else None
+        out = self.engine._decode_fn(tokens, positions, self.key_mask, self.caches, n, span, screen)
+        chosen = self._choose(out, slice(0, n)) if screen is None else self._screened(*out)
+        for row in self.rows:
             row.position += 1
         events += self._emit(chosen)
         return events
@@ -195,7 +229,7 @@ class Generation:
         p = request.params
         row = len(self.rows)
         n = len(request.prompt_ids)
-        logits = self.engine.prefill(request, self.caches, row)
+        hidden = self.engine.prefill(request, self.caches, row)
         self.key_mask[row] = False
         self.key_mask[row, :n] = True
         self.seen[row] = False
@@ -205,16 +239,31 @@ class Generation:
         self.top_p[row] = p.top_p
         self.penalty[row] = p.repetition_penalty
         stops = frozenset(() if p.ignore_eos else self.engine.stop_token_ids + tuple(p.stop_token_ids))
-        generator = None if p.greedy else make_generator(p.seed, logits.device)
+        generator = None if p.greedy else make_generator(p.seed, hidden.device)
         remaining = min(p.max_new_tokens, self.max_len - n)
-        self.rows.append(_Row(rid, n, remaining, stops, generator, -1, p.repetition_penalty != 1.0))
-        token = self._choose(logits[None], slice(row, row + 1)).tolist()
+        penalised = p.repetition_penalty != 1.0
+        plain = p.greedy and not penalised
+        self.rows.append(_Row(rid, n, remaining, stops, generator, -1, penalised, plain))
+        screen = self.engine.greedy_screen() if plain else None
+        if screen is not None:
+            token = self._screened(*screen(hidden), hidden)
+        else:
+            token = self._choose(self.engine.logits(hidden), slice(row, row + 1))
         return self._emit(token, first=row)
 
-    def _choose(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
-        seen = self.seen[rows]
-        if any(r.penalised for r in self.rows[rows]):  # decided on the host: no device sync
-            logits = apply_repetition_penalty(logits, seen, self.penalty[rows])
+    def _screened(self, tokens: torch.Tensor, ok: torch.Tensor, hidden: torch.Tensor) -> list[int]:
+        """Greedy tokens of the screen; rows whose check failed take the argmax of their full logits."""
+        tokens, ok = tokens.tolist(), ok.tolist()
+        for i, good in enumerate(ok):
+            if not good:
+                tokens[i] = int(self.engine.logits(hidden[i : i + 1]).argmax())
+                self.fallbacks += 1
+        return tokens
+
+    def _choose(self, logits: torch.Tensor, rows: slice) -> list[int]:
+        penalised = any(r.penalised for r in self.rows[rows])  # decided on the host: no device sync
+        if penalised:
+            logits = apply_repetition_penalty(logits, self.seen[rows], self.penalty[rows])
         generators = [r.generator for r in self.rows[rows]]
         noise = None
         if any(g is not None for g in generators):
@@ -223,8 +272,9 @@ class Generation:
         tokens = choose_tokens(
             logits, self.greedy[rows], self.temperature[rows], self.top_k[rows], self.top_p[rows], noise
         )
-        seen.scatter_(1, tokens[:, None], True)
-        return tokens
+        if penalised:  # `seen` serves the penalty only, and a penalised row is in every step it lives
+            self.seen[rows].scatter_(1, tokens[:, None], True)
+        return tokens.tolist()
 
     def _emit(self, tokens: list[int], first: int = 0) -> list[Event]:
         """Record sampled tokens for rows first.., report them, and retire finished rows."""

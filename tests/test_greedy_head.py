@@ -1,0 +1,160 @@
+"""The int8 greedy screen: its error bound holds, and its tokens are the fp32 argmax or it falls back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from internvl_mpo.generate.greedy_head import BLOCK, GreedyScreen, round_up_to_bf16
+
+
+def random_head(vocab: int, width: int, seed: int) -> torch.Tensor:
+    """Rows of very different sizes (scales from 1e-3 to 10), as a trained head has."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = 10 ** (torch.rand(vocab, 1, generator=g) * 4 - 3)
+    return torch.randn(vocab, width, generator=g) * sizes
+
+
+def check(screen: GreedyScreen, weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """Assert that every row the screen accepts got the fp32 argmax; return the ok flags."""
+    tokens, ok = screen(hidden)
+    expected = F.linear(hidden, weight).argmax(-1)
+    assert tokens[ok].tolist() == expected[ok].tolist()
+    return ok
+
+
+def test_round_up_to_bf16():
+    x = torch.tensor([0.0, 1.0, 1.0 + 2**-10, 3e-39, 2.5e36, 1e-30])
+    up = round_up_to_bf16(x)
+    assert up.dtype == torch.bfloat16
+    assert (up.float() >= x).all()
+    assert (up.float() == x.bfloat16().float()).tolist()[:2] == [True, True]  # bf16 values stay put
+    assert up.float()[2] == 1.0 + 2**-7  # the next bf16 number up
+
+
+@pytest.mark.parametrize("width", [16, 64, 128])
+def test_bound_holds(width):
+    """|approx - logit| <= bound against fp64 logits, hidden states far from bf16 numbers included."""
+    weight = random_head(3000, width, seed=width)
+    screen = GreedyScreen(weight)
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.cat([torch.randn(4, width, generator=g) * 10 ** torch.linspace(-3, 3, 4)[:, None],
+                        1 + torch.rand(2, width, generator=g) * 2**-8])  # just between bf16 steps
+    h16 = hidden.bfloat16()
+    approx = screen.approx(h16)[:, : screen.vocab]
+    per_scale = screen.per_scale(hidden, h16)
+    bound = screen.bound(approx, screen.row_scale[: screen.vocab], per_scale)
+    exact = (hidden.double() @ weight.double().T).float()
+    assert ((approx - exact).abs() <= bound).all()
+
+
+def test_bound_holds_for_worst_case_rows():
+    """Rows built so that the roundings add up: each weight just short of half a step from its int8
+    value, with the sign of h; each h just short of half a bf16 step from h'; int8 values near 127.
+    The two parts of the bound are checked apart, so that each of its terms is needed here."""
+    width = 64
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(1, width, generator=g).bfloat16().float()  # bf16 numbers
+    ulp = 2.0 ** (torch.floor(torch.log2(base.abs())) - 7)  # their bf16 step
+    hidden = base + 0.49 * ulp * base.sign()  # rounds back to `base`
+    s = 2.0**-7  # a bf16 number; every row gets it as its scale (peak just under 127 s)
+    q = (120 + torch.randint(0, 7, (400, width), generator=g)).float()  # int8 values 120..126
+    weight = s * (q + 0.5 * (1 - 2.0**-10)) * hidden.sign()  # rounding error s/2, with the sign of h
+    weight[:, 0] = 127 * s / (1 + 2.0**-19) * hidden.sign()[0, 0]
+    screen = GreedyScreen(weight)
+    assert (screen.scale[:400].float() == s).all()
+    h16 = hidden.bfloat16()
+    approx = screen.approx(h16)[:, :400]
+    per_scale = screen.per_scale(hidden, h16)
+    exact = hidden.double() @ weight.double().T
+    unrounded = h16.double() @ (screen.q[:400].double() * s).T  # the kernel's sum before it rounds
+    assert ((unrounded - exact).abs() <= per_scale * screen.row_scale[:400]).all()  # weights and inputs
+    rounding = screen.bound(approx, torch.zeros(400), per_scale)  # the output's rounding to bf16
+    assert ((approx - unrounded).abs() <= rounding).all()
+    assert ((approx - exact).abs() <= screen.bound(approx, screen.row_scale[:400], per_scale)).all()
+
+
+@pytest.mark.parametrize("vocab,width", [(1000, 16), (5003, 64), (2000, 128)])
+def test_tokens_equal_the_fp32_argmax_on_random_heads(vocab, width):
+    weight = random_head(vocab, width, seed=vocab)
+    screen = GreedyScreen.build(weight)
+    accepted = 0
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        hidden = torch.randn(1 + seed % 5, width, generator=g) * 10 ** (seed % 7 - 3)
+        accepted += int(check(screen, weight, hidden).sum())
+    assert accepted >= 0.9 * sum(1 + seed % 5 for seed in range(20))  # the screen rarely needs the fallback
+
+
+@pytest.mark.parametrize("same_block", [True, False])
+def test_near_ties_get_the_fp32_argmax_or_fall_back(same_block):
+    """Two leading rows closer than the bound: the exact logits must decide, ties to the lowest id."""
+    width = 64
+    weight = random_head(4000, width, seed=3) * 0.01
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(1, width, generator=g)
+    a, b = (700, 701) if same_block else (700, 700 + 5 * BLOCK)
+    seen_ok = 0
+    for gap in [0.0, 1e-5, -1e-5, 1e-4, -1e-4, 1e-3, -1e-3, 1e-2, -1e-2]:
+        w = weight.clone()
+        w[a] = hidden[0] / hidden.norm()  # logit ||h||: far above every other row
+        w[b] = w[a] * (1 + gap)
+        screen = GreedyScreen.build(w)
+        tokens, ok = screen(hidden)
+        expected = F.linear(hidden, w).argmax(-1)
+        assert expected.item() in (a, b)
+        if gap == 0.0:
+            assert expected.item() == a  # equal rows: torch.argmax keeps the first
+        if ok.item():
+            seen_ok += 1
+            assert tokens.item() == expected.item(), gap
+    assert seen_ok >= 5  # the close calls are decided by the exact logits, not all left to the fallback
+
+
+def test_huge_small_and_zero_rows():
+    width = 32
+    weight = random_head(2000, width, seed=5)
+    weight[:100] = 0.0  # zero rows
+    weight[100:200] *= 1e-30
+    weight[200:300] = torch.randn(100, width) * 1e-41  # subnormal weights
+    weight[300:310] *= 1e30
+    screen = GreedyScreen.build(weight)
+    for seed in range(10):
+        g = torch.Generator().manual_seed(seed)
+        hidden = torch.randn(3, width, generator=g)
+        check(screen, weight, hidden)
+        check(screen, weight, -hidden)
+    small = weight.clone()
+    small[300:310] = 0.0
+    small[310:] = 0.0  # only zero, tiny and subnormal rows left
+    check(GreedyScreen.build(small), small, torch.randn(3, width))
+
+
+def test_a_head_of_equal_rows_always_fails_the_check():
+    weight = torch.randn(1, 64).expand(500, 64).contiguous()
+    tokens, ok = GreedyScreen.build(weight)(torch.randn(3, 64))
+    assert not ok.any()
+
+
+def test_non_finite_or_overflowing_hidden_states_fail_the_check():
+    weight = random_head(1000, 64, seed=6)
+    screen = GreedyScreen.build(weight)
+    hidden = torch.randn(5, 64)
+    hidden[0, 3] = float("nan")
+    hidden[1, 5] = float("inf")
+    hidden[2, 7] = -float("inf")
+    hidden[3] *= 1e37  # finite, but the logits overflow
+    _, ok = screen(hidden)
+    assert ok.tolist() == [False, False, False, False, True]
+
+
+def test_build_refuses_heads_it_cannot_screen():
+    assert GreedyScreen.build(torch.randn(500, 60)) is None  # width not a multiple of 16
+    assert GreedyScreen.build(torch.randn(500, 64, dtype=torch.bfloat16)) is None
+    bad = torch.randn(500, 64)
+    bad[7, 7] = float("nan")
+    assert GreedyScreen.build(bad) is None
+    bad[7, 7] = float("inf")
+    assert GreedyScreen.build(bad) is None
+    assert GreedyScreen.build(torch.randn(500, 64)) is not None
