@@ -32,29 +32,33 @@ class RotaryEmbedding(nn.Module):
         # and the context is capped there (prompts beyond it are refused before any compute).
         scaling = config.rope_scaling or {}
         self.position_scale = 1.0 / float(scaling.get("factor", 1.0)) if config.rope_type == "linear" else 1.0
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
 
     def inv_freq(self, device) -> torch.Tensor:
-        """Computed per call, always in fp32: a stored buffer would be rounded by `model.to(bf16)`."""
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
-        return 1.0 / (self.theta**exponent)
+        """Always fp32 (a stored buffer would be rounded by `model.to(bf16)`); computed once per device."""
+        if device not in self._inv_freq:
+            exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+            self._inv_freq[device] = 1.0 / (self.theta**exponent)
+        return self._inv_freq[device]
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (B, T) -> cos, sin (B, T, D) in `dtype`."""
-        positions = position_ids.float() * self.position_scale
+        """position_ids (B, T) -> cos, sin (B, T, D) in `dtype`; the first half of sin is negated for
+        `apply_rope`."""
+        positions = position_ids.float()
+        if self.position_scale != 1.0:
+            positions = positions * self.position_scale
         freqs = positions[..., None] * self.inv_freq(position_ids.device)  # (B, T, D/2)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+        emb = torch.cat([freqs, freqs], dim=-1)  # cos/sin of the full width, as transformers rounds them
+        sin = emb.sin()
+        sin[..., : self.head_dim // 2].neg_()
+        return emb.cos().to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D); cos/sin (B, T, D)."""
+    """x (B, H, T, D); cos/sin (B, T, D) from RotaryEmbedding. The rotate-half form x cos +
+    [-x2, x1] sin, written as x cos + [x2, x1] [-sin, sin]: the same products, bit for bit."""
     cos, sin = cos[:, None], sin[:, None]
-    return x * cos + rotate_half(x) * sin
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class Attention(nn.Module):
@@ -140,8 +144,8 @@ class Qwen2Model(nn.Module):
     ) -> torch.Tensor:
         """inputs_embeds (B, T, C), position_ids (B, T) -> final hidden states (B, T, C).
 
-        mask: boolean (B, 1, T, S), True where a query may attend a key; None means plainly causal
-        (no padding, no cache). caches: one KVCache per layer; cache_positions (T,) are the slots
+        mask: boolean (B, 1, T, S), True where a query may attend a key (or the same as an additive
+        float mask: 0 or -inf); None means plainly causal (no padding, no cache). caches: one KVCache per layer; cache_positions (T,) are the slots
         written by this call.
         """
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype)

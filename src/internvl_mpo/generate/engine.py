@@ -126,8 +126,8 @@ class Engine:
         """One token per active row -> fp32 logits (rows, V); with a `screen`, its greedy tokens and
         ok flags (rows,) and the hidden states (rows, C) instead. Static shapes, no host sync."""
         lm = self.model.language_model
-        key_mask[torch.arange(rows, device=tokens.device), positions] = True
-        mask = key_mask[:rows, None, None, :span]
+        key_mask[torch.arange(rows, device=tokens.device), positions] = 0.0
+        mask = key_mask[:rows, None, None, :span]  # additive, as SDPA would turn a boolean mask into
         embeds = lm.input_embeddings()(tokens[:, None])
         views = [c.decode_view(rows, span) for c in caches]
         hidden = lm.model(embeds, positions[:, None], mask, views, positions)[:, 0]
@@ -159,7 +159,8 @@ class Generation:
         layer_devices = [next(layer.parameters()).device for layer in model.language_model.model.layers]
         self.caches = make_caches(model.config.llm, max_batch, max_len, model.dtype, layer_devices)
         vocab = model.config.llm.vocab_size
-        self.key_mask = torch.zeros(max_batch, max_len, dtype=torch.bool, device=device)
+        # Attention mask over cache slots, additive: 0 where a row's key is written, -inf elsewhere.
+        self.key_mask = torch.full((max_batch, max_len), -torch.inf, dtype=model.dtype, device=device)
         self.seen = torch.zeros(max_batch, vocab, dtype=torch.bool, device=device)
         self.greedy = torch.ones(max_batch, dtype=torch.bool, device=device)
         self.temperature = torch.ones(max_batch, device=device)
@@ -230,8 +231,8 @@ class Generation:
         row = len(self.rows)
         n = len(request.prompt_ids)
         hidden = self.engine.prefill(request, self.caches, row)
-        self.key_mask[row] = False
-        self.key_mask[row, :n] = True
+        self.key_mask[row] = -torch.inf
+        self.key_mask[row, :n] = 0.0
         self.seen[row] = False
         self.greedy[row] = p.greedy
         self.temperature[row] = p.temperature if p.temperature > 0 else 1.0
