@@ -86,13 +86,13 @@ def peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_ours(folder: str, device: str, dtype: str, compile: bool) -> dict:
+def run_ours(folder: str, device: str, dtype: str, compile: bool, screen: bool | None = None) -> dict:
     from internvl_mpo.generate.engine import Engine, Request
     from internvl_mpo.generate.sampling import SamplingParams
     from internvl_mpo.model import InternVL
 
     model = InternVL.from_pretrained(folder, dtype=dtype, device=device, image_token_id=IMAGE_TOKEN)
-    engine = Engine(model, compile=compile)
+    engine = Engine(model, compile=compile, screen=screen)
     pixels = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(1)).to(device, model.dtype)
     per_tile = model.num_image_token
 
@@ -194,12 +194,15 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--compile", action="store_true", help="torch.compile our decode step")
     parser.add_argument("--rounds", type=int, default=1, help="runs per side, alternating; each side's best counts")
+    parser.add_argument("--screen", choices=["auto", "on", "off"], default="auto",
+                        help="our greedy head screen (auto: the engine's size rule)")
     parser.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:  # child process
         if args.side == "ours":
-            out = run_ours(args.folder + "/ours", args.device, args.dtype, args.compile)
+            screen = {"auto": None, "on": True, "off": False}[args.screen]
+            out = run_ours(args.folder + "/ours", args.device, args.dtype, args.compile, screen)
         else:
             out = run_hf(args.folder + "/hf", args.device, args.dtype)
         print("RESULT " + json.dumps(out))
@@ -212,7 +215,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 for side in ("ours", "hf"):
                     cmd = [sys.executable, __file__, "--side", side, "--folder", tmp, "--device", args.device,
-                           "--dtype", args.dtype] + (["--compile"] if args.compile else [])
+                           "--dtype", args.dtype, "--screen", args.screen] + (["--compile"] if args.compile else [])
                     text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                     runs[side].append(json.loads(text.split("RESULT ", 1)[1]))
         report(name, args, {side: best_of(r) for side, r in runs.items()})
