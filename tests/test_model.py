@@ -181,3 +181,25 @@ def test_tied_head_config_shares_the_embedding(tiny):
     model = InternVL(config, image_token_id=IMAGE_TOKEN_ID)
     assert model.language_model.lm_head.weight is model.language_model.model.embed_tokens.weight
     assert "language_model.lm_head.weight" not in model.expected_keys()
+
+
+def test_few_row_linear_matches_nn_linear():
+    """The decoder's Linear takes W @ x.T for 2-4 rows of a large CPU weight: the same values up to
+    fp32 rounding there, and exactly nn.Linear's everywhere else."""
+    from internvl_mpo.llm import Linear
+
+    torch.manual_seed(0)
+    for bias in (True, False):
+        big = Linear(1024, 1024, bias=bias)
+        plain = torch.nn.Linear(1024, 1024, bias=bias)
+        plain.load_state_dict(big.state_dict())
+        with torch.no_grad():
+            for shape in [(2, 1024), (4, 1, 1024), (1, 3, 1024)]:
+                x = torch.randn(shape)
+                assert_close(big(x), plain(x), rtol=1e-5, atol=1e-5)
+            for shape in [(1, 1024), (5, 1024), (2, 8, 1024)]:
+                x = torch.randn(shape)
+                assert torch.equal(big(x), plain(x))
+    small = Linear(64, 64)
+    x = torch.randn(3, 64)
+    assert torch.equal(small(x), torch.nn.functional.linear(x, small.weight, small.bias))

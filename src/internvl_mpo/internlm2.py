@@ -31,7 +31,7 @@ from torch import nn
 from .config import LLMConfig
 from .errors import ConfigError
 from .kv_cache import KVCache
-from .llm import RotaryEmbedding, apply_rope, run_layers
+from .llm import Linear, RotaryEmbedding, apply_rope, run_layers
 from .vision import RMSNorm
 
 
@@ -43,8 +43,8 @@ class InternLM2Attention(nn.Module):
         self.groups = self.num_heads // self.num_kv_heads
         self.head_dim = config.head_dim
         bias = bool(config.extra.get("bias", True))
-        self.wqkv = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=bias)
-        self.wo = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.wqkv = Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=bias)
+        self.wo = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.dropout = config.attention_dropout
 
     def forward(
@@ -79,9 +79,9 @@ class InternLM2Attention(nn.Module):
 class InternLM2MLP(nn.Module):
     def __init__(self, config: LLMConfig):
         super().__init__()
-        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)  # gate
-        self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)  # up
-        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)  # down
+        self.w1 = Linear(config.hidden_size, config.intermediate_size, bias=False)  # gate
+        self.w3 = Linear(config.hidden_size, config.intermediate_size, bias=False)  # up
+        self.w2 = Linear(config.intermediate_size, config.hidden_size, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
