@@ -77,7 +77,7 @@ EOF
 log "pairs done ($(( $(stamp) - T ))s)"
 
 # 3. MPO: 0.8 sigmoid DPO + 0.2 BCO-pair + 1.0 SFT on the chosen answers, one epoch; beta 1.0 and
-#    lr 5e-5 were the best of seven variants on a held-out validation set
+#    lr 5e-5 were the best of eight variants on a held-out validation set
 T=$(stamp)
 if [ ! -f "$RUN/mpo/final/config.json" ]; then
   internvl-mpo train mpo --model "$RUN/sft/final" --data "$RUN/mpo_meta.json" --output "$RUN/mpo" \
