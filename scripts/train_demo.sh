@@ -119,7 +119,7 @@ log "total $(( $(stamp) - T0 ))s"
 
 if [ "${INSTALL:-0}" = 1 ]; then
   # the MPO stage ships only where it answers more test questions than the SFT stage
-  BEST=$(python -c "import json, sys; a, b = (json.load(open(f'$RUN/eval_{n}/score.json'))['correct'] for n in ('sft', 'mpo')); print('mpo' if b > a else 'sft')")
+  BEST=$(python -c "import json; a, b = (json.load(open(f'$RUN/eval_{n}/score.json'))['correct'] for n in ('sft', 'mpo')); print('mpo' if b > a else 'sft')")
   DEST=src/internvl_mpo/demo_model
   find "$DEST" -maxdepth 1 -type f ! -name README.md -delete
   cp "$RUN/$BEST"/final/* "$DEST"/

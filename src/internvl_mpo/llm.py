@@ -61,19 +61,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
+def weight_first_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T computed as (weight @ x.T).T. On the CPU, MKL's x @ W.T for a few rows against a
+    large weight can run several times slower than for one row; W @ x.T runs at about the one-row
+    cost, with the same values up to fp32 rounding (benchmarks/generate.py, batch-4 decode)."""
+    rows = x.numel() // x.shape[-1]
+    return (weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], -1)
+
+
 class Linear(nn.Linear):
-    """nn.Linear that computes 2-4 rows against a large weight on the CPU as W @ x.T: there MKL's
-    x @ W.T for a few rows can run several times slower than for one row (benchmarks/generate.py,
-    batch-4 decode of the small config). The values agree up to fp32 rounding."""
+    """nn.Linear that computes 2-4 rows against a large CPU weight with `weight_first_matmul`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if not (2 <= rows <= 4 and x.device.type == "cpu" and self.weight.numel() >= 1 << 20):
             return super().forward(x)
-        out = (self.weight @ x.reshape(rows, -1).T).T
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], -1)
+        out = weight_first_matmul(x, self.weight)
+        return out if self.bias is None else out + self.bias
 
 
 class Attention(nn.Module):

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import InputError
 from ..kv_cache import make_caches
+from ..llm import weight_first_matmul
 from ..model import InternVL
 from .greedy_head import GreedyScreen
 from .sampling import SamplingParams, apply_repetition_penalty, choose_tokens, exponential_noise, make_generator
@@ -137,14 +138,10 @@ class Engine:
 
 
 def head_logits(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    """fp32 logits (B, V) of a few rows of hidden states.
-
-    On the CPU, MKL's `hidden @ W.T` with 2-16 rows runs several times slower than one row for the
-    vocabulary-wide head; `W @ hidden.T` gives the same values at about the one-row cost
-    (benchmarks/generate.py, decode at batch 4).
-    """
+    """fp32 logits (B, V) of a few rows of hidden states; 2-16 rows on the CPU go through
+    `weight_first_matmul` (the vocabulary-wide head gains up to 16 rows)."""
     if hidden.device.type == "cpu" and 1 < hidden.shape[0] <= 16:
-        return (head.weight @ hidden.T).T.float()
+        return weight_first_matmul(hidden, head.weight).float()
     return head(hidden).float()
 
 
