@@ -144,6 +144,29 @@ def test_written_files(tmp_path):
     assert sum("Final answer" in c["conversations"][0]["value"] for c in sft) == len(sft) // 2  # CoT-wrapped half
 
 
+def test_direct_share_of_bare_answers(tmp_path):
+    """`direct` replaces that share of SFT answers by the final-answer line; the items keep the reasoning."""
+    items = synth.generate_split("train", 200, 0, set())
+    synth.write_split(tmp_path / "d", "train", items, seed=0, direct=0.5)
+    synth.write_split(tmp_path / "f", "train", items, seed=0)
+    sft = [json.loads(x) for x in (tmp_path / "d" / "train_sft.jsonl").read_text().splitlines()]
+    full = [json.loads(x) for x in (tmp_path / "f" / "train_sft.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (tmp_path / "d" / "train.jsonl").read_text().splitlines()]
+    bare = 0
+    for conv, ref, row in zip(sft, full, rows):
+        answer = conv["conversations"][1]["value"]
+        assert conv["conversations"][0] == ref["conversations"][0]  # same prompts
+        assert row["chosen"] == ref["conversations"][1]["value"]  # items keep the reasoning
+        if answer != row["chosen"]:
+            assert answer == f"Final answer: {row['answer']}"
+            bare += 1
+    assert 70 <= bare <= 130
+    cot = [c for c in sft if "Final answer" in c["conversations"][0]["value"]]
+    assert 0 < sum(c["conversations"][1]["value"].startswith("Final") for c in cot) < len(cot)  # whatever the prompt
+    with pytest.raises(Exception, match="direct"):
+        synth.make_demo_data(str(tmp_path / "x"), train=1, val=1, test=1, direct=1.5)
+
+
 # ---- tokenizer and config -----------------------------------------------------------------
 
 

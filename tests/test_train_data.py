@@ -27,6 +27,7 @@ from internvl_mpo.train.data import (
     SFTDataset,
     collate_pairs,
     collate_sft,
+    divergent_line_labels,
     encode_pair,
 )
 from internvl_mpo.train.mmpr import load_meta, read_datasets, read_sft_records
@@ -234,6 +235,37 @@ def test_prompt_too_long_names_file_and_line(tmp_path, tokenizer, settings):
     assert f"{tmp_path / 'toy.jsonl'}:2:" in bad.message and f"max_seq_length={limit}" in bad.message
     with pytest.raises(InputError, match=r"toy\.jsonl:2: the prompt is \d+ tokens"):
         encode_pair(recs[1], tokenizer, settings, limit)
+
+
+def test_divergent_line_labels_on_hand_made_ids():
+    newline = 9
+    chosen = [1, 2, 9, 3, 4, 9, 5, 9]
+    # differs at position 3 (7 vs 3); that line ends at position 5; positions 6.. are masked
+    rejected = [1, 2, 9, 7, 4, 9, 6, 9, 8]
+    labels = [10, 11, 12, 13, 14, 15, 16, 17, 18]
+    out = divergent_line_labels(chosen, rejected, labels, lambda t: t == newline)
+    assert out == [10, 11, 12, 13, 14, 15, -100, -100, -100]
+    # the first difference is a newline itself: the line ends there
+    assert divergent_line_labels([1, 2, 3], [1, 9, 4, 9], [0, 1, 2, 3], lambda t: t == newline) == [0, 1, -100, -100]
+    # no newline after the difference, or the rejected answer is a prefix of the chosen one: nothing is cut
+    assert divergent_line_labels([1, 2, 3], [1, 5, 6], [0, 1, 2], lambda t: t == newline) == [0, 1, 2]
+    assert divergent_line_labels([1, 2, 9, 3], [1, 2], [0, 1], lambda t: t == newline) == [0, 1]
+
+
+def test_rejected_span_divergent_line_scores_up_to_the_first_wrong_line(tmp_path, tokenizer, settings):
+    chosen = "Goal: count.\nleft: red, 1.\nright: blue, no.\nFinal answer: 1"
+    rejected = "Goal: count.\nleft: red, 2.\nright: blue, no.\nFinal answer: 2"
+    meta = write_mmpr(tmp_path, [{"image": "red.png", "question": "How many?", "chosen": chosen, "rejected": rejected}])
+    recs, _ = read_datasets(load_meta(str(meta)))
+    full = PairDataset(recs, tokenizer, settings, 4096)[0]
+    cut = PairDataset(recs, tokenizer, settings, 4096, rejected_span="divergent-line")[0]
+    assert cut.chosen_labels == full.chosen_labels and cut.rejected_ids == full.rejected_ids
+    kept = [t for t, lab in zip(cut.rejected_ids, cut.rejected_labels) if lab != -100]
+    assert tokenizer.decode(kept) == "Goal: count.\nleft: red, 2.\n"
+    whole = [t for t, lab in zip(full.rejected_ids, full.rejected_labels) if lab != -100]
+    assert tokenizer.decode(whole) == rejected
+    with pytest.raises(ValueError, match="rejected_span"):
+        PairDataset(recs, tokenizer, settings, 4096, rejected_span="half")
 
 
 def test_corrupt_image_names_file_and_line(tmp_path, tokenizer, settings):

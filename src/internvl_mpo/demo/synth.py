@@ -21,6 +21,10 @@ so that counting is copying the last number; then it concludes and ends in MMPR'
 line. Half of the
 SFT conversations wrap the question in MMPR's chain-of-thought instruction (the prompt of
 `internvl-mpo pairs correctness` and `internvl-mpo eval --cot`), half ask it plainly (`chat`).
+With `direct` > 0 that share of the SFT answers (drawn per item, whatever the prompt) is only the
+`Final answer: ...` line, as in corpora that merge short-answer VQA sets with reasoning data: the
+SFT model then reasons only some of the time, even when asked to, which is the situation MPO's
+correctness pairs are meant to repair. The evaluation / `pairs` items always carry the reasoning.
 Splits are drawn from separate seeds and a scene never appears in two splits. Everything is
 deterministic given `seed`: the same call writes byte-identical files.
 
@@ -296,16 +300,18 @@ def eval_record(item: Item, image: str) -> dict:
     }
 
 
-def sft_record(item: Item, image: str, cot: bool) -> dict:
+def sft_record(item: Item, image: str, cot: bool, direct: bool = False) -> dict:
     """An SFT conversation; with `cot` the question is wrapped in MMPR's chain-of-thought instruction,
-    the prompt that `internvl-mpo pairs correctness` and `internvl-mpo eval --cot` send."""
+    the prompt that `internvl-mpo pairs correctness` and `internvl-mpo eval --cot` send; with `direct`
+    the answer is only its final line."""
     question = build_cot_question(item.question) if cot else item.question
+    answer = f"Final answer: {item.answer}" if direct else item.reasoning
     return {
         "id": item.id,
         "image": image,
         "conversations": [
             {"from": "human", "value": f"<image>\n{question}"},
-            {"from": "gpt", "value": item.reasoning},
+            {"from": "gpt", "value": answer},
         ],
     }
 
@@ -316,7 +322,9 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def write_split(folder: Path, split: str, items: list[Item], seed: int, image_format: str = "png") -> None:
+def write_split(
+    folder: Path, split: str, items: list[Item], seed: int, image_format: str = "png", direct: float = 0.0
+) -> None:
     image_dir = folder / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
     evals, sfts = [], []
@@ -328,7 +336,8 @@ def write_split(folder: Path, split: str, items: list[Item], seed: int, image_fo
         else:
             image.save(folder / rel, format="JPEG", quality=92)
         evals.append(eval_record(item, rel))
-        sfts.append(sft_record(item, rel, cot=index % 2 == 0))
+        bare = random.Random(f"{seed}:{item.id}:direct").random() < direct
+        sfts.append(sft_record(item, rel, cot=index % 2 == 0, direct=bare))
     _write_jsonl(folder / f"{split}.jsonl", evals)
     _write_jsonl(folder / f"{split}_sft.jsonl", sfts)
 
@@ -348,6 +357,7 @@ def make_demo_data(
     test: int = 600,
     seed: int = 0,
     image_format: str = "png",
+    direct: float = 0.0,
 ) -> int:
     """Write the synthetic shapes VQA data set, its tokenizer and the tiny model's config.json.
 
@@ -357,18 +367,21 @@ def make_demo_data(
     test: number of held-out test items
     seed: seed of everything; the same seed writes the same files
     image_format: png or jpg
+    direct: share of SFT answers that are only the final-answer line, without the reasoning
     """
     from .config import demo_config
     from .tokenizer import write_demo_tokenizer
 
     if image_format not in ("png", "jpg"):
         raise InputError(f"--image-format must be png or jpg, got {image_format!r}")
+    if not 0 <= direct <= 1:
+        raise InputError(f"--direct must be in [0, 1], got {direct}")
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
     seen: set = set()
     counts = {}
     for split, n in (("test", test), ("val", val), ("train", train)):
-        write_split(folder, split, generate_split(split, n, seed, seen), seed, image_format)
+        write_split(folder, split, generate_split(split, n, seed, seen), seed, image_format, direct)
         counts[split] = n
     tokenizer = write_demo_tokenizer(folder / "tokenizer", tokenizer_corpus(seed))
     demo_config(len(tokenizer)).to_json(folder / "config.json")

@@ -25,6 +25,7 @@ def train(
     quality_weight: float | None = None,
     gen_weight: float | None = None,
     label_smoothing: float = 0.0,
+    rejected_span: str = "full",
     lr: float = 1e-6,
     weight_decay: float = 0.05,
     adam_beta1: float = 0.9,
@@ -73,6 +74,7 @@ def train(
     quality_weight: weight of the BCO-pair term (default: mpo 0.2, dpo 0, sft 0)
     gen_weight: weight of the SFT NLL term on chosen answers (default: mpo 1, dpo 0, sft 1)
     label_smoothing: conservative-DPO label smoothing
+    rejected_span: full (official: the whole rejected answer is scored) or divergent-line (only up to the end of its first line that differs from the chosen answer)
     lr: peak learning rate
     weight_decay: AdamW weight decay (not on biases and norm weights)
     adam_beta1: AdamW beta1

@@ -25,6 +25,12 @@ Deliberate differences from the official code:
   13.3); we do not reproduce that;
 - padding uses the tokenizer's pad id (`<|endoftext|>`) everywhere (the official code pads with 0
   and then 151643, pitfall 13.4; labels are -100 on pads either way).
+
+An option the official code does not have: `rejected_span="divergent-line"` scores a rejected answer
+only up to the end of its first line that differs from the chosen answer (`divergent_line_labels`).
+The lines after it follow from that first error (a wrong running count stays consistently wrong), so
+pushing them down also pushes down correct steps taken from a wrong state. The tokens before the
+divergence are the chosen answer's own, so they cancel in the DPO margin either way.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from internvl_mpo.processor.video import load_video
 from internvl_mpo.train.mmpr import PreferenceRecord, SFTRecord
 
 VIDEO_PLACEHOLDER = "<video>"
+REJECTED_SPANS = ("full", "divergent-line")
 SFT_ROLE_NAMES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
@@ -171,6 +178,34 @@ def fit_pair(
     return out[0], out[1], truncated
 
 
+def divergent_line_labels(
+    chosen_ids: Sequence[int], rejected_ids: Sequence[int], rejected_labels: Sequence[int], ends_line
+) -> list[int]:
+    """`rejected_labels` with every position after the end of the rejected answer's first divergent line
+    set to -100. The line ends at the first token from the first differing position on for which
+    `ends_line(token_id)` is true; without one (or without a difference) nothing is masked."""
+    n = min(len(chosen_ids), len(rejected_ids))
+    first = next((i for i in range(n) if chosen_ids[i] != rejected_ids[i]), n)
+    end = next((j for j in range(first, len(rejected_ids)) if ends_line(rejected_ids[j])), None)
+    labels = list(rejected_labels)
+    if end is not None:
+        labels[end + 1 :] = [IGNORE_INDEX] * (len(labels) - end - 1)
+    return labels
+
+
+class _LineEnds:
+    """`token_id -> bool`: does the token's text hold a newline (cached per tokenizer)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.cache: dict[int, bool] = {}
+
+    def __call__(self, token_id: int) -> bool:
+        if token_id not in self.cache:
+            self.cache[token_id] = "\n" in self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return self.cache[token_id]
+
+
 def encode_pair(
     record: PreferenceRecord,
     tokenizer: Tokenizer,
@@ -178,6 +213,8 @@ def encode_pair(
     max_seq_length: int,
     max_num: int | None = None,
     index: int = 0,
+    rejected_span: str = "full",
+    line_ends=None,
 ) -> PairExample:
     """Load a record's media and tokenize it; InputError("file:line: problem") when it cannot be used."""
     where = str(record.source)
@@ -202,6 +239,11 @@ def encode_pair(
             " max_seq_length"
         )
     (chosen_ids, chosen_labels), (rejected_ids, rejected_labels), truncated = fitted
+    if rejected_span == "divergent-line":
+        ends = line_ends if line_ends is not None else _LineEnds(tokenizer)
+        rejected_labels = divergent_line_labels(chosen_ids, rejected_ids, rejected_labels, ends)
+    elif rejected_span != "full":
+        raise ValueError(f"rejected_span must be one of {REJECTED_SPANS}, got {rejected_span!r}")
     return PairExample(
         index, pair.prompt_ids, chosen_ids, chosen_labels, rejected_ids, rejected_labels, pixel_values, truncated, where
     )
@@ -274,12 +316,17 @@ class PairDataset:
         settings: MediaSettings,
         max_seq_length: int,
         max_num_by_dataset: dict[str, int] | None = None,
+        rejected_span: str = "full",
     ):
+        if rejected_span not in REJECTED_SPANS:
+            raise ValueError(f"rejected_span must be one of {REJECTED_SPANS}, got {rejected_span!r}")
         self.records = list(records)
         self.tokenizer = tokenizer
         self.settings = settings
         self.max_seq_length = max_seq_length
         self.max_num_by_dataset = dict(max_num_by_dataset or {})
+        self.rejected_span = rejected_span
+        self.line_ends = _LineEnds(tokenizer)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -289,7 +336,7 @@ class PairDataset:
         try:
             return encode_pair(
                 record, self.tokenizer, self.settings, self.max_seq_length,
-                self.max_num_by_dataset.get(record.dataset), index,
+                self.max_num_by_dataset.get(record.dataset), index, self.rejected_span, self.line_ends,
             )
         except InputError as e:
             return BadExample(index, "encode", str(e))

@@ -63,6 +63,7 @@ from internvl_mpo.train.data import (
     BadExample,
     Batch,
     MediaSettings,
+    REJECTED_SPANS,
     PairDataset,
     SFTDataset,
     collate_pairs,
@@ -129,6 +130,7 @@ class TrainConfig:
     quality_weight: float | None = None
     gen_weight: float | None = None
     label_smoothing: float = 0.0
+    rejected_span: str = "full"
     lr: float = 1e-6
     weight_decay: float = 0.05
     adam_beta1: float = 0.9
@@ -172,6 +174,8 @@ class TrainConfig:
             raise ConfigError("give exactly one of --model PATH and --init-from-config config.json")
         if self.init_from_config is not None and self.tokenizer is None:
             raise ConfigError("--init-from-config needs --tokenizer DIR (the folder with the tokenizer files)")
+        if self.rejected_span not in REJECTED_SPANS:
+            raise ConfigError(f"rejected_span must be one of {', '.join(REJECTED_SPANS)}, got {self.rejected_span!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "epochs": self.epochs,
@@ -338,7 +342,9 @@ def build_dataset(cfg: TrainConfig, tokenizer: Tokenizer, config: ModelConfig) -
         specs = load_meta(cfg.data)
         records, report = read_datasets(specs, skip_bad=cfg.skip_bad, sample_seed=cfg.seed)
         max_num = {s.name: s.max_dynamic_patch for s in specs if s.max_dynamic_patch is not None}
-        dataset: PairDataset | SFTDataset = PairDataset(records, tokenizer, settings, cfg.max_seq_length, max_num)
+        dataset: PairDataset | SFTDataset = PairDataset(
+            records, tokenizer, settings, cfg.max_seq_length, max_num, cfg.rejected_span
+        )
     else:
         skip = report if cfg.skip_bad else None
         if cfg.data.endswith(".jsonl"):
@@ -443,6 +449,7 @@ def _ref_fingerprint(cfg: TrainConfig, dataset) -> dict:
         "max_seq_length": cfg.max_seq_length,
         "max_dynamic_patch": cfg.max_dynamic_patch,
         "seed": cfg.seed,
+        "rejected_span": cfg.rejected_span,
     }
 
 
