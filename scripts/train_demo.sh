@@ -9,7 +9,8 @@
 #
 # Sized for a 2-core CPU: about 87 minutes end to end, from the phases measured on 2026-11-28 (data 3.5,
 # SFT 63, each evaluation 1.7, pairs 7.8, MPO 9.5; see src/internvl_mpo/demo_model/README.md for the
-# results). Usage:
+# results); on 2026-12-01 a quiet machine ran the SFT steps at 0.83 s (3000 steps: 42 minutes), so
+# the 63 minutes above were measured with other work running. Usage:
 #
 #   scripts/train_demo.sh [RUN_DIR]          # default RUN_DIR: runs/demo
 #   INSTALL=1 scripts/train_demo.sh          # install the better stage (MPO only if it wins) as the demo model
