@@ -21,6 +21,7 @@ from internvl_mpo.chat.template import get_template
 from internvl_mpo.chat.tokenizer import load_tokenizer
 from internvl_mpo.config import ModelConfig
 from internvl_mpo.demo import synth
+from internvl_mpo.errors import InputError
 from internvl_mpo.demo.config import demo_config
 from internvl_mpo.demo.tokenizer import ADDED_TOKENS, write_demo_tokenizer
 
@@ -163,7 +164,7 @@ def test_direct_share_of_bare_answers(tmp_path):
     assert 70 <= bare <= 130
     cot = [c for c in sft if "Final answer" in c["conversations"][0]["value"]]
     assert 0 < sum(c["conversations"][1]["value"].startswith("Final") for c in cot) < len(cot)  # whatever the prompt
-    with pytest.raises(Exception, match="direct"):
+    with pytest.raises(InputError, match="direct"):
         synth.make_demo_data(str(tmp_path / "x"), train=1, val=1, test=1, direct=1.5)
 
 

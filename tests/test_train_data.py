@@ -265,7 +265,7 @@ def test_rejected_span_divergent_line_scores_up_to_the_first_wrong_line(tmp_path
     whole = [t for t, lab in zip(full.rejected_ids, full.rejected_labels) if lab != -100]
     assert tokenizer.decode(whole) == rejected
     with pytest.raises(ValueError, match="rejected_span"):
-        PairDataset(recs, tokenizer, settings, 4096, rejected_span="half")
+        PairDataset(recs, tokenizer, settings, 4096, rejected_span="half")[0]
 
 
 def test_corrupt_image_names_file_and_line(tmp_path, tokenizer, settings):

@@ -35,7 +35,7 @@ divergence are the chosen answer's own, so they cancel in the DPO margin either 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -179,7 +179,8 @@ def fit_pair(
 
 
 def divergent_line_labels(
-    chosen_ids: Sequence[int], rejected_ids: Sequence[int], rejected_labels: Sequence[int], ends_line
+    chosen_ids: Sequence[int], rejected_ids: Sequence[int], rejected_labels: Sequence[int],
+    ends_line: Callable[[int], bool],
 ) -> list[int]:
     """`rejected_labels` with every position after the end of the rejected answer's first divergent line
     set to -100. The line ends at the first token from the first differing position on for which
@@ -214,7 +215,7 @@ def encode_pair(
     max_num: int | None = None,
     index: int = 0,
     rejected_span: str = "full",
-    line_ends=None,
+    line_ends: Callable[[int], bool] | None = None,
 ) -> PairExample:
     """Load a record's media and tokenize it; InputError("file:line: problem") when it cannot be used."""
     where = str(record.source)
@@ -318,8 +319,6 @@ class PairDataset:
         max_num_by_dataset: dict[str, int] | None = None,
         rejected_span: str = "full",
     ):
-        if rejected_span not in REJECTED_SPANS:
-            raise ValueError(f"rejected_span must be one of {REJECTED_SPANS}, got {rejected_span!r}")
         self.records = list(records)
         self.tokenizer = tokenizer
         self.settings = settings
