@@ -168,6 +168,28 @@ def test_direct_share_of_bare_answers(tmp_path):
         synth.make_demo_data(str(tmp_path / "x"), train=1, val=1, test=1, direct=1.5)
 
 
+
+def test_bare_copies_add_final_line_conversations(tmp_path):
+    """`bare_copies` keeps every reasoning conversation and adds a final-line-only copy of that share."""
+    items = synth.generate_split("train", 100, 0, set())
+    synth.write_split(tmp_path / "c", "train", items, seed=0, bare_copies=0.3)
+    synth.write_split(tmp_path / "f", "train", items, seed=0)
+    sft = [json.loads(x) for x in (tmp_path / "c" / "train_sft.jsonl").read_text().splitlines()]
+    full = {c["id"]: c for c in map(json.loads, (tmp_path / "f" / "train_sft.jsonl").read_text().splitlines())}
+    answers = {item.id: item.answer for item in items}
+    assert len(sft) == 130
+    copies = [c for c in sft if c["id"].endswith("-bare")]
+    assert sorted(c["id"] for c in copies) == [f"{item.id}-bare" for item in items[:30]]
+    for conv in copies:
+        original = full[conv["id"].removesuffix("-bare")]
+        assert conv["image"] == original["image"]
+        assert conv["conversations"][0] == original["conversations"][0]  # same prompt, CoT-wrapped or not
+        assert conv["conversations"][1] == {"from": "gpt", "value": f"Final answer: {answers[original['id']]}"}
+    assert [c for c in sft if not c["id"].endswith("-bare")] != list(full.values())  # interleaved by the shuffle
+    assert sorted(c["id"] for c in sft if not c["id"].endswith("-bare")) == sorted(full)  # every reasoning one stays
+    with pytest.raises(InputError, match="bare-copies"):
+        synth.make_demo_data(str(tmp_path / "x"), train=1, val=1, test=1, bare_copies=-0.1)
+
 # ---- tokenizer and config -----------------------------------------------------------------
 
 

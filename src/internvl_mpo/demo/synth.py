@@ -316,6 +316,16 @@ def sft_record(item: Item, image: str, cot: bool, direct: bool = False) -> dict:
     }
 
 
+def bare_copy(record: dict, item: Item) -> dict:
+    """An SFT conversation's copy (id suffixed `-bare`) whose answer is only the final-answer line."""
+    human, _ = record["conversations"]
+    return {
+        "id": f"{record['id']}-bare",
+        "image": record["image"],
+        "conversations": [dict(human), {"from": "gpt", "value": f"Final answer: {item.answer}"}],
+    }
+
+
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for record in records:
@@ -323,7 +333,13 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def write_split(
-    folder: Path, split: str, items: list[Item], seed: int, image_format: str = "png", direct: float = 0.0
+    folder: Path,
+    split: str,
+    items: list[Item],
+    seed: int,
+    image_format: str = "png",
+    direct: float = 0.0,
+    bare_copies: float = 0.0,
 ) -> None:
     image_dir = folder / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -338,6 +354,12 @@ def write_split(
         evals.append(eval_record(item, rel))
         bare = random.Random(f"{seed}:{item.id}:direct").random() < direct
         sfts.append(sft_record(item, rel, cot=index % 2 == 0, direct=bare))
+    if bare_copies:
+        # the first share of conversations once more with only the final-answer line, then one shuffle
+        # so the two styles interleave; the reasoning conversations all stay
+        copies = round(bare_copies * len(items))
+        sfts += [bare_copy(record, item) for record, item in zip(sfts[:copies], items[:copies])]
+        random.Random(seed).shuffle(sfts)
     _write_jsonl(folder / f"{split}.jsonl", evals)
     _write_jsonl(folder / f"{split}_sft.jsonl", sfts)
 
@@ -358,6 +380,7 @@ def make_demo_data(
     seed: int = 0,
     image_format: str = "png",
     direct: float = 0.0,
+    bare_copies: float = 0.0,
 ) -> int:
     """Write the synthetic shapes VQA data set, its tokenizer and the tiny model's config.json.
 
@@ -368,6 +391,7 @@ def make_demo_data(
     seed: seed of everything; the same seed writes the same files
     image_format: png or jpg
     direct: share of SFT answers that are only the final-answer line, without the reasoning
+    bare_copies: share of items that also get an SFT conversation answering with the final line only
     """
     from .config import demo_config
     from .tokenizer import write_demo_tokenizer
@@ -376,12 +400,16 @@ def make_demo_data(
         raise InputError(f"--image-format must be png or jpg, got {image_format!r}")
     if not 0 <= direct <= 1:
         raise InputError(f"--direct must be in [0, 1], got {direct}")
+    if not 0 <= bare_copies <= 1:
+        raise InputError(f"--bare-copies must be in [0, 1], got {bare_copies}")
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
     seen: set = set()
     counts = {}
     for split, n in (("test", test), ("val", val), ("train", train)):
-        write_split(folder, split, generate_split(split, n, seed, seen), seed, image_format, direct)
+        write_split(
+            folder, split, generate_split(split, n, seed, seen), seed, image_format, direct, bare_copies
+        )
         counts[split] = n
     tokenizer = write_demo_tokenizer(folder / "tokenizer", tokenizer_corpus(seed))
     demo_config(len(tokenizer)).to_json(folder / "config.json")
