@@ -7,10 +7,9 @@
 #   3. MPO from the SFT model (which is also the reference model)     internvl-mpo train mpo
 #   4. held-out test accuracy after SFT and after MPO                 internvl-mpo eval --cot
 #
-# Sized for a 2-core CPU: about 87 minutes end to end, from the phases measured on 2026-11-28 (data 3.5,
-# SFT 63, each evaluation 1.7, pairs 7.8, MPO 9.5; see src/internvl_mpo/demo_model/README.md for the
-# results); on 2026-12-01 a quiet machine ran the SFT steps at 0.83 s (3000 steps: 42 minutes), so
-# the 63 minutes above were measured with other work running. Usage:
+# Sized for a 2-core CPU: 56 minutes end to end on 2026-12-02 (data 1.6, SFT 27.8 at 0.83 s a step,
+# each evaluation 3.8, pairs 4.7, MPO 14.5 at 1.5 s a step); that run made the shipped checkpoint, and
+# src/internvl_mpo/demo_model/README.md has its results. Usage:
 #
 #   scripts/train_demo.sh [RUN_DIR]          # default RUN_DIR: runs/demo
 #   INSTALL=1 scripts/train_demo.sh          # install the better stage (MPO only if it wins) as the demo model
@@ -22,20 +21,24 @@ RUN=${1:-runs/demo}
 DATA=$RUN/data
 SEED=${SEED:-0}
 DEVICE=${DEVICE:-cpu}
-SFT_STEPS=${SFT_STEPS:-3000}
+SFT_STEPS=${SFT_STEPS:-2000}
+BARE_COPIES=${BARE_COPIES:-0.5}
 PAIR_ITEMS=${PAIR_ITEMS:-1000}
 mkdir -p "$RUN"
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$RUN/times.log"; }
 stamp() { date +%s; }
 T0=$(stamp)
 
-# 0. data: 16000 train / 300 val / 1000 test items, one 448x448 picture each; tokenizer/ and config.json
+# 0. data: 16000 train / 300 val / 4000 test items, one 448x448 picture each; tokenizer/ and config.json.
+#    The SFT file holds every item's reasoning answer plus, for half of the items, a second copy that
+#    answers with the final line only: the SFT model then sometimes skips the reasoning, which is the
+#    behaviour MPO's preference pairs are built to correct (see the demo model's README)
 if [ ! -f "$DATA/config.json" ]; then
-  internvl-mpo demo-data "$DATA" --train 16000 --val 300 --test 1000 --seed "$SEED"
+  internvl-mpo demo-data "$DATA" --train 16000 --val 300 --test 4000 --seed "$SEED" --bare-copies "$BARE_COPIES"
 fi
 log "data ready ($(( $(stamp) - T0 ))s)"
 
-# 1. SFT from scratch on the conversations (half of them CoT-wrapped); lr and betas suit a tiny model
+# 1. SFT from scratch on the conversations (half of the prompts CoT-wrapped); lr and betas suit a tiny model
 T=$(stamp)
 if [ ! -f "$RUN/sft/final/config.json" ]; then
   internvl-mpo train sft --data "$DATA/train_sft.jsonl" --init-from-config "$DATA/config.json" \
@@ -77,8 +80,7 @@ print("MPO data:", ", ".join(f"{s.name} ({s.length} pairs)" for s in specs))
 EOF
 log "pairs done ($(( $(stamp) - T ))s)"
 
-# 3. MPO: 0.8 sigmoid DPO + 0.2 BCO-pair + 1.0 SFT on the chosen answers, one epoch; beta 1.0 and
-#    lr 5e-5 were the best of eight variants on a held-out validation set
+# 3. MPO: 0.8 sigmoid DPO + 0.2 BCO-pair + 1.0 SFT on the chosen answers, one epoch, beta 1.0, lr 5e-5
 T=$(stamp)
 if [ ! -f "$RUN/mpo/final/config.json" ]; then
   internvl-mpo train mpo --model "$RUN/sft/final" --data "$RUN/mpo_meta.json" --output "$RUN/mpo" \
