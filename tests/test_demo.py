@@ -21,9 +21,9 @@ from internvl_mpo.chat.template import get_template
 from internvl_mpo.chat.tokenizer import load_tokenizer
 from internvl_mpo.config import ModelConfig
 from internvl_mpo.demo import synth
-from internvl_mpo.errors import InputError
 from internvl_mpo.demo.config import demo_config
 from internvl_mpo.demo.tokenizer import ADDED_TOKENS, write_demo_tokenizer
+from internvl_mpo.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "src" / "internvl_mpo" / "demo_model"
@@ -168,7 +168,6 @@ def test_direct_share_of_bare_answers(tmp_path):
         synth.make_demo_data(str(tmp_path / "x"), train=1, val=1, test=1, direct=1.5)
 
 
-
 def test_bare_copies_add_final_line_conversations(tmp_path):
     """`bare_copies` keeps every reasoning conversation and adds a final-line-only copy of that share."""
     items = synth.generate_split("train", 100, 0, set())
@@ -189,6 +188,7 @@ def test_bare_copies_add_final_line_conversations(tmp_path):
     assert sorted(c["id"] for c in sft if not c["id"].endswith("-bare")) == sorted(full)  # every reasoning one stays
     with pytest.raises(InputError, match="bare-copies"):
         synth.make_demo_data(str(tmp_path / "x"), train=1, val=1, test=1, bare_copies=-0.1)
+
 
 # ---- tokenizer and config -----------------------------------------------------------------
 

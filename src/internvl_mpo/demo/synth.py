@@ -316,16 +316,6 @@ def sft_record(item: Item, image: str, cot: bool, direct: bool = False) -> dict:
     }
 
 
-def bare_copy(record: dict, item: Item) -> dict:
-    """An SFT conversation's copy (id suffixed `-bare`) whose answer is only the final-answer line."""
-    human, _ = record["conversations"]
-    return {
-        "id": f"{record['id']}-bare",
-        "image": record["image"],
-        "conversations": [dict(human), {"from": "gpt", "value": f"Final answer: {item.answer}"}],
-    }
-
-
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for record in records:
@@ -357,8 +347,10 @@ def write_split(
     if bare_copies:
         # the first share of conversations once more with only the final-answer line, then one shuffle
         # so the two styles interleave; the reasoning conversations all stay
-        copies = round(bare_copies * len(items))
-        sfts += [bare_copy(record, item) for record, item in zip(sfts[:copies], items[:copies])]
+        sfts += [
+            {**sft_record(item, sfts[index]["image"], cot=index % 2 == 0, direct=True), "id": f"{item.id}-bare"}
+            for index, item in enumerate(items[: round(bare_copies * len(items))])
+        ]
         random.Random(seed).shuffle(sfts)
     _write_jsonl(folder / f"{split}.jsonl", evals)
     _write_jsonl(folder / f"{split}_sft.jsonl", sfts)
