@@ -4,16 +4,18 @@
     python benchmarks/generate.py --config small --dtype bfloat16
     python benchmarks/generate.py --device cuda --dtype bfloat16 --compile
 
-Each side runs in its own subprocess (fair peak-memory numbers) on weights written once to a temp
-folder, in the official layout for us and transformers' layout for them. Greedy tokens are checked
-to agree first. Reported: vision+projector time for one tile, prefill latency (1 tile + ~40 text
-tokens, vision included), decode tokens/s at batch 1 and 4 (64 new tokens, eos ignored; measured
-as (t(64 tokens) - t(1 token)) / 63), peak memory, and the machine's limit for batch-1 decode: the
-time to stream the decoder's weights once through matrix-vector products.
+Random weights are written once to a temp folder, in the official layout for us and transformers'
+layout for them. Greedy tokens are checked to agree first. Reported: vision+projector time for one
+tile, prefill latency (1 tile + ~40 text tokens, vision included), decode tokens/s at batch 1 and 4
+(64 new tokens, eos ignored; measured as (t(64 tokens) - t(1 token)) / 63), peak memory, and the
+machine's limit for batch-1 decode: the time to stream the decoder's weights once through
+matrix-vector products.
 
-Every time is the best of several runs (at least 3, more while under a few seconds), and with
---rounds N the two sides run N times each, alternating, keeping each side's best: a shared or
-virtual machine drifts by tens of percent between runs and processes.
+Times come from one process holding both models: for every measurement the two sides take turns
+(`--rounds` turns each, the first turn alternating) and each keeps its best, so a shared machine
+that drifts by tens of percent between minutes and processes drifts for both alike. A time is the
+best of several calls after a warm-up (at least 3, more while under a few seconds). Peak memory
+comes from two more processes, one per side, each running every workload twice on its own.
 """
 
 from __future__ import annotations
@@ -90,48 +92,112 @@ def peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_ours(folder: str, device: str, dtype: str, compile: bool, screen: bool | None = None) -> dict:
-    from internvl_mpo.generate.engine import Engine, Request
-    from internvl_mpo.generate.sampling import SamplingParams
-    from internvl_mpo.model import InternVL
+class Ours:
+    """Our engine on the official-layout checkpoint."""
 
-    model = InternVL.from_pretrained(folder, dtype=dtype, device=device, image_token_id=IMAGE_TOKEN)
-    engine = Engine(model, compile=compile, screen=screen)
-    pixels = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(1)).to(device, model.dtype)
-    per_tile = model.num_image_token
+    name = "ours"
 
-    counts = {"tokens_emitted": 0, "fallbacks": 0}  # greedy tokens, and those the head's screen left to the full head
+    def __init__(self, folder: str, device: str, dtype: str, compile: bool, screen: bool | None = None):
+        from internvl_mpo.generate.engine import Engine
+        from internvl_mpo.model import InternVL
 
-    def generate(batch: list[list[int]], new: int, images=None) -> list[list[int]]:
+        self.model = InternVL.from_pretrained(folder, dtype=dtype, device=device, image_token_id=IMAGE_TOKEN)
+        self.engine = Engine(self.model, compile=compile, screen=screen)
+        self.pixels = test_pixels(device, self.model.dtype)
+        self.per_tile = self.model.num_image_token
+        self.tokens_emitted = self.fallbacks = 0  # greedy tokens, and those the screen left to the full head
+
+    def generate(self, batch: list[list[int]], new: int, images=None) -> list[list[int]]:
+        from internvl_mpo.generate.engine import Request
+        from internvl_mpo.generate.sampling import SamplingParams
+
         params = SamplingParams(max_new_tokens=new, ignore_eos=True)
-        reqs = [Request(p, params, images) for p in batch]
-        out = [[] for _ in reqs]
-        gen = engine.generate(reqs)
+        out = [[] for _ in batch]
+        gen = self.engine.generate([Request(p, params, images) for p in batch])
         for events in gen:
             for e in events:
                 out[e.rid].append(e.token)
-        counts["tokens_emitted"] += sum(map(len, out))
-        counts["fallbacks"] += gen.fallbacks
+        self.tokens_emitted += sum(map(len, out))
+        self.fallbacks += gen.fallbacks
         return out
 
-    result = {"tokens": generate([image_prompt(per_tile)], NEW, pixels)[0]}
-    result["screen"] = engine.greedy_screen() is not None
-    with torch.no_grad():
-        result["vision_s"] = timed(lambda: model.extract_feature(pixels))
-    result["prefill_s"] = timed(lambda: generate([image_prompt(per_tile)], 1, pixels))
+    def vision(self) -> None:
+        with torch.no_grad():
+            self.model.extract_feature(self.pixels)
+
+
+class Theirs:
+    """transformers' InternVLForConditionalGeneration on the same weights in its own layout."""
+
+    name = "transformers"
+
+    def __init__(self, folder: str, device: str, dtype: str):
+        from transformers import InternVLForConditionalGeneration
+
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        self.model = InternVLForConditionalGeneration.from_pretrained(folder, dtype=torch_dtype).to(device).eval()
+        self.device = device
+        self.pixels = test_pixels(device, torch_dtype)
+        self.per_tile = self.model.config.image_seq_length
+
+    def generate(self, batch: list[list[int]], new: int, images=None) -> list[list[int]]:
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=self.device)
+        kw = {} if images is None else {"pixel_values": images}
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                      do_sample=False, eos_token_id=None, pad_token_id=0, **kw)
+        return out[:, width:].tolist()
+
+    def vision(self) -> None:
+        with torch.no_grad():
+            self.model.model.get_image_features(pixel_values=self.pixels, vision_feature_layer=-1,
+                                                vision_feature_select_strategy="default")
+
+
+def test_pixels(device: str, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+
+
+def workloads(side) -> dict:
+    """The measured calls of one side: vision, prefill, and 64 or 1 new tokens at batch 1 and 4."""
+    prompt = image_prompt(side.per_tile)
+    out = {"vision": side.vision, "prefill": lambda: side.generate([prompt], 1, side.pixels)}
     for b in (1, 4):
         batch = prompts(b)
-        t64 = timed(lambda: generate(batch, NEW), repeat=2)
-        t1 = timed(lambda: generate(batch, 1), repeat=2)
-        result[f"decode_b{b}_tok_s"] = b * (NEW - 1) / (t64 - t1)
-    result["peak_bytes"] = peak_bytes(device)
-    result["stream_limit_tok_s"] = weight_stream_rate(model)
-    result.update(counts)
-    return result
+        out[f"b{b}_64"] = lambda batch=batch: side.generate(batch, NEW)
+        out[f"b{b}_1"] = lambda batch=batch: side.generate(batch, 1)
+    return out
 
 
-def weight_stream_rate(model) -> float:
-    """1 / (time to multiply every decoder weight matrix, head included, by one vector)."""
+def measure_times(sides: list, rounds: int) -> dict:
+    """Best time of every workload for each side. Both sides live in this process and take turns
+    call by call, so a machine that drifts between minutes and processes drifts for both alike."""
+    loads = {side.name: workloads(side) for side in sides}
+    best = {side.name: {} for side in sides}
+    stream = weight_stream_fn(sides[0].model)
+    for key in loads[sides[0].name]:
+        repeat = 3 if key in ("vision", "prefill") else 2
+        for r in range(rounds):
+            for side in sides[:: 1 if r % 2 == 0 else -1]:  # the first turn alternates too
+                took = timed(loads[side.name][key], repeat=repeat)
+                best[side.name][key] = min(took, best[side.name].get(key, float("inf")))
+            if key == "b1_64":  # the streaming floor, measured beside batch-1 decode
+                took = timed(stream, repeat=5, budget_s=0)
+                best[sides[0].name]["stream"] = min(took, best[sides[0].name].get("stream", float("inf")))
+    results = {}
+    for side in sides:
+        t = best[side.name]
+        results[side.name] = {"vision_s": t["vision"], "prefill_s": t["prefill"],
+                              **{f"decode_b{b}_tok_s": b * (NEW - 1) / (t[f"b{b}_64"] - t[f"b{b}_1"]) for b in (1, 4)}}
+    results[sides[0].name]["stream_limit_tok_s"] = 1.0 / best[sides[0].name]["stream"]
+    return results
+
+
+def weight_stream_fn(model):
+    """Multiplies every decoder weight matrix, head included, by one vector: the bytes a batch-1
+    decode step must read at least."""
     mats = [m.weight for m in model.language_model.modules() if isinstance(m, torch.nn.Linear)]
     vecs = [torch.randn(w.shape[1], 1, device=w.device, dtype=w.dtype) for w in mats]
 
@@ -140,39 +206,16 @@ def weight_stream_rate(model) -> float:
             for w, v in zip(mats, vecs):
                 w @ v
 
-    return 1.0 / timed(stream, repeat=5, budget_s=0)  # best of 5, as before the time budget
+    return stream
 
 
-def run_hf(folder: str, device: str, dtype: str) -> dict:
-    from transformers import InternVLForConditionalGeneration
-
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    model = InternVLForConditionalGeneration.from_pretrained(folder, dtype=torch_dtype).to(device).eval()
-    per_tile = model.config.image_seq_length
-    pixels = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(1)).to(device, torch_dtype)
-
-    def generate(batch: list[list[int]], new: int, images=None) -> list[list[int]]:
-        width = max(len(p) for p in batch)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        kw = {} if images is None else {"pixel_values": images}
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                                 do_sample=False, eos_token_id=None, pad_token_id=0, **kw)
-        return out[:, width:].tolist()
-
-    result = {"tokens": generate([image_prompt(per_tile)], NEW, pixels)[0]}
-    with torch.no_grad():
-        result["vision_s"] = timed(lambda: model.model.get_image_features(
-            pixel_values=pixels, vision_feature_layer=-1, vision_feature_select_strategy="default"))
-    result["prefill_s"] = timed(lambda: generate([image_prompt(per_tile)], 1, pixels))
-    for b in (1, 4):
-        batch = prompts(b)
-        t64 = timed(lambda: generate(batch, NEW), repeat=2)
-        t1 = timed(lambda: generate(batch, 1), repeat=2)
-        result[f"decode_b{b}_tok_s"] = b * (NEW - 1) / (t64 - t1)
-    result["peak_bytes"] = peak_bytes(device)
-    return result
+def peak_memory(side, device: str) -> int:
+    """Peak memory of one side alone in its process after running every workload once (after a
+    warm-up, so compiled code and caches are counted)."""
+    for fn in workloads(side).values():
+        fn()
+        fn()
+    return peak_bytes(device)
 
 
 def write_weights(config_name: str, folder: Path) -> None:
@@ -197,54 +240,54 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--compile", action="store_true", help="torch.compile our decode step")
-    parser.add_argument("--rounds", type=int, default=1, help="runs per side, alternating; each side's best counts")
+    parser.add_argument("--rounds", type=int, default=2, help="turns per side for every timing; each side's best counts")
     parser.add_argument("--screen", choices=["auto", "on", "off"], default="auto",
                         help="our greedy head screen (auto: the engine's size rule)")
-    parser.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["times", "ours", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.side:  # child process
-        if args.side == "ours":
-            screen = {"auto": None, "on": True, "off": False}[args.screen]
-            out = run_ours(args.folder + "/ours", args.device, args.dtype, args.compile, screen)
-        else:
-            out = run_hf(args.folder + "/hf", args.device, args.dtype)
-        print("RESULT " + json.dumps(out))
+    if args.child:
+        print("RESULT " + json.dumps(run_child(args)))
         return
     names = ["tiny", "small"] if args.config == "both" else [args.config]
     for name in names:
         with tempfile.TemporaryDirectory() as tmp:
             write_weights(name, Path(tmp))
-            runs = {"ours": [], "hf": []}
-            for _ in range(args.rounds):
-                for side in ("ours", "hf"):
-                    cmd = [sys.executable, __file__, "--side", side, "--folder", tmp, "--device", args.device,
-                           "--dtype", args.dtype, "--screen", args.screen] + (["--compile"] if args.compile else [])
-                    text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                    runs[side].append(json.loads(text.split("RESULT ", 1)[1]))
-        report(name, args, {side: best_of(r) for side, r in runs.items()})
+            out = {}
+            for child in ("ours", "hf", "times"):
+                cmd = [sys.executable, __file__, "--child", child, "--folder", tmp, "--device", args.device,
+                       "--dtype", args.dtype, "--screen", args.screen, "--rounds", str(args.rounds)]
+                text = subprocess.run(cmd + (["--compile"] if args.compile else []), capture_output=True, text=True,
+                                      check=True).stdout
+                out[child] = json.loads(text.split("RESULT ", 1)[1])
+        results = out["times"]
+        results["ours"]["peak_bytes"] = out["ours"]["peak_bytes"]
+        results["hf"]["peak_bytes"] = out["hf"]["peak_bytes"]
+        report(name, args, results)
 
 
-def best_of(runs: list[dict]) -> dict:
-    """One side's runs merged: shortest times, highest rates, highest peak memory, counts summed."""
-    out = dict(runs[0])
-    for key in out:
-        values = [r[key] for r in runs]
-        if key == "tokens":
-            out[key] = values[0] if all(v == values[0] for v in values) else None
-        elif key.endswith("_s") and not key.endswith("tok_s"):
-            out[key] = min(values)
-        elif key.endswith("tok_s") or key == "peak_bytes":
-            out[key] = max(values)
-        elif key in ("fallbacks", "tokens_emitted"):
-            out[key] = sum(values)
-    return out
+def run_child(args) -> dict:
+    """One child process: a side's peak memory alone (`ours`, `hf`), or both sides' times (`times`)."""
+    screen = {"auto": None, "on": True, "off": False}[args.screen]
+    if args.child == "ours":
+        return {"peak_bytes": peak_memory(Ours(args.folder + "/ours", args.device, args.dtype, args.compile, screen), args.device)}
+    if args.child == "hf":
+        return {"peak_bytes": peak_memory(Theirs(args.folder + "/hf", args.device, args.dtype), args.device)}
+    ours = Ours(args.folder + "/ours", args.device, args.dtype, args.compile, screen)
+    theirs = Theirs(args.folder + "/hf", args.device, args.dtype)
+    agree = [side.generate([image_prompt(side.per_tile)], NEW, side.pixels)[0] for side in (ours, theirs)]
+    results = measure_times([ours, theirs], args.rounds)
+    results = {"ours": results["ours"], "hf": results["transformers"]}
+    results["ours"].update(screen=ours.engine.greedy_screen() is not None, fallbacks=ours.fallbacks,
+                           tokens_emitted=ours.tokens_emitted)
+    results["agree"] = agree[0] == agree[1]
+    return results
 
 
 def report(name: str, args, results: dict) -> None:
     ours, hf = results["ours"], results["hf"]
     print(f"\n== {name} config, {args.device}, {args.dtype}{', compiled decode' if args.compile else ''} ==")
-    print(f"greedy tokens agree for {NEW} steps: {ours['tokens'] == hf['tokens']}")
+    print(f"greedy tokens agree for {NEW} steps: {results['agree']}")
     rows = [("vision+projector, 1 tile (ms)", "vision_s", 1e3, False),
             ("prefill, 1 tile + 40 tokens (ms)", "prefill_s", 1e3, False),
             ("decode batch 1 (tok/s)", "decode_b1_tok_s", 1, True),
