@@ -173,7 +173,8 @@ def workloads(side) -> dict:
 
 def measure_times(sides: list, rounds: int) -> dict:
     """Best time of every workload for each side. Both sides live in this process and take turns
-    call by call, so a machine that drifts between minutes and processes drifts for both alike."""
+    measuring each workload, so a machine that drifts between minutes and processes drifts for both
+    alike."""
     loads = {side.name: workloads(side) for side in sides}
     best = {side.name: {} for side in sides}
     stream = weight_stream_fn(sides[0].model)
@@ -210,8 +211,8 @@ def weight_stream_fn(model):
 
 
 def peak_memory(side, device: str) -> int:
-    """Peak memory of one side alone in its process after running every workload once (after a
-    warm-up, so compiled code and caches are counted)."""
+    """Peak memory of one side alone in its process after running every workload twice (so compiled
+    code and caches are counted)."""
     for fn in workloads(side).values():
         fn()
         fn()
