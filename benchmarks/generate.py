@@ -103,7 +103,7 @@ class Ours:
 
         self.model = InternVL.from_pretrained(folder, dtype=dtype, device=device, image_token_id=IMAGE_TOKEN)
         self.engine = Engine(self.model, compile=compile, screen=screen)
-        self.pixels = test_pixels(device, self.model.dtype)
+        self.pixels = example_pixels(device, self.model.dtype)
         self.per_tile = self.model.num_image_token
         self.tokens_emitted = self.fallbacks = 0  # greedy tokens, and those the screen left to the full head
 
@@ -137,7 +137,7 @@ class Theirs:
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
         self.model = InternVLForConditionalGeneration.from_pretrained(folder, dtype=torch_dtype).to(device).eval()
         self.device = device
-        self.pixels = test_pixels(device, torch_dtype)
+        self.pixels = example_pixels(device, torch_dtype)
         self.per_tile = self.model.config.image_seq_length
 
     def generate(self, batch: list[list[int]], new: int, images=None) -> list[list[int]]:
@@ -156,7 +156,7 @@ class Theirs:
                                                 vision_feature_select_strategy="default")
 
 
-def test_pixels(device: str, dtype: torch.dtype) -> torch.Tensor:
+def example_pixels(device: str, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(1)).to(device, dtype)
 
 
