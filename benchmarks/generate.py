@@ -9,13 +9,17 @@ layout for them. Greedy tokens are checked to agree first. Reported: vision+proj
 tile, prefill latency (1 tile + ~40 text tokens, vision included), decode tokens/s at batch 1 and 4
 (64 new tokens, eos ignored; measured as (t(64 tokens) - t(1 token)) / 63), peak memory, and the
 machine's limit for batch-1 decode: the time to stream the decoder's weights once through
-matrix-vector products.
+matrix-vector products, timed as 63 passes back to back (the window the decode figure averages
+over) right after each of our batch-1 decode turns. Our share of that limit is the mean over those
+pairs, so both figures of a pair see the machine alike; the best single pass is printed for
+reference (a short window catches a shared VM's quiet moments and reads a few % faster).
 
 Times come from one process holding both models: for every measurement the two sides take turns
 (`--rounds` turns each, the first turn alternating) and each keeps its best, so a shared machine
 that drifts by tens of percent between minutes and processes drifts for both alike. A time is the
-best of several calls after a warm-up (at least 3, more while under a few seconds). Peak memory
-comes from two more processes, one per side, each running every workload twice on its own.
+best of several calls (at least 3, more while under a few seconds; a call over 10 s counts alone),
+after a warm-up call on each side's first turn. Peak memory comes from two more processes, one per
+side, each running every workload twice on its own.
 """
 
 from __future__ import annotations
@@ -63,13 +67,11 @@ def image_prompt(per_tile: int) -> list[int]:
     return [1, 2, 151665] + [IMAGE_TOKEN] * per_tile + [151666] + prompts(1)[0]
 
 
-def timed(fn, repeat: int = 3, budget_s: float = 3.0) -> float:
-    """Best time of `repeat` runs after a warm-up, adding runs (up to 20) while within `budget_s`;
-    one run after the warm-up when the warm-up alone took over 10 s (small-config decoding)."""
-    start = time.perf_counter()
-    fn()  # warm-up
-    if time.perf_counter() - start > 10:
-        repeat = 1
+def timed(fn, repeat: int = 3, budget_s: float = 3.0, warm_up: bool = True) -> float:
+    """Best time of `repeat` runs (after a warm-up call unless `warm_up` is False), adding runs (up
+    to 20) while within `budget_s`; a run over 10 s (small-config decoding) is enough alone."""
+    if warm_up:
+        fn()
     best, spent, runs = float("inf"), 0.0, 0
     while runs < repeat or (runs < 20 and spent < budget_s):
         start = time.perf_counter()
@@ -78,6 +80,8 @@ def timed(fn, repeat: int = 3, budget_s: float = 3.0) -> float:
             torch.cuda.synchronize()
         took = time.perf_counter() - start
         best, spent, runs = min(best, took), spent + took, runs + 1
+        if took > 10:
+            break
     return best
 
 
@@ -174,38 +178,49 @@ def workloads(side) -> dict:
 def measure_times(sides: list, rounds: int) -> dict:
     """Best time of every workload for each side. Both sides live in this process and take turns
     measuring each workload, so a machine that drifts between minutes and processes drifts for both
-    alike."""
+    alike. The streaming floor is timed right after each of our batch-1 decode turns, and our share
+    of it comes from those pairs, so the two figures it compares see the machine alike as well."""
     loads = {side.name: workloads(side) for side in sides}
     best = {side.name: {} for side in sides}
     stream = weight_stream_fn(sides[0].model)
+    pairs = []  # (our 64-token batch-1 time, the floor's time per pass right after it), one per turn
     for key in loads[sides[0].name]:
         repeat = 3 if key in ("vision", "prefill") else 2
         for r in range(rounds):
             for side in sides[:: 1 if r % 2 == 0 else -1]:  # the first turn alternates too
-                took = timed(loads[side.name][key], repeat=repeat)
-                best[side.name][key] = min(took, best[side.name].get(key, float("inf")))
-            if key == "b1_64":  # the streaming floor, measured beside batch-1 decode
-                took = timed(stream, repeat=5, budget_s=0)
-                best[sides[0].name]["stream"] = min(took, best[sides[0].name].get("stream", float("inf")))
+                took = timed(loads[side.name][key], repeat=repeat, warm_up=r == 0)
+                keep_best(best[side.name], key, took)
+                if key == "b1_64" and side is sides[0]:
+                    floor = timed(lambda: stream(NEW - 1), repeat=2, budget_s=0, warm_up=r == 0) / (NEW - 1)
+                    pairs.append((took, floor))
+                    keep_best(best[side.name], "stream_1", timed(lambda: stream(1), repeat=5, budget_s=0))
     results = {}
     for side in sides:
         t = best[side.name]
         results[side.name] = {"vision_s": t["vision"], "prefill_s": t["prefill"],
                               **{f"decode_b{b}_tok_s": b * (NEW - 1) / (t[f"b{b}_64"] - t[f"b{b}_1"]) for b in (1, 4)}}
-    results[sides[0].name]["stream_limit_tok_s"] = 1.0 / best[sides[0].name]["stream"]
+    ours, t1 = results[sides[0].name], best[sides[0].name]["b1_1"]
+    ours["stream_limit_tok_s"] = 1.0 / min(floor for _, floor in pairs)
+    ours["stream_single_tok_s"] = 1.0 / best[sides[0].name]["stream_1"]
+    ours["floor_shares"] = [floor * (NEW - 1) / (t64 - t1) for t64, floor in pairs]
     return results
 
 
+def keep_best(times: dict, key: str, took: float) -> None:
+    times[key] = min(took, times.get(key, float("inf")))
+
+
 def weight_stream_fn(model):
-    """Multiplies every decoder weight matrix, head included, by one vector: the bytes a batch-1
-    decode step must read at least."""
+    """`stream(passes)` multiplies every decoder weight matrix, head included, by one vector, `passes`
+    times over: the bytes a batch-1 decode step must read at least, once per step."""
     mats = [m.weight for m in model.language_model.modules() if isinstance(m, torch.nn.Linear)]
     vecs = [torch.randn(w.shape[1], 1, device=w.device, dtype=w.dtype) for w in mats]
 
-    def stream():
+    def stream(passes: int) -> None:
         with torch.no_grad():
-            for w, v in zip(mats, vecs):
-                w @ v
+            for _ in range(passes):
+                for w, v in zip(mats, vecs):
+                    w @ v
 
     return stream
 
@@ -299,9 +314,12 @@ def report(name: str, args, results: dict) -> None:
         a, b = ours[key] * scale, hf[key] * scale
         gain = a / b if higher_better else b / a
         print(f"{label:36s}{a:12.2f}{b:14.2f}{gain:9.2f}x")
-    limit = ours["stream_limit_tok_s"]
-    print(f"weight-streaming limit for batch-1 decode: {limit:.1f} tok/s; "
-          f"ours reaches {ours['decode_b1_tok_s'] / limit:.0%} of it")
+    limit, single, shares = ours["stream_limit_tok_s"], ours["stream_single_tok_s"], ours["floor_shares"]
+    print(f"weight-streaming limit for batch-1 decode: {limit:.1f} tok/s over {NEW - 1} passes back to back, "
+          f"{single:.1f} tok/s in the best single pass")
+    print(f"ours at batch 1 reaches {sum(shares) / len(shares):.0%} of the limit timed right after it (mean of "
+          f"turns: {', '.join(f'{x:.0%}' for x in shares)}); best against best {ours['decode_b1_tok_s'] / limit:.0%}, "
+          f"against the best single pass {ours['decode_b1_tok_s'] / single:.0%}")
     if ours["screen"]:
         print(f"greedy head screen: on; fell back to the full head for {ours['fallbacks']} of "
               f"{ours['tokens_emitted']} greedy tokens")
