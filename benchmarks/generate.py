@@ -191,7 +191,7 @@ def measure_times(sides: list, rounds: int) -> dict:
                 took = timed(loads[side.name][key], repeat=repeat, warm_up=r == 0)
                 keep_best(best[side.name], key, took)
                 if key == "b1_64" and side is sides[0]:
-                    floor = timed(lambda: stream(NEW - 1), repeat=2, budget_s=0, warm_up=r == 0) / (NEW - 1)
+                    floor = timed(lambda: stream(NEW - 1), repeat=1, budget_s=1, warm_up=False) / (NEW - 1)
                     pairs.append((took, floor))
                     keep_best(best[side.name], "stream_1", timed(lambda: stream(1), repeat=5, budget_s=0))
     results = {}
