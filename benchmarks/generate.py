@@ -12,7 +12,7 @@ machine's limit for batch-1 decode: the time to stream the decoder's weights onc
 matrix-vector products, timed as 63 passes back to back (the window the decode figure averages
 over) right after each of our batch-1 decode turns. Our share of that limit is the mean over those
 pairs, so both figures of a pair see the machine alike; the best single pass is printed for
-reference (a short window catches a shared VM's quiet moments and reads a few % faster).
+reference (timed at other moments, on a shared VM it reads a few % either way).
 
 Times come from one process holding both models: for every measurement the two sides take turns
 (`--rounds` turns each, the first turn alternating) and each keeps its best, so a shared machine
