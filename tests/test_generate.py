@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -26,8 +28,13 @@ GREEDY = SamplingParams(max_new_tokens=STEPS, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    folder, ref = tiny_chat_folder(tmp_path_factory.mktemp("gen") / "model")
+def checkpoint(tmp_path_factory):
+    return tiny_chat_folder(tmp_path_factory.mktemp("gen") / "model")
+
+
+@pytest.fixture(scope="module")
+def setup(checkpoint):
+    folder, ref = checkpoint
     chat = InternVLChat.from_pretrained(folder, dtype=torch.float32)
     return chat, ref
 
@@ -328,3 +335,110 @@ def test_repetition_penalty_in_the_engine_prevents_repeats(setup):
     strict = SamplingParams(max_new_tokens=40, ignore_eos=True, repetition_penalty=1e6)
     penalised = run(chat.engine, [Request(ids, GREEDY), Request(ids, strict)])[1]
     assert len(set(penalised)) == len(penalised)
+
+
+def test_ignore_eos_keeps_the_requests_own_stop_ids(setup):
+    chat, _ = setup
+    ids, _ = prompt(chat, "Stop early")
+    first = run(chat.engine, [Request(ids, SamplingParams(max_new_tokens=5, ignore_eos=True))])[0]
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True, stop_token_ids=(first[2],))
+    assert run(chat.engine, [Request(ids, params)])[0] == first[:3]
+
+
+def test_unseeded_sampling_follows_the_global_torch_seed(setup):
+    chat, _ = setup
+    kw = dict(max_new_tokens=12, temperature=1.5, top_k=0)
+    torch.manual_seed(3)
+    first = chat.chat("Sample", **kw)
+    torch.manual_seed(3)
+    assert chat.chat("Sample", **kw) == first
+    torch.manual_seed(4)
+    assert chat.chat("Sample", **kw) != first
+
+
+def test_seeded_batch_chat_samples_each_question_differently(setup):
+    chat, _ = setup
+    kw = dict(max_new_tokens=12, temperature=1.5, top_k=0, seed=5)
+    answers = chat.batch_chat(["Sample"] * 3, **kw)
+    assert len(set(answers)) == 3
+    assert chat.batch_chat(["Sample"] * 3, **kw) == answers
+    assert answers[1] == chat.chat("Sample", **{**kw, "seed": 6})
+
+
+def test_generation_settings_given_as_none_are_unset(setup):
+    from internvl_mpo.pipeline import sampling_params
+
+    params = sampling_params(do_sample=False, temperature=None, top_p=None, top_k=None, max_new_tokens=None,
+                             stop_token_ids=None, stop=None, seed=None)
+    assert params == sampling_params(do_sample=False)
+
+
+def test_out_of_range_and_non_finite_settings_are_refused():
+    for bad in (dict(seed=2**64), dict(seed=-1), dict(top_k=2**63), dict(temperature=math.nan),
+                dict(repetition_penalty=math.nan), dict(top_p=math.nan), dict(temperature=math.inf)):
+        with pytest.raises(InputError, match=next(iter(bad))):
+            SamplingParams(**bad)
+
+
+def test_top_p_one_keeps_every_token_despite_rounding():
+    logits = torch.cat([torch.tensor([[30.0]]), torch.full((1, 151673), -30.0)], dim=1)
+    assert filter_top_k_top_p(logits, torch.tensor([0]), torch.tensor([1.0])).isfinite().all()
+
+
+def test_the_earliest_of_several_stop_strings_cuts():
+    class WordTokenizer:  # id 0 decodes to the whole word "image"
+        def stream_decoder(self, skip_special_tokens=True):
+            return type("Decoder", (), {"feed": lambda self, token: "image", "flush": lambda self: ""})()
+
+    assert TextAssembler(WordTokenizer(), stop=("g", "m")).feed(0) == ("i", True)
+    assert TextAssembler(CharTokenizer(), stop=("g", "m")).feed(ord("i")) == ("i", False)
+
+
+def test_context_rule_is_the_same_for_every_max_new_tokens(checkpoint, tmp_path):
+    folder = tmp_path / "short"
+    shutil.copytree(checkpoint[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["llm_config"]["max_position_embeddings"] = 100
+    (folder / "config.json").write_text(json.dumps(config))
+    short = InternVLChat.from_pretrained(folder, dtype=torch.float32)
+    ids = short.prepare("Describe").prompt_ids
+    for new in (1, 100 - len(ids), 99, 100, 10_000):  # max_new_tokens is a cap; the context is the other one
+        params = SamplingParams(max_new_tokens=new, ignore_eos=True)
+        assert len(run(short.engine, [Request(ids, params)])[0]) == min(new, 100 - len(ids))
+    with pytest.raises(InputError, match=r"longer than the context allows: at most 99$"):
+        short.chat("word " * 100, max_new_tokens=1)
+
+
+def test_preprocessed_tiles_as_one_tensor_or_one_per_image(setup):
+    chat, _ = setup
+    size = chat.config.image_size
+    a, b = torch.randn(2, 3, size, size), torch.randn(1, 3, size, size)
+    kw = dict(max_new_tokens=6, do_sample=False)
+    listed = chat.prepare("Compare", [a, b])
+    joined = chat.prepare("Compare", torch.cat([a, b]), num_patches_list=[2, 1])
+    assert listed.prompt_ids == joined.prompt_ids and listed.num_patches_list == [2, 1]
+    assert torch.equal(listed.pixel_values, joined.pixel_values)
+    assert chat.chat("Compare", [a, b], **kw) == chat.chat("Compare", torch.cat([a, b]), num_patches_list=[2, 1], **kw)
+    with pytest.raises(InputError, match="shape"):
+        chat.prepare("Compare", [torch.randn(3, size, size)])
+    with pytest.raises(InputError, match="all as preprocessed"):
+        chat.prepare("Compare", [a, Image.new("RGB", (20, 20))])
+
+
+def test_batch_chat_takes_the_official_concatenated_pixel_values(setup):
+    chat, _ = setup
+    size = chat.config.image_size
+    a, b = torch.randn(2, 3, size, size), torch.randn(1, 3, size, size)
+    kw = dict(max_new_tokens=6, do_sample=False)
+    official = chat.batch_chat(["First", "Second"], torch.cat([a, b]), num_patches_list=[2, 1], **kw)
+    assert official == chat.batch_chat(["First", "Second"], [a, b], **kw)
+    with pytest.raises(InputError, match="num_patches_list"):
+        chat.batch_chat(["First", "Second"], torch.cat([a, b]), **kw)
+    with pytest.raises(InputError, match="one entry per question"):
+        chat.batch_chat(["First"], "picture.png", **kw)
+
+
+def test_typed_image_context_tokens_are_refused(setup):
+    chat, _ = setup
+    with pytest.raises(InputError, match="reserved for image features"):
+        chat.prepare("what is <IMG_CONTEXT>?")

@@ -168,8 +168,8 @@ def test_context_length_error(ours):
     ids = build_prompt_ids(ours, "Describe.", (), [2])
     assert build_prompt_ids(ours, "Describe.", (), [2], max_length=len(ids)) == ids
     image_tokens = 2 * 256 + 2
-    message = rf"prompt is {len(ids)} tokens \({image_tokens} of them image tokens\), longer than the context of "
-    message += str(len(ids) - 1)
+    message = rf"prompt is {len(ids)} tokens \({image_tokens} of them image tokens\), longer than the context "
+    message += f"allows: at most {len(ids) - 1}$"
     with pytest.raises(InputError, match=message):
         build_prompt_ids(ours, "Describe.", (), [2], max_length=len(ids) - 1)
 

@@ -99,8 +99,7 @@ def chat(
             print(f"added {path}; the conversation starts over with {len(images)} image(s)", file=sys.stderr)
             continue
         try:
-            prepared = bot.prepare(line, images or None, video, history, **inputs,
-                                   max_new_tokens=params.max_new_tokens)
+            prepared = bot.prepare(line, images or None, video, history, **inputs)
             history.append((prepared.question, _answer(bot, prepared, params)))
         except InputError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -164,8 +163,7 @@ def generate(
             reqs = []
             for item in batch:
                 params = sampling_params(**{**settings, "seed": None if seed is None else seed + item["_line"]})
-                p = bot.prepare(item["question"], item.get("image"), item.get("video"), max_num=max_num,
-                                max_new_tokens=params.max_new_tokens)
+                p = bot.prepare(item["question"], item.get("image"), item.get("video"), max_num=max_num)
                 reqs.append(Request(p.prompt_ids, params, p.pixel_values))
             answers = generate_texts(bot.tokenizer, bot.engine.generate(reqs), len(reqs), reqs[0].params.stop)
             for item, answer in zip(batch, answers):

@@ -529,8 +529,7 @@ class ModelGenerator:
         requests, owners = [], []
         for j, job in enumerate(jobs):
             prepared = self.chat.prepare(
-                job.question, list(job.images) or None, max_num=self.settings.max_num,
-                max_new_tokens=self.settings.max_new_tokens,
+                job.question, list(job.images) or None, max_num=self.settings.max_num
             )
             vit_embeds = None
             if prepared.pixel_values is not None:

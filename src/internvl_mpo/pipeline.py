@@ -13,6 +13,8 @@ do_sample=True` with transformers' defaults (temperature 1.0, top_k 50, top_p 1.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +36,7 @@ GENERATION_KEYS = {
 }
 
 
-INPUT_KEYS = {"max_num", "total_max_num", "num_segments", "num_patches_list", "system_message"}
+INPUT_KEYS = {"max_num", "total_max_num", "num_segments", "num_patches_list", "system_message", "max_pixels"}
 
 
 @dataclass
@@ -52,7 +54,9 @@ class Prepared:
 
 
 def sampling_params(**generation) -> SamplingParams:
-    """Map `chat(**generation)` keywords (HF names) to SamplingParams, refusing unknown ones."""
+    """Map `chat(**generation)` keywords (HF names) to SamplingParams, refusing unknown ones. A
+    setting given as None is not set (transformers reads None the same way)."""
+    generation = {key: value for key, value in generation.items() if value is not None}
     unknown = set(generation) - GENERATION_KEYS - {"num_beams", "eos_token_id", "pad_token_id"}
     if unknown:
         raise InputError(
@@ -62,7 +66,7 @@ def sampling_params(**generation) -> SamplingParams:
         raise InputError("beam search is not implemented; use num_beams=1")
     generation.pop("eos_token_id", None)  # chat() always stops at <|im_end|>, as the official one does
     generation.pop("pad_token_id", None)
-    stop = generation.pop("stop", None) or ()
+    stop = generation.pop("stop", ())
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
     return SamplingParams(**{**CARD_DEFAULTS, **generation}, stop=stop)
 
@@ -120,27 +124,44 @@ class InternVLChat:
     # ---- inputs ---------------------------------------------------------------------------
 
     def load_images(
-        self, images, max_num: int | None = None, total_max_num: int | None = None, num_patches_list=None
+        self, images, max_num: int | None = None, total_max_num: int | None = None, num_patches_list=None,
+        max_pixels: int | None = None,
     ) -> tuple[torch.Tensor | None, list[int]]:
         """Tiles of every image, concatenated, and the tile count of each image.
 
         Each image gets `max_num` tiles at most (default: the config's max_dynamic_patch); with
         `total_max_num`, the per-image budget shrinks to max(1, total_max_num // n_images)
-        (see processor/multi.py).
-        A preprocessed tensor (N, 3, S, S) passes through; `num_patches_list` then splits it.
+        (see processor/multi.py). Images over `max_pixels` pixels (default: Pillow's
+        decompression-bomb limit, about 89 million) are refused.
+        Preprocessed tiles pass through: one tensor (N, 3, S, S), which `num_patches_list` splits
+        into images (one image without it), or a list of such tensors, one per image.
         """
         items = _as_list(images)
         if not items:
             return None, []
-        if len(items) == 1 and isinstance(items[0], torch.Tensor):
-            pixels = items[0]
-            counts = list(num_patches_list) if num_patches_list is not None else [pixels.shape[0]]
-            if sum(counts) != pixels.shape[0]:
+        tensors = [isinstance(item, torch.Tensor) for item in items]
+        if any(tensors):
+            if not all(tensors):
+                raise InputError("give images as files or PIL images, or all as preprocessed pixel_values tensors")
+            for item in items:
+                size = self.config.image_size
+                if item.dim() != 4 or tuple(item.shape[1:]) != (3, size, size) or item.shape[0] == 0:
+                    raise InputError(f"pixel_values must have the shape (tiles, 3, {size}, {size}), got "
+                                     f"{tuple(item.shape)}")
+            pixels = torch.cat(items) if len(items) > 1 else items[0]
+            counts = [t.shape[0] for t in items]
+            if num_patches_list is not None:
+                if len(items) > 1 and list(num_patches_list) != counts:
+                    raise InputError(f"num_patches_list {list(num_patches_list)} does not match the tiles of the "
+                                     f"{len(items)} tensors given {counts}")
+                counts = list(num_patches_list)
+            if sum(counts) != pixels.shape[0] or min(counts) < 1:
                 raise InputError(f"num_patches_list {counts} does not add up to the {pixels.shape[0]} tiles given")
             return pixels, counts
         loaded = load_images(
             items, max_num=max_num or self.config.max_dynamic_patch, min_num=self.config.min_dynamic_patch,
             image_size=self.config.image_size, use_thumbnail=self.config.use_thumbnail, total_budget=total_max_num,
+            max_pixels=max_pixels,
         )
         return loaded.pixel_values, loaded.num_patches_list
 
@@ -155,8 +176,10 @@ class InternVLChat:
         num_segments: int = 8,
         num_patches_list: Sequence[int] | None = None,
         system_message: str | None = None,
-        max_new_tokens: int = 1,
+        max_pixels: int | None = None,
     ) -> Prepared:
+        """The prompt of one question. It must leave room for at least one new token in the model's
+        context; the answer then stops where the context ends, even before `max_new_tokens`."""
         if not isinstance(question, str):
             raise InputError(f"the question must be a string, got {type(question).__name__}")
         if video is not None and images is not None:
@@ -169,10 +192,10 @@ class InternVLChat:
             if not history and "<image>" not in question:
                 question = clip.prefix + question
         else:
-            pixels, counts = self.load_images(images, max_num, total_max_num, num_patches_list)
+            pixels, counts = self.load_images(images, max_num, total_max_num, num_patches_list, max_pixels)
         ids = build_prompt_ids(
             self.tokenizer, question, tuple(history or ()), counts, system_message,
-            max_length=self.context - max_new_tokens if max_new_tokens < self.context else self.context - 1,
+            max_length=self.context - 1,
             num_image_token=self.model.num_image_token, template=self.config.template,
         )
         if not history:
@@ -191,7 +214,7 @@ class InternVLChat:
     def stream_chat(self, question: str, images=None, video=None, history=None, **kwargs) -> Iterator[str]:
         """Yield the answer as text pieces (never a broken UTF-8 character); joined and stripped they equal chat()."""
         inputs, params = self._split(kwargs)
-        prepared = self.prepare(question, images, video, history, max_new_tokens=params.max_new_tokens, **inputs)
+        prepared = self.prepare(question, images, video, history, **inputs)
         yield from self.stream_prepared(prepared, params)
 
     def stream_prepared(self, prepared: Prepared, params: SamplingParams) -> Iterator[str]:
@@ -202,22 +225,42 @@ class InternVLChat:
     def chat(self, question: str, images=None, video=None, history=None, return_history: bool = False, **kwargs):
         """The answer as a string; with return_history=True, (answer, history + [(question, answer)])."""
         inputs, params = self._split(kwargs)
-        prepared = self.prepare(question, images, video, history, max_new_tokens=params.max_new_tokens, **inputs)
+        prepared = self.prepare(question, images, video, history, **inputs)
         answer = "".join(self.stream_prepared(prepared, params)).strip()
         if return_history:
             return answer, list(history or []) + [(prepared.question, answer)]
         return answer
 
     def batch_chat(self, questions: Sequence[str], images=None, **kwargs) -> list[str]:
-        """Answers to several independent questions, decoded together. `images[i]` goes with questions[i]."""
+        """Answers to several independent questions, decoded together. `images[i]` goes with
+        questions[i] (None, one image or a list of images). The official form works too: one
+        `pixel_values` tensor with `num_patches_list` giving each question's tile count. A `seed`
+        seeds question i with seed + i, so repeated questions get different samples."""
         inputs, params = self._split(kwargs)
-        per_question = list(images) if images is not None else [None] * len(questions)
+        questions = [questions] if isinstance(questions, str) else list(questions)
+        if isinstance(images, torch.Tensor):
+            counts = inputs.pop("num_patches_list", None)
+            if counts is None or len(counts) != len(questions):
+                raise InputError("with one pixel_values tensor, pass num_patches_list with the tile count of each "
+                                 f"of the {len(questions)} questions")
+            if sum(counts) != images.shape[0]:
+                raise InputError(f"num_patches_list {list(counts)} does not add up to the {images.shape[0]} tiles")
+            per_question = [images[start:start + n] if n else None
+                            for start, n in zip(itertools.accumulate([0, *counts]), counts)]
+        elif images is None:
+            per_question = [None] * len(questions)
+        elif isinstance(images, (list, tuple)):
+            per_question = list(images)
+        else:
+            raise InputError("batch_chat takes images as a list with one entry per question (or one pixel_values "
+                             "tensor with num_patches_list)")
         if len(per_question) != len(questions):
             raise InputError(f"{len(questions)} questions but {len(per_question)} image entries")
         requests = []
-        for question, imgs in zip(questions, per_question):
-            p = self.prepare(question, imgs, max_new_tokens=params.max_new_tokens, **inputs)
-            requests.append(Request(p.prompt_ids, params, p.pixel_values))
+        for i, (question, imgs) in enumerate(zip(questions, per_question)):
+            p = self.prepare(question, imgs, **inputs)
+            seed = None if params.seed is None else params.seed + i
+            requests.append(Request(p.prompt_ids, dataclasses.replace(params, seed=seed), p.pixel_values))
         return generate_texts(self.tokenizer, self.engine.generate(requests), len(requests), params.stop)
 
 
@@ -254,7 +297,7 @@ def generate_texts(tokenizer: Tokenizer, gen: Generation, n: int, stop: tuple[st
 
 
 class TextAssembler:
-    """Turns one sequence's tokens into text pieces, cutting at the first stop string.
+    """Turns one sequence's tokens into text pieces, cutting where a stop string first appears.
 
     Special tokens are skipped (so `<|im_end|>` never reaches the text); a piece that could be the
     start of a stop string is held back until it is decided.
@@ -273,12 +316,11 @@ class TextAssembler:
         text = self.held + (self.decoder.feed(token) if token is not None else "")
         if last:
             text += self.decoder.flush()
-        for s in self.stop:
-            cut = text.find(s)
-            if cut >= 0:
-                self.done = True
-                self.held = ""
-                return text[:cut], True
+        cuts = [cut for cut in (text.find(s) for s in self.stop) if cut >= 0]
+        if cuts:  # the earliest match, whatever the order of the stop strings
+            self.done = True
+            self.held = ""
+            return text[: min(cuts)], True
         keep = 0 if last else max((_overlap(text, s) for s in self.stop), default=0)
         self.held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep], False

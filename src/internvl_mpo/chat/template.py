@@ -175,11 +175,14 @@ def build_prompt_ids(
     ids = encode_with_images(tokenizer, prompt, num_patches_list, num_image_token)
     if tokenizer.add_bos_token:  # the official chat() tokenizes the prompt with the tokenizer's BOS
         ids = [tokenizer.bos_id, *ids]
+    extra = ids.count(tokenizer.img_context_id) - num_image_token * sum(num_patches_list)
+    if extra:  # typed text that the tokenizer reads as the image-context token
+        raise InputError(f"the text contains {IMG_CONTEXT} {extra} time(s); it is reserved for image features")
     if max_length is not None and len(ids) > max_length:
         image_tokens = sum(num_image_token * tiles + 2 for tiles in num_patches_list)
         raise InputError(
-            f"prompt is {len(ids)} tokens ({image_tokens} of them image tokens),"
-            f" longer than the context of {max_length}"
+            f"prompt is {len(ids)} tokens ({image_tokens} of them image tokens), longer than the context"
+            f" allows: at most {max_length}"
         )
     return ids
 

@@ -236,7 +236,8 @@ class Generation:
         self.top_k[row] = p.top_k
         self.top_p[row] = p.top_p
         self.penalty[row] = p.repetition_penalty
-        stops = frozenset(() if p.ignore_eos else self.engine.stop_token_ids + tuple(p.stop_token_ids))
+        # ignore_eos drops the engine's end-of-turn ids only; the request's own stop ids still stop it
+        stops = frozenset((() if p.ignore_eos else self.engine.stop_token_ids) + tuple(p.stop_token_ids))
         generator = None if p.greedy else make_generator(p.seed, hidden.device)
         remaining = min(p.max_new_tokens, self.max_len - n)
         penalised = p.repetition_penalty != 1.0

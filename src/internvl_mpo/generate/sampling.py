@@ -11,6 +11,7 @@ seeded request is reproducible even when batched with others.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,14 +35,19 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise InputError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InputError(f"seed must be in [0, 2**63), got {self.seed}")
+        if not 0 <= self.top_k < 2**31:
+            raise InputError(f"top_k must be in [0, 2**31) (0 = off), got {self.top_k}")
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise InputError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
@@ -66,7 +72,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
     probs = sorted_logits.softmax(-1)
     before = probs.cumsum(-1) - probs  # probability mass strictly more likely than each token
-    drop = before >= top_p[:, None]
+    drop = (before >= top_p[:, None]) & (top_p[:, None] < 1)  # top_p 1 keeps all (fp32 sums may pass 1)
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
@@ -97,9 +103,8 @@ def exponential_noise(generators: list[torch.Generator], vocab: int, device) -> 
 
 
 def make_generator(seed: int | None, device) -> torch.Generator:
-    g = torch.Generator(device=device)
+    """A row's generator; without a seed, seeded from torch's global generator, so that
+    `torch.manual_seed` makes unseeded sampling repeatable, as it does in transformers."""
     if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(seed)
-    return g
+        seed = int(torch.randint(2**62, (1,)))
+    return torch.Generator(device=device).manual_seed(seed)
