@@ -442,3 +442,13 @@ def test_typed_image_context_tokens_are_refused(setup):
     chat, _ = setup
     with pytest.raises(InputError, match="reserved for image features"):
         chat.prepare("what is <IMG_CONTEXT>?")
+
+
+def test_chat_takes_the_pixel_limit(setup):
+    chat, _ = setup
+    image = Image.new("RGB", (20, 10))
+    with pytest.raises(InputError, match="exceeds the limit of 100"):
+        chat.prepare("What is it?", image, max_pixels=100)
+    assert chat.prepare("What is it?", image, max_pixels=200).num_patches_list
+    with pytest.raises(InputError, match="exceeds the limit of 100"):
+        chat.chat("What is it?", image, max_pixels=100, max_new_tokens=1)

@@ -205,3 +205,37 @@ def test_missing_pyav_is_a_clear_error(video_path, monkeypatch):
     with pytest.raises(ImportError, match="pip install av"):
         load_video(video_path)
     assert load_video([frame_image(0)], num_segments=1).num_patches_list == [1]  # frames need no PyAV
+
+
+def test_frame_folder_orders_unpadded_numbers_as_numbers(tmp_path):
+    frames = [frame_image(k) for k in range(12)]
+    for k, frame in enumerate(frames):
+        frame.save(tmp_path / f"frame_{k}.png")  # frame_10 sorts before frame_2 by name alone
+    result = load_video(tmp_path, num_segments=6)
+    assert result.frame_indices == reference_index(None, 1.0, 11, 6)
+    assert torch.equal(result.pixel_values, torch.stack([reference_tile(frames[i]) for i in result.frame_indices]))
+
+
+def test_video_file_uses_the_best_stream_not_a_cover_picture_first(tmp_path):
+    path = tmp_path / "cover_first.mkv"
+    codec = available_encoder()
+    with av.open(str(path), "w") as container:
+        cover = container.add_stream("mjpeg", rate=1)
+        cover.width, cover.height, cover.pix_fmt = 32, 24, "yuvj420p"
+        clip = container.add_stream(codec, rate=FPS)
+        clip.width, clip.height = 64, 48
+        clip.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        for packet in cover.encode(av.VideoFrame.from_image(Image.new("RGB", (32, 24), "white"))):
+            container.mux(packet)
+        for packet in cover.encode():
+            container.mux(packet)
+        for k in range(NUM_FRAMES):
+            for packet in clip.encode(av.VideoFrame.from_image(frame_image(k))):
+                container.mux(packet)
+        for packet in clip.encode():
+            container.mux(packet)
+    result = load_video(path, num_segments=4)
+    assert result.frame_indices == reference_index(None, FPS, NUM_FRAMES - 1, 4)
+    for tile, index in zip(result.pixel_values, result.frame_indices):
+        grey = float((tile[1, :, 300:] * STD[1, 0, 0] + MEAN[1, 0, 0]).mean() * 255)
+        assert abs(grey - 8 * index) < 4

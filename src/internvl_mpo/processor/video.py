@@ -19,6 +19,7 @@ that selects no frames raises InputError instead of indexing outside the video.
 """
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,7 @@ def _decode_frames(av, path: str, wanted: set[int]) -> tuple[dict[int, Image.Ima
     last = max(wanted)
     with _open_container(av, path) as container:
         try:
-            for frame in container.decode(container.streams.video[0]):
+            for frame in container.decode(_video_stream(container)):
                 if decoded in wanted:
                     kept[decoded] = frame.to_image()
                 decoded += 1
@@ -113,12 +114,18 @@ def _count_packets(av, container, stream) -> int:
     return count
 
 
+def _video_stream(container):
+    """The stream FFmpeg ranks best (as decord's VideoReader takes it), not a cover picture that
+    happens to come first."""
+    return container.streams.best("video") or container.streams.video[0]
+
+
 def _read_video(path: str, num_segments: int, bound) -> tuple[list[Image.Image], list[int]]:
     av = _import_av()
     with _open_container(av, path) as container:
         if not container.streams.video:
             raise InputError(f"{path}: has no video stream")
-        stream = container.streams.video[0]
+        stream = _video_stream(container)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
         num_frames = stream.frames or _count_packets(av, container, stream)
@@ -135,11 +142,17 @@ def _read_video(path: str, num_segments: int, bound) -> tuple[list[Image.Image],
     raise InputError(f"{path}: only {num_frames} frames decode, fewer than the sampled indices need")
 
 
+def _natural_key(name: str) -> list:
+    """Sort key with digit runs compared as numbers: frame_2 before frame_10, as the official
+    training code orders frames by their number."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
+
+
 def _frame_files(folder: Path) -> list[Path]:
     extensions = set(Image.registered_extensions())
     files = sorted(
         (p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions),
-        key=lambda p: p.name,
+        key=lambda p: (_natural_key(p.name), p.name),
     )
     if not files:
         raise InputError(f"{folder}: folder has no image files to use as video frames")
@@ -170,7 +183,8 @@ def load_video(
     """Sample `num_segments` frames from a video file, a folder of frame images or a list of frames.
 
     `bound` is (start, end) in seconds; for frame folders and lists it needs `fps`. A folder's
-    frames are its image files sorted by file name.
+    frames are its image files in file-name order, numbers compared as numbers (frame_2 before
+    frame_10).
     """
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
