@@ -452,3 +452,11 @@ def test_chat_takes_the_pixel_limit(setup):
     assert chat.prepare("What is it?", image, max_pixels=200).num_patches_list
     with pytest.raises(InputError, match="exceeds the limit of 100"):
         chat.chat("What is it?", image, max_pixels=100, max_new_tokens=1)
+
+
+def test_stream_chat_refuses_bad_input_when_called(setup):
+    chat, _ = setup
+    with pytest.raises(InputError, match="unknown generation settings"):
+        chat.stream_chat("hi", temprature=0.5)  # no iteration needed
+    with pytest.raises(InputError, match="2 <image> placeholder"):
+        chat.stream_chat("<image> and <image>", images=Image.new("RGB", (20, 20)))

@@ -212,10 +212,11 @@ class InternVLChat:
         return inputs, sampling_params(**kwargs)
 
     def stream_chat(self, question: str, images=None, video=None, history=None, **kwargs) -> Iterator[str]:
-        """Yield the answer as text pieces (never a broken UTF-8 character); joined and stripped they equal chat()."""
+        """The answer as an iterator of text pieces (never a broken UTF-8 character); joined and
+        stripped they equal chat(). Bad settings and inputs raise here, before any piece."""
         inputs, params = self._split(kwargs)
         prepared = self.prepare(question, images, video, history, **inputs)
-        yield from self.stream_prepared(prepared, params)
+        return self.stream_prepared(prepared, params)
 
     def stream_prepared(self, prepared: Prepared, params: SamplingParams) -> Iterator[str]:
         """Text pieces of the answer to an already prepared prompt."""
