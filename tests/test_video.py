@@ -239,3 +239,7 @@ def test_video_file_uses_the_best_stream_not_a_cover_picture_first(tmp_path):
     for tile, index in zip(result.pixel_values, result.frame_indices):
         grey = float((tile[1, :, 300:] * STD[1, 0, 0] + MEAN[1, 0, 0]).mean() * 255)
         assert abs(grey - 8 * index) < 4
+
+
+def test_get_index_without_a_frame_rate_still_spans_the_video():
+    assert get_index(None, 0.0, 29, num_segments=8) == get_index(None, 10.0, 29, num_segments=8)

@@ -53,6 +53,8 @@ def get_index(
     if num_segments < 1:
         raise InputError(f"num_segments must be >= 1, got {num_segments}")
     start, end = bound if bound else (-100000, 100000)
+    if not bound and fps <= 0:  # a stream with no known rate: without a bound, the rate only scales that window
+        fps = 1.0
     start_idx = max(first_idx, round(start * fps))
     end_idx = min(round(end * fps), max_frame)
     if end_idx < start_idx:
