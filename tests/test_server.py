@@ -31,7 +31,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from internvl_mpo.pipeline import InternVLChat
-from internvl_mpo.server import ServerSettings, parse_chat_request, serve
+from internvl_mpo.server import ApiError, ServerSettings, image_bytes, parse_chat_request, serve
 
 KEY = "test-key"
 MAX_BATCH = 8
@@ -306,3 +306,64 @@ def test_disconnect_frees_the_row(server, client):
         time.sleep(0.05)
     assert state["cancelled"] == before["cancelled"] + 1 and state["active"] == 0
     assert state["completion_tokens"] - before["completion_tokens"] < 1800  # stopped well before max_tokens
+
+
+def post(server, body: bytes, timeout=120) -> httpx.Response:
+    """A raw /v1/chat/completions POST (bodies the openai client will not send: NaN, lone surrogates)."""
+    return httpx.post(server[0] + "/v1/chat/completions", content=body, timeout=timeout,
+                      headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+
+
+def test_bad_requests_fail_alone_with_400(server, client):
+    """Requests that would fail inside the worker are refused up front, and a request decoding meanwhile
+    is untouched."""
+    messages = [{"role": "user", "content": "Count to ten."}]
+    long = {"temperature": 0, "max_tokens": 1000, "extra_body": {"ignore_eos": True}}
+    solo = client.chat.completions.create(model="m", messages=messages, **long).choices[0].message.content
+    hi = '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4'
+    bad = {
+        "reserved for image features": '{"messages": [{"role": "user", "content": "a <IMG_CONTEXT> b"}]}',
+        "top_p must be a finite number": hi + ', "temperature": 1, "top_p": NaN}',
+        "temperature must be a finite number": hi + ', "temperature": NaN}',
+        "repetition_penalty must be a finite number": hi + ', "repetition_penalty": NaN}',
+        "seed + n - 1 must be below 2**63": hi + f', "temperature": 1, "seed": {2**63 - 1}, "n": 2}}',
+        "seed must be in [0, 2**63)": hi + f', "temperature": 1, "seed": {2**63}}}',
+        "top_k must be in [0, 2**31)": hi + f', "temperature": 1, "top_k": {2**31}}}',
+        "max_tokens must be at least 1, got 0": '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}',
+        "messages[0].content: character 3 is a lone surrogate": '{"messages": [{"role": "user", "content": "abc\\ud800"}]}',
+        "nested too deeply": "[" * 50_000 + "]" * 50_000,
+    }
+    started = threading.Event()
+    result = {}
+
+    def victim() -> None:
+        stream = client.chat.completions.create(model="m", messages=messages, stream=True, **long)
+        text = ""
+        for chunk in stream:
+            started.set()
+            text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+        result["text"] = text
+
+    thread = threading.Thread(target=victim)
+    thread.start()
+    assert started.wait(60)
+    for expected, body in bad.items():
+        reply = post(server, body.encode())
+        assert reply.status_code == 400, (expected, reply.text)
+        assert expected in reply.json()["error"]["message"], reply.text
+    assert thread.is_alive()  # the bad requests came while it decoded
+    thread.join(60)
+    assert result == {"text": solo}
+    assert health(server)["status"] == "ok"
+
+
+def test_image_urls_that_cannot_be_read_are_400():
+    settings = ServerSettings(allow_remote_images=True, allow_local_images=True)
+    cases = [("http://127.0.0.1:abc/x.png", "could not fetch", "image_fetch_failed"),
+             ("/tmp/" + "a" * 5000, "could not read .*: File name too long", "invalid_image"),
+             ("/nonexistent/x.png", "is not a file", "invalid_image")]
+    for url, message, code in cases:
+        with pytest.raises(ApiError, match=message) as e:
+            image_bytes(url, "messages[0].content[0].image_url", settings)
+        assert (e.value.status, e.value.code) == (400, code)
+

@@ -31,6 +31,7 @@ import base64
 import binascii
 import dataclasses
 import hmac
+import http.client
 import json
 import logging
 import queue
@@ -125,11 +126,23 @@ def _field(body: dict, key: str, kinds: tuple[type, ...], default=None, low=None
         names = " or ".join(k.__name__ for k in kinds)
         raise ApiError(400, f"{key} must be {names}, got {json.dumps(value)[:80]}", key)
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ApiError(400, f"{key} must be between {low} and {high}, got {value}", key)
+        bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise ApiError(400, f"{key} must be {bounds}, got {value}", key)
     return value
 
 
+def _unicode(text: str, param: str) -> str:
+    """`text`, refused when it holds a lone surrogate (a JSON \\ud800-\\udfff escape outside a pair)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"{param}: character {e.start} is a lone surrogate {text[e.start]!r}, which is not "
+                            "valid Unicode", param) from None
+    return text
+
+
 def _plain_text(text: str, param: str) -> str:
+    _unicode(text, param)
     if IMAGE_PLACEHOLDER in text:
         raise ApiError(400, f"{param}: the text holds {IMAGE_PLACEHOLDER!r}; send images as image_url parts", param)
     return text
@@ -154,7 +167,7 @@ def _content_text(content, param: str, role: str, images: list[tuple[str, str]])
             url = image.get("url") if isinstance(image, dict) else image
             if not isinstance(url, str) or not url:
                 raise ApiError(400, f"{where}: image_url needs a url string", where)
-            images.append((f"{where}.image_url", url))
+            images.append((f"{where}.image_url", _unicode(url, f"{where}.image_url")))
             pieces.append(IMAGE_PLACEHOLDER)
         else:
             raise ApiError(400, f"{where}: content parts must be {{'type': 'text', 'text': ...}} or "
@@ -247,16 +260,22 @@ def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
     if not isinstance(stream_options, dict):
         raise ApiError(400, "stream_options must be an object", "stream_options")
     max_num = _field(body, "max_num", (int,), None, 1, settings.max_tiles)
-    params = SamplingParams(
-        max_new_tokens=1, do_sample=temperature > 0, temperature=float(temperature), top_p=float(top_p),
-        top_k=_field(body, "top_k", (int,), 0, 0), stop=tuple(stop),
-        repetition_penalty=float(_field(body, "repetition_penalty", (int, float), 1.0, 0.01, 10)),
-        seed=_field(body, "seed", (int,), None), ignore_eos=_field(body, "ignore_eos", (bool,), False),
-    )
+    n = _field(body, "n", (int,), 1, 1, settings.max_n)
+    try:
+        params = SamplingParams(
+            max_new_tokens=1, do_sample=temperature > 0, temperature=float(temperature), top_p=float(top_p),
+            top_k=_field(body, "top_k", (int,), 0, 0), stop=tuple(stop),
+            repetition_penalty=float(_field(body, "repetition_penalty", (int, float), 1.0, 0.01, 10)),
+            seed=_field(body, "seed", (int,), None), ignore_eos=_field(body, "ignore_eos", (bool,), False),
+        )
+    except InputError as e:
+        raise ApiError(400, str(e)) from None
+    if params.seed is not None and params.seed + n - 1 >= 2**63:
+        raise ApiError(400, f"seed + n - 1 must be below 2**63 (choice i samples with seed + i); got seed "
+                            f"{params.seed} with n = {n}", "seed")
     return ChatRequest(
         question=turns[-1][1], history=history, system_message=system, image_urls=images, params=params,
-        max_tokens=max_tokens, n=_field(body, "n", (int,), 1, 1, settings.max_n),
-        stream=_field(body, "stream", (bool,), False),
+        max_tokens=max_tokens, n=n, stream=_field(body, "stream", (bool,), False),
         include_usage=bool(stream_options.get("include_usage")), max_num=max_num,
     )
 
@@ -268,19 +287,24 @@ def _fetch_remote(url: str, param: str, settings: ServerSettings) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=settings.image_timeout) as response:
             data = response.read(settings.max_image_bytes + 1)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, http.client.HTTPException) as e:  # InvalidURL is an HTTPException
         raise ApiError(400, f"{param}: could not fetch {url[:200]}: {e}", param, "image_fetch_failed") from None
     return data
 
 
 def _read_local(url: str, param: str, settings: ServerSettings) -> bytes:
     path = Path(url.removeprefix("file://"))
-    if not path.is_file():
-        raise ApiError(400, f"{param}: {path} is not a file", param, "invalid_image")
-    if path.stat().st_size > settings.max_image_bytes:
-        raise ApiError(413, f"{param}: {path} is {path.stat().st_size} bytes; images may be at most "
-                            f"{settings.max_image_bytes} bytes", param, "image_too_large")
-    return path.read_bytes()
+    shown = str(path)[:200]
+    try:
+        if not path.is_file():
+            raise ApiError(400, f"{param}: {shown} is not a file", param, "invalid_image")
+        size = path.stat().st_size
+        if size > settings.max_image_bytes:
+            raise ApiError(413, f"{param}: {shown} is {size} bytes; images may be at most "
+                                f"{settings.max_image_bytes} bytes", param, "image_too_large")
+        return path.read_bytes()
+    except OSError as e:  # a name too long, no permission, ...
+        raise ApiError(400, f"{param}: could not read {shown}: {e.strerror or e}", param, "invalid_image") from None
 
 
 def image_bytes(url: str, param: str, settings: ServerSettings) -> bytes:
@@ -566,6 +590,8 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
             return json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply") from None
 
     @app.get("/health")
     async def health():
