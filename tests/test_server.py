@@ -30,8 +30,10 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from internvl_mpo.generate.engine import Request
+from internvl_mpo.generate.sampling import SamplingParams
 from internvl_mpo.pipeline import InternVLChat
-from internvl_mpo.server import ApiError, ServerSettings, image_bytes, parse_chat_request, serve
+from internvl_mpo.server import ApiError, BatchWorker, Job, ServerSettings, image_bytes, parse_chat_request, serve
 
 KEY = "test-key"
 MAX_BATCH = 8
@@ -366,4 +368,44 @@ def test_image_urls_that_cannot_be_read_are_400():
         with pytest.raises(ApiError, match=message) as e:
             image_bytes(url, "messages[0].content[0].image_url", settings)
         assert (e.value.status, e.value.code) == (400, code)
+
+
+def test_a_failing_prefill_fails_its_request_alone(local_chat, monkeypatch):
+    """A request whose admission fails in the worker (here a prefill that raises) gets an error; the request
+    decoding beside it goes on to the same tokens as alone."""
+    ids = local_chat.prepare("Hello there").prompt_ids
+    params = SamplingParams(max_new_tokens=STEPS, ignore_eos=True)
+    good, bad = Request(ids, params), Request(ids, params)
+    prefill = local_chat.engine.prefill
+
+    def failing_prefill(request, caches, row):
+        if request is bad:
+            raise RuntimeError("out of memory")
+        return prefill(request, caches, row)
+
+    monkeypatch.setattr(local_chat.engine, "prefill", failing_prefill)
+    outputs = {"good": [], "bad": []}
+    done = threading.Semaphore(0)
+
+    def deliver_to(name):
+        def deliver(item) -> None:
+            outputs[name].append(item)
+            if isinstance(item, Exception) or item.finish_reason:
+                done.release()
+        return deliver
+
+    worker = BatchWorker(local_chat, max_batch=4, max_len=256)
+    worker.submit(Job(good, 0, deliver_to("good")))
+    worker.submit(Job(bad, 0, deliver_to("bad")))
+    worker.start()
+    try:
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    finally:
+        worker.stop()
+    [error] = outputs["bad"]
+    assert isinstance(error, ApiError) and error.status == 500 and "out of memory" in error.message
+    assert all(not isinstance(item, Exception) for item in outputs["good"])
+    assert outputs["good"][-1].finish_reason == "length" and outputs["good"][-1].completion_tokens == STEPS
+    expected = local_chat.chat("Hello there", do_sample=False, max_new_tokens=STEPS, ignore_eos=True)
+    assert "".join(item.text for item in outputs["good"]).strip() == expected
 
