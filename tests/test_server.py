@@ -409,3 +409,17 @@ def test_a_failing_prefill_fails_its_request_alone(local_chat, monkeypatch):
     expected = local_chat.chat("Hello there", do_sample=False, max_new_tokens=STEPS, ignore_eos=True)
     assert "".join(item.text for item in outputs["good"]).strip() == expected
 
+
+def test_non_streamed_client_that_goes_away_frees_its_rows(server):
+    """Tokens flow all the time, yet the rows of a plain request are freed soon after its client leaves."""
+    before = health(server)
+    body = {"messages": [{"role": "user", "content": "Go on."}], "temperature": 0, "max_tokens": 1800, "n": 4,
+            "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server[0] + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=httpx.Timeout(30, read=0.3))
+    deadline = time.monotonic() + 10
+    while (state := health(server))["cancelled"] < before["cancelled"] + 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert state["cancelled"] == before["cancelled"] + 4 and state["active"] == 0
+    assert state["completion_tokens"] - before["completion_tokens"] < 4 * 1800

@@ -56,7 +56,7 @@ from .processor.image import load_image
 log = logging.getLogger("internvl_mpo.server")
 
 MAX_STOP_STRINGS = 4  # as OpenAI
-DISCONNECT_POLL_S = 0.5  # how often a waiting non-streamed request checks that its client is still there
+DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 UNSUPPORTED_FIELDS = ("tools", "functions", "logit_bias", "audio", "prediction")
 
 
@@ -656,12 +656,18 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
 
     async def _collect(inbox: asyncio.Queue, request: HttpRequest, n: int, head: dict, usage: dict) -> dict:
         texts, finishes, tokens = [""] * n, [None] * n, [0] * n
+        clock = asyncio.get_running_loop().time
+        check_at = clock() + DISCONNECT_POLL_S
         while None in finishes:
             try:
-                item = await asyncio.wait_for(inbox.get(), DISCONNECT_POLL_S)
+                item = await asyncio.wait_for(inbox.get(), max(0.0, check_at - clock()))
             except asyncio.TimeoutError:
+                item = None
+            if clock() >= check_at:  # however fast tokens come, look for a gone client every DISCONNECT_POLL_S
                 if await request.is_disconnected():
-                    raise ApiError(499, "the client went away") from None
+                    raise ApiError(499, "the client went away")
+                check_at = clock() + DISCONNECT_POLL_S
+            if item is None:
                 continue
             if isinstance(item, Exception):
                 raise item
