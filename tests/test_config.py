@@ -62,3 +62,25 @@ def test_not_json(tmp_path):
     path.write_text("{nope")
     with pytest.raises(ConfigError, match="not valid JSON"):
         ModelConfig.from_json(tmp_path)
+
+
+def test_missing_keys_take_the_official_config_classes_defaults(tmp_path):
+    def strip(d):
+        for key in ("norm_type", "qk_normalization", "qkv_bias"):
+            d["vision_config"].pop(key)
+        d.pop("force_image_size")
+    config = ModelConfig.from_json(write(tmp_path, strip))  # InternVisionConfig defaults: the 6B tower's
+    v = config.vision
+    assert (v.norm_type, v.qk_normalization, v.qkv_bias) == ("rms_norm", True, False)
+    assert config.force_image_size is None
+    with pytest.raises(ConfigError, match="ps_version 'v1' is not implemented"):  # InternVLChatConfig's default
+        ModelConfig.from_json(write(tmp_path, lambda d: d.pop("ps_version")))
+
+
+def test_a_tied_head_in_llm_config_is_read_untied_as_the_official_config_does(tmp_path):
+    def tie(d):
+        d["tie_word_embeddings"] = True
+        d["llm_config"]["tie_word_embeddings"] = True
+    config = ModelConfig.from_json(write(tmp_path, tie))
+    assert config.llm.tie_word_embeddings is False
+    assert config.to_dict()["tie_word_embeddings"] is False and not config.to_dict()["llm_config"]["tie_word_embeddings"]

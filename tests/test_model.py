@@ -6,6 +6,7 @@ Every comparison loads the reference weights through our own checkpoint loader (
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -203,3 +204,49 @@ def test_few_row_linear_matches_nn_linear():
     small = Linear(64, 64)
     x = torch.randn(3, 64)
     assert torch.equal(small(x), torch.nn.functional.linear(x, small.weight, small.bias))
+
+
+def test_a_tied_model_saves_its_head_untied_for_the_official_loader(tmp_path, tiny):
+    from safetensors import safe_open
+
+    from internvl_mpo.model import InternVL
+
+    config = tiny.replace(llm=dataclasses.replace(tiny.llm, tie_word_embeddings=True))
+    model = InternVL(config, image_token_id=IMAGE_TOKEN_ID)
+    model.init_weights()
+    model.save_pretrained(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["tie_word_embeddings"] is False and saved["llm_config"]["tie_word_embeddings"] is False
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("language_model.lm_head.weight"), model.language_model.lm_head.weight)
+    loaded = InternVL.from_pretrained(tmp_path / "m", image_token_id=IMAGE_TOKEN_ID)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+
+
+def test_an_untied_head_is_loaded_even_when_llm_config_says_tied(tmp_path, tiny):
+    from internvl_mpo.model import InternVL
+
+    model = InternVL(tiny, image_token_id=IMAGE_TOKEN_ID)
+    model.init_weights()
+    model.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    d = json.loads(path.read_text())
+    d["llm_config"]["tie_word_embeddings"] = d["tie_word_embeddings"] = True
+    path.write_text(json.dumps(d))
+    loaded = InternVL.from_pretrained(tmp_path / "m", image_token_id=IMAGE_TOKEN_ID)
+    assert torch.equal(loaded.language_model.lm_head.weight, model.language_model.lm_head.weight)
+    assert loaded.language_model.lm_head.weight is not loaded.language_model.model.embed_tokens.weight
+
+
+def test_dtype_auto_reads_the_newer_dtype_key(tmp_path, tiny):
+    from internvl_mpo.model import InternVL
+
+    InternVL(tiny, image_token_id=IMAGE_TOKEN_ID).save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    d = json.loads(path.read_text())
+    d.pop("torch_dtype")
+    d["dtype"] = "bfloat16"
+    path.write_text(json.dumps(d))
+    assert InternVL.from_pretrained(tmp_path / "m", dtype="auto").dtype == torch.bfloat16

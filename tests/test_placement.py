@@ -59,3 +59,13 @@ def test_auto_without_gpus_is_a_clear_error(tmp_path, tiny):
     InternVL(tiny).save_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="needs CUDA devices"):
         InternVL.from_pretrained(tmp_path / "m", device_map="auto")
+
+
+def test_the_empty_prefix_places_the_whole_model(tmp_path, tiny):
+    assert device_for("mlp1.1.weight", {"": "cpu"}, torch.device("cuda:0")) == torch.device("cpu")
+    assert device_for("mlp1.1.weight", {"": "cpu", "mlp1": "meta"}, torch.device("cuda:0")) == torch.device("meta")
+    model = InternVL(tiny, image_token_id=299)
+    model.init_weights()
+    model.save_pretrained(tmp_path / "m")
+    loaded = InternVL.from_pretrained(tmp_path / "m", device_map={"": "cpu"}, image_token_id=299)
+    assert loaded.device == torch.device("cpu")

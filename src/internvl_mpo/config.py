@@ -229,9 +229,11 @@ class ModelConfig:
         for key in ("vision_config", "llm_config"):
             if not isinstance(d.get(key), dict):
                 raise ConfigError(f"config.json has no {key} object")
-        d = dict(d)
-        vision = VisionConfig.from_dict(d.pop("vision_config"))
-        llm = LLMConfig.from_dict(d.pop("llm_config"))
+        d = {**_OFFICIAL_TOP_DEFAULTS, **d}
+        vision = VisionConfig.from_dict({**_OFFICIAL_VISION_DEFAULTS, **d.pop("vision_config")})
+        # The official InternVLChatConfig always unties the head (the stored lm_head is used), whatever
+        # llm_config says; reading it the same way keeps the logits equal to the official ones.
+        llm = dataclasses.replace(LLMConfig.from_dict(d.pop("llm_config")), tie_word_embeddings=False)
         known, extra = _split(cls, d)
         known.pop("vision", None)
         known.pop("llm", None)
@@ -278,6 +280,15 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+# What the official config classes assume for keys a config.json leaves out (InternVisionConfig
+# defaults to InternViT-6B; InternVLChatConfig to the first pixel shuffle and no forced size).
+_OFFICIAL_VISION_DEFAULTS = {
+    "hidden_size": 3200, "intermediate_size": 12800, "num_hidden_layers": 48, "num_attention_heads": 25,
+    "image_size": 224, "qkv_bias": False, "qk_normalization": True, "norm_type": "rms_norm",
+    "initializer_range": 0.02,
+}
+_OFFICIAL_TOP_DEFAULTS = {"ps_version": "v1", "force_image_size": None}
+
 _AUTO_MAP = {
     "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
     "AutoModel": "modeling_internvl_chat.InternVLChatModel",
@@ -285,7 +296,7 @@ _AUTO_MAP = {
 }
 # Top-level keys that official files carry and that change nothing at inference.
 _QUIET_TOP_KEYS = {
-    "auto_map", "_name_or_path", "_commit_hash", "hidden_size", "tie_word_embeddings", "torch_dtype",
+    "auto_map", "_name_or_path", "_commit_hash", "hidden_size", "tie_word_embeddings", "torch_dtype", "dtype",
     "transformers_version", "pad2square", "use_backbone_lora", "use_llm_lora", "use_flash_attn",
     "system_message", "eos_token_id", "bos_token_id", "pad_token_id", "output_attentions",
 }

@@ -11,6 +11,8 @@ Mirrors `InternVLChatModel` in OpenGVLab/InternVL `modeling_internvl_chat.py` (`
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import torch
@@ -186,24 +188,20 @@ class InternVL(nn.Module):
         config = ModelConfig.from_json(folder / "config.json")
         device_map = resolve_device_map(device_map, config)
         if device_map is not None and device == "cpu":
-            device = device_map.get("mlp1", "cuda:0")
+            device = device_for("mlp1", device_map, torch.device("cuda:0"))
         device = torch.device(device)
-        dtype = checkpoint.parse_dtype(dtype, device, config.extra.get("torch_dtype"))
+        # transformers >= 4.56 writes "dtype" where older files have "torch_dtype"
+        dtype = checkpoint.parse_dtype(dtype, device, config.extra.get("torch_dtype", config.extra.get("dtype")))
         if image_token_id is None:
             image_token_id = checkpoint.find_token_id(folder, IMG_CONTEXT_TOKEN)
         with torch.device("meta"):
             model = cls(config, image_token_id=image_token_id)
-        optional = ("language_model.lm_head.weight",) if config.llm.tie_word_embeddings else ()
         placement = device if device_map is None else (lambda key: device_for(key, device_map, device))
-        state = checkpoint.read_state_dict(folder, model.expected_keys(), dtype, placement, optional)
-        if config.llm.tie_word_embeddings:
-            state.pop("language_model.lm_head.weight", None)
+        state = checkpoint.read_state_dict(folder, model.expected_keys(), dtype, placement)
         try:
-            model.load_state_dict(state, strict=not config.llm.tie_word_embeddings, assign=True)
+            model.load_state_dict(state, assign=True)  # the official layout never ties the head (config.py)
         except RuntimeError as e:  # read_state_dict checked keys and shapes; this is a safety net
             raise CheckpointError(f"{folder}: {e}") from None
-        if config.llm.tie_word_embeddings:
-            model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
         model.source_dir = folder
         return model.eval()
 
@@ -214,10 +212,12 @@ class InternVL(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
-        if self.config.llm.tie_word_embeddings:
-            state.pop("language_model.lm_head.weight")
+        llm = self.config.llm
+        if llm.tie_word_embeddings:  # the official loader unties the head: store it as a tensor of its own
+            state["language_model.lm_head.weight"] = state["language_model.lm_head.weight"].clone()
+            llm = dataclasses.replace(llm, tie_word_embeddings=False)
         checkpoint.save_state_dict(state, folder, max_shard_size)
-        config = self.config.replace(extra={**self.config.extra, "torch_dtype": str(self.dtype).split(".")[-1]})
+        config = self.config.replace(llm=llm, extra={**self.config.extra, "torch_dtype": str(self.dtype).split(".")[-1]})
         config.to_json(folder / "config.json")
         checkpoint.copy_companions(self.source_dir, folder)
         return folder

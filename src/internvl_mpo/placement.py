@@ -61,9 +61,10 @@ def resolve_device_map(device_map, config: ModelConfig) -> dict[str, str] | None
 
 
 def device_for(key: str, device_map: dict[str, str], default: torch.device) -> torch.device:
-    """The device of the longest prefix of `key` (a weight name) in the map."""
+    """The device of the longest prefix of `key` (a weight name) in the map; "" is the prefix of every key."""
     best = None
     for prefix in device_map:
-        if (key == prefix or key.startswith(prefix + ".")) and (best is None or len(prefix) > len(best)):
+        matches = prefix == "" or key == prefix or key.startswith(prefix + ".")
+        if matches and (best is None or len(prefix) > len(best)):
             best = prefix
     return torch.device(device_map[best]) if best is not None else default

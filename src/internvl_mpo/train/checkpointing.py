@@ -240,7 +240,11 @@ def load_model_weights(path: Path, model: InternVL, skip: set[str] = frozenset()
     from internvl_mpo import checkpoint as weights_io
 
     expected = {k: v for k, v in model.expected_keys().items() if k not in skip}
-    state = weights_io.read_state_dict(path / "model", expected, torch.float32, model.device, optional=tuple(skip))
+    head = "language_model.lm_head.weight"
+    optional = (*skip, head) if model.config.llm.tie_word_embeddings else tuple(skip)
+    state = weights_io.read_state_dict(path / "model", expected, torch.float32, model.device, optional=optional)
+    if model.config.llm.tie_word_embeddings:  # saved untied (a copy of the embeddings); ours stays tied
+        state.pop(head, None)
     model.load_state_dict(state, strict=False)
 
 
