@@ -78,6 +78,23 @@ def test_generate_batch_file_and_resume(folder, tmp_path):
     assert by_id["a"] == bot.chat("Colour?", images=str(tmp_path / "red.png"), max_new_tokens=8, do_sample=False)
 
 
+def test_generate_splits_lines_at_newlines_only_and_resumes_after_a_cut_character(folder, tmp_path):
+    """U+2028 inside JSON strings is not a line end (in the requests or the answers), CRLF line ends
+    work, and an answers file cut in the middle of a UTF-8 character loses only its last line."""
+    requests = tmp_path / "requests.jsonl"
+    lines = [{"id": "kept", "question": "One\u2028two"}, {"id": "cut", "question": "Three\u2029four\x85"}]
+    requests.write_bytes(b"".join(json.dumps(x, ensure_ascii=False).encode() + b"\r\n" for x in lines))
+    answers = tmp_path / "answers.jsonl"
+    kept = json.dumps({"id": "kept", "question": "One\u2028two", "answer": "a\u2028b"}, ensure_ascii=False)
+    answers.write_bytes(kept.encode() + b"\n" + '{"id": "cut", "answer": "От'.encode()[:-1])
+    out = cli("generate", "--input", requests, "--output", answers, "--model", folder, "--max-new-tokens", "8")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(x) for x in answers.read_bytes().decode().split("\n")[:-1]]
+    assert rows[0] == json.loads(kept)
+    expected = InternVLChat.from_pretrained(folder).chat(lines[1]["question"], max_new_tokens=8, do_sample=False)
+    assert rows[1:] == [{"id": "cut", "question": lines[1]["question"], "answer": expected}]
+
+
 def test_help_lists_commands():
     out = cli("--help")
     assert out.returncode == 0 and "chat" in out.stdout and "generate" in out.stdout

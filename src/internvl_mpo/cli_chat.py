@@ -176,19 +176,20 @@ def generate(
 
 
 def _finished_ids(out: Path) -> set:
-    """Ids already answered in `out`; a line cut by an interrupted write is dropped (it runs again)."""
+    """Ids already answered in `out`; a line cut by an interrupted write, even in the middle of a
+    character, is dropped (it runs again)."""
     if not out.exists():
         return set()
     kept, done = [], set()
-    for line in out.read_text(encoding="utf-8").splitlines():
+    for line in out.read_bytes().split(b"\n"):  # JSON strings may hold U+2028 and the like: split at LF only
         try:
-            row = json.loads(line)
+            row = json.loads(line.decode("utf-8"))
             done.add(row["id"])
             kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
             continue
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    tmp.write_bytes(b"".join(k + b"\n" for k in kept))
     os.replace(tmp, out)
     return done
 

@@ -10,14 +10,20 @@ from .errors import InputError
 
 
 def read_objects(path: str | Path, what: str = "file") -> Iterator[tuple[str, dict]]:
-    """("file:line", object) for each non-blank line; a line that is not a JSON object raises InputError."""
+    """("file:line", object) for each non-blank line; a line that is not UTF-8 or not a JSON object raises
+    InputError. Lines end at LF only (CRLF works too): JSON strings may hold U+2028, U+2029 or U+0085
+    unescaped, which str.splitlines() would take for line ends."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: {what} not found")
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        where = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{where}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
         if not line.strip():
             continue
-        where = f"{path}:{number}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
