@@ -95,6 +95,23 @@ def test_generate_splits_lines_at_newlines_only_and_resumes_after_a_cut_characte
     assert rows[1:] == [{"id": "cut", "question": lines[1]["question"], "answer": expected}]
 
 
+def test_generate_checks_its_arguments_before_loading_the_model(folder, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")
+    missing_model = folder / "nope"  # reached only if the checks below let a run through
+    cases = [(["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+             (["--batch-size", "-1"], "--batch-size must be at least 1, got -1"),
+             (["--output", tmp_path / "no" / "a.jsonl"], f"the folder {tmp_path / 'no'} does not exist"),
+             (["--output", tmp_path], "is a folder")]
+    for args, message in cases:
+        out = cli("generate", "--input", requests, "--output", tmp_path / "a.jsonl", "--model", missing_model, *args)
+        assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n" + json.dumps({"id": [1], "question": "Hi"}))
+    out = cli("generate", "--input", requests, "--output", tmp_path / "a.jsonl", "--model", missing_model)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"{requests}:2: 'id' must be a string or an integer, got [1]" in out.stderr
+
+
 def test_help_lists_commands():
     out = cli("--help")
     assert out.returncode == 0 and "chat" in out.stdout and "generate" in out.stdout

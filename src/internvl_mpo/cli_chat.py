@@ -149,9 +149,14 @@ def generate(
     from .generate.engine import Request
     from .pipeline import InternVLChat, generate_texts, sampling_params
 
-    src = Path(input)
-    requests = _read_requests(src)
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     out = Path(output)
+    if out.is_dir():
+        raise InputError(f"--output {out} is a folder; give the path of a JSONL file")
+    if not out.parent.is_dir():
+        raise InputError(f"--output {out}: the folder {out.parent} does not exist")
+    requests = _read_requests(Path(input))
     done = _finished_ids(out)
     todo = [r for r in requests if r["id"] not in done]
     bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device)
@@ -197,11 +202,16 @@ def _finished_ids(out: Path) -> set:
 def _read_requests(path: Path) -> list[dict]:
     from .jsonl import read_objects
 
-    items = []
+    items, lines = [], {}
     for number, (where, item) in enumerate(read_objects(path, "requests file"), 1):
         if not isinstance(item.get("question"), str):
             raise InputError(f"{where}: each line needs a string field 'question'")
-        item.setdefault("id", number)
+        rid = item.setdefault("id", number)
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+            raise InputError(f"{where}: 'id' must be a string or an integer, got {json.dumps(rid)[:80]}")
+        if rid in lines:
+            raise InputError(f"{where}: id {rid!r} is already used at {lines[rid]}")
+        lines[rid] = where
         item["_line"] = number
         for key in ("image", "video"):
             value = item.get(key)
@@ -210,9 +220,6 @@ def _read_requests(path: Path) -> list[dict]:
             elif isinstance(value, list):
                 item[key] = [str(path.parent / v) for v in value]
         items.append(item)
-    ids = [item["id"] for item in items]
-    if len(set(ids)) != len(ids):
-        raise InputError(f"{path}: request ids are not unique")
     return items
 
 
