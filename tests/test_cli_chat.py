@@ -78,6 +78,28 @@ def test_generate_batch_file_and_resume(folder, tmp_path):
     assert by_id["a"] == bot.chat("Colour?", images=str(tmp_path / "red.png"), max_new_tokens=8, do_sample=False)
 
 
+def test_generate_writes_an_error_line_for_a_bad_request_and_goes_on(folder, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    (tmp_path / "red.png").write_bytes((folder.parent / "red.png").read_bytes())
+    lines = [{"id": "a", "question": "Colour?", "image": "red.png"}, {"id": "b", "question": "Hi", "image": "gone.png"},
+             {"id": "c", "question": "Hello"}]
+    requests.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    answers = tmp_path / "answers.jsonl"
+    bot = InternVLChat.from_pretrained(folder)
+    expected = {"a": bot.chat("Colour?", images=str(tmp_path / "red.png"), max_new_tokens=8, do_sample=False),
+                "c": bot.chat("Hello", max_new_tokens=8, do_sample=False)}
+    for order in (["a", "b", "c"], ["a", "c", "b"]):  # the second run keeps the answers and tries "b" again
+        out = cli("generate", "--input", requests, "--output", answers, "--model", folder, "--max-new-tokens", "8",
+                  "--batch-size", "3")
+        assert out.returncode == 0, out.stderr
+        assert f"{requests}:2 (id 'b') skipped:" in out.stderr and "gone.png" in out.stderr
+        written = [json.loads(x) for x in answers.read_text().splitlines()]
+        assert [r["id"] for r in written] == order
+        rows = {r["id"]: r for r in written}
+        assert set(rows["b"]) == {"id", "question", "error"} and "gone.png" in rows["b"]["error"]
+        assert {i: rows[i]["answer"] for i in "ac"} == expected
+
+
 def test_generate_splits_lines_at_newlines_only_and_resumes_after_a_cut_character(folder, tmp_path):
     """U+2028 inside JSON strings is not a line end (in the requests or the answers), CRLF line ends
     work, and an answers file cut in the middle of a UTF-8 character loses only its last line."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -132,7 +133,7 @@ def generate(
     """Answer a JSONL file of requests; resumes where an interrupted run stopped.
 
     input: JSONL lines {"id", "question", "image" (path or list, relative to the file), "video"}
-    output: JSONL lines {"id", "question", "answer"}, appended as answers arrive
+    output: JSONL lines {"id", "question", "answer"} (or "error" for a request that cannot run), appended
     model: checkpoint folder or hub id (default: the shipped demo model)
     batch_size: requests decoded together
     max_num: most tiles per image
@@ -156,24 +157,33 @@ def generate(
         raise InputError(f"--output {out} is a folder; give the path of a JSONL file")
     if not out.parent.is_dir():
         raise InputError(f"--output {out}: the folder {out.parent} does not exist")
+    base = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, 1.0))
     requests = _read_requests(Path(input))
     done = _finished_ids(out)
     todo = [r for r in requests if r["id"] not in done]
     bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device)
-    settings = _generation(temperature, top_p, top_k, max_new_tokens, seed, 1.0)
     with out.open("a", encoding="utf-8") as sink, tqdm(total=len(requests), initial=len(requests) - len(todo),
                                                        desc="generate", unit="req") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            reqs = []
+            records, reqs = [], []
             for item in batch:
-                params = sampling_params(**{**settings, "seed": None if seed is None else seed + item["_line"]})
-                p = bot.prepare(item["question"], item.get("image"), item.get("video"), max_num=max_num)
+                records.append({"id": item["id"], "question": item["question"]})
+                try:
+                    params = base if seed is None else dataclasses.replace(base, seed=seed + item["_line"])
+                    p = bot.prepare(item["question"], item.get("image"), item.get("video"), max_num=max_num)
+                except InputError as e:  # this request alone fails; the run goes on
+                    records[-1]["error"] = str(e)
+                    tqdm.write(f"internvl-mpo generate: {item['_where']} (id {item['id']!r}) skipped: {e}",
+                               file=sys.stderr)
+                    continue
                 reqs.append(Request(p.prompt_ids, params, p.pixel_values))
-            answers = generate_texts(bot.tokenizer, bot.engine.generate(reqs), len(reqs), reqs[0].params.stop)
-            for item, answer in zip(batch, answers):
-                sink.write(json.dumps({"id": item["id"], "question": item["question"], "answer": answer},
-                                      ensure_ascii=False) + "\n")
+            answers = iter(generate_texts(bot.tokenizer, bot.engine.generate(reqs), len(reqs), base.stop)
+                           if reqs else [])
+            for record in records:
+                if "error" not in record:
+                    record["answer"] = next(answers)
+                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
             sink.flush()
             os.fsync(sink.fileno())
             bar.update(len(batch))
@@ -181,18 +191,19 @@ def generate(
 
 
 def _finished_ids(out: Path) -> set:
-    """Ids already answered in `out`; a line cut by an interrupted write, even in the middle of a
-    character, is dropped (it runs again)."""
+    """Ids already answered in `out`, which keeps only their lines: error lines are dropped (those
+    requests run again), and so is a line cut by an interrupted write, even in the middle of a character."""
     if not out.exists():
         return set()
     kept, done = [], set()
     for line in out.read_bytes().split(b"\n"):  # JSON strings may hold U+2028 and the like: split at LF only
         try:
             row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(row, dict) and "answer" in row and isinstance(row.get("id"), (str, int)):
             done.add(row["id"])
             kept.append(line)
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-            continue
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_bytes(b"".join(k + b"\n" for k in kept))
     os.replace(tmp, out)
@@ -212,7 +223,7 @@ def _read_requests(path: Path) -> list[dict]:
         if rid in lines:
             raise InputError(f"{where}: id {rid!r} is already used at {lines[rid]}")
         lines[rid] = where
-        item["_line"] = number
+        item["_line"], item["_where"] = number, where
         for key in ("image", "video"):
             value = item.get(key)
             if isinstance(value, str):
