@@ -13,12 +13,15 @@ from safetensors import safe_open
 from internvl_mpo.checkpoint import weight_map
 from internvl_mpo.config import FAMILY_SIZES, ModelConfig, family_config
 from internvl_mpo.convert import (
-    config_from_hf, convert, convert_command, hf_config_dict, hf_disk_name, key_maps, split_fused,
+    HEAD, config_from_hf, convert, convert_command, hf_config_dict, hf_disk_name, key_maps,
+    split_fused,
 )
 from internvl_mpo.errors import CheckpointError, InputError
 from internvl_mpo.model import InternVL
 
-from conftest import IMAGE_TOKEN_ID, hf_reference, hf_to_official, tiny_config, write_checkpoint
+from conftest import (
+    IMAGE_TOKEN_ID, hf_config, hf_reference, hf_to_official, tiny_config, write_checkpoint,
+)
 from test_internlm2 import hf_llama_reference, hf_llama_to_official, internlm2_config
 
 SIX_B = dict(norm_type="rms_norm", qk_normalization=True, qkv_bias=False)
@@ -117,6 +120,37 @@ def test_transformers_checkpoint_to_official(tmp_path, llm, vision):
     first, second = tensors(tmp_path / "hf"), tensors(again)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_tied_transformers_checkpoint_gets_its_head_written(tmp_path):
+    """transformers 5 ties the head when the top-level tie_word_embeddings is true (the InternVLConfig
+    default) and saves none; the official folder holds the embeddings as its head, says untied (as the
+    official code reads any config) and gives transformers' logits."""
+    from transformers import InternVLForConditionalGeneration
+
+    config = tiny_config()
+    hf = hf_config(config)
+    hf.tie_word_embeddings, hf.text_config.tie_word_embeddings = True, False
+    torch.manual_seed(0)
+    ref = InternVLForConditionalGeneration(hf).eval()
+    assert ref.lm_head.weight is ref.model.language_model.embed_tokens.weight
+    ref.save_pretrained(tmp_path / "hf")
+    assert not any(key.endswith("lm_head.weight") for key in weight_map(tmp_path / "hf"))
+    official = convert(tmp_path / "hf", tmp_path / "official", to="official")
+    saved = json.loads((official / "config.json").read_text())
+    assert saved["llm_config"]["tie_word_embeddings"] is False
+    weights = tensors(official)
+    assert torch.equal(weights["language_model.lm_head.weight"], weights["language_model.model.embed_tokens.weight"])
+    ours = InternVL.from_pretrained(official, dtype=torch.float32, image_token_id=IMAGE_TOKEN_ID)
+    ids, pixels = inputs(config, tiles=1)
+    with torch.no_grad():
+        diff = (ours(ids, pixel_values=pixels) - ref(input_ids=ids, pixel_values=pixels).logits).abs().max()
+    assert diff <= 1e-4
+    untied = json.loads((tmp_path / "hf" / "config.json").read_text())
+    untied["tie_word_embeddings"] = False  # then transformers would start from a random head
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(untied))
+    with pytest.raises(CheckpointError, match=f"1 missing: {HEAD}"):
+        convert(tmp_path / "hf", tmp_path / "untied", to="official")
 
 
 def test_refusals(tmp_path):

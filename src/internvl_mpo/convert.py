@@ -20,8 +20,16 @@ Reading also accepts transformers' in-memory names (`model.vision_tower.*`, `mod
 inverse, so a round trip gives back every tensor bit for bit. Tensors keep their dtype and are
 streamed one at a time into shards, so memory stays near one shard. Config fields that change the
 maths are carried both ways; the official chat-only fields (template, tiling limits) are not part of
-transformers' config and come back as the InternVL2.5 values. Tokenizer and generation files are
-copied unchanged (the hub `-hf` InternLM2 ports ship a re-made Llama tokenizer; that is not done here).
+transformers' config and come back as the InternVL2.5 values.
+
+The head: the official code never ties it (InternVLChatConfig forces tie_word_embeddings False), so
+official configs say untied both ways. transformers 5 ties `lm_head` to the input embeddings when the
+top-level `tie_word_embeddings` of an InternVLConfig is true (its default) and then saves no head; such
+a folder converts with the head written out as a copy of the embedding matrix. A stored head is used
+as it is (transformers unties a head that differs from the embeddings).
+
+Tokenizer and generation files are copied unchanged (the hub `-hf` InternLM2 ports ship a re-made
+Llama tokenizer; that is not done here).
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from .model import InternVL
 HF_ARCHITECTURE = "InternVLForConditionalGeneration"
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 TOKENIZER_FILES = tuple(name for name in checkpoint.COMPANION_FILES if name != "preprocessor_config.json")
+HEAD, EMBEDDINGS = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"  # transformers names
 
 # Module renames inside one layer (official -> transformers), matched on the module path before
 # ".weight" / ".bias" (or the whole name for parameters such as ls1).
@@ -265,7 +274,7 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         num_key_value_heads=t.get("num_key_value_heads") or t["num_attention_heads"], vocab_size=t["vocab_size"],
         hidden_act=t.get("hidden_act", "silu"), rms_norm_eps=t.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
         rope_scaling=rope_scaling, max_position_embeddings=t.get("max_position_embeddings", 32768),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
+        tie_word_embeddings=False,  # the official code never ties; a tied head is written out (see convert)
         attention_dropout=t.get("attention_dropout", 0.0), bos_token_id=t.get("bos_token_id"),
         eos_token_id=t.get("eos_token_id"),
         architectures=("InternLM2ForCausalLM",) if internlm2 else ("Qwen2ForCausalLM",),
@@ -279,6 +288,12 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         vision=vision, llm=llm, downsample_ratio=d.get("downsample_ratio", 0.5),
         select_layer=d.get("vision_feature_layer", -1), force_image_size=vision.image_size, extra=top_extra,
     )
+
+
+def _ties_head(d: dict[str, Any]) -> bool:
+    """Whether transformers 5 ties lm_head to the embeddings for this InternVLConfig dict: it reads the
+    top-level tie_word_embeddings (default true), not text_config's."""
+    return bool(d.get("tie_word_embeddings", True))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -399,8 +414,12 @@ def convert(
     maps = key_maps(config)
     mapping = checkpoint.weight_map(src)
     names = {key: key for key in mapping}  # the name the table uses -> the name in the files
+    tied_head = False
     if to == "official":
         names = {hf_disk_name(key): key for key in mapping}
+        tied_head = HEAD not in names and EMBEDDINGS in names and _ties_head(source_config)
+        if tied_head:
+            names[HEAD] = names[EMBEDDINGS]  # the tied head is the embedding matrix
     source_keys = [k for m in maps for k in ((m.official,) if to == "hf" else m.hf)]
     _check_keys(src, set(names), set(source_keys))
     _prepare_destination(src, dst)
@@ -419,6 +438,8 @@ def convert(
             except RuntimeError:  # parts of sizes that do not fit together
                 raise CheckpointError(f"{src}: {', '.join(m.hf)} do not fit {m.official} {list(m.shape)}") from None
             _check_shape(src, ", ".join(m.hf), merged, m.shape)
+            if tied_head and m.official == HEAD:
+                merged = merged.clone()  # a copy: safetensors refuses to save tensors that share memory
             writer.add(m.official, merged)
     writer.close()
     (dst / "config.json").write_text(json.dumps(out_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
