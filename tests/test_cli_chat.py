@@ -134,6 +134,18 @@ def test_generate_checks_its_arguments_before_loading_the_model(folder, tmp_path
     assert f"{requests}:2: 'id' must be a string or an integer, got [1]" in out.stderr
 
 
+def test_interactive_image_command_checks_its_argument(folder):
+    image = folder.parent / "blue.png"
+    commands = f"/image\n/image {folder}\n/image {folder / 'config.json'}\n/image {image}\nfirst?\n/exit\n"
+    out = cli("chat", "--model", folder, "--max-new-tokens", "6", stdin=commands)
+    assert out.returncode == 0, out.stderr
+    assert "usage: /image PATH" in out.stderr and "is a directory" in out.stderr and "not an image" in out.stderr
+    expected = InternVLChat.from_pretrained(folder).chat("first?", images=str(image), max_new_tokens=6, do_sample=False)
+    # one answer between the prompts: no bare "/image" question, no refused image in the prompt
+    assert out.stdout.startswith("> " * 5) and out.stdout.endswith("\n> ")
+    assert out.stdout[len("> " * 5):-len("> ")].strip() == expected
+
+
 def test_help_lists_commands():
     out = cli("--help")
     assert out.returncode == 0 and "chat" in out.stdout and "generate" in out.stdout

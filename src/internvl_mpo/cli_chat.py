@@ -68,6 +68,7 @@ def chat(
     compile: torch.compile the decode step
     """
     from .pipeline import InternVLChat, sampling_params
+    from .processor.image import open_image
 
     bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device, compile=compile)
     params = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty))
@@ -90,10 +91,15 @@ def chat(
         if line == "/reset":
             history, images, video = [], [], None
             continue
-        if line.startswith("/image "):
-            path = line[len("/image "):].strip()
-            if not Path(path).exists():
-                print(f"no such file: {path}", file=sys.stderr)
+        if line == "/image" or line.startswith("/image "):
+            path = line[len("/image"):].strip()
+            if not path:
+                print("usage: /image PATH", file=sys.stderr)
+                continue
+            try:
+                open_image(path).close()  # refuse what is not an image now, not at every later question
+            except InputError as e:
+                print(f"error: {e}", file=sys.stderr)
                 continue
             images.append(path)
             history = []  # a new image starts a new conversation
