@@ -14,7 +14,7 @@ from internvl_mpo.checkpoint import weight_map
 from internvl_mpo.config import FAMILY_SIZES, ModelConfig, family_config
 from internvl_mpo.convert import (
     HEAD, config_from_hf, convert, convert_command, hf_config_dict, hf_disk_name, key_maps,
-    split_fused,
+    remote_code_note, split_fused,
 )
 from internvl_mpo.errors import CheckpointError, InputError
 from internvl_mpo.model import InternVL
@@ -177,12 +177,32 @@ def test_refusals(tmp_path):
 
 
 def test_convert_command(tmp_path, capsys):
+    """Both ways; InternLM2's tokenizer code files (named by tokenizer_config's auto_map) travel along; the
+    official output says which official code files to add."""
     src = official_folder(tmp_path / "src", "internlm2")
+    tokenizer_config = json.loads((src / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]}
+    (src / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    (src / "tokenization_internlm2.py").write_text("# the official tokenizer code\n")
     assert convert_command(str(src), str(tmp_path / "hf"), to="hf") == 0
     assert "transformers layout" in capsys.readouterr().out
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architectures"] == ["InternVLForConditionalGeneration"]
     assert config["text_config"]["attention_bias"] is False and config["image_token_id"] == IMAGE_TOKEN_ID
+    assert (tmp_path / "hf" / "tokenization_internlm2.py").read_text() == "# the official tokenizer code\n"
+    assert convert_command(str(tmp_path / "hf"), str(tmp_path / "back"), to="official") == 0
+    out = capsys.readouterr().out
+    assert "has no configuration_internvl_chat.py, modeling_internvl_chat.py" in out
+    assert f'huggingface-cli download OpenGVLab/InternVL2_5-<size>-MPO --include "*.py" --local-dir {tmp_path / "back"}' in out
+    assert (tmp_path / "back" / "tokenization_internlm2.py").exists()
+
+
+def test_remote_code_note_names_the_matching_repo(tmp_path):
+    family_config("4B").to_json(tmp_path / "config.json")
+    assert "huggingface-cli download OpenGVLab/InternVL2_5-4B-MPO --include" in remote_code_note(tmp_path)
+    for name in ("configuration_internvl_chat.py", "modeling_internvl_chat.py"):
+        (tmp_path / name).write_text("")
+    assert remote_code_note(tmp_path) is None
 
 
 @pytest.mark.parametrize("size", FAMILY_SIZES)

@@ -28,8 +28,11 @@ top-level `tie_word_embeddings` of an InternVLConfig is true (its default) and t
 a folder converts with the head written out as a copy of the embedding matrix. A stored head is used
 as it is (transformers unties a head that differs from the embeddings).
 
-Tokenizer and generation files are copied unchanged (the hub `-hf` InternLM2 ports ship a re-made
-Llama tokenizer; that is not done here).
+Other files: the tokenizer and generation files are copied unchanged (the hub `-hf` InternLM2 ports
+ship a re-made Llama tokenizer; that is not done here), with the code files that tokenizer_config.json's
+`auto_map` names (InternLM2's tokenization_internlm2*.py). To the official layout, the official remote
+code (`auto_map`: modeling_internvl_chat.py and the files it imports) is not written: OpenGVLab's code
+is not ours to ship; `remote_code_note` says where to get it.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import checkpoint
-from .config import LLMConfig, ModelConfig, VisionConfig
+from .config import FAMILY_SIZES, LLMConfig, ModelConfig, VisionConfig, family_config
 from .errors import CheckpointError, ConfigError, InputError
 from .model import InternVL
 
@@ -442,11 +445,46 @@ def convert(
                 merged = merged.clone()  # a copy: safetensors refuses to save tensors that share memory
             writer.add(m.official, merged)
     writer.close()
-    (dst / "config.json").write_text(json.dumps(out_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    for name in TOKENIZER_FILES:
+    _write_json(dst / "config.json", out_config)
+    for name in TOKENIZER_FILES + _tokenizer_code(src):
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
     return dst
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _auto_map_files(auto_map: dict[str, Any]) -> tuple[str, ...]:
+    """The .py files an auto_map names: "module.Class" (or "repo--module.Class") -> "module.py"."""
+    entries = [e for value in auto_map.values() for e in (value if isinstance(value, list) else [value]) if e]
+    return tuple(sorted({e.split("--")[-1].rsplit(".", 1)[0] + ".py" for e in entries}))
+
+
+def _tokenizer_code(folder: Path) -> tuple[str, ...]:
+    path = folder / "tokenizer_config.json"
+    return _auto_map_files(_read_json(path).get("auto_map") or {}) if path.is_file() else ()
+
+
+def _family_key(config: ModelConfig) -> tuple[int, int, int]:
+    return config.vision.hidden_size, config.llm.hidden_size, config.llm.num_hidden_layers
+
+
+def remote_code_note(folder: str | Path) -> str | None:
+    """What to add so that the official remote code loads an official-layout folder, or None if it has
+    the files its config.json's auto_map names."""
+    folder = Path(folder)
+    missing = [f for f in _auto_map_files(_read_json(folder / "config.json").get("auto_map") or {})
+               if not (folder / f).is_file()]
+    if not missing:
+        return None
+    key = _family_key(ModelConfig.from_json(folder))
+    size = next((s for s in FAMILY_SIZES if _family_key(family_config(s)) == key), "<size>")
+    return (f"note: {folder} has no {', '.join(missing)}. This package does not need them; the official code "
+            f"(AutoModel.from_pretrained(..., trust_remote_code=True)) does. Add the .py files of the matching "
+            f"hub repo:\n  huggingface-cli download OpenGVLab/InternVL2_5-{size}-MPO --include \"*.py\" "
+            f"--local-dir {folder}")
 
 
 def convert_command(src: str, dst: str, *, to: str) -> int:
@@ -458,4 +496,7 @@ def convert_command(src: str, dst: str, *, to: str) -> int:
     """
     out = convert(src, dst, to)
     print(f"wrote {out} ({'transformers' if to == 'hf' else 'official'} layout)")
+    note = remote_code_note(out) if to == "official" else None
+    if note:
+        print(note)
     return 0
