@@ -6,10 +6,14 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
+from internvl_mpo.chat.template import build_prompt_ids, render_prompt
+from internvl_mpo.chat.tokenizer import load_tokenizer
 from internvl_mpo.checkpoint import weight_map
 from internvl_mpo.config import FAMILY_SIZES, ModelConfig, family_config
 from internvl_mpo.convert import (
@@ -18,9 +22,10 @@ from internvl_mpo.convert import (
 )
 from internvl_mpo.errors import CheckpointError, InputError
 from internvl_mpo.model import InternVL
+from internvl_mpo.processor.image import image_to_pixel_values
 
 from conftest import (
-    IMAGE_TOKEN_ID, hf_config, hf_reference, hf_to_official, tiny_config, write_checkpoint,
+    IMAGE_TOKEN_ID, hf_config, hf_reference, hf_to_official, tiny_chat_folder, tiny_config, write_checkpoint,
 )
 from test_internlm2 import hf_llama_reference, hf_llama_to_official, internlm2_config
 
@@ -203,6 +208,56 @@ def test_remote_code_note_names_the_matching_repo(tmp_path):
     for name in ("configuration_internvl_chat.py", "modeling_internvl_chat.py"):
         (tmp_path / name).write_text("")
     assert remote_code_note(tmp_path) is None
+
+
+def a_photo() -> Image.Image:
+    """150x70 random pixels: a 2x1 grid of tiles plus the thumbnail."""
+    return Image.fromarray(np.random.RandomState(0).randint(0, 256, (70, 150, 3), dtype=np.uint8))
+
+
+def test_to_hf_writes_what_transformers_processor_reads(tmp_path):
+    """transformers' image processor tiles as we do, its tokenizer names the image tokens, the chat
+    template gives the official prompt, and processor_config the image tokens per tile."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    src, _ = tiny_chat_folder(tmp_path / "src")
+    dst = convert(src, tmp_path / "hf", to="hf")
+    config = ModelConfig.from_json(src)
+    ours = image_to_pixel_values(a_photo(), image_size=config.image_size)
+    # The PIL backend resizes with Pillow, as the official recipe does (torchvision's differs by a level or so).
+    theirs = AutoImageProcessor.from_pretrained(dst, backend="pil")(images=[a_photo()], return_tensors="pt")
+    assert theirs["num_patches"].tolist() == [len(ours)] == [3]
+    torch.testing.assert_close(theirs["pixel_values"], ours, rtol=0, atol=1e-6)
+    tokenizer = AutoTokenizer.from_pretrained(dst)
+    assert tokenizer.context_image_token_id == json.loads((dst / "config.json").read_text())["image_token_id"]
+    assert (tokenizer.start_image_token, tokenizer.end_image_token) == ("<img>", "</img>")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt == render_prompt("<image>\nDescribe it.").replace("<image>", "<IMG_CONTEXT>")
+    assert json.loads((dst / "processor_config.json").read_text())["image_seq_length"] == config.num_image_token
+
+
+def test_to_hf_processor_output_runs_the_model(tmp_path):
+    """AutoProcessor loads the converted folder; its ids are our prompt ids, and both transformers' model
+    and ours run on its output with the same logits."""
+    pytest.importorskip("torchvision", reason="transformers' InternVLProcessor needs torchvision")
+    from transformers import AutoProcessor
+
+    src, _ = tiny_chat_folder(tmp_path / "src")
+    dst = convert(src, tmp_path / "hf", to="hf")
+    processor = AutoProcessor.from_pretrained(dst)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    batch = processor(text=prompt, images=[a_photo()], return_tensors="pt")
+    ours = InternVL.from_pretrained(src, dtype=torch.float32)
+    ids = build_prompt_ids(load_tokenizer(src), "Describe it.", num_patches_list=[3],
+                           num_image_token=ours.config.num_image_token)
+    assert batch["input_ids"][0].tolist() == ids
+    assert batch["pixel_values"].shape == (3, 3, ours.config.image_size, ours.config.image_size)
+    with torch.no_grad():
+        theirs = load_hf(dst)(**batch).logits
+        mine = ours(batch["input_ids"], pixel_values=batch["pixel_values"])
+    assert (mine - theirs).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("size", FAMILY_SIZES)

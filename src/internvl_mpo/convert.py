@@ -30,7 +30,12 @@ as it is (transformers unties a head that differs from the embeddings).
 
 Other files: the tokenizer and generation files are copied unchanged (the hub `-hf` InternLM2 ports
 ship a re-made Llama tokenizer; that is not done here), with the code files that tokenizer_config.json's
-`auto_map` names (InternLM2's tokenization_internlm2*.py). To the official layout, the official remote
+`auto_map` names (InternLM2's tokenization_internlm2*.py). To transformers, the processor files are
+written too: preprocessor_config.json (GotOcr2 tiling with the official tile size, ImageNet mean/std and
+tile limits; it always adds the thumbnail, as InternVL2.5 does), processor_config.json (image tokens per
+tile), chat_template.jinja (the official template: its default system message, each image item as
+`<IMG_CONTEXT>\n`, which the processor expands into `<img>` + tokens + `</img>`) and the image tokens
+named in tokenizer_config.json's `extra_special_tokens`. To the official layout, the official remote
 code (`auto_map`: modeling_internvl_chat.py and the files it imports) is not written: OpenGVLab's code
 is not ours to ship; `remote_code_note` says where to get it.
 """
@@ -50,14 +55,21 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import checkpoint
+from .chat.template import get_template
 from .config import FAMILY_SIZES, LLMConfig, ModelConfig, VisionConfig, family_config
 from .errors import CheckpointError, ConfigError, InputError
 from .model import InternVL
+from .processor.image import IMAGENET_MEAN, IMAGENET_STD
 
 HF_ARCHITECTURE = "InternVLForConditionalGeneration"
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 TOKENIZER_FILES = tuple(name for name in checkpoint.COMPANION_FILES if name != "preprocessor_config.json")
 HEAD, EMBEDDINGS = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"  # transformers names
+# The tokenizer attributes transformers' InternVLProcessor reads (it needs a video token even for images).
+PROCESSOR_TOKENS = {
+    "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": IMG_CONTEXT_TOKEN,
+    "video_token": "<video>",
+}
 
 # Module renames inside one layer (official -> transformers), matched on the module path before
 # ".weight" / ".bias" (or the whole name for parameters such as ls1).
@@ -449,6 +461,8 @@ def convert(
     for name in TOKENIZER_FILES + _tokenizer_code(src):
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
+    if to == "hf":
+        _write_processor_files(dst, config)
     return dst
 
 
@@ -465,6 +479,49 @@ def _auto_map_files(auto_map: dict[str, Any]) -> tuple[str, ...]:
 def _tokenizer_code(folder: Path) -> tuple[str, ...]:
     path = folder / "tokenizer_config.json"
     return _auto_map_files(_read_json(path).get("auto_map") or {}) if path.is_file() else ()
+
+
+def chat_template(template: str = "internvl2_5") -> str:
+    """transformers' chat template (Jinja) for an official template: the official prompt, with each image
+    item written as `<IMG_CONTEXT>\\n` (the processor's placeholder) and each video item as `<video>\\n`."""
+    system = json.dumps(get_template(template).system_message, ensure_ascii=False)
+    return (
+        "{%- if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n' + " + system + " + '<|im_end|>\\n' }}"
+        "{%- endif %}{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{%- if message['content'] is string %}{{ message['content'] }}"
+        "{%- else %}{%- for item in message['content'] %}"
+        "{%- if item['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
+        "{%- elif item['type'] == 'video' %}{{ '<video>\\n' }}"
+        "{%- elif item['type'] == 'text' %}{{ item['text'] }}{%- endif %}"
+        "{%- endfor %}{%- endif %}{{ '<|im_end|>\\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+
+
+def _write_processor_files(dst: Path, config: ModelConfig) -> None:
+    """What transformers' AutoProcessor reads for InternVLProcessor (GotOcr2 image processor)."""
+    size = config.image_size
+    _write_json(dst / "preprocessor_config.json", {
+        "image_processor_type": "GotOcr2ImageProcessorFast", "processor_class": "InternVLProcessor",
+        "do_convert_rgb": True, "do_resize": True, "size": {"height": size, "width": size}, "resample": 3,  # bicubic
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD),
+        "crop_to_patches": config.dynamic_image_size, "min_patches": config.min_dynamic_patch,
+        "max_patches": config.max_dynamic_patch,
+    })
+    _write_json(dst / "processor_config.json",
+                {"processor_class": "InternVLProcessor", "image_seq_length": config.num_image_token})
+    template = chat_template(config.template)
+    (dst / "chat_template.jinja").write_text(template, encoding="utf-8")
+    path = dst / "tokenizer_config.json"
+    tokenizer_config = _read_json(path) if path.is_file() else {}
+    tokenizer_config["chat_template"] = template  # the same for the tokenizer (it renders text turns alike)
+    listed = tokenizer_config.get("extra_special_tokens")
+    if isinstance(listed, list):  # transformers 5's spelling of additional_special_tokens
+        tokenizer_config["additional_special_tokens"] = listed
+    named = listed if isinstance(listed, dict) else {}
+    tokenizer_config["extra_special_tokens"] = {**named, **PROCESSOR_TOKENS}
+    _write_json(path, tokenizer_config)
 
 
 def _family_key(config: ModelConfig) -> tuple[int, int, int]:
