@@ -73,8 +73,9 @@ def setup(tmp_path_factory):
 
 
 def test_two_processes_match_one_on_the_same_global_batch(setup):
+    # Two micro-batches per step: gradients are reduced across ranks in the last one's backward only.
     root, folder, meta = setup
-    base = TrainConfig(model=str(folder), data=str(meta), max_steps=3, lr=1e-3, warmup_ratio=0.0,
+    base = TrainConfig(model=str(folder), data=str(meta), max_steps=3, grad_accum=2, lr=1e-3, warmup_ratio=0.0,
                        drop_path_rate=0.0, progress=False, seed=3)
     single = train(dataclasses.replace(base, output=str(root / "single"), batch_size=2))
     configs = [dataclasses.asdict(dataclasses.replace(base, output=str(root / "ddp"), batch_size=1)),

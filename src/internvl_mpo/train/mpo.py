@@ -533,14 +533,11 @@ def micro_batch_loss(
 
 
 def _sync_context(module: nn.Module, sync: bool):
-    """Skip the gradient all-reduce on micro-batches before the last one of a step."""
-    if sync:
-        return contextlib.nullcontext()
+    """Reduce gradients across ranks in the last micro-batch's backward only (DDP and FSDP2 alike)."""
     if isinstance(module, nn.parallel.DistributedDataParallel):
-        return module.no_sync()
-    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
-        module.set_requires_gradient_sync(False)
-        return contextlib.nullcontext()
+        return contextlib.nullcontext() if sync else module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2: set before every micro-batch's backward
+        module.set_requires_gradient_sync(sync)
     return contextlib.nullcontext()
 
 
@@ -755,8 +752,6 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
             for key, value in micro_metrics.items():
                 sums[key] = sums.get(key, 0.0) + value / cfg.grad_accum
             tokens += batch.num_tokens
-        if hasattr(module, "set_requires_gradient_sync"):
-            module.set_requires_gradient_sync(True)
         grad_norm = _grad_norm(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
