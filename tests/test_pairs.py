@@ -337,3 +337,14 @@ def test_one_mpo_training_step_on_the_pairs(tiny_model, tmp_path):
     assert result.steps == 1 and result.skipped.total == 0
     assert all(math.isfinite(v) for v in result.metrics.values()) and result.metrics["tokens"] > 0
     assert result.metrics["loss/pref"] == pytest.approx(math.log(2), abs=0.05)  # policy ~ reference at step 0
+
+
+def test_progress_lines_end_at_newlines_only(tmp_path):
+    from internvl_mpo.pairs import Progress
+
+    progress = Progress(tmp_path / "progress.jsonl")
+    rows = [{"id": "a", "answer": "one\u2028two\u0085three"}, {"id": "b", "answer": "ok"}]
+    progress.append(rows)
+    with open(progress.path, "ab") as f:
+        f.write(b'{"id": "c", "answer": "cut \xd0')  # an interrupted write, cut inside a character
+    assert progress.load() == {row["id"]: row for row in rows}

@@ -257,11 +257,12 @@ class Progress:
             with open(self.path, "r+b") as f:
                 f.truncate(len(data))
         rows = {}
-        for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        # Lines end at LF only: answers may hold U+2028 and the like, which str.splitlines() splits at.
+        for number, line in enumerate(data.split(b"\n")[:-1], 1):
             try:
-                row = json.loads(line)
+                row = json.loads(line.decode("utf-8"))
                 rows[row["id"]] = row
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
                 raise InputError(f"{self.path}:{number}: corrupt progress line; delete the folder to start over") from None
         return rows
 
