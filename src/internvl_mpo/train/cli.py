@@ -63,12 +63,12 @@ def train(
     """Train with MPO (sigmoid DPO + BCO-pair + SFT), plain DPO, or SFT on conversations.
 
     mode: mpo, dpo or sft
-    model: checkpoint folder (official layout) to start from and to use as the reference
+    model: checkpoint folder (official layout) or hub id (OpenGVLab/InternVL2_5-4B) to start from and to use as the reference
     data: meta.json (MMPR for mpo/dpo; conversation annotations for sft) or, for sft, one .jsonl
     output: run folder: metrics.jsonl, checkpoint-N/, final/
     image_root: image folder for a single sft .jsonl (default: the file's folder)
     init_from_config: start from random weights built from this config.json instead of --model
-    tokenizer: tokenizer folder (default: the model folder; required with --init-from-config)
+    tokenizer: tokenizer folder (default: the model's folder, downloaded for a hub id; required with --init-from-config)
     beta: DPO / BCO temperature
     pref_weight: weight of the sigmoid DPO term (default: mpo 0.8, dpo 1, sft 0)
     quality_weight: weight of the BCO-pair term (default: mpo 0.2, dpo 0, sft 0)

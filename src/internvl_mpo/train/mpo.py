@@ -284,7 +284,7 @@ def load_initial_model(cfg: TrainConfig, device: torch.device) -> tuple[Tokenize
         model.source_dir = Path(cfg.tokenizer)
     else:
         model = InternVL.from_pretrained(cfg.model, dtype=torch.float32, device=device)
-        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+        tokenizer = load_tokenizer(cfg.tokenizer or model.source_dir)  # the resolved folder, also for a hub id
     return tokenizer, model.train()
 
 
