@@ -24,11 +24,12 @@ from internvl_mpo.chat.tokenizer import load_tokenizer
 from internvl_mpo.errors import InputError
 from internvl_mpo.model import InternVL
 from internvl_mpo.train import checkpointing as ckpt
-from internvl_mpo.train.data import MediaSettings, PairDataset, collate_pairs
+from internvl_mpo.train.data import BadExample, MediaSettings, PairDataset, collate_pairs
+from internvl_mpo.train.distributed import DistEnv
 from internvl_mpo.train.lora import apply_lora, lora_target_names
 from internvl_mpo.train.losses import MPOWeights, RunningMean, mpo_loss, sft_nll
-from internvl_mpo.train.mmpr import load_meta, read_datasets
-from internvl_mpo.train.mpo import SequenceLogps, TrainConfig, official_state, train
+from internvl_mpo.train.mmpr import SkipReport, load_meta, read_datasets
+from internvl_mpo.train.mpo import SampleStream, SequenceLogps, TrainConfig, official_state, train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -361,6 +362,33 @@ def test_bad_records_name_file_and_line_or_are_counted(tmp_path, chat_folder):
     result = train(config(chat_folder, meta, tmp_path / "d", max_seq_length=400, max_steps=6, skip_bad=True))
     assert result.skipped.counts == {"json": 1, "missing_file": 1, "encode": 1}
     assert metric_rows(tmp_path / "d")[-1]["skipped"] == 3
+
+
+class BadRecords:
+    """A dataset whose items are all `BadExample`s except those in `good`; counts its reads."""
+
+    def __init__(self, n: int, good: tuple[int, ...] = ()):
+        self.n, self.good, self.reads = n, good, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        self.reads += 1
+        assert self.reads <= 10 * self.n, "the stream read ten epochs without stopping"
+        return index if index in self.good else BadExample(index, "encode", f"toy.jsonl:{index + 1}: too long")
+
+
+def test_skip_bad_stops_after_a_whole_epoch_without_a_usable_sample():
+    cfg = TrainConfig(skip_bad=True, shuffle=False)
+    stream = SampleStream(BadRecords(4, good=(2,)), DistEnv(), cfg, SkipReport())
+    assert [stream.next_example() for _ in range(3)] == [2, 2, 2]  # one usable record is enough
+
+    data = BadRecords(4)
+    stream = SampleStream(data, DistEnv(), cfg, SkipReport())
+    with pytest.raises(InputError, match=r"no usable sample in a whole epoch: all 4 samples .* toy\.jsonl:1: too long"):
+        stream.next_example()
+    assert data.reads == 4 and stream.report.counts == {"encode": 4}
 
 
 def test_train_flags_are_the_config_fields():

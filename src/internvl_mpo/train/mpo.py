@@ -373,7 +373,8 @@ class SampleStream:
     """This rank's endless sequence of samples, epoch after epoch; its position is (epoch, cursor).
 
     Bad samples (`BadExample`) raise InputError naming their file:line, or, with `skip_bad`, are
-    counted in `report` (once per record, whatever the epoch) and replaced by the next sample.
+    counted in `report` (once per record, whatever the epoch) and replaced by the next sample; a
+    whole epoch of bad samples raises InputError (there is nothing to train on).
     """
 
     def __init__(self, dataset, env: DistEnv, cfg: TrainConfig, report: SkipReport):
@@ -387,6 +388,7 @@ class SampleStream:
         self.epoch = 0
         self.cursor = 0
         self.bad: set[int] = set()
+        self._bad_run = 0  # bad samples in a row
         self._items = None
 
     def per_rank(self) -> int:
@@ -411,6 +413,11 @@ class SampleStream:
                 self._items = self._open()
             item = next(self._items, None)
             if item is None:
+                if self._bad_run >= self.per_rank():
+                    raise InputError(
+                        f"no usable sample in a whole epoch: all {self.per_rank()} samples of this process were bad"
+                        f" and skipped (--skip-bad); first problems: {'; '.join(self.report.messages)}"
+                    )
                 self.epoch, self.cursor, self._items = self.epoch + 1, 0, None
                 continue
             self.cursor += 1
@@ -420,7 +427,9 @@ class SampleStream:
                 if item.index not in self.bad:
                     self.bad.add(item.index)
                     self.report.add(item.kind, item.message)
+                self._bad_run += 1
                 continue
+            self._bad_run = 0
             return item
 
     def next_batch(self, batch_size: int, pad_id: int) -> Batch:
@@ -673,7 +682,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
     stream = SampleStream(dataset, env, cfg, report)
     samples_per_step = cfg.batch_size * cfg.grad_accum
     total_steps = cfg.max_steps or cfg.epochs * (stream.per_rank() // samples_per_step)
-    if total_steps < 1:
+    if total_steps < 1 or stream.per_rank() < 1:
         raise InputError(
             f"{cfg.data}: {len(dataset)} records are fewer than one step needs"
             f" ({samples_per_step} per rank x {env.world_size} ranks)"
