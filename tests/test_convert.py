@@ -279,3 +279,16 @@ def test_every_size_maps_onto_transformers_model(size):
     back = config_from_hf(hf_dict)
     assert back.vision == config.vision and back.llm == config.llm
     assert back.llm.extra.get("bias") == config.llm.extra.get("bias")
+
+
+def test_round_trip_through_hf_keeps_a_chat_folder_usable(tmp_path):
+    from internvl_mpo.pipeline import InternVLChat
+
+    src, _ = tiny_chat_folder(tmp_path / "src")  # its vocabulary holds exactly the tokenizer's tokens
+    convert(src, tmp_path / "hf", "hf")
+    convert(tmp_path / "hf", tmp_path / "back", "official")
+    assert len(load_tokenizer(tmp_path / "back")) == len(load_tokenizer(src))
+    chat = InternVLChat.from_pretrained(tmp_path / "back", dtype=torch.float32)
+    original = InternVLChat.from_pretrained(src, dtype=torch.float32)
+    kw = dict(max_new_tokens=5, do_sample=False)
+    assert chat.chat("Hello", **kw) == original.chat("Hello", **kw)

@@ -463,7 +463,21 @@ def convert(
             shutil.copy2(src / name, dst / name)
     if to == "hf":
         _write_processor_files(dst, config)
+    else:
+        _drop_processor_tokens(dst)
     return dst
+
+
+def _drop_processor_tokens(folder: Path) -> None:
+    """Remove the processor's named tokens (`extra_special_tokens` as a dict) from an official
+    folder's tokenizer_config.json: their `<video>` is not in the vocabulary, and a tokenizer built
+    with it would hold one token more than the model's embeddings."""
+    path = folder / "tokenizer_config.json"
+    if path.is_file():
+        tokenizer_config = _read_json(path)
+        if isinstance(tokenizer_config.get("extra_special_tokens"), dict):
+            del tokenizer_config["extra_special_tokens"]
+            _write_json(path, tokenizer_config)
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
