@@ -307,3 +307,8 @@ def test_training_input_errors(ours):
         build_training_ids(ours, _messages(("user", "<image>\nQ"), ("assistant", "A")), [1, 1])
     with pytest.raises(ConfigError, match="unknown conversation template"):
         render_prompt("Q", template="vicuna_v1.1")
+    reserved = r"the text contains <IMG_CONTEXT> {} time\(s\); it is reserved for image features"
+    with pytest.raises(InputError, match=reserved.format(2)):
+        build_training_ids(ours, _messages(("user", "<image>\nQ <IMG_CONTEXT><IMG_CONTEXT>"), ("assistant", "A")), [1])
+    with pytest.raises(InputError, match=reserved.format(1)):
+        build_pair_ids(ours, "What is this?", "A <IMG_CONTEXT>.", "A dog.", [2])

@@ -276,6 +276,18 @@ def test_corrupt_image_names_file_and_line(tmp_path, tokenizer, settings):
     assert isinstance(item, BadExample) and "toy.jsonl:1:" in item.message and "broken.png" in item.message
 
 
+def test_typed_image_context_token_names_file_and_line(tmp_path, tokenizer, settings):
+    meta = write_mmpr(tmp_path, [{"image": "red.png", "question": "<IMG_CONTEXT> hi", "chosen": "a", "rejected": "b"},
+                                 {"question": "q", "chosen": "a", "rejected": "b <IMG_CONTEXT>"}])
+    recs, _ = read_datasets(load_meta(str(meta)))
+    dataset = PairDataset(sorted(recs, key=lambda r: r.source.line), tokenizer, settings, 4096)
+    for line in (1, 2):
+        item = dataset[line - 1]
+        assert isinstance(item, BadExample) and item.kind == "encode"
+        assert item.message == (f"{tmp_path / 'toy.jsonl'}:{line}: the text contains <IMG_CONTEXT> 1 time(s); it is"
+                                " reserved for image features")
+
+
 def test_sft_conversations_match_official_masks(tmp_path, chat_folder, tokenizer, settings):
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(chat_folder)

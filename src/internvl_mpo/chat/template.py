@@ -8,7 +8,8 @@ Mirrors, from OpenGVLab/InternVL `internvl_chat`:
 - `chat()`: `"<image>\\n"` is prepended to the first question when images are given and it has no
   `<image>`; each `<image>`, left to right, becomes `<img>` + `<IMG_CONTEXT>` x (256 x tiles) + `</img>`.
   Unlike the reference (which replaces as many placeholders as it has images and never checks), a
-  placeholder count that differs from the number of images raises InputError.
+  placeholder count that differs from the number of images raises InputError, and so does text
+  (a question, an answer, a turn) that the tokenizer reads as `<IMG_CONTEXT>`: only images place it.
 - `train/dataset.py` `preprocess_internvl2_5`: each turn is tokenized on its own and the ids are
   concatenated; labels are -100 except in assistant segments, where the `<|im_start|>assistant\\n`
   header and the final `\\n` are masked, so the response and its `<|im_end|>` are supervised.
@@ -153,6 +154,15 @@ def encode_with_images(
     return ids
 
 
+def _refuse_typed_context(
+    tokenizer: Tokenizer, ids: Sequence[int], num_patches_list: Sequence[int], num_image_token: int
+) -> None:
+    """Raise when text the user typed reads as the image-context token (only images may place it)."""
+    extra = ids.count(tokenizer.img_context_id) - num_image_token * sum(num_patches_list)
+    if extra:
+        raise InputError(f"the text contains {IMG_CONTEXT} {extra} time(s); it is reserved for image features")
+
+
 def build_prompt_ids(
     tokenizer: Tokenizer,
     question: str,
@@ -175,9 +185,7 @@ def build_prompt_ids(
     ids = encode_with_images(tokenizer, prompt, num_patches_list, num_image_token)
     if tokenizer.add_bos_token:  # the official chat() tokenizes the prompt with the tokenizer's BOS
         ids = [tokenizer.bos_id, *ids]
-    extra = ids.count(tokenizer.img_context_id) - num_image_token * sum(num_patches_list)
-    if extra:  # typed text that the tokenizer reads as the image-context token
-        raise InputError(f"the text contains {IMG_CONTEXT} {extra} time(s); it is reserved for image features")
+    _refuse_typed_context(tokenizer, ids, num_patches_list, num_image_token)
     if max_length is not None and len(ids) > max_length:
         image_tokens = sum(num_image_token * tiles + 2 for tiles in num_patches_list)
         raise InputError(
@@ -228,6 +236,7 @@ def _segments(
             seg_labels = _assistant_labels(ids, header_ids)
         input_ids += ids
         labels += seg_labels
+    _refuse_typed_context(tokenizer, input_ids, num_patches_list, num_image_token)
     return input_ids, labels
 
 
