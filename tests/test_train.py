@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from test_train_data import color_pairs, write_mmpr
 
 from internvl_mpo.chat.tokenizer import load_tokenizer
-from internvl_mpo.errors import InputError
+from internvl_mpo.errors import ConfigError, InputError
 from internvl_mpo.model import InternVL
 from internvl_mpo.train import checkpointing as ckpt
 from internvl_mpo.train.data import BadExample, MediaSettings, PairDataset, collate_pairs
@@ -214,6 +214,15 @@ def test_checkpoint_folder_holds_only_safetensors_and_json(tmp_path, chat_folder
     state = json.loads((folder / "trainer_state.json").read_text())
     assert state["step"] == 1 and state["running_mean"]["count"] == pytest.approx(1.0)
     assert not list((tmp_path / "run").glob(".tmp-*"))
+
+
+def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path, chat_folder, meta):
+    cfg = config(chat_folder, meta, tmp_path / "run", max_steps=1, save_every=1)
+    train(cfg)
+    message = rf"{tmp_path / 'run'} already holds checkpoint-000001 of an earlier run: pass --resume"
+    with pytest.raises(ConfigError, match=message):
+        train(dataclasses.replace(cfg, lr=1e-4))
+    assert train(dataclasses.replace(cfg, resume=True)).steps == 1
 
 
 # ----------------------------------------------------------------------------- reference, modes

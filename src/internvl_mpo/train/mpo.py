@@ -665,6 +665,12 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
     from tqdm import tqdm
 
     output = Path(cfg.output)
+    earlier = None if cfg.resume else ckpt.latest_checkpoint(output)
+    if earlier is not None:
+        raise ConfigError(
+            f"{output} already holds {earlier.name} of an earlier run: pass --resume to continue that run,"
+            " or choose another --output"
+        )
     if env.is_main:
         output.mkdir(parents=True, exist_ok=True)
     barrier(env)
