@@ -9,6 +9,7 @@ import dataclasses
 import inspect
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -223,6 +224,16 @@ def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path, chat_folder, meta
     with pytest.raises(ConfigError, match=message):
         train(dataclasses.replace(cfg, lr=1e-4))
     assert train(dataclasses.replace(cfg, resume=True)).steps == 1
+
+
+def test_resume_drops_a_half_written_metrics_line(tmp_path, chat_folder, meta):
+    cfg = config(chat_folder, meta, tmp_path / "run", max_steps=2, save_every=1)
+    train(cfg)
+    shutil.rmtree(tmp_path / "run" / "checkpoint-000002")  # killed while appending step 2's metrics
+    path = tmp_path / "run" / "metrics.jsonl"
+    path.write_text(path.read_text()[:-40])
+    train(dataclasses.replace(cfg, resume=True))
+    assert [r["step"] for r in metric_rows(tmp_path / "run")] == [1, 2]
 
 
 # ----------------------------------------------------------------------------- reference, modes

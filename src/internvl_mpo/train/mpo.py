@@ -638,10 +638,18 @@ def resume_training_state(
 
 
 def _rewrite_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines past the resumed step (a killed run may have logged steps it never saved)."""
+    """Drop metric lines past the resumed step (a killed run may have logged steps it never saved) and
+    lines that do not parse (a kill during the append leaves a half-written last line)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except json.JSONDecodeError:
+            continue
+        if step <= last_step:
+            kept.append(line)
     tmp = path.with_name(".tmp-" + path.name)
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
