@@ -446,3 +446,14 @@ def test_cli_reports_bad_data_without_traceback(tmp_path, chat_folder):
     code = main(["train", "mpo", "--model", str(chat_folder), "--data", str(meta), "--output", str(tmp_path / "o"),
                  "--no-progress"])
     assert code == 1
+
+
+def test_fsdp_in_a_single_process_trains_unsharded_with_a_note(tmp_path, chat_folder, meta, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    from internvl_mpo.cli import main
+
+    code = main(["train", "dpo", "--model", str(chat_folder), "--data", str(meta), "--output", str(tmp_path / "o"),
+                 "--max-steps", "1", "--batch-size", "2", "--fsdp", "--no-progress", "--no-grad-checkpointing"])
+    assert code == 0
+    assert "note: --fsdp shards only when several processes run" in capsys.readouterr().out
+    assert len(metric_rows(tmp_path / "o")) == 1

@@ -110,11 +110,13 @@ def train(
     progress: show a progress bar
     """
     settings = dict(locals())
-    from internvl_mpo.train.distributed import print0
+    from internvl_mpo.train.distributed import env_int, print0
     from internvl_mpo.train.mpo import TrainConfig
     from internvl_mpo.train.mpo import train as run
 
     config = TrainConfig(**settings)
+    if fsdp and env_int("WORLD_SIZE", 1) < 2:
+        print0("note: --fsdp shards only when several processes run (torchrun); this single process trains unsharded")
     result = run(config)
     print0(f"trained {result.steps} steps; final model: {result.final_dir}")
     if result.skipped.total:

@@ -44,7 +44,7 @@ class DistEnv:
         return self.world_size > 1
 
 
-def _env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
         return default
@@ -56,7 +56,7 @@ def _env_int(name: str, default: int) -> int:
 
 def init_distributed(device: str | None = None) -> DistEnv:
     """Rank, world size and device from the torchrun environment; starts the process group if W > 1."""
-    rank, local_rank, world = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0), _env_int("WORLD_SIZE", 1)
+    rank, local_rank, world = env_int("RANK", 0), env_int("LOCAL_RANK", 0), env_int("WORLD_SIZE", 1)
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -79,7 +79,7 @@ def destroy_distributed() -> None:
 
 def print0(*args, **kwargs) -> None:
     """`print` on rank 0 only (CLI-facing code; the library itself does not print)."""
-    if _env_int("RANK", 0) == 0:
+    if env_int("RANK", 0) == 0:
         print(*args, **kwargs, flush=True)
 
 

@@ -684,8 +684,9 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
     barrier(env)
     weights = loss_weights(cfg)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
+    fsdp = cfg.fsdp and env.distributed  # --fsdp means nothing to a single process (see its help)
     # A fresh context per use (FSDP2 casts to bf16 through its own mixed-precision policy instead).
-    autocast = functools.partial(torch.autocast, env.device.type, dtype=torch.bfloat16, enabled=bf16 and not cfg.fsdp)
+    autocast = functools.partial(torch.autocast, env.device.type, dtype=torch.bfloat16, enabled=bf16 and not fsdp)
 
     # 1. model and tokenizer (the seed makes random init and LoRA adapters equal on every rank)
     torch.manual_seed(cfg.seed)
@@ -706,13 +707,13 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
     needs_ref = cfg.mode != "sft" and (weights.pref_weight != 0 or weights.quality_weight != 0)
     ref_module, ref_table = None, None
     if needs_ref:
-        reference = make_reference(policy, bf16 and not cfg.fsdp)
+        reference = make_reference(policy, bf16 and not fsdp)
         if cfg.precompute_ref:
             ref_table = precompute_reference(cfg, env, reference, dataset, tokenizer.pad_id, autocast)
             del reference
         else:
             ref_module = SequenceLogps(reference, encode_empty=env.distributed)
-            if cfg.fsdp:
+            if fsdp:
                 shard_fsdp2(ref_module, transformer_blocks(reference), bf16)
 
     # 4. training set-up, applied from outside the model
@@ -735,8 +736,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
         for block in transformer_blocks(policy):
             activation_checkpoint(block)
     vision_trains = any(p.requires_grad for p in [*policy.vision_model.parameters(), *policy.mlp1.parameters()])
-    module: nn.Module = SequenceLogps(policy, encode_empty=env.distributed and (cfg.fsdp or vision_trains))
-    if cfg.fsdp:
+    module: nn.Module = SequenceLogps(policy, encode_empty=env.distributed and (fsdp or vision_trains))
+    if fsdp:
         module = shard_fsdp2(module, transformer_blocks(policy), bf16)
     elif env.distributed:
         module = wrap_ddp(module, env)
