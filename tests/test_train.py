@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from test_train_data import color_pairs, write_mmpr
 
 from internvl_mpo.chat.tokenizer import load_tokenizer
-from internvl_mpo.errors import ConfigError, InputError
+from internvl_mpo.errors import CheckpointError, ConfigError, InputError
 from internvl_mpo.model import InternVL
 from internvl_mpo.train import checkpointing as ckpt
 from internvl_mpo.train.data import BadExample, MediaSettings, PairDataset, collate_pairs
@@ -234,6 +234,16 @@ def test_resume_drops_a_half_written_metrics_line(tmp_path, chat_folder, meta):
     path.write_text(path.read_text()[:-40])
     train(dataclasses.replace(cfg, resume=True))
     assert [r["step"] for r in metric_rows(tmp_path / "run")] == [1, 2]
+
+
+def test_resume_refuses_changed_training_settings(tmp_path, chat_folder, meta):
+    cfg = config(chat_folder, meta, tmp_path / "run", max_steps=1, save_every=1)
+    train(cfg)
+    for change in ({"freeze_vision": True}, {"freeze_projector": True}, {"freeze_llm": True}, {"lora_alpha": 4.0},
+                   {"batch_size": 1, "freeze_vision": True}):
+        message = rf"checkpoint-000001: cannot resume, these settings differ from the checkpoint: {', '.join(change)}$"
+        with pytest.raises(CheckpointError, match=message):
+            train(dataclasses.replace(cfg, resume=True, **change))
 
 
 # ----------------------------------------------------------------------------- reference, modes

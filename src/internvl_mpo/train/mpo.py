@@ -32,7 +32,8 @@ Differences from the reference trainer, on purpose:
 Kept from the reference: the BCO running mean folds in every micro-batch; the SFT term is a token
 mean per micro-batch and rank. Logged metrics are averaged over the micro-batches of a step and over
 ranks (`tokens` is summed; `skipped` is rank 0's count). Resuming needs the same world size, batch
-size, accumulation and step count; the reference model is always rebuilt from `--model`.
+size, accumulation, step count and trained parameters (`RESUME_KEYS`: freeze and LoRA flags among
+them); the reference model is always rebuilt from `--model`.
 """
 
 from __future__ import annotations
@@ -559,8 +560,10 @@ def _grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-# Settings that must not change between a checkpoint and its resumption.
-RESUME_KEYS = ("mode", "data", "batch_size", "grad_accum", "seed", "shuffle", "lora_rank", "lora_vision")
+# Settings that must not change between a checkpoint and its resumption (data order, loss, and which
+# parameters are trained and how).
+RESUME_KEYS = ("mode", "data", "batch_size", "grad_accum", "seed", "shuffle", "freeze_vision", "freeze_projector",
+               "freeze_llm", "lora_rank", "lora_alpha", "lora_vision")
 
 
 def official_state(state: dict[str, torch.Tensor], cfg: TrainConfig) -> dict[str, torch.Tensor]:
@@ -610,18 +613,9 @@ def resume_weights(path: Path, policy: InternVL, cfg: TrainConfig) -> None:
     ckpt.load_model_weights(path, policy, skip={n + ".weight" for n in lora_names})
 
 
-def resume_training_state(
-    path: Path,
-    cfg: TrainConfig,
-    env: DistEnv,
-    module: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    running: RunningMean | None,
-    stream: SampleStream,
-    total_steps: int,
-) -> int:
-    """Optimizer, RNG, BCO running mean and data position from a checkpoint; returns its step."""
-    state, rank_state = ckpt.load_training_state(path, env, module, optimizer)
+def check_resume_settings(path: Path, cfg: TrainConfig, env: DistEnv, total_steps: int) -> None:
+    """CheckpointError naming every setting that differs from the checkpoint's (before anything is loaded)."""
+    state = ckpt.read_json(path / ckpt.STATE_FILE)
     saved = state.get("config", {})
     changed = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
     if state.get("world_size") != env.world_size:
@@ -630,6 +624,18 @@ def resume_training_state(
         changed.append("total steps (epochs / max_steps)")
     if changed:
         raise CheckpointError(f"{path}: cannot resume, these settings differ from the checkpoint: {', '.join(changed)}")
+
+
+def resume_training_state(
+    path: Path,
+    env: DistEnv,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    running: RunningMean | None,
+    stream: SampleStream,
+) -> int:
+    """Optimizer, RNG, BCO running mean and data position from a checkpoint; returns its step."""
+    state, rank_state = ckpt.load_training_state(path, env, module, optimizer)
     if running is not None and state.get("running_mean") is not None:
         running.load_state_dict(state["running_mean"])
     stream.report.counts.update(state.get("skipped", {}))
@@ -719,6 +725,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
     # 4. training set-up, applied from outside the model
     resume_from = ckpt.latest_checkpoint(output) if cfg.resume else None
     if resume_from is not None:
+        check_resume_settings(resume_from, cfg, env, total_steps)
         resume_weights(resume_from, policy, cfg)
     set_drop_path(policy, cfg.drop_path_rate)
     freeze(policy, cfg)
@@ -751,7 +758,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
     random.seed(cfg.seed + env.rank)
     start_step = 0
     if resume_from is not None:
-        start_step = resume_training_state(resume_from, cfg, env, module, optimizer, running, stream, total_steps)
+        start_step = resume_training_state(resume_from, env, module, optimizer, running, stream)
     metrics_path = output / METRICS_FILE
     if env.is_main and resume_from is not None:
         _rewrite_metrics(metrics_path, start_step)
