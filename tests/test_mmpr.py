@@ -208,6 +208,8 @@ BAD_LINES = [
     (json.dumps({"question": "q", "chosen": "c"}), "missing_field", "missing required field 'rejected'"),
     (json.dumps({"question": 3, "chosen": "c", "rejected": "r"}), "wrong_type", "field 'question' must be a string, got int"),
     (json.dumps(_pair(0, chosen=["c"])), "wrong_type", "field 'chosen' must be a string, got list"),
+    (json.dumps(_pair(0, chosen="")), "empty_answer", "field 'chosen' is empty"),
+    (json.dumps(_pair(0, rejected=" \n")), "empty_answer", "field 'rejected' is empty"),
     (json.dumps(_pair(0, image=5)), "wrong_type", "field 'image' must be a string or a list of strings"),
     (json.dumps(_pair(0, image=None)), "wrong_type", "field 'image' must be a string or a list of strings"),
     (json.dumps(_pair(0, image=["a.jpg", 1])), "wrong_type", "field 'image' must be a string or a list of strings"),

@@ -23,7 +23,8 @@ checked up front: by default the first problem raises `InputError` naming `file:
 `SkipReport` the bad lines are dropped and counted instead. Lines that subsampling leaves out are
 never parsed (as in the official code), so a bad line there goes unnoticed. Sampling and
 shuffling run over all raw lines before dropping, so the order of the good records is the
-official one. Blank lines count as malformed (the official JSON parse fails on them too).
+official one. Blank lines count as malformed (the official JSON parse fails on them too). An empty
+(or all-whitespace) `chosen` or `rejected` answer is refused too; the official reader accepts it.
 """
 
 from __future__ import annotations
@@ -271,10 +272,17 @@ def _media(item: dict, root: str) -> tuple[tuple[str, ...], bool, str | None]:
     return (), False, path
 
 
+def _answer(item: dict, key: str) -> str:
+    value = _require_str(item, key)
+    if not value.strip():
+        raise _BadLine("empty_answer", f"field {key!r} is empty: an answer needs text to score")
+    return value
+
+
 def _preference(item: dict, spec: DatasetSpec, source: Source) -> PreferenceRecord:
     question = _require_str(item, "question")
-    chosen = _require_str(item, "chosen")
-    rejected = _require_str(item, "rejected")
+    chosen = _answer(item, "chosen")
+    rejected = _answer(item, "rejected")
     images, multi, video = _media(item, spec.root)
     return PreferenceRecord(question, chosen, rejected, images, multi, video, spec.name, source)
 
