@@ -22,15 +22,24 @@ from safetensors.torch import load_file
 from test_train_data import color_pairs, write_mmpr
 
 from internvl_mpo.chat.tokenizer import load_tokenizer
+from internvl_mpo.config import ModelConfig
 from internvl_mpo.errors import CheckpointError, ConfigError, InputError
 from internvl_mpo.model import InternVL
+from internvl_mpo.processor.image import load_image
 from internvl_mpo.train import checkpointing as ckpt
 from internvl_mpo.train.data import BadExample, MediaSettings, PairDataset, collate_pairs
 from internvl_mpo.train.distributed import DistEnv
 from internvl_mpo.train.lora import apply_lora, lora_target_names
 from internvl_mpo.train.losses import MPOWeights, RunningMean, mpo_loss, sft_nll
 from internvl_mpo.train.mmpr import SkipReport, load_meta, read_datasets
-from internvl_mpo.train.mpo import SampleStream, SequenceLogps, TrainConfig, official_state, train
+from internvl_mpo.train.mpo import (
+    SampleStream,
+    SequenceLogps,
+    TrainConfig,
+    build_dataset,
+    official_state,
+    train,
+)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -419,6 +428,26 @@ def test_skip_bad_stops_after_a_whole_epoch_without_a_usable_sample():
     with pytest.raises(InputError, match=r"no usable sample in a whole epoch: all 4 samples .* toy\.jsonl:1: too long"):
         stream.next_example()
     assert data.reads == 4 and stream.report.counts == {"encode": 4}
+
+
+def test_max_dynamic_patch_flag_wins_over_meta_json(tmp_path, chat_folder):
+    pair = {"image": "grey.png", "question": "q", "chosen": "a", "rejected": "b"}
+    convo = {"image": "grey.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    meta = write_mmpr(tmp_path, [pair], max_dynamic_patch=6)
+    (tmp_path / "toy_sft.jsonl").write_text(json.dumps(convo) + "\n")
+    sft_meta = json.loads(meta.read_text())
+    sft_meta["toy"]["annotation"] = str(tmp_path / "toy_sft.jsonl")
+    (tmp_path / "sft_meta.json").write_text(json.dumps(sft_meta))
+    tokenizer = load_tokenizer(chat_folder)
+    model_config = ModelConfig.from_json(chat_folder / "config.json")
+    six = load_image(tmp_path / "images" / "grey.png", max_num=6, image_size=model_config.image_size).shape[0]
+    for mode, data in (("mpo", meta), ("sft", tmp_path / "sft_meta.json")):
+        tiles = {}
+        for flag in (None, 1):
+            cfg = TrainConfig(mode=mode, data=str(data), output=str(tmp_path / "o"), max_dynamic_patch=flag)
+            dataset, _ = build_dataset(cfg, tokenizer, model_config)
+            tiles[flag] = dataset[0].pixel_values.shape[0]
+        assert tiles == {None: six, 1: 1} and six > 1, mode
 
 
 def test_train_flags_are_the_config_fields():

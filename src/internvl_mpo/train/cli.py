@@ -87,7 +87,7 @@ def train(
     grad_accum: micro-batches per optimizer step
     max_grad_norm: gradient-norm clipping (0: no clipping)
     max_seq_length: longest sequence; answers are cut at the tail, never the prompt or image tokens
-    max_dynamic_patch: tiles per image (default: meta.json's value, else the model config's)
+    max_dynamic_patch: tiles per image; when given it wins over meta.json's max_dynamic_patch (default: meta.json's value, else the model config's)
     video_frames: frames sampled per video
     save_every: write a resumable checkpoint every N steps (0: only the final model)
     seed: seed of the data order, initialisation and drop-path

@@ -5,7 +5,8 @@ Mirrors the per-item side of `internvl_chat/internvl/train/internvl_chat_mpo.py`
 `video_get_item`, `pure_text_get_item`) and of the fine-tuning dataset for conversations:
 
 - single image: tiles from dynamic tiling with `max_num` = the dataset's `max_dynamic_patch` (meta.json)
-  or the model config's; the question gets `"<image>\\n"` in front when it has no placeholder;
+  or the settings' (`--max-dynamic-patch`, which the trainer lets win over meta.json, else the model
+  config's); the question gets `"<image>\\n"` in front when it has no placeholder;
 - multi-image (`image` is a list): each image gets `max(1, max_num // n_images)` tiles at most, as
   the official multi-image branch; a question without placeholders gets "Image-k: <image>\\n" lines;
 - video: `load_video` frames, one tile each; `<video>\\n` (or nothing) becomes the

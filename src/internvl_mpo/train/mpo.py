@@ -338,11 +338,14 @@ def build_optimizer(model: InternVL, cfg: TrainConfig) -> torch.optim.AdamW:
 def build_dataset(cfg: TrainConfig, tokenizer: Tokenizer, config: ModelConfig) -> tuple[PairDataset | SFTDataset, SkipReport]:
     """Records in training order (official per-dataset sampling and shuffling) wrapped as a dataset."""
     settings = MediaSettings.from_model_config(config, cfg.max_dynamic_patch, cfg.video_frames)
+    # meta.json's per-dataset max_dynamic_patch applies unless --max-dynamic-patch is given (the official
+    # code lets meta.json win over its argument; here the explicit flag wins)
+    use_meta = cfg.max_dynamic_patch is None
     report = SkipReport()
     if cfg.mode != "sft":
         specs = load_meta(cfg.data)
         records, report = read_datasets(specs, skip_bad=cfg.skip_bad, sample_seed=cfg.seed)
-        max_num = {s.name: s.max_dynamic_patch for s in specs if s.max_dynamic_patch is not None}
+        max_num = {s.name: s.max_dynamic_patch for s in specs if use_meta and s.max_dynamic_patch is not None}
         dataset: PairDataset | SFTDataset = PairDataset(
             records, tokenizer, settings, cfg.max_seq_length, max_num, cfg.rejected_span
         )
@@ -359,7 +362,7 @@ def build_dataset(cfg: TrainConfig, tokenizer: Tokenizer, config: ModelConfig) -
                 good = read_sft_records(spec.annotation, spec.root, report=skip)
                 order = select_lines(len(good), spec.repeat_time, index, sample_rng)
                 records += [good[i] for i in order]
-                max_nums += [spec.max_dynamic_patch] * len(order)
+                max_nums += [spec.max_dynamic_patch if use_meta else None] * len(order)
         dataset = SFTDataset(records, tokenizer, settings, cfg.max_seq_length, max_nums)
     if len(dataset) == 0:
         raise InputError(f"{cfg.data}: no usable training records")
