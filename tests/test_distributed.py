@@ -104,3 +104,16 @@ def test_two_processes_match_one_on_the_same_global_batch(setup):
     optim = load_file(saved / "optimizer.safetensors")
     assert optim["model.language_model.lm_head.weight::exp_avg"].shape == expected["language_model.lm_head.weight"].shape
     assert {p.name for p in saved.glob("rank*.json")} == {"rank0.json", "rank1.json"}
+
+
+def test_fsdp_bf16_reference_is_the_initial_policy(setup):
+    # FSDP2 computes with bf16 weights; the live reference and the precomputed pass must compute the same.
+    root, folder, meta = setup
+    base = TrainConfig(model=str(folder), data=str(meta), max_steps=1, batch_size=1, drop_path_rate=0.0,
+                       progress=False, precision="bf16", device="cpu", fsdp=True)
+    configs = [dataclasses.asdict(dataclasses.replace(base, output=str(root / name), precompute_ref=pre))
+               for name, pre in (("bf16_live", False), ("bf16_precomputed", True))]
+    mp.start_processes(_worker, args=(2, free_ports(2), configs), nprocs=2, start_method="spawn")
+    for name in ("bf16_live", "bf16_precomputed"):
+        row = rows(root / name)[0]
+        assert (row["rewards/chosen"], row["rewards/rejected"]) == (0.0, 0.0), name

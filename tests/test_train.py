@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import os
 import shutil
 import signal
@@ -269,6 +270,18 @@ def test_precomputed_reference_gives_the_live_reference_losses(tmp_path, chat_fo
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
     for key, value in load_weights(live.final_dir).items():
         torch.testing.assert_close(value, load_weights(cached.final_dir)[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("precompute_ref", [False, True])
+def test_bf16_reference_is_the_initial_policy(tmp_path, chat_folder, meta, precompute_ref):
+    # One pair per micro-batch, so the precomputed pass sees the same shapes as the training step.
+    run = config(chat_folder, meta, tmp_path / "run", max_steps=1, batch_size=1, precompute_ref=precompute_ref)
+    if precompute_ref:  # a float32 cache in the folder is not reused by a bf16 run
+        train(run)
+    train(dataclasses.replace(run, precision="bf16", device="cpu"))
+    row = metric_rows(tmp_path / "run")[0]
+    assert (row["rewards/chosen"], row["rewards/rejected"]) == (0.0, 0.0)
+    assert row["loss/pref"] == pytest.approx(math.log(2), abs=1e-7)
 
 
 def test_dpo_mode_is_the_sigmoid_term_alone(tmp_path, chat_folder, meta):

@@ -24,7 +24,9 @@ Differences from the reference trainer, on purpose:
   encodes one zero tile and adds 0 x its features to the loss, so every rank runs the vision tower
   (DDP needs every parameter used; FSDP2 needs every rank in the same collectives);
 - on CUDA with bf16, the trainable weights stay float32 under bf16 autocast (DeepSpeed's bf16
-  keeps bf16 weights plus an fp32 master copy); the reference copy is stored in bf16;
+  keeps bf16 weights plus an fp32 master copy); the reference copy is float32 too, under the same
+  autocast, so at step 0 it computes exactly what the policy does (FSDP2 computes with bf16 weights:
+  its reference copy, and the `precompute_ref` pass, use bf16 weights without autocast);
 - weight decay skips biases and the weights of LayerNorm / RMSNorm modules (the HF Trainer rule);
 - epochs reshuffle with a generator seeded by seed + epoch; the stream of samples runs on across
   epochs, and the step count is `max_steps`, else `epochs * (samples per rank // (batch * accum))`.
@@ -299,7 +301,8 @@ def set_drop_path(model: InternVL, rate: float) -> None:
 
 
 def make_reference(model: InternVL, bf16: bool) -> InternVL:
-    """A frozen eval-mode copy of the initial model (bf16 when training under bf16 autocast)."""
+    """A frozen eval-mode copy of the initial model, stored in the dtype the policy computes with: bf16
+    under FSDP2's bf16 mixed precision, else float32 (run under the policy's autocast, if any)."""
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     return ref.to(torch.bfloat16) if bf16 else ref
 
@@ -476,7 +479,9 @@ def precompute_reference(
     """
     output = Path(cfg.output)
     path, meta_path = output / REF_FILE, output / (Path(REF_FILE).stem + ".json")
-    fingerprint = _ref_fingerprint(cfg, dataset)
+    with autocast():  # the weights' dtype and the autocast decide what the reference computes
+        compute = {"weights": str(ref.dtype), "bf16_autocast": torch.is_autocast_enabled(env.device.type)}
+    fingerprint = {**_ref_fingerprint(cfg, dataset), **compute}
     if path.is_file() and meta_path.is_file() and ckpt.read_json(meta_path) == fingerprint:
         table = ckpt.read_tensors(path)
         return table["chosen"], table["rejected"]
@@ -716,7 +721,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
     needs_ref = cfg.mode != "sft" and (weights.pref_weight != 0 or weights.quality_weight != 0)
     ref_module, ref_table = None, None
     if needs_ref:
-        reference = make_reference(policy, bf16 and not fsdp)
+        reference = make_reference(policy, bf16 and fsdp)
         if cfg.precompute_ref:
             ref_table = precompute_reference(cfg, env, reference, dataset, tokenizer.pad_id, autocast)
             del reference
