@@ -146,7 +146,7 @@ def run_ours(args) -> dict:
     cfg = TrainConfig(lr=1e-6, warmup_ratio=0.0)
     set_drop_path(policy, 0.0)
     bf16 = device.type == "cuda"
-    reference = make_reference(policy, bf16)
+    reference = make_reference(policy, False)  # float32 under the policy's autocast, as the trainer without FSDP
     if args.grad_checkpointing:
         from torch.distributed._composable import checkpoint
 
