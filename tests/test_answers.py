@@ -225,6 +225,14 @@ def test_parse_choice_without_options_and_list_options():
         ("ten", 10, False),
         ("１２", 12, False),
         ("1.5e3", 1500, False),
+        ("5 cm²", 5, False),  # NFKC makes "²" a "2": a unit's digit, not a second number
+        ("12 (twelve)", 12, False),  # the same number twice
+        # Number words in short answers, as the VQA normaliser maps them; "no" before a word is 0.
+        ("none", 0, False),
+        ("There are none.", 0, False),
+        ("three shapes", 3, False),
+        ("No green shapes", 0, False),
+        ("ten percent", 10, True),
     ],
 )
 def test_parse_number(text, value, percent):
@@ -232,7 +240,14 @@ def test_parse_number(text, value, percent):
     assert got is not None and got.value == pytest.approx(value) and got.percent == percent
 
 
-@pytest.mark.parametrize("text", ["none", "a lot", "1/0"])
+@pytest.mark.parametrize(
+    "text",
+    ["a lot", "1/0", "no", "No.",
+     # several different numbers: a hedge, not an answer (the official float() check fails on them too)
+     "2 or 3", "(2, 3)", "2-3", "10, 20, 30", "between 10 and 20", "3 apples and 2 pears", "I see no 3",
+     # number words in free text are incidental
+     "I cannot tell the count from this one picture", "It is one of the cats on the left side"],
+)
 def test_parse_number_none(text):
     assert parse_number(text) is None
 
@@ -284,7 +299,15 @@ CHECKS = [
     ("The answer is B", "a cat", "choice", OPTIONS, True),  # ground truth given as the option text
     ("no idea", "B", None, OPTIONS, None),
     ("12", "12 cm", None, None, True),
-    ("12.0005 cm", "12", None, None, True),
+    ("12.0005 cm", "12", None, None, False),  # integers match exactly
+    ("1999", "2000", None, None, False),
+    ("2021", "2020", None, None, False),
+    ("2,000.0", "2000", None, None, True),
+    ("3.1416", "3.14159", None, None, True),  # other numbers within 0.1%, as the official math_score
+    ("7%", "0.07", None, None, True),
+    ("2 or 3", "2", None, None, None),
+    ("There are none", "0", None, None, True),
+    ("0", "none", None, None, True),  # a text answer: "none" normalises to "0", as in VQA
     ("12.5", "12", None, None, False),
     ("1,200", "1200", None, None, True),
     ("25%", "0.25", None, None, True),
@@ -313,8 +336,9 @@ def test_check_answer(prediction, truth, kind, options, expected):
 
 
 def test_check_answer_tolerance_and_bad_ground_truth():
-    assert check_answer("104", "100", "number", rel_tol=0.05) is True
-    assert check_answer("104", "100", "number") is False
+    assert check_answer("10.4", "10.1", "number", rel_tol=0.05) is True
+    assert check_answer("10.4", "10.1", "number") is False
+    assert check_answer("104", "100", "number", rel_tol=0.05) is False  # integers match exactly
     with pytest.raises(InputError):
         check_answer("B", "Z", "choice", OPTIONS)
     with pytest.raises(InputError):

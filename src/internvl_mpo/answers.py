@@ -17,17 +17,18 @@ and from open-compass/VLMEvalKit:
 
 Additions, each a superset of the above: `\\boxed{}` answers (VLMEvalKit's `extract_boxed_content`),
 the Chinese trigger "答案:" of the official Chinese prompt, explicit letter statements ("The answer
-is B", "option (C)", "答案是C", which VLMEvalKit hands to its judge model), numbers compared with a
-relative tolerance (units, thousands commas, percentages, fractions, LaTeX `\\frac`, negative and
-full-width numbers), yes/no variants (true/false, 是/否), and short text compared after
-normalisation (NFKC, which also folds CJK full-width forms; case; punctuation; English articles;
-number words; whitespace, none kept next to CJK characters). The official checker for pairs uses
-the TextVQA evaluator and a 1e-3 relative tolerance for math; the normalisation here is close to
-TextVQA's but not identical.
+is B", "option (C)", "答案是C", which VLMEvalKit hands to its judge model), numbers read with units,
+thousands commas, percentages, fractions, LaTeX `\\frac`, negative and full-width numbers, and number
+words in short answers ("three", "none"), compared exactly for integers and with a relative tolerance
+otherwise, yes/no variants (true/false, 是/否), and short text compared after normalisation (NFKC,
+which also folds CJK full-width forms; case; punctuation; English articles; number words, "none" as
+0; whitespace, none kept next to CJK characters). The official checker for pairs uses the TextVQA
+evaluator and a 1e-3 relative tolerance for math; the normalisation here is close to TextVQA's but
+not identical.
 
 `check_answer` returns None when the prediction cannot be read as the expected kind (no option
-letter, no number, neither yes nor no): the pair builder files such responses as format negatives,
-the evaluator counts them wrong.
+letter, no number or several different ones, neither yes nor no): the pair builder files such
+responses as format negatives, the evaluator counts them wrong.
 """
 
 from __future__ import annotations
@@ -77,15 +78,19 @@ _STATED_LETTER = re.compile(
 _DEFAULT_LETTERS = "ABCDEFGH"  # no "I": a pronoun far more often than an option
 _CJK = r"\u2e80-\u2fff\u3000-\u303f\u3040-\u30ff\u3100-\u312f\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
 _NUMBER = r"-?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?"
-_NUMBER_RE = re.compile(rf"({_NUMBER})(?:\s*/\s*({_NUMBER}))?(\s*%)?")
+# Digits right after a letter, digit, "." or "^" belong to a word or unit ("CO2", "cm^2"), not a number.
+_NUMBER_RE = re.compile(rf"(?<![A-Za-z\d.^])({_NUMBER})(?:\s*/\s*({_NUMBER}))?(\s*%)?")
 _UNIT_ONLY = re.compile(
     rf"\s*[$€£¥]?\s*{_NUMBER}(?:\s*/\s*{_NUMBER})?\s*(?:%|°|degrees?|[A-Za-z]{{1,6}}(?:\^\d|[²³])?)?\s*\.?\s*"
 )
 _WORD_NUMBERS = {
     "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
     "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15,
-    "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20,
+    "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20, "none": 0,
 }
+# A number word, or "no" before a word ("no green shapes": 0); read only in short answers.
+_NUMBER_WORD = re.compile(rf"\b(?:{'|'.join(_WORD_NUMBERS)}|no(?=\s+\w))\b", re.IGNORECASE)
+_SHORT_ANSWER_WORDS = 5
 _YES = {"yes", "true", "correct", "yeah", "yep"}
 _NO = {"no", "false", "incorrect", "nope"}
 _ARTICLES = {"a", "an", "the"}
@@ -269,13 +274,20 @@ def _numeric_text(text: str) -> str:
 
 
 def parse_number(text: str) -> Number | None:
-    """The number an answer gives: after the last "=", the first number (fractions a/b computed,
-    a following % marked), or a number word; None if there is none."""
+    """The number an answer gives; None when it gives none, or several different ones ("2 or 3").
+
+    Only the text after the last "=" counts. Fractions a/b are computed, a following % or "percent"
+    marks a percentage, and digits inside words and units ("CO2", "cm^2") are no numbers. In answers
+    of at most five words, number words count as digits, as the VQA normaliser maps them ("three",
+    "none"), and so does "no" before a word ("no green shapes": 0; "I see no 3" gives two numbers).
+    """
     s = _numeric_text(text)
     if "=" in s:
         s = s.rsplit("=", 1)[1]
-    match = _NUMBER_RE.search(s)
-    if match:
+    if len(re.findall(r"\w+", s)) <= _SHORT_ANSWER_WORDS:
+        s = _NUMBER_WORD.sub(lambda m: str(_WORD_NUMBERS.get(m.group(0).casefold(), 0)), s)  # "no": 0
+    numbers = set()
+    for match in _NUMBER_RE.finditer(s):
         value = float(match.group(1))
         if match.group(2) is not None:
             denominator = float(match.group(2))
@@ -283,11 +295,8 @@ def parse_number(text: str) -> Number | None:
                 return None
             value /= denominator
         percent = bool(match.group(3)) or bool(re.match(r"\s*percent", s[match.end():], re.IGNORECASE))
-        return Number(value, percent)
-    words = re.findall(r"[a-z]+", s.casefold())
-    if len(words) == 1 and words[0] in _WORD_NUMBERS:
-        return Number(float(_WORD_NUMBERS[words[0]]), False)
-    return None
+        numbers.add(Number(value, percent))
+    return numbers.pop() if len(numbers) == 1 else None
 
 
 def _is_cjk(ch: str) -> bool:
@@ -355,7 +364,8 @@ def check_answer(
     """Whether an extracted answer matches the ground truth; None when it cannot be read as `kind`.
 
     kind: "choice", "number", "yesno" or "text"; inferred from the ground truth and options when None.
-    Numbers match within `rel_tol` (relative); a percentage also matches its fraction (25% ~ 0.25).
+    Numbers match within `rel_tol` (relative), integer ground truths exactly (a count or a year one
+    off is wrong); a percentage also matches its fraction (25% ~ 0.25).
     """
     if kind is None:
         kind = infer_kind(ground_truth, options)
@@ -377,14 +387,15 @@ def check_answer(
     if kind == "number":
         target = parse_number(ground_truth)
         if target is None:
-            raise InputError(f"ground truth {ground_truth!r} holds no number")
+            raise InputError(f"ground truth {ground_truth!r} holds no number, or several")
         got = parse_number(prediction)
         if got is None:
             return None
-        if _close(got.value, target.value, rel_tol):
+        tol = 0.0 if target.value.is_integer() else rel_tol
+        if _close(got.value, target.value, tol):
             return True
         if got.percent != target.percent:
-            return _close(got.value / 100, target.value, rel_tol) or _close(got.value, target.value / 100, rel_tol)
+            return _close(got.value / 100, target.value, tol) or _close(got.value, target.value / 100, tol)
         return False
     got_text = normalize_text(prediction)
     if not got_text:
