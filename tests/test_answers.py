@@ -194,6 +194,7 @@ def test_parse_choice_agrees_with_vlmevalkit_where_it_decides(text):
 def test_parse_choice_without_options_and_list_options():
     assert parse_choice("The answer is (D).") == "D"
     assert parse_choice("I think it's B") == "B"  # "I" is not a default letter
+    assert parse_choice("The answer is M") == "M"  # A-N, as the official post-processing
     assert parse_choice("B", ["x", "y"]) == "B"
     assert parse_choice("E", ["x", "y"]) is None
     assert normalize_options(["x", "y"]) == {"A": "x", "B": "y"}
@@ -341,6 +342,8 @@ def test_check_answer_tolerance_and_bad_ground_truth():
     assert check_answer("104", "100", "number", rel_tol=0.05) is False  # integers match exactly
     with pytest.raises(InputError):
         check_answer("B", "Z", "choice", OPTIONS)
+    with pytest.raises(InputError, match='"kind": "text"'):
+        check_answer("I", "I", "choice")
     with pytest.raises(InputError):
         check_answer("5", "many", "number")
     with pytest.raises(InputError):
@@ -349,9 +352,11 @@ def test_check_answer_tolerance_and_bad_ground_truth():
 
 @pytest.mark.parametrize(
     "truth, options, kind",
-    [("B", None, "choice"), ("cat", ["cat", "dog"], "choice"), ("Yes", None, "yesno"), ("否", None, "yesno"),
+    [("B", None, "choice"), ("(J)", None, "choice"), ("N", None, "choice"), ("I", None, "text"), ("Z", None, "text"),
+     ("cat", ["cat", "dog"], "choice"), ("Yes", None, "yesno"), ("否", None, "yesno"),
      ("12 cm", None, "number"), ("-0.5", None, "number"), ("25%", None, "number"), ("Route 66", None, "text"),
      ("Paris", None, "text")],
 )
 def test_infer_kind(truth, options, kind):
     assert infer_kind(truth, options) == kind
+    assert check_answer(truth, truth, options=options) is True  # every ground truth matches itself

@@ -75,7 +75,9 @@ _STATED_LETTER = re.compile(
     r"|(?:答案|选项|选择|选)\s*(?:是|为|应为|应该是)?\s*[:：]?\s*(?:选项)?)"
     r"\s*[(\[（]?([A-Z])(?![A-Za-z])"
 )
-_DEFAULT_LETTERS = "ABCDEFGH"  # no "I": a pronoun far more often than an option
+# Option letters without an options list: the official post-processing's A-N, less "I" (a pronoun far
+# more often than an option). A bare ground truth "I" or "O"-"Z" is compared as text.
+_LETTERS = "ABCDEFGHJKLMN"
 _CJK = r"\u2e80-\u2fff\u3000-\u303f\u3040-\u30ff\u3100-\u312f\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
 _NUMBER = r"-?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?"
 # Digits right after a letter, digit, "." or "^" belong to a word or unit ("CO2", "cm^2"), not a number.
@@ -217,10 +219,10 @@ def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = 
     In order: a bare letter ("B", "(b)", "B."); the text of exactly one option; a leading letter
     with a bracket or mark ("B) ...", "(B) ...", "B. ..."); a stated letter ("The answer is B", "option (C)", "答案是C", the last one
     wins); VLMEvalKit's rules (one valid letter standing alone, else one option text contained).
-    Without options, letters A-H are valid.
+    Without options, letters A-N except I are valid.
     """
     opts = normalize_options(options)
-    letters = set(opts) if opts else set(_DEFAULT_LETTERS)
+    letters = set(opts) if opts else set(_LETTERS)
     text = unicodedata.normalize("NFKC", text).strip().strip("*").strip()
     bare = _LETTER_ONLY.fullmatch(text)
     if bare and bare.group(1).upper() in letters:
@@ -326,11 +328,12 @@ def normalize_text(text: str) -> str:
 
 
 def infer_kind(ground_truth: str, options: Mapping[str, str] | Sequence[str] | None = None) -> str:
-    """choice (options given, or a bare letter), yesno, number (a number with at most a unit), else text."""
+    """choice (options given, or a bare letter A-N except I), yesno, number (a number with at most a
+    unit), else text."""
     if options:
         return "choice"
     gt = ground_truth.strip()
-    if re.fullmatch(r"[(\[]?[A-Z][)\]]?\.?", gt):
+    if re.fullmatch(rf"[(\[]?[{_LETTERS}][)\]]?\.?", gt):
         return "choice"
     if _simple(gt) in _YES | _NO | {"是", "否", "对", "不对", "不是"}:
         return "yesno"
@@ -340,14 +343,17 @@ def infer_kind(ground_truth: str, options: Mapping[str, str] | Sequence[str] | N
 
 
 def _ground_truth_letter(ground_truth: str, options: dict[str, str]) -> str:
-    letters = set(options) if options else set("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    letters = set(options) if options else set(_LETTERS)
     bare = _LETTER_ONLY.fullmatch(ground_truth.strip())
     if bare and bare.group(1).upper() in letters:
         return bare.group(1).upper()
     same = [k for k, v in options.items() if _simple(v) == _simple(ground_truth)]
     if len(same) == 1:
         return same[0]
-    raise InputError(f"ground truth {ground_truth!r} is neither an option letter nor the text of one option")
+    raise InputError(
+        f"ground truth {ground_truth!r} is neither an option letter nor the text of one option; give the options, "
+        'or "kind": "text" to compare it as text'
+    )
 
 
 def _close(a: float, b: float, rel_tol: float) -> bool:
