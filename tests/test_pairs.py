@@ -220,6 +220,13 @@ def test_bad_items_are_reported_with_their_line(tmp_path):
         read_items(path, "dropout-ntp")
 
 
+def test_sampling_settings_that_cannot_give_pairs_are_refused():
+    for bad in (dict(temperature=0.0), dict(temperature=-1.0), dict(top_k=1), dict(max_num=0)):
+        with pytest.raises(InputError):
+            PairSettings(**bad)
+    PairSettings(temperature=0.1, top_k=0)  # top_k 0 is off, not greedy
+
+
 def test_dropout_ntp_pairs(tmp_path):
     folder = tmp_path / "data"
     write_image(folder / "a.png", (10, 200, 10))

@@ -117,8 +117,13 @@ class PairSettings:
     model: str = ""
 
     def __post_init__(self):
-        if self.samples < 1 or self.max_pairs < 1 or self.batch_size < 1:
-            raise InputError("samples, max_pairs and batch_size must be at least 1")
+        if self.samples < 1 or self.max_pairs < 1 or self.batch_size < 1 or self.max_num < 1:
+            raise InputError("samples, max_pairs, batch_size and max_num must be at least 1")
+        if self.temperature <= 0 or self.top_k == 1:
+            raise InputError(
+                f"pairs need sampling: temperature > 0 and top_k other than 1 (got temperature {self.temperature}, "
+                f"top_k {self.top_k}); greedy samples are all the same and give no pairs"
+            )
         if not 0 < self.start_ratio < 1:
             raise InputError(f"start_ratio must be in (0, 1), got {self.start_ratio}")
 
