@@ -209,11 +209,19 @@ def test_resume_skips_finished_items_and_matches_an_uninterrupted_run(tmp_path):
 
 def test_bad_items_are_reported_with_their_line(tmp_path):
     path = tmp_path / "items.jsonl"
-    path.write_text(json.dumps({"id": "a", "question": "q", "answer": "B", "image": "missing.png"}) + "\n")
-    with pytest.raises(InputError, match=r"items.jsonl:1: image file not found"):
-        read_items(path, "correctness")
+    (tmp_path / "notes.png").write_text("not an image")
+    good = {"id": "a", "question": "q", "answer": "B", "image": "good.png"}
+    write_image(tmp_path / "good.png", (1, 2, 3))
+    # Images are opened while the file is read (before any model loads), with the item's line.
+    for name, why in [("missing.png", "no such file"), ("notes.png", "not an image"), (".", "is a directory")]:
+        path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": "b", "image": name}) + "\n")
+        with pytest.raises(InputError, match=rf"items.jsonl:2: .*{why}"):
+            read_items(path, "correctness")
     path.write_text(json.dumps({"id": "a", "question": "q", "answer": "Z", "options": ["x", "y"]}) + "\n")
     with pytest.raises(InputError, match=r"items.jsonl:1: ground truth 'Z'"):
+        read_items(path, "correctness")
+    path.write_text(json.dumps({"id": "a", "question": "q", "answer": "I", "kind": "choice"}) + "\n")
+    with pytest.raises(InputError, match=r'items.jsonl:1: .*give the options, or "kind": "text"'):
         read_items(path, "correctness")
     path.write_text(json.dumps({"id": "a", "question": "q"}) + "\n" + json.dumps({"id": "a", "question": "q"}) + "\n")
     with pytest.raises(InputError, match="chosen"):

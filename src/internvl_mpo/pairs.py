@@ -162,13 +162,22 @@ def _resolve_image(value: Any, folder: Path, where: str) -> tuple[str | list[str
     names = [value] if isinstance(value, str) else value
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
         raise InputError(f"{where}: field 'image' must be a path or a list of paths, got {value!r:.80}")
-    paths = []
-    for name in names:
-        path = Path(name) if os.path.isabs(name) else folder / name
-        if not path.is_file():
-            raise InputError(f"{where}: image file not found: {path}")
-        paths.append(str(path.resolve()))
-    return value, tuple(paths)
+    paths = [Path(name) if os.path.isabs(name) else folder / name for name in names]
+    return value, tuple(str(path.resolve()) for path in paths)
+
+
+def check_images(images, where: str, checked: set) -> None:
+    """Open and decode each image (path or bytes) not in `checked` yet, so a missing file or a
+    non-image is reported with its file:line before the model loads."""
+    from internvl_mpo.processor.image import open_image
+
+    for image in images:
+        if image not in checked:
+            try:
+                open_image(image).close()
+            except InputError as e:
+                raise InputError(f"{where}: {e}") from None
+            checked.add(image)
 
 
 def place_images(question: str, n_images: int) -> str:
@@ -219,18 +228,21 @@ def _parse_item(row: dict, method: str, folder: Path, where: str) -> Item:
     except InputError as e:
         raise InputError(f"{where}: {e}") from None
     if not self_check:
-        raise InputError(f"{where}: the ground truth {answer!r} cannot be checked (it does not match itself)")
+        raise InputError(f"{where}: the ground truth {answer!r} cannot be checked (it does not match itself); "
+                         'give the options, or "kind": "text" to compare it as text')
     return item
 
 
 def read_items(path: str | Path, method: str) -> list[Item]:
-    """Items of a JSONL file; relative image paths are taken against the file's folder."""
+    """Items of a JSONL file; relative image paths are taken against the file's folder. Every image
+    is opened and decoded once here."""
     path = Path(path)
-    items, seen = [], set()
+    items, seen, checked = [], set(), set()
     for where, row in read_objects(path, "items file"):
         item = _parse_item(row, method, path.parent, where)
         if item.id in seen:
             raise InputError(f"{where}: id {item.id!r} appears twice")
+        check_images(item.images, where, checked)
         seen.add(item.id)
         items.append(item)
     if not items:
