@@ -235,6 +235,25 @@ def test_sampling_settings_that_cannot_give_pairs_are_refused():
     PairSettings(temperature=0.1, top_k=0)  # top_k 0 is off, not greedy
 
 
+def test_an_item_that_cannot_run_is_skipped_reported_and_not_retried(tmp_path):
+    items_path = write_items(tmp_path / "data")
+
+    class LongQ2(FakeSampler):
+        def __call__(self, jobs):
+            out = super().__call__(jobs)
+            return [InputError("prompt is 9999 tokens") if "Q2" in j.question else a for j, a in zip(jobs, out)]
+
+    out = tmp_path / "out"
+    stats = make_correctness_pairs(items_path, out, LongQ2(), SETTINGS)
+    assert stats.failed == [f"{items_path}:2 (id 'num'): prompt is 9999 tokens"]
+    assert "failed=1" in stats.summary()
+    rows = pair_lines(out / "items_pairs_vqa_correctness_rules.jsonl")
+    assert rows and not any("Q2" in r["question"] for r in rows) and any("Q1" in r["question"] for r in rows)
+    again = FakeSampler()
+    assert make_correctness_pairs(items_path, out, again, SETTINGS).failed == stats.failed
+    assert again.calls == 0  # the failed item is recorded as done
+
+
 def test_dropout_ntp_pairs(tmp_path):
     folder = tmp_path / "data"
     write_image(folder / "a.png", (10, 200, 10))
@@ -290,6 +309,30 @@ def test_real_model_correctness_run_through_the_cli(tiny_model, tmp_path):
     assert len(records) == sum(1 for f in out.glob("items_pairs_*.jsonl") for _ in f.read_text().splitlines())
     assert main(args) == 0  # a rerun finds every item done
     assert [json.loads(line)["id"] for line in (out / "progress.jsonl").read_text().splitlines()] == ["mc", "num", "yn", "multi"]
+
+
+def test_real_model_skips_a_prompt_longer_than_the_context(tiny_model, tmp_path, capsys):
+    from internvl_mpo.cli import main
+    from internvl_mpo.pipeline import InternVLChat
+
+    long_question = "dog " * 20000  # 40000 tokens of the tiny tokenizer; its context is 32768
+    path = tmp_path / "items.jsonl"
+    path.write_text(json.dumps({"id": "short", "question": "How many?", "answer": "2"}) + "\n"
+                    + json.dumps({"id": "long", "question": long_question, "answer": "2"}) + "\n")
+    args = ["pairs", "correctness", "--model", str(tiny_model), "--input", str(path), "--output", str(tmp_path / "out"),
+            "--samples", "2", "--max-new-tokens", "2", "--device", "cpu", "--dtype", "float32"]
+    for _ in range(2):  # the rerun finds both items done
+        assert main(args) == 0
+        printed = capsys.readouterr().out
+        assert f"skipped {path}:2 (id 'long'): prompt is 40" in printed and "failed=1" in printed
+    progress = [json.loads(line) for line in (tmp_path / "out" / "progress.jsonl").read_text().splitlines()]
+    assert [len(p["responses"]) for p in progress if p["id"] == "short"] == [2]
+    assert [p["id"] for p in progress if "error" in p] == ["long"]
+    chat = InternVLChat.from_pretrained(tiny_model, dtype="float32")
+    texts = ModelGenerator(chat, PairSettings(max_new_tokens=2)).continue_prefix(
+        [ContinueJob(long_question, "A", 1), ContinueJob("Say hi.", "Hello", 2)])
+    assert isinstance(texts[0], InputError) and "longer than the context" in str(texts[0])
+    assert isinstance(texts[1], str)
 
 
 def test_engine_sampler_equals_chat_with_the_same_seed(tiny_model, tmp_path):

@@ -20,8 +20,10 @@ Output folder: the pair files, a `meta.json` (`train.mmpr.write_meta`; root = th
 folder, so relative image paths resolve as in the input), `settings.json` and `progress.jsonl`.
 Every finished item's raw samples are appended to `progress.jsonl` (one line per item, fsynced); a
 rerun skips the items found there (a line cut by an interruption is dropped and redone) and rebuilds
-the pair files from all samples, written atomically. The sampling settings must match the earlier
-run's; `max_pairs` may change, which only rebuilds the files.
+the pair files from all samples, written atomically. An item that cannot run (a prompt longer than
+the model's context) is recorded there with the reason, counted as failed and reported with its
+file:line and id; it is not retried. The sampling settings must match the earlier run's; `max_pairs`
+may change, which only rebuilds the files.
 
 Deliberate differences:
 - Answers are checked by `answers.check_answer` for every dataset (the official picks TextVQA score,
@@ -68,7 +70,7 @@ LARGE_FILE_MAX_PAIRS = 3
 
 @dataclass(frozen=True)
 class Item:
-    """One line of the items file. `images` are absolute paths; `image` is the value as given."""
+    """One line of the items file (`where`: file:line). `images` are absolute paths; `image` is the value as given."""
 
     id: str
     question: str
@@ -78,6 +80,7 @@ class Item:
     options: dict[str, str] | None = None
     kind: str | None = None
     chosen: str = ""
+    where: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,8 +101,10 @@ class ContinueJob:
     seed: int
 
 
-Sampler = Callable[[list[SampleJob]], list[list[str]]]
-Continuer = Callable[[list[ContinueJob]], list[str]]
+# A job that cannot run (a prompt longer than the context) gets its InputError instead of its text(s);
+# the item is recorded as failed, reported and not retried.
+Sampler = Callable[[list[SampleJob]], list[list[str] | InputError]]
+Continuer = Callable[[list[ContinueJob]], list[str | InputError]]
 
 
 @dataclass(frozen=True)
@@ -147,10 +152,11 @@ class PairStats:
     pairs: int = 0
     format_pairs: int = 0
     files: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # "file:line (id ...): why", one per item that could not run
 
     def summary(self) -> str:
-        parts = [f"{k}={v}" for k, v in asdict(self).items() if k != "files"]
-        return ", ".join(parts)
+        parts = [f"{k}={v}" for k, v in asdict(self).items() if k not in ("files", "failed")]
+        return ", ".join([*parts, f"failed={len(self.failed)}"])
 
 
 # ----------------------------------------------------------------------------- items
@@ -215,14 +221,14 @@ def _parse_item(row: dict, method: str, folder: Path, where: str) -> Item:
         chosen = row.get("chosen") or row.get("answer")
         if not isinstance(chosen, str) or not chosen.strip():
             raise InputError(f"{where}: DropoutNTP needs a non-empty string 'chosen' (or 'answer')")
-        return Item(item_id, question, image, images, chosen=chosen)
+        return Item(item_id, question, image, images, chosen=chosen, where=where)
     answer = _text_field(row, "answer", where)
     kind = row.get("kind")
     if kind is not None and kind not in KINDS:
         raise InputError(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
     try:
         options = normalize_options(row.get("options")) or None
-        item = Item(item_id, question, image, images, answer, options, kind)
+        item = Item(item_id, question, image, images, answer, options, kind, where=where)
         correctness_prompt(item)
         self_check = check_answer(answer, answer, kind, options)
     except InputError as e:
@@ -418,9 +424,12 @@ def make_correctness_pairs(input: str | Path, output: str | Path, sample_fn: Sam
             for it in chunk
         ]
         answers = sample_fn(jobs)
-        if len(answers) != len(jobs) or any(len(a) != settings.samples for a in answers):
-            raise InputError(f"the sampler returned {[len(a) for a in answers]} answers for {len(jobs)} x {settings.samples}")
-        return [{"id": it.id, "question": job.question, "responses": a} for it, job, a in zip(chunk, jobs, answers, strict=True)]
+        if len(answers) != len(jobs) or any(not isinstance(a, InputError) and len(a) != settings.samples for a in answers):
+            raise InputError(f"the sampler returned {len(answers)} answer lists for {len(jobs)} x {settings.samples}")
+        return [
+            {"id": it.id, "question": job.question, **({"error": str(a)} if isinstance(a, InputError) else {"responses": a})}
+            for it, job, a in zip(chunk, jobs, answers, strict=True)
+        ]
 
     per_call = max(1, settings.batch_size // settings.samples)
     done = _run(items, Progress(out / "progress.jsonl"), per_call, "pairs correctness", work)
@@ -431,6 +440,9 @@ def make_correctness_pairs(input: str | Path, output: str | Path, sample_fn: Sam
     correct_rows, format_rows = [], []
     for item in items:
         row = done[item.id]
+        if "error" in row:
+            stats.failed.append(f"{item.where} (id {item.id!r}): {row['error']}")
+            continue
         correct, formats = item_pairs(item, row["question"], row["responses"], max_pairs, settings.seed, stats)
         correct_rows += correct
         format_rows += formats
@@ -477,13 +489,20 @@ def make_dropout_ntp_pairs(input: str | Path, output: str | Path, continue_fn: C
         texts = continue_fn(jobs)
         if len(texts) != len(jobs):
             raise InputError(f"the continuer returned {len(texts)} texts for {len(jobs)} prefixes")
-        return [{"id": it.id, "prefix": job.prefix, "continuation": t} for it, job, t in zip(chunk, jobs, texts, strict=True)]
+        return [
+            {"id": it.id, "prefix": job.prefix, **({"error": str(t)} if isinstance(t, InputError) else {"continuation": t})}
+            for it, job, t in zip(chunk, jobs, texts, strict=True)
+        ]
 
     done = _run(items, Progress(out / "progress.jsonl"), settings.batch_size, "pairs dropout-ntp", work)
     stats = PairStats(items=len(items), responses=len(items))
     rows = []
     for item in items:
-        rejected = done[item.id]["prefix"] + done[item.id]["continuation"]
+        row = done[item.id]
+        if "error" in row:
+            stats.failed.append(f"{item.where} (id {item.id!r}): {row['error']}")
+            continue
+        rejected = row["prefix"] + row["continuation"]
         if rejected != item.chosen:
             rows.append(_pair_row(item, item.question, item.chosen, rejected, None))
     stats.files = _write_outputs(out, input_path, {f"{input_path.stem}_pairs_dropout_ntp": rows})
@@ -526,6 +545,8 @@ class ModelGenerator:
         """Raw text of each request (special tokens skipped, nothing stripped)."""
         from internvl_mpo.pipeline import TextAssembler
 
+        if not requests:
+            return []
         longest = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
         gen = self.chat.engine.start(min(self.settings.batch_size, len(requests)), longest)
         for request in requests:
@@ -538,17 +559,20 @@ class ModelGenerator:
                 texts[event.rid] += piece
         return texts
 
-    def sample(self, jobs: list[SampleJob]) -> list[list[str]]:
+    def sample(self, jobs: list[SampleJob]) -> list[list[str] | InputError]:
         import torch
 
         from internvl_mpo.generate.engine import Request
 
         model = self.chat.model
         requests, owners = [], []
+        out: list[list[str] | InputError] = [[] for _ in jobs]
         for j, job in enumerate(jobs):
-            prepared = self.chat.prepare(
-                job.question, list(job.images) or None, max_num=self.settings.max_num
-            )
+            try:
+                prepared = self.chat.prepare(job.question, list(job.images) or None, max_num=self.settings.max_num)
+            except InputError as e:  # a prompt longer than the context: this job fails alone
+                out[j] = e
+                continue
             vit_embeds = None
             if prepared.pixel_values is not None:
                 with torch.no_grad():
@@ -556,20 +580,26 @@ class ModelGenerator:
             for seed in job.seeds:
                 requests.append(Request(prepared.prompt_ids, self._params(seed), vit_embeds=vit_embeds))
                 owners.append(j)
-        out: list[list[str]] = [[] for _ in jobs]
         for owner, text in zip(owners, self._generate(requests), strict=True):
             out[owner].append(text.strip())
         return out
 
-    def continue_prefix(self, jobs: list[ContinueJob]) -> list[str]:
+    def continue_prefix(self, jobs: list[ContinueJob]) -> list[str | InputError]:
         from internvl_mpo.generate.engine import Request
 
         template = self.chat.config.template
-        requests = [
-            Request(continuation_prompt_ids(self.chat.tokenizer, job.question, job.prefix, template), self._params(job.seed))
-            for job in jobs
-        ]
-        return self._generate(requests)
+        out: list[str | InputError | None] = []
+        requests = []
+        for job in jobs:
+            ids = continuation_prompt_ids(self.chat.tokenizer, job.question, job.prefix, template)
+            if len(ids) >= self.chat.context:
+                out.append(InputError(f"prompt is {len(ids)} tokens, longer than the context allows: at most "
+                                      f"{self.chat.context - 1}"))
+            else:
+                out.append(None)
+                requests.append(Request(ids, self._params(job.seed)))
+        texts = iter(self._generate(requests))
+        return [next(texts) if text is None else text for text in out]
 
 
 def pairs(
@@ -625,6 +655,8 @@ def pairs(
         stats = make_correctness_pairs(input, output, generator.sample, settings)
     else:
         stats = make_dropout_ntp_pairs(input, output, generator.continue_prefix, settings)
+    for failure in stats.failed:
+        print(f"skipped {failure}")
     print(stats.summary())
     print(f"meta: {stats.files[-1]}")
     return 0
