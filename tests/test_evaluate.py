@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from internvl_mpo.answers import COT_INSTRUCTION
+from internvl_mpo.errors import InputError
 from internvl_mpo.evaluate import Prompt, build_prompt, read_benchmark, run_eval
 
 MCQ = "Answer with the option's letter from the given choices directly."
@@ -112,6 +113,23 @@ def test_resume_answers_only_missing_questions(tmp_path):
     assert run_eval(data, again, out) == first
     assert [p.question.split("\n")[0] for p in again.prompts] == ["Which city is this?", "It is noon."]
     assert run_eval(data, FakeAnswerer(DIRECT), tmp_path / "limited", limit=2)["total"] == 2
+
+
+def test_bad_images_and_duplicate_ids_are_named_before_any_answer(tmp_path):
+    data = write_bench(tmp_path)
+    (tmp_path / "notes.png").write_text("not an image")
+    rows = [dict(BENCH[0]), dict(BENCH[1], image="notes.png")]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(InputError, match=r"bench.jsonl:2: .*notes.png: not an image"):
+        read_benchmark(data)
+    rows = [BENCH[0], BENCH[1], dict(BENCH[2], id="1")]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(InputError, match=r"bench.jsonl:3: id '1' appears twice \(first at .*bench.jsonl:1\)"):
+        read_benchmark(data)
+    with open(tmp_path / "bad.tsv", "w", encoding="utf-8") as f:
+        f.write("index\tquestion\tanswer\timage\n7\tIs it red?\tyes\t" + base64.b64encode(b"not an image " * 10).decode() + "\n")
+    with pytest.raises(InputError, match=r"bad.tsv:row 2 \(index 7\): .*not an image"):
+        read_benchmark(tmp_path / "bad.tsv")
 
 
 # ----------------------------------------------------------------------------- MMBench TSV

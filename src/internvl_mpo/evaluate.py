@@ -51,7 +51,7 @@ from internvl_mpo.answers import (
 )
 from internvl_mpo.errors import InputError
 from internvl_mpo.jsonl import read_objects
-from internvl_mpo.pairs import Progress, atomic_write, check_settings
+from internvl_mpo.pairs import Progress, atomic_write, check_images, check_settings
 
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 MCQ_INSTRUCTION_ZH = "请直接回答选项字母。"
@@ -71,6 +71,7 @@ class BenchItem:
     options: dict[str, str] | None = None
     hint: str = ""
     category: str = ""
+    where: str = ""  # file:line, or file:row for a TSV
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,13 @@ def _item(item_id: str, question: str, answer: str, images, options, hint, categ
     except InputError as e:
         raise InputError(f"{where}: {e}") from None
     if not ok:
-        raise InputError(f"{where}: the answer {answer!r} cannot be checked (it does not match itself)")
-    return BenchItem(item_id, question, answer, kind, tuple(images), opts, hint, category)
+        raise InputError(f"{where}: the answer {answer!r} cannot be checked (it does not match itself); "
+                         'give the options, or "kind": "text" to compare it as text')
+    return BenchItem(item_id, question, answer, kind, tuple(images), opts, hint, category, where)
 
 
 def _read_jsonl(path: Path) -> list[BenchItem]:
-    items = []
+    items, checked = [], set()
     for where, row in read_objects(path, "benchmark file"):
         for key in ("id", "question", "answer"):
             if not isinstance(row.get(key), (str, int, float)) or isinstance(row.get(key), bool):
@@ -109,12 +111,8 @@ def _read_jsonl(path: Path) -> list[BenchItem]:
         names = [image] if isinstance(image, str) else image
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise InputError(f"{where}: field 'image' must be a path or a list of paths")
-        paths = []
-        for name in names:
-            p = Path(name) if os.path.isabs(name) else path.parent / name
-            if not p.is_file():
-                raise InputError(f"{where}: image file not found: {p}")
-            paths.append(str(p))
+        paths = [str(Path(name) if os.path.isabs(name) else path.parent / name) for name in names]
+        check_images(paths, where, checked)
         items.append(_item(
             str(row["id"]), str(row["question"]), str(row["answer"]), paths, row.get("options"),
             str(row.get("hint") or ""), str(row.get("category") or ""), row.get("kind"), where,
@@ -145,7 +143,7 @@ def _read_tsv(path: Path) -> list[BenchItem]:
     if missing:
         raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
     encoded = {row["index"]: _cell(row, "image") for row in rows}
-    items = []
+    items, checked = [], set()
     for number, row in enumerate(rows, 2):
         where = f"{path}:row {number} (index {row['index']})"
         cell = encoded[row["index"]]
@@ -159,6 +157,7 @@ def _read_tsv(path: Path) -> list[BenchItem]:
                 images.append(base64.b64decode(cell, validate=True))
             except (binascii.Error, ValueError):
                 raise InputError(f"{where}: the image is not valid base64") from None
+        check_images(images, where, checked)
         options = {k: _cell(row, k) for k in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if _cell(row, k)}
         items.append(_item(
             row["index"], row["question"], _cell(row, "answer"), images, options or None, _cell(row, "hint"),
@@ -176,9 +175,11 @@ def read_benchmark(path: str | Path) -> list[BenchItem]:
     if suffix not in (".jsonl", ".tsv"):
         raise InputError(f"{path}: expected a .jsonl or .tsv benchmark file")
     items = _read_tsv(path) if suffix == ".tsv" else _read_jsonl(path)
-    ids = [item.id for item in items]
-    if len(set(ids)) != len(ids):
-        raise InputError(f"{path}: ids are not unique")
+    first: dict[str, BenchItem] = {}
+    for item in items:
+        if item.id in first:
+            raise InputError(f"{item.where}: id {item.id!r} appears twice (first at {first[item.id].where})")
+        first[item.id] = item
     if not items:
         raise InputError(f"{path}: no questions")
     return items
