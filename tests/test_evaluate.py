@@ -115,6 +115,24 @@ def test_resume_answers_only_missing_questions(tmp_path):
     assert run_eval(data, FakeAnswerer(DIRECT), tmp_path / "limited", limit=2)["total"] == 2
 
 
+def test_a_question_that_cannot_run_counts_wrong_and_is_not_retried(tmp_path):
+    data = write_bench(tmp_path / "data")
+    out = tmp_path / "out"
+
+    class LongCity(FakeAnswerer):
+        def __call__(self, prompts):
+            answers = super().__call__(prompts)
+            return [InputError("prompt is 9999 tokens") if "city" in p.question else a for p, a in zip(prompts, answers)]
+
+    score = run_eval(data, LongCity(DIRECT), out, batch_size=4)
+    # Question 5 ("London") was wrong anyway: the same score, with question 5 listed as failed.
+    assert {k: score[k] for k in EXPECTED} == EXPECTED
+    assert score["failed"] == [f"{data}:5 (id '5'): prompt is 9999 tokens"]
+    rows = {r["id"]: r for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
+    assert rows["5"]["correct"] is False and rows["5"]["error"] == "prompt is 9999 tokens"
+    assert run_eval(data, FakeAnswerer(DIRECT, fail=True), out) == score  # recorded: not asked again
+
+
 def test_bad_images_and_duplicate_ids_are_named_before_any_answer(tmp_path):
     data = write_bench(tmp_path)
     (tmp_path / "notes.png").write_text("not an image")
@@ -207,3 +225,21 @@ def test_real_model_on_tsv_through_the_cli(tiny_model, tmp_path, capsys):
     single = chat.chat(build_prompt(item), list(item.images), do_sample=False, max_new_tokens=4, max_num=6,
                        total_max_num=64)
     assert rows[2]["prediction"] == single
+
+
+def test_real_model_counts_a_prompt_longer_than_the_context_wrong(tiny_model, tmp_path, capsys):
+    from internvl_mpo.cli import main
+
+    path = tmp_path / "bench.jsonl"
+    rows = [{"id": "short", "question": "How many?", "answer": "2"},
+            {"id": "long", "question": "dog " * 20000, "answer": "2"}]  # 40000 tokens; the context is 32768
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = ["eval", "--model", str(tiny_model), "--data", str(path), "--output", str(tmp_path / "out"),
+            "--max-new-tokens", "2", "--device", "cpu", "--dtype", "float32"]
+    for _ in range(2):  # the rerun finds both questions answered
+        assert main(args) == 0
+        assert f"failed (counted wrong) {path}:2 (id 'long'): prompt is 40" in capsys.readouterr().out
+    score = json.loads((tmp_path / "out" / "score.json").read_text())
+    assert score["total"] == 2 and len(score["failed"]) == 1
+    predictions = (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in predictions] == ["short", "long"]

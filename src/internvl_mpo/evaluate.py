@@ -25,6 +25,8 @@ short answers are compared by `answers.check_answer` (VLMEvalKit has per-benchma
 Outputs, in the output folder: `predictions.jsonl` (one line per question, appended and fsynced as
 answers arrive; a rerun skips the ids found there), `score.json` (overall and per-category
 accuracy, recomputed from all predictions) and `settings.json` (a rerun must use the same settings).
+A question that cannot run (a prompt longer than the model's context) is recorded with the reason,
+counted wrong, listed under "failed" with its file:line and id, and not retried.
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ class Prompt:
     images: tuple[str | bytes, ...]
 
 
-Answerer = Callable[[list[Prompt]], list[str]]
+# A question that cannot run (a prompt longer than the context) gets its InputError instead of an answer.
+Answerer = Callable[[list[Prompt]], list[str | InputError]]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -214,11 +217,18 @@ def score_response(item: BenchItem, response: str, cot: bool) -> tuple[str, bool
 
 
 def summarize(items: list[BenchItem], predictions: dict[str, dict], cot: bool) -> dict[str, Any]:
-    """Accuracy overall and per category (rescored from the stored responses)."""
+    """Accuracy overall and per category (rescored from the stored responses); a question that could
+    not run counts wrong and is listed under "failed"."""
     totals: dict[str, list[int]] = {}
     correct = unparsed = 0
+    failed = []
     for item in items:
-        _, verdict = score_response(item, predictions[item.id]["prediction"], cot)
+        row = predictions[item.id]
+        if "error" in row:
+            failed.append(f"{item.where} (id {item.id!r}): {row['error']}")
+            verdict = False
+        else:
+            _, verdict = score_response(item, row["prediction"], cot)
         counts = totals.setdefault(item.category, [0, 0])
         counts[0] += verdict is True
         counts[1] += 1
@@ -229,6 +239,7 @@ def summarize(items: list[BenchItem], predictions: dict[str, dict], cot: bool) -
         "correct": correct,
         "total": len(items),
         "unparsed": unparsed,
+        "failed": failed,
         "categories": {
             name: {"accuracy": c / n, "correct": c, "total": n} for name, (c, n) in sorted(totals.items())
         },
@@ -286,11 +297,13 @@ def run_eval(
                 raise InputError(f"the answering function returned {len(responses)} answers for {len(batch)} questions")
             rows = []
             for item, prompt, response in zip(batch, prompts, responses, strict=True):
-                text, verdict = score_response(item, response, cot)
-                rows.append({
-                    "id": item.id, "category": item.category, "kind": item.kind, "prompt": prompt.question,
-                    "prediction": response, "extracted": text, "answer": item.answer, "correct": verdict,
-                })
+                row = {"id": item.id, "category": item.category, "kind": item.kind, "prompt": prompt.question}
+                if isinstance(response, InputError):
+                    row.update(prediction="", extracted="", answer=item.answer, correct=False, error=str(response))
+                else:
+                    text, verdict = score_response(item, response, cot)
+                    row.update(prediction=response, extracted=text, answer=item.answer, correct=verdict)
+                rows.append(row)
             progress.append(rows)
             done.update((row["id"], row) for row in rows)
             bar.update(len(batch))
@@ -300,13 +313,30 @@ def run_eval(
 
 
 def model_answerer(chat, max_num: int, max_new_tokens: int) -> Answerer:
-    """Greedy answers from an InternVLChat, one batch at a time."""
+    """Greedy answers from an InternVLChat, one batch at a time, as `batch_chat` gives them; a question
+    whose prompt cannot be built gets its InputError and the others still run."""
+    from internvl_mpo.generate.engine import Request
+    from internvl_mpo.pipeline import generate_texts, sampling_params
 
-    def answer(prompts: list[Prompt]) -> list[str]:
-        return chat.batch_chat(
-            [p.question for p in prompts], images=[list(p.images) or None for p in prompts], do_sample=False,
-            max_new_tokens=max_new_tokens, max_num=max_num, total_max_num=TOTAL_MAX_NUM,
-        )
+    if max_num < 1:
+        raise InputError(f"max_num must be at least 1, got {max_num}")
+    params = sampling_params(do_sample=False, max_new_tokens=max_new_tokens)
+
+    def answer(prompts: list[Prompt]) -> list[str | InputError]:
+        out: list[str | InputError | None] = []
+        requests = []
+        for p in prompts:
+            try:
+                prepared = chat.prepare(p.question, list(p.images) or None, max_num=max_num,
+                                        total_max_num=TOTAL_MAX_NUM)
+            except InputError as e:  # a prompt longer than the context: this question fails alone
+                out.append(e)
+                continue
+            out.append(None)
+            requests.append(Request(prepared.prompt_ids, params, prepared.pixel_values))
+        texts = iter(generate_texts(chat.tokenizer, chat.engine.generate(requests), len(requests), params.stop)
+                     if requests else [])
+        return [next(texts) if text is None else text for text in out]
 
     return answer
 
@@ -346,5 +376,7 @@ def eval_(
     chat = InternVLChat.from_pretrained(model, dtype=dtype, device=device)
     settings = {"model": model, "max_num": max_num, "max_new_tokens": max_new_tokens}
     score = run_eval(data, model_answerer(chat, max_num, max_new_tokens), output, cot, batch_size, limit, settings)
+    for failure in score["failed"]:
+        print(f"failed (counted wrong) {failure}")
     print(format_table(score))
     return 0
