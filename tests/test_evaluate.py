@@ -133,7 +133,7 @@ def test_a_question_that_cannot_run_counts_wrong_and_is_not_retried(tmp_path):
     assert run_eval(data, FakeAnswerer(DIRECT, fail=True), out) == score  # recorded: not asked again
 
 
-def test_bad_images_and_duplicate_ids_are_named_before_any_answer(tmp_path):
+def test_bad_input_is_named_with_its_line_before_any_answer(tmp_path):
     data = write_bench(tmp_path)
     (tmp_path / "notes.png").write_text("not an image")
     rows = [dict(BENCH[0]), dict(BENCH[1], image="notes.png")]
@@ -148,6 +148,9 @@ def test_bad_images_and_duplicate_ids_are_named_before_any_answer(tmp_path):
         f.write("index\tquestion\tanswer\timage\n7\tIs it red?\tyes\t" + base64.b64encode(b"not an image " * 10).decode() + "\n")
     with pytest.raises(InputError, match=r"bad.tsv:row 2 \(index 7\): .*not an image"):
         read_benchmark(tmp_path / "bad.tsv")
+    data.write_text(json.dumps({"id": "1", "question": "How many?", "answer": " "}) + "\n")
+    with pytest.raises(InputError, match=r"bench.jsonl:1: the answer is empty"):
+        read_benchmark(data)
 
 
 # ----------------------------------------------------------------------------- MMBench TSV

@@ -90,6 +90,8 @@ Answerer = Callable[[list[Prompt]], list[str | InputError]]
 
 
 def _item(item_id: str, question: str, answer: str, images, options, hint, category, kind, where: str) -> BenchItem:
+    if not answer.strip():
+        raise InputError(f"{where}: the answer is empty")
     try:
         opts = normalize_options(options) or None
         kind = kind or infer_kind(answer, opts)
