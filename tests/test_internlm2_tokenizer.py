@@ -167,3 +167,21 @@ def test_refusals(tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="'<far>' is declared as id"):
         load_internlm2_tokenizer(folder)
+
+
+def test_training_and_pair_ids_start_with_one_masked_bos_as_the_official_preprocess(internlm2_like):
+    from internvl_mpo.chat.template import IGNORE_INDEX, build_pair_ids, build_prompt_ids, build_training_ids
+
+    folder, sp = internlm2_like
+    tokenizer = load_internlm2_tokenizer(folder)
+    system = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。")
+    segments = ["<s>" + f"<|im_start|>system\n{system}<|im_end|>\n",  # official: bos_token + batches[0]
+                "<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\nhello<|im_end|>\n",
+                "<|im_start|>assistant\nhi<|im_end|>\n"]
+    official = sum((slow_path_ids(sp, text) for text in segments), [])  # each segment's own BOS dropped
+    messages = [{"role": "user", "content": "<image>\nhello"}, {"role": "assistant", "content": "hi"}]
+    ids, labels = build_training_ids(tokenizer, messages, [1], num_image_token=2)
+    assert ids == official and ids.count(sp.bos_id()) == 1 and labels[0] == IGNORE_INDEX
+    pair = build_pair_ids(tokenizer, "hello", "hi", "no", [1], num_image_token=2)
+    assert pair.prompt_ids + pair.chosen_ids == ids
+    assert pair.prompt_ids == build_prompt_ids(tokenizer, "hello", (), [1], num_image_token=2)[: len(pair.prompt_ids)]

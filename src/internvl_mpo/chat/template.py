@@ -209,8 +209,11 @@ def _segments(
     turns: Sequence[tuple[str, str]],
     num_patches_list: Sequence[int],
     num_image_token: int,
+    start: bool = True,
 ) -> tuple[list[int], list[int]]:
-    """Tokenize (role, content) turns one segment each, as `preprocess_internvl2_5`; returns ids, labels."""
+    """Tokenize (role, content) turns one segment each, as `preprocess_internvl2_5`; returns ids, labels.
+    At the `start` of a sequence a tokenizer that adds BOS (InternLM2) gets it, masked, as the official
+    code prepends it to the first segment."""
     user_images = sum(content.count(IMAGE_PLACEHOLDER) for role, content in turns if role == "user")
     if user_images != len(num_patches_list):
         raise InputError(
@@ -218,8 +221,8 @@ def _segments(
             f" image(s) were given (num_patches_list={list(num_patches_list)})"
         )
     header_ids = tokenizer.encode(tmpl.roles[1])
-    input_ids: list[int] = []
-    labels: list[int] = []
+    input_ids: list[int] = [tokenizer.bos_id] if start and tokenizer.add_bos_token else []
+    labels: list[int] = [IGNORE_INDEX] * len(input_ids)
     next_image = 0
     for role, content in turns:
         if role == "system":
@@ -307,6 +310,7 @@ def build_pair_ids(
     prompt_ids, _ = _segments(
         tokenizer, tmpl, [("system", system), ("user", question)], num_patches_list, num_image_token
     )
-    chosen_ids, chosen_labels = _segments(tokenizer, tmpl, [("assistant", chosen)], (), num_image_token)
-    rejected_ids, rejected_labels = _segments(tokenizer, tmpl, [("assistant", rejected)], (), num_image_token)
+    chosen_ids, chosen_labels = _segments(tokenizer, tmpl, [("assistant", chosen)], (), num_image_token, start=False)
+    rejected_ids, rejected_labels = _segments(tokenizer, tmpl, [("assistant", rejected)], (), num_image_token,
+                                              start=False)
     return PairIds(prompt_ids, chosen_ids, chosen_labels, rejected_ids, rejected_labels)
