@@ -185,3 +185,12 @@ def test_training_and_pair_ids_start_with_one_masked_bos_as_the_official_preproc
     pair = build_pair_ids(tokenizer, "hello", "hi", "no", [1], num_image_token=2)
     assert pair.prompt_ids + pair.chosen_ids == ids
     assert pair.prompt_ids == build_prompt_ids(tokenizer, "hello", (), [1], num_image_token=2)[: len(pair.prompt_ids)]
+
+
+def test_whitespace_folding_touches_spaces_only(tmp_path):
+    """remove_extra_whitespaces trims and folds ASCII spaces; newlines and tabs stay, as in SentencePiece."""
+    options = {**INTERNLM2_LIKE, "remove_extra_whitespaces": True}
+    folder, sp = write_folder(tmp_path, train(**options))
+    tokenizer = load_internlm2_tokenizer(folder)
+    for text in ["\nx\n", "\tindent", "a\n\nb", "  a   b  ", " \tx \n "]:
+        assert tokenizer.encode(text) == sp.encode(text), repr(text)

@@ -167,7 +167,8 @@ def build_backend(model: SentencePieceModel) -> Backend:
     if model.precompiled_charsmap:
         steps.append(normalizers.Precompiled(model.precompiled_charsmap))
     if model.remove_extra_whitespaces:
-        steps += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
+        # spaces only, as SentencePiece does (normalizers.Strip would take newlines and tabs too)
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
     if model.add_dummy_prefix:
         steps.append(normalizers.Prepend(SPACE))
     if model.escape_whitespaces:
