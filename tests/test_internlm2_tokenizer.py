@@ -194,3 +194,17 @@ def test_whitespace_folding_touches_spaces_only(tmp_path):
     tokenizer = load_internlm2_tokenizer(folder)
     for text in ["\nx\n", "\tindent", "a\n\nb", "  a   b  ", " \tx \n "]:
         assert tokenizer.encode(text) == sp.encode(text), repr(text)
+
+
+def test_user_defined_pieces_the_config_does_not_list_stay_whole(tmp_path):
+    random.seed(0)
+    corpus = [" ".join(random.choice(WORDS) for _ in range(8)) for _ in range(2000)]
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=out, model_type="bpe", vocab_size=400, hard_vocab_limit=False,
+        user_defined_symbols=CHAT_TOKENS + ["<foo>", "\n\n"], minloglevel=2, **INTERNLM2_LIKE,
+    )
+    folder, sp = write_folder(tmp_path, out.getvalue())  # its config lists the chat tokens only
+    tokenizer = load_internlm2_tokenizer(folder)
+    for text in ["a<foo>b", "x\n\ny", "the <foo> dog"]:
+        assert tokenizer.encode(text) == slow_path_ids(sp, text), repr(text)

@@ -247,6 +247,10 @@ def load_internlm2_tokenizer(folder: str | Path) -> SentencePieceTokenizer:
                 f"{folder}: added token {token.content!r} is declared as id {token_id} but lands on id "
                 f"{backend.token_to_id(token.content)}"
             )
+    # SentencePiece never splits a user-defined piece, listed in the config or not.
+    listed = {token.content for token in declared.values()}
+    user_defined = [piece for piece, _, kind in model.pieces if kind == USER_DEFINED and piece not in listed]
+    backend.add_tokens([AddedToken(piece, special=False, normalized=False) for piece in user_defined])
     specials = [t for t in named.values() if t] + [_content(t) for t in config.get("additional_special_tokens") or []]
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(specials) if t])
     return SentencePieceTokenizer(
