@@ -208,3 +208,12 @@ def test_user_defined_pieces_the_config_does_not_list_stay_whole(tmp_path):
     tokenizer = load_internlm2_tokenizer(folder)
     for text in ["a<foo>b", "x\n\ny", "the <foo> dog"]:
         assert tokenizer.encode(text) == slow_path_ids(sp, text), repr(text)
+
+
+def test_streaming_drops_the_dummy_prefix_as_decode_does(tmp_path):
+    folder, _ = write_folder(tmp_path, train(byte_fallback=True))  # SentencePiece's default: add_dummy_prefix
+    tokenizer = load_internlm2_tokenizer(folder)
+    for text in TEXTS[:5]:
+        ids = tokenizer.encode(text)
+        stream = tokenizer.stream_decoder()
+        assert "".join(stream.feed(i) for i in ids) + stream.flush() == tokenizer.decode(ids), repr(text)

@@ -187,10 +187,11 @@ class SentencePieceTokenizer(Tokenizer):
     piece), plus the BOS facts of InternLM2Tokenizer."""
 
     def __init__(self, backend: Backend, eos_token, pad_token, source: str, bos_token: str | None,
-                 add_bos_token: bool):
+                 add_bos_token: bool, strips_leading_space: bool = False):
         super().__init__(backend, eos_token, pad_token, source)
         self.bos_token = bos_token
         self.add_bos_token = add_bos_token
+        self.strips_leading_space = strips_leading_space  # add_dummy_prefix: decoding drops that space
 
     @property
     def bos_id(self) -> int:
@@ -255,5 +256,5 @@ def load_internlm2_tokenizer(folder: str | Path) -> SentencePieceTokenizer:
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(specials) if t])
     return SentencePieceTokenizer(
         backend, named["eos_token"], named["pad_token"], str(folder), named["bos_token"],
-        bool(config.get("add_bos_token", True)),
+        bool(config.get("add_bos_token", True)), model.add_dummy_prefix,
     )

@@ -162,6 +162,8 @@ class StreamDecoder:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # A SentencePiece model that prepends a space to the text drops it again when decoding.
+        self._strip_space = getattr(tokenizer, "strips_leading_space", False)
 
     def feed(self, ids: int | Iterable[int]) -> str:
         """Add ids; return the text they complete ("" while a character is still incomplete)."""
@@ -170,7 +172,11 @@ class StreamDecoder:
         data = b"".join(
             self._tokenizer.token_bytes(i) for i in ids if not (self._skip_special and self._tokenizer.is_special(i))
         )
-        return self._utf8.decode(data)
+        text = self._utf8.decode(data)
+        if self._strip_space and text:
+            self._strip_space = False
+            text = text.removeprefix(" ")
+        return text
 
     def flush(self) -> str:
         """Text of bytes still held back (an unfinished character decodes to U+FFFD)."""
