@@ -115,6 +115,18 @@ def test_resume_answers_only_missing_questions(tmp_path):
     assert run_eval(data, FakeAnswerer(DIRECT), tmp_path / "limited", limit=2)["total"] == 2
 
 
+@pytest.mark.parametrize("limit", [0, -1])
+def test_limits_below_one_are_refused(tmp_path, limit, capsys):
+    data = write_bench(tmp_path / "data")
+    with pytest.raises(InputError, match=f"limit must be at least 1, got {limit}"):
+        run_eval(data, FakeAnswerer(DIRECT), tmp_path / "out", limit=limit)
+    from internvl_mpo.cli import main
+
+    # refused before the (here missing) model is loaded
+    assert main(["eval", "--model", str(tmp_path / "no-model"), "--data", str(data), f"--limit={limit}"]) != 0
+    assert f"error: limit must be at least 1, got {limit}" in capsys.readouterr().err
+
+
 def test_a_question_that_cannot_run_counts_wrong_and_is_not_retried(tmp_path):
     data = write_bench(tmp_path / "data")
     out = tmp_path / "out"

@@ -267,6 +267,13 @@ def default_output(data: str | Path, cot: bool) -> Path:
     return data.parent / f"{data.stem}{'_cot' if cot else ''}_eval"
 
 
+def check_counts(batch_size: int, limit: int | None) -> None:
+    if batch_size < 1:
+        raise InputError(f"batch_size must be at least 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise InputError(f"limit must be at least 1, got {limit}")
+
+
 def run_eval(
     data: str | Path,
     answer_fn: Answerer,
@@ -279,8 +286,7 @@ def run_eval(
     """Answer every question not yet in predictions.jsonl, then score all; returns the score dict."""
     from tqdm import tqdm
 
-    if batch_size < 1:
-        raise InputError(f"batch_size must be at least 1, got {batch_size}")
+    check_counts(batch_size, limit)
     items = read_benchmark(data)
     if limit is not None:
         items = items[:limit]
@@ -373,7 +379,8 @@ def eval_(
 
     from internvl_mpo.pipeline import InternVLChat
 
-    read_benchmark(data)  # fail on a bad file before loading the model
+    check_counts(batch_size, limit)  # fail on bad flags or a bad file before loading the model
+    read_benchmark(data)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     chat = InternVLChat.from_pretrained(model, dtype=dtype, device=device)
     settings = {"model": model, "max_num": max_num, "max_new_tokens": max_new_tokens}
