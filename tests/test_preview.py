@@ -101,3 +101,26 @@ def test_png_for_an_extreme_aspect_ratio(tmp_path):
 def test_bad_input_names_the_file(tmp_path):
     with pytest.raises(InputError, match="missing.png"):
         tiles_report(tmp_path / "missing.png")
+
+
+def test_png_output_path_errors_and_suffix(tmp_path):
+    path = save(tmp_path, 600, 400)
+    cases = [(tmp_path / "none" / "t.png", "folder .*none does not exist"),
+             (tmp_path, "is a folder; give the path of a .png file"),
+             (tmp_path / "t.jpg", r"t.jpg: only PNG pictures are written; give a path ending in .png")]
+    for out, message in cases:
+        with pytest.raises(InputError, match=message):
+            tiles_report(path, output_png=out)
+    assert not (tmp_path / "t.jpg").exists()
+    report = tiles_report(path, output_png=tmp_path / "bare")
+    assert report["output_png"] == str(tmp_path / "bare.png")
+    assert (tmp_path / "bare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert tiles_report(path, output_png=tmp_path / "UP.PNG")["output_png"] == str(tmp_path / "UP.PNG")
+
+
+def test_cli_tiles_output_error_is_one_line(tmp_path, capsys):
+    from internvl_mpo.cli import main
+
+    assert main(["tiles", str(save(tmp_path, 600, 400)), "--output", str(tmp_path / "x" / "t.png")]) != 0
+    err = capsys.readouterr().err
+    assert "error:" in err and "does not exist" in err and "Traceback" not in err

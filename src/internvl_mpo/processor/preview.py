@@ -7,9 +7,11 @@ thumbnail beside it (PIL ImageDraw only).
 """
 
 import os
+from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from internvl_mpo.errors import InputError
 from internvl_mpo.processor.image import ImageSource, open_image, source_name
 from internvl_mpo.processor.tiling import TilePlan, plan_tiles
 
@@ -21,6 +23,23 @@ _BACKGROUND = (32, 32, 32)
 _TEXT_COLOUR = (255, 255, 255)
 
 
+def png_output(path: str | os.PathLike) -> Path:
+    """The PNG file a picture goes to: `.png` appended to a name without a suffix; InputError for another
+    suffix (only PNG is written), a folder, or a parent folder that does not exist."""
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(f"{target}: is a folder; give the path of a .png file")
+    if target.suffix == "":
+        target = target.with_name(target.name + ".png")
+    elif target.suffix.lower() != ".png":
+        raise InputError(f"{target}: only PNG pictures are written; give a path ending in .png")
+    if target.is_dir():
+        raise InputError(f"{target}: is a folder; give the path of a .png file")
+    if not target.parent.is_dir():
+        raise InputError(f"{target}: folder {target.parent} does not exist")
+    return target
+
+
 def tiles_report(
     image_path: ImageSource,
     max_num: int = 12,
@@ -30,7 +49,9 @@ def tiles_report(
     output_png: str | os.PathLike | None = None,
     tokens_per_tile: int = 256,
 ) -> dict:
-    """The tiling of one image as a dict (see `format_tiles_report`); draws it to `output_png` if given."""
+    """The tiling of one image as a dict (see `format_tiles_report`); draws it to `output_png` if given
+    (see `png_output`: `.png` is appended to a name without a suffix)."""
+    target = png_output(output_png) if output_png is not None else None
     image = open_image(image_path)
     plan = plan_tiles(image.width, image.height, min_num, max_num, image_size, use_thumbnail)
     resized_w, resized_h = plan.resized_size
@@ -54,9 +75,9 @@ def tiles_report(
         "settings": {"min_num": min_num, "max_num": max_num, "image_size": image_size, "use_thumbnail": use_thumbnail},
         "output_png": None,
     }
-    if output_png is not None:
-        render_tiles(image, plan, caption=format_tiles_report(report).splitlines()[0]).save(output_png, format="PNG")
-        report["output_png"] = os.fspath(output_png)
+    if target is not None:
+        render_tiles(image, plan, caption=format_tiles_report(report).splitlines()[0]).save(target, format="PNG")
+        report["output_png"] = os.fspath(target)
     return report
 
 
