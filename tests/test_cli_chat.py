@@ -161,3 +161,33 @@ def test_tiles_command_prints_grid_and_writes_png(tmp_path):
     assert "4x2 grid" in out.stdout and "9 tiles" in out.stdout and "2306 tokens" in out.stdout
     with Image.open(tmp_path / "t.png") as png:
         assert png.width > 448 and png.height > 200
+
+
+def test_bad_device_dtype_and_tile_budget_are_one_line_errors(folder):
+    cases = [(["--dtype", "foo"], "unknown dtype 'foo'"), (["--device", "foo"], "unknown device 'foo'"),
+             (["--max-num", "0", "--image", folder.parent / "red.png"], "max_num must be at least 1, got 0")]
+    if not __import__("torch").cuda.is_available():
+        cases.append((["--device", "cuda"], "sees no CUDA device"))
+    for args, message in cases:
+        out = cli("chat", "--model", folder, *args, "hi")
+        assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_generate_refuses_malformed_image_and_video_fields_up_front(folder, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    for field, value, message in [("image", 5, "'image' must be a path or a list of paths"),
+                                  ("image", ["x.png", 7], "'image' must be a path or a list of paths"),
+                                  ("video", {"a": 1}, "'video' must be a path")]:
+        lines = [{"id": "a", "question": "Hi"}, {"id": "b", "question": "Hi", field: value}]
+        requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        out = cli("generate", "--input", requests, "--output", tmp_path / "a.jsonl", "--model", folder)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert f"{requests}:2: {message}" in out.stderr
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    proc = subprocess.Popen([sys.executable, "-m", "internvl_mpo.cli", "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the command writes (as with `| head` that has quit)
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr

@@ -202,7 +202,7 @@ def test_missing_pyav_is_a_clear_error(video_path, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError
-    with pytest.raises(ImportError, match="pip install av"):
+    with pytest.raises(InputError, match="pip install av"):
         load_video(video_path)
     assert load_video([frame_image(0)], num_segments=1).num_patches_list == [1]  # frames need no PyAV
 

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -50,7 +50,20 @@ def parse_dtype(dtype, device: torch.device, config_dtype: str | None = None) ->
     try:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+        raise InputError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def parse_device(device: torch.device | str) -> torch.device:
+    """A torch.device, refusing names torch does not know and CUDA where there is none."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {str(device)!r} asked for, but this PyTorch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"device {str(device)!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
 
 
 def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None) -> Path:

@@ -230,12 +230,18 @@ def _read_requests(path: Path) -> list[dict]:
             raise InputError(f"{where}: id {rid!r} is already used at {lines[rid]}")
         lines[rid] = where
         item["_line"], item["_where"] = number, where
-        for key in ("image", "video"):
-            value = item.get(key)
-            if isinstance(value, str):
-                item[key] = str(path.parent / value)
-            elif isinstance(value, list):
-                item[key] = [str(path.parent / v) for v in value]
+        image, video = item.get("image"), item.get("video")
+        if not (image is None or isinstance(image, str) or
+                (isinstance(image, list) and all(isinstance(v, str) for v in image))):
+            raise InputError(f"{where}: 'image' must be a path or a list of paths, got {json.dumps(image)[:80]}")
+        if not (video is None or isinstance(video, str)):
+            raise InputError(f"{where}: 'video' must be a path, got {json.dumps(video)[:80]}")
+        if isinstance(image, str):
+            item["image"] = str(path.parent / image)
+        elif isinstance(image, list):
+            item["image"] = [str(path.parent / v) for v in image]
+        if isinstance(video, str):
+            item["video"] = str(path.parent / video)
         items.append(item)
     return items
 

@@ -189,7 +189,7 @@ class InternVL(nn.Module):
         device_map = resolve_device_map(device_map, config)
         if device_map is not None and device == "cpu":
             device = device_for("mlp1", device_map, torch.device("cuda:0"))
-        device = torch.device(device)
+        device = checkpoint.parse_device(device)
         # transformers >= 4.56 writes "dtype" where older files have "torch_dtype"
         dtype = checkpoint.parse_dtype(dtype, device, config.extra.get("torch_dtype", config.extra.get("dtype")))
         if image_token_id is None:

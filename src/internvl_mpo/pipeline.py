@@ -139,6 +139,8 @@ class InternVLChat:
         items = _as_list(images)
         if not items:
             return None, []
+        if max_num is not None and max_num < 1:
+            raise InputError(f"max_num must be at least 1, got {max_num}")
         tensors = [isinstance(item, torch.Tensor) for item in items]
         if any(tensors):
             if not all(tensors):

@@ -778,6 +778,8 @@ def serve(
         settings = dataclasses.replace(settings, model=str(default_model()))
     if settings.max_batch < 1 or settings.max_len < 2:
         raise ConfigError(f"--max-batch must be >= 1 and --max-len >= 2, got {settings.max_batch}, {settings.max_len}")
+    if not 0 <= settings.port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535, got {settings.port}")
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use the model",
                     settings.host)

@@ -73,7 +73,7 @@ def _import_av():
     try:
         import av
     except ImportError as e:
-        raise ImportError("reading video files needs PyAV: pip install av (or internvl-mpo[video])") from e
+        raise InputError("reading video files needs PyAV: pip install av (or internvl-mpo[video])") from e
     return av
 
 
