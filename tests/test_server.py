@@ -423,3 +423,11 @@ def test_non_streamed_client_that_goes_away_frees_its_rows(server):
         time.sleep(0.05)
     assert state["cancelled"] == before["cancelled"] + 4 and state["active"] == 0
     assert state["completion_tokens"] - before["completion_tokens"] < 4 * 1800
+
+
+def test_a_port_out_of_range_is_refused_before_the_model_loads():
+    from internvl_mpo.errors import ConfigError
+    from internvl_mpo.server import serve
+
+    with pytest.raises(ConfigError, match=r"--port must be in 0\.\.65535, got 99999"):
+        serve(model="/nonexistent/model", port=99999)
