@@ -145,6 +145,17 @@ def test_written_files(tmp_path):
     assert sum("Final answer" in c["conversations"][0]["value"] for c in sft) == len(sft) // 2  # CoT-wrapped half
 
 
+def test_demo_data_onto_a_file_is_a_one_line_error(tmp_path, capsys):
+    from internvl_mpo.cli import main
+
+    (tmp_path / "f").write_text("x")
+    assert main(["demo-data", str(tmp_path / "f"), "--train", "1", "--val", "0", "--test", "0"]) != 0
+    assert f"error: {tmp_path / 'f'}: is a file; give a folder" in capsys.readouterr().err
+    assert main(["demo-data", str(tmp_path / "f" / "sub"), "--train", "1", "--val", "0", "--test", "0"]) != 0
+    err = capsys.readouterr().err
+    assert "cannot create the folder" in err and "Traceback" not in err
+
+
 def test_direct_share_of_bare_answers(tmp_path):
     """`direct` replaces that share of SFT answers by the final-answer line; the items keep the reasoning."""
     items = synth.generate_split("train", 200, 0, set())

@@ -395,7 +395,12 @@ def make_demo_data(
     if not 0 <= bare_copies <= 1:
         raise InputError(f"--bare-copies must be in [0, 1], got {bare_copies}")
     folder = Path(output)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: is a file; give a folder to write the data set into")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{folder}: cannot create the folder ({e.strerror})") from None
     seen: set = set()
     counts = {}
     for split, n in (("test", test), ("val", val), ("train", train)):
