@@ -22,7 +22,8 @@ from test_train_data import COLORS, write_mmpr
 
 from internvl_mpo.chat.tokenizer import load_tokenizer
 from internvl_mpo.model import InternVL
-from internvl_mpo.train.distributed import epoch_order, rank_share
+from internvl_mpo.errors import ConfigError
+from internvl_mpo.train.distributed import epoch_order, init_distributed, rank_share
 from internvl_mpo.train.mpo import TrainConfig, train
 
 
@@ -46,6 +47,21 @@ def _worker(rank: int, world: int, ports: list[int], configs: list[dict]) -> Non
 
 def rows(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_unusable_devices_are_config_errors(monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match="--device 'gpu0': not a device"):
+        init_distributed("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--device cuda: CUDA is not available on this machine"):
+        init_distributed("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"--device cuda:3: no CUDA device 3 \(1 visible\)"):
+        init_distributed("cuda:3")
+    assert init_distributed("cpu").device == torch.device("cpu")
 
 
 def test_rank_shares_form_the_global_batch():

@@ -59,10 +59,17 @@ def init_distributed(device: str | None = None) -> DistEnv:
     rank, local_rank, world = env_int("RANK", 0), env_int("LOCAL_RANK", 0), env_int("WORLD_SIZE", 1)
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, ...)") from None
     if dev.type == "cuda":
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        if dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: no CUDA device {dev.index} ({torch.cuda.device_count()} visible)")
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
