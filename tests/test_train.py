@@ -236,6 +236,48 @@ def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path, chat_folder, meta
     assert train(dataclasses.replace(cfg, resume=True)).steps == 1
 
 
+def test_fresh_run_refuses_a_finished_run_without_checkpoints(tmp_path, chat_folder, meta):
+    cfg = config(chat_folder, meta, tmp_path / "run", max_steps=1)
+    train(cfg)
+    before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match=rf"{tmp_path / 'run'} already holds final of an earlier run: pass --resume"):
+        train(cfg)
+    shutil.rmtree(tmp_path / "run" / "final")
+    with pytest.raises(ConfigError, match="already holds metrics.jsonl of an earlier run"):
+        train(cfg)
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
+
+
+def test_bad_model_or_data_creates_no_output_folder(tmp_path, chat_folder, meta):
+    from internvl_mpo.errors import InternVLError
+
+    with pytest.raises(InternVLError):
+        train(config(tmp_path / "no-model", meta, tmp_path / "a"))
+    with pytest.raises(InputError):
+        train(config(chat_folder, tmp_path / "no-meta.json", tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_resume_refuses_changed_data_contents(tmp_path, chat_folder):
+    meta = write_mmpr(tmp_path / "data", color_pairs(4, text_only=1))
+    cfg = config(chat_folder, meta, tmp_path / "run", max_steps=2, save_every=1)
+    train(dataclasses.replace(cfg, max_steps=2))
+    shutil.rmtree(tmp_path / "run" / "checkpoint-000002")
+    annotation = tmp_path / "data" / "toy.jsonl"
+    original = annotation.read_text()
+    annotation.write_text(original.replace("It is purple.", "It is pink."))
+    message = r"checkpoint-000001: cannot resume, these settings differ from the checkpoint: data \(the contents"
+    with pytest.raises(CheckpointError, match=message):
+        train(dataclasses.replace(cfg, resume=True))
+    # A checkpoint from before the fingerprint was recorded still resumes (compared by the --data path only).
+    state_file = tmp_path / "run" / "checkpoint-000001" / ckpt.STATE_FILE
+    state = json.loads(state_file.read_text())
+    del state["data_fingerprint"]
+    state_file.write_text(json.dumps(state))
+    annotation.write_text(original)
+    assert train(dataclasses.replace(cfg, resume=True)).steps == 2
+
+
 def test_resume_drops_a_half_written_metrics_line(tmp_path, chat_folder, meta):
     cfg = config(chat_folder, meta, tmp_path / "run", max_steps=2, save_every=1)
     train(cfg)
@@ -278,6 +320,8 @@ def test_bf16_reference_is_the_initial_policy(tmp_path, chat_folder, meta, preco
     run = config(chat_folder, meta, tmp_path / "run", max_steps=1, batch_size=1, precompute_ref=precompute_ref)
     if precompute_ref:  # a float32 cache in the folder is not reused by a bf16 run
         train(run)
+        shutil.rmtree(tmp_path / "run" / "final")  # keep the cache, drop what a fresh run may not overwrite
+        (tmp_path / "run" / "metrics.jsonl").unlink()
     train(dataclasses.replace(run, precision="bf16", device="cpu"))
     row = metric_rows(tmp_path / "run")[0]
     assert (row["rewards/chosen"], row["rewards/rejected"]) == (0.0, 0.0)

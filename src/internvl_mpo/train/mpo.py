@@ -44,6 +44,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -600,10 +601,12 @@ def save_checkpoint(
     running: RunningMean | None,
     stream: SampleStream,
     total_steps: int,
+    fingerprint: list[dict] | None = None,
 ) -> Path:
     trainer_state = {
         "step": step,
         "total_steps": total_steps,
+        "data_fingerprint": fingerprint,
         "world_size": env.world_size,
         "running_mean": running.state_dict() if running is not None else None,
         "skipped": stream.report.counts,
@@ -621,11 +624,50 @@ def resume_weights(path: Path, policy: InternVL, cfg: TrainConfig) -> None:
     ckpt.load_model_weights(path, policy, skip={n + ".weight" for n in lora_names})
 
 
-def check_resume_settings(path: Path, cfg: TrainConfig, env: DistEnv, total_steps: int) -> None:
-    """CheckpointError naming every setting that differs from the checkpoint's (before anything is loaded)."""
+def data_files(cfg: TrainConfig) -> list[str]:
+    """The files a run reads its records from: the SFT .jsonl, or meta.json and its annotations."""
+    if cfg.mode == "sft" and cfg.data.endswith(".jsonl"):
+        return [cfg.data]
+    return [cfg.data, *(spec.annotation for spec in load_meta(cfg.data))]
+
+
+def data_fingerprint(cfg: TrainConfig) -> list[dict]:
+    """Size and sha256 of every data file, so that a resume can refuse changed data (images are not read)."""
+    prints = []
+    for name in data_files(cfg):
+        digest = hashlib.sha256()
+        with open(name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        prints.append({"file": os.path.abspath(name), "size": os.path.getsize(name), "sha256": digest.hexdigest()})
+    return prints
+
+
+def check_fresh_output(output: Path) -> None:
+    """ConfigError when a run without --resume would overwrite an earlier run's checkpoints or results."""
+    earlier = ckpt.latest_checkpoint(output)
+    if earlier is None:
+        earlier = next((output / n for n in (FINAL_DIR, METRICS_FILE) if (output / n).exists()), None)
+    if earlier is not None:
+        raise ConfigError(
+            f"{output} already holds {earlier.name} of an earlier run: pass --resume to continue that run,"
+            " or choose another --output"
+        )
+
+
+def check_resume_settings(
+    path: Path, cfg: TrainConfig, env: DistEnv, total_steps: int, fingerprint: list[dict] | None = None
+) -> None:
+    """CheckpointError naming every setting that differs from the checkpoint's (before anything is loaded).
+
+    Checkpoints written before the data fingerprint was recorded are compared by the --data path only.
+    """
     state = ckpt.read_json(path / ckpt.STATE_FILE)
     saved = state.get("config", {})
     changed = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    saved_print = state.get("data_fingerprint")
+    if saved_print is not None and fingerprint is not None and saved_print != fingerprint and "data" not in changed:
+        changed.append("data (the contents of its files changed)")
     if state.get("world_size") != env.world_size:
         changed.append("world_size")
     if state.get("total_steps") != total_steps:
@@ -687,15 +729,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
     from tqdm import tqdm
 
     output = Path(cfg.output)
-    earlier = None if cfg.resume else ckpt.latest_checkpoint(output)
-    if earlier is not None:
-        raise ConfigError(
-            f"{output} already holds {earlier.name} of an earlier run: pass --resume to continue that run,"
-            " or choose another --output"
-        )
-    if env.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-    barrier(env)
+    if not cfg.resume:
+        check_fresh_output(output)
     weights = loss_weights(cfg)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
     fsdp = cfg.fsdp and env.distributed  # --fsdp means nothing to a single process (see its help)
@@ -716,6 +751,11 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
             f"{cfg.data}: {len(dataset)} records are fewer than one step needs"
             f" ({samples_per_step} per rank x {env.world_size} ranks)"
         )
+    fingerprint = data_fingerprint(cfg)
+    # Created only now, so that a bad model or data path leaves no empty run folder behind.
+    if env.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+    barrier(env)
 
     # 3. reference log-probs: a frozen copy of the initial model, or a cached first pass
     needs_ref = cfg.mode != "sft" and (weights.pref_weight != 0 or weights.quality_weight != 0)
@@ -733,7 +773,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
     # 4. training set-up, applied from outside the model
     resume_from = ckpt.latest_checkpoint(output) if cfg.resume else None
     if resume_from is not None:
-        check_resume_settings(resume_from, cfg, env, total_steps)
+        check_resume_settings(resume_from, cfg, env, total_steps, fingerprint)
         resume_weights(resume_from, policy, cfg)
     set_drop_path(policy, cfg.drop_path_rate)
     freeze(policy, cfg)
@@ -808,7 +848,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('rewards/accuracies', 0.0):.2f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            save_checkpoint(cfg, env, step + 1, module, policy, optimizer, running, stream, total_steps)
+            save_checkpoint(cfg, env, step + 1, module, policy, optimizer, running, stream, total_steps, fingerprint)
         if on_step is not None:
             on_step(step + 1, metrics)
     bar.close()
