@@ -535,6 +535,23 @@ def test_cli_train_then_plot(tmp_path, chat_folder, meta):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_output_paths_and_missing_matplotlib(tmp_path, capsys, monkeypatch):
+    from internvl_mpo.cli import main
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2)))
+    for output, message in ((tmp_path / "no" / "c.png", "does not exist"), (tmp_path, "is a folder"),
+                            (tmp_path / "c.svg", "only PNG pictures are written")):
+        assert main(["plot", str(tmp_path), "--output", str(output)]) != 0
+        err = capsys.readouterr().err
+        assert f"error: {output}" in err and message in err and "Traceback" not in err
+    assert main(["plot", str(tmp_path), "--output", str(tmp_path / "curves")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'curves.png'}"
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as when it is not installed
+    assert main(["plot", str(tmp_path)]) != 0
+    assert "pip install 'internvl-mpo[plot]'" in capsys.readouterr().err
+
+
 def test_cli_reports_bad_data_without_traceback(tmp_path, chat_folder):
     meta = write_mmpr(tmp_path / "data", ['{"oops"', *color_pairs(2)])
     from internvl_mpo.cli import main

@@ -150,12 +150,9 @@ def plot(run_dir: str, output: str | None = None) -> int:
     """Plot the training curves of a run (losses, rewards, accuracy, BCO delta) to a PNG.
 
     run_dir: run folder holding metrics.jsonl (or the metrics.jsonl file itself)
-    output: PNG path (default: <run_dir>/curves.png)
+    output: PNG path (default: <run_dir>/curves.png; .png is appended to a name without a suffix)
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from internvl_mpo.processor.preview import png_output
 
     path = Path(run_dir)
     metrics = path if path.is_file() else path / "metrics.jsonl"
@@ -164,6 +161,15 @@ def plot(run_dir: str, output: str | None = None) -> int:
     rows = read_metrics(metrics)
     if not rows:
         raise InputError(f"{metrics}: no metrics recorded yet")
+    target = png_output(output if output else metrics.parent / "curves.png")
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise InputError("plotting needs matplotlib: pip install 'internvl-mpo[plot]'") from None
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     panels = [(title, [k for k in keys if any(k in r for r in rows)]) for title, keys in PLOT_PANELS]
     panels = [(title, keys) for title, keys in panels if keys]
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False)
@@ -176,8 +182,7 @@ def plot(run_dir: str, output: str | None = None) -> int:
         ax.legend(fontsize=8)
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
-    target = Path(output) if output else (metrics.parent / "curves.png")
-    fig.savefig(target, dpi=100)
+    fig.savefig(target, dpi=100, format="png")
     plt.close(fig)
     print(f"wrote {target}")
     return 0
