@@ -65,7 +65,7 @@ def train(
     mode: mpo, dpo or sft
     model: checkpoint folder (official layout) or hub id (OpenGVLab/InternVL2_5-4B) to start from and to use as the reference
     data: meta.json (MMPR for mpo/dpo; conversation annotations for sft) or, for sft, one .jsonl
-    output: run folder: metrics.jsonl, checkpoint-N/, final/ (without --resume it must hold no checkpoint)
+    output: run folder: metrics.jsonl, checkpoint-N/, final/ (without --resume it must hold none of them)
     image_root: image folder for a single sft .jsonl (default: the file's folder)
     init_from_config: start from random weights built from this config.json instead of --model
     tokenizer: tokenizer folder (default: the model's folder, downloaded for a hub id; required with --init-from-config)
