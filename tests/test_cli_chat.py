@@ -191,3 +191,17 @@ def test_a_closed_pipe_ends_the_command_quietly():
     proc.stdout.close()  # the reader is gone before the command writes (as with `| head` that has quit)
     stderr = proc.stderr.read()
     assert proc.wait(timeout=120) == 141 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+def test_the_command_line_starts_without_torch_and_ctrl_c_while_importing_is_quiet(monkeypatch):
+    code = "import sys, internvl_mpo.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr  # Ctrl-C there can only hit the code below
+
+    from internvl_mpo import cli as cli_module
+
+    def interrupted(name):
+        raise KeyboardInterrupt  # as if Ctrl-C came while the command's modules were importing
+
+    monkeypatch.setattr(cli_module, "_resolve", interrupted)
+    assert cli_module.main(["chat", "hi"]) == 130
