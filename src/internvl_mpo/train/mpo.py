@@ -751,7 +751,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
             f"{cfg.data}: {len(dataset)} records are fewer than one step needs"
             f" ({samples_per_step} per rank x {env.world_size} ranks)"
         )
-    fingerprint = data_fingerprint(cfg)
+    # Hashing the data files (GBs for MMPR) is needed only to write checkpoints or to check a resume.
+    fingerprint = data_fingerprint(cfg) if cfg.resume or cfg.save_every else None
     # Created only now, so that a bad model or data path leaves no empty run folder behind.
     if env.is_main:
         output.mkdir(parents=True, exist_ok=True)
