@@ -282,12 +282,14 @@ def run_eval(
     batch_size: int = 8,
     limit: int | None = None,
     settings: dict[str, Any] | None = None,
+    items: list[BenchItem] | None = None,
 ) -> dict[str, Any]:
-    """Answer every question not yet in predictions.jsonl, then score all; returns the score dict."""
+    """Answer every question not yet in predictions.jsonl, then score all; returns the score dict.
+    `items`: those of `data` when already read (reading decodes every image)."""
     from tqdm import tqdm
 
     check_counts(batch_size, limit)
-    items = read_benchmark(data)
+    items = read_benchmark(data) if items is None else items
     if limit is not None:
         items = items[:limit]
     out = Path(output) if output else default_output(data, cot)
@@ -380,11 +382,12 @@ def eval_(
     from internvl_mpo.pipeline import InternVLChat
 
     check_counts(batch_size, limit)  # fail on bad flags or a bad file before loading the model
-    read_benchmark(data)
+    items = read_benchmark(data)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     chat = InternVLChat.from_pretrained(model, dtype=dtype, device=device)
     settings = {"model": model, "max_num": max_num, "max_new_tokens": max_new_tokens}
-    score = run_eval(data, model_answerer(chat, max_num, max_new_tokens), output, cot, batch_size, limit, settings)
+    score = run_eval(data, model_answerer(chat, max_num, max_new_tokens), output, cot, batch_size, limit, settings,
+                     items)
     for failure in score["failed"]:
         print(f"failed (counted wrong) {failure}")
     print(format_table(score))

@@ -411,10 +411,13 @@ def item_pairs(item: Item, question: str, responses: Sequence[str], max_pairs: i
     )
 
 
-def make_correctness_pairs(input: str | Path, output: str | Path, sample_fn: Sampler, settings: PairSettings) -> PairStats:
-    """Sample answers for every item (resuming), check them, write the pair files and meta.json."""
+def make_correctness_pairs(
+    input: str | Path, output: str | Path, sample_fn: Sampler, settings: PairSettings, items: list[Item] | None = None
+) -> PairStats:
+    """Sample answers for every item (resuming), check them, write the pair files and meta.json. `items`: those
+    of `input` when already read (reading decodes every image)."""
     input_path, out = Path(input), Path(output)
-    items = read_items(input_path, CORRECTNESS)
+    items = read_items(input_path, CORRECTNESS) if items is None else items
     out.mkdir(parents=True, exist_ok=True)
     check_settings(out / "settings.json", settings.identity(CORRECTNESS, input_path))
 
@@ -473,10 +476,13 @@ def text_only_question(question: str) -> str:
     return question.replace(IMAGE_PLACEHOLDER, "").strip()
 
 
-def make_dropout_ntp_pairs(input: str | Path, output: str | Path, continue_fn: Continuer, settings: PairSettings) -> PairStats:
-    """Continue half of each chosen answer without the image; write the pairs and meta.json."""
+def make_dropout_ntp_pairs(
+    input: str | Path, output: str | Path, continue_fn: Continuer, settings: PairSettings, items: list[Item] | None = None
+) -> PairStats:
+    """Continue half of each chosen answer without the image; write the pairs and meta.json. `items`: those
+    of `input` when already read (reading decodes every image)."""
     input_path, out = Path(input), Path(output)
-    items = read_items(input_path, DROPOUT_NTP)
+    items = read_items(input_path, DROPOUT_NTP) if items is None else items
     out.mkdir(parents=True, exist_ok=True)
     check_settings(out / "settings.json", settings.identity(DROPOUT_NTP, input_path))
 
@@ -648,13 +654,13 @@ def pairs(
 
     settings = PairSettings(samples, max_pairs, temperature, top_k, top_p, max_new_tokens, max_num, batch_size, seed,
                             start_ratio, model)
-    read_items(input, method)  # fail on a bad file before loading the model
+    items = read_items(input, method)  # fail on a bad file before loading the model
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     generator = ModelGenerator(InternVLChat.from_pretrained(model, dtype=dtype, device=device), settings)
     if method == CORRECTNESS:
-        stats = make_correctness_pairs(input, output, generator.sample, settings)
+        stats = make_correctness_pairs(input, output, generator.sample, settings, items)
     else:
-        stats = make_dropout_ntp_pairs(input, output, generator.continue_prefix, settings)
+        stats = make_dropout_ntp_pairs(input, output, generator.continue_prefix, settings, items)
     for failure in stats.failed:
         print(f"skipped {failure}")
     print(stats.summary())
