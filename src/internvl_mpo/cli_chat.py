@@ -153,8 +153,7 @@ def generate(
     """
     from tqdm import tqdm
 
-    from .generate.engine import Request
-    from .pipeline import InternVLChat, generate_texts, sampling_params
+    from .pipeline import InternVLChat, sampling_params
 
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
@@ -172,23 +171,22 @@ def generate(
                                                        desc="generate", unit="req") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            records, reqs = [], []
+            jobs = []
             for item in batch:
-                records.append({"id": item["id"], "question": item["question"]})
                 try:
                     params = base if seed is None else dataclasses.replace(base, seed=seed + item["_line"])
-                    p = bot.prepare(item["question"], item.get("image"), item.get("video"), max_num=max_num)
+                    jobs.append((bot.prepare(item["question"], item.get("image"), item.get("video"),
+                                             max_num=max_num), params))
                 except InputError as e:  # this request alone fails; the run goes on
-                    records[-1]["error"] = str(e)
+                    jobs.append(e)
                     tqdm.write(f"internvl-mpo generate: {item['_where']} (id {item['id']!r}) skipped: {e}",
                                file=sys.stderr)
-                    continue
-                reqs.append(Request(p.prompt_ids, params, p.pixel_values))
-            answers = iter(generate_texts(bot.tokenizer, bot.engine.generate(reqs), len(reqs), base.stop)
-                           if reqs else [])
-            for record in records:
-                if "error" not in record:
-                    record["answer"] = next(answers)
+            for item, answer in zip(batch, bot.answer_prepared(jobs, base.stop)):
+                record = {"id": item["id"], "question": item["question"]}
+                if isinstance(answer, InputError):
+                    record["error"] = str(answer)
+                else:
+                    record["answer"] = answer
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")
             sink.flush()
             os.fsync(sink.fileno())

@@ -325,28 +325,21 @@ def run_eval(
 def model_answerer(chat, max_num: int, max_new_tokens: int) -> Answerer:
     """Greedy answers from an InternVLChat, one batch at a time, as `batch_chat` gives them; a question
     whose prompt cannot be built gets its InputError and the others still run."""
-    from internvl_mpo.generate.engine import Request
-    from internvl_mpo.pipeline import generate_texts, sampling_params
+    from internvl_mpo.pipeline import sampling_params
 
     if max_num < 1:
         raise InputError(f"max_num must be at least 1, got {max_num}")
     params = sampling_params(do_sample=False, max_new_tokens=max_new_tokens)
 
     def answer(prompts: list[Prompt]) -> list[str | InputError]:
-        out: list[str | InputError | None] = []
-        requests = []
+        jobs = []
         for p in prompts:
             try:
-                prepared = chat.prepare(p.question, list(p.images) or None, max_num=max_num,
-                                        total_max_num=TOTAL_MAX_NUM)
+                jobs.append((chat.prepare(p.question, list(p.images) or None, max_num=max_num,
+                                          total_max_num=TOTAL_MAX_NUM), params))
             except InputError as e:  # a prompt longer than the context: this question fails alone
-                out.append(e)
-                continue
-            out.append(None)
-            requests.append(Request(prepared.prompt_ids, params, prepared.pixel_values))
-        texts = iter(generate_texts(chat.tokenizer, chat.engine.generate(requests), len(requests), params.stop)
-                     if requests else [])
-        return [next(texts) if text is None else text for text in out]
+                jobs.append(e)
+        return chat.answer_prepared(jobs, params.stop)
 
     return answer
 

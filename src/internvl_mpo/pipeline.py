@@ -259,12 +259,22 @@ class InternVLChat:
                              "tensor with num_patches_list)")
         if len(per_question) != len(questions):
             raise InputError(f"{len(questions)} questions but {len(per_question)} image entries")
-        requests = []
+        requests: list[tuple[Prepared, SamplingParams]] = []
         for i, (question, imgs) in enumerate(zip(questions, per_question)):
             p = self.prepare(question, imgs, **inputs)
             seed = None if params.seed is None else params.seed + i
-            requests.append(Request(p.prompt_ids, dataclasses.replace(params, seed=seed), p.pixel_values))
-        return generate_texts(self.tokenizer, self.engine.generate(requests), len(requests), params.stop)
+            requests.append((p, dataclasses.replace(params, seed=seed)))
+        return self.answer_prepared(requests, params.stop)
+
+    def answer_prepared(self, jobs: Sequence[tuple[Prepared, SamplingParams] | InputError],
+                        stop: tuple[str, ...] = ()) -> list:
+        """The answers (cut at `stop`, stripped) of prepared prompts, decoded together. An InputError
+        in `jobs` (a prompt that could not be built) stands in its place in the result."""
+        requests = [Request(p.prompt_ids, params, p.pixel_values) for p, params in
+                    (job for job in jobs if not isinstance(job, InputError))]
+        texts = iter(generate_texts(self.tokenizer, self.engine.generate(requests), len(requests), stop)
+                     if requests else [])
+        return [job if isinstance(job, InputError) else next(texts) for job in jobs]
 
 
 def _stream_text(tokenizer: Tokenizer, gen: Generation, rid: int, stop: tuple[str, ...]) -> Iterator[str]:
