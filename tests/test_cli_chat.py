@@ -153,6 +153,12 @@ def test_help_lists_commands():
     assert "--max-new-tokens" in out.stdout and "repeat the flag" in out.stdout
 
 
+def test_no_command_is_a_usage_error():
+    out = cli()  # as argparse does for a missing argument: usage on stderr, exit status 2
+    assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("usage: internvl-mpo <command>") and "chat" in out.stderr
+
+
 def test_tiles_command_prints_grid_and_writes_png(tmp_path):
     image = tmp_path / "wide.jpg"
     Image.new("RGB", (1920, 1080), "red").save(image)

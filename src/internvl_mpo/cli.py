@@ -103,12 +103,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: internvl-mpo <command> [options]\n\ncommands:")
+    if not argv or argv[0] in ("-h", "--help"):  # asked for: stdout, 0; no command: a usage error, as argparse
+        out = sys.stdout if argv else sys.stderr
+        print("usage: internvl-mpo <command> [options]\n\ncommands:", file=out)
         for name in COMMANDS:
-            print(f"  {name:10s} {(inspect.getdoc(_resolve(name)) or '').splitlines()[0]}")
-        print("\n`internvl-mpo <command> --help` lists a command's options.")
-        return 0
+            print(f"  {name:10s} {(inspect.getdoc(_resolve(name)) or '').splitlines()[0]}", file=out)
+        print("\n`internvl-mpo <command> --help` lists a command's options.", file=out)
+        return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"internvl-mpo: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
