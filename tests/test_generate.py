@@ -115,6 +115,60 @@ def test_request_joining_a_running_batch_gets_the_same_tokens(setup):
     assert got == alone
 
 
+def test_a_failing_prefill_fails_its_request_alone(setup, monkeypatch):
+    """Of three requests admitted in one step, the one whose prefill raises gets an "error" event; the
+    others decode to the tokens they get alone, and iterating the batch raises the error."""
+    chat, _ = setup
+    a, pa = prompt(chat, "First question here.", Image.new("RGB", (70, 30), "red"))
+    b, _ = prompt(chat, "Second one")
+    alone = {0: run(chat.engine, [Request(a, GREEDY, pa)])[0], 2: run(chat.engine, [Request(b, GREEDY)])[0]}
+    bad = Request(b, GREEDY)
+    prefill = chat.engine.prefill
+
+    def failing_prefill(request, caches, row):
+        if request is bad:
+            raise RuntimeError("out of memory")
+        return prefill(request, caches, row)
+
+    monkeypatch.setattr(chat.engine, "prefill", failing_prefill)
+    gen = chat.engine.generate([Request(a, GREEDY, pa), bad, Request(b, GREEDY)])
+    got, errors = {0: [], 2: []}, {}
+    while gen:
+        for e in gen.step():
+            if e.error is not None:
+                assert (e.token, e.finish) == (None, "error")
+                errors[e.rid] = str(e.error)
+            else:
+                got[e.rid].append(e.token)
+    assert errors == {1: "out of memory"} and got == alone
+    with pytest.raises(RuntimeError, match="out of memory"):
+        list(chat.engine.generate([Request(a, GREEDY, pa), bad]))
+
+
+def test_a_failing_decode_step_fails_only_the_rows_it_ran(setup, monkeypatch):
+    """A request that finished on its prefill token keeps its finish when the step's decode then fails;
+    the rows the decode ran get the error, and the batch takes new requests afterwards."""
+    chat, _ = setup
+    a, _ = prompt(chat, "one")
+    gen = chat.engine.start(max_batch=4, max_len=256)
+    gen.add(Request(a, GREEDY))
+    gen.add(Request(a, SamplingParams(max_new_tokens=1, ignore_eos=True)))
+    decode = chat.engine._decode_fn
+
+    def failing_decode(*args):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(chat.engine, "_decode_fn", failing_decode)
+    events = gen.step()
+    assert [(e.rid, e.finish, str(e.error) if e.error else None) for e in events] == [
+        (0, None, None), (1, "length", None), (0, "error", "device lost")]
+    assert not gen and gen.active == 0
+    monkeypatch.setattr(chat.engine, "_decode_fn", decode)
+    rid = gen.add(Request(a, GREEDY))
+    tokens = [e.token for events in gen for e in events]
+    assert rid == 2 and tokens == run(chat.engine, [Request(a, GREEDY)])[0]
+
+
 def test_early_finish_frees_the_row(setup):
     chat, _ = setup
     a, _ = prompt(chat, "one")

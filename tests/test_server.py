@@ -410,6 +410,31 @@ def test_a_failing_prefill_fails_its_request_alone(local_chat, monkeypatch):
     assert "".join(item.text for item in outputs["good"]).strip() == expected
 
 
+def test_a_burst_of_requests_joins_the_batch_in_one_step(local_chat):
+    """Requests that arrive together are all prefilled before the first decode step: four requests of
+    STEPS tokens take STEPS - 1 decode steps, not one more step per request queued behind the first."""
+    params = SamplingParams(max_new_tokens=STEPS, ignore_eos=True)
+    finished = threading.Semaphore(0)
+    counts = []
+
+    def deliver(item) -> None:
+        assert not isinstance(item, Exception), item
+        if item.finish_reason:
+            counts.append(item.completion_tokens)
+            finished.release()
+
+    worker = BatchWorker(local_chat, max_batch=4, max_len=256)
+    for question in QUESTIONS:
+        worker.submit(Job(Request(local_chat.prepare(question).prompt_ids, params), 0, deliver))
+    worker.start()
+    try:
+        assert all(finished.acquire(timeout=60) for _ in QUESTIONS)
+    finally:
+        worker.stop()
+    assert counts == [STEPS] * 4
+    assert (worker.stats["steps"], worker.stats["max_active"]) == (STEPS - 1, 4)
+
+
 def test_non_streamed_client_that_goes_away_frees_its_rows(server):
     """Tokens flow all the time, yet the rows of a plain request are freed soon after its client leaves."""
     before = health(server)

@@ -6,9 +6,9 @@ Endpoints: `POST /v1/chat/completions` (plain or `stream: true` server-sent even
 It is a thin layer: requests are parsed and checked against the limits up front (4xx with an
 OpenAI-style `{"error": {...}}` body), images are decoded and the prompt is tokenized off the event
 loop, and one worker thread owns the model and a single `Generation` (continuous batching): new
-requests join the running batch between decode steps through a thread-safe inbox (one per step, so
-that a request whose prefill fails fails alone), and each request's text flows back to its handler
-through an asyncio queue. A client that goes away has its rows finished at once.
+requests join the running batch between decode steps through a thread-safe inbox (a request whose
+prefill fails fails alone; a failed decode step fails the rows it ran), and each request's text
+flows back to its handler through an asyncio queue. A client that goes away has its rows finished at once.
 
 OpenAI messages map onto the internvl2_5 template as the official `chat()` builds it: an optional
 leading system (or developer) message replaces the template's system message, earlier user /
@@ -29,7 +29,6 @@ exactly the non-streamed content.
 import asyncio
 import base64
 import binascii
-import collections
 import dataclasses
 import hmac
 import http.client
@@ -439,11 +438,10 @@ class BatchWorker:
 
     def _run(self) -> None:
         gen = self.chat.engine.start(self.max_batch, self.max_len)
-        jobs: dict[int, Job] = {}  # the jobs in `gen`, by request id
-        pending: collections.deque[Job] = collections.deque()  # submitted, waiting for a free row
+        jobs: dict[int, Job] = {}  # the jobs in `gen` (waiting or decoding), by request id
         stats = dict(self.stats)
         while True:
-            commands = [] if gen or pending else [self._inbox.get()]
+            commands = [] if gen else [self._inbox.get()]
             while True:
                 try:
                     commands.append(self._inbox.get_nowait())
@@ -451,62 +449,45 @@ class BatchWorker:
                     break
             for command in commands:
                 if command is None:
-                    for job in [*jobs.values(), *pending]:
+                    for job in jobs.values():
                         job.deliver(ApiError(503, "the server is shutting down", type="server_error"))
                     return
-                self._command(gen, jobs, pending, *command, stats)
-            # One new request per step: a step admits it before any row decodes, so when its prefill
-            # fails, that request alone fails and the other rows carry on.
-            added = self._add(gen, jobs, pending.popleft(), stats) if pending and gen.active < self.max_batch else None
+                self._command(gen, jobs, *command, stats)
             if not gen:
                 continue
-            try:
-                events = gen.step()
-            except Exception as e:  # a failed step must not take the server down
-                log.exception("generation step failed")
-                error = ApiError(500, f"generation failed: {e}", type="server_error")
-                if added is not None and all(row.rid != added.rid for row in gen.rows):  # its admission failed
-                    gen.finish(added.rid)
-                    del jobs[added.rid]
-                    added.deliver(error)
-                    continue
-                for job in jobs.values():
-                    job.deliver(error)
-                jobs.clear()
-                gen = self.chat.engine.start(self.max_batch, self.max_len)
-                continue
-            for event in events:
+            for event in gen.step():  # a request that fails comes back as an "error" event, alone
                 self._event(gen, jobs, event, stats)
-            stats.update(active=gen.active, waiting=len(pending), steps=stats["steps"] + 1,
+            stats.update(active=gen.active, waiting=len(gen.waiting), steps=stats["steps"] + 1,
                          max_active=max(stats["max_active"], gen.active))
             self.stats = dict(stats)
 
-    def _command(self, gen: Generation, jobs: dict[int, Job], pending: collections.deque[Job], kind: str, job: Job,
-                 stats: dict) -> None:
+    def _command(self, gen: Generation, jobs: dict[int, Job], kind: str, job: Job, stats: dict) -> None:
         if kind == "add":
-            pending.append(job)
+            try:
+                job.rid = gen.add(job.request)
+            except InputError as e:
+                job.deliver(ApiError(400, str(e), "messages"))
+                return
+            job.texts = TextAssembler(self.chat.tokenizer, job.request.params.stop)
+            jobs[job.rid] = job
+            stats["requests"] += 1
         elif job.rid in jobs:
             gen.finish(job.rid)
             del jobs[job.rid]
             stats["cancelled"] += 1
-        elif job in pending:
-            pending.remove(job)
-            stats["cancelled"] += 1
-
-    def _add(self, gen: Generation, jobs: dict[int, Job], job: Job, stats: dict) -> Job | None:
-        try:
-            job.rid = gen.add(job.request)
-        except InputError as e:
-            job.deliver(ApiError(400, str(e), "messages"))
-            return None
-        job.texts = TextAssembler(self.chat.tokenizer, job.request.params.stop)
-        jobs[job.rid] = job
-        stats["requests"] += 1
-        return job
 
     def _event(self, gen: Generation, jobs: dict[int, Job], event, stats: dict) -> None:
         job = jobs.get(event.rid)
         if job is None:  # cancelled after this step began
+            return
+        if event.error is not None:
+            log.error("generation failed", exc_info=event.error)
+            del jobs[event.rid]
+            job.done = True
+            if isinstance(event.error, InputError):
+                job.deliver(ApiError(400, str(event.error), "messages"))
+            else:
+                job.deliver(ApiError(500, f"generation failed: {event.error}", type="server_error"))
             return
         job.tokens += 1
         stats["completion_tokens"] += 1

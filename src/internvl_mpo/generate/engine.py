@@ -6,7 +6,8 @@ to `max_batch` sequences in the rows of one static KV cache. Requests may be add
 finished from outside (a stop string matched, a client went away). Active rows are kept packed at
 the front of the cache, so a finished sequence stops costing compute at once: the last active row
 moves into its place. Each `step()` returns the tokens produced by that step, so one iterator serves
-streaming, the CLI, the server and the tests.
+streaming, the CLI, the server and the tests. A request whose prefill fails, fails alone: `step()`
+reports it as an "error" event (iterating raises it) and the other rows go on.
 
 The decode step has static shapes for a given number of active rows and is free of host syncs and
 graph breaks; `compile=True` wraps it in torch.compile (and CUDA graphs via "reduce-overhead" on GPU).
@@ -44,11 +45,14 @@ class Request:
 
 @dataclass(frozen=True)
 class Event:
-    """One token produced for request `rid`; `finish` is "stop" or "length" on its last token."""
+    """One token produced for request `rid`; `finish` is "stop" or "length" on its last token. A
+    request that failed (its prefill or a decode step raised) gets one last Event with no token,
+    finish "error" and the exception in `error`."""
 
     rid: int
     token: int | None
     finish: str | None = None
+    error: Exception | None = None
 
 
 @dataclass
@@ -195,20 +199,45 @@ class Generation:
         return bool(self.rows or self.waiting)
 
     def __iter__(self):
+        """Steps until every request has finished; a failed request raises its error here."""
         while self:
-            yield self.step()
+            events = self.step()
+            for event in events:
+                if event.error is not None:
+                    raise event.error
+            yield events
 
     # ---- one step -------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self) -> list[Event]:
+        """Admit waiting requests into free rows, then decode one token for every active row. Failures
+        come back as "error" Events: a prefill that raises fails its own request, a decode step that
+        raises fails the rows it ran; the batch stays usable either way."""
         events: list[Event] = []
         self._drop_cancelled()
         while self.waiting and len(self.rows) < self.max_batch:
             rid, request = self.waiting.pop(0)
-            events += self._admit(rid, request)
+            try:
+                events += self._admit(rid, request)
+            except Exception as e:
+                if self.rows and self.rows[-1].rid == rid:
+                    self.rows.pop()
+                events.append(Event(rid, None, "error", e))
         if not self.rows:
             return events
+        try:
+            chosen = self._decode_step()
+        except Exception as e:
+            events += [Event(row.rid, None, "error", e) for row in self.rows]
+            self.rows.clear()
+            return events
+        for row in self.rows:
+            row.position += 1
+        events += self._emit(chosen)
+        return events
+
+    def _decode_step(self) -> list[int]:
         n = len(self.rows)
         tokens = torch.tensor([r.pending for r in self.rows], device=self.key_mask.device)
         positions = torch.tensor([r.position for r in self.rows], device=self.key_mask.device)
@@ -217,11 +246,7 @@ class Generation:
             span = min(self.max_len, -(-(max(r.position for r in self.rows) + 1) // SPAN_BUCKET) * SPAN_BUCKET)
         screen = self.engine.greedy_screen() if all(r.plain for r in self.rows) else None
         out = self.engine._decode_fn(tokens, positions, self.key_mask, self.caches, n, span, screen)
-        chosen = self._choose(out, slice(0, n)) if screen is None else self._screened(*out)
-        for row in self.rows:
-            row.position += 1
-        events += self._emit(chosen)
-        return events
+        return self._choose(out, slice(0, n)) if screen is None else self._screened(*out)
 
     def _admit(self, rid: int, request: Request) -> list[Event]:
         p = request.params
