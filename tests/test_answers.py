@@ -253,6 +253,40 @@ def test_parse_number_none(text):
     assert parse_number(text) is None
 
 
+# Number words in short answers: a count ("there is one", "three cats") reads as a number; a word that
+# picks something out ("the one on the left", "this one", "one of them"), negates ("not one"), hedges
+# ("no idea"), or is part of a compound ("two-thirds") does not.
+NUMBER_WORD_CASES = [
+    # (answer, value read, or None)
+    ("one", 1), ("One.", 1), ("one apple", 1), ("there is one", 1), ("Final answer: one", 1), ("1", 1),
+    ("three cats", 3), ("There are three.", 3), ("The answer is one", 1), ("The cat has one", 1),
+    ("Only one.", 1), ("two of them", 2), ("two of the three", 2), ("No one", 0), ("None of the three", 0),
+    ("the one with two dots", 2), ("No doubt, three", 3), ("Not three. Four.", 4),
+    ("the one on the left", None), ("this one", None), ("One of them", None), ("the red one", None),
+    ("Which one?", None), ("I see the red one", None), ("It is that one", None), ("each one", None),
+    ("the other two", None), ("one of the three", None), ("not one", None), ("no idea", None),
+    ("I have no idea", None), ("two-thirds", None), ("one-way street", None), ("a second look", None),
+    ("at first", None), ("once", None), ("someone", None), ("alone", None),
+]
+
+
+@pytest.mark.parametrize("text, value", NUMBER_WORD_CASES)
+def test_number_words_read_only_as_counts(text, value):
+    got = parse_number(text)
+    if value is None:
+        assert got is None
+        assert check_answer(text, "1") is None  # unreadable as a number: never judged right against a count
+    else:
+        assert got is not None and got.value == value
+        assert check_answer(text, str(value)) is True
+
+
+def test_one_as_a_pronoun_is_no_count():
+    assert check_answer("the one on the left", "1") is None  # was read as 1 and judged right
+    assert check_answer("the one on the left", "left") is False  # a text answer stays text
+    assert check_answer("the one on the left", "the one on the left") is True
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [

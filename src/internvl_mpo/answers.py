@@ -19,12 +19,12 @@ Additions, each a superset of the above: `\\boxed{}` answers (VLMEvalKit's `extr
 the Chinese trigger "答案:" of the official Chinese prompt, explicit letter statements ("The answer
 is B", "option (C)", "答案是C", which VLMEvalKit hands to its judge model), numbers read with units,
 thousands commas, percentages, fractions, LaTeX `\\frac`, negative and full-width numbers, and number
-words in short answers ("three", "none"), compared exactly for integers and with a relative tolerance
-otherwise, yes/no variants (true/false, 是/否), and short text compared after normalisation (NFKC,
-which also folds CJK full-width forms; case; punctuation; English articles; number words, "none" as
-0; whitespace, none kept next to CJK characters). The official checker for pairs uses the TextVQA
-evaluator and a 1e-3 relative tolerance for math; the normalisation here is close to TextVQA's but
-not identical.
+words that count something in short answers ("three", "there is one", "none"; not "the one on the
+left", "one of them"), compared exactly for integers and with a relative tolerance otherwise, yes/no
+variants (true/false, 是/否), and short text compared after normalisation (NFKC, which also folds CJK
+full-width forms; case; punctuation; English articles; number words, "none" as 0; whitespace, none
+kept next to CJK characters). The official checker for pairs uses the TextVQA evaluator and a 1e-3
+relative tolerance for math; the normalisation here is close to TextVQA's but not identical.
 
 `check_answer` returns None when the prediction cannot be read as the expected kind (no option
 letter, no number or several different ones, neither yes nor no): the pair builder files such
@@ -90,8 +90,17 @@ _WORD_NUMBERS = {
     "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15,
     "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20, "none": 0,
 }
-# A number word, or "no" before a word ("no green shapes": 0); read only in short answers.
+# A number word, or "no" before a word ("no green shapes": 0); read only in short answers, and only
+# where it counts something (`_is_count`).
 _NUMBER_WORD = re.compile(rf"\b(?:{'|'.join(_WORD_NUMBERS)}|no(?=\s+\w))\b", re.IGNORECASE)
+# One of these among the two words before a number word (same clause) makes it no count: a determiner
+# picks out things already named ("the one on the left", "this one", "the red one", "the other two"),
+# "not" negates ("not one").
+_NOT_A_COUNT_AFTER = {
+    "a", "an", "the", "this", "that", "these", "those", "which", "each", "any", "every", "another",
+    "either", "neither", "no", "not",
+}
+_HEDGES_AFTER_NO = {"idea", "clue", "answer", "doubt"}  # "no idea" is no 0
 _SHORT_ANSWER_WORDS = 5
 _YES = {"yes", "true", "correct", "yeah", "yep"}
 _NO = {"no", "false", "incorrect", "nope"}
@@ -275,19 +284,38 @@ def _numeric_text(text: str) -> str:
     return re.sub(r"\((-?[\d.]+)\)", r"\1", s)
 
 
+def _is_count(match: re.Match) -> bool:
+    """Whether a number word found by `_NUMBER_WORD` counts something (not picks out, negates, hedges)."""
+    word = match.group(0).casefold()
+    before, after = match.string[: match.start()], match.string[match.end() :]
+    if re.search(r"[A-Za-z]-$", before) or re.match(r"-[A-Za-z]", after):
+        return False  # part of a compound: "two-thirds", "one-way", "twenty-five"
+    clause = re.split(r"[^\w\s]", before)[-1]
+    if any(w.casefold() in _NOT_A_COUNT_AFTER for w in re.findall(r"\w+", clause)[-2:]):
+        return False
+    if word == "no":
+        return re.match(r"\s+(\w+)", after).group(1).casefold() not in _HEDGES_AFTER_NO
+    # "one" is also the pronoun for a thing already named; "one of them" picks one, "two of them" counts.
+    return not (word == "one" and re.match(r"\s+of\b", after, re.IGNORECASE))
+
+
 def parse_number(text: str) -> Number | None:
     """The number an answer gives; None when it gives none, or several different ones ("2 or 3").
 
     Only the text after the last "=" counts. Fractions a/b are computed, a following % or "percent"
     marks a percentage, and digits inside words and units ("CO2", "cm^2") are no numbers. In answers
-    of at most five words, number words count as digits, as the VQA normaliser maps them ("three",
-    "none"), and so does "no" before a word ("no green shapes": 0; "I see no 3" gives two numbers).
+    of at most five words, number words that count something count as digits, as the VQA normaliser
+    maps them ("three", "there is one", "none"), and so does "no" before a word ("no green shapes": 0;
+    "I see no 3" gives two numbers). They do not count after a determiner or "not" among the two words
+    before ("the one on the left", "this one", "the red one", "the other two", "not one"), as "one of",
+    in a compound ("two-thirds") or as "no idea".
     """
     s = _numeric_text(text)
     if "=" in s:
         s = s.rsplit("=", 1)[1]
     if len(re.findall(r"\w+", s)) <= _SHORT_ANSWER_WORDS:
-        s = _NUMBER_WORD.sub(lambda m: str(_WORD_NUMBERS.get(m.group(0).casefold(), 0)), s)  # "no": 0
+        # "no", the one match missing from _WORD_NUMBERS, is 0
+        s = _NUMBER_WORD.sub(lambda m: str(_WORD_NUMBERS.get(m[0].casefold(), 0)) if _is_count(m) else m[0], s)
     numbers = set()
     for match in _NUMBER_RE.finditer(s):
         value = float(match.group(1))
