@@ -10,6 +10,7 @@ import inspect
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -288,14 +289,40 @@ def test_resume_drops_a_half_written_metrics_line(tmp_path, chat_folder, meta):
     assert [r["step"] for r in metric_rows(tmp_path / "run")] == [1, 2]
 
 
+def resume_refusal(cfg: TrainConfig, change: dict) -> str:
+    """The CheckpointError message (a regex) that resuming `cfg`'s checkpoint-000001 with `change` must give."""
+    listed = ", ".join(f"{k} (checkpoint {getattr(cfg, k)}, now {v})" for k, v in change.items())
+    return re.escape(f"checkpoint-000001: cannot resume, these settings differ from the checkpoint: {listed}") + "$"
+
+
 def test_resume_refuses_changed_training_settings(tmp_path, chat_folder, meta):
     cfg = config(chat_folder, meta, tmp_path / "run", max_steps=1, save_every=1)
     train(cfg)
     for change in ({"freeze_vision": True}, {"freeze_projector": True}, {"freeze_llm": True}, {"lora_alpha": 4.0},
                    {"batch_size": 1, "freeze_vision": True}):
-        message = rf"checkpoint-000001: cannot resume, these settings differ from the checkpoint: {', '.join(change)}$"
-        with pytest.raises(CheckpointError, match=message):
+        with pytest.raises(CheckpointError, match=resume_refusal(cfg, change)):
             train(dataclasses.replace(cfg, resume=True, **change))
+
+
+def test_resume_refuses_changed_optimizer_and_schedule_settings(tmp_path, chat_folder, meta):
+    cfg = config(chat_folder, meta, tmp_path / "run", max_steps=2, save_every=1)
+    train(cfg)
+    shutil.rmtree(tmp_path / "run" / "checkpoint-000002")
+    for change in ({"lr": 1e-4}, {"warmup_ratio": 0.5}, {"weight_decay": 0.0}, {"adam_beta1": 0.8},
+                   {"adam_beta2": 0.99}, {"adam_eps": 1e-6}, {"max_grad_norm": 0.5},
+                   {"batch_size": 1, "lr": 1e-4, "adam_eps": 1e-6}):
+        with pytest.raises(CheckpointError, match=resume_refusal(cfg, change)):
+            train(dataclasses.replace(cfg, resume=True, **change))
+    # An older checkpoint that did not record a setting resumes with this run's value (not torch's restored one).
+    state_file = tmp_path / "run" / "checkpoint-000001" / ckpt.STATE_FILE
+    state = json.loads(state_file.read_text())
+    del state["config"]["adam_eps"], state["config"]["weight_decay"]
+    state_file.write_text(json.dumps(state))
+    # Saving and progress may change.
+    assert train(dataclasses.replace(cfg, resume=True, adam_eps=1e-6, weight_decay=0.01, save_every=2,
+                                     progress=True)).steps == 2
+    groups = json.loads((tmp_path / "run" / "checkpoint-000002" / "optimizer.json").read_text())["param_groups"]
+    assert [(g["eps"], g["weight_decay"]) for g in groups] == [(1e-6, 0.01), (1e-6, 0.0)]
 
 
 # ----------------------------------------------------------------------------- reference, modes

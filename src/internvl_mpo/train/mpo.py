@@ -35,7 +35,8 @@ Kept from the reference: the BCO running mean folds in every micro-batch; the SF
 mean per micro-batch and rank. Logged metrics are averaged over the micro-batches of a step and over
 ranks (`tokens` is summed; `skipped` is rank 0's count). Resuming needs the same world size, batch
 size, accumulation, step count and trained parameters (`RESUME_KEYS`: freeze and LoRA flags among
-them); the reference model is always rebuilt from `--model`.
+them) and the same optimizer and schedule settings (`OPTIMIZER_RESUME_KEYS`: lr, warmup, AdamW,
+clipping); the reference model is always rebuilt from `--model`.
 """
 
 from __future__ import annotations
@@ -573,6 +574,13 @@ def _grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
 # parameters are trained and how).
 RESUME_KEYS = ("mode", "data", "batch_size", "grad_accum", "seed", "shuffle", "freeze_vision", "freeze_projector",
                "freeze_llm", "lora_rank", "lora_alpha", "lora_vision")
+# The optimizer and LR-schedule hyper-parameters must not change either: torch's `load_state_dict` would
+# silently put the checkpoint's betas, eps and weight decay back, and a new lr or warmup would bend the
+# schedule mid-run. A checkpoint whose config lacks one of these keys is not checked on it (unknown).
+# Free to change on resume: save_every, output, progress, num_workers, device and other settings that
+# change neither the data order, the loss nor the optimization (the step count is checked separately).
+OPTIMIZER_RESUME_KEYS = ("lr", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
+                         "max_grad_norm")
 
 
 def official_state(state: dict[str, torch.Tensor], cfg: TrainConfig) -> dict[str, torch.Tensor]:
@@ -664,14 +672,17 @@ def check_resume_settings(
     """
     state = ckpt.read_json(path / ckpt.STATE_FILE)
     saved = state.get("config", {})
-    changed = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    keys = [*RESUME_KEYS, *(k for k in OPTIMIZER_RESUME_KEYS if k in saved)]
+    changed = [f"{k} (checkpoint {saved.get(k)}, now {getattr(cfg, k)})"
+               for k in keys if saved.get(k) != getattr(cfg, k)]
     saved_print = state.get("data_fingerprint")
-    if saved_print is not None and fingerprint is not None and saved_print != fingerprint and "data" not in changed:
+    if (saved_print is not None and fingerprint is not None and saved_print != fingerprint
+            and saved.get("data") == cfg.data):
         changed.append("data (the contents of its files changed)")
     if state.get("world_size") != env.world_size:
-        changed.append("world_size")
+        changed.append(f"world_size (checkpoint {state.get('world_size')}, now {env.world_size})")
     if state.get("total_steps") != total_steps:
-        changed.append("total steps (epochs / max_steps)")
+        changed.append(f"total steps (epochs / max_steps; checkpoint {state.get('total_steps')}, now {total_steps})")
     if changed:
         raise CheckpointError(f"{path}: cannot resume, these settings differ from the checkpoint: {', '.join(changed)}")
 
@@ -684,8 +695,16 @@ def resume_training_state(
     running: RunningMean | None,
     stream: SampleStream,
 ) -> int:
-    """Optimizer, RNG, BCO running mean and data position from a checkpoint; returns its step."""
+    """Optimizer, RNG, BCO running mean and data position from a checkpoint; returns its step.
+
+    The optimizer's moments and step counts come from the checkpoint, its hyper-parameters stay this
+    run's (`load_state_dict` would put the checkpoint's back; `check_resume_settings` has refused any
+    recorded difference, so this matters only for a checkpoint that did not record one).
+    """
+    hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     state, rank_state = ckpt.load_training_state(path, env, module, optimizer)
+    for group, own in zip(optimizer.param_groups, hyper):
+        group.update(own)
     if running is not None and state.get("running_mean") is not None:
         running.load_state_dict(state["running_mean"])
     stream.report.counts.update(state.get("skipped", {}))
