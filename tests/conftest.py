@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,20 @@ def tiny_chat_folder(folder: Path, seed: int = 0, **vision_changes):
 @pytest.fixture
 def tiny():
     return tiny_config()
+
+
+@pytest.fixture
+def umask_022():
+    """The usual umask 022 for the test (restored after): files a plain open() creates get mode 0644."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def modes_other_than(folder: Path, mode: int) -> dict[str, str]:
+    """Files under `folder` whose permission bits are not `mode` (relative path -> octal mode)."""
+    return {p.relative_to(folder).as_posix(): oct(p.stat().st_mode & 0o777)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.stat().st_mode & 0o777 != mode}
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from internvl_mpo.config import LLMConfig, ModelConfig, VisionConfig
 from internvl_mpo.errors import CheckpointError
 from internvl_mpo.model import InternVL
 
-from conftest import IMAGE_TOKEN_ID, hf_reference, hf_to_official, write_checkpoint
+from conftest import IMAGE_TOKEN_ID, hf_reference, hf_to_official, modes_other_than, write_checkpoint
 
 
 def official_4b_shapes(layers: int = 1) -> ModelConfig:
@@ -114,6 +115,23 @@ def test_copies_tokenizer_and_remote_code_files(tmp_path, tiny):
     for name in ("tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json",
                  "modeling_internvl_chat.py", "model.safetensors"):
         assert (out / name).exists(), name
+
+
+def test_saved_files_get_the_mode_the_umask_gives(tmp_path, tiny, umask_022):
+    """Shards, index, config and copied tokenizer files: 0644 under umask 022 (safetensors alone makes 0600
+    files, and a copy would keep a 0600 source's mode), so another user (a vLLM server) can read them."""
+    ref = hf_reference(tiny)
+    src = write_checkpoint(tmp_path / "src", tiny, hf_to_official(ref.state_dict()))
+    for name in ("tokenizer_config.json", "vocab.json", "modeling_internvl_chat.py"):
+        (src / name).write_text("{}" if name.endswith(".json") else "x")
+        (src / name).chmod(0o600)
+    model = InternVL.from_pretrained(src, image_token_id=IMAGE_TOKEN_ID)
+    out = model.save_pretrained(tmp_path / "dst", max_shard_size=20_000)
+    assert (out / "model.safetensors.index.json").exists() and (out / "vocab.json").exists()
+    assert modes_other_than(out, 0o644) == {}
+    os.umask(0o027)  # the umask, not a fixed 0644
+    single = model.save_pretrained(tmp_path / "single")
+    assert (single / "model.safetensors").exists() and modes_other_than(single, 0o640) == {}
 
 
 def test_image_token_id_is_read_from_tokenizer_files(tmp_path, tiny):

@@ -25,7 +25,8 @@ from internvl_mpo.model import InternVL
 from internvl_mpo.processor.image import image_to_pixel_values
 
 from conftest import (
-    IMAGE_TOKEN_ID, hf_config, hf_reference, hf_to_official, tiny_chat_folder, tiny_config, write_checkpoint,
+    IMAGE_TOKEN_ID, hf_config, hf_reference, hf_to_official, modes_other_than, tiny_chat_folder, tiny_config,
+    write_checkpoint,
 )
 from test_internlm2 import hf_llama_reference, hf_llama_to_official, internlm2_config
 
@@ -97,6 +98,17 @@ def test_official_round_trip_is_lossless(tmp_path, llm, vision):
     assert back_config == src_config
     assert back_config.llm.extra.get("bias") == src_config.llm.extra.get("bias")
     assert back_config.llm.extra.get("pad_token_id") == src_config.llm.extra.get("pad_token_id")
+
+
+def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask_022):
+    """Shards (safetensors alone makes them 0600) and copied tokenizer files (0600 at the source) alike."""
+    src = official_folder(tmp_path / "src", "qwen2")
+    (src / "tokenizer_config.json").chmod(0o600)
+    convert(src, tmp_path / "hf", to="hf", max_shard_size=20_000)
+    convert(tmp_path / "hf", tmp_path / "back", to="official")
+    for out in (tmp_path / "hf", tmp_path / "back"):
+        assert (out / "tokenizer_config.json").exists() and list(out.glob("model*.safetensors"))
+        assert modes_other_than(out, 0o644) == {}
 
 
 @pytest.mark.parametrize("llm,vision", [("qwen2", SIX_B), ("internlm2", {})])

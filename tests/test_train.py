@@ -216,8 +216,12 @@ def test_resume_after_sigkill_is_exact(tmp_path, chat_folder, meta):
         assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_checkpoint_folder_holds_only_safetensors_and_json(tmp_path, chat_folder, meta):
-    train(config(chat_folder, meta, tmp_path / "run", max_steps=1, save_every=1, quality_weight=0.2))
+def test_checkpoint_folder_holds_only_safetensors_and_json(tmp_path, chat_folder, meta, umask_022):
+    from conftest import modes_other_than
+
+    train(config(chat_folder, meta, tmp_path / "run", max_steps=1, save_every=1, quality_weight=0.2,
+                 precompute_ref=True))
+    assert modes_other_than(tmp_path / "run", 0o644) == {}  # readable by others, as the umask says
     folder = tmp_path / "run" / "checkpoint-000001"
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert all(f.endswith((".safetensors", ".json", ".txt")) for f in files), files

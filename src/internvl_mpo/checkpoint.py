@@ -12,6 +12,7 @@ copied from the source folder so the official code, vLLM and lmdeploy can load t
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -186,6 +187,41 @@ def parse_size(size: int | str) -> int:
     return int(number * base ** "BKMGT".index(unit[0]))
 
 
+def _umask() -> int:
+    """The process umask, read from /proc where Linux shows it (setting it to read it is not thread-safe)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)  # elsewhere: set and restore, the strictest mask in between
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | Path) -> None:
+    """Give `path` the mode a plain `open(path, "w")` would: 0666 less the umask (0644 as a rule).
+
+    safetensors creates its files 0600, and copies keep their source's mode; other users (a vLLM
+    server) then could not read what we wrote.
+    """
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, with the file mode every other file we write gets."""
+    save_file(tensors, str(path), metadata=metadata)
+    honour_umask(path)
+
+
+def copy_file(source: Path, target: Path) -> None:
+    """Copy contents and times; the mode is the umask's (see `honour_umask`), not the source's."""
+    shutil.copy2(source, target)
+    honour_umask(target)
+
+
 def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB") -> None:
     """Write `state` as model.safetensors, or as numbered shards plus the index when it is too large."""
     limit = parse_size(max_shard_size)
@@ -202,13 +238,13 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
         old.unlink(missing_ok=True)
     meta = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], str(folder / SINGLE_FILE), metadata=meta)
+        save_tensors(shards[0], folder / SINGLE_FILE, metadata=meta)
         return
     total = sum(t.numel() * t.element_size() for t in state.values())
     mapping = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / name), metadata=meta)
+        save_tensors(shard, folder / name, metadata=meta)
         mapping.update({key: name for key in shard})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(mapping.items()))}
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
@@ -221,7 +257,7 @@ def copy_companions(source: Path | None, folder: Path) -> None:
     names = set(COMPANION_FILES) | {p.name for p in source.glob("*.py")}
     for name in sorted(names):
         if (source / name).is_file():
-            shutil.copy2(source / name, folder / name)
+            copy_file(source / name, folder / name)
 
 
 def find_token_id(folder: Path, token: str) -> int | None:

@@ -45,14 +45,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import checkpoint
 from .chat.template import get_template
@@ -343,7 +341,7 @@ class _ShardWriter:
 
     def _flush(self) -> None:
         path = self.folder / f"partial-{len(self.written):05d}.safetensors"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
+        checkpoint.save_tensors(self.pending, path, metadata={"format": "pt"})
         self.written.append((path, list(self.pending)))
         self.pending, self.size = {}, 0
 
@@ -460,7 +458,7 @@ def convert(
     _write_json(dst / "config.json", out_config)
     for name in TOKENIZER_FILES + _tokenizer_code(src):
         if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+            checkpoint.copy_file(src / name, dst / name)
     if to == "hf":
         _write_processor_files(dst, config)
     else:

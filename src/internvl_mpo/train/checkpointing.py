@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from internvl_mpo.checkpoint import save_tensors
 from internvl_mpo.errors import CheckpointError
 from internvl_mpo.model import InternVL
 from internvl_mpo.train.distributed import DistEnv, barrier
@@ -78,7 +79,7 @@ def read_json(path: Path) -> Any:
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+    save_tensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, path)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
