@@ -313,7 +313,10 @@ def test_resume_refuses_changed_optimizer_and_schedule_settings(tmp_path, chat_f
     train(cfg)
     shutil.rmtree(tmp_path / "run" / "checkpoint-000002")
     for change in ({"lr": 1e-4}, {"warmup_ratio": 0.5}, {"weight_decay": 0.0}, {"adam_beta1": 0.8},
-                   {"adam_beta2": 0.99}, {"adam_eps": 1e-6}, {"max_grad_norm": 0.5},
+                   {"adam_beta2": 0.99}, {"adam_eps": 1e-6}, {"max_grad_norm": 0.5}, {"beta": 0.2},
+                   {"pref_weight": 0.5}, {"quality_weight": 0.5}, {"gen_weight": 0.5}, {"label_smoothing": 0.1},
+                   {"rejected_span": "divergent-line"}, {"max_seq_length": 4096}, {"max_dynamic_patch": 2},
+                   {"video_frames": 4}, {"drop_path_rate": 0.2},
                    {"batch_size": 1, "lr": 1e-4, "adam_eps": 1e-6}):
         with pytest.raises(CheckpointError, match=resume_refusal(cfg, change)):
             train(dataclasses.replace(cfg, resume=True, **change))
@@ -322,9 +325,9 @@ def test_resume_refuses_changed_optimizer_and_schedule_settings(tmp_path, chat_f
     state = json.loads(state_file.read_text())
     del state["config"]["adam_eps"], state["config"]["weight_decay"]
     state_file.write_text(json.dumps(state))
-    # Saving and progress may change.
+    # Saving, progress, precision and skipping bad records may change.
     assert train(dataclasses.replace(cfg, resume=True, adam_eps=1e-6, weight_decay=0.01, save_every=2,
-                                     progress=True)).steps == 2
+                                     progress=True, precision="fp32", skip_bad=True)).steps == 2
     groups = json.loads((tmp_path / "run" / "checkpoint-000002" / "optimizer.json").read_text())["param_groups"]
     assert [(g["eps"], g["weight_decay"]) for g in groups] == [(1e-6, 0.01), (1e-6, 0.0)]
 

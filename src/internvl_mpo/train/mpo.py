@@ -35,8 +35,9 @@ Kept from the reference: the BCO running mean folds in every micro-batch; the SF
 mean per micro-batch and rank. Logged metrics are averaged over the micro-batches of a step and over
 ranks (`tokens` is summed; `skipped` is rank 0's count). Resuming needs the same world size, batch
 size, accumulation, step count and trained parameters (`RESUME_KEYS`: freeze and LoRA flags among
-them) and the same optimizer and schedule settings (`OPTIMIZER_RESUME_KEYS`: lr, warmup, AdamW,
-clipping); the reference model is always rebuilt from `--model`.
+them) and the same loss, example and optimizer settings (`RUN_RESUME_KEYS`: beta and the loss
+weights, sequence length and tiles, lr, warmup, AdamW, clipping); the reference model is always
+rebuilt from `--model`.
 """
 
 from __future__ import annotations
@@ -570,17 +571,19 @@ def _grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-# Settings that must not change between a checkpoint and its resumption (data order, loss, and which
+# Settings that must not change between a checkpoint and its resumption (data order and which
 # parameters are trained and how).
 RESUME_KEYS = ("mode", "data", "batch_size", "grad_accum", "seed", "shuffle", "freeze_vision", "freeze_projector",
                "freeze_llm", "lora_rank", "lora_alpha", "lora_vision")
-# The optimizer and LR-schedule hyper-parameters must not change either: torch's `load_state_dict` would
-# silently put the checkpoint's betas, eps and weight decay back, and a new lr or warmup would bend the
-# schedule mid-run. A checkpoint whose config lacks one of these keys is not checked on it (unknown).
-# Free to change on resume: save_every, output, progress, num_workers, device and other settings that
-# change neither the data order, the loss nor the optimization (the step count is checked separately).
-OPTIMIZER_RESUME_KEYS = ("lr", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
-                         "max_grad_norm")
+# Nor may the objective, the shaping of the examples, or the optimizer and LR-schedule settings: torch's
+# `load_state_dict` would silently put the checkpoint's betas, eps and weight decay back, and a new lr or
+# warmup would bend the schedule mid-run. A checkpoint whose config lacks one of these keys is not checked
+# on it (unknown). Free to change on resume: save_every, output, progress, num_workers, device, precision,
+# grad_checkpointing, skip_bad (to get past a record that stopped the run), and the paths of the model,
+# tokenizer and images (a moved folder).
+RUN_RESUME_KEYS = ("beta", "pref_weight", "quality_weight", "gen_weight", "label_smoothing", "rejected_span",
+                   "max_seq_length", "max_dynamic_patch", "video_frames", "drop_path_rate",
+                   "lr", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm")
 
 
 def official_state(state: dict[str, torch.Tensor], cfg: TrainConfig) -> dict[str, torch.Tensor]:
@@ -672,7 +675,7 @@ def check_resume_settings(
     """
     state = ckpt.read_json(path / ckpt.STATE_FILE)
     saved = state.get("config", {})
-    keys = [*RESUME_KEYS, *(k for k in OPTIMIZER_RESUME_KEYS if k in saved)]
+    keys = [*RESUME_KEYS, *(k for k in RUN_RESUME_KEYS if k in saved)]
     changed = [f"{k} (checkpoint {saved.get(k)}, now {getattr(cfg, k)})"
                for k in keys if saved.get(k) != getattr(cfg, k)]
     saved_print = state.get("data_fingerprint")
