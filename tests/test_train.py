@@ -241,16 +241,23 @@ def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path, chat_folder, meta
     assert train(dataclasses.replace(cfg, resume=True)).steps == 1
 
 
-def test_fresh_run_refuses_a_finished_run_without_checkpoints(tmp_path, chat_folder, meta):
+def test_a_finished_run_without_checkpoints_is_never_overwritten(tmp_path, chat_folder, meta):
+    """Neither a fresh run nor --resume (which has no checkpoint to start from) trains over final/; a run
+    stopped before its first checkpoint starts over there with --resume only."""
     cfg = config(chat_folder, meta, tmp_path / "run", max_steps=1)
     train(cfg)
     before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
-    with pytest.raises(ConfigError, match=rf"{tmp_path / 'run'} already holds final of an earlier run: pass --resume"):
-        train(cfg)
+    finished = rf"{tmp_path / 'run'} already holds the final/ of a finished run \(and no checkpoint to resume from\)"
+    for resume in (False, True):
+        with pytest.raises(ConfigError, match=finished):
+            train(dataclasses.replace(cfg, resume=resume))
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
     shutil.rmtree(tmp_path / "run" / "final")
-    with pytest.raises(ConfigError, match="already holds metrics.jsonl of an earlier run"):
+    with pytest.raises(ConfigError, match="already holds metrics.jsonl of an earlier run that saved no checkpoint: "
+                                          "pass --resume to start it over there"):
         train(cfg)
     assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
+    assert train(dataclasses.replace(cfg, resume=True)).steps == 1
 
 
 def test_bad_model_or_data_creates_no_output_folder(tmp_path, chat_folder, meta):

@@ -654,16 +654,22 @@ def data_fingerprint(cfg: TrainConfig) -> list[dict]:
     return prints
 
 
-def check_fresh_output(output: Path) -> None:
-    """ConfigError when a run without --resume would overwrite an earlier run's checkpoints or results."""
-    earlier = ckpt.latest_checkpoint(output)
-    if earlier is None:
-        earlier = next((output / n for n in (FINAL_DIR, METRICS_FILE) if (output / n).exists()), None)
-    if earlier is not None:
-        raise ConfigError(
-            f"{output} already holds {earlier.name} of an earlier run: pass --resume to continue that run,"
-            " or choose another --output"
-        )
+def check_output(output: Path, resume: bool) -> None:
+    """ConfigError when the run would overwrite an earlier run's checkpoints or results: without
+    --resume, a folder holding any of them; with --resume, a finished run's final/ and no checkpoint
+    (with neither, --resume starts from the beginning, so one command line serves a job that may be
+    preempted before its first checkpoint)."""
+    checkpoint = ckpt.latest_checkpoint(output)
+    if checkpoint is not None:
+        if not resume:
+            raise ConfigError(f"{output} already holds {checkpoint.name} of an earlier run: pass --resume to"
+                              " continue that run, or choose another --output")
+    elif (output / FINAL_DIR).exists():
+        raise ConfigError(f"{output} already holds the {FINAL_DIR}/ of a finished run (and no checkpoint to"
+                          " resume from): choose another --output")
+    elif (output / METRICS_FILE).exists() and not resume:
+        raise ConfigError(f"{output} already holds {METRICS_FILE} of an earlier run that saved no checkpoint:"
+                          " pass --resume to start it over there, or choose another --output")
 
 
 def check_resume_settings(
@@ -751,8 +757,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
     from tqdm import tqdm
 
     output = Path(cfg.output)
-    if not cfg.resume:
-        check_fresh_output(output)
+    check_output(output, cfg.resume)
     weights = loss_weights(cfg)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
     fsdp = cfg.fsdp and env.distributed  # --fsdp means nothing to a single process (see its help)
