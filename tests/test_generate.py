@@ -492,6 +492,19 @@ def test_batch_chat_takes_the_official_concatenated_pixel_values(setup):
         chat.batch_chat(["First"], "picture.png", **kw)
 
 
+def test_images_may_be_passed_as_pixel_values_as_in_the_official_methods(setup):
+    chat, _ = setup
+    size = chat.config.image_size
+    a, b = torch.randn(2, 3, size, size), torch.randn(1, 3, size, size)
+    kw = dict(max_new_tokens=6, do_sample=False)
+    assert chat.batch_chat(["First", "Second"], pixel_values=torch.cat([a, b]), num_patches_list=[2, 1], **kw) == \
+        chat.batch_chat(["First", "Second"], [a, b], **kw)
+    assert chat.chat("First", pixel_values=a, **kw) == chat.chat("First", a, **kw)
+    assert "".join(chat.stream_chat("First", pixel_values=a, **kw)).strip() == chat.chat("First", a, **kw)
+    with pytest.raises(InputError, match="as images= or as pixel_values=, not both"):
+        chat.chat("First", a, pixel_values=a, **kw)
+
+
 def test_typed_image_context_tokens_are_refused(setup):
     chat, _ = setup
     with pytest.raises(InputError, match="reserved for image features"):

@@ -213,11 +213,12 @@ class InternVLChat:
         inputs = {k: kwargs.pop(k) for k in list(kwargs) if k in INPUT_KEYS}
         return inputs, sampling_params(**kwargs)
 
-    def stream_chat(self, question: str, images=None, video=None, history=None, **kwargs) -> Iterator[str]:
+    def stream_chat(self, question: str, images=None, video=None, history=None, *, pixel_values=None,
+                    **kwargs) -> Iterator[str]:
         """The answer as an iterator of text pieces (never a broken UTF-8 character); joined and
         stripped they equal chat(). Bad settings and inputs raise here, before any piece."""
         inputs, params = self._split(kwargs)
-        prepared = self.prepare(question, images, video, history, **inputs)
+        prepared = self.prepare(question, _images(images, pixel_values), video, history, **inputs)
         return self.stream_prepared(prepared, params)
 
     def stream_prepared(self, prepared: Prepared, params: SamplingParams) -> Iterator[str]:
@@ -225,21 +226,25 @@ class InternVLChat:
         gen = self.engine.generate([Request(prepared.prompt_ids, params, prepared.pixel_values)])
         yield from _stream_text(self.tokenizer, gen, 0, params.stop)
 
-    def chat(self, question: str, images=None, video=None, history=None, return_history: bool = False, **kwargs):
-        """The answer as a string; with return_history=True, (answer, history + [(question, answer)])."""
+    def chat(self, question: str, images=None, video=None, history=None, return_history: bool = False, *,
+             pixel_values=None, **kwargs):
+        """The answer as a string; with return_history=True, (answer, history + [(question, answer)]).
+        `pixel_values=` (the official argument's name) may stand for `images=`."""
         inputs, params = self._split(kwargs)
-        prepared = self.prepare(question, images, video, history, **inputs)
+        prepared = self.prepare(question, _images(images, pixel_values), video, history, **inputs)
         answer = "".join(self.stream_prepared(prepared, params)).strip()
         if return_history:
             return answer, list(history or []) + [(prepared.question, answer)]
         return answer
 
-    def batch_chat(self, questions: Sequence[str], images=None, **kwargs) -> list[str]:
+    def batch_chat(self, questions: Sequence[str], images=None, *, pixel_values=None, **kwargs) -> list[str]:
         """Answers to several independent questions, decoded together. `images[i]` goes with
         questions[i] (None, one image or a list of images). The official form works too: one
-        `pixel_values` tensor with `num_patches_list` giving each question's tile count. A `seed`
-        seeds question i with seed + i, so repeated questions get different samples."""
+        `pixel_values` tensor (as `pixel_values=` or `images=`) with `num_patches_list` giving each
+        question's tile count. A `seed` seeds question i with seed + i, so repeated questions get
+        different samples."""
         inputs, params = self._split(kwargs)
+        images = _images(images, pixel_values)
         questions = [questions] if isinstance(questions, str) else list(questions)
         if isinstance(images, torch.Tensor):
             counts = inputs.pop("num_patches_list", None)
@@ -275,6 +280,15 @@ class InternVLChat:
         texts = iter(generate_texts(self.tokenizer, self.engine.generate(requests), len(requests), stop)
                      if requests else [])
         return [job if isinstance(job, InputError) else next(texts) for job in jobs]
+
+
+def _images(images, pixel_values):
+    """`images`, or the same thing passed under the official argument's name `pixel_values`."""
+    if pixel_values is None:
+        return images
+    if images is not None:
+        raise InputError("pass the images once: as images= or as pixel_values=, not both")
+    return pixel_values
 
 
 def _stream_text(tokenizer: Tokenizer, gen: Generation, rid: int, stop: tuple[str, ...]) -> Iterator[str]:
