@@ -211,3 +211,27 @@ def test_the_command_line_starts_without_torch_and_ctrl_c_while_importing_is_qui
 
     monkeypatch.setattr(cli_module, "_resolve", interrupted)
     assert cli_module.main(["chat", "hi"]) == 130
+
+
+def test_chat_and_generate_default_to_cuda_when_it_is_there(folder, tmp_path, monkeypatch):
+    """As pairs, eval, serve and train do: a GPU machine does not quietly run the model on the CPU."""
+    import torch
+
+    from internvl_mpo import cli_chat
+
+    class Loaded(Exception):
+        pass
+
+    def from_pretrained(path, dtype=None, device=None, **kw):
+        raise Loaded(device)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(InternVLChat, "from_pretrained", staticmethod(from_pretrained))
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"id": "a", "question": "Hi"}\n')
+    for run in (lambda: cli_chat.chat("Hi", model=str(folder)),
+                lambda: cli_chat.generate(input=str(requests), output=str(tmp_path / "out.jsonl"), model=str(folder))):
+        with pytest.raises(Loaded, match="^cuda$"):
+            run()
+    with pytest.raises(Loaded, match="^cpu$"):
+        cli_chat.chat("Hi", model=str(folder), device="cpu")

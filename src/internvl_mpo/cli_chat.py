@@ -44,7 +44,7 @@ def chat(
     max_new_tokens: int = 1024,
     seed: int | None = None,
     system: str | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     dtype: str | None = None,
     compile: bool = False,
 ) -> int:
@@ -63,13 +63,16 @@ def chat(
     max_new_tokens: most tokens in an answer
     seed: seed for sampling
     system: a system message instead of the template's
-    device: cpu, cuda, cuda:1, ...
+    device: cpu, cuda, cuda:1, ... (default: cuda when available)
     dtype: float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)
     compile: torch.compile the decode step
     """
+    import torch
+
     from .pipeline import InternVLChat, sampling_params
     from .processor.image import open_image
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device, compile=compile)
     params = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty))
     inputs = dict(max_num=max_num, system_message=system, num_segments=num_segments)
@@ -133,7 +136,7 @@ def generate(
     top_k: int = 50,
     max_new_tokens: int = 1024,
     seed: int | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     dtype: str | None = None,
 ) -> int:
     """Answer a JSONL file of requests; resumes where an interrupted run stopped.
@@ -148,9 +151,10 @@ def generate(
     top_k: sample among the k most likely tokens
     max_new_tokens: most tokens per answer
     seed: seed for sampling (each request uses seed + its line number)
-    device: cpu, cuda, ...
-    dtype: float32, bfloat16 or float16
+    device: cpu, cuda, cuda:1, ... (default: cuda when available)
+    dtype: float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)
     """
+    import torch
     from tqdm import tqdm
 
     from .pipeline import InternVLChat, sampling_params
@@ -166,6 +170,7 @@ def generate(
     requests = _read_requests(Path(input))
     done = _finished_ids(out)
     todo = [r for r in requests if r["id"] not in done]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device)
     with out.open("a", encoding="utf-8") as sink, tqdm(total=len(requests), initial=len(requests) - len(todo),
                                                        desc="generate", unit="req") as bar:
