@@ -55,12 +55,20 @@ def _param_help(doc: str) -> dict[str, str]:
     return out
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless its help text already says it in words."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "(default" in text else super()._get_help_string(action)
+
+
 def build_parser(fn, name: str) -> argparse.ArgumentParser:
     doc = inspect.getdoc(fn) or ""
     parser = argparse.ArgumentParser(
         prog=f"internvl-mpo {name}",
         description=doc.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
     helps = _param_help(doc)
     hints = typing.get_type_hints(fn)
