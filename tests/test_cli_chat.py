@@ -23,9 +23,9 @@ def folder(tmp_path_factory):
     return folder
 
 
-def cli(*args, stdin=None):
+def cli(*args, stdin=None, cwd=None):
     return subprocess.run([sys.executable, "-m", "internvl_mpo.cli", *map(str, args)], capture_output=True,
-                          text=True, input=stdin, timeout=120)
+                          text=True, input=stdin, timeout=120, cwd=cwd)
 
 
 def test_chat_one_question_with_image_streams_the_greedy_answer(folder):
@@ -170,6 +170,11 @@ def test_tiles_command_prints_grid_and_writes_png(tmp_path):
     assert "4x2 grid" in out.stdout and "9 tiles" in out.stdout and "2306 tokens" in out.stdout
     with Image.open(tmp_path / "t.png") as png:
         assert png.width > 448 and png.height > 200
+    # Without --output the picture goes to the current folder, not beside the image.
+    (tmp_path / "here").mkdir()
+    out = cli("tiles", image, cwd=tmp_path / "here")
+    assert out.returncode == 0 and "preview: wide.tiles.png" in out.stdout, out.stderr
+    assert (tmp_path / "here" / "wide.tiles.png").is_file() and not (tmp_path / "wide.tiles.png").exists()
 
 
 def test_bad_device_dtype_and_tile_budget_are_one_line_errors(folder):

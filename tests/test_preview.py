@@ -57,6 +57,8 @@ def test_formatted_lines(tmp_path):
     first = text.splitlines()[0]
     assert first == "1920x1080 -> 4x2 grid (1792x896), 8 tiles + 1 thumbnail = 9 tiles, 2306 tokens"
     assert "9 x 256 + 2 (<img></img>) = 2306" in text
+    one = format_tiles_report(tiles_report(save(tmp_path, 448, 448, "square.png"))).splitlines()[0]
+    assert one == "448x448 -> 1x1 grid (448x448), 1 tile, 258 tokens"
 
 
 def red_columns(image, top, bottom):

@@ -255,10 +255,10 @@ def tiles(image: str, *, max_num: int = 12, min_num: int = 1, output: str | None
     image: the image file
     max_num: most tiles (the official default is 12)
     min_num: fewest tiles
-    output: PNG to write (default: IMAGE.tiles.png beside the image)
+    output: PNG to write (default: <image name>.tiles.png in the current folder)
     """
     from .processor.preview import format_tiles_report, tiles_report
 
-    png = output or str(Path(image).with_suffix("")) + ".tiles.png"
+    png = output or Path(image).stem + ".tiles.png"
     print(format_tiles_report(tiles_report(image, max_num=max_num, min_num=min_num, output_png=png)))
     return 0

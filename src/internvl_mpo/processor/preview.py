@@ -83,12 +83,13 @@ def tiles_report(
 
 def format_tiles_report(report: dict) -> str:
     """Human-readable lines for a `tiles_report` dict."""
-    thumb = " + 1 thumbnail" if report["thumbnail"] else ""
+    count = f"{report['tiles']} tile" + ("s" if report["tiles"] > 1 else "")
+    if report["thumbnail"]:
+        count = f"{report['grid_tiles']} tiles + 1 thumbnail = {count}"
     lines = [
         (
             f"{report['width']}x{report['height']} -> {report['cols']}x{report['rows']} grid "
-            f"({report['resized'][0]}x{report['resized'][1]}), {report['grid_tiles']} tiles{thumb} = "
-            f"{report['tiles']} tiles, {report['tokens']} tokens"
+            f"({report['resized'][0]}x{report['resized'][1]}), {count}, {report['tokens']} tokens"
         ),
         f"image: {report['image']}",
         (
