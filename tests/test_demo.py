@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -288,9 +291,29 @@ def test_shipped_model_answers_the_examples():
 
     torch.manual_seed(0)
     rows = [json.loads(x) for x in (EXAMPLES / "questions.jsonl").read_text().splitlines()]
-    assert len(rows) >= 3
+    assert len(rows) == 5  # the README says five
     chat = InternVLChat.from_pretrained(str(DEMO_MODEL), dtype="float32", device="cpu")
-    for row in rows[:3]:
+    for row in rows:
         response = chat.chat(row["question"], images=[str(EXAMPLES / row["image"])], do_sample=False,
                              max_new_tokens=160)
         assert extract_final_answer(response) == row["answer"], (row, response)
+
+
+@shipped
+def test_readme_eval_of_the_shipped_examples_scores_all_five(tmp_path):
+    """The README's `internvl-mpo eval ... examples/questions.jsonl` line, run as written (demo model by
+    default) from another folder: every question right, the outputs in the current folder, and
+    nothing written into examples/."""
+    (line,) = [x for x in (REPO / "README.md").read_text().splitlines()
+               if x.startswith("internvl-mpo eval ") and "examples/questions.jsonl" in x]
+    args = shlex.split(line.split("#")[0])[1:]
+    args[args.index("--data") + 1] = str(REPO / args[args.index("--data") + 1])
+    before = sorted(p.name for p in EXAMPLES.iterdir())
+    out = subprocess.run([sys.executable, "-m", "internvl_mpo.cli", *args, "--device", "cpu"], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "overall   100.00%  5/5" in out.stdout, out.stdout
+    folder = "questions_cot_eval" if "--cot" in args else "questions_eval"
+    assert out.stdout.splitlines()[-1] == f"predictions and scores: {folder}/predictions.jsonl, {folder}/score.json"
+    assert json.loads((tmp_path / folder / "score.json").read_text())["correct"] == 5
+    assert sorted(p.name for p in EXAMPLES.iterdir()) == before

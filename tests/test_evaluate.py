@@ -7,6 +7,8 @@ import csv
 import io
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,12 +89,15 @@ def test_chinese_multiple_choice_instruction(tmp_path):
 
 
 @pytest.mark.parametrize("cot, script", [(False, DIRECT), (True, COT)])
-def test_scores_a_hand_made_benchmark(tmp_path, cot, script):
+def test_scores_a_hand_made_benchmark(tmp_path, cot, script, monkeypatch):
     data = write_bench(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
     answerer = FakeAnswerer(script)
     score = run_eval(data, answerer, cot=cot, batch_size=4)
     assert {k: score[k] for k in EXPECTED} == EXPECTED
-    out = tmp_path / "data" / ("bench_cot_eval" if cot else "bench_eval")
+    # The default output folder is in the current folder, not beside the data file.
+    out = tmp_path / ("bench_cot_eval" if cot else "bench_eval")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["bench.jsonl", "img.png"]
     assert json.loads((out / "score.json").read_text()) == score
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["1", "2", "3", "4", "5", "6"]
@@ -145,6 +150,22 @@ def test_a_question_that_cannot_run_counts_wrong_and_is_not_retried(tmp_path):
     assert run_eval(data, FakeAnswerer(DIRECT, fail=True), out) == score  # recorded: not asked again
 
 
+def test_rows_without_an_id_are_numbered_in_file_order(tmp_path):
+    path = tmp_path / "bench.jsonl"
+    rows = [{"question": "How many dogs?", "answer": "3"}, {"question": "Is it red?", "answer": "no"},
+            {"id": "x", "question": "Which city?", "answer": "Paris"}, {"question": "How many cats?", "answer": "2"}]
+    path.write_text(json.dumps(rows[0]) + "\n\n" + "".join(json.dumps(row) + "\n" for row in rows[1:]))
+    # Numbered as `generate` numbers requests: blank lines do not count; file:line still names the line.
+    assert [(i.id, i.where) for i in read_benchmark(path)] == [
+        ("1", f"{path}:1"), ("2", f"{path}:3"), ("x", f"{path}:4"), ("4", f"{path}:5")]
+    path.write_text("".join(json.dumps(row) + "\n" for row in [rows[0], dict(rows[1], id=1)]))
+    with pytest.raises(InputError, match=r"bench.jsonl:2: id '1' appears twice \(first at .*bench.jsonl:1\)"):
+        read_benchmark(path)
+    path.write_text(json.dumps(dict(rows[0], id=None)) + "\n")
+    with pytest.raises(InputError, match=r"bench.jsonl:1: field 'id' is required \(a string or a number\)"):
+        read_benchmark(path)
+
+
 def test_bad_input_is_named_with_its_line_before_any_answer(tmp_path):
     data = write_bench(tmp_path)
     (tmp_path / "notes.png").write_text("not an image")
@@ -195,7 +216,8 @@ def write_tsv(path: Path) -> list[dict]:
     return rows
 
 
-def test_reads_mmbench_tsv_with_shared_and_large_images(tmp_path):
+def test_reads_mmbench_tsv_with_shared_and_large_images(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default output folder, mmbench_eval, goes here
     rows = write_tsv(tmp_path / "mmbench.tsv")
     limit = csv.field_size_limit()
     items = read_benchmark(tmp_path / "mmbench.tsv")
@@ -210,6 +232,7 @@ def test_reads_mmbench_tsv_with_shared_and_large_images(tmp_path):
     assert build_prompt(items[1]) == f"Only one shape is drawn.\nWhich shape is it?\n(look closely)\nA. square\nB. circle\n{MCQ}"
     score = run_eval(tmp_path / "mmbench.tsv", FakeAnswerer({"color": "C. blue", "shape": "circle", "picture": "A"}))
     assert score["correct"] == 2 and score["categories"]["shape"]["correct"] == 0
+    assert json.loads((tmp_path / "mmbench_eval" / "score.json").read_text()) == score
 
 
 @pytest.fixture(scope="module")
@@ -258,3 +281,31 @@ def test_real_model_counts_a_prompt_longer_than_the_context_wrong(tiny_model, tm
     assert score["total"] == 2 and len(score["failed"]) == 1
     predictions = (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()
     assert [json.loads(line)["id"] for line in predictions] == ["short", "long"]
+
+
+def eval_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "internvl_mpo.cli", "eval", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def test_cli_writes_into_the_current_folder_says_where_and_resumes(tiny_model, tmp_path):
+    data = write_bench(tmp_path / "data")
+    run = tmp_path / "run"
+    run.mkdir()
+    args = ["--model", tiny_model, "--data", data, "--cot", "--max-new-tokens", "2", "--device", "cpu"]
+    first = eval_cli(*args, cwd=run)
+    assert first.returncode == 0, first.stderr
+    out = run / "bench_cot_eval"  # the help's default: <data stem>_cot_eval with --cot, in the current folder
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.jsonl", "score.json", "settings.json"]
+    assert sorted(p.name for p in data.parent.iterdir()) == ["bench.jsonl", "img.png"]
+    where = "predictions and scores: bench_cot_eval/predictions.jsonl, bench_cot_eval/score.json"
+    assert first.stdout.splitlines()[-1] == where
+    predictions = (out / "predictions.jsonl").read_text()
+    assert len(predictions.splitlines()) == 6
+    again = eval_cli(*args, cwd=run)  # resumes: every answer is found, none is added
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout and (out / "predictions.jsonl").read_text() == predictions
+    assert eval_cli(*args, "--output", tmp_path / "elsewhere", cwd=run).stdout.splitlines()[-1] == (
+        f"predictions and scores: {tmp_path}/elsewhere/predictions.jsonl, {tmp_path}/elsewhere/score.json")
+    usage = " ".join(eval_cli("--help", cwd=run).stdout.split())
+    assert "./<data stem>_eval, or ./<data stem>_cot_eval with --cot, in the current folder" in usage

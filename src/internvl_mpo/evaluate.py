@@ -22,7 +22,12 @@ short answers are compared by `answers.check_answer` (VLMEvalKit has per-benchma
 `cot` the final answer is extracted for every kind, not only multiple choice and yes/no. Empty and
 "nan" TSV cells are missing values (pandas also reads "None", "NA", "null", ... as missing).
 
-Outputs, in the output folder: `predictions.jsonl` (one line per question, appended and fsynced as
+JSONL rows without an "id" are numbered from 1 in file order, as `generate` numbers requests (an
+explicit id that repeats such a number is refused as a duplicate).
+
+Outputs, in the output folder (default: `<data stem>_eval`, or `<data stem>_cot_eval` with `cot`, in
+the current folder, so that a read-only benchmark folder or a source checkout is not written into):
+`predictions.jsonl` (one line per question, appended and fsynced as
 answers arrive; a rerun skips the ids found there), `score.json` (overall and per-category
 accuracy, recomputed from all predictions) and `settings.json` (a rerun must use the same settings).
 A question that cannot run (a prompt longer than the model's context) is recorded with the reason,
@@ -108,10 +113,12 @@ def _item(item_id: str, question: str, answer: str, images, options, hint, categ
 
 def _read_jsonl(path: Path) -> list[BenchItem]:
     items, checked = [], set()
-    for where, row in read_objects(path, "benchmark file"):
+    for number, (where, row) in enumerate(read_objects(path, "benchmark file"), 1):
+        row.setdefault("id", number)  # no id: its number in the file, as `generate` numbers requests
         for key in ("id", "question", "answer"):
             if not isinstance(row.get(key), (str, int, float)) or isinstance(row.get(key), bool):
-                raise InputError(f"{where}: field {key!r} is required (a string)")
+                required = "a string or a number" if key == "id" else "a string"
+                raise InputError(f"{where}: field {key!r} is required ({required})")
         image = row.get("image") or []
         names = [image] if isinstance(image, str) else image
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
@@ -263,8 +270,8 @@ def format_table(score: dict[str, Any]) -> str:
 
 
 def default_output(data: str | Path, cot: bool) -> Path:
-    data = Path(data)
-    return data.parent / f"{data.stem}{'_cot' if cot else ''}_eval"
+    """`<data stem>_eval` (`<data stem>_cot_eval` with `cot`) in the current folder."""
+    return Path(f"{Path(data).stem}{'_cot' if cot else ''}_eval")
 
 
 def check_counts(batch_size: int, limit: int | None) -> None:
@@ -346,8 +353,8 @@ def model_answerer(chat, max_num: int, max_new_tokens: int) -> Answerer:
 
 def eval_(
     *,
-    model: str,
     data: str,
+    model: str | None = None,
     output: str | None = None,
     cot: bool = False,
     max_num: int = 6,
@@ -359,9 +366,9 @@ def eval_(
 ) -> int:
     """Score a model on a multiple-choice / short-answer benchmark (resumable); prints the accuracy table.
 
-    model: checkpoint folder or hub id
-    data: benchmark file: JSONL {"id", "image", "question", "answer", optional "options", "category"} or MMBench-style TSV
-    output: folder for predictions.jsonl and score.json (default: <data stem>_eval beside the data file)
+    data: benchmark file: JSONL {"id", "image", "question", "answer", optional "options", "category"} (no "id": the question's number in the file) or MMBench-style TSV
+    model: checkpoint folder or hub id (default: the shipped demo model)
+    output: folder for predictions.jsonl, score.json and settings.json; a rerun into it resumes (default: ./<data stem>_eval, or ./<data stem>_cot_eval with --cot, in the current folder)
     cot: use the MPO chain-of-thought prompt and read the answer after "Final answer:"
     max_num: most tiles per image (64 over all images of a question)
     batch_size: questions decoded together
@@ -372,16 +379,20 @@ def eval_(
     """
     import torch
 
+    from internvl_mpo.cli_chat import _model_path
     from internvl_mpo.pipeline import InternVLChat
 
     check_counts(batch_size, limit)  # fail on bad flags or a bad file before loading the model
     items = read_benchmark(data)
+    model = _model_path(model)
+    out = Path(output) if output else default_output(data, cot)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     chat = InternVLChat.from_pretrained(model, dtype=dtype, device=device)
     settings = {"model": model, "max_num": max_num, "max_new_tokens": max_new_tokens}
-    score = run_eval(data, model_answerer(chat, max_num, max_new_tokens), output, cot, batch_size, limit, settings,
+    score = run_eval(data, model_answerer(chat, max_num, max_new_tokens), out, cot, batch_size, limit, settings,
                      items)
     for failure in score["failed"]:
         print(f"failed (counted wrong) {failure}")
     print(format_table(score))
+    print(f"predictions and scores: {out / 'predictions.jsonl'}, {out / 'score.json'}")
     return 0
