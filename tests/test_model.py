@@ -155,6 +155,20 @@ def test_native_size_skips_interpolation_bit_exactly(tiny):
     assert torch.equal(torch.cat([table[:, :1], resized], dim=1), emb.position_table(grid, grid, torch.float32))
 
 
+def test_class_embedding_gradient_has_the_parameters_layout(tiny):
+    """DDP copies a gradient whose strides differ from its bucket (and warns at every step); a single
+    tile must not give the CLS parameter a strided slice of the embeddings' gradient."""
+    torch.manual_seed(0)
+    emb = VisionEmbeddings(tiny.vision)
+    for p in emb.parameters():
+        torch.nn.init.normal_(p)
+    size = tiny.vision.image_size
+    for tiles in (1, 3):
+        emb.zero_grad(set_to_none=True)
+        emb(torch.randn(tiles, 3, size, size)).square().sum().backward()
+        assert emb.class_embedding.grad.stride() == emb.class_embedding.stride(), tiles
+
+
 def test_other_tile_size_interpolates_like_reference(reference_pair, tiny):
     """A 70x70 input (5x5 patches) resizes the 4x4 position grid bicubically, as the reference does."""
     ref, ours = reference_pair(tiny)

@@ -80,7 +80,9 @@ class VisionEmbeddings(nn.Module):
         patches = self.patch_embedding(pixel_values.to(dtype))  # (N, C, h, w)
         n, _, height, width = patches.shape
         patches = patches.flatten(2).transpose(1, 2)  # (N, P, C), row-major over the grid
-        cls = self.class_embedding.to(dtype).expand(n, 1, -1)
+        # `* 1.0` gives the parameter a gradient of its own layout: through expand + cat alone a single
+        # tile would hand it a strided slice of x's gradient, which DDP warns about at every step.
+        cls = self.class_embedding.to(dtype).expand(n, 1, -1) * 1.0
         x = torch.cat([cls, patches], dim=1)  # (N, 1 + P, C)
         return x + self.position_table(height, width, dtype)
 
