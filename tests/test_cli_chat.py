@@ -154,6 +154,8 @@ def test_help_lists_commands():
     help_text = " ".join(out.stdout.split())
     assert "(default: the shipped demo model) --" in help_text  # said once, not followed by "(default: None)"
     assert "(default: 1024)" in help_text  # defaults not written in words are still shown
+    help_text = " ".join(cli("generate", "--help").stdout.split())
+    assert "--input INPUT JSONL lines" in help_text and '"video"} --output' in help_text  # required: no default
 
 
 def test_no_command_is_a_usage_error():

@@ -56,11 +56,11 @@ def _param_help(doc: str) -> dict[str, str]:
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, unless its help text already says it in words."""
+    """Shows each optional flag's default, unless its help text already says it in words."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        return text if "(default" in text else super()._get_help_string(action)
+        return text if action.required or "(default" in text else super()._get_help_string(action)
 
 
 def build_parser(fn, name: str) -> argparse.ArgumentParser:

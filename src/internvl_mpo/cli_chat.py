@@ -145,7 +145,7 @@ def generate(
     output: JSONL lines {"id", "question", "answer"} (or "error" for a request that cannot run), appended
     model: checkpoint folder or hub id (default: the shipped demo model)
     batch_size: requests decoded together
-    max_num: most tiles per image
+    max_num: most tiles per image (default: the model's max_dynamic_patch)
     temperature: 0 = greedy
     top_p: nucleus sampling mass
     top_k: sample among the k most likely tokens
