@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_data import color_pairs, write_mmpr
+from test_train_data import color_pairs, write_mmpr, write_noise_images
 
 from internvl_mpo.chat.tokenizer import load_tokenizer
 from internvl_mpo.config import ModelConfig
@@ -57,6 +57,18 @@ def chat_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def meta(tmp_path_factory):
     return write_mmpr(tmp_path_factory.mktemp("mmpr"), color_pairs(8, text_only=2))
+
+
+@pytest.fixture(scope="module")
+def noisy_metas(tmp_path_factory) -> tuple[Path, Path]:
+    """The `meta` records over noise pictures (which JPEG always changes): (data_augment true, false)."""
+    root = tmp_path_factory.mktemp("noisy")
+    augmented = write_mmpr(root, color_pairs(8, text_only=2), data_augment=True)
+    write_noise_images(root / "images")
+    plain = json.loads(augmented.read_text())
+    plain["toy"]["data_augment"] = False
+    (root / "plain.json").write_text(json.dumps(plain))
+    return augmented, root / "plain.json"
 
 
 def config(chat_folder, meta, output, **changes) -> TrainConfig:
@@ -339,6 +351,32 @@ def test_resume_refuses_changed_optimizer_and_schedule_settings(tmp_path, chat_f
     assert [(g["eps"], g["weight_decay"]) for g in groups] == [(1e-6, 0.01), (1e-6, 0.0)]
 
 
+def test_resume_with_data_augment_is_exact_across_an_epoch(tmp_path, chat_folder, noisy_metas):
+    """The JPEG draws follow (seed, epoch, record): a run resumed inside its second epoch sees the tiles
+    an uninterrupted run saw, and they are not the un-augmented ones."""
+    augmented, plain = noisy_metas
+    common = {"max_steps": 8, "save_every": 3}  # 5 steps per epoch: the step-6 checkpoint is in epoch 1
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_six(step, metrics):
+        if step == 6:
+            raise Stop
+
+    straight = train(config(chat_folder, augmented, tmp_path / "straight", **common))
+    stopped = config(chat_folder, augmented, tmp_path / "stopped", **common)
+    with pytest.raises(Stop):
+        train(stopped, on_step=stop_at_six)
+    resumed = train(dataclasses.replace(stopped, resume=True))
+    a, b = load_weights(straight.final_dir), load_weights(resumed.final_dir)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    losses = [r["loss"] for r in metric_rows(tmp_path / "straight")]
+    assert losses == [r["loss"] for r in metric_rows(tmp_path / "stopped")]
+    train(config(chat_folder, plain, tmp_path / "plain", **common))
+    assert losses != [r["loss"] for r in metric_rows(tmp_path / "plain")]
+
+
 # ----------------------------------------------------------------------------- reference, modes
 
 
@@ -353,6 +391,45 @@ def test_precomputed_reference_gives_the_live_reference_losses(tmp_path, chat_fo
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
     for key, value in load_weights(live.final_dir).items():
         torch.testing.assert_close(value, load_weights(cached.final_dir)[key], rtol=1e-4, atol=1e-6)
+
+
+def test_precomputed_reference_sees_the_augmented_tiles(tmp_path, chat_folder, noisy_metas):
+    """The first pass encodes each record with the JPEG draws of the epoch that trains on it."""
+    augmented, plain = noisy_metas
+    runs = {"live": (augmented, False), "cached": (augmented, True), "plain": (plain, True)}
+    for name, (meta, precompute) in runs.items():  # batch 1: the cached pass is exact (same shapes)
+        train(config(chat_folder, meta, tmp_path / name, max_steps=4, batch_size=1, precompute_ref=precompute))
+    live, cached, plain_rows = (metric_rows(tmp_path / name) for name in runs)
+    assert (cached[0]["rewards/chosen"], cached[0]["rewards/rejected"]) == (0.0, 0.0)
+    for a, b in zip(live, cached, strict=True):
+        for key in ("loss", "loss/pref", "loss/quality", "rewards/chosen", "rewards/rejected"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    assert [r["loss"] for r in plain_rows] != [r["loss"] for r in cached]
+    fingerprint = json.loads((tmp_path / "cached" / "ref_logps.json").read_text())
+    assert fingerprint["data_augment"] == ["toy"] and "data_augment" not in json.loads(
+        (tmp_path / "plain" / "ref_logps.json").read_text())
+
+
+def test_precomputed_reference_with_data_augment_refuses_a_second_epoch(tmp_path, chat_folder, noisy_metas):
+    augmented, plain = noisy_metas
+    message = (r"--precompute-ref with data_augment datasets needs the run to stay in its first epoch, but it trains"
+               r" on 12 samples per process and the first epoch holds 10 usable ones")
+    with pytest.raises(ConfigError, match=message):
+        train(config(chat_folder, augmented, tmp_path / "run", max_steps=6, precompute_ref=True))
+    assert not (tmp_path / "run").exists()
+    assert train(config(chat_folder, plain, tmp_path / "plain", max_steps=6, precompute_ref=True)).steps == 6
+    # Records that --skip-bad will skip count too: the pass finds them, before any training step.
+    root = tmp_path / "bad"
+    records = color_pairs(8, text_only=2)
+    records[3] = {"image": "grey.png", "question": "long " * 400, "chosen": "a", "rejected": "b"}
+    meta = write_mmpr(root, records, data_augment=True)
+    write_noise_images(root / "images")
+    cfg = config(chat_folder, meta, tmp_path / "skip", max_steps=5, max_seq_length=400, skip_bad=True,
+                 precompute_ref=True)
+    with pytest.raises(ConfigError, match=r"on 10 samples per process and the first epoch holds 9 usable ones"):
+        train(cfg)
+    assert not (tmp_path / "skip" / "metrics.jsonl").exists()
+    assert train(dataclasses.replace(cfg, output=str(tmp_path / "fits"), max_steps=4)).steps == 4
 
 
 @pytest.mark.parametrize("precompute_ref", [False, True])
@@ -510,6 +587,9 @@ class BadRecords:
     def __len__(self) -> int:
         return self.n
 
+    def at_epoch(self, epoch: int) -> BadRecords:
+        return self
+
     def __getitem__(self, index: int):
         self.reads += 1
         assert self.reads <= 10 * self.n, "the stream read ten epochs without stopping"
@@ -546,6 +626,29 @@ def test_max_dynamic_patch_flag_wins_over_meta_json(tmp_path, chat_folder):
             dataset, _ = build_dataset(cfg, tokenizer, model_config)
             tiles[flag] = dataset[0].pixel_values.shape[0]
         assert tiles == {None: six, 1: 1} and six > 1, mode
+
+
+def test_meta_data_augment_reaches_pair_and_sft_datasets(tmp_path, chat_folder, noisy_metas):
+    augmented, plain = noisy_metas
+    convo = {"image": "grey.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    (tmp_path / "sft.jsonl").write_text(json.dumps(convo) + "\n")
+    tokenizer = load_tokenizer(chat_folder)
+    model_config = ModelConfig.from_json(chat_folder / "config.json")
+    tiles = {}
+    for mode, meta in (("mpo", augmented), ("mpo", plain), ("sft", augmented), ("sft", plain)):
+        if mode == "sft":  # the same meta.json with the conversation file as annotation
+            entries = json.loads(meta.read_text())
+            entries["toy"]["annotation"] = str(tmp_path / "sft.jsonl")
+            meta = tmp_path / f"sft_{meta.name}"
+            meta.write_text(json.dumps(entries))
+        dataset, _ = build_dataset(TrainConfig(mode=mode, data=str(meta), output=str(tmp_path / "o")), tokenizer,
+                                   model_config)
+        index = next(i for i, r in enumerate(dataset.records) if r.images and r.images[0].endswith("grey.png"))
+        tiles[mode, meta.name.removeprefix("sft_")] = dataset[index].pixel_values
+    grey = load_image(augmented.parent / "images" / "grey.png", image_size=model_config.image_size)
+    for mode in ("mpo", "sft"):
+        assert torch.equal(tiles[mode, plain.name], grey)
+        assert tiles[mode, augmented.name].shape == grey.shape and not torch.equal(tiles[mode, augmented.name], grey)
 
 
 def test_train_flags_are_the_config_fields():

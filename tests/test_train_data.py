@@ -8,9 +8,11 @@ The helpers at the top (tiny PNGs, MMPR files) are shared with test_train.py and
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -19,7 +21,8 @@ from internvl_mpo.chat.template import TEMPLATES
 from internvl_mpo.chat.tokenizer import load_tokenizer
 from internvl_mpo.config import ModelConfig
 from internvl_mpo.errors import InputError
-from internvl_mpo.processor.image import load_image
+from internvl_mpo.processor.image import IMAGENET_MEAN, IMAGENET_STD, load_image
+from internvl_mpo.processor.tiling import dynamic_preprocess
 from internvl_mpo.train.data import (
     BadExample,
     MediaSettings,
@@ -29,6 +32,8 @@ from internvl_mpo.train.data import (
     collate_sft,
     divergent_line_labels,
     encode_pair,
+    jpeg_augment,
+    load_media,
 )
 from internvl_mpo.train.mmpr import load_meta, read_datasets, read_sft_records
 
@@ -43,6 +48,16 @@ def write_images(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, color in COLORS.items():
         Image.new("RGB", SIZES[name], color).save(folder / f"{name}.png")
+    return folder
+
+
+def write_noise_images(folder: Path) -> Path:
+    """The picture files of `write_images`, same names and sizes, as seeded RGB noise: JPEG changes such
+    pixels at every quality (a flat colour can come back unchanged)."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (width, height) in SIZES.items():
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / f"{name}.png")
     return folder
 
 
@@ -332,3 +347,97 @@ def test_sft_truncation_never_cuts_image_tokens(tmp_path, tokenizer, settings):
     torch.testing.assert_close(ok.pixel_values, full.pixel_values, rtol=0, atol=0)
     bad = SFTDataset(records, tokenizer, settings, image_end - 3)[0]
     assert isinstance(bad, BadExample) and "sft.jsonl:1:" in bad.message and "image tokens" in bad.message
+
+
+# ----------------------------------------------------------------------------- data_augment
+
+
+def normalized(tile: Image.Image) -> torch.Tensor:
+    """ToTensor + Normalize (ImageNet) of one RGB tile, as float32 ops: (3, S, S)."""
+    x = np.asarray(tile.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / np.float32(255)
+    mean = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
+    std = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
+    return torch.from_numpy((x - mean) / std)
+
+
+def jpeg_at(image: Image.Image, quality: int) -> Image.Image:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def jpeg_qualities(tiles: torch.Tensor, pieces: list[Image.Image], size: int | None = None) -> list[int]:
+    """For each tile, the first quality in 75..100 whose JPEG re-encode of its piece (resized to `size`
+    afterwards, if given) reproduces the tile bit for bit; fails the test where none does."""
+    assert tiles.shape[0] == len(pieces)
+    found = []
+    for k, piece in enumerate(pieces):
+        match = next((q for q in range(75, 101) if torch.equal(tiles[k], normalized(
+            jpeg_at(piece, q) if size is None else jpeg_at(piece, q).resize((size, size))))), None)
+        assert match is not None, f"tile {k} is no JPEG re-encode (quality 75..100) of its un-augmented tile"
+        found.append(match)
+    return found
+
+
+def test_data_augment_reencodes_every_tile_as_jpeg_at_quality_75_to_100(tmp_path, tokenizer, settings):
+    """Official `build_transform(is_train=True)`: each tile dynamic tiling cuts (the thumbnail too), on its
+    own draw; chosen and rejected share the one set of tiles."""
+    records = [{"image": "grey.png", "question": "What is it?", "chosen": "Noise.", "rejected": "A cat."},
+               {"image": ["red.png", "grey.png"], "question": "Compare.", "chosen": "Noise.", "rejected": "Cats."}]
+    meta = write_mmpr(tmp_path, records, data_augment=True)
+    write_noise_images(tmp_path / "images")
+    specs = load_meta(str(meta))
+    assert specs[0].data_augment
+    recs, _ = read_datasets(specs)
+    recs = sorted(recs, key=lambda r: r.source.line)
+    augmented = PairDataset(recs, tokenizer, settings, 8192, augment_datasets={"toy"}, seed=7)
+    plain = PairDataset(recs, tokenizer, settings, 8192)
+    assert augmented.augments and not plain.augments
+    s, budget = settings.image_size, settings.max_dynamic_patch
+    for index, parts in ((0, [("grey", budget)]), (1, [("red", budget // 2), ("grey", budget // 2)])):
+        item, reference = augmented[index], plain[index]
+        pieces = [tile for name, max_num in parts for tile in dynamic_preprocess(
+            Image.open(tmp_path / "images" / f"{name}.png").convert("RGB"), 1, max_num, s, settings.use_thumbnail)]
+        assert item.pixel_values.shape == reference.pixel_values.shape == (len(pieces), 3, s, s)
+        assert item.prompt_ids == reference.prompt_ids
+        for k, piece in enumerate(pieces):  # un-augmented tiles are the plain normalised pieces
+            assert torch.equal(reference.pixel_values[k], normalized(piece))
+            assert not torch.equal(item.pixel_values[k], reference.pixel_values[k])
+        jpeg_qualities(item.pixel_values, pieces)
+
+
+def test_data_augment_is_seeded_by_run_seed_epoch_and_record(tmp_path, tokenizer, settings):
+    meta = write_mmpr(tmp_path, color_pairs(4), data_augment=True)
+    write_noise_images(tmp_path / "images")
+    recs, _ = read_datasets(load_meta(str(meta)))
+    grey = next(i for i, r in enumerate(recs) if r.images[0].endswith("grey.png"))
+
+    def tiles(seed: int, epoch: int = 0, index: int = grey) -> torch.Tensor:
+        dataset = PairDataset(recs, tokenizer, settings, 8192, augment_datasets={"toy"}, seed=seed)
+        return dataset.at_epoch(epoch)[index].pixel_values
+
+    first = tiles(7)
+    assert first.shape[0] > 2
+    assert torch.equal(first, tiles(7)) and torch.equal(first, tiles(7, epoch=0))  # reproducible
+    for other in (tiles(8), tiles(7, epoch=1)):  # another seed or epoch draws other qualities
+        assert other.shape == first.shape and not torch.equal(other, first)
+    # the draws are one generator per (seed, epoch, record), one quality per tile in tile order
+    pieces = dynamic_preprocess(Image.open(recs[grey].images[0]).convert("RGB"), 1, settings.max_dynamic_patch,
+                                settings.image_size, settings.use_thumbnail)
+    augment = jpeg_augment(7, 0, grey)
+    assert torch.equal(first, torch.stack([normalized(augment(p)) for p in pieces]))
+
+
+def test_data_augment_reencodes_whole_video_frames_before_their_resize(tmp_path, settings):
+    """The official video branch runs the transform on each frame, JPEG first, then the resize to one tile."""
+    folder = write_noise_images(tmp_path / "frames")
+    video_settings = MediaSettings(**{**settings.__dict__, "video_frames": 2})
+    plain, _, _ = load_media((), False, str(folder), "q", video_settings)
+    augmented, tiles, question = load_media((), False, str(folder), "q", video_settings,
+                                            augment=jpeg_augment(3, 0, 0))
+    assert tiles == [1, 1] and question.startswith("Frame1: <image>\nFrame2: <image>\n")
+    assert augmented.shape == plain.shape and not torch.equal(augmented, plain)
+    # the folder's frames in name order are blue, green, grey, red: 2 segments of 4 take frames 0 and 2
+    frames = [Image.open(folder / f"{name}.png").convert("RGB") for name in ("blue", "grey")]
+    assert torch.equal(plain, torch.stack([normalized(f.resize((settings.image_size,) * 2)) for f in frames]))
+    jpeg_qualities(augmented, frames, size=settings.image_size)

@@ -20,7 +20,7 @@ that selects no frames raises InputError instead of indexing outside the video.
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,12 +181,14 @@ def load_video(
     max_num: int = 1,
     fps: float | None = None,
     max_pixels: int | None = None,
+    frame_transform: Callable[[Image.Image], Image.Image] | None = None,
 ) -> VideoInput:
     """Sample `num_segments` frames from a video file, a folder of frame images or a list of frames.
 
     `bound` is (start, end) in seconds; for frame folders and lists it needs `fps`. A folder's
     frames are its image files in file-name order, numbers compared as numbers (frame_2 before
-    frame_10).
+    frame_10). `frame_transform` (training's data augmentation) runs on each sampled frame, in
+    order, before it is tiled.
     """
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
@@ -196,6 +198,8 @@ def load_video(
             frames, indices = _read_video(os.fspath(path), num_segments, bound)
     else:
         frames, indices = _read_frames(list(src), num_segments, bound, fps, max_pixels, "<frame list>")
+    if frame_transform is not None:
+        frames = [frame_transform(f) for f in frames]
     per_frame = [image_to_pixel_values(f, max_num=max_num, image_size=image_size) for f in frames]
     return VideoInput(
         pixel_values=torch.cat(per_frame),

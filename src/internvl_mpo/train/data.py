@@ -27,6 +27,15 @@ Deliberate differences from the official code:
 - padding uses the tokenizer's pad id (`<|endoftext|>`) everywhere (the official code pads with 0
   and then 151643, pitfall 13.4; labels are -100 on pads either way).
 
+Data augmentation (meta.json `data_augment: true`, the official `build_transform(is_train=True)`):
+each tile that dynamic tiling cuts, thumbnail included, is re-encoded as JPEG at a quality drawn
+uniformly from 75..100, every tile on its own draw, before the (then no-op) resize and normalisation;
+video frames and images tiled with `dynamic_image_size` off are re-encoded whole, before their resize
+to one tile, as the official transform runs on them there. The official code draws the qualities
+from Python's global `random` in each loader worker; here they come from a generator seeded with the
+run seed, the epoch and the record's position (`jpeg_augment`), so a resumed run and the
+precomputed-reference pass see the same tiles as an uninterrupted run. Chosen and rejected share them.
+
 An option the official code does not have: `rejected_span="divergent-line"` scores a rejected answer
 only up to the end of its first line that differs from the chosen answer (`divergent_line_labels`).
 The lines after it follow from that first error (a wrong running count stays consistently wrong), so
@@ -36,10 +45,14 @@ divergence are the chosen answer's own, so they cancel in the DPO margin either 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+import io
+import random
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from internvl_mpo.chat.template import (
     IGNORE_INDEX,
@@ -51,13 +64,15 @@ from internvl_mpo.chat.template import (
 from internvl_mpo.chat.tokenizer import Tokenizer
 from internvl_mpo.config import ModelConfig
 from internvl_mpo.errors import InputError
-from internvl_mpo.processor.image import load_image
+from internvl_mpo.processor.image import image_to_pixel_values, load_image, open_image
+from internvl_mpo.processor.tiling import dynamic_preprocess
 from internvl_mpo.processor.video import load_video
 from internvl_mpo.train.mmpr import PreferenceRecord, SFTRecord
 
 VIDEO_PLACEHOLDER = "<video>"
 REJECTED_SPANS = ("full", "divergent-line")
 SFT_ROLE_NAMES = {"human": "user", "gpt": "assistant", "system": "system"}
+JPEG_QUALITIES = tuple(range(75, 101))  # the official `qualities`, each equally likely
 
 
 @dataclass(frozen=True)
@@ -124,6 +139,35 @@ class BadExample:
 # ----------------------------------------------------------------------------- media
 
 
+def jpeg_reencode(image: Image.Image, quality: int) -> Image.Image:
+    """The official `jpeg_degrade`: save as RGB JPEG (Pillow's defaults otherwise) in memory, decode."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return decoded.convert("RGB")
+
+
+def jpeg_augment(seed: int, epoch: int, index: int) -> Callable[[Image.Image], Image.Image]:
+    """One record's augmentation in one epoch: each call re-encodes one tile at the next quality drawn
+    uniformly from `JPEG_QUALITIES` by a generator seeded with (seed, epoch, index)."""
+    rng = random.Random(f"jpeg-augment/{seed}/{epoch}/{index}")
+    return lambda image: jpeg_reencode(image, rng.choice(JPEG_QUALITIES))
+
+
+def _augmented_tiles(
+    path: str, augment: Callable[[Image.Image], Image.Image], max_num: int, min_num: int, settings: MediaSettings
+) -> torch.Tensor:
+    """`load_image`'s tiles with `augment` run on each tile `dynamic_preprocess` cuts (on the whole image
+    when dynamic tiling is off), in tile order, before the resize and normalisation."""
+    s = settings
+    image = open_image(path)
+    pieces = [image]
+    if s.dynamic_image_size:
+        pieces = dynamic_preprocess(image, min_num, max_num, s.image_size, s.use_thumbnail)
+    return torch.cat([image_to_pixel_values(augment(p), max_num=1, image_size=s.image_size) for p in pieces])
+
+
 def load_media(
     images: Sequence[str],
     multi_image: bool,
@@ -131,22 +175,27 @@ def load_media(
     question: str,
     settings: MediaSettings,
     max_num: int | None = None,
+    augment: Callable[[Image.Image], Image.Image] | None = None,
 ) -> tuple[torch.Tensor, list[int], str]:
-    """(pixel_values (N, 3, S, S), tiles per `<image>` placeholder, question with the video prefix)."""
+    """(pixel_values (N, 3, S, S), tiles per `<image>` placeholder, question with the video prefix).
+
+    `augment` (training's `data_augment`, see `jpeg_augment`) runs on every tile and video frame.
+    """
     s = settings
     max_num = s.max_dynamic_patch if max_num is None else max_num
     if not s.dynamic_image_size:
         max_num = 1
     if images:
         per_image = max(1, max_num // len(images)) if multi_image else max_num
+        min_num = min(s.min_dynamic_patch, per_image)
         tiles = [
-            load_image(p, max_num=per_image, min_num=min(s.min_dynamic_patch, per_image), image_size=s.image_size,
-                       use_thumbnail=s.use_thumbnail)
+            load_image(p, max_num=per_image, min_num=min_num, image_size=s.image_size, use_thumbnail=s.use_thumbnail)
+            if augment is None else _augmented_tiles(p, augment, per_image, min_num, s)
             for p in images
         ]
         return torch.cat(tiles), [t.shape[0] for t in tiles], question
     if video is not None:
-        frames = load_video(video, num_segments=s.video_frames, image_size=s.image_size)
+        frames = load_video(video, num_segments=s.video_frames, image_size=s.image_size, frame_transform=augment)
         if VIDEO_PLACEHOLDER in question:
             question = question.replace(VIDEO_PLACEHOLDER + "\n", frames.prefix, 1)
             question = question.replace(VIDEO_PLACEHOLDER, frames.prefix, 1)
@@ -217,12 +266,15 @@ def encode_pair(
     index: int = 0,
     rejected_span: str = "full",
     line_ends: Callable[[int], bool] | None = None,
+    augment: Callable[[Image.Image], Image.Image] | None = None,
 ) -> PairExample:
-    """Load a record's media and tokenize it; InputError("file:line: problem") when it cannot be used."""
+    """Load a record's media and tokenize it; InputError("file:line: problem") when it cannot be used.
+
+    One set of tiles serves both answers, as the official item holds one `pixel_values` for both."""
     where = str(record.source)
     try:
         pixel_values, num_patches, question = load_media(
-            record.images, record.multi_image, record.video, record.question, settings, max_num
+            record.images, record.multi_image, record.video, record.question, settings, max_num, augment
         )
         pair = build_pair_ids(
             tokenizer, question, record.chosen, record.rejected, num_patches, num_image_token=settings.num_image_token
@@ -271,6 +323,7 @@ def encode_sft(
     max_seq_length: int,
     max_num: int | None = None,
     index: int = 0,
+    augment: Callable[[Image.Image], Image.Image] | None = None,
 ) -> SFTExample:
     """A conversation with its media; a too-long one loses its tail, never an image token."""
     where = str(record.source)
@@ -279,7 +332,7 @@ def encode_sft(
     try:
         question = first_user["content"] if first_user is not None else ""
         pixel_values, num_patches, question = load_media(
-            record.images, record.multi_image, record.video, question, settings, max_num
+            record.images, record.multi_image, record.video, question, settings, max_num, augment
         )
         if first_user is not None:
             first_user["content"] = question
@@ -308,7 +361,9 @@ class PairDataset:
     """Map-style dataset of preference records; items are encoded (images loaded) on access.
 
     `__getitem__` never raises for bad data: it returns a `BadExample` whose message names the
-    record's file:line, so the trainer can stop with it or count it.
+    record's file:line, so the trainer can stop with it or count it. Records of the datasets named
+    in `augment_datasets` get the JPEG augmentation drawn for (`seed`, `epoch`, index); `at_epoch`
+    gives the same dataset at another epoch.
     """
 
     def __init__(
@@ -319,6 +374,8 @@ class PairDataset:
         max_seq_length: int,
         max_num_by_dataset: dict[str, int] | None = None,
         rejected_span: str = "full",
+        augment_datasets: Collection[str] = (),
+        seed: int = 0,
     ):
         self.records = list(records)
         self.tokenizer = tokenizer
@@ -327,23 +384,37 @@ class PairDataset:
         self.max_num_by_dataset = dict(max_num_by_dataset or {})
         self.rejected_span = rejected_span
         self.line_ends = _LineEnds(tokenizer)
+        self.augment_datasets = frozenset(augment_datasets)
+        self.seed = seed
+        self.epoch = 0
+
+    @property
+    def augments(self) -> bool:
+        return any(r.dataset in self.augment_datasets for r in self.records)
+
+    def at_epoch(self, epoch: int) -> PairDataset:
+        view = copy.copy(self)
+        view.epoch = epoch
+        return view
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> PairExample | BadExample:
         record = self.records[index]
+        augment = jpeg_augment(self.seed, self.epoch, index) if record.dataset in self.augment_datasets else None
         try:
             return encode_pair(
                 record, self.tokenizer, self.settings, self.max_seq_length,
-                self.max_num_by_dataset.get(record.dataset), index, self.rejected_span, self.line_ends,
+                self.max_num_by_dataset.get(record.dataset), index, self.rejected_span, self.line_ends, augment,
             )
         except InputError as e:
             return BadExample(index, "encode", str(e))
 
 
 class SFTDataset:
-    """Map-style dataset of SFT conversation records (same error contract as `PairDataset`)."""
+    """Map-style dataset of SFT conversation records (same error and augmentation contract as
+    `PairDataset`; `augment` flags each record)."""
 
     def __init__(
         self,
@@ -352,20 +423,36 @@ class SFTDataset:
         settings: MediaSettings,
         max_seq_length: int,
         max_num: Sequence[int | None] | None = None,
+        augment: Sequence[bool] | None = None,
+        seed: int = 0,
     ):
         self.records = list(records)
         self.tokenizer = tokenizer
         self.settings = settings
         self.max_seq_length = max_seq_length
         self.max_num = list(max_num) if max_num is not None else [None] * len(self.records)
+        self.augment = list(augment) if augment is not None else [False] * len(self.records)
+        self.seed = seed
+        self.epoch = 0
+
+    @property
+    def augments(self) -> bool:
+        return any(self.augment)
+
+    def at_epoch(self, epoch: int) -> SFTDataset:
+        view = copy.copy(self)
+        view.epoch = epoch
+        return view
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> SFTExample | BadExample:
+        augment = jpeg_augment(self.seed, self.epoch, index) if self.augment[index] else None
         try:
             return encode_sft(
-                self.records[index], self.tokenizer, self.settings, self.max_seq_length, self.max_num[index], index
+                self.records[index], self.tokenizer, self.settings, self.max_seq_length, self.max_num[index], index,
+                augment,
             )
         except InputError as e:
             return BadExample(index, "encode", str(e))

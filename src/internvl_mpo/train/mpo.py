@@ -353,23 +353,25 @@ def build_dataset(cfg: TrainConfig, tokenizer: Tokenizer, config: ModelConfig) -
         records, report = read_datasets(specs, skip_bad=cfg.skip_bad, sample_seed=cfg.seed)
         max_num = {s.name: s.max_dynamic_patch for s in specs if use_meta and s.max_dynamic_patch is not None}
         dataset: PairDataset | SFTDataset = PairDataset(
-            records, tokenizer, settings, cfg.max_seq_length, max_num, cfg.rejected_span
+            records, tokenizer, settings, cfg.max_seq_length, max_num, cfg.rejected_span,
+            augment_datasets={s.name for s in specs if s.data_augment}, seed=cfg.seed,
         )
     else:
         skip = report if cfg.skip_bad else None
         if cfg.data.endswith(".jsonl"):
             root = cfg.image_root if cfg.image_root is not None else os.path.dirname(os.path.abspath(cfg.data))
-            records, max_nums = read_sft_records(cfg.data, root, report=skip), None
+            records, max_nums, augment = read_sft_records(cfg.data, root, report=skip), None, None
         else:
-            # The official fine-tuning datasets sample/repeat and shuffle per dataset like MMPR.
-            records, max_nums = [], []
+            # The official fine-tuning datasets sample/repeat, shuffle and augment per dataset like MMPR.
+            records, max_nums, augment = [], [], []
             sample_rng = random.Random(cfg.seed)
             for index, spec in enumerate(load_meta(cfg.data)):
                 good = read_sft_records(spec.annotation, spec.root, report=skip)
                 order = select_lines(len(good), spec.repeat_time, index, sample_rng)
                 records += [good[i] for i in order]
                 max_nums += [spec.max_dynamic_patch if use_meta else None] * len(order)
-        dataset = SFTDataset(records, tokenizer, settings, cfg.max_seq_length, max_nums)
+                augment += [spec.data_augment] * len(order)
+        dataset = SFTDataset(records, tokenizer, settings, cfg.max_seq_length, max_nums, augment, seed=cfg.seed)
     if len(dataset) == 0:
         raise InputError(f"{cfg.data}: no usable training records")
     return dataset, report
@@ -407,12 +409,13 @@ class SampleStream:
     def _open(self):
         order = rank_share(epoch_order(len(self.dataset), self.epoch, self.seed, self.shuffle), self.env.rank,
                            self.env.world_size)[self.cursor :]
+        dataset = self.dataset.at_epoch(self.epoch)  # the epoch seeds the data augmentation
         if self.num_workers == 0:
-            return (self.dataset[i] for i in order)
+            return (dataset[i] for i in order)
         # Spawned workers (forked ones would inherit the image module's thread pool in a broken state); a
         # generator of its own keeps the loader from drawing on the global RNG that drop-path uses.
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=None, sampler=order, num_workers=self.num_workers, collate_fn=_identity,
+            dataset, batch_size=None, sampler=order, num_workers=self.num_workers, collate_fn=_identity,
             multiprocessing_context="spawn", generator=torch.Generator().manual_seed(self.seed + self.epoch),
         )
         return iter(loader)
@@ -469,6 +472,8 @@ def _ref_fingerprint(cfg: TrainConfig, dataset) -> dict:
         "max_dynamic_patch": cfg.max_dynamic_patch,
         "seed": cfg.seed,
         "rejected_span": cfg.rejected_span,
+        # tiles of augmented datasets depend on the seed (above) and on which datasets augment
+        **({"data_augment": sorted(dataset.augment_datasets)} if dataset.augments else {}),
     }
 
 
@@ -478,7 +483,9 @@ def precompute_reference(
     """Reference (chosen, rejected) log-probs of every record, computed once and cached in the output.
 
     Stored as `ref_logps.safetensors` (chosen, rejected, valid) + `ref_logps.json` (what they were
-    computed from); a cache whose description matches the run is reused.
+    computed from); a cache whose description matches the run is reused. Records are encoded as in the
+    first epoch (augmented tiles included; `check_reference_epoch` keeps the run inside it). Returns
+    (chosen, rejected, valid).
     """
     output = Path(cfg.output)
     path, meta_path = output / REF_FILE, output / (Path(REF_FILE).stem + ".json")
@@ -487,7 +494,8 @@ def precompute_reference(
     fingerprint = {**_ref_fingerprint(cfg, dataset), **compute}
     if path.is_file() and meta_path.is_file() and ckpt.read_json(meta_path) == fingerprint:
         table = ckpt.read_tensors(path)
-        return table["chosen"], table["rejected"]
+        return table["chosen"], table["rejected"], table["valid"].bool()
+    dataset = dataset.at_epoch(0)
     n = len(dataset)
     values = torch.zeros(n, 2, dtype=torch.float64)
     valid = torch.zeros(n, dtype=torch.float64)
@@ -520,7 +528,30 @@ def precompute_reference(
         os.replace(tmp, path)
         ckpt.write_json(meta_path, fingerprint)
     barrier(env)
-    return chosen, rejected
+    return chosen, rejected, valid.bool()
+
+
+def check_reference_epoch(
+    cfg: TrainConfig, env: DistEnv, dataset: PairDataset, needed: int, valid: torch.Tensor | None = None
+) -> None:
+    """ConfigError when precomputed reference log-probs meet augmented data and some rank would read
+    past the first epoch: the first pass saw epoch 0's JPEG draws, a later epoch draws others. `needed`
+    is the samples per rank the run trains on; `valid` (from the pass) leaves out records that
+    `--skip-bad` will skip. Every rank reaches the same decision."""
+    if not dataset.augments:
+        return
+    order = epoch_order(len(dataset), 0, cfg.seed, cfg.shuffle)
+    for rank in range(env.world_size):
+        share = rank_share(order, rank, env.world_size)
+        usable = len(share) if valid is None else int(valid[share].sum())
+        if usable < needed:
+            raise ConfigError(
+                f"--precompute-ref with data_augment datasets needs the run to stay in its first epoch, but it"
+                f" trains on {needed} samples per process and the first epoch holds {usable} usable ones; the"
+                " reference pass sees the first epoch's randomly JPEG-compressed tiles and later epochs draw"
+                " others. Lower --max-steps (or --epochs 1), or drop --precompute-ref (the live reference model"
+                " always sees the policy's tiles)"
+            )
 
 
 # ----------------------------------------------------------------------------- one micro-batch
@@ -778,6 +809,9 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
             f"{cfg.data}: {len(dataset)} records are fewer than one step needs"
             f" ({samples_per_step} per rank x {env.world_size} ranks)"
         )
+    needs_ref = cfg.mode != "sft" and (weights.pref_weight != 0 or weights.quality_weight != 0)
+    if needs_ref and cfg.precompute_ref:
+        check_reference_epoch(cfg, env, dataset, total_steps * samples_per_step)
     # Hashing the data files (GBs for MMPR) is needed only to write checkpoints or to check a resume.
     fingerprint = data_fingerprint(cfg) if cfg.resume or cfg.save_every else None
     # Created only now, so that a bad model or data path leaves no empty run folder behind.
@@ -786,12 +820,15 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
     barrier(env)
 
     # 3. reference log-probs: a frozen copy of the initial model, or a cached first pass
-    needs_ref = cfg.mode != "sft" and (weights.pref_weight != 0 or weights.quality_weight != 0)
     ref_module, ref_table = None, None
     if needs_ref:
         reference = make_reference(policy, bf16 and fsdp)
         if cfg.precompute_ref:
-            ref_table = precompute_reference(cfg, env, reference, dataset, tokenizer.pad_id, autocast)
+            ref_chosen, ref_rejected, valid = precompute_reference(
+                cfg, env, reference, dataset, tokenizer.pad_id, autocast
+            )
+            ref_table = (ref_chosen, ref_rejected)
+            check_reference_epoch(cfg, env, dataset, total_steps * samples_per_step, valid)  # --skip-bad's skips
             del reference
         else:
             ref_module = SequenceLogps(reference, encode_empty=env.distributed)
