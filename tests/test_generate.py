@@ -169,6 +169,34 @@ def test_a_failing_decode_step_fails_only_the_rows_it_ran(setup, monkeypatch):
     assert rid == 2 and tokens == run(chat.engine, [Request(a, GREEDY)])[0]
 
 
+def test_requests_with_one_prompt_are_prefilled_once(setup, monkeypatch):
+    """Samples of one prompt admitted together share a single prefill and still get each its own tokens
+    (the same as alone); a twin whose source row finished on its first token prefills for itself."""
+    chat, _ = setup
+    a, pa = prompt(chat, "First question here.", Image.new("RGB", (70, 30), "red"))
+    sampled = [SamplingParams(max_new_tokens=12, do_sample=True, temperature=1.0, seed=s, ignore_eos=True)
+               for s in range(3)]
+    alone = [run(chat.engine, [Request(a, params, pa)])[0] for params in sampled]
+    assert alone[0] != alone[1]
+    calls = []
+    prefill = chat.engine.prefill
+
+    def counting_prefill(request, caches, row):
+        calls.append(row)
+        return prefill(request, caches, row)
+
+    monkeypatch.setattr(chat.engine, "prefill", counting_prefill)
+    # Equal prompts and tiles as separate objects count as the same prompt too.
+    requests = [Request(list(a), params, pa.clone()) for params in sampled]
+    assert list(run(chat.engine, requests).values()) == alone and calls == [0]
+    calls.clear()
+    b, _ = prompt(chat, "Second one")
+    one = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    requests = [Request(a, one, pa), Request(a, sampled[1], pa), Request(b, GREEDY), Request(b, GREEDY)]
+    out = run(chat.engine, requests)
+    assert calls == [0, 0, 1] and out[1] == alone[1] and out[2] == out[3] == run(chat.engine, [Request(b, GREEDY)])[0]
+
+
 def test_early_finish_frees_the_row(setup):
     chat, _ = setup
     a, _ = prompt(chat, "one")

@@ -26,9 +26,10 @@ class KVCache(nn.Module):
     def decode_view(self, rows: int, span: int) -> "_DecodeView":
         return _DecodeView(self, rows, span)
 
-    def move_row(self, src: int, dst: int) -> None:
-        self.k[dst] = self.k[src]
-        self.v[dst] = self.v[src]
+    def move_row(self, src: int, dst: int, length: int | None = None) -> None:
+        """Copy row `src` into row `dst`: every slot, or only slots 0..length-1 (a shared prompt)."""
+        self.k[dst, :, :length] = self.k[src, :, :length]
+        self.v[dst, :, :length] = self.v[src, :, :length]
 
 
 class _PrefillRow:

@@ -7,7 +7,9 @@ finished from outside (a stop string matched, a client went away). Active rows a
 the front of the cache, so a finished sequence stops costing compute at once: the last active row
 moves into its place. Each `step()` returns the tokens produced by that step, so one iterator serves
 streaming, the CLI, the server and the tests. A request whose prefill fails, fails alone: `step()`
-reports it as an "error" event (iterating raises it) and the other rows go on.
+reports it as an "error" event (iterating raises it) and the other rows go on. Requests with the same
+prompt and images that join in one step (the n choices of a server request, several samples of one
+question) are prefilled once: the others copy its cache slots and its last hidden state.
 
 The decode step has static shapes for a given number of active rows and is free of host syncs and
 graph breaks; `compile=True` wraps it in torch.compile (and CUDA graphs via "reduce-overhead" on GPU).
@@ -141,6 +143,15 @@ class Engine:
         return head_logits(lm.output_head(), hidden)
 
 
+def _same_prompt(a: Request, b: Request) -> bool:
+    """Whether two requests put the same tokens and image features into the cache."""
+    def same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+        return x is y or (x is not None and y is not None and x.shape == y.shape and x.device == y.device
+                          and torch.equal(x, y))
+
+    return a.prompt_ids == b.prompt_ids and same(a.pixel_values, b.pixel_values) and same(a.vit_embeds, b.vit_embeds)
+
+
 def head_logits(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     """fp32 logits (B, V) of a few rows of hidden states; 2-16 rows on the CPU go through
     `weight_first_matmul` (the vocabulary-wide head gains up to 16 rows)."""
@@ -216,10 +227,11 @@ class Generation:
         raises fails the rows it ran; the batch stays usable either way."""
         events: list[Event] = []
         self._drop_cancelled()
+        prefilled: list[tuple[Request, int, torch.Tensor]] = []  # this step's prompts: request, rid, hidden
         while self.waiting and len(self.rows) < self.max_batch:
             rid, request = self.waiting.pop(0)
             try:
-                events += self._admit(rid, request)
+                events += self._admit(rid, request, prefilled)
             except Exception as e:
                 if self.rows and self.rows[-1].rid == rid:
                     self.rows.pop()
@@ -248,11 +260,22 @@ class Generation:
         out = self.engine._decode_fn(tokens, positions, self.key_mask, self.caches, n, span, screen)
         return self._choose(out, slice(0, n)) if screen is None else self._screened(*out)
 
-    def _admit(self, rid: int, request: Request) -> list[Event]:
+    def _admit(self, rid: int, request: Request, prefilled: list[tuple[Request, int, torch.Tensor]]) -> list[Event]:
+        """Prefill `request` into the next row, or copy the cache slots of a request with the same prompt
+        and images admitted in this step (the n choices of one server request, repeated questions)."""
         p = request.params
         row = len(self.rows)
         n = len(request.prompt_ids)
-        hidden = self.engine.prefill(request, self.caches, row)
+        rows = {r.rid: i for i, r in enumerate(self.rows)}
+        twin = next(((rows[other_rid], hidden) for other, other_rid, hidden in prefilled
+                     if other_rid in rows and _same_prompt(other, request)), None)
+        if twin is not None:
+            for cache in self.caches:
+                cache.move_row(twin[0], row, n)
+            hidden = twin[1]
+        else:
+            hidden = self.engine.prefill(request, self.caches, row)
+            prefilled.append((request, rid, hidden))
         self.key_mask[row] = -torch.inf
         self.key_mask[row, :n] = 0.0
         self.seen[row] = False
