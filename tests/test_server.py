@@ -375,7 +375,8 @@ def test_a_failing_prefill_fails_its_request_alone(local_chat, monkeypatch):
     decoding beside it goes on to the same tokens as alone."""
     ids = local_chat.prepare("Hello there").prompt_ids
     params = SamplingParams(max_new_tokens=STEPS, ignore_eos=True)
-    good, bad = Request(ids, params), Request(ids, params)
+    # Different prompts: a request with the same prompt as one prefilled in the same step copies its cache.
+    good, bad = Request(ids, params), Request(local_chat.prepare("Something else").prompt_ids, params)
     prefill = local_chat.engine.prefill
 
     def failing_prefill(request, caches, row):
