@@ -253,20 +253,32 @@ def test_parse_number_none(text):
     assert parse_number(text) is None
 
 
-# Number words in short answers: a count ("there is one", "three cats") reads as a number; a word that
-# picks something out ("the one on the left", "this one", "one of them"), negates ("not one"), hedges
-# ("no idea"), or is part of a compound ("two-thirds") does not.
+# Number words in short answers: a count ("there is one", "three cats", "only one of them") reads as a
+# number; a word that picks something out ("the one on the left", "the big red one", "the other two"),
+# negates ("not one"), hedges ("no idea"), or is part of a compound ("two-thirds") does not.
 NUMBER_WORD_CASES = [
     # (answer, value read, or None)
+    # "one" as the whole answer, starting it (or a clause), after a counting word, or before a noun
     ("one", 1), ("One.", 1), ("one apple", 1), ("there is one", 1), ("Final answer: one", 1), ("1", 1),
     ("three cats", 3), ("There are three.", 3), ("The answer is one", 1), ("The cat has one", 1),
-    ("Only one.", 1), ("two of them", 2), ("two of the three", 2), ("No one", 0), ("None of the three", 0),
-    ("the one with two dots", 2), ("No doubt, three", 3), ("Not three. Four.", 4),
-    ("the one on the left", None), ("this one", None), ("One of them", None), ("the red one", None),
-    ("Which one?", None), ("I see the red one", None), ("It is that one", None), ("each one", None),
-    ("the other two", None), ("one of the three", None), ("not one", None), ("no idea", None),
-    ("I have no idea", None), ("two-thirds", None), ("one-way street", None), ("a second look", None),
-    ("at first", None), ("once", None), ("someone", None), ("alone", None),
+    ("Only one.", 1), ("Only one", 1), ("just one", 1), ("Only one of them", 1), ("One of them", 1),
+    ("One of them is red", 1), ("one of the three", 1), ("There's one", 1), ("Yes, one.", 1),
+    ("He ate one apple", 1), ("Each has one", 1),
+    # other number words count unless a determiner or "not" is right before them
+    ("Each has two", 2), ("Each has two legs", 2), ("This has three", 3), ("That has two", 2),
+    ("The number two", 2), ("two of them", 2), ("two of the three", 2), ("No one", 0), ("None of the three", 0),
+    ("the one with two dots", 2), ("No doubt, three", 3), ("Not three. Four.", 4), ("No green shapes", 0),
+    # "one" as the pronoun for a thing already named
+    ("the one on the left", None), ("this one", None), ("the red one", None), ("Which one?", None),
+    ("I see the red one", None), ("It is that one", None), ("each one", None), ("any one", None),
+    ("the big red one", None), ("the top left one", None), ("the small blue one", None), ("Red one", None),
+    ("a red one", None), ("the other one", None), ("the red one looks bigger", None),
+    ("the red one is bigger", None), ("the one wearing a hat", None),
+    # picked out, negated, hedged, compounds, no number word at all
+    ("the other two", None), ("There are the two", None), ("not one", None), ("no idea", None),
+    ("I have no idea", None), ("No way", None), ("No it is not", None), ("two-thirds", None),
+    ("one-way street", None), ("a second look", None), ("at first", None), ("once", None),
+    ("someone", None), ("alone", None),
 ]
 
 

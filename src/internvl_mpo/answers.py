@@ -20,7 +20,7 @@ the Chinese trigger "答案:" of the official Chinese prompt, explicit letter st
 is B", "option (C)", "答案是C", which VLMEvalKit hands to its judge model), numbers read with units,
 thousands commas, percentages, fractions, LaTeX `\\frac`, negative and full-width numbers, and number
 words that count something in short answers ("three", "there is one", "none"; not "the one on the
-left", "one of them"), compared exactly for integers and with a relative tolerance otherwise, yes/no
+left", "the big red one"), compared exactly for integers and with a relative tolerance otherwise, yes/no
 variants (true/false, 是/否), and short text compared after normalisation (NFKC, which also folds CJK
 full-width forms; case; punctuation; English articles; number words, "none" as 0; whitespace, none
 kept next to CJK characters). The official checker for pairs uses the TextVQA evaluator and a 1e-3
@@ -93,14 +93,29 @@ _WORD_NUMBERS = {
 # A number word, or "no" before a word ("no green shapes": 0); read only in short answers, and only
 # where it counts something (`_is_count`).
 _NUMBER_WORD = re.compile(rf"\b(?:{'|'.join(_WORD_NUMBERS)}|no(?=\s+\w))\b", re.IGNORECASE)
-# One of these among the two words before a number word (same clause) makes it no count: a determiner
-# picks out things already named ("the one on the left", "this one", "the red one", "the other two"),
-# "not" negates ("not one").
+# Right before a number word, these make it pick out ("the three", "the other two", "which one") or
+# negate ("not one", "no one"), not count.
 _NOT_A_COUNT_AFTER = {
-    "a", "an", "the", "this", "that", "these", "those", "which", "each", "any", "every", "another",
-    "either", "neither", "no", "not",
+    "a", "an", "the", "this", "that", "these", "those", "which", "what", "each", "any", "every", "another",
+    "other", "either", "neither", "no", "not",
 }
-_HEDGES_AFTER_NO = {"idea", "clue", "answer", "doubt"}  # "no idea" is no 0
+# Right before "one", these make it a count ("there is one", "only one", "it has one").
+_COUNT_AFTER = {
+    "is", "are", "was", "were", "be", "there's", "it's", "that's", "here's", "has", "have", "had", "only",
+    "just", "exactly", "contains", "contain", "shows", "show", "see", "sees", "saw", "count", "counted",
+}
+# Words that cannot be the noun a count word goes with ("one apple", "no green shapes"): prepositions,
+# conjunctions, relatives, pronouns, adverbs, auxiliaries ("the one on the left", "No it is not").
+_NOT_A_NOUN = {
+    "of", "on", "in", "at", "to", "from", "with", "without", "by", "near", "next", "under", "over", "above",
+    "below", "behind", "beside", "between", "inside", "outside", "for", "about", "like", "than", "into",
+    "and", "or", "but", "that", "which", "who", "whom", "whose", "where", "when", "if", "so", "because", "as",
+    "i", "you", "he", "she", "it", "we", "they", "me", "him", "her", "us", "them", "this", "these", "those",
+    "my", "your", "his", "its", "our", "their", "here", "there", "too", "also", "again", "instead", "only",
+    "now", "then", "please", "is", "are", "was", "were", "be", "been", "am", "has", "have", "had", "do",
+    "does", "did", "can", "could", "will", "would", "shall", "should", "may", "might", "must",
+}
+_HEDGES_AFTER_NO = {"idea", "clue", "answer", "doubt", "way"}  # "no idea" is no 0
 _SHORT_ANSWER_WORDS = 5
 _YES = {"yes", "true", "correct", "yeah", "yep"}
 _NO = {"no", "false", "incorrect", "nope"}
@@ -285,18 +300,33 @@ def _numeric_text(text: str) -> str:
 
 
 def _is_count(match: re.Match) -> bool:
-    """Whether a number word found by `_NUMBER_WORD` counts something (not picks out, negates, hedges)."""
+    """Whether a number word found by `_NUMBER_WORD` counts something.
+
+    Never in a compound ("two-thirds") or right after a word of `_NOT_A_COUNT_AFTER` ("the other
+    two", "not one"); "no" only before a noun ("no green shapes", not "no idea", "No it is not").
+    "one" is also the pronoun for a thing already named ("the big red one"), so it counts only where
+    it starts the answer or a clause ("One.", "Final answer: one", "One of them is red"), follows a
+    word of `_COUNT_AFTER` ("there is one", "only one of them") or goes with a noun ("ate one
+    apple"; that noun is singular, so a word in -s there is a verb: "the red one looks bigger").
+    """
     word = match.group(0).casefold()
     before, after = match.string[: match.start()], match.string[match.end() :]
     if re.search(r"[A-Za-z]-$", before) or re.match(r"-[A-Za-z]", after):
-        return False  # part of a compound: "two-thirds", "one-way", "twenty-five"
-    clause = re.split(r"[^\w\s]", before)[-1]
-    if any(w.casefold() in _NOT_A_COUNT_AFTER for w in re.findall(r"\w+", clause)[-2:]):
         return False
+    clause = re.split(r"[^\w\s']", before.replace("\u2019", "'"))[-1]
+    words = re.findall(r"[\w']+", clause.casefold())
+    previous = words[-1] if words else None
+    if previous in _NOT_A_COUNT_AFTER:
+        return False
+    following = re.match(r"\s+([\w']+)", after)
+    following = following.group(1).casefold() if following else None
+    noun_follows = following is not None and following not in _NOT_A_NOUN
     if word == "no":
-        return re.match(r"\s+(\w+)", after).group(1).casefold() not in _HEDGES_AFTER_NO
-    # "one" is also the pronoun for a thing already named; "one of them" picks one, "two of them" counts.
-    return not (word == "one" and re.match(r"\s+of\b", after, re.IGNORECASE))
+        return noun_follows and following not in _HEDGES_AFTER_NO
+    if word != "one":
+        return True
+    singular_noun_follows = noun_follows and not re.search(r"[^su]s$", following)
+    return previous is None or previous in _COUNT_AFTER or singular_noun_follows
 
 
 def parse_number(text: str) -> Number | None:
@@ -306,9 +336,10 @@ def parse_number(text: str) -> Number | None:
     marks a percentage, and digits inside words and units ("CO2", "cm^2") are no numbers. In answers
     of at most five words, number words that count something count as digits, as the VQA normaliser
     maps them ("three", "there is one", "none"), and so does "no" before a word ("no green shapes": 0;
-    "I see no 3" gives two numbers). They do not count after a determiner or "not" among the two words
-    before ("the one on the left", "this one", "the red one", "the other two", "not one"), as "one of",
-    in a compound ("two-thirds") or as "no idea".
+    "I see no 3" gives two numbers). They do not count where they pick something out or negate ("the
+    other two", "not one"), in a compound ("two-thirds") or as "no idea", and "one" counts only where
+    it starts the answer, follows a counting word or goes with a noun ("there is one", "only one of
+    them", "one apple"; not "the one on the left", "the big red one"): see `_is_count`.
     """
     s = _numeric_text(text)
     if "=" in s:
