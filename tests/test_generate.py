@@ -17,7 +17,9 @@ from internvl_mpo.generate.sampling import (
     SamplingParams,
     apply_repetition_penalty,
     choose_tokens,
+    exponential_noise,
     filter_top_k_top_p,
+    make_generator,
 )
 from internvl_mpo.pipeline import InternVLChat, TextAssembler
 
@@ -245,6 +247,35 @@ def test_top_k_and_top_p_masks_on_hand_made_logits():
     # The most likely token is always kept, however small top_p is.
     assert filter_top_k_top_p(logits[:1], torch.tensor([0]), torch.tensor([1e-6])).isfinite()[0].tolist() == [
         True, False, False, False]
+
+
+def test_top_k_alone_without_sorting_masks_exactly_as_the_sorting_path():
+    """The host-known fast path (only the k-th largest logit) keeps the same tokens, ties with the k-th
+    included, for rows with top-k, without it (0) and with k past the vocabulary."""
+    torch.manual_seed(0)
+    logits = (torch.randn(5, 1000) * 2).round() / 2  # many ties
+    logits[4, :500] = float("-inf")
+    top_k = torch.tensor([1, 3, 0, 5000, 50])
+    top_p = torch.ones(5)
+    fast = filter_top_k_top_p(logits, top_k, top_p, largest_k=5000, nucleus=False)
+    assert torch.equal(fast, filter_top_k_top_p(logits, top_k, top_p))
+    assert (fast[0].isfinite().sum() > 1) and fast[2].isfinite().all()  # a tie at the top kept; no top-k
+    assert torch.equal(filter_top_k_top_p(logits, top_k * 0, top_p, largest_k=0, nucleus=False), logits)
+
+
+def test_exponential_noise_draws_exp1_and_sampling_follows_the_probabilities():
+    generators = [make_generator(1, "cpu"), None]
+    noise = exponential_noise(generators, 200_000, "cpu")
+    assert torch.equal(noise[1], torch.ones(200_000))  # a greedy row
+    assert (noise[0] > 0).all() and abs(noise[0].mean().item() - 1) < 0.01 and abs(noise[0].var().item() - 1) < 0.02
+    assert torch.equal(noise[0], exponential_noise([make_generator(1, "cpu")], 200_000, "cpu")[0])
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    rows = 20_000
+    g = make_generator(7, "cpu")
+    noise = exponential_noise([g] * rows, 4, "cpu")
+    tokens = choose_tokens(probs.log().expand(rows, 4), torch.zeros(rows, dtype=torch.bool), torch.ones(rows),
+                           torch.zeros(rows, dtype=torch.long), torch.ones(rows), noise, 0, False)
+    assert torch.allclose(torch.bincount(tokens, minlength=4) / rows, probs, atol=0.015)
 
 
 def test_greedy_rows_ignore_noise_and_sampled_rows_follow_it():

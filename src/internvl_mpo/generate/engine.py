@@ -67,6 +67,8 @@ class _Row:
     pending: int  # the last sampled token, to be fed at the next decode step
     penalised: bool = False  # repetition_penalty != 1
     plain: bool = False  # greedy and not penalised: only the argmax of the logits matters
+    top_k: int = 0  # the row's sampling filters, on the host (their device copies are in Generation)
+    top_p: float = 1.0
 
 
 class Engine:
@@ -290,7 +292,7 @@ class Generation:
         remaining = min(p.max_new_tokens, self.max_len - n)
         penalised = p.repetition_penalty != 1.0
         plain = p.greedy and not penalised
-        self.rows.append(_Row(rid, n, remaining, stops, generator, -1, penalised, plain))
+        self.rows.append(_Row(rid, n, remaining, stops, generator, -1, penalised, plain, p.top_k, p.top_p))
         screen = self.engine.greedy_screen() if plain else None
         if screen is not None:
             token = self._screened(*screen(hidden), hidden)
@@ -312,12 +314,15 @@ class Generation:
         if penalised:
             logits = apply_repetition_penalty(logits, self.seen[rows], self.penalty[rows])
         generators = [r.generator for r in self.rows[rows]]
-        noise = None
-        if any(g is not None for g in generators):
-            generators = [g or make_generator(0, logits.device) for g in generators]
+        noise, largest_k, nucleus = None, 0, False
+        sampled = [r for r in self.rows[rows] if r.generator is not None]
+        if sampled:
             noise = exponential_noise(generators, logits.shape[-1], logits.device)
+            # Known on the host, so top-k alone skips sorting the vocabulary (see filter_top_k_top_p).
+            largest_k, nucleus = max(r.top_k for r in sampled), any(r.top_p < 1 for r in sampled)
         tokens = choose_tokens(
-            logits, self.greedy[rows], self.temperature[rows], self.top_k[rows], self.top_p[rows], noise
+            logits, self.greedy[rows], self.temperature[rows], self.top_k[rows], self.top_p[rows], noise,
+            largest_k, nucleus,
         )
         if penalised:  # `seen` serves the penalty only, and a penalised row is in every step it lives
             self.seen[rows].scatter_(1, tokens[:, None], True)

@@ -63,8 +63,22 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Set to -inf what top-k (B,) (0 = off) and then top-p (B,) remove."""
+def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, largest_k: int | None = None,
+                       nucleus: bool = True) -> torch.Tensor:
+    """Set to -inf what top-k (B,) (0 = off) and then top-p (B,) remove.
+
+    `largest_k` (the largest top_k of the rows, 0 when none uses top-k) and `nucleus` (whether a row
+    has top_p < 1), known on the host, let the common cases skip sorting the vocabulary: top-k alone
+    needs only each row's k-th largest logit (`topk`), and neither needs nothing. The result is the
+    same either way (ties with the k-th logit are kept, as transformers' TopKLogitsWarper does)."""
+    if not nucleus and largest_k is not None:
+        if largest_k == 0:
+            return logits
+        largest = logits.topk(min(largest_k, logits.shape[-1]), dim=-1).values  # descending
+        k = top_k.clamp(min=1, max=largest.shape[-1])
+        kth = largest.gather(-1, (k - 1)[:, None])
+        kth = kth.masked_fill(top_k[:, None] == 0, float("-inf"))
+        return logits.masked_fill(logits < kth, float("-inf"))
     vocab = logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
@@ -85,20 +99,28 @@ def choose_tokens(
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     noise: torch.Tensor | None,
+    largest_k: int | None = None,
+    nucleus: bool = True,
 ) -> torch.Tensor:
-    """(B, V) fp32 logits -> (B,) token ids. `noise` is Exp(1) noise (B, V), needed when any row samples."""
+    """(B, V) fp32 logits -> (B,) token ids. `noise` is Exp(1) noise (B, V), needed when any row samples;
+    `largest_k` and `nucleus` as in `filter_top_k_top_p`."""
     best = logits.argmax(-1)
     if noise is None:
         return best
     scaled = logits / temperature.clamp(min=1e-5)[:, None]
-    probs = filter_top_k_top_p(scaled, top_k, top_p).softmax(-1)
+    probs = filter_top_k_top_p(scaled, top_k, top_p, largest_k, nucleus).softmax(-1)
     drawn = (probs / noise).argmax(-1)
     return torch.where(greedy, best, drawn)
 
 
-def exponential_noise(generators: list[torch.Generator], vocab: int, device) -> torch.Tensor:
-    """(B, V) Exp(1) draws, row b from generators[b]."""
-    rows = [torch.empty(vocab, device=device).exponential_(1.0, generator=g) for g in generators]
+def exponential_noise(generators: list[torch.Generator | None], vocab: int, device) -> torch.Tensor:
+    """(B, V) Exp(1) draws, row b from generators[b] (ones for a row without one: a greedy row).
+
+    Drawn as -log(U) with U uniform in [0, 1): in (0, inf], never 0, so p / noise is never 0 / 0.
+    torch's own `exponential_` is several times slower on the CPU, and at a full vocabulary per row
+    per step it cost more than a small model's decode step."""
+    rows = [torch.ones(vocab, device=device) if g is None else torch.rand(vocab, generator=g, device=device).log_().neg_()
+            for g in generators]
     return torch.stack(rows)
 
 
