@@ -134,6 +134,34 @@ def test_saved_files_get_the_mode_the_umask_gives(tmp_path, tiny, umask_022):
     assert (single / "model.safetensors").exists() and modes_other_than(single, 0o640) == {}
 
 
+def test_file_modes_are_best_effort_and_the_umask_fallback_is_thread_safe(tmp_path, tiny, umask_022, monkeypatch):
+    """A file system that refuses chmod keeps the file as written instead of failing the save; where
+    /proc does not show the umask, reading it by setting and restoring it never leaves it changed."""
+    import threading
+
+    from internvl_mpo import checkpoint
+
+    model = InternVL(tiny)
+
+    def refuse(path, mode):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint.os, "chmod", refuse)
+        assert (model.save_pretrained(tmp_path / "nochmod") / "model.safetensors").exists()
+
+    def no_proc(*args, **kwargs):
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(checkpoint, "open", no_proc, raising=False)
+    threads = [threading.Thread(target=lambda: [checkpoint._umask() for _ in range(300)]) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert checkpoint._umask() == 0o022 and os.umask(0o022) == 0o022
+
+
 def test_image_token_id_is_read_from_tokenizer_files(tmp_path, tiny):
     ref = hf_reference(tiny)
     src = write_checkpoint(tmp_path / "src", tiny, hf_to_official(ref.state_dict()))

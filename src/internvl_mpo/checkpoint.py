@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -187,6 +188,9 @@ def parse_size(size: int | str) -> int:
     return int(number * base ** "BKMGT".index(unit[0]))
 
 
+_UMASK_LOCK = threading.Lock()
+
+
 def _umask() -> int:
     """The process umask, read from /proc where Linux shows it (setting it to read it is not thread-safe)."""
     try:
@@ -196,8 +200,9 @@ def _umask() -> int:
                     return int(line.split()[1], 8)
     except (OSError, ValueError):
         pass
-    mask = os.umask(0o077)  # elsewhere: set and restore, the strictest mask in between
-    os.umask(mask)
+    with _UMASK_LOCK:  # elsewhere: set and restore (the strictest mask in between), one thread at a time
+        mask = os.umask(0o077)
+        os.umask(mask)
     return mask
 
 
@@ -205,9 +210,13 @@ def honour_umask(path: str | Path) -> None:
     """Give `path` the mode a plain `open(path, "w")` would: 0666 less the umask (0644 as a rule).
 
     safetensors creates its files 0600, and copies keep their source's mode; other users (a vLLM
-    server) then could not read what we wrote.
+    server) then could not read what we wrote. Best effort: a file system that refuses chmod keeps the
+    file as written.
     """
-    os.chmod(path, 0o666 & ~_umask())
+    try:
+        os.chmod(path, 0o666 & ~_umask())
+    except OSError:
+        pass
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
