@@ -120,6 +120,20 @@ def test_resume_answers_only_missing_questions(tmp_path):
     assert run_eval(data, FakeAnswerer(DIRECT), tmp_path / "limited", limit=2)["total"] == 2
 
 
+def test_resume_asks_again_where_the_data_changed_under_an_id(tmp_path):
+    """Ids may be line numbers: a question inserted above renumbers the rest, so a stored prediction is
+    reused only for the same prompt and ground truth."""
+    data = write_bench(tmp_path / "data")
+    out = tmp_path / "out"
+    run_eval(data, FakeAnswerer(DIRECT), out)
+    rows = [dict(BENCH[0]), dict(BENCH[4], id="2"), *BENCH[2:4], dict(BENCH[1], id="5", answer="B"), BENCH[5]]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    again = FakeAnswerer(DIRECT)
+    score = run_eval(data, again, out)
+    assert [p.question.split("\n")[0] for p in again.prompts] == ["Which city is this?", "How many cats are there?"]
+    assert score["correct"] == 4 and score["total"] == 6  # the cats answer "B" is right against the new truth
+
+
 @pytest.mark.parametrize("limit", [0, -1])
 def test_limits_below_one_are_refused(tmp_path, limit, capsys):
     data = write_bench(tmp_path / "data")

@@ -291,7 +291,8 @@ def run_eval(
     settings: dict[str, Any] | None = None,
     items: list[BenchItem] | None = None,
 ) -> dict[str, Any]:
-    """Answer every question not yet in predictions.jsonl, then score all; returns the score dict.
+    """Answer every question not yet in predictions.jsonl (or stored there with another prompt or
+    ground truth: the data changed), then score all; returns the score dict.
     `items`: those of `data` when already read (reading decodes every image)."""
     from tqdm import tqdm
 
@@ -304,7 +305,10 @@ def run_eval(
     check_settings(out / "settings.json", {"data": str(Path(data).resolve()), "cot": cot, **(settings or {})})
     progress = Progress(out / "predictions.jsonl")
     done = progress.load()
-    todo = [item for item in items if item.id not in done]
+    # A stored prediction counts only for the same question: ids may be line numbers, and a data file
+    # edited between runs would otherwise have old answers scored against new questions.
+    todo = [item for item in items if item.id not in done or done[item.id].get("prompt") != build_prompt(item, cot)
+            or done[item.id].get("answer") != item.answer]
     with tqdm(total=len(items), initial=len(items) - len(todo), desc="eval", unit="q") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
