@@ -436,6 +436,43 @@ def test_a_burst_of_requests_joins_the_batch_in_one_step(local_chat):
     assert (worker.stats["steps"], worker.stats["max_active"]) == (STEPS - 1, 4)
 
 
+def test_an_unexpected_failure_in_a_step_fails_its_requests_and_the_worker_goes_on(local_chat, monkeypatch):
+    from internvl_mpo.generate.engine import Generation
+
+    step = Generation.step
+    calls = []
+
+    def broken_once(self):
+        calls.append(1)
+        if len(calls) == 2:  # mid-decode, outside the engine's own per-request failure handling
+            raise RuntimeError("bookkeeping bug")
+        return step(self)
+
+    monkeypatch.setattr(Generation, "step", broken_once)
+    params = SamplingParams(max_new_tokens=STEPS, ignore_eos=True)
+    results = {}
+    done = threading.Semaphore(0)
+
+    def deliver_to(name):
+        def deliver(item) -> None:
+            if isinstance(item, Exception) or item.finish_reason:
+                results[name] = item
+                done.release()
+        return deliver
+
+    worker = BatchWorker(local_chat, max_batch=4, max_len=256)
+    worker.submit(Job(Request(local_chat.prepare("Hello there").prompt_ids, params), 0, deliver_to("first")))
+    worker.start()
+    try:
+        assert done.acquire(timeout=60)
+        worker.submit(Job(Request(local_chat.prepare("Hello there").prompt_ids, params), 0, deliver_to("second")))
+        assert done.acquire(timeout=60)
+    finally:
+        worker.stop()
+    assert isinstance(results["first"], ApiError) and "bookkeeping bug" in results["first"].message
+    assert results["second"].finish_reason == "length" and results["second"].completion_tokens == STEPS
+
+
 def test_non_streamed_client_that_goes_away_frees_its_rows(server):
     """Tokens flow all the time, yet the rows of a plain request are freed soon after its client leaves."""
     before = health(server)

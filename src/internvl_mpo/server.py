@@ -455,8 +455,15 @@ class BatchWorker:
                 self._command(gen, jobs, *command, stats)
             if not gen:
                 continue
-            for event in gen.step():  # a request that fails comes back as an "error" event, alone
-                self._event(gen, jobs, event, stats)
+            try:
+                for event in gen.step():  # a request that fails comes back as an "error" event, alone
+                    self._event(gen, jobs, event, stats)
+            except Exception as e:  # anything else must not take the server down: fail what runs, start afresh
+                log.exception("generation step failed")
+                for job in jobs.values():
+                    job.deliver(ApiError(500, f"generation failed: {e}", type="server_error"))
+                jobs.clear()
+                gen = self.chat.engine.start(self.max_batch, self.max_len)
             stats.update(active=gen.active, waiting=len(gen.waiting), steps=stats["steps"] + 1,
                          max_active=max(stats["max_active"], gen.active))
             self.stats = dict(stats)
