@@ -56,11 +56,13 @@ def _param_help(doc: str) -> dict[str, str]:
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each optional flag's default, unless its help text already says it in words."""
+    """Shows each optional flag's default, unless its help text already says it in words ("default:")
+    or says the flag is required."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        return text if action.required or "(default" in text else super()._get_help_string(action)
+        said = "default:" in text or "(required" in text
+        return text if action.required or said else super()._get_help_string(action)
 
 
 def build_parser(fn, name: str) -> argparse.ArgumentParser:

@@ -479,7 +479,7 @@ def _ref_fingerprint(cfg: TrainConfig, dataset) -> dict:
 
 def precompute_reference(
     cfg: TrainConfig, env: DistEnv, ref: InternVL, dataset: PairDataset, pad_id: int, autocast
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference (chosen, rejected) log-probs of every record, computed once and cached in the output.
 
     Stored as `ref_logps.safetensors` (chosen, rejected, valid) + `ref_logps.json` (what they were
