@@ -199,6 +199,38 @@ def test_requests_with_one_prompt_are_prefilled_once(setup, monkeypatch):
     assert calls == [0, 0, 1] and out[1] == alone[1] and out[2] == out[3] == run(chat.engine, [Request(b, GREEDY)])[0]
 
 
+def test_a_sequence_that_went_non_finite_leaves_nothing_for_the_next_one(setup, monkeypatch):
+    """Masked cache slots still enter attention as 0 x value: inf or NaN that a finished sequence wrote
+    (fp16 overflow) must not reach the next sequence in its row."""
+    chat, _ = setup
+    long_prompt, _ = prompt(chat, "A much longer first question, with many more words in it than the next one.")
+    short, _ = prompt(chat, "Hi")
+    alone = run(chat.engine, [Request(short, GREEDY)])[0]
+    prefill = chat.engine.prefill
+    poisoned = Request(long_prompt, SamplingParams(max_new_tokens=5, ignore_eos=True))
+
+    def overflowing_prefill(request, caches, row):
+        hidden = prefill(request, caches, row)
+        if request is poisoned:
+            for cache in caches:
+                cache.k[row, :, : len(request.prompt_ids)] = float("nan")
+        return hidden
+
+    monkeypatch.setattr(chat.engine, "prefill", overflowing_prefill)
+    gen = chat.engine.start(max_batch=2, max_len=256)
+    for request in (Request(short, GREEDY), poisoned):  # the poisoned sequence in the last row
+        gen.add(request)
+    tokens = {0: [], 1: []}
+    for events in gen:
+        for e in events:
+            tokens[e.rid].append(e.token)
+            if e.rid == 1 and e.finish:
+                gen.add(Request(short, GREEDY))  # takes the row the poisoned sequence leaves
+                tokens[2] = []
+    assert tokens[0] == alone and tokens[2] == alone
+    assert all(not (c.k.isnan().any() or c.v.isnan().any()) for c in gen.caches)
+
+
 def test_early_finish_frees_the_row(setup):
     chat, _ = setup
     a, _ = prompt(chat, "one")

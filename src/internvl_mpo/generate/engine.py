@@ -237,6 +237,7 @@ class Generation:
             except Exception as e:
                 if self.rows and self.rows[-1].rid == rid:
                     self.rows.pop()
+                self._clear(len(self.rows), len(request.prompt_ids))  # what its prefill may have written
                 events.append(Event(rid, None, "error", e))
         if not self.rows:
             return events
@@ -244,6 +245,8 @@ class Generation:
             chosen = self._decode_step()
         except Exception as e:
             events += [Event(row.rid, None, "error", e) for row in self.rows]
+            for index, row in enumerate(self.rows):
+                self._clear(index, row.position + 1)
             self.rows.clear()
             return events
         for row in self.rows:
@@ -357,14 +360,22 @@ class Generation:
         self._cancelled.clear()
 
     def _release(self, rid: int) -> None:
-        """Free the row of `rid`: the last active row moves into its place, keeping rows packed."""
+        """Free the row of `rid`: the last active row moves into its place, keeping rows packed. Every
+        slot outside the active sequences stays zero (see KVCache.clear_row)."""
         index = next(i for i, r in enumerate(self.rows) if r.rid == rid)
         last = len(self.rows) - 1
+        self._clear(index, self.rows[index].position + 1)
         if index != last:
+            extent = min(self.rows[last].position + 1, self.max_len)  # the slots the moving row has written
             for cache in self.caches:
-                cache.move_row(last, index)
+                cache.move_row(last, index, extent)
+            self._clear(last, extent)
             for state in (self.key_mask, self.seen, self.greedy, self.temperature, self.top_k, self.top_p,
                           self.penalty):
                 state[index] = state[last]
             self.rows[index] = self.rows[last]
         self.rows.pop()
+
+    def _clear(self, row: int, length: int) -> None:
+        for cache in self.caches:
+            cache.clear_row(row, min(length, self.max_len))
