@@ -231,6 +231,34 @@ def test_a_sequence_that_went_non_finite_leaves_nothing_for_the_next_one(setup, 
     assert all(not (c.k.isnan().any() or c.v.isnan().any()) for c in gen.caches)
 
 
+def test_logprobs_are_the_models_log_softmax_of_each_chosen_token(setup):
+    """The raw distribution (before temperature and filters) from an uncached forward over the prompt
+    and the tokens so far; the top alternatives best first."""
+    chat, _ = setup
+    ids, pixels = prompt(chat, "Describe it.", Image.new("RGB", (70, 30), "red"))
+    greedy = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    sampled = SamplingParams(max_new_tokens=6, do_sample=True, temperature=0.5, top_k=5, seed=3, ignore_eos=True)
+    for params in (greedy, sampled):
+        events = [e for step in chat.engine.generate([Request(ids, params, pixels, logprobs=3)]) for e in step]
+        tokens = [e.token for e in events]
+        with torch.no_grad():
+            logits = chat.model(torch.tensor([ids + tokens]), pixel_values=pixels)[0, len(ids) - 1 : -1]
+        expected = logits.float().log_softmax(-1)
+        for t, e in enumerate(events):
+            assert e.logprob == pytest.approx(expected[t, e.token].item(), abs=1e-4)
+            best = expected[t].topk(3)
+            assert [i for i, _ in e.top_logprobs] == best.indices.tolist()
+            assert [v for _, v in e.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-4)
+            if params is greedy:
+                assert e.top_logprobs[0][0] == e.token
+    plain = [e for step in chat.engine.generate([Request(ids, greedy, pixels)]) for e in step]
+    assert all(e.logprob is None and e.top_logprobs == () for e in plain)  # only when asked
+    zero = [e for step in chat.engine.generate([Request(ids, greedy, pixels, logprobs=0)]) for e in step]
+    assert all(e.logprob is not None and e.top_logprobs == () for e in zero)
+    with pytest.raises(InputError, match="logprobs must be in 0..20, got 21"):
+        chat.engine.generate([Request(ids, greedy, logprobs=21)])
+
+
 def test_early_finish_frees_the_row(setup):
     chat, _ = setup
     a, _ = prompt(chat, "one")

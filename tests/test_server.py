@@ -234,6 +234,37 @@ def test_n_choices(client):
     assert texts == {0: first[0], 1: first[1]} and set(finishes) == {0, 1}
 
 
+def test_logprobs_plain_and_streamed(client, local_chat):
+    """OpenAI's logprobs.content: one entry per token of the answer (the end-of-turn token is not in the
+    text), each with its text, UTF-8 bytes, log-probability and top alternatives, best first; the
+    streamed chunks carry the same entries."""
+    messages = [{"role": "user", "content": "Hello there"}]
+    reply = client.chat.completions.create(model="m", messages=messages, logprobs=True, top_logprobs=2, **GREEDY)
+    choice = reply.choices[0]
+    entries = choice.logprobs.content
+    stopped_by_eos = choice.finish_reason == "stop"
+    assert len(entries) == reply.usage.completion_tokens - stopped_by_eos > 0
+    ids = local_chat.prepare("Hello there").prompt_ids
+    events = [e for step in local_chat.engine.generate(
+        [Request(ids, SamplingParams(max_new_tokens=STEPS), logprobs=2)]) for e in step]
+    for entry, event in zip(entries, events):
+        raw = local_chat.tokenizer.token_bytes(event.token)
+        assert (entry.bytes, entry.token) == (list(raw), raw.decode("utf-8", errors="replace"))
+        assert entry.logprob == pytest.approx(event.logprob, abs=1e-5) and entry.logprob <= 0
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx([v for _, v in event.top_logprobs], abs=1e-5)
+        assert entry.top_logprobs[0].bytes == entry.bytes  # greedy: the chosen token is the best
+    assert client.chat.completions.create(model="m", messages=messages, **GREEDY).choices[0].logprobs is None
+    stream = client.chat.completions.create(model="m", messages=messages, logprobs=True, top_logprobs=2,
+                                            stream=True, **GREEDY)
+    streamed = [e for chunk in stream if chunk.choices and chunk.choices[0].logprobs
+                for e in chunk.choices[0].logprobs.content]
+    assert [(e.bytes, e.logprob) for e in streamed] == [(e.bytes, e.logprob) for e in entries]
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs: true"):
+        client.chat.completions.create(model="m", messages=messages, top_logprobs=2, **GREEDY)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs must be"):
+        client.chat.completions.create(model="m", messages=messages, logprobs=True, top_logprobs=21, **GREEDY)
+
+
 def test_bad_requests_get_openai_errors(server, client):
     corrupt = b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20
     with pytest.raises(openai.BadRequestError) as e:

@@ -23,7 +23,8 @@ Differences from OpenAI kept on purpose: `top_k`, `repetition_penalty`, `ignore_
 field is not checked (one model is served); sampling has no top-k unless asked (the model card's
 HF default of 50 does not apply); choice i of a seeded request with `n > 1` samples with seed + i;
 the text is the raw decoded answer (not stripped as `chat()` strips it), so streamed pieces join to
-exactly the non-streamed content.
+exactly the non-streamed content; `logprobs` are the model's raw log-probabilities (before
+temperature, penalty and filters, as vLLM reports them by default), without the end-of-turn token.
 """
 
 import asyncio
@@ -40,14 +41,14 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .chat.template import IMAGE_PLACEHOLDER, build_prompt_ids
 from .errors import ConfigError, InputError
-from .generate.engine import Generation, Request
+from .generate.engine import MAX_TOP_LOGPROBS, Generation, Request
 from .generate.sampling import SamplingParams
 from .pipeline import InternVLChat, TextAssembler
 from .processor.image import load_image
@@ -114,6 +115,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     max_num: int | None
+    logprobs: int | None = None  # top_logprobs when logprobs were asked for, else None
 
 
 def _field(body: dict, key: str, kinds: tuple[type, ...], default=None, low=None, high=None):
@@ -226,8 +228,10 @@ def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
     for key in UNSUPPORTED_FIELDS:
         if body.get(key):
             raise ApiError(400, f"{key} is not supported by this server", key)
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise ApiError(400, "logprobs are not supported by this server", "logprobs")
+    logprobs = _field(body, "logprobs", (bool,), False)
+    top_logprobs = _field(body, "top_logprobs", (int,), None, 0, MAX_TOP_LOGPROBS)
+    if top_logprobs is not None and not logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     for key in ("frequency_penalty", "presence_penalty"):
         if _field(body, key, (int, float), 0):
             raise ApiError(400, f"{key} is not supported (use repetition_penalty)", key)
@@ -277,6 +281,7 @@ def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
         question=turns[-1][1], history=history, system_message=system, image_urls=images, params=params,
         max_tokens=max_tokens, n=n, stream=_field(body, "stream", (bool,), False),
         include_usage=bool(stream_options.get("include_usage")), max_num=max_num,
+        logprobs=(top_logprobs or 0) if logprobs else None,
     )
 
 
@@ -389,6 +394,7 @@ class Chunk:
     text: str
     finish_reason: str | None = None
     completion_tokens: int = 0
+    logprobs: list[dict] | None = None  # OpenAI `logprobs.content` entries of the tokens behind `text`
 
 
 @dataclass(eq=False)
@@ -403,6 +409,7 @@ class Job:
     texts: TextAssembler | None = None
     cancelled: bool = False
     done: bool = False
+    logprobs: list[dict] = field(default_factory=list)  # entries not yet delivered with a chunk
 
 
 class BatchWorker:
@@ -500,13 +507,28 @@ class BatchWorker:
         stats["completion_tokens"] += 1
         piece, stopped = job.texts.feed(event.token, last=event.finish is not None)
         finish = "stop" if stopped else event.finish
+        if event.logprob is not None and not (event.finish == "stop" and self.chat.tokenizer.is_special(event.token)):
+            job.logprobs.append(self._logprob_entry(event))  # the end-of-turn token is not in the text
         if finish:
             if event.finish is None:
                 gen.finish(event.rid)
             del jobs[event.rid]
             job.done = True
         if piece or finish:
-            job.deliver(Chunk(job.index, piece, finish, job.tokens))
+            entries = None
+            if job.request.logprobs is not None:
+                entries, job.logprobs = job.logprobs, []
+            job.deliver(Chunk(job.index, piece, finish, job.tokens, entries))
+
+    def _logprob_entry(self, event) -> dict:
+        """An OpenAI `logprobs.content` entry: the token's text and UTF-8 bytes (a token may hold part
+        of a character), its log-probability, and the top alternatives."""
+        def entry(token: int, logprob: float) -> dict:
+            raw = self.chat.tokenizer.token_bytes(token)
+            return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+        return {**entry(event.token, event.logprob),
+                "top_logprobs": [entry(token, logprob) for token, logprob in event.top_logprobs]}
 
 
 # ---- HTTP -------------------------------------------------------------------------------------
@@ -626,7 +648,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
         for index in range(req.n):
             seed = None if req.params.seed is None else req.params.seed + index
             params = dataclasses.replace(req.params, max_new_tokens=prompt.max_new_tokens, seed=seed)
-            jobs.append(Job(Request(prompt.ids, params, prompt.pixel_values), index, deliver))
+            jobs.append(Job(Request(prompt.ids, params, prompt.pixel_values, logprobs=req.logprobs), index, deliver))
             worker.submit(jobs[-1])
         head = {"id": _completion_id(), "created": int(time.time()), "model": model_name}
         usage = {"prompt_tokens": len(prompt.ids)}
@@ -638,12 +660,14 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
         if req.stream:
             return _EventStream(_stream(inbox, req, head, usage), close)
         try:
-            return await _collect(inbox, request, req.n, head, usage)
+            return await _collect(inbox, request, req, head, usage)
         finally:
             close()
 
-    async def _collect(inbox: asyncio.Queue, request: HttpRequest, n: int, head: dict, usage: dict) -> dict:
+    async def _collect(inbox: asyncio.Queue, request: HttpRequest, req: ChatRequest, head: dict, usage: dict) -> dict:
+        n = req.n
         texts, finishes, tokens = [""] * n, [None] * n, [0] * n
+        logprobs: list[list[dict]] = [[] for _ in range(n)]
         clock = asyncio.get_running_loop().time
         check_at = clock() + DISCONNECT_POLL_S
         while None in finishes:
@@ -660,17 +684,20 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
             if isinstance(item, Exception):
                 raise item
             texts[item.index] += item.text
+            logprobs[item.index] += item.logprobs or []
             if item.finish_reason:
                 finishes[item.index], tokens[item.index] = item.finish_reason, item.completion_tokens
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                    "logprobs": None if req.logprobs is None else {"content": logprobs[i]},
                     "finish_reason": finishes[i]} for i in range(n)]
         return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(usage, sum(tokens))}
 
     async def _stream(inbox: asyncio.Queue, req: ChatRequest, head: dict, usage: dict):
         head = {**head, "object": "chat.completion.chunk"}
 
-        def chunk(index: int, delta: dict, finish: str | None = None) -> str:
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        def chunk(index: int, delta: dict, finish: str | None = None, logprobs: list[dict] | None = None) -> str:
+            choice = {"index": index, "delta": delta, "logprobs": None if logprobs is None else {"content": logprobs},
+                      "finish_reason": finish}
             return _sse({**head, "choices": [choice]})
 
         for index in range(req.n):
@@ -682,7 +709,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
                 error = item if isinstance(item, ApiError) else ApiError(500, str(item), type="server_error")
                 yield _sse(error.body())
                 break
-            yield chunk(item.index, {"content": item.text} if item.text else {}, item.finish_reason)
+            yield chunk(item.index, {"content": item.text} if item.text else {}, item.finish_reason, item.logprobs)
             if item.finish_reason:
                 finished += 1
                 tokens += item.completion_tokens

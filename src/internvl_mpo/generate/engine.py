@@ -35,6 +35,7 @@ SPAN_BUCKET = 256
 # cache; its int8 copy adds a quarter of the head to memory, so very large heads go without it.
 SCREEN_MIN_BYTES = 32 << 20
 SCREEN_MAX_BYTES = 256 << 20
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass
@@ -43,18 +44,24 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     pixel_values: torch.Tensor | None = None  # the tiles of this prompt's images, in placeholder order
     vit_embeds: torch.Tensor | None = None  # or their precomputed image embeddings
+    # Report each token's log-probability under the model (before penalty, temperature and filters)
+    # and this many of the most likely tokens with theirs (0-20); None: do not.
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
 class Event:
     """One token produced for request `rid`; `finish` is "stop" or "length" on its last token. A
     request that failed (its prefill or a decode step raised) gets one last Event with no token,
-    finish "error" and the exception in `error`."""
+    finish "error" and the exception in `error`. With `Request.logprobs`, the token's log-probability
+    and the most likely (token, log-probability) pairs, best first."""
 
     rid: int
     token: int | None
     finish: str | None = None
     error: Exception | None = None
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -69,6 +76,7 @@ class _Row:
     plain: bool = False  # greedy and not penalised: only the argmax of the logits matters
     top_k: int = 0  # the row's sampling filters, on the host (their device copies are in Generation)
     top_p: float = 1.0
+    logprobs: int | None = None  # Request.logprobs
 
 
 class Engine:
@@ -196,6 +204,8 @@ class Generation:
             raise InputError("the prompt is empty")
         if n >= self.max_len:
             raise InputError(f"the prompt is {n} tokens; this batch holds at most {self.max_len - 1} prompt tokens")
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
+            raise InputError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {request.logprobs}")
         rid = next(self._ids)
         self.waiting.append((rid, request))
         return rid
@@ -242,7 +252,7 @@ class Generation:
         if not self.rows:
             return events
         try:
-            chosen = self._decode_step()
+            chosen, logprobs = self._decode_step()
         except Exception as e:
             events += [Event(row.rid, None, "error", e) for row in self.rows]
             for index, row in enumerate(self.rows):
@@ -251,10 +261,10 @@ class Generation:
             return events
         for row in self.rows:
             row.position += 1
-        events += self._emit(chosen)
+        events += self._emit(chosen, logprobs=logprobs)
         return events
 
-    def _decode_step(self) -> list[int]:
+    def _decode_step(self) -> tuple[list[int], list | None]:
         n = len(self.rows)
         tokens = torch.tensor([r.pending for r in self.rows], device=self.key_mask.device)
         positions = torch.tensor([r.position for r in self.rows], device=self.key_mask.device)
@@ -263,7 +273,10 @@ class Generation:
             span = min(self.max_len, -(-(max(r.position for r in self.rows) + 1) // SPAN_BUCKET) * SPAN_BUCKET)
         screen = self.engine.greedy_screen() if all(r.plain for r in self.rows) else None
         out = self.engine._decode_fn(tokens, positions, self.key_mask, self.caches, n, span, screen)
-        return self._choose(out, slice(0, n)) if screen is None else self._screened(*out)
+        if screen is not None:
+            return self._screened(*out), None
+        chosen = self._choose(out, slice(0, n))
+        return chosen, self._logprobs(out, chosen, slice(0, n))
 
     def _admit(self, rid: int, request: Request, prefilled: list[tuple[Request, int, torch.Tensor]]) -> list[Event]:
         """Prefill `request` into the next row, or copy the cache slots of a request with the same prompt
@@ -294,14 +307,15 @@ class Generation:
         generator = None if p.greedy else make_generator(p.seed, hidden.device)
         remaining = min(p.max_new_tokens, self.max_len - n)
         penalised = p.repetition_penalty != 1.0
-        plain = p.greedy and not penalised
-        self.rows.append(_Row(rid, n, remaining, stops, generator, -1, penalised, plain, p.top_k, p.top_p))
+        plain = p.greedy and not penalised and request.logprobs is None  # the screen has no logprobs
+        self.rows.append(_Row(rid, n, remaining, stops, generator, -1, penalised, plain, p.top_k, p.top_p,
+                              request.logprobs))
         screen = self.engine.greedy_screen() if plain else None
         if screen is not None:
-            token = self._screened(*screen(hidden), hidden)
-        else:
-            token = self._choose(self.engine.logits(hidden), slice(row, row + 1))
-        return self._emit(token, first=row)
+            return self._emit(self._screened(*screen(hidden), hidden), first=row)
+        logits = self.engine.logits(hidden)
+        token = self._choose(logits, slice(row, row + 1))
+        return self._emit(token, first=row, logprobs=self._logprobs(logits, token, slice(row, row + 1)))
 
     def _screened(self, tokens: torch.Tensor, ok: torch.Tensor, hidden: torch.Tensor) -> list[int]:
         """Greedy tokens of the screen; rows whose check failed take the argmax of their full logits."""
@@ -331,21 +345,38 @@ class Generation:
             self.seen[rows].scatter_(1, tokens[:, None], True)
         return tokens.tolist()
 
-    def _emit(self, tokens: list[int], first: int = 0) -> list[Event]:
+    def _logprobs(self, logits: torch.Tensor, tokens: list[int], rows: slice) -> list | None:
+        """(log-probability, top pairs) of each chosen token for rows that asked (None for the others),
+        from the raw logits; None when no row asked."""
+        wanted = [r.logprobs for r in self.rows[rows]]
+        if all(k is None for k in wanted):
+            return None
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+        k = max(w or 0 for w in wanted)
+        best = logp.topk(k, dim=-1) if k else None
+        ids, values = (best.indices.tolist(), best.values.tolist()) if best is not None else ([], [])
+        return [None if w is None else (chosen[i], tuple(zip(ids[i][:w], values[i][:w])) if w else ())
+                for i, w in enumerate(wanted)]
+
+    def _emit(self, tokens: list[int], first: int = 0, logprobs: list | None = None) -> list[Event]:
         """Record sampled tokens for rows first.., report them, and retire finished rows."""
         events, done = [], []
         for offset, token in enumerate(tokens):
             row = self.rows[first + offset]
             row.remaining -= 1
             row.pending = token
+            extra = {}
+            if logprobs is not None and logprobs[offset] is not None:
+                extra = {"logprob": logprobs[offset][0], "top_logprobs": logprobs[offset][1]}
             if token in row.stop_ids:
-                events.append(Event(row.rid, token, "stop"))
+                events.append(Event(row.rid, token, "stop", **extra))
                 done.append(row.rid)
             elif row.remaining <= 0:
-                events.append(Event(row.rid, token, "length"))
+                events.append(Event(row.rid, token, "length", **extra))
                 done.append(row.rid)
             else:
-                events.append(Event(row.rid, token))
+                events.append(Event(row.rid, token, **extra))
         for rid in done:
             self._release(rid)
         return events
