@@ -13,6 +13,7 @@ import base64
 import dataclasses
 import inspect
 import io
+import json
 import socket
 import subprocess
 import sys
@@ -265,6 +266,14 @@ def test_logprobs_plain_and_streamed(client, local_chat):
         client.chat.completions.create(model="m", messages=messages, logprobs=True, top_logprobs=21, **GREEDY)
 
 
+def test_non_finite_logprobs_are_sent_as_valid_json(local_chat):
+    from internvl_mpo.generate.engine import Event
+
+    worker = BatchWorker(local_chat, max_batch=1, max_len=64)
+    entry = worker._logprob_entry(Event(0, 5, logprob=float("-inf"), top_logprobs=((5, float("nan")),)))
+    assert json.loads(json.dumps(entry, allow_nan=False))["top_logprobs"][0]["logprob"] == entry["logprob"] == -9999.0
+
+
 def test_bad_requests_get_openai_errors(server, client):
     corrupt = b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20
     with pytest.raises(openai.BadRequestError) as e:
@@ -492,11 +501,13 @@ def test_an_unexpected_failure_in_a_step_fails_its_requests_and_the_worker_goes_
         return deliver
 
     worker = BatchWorker(local_chat, max_batch=4, max_len=256)
-    worker.submit(Job(Request(local_chat.prepare("Hello there").prompt_ids, params), 0, deliver_to("first")))
+    first = Job(Request(local_chat.prepare("Hello there").prompt_ids, params), 0, deliver_to("first"))
+    worker.submit(first)
     worker.start()
     try:
         assert done.acquire(timeout=60)
         worker.submit(Job(Request(local_chat.prepare("Hello there").prompt_ids, params), 0, deliver_to("second")))
+        worker.cancel(first)  # as its handler's close() does; the fresh batch numbers ids from 0 again
         assert done.acquire(timeout=60)
     finally:
         worker.stop()

@@ -35,6 +35,7 @@ import hmac
 import http.client
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -457,6 +458,7 @@ class BatchWorker:
             for command in commands:
                 if command is None:
                     for job in jobs.values():
+                        job.done = True
                         job.deliver(ApiError(503, "the server is shutting down", type="server_error"))
                     return
                 self._command(gen, jobs, *command, stats)
@@ -468,6 +470,7 @@ class BatchWorker:
             except Exception as e:  # anything else must not take the server down: fail what runs, start afresh
                 log.exception("generation step failed")
                 for job in jobs.values():
+                    job.done = True  # its handler's cancel must not reach a new request with the same id
                     job.deliver(ApiError(500, f"generation failed: {e}", type="server_error"))
                 jobs.clear()
                 gen = self.chat.engine.start(self.max_batch, self.max_len)
@@ -485,7 +488,7 @@ class BatchWorker:
             job.texts = TextAssembler(self.chat.tokenizer, job.request.params.stop)
             jobs[job.rid] = job
             stats["requests"] += 1
-        elif job.rid in jobs:
+        elif jobs.get(job.rid) is job:  # ids restart with a fresh batch: only this very job
             gen.finish(job.rid)
             del jobs[job.rid]
             stats["cancelled"] += 1
@@ -525,6 +528,7 @@ class BatchWorker:
         of a character), its log-probability, and the top alternatives."""
         def entry(token: int, logprob: float) -> dict:
             raw = self.chat.tokenizer.token_bytes(token)
+            logprob = logprob if math.isfinite(logprob) else -9999.0  # JSON has no NaN or -inf (vLLM's stand-in)
             return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
         return {**entry(event.token, event.logprob),
