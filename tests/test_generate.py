@@ -338,6 +338,20 @@ def test_exponential_noise_draws_exp1_and_sampling_follows_the_probabilities():
     assert torch.allclose(torch.bincount(tokens, minlength=4) / rows, probs, atol=0.015)
 
 
+def test_exponential_noise_is_finite_positive_and_fine_near_zero(monkeypatch):
+    """U = 0 must not give inf (p / inf = 0 would let argmax take a filtered token when one token is
+    left), and U just below 1 must give noise far below float32's 6e-8 step, or tokens under ~1e-7
+    probability would almost never be drawn."""
+    draws = torch.tensor([0.5, 1 - 2.0**-53, 0.0], dtype=torch.float64)
+    monkeypatch.setattr(torch, "rand", lambda n, generator=None, device=None, dtype=None: draws.to(dtype or torch.float32))
+    noise = exponential_noise([make_generator(0, "cpu")], 3, "cpu")[0]
+    assert noise.isfinite().all() and (noise > 0).all()
+    assert noise[1] < 1e-15 and noise[0] == pytest.approx(math.log(2))
+    probs = torch.tensor([[0.0, 0.0, 1.0]])  # only token 2, the one that drew U = 0, survives the filters
+    assert choose_tokens(probs.log(), torch.tensor([False]), torch.ones(1), torch.zeros(1, dtype=torch.long),
+                         torch.ones(1), noise[None], 0, False).item() == 2
+
+
 def test_greedy_rows_ignore_noise_and_sampled_rows_follow_it():
     logits = torch.tensor([[0.0, 1.0, 0.5], [0.0, 1.0, 0.5]])
     noise = torch.tensor([[1.0, 1e6, 1e-6], [1.0, 1e6, 1e-6]])  # favours token 2 overwhelmingly

@@ -116,11 +116,16 @@ def choose_tokens(
 def exponential_noise(generators: list[torch.Generator | None], vocab: int, device) -> torch.Tensor:
     """(B, V) Exp(1) draws, row b from generators[b] (ones for a row without one: a greedy row).
 
-    Drawn as -log(U) with U uniform in [0, 1): in (0, inf], never 0, so p / noise is never 0 / 0.
-    torch's own `exponential_` is several times slower on the CPU, and at a full vocabulary per row
-    per step it cost more than a small model's decode step."""
-    rows = [torch.ones(vocab, device=device) if g is None else torch.rand(vocab, generator=g, device=device).log_().neg_()
-            for g in generators]
+    Drawn as -log U with U uniform in float64 and kept off 0: finite and positive, so p / noise is
+    never 0 / 0 or 0 / inf, and small enough (down to ~1e-16) that rare tokens win as often as they
+    should (float32 U stops at ~6e-8, which starves tokens below ~1e-7). torch's own `exponential_`
+    is several times slower on the CPU, and at a full vocabulary per row per step it cost more than
+    a small model's decode step."""
+    def draw(g: torch.Generator) -> torch.Tensor:
+        u = torch.rand(vocab, generator=g, device=device, dtype=torch.float64)
+        return u.clamp_(min=2.0**-60).log_().neg_().float()
+
+    rows = [torch.ones(vocab, device=device) if g is None else draw(g) for g in generators]
     return torch.stack(rows)
 
 
