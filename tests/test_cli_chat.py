@@ -209,6 +209,20 @@ def test_a_closed_pipe_ends_the_command_quietly():
     assert proc.wait(timeout=120) == 141 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
 
 
+def test_command_list_reads_the_docstrings_without_importing_the_commands():
+    """`internvl-mpo --help` lists each command's docstring summary, read from source (no torch import)."""
+    import inspect
+
+    from internvl_mpo import cli as cli_module
+
+    code = "import sys; from internvl_mpo.cli import main; main(['--help']); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().endswith("False"), out.stderr
+    for name in cli_module.COMMANDS:
+        summary = (inspect.getdoc(cli_module._resolve(name)) or "").splitlines()[0]
+        assert f"  {name:10s} {summary}" in out.stdout
+
+
 def test_the_command_line_starts_without_torch_and_ctrl_c_while_importing_is_quiet(monkeypatch):
     code = "import sys, internvl_mpo.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

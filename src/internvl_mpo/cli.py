@@ -11,7 +11,9 @@ import the trainer or the web stack.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import inspect
 import os
 import sys
@@ -101,6 +103,16 @@ def _resolve(name: str):
     return getattr(importlib.import_module(f"{__package__}.{module}"), func)
 
 
+def _summary(name: str) -> str:
+    """The first line of a command's docstring, read from its source: importing the command's module
+    (torch, the trainer, the web stack) would make `--help` take seconds."""
+    module, _, func = COMMANDS[name].partition(":")
+    spec = importlib.util.find_spec(f"{__package__}.{module}")
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == func)
+    return (ast.get_docstring(node) or "").splitlines()[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -117,7 +129,7 @@ def _main(argv: list[str] | None) -> int:
         out = sys.stdout if argv else sys.stderr
         print("usage: internvl-mpo <command> [options]\n\ncommands:", file=out)
         for name in COMMANDS:
-            print(f"  {name:10s} {(inspect.getdoc(_resolve(name)) or '').splitlines()[0]}", file=out)
+            print(f"  {name:10s} {_summary(name)}", file=out)
         print("\n`internvl-mpo <command> --help` lists a command's options.", file=out)
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
