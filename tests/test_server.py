@@ -515,6 +515,40 @@ def test_an_unexpected_failure_in_a_step_fails_its_requests_and_the_worker_goes_
     assert results["second"].finish_reason == "length" and results["second"].completion_tokens == STEPS
 
 
+def test_a_request_that_cannot_join_the_batch_fails_alone(local_chat, monkeypatch):
+    from internvl_mpo.generate.engine import Generation
+
+    add = Generation.add
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    bad = Request(local_chat.prepare("Hello there").prompt_ids, params)
+
+    def failing_add(self, request):
+        if request is bad:
+            raise RuntimeError("unexpected")
+        return add(self, request)
+
+    monkeypatch.setattr(Generation, "add", failing_add)
+    results, done = {}, threading.Semaphore(0)
+
+    def deliver_to(name):
+        def deliver(item) -> None:
+            if isinstance(item, Exception) or item.finish_reason:
+                results[name] = item
+                done.release()
+        return deliver
+
+    worker = BatchWorker(local_chat, max_batch=4, max_len=256)
+    worker.submit(Job(bad, 0, deliver_to("bad")))
+    worker.submit(Job(Request(local_chat.prepare("Hello there").prompt_ids, params), 0, deliver_to("good")))
+    worker.start()
+    try:
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    finally:
+        worker.stop()
+    assert isinstance(results["bad"], ApiError) and results["bad"].status == 500
+    assert results["good"].finish_reason == "length" and results["good"].completion_tokens == 4
+
+
 def test_non_streamed_client_that_goes_away_frees_its_rows(server):
     """Tokens flow all the time, yet the rows of a plain request are freed soon after its client leaves."""
     before = health(server)

@@ -481,11 +481,15 @@ class BatchWorker:
     def _command(self, gen: Generation, jobs: dict[int, Job], kind: str, job: Job, stats: dict) -> None:
         if kind == "add":
             try:
+                job.texts = TextAssembler(self.chat.tokenizer, job.request.params.stop)
                 job.rid = gen.add(job.request)
             except InputError as e:
                 job.deliver(ApiError(400, str(e), "messages"))
                 return
-            job.texts = TextAssembler(self.chat.tokenizer, job.request.params.stop)
+            except Exception as e:  # this request alone fails; the worker goes on
+                log.exception("a request could not join the batch")
+                job.deliver(ApiError(500, f"generation failed: {e}", type="server_error"))
+                return
             jobs[job.rid] = job
             stats["requests"] += 1
         elif jobs.get(job.rid) is job:  # ids restart with a fresh batch: only this very job
