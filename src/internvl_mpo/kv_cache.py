@@ -3,8 +3,9 @@
 Each buffer has a fixed shape (B, K, S, D). A row's slot s holds the token at position s; prefill
 fills slots 0..T-1 of one row, each decode step writes one slot per row at that row's position.
 Slots not yet written are hidden by the attention mask the engine keeps (and are zero: the engine
-clears what a finished sequence wrote), so the decode step sees the same shapes every time (friendly to torch.compile and CUDA graphs). The attention modules only
-call `update(positions, k, v)`; `prefill_row` and `decode_view` choose what that call does.
+clears what a finished sequence wrote), so the decode step sees the same shapes every time (friendly
+to torch.compile and CUDA graphs). The attention modules only call `update(positions, k, v)`;
+`prefill_row` and `decode_view` choose what that call does.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ class KVCache(nn.Module):
     def decode_view(self, rows: int, span: int) -> "_DecodeView":
         return _DecodeView(self, rows, span)
 
-    def move_row(self, src: int, dst: int, length: int | None = None) -> None:
-        """Copy row `src` into row `dst`: every slot, or only slots 0..length-1."""
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy slots 0..length-1 of row `src` into row `dst` (a length past the end means all)."""
         self.k[dst, :, :length] = self.k[src, :, :length]
         self.v[dst, :, :length] = self.v[src, :, :length]
 
     def clear_row(self, row: int, length: int) -> None:
-        """Zero slots 0..length-1 of `row`. A masked slot still enters attention as 0 x value, so a free
+        """Zero slots 0..length-1 of `row` (a length past the end means all). A masked slot still enters attention as 0 x value, so a free
         row must hold no inf or NaN that its last sequence left (fp16 overflow) for the next one."""
         self.k[row, :, :length] = 0
         self.v[row, :, :length] = 0

@@ -397,7 +397,7 @@ class Generation:
         last = len(self.rows) - 1
         self._clear(index, self.rows[index].position + 1)
         if index != last:
-            extent = min(self.rows[last].position + 1, self.max_len)  # the slots the moving row has written
+            extent = self.rows[last].position + 1  # the slots the moving row has written
             for cache in self.caches:
                 cache.move_row(last, index, extent)
             self._clear(last, extent)
@@ -409,4 +409,4 @@ class Generation:
 
     def _clear(self, row: int, length: int) -> None:
         for cache in self.caches:
-            cache.clear_row(row, min(length, self.max_len))
+            cache.clear_row(row, length)
