@@ -357,7 +357,18 @@ def encode_sft(
 # ----------------------------------------------------------------------------- datasets
 
 
-class PairDataset:
+class _EpochView:
+    """`at_epoch(e)`: the same dataset at epoch e (a shallow copy), which seeds its data augmentation."""
+
+    epoch = 0
+
+    def at_epoch(self, epoch: int):
+        view = copy.copy(self)
+        view.epoch = epoch
+        return view
+
+
+class PairDataset(_EpochView):
     """Map-style dataset of preference records; items are encoded (images loaded) on access.
 
     `__getitem__` never raises for bad data: it returns a `BadExample` whose message names the
@@ -386,16 +397,10 @@ class PairDataset:
         self.line_ends = _LineEnds(tokenizer)
         self.augment_datasets = frozenset(augment_datasets)
         self.seed = seed
-        self.epoch = 0
 
     @property
     def augments(self) -> bool:
         return any(r.dataset in self.augment_datasets for r in self.records)
-
-    def at_epoch(self, epoch: int) -> PairDataset:
-        view = copy.copy(self)
-        view.epoch = epoch
-        return view
 
     def __len__(self) -> int:
         return len(self.records)
@@ -412,7 +417,7 @@ class PairDataset:
             return BadExample(index, "encode", str(e))
 
 
-class SFTDataset:
+class SFTDataset(_EpochView):
     """Map-style dataset of SFT conversation records (same error and augmentation contract as
     `PairDataset`; `augment` flags each record)."""
 
@@ -433,16 +438,10 @@ class SFTDataset:
         self.max_num = list(max_num) if max_num is not None else [None] * len(self.records)
         self.augment = list(augment) if augment is not None else [False] * len(self.records)
         self.seed = seed
-        self.epoch = 0
 
     @property
     def augments(self) -> bool:
         return any(self.augment)
-
-    def at_epoch(self, epoch: int) -> SFTDataset:
-        view = copy.copy(self)
-        view.epoch = epoch
-        return view
 
     def __len__(self) -> int:
         return len(self.records)
