@@ -410,6 +410,24 @@ def test_image_urls_that_cannot_be_read_are_400():
         assert (e.value.status, e.value.code) == (400, code)
 
 
+class Finals:
+    """Each worker job's last item (its error, or its chunk with a finish reason), by name."""
+
+    def __init__(self):
+        self.items: dict[str, object] = {}
+        self._done = threading.Semaphore(0)
+
+    def deliver(self, name: str):
+        def deliver(item) -> None:
+            if isinstance(item, Exception) or item.finish_reason:
+                self.items[name] = item
+                self._done.release()
+        return deliver
+
+    def wait(self, count: int = 1) -> bool:
+        return all(self._done.acquire(timeout=60) for _ in range(count))
+
+
 def test_a_failing_prefill_fails_its_request_alone(local_chat, monkeypatch):
     """A request whose admission fails in the worker (here a prefill that raises) gets an error; the request
     decoding beside it goes on to the same tokens as alone."""
@@ -490,27 +508,19 @@ def test_an_unexpected_failure_in_a_step_fails_its_requests_and_the_worker_goes_
 
     monkeypatch.setattr(Generation, "step", broken_once)
     params = SamplingParams(max_new_tokens=STEPS, ignore_eos=True)
-    results = {}
-    done = threading.Semaphore(0)
-
-    def deliver_to(name):
-        def deliver(item) -> None:
-            if isinstance(item, Exception) or item.finish_reason:
-                results[name] = item
-                done.release()
-        return deliver
-
+    results = Finals()
     worker = BatchWorker(local_chat, max_batch=4, max_len=256)
-    first = Job(Request(local_chat.prepare("Hello there").prompt_ids, params), 0, deliver_to("first"))
+    first = Job(Request(local_chat.prepare("Hello there").prompt_ids, params), 0, results.deliver("first"))
     worker.submit(first)
     worker.start()
     try:
-        assert done.acquire(timeout=60)
-        worker.submit(Job(Request(local_chat.prepare("Hello there").prompt_ids, params), 0, deliver_to("second")))
+        assert results.wait()
+        worker.submit(Job(Request(local_chat.prepare("Hello there").prompt_ids, params), 0, results.deliver("second")))
         worker.cancel(first)  # as its handler's close() does; the fresh batch numbers ids from 0 again
-        assert done.acquire(timeout=60)
+        assert results.wait()
     finally:
         worker.stop()
+    results = results.items
     assert isinstance(results["first"], ApiError) and "bookkeeping bug" in results["first"].message
     assert results["second"].finish_reason == "length" and results["second"].completion_tokens == STEPS
 
@@ -528,23 +538,16 @@ def test_a_request_that_cannot_join_the_batch_fails_alone(local_chat, monkeypatc
         return add(self, request)
 
     monkeypatch.setattr(Generation, "add", failing_add)
-    results, done = {}, threading.Semaphore(0)
-
-    def deliver_to(name):
-        def deliver(item) -> None:
-            if isinstance(item, Exception) or item.finish_reason:
-                results[name] = item
-                done.release()
-        return deliver
-
+    results = Finals()
     worker = BatchWorker(local_chat, max_batch=4, max_len=256)
-    worker.submit(Job(bad, 0, deliver_to("bad")))
-    worker.submit(Job(Request(local_chat.prepare("Hello there").prompt_ids, params), 0, deliver_to("good")))
+    worker.submit(Job(bad, 0, results.deliver("bad")))
+    worker.submit(Job(Request(local_chat.prepare("Hello there").prompt_ids, params), 0, results.deliver("good")))
     worker.start()
     try:
-        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+        assert results.wait(2)
     finally:
         worker.stop()
+    results = results.items
     assert isinstance(results["bad"], ApiError) and results["bad"].status == 500
     assert results["good"].finish_reason == "length" and results["good"].completion_tokens == 4
 

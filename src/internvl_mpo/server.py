@@ -471,7 +471,7 @@ class BatchWorker:
                 log.exception("generation step failed")
                 for job in jobs.values():
                     job.done = True  # its handler's cancel must not reach a new request with the same id
-                    job.deliver(ApiError(500, f"generation failed: {e}", type="server_error"))
+                    job.deliver(_failure(e))
                 jobs.clear()
                 gen = self.chat.engine.start(self.max_batch, self.max_len)
             stats.update(active=gen.active, waiting=len(gen.waiting), steps=stats["steps"] + 1,
@@ -483,12 +483,10 @@ class BatchWorker:
             try:
                 job.texts = TextAssembler(self.chat.tokenizer, job.request.params.stop)
                 job.rid = gen.add(job.request)
-            except InputError as e:
-                job.deliver(ApiError(400, str(e), "messages"))
-                return
             except Exception as e:  # this request alone fails; the worker goes on
-                log.exception("a request could not join the batch")
-                job.deliver(ApiError(500, f"generation failed: {e}", type="server_error"))
+                if not isinstance(e, InputError):
+                    log.exception("a request could not join the batch")
+                job.deliver(_failure(e))
                 return
             jobs[job.rid] = job
             stats["requests"] += 1
@@ -505,10 +503,7 @@ class BatchWorker:
             log.error("generation failed", exc_info=event.error)
             del jobs[event.rid]
             job.done = True
-            if isinstance(event.error, InputError):
-                job.deliver(ApiError(400, str(event.error), "messages"))
-            else:
-                job.deliver(ApiError(500, f"generation failed: {event.error}", type="server_error"))
+            job.deliver(_failure(event.error))
             return
         job.tokens += 1
         stats["completion_tokens"] += 1
@@ -537,6 +532,13 @@ class BatchWorker:
 
         return {**entry(event.token, event.logprob),
                 "top_logprobs": [entry(token, logprob) for token, logprob in event.top_logprobs]}
+
+
+def _failure(error: Exception) -> ApiError:
+    """What a request that failed in the worker gets: 400 for bad input, 500 for anything else."""
+    if isinstance(error, InputError):
+        return ApiError(400, str(error), "messages")
+    return ApiError(500, f"generation failed: {error}", type="server_error")
 
 
 # ---- HTTP -------------------------------------------------------------------------------------
