@@ -55,6 +55,11 @@ def parse_dtype(dtype, device: torch.device, config_dtype: str | None = None) ->
         raise InputError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
 
 
+def default_device(device: str | None) -> str:
+    """`device`, or CUDA when PyTorch sees it and the CPU otherwise (every command's default)."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def parse_device(device: torch.device | str) -> torch.device:
     """A torch.device, refusing names torch does not know and CUDA where there is none."""
     try:

@@ -67,12 +67,11 @@ def chat(
     dtype: float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)
     compile: torch.compile the decode step
     """
-    import torch
-
+    from .checkpoint import default_device
     from .pipeline import InternVLChat, sampling_params
     from .processor.image import open_image
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device, compile=compile)
     params = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty))
     inputs = dict(max_num=max_num, system_message=system, num_segments=num_segments)
@@ -154,9 +153,9 @@ def generate(
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
     dtype: float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)
     """
-    import torch
     from tqdm import tqdm
 
+    from .checkpoint import default_device
     from .pipeline import InternVLChat, sampling_params
 
     if batch_size < 1:
@@ -170,7 +169,7 @@ def generate(
     requests = _read_requests(Path(input))
     done = _finished_ids(out)
     todo = [r for r in requests if r["id"] not in done]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device)
     with out.open("a", encoding="utf-8") as sink, tqdm(total=len(requests), initial=len(requests) - len(todo),
                                                        desc="generate", unit="req") as bar:

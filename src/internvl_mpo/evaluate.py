@@ -381,8 +381,7 @@ def eval_(
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
     dtype: float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)
     """
-    import torch
-
+    from internvl_mpo.checkpoint import default_device
     from internvl_mpo.cli_chat import _model_path
     from internvl_mpo.pipeline import InternVLChat
 
@@ -390,7 +389,7 @@ def eval_(
     items = read_benchmark(data)
     model = _model_path(model)
     out = Path(output) if output else default_output(data, cot)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     chat = InternVLChat.from_pretrained(model, dtype=dtype, device=device)
     settings = {"model": model, "max_num": max_num, "max_new_tokens": max_new_tokens}
     score = run_eval(data, model_answerer(chat, max_num, max_new_tokens), out, cot, batch_size, limit, settings,

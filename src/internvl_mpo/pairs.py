@@ -648,14 +648,13 @@ def pairs(
     """
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-    import torch
-
+    from internvl_mpo.checkpoint import default_device
     from internvl_mpo.pipeline import InternVLChat
 
     settings = PairSettings(samples, max_pairs, temperature, top_k, top_p, max_new_tokens, max_num, batch_size, seed,
                             start_ratio, model)
     items = read_items(input, method)  # fail on a bad file before loading the model
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     generator = ModelGenerator(InternVLChat.from_pretrained(model, dtype=dtype, device=device), settings)
     if method == CORRECTNESS:
         stats = make_correctness_pairs(input, output, generator.sample, settings, items)

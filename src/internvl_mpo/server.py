@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from .chat.template import IMAGE_PLACEHOLDER, build_prompt_ids
+from .checkpoint import default_device
 from .errors import ConfigError, InputError
 from .generate.engine import MAX_TOP_LOGPROBS, Generation, Request
 from .generate.sampling import SamplingParams
@@ -808,7 +809,7 @@ def serve(
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use the model",
                     settings.host)
-    chosen_device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    chosen_device = default_device(settings.device)
     chat = InternVLChat.from_pretrained(settings.model, dtype=settings.dtype, device=chosen_device,
                                         compile=settings.compile)
     uvicorn.run(create_app(chat, settings), host=settings.host, port=settings.port, log_level="info")
