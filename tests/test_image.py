@@ -269,6 +269,18 @@ def test_bytes_and_file_objects_are_named_in_errors():
         open_image(stream)
 
 
+@pytest.mark.parametrize("url", ["https://example.com/cat.jpg", "http://host/a.png", "data:image/png;base64,iVBOR"])
+def test_urls_are_refused_as_urls_not_as_missing_files(url):
+    with pytest.raises(InputError, match="is a URL.*local files only"):
+        load_image(url)
+
+
+@pytest.mark.parametrize("source", [np.zeros((20, 30, 3), np.uint8), torch.zeros(3, 20, 30), None, 7])
+def test_sources_that_are_not_images_name_their_type(source):
+    with pytest.raises(InputError, match=f"cannot read a {type(source).__name__} as an image; give a path"):
+        load_image(source)
+
+
 def test_split_resize_is_exact_across_many_shapes():
     """The grid resize is split into Pillow's two passes and run in bands; sweep shapes that take
     either pass order (tall images shrink height first on Pillow 13) and every band layout."""

@@ -158,6 +158,13 @@ def test_missing_and_non_video_files(tmp_path):
         load_video(bogus)
 
 
+def test_video_urls_are_refused_as_urls(tmp_path):
+    with pytest.raises(InputError, match="^https://example.com/clip.mp4: is a URL"):
+        load_video("https://example.com/clip.mp4")
+    with pytest.raises(InputError, match="cannot read a ndarray as an image"):
+        load_video([np.zeros((20, 30, 3), np.uint8)])
+
+
 def test_video_without_frames(tmp_path):
     for name, message in [("empty.avi", "no decodable video frames"), ("empty.mp4", "no video stream")]:
         path = tmp_path / name

@@ -28,6 +28,7 @@ No EXIF orientation is applied (the official code does not apply it either).
 
 import io
 import os
+import re
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
@@ -57,6 +58,8 @@ _PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
 # chunks); anything else is a bug and propagates.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
 
+_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://|data:")
+
 
 def _thread_pool() -> ThreadPoolExecutor:
     global _pool
@@ -84,6 +87,13 @@ def source_name(src: ImageSource) -> str:
     if isinstance(src, Image.Image):
         return getattr(src, "filename", "") or "<PIL image>"
     return str(getattr(src, "name", "") or "<file object>")
+
+
+def refuse_url(src: object) -> None:
+    """Raise for a URL given as a path: inputs are read from local files only, nothing is downloaded."""
+    if isinstance(src, str) and _URL.match(src) and not os.path.exists(src):
+        raise InputError(f"{src[:100]}: is a URL; images and videos are read from local files only (nothing is "
+                         "downloaded): download it and pass its path")
 
 
 def _limit(max_pixels: int | None) -> int | None:
@@ -117,14 +127,18 @@ def open_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
 
     The pixels are those of the official `Image.open(src).convert('RGB')` for every mode Pillow
     can convert (palette, RGBA, LA, CMYK, I;16, I, F, grayscale, ...). Raises InputError naming the
-    source for a missing file, data that is not an image, a truncated file, a zero-area image, a
-    mode with no RGB conversion, or more than `max_pixels` pixels (default: Pillow's
-    `Image.MAX_IMAGE_PIXELS`, about 89.5 M). Pillow itself refuses images above twice its own
-    limit even when `max_pixels` is larger.
+    source for a missing file, a URL (nothing is downloaded), an object of another kind, data that
+    is not an image, a truncated file, a zero-area image, a mode with no RGB conversion, or more
+    than `max_pixels` pixels (default: Pillow's `Image.MAX_IMAGE_PIXELS`, about 89.5 M). Pillow
+    itself refuses images above twice its own limit even when `max_pixels` is larger.
     """
-    name = source_name(src)
     if isinstance(src, Image.Image):
-        return _checked_rgb(src, name, max_pixels)
+        return _checked_rgb(src, source_name(src), max_pixels)
+    if not isinstance(src, (str, os.PathLike, bytes, bytearray)) and not hasattr(src, "read"):
+        raise InputError(f"cannot read a {type(src).__name__} as an image; give a path, bytes, a binary file "
+                         "object or a PIL image (PIL.Image.fromarray makes one from an HxWx3 uint8 array)")
+    refuse_url(src)
+    name = source_name(src)
     image = _open_pil(src, name)
     try:
         return _checked_rgb(image, name, max_pixels)

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from internvl_mpo.errors import InputError
-from internvl_mpo.processor.image import ImageSource, image_to_pixel_values, open_image
+from internvl_mpo.processor.image import ImageSource, image_to_pixel_values, open_image, refuse_url
 
 FrameSource = str | os.PathLike | Sequence[str | os.PathLike | Image.Image]
 
@@ -191,6 +191,7 @@ def load_video(
     order, before it is tiled.
     """
     if isinstance(src, (str, os.PathLike)):
+        refuse_url(src)
         path = Path(src)
         if path.is_dir():
             frames, indices = _read_frames(_frame_files(path), num_segments, bound, fps, max_pixels, str(path))
