@@ -660,3 +660,14 @@ def test_stream_chat_refuses_bad_input_when_called(setup):
         chat.stream_chat("hi", temprature=0.5)  # no iteration needed
     with pytest.raises(InputError, match="2 <image> placeholder"):
         chat.stream_chat("<image> and <image>", images=Image.new("RGB", (20, 20)))
+
+
+def test_pixel_values_that_are_not_float_tiles_are_refused(setup):
+    chat, _ = setup
+    size = chat.config.image_size
+    raw = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8)  # unnormalised pixels, not tiles
+    with pytest.raises(InputError, match="pixel_values must be floating point .* got torch.uint8"):
+        chat.prepare("What is it?", raw)
+    with pytest.raises(InputError, match="got torch.uint8"):
+        chat.batch_chat(["What is it?"], pixel_values=raw, num_patches_list=[1], max_new_tokens=1)
+    assert chat.prepare("What is it?", raw.half()).num_patches_list == [1]

@@ -150,6 +150,9 @@ class InternVLChat:
                 if item.dim() != 4 or tuple(item.shape[1:]) != (3, size, size) or item.shape[0] == 0:
                     raise InputError(f"pixel_values must have the shape (tiles, 3, {size}, {size}), got "
                                      f"{tuple(item.shape)}")
+                if not item.is_floating_point():
+                    raise InputError(f"pixel_values must be floating point tiles normalised as load_image makes "
+                                     f"them, got {item.dtype}; give raw pictures as files or PIL images")
             pixels = torch.cat(items) if len(items) > 1 else items[0]
             counts = [t.shape[0] for t in items]
             if num_patches_list is not None:
