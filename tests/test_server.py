@@ -525,6 +525,46 @@ def test_an_unexpected_failure_in_a_step_fails_its_requests_and_the_worker_goes_
     assert results["second"].finish_reason == "length" and results["second"].completion_tokens == STEPS
 
 
+def test_a_fresh_batch_that_cannot_be_built_fails_its_request_and_the_worker_goes_on(local_chat, monkeypatch):
+    """After a failed step the worker builds a fresh batch; when that raises too (out of memory, say),
+    the request that needed it gets a 500 and a later request is served by a batch built then."""
+    from internvl_mpo.generate.engine import Generation
+
+    step, start = Generation.step, local_chat.engine.start
+    steps, starts = [], []
+
+    def broken_once(self):
+        steps.append(1)
+        if len(steps) == 2:
+            raise RuntimeError("bookkeeping bug")
+        return step(self)
+
+    def start_fails_once(max_batch, max_len):
+        starts.append(1)
+        if len(starts) == 2:  # the batch built after the failed step
+            raise RuntimeError("out of memory")
+        return start(max_batch, max_len)
+
+    monkeypatch.setattr(Generation, "step", broken_once)
+    monkeypatch.setattr(local_chat.engine, "start", start_fails_once)
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    results = Finals()
+    worker = BatchWorker(local_chat, max_batch=4, max_len=256)
+    worker.start()
+    try:
+        for name in ("first", "second", "third"):
+            worker.submit(Job(Request(local_chat.prepare("Hello there").prompt_ids, params), 0, results.deliver(name)))
+            assert results.wait()
+        assert worker.alive
+    finally:
+        worker.stop()
+    results = results.items
+    assert isinstance(results["first"], ApiError) and "bookkeeping bug" in results["first"].message
+    assert isinstance(results["second"], ApiError) and results["second"].status == 500
+    assert "out of memory" in results["second"].message
+    assert results["third"].finish_reason == "length" and results["third"].completion_tokens == 4
+
+
 def test_a_request_that_cannot_join_the_batch_fails_alone(local_chat, monkeypatch):
     from internvl_mpo.generate.engine import Generation
 

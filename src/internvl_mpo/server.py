@@ -446,7 +446,7 @@ class BatchWorker:
             self._inbox.put(("cancel", job))
 
     def _run(self) -> None:
-        gen = self.chat.engine.start(self.max_batch, self.max_len)
+        gen: Generation | None = self.chat.engine.start(self.max_batch, self.max_len)  # None after a failure
         jobs: dict[int, Job] = {}  # the jobs in `gen` (waiting or decoding), by request id
         stats = dict(self.stats)
         while True:
@@ -462,7 +462,10 @@ class BatchWorker:
                         job.done = True
                         job.deliver(ApiError(503, "the server is shutting down", type="server_error"))
                     return
-                self._command(gen, jobs, *command, stats)
+                if gen is None and command[0] == "add":
+                    gen = self._fresh(command[1])
+                if gen is not None:
+                    self._command(gen, jobs, *command, stats)
             if not gen:
                 continue
             try:
@@ -474,10 +477,21 @@ class BatchWorker:
                     job.done = True  # its handler's cancel must not reach a new request with the same id
                     job.deliver(_failure(e))
                 jobs.clear()
-                gen = self.chat.engine.start(self.max_batch, self.max_len)
-            stats.update(active=gen.active, waiting=len(gen.waiting), steps=stats["steps"] + 1,
-                         max_active=max(stats["max_active"], gen.active))
+                gen = None  # freed before the next request builds a fresh one
+            active, waiting = (gen.active, len(gen.waiting)) if gen else (0, 0)
+            stats.update(active=active, waiting=waiting, steps=stats["steps"] + 1,
+                         max_active=max(stats["max_active"], active))
             self.stats = dict(stats)
+
+    def _fresh(self, job: Job) -> Generation | None:
+        """A new empty batch for `job` to join, or None (and `job` fails alone) when it cannot be built."""
+        try:
+            return self.chat.engine.start(self.max_batch, self.max_len)
+        except Exception as e:  # out of memory, say: the worker goes on and the next request tries again
+            log.exception("could not start a batch")
+            job.done = True
+            job.deliver(_failure(e))
+            return None
 
     def _command(self, gen: Generation, jobs: dict[int, Job], kind: str, job: Job, stats: dict) -> None:
         if kind == "add":
