@@ -259,3 +259,16 @@ def test_chat_and_generate_default_to_cuda_when_it_is_there(folder, tmp_path, mo
             run()
     with pytest.raises(Loaded, match="^cpu$"):
         cli_chat.chat("Hi", model=str(folder), device="cpu")
+
+
+def test_pixel_limit_can_be_set_on_the_command_line(folder, tmp_path):
+    image = folder.parent / "red.png"  # 90 x 50 = 4500 pixels
+    for args in (["chat", "--model", folder, "--image", image, "hi"], ["tiles", image, "--output", tmp_path / "t.png"]):
+        out = cli(*args, "--max-pixels", "4000")
+        assert out.returncode == 1 and "exceeds the limit of 4000" in out.stderr, out.stderr
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"id": 1, "question": "hi", "image": str(image)}) + "\n")
+    out = cli("generate", "--model", folder, "--input", requests, "--output", tmp_path / "a.jsonl", "--max-pixels", "4000")
+    assert out.returncode == 0 and "exceeds the limit of 4000" in (tmp_path / "a.jsonl").read_text(), out.stderr
+    out = cli("chat", "--model", folder, "--max-pixels", "4000", "--max-new-tokens", "1", stdin=f"/image {image}\n/exit\n")
+    assert "exceeds the limit of 4000" in out.stderr, out.stderr

@@ -671,3 +671,11 @@ def test_pixel_values_that_are_not_float_tiles_are_refused(setup):
     with pytest.raises(InputError, match="got torch.uint8"):
         chat.batch_chat(["What is it?"], pixel_values=raw, num_patches_list=[1], max_new_tokens=1)
     assert chat.prepare("What is it?", raw.half()).num_patches_list == [1]
+
+
+def test_video_frames_take_the_pixel_limit(setup):
+    chat, _ = setup
+    frames = [Image.new("RGB", (20, 10))] * 2
+    with pytest.raises(InputError, match="exceeds the limit of 100"):
+        chat.prepare("What happens?", video=frames, max_pixels=100)
+    assert chat.prepare("What happens?", video=frames, max_pixels=200).num_patches_list == [1] * 8

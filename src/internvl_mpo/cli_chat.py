@@ -47,6 +47,7 @@ def chat(
     device: str | None = None,
     dtype: str | None = None,
     compile: bool = False,
+    max_pixels: int | None = None,
 ) -> int:
     """Chat with a model; streams the answer. Without a question: an interactive multi-turn chat.
 
@@ -66,6 +67,7 @@ def chat(
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
     dtype: float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)
     compile: torch.compile the decode step
+    max_pixels: refuse images (and frames) with more pixels (default: Pillow's limit, about 89 M)
     """
     from .checkpoint import default_device
     from .pipeline import InternVLChat, sampling_params
@@ -74,7 +76,7 @@ def chat(
     device = default_device(device)
     bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device, compile=compile)
     params = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty))
-    inputs = dict(max_num=max_num, system_message=system, num_segments=num_segments)
+    inputs = dict(max_num=max_num, system_message=system, num_segments=num_segments, max_pixels=max_pixels)
     images = list(image or [])
     if question is not None:
         _answer(bot, bot.prepare(question, images or None, video, None, **inputs), params)
@@ -99,7 +101,7 @@ def chat(
                 print("usage: /image PATH", file=sys.stderr)
                 continue
             try:
-                open_image(path).close()  # refuse what is not an image now, not at every later question
+                open_image(path, max_pixels).close()  # refuse what is not an image now, not at every later question
             except InputError as e:
                 print(f"error: {e}", file=sys.stderr)
                 continue
@@ -137,6 +139,7 @@ def generate(
     seed: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    max_pixels: int | None = None,
 ) -> int:
     """Answer a JSONL file of requests; resumes where an interrupted run stopped.
 
@@ -152,6 +155,7 @@ def generate(
     seed: seed for sampling (each request uses seed + its line number)
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
     dtype: float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)
+    max_pixels: refuse images (and frames) with more pixels (default: Pillow's limit, about 89 M)
     """
     from tqdm import tqdm
 
@@ -180,7 +184,7 @@ def generate(
                 try:
                     params = base if seed is None else dataclasses.replace(base, seed=seed + item["_line"])
                     jobs.append((bot.prepare(item["question"], item.get("image"), item.get("video"),
-                                             max_num=max_num), params))
+                                             max_num=max_num, max_pixels=max_pixels), params))
                 except InputError as e:  # this request alone fails; the run goes on
                     jobs.append(e)
                     tqdm.write(f"internvl-mpo generate: {item['_where']} (id {item['id']!r}) skipped: {e}",
@@ -248,16 +252,19 @@ def _read_requests(path: Path) -> list[dict]:
     return items
 
 
-def tiles(image: str, *, max_num: int = 12, min_num: int = 1, output: str | None = None) -> int:
+def tiles(image: str, *, max_num: int = 12, min_num: int = 1, output: str | None = None,
+          max_pixels: int | None = None) -> int:
     """Show how an image is tiled: grid, tile count, token cost, and a PNG of the tiles.
 
     image: the image file
     max_num: most tiles (the official default is 12)
     min_num: fewest tiles
     output: PNG to write (default: <image name>.tiles.png in the current folder)
+    max_pixels: refuse images with more pixels (default: Pillow's limit, about 89 M)
     """
     from .processor.preview import format_tiles_report, tiles_report
 
     png = output or Path(image).stem + ".tiles.png"
-    print(format_tiles_report(tiles_report(image, max_num=max_num, min_num=min_num, output_png=png)))
+    report = tiles_report(image, max_num=max_num, min_num=min_num, output_png=png, max_pixels=max_pixels)
+    print(format_tiles_report(report))
     return 0

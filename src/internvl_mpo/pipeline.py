@@ -192,7 +192,8 @@ class InternVLChat:
         if video is not None:
             from .processor.video import load_video
 
-            clip = load_video(video, num_segments=num_segments, image_size=self.config.image_size)
+            clip = load_video(video, num_segments=num_segments, image_size=self.config.image_size,
+                              max_pixels=max_pixels)
             pixels, counts = clip.pixel_values, list(clip.num_patches_list)
             if not history and "<image>" not in question:
                 question = clip.prefix + question

@@ -48,11 +48,12 @@ def tiles_report(
     use_thumbnail: bool = True,
     output_png: str | os.PathLike | None = None,
     tokens_per_tile: int = 256,
+    max_pixels: int | None = None,
 ) -> dict:
     """The tiling of one image as a dict (see `format_tiles_report`); draws it to `output_png` if given
     (see `png_output`: `.png` is appended to a name without a suffix)."""
     target = png_output(output_png) if output_png is not None else None
-    image = open_image(image_path)
+    image = open_image(image_path, max_pixels)
     plan = plan_tiles(image.width, image.height, min_num, max_num, image_size, use_thumbnail)
     resized_w, resized_h = plan.resized_size
     report = {
