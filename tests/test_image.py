@@ -351,3 +351,6 @@ def test_multi_image_bad_input():
         load_images([photo(10, 10)], total_budget=0)
     with pytest.raises(InputError, match="gone.png"):
         load_images([photo(10, 10), "gone.png"])
+    for bad in (2.5, "6", [3, 0]):
+        with pytest.raises(InputError, match="max_num must be a whole number of tiles >= 1"):
+            load_images([photo(10, 10)] * 2, max_num=bad)

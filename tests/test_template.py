@@ -164,6 +164,12 @@ def test_placeholder_count_mismatch(ours):
         expand_image_tokens("<image>", [0])
 
 
+@pytest.mark.parametrize("history", [["qa"], [("q", 3)], [{"role": "user", "content": "q"}], [("q", "a", "b")]])
+def test_history_entries_must_be_pairs_of_strings(ours, history):
+    with pytest.raises(InputError, match=r"history entries must be \(question, answer\) pairs of strings"):
+        build_prompt_ids(ours, "Q", history)
+
+
 def test_context_length_error(ours):
     ids = build_prompt_ids(ours, "Describe.", (), [2])
     assert build_prompt_ids(ours, "Describe.", (), [2], max_length=len(ids)) == ids

@@ -91,8 +91,8 @@ def render_prompt(
     user, assistant = tmpl.roles
     messages: list[tuple[str, str | None]] = []
     for turn in history:
-        if len(turn) != 2:
-            raise InputError(f"history entries must be (question, answer) pairs, got {turn!r}")
+        if not isinstance(turn, (tuple, list)) or len(turn) != 2 or not all(isinstance(t, str) for t in turn):
+            raise InputError(f"history entries must be (question, answer) pairs of strings, got {turn!r}")
         messages += [(user, turn[0]), (assistant, turn[1])]
     messages += [(user, question), (assistant, None)]
     return tmpl.render(messages, system_message)

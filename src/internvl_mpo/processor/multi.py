@@ -31,9 +31,11 @@ class MultiImageInput:
 
 def per_image_max_num(max_num: int | Sequence[int], n_images: int, total_budget: int | None = None) -> list[int]:
     """Each image's max tile count after applying the optional total budget."""
-    maxes = [max_num] * n_images if isinstance(max_num, int) else list(max_num)
+    maxes = list(max_num) if isinstance(max_num, Sequence) and not isinstance(max_num, str) else [max_num] * n_images
     if len(maxes) != n_images:
         raise InputError(f"got {len(maxes)} max_num values for {n_images} images")
+    if not all(isinstance(m, int) and m >= 1 for m in maxes):
+        raise InputError(f"max_num must be a whole number of tiles >= 1 (or one per image), got {max_num!r}")
     if total_budget is None:
         return maxes
     if total_budget < 1:
