@@ -29,7 +29,12 @@ import torch
 from PIL import Image
 
 from internvl_mpo.errors import InputError
-from internvl_mpo.processor.image import ImageSource, image_to_pixel_values, open_image, refuse_url
+from internvl_mpo.processor.image import (
+    ImageSource,
+    image_to_pixel_values,
+    open_image,
+    refuse_url,
+)
 
 FrameSource = str | os.PathLike | Sequence[str | os.PathLike | Image.Image]
 
