@@ -230,6 +230,18 @@ def test_truncated_file(tmp_path, fmt):
         load_image(path)
 
 
+def test_an_image_closed_before_loading_is_named_as_closed(tmp_path):
+    path = tmp_path / "shut.png"
+    photo(40, 30).save(path)
+    with Image.open(path) as lazy:
+        pass
+    with pytest.raises(InputError, match="shut.png: the image was closed before its pixels were read"):
+        load_image(lazy)
+    with Image.open(path) as loaded:
+        loaded.load()
+    assert_same(load_image(loaded), reference_pixel_values(path))  # loaded pixels stay usable
+
+
 def test_zero_area_image():
     with pytest.raises(InputError, match="zero area"):
         load_image(Image.new("RGB", (0, 5)))

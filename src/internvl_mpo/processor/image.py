@@ -158,6 +158,9 @@ def _checked_rgb(image: Image.Image, name: str, max_pixels: int | None) -> Image
             f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {limit} "
             "(possible decompression bomb; pass a larger max_pixels to allow it)"
         )
+    if getattr(image, "fp", True) is None and image.tile:  # opened lazily, then closed before any load
+        raise InputError(f"{name}: the image was closed before its pixels were read; pass it while it is open "
+                         "(inside its `with Image.open(...)` block) or call its load() first")
     try:
         image.load()
     except _DECODE_ERRORS as e:
