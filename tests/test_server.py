@@ -613,3 +613,22 @@ def test_a_port_out_of_range_is_refused_before_the_model_loads():
 
     with pytest.raises(ConfigError, match=r"--port must be in 0\.\.65535, got 99999"):
         serve(model="/nonexistent/model", port=99999)
+
+
+def test_a_batch_too_big_for_memory_is_refused_before_serving(server, monkeypatch):
+    """The KV cache of --max-batch x --max-len is allocated before the server listens: when it does not fit,
+    `serve` stops with a one-line error instead of serving with a dead worker (every request a 503)."""
+    import uvicorn
+
+    from internvl_mpo.errors import ConfigError
+    from internvl_mpo.generate.engine import Engine
+
+    def out_of_memory(self, max_batch, max_len):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr(Engine, "start", out_of_memory)
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
+    with pytest.raises(ConfigError, match=r"64 rows of \d+ tokens does not fit: CUDA out of memory.*--max-batch"):
+        serve(model=str(server[1]), device="cpu", max_batch=64, max_len=4096)
+    assert served == []

@@ -420,6 +420,11 @@ class BatchWorker:
     def __init__(self, chat: InternVLChat, max_batch: int, max_len: int):
         self.chat = chat
         self.max_batch, self.max_len = max_batch, min(max_len, chat.context)
+        try:  # allocated here, before the server listens; the worker thread takes it over
+            self._batch: Generation | None = chat.engine.start(max_batch, self.max_len)
+        except RuntimeError as e:  # out of memory (CUDA's OutOfMemoryError is a RuntimeError too)
+            raise ConfigError(f"the KV cache for {max_batch} rows of {self.max_len} tokens does not fit: {e}; "
+                              "lower --max-batch or --max-len") from None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="internvl-generation", daemon=True)
         self.stats = {"active": 0, "waiting": 0, "max_active": 0, "requests": 0, "cancelled": 0,
@@ -446,7 +451,7 @@ class BatchWorker:
             self._inbox.put(("cancel", job))
 
     def _run(self) -> None:
-        gen: Generation | None = self.chat.engine.start(self.max_batch, self.max_len)  # None after a failure
+        gen, self._batch = self._batch, None  # gen is None after a failure, until a request builds a fresh one
         jobs: dict[int, Job] = {}  # the jobs in `gen` (waiting or decoding), by request id
         stats = dict(self.stats)
         while True:
