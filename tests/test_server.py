@@ -164,6 +164,15 @@ def test_messages_map_onto_the_template():
     assert [p for p, _ in req.image_urls] == ["messages[1].content[0].image_url", "messages[1].content[1].image_url"]
 
 
+def test_top_k_off_is_0_or_vllms_minus_1():
+    messages = [{"role": "user", "content": "hi"}]
+    for top_k in (0, -1, None):
+        assert parse_chat_request({"messages": messages, "top_k": top_k}, ServerSettings()).params.top_k == 0
+    assert parse_chat_request({"messages": messages, "top_k": 5}, ServerSettings()).params.top_k == 5
+    with pytest.raises(ApiError, match="top_k must be at least -1, got -2"):
+        parse_chat_request({"messages": messages, "top_k": -2}, ServerSettings())
+
+
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [str(server[1])]
     state = health(server)

@@ -270,7 +270,7 @@ def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
     try:
         params = SamplingParams(
             max_new_tokens=1, do_sample=temperature > 0, temperature=float(temperature), top_p=float(top_p),
-            top_k=_field(body, "top_k", (int,), 0, 0), stop=tuple(stop),
+            top_k=max(0, _field(body, "top_k", (int,), 0, -1)), stop=tuple(stop),  # -1 is vLLM's "off" too
             repetition_penalty=float(_field(body, "repetition_penalty", (int, float), 1.0, 0.01, 10)),
             seed=_field(body, "seed", (int,), None), ignore_eos=_field(body, "ignore_eos", (bool,), False),
         )
