@@ -272,3 +272,17 @@ def test_pixel_limit_can_be_set_on_the_command_line(folder, tmp_path):
     assert out.returncode == 0 and "exceeds the limit of 4000" in (tmp_path / "a.jsonl").read_text(), out.stderr
     out = cli("chat", "--model", folder, "--max-pixels", "4000", "--max-new-tokens", "1", stdin=f"/image {image}\n/exit\n")
     assert "exceeds the limit of 4000" in out.stderr, out.stderr
+
+
+def test_generate_names_urls_in_requests_as_urls(folder, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    lines = [{"id": 1, "question": "Hi", "image": "https://example.com/a.jpg"},
+             {"id": 2, "question": "Hi", "image": ["red.png", "http://example.com/b.png"]},
+             {"id": 3, "question": "Hi", "video": "https://example.com/c.mp4"}]
+    requests.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (tmp_path / "red.png").write_bytes((folder.parent / "red.png").read_bytes())
+    out = cli("generate", "--model", folder, "--input", requests, "--output", tmp_path / "a.jsonl")
+    assert out.returncode == 0, out.stderr
+    errors = [json.loads(x)["error"] for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [e.split(": is a URL")[0] for e in errors] == ["https://example.com/a.jpg", "http://example.com/b.png",
+                                                         "https://example.com/c.mp4"]

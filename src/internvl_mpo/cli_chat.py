@@ -224,6 +224,10 @@ def _finished_ids(out: Path) -> set:
 
 def _read_requests(path: Path) -> list[dict]:
     from .jsonl import read_objects
+    from .processor.image import is_url
+
+    def beside(name: str) -> str:  # relative to the file; a URL stays one, to be refused as such
+        return name if is_url(name) else str(path.parent / name)
 
     items, lines = [], {}
     for number, (where, item) in enumerate(read_objects(path, "requests file"), 1):
@@ -243,11 +247,11 @@ def _read_requests(path: Path) -> list[dict]:
         if not (video is None or isinstance(video, str)):
             raise InputError(f"{where}: 'video' must be a path, got {json.dumps(video)[:80]}")
         if isinstance(image, str):
-            item["image"] = str(path.parent / image)
+            item["image"] = beside(image)
         elif isinstance(image, list):
-            item["image"] = [str(path.parent / v) for v in image]
+            item["image"] = [beside(v) for v in image]
         if isinstance(video, str):
-            item["video"] = str(path.parent / video)
+            item["video"] = beside(video)
         items.append(item)
     return items
 

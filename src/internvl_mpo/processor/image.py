@@ -89,9 +89,14 @@ def source_name(src: ImageSource) -> str:
     return str(getattr(src, "name", "") or "<file object>")
 
 
+def is_url(src: object) -> bool:
+    """Whether `src` is a string naming a URL (scheme://... or data:...) rather than a local file."""
+    return isinstance(src, str) and bool(_URL.match(src)) and not os.path.exists(src)
+
+
 def refuse_url(src: object) -> None:
     """Raise for a URL given as a path: inputs are read from local files only, nothing is downloaded."""
-    if isinstance(src, str) and _URL.match(src) and not os.path.exists(src):
+    if is_url(src):
         raise InputError(f"{src[:100]}: is a URL; images and videos are read from local files only (nothing is "
                          "downloaded): download it and pass its path")
 
