@@ -641,3 +641,14 @@ def test_a_batch_too_big_for_memory_is_refused_before_serving(server, monkeypatc
     with pytest.raises(ConfigError, match=r"64 rows of \d+ tokens does not fit: CUDA out of memory.*--max-batch"):
         serve(model=str(server[1]), device="cpu", max_batch=64, max_len=4096)
     assert served == []
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads():
+    from internvl_mpo.errors import ConfigError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"cannot listen on 127\.0\.0\.1:{port}: .*in use"):
+            serve(model="/nonexistent/model", port=port)

@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import queue
+import socket
 import threading
 import time
 import urllib.request
@@ -825,6 +826,12 @@ def serve(
         raise ConfigError(f"--max-batch must be >= 1 and --max-len >= 2, got {settings.max_batch}, {settings.max_len}")
     if not 0 <= settings.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {settings.port}")
+    with socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:  # a port in use fails now, not after the model has loaded
+            probe.bind((settings.host, settings.port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e}") from None
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use the model",
                     settings.host)
