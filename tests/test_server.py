@@ -639,7 +639,7 @@ def test_a_batch_too_big_for_memory_is_refused_before_serving(server, monkeypatc
     served = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
     with pytest.raises(ConfigError, match=r"64 rows of \d+ tokens does not fit: CUDA out of memory.*--max-batch"):
-        serve(model=str(server[1]), device="cpu", max_batch=64, max_len=4096)
+        serve(model=str(server[1]), port=0, device="cpu", max_batch=64, max_len=4096)
     assert served == []
 
 
