@@ -210,6 +210,7 @@ BAD_LINES = [
     (json.dumps(_pair(0, chosen=["c"])), "wrong_type", "field 'chosen' must be a string, got list"),
     (json.dumps(_pair(0, chosen="")), "empty_answer", "field 'chosen' is empty"),
     (json.dumps(_pair(0, rejected=" \n")), "empty_answer", "field 'rejected' is empty"),
+    (json.dumps(_pair(0, rejected=_pair(0)["chosen"])), "same_answers", "'chosen' and 'rejected' are the same text"),
     (json.dumps(_pair(0, image=5)), "wrong_type", "field 'image' must be a string or a list of strings"),
     (json.dumps(_pair(0, image=None)), "wrong_type", "field 'image' must be a string or a list of strings"),
     (json.dumps(_pair(0, image=["a.jpg", 1])), "wrong_type", "field 'image' must be a string or a list of strings"),
@@ -292,6 +293,8 @@ def test_sft_records(tmp_path, root):
     ({"conversations": [{"from": "user", "value": "x"}]}, "wrong_type", r"conversations\[0\].from must be one of"),
     ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": None}]}, "wrong_type",
      r"conversations\[1\].value must be a string"),
+    ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": " "}]}, "empty_answer",
+     r"conversations\[1\].value is empty"),
     ({"image": "zzz.jpg", "conversations": [{"from": "human", "value": "x"}]}, "missing_file", "image file not found"),
 ])
 def test_sft_bad_lines(tmp_path, root, item, kind, problem):

@@ -24,7 +24,8 @@ checked up front: by default the first problem raises `InputError` naming `file:
 never parsed (as in the official code), so a bad line there goes unnoticed. Sampling and
 shuffling run over all raw lines before dropping, so the order of the good records is the
 official one. Blank lines count as malformed (the official JSON parse fails on them too). An empty
-(or all-whitespace) `chosen` or `rejected` answer is refused too; the official reader accepts it.
+(or all-whitespace) `chosen` or `rejected` answer or SFT `gpt` turn, and a pair whose `chosen` and
+`rejected` are the same text, are refused too; the official readers accept them.
 """
 
 from __future__ import annotations
@@ -283,6 +284,8 @@ def _preference(item: dict, spec: DatasetSpec, source: Source) -> PreferenceReco
     question = _require_str(item, "question")
     chosen = _answer(item, "chosen")
     rejected = _answer(item, "rejected")
+    if chosen == rejected:
+        raise _BadLine("same_answers", "'chosen' and 'rejected' are the same text: the pair states no preference")
     images, multi, video = _media(item, spec.root)
     return PreferenceRecord(question, chosen, rejected, images, multi, video, spec.name, source)
 
@@ -304,6 +307,8 @@ def _conversations(item: dict) -> tuple[dict[str, str], ...]:
                 raise _BadLine("wrong_type", f"conversations[{k}].{key} must be a string, got {type(turn[key]).__name__}")
         if turn["from"] not in SFT_ROLES:
             raise _BadLine("wrong_type", f"conversations[{k}].from must be one of {SFT_ROLES}, got {turn['from']!r}")
+        if turn["from"] == "gpt" and not turn["value"].strip():
+            raise _BadLine("empty_answer", f"conversations[{k}].value is empty: an answer needs text to score")
         out.append({"from": turn["from"], "value": turn["value"]})
     return tuple(out)
 
