@@ -290,7 +290,8 @@ def test_resume_refuses_changed_data_contents(tmp_path, chat_folder):
     annotation = tmp_path / "data" / "toy.jsonl"
     original = annotation.read_text()
     annotation.write_text(original.replace("It is purple.", "It is pink."))
-    message = r"checkpoint-000001: cannot resume, these settings differ from the checkpoint: data \(the contents"
+    message = (r"checkpoint-000001: cannot resume, these settings differ from the checkpoint: data \(files changed"
+               f" since the checkpoint: {re.escape(str(annotation))}\\)$")
     with pytest.raises(CheckpointError, match=message):
         train(dataclasses.replace(cfg, resume=True))
     # A checkpoint from before the fingerprint was recorded still resumes (compared by the --data path only).

@@ -718,7 +718,8 @@ def check_resume_settings(
     saved_print = state.get("data_fingerprint")
     if (saved_print is not None and fingerprint is not None and saved_print != fingerprint
             and saved.get("data") == cfg.data):
-        changed.append("data (the contents of its files changed)")
+        files = [p["file"] for p in saved_print + fingerprint if (p in saved_print) != (p in fingerprint)]
+        changed.append(f"data (files changed since the checkpoint: {', '.join(dict.fromkeys(files))})")
     if state.get("world_size") != env.world_size:
         changed.append(f"world_size (checkpoint {state.get('world_size')}, now {env.world_size})")
     if state.get("total_steps") != total_steps:
