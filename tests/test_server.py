@@ -652,3 +652,44 @@ def test_a_port_in_use_is_refused_before_the_model_loads():
         port = taken.getsockname()[1]
         with pytest.raises(ConfigError, match=rf"cannot listen on 127\.0\.0\.1:{port}: .*in use"):
             serve(model="/nonexistent/model", port=port)
+
+
+def test_a_failed_generation_reaches_the_openai_client_as_an_error_and_the_server_goes_on(local_chat, monkeypatch):
+    """What a client sees when generation fails inside the engine (a prefill out of memory, say): the
+    openai client raises InternalServerError for a plain request and APIError from the stream's error
+    event, and the next request is answered."""
+    import uvicorn
+
+    from internvl_mpo.server import create_app
+
+    prefill, failing = local_chat.engine.prefill, [True]
+
+    def flaky_prefill(request, caches, row):
+        if failing[0]:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return prefill(request, caches, row)
+
+    monkeypatch.setattr(local_chat.engine, "prefill", flaky_prefill)
+    port = free_port()
+    app = create_app(local_chat, ServerSettings(max_batch=2, max_len=256))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline
+            time.sleep(0.05)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": "Hello there"}]
+        with pytest.raises(openai.InternalServerError, match="out of memory"):
+            client.chat.completions.create(model="m", messages=messages, **GREEDY)
+        with pytest.raises(openai.APIError, match="out of memory"):
+            stream_text(client, messages=messages, **GREEDY)
+        failing[0] = False
+        texts, finishes, _ = stream_text(client, messages=messages, **GREEDY)
+        expected = local_chat.chat("Hello there", do_sample=False, max_new_tokens=STEPS)
+        assert texts[0].strip() == expected and finishes[0] in ("stop", "length")
+    finally:
+        server.should_exit = True
+        thread.join(30)
