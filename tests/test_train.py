@@ -282,6 +282,15 @@ def test_bad_model_or_data_creates_no_output_folder(tmp_path, chat_folder, meta)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("mode", ["mpo", "dpo"])
+def test_preference_modes_refuse_a_bare_jsonl(tmp_path, chat_folder, meta, mode):
+    """An annotation .jsonl passed straight to --data names the meta.json it needs, not a JSON parse error."""
+    annotation = meta.parent / "toy.jsonl"
+    with pytest.raises(ConfigError, match=f"^--data {re.escape(str(annotation))}: {mode} reads a meta.json"):
+        train(config(chat_folder, annotation, tmp_path / "run", mode=mode))
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_refuses_changed_data_contents(tmp_path, chat_folder):
     meta = write_mmpr(tmp_path / "data", color_pairs(4, text_only=1))
     cfg = config(chat_folder, meta, tmp_path / "run", max_steps=2, save_every=1)

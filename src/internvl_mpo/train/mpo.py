@@ -176,6 +176,9 @@ class TrainConfig:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not self.data or not self.output:
             raise ConfigError("--data and --output are required")
+        if self.mode != "sft" and self.data.endswith(".jsonl"):
+            raise ConfigError(f"--data {self.data}: {self.mode} reads a meta.json (MMPR layout) that lists the"
+                              " annotation .jsonl files with their image root; only sft takes a single .jsonl")
         if (self.model is None) == (self.init_from_config is None):
             raise ConfigError("give exactly one of --model PATH and --init-from-config config.json")
         if self.init_from_config is not None and self.tokenizer is None:
