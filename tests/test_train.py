@@ -706,6 +706,17 @@ def test_plot_output_paths_and_missing_matplotlib(tmp_path, capsys, monkeypatch)
     assert "pip install 'internvl-mpo[plot]'" in capsys.readouterr().err
 
 
+def test_plot_skips_the_half_written_line_of_a_killed_run(tmp_path, capsys):
+    from internvl_mpo.cli import main
+
+    rows = "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2))
+    (tmp_path / "metrics.jsonl").write_text(rows + '{"step": 3, "lo')  # killed during the append
+    assert main(["plot", str(tmp_path)]) == 0, capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_text(rows + '{"step": 3, "lo\n' + rows)  # a bad line inside still stops
+    assert main(["plot", str(tmp_path)]) != 0
+    assert f"{tmp_path / 'metrics.jsonl'}:3: not valid JSON" in capsys.readouterr().err
+
+
 def test_cli_reports_bad_data_without_traceback(tmp_path, chat_folder):
     meta = write_mmpr(tmp_path / "data", ['{"oops"', *color_pairs(2)])
     from internvl_mpo.cli import main

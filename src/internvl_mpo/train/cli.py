@@ -135,8 +135,11 @@ PLOT_PANELS = (
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl, less a last line without its newline (a run killed during the append)."""
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(keepends=True), 1):
+        if not line.endswith("\n"):
+            break
         if not line.strip():
             continue
         try:
