@@ -282,6 +282,29 @@ def test_bad_model_or_data_creates_no_output_folder(tmp_path, chat_folder, meta)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"lr": -1.0}, "lr must be >= 0, got -1.0"),
+    ({"lr": math.nan}, "lr must be >= 0, got nan"),
+    ({"beta": 0.0}, "beta must be > 0, got 0.0"),
+    ({"beta": math.inf}, "beta must be > 0, got inf"),
+    ({"label_smoothing": 1.5}, r"label_smoothing must be in \[0, 0.5\], got 1.5"),
+    ({"adam_beta1": 1.5}, r"adam_beta1 must be in \[0, 1\), got 1.5"),
+    ({"adam_eps": -1e-8}, "adam_eps must be >= 0"),
+    ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+    ({"max_grad_norm": -1.0}, r"max_grad_norm must be >= 0 \(0: no clipping\)"),
+    ({"drop_path_rate": 1.5}, r"drop_path_rate must be in \[0, 1\)"),
+    ({"pref_weight": -1.0}, "pref_weight must be >= 0, got -1.0"),
+    ({"lora_rank": 2, "lora_alpha": 0.0}, "lora_alpha must be > 0, got 0.0"),
+    ({"max_dynamic_patch": 0}, "max_dynamic_patch must be >= 1, got 0"),
+    ({"num_workers": -1}, "num_workers must be >= 0"),
+])
+def test_out_of_range_settings_are_refused_before_loading(tmp_path, meta, change, message):
+    """Values torch would reject with a traceback after the model loads, or train on silently (NaN, no-ops)."""
+    with pytest.raises(ConfigError, match=message):
+        train(config(tmp_path / "no-model", meta, tmp_path / "run", **change))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("mode", ["mpo", "dpo"])
 def test_preference_modes_refuse_a_bare_jsonl(tmp_path, chat_folder, meta, mode):
     """An annotation .jsonl passed straight to --data names the meta.json it needs, not a JSON parse error."""

@@ -113,6 +113,23 @@ from internvl_mpo.vision import RMSNorm
 MODES = ("mpo", "dpo", "sft")
 # (pref_weight, quality_weight, gen_weight) when the flag is not given.
 MODE_WEIGHTS = {"mpo": (0.8, 0.2, 1.0), "dpo": (1.0, 0.0, 0.0), "sft": (0.0, 0.0, 1.0)}
+# Each float setting's valid values (checked with "finite"); the optional ones only when given.
+FLOAT_RANGES = {
+    "beta": (lambda v: v > 0, "> 0"),
+    "label_smoothing": (lambda v: 0 <= v <= 0.5, "in [0, 0.5]"),
+    "lr": (lambda v: v >= 0, ">= 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_eps": (lambda v: v >= 0, ">= 0"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "max_grad_norm": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "drop_path_rate": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "pref_weight": (lambda v: v >= 0, ">= 0"),
+    "quality_weight": (lambda v: v >= 0, ">= 0"),
+    "gen_weight": (lambda v: v >= 0, ">= 0"),
+    "lora_alpha": (lambda v: v > 0, "> 0"),
+}
 REF_FILE = "ref_logps.safetensors"
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
@@ -192,10 +209,14 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
-        if self.max_steps < 0 or self.save_every < 0 or self.lora_rank < 0:
-            raise ConfigError("max_steps, save_every and lora_rank must be >= 0")
-        if not 0 <= self.warmup_ratio <= 1:
-            raise ConfigError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.max_dynamic_patch is not None and self.max_dynamic_patch < 1:
+            raise ConfigError(f"max_dynamic_patch must be >= 1, got {self.max_dynamic_patch}")
+        if min(self.max_steps, self.save_every, self.lora_rank, self.num_workers) < 0:
+            raise ConfigError("max_steps, save_every, lora_rank and num_workers must be >= 0")
+        for name, (valid, expected) in FLOAT_RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and valid(value)):
+                raise ConfigError(f"{name} must be {expected}, got {value}")
         if self.lora_vision and not self.lora_rank:
             raise ConfigError("--lora-vision needs --lora-rank > 0")
         loss_weights(self)
