@@ -25,7 +25,7 @@ from test_train_data import color_pairs, write_mmpr, write_noise_images
 
 from internvl_mpo.chat.tokenizer import load_tokenizer
 from internvl_mpo.config import ModelConfig
-from internvl_mpo.errors import CheckpointError, ConfigError, InputError
+from internvl_mpo.errors import CheckpointError, ConfigError, InputError, TrainingError
 from internvl_mpo.model import InternVL
 from internvl_mpo.processor.image import load_image
 from internvl_mpo.train import checkpointing as ckpt
@@ -303,6 +303,16 @@ def test_out_of_range_settings_are_refused_before_loading(tmp_path, meta, change
     with pytest.raises(ConfigError, match=message):
         train(config(tmp_path / "no-model", meta, tmp_path / "run", **change))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_diverging_run_stops_before_a_non_finite_update(tmp_path, chat_folder, meta):
+    cfg = config(chat_folder, meta, tmp_path / "run", lr=1e6, max_grad_norm=0.0, max_steps=6, save_every=1)
+    with pytest.raises(TrainingError, match=r"^step (\d+): the gradient norm is (nan|inf): the run diverged"):
+        train(cfg)
+    assert not (tmp_path / "run" / "final").exists()
+    last = ckpt.latest_checkpoint(tmp_path / "run")
+    assert all(torch.isfinite(w).all() for w in load_weights(last / "model").values())
+    assert all(math.isfinite(row["loss"]) for row in metric_rows(tmp_path / "run"))
 
 
 @pytest.mark.parametrize("mode", ["mpo", "dpo"])

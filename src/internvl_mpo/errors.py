@@ -15,3 +15,7 @@ class CheckpointError(InternVLError, ValueError):
 
 class InputError(InternVLError, ValueError):
     """A bad image, video, prompt or data record given by a user."""
+
+
+class TrainingError(InternVLError, RuntimeError):
+    """A training run that cannot go on (its loss diverged)."""

@@ -62,7 +62,7 @@ from torch import nn
 
 from internvl_mpo.chat.tokenizer import Tokenizer, load_tokenizer
 from internvl_mpo.config import ModelConfig
-from internvl_mpo.errors import CheckpointError, ConfigError, InputError
+from internvl_mpo.errors import CheckpointError, ConfigError, InputError, TrainingError
 from internvl_mpo.model import InternVL
 from internvl_mpo.train import checkpointing as ckpt
 from internvl_mpo.train.data import (
@@ -922,6 +922,9 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
                 sums[key] = sums.get(key, 0.0) + value / cfg.grad_accum
             tokens += batch.num_tokens
         grad_norm = _grad_norm(params, cfg.max_grad_norm)
+        if not math.isfinite(grad_norm):  # the same global norm on every rank: all stop together
+            raise TrainingError(f"step {step + 1}: the gradient norm is {grad_norm}: the run diverged (try a lower"
+                                f" --lr); it stopped before the update, so {output}'s checkpoints keep finite weights")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
