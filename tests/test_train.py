@@ -703,6 +703,20 @@ def test_train_flags_are_the_config_fields():
     assert {k: p.default for k, p in params.items() if k != "mode"} == {k: v for k, v in fields.items() if k != "mode"}
 
 
+def test_final_model_keeps_the_starting_checkpoints_dtype(tmp_path, chat_folder, meta):
+    """A bf16 checkpoint (as every official one) trains on float32 weights; final/ is bf16 again, as the
+    official trainer saves it, while the checkpoints keep float32 for an exact resume."""
+    start = InternVL.from_pretrained(chat_folder, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    train(config(start, meta, tmp_path / "run", max_steps=1, save_every=1))
+    final, saved = tmp_path / "run" / "final", tmp_path / "run" / "checkpoint-000001" / "model"
+    assert json.loads((final / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert json.loads((saved / "config.json").read_text())["torch_dtype"] == "float32"
+    exact, rounded = load_file(saved / "model.safetensors"), load_file(final / "model.safetensors")
+    assert rounded.keys() == exact.keys()
+    for key, value in rounded.items():
+        assert value.dtype == torch.bfloat16 and torch.equal(value, exact[key].to(torch.bfloat16)), key
+
+
 def test_cli_train_then_plot(tmp_path, chat_folder, meta):
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     out = tmp_path / "run"

@@ -210,6 +210,11 @@ class ModelConfig:
             )
 
     @property
+    def torch_dtype(self) -> str | None:
+        """The weights' dtype the config.json records (transformers >= 4.56 writes "dtype")."""
+        return self.extra.get("torch_dtype", self.extra.get("dtype"))
+
+    @property
     def image_size(self) -> int:
         return self.vision.image_size
 

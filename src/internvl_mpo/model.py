@@ -190,8 +190,7 @@ class InternVL(nn.Module):
         if device_map is not None and device == "cpu":
             device = device_for("mlp1", device_map, torch.device("cuda:0"))
         device = checkpoint.parse_device(device)
-        # transformers >= 4.56 writes "dtype" where older files have "torch_dtype"
-        dtype = checkpoint.parse_dtype(dtype, device, config.extra.get("torch_dtype", config.extra.get("dtype")))
+        dtype = checkpoint.parse_dtype(dtype, device, config.torch_dtype)
         if image_token_id is None:
             image_token_id = checkpoint.find_token_id(folder, IMG_CONTEXT_TOKEN)
         with torch.device("meta"):

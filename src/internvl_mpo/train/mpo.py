@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from internvl_mpo.chat.tokenizer import Tokenizer, load_tokenizer
+from internvl_mpo.checkpoint import parse_dtype
 from internvl_mpo.config import ModelConfig
 from internvl_mpo.errors import CheckpointError, ConfigError, InputError, TrainingError
 from internvl_mpo.model import InternVL
@@ -946,10 +947,13 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
             on_step(step + 1, metrics)
     bar.close()
 
-    # 6. the final model, official layout
+    # 6. the final model, official layout, in the starting checkpoint's dtype (bf16 for the official ones, as
+    # the official trainer saves them; the checkpoints above keep the float32 weights for an exact resume)
     final_dir = output / FINAL_DIR
     state = ckpt.full_model_state(module)
     if env.is_main:
-        ckpt.atomic_folder(final_dir, lambda tmp: ckpt.export_model(official_state(state, cfg), policy, tmp))
+        dtype = parse_dtype("auto", env.device, policy.config.torch_dtype)
+        state = {k: v.to(dtype) for k, v in official_state(state, cfg).items()}
+        ckpt.atomic_folder(final_dir, lambda tmp: ckpt.export_model(state, policy, tmp))
     barrier(env)
     return TrainResult(final_dir, total_steps, stream.report, metrics)
