@@ -15,8 +15,9 @@ from safetensors import safe_open
 
 from internvl_mpo.checkpoint import parse_size
 from internvl_mpo.config import LLMConfig, ModelConfig, VisionConfig
-from internvl_mpo.errors import CheckpointError
+from internvl_mpo.errors import CheckpointError, InputError
 from internvl_mpo.model import InternVL
+from internvl_mpo.pipeline import InternVLChat
 
 from conftest import IMAGE_TOKEN_ID, hf_reference, hf_to_official, modes_other_than, write_checkpoint
 
@@ -234,6 +235,44 @@ def test_hub_id_without_network_gives_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(CheckpointError, match="OpenGVLab/InternVL2_5-4B-MPO: not a local folder, and downloading"):
         InternVL.from_pretrained("OpenGVLab/InternVL2_5-4B-MPO")
+
+
+def test_hub_failure_is_one_line(monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("Got: ConnectError: Name or service not known\nAn error happened while trying to locate the "
+                      "files on the Hub.\n  Please check your internet connection.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(CheckpointError) as error:
+        InternVL.from_pretrained("OpenGVLab/InternVL2_5-4B-MPO")
+    assert str(error.value) == (
+        "OpenGVLab/InternVL2_5-4B-MPO: not a local folder, and downloading it from the hub failed: Got: ConnectError: "
+        "Name or service not known An error happened while trying to locate the files on the Hub. Please check your "
+        "internet connection."
+    )
+
+
+def test_an_unusable_device_or_dtype_is_refused_before_the_hub_is_asked(monkeypatch):
+    """A hub id with device="cuda" on a CPU machine must not download the checkpoint first."""
+    import huggingface_hub
+
+    def download(*args, **kwargs):
+        raise AssertionError("the checkpoint was fetched before the device and dtype were checked")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    cases = [(dict(device="meta"), "device 'meta' holds no data"),
+             (dict(device="xla"), "device 'xla' asked for, but this PyTorch cannot use it"),
+             (dict(device="bogus"), "unknown device 'bogus'"),
+             (dict(dtype="float64"), "unknown dtype 'float64'"),
+             (dict(dtype=torch.int8), "dtype torch.int8 is not a floating-point type")]
+    if not torch.cuda.is_available():
+        cases.append((dict(device="cuda"), "sees no CUDA device"))
+    for load in (InternVL.from_pretrained, InternVLChat.from_pretrained):
+        for kwargs, message in cases:
+            with pytest.raises(InputError, match=message):
+                load("OpenGVLab/InternVL2_5-4B-MPO", **kwargs)
 
 
 def test_parse_size():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from internvl_mpo.config import LLMConfig, ModelConfig
+from internvl_mpo.errors import InputError
 from internvl_mpo.model import InternVL
 from internvl_mpo.placement import device_for, layers_per_gpu, split_model
 
@@ -69,3 +70,10 @@ def test_the_empty_prefix_places_the_whole_model(tmp_path, tiny):
     model.save_pretrained(tmp_path / "m")
     loaded = InternVL.from_pretrained(tmp_path / "m", device_map={"": "cpu"}, image_token_id=299)
     assert loaded.device == torch.device("cpu")
+
+
+def test_a_device_map_naming_an_unusable_device_is_a_clear_error(tmp_path, tiny):
+    InternVL(tiny).save_pretrained(tmp_path / "m")
+    for device, message in [("bogus", "unknown device 'bogus'"), ("meta", "device 'meta' holds no data")]:
+        with pytest.raises(InputError, match=message):
+            InternVL.from_pretrained(tmp_path / "m", device_map={"": "cpu", "mlp1": device})

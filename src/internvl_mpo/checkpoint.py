@@ -44,6 +44,8 @@ _DTYPES = {
 def parse_dtype(dtype, device: torch.device, config_dtype: str | None = None) -> torch.dtype:
     """None -> bf16 on CUDA, fp32 elsewhere; "auto" -> the config's torch_dtype; names or torch dtypes."""
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise InputError(f"dtype {dtype} is not a floating-point type; use e.g. torch.bfloat16 or torch.float32")
         return dtype
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -52,7 +54,7 @@ def parse_dtype(dtype, device: torch.device, config_dtype: str | None = None) ->
     try:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
-        raise InputError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+        raise InputError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto'") from None
 
 
 def default_device(device: str | None) -> str:
@@ -70,7 +72,18 @@ def parse_device(device: torch.device | str) -> torch.device:
         raise InputError(f"device {str(device)!r} asked for, but this PyTorch sees no CUDA device")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise InputError(f"device {str(device)!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if device.type == "meta":
+        raise InputError("device 'meta' holds no data; use e.g. 'cpu' or 'cuda'")
+    try:
+        torch.empty(0, device=device)
+    except Exception:  # mps, xla, xpu, ... on a PyTorch built without them raise various errors
+        raise InputError(f"device {str(device)!r} asked for, but this PyTorch cannot use it; use e.g. 'cpu' or 'cuda'") from None
     return device
+
+
+def check_device_and_dtype(device: torch.device | str, dtype) -> None:
+    """Refuse a bad device or dtype before a checkpoint is read or downloaded."""
+    parse_dtype(dtype, parse_device(device))
 
 
 def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None) -> Path:
@@ -87,8 +100,9 @@ def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None) -> P
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS))
-    except Exception as e:  # network, auth, missing repo: one clear message
-        raise CheckpointError(f"{text}: not a local folder, and downloading it from the hub failed: {e}") from None
+    except Exception as e:  # network, auth, missing repo: one clear message, on one line
+        reason = " ".join(str(e).split())
+        raise CheckpointError(f"{text}: not a local folder, and downloading it from the hub failed: {reason}") from None
 
 
 def weight_map(folder: Path) -> dict[str, Path]:

@@ -184,6 +184,7 @@ class InternVL(nn.Module):
         from . import checkpoint
         from .placement import device_for, resolve_device_map
 
+        checkpoint.check_device_and_dtype(device, dtype)
         folder = checkpoint.resolve_checkpoint(path_or_id, revision)
         config = ModelConfig.from_json(folder / "config.json")
         device_map = resolve_device_map(device_map, config)

@@ -108,8 +108,9 @@ class InternVLChat:
         device_map: str | dict | None = None,
     ) -> "InternVLChat":
         """Model and tokenizer from a checkpoint folder or hub id; see `InternVL.from_pretrained`."""
-        from .checkpoint import resolve_checkpoint
+        from .checkpoint import check_device_and_dtype, resolve_checkpoint
 
+        check_device_and_dtype(device, dtype)
         folder = resolve_checkpoint(path_or_id, revision)
         tokenizer = load_tokenizer(folder)
         model = InternVL.from_pretrained(

@@ -13,7 +13,9 @@ import math
 
 import torch
 
+from .checkpoint import parse_device
 from .config import ModelConfig
+from .errors import InputError
 
 
 def layers_per_gpu(num_layers: int, num_gpus: int) -> list[int]:
@@ -53,11 +55,11 @@ def resolve_device_map(device_map, config: ModelConfig) -> dict[str, str] | None
     if device_map == "auto":
         count = torch.cuda.device_count()
         if count == 0:
-            raise ValueError('device_map="auto" needs CUDA devices; use device="cpu" instead')
+            raise InputError('device_map="auto" needs CUDA devices; use device="cpu" instead')
         return split_model(config, count)
     if not isinstance(device_map, dict):
-        raise ValueError(f"device_map must be None, 'auto' or a dict of module prefix -> device, got {device_map!r}")
-    return dict(device_map)
+        raise InputError(f"device_map must be None, 'auto' or a dict of module prefix -> device, got {device_map!r}")
+    return {prefix: str(parse_device(device)) for prefix, device in device_map.items()}
 
 
 def device_for(key: str, device_map: dict[str, str], default: torch.device) -> torch.device:
