@@ -134,6 +134,43 @@ def test_generate_checks_its_arguments_before_loading_the_model(folder, tmp_path
     assert f"{requests}:2: 'id' must be a string or an integer, got [1]" in out.stderr
 
 
+def test_a_negative_temperature_is_refused_before_the_model_loads(folder, tmp_path):
+    """It was read as greedy (0 is greedy); the Python API refuses it, and so does the command line now."""
+    from internvl_mpo import cli_chat
+    from internvl_mpo.errors import InputError
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")
+    missing_model = str(folder / "nope")  # reached only if the temperature gets through
+    for run in (lambda: cli_chat.chat("Hi", model=missing_model, temperature=-1.0),
+                lambda: cli_chat.generate(input=str(requests), output=str(tmp_path / "a.jsonl"), model=missing_model,
+                                          temperature=-1.0)):
+        with pytest.raises(InputError, match="temperature must be >= 0, got -1.0"):
+            run()
+
+
+def test_ctrl_c_stops_the_answer_and_the_interactive_chat_goes_on(folder, monkeypatch, capsys):
+    """As in other chat programs: the interrupted question is dropped, the session and its model stay."""
+    import io
+
+    from internvl_mpo import cli_chat
+
+    stream, prompts = InternVLChat.stream_prepared, []
+
+    def interrupted_once(bot, prepared, params):
+        prompts.append(prepared.prompt_ids)
+        for i, piece in enumerate(stream(bot, prepared, params)):
+            if len(prompts) == 1 and i == 1:
+                raise KeyboardInterrupt  # Ctrl-C after the first piece of the first answer
+            yield piece
+
+    monkeypatch.setattr(InternVLChat, "stream_prepared", interrupted_once)
+    monkeypatch.setattr("sys.stdin", io.StringIO("first?\nsecond?\n"))
+    assert cli_chat.chat(model=str(folder), device="cpu", max_new_tokens=6) == 0
+    assert len(prompts) == 2 and prompts[1] == InternVLChat.from_pretrained(folder).prepare("second?").prompt_ids
+    assert "(interrupted; that question is left out of the conversation)" in capsys.readouterr().err
+
+
 def test_interactive_image_command_checks_its_argument(folder):
     image = folder.parent / "blue.png"
     commands = f"/image\n/image {folder}\n/image {folder / 'config.json'}\n/image {image}\nfirst?\n/exit\n"

@@ -24,7 +24,7 @@ def _model_path(model: str | None) -> str:
 def _generation(temperature: float, top_p: float, top_k: int, max_new_tokens: int, seed: int | None,
                 repetition_penalty: float) -> dict:
     return dict(
-        do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0, top_p=top_p, top_k=top_k,
+        do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p, top_k=top_k,  # SamplingParams refuses < 0
         max_new_tokens=max_new_tokens, seed=seed, repetition_penalty=repetition_penalty,
     )
 
@@ -73,9 +73,9 @@ def chat(
     from .pipeline import InternVLChat, sampling_params
     from .processor.image import open_image
 
+    params = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty))
     device = default_device(device)
     bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device, compile=compile)
-    params = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty))
     inputs = dict(max_num=max_num, system_message=system, num_segments=num_segments, max_pixels=max_pixels)
     images = list(image or [])
     if question is not None:
@@ -114,6 +114,9 @@ def chat(
             history.append((prepared.question, _answer(bot, prepared, params)))
         except InputError as e:
             print(f"error: {e}", file=sys.stderr)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session (Ctrl-C at the prompt quits)
+            print()
+            print("(interrupted; that question is left out of the conversation)", file=sys.stderr)
 
 
 def _answer(bot, prepared, params) -> str:
