@@ -679,3 +679,23 @@ def test_video_frames_take_the_pixel_limit(setup):
     with pytest.raises(InputError, match="exceeds the limit of 100"):
         chat.prepare("What happens?", video=frames, max_pixels=100)
     assert chat.prepare("What happens?", video=frames, max_pixels=200).num_patches_list == [1] * 8
+
+
+def test_the_model_cards_generation_config_dict_is_taken(setup):
+    """Card code passes its settings as generation_config=dict(max_new_tokens=1024, do_sample=True)."""
+    chat, _ = setup
+    size = chat.config.image_size
+    pixels = torch.randn(2, 3, size, size)
+    config = dict(max_new_tokens=6, do_sample=False)
+    assert chat.chat("First", pixel_values=pixels, generation_config=config) == chat.chat("First", pixels, **config)
+    assert "".join(chat.stream_chat("First", generation_config=config)).strip() == chat.chat("First", **config)
+    both = dict(pixel_values=pixels, num_patches_list=[1, 1])
+    assert chat.batch_chat(["First", "Second"], **both, generation_config=config) == \
+        chat.batch_chat(["First", "Second"], **both, **config)
+    with pytest.raises(InputError, match=r"\['max_new_tokens'\] given in generation_config and as a keyword"):
+        chat.chat("First", generation_config=config, max_new_tokens=3)
+    # The card's argument order (without the tokenizer), or its settings in video='s place, say what to write.
+    with pytest.raises(InputError, match=r"is chat\(question, pixel_values=pixel_values, generation_config="):
+        chat.chat(pixels, "<image>\nFirst", config)
+    with pytest.raises(InputError, match="got a dict; pass generation settings as keywords or as generation_config="):
+        chat.chat("First", None, config)

@@ -187,7 +187,14 @@ class InternVLChat:
         """The prompt of one question. It must leave room for at least one new token in the model's
         context; the answer then stops where the context ends, even before `max_new_tokens`."""
         if not isinstance(question, str):
-            raise InputError(f"the question must be a string, got {type(question).__name__}")
+            raise InputError(
+                f"the question must be a string, got {type(question).__name__}; the official chat(tokenizer, "
+                "pixel_values, question, generation_config) is chat(question, pixel_values=pixel_values, "
+                "generation_config=generation_config) here"
+            )
+        if isinstance(video, dict):  # chat(question, images, generation_config): the settings went to video=
+            raise InputError("video must be a file, a folder or a list of frames, got a dict; pass generation "
+                             "settings as keywords or as generation_config=")
         if video is not None and images is not None:
             raise InputError("give images or a video, not both")
         if video is not None:
@@ -214,7 +221,14 @@ class InternVLChat:
     # ---- chat -----------------------------------------------------------------------------
 
     def _split(self, kwargs: dict) -> tuple[dict, SamplingParams]:
-        """Separate input settings (tile budgets, system message, ...) from generation settings."""
+        """Separate input settings (tile budgets, system message, ...) from generation settings, which
+        may also come as the official `generation_config` dict."""
+        config = kwargs.pop("generation_config", None) or {}
+        if not isinstance(config, dict):
+            raise InputError(f"generation_config must be a dict of settings, got {type(config).__name__}")
+        if set(config) & set(kwargs):
+            raise InputError(f"{sorted(set(config) & set(kwargs))} given in generation_config and as a keyword")
+        kwargs = {**config, **kwargs}
         inputs = {k: kwargs.pop(k) for k in list(kwargs) if k in INPUT_KEYS}
         return inputs, sampling_params(**kwargs)
 
