@@ -315,6 +315,12 @@ def test_a_diverging_run_stops_before_a_non_finite_update(tmp_path, chat_folder,
     assert all(math.isfinite(row["loss"]) for row in metric_rows(tmp_path / "run"))
 
 
+def test_image_root_with_a_meta_json_is_refused(tmp_path, chat_folder, meta):
+    """meta.json gives each dataset its root: an --image-root there would be ignored without a word."""
+    with pytest.raises(ConfigError, match="^--image-root applies to a single sft .jsonl"):
+        train(config(chat_folder, meta, tmp_path / "run", image_root=str(tmp_path)))
+
+
 @pytest.mark.parametrize("mode", ["mpo", "dpo"])
 def test_preference_modes_refuse_a_bare_jsonl(tmp_path, chat_folder, meta, mode):
     """An annotation .jsonl passed straight to --data names the meta.json it needs, not a JSON parse error."""

@@ -197,6 +197,8 @@ class TrainConfig:
         if self.mode != "sft" and self.data.endswith(".jsonl"):
             raise ConfigError(f"--data {self.data}: {self.mode} reads a meta.json (MMPR layout) that lists the"
                               " annotation .jsonl files with their image root; only sft takes a single .jsonl")
+        if self.image_root is not None and not (self.mode == "sft" and self.data.endswith(".jsonl")):
+            raise ConfigError("--image-root applies to a single sft .jsonl; a meta.json gives each dataset its root")
         if (self.model is None) == (self.init_from_config is None):
             raise ConfigError("give exactly one of --model PATH and --init-from-config config.json")
         if self.init_from_config is not None and self.tokenizer is None:
