@@ -85,7 +85,7 @@ def chat(
     print("Interactive chat. /image FILE adds an image, /reset starts over, /exit quits.", file=sys.stderr)
     while True:
         try:
-            line = input("> ").strip()
+            line = input("> " if sys.stdin.isatty() else "").strip()  # piped: stdout holds the answers only
         except EOFError:
             return 0
         if not line:
@@ -176,6 +176,9 @@ def generate(
     requests = _read_requests(Path(input))
     done = _finished_ids(out)
     todo = [r for r in requests if r["id"] not in done]
+    if not todo:  # a finished run: no need to spend minutes loading a large model
+        print(f"internvl-mpo generate: all {len(requests)} requests are answered in {out}", file=sys.stderr)
+        return 0
     device = default_device(device)
     bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device)
     with out.open("a", encoding="utf-8") as sink, tqdm(total=len(requests), initial=len(requests) - len(todo),
