@@ -124,7 +124,8 @@ def test_generate_checks_its_arguments_before_loading_the_model(folder, tmp_path
     cases = [(["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
              (["--batch-size", "-1"], "--batch-size must be at least 1, got -1"),
              (["--output", tmp_path / "no" / "a.jsonl"], f"the folder {tmp_path / 'no'} does not exist"),
-             (["--output", tmp_path], "is a folder")]
+             (["--output", tmp_path], "is a folder"),
+             (["--output", requests], "is the requests file; give the answers a file of their own")]
     for args, message in cases:
         out = cli("generate", "--input", requests, "--output", tmp_path / "a.jsonl", "--model", missing_model, *args)
         assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -172,6 +172,8 @@ def generate(
         raise InputError(f"--output {out} is a folder; give the path of a JSONL file")
     if not out.parent.is_dir():
         raise InputError(f"--output {out}: the folder {out.parent} does not exist")
+    if out.resolve() == Path(input).resolve():  # resuming rewrites the output: the requests would be lost
+        raise InputError(f"--output {out} is the requests file; give the answers a file of their own")
     base = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, 1.0))
     requests = _read_requests(Path(input))
     done = _finished_ids(out)
