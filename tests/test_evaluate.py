@@ -187,6 +187,10 @@ def test_bad_input_is_named_with_its_line_before_any_answer(tmp_path):
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(InputError, match=r"bench.jsonl:2: .*notes.png: not an image"):
         read_benchmark(data)
+    rows = [dict(BENCH[0]), dict(BENCH[1], image=["http://example.com/b.png"])]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(InputError, match=r"bench.jsonl:2: http://example.com/b.png: is a URL"):
+        read_benchmark(data)
     rows = [BENCH[0], BENCH[1], dict(BENCH[2], id="1")]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(InputError, match=r"bench.jsonl:3: id '1' appears twice \(first at .*bench.jsonl:1\)"):

@@ -213,7 +213,8 @@ def test_bad_items_are_reported_with_their_line(tmp_path):
     good = {"id": "a", "question": "q", "answer": "B", "image": "good.png"}
     write_image(tmp_path / "good.png", (1, 2, 3))
     # Images are opened while the file is read (before any model loads), with the item's line.
-    for name, why in [("missing.png", "no such file"), ("notes.png", "not an image"), (".", "is a directory")]:
+    for name, why in [("missing.png", "no such file"), ("notes.png", "not an image"), (".", "is a directory"),
+                      ("https://example.com/a.png", "https://example.com/a.png: is a URL")]:
         path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": "b", "image": name}) + "\n")
         with pytest.raises(InputError, match=rf"items.jsonl:2: .*{why}"):
             read_items(path, "correctness")

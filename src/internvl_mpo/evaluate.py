@@ -40,7 +40,6 @@ import base64
 import binascii
 import csv
 import json
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,6 +111,8 @@ def _item(item_id: str, question: str, answer: str, images, options, hint, categ
 
 
 def _read_jsonl(path: Path) -> list[BenchItem]:
+    from internvl_mpo.processor.image import beside
+
     items, checked = [], set()
     for number, (where, row) in enumerate(read_objects(path, "benchmark file"), 1):
         row.setdefault("id", number)  # no id: its number in the file, as `generate` numbers requests
@@ -123,7 +124,7 @@ def _read_jsonl(path: Path) -> list[BenchItem]:
         names = [image] if isinstance(image, str) else image
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise InputError(f"{where}: field 'image' must be a path or a list of paths")
-        paths = [str(Path(name) if os.path.isabs(name) else path.parent / name) for name in names]
+        paths = [beside(path.parent, name) for name in names]
         check_images(paths, where, checked)
         items.append(_item(
             str(row["id"]), str(row["question"]), str(row["answer"]), paths, row.get("options"),

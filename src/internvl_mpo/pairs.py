@@ -168,8 +168,10 @@ def _resolve_image(value: Any, folder: Path, where: str) -> tuple[str | list[str
     names = [value] if isinstance(value, str) else value
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
         raise InputError(f"{where}: field 'image' must be a path or a list of paths, got {value!r:.80}")
-    paths = [Path(name) if os.path.isabs(name) else folder / name for name in names]
-    return value, tuple(str(path.resolve()) for path in paths)
+    from internvl_mpo.processor.image import beside, is_url
+
+    paths = [beside(folder, name) for name in names]
+    return value, tuple(path if is_url(path) else str(Path(path).resolve()) for path in paths)
 
 
 def check_images(images, where: str, checked: set) -> None:

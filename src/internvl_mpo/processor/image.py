@@ -94,6 +94,12 @@ def is_url(src: object) -> bool:
     return isinstance(src, str) and bool(_URL.match(src)) and not os.path.exists(src)
 
 
+def beside(folder: str | os.PathLike, name: str) -> str:
+    """A path named in a data file, read relative to that file's `folder`; absolute paths and URLs
+    (refused later, as URLs) stay as written."""
+    return name if os.path.isabs(name) or is_url(name) else os.path.join(folder, name)
+
+
 def refuse_url(src: object) -> None:
     """Raise for a URL given as a path: inputs are read from local files only, nothing is downloaded."""
     if is_url(src):
