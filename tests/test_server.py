@@ -244,6 +244,24 @@ def test_n_choices(client):
     assert texts == {0: first[0], 1: first[1]} and set(finishes) == {0, 1}
 
 
+def test_any_int64_seed_and_max_completion_tokens(client):
+    """OpenAI takes any int64 seed: it is read modulo 2**63, so -1 samples as 2**63 - 1, and choice 1 of
+    that seed as seed 0. max_completion_tokens, OpenAI's current name, wins over max_tokens."""
+    def answers(seed: int, n: int = 1, **kw) -> list[str]:
+        reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Tell me a story."}],
+                                               temperature=1.0, seed=seed, n=n, max_tokens=STEPS, **kw)
+        return [c.message.content for c in reply.choices]
+
+    wrapped = answers(-1, n=2)
+    assert wrapped == answers(2**63 - 1, n=2) and wrapped[1] == answers(0)[0]
+    both = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=STEPS,
+                                          max_completion_tokens=2, temperature=0, extra_body={"ignore_eos": True})
+    assert both.usage.completion_tokens == 2
+    with pytest.raises(openai.BadRequestError) as e:
+        answers(0, max_completion_tokens=10**9)
+    assert e.value.body["param"] == "max_completion_tokens" and "max_completion_tokens is 1000000000" in e.value.message
+
+
 def test_logprobs_plain_and_streamed(client, local_chat):
     """OpenAI's logprobs.content: one entry per token of the answer (the end-of-turn token is not in the
     text), each with its text, UTF-8 bytes, log-probability and top alternatives, best first; the
@@ -377,8 +395,8 @@ def test_bad_requests_fail_alone_with_400(server, client):
         "top_p must be a finite number": hi + ', "temperature": 1, "top_p": NaN}',
         "temperature must be a finite number": hi + ', "temperature": NaN}',
         "repetition_penalty must be a finite number": hi + ', "repetition_penalty": NaN}',
-        "seed + n - 1 must be below 2**63": hi + f', "temperature": 1, "seed": {2**63 - 1}, "n": 2}}',
-        "seed must be in [0, 2**63)": hi + f', "temperature": 1, "seed": {2**63}}}',
+        "seed must be between -9223372036854775808 and 9223372036854775807, got 9223372036854775808":
+            hi + f', "temperature": 1, "seed": {2**63}}}',
         "top_k must be in [0, 2**31)": hi + f', "temperature": 1, "top_k": {2**31}}}',
         "max_tokens must be at least 1, got 0": '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}',
         "messages[0].content: character 3 is a lone surrogate": '{"messages": [{"role": "user", "content": "abc\\ud800"}]}',

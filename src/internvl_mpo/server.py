@@ -21,7 +21,8 @@ every prompt id, image context tokens included.
 Differences from OpenAI kept on purpose: `top_k`, `repetition_penalty`, `ignore_eos` and `max_num`
 (tiles per image) are accepted as extra body fields (vLLM accepts the first three too); the `model`
 field is not checked (one model is served); sampling has no top-k unless asked (the model card's
-HF default of 50 does not apply); choice i of a seeded request with `n > 1` samples with seed + i;
+HF default of 50 does not apply); a seed is any int64, read modulo 2**63 (the engine's range), and
+choice i of a seeded request with `n > 1` samples with seed + i (modulo 2**63);
 the text is the raw decoded answer (not stripped as `chat()` strips it), so streamed pieces join to
 exactly the non-streamed content; `logprobs` are the model's raw log-probabilities (before
 temperature, penalty and filters, as vLLM reports them by default), without the end-of-turn token.
@@ -253,11 +254,13 @@ def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
     top_p = _field(body, "top_p", (int, float), 1.0, 0, 1)
     if top_p == 0:
         raise ApiError(400, "top_p must be greater than 0", "top_p")
-    max_tokens = _field(body, "max_completion_tokens", (int,), None, 1)
-    max_tokens = _field(body, "max_tokens", (int,), max_tokens, 1)
+    # max_completion_tokens is OpenAI's current name and wins over the older max_tokens (as in vLLM)
+    limit_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _field(body, "max_tokens", (int,), None, 1)
+    max_tokens = _field(body, "max_completion_tokens", (int,), max_tokens, 1)
     if max_tokens is not None and max_tokens > settings.max_tokens:
-        raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {settings.max_tokens}",
-                       "max_tokens")
+        raise ApiError(400, f"{limit_key} is {max_tokens}; this server allows at most {settings.max_tokens}",
+                       limit_key)
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
@@ -268,18 +271,16 @@ def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
         raise ApiError(400, "stream_options must be an object", "stream_options")
     max_num = _field(body, "max_num", (int,), None, 1, settings.max_tiles)
     n = _field(body, "n", (int,), 1, 1, settings.max_n)
+    seed = _field(body, "seed", (int,), None, -(2**63), 2**63 - 1)  # OpenAI's int64; read modulo 2**63
     try:
         params = SamplingParams(
             max_new_tokens=1, do_sample=temperature > 0, temperature=float(temperature), top_p=float(top_p),
             top_k=max(0, _field(body, "top_k", (int,), 0, -1)), stop=tuple(stop),  # -1 is vLLM's "off" too
             repetition_penalty=float(_field(body, "repetition_penalty", (int, float), 1.0, 0.01, 10)),
-            seed=_field(body, "seed", (int,), None), ignore_eos=_field(body, "ignore_eos", (bool,), False),
+            seed=None if seed is None else seed % 2**63, ignore_eos=_field(body, "ignore_eos", (bool,), False),
         )
     except InputError as e:
         raise ApiError(400, str(e)) from None
-    if params.seed is not None and params.seed + n - 1 >= 2**63:
-        raise ApiError(400, f"seed + n - 1 must be below 2**63 (choice i samples with seed + i); got seed "
-                            f"{params.seed} with n = {n}", "seed")
     return ChatRequest(
         question=turns[-1][1], history=history, system_message=system, image_urls=images, params=params,
         max_tokens=max_tokens, n=n, stream=_field(body, "stream", (bool,), False),
@@ -677,7 +678,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
 
         jobs = []
         for index in range(req.n):
-            seed = None if req.params.seed is None else req.params.seed + index
+            seed = None if req.params.seed is None else (req.params.seed + index) % 2**63
             params = dataclasses.replace(req.params, max_new_tokens=prompt.max_new_tokens, seed=seed)
             jobs.append(Job(Request(prompt.ids, params, prompt.pixel_values, logprobs=req.logprobs), index, deliver))
             worker.submit(jobs[-1])
