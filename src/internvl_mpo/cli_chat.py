@@ -232,10 +232,7 @@ def _finished_ids(out: Path) -> set:
 
 def _read_requests(path: Path) -> list[dict]:
     from .jsonl import read_objects
-    from .processor.image import is_url
-
-    def beside(name: str) -> str:  # relative to the file; a URL stays one, to be refused as such
-        return name if is_url(name) else str(path.parent / name)
+    from .processor.image import beside
 
     items, lines = [], {}
     for number, (where, item) in enumerate(read_objects(path, "requests file"), 1):
@@ -255,11 +252,11 @@ def _read_requests(path: Path) -> list[dict]:
         if not (video is None or isinstance(video, str)):
             raise InputError(f"{where}: 'video' must be a path, got {json.dumps(video)[:80]}")
         if isinstance(image, str):
-            item["image"] = beside(image)
+            item["image"] = beside(path.parent, image)
         elif isinstance(image, list):
-            item["image"] = [beside(v) for v in image]
+            item["image"] = [beside(path.parent, v) for v in image]
         if isinstance(video, str):
-            item["video"] = beside(video)
+            item["video"] = beside(path.parent, video)
         items.append(item)
     return items
 
