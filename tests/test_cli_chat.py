@@ -194,6 +194,33 @@ def test_interactive_image_command_checks_its_argument(folder):
     assert out.stdout.strip() == expected
 
 
+def test_interactive_commands_help_video_and_a_conversation_too_long(folder, tmp_path):
+    """/help and a mistyped command list the commands (not asked as a question); /image on a video
+    conversation is refused with the way out; a history too long for the context says /reset helps."""
+    small = tmp_path / "small"
+    small.mkdir()
+    for f in folder.iterdir():
+        (small / f.name).write_bytes(f.read_bytes())
+    config = json.loads((small / "config.json").read_text())
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 40), (i * 100, 0, 0)).save(frames / f"{i}.png")
+    question = "Tell me about " + "the big red square and " * 8 + "nothing else."
+    bot = InternVLChat.from_pretrained(folder)
+    first = len(bot.prepare(question, None, str(frames), None, num_segments=2).prompt_ids)
+    config["llm_config"]["max_position_embeddings"] = first + 12  # room for one turn, not for two
+    (small / "config.json").write_text(json.dumps(config))
+    stdin = f"/help\n/hlep\n/image {folder.parent / 'blue.png'}\n{question}\n{question}\n/exit\n"
+    out = cli("chat", "--model", small, "--max-new-tokens", "4", "--video", frames, "--num-segments", "2", stdin=stdin)
+    assert out.returncode == 0, out.stderr
+    err = out.stderr.splitlines()
+    assert err[1].startswith("/image FILE adds an image") and err[2].startswith("unknown command /hlep; /image FILE")
+    assert "images and a video do not mix (/reset starts over" in err[3]
+    assert err[4].startswith("error: prompt is") and err[4].endswith("(earlier turns count: /reset starts over)")
+    assert len(out.stdout.strip().splitlines()) == 1  # one answer: no command was asked as a question
+
+
 def test_help_lists_commands():
     out = cli("--help")
     assert out.returncode == 0 and "chat" in out.stdout and "generate" in out.stdout

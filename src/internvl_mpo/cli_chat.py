@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -82,7 +83,8 @@ def chat(
         _answer(bot, bot.prepare(question, images or None, video, None, **inputs), params)
         return 0
     history: list[tuple[str, str]] = []
-    print("Interactive chat. /image FILE adds an image, /reset starts over, /exit quits.", file=sys.stderr)
+    commands = "/image FILE adds an image, /reset starts over, /exit quits"
+    print(f"Interactive chat. {commands}.", file=sys.stderr)
     while True:
         try:
             line = input("> " if sys.stdin.isatty() else "").strip()  # piped: stdout holds the answers only
@@ -100,6 +102,10 @@ def chat(
             if not path:
                 print("usage: /image PATH", file=sys.stderr)
                 continue
+            if video is not None:
+                print("error: this conversation is about a video; images and a video do not mix (/reset starts "
+                      "over without it)", file=sys.stderr)
+                continue
             try:
                 open_image(path, max_pixels).close()  # refuse what is not an image now, not at every later question
             except InputError as e:
@@ -109,11 +115,15 @@ def chat(
             history = []  # a new image starts a new conversation
             print(f"added {path}; the conversation starts over with {len(images)} image(s)", file=sys.stderr)
             continue
+        if line == "/help" or re.fullmatch(r"/[A-Za-z]+", line):  # a mistyped command is not a question
+            print(f"{'' if line == '/help' else f'unknown command {line}; '}{commands}", file=sys.stderr)
+            continue
         try:
             prepared = bot.prepare(line, images or None, video, history, **inputs)
             history.append((prepared.question, _answer(bot, prepared, params)))
         except InputError as e:
-            print(f"error: {e}", file=sys.stderr)
+            too_long = history and "prompt is " in str(e)  # the template's or the engine's length check
+            print(f"error: {e}{' (earlier turns count: /reset starts over)' if too_long else ''}", file=sys.stderr)
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session (Ctrl-C at the prompt quits)
             print()
             print("(interrupted; that question is left out of the conversation)", file=sys.stderr)
