@@ -66,7 +66,7 @@ def chat(
     seed: seed for sampling
     system: a system message instead of the template's
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
-    dtype: float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)
+    dtype: float32, bfloat16, float16 or auto (the checkpoint's own) (default: bf16 on CUDA, fp32 on CPU)
     compile: torch.compile the decode step
     max_pixels: refuse images (and frames) with more pixels (default: Pillow's limit, about 89 M)
     """
@@ -167,7 +167,7 @@ def generate(
     max_new_tokens: most tokens per answer
     seed: seed for sampling (each request uses seed + its line number)
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
-    dtype: float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)
+    dtype: float32, bfloat16, float16 or auto (the checkpoint's own) (default: bf16 on CUDA, fp32 on CPU)
     max_pixels: refuse images (and frames) with more pixels (default: Pillow's limit, about 89 M)
     """
     from tqdm import tqdm

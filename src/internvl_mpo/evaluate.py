@@ -380,7 +380,7 @@ def eval_(
     max_new_tokens: most tokens per answer
     limit: only the first N questions
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
-    dtype: float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)
+    dtype: float32, bfloat16, float16 or auto (the checkpoint's own) (default: bf16 on CUDA, fp32 on CPU)
     """
     from internvl_mpo.checkpoint import default_device
     from internvl_mpo.cli_chat import _model_path

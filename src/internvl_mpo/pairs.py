@@ -646,7 +646,7 @@ def pairs(
     seed: base seed; each sample's seed derives from it, the item id and the sample index
     start_ratio: DropoutNTP keeps this fraction of the chosen answer's words
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
-    dtype: float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)
+    dtype: float32, bfloat16, float16 or auto (the checkpoint's own) (default: bf16 on CUDA, fp32 on CPU)
     """
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
