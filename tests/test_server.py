@@ -34,7 +34,17 @@ pytest.importorskip("uvicorn")
 from internvl_mpo.generate.engine import Request
 from internvl_mpo.generate.sampling import SamplingParams
 from internvl_mpo.pipeline import InternVLChat
-from internvl_mpo.server import ApiError, BatchWorker, Job, ServerSettings, image_bytes, parse_chat_request, serve
+from internvl_mpo.server import (
+    TEXT_ROOM,
+    ApiError,
+    BatchWorker,
+    Job,
+    ServerSettings,
+    build_prompt,
+    image_bytes,
+    parse_chat_request,
+    serve,
+)
 
 KEY = "test-key"
 MAX_BATCH = 8
@@ -424,6 +434,22 @@ def test_bad_requests_fail_alone_with_400(server, client):
     thread.join(60)
     assert result == {"text": solo}
     assert health(server)["status"] == "ok"
+
+
+def test_the_tiles_of_several_images_are_cut_to_fit_the_sequence(local_chat):
+    """Two images at the default 12 tiles each (plus thumbnails) overflow a short sequence; each image's
+    tile limit shrinks so that all tiles leave TEXT_ROOM tokens, instead of a context_length_exceeded."""
+    body = {"messages": [user("Compare them.", png(560, 560), png(560, 560, seed=1))]}
+    settings = ServerSettings(max_images=2)
+    req = parse_chat_request(body, settings)
+    per_tile = local_chat.model.num_image_token
+    roomy = build_prompt(local_chat, req, settings, max_len=4096)
+    assert roomy.pixel_values.shape[0] == 2 * 10  # 3x3 grid + thumbnail each: nothing to cut
+    for tiles in (14, 10, 0):  # tiles that fit beside TEXT_ROOM, for both images together
+        max_len = TEXT_ROOM + tiles * per_tile
+        got = build_prompt(local_chat, req, settings, max_len=max_len).pixel_values.shape[0]
+        assert got == {14: 2 * 5, 10: 2 * 5, 0: 2 * 1}[tiles]  # max_num 6 and 4: 2x2 + thumbnail; 1: one tile
+        assert got * per_tile <= max(tiles * per_tile, 2 * per_tile)
 
 
 def test_image_urls_that_cannot_be_read_are_400():

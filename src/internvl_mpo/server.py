@@ -62,6 +62,7 @@ log = logging.getLogger("internvl_mpo.server")
 MAX_STOP_STRINGS = 4  # as OpenAI
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 UNSUPPORTED_FIELDS = ("tools", "functions", "logit_bias", "audio", "prediction")
+TEXT_ROOM = 512  # tokens of a sequence that image tiles leave to the text and the answer
 
 
 @dataclass(frozen=True)
@@ -359,7 +360,11 @@ def build_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings,
     config = chat.config
     per_image = req.max_num or config.max_dynamic_patch
     if req.image_urls:
-        per_image = min(per_image, max(1, settings.max_tiles // len(req.image_urls)))
+        n = len(req.image_urls)
+        per_image = min(per_image, max(1, settings.max_tiles // n))
+        # and the tiles (thumbnails included) of every image must fit in the sequence beside TEXT_ROOM
+        fit = (max_len - TEXT_ROOM) // chat.model.num_image_token // n
+        per_image = min(per_image, max(1, fit - 1 if config.use_thumbnail and fit >= 2 else fit))
     tiles = []
     for param, url in req.image_urls:
         raw = image_bytes(url, param, settings)
