@@ -133,3 +133,20 @@ def test_fsdp_bf16_reference_is_the_initial_policy(setup):
     for name in ("bf16_live", "bf16_precomputed"):
         row = rows(root / name)[0]
         assert (row["rewards/chosen"], row["rewards/rejected"]) == (0.0, 0.0), name
+
+
+def test_fsdp_with_a_frozen_llm_and_text_only_samples_on_one_rank(setup):
+    # With the LLM frozen (or only LoRA adapters in it) a text-only row's embeddings need no gradient while an
+    # image row's do, so the ranks ran different backward collectives (a gloo size mismatch, or a hang).
+    root, folder, meta = setup
+    base = TrainConfig(model=str(folder), data=str(meta), max_steps=4, lr=1e-3, warmup_ratio=0.0,
+                       drop_path_rate=0.0, progress=False, seed=3)
+    frozen = {"frozen_llm": {"freeze_llm": True}, "lora": {"lora_rank": 2}}
+    configs = [dataclasses.asdict(dataclasses.replace(base, output=str(root / f"fsdp_{name}"), batch_size=1,
+                                                      fsdp=True, **change)) for name, change in frozen.items()]
+    mp.start_processes(_worker, args=(2, free_ports(2), configs), nprocs=2, start_method="spawn")
+    for name, change in frozen.items():
+        single = train(dataclasses.replace(base, output=str(root / f"single_{name}"), batch_size=2, **change))
+        for a, b in zip(rows(single.final_dir.parent), rows(root / f"fsdp_{name}"), strict=True):
+            for key in ("loss", "loss/pref", "loss/quality", "nll", "grad_norm"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (name, a["step"], key)

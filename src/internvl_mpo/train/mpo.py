@@ -278,15 +278,17 @@ class SequenceLogps(nn.Module):
         self, input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: torch.Tensor, pairs: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
-        vit_embeds, keep_alive = None, None
+        vit_embeds = None
         if pixel_values.shape[0]:
             vit_embeds = model.extract_feature(pixel_values)  # (N, P, C)
             if pairs:
                 vit_embeds = torch.cat([vit_embeds, vit_embeds])  # chosen rows' slots, then rejected rows'
-        elif self.encode_empty:
-            size = model.config.image_size
-            keep_alive = model.extract_feature(pixel_values.new_zeros(1, 3, size, size)).sum() * 0
         embeds = model.embed(input_ids, vit_embeds=vit_embeds)  # (R, T, C)
+        if vit_embeds is None and self.encode_empty:
+            # A zero that depends on the vision tower, added to the embeddings: every rank runs the same
+            # backward (vision tower and projector, and the LLM blocks even when the LLM is frozen).
+            size = model.config.image_size
+            embeds = embeds + model.extract_feature(pixel_values.new_zeros(1, 3, size, size)).sum() * 0
         # Right padding: a causal mask alone keeps every pad out of every real token's view.
         hidden = model.hidden_states(embeds)  # (R, T, C)
         weight = model.language_model.output_head().weight
@@ -295,8 +297,6 @@ class SequenceLogps(nn.Module):
         chunk = max(16, LOGPS_CHUNK_ELEMENTS // weight.shape[0])
         with torch.autocast(device_type, enabled=False):
             logps, n_tokens = label_logps_from_hidden(hidden.to(dtype), weight.to(dtype), labels, chunk_size=chunk)
-        if keep_alive is not None:
-            logps = logps + keep_alive
         return logps, n_tokens
 
 
