@@ -351,6 +351,15 @@ def test_resume_refuses_changed_data_contents(tmp_path, chat_folder):
     assert train(dataclasses.replace(cfg, resume=True)).steps == 2
 
 
+def test_resume_takes_the_same_data_file_spelled_another_way(tmp_path, chat_folder, meta, monkeypatch):
+    """--data given relative to the working folder, then as an absolute path: the same data, so it resumes."""
+    monkeypatch.chdir(meta.parent)
+    cfg = config(chat_folder, meta.name, tmp_path / "run", max_steps=2, save_every=1)
+    train(cfg)
+    shutil.rmtree(tmp_path / "run" / "checkpoint-000002")
+    assert train(dataclasses.replace(cfg, data=str(meta.resolve()), resume=True)).steps == 2
+
+
 def test_resume_drops_a_half_written_metrics_line(tmp_path, chat_folder, meta):
     cfg = config(chat_folder, meta, tmp_path / "run", max_steps=2, save_every=1)
     train(cfg)

@@ -730,6 +730,14 @@ def check_output(output: Path, resume: bool) -> None:
                           " pass --resume to start it over there, or choose another --output")
 
 
+def _same_file(a: str | None, b: str) -> bool:
+    """Whether two spellings of --data (relative and absolute, say) name one existing file."""
+    try:
+        return a is not None and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def check_resume_settings(
     path: Path, cfg: TrainConfig, env: DistEnv, total_steps: int, fingerprint: list[dict] | None = None
 ) -> None:
@@ -739,12 +747,12 @@ def check_resume_settings(
     """
     state = ckpt.read_json(path / ckpt.STATE_FILE)
     saved = state.get("config", {})
+    same_data = saved.get("data") == cfg.data or _same_file(saved.get("data"), cfg.data)
     keys = [*RESUME_KEYS, *(k for k in RUN_RESUME_KEYS if k in saved)]
     changed = [f"{k} (checkpoint {saved.get(k)}, now {getattr(cfg, k)})"
-               for k in keys if saved.get(k) != getattr(cfg, k)]
+               for k in keys if not (same_data if k == "data" else saved.get(k) == getattr(cfg, k))]
     saved_print = state.get("data_fingerprint")
-    if (saved_print is not None and fingerprint is not None and saved_print != fingerprint
-            and saved.get("data") == cfg.data):
+    if saved_print is not None and fingerprint is not None and saved_print != fingerprint and same_data:
         files = [p["file"] for p in saved_print + fingerprint if (p in saved_print) != (p in fingerprint)]
         changed.append(f"data (files changed since the checkpoint: {', '.join(dict.fromkeys(files))})")
     if state.get("world_size") != env.world_size:
