@@ -248,8 +248,13 @@ def test_prompt_too_long_names_file_and_line(tmp_path, tokenizer, settings):
     bad = dataset[1]
     assert isinstance(bad, BadExample)
     assert f"{tmp_path / 'toy.jsonl'}:2:" in bad.message and f"max_seq_length={limit}" in bad.message
-    with pytest.raises(InputError, match=r"toy\.jsonl:2: the prompt is \d+ tokens"):
+    with pytest.raises(InputError, match=r"toy\.jsonl:2: the prompt is \d+ tokens.*lower max_dynamic_patch or raise"):
         encode_pair(recs[1], tokenizer, settings, limit)
+    # a text-only prompt: fewer tiles would not help, so only the length is named
+    meta = write_mmpr(tmp_path / "text", [{"question": "Long " * 50, "chosen": "a", "rejected": "b"}])
+    (text,), _ = read_datasets(load_meta(str(meta)))
+    with pytest.raises(InputError, match=r"\(0 of them image tokens\).*max_seq_length=\d+; raise max_seq_length$"):
+        encode_pair(text, tokenizer, settings, limit)
 
 
 def test_divergent_line_labels_on_hand_made_ids():

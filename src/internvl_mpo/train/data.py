@@ -289,8 +289,8 @@ def encode_pair(
         image_tokens = sum(n * settings.num_image_token + 2 for n in num_patches)
         raise InputError(
             f"{where}: the prompt is {len(pair.prompt_ids)} tokens ({image_tokens} of them image tokens), which leaves"
-            f" no supervised answer token within max_seq_length={max_seq_length}; lower max_dynamic_patch or raise"
-            " max_seq_length"
+            f" no supervised answer token within max_seq_length={max_seq_length}; "
+            + ("lower max_dynamic_patch or raise max_seq_length" if image_tokens else "raise max_seq_length")
         )
     (chosen_ids, chosen_labels), (rejected_ids, rejected_labels), truncated = fitted
     if rejected_span == "divergent-line":
