@@ -191,6 +191,22 @@ def test_parse_choice_agrees_with_vlmevalkit_where_it_decides(text):
         assert parse_choice(text, choices) == reference
 
 
+@pytest.mark.parametrize(
+    "text", ["A, B", "A,B", "(A) or (C)", "(A) and (C)", "The answer is A or B", "B, C and D", "答案是A和B", "(A)、(B)"]
+)
+def test_an_answer_naming_several_options_picks_none(text):
+    """A hedge over several letters is no pick (VLMEvalKit infers no letter from it either), so it is
+    neither a chosen answer in a pair nor scored correct."""
+    choices = {"A": "a dog", "B": "a cat", "C": "a horse", "D": "a cow"}
+    assert not vlmevalkit_can_infer(text, choices)
+    assert parse_choice(text, choices) is None
+    assert check_answer(text, "A", options=choices) is None
+    # one letter beside other letters that form no list still counts
+    assert parse_choice("B, because A is a dog", choices) == "B"
+    assert parse_choice("B, A cat", choices) == "B"
+    assert parse_choice("Comparing A and C, the answer is C.", choices) == "C"
+
+
 def test_parse_choice_without_options_and_list_options():
     assert parse_choice("The answer is (D).") == "D"
     assert parse_choice("I think it's B") == "B"  # "I" is not a default letter

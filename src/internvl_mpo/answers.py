@@ -70,6 +70,12 @@ _TRIGGER = re.compile(r"(final answer\**\s*[:：]|answer\**\s*[:：]|答案\**\s
 _BOXED = "\\boxed{"
 _LETTER_ONLY = re.compile(r"[(\[（]?\s*([A-Za-z])\s*[)\]）]?\s*[.:：]?")
 _LEADING_LETTER = re.compile(r"[(\[（]([A-Z])[)\]）]|([A-Z])[.:：)\]）,](?!\d)")
+# What follows an option letter that is one of a list of letters ("A, B", "(A) or (C)", "A和B"): the next
+# letter, bracketed or standing alone (a capital "A" before a lowercase word is the article: "B, A cat").
+_LETTER_LIST_TAIL = re.compile(
+    r"[)\]）]?\.?\s*(?:[,/&、;]|\b(?:and|or)\b|和|或)\s*(?:(?:and|or)\s+)?"
+    r"(?:[(\[（]([A-Z])[)\]）]|([A-Z])(?![A-Za-z])(?!(?<=A)\s+[a-z]))"
+)
 _STATED_LETTER = re.compile(
     r"(?:(?i:answer|option|choice)\s*(?i:is|would be|should be)?\s*[:：]?\s*(?i:option)?"
     r"|(?:答案|选项|选择|选)\s*(?:是|为|应为|应该是)?\s*[:：]?\s*(?:选项)?)"
@@ -242,8 +248,9 @@ def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = 
 
     In order: a bare letter ("B", "(b)", "B."); the text of exactly one option; a leading letter
     with a bracket or mark ("B) ...", "(B) ...", "B. ..."); a stated letter ("The answer is B", "option (C)", "答案是C", the last one
-    wins); VLMEvalKit's rules (one valid letter standing alone, else one option text contained).
-    Without options, letters A-N except I are valid.
+    wins), none of the two when another letter follows it in a list ("A, B", "A or C"); VLMEvalKit's
+    rules (one valid letter standing alone, else one option text contained). Without options,
+    letters A-N except I are valid.
     """
     opts = normalize_options(options)
     letters = set(opts) if opts else set(_LETTERS)
@@ -257,16 +264,26 @@ def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = 
             return same[0]
     leading = _LEADING_LETTER.match(text)
     if leading and (leading.group(1) or leading.group(2)) in letters:
-        return leading.group(1) or leading.group(2)
-    stated = [m.group(1) for m in _STATED_LETTER.finditer(text) if m.group(1) in letters]
+        group = 1 if leading.group(1) else 2
+        return _unless_listed(text, leading.group(group), leading.end(group), letters)
+    stated = [m for m in _STATED_LETTER.finditer(text) if m.group(1) in letters]
     if stated:
-        return stated[-1]
+        return _unless_listed(text, stated[-1].group(1), stated[-1].end(), letters)
     alone = {t for t in re.findall(r"[A-Za-z]+", text) if t in letters}
     if len(alone) == 1:
         return alone.pop()
     lowered = text.casefold()
     contained = [k for k, v in opts.items() if v.strip() and v.strip().casefold() in lowered]
     return contained[0] if len(contained) == 1 else None
+
+
+def _unless_listed(text: str, letter: str, end: int, letters: set[str]) -> str | None:
+    """`letter` (ending at `end`), or None when another option letter follows it in a list ("A, B",
+    "The answer is A or C"): an answer that names several options picks none (VLMEvalKit's `can_infer`
+    infers no letter from it either)."""
+    tail = _LETTER_LIST_TAIL.match(text, end)
+    other = tail and (tail.group(1) or tail.group(2))
+    return None if other in letters and other != letter else letter
 
 
 def parse_yes_no(text: str) -> bool | None:
