@@ -207,6 +207,38 @@ def test_resume_skips_finished_items_and_matches_an_uninterrupted_run(tmp_path):
         make_correctness_pairs(items_path, out, FakeSampler(), PairSettings(samples=6, temperature=1.0, model="fake"))
 
 
+def test_resume_redoes_items_edited_since_their_samples(tmp_path):
+    """Samples belong to the prompt and images they answered: an item whose question or image changed
+    between runs is sampled again, and its pairs hold the new question; the others are kept."""
+    items_path = write_items(tmp_path / "data")
+    out = tmp_path / "out"
+    make_correctness_pairs(items_path, out, FakeSampler(), SETTINGS)
+    rows = [json.loads(line) for line in items_path.read_text().splitlines()]
+    rows[1]["question"] = rows[1]["question"].replace("apples", "pears")
+    rows[3]["image"] = ["img/b.png", "img/a.png"]
+    items_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    again = FakeSampler()
+    make_correctness_pairs(items_path, out, again, SETTINGS)
+    assert [re.search(r"Q\d", j.question).group(0) for j in again.jobs] == ["Q2", "Q4"]
+    pairs = pair_lines(out / "items_pairs_vqa_correctness_rules.jsonl")
+    q2 = [r["question"] for r in pairs if "Q2" in r["question"]]
+    assert q2 and all("pears" in q and "apples" not in q for q in q2)
+
+    ntp = tmp_path / "ntp.jsonl"
+    ntp.write_text(json.dumps({"id": "1", "question": "Say hi.", "chosen": "Hello there, how are you?"}) + "\n")
+    seen: list[ContinueJob] = []
+
+    def fake_continue(jobs):
+        seen.extend(jobs)
+        return [" and more." for _ in jobs]
+
+    make_dropout_ntp_pairs(ntp, tmp_path / "ntp_out", fake_continue, SETTINGS)
+    ntp.write_text(json.dumps({"id": "1", "question": "Say hi.", "chosen": "Good day, friend, how are you?"}) + "\n")
+    make_dropout_ntp_pairs(ntp, tmp_path / "ntp_out", fake_continue, SETTINGS)
+    assert [j.prefix for j in seen] == ["Hello there,", "Good day, friend,"]
+    assert pair_lines(tmp_path / "ntp_out" / "ntp_pairs_dropout_ntp.jsonl")[0]["rejected"] == "Good day, friend, and more."
+
+
 def test_bad_items_are_reported_with_their_line(tmp_path):
     path = tmp_path / "items.jsonl"
     (tmp_path / "notes.png").write_text("not an image")

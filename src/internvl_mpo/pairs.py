@@ -19,7 +19,8 @@ Mirrors OpenGVLab/InternVL `internvl_chat/tools/mm_reasoning_pipeline/`:
 Output folder: the pair files, a `meta.json` (`train.mmpr.write_meta`; root = the input file's
 folder, so relative image paths resolve as in the input), `settings.json` and `progress.jsonl`.
 Every finished item's raw samples are appended to `progress.jsonl` (one line per item, fsynced); a
-rerun skips the items found there (a line cut by an interruption is dropped and redone) and rebuilds
+rerun skips the items found there with the same prompt and images (DropoutNTP: question and prefix),
+redoes an item edited since (a line cut by an interruption is dropped and redone too) and rebuilds
 the pair files from all samples, written atomically. An item that cannot run (a prompt longer than
 the model's context) is recorded there with the reason, counted as failed and reported with its
 file:line and id; it is not retried. The sampling settings must match the earlier run's; `max_pairs`
@@ -345,12 +346,17 @@ def _write_outputs(out: Path, input_path: Path, files: dict[str, list[dict]]) ->
     return [*written, str(out / "meta.json")]
 
 
-def _run(items: list[Item], progress: Progress, per_call: int, desc: str, work: Callable[[list[Item]], list[dict]]) -> dict:
-    """Call `work` on chunks of unfinished items, appending its rows to the progress file."""
+def _run(
+    items: list[Item], progress: Progress, per_call: int, desc: str, inputs: Callable[[Item], dict],
+    work: Callable[[list[Item]], list[dict]],
+) -> dict:
+    """Call `work` on chunks of unfinished items, appending its rows to the progress file. An item is
+    finished when a row with its id holds its `inputs` (what its samples depend on): an item edited since
+    its row was written is redone."""
     from tqdm import tqdm
 
     done = progress.load()
-    todo = [item for item in items if item.id not in done]
+    todo = [item for item in items if item.id not in done or any(done[item.id].get(k) != v for k, v in inputs(item).items())]
     with tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, unit="item") as bar:
         for start in range(0, len(todo), per_call):
             chunk = todo[start : start + per_call]
@@ -423,6 +429,9 @@ def make_correctness_pairs(
     out.mkdir(parents=True, exist_ok=True)
     check_settings(out / "settings.json", settings.identity(CORRECTNESS, input_path))
 
+    def inputs(it: Item) -> dict:
+        return {"question": correctness_prompt(it), "images": list(it.images)}
+
     def work(chunk: list[Item]) -> list[dict]:
         jobs = [
             SampleJob(correctness_prompt(it), it.images, tuple(sample_seed(settings.seed, it.id, k) for k in range(settings.samples)))
@@ -432,12 +441,12 @@ def make_correctness_pairs(
         if len(answers) != len(jobs) or any(not isinstance(a, InputError) and len(a) != settings.samples for a in answers):
             raise InputError(f"the sampler returned {len(answers)} answer lists for {len(jobs)} x {settings.samples}")
         return [
-            {"id": it.id, "question": job.question, **({"error": str(a)} if isinstance(a, InputError) else {"responses": a})}
-            for it, job, a in zip(chunk, jobs, answers, strict=True)
+            {"id": it.id, **inputs(it), **({"error": str(a)} if isinstance(a, InputError) else {"responses": a})}
+            for it, a in zip(chunk, answers, strict=True)
         ]
 
     per_call = max(1, settings.batch_size // settings.samples)
-    done = _run(items, Progress(out / "progress.jsonl"), per_call, "pairs correctness", work)
+    done = _run(items, Progress(out / "progress.jsonl"), per_call, "pairs correctness", inputs, work)
     max_pairs = settings.max_pairs
     if len(items) * settings.samples > LARGE_FILE_RESPONSES:
         max_pairs = min(max_pairs, LARGE_FILE_MAX_PAIRS)
@@ -488,21 +497,20 @@ def make_dropout_ntp_pairs(
     out.mkdir(parents=True, exist_ok=True)
     check_settings(out / "settings.json", settings.identity(DROPOUT_NTP, input_path))
 
+    def inputs(it: Item) -> dict:
+        return {"question": text_only_question(it.question), "prefix": truncate_words(it.chosen, settings.start_ratio)}
+
     def work(chunk: list[Item]) -> list[dict]:
-        jobs = [
-            ContinueJob(text_only_question(it.question), truncate_words(it.chosen, settings.start_ratio),
-                        sample_seed(settings.seed, it.id, 0))
-            for it in chunk
-        ]
+        jobs = [ContinueJob(**inputs(it), seed=sample_seed(settings.seed, it.id, 0)) for it in chunk]
         texts = continue_fn(jobs)
         if len(texts) != len(jobs):
             raise InputError(f"the continuer returned {len(texts)} texts for {len(jobs)} prefixes")
         return [
-            {"id": it.id, "prefix": job.prefix, **({"error": str(t)} if isinstance(t, InputError) else {"continuation": t})}
-            for it, job, t in zip(chunk, jobs, texts, strict=True)
+            {"id": it.id, **inputs(it), **({"error": str(t)} if isinstance(t, InputError) else {"continuation": t})}
+            for it, t in zip(chunk, texts, strict=True)
         ]
 
-    done = _run(items, Progress(out / "progress.jsonl"), settings.batch_size, "pairs dropout-ntp", work)
+    done = _run(items, Progress(out / "progress.jsonl"), settings.batch_size, "pairs dropout-ntp", inputs, work)
     stats = PairStats(items=len(items), responses=len(items))
     rows = []
     for item in items:
