@@ -100,6 +100,18 @@ def test_official_round_trip_is_lossless(tmp_path, llm, vision):
     assert back_config.llm.extra.get("pad_token_id") == src_config.llm.extra.get("pad_token_id")
 
 
+def test_round_trip_keeps_the_tile_limits(tmp_path):
+    """The official config's tile limits travel in transformers' preprocessor_config.json and come back."""
+    src = official_folder(tmp_path / "src", "qwen2")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "min_dynamic_patch": 2, "max_dynamic_patch": 4}))
+    convert(src, tmp_path / "hf", to="hf")
+    preprocessor = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+    assert (preprocessor["min_patches"], preprocessor["max_patches"]) == (2, 4)
+    back = ModelConfig.from_json(convert(tmp_path / "hf", tmp_path / "back", to="official"))
+    assert back == ModelConfig.from_json(src) and (back.min_dynamic_patch, back.max_dynamic_patch) == (2, 4)
+
+
 def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask_022):
     """Shards (safetensors alone makes them 0600) and copied tokenizer files (0600 at the source) alike."""
     src = official_folder(tmp_path / "src", "qwen2")
@@ -180,6 +192,15 @@ def test_refusals(tmp_path):
         convert(src, tmp_path / "full", to="hf")
     with pytest.raises(InputError, match="must differ from the source"):
         convert(src, src, to="hf")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="file is a file; give a new folder"):
+        convert(src, tmp_path / "file", to="hf")
+    with pytest.raises(InputError, match="already in the official layout"):
+        convert(src, tmp_path / "w", to="official")
+    hf = convert(src, tmp_path / "hf", to="hf")
+    with pytest.raises(InputError, match="already in the transformers layout"):
+        convert(hf, tmp_path / "w", to="hf")
+    assert not (tmp_path / "w").exists()
     (src / "tokenizer_config.json").unlink()
     with pytest.raises(CheckpointError, match="no <IMG_CONTEXT> in the tokenizer files"):
         convert(src, tmp_path / "y", to="hf")

@@ -19,8 +19,9 @@ Reading also accepts transformers' in-memory names (`model.vision_tower.*`, `mod
 `lm_head.*`). Only one table is written (official -> transformers); the other direction is its exact
 inverse, so a round trip gives back every tensor bit for bit. Tensors keep their dtype and are
 streamed one at a time into shards, so memory stays near one shard. Config fields that change the
-maths are carried both ways; the official chat-only fields (template, tiling limits) are not part of
-transformers' config and come back as the InternVL2.5 values.
+maths are carried both ways; the tile limits go to preprocessor_config.json and come back from it;
+the other official chat-only fields (template, thumbnail) are not part of transformers' files and come
+back as the InternVL2.5 values.
 
 The head: the official code never ties it (InternVLChatConfig forces tie_word_embeddings False), so
 official configs say untied both ways. transformers 5 ties `lm_head` to the input embeddings when the
@@ -238,8 +239,9 @@ def _rope_scaling(text: dict[str, Any]) -> tuple[float, dict | None]:
     return text.get("rope_theta", 10000.0), text.get("rope_scaling")
 
 
-def config_from_hf(d: dict[str, Any]) -> ModelConfig:
-    """The official ModelConfig for a transformers InternVLConfig dict (config.json)."""
+def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None) -> ModelConfig:
+    """The official ModelConfig for a transformers InternVLConfig dict (config.json); the tile limits
+    come from the GotOcr2 `preprocessor` dict (preprocessor_config.json) when given."""
     if d.get("model_type") != "internvl":
         raise ConfigError(f"model_type {d.get('model_type')!r} is not transformers' 'internvl'")
     v, t = d.get("vision_config") or {}, d.get("text_config") or {}
@@ -297,9 +299,15 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
     dtype = d.get("torch_dtype", d.get("dtype"))
     if dtype is not None:
         top_extra["torch_dtype"] = dtype
+    preprocessor = preprocessor or {}
+    tiles = {name: preprocessor.get(key, default)
+             for name, key, default in (("min_dynamic_patch", "min_patches", 1), ("max_dynamic_patch", "max_patches", 12))}
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in tiles.values()):
+        raise ConfigError(f"preprocessor_config.json: min_patches and max_patches must be integers >= 1, got {tiles}")
     return ModelConfig(
         vision=vision, llm=llm, downsample_ratio=d.get("downsample_ratio", 0.5),
         select_layer=d.get("vision_feature_layer", -1), force_image_size=vision.image_size, extra=top_extra,
+        **tiles,
     )
 
 
@@ -392,6 +400,8 @@ def _check_shape(folder: Path, name: str, tensor: torch.Tensor, shape: tuple[int
 def _prepare_destination(src: Path, dst: Path) -> None:
     if dst.resolve() == src.resolve():
         raise InputError(f"{dst}: the destination must differ from the source folder")
+    if dst.exists() and not dst.is_dir():
+        raise InputError(f"{dst} is a file; give a new folder")
     if dst.exists() and any(dst.iterdir()):
         raise InputError(f"{dst} exists and is not empty; give a new folder")
     dst.mkdir(parents=True, exist_ok=True)
@@ -410,6 +420,9 @@ def convert(
     if not src.is_dir():
         raise CheckpointError(f"{src}: no such checkpoint folder")
     source_config = _read_json(src / "config.json")
+    if source_config.get("model_type") in {"hf": ("internvl",), "official": (None, "internvl_chat")}[to]:
+        raise InputError(f"{src} is already in the {'transformers' if to == 'hf' else 'official'} layout "
+                         f"(model_type {source_config.get('model_type')!r}); nothing to convert")
     if to == "hf":
         config = ModelConfig.from_dict(source_config)
         if image_token_id is None:
@@ -421,7 +434,8 @@ def convert(
         if source_config.get("architectures") not in (None, [HF_ARCHITECTURE]):
             raise ConfigError(f"{src / 'config.json'}: architectures {source_config['architectures']} is not "
                               f"[{HF_ARCHITECTURE!r}]")
-        config = config_from_hf(source_config)
+        preprocessor = src / "preprocessor_config.json"
+        config = config_from_hf(source_config, _read_json(preprocessor) if preprocessor.is_file() else None)
         out_config = config.to_dict()
 
     maps = key_maps(config)
