@@ -253,6 +253,34 @@ def test_reads_mmbench_tsv_with_shared_and_large_images(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "mmbench_eval" / "score.json").read_text()) == score
 
 
+def test_mmbench_tsv_with_rotated_copies_is_scored_circularly(tmp_path):
+    """VLMEvalKit's circular evaluation: rows i + k * 10**6 rotate question i's options; the question
+    counts only when every rotation is answered right."""
+    image = png_b64((0, 0, 255))
+    rotations = {"color": [("red", "blue", "green"), ("blue", "green", "red"), ("green", "red", "blue")],
+                 "shape": [("square", "circle"), ("circle", "square")]}
+    truth = {"color": "blue", "shape": "square"}
+    rows = []
+    for i, (name, question) in enumerate([("color", "What color is it?"), ("shape", "Which shape is it?")], 1):
+        for k, options in enumerate(rotations[name]):
+            rows.append({"index": str(i + k * 10**6), "question": question, "A": options[0], "B": options[1],
+                         "C": options[2] if len(options) > 2 else "", "answer": "ABC"[options.index(truth[name])],
+                         "category": name, "image": image if not rows else "1"})
+    with open(tmp_path / "mmb.tsv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def answer(prompts):  # the color always right (by its text), the shape always "A"
+        return ["A" if "shape" in p.question else
+                next(line[0] for line in p.question.splitlines() if line.endswith(". blue")) for p in prompts]
+
+    score = run_eval(tmp_path / "mmb.tsv", answer, tmp_path / "out")
+    assert (score["correct"], score["total"], score["rows"], score["circular"]) == (1, 2, 5, True)
+    assert score["categories"] == {"color": {"accuracy": 1.0, "correct": 1, "total": 1},
+                                   "shape": {"accuracy": 0.0, "correct": 0, "total": 1}}
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from conftest import tiny_chat_folder

@@ -14,11 +14,11 @@ Mirrors open-compass/VLMEvalKit:
   yes/no as `YOrN_Extraction` (`answers.parse_yes_no`, a superset).
 - MMBench-style TSV (`ImageBaseDataset.prepare_tsv`): columns index, question, hint, A..Z, answer,
   category, image (base64); an image cell of at most 64 characters names the row whose image it
-  shares. Images are decoded into memory.
+  shares. Images are decoded into memory. Rows i + k * 10**6 are question i with its options rotated
+  (`mcq_circular_eval`): a question counts right only when all its rows are.
 
 Differences: there is no judge model, so an answer whose letter cannot be inferred counts wrong
-(VLMEvalKit's exact-matching mode); no circular evaluation (each MMBench row is scored on its own);
-short answers are compared by `answers.check_answer` (VLMEvalKit has per-benchmark scorers); with
+(VLMEvalKit's exact-matching mode); short answers are compared by `answers.check_answer` (VLMEvalKit has per-benchmark scorers); with
 `cot` the final answer is extracted for every kind, not only multiple choice and yes/no. Empty and
 "nan" TSV cells are missing values (pandas also reads "None", "NA", "null", ... as missing).
 
@@ -64,6 +64,7 @@ MCQ_INSTRUCTION_ZH = "请直接回答选项字母。"
 SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
 TOTAL_MAX_NUM = 64  # VLMEvalKit's cap on tiles over all images of one question
 IMAGE_REFERENCE_CHARS = 64  # a TSV image cell this short names another row's image
+CIRCULAR_OFFSET = 10**6  # an MMBench TSV's row i + k * 10**6 is question i with its options rotated k times
 _MISSING = {"", "nan", "NaN"}
 
 
@@ -226,11 +227,13 @@ def score_response(item: BenchItem, response: str, cot: bool) -> tuple[str, bool
     return text, check_answer(text, item.answer, item.kind, item.options)
 
 
-def summarize(items: list[BenchItem], predictions: dict[str, dict], cot: bool) -> dict[str, Any]:
+def summarize(items: list[BenchItem], predictions: dict[str, dict], cot: bool, circular: bool = False) -> dict[str, Any]:
     """Accuracy overall and per category (rescored from the stored responses); a question that could
-    not run counts wrong and is listed under "failed"."""
-    totals: dict[str, list[int]] = {}
-    correct = unparsed = 0
+    not run counts wrong and is listed under "failed". With `circular` (an MMBench TSV holding rotated
+    copies of question i as rows i + k * 10**6), a question counts right only when every copy is
+    (VLMEvalKit's circular evaluation) and the totals count questions, not rows."""
+    groups: dict[str, list[tuple[str, bool]]] = {}
+    unparsed = 0
     failed = []
     for item in items:
         row = predictions[item.id]
@@ -239,21 +242,33 @@ def summarize(items: list[BenchItem], predictions: dict[str, dict], cot: bool) -
             verdict = False
         else:
             _, verdict = score_response(item, row["prediction"], cot)
-        counts = totals.setdefault(item.category, [0, 0])
-        counts[0] += verdict is True
-        counts[1] += 1
-        correct += verdict is True
         unparsed += verdict is None
+        key = str(int(item.id) % CIRCULAR_OFFSET) if circular else item.id
+        groups.setdefault(key, []).append((item.category, verdict is True))
+    totals: dict[str, list[int]] = {}
+    for copies in groups.values():
+        counts = totals.setdefault(copies[0][0], [0, 0])
+        counts[0] += all(right for _, right in copies)
+        counts[1] += 1
+    correct = sum(c for c, _ in totals.values())
     return {
-        "accuracy": correct / len(items),
+        "accuracy": correct / len(groups),
         "correct": correct,
-        "total": len(items),
+        "total": len(groups),
+        **({"circular": True, "rows": len(items)} if circular else {}),
         "unparsed": unparsed,
         "failed": failed,
         "categories": {
             name: {"accuracy": c / n, "correct": c, "total": n} for name, (c, n) in sorted(totals.items())
         },
     }
+
+
+def is_circular(data: str | Path, items: list[BenchItem]) -> bool:
+    """An MMBench-style TSV with rotated copies (an index of 10**6 or more), scored as VLMEvalKit does."""
+    ids = [item.id for item in items]
+    return (Path(data).suffix.lower() == ".tsv" and all(i.isdigit() for i in ids)
+            and any(int(i) >= CIRCULAR_OFFSET for i in ids))
 
 
 def format_table(score: dict[str, Any]) -> str:
@@ -264,6 +279,9 @@ def format_table(score: dict[str, Any]) -> str:
         rows += [(name or "(none)", s) for name, s in score["categories"].items()]
     for name, s in rows:
         lines.append(f"{name:<{width}}  {100 * s['accuracy']:7.2f}%  {s['correct']}/{s['total']}")
+    if score.get("circular"):
+        lines.append(f"circular: {score['total']} questions in {score['rows']} rows; a question counts when "
+                     "every rotation of its options is answered right")
     return "\n".join(lines)
 
 
@@ -329,7 +347,7 @@ def run_eval(
             progress.append(rows)
             done.update((row["id"], row) for row in rows)
             bar.update(len(batch))
-    score = {"data": str(data), "cot": cot, **summarize(items, done, cot)}
+    score = {"data": str(data), "cot": cot, **summarize(items, done, cot, is_circular(data, items))}
     atomic_write(out / "score.json", json.dumps(score, indent=2, ensure_ascii=False) + "\n")
     return score
 
