@@ -242,7 +242,13 @@ def test_parse_choice_without_options_and_list_options():
         ("ten", 10, False),
         ("１２", 12, False),
         ("1.5e3", 1500, False),
-        ("5 cm²", 5, False),  # NFKC makes "²" a "2": a unit's digit, not a second number
+        ("5 cm²", 5, False),  # "²" is the unit's power, not a second number
+        # scientific notation as written by hand and in LaTeX (NFKC alone would make "10⁵" 105)
+        ("3 × 10^5", 3e5, False),
+        ("$6.02 \\times 10^{23}$", 6.02e23, False),
+        ("1.5 × 10⁵ m/s", 1.5e5, False),
+        ("3.2 x 10^-3", 3.2e-3, False),
+        ("10^{-3}", 1e-3, False),
         ("12 (twelve)", 12, False),  # the same number twice
         # Number words in short answers, as the VQA normaliser maps them; "no" before a word is 0.
         ("none", 0, False),
@@ -416,7 +422,7 @@ def test_check_answer_tolerance_and_bad_ground_truth():
     "truth, options, kind",
     [("B", None, "choice"), ("(J)", None, "choice"), ("N", None, "choice"), ("I", None, "text"), ("Z", None, "text"),
      ("cat", ["cat", "dog"], "choice"), ("Yes", None, "yesno"), ("否", None, "yesno"),
-     ("12 cm", None, "number"), ("-0.5", None, "number"), ("25%", None, "number"), ("Route 66", None, "text"),
+     ("12 cm", None, "number"), ("3 m/s", None, "number"), ("2 × 10^8", None, "number"), ("-0.5", None, "number"), ("25%", None, "number"), ("Route 66", None, "text"),
      ("Paris", None, "text")],
 )
 def test_infer_kind(truth, options, kind):

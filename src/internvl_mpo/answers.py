@@ -18,7 +18,8 @@ and from open-compass/VLMEvalKit:
 Additions, each a superset of the above: `\\boxed{}` answers (VLMEvalKit's `extract_boxed_content`),
 the Chinese trigger "答案:" of the official Chinese prompt, explicit letter statements ("The answer
 is B", "option (C)", "答案是C", which VLMEvalKit hands to its judge model), numbers read with units,
-thousands commas, percentages, fractions, LaTeX `\\frac`, negative and full-width numbers, and number
+thousands commas, percentages, fractions, LaTeX `\\frac`, scientific notation ("3 × 10^5",
+"6.02 \\times 10^{23}"), negative and full-width numbers, and number
 words that count something in short answers ("three", "there is one", "none"; not "the one on the
 left", "the big red one"), compared exactly for integers and with a relative tolerance otherwise, yes/no
 variants (true/false, 是/否), and short text compared after normalisation (NFKC, which also folds CJK
@@ -88,8 +89,9 @@ _CJK = r"\u2e80-\u2fff\u3000-\u303f\u3040-\u30ff\u3100-\u312f\u3400-\u4dbf\u4e00
 _NUMBER = r"-?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?"
 # Digits right after a letter, digit, "." or "^" belong to a word or unit ("CO2", "cm^2"), not a number.
 _NUMBER_RE = re.compile(rf"(?<![A-Za-z\d.^])({_NUMBER})(?:\s*/\s*({_NUMBER}))?(\s*%)?")
+_UNIT = r"[A-Za-z]{1,6}(?:\^\d|[²³])?"  # "cm", "m^2", "km²"
 _UNIT_ONLY = re.compile(
-    rf"\s*[$€£¥]?\s*{_NUMBER}(?:\s*/\s*{_NUMBER})?\s*(?:%|°|degrees?|[A-Za-z]{{1,6}}(?:\^\d|[²³])?)?\s*\.?\s*"
+    rf"\s*[$€£¥]?\s*{_NUMBER}(?:\s*/\s*{_NUMBER})?\s*(?:%|°|degrees?|{_UNIT}(?:/{_UNIT})?)?\s*\.?\s*"
 )
 _WORD_NUMBERS = {
     "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
@@ -122,6 +124,8 @@ _NOT_A_NOUN = {
     "does", "did", "can", "could", "will", "would", "shall", "should", "may", "might", "must",
 }
 _HEDGES_AFTER_NO = {"idea", "clue", "answer", "doubt", "way"}  # "no idea" is no 0
+_SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺"
+_FROM_SUPERSCRIPT = str.maketrans(_SUPERSCRIPTS, "0123456789-+")
 _SHORT_ANSWER_WORDS = 5
 _YES = {"yes", "true", "correct", "yeah", "yep"}
 _NO = {"no", "false", "incorrect", "nope"}
@@ -306,9 +310,13 @@ def parse_yes_no(text: str) -> bool | None:
 
 
 def _numeric_text(text: str) -> str:
-    """Text with LaTeX wrappers, unicode minus, thousands commas and \\frac{a}{b} made plain."""
-    s = unicodedata.normalize("NFKC", text).replace("\u2212", "-")
+    """Text with LaTeX wrappers, unicode minus, thousands commas, \\frac{a}{b} and a x 10^b made plain."""
+    # superscripts as ^digits first: NFKC would make "10⁵" the number 105
+    s = re.sub(f"[{_SUPERSCRIPTS}]+", lambda m: "^" + m[0].translate(_FROM_SUPERSCRIPT), text)
+    s = unicodedata.normalize("NFKC", s).replace("\u2212", "-")
     s = re.sub(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", s)
+    s = re.sub(r"(\d)\s*(?:[×x*·]|\\times|\\cdot)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"\1e\2", s)
+    s = re.sub(r"(?<![\d.])10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"1e\1", s)
     s = re.sub(r"\\(?:text|mathrm|mbox)\{([^{}]*)\}", r" \1 ", s)
     s = s.replace("\\%", "%").replace("\\$", "$").replace("$", " ")
     s = re.sub(r"\\(?:left|right|[,;!: ])", " ", s)
