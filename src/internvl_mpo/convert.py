@@ -428,7 +428,10 @@ def convert(
         if image_token_id is None:
             image_token_id = checkpoint.find_token_id(src, IMG_CONTEXT_TOKEN)
         if image_token_id is None:
-            raise CheckpointError(f"{src}: no {IMG_CONTEXT_TOKEN} in the tokenizer files; pass image_token_id=")
+            raise CheckpointError(
+                f"{src}: no {IMG_CONTEXT_TOKEN} in the tokenizer files (tokenizer.json, tokenizer_config.json, "
+                "added_tokens.json); copy the model's tokenizer files there (from Python: pass image_token_id=)"
+            )
         out_config = hf_config_dict(config, image_token_id)
     else:
         if source_config.get("architectures") not in (None, [HF_ARCHITECTURE]):
