@@ -352,11 +352,12 @@ def _run(
 ) -> dict:
     """Call `work` on chunks of unfinished items, appending its rows to the progress file. An item is
     finished when a row with its id holds its `inputs` (what its samples depend on): an item edited since
-    its row was written is redone."""
+    its row was written is redone (a field missing from a row, written by an older version, is not compared)."""
     from tqdm import tqdm
 
     done = progress.load()
-    todo = [item for item in items if item.id not in done or any(done[item.id].get(k) != v for k, v in inputs(item).items())]
+    todo = [item for item in items
+            if item.id not in done or any(done[item.id].get(k, v) != v for k, v in inputs(item).items())]
     with tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, unit="item") as bar:
         for start in range(0, len(todo), per_call):
             chunk = todo[start : start + per_call]
