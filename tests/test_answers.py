@@ -404,6 +404,14 @@ def test_check_answer(prediction, truth, kind, options, expected):
     assert check_answer(prediction, truth, kind, options) is expected
 
 
+def test_a_letter_a_ground_truth_without_options():
+    """"a" is an article only beside other words: alone it is the answer (the official checker's
+    case-insensitive equality counts "A" right)."""
+    assert infer_kind("a") == "text"
+    assert check_answer("A", "a") is True and check_answer("(a)", "a") is True
+    assert check_answer("the", "a") is False and check_answer("a cat", "the cat") is True
+
+
 def test_check_answer_tolerance_and_bad_ground_truth():
     assert check_answer("10.4", "10.1", "number", rel_tol=0.05) is True
     assert check_answer("10.4", "10.1", "number") is False

@@ -391,15 +391,17 @@ def _is_cjk(ch: str) -> bool:
 
 def normalize_text(text: str) -> str:
     """Short-answer normal form: NFKC, casefold, punctuation to spaces (decimal points kept),
-    thousands commas dropped, English articles dropped, number words as digits, single spaces and
-    no space next to a CJK character."""
+    thousands commas dropped, English articles dropped (unless they are all there is), number words as
+    digits, single spaces and no space next to a CJK character."""
     s = unicodedata.normalize("NFKC", text).casefold()
     s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
     chars = []
     for i, ch in enumerate(s):
         decimal = ch == "." and 0 < i < len(s) - 1 and s[i - 1].isdigit() and s[i + 1].isdigit()
         chars.append(" " if unicodedata.category(ch).startswith("P") and not decimal else ch)
-    words = [str(_WORD_NUMBERS.get(w, w)) for w in "".join(chars).split() if w not in _ARTICLES]
+    words = "".join(chars).split()
+    # articles go, unless they are the whole answer (a ground truth "a": the letter)
+    words = [str(_WORD_NUMBERS.get(w, w)) for w in words if w not in _ARTICLES] or words
     out = ""
     for word in words:
         if out and not (_is_cjk(out[-1]) or _is_cjk(word[0])):
