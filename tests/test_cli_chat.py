@@ -226,6 +226,7 @@ def test_help_lists_commands():
     assert out.returncode == 0 and "chat" in out.stdout and "generate" in out.stdout
     out = cli("chat", "--help")
     assert "--max-new-tokens" in out.stdout and "repeat the flag" in out.stdout
+    assert "/reset, /exit, /help)" in " ".join(out.stdout.split())  # the session's commands, as README lists them
     help_text = " ".join(out.stdout.split())
     assert "(default: the shipped demo model) --" in help_text  # said once, not followed by "(default: None)"
     assert "(default: 1024)" in help_text  # defaults not written in words are still shown

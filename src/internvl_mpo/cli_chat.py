@@ -52,7 +52,7 @@ def chat(
 ) -> int:
     """Chat with a model; streams the answer. Without a question: an interactive multi-turn chat.
 
-    question: the question; omit it for an interactive session (/image F adds an image, /reset, /exit)
+    question: the question; omit it for an interactive session (/image F adds an image, /reset, /exit, /help)
     model: checkpoint folder or hub id (default: the shipped demo model)
     image: an image file; repeat the flag for several images
     video: a video file or a folder of frames
