@@ -71,10 +71,11 @@ def write_folder(folder, proto: bytes):
     return folder, sp
 
 
-def slow_path_ids(sp, text: str) -> list[int]:
+def slow_path_ids(sp, text: str, added: dict[str, int] | None = None) -> list[int]:
     """InternLM2Tokenizer without BOS: added tokens (longest first) split the text; the rest is sp.encode'd."""
-    added = {t: sp.piece_to_id(t) for t in ["<unk>", "<s>", "</s>", *CHAT_TOKENS]}
-    added.update({t: sp.get_piece_size() + i for i, t in enumerate(INTERNVL_TOKENS)})
+    if added is None:
+        added = {t: sp.piece_to_id(t) for t in ["<unk>", "<s>", "</s>", *CHAT_TOKENS]}
+        added.update({t: sp.get_piece_size() + i for i, t in enumerate(INTERNVL_TOKENS)})
     pattern = "(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")"
     ids = []
     for chunk in re.split(pattern, text):
@@ -167,6 +168,10 @@ def test_refusals(tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="'<far>' is declared as id"):
         load_internlm2_tokenizer(folder)
+    config["added_tokens_decoder"] = {str(sp.piece_to_id("▁the")): {"content": "<far>", "special": True}}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="uses for the piece '▁the'"):
+        load_internlm2_tokenizer(folder)
 
 
 def test_training_and_pair_ids_start_with_one_masked_bos_as_the_official_preprocess(internlm2_like):
@@ -217,3 +222,38 @@ def test_streaming_drops_the_dummy_prefix_as_decode_does(tmp_path):
         ids = tokenizer.encode(text)
         stream = tokenizer.stream_decoder()
         assert "".join(stream.feed(i) for i in ids) + stream.flush() == tokenizer.decode(ids), repr(text)
+
+
+def test_config_tokens_over_user_defined_pieces_take_their_ids(tmp_path):
+    """InternLM2's tokenizer.model holds `[UNUSED_TOKEN_145]` / `[UNUSED_TOKEN_146]` ... where the checkpoint's
+    tokenizer_config.json declares `<|im_end|>` / `<|im_start|>` ... at the same ids; the slow tokenizer maps
+    both spellings to that id and decodes it as the declared token."""
+    random.seed(0)
+    corpus = [" ".join(random.choice(WORDS) for _ in range(8)) for _ in range(2000)]
+    unused = [f"[UNUSED_TOKEN_{i}]" for i in range(140, 147)]
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=out, model_type="bpe", vocab_size=400, hard_vocab_limit=False,
+        user_defined_symbols=unused, minloglevel=2, **INTERNLM2_LIKE,
+    )
+    folder, sp = write_folder(tmp_path, out.getvalue())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    decoder = {str(sp.piece_to_id(t)): {"content": t, "special": True} for t in ["<unk>", "<s>", "</s>"]}
+    decoder.update({str(sp.piece_to_id(piece)): {"content": token, "special": True}
+                    for piece, token in zip(unused[1:], CHAT_TOKENS)})
+    decoder.update({str(sp.get_piece_size() + i): {"content": token, "special": True}
+                    for i, token in enumerate(INTERNVL_TOKENS)})
+    config["added_tokens_decoder"] = decoder
+    config["additional_special_tokens"] = CHAT_TOKENS
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    added = {entry["content"]: int(key) for key, entry in decoder.items()}
+    tokenizer = load_internlm2_tokenizer(folder)
+    assert tokenizer.im_end_id == sp.piece_to_id("[UNUSED_TOKEN_145]") and len(tokenizer) == sp.get_piece_size() + 9
+    texts = [TEXTS[7], "typed [UNUSED_TOKEN_145] and [UNUSED_TOKEN_140]x<|im_end|>[UNUSED_TOKEN_146]"]
+    for text in texts:
+        assert tokenizer.encode(text) == slow_path_ids(sp, text, added), text
+    ids = tokenizer.encode(TEXTS[7])
+    assert tokenizer.decode(ids, skip_special_tokens=False) == TEXTS[7]
+    assert tokenizer.decode(ids) == sp.decode([i for i in ids if i not in added.values()])
+    stream = tokenizer.stream_decoder()
+    assert "".join(stream.feed(i) for i in ids) + stream.flush() == tokenizer.decode(ids)

@@ -14,7 +14,10 @@ transformers' SentencePiece converters do:
   parts' ids), unknown characters fused into one `<unk>` or, with `byte_fallback`, spelled as
   `<0xXX>` byte pieces;
 - decoder: "▁" -> " ", byte pieces -> bytes, and the dummy prefix space dropped when there is one.
-Kept from the reference: `unk`/`bos`/`eos` written in the text are matched as special tokens. Not done
+Kept from the reference: `unk`/`bos`/`eos` written in the text are matched as special tokens; a token
+that tokenizer_config.json declares at the id of another piece takes that id over (InternLM2's
+`<|im_end|>` is declared at 92542, the user-defined piece `[UNUSED_TOKEN_145]` in `tokenizer.model`), and
+the user-defined piece so renamed, typed in a text, still reads as that id, as SentencePiece has it. Not done
 here: the BOS that `InternLM2Tokenizer` prepends by default (`add_bos_token`, exposed on the result);
 the slow decoder's spacing quirks around special tokens.
 """
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers
@@ -187,11 +190,19 @@ class SentencePieceTokenizer(Tokenizer):
     piece), plus the BOS facts of InternLM2Tokenizer."""
 
     def __init__(self, backend: Backend, eos_token, pad_token, source: str, bos_token: str | None,
-                 add_bos_token: bool, strips_leading_space: bool = False):
+                 add_bos_token: bool, strips_leading_space: bool = False, aliases: dict[int, int] | None = None):
         super().__init__(backend, eos_token, pad_token, source)
         self.bos_token = bos_token
         self.add_bos_token = add_bos_token
         self.strips_leading_space = strips_leading_space  # add_dummy_prefix: decoding drops that space
+        # backend id -> real id of user-defined pieces whose id the config gave to another token
+        self._aliases = aliases or {}
+
+    def encode(self, text: str) -> list[int]:
+        return [self._aliases.get(i, i) for i in super().encode(text)]
+
+    def __len__(self) -> int:
+        return super().__len__() - len(self._aliases)
 
     @property
     def bos_id(self) -> int:
@@ -224,7 +235,6 @@ def load_internlm2_tokenizer(folder: str | Path) -> SentencePieceTokenizer:
     """`tokenizer.model` + `tokenizer_config.json` (or `added_tokens.json`) of a checkpoint folder."""
     folder = Path(folder)
     model = read_sentencepiece_model(folder / "tokenizer.model")
-    backend = build_backend(model)
     config_path = folder / "tokenizer_config.json"
     config = _read_json(config_path) if config_path.is_file() else {}
     # InternLM2Tokenizer's defaults for the named tokens.
@@ -241,6 +251,24 @@ def load_internlm2_tokenizer(folder: str | Path) -> SentencePieceTokenizer:
     elif (folder / "added_tokens.json").is_file():
         for content, token_id in _read_json(folder / "added_tokens.json").items():
             declared[int(token_id)] = AddedToken(content, special=True, normalized=False)
+    # A token declared at the id of a different piece takes that id over (InternLM2's `<|im_end|>` sits on
+    # the user-defined piece `[UNUSED_TOKEN_145]`); the piece, when user-defined, still reads as that id.
+    renamed = list(model.pieces)
+    displaced = {}
+    for token_id, token in declared.items():
+        if token_id < len(renamed) and renamed[token_id][0] != token.content:
+            piece, score, kind = renamed[token_id]
+            if kind in (NORMAL, BYTE):
+                raise CheckpointError(
+                    f"{config_path}: added token {token.content!r} is declared as id {token_id}, which"
+                    f" tokenizer.model uses for the piece {piece!r}; only user-defined, control or unused pieces"
+                    " can be renamed"
+                )
+            renamed[token_id] = (token.content, score, kind)
+            if kind == USER_DEFINED:
+                displaced[piece] = token_id
+    model = replace(model, pieces=renamed)
+    backend = build_backend(model)
     for token_id, token in sorted(declared.items()):
         backend.add_tokens([token])
         if backend.token_to_id(token.content) != token_id:
@@ -254,7 +282,9 @@ def load_internlm2_tokenizer(folder: str | Path) -> SentencePieceTokenizer:
     backend.add_tokens([AddedToken(piece, special=False, normalized=False) for piece in user_defined])
     specials = [t for t in named.values() if t] + [_content(t) for t in config.get("additional_special_tokens") or []]
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(specials) if t])
+    backend.add_tokens([AddedToken(piece, special=False, normalized=False) for piece in displaced])
     return SentencePieceTokenizer(
         backend, named["eos_token"], named["pad_token"], str(folder), named["bos_token"],
         bool(config.get("add_bos_token", True)), model.add_dummy_prefix,
+        {backend.token_to_id(piece): token_id for piece, token_id in displaced.items()},
     )
