@@ -10,7 +10,7 @@ import pytest
 from tokenizer_fixture import ADDED_TOKENS, SYSTEM_MESSAGE, bytes_to_unicode, write_qwen2_tokenizer
 
 from internvl_mpo.chat.tokenizer import load_tokenizer
-from internvl_mpo.errors import CheckpointError
+from internvl_mpo.errors import CheckpointError, InputError
 
 transformers = pytest.importorskip("transformers")
 
@@ -150,6 +150,17 @@ def test_stream_decoder_invalid_bytes_match_decode(vocab_dir):
         for skip in (True, False):
             pieces, tail = _stream(ours, ids, skip)
             assert "".join(pieces) + tail == ours.decode(ids, skip_special_tokens=skip)
+
+
+def test_lone_surrogate_is_refused_by_name(pair):
+    """A text with a lone surrogate (a broken \\ud83d escape in a JSON dataset) cannot be tokenized;
+    transformers fails with a bare TypeError, ours names the character and where it is."""
+    ours, hf = pair
+    text = "caption: a dog \ud83d and a cat"
+    with pytest.raises(TypeError):
+        hf.encode(text, add_special_tokens=False)
+    with pytest.raises(InputError, match=r"lone surrogate '\\ud83d' at character 15, .*'caption: a dog "):
+        ours.encode(text)
 
 
 def test_legacy_added_tokens_json(tmp_path, vocab_dir):

@@ -31,7 +31,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
-from internvl_mpo.errors import CheckpointError
+from internvl_mpo.errors import CheckpointError, InputError
 
 # The Qwen2 pre-tokenizer split pattern (transformers `tokenization_qwen2.PRETOKENIZE_REGEX`).
 QWEN2_SPLIT_PATTERN = (
@@ -82,7 +82,18 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special tokens written in it become their ids; no BOS."""
-        return self.backend.encode(text, add_special_tokens=False).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        except TypeError:  # what `tokenizers` raises for a str that is not valid Unicode
+            if not isinstance(text, str):
+                raise
+            at = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+            if at is None:
+                raise
+            raise InputError(
+                f"the text holds a lone surrogate {text[at]!r} at character {at}, which is not valid Unicode"
+                f" (a broken \\uXXXX escape?): {text[max(0, at - 30) : at + 30]!r}"
+            ) from None
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
