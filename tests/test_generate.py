@@ -309,6 +309,22 @@ def test_top_k_and_top_p_masks_on_hand_made_logits():
         True, False, False, False]
 
 
+def test_top_p_keeps_the_tokens_transformers_keeps_on_a_full_vocabulary():
+    """The nucleus is cut where transformers' TopPLogitsWarper cuts it: on 151674 tokens, the mass
+    above each token summed from the most likely down lost the tail's small terms to fp32 rounding,
+    so top_p 0.999 dropped a few hundred more tokens than transformers (and the exact sum) does. Both
+    sides get top_p as the engine holds it, in fp32."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 151674) * 3
+    for top_p in (torch.tensor(p).item() for p in (0.5, 0.99, 0.999, 0.99999)):
+        for top_k in (0, 50_000):
+            hf = TopPLogitsWarper(top_p)(None, TopKLogitsWarper(top_k)(None, logits) if top_k else logits)
+            ours = filter_top_k_top_p(logits, torch.full((4,), top_k), torch.full((4,), top_p))
+            assert ours.isfinite().sum(-1).tolist() == hf.isfinite().sum(-1).tolist(), (top_p, top_k)
+
+
 def test_top_k_alone_without_sorting_masks_exactly_as_the_sorting_path():
     """The host-known fast path (only the k-th largest logit) keeps the same tokens, ties with the k-th
     included, for rows with top-k, without it (0) and with k past the vocabulary."""

@@ -84,9 +84,10 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
     kth = sorted_logits.gather(-1, (k - 1)[:, None])
     sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
-    probs = sorted_logits.softmax(-1)
-    before = probs.cumsum(-1) - probs  # probability mass strictly more likely than each token
-    drop = (before >= top_p[:, None]) & (top_p[:, None] < 1)  # top_p 1 keeps all (fp32 sums may pass 1)
+    # The mass of each token and all less likely ones, summed from the least likely up as transformers
+    # does: summed from the top down, fp32 rounding would cut a large vocabulary's tail too early.
+    tail = sorted_logits.softmax(-1).flip(-1).cumsum(-1).flip(-1)
+    drop = (tail <= 1 - top_p[:, None]) & (top_p[:, None] < 1)  # top_p 1 keeps all (fp32 sums may pass 1)
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
