@@ -257,3 +257,21 @@ def test_config_tokens_over_user_defined_pieces_take_their_ids(tmp_path):
     assert tokenizer.decode(ids) == sp.decode([i for i in ids if i not in added.values()])
     stream = tokenizer.stream_decoder()
     assert "".join(stream.feed(i) for i in ids) + stream.flush() == tokenizer.decode(ids)
+
+
+def test_decode_of_any_pieces_equals_sentencepiece(internlm2_like):
+    """Byte pieces that do not form valid UTF-8 (a generation cut inside a character, or noise) decode as
+    SentencePiece does, one U+FFFD per bad byte; the streamed text is the same."""
+    folder, sp = internlm2_like
+    tokenizer = load_internlm2_tokenizer(folder)
+    byte = {b: sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)}
+    pieces = [i for i in range(sp.get_piece_size()) if not (sp.is_control(i) or sp.is_unknown(i))
+              and sp.id_to_piece(i) not in CHAT_TOKENS]
+    rng = random.Random(0)
+    sequences = [[byte[0x79], byte[0xC8], sp.piece_to_id("▁the")], [byte[0xE4], byte[0xB8], byte[0x41]],
+                 [byte[0xF0], byte[0x9F], byte[0x98]], [byte[0xE4], byte[0xB8], byte[0xAD], byte[0x80]]]
+    sequences += [[rng.choice(pieces) for _ in range(rng.randint(1, 12))] for _ in range(500)]
+    for ids in sequences:
+        stream = tokenizer.stream_decoder()
+        assert tokenizer.decode(ids) == sp.decode(ids), ids
+        assert "".join(stream.feed(i) for i in ids) + stream.flush() == sp.decode(ids), ids

@@ -13,7 +13,9 @@ transformers' SentencePiece converters do:
   normal piece into two normal pieces, ranked by the merged piece's score (then its id, then the
   parts' ids), unknown characters fused into one `<unk>` or, with `byte_fallback`, spelled as
   `<0xXX>` byte pieces;
-- decoder: "▁" -> " ", byte pieces -> bytes, and the dummy prefix space dropped when there is one.
+- decoding (`SentencePieceTokenizer.decode`, the streaming decoder's code): "▁" -> " ", byte pieces ->
+  bytes, each byte of invalid UTF-8 -> U+FFFD as SentencePiece has it, and the dummy prefix space
+  dropped when there is one.
 Kept from the reference: `unk`/`bos`/`eos` written in the text are matched as special tokens; a token
 that tokenizer_config.json declares at the id of another piece takes that id over (InternLM2's
 `<|im_end|>` is declared at 92542, the user-defined piece `[UNUSED_TOKEN_145]` in `tokenizer.model`), and
@@ -24,12 +26,14 @@ the slow decoder's spacing quirks around special tokens.
 
 from __future__ import annotations
 
+import codecs
 import json
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, decoders, models, normalizers
+from tokenizers import AddedToken, Regex, models, normalizers
 from tokenizers import Tokenizer as Backend
 
 from internvl_mpo.chat.tokenizer import Tokenizer
@@ -178,16 +182,20 @@ def build_backend(model: SentencePieceModel) -> Backend:
         steps.append(normalizers.Replace(" ", SPACE))
     if steps:
         backend.normalizer = normalizers.Sequence(steps)
-    steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-    if model.add_dummy_prefix:
-        steps.append(decoders.Strip(content=" ", left=1, right=0))
-    backend.decoder = decoders.Sequence(steps)
     return backend
+
+
+# SentencePiece turns each byte of invalid UTF-8 into its own U+FFFD (Python's "replace" gives one per bad
+# sequence, `tokenizers`' ByteFallback one per byte of the whole run of byte pieces, valid or not).
+codecs.register_error("sentencepiece", lambda e: ("\ufffd" * (e.end - e.start), e.end))
 
 
 class SentencePieceTokenizer(Tokenizer):
     """`chat.tokenizer.Tokenizer` over SentencePiece pieces (its streaming decoder needs the bytes of a
-    piece), plus the BOS facts of InternLM2Tokenizer."""
+    piece), plus the BOS facts of InternLM2Tokenizer. Decoding goes through the streaming decoder, which
+    spells invalid UTF-8 as SentencePiece does."""
+
+    utf8_errors = "sentencepiece"
 
     def __init__(self, backend: Backend, eos_token, pad_token, source: str, bos_token: str | None,
                  add_bos_token: bool, strips_leading_space: bool = False, aliases: dict[int, int] | None = None):
@@ -203,6 +211,10 @@ class SentencePieceTokenizer(Tokenizer):
 
     def __len__(self) -> int:
         return super().__len__() - len(self._aliases)
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        stream = self.stream_decoder(skip_special_tokens)
+        return stream.feed(ids) + stream.flush()
 
     @property
     def bos_id(self) -> int:

@@ -71,6 +71,7 @@ class Tokenizer:
     """A loaded tokenizer: text <-> ids, special-token ids, streaming decode."""
 
     add_bos_token = False  # Qwen2 prepends nothing; InternLM2's SentencePiece tokenizer prepends <s>
+    utf8_errors = "replace"  # invalid UTF-8 in decoded bytes: one U+FFFD per bad sequence, as `tokenizers`
 
     def __init__(self, backend: Backend, eos_token: str | None, pad_token: str | None, source: str):
         self.backend = backend
@@ -172,7 +173,7 @@ class StreamDecoder:
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors=tokenizer.utf8_errors)
         # A SentencePiece model that prepends a space to the text drops it again when decoding.
         self._strip_space = getattr(tokenizer, "strips_leading_space", False)
 
