@@ -58,13 +58,13 @@ def _param_help(doc: str) -> dict[str, str]:
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each optional flag's default, unless its help text already says it in words ("default:")
-    or says the flag is required."""
+    """Shows each optional flag's default, unless its help text already says it in words ("default:"),
+    says the flag is required, or the default is None (not given: nothing to show)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
         said = "default:" in text or "(required" in text
-        return text if action.required or said else super()._get_help_string(action)
+        return text if action.required or said or action.default is None else super()._get_help_string(action)
 
 
 def build_parser(fn, name: str) -> argparse.ArgumentParser:
@@ -92,7 +92,9 @@ def build_parser(fn, name: str) -> argparse.ArgumentParser:
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=param.default, help=help_text)
         elif many:
-            parser.add_argument(flag, type=kind, action="append", default=None, help=help_text + " (repeatable)")
+            said = "repeat" in help_text  # "repeat the flag for ..." already says it
+            parser.add_argument(flag, type=kind, action="append", default=None,
+                                help=help_text if said else help_text + " (repeatable)")
         else:
             parser.add_argument(flag, type=kind, default=param.default, help=help_text)
     return parser

@@ -58,7 +58,7 @@ def chat(
     video: a video file or a folder of frames
     max_num: most tiles per image (default: the model's max_dynamic_patch)
     num_segments: frames sampled from a video
-    temperature: 0 = greedy (default), > 0 samples
+    temperature: 0 = greedy, > 0 samples
     top_p: nucleus sampling mass
     top_k: sample among the k most likely tokens (0 = off)
     repetition_penalty: > 1 discourages repeating generated tokens

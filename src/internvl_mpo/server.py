@@ -799,7 +799,7 @@ def serve(
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health).
 
-    model: checkpoint folder or hub id (default: the demo checkpoint, when installed)
+    model: checkpoint folder or hub id (default: the shipped demo model)
     host: address to bind; the default answers this machine only
     port: TCP port
     api_key: require 'Authorization: Bearer <key>' on /v1 routes
