@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 
+import numpy
 import pytest
 import torch
 from PIL import Image
@@ -581,6 +582,23 @@ def test_out_of_range_and_non_finite_settings_are_refused():
                 dict(repetition_penalty=math.nan), dict(top_p=math.nan), dict(temperature=math.inf)):
         with pytest.raises(InputError, match=next(iter(bad))):
             SamplingParams(**bad)
+
+
+def test_settings_of_the_wrong_type_are_refused_by_name(setup):
+    """A float token count or a stop list holding a number raised torch's or Python's TypeError from
+    deep inside (or, for stop_token_ids=["a"] and stop=[None], was silently never matched)."""
+    chat, _ = setup
+    for bad in (dict(max_new_tokens=8.0), dict(max_new_tokens="8"), dict(top_k=2.5), dict(seed=1.5),
+                dict(temperature="0.5"), dict(repetition_penalty="1"), dict(stop=5), dict(stop=[1]),
+                dict(stop=[None]), dict(stop_token_ids=["a"]), dict(stop_token_ids=[torch.tensor(5)])):
+        with pytest.raises(InputError, match=next(iter(bad))):
+            chat.chat("Hi", **{"max_new_tokens": 2, **bad})
+    # one stop token id, like transformers' eos_token_id, and numpy integers are fine
+    ids = run(chat.engine, [Request(chat.prepare("Hi").prompt_ids, GREEDY)])[0]
+    k = next(k for k in range(1, len(ids)) if ids[k] not in ids[:k])
+    expected = chat.tokenizer.decode(ids[: k + 1], skip_special_tokens=True).strip()
+    for stop in (ids[k], [numpy.int64(ids[k])]):
+        assert chat.chat("Hi", do_sample=False, max_new_tokens=64, ignore_eos=True, stop_token_ids=stop) == expected
 
 
 def test_top_p_one_keeps_every_token_despite_rounding():

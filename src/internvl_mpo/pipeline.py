@@ -66,9 +66,10 @@ def sampling_params(**generation) -> SamplingParams:
         raise InputError("beam search is not implemented; use num_beams=1")
     generation.pop("eos_token_id", None)  # chat() always stops at <|im_end|>, as the official one does
     generation.pop("pad_token_id", None)
-    stop = generation.pop("stop", ())
-    stop = (stop,) if isinstance(stop, str) else tuple(stop)
-    return SamplingParams(**{**CARD_DEFAULTS, **generation}, stop=stop)
+    for key, single in (("stop", str), ("stop_token_ids", int)):  # one string or id, or a list of them
+        value = generation.get(key, ())
+        generation[key] = (value,) if isinstance(value, single) else tuple(value) if isinstance(value, list) else value
+    return SamplingParams(**{**CARD_DEFAULTS, **generation})
 
 
 def _as_list(images) -> list:

@@ -12,6 +12,7 @@ seeded request is reproducible even when batched with others.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -35,9 +36,17 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
+        for name in ("max_new_tokens", "top_k") + (("seed",) if self.seed is not None else ()):
+            if not _whole(getattr(self, name)):
+                raise InputError(f"{name} must be a whole number, got {getattr(self, name)!r}")
         for name in ("temperature", "top_p", "repetition_penalty"):
-            if not math.isfinite(getattr(self, name)):
-                raise InputError(f"{name} must be a finite number, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Real) and math.isfinite(value)):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
+        if not (isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) for s in self.stop)):
+            raise InputError(f"stop must be a list of strings, got {self.stop!r}")
+        if not (isinstance(self.stop_token_ids, (tuple, list)) and all(map(_whole, self.stop_token_ids))):
+            raise InputError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InputError(f"seed must be in [0, 2**63), got {self.seed}")
         if not 0 <= self.top_k < 2**31:
@@ -54,6 +63,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0
+
+
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
