@@ -504,6 +504,18 @@ def test_chat_stream_and_batch_agree(setup):
         chat.prepare("What is it?", image).prompt_ids[:-3]
 
 
+def test_prompt_ids_outside_the_vocabulary_are_refused_when_added(setup):
+    """An id past the vocabulary failed in the embedding lookup (IndexError; on a GPU a device-side
+    assert, which ends every other request of the process too)."""
+    chat, _ = setup
+    vocab = chat.model.config.llm.vocab_size
+    gen = chat.engine.start(max_batch=1, max_len=64)
+    for ids in ([5, vocab], [-1, 5], [5, 2.0]):
+        with pytest.raises(InputError, match=f"prompt token ids must be whole numbers in 0..{vocab - 1}"):
+            gen.add(Request(ids, GREEDY))
+    assert not gen
+
+
 def test_prompt_longer_than_context_is_refused_before_compute(setup):
     chat, _ = setup
     small = chat.model.config.llm.max_position_embeddings

@@ -28,7 +28,9 @@ from ..kv_cache import make_caches
 from ..llm import weight_first_matmul
 from ..model import InternVL
 from .greedy_head import GreedyScreen
-from .sampling import SamplingParams, apply_repetition_penalty, choose_tokens, exponential_noise, make_generator
+from .sampling import (
+    SamplingParams, apply_repetition_penalty, choose_tokens, exponential_noise, make_generator, whole_number,
+)
 
 SPAN_BUCKET = 256
 # The greedy screen (greedy_head.py) pays where the fp32 head no longer fits a CPU's last-level
@@ -204,6 +206,10 @@ class Generation:
             raise InputError("the prompt is empty")
         if n >= self.max_len:
             raise InputError(f"the prompt is {n} tokens; this batch holds at most {self.max_len - 1} prompt tokens")
+        vocab = self.engine.model.config.llm.vocab_size
+        bad = [i for i in request.prompt_ids if not (whole_number(i) and 0 <= i < vocab)]
+        if bad:
+            raise InputError(f"prompt token ids must be whole numbers in 0..{vocab - 1}, got {bad[:5]}")
         if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
             raise InputError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {request.logprobs}")
         rid = next(self._ids)

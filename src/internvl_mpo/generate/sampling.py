@@ -37,7 +37,7 @@ class SamplingParams:
 
     def __post_init__(self):
         for name in ("max_new_tokens", "top_k") + (("seed",) if self.seed is not None else ()):
-            if not _whole(getattr(self, name)):
+            if not whole_number(getattr(self, name)):
                 raise InputError(f"{name} must be a whole number, got {getattr(self, name)!r}")
         for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)
@@ -45,7 +45,7 @@ class SamplingParams:
                 raise InputError(f"{name} must be a finite number, got {value!r}")
         if not (isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) for s in self.stop)):
             raise InputError(f"stop must be a list of strings, got {self.stop!r}")
-        if not (isinstance(self.stop_token_ids, (tuple, list)) and all(map(_whole, self.stop_token_ids))):
+        if not (isinstance(self.stop_token_ids, (tuple, list)) and all(map(whole_number, self.stop_token_ids))):
             raise InputError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InputError(f"seed must be in [0, 2**63), got {self.seed}")
@@ -65,7 +65,7 @@ class SamplingParams:
         return not self.do_sample or self.temperature == 0
 
 
-def _whole(value) -> bool:
+def whole_number(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
