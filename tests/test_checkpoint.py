@@ -225,6 +225,26 @@ def test_index_naming_a_missing_shard(tmp_path, tiny, good_state):
         InternVL.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("kind", [torch.int64, torch.bool])
+def test_integer_weights_are_refused_by_name_before_loading(tmp_path, tiny, good_state, kind):
+    state = dict(good_state)
+    state["mlp1.1.weight"] = state["mlp1.1.weight"].to(kind)
+    folder = write_checkpoint(tmp_path / "bad", tiny, state, shards=2)
+    with pytest.raises(CheckpointError) as info:
+        InternVL.from_pretrained(folder)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "mlp1.1.weight: checkpoint dtype" in message and "-of-00002.safetensors, not floating point" in message
+
+
+@pytest.mark.parametrize("weight_map", [["mlp1.1.weight"], {"mlp1.1.weight": None}])
+def test_index_whose_weight_map_is_malformed(tmp_path, tiny, good_state, weight_map):
+    folder = write_checkpoint(tmp_path / "bad", tiny, good_state, shards=2)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: weight_map (is not an object|gives mlp1.1.weight)"):
+        InternVL.from_pretrained(folder)
+
+
 def test_no_folder_and_not_a_hub_id(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint folder"):
         InternVL.from_pretrained(tmp_path / "nothing" / "here")

@@ -27,6 +27,8 @@ from .errors import CheckpointError, InputError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# safetensors' names of the floating-point dtypes; every weight of the model is one of them.
+_FLOAT_KINDS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Files that travel with the weights when a model is saved.
 COMPANION_FILES = (
@@ -113,6 +115,11 @@ def weight_map(folder: Path) -> dict[str, Path]:
             mapping = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        if not isinstance(mapping, dict):
+            raise CheckpointError(f"{index}: weight_map is not an object of tensor name -> shard file")
+        for key, name in mapping.items():
+            if not isinstance(name, str):
+                raise CheckpointError(f"{index}: weight_map gives {key} the shard {name!r}, not a file name")
         files = {name: folder / name for name in set(mapping.values())}
         for name, file in files.items():
             if not file.exists():
@@ -164,11 +171,14 @@ def read_state_dict(
     wrong = []
     for key in sorted(present & set(expected)):
         try:
-            shape = tuple(handles[mapping[key]].get_slice(key).get_shape())
+            view = handles[mapping[key]].get_slice(key)
+            shape, kind = tuple(view.get_shape()), view.get_dtype()
         except SafetensorError as e:
             raise CheckpointError(f"{mapping[key]}: cannot read {key} ({e})") from None
         if shape != tuple(expected[key]):
             wrong.append(f"{key}: checkpoint {list(shape)} vs model {list(expected[key])}")
+        elif kind not in _FLOAT_KINDS:
+            wrong.append(f"{key}: checkpoint dtype {kind} in {mapping[key].name}, not floating point")
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -176,7 +186,7 @@ def read_state_dict(
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected: {_describe(unexpected)}")
         if wrong:
-            parts.append(f"{len(wrong)} with the wrong shape: {_describe(wrong, 4)}")
+            parts.append(f"{len(wrong)} with the wrong shape or dtype: {_describe(wrong, 4)}")
         raise CheckpointError(
             f"{folder}: the weights do not match config.json ({'; '.join(parts)})"
         )
@@ -188,10 +198,7 @@ def read_state_dict(
             tensor = handles[mapping[key]].get_tensor(key)
         except SafetensorError as e:
             raise CheckpointError(f"{mapping[key]}: tensor {key} is corrupt ({e})") from None
-        target = device_of(key)
-        if tensor.is_floating_point():
-            tensor = tensor.to(device=target, dtype=dtype)
-        state[key] = tensor.to(target)
+        state[key] = tensor.to(device=device_of(key), dtype=dtype)
     return state
 
 
