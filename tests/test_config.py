@@ -40,6 +40,12 @@ def write(tmp_path, change):
         (lambda d: d.pop("llm_config"), "no llm_config object"),
         (lambda d: d["llm_config"].update(use_sliding_window=True), "use_sliding_window"),
         (lambda d: d.update(select_layer=-40), "select_layer -40 is out of range"),
+        (lambda d: d.update(select_layer="-1"), 'select_layer is "-1", not an integer'),
+        (lambda d: d["llm_config"].update(num_hidden_layers=None), "llm_config.num_hidden_layers is null, not an integer"),
+        (lambda d: d["llm_config"].update(num_hidden_layers=True), "llm_config.num_hidden_layers is true, not an integer"),
+        (lambda d: d["vision_config"].update(layer_norm_eps="1e-6"), 'vision_config.layer_norm_eps is "1e-6", not a number'),
+        (lambda d: d["vision_config"].update(qkv_bias=1), "vision_config.qkv_bias is 1, not true or false"),
+        (lambda d: d.update(template=None), "template is null, not a string"),
     ],
 )
 def test_unsupported_settings_are_refused(tmp_path, change, message):
@@ -55,6 +61,12 @@ def test_supported_rope_scaling_and_list_sizes(tmp_path):
     config = ModelConfig.from_json(path)
     assert config.llm.rope_type == "dynamic" and config.vision.image_size == 448
     assert config.to_dict()["vision_config"]["image_size"] == [448, 448]
+
+
+def test_a_json_value_that_is_not_an_object(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="config.json: not a JSON object of settings"):
+        ModelConfig.from_json(tmp_path)
 
 
 def test_not_json(tmp_path):

@@ -24,10 +24,20 @@ SUPPORTED_LLM_ARCHITECTURES = ("Qwen2ForCausalLM", "InternLM2ForCausalLM")
 SUPPORTED_ROPE_SCALING = (None, "linear", "dynamic")
 
 
-def _split(cls, d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-    known = {k: v for k, v in d.items() if k in names}
-    extra = {k: v for k, v in d.items() if k not in names}
+# What a JSON value must be for a field annotated with a plain type (a float field takes 1 as 1.0).
+_JSON_TYPES = {"int": (int, "an integer"), "float": ((int, float), "a number"), "bool": (bool, "true or false"),
+               "str": (str, "a string")}
+
+
+def _split(cls, d: dict[str, Any], section: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Known fields (type-checked, `section` names them in errors) and the keys kept in `extra`."""
+    fields = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "extra"}
+    known = {k: v for k, v in d.items() if k in fields}
+    extra = {k: v for k, v in d.items() if k not in fields}
+    for key, value in known.items():
+        types, wanted = _JSON_TYPES.get(fields[key], (object, ""))
+        if not isinstance(value, types) or (isinstance(value, bool) and fields[key] != "bool"):
+            raise ConfigError(f"{section}{key} is {json.dumps(value)}, not {wanted}")
     return known, extra
 
 
@@ -86,14 +96,15 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VisionConfig":
-        known, extra = _split(cls, d)
+        d = dict(d)
         for key in ("image_size", "patch_size"):  # some configs write [h, w]
-            value = known.get(key)
+            value = d.get(key)
             if isinstance(value, (list, tuple)):
                 if len(set(value)) != 1:
                     raise ConfigError(f"vision_config.{key} {value} is not square")
-                known[key] = value[0]
-                extra[f"_{key}_was_list"] = True
+                d[key] = value[0]
+                d[f"_{key}_was_list"] = True
+        known, extra = _split(cls, d, "vision_config.")
         if "architectures" in known and known["architectures"] is not None:
             known["architectures"] = tuple(known["architectures"])
         return cls(**known, extra=extra)
@@ -161,7 +172,7 @@ class LLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LLMConfig":
-        known, extra = _split(cls, d)
+        known, extra = _split(cls, d, "llm_config.")
         if known.get("architectures") is not None:
             known["architectures"] = tuple(known["architectures"])
         return cls(**known, extra=extra)
@@ -260,6 +271,8 @@ class ModelConfig:
             raise ConfigError(f"{path}: no such config file") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: not a JSON object of settings")
         try:
             return cls.from_dict(d)
         except TypeError as e:  # a value of the wrong kind in a known field
