@@ -264,3 +264,16 @@ def test_dtype_auto_reads_the_newer_dtype_key(tmp_path, tiny):
     d["dtype"] = "bfloat16"
     path.write_text(json.dumps(d))
     assert InternVL.from_pretrained(tmp_path / "m", dtype="auto").dtype == torch.bfloat16
+
+
+def test_saving_in_another_dtype_rewrites_the_newer_dtype_key_too(tmp_path, tiny):
+    from internvl_mpo.model import InternVL
+
+    InternVL(tiny, image_token_id=IMAGE_TOKEN_ID).save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    d = json.loads(path.read_text())
+    d["dtype"] = d.pop("torch_dtype")  # float32, as transformers >= 4.56 writes it
+    path.write_text(json.dumps(d))
+    InternVL.from_pretrained(tmp_path / "m").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    saved = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert saved["dtype"] == saved["torch_dtype"] == "bfloat16"

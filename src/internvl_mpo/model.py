@@ -217,7 +217,10 @@ class InternVL(nn.Module):
             state["language_model.lm_head.weight"] = state["language_model.lm_head.weight"].clone()
             llm = dataclasses.replace(llm, tie_word_embeddings=False)
         checkpoint.save_state_dict(state, folder, max_shard_size)
-        config = self.config.replace(llm=llm, extra={**self.config.extra, "torch_dtype": str(self.dtype).split(".")[-1]})
+        extra = {**self.config.extra, "torch_dtype": str(self.dtype).split(".")[-1]}
+        if "dtype" in extra:  # newer transformers read this key first: it must not keep the loaded dtype
+            extra["dtype"] = extra["torch_dtype"]
+        config = self.config.replace(llm=llm, extra=extra)
         config.to_json(folder / "config.json")
         checkpoint.copy_companions(self.source_dir, folder)
         return folder
