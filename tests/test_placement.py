@@ -77,3 +77,10 @@ def test_a_device_map_naming_an_unusable_device_is_a_clear_error(tmp_path, tiny)
     for device, message in [("bogus", "unknown device 'bogus'"), ("meta", "device 'meta' holds no data")]:
         with pytest.raises(InputError, match=message):
             InternVL.from_pretrained(tmp_path / "m", device_map={"": "cpu", "mlp1": device})
+
+
+@pytest.mark.parametrize("prefix", ["vision_modle", "language_model.model.layers.99", "mlp"])
+def test_a_device_map_prefix_that_names_no_module_is_refused(tmp_path, tiny, prefix):
+    InternVL(tiny).save_pretrained(tmp_path / "m")
+    with pytest.raises(InputError, match=f"device_map names '{prefix}', which is no module of this model"):
+        InternVL.from_pretrained(tmp_path / "m", device_map={"": "cpu", prefix: "cpu"})

@@ -182,7 +182,7 @@ class InternVL(nn.Module):
         `split_model` recipe does; a dict {module prefix: device} places modules explicitly.
         """
         from . import checkpoint
-        from .placement import device_for, resolve_device_map
+        from .placement import check_prefixes, device_for, resolve_device_map
 
         checkpoint.check_device_and_dtype(device, dtype)
         folder = checkpoint.resolve_checkpoint(path_or_id, revision)
@@ -196,6 +196,8 @@ class InternVL(nn.Module):
             image_token_id = checkpoint.find_token_id(folder, IMG_CONTEXT_TOKEN)
         with torch.device("meta"):
             model = cls(config, image_token_id=image_token_id)
+        if device_map is not None:
+            check_prefixes(device_map, model.state_dict())
         placement = device if device_map is None else (lambda key: device_for(key, device_map, device))
         state = checkpoint.read_state_dict(folder, model.expected_keys(), dtype, placement)
         try:

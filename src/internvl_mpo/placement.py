@@ -62,11 +62,22 @@ def resolve_device_map(device_map, config: ModelConfig) -> dict[str, str] | None
     return {prefix: str(parse_device(device)) for prefix, device in device_map.items()}
 
 
+def _covers(prefix: str, key: str) -> bool:
+    return prefix == "" or key == prefix or key.startswith(prefix + ".")
+
+
+def check_prefixes(device_map: dict[str, str], keys) -> None:
+    """Refuse a prefix that names no weight of the model: a misspelt one would silently place nothing."""
+    for prefix in device_map:
+        if not any(_covers(prefix, key) for key in keys):
+            modules = ", ".join(sorted({key.split(".")[0] for key in keys}))
+            raise InputError(f"device_map names {prefix!r}, which is no module of this model (top level: {modules})")
+
+
 def device_for(key: str, device_map: dict[str, str], default: torch.device) -> torch.device:
     """The device of the longest prefix of `key` (a weight name) in the map; "" is the prefix of every key."""
     best = None
     for prefix in device_map:
-        matches = prefix == "" or key == prefix or key.startswith(prefix + ".")
-        if matches and (best is None or len(prefix) > len(best)):
+        if _covers(prefix, key) and (best is None or len(prefix) > len(best)):
             best = prefix
     return torch.device(device_map[best]) if best is not None else default
