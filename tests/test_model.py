@@ -277,3 +277,13 @@ def test_saving_in_another_dtype_rewrites_the_newer_dtype_key_too(tmp_path, tiny
     InternVL.from_pretrained(tmp_path / "m").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     saved = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert saved["dtype"] == saved["torch_dtype"] == "bfloat16"
+
+
+def test_save_pretrained_expands_a_home_folder_as_from_pretrained_does(tmp_path, tiny, monkeypatch):
+    from internvl_mpo.model import InternVL
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    InternVL(tiny, image_token_id=IMAGE_TOKEN_ID).save_pretrained("~/m")
+    assert (tmp_path / "home" / "m" / "model.safetensors").exists() and not (tmp_path / "~").exists()
+    assert InternVL.from_pretrained("~/m").config == tiny

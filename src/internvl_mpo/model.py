@@ -211,7 +211,7 @@ class InternVL(nn.Module):
         """Write config.json and safetensors in the official layout (plus the source's tokenizer files)."""
         from . import checkpoint
 
-        folder = Path(folder)
+        folder = Path(folder).expanduser()  # as from_pretrained reads it
         folder.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
         llm = self.config.llm
