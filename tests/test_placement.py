@@ -84,3 +84,9 @@ def test_a_device_map_prefix_that_names_no_module_is_refused(tmp_path, tiny, pre
     InternVL(tiny).save_pretrained(tmp_path / "m")
     with pytest.raises(InputError, match=f"device_map names '{prefix}', which is no module of this model"):
         InternVL.from_pretrained(tmp_path / "m", device_map={"": "cpu", prefix: "cpu"})
+
+
+def test_a_device_map_that_leaves_weights_unplaced_is_refused(tmp_path, tiny):
+    InternVL(tiny).save_pretrained(tmp_path / "m")
+    with pytest.raises(InputError, match=r'device_map gives no device for mlp1.0.weight, .*more\); add their modules, or ""'):
+        InternVL.from_pretrained(tmp_path / "m", device_map={"vision_model": "cpu", "language_model": "cpu"})

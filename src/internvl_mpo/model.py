@@ -182,22 +182,22 @@ class InternVL(nn.Module):
         `split_model` recipe does; a dict {module prefix: device} places modules explicitly.
         """
         from . import checkpoint
-        from .placement import check_prefixes, device_for, resolve_device_map
+        from .placement import check_device_map, device_for, resolve_device_map
 
         checkpoint.check_device_and_dtype(device, dtype)
         folder = checkpoint.resolve_checkpoint(path_or_id, revision)
         config = ModelConfig.from_json(folder / "config.json")
         device_map = resolve_device_map(device_map, config)
-        if device_map is not None and device == "cpu":
-            device = device_for("mlp1", device_map, torch.device("cuda:0"))
-        device = checkpoint.parse_device(device)
-        dtype = checkpoint.parse_dtype(dtype, device, config.torch_dtype)
         if image_token_id is None:
             image_token_id = checkpoint.find_token_id(folder, IMG_CONTEXT_TOKEN)
         with torch.device("meta"):
             model = cls(config, image_token_id=image_token_id)
         if device_map is not None:
-            check_prefixes(device_map, model.state_dict())
+            check_device_map(device_map, model.state_dict())
+            if device == "cpu":
+                device = device_for("mlp1", device_map, device)
+        device = checkpoint.parse_device(device)
+        dtype = checkpoint.parse_dtype(dtype, device, config.torch_dtype)
         placement = device if device_map is None else (lambda key: device_for(key, device_map, device))
         state = checkpoint.read_state_dict(folder, model.expected_keys(), dtype, placement)
         try:

@@ -66,12 +66,17 @@ def _covers(prefix: str, key: str) -> bool:
     return prefix == "" or key == prefix or key.startswith(prefix + ".")
 
 
-def check_prefixes(device_map: dict[str, str], keys) -> None:
-    """Refuse a prefix that names no weight of the model: a misspelt one would silently place nothing."""
+def check_device_map(device_map: dict[str, str], keys) -> None:
+    """Refuse a prefix that names no weight (a misspelt one would place nothing) and a weight no prefix
+    places (as transformers does), before any device is chosen."""
     for prefix in device_map:
         if not any(_covers(prefix, key) for key in keys):
             modules = ", ".join(sorted({key.split(".")[0] for key in keys}))
             raise InputError(f"device_map names {prefix!r}, which is no module of this model (top level: {modules})")
+    unplaced = [key for key in keys if not any(_covers(prefix, key) for prefix in device_map)]
+    if unplaced:
+        shown = ", ".join(unplaced[:3]) + (f", ... ({len(unplaced) - 3} more)" if len(unplaced) > 3 else "")
+        raise InputError(f"device_map gives no device for {shown}; add their modules, or \"\" for everything else")
 
 
 def device_for(key: str, device_map: dict[str, str], default: torch.device) -> torch.device:
