@@ -302,6 +302,9 @@ def test_parse_size():
     assert parse_size(123) == 123
     with pytest.raises(ValueError, match="cannot read the size"):
         parse_size("lots")
+    for size in (0, -5, "0MB", True):
+        with pytest.raises(InputError, match="not a positive size|cannot read the size"):
+            parse_size(size)
 
 
 def test_single_file_written_when_small(tmp_path, tiny):

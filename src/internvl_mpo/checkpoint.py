@@ -203,15 +203,18 @@ def read_state_dict(
 
 
 def parse_size(size: int | str) -> int:
-    """"5GB", "500MB", "2GiB" or a byte count."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", size.upper())
-    if not match:
-        raise ValueError(f"cannot read the size {size!r}; write e.g. '5GB' or '500MB'")
-    number, unit = float(match[1]), match[2] or "B"
-    base = 1024 if "I" in unit else 1000
-    return int(number * base ** "BKMGT".index(unit[0]))
+    """"5GB", "500MB", "2GiB" or a byte count (at least 1)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        number = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(size).upper())
+        if not match:
+            raise InputError(f"cannot read the size {size!r}; write e.g. '5GB' or '500MB'")
+        unit = match[2] or "B"
+        number = int(float(match[1]) * (1024 if "I" in unit else 1000) ** "BKMGT".index(unit[0]))
+    if number < 1:
+        raise InputError(f"the shard size {size!r} is not a positive size; write e.g. '5GB' or '500MB'")
+    return number
 
 
 _UMASK_LOCK = threading.Lock()
