@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from internvl_mpo.checkpoint import parse_size
 from internvl_mpo.config import LLMConfig, ModelConfig, VisionConfig
@@ -305,6 +306,30 @@ def test_parse_size():
     for size in (0, -5, "0MB", True):
         with pytest.raises(InputError, match="not a positive size|cannot read the size"):
             parse_size(size)
+
+
+def test_a_save_that_fails_part_way_leaves_the_earlier_weights_loadable(tmp_path, tiny, monkeypatch):
+    from internvl_mpo import checkpoint
+
+    model = InternVL(tiny, image_token_id=IMAGE_TOKEN_ID)
+    model.init_weights()
+    model.save_pretrained(tmp_path / "m")
+    before = sorted(p.name for p in (tmp_path / "m").iterdir())
+    written = []
+
+    def disk_full(tensors, path, metadata=None):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(path)
+        save_file(tensors, str(path), metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_tensors", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(tmp_path / "m", max_shard_size="10KB")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == before
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(InternVL.from_pretrained(tmp_path / "m")(ids), model(ids))
 
 
 def test_single_file_written_when_small(tmp_path, tiny):

@@ -261,7 +261,12 @@ def copy_file(source: Path, target: Path) -> None:
 
 
 def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB") -> None:
-    """Write `state` as model.safetensors, or as numbered shards plus the index when it is too large."""
+    """Write `state` as model.safetensors, or as numbered shards plus the index when it is too large.
+
+    Every file is written under a temporary name first and renamed into place once all are written,
+    so a save that fails part way (a full disk) leaves the folder's earlier weights as they were;
+    weight files of an earlier save that the new ones do not replace are removed after that.
+    """
     limit = parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -272,20 +277,28 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
             size = 0
         shards[-1][key] = tensor.detach().to("cpu").contiguous()
         size += nbytes
+    names = [SINGLE_FILE] if len(shards) == 1 else [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)
+    ]
+    temps: list[Path] = []
+    try:
+        for name, shard in zip(names, shards):
+            temps.append(folder / f".{name}.tmp")
+            save_tensors(shard, temps[-1], metadata={"format": "pt"})
+    except BaseException:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+        raise
+    for name, temp in zip(names, temps):
+        os.replace(temp, folder / name)
     for old in list(folder.glob("model*.safetensors")) + [folder / INDEX_FILE]:
-        old.unlink(missing_ok=True)
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_tensors(shards[0], folder / SINGLE_FILE, metadata=meta)
-        return
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    mapping = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_tensors(shard, folder / name, metadata=meta)
-        mapping.update({key: name for key in shard})
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(mapping.items()))}
-    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if old.name not in names:
+            old.unlink(missing_ok=True)
+    if len(shards) > 1:
+        mapping = {key: name for name, shard in zip(names, shards) for key in shard}
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(mapping.items()))}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def copy_companions(source: Path | None, folder: Path) -> None:
