@@ -332,6 +332,17 @@ def test_a_save_that_fails_part_way_leaves_the_earlier_weights_loadable(tmp_path
         assert torch.equal(InternVL.from_pretrained(tmp_path / "m")(ids), model(ids))
 
 
+def test_a_head_tied_by_hand_is_saved_as_a_tensor_of_its_own(tmp_path, tiny):
+    model = InternVL(tiny, image_token_id=IMAGE_TOKEN_ID)
+    model.init_weights()
+    lm = model.language_model
+    lm.lm_head.weight = lm.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "m")
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(InternVL.from_pretrained(tmp_path / "m")(ids), model(ids))
+
+
 def test_single_file_written_when_small(tmp_path, tiny):
     model = InternVL(tiny)
     model.init_weights()

@@ -270,12 +270,17 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
     limit = parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
+    stored: set[int] = set()
     for key, tensor in state.items():
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and size + nbytes > limit:
             shards.append({})
             size = 0
-        shards[-1][key] = tensor.detach().to("cpu").contiguous()
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.untyped_storage().data_ptr() in stored:  # a tied weight: safetensors wants its own copy
+            tensor = tensor.clone()
+        stored.add(tensor.untyped_storage().data_ptr())
+        shards[-1][key] = tensor
         size += nbytes
     names = [SINGLE_FILE] if len(shards) == 1 else [
         f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)

@@ -215,8 +215,7 @@ class InternVL(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
         llm = self.config.llm
-        if llm.tie_word_embeddings:  # the official loader unties the head: store it as a tensor of its own
-            state["language_model.lm_head.weight"] = state["language_model.lm_head.weight"].clone()
+        if llm.tie_word_embeddings:  # the official loader unties the head (save_state_dict stores it apart)
             llm = dataclasses.replace(llm, tie_word_embeddings=False)
         checkpoint.save_state_dict(state, folder, max_shard_size)
         extra = {**self.config.extra, "torch_dtype": str(self.dtype).split(".")[-1]}
