@@ -343,6 +343,14 @@ def test_a_head_tied_by_hand_is_saved_as_a_tensor_of_its_own(tmp_path, tiny):
         assert torch.equal(InternVL.from_pretrained(tmp_path / "m")(ids), model(ids))
 
 
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "added_tokens.json"])
+def test_a_tokenizer_file_that_is_not_json_is_named(tmp_path, tiny, name):
+    InternVL(tiny).save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / name).write_text("{bad")
+    with pytest.raises(CheckpointError, match=f"cannot read tokenizer file .*{name}"):
+        InternVL.from_pretrained(tmp_path / "m")
+
+
 def test_single_file_written_when_small(tmp_path, tiny):
     model = InternVL(tiny)
     model.init_weights()
