@@ -318,21 +318,21 @@ def copy_companions(source: Path | None, folder: Path) -> None:
 
 def find_token_id(folder: Path, token: str) -> int | None:
     """Id of an added token, read from the tokenizer files by string (no tokenizer needed)."""
-    from .chat.tokenizer import _read_json  # a file that is not JSON: an error naming it
+    from .chat.tokenizer import read_tokenizer_json  # a file that is not JSON: an error naming it
 
     tok_json = folder / "tokenizer.json"
     if tok_json.exists():
-        for added in _read_json(tok_json).get("added_tokens", []):
+        for added in read_tokenizer_json(tok_json).get("added_tokens", []):
             if added.get("content") == token:
                 return int(added["id"])
     config = folder / "tokenizer_config.json"
     if config.exists():
-        for idx, added in _read_json(config).get("added_tokens_decoder", {}).items():
+        for idx, added in read_tokenizer_json(config).get("added_tokens_decoder", {}).items():
             if added.get("content") == token:
                 return int(idx)
     added_file = folder / "added_tokens.json"
     if added_file.exists():
-        value = _read_json(added_file).get(token)
+        value = read_tokenizer_json(added_file).get(token)
         if value is not None:
             return int(value)
     return None

@@ -27,7 +27,6 @@ the slow decoder's spacing quirks around special tokens.
 from __future__ import annotations
 
 import codecs
-import json
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -36,7 +35,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, models, normalizers
 from tokenizers import Tokenizer as Backend
 
-from internvl_mpo.chat.tokenizer import Tokenizer
+from internvl_mpo.chat.tokenizer import Tokenizer, read_tokenizer_json
 from internvl_mpo.errors import CheckpointError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # SentencePiece piece types
@@ -232,13 +231,6 @@ class SentencePieceTokenizer(Tokenizer):
         return piece.replace(SPACE, " ").encode("utf-8")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read tokenizer file {path}: {e}") from None
-
-
 def _content(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
@@ -248,7 +240,7 @@ def load_internlm2_tokenizer(folder: str | Path) -> SentencePieceTokenizer:
     folder = Path(folder)
     model = read_sentencepiece_model(folder / "tokenizer.model")
     config_path = folder / "tokenizer_config.json"
-    config = _read_json(config_path) if config_path.is_file() else {}
+    config = read_tokenizer_json(config_path) if config_path.is_file() else {}
     # InternLM2Tokenizer's defaults for the named tokens.
     named = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>"}
     named.update({k: _content(config[k]) for k in named if k in config})
@@ -261,7 +253,7 @@ def load_internlm2_tokenizer(folder: str | Path) -> SentencePieceTokenizer:
             flags = {k: bool(entry[k]) for k in names if k in entry}
             declared[int(key)] = AddedToken(entry["content"], **flags)
     elif (folder / "added_tokens.json").is_file():
-        for content, token_id in _read_json(folder / "added_tokens.json").items():
+        for content, token_id in read_tokenizer_json(folder / "added_tokens.json").items():
             declared[int(token_id)] = AddedToken(content, special=True, normalized=False)
     # A token declared at the id of a different piece takes that id over (InternLM2's `<|im_end|>` sits on
     # the user-defined piece `[UNUSED_TOKEN_145]`); the piece, when user-defined, still reads as that id.

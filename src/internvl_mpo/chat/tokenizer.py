@@ -195,7 +195,8 @@ class StreamDecoder:
         return self._utf8.decode(b"", final=True)
 
 
-def _read_json(path: Path) -> dict:
+def read_tokenizer_json(path: Path) -> dict:
+    """A tokenizer JSON file; a missing or malformed one is a CheckpointError naming it."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -266,7 +267,7 @@ def _declared_added_tokens(folder: Path, config: dict, specials: set[str]) -> di
         return declared
     legacy = folder / "added_tokens.json"
     if legacy.is_file():
-        for content, token_id in _read_json(legacy).items():
+        for content, token_id in read_tokenizer_json(legacy).items():
             is_special = content in specials
             declared[int(token_id)] = AddedToken(content, normalized=not is_special, special=is_special)
     return declared
@@ -291,9 +292,9 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
 
         return load_internlm2_tokenizer(folder)
     config_path = folder / "tokenizer_config.json"
-    config = _read_json(config_path) if config_path.is_file() else {}
+    config = read_tokenizer_json(config_path) if config_path.is_file() else {}
     map_path = folder / "special_tokens_map.json"
-    special_map = _read_json(map_path) if map_path.is_file() and "added_tokens_decoder" not in config else {}
+    special_map = read_tokenizer_json(map_path) if map_path.is_file() and "added_tokens_decoder" not in config else {}
 
     named: dict[str, str | None] = {}
     for key in _NAMED_SPECIAL_KEYS:
@@ -321,7 +322,7 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
         missing = [p.name for p in (vocab_path, merges_path) if not p.is_file()]
         if missing:
             raise CheckpointError(f"tokenizer folder {folder} has no tokenizer.json and no {' or '.join(missing)}")
-        vocab = _read_json(vocab_path)
+        vocab = read_tokenizer_json(vocab_path)
         backend = build_qwen2_backend(vocab, _read_merges(merges_path), bool(config.get("add_prefix_space", False)))
 
     source = config_path if "added_tokens_decoder" in config else folder / "added_tokens.json"
