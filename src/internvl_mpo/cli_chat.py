@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, PromptTooLongError
 
 
 def _model_path(model: str | None) -> str:
@@ -122,7 +122,7 @@ def chat(
             prepared = bot.prepare(line, images or None, video, history, **inputs)
             history.append((prepared.question, _answer(bot, prepared, params)))
         except InputError as e:
-            too_long = history and "prompt is " in str(e)  # the template's or the engine's length check
+            too_long = history and isinstance(e, PromptTooLongError)
             print(f"error: {e}{' (earlier turns count: /reset starts over)' if too_long else ''}", file=sys.stderr)
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session (Ctrl-C at the prompt quits)
             print()

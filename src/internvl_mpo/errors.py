@@ -17,5 +17,9 @@ class InputError(InternVLError, ValueError):
     """A bad image, video, prompt or data record given by a user."""
 
 
+class PromptTooLongError(InputError):
+    """A prompt (history and image tokens included) longer than the model or the batch can hold."""
+
+
 class TrainingError(InternVLError, RuntimeError):
     """A training run that cannot go on (its loss diverged)."""

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from internvl_mpo.chat.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokenizer
-from internvl_mpo.errors import ConfigError, InputError
+from internvl_mpo.errors import ConfigError, InputError, PromptTooLongError
 
 IMAGE_PLACEHOLDER = "<image>"
 IGNORE_INDEX = -100
@@ -188,7 +188,7 @@ def build_prompt_ids(
     _refuse_typed_context(tokenizer, ids, num_patches_list, num_image_token)
     if max_length is not None and len(ids) > max_length:
         image_tokens = sum(num_image_token * tiles + 2 for tiles in num_patches_list)
-        raise InputError(
+        raise PromptTooLongError(
             f"prompt is {len(ids)} tokens ({image_tokens} of them image tokens), longer than the context"
             f" allows: at most {max_length}"
         )

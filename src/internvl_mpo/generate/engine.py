@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, PromptTooLongError
 from ..kv_cache import make_caches
 from ..llm import weight_first_matmul
 from ..model import InternVL
@@ -205,7 +205,8 @@ class Generation:
         if n == 0:
             raise InputError("the prompt is empty")
         if n >= self.max_len:
-            raise InputError(f"the prompt is {n} tokens; this batch holds at most {self.max_len - 1} prompt tokens")
+            raise PromptTooLongError(
+                f"the prompt is {n} tokens; this batch holds at most {self.max_len - 1} prompt tokens")
         vocab = self.engine.model.config.llm.vocab_size
         bad = [i for i in request.prompt_ids if not (whole_number(i) and 0 <= i < vocab)]
         if bad:
