@@ -164,6 +164,19 @@ def test_placeholder_count_mismatch(ours):
         expand_image_tokens("<image>", [0])
 
 
+def test_image_placeholder_in_a_history_answer_stays_text(ours, hf):
+    """Only questions place images: an answer that mentions <image> (HTML, say) is text, as in the
+    official chat(), which replaces the prompt's first placeholders and so never reaches it."""
+    history = [("<image>\nWhich tags does this page use?", "It uses <image> and <div>.")]
+    expected = official_chat_prompt("And the second one?", history=history, num_patches_list=[2])
+    assert expected.count("<img>") == 1 and "It uses <image> and <div>." in expected
+    ids = build_prompt_ids(ours, "And the second one?", history, [2])
+    assert ids == hf.encode(expected, add_special_tokens=False)
+    # A placeholder in an answer does not stand in for a missing one in the questions.
+    with pytest.raises(InputError, match=r"the questions hold 0 <image> placeholder\(s\) but 1 image"):
+        build_prompt_ids(ours, "Q2", [("Q1", "see <image>")], [1])
+
+
 @pytest.mark.parametrize("history", [["qa"], [("q", 3)], [{"role": "user", "content": "q"}], [("q", "a", "b")]])
 def test_history_entries_must_be_pairs_of_strings(ours, history):
     with pytest.raises(InputError, match=r"history entries must be \(question, answer\) pairs of strings"):

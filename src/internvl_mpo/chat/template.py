@@ -7,9 +7,11 @@ Mirrors, from OpenGVLab/InternVL `internvl_chat`:
   question or an empty answer in the history renders as a bare role too, exactly like the reference.
 - `chat()`: `"<image>\\n"` is prepended to the first question when images are given and it has no
   `<image>`; each `<image>`, left to right, becomes `<img>` + `<IMG_CONTEXT>` x (256 x tiles) + `</img>`.
-  Unlike the reference (which replaces as many placeholders as it has images and never checks), a
-  placeholder count that differs from the number of images raises InputError, and so does text
-  (a question, an answer, a turn) that the tokenizer reads as `<IMG_CONTEXT>`: only images place it.
+  Unlike the reference (which replaces the first placeholders of the whole prompt, as many as it has
+  images, and never checks), only the questions' placeholders place images: an `<image>` in a
+  history answer stays text. A placeholder count in the questions that differs from the number of
+  images raises InputError, and so does text (a question, an answer, a turn) that the tokenizer reads
+  as `<IMG_CONTEXT>`: only images place it.
 - `train/dataset.py` `preprocess_internvl2_5`: each turn is tokenized on its own and the ids are
   concatenated; labels are -100 except in assistant segments, where the `<|im_start|>assistant\\n`
   header and the final `\\n` are masked, so the response and its `<|im_end|>` are supervised.
@@ -53,12 +55,13 @@ class Template:
         message = self.system_message if system_message is None else system_message
         return self.system_template.replace("{system_message}", message) + self.sep
 
-    def render(self, messages: Sequence[tuple[str, str | None]], system_message: str | None = None) -> str:
+    def segments(self, messages: Sequence[tuple[str, str | None]], system_message: str | None = None) -> list[str]:
         """System turn, then role + message + sep per message, or the bare role for an empty message."""
-        parts = [self.system_turn(system_message)]
-        for role, message in messages:
-            parts.append(role + message + self.sep if message else role)
-        return "".join(parts)
+        return [self.system_turn(system_message)] + [role + message + self.sep if message else role
+                                                     for role, message in messages]
+
+    def render(self, messages: Sequence[tuple[str, str | None]], system_message: str | None = None) -> str:
+        return "".join(self.segments(messages, system_message))
 
 
 TEMPLATES: dict[str, Template] = {
@@ -88,14 +91,17 @@ def render_prompt(
 ) -> str:
     """The prompt `chat()` builds: history as user/assistant pairs, the question, an open assistant turn."""
     tmpl = get_template(template)
+    return tmpl.render(_chat_messages(tmpl, question, history), system_message)
+
+
+def _chat_messages(tmpl: Template, question: str, history: Sequence[tuple[str, str]]) -> list[tuple[str, str | None]]:
     user, assistant = tmpl.roles
     messages: list[tuple[str, str | None]] = []
     for turn in history:
         if not isinstance(turn, (tuple, list)) or len(turn) != 2 or not all(isinstance(t, str) for t in turn):
             raise InputError(f"history entries must be (question, answer) pairs of strings, got {turn!r}")
         messages += [(user, turn[0]), (assistant, turn[1])]
-    messages += [(user, question), (assistant, None)]
-    return tmpl.render(messages, system_message)
+    return messages + [(user, question), (assistant, None)]
 
 
 def add_image_prefix(question: str, num_images: int) -> str:
@@ -112,11 +118,10 @@ def add_image_prefix(question: str, num_images: int) -> str:
     return "".join(f"Image-{k}: {IMAGE_PLACEHOLDER}\n" for k in range(1, num_images + 1)) + question
 
 
-def _check_images(text: str, num_patches_list: Sequence[int]) -> None:
-    count = text.count(IMAGE_PLACEHOLDER)
+def _check_images(count: int, num_patches_list: Sequence[int], where: str = "the prompt has") -> None:
     if count != len(num_patches_list):
         raise InputError(
-            f"the prompt has {count} {IMAGE_PLACEHOLDER} placeholder(s) but {len(num_patches_list)} image(s)"
+            f"{where} {count} {IMAGE_PLACEHOLDER} placeholder(s) but {len(num_patches_list)} image(s)"
             f" were given (num_patches_list={list(num_patches_list)})"
         )
     for tiles in num_patches_list:
@@ -130,8 +135,11 @@ def _image_text(tiles: int, num_image_token: int) -> str:
 
 def expand_image_tokens(prompt: str, num_patches_list: Sequence[int], num_image_token: int = NUM_IMAGE_TOKEN) -> str:
     """Replace each `<image>`, in order, by `<img>` + `<IMG_CONTEXT>` x (num_image_token x tiles) + `</img>`."""
-    _check_images(prompt, num_patches_list)
-    pieces = prompt.split(IMAGE_PLACEHOLDER)
+    _check_images(prompt.count(IMAGE_PLACEHOLDER), num_patches_list)
+    return _join_images(prompt.split(IMAGE_PLACEHOLDER), num_patches_list, num_image_token)
+
+
+def _join_images(pieces: Sequence[str], num_patches_list: Sequence[int], num_image_token: int) -> str:
     out = [pieces[0]]
     for tiles, piece in zip(num_patches_list, pieces[1:]):
         out += [_image_text(tiles, num_image_token), piece]
@@ -142,10 +150,16 @@ def encode_with_images(
     tokenizer: Tokenizer, text: str, num_patches_list: Sequence[int], num_image_token: int = NUM_IMAGE_TOKEN
 ) -> list[int]:
     """Ids of `expand_image_tokens(text, ...)`, computed piecewise (see the module docstring)."""
-    _check_images(text, num_patches_list)
+    _check_images(text.count(IMAGE_PLACEHOLDER), num_patches_list)
+    return _encode_pieces(tokenizer, text.split(IMAGE_PLACEHOLDER), num_patches_list, num_image_token)
+
+
+def _encode_pieces(
+    tokenizer: Tokenizer, pieces: Sequence[str], num_patches_list: Sequence[int], num_image_token: int
+) -> list[int]:
+    """Ids of the text `pieces` with image k's tokens between pieces k and k + 1."""
     if not all(tokenizer.is_plain_added_token(t) for t in (IMG_START, IMG_CONTEXT, IMG_END)):
-        return tokenizer.encode(expand_image_tokens(text, num_patches_list, num_image_token))
-    pieces = text.split(IMAGE_PLACEHOLDER)
+        return tokenizer.encode(_join_images(pieces, num_patches_list, num_image_token))
     piece_ids = [tokenizer.encode(piece) for piece in pieces]
     start, context, end = tokenizer.img_start_id, tokenizer.img_context_id, tokenizer.img_end_id
     ids = list(piece_ids[0])
@@ -181,8 +195,16 @@ def build_prompt_ids(
     """
     if not history:
         question = add_image_prefix(question, len(num_patches_list))
-    prompt = render_prompt(question, history, system_message, template)
-    ids = encode_with_images(tokenizer, prompt, num_patches_list, num_image_token)
+    tmpl = get_template(template)
+    messages = _chat_messages(tmpl, question, history)
+    # Only the questions place images: an answer that says "<image>" (about HTML, say) stays text.
+    pieces = [""]
+    for (role, _), text in zip([(None, None), *messages], tmpl.segments(messages, system_message)):
+        parts = text.split(IMAGE_PLACEHOLDER) if role == tmpl.roles[0] else [text]
+        pieces[-1] += parts[0]
+        pieces += parts[1:]
+    _check_images(len(pieces) - 1, num_patches_list, "the questions hold")
+    ids = _encode_pieces(tokenizer, pieces, num_patches_list, num_image_token)
     if tokenizer.add_bos_token:  # the official chat() tokenizes the prompt with the tokenizer's BOS
         ids = [tokenizer.bos_id, *ids]
     _refuse_typed_context(tokenizer, ids, num_patches_list, num_image_token)
