@@ -69,8 +69,8 @@ def free_port() -> int:
 
 def start_server(folder: Path, max_batch: int, args, log: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    cmd = [sys.executable, "-m", "internvl_mpo.cli", "serve", "--model", str(folder), "--port", str(port),
-           "--max-batch", str(max_batch), "--max-len", str(args.max_len), "--device", args.device]
+    cmd = [sys.executable, "-m", "internvl_mpo.cli", "serve", "--model", str(folder), "--served-model-name", "bench",
+           "--port", str(port), "--max-batch", str(max_batch), "--max-len", str(args.max_len), "--device", args.device]
     if args.compile:
         cmd.append("--compile")
     with open(log, "w") as out:

@@ -66,8 +66,8 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     folder, _ = tiny_chat_folder(root / "model")
     port = free_port()
-    cmd = [sys.executable, "-m", "internvl_mpo.cli", "serve", "--model", str(folder), "--port", str(port),
-           "--api-key", KEY, "--max-batch", str(MAX_BATCH), "--max-len", "2048", "--max-tokens", "1800",
+    cmd = [sys.executable, "-m", "internvl_mpo.cli", "serve", "--model", str(folder), "--served-model-name", "m",
+           "--port", str(port), "--api-key", KEY, "--max-batch", str(MAX_BATCH), "--max-len", "2048", "--max-tokens", "1800",
            "--max-request-bytes", "200000", "--max-images", "2"]
     url = f"http://127.0.0.1:{port}"
     with open(root / "server.log", "w") as log:
@@ -184,9 +184,32 @@ def test_top_k_off_is_0_or_vllms_minus_1():
 
 
 def test_models_and_health(server, client):
-    assert [m.id for m in client.models.list().data] == [str(server[1])]
+    assert [m.id for m in client.models.list().data] == ["m"]
     state = health(server)
-    assert state["status"] == "ok" and state["max_batch"] == MAX_BATCH
+    assert state["status"] == "ok" and state["max_batch"] == MAX_BATCH and state["model"] == "m"
+
+
+def test_a_request_naming_another_model_is_404_and_one_naming_none_is_served(server, client):
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.NotFoundError, match="The model `gpt-4o` does not exist; this server serves `m`"):
+        client.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=2)
+    reply = post(server, json.dumps({"messages": messages, "max_tokens": 2}).encode())
+    assert reply.status_code == 200 and reply.json()["model"] == "m"
+    assert client.chat.completions.create(model="m", messages=messages, max_tokens=2).model == "m"
+
+
+def test_the_served_name_defaults_to_the_model_as_given_or_the_demo_name(server, monkeypatch):
+    import uvicorn
+    from starlette.testclient import TestClient
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    small = {"port": 0, "device": "cpu", "max_batch": 1, "max_len": 64}
+    serve(**small)  # the shipped demo model
+    serve(model=str(server[1]), **small)
+    serve(model=str(server[1]), served_model_name="mine", **small)
+    assert [TestClient(app).get("/v1/models").json()["data"][0]["id"] for app in apps] == [
+        "internvl-mpo-demo", str(server[1]), "mine"]
 
 
 def test_plain_answer_is_chat_and_stream_joins_to_it(client, local_chat, hf_tokenizer):
@@ -715,7 +738,7 @@ def test_a_failed_generation_reaches_the_openai_client_as_an_error_and_the_serve
 
     monkeypatch.setattr(local_chat.engine, "prefill", flaky_prefill)
     port = free_port()
-    app = create_app(local_chat, ServerSettings(max_batch=2, max_len=256))
+    app = create_app(local_chat, ServerSettings(served_model_name="m", max_batch=2, max_len=256))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run)
     thread.start()

@@ -19,13 +19,16 @@ labelled `Image-k: <image>` as in the model card's multi-image example. `usage.p
 every prompt id, image context tokens included.
 
 Differences from OpenAI kept on purpose: `top_k`, `repetition_penalty`, `ignore_eos` and `max_num`
-(tiles per image) are accepted as extra body fields (vLLM accepts the first three too); the `model`
-field is not checked (one model is served); sampling has no top-k unless asked (the model card's
-HF default of 50 does not apply); a seed is any int64, read modulo 2**63 (the engine's range), and
-choice i of a seeded request with `n > 1` samples with seed + i (modulo 2**63);
-the text is the raw decoded answer (not stripped as `chat()` strips it), so streamed pieces join to
+(tiles per image) are accepted as extra body fields (vLLM accepts the first three too); sampling has
+no top-k unless asked (the model card's HF default of 50 does not apply); a seed is any int64, read
+modulo 2**63 (the engine's range), and choice i of a seeded request with `n > 1` samples with seed + i
+(modulo 2**63); the text is the raw decoded answer (not stripped as `chat()` strips it), so streamed pieces join to
 exactly the non-streamed content; `logprobs` are the model's raw log-probabilities (before
 temperature, penalty and filters, as vLLM reports them by default), without the end-of-turn token.
+
+As in vLLM, one model is served under one name (`--served-model-name`, by default `--model` as given,
+or `internvl-mpo-demo` for the shipped demo model): /v1/models lists it, responses carry it, and a
+request that names another model gets a 404 (one that names none is served).
 """
 
 import asyncio
@@ -63,6 +66,7 @@ MAX_STOP_STRINGS = 4  # as OpenAI
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 UNSUPPORTED_FIELDS = ("tools", "functions", "logit_bias", "audio", "prediction")
 TEXT_ROOM = 512  # tokens of a sequence that image tiles leave to the text and the answer
+DEMO_MODEL_NAME = "internvl-mpo-demo"  # the served name of the shipped demo model
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class ServerSettings:
     """The flags of `internvl-mpo serve` (see `serve` for their meaning)."""
 
     model: str | None = None
+    served_model_name: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -590,7 +595,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
     from starlette.exceptions import HTTPException
 
     worker = BatchWorker(chat, settings.max_batch, settings.max_len)
-    model_name = settings.model or "internvl-mpo"
+    model_name = settings.served_model_name or settings.model or "internvl-mpo"
     started = int(time.time())
 
     @asynccontextmanager
@@ -671,7 +676,11 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
     @app.post("/v1/chat/completions")
     async def completions(request: HttpRequest):
         authorize(request)
-        req = parse_chat_request(await read_json(request), settings)
+        body = await read_json(request)
+        req = parse_chat_request(body, settings)
+        if body.get("model") not in (None, "", model_name):  # as vLLM: a request may leave the name out
+            raise ApiError(404, f"The model `{body['model']}` does not exist; this server serves `{model_name}`",
+                           "model", "model_not_found")
         prompt = await run_in_threadpool(build_prompt, chat, req, settings, worker.max_len)
         if not worker.alive:
             raise ApiError(503, "the generation worker is not running", type="server_error")
@@ -777,6 +786,7 @@ def _require_web_stack():
 
 def serve(
     model: str | None = None,
+    served_model_name: str | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
@@ -800,6 +810,7 @@ def serve(
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health).
 
     model: checkpoint folder or hub id (default: the shipped demo model)
+    served_model_name: the model's name in the API (/v1/models, responses); a request naming another model gets a 404 (default: --model as given; internvl-mpo-demo for the demo model)
     host: address to bind; the default answers this machine only
     port: TCP port
     api_key: require 'Authorization: Bearer <key>' on /v1 routes
@@ -827,7 +838,8 @@ def serve(
 
         if not default_model().exists():
             raise ConfigError("no demo checkpoint is installed; pass --model <checkpoint folder or hub id>")
-        settings = dataclasses.replace(settings, model=str(default_model()))
+        settings = dataclasses.replace(settings, model=str(default_model()),
+                                       served_model_name=settings.served_model_name or DEMO_MODEL_NAME)
     if settings.max_batch < 1 or settings.max_len < 2:
         raise ConfigError(f"--max-batch must be >= 1 and --max-len >= 2, got {settings.max_batch}, {settings.max_len}")
     if not 0 <= settings.port <= 65535:
