@@ -183,6 +183,27 @@ def test_top_k_off_is_0_or_vllms_minus_1():
         parse_chat_request({"messages": messages, "top_k": -2}, ServerSettings())
 
 
+def test_stream_options_without_stream_and_tool_choice_without_tools_are_refused_as_in_vllm():
+    def parse(**fields):
+        return parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **fields}, ServerSettings())
+
+    usage = {"include_usage": True}
+    for fields in ({"stream_options": usage}, {"stream": False, "stream_options": usage}):
+        with pytest.raises(ApiError, match="stream_options is only allowed with stream: true") as e:
+            parse(**fields)
+        assert e.value.status == 400 and e.value.param == "stream_options"
+    assert parse(stream=True, stream_options=usage).include_usage
+    assert not parse(stream_options=None).stream
+    for fields in ({"tool_choice": "auto"}, {"tool_choice": "required"}, {"tool_choice": "sometimes", "tools": []},
+                   {"tool_choice": {"type": "function", "function": {"name": "f"}}, "tools": []}):
+        with pytest.raises(ApiError, match="tool_choice .* needs tools, and this server does not support tools") as e:
+            parse(**fields)
+        assert e.value.status == 400 and e.value.param == "tool_choice"
+    for fields in ({"tool_choice": "none"}, {"tool_choice": None}, {"tool_choice": "auto", "tools": []},
+                   {"tool_choice": "required", "tools": []}):
+        assert parse(**fields).question == "hi"  # nothing to call: vLLM answers these with text
+
+
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["m"]
     state = health(server)

@@ -245,6 +245,10 @@ def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
     for key in ("frequency_penalty", "presence_penalty"):
         if _field(body, key, (int, float), 0):
             raise ApiError(400, f"{key} is not supported (use repetition_penalty)", key)
+    tool_choice = body.get("tool_choice")  # vLLM's rule, given that tools can only be [] here
+    if tool_choice not in (None, "none") and not (tool_choice in ("auto", "required") and body.get("tools") == []):
+        raise ApiError(400, f"tool_choice {json.dumps(tool_choice)[:80]} needs tools, and this server does not "
+                            "support tools", "tool_choice")
     response_format = body.get("response_format")
     if response_format and response_format != {"type": "text"}:
         raise ApiError(400, "only response_format {'type': 'text'} is supported", "response_format")
@@ -275,6 +279,8 @@ def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise ApiError(400, "stream_options must be an object", "stream_options")
+    if stream_options and not body.get("stream"):  # as vLLM and OpenAI
+        raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
     max_num = _field(body, "max_num", (int,), None, 1, settings.max_tiles)
     n = _field(body, "n", (int,), 1, 1, settings.max_n)
     seed = _field(body, "seed", (int,), None, -(2**63), 2**63 - 1)  # OpenAI's int64; read modulo 2**63
