@@ -39,6 +39,7 @@ from internvl_mpo.train.mpo import (
     SequenceLogps,
     TrainConfig,
     build_dataset,
+    max_seq_length,
     official_state,
     train,
 )
@@ -371,8 +372,10 @@ def test_resume_drops_a_half_written_metrics_line(tmp_path, chat_folder, meta):
 
 
 def resume_refusal(cfg: TrainConfig, change: dict) -> str:
-    """The CheckpointError message (a regex) that resuming `cfg`'s checkpoint-000001 with `change` must give."""
-    listed = ", ".join(f"{k} (checkpoint {getattr(cfg, k)}, now {v})" for k, v in change.items())
+    """The CheckpointError message (a regex) that resuming `cfg`'s checkpoint-000001 with `change` must give
+    (the checkpoint holds the sequence length the run used: the tiny model's default is 8192)."""
+    saved = dataclasses.replace(cfg, max_seq_length=cfg.max_seq_length or 8192)
+    listed = ", ".join(f"{k} (checkpoint {getattr(saved, k)}, now {v})" for k, v in change.items())
     return re.escape(f"checkpoint-000001: cannot resume, these settings differ from the checkpoint: {listed}") + "$"
 
 
@@ -664,6 +667,26 @@ def test_skip_bad_stops_after_a_whole_epoch_without_a_usable_sample():
     with pytest.raises(InputError, match=r"no usable sample in a whole epoch: all 4 samples .* toy\.jsonl:1: too long"):
         stream.next_example()
     assert data.reads == 4 and stream.report.counts == {"encode": 4}
+
+
+def test_max_seq_length_is_capped_by_the_models_context(tmp_path, chat_folder, meta):
+    """RoPE is computed for any position, so a sequence past max_position_embeddings would train silently
+    on positions the model never saw: an explicit longer --max-seq-length is refused, the default is
+    min(8192, context)."""
+    short = tmp_path / "short"
+    shutil.copytree(chat_folder, short)
+    config_json = json.loads((short / "config.json").read_text())
+    config_json["llm_config"]["max_position_embeddings"] = 400
+    (short / "config.json").write_text(json.dumps(config_json))
+    with pytest.raises(ConfigError, match=r"^--max-seq-length 401 is longer than the model's context of 400 tokens"):
+        train(config(short, meta, tmp_path / "a", max_seq_length=401))
+    assert not (tmp_path / "a").exists()
+    long = write_mmpr(tmp_path / "data", [*color_pairs(2), {"question": "long " * 400, "chosen": "a", "rejected": "b"}])
+    with pytest.raises(InputError, match=r"toy\.jsonl:3: the prompt is \d+ tokens.*max_seq_length=400;"):
+        train(config(short, long, tmp_path / "b", max_steps=3, batch_size=1, shuffle=False))
+    assert train(config(short, meta, tmp_path / "c", max_seq_length=400, max_steps=1)).steps == 1
+    assert TrainConfig().max_seq_length is None
+    assert max_seq_length(TrainConfig(), ModelConfig.from_json(chat_folder / "config.json")) == 8192
 
 
 def test_max_dynamic_patch_flag_wins_over_meta_json(tmp_path, chat_folder):

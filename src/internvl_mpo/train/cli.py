@@ -37,7 +37,7 @@ def train(
     batch_size: int = 1,
     grad_accum: int = 1,
     max_grad_norm: float = 1.0,
-    max_seq_length: int = 8192,
+    max_seq_length: int | None = None,
     max_dynamic_patch: int | None = None,
     video_frames: int = 8,
     save_every: int = 0,
@@ -86,7 +86,7 @@ def train(
     batch_size: pairs (or conversations) per micro-batch per process
     grad_accum: micro-batches per optimizer step
     max_grad_norm: gradient-norm clipping (0: no clipping)
-    max_seq_length: longest sequence; answers are cut at the tail, never the prompt or image tokens
+    max_seq_length: longest sequence, at most the model's context (llm_config.max_position_embeddings); answers are cut at the tail, never the prompt or image tokens (default: the smaller of 8192 and the context)
     max_dynamic_patch: tiles per image; when given it wins over meta.json's max_dynamic_patch (default: meta.json's value, else the model config's)
     video_frames: frames sampled per video
     save_every: write a resumable checkpoint every N steps (0: only the final model)

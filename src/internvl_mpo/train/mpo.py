@@ -133,6 +133,8 @@ FLOAT_RANGES = {
 }
 REF_FILE = "ref_logps.safetensors"
 METRICS_FILE = "metrics.jsonl"
+# --max-seq-length when not given (the official MPO recipe's), capped by the model's context.
+DEFAULT_MAX_SEQ_LENGTH = 8192
 FINAL_DIR = "final"
 # Label log-probs are computed this many logits at a time (rows x vocabulary): 32 MiB in float32.
 LOGPS_CHUNK_ELEMENTS = 2**23
@@ -166,7 +168,7 @@ class TrainConfig:
     batch_size: int = 1
     grad_accum: int = 1
     max_grad_norm: float = 1.0
-    max_seq_length: int = 8192
+    max_seq_length: int | None = None
     max_dynamic_patch: int | None = None
     video_frames: int = 8
     save_every: int = 0
@@ -208,12 +210,11 @@ class TrainConfig:
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "epochs": self.epochs,
-                    "max_seq_length": self.max_seq_length, "video_frames": self.video_frames}
+                    "video_frames": self.video_frames, "max_seq_length": self.max_seq_length,
+                    "max_dynamic_patch": self.max_dynamic_patch}
         for name, value in positive.items():
-            if value < 1:
+            if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
-        if self.max_dynamic_patch is not None and self.max_dynamic_patch < 1:
-            raise ConfigError(f"max_dynamic_patch must be >= 1, got {self.max_dynamic_patch}")
         if min(self.max_steps, self.save_every, self.lora_rank, self.num_workers) < 0:
             raise ConfigError("max_steps, save_every, lora_rank and num_workers must be >= 0")
         for name, (valid, expected) in FLOAT_RANGES.items():
@@ -240,6 +241,22 @@ def loss_weights(cfg: TrainConfig) -> MPOWeights:
         raise ConfigError("all loss weights are 0: nothing to train")
     return MPOWeights(beta=cfg.beta, pref_weight=pref, quality_weight=quality, gen_weight=gen,
                       label_smoothing=cfg.label_smoothing)
+
+
+def max_seq_length(cfg: TrainConfig, config: ModelConfig) -> int:
+    """The run's sequence length: the flag, at most the model's context, else min(8192, context).
+
+    RoPE is computed for any position, so a longer sequence would train silently on positions the
+    model never saw (the official trainer does not check; its Qwen2.5 models have 32768)."""
+    context = config.llm.max_position_embeddings
+    if cfg.max_seq_length is None:
+        return min(DEFAULT_MAX_SEQ_LENGTH, context)
+    if cfg.max_seq_length > context:
+        raise ConfigError(
+            f"--max-seq-length {cfg.max_seq_length} is longer than the model's context of {context} tokens"
+            f" (llm_config.max_position_embeddings); give at most {context} or leave the flag out"
+        )
+    return cfg.max_seq_length
 
 
 def lr_at(step: int, total_steps: int, warmup_ratio: float, base_lr: float) -> float:
@@ -371,6 +388,7 @@ def build_optimizer(model: InternVL, cfg: TrainConfig) -> torch.optim.AdamW:
 def build_dataset(cfg: TrainConfig, tokenizer: Tokenizer, config: ModelConfig) -> tuple[PairDataset | SFTDataset, SkipReport]:
     """Records in training order (official per-dataset sampling and shuffling) wrapped as a dataset."""
     settings = MediaSettings.from_model_config(config, cfg.max_dynamic_patch, cfg.video_frames)
+    seq_length = max_seq_length(cfg, config)
     # meta.json's per-dataset max_dynamic_patch applies unless --max-dynamic-patch is given (the official
     # code lets meta.json win over its argument; here the explicit flag wins)
     use_meta = cfg.max_dynamic_patch is None
@@ -380,7 +398,7 @@ def build_dataset(cfg: TrainConfig, tokenizer: Tokenizer, config: ModelConfig) -
         records, report = read_datasets(specs, skip_bad=cfg.skip_bad, sample_seed=cfg.seed)
         max_num = {s.name: s.max_dynamic_patch for s in specs if use_meta and s.max_dynamic_patch is not None}
         dataset: PairDataset | SFTDataset = PairDataset(
-            records, tokenizer, settings, cfg.max_seq_length, max_num, cfg.rejected_span,
+            records, tokenizer, settings, seq_length, max_num, cfg.rejected_span,
             augment_datasets={s.name for s in specs if s.data_augment}, seed=cfg.seed,
         )
     else:
@@ -398,7 +416,7 @@ def build_dataset(cfg: TrainConfig, tokenizer: Tokenizer, config: ModelConfig) -
                 records += [good[i] for i in order]
                 max_nums += [spec.max_dynamic_patch if use_meta else None] * len(order)
                 augment += [spec.data_augment] * len(order)
-        dataset = SFTDataset(records, tokenizer, settings, cfg.max_seq_length, max_nums, augment, seed=cfg.seed)
+        dataset = SFTDataset(records, tokenizer, settings, seq_length, max_nums, augment, seed=cfg.seed)
     if len(dataset) == 0:
         raise InputError(f"{cfg.data}: no usable training records")
     return dataset, report
@@ -834,6 +852,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
     # 1. model and tokenizer (the seed makes random init and LoRA adapters equal on every rank)
     torch.manual_seed(cfg.seed)
     tokenizer, policy = load_initial_model(cfg, env.device)
+    # from here on the run's settings hold the length it uses (checkpoints and resumes compare it)
+    cfg = dataclasses.replace(cfg, max_seq_length=max_seq_length(cfg, policy.config))
 
     # 2. data
     dataset, report = build_dataset(cfg, tokenizer, policy.config)
