@@ -811,6 +811,22 @@ def test_cli_reports_bad_data_without_traceback(tmp_path, chat_folder):
     assert code == 1
 
 
+def test_missing_required_flags_are_named_together_in_one_line(tmp_path, capsys):
+    """train has no default model (chat and serve start the demo model; a forgotten --model must not
+    train it): every missing required flag is named at once, before anything loads."""
+    from internvl_mpo.cli import main
+
+    model = "--model (a checkpoint folder or hub id to train from; or --init-from-config config.json for random weights)"
+    assert main(["train", "mpo"]) == 1
+    assert capsys.readouterr().err == f"internvl-mpo train: error: {model}, --data and --output are required\n"
+    assert main(["train", "mpo", "--data", "meta.json", "--output", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err == f"internvl-mpo train: error: {model} is required\n"
+    assert main(["train", "sft", "--model", "m", "--init-from-config", "c.json", "--data", "d.jsonl",
+                 "--output", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err == "internvl-mpo train: error: give only one of --model and --init-from-config\n"
+    assert not (tmp_path / "o").exists()
+
+
 def test_fsdp_in_a_single_process_trains_unsharded_with_a_note(tmp_path, chat_folder, meta, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     from internvl_mpo.cli import main

@@ -194,15 +194,21 @@ class TrainConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not self.data or not self.output:
-            raise ConfigError("--data and --output are required")
+        # No default model (chat and serve start the demo model): a forgotten --model must not train it.
+        missing = [flag for flag, given in (
+            ("--model (a checkpoint folder or hub id to train from; or --init-from-config config.json for random"
+             " weights)", self.model is not None or self.init_from_config is not None),
+            ("--data", self.data), ("--output", self.output)) if not given]
+        if missing:
+            names = ", ".join(missing[:-1]) + " and " + missing[-1] if len(missing) > 1 else missing[0]
+            raise ConfigError(f"{names} {'are' if len(missing) > 1 else 'is'} required")
         if self.mode != "sft" and self.data.endswith(".jsonl"):
             raise ConfigError(f"--data {self.data}: {self.mode} reads a meta.json (MMPR layout) that lists the"
                               " annotation .jsonl files with their image root; only sft takes a single .jsonl")
         if self.image_root is not None and not (self.mode == "sft" and self.data.endswith(".jsonl")):
             raise ConfigError("--image-root applies to a single sft .jsonl; a meta.json gives each dataset its root")
-        if (self.model is None) == (self.init_from_config is None):
-            raise ConfigError("give exactly one of --model PATH and --init-from-config config.json")
+        if self.model is not None and self.init_from_config is not None:
+            raise ConfigError("give only one of --model and --init-from-config")
         if self.init_from_config is not None and self.tokenizer is None:
             raise ConfigError("--init-from-config needs --tokenizer DIR (the folder with the tokenizer files)")
         if self.rejected_span not in REJECTED_SPANS:
