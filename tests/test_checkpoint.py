@@ -252,19 +252,23 @@ def test_no_folder_and_not_a_hub_id(tmp_path):
 
 
 def test_hub_id_without_network_gives_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    from huggingface_hub import constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # the env var is read at import
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     with pytest.raises(CheckpointError, match="OpenGVLab/InternVL2_5-4B-MPO: not a local folder, and downloading"):
         InternVL.from_pretrained("OpenGVLab/InternVL2_5-4B-MPO")
 
 
 def test_hub_failure_is_one_line(monkeypatch):
     import huggingface_hub
+    from huggingface_hub import constants as hub_constants
 
     def offline(*args, **kwargs):
         raise OSError("Got: ConnectError: Name or service not known\nAn error happened while trying to locate the "
                       "files on the Hub.\n  Please check your internet connection.")
 
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # the resolver's own probe
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(CheckpointError) as error:
         InternVL.from_pretrained("OpenGVLab/InternVL2_5-4B-MPO")
@@ -273,6 +277,54 @@ def test_hub_failure_is_one_line(monkeypatch):
         "Name or service not known An error happened while trying to locate the files on the Hub. Please check your "
         "internet connection."
     )
+
+
+@pytest.fixture
+def silent_hub():
+    """An HF_ENDPOINT that accepts connections and never answers."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held = []
+
+    def accept():
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+    for conn in held:
+        conn.close()
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_hub_that_never_answers_is_an_error_or_the_cached_copy(tmp_path, silent_hub, cached):
+    """snapshot_download asks the hub without a timeout; the resolver must not hang on a silent one."""
+    snapshot = tmp_path / "hf" / "hub" / "models--org--name" / "snapshots" / ("a" * 40)
+    if cached:
+        snapshot.mkdir(parents=True)
+        (snapshot / "config.json").write_text("{}")
+        (snapshot.parents[1] / "refs").mkdir()
+        (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
+    env = dict(os.environ, HF_ENDPOINT=silent_hub, HF_HUB_ETAG_TIMEOUT="1", HF_HOME=str(tmp_path / "hf"))
+    env.pop("HF_HUB_OFFLINE", None)
+    code = ("from internvl_mpo.checkpoint import resolve_checkpoint\n"
+            "from internvl_mpo.errors import CheckpointError\n"
+            "try:\n    print('PATH', resolve_checkpoint('org/name'))\n"
+            "except CheckpointError as e:\n    print('ERROR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    if cached:
+        assert out.strip() == f"PATH {snapshot}"
+    else:
+        assert out.strip() == ("ERROR org/name: not a local folder, not in the hub cache, and the hub did not answer "
+                               "within 1 s (HF_HUB_ETAG_TIMEOUT)")
 
 
 def test_an_unusable_device_or_dtype_is_refused_before_the_hub_is_asked(monkeypatch):

@@ -529,6 +529,7 @@ def test_gradient_accumulation_equals_the_larger_micro_batch(tmp_path, chat_fold
 
 def test_hub_id_model_takes_its_tokenizer_from_the_downloaded_folder(tmp_path, chat_folder, meta, monkeypatch):
     import huggingface_hub
+    from huggingface_hub import constants as hub_constants
 
     asked = []
 
@@ -536,6 +537,7 @@ def test_hub_id_model_takes_its_tokenizer_from_the_downloaded_folder(tmp_path, c
         asked.append(repo_id)
         return str(chat_folder)
 
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # the resolver's own probe
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.chdir(tmp_path)  # no local folder named like the id
     result = train(config(chat_folder, meta, tmp_path / "run", model="OpenGVLab/InternVL2_5-4B", max_steps=1))
