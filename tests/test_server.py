@@ -14,11 +14,13 @@ import dataclasses
 import inspect
 import io
 import json
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,6 +62,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch(cmd: list[str], url: str, log: Path) -> subprocess.Popen:
+    """The `internvl-mpo serve` process of `cmd` (its output in `log`), once `url` answers /health."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 90
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(log.read_text())
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("the server did not come up")
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(base url, checkpoint folder) of a running `internvl-mpo serve` subprocess, stopped after the module."""
@@ -70,19 +91,8 @@ def server(tmp_path_factory):
            "--port", str(port), "--api-key", KEY, "--max-batch", str(MAX_BATCH), "--max-len", "2048", "--max-tokens", "1800",
            "--max-request-bytes", "200000", "--max-images", "2"]
     url = f"http://127.0.0.1:{port}"
-    with open(root / "server.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    proc = launch(cmd, url, root / "server.log")
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (root / "server.log").read_text()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
         yield url, folder
     finally:
         proc.terminate()
@@ -224,7 +234,7 @@ def test_the_served_name_defaults_to_the_model_as_given_or_the_demo_name(server,
     from starlette.testclient import TestClient
 
     apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: apps.append(self.config.app))
     small = {"port": 0, "device": "cpu", "max_batch": 1, "max_len": 64}
     serve(**small)  # the shipped demo model
     serve(model=str(server[1]), **small)
@@ -704,6 +714,50 @@ def test_non_streamed_client_that_goes_away_frees_its_rows(server):
     assert state["completion_tokens"] - before["completion_tokens"] < 4 * 1800
 
 
+def test_ctrl_c_ends_the_running_generations_at_once(server, tmp_path):
+    """uvicorn waits for open responses before the app shuts down; a SIGINT (Ctrl-C) to a busy server ends
+    its long generations at once instead: a stream gets the error event and its end, a plain request a
+    503, and the process exits (as a Ctrl-C'd command, 130)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "internvl_mpo.cli", "serve", "--model", str(server[1]), "--port", str(port),
+           "--max-len", "2048", "--max-tokens", "1900"]
+    proc = launch(cmd, url, tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        long = {"model": str(server[1]), "messages": [{"role": "user", "content": "Go on."}], "temperature": 0,
+                "max_tokens": 1900, "extra_body": {"ignore_eos": True}}
+        plain = {}
+
+        def plain_request() -> None:
+            try:
+                client.chat.completions.create(**long)
+            except openai.APIStatusError as e:
+                plain["error"] = e
+
+        thread = threading.Thread(target=plain_request)
+        thread.start()
+        stream = client.chat.completions.create(stream=True, **long)
+        chunks = iter(stream)
+        for _ in range(3):
+            next(chunks)
+        deadline = time.monotonic() + 60
+        while httpx.get(url + "/health").json()["active"] < 2:  # both generations are running
+            assert time.monotonic() < deadline, "the plain request did not start"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        with pytest.raises(openai.APIError, match="the server is shutting down"):
+            for chunk in chunks:
+                assert chunk.choices[0].finish_reason is None  # no answer runs to its end
+        thread.join(60)
+        assert plain["error"].status_code == 503 and "shutting down" in plain["error"].message
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_a_port_out_of_range_is_refused_before_the_model_loads():
     from internvl_mpo.errors import ConfigError
     from internvl_mpo.server import serve
@@ -725,7 +779,7 @@ def test_a_batch_too_big_for_memory_is_refused_before_serving(server, monkeypatc
 
     monkeypatch.setattr(Engine, "start", out_of_memory)
     served = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: served.append(self.config.app))
     with pytest.raises(ConfigError, match=r"64 rows of \d+ tokens does not fit: CUDA out of memory.*--max-batch"):
         serve(model=str(server[1]), port=0, device="cpu", max_batch=64, max_len=4096)
     assert served == []

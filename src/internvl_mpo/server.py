@@ -64,6 +64,7 @@ log = logging.getLogger("internvl_mpo.server")
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
+SHUTDOWN_GRACE_S = 5  # how long a response may stay open after Ctrl-C once its generation has ended
 UNSUPPORTED_FIELDS = ("tools", "functions", "logit_bias", "audio", "prediction")
 TEXT_ROOM = 512  # tokens of a sequence that image tiles leave to the text and the answer
 DEMO_MODEL_NAME = "internvl-mpo-demo"  # the served name of the shipped demo model
@@ -790,6 +791,23 @@ def _require_web_stack():
     return uvicorn
 
 
+def _uvicorn_server(app, settings: ServerSettings):
+    """uvicorn's server for `app`, made to stop promptly on Ctrl-C or SIGTERM. uvicorn waits for open
+    responses before it runs the app's shutdown, and a long answer can stream for minutes: so the
+    worker stops first, and every running request ends at once with "the server is shutting down"
+    (an error event and `[DONE]` for a stream, a 503 otherwise). A response still open
+    SHUTDOWN_GRACE_S later (a client that stopped reading) is cut off."""
+    uvicorn = _require_web_stack()
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            await asyncio.to_thread(app.state.worker.stop)
+            await super().shutdown(sockets)
+
+    return Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+
+
 def serve(
     model: str | None = None,
     served_model_name: str | None = None,
@@ -838,7 +856,7 @@ def serve(
     max_n: largest n (choices per request)
     """
     settings = ServerSettings(**locals())  # the parameters are exactly the settings' fields
-    uvicorn = _require_web_stack()
+    _require_web_stack()
     if settings.model is None:
         from .cli import default_model
 
@@ -862,4 +880,4 @@ def serve(
     chosen_device = default_device(settings.device)
     chat = InternVLChat.from_pretrained(settings.model, dtype=settings.dtype, device=chosen_device,
                                         compile=settings.compile)
-    uvicorn.run(create_app(chat, settings), host=settings.host, port=settings.port, log_level="info")
+    _uvicorn_server(create_app(chat, settings), settings).run()
