@@ -99,27 +99,31 @@ def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None) -> P
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", text) or text.startswith((".", "/")):
         raise CheckpointError(f"{text}: no such checkpoint folder (and not a hub id like 'org/name')")
     try:
-        import httpx2
         from huggingface_hub import HfApi, constants, snapshot_download
 
         try:  # snapshot_download asks the hub without a timeout: one that never answers would hang here
             HfApi().repo_info(text, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
-        except httpx2.TimeoutException:  # a copy in the cache still serves, as it does when offline
-            try:
+        except Exception as e:
+            if not _timed_out(e):  # offline, refused, not found, ...: snapshot_download knows what to do
+                return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS))
+            try:  # a copy in the cache still serves, as it does when offline
                 return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS,
                                               local_files_only=True))
             except Exception:
                 raise CheckpointError(
                     f"{text}: not a local folder, not in the hub cache, and the hub did not answer within"
                     f" {constants.HF_HUB_ETAG_TIMEOUT} s (HF_HUB_ETAG_TIMEOUT)") from None
-        except Exception:  # offline, refused, not found, ...: snapshot_download knows what to do
-            pass
         return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS))
     except CheckpointError:
         raise
     except Exception as e:  # network, auth, missing repo: one clear message, on one line
         reason = " ".join(str(e).split())
         raise CheckpointError(f"{text}: not a local folder, and downloading it from the hub failed: {reason}") from None
+
+
+def _timed_out(error: BaseException) -> bool:
+    """A timeout of any HTTP stack huggingface_hub has used (requests, httpx, httpx2)."""
+    return any(cls.__name__ in ("Timeout", "TimeoutException") for cls in type(error).__mro__)
 
 
 def weight_map(folder: Path) -> dict[str, Path]:
