@@ -184,6 +184,23 @@ def test_messages_map_onto_the_template():
     assert [p for p, _ in req.image_urls] == ["messages[1].content[0].image_url", "messages[1].content[1].image_url"]
 
 
+def test_an_answer_or_system_message_that_mentions_image_keeps_it_as_text():
+    """The model's own answer may say <image> (HTML); sending it back must not be a 400 or an image slot."""
+    image = {"type": "image_url", "image_url": {"url": "data:,"}}
+    body = {"messages": [
+        {"role": "system", "content": "Explain tags such as <image>."},
+        {"role": "user", "content": [image, image, {"type": "text", "text": "Which tags?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "It uses <image> and <div>."}]},
+        {"role": "user", "content": "Why?"},
+    ]}
+    req = parse_chat_request(body, ServerSettings())
+    assert req.system_message == "Explain tags such as <image>."
+    assert req.history == [("Image-1: <image>\nImage-2: <image>\nWhich tags?", "It uses <image> and <div>.")]
+    body["messages"][-1]["content"] = "What does <image> do?"
+    with pytest.raises(ApiError, match=r"messages\[3\].content: the text holds '<image>'; send images as image_url"):
+        parse_chat_request(body, ServerSettings())
+
+
 def test_top_k_off_is_0_or_vllms_minus_1():
     messages = [{"role": "user", "content": "hi"}]
     for top_k in (0, -1, None):

@@ -154,9 +154,11 @@ def _unicode(text: str, param: str) -> str:
     return text
 
 
-def _plain_text(text: str, param: str) -> str:
+def _plain_text(text: str, param: str, role: str) -> str:
+    """A text part; `<image>` places an image in a user message, so it is refused there (an answer or a
+    system message that mentions it keeps it as text)."""
     _unicode(text, param)
-    if IMAGE_PLACEHOLDER in text:
+    if role == "user" and IMAGE_PLACEHOLDER in text:
         raise ApiError(400, f"{param}: the text holds {IMAGE_PLACEHOLDER!r}; send images as image_url parts", param)
     return text
 
@@ -164,7 +166,7 @@ def _plain_text(text: str, param: str) -> str:
 def _content_text(content, param: str, role: str, images: list[tuple[str, str]]) -> str:
     """The text of one message, image parts replaced by `<image>` (their URLs appended to `images`)."""
     if isinstance(content, str):
-        return _plain_text(content, param)
+        return _plain_text(content, param, role)
     if not isinstance(content, list):
         raise ApiError(400, f"{param} must be a string or a list of content parts", param)
     pieces = []
@@ -172,7 +174,7 @@ def _content_text(content, param: str, role: str, images: list[tuple[str, str]])
         where = f"{param}[{k}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
-            pieces.append(_plain_text(part["text"], where))
+            pieces.append(_plain_text(part["text"], where, role))
         elif kind == "image_url":
             if role != "user":
                 raise ApiError(400, f"{where}: images are only accepted in user messages", where)
@@ -223,6 +225,9 @@ def _label_images(turns: list[tuple[str, str]], count: int) -> list[tuple[str, s
     k = 0
     out = []
     for role, text in turns:
+        if role != "user":
+            out.append((role, text))
+            continue
         pieces = text.split(IMAGE_PLACEHOLDER)
         labelled = [pieces[0]]
         for piece in pieces[1:]:
