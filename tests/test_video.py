@@ -1,6 +1,8 @@
 """Video frame sampling against an independent NumPy implementation of the model card's `get_index`,
 and frame tensors against the image recipe applied to independently decoded frames."""
 
+import struct
+
 import numpy as np
 import pytest
 import torch
@@ -250,3 +252,33 @@ def test_video_file_uses_the_best_stream_not_a_cover_picture_first(tmp_path):
 
 def test_get_index_without_a_frame_rate_still_spans_the_video():
     assert get_index(None, 0.0, 29, num_segments=8) == get_index(None, 10.0, 29, num_segments=8)
+
+
+def set_mp4_rotation(path, matrix):
+    """Write a display matrix (a, b, c, d of the 16.16 track matrix) into an mp4's only track header,
+    as a phone does for a clip filmed in portrait or upside down."""
+    data = bytearray(path.read_bytes())
+    header = data.find(b"tkhd") - 4
+    assert header >= 0 and data[header + 8] == 0  # a version-0 track header: the matrix is at byte 48
+    a, b, c, d = (v * 65536 for v in matrix)
+    data[header + 48 : header + 84] = struct.pack(">9i", a, b, 0, c, d, 0, 0, 0, 1 << 30)
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize(
+    "matrix,transpose",
+    [
+        ((0, 1, -1, 0), Image.Transpose.ROTATE_270),  # shown turned 90 degrees clockwise
+        ((0, -1, 1, 0), Image.Transpose.ROTATE_90),
+        ((-1, 0, 0, -1), Image.Transpose.ROTATE_180),
+    ],
+)
+def test_rotated_video_frames_come_out_upright(video_path, tmp_path, matrix, transpose):
+    path = tmp_path / "turned.mp4"
+    path.write_bytes(video_path.read_bytes())
+    set_mp4_rotation(path, matrix)
+    result = load_video(path, num_segments=4)
+    frames = decoded_frames(video_path)
+    for tile, index in zip(result.pixel_values, result.frame_indices):
+        assert torch.equal(tile, reference_tile(frames[index].transpose(transpose)))
+        assert not torch.equal(tile, reference_tile(frames[index]))

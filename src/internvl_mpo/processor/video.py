@@ -13,8 +13,9 @@ decord. Kept for parity:
 
 Differences: frames come from PyAV (`frame.to_image()`, FFmpeg's swscale yuv->rgb24), not decord,
 so pixels may differ slightly from decord's conversion (not verified: decord is not installed).
-The frame count is the container's (`stream.frames`, or the number of packets when the container
-does not say); if fewer frames decode, the indices are recomputed from the true count. A bound
+Frames whose display matrix says to turn them (phone videos) are turned upright as decord turns
+them. The frame count is the container's (`stream.frames`, or the number of packets when the
+container does not say); if fewer frames decode, the indices are recomputed from the true count. A bound
 that selects no frames raises InputError instead of indexing outside the video.
 """
 
@@ -100,7 +101,7 @@ def _decode_frames(av, path: str, wanted: set[int]) -> tuple[dict[int, Image.Ima
         try:
             for frame in container.decode(_video_stream(container)):
                 if decoded in wanted:
-                    kept[decoded] = frame.to_image()
+                    kept[decoded] = _upright(frame)
                 decoded += 1
                 if decoded > last:
                     break
@@ -108,6 +109,24 @@ def _decode_frames(av, path: str, wanted: set[int]) -> tuple[dict[int, Image.Ima
             if decoded == 0:
                 raise InputError(f"{path}: cannot decode video: {e}") from None
     return kept, decoded
+
+
+# Display rotation as PyAV reports it (`frame.rotation`, degrees counterclockwise) -> PIL transpose.
+_ROTATIONS = {
+    90: Image.Transpose.ROTATE_90,
+    180: Image.Transpose.ROTATE_180,
+    -180: Image.Transpose.ROTATE_180,
+    -90: Image.Transpose.ROTATE_270,
+}
+
+
+def _upright(frame) -> Image.Image:
+    """The frame as RGB, turned the way its display matrix says (a phone clip filmed upright comes
+    out upright), as decord and players do; as in decord, a mirroring in the matrix is ignored and
+    an angle that is not a multiple of 90 leaves the frame as stored."""
+    image = frame.to_image()
+    transpose = _ROTATIONS.get(frame.rotation)
+    return image.transpose(transpose) if transpose is not None else image
 
 
 def _count_packets(av, container, stream) -> int:
