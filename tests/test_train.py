@@ -545,6 +545,27 @@ def test_hub_id_model_takes_its_tokenizer_from_the_downloaded_folder(tmp_path, c
     assert (result.final_dir / "tokenizer_config.json").is_file()
 
 
+def test_an_unknown_template_is_refused_before_the_weights_load(tmp_path, chat_folder, meta):
+    """Chat and training render prompts with the config's template: an InternVL2 checkpoint's
+    'internlm2-chat' must stop at once, not after loading the weights (or at the first question)."""
+    from internvl_mpo.pipeline import InternVLChat
+
+    folder = tmp_path / "model"
+    shutil.copytree(chat_folder, folder)
+    settings = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**settings, "template": "internlm2-chat"}))
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()  # an error about the weights would mean they were read first
+    message = r"unknown conversation template 'internlm2-chat'; known: \['internvl2_5'\]"
+    with pytest.raises(ConfigError, match=message):
+        InternVLChat.from_pretrained(folder)
+    with pytest.raises(ConfigError, match=message):
+        train(config(folder, meta, tmp_path / "run", max_steps=1))
+    with pytest.raises(ConfigError, match=message):
+        train(config(folder, meta, tmp_path / "run", model=None, init_from_config=str(folder / "config.json"),
+                     tokenizer=str(folder), max_steps=1))
+
+
 def test_sft_from_scratch_with_init_from_config(tmp_path, chat_folder):
     data = tmp_path / "sft.jsonl"
     convo = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .chat.template import build_prompt_ids
+from .chat.template import build_prompt_ids, get_template
 from .chat.tokenizer import Tokenizer, load_tokenizer
+from .config import ModelConfig
 from .errors import InputError
 from .generate.engine import Engine, Generation, Request
 from .generate.sampling import SamplingParams
@@ -113,6 +114,7 @@ class InternVLChat:
 
         check_device_and_dtype(device, dtype)
         folder = resolve_checkpoint(path_or_id, revision)
+        get_template(ModelConfig.from_json(folder / "config.json").template)  # unknown: refused before the weights
         tokenizer = load_tokenizer(folder)
         model = InternVL.from_pretrained(
             folder, dtype=dtype, device=device, image_token_id=tokenizer.img_context_id, device_map=device_map

@@ -60,8 +60,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from internvl_mpo.chat.template import get_template
 from internvl_mpo.chat.tokenizer import Tokenizer, load_tokenizer
-from internvl_mpo.checkpoint import parse_dtype
+from internvl_mpo.checkpoint import parse_dtype, resolve_checkpoint
 from internvl_mpo.config import ModelConfig
 from internvl_mpo.errors import CheckpointError, ConfigError, InputError, TrainingError
 from internvl_mpo.model import InternVL
@@ -325,9 +326,11 @@ class SequenceLogps(nn.Module):
 
 def load_initial_model(cfg: TrainConfig, device: torch.device) -> tuple[Tokenizer, InternVL]:
     """The policy's starting point in float32 (a checkpoint, or random weights from a config.json)."""
-    if cfg.init_from_config is not None:
+    folder = None if cfg.init_from_config is not None else resolve_checkpoint(cfg.model)
+    config = ModelConfig.from_json(cfg.init_from_config if folder is None else folder / "config.json")
+    get_template(config.template)  # the data is rendered with it: an unknown one is refused before the weights
+    if folder is None:
         tokenizer = load_tokenizer(cfg.tokenizer)
-        config = ModelConfig.from_json(cfg.init_from_config)
         if config.llm.vocab_size < len(tokenizer):
             raise ConfigError(
                 f"{cfg.init_from_config}: vocab_size {config.llm.vocab_size} is smaller than the tokenizer's"
@@ -339,8 +342,8 @@ def load_initial_model(cfg: TrainConfig, device: torch.device) -> tuple[Tokenize
         model.init_weights()
         model.source_dir = Path(cfg.tokenizer)
     else:
-        model = InternVL.from_pretrained(cfg.model, dtype=torch.float32, device=device)
-        tokenizer = load_tokenizer(cfg.tokenizer or model.source_dir)  # the resolved folder, also for a hub id
+        model = InternVL.from_pretrained(folder, dtype=torch.float32, device=device)
+        tokenizer = load_tokenizer(cfg.tokenizer or folder)  # the resolved folder, also for a hub id
     return tokenizer, model.train()
 
 
