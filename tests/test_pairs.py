@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from internvl_mpo.answers import COT_INSTRUCTION
-from internvl_mpo.errors import ConfigError, InputError
+from internvl_mpo.errors import ConfigError, InputError, PromptTooLongError
 from internvl_mpo.pairs import (
     ContinueJob,
     ModelGenerator,
@@ -364,7 +364,7 @@ def test_real_model_skips_a_prompt_longer_than_the_context(tiny_model, tmp_path,
     chat = InternVLChat.from_pretrained(tiny_model, dtype="float32")
     texts = ModelGenerator(chat, PairSettings(max_new_tokens=2)).continue_prefix(
         [ContinueJob(long_question, "A", 1), ContinueJob("Say hi.", "Hello", 2)])
-    assert isinstance(texts[0], InputError) and "longer than the context" in str(texts[0])
+    assert isinstance(texts[0], PromptTooLongError) and "longer than the context" in str(texts[0])
     assert isinstance(texts[1], str)
 
 

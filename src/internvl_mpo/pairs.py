@@ -59,7 +59,7 @@ from internvl_mpo.answers import (
     normalize_options,
 )
 from internvl_mpo.chat.template import IMAGE_PLACEHOLDER, add_image_prefix
-from internvl_mpo.errors import ConfigError, InputError
+from internvl_mpo.errors import ConfigError, InputError, PromptTooLongError
 from internvl_mpo.jsonl import read_objects
 
 CORRECTNESS = "correctness"
@@ -610,8 +610,8 @@ class ModelGenerator:
         for job in jobs:
             ids = continuation_prompt_ids(self.chat.tokenizer, job.question, job.prefix, template)
             if len(ids) >= self.chat.context:
-                out.append(InputError(f"prompt is {len(ids)} tokens, longer than the context allows: at most "
-                                      f"{self.chat.context - 1}"))
+                out.append(PromptTooLongError(f"prompt is {len(ids)} tokens, longer than the context allows: at "
+                                              f"most {self.chat.context - 1}"))
             else:
                 out.append(None)
                 requests.append(Request(ids, self._params(job.seed)))
