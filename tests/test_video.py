@@ -282,3 +282,26 @@ def test_rotated_video_frames_come_out_upright(video_path, tmp_path, matrix, tra
     for tile, index in zip(result.pixel_values, result.frame_indices):
         assert torch.equal(tile, reference_tile(frames[index].transpose(transpose)))
         assert not torch.equal(tile, reference_tile(frames[index]))
+
+
+def test_bt709_clip_decodes_with_its_own_colour_matrix(tmp_path):
+    """HD video is tagged BT.709; decord converts it with that matrix. PyAV before 17 used BT.601
+    for every clip, off by up to ~25 levels on these bars."""
+    try:
+        av.codec.Codec("libx264", "w")
+    except ValueError:  # av's UnknownCodecError
+        pytest.skip("needs the libx264 encoder")
+    bars = np.zeros((48, 64, 3), np.uint8)
+    for k, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (240, 200, 40)]):
+        bars[:, 16 * k : 16 * (k + 1)] = colour
+    path = tmp_path / "bt709.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt, stream.options = 64, 48, "yuv420p", {"qp": "0"}
+        stream.codec_context.colorspace = 1  # BT.709, written into the h264 stream
+        frame = av.VideoFrame.from_ndarray(bars, "rgb24").reformat(format="yuv420p", dst_colorspace="ITU709")
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    tile = load_video(path, num_segments=1).pixel_values[0]
+    levels = (tile - reference_tile(Image.fromarray(bars))).abs() * torch.from_numpy(STD) * 255
+    assert levels.max() < 6  # yuv rounding only
