@@ -74,7 +74,7 @@ def write_clip(path, codec, width, height, frames, pix_fmt="yuv420p", rate=25, c
 
 CLIPS = {
     "mpeg4.mp4": lambda p: write_clip(p, "mpeg4", 320, 240, 30),
-    "mpeg4-height-242.avi": lambda p: write_clip(p, "mpeg4", 322, 242, 47, rate=10),
+    "mpeg4-321x242.avi": lambda p: write_clip(p, "mpeg4", 321, 242, 47, rate=10),
     "h264-bframes.mp4": lambda p: write_clip(p, "libx264", 426, 240, 100, bf="2"),
     "h264-bt709.mp4": lambda p: write_clip(p, "libx264", 640, 360, 40, rate=Fraction(30000, 1001), colorspace=1),
     "h264-full-range.mp4": lambda p: write_clip(p, "libx264", 320, 240, 20, pix_fmt="yuvj420p"),

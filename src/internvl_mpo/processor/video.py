@@ -10,13 +10,25 @@ decord. Kept for parity:
 - The prompt prefix is "Frame1: <image>\\nFrame2: <image>\\n..." with a newline after every frame
   (the inference card; the MPO training code joins with "\\n" and has none after the last frame,
   reference section 13.8).
+- Frames are RGB from FFmpeg's swscale with the clip's own colour matrix and range, turned
+  upright when the display matrix says so (phone videos), as decord's are. Against decord 0.6.0
+  (the card's reader, FFmpeg 4.1) on mpeg4, h264 (B-frames, 4:4:4, full range, BT.709-tagged),
+  mjpeg and vp9 clips in mp4, avi, mkv and webm, an odd width, a truncated avi and rotated mp4s:
+  the same frame count, fps, indices and bit-identical pixel_values (tests/test_video_decord.py).
 
-Differences: frames come from PyAV (`frame.to_image()`, FFmpeg's swscale yuv->rgb24), not decord,
-so pixels may differ slightly from decord's conversion (not verified: decord is not installed).
-Frames whose display matrix says to turn them (phone videos) are turned upright as decord turns
-them. The frame count is the container's (`stream.frames`, or the number of packets when the
-container does not say); if fewer frames decode, the indices are recomputed from the true count. A bound
-that selects no frames raises InputError instead of indexing outside the video.
+Differences from decord, measured:
+- Frames that take swscale's general path, 4:2:0 with an odd height or more than 8 bits a sample
+  (10-bit video), are converted differently by FFmpeg 8 (in PyAV >= 16) than by decord's FFmpeg
+  4.1: about 1-2 levels of 255 per channel on average, up to ~140 at a sharp colour edge
+  (pixel_values: mean 0.02-0.04, max ~2.7). FFmpeg 7.1 (PyAV 15) gave decord's pixels there, but
+  PyAV 15 converts BT.709 clips as BT.601, hence PyAV >= 17.
+- In MPEG program and transport streams (.mpg, .ts) decord's seeking returns wrong frames, seen
+  from 12 frames before to 14 after the index (with B-frames on any access, without them when an
+  index repeats); here frames are decoded in order, so the frame is the one the index names.
+- The frame count is the container's (`stream.frames`, or the number of packets when the
+  container does not say; decord always counts packets); if fewer frames decode, the indices
+  are recomputed from the true count. A bound that selects no frames raises InputError instead
+  of indexing outside the video.
 """
 
 import os
