@@ -29,6 +29,7 @@ No EXIF orientation is applied (the official code does not apply it either).
 import io
 import os
 import re
+import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
@@ -52,6 +53,9 @@ _MEAN = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
 _STD = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
 _WORKERS = min(4, os.cpu_count() or 1)
 _pool: ThreadPoolExecutor | None = None
+# catch_warnings saves and restores the process-wide filter list: two threads inside it at once can
+# restore each other's copy and leave Pillow's warning ignored for good, so opens take turns.
+_quiet_open = threading.Lock()
 _PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
 
 # Pillow errors that mean "this file is not a readable image" (truncated data, bad headers, bad
@@ -115,7 +119,7 @@ def _open_pil(src: ImageSource, name: str) -> Image.Image:
     fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src
     try:
         # Pillow warns above MAX_IMAGE_PIXELS; we enforce our own limit after opening instead.
-        with warnings.catch_warnings():
+        with _quiet_open, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(fp)
     except FileNotFoundError:
