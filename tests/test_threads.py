@@ -3,15 +3,59 @@ calls made one after another, and leaves nothing behind."""
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
 
+from internvl_mpo.cli import default_model
+from internvl_mpo.generate.engine import Generation
+from internvl_mpo.pipeline import InternVLChat
 from internvl_mpo.processor.image import open_image
 
 THREADS = 4
+GREEDY = {"do_sample": False, "max_new_tokens": 24}
+
+
+def sampled(seed: int) -> dict:
+    return {"do_sample": True, "temperature": 0.9, "seed": seed, "max_new_tokens": 24}
+
+
+def load() -> InternVLChat:
+    """A fresh demo model: its lazily built state (RoPE frequencies, greedy screen) not built yet."""
+    chat = InternVLChat.from_pretrained(default_model())
+    chat.engine.screen = True  # greedy rows go through the screen, built on first use
+    return chat
+
+
+def slowly(pieces) -> str:
+    out = []
+    for piece in pieces:
+        out.append(piece)
+        time.sleep(0.001)  # let the other threads step in between
+    return "".join(out)
+
+
+def in_another_thread(pieces) -> str:
+    """Consume a stream in a thread other than the one that made it."""
+    out = []
+    consumer = threading.Thread(target=lambda: out.append("".join(pieces)))
+    consumer.start()
+    consumer.join()
+    return out[0]
+
+
+def abandoned(chat: InternVLChat, question: str, images, how: str) -> str:
+    stream = chat.stream_chat(question, images, **sampled(5))
+    first = next(stream) + next(stream)
+    if how == "close":
+        stream.close()
+    del stream  # dropped half way: only the garbage collector ends it
+    return first
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +66,52 @@ def images(tmp_path_factory):
         Image.new("RGB", size, colour).save(folder / name)
         paths.append(str(folder / name))
     return paths
+
+
+def jobs(images) -> list:
+    wide, tall = images
+    history = [("<image>\nHow many shapes are there?", "Final answer: 2")]
+    return [
+        lambda c: c.chat("How many shapes are there?", **GREEDY),
+        lambda c: c.chat("What colour is the first shape?", wide, **sampled(1)),
+        lambda c: c.chat("Compare them.", [wide, tall], **GREEDY),
+        lambda c: c.chat("And now?", wide, history=history, return_history=True, **GREEDY),
+        lambda c: slowly(c.stream_chat("Describe the picture.", tall, **GREEDY)),
+        lambda c: slowly(c.stream_chat("Describe the picture.", None, **sampled(2))),
+        lambda c: in_another_thread(c.stream_chat("How many shapes are there?", wide, **sampled(3))),
+        lambda c: c.batch_chat(["How many shapes?", "Which colour?", "Hello"], [wide, None, [wide, tall]], **GREEDY),
+        lambda c: c.batch_chat(["How many shapes?", "How many shapes?"], [tall, tall], **sampled(4)),
+        lambda c: abandoned(c, "Describe the picture.", wide, "close"),
+        lambda c: abandoned(c, "What is in the top row?", None, "drop"),
+    ]
+
+
+def test_calls_from_several_threads_equal_the_same_calls_in_turn(images):
+    work = jobs(images)
+    alone = load()
+    expected = [job(alone) for job in work]
+    shared = load()
+    filters = list(warnings.filters)
+    start = threading.Barrier(THREADS)
+
+    def worker(t: int) -> list:
+        start.wait()
+        results = [None] * len(work)
+        for k in range(len(work)):  # each thread its own order, so different calls overlap
+            i = (k + 3 * t) % len(work)
+            results[i] = work[i](shared)
+        return results
+
+    with ThreadPoolExecutor(THREADS) as pool:  # result() raises here what a call raised there
+        runs = [pool.submit(worker, t) for t in range(THREADS)]
+        for t, run in enumerate(runs):
+            assert run.result() == expected, f"thread {t}"
+    # Nothing left behind: no running batch (the abandoned streams' included), the warning filters
+    # as they were, and a later call answers as before.
+    gc.collect()
+    assert [o for o in gc.get_objects() if type(o) is Generation] == []
+    assert warnings.filters == filters
+    assert work[4](shared) == expected[4]
 
 
 def test_images_opened_from_several_threads_leave_the_warning_filters_alone(images):
