@@ -11,15 +11,16 @@ to torch.compile and CUDA graphs). The attention modules only call `update(posit
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 
-class KVCache(nn.Module):
+class KVCache:
+    """Two plain tensors, not an nn.Module: torch.compile keeps a module's buffer shapes static, so
+    every cache size would compile the decode step anew and the ninth would fail."""
+
     def __init__(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype, device=None):
-        super().__init__()
         shape = (batch, num_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def prefill_row(self, row: int) -> "_PrefillRow":
         return _PrefillRow(self, row)

@@ -13,7 +13,11 @@ question) are prefilled once: the others copy its cache slots and its last hidde
 
 The decode step has static shapes for a given number of active rows and is free of host syncs and
 graph breaks; `compile=True` wraps it in torch.compile (and CUDA graphs via "reduce-overhead" on GPU).
-Without compile, attention reads only the filled part of the cache (rounded up to 256 slots).
+It is compiled with symbolic sizes (COMPILE_OPTIONS), so batches of other sizes and lengths reuse it
+instead of compiling again (torch.compile stops after 8 recompiles, and every chat turn has a new
+length); `generate` rounds a compiled batch's length up to 256 slots, so CUDA graphs, one per
+distinct shape, are recorded less often. Without compile, attention reads only the filled part of the cache
+(rounded up to 256 slots).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from .sampling import (
 )
 
 SPAN_BUCKET = 256
+COMPILE_OPTIONS = {"fullgraph": True, "dynamic": True}
 # The greedy screen (greedy_head.py) pays where the fp32 head no longer fits a CPU's last-level
 # cache; its int8 copy adds a quarter of the head to memory, so very large heads go without it.
 SCREEN_MIN_BYTES = 32 << 20
@@ -97,17 +102,19 @@ class Engine:
         self._decode_fn = self._decode
         if compile:
             mode = "reduce-overhead" if model.device.type == "cuda" else None
-            self._decode_fn = torch.compile(self._decode, fullgraph=True, dynamic=False, mode=mode)
+            self._decode_fn = torch.compile(self._decode, mode=mode, **COMPILE_OPTIONS)
 
     def start(self, max_batch: int, max_len: int) -> "Generation":
         """An empty batch of `max_batch` rows, each holding up to `max_len` tokens."""
         return Generation(self, max_batch, min(max_len, self.context))
 
     def generate(self, requests: list[Request]) -> "Generation":
-        """A Generation over all `requests` at once, sized to fit them exactly."""
+        """A Generation over all `requests` at once, sized to fit them (see `start`)."""
         if not requests:
             raise InputError("no requests to generate for")
         longest = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
+        if self.compiled:  # fewer distinct shapes: CUDA graphs are recorded once per shape
+            longest = -(-longest // SPAN_BUCKET) * SPAN_BUCKET
         gen = self.start(len(requests), longest)
         for request in requests:
             gen.add(request)
