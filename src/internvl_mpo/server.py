@@ -15,8 +15,9 @@ leading system (or developer) message replaces the template's system message, ea
 assistant turns become the history pairs and the last user message is the question. Each image part
 becomes an `<image>` placeholder where it occurs (parts of one message joined with "\\n"), so
 `[image, text]` gives `chat()`'s `"<image>\\n" + question`; with several images in a request each is
-labelled `Image-k: <image>` as in the model card's multi-image example. `usage.prompt_tokens` counts
-every prompt id, image context tokens included.
+labelled `Image-k: <image>` as in the model card's multi-image example. A user's text may not hold
+`<image>` (images come only as parts); an assistant or system message that mentions it keeps it as
+text. `usage.prompt_tokens` counts every prompt id, image context tokens included.
 
 Differences from OpenAI kept on purpose: `top_k`, `repetition_penalty`, `ignore_eos` and `max_num`
 (tiles per image) are accepted as extra body fields (vLLM accepts the first three too); sampling has
