@@ -216,6 +216,13 @@ def test_missing_pyav_is_a_clear_error(video_path, monkeypatch):
     assert load_video([frame_image(0)], num_segments=1).num_patches_list == [1]  # frames need no PyAV
 
 
+def test_pyav_older_than_17_is_a_clear_error(video_path, monkeypatch):
+    """Older PyAV converts BT.709 clips with the BT.601 matrix (and before 14.1 has no frame.rotation)."""
+    monkeypatch.setattr(av, "__version__", "16.1.0")
+    with pytest.raises(InputError, match=r"needs PyAV >= 17 \(this is 16.1.0\)"):
+        load_video(video_path)
+
+
 def test_frame_folder_orders_unpadded_numbers_as_numbers(tmp_path):
     frames = [frame_image(k) for k in range(12)]
     for k, frame in enumerate(frames):

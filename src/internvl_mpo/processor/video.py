@@ -92,6 +92,8 @@ def _import_av():
         import av
     except ImportError as e:
         raise InputError("reading video files needs PyAV: pip install av (or internvl-mpo[video])") from e
+    if int(av.__version__.split(".")[0]) < 17:  # older ones convert BT.709 clips as BT.601 (module docstring)
+        raise InputError(f"reading video files needs PyAV >= 17 (this is {av.__version__}): pip install -U av")
     return av
 
 
