@@ -701,8 +701,10 @@ def test_max_seq_length_is_capped_by_the_models_context(tmp_path, chat_folder, m
     config_json = json.loads((short / "config.json").read_text())
     config_json["llm_config"]["max_position_embeddings"] = 400
     (short / "config.json").write_text(json.dumps(config_json))
+    unread = tmp_path / "unread"
+    shutil.copytree(short, unread, ignore=shutil.ignore_patterns("*.safetensors"))  # refused before the weights
     with pytest.raises(ConfigError, match=r"^--max-seq-length 401 is longer than the model's context of 400 tokens"):
-        train(config(short, meta, tmp_path / "a", max_seq_length=401))
+        train(config(unread, meta, tmp_path / "a", max_seq_length=401))
     assert not (tmp_path / "a").exists()
     long = write_mmpr(tmp_path / "data", [*color_pairs(2), {"question": "long " * 400, "chosen": "a", "rejected": "b"}])
     with pytest.raises(InputError, match=r"toy\.jsonl:3: the prompt is \d+ tokens.*max_seq_length=400;"):

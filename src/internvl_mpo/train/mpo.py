@@ -329,6 +329,7 @@ def load_initial_model(cfg: TrainConfig, device: torch.device) -> tuple[Tokenize
     folder = None if cfg.init_from_config is not None else resolve_checkpoint(cfg.model)
     config = ModelConfig.from_json(cfg.init_from_config if folder is None else folder / "config.json")
     get_template(config.template)  # the data is rendered with it: an unknown one is refused before the weights
+    max_seq_length(cfg, config)  # and so is a --max-seq-length longer than the model's context
     if folder is None:
         tokenizer = load_tokenizer(cfg.tokenizer)
         if config.llm.vocab_size < len(tokenizer):
