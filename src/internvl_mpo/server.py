@@ -608,7 +608,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
     from starlette.exceptions import HTTPException
 
     worker = BatchWorker(chat, settings.max_batch, settings.max_len)
-    model_name = settings.served_model_name or settings.model or "internvl-mpo"
+    model_name = str(settings.served_model_name or settings.model or "internvl-mpo")  # a Path from Python too
     started = int(time.time())
 
     @asynccontextmanager
