@@ -259,6 +259,7 @@ def test_the_served_name_defaults_to_the_model_as_given_or_the_demo_name(server,
     serve(model=server[1], **small)  # a Path from Python is named as its text
     assert [TestClient(app).get("/v1/models").json()["data"][0]["id"] for app in apps] == [
         "internvl-mpo-demo", str(server[1]), "mine", str(server[1])]
+    assert TestClient(apps[-1]).get("/health").json()["model"] == str(server[1])
 
 
 def test_plain_answer_is_chat_and_stream_joins_to_it(client, local_chat, hf_tokenizer):
