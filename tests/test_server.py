@@ -595,6 +595,18 @@ def test_a_failing_prefill_fails_its_request_alone(local_chat, monkeypatch):
     assert "".join(item.text for item in outputs["good"]).strip() == expected
 
 
+def test_a_request_submitted_as_the_worker_stops_gets_a_503(local_chat):
+    """A request that passed the handler's `alive` check just as Ctrl-C stopped the worker must not wait
+    unanswered until the server cuts its connection: submitting after the stop is a 503 at once."""
+    worker = BatchWorker(local_chat, max_batch=1, max_len=64)
+    worker.start()
+    worker.stop()
+    job = Job(Request([1, 2, 3], SamplingParams(max_new_tokens=2)), 0, lambda item: None)
+    with pytest.raises(ApiError, match="the server is shutting down") as error:
+        worker.submit(job)
+    assert error.value.status == 503
+
+
 def test_a_burst_of_requests_joins_the_batch_in_one_step(local_chat):
     """Requests that arrive together are all prefilled before the first decode step: four requests of
     STEPS tokens take STEPS - 1 decode steps, not one more step per request queued behind the first."""

@@ -451,6 +451,8 @@ class BatchWorker:
             raise ConfigError(f"the KV cache for {max_batch} rows of {self.max_len} tokens does not fit: {e}; "
                               "lower --max-batch or --max-len") from None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopping = False
+        self._submit_lock = threading.Lock()  # no job may enter the inbox after the stop sign: none would answer it
         self._thread = threading.Thread(target=self._run, name="internvl-generation", daemon=True)
         self.stats = {"active": 0, "waiting": 0, "max_active": 0, "requests": 0, "cancelled": 0,
                       "completion_tokens": 0, "steps": 0}
@@ -463,11 +465,16 @@ class BatchWorker:
         self._thread.start()
 
     def stop(self) -> None:
-        self._inbox.put(None)
+        with self._submit_lock:
+            self._stopping = True
+            self._inbox.put(None)
         self._thread.join(timeout=30)
 
     def submit(self, job: Job) -> None:
-        self._inbox.put(("add", job))
+        with self._submit_lock:
+            if self._stopping:
+                raise ApiError(503, "the server is shutting down", type="server_error")
+            self._inbox.put(("add", job))
 
     def cancel(self, job: Job) -> None:
         """Free the row of `job` (its client went away); a no-op once it has finished."""
