@@ -12,12 +12,13 @@ prompt and images that join in one step (the n choices of a server request, seve
 question) are prefilled once: the others copy its cache slots and its last hidden state.
 
 The decode step has static shapes for a given number of active rows and is free of host syncs and
-graph breaks; `compile=True` wraps it in torch.compile (and CUDA graphs via "reduce-overhead" on GPU).
-It is compiled with symbolic sizes (COMPILE_OPTIONS), so batches of other sizes and lengths reuse it
-instead of compiling again (torch.compile stops after 8 recompiles, and every chat turn has a new
-length); `generate` rounds a compiled batch's length up to 256 slots, so CUDA graphs, one per
-distinct shape, are recorded less often. Without compile, attention reads only the filled part of the cache
-(rounded up to 256 slots).
+graph breaks; `compile=True` wraps it in torch.compile ("reduce-overhead" on GPU, which asks for CUDA
+graphs; torch skips them while the step writes into the mask and caches it is given, which are not
+marked as static addresses: not checked on a GPU). It is compiled with symbolic sizes
+(COMPILE_OPTIONS), so batches of other sizes and lengths reuse it instead of compiling again
+(torch.compile stops after 8 recompiles, and every chat turn has a new length); `generate` rounds a
+compiled batch's length up to 256 slots (fewer distinct shapes). Without compile, attention reads
+only the filled part of the cache (rounded up to 256 slots).
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class Engine:
         if not requests:
             raise InputError("no requests to generate for")
         longest = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
-        if self.compiled:  # fewer distinct shapes: CUDA graphs are recorded once per shape
+        if self.compiled:  # fewer distinct shapes (CUDA graphs record one per shape)
             longest = -(-longest // SPAN_BUCKET) * SPAN_BUCKET
         gen = self.start(len(requests), longest)
         for request in requests:
