@@ -101,18 +101,17 @@ def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None) -> P
     try:
         from huggingface_hub import HfApi, constants, snapshot_download
 
-        try:  # snapshot_download asks the hub without a timeout: one that never answers would hang here
+        try:  # snapshot_download asks the hub without a timeout: one that never answers would hang there
             HfApi().repo_info(text, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
-        except Exception as e:
-            if not _timed_out(e):  # offline, refused, not found, ...: snapshot_download knows what to do
-                return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS))
-            try:  # a copy in the cache still serves, as it does when offline
-                return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS,
-                                              local_files_only=True))
-            except Exception:
-                raise CheckpointError(
-                    f"{text}: not a local folder, not in the hub cache, and the hub did not answer within"
-                    f" {constants.HF_HUB_ETAG_TIMEOUT} s (HF_HUB_ETAG_TIMEOUT)") from None
+        except Exception as e:  # offline, refused, not found, ...: snapshot_download below knows what to do
+            if _timed_out(e):  # a copy in the cache still serves, as it does when offline
+                try:
+                    return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS,
+                                                  local_files_only=True))
+                except Exception:
+                    raise CheckpointError(
+                        f"{text}: not a local folder, not in the hub cache, and the hub did not answer within"
+                        f" {constants.HF_HUB_ETAG_TIMEOUT} s (HF_HUB_ETAG_TIMEOUT)") from None
         return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS))
     except CheckpointError:
         raise

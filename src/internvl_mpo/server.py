@@ -439,6 +439,10 @@ class Job:
     logprobs: list[dict] = field(default_factory=list)  # entries not yet delivered with a chunk
 
 
+def _shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down", type="server_error")
+
+
 class BatchWorker:
     """The one thread that owns the model and its `Generation`; handlers talk to it through `submit`/`cancel`."""
 
@@ -473,7 +477,7 @@ class BatchWorker:
     def submit(self, job: Job) -> None:
         with self._submit_lock:
             if self._stopping:
-                raise ApiError(503, "the server is shutting down", type="server_error")
+                raise _shutting_down()
             self._inbox.put(("add", job))
 
     def cancel(self, job: Job) -> None:
@@ -497,7 +501,7 @@ class BatchWorker:
                 if command is None:
                     for job in jobs.values():
                         job.done = True
-                        job.deliver(ApiError(503, "the server is shutting down", type="server_error"))
+                        job.deliver(_shutting_down())
                     return
                 if gen is None and command[0] == "add":
                     gen = self._fresh(command[1])
