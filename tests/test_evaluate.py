@@ -253,6 +253,21 @@ def test_reads_mmbench_tsv_with_shared_and_large_images(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "mmbench_eval" / "score.json").read_text()) == score
 
 
+def test_tsv_with_a_byte_order_mark_or_not_utf8(tmp_path):
+    """A TSV saved with a UTF-8 BOM (Excel, Notepad) reads as without it, as pandas reads it; one in
+    another encoding is an InputError naming the file and row, not a UnicodeDecodeError."""
+    text = "index\tquestion\tanswer\tA\tB\n1\tCafé or tea?\tA\tcafé\ttea\n"
+    (tmp_path / "bom.tsv").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    items = read_benchmark(tmp_path / "bom.tsv")
+    assert [(i.id, i.question, i.options) for i in items] == [("1", "Café or tea?", {"A": "café", "B": "tea"})]
+    (tmp_path / "latin1.tsv").write_bytes(text.encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin1.tsv: not valid UTF-8 \(line 2\)"):
+        read_benchmark(tmp_path / "latin1.tsv")
+    (tmp_path / "noindex.tsv").write_text("index\tquestion\tanswer\n1\tq?\t2\n\tq?\t3\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"noindex.tsv:row 3: the index is empty"):
+        read_benchmark(tmp_path / "noindex.tsv")
+
+
 def test_mmbench_tsv_with_rotated_copies_is_scored_circularly(tmp_path):
     """VLMEvalKit's circular evaluation: rows i + k * 10**6 rotate question i's options; the question
     counts only when every rotation is answered right."""

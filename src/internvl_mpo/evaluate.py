@@ -39,6 +39,7 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import io
 import json
 import re
 from collections.abc import Callable
@@ -135,11 +136,16 @@ def _read_jsonl(path: Path) -> list[BenchItem]:
 
 
 def _tsv_rows(path: Path) -> list[dict[str, str]]:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # a leading byte order mark is dropped, as pandas drops it
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(f"{path}: not valid UTF-8 (line {line})") from None
     previous = csv.field_size_limit()
     csv.field_size_limit(2**31 - 1)  # base64 images exceed the 128 kB default
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f, delimiter="\t"))
+        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t"))
     finally:
         csv.field_size_limit(previous)
 
@@ -160,6 +166,8 @@ def _read_tsv(path: Path) -> list[BenchItem]:
     items, checked = [], set()
     for number, row in enumerate(rows, 2):
         where = f"{path}:row {number} (index {row['index']})"
+        if not _cell(row, "index"):
+            raise InputError(f"{path}:row {number}: the index is empty")
         cell = encoded[row["index"]]
         if cell and len(cell) <= IMAGE_REFERENCE_CHARS:
             if len(encoded.get(cell, "")) <= IMAGE_REFERENCE_CHARS:
