@@ -41,6 +41,14 @@ def _split(cls, d: dict[str, Any], section: str = "") -> tuple[dict[str, Any], d
     return known, extra
 
 
+def _check_sizes(obj, section: str, names: tuple[str, ...]) -> None:
+    """Sizes and counts must be >= 1 (a zero head count would otherwise fail deep inside as a division)."""
+    for name in names:
+        value = getattr(obj, name)
+        if value < 1:
+            raise ConfigError(f"{section}{name} is {value}, not >= 1")
+
+
 def _to_dict(obj, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     out = dict(obj.extra)
     for f in dataclasses.fields(obj):
@@ -76,6 +84,8 @@ class VisionConfig:
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
+        _check_sizes(self, "vision_config.", ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                              "num_attention_heads", "patch_size", "image_size", "num_channels"))
         if self.norm_type not in ("layer_norm", "rms_norm"):
             raise ConfigError(f"vision_config.norm_type {self.norm_type!r} is not 'layer_norm' or 'rms_norm'")
         if self.hidden_act != "gelu":
@@ -145,9 +155,12 @@ class LLMConfig:
         arch = self.architectures[0] if self.architectures else None
         if arch not in SUPPORTED_LLM_ARCHITECTURES:
             raise ConfigError(
-                f"llm_config.architectures {list(self.architectures)} is not implemented; "
+                f"llm_config.architectures {list(self.architectures or [None])} is not implemented; "
                 f"supported: {list(SUPPORTED_LLM_ARCHITECTURES)}"
             )
+        _check_sizes(self, "llm_config.", ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                           "num_attention_heads", "num_key_value_heads", "vocab_size",
+                                           "max_position_embeddings"))
         if self.hidden_act != "silu":
             raise ConfigError(f"llm_config.hidden_act {self.hidden_act!r} is not implemented (only 'silu')")
         if self.rope_type not in SUPPORTED_ROPE_SCALING:
