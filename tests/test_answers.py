@@ -216,6 +216,11 @@ def test_parse_choice_without_options_and_list_options():
     assert normalize_options(["x", "y"]) == {"A": "x", "B": "y"}
     with pytest.raises(InputError):
         normalize_options({"AB": "x"})
+    assert normalize_options([1, 2.5]) == {"A": "1", "B": "2.5"}  # numbers read as their text
+    # A null or nested option (a padded options column) would show as "C. None" in the prompt.
+    for bad in (["x", None], {"A": "x", "B": None}, [["x"], "y"], ["x", True]):
+        with pytest.raises(InputError, match="option [AB] must be a string or a number"):
+            normalize_options(bad)
 
 
 # ----------------------------------------------------------------------------- numbers, yes/no, text

@@ -154,22 +154,27 @@ def strip_answer_instruction(question: str) -> str:
 
 
 def normalize_options(options: Mapping[str, str] | Sequence[str] | None) -> dict[str, str]:
-    """Options as {letter: text}: a list becomes A, B, C, ...; dict keys must be single letters."""
+    """Options as {letter: text}: a list becomes A, B, C, ...; dict keys must be single letters; texts
+    are strings or numbers."""
     if options is None:
         return {}
     if isinstance(options, Mapping):
-        out = {}
+        pairs = []
         for key, text in options.items():
             letter = str(key).strip().upper()
             if len(letter) != 1 or not "A" <= letter <= "Z":
                 raise InputError(f"option keys must be single letters A-Z, got {key!r}")
-            out[letter] = str(text)
-        return out
-    if isinstance(options, (str, bytes)) or not isinstance(options, Sequence):
+            pairs.append((letter, text))
+    elif isinstance(options, (str, bytes)) or not isinstance(options, Sequence):
         raise InputError(f"options must be a dict letter -> text or a list of texts, got {type(options).__name__}")
-    if len(options) > 26:
+    elif len(options) > 26:
         raise InputError(f"at most 26 options are supported, got {len(options)}")
-    return {chr(ord("A") + i): str(text) for i, text in enumerate(options)}
+    else:
+        pairs = [(chr(ord("A") + i), text) for i, text in enumerate(options)]
+    for letter, text in pairs:
+        if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+            raise InputError(f"option {letter} must be a string or a number, got {text!r:.80}")
+    return {letter: str(text) for letter, text in pairs}
 
 
 def options_text(options: Mapping[str, str]) -> str:
