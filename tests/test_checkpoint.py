@@ -395,6 +395,24 @@ def test_a_head_tied_by_hand_is_saved_as_a_tensor_of_its_own(tmp_path, tiny):
         assert torch.equal(InternVL.from_pretrained(tmp_path / "m")(ids), model(ids))
 
 
+def test_the_saved_dtype_is_recorded_in_the_vision_and_llm_configs_too(tmp_path, tiny):
+    """An official config.json records torch_dtype in llm_config and vision_config as well (TensorRT-LLM's
+    InternVL builder reads the vision one); a bf16 checkpoint loaded and saved as float32 must say float32
+    in all three places, not keep the source's bfloat16 below the top level."""
+    d = tiny.to_dict()
+    d["torch_dtype"] = d["llm_config"]["torch_dtype"] = d["vision_config"]["torch_dtype"] = "bfloat16"
+    d["llm_config"]["dtype"] = "bfloat16"  # as transformers >= 4.56 writes it
+    model = InternVL(ModelConfig.from_dict(d))
+    model.init_weights()
+    InternVL.from_pretrained(model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16"), dtype=torch.float32
+                             ).save_pretrained(tmp_path / "fp32")
+    saved = json.loads((tmp_path / "fp32" / "config.json").read_text())
+    assert saved["torch_dtype"] == saved["vision_config"]["torch_dtype"] == "float32"
+    assert saved["llm_config"]["torch_dtype"] == saved["llm_config"]["dtype"] == "float32"
+    with safe_open(str(tmp_path / "fp32" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("mlp1.1.weight").dtype == torch.float32
+
+
 @pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "added_tokens.json"])
 def test_a_tokenizer_file_that_is_not_json_is_named(tmp_path, tiny, name):
     InternVL(tiny).save_pretrained(tmp_path / "m")

@@ -218,10 +218,15 @@ class InternVL(nn.Module):
         if llm.tie_word_embeddings:  # the official loader unties the head (save_state_dict stores it apart)
             llm = dataclasses.replace(llm, tie_word_embeddings=False)
         checkpoint.save_state_dict(state, folder, max_shard_size)
-        extra = {**self.config.extra, "torch_dtype": str(self.dtype).split(".")[-1]}
-        if "dtype" in extra:  # newer transformers read this key first: it must not keep the loaded dtype
-            extra["dtype"] = extra["torch_dtype"]
-        config = self.config.replace(llm=llm, extra=extra)
+        dtype = str(self.dtype).split(".")[-1]
+
+        def with_dtype(extra: dict) -> dict:  # newer transformers read `dtype` first: it must not keep the loaded one
+            return {**extra, "torch_dtype": dtype, **({"dtype": dtype} if "dtype" in extra else {})}
+
+        # The official files record the dtype in vision_config and llm_config too (other tools read those).
+        llm = dataclasses.replace(llm, extra=with_dtype(llm.extra))
+        vision = dataclasses.replace(self.config.vision, extra=with_dtype(self.config.vision.extra))
+        config = self.config.replace(vision=vision, llm=llm, extra=with_dtype(self.config.extra))
         config.to_json(folder / "config.json")
         checkpoint.copy_companions(self.source_dir, folder)
         return folder
