@@ -774,3 +774,61 @@ def test_the_model_cards_generation_config_dict_is_taken(setup):
         chat.chat(pixels, "<image>\nFirst", config)
     with pytest.raises(InputError, match="got a dict; pass generation settings as keywords or as generation_config="):
         chat.chat("First", None, config)
+
+
+def test_answers_as_they_finish_refills_freed_rows_and_pulls_jobs_lazily(setup):
+    """Two rows, one long job and three short ones: each short one takes the row the last one freed
+    while the long one runs on (chunks of two would make C and D wait for A), every job is pulled
+    only when a row can take it, and each answer equals the same question asked alone."""
+    from internvl_mpo.errors import InputError
+    from internvl_mpo.pipeline import sampling_params
+
+    chat, _ = setup
+    lengths = {"A": 30, "B": 3, "C": 3, "D": 3}
+    log = []
+
+    def jobs():
+        for key, n in lengths.items():
+            log.append(f"pull {key}")
+            yield key, chat.prepare(f"Question {key}"), sampling_params(do_sample=False, max_new_tokens=n,
+                                                                         ignore_eos=True)
+            if key == "B":
+                yield "bad", InputError("no such image"), sampling_params()
+
+    answers = {}
+    for key, answer in chat.answers_as_they_finish(jobs(), batch_size=2):
+        log.append(f"answer {key}")
+        answers[key] = answer
+    assert log == ["pull A", "pull B", "answer B", "answer bad", "pull C", "answer C", "pull D", "answer D",
+                   "answer A"]
+    assert isinstance(answers.pop("bad"), InputError)
+    for key, n in lengths.items():
+        assert answers[key] == chat.chat(f"Question {key}", max_new_tokens=n, ignore_eos=True, do_sample=False)
+
+
+def test_answers_as_they_finish_gives_a_job_too_long_for_the_running_cache_a_new_one(setup):
+    from internvl_mpo.pipeline import sampling_params
+
+    chat, _ = setup
+    short, long = (sampling_params(do_sample=False, max_new_tokens=n, ignore_eos=True) for n in (4, 300))
+    jobs = [("short 1", chat.prepare("One"), short), ("short 2", chat.prepare("Two"), short),
+            ("long", chat.prepare("Three"), long), ("short 3", chat.prepare("Four"), short)]
+    started = []
+    engine_start = chat.engine.start
+
+    class Spy:  # records the caches the method asks for
+        def __getattr__(self, name):
+            return getattr(chat.engine, name)
+
+        def start(self, max_batch, max_len):
+            started.append((max_batch, max_len))
+            return engine_start(max_batch, max_len)
+
+    chat.engine, real = Spy(), chat.engine
+    try:
+        answers = dict(chat.answers_as_they_finish(jobs, batch_size=2))
+    finally:
+        chat.engine = real
+    assert started == [(2, 256), (2, 512)]  # the long job waited for the first batch to finish
+    assert answers["long"] == chat.chat("Three", max_new_tokens=300, ignore_eos=True, do_sample=False)
+    assert answers["short 3"] == chat.chat("Four", max_new_tokens=4, ignore_eos=True, do_sample=False)

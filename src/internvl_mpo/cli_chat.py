@@ -193,30 +193,30 @@ def generate(
         return 0
     device = default_device(device)
     bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device)
+    def jobs():  # prepared one at a time, as rows free up: one batch of images in memory at most
+        for item in todo:
+            params = base if seed is None else dataclasses.replace(base, seed=seed + item["_line"])
+            try:
+                yield item, bot.prepare(item["question"], item.get("image"), item.get("video"), max_num=max_num,
+                                        max_pixels=max_pixels), params
+            except InputError as e:  # this request alone fails; the run goes on
+                tqdm.write(f"internvl-mpo generate: {item['_where']} (id {item['id']!r}) skipped: {e}",
+                           file=sys.stderr)
+                yield item, e, params
+
     with out.open("a", encoding="utf-8") as sink, tqdm(total=len(requests), initial=len(requests) - len(todo),
                                                        desc="generate", unit="req") as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            jobs = []
-            for item in batch:
-                try:
-                    params = base if seed is None else dataclasses.replace(base, seed=seed + item["_line"])
-                    jobs.append((bot.prepare(item["question"], item.get("image"), item.get("video"),
-                                             max_num=max_num, max_pixels=max_pixels), params))
-                except InputError as e:  # this request alone fails; the run goes on
-                    jobs.append(e)
-                    tqdm.write(f"internvl-mpo generate: {item['_where']} (id {item['id']!r}) skipped: {e}",
-                               file=sys.stderr)
-            for item, answer in zip(batch, bot.answer_prepared(jobs, base.stop)):
-                record = {"id": item["id"], "question": item["question"]}
-                if isinstance(answer, InputError):
-                    record["error"] = str(answer)
-                else:
-                    record["answer"] = answer
-                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+        for item, answer in bot.answers_as_they_finish(jobs(), batch_size, base.stop):
+            record = {"id": item["id"], "question": item["question"]}
+            if isinstance(answer, InputError):
+                record["error"] = str(answer)
+            else:
+                record["answer"] = answer
+            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
             sink.flush()
             os.fsync(sink.fileno())
-            bar.update(len(batch))
+            bar.update(1)
+    _in_request_order(out, [item["id"] for item in requests])
     return 0
 
 
@@ -238,6 +238,17 @@ def _finished_ids(out: Path) -> set:
     tmp.write_bytes(b"".join(k + b"\n" for k in kept))
     os.replace(tmp, out)
     return done
+
+
+def _in_request_order(out: Path, ids: list) -> None:
+    """Rewrite `out` with its lines in the requests' order (answers are written as they finish)."""
+    lines = {}
+    for line in out.read_bytes().split(b"\n")[:-1]:  # every line ends with LF (see _finished_ids)
+        lines[json.loads(line)["id"]] = line + b"\n"
+    ordered = [lines.pop(rid) for rid in ids if rid in lines] + list(lines.values())
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(b"".join(ordered))
+    os.replace(tmp, out)
 
 
 def _read_requests(path: Path) -> list[dict]:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,7 +26,7 @@ from .chat.template import build_prompt_ids, get_template
 from .chat.tokenizer import Tokenizer, load_tokenizer
 from .config import ModelConfig
 from .errors import InputError
-from .generate.engine import Engine, Generation, Request
+from .generate.engine import SPAN_BUCKET, Engine, Generation, Request
 from .generate.sampling import SamplingParams
 from .model import InternVL
 from .processor.multi import load_images
@@ -302,6 +303,71 @@ class InternVLChat:
         texts = iter(generate_texts(self.tokenizer, self.engine.generate(requests), len(requests), stop)
                      if requests else [])
         return [job if isinstance(job, InputError) else next(texts) for job in jobs]
+
+    def answers_as_they_finish(self, jobs: Iterable[tuple[Any, Prepared | InputError, SamplingParams]],
+                               batch_size: int, stop: tuple[str, ...] = ()) -> Iterator[tuple[Any, str | InputError]]:
+        """(key, answer) of every (key, prepared prompt, params) job, in the order the answers finish.
+
+        Up to `batch_size` rows decode together, and a row that finishes takes the next job at the
+        next step (continuous batching), so a long answer does not hold the others' rows idle. Jobs
+        are pulled only when a row can take them, so a generator that prepares each job when asked
+        (loading its images) keeps at most one batch of images in memory. The KV cache holds the
+        longest prompt + max_new_tokens among the jobs it starts with (rounded up to 256 slots, at
+        most the context); a later job that needs more waits until the running rows finish, then a
+        new cache is sized for it. An InputError job comes back as its own answer at once."""
+        jobs = iter(jobs)
+        held = None  # the next job, when it is too long for the running batch
+        gen: Generation | None = None
+        owners: dict[int, tuple[Any, TextAssembler, list[str]]] = {}  # rid -> key, its text so far
+
+        def room(job) -> int:
+            return min(len(job[1].prompt_ids) + job[2].max_new_tokens, self.context)
+
+        def pull():
+            nonlocal held
+            job, held = held, None
+            return job if job is not None else next(jobs, None)
+
+        def add(job) -> None:
+            key, prepared, params = job
+            owners[gen.add(Request(prepared.prompt_ids, params, prepared.pixel_values))] = (
+                key, TextAssembler(self.tokenizer, stop), [])
+
+        while True:
+            window = []  # jobs for a new batch
+            while (not gen and len(window) < batch_size) or (gen and held is None and
+                                                             gen.active + len(gen.waiting) < gen.max_batch):
+                job = pull()
+                if job is None:
+                    break
+                if isinstance(job[1], InputError):
+                    yield job[0], job[1]
+                elif not gen:
+                    window.append(job)
+                elif room(job) > gen.max_len:
+                    held = job
+                else:
+                    add(job)
+            if not gen:  # no batch yet, or it has finished: one sized for the window
+                if not window:
+                    return
+                longest = -(-max(map(room, window)) // SPAN_BUCKET) * SPAN_BUCKET
+                gen = self.engine.start(len(window), min(longest, self.context))
+                for job in window:
+                    add(job)
+            for event in gen.step():
+                if event.error is not None:
+                    raise event.error
+                if event.rid not in owners:  # its answer is out already (a stop string ended it)
+                    continue
+                key, assembler, pieces = owners[event.rid]
+                piece, stopped = assembler.feed(event.token, last=event.finish is not None)
+                pieces.append(piece)
+                if stopped:
+                    gen.finish(event.rid)
+                if stopped or event.finish is not None:
+                    del owners[event.rid]
+                    yield key, "".join(pieces).strip()
 
 
 def _images(images, pixel_values):
