@@ -259,6 +259,13 @@ def test_bad_items_are_reported_with_their_line(tmp_path):
     path.write_text(json.dumps({"id": "a", "question": "q"}) + "\n" + json.dumps({"id": "a", "question": "q"}) + "\n")
     with pytest.raises(InputError, match="chosen"):
         read_items(path, "dropout-ntp")
+    # DropoutNTP keeps the question as given: placeholders that do not fit the images (which training
+    # refuses) are reported before any continuation is drawn, as for correctness items.
+    for image, question in [(["good.png", "good.png"], "<image> Compare."), (None, "<image>\nDescribe.")]:
+        for method in ("correctness", "dropout-ntp"):
+            path.write_text(json.dumps({"id": "a", "question": question, "answer": "B", "image": image}) + "\n")
+            with pytest.raises(InputError, match=r"items.jsonl:1: the question has 1 <image> placeholder\(s\) for"):
+                read_items(path, method)
 
 
 def test_sampling_settings_that_cannot_give_pairs_are_refused():

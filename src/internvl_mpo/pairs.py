@@ -224,6 +224,10 @@ def _parse_item(row: dict, method: str, folder: Path, where: str) -> Item:
         chosen = row.get("chosen") or row.get("answer")
         if not isinstance(chosen, str) or not chosen.strip():
             raise InputError(f"{where}: DropoutNTP needs a non-empty string 'chosen' (or 'answer')")
+        try:
+            place_images(question, len(images))  # the pairs keep the question: training must be able to place them
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
         return Item(item_id, question, image, images, chosen=chosen, where=where)
     answer = _text_field(row, "answer", where)
     kind = row.get("kind")
