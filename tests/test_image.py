@@ -144,6 +144,24 @@ def test_image_to_pixel_values_on_an_open_image():
     assert_same(image_to_pixel_values(image, max_num=6), reference_pixel_values(image, max_num=6))
 
 
+def test_image_to_pixel_values_on_a_freshly_opened_file(tmp_path):
+    """An RGB file straight from Image.open is still undecoded: it must be decoded once, before the
+    grid and thumbnail resizes run on two threads (each used to start its own decode of the same
+    file: Pillow errors or garbled tiles, depending on timing; 20 tries hit it almost surely)."""
+    path = tmp_path / "img.jpg"
+    photo(800, 600).save(path)
+    expected = reference_pixel_values(path)
+    for _ in range(20):
+        with Image.open(path) as lazy:
+            assert_same(image_to_pixel_values(lazy), expected)
+    with Image.open(path) as lazy:
+        pass
+    with pytest.raises(InputError, match="img.jpg: the image was closed before its pixels were read"):
+        image_to_pixel_values(lazy)
+    with pytest.raises(InputError, match="cannot convert image mode 'La' to RGB"):
+        image_to_pixel_values(Image.new("La", (4, 4)))
+
+
 def test_concurrent_calls_give_identical_results():
     image = photo(1000, 500)
     expected = reference_pixel_values(image)

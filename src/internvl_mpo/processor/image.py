@@ -173,6 +173,12 @@ def _checked_rgb(image: Image.Image, name: str, max_pixels: int | None) -> Image
             f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {limit} "
             "(possible decompression bomb; pass a larger max_pixels to allow it)"
         )
+    return _decoded_rgb(image, name)
+
+
+def _decoded_rgb(image: Image.Image, name: str) -> Image.Image:
+    """`image` fully decoded, in RGB. A lazily opened file is decoded here, once: the tiling threads
+    would otherwise each start decoding it at the same time (garbled pixels or Pillow errors)."""
     if getattr(image, "fp", True) is None and image.tile:  # opened lazily, then closed before any load
         raise InputError(f"{name}: the image was closed before its pixels were read; pass it while it is open "
                          "(inside its `with Image.open(...)` block) or call its load() first")
@@ -274,9 +280,8 @@ def image_to_pixel_values(
     image_size: int = 448,
     use_thumbnail: bool = True,
 ) -> torch.Tensor:
-    """Tile and normalise an already opened PIL image (converted to RGB first if needed)."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    """Tile and normalise an already opened PIL image (decoded and converted to RGB first if needed)."""
+    image = _decoded_rgb(image, source_name(image))
     plan = plan_tiles(image.width, image.height, min_num, max_num, image_size, use_thumbnail)
     return tiles_to_tensor(image, plan)
 
