@@ -148,6 +148,20 @@ def test_lenient_extraction(text, expected):
     assert extract_final_answer(text) == expected
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("So x = 12.\nFinal answer:\n\n$$\n\\boxed{12}\n$$\n", "12"),
+        ("So x = 12.\nFinal answer:\n\\[\n x = 12 \\text{ cm}\n\\]", "x = 12 \\text{ cm}"),
+        ("So x = 12.\nFinal answer: $$", None),  # never closed: no answer
+    ],
+)
+def test_an_answer_in_display_math_below_the_trigger(text, expected):
+    """The rest of the trigger's line is only the opening of display math: the answer is the math (the
+    official reads "$$" and checks that against the ground truth)."""
+    assert extract_final_answer(text, strict=True) == expected
+
+
 # ----------------------------------------------------------------------------- multiple choice
 
 OPTIONS = {"A": "a dog", "B": "a cat", "C": "a horse", "D": "Vitamin C"}

@@ -16,6 +16,7 @@ and from open-compass/VLMEvalKit:
 - `vlmeval/dataset/utils/yorn.py` `YOrN_Extraction`: "yes" without "no" or the reverse.
 
 Additions, each a superset of the above: `\\boxed{}` answers (VLMEvalKit's `extract_boxed_content`),
+an answer in display math that opens on the trigger's line ("Final answer:\\n$$\\n12\\n$$"; the official reads "$$"),
 the Chinese trigger "答案:" of the official Chinese prompt, explicit letter statements ("The answer
 is B", "option (C)", "答案是C", which VLMEvalKit hands to its judge model), numbers read with units,
 thousands commas, percentages, fractions, LaTeX `\\frac`, scientific notation ("3 × 10^5",
@@ -69,6 +70,7 @@ KINDS = ("choice", "number", "yesno", "text")
 
 _TRIGGER = re.compile(r"(final answer\**\s*[:：]|answer\**\s*[:：]|答案\**\s*[:：])\s*(.*)", re.IGNORECASE)
 _BOXED = "\\boxed{"
+_DISPLAY_MATH = {"$$": "$$", "\\[": "\\]"}  # opening -> closing delimiter
 _LETTER_ONLY = re.compile(r"[(\[（]?\s*([A-Za-z])\s*[)\]）]?\s*[.:：]?")
 _LEADING_LETTER = re.compile(r"[(\[（]([A-Z])[)\]）]|([A-Z])[.:：)\]）,](?!\d)")
 # What follows an option letter that is one of a list of letters ("A, B", "(A) or (C)", "A和B"): the next
@@ -222,7 +224,8 @@ def extract_final_answer(text: str, strict: bool = False) -> str | None:
     """The final answer stated in a response, or None when it states none.
 
     The rest of the line after the first "Final answer:" / "Answer:" / "答案:" (markdown stars
-    dropped; a \\boxed{} in it is unwrapped), else the content of the last \\boxed{}. `strict`
+    dropped; a \\boxed{} in it is unwrapped; a line that only opens display math, "$$" or "\\[",
+    continues to its close), else the content of the last \\boxed{}. `strict`
     adds the pair pipeline's format rules: reasoning must come before the answer and the trigger
     may appear at most twice.
     """
@@ -232,6 +235,9 @@ def extract_final_answer(text: str, strict: bool = False) -> str | None:
         if strict and (text.count(trigger) > 2 or not _clean(text[: match.start()])):
             return None
         answer = _clean(match.group(2))
+        if answer in _DISPLAY_MATH:  # the line only opens display math: the answer is the math below
+            close = text.find(_DISPLAY_MATH[answer], match.end())
+            answer = _clean(text[match.end() : close]) if close >= 0 else ""
         boxed = _last_boxed(answer)
         answer = _clean(boxed) if boxed is not None else answer
         return answer or None
