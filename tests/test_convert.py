@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -212,6 +214,43 @@ def test_refusals(tmp_path):
     with pytest.raises(CheckpointError, match="1 missing: mlp1.1.bias"):
         convert(bad, tmp_path / "z", to="hf", image_token_id=IMAGE_TOKEN_ID)
     assert not (tmp_path / "z").exists()
+
+
+@pytest.mark.parametrize("to", ["hf", "official"])
+def test_unreadable_weights_are_named_and_leave_no_partial_destination(tmp_path, to):
+    """A corrupt shard, an index that puts a key in a shard that does not hold it, integer weights: one
+    CheckpointError naming the file, and no half-written destination left to block the next try."""
+    from safetensors.torch import load_file, save_file
+
+    src = official_folder(tmp_path / "src", "qwen2")
+    if to == "official":
+        src = convert(src, tmp_path / "hf", to="hf", max_shard_size=20_000)
+    first, second = sorted(src.glob("model-*.safetensors"))[:2]
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    moved = sorted(k for k, f in index["weight_map"].items() if f == second.name)[-1]  # read late in the run
+
+    def misplaced(folder):
+        wrong = json.loads((folder / "model.safetensors.index.json").read_text())
+        wrong["weight_map"][moved] = first.name
+        (folder / "model.safetensors.index.json").write_text(json.dumps(wrong))
+
+    def integers(folder):
+        tensors = load_file(folder / second.name)
+        save_file({k: v.to(torch.int32) if k == moved else v for k, v in tensors.items()}, folder / second.name)
+
+    cases = [(lambda folder: (folder / second.name).write_bytes(b"garbage"), f"{second.name}: not a readable"),
+             (misplaced, f"{first.name}: cannot read {moved}"), (integers, f"{second.name}: {moved} is stored as")]
+    for i, (damage, message) in enumerate(cases):
+        bad = tmp_path / f"bad{i}"
+        shutil.copytree(src, bad)
+        damage(bad)
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            convert(bad, tmp_path / f"out{i}", to=to)
+        assert not (tmp_path / f"out{i}").exists()
+    (tmp_path / "empty").mkdir()  # a destination that existed (empty) stays, empty
+    with pytest.raises(CheckpointError):
+        convert(bad, tmp_path / "empty", to=to)
+    assert list((tmp_path / "empty").iterdir()) == []
 
 
 def test_convert_command(tmp_path, capsys):

@@ -145,7 +145,7 @@ def weight_map(folder: Path) -> dict[str, Path]:
         return {key: files[name] for key, name in mapping.items()}
     single = folder / SINGLE_FILE
     if single.exists():
-        with _open(single) as f:
+        with open_safetensors(single) as f:
             return {key: single for key in f.keys()}
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
@@ -156,7 +156,7 @@ def weight_map(folder: Path) -> dict[str, Path]:
     raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def _open(file: Path):
+def open_safetensors(file: Path):
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except (SafetensorError, OSError) as e:
@@ -185,7 +185,7 @@ def read_state_dict(
     present = set(mapping)
     missing = sorted(set(expected) - present - set(optional))
     unexpected = sorted(present - set(expected) - set(optional))
-    handles = {file: _open(file) for file in set(mapping.values())}
+    handles = {file: open_safetensors(file) for file in set(mapping.values())}
     wrong = []
     for key in sorted(present & set(expected)):
         try:

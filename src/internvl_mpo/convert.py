@@ -46,12 +46,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError
 
 from . import checkpoint
 from .chat.template import get_template
@@ -452,35 +453,55 @@ def convert(
             names[HEAD] = names[EMBEDDINGS]  # the tied head is the embedding matrix
     source_keys = [k for m in maps for k in ((m.official,) if to == "hf" else m.hf)]
     _check_keys(src, set(names), set(source_keys))
+    handles = {file: checkpoint.open_safetensors(file) for file in set(mapping.values())}
+    created = not dst.exists()
     _prepare_destination(src, dst)
-    handles = {file: safe_open(str(file), framework="pt", device="cpu") for file in set(mapping.values())}
-    writer = _ShardWriter(dst, checkpoint.parse_size(max_shard_size))
-    for m in maps:
+    try:
+        writer = _ShardWriter(dst, checkpoint.parse_size(max_shard_size))
+        for m in maps:
+            if to == "hf":
+                tensor = _read(handles, mapping[m.official], m.official)
+                _check_shape(src, m.official, tensor, m.shape)
+                for key, part in zip(m.hf, split_fused(tensor, m.fused, config.llm)):
+                    writer.add(key, part)
+            else:
+                parts = [_read(handles, mapping[names[key]], names[key]) for key in m.hf]
+                try:
+                    merged = merge_fused(parts, m.fused, config.llm)
+                except RuntimeError:  # parts of sizes that do not fit together
+                    raise CheckpointError(f"{src}: {', '.join(m.hf)} do not fit {m.official} {list(m.shape)}") from None
+                _check_shape(src, ", ".join(m.hf), merged, m.shape)
+                if tied_head and m.official == HEAD:
+                    merged = merged.clone()  # a copy: safetensors refuses to save tensors that share memory
+                writer.add(m.official, merged)
+        writer.close()
+        _write_json(dst / "config.json", out_config)
+        for name in TOKENIZER_FILES + _tokenizer_code(src):
+            if (src / name).is_file():
+                checkpoint.copy_file(src / name, dst / name)
         if to == "hf":
-            tensor = handles[mapping[m.official]].get_tensor(m.official)
-            _check_shape(src, m.official, tensor, m.shape)
-            for key, part in zip(m.hf, split_fused(tensor, m.fused, config.llm)):
-                writer.add(key, part)
+            _write_processor_files(dst, config)
         else:
-            parts = [handles[mapping[names[key]]].get_tensor(names[key]) for key in m.hf]
-            try:
-                merged = merge_fused(parts, m.fused, config.llm)
-            except RuntimeError:  # parts of sizes that do not fit together
-                raise CheckpointError(f"{src}: {', '.join(m.hf)} do not fit {m.official} {list(m.shape)}") from None
-            _check_shape(src, ", ".join(m.hf), merged, m.shape)
-            if tied_head and m.official == HEAD:
-                merged = merged.clone()  # a copy: safetensors refuses to save tensors that share memory
-            writer.add(m.official, merged)
-    writer.close()
-    _write_json(dst / "config.json", out_config)
-    for name in TOKENIZER_FILES + _tokenizer_code(src):
-        if (src / name).is_file():
-            checkpoint.copy_file(src / name, dst / name)
-    if to == "hf":
-        _write_processor_files(dst, config)
-    else:
-        _drop_processor_tokens(dst)
+            _drop_processor_tokens(dst)
+    except BaseException:  # leave no half-written folder (it was new or empty: everything in it is ours)
+        if created:
+            shutil.rmtree(dst, ignore_errors=True)
+        else:
+            for path in dst.iterdir():
+                path.unlink()
+        raise
     return dst
+
+
+def _read(handles: dict, file: Path, key: str) -> torch.Tensor:
+    """One tensor; a key its file does not hold, or integer weights, is an error naming the file."""
+    try:
+        tensor = handles[file].get_tensor(key)
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: cannot read {key} ({e})") from None
+    if not tensor.is_floating_point():
+        raise CheckpointError(f"{file}: {key} is stored as {tensor.dtype}, not floating point")
+    return tensor
 
 
 def _drop_processor_tokens(folder: Path) -> None:
