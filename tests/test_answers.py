@@ -288,7 +288,9 @@ def test_parse_number(text, value, percent):
      # several different numbers: a hedge, not an answer (the official float() check fails on them too)
      "2 or 3", "(2, 3)", "2-3", "10, 20, 30", "between 10 and 20", "3 apples and 2 pears", "I see no 3",
      # number words in free text are incidental
-     "I cannot tell the count from this one picture", "It is one of the cats on the left side"],
+     "I cannot tell the count from this one picture", "It is one of the cats on the left side",
+     # roots, pi and powers are expressions, not the number written in them ("4√3" is not 4)
+     "4\\sqrt{3}", "4√3", "\\sqrt{2}", "3\\pi", "2π cm", "2^3", "$2^{10}$"],
 )
 def test_parse_number_none(text):
     assert parse_number(text) is None

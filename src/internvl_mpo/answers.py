@@ -92,6 +92,8 @@ _NUMBER = r"-?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?"
 # Digits right after a letter, digit, "." or "^" belong to a word or unit ("CO2", "cm^2"), not a number.
 _NUMBER_RE = re.compile(rf"(?<![A-Za-z\d.^])({_NUMBER})(?:\s*/\s*({_NUMBER}))?(\s*%)?")
 _UNIT = r"[A-Za-z]{1,6}(?:\^\d|[²³])?"  # "cm", "m^2", "km²"
+# A root, pi or a number's power (10^k is already a number): an expression, not the number written in it.
+_EXPRESSION = re.compile(r"\\sqrt|√|\\pi|π|\d\s*\^\s*\{?\s*[-+]?\d")
 _UNIT_ONLY = re.compile(
     rf"\s*[$€£¥]?\s*{_NUMBER}(?:\s*/\s*{_NUMBER})?\s*(?:%|°|degrees?|{_UNIT}(?:/{_UNIT})?)?\s*\.?\s*"
 )
@@ -368,7 +370,8 @@ def _is_count(match: re.Match) -> bool:
 def parse_number(text: str) -> Number | None:
     """The number an answer gives; None when it gives none, or several different ones ("2 or 3").
 
-    Only the text after the last "=" counts. Fractions a/b are computed, a following % or "percent"
+    Only the text after the last "=" counts, and it gives no number when it holds a root, pi or a power
+    of a number ("4√3", "3\\pi", "2^3"). Fractions a/b are computed, a following % or "percent"
     marks a percentage, and digits inside words and units ("CO2", "cm^2") are no numbers. In answers
     of at most five words, number words that count something count as digits, as the VQA normaliser
     maps them ("three", "there is one", "none"), and so does "no" before a word ("no green shapes": 0;
@@ -380,6 +383,8 @@ def parse_number(text: str) -> Number | None:
     s = _numeric_text(text)
     if "=" in s:
         s = s.rsplit("=", 1)[1]
+    if _EXPRESSION.search(s):
+        return None
     if len(re.findall(r"\w+", s)) <= _SHORT_ANSWER_WORDS:
         # "no", the one match missing from _WORD_NUMBERS, is 0
         s = _NUMBER_WORD.sub(lambda m: str(_WORD_NUMBERS.get(m[0].casefold(), 0)) if _is_count(m) else m[0], s)
