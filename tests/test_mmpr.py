@@ -94,6 +94,10 @@ def test_meta_relative_paths_resolve_against_base_dir(tmp_path):
         ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": -1}}', "repeat_time must be >= 0"),
         ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": 1, "data_augment": "no"}}', "'data_augment'"),
         ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": 1, "max_dynamic_patch": 0}}', "max_dynamic_patch"),
+        # json.load keeps the last of two equal keys: a dataset named twice would silently be dropped
+        ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": 1},\n "d": {"root": "r", "annotation": "b.jsonl",'
+         ' "repeat_time": 1}}', "'d' appears twice"),
+        ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": 1, "root": "s"}}', "'root' appears twice"),
     ],
 )
 def test_meta_errors_name_file_and_problem(tmp_path, content, problem):

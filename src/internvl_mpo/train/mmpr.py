@@ -25,7 +25,8 @@ never parsed (as in the official code), so a bad line there goes unnoticed. Samp
 shuffling run over all raw lines before dropping, so the order of the good records is the
 official one. Blank lines count as malformed (the official JSON parse fails on them too). An empty
 (or all-whitespace) `chosen` or `rejected` answer or SFT `gpt` turn, and a pair whose `chosen` and
-`rejected` are the same text, are refused too; the official readers accept them.
+`rejected` are the same text, are refused too; the official readers accept them. So is a dataset
+name (or any key) given twice in meta.json, of which `json.load` keeps the last silently.
 """
 
 from __future__ import annotations
@@ -134,15 +135,30 @@ def _meta_field(entry: dict, key: str, types: tuple[type, ...], where: str, requ
     return value
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def load_meta(meta_path: str, base_dir: str | None = None) -> list[DatasetSpec]:
     """Read a meta.json into specs, in file order. Relative paths resolve against `base_dir` (cwd)."""
     try:
         with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
+            meta = json.load(f, object_pairs_hook=_unique_keys)
     except FileNotFoundError:
         raise InputError(f"{meta_path}: meta file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{meta_path}: not valid JSON ({e})") from None
+    except _DuplicateKey as e:
+        raise InputError(f"{meta_path}: {e.args[0]!r} appears twice in one object (JSON keeps only the last)") from None
     if not isinstance(meta, dict):
         raise InputError(f"{meta_path}: expected a JSON object mapping dataset names to entries")
     base = os.getcwd() if base_dir is None else base_dir
