@@ -314,6 +314,7 @@ def test_dropout_ntp_pairs(tmp_path):
     assert seen[0].prefix == " ".join(words[: len(words) // 2]) == truncate_words(chosen)
     assert seen[0].question == "Describe the image."  # placeholder removed, stripped
     assert seen[1].prefix == "Hello there, how"  # 6 words -> 3
+    assert truncate_words("图中是一只猫，坐在垫子上。") == ""  # one "word": no prefix, as the official split(" ")
     out = pair_lines(tmp_path / "out" / "items_pairs_dropout_ntp.jsonl")
     assert out[0] == {"image": "a.png", "question": "<image>\nDescribe the image.", "chosen": chosen,
                       "rejected": seen[0].prefix + " and then it keeps going."}
