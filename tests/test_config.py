@@ -101,3 +101,40 @@ def test_a_tied_head_in_llm_config_is_read_untied_as_the_official_config_does(tm
     config = ModelConfig.from_json(write(tmp_path, tie))
     assert config.llm.tie_word_embeddings is False
     assert config.to_dict()["tie_word_embeddings"] is False and not config.to_dict()["llm_config"]["tie_word_embeddings"]
+
+
+def test_missing_llm_keys_take_the_official_config_classes_defaults(tmp_path):
+    """Qwen2Config and InternLM2Config defaults, not the 4B values: rope_theta 10000 and 32 heads change
+    the logits without changing a weight shape."""
+    def strip(d):
+        for key in ("rope_theta", "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            d["llm_config"].pop(key)
+    llm = ModelConfig.from_json(write(tmp_path, strip)).llm
+    assert (llm.rope_theta, llm.num_attention_heads, llm.num_key_value_heads, llm.max_position_embeddings) == (
+        10000.0, 32, 32, 32768)
+
+    def strip_internlm2(d):
+        strip(d)
+        d["llm_config"].update(architectures=["InternLM2ForCausalLM"], num_attention_heads=16)
+    llm = ModelConfig.from_json(write(tmp_path, strip_internlm2)).llm
+    assert (llm.rope_theta, llm.num_attention_heads, llm.num_key_value_heads, llm.max_position_embeddings) == (
+        10000.0, 16, 16, 2048)
+
+
+def test_rope_written_the_transformers_5_way_is_read(tmp_path):
+    """transformers >= 5 saves a Qwen2 llm_config's RoPE as `rope_parameters` only (the official remote code
+    re-saved under it does): its theta and scaling must be read, not replaced by defaults."""
+    def t5(d, params):
+        d["llm_config"].pop("rope_theta")
+        d["llm_config"].pop("rope_scaling")
+        d["llm_config"]["rope_parameters"] = params
+    config = ModelConfig.from_json(write(tmp_path, lambda d: t5(d, {"rope_theta": 5e6, "rope_type": "linear",
+                                                                    "factor": 2.0})))
+    assert config.llm.rope_theta == 5e6 and config.llm.rope_scaling == {"type": "linear", "factor": 2.0}
+    written = config.to_dict()["llm_config"]  # back in the official keys, which every version reads
+    assert "rope_parameters" not in written and (written["rope_theta"], written["rope_scaling"]) == (
+        5e6, {"type": "linear", "factor": 2.0})
+    config = ModelConfig.from_json(write(tmp_path, lambda d: t5(d, {"rope_theta": 20000.0, "rope_type": "default"})))
+    assert config.llm.rope_theta == 20000.0 and config.llm.rope_scaling is None
+    with pytest.raises(ConfigError, match="rope_scaling type 'yarn' is not implemented"):
+        ModelConfig.from_json(write(tmp_path, lambda d: t5(d, {"rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0})))

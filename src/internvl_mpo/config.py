@@ -262,7 +262,8 @@ class ModelConfig:
         vision = VisionConfig.from_dict({**_OFFICIAL_VISION_DEFAULTS, **d.pop("vision_config")})
         # The official InternVLChatConfig always unties the head (the stored lm_head is used), whatever
         # llm_config says; reading it the same way keeps the logits equal to the official ones.
-        llm = dataclasses.replace(LLMConfig.from_dict(d.pop("llm_config")), tie_word_embeddings=False)
+        llm = dataclasses.replace(LLMConfig.from_dict(_official_llm_dict(d.pop("llm_config"))),
+                                  tie_word_embeddings=False)
         known, extra = _split(cls, d)
         known.pop("vision", None)
         known.pop("llm", None)
@@ -319,6 +320,38 @@ _OFFICIAL_VISION_DEFAULTS = {
     "initializer_range": 0.02,
 }
 _OFFICIAL_TOP_DEFAULTS = {"ps_version": "v1", "force_image_size": None}
+# Those of transformers' Qwen2Config and the official InternLM2Config that change the maths without
+# changing a weight shape (InternLM2's missing or null num_key_value_heads means one per query head).
+_OFFICIAL_LLM_DEFAULTS = {
+    "Qwen2ForCausalLM": {"num_attention_heads": 32, "num_key_value_heads": 32, "rope_theta": 10000.0,
+                         "max_position_embeddings": 32768},
+    "InternLM2ForCausalLM": {"num_attention_heads": 32, "rope_theta": 10000.0, "max_position_embeddings": 2048},
+}
+
+
+def official_rope(d: dict[str, Any]) -> dict[str, Any]:
+    """An LLM config dict with transformers 5's `rope_parameters` ({"rope_theta", "rope_type", ...}, which
+    it writes instead of the older keys) turned back into `rope_theta` and `rope_scaling` ({"type", ...})."""
+    params = d.get("rope_parameters")
+    if not isinstance(params, dict) or not params:
+        return d
+    d = {k: v for k, v in d.items() if k != "rope_parameters"}
+    kind = params.get("rope_type", params.get("type", "default"))
+    rest = {k: v for k, v in params.items() if k not in ("rope_theta", "rope_type", "type")}
+    d["rope_scaling"] = None if kind == "default" else {"type": kind, **rest}
+    if "rope_theta" in params:
+        d["rope_theta"] = params["rope_theta"]
+    return d
+
+
+def _official_llm_dict(d: dict[str, Any]) -> dict[str, Any]:
+    """llm_config as the official config classes read it: their defaults for missing keys, legacy RoPE keys."""
+    archs = d.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs else None
+    d = {**_OFFICIAL_LLM_DEFAULTS.get(arch, {}), **official_rope(d)}
+    if arch == "InternLM2ForCausalLM" and d.get("num_key_value_heads") is None:
+        d["num_key_value_heads"] = d["num_attention_heads"]
+    return d
 
 _AUTO_MAP = {
     "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",

@@ -56,7 +56,7 @@ from safetensors import SafetensorError
 
 from . import checkpoint
 from .chat.template import get_template
-from .config import FAMILY_SIZES, LLMConfig, ModelConfig, VisionConfig, family_config
+from .config import FAMILY_SIZES, LLMConfig, ModelConfig, VisionConfig, family_config, official_rope
 from .errors import CheckpointError, ConfigError, InputError
 from .model import InternVL
 from .processor.image import IMAGENET_MEAN, IMAGENET_STD
@@ -227,19 +227,6 @@ def hf_config_dict(config: ModelConfig, image_token_id: int) -> dict[str, Any]:
     return out
 
 
-def _rope_scaling(text: dict[str, Any]) -> tuple[float, dict | None]:
-    """(rope_theta, rope_scaling) from legacy keys or transformers 5's `rope_parameters`."""
-    params = text.get("rope_parameters")
-    if params:
-        kind = params.get("rope_type", params.get("type", "default"))
-        scaling = None
-        if kind != "default":  # the official spelling: {"type": ..., "factor": ...}
-            rest = {k: v for k, v in params.items() if k not in ("rope_theta", "rope_type", "type")}
-            scaling = {"type": kind, **rest}
-        return params.get("rope_theta", text.get("rope_theta", 10000.0)), scaling
-    return text.get("rope_theta", 10000.0), text.get("rope_scaling")
-
-
 def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None) -> ModelConfig:
     """The official ModelConfig for a transformers InternVLConfig dict (config.json); the tile limits
     come from the GotOcr2 `preprocessor` dict (preprocessor_config.json) when given."""
@@ -275,7 +262,7 @@ def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None
     )
     if t.get("head_dim") not in (None, t["hidden_size"] // t["num_attention_heads"]):
         raise ConfigError(f"text_config.head_dim {t['head_dim']} is not hidden_size / num_attention_heads")
-    rope_theta, rope_scaling = _rope_scaling(t)
+    rope = official_rope(t)
     internlm2 = kind == "llama"
     if internlm2 and t.get("mlp_bias"):
         raise ConfigError("text_config.mlp_bias=true has no InternLM2 equivalent")
@@ -288,8 +275,9 @@ def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None
         hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
         num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
         num_key_value_heads=t.get("num_key_value_heads") or t["num_attention_heads"], vocab_size=t["vocab_size"],
-        hidden_act=t.get("hidden_act", "silu"), rms_norm_eps=t.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
-        rope_scaling=rope_scaling, max_position_embeddings=t.get("max_position_embeddings", 32768),
+        hidden_act=t.get("hidden_act", "silu"), rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", 10000.0), rope_scaling=rope.get("rope_scaling"),
+        max_position_embeddings=t.get("max_position_embeddings", 32768),
         tie_word_embeddings=False,  # the official code never ties; a tied head is written out (see convert)
         attention_dropout=t.get("attention_dropout", 0.0), bos_token_id=t.get("bos_token_id"),
         eos_token_id=t.get("eos_token_id"),
