@@ -259,6 +259,12 @@ def test_bad_items_are_reported_with_their_line(tmp_path):
     path.write_text(json.dumps({"id": "a", "question": "q"}) + "\n" + json.dumps({"id": "a", "question": "q"}) + "\n")
     with pytest.raises(InputError, match="chosen"):
         read_items(path, "dropout-ntp")
+    # Ids are text: 7 and "7" are the same id (progress and pairs are keyed by it).
+    rows = [{"id": 7, "question": "q", "answer": "2"}, {"id": "8", "question": "q", "answer": "2"},
+            {"id": "7", "question": "q", "answer": "3"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(InputError, match=r"items.jsonl:3: id '7' appears twice \(first at .*items.jsonl:1\)"):
+        read_items(path, "correctness")
     # DropoutNTP keeps the question as given: placeholders that do not fit the images (which training
     # refuses) are reported before any continuation is drawn, as for correctness items.
     for image, question in [(["good.png", "good.png"], "<image> Compare."), (None, "<image>\nDescribe.")]:

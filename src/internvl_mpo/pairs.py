@@ -250,13 +250,13 @@ def read_items(path: str | Path, method: str) -> list[Item]:
     """Items of a JSONL file; relative image paths are taken against the file's folder. Every image
     is opened and decoded once here."""
     path = Path(path)
-    items, seen, checked = [], set(), set()
+    items, seen, checked = [], {}, set()
     for where, row in read_objects(path, "items file"):
         item = _parse_item(row, method, path.parent, where)
         if item.id in seen:
-            raise InputError(f"{where}: id {item.id!r} appears twice")
+            raise InputError(f"{where}: id {item.id!r} appears twice (first at {seen[item.id]})")
         check_images(item.images, where, checked)
-        seen.add(item.id)
+        seen[item.id] = where
         items.append(item)
     if not items:
         raise InputError(f"{path}: no items")
