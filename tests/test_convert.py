@@ -22,7 +22,7 @@ from internvl_mpo.convert import (
     HEAD, config_from_hf, convert, convert_command, hf_config_dict, hf_disk_name, key_maps,
     remote_code_note, split_fused,
 )
-from internvl_mpo.errors import CheckpointError, InputError
+from internvl_mpo.errors import CheckpointError, ConfigError, InputError
 from internvl_mpo.model import InternVL
 from internvl_mpo.processor.image import image_to_pixel_values
 
@@ -351,6 +351,17 @@ def test_every_size_maps_onto_transformers_model(size):
     back = config_from_hf(hf_dict)
     assert back.vision == config.vision and back.llm == config.llm
     assert back.llm.extra.get("bias") == config.llm.extra.get("bias")
+
+
+def test_a_transformers_config_without_a_size_is_refused_by_name():
+    hf_dict = hf_config_dict(tiny_config(), image_token_id=IMAGE_TOKEN_ID)
+    del hf_dict["text_config"]["hidden_size"]
+    with pytest.raises(ConfigError, match="text_config.hidden_size is null, not an integer"):
+        config_from_hf(hf_dict)
+    hf_dict = hf_config_dict(tiny_config(), image_token_id=IMAGE_TOKEN_ID)
+    hf_dict["vision_config"]["num_attention_heads"] = "4"
+    with pytest.raises(ConfigError, match='vision_config.num_attention_heads is "4", not an integer'):
+        config_from_hf(hf_dict)
 
 
 def test_round_trip_through_hf_keeps_a_chat_folder_usable(tmp_path):

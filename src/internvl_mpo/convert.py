@@ -241,6 +241,11 @@ def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None
         raise ConfigError("only vision_feature_select_strategy 'default' with one vision_feature_layer is implemented")
     if d.get("projector_hidden_act", "gelu") != "gelu":
         raise ConfigError(f"projector_hidden_act {d.get('projector_hidden_act')!r} is not implemented (only 'gelu')")
+    sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    for section, values, keys in (("vision_config", v, sizes), ("text_config", t, (*sizes, "vocab_size"))):
+        for key in keys:
+            if not isinstance(values.get(key), int) or isinstance(values.get(key), bool):
+                raise ConfigError(f"{section}.{key} is {json.dumps(values.get(key))}, not an integer")
 
     def square(value, name):
         values = value if isinstance(value, (list, tuple)) else [value]
