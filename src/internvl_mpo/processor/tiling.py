@@ -22,6 +22,7 @@ dataset.py, 12 in the model card), and `min_num > max_num` raises instead of sil
 tile (the official search then returns its initial (1, 1) from an empty candidate list).
 """
 
+import numbers
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -111,6 +112,9 @@ def plan_tiles(
     use_thumbnail: bool = True,
 ) -> TilePlan:
     """Choose the tile grid for an image of `width` x `height` pixels."""
+    for name, value in (("min_num", min_num), ("max_num", max_num), ("image_size", image_size)):
+        if not isinstance(value, numbers.Integral) or value < 1:
+            raise InputError(f"{name} must be a whole number >= 1, got {value!r}")
     if width < 1 or height < 1:
         raise InputError(f"image has zero area ({width}x{height})")
     grids = candidate_grids(min_num, max_num)
