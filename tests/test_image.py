@@ -384,3 +384,17 @@ def test_multi_image_bad_input():
     for bad in (2.5, "6", [3, 0]):
         with pytest.raises(InputError, match="max_num must be a whole number of tiles >= 1"):
             load_images([photo(10, 10)] * 2, max_num=bad)
+
+
+def test_multi_image_one_image_instead_of_a_list(tmp_path):
+    """A single path used to be read as a list of one-character paths ('/: is a directory')."""
+    from internvl_mpo.processor.multi import load_images
+
+    path = tmp_path / "one.png"
+    photo(20, 10).save(path)
+    for single in (str(path), path, path.read_bytes(), photo(20, 10)):
+        with pytest.raises(InputError, match=f"images must be a list of images, got one {type(single).__name__}"):
+            load_images(single)
+    with pytest.raises(InputError, match="total tile budget must be a whole number >= 1, got 2.5"):
+        load_images([path], total_budget=2.5)
+    assert load_images([path]).num_patches_list == [3]

@@ -11,13 +11,15 @@ section 6.2):
   thumbnails, so the total can exceed the budget by one tile per image (5 images x (12 + 1) = 65).
 """
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from internvl_mpo.errors import InputError
-from internvl_mpo.processor.image import ImageSource, load_image
+from internvl_mpo.processor.image import ImageSource, load_image, source_name
 
 OFFICIAL_EVAL_TILE_BUDGET = 64
 
@@ -38,8 +40,8 @@ def per_image_max_num(max_num: int | Sequence[int], n_images: int, total_budget:
         raise InputError(f"max_num must be a whole number of tiles >= 1 (or one per image), got {max_num!r}")
     if total_budget is None:
         return maxes
-    if total_budget < 1:
-        raise InputError(f"total tile budget must be >= 1, got {total_budget}")
+    if not isinstance(total_budget, int) or total_budget < 1:
+        raise InputError(f"total tile budget must be a whole number >= 1, got {total_budget!r}")
     cap = max(1, total_budget // n_images)
     return [max(1, min(m, cap)) for m in maxes]
 
@@ -61,6 +63,9 @@ def load_images(
     max_pixels: int | None = None,
 ) -> MultiImageInput:
     """Tile every image (each with its own max_num) and build the prompt prefix."""
+    if isinstance(images, (str, bytes, bytearray, os.PathLike, Image.Image)):
+        raise InputError(f"images must be a list of images, got one {type(images).__name__} "
+                         f"({source_name(images)[:100]}); pass [image], or use load_image for one image")
     if not images:
         raise InputError("no images given")
     maxes = per_image_max_num(max_num, len(images), total_budget)
