@@ -34,6 +34,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 COMPANION_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
     "added_tokens.json", "special_tokens_map.json", "tokenizer.model", "preprocessor_config.json",
+    "chat_template.jinja", "chat_template.json",  # where newer transformers save the chat template
 )
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.py", "*.model", "*.md"]
 _DTYPES = {
