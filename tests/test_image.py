@@ -236,6 +236,14 @@ def test_not_an_image(tmp_path):
         open_image(tmp_path)
 
 
+def test_empty_file_is_named_as_empty(tmp_path):
+    path = tmp_path / "empty.jpg"
+    path.write_bytes(b"")
+    for source in (path, str(path), b""):
+        with pytest.raises(InputError, match=r"(empty.jpg|<0 bytes>): the file is empty \(0 bytes\)"):
+            load_image(source)
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_truncated_file(tmp_path, fmt):
     path = tmp_path / f"cut.{fmt.lower()}"

@@ -115,6 +115,12 @@ def _limit(max_pixels: int | None) -> int | None:
     return Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
 
 
+def _is_empty(src: ImageSource) -> bool:
+    if isinstance(src, (bytes, bytearray)):
+        return not src
+    return isinstance(src, (str, os.PathLike)) and os.path.isfile(src) and os.path.getsize(src) == 0
+
+
 def _open_pil(src: ImageSource, name: str) -> Image.Image:
     fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src
     try:
@@ -132,6 +138,8 @@ def _open_pil(src: ImageSource, name: str) -> Image.Image:
             "to open images this large"
         ) from None
     except UnidentifiedImageError:
+        if _is_empty(src):
+            raise InputError(f"{name}: the file is empty (0 bytes)") from None
         raise InputError(f"{name}: not an image Pillow can read") from None
     except _DECODE_ERRORS as e:
         raise InputError(f"{name}: cannot read image header: {e}") from None
