@@ -493,6 +493,20 @@ def test_precomputed_reference_with_data_augment_refuses_a_second_epoch(tmp_path
     assert train(dataclasses.replace(cfg, output=str(tmp_path / "fits"), max_steps=4)).steps == 4
 
 
+def test_precomputed_reference_is_recomputed_after_the_annotations_change(tmp_path, chat_folder):
+    # The same number of lines, so records and file:line sources match: only the contents tell.
+    meta = write_mmpr(tmp_path / "data", color_pairs(4))
+    run = config(chat_folder, meta, tmp_path / "run", max_steps=1, batch_size=1, precompute_ref=True)
+    train(run)
+    shutil.rmtree(tmp_path / "run" / "final")  # keep the cache, drop what a fresh run may not overwrite
+    (tmp_path / "run" / "metrics.jsonl").unlink()
+    annotation = tmp_path / "data" / "toy.jsonl"
+    annotation.write_text(annotation.read_text().replace("It is purple.", "It is a deep purple, surely."))
+    train(run)
+    row = metric_rows(tmp_path / "run")[0]
+    assert (row["rewards/chosen"], row["rewards/rejected"]) == (0.0, 0.0)  # the reference is the initial policy
+
+
 @pytest.mark.parametrize("precompute_ref", [False, True])
 def test_bf16_reference_is_the_initial_policy(tmp_path, chat_folder, meta, precompute_ref):
     # One pair per micro-batch, so the precomputed pass sees the same shapes as the training step.

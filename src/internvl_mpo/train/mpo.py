@@ -517,10 +517,11 @@ class SampleStream:
 # ----------------------------------------------------------------------------- reference log-probs
 
 
-def _ref_fingerprint(cfg: TrainConfig, dataset) -> dict:
+def _ref_fingerprint(cfg: TrainConfig, dataset, data_print: list[dict]) -> dict:
     return {
         "model": str(cfg.model or cfg.init_from_config),
         "data": os.path.abspath(cfg.data),
+        "data_files": data_print,  # size and sha256: an edited annotation keeps its records and file:line sources
         "records": len(dataset),
         "sources": [str(r.source) for r in dataset.records[:1000]],
         "max_seq_length": cfg.max_seq_length,
@@ -533,20 +534,22 @@ def _ref_fingerprint(cfg: TrainConfig, dataset) -> dict:
 
 
 def precompute_reference(
-    cfg: TrainConfig, env: DistEnv, ref: InternVL, dataset: PairDataset, pad_id: int, autocast
+    cfg: TrainConfig, env: DistEnv, ref: InternVL, dataset: PairDataset, pad_id: int, autocast,
+    data_print: list[dict],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference (chosen, rejected) log-probs of every record, computed once and cached in the output.
 
     Stored as `ref_logps.safetensors` (chosen, rejected, valid) + `ref_logps.json` (what they were
-    computed from); a cache whose description matches the run is reused. Records are encoded as in the
-    first epoch (augmented tiles included; `check_reference_epoch` keeps the run inside it). Returns
-    (chosen, rejected, valid).
+    computed from, the data files' `data_print` included); a cache whose description matches the run
+    is reused (images are not read: one changed in place goes unnoticed). Records are encoded as in
+    the first epoch (augmented tiles included; `check_reference_epoch` keeps the run inside it).
+    Returns (chosen, rejected, valid).
     """
     output = Path(cfg.output)
     path, meta_path = output / REF_FILE, output / (Path(REF_FILE).stem + ".json")
     with autocast():  # the weights' dtype and the autocast decide what the reference computes
         compute = {"weights": str(ref.dtype), "bf16_autocast": torch.is_autocast_enabled(env.device.type)}
-    fingerprint = {**_ref_fingerprint(cfg, dataset), **compute}
+    fingerprint = {**_ref_fingerprint(cfg, dataset, data_print), **compute}
     if path.is_file() and meta_path.is_file() and ckpt.read_json(meta_path) == fingerprint:
         table = ckpt.read_tensors(path)
         return table["chosen"], table["rejected"], table["valid"].bool()
@@ -876,10 +879,12 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
             f" ({samples_per_step} per rank x {env.world_size} ranks)"
         )
     needs_ref = cfg.mode != "sft" and (weights.pref_weight != 0 or weights.quality_weight != 0)
-    if needs_ref and cfg.precompute_ref:
+    precompute = needs_ref and cfg.precompute_ref
+    if precompute:
         check_reference_epoch(cfg, env, dataset, total_steps * samples_per_step)
-    # Hashing the data files (GBs for MMPR) is needed only to write checkpoints or to check a resume.
-    fingerprint = data_fingerprint(cfg) if cfg.resume or cfg.save_every else None
+    # Hashing the data files (GBs for MMPR) is needed only to write checkpoints, to check a resume, or to
+    # tell whether cached reference log-probs were computed from these files.
+    fingerprint = data_fingerprint(cfg) if cfg.resume or cfg.save_every or precompute else None
     # Created only now, so that a bad model or data path leaves no empty run folder behind.
     if env.is_main:
         output.mkdir(parents=True, exist_ok=True)
@@ -891,7 +896,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
         reference = make_reference(policy, bf16 and fsdp)
         if cfg.precompute_ref:
             ref_chosen, ref_rejected, valid = precompute_reference(
-                cfg, env, reference, dataset, tokenizer.pad_id, autocast
+                cfg, env, reference, dataset, tokenizer.pad_id, autocast, fingerprint
             )
             ref_table = (ref_chosen, ref_rejected)
             check_reference_epoch(cfg, env, dataset, total_steps * samples_per_step, valid)  # --skip-bad's skips
