@@ -205,6 +205,11 @@ def test_resume_skips_finished_items_and_matches_an_uninterrupted_run(tmp_path):
         assert (out / name).read_text() == (fresh / name).read_text()
     with pytest.raises(ConfigError, match="temperature"):
         make_correctness_pairs(items_path, out, FakeSampler(), PairSettings(samples=6, temperature=1.0, model="fake"))
+    # An output folder holding another tool's settings.json (or a damaged one) is refused in one line.
+    for text in ("not json", "[1, 2]", "\xff"):
+        (out / "settings.json").write_text(text, encoding="latin-1")
+        with pytest.raises(ConfigError, match=r"settings.json: not the settings of a pairs or eval run"):
+            make_correctness_pairs(items_path, out, FakeSampler(), SETTINGS)
 
 
 def test_resume_redoes_items_edited_since_their_samples(tmp_path):

@@ -315,7 +315,12 @@ def atomic_write(path: Path, text: str) -> None:
 
 def check_settings(path: Path, identity: dict) -> None:
     if path.exists():
-        earlier = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            earlier = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            earlier = None
+        if not isinstance(earlier, dict):
+            raise ConfigError(f"{path}: not the settings of a pairs or eval run; use another output folder")
         if earlier != identity:
             changed = sorted(k for k in set(earlier) | set(identity) if earlier.get(k) != identity.get(k))
             raise ConfigError(
