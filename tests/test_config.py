@@ -121,6 +121,8 @@ def test_missing_llm_keys_take_the_official_config_classes_defaults(tmp_path):
     llm = ModelConfig.from_json(write(tmp_path, strip_internlm2)).llm
     assert (llm.rope_theta, llm.num_attention_heads, llm.num_key_value_heads, llm.max_position_embeddings) == (
         10000.0, 16, 16, 2048)
+    llm = ModelConfig.from_json(write(tmp_path, lambda d: d["llm_config"].update(num_key_value_heads=None))).llm
+    assert llm.num_key_value_heads == llm.num_attention_heads == 16  # null: one kv head per head, in both classes
 
 
 def test_rope_written_the_transformers_5_way_is_read(tmp_path):

@@ -324,7 +324,7 @@ _OFFICIAL_VISION_DEFAULTS = {
 }
 _OFFICIAL_TOP_DEFAULTS = {"ps_version": "v1", "force_image_size": None}
 # Those of transformers' Qwen2Config and the official InternLM2Config that change the maths without
-# changing a weight shape (InternLM2's missing or null num_key_value_heads means one per query head).
+# changing a weight shape (a null num_key_value_heads, InternLM2's default, means one per query head).
 _OFFICIAL_LLM_DEFAULTS = {
     "Qwen2ForCausalLM": {"num_attention_heads": 32, "num_key_value_heads": 32, "rope_theta": 10000.0,
                          "max_position_embeddings": 32768},
@@ -352,7 +352,7 @@ def _official_llm_dict(d: dict[str, Any]) -> dict[str, Any]:
     archs = d.get("architectures")
     arch = archs[0] if isinstance(archs, list) and archs else None
     d = {**_OFFICIAL_LLM_DEFAULTS.get(arch, {}), **official_rope(d)}
-    if arch == "InternLM2ForCausalLM" and d.get("num_key_value_heads") is None:
+    if arch in _OFFICIAL_LLM_DEFAULTS and d.get("num_key_value_heads") is None:  # null: one per head, in both
         d["num_key_value_heads"] = d["num_attention_heads"]
     return d
 
