@@ -46,6 +46,8 @@ def write(tmp_path, change):
         (lambda d: d["vision_config"].update(layer_norm_eps="1e-6"), 'vision_config.layer_norm_eps is "1e-6", not a number'),
         (lambda d: d["vision_config"].update(qkv_bias=1), "vision_config.qkv_bias is 1, not true or false"),
         (lambda d: d.update(template=None), "template is null, not a string"),
+        (lambda d: d.update(use_llm_lora=16), r"use_llm_lora=16: .*unmerged .*tools/merge_lora.py"),
+        (lambda d: d.update(use_backbone_lora=8), r"use_backbone_lora=8: .*unmerged .*tools/merge_lora.py"),
         (lambda d: d.update(model_type="internvl"),
          r"transformers' native InternVL layout.*internvl-mpo convert --to official SRC DST"),
         (lambda d: d["llm_config"].update(num_key_value_heads=0), "llm_config.num_key_value_heads is 0, not >= 1"),

@@ -261,6 +261,11 @@ class ModelConfig:
         for key in ("vision_config", "llm_config"):
             if not isinstance(d.get(key), dict):
                 raise ConfigError(f"config.json has no {key} object")
+        for key in ("use_llm_lora", "use_backbone_lora"):  # the official model then wraps PEFT LoRA to load them
+            if d.get(key):
+                raise ConfigError(
+                    f"{key}={d[key]}: the weights hold unmerged PEFT LoRA adapters; merge them first with the "
+                    "official internvl_chat/tools/merge_lora.py (it writes use_llm_lora and use_backbone_lora 0)")
         d = {**_OFFICIAL_TOP_DEFAULTS, **d}
         vision = VisionConfig.from_dict({**_OFFICIAL_VISION_DEFAULTS, **d.pop("vision_config")})
         # The official InternVLChatConfig always unties the head (the stored lm_head is used), whatever
