@@ -215,6 +215,9 @@ def test_refusals():
         InternLM2ForCausalLM(dataclasses.replace(llm, extra={"rope_pos_id_version": "v2pe"}))
     with pytest.raises(ConfigError, match="InternLM3ForCausalLM"):
         LLMConfig(architectures=("InternLM3ForCausalLM",))
+    for pad in (llm.vocab_size, -1, "2"):  # nn.Embedding would fail with a bare assertion, or count from the end
+        with pytest.raises(ConfigError, match=f"llm_config.pad_token_id {pad!r} is not a token id below {llm.vocab_size}"):
+            InternLM2ForCausalLM(dataclasses.replace(llm, extra={"pad_token_id": pad}))
 
 
 def test_bias_defaults_to_true_like_the_official_config_class():
