@@ -507,6 +507,31 @@ def test_precomputed_reference_is_recomputed_after_the_annotations_change(tmp_pa
     assert (row["rewards/chosen"], row["rewards/rejected"]) == (0.0, 0.0)  # the reference is the initial policy
 
 
+def test_a_record_without_precomputed_reference_log_probs_is_skipped(tmp_path, chat_folder):
+    # The pass (--skip-bad) could not read one image; the cache, reused after the image was mended, holds
+    # no values for that record, which must not train against a reference log-prob of 0.
+    meta = write_mmpr(tmp_path / "data", color_pairs(4))
+    image = tmp_path / "data" / "images" / "red.png"  # line 1's picture
+    good = image.read_bytes()
+    image.write_bytes(b"not a png")
+    run = config(chat_folder, meta, tmp_path / "run", max_steps=4, batch_size=1, lr=0.0, precompute_ref=True,
+                 skip_bad=True)  # lr 0: the policy stays the reference, so every reward is exactly 0
+    train(run)
+    assert load_file(tmp_path / "run" / "ref_logps.safetensors")["valid"].tolist().count(0) == 1
+    shutil.rmtree(tmp_path / "run" / "final")
+    (tmp_path / "run" / "metrics.jsonl").unlink()
+    image.write_bytes(good)
+    train(run)
+    rows = metric_rows(tmp_path / "run")
+    assert [(r["rewards/chosen"], r["rewards/rejected"]) for r in rows] == [(0.0, 0.0)] * 4
+    assert rows[-1]["skipped"] == 1
+    (tmp_path / "strict").mkdir()
+    for name in ("ref_logps.safetensors", "ref_logps.json"):
+        shutil.copy(tmp_path / "run" / name, tmp_path / "strict" / name)
+    with pytest.raises(InputError, match=r"toy.jsonl:1: no reference log-probs: .*\(pass --skip-bad"):
+        train(dataclasses.replace(run, output=str(tmp_path / "strict"), skip_bad=False))
+
+
 @pytest.mark.parametrize("precompute_ref", [False, True])
 def test_bf16_reference_is_the_initial_policy(tmp_path, chat_folder, meta, precompute_ref):
     # One pair per micro-batch, so the precomputed pass sees the same shapes as the training step.

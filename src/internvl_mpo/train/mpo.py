@@ -441,7 +441,8 @@ class SampleStream:
 
     Bad samples (`BadExample`) raise InputError naming their file:line, or, with `skip_bad`, are
     counted in `report` (once per record, whatever the epoch) and replaced by the next sample; a
-    whole epoch of bad samples raises InputError (there is nothing to train on).
+    whole epoch of bad samples raises InputError (there is nothing to train on). With `ref_valid`
+    (precomputed reference log-probs), a record the reference pass could not encode is a bad sample too.
     """
 
     def __init__(self, dataset, env: DistEnv, cfg: TrainConfig, report: SkipReport):
@@ -457,6 +458,7 @@ class SampleStream:
         self.bad: set[int] = set()
         self._bad_run = 0  # bad samples in a row
         self._items = None
+        self.ref_valid: torch.Tensor | None = None
 
     def per_rank(self) -> int:
         return len(self.dataset) // self.env.world_size
@@ -489,6 +491,9 @@ class SampleStream:
                 self.epoch, self.cursor, self._items = self.epoch + 1, 0, None
                 continue
             self.cursor += 1
+            if not isinstance(item, BadExample) and self.ref_valid is not None and not self.ref_valid[item.index]:
+                item = BadExample(item.index, "reference", f"{item.source}: no reference log-probs: the --precompute-ref"
+                                  f" pass could not encode this record (delete {REF_FILE} to recompute them)")
             if isinstance(item, BadExample):
                 if not self.skip_bad:
                     raise InputError(item.message + " (pass --skip-bad to skip such records)")
@@ -899,6 +904,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
                 cfg, env, reference, dataset, tokenizer.pad_id, autocast, fingerprint
             )
             ref_table = (ref_chosen, ref_rejected)
+            stream.ref_valid = valid
             check_reference_epoch(cfg, env, dataset, total_steps * samples_per_step, valid)  # --skip-bad's skips
             del reference
         else:
