@@ -146,6 +146,18 @@ def test_limits_below_one_are_refused(tmp_path, limit, capsys):
     assert f"error: limit must be at least 1, got {limit}" in capsys.readouterr().err
 
 
+def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, capsys):
+    from internvl_mpo.cli import main
+
+    data = write_bench(tmp_path / "data")
+    (tmp_path / "taken").write_text("a file")
+    assert main(["eval", "--model", str(tmp_path / "no-model"), "--data", str(data), "--output",
+                 str(tmp_path / "taken")]) != 0
+    assert f"error: {tmp_path / 'taken'}: exists and is not a folder" in capsys.readouterr().err
+    with pytest.raises(InputError, match="exists and is not a folder"):
+        run_eval(data, FakeAnswerer(DIRECT), tmp_path / "taken")
+
+
 def test_a_question_that_cannot_run_counts_wrong_and_is_not_retried(tmp_path):
     data = write_bench(tmp_path / "data")
     out = tmp_path / "out"

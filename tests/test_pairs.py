@@ -334,6 +334,27 @@ def test_dropout_ntp_pairs(tmp_path):
     assert len(records) == stats.pairs == 2 and records[0].images == (str((folder / "a.png").resolve()),)
 
 
+def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, capsys):
+    from internvl_mpo.cli import main
+
+    items_path = write_items(tmp_path / "data")
+    (tmp_path / "taken").write_text("a file")
+    for method in ("correctness", "dropout-ntp"):
+        args = ["pairs", method, "--model", str(tmp_path / "no-model"), "--input", str(items_path),
+                "--output", str(tmp_path / "taken")]
+        if method == "dropout-ntp":
+            args[5] = str(tmp_path / "ntp.jsonl")
+            (tmp_path / "ntp.jsonl").write_text(json.dumps({"id": "1", "question": "Hi?", "chosen": "Hello there."}))
+        assert main(args) != 0
+        assert f"error: {tmp_path / 'taken'}: exists and is not a folder" in capsys.readouterr().err
+    with pytest.raises(InputError, match="exists and is not a folder"):
+        make_correctness_pairs(items_path, tmp_path / "taken", FakeSampler(), SETTINGS)
+    with pytest.raises(InputError, match=r"taken is a file, not a folder"):
+        make_correctness_pairs(items_path, tmp_path / "taken" / "out", FakeSampler(), SETTINGS)
+    assert not (tmp_path / "no-model").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "data", "ntp.jsonl", "taken"]  # nothing was created
+
+
 # ----------------------------------------------------------------------------- the real model
 
 

@@ -58,7 +58,14 @@ from internvl_mpo.answers import (
 )
 from internvl_mpo.errors import InputError
 from internvl_mpo.jsonl import read_objects
-from internvl_mpo.pairs import Progress, atomic_write, check_images, check_settings
+from internvl_mpo.pairs import (
+    Progress,
+    atomic_write,
+    check_images,
+    check_output_folder,
+    check_settings,
+    make_output_folder,
+)
 
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 MCQ_INSTRUCTION_ZH = "请直接回答选项字母。"
@@ -328,7 +335,7 @@ def run_eval(
     if limit is not None:
         items = items[:limit]
     out = Path(output) if output else default_output(data, cot)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     check_settings(out / "settings.json", {"data": str(Path(data).resolve()), "cot": cot, **(settings or {})})
     progress = Progress(out / "predictions.jsonl")
     done = progress.load()
@@ -416,6 +423,7 @@ def eval_(
     items = read_benchmark(data)
     model = _model_path(model)
     out = Path(output) if output else default_output(data, cot)
+    check_output_folder(out)
     device = default_device(device)
     chat = InternVLChat.from_pretrained(model, dtype=dtype, device=device)
     settings = {"model": model, "max_num": max_num, "max_new_tokens": max_new_tokens}

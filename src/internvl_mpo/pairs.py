@@ -313,6 +313,22 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_output_folder(path: Path) -> None:
+    """Refuse an output path that is, or lies under, an existing file; creates nothing (run before a model loads)."""
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"{path}: exists and is not a folder" if existing == path.absolute() else
+                         f"{path}: {existing} is a file, not a folder")
+
+
+def make_output_folder(path: Path) -> None:
+    check_output_folder(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{path}: cannot create the output folder ({e.strerror})") from None
+
+
 def check_settings(path: Path, identity: dict) -> None:
     if path.exists():
         try:
@@ -436,7 +452,7 @@ def make_correctness_pairs(
     of `input` when already read (reading decodes every image)."""
     input_path, out = Path(input), Path(output)
     items = read_items(input_path, CORRECTNESS) if items is None else items
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     check_settings(out / "settings.json", settings.identity(CORRECTNESS, input_path))
 
     def inputs(it: Item) -> dict:
@@ -504,7 +520,7 @@ def make_dropout_ntp_pairs(
     of `input` when already read (reading decodes every image)."""
     input_path, out = Path(input), Path(output)
     items = read_items(input_path, DROPOUT_NTP) if items is None else items
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     check_settings(out / "settings.json", settings.identity(DROPOUT_NTP, input_path))
 
     def inputs(it: Item) -> dict:
@@ -673,7 +689,8 @@ def pairs(
 
     settings = PairSettings(samples, max_pairs, temperature, top_k, top_p, max_new_tokens, max_num, batch_size, seed,
                             start_ratio, model)
-    items = read_items(input, method)  # fail on a bad file before loading the model
+    items = read_items(input, method)  # fail on a bad file or output folder before loading the model
+    check_output_folder(Path(output))
     device = default_device(device)
     generator = ModelGenerator(InternVLChat.from_pretrained(model, dtype=dtype, device=device), settings)
     if method == CORRECTNESS:
