@@ -27,7 +27,8 @@ Differences from the reference trainer, on purpose:
   keeps bf16 weights plus an fp32 master copy); the reference copy is float32 too, under the same
   autocast, so at step 0 it computes exactly what the policy does (FSDP2 computes with bf16 weights:
   its reference copy, and the `precompute_ref` pass, use bf16 weights without autocast);
-- weight decay skips biases and the weights of LayerNorm / RMSNorm modules (the HF Trainer rule);
+- weight decay skips biases and the weights of LayerNorm / RMSNorm modules (the reference's DeepSpeed AdamW
+  gets every trainable tensor in one group and decays them all);
 - epochs reshuffle with a generator seeded by seed + epoch; the stream of samples runs on across
   epochs, and the step count is `max_steps`, else `epochs * (samples per rank // (batch * accum))`.
 
