@@ -114,6 +114,15 @@ def test_missing_meta_and_annotation_files(tmp_path, root):
     spec = DatasetSpec("d", root, str(tmp_path / "nope.jsonl"))
     with pytest.raises(InputError, match="nope.jsonl: annotation file not found"):
         read_records(spec, 0)
+    # A folder where a file belongs (the pairs' output folder given as --data) is named, not an OSError.
+    (tmp_path / "pairs").mkdir()
+    with pytest.raises(InputError, match=r"pairs: is a folder; give the meta.json file"):
+        load_meta(str(tmp_path / "pairs"))
+    (tmp_path / "ann.jsonl").mkdir()
+    with pytest.raises(InputError, match=r"ann.jsonl: is a folder, not an annotation file"):
+        read_records(DatasetSpec("d", root, str(tmp_path / "ann.jsonl")), 0)
+    with pytest.raises(InputError, match=r"ann.jsonl: is a folder, not an annotation file"):
+        read_sft_records(str(tmp_path / "ann.jsonl"), root)
 
 
 # ----------------------------------------------------------------------------- records

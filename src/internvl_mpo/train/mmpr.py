@@ -155,6 +155,8 @@ def load_meta(meta_path: str, base_dir: str | None = None) -> list[DatasetSpec]:
             meta = json.load(f, object_pairs_hook=_unique_keys)
     except FileNotFoundError:
         raise InputError(f"{meta_path}: meta file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{meta_path}: is a folder; give the meta.json file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{meta_path}: not valid JSON ({e})") from None
     except _DuplicateKey as e:
@@ -225,6 +227,8 @@ def _read_lines(path: str) -> list[bytes]:
             data = f.read()
     except FileNotFoundError:
         raise InputError(f"{path}: annotation file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, not an annotation file") from None
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
