@@ -2,6 +2,7 @@
 (Image.open().convert('RGB'), dynamic_preprocess, ToTensor = uint8/255, Normalize = (x-mean)/std in
 float32), against transformers' GOT-OCR2 image processor, and every bad-input case."""
 
+import gc
 import io
 import struct
 import threading
@@ -234,6 +235,25 @@ def test_not_an_image(tmp_path):
         load_image(path)
     with pytest.raises(InputError, match="directory"):
         open_image(tmp_path)
+
+
+def test_multi_frame_files_are_closed_after_decoding(tmp_path):
+    """Pillow keeps a multi-frame file open after decoding (to seek later frames); it used to stay
+    open until garbage collection, with a ResourceWarning, and as long as an RGB result lived."""
+    frames = [photo(40, 30, seed=s) for s in range(3)]
+    paths = [tmp_path / "anim.gif", tmp_path / "anim.png", tmp_path / "pages.tif"]
+    frames[0].quantize(16).save(paths[0], save_all=True, append_images=[f.quantize(16) for f in frames[1:]])
+    for path in paths[1:]:  # RGB: APNG and a multi-page TIFF
+        frames[0].save(path, save_all=True, append_images=frames[1:])
+    for path in paths:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            rgb = open_image(path)
+            with Image.open(path) as official:
+                assert np.array_equal(np.asarray(rgb), np.asarray(official.convert("RGB")))  # the first frame
+            del rgb
+            gc.collect()
+        assert not [w for w in caught if issubclass(w.category, ResourceWarning)], path.name
 
 
 def test_empty_file_is_named_as_empty(tmp_path):

@@ -115,30 +115,38 @@ def _limit(max_pixels: int | None) -> int | None:
     return Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
 
 
-def _is_empty(src: ImageSource) -> bool:
-    if isinstance(src, (bytes, bytearray)):
-        return not src
-    return isinstance(src, (str, os.PathLike)) and os.path.isfile(src) and os.path.getsize(src) == 0
+def _is_empty(fp: BinaryIO) -> bool:
+    try:
+        return fp.seek(0, os.SEEK_END) == 0
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
-def _open_pil(src: ImageSource, name: str) -> Image.Image:
+def _open_file(path: str | os.PathLike, name: str) -> BinaryIO:
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise InputError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{name}: is a directory, not an image file") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{name}: cannot open: {e}") from None
+
+
+def _open_pil(src: BinaryIO | bytes | bytearray, name: str) -> Image.Image:
     fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src
     try:
         # Pillow warns above MAX_IMAGE_PIXELS; we enforce our own limit after opening instead.
         with _quiet_open, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(fp)
-    except FileNotFoundError:
-        raise InputError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{name}: is a directory, not an image file") from None
     except Image.DecompressionBombError as e:
         raise InputError(
             f"{name}: refused as a possible decompression bomb ({e}); raise PIL.Image.MAX_IMAGE_PIXELS "
             "to open images this large"
         ) from None
     except UnidentifiedImageError:
-        if _is_empty(src):
+        if _is_empty(fp):
             raise InputError(f"{name}: the file is empty (0 bytes)") from None
         raise InputError(f"{name}: not an image Pillow can read") from None
     except _DECODE_ERRORS as e:
@@ -162,12 +170,17 @@ def open_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
                          "object or a PIL image (PIL.Image.fromarray makes one from an HxWx3 uint8 array)")
     refuse_url(src)
     name = source_name(src)
+    if isinstance(src, (str, os.PathLike)):
+        # Read through a file closed here: Pillow would keep a multi-frame file (GIF, APNG, TIFF, MPO)
+        # open after decoding, to seek later frames, until the image is garbage collected.
+        with _open_file(src, name) as f:
+            return _checked_rgb(_open_pil(f, name), name, max_pixels)
     image = _open_pil(src, name)
     try:
         return _checked_rgb(image, name, max_pixels)
     except InputError:
         if not hasattr(src, "read"):
-            image.close()  # a file Pillow opened itself; the caller's file objects stay open
+            image.close()  # decoded from bytes; the caller's file objects stay open
         raise
 
 
