@@ -34,6 +34,9 @@ Deliberate differences:
   the string 'None', so a positive answering "No" never pairs with them).
 - Duplicates are removed before the P pairs are drawn (a question yields P distinct pairs when it
   can); the draw uses a generator seeded by (seed, item id), so the result does not depend on order.
+- Responses are grouped by item id: two items with the same image, question and answer draw their
+  pairs separately (the official groups by (image, question, answer): one draw of at most P pairs);
+  pairs that come out identical are written once.
 - Each sample has its own seed derived from (seed, item id, sample index): a rerun reproduces the
   samples and a resumed run gives the same files as an uninterrupted one.
 - DropoutNTP draws one continuation per item (the paper; the official script defaults to 8); the
