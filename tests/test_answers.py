@@ -372,6 +372,8 @@ def test_parse_yes_no_agrees_with_vlmevalkit_where_it_decides(text):
         ("3.5 kg", "3.5 kg"),
         ("  New   York!! ", "new york"),
         ("東京タワー（日本）", "東京タワー日本"),
+        ("$2x+3$", "2x+3"),  # inline math delimiters are no part of the answer
+        ("($AB$)", "ab"),
     ],
 )
 def test_normalize_text(text, expected):

@@ -24,8 +24,8 @@ thousands commas, percentages, fractions, LaTeX `\\frac`, scientific notation ("
 words that count something in short answers ("three", "there is one", "none"; not "the one on the
 left", "the big red one"), compared exactly for integers and with a relative tolerance otherwise, yes/no
 variants (true/false, 是/否), and short text compared after normalisation (NFKC, which also folds CJK
-full-width forms; case; punctuation; English articles; number words, "none" as 0; whitespace, none
-kept next to CJK characters). The official checker for pairs uses the TextVQA evaluator and a 1e-3
+full-width forms; case; punctuation and inline-math `$`; English articles; number words, "none" as 0;
+whitespace, none kept next to CJK characters). The official checker for pairs uses the TextVQA evaluator and a 1e-3
 relative tolerance for math; the normalisation here is close to TextVQA's but not identical.
 
 `check_answer` returns None when the prediction cannot be read as the expected kind (no option
@@ -406,10 +406,10 @@ def _is_cjk(ch: str) -> bool:
 
 
 def normalize_text(text: str) -> str:
-    """Short-answer normal form: NFKC, casefold, punctuation to spaces (decimal points kept),
-    thousands commas dropped, English articles dropped (unless they are all there is), number words as
-    digits, single spaces and no space next to a CJK character."""
-    s = unicodedata.normalize("NFKC", text).casefold()
+    """Short-answer normal form: NFKC, casefold, punctuation and LaTeX's inline math `$` to spaces
+    (decimal points kept), thousands commas dropped, English articles dropped (unless they are all there
+    is), number words as digits, single spaces and no space next to a CJK character."""
+    s = unicodedata.normalize("NFKC", text).casefold().replace("$", " ")
     s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
     chars = []
     for i, ch in enumerate(s):
