@@ -392,6 +392,7 @@ def test_tile_budget_follows_the_official_evaluation_rule():
     assert per_image_max_num(12, 100, 64) == [1] * 100
     assert per_image_max_num([2, 24, 9], 3, 30) == [2, 10, 9]
     assert per_image_max_num(12, 3) == [12, 12, 12]
+    assert per_image_max_num(np.int64(12), 2, np.int64(9)) == [4, 4]  # NumPy integers, as load_image takes them
     wide = photo(1600, 400)
     result = load_images([wide] * 3, max_num=12, total_budget=9)  # each image capped at 3 tiles
     assert result.num_patches_list == [4, 4, 4]
