@@ -353,6 +353,22 @@ def test_every_size_maps_onto_transformers_model(size):
     assert back.llm.extra.get("bias") == config.llm.extra.get("bias")
 
 
+@pytest.mark.parametrize("key", ["torch_dtype", "dtype"])
+def test_the_weights_dtype_travels_to_transformers(tmp_path, key):
+    """transformers >= 4.56 (and so the official code saving under it) writes `dtype`, older ones
+    `torch_dtype`; either way the converted config records it, or transformers would load bf16 weights
+    as float32 by default."""
+    from transformers import AutoConfig
+
+    src = official_folder(tmp_path / "src", "qwen2")
+    config = json.loads((src / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    (src / "config.json").write_text(json.dumps({**config, key: "bfloat16"}))
+    dst = convert(src, tmp_path / "hf", to="hf")
+    assert json.loads((dst / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert AutoConfig.from_pretrained(dst).dtype == torch.bfloat16
+
+
 def test_a_transformers_config_without_a_size_is_refused_by_name():
     hf_dict = hf_config_dict(tiny_config(), image_token_id=IMAGE_TOKEN_ID)
     del hf_dict["text_config"]["hidden_size"]

@@ -222,8 +222,8 @@ def hf_config_dict(config: ModelConfig, image_token_id: int) -> dict[str, Any]:
         "vision_feature_layer": config.select_layer, "vision_feature_select_strategy": "default",
         "tie_word_embeddings": l.tie_word_embeddings,
     }
-    if "torch_dtype" in config.extra:
-        out["torch_dtype"] = config.extra["torch_dtype"]
+    if config.torch_dtype is not None:  # written `torch_dtype` or (newer transformers) `dtype`
+        out["torch_dtype"] = config.torch_dtype
     return out
 
 
