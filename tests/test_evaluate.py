@@ -278,6 +278,10 @@ def test_tsv_with_a_byte_order_mark_or_not_utf8(tmp_path):
     (tmp_path / "noindex.tsv").write_text("index\tquestion\tanswer\n1\tq?\t2\n\tq?\t3\n", encoding="utf-8")
     with pytest.raises(InputError, match=r"noindex.tsv:row 3: the index is empty"):
         read_benchmark(tmp_path / "noindex.tsv")
+    # VLMEvalKit's local-file column: not read here, so its questions would be asked without their images
+    (tmp_path / "paths.tsv").write_text("index\tquestion\tanswer\timage_path\n1\tq?\t2\ta.jpg\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"paths.tsv: images given as an image_path column"):
+        read_benchmark(tmp_path / "paths.tsv")
 
 
 def test_mmbench_tsv_with_rotated_copies_is_scored_circularly(tmp_path):

@@ -169,6 +169,9 @@ def _read_tsv(path: Path) -> list[BenchItem]:
     missing = [k for k in ("index", "question", "answer") if k not in rows[0]]
     if missing:
         raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
+    if "image_path" in rows[0] and "image" not in rows[0]:
+        raise InputError(f"{path}: images given as an image_path column are not read (the questions would go without "
+                         "them); give base64 images in an image column, or a JSONL file with image paths")
     encoded = {row["index"]: _cell(row, "image") for row in rows}
     items, checked = [], set()
     for number, row in enumerate(rows, 2):
