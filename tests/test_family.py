@@ -7,6 +7,7 @@ official InternViT / InternLM2 / Qwen2 modules), not read from our model.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -146,6 +147,38 @@ def test_2b_layout_round_trip(tmp_path):
     ids = torch.tensor([[1, 92543, 333, 92542]])
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
+
+
+@pytest.mark.parametrize("size", FAMILY_SIZES)
+def test_every_size_round_trips_at_tiny_width(tmp_path, size):
+    """Each size's structure (ViT norm and qk-norm, LLM class, InternLM2 bias, RoPE) at tiny widths, bf16:
+    sharded save -> load gives the same tensors and logits, a complete index and bf16 recorded throughout."""
+    real = family_config(size)
+    vision = dataclasses.replace(real.vision, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, image_size=56)
+    llm = dataclasses.replace(real.llm, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, vocab_size=300)
+    config = real.replace(vision=vision, llm=llm, force_image_size=56)
+    torch.manual_seed(0)
+    model = InternVL(config, image_token_id=299)
+    with torch.no_grad():
+        for t in model.parameters():
+            t.copy_(0.1 * torch.randn_like(t) + (1.0 if t.dim() == 1 else 0.0))
+    model = model.to(torch.bfloat16)
+    folder = model.save_pretrained(tmp_path / size, max_shard_size=50_000)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    state = model.state_dict()
+    assert index["weight_map"].keys() == state.keys() and len(set(index["weight_map"].values())) > 1
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in state.values())
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["torch_dtype"] == saved["vision_config"]["torch_dtype"] == saved["llm_config"]["torch_dtype"]
+    assert saved["torch_dtype"] == "bfloat16" and saved["llm_config"]["architectures"] == list(llm.architectures)
+    loaded = InternVL.from_pretrained(folder, dtype="auto", image_token_id=299)
+    assert loaded.config == config and loaded.dtype == torch.bfloat16
+    ids = torch.tensor([[5, 6] + [299] * config.num_image_token + [7]])
+    pixels = torch.randn(1, 3, 56, 56, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, pixel_values=pixels), model(ids, pixel_values=pixels))
 
 
 # ---- InternViT-6B: our encoder against the official equations, written out here -----------------
