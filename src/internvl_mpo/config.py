@@ -361,6 +361,7 @@ def _official_llm_dict(d: dict[str, Any]) -> dict[str, Any]:
         d["num_key_value_heads"] = d["num_attention_heads"]
     return d
 
+
 _AUTO_MAP = {
     "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
     "AutoModel": "modeling_internvl_chat.InternVLChatModel",
