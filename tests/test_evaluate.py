@@ -211,6 +211,11 @@ def test_bad_input_is_named_with_its_line_before_any_answer(tmp_path):
         f.write("index\tquestion\tanswer\timage\n7\tIs it red?\tyes\t" + base64.b64encode(b"not an image " * 10).decode() + "\n")
     with pytest.raises(InputError, match=r"bad.tsv:row 2 \(index 7\): .*not an image"):
         read_benchmark(tmp_path / "bad.tsv")
+    for extra, why in [({"images": ["a.png"]}, "'images' is not read; name it 'image'"),
+                       ({"video": "clip.mp4"}, "'video' is not supported")]:
+        data.write_text(json.dumps({"id": "1", "question": "How many?", "answer": "2", **extra}) + "\n")
+        with pytest.raises(InputError, match=rf"bench.jsonl:1: field {why}"):
+            read_benchmark(data)
     data.write_text(json.dumps({"id": "1", "question": "How many?", "answer": " "}) + "\n")
     with pytest.raises(InputError, match=r"bench.jsonl:1: the answer is empty"):
         read_benchmark(data)

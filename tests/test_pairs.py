@@ -264,6 +264,13 @@ def test_bad_items_are_reported_with_their_line(tmp_path):
     path.write_text(json.dumps({"id": "a", "question": "q"}) + "\n" + json.dumps({"id": "a", "question": "q"}) + "\n")
     with pytest.raises(InputError, match="chosen"):
         read_items(path, "dropout-ntp")
+    # A field that would be ignored, leaving the question without its images, is refused.
+    for extra, why in [({"images": ["good.png"]}, "'images' is not read; name it 'image'"),
+                       ({"video": "clip.mp4"}, "'video' is not supported")]:
+        for method in ("correctness", "dropout-ntp"):
+            path.write_text(json.dumps({"id": "a", "question": "q", "answer": "B", **extra}) + "\n")
+            with pytest.raises(InputError, match=rf"items.jsonl:1: field {why}"):
+                read_items(path, method)
     # Ids are text: 7 and "7" are the same id (progress and pairs are keyed by it).
     rows = [{"id": 7, "question": "q", "answer": "2"}, {"id": "8", "question": "q", "answer": "2"},
             {"id": "7", "question": "q", "answer": "3"}]

@@ -65,6 +65,7 @@ from internvl_mpo.pairs import (
     check_output_folder,
     check_settings,
     make_output_folder,
+    refuse_unread_media,
 )
 
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -129,6 +130,7 @@ def _read_jsonl(path: Path) -> list[BenchItem]:
             if not isinstance(row.get(key), (str, int, float)) or isinstance(row.get(key), bool):
                 required = "a string or a number" if key == "id" else "a string"
                 raise InputError(f"{where}: field {key!r} is required ({required})")
+        refuse_unread_media(row, where)
         image = row.get("image") or []
         names = [image] if isinstance(image, str) else image
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):

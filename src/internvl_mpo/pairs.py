@@ -178,6 +178,14 @@ def _resolve_image(value: Any, folder: Path, where: str) -> tuple[str | list[str
     return value, tuple(path if is_url(path) else str(Path(path).resolve()) for path in paths)
 
 
+def refuse_unread_media(row: dict, where: str) -> None:
+    """Refuse a field that would be ignored and leave the question without its images."""
+    if "images" in row and "image" not in row:
+        raise InputError(f"{where}: field 'images' is not read; name it 'image'")
+    if row.get("video"):
+        raise InputError(f"{where}: field 'video' is not supported here; give frames as a list of paths in 'image'")
+
+
 def check_images(images, where: str, checked: set) -> None:
     """Open and decode each image (path or bytes) not in `checked` yet, so a missing file or a
     non-image is reported with its file:line before the model loads."""
@@ -222,6 +230,7 @@ def _text_field(row: dict, key: str, where: str, required: bool = True) -> str:
 def _parse_item(row: dict, method: str, folder: Path, where: str) -> Item:
     item_id = _text_field(row, "id", where)
     question = _text_field(row, "question", where)
+    refuse_unread_media(row, where)
     image, images = _resolve_image(row.get("image"), folder, where)
     if method == DROPOUT_NTP:
         chosen = row.get("chosen") or row.get("answer")
