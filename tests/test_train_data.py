@@ -236,6 +236,23 @@ def test_long_answers_lose_their_tails_never_the_prompt(tmp_path, tokenizer, set
     torch.testing.assert_close(cut.pixel_values, full.pixel_values, rtol=0, atol=0)
 
 
+def test_answers_cut_to_the_same_tokens_name_file_and_line(tmp_path, tokenizer, settings):
+    # DropoutNTP-style: the rejected answer repeats the first half of the chosen one, then goes astray.
+    shared = " ".join(["word"] * 40)
+    meta = write_mmpr(tmp_path, [{"image": "red.png", "question": "Describe.", "chosen": shared + " right end.",
+                                  "rejected": shared + " wrong end."}])
+    (rec,), _ = read_datasets(load_meta(str(meta)))
+    full = encode_pair(rec, tokenizer, settings, 100_000)
+    first = next(i for i, (c, r) in enumerate(zip(full.chosen_ids, full.rejected_ids)) if c != r)
+    kept = encode_pair(rec, tokenizer, settings, len(full.prompt_ids) + first + 1)
+    assert kept.chosen_ids != kept.rejected_ids and kept.truncated
+    limit = len(full.prompt_ids) + first
+    with pytest.raises(InputError, match=rf"toy\.jsonl:1: 'chosen' and 'rejected' are the same in their first {first}"
+                                         rf" tokens.*max_seq_length={limit}.*raise max_seq_length"):
+        encode_pair(rec, tokenizer, settings, limit)
+    assert isinstance(PairDataset([rec], tokenizer, settings, max_seq_length=limit)[0], BadExample)
+
+
 def test_prompt_too_long_names_file_and_line(tmp_path, tokenizer, settings):
     meta = write_mmpr(tmp_path, [{"question": "ok", "chosen": "a", "rejected": "b"},
                                  {"image": "green.png", "question": "Long " * 50, "chosen": "a", "rejected": "b"}])

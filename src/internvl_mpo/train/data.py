@@ -19,8 +19,9 @@ Deliberate differences from the official code:
 - text-only samples carry no dummy white image (the official code encodes one and drops its
   features with `image_flags = 0`); the trainer handles the distributed case on its own;
 - too-long samples are never cut through image tokens (pitfall 13.6): only the answers' tails are
-  truncated; when the prompt leaves no room for a supervised answer token the sample is refused
-  with its `file:line` (the trainer counts and skips it with `--skip-bad`);
+  truncated; when the prompt leaves no room for a supervised answer token, or the cut leaves both
+  answers the same tokens (a shared prefix), the sample is refused with its `file:line` (the
+  trainer counts and skips it with `--skip-bad`);
 - the collator's attention mask comes from the true sequence lengths. The official collator uses
   `input_ids != 0`, which also masks every real `!` token (id 0 in the Qwen vocabulary, pitfall
   13.3); we do not reproduce that;
@@ -293,6 +294,12 @@ def encode_pair(
             + ("lower max_dynamic_patch or raise max_seq_length" if image_tokens else "raise max_seq_length")
         )
     (chosen_ids, chosen_labels), (rejected_ids, rejected_labels), truncated = fitted
+    if chosen_ids == rejected_ids:  # the texts differ (mmpr refuses equal ones), so both lost the difference
+        raise InputError(
+            f"{where}: 'chosen' and 'rejected' are the same in their first {len(chosen_ids)} tokens, all that"
+            f" max_seq_length={max_seq_length} leaves after the {len(pair.prompt_ids)}-token prompt: the cut pair"
+            " states no preference; raise max_seq_length"
+        )
     if rejected_span == "divergent-line":
         ends = line_ends if line_ends is not None else _LineEnds(tokenizer)
         rejected_labels = divergent_line_labels(chosen_ids, rejected_ids, rejected_labels, ends)
