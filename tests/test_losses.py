@@ -515,7 +515,14 @@ def _trl_python() -> str | None:
     return os.environ.get("INTERNVL_MPO_TRL_PYTHON")
 
 
-def test_parity_with_trl_0_10_1():
+# The recipe's settings, then others: the weights need not sum to 1, where InternVL logs the weight-sum of
+# the per-type rewards (`(w_sig + w_bco) * beta * delta`) and we log `beta * delta`.
+TRL_SETTINGS = [{"beta": 0.1, "ls": 0.0, "w_sig": 0.8, "w_bco": 0.2, "rpo_alpha": 1.0},
+                {"beta": 0.5, "ls": 0.2, "w_sig": 1.3, "w_bco": 0.6, "rpo_alpha": 0.4}]
+
+
+@pytest.mark.parametrize("setting", TRL_SETTINGS)
+def test_parity_with_trl_0_10_1(setting):
     python = _trl_python()
     if python is None:
         pytest.skip("trl 0.10.x not importable here; set INTERNVL_MPO_TRL_PYTHON to a venv python that has it")
@@ -527,7 +534,7 @@ def test_parity_with_trl_0_10_1():
     labels[1, -3:] = -100
     labels[3, 5:] = -100
     this_rank, other_rank = [0.4, -1.3, 2.2], [1.1, 0.2, -0.9]
-    job = {"beta": 0.1, "ls": 0.0, "w_sig": 0.8, "w_bco": 0.2, "rpo_alpha": 1.0, "steps": steps,
+    job = {**setting, "steps": steps,
            "logits": logits.tolist(), "labels": labels.tolist(), "n_chosen": 2,
            "this_rank": this_rank, "other_rank": other_rank}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -539,11 +546,16 @@ def test_parity_with_trl_0_10_1():
     if "skip" in trl_out:
         pytest.skip(f"need trl 0.10.x, found {trl_out['skip']}")
 
-    ours, running = _ours(steps, MPOWeights())
+    weights = MPOWeights(beta=setting["beta"], pref_weight=setting["w_sig"], quality_weight=setting["w_bco"],
+                         gen_weight=setting["rpo_alpha"], label_smoothing=setting["ls"])
+    ours, running = _ours(steps, weights)
+    scale = setting["w_sig"] + setting["w_bco"]
     for o, r in zip(ours, trl_out["steps"]):
         assert o["delta"] == r["delta"]  # same float32 arithmetic, bit for bit
-        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
+        for key in ("loss", "rewards/accuracies"):
             assert o[key] == pytest.approx(r[key], rel=1e-6, abs=1e-7), key
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+            assert scale * o[key] == pytest.approx(r[key], rel=1e-6, abs=1e-7), key
     assert running.state_dict() == pytest.approx(trl_out["steps"][-1]["running"], nan_ok=True)
 
     sums, counts = sequence_logps(logits, labels, chunk_size=5)
