@@ -51,11 +51,12 @@ class FakeAnswerer:
         self.script, self.fail = script, fail
         self.prompts: list[Prompt] = []
 
-    def __call__(self, prompts: list[Prompt]) -> list[str]:
-        if self.fail:
-            raise AssertionError("every answer should have been loaded from predictions.jsonl")
-        self.prompts += prompts
-        return [next(v for k, v in self.script.items() if k in p.question) for p in prompts]
+    def __call__(self, prompts, batch_size: int):
+        for key, p in prompts:
+            if self.fail:
+                raise AssertionError("every answer should have been loaded from predictions.jsonl")
+            self.prompts.append(p)
+            yield key, next(v for k, v in self.script.items() if k in p.question)
 
 
 EXPECTED = {
@@ -163,9 +164,9 @@ def test_a_question_that_cannot_run_counts_wrong_and_is_not_retried(tmp_path):
     out = tmp_path / "out"
 
     class LongCity(FakeAnswerer):
-        def __call__(self, prompts):
-            answers = super().__call__(prompts)
-            return [InputError("prompt is 9999 tokens") if "city" in p.question else a for p, a in zip(prompts, answers)]
+        def __call__(self, prompts, batch_size):
+            for key, answer in super().__call__(prompts, batch_size):
+                yield key, InputError("prompt is 9999 tokens") if "city" in self.prompts[-1].question else answer
 
     score = run_eval(data, LongCity(DIRECT), out, batch_size=4)
     # Question 5 ("London") was wrong anyway: the same score, with question 5 listed as failed.
@@ -307,9 +308,9 @@ def test_mmbench_tsv_with_rotated_copies_is_scored_circularly(tmp_path):
         writer.writeheader()
         writer.writerows(rows)
 
-    def answer(prompts):  # the color always right (by its text), the shape always "A"
-        return ["A" if "shape" in p.question else
-                next(line[0] for line in p.question.splitlines() if line.endswith(". blue")) for p in prompts]
+    def answer(prompts, batch_size):  # the color always right (by its text), the shape always "A"
+        return [(key, "A" if "shape" in p.question else
+                 next(line[0] for line in p.question.splitlines() if line.endswith(". blue"))) for key, p in prompts]
 
     score = run_eval(tmp_path / "mmb.tsv", answer, tmp_path / "out")
     assert (score["correct"], score["total"], score["rows"], score["circular"]) == (1, 2, 5, True)
@@ -391,3 +392,28 @@ def test_cli_writes_into_the_current_folder_says_where_and_resumes(tiny_model, t
         f"predictions and scores: {tmp_path}/elsewhere/predictions.jsonl, {tmp_path}/elsewhere/score.json")
     usage = " ".join(eval_cli("--help", cwd=run).stdout.split())
     assert "./<data stem>_eval, or ./<data stem>_cot_eval with --cot, in the current folder" in usage
+
+
+def test_answers_that_finish_out_of_order_are_stored_in_data_order(tmp_path):
+    """Continuous batching hands answers back as they finish; predictions.jsonl ends in data order."""
+    data = write_bench(tmp_path / "data")
+
+    class Backwards(FakeAnswerer):
+        def __call__(self, prompts, batch_size):
+            return list(super().__call__(prompts, batch_size))[::-1]
+
+    score = run_eval(data, Backwards(DIRECT), tmp_path / "out", batch_size=3)
+    assert score == run_eval(data, FakeAnswerer(DIRECT), tmp_path / "in_order")
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_an_answerer_that_leaves_a_question_out_is_an_error(tmp_path):
+    data = write_bench(tmp_path / "data")
+
+    class Forgetful(FakeAnswerer):
+        def __call__(self, prompts, batch_size):
+            return list(super().__call__(prompts, batch_size))[1:]
+
+    with pytest.raises(InputError, match=r"gave no answer for 1 questions \(ids \['1'\]\)"):
+        run_eval(data, Forgetful(DIRECT), tmp_path / "out")

@@ -42,7 +42,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,8 +96,9 @@ class Prompt:
     images: tuple[str | bytes, ...]
 
 
-# A question that cannot run (a prompt longer than the context) gets its InputError instead of an answer.
-Answerer = Callable[[list[Prompt]], list[str | InputError]]
+# Called with (key, Prompt) pairs and a batch size, it yields (key, answer) as answers finish, in any
+# order; a question that cannot run (a prompt longer than the context) gets its InputError instead.
+Answerer = Callable[[Iterable[tuple[Any, Prompt]], int], Iterable[tuple[Any, str | InputError]]]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -348,48 +349,51 @@ def run_eval(
     # edited between runs would otherwise have old answers scored against new questions.
     todo = [item for item in items if item.id not in done or done[item.id].get("prompt") != build_prompt(item, cot)
             or done[item.id].get("answer") != item.answer]
+    answered = set()
     with tqdm(total=len(items), initial=len(items) - len(todo), desc="eval", unit="q") as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            prompts = [Prompt(build_prompt(item, cot), item.images) for item in batch]
-            responses = answer_fn(prompts)
-            if len(responses) != len(batch):
-                raise InputError(f"the answering function returned {len(responses)} answers for {len(batch)} questions")
-            rows = []
-            for item, prompt, response in zip(batch, prompts, responses, strict=True):
-                row = {"id": item.id, "category": item.category, "kind": item.kind, "prompt": prompt.question}
-                if isinstance(response, InputError):
-                    row.update(prediction="", extracted="", answer=item.answer, correct=False, error=str(response))
-                else:
-                    text, verdict = score_response(item, response, cot)
-                    row.update(prediction=response, extracted=text, answer=item.answer, correct=verdict)
-                rows.append(row)
-            progress.append(rows)
-            done.update((row["id"], row) for row in rows)
-            bar.update(len(batch))
+        for item, response in answer_fn(((item, Prompt(build_prompt(item, cot), item.images)) for item in todo),
+                                        batch_size):
+            row = {"id": item.id, "category": item.category, "kind": item.kind, "prompt": build_prompt(item, cot)}
+            if isinstance(response, InputError):
+                row.update(prediction="", extracted="", answer=item.answer, correct=False, error=str(response))
+            else:
+                text, verdict = score_response(item, response, cot)
+                row.update(prediction=response, extracted=text, answer=item.answer, correct=verdict)
+            progress.append([row])
+            done[item.id] = row
+            answered.add(item.id)
+            bar.update(1)
+    missing = [item.id for item in todo if item.id not in answered]
+    if missing:
+        raise InputError(f"the answering function gave no answer for {len(missing)} questions (ids {missing[:5]})")
+    order = {item.id: i for i, item in enumerate(items)}  # answers came as they finished: the file in data order
+    atomic_write(progress.path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in
+                                        sorted(done.values(), key=lambda row: order.get(row["id"], len(order)))))
     score = {"data": str(data), "cot": cot, **summarize(items, done, cot, is_circular(data, items))}
     atomic_write(out / "score.json", json.dumps(score, indent=2, ensure_ascii=False) + "\n")
     return score
 
 
 def model_answerer(chat, max_num: int, max_new_tokens: int) -> Answerer:
-    """Greedy answers from an InternVLChat, one batch at a time, as `batch_chat` gives them; a question
-    whose prompt cannot be built gets its InputError and the others still run."""
+    """Greedy answers from an InternVLChat with continuous batching (`answers_as_they_finish`): each
+    question's images load when a row takes it; a question whose prompt cannot be built gets its
+    InputError and the others still run."""
     from internvl_mpo.pipeline import sampling_params
 
     if max_num < 1:
         raise InputError(f"max_num must be at least 1, got {max_num}")
     params = sampling_params(do_sample=False, max_new_tokens=max_new_tokens)
 
-    def answer(prompts: list[Prompt]) -> list[str | InputError]:
-        jobs = []
-        for p in prompts:
-            try:
-                jobs.append((chat.prepare(p.question, list(p.images) or None, max_num=max_num,
-                                          total_max_num=TOTAL_MAX_NUM), params))
-            except InputError as e:  # a prompt longer than the context: this question fails alone
-                jobs.append(e)
-        return chat.answer_prepared(jobs, params.stop)
+    def answer(prompts: Iterable[tuple[Any, Prompt]], batch_size: int) -> Iterable[tuple[Any, str | InputError]]:
+        def jobs():
+            for key, p in prompts:
+                try:
+                    yield key, chat.prepare(p.question, list(p.images) or None, max_num=max_num,
+                                            total_max_num=TOTAL_MAX_NUM), params
+                except InputError as e:  # a prompt longer than the context: this question fails alone
+                    yield key, e, params
+
+        return chat.answers_as_they_finish(jobs(), batch_size, params.stop)
 
     return answer
 
