@@ -64,12 +64,18 @@ def test_unusable_devices_are_config_errors(monkeypatch):
     assert init_distributed("cpu").device == torch.device("cpu")
 
 
-def test_rank_shares_form_the_global_batch():
+def test_rank_shares_deal_the_stream_of_epochs_round_robin():
     order = epoch_order(10, epoch=3, seed=7)
     assert sorted(order) == list(range(10)) and order != list(range(10))
-    shares = [rank_share(order, r, 2) for r in range(2)]
-    assert [s[k] for k in range(5) for s in shares] == order
-    assert [len(rank_share(order, r, 3)) for r in range(3)] == [3, 3, 3]
+    # 7 records on 2 and 3 ranks: stream position p (epochs one after another) is rank p % W's; the ranks
+    # take turns across each epoch's end, so no record is dropped and the global batches are one process's.
+    for world in (2, 3):
+        orders = [epoch_order(7, epoch, seed=7) for epoch in range(world)]
+        stream = [i for order in orders for i in order]
+        reads = [[i for epoch, order in enumerate(orders) for i in rank_share(order, r, world, epoch)]
+                 for r in range(world)]
+        assert [reads[p % world][p // world] for p in range(len(stream))] == stream
+        assert [len(rank_share(orders[1], r, world, 1)) for r in range(world)] == ([3, 4] if world == 2 else [2, 3, 2])
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +126,24 @@ def test_two_processes_match_one_on_the_same_global_batch(setup):
     optim = load_file(saved / "optimizer.safetensors")
     assert optim["model.language_model.lm_head.weight::exp_avg"].shape == expected["language_model.lm_head.weight"].shape
     assert {p.name for p in saved.glob("rank*.json")} == {"rank0.json", "rank1.json"}
+
+
+def test_two_processes_match_one_across_an_uneven_epoch_end(setup):
+    # 5 records on 2 ranks: the ranks used to read 2 each per epoch and never the fifth; the global batches
+    # (and so the losses) left one process's at the first epoch's end.
+    root, folder, _ = setup
+    records = [{"image": f"{name}.png", "question": f"What is this {i}?", "chosen": "It is fine.",
+                "rejected": f"It is {name}."} for i, name in enumerate([*COLORS, "red"])]
+    meta = write_mmpr(root / "data5", records)
+    base = TrainConfig(model=str(folder), data=str(meta), max_steps=4, lr=1e-3, warmup_ratio=0.0, drop_path_rate=0.0,
+                       progress=False, seed=5)
+    single = train(dataclasses.replace(base, output=str(root / "single5"), batch_size=2))
+    configs = [dataclasses.asdict(dataclasses.replace(base, output=str(root / "ddp5"), batch_size=1))]
+    mp.start_processes(_worker, args=(2, free_ports(1), configs), nprocs=2, start_method="spawn")
+    expected, got = rows(single.final_dir.parent), rows(root / "ddp5")
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in expected] == [0.4, 0.8, 1.2, 1.6]
+    for a, b in zip(expected, got, strict=True):
+        assert (b["tokens"], b["loss"]) == (a["tokens"], pytest.approx(a["loss"], rel=1e-5)), a["step"]
 
 
 def test_fsdp_bf16_reference_is_the_initial_policy(setup):

@@ -10,10 +10,12 @@ to go on when nothing was sharded. The BCO running mean needs no code here: `Run
 `losses.py` averages its batch value across ranks whenever a process group with several ranks is
 up, as TRL's `RunningMoments` does.
 
-Data: every epoch has one order of the whole dataset (a permutation seeded by seed + epoch); rank r
-of W reads positions r, r + W, r + 2W, ... of it, cut to the same length on every rank. With a
-per-rank micro-batch b, the global batch of one micro-step is therefore the next W * b positions of
-the epoch order, the same samples a single process with micro-batch W * b would read.
+Data: every epoch has one order of the whole dataset (a permutation seeded by seed + epoch); the
+epochs' orders, one after another, form one stream, and rank r of W reads its positions r, r + W,
+r + 2W, ... With a per-rank micro-batch b, the global batch of one micro-step is therefore the next
+W * b positions of that stream, the same samples a single process with micro-batch W * b would read,
+also across the end of an epoch whose size W does not divide (no record is dropped or repeated; such
+an epoch gives some ranks one sample more than others).
 """
 
 from __future__ import annotations
@@ -116,10 +118,14 @@ def epoch_order(n: int, epoch: int, seed: int, shuffle: bool = True) -> list[int
     return torch.randperm(n, generator=generator).tolist()
 
 
-def rank_share(order: list[int], rank: int, world_size: int) -> list[int]:
-    """Positions rank, rank + W, ... of `order`, cut so every rank gets len(order) // W of them."""
-    per_rank = len(order) // world_size
-    return order[rank::world_size][:per_rank]
+def share_start(n: int, rank: int, world_size: int, epoch: int) -> int:
+    """The first position of an n-record epoch that is `rank`'s: stream position epoch * n + i is rank (epoch * n + i) % W's."""
+    return (rank - epoch * n) % world_size
+
+
+def rank_share(order: list[int], rank: int, world_size: int, epoch: int = 0) -> list[int]:
+    """`rank`'s records of epoch `epoch`, whose order is `order`: every W-th, from its `share_start`."""
+    return order[share_start(len(order), rank, world_size, epoch) :: world_size]
 
 
 def wrap_ddp(module: nn.Module, env: DistEnv) -> nn.Module:

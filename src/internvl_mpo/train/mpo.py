@@ -88,6 +88,7 @@ from internvl_mpo.train.distributed import (
     init_distributed,
     rank_share,
     shard_fsdp2,
+    share_start,
     transformer_blocks,
     wrap_ddp,
 )
@@ -458,15 +459,24 @@ class SampleStream:
         self.cursor = 0
         self.bad: set[int] = set()
         self._bad_run = 0  # bad samples in a row
+        self._share_len = 0  # this rank's records in the epoch being read
         self._items = None
         self.ref_valid: torch.Tensor | None = None
 
     def per_rank(self) -> int:
+        """Samples per rank in one epoch, rounded down (the steps of an epoch are counted from it)."""
         return len(self.dataset) // self.env.world_size
 
+    def epochs_read(self) -> float:
+        """Epochs of the stream read by all ranks together, up to this rank's next sample."""
+        n, world = len(self.dataset), self.env.world_size
+        return self.epoch + (share_start(n, self.env.rank, world, self.epoch) + self.cursor * world) / n
+
     def _open(self):
-        order = rank_share(epoch_order(len(self.dataset), self.epoch, self.seed, self.shuffle), self.env.rank,
-                           self.env.world_size)[self.cursor :]
+        share = rank_share(epoch_order(len(self.dataset), self.epoch, self.seed, self.shuffle), self.env.rank,
+                           self.env.world_size, self.epoch)
+        self._share_len = len(share)
+        order = share[self.cursor :]
         dataset = self.dataset.at_epoch(self.epoch)  # the epoch seeds the data augmentation
         if self.num_workers == 0:
             return (dataset[i] for i in order)
@@ -484,9 +494,9 @@ class SampleStream:
                 self._items = self._open()
             item = next(self._items, None)
             if item is None:
-                if self._bad_run >= self.per_rank():
+                if self._bad_run >= self._share_len:
                     raise InputError(
-                        f"no usable sample in a whole epoch: all {self.per_rank()} samples of this process were bad"
+                        f"no usable sample in a whole epoch: all {self._share_len} samples of this process were bad"
                         f" and skipped (--skip-bad); first problems: {'; '.join(self.report.messages)}"
                     )
                 self.epoch, self.cursor, self._items = self.epoch + 1, 0, None
@@ -606,7 +616,7 @@ def check_reference_epoch(
         return
     order = epoch_order(len(dataset), 0, cfg.seed, cfg.shuffle)
     for rank in range(env.world_size):
-        share = rank_share(order, rank, env.world_size)
+        share = rank_share(order, rank, env.world_size, 0)
         usable = len(share) if valid is None else int(valid[share].sum())
         if usable < needed:
             raise ConfigError(
@@ -986,7 +996,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
         tokens = int(all_reduce_sum(torch.tensor([tokens], dtype=torch.float64, device=env.device), env).item())
         elapsed = time.perf_counter() - started
         metrics = {"step": step + 1, **dict(zip(keys, values.tolist())), "lr": lr, "grad_norm": grad_norm,
-                   "epoch": stream.epoch + stream.cursor / max(1, stream.per_rank()), "tokens": tokens,
+                   "epoch": stream.epochs_read(), "tokens": tokens,
                    "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "skipped": stream.report.total}
         if env.is_main:
             with open(metrics_path, "a", encoding="utf-8") as f:
