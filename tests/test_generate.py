@@ -832,3 +832,66 @@ def test_answers_as_they_finish_gives_a_job_too_long_for_the_running_cache_a_new
     assert started == [(2, 256), (2, 512)]  # the long job waited for the first batch to finish
     assert answers["long"] == chat.chat("Three", max_new_tokens=300, ignore_eos=True, do_sample=False)
     assert answers["short 3"] == chat.chat("Four", max_new_tokens=4, ignore_eos=True, do_sample=False)
+
+
+def test_answers_as_they_finish_cuts_each_job_at_its_own_stop_strings(setup):
+    """A job's SamplingParams.stop was ignored: only the method's `stop` argument cut the answers."""
+    from internvl_mpo.pipeline import sampling_params
+
+    chat, _ = setup
+    kw = dict(do_sample=False, max_new_tokens=20, ignore_eos=True)
+    full = chat.chat("Question A", **kw)
+    stop = full[len(full) // 2 :][:2]
+    assert stop.strip() and full.find(stop) > 0
+    jobs = [("own", chat.prepare("Question A"), sampling_params(stop=stop, **kw)),
+            ("none", chat.prepare("Question A"), sampling_params(**kw))]
+    answers = dict(chat.answers_as_they_finish(jobs, batch_size=2))
+    assert answers == {"own": full[: full.find(stop)].strip(), "none": full}
+    assert chat.answer_prepared([(p, params) for _, p, params in jobs]) == [answers["own"], full]
+
+
+def test_answers_as_they_finish_refuses_a_batch_size_below_one(setup):
+    """batch_size=0 returned no answers at all, silently."""
+    from internvl_mpo.pipeline import sampling_params
+
+    chat, _ = setup
+    jobs = [("a", chat.prepare("Question A"), sampling_params(max_new_tokens=2))]
+    for bad in (0, -1, 1.5):
+        with pytest.raises(InputError, match="batch_size must be a whole number of at least 1"):
+            list(chat.answers_as_they_finish(jobs, batch_size=bad))
+
+
+def test_answers_are_cut_where_the_end_of_turn_text_is_spelled_in_ordinary_tokens(setup):
+    """The official chat() decodes without special tokens, then cuts at the text "<|im_end|>"; a
+    model that spelled it in ordinary tokens ("<|im" + "_end|>") kept it and what followed."""
+    from internvl_mpo.generate.engine import Event
+
+    chat, _ = setup
+    tok = chat.tokenizer
+    tokens = tok.encode("Yes.") + tok.encode("<|im") + tok.encode("_end|>") + tok.encode(" more")
+    assert tok.im_end_id not in tokens and "<|im_end|>" in tok.decode(tokens, skip_special_tokens=True)
+
+    class Scripted:  # a Generation that produces `tokens` for every request
+        def __init__(self, n):
+            self.n, self.finished = n, set()
+
+        def __iter__(self):
+            for i, token in enumerate(tokens):
+                yield [Event(rid, token, "length" if i == len(tokens) - 1 else None)
+                       for rid in range(self.n) if rid not in self.finished]
+
+        def finish(self, rid):
+            self.finished.add(rid)
+
+    class Engine:
+        def generate(self, requests):
+            return Scripted(len(requests))
+
+    chat.engine, real = Engine(), chat.engine
+    try:
+        assert chat.chat("Hi") == "Yes."
+        assert "".join(chat.stream_chat("Hi")) == "Yes."
+        assert chat.batch_chat(["Hi", "Ho"]) == ["Yes.", "Yes."]
+        assert chat.chat("Hi", ignore_eos=True) == "Yes.<|im_end|> more"  # ignore_eos goes past it, as past the token
+    finally:
+        chat.engine = real

@@ -4,7 +4,8 @@
 know, without the tokenizer argument: images may be paths, bytes, PIL images or preprocessed
 `pixel_values`; a video may be a file, a list of frames or a folder of frames. The prompt is the
 official one (template, `<image>\\n` prefix on the first turn, `Image-k:` / `FrameK:` prefixes for
-several images or frames), the answer is cleaned up as `chat()` does (cut at `<|im_end|>`, strip).
+several images or frames), the answer is cleaned up as `chat()` does (cut at `<|im_end|>`, also where
+it is spelled in ordinary tokens, strip).
 
 Default generation settings are the model card's quick start: `max_new_tokens=1024,
 do_sample=True` with transformers' defaults (temperature 1.0, top_k 50, top_p 1.0). Pass
@@ -27,7 +28,7 @@ from .chat.tokenizer import Tokenizer, load_tokenizer
 from .config import ModelConfig
 from .errors import InputError
 from .generate.engine import SPAN_BUCKET, Engine, Generation, Request
-from .generate.sampling import SamplingParams
+from .generate.sampling import SamplingParams, whole_number
 from .model import InternVL
 from .processor.multi import load_images
 
@@ -247,7 +248,7 @@ class InternVLChat:
     def stream_prepared(self, prepared: Prepared, params: SamplingParams) -> Iterator[str]:
         """Text pieces of the answer to an already prepared prompt."""
         gen = self.engine.generate([Request(prepared.prompt_ids, params, prepared.pixel_values)])
-        yield from _stream_text(self.tokenizer, gen, 0, params.stop)
+        yield from _stream_text(gen, 0, self._texts(params))
 
     def chat(self, question: str, images=None, video=None, history=None, return_history: bool = False, *,
              pixel_values=None, **kwargs):
@@ -292,21 +293,23 @@ class InternVLChat:
             p = self.prepare(question, imgs, **inputs)
             seed = None if params.seed is None else params.seed + i
             requests.append((p, dataclasses.replace(params, seed=seed)))
-        return self.answer_prepared(requests, params.stop)
+        return self.answer_prepared(requests)
 
     def answer_prepared(self, jobs: Sequence[tuple[Prepared, SamplingParams] | InputError],
                         stop: tuple[str, ...] = ()) -> list:
-        """The answers (cut at `stop`, stripped) of prepared prompts, decoded together. An InputError
-        in `jobs` (a prompt that could not be built) stands in its place in the result."""
-        requests = [Request(p.prompt_ids, params, p.pixel_values) for p, params in
-                    (job for job in jobs if not isinstance(job, InputError))]
-        texts = iter(generate_texts(self.tokenizer, self.engine.generate(requests), len(requests), stop)
+        """The answers (cut at `stop` and at each job's own stop strings, stripped) of prepared prompts,
+        decoded together. An InputError in `jobs` (a prompt that could not be built) stands in its place
+        in the result."""
+        good = [job for job in jobs if not isinstance(job, InputError)]
+        requests = [Request(p.prompt_ids, params, p.pixel_values) for p, params in good]
+        texts = iter(generate_texts(self.engine.generate(requests), [self._texts(params, stop) for _, params in good])
                      if requests else [])
         return [job if isinstance(job, InputError) else next(texts) for job in jobs]
 
     def answers_as_they_finish(self, jobs: Iterable[tuple[Any, Prepared | InputError, SamplingParams]],
                                batch_size: int, stop: tuple[str, ...] = ()) -> Iterator[tuple[Any, str | InputError]]:
         """(key, answer) of every (key, prepared prompt, params) job, in the order the answers finish.
+        Answers are cut at `stop` and at the job's own `params.stop`.
 
         Up to `batch_size` rows decode together, and a row that finishes takes the next job at the
         next step (continuous batching), so a long answer does not hold the others' rows idle. Jobs
@@ -315,6 +318,8 @@ class InternVLChat:
         longest prompt + max_new_tokens among the jobs it starts with (rounded up to 256 slots, at
         most the context); a later job that needs more waits until the running rows finish, then a
         new cache is sized for it. An InputError job comes back as its own answer at once."""
+        if not (whole_number(batch_size) and batch_size >= 1):
+            raise InputError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
         jobs = iter(jobs)
         held = None  # the next job, when it is too long for the running batch
         gen: Generation | None = None
@@ -331,7 +336,7 @@ class InternVLChat:
         def add(job) -> None:
             key, prepared, params = job
             owners[gen.add(Request(prepared.prompt_ids, params, prepared.pixel_values))] = (
-                key, TextAssembler(self.tokenizer, stop), [])
+                key, self._texts(params, stop), [])
 
         while True:
             window = []  # jobs for a new batch
@@ -369,6 +374,13 @@ class InternVLChat:
                     del owners[event.rid]
                     yield key, "".join(pieces).strip()
 
+    def _texts(self, params: SamplingParams, stop: tuple[str, ...] = ()) -> TextAssembler:
+        """The text of one answer, cut at `stop` and `params.stop` and, as the official chat() cuts its
+        decoded answer, at the template's end of turn `<|im_end|>` spelled in ordinary tokens (unless
+        ignore_eos, which goes past the end-of-turn token too)."""
+        end = () if params.ignore_eos else (get_template(self.config.template).sep.strip(),)
+        return TextAssembler(self.tokenizer, (*stop, *params.stop, *end))
+
 
 def _images(images, pixel_values):
     """`images`, or the same thing passed under the official argument's name `pixel_values`."""
@@ -379,9 +391,8 @@ def _images(images, pixel_values):
     return pixel_values
 
 
-def _stream_text(tokenizer: Tokenizer, gen: Generation, rid: int, stop: tuple[str, ...]) -> Iterator[str]:
+def _stream_text(gen: Generation, rid: int, texts: TextAssembler) -> Iterator[str]:
     """Text pieces of request `rid`, held back while they could still be the start of a stop string."""
-    texts = TextAssembler(tokenizer, stop)
     started = False
     for events in gen:
         for event in events:
@@ -398,10 +409,10 @@ def _stream_text(tokenizer: Tokenizer, gen: Generation, rid: int, stop: tuple[st
                 return
 
 
-def generate_texts(tokenizer: Tokenizer, gen: Generation, n: int, stop: tuple[str, ...]) -> list[str]:
-    """Run a Generation to the end and return the stripped answer of each request id 0..n-1."""
-    assemblers = [TextAssembler(tokenizer, stop) for _ in range(n)]
-    answers = [""] * n
+def generate_texts(gen: Generation, assemblers: list[TextAssembler]) -> list[str]:
+    """Run a Generation to the end and return the stripped answer of each request id 0..n-1, whose
+    text `assemblers[id]` puts together."""
+    answers = [""] * len(assemblers)
     for events in gen:
         for event in events:
             piece, stopped = assemblers[event.rid].feed(event.token, last=event.finish is not None)
