@@ -564,6 +564,15 @@ def test_unknown_generation_setting(setup):
         chat.chat("hi", temprature=0.5)
 
 
+def test_the_model_cards_streamer_setting_points_to_stream_chat(setup):
+    """The card streams by putting a TextIteratorStreamer in generation_config; that was refused as an
+    unknown setting among the list of known ones, with no word of how to stream here."""
+    chat, _ = setup
+    config = dict(max_new_tokens=4, do_sample=False, streamer=object())
+    with pytest.raises(InputError, match=r"^streamer is not taken: iterate stream_chat\(\) for the answer's pieces"):
+        chat.chat("hi", generation_config=config)
+
+
 def test_sampling_default_is_the_model_card(setup):
     from internvl_mpo.pipeline import sampling_params
 

@@ -61,6 +61,8 @@ def sampling_params(**generation) -> SamplingParams:
     setting given as None is not set (transformers reads None the same way)."""
     generation = {key: value for key, value in generation.items() if value is not None}
     unknown = set(generation) - GENERATION_KEYS - {"num_beams", "eos_token_id", "pad_token_id"}
+    if "streamer" in unknown:  # the model card's way to stream
+        raise InputError("streamer is not taken: iterate stream_chat() for the answer's pieces")
     if unknown:
         raise InputError(
             f"unknown generation settings: {sorted(unknown)}; known: {sorted(GENERATION_KEYS | INPUT_KEYS)}"
