@@ -22,7 +22,8 @@ from ..errors import InputError
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Defaults are the official card's quick start: HF's top_k 50 applies when sampling."""
+    """Defaults are transformers' (greedy; top_k 50 when sampling) with the card's max_new_tokens;
+    `chat()` samples by default, as the card's quick start does (pipeline.CARD_DEFAULTS)."""
 
     max_new_tokens: int = 1024
     do_sample: bool = False
