@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -21,8 +23,8 @@ from safetensors.torch import load_file
 from test_train_data import COLORS, write_mmpr
 
 from internvl_mpo.chat.tokenizer import load_tokenizer
+from internvl_mpo.errors import CheckpointError, ConfigError
 from internvl_mpo.model import InternVL
-from internvl_mpo.errors import ConfigError
 from internvl_mpo.train.distributed import epoch_order, init_distributed, rank_share
 from internvl_mpo.train.mpo import TrainConfig, train
 
@@ -144,6 +146,28 @@ def test_two_processes_match_one_across_an_uneven_epoch_end(setup):
     assert [r["epoch"] for r in got] == [r["epoch"] for r in expected] == [0.4, 0.8, 1.2, 1.6]
     for a, b in zip(expected, got, strict=True):
         assert (b["tokens"], b["loss"]) == (a["tokens"], pytest.approx(a["loss"], rel=1e-5)), a["step"]
+
+
+def test_fsdp_resumes_mid_epoch_exactly_and_refuses_another_world_size(setup):
+    root, folder, meta = setup
+    base = TrainConfig(model=str(folder), data=str(meta), max_steps=4, save_every=3, batch_size=1, lr=1e-3,
+                       warmup_ratio=0.0, progress=False, seed=3, fsdp=True)  # drop path on: RNG states matter
+
+    def run(name: str, **change) -> None:
+        cfg = dataclasses.asdict(dataclasses.replace(base, output=str(root / name), **change))
+        mp.start_processes(_worker, args=(2, free_ports(1), [cfg]), nprocs=2, start_method="spawn")
+
+    run("whole")
+    (root / "resumed").mkdir()
+    shutil.copytree(root / "whole" / "checkpoint-000003", root / "resumed" / "checkpoint-000003")  # 3 of 4 per rank
+    with pytest.raises(CheckpointError, match=r"world_size \(checkpoint 2, now 1\)"):
+        train(dataclasses.replace(base, output=str(root / "resumed"), resume=True))
+    run("resumed", resume=True)
+    assert rows(root / "resumed") == [{**r, **{k: ANY for k in ("tokens_per_s", "step_time_s")}}
+                                      for r in rows(root / "whole")[3:]]
+    whole = InternVL.from_pretrained(root / "whole" / "final").state_dict()
+    for key, value in InternVL.from_pretrained(root / "resumed" / "final").state_dict().items():
+        torch.testing.assert_close(value, whole[key], rtol=0, atol=0, msg=key)
 
 
 def test_fsdp_bf16_reference_is_the_initial_policy(setup):
