@@ -844,7 +844,7 @@ def test_answers_as_they_finish_gives_a_job_too_long_for_the_running_cache_a_new
 
 
 def test_answers_as_they_finish_cuts_each_job_at_its_own_stop_strings(setup):
-    """A job's SamplingParams.stop was ignored: only the method's `stop` argument cut the answers."""
+    """Each job is cut at its own SamplingParams.stop (it was ignored for a stop list given beside the jobs)."""
     from internvl_mpo.pipeline import sampling_params
 
     chat, _ = setup

@@ -206,7 +206,7 @@ def generate(
 
     with out.open("a", encoding="utf-8") as sink, tqdm(total=len(requests), initial=len(requests) - len(todo),
                                                        desc="generate", unit="req") as bar:
-        for item, answer in bot.answers_as_they_finish(jobs(), batch_size, base.stop):
+        for item, answer in bot.answers_as_they_finish(jobs(), batch_size):
             record = {"id": item["id"], "question": item["question"]}
             if isinstance(answer, InputError):
                 record["error"] = str(answer)

@@ -393,7 +393,7 @@ def model_answerer(chat, max_num: int, max_new_tokens: int) -> Answerer:
                 except InputError as e:  # a prompt longer than the context: this question fails alone
                     yield key, e, params
 
-        return chat.answers_as_they_finish(jobs(), batch_size, params.stop)
+        return chat.answers_as_they_finish(jobs(), batch_size)
 
     return answer
 

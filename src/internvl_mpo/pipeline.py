@@ -297,21 +297,20 @@ class InternVLChat:
             requests.append((p, dataclasses.replace(params, seed=seed)))
         return self.answer_prepared(requests)
 
-    def answer_prepared(self, jobs: Sequence[tuple[Prepared, SamplingParams] | InputError],
-                        stop: tuple[str, ...] = ()) -> list:
-        """The answers (cut at `stop` and at each job's own stop strings, stripped) of prepared prompts,
+    def answer_prepared(self, jobs: Sequence[tuple[Prepared, SamplingParams] | InputError]) -> list:
+        """The answers (cut at each job's stop strings, stripped) of prepared prompts,
         decoded together. An InputError in `jobs` (a prompt that could not be built) stands in its place
         in the result."""
         good = [job for job in jobs if not isinstance(job, InputError)]
         requests = [Request(p.prompt_ids, params, p.pixel_values) for p, params in good]
-        texts = iter(generate_texts(self.engine.generate(requests), [self._texts(params, stop) for _, params in good])
+        texts = iter(generate_texts(self.engine.generate(requests), [self._texts(params) for _, params in good])
                      if requests else [])
         return [job if isinstance(job, InputError) else next(texts) for job in jobs]
 
     def answers_as_they_finish(self, jobs: Iterable[tuple[Any, Prepared | InputError, SamplingParams]],
-                               batch_size: int, stop: tuple[str, ...] = ()) -> Iterator[tuple[Any, str | InputError]]:
+                               batch_size: int) -> Iterator[tuple[Any, str | InputError]]:
         """(key, answer) of every (key, prepared prompt, params) job, in the order the answers finish.
-        Answers are cut at `stop` and at the job's own `params.stop`.
+        Answers are cut at the job's stop strings (`params.stop`).
 
         Up to `batch_size` rows decode together, and a row that finishes takes the next job at the
         next step (continuous batching), so a long answer does not hold the others' rows idle. Jobs
@@ -338,7 +337,7 @@ class InternVLChat:
         def add(job) -> None:
             key, prepared, params = job
             owners[gen.add(Request(prepared.prompt_ids, params, prepared.pixel_values))] = (
-                key, self._texts(params, stop), [])
+                key, self._texts(params), [])
 
         while True:
             window = []  # jobs for a new batch
@@ -376,12 +375,12 @@ class InternVLChat:
                     del owners[event.rid]
                     yield key, "".join(pieces).strip()
 
-    def _texts(self, params: SamplingParams, stop: tuple[str, ...] = ()) -> TextAssembler:
-        """The text of one answer, cut at `stop` and `params.stop` and, as the official chat() cuts its
+    def _texts(self, params: SamplingParams) -> TextAssembler:
+        """The text of one answer, cut at `params.stop` and, as the official chat() cuts its
         decoded answer, at the template's end of turn `<|im_end|>` spelled in ordinary tokens (unless
         ignore_eos, which goes past the end-of-turn token too)."""
         end = () if params.ignore_eos else (get_template(self.config.template).sep.strip(),)
-        return TextAssembler(self.tokenizer, (*stop, *params.stop, *end))
+        return TextAssembler(self.tokenizer, (*params.stop, *end))
 
 
 def _images(images, pixel_values):
