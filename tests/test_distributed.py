@@ -66,6 +66,17 @@ def test_unusable_devices_are_config_errors(monkeypatch):
     assert init_distributed("cpu").device == torch.device("cpu")
 
 
+def test_an_incomplete_torchrun_environment_is_a_config_error(monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "1")  # alone, it made a process that trained and wrote nothing (not rank 0)
+    with pytest.raises(ConfigError, match=r"RANK=1 with WORLD_SIZE=1: the rank must be in 0..WORLD_SIZE-1"):
+        init_distributed("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2 but no MASTER_ADDR or MASTER_PORT in the environment: launch the"):
+        init_distributed("cpu")
+
+
 def test_rank_shares_deal_the_stream_of_epochs_round_robin():
     order = epoch_order(10, epoch=3, seed=7)
     assert sorted(order) == list(range(10)) and order != list(range(10))

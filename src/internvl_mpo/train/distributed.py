@@ -59,6 +59,14 @@ def env_int(name: str, default: int) -> int:
 def init_distributed(device: str | None = None) -> DistEnv:
     """Rank, world size and device from the torchrun environment; starts the process group if W > 1."""
     rank, local_rank, world = env_int("RANK", 0), env_int("LOCAL_RANK", 0), env_int("WORLD_SIZE", 1)
+    # A RANK without its WORLD_SIZE would train as a process that is not rank 0 and so writes nothing.
+    if not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} with WORLD_SIZE={world}: the rank must be in 0..WORLD_SIZE-1 (torchrun sets"
+                          " both; set neither for one process)")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if world > 1 and missing and not dist.is_initialized():
+        raise ConfigError(f"WORLD_SIZE={world} but no {' or '.join(missing)} in the environment: launch the processes with"
+                          " torchrun --nproc-per-node N (it sets them)")
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     try:
