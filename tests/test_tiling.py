@@ -81,6 +81,17 @@ def test_candidate_order_matches_a_python_set(min_num, max_num):
     assert list(candidate_grids(min_num, max_num)) == reference_grids(min_num, max_num)
 
 
+def test_candidate_order_matches_the_set_comprehension_for_every_small_setting_and_large_ones():
+    """Each tuple is inserted once where the comprehension first adds it (the set's iteration order
+    depends on that); every setting up to 60 and a few far above, where the comprehension takes seconds."""
+    for max_num in range(1, 61):
+        for min_num in range(1, max_num + 1):
+            assert list(candidate_grids.__wrapped__(min_num, max_num)) == reference_grids(min_num, max_num)
+    for min_num, max_num in [(1, 150), (3, 180), (11, 200)]:
+        assert list(candidate_grids.__wrapped__(min_num, max_num)) == reference_grids(min_num, max_num)
+    assert len(candidate_grids.__wrapped__(1, 5000)) == sum(5000 // i for i in range(1, 5001))  # i*j <= 5000
+
+
 @pytest.mark.parametrize("max_num", MAX_NUMS)
 def test_grid_choice_matches_reference_on_awkward_sizes(max_num):
     for width, height in SIZES:

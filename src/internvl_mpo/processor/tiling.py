@@ -39,13 +39,23 @@ def candidate_grids(min_num: int = 1, max_num: int = 12) -> tuple[Grid, ...]:
     if min_num < 1 or max_num < min_num:
         raise InputError(f"tile counts need 1 <= min_num <= max_num, got min_num={min_num}, max_num={max_num}")
     grids: set[Grid] = set()
-    # Same insertion sequence as the official set comprehension: the iteration order of a set of
-    # small-int tuples depends on it (collisions), so we replay it instead of enumerating directly.
-    for n in range(min_num, max_num + 1):
-        for i in range(1, n + 1):
-            for j in range(1, n + 1):
-                if min_num <= i * j <= max_num:
-                    grids.add((i, j))
+    # The official set comprehension runs n over min_num..max_num and i, j over 1..n; the iteration
+    # order of a set of small-int tuples depends on the order of first insertions (collisions), and
+    # adding a tuple again changes nothing. So we insert each tuple once, where it first comes: every
+    # tuple of the first n, then those with max(i, j) = n, in the comprehension's (i, j) order. That is
+    # O(max_num log max_num) tuples instead of the comprehension's O(max_num^3) steps (minutes at 1000).
+    def add(i: int, j: int) -> None:
+        if min_num <= i * j <= max_num:
+            grids.add((i, j))
+
+    for i in range(1, min_num + 1):
+        for j in range(1, min_num + 1):
+            add(i, j)
+    for n in range(min_num + 1, max_num + 1):
+        for i in range(1, min(n - 1, max_num // n) + 1):
+            add(i, n)
+        for j in range(1, min(n, max_num // n) + 1):
+            add(n, j)
     return tuple(sorted(grids, key=lambda g: g[0] * g[1]))
 
 
