@@ -159,6 +159,23 @@ def test_two_processes_match_one_across_an_uneven_epoch_end(setup):
         assert (b["tokens"], b["loss"]) == (a["tokens"], pytest.approx(a["loss"], rel=1e-5)), a["step"]
 
 
+def test_skipped_records_are_counted_over_all_ranks(setup):
+    # Two records too long to train on, one read by each rank: metrics.jsonl and the result counted rank 0's only.
+    root, folder, _ = setup
+    records = [{"image": f"{name}.png", "question": f"What is this {i}?", "chosen": "It is fine.",
+                "rejected": f"It is {name}."} for i, name in enumerate([*COLORS, *COLORS])]
+    for i in (2, 4):  # stream positions 0 and 1 (the reader's shuffle): rank 0 meets one, rank 1 the other
+        records[i]["question"] = "long " * 400
+    meta = write_mmpr(root / "data_bad", records)
+    base = TrainConfig(model=str(folder), data=str(meta), max_steps=2, max_seq_length=400, skip_bad=True,
+                       shuffle=False, drop_path_rate=0.0, progress=False)
+    single = train(dataclasses.replace(base, output=str(root / "single_bad"), batch_size=2))
+    configs = [dataclasses.asdict(dataclasses.replace(base, output=str(root / "ddp_bad"), batch_size=1))]
+    mp.start_processes(_worker, args=(2, free_ports(1), configs), nprocs=2, start_method="spawn")
+    assert single.skipped.counts == {"encode": 2}
+    assert [r["skipped"] for r in rows(root / "ddp_bad")] == [r["skipped"] for r in rows(root / "single_bad")] == [2, 2]
+
+
 def test_fsdp_resumes_mid_epoch_exactly_and_refuses_another_world_size(setup):
     root, folder, meta = setup
     base = TrainConfig(model=str(folder), data=str(meta), max_steps=4, save_every=3, batch_size=1, lr=1e-3,

@@ -118,6 +118,15 @@ def all_reduce_mean(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return all_reduce_sum(x, env) / env.world_size
 
 
+def all_gather_lists(items: list, env: DistEnv) -> list:
+    """Every rank's `items` (picklable), concatenated in rank order."""
+    if not env.distributed:
+        return list(items)
+    gathered: list = [None] * env.world_size
+    dist.all_gather_object(gathered, items)
+    return [item for rank_items in gathered for item in rank_items]
+
+
 def epoch_order(n: int, epoch: int, seed: int, shuffle: bool = True) -> list[int]:
     """The order of all n dataset positions in one epoch (the same on every rank)."""
     if not shuffle:

@@ -34,11 +34,11 @@ Differences from the reference trainer, on purpose:
 
 Kept from the reference: the BCO running mean folds in every micro-batch; the SFT term is a token
 mean per micro-batch and rank. Logged metrics are averaged over the micro-batches of a step and over
-ranks (`tokens` is summed; `skipped` is rank 0's count). Resuming needs the same world size, batch
-size, accumulation, step count and trained parameters (`RESUME_KEYS`: freeze and LoRA flags among
-them) and the same loss, example and optimizer settings (`RUN_RESUME_KEYS`: beta and the loss
-weights, sequence length and tiles, lr, warmup, AdamW, clipping); the reference model is always
-rebuilt from `--model`.
+ranks (`tokens` is summed; `skipped` counts the records every rank skipped, each once). Resuming
+needs the same world size, batch size, accumulation, step count and trained parameters
+(`RESUME_KEYS`: freeze and LoRA flags among them) and the same loss, example and optimizer
+settings (`RUN_RESUME_KEYS`: beta and the loss weights, sequence length and tiles, lr, warmup,
+AdamW, clipping); the reference model is always rebuilt from `--model`.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ from internvl_mpo.train.data import (
 )
 from internvl_mpo.train.distributed import (
     DistEnv,
+    all_gather_lists,
     all_reduce_mean,
     all_reduce_sum,
     barrier,
@@ -460,6 +461,7 @@ class SampleStream:
         self.bad: set[int] = set()
         self._bad_run = 0  # bad samples in a row
         self._share_len = 0  # this rank's records in the epoch being read
+        self._new_bad: list[tuple[int, str, str]] = []  # (index, kind, message) skipped since `share_bad`
         self._items = None
         self.ref_valid: torch.Tensor | None = None
 
@@ -511,6 +513,7 @@ class SampleStream:
                 if item.index not in self.bad:
                     self.bad.add(item.index)
                     self.report.add(item.kind, item.message)
+                    self._new_bad.append((item.index, item.kind, item.message))
                 self._bad_run += 1
                 continue
             self._bad_run = 0
@@ -521,6 +524,16 @@ class SampleStream:
         if isinstance(self.dataset, PairDataset):
             return collate_pairs(examples, pad_id)
         return collate_sft(examples, pad_id)
+
+    def share_bad(self) -> None:
+        """Counts the records the other ranks skipped since the last call here too (every rank all of them,
+        each record once), so that the report and the `skipped` metric cover the whole run."""
+        new, self._new_bad = self._new_bad, []
+        if self.skip_bad and self.env.distributed:
+            for index, kind, message in all_gather_lists(new, self.env):
+                if index not in self.bad:
+                    self.bad.add(index)
+                    self.report.add(kind, message)
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "bad": sorted(self.bad)}
@@ -984,6 +997,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
             for key, value in micro_metrics.items():
                 sums[key] = sums.get(key, 0.0) + value / cfg.grad_accum
             tokens += batch.num_tokens
+        stream.share_bad()
         grad_norm = _grad_norm(params, cfg.max_grad_norm)
         if not math.isfinite(grad_norm):  # the same global norm on every rank: all stop together
             raise TrainingError(f"step {step + 1}: the gradient norm is {grad_norm}: the run diverged (try a lower"
