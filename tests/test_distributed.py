@@ -77,6 +77,22 @@ def test_an_incomplete_torchrun_environment_is_a_config_error(monkeypatch):
         init_distributed("cpu")
 
 
+def test_the_process_group_waits_30_minutes_for_the_other_ranks(monkeypatch):
+    """Ranks wait at a barrier while rank 0 writes a checkpoint; torch's NCCL default of 10 minutes
+    would end a run whose save takes longer."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setattr(dist, "init_process_group", lambda *args, **kwargs: calls.append((args, kwargs)))
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost"),
+                        ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    init_distributed("cpu")
+    assert calls == [(("gloo",), {"timeout": timedelta(minutes=30)})]
+
+
 def test_rank_shares_deal_the_stream_of_epochs_round_robin():
     order = epoch_order(10, epoch=3, seed=7)
     assert sorted(order) == list(range(10)) and order != list(range(10))

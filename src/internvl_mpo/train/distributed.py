@@ -22,12 +22,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from internvl_mpo.errors import ConfigError
+
+# How long a collective waits for the other ranks: rank 0 writes each checkpoint while the others
+# wait at a barrier, and a large model's save can outlast torch's NCCL default of 10 minutes (the
+# HF Trainer's ddp_timeout is 30 minutes too).
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -83,9 +89,9 @@ def init_distributed(device: str | None = None) -> DistEnv:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
-            dist.init_process_group("nccl", device_id=dev)
+            dist.init_process_group("nccl", device_id=dev, timeout=PROCESS_GROUP_TIMEOUT)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
     return DistEnv(rank, local_rank, world, dev)
 
 
