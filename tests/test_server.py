@@ -244,6 +244,15 @@ def test_a_request_naming_another_model_is_404_and_one_naming_none_is_served(ser
     reply = post(server, json.dumps({"messages": messages, "max_tokens": 2}).encode())
     assert reply.status_code == 200 and reply.json()["model"] == "m"
     assert client.chat.completions.create(model="m", messages=messages, max_tokens=2).model == "m"
+    # as in vLLM the name is checked before the rest of the body: a client pointed at the wrong server
+    # learns that, not that a field it sent is refused here
+    with pytest.raises(openai.NotFoundError, match="The model `gpt-4o` does not exist"):
+        client.chat.completions.create(model="gpt-4o", messages=messages, frequency_penalty=0.5)
+    # a name that is not valid Unicode (a lone surrogate) is a 400, not a 500 when the 404 echoes it
+    reply = post(server, b'{"model": "a\\ud800", "messages": [{"role": "user", "content": "hi"}]}')
+    assert reply.status_code == 400 and "model: character 1 is a lone surrogate" in reply.json()["error"]["message"]
+    reply = post(server, json.dumps({"model": 5, "messages": messages}).encode())
+    assert reply.status_code == 400 and reply.json()["error"]["message"] == "model must be str, got 5"
 
 
 def test_the_served_name_defaults_to_the_model_as_given_or_the_demo_name(server, monkeypatch):

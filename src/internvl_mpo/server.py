@@ -238,6 +238,15 @@ def _label_images(turns: list[tuple[str, str]], count: int) -> list[tuple[str, s
     return out
 
 
+def check_model(body, served: str) -> None:
+    """As vLLM, before the rest of the body: a request that names another model gets a 404 (one that
+    names none, or "", is served)."""
+    model = _field(body, "model", (str,), "") if isinstance(body, dict) else ""
+    if model not in ("", served):
+        raise ApiError(404, f"The model `{_unicode(model, 'model')}` does not exist; this server serves `{served}`",
+                       "model", "model_not_found")
+
+
 def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
     """Check a /v1/chat/completions body and map it onto the chat template; raises ApiError."""
     if not isinstance(body, dict):
@@ -701,10 +710,8 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
     async def completions(request: HttpRequest):
         authorize(request)
         body = await read_json(request)
+        check_model(body, model_name)
         req = parse_chat_request(body, settings)
-        if body.get("model") not in (None, "", model_name):  # as vLLM: a request may leave the name out
-            raise ApiError(404, f"The model `{body['model']}` does not exist; this server serves `{model_name}`",
-                           "model", "model_not_found")
         prompt = await run_in_threadpool(build_prompt, chat, req, settings, worker.max_len)
         if not worker.alive:
             raise ApiError(503, "the generation worker is not running", type="server_error")
