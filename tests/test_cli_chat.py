@@ -195,8 +195,8 @@ def test_interactive_image_command_checks_its_argument(folder):
 
 
 def test_interactive_commands_help_video_and_a_conversation_too_long(folder, tmp_path):
-    """/help and a mistyped command list the commands (not asked as a question); /image on a video
-    conversation is refused with the way out; a history too long for the context says /reset helps."""
+    """/help and a mistyped command (with or without an argument) list the commands (not asked as a
+    question); /image on a video conversation is refused with the way out; a history too long for the context says /reset helps."""
     small = tmp_path / "small"
     small.mkdir()
     for f in folder.iterdir():
@@ -211,13 +211,15 @@ def test_interactive_commands_help_video_and_a_conversation_too_long(folder, tmp
     first = len(bot.prepare(question, None, str(frames), None, num_segments=2).prompt_ids)
     config["llm_config"]["max_position_embeddings"] = first + 12  # room for one turn, not for two
     (small / "config.json").write_text(json.dumps(config))
-    stdin = f"/help\n/hlep\n/image {folder.parent / 'blue.png'}\n{question}\n{question}\n/exit\n"
+    blue = folder.parent / "blue.png"
+    stdin = f"/help\n/hlep\n/imgae {blue}\n/image {blue}\n{question}\n{question}\n/exit\n"
     out = cli("chat", "--model", small, "--max-new-tokens", "4", "--video", frames, "--num-segments", "2", stdin=stdin)
     assert out.returncode == 0, out.stderr
     err = out.stderr.splitlines()
     assert err[1].startswith("/image FILE adds an image") and err[2].startswith("unknown command /hlep; /image FILE")
-    assert "images and a video do not mix (/reset starts over" in err[3]
-    assert err[4].startswith("error: prompt is") and err[4].endswith("(earlier turns count: /reset starts over)")
+    assert err[3].startswith("unknown command /imgae; /image FILE")  # a misspelt command with its argument too
+    assert "images and a video do not mix (/reset starts over" in err[4]
+    assert err[5].startswith("error: prompt is") and err[5].endswith("(earlier turns count: /reset starts over)")
     assert len(out.stdout.strip().splitlines()) == 1  # one answer: no command was asked as a question
 
 

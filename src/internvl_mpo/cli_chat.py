@@ -115,8 +115,9 @@ def chat(
             history = []  # a new image starts a new conversation
             print(f"added {path}; the conversation starts over with {len(images)} image(s)", file=sys.stderr)
             continue
-        if line == "/help" or re.fullmatch(r"/[A-Za-z]+", line):  # a mistyped command is not a question
-            print(f"{'' if line == '/help' else f'unknown command {line}; '}{commands}", file=sys.stderr)
+        command = re.fullmatch(r"(/[A-Za-z]+)(\s.*)?", line)  # a mistyped command (/imgae F) is not a question
+        if command:
+            print(f"{'' if command[1] == '/help' else f'unknown command {command[1]}; '}{commands}", file=sys.stderr)
             continue
         try:
             prepared = bot.prepare(line, images or None, video, history, **inputs)
