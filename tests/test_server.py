@@ -534,6 +534,15 @@ def test_the_tiles_of_several_images_are_cut_to_fit_the_sequence(local_chat):
         assert got * per_tile <= max(tiles * per_tile, 2 * per_tile)
 
 
+def test_a_max_tokens_past_the_sequence_names_the_field_the_request_used(local_chat):
+    """The openai client sends max_completion_tokens: the error must not name a max_tokens it never sent."""
+    for key in ("max_tokens", "max_completion_tokens"):
+        req = parse_chat_request({"messages": [{"role": "user", "content": "hi"}], key: 100}, ServerSettings())
+        with pytest.raises(ApiError, match=rf"tokens and {key} is 100, more than the 90 tokens") as e:
+            build_prompt(local_chat, req, ServerSettings(), max_len=90)
+        assert (e.value.param, e.value.code) == (key, "context_length_exceeded")
+
+
 def test_image_urls_that_cannot_be_read_are_400():
     settings = ServerSettings(allow_remote_images=True, allow_local_images=True)
     cases = [("http://127.0.0.1:abc/x.png", "could not fetch", "image_fetch_failed"),

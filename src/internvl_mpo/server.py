@@ -128,6 +128,7 @@ class ChatRequest:
     include_usage: bool
     max_num: int | None
     logprobs: int | None = None  # top_logprobs when logprobs were asked for, else None
+    max_tokens_key: str = "max_tokens"  # the field max_tokens came from, named in errors
 
 
 def _field(body: dict, key: str, kinds: tuple[type, ...], default=None, low=None, high=None):
@@ -313,7 +314,7 @@ def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
         question=turns[-1][1], history=history, system_message=system, image_urls=images, params=params,
         max_tokens=max_tokens, n=n, stream=_field(body, "stream", (bool,), False),
         include_usage=bool(stream_options.get("include_usage")), max_num=max_num,
-        logprobs=(top_logprobs or 0) if logprobs else None,
+        logprobs=(top_logprobs or 0) if logprobs else None, max_tokens_key=limit_key,
     )
 
 
@@ -413,8 +414,9 @@ def build_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings,
                             f"{limit}", "messages", "context_length_exceeded")
     room = max_len - len(ids)
     if req.max_tokens is not None and req.max_tokens > room:
-        raise ApiError(400, f"the prompt is {len(ids)} tokens and max_tokens is {req.max_tokens}, more than the "
-                            f"{max_len} tokens a sequence may hold here", "max_tokens", "context_length_exceeded")
+        raise ApiError(400, f"the prompt is {len(ids)} tokens and {req.max_tokens_key} is {req.max_tokens}, more "
+                            f"than the {max_len} tokens a sequence may hold here", req.max_tokens_key,
+                       "context_length_exceeded")
     pixels = torch.cat(tiles) if tiles else None
     return Prompt(ids, pixels, req.max_tokens or min(settings.max_tokens, room))
 
