@@ -237,6 +237,14 @@ def test_models_and_health(server, client):
     assert state["status"] == "ok" and state["max_batch"] == MAX_BATCH and state["model"] == "m"
 
 
+def test_unknown_routes_and_methods_get_openai_errors(server):
+    missing = httpx.post(server[0] + "/v1/completions", json={})
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+    wrong = httpx.get(server[0] + "/v1/chat/completions")
+    assert wrong.status_code == 405 and set(wrong.json()["error"]) == {"message", "type", "param", "code"}
+    assert wrong.headers["allow"] == "POST"  # a 405 must say what is allowed (RFC 9110)
+
+
 def test_a_request_naming_another_model_is_404_and_one_naming_none_is_served(server, client):
     messages = [{"role": "user", "content": "hi"}]
     with pytest.raises(openai.NotFoundError, match="The model `gpt-4o` does not exist; this server serves `m`"):
