@@ -231,6 +231,22 @@ def test_stream_options_without_stream_and_tool_choice_without_tools_are_refused
         assert parse(**fields).question == "hi"  # nothing to call: vLLM answers these with text
 
 
+def test_vllm_fields_that_would_change_the_answer_are_refused_not_ignored():
+    """A vLLM client's guided decoding, min_p or stop ids must not be dropped silently; left at their
+    off values they are fine."""
+    def parse(**fields):
+        return parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **fields}, ServerSettings())
+
+    for key, value in {"min_p": 0.1, "min_tokens": 5, "stop_token_ids": [7], "use_beam_search": True,
+                       "echo": True, "prompt_logprobs": 1, "guided_json": {"type": "object"},
+                       "guided_regex": "a+", "guided_choice": ["yes", "no"], "guided_grammar": "root ::= 'a'",
+                       "structured_outputs": {"json": {"type": "object"}}}.items():
+        with pytest.raises(ApiError, match=f"{key} is not supported by this server") as e:
+            parse(**{key: value})
+        assert (e.value.status, e.value.param) == (400, key)
+    assert parse(min_p=0.0, min_tokens=0, stop_token_ids=[], use_beam_search=False, echo=False).question == "hi"
+
+
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["m"]
     state = health(server)

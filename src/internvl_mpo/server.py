@@ -66,7 +66,10 @@ log = logging.getLogger("internvl_mpo.server")
 MAX_STOP_STRINGS = 4  # as OpenAI
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 SHUTDOWN_GRACE_S = 5  # how long a response may stay open after Ctrl-C once its generation has ended
-UNSUPPORTED_FIELDS = ("tools", "functions", "logit_bias", "audio", "prediction")
+# fields that would change the answer, refused when set (not silently ignored): OpenAI's, then vLLM's extras
+UNSUPPORTED_FIELDS = ("tools", "functions", "logit_bias", "audio", "prediction",
+                      "min_p", "min_tokens", "stop_token_ids", "use_beam_search", "echo", "prompt_logprobs",
+                      "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 TEXT_ROOM = 512  # tokens of a sequence that image tiles leave to the text and the answer
 DEMO_MODEL_NAME = "internvl-mpo-demo"  # the served name of the shipped demo model
 
