@@ -578,6 +578,47 @@ def test_image_urls_that_cannot_be_read_are_400():
         assert (e.value.status, e.value.code) == (400, code)
 
 
+def test_a_remote_image_that_trickles_in_is_cut_off_at_the_image_timeout():
+    """--image-timeout bounds the whole fetch: a server that sends a byte every 0.1 s (each read well
+    within the timeout) must not hold the request for the 20 s its image takes; one that answers at once
+    gives the whole image."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    stop = threading.Event()
+    image = png(300, 200)
+
+    class Trickle(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(image)) if self.path == "/fast.png" else "200")
+            self.end_headers()
+            if self.path == "/fast.png":
+                self.wfile.write(image)
+                return
+            for _ in range(200):
+                if stop.wait(0.1):
+                    return
+                self.wfile.write(b"x")
+                self.wfile.flush()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        settings = ServerSettings(allow_remote_images=True, image_timeout=1.0)
+        assert image_bytes(f"http://127.0.0.1:{httpd.server_port}/fast.png", "image", settings) == image
+        with pytest.raises(ApiError, match=r"could not fetch .*not received within 1\.0 s") as e:
+            image_bytes(f"http://127.0.0.1:{httpd.server_port}/slow.png", "messages[0].content[0].image_url",
+                        settings)
+        assert (e.value.status, e.value.code) == (400, "image_fetch_failed")
+    finally:
+        stop.set()
+        httpd.shutdown()
+        httpd.server_close()
+
+
 class Finals:
     """Each worker job's last item (its error, or its chunk with a finish reason), by name."""
 

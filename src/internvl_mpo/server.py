@@ -325,12 +325,19 @@ def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
 
 
 def _fetch_remote(url: str, param: str, settings: ServerSettings) -> bytes:
+    """The image at `url` within `image_timeout` seconds in all (urllib's timeout bounds each read alone, so a
+    server that sends a byte now and then would hold the request and a thread for as long as it likes)."""
+    deadline = time.monotonic() + settings.image_timeout
+    data = bytearray()
     try:
         with urllib.request.urlopen(url, timeout=settings.image_timeout) as response:
-            data = response.read(settings.max_image_bytes + 1)
+            while len(data) <= settings.max_image_bytes and (piece := response.read1(2**16)):
+                data += piece
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"not received within {settings.image_timeout} s")
     except (OSError, ValueError, http.client.HTTPException) as e:  # InvalidURL is an HTTPException
         raise ApiError(400, f"{param}: could not fetch {url[:200]}: {e}", param, "image_fetch_failed") from None
-    return data
+    return bytes(data)
 
 
 def _read_local(url: str, param: str, settings: ServerSettings) -> bytes:
