@@ -355,6 +355,24 @@ def test_sft_conversations_match_official_masks(tmp_path, chat_folder, tokenizer
     assert tiles > 0 and batch.num_tiles.tolist()[1] == 0
 
 
+def test_sft_image_placeholder_in_answer_or_system_is_text(tmp_path, chat_folder, tokenizer, settings):
+    # Only user turns place images (as the official preprocessing expands only human turns): an `<image>`
+    # that the system message or the answer mentions is text, and the image still goes in front of the
+    # first question (this record was refused, "0 placeholder(s) but 1 image(s)").
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(chat_folder)
+    write_images(tmp_path / "images")
+    system = "Answer about <image> tags."
+    convo = [{"from": "system", "value": system}, {"from": "human", "value": "Which tag shows this?"},
+             {"from": "gpt", "value": "An <image> tag."}]
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"image": "red.png", "conversations": convo}) + "\n")
+    records = read_sft_records(str(tmp_path / "sft.jsonl"), str(tmp_path / "images"))
+    item = SFTDataset(records, tokenizer, settings, 4096)[0]
+    assert not isinstance(item, BadExample), item
+    question = expand("<image>\nWhich tag shows this?", [item.pixel_values.shape[0]], settings.num_image_token)
+    assert (item.input_ids, item.labels) == official_segments(hf, question, "An <image> tag.", system)
+
+
 def test_sft_truncation_never_cuts_image_tokens(tmp_path, tokenizer, settings):
     write_images(tmp_path / "images")
     convo = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."},

@@ -316,8 +316,9 @@ def sft_messages(record: SFTRecord) -> list[dict[str, str]]:
 
 
 def _image_prefix_first_user(messages: list[dict[str, str]], num_images: int) -> None:
-    """Images but no placeholder anywhere: the first user turn gets them in front (`add_image_prefix`)."""
-    if num_images and not any(IMAGE_PLACEHOLDER in m["content"] for m in messages):
+    """Images but no placeholder in any user turn: the first user turn gets them in front (`add_image_prefix`).
+    An `<image>` in a system or assistant turn is text, as in the official preprocessing."""
+    if num_images and not any(IMAGE_PLACEHOLDER in m["content"] for m in messages if m["role"] == "user"):
         first_user = next((m for m in messages if m["role"] == "user"), None)
         if first_user is not None:
             first_user["content"] = add_image_prefix(first_user["content"], num_images)
