@@ -354,6 +354,16 @@ def select_lines(n_lines: int, repeat_time: float, seed: int, sample_rng: random
     return order
 
 
+def sft_lines(n_lines: int, repeat_time: float) -> list[int]:
+    """Line indices of an SFT dataset in the official fine-tuning order (`internvl_chat_finetune.py`):
+    `repeat_time < 1` keeps the first `int(n_lines * repeat_time)` lines (not a random sample, unlike
+    MMPR), `> 1` repeats the list `int(repeat_time)` times; no per-dataset shuffle (the trainer
+    shuffles the whole stream)."""
+    if repeat_time < 1:
+        return list(range(int(n_lines * repeat_time)))
+    return list(range(n_lines)) * int(repeat_time)
+
+
 def read_records(
     spec: DatasetSpec,
     seed: int,

@@ -111,7 +111,7 @@ from internvl_mpo.train.mmpr import (
     load_meta,
     read_datasets,
     read_sft_records,
-    select_lines,
+    sft_lines,
 )
 from internvl_mpo.vision import RMSNorm
 
@@ -420,12 +420,11 @@ def build_dataset(cfg: TrainConfig, tokenizer: Tokenizer, config: ModelConfig) -
             root = cfg.image_root if cfg.image_root is not None else os.path.dirname(os.path.abspath(cfg.data))
             records, max_nums, augment = read_sft_records(cfg.data, root, report=skip), None, None
         else:
-            # The official fine-tuning datasets sample/repeat, shuffle and augment per dataset like MMPR.
+            # The official fine-tuning datasets cut or repeat (`sft_lines`) and augment per dataset.
             records, max_nums, augment = [], [], []
-            sample_rng = random.Random(cfg.seed)
-            for index, spec in enumerate(load_meta(cfg.data)):
+            for spec in load_meta(cfg.data):
                 good = read_sft_records(spec.annotation, spec.root, report=skip)
-                order = select_lines(len(good), spec.repeat_time, index, sample_rng)
+                order = sft_lines(len(good), spec.repeat_time)
                 records += [good[i] for i in order]
                 max_nums += [spec.max_dynamic_patch if use_meta else None] * len(order)
                 augment += [spec.data_augment] * len(order)
