@@ -15,6 +15,13 @@ Mirrors the per-item side of `internvl_chat/internvl/train/internvl_chat_mpo.py`
 - ids come from `chat.template.build_pair_ids` (one shared prompt, two answers), so labels mask the
   system and user turns and supervise each response plus its `<|im_end|>`.
 
+SFT conversations (`encode_sft`, the fine-tuning dataset of `internvl_chat_finetune.py` with
+`preprocess_internvl2_5`) get their ids and labels from `chat.template.build_training_ids`. Images fill
+the user turns' `<image>` placeholders in order; only when no user turn holds one does the first user
+turn get them in front (`add_image_prefix`); `<video>` (or nothing) in the first user turn becomes the
+frame prefix. The official item prefixes the record's first turn whatever its role, adds nothing for
+several images and writes video frames as `Frame-k: <image>`: README's differences list them.
+
 Deliberate differences from the official code:
 - text-only samples carry no dummy white image (the official code encodes one and drops its
   features with `image_flags = 0`); the trainer handles the distributed case on its own;
