@@ -774,15 +774,17 @@ def test_max_dynamic_patch_flag_wins_over_meta_json(tmp_path, chat_folder):
 
 
 def test_sft_meta_repeat_time_keeps_the_official_lines(tmp_path, chat_folder):
-    # The official fine-tuning dataset keeps the first int(n * repeat_time) lines of a subsampled file and
-    # does not shuffle per dataset (MMPR's reader takes a random sample and shuffles; SFT used that too).
-    lines = [{"conversations": [{"from": "human", "value": f"q{k}"}, {"from": "gpt", "value": f"a{k}"}]}
+    # The official fine-tuning dataset keeps the first int(n * repeat_time) lines of a subsampled file (it
+    # never reads the others) and does not shuffle per dataset; SFT took MMPR's random sample and shuffle.
+    lines = [json.dumps({"conversations": [{"from": "human", "value": f"q{k}"}, {"from": "gpt", "value": f"a{k}"}]})
              for k in range(10)]
-    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (tmp_path / "sft.jsonl").write_text("".join(line + "\n" for line in lines))
+    (tmp_path / "tail.jsonl").write_text("".join(line + "\n" for line in lines) + "not json\n")
     tokenizer = load_tokenizer(chat_folder)
     model_config = ModelConfig.from_json(chat_folder / "config.json")
-    for repeat_time, expected in ((0.35, [1, 2, 3]), (2, list(range(1, 11)) * 2)):
-        meta = {"toy": {"root": str(tmp_path), "annotation": str(tmp_path / "sft.jsonl"), "repeat_time": repeat_time}}
+    for name, repeat_time, expected in (("tail", 0.35, [1, 2, 3]), ("sft", 2, list(range(1, 11)) * 2)):
+        meta = {"toy": {"root": str(tmp_path), "annotation": str(tmp_path / f"{name}.jsonl"),
+                        "repeat_time": repeat_time}}
         (tmp_path / "meta.json").write_text(json.dumps(meta))
         cfg = TrainConfig(mode="sft", data=str(tmp_path / "meta.json"), output=str(tmp_path / "o"))
         dataset, _ = build_dataset(cfg, tokenizer, model_config)

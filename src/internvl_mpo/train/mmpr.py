@@ -354,16 +354,6 @@ def select_lines(n_lines: int, repeat_time: float, seed: int, sample_rng: random
     return order
 
 
-def sft_lines(n_lines: int, repeat_time: float) -> list[int]:
-    """Line indices of an SFT dataset in the official fine-tuning order (`internvl_chat_finetune.py`):
-    `repeat_time < 1` keeps the first `int(n_lines * repeat_time)` lines (not a random sample, unlike
-    MMPR), `> 1` repeats the list `int(repeat_time)` times; no per-dataset shuffle (the trainer
-    shuffles the whole stream)."""
-    if repeat_time < 1:
-        return list(range(int(n_lines * repeat_time)))
-    return list(range(n_lines)) * int(repeat_time)
-
-
 def read_records(
     spec: DatasetSpec,
     seed: int,
@@ -403,9 +393,18 @@ def read_datasets(
     return records, report if report is not None else SkipReport()
 
 
-def read_sft_records(jsonl_path: str, image_root: str, *, report: SkipReport | None = None) -> list[SFTRecord]:
-    """Official SFT conversation lines, in file order, with the same validation as `read_records`."""
+def read_sft_records(
+    jsonl_path: str, image_root: str, *, report: SkipReport | None = None, repeat_time: float = 1.0
+) -> list[SFTRecord]:
+    """Official SFT conversation lines, in file order, with the same validation as `read_records`.
+
+    `repeat_time` as the official fine-tuning reader (`internvl_chat_finetune.py`) applies it: below 1
+    only the first `int(lines * repeat_time)` lines are read (not a random sample, unlike MMPR), above 1
+    the records repeat `int(repeat_time)` times; no per-dataset shuffle (the trainer shuffles them all).
+    """
     lines = _read_lines(jsonl_path)
+    if repeat_time < 1:
+        lines = lines[: int(len(lines) * repeat_time)]
     records = []
     for i, raw in enumerate(lines):
         source = Source(jsonl_path, i + 1)
@@ -417,4 +416,4 @@ def read_sft_records(jsonl_path: str, image_root: str, *, report: SkipReport | N
             _fail_or_count(e, source, report)
             continue
         records.append(SFTRecord(conversations, images, multi, video, source))
-    return records
+    return records * max(1, int(repeat_time))

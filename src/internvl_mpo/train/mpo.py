@@ -111,7 +111,6 @@ from internvl_mpo.train.mmpr import (
     load_meta,
     read_datasets,
     read_sft_records,
-    sft_lines,
 )
 from internvl_mpo.vision import RMSNorm
 
@@ -420,14 +419,13 @@ def build_dataset(cfg: TrainConfig, tokenizer: Tokenizer, config: ModelConfig) -
             root = cfg.image_root if cfg.image_root is not None else os.path.dirname(os.path.abspath(cfg.data))
             records, max_nums, augment = read_sft_records(cfg.data, root, report=skip), None, None
         else:
-            # The official fine-tuning datasets cut or repeat (`sft_lines`) and augment per dataset.
+            # The official fine-tuning datasets cut or repeat (`read_sft_records`) and augment per dataset.
             records, max_nums, augment = [], [], []
             for spec in load_meta(cfg.data):
-                good = read_sft_records(spec.annotation, spec.root, report=skip)
-                order = sft_lines(len(good), spec.repeat_time)
-                records += [good[i] for i in order]
-                max_nums += [spec.max_dynamic_patch if use_meta else None] * len(order)
-                augment += [spec.data_augment] * len(order)
+                good = read_sft_records(spec.annotation, spec.root, report=skip, repeat_time=spec.repeat_time)
+                records += good
+                max_nums += [spec.max_dynamic_patch if use_meta else None] * len(good)
+                augment += [spec.data_augment] * len(good)
         dataset = SFTDataset(records, tokenizer, settings, seq_length, max_nums, augment, seed=cfg.seed)
     if len(dataset) == 0:
         raise InputError(f"{cfg.data}: no usable training records")
