@@ -904,3 +904,27 @@ def test_answers_are_cut_where_the_end_of_turn_text_is_spelled_in_ordinary_token
         assert chat.chat("Hi", ignore_eos=True) == "Yes.<|im_end|> more"  # ignore_eos goes past it, as past the token
     finally:
         chat.engine = real
+
+
+def test_answers_as_they_finish_gives_a_prompt_that_fails_in_the_engine_its_error_and_goes_on(setup, monkeypatch):
+    """A prefill that raises (out of memory on a large image, say) fails its own job only: it comes back
+    as that job's answer, so `generate` writes an error line and goes on (it stopped the whole run,
+    and a resumed run met the same request again)."""
+    from internvl_mpo.pipeline import sampling_params
+
+    chat, _ = setup
+    params = sampling_params(do_sample=False, max_new_tokens=6)
+    jobs = [(key, chat.prepare(f"Question {key}"), params) for key in "ABC"]
+    prefill = chat.engine.prefill
+
+    def failing(request, caches, row):
+        if request.prompt_ids == jobs[1][1].prompt_ids:
+            raise RuntimeError("out of memory")
+        return prefill(request, caches, row)
+
+    monkeypatch.setattr(chat.engine, "prefill", failing)
+    answers = dict(chat.answers_as_they_finish(jobs, batch_size=2))
+    monkeypatch.undo()
+    assert isinstance(answers["B"], RuntimeError) and str(answers["B"]) == "out of memory"
+    for key in "AC":
+        assert answers[key] == chat.chat(f"Question {key}", max_new_tokens=6, do_sample=False)

@@ -194,6 +194,7 @@ def generate(
         return 0
     device = default_device(device)
     bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device)
+
     def jobs():  # prepared one at a time, as rows free up: one batch of images in memory at most
         for item in todo:
             params = base if seed is None else dataclasses.replace(base, seed=seed + item["_line"])
@@ -201,15 +202,15 @@ def generate(
                 yield item, bot.prepare(item["question"], item.get("image"), item.get("video"), max_num=max_num,
                                         max_pixels=max_pixels), params
             except InputError as e:  # this request alone fails; the run goes on
-                tqdm.write(f"internvl-mpo generate: {item['_where']} (id {item['id']!r}) skipped: {e}",
-                           file=sys.stderr)
                 yield item, e, params
 
     with out.open("a", encoding="utf-8") as sink, tqdm(total=len(requests), initial=len(requests) - len(todo),
                                                        desc="generate", unit="req") as bar:
         for item, answer in bot.answers_as_they_finish(jobs(), batch_size):
             record = {"id": item["id"], "question": item["question"]}
-            if isinstance(answer, InputError):
+            if isinstance(answer, Exception):  # its prompt could not be built, or failed in the engine
+                tqdm.write(f"internvl-mpo generate: {item['_where']} (id {item['id']!r}) skipped: {answer}",
+                           file=sys.stderr)
                 record["error"] = str(answer)
             else:
                 record["answer"] = answer

@@ -97,8 +97,9 @@ class Prompt:
 
 
 # Called with (key, Prompt) pairs and a batch size, it yields (key, answer) as answers finish, in any
-# order; a question that cannot run (a prompt longer than the context) gets its InputError instead.
-Answerer = Callable[[Iterable[tuple[Any, Prompt]], int], Iterable[tuple[Any, str | InputError]]]
+# order; a question that cannot run (a prompt longer than the context, out of memory on its images)
+# gets its exception instead.
+Answerer = Callable[[Iterable[tuple[Any, Prompt]], int], Iterable[tuple[Any, str | Exception]]]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -354,7 +355,7 @@ def run_eval(
         for item, response in answer_fn(((item, Prompt(build_prompt(item, cot), item.images)) for item in todo),
                                         batch_size):
             row = {"id": item.id, "category": item.category, "kind": item.kind, "prompt": build_prompt(item, cot)}
-            if isinstance(response, InputError):
+            if isinstance(response, Exception):  # its prompt could not be built, or failed in the engine
                 row.update(prediction="", extracted="", answer=item.answer, correct=False, error=str(response))
             else:
                 text, verdict = score_response(item, response, cot)
@@ -376,15 +377,15 @@ def run_eval(
 
 def model_answerer(chat, max_num: int, max_new_tokens: int) -> Answerer:
     """Greedy answers from an InternVLChat with continuous batching (`answers_as_they_finish`): each
-    question's images load when a row takes it; a question whose prompt cannot be built gets its
-    InputError and the others still run."""
+    question's images load when a row takes it; a question whose prompt cannot be built (or fails in
+    the engine) gets its exception and the others still run."""
     from internvl_mpo.pipeline import sampling_params
 
     if max_num < 1:
         raise InputError(f"max_num must be at least 1, got {max_num}")
     params = sampling_params(do_sample=False, max_new_tokens=max_new_tokens)
 
-    def answer(prompts: Iterable[tuple[Any, Prompt]], batch_size: int) -> Iterable[tuple[Any, str | InputError]]:
+    def answer(prompts: Iterable[tuple[Any, Prompt]], batch_size: int) -> Iterable[tuple[Any, str | Exception]]:
         def jobs():
             for key, p in prompts:
                 try:

@@ -308,7 +308,7 @@ class InternVLChat:
         return [job if isinstance(job, InputError) else next(texts) for job in jobs]
 
     def answers_as_they_finish(self, jobs: Iterable[tuple[Any, Prepared | InputError, SamplingParams]],
-                               batch_size: int) -> Iterator[tuple[Any, str | InputError]]:
+                               batch_size: int) -> Iterator[tuple[Any, str | Exception]]:
         """(key, answer) of every (key, prepared prompt, params) job, in the order the answers finish.
         Answers are cut at the job's stop strings (`params.stop`).
 
@@ -318,7 +318,10 @@ class InternVLChat:
         (loading its images) keeps at most one batch of images in memory. The KV cache holds the
         longest prompt + max_new_tokens among the jobs it starts with (rounded up to 256 slots, at
         most the context); a later job that needs more waits until the running rows finish, then a
-        new cache is sized for it. An InputError job comes back as its own answer at once."""
+        new cache is sized for it. An InputError job comes back as its own answer at once, and so does
+        the error of a job whose prompt fails inside the engine (out of memory on its images, say: the
+        engine keeps such a failure to its own request); a failing decode step, which fails every
+        running row, raises."""
         if not (whole_number(batch_size) and batch_size >= 1):
             raise InputError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
         jobs = iter(jobs)
@@ -363,6 +366,9 @@ class InternVLChat:
                     add(job)
             for event in gen.step():
                 if event.error is not None:
+                    if event.rid in owners and not owners[event.rid][2]:  # no token yet: its prompt failed
+                        yield owners.pop(event.rid)[0], event.error
+                        continue
                     raise event.error
                 if event.rid not in owners:  # its answer is out already (a stop string ended it)
                     continue
