@@ -174,6 +174,7 @@ def generate(
     from tqdm import tqdm
 
     from .checkpoint import default_device
+    from .jsonl import rewrite_in_order
     from .pipeline import InternVLChat, sampling_params
 
     if batch_size < 1:
@@ -218,7 +219,7 @@ def generate(
             sink.flush()
             os.fsync(sink.fileno())
             bar.update(1)
-    _in_request_order(out, [item["id"] for item in requests])
+    rewrite_in_order(out, [item["id"] for item in requests])  # answers were written as they finished
     return 0
 
 
@@ -240,17 +241,6 @@ def _finished_ids(out: Path) -> set:
     tmp.write_bytes(b"".join(k + b"\n" for k in kept))
     os.replace(tmp, out)
     return done
-
-
-def _in_request_order(out: Path, ids: list) -> None:
-    """Rewrite `out` with its lines in the requests' order (answers are written as they finish)."""
-    lines = {}
-    for line in out.read_bytes().split(b"\n")[:-1]:  # every line ends with LF (see _finished_ids)
-        lines[json.loads(line)["id"]] = line + b"\n"
-    ordered = [lines.pop(rid) for rid in ids if rid in lines] + list(lines.values())
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(b"".join(ordered))
-    os.replace(tmp, out)
 
 
 def _read_requests(path: Path) -> list[dict]:

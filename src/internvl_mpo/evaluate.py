@@ -57,7 +57,7 @@ from internvl_mpo.answers import (
     normalize_options,
 )
 from internvl_mpo.errors import InputError
-from internvl_mpo.jsonl import read_objects
+from internvl_mpo.jsonl import read_objects, rewrite_in_order
 from internvl_mpo.pairs import (
     Progress,
     atomic_write,
@@ -350,11 +350,16 @@ def run_eval(
     # edited between runs would otherwise have old answers scored against new questions.
     todo = [item for item in items if item.id not in done or done[item.id].get("prompt") != build_prompt(item, cot)
             or done[item.id].get("answer") != item.answer]
+
+    def prompts():  # keyed by (item, prompt): answers come back in any order
+        for item in todo:
+            prompt = Prompt(build_prompt(item, cot), item.images)
+            yield (item, prompt), prompt
+
     answered = set()
     with tqdm(total=len(items), initial=len(items) - len(todo), desc="eval", unit="q") as bar:
-        for item, response in answer_fn(((item, Prompt(build_prompt(item, cot), item.images)) for item in todo),
-                                        batch_size):
-            row = {"id": item.id, "category": item.category, "kind": item.kind, "prompt": build_prompt(item, cot)}
+        for (item, prompt), response in answer_fn(prompts(), batch_size):
+            row = {"id": item.id, "category": item.category, "kind": item.kind, "prompt": prompt.question}
             if isinstance(response, Exception):  # its prompt could not be built, or failed in the engine
                 row.update(prediction="", extracted="", answer=item.answer, correct=False, error=str(response))
             else:
@@ -367,9 +372,8 @@ def run_eval(
     missing = [item.id for item in todo if item.id not in answered]
     if missing:
         raise InputError(f"the answering function gave no answer for {len(missing)} questions (ids {missing[:5]})")
-    order = {item.id: i for i, item in enumerate(items)}  # answers came as they finished: the file in data order
-    atomic_write(progress.path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in
-                                        sorted(done.values(), key=lambda row: order.get(row["id"], len(order)))))
+    if todo:  # answers came as they finished: the file in data order
+        rewrite_in_order(progress.path, [item.id for item in items])
     score = {"data": str(data), "cot": cot, **summarize(items, done, cot, is_circular(data, items))}
     atomic_write(out / "score.json", json.dumps(score, indent=2, ensure_ascii=False) + "\n")
     return score

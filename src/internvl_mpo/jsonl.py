@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,3 +32,18 @@ def read_objects(path: str | Path, what: str = "file") -> Iterator[tuple[str, di
         if not isinstance(row, dict):
             raise InputError(f"{where}: expected a JSON object")
         yield where, row
+
+
+def rewrite_in_order(path: Path, ids: list) -> None:
+    """Rewrite a JSONL file of {"id", ...} lines (each ending with LF) with one line per id, the last
+    one written, in the order of `ids`; lines of other ids follow. For files written as answers finish."""
+    lines = {}
+    for line in path.read_bytes().split(b"\n")[:-1]:
+        lines[json.loads(line)["id"]] = line + b"\n"
+    ordered = [lines.pop(rid) for rid in ids if rid in lines] + list(lines.values())
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(b"".join(ordered))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
