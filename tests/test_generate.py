@@ -440,6 +440,38 @@ def test_compiled_decode_takes_new_batch_sizes_and_lengths_without_recompiling(s
     torch._dynamo.reset()
 
 
+def test_compiled_decode_writes_only_into_static_inputs(setup):
+    """CUDA graph trees skip a compiled step that writes into an input which is not a static address
+    (torch's check_for_mutation); the step writes into the mask and the caches, which a compiled
+    engine's Generation marks. Checked on what AOT autograd reports for the traced step."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from internvl_mpo.generate.engine import COMPILE_OPTIONS
+
+    chat, _ = setup
+    traced = []
+
+    def record(gm, inputs):
+        meta = torch._guards.TracingContext.try_get().fw_metadata
+        mutated = {i for i, info in enumerate(meta.input_info) if info.mutates_data}
+        traced.append((mutated, set(meta.static_input_indices)))
+        return gm
+
+    ids, _ = prompt(chat, "Hello")
+    for screen in (False, True):
+        torch._dynamo.reset()
+        engine = Engine(chat.model, chat.engine.stop_token_ids, screen=screen)
+        engine.compiled = True
+        engine._decode_fn = torch.compile(engine._decode, backend=aot_autograd(
+            fw_compiler=record, keep_inference_input_mutations=True), **COMPILE_OPTIONS)
+        run(engine, [Request(ids, SamplingParams(max_new_tokens=3, ignore_eos=True))] * 2)
+    torch._dynamo.reset()
+    assert len(traced) == 2
+    for mutated, static in traced:
+        assert len(mutated) == 1 + 2 * len(chat.engine.model.language_model.model.layers)  # mask, k and v
+        assert mutated <= static
+
+
 # ---- the greedy screen of the head (greedy_head.py) ---------------------------------------------
 
 def test_screened_engine_gives_the_same_tokens(setup):

@@ -13,8 +13,10 @@ question) are prefilled once: the others copy its cache slots and its last hidde
 
 The decode step has static shapes for a given number of active rows and is free of host syncs and
 graph breaks; `compile=True` wraps it in torch.compile ("reduce-overhead" on GPU, which asks for CUDA
-graphs; torch skips them while the step writes into the mask and caches it is given, which are not
-marked as static addresses: not checked on a GPU). It is compiled with symbolic sizes
+graphs). CUDA graph trees replay a step only if every tensor it writes into is a static input, so a
+compiled engine's Generation marks its mask and caches as static addresses (without guards: a new
+batch's buffers make torch record again instead of compiling again; not run on a GPU here, the
+static inputs are tested on the CPU). It is compiled with symbolic sizes
 (COMPILE_OPTIONS), so batches of other sizes and lengths reuse it instead of compiling again
 (torch.compile stops after 8 recompiles, and every chat turn has a new length); `generate` rounds a
 compiled batch's length up to 256 slots (fewer distinct shapes). Without compile, attention reads
@@ -193,6 +195,9 @@ class Generation:
         vocab = model.config.llm.vocab_size
         # Attention mask over cache slots, additive: 0 where a row's key is written, -inf elsewhere.
         self.key_mask = torch.full((max_batch, max_len), -torch.inf, dtype=model.dtype, device=device)
+        if engine.compiled:  # the decode step writes into these (see the module's docstring)
+            for buffer in [self.key_mask] + [t for c in self.caches for t in (c.k, c.v)]:
+                torch._dynamo.mark_static_address(buffer, guard=False)
         self.seen = torch.zeros(max_batch, vocab, dtype=torch.bool, device=device)
         self.greedy = torch.ones(max_batch, dtype=torch.bool, device=device)
         self.temperature = torch.ones(max_batch, device=device)
