@@ -254,7 +254,7 @@ def test_models_and_health(server, client):
 
 
 def test_unknown_routes_and_methods_get_openai_errors(server):
-    missing = httpx.post(server[0] + "/v1/completions", json={})
+    missing = httpx.post(server[0] + "/v1/embeddings", json={})
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
     wrong = httpx.get(server[0] + "/v1/chat/completions")
     assert wrong.status_code == 405 and set(wrong.json()["error"]) == {"message", "type", "param", "code"}
@@ -407,6 +407,134 @@ def test_logprobs_plain_and_streamed(client, local_chat):
         client.chat.completions.create(model="m", messages=messages, top_logprobs=2, **GREEDY)
     with pytest.raises(openai.BadRequestError, match="top_logprobs must be"):
         client.chat.completions.create(model="m", messages=messages, logprobs=True, top_logprobs=21, **GREEDY)
+
+
+def engine_completion(local_chat, ids: list[int], steps: int, logprobs: int | None = None, **params):
+    """(text, events) of a greedy run of the engine on the raw prompt `ids` (no chat template)."""
+    request = Request(ids, SamplingParams(max_new_tokens=steps, **params), logprobs=logprobs)
+    events = [e for step in local_chat.engine.generate([request]) for e in step]
+    return local_chat.tokenizer.decode([e.token for e in events]), events
+
+
+def stream_completion(client, **kwargs) -> tuple[dict[int, str], dict[int, str], object, list]:
+    """(text per choice, finish_reason per choice, usage, chunks) of a streamed /v1/completions request."""
+    texts, finishes, usage, chunks = {}, {}, None, []
+    for chunk in client.completions.create(model="m", stream=True, **kwargs):
+        assert chunk.object == "text_completion"
+        chunks.append(chunk)
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    return texts, finishes, usage, chunks
+
+
+def test_text_completion_continues_the_raw_prompt(client, local_chat, hf_tokenizer):
+    """/v1/completions as vLLM serves a chat model: the prompt is raw text (no chat template), tokenized
+    as transformers does; max_tokens defaults to 16; a stream joins to the same text."""
+    prompt = "The capital of France is"
+    ids = hf_tokenizer(prompt)["input_ids"]
+    expected, _ = engine_completion(local_chat, ids, STEPS)
+    reply = client.completions.create(model="m", prompt=prompt, temperature=0, max_tokens=STEPS)
+    assert reply.object == "text_completion" and reply.model == "m" and reply.id.startswith("cmpl-")
+    [choice] = reply.choices
+    assert choice.text == expected and choice.index == 0 and choice.logprobs is None
+    assert reply.usage.prompt_tokens == len(ids)
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    texts, finishes, usage, _ = stream_completion(client, prompt=prompt, temperature=0, max_tokens=STEPS,
+                                                  stream_options={"include_usage": True})
+    assert texts == {0: expected} and finishes == {0: choice.finish_reason}
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(ids), reply.usage.completion_tokens)
+    default = client.completions.create(model="m", prompt=prompt, temperature=0, extra_body={"ignore_eos": True})
+    assert default.usage.completion_tokens == 16 and default.choices[0].finish_reason == "length"
+    as_ids = client.completions.create(model="m", prompt=ids, temperature=0, max_tokens=STEPS)
+    assert as_ids.choices[0].text == expected and as_ids.usage.prompt_tokens == len(ids)
+    echoed = client.completions.create(model="m", prompt=prompt, temperature=0, max_tokens=STEPS, echo=True)
+    assert echoed.choices[0].text == prompt + expected
+    texts, _, _, _ = stream_completion(client, prompt=prompt, temperature=0, max_tokens=STEPS, echo=True)
+    assert texts == {0: prompt + expected}
+
+
+def test_text_completion_of_several_prompts_and_choices(client, local_chat, hf_tokenizer):
+    """As in vLLM, choice j of prompt p has index p * n + j, and usage counts each prompt once."""
+    prompts = ["Once upon a time", "One, two, three,"]
+    ids = [hf_tokenizer(p)["input_ids"] for p in prompts]
+    expected = [engine_completion(local_chat, i, STEPS, ignore_eos=True)[0] for i in ids]
+    reply = client.completions.create(model="m", prompt=prompts, n=2, **LONG)
+    assert [(c.index, c.text) for c in reply.choices] == [(0, expected[0]), (1, expected[0]),
+                                                          (2, expected[1]), (3, expected[1])]
+    assert reply.usage.prompt_tokens == sum(map(len, ids)) and reply.usage.completion_tokens == 4 * STEPS
+    texts, finishes, _, _ = stream_completion(client, prompt=[ids[0], ids[1]], n=2, **LONG)
+    assert texts == {0: expected[0], 1: expected[0], 2: expected[1], 3: expected[1]}
+    assert finishes == dict.fromkeys(range(4), "length")
+    sampled = {"prompt": prompts[0], "n": 2, "temperature": 1.0, "seed": 7, "max_tokens": STEPS, "stop": ["\n\n"]}
+    first = [c.text for c in client.completions.create(model="m", **sampled).choices]
+    assert first == [c.text for c in client.completions.create(model="m", **sampled).choices]
+    assert first[0] != first[1]
+
+
+def test_text_completion_logprobs_are_the_legacy_format(client, local_chat, hf_tokenizer):
+    """An integer `logprobs`: each token's text and log-probability, the token and its top alternatives
+    as a {text: log-probability} map, and text offsets, as vLLM builds them; streamed chunks carry the same."""
+    prompt = "Hello there"
+    ids = hf_tokenizer(prompt)["input_ids"]
+    _, events = engine_completion(local_chat, ids, STEPS, logprobs=2, ignore_eos=True)
+    reply = client.completions.create(model="m", prompt=prompt, logprobs=2, **LONG)
+    logprobs = reply.choices[0].logprobs
+    texts = [local_chat.tokenizer.token_bytes(e.token).decode("utf-8", errors="replace") for e in events]
+    assert logprobs.tokens == texts
+    assert logprobs.token_logprobs == pytest.approx([e.logprob for e in events], abs=1e-5)
+    for top, text, event in zip(logprobs.top_logprobs, texts, events):
+        expected = {text: event.logprob}  # the token, then its alternatives; a text seen twice keeps the first
+        for token, value in event.top_logprobs:
+            expected.setdefault(local_chat.tokenizer.token_bytes(token).decode("utf-8", errors="replace"), value)
+        assert list(top) == list(expected) and list(top.values()) == pytest.approx(list(expected.values()), abs=1e-5)
+    assert logprobs.text_offset == [sum(map(len, texts[:k])) for k in range(len(texts))]
+    _, _, _, chunks = stream_completion(client, prompt=prompt, logprobs=2, **LONG)
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for lp in streamed for t in lp.tokens] == logprobs.tokens
+    assert [o for lp in streamed for o in lp.text_offset] == logprobs.text_offset
+    assert client.completions.create(model="m", prompt=prompt, logprobs=0, **LONG).choices[0].logprobs.top_logprobs[
+        0] == {texts[0]: pytest.approx(events[0].logprob, abs=1e-5)}
+
+
+def test_bad_text_completions_get_openai_errors(server, client, local_chat):
+    vocab = local_chat.config.llm.vocab_size
+    bad = {
+        "echo with logprobs is not supported": {"prompt": "hi", "echo": True, "logprobs": 1},
+        "suffix is not supported": {"prompt": "hi", "suffix": "end"},
+        "prompt must be a string, a list of strings": {"prompt": []},
+        "prompt must be a string, a list of strings,": {"prompt": [True, 2]},
+        "prompt[0] is empty": {"prompt": ""},
+        "prompt[1]: token ids must be in 0..": {"prompt": [[1, 2], [vocab]]},
+        "prompt[0] holds the image-context token <IMG_CONTEXT>": {"prompt": "look: <IMG_CONTEXT>"},
+        "logprobs must be between 0 and 20, got 21": {"prompt": "hi", "logprobs": 21},
+        "the prompt[0] is 3000 tokens": {"prompt": [5] * 3000},
+        "max_tokens is 1900; this server allows at most 1800": {"prompt": "hi", "max_tokens": 1900},
+        "prompt must be a string": {},
+    }
+    for expected, body in bad.items():
+        reply = httpx.post(server[0] + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+        assert reply.status_code == 400, (expected, reply.text)
+        error = reply.json()["error"]
+        assert expected in error["message"] and set(error) == {"message", "type", "param", "code"}, reply.text
+    with pytest.raises(openai.NotFoundError, match="The model `gpt-4o` does not exist"):
+        client.completions.create(model="gpt-4o", prompt="hi")
+    assert httpx.post(server[0] + "/v1/completions", json={"prompt": "hi"}).status_code == 401
+    assert health(server)["status"] == "ok"
+
+
+def test_a_model_card_by_id(server, client):
+    card = client.models.retrieve("m")
+    assert (card.id, card.object, card.owned_by) == ("m", "model", "internvl-mpo")
+    assert card.model_dump() == client.models.list().data[0].model_dump()
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("OpenGVLab/InternVL2_5-4B-MPO")
+    assert e.value.body == {"message": "The model `OpenGVLab/InternVL2_5-4B-MPO` does not exist; this server serves "
+                                       "`m`", "type": "invalid_request_error", "param": "model",
+                            "code": "model_not_found"}
+    assert httpx.get(server[0] + "/v1/models/m").status_code == 401
 
 
 def test_non_finite_logprobs_are_sent_as_valid_json(local_chat):

@@ -1,7 +1,9 @@
 """`internvl-mpo serve`: an OpenAI-compatible HTTP server over the generation engine.
 
 Endpoints: `POST /v1/chat/completions` (plain or `stream: true` server-sent events in OpenAI's
-`chat.completion.chunk` format, ending with `data: [DONE]`), `GET /v1/models`, `GET /health`.
+`chat.completion.chunk` format, ending with `data: [DONE]`), `POST /v1/completions` (raw text or token
+ids in, no chat template, as vLLM serves a chat model; `text_completion` objects and chunks),
+`GET /v1/models`, `GET /v1/models/{id}`, `GET /health`.
 
 It is a thin layer: requests are parsed and checked against the limits up front (4xx with an
 OpenAI-style `{"error": {...}}` body), images are decoded and the prompt is tokenized off the event
@@ -38,6 +40,7 @@ import binascii
 import dataclasses
 import hmac
 import http.client
+import itertools
 import json
 import logging
 import math
@@ -54,6 +57,7 @@ from pathlib import Path
 import torch
 
 from .chat.template import IMAGE_PLACEHOLDER, build_prompt_ids
+from .chat.tokenizer import IMG_CONTEXT
 from .checkpoint import default_device
 from .errors import ConfigError, InputError
 from .generate.engine import MAX_TOP_LOGPROBS, Generation, Request
@@ -68,10 +72,12 @@ DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its clie
 SHUTDOWN_GRACE_S = 5  # how long a response may stay open after Ctrl-C once its generation has ended
 # fields that would change the answer, refused when set (not silently ignored): OpenAI's, then vLLM's extras
 UNSUPPORTED_FIELDS = ("tools", "functions", "logit_bias", "audio", "prediction",
-                      "min_p", "min_tokens", "stop_token_ids", "use_beam_search", "echo", "prompt_logprobs",
+                      "min_p", "min_tokens", "stop_token_ids", "use_beam_search",
                       "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 TEXT_ROOM = 512  # tokens of a sequence that image tiles leave to the text and the answer
 DEMO_MODEL_NAME = "internvl-mpo-demo"  # the served name of the shipped demo model
+COMPLETION_MAX_TOKENS = 16  # /v1/completions' default max_tokens (OpenAI's and vLLM's)
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,21 @@ class ChatRequest:
     max_num: int | None
     logprobs: int | None = None  # top_logprobs when logprobs were asked for, else None
     max_tokens_key: str = "max_tokens"  # the field max_tokens came from, named in errors
+
+
+@dataclass
+class CompletionRequest:
+    """A parsed /v1/completions body: raw prompts (text or token ids), no chat template."""
+
+    prompts: list[str | list[int]]
+    params: SamplingParams  # max_new_tokens is a placeholder until the prompt length is known
+    max_tokens: int
+    n: int
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # the legacy integer: top alternatives per token, or None
+    echo: bool
+    max_tokens_key: str = "max_tokens"
 
 
 def _field(body: dict, key: str, kinds: tuple[type, ...], default=None, low=None, high=None):
@@ -251,35 +272,18 @@ def check_model(body, served: str) -> None:
                        "model", "model_not_found")
 
 
-def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
-    """Check a /v1/chat/completions body and map it onto the chat template; raises ApiError."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    for key in UNSUPPORTED_FIELDS:
+def _sampling(body: dict, settings: ServerSettings, refused: tuple[str, ...]) -> dict:
+    """The fields that chat and text completions share (sampling, limits, n, streaming), checked; raises
+    ApiError. Fields in `refused` are a 400 when set."""
+    for key in refused:
         if body.get(key):
             raise ApiError(400, f"{key} is not supported by this server", key)
-    logprobs = _field(body, "logprobs", (bool,), False)
-    top_logprobs = _field(body, "top_logprobs", (int,), None, 0, MAX_TOP_LOGPROBS)
-    if top_logprobs is not None and not logprobs:
-        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     for key in ("frequency_penalty", "presence_penalty"):
         if _field(body, key, (int, float), 0):
             raise ApiError(400, f"{key} is not supported (use repetition_penalty)", key)
-    tool_choice = body.get("tool_choice")  # vLLM's rule, given that tools can only be [] here
-    if tool_choice not in (None, "none") and not (tool_choice in ("auto", "required") and body.get("tools") == []):
-        raise ApiError(400, f"tool_choice {json.dumps(tool_choice)[:80]} needs tools, and this server does not "
-                            "support tools", "tool_choice")
     response_format = body.get("response_format")
     if response_format and response_format != {"type": "text"}:
         raise ApiError(400, "only response_format {'type': 'text'} is supported", "response_format")
-
-    system, turns, images = _conversation(body.get("messages"))
-    if len(images) > settings.max_images:
-        raise ApiError(400, f"the request has {len(images)} images; this server accepts at most "
-                            f"{settings.max_images}", "messages", "too_many_images")
-    turns = _label_images(turns, len(images))
-    history = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
-
     temperature = _field(body, "temperature", (int, float), 1.0, 0, 2)
     top_p = _field(body, "top_p", (int, float), 1.0, 0, 1)
     if top_p == 0:
@@ -301,7 +305,6 @@ def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
         raise ApiError(400, "stream_options must be an object", "stream_options")
     if stream_options and not body.get("stream"):  # as vLLM and OpenAI
         raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
-    max_num = _field(body, "max_num", (int,), None, 1, settings.max_tiles)
     n = _field(body, "n", (int,), 1, 1, settings.max_n)
     seed = _field(body, "seed", (int,), None, -(2**63), 2**63 - 1)  # OpenAI's int64; read modulo 2**63
     try:
@@ -313,12 +316,74 @@ def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
         )
     except InputError as e:
         raise ApiError(400, str(e)) from None
+    return {"params": params, "max_tokens": max_tokens, "max_tokens_key": limit_key, "n": n,
+            "stream": _field(body, "stream", (bool,), False),
+            "include_usage": bool(stream_options.get("include_usage"))}
+
+
+def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
+    """Check a /v1/chat/completions body and map it onto the chat template; raises ApiError."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    sampling = _sampling(body, settings, UNSUPPORTED_FIELDS + ("echo", "prompt_logprobs"))
+    logprobs = _field(body, "logprobs", (bool,), False)
+    top_logprobs = _field(body, "top_logprobs", (int,), None, 0, MAX_TOP_LOGPROBS)
+    if top_logprobs is not None and not logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    tool_choice = body.get("tool_choice")  # vLLM's rule, given that tools can only be [] here
+    if tool_choice not in (None, "none") and not (tool_choice in ("auto", "required") and body.get("tools") == []):
+        raise ApiError(400, f"tool_choice {json.dumps(tool_choice)[:80]} needs tools, and this server does not "
+                            "support tools", "tool_choice")
+    system, turns, images = _conversation(body.get("messages"))
+    if len(images) > settings.max_images:
+        raise ApiError(400, f"the request has {len(images)} images; this server accepts at most "
+                            f"{settings.max_images}", "messages", "too_many_images")
+    turns = _label_images(turns, len(images))
+    history = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
     return ChatRequest(
-        question=turns[-1][1], history=history, system_message=system, image_urls=images, params=params,
-        max_tokens=max_tokens, n=n, stream=_field(body, "stream", (bool,), False),
-        include_usage=bool(stream_options.get("include_usage")), max_num=max_num,
-        logprobs=(top_logprobs or 0) if logprobs else None, max_tokens_key=limit_key,
+        question=turns[-1][1], history=history, system_message=system, image_urls=images,
+        max_num=_field(body, "max_num", (int,), None, 1, settings.max_tiles),
+        logprobs=(top_logprobs or 0) if logprobs else None, **sampling,
     )
+
+
+def _prompt_list(prompt) -> list[str | list[int]]:
+    """The prompts of a /v1/completions body: a string, a list of strings, a list of token ids, or a list
+    of such lists (as OpenAI and vLLM accept them)."""
+    def token_ids(value) -> bool:
+        return isinstance(value, list) and bool(value) and all(type(i) is int for i in value)  # not bool
+
+    if isinstance(prompt, str) or token_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or token_ids(p) for p in prompt):
+        prompts = prompt
+    else:
+        raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of token "
+                            "id lists, none of them empty", "prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise ApiError(400, f"the request has {len(prompts)} prompts; this server accepts at most {MAX_PROMPTS}",
+                       "prompt")
+    for i, text in enumerate(prompts):
+        if text == "":
+            raise ApiError(400, f"prompt[{i}] is empty", "prompt")
+        if isinstance(text, str):
+            _unicode(text, f"prompt[{i}]")
+    return prompts
+
+
+def parse_completion_request(body, settings: ServerSettings) -> CompletionRequest:
+    """Check a /v1/completions body (raw text in, no chat template, as vLLM serves it); raises ApiError."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    sampling = _sampling(body, settings, UNSUPPORTED_FIELDS + ("suffix", "prompt_logprobs"))
+    if sampling["max_tokens"] is None:  # OpenAI's and vLLM's default for text completions
+        sampling["max_tokens"] = min(COMPLETION_MAX_TOKENS, settings.max_tokens)
+    logprobs = _field(body, "logprobs", (int,), None, 0, MAX_TOP_LOGPROBS)
+    echo = _field(body, "echo", (bool,), False)
+    if echo and logprobs is not None:
+        raise ApiError(400, "echo with logprobs is not supported: this server does not compute the prompt's "
+                            "log-probabilities", "echo")
+    return CompletionRequest(prompts=_prompt_list(body.get("prompt")), logprobs=logprobs, echo=echo, **sampling)
 
 
 # ---- images and the prompt --------------------------------------------------------------------
@@ -418,17 +483,41 @@ def build_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings,
                                template=config.template)
     except InputError as e:
         raise ApiError(400, str(e), "messages") from None
+    pixels = torch.cat(tiles) if tiles else None
+    return Prompt(ids, pixels, _answer_room(len(ids), req, settings, max_len, "messages", " (images included)"))
+
+
+def _answer_room(length: int, req: ChatRequest | CompletionRequest, settings: ServerSettings, max_len: int,
+                 param: str, what: str = "") -> int:
+    """The max_new_tokens of a prompt of `length` tokens, after checking the token limits."""
     limit = min(settings.max_prompt_tokens or max_len - 1, max_len - 1)
-    if len(ids) > limit:
-        raise ApiError(400, f"the prompt is {len(ids)} tokens (images included); this server accepts at most "
-                            f"{limit}", "messages", "context_length_exceeded")
-    room = max_len - len(ids)
+    if length > limit:
+        raise ApiError(400, f"the {param} is {length} tokens{what}; this server accepts at most {limit}",
+                       param, "context_length_exceeded")
+    room = max_len - length
     if req.max_tokens is not None and req.max_tokens > room:
-        raise ApiError(400, f"the prompt is {len(ids)} tokens and {req.max_tokens_key} is {req.max_tokens}, more "
+        raise ApiError(400, f"the {param} is {length} tokens and {req.max_tokens_key} is {req.max_tokens}, more "
                             f"than the {max_len} tokens a sequence may hold here", req.max_tokens_key,
                        "context_length_exceeded")
-    pixels = torch.cat(tiles) if tiles else None
-    return Prompt(ids, pixels, req.max_tokens or min(settings.max_tokens, room))
+    return req.max_tokens or min(settings.max_tokens, room)
+
+
+def build_completion_prompts(chat: InternVLChat, req: CompletionRequest, settings: ServerSettings,
+                             max_len: int) -> list[Prompt]:
+    """Tokenize the raw prompts (no chat template, no BOS: the Qwen2 tokenizer adds none) and check them."""
+    tokenizer = chat.tokenizer
+    vocab = chat.config.llm.vocab_size
+    prompts = []
+    for i, prompt in enumerate(req.prompts):
+        param = f"prompt[{i}]"
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        if bad := [t for t in ids if not 0 <= t < vocab]:
+            raise ApiError(400, f"{param}: token ids must be in 0..{vocab - 1}, got {bad[:5]}", "prompt")
+        if tokenizer.img_context_id in ids:  # the model would look for image features there
+            raise ApiError(400, f"{param} holds the image-context token {IMG_CONTEXT}, which is reserved for image "
+                                "features (this endpoint takes no images)", "prompt")
+        prompts.append(Prompt(ids, None, _answer_room(len(ids), req, settings, max_len, param)))
+    return prompts
 
 
 # ---- the generation worker --------------------------------------------------------------------
@@ -621,10 +710,6 @@ def _failure(error: Exception) -> ApiError:
 # ---- HTTP -------------------------------------------------------------------------------------
 
 
-def _completion_id() -> str:
-    return "chatcmpl-" + uuid.uuid4().hex
-
-
 def _sse(payload: dict | str) -> str:
     return "data: " + (payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)) + "\n\n"
 
@@ -713,19 +798,22 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
         return JSONResponse({"status": status, "model": model_name, "max_batch": worker.max_batch,
                              "max_len": worker.max_len, **worker.stats}, status_code=200 if worker.alive else 503)
 
+    card = {"id": model_name, "object": "model", "created": started, "owned_by": "internvl-mpo"}
+
     @app.get("/v1/models")
     async def models(request: HttpRequest):
         authorize(request)
-        return {"object": "list",
-                "data": [{"id": model_name, "object": "model", "created": started, "owned_by": "internvl-mpo"}]}
+        return {"object": "list", "data": [card]}
 
-    @app.post("/v1/chat/completions")
-    async def completions(request: HttpRequest):
+    @app.get("/v1/models/{model_id:path}")  # a served name may hold slashes (OpenGVLab/InternVL2_5-4B-MPO)
+    async def model(model_id: str, request: HttpRequest):
         authorize(request)
-        body = await read_json(request)
-        check_model(body, model_name)
-        req = parse_chat_request(body, settings)
-        prompt = await run_in_threadpool(build_prompt, chat, req, settings, worker.max_len)
+        check_model({"model": model_id}, model_name)
+        return card
+
+    def submit(prompts: list[Prompt], n: int, params: SamplingParams, logprobs: int | None):
+        """Queue `n` choices of each prompt (choice j of prompt p is index p * n + j, as in vLLM); returns the
+        queue their chunks arrive on and the function that cancels them."""
         if not worker.alive:
             raise ApiError(503, "the generation worker is not running", type="server_error")
         loop = asyncio.get_running_loop()
@@ -735,29 +823,69 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
             loop.call_soon_threadsafe(inbox.put_nowait, item)
 
         jobs = []
-        for index in range(req.n):
-            seed = None if req.params.seed is None else (req.params.seed + index) % 2**63
-            params = dataclasses.replace(req.params, max_new_tokens=prompt.max_new_tokens, seed=seed)
-            jobs.append(Job(Request(prompt.ids, params, prompt.pixel_values, logprobs=req.logprobs), index, deliver))
-            worker.submit(jobs[-1])
-        head = {"id": _completion_id(), "created": int(time.time()), "model": model_name}
-        usage = {"prompt_tokens": len(prompt.ids)}
+        for p, prompt in enumerate(prompts):
+            for j in range(n):
+                seed = None if params.seed is None else (params.seed + j) % 2**63
+                choice = dataclasses.replace(params, max_new_tokens=prompt.max_new_tokens, seed=seed)
+                request = Request(prompt.ids, choice, prompt.pixel_values, logprobs=logprobs)
+                jobs.append(Job(request, p * n + j, deliver))
+                worker.submit(jobs[-1])
 
         def close() -> None:
             for job in jobs:
                 worker.cancel(job)
 
+        return inbox, close
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HttpRequest):
+        authorize(request)
+        body = await read_json(request)
+        check_model(body, model_name)
+        req = parse_chat_request(body, settings)
+        prompt = await run_in_threadpool(build_prompt, chat, req, settings, worker.max_len)
+        inbox, close = submit([prompt], req.n, req.params, req.logprobs)
+        head = {"id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time()), "model": model_name}
+        usage = {"prompt_tokens": len(prompt.ids)}
         if req.stream:
-            return _EventStream(_stream(inbox, req, head, usage), close)
+            return _EventStream(_chat_stream(inbox, req, head, usage), close)
         try:
-            return await _collect(inbox, request, req, head, usage)
+            texts, finishes, tokens, logprobs = await _gather(inbox, request, req.n)
         finally:
             close()
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                    "logprobs": None if req.logprobs is None else {"content": logprobs[i]},
+                    "finish_reason": finishes[i]} for i in range(req.n)]
+        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(usage, sum(tokens))}
 
-    async def _collect(inbox: asyncio.Queue, request: HttpRequest, req: ChatRequest, head: dict, usage: dict) -> dict:
-        n = req.n
-        texts, finishes, tokens = [""] * n, [None] * n, [0] * n
-        logprobs: list[list[dict]] = [[] for _ in range(n)]
+    @app.post("/v1/completions")
+    async def text_completions(request: HttpRequest):
+        authorize(request)
+        body = await read_json(request)
+        check_model(body, model_name)
+        req = parse_completion_request(body, settings)
+        prompts = await run_in_threadpool(build_completion_prompts, chat, req, settings, worker.max_len)
+        echoes = [(p if isinstance(p, str) else chat.tokenizer.decode(p, skip_special_tokens=False)) if req.echo
+                  else "" for p in req.prompts]
+        inbox, close = submit(prompts, req.n, req.params, req.logprobs)
+        head = {"id": "cmpl-" + uuid.uuid4().hex, "created": int(time.time()), "model": model_name}
+        usage = {"prompt_tokens": sum(len(p.ids) for p in prompts)}
+        count = len(prompts) * req.n
+        if req.stream:
+            return _EventStream(_completion_stream(inbox, req, count, echoes, head, usage), close)
+        try:
+            texts, finishes, tokens, logprobs = await _gather(inbox, request, count)
+        finally:
+            close()
+        choices = [{"index": i, "text": echoes[i // req.n] + texts[i],
+                    "logprobs": None if req.logprobs is None else _legacy_logprobs(logprobs[i], 0),
+                    "finish_reason": finishes[i]} for i in range(count)]
+        return {**head, "object": "text_completion", "choices": choices, "usage": _usage(usage, sum(tokens))}
+
+    async def _gather(inbox: asyncio.Queue, request: HttpRequest, count: int):
+        """(text, finish_reason, token count, logprobs entries) of each of `count` choices, once all have finished."""
+        texts, finishes, tokens = [""] * count, [None] * count, [0] * count
+        logprobs: list[list[dict]] = [[] for _ in range(count)]
         clock = asyncio.get_running_loop().time
         check_at = clock() + DISCONNECT_POLL_S
         while None in finishes:
@@ -777,12 +905,20 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
             logprobs[item.index] += item.logprobs or []
             if item.finish_reason:
                 finishes[item.index], tokens[item.index] = item.finish_reason, item.completion_tokens
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                    "logprobs": None if req.logprobs is None else {"content": logprobs[i]},
-                    "finish_reason": finishes[i]} for i in range(n)]
-        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(usage, sum(tokens))}
+        return texts, finishes, tokens, logprobs
 
-    async def _stream(inbox: asyncio.Queue, req: ChatRequest, head: dict, usage: dict):
+    async def _chunks(inbox: asyncio.Queue, count: int):
+        """The Chunks of `count` choices as they come, until all have finished; a failure ends them as an ApiError."""
+        finished = 0
+        while finished < count:
+            item = await inbox.get()
+            if isinstance(item, Exception):
+                yield item if isinstance(item, ApiError) else ApiError(500, str(item), type="server_error")
+                return
+            yield item
+            finished += bool(item.finish_reason)
+
+    async def _chat_stream(inbox: asyncio.Queue, req: ChatRequest, head: dict, usage: dict):
         head = {**head, "object": "chat.completion.chunk"}
 
         def chunk(index: int, delta: dict, finish: str | None = None, logprobs: list[dict] | None = None) -> str:
@@ -792,22 +928,63 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
 
         for index in range(req.n):
             yield chunk(index, {"role": "assistant", "content": ""})
-        finished, tokens = 0, 0
-        while finished < req.n:
-            item = await inbox.get()
-            if isinstance(item, Exception):
-                error = item if isinstance(item, ApiError) else ApiError(500, str(item), type="server_error")
-                yield _sse(error.body())
+        tokens = 0
+        async for item in _chunks(inbox, req.n):
+            if isinstance(item, ApiError):
+                yield _sse(item.body())
                 break
             yield chunk(item.index, {"content": item.text} if item.text else {}, item.finish_reason, item.logprobs)
-            if item.finish_reason:
-                finished += 1
-                tokens += item.completion_tokens
+            tokens += item.completion_tokens if item.finish_reason else 0  # the choice's count, on its last chunk
+        if req.include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(usage, tokens)})
+        yield _sse("[DONE]")
+
+    async def _completion_stream(inbox: asyncio.Queue, req: CompletionRequest, count: int, echoes: list[str],
+                                 head: dict, usage: dict):
+        head = {**head, "object": "text_completion"}
+
+        def chunk(index: int, text: str, finish: str | None = None, logprobs: dict | None = None) -> str:
+            return _sse({**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                              "finish_reason": finish}]})
+
+        if req.echo:
+            for index in range(count):
+                yield chunk(index, echoes[index // req.n])
+        offsets, tokens = [0] * count, 0  # the next token's text_offset per choice (as the non-streamed answer has it)
+        async for item in _chunks(inbox, count):
+            if isinstance(item, ApiError):
+                yield _sse(item.body())
+                break
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = _legacy_logprobs(item.logprobs or [], offsets[item.index])
+                offsets[item.index] += sum(len(token) for token in logprobs["tokens"])
+            yield chunk(item.index, item.text, item.finish_reason, logprobs)
+            tokens += item.completion_tokens if item.finish_reason else 0  # the choice's count, on its last chunk
         if req.include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(usage, tokens)})
         yield _sse("[DONE]")
 
     return app
+
+
+def _legacy_logprobs(entries: list[dict], offset: int) -> dict:
+    """The /v1/completions `logprobs` object of chat-format entries, as vLLM builds it: each token's text
+    and log-probability, a {text: log-probability} map of the token and the top alternatives, and each
+    token's offset (the first at `offset`, then after the previous token's text: a character split over
+    two tokens counts twice, as in vLLM's non-streamed answers, and streamed ones count alike). Where two
+    of a map's tokens read the same (pieces of one character both read "\ufffd"), the first keeps its
+    value: the chosen token's own, then the likelier alternative's (vLLM lets the last overwrite)."""
+    def choices(entry: dict) -> dict:
+        out = {entry["token"]: entry["logprob"]}
+        for top in entry["top_logprobs"]:
+            out.setdefault(top["token"], top["logprob"])
+        return out
+
+    tokens = [entry["token"] for entry in entries]
+    return {"tokens": tokens, "token_logprobs": [entry["logprob"] for entry in entries],
+            "top_logprobs": [choices(entry) for entry in entries],
+            "text_offset": list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset))[:len(tokens)]}
 
 
 def _usage(usage: dict, completion_tokens: int) -> dict:
@@ -868,7 +1045,7 @@ def serve(
     max_tokens: int = 2048,
     max_n: int = 4,
 ) -> None:
-    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health).
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health).
 
     model: checkpoint folder or hub id (default: the shipped demo model)
     served_model_name: the model's name in the API (/v1/models, responses); a request naming another model gets a 404 (default: --model as given; internvl-mpo-demo for the demo model)
