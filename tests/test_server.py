@@ -706,6 +706,75 @@ def test_image_urls_that_cannot_be_read_are_400():
         assert (e.value.status, e.value.code) == (400, code)
 
 
+def test_file_urls_are_percent_decoded_and_name_this_machine(tmp_path):
+    """A file URL writes a space as %20 and may name this machine as localhost or not at all; another
+    host, or a scheme that is neither data, http(s) nor file, is a clear 400 (not a missing relative path)."""
+    from urllib.parse import quote
+
+    image = png(56, 56)
+    path = tmp_path / "my image #1.png"
+    path.write_bytes(image)
+    settings = ServerSettings(allow_local_images=True)
+    for url in (str(path), "file://" + quote(str(path)), "file://localhost" + quote(str(path)),
+                "file:" + quote(str(path))):
+        assert image_bytes(url, "image", settings) == image, url
+    refused = {"file://example.com" + quote(str(path)): "a file URL must name this machine",
+               "ftp://127.0.0.1/x.png": "unsupported URL scheme 'ftp'",
+               "s3://bucket/x.png": "unsupported URL scheme 's3'"}
+    for url, message in refused.items():
+        with pytest.raises(ApiError, match=message) as e:
+            image_bytes(url, "messages[0].content[0].image_url", settings)
+        assert (e.value.status, e.value.param) == (400, "messages[0].content[0].image_url")
+    with pytest.raises(ApiError, match="unsupported URL scheme 'ftp'"):  # not "local image files are refused"
+        image_bytes("ftp://127.0.0.1/x.png", "image", ServerSettings())
+
+
+def test_remote_image_redirects_stay_on_http_and_are_few():
+    """--allow-remote-images follows at most 5 redirects, to http(s) only: a redirect to ftp:// or file://
+    (a way around the data:-only default) or a long chain is a 400 that says so."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    image = png(56, 56)
+
+    class Redirects(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/hop/"):  # /hop/k redirects k times before the image
+                left = int(self.path.rsplit("/", 1)[1])
+                self.send_response(302)
+                self.send_header("Location", f"/hop/{left - 1}" if left > 1 else "/image.png")
+            elif self.path.startswith("/to/"):
+                self.send_response(301)
+                self.send_header("Location", self.path.removeprefix("/to/"))
+            else:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(image)))
+                self.end_headers()
+                self.wfile.write(image)
+                return
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Redirects)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_port}"
+    settings = ServerSettings(allow_remote_images=True)
+    try:
+        assert image_bytes(f"{base}/hop/5", "image", settings) == image
+        refused = {f"{base}/hop/6": "more than 5 redirects",
+                   f"{base}/to/ftp://127.0.0.1:9/x.png": "redirected to ftp://127.0.0.1:9/x.png; only http",
+                   f"{base}/to/file:///etc/hostname": "redirected to file:///etc/hostname; only http"}
+        for url, message in refused.items():
+            with pytest.raises(ApiError, match=message) as e:
+                image_bytes(url, "messages[0].content[0].image_url", settings)
+            assert (e.value.status, e.value.code) == (400, "image_fetch_failed")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def test_a_remote_image_that_trickles_in_is_cut_off_at_the_image_timeout():
     """--image-timeout bounds the whole fetch: a server that sends a byte every 0.1 s (each read well
     within the timeout) must not hold the request for the 20 s its image takes; one that answers at once

@@ -48,6 +48,7 @@ import queue
 import socket
 import threading
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -78,6 +79,7 @@ TEXT_ROOM = 512  # tokens of a sequence that image tiles leave to the text and t
 DEMO_MODEL_NAME = "internvl-mpo-demo"  # the served name of the shipped demo model
 COMPLETION_MAX_TOKENS = 16  # /v1/completions' default max_tokens (OpenAI's and vLLM's)
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
+MAX_REDIRECTS = 5  # redirects followed to fetch a remote image
 
 
 @dataclass(frozen=True)
@@ -389,13 +391,37 @@ def parse_completion_request(body, settings: ServerSettings) -> CompletionReques
 # ---- images and the prompt --------------------------------------------------------------------
 
 
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """urllib's redirects, limited to MAX_REDIRECTS and to http(s): urllib alone follows 10, and to ftp://
+    as well (a way past the data:-only default onto another protocol)."""
+
+    def __init__(self, param: str):
+        self.param, self.count = param, 0
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        target = urllib.parse.urljoin(req.full_url, headers.get("location") or headers.get("uri") or "")
+        self.count += 1
+        if urllib.parse.urlsplit(target).scheme not in ("http", "https"):
+            fail = f"redirected to {target[:200]}; only http(s) redirects are followed"
+        elif self.count > MAX_REDIRECTS:
+            fail = f"more than {MAX_REDIRECTS} redirects"
+        else:
+            return super().http_error_302(req, fp, code, msg, headers)
+        fp.close()
+        raise ApiError(400, f"{self.param}: could not fetch {req.full_url[:200]}: {fail}", self.param,
+                       "image_fetch_failed")
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
 def _fetch_remote(url: str, param: str, settings: ServerSettings) -> bytes:
     """The image at `url` within `image_timeout` seconds in all (urllib's timeout bounds each read alone, so a
     server that sends a byte now and then would hold the request and a thread for as long as it likes)."""
     deadline = time.monotonic() + settings.image_timeout
     data = bytearray()
+    opener = urllib.request.build_opener(_Redirects(param))
     try:
-        with urllib.request.urlopen(url, timeout=settings.image_timeout) as response:
+        with opener.open(url, timeout=settings.image_timeout) as response:
             while len(data) <= settings.max_image_bytes and (piece := response.read1(2**16)):
                 data += piece
                 if time.monotonic() > deadline:
@@ -406,7 +432,14 @@ def _fetch_remote(url: str, param: str, settings: ServerSettings) -> bytes:
 
 
 def _read_local(url: str, param: str, settings: ServerSettings) -> bytes:
-    path = Path(url.removeprefix("file://"))
+    """The file named by a path or a file URL (percent-decoded; its host empty or localhost)."""
+    path = Path(url)
+    if url.startswith("file:"):
+        parts = urllib.parse.urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise ApiError(400, f"{param}: a file URL must name this machine (file:///path or file://localhost/path), "
+                                f"got host {parts.netloc[:100]!r}", param, "invalid_image")
+        path = Path(urllib.parse.unquote(parts.path))
     shown = str(path)[:200]
     try:
         if not path.is_file():
@@ -440,6 +473,9 @@ def image_bytes(url: str, param: str, settings: ServerSettings) -> bytes:
             raise ApiError(400, f"{param}: remote image URLs are refused; send the image as a data: URL "
                                 "(or start the server with --allow-remote-images)", param, "remote_image_refused")
         raw = _fetch_remote(url, param, settings)
+    elif (scheme := urllib.parse.urlsplit(url).scheme) not in ("", "file"):
+        raise ApiError(400, f"{param}: unsupported URL scheme {scheme[:20]!r}; images come as data: URLs, http(s) "
+                            "URLs or (when allowed) file URLs and paths", param, "invalid_image")
     else:
         if not settings.allow_local_images:
             raise ApiError(400, f"{param}: local image files are refused; send the image as a data: URL "
