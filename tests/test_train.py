@@ -507,9 +507,71 @@ def test_precomputed_reference_is_recomputed_after_the_annotations_change(tmp_pa
     assert (row["rewards/chosen"], row["rewards/rejected"]) == (0.0, 0.0)  # the reference is the initial policy
 
 
-def test_a_record_without_precomputed_reference_log_probs_is_skipped(tmp_path, chat_folder):
-    # The pass (--skip-bad) could not read one image; the cache, reused after the image was mended, holds
-    # no values for that record, which must not train against a reference log-prob of 0.
+def rerun_keeping_the_cache(run: TrainConfig, capsys) -> tuple[list[dict], str]:
+    """Train `run` again in its folder, whose ref_logps.* stay: (its metric rows, what it printed)."""
+    shutil.rmtree(Path(run.output) / "final")  # drop what a fresh run may not overwrite
+    (Path(run.output) / "metrics.jsonl").unlink()
+    capsys.readouterr()
+    train(run)
+    return metric_rows(Path(run.output)), capsys.readouterr().out
+
+
+def scale_weight(folder: Path, key: str = "language_model.model.norm.weight") -> None:
+    """Edit one tensor of the folder's model.safetensors in place."""
+    from safetensors.torch import save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    tensors[key] = tensors[key] * 1.5
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("change", ["weights", "other_model", "tokenizer", "images", "video_frames"])
+def test_precomputed_reference_is_recomputed_when_its_inputs_change(tmp_path, chat_folder, change, capsys):
+    """Whatever decides the reference log-probs keys the cache: the model's files (edited in place or another
+    folder), the tokenizer's, the images (edited in place), the example settings; a stale cache would give
+    step-1 rewards other than 0."""
+    model, tokenizer = tmp_path / "model", tmp_path / "tokenizer"
+    shutil.copytree(chat_folder, model)
+    shutil.copytree(chat_folder, tokenizer)
+    meta = write_mmpr(tmp_path / "data", color_pairs(4))
+    run = config(model, meta, tmp_path / "run", max_steps=2, batch_size=1, precompute_ref=True, tokenizer=str(tokenizer))
+    train(run)
+    if change == "weights":
+        scale_weight(model)
+    elif change == "other_model":
+        shutil.copytree(model, tmp_path / "other")
+        scale_weight(tmp_path / "other")
+        run = dataclasses.replace(run, model=str(tmp_path / "other"))
+    elif change == "tokenizer":
+        settings = json.loads((tokenizer / "tokenizer_config.json").read_text())
+        (tokenizer / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 77}))
+    elif change == "images":
+        write_noise_images(tmp_path / "data" / "images")  # the same names, other pixels
+    else:
+        run = dataclasses.replace(run, video_frames=4)
+    rows, printed = rerun_keeping_the_cache(run, capsys)
+    key = {"weights": "model", "other_model": "model"}.get(change, change.replace("images", "media"))
+    assert f"ref_logps.safetensors was computed from other inputs ({key}): computing it again" in printed
+    assert [(r["rewards/chosen"], r["rewards/rejected"]) for r in rows][:1] == [(0.0, 0.0)]
+
+
+def test_precomputed_reference_is_reused_from_a_moved_model_folder(tmp_path, chat_folder, capsys):
+    meta = write_mmpr(tmp_path / "data", color_pairs(4))
+    shutil.copytree(chat_folder, tmp_path / "model")
+    run = config(tmp_path / "model", meta, tmp_path / "run", max_steps=1, batch_size=1, precompute_ref=True)
+    train(run)
+    cached = (tmp_path / "run" / "ref_logps.safetensors").stat().st_mtime_ns
+    (tmp_path / "model").rename(tmp_path / "moved")
+    _, printed = rerun_keeping_the_cache(dataclasses.replace(run, model=str(tmp_path / "moved")), capsys)
+    assert "computing it again" not in printed
+    assert (tmp_path / "run" / "ref_logps.safetensors").stat().st_mtime_ns == cached
+
+
+def test_a_record_without_precomputed_reference_log_probs_is_skipped(tmp_path, chat_folder, capsys):
+    # The pass (--skip-bad) could not read one image: the cache holds no values for that record. Once the
+    # image is mended the cache is computed again (the images key it); a cache whose pass failed on a record
+    # for another reason (a read error on a network filesystem, say) keeps it a bad record, which must not
+    # train against a reference log-prob of 0.
     meta = write_mmpr(tmp_path / "data", color_pairs(4))
     image = tmp_path / "data" / "images" / "red.png"  # line 1's picture
     good = image.read_bytes()
@@ -518,17 +580,19 @@ def test_a_record_without_precomputed_reference_log_probs_is_skipped(tmp_path, c
                  skip_bad=True)  # lr 0: the policy stays the reference, so every reward is exactly 0
     train(run)
     assert load_file(tmp_path / "run" / "ref_logps.safetensors")["valid"].tolist().count(0) == 1
-    shutil.rmtree(tmp_path / "run" / "final")
-    (tmp_path / "run" / "metrics.jsonl").unlink()
     image.write_bytes(good)
-    train(run)
-    rows = metric_rows(tmp_path / "run")
+    rows, _ = rerun_keeping_the_cache(run, capsys)
+    table = load_file(tmp_path / "run" / "ref_logps.safetensors")
+    assert bool(table["valid"].all()) and rows[-1]["skipped"] == 0
+    table["valid"][0] = 0  # the first record (not line 1: MMPR datasets are shuffled)
+    ckpt.write_tensors(tmp_path / "run" / "ref_logps.safetensors", table)
+    rows, _ = rerun_keeping_the_cache(run, capsys)
     assert [(r["rewards/chosen"], r["rewards/rejected"]) for r in rows] == [(0.0, 0.0)] * 4
     assert rows[-1]["skipped"] == 1
     (tmp_path / "strict").mkdir()
     for name in ("ref_logps.safetensors", "ref_logps.json"):
         shutil.copy(tmp_path / "run" / name, tmp_path / "strict" / name)
-    with pytest.raises(InputError, match=r"toy.jsonl:1: no reference log-probs: .*\(pass --skip-bad"):
+    with pytest.raises(InputError, match=r"toy.jsonl:\d: no reference log-probs: .*\(pass --skip-bad"):
         train(dataclasses.replace(run, output=str(tmp_path / "strict"), skip_bad=False))
 
 

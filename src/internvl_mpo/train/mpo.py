@@ -47,7 +47,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
@@ -87,11 +86,20 @@ from internvl_mpo.train.distributed import (
     destroy_distributed,
     epoch_order,
     init_distributed,
+    print0,
     rank_share,
     shard_fsdp2,
     share_start,
     transformer_blocks,
     wrap_ddp,
+)
+from internvl_mpo.train.fingerprints import (
+    MODEL_SUFFIXES,
+    TOKENIZER_SUFFIXES,
+    file_sha256,
+    files_digest,
+    folder_files,
+    media_digest,
 )
 from internvl_mpo.train.lora import (
     apply_lora,
@@ -543,15 +551,17 @@ class SampleStream:
 # ----------------------------------------------------------------------------- reference log-probs
 
 
-def _ref_fingerprint(cfg: TrainConfig, dataset, data_print: list[dict]) -> dict:
+def _ref_fingerprint(cfg: TrainConfig, env: DistEnv, dataset, data_print: list[dict], model_print: dict) -> dict:
     return {
-        "model": str(cfg.model or cfg.init_from_config),
+        **model_print,  # the reference's weights, config and tokenizer files (names, sizes, sha256)
         "data": os.path.abspath(cfg.data),
         "data_files": data_print,  # size and sha256: an edited annotation keeps its records and file:line sources
+        "media": media_digest(dataset.records, env),  # an image edited in place keeps its path
         "records": len(dataset),
         "sources": [str(r.source) for r in dataset.records[:1000]],
         "max_seq_length": cfg.max_seq_length,
         "max_dynamic_patch": cfg.max_dynamic_patch,
+        "video_frames": cfg.video_frames,
         "seed": cfg.seed,
         "rejected_span": cfg.rejected_span,
         # tiles of augmented datasets depend on the seed (above) and on which datasets augment
@@ -561,24 +571,29 @@ def _ref_fingerprint(cfg: TrainConfig, dataset, data_print: list[dict]) -> dict:
 
 def precompute_reference(
     cfg: TrainConfig, env: DistEnv, ref: InternVL, dataset: PairDataset, pad_id: int, autocast,
-    data_print: list[dict],
+    data_print: list[dict], model_print: dict,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference (chosen, rejected) log-probs of every record, computed once and cached in the output.
 
     Stored as `ref_logps.safetensors` (chosen, rejected, valid) + `ref_logps.json` (what they were
-    computed from, the data files' `data_print` included); a cache whose description matches the run
-    is reused (images are not read: one changed in place goes unnoticed). Records are encoded as in
-    the first epoch (augmented tiles included; `check_reference_epoch` keeps the run inside it).
-    Returns (chosen, rejected, valid).
+    computed from: the model's and tokenizer's files (`model_print`), the data files (`data_print`),
+    the images and videos, the example settings, the weights' dtype and autocast); a cache whose
+    description matches the run is reused, any other is computed again, with a note naming what
+    differs. Records are encoded as in the first epoch (augmented tiles included;
+    `check_reference_epoch` keeps the run inside it). Returns (chosen, rejected, valid).
     """
     output = Path(cfg.output)
     path, meta_path = output / REF_FILE, output / (Path(REF_FILE).stem + ".json")
     with autocast():  # the weights' dtype and the autocast decide what the reference computes
         compute = {"weights": str(ref.dtype), "bf16_autocast": torch.is_autocast_enabled(env.device.type)}
-    fingerprint = {**_ref_fingerprint(cfg, dataset, data_print), **compute}
-    if path.is_file() and meta_path.is_file() and ckpt.read_json(meta_path) == fingerprint:
-        table = ckpt.read_tensors(path)
-        return table["chosen"], table["rejected"], table["valid"].bool()
+    fingerprint = {**_ref_fingerprint(cfg, env, dataset, data_print, model_print), **compute}
+    if path.is_file() and meta_path.is_file():
+        cached = ckpt.read_json(meta_path)
+        if cached == fingerprint:
+            table = ckpt.read_tensors(path)
+            return table["chosen"], table["rejected"], table["valid"].bool()
+        changed = [k for k in fingerprint if cached.get(k) != fingerprint[k]] + [k for k in cached if k not in fingerprint]
+        print0(f"note: {path} was computed from other inputs ({', '.join(changed)}): computing it again")
     dataset = dataset.at_epoch(0)
     n = len(dataset)
     values = torch.zeros(n, 2, dtype=torch.float64)
@@ -759,14 +774,16 @@ def data_files(cfg: TrainConfig) -> list[str]:
 
 def data_fingerprint(cfg: TrainConfig) -> list[dict]:
     """Size and sha256 of every data file, so that a resume can refuse changed data (images are not read)."""
-    prints = []
-    for name in data_files(cfg):
-        digest = hashlib.sha256()
-        with open(name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        prints.append({"file": os.path.abspath(name), "size": os.path.getsize(name), "sha256": digest.hexdigest()})
-    return prints
+    return [{"file": os.path.abspath(name), "size": os.path.getsize(name), "sha256": file_sha256(name)}
+            for name in data_files(cfg)]
+
+
+def model_fingerprint(cfg: TrainConfig, model: InternVL) -> dict[str, str]:
+    """Digests of the files the initial model (the policy's start and the reference) is built from:
+    its folder's weights, configs and tokenizer files (or --init-from-config's file), and --tokenizer's."""
+    files = [cfg.init_from_config] if cfg.init_from_config is not None else folder_files(model.source_dir, MODEL_SUFFIXES)
+    tokenizer = folder_files(cfg.tokenizer or model.source_dir, TOKENIZER_SUFFIXES)
+    return {"model": files_digest(files), "tokenizer": files_digest(tokenizer)}
 
 
 def check_output(output: Path, resume: bool) -> None:
@@ -908,9 +925,10 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
     precompute = needs_ref and cfg.precompute_ref
     if precompute:
         check_reference_epoch(cfg, env, dataset, total_steps * samples_per_step)
-    # Hashing the data files (GBs for MMPR) is needed only to write checkpoints, to check a resume, or to
-    # tell whether cached reference log-probs were computed from these files.
+    # Hashing the data files (GBs for MMPR) and the model's files (8 GB for a 4B model) is needed only to
+    # write checkpoints, to check a resume, or to tell whether cached reference log-probs were computed from them.
     fingerprint = data_fingerprint(cfg) if cfg.resume or cfg.save_every or precompute else None
+    model_print = model_fingerprint(cfg, policy) if fingerprint is not None else None
     # Created only now, so that a bad model or data path leaves no empty run folder behind.
     if env.is_main:
         output.mkdir(parents=True, exist_ok=True)
@@ -922,7 +940,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
         reference = make_reference(policy, bf16 and fsdp)
         if cfg.precompute_ref:
             ref_chosen, ref_rejected, valid = precompute_reference(
-                cfg, env, reference, dataset, tokenizer.pad_id, autocast, fingerprint
+                cfg, env, reference, dataset, tokenizer.pad_id, autocast, fingerprint, model_print
             )
             ref_table = (ref_chosen, ref_rejected)
             stream.ref_valid = valid
