@@ -237,14 +237,14 @@ def test_vllm_fields_that_would_change_the_answer_are_refused_not_ignored():
     def parse(**fields):
         return parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **fields}, ServerSettings())
 
-    for key, value in {"min_p": 0.1, "min_tokens": 5, "stop_token_ids": [7], "use_beam_search": True,
+    for key, value in {"min_p": 0.1, "min_tokens": 5, "use_beam_search": True, "include_stop_str_in_output": True,
                        "echo": True, "prompt_logprobs": 1, "guided_json": {"type": "object"},
                        "guided_regex": "a+", "guided_choice": ["yes", "no"], "guided_grammar": "root ::= 'a'",
                        "structured_outputs": {"json": {"type": "object"}}}.items():
         with pytest.raises(ApiError, match=f"{key} is not supported by this server") as e:
             parse(**{key: value})
         assert (e.value.status, e.value.param) == (400, key)
-    assert parse(min_p=0.0, min_tokens=0, stop_token_ids=[], use_beam_search=False, echo=False).question == "hi"
+    assert parse(min_p=0.0, min_tokens=0, use_beam_search=False, echo=False).question == "hi"
 
 
 def test_models_and_health(server, client):
@@ -499,11 +499,41 @@ def test_text_completion_logprobs_are_the_legacy_format(client, local_chat, hf_t
         0] == {texts[0]: pytest.approx(events[0].logprob, abs=1e-5)}
 
 
+def test_stop_token_ids_end_the_answer_without_their_text(client, local_chat, hf_tokenizer):
+    """vLLM's stop_token_ids: the answer stops at the first of them (finish_reason "stop", the token
+    counted in usage), and that token's text is not in the answer, as in vLLM; also past ignore_eos."""
+    ids = hf_tokenizer("Once upon a time")["input_ids"]
+    _, events = engine_completion(local_chat, ids, STEPS, ignore_eos=True)
+    tokens = [e.token for e in events]
+    k = next(k for k in range(3, STEPS) if tokens[k] not in tokens[:k])
+    expected = local_chat.tokenizer.decode(tokens[:k])
+    body = {"prompt": "Once upon a time", **LONG, "extra_body": {"ignore_eos": True, "stop_token_ids": [tokens[k]]}}
+    reply = client.completions.create(model="m", **body)
+    assert (reply.choices[0].text, reply.choices[0].finish_reason) == (expected, "stop")
+    assert reply.usage.completion_tokens == k + 1
+    texts, finishes, _, _ = stream_completion(client, **body)
+    assert texts == {0: expected} and finishes == {0: "stop"}
+    chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], **LONG)
+    chat_ids = local_chat.prepare("Hi").prompt_ids
+    chat_tokens = [e.token for e in engine_completion(local_chat, chat_ids, STEPS, ignore_eos=True)[1]]
+    k = next(k for k in range(3, STEPS) if chat_tokens[k] not in chat_tokens[:k])
+    cut = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], logprobs=True,
+                                         temperature=0, max_tokens=STEPS,
+                                         extra_body={"ignore_eos": True, "stop_token_ids": [chat_tokens[k]]})
+    assert cut.choices[0].message.content == local_chat.tokenizer.decode(chat_tokens[:k])
+    assert chat.choices[0].message.content.startswith(cut.choices[0].message.content)
+    assert len(cut.choices[0].logprobs.content) == k  # the stop token is not listed, as the end-of-turn token
+    for value in ([-1], [True], "7", [1.5]):
+        with pytest.raises(openai.BadRequestError, match="stop_token_ids must be a list of token ids"):
+            client.completions.create(model="m", prompt="hi", extra_body={"stop_token_ids": value})
+
+
 def test_bad_text_completions_get_openai_errors(server, client, local_chat):
     vocab = local_chat.config.llm.vocab_size
     bad = {
         "echo with logprobs is not supported": {"prompt": "hi", "echo": True, "logprobs": 1},
         "suffix is not supported": {"prompt": "hi", "suffix": "end"},
+        "best_of other than 1 is not supported": {"prompt": "hi", "best_of": 2},
         "prompt must be a string, a list of strings": {"prompt": []},
         "prompt must be a string, a list of strings,": {"prompt": [True, 2]},
         "prompt[0] is empty": {"prompt": ""},

@@ -73,7 +73,7 @@ DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its clie
 SHUTDOWN_GRACE_S = 5  # how long a response may stay open after Ctrl-C once its generation has ended
 # fields that would change the answer, refused when set (not silently ignored): OpenAI's, then vLLM's extras
 UNSUPPORTED_FIELDS = ("tools", "functions", "logit_bias", "audio", "prediction",
-                      "min_p", "min_tokens", "stop_token_ids", "use_beam_search",
+                      "min_p", "min_tokens", "use_beam_search", "include_stop_str_in_output",
                       "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 TEXT_ROOM = 512  # tokens of a sequence that image tiles leave to the text and the answer
 DEMO_MODEL_NAME = "internvl-mpo-demo"  # the served name of the shipped demo model
@@ -302,6 +302,10 @@ def _sampling(body: dict, settings: ServerSettings, refused: tuple[str, ...]) ->
     if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them",
                        "stop")
+    stop_ids = body.get("stop_token_ids") or []  # vLLM's; the token that stops is counted, not shown
+    if not isinstance(stop_ids, list) or not all(type(i) is int and 0 <= i < 2**31 for i in stop_ids):
+        raise ApiError(400, f"stop_token_ids must be a list of token ids, got {json.dumps(stop_ids)[:80]}",
+                       "stop_token_ids")
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise ApiError(400, "stream_options must be an object", "stream_options")
@@ -313,6 +317,7 @@ def _sampling(body: dict, settings: ServerSettings, refused: tuple[str, ...]) ->
         params = SamplingParams(
             max_new_tokens=1, do_sample=temperature > 0, temperature=float(temperature), top_p=float(top_p),
             top_k=max(0, _field(body, "top_k", (int,), 0, -1)), stop=tuple(stop),  # -1 is vLLM's "off" too
+            stop_token_ids=tuple(stop_ids),
             repetition_penalty=float(_field(body, "repetition_penalty", (int, float), 1.0, 0.01, 10)),
             seed=None if seed is None else seed % 2**63, ignore_eos=_field(body, "ignore_eos", (bool,), False),
         )
@@ -380,6 +385,8 @@ def parse_completion_request(body, settings: ServerSettings) -> CompletionReques
     sampling = _sampling(body, settings, UNSUPPORTED_FIELDS + ("suffix", "prompt_logprobs"))
     if sampling["max_tokens"] is None:  # OpenAI's and vLLM's default for text completions
         sampling["max_tokens"] = min(COMPLETION_MAX_TOKENS, settings.max_tokens)
+    if _field(body, "best_of", (int,), 1) != 1:
+        raise ApiError(400, "best_of other than 1 is not supported (ask for n choices instead)", "best_of")
     logprobs = _field(body, "logprobs", (int,), None, 0, MAX_TOP_LOGPROBS)
     echo = _field(body, "echo", (bool,), False)
     if echo and logprobs is not None:
@@ -709,10 +716,13 @@ class BatchWorker:
             return
         job.tokens += 1
         stats["completion_tokens"] += 1
-        piece, stopped = job.texts.feed(event.token, last=event.finish is not None)
+        # a token that stops the answer (end of turn, or one of the request's stop_token_ids) is not in its
+        # text (as in vLLM), nor in its logprobs
+        stop_token = event.finish == "stop"
+        piece, stopped = job.texts.feed(None if stop_token else event.token, last=event.finish is not None)
         finish = "stop" if stopped else event.finish
-        if event.logprob is not None and not (event.finish == "stop" and self.chat.tokenizer.is_special(event.token)):
-            job.logprobs.append(self._logprob_entry(event))  # the end-of-turn token is not in the text
+        if event.logprob is not None and not stop_token:
+            job.logprobs.append(self._logprob_entry(event))
         if finish:
             if event.finish is None:
                 gen.finish(event.rid)
