@@ -558,6 +558,7 @@ def test_bad_text_completions_get_openai_errors(server, client, local_chat):
 def test_a_model_card_by_id(server, client):
     card = client.models.retrieve("m")
     assert (card.id, card.object, card.owned_by) == ("m", "model", "internvl-mpo")
+    assert card.max_model_len == health(server)["max_len"] == 2048  # as vLLM's card says it
     assert card.model_dump() == client.models.list().data[0].model_dump()
     with pytest.raises(openai.NotFoundError) as e:
         client.models.retrieve("OpenGVLab/InternVL2_5-4B-MPO")

@@ -844,7 +844,8 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
         return JSONResponse({"status": status, "model": model_name, "max_batch": worker.max_batch,
                              "max_len": worker.max_len, **worker.stats}, status_code=200 if worker.alive else 503)
 
-    card = {"id": model_name, "object": "model", "created": started, "owned_by": "internvl-mpo"}
+    card = {"id": model_name, "object": "model", "created": started, "owned_by": "internvl-mpo",
+            "max_model_len": worker.max_len}  # vLLM's card field: tokens per sequence, prompt included
 
     @app.get("/v1/models")
     async def models(request: HttpRequest):
