@@ -540,7 +540,9 @@ def test_bad_text_completions_get_openai_errors(server, client, local_chat):
         "prompt[1]: token ids must be in 0..": {"prompt": [[1, 2], [vocab]]},
         "prompt[0] holds the image-context token <IMG_CONTEXT>": {"prompt": "look: <IMG_CONTEXT>"},
         "logprobs must be between 0 and 20, got 21": {"prompt": "hi", "logprobs": 21},
-        "the prompt[0] is 3000 tokens": {"prompt": [5] * 3000},
+        "prompt[0] is 3000 tokens; this server accepts at most 2047": {"prompt": [5] * 3000},
+        "prompt[1] is 2000 tokens and max_tokens is 100, more than the 2048 tokens":
+            {"prompt": [[5], [5] * 2000], "max_tokens": 100},
         "max_tokens is 1900; this server allows at most 1800": {"prompt": "hi", "max_tokens": 1900},
         "prompt must be a string": {},
     }
@@ -600,8 +602,10 @@ def test_bad_requests_get_openai_errors(server, client):
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": [remote]}])
     with pytest.raises(openai.BadRequestError, match="at most 2"):
         client.chat.completions.create(model="m", messages=[user("Which?", *[png(56, 56)] * 3)])
-    with pytest.raises(openai.BadRequestError, match="context_length|tokens"):
+    with pytest.raises(openai.BadRequestError, match=r"^Error code: 400 - the prompt is \d+ tokens \(images "
+                                                     r"included\); this server accepts at most 2047$") as e:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "word " * 3000}])
+    assert (e.value.body["param"], e.value.body["code"]) == ("messages", "context_length_exceeded")
     with pytest.raises(openai.BadRequestError, match="end with a user message"):
         client.chat.completions.create(model="m", messages=[{"role": "assistant", "content": "hi"}])
     bad_json = httpx.post(server[0] + "/v1/chat/completions", content=b"{not json",
@@ -721,7 +725,7 @@ def test_a_max_tokens_past_the_sequence_names_the_field_the_request_used(local_c
     """The openai client sends max_completion_tokens: the error must not name a max_tokens it never sent."""
     for key in ("max_tokens", "max_completion_tokens"):
         req = parse_chat_request({"messages": [{"role": "user", "content": "hi"}], key: 100}, ServerSettings())
-        with pytest.raises(ApiError, match=rf"tokens and {key} is 100, more than the 90 tokens") as e:
+        with pytest.raises(ApiError, match=rf"^the prompt is \d+ tokens and {key} is 100, more than the 90 tok") as e:
             build_prompt(local_chat, req, ServerSettings(), max_len=90)
         assert (e.value.param, e.value.code) == (key, "context_length_exceeded")
 

@@ -527,19 +527,20 @@ def build_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings,
     except InputError as e:
         raise ApiError(400, str(e), "messages") from None
     pixels = torch.cat(tiles) if tiles else None
-    return Prompt(ids, pixels, _answer_room(len(ids), req, settings, max_len, "messages", " (images included)"))
+    return Prompt(ids, pixels, _answer_room(len(ids), req, settings, max_len, "messages", "the prompt",
+                                              " (images included)"))
 
 
 def _answer_room(length: int, req: ChatRequest | CompletionRequest, settings: ServerSettings, max_len: int,
-                 param: str, what: str = "") -> int:
-    """The max_new_tokens of a prompt of `length` tokens, after checking the token limits."""
+                 param: str, name: str, what: str = "") -> int:
+    """The max_new_tokens of a prompt of `length` tokens (`name` in errors), after checking the token limits."""
     limit = min(settings.max_prompt_tokens or max_len - 1, max_len - 1)
     if length > limit:
-        raise ApiError(400, f"the {param} is {length} tokens{what}; this server accepts at most {limit}",
+        raise ApiError(400, f"{name} is {length} tokens{what}; this server accepts at most {limit}",
                        param, "context_length_exceeded")
     room = max_len - length
     if req.max_tokens is not None and req.max_tokens > room:
-        raise ApiError(400, f"the {param} is {length} tokens and {req.max_tokens_key} is {req.max_tokens}, more "
+        raise ApiError(400, f"{name} is {length} tokens and {req.max_tokens_key} is {req.max_tokens}, more "
                             f"than the {max_len} tokens a sequence may hold here", req.max_tokens_key,
                        "context_length_exceeded")
     return req.max_tokens or min(settings.max_tokens, room)
@@ -559,7 +560,7 @@ def build_completion_prompts(chat: InternVLChat, req: CompletionRequest, setting
         if tokenizer.img_context_id in ids:  # the model would look for image features there
             raise ApiError(400, f"{param} holds the image-context token {IMG_CONTEXT}, which is reserved for image "
                                 "features (this endpoint takes no images)", "prompt")
-        prompts.append(Prompt(ids, None, _answer_room(len(ids), req, settings, max_len, param)))
+        prompts.append(Prompt(ids, None, _answer_room(len(ids), req, settings, max_len, "prompt", param)))
     return prompts
 
 
