@@ -367,3 +367,23 @@ def test_generate_names_urls_in_requests_as_urls(folder, tmp_path):
     errors = [json.loads(x)["error"] for x in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert [e.split(": is a URL")[0] for e in errors] == ["https://example.com/a.jpg", "http://example.com/b.png",
                                                          "https://example.com/c.mp4"]
+
+
+def test_min_new_tokens_flag(folder, tmp_path):
+    """--min-new-tokens reaches the answer's settings in chat and generate, and one over --max-new-tokens is
+    refused before the model loads."""
+    from internvl_mpo import cli_chat
+    from internvl_mpo.errors import InputError
+
+    out = cli("chat", "--model", folder, "--max-new-tokens", "8", "--min-new-tokens", "8", "Hello")
+    assert out.returncode == 0, out.stderr
+    bot = InternVLChat.from_pretrained(folder)
+    assert out.stdout.strip() == bot.chat("Hello", max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")
+    missing_model = str(folder / "nope")  # reached only if the setting gets through
+    for run in (lambda: cli_chat.chat("Hi", model=missing_model, max_new_tokens=8, min_new_tokens=9),
+                lambda: cli_chat.generate(input=str(requests), output=str(tmp_path / "a.jsonl"), model=missing_model,
+                                          max_new_tokens=8, min_new_tokens=-1)):
+        with pytest.raises(InputError, match=r"min_new_tokens must be in 0..max_new_tokens \(8\)"):
+            run()

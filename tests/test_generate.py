@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import shutil
@@ -960,3 +961,111 @@ def test_answers_as_they_finish_gives_a_prompt_that_fails_in_the_engine_its_erro
     assert isinstance(answers["B"], RuntimeError) and str(answers["B"]) == "out of memory"
     for key in "AC":
         assert answers[key] == chat.chat(f"Question {key}", max_new_tokens=6, do_sample=False)
+
+
+# ---- min_new_tokens -----------------------------------------------------------------------
+
+def _stop_first(chat, question, images=None):
+    """A prompt and, as its stop id, the first token its greedy answer takes: without a minimum it stops at once."""
+    ids, pixels = prompt(chat, question, images)
+    return ids, pixels, run(chat.engine, [Request(ids, GREEDY, pixels)])[0][0]
+
+
+@pytest.mark.parametrize("screen", [False, True])
+def test_min_new_tokens_equals_transformers(setup, screen):
+    """Greedy tokens under min_new_tokens equal transformers' generate(min_new_tokens=...), whose stop id
+    (the greedy first token here) is masked for the first N tokens; the screen gives that stop id as its
+    argmax, so the screened engine must fall back to the masked full head."""
+    chat, ref = setup
+    ids, pixels, stop = _stop_first(chat, "Describe it.", Image.new("RGB", (100, 50), "red"))
+    engine = Engine(chat.model, chat.engine.stop_token_ids, screen=screen)
+    for n in (0, 1, 4):
+        params = SamplingParams(max_new_tokens=STEPS, min_new_tokens=n, ignore_eos=True, stop_token_ids=(stop,))
+        ours = run(engine, [Request(ids, params, pixels)])[0]
+        with torch.no_grad():
+            out = ref.generate(input_ids=torch.tensor([ids]), pixel_values=pixels, max_new_tokens=STEPS,
+                               min_new_tokens=n, do_sample=False, eos_token_id=stop, pad_token_id=0)
+        assert ours == out[0, len(ids):].tolist(), n
+        assert stop not in ours[:n] and (ours[-1] == stop or len(ours) == STEPS)
+    assert ours[0] != stop and len(ours) > 4
+
+
+def test_min_new_tokens_holds_for_rows_of_different_progress(setup):
+    """A row under its minimum beside rows past theirs (joined later, sampled, penalised): each gets the
+    tokens it gets alone, and only the rows under their minimum have the stop id masked."""
+    chat, _ = setup
+    ids, _, stop = _stop_first(chat, "Hello there")
+    held = SamplingParams(max_new_tokens=12, min_new_tokens=6, ignore_eos=True, stop_token_ids=(stop,))
+    free = dataclasses.replace(held, min_new_tokens=0)
+    sampled = dataclasses.replace(held, do_sample=True, temperature=0.05, top_k=0, seed=3)
+    penalised = dataclasses.replace(held, repetition_penalty=1.2)
+    alone = {p: run(chat.engine, [Request(ids, p)])[0] for p in (held, free, sampled, penalised)}
+    assert alone[free] == [stop] and alone[sampled][0] != stop and stop not in alone[held][:6]
+    gen = chat.engine.start(max_batch=4, max_len=128)
+    order = [held, free, sampled, penalised]
+    got = {gen.add(Request(ids, order[0])): []}
+    steps = 0
+    while gen:
+        for e in gen.step():
+            got[e.rid].append(e.token)
+        steps += 1
+        if steps in (2, 3, 4):  # join while the first row is partway to its minimum
+            got[gen.add(Request(ids, order[steps - 1]))] = []
+    assert [got[i] for i in range(4)] == [alone[p] for p in order]
+
+
+def test_min_new_tokens_masks_sampled_rows(setup):
+    """A sampled row at a low temperature would take the stop id first almost always; under a minimum of
+    5 it never takes it among its first 5 tokens, whatever the seed."""
+    chat, _ = setup
+    ids, _, stop = _stop_first(chat, "Hello there")
+    base = SamplingParams(max_new_tokens=8, do_sample=True, temperature=0.01, top_k=0, ignore_eos=True,
+                          stop_token_ids=(stop,))
+    free = [run(chat.engine, [Request(ids, dataclasses.replace(base, seed=s))])[0] for s in range(6)]
+    assert sum(out == [stop] for out in free) >= 4
+    held = run(chat.engine, [Request(ids, dataclasses.replace(base, seed=s, min_new_tokens=5)) for s in range(6)])
+    for out in held.values():
+        assert stop not in out[:5] and len(out) >= 6
+
+
+def test_min_new_tokens_is_checked():
+    for bad in (-1, 9, 2.0, True):
+        with pytest.raises(InputError, match="min_new_tokens"):
+            SamplingParams(max_new_tokens=8, min_new_tokens=bad)
+    assert SamplingParams(max_new_tokens=8, min_new_tokens=8).min_new_tokens == 8
+
+
+def test_stop_strings_count_only_after_min_new_tokens():
+    """vLLM's min_tokens with stop strings (its test_min_tokens_with_stop): a stop string that ends in
+    the text of the first min_tokens tokens does not cut; one that ends later does, also when it began
+    earlier; the end-of-turn text cuts everywhere."""
+    def feed(text, stop=(), min_tokens=0, end=()):
+        texts = TextAssembler(CharTokenizer(), stop, min_tokens, end)
+        out = ""
+        for i, c in enumerate(text):
+            piece, stopped = texts.feed(ord(c), last=i == len(text) - 1)
+            out += piece
+            if stopped:
+                return out, True
+        return out, False
+
+    assert feed("ab e cd e f", ("e",)) == ("ab ", True)
+    assert feed("ab e cd e f", ("e",), min_tokens=4) == ("ab e cd ", True)
+    assert feed("abEND", ("END",), min_tokens=3) == ("ab", True)  # begins inside the minimum, ends after it
+    assert feed("ENDab", ("END",), min_tokens=3) == ("ENDab", False)
+    assert feed("aXb", ("X",), min_tokens=2, end=("b",)) == ("aX", True)
+    assert feed("aXb", ("X",), min_tokens=3, end=("a",)) == ("", True)
+
+
+def test_chat_takes_min_new_tokens(setup):
+    """chat(min_new_tokens=N): with the first greedy token as a stop id the answer is that token; with a
+    minimum it is the text of the engine's tokens under that minimum."""
+    chat, _ = setup
+    ids, _, stop = _stop_first(chat, "Hi")
+    kw = dict(do_sample=False, max_new_tokens=16, stop_token_ids=stop)
+    assert chat.chat("Hi", **kw) == chat.tokenizer.decode([stop]).strip()
+    params = SamplingParams(max_new_tokens=16, min_new_tokens=3, stop_token_ids=(stop,))
+    tokens = run(chat.engine, [Request(ids, params)])[0]
+    expected = chat.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    assert expected and chat.chat("Hi", min_new_tokens=3, **kw) == expected
+    assert chat.batch_chat(["Hi"], min_new_tokens=3, **kw) == [expected]

@@ -23,10 +23,11 @@ def _model_path(model: str | None) -> str:
 
 
 def _generation(temperature: float, top_p: float, top_k: int, max_new_tokens: int, seed: int | None,
-                repetition_penalty: float) -> dict:
+                repetition_penalty: float, min_new_tokens: int) -> dict:
     return dict(
         do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p, top_k=top_k,  # SamplingParams refuses < 0
         max_new_tokens=max_new_tokens, seed=seed, repetition_penalty=repetition_penalty,
+        min_new_tokens=min_new_tokens,
     )
 
 
@@ -43,6 +44,7 @@ def chat(
     top_k: int = 50,
     repetition_penalty: float = 1.0,
     max_new_tokens: int = 1024,
+    min_new_tokens: int = 0,
     seed: int | None = None,
     system: str | None = None,
     device: str | None = None,
@@ -63,6 +65,7 @@ def chat(
     top_k: sample among the k most likely tokens (0 = off)
     repetition_penalty: > 1 discourages repeating generated tokens
     max_new_tokens: most tokens in an answer
+    min_new_tokens: fewest tokens in an answer: the end of turn (and stop strings) cannot end it sooner
     seed: seed for sampling
     system: a system message instead of the template's
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
@@ -74,7 +77,8 @@ def chat(
     from .pipeline import InternVLChat, sampling_params
     from .processor.image import open_image
 
-    params = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty))
+    params = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty,
+                                             min_new_tokens))
     device = default_device(device)
     bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device, compile=compile)
     inputs = dict(max_num=max_num, system_message=system, num_segments=num_segments, max_pixels=max_pixels)
@@ -150,6 +154,7 @@ def generate(
     top_p: float = 1.0,
     top_k: int = 50,
     max_new_tokens: int = 1024,
+    min_new_tokens: int = 0,
     seed: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
@@ -166,6 +171,7 @@ def generate(
     top_p: nucleus sampling mass
     top_k: sample among the k most likely tokens
     max_new_tokens: most tokens per answer
+    min_new_tokens: fewest tokens per answer: the end of turn cannot end it sooner
     seed: seed for sampling (each request uses seed + its line number)
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
     dtype: float32, bfloat16, float16 or auto (the checkpoint's own) (default: bf16 on CUDA, fp32 on CPU)
@@ -186,7 +192,7 @@ def generate(
         raise InputError(f"--output {out}: the folder {out.parent} does not exist")
     if out.resolve() == Path(input).resolve():  # resuming rewrites the output: the requests would be lost
         raise InputError(f"--output {out} is the requests file; give the answers a file of their own")
-    base = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, 1.0))
+    base = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, 1.0, min_new_tokens))
     requests = _read_requests(Path(input))
     done = _finished_ids(out)
     todo = [r for r in requests if r["id"] not in done]

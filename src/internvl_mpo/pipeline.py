@@ -35,7 +35,7 @@ from .processor.multi import load_images
 CARD_DEFAULTS = dict(max_new_tokens=1024, do_sample=True)
 GENERATION_KEYS = {
     "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "stop",
-    "stop_token_ids", "seed", "ignore_eos",
+    "stop_token_ids", "seed", "ignore_eos", "min_new_tokens",
 }
 
 
@@ -386,7 +386,7 @@ class InternVLChat:
         decoded answer, at the template's end of turn `<|im_end|>` spelled in ordinary tokens (unless
         ignore_eos, which goes past the end-of-turn token too)."""
         end = () if params.ignore_eos else (get_template(self.config.template).sep.strip(),)
-        return TextAssembler(self.tokenizer, (*params.stop, *end))
+        return TextAssembler(self.tokenizer, params.stop, params.min_new_tokens, end)
 
 
 def _images(images, pixel_values):
@@ -433,12 +433,20 @@ class TextAssembler:
     """Turns one sequence's tokens into text pieces, cutting where a stop string first appears.
 
     Special tokens are skipped (so `<|im_end|>` never reaches the text); a piece that could be the
-    start of a stop string is held back until it is decided.
+    start of a stop string is held back until it is decided. As vLLM's `min_tokens` does, a stop
+    string counts only where it ends in the text of a token after the first `min_tokens`; the `end`
+    strings (the end of turn spelled in ordinary tokens, which the official chat() cuts its answer
+    at) count everywhere.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), min_tokens: int = 0,
+                 end: tuple[str, ...] = ()):
         self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
         self.stop = tuple(s for s in stop if s)
+        self.end = tuple(s for s in end if s)
+        self.min_tokens = min_tokens
+        self.tokens = 0
+        self.checked_from = 0  # in held + new text: where text after the first min_tokens tokens begins
         self.held = ""
         self.done = False
 
@@ -449,13 +457,18 @@ class TextAssembler:
         text = self.held + (self.decoder.feed(token) if token is not None else "")
         if last:
             text += self.decoder.flush()
-        cuts = [cut for cut in (text.find(s) for s in self.stop) if cut >= 0]
+        self.tokens += token is not None
+        if self.tokens <= self.min_tokens:
+            self.checked_from = len(text)
+        found = [text.find(s, max(0, self.checked_from - len(s) + 1)) for s in self.stop]
+        cuts = [cut for cut in found + [text.find(s) for s in self.end] if cut >= 0]
         if cuts:  # the earliest match, whatever the order of the stop strings
             self.done = True
             self.held = ""
             return text[: min(cuts)], True
-        keep = 0 if last else max((_overlap(text, s) for s in self.stop), default=0)
+        keep = 0 if last else max((_overlap(text, s) for s in self.stop + self.end), default=0)
         self.held = text[len(text) - keep :] if keep else ""
+        self.checked_from = max(0, self.checked_from - (len(text) - keep))
         return text[: len(text) - keep], False
 
 

@@ -9,7 +9,11 @@ moves into its place. Each `step()` returns the tokens produced by that step, so
 streaming, the CLI, the server and the tests. A request whose prefill fails, fails alone: `step()`
 reports it as an "error" event (iterating raises it) and the other rows go on. Requests with the same
 prompt and images that join in one step (the n choices of a server request, several samples of one
-question) are prefilled once: the others copy its cache slots and its last hidden state.
+question) are prefilled once: the others copy its cache slots and its last hidden state. A row under
+its `min_new_tokens` has its stop ids' logits set to -inf where its token is chosen (a mask kept on the
+device per row, applied only while some row needs it: no host sync), as transformers'
+MinNewTokensLengthLogitsProcessor does; a greedy screen's token stands unless it is a stop id of such
+a row, which then takes the argmax of its masked full logits.
 
 The decode step has static shapes for a given number of active rows and is free of host syncs and
 graph breaks; `compile=True` wraps it in torch.compile ("reduce-overhead" on GPU, which asks for CUDA
@@ -87,6 +91,7 @@ class _Row:
     top_k: int = 0  # the row's sampling filters, on the host (their device copies are in Generation)
     top_p: float = 1.0
     logprobs: int | None = None  # Request.logprobs
+    unstoppable: int = 0  # tokens still to come before a stop id may end the row (min_new_tokens)
 
 
 class Engine:
@@ -204,6 +209,9 @@ class Generation:
         self.top_k = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.top_p = torch.ones(max_batch, device=device)
         self.penalty = torch.ones(max_batch, device=device)
+        # The stop ids of each row still under its min_new_tokens, whose logits are set to -inf
+        # (transformers' MinNewTokensLengthLogitsProcessor); cleared when the row reaches its minimum.
+        self.banned = torch.zeros(max_batch, vocab, dtype=torch.bool, device=device)
         self.rows: list[_Row] = []
         self.fallbacks = 0  # greedy tokens the screen left to the full head
         self.waiting: list[tuple[int, Request]] = []
@@ -324,29 +332,41 @@ class Generation:
         self.penalty[row] = p.repetition_penalty
         # ignore_eos drops the engine's end-of-turn ids only; the request's own stop ids still stop it
         stops = frozenset((() if p.ignore_eos else self.engine.stop_token_ids) + tuple(p.stop_token_ids))
+        self.banned[row] = False
+        if p.min_new_tokens:  # ids outside the vocabulary are never chosen anyway
+            self.banned[row, [i for i in sorted(stops) if 0 <= i < self.banned.shape[1]]] = True
         generator = None if p.greedy else make_generator(p.seed, hidden.device)
         remaining = min(p.max_new_tokens, self.max_len - n)
         penalised = p.repetition_penalty != 1.0
         plain = p.greedy and not penalised and request.logprobs is None  # the screen has no logprobs
         self.rows.append(_Row(rid, n, remaining, stops, generator, -1, penalised, plain, p.top_k, p.top_p,
-                              request.logprobs))
+                              request.logprobs, p.min_new_tokens if stops else 0))
         screen = self.engine.greedy_screen() if plain else None
         if screen is not None:
-            return self._emit(self._screened(*screen(hidden), hidden), first=row)
+            return self._emit(self._screened(*screen(hidden), hidden, first=row), first=row)
         logits = self.engine.logits(hidden)
         token = self._choose(logits, slice(row, row + 1))
         return self._emit(token, first=row, logprobs=self._logprobs(logits, token, slice(row, row + 1)))
 
-    def _screened(self, tokens: torch.Tensor, ok: torch.Tensor, hidden: torch.Tensor) -> list[int]:
-        """Greedy tokens of the screen; rows whose check failed take the argmax of their full logits."""
+    def _screened(self, tokens: torch.Tensor, ok: torch.Tensor, hidden: torch.Tensor, first: int = 0) -> list[int]:
+        """Greedy tokens of the screen for rows first..; rows whose check failed, and rows under their
+        min_new_tokens that it gave a stop id, take the argmax of their full logits (stop ids masked).
+        Any other token of the screen is also the argmax with the stop ids masked."""
         tokens, ok = tokens.tolist(), ok.tolist()
         for i, good in enumerate(ok):
-            if not good:
-                tokens[i] = int(self.engine.logits(hidden[i : i + 1]).argmax())
+            row = self.rows[first + i]
+            early = row.unstoppable > 0 and tokens[i] in row.stop_ids
+            if not good or early:
+                logits = self.engine.logits(hidden[i : i + 1])
+                if row.unstoppable > 0:
+                    logits = logits.masked_fill(self.banned[first + i], -torch.inf)
+                tokens[i] = int(logits.argmax())
                 self.fallbacks += 1
         return tokens
 
     def _choose(self, logits: torch.Tensor, rows: slice) -> list[int]:
+        if any(r.unstoppable > 0 for r in self.rows[rows]):  # decided on the host: no device sync
+            logits = logits.masked_fill(self.banned[rows], -torch.inf)
         penalised = any(r.penalised for r in self.rows[rows])  # decided on the host: no device sync
         if penalised:
             logits = apply_repetition_penalty(logits, self.seen[rows], self.penalty[rows])
@@ -386,6 +406,10 @@ class Generation:
             row = self.rows[first + offset]
             row.remaining -= 1
             row.pending = token
+            if row.unstoppable > 0:
+                row.unstoppable -= 1
+                if row.unstoppable == 0:
+                    self.banned[first + offset] = False
             extra = {}
             if logprobs is not None and logprobs[offset] is not None:
                 extra = {"logprob": logprobs[offset][0], "top_logprobs": logprobs[offset][1]}
@@ -422,7 +446,7 @@ class Generation:
                 cache.move_row(last, index, extent)
             self._clear(last, extent)
             for state in (self.key_mask, self.seen, self.greedy, self.temperature, self.top_k, self.top_p,
-                          self.penalty):
+                          self.penalty, self.banned):
                 state[index] = state[last]
             self.rows[index] = self.rows[last]
         self.rows.pop()

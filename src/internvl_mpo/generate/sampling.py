@@ -26,6 +26,9 @@ class SamplingParams:
     `chat()` samples by default, as the card's quick start does (pipeline.CARD_DEFAULTS)."""
 
     max_new_tokens: int = 1024
+    # The stop token ids cannot end the answer before this many new tokens (transformers'
+    # min_new_tokens, vLLM's min_tokens); stop strings count only in the text after them (vLLM).
+    min_new_tokens: int = 0
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 50
@@ -37,7 +40,7 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        for name in ("max_new_tokens", "top_k") + (("seed",) if self.seed is not None else ()):
+        for name in ("max_new_tokens", "min_new_tokens", "top_k") + (("seed",) if self.seed is not None else ()):
             if not whole_number(getattr(self, name)):
                 raise InputError(f"{name} must be a whole number, got {getattr(self, name)!r}")
         for name in ("temperature", "top_p", "repetition_penalty"):
@@ -54,6 +57,9 @@ class SamplingParams:
             raise InputError(f"top_k must be in [0, 2**31) (0 = off), got {self.top_k}")
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise InputError(f"min_new_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), "
+                             f"got {self.min_new_tokens}")
         if self.temperature < 0:
             raise InputError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
