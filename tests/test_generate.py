@@ -1069,3 +1069,35 @@ def test_chat_takes_min_new_tokens(setup):
     expected = chat.tokenizer.decode(tokens, skip_special_tokens=True).strip()
     assert expected and chat.chat("Hi", min_new_tokens=3, **kw) == expected
     assert chat.batch_chat(["Hi"], min_new_tokens=3, **kw) == [expected]
+
+
+def test_answers_as_they_finish_answers_the_jobs_in_flight_before_raising_what_the_jobs_raised(setup):
+    """A jobs iterator that raises (a bad request line, a failing image loader) lost the answers already
+    decoding; now they come out first (generate and eval write each as it comes), then the exception."""
+    from internvl_mpo.pipeline import sampling_params
+
+    chat, _ = setup
+    lengths = {"A": 12, "B": 3, "C": 5}
+    pulls = []
+
+    def jobs(fail_at):
+        for key, n in lengths.items():
+            pulls.append(key)
+            if key == fail_at:
+                raise RuntimeError(f"cannot read job {key}")
+            yield key, chat.prepare(f"Question {key}"), sampling_params(do_sample=False, max_new_tokens=n,
+                                                                         ignore_eos=True)
+
+    answers = {}
+    with pytest.raises(RuntimeError, match="cannot read job C"):
+        for key, answer in chat.answers_as_they_finish(jobs("C"), batch_size=2):
+            answers[key] = answer
+    assert pulls == ["A", "B", "C"]
+    assert set(answers) == {"A", "B"}
+    for key in "AB":
+        assert answers[key] == chat.chat(f"Question {key}", max_new_tokens=lengths[key], ignore_eos=True,
+                                         do_sample=False)
+    pulls.clear()
+    with pytest.raises(RuntimeError, match="cannot read job A"):
+        list(chat.answers_as_they_finish(jobs("A"), batch_size=2))
+    assert pulls == ["A"]

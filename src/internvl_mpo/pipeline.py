@@ -321,11 +321,14 @@ class InternVLChat:
         new cache is sized for it. An InputError job comes back as its own answer at once, and so does
         the error of a job whose prompt fails inside the engine (out of memory on its images, say: the
         engine keeps such a failure to its own request); a failing decode step, which fails every
-        running row, raises."""
+        running row, raises. When `jobs` itself raises (a bad request line, a bug in the caller's
+        generator), no job is pulled any more; the answers in flight are finished and yielded (a
+        caller that writes each answer as it comes keeps them), then the exception is raised."""
         if not (whole_number(batch_size) and batch_size >= 1):
             raise InputError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
         jobs = iter(jobs)
         held = None  # the next job, when it is too long for the running batch
+        failure: Exception | None = None  # what `jobs` raised: raised once the jobs in flight are answered
         gen: Generation | None = None
         owners: dict[int, tuple[Any, TextAssembler, list[str]]] = {}  # rid -> key, its text so far
 
@@ -333,9 +336,15 @@ class InternVLChat:
             return min(len(job[1].prompt_ids) + job[2].max_new_tokens, self.context)
 
         def pull():
-            nonlocal held
+            nonlocal held, failure
             job, held = held, None
-            return job if job is not None else next(jobs, None)
+            if job is not None or failure is not None:
+                return job
+            try:
+                return next(jobs, None)
+            except Exception as e:
+                failure = e
+                return None
 
         def add(job) -> None:
             key, prepared, params = job
@@ -359,6 +368,8 @@ class InternVLChat:
                     add(job)
             if not gen:  # no batch yet, or it has finished: one sized for the window
                 if not window:
+                    if failure is not None:
+                        raise failure
                     return
                 longest = -(-max(map(room, window)) // SPAN_BUCKET) * SPAN_BUCKET
                 gen = self.engine.start(len(window), min(longest, self.context))
