@@ -426,7 +426,7 @@ def test_engine_sampler_equals_chat_with_the_same_seed(tiny_model, tmp_path):
     got = ModelGenerator(chat, settings).sample([SampleJob(question, (str(tmp_path / "a.png"),), seeds)])
     want = [
         chat.chat(question, str(tmp_path / "a.png"), do_sample=True, temperature=0.7, top_k=50, top_p=1.0, seed=s,
-                  max_new_tokens=8, max_num=6)
+                  max_new_tokens=8, min_new_tokens=1, max_num=6)
         for s in seeds
     ]
     assert got == [want]
@@ -486,3 +486,45 @@ def test_progress_lines_end_at_newlines_only(tmp_path):
     with open(progress.path, "ab") as f:
         f.write(b'{"id": "c", "answer": "cut \xd0')  # an interrupted write, cut inside a character
     assert progress.load() == {row["id"]: row for row in rows}
+
+
+def test_samples_and_continuations_keep_the_official_min_new_tokens(tiny_model):
+    """DropoutNTP continues with at least 5 new tokens and correctness samples with at least 1 (the official
+    scripts' --min-new-tokens): a model that ends its turn at once left the bare prefix as the rejected
+    answer. Here the end-of-turn id is the token the model would take first."""
+    from internvl_mpo.generate.engine import Engine
+    from internvl_mpo.pairs import MIN_NEW_TOKENS
+    from internvl_mpo.pipeline import InternVLChat
+
+    class Recording(Engine):  # keeps the tokens of every request
+        def start(self, max_batch, max_len):
+            gen = super().start(max_batch, max_len)
+            step = gen.step
+
+            def recorded():
+                events = step()
+                for e in events:
+                    tokens.setdefault(e.rid, []).append(e.token)
+                return events
+
+            gen.step = recorded
+            return gen
+
+    assert MIN_NEW_TOKENS == {"correctness": 1, "dropout-ntp": 5}
+    chat = InternVLChat.from_pretrained(tiny_model, dtype="float32")
+    settings = PairSettings(temperature=0.01, max_new_tokens=12, batch_size=2)
+    job = ContinueJob("Describe it.", "The image shows a", 3)
+    tokens: dict[int, list[int]] = {}
+    chat.engine = Recording(chat.model, stop_token_ids=(chat.tokenizer.im_end_id,))
+    ModelGenerator(chat, settings).continue_prefix([job])
+    end = tokens[0][0]
+    for method, run in (("dropout-ntp", lambda g: g.continue_prefix([job])),
+                        ("correctness", lambda g: g.sample([SampleJob("Describe it.", (), (3,))]))):
+        chat.engine = Recording(chat.model, stop_token_ids=(end,))  # the first token now ends the turn
+        tokens.clear()
+        run(ModelGenerator(chat, settings))
+        n = MIN_NEW_TOKENS[method]
+        assert end not in tokens[0][:n] and len(tokens[0]) > n, method
+    tokens.clear()
+    ModelGenerator(chat, PairSettings(temperature=0.01, max_new_tokens=3)).continue_prefix([job])
+    assert len(tokens[0]) == 3  # the minimum never passes max_new_tokens

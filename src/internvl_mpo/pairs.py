@@ -39,8 +39,14 @@ Deliberate differences:
   pairs that come out identical are written once.
 - Each sample has its own seed derived from (seed, item id, sample index): a rerun reproduces the
   samples and a resumed run gives the same files as an uninterrupted one.
-- DropoutNTP draws one continuation per item (the paper; the official script defaults to 8); the
-  official min_new_tokens (1, and 5 for DropoutNTP) is not implemented.
+- DropoutNTP draws one continuation per item (the paper; the official script defaults to 8).
+- Samples keep the official scripts' min_new_tokens (`MIN_NEW_TOKENS`: 1 for correctness, 5 for
+  DropoutNTP: the end of turn cannot come sooner, so a continuation that would stop at once does
+  not leave the bare prefix as the rejected answer). `max_new_tokens` defaults to 1024 for both;
+  the official defaults vary by script version: 2048 or 4096 for correctness, 1024
+  (`mm_reasoning_pipeline`) or 2048 (the later `reasoning_data_pipeline`, which sets no minimum)
+  for DropoutNTP. A chain of thought cut at 1024 tokens has no final answer and becomes a format
+  negative; raise `max_new_tokens` for long reasoning.
 """
 
 from __future__ import annotations
@@ -68,6 +74,9 @@ from internvl_mpo.jsonl import read_objects
 CORRECTNESS = "correctness"
 DROPOUT_NTP = "dropout-ntp"
 METHODS = (CORRECTNESS, DROPOUT_NTP)
+# the official scripts' --min-new-tokens defaults (internvl_lmdeploy_correctness.py,
+# internvl_lmdeploy_continue_wo_image.py); lmdeploy suppresses the stop ids until then
+MIN_NEW_TOKENS = {CORRECTNESS: 1, DROPOUT_NTP: 5}
 LARGE_FILE_RESPONSES = 500_000  # above this many responses the official keeps 3 pairs per question
 LARGE_FILE_MAX_PAIRS = 3
 
@@ -586,13 +595,13 @@ class ModelGenerator:
         self.chat = chat
         self.settings = settings
 
-    def _params(self, seed: int):
+    def _params(self, seed: int, method: str):
         from internvl_mpo.generate.sampling import SamplingParams
 
         s = self.settings
         return SamplingParams(
-            max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature, top_k=s.top_k,
-            top_p=s.top_p, seed=seed,
+            max_new_tokens=s.max_new_tokens, min_new_tokens=min(MIN_NEW_TOKENS[method], s.max_new_tokens),
+            do_sample=True, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=seed,
         )
 
     def _generate(self, requests: list) -> list[str]:
@@ -632,7 +641,7 @@ class ModelGenerator:
                 with torch.no_grad():
                     vit_embeds = model.extract_feature(prepared.pixel_values.to(model.device, model.dtype))
             for seed in job.seeds:
-                requests.append(Request(prepared.prompt_ids, self._params(seed), vit_embeds=vit_embeds))
+                requests.append(Request(prepared.prompt_ids, self._params(seed, CORRECTNESS), vit_embeds=vit_embeds))
                 owners.append(j)
         for owner, text in zip(owners, self._generate(requests), strict=True):
             out[owner].append(text.strip())
@@ -651,7 +660,7 @@ class ModelGenerator:
                                               f"most {self.chat.context - 1}"))
             else:
                 out.append(None)
-                requests.append(Request(ids, self._params(job.seed)))
+                requests.append(Request(ids, self._params(job.seed, DROPOUT_NTP)))
         texts = iter(self._generate(requests))
         return [next(texts) if text is None else text for text in out]
 
