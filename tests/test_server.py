@@ -237,7 +237,7 @@ def test_vllm_fields_that_would_change_the_answer_are_refused_not_ignored():
     def parse(**fields):
         return parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **fields}, ServerSettings())
 
-    for key, value in {"min_p": 0.1, "min_tokens": 5, "use_beam_search": True, "include_stop_str_in_output": True,
+    for key, value in {"min_p": 0.1, "use_beam_search": True, "include_stop_str_in_output": True,
                        "echo": True, "prompt_logprobs": 1, "guided_json": {"type": "object"},
                        "guided_regex": "a+", "guided_choice": ["yes", "no"], "guided_grammar": "root ::= 'a'",
                        "structured_outputs": {"json": {"type": "object"}}}.items():
@@ -526,6 +526,30 @@ def test_stop_token_ids_end_the_answer_without_their_text(client, local_chat, hf
     for value in ([-1], [True], "7", [1.5]):
         with pytest.raises(openai.BadRequestError, match="stop_token_ids must be a list of token ids"):
             client.completions.create(model="m", prompt="hi", extra_body={"stop_token_ids": value})
+
+
+def test_min_tokens_holds_stop_strings_back_as_vllm(client, local_chat, hf_tokenizer):
+    """vLLM's min_tokens: a stop string counts only where it ends in the text after the first min_tokens
+    tokens, so the answer that the first token's text cut to "" runs on; min_tokens over max_tokens is a 400."""
+    ids = hf_tokenizer("Once upon a time")["input_ids"]
+    full, events = engine_completion(local_chat, ids, STEPS, ignore_eos=True)
+    stop = full.strip()[:1]
+    assert stop and full.find(stop) <= len(local_chat.tokenizer.decode([events[0].token]))
+    body = {"prompt": "Once upon a time", "stop": stop, **LONG}
+    assert client.completions.create(model="m", **body).choices[0].text == full[: full.find(stop)]
+    seen = len(local_chat.tokenizer.decode([e.token for e in events[:4]]))
+    cut = full.find(stop, seen - len(stop) + 1)
+    expected = full if cut < 0 else full[:cut]
+    held = {**body, "extra_body": {"ignore_eos": True, "min_tokens": 4}}
+    assert client.completions.create(model="m", **held).choices[0].text == expected
+    assert stream_completion(client, **held)[0] == {0: expected}
+    with pytest.raises(openai.BadRequestError, match="min_tokens is 30, more than the 24 tokens"):
+        client.completions.create(model="m", **{**body, "extra_body": {"min_tokens": 30}})
+    with pytest.raises(openai.BadRequestError, match="min_tokens is 17, more than the 16 tokens"):
+        client.completions.create(model="m", prompt="hi", extra_body={"min_tokens": 17})  # the default max_tokens
+    with pytest.raises(openai.BadRequestError, match="min_tokens must be at least 0"):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"min_tokens": -1})
 
 
 def test_bad_text_completions_get_openai_errors(server, client, local_chat):

@@ -21,8 +21,10 @@ labelled `Image-k: <image>` as in the model card's multi-image example. A user's
 `<image>` (images come only as parts); an assistant or system message that mentions it keeps it as
 text. `usage.prompt_tokens` counts every prompt id, image context tokens included.
 
-Differences from OpenAI kept on purpose: `top_k`, `repetition_penalty`, `ignore_eos` and `max_num`
-(tiles per image) are accepted as extra body fields (vLLM accepts the first three too); sampling has
+Differences from OpenAI kept on purpose: `top_k`, `repetition_penalty`, `ignore_eos`, `min_tokens`
+and `max_num` (tiles per image) are accepted as extra body fields (vLLM accepts the first four too;
+`min_tokens` as vLLM reads it: no end-of-turn token before that many tokens, stop strings matched
+only in the text after them, and more than `max_tokens` is a 400); sampling has
 no top-k unless asked (the model card's HF default of 50 does not apply); a seed is any int64, read
 modulo 2**63 (the engine's range), and choice i of a seeded request with `n > 1` samples with seed + i
 (modulo 2**63); the text is the raw decoded answer (not stripped as `chat()` strips it), so streamed pieces join to
@@ -73,7 +75,7 @@ DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its clie
 SHUTDOWN_GRACE_S = 5  # how long a response may stay open after Ctrl-C once its generation has ended
 # fields that would change the answer, refused when set (not silently ignored): OpenAI's, then vLLM's extras
 UNSUPPORTED_FIELDS = ("tools", "functions", "logit_bias", "audio", "prediction",
-                      "min_p", "min_tokens", "use_beam_search", "include_stop_str_in_output",
+                      "min_p", "use_beam_search", "include_stop_str_in_output",
                       "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 TEXT_ROOM = 512  # tokens of a sequence that image tiles leave to the text and the answer
 DEMO_MODEL_NAME = "internvl-mpo-demo"  # the served name of the shipped demo model
@@ -313,9 +315,11 @@ def _sampling(body: dict, settings: ServerSettings, refused: tuple[str, ...]) ->
         raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
     n = _field(body, "n", (int,), 1, 1, settings.max_n)
     seed = _field(body, "seed", (int,), None, -(2**63), 2**63 - 1)  # OpenAI's int64; read modulo 2**63
+    min_tokens = _field(body, "min_tokens", (int,), 0, 0)  # vLLM's; checked against the answer's room later
     try:
         params = SamplingParams(
-            max_new_tokens=1, do_sample=temperature > 0, temperature=float(temperature), top_p=float(top_p),
+            max_new_tokens=max(1, min_tokens), min_new_tokens=min_tokens,  # max_new_tokens: a placeholder
+            do_sample=temperature > 0, temperature=float(temperature), top_p=float(top_p),
             top_k=max(0, _field(body, "top_k", (int,), 0, -1)), stop=tuple(stop),  # -1 is vLLM's "off" too
             stop_token_ids=tuple(stop_ids),
             repetition_penalty=float(_field(body, "repetition_penalty", (int, float), 1.0, 0.01, 10)),
@@ -543,7 +547,11 @@ def _answer_room(length: int, req: ChatRequest | CompletionRequest, settings: Se
         raise ApiError(400, f"{name} is {length} tokens and {req.max_tokens_key} is {req.max_tokens}, more "
                             f"than the {max_len} tokens a sequence may hold here", req.max_tokens_key,
                        "context_length_exceeded")
-    return req.max_tokens or min(settings.max_tokens, room)
+    max_new_tokens = req.max_tokens or min(settings.max_tokens, room)
+    if req.params.min_new_tokens > max_new_tokens:  # as vLLM: min_tokens may not exceed max_tokens
+        raise ApiError(400, f"min_tokens is {req.params.min_new_tokens}, more than the {max_new_tokens} tokens this "
+                            f"answer may have ({req.max_tokens_key} or what the sequence leaves)", "min_tokens")
+    return max_new_tokens
 
 
 def build_completion_prompts(chat: InternVLChat, req: CompletionRequest, settings: ServerSettings,
@@ -691,7 +699,7 @@ class BatchWorker:
     def _command(self, gen: Generation, jobs: dict[int, Job], kind: str, job: Job, stats: dict) -> None:
         if kind == "add":
             try:
-                job.texts = TextAssembler(self.chat.tokenizer, job.request.params.stop)
+                job.texts = TextAssembler(self.chat.tokenizer, job.request.params.stop, job.request.params.min_new_tokens)
                 job.rid = gen.add(job.request)
             except Exception as e:  # this request alone fails; the worker goes on
                 if not isinstance(e, InputError):
