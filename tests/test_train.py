@@ -371,6 +371,44 @@ def test_resume_drops_a_half_written_metrics_line(tmp_path, chat_folder, meta):
     assert [r["step"] for r in metric_rows(tmp_path / "run")] == [1, 2]
 
 
+def sft_meta(folder: Path, lines: int, repeat_time: float) -> Path:
+    """An SFT meta.json of one text-only conversation file of `lines` lines."""
+    convos = [{"conversations": [{"from": "human", "value": f"q{k}"}, {"from": "gpt", "value": f"a{k}"}]}
+              for k in range(lines)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sft.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convos))
+    meta = {"toy": {"root": str(folder), "annotation": str(folder / "sft.jsonl"), "repeat_time": repeat_time}}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder / "meta.json"
+
+
+def test_resume_of_a_text_only_run_whose_vision_tower_has_no_optimizer_state(tmp_path, chat_folder):
+    """Text-only conversations never give the (trainable) vision tower a gradient, so AdamW holds no state
+    for it; the checkpoint is complete without one, and resuming gives the uninterrupted run's weights."""
+    cfg = config(chat_folder, sft_meta(tmp_path / "data", 6, 1), tmp_path / "run", mode="sft", max_steps=3,
+                 save_every=1)
+    straight = train(dataclasses.replace(cfg, output=str(tmp_path / "straight")))
+    train(cfg)
+    shutil.rmtree(tmp_path / "run" / "checkpoint-000003")
+    shutil.rmtree(tmp_path / "run" / "checkpoint-000002")
+    resumed = train(dataclasses.replace(cfg, resume=True))
+    a, b = load_weights(straight.final_dir), load_weights(resumed.final_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_from_a_truncated_checkpoint_file_names_it(tmp_path, chat_folder, meta):
+    cfg = config(chat_folder, meta, tmp_path / "run", max_steps=1, save_every=1)
+    train(cfg)
+    shutil.rmtree(tmp_path / "run" / "final")
+    for name in ("optimizer.safetensors", "rank0.safetensors"):
+        path = tmp_path / "run" / "checkpoint-000001" / name
+        whole = path.read_bytes()
+        path.write_bytes(whole[: len(whole) // 2])  # a copy cut short
+        with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))}: not a readable safetensors file"):
+            train(dataclasses.replace(cfg, resume=True))
+        path.write_bytes(whole)
+
+
 def resume_refusal(cfg: TrainConfig, change: dict) -> str:
     """The CheckpointError message (a regex) that resuming `cfg`'s checkpoint-000001 with `change` must give
     (the checkpoint holds the sequence length the run used: the tiny model's default is 8192)."""

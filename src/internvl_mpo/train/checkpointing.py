@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from internvl_mpo.checkpoint import save_tensors
@@ -85,7 +86,10 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing from the checkpoint")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:  # a truncated copy, say
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def _fsync(path: Path) -> None:
@@ -307,7 +311,10 @@ def load_training_state(
 
     state = read_json(path / STATE_FILE)
     optim = unflatten_optimizer_state(read_tensors(path / "optimizer.safetensors"), read_json(path / "optimizer.json"))
-    set_optimizer_state_dict(module, optimizer, optim, options=StateDictOptions(full_state_dict=True))
+    # Not strict: a trainable parameter that never had a gradient (the vision tower of text-only data) has no
+    # AdamW state in the checkpoint, and has none in the run that wrote it either.
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_optimizer_state_dict(module, optimizer, optim, options=options)
     rank_state = read_json(path / f"rank{env.rank}.json")
     set_rng_state(read_tensors(path / f"rank{env.rank}.safetensors"), rank_state["rng"], env.device)
     return state, rank_state
