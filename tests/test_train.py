@@ -6,6 +6,7 @@ Everything runs on the tiny chat checkpoint of conftest.py with a tiny generated
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -29,6 +30,7 @@ from internvl_mpo.errors import CheckpointError, ConfigError, InputError, Traini
 from internvl_mpo.model import InternVL
 from internvl_mpo.processor.image import load_image
 from internvl_mpo.train import checkpointing as ckpt
+from internvl_mpo.train import mpo
 from internvl_mpo.train.data import BadExample, MediaSettings, PairDataset, collate_pairs
 from internvl_mpo.train.distributed import DistEnv
 from internvl_mpo.train.lora import apply_lora, lora_target_names
@@ -382,6 +384,30 @@ def sft_meta(folder: Path, lines: int, repeat_time: float) -> Path:
     return folder / "meta.json"
 
 
+def test_resume_refuses_a_run_that_would_read_other_records(tmp_path, chat_folder, monkeypatch):
+    """Same files and settings, but the records are selected otherwise (as a version of the reader that cut or
+    sampled differently would): the resumed steps would read other records than the checkpoint's run."""
+    cfg = config(chat_folder, sft_meta(tmp_path / "data", 10, 0.5), tmp_path / "run", mode="sft", max_steps=2,
+                 save_every=1, freeze_vision=True, freeze_projector=True)  # text-only: no vision gradient
+    with monkeypatch.context() as patch:
+        read = mpo.read_sft_records
+        patch.setattr(mpo, "read_sft_records", lambda *a, **k: read(*a, **k)[::-1])
+        train(cfg)
+    shutil.rmtree(tmp_path / "run" / "checkpoint-000002")
+    message = (r"checkpoint-000001: cannot resume, these settings differ from the checkpoint: the records read"
+               r" \(process 0 would read other records than the checkpoint's run from its position on: 5 records;")
+    with pytest.raises(CheckpointError, match=message):
+        train(dataclasses.replace(cfg, resume=True))
+    # A checkpoint that did not record them: refused where versions before 2026-12-02 selected otherwise.
+    rank_file = tmp_path / "run" / "checkpoint-000001" / "rank0.json"
+    position = json.loads(rank_file.read_text())
+    del position["data"]["share_sha256"]
+    rank_file.write_text(json.dumps(position))
+    with pytest.raises(CheckpointError, match=r"the records read \(the checkpoint does not record them, and a"
+                                              r" dataset's repeat_time is below 1: versions before 2026-12-02"):
+        train(dataclasses.replace(cfg, resume=True))
+
+
 def test_resume_of_a_text_only_run_whose_vision_tower_has_no_optimizer_state(tmp_path, chat_folder):
     """Text-only conversations never give the (trainable) vision tower a gradient, so AdamW holds no state
     for it; the checkpoint is complete without one, and resuming gives the uninterrupted run's weights."""
@@ -394,6 +420,53 @@ def test_resume_of_a_text_only_run_whose_vision_tower_has_no_optimizer_state(tmp
     resumed = train(dataclasses.replace(cfg, resume=True))
     a, b = load_weights(straight.final_dir), load_weights(resumed.final_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_an_unrecorded_selection_that_processes_do_not_divide(tmp_path, chat_folder, meta):
+    """Two processes over 10 records, from a checkpoint that did not record what each read: before 2026-12-02
+    each share was cut to 10 // 2, since then they are dealt round-robin. Checked without starting processes."""
+    cfg = config(chat_folder, meta, tmp_path / "run", max_steps=1, save_every=1)
+    train(cfg)
+    path = tmp_path / "run" / "checkpoint-000001"
+    position = json.loads((path / "rank0.json").read_text())
+    del position["data"]["share_sha256"]
+    for rank in (0, 1):
+        (path / f"rank{rank}.json").write_text(json.dumps(position))
+    state = json.loads((path / ckpt.STATE_FILE).read_text())
+    (path / ckpt.STATE_FILE).write_text(json.dumps({**state, "world_size": 2}))
+    tokenizer = load_tokenizer(chat_folder)
+    cfg = dataclasses.replace(cfg, max_seq_length=8192)
+    dataset, report = build_dataset(cfg, tokenizer, ModelConfig.from_json(chat_folder / "config.json"))
+    for n, refused in ((10, False), (9, True)):
+        env = DistEnv(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"))
+        part = PairDataset(dataset.records[:n], tokenizer, dataset.settings, 8192)
+        stream = SampleStream(part, env, cfg, report)
+        check = functools.partial(mpo.check_resume_settings, path, cfg, env, 1, None, None, stream)
+        if refused:
+            with pytest.raises(CheckpointError, match=r"the checkpoint does not record them, and 2 processes do"
+                                                      r" not divide the 9 records: versions before 2026-12-02"):
+                check()
+        else:
+            check()
+
+
+def test_resume_refuses_other_model_files(tmp_path, chat_folder, meta):
+    """The reference model and the tokenizer are rebuilt from --model / --tokenizer on a resume: another
+    checkpoint (or one edited in place) would change the DPO reference mid-run. A moved copy resumes."""
+    shutil.copytree(chat_folder, tmp_path / "model")
+    cfg = config(tmp_path / "model", meta, tmp_path / "run", max_steps=2, save_every=1, precompute_ref=True)
+    train(cfg)
+    shutil.rmtree(tmp_path / "run" / "checkpoint-000002")
+    cache = (tmp_path / "run" / "ref_logps.safetensors").stat().st_mtime_ns
+    shutil.copytree(tmp_path / "model", tmp_path / "other")
+    scale_weight(tmp_path / "other")
+    message = (r"checkpoint-000001: cannot resume, these settings differ from the checkpoint: model files \(not the"
+               r" ones the checkpoint's run started from; the reference model and the tokenizer come from --model")
+    with pytest.raises(CheckpointError, match=message):
+        train(dataclasses.replace(cfg, resume=True, model=str(tmp_path / "other")))
+    assert (tmp_path / "run" / "ref_logps.safetensors").stat().st_mtime_ns == cache  # refused before the pass
+    (tmp_path / "model").rename(tmp_path / "moved")
+    assert train(dataclasses.replace(cfg, resume=True, model=str(tmp_path / "moved"))).steps == 2
 
 
 def test_resume_from_a_truncated_checkpoint_file_names_it(tmp_path, chat_folder, meta):

@@ -102,7 +102,7 @@ def train(
     grad_checkpointing: recompute activations per ViT layer and decoder block in the backward
     precompute_ref: compute reference log-probs in a first pass and cache them (no reference model in memory; with data_augment datasets, one epoch at most)
     skip_bad: count and skip bad records instead of stopping at the first
-    resume: continue from the latest checkpoint in --output (data, batch, steps, freeze, LoRA, loss, example, lr, schedule and AdamW settings must be the checkpoint's)
+    resume: continue from the latest checkpoint in --output (data files and the records each process reads, model and tokenizer files, batch, steps, freeze, LoRA, loss, example, lr, schedule and AdamW settings must be the checkpoint's)
     precision: auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32
     device: cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when available)
     fsdp: shard with FSDP2 instead of DDP when several processes run

@@ -38,7 +38,8 @@ ranks (`tokens` is summed; `skipped` counts the records every rank skipped, each
 needs the same world size, batch size, accumulation, step count and trained parameters
 (`RESUME_KEYS`: freeze and LoRA flags among them) and the same loss, example and optimizer
 settings (`RUN_RESUME_KEYS`: beta and the loss weights, sequence length and tiles, lr, warmup,
-AdamW, clipping); the reference model is always rebuilt from `--model`.
+AdamW, clipping), the same data files, model files (the reference model is rebuilt from `--model`)
+and records read by each process from its position on (`check_resume_settings`).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ from internvl_mpo.train.fingerprints import (
     files_digest,
     folder_files,
     media_digest,
+    share_digest,
 )
 from internvl_mpo.train.lora import (
     apply_lora,
@@ -540,8 +542,13 @@ class SampleStream:
                     self.bad.add(index)
                     self.report.add(kind, message)
 
+    def share_sha256(self, epoch: int, rank: int) -> str:
+        """Digest of the records `rank` reads in `epoch`, which a resume compares with its checkpoint's."""
+        return share_digest(self.dataset.records, epoch, self.seed, self.shuffle, rank, self.env.world_size)
+
     def state(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "bad": sorted(self.bad)}
+        return {"epoch": self.epoch, "cursor": self.cursor, "bad": sorted(self.bad),
+                "share_sha256": self.share_sha256(self.epoch, self.env.rank)}
 
     def restore(self, state: dict) -> None:
         self.epoch, self.cursor, self._items = int(state["epoch"]), int(state["cursor"]), None
@@ -743,11 +750,14 @@ def save_checkpoint(
     stream: SampleStream,
     total_steps: int,
     fingerprint: list[dict] | None = None,
+    model_print: dict | None = None,
 ) -> Path:
     trainer_state = {
         "step": step,
         "total_steps": total_steps,
         "data_fingerprint": fingerprint,
+        "model_fingerprint": model_print,
+        "records": len(stream.dataset),
         "world_size": env.world_size,
         "running_mean": running.state_dict() if running is not None else None,
         "skipped": stream.report.counts,
@@ -813,11 +823,15 @@ def _same_file(a: str | None, b: str) -> bool:
 
 
 def check_resume_settings(
-    path: Path, cfg: TrainConfig, env: DistEnv, total_steps: int, fingerprint: list[dict] | None = None
+    path: Path, cfg: TrainConfig, env: DistEnv, total_steps: int, fingerprint: list[dict] | None = None,
+    model_print: dict | None = None, stream: SampleStream | None = None,
 ) -> None:
     """CheckpointError naming every setting that differs from the checkpoint's (before anything is loaded).
 
-    Checkpoints written before the data fingerprint was recorded are compared by the --data path only.
+    Compared too, where the checkpoint recorded them: the data files' contents, the model's files (the
+    reference model is rebuilt from --model), and the records each process reads from its position
+    on (`stream`), which a change in how records are selected would alter even with the same files and
+    settings. Checkpoints written before the data fingerprint was recorded are compared by the --data path only.
     """
     state = ckpt.read_json(path / ckpt.STATE_FILE)
     saved = state.get("config", {})
@@ -829,12 +843,45 @@ def check_resume_settings(
     if saved_print is not None and fingerprint is not None and saved_print != fingerprint and same_data:
         files = [p["file"] for p in saved_print + fingerprint if (p in saved_print) != (p in fingerprint)]
         changed.append(f"data (files changed since the checkpoint: {', '.join(dict.fromkeys(files))})")
+    saved_model = state.get("model_fingerprint")
+    if saved_model is not None and model_print is not None and saved_model != model_print:
+        which = " and ".join(k for k in model_print if saved_model.get(k) != model_print[k])
+        changed.append(f"{which} files (not the ones the checkpoint's run started from; the reference model and"
+                       " the tokenizer come from --model and --tokenizer)")
     if state.get("world_size") != env.world_size:
         changed.append(f"world_size (checkpoint {state.get('world_size')}, now {env.world_size})")
+    elif stream is not None and not changed:
+        changed += _selection_changes(path, cfg, env, state, stream)
     if state.get("total_steps") != total_steps:
         changed.append(f"total steps (epochs / max_steps; checkpoint {state.get('total_steps')}, now {total_steps})")
     if changed:
         raise CheckpointError(f"{path}: cannot resume, these settings differ from the checkpoint: {', '.join(changed)}")
+
+
+def _selection_changes(path: Path, cfg: TrainConfig, env: DistEnv, state: dict, stream: SampleStream) -> list[str]:
+    """What differs in the records the processes would read from the checkpoint's positions (every rank
+    reads every rank's file, so all reach the same decision). A checkpoint that did not record them
+    (before 2026-12-03) is refused only where the selection changed since: a process count that does
+    not divide the records (each share was cut to records // processes before 2026-12-02) and an SFT
+    meta.json with a repeat_time below 1 (a random sample before 2026-12-02, the first lines since)."""
+    n = len(stream.dataset)
+    positions = [ckpt.read_json(path / f"rank{r}.json").get("data", {}) for r in range(env.world_size)]
+    if all("share_sha256" in p for p in positions):
+        ranks = [r for r, p in enumerate(positions) if p["share_sha256"] != stream.share_sha256(int(p["epoch"]), r)]
+        if not ranks:
+            return []
+        counts = f"{state.get('records')} records then, {n} now" if state.get("records") != n else f"{n} records"
+        return [f"the records read (process {ranks[0]} would read other records than the checkpoint's run from its"
+                f" position on: {counts}; the data, or how records are selected from it, changed)"]
+    old = []
+    if env.world_size > 1 and n % env.world_size:
+        old.append(f"{env.world_size} processes do not divide the {n} records")
+    if cfg.mode == "sft" and not cfg.data.endswith(".jsonl") and any(s.repeat_time < 1 for s in load_meta(cfg.data)):
+        old.append("a dataset's repeat_time is below 1")
+    if not old:
+        return []
+    return [f"the records read (the checkpoint does not record them, and {' and '.join(old)}: versions before"
+            " 2026-12-02 read other records there; resume with the version that wrote it, or start a new run)"]
 
 
 def resume_training_state(
@@ -934,6 +981,11 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
         output.mkdir(parents=True, exist_ok=True)
     barrier(env)
 
+    # a resume that would continue otherwise is refused before the reference pass (hours for MMPR)
+    resume_from = ckpt.latest_checkpoint(output) if cfg.resume else None
+    if resume_from is not None:
+        check_resume_settings(resume_from, cfg, env, total_steps, fingerprint, model_print, stream)
+
     # 3. reference log-probs: a frozen copy of the initial model, or a cached first pass
     ref_module, ref_table = None, None
     if needs_ref:
@@ -952,9 +1004,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
                 shard_fsdp2(ref_module, transformer_blocks(reference), bf16)
 
     # 4. training set-up, applied from outside the model
-    resume_from = ckpt.latest_checkpoint(output) if cfg.resume else None
     if resume_from is not None:
-        check_resume_settings(resume_from, cfg, env, total_steps, fingerprint)
         resume_weights(resume_from, policy, cfg)
     set_drop_path(policy, cfg.drop_path_rate)
     freeze(policy, cfg)
@@ -1033,7 +1083,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('rewards/accuracies', 0.0):.2f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            save_checkpoint(cfg, env, step + 1, module, policy, optimizer, running, stream, total_steps, fingerprint)
+            save_checkpoint(cfg, env, step + 1, module, policy, optimizer, running, stream, total_steps, fingerprint,
+                            model_print)
         if on_step is not None:
             on_step(step + 1, metrics)
     bar.close()
