@@ -528,3 +528,15 @@ def test_samples_and_continuations_keep_the_official_min_new_tokens(tiny_model):
     tokens.clear()
     ModelGenerator(chat, PairSettings(temperature=0.01, max_new_tokens=3)).continue_prefix([job])
     assert len(tokens[0]) == 3  # the minimum never passes max_new_tokens
+
+
+def test_a_folder_sampled_without_the_minimum_is_not_resumed(tmp_path):
+    """Samples drawn before min_new_tokens was kept follow other rules: resuming such a folder would mix them."""
+    items_path = write_items(tmp_path / "data")
+    out = tmp_path / "out"
+    make_correctness_pairs(items_path, out, FakeSampler(), SETTINGS)
+    earlier = json.loads((out / "settings.json").read_text())
+    del earlier["min_new_tokens"]
+    (out / "settings.json").write_text(json.dumps(earlier))
+    with pytest.raises(ConfigError, match=r"other settings \(min_new_tokens\)"):
+        make_correctness_pairs(items_path, out, FakeSampler(), SETTINGS)

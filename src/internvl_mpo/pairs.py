@@ -151,6 +151,8 @@ class PairSettings:
         del out["max_pairs"], out["batch_size"]
         if method == DROPOUT_NTP:
             del out["samples"], out["max_num"]
+        # a run from before the minimum was kept sampled without it: its folder is refused, not mixed
+        out["min_new_tokens"] = MIN_NEW_TOKENS[method]
         return {"method": method, "input": str(input_path.resolve()), **out}
 
 
