@@ -25,7 +25,7 @@ from internvl_mpo.generate.sampling import (
 )
 from internvl_mpo.pipeline import InternVLChat, TextAssembler
 
-from conftest import tiny_chat_folder
+from conftest import IMAGE_TOKEN_ID, hf_reference, hf_to_official, tiny_config, tiny_chat_folder, write_checkpoint
 
 STEPS = 64
 GREEDY = SamplingParams(max_new_tokens=STEPS, ignore_eos=True)
@@ -87,6 +87,55 @@ def test_left_padded_batch_of_three_equals_transformers(setup):
     expected = hf_greedy(ref, padded, pixels, attention_mask=mask)
     for i in range(3):
         assert ours[i] == expected[i].tolist(), i
+
+
+@pytest.fixture(scope="module")
+def few_row_setup(tmp_path_factory):
+    """A model whose decoder linears (256 x 4096) and head (8192 x 256) hold at least 1M weights, so
+    that one to a few rows take the few-row CPU forms (llm.py: a blocked bmm for one row, W @ x.T for
+    2-4 rows, the head up to 16); and transformers' model with the same weights."""
+    from internvl_mpo.model import InternVL
+
+    base = tiny_config()
+    config = base.replace(llm=dataclasses.replace(base.llm, hidden_size=256, intermediate_size=4096,
+                                                  vocab_size=8192))
+    ref = hf_reference(config, seed=3)
+    folder = tmp_path_factory.mktemp("few_rows")
+    write_checkpoint(folder, config, hf_to_official(ref.state_dict()))
+    return InternVL.from_pretrained(folder, dtype=torch.float32, image_token_id=IMAGE_TOKEN_ID), ref
+
+
+def test_greedy_tokens_equal_transformers_through_the_few_row_cpu_kernels(few_row_setup):
+    """Greedy tokens through the few-row CPU forms equal transformers' for 64 steps at batch 1 and
+    in a left-padded batch of 3."""
+    model, ref = few_row_setup
+    engine = Engine(model)
+    assert engine.greedy_screen() is None  # the full head, through few_rows_matmul
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(300, 8192, (n,), generator=g).tolist() for n in (9, 4, 13)]
+    alone = run(engine, [Request(prompts[0], GREEDY)])[0]
+    assert alone == hf_greedy(ref, torch.tensor([prompts[0]]))[0].tolist()
+    together = run(engine, [Request(p, GREEDY) for p in prompts])
+    width = max(map(len, prompts))
+    padded = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    expected = hf_greedy(ref, padded, attention_mask=mask)
+    for i in range(3):
+        assert together[i] == expected[i].tolist(), i
+
+
+def test_decode_step_through_the_few_row_cpu_kernels_compiles_with_symbolic_sizes(few_row_setup):
+    """torch.compile with the engine's options (fullgraph, dynamic) traces the blocked matvec (the
+    thread count is a constant to it) and gives eager's tokens."""
+    from internvl_mpo.generate.engine import COMPILE_OPTIONS
+
+    model, _ = few_row_setup
+    eager, compiled = Engine(model), Engine(model)
+    compiled._decode_fn = torch.compile(compiled._decode, backend="eager", **COMPILE_OPTIONS)
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    requests = [Request([300 + i, 301, 302 + 7 * i], params) for i in range(2)]
+    assert run(compiled, requests[:1]) == run(eager, requests[:1])
+    assert run(compiled, requests) == run(eager, requests)
 
 
 def test_cached_decoding_equals_uncached_recomputation(setup):

@@ -199,8 +199,8 @@ def test_tied_head_config_shares_the_embedding(tiny):
 
 
 def test_few_row_linear_matches_nn_linear():
-    """The decoder's Linear takes W @ x.T for 2-4 rows of a large CPU weight: the same values up to
-    fp32 rounding there, and exactly nn.Linear's everywhere else."""
+    """The decoder's Linear takes a blocked bmm for one row and W @ x.T for 2-4 rows of a large CPU
+    weight: the same values up to fp32 rounding there, and exactly nn.Linear's everywhere else."""
     from internvl_mpo.llm import Linear
 
     torch.manual_seed(0)
@@ -209,15 +209,47 @@ def test_few_row_linear_matches_nn_linear():
         plain = torch.nn.Linear(1024, 1024, bias=bias)
         plain.load_state_dict(big.state_dict())
         with torch.no_grad():
-            for shape in [(2, 1024), (4, 1, 1024), (1, 3, 1024)]:
+            for shape in [(1, 1024), (1, 1, 1024), (2, 1024), (4, 1, 1024), (1, 3, 1024)]:
                 x = torch.randn(shape)
+                assert big(x).shape == plain(x).shape
                 assert_close(big(x), plain(x), rtol=1e-5, atol=1e-5)
-            for shape in [(1, 1024), (5, 1024), (2, 8, 1024)]:
+            for shape in [(5, 1024), (2, 8, 1024)]:
                 x = torch.randn(shape)
                 assert torch.equal(big(x), plain(x))
+            x = torch.randn(1, 1024)
+            assert torch.equal(big.bfloat16()(x.bfloat16()), plain.bfloat16()(x.bfloat16()))
     small = Linear(64, 64)
     x = torch.randn(3, 64)
     assert torch.equal(small(x), torch.nn.functional.linear(x, small.weight, small.bias))
+
+
+def test_blocked_matvec_splits_the_rows_over_the_threads():
+    """One row against a large fp32 CPU weight is one bmm over as many equal row blocks as there are
+    threads (or the largest divisor of the row count below that); one thread, no divisor or bf16
+    leave it to the plain matmul."""
+    from internvl_mpo.llm import blocked_matvec
+
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    try:
+        x = torch.randn(1, 1, 64)
+        for rows, count in [(6 * 7, 4), (7, 4), (10, 3)]:
+            torch.set_num_threads(count)
+            weight = torch.randn(rows, 64)
+            out = blocked_matvec(x, weight)
+            if rows == 7:
+                assert out is None  # 7 rows: no divisor between 2 and 4
+                continue
+            assert out.shape == (1, 1, rows)
+            assert_close(out, x @ weight.T, rtol=1e-5, atol=1e-5)
+        torch.set_num_threads(1)
+        assert blocked_matvec(x, weight) is None
+        torch.set_num_threads(2)
+        assert blocked_matvec(x.bfloat16(), weight.bfloat16()) is None
+        assert blocked_matvec(x, torch.randn(64, 10).T) is None  # a transposed view
+        assert blocked_matvec(x, torch.randn(64, 10).T) is None
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_tied_model_saves_its_head_untied_for_the_official_loader(tmp_path, tiny):

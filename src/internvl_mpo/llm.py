@@ -69,14 +69,51 @@ def weight_first_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], -1)
 
 
+@torch.compiler.assume_constant_result
+def thread_count() -> int:
+    """torch's intra-op threads; a compiled graph keeps the count it was traced with (any count gives
+    the same values up to rounding)."""
+    return torch.get_num_threads()
+
+
+def blocked_matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """x @ weight.T for one row x against an fp32 CPU weight, as one bmm over equal blocks of the
+    weight's rows, one block per thread; None where that does not apply (other dtypes, a
+    non-contiguous weight, one thread, no divisor of the row count up to the thread count). torch
+    runs a bmm's blocks on its threads, each a matrix-vector product of its own, while MKL's one fp32
+    matrix-vector product streams the weight at about half the memory bandwidth on a 2-core CPU
+    (13-19 against 26-35 GB/s for the decoder's shapes, benchmarks/generate.py). Same values up to
+    fp32 rounding."""
+    out_features, in_features = weight.shape
+    threads = thread_count()
+    if weight.dtype != torch.float32 or not weight.is_contiguous() or threads < 2:
+        return None
+    blocks = next((b for b in range(threads, 1, -1) if out_features % b == 0), None)
+    if blocks is None:
+        return None
+    # x as a transposed row (strides (1, in), not (1, 1)): torch picks the blocks' BLAS call by the
+    # strides, and a contiguous column takes a path about 4x slower here.
+    column = x.reshape(in_features)[None].T.expand(blocks, in_features, 1)
+    out = torch.bmm(weight.view(blocks, out_features // blocks, in_features), column)
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> torch.Tensor | None:
+    """x @ weight.T in the fastest form this CPU offers for 1 to `max_rows` rows against a large
+    weight (`blocked_matvec` for one, `weight_first_matmul` for more); None: use the plain matmul."""
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or weight.numel() < 1 << 20 or not 1 <= rows <= max_rows:
+        return None
+    return blocked_matvec(x, weight) if rows == 1 else weight_first_matmul(x, weight)
+
+
 class Linear(nn.Linear):
-    """nn.Linear that computes 2-4 rows against a large CPU weight with `weight_first_matmul`."""
+    """nn.Linear that computes 1-4 rows against a large CPU weight with `few_rows_matmul`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if not (2 <= rows <= 4 and x.device.type == "cpu" and self.weight.numel() >= 1 << 20):
+        out = few_rows_matmul(x, self.weight, max_rows=4)
+        if out is None:
             return super().forward(x)
-        out = weight_first_matmul(x, self.weight)
         return out if self.bias is None else out + self.bias
 
 

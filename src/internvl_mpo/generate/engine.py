@@ -36,7 +36,7 @@ import torch
 
 from ..errors import InputError, PromptTooLongError
 from ..kv_cache import make_caches
-from ..llm import weight_first_matmul
+from ..llm import few_rows_matmul
 from ..model import InternVL
 from .greedy_head import GreedyScreen
 from .sampling import (
@@ -180,11 +180,10 @@ def _same_prompt(a: Request, b: Request) -> bool:
 
 
 def head_logits(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    """fp32 logits (B, V) of a few rows of hidden states; 2-16 rows on the CPU go through
-    `weight_first_matmul` (the vocabulary-wide head gains up to 16 rows)."""
-    if hidden.device.type == "cpu" and 1 < hidden.shape[0] <= 16:
-        return weight_first_matmul(hidden, head.weight).float()
-    return head(hidden).float()
+    """fp32 logits (B, V) of a few rows of hidden states; 1-16 rows on the CPU go through
+    `few_rows_matmul` (the vocabulary-wide head gains up to 16 rows)."""
+    logits = few_rows_matmul(hidden, head.weight, max_rows=16)
+    return (head(hidden) if logits is None else logits).float()
 
 
 class Generation:
