@@ -319,3 +319,24 @@ def test_save_pretrained_expands_a_home_folder_as_from_pretrained_does(tmp_path,
     InternVL(tiny, image_token_id=IMAGE_TOKEN_ID).save_pretrained("~/m")
     assert (tmp_path / "home" / "m" / "model.safetensors").exists() and not (tmp_path / "~").exists()
     assert InternVL.from_pretrained("~/m").config == tiny
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_equals_transformers_bit_for_bit(dtype):
+    """fp32 takes torch's fused rms_norm, other dtypes the written-out form; both equal transformers'
+    Qwen2RMSNorm exactly."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from internvl_mpo.vision import RMSNorm
+
+    torch.manual_seed(0)
+    for width, eps in [(64, 1e-6), (896, 1e-6), (2048, 1e-5)]:
+        ours, theirs = RMSNorm(width, eps), Qwen2RMSNorm(width, eps)
+        with torch.no_grad():
+            theirs.weight.copy_(torch.randn(width))
+        ours.load_state_dict(theirs.state_dict())
+        ours, theirs = ours.to(dtype), theirs.to(dtype)
+        for rows in (1, 7, 300):
+            x = (torch.randn(2, rows, width) * torch.rand(2, rows, 1) * 10).to(dtype)
+            with torch.no_grad():
+                assert torch.equal(ours(x), theirs(x)), (width, rows)
