@@ -13,7 +13,9 @@ import base64
 import dataclasses
 import inspect
 import io
+import ipaddress
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -164,6 +166,7 @@ def test_serve_flags_are_the_settings_fields():
     fields = {f.name: f.default for f in dataclasses.fields(ServerSettings)}
     assert {name: p.default for name, p in params.items()} == fields
     assert fields["host"] == "127.0.0.1" and not fields["allow_remote_images"] and not fields["allow_local_images"]
+    assert not fields["allow_private_image_hosts"]
 
 
 def test_messages_map_onto_the_template():
@@ -819,7 +822,7 @@ def test_remote_image_redirects_stay_on_http_and_are_few():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Redirects)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{httpd.server_port}"
-    settings = ServerSettings(allow_remote_images=True)
+    settings = ServerSettings(allow_remote_images=True, allow_private_image_hosts=True)
     try:
         assert image_bytes(f"{base}/hop/5", "image", settings) == image
         refused = {f"{base}/hop/6": "more than 5 redirects",
@@ -863,7 +866,7 @@ def test_a_remote_image_that_trickles_in_is_cut_off_at_the_image_timeout():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        settings = ServerSettings(allow_remote_images=True, image_timeout=1.0)
+        settings = ServerSettings(allow_remote_images=True, allow_private_image_hosts=True, image_timeout=1.0)
         assert image_bytes(f"http://127.0.0.1:{httpd.server_port}/fast.png", "image", settings) == image
         with pytest.raises(ApiError, match=r"could not fetch .*not received within 1\.0 s") as e:
             image_bytes(f"http://127.0.0.1:{httpd.server_port}/slow.png", "messages[0].content[0].image_url",
@@ -873,6 +876,157 @@ def test_a_remote_image_that_trickles_in_is_cut_off_at_the_image_timeout():
         stop.set()
         httpd.shutdown()
         httpd.server_close()
+
+
+def image_server(image: bytes):
+    """An HTTP server on 127.0.0.1 that serves `image` at any path, and redirects /to/<url> to <url>."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/to/"):
+                self.send_response(302)
+                self.send_header("Location", self.path.removeprefix("/to/"))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(image)))
+            self.end_headers()
+            self.wfile.write(image)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
+def test_remote_images_on_private_addresses_are_refused():
+    """--allow-remote-images fetches from public addresses only (no server-side request forgery onto this
+    machine, its LAN or the cloud metadata service): a host at any loopback, private, link-local, unique-local,
+    unspecified, multicast or reserved address, however the URL writes it (brackets, the decimal and hex forms
+    that the resolver reads as 127.0.0.1, IPv4-mapped IPv6), is a 400 that names the host and why, before
+    any connection is made. --allow-private-image-hosts lets them through."""
+    settings = ServerSettings(allow_remote_images=True, image_timeout=1.0)
+    cases = {"http://127.0.0.1:9/x.png": ("127.0.0.1", "127.0.0.1", "loopback"),
+             "https://127.0.0.2/x.png": ("127.0.0.2", "127.0.0.2", "loopback"),
+             "http://[::1]:9/x.png": ("::1", "::1", "loopback"),
+             "http://2130706433:9/x.png": ("2130706433", "127.0.0.1", "loopback"),
+             "http://0x7f.1:9/x.png": ("0x7f.1", "127.0.0.1", "loopback"),
+             "http://017700000001:9/x.png": ("017700000001", "127.0.0.1", "loopback"),
+             "http://[::ffff:127.0.0.1]:9/x.png": ("::ffff:127.0.0.1", "::ffff:127.0.0.1", "loopback"),
+             "http://[::ffff:a00:1]/x.png": ("::ffff:a00:1", "::ffff:10.0.0.1", "private"),
+             "http://0.0.0.0:9/x.png": ("0.0.0.0", "0.0.0.0", "unspecified"),
+             "http://[::]:9/x.png": ("::", "::", "unspecified"),
+             "http://169.254.169.254/latest/meta-data/": ("169.254.169.254", "169.254.169.254", "link-local"),
+             "http://[fe80::1]/x.png": ("fe80::1", "fe80::1", "link-local"),
+             "http://10.1.2.3/x.png": ("10.1.2.3", "10.1.2.3", "private"),
+             "http://172.16.0.1/x.png": ("172.16.0.1", "172.16.0.1", "private"),
+             "http://192.168.1.1/x.png": ("192.168.1.1", "192.168.1.1", "private"),
+             "http://[fd00::1]/x.png": ("fd00::1", "fd00::1", "private"),
+             "http://100.64.0.1/x.png": ("100.64.0.1", "100.64.0.1", "non-public"),
+             "http://224.0.0.1/x.png": ("224.0.0.1", "224.0.0.1", "multicast"),
+             "http://[ff02::1]/x.png": ("ff02::1", "ff02::1", "multicast"),
+             "http://240.0.0.1/x.png": ("240.0.0.1", "240.0.0.1", "reserved"),
+             "http://localhost:9/x.png": ("localhost", r"(127\.0\.0\.1|::1)", "loopback")}
+    for url, (host, ip, reason) in cases.items():
+        with pytest.raises(ApiError, match=rf"^image: refused to fetch {re.escape(url)}: host '{re.escape(host)}' "
+                                           rf"is at {ip}, a {reason} address; .*--allow-private-image-hosts") as e:
+            image_bytes(url, "image", settings)
+        assert (e.value.status, e.value.param, e.value.code) == (400, "image", "remote_image_refused"), url
+
+    image = png(56, 56)
+    httpd = image_server(image)
+    try:
+        url = f"http://127.0.0.1:{httpd.server_port}/image.png"
+        with pytest.raises(ApiError, match="refused to fetch"):
+            image_bytes(url, "image", settings)
+        assert image_bytes(url, "image", dataclasses.replace(settings, allow_private_image_hosts=True)) == image
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_every_address_of_a_remote_image_host_is_checked():
+    """A host is refused when any of its addresses is not public (the connection could reach that one)."""
+    from internvl_mpo.server import public_addresses
+
+    def resolver(*ips):
+        def resolve(host, port, **kwargs):
+            asked.append((host, port))
+            family = {4: socket.AF_INET, 6: socket.AF_INET6}
+            return [(family[ipaddress.ip_address(ip).version], socket.SOCK_STREAM, 6, "", (ip, port)) for ip in ips]
+        return resolve
+
+    asked = []
+    assert public_addresses("images.example", 443, resolver("93.184.216.34", "2606:2800::1")) == [
+        ("93.184.216.34", 443), ("2606:2800::1", 443)]
+    assert asked == [("images.example", 443)]
+    with pytest.raises(ValueError, match=r"^host 'images\.example' is at 10\.0\.0\.5, a private address$"):
+        public_addresses("images.example", 443, resolver("93.184.216.34", "10.0.0.5"))
+
+
+def test_a_redirect_to_a_private_address_is_refused(monkeypatch):
+    """The check is made on every connection, so on every redirect hop: a public host that redirects to the
+    metadata service or the LAN is refused too. (The test server stands for the public host: 127.0.0.1 is
+    taken as public here.)"""
+    from internvl_mpo import server as server_module
+
+    real = server_module.refusal
+    monkeypatch.setattr(server_module, "refusal", lambda ip: None if ip == "127.0.0.1" else real(ip))
+    image = png(56, 56)
+    httpd = image_server(image)
+    base = f"http://127.0.0.1:{httpd.server_port}"
+    settings = ServerSettings(allow_remote_images=True, image_timeout=1.0)
+    try:
+        assert image_bytes(f"{base}/to/{base}/image.png", "image", settings) == image
+        refused = {f"{base}/to/http://169.254.169.254/latest/meta-data/": "'169.254.169.254' is at 169.254.169.254, "
+                                                                           "a link-local address",
+                   f"{base}/to/http://10.0.0.1/x.png": "'10.0.0.1' is at 10.0.0.1, a private address",
+                   f"{base}/to/http://[::ffff:127.0.0.1]:{httpd.server_port}/image.png": "a loopback address"}
+        for url, message in refused.items():
+            with pytest.raises(ApiError, match=re.escape(message)) as e:
+                image_bytes(url, "image", settings)
+            assert (e.value.status, e.value.code) == (400, "remote_image_refused")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_remote_image_is_fetched_from_the_address_that_was_checked(monkeypatch):
+    """The host is resolved once and the connection goes to the address checked, so a DNS answer that changes
+    between the check and the connection (DNS rebinding) cannot slip a private address through: the resolver
+    is asked once, and the connection reaches the address it gave for a name nothing else can resolve."""
+    from internvl_mpo import server as server_module
+
+    real = server_module.refusal
+    monkeypatch.setattr(server_module, "refusal", lambda ip: None if ip == "127.0.0.1" else real(ip))
+    image = png(56, 56)
+    httpd = image_server(image)
+    asked = []
+
+    def rebinding(host, port, **kwargs):  # public the first time, loopback (::1) after
+        asked.append(host)
+        ip = "127.0.0.1" if len(asked) == 1 else "::1"
+        return [(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))]
+
+    try:
+        settings = ServerSettings(allow_remote_images=True, image_timeout=1.0)
+        url = f"http://images.invalid:{httpd.server_port}/image.png"
+        assert server_module._fetch_remote(url, "image", settings, resolve=rebinding) == image
+        assert asked == ["images.invalid"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_allow_private_image_hosts_needs_allow_remote_images():
+    from internvl_mpo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--allow-private-image-hosts only applies with --allow-remote-images"):
+        serve(model="/nonexistent/model", allow_private_image_hosts=True)
 
 
 class Finals:

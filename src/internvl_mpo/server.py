@@ -39,9 +39,12 @@ request that names another model gets a 404 (one that names none is served).
 import asyncio
 import base64
 import binascii
+import contextlib
 import dataclasses
+import functools
 import hmac
 import http.client
+import ipaddress
 import itertools
 import json
 import logging
@@ -99,6 +102,7 @@ class ServerSettings:
     dtype: str | None = None
     compile: bool = False
     allow_remote_images: bool = False
+    allow_private_image_hosts: bool = False
     allow_local_images: bool = False
     max_request_bytes: int = 32 * 2**20
     max_images: int = 8
@@ -425,18 +429,93 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
-def _fetch_remote(url: str, param: str, settings: ServerSettings) -> bytes:
+class HostRefused(ValueError):
+    """A remote image's host is at an address that is not public."""
+
+
+def refusal(ip: str) -> str | None:
+    """Why an image may not be fetched from `ip` unless --allow-private-image-hosts ("loopback", ...), or None
+    for a public address. An IPv4 address inside IPv6 (::ffff:a.b.c.d, 6to4) is judged as that IPv4 address."""
+    address = ipaddress.ip_address(ip)
+    if address.version == 6:
+        address = address.ipv4_mapped or address.sixtofour or address
+    for kind in ("unspecified", "loopback", "link_local", "multicast", "reserved", "private", "site_local"):
+        if getattr(address, "is_" + kind, False):
+            return kind.replace("_", "-")
+    return None if address.is_global else "non-public"  # 100.64.0.0/10 (carrier-grade NAT), say
+
+
+def public_addresses(host: str, port: int, resolve=socket.getaddrinfo) -> list[tuple[str, int]]:
+    """The (ip, port) addresses of `host`, looked up once with `resolve` (getaddrinfo's signature); HostRefused
+    when any of them is not public."""
+    addresses = [sockaddr[:2] for *_, sockaddr in resolve(host, port, type=socket.SOCK_STREAM)]
+    for ip, _ in addresses:
+        if reason := refusal(ip):
+            raise HostRefused(f"host {host!r} is at {ip}, a {reason} address")
+    return addresses
+
+
+class _PublicHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection to public addresses only. It connects to an address that `public_addresses` checked,
+    not to the host name (a second lookup that DNS could answer differently: rebinding); the Host header, and
+    in the HTTPS subclass the TLS server name, stay the URL's host."""
+
+    resolve = staticmethod(socket.getaddrinfo)
+
+    def connect(self):
+        *others, last = public_addresses(self.host, self.port, self.resolve)
+        for address in others:  # each address in turn, as socket.create_connection tries them
+            with contextlib.suppress(OSError):
+                self.sock = socket.create_connection(address, self.timeout, self.source_address)
+                return
+        self.sock = socket.create_connection(last, self.timeout, self.source_address)
+
+
+class _PublicHTTPSConnection(http.client.HTTPSConnection, _PublicHTTPConnection):
+    """HTTPS over `_PublicHTTPConnection`'s connect (HTTPSConnection.connect wraps what it connected)."""
+
+
+class _PublicHosts(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+    """urllib's http and https handler over the connections above, which look hosts up with `resolve`."""
+
+    def __init__(self, resolve):
+        super().__init__()
+        self.resolve = resolve
+
+    def _connection(self, cls, host, **kwargs):
+        connection = cls(host, **kwargs)
+        connection.resolve = self.resolve
+        return connection
+
+    def http_open(self, req):
+        return self.do_open(functools.partial(self._connection, _PublicHTTPConnection), req)
+
+    def https_open(self, req):
+        return self.do_open(functools.partial(self._connection, _PublicHTTPSConnection), req)
+
+
+def _fetch_remote(url: str, param: str, settings: ServerSettings, resolve=socket.getaddrinfo) -> bytes:
     """The image at `url` within `image_timeout` seconds in all (urllib's timeout bounds each read alone, so a
-    server that sends a byte now and then would hold the request and a thread for as long as it likes)."""
+    server that sends a byte now and then would hold the request and a thread for as long as it likes).
+    Unless --allow-private-image-hosts, every connection (each redirect hop's too) goes to a public address
+    of its host, looked up with `resolve`, and proxies from the environment are not used (a proxy would
+    connect where this server cannot check)."""
     deadline = time.monotonic() + settings.image_timeout
     data = bytearray()
-    opener = urllib.request.build_opener(_Redirects(param))
+    if settings.allow_private_image_hosts:
+        opener = urllib.request.build_opener(_Redirects(param))
+    else:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _PublicHosts(resolve), _Redirects(param))
     try:
         with opener.open(url, timeout=settings.image_timeout) as response:
             while len(data) <= settings.max_image_bytes and (piece := response.read1(2**16)):
                 data += piece
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"not received within {settings.image_timeout} s")
+    except HostRefused as e:
+        raise ApiError(400, f"{param}: refused to fetch {url[:200]}: {e}; start the server with "
+                            "--allow-private-image-hosts to fetch from this machine or its network", param,
+                       "remote_image_refused") from None
     except (OSError, ValueError, http.client.HTTPException) as e:  # InvalidURL is an HTTPException
         raise ApiError(400, f"{param}: could not fetch {url[:200]}: {e}", param, "image_fetch_failed") from None
     return bytes(data)
@@ -1090,6 +1169,7 @@ def serve(
     dtype: str | None = None,
     compile: bool = False,
     allow_remote_images: bool = False,
+    allow_private_image_hosts: bool = False,
     allow_local_images: bool = False,
     max_request_bytes: int = 32 * 2**20,
     max_images: int = 8,
@@ -1113,7 +1193,8 @@ def serve(
     device: torch device (default: cuda when available, else cpu)
     dtype: weights dtype (bfloat16, float16, float32, auto; default: bf16 on CUDA, fp32 elsewhere)
     compile: torch.compile the decode step
-    allow_remote_images: fetch http(s) image URLs (off: only data: URLs are accepted)
+    allow_remote_images: fetch http(s) image URLs (off: only data: URLs are accepted); from public addresses only
+    allow_private_image_hosts: with --allow-remote-images, fetch from loopback, private and link-local addresses too (this machine, its LAN, cloud metadata)
     allow_local_images: read image files on this machine named by path or file:// URL
     max_request_bytes: largest request body accepted (413 above)
     max_images: images per request
@@ -1127,6 +1208,8 @@ def serve(
     """
     settings = ServerSettings(**locals())  # the parameters are exactly the settings' fields
     _require_web_stack()
+    if settings.allow_private_image_hosts and not settings.allow_remote_images:
+        raise ConfigError("--allow-private-image-hosts only applies with --allow-remote-images")
     if settings.model is None:
         from .cli import default_model
 
