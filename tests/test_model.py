@@ -250,6 +250,13 @@ def test_blocked_matvec_splits_the_rows_over_the_threads():
                 continue
             assert out.shape == (1, 1, rows)
             assert_close(out, x @ weight.T, rtol=1e-5, atol=1e-5)
+            bias = torch.randn(rows)
+            assert_close(blocked_matvec(x, weight, bias), x @ weight.T + bias, rtol=1e-5, atol=1e-5)
+            # a row inside a larger tensor (a storage offset), and one with a stride between its entries
+            states = torch.randn(1, 5, 64)
+            assert_close(blocked_matvec(states[:, 3], weight), states[:, 3] @ weight.T, rtol=1e-5, atol=1e-5)
+            spread = torch.randn(1, 64, 2)[..., 1]
+            assert_close(blocked_matvec(spread, weight), spread @ weight.T, rtol=1e-5, atol=1e-5)
         torch.set_num_threads(1)
         assert blocked_matvec(x, weight) is None
         torch.set_num_threads(2)

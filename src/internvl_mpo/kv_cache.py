@@ -25,7 +25,8 @@ class KVCache:
     def prefill_row(self, row: int) -> "_PrefillRow":
         return _PrefillRow(self, row)
 
-    def decode_view(self, rows: int, span: int) -> "_DecodeView":
+    def decode_view(self, rows: int | torch.Tensor, span: int) -> "_DecodeView":
+        """Rows 0..rows-1; `rows` may be given as `torch.arange(rows)`, shared by every layer's view."""
         return _DecodeView(self, rows, span)
 
     def move_row(self, src: int, dst: int, length: int) -> None:
@@ -56,13 +57,15 @@ class _PrefillRow:
 class _DecodeView:
     """Writes one token per row (rows 0..n-1) at its position; returns the first `span` slots."""
 
-    def __init__(self, cache: KVCache, rows: int, span: int):
-        self.cache, self.rows, self.span = cache, rows, span
+    def __init__(self, cache: KVCache, rows: int | torch.Tensor, span: int):
+        self.cache, self.span = cache, span
+        device = cache.k.device  # layers spread over devices by a device_map keep their caches beside them
+        self.index = rows.to(device) if isinstance(rows, torch.Tensor) else torch.arange(rows, device=device)
+        self.rows = self.index.shape[0]
 
     def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.arange(self.rows, device=k.device)
-        self.cache.k[index, :, positions] = k[:, :, 0]
-        self.cache.v[index, :, positions] = v[:, :, 0]
+        self.cache.k[self.index, :, positions] = k[:, :, 0]
+        self.cache.v[self.index, :, positions] = v[:, :, 0]
         return self.cache.k[: self.rows, :, : self.span], self.cache.v[: self.rows, :, : self.span]
 
 

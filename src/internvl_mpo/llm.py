@@ -42,8 +42,8 @@ class RotaryEmbedding(nn.Module):
         return self._inv_freq[device]
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (B, T) -> cos, sin (B, T, D) in `dtype`; the first half of sin is negated for
-        `apply_rope`."""
+        """position_ids (B, T) -> cos, sin (B, 1, T, D) in `dtype` (broadcast over heads); the first
+        half of sin is negated for `apply_rope`."""
         positions = position_ids.float()
         if self.position_scale != 1.0:
             positions = positions * self.position_scale
@@ -51,13 +51,12 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)  # cos/sin of the full width, as transformers rounds them
         sin = emb.sin()
         sin[..., : self.head_dim // 2].neg_()
-        return emb.cos().to(dtype), sin.to(dtype)
+        return emb.cos().to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D); cos/sin (B, T, D) from RotaryEmbedding. The rotate-half form x cos +
+    """x (B, H, T, D); cos/sin (B, 1, T, D) from RotaryEmbedding. The rotate-half form x cos +
     [-x2, x1] sin, written as x cos + [x2, x1] [-sin, sin]: the same products, bit for bit."""
-    cos, sin = cos[:, None], sin[:, None]
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
@@ -76,26 +75,34 @@ def thread_count() -> int:
     return torch.get_num_threads()
 
 
-def blocked_matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-    """x @ weight.T for one row x against an fp32 CPU weight, as one bmm over equal blocks of the
-    weight's rows, one block per thread; None where that does not apply (other dtypes, a
+def blocked_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x @ weight.T (+ bias) for one row x against an fp32 CPU weight, as one bmm over equal blocks
+    of the weight's rows, one block per thread; None where that does not apply (other dtypes, a
     non-contiguous weight, one thread, no divisor of the row count up to the thread count). torch
     runs a bmm's blocks on its threads, each a matrix-vector product of its own, while MKL's one fp32
     matrix-vector product streams the weight at about half the memory bandwidth on a 2-core CPU
     (13-19 against 26-35 GB/s for the decoder's shapes, benchmarks/generate.py). Same values up to
-    fp32 rounding."""
+    fp32 rounding. Written with as few tensor ops as it takes (one view each of x, the weight and
+    the bias): in a decode step it runs seven times per layer, and each op costs microseconds."""
     out_features, in_features = weight.shape
-    threads = thread_count()
-    if weight.dtype != torch.float32 or not weight.is_contiguous() or threads < 2:
+    if weight.dtype != torch.float32 or not weight.is_contiguous():
         return None
-    blocks = next((b for b in range(threads, 1, -1) if out_features % b == 0), None)
-    if blocks is None:
+    blocks = thread_count()
+    while blocks > 1 and out_features % blocks:
+        blocks -= 1
+    if blocks < 2:
         return None
-    # x as a transposed row (strides (1, in), not (1, 1)): torch picks the blocks' BLAS call by the
-    # strides, and a contiguous column takes a path about 4x slower here.
-    column = x.reshape(in_features)[None].T.expand(blocks, in_features, 1)
-    out = torch.bmm(weight.view(blocks, out_features // blocks, in_features), column)
-    return out.reshape(*x.shape[:-1], out_features)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    # x as the same transposed row in every block (strides (0, 1, in)): torch picks the blocks' BLAS
+    # call by the strides, and a contiguous column takes a path about 4x slower here.
+    column = x.as_strided((blocks, in_features, 1), (0, 1, in_features))
+    weight = weight.view(blocks, -1, in_features)
+    if bias is None:
+        out = torch.bmm(weight, column)
+    else:
+        out = torch.baddbmm(bias.view(blocks, -1, 1), weight, column)
+    return out.view(*x.shape[:-1], out_features)
 
 
 # Smallest weights (entries) that take the few-row forms: the blocked product pays from about 64K
@@ -104,25 +111,27 @@ BLOCKED_MIN_ENTRIES = 1 << 16
 WEIGHT_FIRST_MIN_ENTRIES = 1 << 20
 
 
-def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> torch.Tensor | None:
-    """x @ weight.T in the fastest form this CPU offers for 1 to `max_rows` rows against a large
-    weight (`blocked_matvec` for one, `weight_first_matmul` for more); None: use the plain matmul."""
+def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, max_rows: int,
+                    bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x @ weight.T (+ bias) in the fastest form this CPU offers for 1 to `max_rows` rows against a
+    large weight (`blocked_matvec` for one, `weight_first_matmul` for more); None: use the plain matmul."""
     rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu" or not 1 <= rows <= max_rows:
         return None
     if rows == 1:
-        return blocked_matvec(x, weight) if weight.numel() >= BLOCKED_MIN_ENTRIES else None
-    return weight_first_matmul(x, weight) if weight.numel() >= WEIGHT_FIRST_MIN_ENTRIES else None
+        return blocked_matvec(x, weight, bias) if weight.numel() >= BLOCKED_MIN_ENTRIES else None
+    if weight.numel() < WEIGHT_FIRST_MIN_ENTRIES:
+        return None
+    out = weight_first_matmul(x, weight)
+    return out if bias is None else out + bias
 
 
 class Linear(nn.Linear):
     """nn.Linear that computes 1-4 rows against a large CPU weight with `few_rows_matmul`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = few_rows_matmul(x, self.weight, max_rows=4)
-        if out is None:
-            return super().forward(x)
-        return out if self.bias is None else out + self.bias
+        out = few_rows_matmul(x, self.weight, 4, self.bias)
+        return super().forward(x) if out is None else out
 
 
 class Attention(nn.Module):
