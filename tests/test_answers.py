@@ -459,3 +459,46 @@ def test_check_answer_tolerance_and_bad_ground_truth():
 def test_infer_kind(truth, options, kind):
     assert infer_kind(truth, options) == kind
     assert check_answer(truth, truth, options=options) is True  # every ground truth matches itself
+
+
+# Chinese numerals read as numbers where they stand as one: alone, after 是/为/有/共/约 ("答案是三"), or
+# before a measure word ("三只"); not inside words ("一些", "唯一"), ordinals ("第三") or hedges ("三四个").
+CHINESE_NUMERALS = [
+    ("答案是三", "3", True), ("三", "3", True), ("三只", "3", True), ("有三只猫", "3", True), ("十二", "12", True),
+    ("二十五个", "25", True), ("一百零五", "105", True), ("两个", "2", True), ("零", "0", True),
+    ("一万两千", "12000", True), ("百分之五十", "0.5", True), ("百分之五十", "50%", True), ("三分之一", "1/3", True),
+    ("答案：三。", "3", True), ("答案是四", "3", False), ("三分之一", "3", False), ("二十", "2", False),
+    ("第三", "3", None), ("三四个", "3", None), ("十几个", "10", None), ("三十多个", "30", None), ("一些", "1", None),
+    ("唯一", "1", None), ("一样", "1", None), ("三角形", "3", None), ("二〇二〇", "2020", None),
+]
+
+
+@pytest.mark.parametrize("prediction, truth, expected", CHINESE_NUMERALS)
+def test_chinese_numerals(prediction, truth, expected):
+    assert check_answer(prediction, truth) is expected
+
+
+def test_a_chinese_numeral_ground_truth_is_a_number():
+    assert infer_kind("三") == "number" and infer_kind("第三") == "text"
+    assert check_answer("3", "三") is True and check_answer("三", "三") is True
+
+
+# A text ground truth holding a root or pi is compared as math: \sqrt{x}, sqrt(x) and √x alike, \pi and π,
+# \frac, spaces, inline math and a trailing unit ignored; no symbolic algebra (√8 is not 2√2).
+MATH_EXPRESSIONS = [
+    ("√2", "\\sqrt{2}", True), ("sqrt(2)", "\\sqrt{2}", True), ("√(2)", "\\sqrt{2}", True), ("\\sqrt2", "√2", True),
+    ("2√3", "2\\sqrt{3}", True), ("$2 \\sqrt{3}$", "2√3", True), ("x = 2√3", "2\\sqrt{3}", True),
+    ("√3/2", "\\frac{\\sqrt{3}}{2}", True), ("\\dfrac{\\sqrt{3}}{2}", "√3/2", True), ("2 * √3", "2\\sqrt{3}", True),
+    ("3π", "3\\pi", True), ("3 pi", "3\\pi", True), ("π/2", "\\frac{\\pi}{2}", True),
+    ("4π cm²", "4\\pi \\text{ cm}^2", True), ("√(x+1)", "\\sqrt{x+1}", True), ("√2 + 1", "1+\\sqrt{2}", False),
+    ("√3", "\\sqrt{2}", False), ("√23", "2\\sqrt{3}", False), ("2√3", "2-\\sqrt{3}", False),
+    ("2+√3", "2-\\sqrt{3}", False), ("√(2+1)", "\\sqrt{2}+1", False), ("3", "3\\pi", False), ("π", "2\\pi", False),
+    ("-√3/2", "\\frac{-\\sqrt{3}}{2}", True), ("1.414", "\\sqrt{2}", False), ("2√2", "\\sqrt{8}", False), ("√2π", "\\sqrt{2\\pi}", False),
+]
+
+
+@pytest.mark.parametrize("prediction, truth, expected", MATH_EXPRESSIONS)
+def test_roots_and_pi_compared_as_math(prediction, truth, expected):
+    assert infer_kind(truth) == "text"
+    assert check_answer(prediction, truth) is expected
+

@@ -20,12 +20,15 @@ an answer in display math that opens on the trigger's line ("Final answer:\\n$$\
 the Chinese trigger "答案:" of the official Chinese prompt, explicit letter statements ("The answer
 is B", "option (C)", "答案是C", which VLMEvalKit hands to its judge model), numbers read with units,
 thousands commas, percentages, fractions, LaTeX `\\frac`, scientific notation ("3 × 10^5",
-"6.02 \\times 10^{23}"), negative and full-width numbers, and number
+"6.02 \\times 10^{23}"), negative and full-width numbers, Chinese numerals where they stand as a
+number ("答案是三", "三只", "百分之五十", "三分之一"; not "一些", "唯一", "第三", "三四个"), and number
 words that count something in short answers ("three", "there is one", "none"; not "the one on the
 left", "the big red one"), compared exactly for integers and with a relative tolerance otherwise, yes/no
 variants (true/false, 是/否), and short text compared after normalisation (NFKC, which also folds CJK
 full-width forms; case; punctuation and inline-math `$`; English articles; number words, "none" as 0;
-whitespace, none kept next to CJK characters). The official checker for pairs uses the TextVQA evaluator and a 1e-3
+whitespace, none kept next to CJK characters); a text ground truth holding a root or pi is compared by
+its written math form instead (`normalize_math`: "√2", "sqrt(2)" and "\\sqrt{2}" alike, "3π" and
+"3\\pi", "\\frac{\\sqrt{3}}{2}" and "√3/2"; no algebra). The official checker for pairs uses the TextVQA evaluator and a 1e-3
 relative tolerance for math; the normalisation here is close to TextVQA's but not identical.
 
 `check_answer` returns None when the prediction cannot be read as the expected kind (no option
@@ -128,6 +131,18 @@ _NOT_A_NOUN = {
     "does", "did", "can", "could", "will", "would", "shall", "should", "may", "might", "must",
 }
 _HEDGES_AFTER_NO = {"idea", "clue", "answer", "doubt", "way"}  # "no idea" is no 0
+_CN_DIGITS = {"零": 0, "〇": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8, "九": 9}
+_CN_UNITS = {"十": 10, "百": 100, "千": 1000}
+_CN_SECTIONS = {"万": 10**4, "亿": 10**8}
+_CN_RUN = "[" + "".join(_CN_DIGITS) + "".join(_CN_UNITS) + "".join(_CN_SECTIONS) + "]+"
+_CN_NUMERAL = re.compile(rf"(?:({_CN_RUN})分之)?({_CN_RUN})")  # "三分之一" is 1/3, "百分之五十" 50%
+# A Chinese numeral stands as a number only next to punctuation, a non-CJK character, one of these words
+# before it ("答案是三", "共五个") or a measure word after it ("三只"); elsewhere it is part of a word
+# ("一些", "唯一", "第三", "三角形").
+_CN_BEFORE = set("是为有共计约于剩")
+_CN_MEASURES = set("个只条张辆本件位头匹棵朵次岁人名块种处层根支把台艘架颗片双份杯瓶盒箱度米元倍秒天周")
+# A root or pi in a text ground truth: compared as math (`normalize_math`).
+_MATH_MARK = re.compile(r"\\sqrt|√|\bsqrt\s*\(|\\pi|π")
 _SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺"
 _FROM_SUPERSCRIPT = str.maketrans(_SUPERSCRIPTS, "0123456789-+")
 _SHORT_ANSWER_WORDS = 5
@@ -326,7 +341,7 @@ def _numeric_text(text: str) -> str:
     """Text with LaTeX wrappers, unicode minus, thousands commas, \\frac{a}{b} and a x 10^b made plain."""
     # superscripts as ^digits first: NFKC would make "10⁵" the number 105
     s = re.sub(f"[{_SUPERSCRIPTS}]+", lambda m: "^" + m[0].translate(_FROM_SUPERSCRIPT), text)
-    s = unicodedata.normalize("NFKC", s).replace("\u2212", "-")
+    s = _chinese_numerals(unicodedata.normalize("NFKC", s).replace("\u2212", "-"))
     s = re.sub(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", s)
     s = re.sub(r"(\d)\s*(?:[×x*·]|\\times|\\cdot)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"\1e\2", s)
     s = re.sub(r"(?<![\d.])10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"1e\1", s)
@@ -335,6 +350,57 @@ def _numeric_text(text: str) -> str:
     s = re.sub(r"\\(?:left|right|[,;!: ])", " ", s)
     s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
     return re.sub(r"\((-?[\d.]+)\)", r"\1", s)
+
+
+def _chinese_integer(run: str) -> int | None:
+    """The value of a Chinese numeral ("二十五", "一百零五", "一万两千"), or None for a run that is none
+    ("三四", a range; "二〇二〇", digit by digit; "百" without a digit)."""
+    total = section = 0
+    digit, unit_before = None, None
+    for ch in run:
+        if ch in _CN_DIGITS:
+            if digit:  # a digit right after a digit other than 零: "三四"
+                return None
+            digit = _CN_DIGITS[ch]
+        elif ch in _CN_UNITS:
+            unit = _CN_UNITS[ch]
+            if unit_before is not None and unit >= unit_before:
+                return None
+            if digit is None:
+                if ch != "十" or section or total:  # only a leading 十 may stand without a digit: 十二
+                    return None
+                digit = 1
+            section += digit * unit
+            digit, unit_before = None, unit
+        else:
+            section += digit or 0
+            if not section:
+                return None
+            total += section * _CN_SECTIONS[ch]
+            section, digit, unit_before = 0, None, None
+    return total + section + (digit or 0)
+
+
+def _chinese_numerals(text: str) -> str:
+    """Chinese numerals that stand as numbers (see `_CN_BEFORE`) written in digits: "答案是三" -> "答案是3",
+    "三分之一" -> "(1)/(3)", "百分之五十" -> "50%"."""
+
+    def stands_apart(ch: str, words: set[str]) -> bool:
+        return not ch or ch in words or not _is_cjk(ch) or unicodedata.category(ch).startswith("P")
+
+    def digits(m: re.Match) -> str:
+        before, after = m.string[m.start() - 1 : m.start()], m.string[m.end() : m.end() + 1]
+        value = _chinese_integer(m.group(2))
+        if value is None or not (stands_apart(before, _CN_BEFORE) and stands_apart(after, _CN_MEASURES)):
+            return m[0]
+        if m.group(1) is None:
+            return str(value)
+        if m.group(1) == "百":
+            return f"{value}%"
+        denominator = _chinese_integer(m.group(1))
+        return m[0] if denominator is None else f"({value})/({denominator})"
+
+    return _CN_NUMERAL.sub(digits, text)
 
 
 def _is_count(match: re.Match) -> bool:
@@ -372,7 +438,8 @@ def parse_number(text: str) -> Number | None:
 
     Only the text after the last "=" counts, and it gives no number when it holds a root, pi or a power
     of a number ("4√3", "3\\pi", "2^3"). Fractions a/b are computed, a following % or "percent"
-    marks a percentage, and digits inside words and units ("CO2", "cm^2") are no numbers. In answers
+    marks a percentage, and digits inside words and units ("CO2", "cm^2") are no numbers. Chinese numerals
+    count where they stand apart (`_chinese_numerals`: "答案是三", "三只", "百分之五十" is 50%). In answers
     of at most five words, number words that count something count as digits, as the VQA normaliser
     maps them ("three", "there is one", "none"), and so does "no" before a word ("no green shapes": 0;
     "I see no 3" gives two numbers). They do not count where they pick something out or negate ("the
@@ -426,6 +493,45 @@ def normalize_text(text: str) -> str:
     return out
 
 
+def _repeat(pattern: str, replacement: str, s: str) -> str:
+    """`re.sub` until nothing changes (innermost first for nested braces)."""
+    while True:
+        s, n = re.subn(pattern, replacement, s)
+        if not n:
+            return s
+
+
+def normalize_math(text: str) -> str:
+    """Math normal form of an answer holding a root or pi, for a text ground truth that holds one.
+
+    The text after the last "="; \\sqrt{x}, \\sqrt2, sqrt(x) and √(x) as √x (brackets kept around more
+    than one term: √(x+1)); \\pi and the word pi as π; \\frac{a}{b} (also \\dfrac, \\tfrac) as a/b; an
+    explicit product sign before √ or π dropped (2 * √3 is 2√3); inline math, \\left/\\right, spacing
+    commands, \\text{..} units, a trailing unit word, a final period and all whitespace dropped; casefolded.
+    Written forms only: no algebra (√8 is not 2√2, 1+√2 is not √2+1).
+    """
+    s = re.sub(f"[{_SUPERSCRIPTS}]+", lambda m: "^" + m[0].translate(_FROM_SUPERSCRIPT), text)
+    s = unicodedata.normalize("NFKC", s).replace("\u2212", "-").replace("$", " ")
+    s = s.rsplit("=", 1)[-1]
+    s = re.sub(r"\\pi(?![A-Za-z])|(?<![A-Za-z])pi(?![A-Za-z])", "π", s, flags=re.IGNORECASE)
+    s = re.sub(r"\\(?:text|mathrm|mbox)\{[^{}]*\}(?:\^\{?\d\}?)?", " ", s)
+    s = re.sub(r"(?<=[\d)}π])\s+[A-Za-z]{1,6}(?:\^\{?\d\}?)?\s*\.?$", "", s.strip())  # "4π cm²"
+    s = _repeat(r"\\sqrt\s*\{([^{}]*)\}", r"√(\1)", s)
+    s = re.sub(r"\\sqrt\s*(\d|[A-Za-z](?![A-Za-z]))", r"√\1", s)
+    s = re.sub(r"(?<![A-Za-z])sqrt\s*\(", "√(", s)
+    s = _repeat(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}", r"(\1)/(\2)", s)
+    s = re.sub(r"\\(?:left|right|[,;:! ])", "", s).replace("{", "(").replace("}", ")")
+    s = re.sub(r"\s+", "", s).casefold().rstrip(".")
+    s = re.sub(r"(?:\*|\\cdot|\\times|×|·)(?=[√π])", "", s)
+    # Brackets that change nothing go: around one number or name after √ or ^ (√(3) is √3, x^{2} is x^2,
+    # √(2π) stays), around one term after "/" ((√3)/(2) is √3/2, 1/(2π) stays), around a product
+    # elsewhere ((2√3)/3 is 2√3/3); never before a power or next to another factor (2(3), (2π)^2 stay).
+    end = r"(?![\w.(√π^])"
+    s = _repeat(rf"([√^])\(([0-9a-z.]+)\){end}", r"\1\2", s)
+    s = _repeat(rf"/\((√?[0-9a-z.]+|π)\){end}", r"/\1", s)
+    return _repeat(rf"(?<![\w.)/^√])\((-?[0-9a-z.√π]+)\){end}", r"\1", s)
+
+
 # ----------------------------------------------------------------------------- checking
 
 
@@ -473,7 +579,8 @@ def check_answer(
 
     kind: "choice", "number", "yesno" or "text"; inferred from the ground truth and options when None.
     Numbers match within `rel_tol` (relative), integer ground truths exactly (a count or a year one
-    off is wrong); a percentage also matches its fraction (25% ~ 0.25).
+    off is wrong); a percentage also matches its fraction (25% ~ 0.25). A text ground truth holding a
+    root or pi is compared in `normalize_math` form.
     """
     if kind is None:
         kind = infer_kind(ground_truth, options)
@@ -505,6 +612,8 @@ def check_answer(
         if got.percent != target.percent:
             return _close(got.value / 100, target.value, tol) or _close(got.value, target.value / 100, tol)
         return False
+    if _MATH_MARK.search(unicodedata.normalize("NFKC", ground_truth)):
+        return normalize_math(prediction) == normalize_math(ground_truth) if normalize_math(prediction) else None
     got_text = normalize_text(prediction)
     if not got_text:
         return None
