@@ -722,7 +722,8 @@ def test_settings_of_the_wrong_type_are_refused_by_name(setup):
     chat, _ = setup
     for bad in (dict(max_new_tokens=8.0), dict(max_new_tokens="8"), dict(top_k=2.5), dict(seed=1.5),
                 dict(temperature="0.5"), dict(repetition_penalty="1"), dict(stop=5), dict(stop=[1]),
-                dict(stop=[None]), dict(stop_token_ids=["a"]), dict(stop_token_ids=[torch.tensor(5)])):
+                dict(stop=[None]), dict(stop_token_ids=["a"]), dict(stop_token_ids=[torch.tensor(5)]),
+                dict(do_sample="False"), dict(ignore_eos="no")):  # a truthy string silently sampled
         with pytest.raises(InputError, match=next(iter(bad))):
             chat.chat("Hi", **{"max_new_tokens": 2, **bad})
     # one stop token id, like transformers' eos_token_id, and numpy integers are fine
