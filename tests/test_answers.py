@@ -502,3 +502,22 @@ def test_roots_and_pi_compared_as_math(prediction, truth, expected):
     assert infer_kind(truth) == "text"
     assert check_answer(prediction, truth) is expected
 
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [
+        # LaTeX text wrappers around a short answer (common inside \boxed{}) are no part of it
+        ("\\text{Paris}", "Paris", True), ("\\textbf{Red}", "red", True), ("\\mathrm{NaCl}", "NaCl", True),
+        ("\\text{London}", "Paris", False), ("\\text{New York}", "New York", True),
+        # inline and display math brackets around a math answer
+        ("\\(\\sqrt{2}\\)", "\\sqrt{2}", True), ("\\[ 3\\pi \\]", "3\\pi", True),
+        # an en dash before a number is a minus sign, as a unicode minus; between numbers a range (no number)
+        ("\u20135", "-5", True), ("\u20135", "5", False), ("3\u20135", "3", None),
+        # \frac with single-digit arguments unbraced, and vulgar fractions
+        ("\\frac12", "0.5", True), ("\\dfrac34", "0.75", True), ("\\frac{1}2", "0.5", True),
+        ("½", "0.5", True), ("¾", "0.75", True), ("3½", "3", None), ("3½", "0.5", None),
+    ],
+)
+def test_latex_wrappers_dashes_and_fraction_forms(prediction, truth, expected):
+    assert check_answer(prediction, truth) is expected
+

@@ -19,13 +19,13 @@ Additions, each a superset of the above: `\\boxed{}` answers (VLMEvalKit's `extr
 an answer in display math that opens on the trigger's line ("Final answer:\\n$$\\n12\\n$$"; the official reads "$$"),
 the Chinese trigger "答案:" of the official Chinese prompt, explicit letter statements ("The answer
 is B", "option (C)", "答案是C", which VLMEvalKit hands to its judge model), numbers read with units,
-thousands commas, percentages, fractions, LaTeX `\\frac`, scientific notation ("3 × 10^5",
-"6.02 \\times 10^{23}"), negative and full-width numbers, Chinese numerals where they stand as a
+thousands commas, percentages, fractions (a/b, "½", LaTeX `\\frac` also as \\frac12), scientific notation ("3 × 10^5",
+"6.02 \\times 10^{23}"), negative numbers (also with an en dash for the minus) and full-width ones, Chinese numerals where they stand as a
 number ("答案是三", "三只", "百分之五十", "三分之一"; not "一些", "唯一", "第三", "三四个"), and number
 words that count something in short answers ("three", "there is one", "none"; not "the one on the
 left", "the big red one"), compared exactly for integers and with a relative tolerance otherwise, yes/no
 variants (true/false, 是/否), and short text compared after normalisation (NFKC, which also folds CJK
-full-width forms; case; punctuation and inline-math `$`; English articles; number words, "none" as 0;
+full-width forms; case; punctuation, inline-math `$` and LaTeX text wrappers such as "\\text{Paris}"; English articles; number words, "none" as 0;
 whitespace, none kept next to CJK characters); a text ground truth holding a root or pi is compared by
 its written math form instead (`normalize_math`: "√2", "sqrt(2)" and "\\sqrt{2}" alike, "3π" and
 "3\\pi", "\\frac{\\sqrt{3}}{2}" and "√3/2"; no algebra). The official checker for pairs uses the TextVQA evaluator and a 1e-3
@@ -141,6 +141,12 @@ _CN_NUMERAL = re.compile(rf"(?:({_CN_RUN})分之)?({_CN_RUN})")  # "三分之一
 # ("一些", "唯一", "第三", "三角形").
 _CN_BEFORE = set("是为有共计约于剩")
 _CN_MEASURES = set("个只条张辆本件位头匹棵朵次岁人名块种处层根支把台艘架颗片双份杯瓶盒箱度米元倍秒天周")
+# \\frac{a}{b}, also \\dfrac and \\tfrac, and with a one-digit argument unbraced (\\frac12, \\frac{1}2).
+_FRAC = re.compile(r"\\[dt]?frac\s*(?:\{([^{}]*)\}|(\d))\s*(?:\{([^{}]*)\}|(\d))")
+# LaTeX wrappers around the words of a short answer: "\\text{Paris}" is "Paris".
+_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\{([^{}]*)\}")
+_DASH_MINUS = str.maketrans("\u2212\u2013", "--")  # a unicode minus, or an en dash written for one
+_VULGAR_FRACTIONS = "¼½¾⅐⅑⅒⅓⅔⅕⅖⅗⅘⅙⅚⅛⅜⅝⅞"
 # A root or pi in a text ground truth: compared as math (`normalize_math`).
 _MATH_MARK = re.compile(r"\\sqrt|√|\bsqrt\s*\(|\\pi|π")
 _SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺"
@@ -337,15 +343,28 @@ def parse_yes_no(text: str) -> bool | None:
     return True if said_yes else False if said_no else None
 
 
+def _fractions(text: str) -> str:
+    """\\frac{a}{b} as (a)/(b), innermost first."""
+
+    def slash(m: re.Match) -> str:
+        numerator = m[1] if m[1] is not None else m[2]
+        denominator = m[3] if m[3] is not None else m[4]
+        return f"({numerator})/({denominator})"
+
+    return _repeat(_FRAC, slash, text)
+
+
 def _numeric_text(text: str) -> str:
-    """Text with LaTeX wrappers, unicode minus, thousands commas, \\frac{a}{b} and a x 10^b made plain."""
+    """Text with LaTeX wrappers, unicode minus and en dash, thousands commas, \\frac{a}{b}, vulgar
+    fractions ("½"; "3½" is two numbers, as "3 1/2") and a x 10^b made plain."""
     # superscripts as ^digits first: NFKC would make "10⁵" the number 105
     s = re.sub(f"[{_SUPERSCRIPTS}]+", lambda m: "^" + m[0].translate(_FROM_SUPERSCRIPT), text)
-    s = _chinese_numerals(unicodedata.normalize("NFKC", s).replace("\u2212", "-"))
-    s = re.sub(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", s)
+    s = re.sub(f"(?<=\\d)(?=[{_VULGAR_FRACTIONS}])", " ", s)
+    s = unicodedata.normalize("NFKC", s).translate(_DASH_MINUS).replace("\u2044", "/")  # NFKC: "½" is "1⁄2"
+    s = _fractions(_chinese_numerals(s))
     s = re.sub(r"(\d)\s*(?:[×x*·]|\\times|\\cdot)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"\1e\2", s)
     s = re.sub(r"(?<![\d.])10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"1e\1", s)
-    s = re.sub(r"\\(?:text|mathrm|mbox)\{([^{}]*)\}", r" \1 ", s)
+    s = _TEXT_WRAPPER.sub(r" \1 ", s)
     s = s.replace("\\%", "%").replace("\\$", "$").replace("$", " ")
     s = re.sub(r"\\(?:left|right|[,;!: ])", " ", s)
     s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
@@ -473,10 +492,11 @@ def _is_cjk(ch: str) -> bool:
 
 
 def normalize_text(text: str) -> str:
-    """Short-answer normal form: NFKC, casefold, punctuation and LaTeX's inline math `$` to spaces
+    """Short-answer normal form: NFKC, LaTeX text wrappers unwrapped ("\\text{Paris}", "\\textbf{..}",
+    "\\mathrm{..}"), casefold, punctuation and LaTeX's inline math `$` to spaces
     (decimal points kept), thousands commas dropped, English articles dropped (unless they are all there
     is), number words as digits, single spaces and no space next to a CJK character."""
-    s = unicodedata.normalize("NFKC", text).casefold().replace("$", " ")
+    s = _TEXT_WRAPPER.sub(r" \1 ", unicodedata.normalize("NFKC", text)).casefold().replace("$", " ")
     s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
     chars = []
     for i, ch in enumerate(s):
@@ -493,7 +513,7 @@ def normalize_text(text: str) -> str:
     return out
 
 
-def _repeat(pattern: str, replacement: str, s: str) -> str:
+def _repeat(pattern: str | re.Pattern, replacement, s: str) -> str:
     """`re.sub` until nothing changes (innermost first for nested braces)."""
     while True:
         s, n = re.subn(pattern, replacement, s)
@@ -507,19 +527,20 @@ def normalize_math(text: str) -> str:
     The text after the last "="; \\sqrt{x}, \\sqrt2, sqrt(x) and √(x) as √x (brackets kept around more
     than one term: √(x+1)); \\pi and the word pi as π; \\frac{a}{b} (also \\dfrac, \\tfrac) as a/b; an
     explicit product sign before √ or π dropped (2 * √3 is 2√3); inline math, \\left/\\right, spacing
-    commands, \\text{..} units, a trailing unit word, a final period and all whitespace dropped; casefolded.
+    commands, math brackets \\( \\) \\[ \\], \\text{..} units, a trailing unit word, a final period and all
+    whitespace dropped; casefolded.
     Written forms only: no algebra (√8 is not 2√2, 1+√2 is not √2+1).
     """
     s = re.sub(f"[{_SUPERSCRIPTS}]+", lambda m: "^" + m[0].translate(_FROM_SUPERSCRIPT), text)
-    s = unicodedata.normalize("NFKC", s).replace("\u2212", "-").replace("$", " ")
-    s = s.rsplit("=", 1)[-1]
+    s = unicodedata.normalize("NFKC", s).translate(_DASH_MINUS).replace("$", " ")
+    s = re.sub(r"\\[()\[\]]", " ", s).rsplit("=", 1)[-1]
     s = re.sub(r"\\pi(?![A-Za-z])|(?<![A-Za-z])pi(?![A-Za-z])", "π", s, flags=re.IGNORECASE)
     s = re.sub(r"\\(?:text|mathrm|mbox)\{[^{}]*\}(?:\^\{?\d\}?)?", " ", s)
     s = re.sub(r"(?<=[\d)}π])\s+[A-Za-z]{1,6}(?:\^\{?\d\}?)?\s*\.?$", "", s.strip())  # "4π cm²"
     s = _repeat(r"\\sqrt\s*\{([^{}]*)\}", r"√(\1)", s)
     s = re.sub(r"\\sqrt\s*(\d|[A-Za-z](?![A-Za-z]))", r"√\1", s)
     s = re.sub(r"(?<![A-Za-z])sqrt\s*\(", "√(", s)
-    s = _repeat(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}", r"(\1)/(\2)", s)
+    s = _fractions(s)
     s = re.sub(r"\\(?:left|right|[,;:! ])", "", s).replace("{", "(").replace("}", ")")
     s = re.sub(r"\s+", "", s).casefold().rstrip(".")
     s = re.sub(r"(?:\*|\\cdot|\\times|×|·)(?=[√π])", "", s)
