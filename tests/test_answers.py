@@ -521,3 +521,17 @@ def test_roots_and_pi_compared_as_math(prediction, truth, expected):
 def test_latex_wrappers_dashes_and_fraction_forms(prediction, truth, expected):
     assert check_answer(prediction, truth) is expected
 
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [
+        # 有/没有 answer "is there ...?" in Chinese; 没错 ("not wrong") is yes; hedges are neither
+        ("有", "yes", True), ("有的。", "是", True), ("没有", "no", True), ("没有", "yes", False),
+        ("没有，图中只有狗", "否", True), ("没错", "yes", True), ("没有错", "是", True),
+        ("有可能", "yes", None), ("可能有", "yes", None), ("无法确定", "no", None), ("不确定", "否", None),
+        ("没有办法判断", "no", None), ("不清楚", "no", None),
+    ],
+)
+def test_chinese_yes_no(prediction, truth, expected):
+    assert check_answer(prediction, truth) is expected
+

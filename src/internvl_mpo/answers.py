@@ -24,7 +24,7 @@ thousands commas, percentages, fractions (a/b, "½", LaTeX `\\frac` also as \\fr
 number ("答案是三", "三只", "百分之五十", "三分之一"; not "一些", "唯一", "第三", "三四个"), and number
 words that count something in short answers ("three", "there is one", "none"; not "the one on the
 left", "the big red one"), compared exactly for integers and with a relative tolerance otherwise, yes/no
-variants (true/false, 是/否), and short text compared after normalisation (NFKC, which also folds CJK
+variants (true/false, 是/否, 有/没有; 可能 and 无法确定 are hedges), and short text compared after normalisation (NFKC, which also folds CJK
 full-width forms; case; punctuation, inline-math `$` and LaTeX text wrappers such as "\\text{Paris}"; English articles; number words, "none" as 0;
 whitespace, none kept next to CJK characters); a text ground truth holding a root or pi is compared by
 its written math form instead (`normalize_math`: "√2", "sqrt(2)" and "\\sqrt{2}" alike, "3π" and
@@ -155,6 +155,12 @@ _SHORT_ANSWER_WORDS = 5
 _YES = {"yes", "true", "correct", "yeah", "yep"}
 _NO = {"no", "false", "incorrect", "nope"}
 _ARTICLES = {"a", "an", "the"}
+# Chinese yes/no by how the answer starts, checked in this order: hedges ("maybe", "cannot tell"), yes
+# that starts like a no (没错, "not wrong"), no, yes (有/没有 answer "is there ...?").
+_CN_HEDGES = ("可能", "有可能", "也许", "或许", "无法", "没法", "没有办法", "不确定", "不知道", "不清楚", "难以")
+_CN_NOT_WRONG = ("没错", "没有错")
+_CN_NO = ("不是", "否", "不对", "不正确", "错", "没有")
+_CN_YES = ("是", "对", "正确", "有")
 
 
 class Number(NamedTuple):
@@ -327,12 +333,17 @@ def _unless_listed(text: str, letter: str, end: int, letters: set[str]) -> str |
 def parse_yes_no(text: str) -> bool | None:
     """True for yes, False for no, None when neither or both is said.
 
-    Chinese 是/对/正确 and 否/不是/不对/错 at the start; else a leading yes/no/true/false/correct/
+    Chinese 是/对/正确/有/没错 and 否/不是/不对/错/没有 at the start (a hedge such as 可能, 无法确定 or
+    不确定 there is neither); else a leading yes/no/true/false/correct/
     incorrect word; else `YOrN_Extraction`'s rule ("yes" without "no" or the reverse)."""
     s = unicodedata.normalize("NFKC", text).strip().strip("*").strip().casefold()
-    if s.startswith(("不是", "否", "不对", "不正确", "错")):
+    if s.startswith(_CN_HEDGES):
+        return None
+    if s.startswith(_CN_NOT_WRONG):
+        return True
+    if s.startswith(_CN_NO):
         return False
-    if s.startswith(("是", "对", "正确")):
+    if s.startswith(_CN_YES):
         return True
     words = re.findall(r"[a-z]+", s)
     said_yes, said_no = "yes" in words, "no" in words
@@ -564,7 +575,7 @@ def infer_kind(ground_truth: str, options: Mapping[str, str] | Sequence[str] | N
     gt = ground_truth.strip()
     if re.fullmatch(rf"[(\[]?[{_LETTERS}][)\]]?\.?", gt):
         return "choice"
-    if _simple(gt) in _YES | _NO | {"是", "否", "对", "不对", "不是"}:
+    if _simple(gt) in _YES | _NO | {"是", "否", "对", "不对", "不是", "有", "没有"}:
         return "yesno"
     if _UNIT_ONLY.fullmatch(_numeric_text(gt)):
         return "number"
