@@ -161,6 +161,47 @@ def test_a_negative_temperature_is_refused_before_the_model_loads(folder, tmp_pa
             run()
 
 
+def test_bad_image_and_video_flags_fail_once_not_at_every_question(folder, tmp_path):
+    """A missing --image was found only at the first question, after the model had loaded, and an
+    interactive chat then refused every question with the same error and exited 0; a --video was
+    decoded again at every question."""
+    from internvl_mpo import cli_chat
+    from internvl_mpo.errors import InputError
+
+    missing_model = str(folder / "nope")  # reached only if the image gets through
+    with pytest.raises(InputError, match="missing.png: no such file"):
+        cli_chat.chat("Hi", model=missing_model, image=[str(tmp_path / "missing.png")])
+    empty = tmp_path / "frames"
+    empty.mkdir()
+    out = cli("chat", "--model", folder, "--video", empty, stdin="first?\nsecond?\n")
+    assert out.returncode == 1 and out.stderr.count("error:") == 1 and "no image files" in out.stderr, out.stderr
+    assert out.stdout == ""
+
+
+def test_interactive_video_chat_decodes_the_video_once(folder, tmp_path, monkeypatch):
+    import io
+
+    from internvl_mpo import cli_chat
+    from internvl_mpo.errors import InputError
+    from internvl_mpo.processor import video
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 40), (i * 100, 0, 0)).save(frames / f"{i}.png")
+    calls, real = [], video.load_video
+    monkeypatch.setattr(video, "load_video", lambda *a, **k: calls.append(a) or real(*a, **k))
+    monkeypatch.setattr("sys.stdin", io.StringIO("first?\nsecond?\n"))
+    assert cli_chat.chat(model=str(folder), device="cpu", video=str(frames), num_segments=2, max_new_tokens=4) == 0
+    assert len(calls) == 1
+    bot = InternVLChat.from_pretrained(folder)  # the Python API takes the loaded clip too
+    clip = real(str(frames), num_segments=2, image_size=bot.config.image_size)
+    prepared, expected = bot.prepare("Hi", video=clip), bot.prepare("Hi", video=str(frames), num_segments=2)
+    assert prepared.prompt_ids == expected.prompt_ids and prepared.pixel_values.equal(expected.pixel_values)
+    with pytest.raises(InputError, match="frames are 224 pixels wide"):
+        bot.prepare("Hi", video=real(str(frames), num_segments=2, image_size=224))
+
+
 def test_ctrl_c_stops_the_answer_and_the_interactive_chat_goes_on(folder, monkeypatch, capsys):
     """As in other chat programs: the interrupted question is dropped, the session and its model stay."""
     import io

@@ -79,10 +79,18 @@ def chat(
 
     params = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty,
                                              min_new_tokens))
+    images = list(image or [])
+    if images and video is not None:
+        raise InputError("give images or a video, not both")
+    for path in images:  # a missing or broken file: one error now, not after loading the model
+        open_image(path, max_pixels).close()
     device = default_device(device)
     bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device, compile=compile)
-    inputs = dict(max_num=max_num, system_message=system, num_segments=num_segments, max_pixels=max_pixels)
-    images = list(image or [])
+    inputs = dict(max_num=max_num, system_message=system, max_pixels=max_pixels)
+    if video is not None:  # decoded once for the whole conversation (and refused before the first question)
+        from .processor.video import load_video
+
+        video = load_video(video, num_segments=num_segments, image_size=bot.config.image_size, max_pixels=max_pixels)
     if question is not None:
         _answer(bot, bot.prepare(question, images or None, video, None, **inputs), params)
         return 0

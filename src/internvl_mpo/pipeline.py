@@ -2,7 +2,8 @@
 
 `chat`, `stream_chat` and `batch_chat` take the names users of the official `InternVLChatModel`
 know, without the tokenizer argument: images may be paths, bytes, PIL images or preprocessed
-`pixel_values`; a video may be a file, a list of frames or a folder of frames. The prompt is the
+`pixel_values`; a video may be a file, a list of frames, a folder of frames or what
+`processor.video.load_video` returns (decoded once for several turns). The prompt is the
 official one (template, `<image>\\n` prefix on the first turn, `Image-k:` / `FrameK:` prefixes for
 several images or frames), the answer is cleaned up as `chat()` does (cut at `<|im_end|>`, also where
 it is spelled in ordinary tokens, strip).
@@ -205,10 +206,16 @@ class InternVLChat:
         if video is not None and images is not None:
             raise InputError("give images or a video, not both")
         if video is not None:
-            from .processor.video import load_video
+            from .processor.video import VideoInput, load_video
 
-            clip = load_video(video, num_segments=num_segments, image_size=self.config.image_size,
-                              max_pixels=max_pixels)
+            if isinstance(video, VideoInput):  # loaded once for several turns
+                if video.pixel_values.shape[-1] != self.config.image_size:
+                    raise InputError(f"the video's frames are {video.pixel_values.shape[-1]} pixels wide; this "
+                                     f"model takes {self.config.image_size} (load_video(image_size=...))")
+                clip = video
+            else:
+                clip = load_video(video, num_segments=num_segments, image_size=self.config.image_size,
+                                  max_pixels=max_pixels)
             pixels, counts = clip.pixel_values, list(clip.num_patches_list)
             if not history and "<image>" not in question:
                 question = clip.prefix + question
