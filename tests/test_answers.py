@@ -535,3 +535,20 @@ def test_latex_wrappers_dashes_and_fraction_forms(prediction, truth, expected):
 def test_chinese_yes_no(prediction, truth, expected):
     assert check_answer(prediction, truth) is expected
 
+
+@pytest.mark.parametrize(
+    "text",
+    ["more than 5", "at least 5", "less than 5", "fewer than five", "at most 5 cm", "not 5", "It is not 5", "isn't 5",
+     "other than 5", "5 or more", "5 cm or less", "5+", "> 5", "≤5", "x < 5", "不是5", "至少5个", "超过五个", "5个以上",
+     "少于5"],
+)
+def test_a_bound_or_negated_number_is_no_answer(text):
+    """An inequality or a negation names no number: "less than 5" is not 5, whatever the ground truth."""
+    assert parse_number(text) is None
+    assert check_answer(text, "5") is None
+
+
+@pytest.mark.parametrize("text", ["about 5", "approximately 5", "≈5", "~5", "5 or so", "5个", "共5个", "5 + 0 = 5"])
+def test_an_approximate_number_is_still_the_number(text):
+    assert check_answer(text, "5") is True
+

@@ -15,21 +15,23 @@ and from open-compass/VLMEvalKit:
   the one option whose text the answer contains;
 - `vlmeval/dataset/utils/yorn.py` `YOrN_Extraction`: "yes" without "no" or the reverse.
 
-Additions, each a superset of the above: `\\boxed{}` answers (VLMEvalKit's `extract_boxed_content`),
-an answer in display math that opens on the trigger's line ("Final answer:\\n$$\\n12\\n$$"; the official reads "$$"),
-the Chinese trigger "答案:" of the official Chinese prompt, explicit letter statements ("The answer
-is B", "option (C)", "答案是C", which VLMEvalKit hands to its judge model), numbers read with units,
-thousands commas, percentages, fractions (a/b, "½", LaTeX `\\frac` also as \\frac12), scientific notation ("3 × 10^5",
-"6.02 \\times 10^{23}"), negative numbers (also with an en dash for the minus) and full-width ones, Chinese numerals where they stand as a
-number ("答案是三", "三只", "百分之五十", "三分之一"; not "一些", "唯一", "第三", "三四个"), and number
-words that count something in short answers ("three", "there is one", "none"; not "the one on the
-left", "the big red one"), compared exactly for integers and with a relative tolerance otherwise, yes/no
-variants (true/false, 是/否, 有/没有; 可能 and 无法确定 are hedges), and short text compared after normalisation (NFKC, which also folds CJK
-full-width forms; case; punctuation, inline-math `$` and LaTeX text wrappers such as "\\text{Paris}"; English articles; number words, "none" as 0;
-whitespace, none kept next to CJK characters); a text ground truth holding a root or pi is compared by
-its written math form instead (`normalize_math`: "√2", "sqrt(2)" and "\\sqrt{2}" alike, "3π" and
-"3\\pi", "\\frac{\\sqrt{3}}{2}" and "√3/2"; no algebra). The official checker for pairs uses the TextVQA evaluator and a 1e-3
-relative tolerance for math; the normalisation here is close to TextVQA's but not identical.
+Additions, each a superset of the above: `\\boxed{}` answers (VLMEvalKit's `extract_boxed_content`), an
+answer in display math that opens on the trigger's line ("Final answer:\\n$$\\n12\\n$$"; the official
+reads "$$"), the Chinese trigger "答案:" of the official Chinese prompt, explicit letter statements ("The
+answer is B", "option (C)", "答案是C", which VLMEvalKit hands to its judge model), numbers read with units,
+thousands commas, percentages, fractions (a/b, "½", LaTeX `\\frac` also as \\frac12), scientific notation
+("3 × 10^5", "6.02 \\times 10^{23}"), negative numbers (also with an en dash for the minus) and
+full-width ones, Chinese numerals where they stand as a number ("答案是三", "三只", "百分之五十", "三分之一"; not "一些",
+"唯一", "第三", "三四个"), and number words that count something in short answers ("three", "there is one",
+"none"; not "the one on the left", "the big red one"), compared exactly for integers and with a relative
+tolerance otherwise (a bound or negation, "more than 5", "not 5", "5+", is no number), yes/no variants
+(true/false, 是/否, 有/没有; 可能 and 无法确定 are hedges), and short text compared after normalisation (NFKC, which
+also folds CJK full-width forms; case; punctuation, inline-math `$` and LaTeX text wrappers such as
+"\\text{Paris}"; English articles; number words, "none" as 0; whitespace, none kept next to CJK
+characters); a text ground truth holding a root or pi is compared by its written math form instead
+(`normalize_math`: "√2", "sqrt(2)" and "\\sqrt{2}" alike, "3π" and "3\\pi", "\\frac{\\sqrt{3}}{2}" and
+"√3/2"; no algebra). The official checker for pairs uses the TextVQA evaluator and a 1e-3 relative
+tolerance for math; the normalisation here is close to TextVQA's but not identical.
 
 `check_answer` returns None when the prediction cannot be read as the expected kind (no option
 letter, no number or several different ones, neither yes nor no): the pair builder files such
@@ -147,6 +149,18 @@ _FRAC = re.compile(r"\\[dt]?frac\s*(?:\{([^{}]*)\}|(\d))\s*(?:\{([^{}]*)\}|(\d))
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\{([^{}]*)\}")
 _DASH_MINUS = str.maketrans("\u2212\u2013", "--")  # a unicode minus, or an en dash written for one
 _VULGAR_FRACTIONS = "¼½¾⅐⅑⅒⅓⅔⅕⅖⅗⅘⅙⅚⅛⅜⅝⅞"
+# Words and signs that make a number a bound or a negation, not the answer ("more than 5", "not 5",
+# "5 or more", "5+", "至少5个", "5个以上"); "about 5", "~5" and "5 or so" are still 5.
+_BOUND_BEFORE = re.compile(
+    r"(?:\b(?:more|less|fewer|greater|larger|smaller|higher|lower|other)\s+than|\bat\s+(?:least|most)|\bnot"
+    r"|n't|[<>≤≥]|不是|不到|超过|至少|至多|最多|最少|多于|少于|大于|小于|不止)\s*$",
+    re.IGNORECASE,
+)
+_BOUND_AFTER = re.compile(
+    r"\s*(?:(?:[A-Za-z]{1,6}\s+)?or\s+(?:more|less|fewer|greater|higher|lower|above|below)\b|\+(?![\d.])"
+    r"|[个只]?(?:以上|以下|多|余))",
+    re.IGNORECASE,
+)
 # A root or pi in a text ground truth: compared as math (`normalize_math`).
 _MATH_MARK = re.compile(r"\\sqrt|√|\bsqrt\s*\(|\\pi|π")
 _SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺"
@@ -467,7 +481,8 @@ def parse_number(text: str) -> Number | None:
     """The number an answer gives; None when it gives none, or several different ones ("2 or 3").
 
     Only the text after the last "=" counts, and it gives no number when it holds a root, pi or a power
-    of a number ("4√3", "3\\pi", "2^3"). Fractions a/b are computed, a following % or "percent"
+    of a number ("4√3", "3\\pi", "2^3"), or a number stated as a bound or negated ("more than 5", "not 5",
+    "5 or more", "5+", "至少5个": `_BOUND_BEFORE`, `_BOUND_AFTER`). Fractions a/b are computed, a following % or "percent"
     marks a percentage, and digits inside words and units ("CO2", "cm^2") are no numbers. Chinese numerals
     count where they stand apart (`_chinese_numerals`: "答案是三", "三只", "百分之五十" is 50%). In answers
     of at most five words, number words that count something count as digits, as the VQA normaliser
@@ -487,6 +502,8 @@ def parse_number(text: str) -> Number | None:
         s = _NUMBER_WORD.sub(lambda m: str(_WORD_NUMBERS.get(m[0].casefold(), 0)) if _is_count(m) else m[0], s)
     numbers = set()
     for match in _NUMBER_RE.finditer(s):
+        if _BOUND_BEFORE.search(s, 0, match.start()) or _BOUND_AFTER.match(s, match.end()):
+            return None
         value = float(match.group(1))
         if match.group(2) is not None:
             denominator = float(match.group(2))
