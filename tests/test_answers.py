@@ -552,3 +552,18 @@ def test_a_bound_or_negated_number_is_no_answer(text):
 def test_an_approximate_number_is_still_the_number(text):
     assert check_answer(text, "5") is True
 
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # a negated letter is no pick
+        ("Not A", None), ("not (A)", None), ("The answer is not A", None), ("It isn't B", None), ("不是A", None),
+        ("B, not A", "B"), ("Not A but C", "C"), ("Not B, it is C", "C"), ("not sure, B", "B"),
+        # the options list copied back picks none
+        ("A. a dog B. a cat C. a horse", None), ("(A) a dog\n(B) a cat", None), ("B. a cat", "B"),
+    ],
+)
+def test_negated_letters_and_a_copied_options_list_pick_nothing(text, expected):
+    assert parse_choice(text, OPTIONS) == expected
+    assert check_answer(text, "A", options=OPTIONS) is (None if expected is None else expected == "A")
+

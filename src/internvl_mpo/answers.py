@@ -32,6 +32,8 @@ characters); a text ground truth holding a root or pi is compared by its written
 (`normalize_math`: "√2", "sqrt(2)" and "\\sqrt{2}" alike, "3π" and "3\\pi", "\\frac{\\sqrt{3}}{2}" and
 "√3/2"; no algebra). The official checker for pairs uses the TextVQA evaluator and a 1e-3 relative
 tolerance for math; the normalisation here is close to TextVQA's but not identical.
+Stricter than `can_infer`: a negated letter ("not A", "isn't B", "不是A") and an answer that copies the
+options list with their letters pick no option (VLMEvalKit reads "Not A" as A).
 
 `check_answer` returns None when the prediction cannot be read as the expected kind (no option
 letter, no number or several different ones, neither yes nor no): the pair builder files such
@@ -88,6 +90,10 @@ _STATED_LETTER = re.compile(
     r"(?:(?i:answer|option|choice)\s*(?i:is|would be|should be)?\s*[:：]?\s*(?i:option)?"
     r"|(?:答案|选项|选择|选)\s*(?:是|为|应为|应该是)?\s*[:：]?\s*(?:选项)?)"
     r"\s*[(\[（]?([A-Z])(?![A-Za-z])"
+)
+# A negated letter ("not A", "isn't (B)", "不是A") is no pick: parse_choice drops it, keeping the word.
+_NEGATED_LETTER = re.compile(
+    r"(\b(?i:not|never)\s+(?i:option\s+|choice\s+)?|n't\s+(?i:option\s+)?|不是\s*(?:选项)?)[(\[（]?[A-Z][)\]）]?(?![A-Za-z])"
 )
 # Option letters without an options list: the official post-processing's A-N, less "I" (a pronoun far
 # more often than an option). A bare ground truth "I" or "O"-"Z" is compared as text.
@@ -304,7 +310,8 @@ def _simple(text: str) -> str:
 def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = None) -> str | None:
     """The option letter an answer picks, or None.
 
-    In order: a bare letter ("B", "(b)", "B."); the text of exactly one option; a leading letter
+    A negated letter ("not A", "isn't B", "不是A") is dropped first, and an answer that copies two or more
+    options with their letters ("A. a dog B. a cat") picks none. Then, in order: a bare letter ("B", "(b)", "B."); the text of exactly one option; a leading letter
     with a bracket or mark ("B) ...", "(B) ...", "B. ..."); a stated letter ("The answer is B", "option (C)", "答案是C", the last one
     wins), none of the two when another letter follows it in a list ("A, B", "A or C"); VLMEvalKit's
     rules (one valid letter standing alone, else one option text contained). Without options,
@@ -313,6 +320,7 @@ def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = 
     opts = normalize_options(options)
     letters = set(opts) if opts else set(_LETTERS)
     text = unicodedata.normalize("NFKC", text).strip().strip("*").strip()
+    text = _NEGATED_LETTER.sub(r"\1", text)
     bare = _LETTER_ONLY.fullmatch(text)
     if bare and bare.group(1).upper() in letters:
         return bare.group(1).upper()
@@ -320,6 +328,8 @@ def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = 
         same = [k for k, v in opts.items() if _simple(v) and _simple(v) == _simple(text)]
         if len(same) == 1:
             return same[0]
+        if len(_listed_options(text, opts)) > 1:  # the options list copied back
+            return None
     leading = _LEADING_LETTER.match(text)
     if leading and (leading.group(1) or leading.group(2)) in letters:
         group = 1 if leading.group(1) else 2
@@ -333,6 +343,15 @@ def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = 
     lowered = text.casefold()
     contained = [k for k, v in opts.items() if v.strip() and v.strip().casefold() in lowered]
     return contained[0] if len(contained) == 1 else None
+
+
+def _listed_options(text: str, options: Mapping[str, str]) -> list[str]:
+    """Letters written with their own option text in `text` ("A. a dog", "(B) a cat")."""
+    lowered = text.casefold()
+    return [
+        k for k, v in options.items()
+        if v.strip() and re.search(rf"(?<![a-z])[(\[（]?{k.lower()}[)\]）.:：]\s*{re.escape(v.strip().casefold())}", lowered)
+    ]
 
 
 def _unless_listed(text: str, letter: str, end: int, letters: set[str]) -> str | None:
