@@ -734,6 +734,23 @@ def test_settings_of_the_wrong_type_are_refused_by_name(setup):
         assert chat.chat("Hi", do_sample=False, max_new_tokens=64, ignore_eos=True, stop_token_ids=stop) == expected
 
 
+def test_input_settings_of_the_wrong_type_are_refused_by_name(setup):
+    """These raised a bare TypeError from deep inside (max_num as a string or a per-image list, a float
+    num_segments, a string max_pixels, a non-string system message, a string num_patches_list)."""
+    chat, _ = setup
+    image, size = Image.new("RGB", (60, 40), "red"), chat.config.image_size
+    cases = [(dict(images=image, max_num="2"), "max_num"), (dict(images=image, max_num=0), "max_num"),
+             (dict(images=[image, image], max_num=[1, "2"]), "max_num"),
+             (dict(video=[image, image], num_segments=2.5), "num_segments"),
+             (dict(video=[image, image], num_segments="2"), "num_segments"),
+             (dict(images=image, max_pixels="1000"), "max_pixels"), (dict(system_message=5), "system message"),
+             (dict(images=torch.zeros(2, 3, size, size), num_patches_list="11"), "num_patches_list")]
+    for kwargs, name in cases:
+        with pytest.raises(InputError, match=name):
+            chat.chat("Hi", max_new_tokens=2, **kwargs)
+    assert chat.prepare("Hi", [image, image], max_num=[1, 2]).num_patches_list[0] == 1  # one max_num per image
+
+
 def test_top_p_one_keeps_every_token_despite_rounding():
     logits = torch.cat([torch.tensor([[30.0]]), torch.full((1, 151673), -30.0)], dim=1)
     assert filter_top_k_top_p(logits, torch.tensor([0]), torch.tensor([1.0])).isfinite().all()

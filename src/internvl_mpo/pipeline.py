@@ -148,8 +148,6 @@ class InternVLChat:
         items = _as_list(images)
         if not items:
             return None, []
-        if max_num is not None and max_num < 1:
-            raise InputError(f"max_num must be at least 1, got {max_num}")
         tensors = [isinstance(item, torch.Tensor) for item in items]
         if any(tensors):
             if not all(tensors):
@@ -165,6 +163,8 @@ class InternVLChat:
             pixels = torch.cat(items) if len(items) > 1 else items[0]
             counts = [t.shape[0] for t in items]
             if num_patches_list is not None:
+                if not all(whole_number(n) for n in num_patches_list):
+                    raise InputError(f"num_patches_list must hold whole tile counts, got {num_patches_list!r}")
                 if len(items) > 1 and list(num_patches_list) != counts:
                     raise InputError(f"num_patches_list {list(num_patches_list)} does not match the tiles of the "
                                      f"{len(items)} tensors given {counts}")
@@ -173,7 +173,7 @@ class InternVLChat:
                 raise InputError(f"num_patches_list {counts} does not add up to the {pixels.shape[0]} tiles given")
             return pixels, counts
         loaded = load_images(
-            items, max_num=max_num or self.config.max_dynamic_patch, min_num=self.config.min_dynamic_patch,
+            items, max_num=self.config.max_dynamic_patch if max_num is None else max_num, min_num=self.config.min_dynamic_patch,
             image_size=self.config.image_size, use_thumbnail=self.config.use_thumbnail, total_budget=total_max_num,
             max_pixels=max_pixels,
         )

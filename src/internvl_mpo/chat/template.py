@@ -53,6 +53,8 @@ class Template:
 
     def system_turn(self, system_message: str | None = None) -> str:
         message = self.system_message if system_message is None else system_message
+        if not isinstance(message, str):
+            raise InputError(f"the system message must be a string, got {type(message).__name__}")
         return self.system_template.replace("{system_message}", message) + self.sep
 
     def segments(self, messages: Sequence[tuple[str, str | None]], system_message: str | None = None) -> list[str]:

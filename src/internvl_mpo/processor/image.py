@@ -27,6 +27,7 @@ No EXIF orientation is applied (the official code does not apply it either).
 """
 
 import io
+import numbers
 import os
 import re
 import threading
@@ -112,6 +113,8 @@ def refuse_url(src: object) -> None:
 
 
 def _limit(max_pixels: int | None) -> int | None:
+    if max_pixels is not None and not (isinstance(max_pixels, numbers.Integral) and max_pixels >= 0):
+        raise InputError(f"max_pixels must be a whole number of pixels, got {max_pixels!r}")
     return Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
 
 

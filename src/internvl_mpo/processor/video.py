@@ -31,6 +31,7 @@ Differences from decord, measured:
   of indexing outside the video.
 """
 
+import numbers
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -68,8 +69,8 @@ def get_index(
     num_segments: int = 32,
 ) -> list[int]:
     """Indices of `num_segments` frames spread evenly over `bound` (seconds) or the whole video."""
-    if num_segments < 1:
-        raise InputError(f"num_segments must be >= 1, got {num_segments}")
+    if not (isinstance(num_segments, numbers.Integral) and num_segments >= 1):
+        raise InputError(f"num_segments must be a whole number >= 1, got {num_segments!r}")
     start, end = bound if bound else (-100000, 100000)
     if not bound and fps <= 0:  # a stream with no known rate: without a bound, the rate only scales that window
         fps = 1.0
