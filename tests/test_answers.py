@@ -567,3 +567,19 @@ def test_negated_letters_and_a_copied_options_list_pick_nothing(text, expected):
     assert parse_choice(text, OPTIONS) == expected
     assert check_answer(text, "A", options=OPTIONS) is (None if expected is None else expected == "A")
 
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [
+        # a known unit on both sides must be the same unit (names and abbreviations alike)
+        ("5 m", "5 cm", False), ("5 cm", "5 m", False), ("x = 5 m", "5 cm", False), ("5 kg", "5 g", False),
+        ("2 minutes", "2 hours", False), ("5 m/s", "5 km/h", False), ("30 m", "30°", False),
+        ("5 centimeters", "5 cm", True), ("5 Centimetres", "5 cm", True), ("30 degrees", "30°", True),
+        ("45°C", "45°", True), ("2 hours", "2 h", True), ("2 hrs", "2 hours", True), ("5 cm^2", "5 cm²", True), ("3 m/s", "3 meters", True),
+        # a unit on one side only, or a word the table does not know, is not compared
+        ("12", "12 cm", True), ("12 cm", "12", True), ("5 apples", "5 cm", True), ("5 in total", "5 cm", True),
+    ],
+)
+def test_known_units_must_agree(prediction, truth, expected):
+    assert check_answer(prediction, truth) is expected
+

@@ -18,20 +18,21 @@ and from open-compass/VLMEvalKit:
 Additions, each a superset of the above: `\\boxed{}` answers (VLMEvalKit's `extract_boxed_content`), an
 answer in display math that opens on the trigger's line ("Final answer:\\n$$\\n12\\n$$"; the official
 reads "$$"), the Chinese trigger "答案:" of the official Chinese prompt, explicit letter statements ("The
-answer is B", "option (C)", "答案是C", which VLMEvalKit hands to its judge model), numbers read with units,
-thousands commas, percentages, fractions (a/b, "½", LaTeX `\\frac` also as \\frac12), scientific notation
-("3 × 10^5", "6.02 \\times 10^{23}"), negative numbers (also with an en dash for the minus) and
-full-width ones, Chinese numerals where they stand as a number ("答案是三", "三只", "百分之五十", "三分之一"; not "一些",
-"唯一", "第三", "三四个"), and number words that count something in short answers ("three", "there is one",
-"none"; not "the one on the left", "the big red one"), compared exactly for integers and with a relative
-tolerance otherwise (a bound or negation, "more than 5", "not 5", "5+", is no number), yes/no variants
-(true/false, 是/否, 有/没有; 可能 and 无法确定 are hedges), and short text compared after normalisation (NFKC, which
-also folds CJK full-width forms; case; punctuation, inline-math `$` and LaTeX text wrappers such as
-"\\text{Paris}"; English articles; number words, "none" as 0; whitespace, none kept next to CJK
-characters); a text ground truth holding a root or pi is compared by its written math form instead
-(`normalize_math`: "√2", "sqrt(2)" and "\\sqrt{2}" alike, "3π" and "3\\pi", "\\frac{\\sqrt{3}}{2}" and
-"√3/2"; no algebra). The official checker for pairs uses the TextVQA evaluator and a 1e-3 relative
-tolerance for math; the normalisation here is close to TextVQA's but not identical.
+answer is B", "option (C)", "答案是C", which VLMEvalKit hands to its judge model), numbers read with units
+(a known unit on both sides must agree: "5 m" is not "5 cm"), thousands commas, percentages, fractions
+(a/b, "½", LaTeX `\\frac` also as \\frac12), scientific notation ("3 × 10^5", "6.02 \\times 10^{23}"),
+negative numbers (also with an en dash for the minus) and full-width ones, Chinese numerals where they
+stand as a number ("答案是三", "三只", "百分之五十", "三分之一"; not "一些", "唯一", "第三", "三四个"), and number words that
+count something in short answers ("three", "there is one", "none"; not "the one on the left", "the big
+red one"), compared exactly for integers and with a relative tolerance otherwise (a bound or negation,
+"more than 5", "not 5", "5+", is no number), yes/no variants (true/false, 是/否, 有/没有; 可能 and 无法确定 are
+hedges), and short text compared after normalisation (NFKC, which also folds CJK full-width forms; case;
+punctuation, inline-math `$` and LaTeX text wrappers such as "\\text{Paris}"; English articles; number
+words, "none" as 0; whitespace, none kept next to CJK characters); a text ground truth holding a root or
+pi is compared by its written math form instead (`normalize_math`: "√2", "sqrt(2)" and "\\sqrt{2}" alike,
+"3π" and "3\\pi", "\\frac{\\sqrt{3}}{2}" and "√3/2"; no algebra). The official checker for pairs uses the
+TextVQA evaluator and a 1e-3 relative tolerance for math; the normalisation here is close to TextVQA's
+but not identical.
 Stricter than `can_infer`: a negated letter ("not A", "isn't B", "不是A") and an answer that copies the
 options list with their letters pick no option (VLMEvalKit reads "Not A" as A).
 
@@ -105,6 +106,15 @@ _NUMBER_RE = re.compile(rf"(?<![A-Za-z\d.^])({_NUMBER})(?:\s*/\s*({_NUMBER}))?(\
 _UNIT = r"[A-Za-z]{1,6}(?:\^\d|[²³])?"  # "cm", "m^2", "km²"
 # A root, pi or a number's power (10^k is already a number): an expression, not the number written in it.
 _EXPRESSION = re.compile(r"\\sqrt|√|\\pi|π|\d\s*\^\s*\{?\s*[-+]?\d")
+# Units compared when both answers name one ("5 m" is not "5 cm"); others ("apples", "in") are not.
+_UNIT_NAMES = {
+    "mm": ("mm", "millimeter", "millimetre"), "cm": ("cm", "centimeter", "centimetre"), "m": ("m", "meter", "metre"),
+    "km": ("km", "kilometer", "kilometre"), "ft": ("ft", "foot", "feet"), "mi": ("mi", "mile"),
+    "g": ("g", "gram"), "kg": ("kg", "kilogram"), "s": ("s", "sec", "second"), "min": ("min", "minute"),
+    "h": ("h", "hr", "hour"), "day": ("day",), "°": ("°", "deg", "degree"), "l": ("l", "liter", "litre"),
+    "ml": ("ml", "milliliter", "millilitre"),
+}
+_UNITS = {name: unit for unit, names in _UNIT_NAMES.items() for name in names}
 _UNIT_ONLY = re.compile(
     rf"\s*[$€£¥]?\s*{_NUMBER}(?:\s*/\s*{_NUMBER})?\s*(?:%|°|degrees?|{_UNIT}(?:/{_UNIT})?)?\s*\.?\s*"
 )
@@ -534,6 +544,20 @@ def parse_number(text: str) -> Number | None:
     return numbers.pop() if len(numbers) == 1 else None
 
 
+def _unit(text: str) -> str | None:
+    """The known unit (`_UNIT_NAMES`) written right after the first number of the answer's last "=" part
+    that has one ("5 centimeters" -> "cm", "30°C" -> "°", "3 m/s" -> "m"), or None."""
+    s = _numeric_text(text).rsplit("=", 1)[-1]
+    for match in _NUMBER_RE.finditer(s):
+        word = re.match(r"\s*(°|[A-Za-z]+)", s[match.end() :])
+        if word:
+            name = word.group(1).casefold()
+            unit = _UNITS.get(name) or (_UNITS.get(name[:-1]) if len(name) > 2 and name.endswith("s") else None)
+            if unit:
+                return unit
+    return None
+
+
 def _is_cjk(ch: str) -> bool:
     return bool(re.match(f"[{_CJK}]", ch))
 
@@ -647,7 +671,8 @@ def check_answer(
 
     kind: "choice", "number", "yesno" or "text"; inferred from the ground truth and options when None.
     Numbers match within `rel_tol` (relative), integer ground truths exactly (a count or a year one
-    off is wrong); a percentage also matches its fraction (25% ~ 0.25). A text ground truth holding a
+    off is wrong); a percentage also matches its fraction (25% ~ 0.25); a unit on both sides must be
+    the same when both are known (`_UNIT_NAMES`: "5 m" is not "5 cm", "5 centimeters" is). A text ground truth holding a
     root or pi is compared in `normalize_math` form.
     """
     if kind is None:
@@ -674,6 +699,9 @@ def check_answer(
         got = parse_number(prediction)
         if got is None:
             return None
+        units = _unit(prediction), _unit(ground_truth)
+        if None not in units and units[0] != units[1]:
+            return False
         tol = 0.0 if target.value.is_integer() else rel_tol
         if _close(got.value, target.value, tol):
             return True
