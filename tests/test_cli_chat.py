@@ -117,6 +117,15 @@ def test_generate_splits_lines_at_newlines_only_and_resumes_after_a_cut_characte
     assert rows[1:] == [{"id": "cut", "question": lines[1]["question"], "answer": expected}]
 
 
+def test_generate_reads_a_requests_file_that_starts_with_a_byte_order_mark(tmp_path):
+    """Windows editors save "UTF-8 with BOM"; its first line was refused as not valid JSON."""
+    from internvl_mpo.cli_chat import _read_requests
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(b"\xef\xbb\xbf" + json.dumps({"id": "a", "question": "Hi"}).encode() + b"\r\n")
+    assert [(r["id"], r["question"]) for r in _read_requests(requests)] == [("a", "Hi")]
+
+
 def test_generate_checks_its_arguments_before_loading_the_model(folder, tmp_path):
     requests = tmp_path / "requests.jsonl"
     requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from collections.abc import Iterator
@@ -13,11 +14,13 @@ from .errors import InputError
 def read_objects(path: str | Path, what: str = "file") -> Iterator[tuple[str, dict]]:
     """("file:line", object) for each non-blank line; a line that is not UTF-8 or not a JSON object raises
     InputError. Lines end at LF only (CRLF works too): JSON strings may hold U+2028, U+2029 or U+0085
-    unescaped, which str.splitlines() would take for line ends."""
+    unescaped, which str.splitlines() would take for line ends. A leading byte order mark (Windows
+    editors' "UTF-8 with BOM") is dropped."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: {what} not found")
-    for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    for number, raw in enumerate(data.split(b"\n"), 1):
         where = f"{path}:{number}"
         try:
             line = raw.decode("utf-8")
