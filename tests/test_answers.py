@@ -583,3 +583,17 @@ def test_negated_letters_and_a_copied_options_list_pick_nothing(text, expected):
 def test_known_units_must_agree(prediction, truth, expected):
     assert check_answer(prediction, truth) is expected
 
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [
+        # an exact form followed by its approximation: the exact form for a math ground truth, the decimal
+        # for a number
+        ("2√3 ≈ 3.46", "2\\sqrt{3}", True), ("x = 2\\sqrt{3} \\approx 3.46", "2√3", True),
+        ("2√3 ≈ 3.46", "3.46", True), ("x = 2\\sqrt{3} \\approx 3.464", "3.464", True), ("3π ≈ 9.42", "9.42", True),
+        ("√3 ≈ 1.73", "2\\sqrt{3}", False), ("2√3 ≈ 3.46", "3.5", False),
+    ],
+)
+def test_an_exact_form_with_its_approximation(prediction, truth, expected):
+    assert check_answer(prediction, truth) is expected
+

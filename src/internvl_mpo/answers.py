@@ -30,7 +30,7 @@ hedges), and short text compared after normalisation (NFKC, which also folds CJK
 punctuation, inline-math `$` and LaTeX text wrappers such as "\\text{Paris}"; English articles; number
 words, "none" as 0; whitespace, none kept next to CJK characters); a text ground truth holding a root or
 pi is compared by its written math form instead (`normalize_math`: "√2", "sqrt(2)" and "\\sqrt{2}" alike,
-"3π" and "3\\pi", "\\frac{\\sqrt{3}}{2}" and "√3/2"; no algebra). The official checker for pairs uses the
+"3π" and "3\\pi", "\\frac{\\sqrt{3}}{2}" and "√3/2"; no algebra; of "2√3 ≈ 3.46" the exact form, while a number reads the decimal). The official checker for pairs uses the
 TextVQA evaluator and a 1e-3 relative tolerance for math; the normalisation here is close to TextVQA's
 but not identical.
 Stricter than `can_infer`: a negated letter ("not A", "isn't B", "不是A") and an answer that copies the
@@ -419,7 +419,7 @@ def _numeric_text(text: str) -> str:
     s = re.sub(r"(\d)\s*(?:[×x*·]|\\times|\\cdot)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"\1e\2", s)
     s = re.sub(r"(?<![\d.])10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"1e\1", s)
     s = _TEXT_WRAPPER.sub(r" \1 ", s)
-    s = s.replace("\\%", "%").replace("\\$", "$").replace("$", " ")
+    s = s.replace("\\approx", "≈").replace("\\%", "%").replace("\\$", "$").replace("$", " ")
     s = re.sub(r"\\(?:left|right|[,;!: ])", " ", s)
     s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
     return re.sub(r"\((-?[\d.]+)\)", r"\1", s)
@@ -509,7 +509,7 @@ def _is_count(match: re.Match) -> bool:
 def parse_number(text: str) -> Number | None:
     """The number an answer gives; None when it gives none, or several different ones ("2 or 3").
 
-    Only the text after the last "=" counts, and it gives no number when it holds a root, pi or a power
+    Only the text after the last "=" or "≈" counts (the decimal of "2√3 ≈ 3.46"), and it gives no number when it holds a root, pi or a power
     of a number ("4√3", "3\\pi", "2^3"), or a number stated as a bound or negated ("more than 5", "not 5",
     "5 or more", "5+", "至少5个": `_BOUND_BEFORE`, `_BOUND_AFTER`). Fractions a/b are computed, a following % or "percent"
     marks a percentage, and digits inside words and units ("CO2", "cm^2") are no numbers. Chinese numerals
@@ -522,8 +522,7 @@ def parse_number(text: str) -> Number | None:
     them", "one apple"; not "the one on the left", "the big red one"): see `_is_count`.
     """
     s = _numeric_text(text)
-    if "=" in s:
-        s = s.rsplit("=", 1)[1]
+    s = re.split("[=≈]", s)[-1]
     if _EXPRESSION.search(s):
         return None
     if len(re.findall(r"\w+", s)) <= _SHORT_ANSWER_WORDS:
@@ -547,7 +546,7 @@ def parse_number(text: str) -> Number | None:
 def _unit(text: str) -> str | None:
     """The known unit (`_UNIT_NAMES`) written right after the first number of the answer's last "=" part
     that has one ("5 centimeters" -> "cm", "30°C" -> "°", "3 m/s" -> "m"), or None."""
-    s = _numeric_text(text).rsplit("=", 1)[-1]
+    s = re.split("[=≈]", _numeric_text(text))[-1]
     for match in _NUMBER_RE.finditer(s):
         word = re.match(r"\s*(°|[A-Za-z]+)", s[match.end() :])
         if word:
@@ -595,7 +594,7 @@ def _repeat(pattern: str | re.Pattern, replacement, s: str) -> str:
 def normalize_math(text: str) -> str:
     """Math normal form of an answer holding a root or pi, for a text ground truth that holds one.
 
-    The text after the last "="; \\sqrt{x}, \\sqrt2, sqrt(x) and √(x) as √x (brackets kept around more
+    The text after the last "=" and before a "≈" (the exact form of "2√3 ≈ 3.46"); \\sqrt{x}, \\sqrt2, sqrt(x) and √(x) as √x (brackets kept around more
     than one term: √(x+1)); \\pi and the word pi as π; \\frac{a}{b} (also \\dfrac, \\tfrac) as a/b; an
     explicit product sign before √ or π dropped (2 * √3 is 2√3); inline math, \\left/\\right, spacing
     commands, math brackets \\( \\) \\[ \\], \\text{..} units, a trailing unit word, a final period and all
@@ -604,7 +603,7 @@ def normalize_math(text: str) -> str:
     """
     s = re.sub(f"[{_SUPERSCRIPTS}]+", lambda m: "^" + m[0].translate(_FROM_SUPERSCRIPT), text)
     s = unicodedata.normalize("NFKC", s).translate(_DASH_MINUS).replace("$", " ")
-    s = re.sub(r"\\[()\[\]]", " ", s).rsplit("=", 1)[-1]
+    s = re.sub(r"\\[()\[\]]", " ", s).replace("\\approx", "≈").rsplit("=", 1)[-1].split("≈")[0]
     s = re.sub(r"\\pi(?![A-Za-z])|(?<![A-Za-z])pi(?![A-Za-z])", "π", s, flags=re.IGNORECASE)
     s = re.sub(r"\\(?:text|mathrm|mbox)\{[^{}]*\}(?:\^\{?\d\}?)?", " ", s)
     s = re.sub(r"(?<=[\d)}π])\s+[A-Za-z]{1,6}(?:\^\{?\d\}?)?\s*\.?$", "", s.strip())  # "4π cm²"
