@@ -244,6 +244,22 @@ def test_interactive_image_command_checks_its_argument(folder):
     assert out.stdout.strip() == expected
 
 
+def test_interactive_image_command_takes_a_quoted_path_and_a_tilde(folder, tmp_path, monkeypatch, capsys):
+    """No shell reads the line typed at the prompt: `~` was not expanded, and the quotes a terminal puts
+    around a file dropped onto it were taken as part of the name."""
+    import io
+
+    from internvl_mpo import cli_chat
+
+    (tmp_path / "my pics").mkdir()
+    (tmp_path / "my pics" / "red.png").write_bytes((folder.parent / "red.png").read_bytes())
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr("sys.stdin", io.StringIO("/image '~/my pics/red.png'\n/image \"~/my pics/red.png\"\n"))
+    assert cli_chat.chat(model=str(folder), device="cpu") == 0
+    err = capsys.readouterr().err
+    assert "error" not in err and f"added {tmp_path / 'my pics' / 'red.png'}; " in err and "with 2 image(s)" in err
+
+
 def test_interactive_commands_help_video_and_a_conversation_too_long(folder, tmp_path):
     """/help and a mistyped command (with or without an argument) list the commands (not asked as a
     question); /image on a video conversation is refused with the way out; a history too long for the context says /reset helps."""

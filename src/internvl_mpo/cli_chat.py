@@ -110,7 +110,7 @@ def chat(
             history, images, video = [], [], None
             continue
         if line == "/image" or line.startswith("/image "):
-            path = line[len("/image"):].strip()
+            path = _typed_path(line[len("/image"):])
             if not path:
                 print("usage: /image PATH", file=sys.stderr)
                 continue
@@ -140,6 +140,15 @@ def chat(
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session (Ctrl-C at the prompt quits)
             print()
             print("(interrupted; that question is left out of the conversation)", file=sys.stderr)
+
+
+def _typed_path(text: str) -> str:
+    """A path typed at the prompt, where no shell expands `~` or drops the quotes that a terminal puts
+    around a file dragged onto it."""
+    text = text.strip()
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]
+    return os.path.expanduser(text)
 
 
 def _answer(bot, prepared, params) -> str:
