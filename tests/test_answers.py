@@ -597,3 +597,15 @@ def test_known_units_must_agree(prediction, truth, expected):
 def test_an_exact_form_with_its_approximation(prediction, truth, expected):
     assert check_answer(prediction, truth) is expected
 
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [
+        ("minus 5", "-5", True), ("negative 5", "-5", True), ("Negative 2.5", "-2.5", True), ("负5", "-5", True),
+        ("负五", "-5", True), ("minus 5", "5", False), ("负5", "5", False), ("10 minus 3 = 7", "7", True),
+        ("5 minus 3", "2", None),
+    ],
+)
+def test_a_negative_number_in_words(prediction, truth, expected):
+    assert check_answer(prediction, truth) is expected
+

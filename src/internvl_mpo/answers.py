@@ -21,7 +21,7 @@ reads "$$"), the Chinese trigger "答案:" of the official Chinese prompt, expli
 answer is B", "option (C)", "答案是C", which VLMEvalKit hands to its judge model), numbers read with units
 (a known unit on both sides must agree: "5 m" is not "5 cm"), thousands commas, percentages, fractions
 (a/b, "½", LaTeX `\\frac` also as \\frac12), scientific notation ("3 × 10^5", "6.02 \\times 10^{23}"),
-negative numbers (also with an en dash for the minus) and full-width ones, Chinese numerals where they
+negative numbers (also with an en dash, "minus", "negative" or 负 for the minus) and full-width ones, Chinese numerals where they
 stand as a number ("答案是三", "三只", "百分之五十", "三分之一"; not "一些", "唯一", "第三", "三四个"), and number words that
 count something in short answers ("three", "there is one", "none"; not "the one on the left", "the big
 red one"), compared exactly for integers and with a relative tolerance otherwise (a bound or negation,
@@ -157,7 +157,7 @@ _CN_NUMERAL = re.compile(rf"(?:({_CN_RUN})分之)?({_CN_RUN})")  # "三分之一
 # A Chinese numeral stands as a number only next to punctuation, a non-CJK character, one of these words
 # before it ("答案是三", "共五个") or a measure word after it ("三只"); elsewhere it is part of a word
 # ("一些", "唯一", "第三", "三角形").
-_CN_BEFORE = set("是为有共计约于剩")
+_CN_BEFORE = set("是为有共计约于剩负")
 _CN_MEASURES = set("个只条张辆本件位头匹棵朵次岁人名块种处层根支把台艘架颗片双份杯瓶盒箱度米元倍秒天周")
 # \\frac{a}{b}, also \\dfrac and \\tfrac, and with a one-digit argument unbraced (\\frac12, \\frac{1}2).
 _FRAC = re.compile(r"\\[dt]?frac\s*(?:\{([^{}]*)\}|(\d))\s*(?:\{([^{}]*)\}|(\d))")
@@ -409,13 +409,14 @@ def _fractions(text: str) -> str:
 
 
 def _numeric_text(text: str) -> str:
-    """Text with LaTeX wrappers, unicode minus and en dash, thousands commas, \\frac{a}{b}, vulgar
+    """Text with LaTeX wrappers, unicode minus, en dash and "minus"/"negative"/负 before a number, thousands commas, \\frac{a}{b}, vulgar
     fractions ("½"; "3½" is two numbers, as "3 1/2") and a x 10^b made plain."""
     # superscripts as ^digits first: NFKC would make "10⁵" the number 105
     s = re.sub(f"[{_SUPERSCRIPTS}]+", lambda m: "^" + m[0].translate(_FROM_SUPERSCRIPT), text)
     s = re.sub(f"(?<=\\d)(?=[{_VULGAR_FRACTIONS}])", " ", s)
     s = unicodedata.normalize("NFKC", s).translate(_DASH_MINUS).replace("\u2044", "/")  # NFKC: "½" is "1⁄2"
     s = _fractions(_chinese_numerals(s))
+    s = re.sub(r"(?:\b(?:minus|negative)\s+|负\s*)(?=[\d.])", "-", s, flags=re.IGNORECASE)
     s = re.sub(r"(\d)\s*(?:[×x*·]|\\times|\\cdot)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"\1e\2", s)
     s = re.sub(r"(?<![\d.])10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"1e\1", s)
     s = _TEXT_WRAPPER.sub(r" \1 ", s)
