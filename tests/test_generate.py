@@ -807,6 +807,11 @@ def test_batch_chat_takes_the_official_concatenated_pixel_values(setup):
         chat.batch_chat(["First", "Second"], torch.cat([a, b]), **kw)
     with pytest.raises(InputError, match="one entry per question"):
         chat.batch_chat(["First"], "picture.png", **kw)
+    # the official keywords, at their defaults, are taken; history is refused as the official refuses it
+    assert chat.batch_chat(["First"], history=None, return_history=False, **kw) == [chat.chat("First", **kw)]
+    for bad in (dict(history=[("Hi", "Hello")]), dict(return_history=True)):
+        with pytest.raises(InputError, match="batch_chat answers independent questions: no history"):
+            chat.batch_chat(["First"], **bad, **kw)
 
 
 def test_images_may_be_passed_as_pixel_values_as_in_the_official_methods(setup):

@@ -270,12 +270,16 @@ class InternVLChat:
             return answer, list(history or []) + [(prepared.question, answer)]
         return answer
 
-    def batch_chat(self, questions: Sequence[str], images=None, *, pixel_values=None, **kwargs) -> list[str]:
+    def batch_chat(self, questions: Sequence[str], images=None, *, pixel_values=None, history=None,
+                   return_history: bool = False, **kwargs) -> list[str]:
         """Answers to several independent questions, decoded together. `images[i]` goes with
         questions[i] (None, one image or a list of images). The official form works too: one
         `pixel_values` tensor (as `pixel_values=` or `images=`) with `num_patches_list` giving each
         question's tile count. A `seed` seeds question i with seed + i, so repeated questions get
-        different samples."""
+        different samples. As in the official method, `history` and `return_history` are refused."""
+        if history is not None or return_history:
+            raise InputError("batch_chat answers independent questions: no history (as the official batch_chat); "
+                             "use chat() for a conversation")
         inputs, params = self._split(kwargs)
         images = _images(images, pixel_values)
         questions = [questions] if isinstance(questions, str) else list(questions)
