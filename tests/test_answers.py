@@ -609,3 +609,17 @@ def test_an_exact_form_with_its_approximation(prediction, truth, expected):
 def test_a_negative_number_in_words(prediction, truth, expected):
     assert check_answer(prediction, truth) is expected
 
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # "A" before another option's text is the article: the answer names that option
+        ("A cat", "B"), ("A cat.", "B"), ("A horse", "C"), ("A cat is shown", "B"),
+        # "A" before its own text, or before anything else, is the letter
+        ("A dog", "A"), ("A is correct", "A"), ("A, the dog", "A"), ("A: dog", "A"),
+    ],
+)
+def test_the_article_a_before_an_option_text_is_no_letter(text, expected):
+    options = {"A": "dog", "B": "cat", "C": "horse"}
+    assert parse_choice(text, options) == expected
+

@@ -34,7 +34,8 @@ pi is compared by its written math form instead (`normalize_math`: "√2", "sqrt
 TextVQA evaluator and a 1e-3 relative tolerance for math; the normalisation here is close to TextVQA's
 but not identical.
 Stricter than `can_infer`: a negated letter ("not A", "isn't B", "不是A") and an answer that copies the
-options list with their letters pick no option (VLMEvalKit reads "Not A" as A).
+options list with their letters pick no option (VLMEvalKit reads "Not A" as A), and "A" before another
+option's text is the article ("A cat" names the option "cat"; VLMEvalKit reads A).
 
 `check_answer` returns None when the prediction cannot be read as the expected kind (no option
 letter, no number or several different ones, neither yes nor no): the pair builder files such
@@ -320,7 +321,8 @@ def _simple(text: str) -> str:
 def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = None) -> str | None:
     """The option letter an answer picks, or None.
 
-    A negated letter ("not A", "isn't B", "不是A") is dropped first, and an answer that copies two or more
+    A negated letter ("not A", "isn't B", "不是A") is dropped first, an "A" right before another option's
+    text is the article ("A cat" names option "cat"), and an answer that copies two or more
     options with their letters ("A. a dog B. a cat") picks none. Then, in order: a bare letter ("B", "(b)", "B."); the text of exactly one option; a leading letter
     with a bracket or mark ("B) ...", "(B) ...", "B. ..."); a stated letter ("The answer is B", "option (C)", "答案是C", the last one
     wins), none of the two when another letter follows it in a list ("A, B", "A or C"); VLMEvalKit's
@@ -331,6 +333,9 @@ def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = 
     letters = set(opts) if opts else set(_LETTERS)
     text = unicodedata.normalize("NFKC", text).strip().strip("*").strip()
     text = _NEGATED_LETTER.sub(r"\1", text)
+    for letter, option in opts.items():  # "A cat" names option "cat": that "A" is the article
+        if letter != "A" and option.strip():
+            text = re.sub(rf"(?<![A-Za-z])A(?=\s+(?i:{re.escape(option.strip())})(?![A-Za-z]))", "a", text)
     bare = _LETTER_ONLY.fullmatch(text)
     if bare and bare.group(1).upper() in letters:
         return bare.group(1).upper()

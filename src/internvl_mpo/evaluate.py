@@ -11,7 +11,8 @@ Mirrors open-compass/VLMEvalKit:
   and 64 in all (`set_max_num`); greedy decoding.
 - Answers: with `cot`, the text after the first "Final answer:" / "Answer:" (else the whole
   response), as `mpo_post_processing`; letters as `can_infer` (`answers.parse_choice`, a superset,
-  except that a negated letter, "not A", or a copied options list picks none);
+  except that a negated letter, "not A", or a copied options list picks none, and "A cat" names the
+  option "cat");
   yes/no as `YOrN_Extraction` (`answers.parse_yes_no`, a superset).
 - MMBench-style TSV (`ImageBaseDataset.prepare_tsv`): columns index, question, hint, A..Z, answer,
   category, image (base64); an image cell of at most 64 characters names the row whose image it
