@@ -566,6 +566,8 @@ def test_an_approximate_number_is_still_the_number(text):
 def test_negated_letters_and_a_copied_options_list_pick_nothing(text, expected):
     assert parse_choice(text, OPTIONS) == expected
     assert check_answer(text, "A", options=OPTIONS) is (None if expected is None else expected == "A")
+    # an option whose text holds a negated letter is still picked by its text
+    assert parse_choice("Not C", {"A": "A and B", "B": "Not C"}) == "B"
 
 
 @pytest.mark.parametrize(

@@ -321,30 +321,30 @@ def _simple(text: str) -> str:
 def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = None) -> str | None:
     """The option letter an answer picks, or None.
 
-    A negated letter ("not A", "isn't B", "不是A") is dropped first, an "A" right before another option's
-    text is the article ("A cat" names option "cat"), and an answer that copies two or more
-    options with their letters ("A. a dog B. a cat") picks none. Then, in order: a bare letter ("B", "(b)", "B."); the text of exactly one option; a leading letter
-    with a bracket or mark ("B) ...", "(B) ...", "B. ..."); a stated letter ("The answer is B", "option (C)", "答案是C", the last one
-    wins), none of the two when another letter follows it in a list ("A, B", "A or C"); VLMEvalKit's
-    rules (one valid letter standing alone, else one option text contained). Without options,
-    letters A-N except I are valid.
+    In order: a bare letter ("B", "(b)", "B."); the text of exactly one option. Then a negated letter
+    ("not A", "isn't B", "不是A") is dropped, an "A" right before another option's text is the article
+    ("A cat" names option "cat"), and an answer that copies two or more options with their letters ("A.
+    a dog B. a cat") picks none. Then: a leading letter with a bracket or mark ("B) ...", "(B) ...", "B.
+    ..."); a stated letter ("The answer is B", "option (C)", "答案是C", the last one wins), none of the
+    two when another letter follows it in a list ("A, B", "A or C"); VLMEvalKit's rules (one valid
+    letter standing alone, else one option text contained). Without options, letters A-N except I are
+    valid.
     """
     opts = normalize_options(options)
     letters = set(opts) if opts else set(_LETTERS)
     text = unicodedata.normalize("NFKC", text).strip().strip("*").strip()
+    bare = _LETTER_ONLY.fullmatch(text)
+    if bare and bare.group(1).upper() in letters:
+        return bare.group(1).upper()
+    same = [k for k, v in opts.items() if _simple(v) and _simple(v) == _simple(text)]
+    if len(same) == 1:
+        return same[0]
     text = _NEGATED_LETTER.sub(r"\1", text)
     for letter, option in opts.items():  # "A cat" names option "cat": that "A" is the article
         if letter != "A" and option.strip():
             text = re.sub(rf"(?<![A-Za-z])A(?=\s+(?i:{re.escape(option.strip())})(?![A-Za-z]))", "a", text)
-    bare = _LETTER_ONLY.fullmatch(text)
-    if bare and bare.group(1).upper() in letters:
-        return bare.group(1).upper()
-    if opts:
-        same = [k for k, v in opts.items() if _simple(v) and _simple(v) == _simple(text)]
-        if len(same) == 1:
-            return same[0]
-        if len(_listed_options(text, opts)) > 1:  # the options list copied back
-            return None
+    if len(_listed_options(text, opts)) > 1:  # the options list copied back
+        return None
     leading = _LEADING_LETTER.match(text)
     if leading and (leading.group(1) or leading.group(2)) in letters:
         group = 1 if leading.group(1) else 2
