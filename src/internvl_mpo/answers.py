@@ -21,18 +21,20 @@ reads "$$"), the Chinese trigger "答案:" of the official Chinese prompt, expli
 answer is B", "option (C)", "答案是C", which VLMEvalKit hands to its judge model), numbers read with units
 (a known unit on both sides must agree: "5 m" is not "5 cm"), thousands commas, percentages, fractions
 (a/b, "½", LaTeX `\\frac` also as \\frac12), scientific notation ("3 × 10^5", "6.02 \\times 10^{23}"),
-negative numbers (also with an en dash, "minus", "negative" or 负 for the minus) and full-width ones, Chinese numerals where they
-stand as a number ("答案是三", "三只", "百分之五十", "三分之一"; not "一些", "唯一", "第三", "三四个"), and number words that
-count something in short answers ("three", "there is one", "none"; not "the one on the left", "the big
-red one"), compared exactly for integers and with a relative tolerance otherwise (a bound or negation,
-"more than 5", "not 5", "5+", is no number), yes/no variants (true/false, 是/否, 有/没有; 可能 and 无法确定 are
-hedges), and short text compared after normalisation (NFKC, which also folds CJK full-width forms; case;
-punctuation, inline-math `$` and LaTeX text wrappers such as "\\text{Paris}"; English articles; number
-words, "none" as 0; whitespace, none kept next to CJK characters); a text ground truth holding a root or
-pi is compared by its written math form instead (`normalize_math`: "√2", "sqrt(2)" and "\\sqrt{2}" alike,
-"3π" and "3\\pi", "\\frac{\\sqrt{3}}{2}" and "√3/2"; no algebra; of "2√3 ≈ 3.46" the exact form, while a number reads the decimal). The official checker for pairs uses the
+negative numbers (also with an en dash, "minus", "negative" or 负 for the minus) and full-width ones,
+Chinese numerals where they stand as a number ("答案是三", "三只", "百分之五十", "三分之一"; not "一些", "唯一", "第三",
+"三四个"), and number words that count something in short answers ("three", "there is one", "none"; not "the
+one on the left", "the big red one"), compared exactly for integers and with a relative tolerance
+otherwise (a bound or negation, "more than 5", "not 5", "5+", is no number), yes/no variants (true/false,
+是/否, 有/没有; 可能 and 无法确定 are hedges), and short text compared after normalisation (NFKC, which also folds
+CJK full-width forms; case; punctuation, inline-math `$` and LaTeX text wrappers such as "\\text{Paris}";
+English articles; number words, "none" as 0; whitespace, none kept next to CJK characters); a text ground
+truth holding a root or pi is compared by its written math form instead (`normalize_math`: "√2",
+"sqrt(2)" and "\\sqrt{2}" alike, "3π" and "3\\pi", "\\frac{\\sqrt{3}}{2}" and "√3/2"; no algebra; of "2√3
+≈ 3.46" the exact form, while a number reads the decimal). The official checker for pairs uses the
 TextVQA evaluator and a 1e-3 relative tolerance for math; the normalisation here is close to TextVQA's
 but not identical.
+
 Stricter than `can_infer`: a negated letter ("not A", "isn't B", "不是A") and an answer that copies the
 options list with their letters pick no option (VLMEvalKit reads "Not A" as A), and "A" before another
 option's text is the article ("A cat" names the option "cat"; VLMEvalKit reads A).
