@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 from internvl_mpo.errors import InputError
@@ -158,7 +158,7 @@ _CN_SECTIONS = {"万": 10**4, "亿": 10**8}
 _CN_RUN = "[" + "".join(_CN_DIGITS) + "".join(_CN_UNITS) + "".join(_CN_SECTIONS) + "]+"
 _CN_NUMERAL = re.compile(rf"(?:({_CN_RUN})分之)?({_CN_RUN})")  # "三分之一" is 1/3, "百分之五十" 50%
 # A Chinese numeral stands as a number only next to punctuation, a non-CJK character, one of these words
-# before it ("答案是三", "共五个") or a measure word after it ("三只"); elsewhere it is part of a word
+# before it ("答案是三", "共五个", "负五") or a measure word after it ("三只"); elsewhere it is part of a word
 # ("一些", "唯一", "第三", "三角形").
 _CN_BEFORE = set("是为有共计约于剩负")
 _CN_MEASURES = set("个只条张辆本件位头匹棵朵次岁人名块种处层根支把台艘架颗片双份杯瓶盒箱度米元倍秒天周")
@@ -416,8 +416,9 @@ def _fractions(text: str) -> str:
 
 
 def _numeric_text(text: str) -> str:
-    """Text with LaTeX wrappers, unicode minus, en dash and "minus"/"negative"/负 before a number, thousands commas, \\frac{a}{b}, vulgar
-    fractions ("½"; "3½" is two numbers, as "3 1/2") and a x 10^b made plain."""
+    """Text with LaTeX wrappers, unicode minus, en dash and "minus"/"negative"/负 before a number,
+    thousands commas, Chinese numerals, \\frac{a}{b}, vulgar fractions ("½"; "3½" is two numbers, as
+    "3 1/2") and a x 10^b made plain."""
     # superscripts as ^digits first: NFKC would make "10⁵" the number 105
     s = re.sub(f"[{_SUPERSCRIPTS}]+", lambda m: "^" + m[0].translate(_FROM_SUPERSCRIPT), text)
     s = re.sub(f"(?<=\\d)(?=[{_VULGAR_FRACTIONS}])", " ", s)
@@ -517,17 +518,18 @@ def _is_count(match: re.Match) -> bool:
 def parse_number(text: str) -> Number | None:
     """The number an answer gives; None when it gives none, or several different ones ("2 or 3").
 
-    Only the text after the last "=" or "≈" counts (the decimal of "2√3 ≈ 3.46"), and it gives no number when it holds a root, pi or a power
-    of a number ("4√3", "3\\pi", "2^3"), or a number stated as a bound or negated ("more than 5", "not 5",
-    "5 or more", "5+", "至少5个": `_BOUND_BEFORE`, `_BOUND_AFTER`). Fractions a/b are computed, a following % or "percent"
-    marks a percentage, and digits inside words and units ("CO2", "cm^2") are no numbers. Chinese numerals
-    count where they stand apart (`_chinese_numerals`: "答案是三", "三只", "百分之五十" is 50%). In answers
-    of at most five words, number words that count something count as digits, as the VQA normaliser
-    maps them ("three", "there is one", "none"), and so does "no" before a word ("no green shapes": 0;
-    "I see no 3" gives two numbers). They do not count where they pick something out or negate ("the
-    other two", "not one"), in a compound ("two-thirds") or as "no idea", and "one" counts only where
-    it starts the answer, follows a counting word or goes with a noun ("there is one", "only one of
-    them", "one apple"; not "the one on the left", "the big red one"): see `_is_count`.
+    Only the text after the last "=" or "≈" counts (the decimal of "2√3 ≈ 3.46"), and it gives no number
+    when it holds a root, pi or a power of a number ("4√3", "3\\pi", "2^3"), or a number stated as a
+    bound or negated ("more than 5", "not 5", "5 or more", "5+", "至少5个": `_BOUND_BEFORE`,
+    `_BOUND_AFTER`). Fractions a/b are computed, a following % or "percent" marks a percentage, and
+    digits inside words and units ("CO2", "cm^2") are no numbers. Chinese numerals count where they
+    stand apart (`_chinese_numerals`: "答案是三", "三只", "百分之五十" is 50%). In answers of at most five words,
+    number words that count something count as digits, as the VQA normaliser maps them ("three", "there
+    is one", "none"), and so does "no" before a word ("no green shapes": 0; "I see no 3" gives two
+    numbers). They do not count where they pick something out or negate ("the other two", "not one"), in
+    a compound ("two-thirds") or as "no idea", and "one" counts only where it starts the answer, follows
+    a counting word or goes with a noun ("there is one", "only one of them", "one apple"; not "the one
+    on the left", "the big red one"): see `_is_count`.
     """
     s = _numeric_text(text)
     s = re.split("[=≈]", s)[-1]
@@ -552,8 +554,8 @@ def parse_number(text: str) -> Number | None:
 
 
 def _unit(text: str) -> str | None:
-    """The known unit (`_UNIT_NAMES`) written right after the first number of the answer's last "=" part
-    that has one ("5 centimeters" -> "cm", "30°C" -> "°", "3 m/s" -> "m"), or None."""
+    """The known unit (`_UNIT_NAMES`) written right after the first number, of the answer's part after
+    the last "=" or "≈", that has one ("5 centimeters" -> "cm", "30°C" -> "°", "3 m/s" -> "m"), or None."""
     s = re.split("[=≈]", _numeric_text(text))[-1]
     for match in _NUMBER_RE.finditer(s):
         word = re.match(r"\s*(°|[A-Za-z]+)", s[match.end() :])
@@ -591,7 +593,7 @@ def normalize_text(text: str) -> str:
     return out
 
 
-def _repeat(pattern: str | re.Pattern, replacement, s: str) -> str:
+def _repeat(pattern: str | re.Pattern, replacement: str | Callable[[re.Match], str], s: str) -> str:
     """`re.sub` until nothing changes (innermost first for nested braces)."""
     while True:
         s, n = re.subn(pattern, replacement, s)
@@ -602,12 +604,12 @@ def _repeat(pattern: str | re.Pattern, replacement, s: str) -> str:
 def normalize_math(text: str) -> str:
     """Math normal form of an answer holding a root or pi, for a text ground truth that holds one.
 
-    The text after the last "=" and before a "≈" (the exact form of "2√3 ≈ 3.46"); \\sqrt{x}, \\sqrt2, sqrt(x) and √(x) as √x (brackets kept around more
-    than one term: √(x+1)); \\pi and the word pi as π; \\frac{a}{b} (also \\dfrac, \\tfrac) as a/b; an
-    explicit product sign before √ or π dropped (2 * √3 is 2√3); inline math, \\left/\\right, spacing
-    commands, math brackets \\( \\) \\[ \\], \\text{..} units, a trailing unit word, a final period and all
-    whitespace dropped; casefolded.
-    Written forms only: no algebra (√8 is not 2√2, 1+√2 is not √2+1).
+    The text after the last "=" and before a "≈" (the exact form of "2√3 ≈ 3.46"); \\sqrt{x}, \\sqrt2,
+    sqrt(x) and √(x) as √x (brackets kept around more than one term: √(x+1)); \\pi and the word pi as π;
+    \\frac{a}{b} (also \\dfrac, \\tfrac) as a/b; an explicit product sign before √ or π dropped (2 * √3
+    is 2√3); inline math, \\left/\\right, spacing commands, math brackets \\( \\) \\[ \\], \\text{..}
+    units, a trailing unit word, a final period and all whitespace dropped; casefolded. Written forms
+    only: no algebra (√8 is not 2√2, 1+√2 is not √2+1).
     """
     s = re.sub(f"[{_SUPERSCRIPTS}]+", lambda m: "^" + m[0].translate(_FROM_SUPERSCRIPT), text)
     s = unicodedata.normalize("NFKC", s).translate(_DASH_MINUS).replace("$", " ")
@@ -679,8 +681,8 @@ def check_answer(
     kind: "choice", "number", "yesno" or "text"; inferred from the ground truth and options when None.
     Numbers match within `rel_tol` (relative), integer ground truths exactly (a count or a year one
     off is wrong); a percentage also matches its fraction (25% ~ 0.25); a unit on both sides must be
-    the same when both are known (`_UNIT_NAMES`: "5 m" is not "5 cm", "5 centimeters" is). A text ground truth holding a
-    root or pi is compared in `normalize_math` form.
+    the same when both are known (`_UNIT_NAMES`: "5 m" is not "5 cm", "5 centimeters" is). A text
+    ground truth holding a root or pi is compared in `normalize_math` form.
     """
     if kind is None:
         kind = infer_kind(ground_truth, options)
@@ -716,7 +718,8 @@ def check_answer(
             return _close(got.value / 100, target.value, tol) or _close(got.value, target.value / 100, tol)
         return False
     if _MATH_MARK.search(unicodedata.normalize("NFKC", ground_truth)):
-        return normalize_math(prediction) == normalize_math(ground_truth) if normalize_math(prediction) else None
+        got_math = normalize_math(prediction)
+        return got_math == normalize_math(ground_truth) if got_math else None
     got_text = normalize_text(prediction)
     if not got_text:
         return None
