@@ -605,7 +605,8 @@ def test_an_exact_form_with_its_approximation(prediction, truth, expected):
     [
         ("minus 5", "-5", True), ("negative 5", "-5", True), ("Negative 2.5", "-2.5", True), ("负5", "-5", True),
         ("负五", "-5", True), ("minus 5", "5", False), ("负5", "5", False), ("10 minus 3 = 7", "7", True),
-        ("5 minus 3", "2", None),
+        ("5 minus 3", "2", None), ("负二分之一", "-0.5", True), ("负二分之一", "0.5", False),
+        ("minus \\frac{1}{2}", "-0.5", True), ("negative (3)", "-3", True),
     ],
 )
 def test_a_negative_number_in_words(prediction, truth, expected):

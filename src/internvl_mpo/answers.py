@@ -424,7 +424,7 @@ def _numeric_text(text: str) -> str:
     s = re.sub(f"(?<=\\d)(?=[{_VULGAR_FRACTIONS}])", " ", s)
     s = unicodedata.normalize("NFKC", s).translate(_DASH_MINUS).replace("\u2044", "/")  # NFKC: "½" is "1⁄2"
     s = _fractions(_chinese_numerals(s))
-    s = re.sub(r"(?:\b(?:minus|negative)\s+|负\s*)(?=[\d.])", "-", s, flags=re.IGNORECASE)
+    s = re.sub(r"(?:\b(?:minus|negative)\s+|负\s*)(?=[\d.(])", "-", s, flags=re.IGNORECASE)
     s = re.sub(r"(\d)\s*(?:[×x*·]|\\times|\\cdot)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"\1e\2", s)
     s = re.sub(r"(?<![\d.])10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"1e\1", s)
     s = _TEXT_WRAPPER.sub(r" \1 ", s)
