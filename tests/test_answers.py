@@ -626,3 +626,17 @@ def test_the_article_a_before_an_option_text_is_no_letter(text, expected):
     options = {"A": "dog", "B": "cat", "C": "horse"}
     assert parse_choice(text, options) == expected
 
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [
+        # a percentage and its fraction side by side are one number
+        ("0.5 (i.e. 50%)", "0.5", True), ("50% (0.5)", "0.5", True), ("50% (0.5)", "50%", True),
+        ("33.3% (0.333)", "0.333", True), ("50% (0.4)", "0.5", None), ("0.5 (i.e. 50%)", "0.6", False),
+        # degrees written as a LaTeX power of \circ are degrees
+        ("30^\\circ", "30°", True), ("30^{\\circ}", "30 m", False),
+    ],
+)
+def test_a_percentage_beside_its_fraction_and_latex_degrees(prediction, truth, expected):
+    assert check_answer(prediction, truth) is expected
+

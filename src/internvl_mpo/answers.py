@@ -417,8 +417,8 @@ def _fractions(text: str) -> str:
 
 def _numeric_text(text: str) -> str:
     """Text with LaTeX wrappers, unicode minus, en dash and "minus"/"negative"/负 before a number,
-    thousands commas, Chinese numerals, \\frac{a}{b}, vulgar fractions ("½"; "3½" is two numbers, as
-    "3 1/2") and a x 10^b made plain."""
+    thousands commas, Chinese numerals, \\frac{a}{b}, ^\\circ as °, vulgar fractions ("½"; "3½" is two
+    numbers, as "3 1/2") and a x 10^b made plain."""
     # superscripts as ^digits first: NFKC would make "10⁵" the number 105
     s = re.sub(f"[{_SUPERSCRIPTS}]+", lambda m: "^" + m[0].translate(_FROM_SUPERSCRIPT), text)
     s = re.sub(f"(?<=\\d)(?=[{_VULGAR_FRACTIONS}])", " ", s)
@@ -428,6 +428,7 @@ def _numeric_text(text: str) -> str:
     s = re.sub(r"(\d)\s*(?:[×x*·]|\\times|\\cdot)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"\1e\2", s)
     s = re.sub(r"(?<![\d.])10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"1e\1", s)
     s = _TEXT_WRAPPER.sub(r" \1 ", s)
+    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?", "°", s)  # 30^\circ
     s = s.replace("\\approx", "≈").replace("\\%", "%").replace("\\$", "$").replace("$", " ")
     s = re.sub(r"\\(?:left|right|[,;!: ])", " ", s)
     s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
@@ -521,15 +522,16 @@ def parse_number(text: str) -> Number | None:
     Only the text after the last "=" or "≈" counts (the decimal of "2√3 ≈ 3.46"), and it gives no number
     when it holds a root, pi or a power of a number ("4√3", "3\\pi", "2^3"), or a number stated as a
     bound or negated ("more than 5", "not 5", "5 or more", "5+", "至少5个": `_BOUND_BEFORE`,
-    `_BOUND_AFTER`). Fractions a/b are computed, a following % or "percent" marks a percentage, and
-    digits inside words and units ("CO2", "cm^2") are no numbers. Chinese numerals count where they
-    stand apart (`_chinese_numerals`: "答案是三", "三只", "百分之五十" is 50%). In answers of at most five words,
-    number words that count something count as digits, as the VQA normaliser maps them ("three", "there
-    is one", "none"), and so does "no" before a word ("no green shapes": 0; "I see no 3" gives two
-    numbers). They do not count where they pick something out or negate ("the other two", "not one"), in
-    a compound ("two-thirds") or as "no idea", and "one" counts only where it starts the answer, follows
-    a counting word or goes with a noun ("there is one", "only one of them", "one apple"; not "the one
-    on the left", "the big red one"): see `_is_count`.
+    `_BOUND_AFTER`). Fractions a/b are computed, a following % or "percent" marks a percentage (a
+    percentage beside its fraction, "50% (0.5)", is one number), and digits inside words and units
+    ("CO2", "cm^2") are no numbers. Chinese numerals count where they stand apart (`_chinese_numerals`:
+    "答案是三", "三只", "百分之五十" is 50%). In answers of at most five words, number words that count something
+    count as digits, as the VQA normaliser maps them ("three", "there is one", "none"), and so does "no"
+    before a word ("no green shapes": 0; "I see no 3" gives two numbers). They do not count where they
+    pick something out or negate ("the other two", "not one"), in a compound ("two-thirds") or as "no
+    idea", and "one" counts only where it starts the answer, follows a counting word or goes with a noun
+    ("there is one", "only one of them", "one apple"; not "the one on the left", "the big red one"): see
+    `_is_count`.
     """
     s = _numeric_text(text)
     s = re.split("[=≈]", s)[-1]
@@ -550,6 +552,9 @@ def parse_number(text: str) -> Number | None:
             value /= denominator
         percent = bool(match.group(3)) or bool(re.match(r"\s*percent", s[match.end():], re.IGNORECASE))
         numbers.add(Number(value, percent))
+    # "50% (0.5)": a percentage beside its fraction is one number
+    plain = [n.value for n in numbers if not n.percent]
+    numbers = {n for n in numbers if not (n.percent and any(_close(n.value / 100, v, 1e-9) for v in plain))}
     return numbers.pop() if len(numbers) == 1 else None
 
 
