@@ -78,6 +78,20 @@ def test_generate_batch_file_and_resume(folder, tmp_path):
     assert by_id["a"] == bot.chat("Colour?", images=str(tmp_path / "red.png"), max_new_tokens=8, do_sample=False)
 
 
+def test_generate_answers_again_a_request_whose_question_changed_since_the_last_run(folder, tmp_path):
+    """The answers of an earlier run were kept by id alone: after editing a question (or inserting a
+    line into a file without ids, which shifts the default ids) the old answer stayed, under the new question."""
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text(json.dumps({"id": "a", "question": "Hello"}) + "\n" + json.dumps({"id": "b", "question": "Hi"}))
+    answers.write_text(json.dumps({"id": "a", "question": "Helo", "answer": "stale"}) + "\n"
+                       + json.dumps({"id": "b", "question": "Hi", "answer": "kept"}) + "\n")
+    out = cli("generate", "--input", requests, "--output", answers, "--model", folder, "--max-new-tokens", "6")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(x) for x in answers.read_text().splitlines()]
+    expected = InternVLChat.from_pretrained(folder).chat("Hello", max_new_tokens=6, do_sample=False)
+    assert rows == [{"id": "a", "question": "Hello", "answer": expected}, {"id": "b", "question": "Hi", "answer": "kept"}]
+
+
 def test_generate_writes_an_error_line_for_a_bad_request_and_goes_on(folder, tmp_path):
     requests = tmp_path / "requests.jsonl"
     (tmp_path / "red.png").write_bytes((folder.parent / "red.png").read_bytes())

@@ -211,8 +211,8 @@ def generate(
         raise InputError(f"--output {out} is the requests file; give the answers a file of their own")
     base = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, 1.0, min_new_tokens))
     requests = _read_requests(Path(input))
-    done = _finished_ids(out)
-    todo = [r for r in requests if r["id"] not in done]
+    done = _finished_questions(out)
+    todo = [r for r in requests if done.get(r["id"]) != r["question"]]  # an edited question is asked again
     if not todo:  # a finished run: no need to spend minutes loading a large model
         print(f"internvl-mpo generate: all {len(requests)} requests are answered in {out}", file=sys.stderr)
         return 0
@@ -246,19 +246,20 @@ def generate(
     return 0
 
 
-def _finished_ids(out: Path) -> set:
-    """Ids already answered in `out`, which keeps only their lines: error lines are dropped (those
-    requests run again), and so is a line cut by an interrupted write, even in the middle of a character."""
+def _finished_questions(out: Path) -> dict:
+    """{id: question} of the requests answered in `out`, which keeps only their lines: error lines are
+    dropped (those requests run again), and so is a line cut by an interrupted write, even in the middle
+    of a character."""
     if not out.exists():
-        return set()
-    kept, done = [], set()
+        return {}
+    kept, done = [], {}
     for line in out.read_bytes().split(b"\n"):  # JSON strings may hold U+2028 and the like: split at LF only
         try:
             row = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             continue
         if isinstance(row, dict) and "answer" in row and isinstance(row.get("id"), (str, int)):
-            done.add(row["id"])
+            done[row["id"]] = row.get("question")
             kept.append(line)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_bytes(b"".join(k + b"\n" for k in kept))
