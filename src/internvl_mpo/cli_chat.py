@@ -189,7 +189,7 @@ def generate(
     top_k: sample among the k most likely tokens
     max_new_tokens: most tokens per answer
     min_new_tokens: fewest tokens per answer: the end of turn cannot end it sooner
-    seed: seed for sampling (each request uses seed + its line number)
+    seed: seed for sampling (request k of the file, blank lines not counted, uses seed + k)
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
     dtype: float32, bfloat16, float16 or auto (the checkpoint's own) (default: bf16 on CUDA, fp32 on CPU)
     max_pixels: refuse images (and frames) with more pixels (default: Pillow's limit, about 89 M)
