@@ -640,3 +640,13 @@ def test_the_article_a_before_an_option_text_is_no_letter(text, expected):
 def test_a_percentage_beside_its_fraction_and_latex_degrees(prediction, truth, expected):
     assert check_answer(prediction, truth) is expected
 
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [("3", "三只", True), ("5", "5个", True), ("五个", "5个", True), ("5 个", "5个", True), ("4个", "5个", False)],
+)
+def test_a_chinese_count_ground_truth_is_a_number(prediction, truth, expected):
+    """A number with a Chinese measure word ("5个", "三只") is a number, as "5 cm" is."""
+    assert infer_kind(truth) == "number"
+    assert check_answer(prediction, truth) is expected
+

@@ -107,6 +107,8 @@ _NUMBER = r"-?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?"
 # Digits right after a letter, digit, "." or "^" belong to a word or unit ("CO2", "cm^2"), not a number.
 _NUMBER_RE = re.compile(rf"(?<![A-Za-z\d.^])({_NUMBER})(?:\s*/\s*({_NUMBER}))?(\s*%)?")
 _UNIT = r"[A-Za-z]{1,6}(?:\^\d|[²³])?"  # "cm", "m^2", "km²"
+# Chinese measure words: a numeral before one is a number ("三只"), and so is a ground truth "5个".
+_CN_MEASURES = "个只条张辆本件位头匹棵朵次岁人名块种处层根支把台艘架颗片双份杯瓶盒箱度米元倍秒天周"
 # A root, pi or a number's power (10^k is already a number): an expression, not the number written in it.
 _EXPRESSION = re.compile(r"\\sqrt|√|\\pi|π|\d\s*\^\s*\{?\s*[-+]?\d")
 # Units compared when both answers name one ("5 m" is not "5 cm"); others ("apples", "in") are not.
@@ -119,7 +121,7 @@ _UNIT_NAMES = {
 }
 _UNITS = {name: unit for unit, names in _UNIT_NAMES.items() for name in names}
 _UNIT_ONLY = re.compile(
-    rf"\s*[$€£¥]?\s*{_NUMBER}(?:\s*/\s*{_NUMBER})?\s*(?:%|°|degrees?|{_UNIT}(?:/{_UNIT})?)?\s*\.?\s*"
+    rf"\s*[$€£¥]?\s*{_NUMBER}(?:\s*/\s*{_NUMBER})?\s*(?:%|°|degrees?|{_UNIT}(?:/{_UNIT})?|[{_CN_MEASURES}])?\s*[.。]?\s*"
 )
 _WORD_NUMBERS = {
     "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
@@ -160,8 +162,7 @@ _CN_NUMERAL = re.compile(rf"(?:({_CN_RUN})分之)?({_CN_RUN})")  # "三分之一
 # A Chinese numeral stands as a number only next to punctuation, a non-CJK character, one of these words
 # before it ("答案是三", "共五个", "负五") or a measure word after it ("三只"); elsewhere it is part of a word
 # ("一些", "唯一", "第三", "三角形").
-_CN_BEFORE = set("是为有共计约于剩负")
-_CN_MEASURES = set("个只条张辆本件位头匹棵朵次岁人名块种处层根支把台艘架颗片双份杯瓶盒箱度米元倍秒天周")
+_CN_BEFORE = "是为有共计约于剩负"
 # \\frac{a}{b}, also \\dfrac and \\tfrac, and with a one-digit argument unbraced (\\frac12, \\frac{1}2).
 _FRAC = re.compile(r"\\[dt]?frac\s*(?:\{([^{}]*)\}|(\d))\s*(?:\{([^{}]*)\}|(\d))")
 # LaTeX wrappers around the words of a short answer: "\\text{Paris}" is "Paris".
@@ -468,7 +469,7 @@ def _chinese_numerals(text: str) -> str:
     """Chinese numerals that stand as numbers (see `_CN_BEFORE`) written in digits: "答案是三" -> "答案是3",
     "三分之一" -> "(1)/(3)", "百分之五十" -> "50%"."""
 
-    def stands_apart(ch: str, words: set[str]) -> bool:
+    def stands_apart(ch: str, words: str) -> bool:
         return not ch or ch in words or not _is_cjk(ch) or unicodedata.category(ch).startswith("P")
 
     def digits(m: re.Match) -> str:
