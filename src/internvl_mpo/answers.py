@@ -644,7 +644,7 @@ def normalize_math(text: str) -> str:
 
 def infer_kind(ground_truth: str, options: Mapping[str, str] | Sequence[str] | None = None) -> str:
     """choice (options given, or a bare letter A-N except I), yesno, number (a number with at most a
-    unit), else text."""
+    unit or a Chinese measure word: "12 cm", "三只"), else text."""
     if options:
         return "choice"
     gt = ground_truth.strip()
