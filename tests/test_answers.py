@@ -650,3 +650,22 @@ def test_a_chinese_count_ground_truth_is_a_number(prediction, truth, expected):
     assert infer_kind(truth) == "number"
     assert check_answer(prediction, truth) is expected
 
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # several different boxes on the answer line are a hedge: the line, boxes unwrapped
+        ("Reasoning.\nFinal answer: \\boxed{3} or \\boxed{4}", "3 or 4"),
+        ("Reasoning.\nFinal answer: \\boxed{A}, \\boxed{B}", "A, B"),
+        # the same box twice, a box with words around it, nested boxes: the box's content
+        ("Reasoning.\nFinal answer: \\boxed{4} (i.e. \\boxed{4})", "4"),
+        ("Reasoning.\nFinal answer: \\boxed{5} cm", "5"),
+        ("Reasoning.\nFinal answer: \\boxed{\\boxed{5}}", "5"),
+        ("Reasoning. So \\boxed{\\frac{1}{\\boxed{2}}}", "\\frac{1}{2}"),
+        # without a trigger the last box is the answer (a revised one)
+        ("Reasoning. First \\boxed{3}, but correcting it: \\boxed{4}", "4"),
+    ],
+)
+def test_boxes(text, expected):
+    assert extract_final_answer(text, strict=True) == expected
+

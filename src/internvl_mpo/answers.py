@@ -263,20 +263,28 @@ def build_cot_question(question: str, options: Mapping[str, str] | Sequence[str]
 # ----------------------------------------------------------------------------- extraction
 
 
-def _last_boxed(text: str) -> str | None:
-    """Content of the last balanced \\boxed{...}, or None."""
-    start = text.rfind(_BOXED)
-    if start < 0:
-        return None
-    depth, i = 1, start + len(_BOXED)
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
+def _boxes(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, content) of each outermost balanced \\boxed{...}, in order; an unclosed one ends the
+    search."""
+    boxes, start = [], text.find(_BOXED)
+    while start >= 0:
+        depth, i = 1, start + len(_BOXED)
+        for j in range(i, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
             if depth == 0:
-                return text[i:j]
-    return None
+                boxes.append((start, j + 1, text[i:j]))
+                break
+        else:
+            break
+        start = text.find(_BOXED, j + 1)
+    return boxes
+
+
+def _unbox(text: str) -> str:
+    """`text` with every \\boxed{x} replaced by x, nested ones too."""
+    for start, end, content in reversed(_boxes(text)):
+        text = text[:start] + _unbox(content) + text[end:]
+    return text
 
 
 def _clean(answer: str) -> str:
@@ -287,8 +295,9 @@ def extract_final_answer(text: str, strict: bool = False) -> str | None:
     """The final answer stated in a response, or None when it states none.
 
     The rest of the line after the first "Final answer:" / "Answer:" / "答案:" (markdown stars
-    dropped; a \\boxed{} in it is unwrapped; a line that only opens display math, "$$" or "\\[",
-    continues to its close), else the content of the last \\boxed{}. `strict`
+    dropped; a \\boxed{} in it is unwrapped, and several different ones are unwrapped in place, so that
+    "\\boxed{3} or \\boxed{4}" stays a hedge; a line that only opens display math, "$$" or "\\[",
+    continues to its close), else the content of the last \\boxed{} (nested boxes unwrapped). `strict`
     adds the pair pipeline's format rules: reasoning must come before the answer and the trigger
     may appear at most twice.
     """
@@ -301,15 +310,16 @@ def extract_final_answer(text: str, strict: bool = False) -> str | None:
         if answer in _DISPLAY_MATH:  # the line only opens display math: the answer is the math below
             close = text.find(_DISPLAY_MATH[answer], match.end())
             answer = _clean(text[match.end() : close]) if close >= 0 else ""
-        boxed = _last_boxed(answer)
-        answer = _clean(boxed) if boxed is not None else answer
+        contents = {_clean(_unbox(content)) for _, _, content in _boxes(answer)}
+        if contents:  # one box: its content; different ones ("\\boxed{3} or \\boxed{4}"): the hedge as written
+            answer = contents.pop() if len(contents) == 1 else _clean(_unbox(answer))
         return answer or None
-    boxed = _last_boxed(text)
-    if boxed is None or not _clean(boxed):
+    boxes = _boxes(text)
+    if not boxes or not _clean(_unbox(boxes[-1][2])):
         return None
-    if strict and not _clean(text[: text.rfind(_BOXED)]):
+    if strict and not _clean(text[: boxes[-1][0]]):
         return None
-    return _clean(boxed)
+    return _clean(_unbox(boxes[-1][2]))
 
 
 # ----------------------------------------------------------------------------- parsing
