@@ -199,9 +199,9 @@ def test_tied_head_config_shares_the_embedding(tiny):
 
 
 def test_few_row_linear_matches_nn_linear():
-    """The decoder's Linear takes a blocked bmm for one row against a CPU weight of 64K entries or
-    more and W @ x.T for 2-4 rows against one of 1M or more: the same values up to fp32 rounding
-    there, and exactly nn.Linear's everywhere else."""
+    """The decoder's Linear takes a blocked bmm for one row and W @ x.T for 2-4 rows against an fp32
+    CPU weight of 64K entries or more: the same values up to fp32 rounding there, and exactly
+    nn.Linear's everywhere else (more rows, smaller weights, bf16)."""
     from internvl_mpo.llm import Linear
 
     torch.manual_seed(0)
@@ -217,14 +217,14 @@ def test_few_row_linear_matches_nn_linear():
             for shape in [(5, 1024), (2, 8, 1024)]:
                 x = torch.randn(shape)
                 assert torch.equal(big(x), plain(x))
-            x = torch.randn(1, 1024)
-            assert torch.equal(big.bfloat16()(x.bfloat16()), plain.bfloat16()(x.bfloat16()))
-    middle = Linear(256, 256)  # 64K entries: the blocked product for one row, plain for more
+            for rows in (1, 3):
+                x = torch.randn(rows, 1024).bfloat16()
+                assert torch.equal(big.bfloat16()(x), plain.bfloat16()(x))
+    middle = Linear(256, 256)  # 64K entries: the few-row forms
     with torch.no_grad():
-        x = torch.randn(1, 256)
-        assert_close(middle(x), torch.nn.functional.linear(x, middle.weight, middle.bias), rtol=1e-5, atol=1e-5)
-        x = torch.randn(3, 256)
-        assert torch.equal(middle(x), torch.nn.functional.linear(x, middle.weight, middle.bias))
+        for rows in (1, 3):
+            x = torch.randn(rows, 256)
+            assert_close(middle(x), torch.nn.functional.linear(x, middle.weight, middle.bias), rtol=1e-5, atol=1e-5)
     small = Linear(64, 64)
     for rows in (1, 3):
         x = torch.randn(rows, 64)

@@ -60,12 +60,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
-def weight_first_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T computed as (weight @ x.T).T. On the CPU, MKL's x @ W.T for a few rows against a
-    large weight can run several times slower than for one row; W @ x.T runs at about the one-row
-    cost, with the same values up to fp32 rounding (benchmarks/generate.py, batch-4 decode)."""
+def weight_first_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) computed as (weight @ x.T).T. On the CPU, MKL's fp32 x @ W.T for 2-4
+    rows against a weight that is not in the caches runs two to four times slower than for one row
+    (5-9 GB/s for the small config's shapes); W @ x.T runs at 12-33 GB/s, with the same values up to
+    fp32 rounding (timed on this 2-core CPU, 2026-12-03; in bf16 it is slower, so fp32 only)."""
     rows = x.numel() // x.shape[-1]
-    return (weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], -1)
+    columns = x.reshape(rows, -1).T
+    out = weight @ columns if bias is None else torch.addmm(bias[:, None], weight, columns)
+    return out.T.reshape(*x.shape[:-1], -1)
 
 
 @torch.compiler.assume_constant_result
@@ -105,25 +108,24 @@ def blocked_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out.view(*x.shape[:-1], out_features)
 
 
-# Smallest weights (entries) that take the few-row forms: the blocked product pays from about 64K
-# entries (the small config's 896 x 896 and 128 x 896 projections gain too), W @ x.T from 1M.
-BLOCKED_MIN_ENTRIES = 1 << 16
-WEIGHT_FIRST_MIN_ENTRIES = 1 << 20
+# Smallest weights (entries) that take the few-row forms: from 64K entries (256 x 256) on, both pay
+# wherever the weight comes from memory rather than the caches (the small config's 128 x 896 k and
+# v projections gain too); smaller ones stay with nn.Linear's kernels.
+FEW_ROWS_MIN_ENTRIES = 1 << 16
 
 
 def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, max_rows: int,
                     bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x @ weight.T (+ bias) in the fastest form this CPU offers for 1 to `max_rows` rows against a
-    large weight (`blocked_matvec` for one, `weight_first_matmul` for more); None: use the plain matmul."""
+    large fp32 weight (`blocked_matvec` for one, `weight_first_matmul` for more); None: use the plain
+    matmul (other devices and dtypes: in bf16 both forms are slower than nn.Linear's kernels)."""
     rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or not 1 <= rows <= max_rows:
+    if (x.device.type != "cpu" or weight.dtype != torch.float32 or not 1 <= rows <= max_rows
+            or weight.numel() < FEW_ROWS_MIN_ENTRIES):
         return None
     if rows == 1:
-        return blocked_matvec(x, weight, bias) if weight.numel() >= BLOCKED_MIN_ENTRIES else None
-    if weight.numel() < WEIGHT_FIRST_MIN_ENTRIES:
-        return None
-    out = weight_first_matmul(x, weight)
-    return out if bias is None else out + bias
+        return blocked_matvec(x, weight, bias)
+    return weight_first_matmul(x, weight, bias)
 
 
 class Linear(nn.Linear):
