@@ -92,6 +92,32 @@ def test_generate_answers_again_a_request_whose_question_changed_since_the_last_
     assert rows == [{"id": "a", "question": "Hello", "answer": expected}, {"id": "b", "question": "Hi", "answer": "kept"}]
 
 
+def test_generate_interrupted_says_how_to_resume_and_the_rerun_answers_the_rest(folder, tmp_path, monkeypatch, capsys):
+    from internvl_mpo import cli_chat
+
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text("".join(json.dumps({"id": k, "question": q}) + "\n" for k, q in [("a", "Hi"), ("b", "Hello")]))
+    finish = InternVLChat.answers_as_they_finish
+
+    def ctrl_c_after_one(bot, jobs, batch_size):
+        for i, done in enumerate(finish(bot, jobs, batch_size)):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield done
+
+    with monkeypatch.context() as m:
+        m.setattr(InternVLChat, "answers_as_they_finish", ctrl_c_after_one)
+        with pytest.raises(KeyboardInterrupt):
+            cli_chat.generate(input=str(requests), output=str(answers), model=str(folder), device="cpu",
+                              max_new_tokens=6, batch_size=1)
+    assert f"interrupted after 1 of 2 requests (their lines are in {answers}); run the same command again to resume" \
+        in capsys.readouterr().err
+    assert [json.loads(x)["id"] for x in answers.read_text().splitlines()] == ["a"]
+    assert cli_chat.generate(input=str(requests), output=str(answers), model=str(folder), device="cpu",
+                             max_new_tokens=6, batch_size=1) == 0
+    assert [json.loads(x)["id"] for x in answers.read_text().splitlines()] == ["a", "b"]
+
+
 def test_generate_writes_an_error_line_for_a_bad_request_and_goes_on(folder, tmp_path):
     requests = tmp_path / "requests.jsonl"
     (tmp_path / "red.png").write_bytes((folder.parent / "red.png").read_bytes())

@@ -230,20 +230,32 @@ def generate(
 
     with out.open("a", encoding="utf-8") as sink, tqdm(total=len(requests), initial=len(requests) - len(todo),
                                                        desc="generate", unit="req") as bar:
-        for item, answer in bot.answers_as_they_finish(jobs(), batch_size):
-            record = {"id": item["id"], "question": item["question"]}
-            if isinstance(answer, Exception):  # its prompt could not be built, or failed in the engine
-                tqdm.write(f"internvl-mpo generate: {item['_where']} (id {item['id']!r}) skipped: {answer}",
-                           file=sys.stderr)
-                record["error"] = str(answer)
-            else:
-                record["answer"] = answer
-            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-            sink.flush()
-            os.fsync(sink.fileno())
-            bar.update(1)
+        try:
+            _write_answers(bot.answers_as_they_finish(jobs(), batch_size), sink, bar)
+        except KeyboardInterrupt:
+            tqdm.write(f"internvl-mpo generate: interrupted after {bar.n} of {len(requests)} requests (their lines "
+                       f"are in {out}); run the same command again to resume", file=sys.stderr)
+            raise
     rewrite_in_order(out, [item["id"] for item in requests])  # answers were written as they finished
     return 0
+
+
+def _write_answers(answers, sink, bar) -> None:
+    """One line per finished request, on disk before the next (a resumed run keeps every written line)."""
+    from tqdm import tqdm
+
+    for item, answer in answers:
+        record = {"id": item["id"], "question": item["question"]}
+        if isinstance(answer, Exception):  # its prompt could not be built, or failed in the engine
+            tqdm.write(f"internvl-mpo generate: {item['_where']} (id {item['id']!r}) skipped: {answer}",
+                       file=sys.stderr)
+            record["error"] = str(answer)
+        else:
+            record["answer"] = answer
+        sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+        sink.flush()
+        os.fsync(sink.fileno())
+        bar.update(1)
 
 
 def _finished_questions(out: Path) -> dict:
