@@ -181,6 +181,7 @@ _BOUND_AFTER = re.compile(
     r"|[个只]?(?:以上|以下|多|余))",
     re.IGNORECASE,
 )
+_PERCENT_WORD = re.compile(r"\s*percent", re.IGNORECASE)
 # A root or pi in a text ground truth: compared as math (`normalize_math`).
 _MATH_MARK = re.compile(r"\\sqrt|√|\bsqrt\s*\(|\\pi|π")
 _SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺"
@@ -553,7 +554,9 @@ def parse_number(text: str) -> Number | None:
         s = _NUMBER_WORD.sub(lambda m: str(_WORD_NUMBERS.get(m[0].casefold(), 0)) if _is_count(m) else m[0], s)
     numbers = set()
     for match in _NUMBER_RE.finditer(s):
-        if _BOUND_BEFORE.search(s, 0, match.start()) or _BOUND_AFTER.match(s, match.end()):
+        # the bound's words within a few dozen characters before the number: searching all the text
+        # before every number took seconds on a long degenerate answer ("5 5 5 ..."), quadratic time
+        if _BOUND_BEFORE.search(s, max(0, match.start() - 64), match.start()) or _BOUND_AFTER.match(s, match.end()):
             return None
         value = float(match.group(1))
         if match.group(2) is not None:
@@ -561,7 +564,7 @@ def parse_number(text: str) -> Number | None:
             if denominator == 0:
                 return None
             value /= denominator
-        percent = bool(match.group(3)) or bool(re.match(r"\s*percent", s[match.end():], re.IGNORECASE))
+        percent = bool(match.group(3)) or bool(_PERCENT_WORD.match(s, match.end()))
         numbers.add(Number(value, percent))
     # "50% (0.5)": a percentage beside its fraction is one number
     plain = [n.value for n in numbers if not n.percent]
