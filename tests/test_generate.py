@@ -814,6 +814,22 @@ def test_batch_chat_takes_the_official_concatenated_pixel_values(setup):
             chat.batch_chat(["First"], **bad, **kw)
 
 
+def test_verbose_prints_the_prompt_with_images_as_placeholders_and_the_answer(setup, capsys):
+    """The official chat(verbose=True) prints the query, image tokens collapsed to <image>, and the response."""
+    chat, _ = setup
+    size = chat.config.image_size
+    kw = dict(max_new_tokens=6, do_sample=False)
+    answer = chat.chat("What is it?", torch.randn(2, 3, size, size), verbose=True, **kw)
+    printed = capsys.readouterr().out
+    assert printed.count("<image>") == 1 and "<IMG_CONTEXT>" not in printed and "<img>" not in printed
+    assert "<|im_start|>user\n<image>\nWhat is it?<|im_end|>" in printed and printed.rstrip().endswith(answer)
+    answers = chat.batch_chat(["First", "Second"], verbose=True, **kw)
+    printed = capsys.readouterr().out
+    assert printed.index("First") < printed.index(answers[0]) < printed.index("Second") < printed.rindex(answers[1])
+    chat.chat("Quiet", **kw)
+    assert capsys.readouterr().out == ""
+
+
 def test_images_may_be_passed_as_pixel_values_as_in_the_official_methods(setup):
     chat, _ = setup
     size = chat.config.image_size

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .chat.template import build_prompt_ids, get_template
-from .chat.tokenizer import Tokenizer, load_tokenizer
+from .chat.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokenizer, load_tokenizer
 from .config import ModelConfig
 from .errors import InputError
 from .generate.engine import SPAN_BUCKET, Engine, Generation, Request
@@ -260,23 +260,27 @@ class InternVLChat:
         yield from _stream_text(gen, 0, self._texts(params))
 
     def chat(self, question: str, images=None, video=None, history=None, return_history: bool = False, *,
-             pixel_values=None, **kwargs):
+             pixel_values=None, verbose: bool = False, **kwargs):
         """The answer as a string; with return_history=True, (answer, history + [(question, answer)]).
-        `pixel_values=` (the official argument's name) may stand for `images=`."""
+        `pixel_values=` (the official argument's name) may stand for `images=`; `verbose=True` prints
+        the prompt (images as `<image>`) and the answer, as the official method does."""
         inputs, params = self._split(kwargs)
         prepared = self.prepare(question, _images(images, pixel_values), video, history, **inputs)
         answer = "".join(self.stream_prepared(prepared, params)).strip()
+        if verbose:
+            self._show(prepared, answer)
         if return_history:
             return answer, list(history or []) + [(prepared.question, answer)]
         return answer
 
     def batch_chat(self, questions: Sequence[str], images=None, *, pixel_values=None, history=None,
-                   return_history: bool = False, **kwargs) -> list[str]:
+                   return_history: bool = False, verbose: bool = False, **kwargs) -> list[str]:
         """Answers to several independent questions, decoded together. `images[i]` goes with
         questions[i] (None, one image or a list of images). The official form works too: one
         `pixel_values` tensor (as `pixel_values=` or `images=`) with `num_patches_list` giving each
         question's tile count. A `seed` seeds question i with seed + i, so repeated questions get
-        different samples. As in the official method, `history` and `return_history` are refused."""
+        different samples. As in the official method, `history` and `return_history` are refused, and
+        `verbose=True` prints each prompt and answer."""
         if history is not None or return_history:
             raise InputError("batch_chat answers independent questions: no history (as the official batch_chat); "
                              "use chat() for a conversation")
@@ -306,7 +310,19 @@ class InternVLChat:
             p = self.prepare(question, imgs, **inputs)
             seed = None if params.seed is None else params.seed + i
             requests.append((p, dataclasses.replace(params, seed=seed)))
-        return self.answer_prepared(requests)
+        answers = self.answer_prepared(requests)
+        if verbose:
+            for (p, _), answer in zip(requests, answers):
+                self._show(p, answer)
+        return answers
+
+    def _show(self, prepared: Prepared, answer: str) -> None:
+        """The official `verbose=True` output: the prompt with each image's tokens shown as `<image>`, then
+        the answer."""
+        if not isinstance(answer, str):
+            return
+        prompt = self.tokenizer.decode(prepared.prompt_ids, skip_special_tokens=False)
+        print(prompt.replace(IMG_CONTEXT, "").replace(IMG_START + IMG_END, "<image>"), answer)
 
     def answer_prepared(self, jobs: Sequence[tuple[Prepared, SamplingParams] | InputError]) -> list:
         """The answers (cut at each job's stop strings, stripped) of prepared prompts,
