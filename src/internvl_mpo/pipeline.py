@@ -319,8 +319,6 @@ class InternVLChat:
     def _show(self, prepared: Prepared, answer: str) -> None:
         """The official `verbose=True` output: the prompt with each image's tokens shown as `<image>`, then
         the answer."""
-        if not isinstance(answer, str):
-            return
         prompt = self.tokenizer.decode(prepared.prompt_ids, skip_special_tokens=False)
         print(prompt.replace(IMG_CONTEXT, "").replace(IMG_START + IMG_END, "<image>"), answer)
 
