@@ -612,12 +612,18 @@ def normalize_text(text: str) -> str:
     return out
 
 
+# Passes of `_repeat`, one per level of nesting: deeper nesting stays as written (each pass reads the
+# whole answer, so a degenerate answer nesting thousands of levels would take quadratic time).
+MAX_NESTING = 32
+
+
 def _repeat(pattern: str | re.Pattern, replacement: str | Callable[[re.Match], str], s: str) -> str:
-    """`re.sub` until nothing changes (innermost first for nested braces)."""
-    while True:
+    """`re.sub` until nothing changes (innermost first for nested braces), at most MAX_NESTING times."""
+    for _ in range(MAX_NESTING):
         s, n = re.subn(pattern, replacement, s)
         if not n:
-            return s
+            break
+    return s
 
 
 def normalize_math(text: str) -> str:
