@@ -182,6 +182,7 @@ _BOUND_AFTER = re.compile(
     re.IGNORECASE,
 )
 _PERCENT_WORD = re.compile(r"\s*percent", re.IGNORECASE)
+_UNIT_WORD = re.compile(r"\s*(°|[A-Za-z]+)")  # the word after a number, for `_unit`
 # A root or pi in a text ground truth: compared as math (`normalize_math`).
 _MATH_MARK = re.compile(r"\\sqrt|√|\bsqrt\s*\(|\\pi|π")
 _SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺"
@@ -427,12 +428,16 @@ def _fractions(text: str) -> str:
     return _repeat(_FRAC, slash, text)
 
 
+def _powers(text: str) -> str:
+    """Superscript digits and signs as ^digits ("10⁵" -> "10^5"): NFKC would make "10⁵" the number 105."""
+    return re.sub(f"[{_SUPERSCRIPTS}]+", lambda m: "^" + m[0].translate(_FROM_SUPERSCRIPT), text)
+
+
 def _numeric_text(text: str) -> str:
     """Text with LaTeX wrappers, unicode minus, en dash and "minus"/"negative"/负 before a number,
     thousands commas, Chinese numerals, \\frac{a}{b}, ^\\circ as °, vulgar fractions ("½"; "3½" is two
     numbers, as "3 1/2") and a x 10^b made plain."""
-    # superscripts as ^digits first: NFKC would make "10⁵" the number 105
-    s = re.sub(f"[{_SUPERSCRIPTS}]+", lambda m: "^" + m[0].translate(_FROM_SUPERSCRIPT), text)
+    s = _powers(text)  # before NFKC
     s = re.sub(f"(?<=\\d)(?=[{_VULGAR_FRACTIONS}])", " ", s)
     s = unicodedata.normalize("NFKC", s).translate(_DASH_MINUS).replace("\u2044", "/")  # NFKC: "½" is "1⁄2"
     s = _fractions(_chinese_numerals(s))
@@ -528,6 +533,11 @@ def _is_count(match: re.Match) -> bool:
     return previous is None or previous in _COUNT_AFTER or singular_noun_follows
 
 
+def _number_part(text: str) -> str:
+    """`_numeric_text` of the part after the last "=" or "≈": where an answer's number is read."""
+    return re.split("[=≈]", _numeric_text(text))[-1]
+
+
 def parse_number(text: str) -> Number | None:
     """The number an answer gives; None when it gives none, or several different ones ("2 or 3").
 
@@ -545,8 +555,7 @@ def parse_number(text: str) -> Number | None:
     ("there is one", "only one of them", "one apple"; not "the one on the left", "the big red one"): see
     `_is_count`.
     """
-    s = _numeric_text(text)
-    s = re.split("[=≈]", s)[-1]
+    s = _number_part(text)
     if _EXPRESSION.search(s):
         return None
     if len(re.findall(r"\w+", s)) <= _SHORT_ANSWER_WORDS:
@@ -575,9 +584,9 @@ def parse_number(text: str) -> Number | None:
 def _unit(text: str) -> str | None:
     """The known unit (`_UNIT_NAMES`) written right after the first number, of the answer's part after
     the last "=" or "≈", that has one ("5 centimeters" -> "cm", "30°C" -> "°", "3 m/s" -> "m"), or None."""
-    s = re.split("[=≈]", _numeric_text(text))[-1]
+    s = _number_part(text)
     for match in _NUMBER_RE.finditer(s):
-        word = re.match(r"\s*(°|[A-Za-z]+)", s[match.end() :])
+        word = _UNIT_WORD.match(s, match.end())
         if word:
             name = word.group(1).casefold()
             unit = _UNITS.get(name) or (_UNITS.get(name[:-1]) if len(name) > 2 and name.endswith("s") else None)
@@ -636,7 +645,7 @@ def normalize_math(text: str) -> str:
     units, a trailing unit word, a final period and all whitespace dropped; casefolded. Written forms
     only: no algebra (√8 is not 2√2, 1+√2 is not √2+1).
     """
-    s = re.sub(f"[{_SUPERSCRIPTS}]+", lambda m: "^" + m[0].translate(_FROM_SUPERSCRIPT), text)
+    s = _powers(text)
     s = unicodedata.normalize("NFKC", s).translate(_DASH_MINUS).replace("$", " ")
     s = re.sub(r"\\[()\[\]]", " ", s).replace("\\approx", "≈").rsplit("=", 1)[-1].split("≈")[0]
     s = re.sub(r"\\pi(?![A-Za-z])|(?<![A-Za-z])pi(?![A-Za-z])", "π", s, flags=re.IGNORECASE)
