@@ -231,6 +231,112 @@ def test_few_row_linear_matches_nn_linear():
         assert torch.equal(small(x), torch.nn.functional.linear(x, small.weight, small.bias))
 
 
+def packed_llm():
+    """A Qwen2 decoder whose q/k/v (256 x 256, 64 x 256 twice) and gate/up projections are large
+    enough for the few-row forms, with random weights."""
+    from internvl_mpo.llm import Qwen2ForCausalLM
+
+    llm = dataclasses.replace(tiny_config().llm, hidden_size=256, intermediate_size=512, num_hidden_layers=2)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(llm).eval()
+    model.init_weights(0.05)
+    return model
+
+
+def decode_rows(model, rows: int, seed: int = 1) -> torch.Tensor:
+    """Final hidden states of `rows` one-token sequences (rows of one decode step, no cache)."""
+    x = torch.randn(rows, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model.model(x, torch.full((rows, 1), 3))
+
+
+def test_packed_projections_share_the_parameters_storage_and_give_the_same_values():
+    """Packing makes q/k/v (and gate/up) views of one tensor each: no memory added, state_dict
+    unchanged, and 1-4 rows through the one-call product give the separate products' values up to
+    fp32 rounding."""
+    from internvl_mpo.llm import pack_projections
+
+    model = packed_llm()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {rows: decode_rows(model, rows) for rows in (1, 3, 5)}
+    pack_projections(model)
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        assert attn.packed is not None and mlp.packed is not None
+        storage = attn.packed.weight.untyped_storage()
+        assert storage.nbytes() == attn.packed.weight.nbytes  # nothing beside the packed rows
+        for m in (attn.q_proj, attn.k_proj, attn.v_proj):
+            assert m.weight.untyped_storage().data_ptr() == storage.data_ptr()
+            assert m.bias.untyped_storage().data_ptr() == attn.packed.bias.untyped_storage().data_ptr()
+        assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.packed.weight.untyped_storage().data_ptr()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    for rows, expected in before.items():
+        assert_close(decode_rows(model, rows), expected, rtol=1e-5, atol=1e-5)
+    packs = [layer.self_attn.packed for layer in model.model.layers]
+    pack_projections(model)  # still valid: kept
+    assert [layer.self_attn.packed for layer in model.model.layers] == packs
+
+
+def test_a_pack_is_not_used_once_its_linears_are_replaced_moved_or_trained():
+    """The one-call product is skipped (and the separate linears decide) when a projection was
+    replaced or wrapped, the weights were cast, or gradients are on; weights loaded in place keep
+    the pack, and it reads them."""
+    from internvl_mpo.llm import Linear, pack_projections
+    from internvl_mpo.train.lora import LoRALinear
+
+    model, fresh = packed_llm(), packed_llm()
+    pack_projections(model)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.load_state_dict(fresh.state_dict())  # in place: the packed rows take the new values
+    assert model.model.layers[0].self_attn.packed.valid((model.model.layers[0].self_attn.q_proj,
+                                                         model.model.layers[0].self_attn.k_proj,
+                                                         model.model.layers[0].self_attn.v_proj))
+    assert_close(decode_rows(model, 1), decode_rows(fresh, 1), rtol=1e-5, atol=1e-5)
+
+    attn = model.model.layers[0].self_attn
+    lora = LoRALinear(attn.q_proj, rank=2, alpha=2.0)
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    attn.q_proj = lora
+    fresh.model.layers[0].self_attn.q_proj = lora
+    assert_close(decode_rows(model, 1), decode_rows(fresh, 1), rtol=1e-5, atol=1e-5)
+    attn.q_proj = Linear(256, 256)
+    fresh.model.layers[0].self_attn.q_proj = attn.q_proj
+    assert_close(decode_rows(model, 2), decode_rows(fresh, 2), rtol=1e-5, atol=1e-5)
+    pack_projections(model)  # a new pack around the new linear
+    assert attn.packed.linears[0] is attn.q_proj
+    assert_close(decode_rows(model, 1), decode_rows(fresh, 1), rtol=1e-5, atol=1e-5)
+
+    model.double()
+    assert decode_rows(model.float(), 1).dtype == torch.float32  # cast away and back: separate linears
+    assert not model.model.layers[1].mlp.packed.valid((model.model.layers[1].mlp.gate_proj,
+                                                       model.model.layers[1].mlp.up_proj))
+    assert_close(decode_rows(model, 1), decode_rows(fresh, 1), rtol=1e-5, atol=1e-5)
+
+    pack_projections(model)
+    x = torch.randn(1, 1, 256)
+    model.model(x, torch.full((1, 1), 3)).sum().backward()
+    for layer in model.model.layers:
+        assert layer.self_attn.k_proj.weight.grad is not None and layer.mlp.gate_proj.weight.grad is not None
+
+
+def test_a_packed_model_saves_and_loads(tmp_path, tiny):
+    from internvl_mpo.llm import pack_projections
+    from internvl_mpo.model import InternVL
+
+    config = tiny.replace(llm=dataclasses.replace(tiny.llm, hidden_size=256, intermediate_size=512))
+    model = InternVL(config, image_token_id=IMAGE_TOKEN_ID)
+    model.init_weights()
+    pack_projections(model.language_model)
+    assert model.language_model.model.layers[0].self_attn.packed is not None
+    model.save_pretrained(tmp_path / "m")
+    loaded = InternVL.from_pretrained(tmp_path / "m", image_token_id=IMAGE_TOKEN_ID)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def test_blocked_matvec_splits_the_rows_over_the_threads():
     """One row against a large fp32 CPU weight is one bmm over as many equal row blocks as there are
     threads (or the largest divisor of the row count below that); one thread, no divisor or bf16
