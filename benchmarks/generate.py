@@ -222,27 +222,19 @@ def weight_stream_fn(model):
     """`stream(passes)` multiplies every decoder weight matrix, head included, by one vector, `passes`
     times over: the bytes a batch-1 decode step must read at least, once per step. Each matrix takes
     the faster of two kernels (timed here): `W @ v`, and on an fp32 CPU the blocked bmm our decoder
-    uses for one row (llm.blocked_matvec: about twice the bandwidth of MKL's on this machine).
-    Projections our engine packed into one tensor (llm.PackedLinears) are streamed as that tensor,
-    as the decode step reads them."""
+    uses for one row (llm.blocked_matvec: about twice the bandwidth of MKL's on this machine)."""
     from internvl_mpo.llm import blocked_matvec
 
-    matrices, packed = [], set()
-    for m in model.language_model.modules():
-        pack = getattr(m, "packed", None)
-        if pack is not None and pack.valid(pack.linears):
-            matrices.append(pack.weight)
-            packed.update(map(id, pack.linears))
-    matrices += [m.weight for m in model.language_model.modules()
-                 if isinstance(m, torch.nn.Linear) and id(m) not in packed]
     products = []
     with torch.no_grad():
-        for w in matrices:
-            v = torch.randn(w.shape[1], 1, device=w.device, dtype=w.dtype)
-            forms = [lambda w=w, v=v: w @ v]
-            if w.device.type == "cpu" and blocked_matvec(v.T, w) is not None:
-                forms.append(lambda w=w, v=v: blocked_matvec(v.T, w))
-            products.append(min(forms, key=lambda f: timed(f, repeat=3, budget_s=0)))
+        for m in model.language_model.modules():
+            if isinstance(m, torch.nn.Linear):
+                w = m.weight
+                v = torch.randn(w.shape[1], 1, device=w.device, dtype=w.dtype)
+                forms = [lambda w=w, v=v: w @ v]
+                if w.device.type == "cpu" and blocked_matvec(v.T, w) is not None:
+                    forms.append(lambda w=w, v=v: blocked_matvec(v.T, w))
+                products.append(min(forms, key=lambda f: timed(f, repeat=3, budget_s=0)))
 
     def stream(passes: int) -> None:
         with torch.no_grad():

@@ -31,7 +31,7 @@ from torch import nn
 from .config import LLMConfig
 from .errors import ConfigError
 from .kv_cache import KVCache
-from .llm import Linear, PackedLinears, RotaryEmbedding, apply_rope, run_layers
+from .llm import Linear, RotaryEmbedding, apply_rope, run_layers
 from .vision import RMSNorm
 
 
@@ -82,17 +82,9 @@ class InternLM2MLP(nn.Module):
         self.w1 = Linear(config.hidden_size, config.intermediate_size, bias=False)  # gate
         self.w3 = Linear(config.hidden_size, config.intermediate_size, bias=False)  # up
         self.w2 = Linear(config.intermediate_size, config.hidden_size, bias=False)  # down
-        self.packed: PackedLinears | None = None
-
-    def pack_projections(self) -> None:
-        self.packed = PackedLinears.repack(self.packed, (self.w1, self.w3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = None if self.packed is None else self.packed.matmul(x, (self.w1, self.w3))
-        if gate_up is None:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class InternLM2DecoderLayer(nn.Module):

@@ -136,68 +136,6 @@ class Linear(nn.Linear):
         return super().forward(x) if out is None else out
 
 
-class PackedLinears:
-    """Linears over the same input whose weights (and biases) are consecutive rows of one tensor:
-    each linear's parameters are made views of it, so no memory is added, and a product of 1-4 rows
-    reads them all in one `few_rows_matmul` call (q, k and v of a decode step in one call instead of
-    three, gate and up in one instead of two). Between the large matrix-vector products of a CPU
-    decode step, every call costs tens of microseconds on top of its bytes."""
-
-    def __init__(self, linears: tuple[nn.Linear, ...]):
-        self.linears = linears
-        with torch.no_grad():
-            self.weight = torch.cat([m.weight for m in linears])
-            parts = self.weight.split([m.out_features for m in linears])
-            for m, part in zip(linears, parts):
-                m.weight.data = part
-            self.bias = None
-            if linears[0].bias is not None:
-                self.bias = torch.cat([m.bias for m in linears])
-                for m, part in zip(linears, self.bias.split([m.out_features for m in linears])):
-                    m.bias.data = part
-        self.pointers = self._pointers()
-
-    def _pointers(self) -> tuple[int, ...]:
-        return tuple(p.data_ptr() for m in self.linears for p in (m.weight, m.bias) if p is not None)
-
-    def valid(self, linears: tuple[nn.Module, ...]) -> bool:
-        """Whether `linears` are still the packed modules with the packed views as parameters (not
-        replaced, wrapped, moved or cast since)."""
-        return all(a is b for a, b in zip(linears, self.linears)) and self._pointers() == self.pointers
-
-    def matmul(self, x: torch.Tensor, linears: tuple[nn.Module, ...]) -> torch.Tensor | None:
-        """The linears' outputs side by side for 1-4 rows of x, or None: compute them one by one
-        (more rows, gradients on, while compiling, or a pack that is no longer valid)."""
-        if torch.compiler.is_compiling() or torch.is_grad_enabled() or not self.valid(linears):
-            return None
-        return few_rows_matmul(x, self.weight, 4, self.bias)
-
-    @classmethod
-    def repack(cls, current: "PackedLinears | None", linears: tuple[nn.Module, ...]) -> "PackedLinears | None":
-        """`current` while it is valid; otherwise a new pack of `linears`, or None where the one-call
-        product cannot apply (not all plain fp32 CPU linears over one input, with or without biases
-        alike, or too small for the few-row forms)."""
-        if current is not None and current.valid(linears):
-            return current
-        if not all(type(m) is Linear for m in linears):
-            return None
-        weights = [m.weight for m in linears]
-        if not (all(w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous() for w in weights)
-                and len({w.shape[1] for w in weights}) == 1 and len({m.bias is None for m in linears}) == 1
-                and sum(w.numel() for w in weights) >= FEW_ROWS_MIN_ENTRIES):
-            return None
-        return cls(linears)
-
-
-def pack_projections(model: nn.Module) -> None:
-    """Pack the projections that read the same input (see PackedLinears) in every module of `model`
-    that offers `pack_projections`; packs still valid are kept. For inference on the CPU: the
-    generation engine calls it."""
-    for module in model.modules():
-        if module is not model and hasattr(module, "pack_projections"):
-            module.pack_projections()
-
-
 class Attention(nn.Module):
     def __init__(self, config: LLMConfig):
         super().__init__()
@@ -210,10 +148,6 @@ class Attention(nn.Module):
         self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=False)
         self.dropout = config.attention_dropout
-        self.packed: PackedLinears | None = None
-
-    def pack_projections(self) -> None:
-        self.packed = PackedLinears.repack(self.packed, (self.q_proj, self.k_proj, self.v_proj))
 
     def forward(
         self,
@@ -225,17 +159,10 @@ class Attention(nn.Module):
         cache_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        h, kh = self.num_heads, self.num_kv_heads
-        qkv = None if self.packed is None else self.packed.matmul(x, (self.q_proj, self.k_proj, self.v_proj))
-        if qkv is None:
-            q = self.q_proj(x).view(b, t, h, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-            k = self.k_proj(x).view(b, t, kh, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-            v = self.v_proj(x).view(b, t, kh, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        else:  # one product, and q and k rotated together
-            qkv = qkv.view(b, t, h + 2 * kh, self.head_dim).transpose(1, 2)  # (B, H + 2K, T, D)
-            qk = apply_rope(qkv[:, : h + kh], cos, sin)
-            q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kh :]
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(cache_positions, k, v)  # (B, K, S, D)
         out = F.scaled_dot_product_attention(
@@ -256,17 +183,9 @@ class MLP(nn.Module):
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.packed: PackedLinears | None = None
-
-    def pack_projections(self) -> None:
-        self.packed = PackedLinears.repack(self.packed, (self.gate_proj, self.up_proj))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = None if self.packed is None else self.packed.matmul(x, (self.gate_proj, self.up_proj))
-        if gate_up is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):

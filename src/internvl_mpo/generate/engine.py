@@ -36,7 +36,7 @@ import torch
 
 from ..errors import InputError, PromptTooLongError
 from ..kv_cache import make_caches
-from ..llm import few_rows_matmul, pack_projections
+from ..llm import few_rows_matmul
 from ..model import InternVL
 from .greedy_head import GreedyScreen
 from .sampling import (
@@ -113,11 +113,7 @@ class Engine:
             self._decode_fn = torch.compile(self._decode, mode=mode, **COMPILE_OPTIONS)
 
     def start(self, max_batch: int, max_len: int) -> "Generation":
-        """An empty batch of `max_batch` rows, each holding up to `max_len` tokens. An eager engine
-        packs the projections that share an input first (llm.PackedLinears: fp32 CPU weights only,
-        no memory added), again after the model's weights were moved or replaced."""
-        if not self.compiled:
-            pack_projections(self.model.language_model)
+        """An empty batch of `max_batch` rows, each holding up to `max_len` tokens."""
         return Generation(self, max_batch, min(max_len, self.context))
 
     def generate(self, requests: list[Request]) -> "Generation":
