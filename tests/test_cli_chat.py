@@ -92,6 +92,36 @@ def test_generate_answers_again_a_request_whose_question_changed_since_the_last_
     assert rows == [{"id": "a", "question": "Hello", "answer": expected}, {"id": "b", "question": "Hi", "answer": "kept"}]
 
 
+def test_generate_answers_again_a_request_whose_image_or_video_changed_since_the_last_run(folder, tmp_path):
+    """Resuming kept an answer by id and question alone: a request whose image was swapped for
+    another file kept the answer about the old one. Answer lines now repeat the image and video
+    paths as the request wrote them, and a request whose paths differ is asked again."""
+    for name in ("red.png", "blue.png"):
+        (tmp_path / name).write_bytes((folder.parent / name).read_bytes())
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    lines = [{"id": "a", "question": "Colour?", "image": "blue.png"},
+             {"id": "b", "question": "Colour?", "image": ["red.png", "blue.png"]},
+             {"id": "c", "question": "Colour?", "image": "red.png"}]
+    requests.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    answers.write_text("\n".join(json.dumps(x) for x in [
+        {"id": "a", "question": "Colour?", "image": "red.png", "answer": "stale"},  # the image was changed
+        {"id": "b", "question": "Colour?", "image": ["red.png", "blue.png"], "answer": "kept"},
+        {"id": "c", "question": "Colour?", "answer": "stale"},  # an image was added to the request
+    ]) + "\n")
+    out = cli("generate", "--input", requests, "--output", answers, "--model", folder, "--max-new-tokens", "6")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(x) for x in answers.read_text().splitlines()]
+    bot = InternVLChat.from_pretrained(folder)
+    expected = {name: bot.chat("Colour?", images=str(tmp_path / name), max_new_tokens=6, do_sample=False)
+                for name in ("red.png", "blue.png")}
+    assert rows == [{"id": "a", "question": "Colour?", "image": "blue.png", "answer": expected["blue.png"]},
+                    {"id": "b", "question": "Colour?", "image": ["red.png", "blue.png"], "answer": "kept"},
+                    {"id": "c", "question": "Colour?", "image": "red.png", "answer": expected["red.png"]}]
+    assert "0 of 3" not in out.stderr
+    again = cli("generate", "--input", requests, "--output", answers, "--model", folder / "nope")
+    assert again.returncode == 0 and "all 3 requests are answered" in again.stderr  # no model needed
+
+
 def test_generate_interrupted_says_how_to_resume_and_the_rerun_answers_the_rest(folder, tmp_path, monkeypatch, capsys):
     from internvl_mpo import cli_chat
 
@@ -136,7 +166,8 @@ def test_generate_writes_an_error_line_for_a_bad_request_and_goes_on(folder, tmp
         written = [json.loads(x) for x in answers.read_text().splitlines()]
         assert [r["id"] for r in written] == ["a", "b", "c"]  # put back in the requests' order at the end
         rows = {r["id"]: r for r in written}
-        assert set(rows["b"]) == {"id", "question", "error"} and "gone.png" in rows["b"]["error"]
+        assert set(rows["b"]) == {"id", "question", "image", "error"} and "gone.png" in rows["b"]["error"]
+        assert rows["b"]["image"] == "gone.png"  # as the request wrote it
         assert {i: rows[i]["answer"] for i in "ac"} == expected
 
 

@@ -180,7 +180,8 @@ def generate(
     """Answer a JSONL file of requests; resumes where an interrupted run stopped.
 
     input: JSONL lines {"id", "question", "image" (path or list, relative to the file), "video"}
-    output: JSONL lines {"id", "question", "answer"} (or "error" for a request that cannot run), appended
+    output: JSONL lines {"id", "question", "image", "video", "answer"} (image and video as the request
+        wrote them, where it has them; "error" for a request that cannot run), appended
     model: checkpoint folder or hub id (default: the shipped demo model)
     batch_size: requests decoded together
     max_num: most tiles per image (default: the model's max_dynamic_patch)
@@ -212,7 +213,7 @@ def generate(
     base = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, 1.0, min_new_tokens))
     requests = _read_requests(Path(input))
     done = _finished_questions(out)
-    todo = [r for r in requests if done.get(r["id"]) != r["question"]]  # an edited question is asked again
+    todo = [r for r in requests if done.get(r["id"]) != _asked(r)]  # an edited request is asked again
     if not todo:  # a finished run: no need to spend minutes loading a large model
         print(f"internvl-mpo generate: all {len(requests)} requests are answered in {out}", file=sys.stderr)
         return 0
@@ -245,7 +246,7 @@ def _write_answers(answers, sink, bar) -> None:
     from tqdm import tqdm
 
     for item, answer in answers:
-        record = {"id": item["id"], "question": item["question"]}
+        record = {"id": item["id"], "question": item["question"], **item["_inputs"]}
         if isinstance(answer, Exception):  # its prompt could not be built, or failed in the engine
             tqdm.write(f"internvl-mpo generate: {item['_where']} (id {item['id']!r}) skipped: {answer}",
                        file=sys.stderr)
@@ -258,8 +259,15 @@ def _write_answers(answers, sink, bar) -> None:
         bar.update(1)
 
 
+def _asked(row: dict) -> tuple:
+    """What a request asked, as its line wrote it: question, image and video paths (a request line,
+    or an answer line, which repeats them)."""
+    inputs = row.get("_inputs", row)
+    return row.get("question"), inputs.get("image"), inputs.get("video")
+
+
 def _finished_questions(out: Path) -> dict:
-    """{id: question} of the requests answered in `out`, which keeps only their lines: error lines are
+    """{id: `_asked`} of the requests answered in `out`, which keeps only their lines: error lines are
     dropped (those requests run again), and so is a line cut by an interrupted write, even in the middle
     of a character."""
     if not out.exists():
@@ -271,7 +279,7 @@ def _finished_questions(out: Path) -> dict:
         except (UnicodeDecodeError, json.JSONDecodeError):
             continue
         if isinstance(row, dict) and "answer" in row and isinstance(row.get("id"), (str, int)):
-            done[row["id"]] = row.get("question")
+            done[row["id"]] = _asked(row)
             kept.append(line)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_bytes(b"".join(k + b"\n" for k in kept))
@@ -295,6 +303,7 @@ def _read_requests(path: Path) -> list[dict]:
         lines[rid] = where
         item["_line"], item["_where"] = number, where
         image, video = item.get("image"), item.get("video")
+        item["_inputs"] = {k: v for k, v in (("image", image), ("video", video)) if v is not None}
         if not (image is None or isinstance(image, str) or
                 (isinstance(image, list) and all(isinstance(v, str) for v in image))):
             raise InputError(f"{where}: 'image' must be a path or a list of paths, got {json.dumps(image)[:80]}")
