@@ -949,6 +949,21 @@ def test_remote_images_on_private_addresses_are_refused():
         httpd.server_close()
 
 
+def test_nat64_addresses_are_judged_by_the_ipv4_address_they_carry():
+    """64:ff9b::/96 (NAT64) reaches the IPv4 address in its last 32 bits: 64:ff9b::7f00:1 is this
+    machine's loopback through the gateway, and 64:ff9b::808:808 a public host (the only way an
+    IPv6-only machine with DNS64 reaches IPv4-only sites; all of them were refused as reserved)."""
+    from internvl_mpo.server import refusal
+
+    assert refusal("64:ff9b::7f00:1") == "loopback"
+    assert refusal("64:ff9b::a9fe:a9fe") == "link-local"  # 169.254.169.254, cloud metadata
+    assert refusal("64:ff9b::a00:1") == "private"
+    assert refusal("64:ff9b::6440:1") == "non-public"  # 100.64.0.1, carrier-grade NAT
+    assert refusal("64:ff9b::808:808") is None
+    assert refusal("64:ff9b:1::a00:1") == "reserved"  # the local-use prefix stays refused
+    assert refusal("2606:2800::1") is None and refusal("8.8.8.8") is None
+
+
 def test_every_address_of_a_remote_image_host_is_checked():
     """A host is refused when any of its addresses is not public (the connection could reach that one)."""
     from internvl_mpo.server import public_addresses

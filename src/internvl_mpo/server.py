@@ -433,12 +433,21 @@ class HostRefused(ValueError):
     """A remote image's host is at an address that is not public."""
 
 
+# RFC 6052's well-known NAT64 prefix: the last 32 bits are an IPv4 address, which a NAT64 gateway
+# connects to (an IPv6-only host with DNS64 reaches every IPv4-only site this way).
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
 def refusal(ip: str) -> str | None:
     """Why an image may not be fetched from `ip` unless --allow-private-image-hosts ("loopback", ...), or None
-    for a public address. An IPv4 address inside IPv6 (::ffff:a.b.c.d, 6to4) is judged as that IPv4 address."""
+    for a public address. An IPv4 address inside IPv6 (::ffff:a.b.c.d, 6to4, NAT64's 64:ff9b::a.b.c.d) is
+    judged as that IPv4 address."""
     address = ipaddress.ip_address(ip)
     if address.version == 6:
-        address = address.ipv4_mapped or address.sixtofour or address
+        if address in NAT64:
+            address = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        else:
+            address = address.ipv4_mapped or address.sixtofour or address
     for kind in ("unspecified", "loopback", "link_local", "multicast", "reserved", "private", "site_local"):
         if getattr(address, "is_" + kind, False):
             return kind.replace("_", "-")
