@@ -1,11 +1,11 @@
 """The `internvl-mpo` command (also `python -m internvl_mpo`).
 
 Each subcommand is a typed function; its signature gives the flags and its docstring the help
-(one "name: text" line per parameter). Parameters without a default are positional, and so are
-positional-only ones (before `/`), which are optional when they have a default; keyword-only ones
-(after `*`) are flags, required when they have no default. Subcommands
-live with the code they drive and are imported only when called, so `internvl-mpo chat` does not
-import the trainer or the web stack.
+(one "name: text" line per parameter, continued on indented lines). Parameters without a default are
+positional, and so are positional-only ones (before `/`), which are optional when they have a default;
+keyword-only ones (after `*`) are flags, required when they have no default. Subcommands live with
+the code they drive and are imported only when called, so `internvl-mpo chat` does not import the
+trainer or the web stack.
 """
 
 from __future__ import annotations
@@ -49,10 +49,15 @@ def _unwrap(annotation):
 
 
 def _param_help(doc: str) -> dict[str, str]:
-    out = {}
+    """{name: text} of the docstring's "name: text" lines; an indented line goes on the text above it."""
+    out, last = {}, None
     for line in doc.splitlines():
+        if last and line.startswith(" ") and line.strip():
+            out[last] += " " + line.strip()
+            continue
         name, sep, text = line.strip().partition(": ")
-        if sep and name.isidentifier():
+        last = name if sep and name.isidentifier() else None
+        if last:
             out[name] = text
     return out
 
