@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+import time
 
 import pytest
 
@@ -669,3 +670,94 @@ def test_a_chinese_count_ground_truth_is_a_number(prediction, truth, expected):
 def test_boxes(text, expected):
     assert extract_final_answer(text, strict=True) == expected
 
+
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [
+        # a magnitude word after a number multiplies it; a bare number is not the same number
+        ("1.2 million", "1200000", True), ("1,200,000", "1.2 million", True), ("1.2 million", "1.2", False),
+        ("3 billion", "3000000000", True), ("5 thousand", "5000", True), ("2.5 trillion", "2500000000000", True),
+        ("1 million people", "1000000", True), ("1.2 Millions", "1200000", True), ("two thousand", "2000", True),
+        ("3 hundred thousand", "300000", True), ("$1.5 billion", "1500000000", True),
+        ("1 million or more", "1000000", None),
+        ("3万", "30000", True), ("2.5亿", "250000000", True), ("3千", "3000", True), ("1.5万亿", "1500000000000", True),
+        ("有3万人", "30000", True), ("5千万", "50000000", True), ("3万", "3", False), ("3万多", "30000", None),
+        ("3十万", "300000", True), ("5百分点", "5", True),
+        # abbreviations are not read ("5 M" may be metres, "0.5M" molar); 千 before a unit is its prefix (千米 is km)
+        ("1.2M", "1200000", False), ("3千米", "3", True), ("3千米", "3000", False), ("5千克", "5 kg", True),
+        # a number run on after the magnitude is no number ("3万5千")
+        ("3万5千", "35000", None),
+    ],
+)
+def test_magnitude_words(prediction, truth, expected):
+    assert infer_kind(truth) == "number"
+    assert check_answer(prediction, truth) is expected
+
+
+def test_a_magnitude_ground_truth_is_a_number():
+    assert infer_kind("1.2 million") == "number" and infer_kind("3万人") == "number"
+    assert check_answer("1.2 million", "1.2 million") is True and check_answer("1200000", "1.2 million") is True
+
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [
+        ("三点五", "3.5", True), ("零点五", "0.5", True), ("三点一四", "3.14", True), ("答案是三点五", "3.5", True),
+        ("负三点五", "-3.5", True), ("百分之三点五", "3.5%", True), ("三点五万", "35000", True), ("三点五", "3", False),
+        # a time ("三点五十", 3:50; "三点五分", 3:05), 点 without a digit after it, or inside words is no decimal
+        ("三点五十", "3.5", None), ("三点五分", "3.5", None), ("三点", "3", None), ("有一点", "1", None),
+    ],
+)
+def test_chinese_decimals(prediction, truth, expected):
+    assert check_answer(prediction, truth) is expected
+
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [
+        # the root of a perfect power, alone, is its root; other roots are expressions (no number)
+        ("∛8", "2", True), ("\\sqrt[3]{8}", "2", True), ("√9", "3", True), ("\\sqrt{16}", "4", True),
+        ("∜16", "2", True), ("\\sqrt[4]{81} cm", "3 cm", True), ("x = ∛27", "3", True), ("1/√4", "0.5", True),
+        ("∛8", "8", False), ("∛9", "2", None), ("2∛8", "4", None), ("√2", "1.414", None),
+        ("\\sqrt9", "3", True), ("\\sqrt16", "4", None),  # LaTeX: \sqrt16 is √1 before 6
+        # against a ground truth holding a root, n-th roots compare by their written form
+        ("∛2", "\\sqrt[3]{2}", True), ("\\sqrt[3]{2}", "∛2", True), ("cbrt(2)", "∛2", True),
+        ("2∛(3)", "2\\sqrt[3]{3}", True),
+        ("\\sqrt[4]{x}", "∜x", True), ("\\sqrt[5]{2}", "\\sqrt[5]{2}", True), ("∛2", "\\sqrt{2}", False),
+        ("\\sqrt[3]{2}", "\\sqrt{2}", False), ("\\sqrt[5]{2}", "\\sqrt[3]{2}", False),
+        # a degree too long for int() is kept as written
+        pytest.param("\\sqrt[" + "9" * 5000 + "]{2}", "∛2", False, id="long-degree"),
+    ],
+)
+def test_cube_and_nth_roots(prediction, truth, expected):
+    assert check_answer(prediction, truth) is expected
+
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [
+        ("2/3", "0.67", False), ("0.67", "2/3", False), ("0.667", "2/3", True), ("2/3", "0.667", True),
+        ("\\frac{2}{3}", "0.6667", True),
+    ],
+)
+def test_a_fraction_and_a_rounded_decimal_agree_only_within_the_tolerance(prediction, truth, expected):
+    """As the official `math_score` (1e-3 relative, and a fraction is no float there): 2/3 is 0.667, not 0.67."""
+    assert check_answer(prediction, truth) is expected
+
+
+@pytest.mark.parametrize(
+    "prediction, truth",
+    [
+        ("1 million " * 20000, "1000000"), ("1" + " " * 200_000 + "x", "1"), ("1" + " million" * 30000, "1"),
+        ("三点" * 100_000, "3"), ("三点五" * 70_000, "3.5"), ("3万 " * 20000, "30000"), ("\\sqrt" + " " * 200_000, "2"),
+        ("∛" + "8" * 200_000, "2"), ("\\sqrt[3]" + " " * 200_000 + "{2}", "\\sqrt[3]{2}"), ("\\sqrt[3]{" * 20000, "∛2"),
+    ],
+    ids=range(10),
+)
+def test_long_degenerate_answers_are_checked_in_linear_time(prediction, truth):
+    """A loose guard against quadratic regexes: 200k characters take a fraction of a second when linear,
+    minutes when quadratic."""
+    start = time.perf_counter()
+    check_answer(prediction, truth)
+    assert time.perf_counter() - start < 2

@@ -16,24 +16,26 @@ and from open-compass/VLMEvalKit:
 - `vlmeval/dataset/utils/yorn.py` `YOrN_Extraction`: "yes" without "no" or the reverse.
 
 Additions, each a superset of the above: `\\boxed{}` answers (VLMEvalKit's `extract_boxed_content`), an
-answer in display math that opens on the trigger's line ("Final answer:\\n$$\\n12\\n$$"; the official
-reads "$$"), the Chinese trigger "答案:" of the official Chinese prompt, explicit letter statements ("The
-answer is B", "option (C)", "答案是C", which VLMEvalKit hands to its judge model), numbers read with units
-(a known unit on both sides must agree: "5 m" is not "5 cm"), thousands commas, percentages, fractions
-(a/b, "½", LaTeX `\\frac` also as \\frac12), scientific notation ("3 × 10^5", "6.02 \\times 10^{23}"),
-negative numbers (also with an en dash, "minus", "negative" or 负 for the minus) and full-width ones,
-Chinese numerals where they stand as a number ("答案是三", "三只", "百分之五十", "三分之一"; not "一些", "唯一", "第三",
-"三四个"), and number words that count something in short answers ("three", "there is one", "none"; not "the
-one on the left", "the big red one"), compared exactly for integers and with a relative tolerance
-otherwise (a bound or negation, "more than 5", "not 5", "5+", is no number), yes/no variants (true/false,
-是/否, 有/没有; 可能 and 无法确定 are hedges), and short text compared after normalisation (NFKC, which also folds
-CJK full-width forms; case; punctuation, inline-math `$` and LaTeX text wrappers such as "\\text{Paris}";
+answer in display math that opens on the trigger's line ("Final answer:\\n$$\\n12\\n$$"; the official reads
+"$$"), the Chinese trigger "答案:" of the official Chinese prompt, explicit letter statements ("The answer is
+B", "option (C)", "答案是C", which VLMEvalKit hands to its judge model), numbers read with units (a known unit
+on both sides must agree: "5 m" is not "5 cm"), thousands commas, percentages, fractions (a/b, "½", LaTeX
+`\\frac` also as \\frac12), scientific notation ("3 × 10^5", "6.02 \\times 10^{23}"), magnitude words ("1.2
+million", "3万", "2.5亿"; not abbreviations such as "1.2M"), the root of a perfect power alone ("∛8" is 2,
+"\\sqrt{9}" is 3; other roots are expressions, no number), negative numbers (also with an en dash, "minus",
+"negative" or 负 for the minus) and full-width ones, Chinese numerals where they stand as a number ("答案是三",
+"三只", "百分之五十", "三分之一", "三点五"; not "一些", "唯一", "第三", "三四个"), and number words that count something in short
+answers ("three", "there is one", "none"; not "the one on the left", "the big red one"), compared exactly
+for integers and with a relative tolerance otherwise, as the official `math_score` (so "2/3" is "0.667" but
+not "0.67"; a bound or negation, "more than 5", "not 5", "5+", is no number), yes/no variants (true/false,
+是/否, 有/没有; 可能 and 无法确定 are hedges), and short text compared after normalisation (NFKC, which also folds CJK
+full-width forms; case; punctuation, inline-math `$` and LaTeX text wrappers such as "\\text{Paris}";
 English articles; number words, "none" as 0; whitespace, none kept next to CJK characters); a text ground
-truth holding a root or pi is compared by its written math form instead (`normalize_math`: "√2",
-"sqrt(2)" and "\\sqrt{2}" alike, "3π" and "3\\pi", "\\frac{\\sqrt{3}}{2}" and "√3/2"; no algebra; of "2√3
-≈ 3.46" the exact form, while a number reads the decimal). The official checker for pairs uses the
-TextVQA evaluator and a 1e-3 relative tolerance for math; the normalisation here is close to TextVQA's
-but not identical.
+truth holding a root or pi is compared by its written math form instead (`normalize_math`: "√2", "sqrt(2)"
+and "\\sqrt{2}" alike, "∛2" and "\\sqrt[3]{2}", "3π" and "3\\pi", "\\frac{\\sqrt{3}}{2}" and "√3/2"; no
+algebra; of "2√3 ≈ 3.46" the exact form, while a number reads the decimal). The official checker for pairs
+uses the TextVQA evaluator and a 1e-3 relative tolerance for math; the normalisation here is close to
+TextVQA's but not identical.
 
 Stricter than `can_infer`: a negated letter ("not A", "isn't B", "不是A") and an answer that copies the
 options list with their letters pick no option (VLMEvalKit reads "Not A" as A), and "A" before another
@@ -110,7 +112,14 @@ _UNIT = r"[A-Za-z]{1,6}(?:\^\d|[²³])?"  # "cm", "m^2", "km²"
 # Chinese measure words: a numeral before one is a number ("三只"), and so is a ground truth "5个".
 _CN_MEASURES = "个只条张辆本件位头匹棵朵次岁人名块种处层根支把台艘架颗片双份杯瓶盒箱度米元倍秒天周"
 # A root, pi or a number's power (10^k is already a number): an expression, not the number written in it.
-_EXPRESSION = re.compile(r"\\sqrt|√|\\pi|π|\d\s*\^\s*\{?\s*[-+]?\d")
+_ROOTS = "√∛∜"  # square, cube and fourth root signs: degree 2 + index
+_EXPRESSION = re.compile(rf"\\sqrt|[{_ROOTS}]|\\pi|π|\d\s*\^\s*\{{?\s*[-+]?\d")
+# The root of a digit run standing alone ("√9", "∛(8)" after `_numeric_text`, "\\sqrt[3]{8}"): `parse_number`
+# reads it as its root where that is a whole number; a factor before it ("2∛8") leaves an expression.
+_ROOT_OF_DIGITS = re.compile(
+    rf"(?<![A-Za-z\d.)}}])(?:([{_ROOTS}])|\\sqrt(?:\s*\[\s*(\d)\s*\])?)"
+    r"\s*(?:\{\s*(\d{1,15})\s*\}|(\d{1,15})(?![\d.^]))"
+)
 # Units compared when both answers name one ("5 m" is not "5 cm"); others ("apples", "in") are not.
 _UNIT_NAMES = {
     "mm": ("mm", "millimeter", "millimetre"), "cm": ("cm", "centimeter", "centimetre"), "m": ("m", "meter", "metre"),
@@ -158,7 +167,19 @@ _CN_DIGITS = {"零": 0, "〇": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四":
 _CN_UNITS = {"十": 10, "百": 100, "千": 1000}
 _CN_SECTIONS = {"万": 10**4, "亿": 10**8}
 _CN_RUN = "[" + "".join(_CN_DIGITS) + "".join(_CN_UNITS) + "".join(_CN_SECTIONS) + "]+"
-_CN_NUMERAL = re.compile(rf"(?:({_CN_RUN})分之)?({_CN_RUN})")  # "三分之一" is 1/3, "百分之五十" 50%
+# "三分之一" is 1/3, "百分之五十" 50%, "三点五" 3.5 and "三点五万" 35000 (decimals digit by digit)
+_CN_NUMERAL = re.compile(rf"(?:({_CN_RUN})分之)?({_CN_RUN})(?:点([零〇一二三四五六七八九]+)([万亿]*))?")
+# A number times magnitude words ("1.2 million", "3 hundred thousand", "3万", "2.5亿", "1.5万亿", "5千万"), read
+# as 1.2e6 and so on. Abbreviations are not read ("5M" may be metres, "0.5M" molar, "$5M$" LaTeX), nor 千/百
+# before a unit they prefix ("3千米" is 3 km), nor a magnitude a number runs on after ("3万5千").
+_MAGNITUDES = {  # powers of ten
+    "hundred": 2, "thousand": 3, "million": 6, "billion": 9, "trillion": 12, "十": 1, "百": 2, "千": 3, "万": 4, "亿": 8,
+}
+_MAGNITUDE = re.compile(
+    r"(?<![A-Za-z\d.^/])(\d+(?:\.\d+)?)((?:\s*(?:hundred|thousand|million|billion|trillion)s?\b)+"
+    r"|\s*(?:[十百千]?(?:万亿|[万亿])(?!\d)|[十百千](?![\d分米克瓦焦帕赫卡伏])))",
+    re.IGNORECASE,
+)
 # A Chinese numeral stands as a number only next to punctuation, a non-CJK character, one of these words
 # before it ("答案是三", "共五个", "负五") or a measure word after it ("三只"); elsewhere it is part of a word
 # ("一些", "唯一", "第三", "三角形").
@@ -184,7 +205,7 @@ _BOUND_AFTER = re.compile(
 _PERCENT_WORD = re.compile(r"\s*percent", re.IGNORECASE)
 _UNIT_WORD = re.compile(r"\s*(°|[A-Za-z]+)")  # the word after a number, for `_unit`
 # A root or pi in a text ground truth: compared as math (`normalize_math`).
-_MATH_MARK = re.compile(r"\\sqrt|√|\bsqrt\s*\(|\\pi|π")
+_MATH_MARK = re.compile(rf"\\sqrt|[{_ROOTS}]|\b(?:sqrt|cbrt)\s*\(|\\pi|π")
 _SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺"
 _FROM_SUPERSCRIPT = str.maketrans(_SUPERSCRIPTS, "0123456789-+")
 _SHORT_ANSWER_WORDS = 5
@@ -435,21 +456,33 @@ def _powers(text: str) -> str:
 
 def _numeric_text(text: str) -> str:
     """Text with LaTeX wrappers, unicode minus, en dash and "minus"/"negative"/负 before a number,
-    thousands commas, Chinese numerals, \\frac{a}{b}, ^\\circ as °, vulgar fractions ("½"; "3½" is two
-    numbers, as "3 1/2") and a x 10^b made plain."""
+    thousands commas, magnitude words ("1.2 million" -> "1.2e6"), Chinese numerals, \\frac{a}{b}, ^\\circ as
+    °, vulgar fractions ("½"; "3½" is two numbers, as "3 1/2") and a x 10^b made plain."""
     s = _powers(text)  # before NFKC
     s = re.sub(f"(?<=\\d)(?=[{_VULGAR_FRACTIONS}])", " ", s)
     s = unicodedata.normalize("NFKC", s).translate(_DASH_MINUS).replace("\u2044", "/")  # NFKC: "½" is "1⁄2"
-    s = _fractions(_chinese_numerals(s))
+    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
+    # magnitudes after commas and LaTeX wrappers ("1,200 million", "1.2\\text{ million}") and before Chinese
+    # numerals ("3十万" is 3e5, not 3 before 十万)
+    s = _fractions(_chinese_numerals(_magnitudes(_TEXT_WRAPPER.sub(r" \1 ", s))))
     s = re.sub(r"(?:\b(?:minus|negative)\s+|负\s*)(?=[\d.(])", "-", s, flags=re.IGNORECASE)
     s = re.sub(r"(\d)\s*(?:[×x*·]|\\times|\\cdot)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"\1e\2", s)
     s = re.sub(r"(?<![\d.])10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"1e\1", s)
-    s = _TEXT_WRAPPER.sub(r" \1 ", s)
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?", "°", s)  # 30^\circ
     s = s.replace("\\approx", "≈").replace("\\%", "%").replace("\\$", "$").replace("$", " ")
     s = re.sub(r"\\(?:left|right|[,;!: ])", " ", s)
-    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
     return re.sub(r"\((-?[\d.]+)\)", r"\1", s)
+
+
+def _magnitudes(text: str) -> str:
+    """Numbers times magnitude words (`_MAGNITUDE`) in scientific notation: "1.2 million" -> "1.2e6",
+    "3 hundred thousand" -> "3e5", "1.5万亿" -> "1.5e12"."""
+
+    def exponent(m: re.Match) -> str:
+        words = re.findall(r"[a-z]+|\S", m[2].casefold())
+        return f"{m[1]}e{sum(_MAGNITUDES[word.removesuffix('s')] for word in words)}"
+
+    return _MAGNITUDE.sub(exponent, text)
 
 
 def _chinese_integer(run: str) -> int | None:
@@ -483,7 +516,7 @@ def _chinese_integer(run: str) -> int | None:
 
 def _chinese_numerals(text: str) -> str:
     """Chinese numerals that stand as numbers (see `_CN_BEFORE`) written in digits: "答案是三" -> "答案是3",
-    "三分之一" -> "(1)/(3)", "百分之五十" -> "50%"."""
+    "三分之一" -> "(1)/(3)", "百分之五十" -> "50%", "三点五万" -> "3.5e4"."""
 
     def stands_apart(ch: str, words: str) -> bool:
         return not ch or ch in words or not _is_cjk(ch) or unicodedata.category(ch).startswith("P")
@@ -493,12 +526,16 @@ def _chinese_numerals(text: str) -> str:
         value = _chinese_integer(m.group(2))
         if value is None or not (stands_apart(before, _CN_BEFORE) and stands_apart(after, _CN_MEASURES)):
             return m[0]
+        number = str(value)
+        if m.group(3):  # decimals and a magnitude: "三点五万"
+            number += "." + "".join(str(_CN_DIGITS[ch]) for ch in m.group(3))
+            number += f"e{sum(_MAGNITUDES[ch] for ch in m.group(4))}" if m.group(4) else ""
         if m.group(1) is None:
-            return str(value)
+            return number
         if m.group(1) == "百":
-            return f"{value}%"
+            return f"{number}%"
         denominator = _chinese_integer(m.group(1))
-        return m[0] if denominator is None else f"({value})/({denominator})"
+        return m[0] if denominator is None else f"({number})/({denominator})"
 
     return _CN_NUMERAL.sub(digits, text)
 
@@ -533,6 +570,16 @@ def _is_count(match: re.Match) -> bool:
     return previous is None or previous in _COUNT_AFTER or singular_noun_follows
 
 
+def _root(m: re.Match) -> str:
+    """A root found by `_ROOT_OF_DIGITS` as its whole-number value ("∛8" -> "2"), else as written."""
+    degree = _ROOTS.index(m[1]) + 2 if m[1] else int(m[2] or 2)
+    digits = m[3] or m[4]
+    if degree < 2 or (not m[1] and not m[3] and len(digits) > 1):  # LaTeX reads \\sqrt16 as √1 before 6
+        return m[0]
+    value = round(int(digits) ** (1 / degree))
+    return str(value) if value**degree == int(digits) else m[0]
+
+
 def _number_part(text: str) -> str:
     """`_numeric_text` of the part after the last "=" or "≈": where an answer's number is read."""
     return re.split("[=≈]", _numeric_text(text))[-1]
@@ -542,12 +589,14 @@ def parse_number(text: str) -> Number | None:
     """The number an answer gives; None when it gives none, or several different ones ("2 or 3").
 
     Only the text after the last "=" or "≈" counts (the decimal of "2√3 ≈ 3.46"), and it gives no number
-    when it holds a root, pi or a power of a number ("4√3", "3\\pi", "2^3"), or a number stated as a
+    when it holds a root, pi or a power of a number ("4√3", "3\\pi", "2^3"; the root of a perfect power
+    standing alone is its value: "∛8" is 2, "\\sqrt{9}" 3), or a number stated as a
     bound or negated ("more than 5", "not 5", "5 or more", "5+", "至少5个": `_BOUND_BEFORE`,
     `_BOUND_AFTER`). Fractions a/b are computed, a following % or "percent" marks a percentage (a
     percentage beside its fraction, "50% (0.5)", is one number), and digits inside words and units
     ("CO2", "cm^2") are no numbers. Chinese numerals count where they stand apart (`_chinese_numerals`:
-    "答案是三", "三只", "百分之五十" is 50%). In answers of at most five words, number words that count something
+    "答案是三", "三只", "百分之五十" is 50%, "三点五" 3.5), and magnitude words multiply ("1.2 million", "3万",
+    "2.5亿": `_MAGNITUDE`). In answers of at most five words, number words that count something
     count as digits, as the VQA normaliser maps them ("three", "there is one", "none"), and so does "no"
     before a word ("no green shapes": 0; "I see no 3" gives two numbers). They do not count where they
     pick something out or negate ("the other two", "not one"), in a compound ("two-thirds") or as "no
@@ -555,12 +604,13 @@ def parse_number(text: str) -> Number | None:
     ("there is one", "only one of them", "one apple"; not "the one on the left", "the big red one"): see
     `_is_count`.
     """
-    s = _number_part(text)
+    s = _ROOT_OF_DIGITS.sub(_root, _number_part(text))
     if _EXPRESSION.search(s):
         return None
     if len(re.findall(r"\w+", s)) <= _SHORT_ANSWER_WORDS:
-        # "no", the one match missing from _WORD_NUMBERS, is 0
+        # "no", the one match missing from _WORD_NUMBERS, is 0; "two thousand" is 2000
         s = _NUMBER_WORD.sub(lambda m: str(_WORD_NUMBERS.get(m[0].casefold(), 0)) if _is_count(m) else m[0], s)
+        s = _magnitudes(s)
     numbers = set()
     for match in _NUMBER_RE.finditer(s):
         # the bound's words within a few dozen characters before the number: searching all the text
@@ -635,11 +685,18 @@ def _repeat(pattern: str | re.Pattern, replacement: str | Callable[[re.Match], s
     return s
 
 
+def _root_sign(degree: str | None) -> str:
+    """√, ∛ or ∜ for a root of degree 2 (also None), 3 or 4; √[n] for others."""
+    degree = degree or "2"
+    return _ROOTS[int(degree) - 2] if degree in ("2", "3", "4") else f"√[{degree}]"
+
+
 def normalize_math(text: str) -> str:
     """Math normal form of an answer holding a root or pi, for a text ground truth that holds one.
 
     The text after the last "=" and before a "≈" (the exact form of "2√3 ≈ 3.46"); \\sqrt{x}, \\sqrt2,
-    sqrt(x) and √(x) as √x (brackets kept around more than one term: √(x+1)); \\pi and the word pi as π;
+    sqrt(x) and √(x) as √x (brackets kept around more than one term: √(x+1)), \\sqrt[3]{x}, cbrt(x) and ∛x
+    as ∛x (\\sqrt[4] as ∜, others as √[n]); \\pi and the word pi as π;
     \\frac{a}{b} (also \\dfrac, \\tfrac) as a/b; an explicit product sign before √ or π dropped (2 * √3
     is 2√3); inline math, \\left/\\right, spacing commands, math brackets \\( \\) \\[ \\], \\text{..}
     units, a trailing unit word, a final period and all whitespace dropped; casefolded. Written forms
@@ -651,20 +708,20 @@ def normalize_math(text: str) -> str:
     s = re.sub(r"\\pi(?![A-Za-z])|(?<![A-Za-z])pi(?![A-Za-z])", "π", s, flags=re.IGNORECASE)
     s = re.sub(r"\\(?:text|mathrm|mbox)\{[^{}]*\}(?:\^\{?\d\}?)?", " ", s)
     s = re.sub(r"(?<=[\d)}π])\s+[A-Za-z]{1,6}(?:\^\{?\d\}?)?\s*\.?$", "", s.strip())  # "4π cm²"
-    s = _repeat(r"\\sqrt\s*\{([^{}]*)\}", r"√(\1)", s)
-    s = re.sub(r"\\sqrt\s*(\d|[A-Za-z](?![A-Za-z]))", r"√\1", s)
-    s = re.sub(r"(?<![A-Za-z])sqrt\s*\(", "√(", s)
+    s = _repeat(r"\\sqrt(?:\s*\[\s*(\d+)\s*\])?\s*\{([^{}]*)\}", lambda m: f"{_root_sign(m[1])}({m[2]})", s)
+    s = re.sub(r"\\sqrt(?:\s*\[\s*(\d+)\s*\])?\s*(\d|[A-Za-z](?![A-Za-z]))", lambda m: _root_sign(m[1]) + m[2], s)
+    s = re.sub(r"(?<![A-Za-z])(sqrt|cbrt)\s*\(", lambda m: _root_sign("3" if m[1] == "cbrt" else None) + "(", s)
     s = _fractions(s)
     s = re.sub(r"\\(?:left|right|[,;:! ])", "", s).replace("{", "(").replace("}", ")")
     s = re.sub(r"\s+", "", s).casefold().rstrip(".")
-    s = re.sub(r"(?:\*|\\cdot|\\times|×|·)(?=[√π])", "", s)
+    s = re.sub(rf"(?:\*|\\cdot|\\times|×|·)(?=[{_ROOTS}π])", "", s)
     # Brackets that change nothing go: around one number or name after √ or ^ (√(3) is √3, x^{2} is x^2,
     # √(2π) stays), around one term after "/" ((√3)/(2) is √3/2, 1/(2π) stays), around a product
     # elsewhere ((2√3)/3 is 2√3/3); never before a power or next to another factor (2(3), (2π)^2 stay).
-    end = r"(?![\w.(√π^])"
-    s = _repeat(rf"([√^])\(([0-9a-z.]+)\){end}", r"\1\2", s)
-    s = _repeat(rf"/\((√?[0-9a-z.]+|π)\){end}", r"/\1", s)
-    return _repeat(rf"(?<![\w.)/^√])\((-?[0-9a-z.√π]+)\){end}", r"\1", s)
+    end = rf"(?![\w.({_ROOTS}π^])"
+    s = _repeat(rf"([{_ROOTS}^])\(([0-9a-z.]+)\){end}", r"\1\2", s)
+    s = _repeat(rf"/\(([{_ROOTS}]?[0-9a-z.]+|π)\){end}", r"/\1", s)
+    return _repeat(rf"(?<![\w.)/^{_ROOTS}])\((-?[0-9a-z.{_ROOTS}π]+)\){end}", r"\1", s)
 
 
 # ----------------------------------------------------------------------------- checking
