@@ -493,6 +493,24 @@ def test_pixel_limit_can_be_set_on_the_command_line(folder, tmp_path):
     assert "exceeds the limit of 4000" in out.stderr, out.stderr
 
 
+def test_pixel_limit_above_pillows_own_is_honoured(folder, tmp_path, monkeypatch):
+    """Pillow refuses images over twice its MAX_IMAGE_PIXELS whatever limit is passed: a --max-pixels above
+    that raises Pillow's limit too (the error told a command-line user to raise PIL.Image.MAX_IMAGE_PIXELS)."""
+    from PIL import Image as PILImage
+
+    from internvl_mpo import cli_chat
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # Pillow then refuses over 2000 pixels
+    image = str(folder.parent / "red.png")  # 90 x 50 = 4500 pixels
+    assert cli_chat.tiles(image, output=str(tmp_path / "t.png"), max_pixels=5000) == 0
+    assert cli_chat.chat("hi", model=str(folder), image=[image], max_pixels=5000, max_new_tokens=1, device="cpu") == 0
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text(json.dumps({"id": 1, "question": "hi", "image": image}) + "\n")
+    cli_chat.generate(input=str(requests), output=str(answers), model=str(folder), max_pixels=5000,
+                      max_new_tokens=1, device="cpu")
+    assert "answer" in json.loads(answers.read_text()), answers.read_text()
+
+
 def test_generate_names_urls_in_requests_as_urls(folder, tmp_path):
     requests = tmp_path / "requests.jsonl"
     lines = [{"id": 1, "question": "Hi", "image": "https://example.com/a.jpg"},

@@ -282,6 +282,27 @@ def test_a_request_naming_another_model_is_404_and_one_naming_none_is_served(ser
     assert reply.status_code == 400 and reply.json()["error"]["message"] == "model must be str, got 5"
 
 
+def test_max_image_pixels_above_pillows_limit_is_honoured(server, monkeypatch):
+    """Pillow refuses images over twice its MAX_IMAGE_PIXELS whatever limit the server passes: a larger
+    --max-image-pixels raises Pillow's limit too."""
+    import uvicorn
+    from PIL import Image as PILImage
+    from starlette.testclient import TestClient
+
+    apps = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: apps.append(self.config.app))
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # Pillow then refuses over 2000 pixels
+    serve(model=str(server[1]), port=0, device="cpu", max_batch=1, max_len=1024, max_image_pixels=5000)
+    buffer = io.BytesIO()
+    Image.new("RGB", (90, 50), "red").save(buffer, format="PNG")  # 4500 pixels
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]
+    with TestClient(apps[0]) as client:
+        reply = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}],
+                                                          "max_tokens": 1})
+    assert reply.status_code == 200, reply.text
+
+
 def test_the_served_name_defaults_to_the_model_as_given_or_the_demo_name(server, monkeypatch):
     import uvicorn
     from starlette.testclient import TestClient

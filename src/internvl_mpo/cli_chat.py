@@ -75,8 +75,9 @@ def chat(
     """
     from .checkpoint import default_device
     from .pipeline import InternVLChat, sampling_params
-    from .processor.image import open_image
+    from .processor.image import let_pillow_open, open_image
 
+    let_pillow_open(max_pixels)
     params = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty,
                                              min_new_tokens))
     images = list(image or [])
@@ -200,6 +201,7 @@ def generate(
     from .checkpoint import default_device
     from .jsonl import rewrite_in_order
     from .pipeline import InternVLChat, sampling_params
+    from .processor.image import let_pillow_open
 
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
@@ -211,6 +213,7 @@ def generate(
     if out.resolve() == Path(input).resolve():  # resuming rewrites the output: the requests would be lost
         raise InputError(f"--output {out} is the requests file; give the answers a file of their own")
     base = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, 1.0, min_new_tokens))
+    let_pillow_open(max_pixels)
     requests = _read_requests(Path(input))
     done = _finished_questions(out)
     todo = [r for r in requests if done.get(r["id"]) != _asked(r)]  # an edited request is asked again
@@ -329,8 +332,10 @@ def tiles(image: str, *, max_num: int = 12, min_num: int = 1, output: str | None
     output: PNG to write (default: <image name>.tiles.png in the current folder)
     max_pixels: refuse images with more pixels (default: Pillow's limit, about 89 M)
     """
+    from .processor.image import let_pillow_open
     from .processor.preview import format_tiles_report, tiles_report
 
+    let_pillow_open(max_pixels)
     png = output or Path(image).stem + ".tiles.png"
     report = tiles_report(image, max_num=max_num, min_num=min_num, output_png=png, max_pixels=max_pixels)
     print(format_tiles_report(report))

@@ -69,7 +69,7 @@ from .errors import ConfigError, InputError
 from .generate.engine import MAX_TOP_LOGPROBS, Generation, Request
 from .generate.sampling import SamplingParams
 from .pipeline import InternVLChat, TextAssembler
-from .processor.image import load_image
+from .processor.image import let_pillow_open, load_image
 
 log = logging.getLogger("internvl_mpo.server")
 
@@ -1239,6 +1239,7 @@ def serve(
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use the model",
                     settings.host)
+    let_pillow_open(settings.max_image_pixels)
     chosen_device = default_device(settings.device)
     chat = InternVLChat.from_pretrained(settings.model, dtype=settings.dtype, device=chosen_device,
                                         compile=settings.compile)

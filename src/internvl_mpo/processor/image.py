@@ -118,6 +118,14 @@ def _limit(max_pixels: int | None) -> int | None:
     return Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
 
 
+def let_pillow_open(max_pixels: int | None) -> None:
+    """Raise Pillow's own `Image.MAX_IMAGE_PIXELS` to `max_pixels` where that is larger: Pillow refuses images
+    over twice its limit whatever `max_pixels` says. For a program that owns the process (a command's
+    --max-pixels); library calls leave Pillow's setting to their caller."""
+    if max_pixels is not None and Image.MAX_IMAGE_PIXELS is not None and _limit(max_pixels) > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def _is_empty(fp: BinaryIO) -> bool:
     try:
         return fp.seek(0, os.SEEK_END) == 0
