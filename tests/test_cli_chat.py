@@ -511,6 +511,21 @@ def test_pixel_limit_above_pillows_own_is_honoured(folder, tmp_path, monkeypatch
     assert "answer" in json.loads(answers.read_text()), answers.read_text()
 
 
+def test_tile_and_frame_counts_are_checked_before_the_model_loads(tmp_path):
+    """A --max-num or --num-segments below 1 is one error before a (minutes-long) model load; generate wrote
+    an error line for every request with images instead, and answered the rest."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"id": 1, "question": "hi"}) + "\n")
+    missing = tmp_path / "no-model"
+    for args, flag in ((["chat", "--model", missing, "--max-num", "0", "hi"], "--max-num"),
+                       (["chat", "--model", missing, "--num-segments", "0", "hi"], "--num-segments"),
+                       (["generate", "--model", missing, "--input", requests, "--output", tmp_path / "a.jsonl",
+                         "--max-num", "0"], "--max-num")):
+        out = cli(*args)
+        assert out.returncode == 1 and f"error: {flag} must be at least 1, got 0" in out.stderr, out.stderr
+    assert not (tmp_path / "a.jsonl").exists()
+
+
 def test_generate_names_urls_in_requests_as_urls(folder, tmp_path):
     requests = tmp_path / "requests.jsonl"
     lines = [{"id": 1, "question": "Hi", "image": "https://example.com/a.jpg"},

@@ -22,6 +22,13 @@ def _model_path(model: str | None) -> str:
     raise InputError("no --model given and the demo model is not installed; pass --model PATH_OR_HUB_ID")
 
 
+def _at_least_one(**counts: int | None) -> None:
+    """Tile and frame counts, checked before the model loads (every question or request would fail on them)."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
 def _generation(temperature: float, top_p: float, top_k: int, max_new_tokens: int, seed: int | None,
                 repetition_penalty: float, min_new_tokens: int) -> dict:
     return dict(
@@ -78,6 +85,7 @@ def chat(
     from .processor.image import let_pillow_open, open_image
 
     let_pillow_open(max_pixels)
+    _at_least_one(max_num=max_num, num_segments=num_segments)
     params = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty,
                                              min_new_tokens))
     images = list(image or [])
@@ -203,8 +211,7 @@ def generate(
     from .pipeline import InternVLChat, sampling_params
     from .processor.image import let_pillow_open
 
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    _at_least_one(batch_size=batch_size, max_num=max_num)
     out = Path(output)
     if out.is_dir():
         raise InputError(f"--output {out} is a folder; give the path of a JSONL file")
