@@ -400,7 +400,7 @@ def test_tiles_command_prints_grid_and_writes_png(tmp_path):
 def test_bad_device_dtype_and_tile_budget_are_one_line_errors(folder):
     cases = [(["--dtype", "foo"], "unknown dtype 'foo'"), (["--device", "foo"], "unknown device 'foo'"),
              (["--device", "meta"], "device 'meta' holds no data"),
-             (["--max-num", "0", "--image", folder.parent / "red.png"], "max_num must be a whole number of tiles >= 1")]
+             (["--max-num", "0", "--image", folder.parent / "red.png"], "--max-num must be at least 1, got 0")]
     if not __import__("torch").cuda.is_available():
         cases.append((["--device", "cuda"], "sees no CUDA device"))
     for args, message in cases:
