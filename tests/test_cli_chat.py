@@ -526,6 +526,21 @@ def test_tile_and_frame_counts_are_checked_before_the_model_loads(tmp_path):
     assert not (tmp_path / "a.jsonl").exists()
 
 
+def test_generate_seeds_request_k_as_batch_chat_seeds_question_k(folder, tmp_path):
+    """--seed S gives the file's k-th request (from 0) the seed S + k, as batch_chat(seed=S) seeds its questions,
+    so one request answers as `chat --seed S` does (the first request took S + 1)."""
+    questions = ["Colour?", "Shape?", "Size?"]
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text("".join(json.dumps({"id": i, "question": q}) + "\n" for i, q in enumerate(questions)))
+    out = cli("generate", "--model", folder, "--input", requests, "--output", answers, "--seed", "7",
+              "--temperature", "1", "--max-new-tokens", "8")
+    assert out.returncode == 0, out.stderr
+    expected = InternVLChat.from_pretrained(folder).batch_chat(questions, seed=7, max_new_tokens=8)
+    assert [json.loads(line)["answer"] for line in answers.read_text().splitlines()] == expected
+    out = cli("chat", "--model", folder, "--seed", "7", "--temperature", "1", "--max-new-tokens", "8", questions[0])
+    assert out.stdout.strip() == expected[0]
+
+
 def test_generate_names_urls_in_requests_as_urls(folder, tmp_path):
     requests = tmp_path / "requests.jsonl"
     lines = [{"id": 1, "question": "Hi", "image": "https://example.com/a.jpg"},

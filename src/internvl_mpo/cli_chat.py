@@ -199,7 +199,7 @@ def generate(
     top_k: sample among the k most likely tokens
     max_new_tokens: most tokens per answer
     min_new_tokens: fewest tokens per answer: the end of turn cannot end it sooner
-    seed: seed for sampling (request k of the file, blank lines not counted, uses seed + k)
+    seed: seed for sampling (request k of the file, counted from 0 without blank lines, uses seed + k, as batch_chat)
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
     dtype: float32, bfloat16, float16 or auto (the checkpoint's own) (default: bf16 on CUDA, fp32 on CPU)
     max_pixels: refuse images (and frames) with more pixels (default: Pillow's limit, about 89 M)
@@ -232,7 +232,7 @@ def generate(
 
     def jobs():  # prepared one at a time, as rows free up: one batch of images in memory at most
         for item in todo:
-            params = base if seed is None else dataclasses.replace(base, seed=seed + item["_line"])
+            params = base if seed is None else dataclasses.replace(base, seed=seed + item["_line"] - 1)  # as batch_chat
             try:
                 yield item, bot.prepare(item["question"], item.get("image"), item.get("video"), max_num=max_num,
                                         max_pixels=max_pixels), params
