@@ -108,6 +108,14 @@ def test_video_file(video_path):
         assert abs(grey - 8 * index) < 4  # it really is frame `index`
 
 
+def test_video_file_frames_over_max_pixels_are_refused(video_path):
+    """max_pixels (the commands' --max-pixels) holds for a video file's frames as for images and frame folders;
+    a video file's frames were not checked."""
+    with pytest.raises(InputError, match=r"64x48 = 3072 pixels exceeds the limit of 3071"):
+        load_video(video_path, num_segments=2, max_pixels=3071)
+    assert load_video(video_path, num_segments=2, max_pixels=3072).num_patches_list == [1, 1]
+
+
 def test_video_file_with_bound(video_path):
     result = load_video(video_path, num_segments=4, bound=(1.0, 2.0))
     assert result.frame_indices == reference_index((1.0, 2.0), FPS, NUM_FRAMES - 1, 4)

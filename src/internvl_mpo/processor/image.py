@@ -195,16 +195,21 @@ def open_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
         raise
 
 
-def _checked_rgb(image: Image.Image, name: str, max_pixels: int | None) -> Image.Image:
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise InputError(f"{name}: image has zero area ({width}x{height})")
+def check_pixels(width: int, height: int, max_pixels: int | None, name: str) -> None:
+    """Refuse a picture (an image, a video's frames) of more than `max_pixels` pixels (default: Pillow's limit)."""
     limit = _limit(max_pixels)
     if limit is not None and width * height > limit:
         raise InputError(
             f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {limit} "
             "(possible decompression bomb; pass a larger max_pixels to allow it)"
         )
+
+
+def _checked_rgb(image: Image.Image, name: str, max_pixels: int | None) -> Image.Image:
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InputError(f"{name}: image has zero area ({width}x{height})")
+    check_pixels(width, height, max_pixels, name)
     return _decoded_rgb(image, name)
 
 

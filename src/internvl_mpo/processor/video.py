@@ -45,6 +45,7 @@ from PIL import Image
 from internvl_mpo.errors import InputError
 from internvl_mpo.processor.image import (
     ImageSource,
+    check_pixels,
     image_to_pixel_values,
     open_image,
     refuse_url,
@@ -161,12 +162,13 @@ def _video_stream(container):
     return container.streams.best("video") or container.streams.video[0]
 
 
-def _read_video(path: str, num_segments: int, bound) -> tuple[list[Image.Image], list[int]]:
+def _read_video(path: str, num_segments: int, bound, max_pixels: int | None) -> tuple[list[Image.Image], list[int]]:
     av = _import_av()
     with _open_container(av, path) as container:
         if not container.streams.video:
             raise InputError(f"{path}: has no video stream")
         stream = _video_stream(container)
+        check_pixels(stream.width, stream.height, max_pixels, path)  # before a frame is decoded
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
         num_frames = stream.frames or _count_packets(av, container, stream)
@@ -223,6 +225,7 @@ def load_video(
     frame_transform: Callable[[Image.Image], Image.Image] | None = None,
 ) -> VideoInput:
     """Sample `num_segments` frames from a video file, a folder of frame images or a list of frames.
+    Frames of more than `max_pixels` pixels (default: Pillow's limit, about 89 M) are refused.
 
     `bound` is (start, end) in seconds; for frame folders and lists it needs `fps`. A folder's
     frames are its image files in file-name order, numbers compared as numbers (frame_2 before
@@ -235,7 +238,7 @@ def load_video(
         if path.is_dir():
             frames, indices = _read_frames(_frame_files(path), num_segments, bound, fps, max_pixels, str(path))
         else:
-            frames, indices = _read_video(os.fspath(path), num_segments, bound)
+            frames, indices = _read_video(os.fspath(path), num_segments, bound, max_pixels)
     else:
         frames, indices = _read_frames(list(src), num_segments, bound, fps, max_pixels, "<frame list>")
     if frame_transform is not None:
