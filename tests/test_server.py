@@ -1326,6 +1326,25 @@ def test_a_port_out_of_range_is_refused_before_the_model_loads():
         serve(model="/nonexistent/model", port=99999)
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("max_tokens", 0, "--max-tokens must be at least 1, got 0"),  # every request without max_tokens was a 500
+    ("max_n", 0, "--max-n must be at least 1, got 0"),
+    ("max_tiles", 0, "--max-tiles must be at least 1, got 0"),
+    ("max_prompt_tokens", 0, "--max-prompt-tokens must be at least 1, got 0"),  # 0 was read as no limit
+    ("max_images", -1, "--max-images must be at least 0, got -1"),
+    ("max_request_bytes", 0, "--max-request-bytes must be at least 1, got 0"),
+    ("max_image_bytes", 0, "--max-image-bytes must be at least 1, got 0"),
+    ("max_image_pixels", 0, "--max-image-pixels must be at least 1, got 0"),
+    ("image_timeout", 0.0, "--image-timeout must be more than 0, got 0.0"),
+])
+def test_limits_out_of_range_are_refused_before_the_model_loads(flag, value, message):
+    from internvl_mpo.errors import ConfigError
+    from internvl_mpo.server import serve
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        serve(model="/nonexistent/model", port=0, **{flag: value})
+
+
 def test_a_batch_too_big_for_memory_is_refused_before_serving(server, monkeypatch):
     """The KV cache of --max-batch x --max-len is allocated before the server listens: when it does not fit,
     `serve` stops with a one-line error instead of serving with a dead worker (every request a 503)."""

@@ -1228,6 +1228,14 @@ def serve(
                                        served_model_name=settings.served_model_name or DEMO_MODEL_NAME)
     if settings.max_batch < 1 or settings.max_len < 2:
         raise ConfigError(f"--max-batch must be >= 1 and --max-len >= 2, got {settings.max_batch}, {settings.max_len}")
+    lowest = dict(max_tokens=1, max_n=1, max_tiles=1, max_prompt_tokens=1, max_images=0, max_request_bytes=1,
+                  max_image_bytes=1, max_image_pixels=1)
+    for name, low in lowest.items():  # a limit out of range would fail or misread every request
+        value = getattr(settings, name)
+        if value is not None and value < low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    if not settings.image_timeout > 0:
+        raise ConfigError(f"--image-timeout must be more than 0, got {settings.image_timeout}")
     if not 0 <= settings.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {settings.port}")
     with socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET) as probe:
