@@ -807,6 +807,11 @@ def test_batch_chat_takes_the_official_concatenated_pixel_values(setup):
         chat.batch_chat(["First", "Second"], torch.cat([a, b]), **kw)
     with pytest.raises(InputError, match="one entry per question"):
         chat.batch_chat(["First"], "picture.png", **kw)
+    # with a list (one entry per question) num_patches_list has nothing to split: refused, not misapplied
+    # to each question's tensor ("does not add up") or ignored for its files
+    for images in ([a, b], [Image.new("RGB", (size, size)), None]):
+        with pytest.raises(InputError, match="num_patches_list goes with one pixel_values tensor"):
+            chat.batch_chat(["First", "Second"], images, num_patches_list=[2, 1], **kw)
     # the official keywords, at their defaults, are taken; history is refused as the official refuses it
     assert chat.batch_chat(["First"], history=None, return_history=False, **kw) == [chat.chat("First", **kw)]
     for bad in (dict(history=[("Hi", "Hello")]), dict(return_history=True)):

@@ -299,6 +299,9 @@ class InternVLChat:
         elif images is None:
             per_question = [None] * len(questions)
         elif isinstance(images, (list, tuple)):
+            if inputs.get("num_patches_list") is not None:
+                raise InputError("num_patches_list goes with one pixel_values tensor of all the questions' tiles; "
+                                 "a list of images has one entry per question already")
             per_question = list(images)
         else:
             raise InputError("batch_chat takes images as a list with one entry per question (or one pixel_values "
