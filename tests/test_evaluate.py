@@ -159,6 +159,23 @@ def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, ca
         run_eval(data, FakeAnswerer(DIRECT), tmp_path / "taken")
 
 
+def test_bad_flags_and_another_runs_folder_are_refused_before_the_model_loads(tmp_path, capsys):
+    from internvl_mpo.cli import main
+
+    data = write_bench(tmp_path / "data")
+    out = tmp_path / "out"
+    base = ["eval", "--model", str(tmp_path / "no-model"), "--data", str(data), "--output", str(out)]
+    for flag, message in (("--max-new-tokens=0", "max_new_tokens must be at least 1, got 0"),
+                          ("--max-num=0", "max_num must be at least 1, got 0")):
+        assert main([*base, flag]) != 0
+        assert f"error: {message}" in capsys.readouterr().err
+    run_eval(data, FakeAnswerer(DIRECT), out, settings={"model": "another", "max_num": 6, "max_new_tokens": 1024})
+    assert main(base) != 0
+    assert f"error: {out} holds a run with other settings (model)" in capsys.readouterr().err
+    assert main([*base, "--cot"]) != 0
+    assert f"error: {out} holds a run with other settings (cot, model)" in capsys.readouterr().err
+
+
 def test_a_question_that_cannot_run_counts_wrong_and_is_not_retried(tmp_path):
     data = write_bench(tmp_path / "data")
     out = tmp_path / "out"

@@ -293,6 +293,26 @@ def test_sampling_settings_that_cannot_give_pairs_are_refused():
     PairSettings(temperature=0.1, top_k=0)  # top_k 0 is off, not greedy
 
 
+def test_bad_sampling_flags_and_another_runs_folder_are_refused_before_the_model_loads(tmp_path, capsys):
+    # A bad value failed only when the first sample was drawn, after the model loaded and after
+    # settings.json was written, so the corrected command was then refused as "other settings".
+    from internvl_mpo.cli import main
+
+    items_path = write_items(tmp_path / "data")
+    out = tmp_path / "out"
+    base = ["pairs", "correctness", "--model", str(tmp_path / "no-model"), "--input", str(items_path),
+            "--output", str(out)]
+    for flag, message in (("--max-new-tokens=0", "max_new_tokens must be at least 1, got 0"),
+                          ("--top-p=2", "top_p must be in (0, 1], got 2.0"),
+                          ("--top-k=-1", "top_k must be in [0, 2**31) (0 = off), got -1")):
+        assert main([*base, flag]) != 0
+        assert f"error: {message}" in capsys.readouterr().err
+    assert not out.exists()
+    make_correctness_pairs(items_path, out, FakeSampler(), SETTINGS)
+    assert main([*base, "--samples=6"]) != 0
+    assert f"error: {out} holds a run with other settings (model)" in capsys.readouterr().err
+
+
 def test_an_item_that_cannot_run_is_skipped_reported_and_not_retried(tmp_path):
     items_path = write_items(tmp_path / "data")
 

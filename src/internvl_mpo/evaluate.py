@@ -324,6 +324,11 @@ def check_counts(batch_size: int, limit: int | None) -> None:
         raise InputError(f"limit must be at least 1, got {limit}")
 
 
+def run_identity(data: str | Path, cot: bool, settings: dict[str, Any] | None) -> dict[str, Any]:
+    """What a resumed run must match (settings.json)."""
+    return {"data": str(Path(data).resolve()), "cot": cot, **(settings or {})}
+
+
 def run_eval(
     data: str | Path,
     answer_fn: Answerer,
@@ -345,7 +350,7 @@ def run_eval(
         items = items[:limit]
     out = Path(output) if output else default_output(data, cot)
     make_output_folder(out)
-    check_settings(out / "settings.json", {"data": str(Path(data).resolve()), "cot": cot, **(settings or {})})
+    check_settings(out / "settings.json", run_identity(data, cot, settings))
     progress = Progress(out / "predictions.jsonl")
     done = progress.load()
     # A stored prediction counts only for the same question: ids may be line numbers, and a data file
@@ -381,15 +386,19 @@ def run_eval(
     return score
 
 
-def model_answerer(chat, max_num: int, max_new_tokens: int) -> Answerer:
-    """Greedy answers from an InternVLChat with continuous batching (`answers_as_they_finish`): each
-    question's images load when a row takes it; a question whose prompt cannot be built (or fails in
-    the engine) gets its exception and the others still run."""
+def greedy_params(max_num: int, max_new_tokens: int):
+    """The sampling settings of `model_answerer`, checked (with max_num) before a model loads."""
     from internvl_mpo.pipeline import sampling_params
 
     if max_num < 1:
         raise InputError(f"max_num must be at least 1, got {max_num}")
-    params = sampling_params(do_sample=False, max_new_tokens=max_new_tokens)
+    return sampling_params(do_sample=False, max_new_tokens=max_new_tokens)
+
+
+def model_answerer(chat, max_num: int, params) -> Answerer:
+    """Greedy answers (`params`: `greedy_params`) from an InternVLChat with continuous batching
+    (`answers_as_they_finish`): each question's images load when a row takes it; a question whose
+    prompt cannot be built (or fails in the engine) gets its exception and the others still run."""
 
     def answer(prompts: Iterable[tuple[Any, Prompt]], batch_size: int) -> Iterable[tuple[Any, str | Exception]]:
         def jobs():
@@ -435,16 +444,17 @@ def eval_(
     from internvl_mpo.cli_chat import _model_path
     from internvl_mpo.pipeline import InternVLChat
 
-    check_counts(batch_size, limit)  # fail on bad flags or a bad file before loading the model
+    check_counts(batch_size, limit)  # fail on bad flags, a bad file or another run's folder before loading the model
+    params = greedy_params(max_num, max_new_tokens)
     items = read_benchmark(data)
     model = _model_path(model)
     out = Path(output) if output else default_output(data, cot)
     check_output_folder(out)
+    settings = {"model": model, "max_num": max_num, "max_new_tokens": max_new_tokens}
+    check_settings(out / "settings.json", run_identity(data, cot, settings), record=False)
     device = default_device(device)
     chat = InternVLChat.from_pretrained(model, dtype=dtype, device=device)
-    settings = {"model": model, "max_num": max_num, "max_new_tokens": max_new_tokens}
-    score = run_eval(data, model_answerer(chat, max_num, max_new_tokens), out, cot, batch_size, limit, settings,
-                     items)
+    score = run_eval(data, model_answerer(chat, max_num, params), out, cot, batch_size, limit, settings, items)
     for failure in score["failed"]:
         print(f"failed (counted wrong) {failure}")
     print(format_table(score))

@@ -144,6 +144,15 @@ class PairSettings:
             )
         if not 0 < self.start_ratio < 1:
             raise InputError(f"start_ratio must be in (0, 1), got {self.start_ratio}")
+        self.sampling_params(0, DROPOUT_NTP)  # its checks (max_new_tokens, top_k, top_p) before any model loads
+
+    def sampling_params(self, seed: int, method: str):
+        from internvl_mpo.generate.sampling import SamplingParams
+
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens, min_new_tokens=min(MIN_NEW_TOKENS[method], self.max_new_tokens),
+            do_sample=True, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=seed,
+        )
 
     def identity(self, method: str, input_path: Path) -> dict[str, Any]:
         """What decides the samples: a resumed run must match it (max_pairs and batch_size may change)."""
@@ -352,7 +361,9 @@ def make_output_folder(path: Path) -> None:
         raise InputError(f"{path}: cannot create the output folder ({e.strerror})") from None
 
 
-def check_settings(path: Path, identity: dict) -> None:
+def check_settings(path: Path, identity: dict, record: bool = True) -> None:
+    """Refuse a folder that holds a run with other settings; a new folder gets these (`record`: False
+    before a model loads, so that a load that fails leaves nothing behind)."""
     if path.exists():
         try:
             earlier = json.loads(path.read_text(encoding="utf-8"))
@@ -366,7 +377,7 @@ def check_settings(path: Path, identity: dict) -> None:
                 f"{path.parent} holds a run with other settings ({', '.join(changed)}); "
                 "use another output folder or the same settings"
             )
-    else:
+    elif record:
         atomic_write(path, json.dumps(identity, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -597,15 +608,6 @@ class ModelGenerator:
         self.chat = chat
         self.settings = settings
 
-    def _params(self, seed: int, method: str):
-        from internvl_mpo.generate.sampling import SamplingParams
-
-        s = self.settings
-        return SamplingParams(
-            max_new_tokens=s.max_new_tokens, min_new_tokens=min(MIN_NEW_TOKENS[method], s.max_new_tokens),
-            do_sample=True, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=seed,
-        )
-
     def _generate(self, requests: list) -> list[str]:
         """Raw text of each request (special tokens skipped, nothing stripped)."""
         from internvl_mpo.pipeline import TextAssembler
@@ -643,7 +645,7 @@ class ModelGenerator:
                 with torch.no_grad():
                     vit_embeds = model.extract_feature(prepared.pixel_values.to(model.device, model.dtype))
             for seed in job.seeds:
-                requests.append(Request(prepared.prompt_ids, self._params(seed, CORRECTNESS), vit_embeds=vit_embeds))
+                requests.append(Request(prepared.prompt_ids, self.settings.sampling_params(seed, CORRECTNESS), vit_embeds=vit_embeds))
                 owners.append(j)
         for owner, text in zip(owners, self._generate(requests), strict=True):
             out[owner].append(text.strip())
@@ -662,7 +664,7 @@ class ModelGenerator:
                                               f"most {self.chat.context - 1}"))
             else:
                 out.append(None)
-                requests.append(Request(ids, self._params(job.seed, DROPOUT_NTP)))
+                requests.append(Request(ids, self.settings.sampling_params(job.seed, DROPOUT_NTP)))
         texts = iter(self._generate(requests))
         return [next(texts) if text is None else text for text in out]
 
@@ -714,6 +716,7 @@ def pairs(
                             start_ratio, model)
     items = read_items(input, method)  # fail on a bad file or output folder before loading the model
     check_output_folder(Path(output))
+    check_settings(Path(output) / "settings.json", settings.identity(method, Path(input)), record=False)
     device = default_device(device)
     generator = ModelGenerator(InternVLChat.from_pretrained(model, dtype=dtype, device=device), settings)
     if method == CORRECTNESS:
