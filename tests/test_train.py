@@ -847,6 +847,18 @@ def test_freeze_flags_keep_frozen_weights_bit_identical(tmp_path, chat_folder, m
     assert any(not torch.equal(v, final[k]) for k, v in initial.items() if k.startswith(trained))
 
 
+
+
+def test_a_frozen_llm_trains_through_text_only_micro_batches(tmp_path, chat_folder):
+    """Only the vision side trains and a micro-batch has no image: its loss reaches no trainable weight.
+    It adds a zero gradient (as under DDP and in the official trainer's dummy image) instead of failing
+    in backward ("element 0 of tensors does not require grad")."""
+    meta = write_mmpr(tmp_path / "mmpr", color_pairs(1, text_only=1))
+    result = train(config(chat_folder, meta, tmp_path / "run", batch_size=1, max_steps=2, shuffle=False,
+                          freeze_llm=True))
+    assert [row["grad_norm"] > 0 for row in metric_rows(tmp_path / "run")] == [True, False]
+    initial, final = load_weights(chat_folder), load_weights(result.final_dir)
+    assert all(torch.equal(v, final[k]) for k, v in initial.items() if k.startswith("language_model."))
 # ----------------------------------------------------------------------------- bad data, CLI
 
 

@@ -22,7 +22,8 @@ Differences from the reference trainer, on purpose:
 - label log-probs come from the final hidden states chunk by chunk; full fp32 logits are never built;
 - text-only samples carry no dummy image; with several ranks, a rank whose micro-batch has no tile
   encodes one zero tile and adds 0 x its features to the loss, so every rank runs the vision tower
-  (DDP needs every parameter used; FSDP2 needs every rank in the same collectives);
+  (DDP needs every parameter used; FSDP2 needs every rank in the same collectives); so does any
+  process when the LLM is frozen (else such a micro-batch's loss reaches no trainable weight);
 - on CUDA with bf16, the trainable weights stay float32 under bf16 autocast (DeepSpeed's bf16
   keeps bf16 weights plus an fp32 master copy); the reference copy is float32 too, under the same
   autocast, so at step 0 it computes exactly what the policy does (FSDP2 computes with bf16 weights:
@@ -1022,7 +1023,10 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
         for block in transformer_blocks(policy):
             activation_checkpoint(block)
     vision_trains = any(p.requires_grad for p in [*policy.vision_model.parameters(), *policy.mlp1.parameters()])
-    module: nn.Module = SequenceLogps(policy, encode_empty=env.distributed and (fsdp or vision_trains))
+    llm_trains = any(p.requires_grad for p in policy.language_model.parameters())
+    # With the LLM frozen, a micro-batch without images reaches a trainable weight only through the zero tile.
+    encode_empty = (env.distributed and (fsdp or vision_trains)) or not llm_trains
+    module: nn.Module = SequenceLogps(policy, encode_empty=encode_empty)
     if fsdp:
         module = shard_fsdp2(module, transformer_blocks(policy), bf16)
     elif env.distributed:
