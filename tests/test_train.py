@@ -298,6 +298,7 @@ def test_bad_model_or_data_creates_no_output_folder(tmp_path, chat_folder, meta)
     ({"drop_path_rate": 1.5}, r"drop_path_rate must be in \[0, 1\)"),
     ({"pref_weight": -1.0}, "pref_weight must be >= 0, got -1.0"),
     ({"lora_rank": 2, "lora_alpha": 0.0}, "lora_alpha must be > 0, got 0.0"),
+    ({"lora_alpha": 16.0}, "--lora-alpha needs --lora-rank > 0"),
     ({"max_dynamic_patch": 0}, "max_dynamic_patch must be >= 1, got 0"),
     ({"num_workers": -1}, "num_workers must be >= 0"),
 ])

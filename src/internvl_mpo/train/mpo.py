@@ -243,6 +243,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be {expected}, got {value}")
         if self.lora_vision and not self.lora_rank:
             raise ConfigError("--lora-vision needs --lora-rank > 0")
+        if self.lora_alpha is not None and not self.lora_rank:
+            raise ConfigError("--lora-alpha needs --lora-rank > 0 (without it the run is full fine-tuning)")
         loss_weights(self)
 
     @property
