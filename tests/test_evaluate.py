@@ -237,6 +237,15 @@ def test_bad_input_is_named_with_its_line_before_any_answer(tmp_path):
     data.write_text(json.dumps({"id": "1", "question": "How many?", "answer": " "}) + "\n")
     with pytest.raises(InputError, match=r"bench.jsonl:1: the answer is empty"):
         read_benchmark(data)
+    # an empty question was asked as an empty prompt; a TSV row cut short gave None, failing in the engine
+    data.write_text(json.dumps({"id": "1", "question": " ", "answer": "yes"}) + "\n")
+    with pytest.raises(InputError, match=r"bench.jsonl:1: the question is empty"):
+        read_benchmark(data)
+    for name, text in [("empty.tsv", "index\tquestion\tanswer\n1\tIs it red?\tyes\n2\t\tyes\n"),
+                       ("short.tsv", "index\tanswer\tquestion\n1\tyes\tIs it red?\n2\tyes\n")]:
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        with pytest.raises(InputError, match=rf"{name}:row 3 \(index 2\): the question is empty"):
+            read_benchmark(tmp_path / name)
 
 
 # ----------------------------------------------------------------------------- MMBench TSV

@@ -108,6 +108,8 @@ Answerer = Callable[[Iterable[tuple[Any, Prompt]], int], Iterable[tuple[Any, str
 
 
 def _item(item_id: str, question: str, answer: str, images, options, hint, category, kind, where: str) -> BenchItem:
+    if not question.strip():
+        raise InputError(f"{where}: the question is empty")
     if not answer.strip():
         raise InputError(f"{where}: the answer is empty")
     try:
@@ -198,7 +200,7 @@ def _read_tsv(path: Path) -> list[BenchItem]:
         check_images(images, where, checked)
         options = {k: _cell(row, k) for k in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if _cell(row, k)}
         items.append(_item(
-            row["index"], row["question"], _cell(row, "answer"), images, options or None, _cell(row, "hint"),
+            row["index"], row["question"] or "", _cell(row, "answer"), images, options or None, _cell(row, "hint"),
             _cell(row, "category"), None, where,
         ))
     return items
