@@ -133,6 +133,15 @@ def test_resume_asks_again_where_the_data_changed_under_an_id(tmp_path):
     score = run_eval(data, again, out)
     assert [p.question.split("\n")[0] for p in again.prompts] == ["Which city is this?", "How many cats are there?"]
     assert score["correct"] == 4 and score["total"] == 6  # the cats answer "B" is right against the new truth
+    # the same question about another image (benchmarks ask "How many ...?" of many images) is asked again
+    Image.new("RGB", (56, 56), (220, 20, 20)).save(tmp_path / "data" / "other.png")
+    rows[2] = dict(rows[2], image="other.png")
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    again = FakeAnswerer(DIRECT)
+    run_eval(data, again, out)
+    assert [p.question for p in again.prompts] == ["Is there a cat in the image?"]
+    assert json.loads((out / "predictions.jsonl").read_text().splitlines()[2])["images"] == [
+        str(tmp_path / "data" / "other.png")]
 
 
 @pytest.mark.parametrize("limit", [0, -1])

@@ -30,7 +30,8 @@ explicit id that repeats such a number is refused as a duplicate).
 Outputs, in the output folder (default: `<data stem>_eval`, or `<data stem>_cot_eval` with `cot`, in
 the current folder, so that a read-only benchmark folder or a source checkout is not written into):
 `predictions.jsonl` (one line per question, appended and fsynced as
-answers arrive; a rerun skips the ids found there), `score.json` (overall and per-category
+answers arrive; a rerun skips the questions found there with
+the same prompt, images and ground truth), `score.json` (overall and per-category
 accuracy, recomputed from all predictions) and `settings.json` (a rerun must use the same settings).
 A question that cannot run (a prompt longer than the model's context) is recorded with the reason,
 counted wrong, listed under "failed" with its file:line and id, and not retried.
@@ -41,6 +42,7 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import hashlib
 import io
 import json
 import re
@@ -326,6 +328,13 @@ def check_counts(batch_size: int, limit: int | None) -> None:
         raise InputError(f"limit must be at least 1, got {limit}")
 
 
+def image_keys(item: BenchItem) -> list[str]:
+    """A question's images as a stored prediction records them: the resolved path, or the sha256 of an
+    encoded image (a TSV cell)."""
+    return [hashlib.sha256(image).hexdigest() if isinstance(image, bytes) else str(Path(image).resolve())
+            for image in item.images]
+
+
 def run_identity(data: str | Path, cot: bool, settings: dict[str, Any] | None) -> dict[str, Any]:
     """What a resumed run must match (settings.json)."""
     return {"data": str(Path(data).resolve()), "cot": cot, **(settings or {})}
@@ -356,9 +365,12 @@ def run_eval(
     progress = Progress(out / "predictions.jsonl")
     done = progress.load()
     # A stored prediction counts only for the same question: ids may be line numbers, and a data file
-    # edited between runs would otherwise have old answers scored against new questions.
+    # edited between runs would otherwise have old answers scored against new questions (or images).
+    # A row without "images" (written by an older version) is not compared on them.
+    images = {item.id: image_keys(item) for item in items}
     todo = [item for item in items if item.id not in done or done[item.id].get("prompt") != build_prompt(item, cot)
-            or done[item.id].get("answer") != item.answer]
+            or done[item.id].get("answer") != item.answer
+            or done[item.id].get("images", images[item.id]) != images[item.id]]
 
     def prompts():  # keyed by (item, prompt): answers come back in any order
         for item in todo:
@@ -368,7 +380,8 @@ def run_eval(
     answered = set()
     with tqdm(total=len(items), initial=len(items) - len(todo), desc="eval", unit="q") as bar:
         for (item, prompt), response in answer_fn(prompts(), batch_size):
-            row = {"id": item.id, "category": item.category, "kind": item.kind, "prompt": prompt.question}
+            row = {"id": item.id, "category": item.category, "kind": item.kind, "prompt": prompt.question,
+                   "images": images[item.id]}
             if isinstance(response, Exception):  # its prompt could not be built, or failed in the engine
                 row.update(prediction="", extracted="", answer=item.answer, correct=False, error=str(response))
             else:
