@@ -301,12 +301,20 @@ def test_bad_model_or_data_creates_no_output_folder(tmp_path, chat_folder, meta)
     ({"lora_alpha": 16.0}, "--lora-alpha needs --lora-rank > 0"),
     ({"max_dynamic_patch": 0}, "max_dynamic_patch must be >= 1, got 0"),
     ({"num_workers": -1}, "num_workers must be >= 0"),
+    ({"seed": -1}, r"seed must be in \[0, 4294967295\] \(numpy seeds process r with seed \+ r\), got -1"),
+    ({"seed": 2**32}, r"seed must be in \[0, 4294967295\]"),
 ])
 def test_out_of_range_settings_are_refused_before_loading(tmp_path, meta, change, message):
     """Values torch would reject with a traceback after the model loads, or train on silently (NaN, no-ops)."""
     with pytest.raises(ConfigError, match=message):
         train(config(tmp_path / "no-model", meta, tmp_path / "run", **change))
     assert not (tmp_path / "run").exists()
+
+
+def test_the_seed_range_leaves_room_for_every_process(tmp_path, meta, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match=r"seed must be in \[0, 4294967292\]"):
+        train(config(tmp_path / "no-model", meta, tmp_path / "run", seed=2**32 - 2))
 
 
 def test_a_diverging_run_stops_before_a_non_finite_update(tmp_path, chat_folder, meta):

@@ -90,7 +90,7 @@ def train(
     max_dynamic_patch: tiles per image; when given it wins over meta.json's max_dynamic_patch (default: meta.json's value, else the model config's)
     video_frames: frames sampled per video
     save_every: write a resumable checkpoint every N steps (0: only the final model)
-    seed: seed of the data order, initialisation and drop-path
+    seed: seed of the data order, initialisation and drop-path (0 to 2**32 minus the number of processes)
     shuffle: reshuffle the data every epoch
     freeze_vision: freeze the vision tower
     freeze_projector: freeze the projector (mlp1)

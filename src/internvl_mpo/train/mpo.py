@@ -86,6 +86,7 @@ from internvl_mpo.train.distributed import (
     all_reduce_sum,
     barrier,
     destroy_distributed,
+    env_int,
     epoch_order,
     init_distributed,
     print0,
@@ -241,6 +242,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and valid(value)):
                 raise ConfigError(f"{name} must be {expected}, got {value}")
+        highest_seed = 2**32 - env_int("WORLD_SIZE", 1)
+        if not 0 <= self.seed <= highest_seed:
+            raise ConfigError(
+                f"seed must be in [0, {highest_seed}] (numpy seeds process r with seed + r), got {self.seed}"
+            )
         if self.lora_vision and not self.lora_rank:
             raise ConfigError("--lora-vision needs --lora-rank > 0")
         if self.lora_alpha is not None and not self.lora_rank:
