@@ -285,6 +285,13 @@ def test_bad_model_or_data_creates_no_output_folder(tmp_path, chat_folder, meta)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("output", ["a-file", "a-file/run"])
+def test_an_output_under_a_file_is_refused_before_loading(tmp_path, meta, output):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match=f"--output {tmp_path / output}: {tmp_path / 'a-file'} is a file"):
+        train(config(tmp_path / "no-model", meta, tmp_path / output))
+
+
 @pytest.mark.parametrize("change, message", [
     ({"lr": -1.0}, "lr must be >= 0, got -1.0"),
     ({"lr": math.nan}, "lr must be >= 0, got nan"),

@@ -809,7 +809,10 @@ def check_output(output: Path, resume: bool) -> None:
     """ConfigError when the run would overwrite an earlier run's checkpoints or results: without
     --resume, a folder holding any of them; with --resume, a finished run's final/ and no checkpoint
     (with neither, --resume starts from the beginning, so one command line serves a job that may be
-    preempted before its first checkpoint)."""
+    preempted before its first checkpoint). Also when the folder cannot be made: it or a parent is a file."""
+    existing = next((p for p in (output, *output.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"--output {output}: {existing} is a file, not a folder")
     checkpoint = ckpt.latest_checkpoint(output)
     if checkpoint is not None:
         if not resume:
