@@ -246,6 +246,13 @@ def test_bad_input_is_named_with_its_line_before_any_answer(tmp_path):
     data.write_text(json.dumps({"id": "1", "question": "How many?", "answer": " "}) + "\n")
     with pytest.raises(InputError, match=r"bench.jsonl:1: the answer is empty"):
         read_benchmark(data)
+    # placeholders that do not fit the images failed each such question after the model loaded
+    for image, count in [(None, 1), ("img.png", 2)]:
+        data.write_text(json.dumps({"id": "1", "question": "<image> " * count + "How many?", "answer": "2",
+                                    **({"image": image} if image else {})}) + "\n")
+        with pytest.raises(InputError, match=rf"bench.jsonl:1: the question has {count} <image> placeholder\(s\) for "
+                                             rf"{count - 1} image\(s\)"):
+            read_benchmark(data)
     # an empty question was asked as an empty prompt; a TSV row cut short gave None, failing in the engine
     data.write_text(json.dumps({"id": "1", "question": " ", "answer": "yes"}) + "\n")
     with pytest.raises(InputError, match=r"bench.jsonl:1: the question is empty"):

@@ -60,6 +60,7 @@ from internvl_mpo.answers import (
     infer_kind,
     normalize_options,
 )
+from internvl_mpo.chat.template import IMAGE_PLACEHOLDER
 from internvl_mpo.errors import InputError
 from internvl_mpo.jsonl import read_objects, rewrite_in_order
 from internvl_mpo.pairs import (
@@ -112,6 +113,10 @@ Answerer = Callable[[Iterable[tuple[Any, Prompt]], int], Iterable[tuple[Any, str
 def _item(item_id: str, question: str, answer: str, images, options, hint, category, kind, where: str) -> BenchItem:
     if not question.strip():
         raise InputError(f"{where}: the question is empty")
+    count = question.count(IMAGE_PLACEHOLDER)  # none: the images go in front
+    if count and count != len(images):
+        raise InputError(f"{where}: the question has {count} {IMAGE_PLACEHOLDER} placeholder(s) "
+                         f"for {len(images)} image(s)")
     if not answer.strip():
         raise InputError(f"{where}: the answer is empty")
     try:
