@@ -509,8 +509,8 @@ def resume_refusal(cfg: TrainConfig, change: dict) -> str:
 def test_resume_refuses_changed_training_settings(tmp_path, chat_folder, meta):
     cfg = config(chat_folder, meta, tmp_path / "run", max_steps=1, save_every=1)
     train(cfg)
-    for change in ({"freeze_vision": True}, {"freeze_projector": True}, {"freeze_llm": True}, {"lora_alpha": 4.0},
-                   {"batch_size": 1, "freeze_vision": True}):
+    for change in ({"freeze_vision": True}, {"freeze_projector": True}, {"freeze_llm": True},
+                   {"lora_rank": 2, "lora_alpha": 4.0}, {"batch_size": 1, "freeze_vision": True}):
         with pytest.raises(CheckpointError, match=resume_refusal(cfg, change)):
             train(dataclasses.replace(cfg, resume=True, **change))
 
