@@ -219,6 +219,8 @@ def test_video_records_use_frames_and_the_card_prefix(tmp_path, tokenizer, setti
     text = tokenizer.decode(example.prompt_ids, skip_special_tokens=False)
     assert "Frame1: <img>" in text and "Frame3: <img>" in text and "</img>\nWhat happens?" in text
     assert "<video>" not in text
+    with pytest.raises(InputError, match=r"\(\d+ of them image tokens\).*; lower video_frames or raise max_seq_length$"):
+        encode_pair(recs[0], tokenizer, settings, 10)  # a video's frames are one tile each: their count decides
 
 
 def test_long_answers_lose_their_tails_never_the_prompt(tmp_path, tokenizer, settings):

@@ -265,6 +265,11 @@ class _LineEnds:
         return self.cache[token_id]
 
 
+def _tiles_flag(video: str | None) -> str:
+    """The setting that decides a record's image tokens: a video's frame count (one tile each), else tiles."""
+    return "video_frames" if video else "max_dynamic_patch"
+
+
 def encode_pair(
     record: PreferenceRecord,
     tokenizer: Tokenizer,
@@ -298,7 +303,7 @@ def encode_pair(
         raise InputError(
             f"{where}: the prompt is {len(pair.prompt_ids)} tokens ({image_tokens} of them image tokens), which leaves"
             f" no supervised answer token within max_seq_length={max_seq_length}; "
-            + ("lower max_dynamic_patch or raise max_seq_length" if image_tokens else "raise max_seq_length")
+            + (f"lower {_tiles_flag(record.video)} or raise max_seq_length" if image_tokens else "raise max_seq_length")
         )
     (chosen_ids, chosen_labels), (rejected_ids, rejected_labels), truncated = fitted
     if chosen_ids == rejected_ids:  # the texts differ (mmpr refuses equal ones), so both lost the difference
@@ -361,7 +366,7 @@ def encode_sft(
         if any(t in image_ids for t in ids[max_seq_length:]):
             raise InputError(
                 f"{where}: the conversation is {len(ids)} tokens and cutting it to max_seq_length={max_seq_length}"
-                " would cut image tokens; lower max_dynamic_patch or raise max_seq_length"
+                f" would cut image tokens; lower {_tiles_flag(record.video)} or raise max_seq_length"
             )
         ids, labels = ids[:max_seq_length], labels[:max_seq_length]
     if _supervised(labels) == 0:
