@@ -1087,6 +1087,17 @@ def test_plot_skips_the_half_written_line_of_a_killed_run(tmp_path, capsys):
     assert f"{tmp_path / 'metrics.jsonl'}:3: not valid JSON" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("line", ['{"question": "q", "chosen": "a", "rejected": "b"}', "[1]", '{"step": "one"}'])
+def test_plot_refuses_a_file_that_is_not_metrics(tmp_path, capsys, line):
+    """Another JSONL (a data file, say) given to plot: one line naming it, not a KeyError from the plotting."""
+    from internvl_mpo.cli import main
+
+    (tmp_path / "other.jsonl").write_text(line + "\n")
+    assert main(["plot", str(tmp_path / "other.jsonl")]) == 1
+    assert f"{tmp_path / 'other.jsonl'}:1: not a metrics.jsonl row (an object with a numeric 'step')" in \
+        capsys.readouterr().err
+
+
 def test_cli_reports_bad_data_without_traceback(tmp_path, chat_folder):
     meta = write_mmpr(tmp_path / "data", ['{"oops"', *color_pairs(2)])
     from internvl_mpo.cli import main

@@ -135,7 +135,8 @@ PLOT_PANELS = (
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The rows of metrics.jsonl, less a last line without its newline (a run killed during the append)."""
+    """The rows of metrics.jsonl, less a last line without its newline (a run killed during the append);
+    InputError at a line that is not a metrics row (another JSONL given to plot)."""
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(keepends=True), 1):
         if not line.endswith("\n"):
@@ -143,9 +144,12 @@ def read_metrics(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not (isinstance(row, dict) and isinstance(row.get("step"), int | float)):
+            raise InputError(f"{path}:{number}: not a metrics.jsonl row (an object with a numeric 'step')")
+        rows.append(row)
     return rows
 
 
