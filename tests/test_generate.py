@@ -794,6 +794,17 @@ def test_preprocessed_tiles_as_one_tensor_or_one_per_image(setup):
         chat.prepare("Compare", [torch.randn(3, size, size)])
     with pytest.raises(InputError, match="all as preprocessed"):
         chat.prepare("Compare", [a, Image.new("RGB", (20, 20))])
+    # beside files, PIL images or no images, num_patches_list must be what they get (it was ignored)
+    picture = Image.new("RGB", (size, size))
+    tiles = chat.prepare("Compare", [picture]).num_patches_list
+    assert chat.prepare("Compare", [picture], num_patches_list=tiles).num_patches_list == tiles
+    assert chat.prepare("Hi", None, num_patches_list=[]).pixel_values is None  # as the official passes it
+    with pytest.raises(InputError, match=r"num_patches_list \[5\] does not match the tiles of the images"):
+        chat.prepare("Compare", [picture], num_patches_list=[5])
+    with pytest.raises(InputError, match=r"num_patches_list \[2\] given without images"):
+        chat.chat("Hi", num_patches_list=[2], **kw)
+    with pytest.raises(InputError, match="given without images"):
+        chat.batch_chat(["Hi", "Ho"], num_patches_list=[1, 1], **kw)
 
 
 def test_batch_chat_takes_the_official_concatenated_pixel_values(setup):

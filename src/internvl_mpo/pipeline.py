@@ -143,10 +143,13 @@ class InternVLChat:
         (see processor/multi.py). Images over `max_pixels` pixels (default: Pillow's
         decompression-bomb limit, about 89 million) are refused.
         Preprocessed tiles pass through: one tensor (N, 3, S, S), which `num_patches_list` splits
-        into images (one image without it), or a list of such tensors, one per image.
+        into images (one image without it), or a list of such tensors, one per image. With files or
+        PIL images, or none, a `num_patches_list` given must be the tile counts they get.
         """
         items = _as_list(images)
         if not items:
+            if num_patches_list:  # the official code passes [] for a text-only question
+                raise InputError(f"num_patches_list {list(num_patches_list)} given without images")
             return None, []
         tensors = [isinstance(item, torch.Tensor) for item in items]
         if any(tensors):
@@ -177,6 +180,10 @@ class InternVLChat:
             image_size=self.config.image_size, use_thumbnail=self.config.use_thumbnail, total_budget=total_max_num,
             max_pixels=max_pixels,
         )
+        if num_patches_list is not None and list(num_patches_list) != loaded.num_patches_list:
+            raise InputError(f"num_patches_list {list(num_patches_list)} does not match the tiles of the images "
+                             f"given {loaded.num_patches_list} (files and PIL images are tiled here; "
+                             "num_patches_list splits one pixel_values tensor)")
         return loaded.pixel_values, loaded.num_patches_list
 
     def prepare(
