@@ -220,7 +220,27 @@ def test_video_records_use_frames_and_the_card_prefix(tmp_path, tokenizer, setti
     assert "Frame1: <img>" in text and "Frame3: <img>" in text and "</img>\nWhat happens?" in text
     assert "<video>" not in text
     with pytest.raises(InputError, match=r"\(\d+ of them image tokens\).*; lower video_frames or raise max_seq_length$"):
-        encode_pair(recs[0], tokenizer, settings, 10)  # a video's frames are one tile each: their count decides
+        # a video's frames are one tile each: their count decides (the default 8 frames' tokens, and some room)
+        encode_pair(recs[0], tokenizer, settings, 8 * (settings.num_image_token + 2) + 5)
+    # frames that alone fill max_seq_length are refused before any is decoded (a large video_frames
+    # decoded them all first)
+    import internvl_mpo.train.data as data_module
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded")
+
+    frames = 8192 // (settings.num_image_token + 2) + 1
+    many = MediaSettings(**{**settings.__dict__, "video_frames": frames})
+    tokens = frames * (settings.num_image_token + 2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data_module, "load_video", no_decoding)
+        with pytest.raises(InputError, match=rf"video's {frames} frames \(one tile each\) are {tokens} image tokens, "
+                                             r"max_seq_length=8192; lower video_frames"):
+            encode_pair(recs[0], tokenizer, many, 8192)
+        convo = [{"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "Bars grow."}]
+        (root / "sft.jsonl").write_text(json.dumps({"video": "clip.mp4", "conversations": convo}) + "\n")
+        bad = SFTDataset(read_sft_records(str(root / "sft.jsonl"), str(root / "images")), tokenizer, many, 8192)[0]
+        assert isinstance(bad, BadExample) and f"video's {frames} frames (one tile each)" in bad.message
 
 
 def test_long_answers_lose_their_tails_never_the_prompt(tmp_path, tokenizer, settings):

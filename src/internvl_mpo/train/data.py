@@ -265,6 +265,16 @@ class _LineEnds:
         return self.cache[token_id]
 
 
+def _check_video_length(video: str | None, settings: MediaSettings, max_seq_length: int) -> None:
+    """Refuse a video whose frames alone (one tile each) fill max_seq_length, before any is decoded (a
+    large video_frames would otherwise decode every frame first)."""
+    if video is not None:
+        tokens = settings.video_frames * (settings.num_image_token + 2)  # <img> ... </img> per frame
+        if tokens >= max_seq_length:
+            raise InputError(f"the video's {settings.video_frames} frames (one tile each) are {tokens} image tokens, "
+                             f"max_seq_length={max_seq_length}; lower video_frames or raise max_seq_length")
+
+
 def _tiles_flag(video: str | None) -> str:
     """The setting that decides a record's image tokens: a video's frame count (one tile each), else tiles."""
     return "video_frames" if video else "max_dynamic_patch"
@@ -286,6 +296,7 @@ def encode_pair(
     One set of tiles serves both answers, as the official item holds one `pixel_values` for both."""
     where = str(record.source)
     try:
+        _check_video_length(record.video, settings, max_seq_length)
         pixel_values, num_patches, question = load_media(
             record.images, record.multi_image, record.video, record.question, settings, max_num, augment
         )
@@ -350,6 +361,7 @@ def encode_sft(
     messages = sft_messages(record)
     first_user = next((m for m in messages if m["role"] == "user"), None)
     try:
+        _check_video_length(record.video, settings, max_seq_length)
         question = first_user["content"] if first_user is not None else ""
         pixel_values, num_patches, question = load_media(
             record.images, record.multi_image, record.video, question, settings, max_num, augment
