@@ -37,6 +37,19 @@ def test_chat_one_question_with_image_streams_the_greedy_answer(folder):
     assert out.stdout.strip() == expected
 
 
+def test_the_streamed_answer_holds_back_trailing_whitespace(capsys):
+    """An answer cut (at --max-new-tokens) right after a newline printed a blank line before the next
+    prompt; whitespace inside the answer still streams as it comes."""
+    from internvl_mpo.cli_chat import _answer
+
+    class Bot:
+        def stream_prepared(self, prepared, params):
+            yield from ["Two lines:\n", " first\n", "\n", "second  ", "\n\n"]
+
+    assert _answer(Bot(), None, None) == "Two lines:\n first\n\nsecond"
+    assert capsys.readouterr().out == "Two lines:\n first\n\nsecond\n"
+
+
 def test_interactive_chat_keeps_history(folder):
     image = folder.parent / "blue.png"
     out = cli("chat", "--model", folder, "--max-new-tokens", "6", stdin=f"/image {image}\nfirst?\nsecond?\n/exit\n")

@@ -161,10 +161,15 @@ def _typed_path(text: str) -> str:
 
 
 def _answer(bot, prepared, params) -> str:
-    pieces = []
+    """Stream the answer to the terminal, trailing whitespace held back until more text follows (an
+    answer cut right after a newline left a blank line), then end the line; return it stripped."""
+    pieces, held = [], ""
     for piece in bot.stream_prepared(prepared, params):
         pieces.append(piece)
-        print(piece, end="", flush=True)
+        text = held + piece
+        shown = text.rstrip()
+        held = text[len(shown):]
+        print(shown, end="", flush=True)
     print()
     return "".join(pieces).strip()
 
