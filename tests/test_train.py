@@ -310,6 +310,9 @@ def test_an_output_under_a_file_is_refused_before_loading(tmp_path, meta, output
     ({"num_workers": -1}, "num_workers must be >= 0"),
     ({"seed": -1}, r"seed must be in \[0, 4294967295\] \(numpy seeds process r with seed \+ r\), got -1"),
     ({"seed": 2**32}, r"seed must be in \[0, 4294967295\]"),
+    # sft computes no preference loss: its settings were ignored without a word
+    ({"mode": "sft", "beta": 0.5}, r"^--beta: for the preference modes \(mpo, dpo\); sft has no preference loss$"),
+    ({"mode": "sft", "precompute_ref": True, "rejected_span": "divergent-line"}, "^--rejected-span, --precompute-ref: for the"),
 ])
 def test_out_of_range_settings_are_refused_before_loading(tmp_path, meta, change, message):
     """Values torch would reject with a traceback after the model loads, or train on silently (NaN, no-ops)."""

@@ -251,6 +251,11 @@ class TrainConfig:
             raise ConfigError("--lora-vision needs --lora-rank > 0")
         if self.lora_alpha is not None and not self.lora_rank:
             raise ConfigError("--lora-alpha needs --lora-rank > 0 (without it the run is full fine-tuning)")
+        if self.mode == "sft":  # settings of the preference losses, which sft does not compute
+            given = [f"--{name.replace('_', '-')}" for name in ("beta", "label_smoothing", "rejected_span", "precompute_ref")
+                     if getattr(self, name) != TrainConfig.__dataclass_fields__[name].default]
+            if given:
+                raise ConfigError(f"{', '.join(given)}: for the preference modes (mpo, dpo); sft has no preference loss")
         loss_weights(self)
 
     @property
