@@ -269,10 +269,15 @@ def _check_video_length(video: str | None, settings: MediaSettings, max_seq_leng
     """Refuse a video whose frames alone (one tile each) fill max_seq_length, before any is decoded (a
     large video_frames would otherwise decode every frame first)."""
     if video is not None:
-        tokens = settings.video_frames * (settings.num_image_token + 2)  # <img> ... </img> per frame
+        tokens = _image_token_count([1] * settings.video_frames, settings.num_image_token)
         if tokens >= max_seq_length:
             raise InputError(f"the video's {settings.video_frames} frames (one tile each) are {tokens} image tokens, "
                              f"max_seq_length={max_seq_length}; lower video_frames or raise max_seq_length")
+
+
+def _image_token_count(num_patches: list[int], num_image_token: int) -> int:
+    """Prompt tokens of images with `num_patches` tiles each: the context tokens and <img> ... </img>."""
+    return sum(n * num_image_token + 2 for n in num_patches)
 
 
 def _tiles_flag(video: str | None) -> str:
@@ -310,7 +315,7 @@ def encode_pair(
         max_seq_length,
     )
     if fitted is None:
-        image_tokens = sum(n * settings.num_image_token + 2 for n in num_patches)
+        image_tokens = _image_token_count(num_patches, settings.num_image_token)
         raise InputError(
             f"{where}: the prompt is {len(pair.prompt_ids)} tokens ({image_tokens} of them image tokens), which leaves"
             f" no supervised answer token within max_seq_length={max_seq_length}; "
