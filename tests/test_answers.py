@@ -688,6 +688,15 @@ def test_boxes(text, expected):
         ("1.2M", "1200000", False), ("3千米", "3", True), ("3千米", "3000", False), ("5千克", "5 kg", True),
         # a number run on after the magnitude is no number ("3万5千")
         ("3万5千", "35000", None),
+        # "a"/"an" before a magnitude word is one of it; English magnitudes that fall add up, with a last
+        # number below the smallest ("3 thousand 5 hundred", "a hundred and five")
+        ("a million", "1000000", True), ("an hundred", "100", True), ("about a thousand", "1000", True),
+        ("a million", "1", False), ("3 thousand 5 hundred", "3500", True), ("two thousand five hundred", "2500", True),
+        ("1 million 200 thousand", "1200000", True), ("2.5 million 300 thousand", "2800000", True),
+        ("a hundred and five", "105", True), ("2 thousand 5", "2005", True), ("3 million 2 thousand and 7", "3002007", True),
+        # not a sum: a magnitude that does not fall, or a last number not below it, leaves several numbers
+        ("2 thousand 3 thousand", "5000", None), ("3 hundred 500", "800", None), ("5 hundred 2 thousand", "2500", None),
+        ("3 thousand 1000", "4000", None), ("3 thousand 5 hundred", "3", False),
     ],
 )
 def test_magnitude_words(prediction, truth, expected):

@@ -21,7 +21,7 @@ answer in display math that opens on the trigger's line ("Final answer:\\n$$\\n1
 B", "option (C)", "答案是C", which VLMEvalKit hands to its judge model), numbers read with units (a known unit
 on both sides must agree: "5 m" is not "5 cm"), thousands commas, percentages, fractions (a/b, "½", LaTeX
 `\\frac` also as \\frac12), scientific notation ("3 × 10^5", "6.02 \\times 10^{23}"), magnitude words ("1.2
-million", "3万", "2.5亿"; not abbreviations such as "1.2M"), the root of a perfect power alone ("∛8" is 2,
+million", "3万", "2.5亿", "3 thousand 5 hundred"; not abbreviations such as "1.2M"), the root of a perfect power alone ("∛8" is 2,
 "\\sqrt{9}" is 3; other roots are expressions, no number), negative numbers (also with an en dash, "minus",
 "negative" or 负 for the minus) and full-width ones, Chinese numerals where they stand as a number ("答案是三",
 "三只", "百分之五十", "三分之一", "三点五"; not "一些", "唯一", "第三", "三四个"), and number words that count something in short
@@ -52,6 +52,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
+from fractions import Fraction
 from typing import NamedTuple
 
 from internvl_mpo.errors import InputError
@@ -178,6 +179,18 @@ _MAGNITUDES = {  # powers of ten
 _MAGNITUDE = re.compile(
     r"(?<![A-Za-z\d.^/])(\d+(?:\.\d+)?)((?:\s*(?:hundred|thousand|million|billion|trillion)s?\b)+"
     r"|\s*(?:[十百千]?(?:万亿|[万亿])(?!\d)|[十百千](?![\d分米克瓦焦帕赫卡伏])))",
+    re.IGNORECASE,
+)
+# "a"/"an" before an English magnitude word is one of it in short answers, as number words are ("a
+# million"); a chain of English magnitudes that
+# fall, maybe ending in a number below the last ("3 thousand 5 hundred", "2 million 300 thousand and 7"),
+# adds up (`_magnitude_sum`).
+_A_MAGNITUDE = re.compile(r"\b(?:a|an)\s+(?=(?:hundred|thousand|million|billion|trillion)\b)", re.IGNORECASE)
+_ENGLISH_MAGNITUDE = r"(?:\s*(?:hundred|thousand|million|billion|trillion)s?\b)+"
+_MAGNITUDE_TERM = re.compile(rf"(\d+(?:\.\d+)?)({_ENGLISH_MAGNITUDE})", re.IGNORECASE)
+_MAGNITUDE_CHAIN = re.compile(
+    rf"(?<![A-Za-z\d.^/])\d+(?:\.\d+)?{_ENGLISH_MAGNITUDE}"
+    rf"(?:(?:\s+and)?\s+\d+{_ENGLISH_MAGNITUDE})*(?:(?:\s+and)?\s+(\d+)(?![\d.]))?",
     re.IGNORECASE,
 )
 # A Chinese numeral stands as a number only next to punctuation, a non-CJK character, one of these words
@@ -479,10 +492,31 @@ def _magnitudes(text: str) -> str:
     "3 hundred thousand" -> "3e5", "1.5万亿" -> "1.5e12"."""
 
     def exponent(m: re.Match) -> str:
-        words = re.findall(r"[a-z]+|\S", m[2].casefold())
-        return f"{m[1]}e{sum(_MAGNITUDES[word.removesuffix('s')] for word in words)}"
+        return f"{m[1]}e{_exponent(m[2])}"
 
-    return _MAGNITUDE.sub(exponent, text)
+    return _MAGNITUDE.sub(exponent, _MAGNITUDE_CHAIN.sub(_magnitude_sum, text))
+
+
+def _exponent(words: str) -> int:
+    """The power of ten of magnitude words: "hundred thousand" is 5, "万亿" 12."""
+    return sum(_MAGNITUDES[word.removesuffix("s")] for word in re.findall(r"[a-z]+|\S", words.casefold()))
+
+
+def _magnitude_sum(m: re.Match) -> str:
+    """A `_MAGNITUDE_CHAIN` as its sum ("3 thousand 5 hundred" -> "3500") where every term is below the
+    power of ten before it (integers after the first) and the first below 10^31, else unchanged ("2
+    thousand 3 thousand")."""
+    terms = [(t[1], _exponent(t[2])) for t in _MAGNITUDE_TERM.finditer(m[0])]
+    if m[1] is not None:
+        terms.append((m[1], 0))
+    if len(terms) < 2 or terms[0][1] > 30:  # "1 million million ..." is no sum to write out
+        return m[0]
+    total = Fraction(terms[0][0]) * 10 ** terms[0][1]
+    for (_, above), (digits, power) in zip(terms, terms[1:]):
+        if not digits.isdigit() or int(digits) * 10**power >= 10**above:
+            return m[0]
+        total += int(digits) * 10**power
+    return str(total.numerator) if total.denominator == 1 else str(float(total))
 
 
 def _chinese_integer(run: str) -> int | None:
@@ -595,8 +629,8 @@ def parse_number(text: str) -> Number | None:
     `_BOUND_AFTER`). Fractions a/b are computed, a following % or "percent" marks a percentage (a
     percentage beside its fraction, "50% (0.5)", is one number), and digits inside words and units
     ("CO2", "cm^2") are no numbers. Chinese numerals count where they stand apart (`_chinese_numerals`:
-    "答案是三", "三只", "百分之五十" is 50%, "三点五" 3.5), and magnitude words multiply ("1.2 million", "3万",
-    "2.5亿": `_MAGNITUDE`). In answers of at most five words, number words that count something
+    "答案是三", "三只", "百分之五十" is 50%, "三点五" 3.5), magnitude words multiply ("1.2 million", "3万",
+    "2.5亿": `_MAGNITUDE`) and falling English ones add up ("3 thousand 5 hundred": `_MAGNITUDE_CHAIN`). In answers of at most five words, number words that count something
     count as digits, as the VQA normaliser maps them ("three", "there is one", "none"), and so does "no"
     before a word ("no green shapes": 0; "I see no 3" gives two numbers). They do not count where they
     pick something out or negate ("the other two", "not one"), in a compound ("two-thirds") or as "no
@@ -608,9 +642,9 @@ def parse_number(text: str) -> Number | None:
     if _EXPRESSION.search(s):
         return None
     if len(re.findall(r"\w+", s)) <= _SHORT_ANSWER_WORDS:
-        # "no", the one match missing from _WORD_NUMBERS, is 0; "two thousand" is 2000
+        # "no", the one match missing from _WORD_NUMBERS, is 0; "two thousand" is 2000, "a hundred and five" 105
         s = _NUMBER_WORD.sub(lambda m: str(_WORD_NUMBERS.get(m[0].casefold(), 0)) if _is_count(m) else m[0], s)
-        s = _magnitudes(s)
+        s = _magnitudes(_A_MAGNITUDE.sub("1 ", s))
     numbers = set()
     for match in _NUMBER_RE.finditer(s):
         # the bound's words within a few dozen characters before the number: searching all the text
