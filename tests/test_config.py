@@ -55,6 +55,22 @@ def write(tmp_path, change):
         (lambda d: d["vision_config"].update(patch_size=-14), "vision_config.patch_size is -14, not >= 1"),
         (lambda d: d["llm_config"].update(hidden_size=-8), "llm_config.hidden_size is -8, not >= 1"),
         (lambda d: d["llm_config"].update(architectures=None), r"llm_config.architectures \[None\] is not implemented"),
+        # values of the wrong kind in the fields that are not plain numbers (each was an AttributeError,
+        # a ZeroDivisionError, a misleading message, or a name spelled out letter by letter)
+        (lambda d: d["llm_config"].update(rope_scaling="dynamic"), 'llm_config.rope_scaling is "dynamic", not an object'),
+        (lambda d: d["llm_config"].update(rope_scaling={"type": "linear", "factor": 0}),
+         "rope_scaling .* has no positive number 'factor'"),
+        (lambda d: d["llm_config"].update(rope_scaling={"type": "linear"}), "has no positive number 'factor'"),
+        (lambda d: d["llm_config"].update(rope_scaling={"type": "dynamic", "factor": "2"}),
+         "has no positive number 'factor'"),
+        (lambda d: d["llm_config"].update(architectures="Qwen2ForCausalLM"),
+         'llm_config.architectures is "Qwen2ForCausalLM", not a list of names'),
+        (lambda d: d["vision_config"].update(architectures=3), "vision_config.architectures is 3, not a list of names"),
+        (lambda d: d.update(architectures="InternVLChatModel"), 'architectures is "InternVLChatModel", not a list'),
+        (lambda d: d.update(force_image_size="448"), 'force_image_size is "448", not an integer or null'),
+        (lambda d: d["llm_config"].update(eos_token_id=["<|im_end|>"]), "eos_token_id is .*, not a token id"),
+        (lambda d: d.update(max_dynamic_patch=0), "max_dynamic_patch is 0, not >= 1"),
+        (lambda d: d.update(min_dynamic_patch=6, max_dynamic_patch=4), "min_dynamic_patch 6 is above max_dynamic_patch 4"),
     ],
 )
 def test_unsupported_settings_are_refused(tmp_path, change, message):
@@ -70,6 +86,17 @@ def test_supported_rope_scaling_and_list_sizes(tmp_path):
     config = ModelConfig.from_json(path)
     assert config.llm.rope_type == "dynamic" and config.vision.image_size == 448
     assert config.to_dict()["vision_config"]["image_size"] == [448, 448]
+
+
+def test_null_architectures_take_the_defaults_and_rope_type_default_is_plain_rope(tmp_path):
+    def change(d):
+        d["architectures"] = d["vision_config"]["architectures"] = None
+        d["llm_config"]["rope_scaling"] = {"rope_type": "default"}
+    config = ModelConfig.from_json(write(tmp_path, change))
+    assert config.llm.rope_type is None
+    saved = config.to_dict()  # null architectures were kept and made writing the config fail
+    assert saved["architectures"] == ["InternVLChatModel"]
+    assert saved["vision_config"]["architectures"] == ["InternVisionModel"]
 
 
 def test_a_json_value_that_is_not_an_object(tmp_path):

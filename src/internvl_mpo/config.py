@@ -24,9 +24,15 @@ SUPPORTED_LLM_ARCHITECTURES = ("Qwen2ForCausalLM", "InternLM2ForCausalLM")
 SUPPORTED_ROPE_SCALING = (None, "linear", "dynamic")
 
 
-# What a JSON value must be for a field annotated with a plain type (a float field takes 1 as 1.0).
+# What a JSON value must be for a field of each annotation (a float field takes 1 as 1.0), and what
+# the items of a list must be.
+_NONE = type(None)
 _JSON_TYPES = {"int": (int, "an integer"), "float": ((int, float), "a number"), "bool": (bool, "true or false"),
-               "str": (str, "a string")}
+               "str": (str, "a string"), "int | None": ((int, _NONE), "an integer or null"),
+               "dict | None": ((dict, _NONE), "an object or null"),
+               "int | list[int] | None": ((int, list, _NONE), "a token id, a list of token ids or null"),
+               "tuple[str, ...]": ((list, _NONE), "a list of names")}
+_JSON_ITEMS = {"int | list[int] | None": int, "tuple[str, ...]": str}
 
 
 def _split(cls, d: dict[str, Any], section: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
@@ -36,9 +42,20 @@ def _split(cls, d: dict[str, Any], section: str = "") -> tuple[dict[str, Any], d
     extra = {k: v for k, v in d.items() if k not in fields}
     for key, value in known.items():
         types, wanted = _JSON_TYPES.get(fields[key], (object, ""))
-        if not isinstance(value, types) or (isinstance(value, bool) and fields[key] != "bool"):
+        item = _JSON_ITEMS.get(fields[key], object)
+        items = value if isinstance(value, list) else []
+        if (not isinstance(value, types) or (isinstance(value, bool) and fields[key] != "bool")
+                or any(not isinstance(v, item) or isinstance(v, bool) for v in items)):
             raise ConfigError(f"{section}{key} is {json.dumps(value)}, not {wanted}")
     return known, extra
+
+
+def _architectures(known: dict[str, Any]) -> None:
+    """`architectures` as a tuple; null takes the default (transformers writes the class it saves)."""
+    if known.get("architectures") is None:
+        known.pop("architectures", None)
+    else:
+        known["architectures"] = tuple(known["architectures"])
 
 
 def _check_sizes(obj, section: str, names: tuple[str, ...]) -> None:
@@ -115,8 +132,7 @@ class VisionConfig:
                 d[key] = value[0]
                 d[f"_{key}_was_list"] = True
         known, extra = _split(cls, d, "vision_config.")
-        if "architectures" in known and known["architectures"] is not None:
-            known["architectures"] = tuple(known["architectures"])
+        _architectures(known)
         return cls(**known, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
@@ -168,6 +184,11 @@ class LLMConfig:
                 f"llm_config.rope_scaling type {self.rope_type!r} is not implemented; "
                 f"supported: none, 'linear', 'dynamic'"
             )
+        factor = (self.rope_scaling or {}).get("factor")
+        if self.rope_type is not None and (not isinstance(factor, (int, float)) or isinstance(factor, bool)
+                                           or factor <= 0):
+            raise ConfigError(f"llm_config.rope_scaling {json.dumps(self.rope_scaling)} has no positive number "
+                              "'factor' (the scaling it names needs one)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError("llm_config.num_attention_heads must be a multiple of num_key_value_heads")
         if self.extra.get("use_sliding_window"):
@@ -177,7 +198,8 @@ class LLMConfig:
     def rope_type(self) -> str | None:
         if not self.rope_scaling:
             return None
-        return self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+        kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+        return None if kind == "default" else kind  # transformers' name for plain RoPE
 
     @property
     def head_dim(self) -> int:
@@ -227,6 +249,10 @@ class ModelConfig:
         n = self.vision.num_hidden_layers
         if not -n - 1 <= self.select_layer <= n:
             raise ConfigError(f"select_layer {self.select_layer} is out of range for a {n}-layer ViT")
+        _check_sizes(self, "", ("min_dynamic_patch", "max_dynamic_patch"))
+        if self.min_dynamic_patch > self.max_dynamic_patch:
+            raise ConfigError(f"min_dynamic_patch {self.min_dynamic_patch} is above max_dynamic_patch "
+                              f"{self.max_dynamic_patch}")
         if self.force_image_size not in (None, self.vision.image_size):
             raise ConfigError(
                 f"force_image_size {self.force_image_size} differs from vision_config.image_size "
@@ -275,8 +301,7 @@ class ModelConfig:
         known, extra = _split(cls, d)
         known.pop("vision", None)
         known.pop("llm", None)
-        if known.get("architectures") is not None:
-            known["architectures"] = tuple(known["architectures"])
+        _architectures(known)
         ignored = sorted(k for k in extra if k not in _QUIET_TOP_KEYS)
         if ignored:
             log.info("config.json keys kept but not used: %s", ", ".join(ignored))
