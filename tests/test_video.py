@@ -215,6 +215,40 @@ def test_bound_outside_the_video(video_path):
         load_video(video_path, bound=(10.0, 20.0))
 
 
+@pytest.mark.parametrize(
+    "bound,fps,message",
+    [
+        (("1", "2"), 10.0, "bound must be"),
+        ((0, 1, 2), 10.0, "bound must be"),
+        ((0.0, float("inf")), 10.0, "bound must be"),
+        ((float("nan"), 1.0), 10.0, "bound must be"),
+        (5, 10.0, "bound must be"),
+        ((0.0, 1.0), float("nan"), "fps must be"),
+        ((0.0, 1.0), -2.0, "fps must be"),
+        ((0.0, 1.0), "10", "fps must be"),
+    ],
+)
+def test_bad_bound_or_frame_rate_is_named(bound, fps, message):
+    """The card's get_index would raise TypeError, ValueError or OverflowError deep inside, or index backwards."""
+    with pytest.raises(InputError, match=message):
+        get_index(bound, fps, 29, num_segments=4)
+    with pytest.raises(InputError, match=message):
+        load_video([frame_image(k) for k in range(6)], num_segments=2, bound=bound, fps=fps)
+
+
+def test_bad_bound_on_a_video_file_is_named(video_path):
+    with pytest.raises(InputError, match="bound must be"):
+        load_video(video_path, bound=(1.0, float("inf")))
+
+
+@pytest.mark.parametrize("source", [b"\x00\x00\x00\x18ftypmp42", Image.new("RGB", (8, 8)), None, 5, "file object"])
+def test_a_source_that_is_no_video_path_or_frame_list_is_named(video_path, source):
+    """Bytes were read as a list of ints, a file object as a list of lines, and the rest raised TypeError."""
+    with open(video_path, "rb") as file:
+        with pytest.raises(InputError, match="video must be a video file, a folder of frames or a list of frames, got"):
+            load_video(file if source == "file object" else source)
+
+
 def test_missing_pyav_is_a_clear_error(video_path, monkeypatch):
     import sys
 

@@ -28,9 +28,11 @@ Differences from decord, measured:
 - The frame count is the container's (`stream.frames`, or the number of packets when the
   container does not say; decord always counts packets); if fewer frames decode, the indices
   are recomputed from the true count. A bound that selects no frames raises InputError instead
-  of indexing outside the video.
+  of indexing outside the video, and so does a bound that is not two finite numbers of seconds
+  (the card's arithmetic raises TypeError or OverflowError on those).
 """
 
+import math
 import numbers
 import os
 import re
@@ -62,6 +64,23 @@ class VideoInput:
     prefix: str  # "Frame1: <image>\nFrame2: <image>\n..."
 
 
+def _finite(value) -> bool:
+    return isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+def _bound_seconds(bound) -> tuple[float, float] | None:
+    """A bound as (start, end) seconds; None for no bound (None or empty, as the card's `if bound`)."""
+    if bound is None or (isinstance(bound, (tuple, list)) and not bound):
+        return None
+    try:
+        start, end = bound
+    except (TypeError, ValueError):
+        start = end = None
+    if not (_finite(start) and _finite(end)):
+        raise InputError(f"bound must be (start, end): two finite numbers of seconds, got {bound!r}")
+    return start, end
+
+
 def get_index(
     bound: tuple[float, float] | None,
     fps: float,
@@ -72,8 +91,11 @@ def get_index(
     """Indices of `num_segments` frames spread evenly over `bound` (seconds) or the whole video."""
     if not (isinstance(num_segments, numbers.Integral) and num_segments >= 1):
         raise InputError(f"num_segments must be a whole number >= 1, got {num_segments!r}")
-    start, end = bound if bound else (-100000, 100000)
-    if not bound and fps <= 0:  # a stream with no known rate: without a bound, the rate only scales that window
+    bound = _bound_seconds(bound)
+    if bound and not (_finite(fps) and fps > 0):
+        raise InputError(f"fps must be a number > 0 to turn the bound {bound} (seconds) into frames, got {fps!r}")
+    start, end = bound or (-100000, 100000)
+    if not bound and not (_finite(fps) and fps > 0):  # no known rate: without a bound it only scales that window
         fps = 1.0
     start_idx = max(first_idx, round(start * fps))
     end_idx = min(round(end * fps), max_frame)
@@ -232,6 +254,9 @@ def load_video(
     frame_10). `frame_transform` (training's data augmentation) runs on each sampled frame, in
     order, before it is tiled.
     """
+    bound = _bound_seconds(bound)
+    if fps is not None and not (_finite(fps) and fps > 0):
+        raise InputError(f"fps must be a number of frames per second > 0, got {fps!r}")
     if isinstance(src, (str, os.PathLike)):
         refuse_url(src)
         path = Path(src)
@@ -239,8 +264,11 @@ def load_video(
             frames, indices = _read_frames(_frame_files(path), num_segments, bound, fps, max_pixels, str(path))
         else:
             frames, indices = _read_video(os.fspath(path), num_segments, bound, max_pixels)
-    else:
+    elif isinstance(src, Sequence) and not isinstance(src, (bytes, bytearray)):
         frames, indices = _read_frames(list(src), num_segments, bound, fps, max_pixels, "<frame list>")
+    else:
+        raise InputError(f"video must be a video file, a folder of frames or a list of frames, got {type(src).__name__}"
+                         " (a video is read from its path, not from bytes or a file object)")
     if frame_transform is not None:
         frames = [frame_transform(f) for f in frames]
     per_frame = [image_to_pixel_values(f, max_num=max_num, image_size=image_size) for f in frames]
