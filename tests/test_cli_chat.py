@@ -127,12 +127,55 @@ def test_generate_answers_again_a_request_whose_image_or_video_changed_since_the
     bot = InternVLChat.from_pretrained(folder)
     expected = {name: bot.chat("Colour?", images=str(tmp_path / name), max_new_tokens=6, do_sample=False)
                 for name in ("red.png", "blue.png")}
+    for row in rows:
+        row.pop("stamps", None)  # the files' stamps, tested below
     assert rows == [{"id": "a", "question": "Colour?", "image": "blue.png", "answer": expected["blue.png"]},
                     {"id": "b", "question": "Colour?", "image": ["red.png", "blue.png"], "answer": "kept"},
                     {"id": "c", "question": "Colour?", "image": "red.png", "answer": expected["red.png"]}]
     assert "0 of 3" not in out.stderr
     again = cli("generate", "--input", requests, "--output", answers, "--model", folder / "nope")
     assert again.returncode == 0 and "all 3 requests are answered" in again.stderr  # no model needed
+
+
+def test_generate_answers_again_a_request_whose_image_or_video_file_was_edited_in_place(folder, tmp_path):
+    """Resuming compared the request's paths only: an image overwritten under the same name kept the
+    answer about the old picture. Answer lines now keep a stamp (size, mtime, sha256) of each file; a
+    file touched or copied without its times but holding the same bytes keeps its answer."""
+    import os
+
+    for name in ("red.png", "blue.png"):
+        (tmp_path / name).write_bytes((folder.parent / name).read_bytes())
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for k in range(2):
+        (frames / f"{k}.png").write_bytes((folder.parent / "red.png").read_bytes())
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    lines = [{"id": "a", "question": "Colour?", "image": "red.png"}, {"id": "b", "question": "Colour?", "image": "blue.png"},
+             {"id": "v", "question": "Colour?", "video": "frames"}, {"id": "t", "question": "Hi"}]
+    requests.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    args = ["generate", "--input", requests, "--output", answers, "--model", folder, "--max-new-tokens", "4"]
+    assert cli(*args).returncode == 0
+
+    def mark_stale():  # the answers so far, marked so that a request asked again shows
+        rows = [json.loads(x) for x in answers.read_text().splitlines()]
+        answers.write_text("".join(json.dumps(dict(r, answer="stale")) + "\n" for r in rows))
+        return rows
+
+    rows = mark_stale()
+    assert [set(r) for r in rows] == [{"id", "question", "image", "answer", "stamps"}] * 2 + [
+        {"id", "question", "video", "answer", "stamps"}, {"id", "question", "answer"}]
+    assert set(rows[0]["stamps"][0]) == {"size", "mtime_ns", "sha256"} and set(rows[2]["stamps"][0]["files"]) == {"0.png", "1.png"}
+    os.utime(tmp_path / "blue.png", ns=(1, 1))  # same bytes, another mtime: a copy without its times
+    again = cli(*args[:-4], "--model", folder / "nope")
+    assert again.returncode == 0 and "all 4 requests are answered" in again.stderr, again.stderr
+    (tmp_path / "red.png").write_bytes((folder.parent / "blue.png").read_bytes())  # edited in place
+    (frames / "2.png").write_bytes((folder.parent / "red.png").read_bytes())  # a frame added to the video
+    assert cli(*args).returncode == 0
+    rows = {r["id"]: r for r in map(json.loads, answers.read_text().splitlines())}
+    bot = InternVLChat.from_pretrained(folder)
+    assert rows["a"]["answer"] == bot.chat("Colour?", images=str(tmp_path / "red.png"), max_new_tokens=4, do_sample=False)
+    assert rows["v"]["answer"] != "stale" and set(rows["v"]["stamps"][0]["files"]) == {"0.png", "1.png", "2.png"}
+    assert rows["b"]["answer"] == rows["t"]["answer"] == "stale"
 
 
 def test_generate_interrupted_says_how_to_resume_and_the_rerun_answers_the_rest(folder, tmp_path, monkeypatch, capsys):

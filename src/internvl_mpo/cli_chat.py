@@ -194,8 +194,9 @@ def generate(
     """Answer a JSONL file of requests; resumes where an interrupted run stopped.
 
     input: JSONL lines {"id", "question", "image" (path or list, relative to the file), "video"}
-    output: JSONL lines {"id", "question", "image", "video", "answer"} (image and video as the request
-        wrote them, where it has them; "error" for a request that cannot run), appended
+    output: JSONL lines {"id", "question", "image", "video", "answer", "stamps"} (image and video as the request
+        wrote them, where it has them; stamps: size, mtime and sha256 of their files, so that a resume notices
+        a file edited in place; "error" for a request that cannot run), appended
     model: checkpoint folder or hub id (default: the shipped demo model)
     batch_size: requests decoded together
     max_num: most tiles per image (default: the model's max_dynamic_patch)
@@ -212,6 +213,7 @@ def generate(
     from tqdm import tqdm
 
     from .checkpoint import default_device
+    from .filestamp import stamps, unchanged
     from .jsonl import rewrite_in_order
     from .pipeline import InternVLChat, sampling_params
     from .processor.image import let_pillow_open
@@ -228,7 +230,9 @@ def generate(
     let_pillow_open(max_pixels)
     requests = _read_requests(Path(input))
     done = _finished_questions(out)
-    todo = [r for r in requests if done.get(r["id"]) != _asked(r)]  # an edited request is asked again
+    # an edited request is asked again, and so is one whose image or video file was edited in place
+    todo = [r for r in requests if r["id"] not in done or _asked(done[r["id"]]) != _asked(r)
+            or not unchanged(_files(r), done[r["id"]].get("stamps"))]
     if not todo:  # a finished run: no need to spend minutes loading a large model
         print(f"internvl-mpo generate: all {len(requests)} requests are answered in {out}", file=sys.stderr)
         return 0
@@ -238,6 +242,7 @@ def generate(
     def jobs():  # prepared one at a time, as rows free up: one batch of images in memory at most
         for item in todo:
             params = base if seed is None else dataclasses.replace(base, seed=seed + item["_line"] - 1)  # as batch_chat
+            item["_stamps"] = stamps(_files(item))  # before the files are read: a later edit shows on resume
             try:
                 yield item, bot.prepare(item["question"], item.get("image"), item.get("video"), max_num=max_num,
                                         max_pixels=max_pixels), params
@@ -268,6 +273,8 @@ def _write_answers(answers, sink, bar) -> None:
             record["error"] = str(answer)
         else:
             record["answer"] = answer
+            if item["_stamps"]:
+                record["stamps"] = item["_stamps"]
         sink.write(json.dumps(record, ensure_ascii=False) + "\n")
         sink.flush()
         os.fsync(sink.fileno())
@@ -281,8 +288,14 @@ def _asked(row: dict) -> tuple:
     return row.get("question"), inputs.get("image"), inputs.get("video")
 
 
+def _files(request: dict) -> list[str]:
+    """The image and video paths of a request (read from the requests file), in the order its stamps keep them."""
+    image, video = request.get("image"), request.get("video")
+    return ([image] if isinstance(image, str) else image or []) + ([video] if video else [])
+
+
 def _finished_questions(out: Path) -> dict:
-    """{id: `_asked`} of the requests answered in `out`, which keeps only their lines: error lines are
+    """{id: answer line} of the requests answered in `out`, which keeps only their lines: error lines are
     dropped (those requests run again), and so is a line cut by an interrupted write, even in the middle
     of a character."""
     if not out.exists():
@@ -294,7 +307,7 @@ def _finished_questions(out: Path) -> dict:
         except (UnicodeDecodeError, json.JSONDecodeError):
             continue
         if isinstance(row, dict) and "answer" in row and isinstance(row.get("id"), (str, int)):
-            done[row["id"]] = _asked(row)
+            done[row["id"]] = row
             kept.append(line)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_bytes(b"".join(k + b"\n" for k in kept))

@@ -1,0 +1,56 @@
+"""Stamps of input files: what a resumed batch job counts as the same file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from internvl_mpo.filestamp import stamps, unchanged
+
+
+def test_an_edit_changes_the_stamp_and_a_copy_with_the_same_bytes_does_not(tmp_path):
+    image = tmp_path / "a.png"
+    image.write_bytes(b"one")
+    recorded = stamps([image])
+    assert unchanged([image], recorded)
+    os.utime(image, ns=(1, 1))  # another mtime, same bytes: a copy made without keeping times
+    assert unchanged([image], recorded)
+    image.write_bytes(b"two")  # same size, other bytes
+    os.utime(image, ns=(1, 1))
+    assert not unchanged([image], recorded)
+    image.write_bytes(b"three")  # another size
+    assert not unchanged([image], recorded)
+    shutil.copy(image, tmp_path / "b.png")  # a fresh copy elsewhere holds the same bytes
+    assert unchanged([tmp_path / "b.png"], stamps([image]))
+
+
+def test_a_folder_of_frames_is_stamped_file_by_file(tmp_path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for k in range(2):
+        (frames / f"{k}.png").write_bytes(b"frame")
+    (frames / ".DS_Store").write_bytes(b"x")  # hidden files are no frames
+    recorded = stamps([frames])
+    assert set(recorded[0]["files"]) == {"0.png", "1.png"}
+    (frames / ".DS_Store").write_bytes(b"yy")
+    assert unchanged([frames], recorded)
+    (frames / "2.png").write_bytes(b"frame")
+    assert not unchanged([frames], recorded)
+    (frames / "2.png").unlink()
+    (frames / "1.png").write_bytes(b"FRAMES")
+    assert not unchanged([frames], recorded)
+
+
+def test_missing_files_and_old_lines(tmp_path):
+    image = tmp_path / "a.png"
+    assert stamps([image]) == [None]  # the job reports the missing file itself
+    assert not unchanged([image], [None])
+    image.write_bytes(b"one")
+    assert not unchanged([image], [None])  # it could not be read then: its answer is an error, asked again
+    recorded = stamps([image])
+    image.unlink()
+    assert not unchanged([image], recorded)
+    assert unchanged([image], None)  # a line written before stamps were kept is not compared
+    assert not unchanged([image, image], recorded)  # another number of files
+    assert not unchanged([tmp_path], recorded)  # a folder where the file was
+    assert not unchanged([image], "junk") and not unchanged([image], [{"files": "junk"}])
