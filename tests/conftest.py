@@ -178,3 +178,26 @@ def reference_pair(tmp_path):
         return ref, ours
 
     return make
+
+
+class ScriptedEngine:
+    """An engine whose every request produces `tokens` (then finishes for length)."""
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def generate(self, requests):
+        from internvl_mpo.generate.engine import Event
+
+        tokens, finished = self.tokens, set()
+
+        class Generation:
+            def __iter__(self):
+                for i, token in enumerate(tokens):
+                    yield [Event(rid, token, "length" if i == len(tokens) - 1 else None)
+                           for rid in range(len(requests)) if rid not in finished]
+
+            def finish(self, rid):
+                finished.add(rid)
+
+        return Generation()

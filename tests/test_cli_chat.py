@@ -11,7 +11,7 @@ from PIL import Image
 
 from internvl_mpo.pipeline import InternVLChat
 
-from conftest import tiny_chat_folder
+from conftest import ScriptedEngine, tiny_chat_folder
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +37,15 @@ def test_chat_one_question_with_image_streams_the_greedy_answer(folder):
     assert out.stdout.strip() == expected
 
 
-def test_the_streamed_answer_holds_back_trailing_whitespace(capsys):
+def test_the_streamed_answer_holds_back_trailing_whitespace(folder, capsys):
     """An answer cut (at --max-new-tokens) right after a newline printed a blank line before the next
     prompt; whitespace inside the answer still streams as it comes."""
     from internvl_mpo.cli_chat import _answer
+    from internvl_mpo.pipeline import sampling_params
 
-    class Bot:
-        def stream_prepared(self, prepared, params):
-            yield from ["Two lines:\n", " first\n", "\n", "second  ", "\n\n"]
-
-    assert _answer(Bot(), None, None) == "Two lines:\n first\n\nsecond"
+    bot = InternVLChat.from_pretrained(folder)
+    bot.engine = ScriptedEngine([t for c in "Two lines:\n first\n\nsecond  \n\n" for t in bot.tokenizer.encode(c)])
+    assert _answer(bot, bot.prepare("Hi"), sampling_params()) == "Two lines:\n first\n\nsecond"
     assert capsys.readouterr().out == "Two lines:\n first\n\nsecond\n"
 
 

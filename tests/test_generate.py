@@ -25,7 +25,8 @@ from internvl_mpo.generate.sampling import (
 )
 from internvl_mpo.pipeline import InternVLChat, TextAssembler
 
-from conftest import IMAGE_TOKEN_ID, hf_reference, hf_to_official, tiny_config, tiny_chat_folder, write_checkpoint
+from conftest import (IMAGE_TOKEN_ID, ScriptedEngine, hf_reference, hf_to_official, tiny_config, tiny_chat_folder,
+                      write_checkpoint)
 
 STEPS = 64
 GREEDY = SamplingParams(max_new_tokens=STEPS, ignore_eos=True)
@@ -1010,35 +1011,36 @@ def test_answers_as_they_finish_refuses_a_batch_size_below_one(setup):
 def test_answers_are_cut_where_the_end_of_turn_text_is_spelled_in_ordinary_tokens(setup):
     """The official chat() decodes without special tokens, then cuts at the text "<|im_end|>"; a
     model that spelled it in ordinary tokens ("<|im" + "_end|>") kept it and what followed."""
-    from internvl_mpo.generate.engine import Event
-
     chat, _ = setup
     tok = chat.tokenizer
     tokens = tok.encode("Yes.") + tok.encode("<|im") + tok.encode("_end|>") + tok.encode(" more")
     assert tok.im_end_id not in tokens and "<|im_end|>" in tok.decode(tokens, skip_special_tokens=True)
-
-    class Scripted:  # a Generation that produces `tokens` for every request
-        def __init__(self, n):
-            self.n, self.finished = n, set()
-
-        def __iter__(self):
-            for i, token in enumerate(tokens):
-                yield [Event(rid, token, "length" if i == len(tokens) - 1 else None)
-                       for rid in range(self.n) if rid not in self.finished]
-
-        def finish(self, rid):
-            self.finished.add(rid)
-
-    class Engine:
-        def generate(self, requests):
-            return Scripted(len(requests))
-
-    chat.engine, real = Engine(), chat.engine
+    chat.engine, real = ScriptedEngine(tokens), chat.engine
     try:
         assert chat.chat("Hi") == "Yes."
         assert "".join(chat.stream_chat("Hi")) == "Yes."
         assert chat.batch_chat(["Hi", "Ho"]) == ["Yes.", "Yes."]
         assert chat.chat("Hi", ignore_eos=True) == "Yes.<|im_end|> more"  # ignore_eos goes past it, as past the token
+    finally:
+        chat.engine = real
+
+
+@pytest.mark.parametrize("text, kw", [
+    ("Two lines:\n first\n\nsecond  \n\n", {}),  # cut at max_new_tokens right after newlines
+    ("  \n Lead and trail \t", {}),
+    ("Yes. STOP more", dict(stop="STOP")),  # a stop string leaves the space before it
+    ("Yes. \n<|im_end|>\n more", {}),  # as does the end of turn spelled in ordinary tokens
+])
+def test_stream_chat_joined_is_exactly_the_answer(setup, text, kw):
+    """stream_chat yielded the answer's trailing whitespace, which chat() strips: a caller that
+    printed or stored the joined stream got a different answer (a blank line, a space)."""
+    chat, _ = setup
+    chat.engine, real = ScriptedEngine([t for piece in text for t in chat.tokenizer.encode(piece)]), chat.engine
+    try:
+        answer = chat.chat("Hi", **kw)
+        assert answer == answer.strip() and answer
+        pieces = list(chat.stream_chat("Hi", **kw))
+        assert "".join(pieces) == answer and all(pieces)
     finally:
         chat.engine = real
 

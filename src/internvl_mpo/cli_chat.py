@@ -161,17 +161,13 @@ def _typed_path(text: str) -> str:
 
 
 def _answer(bot, prepared, params) -> str:
-    """Stream the answer to the terminal, trailing whitespace held back until more text follows (an
-    answer cut right after a newline left a blank line), then end the line; return it stripped."""
-    pieces, held = [], ""
+    """Stream the answer to the terminal (its pieces join to the stripped answer), then end the line."""
+    pieces = []
     for piece in bot.stream_prepared(prepared, params):
         pieces.append(piece)
-        text = held + piece
-        shown = text.rstrip()
-        held = text[len(shown):]
-        print(shown, end="", flush=True)
+        print(piece, end="", flush=True)
     print()
-    return "".join(pieces).strip()
+    return "".join(pieces)
 
 
 def generate(

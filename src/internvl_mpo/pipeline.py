@@ -255,14 +255,14 @@ class InternVLChat:
 
     def stream_chat(self, question: str, images=None, video=None, history=None, *, pixel_values=None,
                     **kwargs) -> Iterator[str]:
-        """The answer as an iterator of text pieces (never a broken UTF-8 character); joined and
-        stripped they equal chat(). Bad settings and inputs raise here, before any piece."""
+        """The answer as an iterator of text pieces (never a broken UTF-8 character); joined they
+        equal chat(). Bad settings and inputs raise here, before any piece."""
         inputs, params = self._split(kwargs)
         prepared = self.prepare(question, _images(images, pixel_values), video, history, **inputs)
         return self.stream_prepared(prepared, params)
 
     def stream_prepared(self, prepared: Prepared, params: SamplingParams) -> Iterator[str]:
-        """Text pieces of the answer to an already prepared prompt."""
+        """Text pieces of the answer to an already prepared prompt; joined, the stripped answer."""
         gen = self.engine.generate([Request(prepared.prompt_ids, params, prepared.pixel_values)])
         yield from _stream_text(gen, 0, self._texts(params))
 
@@ -273,7 +273,7 @@ class InternVLChat:
         the prompt (images as `<image>`) and the answer, as the official method does."""
         inputs, params = self._split(kwargs)
         prepared = self.prepare(question, _images(images, pixel_values), video, history, **inputs)
-        answer = "".join(self.stream_prepared(prepared, params)).strip()
+        answer = "".join(self.stream_prepared(prepared, params))
         if verbose:
             self._show(prepared, answer)
         if return_history:
@@ -445,18 +445,21 @@ def _images(images, pixel_values):
 
 
 def _stream_text(gen: Generation, rid: int, texts: TextAssembler) -> Iterator[str]:
-    """Text pieces of request `rid`, held back while they could still be the start of a stop string."""
-    started = False
+    """Text pieces of request `rid`, held back while they could still be the start of a stop string.
+    Leading whitespace is dropped and trailing whitespace held until more text follows, so the pieces
+    join to the stripped answer."""
+    held, started = "", False  # held: whitespace at the end of the text shown so far
     for events in gen:
         for event in events:
             if event.rid != rid:
                 continue
             piece, stopped = texts.feed(event.token, last=event.finish is not None)
-            if not started:
-                piece = piece.lstrip()
-                started = bool(piece)
-            if piece:
-                yield piece
+            text = held + piece if started else piece.lstrip()
+            shown = text.rstrip()
+            started = started or bool(shown)
+            held = text[len(shown):]
+            if shown:
+                yield shown
             if stopped:
                 gen.finish(rid)
                 return
