@@ -274,6 +274,19 @@ def test_frame_folder_orders_unpadded_numbers_as_numbers(tmp_path):
     assert torch.equal(result.pixel_values, torch.stack([reference_tile(frames[i]) for i in result.frame_indices]))
 
 
+def test_frame_folder_skips_files_pillow_names_but_cannot_decode(tmp_path):
+    """A source video, PDF or HDF5 file beside the frames (Pillow registers .mpg, .pdf and .h5) was counted
+    as a frame: it shifted every index, or failed when sampled."""
+    frames = [frame_image(k) for k in range(12)]
+    for k, frame in enumerate(frames):
+        frame.save(tmp_path / f"clip_{k:04d}.png")
+    for name in ("clip.mpg", "clip.mpeg", "notes.pdf", "features.h5", "scan.eps", "zz.bufr", "zz.grib", "zz.wmf"):
+        (tmp_path / name).write_bytes(b"\x00\x00\x01\xb3 not a frame")
+    result = load_video(tmp_path, num_segments=6)
+    assert result.frame_indices == reference_index(None, 1.0, 11, 6)
+    assert torch.equal(result.pixel_values, torch.stack([reference_tile(frames[i]) for i in result.frame_indices]))
+
+
 def test_video_file_uses_the_best_stream_not_a_cover_picture_first(tmp_path):
     path = tmp_path / "cover_first.mkv"
     codec = available_encoder()

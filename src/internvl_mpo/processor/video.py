@@ -213,8 +213,16 @@ def _natural_key(name: str) -> list:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
 
 
+# Formats Pillow names by extension but does not decode by itself (an MPEG stream it only identifies,
+# Ghostscript and Windows formats, scientific stubs): a source video or a data file beside the frames.
+_NOT_FRAMES = {"MPEG", "EPS", "WMF", "BUFR", "GRIB", "HDF5"}
+
+
 def _frame_files(folder: Path) -> list[Path]:
-    extensions = set(Image.registered_extensions())
+    # Files of the formats Pillow opens (.pdf is write-only) except those above: any other file would
+    # count as a frame and shift every sampled index, or fail when sampled.
+    extensions = {ext for ext, fmt in Image.registered_extensions().items()
+                  if fmt in Image.OPEN and fmt not in _NOT_FRAMES}
     files = sorted(
         (p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions),
         key=lambda p: (_natural_key(p.name), p.name),
