@@ -384,6 +384,25 @@ def test_a_save_that_fails_part_way_leaves_the_earlier_weights_loadable(tmp_path
         assert torch.equal(InternVL.from_pretrained(tmp_path / "m")(ids), model(ids))
 
 
+def test_saving_over_an_earlier_save_removes_its_weight_files_and_no_others(tmp_path, tiny):
+    model = InternVL(tiny, image_token_id=IMAGE_TOKEN_ID)
+    model.init_weights()
+    folder = model.save_pretrained(tmp_path / "m", max_shard_size="20KB")
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 2
+    mine = ["model-ema.safetensors", "model_best.safetensors", "model-00001-of-00002.safetensors.bak"]
+    for name in mine:
+        (folder / name).write_bytes(b"the user's")
+    model.save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["config.json", "model.safetensors", *mine])
+    model.save_pretrained(folder, max_shard_size="20KB")
+    assert not (folder / "model.safetensors").exists() and (folder / "model.safetensors.index.json").exists()
+    with pytest.raises(InputError, match="model-ema.safetensors is a file; give the folder to save into"):
+        model.save_pretrained(folder / "model-ema.safetensors")
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(InternVL.from_pretrained(folder)(ids), model(ids))
+
+
 def test_a_head_tied_by_hand_is_saved_as_a_tensor_of_its_own(tmp_path, tiny):
     model = InternVL(tiny, image_token_id=IMAGE_TOKEN_ID)
     model.init_weights()

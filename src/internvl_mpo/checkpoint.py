@@ -27,6 +27,7 @@ from .errors import CheckpointError, InputError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # safetensors' names of the floating-point dtypes; every weight of the model is one of them.
 _FLOAT_KINDS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -284,7 +285,8 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
 
     Every file is written under a temporary name first and renamed into place once all are written,
     so a save that fails part way (a full disk) leaves the folder's earlier weights as they were;
-    weight files of an earlier save that the new ones do not replace are removed after that.
+    weight files of an earlier save (model.safetensors, model-NNNNN-of-NNNNN.safetensors, the index)
+    that the new ones do not replace are removed after that; other files are left alone.
     """
     limit = parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -315,8 +317,8 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
         raise
     for name, temp in zip(names, temps):
         os.replace(temp, folder / name)
-    for old in list(folder.glob("model*.safetensors")) + [folder / INDEX_FILE]:
-        if old.name not in names:
+    for old in folder.iterdir():  # only names a save writes: other files (model-ema.safetensors) are the user's
+        if old.name not in names and (old.name in (SINGLE_FILE, INDEX_FILE) or SHARD_NAME.fullmatch(old.name)):
             old.unlink(missing_ok=True)
     if len(shards) > 1:
         mapping = {key: name for name, shard in zip(names, shards) for key in shard}

@@ -212,6 +212,8 @@ class InternVL(nn.Module):
         from . import checkpoint
 
         folder = Path(folder).expanduser()  # as from_pretrained reads it
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"{folder} is a file; give the folder to save into")
         folder.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
         llm = self.config.llm
