@@ -144,6 +144,31 @@ def test_resume_asks_again_where_the_data_changed_under_an_id(tmp_path):
         str(tmp_path / "data" / "other.png")]
 
 
+def test_resume_asks_again_where_an_image_file_was_edited_in_place(tmp_path):
+    """A stored prediction was reused when its image path was the same, though the file had been
+    overwritten since: the score mixed answers about the old picture. A touch or a copy that keeps the
+    bytes keeps the predictions; a row written before stamps were kept is not compared on them."""
+    import os
+
+    data = write_bench(tmp_path / "data")
+    out = tmp_path / "out"
+    run_eval(data, FakeAnswerer(DIRECT), out)
+    image = tmp_path / "data" / "img.png"
+    os.utime(image, ns=(1, 1))
+    run_eval(data, FakeAnswerer(DIRECT, fail=True), out)
+    Image.new("RGB", (56, 56), (220, 20, 20)).save(image)
+    again = FakeAnswerer(DIRECT)
+    run_eval(data, again, out)
+    assert [p.question.split("\n")[0] for p in again.prompts] == [  # questions 1, 3 and 6 have the image
+        "What color is the car?", "Is there a cat in the image?", "It is noon."]
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [len(r["stamps"]) for r in rows] == [1, 0, 1, 0, 0, 1]
+    (out / "predictions.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "stamps"}) + "\n"
+                                                   for r in rows))
+    Image.new("RGB", (56, 56), (20, 220, 20)).save(image)
+    run_eval(data, FakeAnswerer(DIRECT, fail=True), out)
+
+
 @pytest.mark.parametrize("limit", [0, -1])
 def test_limits_below_one_are_refused(tmp_path, limit, capsys):
     data = write_bench(tmp_path / "data")

@@ -244,6 +244,29 @@ def test_resume_redoes_items_edited_since_their_samples(tmp_path):
     assert pair_lines(tmp_path / "ntp_out" / "ntp_pairs_dropout_ntp.jsonl")[0]["rejected"] == "Good day, friend, and more."
 
 
+def test_resume_redoes_items_whose_image_file_was_edited_in_place(tmp_path):
+    """An item was skipped when its image path was the same, though the file had been overwritten
+    since: its pairs held samples about the old picture. A touch that keeps the bytes keeps the
+    samples, and a progress line written before stamps were kept is not compared on them."""
+    import os
+
+    items_path = write_items(tmp_path / "data")
+    out = tmp_path / "out"
+    make_correctness_pairs(items_path, out, FakeSampler(), SETTINGS)
+    os.utime(tmp_path / "data" / "img" / "b.png", ns=(1, 1))
+    again = FakeSampler()
+    make_correctness_pairs(items_path, out, again, SETTINGS)
+    assert again.calls == 0
+    write_image(tmp_path / "data" / "img" / "b.png", (30, 200, 30))
+    make_correctness_pairs(items_path, out, again, SETTINGS)
+    assert [re.search(r"Q\d", j.question).group(0) for j in again.jobs] == ["Q2", "Q4"]  # the items showing b.png
+    rows = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
+    (out / "progress.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "stamps"}) + "\n"
+                                                for r in rows))
+    write_image(tmp_path / "data" / "img" / "a.png", (200, 200, 30))
+    make_correctness_pairs(items_path, out, FakeSampler(fail_on_call=1), SETTINGS)
+
+
 def test_bad_items_are_reported_with_their_line(tmp_path):
     path = tmp_path / "items.jsonl"
     (tmp_path / "notes.png").write_text("not an image")

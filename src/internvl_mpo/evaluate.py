@@ -31,7 +31,7 @@ Outputs, in the output folder (default: `<data stem>_eval`, or `<data stem>_cot_
 the current folder, so that a read-only benchmark folder or a source checkout is not written into):
 `predictions.jsonl` (one line per question, appended and fsynced as
 answers arrive; a rerun skips the questions found there with
-the same prompt, images and ground truth), `score.json` (overall and per-category
+the same prompt, images (paths, and `filestamp` stamps of their files) and ground truth), `score.json` (overall and per-category
 accuracy, recomputed from all predictions) and `settings.json` (a rerun must use the same settings).
 A question that cannot run (a prompt longer than the model's context) is recorded with the reason,
 counted wrong, listed under "failed" with its file:line and id, and not retried.
@@ -62,6 +62,7 @@ from internvl_mpo.answers import (
 )
 from internvl_mpo.chat.template import IMAGE_PLACEHOLDER
 from internvl_mpo.errors import InputError
+from internvl_mpo.filestamp import stamps, unchanged
 from internvl_mpo.jsonl import read_objects, rewrite_in_order
 from internvl_mpo.pairs import (
     Progress,
@@ -333,6 +334,11 @@ def check_counts(batch_size: int, limit: int | None) -> None:
         raise InputError(f"limit must be at least 1, got {limit}")
 
 
+def image_files(item: BenchItem) -> list[str]:
+    """A question's images that are files (not TSV cells), in the order a prediction keeps their stamps."""
+    return [image for image in item.images if not isinstance(image, bytes)]
+
+
 def image_keys(item: BenchItem) -> list[str]:
     """A question's images as a stored prediction records them: the resolved path, or the sha256 of an
     encoded image (a TSV cell)."""
@@ -371,14 +377,18 @@ def run_eval(
     done = progress.load()
     # A stored prediction counts only for the same question: ids may be line numbers, and a data file
     # edited between runs would otherwise have old answers scored against new questions (or images).
-    # A row without "images" (written by an older version) is not compared on them.
+    # An image file edited in place is told by its stamp. A row without "images" or "stamps" (written
+    # by an older version) is not compared on them.
     images = {item.id: image_keys(item) for item in items}
     todo = [item for item in items if item.id not in done or done[item.id].get("prompt") != build_prompt(item, cot)
             or done[item.id].get("answer") != item.answer
-            or done[item.id].get("images", images[item.id]) != images[item.id]]
+            or done[item.id].get("images", images[item.id]) != images[item.id]
+            or not unchanged(image_files(item), done[item.id].get("stamps"))]
+    file_stamps = {}
 
     def prompts():  # keyed by (item, prompt): answers come back in any order
         for item in todo:
+            file_stamps[item.id] = stamps(image_files(item))  # before the answerer reads them
             prompt = Prompt(build_prompt(item, cot), item.images)
             yield (item, prompt), prompt
 
@@ -386,7 +396,7 @@ def run_eval(
     with tqdm(total=len(items), initial=len(items) - len(todo), desc="eval", unit="q") as bar:
         for (item, prompt), response in answer_fn(prompts(), batch_size):
             row = {"id": item.id, "category": item.category, "kind": item.kind, "prompt": prompt.question,
-                   "images": images[item.id]}
+                   "images": images[item.id], "stamps": file_stamps[item.id]}
             if isinstance(response, Exception):  # its prompt could not be built, or failed in the engine
                 row.update(prediction="", extracted="", answer=item.answer, correct=False, error=str(response))
             else:

@@ -20,8 +20,8 @@ Output folder: the pair files, a `meta.json` (`train.mmpr.write_meta`; root = th
 folder, so relative image paths resolve as in the input), `settings.json` and `progress.jsonl`.
 Every finished item's raw samples are appended to `progress.jsonl` (one line per item, fsynced); a
 rerun skips the items found there with the same prompt and images (DropoutNTP: question and prefix),
-redoes an item edited since (a line cut by an interruption is dropped and redone too) and rebuilds
-the pair files from all samples, written atomically. An item that cannot run (a prompt longer than
+redoes an item edited since, or whose image files were edited in place (`filestamp`; a line cut by
+an interruption is dropped and redone too) and rebuilds the pair files from all samples, written atomically. An item that cannot run (a prompt longer than
 the model's context) is recorded there with the reason, counted as failed and reported with its
 file:line and id; it is not retried. The sampling settings must match the earlier run's; `max_pairs`
 may change, which only rebuilds the files.
@@ -69,6 +69,7 @@ from internvl_mpo.answers import (
 )
 from internvl_mpo.chat.template import IMAGE_PLACEHOLDER, add_image_prefix
 from internvl_mpo.errors import ConfigError, InputError, PromptTooLongError
+from internvl_mpo.filestamp import stamps, unchanged
 from internvl_mpo.jsonl import read_objects
 
 CORRECTNESS = "correctness"
@@ -410,13 +411,15 @@ def _run(
     work: Callable[[list[Item]], list[dict]],
 ) -> dict:
     """Call `work` on chunks of unfinished items, appending its rows to the progress file. An item is
-    finished when a row with its id holds its `inputs` (what its samples depend on): an item edited since
-    its row was written is redone (a field missing from a row, written by an older version, is not compared)."""
+    finished when a row with its id holds its `inputs` (what its samples depend on) and, where the row
+    keeps "stamps", its image files are unchanged (`filestamp`): an item edited since its row was written
+    is redone (a field missing from a row, written by an older version, is not compared)."""
     from tqdm import tqdm
 
     done = progress.load()
     todo = [item for item in items
-            if item.id not in done or any(done[item.id].get(k, v) != v for k, v in inputs(item).items())]
+            if item.id not in done or any(done[item.id].get(k, v) != v for k, v in inputs(item).items())
+            or not unchanged(item.images, done[item.id].get("stamps"))]
     with tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, unit="item") as bar:
         for start in range(0, len(todo), per_call):
             chunk = todo[start : start + per_call]
@@ -497,12 +500,14 @@ def make_correctness_pairs(
             SampleJob(correctness_prompt(it), it.images, tuple(sample_seed(settings.seed, it.id, k) for k in range(settings.samples)))
             for it in chunk
         ]
+        taken = [stamps(it.images) for it in chunk]  # before the sampler reads the images
         answers = sample_fn(jobs)
         if len(answers) != len(jobs) or any(not isinstance(a, InputError) and len(a) != settings.samples for a in answers):
             raise InputError(f"the sampler returned {len(answers)} answer lists for {len(jobs)} x {settings.samples}")
         return [
-            {"id": it.id, **inputs(it), **({"error": str(a)} if isinstance(a, InputError) else {"responses": a})}
-            for it, a in zip(chunk, answers, strict=True)
+            {"id": it.id, **inputs(it), "stamps": st,
+             **({"error": str(a)} if isinstance(a, InputError) else {"responses": a})}
+            for it, st, a in zip(chunk, taken, answers, strict=True)
         ]
 
     per_call = max(1, settings.batch_size // settings.samples)
