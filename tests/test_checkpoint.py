@@ -119,6 +119,18 @@ def test_copies_tokenizer_and_remote_code_files(tmp_path, tiny):
         assert (out / name).exists(), name
 
 
+def test_a_hub_download_fetches_every_file_a_save_copies():
+    """A model loaded by hub id is saved with the files of its snapshot: a companion file the download
+    leaves out (chat_template.jinja, where newer transformers keep the chat template) would be lost."""
+    from fnmatch import fnmatch
+
+    from internvl_mpo.checkpoint import COMPANION_FILES, HUB_PATTERNS
+
+    for name in (*COMPANION_FILES, "model.safetensors", "model.safetensors.index.json", "config.json",
+                 "modeling_internvl_chat.py", "tokenization_internlm2.py"):
+        assert any(fnmatch(name, pattern) for pattern in HUB_PATTERNS), name
+
+
 def test_saved_files_get_the_mode_the_umask_gives(tmp_path, tiny, umask_022):
     """Shards, index, config and copied tokenizer files: 0644 under umask 022 (safetensors alone makes 0600
     files, and a copy would keep a 0600 source's mode), so another user (a vLLM server) can read them."""

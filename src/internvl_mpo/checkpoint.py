@@ -37,7 +37,7 @@ COMPANION_FILES = (
     "added_tokens.json", "special_tokens_map.json", "tokenizer.model", "preprocessor_config.json",
     "chat_template.jinja", "chat_template.json",  # where newer transformers save the chat template
 )
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.py", "*.model", "*.md"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.py", "*.model", "*.jinja", "*.md"]
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
