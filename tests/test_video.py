@@ -274,6 +274,17 @@ def test_frame_folder_orders_unpadded_numbers_as_numbers(tmp_path):
     assert torch.equal(result.pixel_values, torch.stack([reference_tile(frames[i]) for i in result.frame_indices]))
 
 
+def test_frame_folder_order_ignores_letter_case(tmp_path):
+    """The official order is by frame number alone; Frame_3 sorted before frame_1 by its capital letter
+    (a camera's IMG_ beside an editor's img_), and a superscript digit between numbers raised ValueError."""
+    frames = [frame_image(k) for k in range(4)]
+    for k, name in enumerate(["frame_1.png", "Frame_2.png", "FRAME_3.png", "frame_4\u00b25.png"]):
+        frames[k].save(tmp_path / name)
+    result = load_video(tmp_path, num_segments=8)
+    assert result.frame_indices == reference_index(None, 1.0, 3, 8) == [0, 0, 1, 1, 2, 2, 2, 3]
+    assert torch.equal(result.pixel_values, torch.stack([reference_tile(frames[i]) for i in result.frame_indices]))
+
+
 def test_frame_folder_skips_files_pillow_names_but_cannot_decode(tmp_path):
     """A source video, PDF or HDF5 file beside the frames (Pillow registers .mpg, .pdf and .h5) was counted
     as a frame: it shifted every index, or failed when sampled."""

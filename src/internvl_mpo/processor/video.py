@@ -208,9 +208,10 @@ def _read_video(path: str, num_segments: int, bound, max_pixels: int | None) -> 
 
 
 def _natural_key(name: str) -> list:
-    """Sort key with digit runs compared as numbers: frame_2 before frame_10, as the official
-    training code orders frames by their number."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
+    """Sort key with digit runs compared as numbers and letters without case: frame_2 before frame_10
+    and Frame_3, as the official training code orders frames by their number alone."""
+    return [(0, int(part), "") if part.isdecimal() else (1, 0, part.casefold())
+            for part in re.split(r"(\d+)", name) if part]
 
 
 # Formats Pillow names by extension but does not decode by itself (an MPEG stream it only identifies,
