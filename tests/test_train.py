@@ -685,6 +685,35 @@ def test_precomputed_reference_is_recomputed_when_its_inputs_change(tmp_path, ch
     assert [(r["rewards/chosen"], r["rewards/rejected"]) for r in rows][:1] == [(0.0, 0.0)]
 
 
+def test_a_pass_killed_before_describing_its_values_leaves_no_stale_description(tmp_path, chat_folder, monkeypatch):
+    """The values of a second pass (other weights) were in place and the first pass's description still beside
+    them when the process died: going back to the first weights reused the second pass's values silently."""
+    model = tmp_path / "model"
+    shutil.copytree(chat_folder, model)
+    first_weights = (model / "model.safetensors").read_bytes()
+    meta = write_mmpr(tmp_path / "data", color_pairs(4))
+    run = config(model, meta, tmp_path / "run", max_steps=1, batch_size=1, precompute_ref=True)
+    train(run)
+    shutil.rmtree(tmp_path / "run" / "final")
+    (tmp_path / "run" / "metrics.jsonl").unlink()
+    scale_weight(model)
+    write_json = ckpt.write_json
+
+    def killed_at_the_description(path, data):
+        if Path(path).name.endswith("ref_logps.json"):
+            raise KeyboardInterrupt
+        write_json(path, data)
+
+    monkeypatch.setattr(ckpt, "write_json", killed_at_the_description)
+    with pytest.raises(KeyboardInterrupt):
+        train(run)
+    monkeypatch.setattr(ckpt, "write_json", write_json)
+    (model / "model.safetensors").write_bytes(first_weights)
+    train(run)
+    row = metric_rows(tmp_path / "run")[0]
+    assert (row["rewards/chosen"], row["rewards/rejected"]) == (0.0, 0.0)  # the reference is the initial policy
+
+
 def test_precomputed_reference_is_reused_from_a_moved_model_folder(tmp_path, chat_folder, capsys):
     meta = write_mmpr(tmp_path / "data", color_pairs(4))
     shutil.copytree(chat_folder, tmp_path / "model")

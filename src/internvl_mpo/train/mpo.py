@@ -643,10 +643,15 @@ def precompute_reference(
     valid = all_reduce_sum(valid.to(env.device), env).cpu()
     chosen, rejected = values[:, 0].float(), values[:, 1].float()
     if env.is_main:
+        # The old description goes first and the new one lands whole, so a kill in between leaves values without
+        # one (computed again) rather than new values under an old description (reused for the old inputs).
+        meta_path.unlink(missing_ok=True)
         tmp = path.with_name(".tmp-" + path.name)
         ckpt.write_tensors(tmp, {"chosen": chosen, "rejected": rejected, "valid": valid.to(torch.uint8)})
         os.replace(tmp, path)
-        ckpt.write_json(meta_path, fingerprint)
+        tmp = meta_path.with_name(".tmp-" + meta_path.name)
+        ckpt.write_json(tmp, fingerprint)
+        os.replace(tmp, meta_path)
     barrier(env)
     return chosen, rejected, valid.bool()
 
