@@ -231,6 +231,17 @@ def test_corrupt_shard(tmp_path, tiny, good_state):
         InternVL.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("single", [True, False])
+def test_a_git_lfs_pointer_in_place_of_the_weights_is_named(tmp_path, tiny, good_state, single):
+    """A repository cloned without git-lfs holds small text pointers where the shards should be."""
+    folder = write_checkpoint(tmp_path / "clone", tiny, good_state, shards=1 if single else 2)
+    for shard in folder.glob("*.safetensors"):
+        shard.write_text("version https://git-lfs.github.com/spec/v1\n"
+                         "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 4994563624\n")
+    with pytest.raises(CheckpointError, match=r"\.safetensors: a Git LFS pointer, not the weights .*git lfs pull"):
+        InternVL.from_pretrained(folder)
+
+
 def test_index_naming_a_missing_shard(tmp_path, tiny, good_state):
     folder = write_checkpoint(tmp_path / "bad", tiny, good_state, shards=2)
     (folder / "model-00001-of-00002.safetensors").unlink()

@@ -162,7 +162,20 @@ def open_safetensors(file: Path):
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except (SafetensorError, OSError) as e:
+        if _is_lfs_pointer(file):
+            raise CheckpointError(
+                f"{file}: a Git LFS pointer, not the weights (the repository was cloned without git-lfs); "
+                "fetch them with `git lfs pull` in the clone, or download with `huggingface-cli download`") from None
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def _is_lfs_pointer(file: Path) -> bool:
+    """The small text file git leaves in place of a large one when git-lfs is not installed."""
+    try:
+        with open(file, "rb") as f:
+            return f.read(40).startswith(b"version https://git-lfs.github.com/spec/")
+    except OSError:
+        return False
 
 
 def _describe(keys: list[str], limit: int = 8) -> str:
