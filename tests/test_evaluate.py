@@ -169,6 +169,30 @@ def test_resume_asks_again_where_an_image_file_was_edited_in_place(tmp_path):
     run_eval(data, FakeAnswerer(DIRECT, fail=True), out)
 
 
+def test_the_settings_record_a_local_model_folder_by_its_resolved_path_and_a_hub_id_as_typed(tmp_path, monkeypatch):
+    """settings.json kept --model as typed: resuming with ./m, m/ or /abs/m was refused as another model,
+    and a model m in another folder was taken for the same one."""
+    from internvl_mpo.errors import ConfigError
+
+    data = write_bench(tmp_path / "data")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "data" / "m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    run_eval(data, FakeAnswerer(DIRECT), out, settings={"model": "m"})
+    assert json.loads((out / "settings.json").read_text())["model"] == str(tmp_path / "m")
+    for same in ("./m", "m/", str(tmp_path / "m")):
+        run_eval(data, FakeAnswerer(DIRECT, fail=True), out, settings={"model": same})
+    monkeypatch.chdir(tmp_path / "data")
+    with pytest.raises(ConfigError, match=r"other settings \(model\)"):
+        run_eval(data, FakeAnswerer(DIRECT), out, settings={"model": "m"})
+    monkeypatch.chdir(tmp_path)  # a folder written before: the model as typed, read against the current folder
+    (out / "settings.json").write_text(json.dumps({**json.loads((out / "settings.json").read_text()), "model": "m"}))
+    run_eval(data, FakeAnswerer(DIRECT, fail=True), out, settings={"model": "./m"})
+    run_eval(data, FakeAnswerer(DIRECT), tmp_path / "hub", settings={"model": "OpenGVLab/InternVL2_5-1B-MPO"})
+    assert json.loads((tmp_path / "hub" / "settings.json").read_text())["model"] == "OpenGVLab/InternVL2_5-1B-MPO"
+
+
 @pytest.mark.parametrize("limit", [0, -1])
 def test_limits_below_one_are_refused(tmp_path, limit, capsys):
     data = write_bench(tmp_path / "data")

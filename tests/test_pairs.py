@@ -336,6 +336,31 @@ def test_bad_sampling_flags_and_another_runs_folder_are_refused_before_the_model
     assert f"error: {out} holds a run with other settings (model)" in capsys.readouterr().err
 
 
+def test_the_settings_record_a_local_model_folder_by_its_resolved_path_and_a_hub_id_as_typed(tmp_path, monkeypatch):
+    """settings.json kept --model as typed: resuming with ./m, m/ or /abs/m was refused as another model,
+    and a model m in another folder was taken for the same one."""
+    items_path = write_items(tmp_path / "data")
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    make_correctness_pairs(items_path, out, FakeSampler(), PairSettings(samples=6, model="m"))
+    assert json.loads((out / "settings.json").read_text())["model"] == str(tmp_path / "m")
+    for same in ("./m", "m/", str(tmp_path / "m"), str(tmp_path / "data" / ".." / "m")):
+        make_correctness_pairs(items_path, out, FakeSampler(fail_on_call=1), PairSettings(samples=6, model=same))
+    (tmp_path / "data" / "m").mkdir()
+    monkeypatch.chdir(tmp_path / "data")
+    with pytest.raises(ConfigError, match=r"other settings \(model\)"):
+        make_correctness_pairs(items_path, out, FakeSampler(), PairSettings(samples=6, model="m"))
+    # a folder written before the model was resolved recorded it as typed: read against the current folder
+    monkeypatch.chdir(tmp_path)
+    earlier = json.loads((out / "settings.json").read_text())
+    (out / "settings.json").write_text(json.dumps({**earlier, "model": "m/"}))
+    make_correctness_pairs(items_path, out, FakeSampler(fail_on_call=1), PairSettings(samples=6, model="./m"))
+    hub = tmp_path / "hub_out"
+    make_correctness_pairs(items_path, hub, FakeSampler(), PairSettings(samples=6, model="OpenGVLab/InternVL2_5-1B-MPO"))
+    assert json.loads((hub / "settings.json").read_text())["model"] == "OpenGVLab/InternVL2_5-1B-MPO"
+
+
 def test_an_item_that_cannot_run_is_skipped_reported_and_not_retried(tmp_path):
     items_path = write_items(tmp_path / "data")
 

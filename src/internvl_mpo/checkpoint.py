@@ -122,6 +122,14 @@ def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None) -> P
         raise CheckpointError(f"{text}: not a local folder, and downloading it from the hub failed: {reason}") from None
 
 
+def model_key(path_or_id: str) -> str:
+    """How a run's settings.json records its model: a local folder (as `resolve_checkpoint` tells one)
+    as its resolved path, so that ./m, m/ and /abs/m agree and two folders named m in other places
+    differ; a hub id as typed."""
+    path = Path(path_or_id).expanduser()
+    return str(path.resolve()) if path.exists() else path_or_id
+
+
 def _timed_out(error: BaseException) -> bool:
     """A timeout of any HTTP stack huggingface_hub has used (requests, httpx, httpx2)."""
     return any(cls.__name__ in ("Timeout", "TimeoutException") for cls in type(error).__mro__)

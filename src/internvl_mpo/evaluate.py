@@ -347,8 +347,13 @@ def image_keys(item: BenchItem) -> list[str]:
 
 
 def run_identity(data: str | Path, cot: bool, settings: dict[str, Any] | None) -> dict[str, Any]:
-    """What a resumed run must match (settings.json)."""
-    return {"data": str(Path(data).resolve()), "cot": cot, **(settings or {})}
+    """What a resumed run must match (settings.json); the model as `checkpoint.model_key` records it."""
+    identity = {"data": str(Path(data).resolve()), "cot": cot, **(settings or {})}
+    if isinstance(identity.get("model"), str):
+        from internvl_mpo.checkpoint import model_key
+
+        identity["model"] = model_key(identity["model"])
+    return identity
 
 
 def run_eval(

@@ -163,6 +163,9 @@ class PairSettings:
             del out["samples"], out["max_num"]
         # a run from before the minimum was kept sampled without it: its folder is refused, not mixed
         out["min_new_tokens"] = MIN_NEW_TOKENS[method]
+        from internvl_mpo.checkpoint import model_key
+
+        out["model"] = model_key(self.model)
         return {"method": method, "input": str(input_path.resolve()), **out}
 
 
@@ -364,7 +367,8 @@ def make_output_folder(path: Path) -> None:
 
 def check_settings(path: Path, identity: dict, record: bool = True) -> None:
     """Refuse a folder that holds a run with other settings; a new folder gets these (`record`: False
-    before a model loads, so that a load that fails leaves nothing behind)."""
+    before a model loads, so that a load that fails leaves nothing behind). The model is compared by
+    `model_key`; one recorded as typed (before 2026-12-03) is read against the current folder."""
     if path.exists():
         try:
             earlier = json.loads(path.read_text(encoding="utf-8"))
@@ -372,6 +376,10 @@ def check_settings(path: Path, identity: dict, record: bool = True) -> None:
             earlier = None
         if not isinstance(earlier, dict):
             raise ConfigError(f"{path}: not the settings of a pairs or eval run; use another output folder")
+        if isinstance(earlier.get("model"), str):
+            from internvl_mpo.checkpoint import model_key
+
+            earlier["model"] = model_key(earlier["model"])
         if earlier != identity:
             changed = sorted(k for k in set(earlier) | set(identity) if earlier.get(k) != identity.get(k))
             raise ConfigError(
