@@ -228,6 +228,19 @@ def test_missing_file(tmp_path):
         load_image(path)
 
 
+def test_a_path_with_a_newline_or_a_very_long_name_gives_a_one_line_error(tmp_path):
+    """A path read from a list without strip() named itself over two lines, an empty one not at all, and a
+    too-long name twice."""
+    with pytest.raises(InputError) as error:
+        load_image(str(tmp_path / "img.jpg") + "\n")
+    assert str(error.value) == repr(str(tmp_path / "img.jpg") + "\n") + ": no such file"
+    with pytest.raises(InputError, match="^'': no such file$"):
+        load_image("")
+    with pytest.raises(InputError) as error:
+        load_image("x" * 5000 + ".jpg")
+    assert str(error.value) == "x" * 5000 + ".jpg: cannot open: File name too long"
+
+
 def test_not_an_image(tmp_path):
     path = tmp_path / "notes.jpg"
     path.write_text("just some text, not pixels")

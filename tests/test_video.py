@@ -168,6 +168,15 @@ def test_missing_and_non_video_files(tmp_path):
         load_video(bogus)
 
 
+def test_a_video_path_with_a_newline_or_a_very_long_name_gives_a_one_line_error(tmp_path):
+    with pytest.raises(InputError) as error:
+        load_video(str(tmp_path / "clip.mp4") + "\n")
+    assert str(error.value) == repr(str(tmp_path / "clip.mp4") + "\n") + ": no such file"
+    with pytest.raises(InputError) as error:
+        load_video("x" * 5000 + ".mp4")
+    assert str(error.value) == "x" * 5000 + ".mp4: not a video FFmpeg can read: File name too long"
+
+
 def test_video_urls_are_refused_as_urls(tmp_path):
     with pytest.raises(InputError, match="^https://example.com/clip.mp4: is a URL"):
         load_video("https://example.com/clip.mp4")

@@ -84,9 +84,11 @@ os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def source_name(src: ImageSource) -> str:
-    """How an image source is named in error messages."""
+    """How an image source is named in error messages (an empty path, or one with a newline or another
+    control character, as its repr, so the message stays one line and shows it)."""
     if isinstance(src, (str, os.PathLike)):
-        return os.fspath(src)
+        path = os.fspath(src)
+        return path if isinstance(path, str) and path.isprintable() and path else repr(path)
     if isinstance(src, (bytes, bytearray)):
         return f"<{len(src)} bytes>"
     if isinstance(src, Image.Image):
@@ -140,7 +142,9 @@ def _open_file(path: str | os.PathLike, name: str) -> BinaryIO:
         raise InputError(f"{name}: no such file") from None
     except IsADirectoryError:
         raise InputError(f"{name}: is a directory, not an image file") from None
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        raise InputError(f"{name}: cannot open: {e.strerror or e}") from None  # strerror: without the path again
+    except ValueError as e:  # a NUL in the path
         raise InputError(f"{name}: cannot open: {e}") from None
 
 

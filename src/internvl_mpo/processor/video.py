@@ -51,6 +51,7 @@ from internvl_mpo.processor.image import (
     image_to_pixel_values,
     open_image,
     refuse_url,
+    source_name,
 )
 
 FrameSource = str | os.PathLike | Sequence[str | os.PathLike | Image.Image]
@@ -122,12 +123,13 @@ def _import_av():
 
 
 def _open_container(av, path: str):
+    name = source_name(path)
     try:
         return av.open(path)
     except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except av.error.FFmpegError as e:
-        raise InputError(f"{path}: not a video FFmpeg can read: {e}") from None
+        raise InputError(f"{name}: no such file") from None
+    except av.error.FFmpegError as e:  # strerror: FFmpeg's reason without the path again
+        raise InputError(f"{name}: not a video FFmpeg can read: {e.strerror or e}") from None
 
 
 def _decode_frames(av, path: str, wanted: set[int]) -> tuple[dict[int, Image.Image], int]:
@@ -269,7 +271,7 @@ def load_video(
     if isinstance(src, (str, os.PathLike)):
         refuse_url(src)
         path = Path(src)
-        if path.is_dir():
+        if os.path.isdir(path):  # False for a name too long to stat (Path.is_dir raises)
             frames, indices = _read_frames(_frame_files(path), num_segments, bound, fps, max_pixels, str(path))
         else:
             frames, indices = _read_video(os.fspath(path), num_segments, bound, max_pixels)
