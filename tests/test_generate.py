@@ -616,6 +616,26 @@ def test_chat_stream_and_batch_agree(setup):
         chat.prepare("What is it?", image).prompt_ids[:-3]
 
 
+def test_images_first_given_on_a_later_turn_are_placed_and_kept_in_the_history(setup):
+    """A conversation that starts with text and then shows an image (or a video) was refused: only the
+    first turn got the `<image>` prefix. The later question gets it, and the history keeps it."""
+    chat, _ = setup
+    image = Image.new("RGB", (80, 40), "red")
+    kw = dict(max_new_tokens=4, do_sample=False)
+    _, history = chat.chat("Hi", return_history=True, **kw)
+    answer, history = chat.chat("What is it?", image, history=history, return_history=True, **kw)
+    assert history[1] == ("<image>\nWhat is it?", answer)
+    assert chat.prepare("What is it?", image, history=history[:1]).prompt_ids == \
+        chat.prepare("<image>\nWhat is it?", image, history=history[:1]).prompt_ids
+    assert chat.chat("And then?", image, history=history, **kw)  # the image goes to its question again
+    frames = [Image.new("RGB", (20, 10))] * 2
+    clip = chat.prepare("What happens?", video=frames, history=history[:1])
+    assert clip.question == "".join(f"Frame{k}: <image>\n" for k in range(1, 9)) + "What happens?"
+    for bad in (["qa"], [("q", "a", "b")]):
+        with pytest.raises(InputError, match="history entries must be"):
+            chat.prepare("What happens?", video=frames, history=bad)
+
+
 def test_prompt_ids_outside_the_vocabulary_are_refused_when_added(setup):
     """An id past the vocabulary failed in the embedding lookup (IndexError; on a GPU a device-side
     assert, which ends every other request of the process too)."""

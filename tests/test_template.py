@@ -158,8 +158,6 @@ def test_placeholder_count_mismatch(ours):
         build_prompt_ids(ours, "Image-1: <image>\nImage-2: <image>\nQ", (), [3])
     with pytest.raises(InputError, match=r"1 <image> placeholder\(s\) but 2 image"):
         expand_image_tokens("<image>\nQ", [1, 1])
-    with pytest.raises(InputError, match=r"0 <image> placeholder\(s\) but 1 image"):
-        build_prompt_ids(ours, "Q2", [("Q1 without image", "A1")], [1])
     with pytest.raises(InputError, match="positive"):
         expand_image_tokens("<image>", [0])
 
@@ -172,9 +170,31 @@ def test_image_placeholder_in_a_history_answer_stays_text(ours, hf):
     assert expected.count("<img>") == 1 and "It uses <image> and <div>." in expected
     ids = build_prompt_ids(ours, "And the second one?", history, [2])
     assert ids == hf.encode(expected, add_special_tokens=False)
-    # A placeholder in an answer does not stand in for a missing one in the questions.
-    with pytest.raises(InputError, match=r"the questions hold 0 <image> placeholder\(s\) but 1 image"):
-        build_prompt_ids(ours, "Q2", [("Q1", "see <image>")], [1])
+    # A placeholder in an answer does not stand in for one in the questions: the image is new to the
+    # conversation and goes in front of the question asked with it.
+    expected = ("<|im_start|>system\n" + SYS + "<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\n"
+                "see <image><|im_end|>\n<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 256 + "</img>\nQ2<|im_end|>\n"
+                "<|im_start|>assistant\n")
+    assert build_prompt_ids(ours, "Q2", [("Q1", "see <image>")], [1]) == hf.encode(expected, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("question, patches, prefixed", [
+    ("What is this?", [2], "<image>\nWhat is this?"),
+    ("Compare them.", [1, 3], "Image-1: <image>\nImage-2: <image>\nCompare them."),
+    ("Here: <image> what?", [1], "Here: <image> what?"),
+])
+def test_images_first_given_on_a_later_turn_go_in_front_of_that_question(ours, hf, question, patches, prefixed):
+    """After text-only turns, images given with a question that has no <image> were refused (the
+    official chat() prefixes only the first turn and then fails its assertion on the missing image
+    tokens): they get the prefix the first turn would have given them."""
+    history = [("Hi", "Hello! How can I help?")]
+    expected = official_chat_prompt(prefixed, history=history, num_patches_list=patches)
+    assert build_prompt_ids(ours, question, history, patches) == hf.encode(expected, add_special_tokens=False)
+    # Once a question of the conversation holds the images, later questions get no prefix: the same
+    # images are passed again and go to that question's placeholders, as in the official chat().
+    later = [("<image>\nWhat is it?", "A cat.")] + history
+    with pytest.raises(InputError, match=r"the questions hold 1 <image> placeholder\(s\) but 2 image"):
+        build_prompt_ids(ours, "And now?", later, [1, 1])
 
 
 @pytest.mark.parametrize("history", [["qa"], [("q", 3)], [{"role": "user", "content": "q"}], [("q", "a", "b")]])

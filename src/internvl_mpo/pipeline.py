@@ -4,8 +4,8 @@
 know, without the tokenizer argument: images may be paths, bytes, PIL images or preprocessed
 `pixel_values`; a video may be a file, a list of frames, a folder of frames or what
 `processor.video.load_video` returns (decoded once for several turns). The prompt is the
-official one (template, `<image>\\n` prefix on the first turn, `Image-k:` / `FrameK:` prefixes for
-several images or frames), the answer is cleaned up as `chat()` does (cut at `<|im_end|>`, also where
+official one (template, `<image>\\n` prefix on the first turn, or the first with images, `Image-k:` /
+`FrameK:` prefixes for several images or frames), the answer is cleaned up as `chat()` does (cut at `<|im_end|>`, also where
 it is spelled in ordinary tokens, strip).
 
 Default generation settings are the model card's quick start: `max_new_tokens=1024,
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .chat.template import build_prompt_ids, get_template
+from .chat.template import add_image_prefix, build_prompt_ids, get_template, holds_images
 from .chat.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokenizer, load_tokenizer
 from .config import ModelConfig
 from .errors import InputError
@@ -224,7 +224,7 @@ class InternVLChat:
                 clip = load_video(video, num_segments=num_segments, image_size=self.config.image_size,
                                   max_pixels=max_pixels)
             pixels, counts = clip.pixel_values, list(clip.num_patches_list)
-            if not history and "<image>" not in question:
+            if not holds_images(question, history or ()):
                 question = clip.prefix + question
         else:
             pixels, counts = self.load_images(images, max_num, total_max_num, num_patches_list, max_pixels)
@@ -233,11 +233,7 @@ class InternVLChat:
             max_length=self.context - 1,
             num_image_token=self.model.num_image_token, template=self.config.template,
         )
-        if not history:
-            from .chat.template import add_image_prefix
-
-            question = add_image_prefix(question, len(counts))
-        return Prepared(ids, pixels, counts, question)
+        return Prepared(ids, pixels, counts, add_image_prefix(question, len(counts), history or ()))
 
     # ---- chat -----------------------------------------------------------------------------
 

@@ -6,7 +6,9 @@ Mirrors, from OpenGVLab/InternVL `internvl_chat`:
   role + message + sep, an empty one as the role alone (the generation slot). Kept quirk: an empty
   question or an empty answer in the history renders as a bare role too, exactly like the reference.
 - `chat()`: `"<image>\\n"` is prepended to the first question when images are given and it has no
-  `<image>`; each `<image>`, left to right, becomes `<img>` + `<IMG_CONTEXT>` x (256 x tiles) + `</img>`.
+  `<image>` (here also to a later question when no question of the conversation has one: the
+  reference prefixes only the first turn, then fails on the missing image tokens); each `<image>`,
+  left to right, becomes `<img>` + `<IMG_CONTEXT>` x (256 x tiles) + `</img>`.
   Unlike the reference (which replaces the first placeholders of the whole prompt, as many as it has
   images, and never checks), only the questions' placeholders place images: an `<image>` in a
   history answer stays text. A placeholder count in the questions that differs from the number of
@@ -96,24 +98,35 @@ def render_prompt(
     return tmpl.render(_chat_messages(tmpl, question, history), system_message)
 
 
-def _chat_messages(tmpl: Template, question: str, history: Sequence[tuple[str, str]]) -> list[tuple[str, str | None]]:
-    user, assistant = tmpl.roles
-    messages: list[tuple[str, str | None]] = []
+def _check_history(history: Sequence[tuple[str, str]]) -> None:
     for turn in history:
         if not isinstance(turn, (tuple, list)) or len(turn) != 2 or not all(isinstance(t, str) for t in turn):
             raise InputError(f"history entries must be (question, answer) pairs of strings, got {turn!r}")
-        messages += [(user, turn[0]), (assistant, turn[1])]
+
+
+def _chat_messages(tmpl: Template, question: str, history: Sequence[tuple[str, str]]) -> list[tuple[str, str | None]]:
+    _check_history(history)
+    user, assistant = tmpl.roles
+    messages: list[tuple[str, str | None]] = []
+    for old_question, old_answer in history:
+        messages += [(user, old_question), (assistant, old_answer)]
     return messages + [(user, question), (assistant, None)]
 
 
-def add_image_prefix(question: str, num_images: int) -> str:
-    """Put image placeholders in front of a first question that has none.
+def holds_images(question: str, history: Sequence[tuple[str, str]] = ()) -> bool:
+    """Whether the question or an earlier one holds `<image>`: the images go there, no prefix is added."""
+    _check_history(history)
+    return IMAGE_PLACEHOLDER in question or any(IMAGE_PLACEHOLDER in old_question for old_question, _ in history)
+
+
+def add_image_prefix(question: str, num_images: int, history: Sequence[tuple[str, str]] = ()) -> str:
+    """Put image placeholders in front of a question when no question of the conversation has any.
 
     One image: `"<image>\\n" + question`, as `chat()` does. Several: `"Image-1: <image>\\nImage-2: <image>\\n"`
     + question, the model card's multi-image convention. Unchanged when there is no image or the
-    question already holds `<image>`.
+    question or one in the `history` already holds `<image>`.
     """
-    if num_images == 0 or IMAGE_PLACEHOLDER in question:
+    if num_images == 0 or holds_images(question, history):
         return question
     if num_images == 1:
         return f"{IMAGE_PLACEHOLDER}\n{question}"
@@ -191,12 +204,11 @@ def build_prompt_ids(
 ) -> list[int]:
     """Token ids of the `chat()` prompt, ready for prefill.
 
-    On the first turn (empty history) a question without `<image>` gets the image prefix; on later
-    turns the placeholders live in the stored first question (pass it with its prefix, as `chat()`
-    stores it) and are expanded again with the same `num_patches_list`.
+    When no question of the conversation holds `<image>` (on the first turn, say), the question gets
+    the image prefix; on later turns the placeholders live in the stored question (pass it with its
+    prefix, as `chat()` stores it) and are expanded again with the same `num_patches_list`.
     """
-    if not history:
-        question = add_image_prefix(question, len(num_patches_list))
+    question = add_image_prefix(question, len(num_patches_list), history)
     tmpl = get_template(template)
     messages = _chat_messages(tmpl, question, history)
     # Only the questions place images: an answer that says "<image>" (about HTML, say) stays text.
