@@ -359,6 +359,7 @@ def test_the_settings_record_a_local_model_folder_by_its_resolved_path_and_a_hub
     hub = tmp_path / "hub_out"
     make_correctness_pairs(items_path, hub, FakeSampler(), PairSettings(samples=6, model="OpenGVLab/InternVL2_5-1B-MPO"))
     assert json.loads((hub / "settings.json").read_text())["model"] == "OpenGVLab/InternVL2_5-1B-MPO"
+    assert PairSettings().identity("correctness", items_path)["model"] == ""  # no model given: not the current folder
 
 
 def test_an_item_that_cannot_run_is_skipped_reported_and_not_retried(tmp_path):

@@ -125,9 +125,9 @@ def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None) -> P
 def model_key(path_or_id: str) -> str:
     """How a run's settings.json records its model: a local folder (as `resolve_checkpoint` tells one)
     as its resolved path, so that ./m, m/ and /abs/m agree and two folders named m in other places
-    differ; a hub id as typed."""
+    differ; a hub id, or no model (""), as typed."""
     path = Path(path_or_id).expanduser()
-    return str(path.resolve()) if path.exists() else path_or_id
+    return str(path.resolve()) if path_or_id and path.exists() else path_or_id
 
 
 def _timed_out(error: BaseException) -> bool:
