@@ -455,10 +455,11 @@ def test_the_saved_dtype_is_recorded_in_the_vision_and_llm_configs_too(tmp_path,
         assert f.get_tensor("mlp1.1.weight").dtype == torch.float32
 
 
+@pytest.mark.parametrize("content", [b"{bad", '{"<IMG_CONTEXT>": 299}'.encode("utf-16")], ids=["not-json", "utf-16"])
 @pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "added_tokens.json"])
-def test_a_tokenizer_file_that_is_not_json_is_named(tmp_path, tiny, name):
+def test_a_tokenizer_file_that_is_not_json_is_named(tmp_path, tiny, name, content):
     InternVL(tiny).save_pretrained(tmp_path / "m")
-    (tmp_path / "m" / name).write_text("{bad")
+    (tmp_path / "m" / name).write_bytes(content)
     with pytest.raises(CheckpointError, match=f"cannot read tokenizer file .*{name}"):
         InternVL.from_pretrained(tmp_path / "m")
 

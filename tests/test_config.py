@@ -112,6 +112,14 @@ def test_not_json(tmp_path):
         ModelConfig.from_json(tmp_path)
 
 
+def test_not_utf8(tmp_path):
+    """Some Windows editors save UTF-16: an error naming the file, not a UnicodeDecodeError."""
+    path = tmp_path / "config.json"
+    path.write_bytes(json.dumps(ModelConfig().to_dict()).encode("utf-16"))
+    with pytest.raises(ConfigError, match="config.json: not UTF-8 text"):
+        ModelConfig.from_json(tmp_path)
+
+
 def test_missing_keys_take_the_official_config_classes_defaults(tmp_path):
     def strip(d):
         for key in ("norm_type", "qk_normalization", "qkv_bias"):

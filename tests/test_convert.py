@@ -214,6 +214,9 @@ def test_refusals(tmp_path):
     with pytest.raises(CheckpointError, match="1 missing: mlp1.1.bias"):
         convert(bad, tmp_path / "z", to="hf", image_token_id=IMAGE_TOKEN_ID)
     assert not (tmp_path / "z").exists()
+    (bad / "config.json").write_bytes((bad / "config.json").read_text().encode("utf-16"))  # a Windows editor's save
+    with pytest.raises(ConfigError, match=r"bad/config.json: not UTF-8 text"):
+        convert(bad, tmp_path / "z", to="hf", image_token_id=IMAGE_TOKEN_ID)
 
 
 @pytest.mark.parametrize("to", ["hf", "official"])

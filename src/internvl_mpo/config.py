@@ -318,6 +318,8 @@ class ModelConfig:
             raise ConfigError(f"{path}: no such config file") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except UnicodeDecodeError as e:  # UTF-16, say, as some Windows editors save
+            raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: not a JSON object of settings")
         try:

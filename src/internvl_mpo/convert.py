@@ -318,6 +318,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: no such config file") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
 
 
 # ---- tensors -------------------------------------------------------------------------------------

@@ -200,7 +200,7 @@ def read_tokenizer_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"cannot read tokenizer file {path}: {err}") from err
 
 
