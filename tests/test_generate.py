@@ -851,6 +851,19 @@ def test_batch_chat_takes_the_official_concatenated_pixel_values(setup):
             chat.batch_chat(["First"], **bad, **kw)
 
 
+def test_batch_chat_takes_the_official_image_counts(setup):
+    """The official batch_chat still takes `image_counts`, the old name of num_patches_list; it was
+    refused as an unknown generation setting."""
+    chat, _ = setup
+    size = chat.config.image_size
+    pixels = torch.randn(3, 3, size, size)
+    kw = dict(max_new_tokens=6, do_sample=False)
+    assert chat.batch_chat(["First", "Second"], pixel_values=pixels, image_counts=[2, 1], **kw) == \
+        chat.batch_chat(["First", "Second"], pixel_values=pixels, num_patches_list=[2, 1], **kw)
+    with pytest.raises(InputError, match="image_counts is the official batch_chat's old name of num_patches_list"):
+        chat.batch_chat(["First", "Second"], pixel_values=pixels, image_counts=[2, 1], num_patches_list=[2, 1], **kw)
+
+
 def test_verbose_prints_the_prompt_with_images_as_placeholders_and_the_answer(setup, capsys):
     """The official chat(verbose=True) prints the query, image tokens collapsed to <image>, and the response."""
     chat, _ = setup

@@ -277,17 +277,21 @@ class InternVLChat:
         return answer
 
     def batch_chat(self, questions: Sequence[str], images=None, *, pixel_values=None, history=None,
-                   return_history: bool = False, verbose: bool = False, **kwargs) -> list[str]:
+                   return_history: bool = False, verbose: bool = False, image_counts=None, **kwargs) -> list[str]:
         """Answers to several independent questions, decoded together. `images[i]` goes with
         questions[i] (None, one image or a list of images). The official form works too: one
         `pixel_values` tensor (as `pixel_values=` or `images=`) with `num_patches_list` giving each
-        question's tile count. A `seed` seeds question i with seed + i, so repeated questions get
-        different samples. As in the official method, `history` and `return_history` are refused, and
-        `verbose=True` prints each prompt and answer."""
+        question's tile count (`image_counts=`, its old name there, works too). A `seed` seeds question
+        i with seed + i, so repeated questions get different samples. As in the official method,
+        `history` and `return_history` are refused, and `verbose=True` prints each prompt and answer."""
         if history is not None or return_history:
             raise InputError("batch_chat answers independent questions: no history (as the official batch_chat); "
                              "use chat() for a conversation")
         inputs, params = self._split(kwargs)
+        if image_counts is not None:
+            if inputs.get("num_patches_list") is not None:
+                raise InputError("image_counts is the official batch_chat's old name of num_patches_list: give one")
+            inputs["num_patches_list"] = image_counts
         images = _images(images, pixel_values)
         questions = [questions] if isinstance(questions, str) else list(questions)
         if isinstance(images, torch.Tensor):
