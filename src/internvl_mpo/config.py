@@ -292,6 +292,12 @@ class ModelConfig:
                 raise ConfigError(
                     f"{key}={d[key]}: the weights hold unmerged PEFT LoRA adapters; merge them first with the "
                     "official internvl_chat/tools/merge_lora.py (it writes use_llm_lora and use_backbone_lora 0)")
+        for where, section in (("", d), ("llm_config.", d["llm_config"]), ("vision_config.", d["vision_config"])):
+            quant = section.get("quantization_config")
+            if quant:  # AWQ (OpenGVLab's -AWQ repos, lmdeploy), GPTQ, FP8: packed integer weights and scales
+                method = quant.get("quant_method") if isinstance(quant, dict) else quant
+                raise ConfigError(f"{where}quantization_config (quant_method {method!r}): quantized weights are not "
+                                  "implemented; use the unquantized release (the repo name without -AWQ)")
         d = {**_OFFICIAL_TOP_DEFAULTS, **d}
         vision = VisionConfig.from_dict({**_OFFICIAL_VISION_DEFAULTS, **d.pop("vision_config")})
         # The official InternVLChatConfig always unties the head (the stored lm_head is used), whatever
