@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -228,6 +229,58 @@ def test_resume_after_sigkill_is_exact(tmp_path, chat_folder, meta):
     for name in ("optimizer.safetensors", "rank0.safetensors"):
         first = load_file(tmp_path / "straight" / "checkpoint-000006" / name)
         second = load_file(tmp_path / "killed" / "checkpoint-000006" / name)
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+CHILD_MID_ACCUMULATION = """
+import sys, time, torch
+sys.path[:0] = [{src!r}]
+torch.set_num_threads({threads})
+from internvl_mpo.train import mpo
+calls = 0
+loss = mpo.micro_batch_loss
+def hang_in_step_3s_second_micro_batch(*args):
+    global calls
+    calls += 1
+    if calls == 6:
+        open("hanging", "w").close()
+        time.sleep(600)
+    return loss(*args)
+mpo.micro_batch_loss = hang_in_step_3s_second_micro_batch
+mpo.train(mpo.TrainConfig(**{cfg!r}))
+"""
+
+
+def test_lora_resume_after_a_kill_mid_accumulation_and_after_the_last_step_is_exact(tmp_path, chat_folder, meta):
+    """LoRA adapters come back from extra.safetensors and their base weights from --model; a kill inside a step's
+    accumulation redoes that step from the last checkpoint; a checkpoint of the last step only writes final/."""
+    common = {"max_steps": 4, "save_every": 2, "batch_size": 1, "grad_accum": 2, "drop_path_rate": 0.1,
+              "lora_rank": 2, "lora_vision": True, "quality_weight": 0.2}
+    straight = train(config(chat_folder, meta, tmp_path / "straight", **common))
+
+    killed = config(chat_folder, meta, tmp_path / "killed", **common)
+    script = CHILD_MID_ACCUMULATION.format(src=str(SRC), threads=torch.get_num_threads(), cfg=dataclasses.asdict(killed))
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path)
+    deadline = time.time() + 120
+    while not (tmp_path / "hanging").exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert (tmp_path / "hanging").exists(), "the child never reached the third step's second micro-batch"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert ckpt.latest_checkpoint(tmp_path / "killed").name == "checkpoint-000002"
+    resumed = train(dataclasses.replace(killed, resume=True))
+    shutil.rmtree(tmp_path / "killed" / "final")
+    after_the_last = train(dataclasses.replace(killed, resume=True))  # from checkpoint-000004: no step to train
+
+    expected = load_weights(straight.final_dir)
+    for result in (resumed, after_the_last):
+        got = load_weights(result.final_dir)
+        assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert metric_rows(tmp_path / "killed") == [{**r, "tokens_per_s": ANY, "step_time_s": ANY}
+                                                for r in metric_rows(tmp_path / "straight")]
+    for name in ("optimizer.safetensors", "extra.safetensors", "rank0.safetensors"):
+        first = load_file(tmp_path / "straight" / "checkpoint-000004" / name)
+        second = load_file(tmp_path / "killed" / "checkpoint-000004" / name)
         assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
