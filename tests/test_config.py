@@ -116,6 +116,13 @@ def test_not_json(tmp_path):
         ModelConfig.from_json(tmp_path)
 
 
+def test_a_peft_adapter_folder_is_named(tmp_path):
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "base_model_name_or_path": "x"}')
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"holds a PEFT adapter \(adapter_config.json\), not a model: merge it"):
+        ModelConfig.from_json(tmp_path)
+
+
 def test_not_utf8(tmp_path):
     """Some Windows editors save UTF-16: an error naming the file, not a UnicodeDecodeError."""
     path = tmp_path / "config.json"

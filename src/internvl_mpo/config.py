@@ -321,6 +321,9 @@ class ModelConfig:
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
+            if (path.parent / "adapter_config.json").is_file():  # what PEFT / LoRA fine-tuning tools save
+                raise ConfigError(f"{path.parent} holds a PEFT adapter (adapter_config.json), not a model: merge it "
+                                  "into its base model first (PEFT's merge_and_unload) and load the merged folder") from None
             raise ConfigError(f"{path}: no such config file") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
