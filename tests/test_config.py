@@ -92,13 +92,14 @@ def test_supported_rope_scaling_and_list_sizes(tmp_path):
     assert config.to_dict()["vision_config"]["image_size"] == [448, 448]
 
 
-def test_null_architectures_take_the_defaults_and_rope_type_default_is_plain_rope(tmp_path):
+@pytest.mark.parametrize("empty", [None, []])
+def test_null_architectures_take_the_defaults_and_rope_type_default_is_plain_rope(tmp_path, empty):
     def change(d):
-        d["architectures"] = d["vision_config"]["architectures"] = None
+        d["architectures"] = d["vision_config"]["architectures"] = empty
         d["llm_config"]["rope_scaling"] = {"rope_type": "default"}
     config = ModelConfig.from_json(write(tmp_path, change))
     assert config.llm.rope_type is None
-    saved = config.to_dict()  # null architectures were kept and made writing the config fail
+    saved = config.to_dict()  # null ones were kept and made writing the config fail; [] was written back
     assert saved["architectures"] == ["InternVLChatModel"]
     assert saved["vision_config"]["architectures"] == ["InternVisionModel"]
 

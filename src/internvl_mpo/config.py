@@ -51,8 +51,8 @@ def _split(cls, d: dict[str, Any], section: str = "") -> tuple[dict[str, Any], d
 
 
 def _architectures(known: dict[str, Any]) -> None:
-    """`architectures` as a tuple; null takes the default (transformers writes the class it saves)."""
-    if known.get("architectures") is None:
+    """`architectures` as a tuple; null or [] takes the default (transformers writes the class it saves)."""
+    if not known.get("architectures"):
         known.pop("architectures", None)
     else:
         known["architectures"] = tuple(known["architectures"])
