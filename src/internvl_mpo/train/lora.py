@@ -3,7 +3,9 @@
 `LoRALinear` wraps a frozen `nn.Linear` as `base` and adds `scale * B(A(x))` with A (r, in) drawn
 like PEFT's default (Kaiming-uniform, a = sqrt(5)) and B (out, r) zero, so a fresh adapter changes
 nothing; `scale = alpha / r`. The official wrappers use alpha = 2r (our default too) and adapter
-dropout 0.05; we use no adapter dropout.
+dropout 0.05, which the official MPO trainer never applies: TRL's `DPOTrainer` (`disable_dropout=True`,
+the default) sets every `nn.Dropout` to p = 0. There is no adapter dropout here (the official SFT
+trainer, the plain HF Trainer, keeps 0.05).
 
 The official InternVL code applies PEFT LoRA to the LLM's attention and MLP projections
 (`wrap_llm_lora`: q/k/v/o and gate/up/down for Qwen2, wqkv/wo/w1/w2/w3 for InternLM2) and to the ViT's `attn.qkv`,
