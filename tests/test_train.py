@@ -284,6 +284,30 @@ def test_lora_resume_after_a_kill_mid_accumulation_and_after_the_last_step_is_ex
         assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_checkpoints_save_where_folders_cannot_be_fsynced(tmp_path, chat_folder, meta, monkeypatch):
+    """CIFS/SMB, sshfs and some Ceph volumes refuse fsync on a folder (EINVAL): the first checkpoint stopped
+    the run with an OSError. A file's fsync error still stops it."""
+    import errno
+    import stat
+
+    real_fsync = os.fsync
+    failing = {"folders": errno.EINVAL, "files": None}
+
+    def fsync(fd):
+        kind = "folders" if stat.S_ISDIR(os.fstat(fd).st_mode) else "files"
+        if failing[kind] is not None:
+            raise OSError(failing[kind], os.strerror(failing[kind]))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    train(config(chat_folder, meta, tmp_path / "run", max_steps=1, save_every=1))
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "checkpoint-000001"
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+    failing["files"] = errno.EIO
+    with pytest.raises(OSError, match="Input/output error"):
+        ckpt.atomic_folder(tmp_path / "other", lambda folder: (folder / "a.json").write_text("{}"))
+
+
 def test_checkpoint_folder_holds_only_safetensors_and_json(tmp_path, chat_folder, meta, umask_022):
     from conftest import modes_other_than
 

@@ -11,13 +11,15 @@ A checkpoint is a folder `checkpoint-<step:06d>/` in the run's output folder:
     trainer_state.json        step, BCO running mean, skip counts, settings (written last)
 
 Only safetensors and JSON are written; nothing is pickled. The folder is first written as
-`.tmp-checkpoint-<step>` inside the output folder, every file and folder is fsynced, then the folder
-is renamed into place, so a save that dies halfway leaves the last good checkpoint untouched and a
-`.tmp-*` folder that `latest_checkpoint` ignores (and the next save of that step replaces).
+`.tmp-checkpoint-<step>` inside the output folder, every file and folder is fsynced (a folder only
+where the filesystem can: CIFS, sshfs and some Ceph volumes cannot), then the folder is renamed into
+place, so a save that dies halfway leaves the last good checkpoint untouched and a `.tmp-*` folder
+that `latest_checkpoint` ignores (and the next save of that step replaces).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -92,10 +94,18 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+# What fsync of a folder gives on filesystems without that operation (CIFS/SMB, sshfs, some Ceph volumes):
+# the files in it are synced already and nothing more can be asked for, so the save goes on.
+FOLDER_FSYNC_UNSUPPORTED = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        if not (e.errno in FOLDER_FSYNC_UNSUPPORTED and path.is_dir()):
+            raise
     finally:
         os.close(fd)
 
