@@ -227,8 +227,8 @@ def generate(
     requests = _read_requests(Path(input))
     done = _finished_questions(out)
     # an edited request is asked again, and so is one whose image or video file was edited in place
-    todo = [r for r in requests if r["id"] not in done or _asked(done[r["id"]]) != _asked(r)
-            or not unchanged(_files(r), done[r["id"]].get("stamps"))]
+    todo = [r for r in requests if r["id"] not in done or done[r["id"]][0] != _asked(r)
+            or not unchanged(_files(r), done[r["id"]][1])]
     if not todo:  # a finished run: no need to spend minutes loading a large model
         print(f"internvl-mpo generate: all {len(requests)} requests are answered in {out}", file=sys.stderr)
         return 0
@@ -291,7 +291,7 @@ def _files(request: dict) -> list[str]:
 
 
 def _finished_questions(out: Path) -> dict:
-    """{id: answer line} of the requests answered in `out`, which keeps only their lines: error lines are
+    """{id: (`_asked`, stamps)} of the requests answered in `out`, which keeps only their lines: error lines are
     dropped (those requests run again), and so is a line cut by an interrupted write, even in the middle
     of a character."""
     if not out.exists():
@@ -303,7 +303,7 @@ def _finished_questions(out: Path) -> dict:
         except (UnicodeDecodeError, json.JSONDecodeError):
             continue
         if isinstance(row, dict) and "answer" in row and isinstance(row.get("id"), (str, int)):
-            done[row["id"]] = row
+            done[row["id"]] = _asked(row), row.get("stamps")  # not the answers: a large job's would fill memory
             kept.append(line)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_bytes(b"".join(k + b"\n" for k in kept))
