@@ -864,6 +864,25 @@ def test_batch_chat_takes_the_official_image_counts(setup):
         chat.batch_chat(["First", "Second"], pixel_values=pixels, image_counts=[2, 1], num_patches_list=[2, 1], **kw)
 
 
+def test_malformed_questions_history_and_tile_counts_are_refused_by_name(setup):
+    """A tile count list that is not whole numbers of at least 0 (one tile count per question) raised
+    TypeError in batch_chat, or split the tiles wrongly ([3, -1]); so did a num_patches_list that is
+    one number in chat(), a history that is not a list and questions that are not a list."""
+    chat, _ = setup
+    size = chat.config.image_size
+    pixels = torch.randn(2, 3, size, size)
+    kw = dict(max_new_tokens=2, do_sample=False)
+    for counts in ([1.5, 0.5], "11", 2, [True, True], [3, -1]):
+        with pytest.raises(InputError, match="num_patches_list"):
+            chat.batch_chat(["First", "Second"], pixel_values=pixels, num_patches_list=counts, **kw)
+    with pytest.raises(InputError, match=r"num_patches_list must be a list of whole tile counts, got 2"):
+        chat.chat("First", pixel_values=pixels, num_patches_list=2, **kw)
+    with pytest.raises(InputError, match=r"history must be a list of \(question, answer\) pairs, got int"):
+        chat.chat("First", history=5, **kw)
+    with pytest.raises(InputError, match="questions must be a list of strings, got NoneType"):
+        chat.batch_chat(None, **kw)
+
+
 def test_verbose_prints_the_prompt_with_images_as_placeholders_and_the_answer(setup, capsys):
     """The official chat(verbose=True) prints the query, image tokens collapsed to <image>, and the response."""
     chat, _ = setup

@@ -146,6 +146,8 @@ class InternVLChat:
         into images (one image without it), or a list of such tensors, one per image. With files or
         PIL images, or none, a `num_patches_list` given must be the tile counts they get.
         """
+        if num_patches_list is not None and not isinstance(num_patches_list, (list, tuple)):
+            raise InputError(f"num_patches_list must be a list of whole tile counts, got {num_patches_list!r}")
         items = _as_list(images)
         if not items:
             if num_patches_list:  # the official code passes [] for a text-only question
@@ -229,7 +231,7 @@ class InternVLChat:
         else:
             pixels, counts = self.load_images(images, max_num, total_max_num, num_patches_list, max_pixels)
         ids = build_prompt_ids(
-            self.tokenizer, question, tuple(history or ()), counts, system_message,
+            self.tokenizer, question, history or (), counts, system_message,
             max_length=self.context - 1,
             num_image_token=self.model.num_image_token, template=self.config.template,
         )
@@ -293,12 +295,17 @@ class InternVLChat:
                 raise InputError("image_counts is the official batch_chat's old name of num_patches_list: give one")
             inputs["num_patches_list"] = image_counts
         images = _images(images, pixel_values)
+        if not isinstance(questions, (str, list, tuple)):
+            raise InputError(f"questions must be a list of strings, got {type(questions).__name__}")
         questions = [questions] if isinstance(questions, str) else list(questions)
         if isinstance(images, torch.Tensor):
             counts = inputs.pop("num_patches_list", None)
-            if counts is None or len(counts) != len(questions):
+            if not isinstance(counts, (list, tuple)) or len(counts) != len(questions):
                 raise InputError("with one pixel_values tensor, pass num_patches_list with the tile count of each "
                                  f"of the {len(questions)} questions")
+            if not all(whole_number(n) and n >= 0 for n in counts):
+                raise InputError(f"num_patches_list must hold whole tile counts (0: a question without images), "
+                                 f"got {counts!r}")
             if sum(counts) != images.shape[0]:
                 raise InputError(f"num_patches_list {list(counts)} does not add up to the {images.shape[0]} tiles")
             per_question = [images[start:start + n] if n else None

@@ -99,6 +99,8 @@ def render_prompt(
 
 
 def _check_history(history: Sequence[tuple[str, str]]) -> None:
+    if not isinstance(history, (list, tuple)):
+        raise InputError(f"history must be a list of (question, answer) pairs, got {type(history).__name__}")
     for turn in history:
         if not isinstance(turn, (tuple, list)) or len(turn) != 2 or not all(isinstance(t, str) for t in turn):
             raise InputError(f"history entries must be (question, answer) pairs of strings, got {turn!r}")
