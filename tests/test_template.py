@@ -195,6 +195,11 @@ def test_images_first_given_on_a_later_turn_go_in_front_of_that_question(ours, h
     later = [("<image>\nWhat is it?", "A cat.")] + history
     with pytest.raises(InputError, match=r"the questions hold 1 <image> placeholder\(s\) but 2 image"):
         build_prompt_ids(ours, "And now?", later, [1, 1])
+    # The images left out on a later turn: the error says that every turn takes them (official code
+    # leaves the placeholder as text and answers without the image).
+    with pytest.raises(InputError, match=r"placeholder\(s\) but 0 image\(s\) .*; pass the conversation's images "
+                                         r"again with every question"):
+        build_prompt_ids(ours, "And now?", later, [])
 
 
 @pytest.mark.parametrize("history", [["qa"], [("q", 3)], [{"role": "user", "content": "q"}], [("q", "a", "b")]])

@@ -135,11 +135,11 @@ def add_image_prefix(question: str, num_images: int, history: Sequence[tuple[str
     return "".join(f"Image-{k}: {IMAGE_PLACEHOLDER}\n" for k in range(1, num_images + 1)) + question
 
 
-def _check_images(count: int, num_patches_list: Sequence[int], where: str = "the prompt has") -> None:
+def _check_images(count: int, num_patches_list: Sequence[int], where: str = "the prompt has", hint: str = "") -> None:
     if count != len(num_patches_list):
         raise InputError(
             f"{where} {count} {IMAGE_PLACEHOLDER} placeholder(s) but {len(num_patches_list)} image(s)"
-            f" were given (num_patches_list={list(num_patches_list)})"
+            f" were given (num_patches_list={list(num_patches_list)}){hint}"
         )
     for tiles in num_patches_list:
         if not isinstance(tiles, int) or tiles < 1:
@@ -219,7 +219,8 @@ def build_prompt_ids(
         parts = text.split(IMAGE_PLACEHOLDER) if role == tmpl.roles[0] else [text]
         pieces[-1] += parts[0]
         pieces += parts[1:]
-    _check_images(len(pieces) - 1, num_patches_list, "the questions hold")
+    forgotten = "; pass the conversation's images again with every question" if history else ""
+    _check_images(len(pieces) - 1, num_patches_list, "the questions hold", forgotten)
     ids = _encode_pieces(tokenizer, pieces, num_patches_list, num_image_token)
     if tokenizer.add_bos_token:  # the official chat() tokenizes the prompt with the tokenizer's BOS
         ids = [tokenizer.bos_id, *ids]
