@@ -407,6 +407,29 @@ def test_a_save_that_fails_part_way_leaves_the_earlier_weights_loadable(tmp_path
         assert torch.equal(InternVL.from_pretrained(tmp_path / "m")(ids), model(ids))
 
 
+def test_a_save_whose_index_cannot_be_written_leaves_the_earlier_weights_loadable(tmp_path, tiny, monkeypatch):
+    """The index goes in with the shards: the earlier index and shards must not be gone before it is written."""
+    model = InternVL(tiny, image_token_id=IMAGE_TOKEN_ID)
+    model.init_weights()
+    folder = model.save_pretrained(tmp_path / "m", max_shard_size="20KB")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    write_text = Path.write_text
+
+    def disk_full(path, *args, **kwargs):
+        if "index.json" in path.name:
+            raise OSError(28, "No space left on device")
+        return write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(folder, max_shard_size="40KB")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(InternVL.from_pretrained(folder)(ids), model(ids))
+
+
 def test_saving_over_an_earlier_save_removes_its_weight_files_and_no_others(tmp_path, tiny):
     model = InternVL(tiny, image_token_id=IMAGE_TOKEN_ID)
     model.init_weights()

@@ -304,8 +304,9 @@ def copy_file(source: Path, target: Path) -> None:
 def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB") -> None:
     """Write `state` as model.safetensors, or as numbered shards plus the index when it is too large.
 
-    Every file is written under a temporary name first and renamed into place once all are written,
-    so a save that fails part way (a full disk) leaves the folder's earlier weights as they were;
+    Every file, the index included, is written under a temporary name first and renamed into place
+    once all are written, so a save that fails part way (a full disk) leaves the folder's earlier
+    weights as they were;
     weight files of an earlier save (model.safetensors, model-NNNNN-of-NNNNN.safetensors, the index)
     that the new ones do not replace are removed after that; other files are left alone.
     """
@@ -332,6 +333,13 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
         for name, shard in zip(names, shards):
             temps.append(folder / f".{name}.tmp")
             save_tensors(shard, temps[-1], metadata={"format": "pt"})
+        if len(shards) > 1:
+            mapping = {key: name for name, shard in zip(names, shards) for key in shard}
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(mapping.items()))}
+            names.append(INDEX_FILE)
+            temps.append(folder / f".{INDEX_FILE}.tmp")
+            temps[-1].write_text(json.dumps(index, indent=2) + "\n")
     except BaseException:
         for temp in temps:
             temp.unlink(missing_ok=True)
@@ -341,11 +349,6 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
     for old in folder.iterdir():  # only names a save writes: other files (model-ema.safetensors) are the user's
         if old.name not in names and (old.name in (SINGLE_FILE, INDEX_FILE) or SHARD_NAME.fullmatch(old.name)):
             old.unlink(missing_ok=True)
-    if len(shards) > 1:
-        mapping = {key: name for name, shard in zip(names, shards) for key in shard}
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(mapping.items()))}
-        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def copy_companions(source: Path | None, folder: Path) -> None:
