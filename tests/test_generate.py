@@ -636,6 +636,38 @@ def test_images_first_given_on_a_later_turn_are_placed_and_kept_in_the_history(s
             chat.prepare("What happens?", video=frames, history=bad)
 
 
+def test_the_model_cards_calls_give_the_official_prompt_ids(setup, checkpoint):
+    """The card's chat() calls (one image, a follow-up turn, combined and separate images, a video,
+    pure text), written with this API, give the ids of the prompt the official chat() builds
+    (rendered independently from conversation.py's rules, tokenized by transformers)."""
+    transformers = pytest.importorskip("transformers")
+    from test_template import official_chat_prompt
+
+    chat, _ = setup
+    hf = transformers.AutoTokenizer.from_pretrained(checkpoint[0])
+    size, n = chat.config.image_size, chat.model.num_image_token
+
+    def official(question, history=None, patches=()):
+        text = official_chat_prompt(question, history, patches, image_given=bool(patches), num_image_token=n)
+        return hf.encode(text, add_special_tokens=False)
+
+    one, two = torch.randn(2, 3, size, size), torch.randn(1, 3, size, size)
+    first = chat.prepare("Please describe the image shortly.", one)
+    assert first.prompt_ids == official("Please describe the image shortly.", None, [2])
+    history = [(first.question, "A red square.")]
+    assert chat.prepare("Write a poem about it.", one, history=history).prompt_ids == \
+        official("Write a poem about it.", history, [2])
+    combined = "<image>\nDescribe the two images in detail."
+    assert chat.prepare(combined, torch.cat([one, two])).prompt_ids == official(combined, None, [3])
+    separate = "Image-1: <image>\nImage-2: <image>\nWhat are the similarities and differences?"
+    assert chat.prepare(separate, torch.cat([one, two]), num_patches_list=[2, 1]).prompt_ids == \
+        official(separate, None, [2, 1])
+    video = "".join(f"Frame{i + 1}: <image>\n" for i in range(4)) + "What is the red panda doing?"
+    assert chat.prepare(video, torch.randn(4, 3, size, size), num_patches_list=[1] * 4).prompt_ids == \
+        official(video, None, [1] * 4)
+    assert chat.prepare("Hello, who are you?").prompt_ids == official("Hello, who are you?")
+
+
 def test_prompt_ids_outside_the_vocabulary_are_refused_when_added(setup):
     """An id past the vocabulary failed in the embedding lookup (IndexError; on a GPU a device-side
     assert, which ends every other request of the process too)."""

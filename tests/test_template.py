@@ -35,7 +35,8 @@ SYSTEM_SHA256 = "bdb4d179c4c458dd9bd365588d3fd15aba0f2b755b4b192383416f610ad3396
 SYS = TEMPLATES["internvl2_5"].system_message
 
 
-def official_chat_prompt(question, history=None, num_patches_list=(), system=SYS, image_given=True):
+def official_chat_prompt(question, history=None, num_patches_list=(), system=SYS, image_given=True,
+                         num_image_token=256):
     """`chat()`: optional `<image>\\n` prefix, MPT rendering, in-order `<image>` replacement."""
     if history is None and image_given and "<image>" not in question:
         question = "<image>\n" + question
@@ -47,7 +48,7 @@ def official_chat_prompt(question, history=None, num_patches_list=(), system=SYS
     for role, message in messages:
         prompt += role + message + "<|im_end|>\n" if message else role
     for tiles in num_patches_list:
-        prompt = prompt.replace("<image>", "<img>" + "<IMG_CONTEXT>" * 256 * tiles + "</img>", 1)
+        prompt = prompt.replace("<image>", "<img>" + "<IMG_CONTEXT>" * num_image_token * tiles + "</img>", 1)
     return prompt
 
 
