@@ -699,6 +699,20 @@ def test_unknown_generation_setting(setup):
         chat.chat("hi", temprature=0.5)
 
 
+def test_the_official_generation_keys_beams_refused_eos_and_pad_overridden(setup):
+    """Beam search is refused, not run as sampling; eos_token_id and pad_token_id are taken and change
+    nothing, as the official chat() overwrites eos_token_id with <|im_end|> (pad only pads batches)."""
+    chat, _ = setup
+    kw = dict(max_new_tokens=6, do_sample=False)
+    for beams in (2, 4):
+        with pytest.raises(InputError, match="beam search is not implemented; use num_beams=1"):
+            chat.chat("Hi", generation_config=dict(num_beams=beams, **kw))
+    answer = chat.chat("Hi", **kw)
+    official = dict(num_beams=1, eos_token_id=chat.tokenizer.encode("Hi")[0], pad_token_id=chat.tokenizer.pad_id, **kw)
+    assert chat.chat("Hi", generation_config=official) == answer
+    assert chat.batch_chat(["Hi"], generation_config=official) == [answer]
+
+
 def test_the_model_cards_streamer_setting_points_to_stream_chat(setup):
     """The card streams by putting a TextIteratorStreamer in generation_config; that was refused as an
     unknown setting among the list of known ones, with no word of how to stream here."""
