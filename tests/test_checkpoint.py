@@ -407,8 +407,10 @@ def test_a_save_that_fails_part_way_leaves_the_earlier_weights_loadable(tmp_path
         assert torch.equal(InternVL.from_pretrained(tmp_path / "m")(ids), model(ids))
 
 
-def test_a_save_whose_index_cannot_be_written_leaves_the_earlier_weights_loadable(tmp_path, tiny, monkeypatch):
-    """The index goes in with the shards: the earlier index and shards must not be gone before it is written."""
+@pytest.mark.parametrize("failing", ["index.json", "config.json"])
+def test_a_save_whose_index_or_config_cannot_be_written_leaves_the_earlier_save(tmp_path, tiny, monkeypatch, failing):
+    """The index and config.json go in with the shards: the earlier index and shards must not be gone before
+    the new index is written, nor new weights in place beside the earlier config.json."""
     model = InternVL(tiny, image_token_id=IMAGE_TOKEN_ID)
     model.init_weights()
     folder = model.save_pretrained(tmp_path / "m", max_shard_size="20KB")
@@ -416,7 +418,7 @@ def test_a_save_whose_index_cannot_be_written_leaves_the_earlier_weights_loadabl
     write_text = Path.write_text
 
     def disk_full(path, *args, **kwargs):
-        if "index.json" in path.name:
+        if failing in path.name:
             raise OSError(28, "No space left on device")
         return write_text(path, *args, **kwargs)
 

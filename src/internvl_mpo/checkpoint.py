@@ -301,12 +301,14 @@ def copy_file(source: Path, target: Path) -> None:
     honour_umask(target)
 
 
-def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB") -> None:
-    """Write `state` as model.safetensors, or as numbered shards plus the index when it is too large.
+def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB",
+                    texts: dict[str, str] | None = None) -> None:
+    """Write `state` as model.safetensors, or as numbered shards plus the index when it is too large,
+    and the text files `texts` (name -> content: config.json) that must go in with the weights.
 
     Every file, the index included, is written under a temporary name first and renamed into place
     once all are written, so a save that fails part way (a full disk) leaves the folder's earlier
-    weights as they were;
+    weights and config as they were;
     weight files of an earlier save (model.safetensors, model-NNNNN-of-NNNNN.safetensors, the index)
     that the new ones do not replace are removed after that; other files are left alone.
     """
@@ -340,6 +342,10 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
             names.append(INDEX_FILE)
             temps.append(folder / f".{INDEX_FILE}.tmp")
             temps[-1].write_text(json.dumps(index, indent=2) + "\n")
+        for name, text in (texts or {}).items():
+            names.append(name)
+            temps.append(folder / f".{name}.tmp")
+            temps[-1].write_text(text, encoding="utf-8")
     except BaseException:
         for temp in temps:
             temp.unlink(missing_ok=True)

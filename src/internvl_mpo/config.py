@@ -349,8 +349,11 @@ class ModelConfig:
         out.setdefault("auto_map", _AUTO_MAP)
         return out
 
+    def to_json_text(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        Path(path).write_text(self.to_json_text(), encoding="utf-8")
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

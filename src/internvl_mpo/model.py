@@ -219,7 +219,6 @@ class InternVL(nn.Module):
         llm = self.config.llm
         if llm.tie_word_embeddings:  # the official loader unties the head (save_state_dict stores it apart)
             llm = dataclasses.replace(llm, tie_word_embeddings=False)
-        checkpoint.save_state_dict(state, folder, max_shard_size)
         dtype = str(self.dtype).split(".")[-1]
 
         def with_dtype(extra: dict) -> dict:  # newer transformers read `dtype` first: it must not keep the loaded one
@@ -229,6 +228,6 @@ class InternVL(nn.Module):
         llm = dataclasses.replace(llm, extra=with_dtype(llm.extra))
         vision = dataclasses.replace(self.config.vision, extra=with_dtype(self.config.vision.extra))
         config = self.config.replace(vision=vision, llm=llm, extra=with_dtype(self.config.extra))
-        config.to_json(folder / "config.json")
+        checkpoint.save_state_dict(state, folder, max_shard_size, texts={"config.json": config.to_json_text()})
         checkpoint.copy_companions(self.source_dir, folder)
         return folder
