@@ -223,6 +223,17 @@ def test_pickle_only_folder_is_refused_without_unpickling(tmp_path, tiny):
     assert not Path("pwned").exists()
 
 
+def test_a_deepspeed_checkpoint_without_gathered_weights_is_named(tmp_path, tiny):
+    """What the HF Trainer leaves under ZeRO-3 when the weights are not gathered on save."""
+    folder = tmp_path / "checkpoint-500"
+    (folder / "global_step500").mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(tiny.to_dict()))
+    (folder / "training_args.bin").write_bytes(b"not weights")
+    (folder / "zero_to_fp32.py").write_text("# DeepSpeed's script")
+    with pytest.raises(CheckpointError, match="a DeepSpeed checkpoint without gathered weights .*zero_to_fp32.py"):
+        InternVL.from_pretrained(folder)
+
+
 def test_corrupt_shard(tmp_path, tiny, good_state):
     folder = write_checkpoint(tmp_path / "bad", tiny, good_state, shards=2)
     shard = folder / "model-00002-of-00002.safetensors"

@@ -157,6 +157,11 @@ def weight_map(folder: Path) -> dict[str, Path]:
     if single.exists():
         with open_safetensors(single) as f:
             return {key: single for key in f.keys()}
+    if (folder / "zero_to_fp32.py").is_file() or any(p.is_dir() for p in folder.glob("global_step*")):
+        raise CheckpointError(
+            f"{folder} is a DeepSpeed checkpoint without gathered weights (only the global_step* shards); "
+            "write them with the zero_to_fp32.py it holds (--safe_serialization), or save with "
+            "stage3_gather_16bit_weights_on_model_save")
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise CheckpointError(
