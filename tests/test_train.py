@@ -376,7 +376,10 @@ def test_an_output_under_a_file_is_refused_before_loading(tmp_path, meta, output
     ({"beta": math.inf}, "beta must be > 0, got inf"),
     ({"label_smoothing": 1.5}, r"label_smoothing must be in \[0, 0.5\], got 1.5"),
     ({"adam_beta1": 1.5}, r"adam_beta1 must be in \[0, 1\), got 1.5"),
-    ({"adam_eps": -1e-8}, "adam_eps must be >= 0"),
+    ({"adam_eps": -1e-8}, "adam_eps must be > 0"),
+    # AdamW divides by sqrt(v) + eps: an element whose gradient is exactly 0 (the embedding row of a token no
+    # sample holds) became NaN, saved silently, as no loss or gradient norm reads that row
+    ({"adam_eps": 0.0}, r"adam_eps must be > 0 \(at 0 AdamW turns a gradient of exactly 0 into a NaN weight\), got 0.0"),
     ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
     ({"max_grad_norm": -1.0}, r"max_grad_norm must be >= 0 \(0: no clipping\)"),
     ({"drop_path_rate": 1.5}, r"drop_path_rate must be in \[0, 1\)"),

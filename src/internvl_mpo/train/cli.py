@@ -79,7 +79,7 @@ def train(
     weight_decay: AdamW weight decay (not on biases and norm weights)
     adam_beta1: AdamW beta1
     adam_beta2: AdamW beta2
-    adam_eps: AdamW epsilon
+    adam_eps: AdamW epsilon (> 0)
     warmup_ratio: share of the steps with linear warmup before the cosine decay
     epochs: passes over the data (ignored when --max-steps is given)
     max_steps: optimizer steps (0: from --epochs)

@@ -137,7 +137,7 @@ FLOAT_RANGES = {
     "weight_decay": (lambda v: v >= 0, ">= 0"),
     "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "adam_eps": (lambda v: v >= 0, ">= 0"),
+    "adam_eps": (lambda v: v > 0, "> 0 (at 0 AdamW turns a gradient of exactly 0 into a NaN weight)"),
     "warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "max_grad_norm": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
     "drop_path_rate": (lambda v: 0 <= v < 1, "in [0, 1)"),
