@@ -1128,6 +1128,8 @@ def test_answers_are_cut_where_the_end_of_turn_text_is_spelled_in_ordinary_token
     ("  \n Lead and trail \t", {}),
     ("Yes. STOP more", dict(stop="STOP")),  # a stop string leaves the space before it
     ("Yes. \n<|im_end|>\n more", {}),  # as does the end of turn spelled in ordinary tokens
+    (" 熊猫 🐼  \n", {}),  # characters of several byte tokens each
+    ("熊猫 🐼 end", dict(stop="🐼")),
 ])
 def test_stream_chat_joined_is_exactly_the_answer(setup, text, kw):
     """stream_chat yielded the answer's trailing whitespace, which chat() strips: a caller that
@@ -1138,7 +1140,7 @@ def test_stream_chat_joined_is_exactly_the_answer(setup, text, kw):
         answer = chat.chat("Hi", **kw)
         assert answer == answer.strip() and answer
         pieces = list(chat.stream_chat("Hi", **kw))
-        assert "".join(pieces) == answer and all(pieces)
+        assert "".join(pieces) == answer and all(pieces) and "\ufffd" not in answer
     finally:
         chat.engine = real
 
