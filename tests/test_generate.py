@@ -881,6 +881,9 @@ def test_batch_chat_takes_the_official_concatenated_pixel_values(setup):
     kw = dict(max_new_tokens=6, do_sample=False)
     official = chat.batch_chat(["First", "Second"], torch.cat([a, b]), num_patches_list=[2, 1], **kw)
     assert official == chat.batch_chat(["First", "Second"], [a, b], **kw)
+    # a count of 0: that question has no image
+    assert chat.batch_chat(["First", "Second"], a, num_patches_list=[0, 2], **kw) == \
+        [chat.chat("First", **kw), chat.chat("Second", a, **kw)]
     with pytest.raises(InputError, match="num_patches_list"):
         chat.batch_chat(["First", "Second"], torch.cat([a, b]), **kw)
     with pytest.raises(InputError, match="one entry per question"):
