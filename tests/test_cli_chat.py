@@ -132,7 +132,7 @@ def test_generate_answers_again_a_request_whose_image_or_video_changed_since_the
                     {"id": "b", "question": "Colour?", "image": ["red.png", "blue.png"], "answer": "kept"},
                     {"id": "c", "question": "Colour?", "image": "red.png", "answer": expected["red.png"]}]
     assert "0 of 3" not in out.stderr
-    again = cli("generate", "--input", requests, "--output", answers, "--model", folder / "nope")
+    again = cli("generate", "--input", requests, "--output", answers, "--model", folder, "--max-new-tokens", "6")
     assert again.returncode == 0 and "all 3 requests are answered" in again.stderr  # no model needed
 
 
@@ -165,7 +165,7 @@ def test_generate_answers_again_a_request_whose_image_or_video_file_was_edited_i
         {"id", "question", "video", "answer", "stamps"}, {"id", "question", "answer"}]
     assert set(rows[0]["stamps"][0]) == {"size", "mtime_ns", "sha256"} and set(rows[2]["stamps"][0]) == {"stats", "sha256"}
     os.utime(tmp_path / "blue.png", ns=(1, 1))  # same bytes, another mtime: a copy without its times
-    again = cli(*args[:-4], "--model", folder / "nope")
+    again = cli(*args)
     assert again.returncode == 0 and "all 4 requests are answered" in again.stderr, again.stderr
     (tmp_path / "red.png").write_bytes((folder.parent / "blue.png").read_bytes())  # edited in place
     (frames / "2.png").write_bytes((folder.parent / "red.png").read_bytes())  # a frame added to the video
@@ -175,6 +175,37 @@ def test_generate_answers_again_a_request_whose_image_or_video_file_was_edited_i
     assert rows["a"]["answer"] == bot.chat("Colour?", images=str(tmp_path / "red.png"), max_new_tokens=4, do_sample=False)
     assert rows["v"]["answer"] != "stale"
     assert rows["b"]["answer"] == rows["t"]["answer"] == "stale"
+
+
+def test_generate_resumes_only_with_the_model_and_settings_that_wrote_the_answers(folder, tmp_path, monkeypatch):
+    """A rerun into the same --output with another model or other sampling settings found every request
+    answered and kept the first run's answers, silently. answers.jsonl.settings.json now keeps them; the
+    model folder counts by its resolved path (./m and /abs/m are the same)."""
+    from internvl_mpo import cli_chat
+    from internvl_mpo.errors import ConfigError
+
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")
+    monkeypatch.chdir(folder.parent)
+    run = dict(input=str(requests), output=str(answers), device="cpu")
+    assert cli_chat.generate(**run, model=folder.name, max_new_tokens=4) == 0
+    recorded = json.loads((tmp_path / "answers.jsonl.settings.json").read_text())
+    assert recorded["model"] == str(folder) and recorded["max_new_tokens"] == 4
+    for other, changed in [(dict(max_new_tokens=5), "max_new_tokens"), (dict(temperature=0.5, seed=1), "seed, temperature"),
+                           (dict(model=str(tmp_path)), "model")]:
+        with pytest.raises(ConfigError, match=rf"answers.jsonl holds answers written with other settings \({changed}\)"):
+            cli_chat.generate(**run, **{"model": str(folder), "max_new_tokens": 4, **other})
+    assert cli_chat.generate(**run, model=f"./{folder.name}/", max_new_tokens=4) == 0  # the same folder
+    (tmp_path / "answers.jsonl.settings.json").write_text("[4]")
+    with pytest.raises(ConfigError, match=r"answers.jsonl.settings.json: not the settings of a generate run"):
+        cli_chat.generate(**run, model=str(folder), max_new_tokens=4)
+    # answers written before the settings were kept resume under any settings, which are then recorded
+    (tmp_path / "answers.jsonl.settings.json").unlink()
+    assert cli_chat.generate(**run, model=str(folder), max_new_tokens=5) == 0
+    assert json.loads((tmp_path / "answers.jsonl.settings.json").read_text())["max_new_tokens"] == 5
+    answers.unlink()  # a new run records its own settings
+    assert cli_chat.generate(**run, model=str(folder), max_new_tokens=3) == 0
+    assert json.loads((tmp_path / "answers.jsonl.settings.json").read_text())["max_new_tokens"] == 3
 
 
 def test_generate_interrupted_says_how_to_resume_and_the_rerun_answers_the_rest(folder, tmp_path, monkeypatch, capsys):
@@ -426,7 +457,7 @@ def test_help_lists_commands():
     assert "(default: 1024)" in help_text  # defaults not written in words are still shown
     help_text = " ".join(cli("generate", "--help").stdout.split())
     assert "--input INPUT JSONL lines" in help_text and '"video"} --output' in help_text  # required: no default
-    assert '"error" for a request that cannot run), appended --model' in help_text  # a help text's second line
+    assert 'settings, which a resume must repeat --model' in help_text  # a help text's later lines
     for command in ("chat", "generate", "serve", "train", "eval", "pairs", "tiles", "convert", "plot"):
         assert "default: None" not in cli(command, "--help").stdout, command  # a flag not given says nothing
 

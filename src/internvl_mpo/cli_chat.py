@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from .errors import InputError, PromptTooLongError
+from .errors import ConfigError, InputError, PromptTooLongError
 
 
 def _model_path(model: str | None) -> str:
@@ -192,7 +192,8 @@ def generate(
     input: JSONL lines {"id", "question", "image" (path or list, relative to the file), "video"}
     output: JSONL lines {"id", "question", "image", "video", "answer", "stamps"} (image and video as the request
         wrote them, where it has them; stamps: size, mtime and sha256 of their files, so that a resume notices
-        a file edited in place; "error" for a request that cannot run), appended
+        a file edited in place; "error" for a request that cannot run), appended; <output>.settings.json
+        keeps the model and sampling settings, which a resume must repeat
     model: checkpoint folder or hub id (default: the shipped demo model)
     batch_size: requests decoded together
     max_num: most tiles per image (default: the model's max_dynamic_patch)
@@ -208,7 +209,7 @@ def generate(
     """
     from tqdm import tqdm
 
-    from .checkpoint import default_device
+    from .checkpoint import default_device, model_key
     from .filestamp import stamps, unchanged
     from .jsonl import rewrite_in_order
     from .pipeline import InternVLChat, sampling_params
@@ -226,6 +227,9 @@ def generate(
     let_pillow_open(max_pixels)
     requests = _read_requests(Path(input))
     done = _finished_questions(out)
+    _check_answer_settings(out, {"model": model_key(_model_path(model)), "max_num": max_num, "temperature": temperature,
+                                 "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
+                                 "min_new_tokens": min_new_tokens, "seed": seed}, resume=bool(done))
     # an edited request is asked again, and so is one whose image or video file was edited in place
     todo = [r for r in requests if r["id"] not in done or done[r["id"]][0] != _asked(r)
             or not unchanged(_files(r), done[r["id"]][1])]
@@ -282,6 +286,28 @@ def _asked(row: dict) -> tuple:
     or an answer line, which repeats them)."""
     inputs = row.get("_inputs", row)
     return row.get("question"), inputs.get("image"), inputs.get("video")
+
+
+def _check_answer_settings(out: Path, settings: dict, resume: bool) -> None:
+    """Answers resume only under the settings that wrote them, which `<output>.settings.json` keeps:
+    other settings are refused. A new run (no answer written yet) records its settings, and so does a
+    resume of answers written before the file was kept (there is nothing to compare)."""
+    path = out.with_name(out.name + ".settings.json")
+    if resume and path.exists():
+        try:
+            earlier = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            earlier = None
+        if not isinstance(earlier, dict):
+            raise ConfigError(f"{path}: not the settings of a generate run; use another --output")
+        changed = sorted(k for k in earlier.keys() | settings.keys() if earlier.get(k) != settings.get(k))
+        if changed:
+            raise ConfigError(f"{out} holds answers written with other settings ({', '.join(changed)}); use another "
+                              "--output, or the same settings to resume")
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _files(request: dict) -> list[str]:
