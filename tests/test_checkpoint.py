@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -257,6 +258,18 @@ def test_index_naming_a_missing_shard(tmp_path, tiny, good_state):
     folder = write_checkpoint(tmp_path / "bad", tiny, good_state, shards=2)
     (folder / "model-00001-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="names model-00001-of-00002.safetensors, which is not in"):
+        InternVL.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "sub/model.safetensors", "/tmp/model.safetensors", ".."])
+def test_index_naming_a_shard_outside_the_folder_is_refused(tmp_path, tiny, good_state, name):
+    """Shards are files of the checkpoint's own folder; an index may not reach elsewhere."""
+    folder = write_checkpoint(tmp_path / "bad", tiny, good_state, shards=2)
+    (tmp_path / "outside.safetensors").write_bytes((folder / "model-00001-of-00002.safetensors").read_bytes())
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: name if v.startswith("model-00001") else v for k, v in index["weight_map"].items()}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"the shard {re.escape(repr(name))}, not a file name in the folder"):
         InternVL.from_pretrained(folder)
 
 
@@ -536,3 +549,24 @@ def test_loading_peak_memory_stays_near_weight_size(tmp_path):
     growth = int(out.stdout.strip())
     assert size > 0.9e9
     assert growth < 1.3 * size, f"loading {size / 1e9:.2f} GB grew the process by {growth / 1e9:.2f} GB"
+
+
+@pytest.mark.parametrize("name, expected", [("bfloat16", torch.bfloat16), ("float16", torch.float16), (None, torch.float32)])
+def test_dtype_auto_takes_the_configs_dtype(tmp_path, tiny, good_state, name, expected):
+    folder = write_checkpoint(tmp_path / "ck", tiny, good_state)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("dtype", None)
+    config["torch_dtype"] = name
+    (folder / "config.json").write_text(json.dumps(config))
+    assert InternVL.from_pretrained(folder, dtype="auto").dtype == expected
+
+
+@pytest.mark.parametrize("name", ["float8_e4m3fn", "int8", "complex64"])
+def test_dtype_auto_refuses_a_config_dtype_it_cannot_load_in(tmp_path, tiny, good_state, name):
+    """It read as fp32 without a word."""
+    folder = write_checkpoint(tmp_path / "ck", tiny, good_state)
+    config = json.loads((folder / "config.json").read_text())
+    config["torch_dtype"] = name
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match=f"dtype='auto': the config's torch_dtype is {name!r}.*pass dtype="):
+        InternVL.from_pretrained(folder, dtype="auto")

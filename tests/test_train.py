@@ -1244,3 +1244,17 @@ def test_fsdp_in_a_single_process_trains_unsharded_with_a_note(tmp_path, chat_fo
     assert code == 0
     assert "note: --fsdp shards only when several processes run" in capsys.readouterr().out
     assert len(metric_rows(tmp_path / "o")) == 1
+
+
+def test_a_config_dtype_the_final_save_cannot_take_is_refused_before_training(tmp_path, chat_folder, meta, monkeypatch):
+    """The final model is saved in the config's torch_dtype: one it cannot take was read as fp32 (and,
+    once refused, must be refused before the first step, not after the last)."""
+    from internvl_mpo.train import mpo
+
+    folder = tmp_path / "model"
+    shutil.copytree(chat_folder, folder)
+    settings = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**settings, "torch_dtype": "float8_e4m3fn"}))
+    monkeypatch.setattr(mpo, "build_dataset", lambda *a, **k: pytest.fail("training went on"))
+    with pytest.raises(InputError, match="dtype='auto': the config's torch_dtype is 'float8_e4m3fn'"):
+        train(config(folder, meta, tmp_path / "run", max_steps=1))

@@ -54,7 +54,12 @@ def parse_dtype(dtype, device: torch.device, config_dtype: str | None = None) ->
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype == "auto":
-        return _DTYPES.get(config_dtype or "float32", torch.float32)
+        if config_dtype is None:
+            return torch.float32
+        if str(config_dtype).lower() not in _DTYPES:
+            raise InputError(f"dtype='auto': the config's torch_dtype is {config_dtype!r}, which this does not load "
+                             "in; pass dtype= (bfloat16, float16 or float32)")
+        return _DTYPES[str(config_dtype).lower()]
     try:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
@@ -145,9 +150,10 @@ def weight_map(folder: Path) -> dict[str, Path]:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
         if not isinstance(mapping, dict):
             raise CheckpointError(f"{index}: weight_map is not an object of tensor name -> shard file")
-        for key, name in mapping.items():
-            if not isinstance(name, str):
-                raise CheckpointError(f"{index}: weight_map gives {key} the shard {name!r}, not a file name")
+        for key, name in mapping.items():  # shards are files of this folder (an index may not reach elsewhere)
+            if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+                raise CheckpointError(
+                    f"{index}: weight_map gives {key} the shard {name!r}, not a file name in the folder")
         files = {name: folder / name for name in set(mapping.values())}
         for name, file in files.items():
             if not file.exists():

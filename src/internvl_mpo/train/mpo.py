@@ -977,6 +977,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
     # 1. model and tokenizer (the seed makes random init and LoRA adapters equal on every rank)
     torch.manual_seed(cfg.seed)
     tokenizer, policy = load_initial_model(cfg, env.device)
+    final_dtype = parse_dtype("auto", env.device, policy.config.torch_dtype)  # refused now, not after training
     # from here on the run's settings hold the length it uses (checkpoints and resumes compare it)
     cfg = dataclasses.replace(cfg, max_seq_length=max_seq_length(cfg, policy.config))
 
@@ -1119,8 +1120,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
     final_dir = output / FINAL_DIR
     state = ckpt.full_model_state(module)
     if env.is_main:
-        dtype = parse_dtype("auto", env.device, policy.config.torch_dtype)
-        state = {k: v.to(dtype) for k, v in official_state(state, cfg).items()}
+        state = {k: v.to(final_dtype) for k, v in official_state(state, cfg).items()}
         ckpt.atomic_folder(final_dir, lambda tmp: ckpt.export_model(state, policy, tmp))
     barrier(env)
     return TrainResult(final_dir, total_steps, stream.report, metrics)
