@@ -930,6 +930,10 @@ def test_malformed_questions_history_and_tile_counts_are_refused_by_name(setup):
         chat.chat("First", history=5, **kw)
     with pytest.raises(InputError, match="questions must be a list of strings, got NoneType"):
         chat.batch_chat(None, **kw)
+    # the official argument order without the tokenizer says how to write it here
+    with pytest.raises(InputError, match=r"got Tensor; the official batch_chat\(tokenizer, pixel_values, questions, "
+                                         r"generation_config\) is batch_chat\(questions, pixel_values=pixel_values"):
+        chat.batch_chat(pixels, ["First", "Second"], **kw)
 
 
 def test_verbose_prints_the_prompt_with_images_as_placeholders_and_the_answer(setup, capsys):

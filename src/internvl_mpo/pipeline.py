@@ -296,7 +296,9 @@ class InternVLChat:
             inputs["num_patches_list"] = image_counts
         images = _images(images, pixel_values)
         if not isinstance(questions, (str, list, tuple)):
-            raise InputError(f"questions must be a list of strings, got {type(questions).__name__}")
+            raise InputError(f"questions must be a list of strings, got {type(questions).__name__}; the official "
+                             "batch_chat(tokenizer, pixel_values, questions, generation_config) is batch_chat(questions, "
+                             "pixel_values=pixel_values, generation_config=generation_config) here")
         questions = [questions] if isinstance(questions, str) else list(questions)
         if isinstance(images, torch.Tensor):
             counts = inputs.pop("num_patches_list", None)
