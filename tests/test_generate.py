@@ -872,6 +872,13 @@ def test_preprocessed_tiles_as_one_tensor_or_one_per_image(setup):
         chat.chat("Hi", num_patches_list=[2], **kw)
     with pytest.raises(InputError, match="given without images"):
         chat.batch_chat(["Hi", "Ho"], num_patches_list=[1, 1], **kw)
+    # tile budgets and the pixel limit shape files and PIL images; beside tiles made already they were ignored
+    for setting in (dict(max_num=1), dict(total_max_num=2), dict(max_pixels=100)):
+        with pytest.raises(InputError, match=rf"^{next(iter(setting))} applies to files and PIL images; "
+                                             "pixel_values are tiles made already"):
+            chat.chat("Compare", [a, b], **setting, **kw)
+        with pytest.raises(InputError, match="pixel_values are tiles made already"):
+            chat.batch_chat(["First", "Second"], torch.cat([a, b]), num_patches_list=[2, 1], **setting, **kw)
 
 
 def test_batch_chat_takes_the_official_concatenated_pixel_values(setup):

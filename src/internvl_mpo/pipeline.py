@@ -143,8 +143,9 @@ class InternVLChat:
         (see processor/multi.py). Images over `max_pixels` pixels (default: Pillow's
         decompression-bomb limit, about 89 million) are refused.
         Preprocessed tiles pass through: one tensor (N, 3, S, S), which `num_patches_list` splits
-        into images (one image without it), or a list of such tensors, one per image. With files or
-        PIL images, or none, a `num_patches_list` given must be the tile counts they get.
+        into images (one image without it), or a list of such tensors, one per image (the tile
+        budgets and `max_pixels` are refused beside them). With files or PIL images, or none, a
+        `num_patches_list` given must be the tile counts they get.
         """
         if num_patches_list is not None and not isinstance(num_patches_list, (list, tuple)):
             raise InputError(f"num_patches_list must be a list of whole tile counts, got {num_patches_list!r}")
@@ -157,6 +158,9 @@ class InternVLChat:
         if any(tensors):
             if not all(tensors):
                 raise InputError("give images as files or PIL images, or all as preprocessed pixel_values tensors")
+            for name, value in (("max_num", max_num), ("total_max_num", total_max_num), ("max_pixels", max_pixels)):
+                if value is not None:
+                    raise InputError(f"{name} applies to files and PIL images; pixel_values are tiles made already")
             for item in items:
                 size = self.config.image_size
                 if item.dim() != 4 or tuple(item.shape[1:]) != (3, size, size) or item.shape[0] == 0:
