@@ -194,7 +194,8 @@ def test_images_first_given_on_a_later_turn_go_in_front_of_that_question(ours, h
     # Once a question of the conversation holds the images, later questions get no prefix: the same
     # images are passed again and go to that question's placeholders, as in the official chat().
     later = [("<image>\nWhat is it?", "A cat.")] + history
-    with pytest.raises(InputError, match=r"the questions hold 1 <image> placeholder\(s\) but 2 image"):
+    with pytest.raises(InputError, match=r"the questions hold 1 <image> placeholder\(s\) but 2 image.*; an image new "
+                                         r"to the conversation needs its <image> in the question"):
         build_prompt_ids(ours, "And now?", later, [1, 1])
     # The images left out on a later turn: the error says that every turn takes them (official code
     # leaves the placeholder as text and answers without the image).

@@ -219,8 +219,10 @@ def build_prompt_ids(
         parts = text.split(IMAGE_PLACEHOLDER) if role == tmpl.roles[0] else [text]
         pieces[-1] += parts[0]
         pieces += parts[1:]
-    forgotten = "; pass the conversation's images again with every question" if history else ""
-    _check_images(len(pieces) - 1, num_patches_list, "the questions hold", forgotten)
+    hint = "" if not history else (
+        "; pass the conversation's images again with every question" if len(pieces) - 1 > len(num_patches_list)
+        else f"; an image new to the conversation needs its {IMAGE_PLACEHOLDER} in the question")
+    _check_images(len(pieces) - 1, num_patches_list, "the questions hold", hint)
     ids = _encode_pieces(tokenizer, pieces, num_patches_list, num_image_token)
     if tokenizer.add_bos_token:  # the official chat() tokenizes the prompt with the tokenizer's BOS
         ids = [tokenizer.bos_id, *ids]
