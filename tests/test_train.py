@@ -352,6 +352,25 @@ def test_a_finished_run_without_checkpoints_is_never_overwritten(tmp_path, chat_
     assert train(dataclasses.replace(cfg, resume=True)).steps == 1
 
 
+def test_resume_does_not_train_the_last_steps_of_a_finished_run_again(tmp_path, chat_folder, meta):
+    """A finished run whose last steps were not checkpointed: --resume (a job script that always passes it, run
+    once more) trained them again from the last checkpoint and overwrote final/. A checkpoint of the last step
+    only writes final/ again, which changes nothing."""
+    cfg = config(chat_folder, meta, tmp_path / "run", max_steps=3, save_every=2)
+    train(cfg)
+    final = (tmp_path / "run" / "final" / "model.safetensors").stat().st_mtime_ns
+    rows = metric_rows(tmp_path / "run")
+    message = (rf"{tmp_path / 'run'} holds the final/ of the finished run, written after checkpoint-000002 \(step 2 of"
+               r" 3\): resuming would train its last steps again and overwrite it; choose another --output \(or delete"
+               r" final/ to train them again\)$")
+    with pytest.raises(ConfigError, match=message):
+        train(dataclasses.replace(cfg, resume=True))
+    assert (tmp_path / "run" / "final" / "model.safetensors").stat().st_mtime_ns == final
+    assert metric_rows(tmp_path / "run") == rows
+    shutil.rmtree(tmp_path / "run" / "final")  # killed during the final save: the resume finishes the run
+    assert train(dataclasses.replace(cfg, resume=True)).steps == 3
+
+
 def test_bad_model_or_data_creates_no_output_folder(tmp_path, chat_folder, meta):
     from internvl_mpo.errors import InternVLError
 
@@ -432,11 +451,19 @@ def test_preference_modes_refuse_a_bare_jsonl(tmp_path, chat_folder, meta, mode)
     assert not (tmp_path / "run").exists()
 
 
+def killed_after_step_1(run: Path) -> None:
+    """Make a finished run's folder what a run killed after its step-1 checkpoint leaves: no later checkpoint
+    and no final/ (written only at the end)."""
+    for folder in [*run.glob("checkpoint-*"), run / "final"]:
+        if folder.name != "checkpoint-000001":
+            shutil.rmtree(folder)
+
+
 def test_resume_refuses_changed_data_contents(tmp_path, chat_folder):
     meta = write_mmpr(tmp_path / "data", color_pairs(4, text_only=1))
     cfg = config(chat_folder, meta, tmp_path / "run", max_steps=2, save_every=1)
     train(dataclasses.replace(cfg, max_steps=2))
-    shutil.rmtree(tmp_path / "run" / "checkpoint-000002")
+    killed_after_step_1(tmp_path / "run")
     annotation = tmp_path / "data" / "toy.jsonl"
     original = annotation.read_text()
     annotation.write_text(original.replace("It is purple.", "It is pink."))
@@ -458,14 +485,14 @@ def test_resume_takes_the_same_data_file_spelled_another_way(tmp_path, chat_fold
     monkeypatch.chdir(meta.parent)
     cfg = config(chat_folder, meta.name, tmp_path / "run", max_steps=2, save_every=1)
     train(cfg)
-    shutil.rmtree(tmp_path / "run" / "checkpoint-000002")
+    killed_after_step_1(tmp_path / "run")
     assert train(dataclasses.replace(cfg, data=str(meta.resolve()), resume=True)).steps == 2
 
 
 def test_resume_drops_a_half_written_metrics_line(tmp_path, chat_folder, meta):
     cfg = config(chat_folder, meta, tmp_path / "run", max_steps=2, save_every=1)
     train(cfg)
-    shutil.rmtree(tmp_path / "run" / "checkpoint-000002")  # killed while appending step 2's metrics
+    killed_after_step_1(tmp_path / "run")  # while appending step 2's metrics
     path = tmp_path / "run" / "metrics.jsonl"
     path.write_text(path.read_text()[:-40])
     train(dataclasses.replace(cfg, resume=True))
@@ -492,7 +519,7 @@ def test_resume_refuses_a_run_that_would_read_other_records(tmp_path, chat_folde
         read = mpo.read_sft_records
         patch.setattr(mpo, "read_sft_records", lambda *a, **k: read(*a, **k)[::-1])
         train(cfg)
-    shutil.rmtree(tmp_path / "run" / "checkpoint-000002")
+    killed_after_step_1(tmp_path / "run")
     message = (r"checkpoint-000001: cannot resume, these settings differ from the checkpoint: the records read"
                r" \(process 0 would read other records than the checkpoint's run from its position on: 5 records;")
     with pytest.raises(CheckpointError, match=message):
@@ -514,8 +541,7 @@ def test_resume_of_a_text_only_run_whose_vision_tower_has_no_optimizer_state(tmp
                  save_every=1)
     straight = train(dataclasses.replace(cfg, output=str(tmp_path / "straight")))
     train(cfg)
-    shutil.rmtree(tmp_path / "run" / "checkpoint-000003")
-    shutil.rmtree(tmp_path / "run" / "checkpoint-000002")
+    killed_after_step_1(tmp_path / "run")
     resumed = train(dataclasses.replace(cfg, resume=True))
     a, b = load_weights(straight.final_dir), load_weights(resumed.final_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -555,7 +581,7 @@ def test_resume_refuses_other_model_files(tmp_path, chat_folder, meta):
     shutil.copytree(chat_folder, tmp_path / "model")
     cfg = config(tmp_path / "model", meta, tmp_path / "run", max_steps=2, save_every=1, precompute_ref=True)
     train(cfg)
-    shutil.rmtree(tmp_path / "run" / "checkpoint-000002")
+    killed_after_step_1(tmp_path / "run")
     cache = (tmp_path / "run" / "ref_logps.safetensors").stat().st_mtime_ns
     shutil.copytree(tmp_path / "model", tmp_path / "other")
     scale_weight(tmp_path / "other")
@@ -601,7 +627,7 @@ def test_resume_refuses_changed_training_settings(tmp_path, chat_folder, meta):
 def test_resume_refuses_changed_optimizer_and_schedule_settings(tmp_path, chat_folder, meta):
     cfg = config(chat_folder, meta, tmp_path / "run", max_steps=2, save_every=1)
     train(cfg)
-    shutil.rmtree(tmp_path / "run" / "checkpoint-000002")
+    killed_after_step_1(tmp_path / "run")
     for change in ({"lr": 1e-4}, {"warmup_ratio": 0.5}, {"weight_decay": 0.0}, {"adam_beta1": 0.8},
                    {"adam_beta2": 0.99}, {"adam_eps": 1e-6}, {"max_grad_norm": 0.5}, {"beta": 0.2},
                    {"pref_weight": 0.5}, {"quality_weight": 0.5}, {"gen_weight": 0.5}, {"label_smoothing": 0.1},

@@ -854,6 +854,7 @@ def check_resume_settings(
     reference model is rebuilt from --model), and the records each process reads from its position
     on (`stream`), which a change in how records are selected would alter even with the same files and
     settings. Checkpoints written before the data fingerprint was recorded are compared by the --data path only.
+    ConfigError when the run finished after this checkpoint (its final/ is there).
     """
     state = ckpt.read_json(path / ckpt.STATE_FILE)
     saved = state.get("config", {})
@@ -878,6 +879,12 @@ def check_resume_settings(
         changed.append(f"total steps (epochs / max_steps; checkpoint {state.get('total_steps')}, now {total_steps})")
     if changed:
         raise CheckpointError(f"{path}: cannot resume, these settings differ from the checkpoint: {', '.join(changed)}")
+    # final/ is written (atomically) only at the end of a run: beside an earlier checkpoint, that run went on past it
+    step = int(state.get("step", total_steps))
+    if step < total_steps and (path.parent / FINAL_DIR).exists():
+        raise ConfigError(f"{path.parent} holds the {FINAL_DIR}/ of the finished run, written after {path.name} (step"
+                          f" {step} of {total_steps}): resuming would train its last steps again and overwrite it;"
+                          f" choose another --output (or delete {FINAL_DIR}/ to train them again)")
 
 
 def _selection_changes(path: Path, cfg: TrainConfig, env: DistEnv, state: dict, stream: SampleStream) -> list[str]:
