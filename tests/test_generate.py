@@ -933,6 +933,12 @@ def test_malformed_questions_history_and_tile_counts_are_refused_by_name(setup):
             chat.batch_chat(["First", "Second"], pixel_values=pixels, num_patches_list=counts, **kw)
     with pytest.raises(InputError, match=r"num_patches_list must be a list of whole tile counts, got 2"):
         chat.chat("First", pixel_values=pixels, num_patches_list=2, **kw)
+    # any sequence of whole numbers will do, numpy's included
+    assert chat.batch_chat(["First", "Second"], pixel_values=pixels, num_patches_list=numpy.array([1, 1]), **kw) == \
+        chat.batch_chat(["First", "Second"], pixel_values=pixels, num_patches_list=[1, 1], **kw)
+    assert chat.prepare("First", pixels, num_patches_list=numpy.array([1, 1])).num_patches_list == [1, 1]
+    with pytest.raises(InputError, match=r"num_patches_list .* given without images"):
+        chat.prepare("First", num_patches_list=numpy.array([1, 1]))
     with pytest.raises(InputError, match=r"history must be a list of \(question, answer\) pairs, got int"):
         chat.chat("First", history=5, **kw)
     with pytest.raises(InputError, match="questions must be a list of strings, got NoneType"):

@@ -78,6 +78,11 @@ def sampling_params(**generation) -> SamplingParams:
     return SamplingParams(**{**CARD_DEFAULTS, **generation})
 
 
+def _is_list(value) -> bool:
+    """A list, tuple or array of values (not one value, and not a string)."""
+    return isinstance(value, Iterable) and not isinstance(value, (str, bytes))
+
+
 def _as_list(images) -> list:
     if images is None:
         return []
@@ -147,8 +152,10 @@ class InternVLChat:
         budgets and `max_pixels` are refused beside them). With files or PIL images, or none, a
         `num_patches_list` given must be the tile counts they get.
         """
-        if num_patches_list is not None and not isinstance(num_patches_list, (list, tuple)):
-            raise InputError(f"num_patches_list must be a list of whole tile counts, got {num_patches_list!r}")
+        if num_patches_list is not None:
+            if not _is_list(num_patches_list):
+                raise InputError(f"num_patches_list must be a list of whole tile counts, got {num_patches_list!r}")
+            num_patches_list = list(num_patches_list)
         items = _as_list(images)
         if not items:
             if num_patches_list:  # the official code passes [] for a text-only question
@@ -177,7 +184,7 @@ class InternVLChat:
                 if len(items) > 1 and list(num_patches_list) != counts:
                     raise InputError(f"num_patches_list {list(num_patches_list)} does not match the tiles of the "
                                      f"{len(items)} tensors given {counts}")
-                counts = list(num_patches_list)
+                counts = [int(n) for n in num_patches_list]
             if sum(counts) != pixels.shape[0] or min(counts) < 1:
                 raise InputError(f"num_patches_list {counts} does not add up to the {pixels.shape[0]} tiles given")
             return pixels, counts
@@ -306,7 +313,7 @@ class InternVLChat:
         questions = [questions] if isinstance(questions, str) else list(questions)
         if isinstance(images, torch.Tensor):
             counts = inputs.pop("num_patches_list", None)
-            if not isinstance(counts, (list, tuple)) or len(counts) != len(questions):
+            if not _is_list(counts) or len(counts := list(counts)) != len(questions):
                 raise InputError("with one pixel_values tensor, pass num_patches_list with the tile count of each "
                                  f"of the {len(questions)} questions")
             if not all(whole_number(n) and n >= 0 for n in counts):
