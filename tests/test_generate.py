@@ -943,6 +943,7 @@ def test_malformed_questions_history_and_tile_counts_are_refused_by_name(setup):
         chat.chat("First", history=5, **kw)
     with pytest.raises(InputError, match="questions must be a list of strings, got NoneType"):
         chat.batch_chat(None, **kw)
+    assert chat.batch_chat((q for q in ["First"]), **kw) == [chat.chat("First", **kw)]  # any iterable will do
     # the official argument order without the tokenizer says how to write it here
     with pytest.raises(InputError, match=r"got Tensor; the official batch_chat\(tokenizer, pixel_values, questions, "
                                          r"generation_config\) is batch_chat\(questions, pixel_values=pixel_values"):

@@ -306,7 +306,7 @@ class InternVLChat:
                 raise InputError("image_counts is the official batch_chat's old name of num_patches_list: give one")
             inputs["num_patches_list"] = image_counts
         images = _images(images, pixel_values)
-        if not isinstance(questions, (str, list, tuple)):
+        if isinstance(questions, torch.Tensor) or not (isinstance(questions, str) or _is_list(questions)):
             raise InputError(f"questions must be a list of strings, got {type(questions).__name__}; the official "
                              "batch_chat(tokenizer, pixel_values, questions, generation_config) is batch_chat(questions, "
                              "pixel_values=pixel_values, generation_config=generation_config) here")
