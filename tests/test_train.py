@@ -882,6 +882,21 @@ def test_dpo_mode_is_the_sigmoid_term_alone(tmp_path, chat_folder, meta):
     assert row["loss"] == pytest.approx(row["loss/pref"], rel=1e-6)
 
 
+@pytest.mark.parametrize("total", [1, 7, 1500])
+@pytest.mark.parametrize("ratio", [0.0, 0.03, 0.5, 1.0])
+def test_lr_schedule_is_transformers_cosine_with_warmup(total, ratio):
+    """`lr_at` against transformers' scheduler driven as the HF Trainer drives it: one scheduler step after each
+    optimizer step, ceil(ratio * total) warmup steps (`TrainingArguments.get_warmup_steps`)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-6)
+    schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(ratio * total), total)
+    for step in range(total):
+        assert mpo.lr_at(step, total, ratio, 1e-6) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12, abs=1e-22)
+        optimizer.step()
+        schedule.step()
+
+
 def test_gradient_accumulation_equals_the_larger_micro_batch(tmp_path, chat_folder, meta):
     # Plain DPO is a per-pair mean, so 2 micro-batches of 1 pair accumulate to 1 micro-batch of 2 pairs.
     one = train(config(chat_folder, meta, tmp_path / "one", mode="dpo", batch_size=2, max_steps=2))
