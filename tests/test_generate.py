@@ -628,6 +628,7 @@ def test_images_first_given_on_a_later_turn_are_placed_and_kept_in_the_history(s
     assert chat.prepare("What is it?", image, history=history[:1]).prompt_ids == \
         chat.prepare("<image>\nWhat is it?", image, history=history[:1]).prompt_ids
     assert chat.chat("And then?", image, history=history, **kw)  # the image goes to its question again
+    assert len(history) == 2  # the caller's list is left as it is (the official chat() appends to it)
     frames = [Image.new("RGB", (20, 10))] * 2
     clip = chat.prepare("What happens?", video=frames, history=history[:1])
     assert clip.question == "".join(f"Frame{k}: <image>\n" for k in range(1, 9)) + "What happens?"
