@@ -143,6 +143,28 @@ def test_running_mean_is_cumulative_average_and_checkpoints():
         RunningMean().load_state_dict({"mean": 0.0, "var": 1.0, "std": 1.0})
 
 
+def test_running_mean_std_after_one_update_checkpoints_as_null(tmp_path):
+    """TRL's unbiased std is inf (or NaN) after one update; the checkpoint stores null (strict JSON), and
+    checkpoints written with Infinity (before 2026-12-03) resume exactly too."""
+    from internvl_mpo.train import checkpointing as ckpt
+
+    running = RunningMean()
+    running.update(torch.tensor(0.3))
+    assert not math.isfinite(running.std)
+    ckpt.write_json(tmp_path / "state.json", running.state_dict())
+    assert json.loads((tmp_path / "state.json").read_text())["std"] is None
+    old_form = json.loads(json.dumps(running.state_dict()))  # Python's json writes Infinity / NaN
+    for state in (ckpt.read_json(tmp_path / "state.json"), old_form):
+        resumed, straight = RunningMean(), RunningMean()
+        resumed.load_state_dict(state)
+        straight.update(torch.tensor(0.3))
+        resumed.update(torch.tensor(-1.2))
+        straight.update(torch.tensor(-1.2))
+        assert resumed.state_dict() == straight.state_dict()
+    with pytest.raises(ValueError, match="mean"):
+        RunningMean().load_state_dict({"mean": None, "var": 1.0, "std": 1.0, "count": 1.0})
+
+
 class _TwoRanks:
     """A fake all-reduce(sum) for rank 0 of two ranks whose other rank holds `other`.
 

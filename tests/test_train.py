@@ -87,6 +87,15 @@ def load_weights(folder: Path) -> dict[str, torch.Tensor]:
     return InternVL.from_pretrained(folder, dtype=torch.float32).state_dict()
 
 
+def strict_json(text: str):
+    """json.loads as strict readers (jq, JavaScript, Go) parse: NaN and Infinity are not JSON."""
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def metric_rows(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
@@ -319,8 +328,11 @@ def test_checkpoint_folder_holds_only_safetensors_and_json(tmp_path, chat_folder
     assert all(f.endswith((".safetensors", ".json", ".txt")) for f in files), files
     assert {"model/config.json", "model/model.safetensors", "model/tokenizer_config.json", "optimizer.json",
             "optimizer.safetensors", "rank0.json", "rank0.safetensors", "trainer_state.json"} <= set(files)
-    state = json.loads((folder / "trainer_state.json").read_text())
+    state = strict_json((folder / "trainer_state.json").read_text())
     assert state["step"] == 1 and state["running_mean"]["count"] == pytest.approx(1.0)
+    assert state["running_mean"]["std"] is None  # undefined after one update (TRL's is inf or NaN)
+    for name in ("optimizer.json", "rank0.json", "model/config.json"):
+        strict_json((folder / name).read_text())
     assert not list((tmp_path / "run").glob(".tmp-*"))
 
 
@@ -434,6 +446,26 @@ def test_a_diverging_run_stops_before_a_non_finite_update(tmp_path, chat_folder,
     last = ckpt.latest_checkpoint(tmp_path / "run")
     assert all(torch.isfinite(w).all() for w in load_weights(last / "model").values())
     assert all(math.isfinite(row["loss"]) for row in metric_rows(tmp_path / "run"))
+
+
+def test_non_finite_metrics_are_written_as_json_null(tmp_path, chat_folder, meta, monkeypatch):
+    """A metric that is NaN or infinite (a reference log-prob of -inf makes the rewards infinite while the loss
+    saturates) is null in metrics.jsonl, which strict readers parse and `plot` draws as a gap."""
+    loss = mpo.micro_batch_loss
+
+    def infinite_margin(*args):
+        value, metrics = loss(*args)
+        return value, {**metrics, "rewards/margins": math.inf, "delta": math.nan}
+
+    monkeypatch.setattr(mpo, "micro_batch_loss", infinite_margin)
+    train(config(chat_folder, meta, tmp_path / "run", max_steps=2))
+    rows = [strict_json(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["rewards/margins"], r["delta"]) for r in rows] == [(None, None)] * 2
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    pytest.importorskip("matplotlib")
+    from internvl_mpo.train.cli import plot
+
+    assert plot(str(tmp_path / "run")) == 0
 
 
 def test_image_root_with_a_meta_json_is_refused(tmp_path, chat_folder, meta):

@@ -10,6 +10,8 @@ A checkpoint is a folder `checkpoint-<step:06d>/` in the run's output folder:
     rank<r>.json              that rank's data position, python/numpy RNG scalars
     trainer_state.json        step, BCO running mean, skip counts, settings (written last)
 
+The JSON is strict: a NaN or infinite number (the BCO std after one update) is written as null.
+
 Only safetensors and JSON are written; nothing is pickled. The folder is first written as
 `.tmp-checkpoint-<step>` inside the output folder, every file and folder is fsynced (a folder only
 where the filesystem can: CIFS, sshfs and some Ceph volumes cannot), then the folder is renamed into
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import random
 import re
@@ -68,8 +71,21 @@ def latest_checkpoint(output: Path) -> Path | None:
 # ----------------------------------------------------------------------------- files
 
 
+def strict_json(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None (JSON null): strict readers (jq,
+    JavaScript, Go) refuse the NaN and Infinity that Python's json writes by default."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    text = json.dumps(strict_json(data), indent=2, sort_keys=True, allow_nan=False)
+    path.write_text(text + "\n", encoding="utf-8")
 
 
 def read_json(path: Path) -> Any:

@@ -38,6 +38,7 @@ Deliberate differences (all numerically neutral for the 4B-MPO recipe, or docume
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -276,9 +277,13 @@ class RunningMean:
         missing = {"mean", "var", "std", "count"} - set(state)
         if missing:
             raise ValueError(f"RunningMean state lacks {sorted(missing)}")
+        numbers = [k for k in ("mean", "var", "count") if isinstance(state[k], bool) or not isinstance(state[k], int | float)]
+        if numbers:
+            raise ValueError(f"RunningMean state: {', '.join(numbers)} must be numbers")
         self.mean = float(state["mean"])
         self.var = float(state["var"])
-        self.std = float(state["std"])
+        # null in a checkpoint: undefined (inf or NaN) after one update; the next update recomputes it
+        self.std = math.nan if state["std"] is None else float(state["std"])
         self.count = float(state["count"])
 
 

@@ -1112,7 +1112,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
                    "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "skipped": stream.report.total}
         if env.is_main:
             with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(metrics) + "\n")
+                f.write(json.dumps(ckpt.strict_json(metrics), allow_nan=False) + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('rewards/accuracies', 0.0):.2f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
