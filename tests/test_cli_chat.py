@@ -191,7 +191,7 @@ def test_generate_resumes_only_with_the_model_and_settings_that_wrote_the_answer
     assert cli_chat.generate(**run, model=folder.name, max_new_tokens=4) == 0
     recorded = json.loads((tmp_path / "answers.jsonl.settings.json").read_text())
     assert recorded["model"] == str(folder) and recorded["max_new_tokens"] == 4
-    for other, changed in [(dict(max_new_tokens=5), "max_new_tokens"), (dict(temperature=0.5, seed=1), "seed, temperature"),
+    for other, changed in [(dict(max_new_tokens=5), "max_new_tokens"), (dict(temperature=0.5, seed=1), "temperature"),
                            (dict(model=str(tmp_path)), "model")]:
         with pytest.raises(ConfigError, match=rf"answers.jsonl holds answers written with other settings \({changed}\)"):
             cli_chat.generate(**run, **{"model": str(folder), "max_new_tokens": 4, **other})
@@ -206,6 +206,31 @@ def test_generate_resumes_only_with_the_model_and_settings_that_wrote_the_answer
     answers.unlink()  # a new run records its own settings
     assert cli_chat.generate(**run, model=str(folder), max_new_tokens=3) == 0
     assert json.loads((tmp_path / "answers.jsonl.settings.json").read_text())["max_new_tokens"] == 3
+
+
+def test_a_greedy_generate_resumes_under_other_sampling_flags_a_sampled_one_does_not(folder, tmp_path):
+    """--temperature 0 reads no --seed, --top-p or --top-k, yet a greedy rerun with another of them was
+    refused; they count only where the answers sample."""
+    from internvl_mpo import cli_chat
+    from internvl_mpo.errors import ConfigError
+
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")
+    run = dict(input=str(requests), output=str(answers), model=str(folder), device="cpu", max_new_tokens=4)
+    assert cli_chat.generate(**run, seed=1, top_p=0.5, top_k=3) == 0
+    written = answers.read_text()
+    assert cli_chat.generate(**run, seed=2, top_p=1.0, top_k=50) == 0
+    assert cli_chat.generate(**run) == 0
+    assert answers.read_text() == written
+    with pytest.raises(ConfigError, match=r"other settings \(temperature\)"):
+        cli_chat.generate(**run, temperature=0.7, seed=1, top_p=0.5, top_k=3)
+    answers.unlink()
+    assert cli_chat.generate(**run, temperature=0.7, seed=1, top_p=0.5, top_k=3) == 0
+    for other, changed in [(dict(seed=2), "seed"), (dict(top_p=1.0), "top_p"), (dict(top_k=50), "top_k"),
+                           (dict(temperature=0), "temperature")]:
+        with pytest.raises(ConfigError, match=rf"other settings \({changed}\)"):
+            cli_chat.generate(**run, **{"temperature": 0.7, "seed": 1, "top_p": 0.5, "top_k": 3, **other})
+    assert cli_chat.generate(**run, temperature=0.7, seed=1, top_p=0.5, top_k=3) == 0
 
 
 def test_generate_interrupted_says_how_to_resume_and_the_rerun_answers_the_rest(folder, tmp_path, monkeypatch, capsys):

@@ -288,9 +288,12 @@ def _asked(row: dict) -> tuple:
     return row.get("question"), inputs.get("image"), inputs.get("video")
 
 
+SAMPLING_ONLY = ("seed", "top_k", "top_p")  # the generate settings that only a sampled run reads
+
+
 def _check_answer_settings(out: Path, settings: dict, resume: bool) -> None:
     """Answers resume only under the settings that wrote them, which `<output>.settings.json` keeps:
-    other settings are refused. A new run (no answer written yet) records its settings, and so does a
+    other settings are refused, except the sampling ones (SAMPLING_ONLY) where either run is greedy. A new run (no answer written yet) records its settings, and so does a
     resume of answers written before the file was kept (there is nothing to compare)."""
     path = out.with_name(out.name + ".settings.json")
     if resume and path.exists():
@@ -300,7 +303,10 @@ def _check_answer_settings(out: Path, settings: dict, resume: bool) -> None:
             earlier = None
         if not isinstance(earlier, dict):
             raise ConfigError(f"{path}: not the settings of a generate run; use another --output")
-        changed = sorted(k for k in earlier.keys() | settings.keys() if earlier.get(k) != settings.get(k))
+        # a greedy run (--temperature 0) reads no sampling flag: only the others can change its answers
+        ignored = SAMPLING_ONLY if 0 in (earlier.get("temperature"), settings.get("temperature")) else ()
+        changed = sorted(k for k in earlier.keys() | settings.keys()
+                         if k not in ignored and earlier.get(k) != settings.get(k))
         if changed:
             raise ConfigError(f"{out} holds answers written with other settings ({', '.join(changed)}); use another "
                               "--output, or the same settings to resume")
