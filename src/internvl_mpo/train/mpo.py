@@ -128,6 +128,7 @@ from internvl_mpo.vision import RMSNorm
 
 MODES = ("mpo", "dpo", "sft")
 # (pref_weight, quality_weight, gen_weight) when the flag is not given.
+LOSS_WEIGHT_KEYS = ("pref_weight", "quality_weight", "gen_weight")
 MODE_WEIGHTS = {"mpo": (0.8, 0.2, 1.0), "dpo": (1.0, 0.0, 0.0), "sft": (0.0, 0.0, 1.0)}
 # Each float setting's valid values (checked with "finite"); the optional ones only when given.
 FLOAT_RANGES = {
@@ -742,6 +743,17 @@ RUN_RESUME_KEYS = ("beta", "pref_weight", "quality_weight", "gen_weight", "label
                    "lr", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm")
 
 
+def effective_setting(config: dict, key: str):
+    """A recorded or given setting as the run uses it: a loss weight left out is its mode's
+    (`MODE_WEIGHTS`), a LoRA alpha left out is 2 x rank; so a resume compares values, not spellings."""
+    value = config.get(key)
+    if value is None and key in LOSS_WEIGHT_KEYS and config.get("mode") in MODE_WEIGHTS:
+        return MODE_WEIGHTS[config["mode"]][LOSS_WEIGHT_KEYS.index(key)]
+    if value is None and key == "lora_alpha" and config.get("lora_rank"):
+        return 2.0 * config["lora_rank"]
+    return value
+
+
 def official_state(state: dict[str, torch.Tensor], cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """The policy's state dict in official keys: LoRA adapters merged into their base weights."""
     return merge_lora_state(state, cfg.lora_scale) if cfg.lora_rank else state
@@ -860,8 +872,10 @@ def check_resume_settings(
     saved = state.get("config", {})
     same_data = saved.get("data") == cfg.data or _same_file(saved.get("data"), cfg.data)
     keys = [*RESUME_KEYS, *(k for k in RUN_RESUME_KEYS if k in saved)]
-    changed = [f"{k} (checkpoint {saved.get(k)}, now {getattr(cfg, k)})"
-               for k in keys if not (same_data if k == "data" else saved.get(k) == getattr(cfg, k))]
+    now = dataclasses.asdict(cfg)
+    values = {k: (effective_setting(saved, k), effective_setting(now, k)) for k in keys}
+    changed = [f"{k} (checkpoint {then}, now {new})" for k, (then, new) in values.items()
+               if not (same_data if k == "data" else then == new)]
     saved_print = state.get("data_fingerprint")
     if saved_print is not None and fingerprint is not None and saved_print != fingerprint and same_data:
         files = [p["file"] for p in saved_print + fingerprint if (p in saved_print) != (p in fingerprint)]
