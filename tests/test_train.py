@@ -383,6 +383,38 @@ def test_resume_does_not_train_the_last_steps_of_a_finished_run_again(tmp_path, 
     assert train(dataclasses.replace(cfg, resume=True)).steps == 3
 
 
+HOLD_LOCK = """
+import fcntl, sys, time
+f = open(sys.argv[1], "a")
+fcntl.flock(f, fcntl.LOCK_EX)
+f.write("pid 123 on elsewhere\\n")
+f.flush()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_run_is_refused_while_another_live_run_holds_its_output(tmp_path, chat_folder, meta):
+    """A second `train` (a job resubmitted while the first still runs) would interleave checkpoints and metrics;
+    a run that died (SIGKILL) holds no lock any more, whatever file it left."""
+    cfg = config(chat_folder, meta, tmp_path / "run", max_steps=1, save_every=1)
+    (tmp_path / "run").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "run" / ckpt.LOCK_FILE)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        for resume in (False, True):
+            with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'run'} is in use by another training"
+                                                            " run (pid 123 on elsewhere)")):
+                train(dataclasses.replace(cfg, resume=resume))
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [ckpt.LOCK_FILE]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(cfg).steps == 1
+    assert (tmp_path / "run" / "final").is_dir()
+
+
 def test_bad_model_or_data_creates_no_output_folder(tmp_path, chat_folder, meta):
     from internvl_mpo.errors import InternVLError
 

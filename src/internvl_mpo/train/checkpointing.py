@@ -10,6 +10,8 @@ A checkpoint is a folder `checkpoint-<step:06d>/` in the run's output folder:
     rank<r>.json              that rank's data position, python/numpy RNG scalars
     trainer_state.json        step, BCO running mean, skip counts, settings (written last)
 
+A running job also holds `.train.lock` in the output folder (`lock_output`).
+
 The JSON is strict: a NaN or infinite number (the BCO std after one update) is written as null.
 
 Only safetensors and JSON are written; nothing is pickled. The folder is first written as
@@ -28,9 +30,10 @@ import os
 import random
 import re
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -38,7 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from internvl_mpo.checkpoint import save_tensors
-from internvl_mpo.errors import CheckpointError
+from internvl_mpo.errors import CheckpointError, ConfigError
 from internvl_mpo.model import InternVL
 from internvl_mpo.train.distributed import DistEnv, barrier
 
@@ -46,6 +49,9 @@ CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 STATE_FILE = "trainer_state.json"
 EXTRA_FILE = "extra.safetensors"
 TMP_PREFIX = ".tmp-"
+LOCK_FILE = ".train.lock"
+# What flock gives on filesystems without locks (some NFS and Lustre mounts): the run goes on unlocked.
+LOCKS_UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP)
 KEY_SEP = "::"
 
 
@@ -66,6 +72,33 @@ def latest_checkpoint(output: Path) -> Path | None:
             if best is None or step > best[0]:
                 best = (step, path)
     return None if best is None else best[1]
+
+
+def lock_output(output: Path) -> IO[str] | None:
+    """Lock `output` for one run: an exclusive flock on `output/.train.lock`, held while the returned
+    file is open. The kernel drops it when the process ends, however it ends, so a crashed run leaves
+    the file but no stale lock. ConfigError when another process holds it; None (no lock) where the
+    filesystem has no locks."""
+    import fcntl
+
+    lock = open(output / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        lock.seek(0)
+        holder = lock.read().strip() or "its process unknown"
+        lock.close()
+        if e.errno in LOCKS_UNSUPPORTED:
+            return None
+        if isinstance(e, BlockingIOError):
+            raise ConfigError(f"{output} is in use by another training run ({holder}): two runs would overwrite"
+                              " each other's checkpoints and metrics; wait for it to end or choose another --output")
+        raise
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
 
 
 # ----------------------------------------------------------------------------- files

@@ -978,13 +978,14 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
     config.validate()
     env = init_distributed(config.device)
     try:
-        return _train(config, env, on_step)
+        with contextlib.ExitStack() as held:  # the output folder's lock, once taken
+            return _train(config, env, on_step, held)
     finally:
         if env.distributed:
             destroy_distributed()
 
 
-def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
+def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) -> TrainResult:
     from tqdm import tqdm
 
     output = Path(cfg.output)
@@ -1020,10 +1021,24 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step) -> TrainResult:
     # write checkpoints, to check a resume, or to tell whether cached reference log-probs were computed from them.
     fingerprint = data_fingerprint(cfg) if cfg.resume or cfg.save_every or precompute else None
     model_print = model_fingerprint(cfg, policy) if fingerprint is not None else None
-    # Created only now, so that a bad model or data path leaves no empty run folder behind.
+    # Created only now, so that a bad model or data path leaves no empty run folder behind. Process 0 locks it
+    # for the run (another run started on it since the check above is refused), then every process checks again.
+    refused = []
     if env.is_main:
         output.mkdir(parents=True, exist_ok=True)
-    barrier(env)
+        try:
+            lock = ckpt.lock_output(output)
+        except ConfigError as e:
+            refused.append(str(e))
+        else:
+            if lock is None:
+                print0(f"note: {output}'s filesystem has no file locks: make sure no other run writes to it")
+            else:
+                held.enter_context(lock)
+    refused = all_gather_lists(refused, env)
+    if refused:
+        raise ConfigError(refused[0])
+    check_output(output, cfg.resume)
 
     # a resume that would continue otherwise is refused before the reference pass (hours for MMPR)
     resume_from = ckpt.latest_checkpoint(output) if cfg.resume else None
