@@ -377,6 +377,39 @@ def test_top_p_keeps_the_tokens_transformers_keeps_on_a_full_vocabulary():
             assert ours.isfinite().sum(-1).tolist() == hf.isfinite().sum(-1).tolist(), (top_p, top_k)
 
 
+def test_penalty_temperature_top_k_top_p_equal_transformers_processors_ties_included():
+    """The chain transformers runs when sampling (RepetitionPenalty, Temperature, TopK, TopP) on hand-made
+    and bf16-rounded logits, where ties are common. Where the top-p cut fell inside a tie, the nucleus
+    kept the tied tokens of the lowest ids and transformers (and vLLM) the highest. Their sort is stable
+    on a few tokens (and on a GPU's vocabulary) but not on a CPU's large one, so there the tokens kept
+    are compared as the logit values kept (which tied ids carry them is arbitrary there)."""
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    )
+
+    torch.manual_seed(0)
+    cases = [torch.tensor([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0], [3.0, 1.0, 1.0]]),
+             (torch.randn(3, 5000) * 4).bfloat16().float()]
+    for logits in cases:
+        rows, vocab = logits.shape
+        generated = torch.randint(vocab, (rows, 6))  # transformers sees only these: the prompt went in as embeddings
+        seen = torch.zeros(rows, vocab, dtype=torch.bool).scatter_(1, generated, True)
+        for penalty, temperature, top_k, top_p in [(1.0, 1.0, 0, 0.3), (1.3, 0.7, 0, 0.5), (1.3, 0.7, 2, 0.9),
+                                                   (0.8, 1.5, 50, 0.95), (1.0, 1.0, 1, 1.0), (1.2, 0.5, 7, 1.0)]:
+            hf = RepetitionPenaltyLogitsProcessor(penalty)(generated, logits.clone())
+            hf = TemperatureLogitsWarper(temperature)(generated, hf)
+            hf = TopKLogitsWarper(top_k)(generated, hf) if top_k else hf
+            hf = TopPLogitsWarper(top_p)(generated, hf) if top_p < 1 else hf
+            scaled = apply_repetition_penalty(logits, seen, torch.full((rows,), penalty)) / temperature
+            top_ks, top_ps = torch.full((rows,), top_k), torch.full((rows,), top_p)
+            for ours in (filter_top_k_top_p(scaled, top_ks, top_ps),
+                         filter_top_k_top_p(scaled, top_ks, top_ps, largest_k=top_k, nucleus=top_p < 1)):
+                expected = hf
+                if vocab > 3:
+                    ours, expected = ours.sort(-1).values, hf.sort(-1).values
+                assert torch.equal(ours, expected), (vocab, penalty, temperature, top_k, top_p)
+
+
 def test_top_k_alone_without_sorting_masks_exactly_as_the_sorting_path():
     """The host-known fast path (only the k-th largest logit) keeps the same tokens, ties with the k-th
     included, for rows with top-k, without it (0) and with k past the vocabulary."""

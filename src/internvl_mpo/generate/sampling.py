@@ -103,15 +103,17 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
         kth = kth.masked_fill(top_k[:, None] == 0, float("-inf"))
         return logits.masked_fill(logits < kth, float("-inf"))
     vocab = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    # Ascending, as transformers' and vLLM's top-p sort, with ties in id order: where the cut falls
+    # inside a tie (common in bf16 logits), the tied tokens of the highest ids are kept.
+    sorted_logits, order = logits.sort(dim=-1, stable=True)
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    kth = sorted_logits.gather(-1, (k - 1)[:, None])
+    kth = sorted_logits.gather(-1, (vocab - k)[:, None])
     sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
     # The mass of each token and all less likely ones, summed from the least likely up as transformers
     # does: summed from the top down, fp32 rounding would cut a large vocabulary's tail too early.
-    tail = sorted_logits.softmax(-1).flip(-1).cumsum(-1).flip(-1)
+    tail = sorted_logits.softmax(-1).cumsum(-1)
     drop = (tail <= 1 - top_p[:, None]) & (top_p[:, None] < 1)  # top_p 1 keeps all (fp32 sums may pass 1)
-    drop[:, 0] = False
+    drop[:, -1] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
