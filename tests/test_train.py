@@ -336,6 +336,23 @@ def test_checkpoint_folder_holds_only_safetensors_and_json(tmp_path, chat_folder
     assert not list((tmp_path / "run").glob(".tmp-*"))
 
 
+def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path, chat_folder, meta):
+    """As the HF Trainer's save_total_limit: after each save only the N newest checkpoints stay (0 keeps all);
+    a resume may set it, and the newest (the one resumed from) is never deleted."""
+    run = tmp_path / "run"
+    cfg = config(chat_folder, meta, run, max_steps=4, save_every=1, save_total_limit=2)
+    train(cfg)
+    assert sorted(p.name for p in run.iterdir()) == [ckpt.LOCK_FILE, "checkpoint-000003", "checkpoint-000004",
+                                                     "final", "metrics.jsonl"]
+    shutil.rmtree(run)
+    train(dataclasses.replace(cfg, save_total_limit=0))
+    assert len(list(run.glob("checkpoint-*"))) == 4
+    killed_after_step_1(run)
+    (run / "checkpoint-000000").mkdir()  # not a complete checkpoint (no state file): left alone
+    assert train(dataclasses.replace(cfg, resume=True, save_every=2, save_total_limit=1)).steps == 4
+    assert sorted(p.name for p in run.glob("*checkpoint-*")) == ["checkpoint-000000", "checkpoint-000004"]
+
+
 def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path, chat_folder, meta):
     cfg = config(chat_folder, meta, tmp_path / "run", max_steps=1, save_every=1)
     train(cfg)
@@ -451,6 +468,7 @@ def test_an_output_under_a_file_is_refused_before_loading(tmp_path, meta, output
     ({"lora_alpha": 16.0}, "--lora-alpha needs --lora-rank > 0"),
     ({"max_dynamic_patch": 0}, "max_dynamic_patch must be >= 1, got 0"),
     ({"num_workers": -1}, "num_workers must be >= 0"),
+    ({"save_total_limit": -1}, "save_total_limit, lora_rank and num_workers must be >= 0"),
     ({"seed": -1}, r"seed must be in \[0, 4294967295\] \(numpy seeds process r with seed \+ r\), got -1"),
     ({"seed": 2**32}, r"seed must be in \[0, 4294967295\]"),
     # sft computes no preference loss: its settings were ignored without a word

@@ -59,19 +59,33 @@ def checkpoint_dir(output: Path, step: int) -> Path:
     return Path(output) / f"checkpoint-{step:06d}"
 
 
-def latest_checkpoint(output: Path) -> Path | None:
-    """The complete checkpoint with the highest step (folders being written are ignored)."""
-    best: tuple[int, Path] | None = None
+def checkpoints(output: Path) -> list[Path]:
+    """The complete checkpoints in `output`, oldest step first (folders being written are ignored)."""
     output = Path(output)
     if not output.is_dir():
-        return None
+        return []
+    found = []
     for path in output.iterdir():
         match = CHECKPOINT_RE.fullmatch(path.name)
         if match and path.is_dir() and (path / STATE_FILE).is_file():
-            step = int(match[1])
-            if best is None or step > best[0]:
-                best = (step, path)
-    return None if best is None else best[1]
+            found.append((int(match[1]), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    """The complete checkpoint with the highest step."""
+    found = checkpoints(output)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(output: Path, keep: int) -> None:
+    """Delete all but the `keep` (>= 1) newest complete checkpoints, as the HF Trainer's save_total_limit.
+    Each is renamed out of the way first, so a kill midway leaves a `.tmp-` folder, never half a checkpoint."""
+    for path in checkpoints(output)[:-keep]:
+        doomed = temp_dir(path)
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
 
 
 def lock_output(output: Path) -> IO[str] | None:

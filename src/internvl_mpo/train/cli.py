@@ -41,6 +41,7 @@ def train(
     max_dynamic_patch: int | None = None,
     video_frames: int = 8,
     save_every: int = 0,
+    save_total_limit: int = 0,
     seed: int = 42,
     shuffle: bool = True,
     freeze_vision: bool = False,
@@ -90,6 +91,7 @@ def train(
     max_dynamic_patch: tiles per image; when given it wins over meta.json's max_dynamic_patch (default: meta.json's value, else the model config's)
     video_frames: frames sampled per video
     save_every: write a resumable checkpoint every N steps (0: only the final model)
+    save_total_limit: keep only the N newest checkpoints, deleting older ones after each save (0: keep all)
     seed: seed of the data order, initialisation and drop-path (0 to 2**32 minus the number of processes)
     shuffle: reshuffle the data every epoch
     freeze_vision: freeze the vision tower

@@ -188,6 +188,7 @@ class TrainConfig:
     max_dynamic_patch: int | None = None
     video_frames: int = 8
     save_every: int = 0
+    save_total_limit: int = 0
     seed: int = 42
     shuffle: bool = True
     freeze_vision: bool = False
@@ -237,8 +238,8 @@ class TrainConfig:
         for name, value in positive.items():
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
-        if min(self.max_steps, self.save_every, self.lora_rank, self.num_workers) < 0:
-            raise ConfigError("max_steps, save_every, lora_rank and num_workers must be >= 0")
+        if min(self.max_steps, self.save_every, self.save_total_limit, self.lora_rank, self.num_workers) < 0:
+            raise ConfigError("max_steps, save_every, save_total_limit, lora_rank and num_workers must be >= 0")
         for name, (valid, expected) in FLOAT_RANGES.items():
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and valid(value)):
@@ -735,7 +736,7 @@ RESUME_KEYS = ("mode", "data", "batch_size", "grad_accum", "seed", "shuffle", "f
 # Nor may the objective, the shaping of the examples, or the optimizer and LR-schedule settings: torch's
 # `load_state_dict` would silently put the checkpoint's betas, eps and weight decay back, and a new lr or
 # warmup would bend the schedule mid-run. A checkpoint whose config lacks one of these keys is not checked
-# on it (unknown). Free to change on resume: save_every, output, progress, num_workers, device, precision,
+# on it (unknown). Free to change on resume: save_every, save_total_limit, output, progress, num_workers, device, precision,
 # grad_checkpointing, skip_bad (to get past a record that stopped the run), and the paths of the model,
 # tokenizer and images (a moved folder).
 RUN_RESUME_KEYS = ("beta", "pref_weight", "quality_weight", "gen_weight", "label_smoothing", "rejected_span",
@@ -794,10 +795,13 @@ def save_checkpoint(
         "skipped": stream.report.counts,
         "config": dataclasses.asdict(cfg),
     }
-    return ckpt.save_checkpoint(
+    saved = ckpt.save_checkpoint(
         ckpt.checkpoint_dir(Path(cfg.output), step), env, module, optimizer, _weights_writer(cfg, policy),
         trainer_state, {"data": stream.state()},
     )
+    if cfg.save_total_limit and env.is_main:
+        ckpt.prune_checkpoints(Path(cfg.output), cfg.save_total_limit)
+    return saved
 
 
 def resume_weights(path: Path, policy: InternVL, cfg: TrainConfig) -> None:
