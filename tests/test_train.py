@@ -420,10 +420,13 @@ def test_a_run_is_refused_while_another_live_run_holds_its_output(tmp_path, chat
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
+        in_use = re.escape(f"{tmp_path / 'run'} is in use by another training run (pid 123 on elsewhere)")
         for resume in (False, True):
-            with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'run'} is in use by another training"
-                                                            " run (pid 123 on elsewhere)")):
+            with pytest.raises(ConfigError, match=in_use):
                 train(dataclasses.replace(cfg, resume=resume))
+        # said first, before the model loads (and before a checkpoint there suggests --resume)
+        with pytest.raises(ConfigError, match=in_use):
+            train(dataclasses.replace(cfg, model=str(tmp_path / "no-model")))
         assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [ckpt.LOCK_FILE]
     finally:
         holder.kill()

@@ -88,6 +88,13 @@ def prune_checkpoints(output: Path, keep: int) -> None:
         shutil.rmtree(doomed)
 
 
+def _in_use(output: Path, lock: IO[str]) -> ConfigError:
+    lock.seek(0)
+    holder = lock.read().strip() or "its process unknown"
+    return ConfigError(f"{output} is in use by another training run ({holder}): two runs would overwrite each"
+                       " other's checkpoints and metrics; wait for it to end or choose another --output")
+
+
 def lock_output(output: Path) -> IO[str] | None:
     """Lock `output` for one run: an exclusive flock on `output/.train.lock`, held while the returned
     file is open. The kernel drops it when the process ends, however it ends, so a crashed run leaves
@@ -98,21 +105,38 @@ def lock_output(output: Path) -> IO[str] | None:
     lock = open(output / LOCK_FILE, "a+", encoding="utf-8")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        error = _in_use(output, lock)
+        lock.close()
+        raise error from None
     except OSError as e:
-        lock.seek(0)
-        holder = lock.read().strip() or "its process unknown"
         lock.close()
         if e.errno in LOCKS_UNSUPPORTED:
             return None
-        if isinstance(e, BlockingIOError):
-            raise ConfigError(f"{output} is in use by another training run ({holder}): two runs would overwrite"
-                              " each other's checkpoints and metrics; wait for it to end or choose another --output")
         raise
     lock.seek(0)
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     lock.flush()
     return lock
+
+
+def check_not_in_use(output: Path) -> None:
+    """ConfigError when a live run holds `output`'s lock (probed with a shared lock, released at once)."""
+    import fcntl
+
+    try:
+        lock = open(output / LOCK_FILE, encoding="utf-8")
+    except OSError:  # no lock file (no run started there), or no such folder
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(output, lock) from None
+        except OSError as e:
+            if e.errno not in LOCKS_UNSUPPORTED:
+                raise
 
 
 # ----------------------------------------------------------------------------- files

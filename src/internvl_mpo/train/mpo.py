@@ -993,6 +993,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) 
     from tqdm import tqdm
 
     output = Path(cfg.output)
+    if env.is_main:  # a live run there is named first (the other processes are stopped by torchrun)
+        ckpt.check_not_in_use(output)
     check_output(output, cfg.resume)
     weights = loss_weights(cfg)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
