@@ -805,9 +805,26 @@ def test_seeded_batch_chat_samples_each_question_differently(setup):
 def test_generation_settings_given_as_none_are_unset(setup):
     from internvl_mpo.pipeline import sampling_params
 
-    params = sampling_params(do_sample=False, temperature=None, top_p=None, top_k=None, max_new_tokens=None,
+    params = sampling_params(do_sample=False, temperature=None, top_p=None, max_new_tokens=None,
                              stop_token_ids=None, stop=None, seed=None)
     assert params == sampling_params(do_sample=False)
+
+
+def test_top_k_none_turns_top_k_off_as_in_transformers():
+    """`top_k=None` took the default 50; transformers (which the official chat() hands its settings to)
+    sets top_k None and then adds no TopKLogitsWarper: sampling from the whole vocabulary."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    from internvl_mpo.pipeline import sampling_params
+
+    hf = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1))
+    for given in ({"top_k": None}, {}, {"top_k": 7}):
+        config, _ = hf._prepare_generation_config(None, do_sample=True, **given)
+        top_k = [p.top_k for p in hf._get_logits_processor(config, input_ids_seq_length=0)
+                 if isinstance(p, TopKLogitsWarper)]
+        assert [sampling_params(do_sample=True, **given).top_k] == (top_k or [0]), given
 
 
 def test_out_of_range_and_non_finite_settings_are_refused():

@@ -59,7 +59,10 @@ class Prepared:
 
 def sampling_params(**generation) -> SamplingParams:
     """Map `chat(**generation)` keywords (HF names) to SamplingParams, refusing unknown ones. A
-    setting given as None is not set (transformers reads None the same way)."""
+    setting given as None is not set, except top_k: transformers adds no top-k filter for top_k=None,
+    so None turns top-k off here too."""
+    if "top_k" in generation and generation["top_k"] is None:
+        generation["top_k"] = 0
     generation = {key: value for key, value in generation.items() if value is not None}
     unknown = set(generation) - GENERATION_KEYS - {"num_beams", "eos_token_id", "pad_token_id"}
     if "streamer" in unknown:  # the model card's way to stream
