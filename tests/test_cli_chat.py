@@ -482,7 +482,7 @@ def test_help_lists_commands():
     assert "(default: 1024)" in help_text  # defaults not written in words are still shown
     help_text = " ".join(cli("generate", "--help").stdout.split())
     assert "--input INPUT JSONL lines" in help_text and '"video"} --output' in help_text  # required: no default
-    assert 'settings, which a resume must repeat --model' in help_text  # a help text's later lines
+    assert 'a resume must repeat (a greedy one all but --seed, --top-p and --top-k) --model' in help_text  # later lines
     for command in ("chat", "generate", "serve", "train", "eval", "pairs", "tiles", "convert", "plot"):
         assert "default: None" not in cli(command, "--help").stdout, command  # a flag not given says nothing
 

@@ -193,13 +193,14 @@ def generate(
     output: JSONL lines {"id", "question", "image", "video", "answer", "stamps"} (image and video as the request
         wrote them, where it has them; stamps: size, mtime and sha256 of their files, so that a resume notices
         a file edited in place; "error" for a request that cannot run), appended; <output>.settings.json
-        keeps the model and sampling settings, which a resume must repeat
+        keeps the model and sampling settings, which a resume must repeat (a greedy one all but --seed,
+        --top-p and --top-k)
     model: checkpoint folder or hub id (default: the shipped demo model)
     batch_size: requests decoded together
     max_num: most tiles per image (default: the model's max_dynamic_patch)
     temperature: 0 = greedy
     top_p: nucleus sampling mass
-    top_k: sample among the k most likely tokens
+    top_k: sample among the k most likely tokens (0 = off)
     max_new_tokens: most tokens per answer
     min_new_tokens: fewest tokens per answer: the end of turn cannot end it sooner
     seed: seed for sampling (request k of the file, counted from 0 without blank lines, uses seed + k, as batch_chat)
