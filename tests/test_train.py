@@ -349,8 +349,10 @@ def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path, chat_folder, me
     assert len(list(run.glob("checkpoint-*"))) == 4
     killed_after_step_1(run)
     (run / "checkpoint-000000").mkdir()  # not a complete checkpoint (no state file): left alone
+    (run / ".tmp-checkpoint-000003" / "model").mkdir(parents=True)  # what a save killed midway leaves
     assert train(dataclasses.replace(cfg, resume=True, save_every=2, save_total_limit=1)).steps == 4
     assert sorted(p.name for p in run.glob("*checkpoint-*")) == ["checkpoint-000000", "checkpoint-000004"]
+    assert not list(run.glob(".tmp-*"))
 
 
 def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path, chat_folder, meta):

@@ -80,12 +80,13 @@ def latest_checkpoint(output: Path) -> Path | None:
 
 def prune_checkpoints(output: Path, keep: int) -> None:
     """Delete all but the `keep` (>= 1) newest complete checkpoints, as the HF Trainer's save_total_limit.
-    Each is renamed out of the way first, so a kill midway leaves a `.tmp-` folder, never half a checkpoint."""
+    Each is renamed out of the way first, so a kill midway leaves a `.tmp-` folder, never half a checkpoint;
+    such leftovers (and those of a killed save) go too: called between saves, no `.tmp-checkpoint-*` is live."""
+    for path in Path(output).glob(TMP_PREFIX + "checkpoint-*"):
+        shutil.rmtree(path)
     for path in checkpoints(output)[:-keep]:
-        doomed = temp_dir(path)
-        shutil.rmtree(doomed, ignore_errors=True)
-        os.replace(path, doomed)
-        shutil.rmtree(doomed)
+        os.replace(path, temp_dir(path))
+        shutil.rmtree(temp_dir(path))
 
 
 def _in_use(output: Path, lock: IO[str]) -> ConfigError:
