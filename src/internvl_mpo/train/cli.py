@@ -66,7 +66,7 @@ def train(
     mode: mpo, dpo or sft
     model: checkpoint folder (official layout) or hub id (OpenGVLab/InternVL2_5-4B) to start from and to use as the reference (required unless --init-from-config)
     data: meta.json (MMPR for mpo/dpo; conversation annotations for sft) or, for sft, one .jsonl (required)
-    output: run folder: metrics.jsonl, checkpoint-N/, final/ (required; without --resume it must hold none of them, and a finished run's final/ is never trained over)
+    output: run folder: metrics.jsonl, checkpoint-N/, final/ (required; without --resume it must hold none of them, a finished run's final/ is never trained over, and a live run there refuses a second one)
     image_root: image folder for a single sft .jsonl (default: the file's folder)
     init_from_config: start from random weights built from this config.json instead of --model
     tokenizer: tokenizer folder (default: the model's folder, downloaded for a hub id; required with --init-from-config)
