@@ -692,6 +692,12 @@ def test_resume_from_a_truncated_checkpoint_file_names_it(tmp_path, chat_folder,
         with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))}: not a readable safetensors file"):
             train(dataclasses.replace(cfg, resume=True))
         path.write_bytes(whole)
+    state_file = tmp_path / "run" / "checkpoint-000001" / ckpt.STATE_FILE
+    state = json.loads(state_file.read_text())
+    state["running_mean"]["mean"] = None  # a hand-edited or damaged state: one line, not a ValueError traceback
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(state_file))}: RunningMean state: mean is None, not a number$"):
+        train(dataclasses.replace(cfg, resume=True))
 
 
 def resume_refusal(cfg: TrainConfig, change: dict) -> str:

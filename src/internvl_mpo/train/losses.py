@@ -277,9 +277,9 @@ class RunningMean:
         missing = {"mean", "var", "std", "count"} - set(state)
         if missing:
             raise ValueError(f"RunningMean state lacks {sorted(missing)}")
-        numbers = [k for k in ("mean", "var", "count") if isinstance(state[k], bool) or not isinstance(state[k], int | float)]
-        if numbers:
-            raise ValueError(f"RunningMean state: {', '.join(numbers)} must be numbers")
+        for key in ("mean", "var", "count"):
+            if isinstance(state[key], bool) or not isinstance(state[key], int | float):
+                raise ValueError(f"RunningMean state: {key} is {state[key]!r}, not a number")
         self.mean = float(state["mean"])
         self.var = float(state["var"])
         # null in a checkpoint: undefined (inf or NaN) after one update; the next update recomputes it

@@ -950,7 +950,10 @@ def resume_training_state(
     for group, own in zip(optimizer.param_groups, hyper):
         group.update(own)
     if running is not None and state.get("running_mean") is not None:
-        running.load_state_dict(state["running_mean"])
+        try:
+            running.load_state_dict(state["running_mean"])
+        except ValueError as e:
+            raise CheckpointError(f"{path / ckpt.STATE_FILE}: {e}") from None
     stream.report.counts.update(state.get("skipped", {}))
     stream.restore(rank_state["data"])
     return int(state["step"])
