@@ -233,6 +233,23 @@ def test_a_greedy_generate_resumes_under_other_sampling_flags_a_sampled_one_does
     assert cli_chat.generate(**run, temperature=0.7, seed=1, top_p=0.5, top_k=3) == 0
 
 
+def test_generate_refuses_a_seed_whose_last_request_would_pass_the_seed_range_before_loading(folder, tmp_path):
+    """Request k samples with seed + k; past 2**63 the run answered the first requests, then stopped
+    on the seed of a later one, which the --seed it was given did not show."""
+    from internvl_mpo import cli_chat
+    from internvl_mpo.errors import InputError
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps({"question": q}) + "\n" for q in ("Hi", "Ho")))
+    run = dict(input=str(requests), output=str(tmp_path / "answers.jsonl"), model=str(folder), device="cpu",
+               max_new_tokens=2, temperature=0.7)
+    with pytest.raises(InputError, match=r"--seed 9223372036854775807: request 1 samples with seed \+ 1, past "
+                                         r"the largest seed 2\*\*63 - 1; use a smaller --seed"):
+        cli_chat.generate(**run, seed=2**63 - 1)
+    assert not (tmp_path / "answers.jsonl").exists()
+    assert cli_chat.generate(**run, seed=2**63 - 2) == 0
+
+
 def test_generate_interrupted_says_how_to_resume_and_the_rerun_answers_the_rest(folder, tmp_path, monkeypatch, capsys):
     from internvl_mpo import cli_chat
 

@@ -227,6 +227,10 @@ def generate(
     base = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, 1.0, min_new_tokens))
     let_pillow_open(max_pixels)
     requests = _read_requests(Path(input))
+    last = len(requests) - 1  # request k samples with seed + k
+    if not base.greedy and seed is not None and seed + last >= 2**63:
+        raise InputError(f"--seed {seed}: request {last} samples with seed + {last}, past the largest seed 2**63 - 1; "
+                         "use a smaller --seed")
     done = _finished_questions(out)
     _check_answer_settings(out, {"model": model_key(_model_path(model)), "max_num": max_num, "temperature": temperature,
                                  "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
@@ -242,7 +246,7 @@ def generate(
 
     def jobs():  # prepared one at a time, as rows free up: one batch of images in memory at most
         for item in todo:
-            params = base if seed is None else dataclasses.replace(base, seed=seed + item["_line"] - 1)  # as batch_chat
+            params = base if seed is None or base.greedy else dataclasses.replace(base, seed=seed + item["_line"] - 1)
             item["_stamps"] = stamps(_files(item))  # before the files are read: a later edit shows on resume
             try:
                 yield item, bot.prepare(item["question"], item.get("image"), item.get("video"), max_num=max_num,
