@@ -703,10 +703,10 @@ def test_resume_from_a_truncated_checkpoint_file_names_it(tmp_path, chat_folder,
 def resume_refusal(cfg: TrainConfig, change: dict) -> str:
     """The CheckpointError message (a regex) that resuming `cfg`'s checkpoint-000001 with `change` must give
     (the checkpoint holds the sequence length the run used: the tiny model's default is 8192; a loss weight left
-    out is named with mpo's default)."""
-    mpo_weights = {"pref_weight": 0.8, "quality_weight": 0.2, "gen_weight": 1.0}
+    out is named with mpo's default, the tiles with the tiny model config's 12, as meta.json sets none)."""
+    defaults = {"pref_weight": 0.8, "quality_weight": 0.2, "gen_weight": 1.0, "max_dynamic_patch": 12}
     saved = dataclasses.replace(cfg, max_seq_length=cfg.max_seq_length or 8192,
-                                **{k: v for k, v in mpo_weights.items() if getattr(cfg, k) is None})
+                                **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
     listed = ", ".join(f"{k} (checkpoint {getattr(saved, k)}, now {v})" for k, v in change.items())
     return re.escape(f"checkpoint-000001: cannot resume, these settings differ from the checkpoint: {listed}") + "$"
 
@@ -745,15 +745,16 @@ def test_resume_refuses_changed_optimizer_and_schedule_settings(tmp_path, chat_f
 
 
 def test_resume_compares_effective_values_not_spellings(tmp_path, chat_folder, meta):
-    """A loss weight or LoRA alpha spelled out with the value it had by default is the same setting; a
-    real change is still refused, naming the values the runs use."""
+    """A loss weight, LoRA alpha or tile count spelled out with the value it had by default is the same setting;
+    a real change is still refused, naming the values the runs use."""
     cfg = config(chat_folder, meta, tmp_path / "run", max_steps=2, save_every=1, lora_rank=2)
     train(cfg)
     killed_after_step_1(tmp_path / "run")
     with pytest.raises(CheckpointError, match=re.escape("lora_alpha (checkpoint 4.0, now 3.0), pref_weight"
                                                         " (checkpoint 0.8, now 0.5)") + "$"):
         train(dataclasses.replace(cfg, resume=True, lora_alpha=3.0, pref_weight=0.5))
-    spelled = dataclasses.replace(cfg, resume=True, lora_alpha=4, pref_weight=0.8, quality_weight=0.2, gen_weight=1)
+    spelled = dataclasses.replace(cfg, resume=True, lora_alpha=4, pref_weight=0.8, quality_weight=0.2, gen_weight=1,
+                                  max_dynamic_patch=12)  # meta.json sets none: the model config's 12 applies
     assert train(spelled).steps == 2
     killed_after_step_1(tmp_path / "run")  # and the other way round: the checkpoint spelled them out
     state_file = tmp_path / "run" / "checkpoint-000001" / ckpt.STATE_FILE
@@ -761,6 +762,16 @@ def test_resume_compares_effective_values_not_spellings(tmp_path, chat_folder, m
     state["config"].update(lora_alpha=4.0, pref_weight=0.8, quality_weight=0.2, gen_weight=1.0)
     state_file.write_text(json.dumps(state))
     assert train(dataclasses.replace(cfg, resume=True)).steps == 2
+
+
+def test_resume_compares_tiles_with_meta_jsons_per_dataset_value(tmp_path, chat_folder):
+    meta = write_mmpr(tmp_path / "data", color_pairs(4, text_only=1), max_dynamic_patch=4)
+    cfg = config(chat_folder, meta, tmp_path / "run", max_steps=2, save_every=1)
+    train(cfg)
+    killed_after_step_1(tmp_path / "run")
+    with pytest.raises(CheckpointError, match=re.escape("max_dynamic_patch (checkpoint 4, now 12)") + "$"):
+        train(dataclasses.replace(cfg, resume=True, max_dynamic_patch=12))
+    assert train(dataclasses.replace(cfg, resume=True, max_dynamic_patch=4)).steps == 2
 
 
 def test_resume_with_data_augment_is_exact_across_an_epoch(tmp_path, chat_folder, noisy_metas):

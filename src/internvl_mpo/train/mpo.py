@@ -755,6 +755,16 @@ def effective_setting(config: dict, key: str):
     return value
 
 
+def dataset_tiles(cfg: TrainConfig, flag: int | None, model_tiles: int) -> int | dict[str, int]:
+    """The tiles per image a run uses with --max-dynamic-patch `flag` (as `build_dataset`): the flag for every
+    dataset, else each meta.json dataset's own max_dynamic_patch, else the model config's `model_tiles`;
+    one number when every dataset uses the same."""
+    if flag is not None or (cfg.mode == "sft" and cfg.data.endswith(".jsonl")):
+        return model_tiles if flag is None else flag
+    tiles = {spec.name: spec.max_dynamic_patch or model_tiles for spec in load_meta(cfg.data)}
+    return tiles.popitem()[1] if len(set(tiles.values())) == 1 else tiles
+
+
 def official_state(state: dict[str, torch.Tensor], cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """The policy's state dict in official keys: LoRA adapters merged into their base weights."""
     return merge_lora_state(state, cfg.lora_scale) if cfg.lora_rank else state
@@ -862,7 +872,7 @@ def _same_file(a: str | None, b: str) -> bool:
 
 def check_resume_settings(
     path: Path, cfg: TrainConfig, env: DistEnv, total_steps: int, fingerprint: list[dict] | None = None,
-    model_print: dict | None = None, stream: SampleStream | None = None,
+    model_print: dict | None = None, stream: SampleStream | None = None, model_tiles: int | None = None,
 ) -> None:
     """CheckpointError naming every setting that differs from the checkpoint's (before anything is loaded).
 
@@ -878,6 +888,8 @@ def check_resume_settings(
     keys = [*RESUME_KEYS, *(k for k in RUN_RESUME_KEYS if k in saved)]
     now = dataclasses.asdict(cfg)
     values = {k: (effective_setting(saved, k), effective_setting(now, k)) for k in keys}
+    if model_tiles is not None and "max_dynamic_patch" in values:  # the model config's max_dynamic_patch
+        values["max_dynamic_patch"] = tuple(dataset_tiles(cfg, v, model_tiles) for v in values["max_dynamic_patch"])
     changed = [f"{k} (checkpoint {then}, now {new})" for k, (then, new) in values.items()
                if not (same_data if k == "data" else then == new)]
     saved_print = state.get("data_fingerprint")
@@ -1052,7 +1064,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) 
     # a resume that would continue otherwise is refused before the reference pass (hours for MMPR)
     resume_from = ckpt.latest_checkpoint(output) if cfg.resume else None
     if resume_from is not None:
-        check_resume_settings(resume_from, cfg, env, total_steps, fingerprint, model_print, stream)
+        check_resume_settings(resume_from, cfg, env, total_steps, fingerprint, model_print, stream,
+                              policy.config.max_dynamic_patch)
 
     # 3. reference log-probs: a frozen copy of the initial model, or a cached first pass
     ref_module, ref_table = None, None
