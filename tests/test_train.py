@@ -1425,3 +1425,22 @@ def test_a_config_dtype_the_final_save_cannot_take_is_refused_before_training(tm
     monkeypatch.setattr(mpo, "build_dataset", lambda *a, **k: pytest.fail("training went on"))
     with pytest.raises(InputError, match="dtype='auto': the config's torch_dtype is 'float8_e4m3fn'"):
         train(config(folder, meta, tmp_path / "run", max_steps=1))
+
+
+def test_a_final_model_without_the_official_py_files_says_where_to_get_them(tmp_path, chat_folder, meta, capsys):
+    """The official code and vLLM load final/ through its auto_map's .py files; trained from a folder
+    without them (or from --init-from-config) it had none, without a word."""
+    from internvl_mpo.cli import main
+
+    args = ["--data", str(meta), "--max-steps", "1", "--batch-size", "2", "--no-progress"]
+    assert main(["train", "dpo", "--model", str(chat_folder), "--output", str(tmp_path / "a"), *args]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {tmp_path / 'a' / 'final'} has no configuration_internvl_chat.py" in out
+    assert "--include \"*.py\"" in out
+    folder = tmp_path / "model"
+    shutil.copytree(chat_folder, folder)
+    for name in ("configuration_internvl_chat.py", "modeling_internvl_chat.py"):
+        (folder / name).write_text("# the official file\n")
+    assert main(["train", "dpo", "--model", str(folder), "--output", str(tmp_path / "b"), *args]) == 0
+    assert "has no" not in capsys.readouterr().out
+    assert (tmp_path / "b" / "final" / "modeling_internvl_chat.py").is_file()

@@ -112,6 +112,7 @@ def train(
     progress: show a progress bar
     """
     settings = dict(locals())
+    from internvl_mpo.convert import remote_code_note
     from internvl_mpo.train.distributed import env_int, print0
     from internvl_mpo.train.mpo import TrainConfig
     from internvl_mpo.train.mpo import train as run
@@ -121,6 +122,9 @@ def train(
         print0("note: --fsdp shards only when several processes run (torchrun); this single process trains unsharded")
     result = run(config)
     print0(f"trained {result.steps} steps; final model: {result.final_dir}")
+    note = remote_code_note(result.final_dir) if env_int("RANK", 0) == 0 else None  # process 0 wrote final/
+    if note:  # the files the official code and vLLM load it with
+        print0(note)
     if result.skipped.total:
         print0(f"skipped {result.skipped.total} bad records: {result.skipped.counts}")
         for message in result.skipped.messages:
