@@ -701,3 +701,27 @@ def test_min_new_tokens_flag(folder, tmp_path):
                                           max_new_tokens=8, min_new_tokens=-1)):
         with pytest.raises(InputError, match=r"min_new_tokens must be in 0..max_new_tokens \(8\)"):
             run()
+
+
+def test_max_num_is_the_image_budget_video_frames_take_one_tile(folder, tmp_path):
+    """--max-num with a video: the frames take one tile each (the card's), in chat and in generate's
+    video requests, while images get the budget (the API's max_num would tile each frame)."""
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(2):
+        Image.new("RGB", (80, 40), (i * 100, 0, 0)).save(frames / f"{i}.png")
+    out = cli("chat", "--model", folder, "--max-new-tokens", "3", "--temperature", "0", "--video", frames,
+              "--num-segments", "2", "--max-num", "2", "What happens?")
+    assert out.returncode == 0, out.stderr
+    bot = InternVLChat.from_pretrained(folder)
+    assert out.stdout.strip() == bot.chat("What happens?", video=str(frames), num_segments=2, max_new_tokens=3,
+                                          do_sample=False)
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"id": 1, "question": "What happens?", "video": str(frames)}) + "\n")
+    answers = tmp_path / "answers.jsonl"
+    out = cli("generate", "--input", requests, "--output", answers, "--model", folder, "--max-new-tokens", "3",
+              "--max-num", "2")
+    assert out.returncode == 0, out.stderr
+    row = json.loads(answers.read_text())
+    assert "error" not in row and row["answer"] == bot.chat("What happens?", video=str(frames), max_new_tokens=3,
+                                                            do_sample=False)

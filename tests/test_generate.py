@@ -1073,6 +1073,28 @@ def test_video_frames_take_the_pixel_limit(setup):
     assert chat.prepare("What happens?", video=frames, max_pixels=200).num_patches_list == [1] * 8
 
 
+def test_max_num_tiles_each_video_frame_as_the_official_load_video(setup):
+    """The card's load_video(max_num=1) tiles each frame with dynamic_preprocess(max_num); max_num beside a
+    video was ignored without a word, as were total_max_num and num_patches_list."""
+    from internvl_mpo.processor.image import image_to_pixel_values
+    from internvl_mpo.processor.video import load_video
+
+    chat, _ = setup
+    size = chat.config.image_size
+    frames = [Image.new("RGB", (2 * size, size), (40 * i, 0, 0)) for i in range(3)]
+    assert chat.prepare("What happens?", video=frames, num_segments=3).num_patches_list == [1] * 3
+    prepared = chat.prepare("What happens?", video=frames, num_segments=3, max_num=2)
+    tiles = image_to_pixel_values(frames[0], max_num=2, image_size=size)
+    assert prepared.num_patches_list == [tiles.shape[0]] * 3 == [3] * 3  # 2 tiles and the thumbnail
+    assert torch.equal(prepared.pixel_values[:3], tiles)
+    clip = load_video(frames, num_segments=3, image_size=size)
+    with pytest.raises(InputError, match=r"max_num: the video is decoded already; pass it to load_video"):
+        chat.prepare("What happens?", video=clip, max_num=2)
+    for setting in (dict(total_max_num=4), dict(num_patches_list=[1, 1, 1])):
+        with pytest.raises(InputError, match=f"{next(iter(setting))} applies to images, not to a video"):
+            chat.prepare("What happens?", video=frames, num_segments=3, **setting)
+
+
 def test_the_model_cards_generation_config_dict_is_taken(setup):
     """Card code passes its settings as generation_config=dict(max_new_tokens=1024, do_sample=True)."""
     chat, _ = setup

@@ -29,6 +29,11 @@ def _at_least_one(**counts: int | None) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
+def _per_image(max_num: int | None, video) -> int | None:
+    """--max-num is the tile budget of images: a video's frames take one tile each, as the model card's."""
+    return None if video is not None else max_num
+
+
 def _generation(temperature: float, top_p: float, top_k: int, max_new_tokens: int, seed: int | None,
                 repetition_penalty: float, min_new_tokens: int) -> dict:
     return dict(
@@ -65,7 +70,7 @@ def chat(
     model: checkpoint folder or hub id (default: the shipped demo model)
     image: an image file; repeat the flag for several images
     video: a video file or a folder of frames
-    max_num: most tiles per image (default: the model's max_dynamic_patch)
+    max_num: most tiles per image (default: the model's max_dynamic_patch); video frames take one tile each
     num_segments: frames sampled from a video
     temperature: 0 = greedy, > 0 samples
     top_p: nucleus sampling mass
@@ -95,13 +100,14 @@ def chat(
         open_image(path, max_pixels).close()
     device = default_device(device)
     bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device, compile=compile)
-    inputs = dict(max_num=max_num, system_message=system, max_pixels=max_pixels)
+    inputs = dict(system_message=system, max_pixels=max_pixels)
     if video is not None:  # decoded once for the whole conversation (and refused before the first question)
         from .processor.video import load_video
 
         video = load_video(video, num_segments=num_segments, image_size=bot.config.image_size, max_pixels=max_pixels)
     if question is not None:
-        _answer(bot, bot.prepare(question, images or None, video, None, **inputs), params)
+        _answer(bot, bot.prepare(question, images or None, video, None, max_num=_per_image(max_num, video), **inputs),
+                params)
         return 0
     history: list[tuple[str, str]] = []
     commands = "/image FILE adds an image, /reset starts over, /exit quits"
@@ -141,7 +147,7 @@ def chat(
             print(f"{'' if command[1] == '/help' else f'unknown command {command[1]}; '}{commands}", file=sys.stderr)
             continue
         try:
-            prepared = bot.prepare(line, images or None, video, history, **inputs)
+            prepared = bot.prepare(line, images or None, video, history, max_num=_per_image(max_num, video), **inputs)
             history.append((prepared.question, _answer(bot, prepared, params)))
         except InputError as e:
             too_long = history and isinstance(e, PromptTooLongError)
@@ -197,7 +203,7 @@ def generate(
         --top-p and --top-k)
     model: checkpoint folder or hub id (default: the shipped demo model)
     batch_size: requests decoded together
-    max_num: most tiles per image (default: the model's max_dynamic_patch)
+    max_num: most tiles per image (default: the model's max_dynamic_patch); video frames take one tile each
     temperature: 0 = greedy
     top_p: nucleus sampling mass
     top_k: sample among the k most likely tokens (0 = off)
@@ -249,8 +255,8 @@ def generate(
             params = base if seed is None or base.greedy else dataclasses.replace(base, seed=seed + item["_line"] - 1)
             item["_stamps"] = stamps(_files(item))  # before the files are read: a later edit shows on resume
             try:
-                yield item, bot.prepare(item["question"], item.get("image"), item.get("video"), max_num=max_num,
-                                        max_pixels=max_pixels), params
+                yield item, bot.prepare(item["question"], item.get("image"), item.get("video"),
+                                        max_num=_per_image(max_num, item.get("video")), max_pixels=max_pixels), params
             except InputError as e:  # this request alone fails; the run goes on
                 yield item, e, params
 

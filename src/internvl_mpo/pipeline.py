@@ -231,14 +231,19 @@ class InternVLChat:
         if video is not None:
             from .processor.video import VideoInput, load_video
 
+            for name, value in (("total_max_num", total_max_num), ("num_patches_list", num_patches_list)):
+                if value is not None:
+                    raise InputError(f"{name} applies to images, not to a video (max_num tiles each frame)")
             if isinstance(video, VideoInput):  # loaded once for several turns
                 if video.pixel_values.shape[-1] != self.config.image_size:
                     raise InputError(f"the video's frames are {video.pixel_values.shape[-1]} pixels wide; this "
                                      f"model takes {self.config.image_size} (load_video(image_size=...))")
+                if max_num is not None:
+                    raise InputError("max_num: the video is decoded already; pass it to load_video")
                 clip = video
-            else:
+            else:  # tiles per frame: the card's load_video(max_num=1) by default
                 clip = load_video(video, num_segments=num_segments, image_size=self.config.image_size,
-                                  max_pixels=max_pixels)
+                                  max_num=1 if max_num is None else max_num, max_pixels=max_pixels)
             pixels, counts = clip.pixel_values, list(clip.num_patches_list)
             if not holds_images(question, history or ()):
                 question = clip.prefix + question
