@@ -306,25 +306,19 @@ def _check_answer_settings(out: Path, settings: dict, resume: bool) -> None:
     """Answers resume only under the settings that wrote them, which `<output>.settings.json` keeps:
     other settings are refused, except the sampling ones (SAMPLING_ONLY) where either run is greedy. A new run (no answer written yet) records its settings, and so does a
     resume of answers written before the file was kept (there is nothing to compare)."""
+    from .pairs import atomic_write, changed_settings, read_settings
+
     path = out.with_name(out.name + ".settings.json")
     if resume and path.exists():
-        try:
-            earlier = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            earlier = None
-        if not isinstance(earlier, dict):
-            raise ConfigError(f"{path}: not the settings of a generate run; use another --output")
+        earlier = read_settings(path, "generate", "--output")
         # a greedy run (--temperature 0) reads no sampling flag: only the others can change its answers
         ignored = SAMPLING_ONLY if 0 in (earlier.get("temperature"), settings.get("temperature")) else ()
-        changed = sorted(k for k in earlier.keys() | settings.keys()
-                         if k not in ignored and earlier.get(k) != settings.get(k))
+        changed = changed_settings(earlier, settings, ignored)
         if changed:
             raise ConfigError(f"{out} holds answers written with other settings ({', '.join(changed)}); use another "
                               "--output, or the same settings to resume")
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
 
 
 def _files(request: dict) -> list[str]:

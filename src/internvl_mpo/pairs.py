@@ -365,23 +365,35 @@ def make_output_folder(path: Path) -> None:
         raise InputError(f"{path}: cannot create the output folder ({e.strerror})") from None
 
 
+def read_settings(path: Path, kind: str, output: str) -> dict:
+    """The settings a `kind` run recorded at `path`; ConfigError (naming the `output` to change) when the
+    file holds no JSON object."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        earlier = None
+    if not isinstance(earlier, dict):
+        raise ConfigError(f"{path}: not the settings of a {kind} run; use another {output}")
+    return earlier
+
+
+def changed_settings(earlier: dict, now: dict, ignore: Sequence[str] = ()) -> list[str]:
+    """The keys, other than `ignore`, whose values differ between two runs' settings, sorted."""
+    return sorted(k for k in earlier.keys() | now.keys() if k not in ignore and earlier.get(k) != now.get(k))
+
+
 def check_settings(path: Path, identity: dict, record: bool = True) -> None:
     """Refuse a folder that holds a run with other settings; a new folder gets these (`record`: False
     before a model loads, so that a load that fails leaves nothing behind). The model is compared by
     `model_key`; one recorded as typed (before 2026-12-03) is read against the current folder."""
     if path.exists():
-        try:
-            earlier = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            earlier = None
-        if not isinstance(earlier, dict):
-            raise ConfigError(f"{path}: not the settings of a pairs or eval run; use another output folder")
+        earlier = read_settings(path, "pairs or eval", "output folder")
         if isinstance(earlier.get("model"), str):
             from internvl_mpo.checkpoint import model_key
 
             earlier["model"] = model_key(earlier["model"])
         if earlier != identity:
-            changed = sorted(k for k in set(earlier) | set(identity) if earlier.get(k) != identity.get(k))
+            changed = changed_settings(earlier, identity)
             raise ConfigError(
                 f"{path.parent} holds a run with other settings ({', '.join(changed)}); "
                 "use another output folder or the same settings"
