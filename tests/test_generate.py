@@ -169,6 +169,44 @@ def test_request_joining_a_running_batch_gets_the_same_tokens(setup):
     assert got == alone
 
 
+@pytest.mark.parametrize("images", [None, Image.new("RGB", (100, 50), "red")])
+def test_prompt_logprobs_are_transformers_log_softmax_over_the_prompt(setup, monkeypatch, images):
+    """Request.prompt_logprobs: each prompt token's log-probability given the tokens before it (none for the
+    first), its rank and the top k, equal to the log_softmax of transformers' logits over the prompt, computed
+    a few positions at a time; a twin of the same prompt admitted in the same step gets the same, the
+    answer is unchanged, and a request that does not ask gets none."""
+    from internvl_mpo.generate import engine as engine_module
+
+    chat, ref = setup
+    ids, pixels = prompt(chat, "Describe this in a few words, please.", images)
+    vocab = chat.config.llm.vocab_size
+    monkeypatch.setattr(engine_module, "PROMPT_CHUNK_ELEMENTS", 4 * vocab)  # chunks of 4 positions, the last short
+    assert (len(ids) - 1) % 4
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    requests = [Request(ids, params, pixels, prompt_logprobs=3), Request(ids, params, pixels, prompt_logprobs=3),
+                Request(ids, params, pixels)]
+    events = [e for step in chat.engine.generate(requests) for e in step]
+    first = {e.rid: e for e in reversed(events)}  # each request's first event
+    kw = {} if pixels is None else {"pixel_values": pixels}
+    with torch.no_grad():
+        logp = torch.log_softmax(ref(input_ids=torch.tensor([ids]), **kw).logits[0].float(), dim=-1)
+    got = first[0].prompt_logprobs
+    assert len(got) == len(ids) and got[0] is None
+    for t in range(1, len(ids)):
+        value, rank, top = got[t]
+        expected = logp[t - 1, ids[t]]
+        assert value == pytest.approx(expected.item(), abs=1e-4)
+        assert rank == int((logp[t - 1] >= expected - 1e-5).sum()) == int((logp[t - 1] >= expected + 1e-5).sum()) + 1
+        best = logp[t - 1].topk(3)
+        assert [i for i, _ in top] == best.indices.tolist()
+        assert [v for _, v in top] == pytest.approx(best.values.tolist(), abs=1e-4)
+    assert first[1].prompt_logprobs == got and first[2].prompt_logprobs is None
+    assert [e.prompt_logprobs for e in events if e is not first[e.rid]] == [None] * 6
+    assert [e.token for e in events if e.rid == 0] == run(chat.engine, [Request(ids, params, pixels)])[0]
+    with pytest.raises(InputError, match="prompt_logprobs must be in 0..20, got 21"):
+        chat.engine.generate([Request(ids, params, prompt_logprobs=21)])
+
+
 def test_a_failing_prefill_fails_its_request_alone(setup, monkeypatch):
     """Of three requests admitted in one step, the one whose prefill raises gets an "error" event; the
     others decode to the tokens they get alone, and iterating the batch raises the error."""

@@ -9,7 +9,10 @@ moves into its place. Each `step()` returns the tokens produced by that step, so
 streaming, the CLI, the server and the tests. A request whose prefill fails, fails alone: `step()`
 reports it as an "error" event (iterating raises it) and the other rows go on. Requests with the same
 prompt and images that join in one step (the n choices of a server request, several samples of one
-question) are prefilled once: the others copy its cache slots and its last hidden state. A row under
+question) are prefilled once: the others copy its cache slots and its last hidden state. A request may
+also ask for its prompt's log-probabilities (`Request.prompt_logprobs`): they come from the prefill's
+hidden states, through the head a chunk of positions at a time (PROMPT_CHUNK_ELEMENTS logits at most),
+with the request's first Event. A row under
 its `min_new_tokens` has its stop ids' logits set to -inf where its token is chosen (a mask kept on the
 device per row, applied only while some row needs it: no host sync), as transformers'
 MinNewTokensLengthLogitsProcessor does; a greedy screen's token stands unless it is a stop id of such
@@ -29,6 +32,7 @@ only the filled part of the cache (rounded up to 256 slots).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
@@ -50,6 +54,7 @@ COMPILE_OPTIONS = {"fullgraph": True, "dynamic": True}
 SCREEN_MIN_BYTES = 32 << 20
 SCREEN_MAX_BYTES = 256 << 20
 MAX_TOP_LOGPROBS = 20
+PROMPT_CHUNK_ELEMENTS = 1 << 24  # logits held at once for prompt log-probabilities (64 MiB in fp32)
 
 
 @dataclass
@@ -61,6 +66,14 @@ class Request:
     # Report each token's log-probability under the model (before penalty, temperature and filters)
     # and this many of the most likely tokens with theirs (0-20); None: do not.
     logprobs: int | None = None
+    # Report each prompt token's log-probability under the model given the tokens before it (the first
+    # token has none), its rank, and this many of the most likely tokens at its position (0-20); None: do not.
+    prompt_logprobs: int | None = None
+
+
+# One prompt position's (log-probability of the prompt's token, its rank: 1 + how many tokens are at
+# least as likely, other than itself, as vLLM counts it, ((token, log-probability), ...) best first).
+PromptLogprob = tuple[float, int, tuple[tuple[int, float], ...]]
 
 
 @dataclass(frozen=True)
@@ -68,7 +81,8 @@ class Event:
     """One token produced for request `rid`; `finish` is "stop" or "length" on its last token. A
     request that failed (its prefill or a decode step raised) gets one last Event with no token,
     finish "error" and the exception in `error`. With `Request.logprobs`, the token's log-probability
-    and the most likely (token, log-probability) pairs, best first."""
+    and the most likely (token, log-probability) pairs, best first. With `Request.prompt_logprobs`, the
+    request's first Event carries one entry per prompt token (None for the first)."""
 
     rid: int
     token: int | None
@@ -76,6 +90,7 @@ class Event:
     error: Exception | None = None
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
 
 
 @dataclass
@@ -142,15 +157,32 @@ class Engine:
 
     @torch.no_grad()
     def prefill(self, request: Request, caches, row: int) -> torch.Tensor:
-        """Run one prompt into cache row `row`; return the final hidden state (1, C) of its last position."""
+        """Run one prompt into cache row `row`; return the final hidden states (1, T, C) of its positions."""
         model = self.model
         ids = torch.tensor([request.prompt_ids], device=model.device)
         pixels = None if request.pixel_values is None else request.pixel_values.to(model.device, model.dtype)
         embeds = model.embed(ids, pixels, vit_embeds=request.vit_embeds)
         positions = torch.arange(ids.shape[1], device=model.device)[None]
         lm = model.language_model
-        hidden = lm.model(embeds, positions, None, [c.prefill_row(row) for c in caches], None)
-        return hidden[:, -1]
+        return lm.model(embeds, positions, None, [c.prefill_row(row) for c in caches], None)
+
+    @torch.no_grad()
+    def prompt_logprobs(self, hidden: torch.Tensor, prompt_ids: list[int], k: int) -> tuple[PromptLogprob | None, ...]:
+        """Each prompt token's PromptLogprob (None for the first) from the prefill's hidden states (T, C):
+        position t's logits score token t + 1. The logits are computed PROMPT_CHUNK_ELEMENTS at a time."""
+        head = self.model.language_model.output_head()
+        rows = max(1, PROMPT_CHUNK_ELEMENTS // head.weight.shape[0])
+        targets = torch.tensor(prompt_ids[1:], device=hidden.device)
+        out: list[PromptLogprob | None] = [None]
+        for start in range(0, len(targets), rows):
+            logp = torch.log_softmax(head_logits(head, hidden[start : start + rows]), dim=-1)  # (t, V)
+            chosen = logp.gather(1, targets[start : start + rows, None])  # (t, 1)
+            ranks = (logp >= chosen).sum(-1).tolist()  # vLLM's rank: ties count against the token
+            best = logp.topk(k, dim=-1)
+            ids, values = best.indices.tolist(), best.values.tolist()
+            out += [(value, rank, tuple(zip(i, v)))
+                    for value, rank, i, v in zip(chosen[:, 0].tolist(), ranks, ids, values)]
+        return tuple(out)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits (B, V) of final hidden states (B, C)."""
@@ -232,8 +264,10 @@ class Generation:
         bad = [i for i in request.prompt_ids if not (whole_number(i) and 0 <= i < vocab)]
         if bad:
             raise InputError(f"prompt token ids must be whole numbers in 0..{vocab - 1}, got {bad[:5]}")
-        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
-            raise InputError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {request.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(request, name)
+            if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+                raise InputError(f"{name} must be in 0..{MAX_TOP_LOGPROBS}, got {value}")
         rid = next(self._ids)
         self.waiting.append((rid, request))
         return rid
@@ -267,7 +301,7 @@ class Generation:
         raises fails the rows it ran; the batch stays usable either way."""
         events: list[Event] = []
         self._drop_cancelled()
-        prefilled: list[tuple[Request, int, torch.Tensor]] = []  # this step's prompts: request, rid, hidden
+        prefilled: list[tuple] = []  # this step's prompts: request, rid, last hidden state, prompt logprobs
         while self.waiting and len(self.rows) < self.max_batch:
             rid, request = self.waiting.pop(0)
             try:
@@ -306,22 +340,28 @@ class Generation:
         chosen = self._choose(out, slice(0, n))
         return chosen, self._logprobs(out, chosen, slice(0, n))
 
-    def _admit(self, rid: int, request: Request, prefilled: list[tuple[Request, int, torch.Tensor]]) -> list[Event]:
-        """Prefill `request` into the next row, or copy the cache slots of a request with the same prompt
-        and images admitted in this step (the n choices of one server request, repeated questions)."""
+    def _admit(self, rid: int, request: Request, prefilled: list[tuple]) -> list[Event]:
+        """Prefill `request` into the next row, or copy the cache slots (and prompt log-probabilities) of a
+        request with the same prompt and images admitted in this step (the n choices of one server
+        request, repeated questions)."""
         p = request.params
         row = len(self.rows)
         n = len(request.prompt_ids)
         rows = {r.rid: i for i, r in enumerate(self.rows)}
-        twin = next(((rows[other_rid], hidden) for other, other_rid, hidden in prefilled
-                     if other_rid in rows and _same_prompt(other, request)), None)
+        twin = next(((rows[other_rid], hidden, prompt) for other, other_rid, hidden, prompt in prefilled
+                     if other_rid in rows and _same_prompt(other, request)
+                     and request.prompt_logprobs in (None, other.prompt_logprobs)), None)
         if twin is not None:
             for cache in self.caches:
                 cache.move_row(twin[0], row, n)
-            hidden = twin[1]
+            hidden, prompt = twin[1], twin[2] if request.prompt_logprobs is not None else None
         else:
-            hidden = self.engine.prefill(request, self.caches, row)
-            prefilled.append((request, rid, hidden))
+            states = self.engine.prefill(request, self.caches, row)  # (1, T, C)
+            prompt = None
+            if request.prompt_logprobs is not None:
+                prompt = self.engine.prompt_logprobs(states[0, :-1], request.prompt_ids, request.prompt_logprobs)
+            hidden = states[:, -1]
+            prefilled.append((request, rid, hidden, prompt))
         self.key_mask[row] = -torch.inf
         self.key_mask[row, :n] = 0.0
         self.seen[row] = False
@@ -343,10 +383,14 @@ class Generation:
                               request.logprobs, p.min_new_tokens if stops else 0))
         screen = self.engine.greedy_screen() if plain else None
         if screen is not None:
-            return self._emit(self._screened(*screen(hidden), hidden, first=row), first=row)
-        logits = self.engine.logits(hidden)
-        token = self._choose(logits, slice(row, row + 1))
-        return self._emit(token, first=row, logprobs=self._logprobs(logits, token, slice(row, row + 1)))
+            events = self._emit(self._screened(*screen(hidden), hidden, first=row), first=row)
+        else:
+            logits = self.engine.logits(hidden)
+            token = self._choose(logits, slice(row, row + 1))
+            events = self._emit(token, first=row, logprobs=self._logprobs(logits, token, slice(row, row + 1)))
+        if prompt is not None:
+            events[0] = dataclasses.replace(events[0], prompt_logprobs=prompt)
+        return events
 
     def _screened(self, tokens: torch.Tensor, ok: torch.Tensor, hidden: torch.Tensor, first: int = 0) -> list[int]:
         """Greedy tokens of the screen for rows first..; rows whose check failed, and rows under their
