@@ -241,7 +241,7 @@ def test_vllm_fields_that_would_change_the_answer_are_refused_not_ignored():
         return parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **fields}, ServerSettings())
 
     for key, value in {"min_p": 0.1, "use_beam_search": True, "include_stop_str_in_output": True,
-                       "echo": True, "prompt_logprobs": 1, "guided_json": {"type": "object"},
+                       "echo": True, "guided_json": {"type": "object"},
                        "guided_regex": "a+", "guided_choice": ["yes", "no"], "guided_grammar": "root ::= 'a'",
                        "structured_outputs": {"json": {"type": "object"}}}.items():
         with pytest.raises(ApiError, match=f"{key} is not supported by this server") as e:
@@ -552,6 +552,183 @@ def test_stop_token_ids_end_the_answer_without_their_text(client, local_chat, hf
             client.completions.create(model="m", prompt="hi", extra_body={"stop_token_ids": value})
 
 
+def log_softmax_over(local_chat, ids: list[int]) -> torch.Tensor:
+    """(T, V) log_softmax of the model's uncached forward over `ids`: row t scores token t + 1."""
+    with torch.no_grad():
+        return torch.log_softmax(local_chat.model(torch.tensor([ids])).float()[0], dim=-1)
+
+
+def token_text(local_chat, token: int) -> str:
+    return local_chat.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
+
+
+def lm_eval_reading(reply: dict, ctxlens: list[int]) -> list[tuple[float, bool]]:
+    """What lm-evaluation-harness' `local-completions` takes from an echo reply (its parse_logprobs): per
+    choice in index order, the sum of token_logprobs from ctxlen up to the last (generated) token, and
+    whether each of those equals the largest value of its top_logprobs map."""
+    out = []
+    for choice, ctxlen in zip(sorted(reply["choices"], key=lambda c: c["index"]), ctxlens):
+        values = choice["logprobs"]["token_logprobs"][ctxlen:-1]
+        tops = choice["logprobs"]["top_logprobs"][ctxlen:-1]
+        out.append((sum(values), all(v == max(top.values()) for v, top in zip(values, tops))))
+    return out
+
+
+def test_echo_with_logprobs_scores_a_continuation_as_lm_eval_reads_it(server, local_chat, hf_tokenizer):
+    """lm-eval's `local-completions` scores a continuation with one request per batch: the token ids of
+    context + continuation, echo, logprobs 1, max_tokens 1, temperature 0. The echoed prompt's tokens lead
+    `logprobs` (the first with null log-probability and alternatives) and the generated token ends it; the
+    sum over the continuation and the greedy flag equal the model's uncached forward (lm-eval's own
+    parse_logprobs reads the reply where lm-eval is installed). vLLM's prompt_logprobs comes alongside."""
+    contexts = [hf_tokenizer(c)["input_ids"] for c in ("The capital of France is", "One, two, three,")]
+    greedy = [e.token for e in engine_completion(local_chat, contexts[1], 3, ignore_eos=True)[1]]
+    tokens = [contexts[0] + hf_tokenizer(" Paris, of course")["input_ids"], contexts[1] + greedy]
+    ctxlens = [len(c) for c in contexts]
+    body = {"model": "m", "prompt": tokens, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+            "echo": True}
+    response = httpx.post(server[0] + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=120)
+    assert response.status_code == 200, response.text
+    reply = response.json()
+    try:
+        from lm_eval.models.openai_completions import LocalCompletionsAPI
+        read = LocalCompletionsAPI.parse_logprobs(reply, tokens=tokens, ctxlens=ctxlens)
+    except ImportError:  # lm-eval is heavy (datasets, scikit-learn, ...): not a test dependency
+        read = lm_eval_reading(reply, ctxlens)
+    assert [flag for _, flag in read] == [False, True]
+    for (total, _), ids, ctxlen, choice in zip(read, tokens, ctxlens, reply["choices"]):
+        logp = log_softmax_over(local_chat, ids)
+        targets = torch.tensor(ids[ctxlen:])
+        assert total == pytest.approx(logp[ctxlen - 1 : -1].gather(1, targets[:, None]).sum().item(), abs=1e-4)
+        logprobs = choice["logprobs"]
+        generated = int(logp[-1].argmax())
+        assert choice["text"] == local_chat.tokenizer.decode(ids, skip_special_tokens=False) + \
+            local_chat.tokenizer.decode([generated])
+        assert logprobs["tokens"] == [token_text(local_chat, t) for t in ids + [generated]]
+        assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+        expected = [logp[t - 1, ids[t]].item() for t in range(1, len(ids))] + [logp[-1, generated].item()]
+        assert logprobs["token_logprobs"][1:] == pytest.approx(expected, abs=1e-4)
+        assert logprobs["text_offset"] == [sum(map(len, logprobs["tokens"][:k])) for k in range(len(ids) + 1)]
+        prompt_logprobs = choice["prompt_logprobs"]  # vLLM's: the token, then the top 1, with ranks
+        assert len(prompt_logprobs) == len(ids) and prompt_logprobs[0] is None
+        for t in range(1, len(ids)):
+            value = logp[t - 1, ids[t]]
+            ranked = prompt_logprobs[t]
+            assert ranked[str(ids[t])]["logprob"] == logprobs["token_logprobs"][t]
+            assert ranked[str(ids[t])]["rank"] == int((logp[t - 1] >= value).sum())
+            assert ranked[str(ids[t])]["decoded_token"] == token_text(local_chat, ids[t])
+            best = int(logp[t - 1].argmax())
+            assert ranked[str(best)]["rank"] == 1 and len(ranked) == (1 if best == ids[t] else 2)
+    assert reply["usage"] == {"prompt_tokens": sum(map(len, tokens)), "completion_tokens": 2,
+                              "total_tokens": sum(map(len, tokens)) + 2}
+
+
+def test_max_tokens_0_echoes_the_prompt_and_its_logprobs_alone(client, local_chat, hf_tokenizer):
+    """As vLLM: max_tokens 0 (only with echo) answers the prompt and, with logprobs, its tokens'
+    log-probabilities and alternatives (the uncached forward's), counting no completion tokens; n choices,
+    several prompts, token id prompts and a stream (one chunk per choice) give the same."""
+    prompt = "Once upon a time"
+    ids = hf_tokenizer(prompt)["input_ids"]
+    logp = log_softmax_over(local_chat, ids)
+    reply = client.completions.create(model="m", prompt=prompt, echo=True, max_tokens=0, logprobs=2, n=2)
+    texts = [token_text(local_chat, t) for t in ids]
+    for choice in reply.choices:
+        assert (choice.text, choice.finish_reason, choice.model_extra["stop_reason"]) == (prompt, "length", None)
+        logprobs = choice.logprobs
+        assert logprobs.tokens == texts and logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+        assert logprobs.text_offset == [sum(map(len, texts[:k])) for k in range(len(ids))]
+        for t in range(1, len(ids)):
+            best = logp[t - 1].topk(2)
+            expected = {texts[t]: logp[t - 1, ids[t]].item()}
+            for token, value in zip(best.indices.tolist(), best.values.tolist()):
+                expected.setdefault(token_text(local_chat, token), value)
+            assert logprobs.token_logprobs[t] == pytest.approx(expected[texts[t]], abs=1e-4)
+            assert list(logprobs.top_logprobs[t]) == list(expected)
+            assert list(logprobs.top_logprobs[t].values()) == pytest.approx(list(expected.values()), abs=1e-4)
+    assert [c.logprobs.model_dump() for c in reply.choices[1:]] == [reply.choices[0].logprobs.model_dump()]
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(ids), 0)
+    _, finishes, usage, chunks = stream_completion(client, prompt=prompt, echo=True, max_tokens=0, logprobs=2, n=2,
+                                                   stream_options={"include_usage": True})
+    for index in range(2):
+        [choice] = [c for chunk in chunks for c in chunk.choices if c.index == index]
+        assert (choice.text, choice.finish_reason) == (prompt, "length")
+        assert choice.logprobs.model_dump() == reply.choices[0].logprobs.model_dump()
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(ids), 0)
+    several = client.completions.create(model="m", prompt=[ids, "Hello there"], echo=True, max_tokens=0, logprobs=0)
+    assert [c.text for c in several.choices] == [prompt, "Hello there"]
+    assert several.choices[0].logprobs.token_logprobs == reply.choices[0].logprobs.token_logprobs
+    assert several.usage.prompt_tokens == len(ids) + len(hf_tokenizer("Hello there")["input_ids"])
+    plain = client.completions.create(model="m", prompt=prompt, echo=True, max_tokens=0)
+    assert (plain.choices[0].text, plain.choices[0].logprobs, plain.usage.completion_tokens) == (prompt, None, 0)
+    texts, _, _, _ = stream_completion(client, prompt=prompt, echo=True, max_tokens=0)
+    assert texts == {0: prompt}
+
+
+def test_echoed_logprobs_stream_with_the_first_token_as_in_vllm(client, local_chat, hf_tokenizer):
+    """A streamed echo with logprobs: each choice's first chunk carries the prompt and its log-probabilities
+    with the first generated token's; the chunks join to the non-streamed answer, offsets included."""
+    prompt = "Hello there"
+    body = {"prompt": prompt, "echo": True, "logprobs": 1, **LONG}
+    reply = client.completions.create(model="m", **body)
+    _, _, _, chunks = stream_completion(client, **body)
+    streamed = [c.choices[0] for c in chunks if c.choices]
+    assert streamed[0].text.startswith(prompt) and "".join(c.text for c in streamed) == reply.choices[0].text
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [v for c in streamed for v in getattr(c.logprobs, key)] == getattr(reply.choices[0].logprobs, key)
+    assert len(reply.choices[0].logprobs.tokens) == len(hf_tokenizer(prompt)["input_ids"]) + STEPS
+
+
+def test_stop_reason_names_the_stop_string_or_stop_token_as_vllm(client, local_chat, hf_tokenizer):
+    """vLLM's stop_reason on every choice, streamed and not, on both endpoints: the stop string that cut
+    the text, the stop token id that ended it (listed in a text completion's logprobs, as vLLM lists every
+    counted token), null for a length cut."""
+    ids = hf_tokenizer("Once upon a time")["input_ids"]
+    full, events = engine_completion(local_chat, ids, STEPS, ignore_eos=True)
+    tokens = [e.token for e in events]
+    k = next(k for k in range(3, STEPS) if tokens[k] not in tokens[:k])
+    stop = full.strip()[:1]
+    cases = [({}, "length", None),
+             ({"stop": ["\x00never", stop]}, "stop", stop),
+             ({"extra_body": {"ignore_eos": True, "stop_token_ids": [tokens[k]]}, "logprobs": 0}, "stop", tokens[k])]
+    for extra, finish, reason in cases:
+        body = {"prompt": "Once upon a time", **LONG, **extra}
+        choice = client.completions.create(model="m", **body).choices[0]
+        assert (choice.finish_reason, choice.model_extra["stop_reason"]) == (finish, reason)
+        last = [c for chunk in stream_completion(client, **body)[3] for c in chunk.choices][-1]
+        assert (last.finish_reason, last.model_extra["stop_reason"]) == (finish, reason)
+    assert choice.logprobs.tokens[-1] == token_text(local_chat, tokens[k]) and len(choice.logprobs.tokens) == k + 1
+    chat_ids = local_chat.prepare("Hi").prompt_ids
+    chat_tokens = [e.token for e in engine_completion(local_chat, chat_ids, STEPS, ignore_eos=True)[1]]
+    k = next(k for k in range(3, STEPS) if chat_tokens[k] not in chat_tokens[:k])
+    for extra, finish, reason in [({}, "length", None),
+                                  ({"extra_body": {"ignore_eos": True, "stop_token_ids": [chat_tokens[k]]}}, "stop",
+                                   chat_tokens[k])]:
+        body = {"messages": [{"role": "user", "content": "Hi"}], **LONG, **extra}
+        choice = client.chat.completions.create(model="m", **body).choices[0]
+        assert (choice.finish_reason, choice.model_extra["stop_reason"]) == (finish, reason)
+        last = [c for chunk in client.chat.completions.create(model="m", stream=True, **body) for c in chunk.choices][-1]
+        assert (last.finish_reason, last.model_extra["stop_reason"]) == (finish, reason)
+
+
+def test_prompt_logprobs_of_a_chat_request_as_vllm(client, local_chat):
+    """vLLM's prompt_logprobs on /v1/chat/completions: one entry per prompt token of the templated
+    conversation (the first null), on the response, from the uncached forward; refused with a stream."""
+    ids = local_chat.prepare("Hi").prompt_ids
+    logp = log_softmax_over(local_chat, ids)
+    messages = [{"role": "user", "content": "Hi"}]
+    reply = client.chat.completions.create(model="m", messages=messages, max_tokens=2, n=2,
+                                           extra_body={"prompt_logprobs": 0})
+    prompt_logprobs = reply.model_extra["prompt_logprobs"]
+    assert len(prompt_logprobs) == len(ids) == reply.usage.prompt_tokens and prompt_logprobs[0] is None
+    for t in range(1, len(ids)):
+        assert list(prompt_logprobs[t]) == [str(ids[t])]
+        assert prompt_logprobs[t][str(ids[t])]["logprob"] == pytest.approx(logp[t - 1, ids[t]].item(), abs=1e-4)
+    assert client.chat.completions.create(model="m", messages=messages, max_tokens=2).model_extra[
+        "prompt_logprobs"] is None
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs are not available with stream: true"):
+        client.chat.completions.create(model="m", messages=messages, stream=True, extra_body={"prompt_logprobs": 1})
+
+
 def test_min_tokens_holds_stop_strings_back_as_vllm(client, local_chat, hf_tokenizer):
     """vLLM's min_tokens: a stop string counts only where it ends in the text after the first min_tokens
     tokens, so the answer that the first token's text cut to "" runs on; min_tokens over max_tokens is a 400."""
@@ -579,7 +756,10 @@ def test_min_tokens_holds_stop_strings_back_as_vllm(client, local_chat, hf_token
 def test_bad_text_completions_get_openai_errors(server, client, local_chat):
     vocab = local_chat.config.llm.vocab_size
     bad = {
-        "echo with logprobs is not supported": {"prompt": "hi", "echo": True, "logprobs": 1},
+        "max_tokens must be at least 1, got 0": {"prompt": "hi", "max_tokens": 0},  # as vLLM: 0 only with echo
+        "prompt_logprobs are not available with stream: true": {"prompt": "hi", "prompt_logprobs": 1, "stream": True},
+        "prompt_logprobs must be between 0 and 20, got 21": {"prompt": "hi", "prompt_logprobs": 21},
+        "min_tokens is 1, more than the 0 tokens": {"prompt": "hi", "echo": True, "max_tokens": 0, "min_tokens": 1},
         "suffix is not supported": {"prompt": "hi", "suffix": "end"},
         "best_of other than 1 is not supported": {"prompt": "hi", "best_of": 2},
         "prompt must be a string, a list of strings": {"prompt": []},

@@ -526,6 +526,7 @@ class TextAssembler:
         self.checked_from = 0  # in held + new text: where text after the first min_tokens tokens begins
         self.held = ""
         self.done = False
+        self.stopped_by: str | None = None  # the stop (or end) string that ended the text
 
     def feed(self, token: int | None, last: bool = False) -> tuple[str, bool]:
         """(text that is safe to show, whether a stop string ended the answer)."""
@@ -537,12 +538,13 @@ class TextAssembler:
         self.tokens += token is not None
         if self.tokens <= self.min_tokens:
             self.checked_from = len(text)
-        found = [text.find(s, max(0, self.checked_from - len(s) + 1)) for s in self.stop]
-        cuts = [cut for cut in found + [text.find(s) for s in self.end] if cut >= 0]
+        found = [(text.find(s, max(0, self.checked_from - len(s) + 1)), s) for s in self.stop]
+        cuts = [(cut, s) for cut, s in found + [(text.find(s), s) for s in self.end] if cut >= 0]
         if cuts:  # the earliest match, whatever the order of the stop strings
+            cut, self.stopped_by = min(cuts, key=lambda c: c[0])
             self.done = True
             self.held = ""
-            return text[: min(cuts)], True
+            return text[:cut], True
         keep = 0 if last else max((_overlap(text, s) for s in self.stop + self.end), default=0)
         self.held = text[len(text) - keep :] if keep else ""
         self.checked_from = max(0, self.checked_from - (len(text) - keep))

@@ -29,7 +29,15 @@ no top-k unless asked (the model card's HF default of 50 does not apply); a seed
 modulo 2**63 (the engine's range), and choice i of a seeded request with `n > 1` samples with seed + i
 (modulo 2**63); the text is the raw decoded answer (not stripped as `chat()` strips it), so streamed pieces join to
 exactly the non-streamed content; `logprobs` are the model's raw log-probabilities (before
-temperature, penalty and filters, as vLLM reports them by default), without the end-of-turn token.
+temperature, penalty and filters, as vLLM reports them by default), without the end-of-turn token in a chat
+answer (a text completion lists every token it counts, the stopping one included, as vLLM does).
+
+Prompt log-probabilities as vLLM gives them: on /v1/completions `echo` with `logprobs` prepends the prompt's
+tokens to the answer's in `logprobs` (the first prompt token's log-probability and alternatives are null),
+and `max_tokens: 0` (only with `echo`) returns the prompt alone, generating nothing; vLLM's `prompt_logprobs`
+extra (not with a stream) adds per prompt token a {token id: {logprob, rank, decoded_token}} map to each
+completion choice, or to the chat response. Every choice carries vLLM's `stop_reason`: the stop string or
+stop token id that ended it, null for the end-of-turn token or a length cut.
 
 As in vLLM, one model is served under one name (`--served-model-name`, by default `--model` as given,
 or `internvl-mpo-demo` for the shipped demo model): /v1/models lists it, responses carry it, and a
@@ -146,6 +154,7 @@ class ChatRequest:
     max_num: int | None
     logprobs: int | None = None  # top_logprobs when logprobs were asked for, else None
     max_tokens_key: str = "max_tokens"  # the field max_tokens came from, named in errors
+    prompt_logprobs: int | None = None  # vLLM's: top alternatives per prompt token, or None
 
 
 @dataclass
@@ -161,6 +170,12 @@ class CompletionRequest:
     logprobs: int | None  # the legacy integer: top alternatives per token, or None
     echo: bool
     max_tokens_key: str = "max_tokens"
+    prompt_logprobs: int | None = None  # vLLM's: top alternatives per prompt token, or None
+
+    @property
+    def shown_prompt_logprobs(self) -> int | None:
+        """The alternatives per prompt token in vLLM's `prompt_logprobs` (as vLLM: echo with logprobs asks too)."""
+        return self.prompt_logprobs if self.prompt_logprobs is not None or not self.echo else self.logprobs
 
 
 def _field(body: dict, key: str, kinds: tuple[type, ...], default=None, low=None, high=None):
@@ -280,7 +295,7 @@ def check_model(body, served: str) -> None:
                        "model", "model_not_found")
 
 
-def _sampling(body: dict, settings: ServerSettings, refused: tuple[str, ...]) -> dict:
+def _sampling(body: dict, settings: ServerSettings, refused: tuple[str, ...], lowest_max_tokens: int = 1) -> dict:
     """The fields that chat and text completions share (sampling, limits, n, streaming), checked; raises
     ApiError. Fields in `refused` are a 400 when set."""
     for key in refused:
@@ -298,8 +313,8 @@ def _sampling(body: dict, settings: ServerSettings, refused: tuple[str, ...]) ->
         raise ApiError(400, "top_p must be greater than 0", "top_p")
     # max_completion_tokens is OpenAI's current name and wins over the older max_tokens (as in vLLM)
     limit_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _field(body, "max_tokens", (int,), None, 1)
-    max_tokens = _field(body, "max_completion_tokens", (int,), max_tokens, 1)
+    max_tokens = _field(body, "max_tokens", (int,), None, lowest_max_tokens)
+    max_tokens = _field(body, "max_completion_tokens", (int,), max_tokens, lowest_max_tokens)
     if max_tokens is not None and max_tokens > settings.max_tokens:
         raise ApiError(400, f"{limit_key} is {max_tokens}; this server allows at most {settings.max_tokens}",
                        limit_key)
@@ -336,11 +351,19 @@ def _sampling(body: dict, settings: ServerSettings, refused: tuple[str, ...]) ->
             "include_usage": bool(stream_options.get("include_usage"))}
 
 
+def _prompt_logprobs(body: dict) -> int | None:
+    """vLLM's `prompt_logprobs` (alternatives per prompt token), refused with a stream as vLLM refuses it."""
+    value = _field(body, "prompt_logprobs", (int,), None, 0, MAX_TOP_LOGPROBS)
+    if value and body.get("stream"):
+        raise ApiError(400, "prompt_logprobs are not available with stream: true", "prompt_logprobs")
+    return value
+
+
 def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
     """Check a /v1/chat/completions body and map it onto the chat template; raises ApiError."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    sampling = _sampling(body, settings, UNSUPPORTED_FIELDS + ("echo", "prompt_logprobs"))
+    sampling = _sampling(body, settings, UNSUPPORTED_FIELDS + ("echo",))
     logprobs = _field(body, "logprobs", (bool,), False)
     top_logprobs = _field(body, "top_logprobs", (int,), None, 0, MAX_TOP_LOGPROBS)
     if top_logprobs is not None and not logprobs:
@@ -358,7 +381,7 @@ def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
     return ChatRequest(
         question=turns[-1][1], history=history, system_message=system, image_urls=images,
         max_num=_field(body, "max_num", (int,), None, 1, settings.max_tiles),
-        logprobs=(top_logprobs or 0) if logprobs else None, **sampling,
+        logprobs=(top_logprobs or 0) if logprobs else None, prompt_logprobs=_prompt_logprobs(body), **sampling,
     )
 
 
@@ -390,17 +413,16 @@ def parse_completion_request(body, settings: ServerSettings) -> CompletionReques
     """Check a /v1/completions body (raw text in, no chat template, as vLLM serves it); raises ApiError."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    sampling = _sampling(body, settings, UNSUPPORTED_FIELDS + ("suffix", "prompt_logprobs"))
+    echo = _field(body, "echo", (bool,), False)
+    # as vLLM, max_tokens 0 echoes the prompt (with its log-probabilities) and generates nothing
+    sampling = _sampling(body, settings, UNSUPPORTED_FIELDS + ("suffix",), lowest_max_tokens=0 if echo else 1)
     if sampling["max_tokens"] is None:  # OpenAI's and vLLM's default for text completions
         sampling["max_tokens"] = min(COMPLETION_MAX_TOKENS, settings.max_tokens)
     if _field(body, "best_of", (int,), 1) != 1:
         raise ApiError(400, "best_of other than 1 is not supported (ask for n choices instead)", "best_of")
     logprobs = _field(body, "logprobs", (int,), None, 0, MAX_TOP_LOGPROBS)
-    echo = _field(body, "echo", (bool,), False)
-    if echo and logprobs is not None:
-        raise ApiError(400, "echo with logprobs is not supported: this server does not compute the prompt's "
-                            "log-probabilities", "echo")
-    return CompletionRequest(prompts=_prompt_list(body.get("prompt")), logprobs=logprobs, echo=echo, **sampling)
+    return CompletionRequest(prompts=_prompt_list(body.get("prompt")), logprobs=logprobs, echo=echo,
+                             prompt_logprobs=_prompt_logprobs(body), **sampling)
 
 
 # ---- images and the prompt --------------------------------------------------------------------
@@ -635,11 +657,11 @@ def _answer_room(length: int, req: ChatRequest | CompletionRequest, settings: Se
         raise ApiError(400, f"{name} is {length} tokens and {req.max_tokens_key} is {req.max_tokens}, more "
                             f"than the {max_len} tokens a sequence may hold here", req.max_tokens_key,
                        "context_length_exceeded")
-    max_new_tokens = req.max_tokens or min(settings.max_tokens, room)
+    max_new_tokens = req.max_tokens if req.max_tokens is not None else min(settings.max_tokens, room)
     if req.params.min_new_tokens > max_new_tokens:  # as vLLM: min_tokens may not exceed max_tokens
         raise ApiError(400, f"min_tokens is {req.params.min_new_tokens}, more than the {max_new_tokens} tokens this "
                             f"answer may have ({req.max_tokens_key} or what the sequence leaves)", "min_tokens")
-    return max_new_tokens
+    return max(1, max_new_tokens)  # max_tokens 0 (an echo): the engine picks one token, which is not shown
 
 
 def build_completion_prompts(chat: InternVLChat, req: CompletionRequest, settings: ServerSettings,
@@ -665,13 +687,17 @@ def build_completion_prompts(chat: InternVLChat, req: CompletionRequest, setting
 
 @dataclass(frozen=True)
 class Chunk:
-    """New text of choice `index`; `finish_reason` and the choice's token count on its last chunk."""
+    """New text of choice `index`; `finish_reason`, vLLM's `stop_reason` (the stop string or stop token id
+    that ended the choice, None for the end-of-turn token or a length cut) and the choice's token count on
+    its last chunk; its prompt's log-probabilities on its first."""
 
     index: int
     text: str
     finish_reason: str | None = None
     completion_tokens: int = 0
     logprobs: list[dict] | None = None  # OpenAI `logprobs.content` entries of the tokens behind `text`
+    stop_reason: int | str | None = None
+    prompt_logprobs: list[dict] | None = None  # an entry per prompt token (see BatchWorker._prompt_entries)
 
 
 @dataclass(eq=False)
@@ -687,6 +713,9 @@ class Job:
     cancelled: bool = False
     done: bool = False
     logprobs: list[dict] = field(default_factory=list)  # entries not yet delivered with a chunk
+    prompt_logprobs: list[dict] | None = None  # the prompt's entries, until the first chunk carries them
+    prompt_only: bool = False  # max_tokens 0: the chunk of the prompt's log-probabilities alone
+    list_stop_token: bool = False  # list the token that stops the answer in logprobs (/v1/completions, as vLLM)
 
 
 def _shutting_down() -> ApiError:
@@ -811,15 +840,29 @@ class BatchWorker:
             job.done = True
             job.deliver(_failure(event.error))
             return
+        if event.prompt_logprobs is not None:
+            job.prompt_logprobs = self._prompt_entries(job.request.prompt_ids, event.prompt_logprobs)
+        if job.prompt_only:  # the token the engine chose is not shown nor counted (as vLLM's max_tokens 0)
+            if event.finish is None:
+                gen.finish(event.rid)
+            del jobs[event.rid]
+            job.done = True
+            job.deliver(Chunk(job.index, "", "length", 0, [], prompt_logprobs=job.prompt_logprobs))
+            return
         job.tokens += 1
         stats["completion_tokens"] += 1
         # a token that stops the answer (end of turn, or one of the request's stop_token_ids) is not in its
-        # text (as in vLLM), nor in its logprobs
+        # text (as in vLLM), nor in a chat answer's logprobs
         stop_token = event.finish == "stop"
         piece, stopped = job.texts.feed(None if stop_token else event.token, last=event.finish is not None)
         finish = "stop" if stopped else event.finish
-        if event.logprob is not None and not stop_token:
+        if event.logprob is not None and (job.list_stop_token or not stop_token):
             job.logprobs.append(self._logprob_entry(event))
+        stop_reason = None  # as vLLM: the stop string, else a stop token other than the end of turn's
+        if stopped:
+            stop_reason = job.texts.stopped_by
+        elif stop_token and (job.request.params.ignore_eos or event.token not in self.chat.engine.stop_token_ids):
+            stop_reason = event.token
         if finish:
             if event.finish is None:
                 gen.finish(event.rid)
@@ -829,18 +872,30 @@ class BatchWorker:
             entries = None
             if job.request.logprobs is not None:
                 entries, job.logprobs = job.logprobs, []
-            job.deliver(Chunk(job.index, piece, finish, job.tokens, entries))
+            prompt, job.prompt_logprobs = job.prompt_logprobs, None
+            job.deliver(Chunk(job.index, piece, finish, job.tokens, entries, stop_reason, prompt))
+
+    def _token_entry(self, token: int, logprob: float | None) -> dict:
+        """A token's text and UTF-8 bytes (a token may hold part of a character) and its log-probability."""
+        raw = self.chat.tokenizer.token_bytes(token)
+        if logprob is not None and not math.isfinite(logprob):
+            logprob = -9999.0  # JSON has no NaN or -inf (vLLM's stand-in)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
     def _logprob_entry(self, event) -> dict:
-        """An OpenAI `logprobs.content` entry: the token's text and UTF-8 bytes (a token may hold part
-        of a character), its log-probability, and the top alternatives."""
-        def entry(token: int, logprob: float) -> dict:
-            raw = self.chat.tokenizer.token_bytes(token)
-            logprob = logprob if math.isfinite(logprob) else -9999.0  # JSON has no NaN or -inf (vLLM's stand-in)
-            return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+        """An OpenAI `logprobs.content` entry: the token's text, bytes and log-probability, and the top alternatives."""
+        return {**self._token_entry(event.token, event.logprob),
+                "top_logprobs": [self._token_entry(token, logprob) for token, logprob in event.top_logprobs]}
 
-        return {**entry(event.token, event.logprob),
-                "top_logprobs": [entry(token, logprob) for token, logprob in event.top_logprobs]}
+    def _prompt_entries(self, ids: list[int], prompt_logprobs) -> list[dict]:
+        """An entry per prompt token as `_logprob_entry` makes them, with the token ids and the token's rank;
+        the first token has no log-probability, rank or alternatives (None)."""
+        entries = []
+        for token, item in zip(ids, prompt_logprobs):
+            value, rank, top = item or (None, None, None)
+            entries.append({**self._token_entry(token, value), "id": token, "rank": rank, "top_logprobs": None if
+                            top is None else [{**self._token_entry(t, v), "id": t} for t, v in top]})
+        return entries
 
 
 def _failure(error: Exception) -> ApiError:
@@ -955,7 +1010,8 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
         check_model({"model": model_id}, model_name)
         return card
 
-    def submit(prompts: list[Prompt], n: int, params: SamplingParams, logprobs: int | None):
+    def submit(prompts: list[Prompt], n: int, params: SamplingParams, logprobs: int | None,
+               prompt_logprobs: int | None = None, prompt_only: bool = False, list_stop_token: bool = False):
         """Queue `n` choices of each prompt (choice j of prompt p is index p * n + j, as in vLLM); returns the
         queue their chunks arrive on and the function that cancels them."""
         if not worker.alive:
@@ -971,8 +1027,9 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
             for j in range(n):
                 seed = None if params.seed is None else (params.seed + j) % 2**63
                 choice = dataclasses.replace(params, max_new_tokens=prompt.max_new_tokens, seed=seed)
-                request = Request(prompt.ids, choice, prompt.pixel_values, logprobs=logprobs)
-                jobs.append(Job(request, p * n + j, deliver))
+                request = Request(prompt.ids, choice, prompt.pixel_values, logprobs=logprobs,
+                                  prompt_logprobs=prompt_logprobs)
+                jobs.append(Job(request, p * n + j, deliver, prompt_only=prompt_only, list_stop_token=list_stop_token))
                 worker.submit(jobs[-1])
 
         def close() -> None:
@@ -988,19 +1045,23 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
         check_model(body, model_name)
         req = parse_chat_request(body, settings)
         prompt = await run_in_threadpool(build_prompt, chat, req, settings, worker.max_len)
-        inbox, close = submit([prompt], req.n, req.params, req.logprobs)
+        inbox, close = submit([prompt], req.n, req.params, req.logprobs, None if req.stream else req.prompt_logprobs)
         head = {"id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time()), "model": model_name}
         usage = {"prompt_tokens": len(prompt.ids)}
         if req.stream:
             return _EventStream(_chat_stream(inbox, req, head, usage), close)
         try:
-            texts, finishes, tokens, logprobs = await _gather(inbox, request, req.n)
+            answers = await _gather(inbox, request, req.n)
         finally:
             close()
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                    "logprobs": None if req.logprobs is None else {"content": logprobs[i]},
-                    "finish_reason": finishes[i]} for i in range(req.n)]
-        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(usage, sum(tokens))}
+        choices = [{"index": i, "message": {"role": "assistant", "content": a.text},
+                    "logprobs": None if req.logprobs is None else {"content": a.logprobs},
+                    "finish_reason": a.finish_reason, "stop_reason": a.stop_reason} for i, a in enumerate(answers)]
+        # vLLM's extra, for the whole response (the n choices share the prompt)
+        prompt_logprobs = None if req.prompt_logprobs is None else _vllm_prompt_logprobs(
+            answers[0].prompt_logprobs, req.prompt_logprobs)
+        return {**head, "object": "chat.completion", "choices": choices, "prompt_logprobs": prompt_logprobs,
+                "usage": _usage(usage, sum(a.tokens for a in answers))}
 
     @app.post("/v1/completions")
     async def text_completions(request: HttpRequest):
@@ -1011,28 +1072,39 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
         prompts = await run_in_threadpool(build_completion_prompts, chat, req, settings, worker.max_len)
         echoes = [(p if isinstance(p, str) else chat.tokenizer.decode(p, skip_special_tokens=False)) if req.echo
                   else "" for p in req.prompts]
-        inbox, close = submit(prompts, req.n, req.params, req.logprobs)
+        # the prompt's log-probabilities serve vLLM's prompt_logprobs and an echo's logprobs (the larger top k)
+        asked = [k for k in (req.shown_prompt_logprobs, req.logprobs if req.echo else None) if k is not None]
+        inbox, close = submit(prompts, req.n, req.params, req.logprobs, max(asked, default=None),
+                              prompt_only=req.max_tokens == 0, list_stop_token=True)
         head = {"id": "cmpl-" + uuid.uuid4().hex, "created": int(time.time()), "model": model_name}
         usage = {"prompt_tokens": sum(len(p.ids) for p in prompts)}
         count = len(prompts) * req.n
         if req.stream:
             return _EventStream(_completion_stream(inbox, req, count, echoes, head, usage), close)
         try:
-            texts, finishes, tokens, logprobs = await _gather(inbox, request, count)
+            answers = await _gather(inbox, request, count)
         finally:
             close()
-        choices = [{"index": i, "text": echoes[i // req.n] + texts[i],
-                    "logprobs": None if req.logprobs is None else _legacy_logprobs(logprobs[i], 0),
-                    "finish_reason": finishes[i]} for i in range(count)]
-        return {**head, "object": "text_completion", "choices": choices, "usage": _usage(usage, sum(tokens))}
+        choices = []
+        for i, a in enumerate(answers):
+            logprobs = None
+            if req.logprobs is not None:
+                echoed = _echo_entries(a.prompt_logprobs, req.logprobs) if req.echo else []
+                logprobs = _legacy_logprobs(echoed + a.logprobs, 0)
+            shown = req.shown_prompt_logprobs
+            prompt_logprobs = None if shown is None else _vllm_prompt_logprobs(a.prompt_logprobs, shown)
+            choices.append({"index": i, "text": echoes[i // req.n] + a.text, "logprobs": logprobs,
+                            "finish_reason": a.finish_reason, "stop_reason": a.stop_reason,
+                            "prompt_logprobs": prompt_logprobs})
+        return {**head, "object": "text_completion", "choices": choices,
+                "usage": _usage(usage, sum(a.tokens for a in answers))}
 
-    async def _gather(inbox: asyncio.Queue, request: HttpRequest, count: int):
-        """(text, finish_reason, token count, logprobs entries) of each of `count` choices, once all have finished."""
-        texts, finishes, tokens = [""] * count, [None] * count, [0] * count
-        logprobs: list[list[dict]] = [[] for _ in range(count)]
+    async def _gather(inbox: asyncio.Queue, request: HttpRequest, count: int) -> list[Answer]:
+        """The Answer of each of `count` choices, once all have finished."""
+        answers = [Answer() for _ in range(count)]
         clock = asyncio.get_running_loop().time
         check_at = clock() + DISCONNECT_POLL_S
-        while None in finishes:
+        while any(a.finish_reason is None for a in answers):
             try:
                 item = await asyncio.wait_for(inbox.get(), max(0.0, check_at - clock()))
             except asyncio.TimeoutError:
@@ -1045,11 +1117,14 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
                 continue
             if isinstance(item, Exception):
                 raise item
-            texts[item.index] += item.text
-            logprobs[item.index] += item.logprobs or []
+            answer = answers[item.index]
+            answer.text += item.text
+            answer.logprobs += item.logprobs or []
+            answer.prompt_logprobs = item.prompt_logprobs or answer.prompt_logprobs
             if item.finish_reason:
-                finishes[item.index], tokens[item.index] = item.finish_reason, item.completion_tokens
-        return texts, finishes, tokens, logprobs
+                answer.finish_reason, answer.tokens = item.finish_reason, item.completion_tokens
+                answer.stop_reason = item.stop_reason
+        return answers
 
     async def _chunks(inbox: asyncio.Queue, count: int):
         """The Chunks of `count` choices as they come, until all have finished; a failure ends them as an ApiError."""
@@ -1065,9 +1140,10 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
     async def _chat_stream(inbox: asyncio.Queue, req: ChatRequest, head: dict, usage: dict):
         head = {**head, "object": "chat.completion.chunk"}
 
-        def chunk(index: int, delta: dict, finish: str | None = None, logprobs: list[dict] | None = None) -> str:
+        def chunk(index: int, delta: dict, finish: str | None = None, logprobs: list[dict] | None = None,
+                  stop_reason: int | str | None = None) -> str:
             choice = {"index": index, "delta": delta, "logprobs": None if logprobs is None else {"content": logprobs},
-                      "finish_reason": finish}
+                      "finish_reason": finish, "stop_reason": stop_reason}
             return _sse({**head, "choices": [choice]})
 
         for index in range(req.n):
@@ -1077,7 +1153,8 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
             if isinstance(item, ApiError):
                 yield _sse(item.body())
                 break
-            yield chunk(item.index, {"content": item.text} if item.text else {}, item.finish_reason, item.logprobs)
+            yield chunk(item.index, {"content": item.text} if item.text else {}, item.finish_reason, item.logprobs,
+                        item.stop_reason)
             tokens += item.completion_tokens if item.finish_reason else 0  # the choice's count, on its last chunk
         if req.include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(usage, tokens)})
@@ -1087,29 +1164,65 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
                                  head: dict, usage: dict):
         head = {**head, "object": "text_completion"}
 
-        def chunk(index: int, text: str, finish: str | None = None, logprobs: dict | None = None) -> str:
-            return _sse({**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                              "finish_reason": finish}]})
+        def chunk(item: Chunk, text: str, logprobs: dict | None) -> str:
+            return _sse({**head, "choices": [{"index": item.index, "text": text, "logprobs": logprobs,
+                                              "finish_reason": item.finish_reason, "stop_reason": item.stop_reason}]})
 
-        if req.echo:
-            for index in range(count):
-                yield chunk(index, echoes[index // req.n])
+        echoed = [not req.echo] * count  # as vLLM, a choice's first chunk carries the echoed prompt
         offsets, tokens = [0] * count, 0  # the next token's text_offset per choice (as the non-streamed answer has it)
         async for item in _chunks(inbox, count):
             if isinstance(item, ApiError):
                 yield _sse(item.body())
                 break
+            text, entries = item.text, item.logprobs or []
+            if not echoed[item.index]:
+                echoed[item.index] = True
+                text = echoes[item.index // req.n] + text
+                if req.logprobs is not None:
+                    entries = _echo_entries(item.prompt_logprobs, req.logprobs) + entries
             logprobs = None
             if req.logprobs is not None:
-                logprobs = _legacy_logprobs(item.logprobs or [], offsets[item.index])
+                logprobs = _legacy_logprobs(entries, offsets[item.index])
                 offsets[item.index] += sum(len(token) for token in logprobs["tokens"])
-            yield chunk(item.index, item.text, item.finish_reason, logprobs)
+            yield chunk(item, text, logprobs)
             tokens += item.completion_tokens if item.finish_reason else 0  # the choice's count, on its last chunk
         if req.include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(usage, tokens)})
         yield _sse("[DONE]")
 
     return app
+
+
+@dataclass
+class Answer:
+    """What the chunks of one choice add up to."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    tokens: int = 0
+    logprobs: list[dict] = field(default_factory=list)
+    prompt_logprobs: list[dict] | None = None
+
+
+def _echo_entries(prompt: list[dict], k: int) -> list[dict]:
+    """The prompt's entries (BatchWorker._prompt_entries) as logprobs entries with `k` alternatives each."""
+    return [{**e, "top_logprobs": None if e["top_logprobs"] is None else e["top_logprobs"][:k]} for e in prompt]
+
+
+def _vllm_prompt_logprobs(prompt: list[dict], k: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: None for the first prompt token, then per token {token id: {"logprob", "rank",
+    "decoded_token"}} of the token itself and its `k` likeliest alternatives (ranked 1..k)."""
+    out: list[dict | None] = []
+    for e in prompt:
+        if e["logprob"] is None:
+            out.append(None)
+            continue
+        ranked = {str(e["id"]): {"logprob": e["logprob"], "rank": e["rank"], "decoded_token": e["token"]}}
+        for rank, top in enumerate(e["top_logprobs"][:k], 1):
+            ranked.setdefault(str(top["id"]), {"logprob": top["logprob"], "rank": rank, "decoded_token": top["token"]})
+        out.append(ranked)
+    return out
 
 
 def _legacy_logprobs(entries: list[dict], offset: int) -> dict:
@@ -1119,7 +1232,9 @@ def _legacy_logprobs(entries: list[dict], offset: int) -> dict:
     two tokens counts twice, as in vLLM's non-streamed answers, and streamed ones count alike). Where two
     of a map's tokens read the same (pieces of one character both read "\ufffd"), the first keeps its
     value: the chosen token's own, then the likelier alternative's (vLLM lets the last overwrite)."""
-    def choices(entry: dict) -> dict:
+    def choices(entry: dict) -> dict | None:
+        if entry["top_logprobs"] is None:  # the first prompt token: nothing came before it
+            return None
         out = {entry["token"]: entry["logprob"]}
         for top in entry["top_logprobs"]:
             out.setdefault(top["token"], top["logprob"])
