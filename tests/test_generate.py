@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import math
+import random
 import shutil
 
 import numpy
@@ -413,6 +414,29 @@ def test_top_p_keeps_the_tokens_transformers_keeps_on_a_full_vocabulary():
             hf = TopPLogitsWarper(top_p)(None, TopKLogitsWarper(top_k)(None, logits) if top_k else logits)
             ours = filter_top_k_top_p(logits, torch.full((4,), top_k), torch.full((4,), top_p))
             assert ours.isfinite().sum(-1).tolist() == hf.isfinite().sum(-1).tolist(), (top_p, top_k)
+
+
+def test_top_p_cuts_where_transformers_cuts_for_top_p_as_the_user_gave_it():
+    """Seeded random rows, each with a top_p as a Python float: uniform, or 1 - a cumulative mass of the
+    row itself (the cut then falls on a token). transformers compares its fp32 sums with 1 - top_p taken
+    in float64; the nucleus took 1 - top_p in fp32 (the engine held top_p in fp32), up to 3e-8 off, and
+    kept or dropped a token of probability ~1e-7 differently."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    for _ in range(300):
+        vocab = rng.choice([5, 50, 1000, 20_000])
+        logits = torch.randn(1, vocab) * rng.choice([0.3, 1.0, 3.0, 8.0])
+        tail = logits.sort().values.softmax(-1).cumsum(-1)[0]
+        top_p = rng.random() if rng.random() < 0.3 else 1 - tail[rng.randrange(vocab - 1)].item()
+        if not 0 < top_p < 1:
+            continue
+        hf = TopPLogitsWarper(top_p)(None, logits)
+        ours = filter_top_k_top_p(logits, torch.zeros(1, dtype=torch.long), torch.tensor([top_p], dtype=torch.float64))
+        # compared as the logit values kept: transformers' CPU sort of a large vocabulary orders tied
+        # tokens arbitrarily (see the next test)
+        assert torch.equal(ours.sort(-1).values, hf.sort(-1).values), (vocab, top_p)
 
 
 def test_penalty_temperature_top_k_top_p_equal_transformers_processors_ties_included():

@@ -239,7 +239,7 @@ class Generation:
         self.greedy = torch.ones(max_batch, dtype=torch.bool, device=device)
         self.temperature = torch.ones(max_batch, device=device)
         self.top_k = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.top_p = torch.ones(max_batch, device=device)
+        self.top_p = torch.ones(max_batch, dtype=torch.float64, device=device)  # exact, as filter_top_k_top_p wants
         self.penalty = torch.ones(max_batch, device=device)
         # The stop ids of each row still under its min_new_tokens, whose logits are set to -inf
         # (transformers' MinNewTokensLengthLogitsProcessor); cleared when the row reaches its minimum.

@@ -88,7 +88,8 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, largest_k: int | None = None,
                        nucleus: bool = True) -> torch.Tensor:
-    """Set to -inf what top-k (B,) (0 = off) and then top-p (B,) remove.
+    """Set to -inf what top-k (B,) (0 = off) and then top-p (B,) remove; top_p in float64 keeps the
+    caller's value exact (the engine's), fp32 cuts where transformers cuts given that fp32 value.
 
     `largest_k` (the largest top_k of the rows, 0 when none uses top-k) and `nucleus` (whether a row
     has top_p < 1), known on the host, let the common cases skip sorting the vocabulary: top-k alone
@@ -112,7 +113,10 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     # The mass of each token and all less likely ones, summed from the least likely up as transformers
     # does: summed from the top down, fp32 rounding would cut a large vocabulary's tail too early.
     tail = sorted_logits.softmax(-1).cumsum(-1)
-    drop = (tail <= 1 - top_p[:, None]) & (top_p[:, None] < 1)  # top_p 1 keeps all (fp32 sums may pass 1)
+    # The cut 1 - top_p is taken in float64 and then rounded to the sums' dtype, as transformers' Python
+    # float `1 - top_p` is when compared with them; 1 - (top_p in fp32) lands up to 3e-8 away.
+    cut = (1 - top_p.double()).to(tail.dtype)
+    drop = (tail <= cut[:, None]) & (top_p[:, None] < 1)  # top_p 1 keeps all (fp32 sums may pass 1)
     drop[:, -1] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
