@@ -369,6 +369,16 @@ def test_a_negative_temperature_is_refused_before_the_model_loads(folder, tmp_pa
             run()
 
 
+def test_a_repetition_penalty_that_overflows_the_logits_is_refused_before_the_model_loads(folder):
+    """chat --repetition-penalty 1e-40 made the penalised logits inf and sampling drew arbitrary tokens."""
+    from internvl_mpo import cli_chat
+    from internvl_mpo.errors import InputError
+
+    missing_model = str(folder / "nope")  # reached only if the penalty gets through
+    with pytest.raises(InputError, match="repetition_penalty must be at least 1e-06"):
+        cli_chat.chat("Hi", model=missing_model, repetition_penalty=1e-40)
+
+
 def test_bad_image_and_video_flags_fail_once_not_at_every_question(folder, tmp_path):
     """A missing --image was found only at the first question, after the model had loaded, and an
     interactive chat then refused every question with the same error and exited 0; a --video was

@@ -537,6 +537,21 @@ def test_bad_sampling_settings_are_refused():
         SamplingParams(max_new_tokens=0)
 
 
+def test_a_repetition_penalty_that_would_overflow_the_logits_is_refused():
+    """With 1e-40 the seen tokens' logits became inf, softmax NaN, and sampling drew token 0, one neither
+    seen nor likely; transformers takes any penalty > 0 and gives inf too. From the smallest accepted,
+    logits of 1e4 divided by it and by the smallest temperature stay finite."""
+    with pytest.raises(InputError, match=r"repetition_penalty must be at least 1e-06 .*, got 1e-40"):
+        SamplingParams(repetition_penalty=1e-40)
+    smallest = SamplingParams(repetition_penalty=1e-6, temperature=1e-9, do_sample=True)
+    logits = torch.tensor([[1e4, 3.0, -1e4, 0.0]])
+    penalised = apply_repetition_penalty(logits, torch.ones(1, 4, dtype=torch.bool),
+                                         torch.tensor([smallest.repetition_penalty]))
+    noise = exponential_noise([make_generator(0, "cpu")], 4, "cpu")
+    assert choose_tokens(penalised, torch.tensor([False]), torch.tensor([smallest.temperature]),
+                         torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.float64), noise).item() == 0
+
+
 @pytest.mark.parametrize("screen", [False, True])
 def test_decode_step_compiles_without_graph_breaks(setup, screen):
     chat, _ = setup

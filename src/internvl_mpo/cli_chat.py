@@ -75,7 +75,7 @@ def chat(
     temperature: 0 = greedy, > 0 samples
     top_p: nucleus sampling mass
     top_k: sample among the k most likely tokens (0 = off)
-    repetition_penalty: > 1 discourages repeating generated tokens
+    repetition_penalty: > 1 discourages repeating generated tokens, < 1 favours it (at least 1e-6)
     max_new_tokens: most tokens in an answer
     min_new_tokens: fewest tokens in an answer: the end of turn (and stop strings) cannot end it sooner
     seed: seed for sampling

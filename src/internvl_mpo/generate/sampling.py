@@ -20,6 +20,12 @@ import torch
 from ..errors import InputError
 
 
+# transformers takes any penalty > 0, but a positive logit divided by one below ~1e-37 (and then by the
+# temperature) overflows fp32 to inf and sampling gives NaN; from 1e-6 up, logits up to 1e4 divided by
+# it and by the smallest temperature (1e-5) stay below 1e16, and a repeat is already all but certain.
+MIN_REPETITION_PENALTY = 1e-6
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Defaults are transformers' (greedy; top_k 50 when sampling) with the card's max_new_tokens;
@@ -67,8 +73,9 @@ class SamplingParams:
             raise InputError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.repetition_penalty < MIN_REPETITION_PENALTY:
+            raise InputError(f"repetition_penalty must be at least {MIN_REPETITION_PENALTY:g} (smaller ones overflow "
+                             f"the fp32 logits they divide), got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
