@@ -806,6 +806,37 @@ def test_non_finite_logprobs_are_sent_as_valid_json(local_chat):
     assert json.loads(json.dumps(entry, allow_nan=False))["top_logprobs"][0]["logprob"] == entry["logprob"] == -9999.0
 
 
+def test_the_end_of_turn_token_has_no_stop_reason_and_a_stop_token_id_has_its_id(local_chat):
+    """As vLLM: an answer ended by the model's end-of-turn token has stop_reason None (unless ignore_eos
+    made it one of the request's stop_token_ids), one ended by a stop token id has that id; a text
+    completion lists the stopping token in its logprobs, a chat answer does not."""
+    from internvl_mpo.generate.engine import Event
+    from internvl_mpo.pipeline import TextAssembler
+
+    worker = BatchWorker(local_chat, max_batch=1, max_len=64)
+    end = local_chat.tokenizer.im_end_id
+    assert end in local_chat.engine.stop_token_ids
+
+    class Gen:
+        def finish(self, rid):
+            raise AssertionError("a finished row is not finished again")
+
+    def last_chunk(token: int, list_stop_token: bool = False, **params):
+        chunks = []
+        job = Job(Request([1, 2], SamplingParams(**params), logprobs=0), 0, chunks.append,
+                  list_stop_token=list_stop_token)
+        job.texts = TextAssembler(local_chat.tokenizer)
+        worker._event(Gen(), {0: job}, Event(0, token, "stop", logprob=-0.5), dict(worker.stats))
+        [chunk] = chunks
+        assert chunk.finish_reason == "stop" and chunk.text == ""
+        return chunk
+
+    assert last_chunk(end).stop_reason is None and last_chunk(end).logprobs == []
+    assert last_chunk(7, stop_token_ids=(7,)).stop_reason == 7
+    assert last_chunk(end, ignore_eos=True, stop_token_ids=(end,)).stop_reason == end
+    assert [e["logprob"] for e in last_chunk(end, list_stop_token=True).logprobs] == [-0.5]
+
+
 def test_bad_requests_get_openai_errors(server, client):
     corrupt = b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20
     with pytest.raises(openai.BadRequestError) as e:
