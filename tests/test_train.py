@@ -764,6 +764,24 @@ def test_resume_compares_effective_values_not_spellings(tmp_path, chat_folder, m
     assert train(dataclasses.replace(cfg, resume=True)).steps == 2
 
 
+def test_resume_takes_a_freeze_flag_spelled_out_for_a_tower_lora_freezes_anyway(tmp_path, chat_folder, meta):
+    """LoRA freezes the base weights of the towers it adapts (--lora-rank the LLM, --lora-vision the ViT), so
+    --freeze-llm and --freeze-vision beside them train the same parameters; a resume that added or dropped
+    them was refused. Where the tower is not adapted, the flag still changes what trains and is refused."""
+    cfg = config(chat_folder, meta, tmp_path / "run", max_steps=2, save_every=1, lora_rank=2, lora_vision=True)
+    train(cfg)
+    killed_after_step_1(tmp_path / "run")
+    assert train(dataclasses.replace(cfg, resume=True, freeze_vision=True, freeze_llm=True)).steps == 2
+    cfg = dataclasses.replace(cfg, output=str(tmp_path / "other"), freeze_vision=True, freeze_llm=True)
+    train(cfg)
+    killed_after_step_1(tmp_path / "other")
+    resumed = dataclasses.replace(cfg, resume=True, freeze_vision=False, freeze_llm=False)
+    with pytest.raises(CheckpointError, match=re.escape("freeze_vision (checkpoint True, now False), lora_vision "
+                                                        "(checkpoint True, now False)") + "$"):
+        train(dataclasses.replace(resumed, lora_vision=False))
+    assert train(resumed).steps == 2
+
+
 def test_resume_compares_tiles_with_meta_jsons_per_dataset_value(tmp_path, chat_folder):
     meta = write_mmpr(tmp_path / "data", color_pairs(4, text_only=1), max_dynamic_patch=4)
     cfg = config(chat_folder, meta, tmp_path / "run", max_steps=2, save_every=1)

@@ -746,8 +746,11 @@ RUN_RESUME_KEYS = ("beta", "pref_weight", "quality_weight", "gen_weight", "label
 
 def effective_setting(config: dict, key: str):
     """A recorded or given setting as the run uses it: a loss weight left out is its mode's
-    (`MODE_WEIGHTS`), a LoRA alpha left out is 2 x rank; so a resume compares values, not spellings."""
+    (`MODE_WEIGHTS`), a LoRA alpha left out is 2 x rank, and a tower LoRA adapts is frozen (`freeze`),
+    freeze flag or not; so a resume compares values, not spellings."""
     value = config.get(key)
+    if key == "freeze_vision" and config.get("lora_vision") or key == "freeze_llm" and config.get("lora_rank"):
+        return True
     if value is None and key in LOSS_WEIGHT_KEYS and config.get("mode") in MODE_WEIGHTS:
         return MODE_WEIGHTS[config["mode"]][LOSS_WEIGHT_KEYS.index(key)]
     if value is None and key == "lora_alpha" and config.get("lora_rank"):
