@@ -1,7 +1,9 @@
 """Video frame sampling against an independent NumPy implementation of the model card's `get_index`,
 and frame tensors against the image recipe applied to independently decoded frames."""
 
+import itertools
 import struct
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import torch
 from PIL import Image
 
 from internvl_mpo.errors import InputError
+from internvl_mpo.processor import video
 from internvl_mpo.processor.video import get_index, load_video
 
 av = pytest.importorskip("av")
@@ -28,9 +31,9 @@ def reference_index(bound, fps, max_frame, num_segments, first_idx=0):
     return [int(v) for v in (start_idx + seg / 2 + np.round(seg * np.arange(num_segments)))]
 
 
-def reference_tile(frame):
-    """One tile per frame (max_num=1): resize to 448x448, ToTensor, Normalize."""
-    pixels = np.asarray(frame.convert("RGB").resize((448, 448)), np.uint8).transpose(2, 0, 1)
+def reference_tile(frame, size=448):
+    """One tile per frame (max_num=1): resize to size x size, ToTensor, Normalize."""
+    pixels = np.asarray(frame.convert("RGB").resize((size, size)), np.uint8).transpose(2, 0, 1)
     return torch.from_numpy((pixels.astype(np.float32) / np.float32(255) - MEAN) / STD)
 
 
@@ -387,3 +390,189 @@ def test_bt709_clip_decodes_with_its_own_colour_matrix(tmp_path):
     tile = load_video(path, num_segments=1).pixel_values[0]
     levels = (tile - reference_tile(Image.fromarray(bars))).abs() * torch.from_numpy(STD) * 255
     assert levels.max() < 6  # yuv rounding only
+
+
+# --- Seeking: a clip in mp4 or mkv is read by decoding from the keyframe before each sampled frame; the
+# frames must be those an in-order decode numbers so (compared with `decoded_frames`, PyAV in order).
+
+
+def moving_frame(k, width=64, height=48):
+    """Frame k of a clip with motion (x264 codes B-frames for it); no two of the first 3072 alike."""
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([(x * 4 + 3 * k) % 256, (y * 5 + 2 * k) % 256, (x + y) * 3 % 256], axis=-1).astype(np.uint8)
+    pixels[:, k % width, 2] = 255
+    pixels[k // width % height, :, 1] = 255
+    return Image.fromarray(pixels)
+
+
+def write_h264(path, num_frames, pts=None, time_base=Fraction(1, 30), gop=20, x264="", movflags=""):
+    """An H.264 clip with 3 B-frames between references and a keyframe at most every `gop` frames;
+    frame k at pts[k] (default k) in `time_base`."""
+    try:
+        av.codec.Codec("libx264", "w")
+    except ValueError:  # av's UnknownCodecError
+        pytest.skip("needs the libx264 encoder")
+    with av.open(str(path), "w", options={"movflags": movflags} if movflags else {}) as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"bf": "3", "g": str(gop), "x264-params": "b-adapt=0" + x264}
+        stream.codec_context.time_base = time_base
+        for k in range(num_frames):
+            frame = av.VideoFrame.from_image(moving_frame(k))
+            frame.pts, frame.time_base = k if pts is None else pts[k], time_base
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+class CountingAV:
+    """PyAV whose containers count the frames their decode() gives: how much of a clip a read decoded."""
+
+    def __init__(self):
+        self.frames = 0
+
+    def __getattr__(self, name):
+        return getattr(av, name)
+
+    def open(self, *args, **kwargs):
+        return CountingContainer(av.open(*args, **kwargs), self)
+
+
+class CountingContainer:
+    def __init__(self, container, counter):
+        self.container, self.counter = container, counter
+
+    def __getattr__(self, name):
+        return getattr(self.container, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.container.__exit__(*exc)
+
+    def decode(self, *args, **kwargs):
+        for frame in self.container.decode(*args, **kwargs):
+            self.counter.frames += 1
+            yield frame
+
+
+def vfr_pts(num_frames):
+    """Frame times (1/100 s) with gaps of 1 to 7 hundredths."""
+    gaps = [1, 1, 2, 3, 7, 1, 2]
+    return [sum(gaps[j % 7] for j in range(k)) for k in range(num_frames)]
+
+
+SEEK_CLIPS = {
+    "bframes.mp4": lambda p: write_h264(p, 150),
+    "bframes.mkv": lambda p: write_h264(p, 150),
+    # seeks by decode time: a seek to a keyframe's pts can land on the next keyframe
+    "fragmented.mp4": lambda p: write_h264(p, 150, gop=3, movflags="frag_keyframe+empty_moov"),
+    "keyframe-every-7.mp4": lambda p: write_h264(p, 150, gop=7, x264=":scenecut=0"),
+    "open-gop.mkv": lambda p: write_h264(p, 150, gop=15, x264=":open-gop=1:scenecut=0"),
+    "open-gop.mp4": lambda p: write_h264(p, 150, gop=15, x264=":open-gop=1:scenecut=0"),
+    "vfr.mkv": lambda p: write_h264(p, 150, vfr_pts(150), Fraction(1, 100)),
+    "vfr.mp4": lambda p: write_h264(p, 150, vfr_pts(150), Fraction(1, 100)),
+    "start-at-40s.mp4": lambda p: write_h264(p, 150, [1200 + k for k in range(150)]),
+    "start-at-40s.mkv": lambda p: write_h264(p, 150, [1200 + k for k in range(150)]),
+}
+
+
+@pytest.fixture(scope="module")
+def seek_clips(tmp_path_factory):
+    return tmp_path_factory.mktemp("seek"), {}
+
+
+@pytest.mark.parametrize("name", sorted(SEEK_CLIPS))
+def test_seeking_gives_the_frames_of_an_in_order_decode(seek_clips, name, monkeypatch):
+    folder, made = seek_clips
+    if name not in made:
+        made[name] = SEEK_CLIPS[name](folder / name)
+    path = made[name]
+    with av.open(str(path)) as container:
+        packets = [p for p in container.demux(container.streams.video[0]) if p.size]
+    assert any(b.pts < a.pts for a, b in itertools.pairwise(packets))  # B-frames: decode order is not display order
+    frames = decoded_frames(path)
+    counter = CountingAV()
+    monkeypatch.setattr(video, "_import_av", lambda: counter)
+    for num_segments, bound in [(4, None), (8, None), (32, None), (3, (1.0, 2.5)), (5, (0.2, 0.6))]:
+        start = counter.frames
+        try:
+            result = load_video(path, num_segments=num_segments, bound=bound, image_size=64)
+        except InputError as e:  # the VFR clip's rate is its average: a bound past its end selects nothing
+            assert "selects no frames" in str(e) and bound
+            continue
+        expected = torch.stack([reference_tile(frames[i], 64) for i in result.frame_indices])
+        assert torch.equal(result.pixel_values, expected)
+        if num_segments == 4 and "open-gop" not in name:  # seeks, and decodes no clip in order after it
+            assert counter.frames - start < max(result.frame_indices) + 1
+
+
+def test_seeking_a_long_clip_decodes_only_near_the_sampled_frames(tmp_path, monkeypatch):
+    """A 50 s clip with a keyframe every 25 frames: 8 frames sampled over it cost at most 8 x 25 decoded
+    frames, where decoding in order from the start took all 1500 up to the last one."""
+    path = write_h264(tmp_path / "long.mp4", 1500, gop=25, x264=":scenecut=0")
+    counter = CountingAV()
+    monkeypatch.setattr(video, "_import_av", lambda: counter)
+    result = load_video(path, num_segments=8, image_size=64)
+    assert result.frame_indices == reference_index(None, 30, 1499, 8)
+    assert counter.frames <= 8 * 25
+    frames = decoded_frames(path)
+    assert torch.equal(result.pixel_values, torch.stack([reference_tile(frames[i], 64) for i in result.frame_indices]))
+
+
+@pytest.mark.parametrize("container_format", ["ts", "avi"])
+def test_clips_without_a_trusted_index_decode_in_order(tmp_path, container_format, monkeypatch):
+    """MPEG-TS seeks by searching the file, and an avi of H.264 with B-frames has no presentation
+    times (the decoder hands its frames out with the packets' times in decode order)."""
+    path = write_h264(tmp_path / f"clip.{container_format}", 150)
+    counter = CountingAV()
+    monkeypatch.setattr(video, "_import_av", lambda: counter)
+    result = load_video(path, num_segments=4, image_size=64)
+    assert counter.frames == max(result.frame_indices) + 1
+    frames = decoded_frames(path)
+    assert torch.equal(result.pixel_values, torch.stack([reference_tile(frames[i], 64) for i in result.frame_indices]))
+
+
+@pytest.mark.parametrize(
+    "packets,starts",
+    [
+        ([(0, True), (3, False), (1, False), (2, False), (4, True), (5, False)], [0, 4]),
+        # the keyframe at pts 4 of an open GOP: frames 2 and 3 show before it but need the GOP before
+        ([(0, True), (1, False), (4, True), (2, False), (3, False), (5, False)], [0]),
+        # a keyframe decoded after a frame shown later than it
+        ([(0, True), (3, False), (2, True), (1, False), (4, False)], [0]),
+        ([(100, True), (101, False), (102, True)], [0, 2]),
+    ],
+)
+def test_frame_table_starts_only_at_keyframes_that_split_the_clip(packets, starts):
+    table = video._frame_table(packets, len(packets))
+    assert table.starts == starts
+    assert table.pts == sorted(p for p, _ in packets)
+
+
+@pytest.mark.parametrize(
+    "packets,num_frames",
+    [
+        ([(0, True), (1, False), (None, False)], 3),  # a packet without a pts
+        ([(0, True), (1, False), (1, False)], 3),  # two packets at one pts
+        ([(0, True), (1, False), (2, False)], 4),  # the container counts a frame more than its packets
+        ([(0, False), (1, True), (2, False)], 3),  # no keyframe first: the decoder drops frames until one
+        ([(1, True), (0, False), (2, False)], 3),  # the first keyframe's leading frame needs a GOP before the clip
+    ],
+)
+def test_frame_table_refuses_clips_an_in_order_decode_might_number_otherwise(packets, num_frames):
+    assert video._frame_table(packets, num_frames) is None
+
+
+def test_a_video_file_without_a_video_stream_is_named_as_other_errors_name_it(tmp_path):
+    path = tmp_path / "empty\n.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(available_encoder(), rate=FPS)
+        stream.width, stream.height = 64, 48
+        container.start_encoding()  # an mp4 without samples loses its stream
+    with pytest.raises(InputError) as error:
+        load_video(path)
+    assert str(error.value) == repr(str(path)) + ": has no video stream"

@@ -16,6 +16,21 @@ decord. Kept for parity:
   mjpeg and vp9 clips in mp4, avi, mkv and webm, an odd width, a truncated avi and rotated mp4s:
   the same frame count, fps, indices and bit-identical pixel_values (tests/test_video_decord.py).
 
+Reading by seeking. Frame k is the k-th frame an in-order decode from the start gives. Where that
+numbering can be known without decoding, frames are decoded from the keyframe before each sampled
+frame, as decord's `get_batch` does, instead of from the start (an hour of video was ~100k frames
+decoded for 8 samples): an mp4/mov or mkv/webm clip of H.264, HEVC, VP9, AV1, MPEG-4 or MJPEG whose
+demuxed packets (read, not decoded) each have their own pts, none corrupt or to be discarded, as many
+as the container's frame count, starting on a keyframe. Their pts in order are the frames'; a keyframe
+is a start when all packets before it show before it and all after it show after it (an open GOP's
+keyframe, whose leading frames need the GOP before, is none). A sampled frame is decoded from the last
+start at or before it unless the decode already under way is nearer, and every frame decoded must come
+out with the pts the table gives its index: if one does not (or a seek lands off a start), the clip is
+decoded in order, as are all other clips (avi: no presentation times with B-frames; MPEG-PS/TS: seeks
+by searching the file, where decord's frames go wrong; VP8 and other codecs). A frame that would fail
+to decode in a stretch seeking skips is not noticed (an in-order decode stops there and samples the
+frames before it).
+
 Differences from decord, measured:
 - Frames that take swscale's general path, 4:2:0 with an odd height or more than 8 bits a sample
   (10-bit video), are converted differently by FFmpeg 8 (in PyAV >= 16) than by decord's FFmpeg
@@ -32,11 +47,13 @@ Differences from decord, measured:
   (the card's arithmetic raises TypeError or OverflowError on those).
 """
 
+import bisect
+import itertools
 import math
 import numbers
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,8 +164,102 @@ def _decode_frames(av, path: str, wanted: set[int]) -> tuple[dict[int, Image.Ima
                     break
         except av.error.FFmpegError as e:
             if decoded == 0:
-                raise InputError(f"{path}: cannot decode video: {e}") from None
+                raise InputError(f"{source_name(path)}: cannot decode video: {e}") from None
     return kept, decoded
+
+
+@dataclass
+class _FrameTable:
+    pts: list[int]  # each frame's pts, in presentation order: frame k of an in-order decode has pts[k]
+    starts: list[int]  # ascending frame indices of the keyframes a decode can start from
+
+
+# Where a clip is read by seeking (module docstring): containers that seek by their index to a keyframe's
+# exact pts, and codecs whose every packet decodes to one frame shown at that packet's pts.
+_SEEK_FORMATS = {"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"}
+_SEEK_CODECS = {"h264", "hevc", "vp9", "av1", "mpeg4", "mjpeg"}
+
+
+def _demux(av, container, stream) -> tuple[list[tuple[int | None, bool]], bool]:
+    """(pts, keyframe) of each packet in decode order, read without decoding, and whether every packet
+    read cleanly (no error, which ends the list, and none marked corrupt or to be discarded)."""
+    packets = []
+    clean = True
+    try:
+        for packet in container.demux(stream):
+            if packet.size > 0:
+                packets.append((packet.pts, packet.is_keyframe))
+                clean = clean and not (packet.is_corrupt or packet.is_discard)
+    except av.error.FFmpegError:
+        clean = False  # a damaged tail: the frames before it still count
+    return packets, clean
+
+
+def _frame_table(packets: list[tuple[int | None, bool]], num_frames: int) -> _FrameTable | None:
+    """The frame table of a clip with one frame per packet, or None where an in-order decode might number
+    the frames otherwise (a pts missing or repeated, a frame count that is not the packets')."""
+    pts = [p for p, _ in packets]
+    if len(pts) != num_frames or None in pts or len(set(pts)) != len(pts):
+        return None
+    # A keyframe can start a decode when the packets before it all show before it and those after it
+    # after it: it is then frame i, and no frame from i on needs a packet before it (an open GOP's
+    # keyframe, whose leading frames need the GOP before, is no start).
+    later_min = list(pts)
+    for i in reversed(range(len(pts) - 1)):
+        later_min[i] = min(pts[i], later_min[i + 1])
+    starts, shown = [], None
+    for i, (p, keyframe) in enumerate(packets):
+        if keyframe and (shown is None or shown < p) and (i + 1 == len(pts) or p < later_min[i + 1]):
+            starts.append(i)
+        shown = p if shown is None else max(shown, p)
+    if not starts or starts[0] != 0:
+        return None
+    return _FrameTable(sorted(pts), starts)
+
+
+def _decode_from(container, stream, table: _FrameTable, at: int) -> tuple[Iterator, int] | None:
+    """A decode from `table.starts[at]`, or from an earlier start where the container's seek lands, and
+    the index of its first frame; None when no seek lands on a start. Some containers seek by decode
+    time (a fragmented mp4) and land on the next keyframe: then the seek to the start before is tried."""
+    for start in reversed(table.starts[max(at - 1, 0) : at + 1]):
+        container.seek(table.pts[start], stream=stream)
+        frames = container.decode(stream)
+        first = next(frames, None)
+        if first is None or first.pts is None:
+            return None
+        position = bisect.bisect_left(table.pts, first.pts)
+        if position <= start:
+            if table.pts[position] != first.pts or position not in table.starts:
+                return None
+            return itertools.chain([first], frames), position
+    return None
+
+
+def _seek_frames(av, path: str, table: _FrameTable, wanted: set[int]) -> dict[int, Image.Image] | None:
+    """The frames at `wanted`, each decoded from the last start at or before it unless the decode already
+    under way is nearer. None (decode in order instead) when a frame does not come out where the table
+    puts it."""
+    kept: dict[int, Image.Image] = {}
+    frames, position = None, 0  # the decode under way and the index of the frame it gives next
+    with _open_container(av, path) as container:
+        stream = _video_stream(container)
+        try:
+            for index in sorted(wanted):
+                at = bisect.bisect_right(table.starts, index) - 1
+                if frames is None or table.starts[at] > position:
+                    frames, position = _decode_from(container, stream, table, at) or (None, 0)
+                    if frames is None:
+                        return None
+                while position <= index:
+                    frame = next(frames, None)
+                    if frame is None or frame.pts != table.pts[position]:
+                        return None
+                    if position == index:
+                        kept[index] = _upright(frame)
+                    position += 1
+        except av.error.FFmpegError:
+            return None
+    return kept
 
 
 # Display rotation as PyAV reports it (`frame.rotation`, degrees counterclockwise) -> PIL transpose.
@@ -169,17 +280,6 @@ def _upright(frame) -> Image.Image:
     return image.transpose(transpose) if transpose is not None else image
 
 
-def _count_packets(av, container, stream) -> int:
-    """Frames in a stream whose container does not say, counted from its packets (up to an error)."""
-    count = 0
-    try:
-        for packet in container.demux(stream):
-            count += packet.size > 0
-    except av.error.FFmpegError:
-        pass  # a damaged tail: the frames before it still count
-    return count
-
-
 def _video_stream(container):
     """The stream FFmpeg ranks best (as decord's VideoReader takes it), not a cover picture that
     happens to come first."""
@@ -188,25 +288,32 @@ def _video_stream(container):
 
 def _read_video(path: str, num_segments: int, bound, max_pixels: int | None) -> tuple[list[Image.Image], list[int]]:
     av = _import_av()
+    name = source_name(path)
     with _open_container(av, path) as container:
         if not container.streams.video:
-            raise InputError(f"{path}: has no video stream")
+            raise InputError(f"{name}: has no video stream")
         stream = _video_stream(container)
-        check_pixels(stream.width, stream.height, max_pixels, path)  # before a frame is decoded
+        check_pixels(stream.width, stream.height, max_pixels, name)  # before a frame is decoded
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
-        num_frames = stream.frames or _count_packets(av, container, stream)
+        codec = stream.codec_context.codec.canonical_name if stream.codec_context else None  # None: no decoder
+        seekable = container.format.name in _SEEK_FORMATS and codec in _SEEK_CODECS
+        packets, clean = _demux(av, container, stream) if seekable or not stream.frames else ([], False)
+        num_frames = stream.frames or len(packets)
+        table = _frame_table(packets, num_frames) if seekable and clean else None
     if bound and fps <= 0:
-        raise InputError(f"{path}: frame rate unknown, cannot apply bound {bound}")
+        raise InputError(f"{name}: frame rate unknown, cannot apply bound {bound}")
     for _ in range(2):  # second round only when fewer frames decode than the container claims
         if num_frames < 1:
-            raise InputError(f"{path}: no decodable video frames")
+            raise InputError(f"{name}: no decodable video frames")
         indices = get_index(bound, fps, num_frames - 1, num_segments=num_segments)
-        kept, decoded = _decode_frames(av, path, set(indices))
+        kept = _seek_frames(av, path, table, set(indices)) if table else None
+        if kept is None:
+            kept, decoded = _decode_frames(av, path, set(indices))
         if len(kept) == len(set(indices)):
             return [kept[i] for i in indices], indices
-        num_frames = decoded
-    raise InputError(f"{path}: only {num_frames} frames decode, fewer than the sampled indices need")
+        num_frames, table = decoded, None  # only an in-order decode gets here
+    raise InputError(f"{name}: only {num_frames} frames decode, fewer than the sampled indices need")
 
 
 def _natural_key(name: str) -> list:
