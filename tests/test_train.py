@@ -293,6 +293,38 @@ def test_lora_resume_after_a_kill_mid_accumulation_and_after_the_last_step_is_ex
         assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_rng_states_hold_the_cuda_generator_where_the_run_used_cuda_and_restore_what_is_there(tmp_path, monkeypatch):
+    """No GPU here: torch.cuda's get/set_rng_state stand in for the device. A CUDA run saves its CUDA state and
+    a CUDA resume restores it; a CPU run saves none, and a CUDA resume of its checkpoint (or a CPU resume of
+    a CUDA one) restores the states that exist (torch CPU, numpy, python) and leaves the rest alone."""
+    import random
+
+    import numpy as np
+
+    cuda_state, restored = torch.arange(16, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: cuda_state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+
+    def saved(device):  # through the files a checkpoint keeps
+        tensors, meta = ckpt.rng_state(device)
+        ckpt.write_tensors(tmp_path / "rank0.safetensors", tensors)
+        return ckpt.read_tensors(tmp_path / "rank0.safetensors"), json.loads(json.dumps(meta))
+
+    def draws():
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+    on_cuda, on_cpu = saved(cuda), saved(cpu)
+    assert torch.equal(on_cuda[0]["torch_cuda"], cuda_state) and "torch_cuda" not in on_cpu[0]
+    expected = draws()
+    for states, device, restores_cuda in [(on_cuda, cuda, True), (on_cuda, cpu, False), (on_cpu, cuda, False),
+                                          (on_cpu, cpu, False)]:
+        restored.clear()
+        ckpt.set_rng_state(*states, device)
+        assert draws() == expected
+        assert len(restored) == restores_cuda and all(torch.equal(s, cuda_state) and d == cuda for s, d in restored)
+
+
 def test_checkpoints_save_where_folders_cannot_be_fsynced(tmp_path, chat_folder, meta, monkeypatch):
     """CIFS/SMB, sshfs and some Ceph volumes refuse fsync on a folder (EINVAL): the first checkpoint stopped
     the run with an OSError. A file's fsync error still stops it."""
