@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from internvl_mpo.checkpoint import parse_size
 from internvl_mpo.config import LLMConfig, ModelConfig, VisionConfig
@@ -118,6 +117,86 @@ def test_copies_tokenizer_and_remote_code_files(tmp_path, tiny):
     out = model.save_pretrained(tmp_path / "dst")
     for name in (*names, "model.safetensors"):
         assert (out / name).exists(), name
+
+
+def official_code(folder: Path, internlm2: bool = False) -> list[str]:
+    """Stand-ins for the official remote code of a hub InternVL2.5 folder, importing one another as the hub
+    files do (relative imports); returns their names."""
+    imports = {
+        "modeling_internvl_chat.py": ["configuration_internvl_chat", "conversation", "modeling_intern_vit"],
+        "configuration_internvl_chat.py": ["configuration_intern_vit"],
+        "modeling_intern_vit.py": ["configuration_intern_vit"], "configuration_intern_vit.py": [],
+        "conversation.py": [],
+    }
+    if internlm2:
+        imports["modeling_internvl_chat.py"].append("modeling_internlm2")
+        imports["configuration_internvl_chat.py"].append("configuration_internlm2")
+        imports.update({"modeling_internlm2.py": ["configuration_internlm2"], "configuration_internlm2.py": [],
+                        "tokenization_internlm2.py": [], "tokenization_internlm2_fast.py": ["tokenization_internlm2"]})
+    for name, modules in imports.items():
+        (folder / name).write_text("import torch\n" + "".join(f"from .{m} import X\n" for m in modules))
+    return sorted(imports)
+
+
+def test_saving_over_another_models_folder_leaves_none_of_its_tokenizer_or_code_files(tmp_path, tiny):
+    """A folder that held an InternLM2 checkpoint (sentencepiece tokenizer.model, tokenizer code named by
+    tokenizer_config.json's auto_map, InternLM2 modeling code) receives a Qwen2 model's save: the old
+    tokenizer and code files must go (a loader would read the stale tokenizer.model or tokenization code
+    beside the new tokenizer.json), the user's own files stay, and only the code the new checkpoint names
+    is copied (not every .py of the source folder)."""
+    old = tmp_path / "old"
+    InternVL(tiny).save_pretrained(old)
+    config = json.loads((old / "config.json").read_text())
+    config["llm_config"]["auto_map"] = {"AutoModel": "modeling_internlm2.InternLM2ForCausalLM"}
+    (old / "config.json").write_text(json.dumps(config))
+    old_code = official_code(old, internlm2=True)
+    (old / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": [
+        "tokenization_internlm2.InternLM2Tokenizer", "tokenization_internlm2_fast.InternLM2TokenizerFast"]}}))
+    for name in ("tokenizer.model", "special_tokens_map.json", "generation_config.json", "README.md",
+                 "example.jpg", "my_script.py"):
+        (old / name).write_text("{}" if name.endswith(".json") else "old")
+
+    ref = hf_reference(tiny)
+    src = write_checkpoint(tmp_path / "src", tiny, hf_to_official(ref.state_dict()))
+    new_code = official_code(src)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json"):
+        (src / name).write_text("{}" if name.endswith(".json") else "new")
+    (src / "setup.py").write_text("not part of the checkpoint")
+    model = InternVL.from_pretrained(src, image_token_id=IMAGE_TOKEN_ID)
+    model.save_pretrained(old)
+    assert sorted(p.name for p in old.iterdir()) == sorted([
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+        "added_tokens.json", *new_code, "README.md", "example.jpg", "my_script.py"])
+    assert set(old_code) - set(new_code) and (old / "merges.txt").read_text() == "new"
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(InternVL.from_pretrained(old)(ids), model(ids))
+    before = sorted(p.name for p in old.iterdir())
+    bare = InternVL.from_pretrained(InternVL(tiny).save_pretrained(tmp_path / "bare"), image_token_id=IMAGE_TOKEN_ID)
+    bare.save_pretrained(old)  # a source without tokenizer or code files has none to put in their place
+    assert sorted(p.name for p in old.iterdir()) == before
+
+
+def test_saving_into_the_folder_the_model_was_loaded_from(tmp_path, tiny):
+    """The loaded weights are memory-mapped from the folder's safetensors: a save into that folder replaces
+    the files by rename (never writing into them), so the model in memory keeps its weights, the folder
+    loads back equal and keeps its tokenizer and code files, whichever the shard layout before and after."""
+    model = InternVL(tiny, image_token_id=IMAGE_TOKEN_ID)
+    model.init_weights()
+    folder = model.save_pretrained(tmp_path / "m")
+    code = official_code(folder)
+    (folder / "tokenizer.json").write_text("{}")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        expected = model(ids)
+    loaded = InternVL.from_pretrained(folder)
+    for shard_size in ("20KB", "5GB", "30KB"):
+        loaded.save_pretrained(folder, max_shard_size=shard_size)
+        with torch.no_grad():
+            assert torch.equal(loaded(ids), expected)
+            assert torch.equal(InternVL.from_pretrained(folder)(ids), expected)
+    names = sorted(p.name for p in folder.iterdir())
+    assert [n for n in names if not n.startswith(("model.", "model-"))] == sorted(["config.json", "tokenizer.json", *code])
 
 
 def test_a_hub_download_fetches_every_file_a_save_copies():
@@ -407,28 +486,50 @@ def test_parse_size():
             parse_size(size)
 
 
-def test_a_save_that_fails_part_way_leaves_the_earlier_weights_loadable(tmp_path, tiny, monkeypatch):
+@pytest.mark.parametrize("failing", ["shard", "tokenizer"])
+def test_a_save_that_fails_part_way_leaves_the_earlier_save(tmp_path, tiny, monkeypatch, failing):
+    """A full disk part way through a save over an earlier one (safetensors reports it as a SafetensorError,
+    a copy as an OSError): the folder keeps its earlier weights, config and tokenizer files, byte for
+    byte, no temporary file stays, and the error is one line naming the folder and the cause."""
+    from safetensors import SafetensorError
+
     from internvl_mpo import checkpoint
 
-    model = InternVL(tiny, image_token_id=IMAGE_TOKEN_ID)
-    model.init_weights()
-    model.save_pretrained(tmp_path / "m")
-    before = sorted(p.name for p in (tmp_path / "m").iterdir())
-    written = []
+    sources = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = InternVL(tiny, image_token_id=IMAGE_TOKEN_ID)
+        model.init_weights()
+        source = model.save_pretrained(tmp_path / f"src{seed}")
+        for name in ("tokenizer.json", "vocab.json"):
+            (source / name).write_text(f'{{"seed": {seed}}}')
+        sources.append(InternVL.from_pretrained(source, image_token_id=IMAGE_TOKEN_ID))
+    folder = sources[0].save_pretrained(tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    save_tensors, copy_file, written = checkpoint.save_tensors, checkpoint.copy_file, []
 
-    def disk_full(tensors, path, metadata=None):
+    def disk_full_on_a_shard(tensors, path, metadata=None):
         if written:
-            raise OSError(28, "No space left on device")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         written.append(path)
-        save_file(tensors, str(path), metadata=metadata)
+        save_tensors(tensors, path, metadata)
 
-    monkeypatch.setattr(checkpoint, "save_tensors", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        model.save_pretrained(tmp_path / "m", max_shard_size="10KB")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == before
+    def disk_full_on_a_copy(source, target):
+        if source.name == "vocab.json":
+            raise OSError(28, "No space left on device")
+        copy_file(source, target)
+
+    if failing == "shard":
+        monkeypatch.setattr(checkpoint, "save_tensors", disk_full_on_a_shard)
+    else:
+        monkeypatch.setattr(checkpoint, "copy_file", disk_full_on_a_copy)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(folder))}: .*No space left on device") as error:
+        sources[1].save_pretrained(folder, max_shard_size="10KB")
+    assert "\n" not in str(error.value)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
-        assert torch.equal(InternVL.from_pretrained(tmp_path / "m")(ids), model(ids))
+        assert torch.equal(InternVL.from_pretrained(folder)(ids), sources[0](ids))
 
 
 @pytest.mark.parametrize("failing", ["index.json", "config.json"])
@@ -447,7 +548,7 @@ def test_a_save_whose_index_or_config_cannot_be_written_leaves_the_earlier_save(
         return write_text(path, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match=f"{folder}: .*No space left"):
         model.save_pretrained(folder, max_shard_size="40KB")
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

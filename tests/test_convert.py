@@ -256,6 +256,31 @@ def test_unreadable_weights_are_named_and_leave_no_partial_destination(tmp_path,
     assert list((tmp_path / "empty").iterdir()) == []
 
 
+@pytest.mark.parametrize("to", ["hf", "official"])
+def test_a_full_disk_is_one_line_naming_the_destination_and_leaves_nothing(tmp_path, monkeypatch, capsys, to):
+    """safetensors reports a full disk as a SafetensorError: the command printed its traceback; it is one
+    line naming the destination and the cause, and no half-written destination stays."""
+    from safetensors import SafetensorError
+
+    from internvl_mpo import checkpoint
+    from internvl_mpo.cli import main
+
+    src = official_folder(tmp_path / "src", "qwen2")
+    if to == "official":
+        src = convert(src, tmp_path / "hf", to="hf")
+
+    def disk_full(tensors, path, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_tensors", disk_full)
+    dst = tmp_path / "out"
+    assert main(["convert", str(src), str(dst), "--to", to]) == 1
+    assert capsys.readouterr().err == (f"internvl-mpo convert: error: {dst}: saving failed (Error while serializing: "
+                                       "I/O error: No space left on device (os error 28)); nothing of the conversion "
+                                       "was kept\n")
+    assert not dst.exists()
+
+
 def test_convert_command(tmp_path, capsys):
     """Both ways; InternLM2's tokenizer code files (named by tokenizer_config's auto_map) travel along; the
     official output says which official code files to add."""

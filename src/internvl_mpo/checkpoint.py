@@ -16,14 +16,15 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, SaveError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -313,15 +314,18 @@ def copy_file(source: Path, target: Path) -> None:
 
 
 def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB",
-                    texts: dict[str, str] | None = None) -> None:
+                    texts: dict[str, str] | None = None, files: dict[str, Path] | None = None,
+                    replaces: Iterable[str] = ()) -> None:
     """Write `state` as model.safetensors, or as numbered shards plus the index when it is too large,
-    and the text files `texts` (name -> content: config.json) that must go in with the weights.
+    the text files `texts` (name -> content: config.json) and copies of `files` (name -> source file:
+    the tokenizer) that must go in with the weights.
 
     Every file, the index included, is written under a temporary name first and renamed into place
     once all are written, so a save that fails part way (a full disk) leaves the folder's earlier
-    weights and config as they were;
-    weight files of an earlier save (model.safetensors, model-NNNNN-of-NNNNN.safetensors, the index)
-    that the new ones do not replace are removed after that; other files are left alone.
+    files as they were, and says so in a `SaveError` naming the folder and the cause. After the
+    renames, weight files of an earlier save (model.safetensors, model-NNNNN-of-NNNNN.safetensors, the
+    index) and the names in `replaces` (an earlier checkpoint's tokenizer and code) that this save did
+    not write are removed; other files are left alone.
     """
     limit = parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -357,25 +361,80 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
             names.append(name)
             temps.append(folder / f".{name}.tmp")
             temps[-1].write_text(text, encoding="utf-8")
-    except BaseException:
+        for name, source in (files or {}).items():
+            names.append(name)
+            temps.append(folder / f".{name}.tmp")
+            copy_file(source, temps[-1])
+    except BaseException as e:
         for temp in temps:
             temp.unlink(missing_ok=True)
-        raise
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        raise SaveError(folder, reason, "its earlier files are unchanged") from None
     for name, temp in zip(names, temps):
         os.replace(temp, folder / name)
+    replaced = set(replaces)
     for old in folder.iterdir():  # only names a save writes: other files (model-ema.safetensors) are the user's
-        if old.name not in names and (old.name in (SINGLE_FILE, INDEX_FILE) or SHARD_NAME.fullmatch(old.name)):
+        if old.name not in names and (old.name in (SINGLE_FILE, INDEX_FILE) or SHARD_NAME.fullmatch(old.name)
+                                      or old.name in replaced):
             old.unlink(missing_ok=True)
 
 
-def copy_companions(source: Path | None, folder: Path) -> None:
-    """Copy tokenizer, generation and remote-code files from the folder a model was loaded from."""
-    if source is None or source.resolve() == folder.resolve():
-        return
-    names = set(COMPANION_FILES) | {p.name for p in source.glob("*.py")}
-    for name in sorted(names):
-        if (source / name).is_file():
-            copy_file(source / name, folder / name)
+def write_failure(error: BaseException) -> str | None:
+    """Why a write failed, in one line, for an OSError, a SafetensorError (safetensors' word for a full disk)
+    or a `SaveError`; None for any other error."""
+    if isinstance(error, SaveError):
+        return error.reason
+    if isinstance(error, (OSError, SafetensorError)):
+        return " ".join(str(error).split())
+    return None
+
+
+def auto_map_files(auto_map: dict[str, Any]) -> list[str]:
+    """The .py files an auto_map names: "module.Class" (or "repo--module.Class") -> "module.py"."""
+    entries = [e for value in auto_map.values() for e in (value if isinstance(value, list) else [value])
+               if isinstance(e, str) and e]
+    return sorted({e.split("--")[-1].rsplit(".", 1)[0] + ".py" for e in entries})
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON file's object; {} when it is missing or not a JSON object (nothing it names is then known)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+# `import .x` and `from .x import y`, as transformers reads a remote-code file's imports from its own folder.
+_RELATIVE_IMPORT = re.compile(r"^\s*(?:import\s+\.(\w+)\s*$|from\s+\.(\w+)\s+import)", re.M)
+
+
+def remote_code(folder: Path, configs: Iterable[dict]) -> list[str]:
+    """The .py files of `folder` that the auto_maps of `configs` name (a config's own and its nested
+    configs': InternLM2's llm_config names modeling_internlm2), with the modules they import relatively
+    from the folder, recursively: the files transformers fetches with them (`from .conversation import`)."""
+    maps = [c.get("auto_map") for config in configs for c in (config, *config.values()) if isinstance(c, dict)]
+    pending = [name for auto_map in maps if isinstance(auto_map, dict) for name in auto_map_files(auto_map)]
+    found: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name in found or not (folder / name).is_file():
+            continue
+        found.add(name)
+        text = (folder / name).read_text(encoding="utf-8", errors="replace")
+        pending += [(plain or source) + ".py" for plain, source in _RELATIVE_IMPORT.findall(text)]
+    return sorted(found)
+
+
+def companions(folder: Path, config: dict | None = None) -> list[str]:
+    """The files of `folder` that travel with its weights: tokenizer, generation and processor files, and the
+    remote code that `config` (default: the folder's config.json) and tokenizer_config.json name."""
+    if config is None:
+        config = _json_object(folder / "config.json")
+    code = remote_code(folder, [config, _json_object(folder / "tokenizer_config.json")])
+    return sorted([name for name in COMPANION_FILES if (folder / name).is_file()] + code)
 
 
 def find_token_id(folder: Path, token: str) -> int | None:

@@ -31,7 +31,7 @@ as it is (transformers unties a head that differs from the embeddings).
 
 Other files: the tokenizer and generation files are copied unchanged (the hub `-hf` InternLM2 ports
 ship a re-made Llama tokenizer; that is not done here), with the code files that tokenizer_config.json's
-`auto_map` names (InternLM2's tokenization_internlm2*.py). To transformers, the processor files are
+`auto_map` names (InternLM2's tokenization_internlm2*.py) and the modules they import from the folder. To transformers, the processor files are
 written too: preprocessor_config.json (GotOcr2 tiling with the official tile size, ImageNet mean/std and
 tile limits; it always adds the thumbnail, as InternVL2.5 does), processor_config.json (image tokens per
 tile), chat_template.jinja (the official template: its default system message, each image item as
@@ -57,7 +57,7 @@ from safetensors import SafetensorError
 from . import checkpoint
 from .chat.template import get_template
 from .config import FAMILY_SIZES, LLMConfig, ModelConfig, VisionConfig, family_config, official_rope
-from .errors import CheckpointError, ConfigError, InputError
+from .errors import CheckpointError, ConfigError, InputError, SaveError
 from .model import InternVL
 from .processor.image import IMAGENET_MEAN, IMAGENET_STD
 
@@ -478,13 +478,16 @@ def convert(
             _write_processor_files(dst, config)
         else:
             _drop_processor_tokens(dst)
-    except BaseException:  # leave no half-written folder (it was new or empty: everything in it is ours)
+    except BaseException as e:  # leave no half-written folder (it was new or empty: everything in it is ours)
         if created:
             shutil.rmtree(dst, ignore_errors=True)
         else:
             for path in dst.iterdir():
                 path.unlink()
-        raise
+        reason = checkpoint.write_failure(e)
+        if reason is None:
+            raise
+        raise SaveError(dst, reason, "nothing of the conversion was kept") from None
     return dst
 
 
@@ -515,15 +518,9 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _auto_map_files(auto_map: dict[str, Any]) -> tuple[str, ...]:
-    """The .py files an auto_map names: "module.Class" (or "repo--module.Class") -> "module.py"."""
-    entries = [e for value in auto_map.values() for e in (value if isinstance(value, list) else [value]) if e]
-    return tuple(sorted({e.split("--")[-1].rsplit(".", 1)[0] + ".py" for e in entries}))
-
-
 def _tokenizer_code(folder: Path) -> tuple[str, ...]:
     path = folder / "tokenizer_config.json"
-    return _auto_map_files(_read_json(path).get("auto_map") or {}) if path.is_file() else ()
+    return tuple(checkpoint.remote_code(folder, [_read_json(path)])) if path.is_file() else ()
 
 
 def chat_template(template: str = "internvl2_5") -> str:
@@ -577,7 +574,7 @@ def remote_code_note(folder: str | Path) -> str | None:
     """What to add so that the official remote code loads an official-layout folder, or None if it has
     the files its config.json's auto_map names."""
     folder = Path(folder)
-    missing = [f for f in _auto_map_files(_read_json(folder / "config.json").get("auto_map") or {})
+    missing = [f for f in checkpoint.auto_map_files(_read_json(folder / "config.json").get("auto_map") or {})
                if not (folder / f).is_file()]
     if not missing:
         return None

@@ -13,6 +13,14 @@ class CheckpointError(InternVLError, ValueError):
     """Weights that are missing, unexpected, mis-shaped, corrupt or not safetensors."""
 
 
+class SaveError(CheckpointError):
+    """Files that could not be written (a full disk, a read-only folder); `reason` is the cause, one line."""
+
+    def __init__(self, folder, reason: str, outcome: str):
+        super().__init__(f"{folder}: saving failed ({reason}); {outcome}")
+        self.reason = reason
+
+
 class InputError(InternVLError, ValueError):
     """A bad image, video, prompt or data record given by a user."""
 

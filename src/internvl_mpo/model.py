@@ -208,7 +208,9 @@ class InternVL(nn.Module):
         return model.eval()
 
     def save_pretrained(self, folder: str | Path, max_shard_size: int | str = "5GB") -> Path:
-        """Write config.json and safetensors in the official layout (plus the source's tokenizer files)."""
+        """Write config.json and safetensors in the official layout, with the tokenizer, generation and
+        remote-code files of the folder the model was loaded from. Over another checkpoint, its weights
+        and (when the source folder has such files) its tokenizer and code files are replaced, not mixed."""
         from . import checkpoint
 
         folder = Path(folder).expanduser()  # as from_pretrained reads it
@@ -228,6 +230,11 @@ class InternVL(nn.Module):
         llm = dataclasses.replace(llm, extra=with_dtype(llm.extra))
         vision = dataclasses.replace(self.config.vision, extra=with_dtype(self.config.vision.extra))
         config = self.config.replace(vision=vision, llm=llm, extra=with_dtype(self.config.extra))
-        checkpoint.save_state_dict(state, folder, max_shard_size, texts={"config.json": config.to_json_text()})
-        checkpoint.copy_companions(self.source_dir, folder)
+        source, files = self.source_dir, {}
+        if source is not None and source.resolve() != folder.resolve():  # saved into itself: its files stay
+            files = {name: source / name for name in checkpoint.companions(source, config.to_dict())}
+        # an earlier checkpoint's tokenizer and code give way to the source's (read before config.json is replaced)
+        replaces = checkpoint.companions(folder) if files else []
+        checkpoint.save_state_dict(state, folder, max_shard_size, texts={"config.json": config.to_json_text()},
+                                   files=files, replaces=replaces)
         return folder
