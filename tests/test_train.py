@@ -349,6 +349,41 @@ def test_checkpoints_save_where_folders_cannot_be_fsynced(tmp_path, chat_folder,
         ckpt.atomic_folder(tmp_path / "other", lambda folder: (folder / "a.json").write_text("{}"))
 
 
+def test_a_full_disk_while_saving_is_one_line_and_leaves_no_temporary_folder(tmp_path, chat_folder, meta, monkeypatch):
+    """safetensors reports a full disk as a SafetensorError: a checkpoint or final/ save stopped the run with
+    its traceback and left the half-written .tmp-* folder on the full disk; it is one line naming the folder
+    and the cause, the temporary folder is removed, and a final/ already there stays as it was."""
+    from safetensors import SafetensorError
+
+    def disk_full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    from internvl_mpo import checkpoint
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "save_tensors", disk_full)  # the weights, in the checkpoint's model/
+        with pytest.raises(CheckpointError, match=re.escape(f"{run / 'checkpoint-000001'}: saving failed (Error while "
+                                                            "serializing: I/O error: No space left on device")):
+            train(config(chat_folder, meta, run, max_steps=1, save_every=1))
+    assert sorted(p.name for p in run.iterdir()) == [ckpt.LOCK_FILE, "metrics.jsonl"]
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "write_tensors", disk_full)  # the optimizer state
+        with pytest.raises(CheckpointError, match=re.escape(f"{run / 'checkpoint-000001'}: saving failed (Error")):
+            train(config(chat_folder, meta, run, max_steps=1, save_every=1, resume=True))
+    assert sorted(p.name for p in run.iterdir()) == [ckpt.LOCK_FILE, "metrics.jsonl"]
+    (run / "final").mkdir()
+    (run / "final" / "config.json").write_text("{}")
+
+    def half_written(folder):
+        (folder / "model.safetensors").write_bytes(b"part")
+        disk_full()
+
+    with pytest.raises(CheckpointError, match=re.escape(f"{run / 'final'}: saving failed")):
+        ckpt.atomic_folder(run / "final", half_written)
+    assert not list(run.glob(".tmp-*")) and [p.name for p in (run / "final").iterdir()] == ["config.json"]
+
+
 def test_checkpoint_folder_holds_only_safetensors_and_json(tmp_path, chat_folder, meta, umask_022):
     from conftest import modes_other_than
 

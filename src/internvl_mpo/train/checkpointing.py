@@ -40,8 +40,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from internvl_mpo.checkpoint import save_tensors
-from internvl_mpo.errors import CheckpointError, ConfigError
+from internvl_mpo.checkpoint import save_tensors, write_failure
+from internvl_mpo.errors import CheckpointError, ConfigError, SaveError
 from internvl_mpo.model import InternVL
 from internvl_mpo.train.distributed import DistEnv, barrier
 
@@ -224,12 +224,25 @@ def publish(tmp: Path, final: Path) -> None:
     _fsync(final.parent)
 
 
+def write_temp(tmp: Path, final: Path, write: Callable[..., None], *args: Any) -> None:
+    """`write(*args)` into the temporary folder `tmp` of `final`; one that fails removes `tmp`, and a full
+    disk or another OS error (the model's save inside included) is a `SaveError` naming `final`."""
+    try:
+        write(*args)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        raise SaveError(final, reason, "nothing there was replaced") from None
+
+
 def atomic_folder(final: Path, write: Callable[[Path], None]) -> Path:
     """Single-process helper: `write(tmp)` fills a temporary folder, which is then published."""
     tmp = temp_dir(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    write_temp(tmp, final, write, tmp)
     publish(tmp, final)
     return final
 
@@ -354,6 +367,14 @@ def load_model_weights(path: Path, model: InternVL, skip: set[str] = frozenset()
 # ----------------------------------------------------------------------------- whole checkpoints
 
 
+def _write_weights_and_optimizer(tmp: Path, state: dict[str, torch.Tensor], optim_state: dict,
+                                 write_weights: Callable[[dict[str, torch.Tensor], Path], None]) -> None:
+    write_weights(state, tmp)
+    tensors, meta = flatten_optimizer_state(optim_state)
+    write_tensors(tmp / "optimizer.safetensors", tensors)
+    write_json(tmp / "optimizer.json", meta)
+
+
 def save_checkpoint(
     final: Path,
     env: DistEnv,
@@ -381,10 +402,7 @@ def save_checkpoint(
     if env.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        write_weights(state, tmp)
-        tensors, meta = flatten_optimizer_state(optim_state)
-        write_tensors(tmp / "optimizer.safetensors", tensors)
-        write_json(tmp / "optimizer.json", meta)
+        write_temp(tmp, final, _write_weights_and_optimizer, tmp, state, optim_state, write_weights)
     del state, optim_state
     barrier(env)
     rng_tensors, rng_meta = rng_state(env.device)
