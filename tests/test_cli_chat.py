@@ -208,6 +208,23 @@ def test_generate_resumes_only_with_the_model_and_settings_that_wrote_the_answer
     assert json.loads((tmp_path / "answers.jsonl.settings.json").read_text())["max_new_tokens"] == 3
 
 
+def test_a_generate_refused_for_its_settings_leaves_the_answers_file_as_it_was(folder, tmp_path):
+    """The refused rerun had already rewritten the file without its error lines (and a cut last line)."""
+    from internvl_mpo import cli_chat
+    from internvl_mpo.errors import ConfigError
+
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text("".join(json.dumps(x) + "\n" for x in [{"id": "a", "question": "Hi"},
+                                                                 {"id": "b", "question": "Hi", "image": "gone.png"}]))
+    run = dict(input=str(requests), output=str(answers), model=str(folder), device="cpu")
+    assert cli_chat.generate(**run, max_new_tokens=4) == 0
+    written = answers.read_text()
+    assert "error" in json.loads(written.splitlines()[1])
+    with pytest.raises(ConfigError, match=r"other settings \(max_new_tokens\)"):
+        cli_chat.generate(**run, max_new_tokens=5)
+    assert answers.read_text() == written
+
+
 def test_a_greedy_generate_resumes_under_other_sampling_flags_a_sampled_one_does_not(folder, tmp_path):
     """--temperature 0 reads no --seed, --top-p or --top-k, yet a greedy rerun with another of them was
     refused; they count only where the answers sample."""

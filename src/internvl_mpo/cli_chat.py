@@ -237,10 +237,14 @@ def generate(
     if not base.greedy and seed is not None and seed + last >= 2**63:
         raise InputError(f"--seed {seed}: request {last} samples with seed + {last}, past the largest seed 2**63 - 1; "
                          "use a smaller --seed")
-    done = _finished_questions(out)
+    done, answered = _finished_questions(out)
     _check_answer_settings(out, {"model": model_key(_model_path(model)), "max_num": max_num, "temperature": temperature,
                                  "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
                                  "min_new_tokens": min_new_tokens, "seed": seed}, resume=bool(done))
+    if out.exists():  # only once the settings allow the resume: a refused run leaves the file as it was
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_bytes(b"".join(line + b"\n" for line in answered))
+        os.replace(tmp, out)
     # an edited request is asked again, and so is one whose image or video file was edited in place
     todo = [r for r in requests if r["id"] not in done or done[r["id"]][0] != _asked(r)
             or not unchanged(_files(r), done[r["id"]][1])]
@@ -327,12 +331,12 @@ def _files(request: dict) -> list[str]:
     return ([image] if isinstance(image, str) else image or []) + ([video] if video else [])
 
 
-def _finished_questions(out: Path) -> dict:
-    """{id: (`_asked`, stamps)} of the requests answered in `out`, which keeps only their lines: error lines are
-    dropped (those requests run again), and so is a line cut by an interrupted write, even in the middle
-    of a character."""
+def _finished_questions(out: Path) -> tuple[dict, list[bytes]]:
+    """{id: (`_asked`, stamps)} of the requests answered in `out`, and their lines, the ones a resume keeps:
+    not error lines (those requests run again), nor a line cut by an interrupted write, even in the
+    middle of a character."""
     if not out.exists():
-        return {}
+        return {}, []
     kept, done = [], {}
     for line in out.read_bytes().split(b"\n"):  # JSON strings may hold U+2028 and the like: split at LF only
         try:
@@ -342,10 +346,7 @@ def _finished_questions(out: Path) -> dict:
         if isinstance(row, dict) and "answer" in row and isinstance(row.get("id"), (str, int)):
             done[row["id"]] = _asked(row), row.get("stamps")  # not the answers: a large job's would fill memory
             kept.append(line)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(b"".join(k + b"\n" for k in kept))
-    os.replace(tmp, out)
-    return done
+    return done, kept
 
 
 def _read_requests(path: Path) -> list[dict]:
