@@ -10,7 +10,7 @@ import torch
 from internvl_mpo.config import LLMConfig, ModelConfig
 from internvl_mpo.errors import InputError
 from internvl_mpo.model import InternVL
-from internvl_mpo.placement import device_for, layers_per_gpu, split_model
+from internvl_mpo.placement import check_device_map, device_for, layers_per_gpu, split_model
 
 
 def test_official_example_two_gpus_36_layers():
@@ -90,3 +90,18 @@ def test_a_device_map_that_leaves_weights_unplaced_is_refused(tmp_path, tiny):
     InternVL(tiny).save_pretrained(tmp_path / "m")
     with pytest.raises(InputError, match=r'device_map gives no device for mlp1.0.weight, .*more\); add their modules, or ""'):
         InternVL.from_pretrained(tmp_path / "m", device_map={"vision_model": "cpu", "language_model": "cpu"})
+
+
+@pytest.mark.parametrize("moved", ["language_model.lm_head", "language_model.model.norm", "mlp1",
+                                   "language_model.model.embed_tokens", "vision_model.encoder.layers.1"])
+def test_a_device_map_that_splits_what_sits_outside_the_decoder_layers_is_refused(tiny, moved):
+    """Only decoder layers hop devices (the engine keeps its batch state beside the embeddings and the head, and
+    the image features meet the embeddings outside the layers): the rest on two devices is refused up front."""
+    with torch.device("meta"):
+        keys = InternVL(tiny).state_dict()
+    device_map = {"": "cuda:0", "language_model.model.layers.1": "cuda:1", moved: "cuda:1"}
+    with pytest.raises(InputError, match=rf"device_map puts {moved}\S* on cuda:1 but .* on cuda:0; only the decoder"
+                                         r" layers \(language_model.model.layers.N\) may go to other devices"):
+        check_device_map(device_map, keys)
+    check_device_map({"": "cuda:0", "language_model.model.layers.1": "cuda:1"}, keys)  # the layers alone may move
+    check_device_map(split_model(tiny, 2), keys)

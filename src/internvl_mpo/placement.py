@@ -10,12 +10,15 @@ loop; each layer's KV cache lives on that layer's device.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
 from .checkpoint import parse_device
 from .config import ModelConfig
 from .errors import InputError
+
+DECODER_LAYER = re.compile(r"language_model\.model\.layers\.\d+\.")  # the weights that may sit on other devices
 
 
 def layers_per_gpu(num_layers: int, num_gpus: int) -> list[int]:
@@ -67,8 +70,9 @@ def _covers(prefix: str, key: str) -> bool:
 
 
 def check_device_map(device_map: dict[str, str], keys) -> None:
-    """Refuse a prefix that names no weight (a misspelt one would place nothing) and a weight no prefix
-    places (as transformers does), before any device is chosen."""
+    """Refuse a prefix that names no weight (a misspelt one would place nothing), a weight no prefix
+    places (as transformers does), and weights outside the decoder layers on different devices, before
+    any weight is read."""
     for prefix in device_map:
         if not any(_covers(prefix, key) for key in keys):
             modules = ", ".join(sorted({key.split(".")[0] for key in keys}))
@@ -77,6 +81,15 @@ def check_device_map(device_map: dict[str, str], keys) -> None:
     if unplaced:
         shown = ", ".join(unplaced[:3]) + (f", ... ({len(unplaced) - 3} more)" if len(unplaced) > 3 else "")
         raise InputError(f"device_map gives no device for {shown}; add their modules, or \"\" for everything else")
+    # Hidden states hop devices between decoder layers only; the rest exchange tensors with one another outside them.
+    outside = {key: device_for(key, device_map, None) for key in keys if not DECODER_LAYER.match(key)}
+    (first, device), *_ = outside.items()
+    for key, other in outside.items():
+        if other != device:
+            raise InputError(
+                f"device_map puts {key} on {other} but {first} on {device}; only the decoder layers"
+                " (language_model.model.layers.N) may go to other devices: the vision tower, projector, embeddings,"
+                " final norm and head share one")
 
 
 def device_for(key: str, device_map: dict[str, str], default: torch.device) -> torch.device:
