@@ -189,6 +189,26 @@ def test_bf16_forward_runs_close_to_fp32(reference_pair, tiny):
     assert_close(half.float(), full, atol=0.1, rtol=0.05)
 
 
+def test_bf16_forward_equals_transformers_bf16(reference_pair, tiny):
+    """bf16 weights: the logits and image features equal transformers' bit for bit (RMSNorm in fp32, RoPE
+    tables in fp32 cast to bf16, the ViT's layer scale, the projector's LayerNorm, SDPA attention)."""
+    ref, ours = reference_pair(tiny)
+    rotary = ref.model.language_model.rotary_emb
+    inv_freq = rotary.inv_freq
+    ref = ref.to(torch.bfloat16)
+    rotary.inv_freq = inv_freq  # fp32, as transformers' from_pretrained(dtype=bfloat16) leaves it (.to rounds it)
+    ref.set_attn_implementation("sdpa")
+    ours = ours.to(torch.bfloat16)
+    ids = torch.tensor([image_ids(1, tiny.num_image_token, suffix=tuple(range(10, 60)))])
+    pixels = torch.randn(1, 3, 56, 56, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = hf_logits(ref, ids, pixels)
+        features = ref.model.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
+                                                vision_feature_select_strategy="default").pooler_output
+        assert torch.equal(ours.extract_feature(pixels), features)
+        assert torch.equal(ours(ids, pixel_values=pixels), expected)
+
+
 def test_tied_head_config_shares_the_embedding(tiny):
     from internvl_mpo.model import InternVL
 
