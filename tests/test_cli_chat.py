@@ -250,6 +250,26 @@ def test_a_greedy_generate_resumes_under_other_sampling_flags_a_sampled_one_does
     assert cli_chat.generate(**run, temperature=0.7, seed=1, top_p=0.5, top_k=3) == 0
 
 
+def test_generate_resumes_with_max_num_spelled_as_the_models_default_or_left_out(folder, tmp_path):
+    """--max-num N where N is the model's max_dynamic_patch tiles as leaving it out does, yet a resume
+    that spelled it (or left out what the first run spelled) was refused as a changed setting."""
+    from internvl_mpo import cli_chat
+    from internvl_mpo.errors import ConfigError
+
+    tiles = json.loads((folder / "config.json").read_text())["max_dynamic_patch"]
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text(json.dumps({"id": "a", "question": "Hi", "image": str(folder.parent / "red.png")}) + "\n")
+    run = dict(input=str(requests), output=str(answers), model=str(folder), device="cpu", max_new_tokens=4)
+    for first, then in [(None, tiles), (tiles, None)]:
+        assert cli_chat.generate(**run, max_num=first) == 0
+        written = answers.read_text()
+        assert cli_chat.generate(**run, max_num=then) == 0
+        assert answers.read_text() == written
+        with pytest.raises(ConfigError, match=r"other settings \(max_num\)"):
+            cli_chat.generate(**run, max_num=tiles + 1)
+        answers.unlink()
+
+
 def test_generate_refuses_a_seed_whose_last_request_would_pass_the_seed_range_before_loading(folder, tmp_path):
     """Request k samples with seed + k; past 2**63 the run answered the first requests, then stopped
     on the seed of a later one, which the --seed it was given did not show."""

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ConfigError, InputError, PromptTooLongError
@@ -240,7 +241,8 @@ def generate(
     done, answered = _finished_questions(out)
     _check_answer_settings(out, {"model": model_key(_model_path(model)), "max_num": max_num, "temperature": temperature,
                                  "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
-                                 "min_new_tokens": min_new_tokens, "seed": seed}, resume=bool(done))
+                                 "min_new_tokens": min_new_tokens, "seed": seed}, resume=bool(done),
+                           default_max_num=lambda: _default_tiles(_model_path(model)))
     if out.exists():  # only once the settings allow the resume: a refused run leaves the file as it was
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_bytes(b"".join(line + b"\n" for line in answered))
@@ -306,9 +308,19 @@ def _asked(row: dict) -> tuple:
 SAMPLING_ONLY = ("seed", "top_k", "top_p")  # the generate settings that only a sampled run reads
 
 
-def _check_answer_settings(out: Path, settings: dict, resume: bool) -> None:
+def _default_tiles(model: str) -> int:
+    """The tiles per image a run without --max-num uses: the model config's max_dynamic_patch."""
+    from .checkpoint import resolve_checkpoint
+    from .config import ModelConfig
+
+    return ModelConfig.from_json(resolve_checkpoint(model) / "config.json").max_dynamic_patch
+
+
+def _check_answer_settings(out: Path, settings: dict, resume: bool, default_max_num: Callable[[], int]) -> None:
     """Answers resume only under the settings that wrote them, which `<output>.settings.json` keeps:
-    other settings are refused, except the sampling ones (SAMPLING_ONLY) where either run is greedy. A new run (no answer written yet) records its settings, and so does a
+    other settings are refused, except the sampling ones (SAMPLING_ONLY) where either run is greedy, and
+    a max_num left out (None) is the model's `default_max_num()`, read only when one run left it out
+    and the other did not. A new run (no answer written yet) records its settings, and so does a
     resume of answers written before the file was kept (there is nothing to compare)."""
     from .pairs import atomic_write, changed_settings, read_settings
 
@@ -318,6 +330,10 @@ def _check_answer_settings(out: Path, settings: dict, resume: bool) -> None:
         # a greedy run (--temperature 0) reads no sampling flag: only the others can change its answers
         ignored = SAMPLING_ONLY if 0 in (earlier.get("temperature"), settings.get("temperature")) else ()
         changed = changed_settings(earlier, settings, ignored)
+        if "max_num" in changed and None in (earlier.get("max_num"), settings["max_num"]):
+            tiles = default_max_num()
+            if {earlier.get("max_num"), settings["max_num"]} == {None, tiles}:
+                changed.remove("max_num")
         if changed:
             raise ConfigError(f"{out} holds answers written with other settings ({', '.join(changed)}); use another "
                               "--output, or the same settings to resume")
