@@ -468,8 +468,11 @@ def vfr_pts(num_frames):
 SEEK_CLIPS = {
     "bframes.mp4": lambda p: write_h264(p, 150),
     "bframes.mkv": lambda p: write_h264(p, 150),
-    # seeks by decode time: a seek to a keyframe's pts can land on the next keyframe
+    # seeks by decode time, and without the clip's start offset: a seek to a keyframe's pts lands on a later one
     "fragmented.mp4": lambda p: write_h264(p, 150, gop=3, movflags="frag_keyframe+empty_moov"),
+    "fragmented-start-at-40s.mp4": lambda p: write_h264(
+        p, 150, [(1200 + k) * 3000 for k in range(150)], Fraction(1, 90000), gop=3, movflags="frag_keyframe+empty_moov"
+    ),
     "keyframe-every-7.mp4": lambda p: write_h264(p, 150, gop=7, x264=":scenecut=0"),
     "open-gop.mkv": lambda p: write_h264(p, 150, gop=15, x264=":open-gop=1:scenecut=0"),
     "open-gop.mp4": lambda p: write_h264(p, 150, gop=15, x264=":open-gop=1:scenecut=0"),
@@ -495,8 +498,10 @@ def test_seeking_gives_the_frames_of_an_in_order_decode(seek_clips, name, monkey
         packets = [p for p in container.demux(container.streams.video[0]) if p.size]
     assert any(b.pts < a.pts for a, b in itertools.pairwise(packets))  # B-frames: decode order is not display order
     frames = decoded_frames(path)
-    counter = CountingAV()
+    counter, in_order = CountingAV(), []
     monkeypatch.setattr(video, "_import_av", lambda: counter)
+    decode_in_order = video._decode_frames
+    monkeypatch.setattr(video, "_decode_frames", lambda *args: in_order.append(args) or decode_in_order(*args))
     for num_segments, bound in [(4, None), (8, None), (32, None), (3, (1.0, 2.5)), (5, (0.2, 0.6))]:
         start = counter.frames
         try:
@@ -506,8 +511,9 @@ def test_seeking_gives_the_frames_of_an_in_order_decode(seek_clips, name, monkey
             continue
         expected = torch.stack([reference_tile(frames[i], 64) for i in result.frame_indices])
         assert torch.equal(result.pixel_values, expected)
-        if num_segments == 4 and "open-gop" not in name:  # seeks, and decodes no clip in order after it
+        if num_segments == 4 and "open-gop" not in name:  # the seeks skipped frames
             assert counter.frames - start < max(result.frame_indices) + 1
+    assert not in_order  # every read was answered by seeking, none decoded in order after a failed seek
 
 
 def test_seeking_a_long_clip_decodes_only_near_the_sampled_frames(tmp_path, monkeypatch):

@@ -217,12 +217,14 @@ def _frame_table(packets: list[tuple[int | None, bool]], num_frames: int) -> _Fr
     return _FrameTable(sorted(pts), starts)
 
 
-def _decode_from(container, stream, table: _FrameTable, at: int) -> tuple[Iterator, int] | None:
-    """A decode from `table.starts[at]`, or from an earlier start where the container's seek lands, and
-    the index of its first frame; None when no seek lands on a start. Some containers seek by decode
-    time (a fragmented mp4) and land on the next keyframe: then the seek to the start before is tried."""
-    for start in reversed(table.starts[max(at - 1, 0) : at + 1]):
-        container.seek(table.pts[start], stream=stream)
+def _decode_from(container, stream, table: _FrameTable, start: int) -> tuple[Iterator, int] | None:
+    """A decode from frame `start` (a start) or from an earlier start where the container's seek lands,
+    and the index of its first frame; None when no seek lands on a start. Some containers seek by
+    another clock than the pts (a fragmented mp4: decode time, and without a clip's start offset) and
+    land on a later keyframe: the seek is then aimed earlier by as much as it overshot, twice at most."""
+    target = table.pts[start]
+    for _ in range(3):
+        container.seek(target, stream=stream)
         frames = container.decode(stream)
         first = next(frames, None)
         if first is None or first.pts is None:
@@ -232,6 +234,7 @@ def _decode_from(container, stream, table: _FrameTable, at: int) -> tuple[Iterat
             if table.pts[position] != first.pts or position not in table.starts:
                 return None
             return itertools.chain([first], frames), position
+        target -= first.pts - table.pts[start]
     return None
 
 
@@ -245,9 +248,9 @@ def _seek_frames(av, path: str, table: _FrameTable, wanted: set[int]) -> dict[in
         stream = _video_stream(container)
         try:
             for index in sorted(wanted):
-                at = bisect.bisect_right(table.starts, index) - 1
-                if frames is None or table.starts[at] > position:
-                    frames, position = _decode_from(container, stream, table, at) or (None, 0)
+                start = table.starts[bisect.bisect_right(table.starts, index) - 1]
+                if frames is None or start > position:
+                    frames, position = _decode_from(container, stream, table, start) or (None, 0)
                     if frames is None:
                         return None
                 while position <= index:
