@@ -74,3 +74,39 @@ def test_device_map_hops_between_devices(folder):
     chat = InternVLChat(split, InternVLChat.from_pretrained(folder).tokenizer)
     assert chat.chat("hi", max_new_tokens=5, do_sample=False) == InternVLChat(
         cpu, chat.tokenizer).chat("hi", max_new_tokens=5, do_sample=False)
+
+
+def test_seeded_sampling_on_cuda_repeats_with_every_filter(folder):
+    """Sampling on the GPU: each row's generator and its noise live on the logits' device; a seed answers the same
+    twice beside a greedy row, with top-k, top-p, repetition penalty, min_new_tokens and logprobs all on."""
+    chat = InternVLChat.from_pretrained(folder, device="cuda")
+    ids = chat.prepare("Describe the picture.").prompt_ids
+    sampled = SamplingParams(max_new_tokens=12, min_new_tokens=4, do_sample=True, temperature=0.8, top_k=20,
+                             top_p=0.9, repetition_penalty=1.2, seed=7)
+
+    def run():
+        out = {0: [], 1: []}
+        requests = [Request(ids, sampled, logprobs=2), Request(ids[:-2], SamplingParams(max_new_tokens=12))]
+        for events in chat.engine.generate(requests):
+            for e in events:
+                out[e.rid].append((e.token, e.logprob))
+        return out
+
+    first = run()
+    assert first == run()
+    assert 4 <= len(first[0]) <= 12 and len(first[1]) >= 1
+    assert all(logprob is not None and logprob <= 0 for _, logprob in first[0])
+
+
+def test_compiled_bf16_decode_serves_other_batch_sizes_and_longer_prompts(folder):
+    """reduce-overhead (CUDA graphs) in bf16: later generations with another batch size and a prompt past the first
+    one's 256-slot bucket (new static buffers and shapes: torch records again) give every row its tokens."""
+    chat = InternVLChat.from_pretrained(folder, device="cuda", compile=True)
+    ids = chat.prepare("Describe the picture.").prompt_ids
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    for prompts in ([ids], [ids, ids[:-2], ids[:-4]], [ids * 5, ids], [ids]):
+        counts = [0] * len(prompts)
+        for events in chat.engine.generate([Request(p, params) for p in prompts]):
+            for e in events:
+                counts[e.rid] += 1
+        assert counts == [16] * len(prompts)

@@ -529,6 +529,25 @@ def test_seeking_a_long_clip_decodes_only_near_the_sampled_frames(tmp_path, monk
     assert torch.equal(result.pixel_values, torch.stack([reference_tile(frames[i], 64) for i in result.frame_indices]))
 
 
+def test_an_mjpeg_avi_is_read_by_seeking(tmp_path, monkeypatch):
+    """Every MJPEG frame is a keyframe: each sampled frame is the only one decoded."""
+    path = tmp_path / "clip.avi"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        for k in range(200):
+            for packet in stream.encode(av.VideoFrame.from_image(moving_frame(k))):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    counter = CountingAV()
+    monkeypatch.setattr(video, "_import_av", lambda: counter)
+    result = load_video(path, num_segments=4, image_size=64)
+    assert counter.frames == 4
+    frames = decoded_frames(path)
+    assert torch.equal(result.pixel_values, torch.stack([reference_tile(frames[i], 64) for i in result.frame_indices]))
+
+
 @pytest.mark.parametrize("container_format", ["ts", "avi"])
 def test_clips_without_a_trusted_index_decode_in_order(tmp_path, container_format, monkeypatch):
     """MPEG-TS seeks by searching the file, and an avi of H.264 with B-frames has no presentation

@@ -19,17 +19,17 @@ decord. Kept for parity:
 Reading by seeking. Frame k is the k-th frame an in-order decode from the start gives. Where that
 numbering can be known without decoding, frames are decoded from the keyframe before each sampled
 frame, as decord's `get_batch` does, instead of from the start (an hour of video was ~100k frames
-decoded for 8 samples): an mp4/mov or mkv/webm clip of H.264, HEVC, VP9, AV1, MPEG-4 or MJPEG whose
-demuxed packets (read, not decoded) each have their own pts, none corrupt or to be discarded, as many
-as the container's frame count, starting on a keyframe. Their pts in order are the frames'; a keyframe
-is a start when all packets before it show before it and all after it show after it (an open GOP's
-keyframe, whose leading frames need the GOP before, is none). A sampled frame is decoded from the last
-start at or before it unless the decode already under way is nearer, and every frame decoded must come
-out with the pts the table gives its index: if one does not (or a seek lands off a start), the clip is
-decoded in order, as are all other clips (avi: no presentation times with B-frames; MPEG-PS/TS: seeks
-by searching the file, where decord's frames go wrong; VP8 and other codecs). A frame that would fail
-to decode in a stretch seeking skips is not noticed (an in-order decode stops there and samples the
-frames before it).
+decoded for 8 samples): an mp4/mov or mkv/webm clip of H.264, HEVC, VP9, AV1, MPEG-4 or MJPEG, or an
+avi of MJPEG, whose demuxed packets (read, not decoded) each have their own pts, none corrupt or to
+be discarded, as many as the container's frame count, starting on a keyframe. Their pts in order are
+the frames'; a keyframe is a start when all packets before it show before it and all after it show
+after it (an open GOP's keyframe, whose leading frames need the GOP before, is none). A sampled frame
+is decoded from the last start at or before it unless the decode already under way is nearer, and
+every frame decoded must come out with the pts the table gives its index: if one does not (or a seek
+lands off a start), the clip is decoded in order, as are all other clips (other codecs in avi: no
+presentation times, wrong with B-frames; MPEG-PS/TS: seeks by searching the file, where decord's
+frames go wrong; VP8 and others). A frame that would fail to decode in a stretch seeking skips is not
+noticed (an in-order decode stops there and samples the frames before it).
 
 Differences from decord, measured:
 - Frames that take swscale's general path, 4:2:0 with an odd height or more than 8 bits a sample
@@ -175,9 +175,13 @@ class _FrameTable:
 
 
 # Where a clip is read by seeking (module docstring): containers that seek by their index to a keyframe's
-# exact pts, and codecs whose every packet decodes to one frame shown at that packet's pts.
-_SEEK_FORMATS = {"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"}
-_SEEK_CODECS = {"h264", "hevc", "vp9", "av1", "mpeg4", "mjpeg"}
+# pts, and in each the codecs whose every packet decodes to one frame shown at that packet's pts (an avi
+# has no presentation times, so only for a codec without reordering: MJPEG, every frame a keyframe).
+_SEEKABLE = {
+    "mov,mp4,m4a,3gp,3g2,mj2": {"h264", "hevc", "vp9", "av1", "mpeg4", "mjpeg"},
+    "matroska,webm": {"h264", "hevc", "vp9", "av1", "mpeg4", "mjpeg"},
+    "avi": {"mjpeg"},
+}
 
 
 def _demux(av, container, stream) -> tuple[list[tuple[int | None, bool]], bool]:
@@ -300,7 +304,7 @@ def _read_video(path: str, num_segments: int, bound, max_pixels: int | None) -> 
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
         codec = stream.codec_context.codec.canonical_name if stream.codec_context else None  # None: no decoder
-        seekable = container.format.name in _SEEK_FORMATS and codec in _SEEK_CODECS
+        seekable = codec in _SEEKABLE.get(container.format.name, ())
         packets, clean = _demux(av, container, stream) if seekable or not stream.frames else ([], False)
         num_frames = stream.frames or len(packets)
         table = _frame_table(packets, num_frames) if seekable and clean else None
