@@ -76,6 +76,8 @@ CLIPS = {
     "mpeg4.mp4": lambda p: write_clip(p, "mpeg4", 320, 240, 30),
     "mpeg4-321x242.avi": lambda p: write_clip(p, "mpeg4", 321, 242, 47, rate=10),
     "h264-bframes.mp4": lambda p: write_clip(p, "libx264", 426, 240, 100, bf="2"),
+    # a keyframe every 10 frames: load_video decodes from the one before each sampled frame, as decord does
+    "h264-gop10.mkv": lambda p: write_clip(p, "libx264", 256, 144, 90, bf="3", g="10"),
     "h264-bt709.mp4": lambda p: write_clip(p, "libx264", 640, 360, 40, rate=Fraction(30000, 1001), colorspace=1),
     "h264-full-range.mp4": lambda p: write_clip(p, "libx264", 320, 240, 20, pix_fmt="yuvj420p"),
     "h264-444.mp4": lambda p: write_clip(p, "libx264", 320, 240, 20, pix_fmt="yuv444p"),
