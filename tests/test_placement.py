@@ -10,7 +10,7 @@ import torch
 from internvl_mpo.config import LLMConfig, ModelConfig
 from internvl_mpo.errors import InputError
 from internvl_mpo.model import InternVL
-from internvl_mpo.placement import check_device_map, device_for, layers_per_gpu, split_model
+from internvl_mpo.placement import check_device_map, device_for, layers_per_gpu, resolve_device_map, split_model
 
 
 def test_official_example_two_gpus_36_layers():
@@ -105,3 +105,16 @@ def test_a_device_map_that_splits_what_sits_outside_the_decoder_layers_is_refuse
         check_device_map(device_map, keys)
     check_device_map({"": "cuda:0", "language_model.model.layers.1": "cuda:1"}, keys)  # the layers alone may move
     check_device_map(split_model(tiny, 2), keys)
+
+
+def test_cuda_without_an_index_is_the_current_gpu_in_a_device_map(tiny, monkeypatch):
+    """"cuda" beside "cuda:0" is one device (the weights land on the current GPU): not refused as two."""
+    import internvl_mpo.placement as placement
+
+    monkeypatch.setattr(placement, "parse_device", torch.device)  # no GPU here: the names stand as given
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    device_map = resolve_device_map({"vision_model": "cuda", "mlp1": "cuda:0", "language_model": "cuda:0",
+                                     "language_model.model.layers.1": "cuda:1"}, tiny)
+    assert device_map["vision_model"] == "cuda:0"
+    with torch.device("meta"):
+        check_device_map(device_map, InternVL(tiny).state_dict())

@@ -62,7 +62,12 @@ def resolve_device_map(device_map, config: ModelConfig) -> dict[str, str] | None
         return split_model(config, count)
     if not isinstance(device_map, dict):
         raise InputError(f"device_map must be None, 'auto' or a dict of module prefix -> device, got {device_map!r}")
-    return {prefix: str(parse_device(device)) for prefix, device in device_map.items()}
+    return {prefix: str(_indexed(parse_device(device))) for prefix, device in device_map.items()}
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """"cuda" as the GPU its weights land on (the current one), so that it equals "cuda:N" for that N."""
+    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None else device
 
 
 def _covers(prefix: str, key: str) -> bool:
