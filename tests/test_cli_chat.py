@@ -362,6 +362,20 @@ def test_generate_reads_a_requests_file_that_starts_with_a_byte_order_mark(tmp_p
     assert [(r["id"], r["question"]) for r in _read_requests(requests)] == [("a", "Hi")]
 
 
+def test_generate_refuses_a_requests_file_without_requests(tmp_path):
+    """An empty (or blank) file printed "all 0 requests are answered" and exited 0, where pairs and eval
+    refuse theirs."""
+    from internvl_mpo import cli_chat
+    from internvl_mpo.errors import InputError
+
+    requests = tmp_path / "requests.jsonl"
+    for text in ("", "\n\n"):
+        requests.write_text(text)
+        with pytest.raises(InputError, match=rf"{requests}: no requests"):
+            cli_chat.generate(input=str(requests), output=str(tmp_path / "answers.jsonl"))
+    assert not (tmp_path / "answers.jsonl.settings.json").exists()
+
+
 def test_generate_checks_its_arguments_before_loading_the_model(folder, tmp_path):
     requests = tmp_path / "requests.jsonl"
     requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")

@@ -394,6 +394,8 @@ def _read_requests(path: Path) -> list[dict]:
         if isinstance(video, str):
             item["video"] = beside(path.parent, video)
         items.append(item)
+    if not items:
+        raise InputError(f"{path}: no requests")
     return items
 
 
