@@ -349,6 +349,27 @@ def test_checkpoints_save_where_folders_cannot_be_fsynced(tmp_path, chat_folder,
         ckpt.atomic_folder(tmp_path / "other", lambda folder: (folder / "a.json").write_text("{}"))
 
 
+def test_a_model_folder_without_tokenizer_files_trains_with_tokenizer_and_final_gets_its_files(
+        tmp_path, chat_folder, meta):
+    """--model holding only config.json and the weights, --tokenizer the tokenizer files: the model took its
+    <IMG_CONTEXT> id from the model folder (none), so the first image stopped the run ("this model has no
+    image_token_id"); and final/ took the tokenizer files of --model, not those the run used."""
+    model, tokenizer = tmp_path / "weights", tmp_path / "tokenizer"
+    model.mkdir()
+    tokenizer.mkdir()
+    for path in chat_folder.iterdir():
+        shutil.copy(path, (model if path.name in ("config.json", "model.safetensors") else tokenizer) / path.name)
+    result = train(config(model, meta, tmp_path / "run", max_steps=1, tokenizer=str(tokenizer)))
+    names = sorted(p.name for p in tokenizer.iterdir())
+    assert set(names) <= {p.name for p in result.final_dir.iterdir()}
+    for name in names:
+        assert (result.final_dir / name).read_bytes() == (tokenizer / name).read_bytes(), name
+    from internvl_mpo.pipeline import InternVLChat
+
+    bot = InternVLChat.from_pretrained(result.final_dir)
+    assert bot.model.image_token_id == load_tokenizer(tokenizer).img_context_id is not None
+
+
 def test_a_full_disk_while_saving_is_one_line_and_leaves_no_temporary_folder(tmp_path, chat_folder, meta, monkeypatch):
     """safetensors reports a full disk as a SafetensorError: a checkpoint or final/ save stopped the run with
     its traceback and left the half-written .tmp-* folder on the full disk; it is one line naming the folder

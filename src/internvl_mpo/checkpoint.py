@@ -428,13 +428,16 @@ def remote_code(folder: Path, configs: Iterable[dict]) -> list[str]:
     return sorted(found)
 
 
-def companions(folder: Path, config: dict | None = None) -> list[str]:
-    """The files of `folder` that travel with its weights: tokenizer, generation and processor files, and the
-    remote code that `config` (default: the folder's config.json) and tokenizer_config.json name."""
-    if config is None:
-        config = _json_object(folder / "config.json")
-    code = remote_code(folder, [config, _json_object(folder / "tokenizer_config.json")])
-    return sorted([name for name in COMPANION_FILES if (folder / name).is_file()] + code)
+def tokenizer_files(folder: Path) -> list[str]:
+    """The tokenizer, generation and processor files of `folder`, and the code tokenizer_config.json names."""
+    code = remote_code(folder, [_json_object(folder / "tokenizer_config.json")])
+    return sorted({name for name in COMPANION_FILES if (folder / name).is_file()} | set(code))
+
+
+def companions(folder: Path) -> list[str]:
+    """The files of `folder` that travel with its weights: its `tokenizer_files` and the remote code its
+    config.json names."""
+    return sorted(set(tokenizer_files(folder)) | set(remote_code(folder, [_json_object(folder / "config.json")])))
 
 
 def find_token_id(folder: Path, token: str) -> int | None:

@@ -64,6 +64,7 @@ class InternVL(nn.Module):
         self.config = config
         self.image_token_id = image_token_id
         self.source_dir: Path | None = None  # set by from_pretrained; save_pretrained copies its files
+        self.tokenizer_dir: Path | None = None  # where the tokenizer files come from, when not source_dir
         self.vision_model = InternVisionModel(config.vision)
         # `mlp1` is the official name of the projector.
         self.mlp1 = make_projector(config.vision.hidden_size, config.llm.hidden_size, config.downsample_ratio)
@@ -209,8 +210,9 @@ class InternVL(nn.Module):
 
     def save_pretrained(self, folder: str | Path, max_shard_size: int | str = "5GB") -> Path:
         """Write config.json and safetensors in the official layout, with the tokenizer, generation and
-        remote-code files of the folder the model was loaded from. Over another checkpoint, its weights
-        and (when the source folder has such files) its tokenizer and code files are replaced, not mixed."""
+        remote-code files of the folder the model was loaded from (the tokenizer's from `tokenizer_dir`
+        when set). Over another checkpoint, its weights and (when the source has such files) its
+        tokenizer and code files are replaced, not mixed."""
         from . import checkpoint
 
         folder = Path(folder).expanduser()  # as from_pretrained reads it
@@ -230,11 +232,15 @@ class InternVL(nn.Module):
         llm = dataclasses.replace(llm, extra=with_dtype(llm.extra))
         vision = dataclasses.replace(self.config.vision, extra=with_dtype(self.config.vision.extra))
         config = self.config.replace(vision=vision, llm=llm, extra=with_dtype(self.config.extra))
-        source, files = self.source_dir, {}
-        if source is not None and source.resolve() != folder.resolve():  # saved into itself: its files stay
-            files = {name: source / name for name in checkpoint.companions(source, config.to_dict())}
-        # an earlier checkpoint's tokenizer and code give way to the source's (read before config.json is replaced)
-        replaces = checkpoint.companions(folder) if files else []
+        source, tokenizer, wanted = self.source_dir, self.tokenizer_dir or self.source_dir, {}
+        if source is not None:
+            wanted = {name: source / name for name in checkpoint.remote_code(source, [config.to_dict()])}
+        if tokenizer is not None:
+            wanted |= {name: tokenizer / name for name in checkpoint.tokenizer_files(tokenizer)}
+        files = {name: path for name, path in wanted.items() if path.resolve() != (folder / name).resolve()}
+        # an earlier checkpoint's tokenizer and code give way to the source's (read before config.json is
+        # replaced); a model saved into the folder it came from copies nothing and removes nothing
+        replaces = [name for name in checkpoint.companions(folder) if name not in wanted] if files else []
         checkpoint.save_state_dict(state, folder, max_shard_size, texts={"config.json": config.to_json_text()},
                                    files=files, replaces=replaces)
         return folder

@@ -337,7 +337,7 @@ def export_model(state: dict[str, torch.Tensor], like: InternVL, folder: Path) -
     """An official-layout model folder from a plain state dict, written by `InternVL.save_pretrained`.
 
     The tensors are attached (not copied) to a meta-built model with `like`'s config, image token
-    and tokenizer source folder, whose files are copied along.
+    and source and tokenizer folders, whose files are copied along.
     """
     tied = like.config.llm.tie_word_embeddings
     with torch.device("meta"):
@@ -347,7 +347,7 @@ def export_model(state: dict[str, torch.Tensor], like: InternVL, folder: Path) -
     plain.load_state_dict(state, strict=not tied, assign=True)
     if tied:
         plain.language_model.lm_head.weight = plain.language_model.model.embed_tokens.weight
-    plain.source_dir = like.source_dir
+    plain.source_dir, plain.tokenizer_dir = like.source_dir, like.tokenizer_dir
     plain.save_pretrained(folder)
 
 

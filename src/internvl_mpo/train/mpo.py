@@ -373,6 +373,9 @@ def load_initial_model(cfg: TrainConfig, device: torch.device) -> tuple[Tokenize
     else:
         model = InternVL.from_pretrained(folder, dtype=torch.float32, device=device)
         tokenizer = load_tokenizer(cfg.tokenizer or folder)  # the resolved folder, also for a hub id
+        # the data's image context id is the tokenizer's; final/ gets --tokenizer's files, as the run used them
+        model.image_token_id = tokenizer.img_context_id
+        model.tokenizer_dir = Path(cfg.tokenizer) if cfg.tokenizer else None
     return tokenizer, model.train()
 
 
