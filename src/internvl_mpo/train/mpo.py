@@ -749,11 +749,8 @@ RUN_RESUME_KEYS = ("beta", "pref_weight", "quality_weight", "gen_weight", "label
 
 def effective_setting(config: dict, key: str):
     """A recorded or given setting as the run uses it: a loss weight left out is its mode's
-    (`MODE_WEIGHTS`), a LoRA alpha left out is 2 x rank, and a tower LoRA adapts is frozen (`freeze`),
-    freeze flag or not; so a resume compares values, not spellings."""
+    (`MODE_WEIGHTS`), a LoRA alpha left out is 2 x rank; so a resume compares values, not spellings."""
     value = config.get(key)
-    if key == "freeze_vision" and config.get("lora_vision") or key == "freeze_llm" and config.get("lora_rank"):
-        return True
     if value is None and key in LOSS_WEIGHT_KEYS and config.get("mode") in MODE_WEIGHTS:
         return MODE_WEIGHTS[config["mode"]][LOSS_WEIGHT_KEYS.index(key)]
     if value is None and key == "lora_alpha" and config.get("lora_rank"):
@@ -894,6 +891,9 @@ def check_resume_settings(
     keys = [*RESUME_KEYS, *(k for k in RUN_RESUME_KEYS if k in saved)]
     now = dataclasses.asdict(cfg)
     values = {k: (effective_setting(saved, k), effective_setting(now, k)) for k in keys}
+    for frozen, adapted in (("freeze_vision", "lora_vision"), ("freeze_llm", "lora_rank")):
+        if saved.get(adapted) and now.get(adapted):  # LoRA froze that tower in both runs, flag or not (`freeze`)
+            del values[frozen]
     if model_tiles is not None and "max_dynamic_patch" in values:  # the model config's max_dynamic_patch
         values["max_dynamic_patch"] = tuple(dataset_tiles(cfg, v, model_tiles) for v in values["max_dynamic_patch"])
     changed = [f"{k} (checkpoint {then}, now {new})" for k, (then, new) in values.items()
