@@ -571,6 +571,8 @@ def test_saving_over_an_earlier_save_removes_its_weight_files_and_no_others(tmp_
     assert not (folder / "model.safetensors").exists() and (folder / "model.safetensors.index.json").exists()
     with pytest.raises(InputError, match="model-ema.safetensors is a file; give the folder to save into"):
         model.save_pretrained(folder / "model-ema.safetensors")
+    with pytest.raises(CheckpointError, match=r"safetensors/m: saving failed \(\[Errno 20\] Not a directory"):
+        model.save_pretrained(folder / "model-ema.safetensors" / "m")  # was a NotADirectoryError traceback
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         assert torch.equal(InternVL.from_pretrained(folder)(ids), model(ids))

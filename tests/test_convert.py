@@ -197,6 +197,8 @@ def test_refusals(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match="file is a file; give a new folder"):
         convert(src, tmp_path / "file", to="hf")
+    with pytest.raises(CheckpointError, match=r"file/new: saving failed \(\[Errno 20\] Not a directory"):
+        convert(src, tmp_path / "file" / "new", to="hf")  # was a NotADirectoryError traceback
     with pytest.raises(InputError, match="already in the official layout"):
         convert(src, tmp_path / "w", to="official")
     hf = convert(src, tmp_path / "hf", to="hf")

@@ -400,7 +400,10 @@ def _prepare_destination(src: Path, dst: Path) -> None:
         raise InputError(f"{dst} is a file; give a new folder")
     if dst.exists() and any(dst.iterdir()):
         raise InputError(f"{dst} exists and is not empty; give a new folder")
-    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent that is a file, no permission
+        raise SaveError(dst, checkpoint.write_failure(e), "nothing was written") from None
 
 
 def convert(

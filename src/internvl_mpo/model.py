@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .config import LLMConfig, ModelConfig
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, SaveError
 from .internlm2 import InternLM2ForCausalLM
 from .llm import Qwen2ForCausalLM, causal_mask
 from .projector import make_projector, pixel_shuffle
@@ -218,7 +218,10 @@ class InternVL(nn.Module):
         folder = Path(folder).expanduser()  # as from_pretrained reads it
         if folder.exists() and not folder.is_dir():
             raise InputError(f"{folder} is a file; give the folder to save into")
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a parent that is a file, no permission: one line, as a failed write
+            raise SaveError(folder, checkpoint.write_failure(e), "nothing was written") from None
         state = self.state_dict()
         llm = self.config.llm
         if llm.tie_word_embeddings:  # the official loader unties the head (save_state_dict stores it apart)
