@@ -171,6 +171,12 @@ def test_saving_over_another_models_folder_leaves_none_of_its_tokenizer_or_code_
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         assert torch.equal(InternVL.from_pretrained(old)(ids), model(ids))
+    source_config = json.loads((src / "config.json").read_text())  # an auto_map may not reach out of the folder
+    source_config["auto_map"]["AutoProcessor"] = "../outside.Processor"
+    (src / "config.json").write_text(json.dumps(source_config))
+    (tmp_path / "outside.py").write_text("not the checkpoint's")
+    copy = InternVL.from_pretrained(src, image_token_id=IMAGE_TOKEN_ID).save_pretrained(tmp_path / "a" / "copy")
+    assert (copy / "conversation.py").exists() and not (tmp_path / "a" / "outside.py").exists()
     before = sorted(p.name for p in old.iterdir())
     bare = InternVL.from_pretrained(InternVL(tiny).save_pretrained(tmp_path / "bare"), image_token_id=IMAGE_TOKEN_ID)
     bare.save_pretrained(old)  # a source without tokenizer or code files has none to put in their place

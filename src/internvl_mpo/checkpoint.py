@@ -420,8 +420,8 @@ def remote_code(folder: Path, configs: Iterable[dict]) -> list[str]:
     found: set[str] = set()
     while pending:
         name = pending.pop()
-        if name in found or not (folder / name).is_file():
-            continue
+        if name in found or Path(name).name != name or "\\" in name or not (folder / name).is_file():
+            continue  # only files of the folder itself: "../x.Cls" reaches elsewhere
         found.add(name)
         text = (folder / name).read_text(encoding="utf-8", errors="replace")
         pending += [(plain or source) + ".py" for plain, source in _RELATIVE_IMPORT.findall(text)]
