@@ -268,6 +268,18 @@ def test_rows_without_an_id_are_numbered_in_file_order(tmp_path):
         read_benchmark(path)
 
 
+def test_a_folder_given_as_the_data_or_items_file_is_named_as_a_folder(tmp_path):
+    """It was reported as "benchmark file not found" (and "requests file" / "items file not found")."""
+    from internvl_mpo.jsonl import read_objects
+
+    with pytest.raises(InputError, match=rf"^{tmp_path}: is a folder; give the benchmark file$"):
+        read_benchmark(tmp_path)
+    with pytest.raises(InputError, match=rf"^{tmp_path}: is a folder; give the requests file$"):
+        next(read_objects(tmp_path, "requests file"))
+    with pytest.raises(InputError, match=rf"^{tmp_path / 'nope.jsonl'}: requests file not found$"):
+        next(read_objects(tmp_path / "nope.jsonl", "requests file"))
+
+
 def test_bad_input_is_named_with_its_line_before_any_answer(tmp_path):
     data = write_bench(tmp_path)
     (tmp_path / "notes.png").write_text("not an image")

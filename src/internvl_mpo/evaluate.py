@@ -217,6 +217,8 @@ def _read_tsv(path: Path) -> list[BenchItem]:
 def read_benchmark(path: str | Path) -> list[BenchItem]:
     """Questions of a .jsonl or MMBench-style .tsv benchmark file, in file order."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give the benchmark file")
     if not path.is_file():
         raise InputError(f"{path}: benchmark file not found")
     suffix = path.suffix.lower()

@@ -17,6 +17,8 @@ def read_objects(path: str | Path, what: str = "file") -> Iterator[tuple[str, di
     unescaped, which str.splitlines() would take for line ends. A leading byte order mark (Windows
     editors' "UTF-8 with BOM") is dropped."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give the {what}")
     if not path.is_file():
         raise InputError(f"{path}: {what} not found")
     data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
