@@ -110,3 +110,43 @@ def test_compiled_bf16_decode_serves_other_batch_sizes_and_longer_prompts(folder
             for e in events:
                 counts[e.rid] += 1
         assert counts == [16] * len(prompts)
+
+
+def recorded_graphs() -> int:
+    """How many CUDA graphs torch's graph trees hold for this thread and device."""
+    from torch._inductor import cudagraph_trees
+
+    manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    nodes = [node for roots in manager.roots.values() for node in roots] if manager is not None else []
+    count = 0
+    while nodes:
+        node = nodes.pop()
+        count += 1
+        nodes += [child for children in node.children.values() for child in children]
+    return count
+
+
+def test_a_long_compiled_session_records_each_shape_once(folder):
+    """reduce-overhead: graph trees record the step again for each new address of its mask and caches and keep
+    every recording (not counted towards their re-record limit). A compiled engine gives each Generation the
+    buffers of the one before, so after two rounds of chat and batch_chat turns (the second at the storages'
+    final size) ten more rounds of the same shapes record nothing."""
+    from torch._inductor import cudagraph_trees
+
+    torch._dynamo.reset()
+    cudagraph_trees.reset_cudagraph_trees()
+    chat = InternVLChat.from_pretrained(folder, device="cuda", compile=True)
+    questions = ["Hi", "Describe the picture in every detail. " * 40]  # one 256-slot bucket, then more
+
+    def session():
+        for question in questions:
+            chat.chat(question, max_new_tokens=8, do_sample=False)
+            chat.batch_chat([question, question + "?"], max_new_tokens=8, do_sample=False)
+
+    session()
+    session()
+    first = recorded_graphs()
+    assert first > 0
+    for _ in range(10):
+        session()
+    assert recorded_graphs() == first

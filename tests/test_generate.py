@@ -633,6 +633,79 @@ def test_compiled_decode_writes_only_into_static_inputs(setup):
         assert mutated <= static
 
 
+def static_inputs_recorder(engine: Engine) -> list:
+    """Set `engine` up as a compiled one whose decode step runs eagerly and records, per call, the shape of
+    the buffers it writes into and their addresses, holding the tensors (so no address is reused)."""
+    seen = []
+
+    def decode(tokens, positions, key_mask, caches, *args):
+        buffers = [key_mask] + [t for c in caches for t in (c.k, c.v)]
+        seen.append((tuple(key_mask.shape), tuple(b.data_ptr() for b in buffers), buffers))
+        return engine._decode(tokens, positions, key_mask, caches, *args)
+
+    engine.compiled, engine._decode_fn = True, decode
+    return seen
+
+
+def test_compiled_generations_of_one_shape_give_the_decode_step_the_same_buffers(setup):
+    """CUDA graph trees record the compiled step again for every new address of its static inputs (the mask
+    and the caches) and keep every recording: a Generation with new buffers for each chat turn made a long
+    session record without end. After a first batch as large as any, 32 chat and batch_chat calls of 1-4
+    prompts, short and past the first 256 slots, give the step the same addresses; the tokens are the eager
+    engine's. (A larger batch moves the buffers once: each shape is then recorded once more.)"""
+    chat, _ = setup
+    bot = InternVLChat(chat.model, chat.tokenizer)
+    seen = static_inputs_recorder(bot.engine)
+    words = "one two three four five six seven".split()
+    for i in [-1] + list(range(32)):
+        questions = [" ".join(words[: 1 + i % 7]) * (1 + (i % 5) * 20) + str(j) for j in range(1 + i % 4)]
+        expected = chat.batch_chat(questions, max_new_tokens=3 + i % 4, do_sample=False)
+        if len(questions) == 1:
+            assert bot.chat(questions[0], max_new_tokens=3 + i % 4, do_sample=False) == expected[0]
+        else:
+            assert bot.batch_chat(questions, max_new_tokens=3 + i % 4, do_sample=False) == expected
+    shapes = {shape for shape, _, _ in seen}
+    assert len(shapes) >= 8 and max(length for _, length in shapes) > 256
+    assert len({pointers for _, pointers, _ in seen}) == 1
+
+
+def test_a_reused_buffer_holds_nothing_of_the_generation_before(setup):
+    """A compiled engine's next Generation takes the buffers of one left mid-way (a stream not read to its end)
+    whose rows hold keys, values and inf: it gives the tokens of a fresh engine."""
+    chat, _ = setup
+    engine = Engine(chat.model, chat.engine.stop_token_ids)
+    seen = static_inputs_recorder(engine)
+    ids, _ = prompt(chat, "Tell me a long story")
+    gen = engine.generate([Request(ids, GREEDY), Request(ids[:-2], GREEDY)])
+    for _ in range(5):
+        gen.step()
+    for cache in gen.caches:
+        cache.k[:, :, -1] = torch.inf
+    del gen
+    short = [Request(ids[:-4], SamplingParams(max_new_tokens=8, ignore_eos=True)), Request(ids[:-1], GREEDY)]
+    assert run(engine, short) == run(chat.engine, short)
+    assert seen[0][1] == seen[-1][1]  # the same buffers
+
+
+def test_a_generation_started_while_another_lives_gets_buffers_of_its_own(setup):
+    """Two live Generations of one compiled engine (an unfinished stream, then a chat call) never share buffers;
+    each gives the tokens it gives alone."""
+    chat, _ = setup
+    engine = Engine(chat.model, chat.engine.stop_token_ids)
+    static_inputs_recorder(engine)
+    ids, _ = prompt(chat, "Two at once")
+    first, second = [Request(ids, GREEDY)], [Request(ids[:-3], GREEDY)]
+    a, b = engine.generate(first), engine.generate(second)
+    buffers = [{t.untyped_storage().data_ptr() for t in [g.key_mask] + [x for c in g.caches for x in (c.k, c.v)]}
+               for g in (a, b)]
+    assert not buffers[0] & buffers[1]
+    tokens = {0: [], 1: []}
+    while a or b:
+        for index, gen in enumerate((a, b)):
+            tokens[index] += [e.token for e in gen.step()] if gen else []
+    assert [tokens[0], tokens[1]] == [run(chat.engine, first)[0], run(chat.engine, second)[0]]
+
+
 # ---- the greedy screen of the head (greedy_head.py) ---------------------------------------------
 
 def test_screened_engine_gives_the_same_tokens(setup):
@@ -1248,6 +1321,21 @@ def test_answers_as_they_finish_gives_a_job_too_long_for_the_running_cache_a_new
     assert started == [(2, 256), (2, 512)]  # the long job waited for the first batch to finish
     assert answers["long"] == chat.chat("Three", max_new_tokens=300, ignore_eos=True, do_sample=False)
     assert answers["short 3"] == chat.chat("Four", max_new_tokens=4, ignore_eos=True, do_sample=False)
+
+
+def test_answers_as_they_finish_gives_its_next_batch_a_compiled_engines_buffers(setup):
+    """A compiled engine lends its buffers to one live Generation at a time: the batch a long job waits for
+    is started after the finished one is dropped, so it takes them (not buffers of its own at new addresses)."""
+    from internvl_mpo.pipeline import sampling_params
+
+    chat, _ = setup
+    bot = InternVLChat(chat.model, chat.tokenizer)
+    seen = static_inputs_recorder(bot.engine)
+    short, long = (sampling_params(do_sample=False, max_new_tokens=n, ignore_eos=True) for n in (4, 300))
+    jobs = [("short", chat.prepare("One"), short), ("long", chat.prepare("Three"), long)]
+    assert len(dict(bot.answers_as_they_finish(jobs, batch_size=1))) == 2
+    assert {shape for shape, _, _ in seen} == {(1, 256), (1, 512)}
+    assert seen[-1][1][0] == bot.engine._storages._storages[-1].data_ptr()  # the mask is made last
 
 
 def test_answers_as_they_finish_cuts_each_job_at_its_own_stop_strings(setup):

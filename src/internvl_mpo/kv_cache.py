@@ -17,10 +17,12 @@ class KVCache:
     """Two plain tensors, not an nn.Module: torch.compile keeps a module's buffer shapes static, so
     every cache size would compile the decode step anew and the ninth would fail."""
 
-    def __init__(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype, device=None):
+    def __init__(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype, device=None,
+                 zeros=torch.zeros):
+        """`zeros(shape, dtype=, device=)` makes each of the two zero-filled buffers."""
         shape = (batch, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = zeros(shape, dtype=dtype, device=device)
+        self.v = zeros(shape, dtype=dtype, device=device)
 
     def prefill_row(self, row: int) -> "_PrefillRow":
         return _PrefillRow(self, row)
@@ -69,10 +71,12 @@ class _DecodeView:
         return self.cache.k[: self.rows, :, : self.span], self.cache.v[: self.rows, :, : self.span]
 
 
-def make_caches(config, batch: int, max_len: int, dtype, devices) -> list[KVCache]:
-    """One cache per decoder layer of an LLMConfig; `devices` is one device, or one per layer."""
+def make_caches(config, batch: int, max_len: int, dtype, devices, zeros=torch.zeros) -> list[KVCache]:
+    """One cache per decoder layer of an LLMConfig; `devices` is one device, or one per layer; `zeros` makes
+    each buffer, layer by layer, k before v."""
     if not isinstance(devices, (list, tuple)):
         devices = [devices] * config.num_hidden_layers
     return [
-        KVCache(batch, max_len, config.num_key_value_heads, config.head_dim, dtype, device) for device in devices
+        KVCache(batch, max_len, config.num_key_value_heads, config.head_dim, dtype, device, zeros)
+        for device in devices
     ]

@@ -435,6 +435,7 @@ class InternVLChat:
                         raise failure
                     return
                 longest = -(-max(map(room, window)) // SPAN_BUCKET) * SPAN_BUCKET
+                gen = None  # the finished batch goes first: a compiled engine gives its buffers to the next
                 gen = self.engine.start(len(window), min(longest, self.context))
                 for job in window:
                     add(job)

@@ -21,9 +21,12 @@ a row, which then takes the argmax of its masked full logits.
 The decode step has static shapes for a given number of active rows and is free of host syncs and
 graph breaks; `compile=True` wraps it in torch.compile ("reduce-overhead" on GPU, which asks for CUDA
 graphs). CUDA graph trees replay a step only if every tensor it writes into is a static input, so a
-compiled engine's Generation marks its mask and caches as static addresses (without guards: a new
-batch's buffers make torch record again instead of compiling again; not run on a GPU here, the
-static inputs are tested on the CPU). It is compiled with symbolic sizes
+compiled engine's Generation marks its mask and caches as static addresses (without guards: new
+addresses make torch record again instead of compiling again; not run on a GPU here, the static inputs
+are tested on the CPU). Graph trees keep every recording, and do not count those made for moved static
+inputs towards their re-record limit, so a compiled engine keeps its Generations' mask and caches in
+storages of its own (`_Storages`) that the next Generation reuses: a long chat session or a server that
+starts fresh batches records once per shape, not once per turn. It is compiled with symbolic sizes
 (COMPILE_OPTIONS), so batches of other sizes and lengths reuse it instead of compiling again
 (torch.compile stops after 8 recompiles, and every chat turn has a new length); `generate` rounds a
 compiled batch's length up to 256 slots (fewer distinct shapes). Without compile, attention reads
@@ -34,6 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -123,6 +128,7 @@ class Engine:
         self._screen: GreedyScreen | None = None
         self._screen_key = None
         self._decode_fn = self._decode
+        self._storages = _Storages()
         if compile:
             mode = "reduce-overhead" if model.device.type == "cuda" else None
             self._decode_fn = torch.compile(self._decode, mode=mode, **COMPILE_OPTIONS)
@@ -219,6 +225,40 @@ def head_logits(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     return (head(hidden) if logits is None else logits).float()
 
 
+class _Storages:
+    """The storages a compiled engine's Generations take their cache and mask buffers from, kept from one
+    Generation to the next so that every Generation of one shape gives the decode step the same addresses
+    (CUDA graph trees record again for each new address of a static input; see the module's docstring).
+    Buffer i of a Generation is the start of storage i, filled anew; a storage is replaced, and so moves, only
+    when a larger Generation needs more. One Generation at a time: while the last taker lives (a stream not
+    read to its end, a server's batch), another gets buffers of its own and never sees the taker's."""
+
+    def __init__(self):
+        self._storages: list[torch.Tensor | None] = []
+        self._taker: weakref.ref | None = None
+
+    def take(self, generation: "Generation"):
+        """A `torch.full` for `generation` to make its buffers with, in the same order every time."""
+        if self._taker is not None and self._taker() is not None:
+            return torch.full
+        self._taker = weakref.ref(generation)
+        index = itertools.count()
+
+        def full(shape, value, dtype, device):
+            i = next(index)
+            if i == len(self._storages):
+                self._storages.append(None)
+            size = math.prod(shape)
+            storage = self._storages[i]
+            if storage is None or storage.numel() < size or storage.dtype != dtype or storage.device != device:
+                self._storages[i] = None  # freed before the larger one is made
+                self._storages[i] = storage = torch.empty(size, dtype=dtype, device=device)
+            # a tensor of its own over the storage, not a view: torch.compile would guard on a view's base size
+            return torch.empty(0, dtype=dtype, device=device).set_(storage.untyped_storage(), 0, shape).fill_(value)
+
+        return full
+
+
 class Generation:
     """A running batch. `add` requests, then iterate: each item is the list of Events of one step."""
 
@@ -228,10 +268,12 @@ class Generation:
         self.max_batch, self.max_len = max_batch, max_len
         device = model.device
         layer_devices = [next(layer.parameters()).device for layer in model.language_model.model.layers]
-        self.caches = make_caches(model.config.llm, max_batch, max_len, model.dtype, layer_devices)
+        full = engine._storages.take(self) if engine.compiled else torch.full
+        self.caches = make_caches(model.config.llm, max_batch, max_len, model.dtype, layer_devices,
+                                  zeros=lambda shape, dtype, device: full(shape, 0, dtype=dtype, device=device))
         vocab = model.config.llm.vocab_size
         # Attention mask over cache slots, additive: 0 where a row's key is written, -inf elsewhere.
-        self.key_mask = torch.full((max_batch, max_len), -torch.inf, dtype=model.dtype, device=device)
+        self.key_mask = full((max_batch, max_len), -torch.inf, dtype=model.dtype, device=device)
         if engine.compiled:  # the decode step writes into these (see the module's docstring)
             for buffer in [self.key_mask] + [t for c in self.caches for t in (c.k, c.v)]:
                 torch._dynamo.mark_static_address(buffer, guard=False)
