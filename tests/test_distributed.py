@@ -242,3 +242,49 @@ def test_fsdp_with_a_frozen_llm_and_text_only_samples_on_one_rank(setup):
         for a, b in zip(rows(single.final_dir.parent), rows(root / f"fsdp_{name}"), strict=True):
             for key in ("loss", "loss/pref", "loss/quality", "nll", "grad_norm"):
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (name, a["step"], key)
+
+
+def _reading_worker(rank: int, world: int, ports: list[int], configs: list[dict], log: str) -> None:
+    """`_worker` that refuses to load the whole model and records each checkpoint read: key, rows read, rows."""
+    from internvl_mpo.checkpoint import LazyTensor
+
+    reads, read = [], LazyTensor.__getitem__
+
+    def recording(self, index):
+        value = read(self, index)
+        reads.append([self.key, value.shape[0], self.view.get_shape()[0]])
+        return value
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("InternVL.from_pretrained: the whole model was loaded on the device")
+
+    LazyTensor.__getitem__ = recording
+    InternVL.from_pretrained = refuse
+    _worker(rank, world, ports, configs)
+    Path(log.format(rank)).write_text(json.dumps(reads))
+
+
+def test_fsdp_ranks_read_only_their_shards_and_random_init_is_unchanged(setup):
+    # Every rank used to load the whole fp32 policy onto its device, and a whole reference copy, before sharding.
+    root, folder, meta = setup
+    base = TrainConfig(model=str(folder), data=str(meta), max_steps=2, batch_size=1, lr=1e-3, warmup_ratio=0.0,
+                       drop_path_rate=0.0, progress=False, seed=3, fsdp=True)
+    random_init = dict(model=None, init_from_config=str(folder / "config.json"), tokenizer=str(folder))
+    configs = [dataclasses.asdict(dataclasses.replace(base, output=str(root / "shards"))),
+               dataclasses.asdict(dataclasses.replace(base, output=str(root / "shards_random"), **random_init))]
+    log = str(root / "reads{}.json")
+    mp.start_processes(_reading_worker, args=(2, free_ports(2), configs, log), nprocs=2, start_method="spawn")
+
+    reads = [json.loads(Path(log.format(rank)).read_text()) for rank in range(2)]
+    shapes = InternVL.from_pretrained(folder).expected_keys()
+    for rank_reads in reads:  # the policy and the reference: each key twice, never more than half its rows
+        assert sorted(key for key, _, _ in rank_reads) == sorted([*shapes, *shapes])
+        assert all(n <= -(-rows // 2) for _, n, rows in rank_reads), rank_reads
+    for key, shape in shapes.items():  # the two ranks' shards make the whole tensor
+        assert sum(n for rank_reads in reads for k, n, _ in rank_reads if k == key) == 2 * shape[0], key
+    single = train(dataclasses.replace(base, output=str(root / "single_random"), batch_size=2, fsdp=False,
+                                       **random_init))
+    for a, b in zip(rows(single.final_dir.parent), rows(root / "shards_random"), strict=True):
+        for key in ("loss", "nll", "rewards/margins", "grad_norm"):  # the same random weights at the start
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    assert (root / "shards" / "final" / "config.json").is_file()

@@ -203,6 +203,57 @@ def _describe(keys: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+class LazyTensor:
+    """One checkpoint tensor, read on indexing: `t[a:b]` reads rows a..b-1 of the memory-mapped file only."""
+
+    def __init__(self, file: Path, key: str, view):
+        self.file, self.key, self.view = file, key, view
+
+    def __getitem__(self, index) -> torch.Tensor:
+        try:
+            return self.view[index]
+        except SafetensorError as e:
+            raise CheckpointError(f"{self.file}: tensor {self.key} is corrupt ({e})") from None
+
+
+def open_state_dict(
+    folder: Path, expected: dict[str, torch.Size], optional: tuple[str, ...] = ()
+) -> dict[str, LazyTensor]:
+    """Exactly the `expected` keys (name -> shape) as `LazyTensor`s, checked before any tensor data is read.
+
+    Keys in `optional` may be present or absent (a tied head written out by some tools).
+    """
+    mapping = weight_map(folder)
+    present = set(mapping)
+    missing = sorted(set(expected) - present - set(optional))
+    unexpected = sorted(present - set(expected) - set(optional))
+    handles = {file: open_safetensors(file) for file in set(mapping.values())}
+    views, wrong = {}, []
+    for key in sorted(present & set(expected)):
+        try:
+            view = handles[mapping[key]].get_slice(key)
+            shape, kind = tuple(view.get_shape()), view.get_dtype()
+        except SafetensorError as e:
+            raise CheckpointError(f"{mapping[key]}: cannot read {key} ({e})") from None
+        if shape != tuple(expected[key]):
+            wrong.append(f"{key}: checkpoint {list(shape)} vs model {list(expected[key])}")
+        elif kind not in _FLOAT_KINDS:
+            wrong.append(f"{key}: checkpoint dtype {kind} in {mapping[key].name}, not floating point")
+        views[key] = LazyTensor(mapping[key], key, view)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: {_describe(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected: {_describe(unexpected)}")
+        if wrong:
+            parts.append(f"{len(wrong)} with the wrong shape or dtype: {_describe(wrong, 4)}")
+        raise CheckpointError(
+            f"{folder}: the weights do not match config.json ({'; '.join(parts)})"
+        )
+    return {key: views[key] for key in expected if key in views}
+
+
 def read_state_dict(
     folder: Path,
     expected: dict[str, torch.Size],
@@ -216,43 +267,8 @@ def read_state_dict(
     present or absent (a tied head written out by some tools).
     """
     device_of = device if callable(device) else (lambda key: device)
-    mapping = weight_map(folder)
-    present = set(mapping)
-    missing = sorted(set(expected) - present - set(optional))
-    unexpected = sorted(present - set(expected) - set(optional))
-    handles = {file: open_safetensors(file) for file in set(mapping.values())}
-    wrong = []
-    for key in sorted(present & set(expected)):
-        try:
-            view = handles[mapping[key]].get_slice(key)
-            shape, kind = tuple(view.get_shape()), view.get_dtype()
-        except SafetensorError as e:
-            raise CheckpointError(f"{mapping[key]}: cannot read {key} ({e})") from None
-        if shape != tuple(expected[key]):
-            wrong.append(f"{key}: checkpoint {list(shape)} vs model {list(expected[key])}")
-        elif kind not in _FLOAT_KINDS:
-            wrong.append(f"{key}: checkpoint dtype {kind} in {mapping[key].name}, not floating point")
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing: {_describe(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected: {_describe(unexpected)}")
-        if wrong:
-            parts.append(f"{len(wrong)} with the wrong shape or dtype: {_describe(wrong, 4)}")
-        raise CheckpointError(
-            f"{folder}: the weights do not match config.json ({'; '.join(parts)})"
-        )
-    state = {}
-    for key in expected:
-        if key not in mapping:
-            continue
-        try:
-            tensor = handles[mapping[key]].get_tensor(key)
-        except SafetensorError as e:
-            raise CheckpointError(f"{mapping[key]}: tensor {key} is corrupt ({e})") from None
-        state[key] = tensor.to(device=device_of(key), dtype=dtype)
-    return state
+    return {key: tensor[...].to(device=device_of(key), dtype=dtype)
+            for key, tensor in open_state_dict(folder, expected, optional).items()}
 
 
 def parse_size(size: int | str) -> int:

@@ -351,16 +351,22 @@ def export_model(state: dict[str, torch.Tensor], like: InternVL, folder: Path) -
     plain.save_pretrained(folder)
 
 
-def load_model_weights(path: Path, model: InternVL, skip: set[str] = frozenset()) -> None:
-    """A checkpoint's official weights into a plain model, in float32, except the keys in `skip`."""
+def open_model_weights(path: Path, model: InternVL, skip: set[str] = frozenset()) -> dict:
+    """A checkpoint's official weights as `LazyTensor`s (nothing read yet), except the keys in `skip`."""
     from internvl_mpo import checkpoint as weights_io
 
     expected = {k: v for k, v in model.expected_keys().items() if k not in skip}
     head = "language_model.lm_head.weight"
     optional = (*skip, head) if model.config.llm.tie_word_embeddings else tuple(skip)
-    state = weights_io.read_state_dict(path / "model", expected, torch.float32, model.device, optional=optional)
+    state = weights_io.open_state_dict(path / "model", expected, optional=optional)
     if model.config.llm.tie_word_embeddings:  # saved untied (a copy of the embeddings); ours stays tied
         state.pop(head, None)
+    return state
+
+
+def load_model_weights(path: Path, model: InternVL, skip: set[str] = frozenset()) -> None:
+    """A checkpoint's official weights into a plain model, in float32, except the keys in `skip`."""
+    state = {k: v[...].to(model.device, torch.float32) for k, v in open_model_weights(path, model, skip).items()}
     model.load_state_dict(state, strict=False)
 
 

@@ -6,7 +6,8 @@ group only when there is more than one rank, with NCCL on CUDA and gloo on CPU.
 
 FSDP2 (`torch.distributed.fsdp.fully_shard`) shards each ViT layer and each decoder block, then the
 root, with bf16 parameters and fp32 gradient reduction on CUDA (fp32 everywhere on CPU), and refuses
-to go on when nothing was sharded. The BCO running mean needs no code here: `RunningMean` in
+to go on when nothing was sharded. A model built on the meta device is sharded first and then given
+its values by `fill_fsdp2`, each rank reading only its own rows of each tensor. The BCO running mean needs no code here: `RunningMean` in
 `losses.py` averages its batch value across ranks whenever a process group with several ranks is
 up, as TRL's `RunningMoments` does.
 
@@ -21,8 +22,10 @@ an epoch gives some ranks one sample more than others).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -178,4 +181,27 @@ def shard_fsdp2(root: nn.Module, blocks: list[nn.Module], bf16: bool) -> nn.Modu
     fully_shard(root, mp_policy=policy)
     if not any(isinstance(p, DTensor) for p in root.parameters()):
         raise ConfigError("FSDP2 sharded no parameter; check the model's layer lists")
+    return root
+
+
+def fill_fsdp2(root: nn.Module, device: torch.device, source: Callable[[str], Any]) -> nn.Module:
+    """Allocate a meta-built, `shard_fsdp2`-ed module's local shards on `device` and fill them from
+    `source(name)`, a full tensor or a `LazyTensor` (read from the memory-mapped checkpoint), of which
+    this rank reads only its own rows: the whole model is never on the device.
+
+    FSDP2 shards dim 0 as `torch.chunk` does: rank r of W holds rows r * ceil(n / W) onwards.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    if any(True for _ in root.buffers()):  # none today: RoPE's inverse frequencies are computed on first use
+        raise ConfigError("the model has buffers, which filling FSDP2 shards from a checkpoint does not rebuild")
+    root.to_empty(device=device)
+    with torch.no_grad():
+        for name, param in root.named_parameters():
+            if not isinstance(param, DTensor) or tuple(param.placements) != (Shard(0),):
+                raise ConfigError(f"FSDP2 left {name} unsharded along dim 0; cannot fill it rank by rank")
+            local = param.to_local()
+            rank, world = param.device_mesh.get_local_rank(), param.device_mesh.size()
+            start = min(rank * -(-param.shape[0] // world), param.shape[0])
+            local.copy_(source(name)[start : start + local.shape[0]])
     return root

@@ -35,7 +35,7 @@ VISION_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, device: torch.device | None = None):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
@@ -43,8 +43,9 @@ class LoRALinear(nn.Module):
         self.rank = rank
         self.scale = alpha / rank
         w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=w.dtype, device=w.device))
+        device = w.device if device is None else device
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=w.dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=w.dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         base.weight.requires_grad_(False)
         if base.bias is not None:
@@ -65,15 +66,16 @@ def lora_target_names(model: nn.Module, llm: bool = True, vision: bool = False) 
     return names
 
 
-def apply_lora(model: nn.Module, names: list[str], rank: int, alpha: float) -> None:
-    """Replace each named nn.Linear by a LoRALinear around it (parameter names gain `.base`)."""
+def apply_lora(model: nn.Module, names: list[str], rank: int, alpha: float, device: torch.device | None = None) -> None:
+    """Replace each named nn.Linear by a LoRALinear around it (parameter names gain `.base`); the adapters
+    are made on `device` (default: their base weight's; a meta-built base under FSDP2 needs a real one)."""
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child)
         if not isinstance(base, nn.Linear):
             raise TypeError(f"{name} is a {type(base).__name__}, not nn.Linear")
-        setattr(parent, child, LoRALinear(base, rank, alpha))
+        setattr(parent, child, LoRALinear(base, rank, alpha, device))
 
 
 def lora_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -5,7 +5,9 @@ data set-up) driving `trainer_dpo.py` (`MultimodalDPOTrainer`, TRL 0.10.1 `DPOTr
 Trainer (AdamW, cosine schedule with warmup ratio, gradient accumulation, clipping at 1.0, bf16).
 `losses.py` holds the maths; this file holds the order of operations:
 
-1. load the policy (or build it from a config.json with random weights) and the tokenizer;
+1. load the policy (or build it from a config.json with random weights) and the tokenizer; under
+   FSDP2 the policy and the reference are built on the meta device, sharded, and then each rank reads
+   only its own shards from the memory-mapped checkpoint (`fill_fsdp2`): no rank holds the whole model;
 2. read the data (MMPR meta.json for mpo/dpo, conversations for sft);
 3. reference log-probs: a frozen copy of the initial model run under `torch.no_grad()` every step,
    or (`precompute_ref`) one pass over the data before training, cached as safetensors + JSON;
@@ -64,7 +66,7 @@ from torch import nn
 
 from internvl_mpo.chat.template import get_template
 from internvl_mpo.chat.tokenizer import Tokenizer, load_tokenizer
-from internvl_mpo.checkpoint import parse_dtype, resolve_checkpoint
+from internvl_mpo.checkpoint import open_state_dict, parse_dtype, resolve_checkpoint
 from internvl_mpo.config import ModelConfig
 from internvl_mpo.errors import CheckpointError, ConfigError, InputError, TrainingError
 from internvl_mpo.model import InternVL
@@ -88,6 +90,7 @@ from internvl_mpo.train.distributed import (
     destroy_distributed,
     env_int,
     epoch_order,
+    fill_fsdp2,
     init_distributed,
     print0,
     rank_share,
@@ -352,12 +355,20 @@ class SequenceLogps(nn.Module):
         return logps, n_tokens
 
 
-def load_initial_model(cfg: TrainConfig, device: torch.device) -> tuple[Tokenizer, InternVL]:
-    """The policy's starting point in float32 (a checkpoint, or random weights from a config.json)."""
+def load_initial_model(
+    cfg: TrainConfig, device: torch.device, lazy: bool = False
+) -> tuple[Tokenizer, InternVL, dict | None]:
+    """The policy's starting point in float32 (a checkpoint, or random weights from a config.json).
+
+    With `lazy` (FSDP2) the model is built on the meta device and its weights come back apart, name ->
+    a `LazyTensor` of the checkpoint (nothing read yet) or, for random weights, a host-memory tensor,
+    for `fill_fsdp2` to read each rank's shard from; else they are in the model, on `device`.
+    """
     folder = None if cfg.init_from_config is not None else resolve_checkpoint(cfg.model)
     config = ModelConfig.from_json(cfg.init_from_config if folder is None else folder / "config.json")
     get_template(config.template)  # the data is rendered with it: an unknown one is refused before the weights
     max_seq_length(cfg, config)  # and so is a --max-seq-length longer than the model's context
+    initial = None
     if folder is None:
         tokenizer = load_tokenizer(cfg.tokenizer)
         if config.llm.vocab_size < len(tokenizer):
@@ -366,17 +377,29 @@ def load_initial_model(cfg: TrainConfig, device: torch.device) -> tuple[Tokenize
                 f" {len(tokenizer)} tokens"
             )
         torch.manual_seed(cfg.seed)
+        # drawn where they always were: a seed gives the same weights with or without FSDP2
         with torch.device(device):
             model = InternVL(config, image_token_id=tokenizer.img_context_id)
         model.init_weights()
+        if lazy:
+            initial = {key: value.cpu() for key, value in model.state_dict().items()}
+            del model
+            with torch.device("meta"):
+                model = InternVL(config, image_token_id=tokenizer.img_context_id)
         model.source_dir = Path(cfg.tokenizer)
     else:
-        model = InternVL.from_pretrained(folder, dtype=torch.float32, device=device)
+        if lazy:
+            with torch.device("meta"):
+                model = InternVL(config)
+            model.source_dir = folder
+            initial = open_state_dict(folder, model.expected_keys())
+        else:
+            model = InternVL.from_pretrained(folder, dtype=torch.float32, device=device)
         tokenizer = load_tokenizer(cfg.tokenizer or folder)  # the resolved folder, also for a hub id
         # the data's image context id is the tokenizer's; final/ gets --tokenizer's files, as the run used them
         model.image_token_id = tokenizer.img_context_id
         model.tokenizer_dir = Path(cfg.tokenizer) if cfg.tokenizer else None
-    return tokenizer, model.train()
+    return tokenizer, model.train(), initial
 
 
 def set_drop_path(model: InternVL, rate: float) -> None:
@@ -819,8 +842,24 @@ def save_checkpoint(
 
 def resume_weights(path: Path, policy: InternVL, cfg: TrainConfig) -> None:
     """Checkpoint weights into the plain policy; with LoRA, the adapted linears keep their base weights."""
+    ckpt.load_model_weights(path, policy, skip=_lora_base_keys(policy, cfg))
+
+
+def resumed_weights(path: Path, policy: InternVL, cfg: TrainConfig) -> dict:
+    """`resume_weights` for a meta-built policy (FSDP2): the checkpoint's weights as `LazyTensor`s."""
+    return ckpt.open_model_weights(path, policy, skip=_lora_base_keys(policy, cfg))
+
+
+def _lora_base_keys(policy: InternVL, cfg: TrainConfig) -> set[str]:
     lora_names = lora_target_names(policy, llm=True, vision=cfg.lora_vision) if cfg.lora_rank else []
-    ckpt.load_model_weights(path, policy, skip={n + ".weight" for n in lora_names})
+    return {n + ".weight" for n in lora_names}
+
+
+def initial_weight(initial: dict, adapters: dict, name: str):
+    """The starting value of the sharded `SequenceLogps` parameter `name`: a LoRA adapter (made on the
+    device), else the initial (or resumed) weight, under its official name."""
+    key = name.removeprefix("model.")
+    return adapters[key] if key in adapters else initial[key.replace(".base.", ".")]
 
 
 def data_files(cfg: TrainConfig) -> list[str]:
@@ -1025,7 +1064,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) 
 
     # 1. model and tokenizer (the seed makes random init and LoRA adapters equal on every rank)
     torch.manual_seed(cfg.seed)
-    tokenizer, policy = load_initial_model(cfg, env.device)
+    tokenizer, policy, initial = load_initial_model(cfg, env.device, lazy=fsdp)  # meta under FSDP2 (filled in 3, 4)
     final_dtype = parse_dtype("auto", env.device, policy.config.torch_dtype)  # refused now, not after training
     # from here on the run's settings hold the length it uses (checkpoints and resumes compare it)
     cfg = dataclasses.replace(cfg, max_seq_length=max_seq_length(cfg, policy.config))
@@ -1078,6 +1117,11 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) 
     if needs_ref:
         reference = make_reference(policy, bf16 and fsdp)
         if cfg.precompute_ref:
+            if fsdp:  # each rank runs its own records, so the pass needs the whole reference (freed after it)
+                reference.to_empty(device=env.device)
+                with torch.no_grad():
+                    for name, param in reference.named_parameters():
+                        param.copy_(initial[name][...])
             ref_chosen, ref_rejected, valid = precompute_reference(
                 cfg, env, reference, dataset, tokenizer.pad_id, autocast, fingerprint, model_print
             )
@@ -1089,15 +1133,19 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) 
             ref_module = SequenceLogps(reference, encode_empty=env.distributed)
             if fsdp:
                 shard_fsdp2(ref_module, transformer_blocks(reference), bf16)
+                fill_fsdp2(ref_module, env.device, lambda name: initial[name.removeprefix("model.")])
 
     # 4. training set-up, applied from outside the model
-    if resume_from is not None:
+    if resume_from is not None and fsdp:
+        initial |= resumed_weights(resume_from, policy, cfg)
+    elif resume_from is not None:
         resume_weights(resume_from, policy, cfg)
     set_drop_path(policy, cfg.drop_path_rate)
     freeze(policy, cfg)
     if cfg.lora_rank:
         names = lora_target_names(policy, llm=True, vision=cfg.lora_vision)
-        apply_lora(policy, names, cfg.lora_rank, cfg.lora_scale * cfg.lora_rank)
+        # on the device also under FSDP2: the adapters are drawn as they always were
+        apply_lora(policy, names, cfg.lora_rank, cfg.lora_scale * cfg.lora_rank, device=env.device)
         if resume_from is not None:
             adapters = ckpt.read_tensors(resume_from / ckpt.EXTRA_FILE)
             unexpected = policy.load_state_dict(adapters, strict=False).unexpected_keys
@@ -1114,7 +1162,10 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) 
     encode_empty = (env.distributed and (fsdp or vision_trains)) or not llm_trains
     module: nn.Module = SequenceLogps(policy, encode_empty=encode_empty)
     if fsdp:
+        adapters = lora_state(policy.state_dict())
         module = shard_fsdp2(module, transformer_blocks(policy), bf16)
+        module = fill_fsdp2(module, env.device, functools.partial(initial_weight, initial, adapters))
+        del initial, adapters
     elif env.distributed:
         module = wrap_ddp(module, env)
     optimizer = build_optimizer(policy, cfg)
