@@ -288,3 +288,24 @@ def test_fsdp_ranks_read_only_their_shards_and_random_init_is_unchanged(setup):
         for key in ("loss", "nll", "rewards/margins", "grad_norm"):  # the same random weights at the start
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
     assert (root / "shards" / "final" / "config.json").is_file()
+
+
+def test_fsdp_lora_resumes_exactly(setup):
+    # Under FSDP2 the adapted linears' base weights come from --model and the adapters from the checkpoint.
+    root, folder, meta = setup
+    base = TrainConfig(model=str(folder), data=str(meta), max_steps=4, save_every=3, batch_size=1, lr=1e-3,
+                       warmup_ratio=0.0, drop_path_rate=0.0, progress=False, seed=3, fsdp=True, lora_rank=2)
+
+    def run(name: str, **change) -> None:
+        cfg = dataclasses.asdict(dataclasses.replace(base, output=str(root / name), **change))
+        mp.start_processes(_worker, args=(2, free_ports(1), [cfg]), nprocs=2, start_method="spawn")
+
+    run("lora_whole")
+    (root / "lora_resumed").mkdir()
+    shutil.copytree(root / "lora_whole" / "checkpoint-000003", root / "lora_resumed" / "checkpoint-000003")
+    run("lora_resumed", resume=True)
+    assert rows(root / "lora_resumed") == [{**r, **{k: ANY for k in ("tokens_per_s", "step_time_s")}}
+                                           for r in rows(root / "lora_whole")[3:]]
+    whole = InternVL.from_pretrained(root / "lora_whole" / "final").state_dict()
+    for key, value in InternVL.from_pretrained(root / "lora_resumed" / "final").state_dict().items():
+        torch.testing.assert_close(value, whole[key], rtol=0, atol=0, msg=key)
