@@ -265,23 +265,27 @@ def _reading_worker(rank: int, world: int, ports: list[int], configs: list[dict]
 
 
 def test_fsdp_ranks_read_only_their_shards_and_random_init_is_unchanged(setup):
-    # Every rank used to load the whole fp32 policy onto its device, and a whole reference copy, before sharding.
+    # Every rank used to load the whole fp32 policy onto its device, and a whole reference copy, before sharding
+    # (the reference of --precompute-ref's pass too).
     root, folder, meta = setup
     base = TrainConfig(model=str(folder), data=str(meta), max_steps=2, batch_size=1, lr=1e-3, warmup_ratio=0.0,
                        drop_path_rate=0.0, progress=False, seed=3, fsdp=True)
     random_init = dict(model=None, init_from_config=str(folder / "config.json"), tokenizer=str(folder))
     configs = [dataclasses.asdict(dataclasses.replace(base, output=str(root / "shards"))),
+               dataclasses.asdict(dataclasses.replace(base, output=str(root / "shards_pre"), precompute_ref=True)),
                dataclasses.asdict(dataclasses.replace(base, output=str(root / "shards_random"), **random_init))]
     log = str(root / "reads{}.json")
-    mp.start_processes(_reading_worker, args=(2, free_ports(2), configs, log), nprocs=2, start_method="spawn")
+    mp.start_processes(_reading_worker, args=(2, free_ports(len(configs)), configs, log), nprocs=2, start_method="spawn")
 
     reads = [json.loads(Path(log.format(rank)).read_text()) for rank in range(2)]
     shapes = InternVL.from_pretrained(folder).expected_keys()
-    for rank_reads in reads:  # the policy and the reference: each key twice, never more than half its rows
-        assert sorted(key for key, _, _ in rank_reads) == sorted([*shapes, *shapes])
+    for rank_reads in reads:  # two runs' policy and reference: each key 4 times, never more than half its rows
+        assert sorted(key for key, _, _ in rank_reads) == sorted([*shapes] * 4)
         assert all(n <= -(-rows // 2) for _, n, rows in rank_reads), rank_reads
     for key, shape in shapes.items():  # the two ranks' shards make the whole tensor
-        assert sum(n for rank_reads in reads for k, n, _ in rank_reads if k == key) == 2 * shape[0], key
+        assert sum(n for rank_reads in reads for k, n, _ in rank_reads if k == key) == 4 * shape[0], key
+    for a, b in zip(rows(root / "shards"), rows(root / "shards_pre"), strict=True):  # batch size 1: exact values
+        assert (b["loss"], b["rewards/margins"]) == (a["loss"], a["rewards/margins"]), a["step"]
     single = train(dataclasses.replace(base, output=str(root / "single_random"), batch_size=2, fsdp=False,
                                        **random_init))
     for a, b in zip(rows(single.final_dir.parent), rows(root / "shards_random"), strict=True):
@@ -309,3 +313,19 @@ def test_fsdp_lora_resumes_exactly(setup):
     whole = InternVL.from_pretrained(root / "lora_whole" / "final").state_dict()
     for key, value in InternVL.from_pretrained(root / "lora_resumed" / "final").state_dict().items():
         torch.testing.assert_close(value, whole[key], rtol=0, atol=0, msg=key)
+
+
+def test_fsdp_precomputed_reference_with_uneven_shares(setup):
+    # 5 records on 2 ranks: the sharded reference's pass has rank 1 run a padding row while rank 0 runs its third.
+    root, folder, _ = setup
+    records = [{"image": f"{name}.png", "question": f"What is this {i}?", "chosen": "It is fine.",
+                "rejected": f"It is {name}."} for i, name in enumerate([*COLORS, "red"])]
+    meta = write_mmpr(root / "data_uneven", records)
+    base = TrainConfig(model=str(folder), data=str(meta), max_steps=2, batch_size=1, lr=1e-3, warmup_ratio=0.0,
+                       drop_path_rate=0.0, progress=False, seed=3, fsdp=True)
+    configs = [dataclasses.asdict(dataclasses.replace(base, output=str(root / name), precompute_ref=pre))
+               for name, pre in (("uneven_live", False), ("uneven_pre", True))]
+    mp.start_processes(_worker, args=(2, free_ports(2), configs), nprocs=2, start_method="spawn")
+    assert load_file(root / "uneven_pre" / "ref_logps.safetensors")["valid"].tolist() == [1] * 5
+    for a, b in zip(rows(root / "uneven_live"), rows(root / "uneven_pre"), strict=True):
+        assert (b["loss"], b["rewards/margins"]) == (a["loss"], a["rewards/margins"]), a["step"]

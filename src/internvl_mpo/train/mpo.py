@@ -619,8 +619,8 @@ def _ref_fingerprint(cfg: TrainConfig, env: DistEnv, dataset, data_print: list[d
 
 
 def precompute_reference(
-    cfg: TrainConfig, env: DistEnv, ref: InternVL, dataset: PairDataset, pad_id: int, autocast,
-    data_print: list[dict], model_print: dict,
+    cfg: TrainConfig, env: DistEnv, module: SequenceLogps, dataset: PairDataset, pad_id: int, autocast,
+    data_print: list[dict], model_print: dict, lockstep: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference (chosen, rejected) log-probs of every record, computed once and cached in the output.
 
@@ -630,11 +630,14 @@ def precompute_reference(
     description matches the run is reused, any other is computed again, with a note naming what
     differs. Records are encoded as in the first epoch (augmented tiles included;
     `check_reference_epoch` keeps the run inside it). Returns (chosen, rejected, valid).
+
+    `lockstep` (an FSDP2-sharded `module`, which needs every rank in each forward's collectives): every
+    rank runs as many forwards, one on a row of padding where it has no records left.
     """
     output = Path(cfg.output)
     path, meta_path = output / REF_FILE, output / (Path(REF_FILE).stem + ".json")
     with autocast():  # the weights' dtype and the autocast decide what the reference computes
-        compute = {"weights": str(ref.dtype), "bf16_autocast": torch.is_autocast_enabled(env.device.type)}
+        compute = {"weights": str(module.model.dtype), "bf16_autocast": torch.is_autocast_enabled(env.device.type)}
     fingerprint = {**_ref_fingerprint(cfg, env, dataset, data_print, model_print), **compute}
     if path.is_file() and meta_path.is_file():
         cached = ckpt.read_json(meta_path)
@@ -647,10 +650,10 @@ def precompute_reference(
     n = len(dataset)
     values = torch.zeros(n, 2, dtype=torch.float64)
     valid = torch.zeros(n, dtype=torch.float64)
-    module = SequenceLogps(ref)
     mine = list(range(env.rank, n, env.world_size))
+    size = module.model.config.image_size
     with torch.no_grad():
-        for start in range(0, len(mine), cfg.batch_size):
+        for start in range(0, -(-n // env.world_size) if lockstep else len(mine), cfg.batch_size):
             examples = []
             for i in mine[start : start + cfg.batch_size]:
                 item = dataset[i]
@@ -659,6 +662,10 @@ def precompute_reference(
                         raise InputError(item.message + " (pass --skip-bad to skip such records)")
                     continue
                 examples.append(item)
+            if not examples and lockstep:
+                padding = torch.full((2, 1), pad_id, device=env.device)
+                with autocast():
+                    module(padding, torch.full_like(padding, -100), torch.zeros(0, 3, size, size, device=env.device), True)
             if not examples:
                 continue
             batch = collate_pairs(examples, pad_id).to(env.device)
@@ -1116,24 +1123,20 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) 
     ref_module, ref_table = None, None
     if needs_ref:
         reference = make_reference(policy, bf16 and fsdp)
+        # sharded, the pass's ranks run the vision tower on every forward (as training's do)
+        ref_module = SequenceLogps(reference, encode_empty=fsdp or (env.distributed and not cfg.precompute_ref))
+        if fsdp:
+            shard_fsdp2(ref_module, transformer_blocks(reference), bf16)
+            fill_fsdp2(ref_module, env.device, lambda name: initial[name.removeprefix("model.")])
         if cfg.precompute_ref:
-            if fsdp:  # each rank runs its own records, so the pass needs the whole reference (freed after it)
-                reference.to_empty(device=env.device)
-                with torch.no_grad():
-                    for name, param in reference.named_parameters():
-                        param.copy_(initial[name][...])
             ref_chosen, ref_rejected, valid = precompute_reference(
-                cfg, env, reference, dataset, tokenizer.pad_id, autocast, fingerprint, model_print
+                cfg, env, ref_module, dataset, tokenizer.pad_id, autocast, fingerprint, model_print, lockstep=fsdp
             )
             ref_table = (ref_chosen, ref_rejected)
             stream.ref_valid = valid
             check_reference_epoch(cfg, env, dataset, total_steps * samples_per_step, valid)  # --skip-bad's skips
-            del reference
-        else:
-            ref_module = SequenceLogps(reference, encode_empty=env.distributed)
-            if fsdp:
-                shard_fsdp2(ref_module, transformer_blocks(reference), bf16)
-                fill_fsdp2(ref_module, env.device, lambda name: initial[name.removeprefix("model.")])
+            ref_module = None
+        del reference
 
     # 4. training set-up, applied from outside the model
     if resume_from is not None and fsdp:
