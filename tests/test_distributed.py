@@ -275,7 +275,8 @@ def test_fsdp_ranks_read_only_their_shards_and_random_init_is_unchanged(setup):
                dataclasses.asdict(dataclasses.replace(base, output=str(root / "shards_pre"), precompute_ref=True)),
                dataclasses.asdict(dataclasses.replace(base, output=str(root / "shards_random"), **random_init))]
     log = str(root / "reads{}.json")
-    mp.start_processes(_reading_worker, args=(2, free_ports(len(configs)), configs, log), nprocs=2, start_method="spawn")
+    ports = free_ports(len(configs))
+    mp.start_processes(_reading_worker, args=(2, ports, configs, log), nprocs=2, start_method="spawn")
 
     reads = [json.loads(Path(log.format(rank)).read_text()) for rank in range(2)]
     shapes = InternVL.from_pretrained(folder).expected_keys()

@@ -7,9 +7,9 @@ group only when there is more than one rank, with NCCL on CUDA and gloo on CPU.
 FSDP2 (`torch.distributed.fsdp.fully_shard`) shards each ViT layer and each decoder block, then the
 root, with bf16 parameters and fp32 gradient reduction on CUDA (fp32 everywhere on CPU), and refuses
 to go on when nothing was sharded. A model built on the meta device is sharded first and then given
-its values by `fill_fsdp2`, each rank reading only its own rows of each tensor. The BCO running mean needs no code here: `RunningMean` in
-`losses.py` averages its batch value across ranks whenever a process group with several ranks is
-up, as TRL's `RunningMoments` does.
+its values by `fill_fsdp2`, each rank reading only its own rows of each tensor. The BCO running
+mean needs no code here: `RunningMean` in `losses.py` averages its batch value across ranks whenever
+a process group with several ranks is up, as TRL's `RunningMoments` does.
 
 Data: every epoch has one order of the whole dataset (a permutation seeded by seed + epoch); the
 epochs' orders, one after another, form one stream, and rank r of W reads its positions r, r + W,

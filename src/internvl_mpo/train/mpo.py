@@ -664,8 +664,9 @@ def precompute_reference(
                 examples.append(item)
             if not examples and lockstep:
                 padding = torch.full((2, 1), pad_id, device=env.device)
+                no_tiles = torch.zeros(0, 3, size, size, device=env.device)
                 with autocast():
-                    module(padding, torch.full_like(padding, -100), torch.zeros(0, 3, size, size, device=env.device), True)
+                    module(padding, torch.full_like(padding, -100), no_tiles, True)
             if not examples:
                 continue
             batch = collate_pairs(examples, pad_id).to(env.device)
