@@ -550,6 +550,10 @@ def test_stop_token_ids_end_the_answer_without_their_text(client, local_chat, hf
     for value in ([-1], [True], "7", [1.5]):
         with pytest.raises(openai.BadRequestError, match="stop_token_ids must be a list of token ids"):
             client.completions.create(model="m", prompt="hi", extra_body={"stop_token_ids": value})
+    for create, args in ((client.completions.create, {"prompt": "hi"}),
+                         (client.chat.completions.create, {"messages": [{"role": "user", "content": "hi"}]})):
+        with pytest.raises(openai.BadRequestError, match=r"stop_token_ids must be in 0\.\.\d+, got \[2147483000\]"):
+            create(model="m", **args, extra_body={"stop_token_ids": [5, 2147483000]})
 
 
 def log_softmax_over(local_chat, ids: list[int]) -> torch.Tensor:

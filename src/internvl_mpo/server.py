@@ -645,6 +645,12 @@ def build_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings,
                                               " (images included)"))
 
 
+def check_stop_token_ids(params: SamplingParams, vocab: int) -> None:
+    """A stop token id the model cannot produce would never stop anything: a 400 naming it."""
+    if bad := [i for i in params.stop_token_ids if i >= vocab]:
+        raise ApiError(400, f"stop_token_ids must be in 0..{vocab - 1}, got {bad[:5]}", "stop_token_ids")
+
+
 def _answer_room(length: int, req: ChatRequest | CompletionRequest, settings: ServerSettings, max_len: int,
                  param: str, name: str, what: str = "") -> int:
     """The max_new_tokens of a prompt of `length` tokens (`name` in errors), after checking the token limits."""
@@ -1044,6 +1050,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
         body = await read_json(request)
         check_model(body, model_name)
         req = parse_chat_request(body, settings)
+        check_stop_token_ids(req.params, chat.config.llm.vocab_size)
         prompt = await run_in_threadpool(build_prompt, chat, req, settings, worker.max_len)
         inbox, close = submit([prompt], req.n, req.params, req.logprobs, None if req.stream else req.prompt_logprobs)
         head = {"id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time()), "model": model_name}
@@ -1069,6 +1076,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
         body = await read_json(request)
         check_model(body, model_name)
         req = parse_completion_request(body, settings)
+        check_stop_token_ids(req.params, chat.config.llm.vocab_size)
         prompts = await run_in_threadpool(build_completion_prompts, chat, req, settings, worker.max_len)
         echoes = [(p if isinstance(p, str) else chat.tokenizer.decode(p, skip_special_tokens=False)) if req.echo
                   else "" for p in req.prompts]
