@@ -107,6 +107,14 @@ def test_rank_shares_deal_the_stream_of_epochs_round_robin():
         assert [len(rank_share(orders[1], r, world, 1)) for r in range(world)] == ([3, 4] if world == 2 else [2, 3, 2])
 
 
+def assert_resumed_as_whole(whole: Path, resumed: Path) -> None:
+    """A run resumed from checkpoint-000003 logged the uninterrupted run's steps from there (timings aside)
+    and saved the same final weights, bit for bit."""
+    assert rows(resumed) == [{**r, **{k: ANY for k in ("tokens_per_s", "step_time_s")}} for r in rows(whole)[3:]]
+    expected = InternVL.from_pretrained(whole / "final").state_dict()
+    for key, value in InternVL.from_pretrained(resumed / "final").state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from conftest import tiny_chat_folder
@@ -207,11 +215,7 @@ def test_fsdp_resumes_mid_epoch_exactly_and_refuses_another_world_size(setup):
     with pytest.raises(CheckpointError, match=r"world_size \(checkpoint 2, now 1\)"):
         train(dataclasses.replace(base, output=str(root / "resumed"), resume=True))
     run("resumed", resume=True)
-    assert rows(root / "resumed") == [{**r, **{k: ANY for k in ("tokens_per_s", "step_time_s")}}
-                                      for r in rows(root / "whole")[3:]]
-    whole = InternVL.from_pretrained(root / "whole" / "final").state_dict()
-    for key, value in InternVL.from_pretrained(root / "resumed" / "final").state_dict().items():
-        torch.testing.assert_close(value, whole[key], rtol=0, atol=0, msg=key)
+    assert_resumed_as_whole(root / "whole", root / "resumed")
 
 
 def test_fsdp_bf16_reference_is_the_initial_policy(setup):
@@ -309,11 +313,7 @@ def test_fsdp_lora_resumes_exactly(setup):
     (root / "lora_resumed").mkdir()
     shutil.copytree(root / "lora_whole" / "checkpoint-000003", root / "lora_resumed" / "checkpoint-000003")
     run("lora_resumed", resume=True)
-    assert rows(root / "lora_resumed") == [{**r, **{k: ANY for k in ("tokens_per_s", "step_time_s")}}
-                                           for r in rows(root / "lora_whole")[3:]]
-    whole = InternVL.from_pretrained(root / "lora_whole" / "final").state_dict()
-    for key, value in InternVL.from_pretrained(root / "lora_resumed" / "final").state_dict().items():
-        torch.testing.assert_close(value, whole[key], rtol=0, atol=0, msg=key)
+    assert_resumed_as_whole(root / "lora_whole", root / "lora_resumed")
 
 
 def test_fsdp_precomputed_reference_with_uneven_shares(setup):
