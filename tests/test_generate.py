@@ -16,6 +16,7 @@ from PIL import Image
 
 from internvl_mpo.errors import InputError
 from internvl_mpo.generate.engine import Engine, Request
+from internvl_mpo.kv_cache import make_caches
 from internvl_mpo.generate.sampling import (
     SamplingParams,
     apply_repetition_penalty,
@@ -1566,3 +1567,34 @@ def test_answers_as_they_finish_answers_the_jobs_in_flight_before_raising_what_t
     with pytest.raises(RuntimeError, match="cannot read job A"):
         list(chat.answers_as_they_finish(jobs("A"), batch_size=2))
     assert pulls == ["A"]
+
+
+@pytest.fixture(scope="module")
+def short_chat(checkpoint, tmp_path_factory):
+    """The tiny model with a context of 100 positions."""
+    folder = tmp_path_factory.mktemp("short") / "model"
+    shutil.copytree(checkpoint[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["llm_config"]["max_position_embeddings"] = 100
+    (folder / "config.json").write_text(json.dumps(config))
+    return InternVLChat.from_pretrained(folder, dtype=torch.float32)
+
+
+def test_engine_generate_refuses_a_bad_request_before_allocating_and_caps_the_cache_at_the_context(
+        short_chat, monkeypatch):
+    """A batch holding one prompt as long as the context (or empty, or with an id past the vocabulary) is
+    refused before its KV cache is allocated (it was allocated, batch x context, then refused); a huge
+    max_new_tokens sizes the cache at the context, not at prompt + max_new_tokens."""
+    from internvl_mpo.generate import engine as engine_module
+
+    engine, vocab = short_chat.engine, short_chat.model.config.llm.vocab_size
+    made = []
+    monkeypatch.setattr(engine_module, "make_caches", lambda *a, **k: made.append(a[1:3]) or make_caches(*a, **k))
+    ok = Request([5, 6, 7], SamplingParams(max_new_tokens=100_000))
+    for bad, message in (([5] * 100, "the prompt is 100 tokens; this batch holds at most 99 prompt tokens"),
+                         ([], "the prompt is empty"), ([5, vocab], "prompt token ids must be whole numbers")):
+        with pytest.raises(InputError, match=message):
+            engine.generate([ok, Request(bad, GREEDY)])
+    assert made == []
+    gen = engine.generate([ok, Request([5] * 99, GREEDY)])
+    assert made == [(2, 100)] and gen.caches[0].k.shape[2] == 100

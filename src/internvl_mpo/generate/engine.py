@@ -138,9 +138,12 @@ class Engine:
         return Generation(self, max_batch, min(max_len, self.context))
 
     def generate(self, requests: list[Request]) -> "Generation":
-        """A Generation over all `requests` at once, sized to fit them (see `start`)."""
+        """A Generation over all `requests` at once, sized to fit them: the longest prompt + max_new_tokens,
+        at most the context (see `start`). Every request is checked before the cache is allocated."""
         if not requests:
             raise InputError("no requests to generate for")
+        for request in requests:  # before the cache is allocated
+            self.check(request, self.context)
         longest = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
         if self.compiled:  # fewer distinct shapes (CUDA graphs record one per shape)
             longest = -(-longest // SPAN_BUCKET) * SPAN_BUCKET
@@ -148,6 +151,23 @@ class Engine:
         for request in requests:
             gen.add(request)
         return gen
+
+    def check(self, request: Request, max_len: int) -> None:
+        """Refuse a request that a batch of `max_len` slots cannot run: an empty prompt, one of `max_len`
+        tokens or more, ids outside the vocabulary, log-probability counts out of range."""
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise InputError("the prompt is empty")
+        if n >= max_len:
+            raise PromptTooLongError(f"the prompt is {n} tokens; this batch holds at most {max_len - 1} prompt tokens")
+        vocab = self.model.config.llm.vocab_size
+        bad = [i for i in request.prompt_ids if not (whole_number(i) and 0 <= i < vocab)]
+        if bad:
+            raise InputError(f"prompt token ids must be whole numbers in 0..{vocab - 1}, got {bad[:5]}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(request, name)
+            if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+                raise InputError(f"{name} must be in 0..{MAX_TOP_LOGPROBS}, got {value}")
 
     def greedy_screen(self) -> GreedyScreen | None:
         """The head's greedy screen, built on first use and again when the head's weights change;
@@ -296,20 +316,7 @@ class Generation:
 
     def add(self, request: Request) -> int:
         """Queue a request; it joins the batch at the next step with a free row. Returns its id."""
-        n = len(request.prompt_ids)
-        if n == 0:
-            raise InputError("the prompt is empty")
-        if n >= self.max_len:
-            raise PromptTooLongError(
-                f"the prompt is {n} tokens; this batch holds at most {self.max_len - 1} prompt tokens")
-        vocab = self.engine.model.config.llm.vocab_size
-        bad = [i for i in request.prompt_ids if not (whole_number(i) and 0 <= i < vocab)]
-        if bad:
-            raise InputError(f"prompt token ids must be whole numbers in 0..{vocab - 1}, got {bad[:5]}")
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(request, name)
-            if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
-                raise InputError(f"{name} must be in 0..{MAX_TOP_LOGPROBS}, got {value}")
+        self.engine.check(request, self.max_len)
         rid = next(self._ids)
         self.waiting.append((rid, request))
         return rid
