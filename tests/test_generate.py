@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import json
 import math
 import random
 import shutil
+import weakref
 
 import numpy
 import pytest
@@ -16,7 +18,6 @@ from PIL import Image
 
 from internvl_mpo.errors import InputError
 from internvl_mpo.generate.engine import Engine, Request
-from internvl_mpo.kv_cache import make_caches
 from internvl_mpo.generate.sampling import (
     SamplingParams,
     apply_repetition_penalty,
@@ -25,6 +26,7 @@ from internvl_mpo.generate.sampling import (
     filter_top_k_top_p,
     make_generator,
 )
+from internvl_mpo.kv_cache import make_caches
 from internvl_mpo.pipeline import InternVLChat, TextAssembler
 
 from conftest import (IMAGE_TOKEN_ID, ScriptedEngine, hf_reference, hf_to_official, tiny_config, tiny_chat_folder,
@@ -705,6 +707,35 @@ def test_a_generation_started_while_another_lives_gets_buffers_of_its_own(setup)
         for index, gen in enumerate((a, b)):
             tokens[index] += [e.token for e in gen.step()] if gen else []
     assert [tokens[0], tokens[1]] == [run(chat.engine, first)[0], run(chat.engine, second)[0]]
+
+
+def test_release_frees_the_buffers_a_compiled_engine_keeps(setup):
+    """A compiled engine keeps its largest mask and caches for the next Generation; `release()` lets them go
+    (they were held for the life of the engine): after a long batch and a release, the storages are freed and
+    a short batch allocates buffers of its own size. A Generation alive at the release keeps its buffers,
+    which the next one never shares, and each gives a fresh engine's tokens."""
+    chat, _ = setup
+    engine = Engine(chat.model, chat.engine.stop_token_ids)
+    engine.compiled = True  # keeps buffers as a compiled engine does; the step itself runs eagerly
+    ids, _ = prompt(chat, "Tell me a long story " * 120)
+    long = [Request(ids, SamplingParams(max_new_tokens=4, ignore_eos=True))] * 4
+    run(engine, long)
+    held = [weakref.ref(s) for s in engine._storages._storages]
+    largest = sum(s().nbytes for s in held)
+    engine.release()
+    gc.collect()
+    assert largest > 0 and all(s() is None for s in held)
+    short = [Request(ids[-20:], SamplingParams(max_new_tokens=8, ignore_eos=True))]
+    assert run(engine, short) == run(chat.engine, short)
+    assert 0 < sum(s.nbytes for s in engine._storages._storages) < largest / 10
+    alive = engine.generate(short)
+    engine.release()
+    other = engine.generate(long[:1])
+    buffers = [{t.untyped_storage().data_ptr() for t in [g.key_mask] + [x for c in g.caches for x in (c.k, c.v)]}
+               for g in (alive, other)]
+    assert not buffers[0] & buffers[1]
+    assert [e.token for step in alive for e in step] == run(chat.engine, short)[0]
+    assert [e.token for step in other for e in step] == run(chat.engine, long[:1])[0]
 
 
 # ---- the greedy screen of the head (greedy_head.py) ---------------------------------------------

@@ -26,7 +26,7 @@ addresses make torch record again instead of compiling again; not run on a GPU h
 are tested on the CPU). Graph trees keep every recording, and do not count those made for moved static
 inputs towards their re-record limit, so a compiled engine keeps its Generations' mask and caches in
 storages of its own (`_Storages`) that the next Generation reuses: a long chat session or a server that
-starts fresh batches records once per shape, not once per turn. It is compiled with symbolic sizes
+starts fresh batches records once per shape, not once per turn; `Engine.release()` lets them go. It is compiled with symbolic sizes
 (COMPILE_OPTIONS), so batches of other sizes and lengths reuse it instead of compiling again
 (torch.compile stops after 8 recompiles, and every chat turn has a new length); `generate` rounds a
 compiled batch's length up to 256 slots (fewer distinct shapes). Without compile, attention reads
@@ -151,6 +151,12 @@ class Engine:
         for request in requests:
             gen.add(request)
         return gen
+
+    def release(self) -> None:
+        """Let go of the storages a compiled engine keeps for its next Generation (the largest mask and KV
+        cache so far): they are freed once no living Generation uses them. The next compiled Generation
+        allocates buffers of its own size, which CUDA graphs record anew. An eager engine keeps none."""
+        self._storages = _Storages()
 
     def check(self, request: Request, max_len: int) -> None:
         """Refuse a request that a batch of `max_len` slots cannot run: an empty prompt, one of `max_len`
