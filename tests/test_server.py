@@ -498,27 +498,43 @@ def test_text_completion_of_several_prompts_and_choices(client, local_chat, hf_t
     assert first[0] != first[1]
 
 
+def vllm_stream_offsets(choices: list) -> list[int]:
+    """The text offsets vLLM gives the streamed chunks of one choice: each chunk's first token at the length
+    of the text streamed before it, then after each token's text (vLLM's completion_stream_generator)."""
+    out, sent = [], 0
+    for choice in choices:
+        out += [sent + sum(map(len, choice.logprobs.tokens[:k])) for k in range(len(choice.logprobs.tokens))]
+        sent += len(choice.text)
+    return out
+
+
 def test_text_completion_logprobs_are_the_legacy_format(client, local_chat, hf_tokenizer):
     """An integer `logprobs`: each token's text and log-probability, the token and its top alternatives
-    as a {text: log-probability} map, and text offsets, as vLLM builds them; streamed chunks carry the same."""
+    as a {text: log-probability} map (where two read the same, the later one's value stands, as in vLLM's
+    dict), and text offsets, as vLLM builds them; streamed chunks carry the same tokens, their offsets
+    counted from the text streamed before each chunk, as vLLM counts them."""
     prompt = "Hello there"
     ids = hf_tokenizer(prompt)["input_ids"]
     _, events = engine_completion(local_chat, ids, STEPS, logprobs=2, ignore_eos=True)
     reply = client.completions.create(model="m", prompt=prompt, logprobs=2, **LONG)
     logprobs = reply.choices[0].logprobs
-    texts = [local_chat.tokenizer.token_bytes(e.token).decode("utf-8", errors="replace") for e in events]
+    texts = [token_text(local_chat, e.token) for e in events]
     assert logprobs.tokens == texts
     assert logprobs.token_logprobs == pytest.approx([e.logprob for e in events], abs=1e-5)
+    shared = 0  # positions where two of the alternatives read the same (pieces of characters: "\ufffd")
     for top, text, event in zip(logprobs.top_logprobs, texts, events):
-        expected = {text: event.logprob}  # the token, then its alternatives; a text seen twice keeps the first
+        expected = {text: event.logprob}  # the token, then its alternatives from the likeliest down
         for token, value in event.top_logprobs:
-            expected.setdefault(local_chat.tokenizer.token_bytes(token).decode("utf-8", errors="replace"), value)
+            expected[token_text(local_chat, token)] = value
+        shared += len(expected) < len({event.token, *(t for t, _ in event.top_logprobs)})
         assert list(top) == list(expected) and list(top.values()) == pytest.approx(list(expected.values()), abs=1e-5)
+    assert shared  # the case this checks occurs
     assert logprobs.text_offset == [sum(map(len, texts[:k])) for k in range(len(texts))]
     _, _, _, chunks = stream_completion(client, prompt=prompt, logprobs=2, **LONG)
-    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
-    assert [t for lp in streamed for t in lp.tokens] == logprobs.tokens
-    assert [o for lp in streamed for o in lp.text_offset] == logprobs.text_offset
+    streamed = [c.choices[0] for c in chunks if c.choices]
+    assert [t for c in streamed for t in c.logprobs.tokens] == logprobs.tokens
+    offsets = [o for c in streamed for o in c.logprobs.text_offset]
+    assert offsets == vllm_stream_offsets(streamed) and offsets != logprobs.text_offset  # split characters
     assert client.completions.create(model="m", prompt=prompt, logprobs=0, **LONG).choices[0].logprobs.top_logprobs[
         0] == {texts[0]: pytest.approx(events[0].logprob, abs=1e-5)}
 
@@ -670,16 +686,21 @@ def test_max_tokens_0_echoes_the_prompt_and_its_logprobs_alone(client, local_cha
 
 def test_echoed_logprobs_stream_with_the_first_token_as_in_vllm(client, local_chat, hf_tokenizer):
     """A streamed echo with logprobs: each choice's first chunk carries the prompt and its log-probabilities
-    with the first generated token's; the chunks join to the non-streamed answer, offsets included."""
-    prompt = "Hello there"
+    with the first generated token's; the chunks join to the non-streamed answer, and their text offsets
+    count on from the text streamed before, the echoed prompt included (as in vLLM since its PR #47815:
+    a prompt whose emoji is split over three tokens reads 2 characters shorter than its tokens)."""
+    prompt = "Hello \U0001f99c there"
     body = {"prompt": prompt, "echo": True, "logprobs": 1, **LONG}
     reply = client.completions.create(model="m", **body)
     _, _, _, chunks = stream_completion(client, **body)
     streamed = [c.choices[0] for c in chunks if c.choices]
     assert streamed[0].text.startswith(prompt) and "".join(c.text for c in streamed) == reply.choices[0].text
-    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+    for key in ("tokens", "token_logprobs", "top_logprobs"):
         assert [v for c in streamed for v in getattr(c.logprobs, key)] == getattr(reply.choices[0].logprobs, key)
-    assert len(reply.choices[0].logprobs.tokens) == len(hf_tokenizer(prompt)["input_ids"]) + STEPS
+    ids = hf_tokenizer(prompt)["input_ids"]
+    assert sum(len(token_text(local_chat, t)) for t in ids) > len(prompt)
+    assert [o for c in streamed for o in c.logprobs.text_offset] == vllm_stream_offsets(streamed)
+    assert len(reply.choices[0].logprobs.tokens) == len(ids) + STEPS
 
 
 def test_stop_reason_names_the_stop_string_or_stop_token_as_vllm(client, local_chat, hf_tokenizer):

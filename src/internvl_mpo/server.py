@@ -1177,7 +1177,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
                                               "finish_reason": item.finish_reason, "stop_reason": item.stop_reason}]})
 
         echoed = [not req.echo] * count  # as vLLM, a choice's first chunk carries the echoed prompt
-        offsets, tokens = [0] * count, 0  # the next token's text_offset per choice (as the non-streamed answer has it)
+        offsets, tokens = [0] * count, 0  # per choice, the length of the text sent: the next chunk's text_offset
         async for item in _chunks(inbox, count):
             if isinstance(item, ApiError):
                 yield _sse(item.body())
@@ -1191,7 +1191,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
             logprobs = None
             if req.logprobs is not None:
                 logprobs = _legacy_logprobs(entries, offsets[item.index])
-                offsets[item.index] += sum(len(token) for token in logprobs["tokens"])
+            offsets[item.index] += len(text)
             yield chunk(item, text, logprobs)
             tokens += item.completion_tokens if item.finish_reason else 0  # the choice's count, on its last chunk
         if req.include_usage:
@@ -1237,15 +1237,15 @@ def _legacy_logprobs(entries: list[dict], offset: int) -> dict:
     """The /v1/completions `logprobs` object of chat-format entries, as vLLM builds it: each token's text
     and log-probability, a {text: log-probability} map of the token and the top alternatives, and each
     token's offset (the first at `offset`, then after the previous token's text: a character split over
-    two tokens counts twice, as in vLLM's non-streamed answers, and streamed ones count alike). Where two
-    of a map's tokens read the same (pieces of one character both read "\ufffd"), the first keeps its
-    value: the chosen token's own, then the likelier alternative's (vLLM lets the last overwrite)."""
+    two tokens counts twice, as in vLLM). Where two of a map's tokens read the same (pieces of one
+    character both read "\ufffd"), the last one's value stands, as in vLLM's map: the chosen token comes
+    first, then the alternatives from the likeliest down."""
     def choices(entry: dict) -> dict | None:
         if entry["top_logprobs"] is None:  # the first prompt token: nothing came before it
             return None
         out = {entry["token"]: entry["logprob"]}
         for top in entry["top_logprobs"]:
-            out.setdefault(top["token"], top["logprob"])
+            out[top["token"]] = top["logprob"]
         return out
 
     tokens = [entry["token"] for entry in entries]
