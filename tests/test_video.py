@@ -428,7 +428,8 @@ def write_h264(path, num_frames, pts=None, time_base=Fraction(1, 30), gop=20, x2
 
 
 class CountingAV:
-    """PyAV whose containers count the frames their decode() gives: how much of a clip a read decoded."""
+    """PyAV whose containers count the frames their decode() and their packets' decode() give: how much
+    of a clip a read decoded."""
 
     def __init__(self):
         self.frames = 0
@@ -457,6 +458,23 @@ class CountingContainer:
         for frame in self.container.decode(*args, **kwargs):
             self.counter.frames += 1
             yield frame
+
+    def demux(self, *args, **kwargs):
+        for packet in self.container.demux(*args, **kwargs):
+            yield CountingPacket(packet, self.counter)
+
+
+class CountingPacket:
+    def __init__(self, packet, counter):
+        self.packet, self.counter = packet, counter
+
+    def __getattr__(self, name):
+        return getattr(self.packet, name)
+
+    def decode(self):
+        frames = self.packet.decode()
+        self.counter.frames += len(frames)
+        return frames
 
 
 def vfr_pts(num_frames):
@@ -514,6 +532,51 @@ def test_seeking_gives_the_frames_of_an_in_order_decode(seek_clips, name, monkey
         if num_segments == 4 and "open-gop" not in name:  # the seeks skipped frames
             assert counter.frames - start < max(result.frame_indices) + 1
     assert not in_order  # every read was answered by seeking, none decoded in order after a failed seek
+
+
+def damage_packet(path, index):
+    """Overwrite all but the first 8 bytes of the clip's packet `index` (in decode order) with 0xff."""
+    data = bytearray(path.read_bytes())
+    with av.open(str(path)) as container:
+        packet = [p for p in container.demux(container.streams.video[0]) if p.size][index]
+        start, end = packet.pos + 8, packet.pos + packet.size
+    data[start:end] = b"\xff" * (end - start)
+    path.write_bytes(data)
+
+
+def damaged_clip(folder):
+    """150 H.264 frames at 30 fps, a keyframe every 20, and the packet of frame 48 (1.6 s) damaged: an
+    in-order decode that goes on past it loses that frame, so every later frame would move up one index."""
+    good = write_h264(folder / "good.mp4", 150, gop=20, x264=":scenecut=0")
+    path = folder / "damaged.mp4"
+    path.write_bytes(good.read_bytes())
+    damage_packet(path, 45)
+    return good, path
+
+
+def test_a_damaged_packet_the_reading_passes_is_an_error_not_a_shorter_clip(tmp_path):
+    """The in-order decode stopped at the damaged packet and sampled the 43 frames before it as if the clip
+    ended there (indices 5..37 of 150), silently; decord raises there."""
+    good, path = damaged_clip(tmp_path)
+    lost = []
+    with av.open(str(path)) as container:
+        for packet in container.demux(container.streams.video[0]):
+            try:
+                lost += packet.decode()
+            except av.error.FFmpegError:
+                pass
+    assert len(lost) == 149 and 48 * 512 not in [f.pts for f in lost]  # decoding on past it shifts the indices
+    with pytest.raises(InputError, match=r"damaged.mp4: damaged video: the packet at 1.600 s does not decode"):
+        load_video(path, num_segments=4, image_size=64)  # frame 56 is decoded from the keyframe at 40, past 48
+
+
+@pytest.mark.parametrize("bound", [(0.0, 1.2), (2.0, 4.9)])
+def test_a_damaged_packet_seeking_skips_leaves_the_frames_the_index_names(tmp_path, bound):
+    good, path = damaged_clip(tmp_path)
+    result = load_video(path, num_segments=4, bound=bound, image_size=64)
+    assert result.frame_indices == reference_index(bound, 30, 149, 4)
+    frames = decoded_frames(good)
+    assert torch.equal(result.pixel_values, torch.stack([reference_tile(frames[i], 64) for i in result.frame_indices]))
 
 
 def test_seeking_a_long_clip_decodes_only_near_the_sampled_frames(tmp_path, monkeypatch):

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_video import reference_tile, set_mp4_rotation
+from test_video import damaged_clip, reference_tile, set_mp4_rotation
 
+from internvl_mpo.errors import InputError
 from internvl_mpo.processor.video import load_video
 
 av = pytest.importorskip("av")
@@ -148,5 +149,23 @@ def test_rotated_clip_turns_as_decord_turns_it(clips, tmp_path, matrix):
     set_mp4_rotation(path, matrix)
     indices, pixel_values = card_load_video(path, num_segments=8)
     result = load_video(path, num_segments=8)
+    assert result.frame_indices == indices
+    assert torch.equal(result.pixel_values, pixel_values)
+
+
+@pytest.mark.parametrize("bound", [None, (2.0, 4.9)])
+def test_damaged_packet_fails_where_decord_fails_and_gives_its_frames_elsewhere(tmp_path, bound):
+    """Frame 48's packet is damaged: a read that decodes through it raises in both, one that skips it
+    gives decord's frames (decord numbers frames by the container's packets, as our seeking does). Frames
+    just before the damage are left out: decord's decoding thread reads ahead and sometimes raises there."""
+    _, path = damaged_clip(tmp_path)
+    if bound is None:
+        with pytest.raises(decord.DECORDError):
+            card_load_video(path, num_segments=4)
+        with pytest.raises(InputError, match="damaged video"):
+            load_video(path, num_segments=4)
+        return
+    indices, pixel_values = card_load_video(path, bound, num_segments=4)
+    result = load_video(path, num_segments=4, bound=bound)
     assert result.frame_indices == indices
     assert torch.equal(result.pixel_values, pixel_values)

@@ -28,8 +28,10 @@ is decoded from the last start at or before it unless the decode already under w
 every frame decoded must come out with the pts the table gives its index: if one does not (or a seek
 lands off a start), the clip is decoded in order, as are all other clips (other codecs in avi: no
 presentation times, wrong with B-frames; MPEG-PS/TS: seeks by searching the file, where decord's
-frames go wrong; VP8 and others). A frame that would fail to decode in a stretch seeking skips is not
-noticed (an in-order decode stops there and samples the frames before it).
+frames go wrong; VP8 and others). A damaged packet in a stretch seeking skips is not noticed: the
+frames sampled are those the packets number, as decord's are. One that a decode passes is an InputError
+when a later packet decodes (the decoder has dropped its frame, or its whole GOP, so counting on would
+shift every later index; decord raises there too), and ends the clip there when none does (a cut tail).
 
 Differences from decord, measured:
 - Frames that take swscale's general path, 4:2:0 with an odd height or more than 8 bits a sample
@@ -150,22 +152,43 @@ def _open_container(av, path: str):
 
 
 def _decode_frames(av, path: str, wanted: set[int]) -> tuple[dict[int, Image.Image], int]:
-    """Decode `path` in order, keeping the frames whose index is in `wanted`; also count frames."""
+    """Decode `path` in order, keeping the frames whose index is in `wanted`; also count frames.
+
+    A packet that fails to decode ends the clip there when no later packet decodes (a damaged or cut
+    tail). When a later one does, the frames after the damage exist but the decoder has dropped some
+    (a whole GOP for a damaged keyframe), so counting them would give later frames wrong indices:
+    that is an InputError, as it is for decord."""
     kept: dict[int, Image.Image] = {}
     decoded = 0
     last = max(wanted)
+    damage = None  # the first packet that failed to decode, and why
     with _open_container(av, path) as container:
         try:
-            for frame in container.decode(_video_stream(container)):
-                if decoded in wanted:
-                    kept[decoded] = _upright(frame)
-                decoded += 1
-                if decoded > last:
-                    break
-        except av.error.FFmpegError as e:
-            if decoded == 0:
-                raise InputError(f"{source_name(path)}: cannot decode video: {e}") from None
+            for packet in container.demux(_video_stream(container)):
+                try:
+                    frames = packet.decode()
+                except av.error.FFmpegError as e:
+                    damage = damage or (packet, e)
+                    continue
+                if damage and packet.size:
+                    raise InputError(f"{source_name(path)}: damaged video: {_damage(*damage)}, and later frames"
+                                     " decode, so they cannot be numbered (their indices would shift)")
+                for frame in frames:
+                    if decoded in wanted:
+                        kept[decoded] = _upright(frame)
+                    decoded += 1
+                    if decoded > last:
+                        return kept, decoded
+        except av.error.FFmpegError:  # the demuxer stops at a damaged tail: the frames before it count
+            pass
+    if decoded == 0 and damage:
+        raise InputError(f"{source_name(path)}: cannot decode video: {_damage(*damage)}")
     return kept, decoded
+
+
+def _damage(packet, error) -> str:
+    at = f" at {float(packet.pts * packet.time_base):.3f} s" if packet.pts is not None and packet.time_base else ""
+    return f"the packet{at} does not decode ({error.strerror or error})"
 
 
 @dataclass
