@@ -126,3 +126,13 @@ def test_cli_tiles_output_error_is_one_line(tmp_path, capsys):
     assert main(["tiles", str(save(tmp_path, 600, 400)), "--output", str(tmp_path / "x" / "t.png")]) != 0
     err = capsys.readouterr().err
     assert "error:" in err and "does not exist" in err and "Traceback" not in err
+
+
+def test_png_for_more_tiles_than_the_picture_can_show(tmp_path):
+    # 1100 tiles in one column: each is under a pixel high at the preview's scale. The picture
+    # drew a box per tile (Pillow refused the inverted box) after resizing to 448x492800 pixels.
+    out = tmp_path / "thin.png"
+    report = tiles_report(save(tmp_path, 1, 20000), max_num=1100, output_png=out)
+    assert report["grid"] == (1, 1100) and report["tiles"] == 1101
+    picture = Image.open(out)
+    assert picture.height <= PREVIEW_MAX_SIDE + 200 and picture.width < 1000

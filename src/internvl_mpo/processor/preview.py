@@ -2,8 +2,8 @@
 
 Backs the `internvl-mpo tiles` command. The token cost is `tiles * tokens_per_tile + 2`: 256 image
 tokens per tile (thumbnail included) plus `<img>` and `</img>` (reference sections 5 and 13.10).
-The picture shows the resized image with the tile grid and tile numbers drawn over it and the
-thumbnail beside it (PIL ImageDraw only).
+The picture shows the resized image with the tile grid and tile numbers drawn over it (only the
+grid's frame where tiles would be under 16 pixels) and the thumbnail beside it (PIL ImageDraw only).
 """
 
 import os
@@ -16,6 +16,7 @@ from internvl_mpo.processor.image import ImageSource, open_image, source_name
 from internvl_mpo.processor.tiling import TilePlan, plan_tiles
 
 PREVIEW_MAX_SIDE = 1024  # longest side of the drawn grid, in pixels
+_MIN_DRAWN_TILE = 16  # px: smaller tiles get no box or number (they would merge into a smear), only the grid's frame
 _MARGIN = 16
 _CAPTION_HEIGHT = 40
 _GRID_COLOUR = (255, 40, 40)
@@ -125,13 +126,18 @@ def render_tiles(image: Image.Image, plan: TilePlan, caption: str = "") -> Image
     draw.text((_MARGIN, 12), caption, fill=_TEXT_COLOUR, font=caption_font)
 
     left, top = _MARGIN, _CAPTION_HEIGHT + _MARGIN
-    canvas.paste(image.resize(plan.resized_size).resize((grid_w, grid_h)), (left, top))
-    label_font = _font(max(10, min(32, round(tile / 5))))
-    for k, (x0, y0, x1, y1) in enumerate(plan.boxes):
-        box = [left + x0 * scale, top + y0 * scale, left + x1 * scale - 1, top + y1 * scale - 1]
-        draw.rectangle(box, outline=_GRID_COLOUR, width=2)
-        centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
-        draw.text(centre, str(k + 1), fill=_TEXT_COLOUR, font=label_font, anchor="mm", stroke_width=2, stroke_fill=(0, 0, 0))
+    # One resize to the drawn size: going through plan.resized_size held a billion pixels at a few thousand tiles.
+    canvas.paste(image.resize((grid_w, grid_h)), (left, top))
+    if tile < _MIN_DRAWN_TILE:
+        draw.rectangle([left, top, left + grid_w - 1, top + grid_h - 1], outline=_GRID_COLOUR, width=2)
+    else:
+        label_font = _font(max(10, min(32, round(tile / 5))))
+        for k, (x0, y0, x1, y1) in enumerate(plan.boxes):
+            box = [left + x0 * scale, top + y0 * scale, left + x1 * scale - 1, top + y1 * scale - 1]
+            draw.rectangle(box, outline=_GRID_COLOUR, width=2)
+            centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+            draw.text(centre, str(k + 1), fill=_TEXT_COLOUR, font=label_font, anchor="mm", stroke_width=2,
+                      stroke_fill=(0, 0, 0))
 
     if plan.has_thumbnail:
         tx = left + grid_w + _MARGIN
