@@ -145,6 +145,12 @@ def hand_prompt(*turns: str) -> str:
     return out + "<|im_start|>assistant\n"
 
 
+def post_to(server, route: str, body: dict, key: str | None = KEY) -> httpx.Response:
+    """A JSON POST to one of the server's routes (those the openai client has no method for: /tokenize)."""
+    headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+    return httpx.post(server[0] + route, json=body, headers=headers, timeout=120)
+
+
 def stream_text(client, **kwargs) -> tuple[dict[int, str], dict[int, str], object]:
     """(text per choice, finish_reason per choice, usage) of a streamed completion."""
     texts, finishes, usage = {}, {}, None
@@ -452,6 +458,43 @@ def stream_completion(client, **kwargs) -> tuple[dict[int, str], dict[int, str],
             if choice.finish_reason:
                 finishes[choice.index] = choice.finish_reason
     return texts, finishes, usage, chunks
+
+
+def test_tokenize_and_detokenize_as_vllm(server, client, hf_tokenizer):
+    """vLLM's /tokenize: a prompt as /v1/completions tokenizes it, or messages as a chat request would prefill
+    them, image tokens included (usage.prompt_tokens of the real request; transformers' ids of the prompt
+    written out), the open assistant turn left off with add_generation_prompt false; count and the
+    server's max_model_len beside. /detokenize: transformers' decode of the ids, special tokens kept."""
+    def tokenize(body: dict) -> dict:
+        reply = post_to(server, "/tokenize", {"model": "m", **body})
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    ids = hf_tokenizer("Hello there, <|im_end|> friend")["input_ids"]
+    assert tokenize({"prompt": "Hello there, <|im_end|> friend"}) == {"count": len(ids), "max_model_len": 2048,
+                                                                        "tokens": ids, "token_strs": None}
+    messages = [user("What is it?", png(112, 56))]  # 3 tiles of 4 tokens, as in the image test above
+    chat = client.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=1)
+    expanded = hand_prompt("<img>" + "<IMG_CONTEXT>" * 12 + "</img>\nWhat is it?")
+    tokens = tokenize({"messages": messages})["tokens"]
+    assert tokens == hf_tokenizer(expanded)["input_ids"] and len(tokens) == chat.usage.prompt_tokens
+    bare = tokenize({"messages": messages, "add_generation_prompt": False, "add_special_tokens": False})["tokens"]
+    assert bare == hf_tokenizer(expanded.removesuffix("<|im_start|>assistant\n"))["input_ids"]
+    for ids in (tokens, [], hf_tokenizer("caf\u00e9 \U0001f99c")["input_ids"][:-1]):
+        reply = post_to(server, "/detokenize", {"model": "m", "tokens": ids})
+        assert reply.json() == {"prompt": hf_tokenizer.decode(ids)}, reply.text
+    refused = [("/tokenize", {"prompt": "a", "messages": messages}, 400, "send either prompt"),
+               ("/tokenize", {}, 400, "send either prompt"),
+               ("/tokenize", {"prompt": ["a"]}, 400, "prompt must be str"),
+               ("/tokenize", {"prompt": "a", "return_token_strs": True}, 400, "return_token_strs is not supported"),
+               ("/tokenize", {"messages": [{"role": "user", "content": "a <image>"}]}, 400, "send images as image_url"),
+               ("/tokenize", {"model": "other", "prompt": "a"}, 404, "does not exist"),
+               ("/detokenize", {"tokens": [1, -1]}, 400, r"tokens must be in 0\.\.\d+, got \[-1\]"),
+               ("/detokenize", {"tokens": "12"}, 400, "tokens must be a list of token ids")]
+    for route, body, status, message in refused:
+        reply = post_to(server, route, {"model": "m", **body})
+        assert reply.status_code == status and re.search(message, reply.json()["error"]["message"]), reply.text
+    assert post_to(server, "/tokenize", {"prompt": "a"}, key=None).status_code == 401
 
 
 def test_text_completion_continues_the_raw_prompt(client, local_chat, hf_tokenizer):

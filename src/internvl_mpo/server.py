@@ -3,7 +3,8 @@
 Endpoints: `POST /v1/chat/completions` (plain or `stream: true` server-sent events in OpenAI's
 `chat.completion.chunk` format, ending with `data: [DONE]`), `POST /v1/completions` (raw text or token
 ids in, no chat template, as vLLM serves a chat model; `text_completion` objects and chunks),
-`GET /v1/models`, `GET /v1/models/{id}`, `GET /health`.
+`GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, and vLLM's `POST /tokenize` (a prompt, or messages with
+their image tokens, as the endpoints above would prefill them) and `POST /detokenize`.
 
 It is a thin layer: requests are parsed and checked against the limits up front (4xx with an
 OpenAI-style `{"error": {...}}` body), images are decoded and the prompt is tokenized off the event
@@ -70,7 +71,7 @@ from pathlib import Path
 
 import torch
 
-from .chat.template import IMAGE_PLACEHOLDER, build_prompt_ids
+from .chat.template import IMAGE_PLACEHOLDER, build_prompt_ids, get_template
 from .chat.tokenizer import IMG_CONTEXT
 from .checkpoint import default_device
 from .errors import ConfigError, InputError
@@ -425,6 +426,44 @@ def parse_completion_request(body, settings: ServerSettings) -> CompletionReques
                              prompt_logprobs=_prompt_logprobs(body), **sampling)
 
 
+@dataclass
+class TokenizeRequest:
+    """A parsed /tokenize body (vLLM's): raw text as /v1/completions takes it, or a chat as
+    /v1/chat/completions takes it (`chat`, its images still URLs)."""
+
+    prompt: str | None
+    chat: ChatRequest | None
+    add_generation_prompt: bool = True
+
+
+def parse_tokenize_request(body, settings: ServerSettings) -> TokenizeRequest:
+    """Check a /tokenize body: vLLM's `prompt` (with `add_special_tokens`) or `messages` (with
+    `add_generation_prompt`, `add_special_tokens`); raises ApiError."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    if (body.get("prompt") is None) == (body.get("messages") is None):
+        raise ApiError(400, "send either prompt (text, tokenized as /v1/completions tokenizes it) or messages (a "
+                            "chat, as /v1/chat/completions takes it)", "prompt")
+    for key in ("return_token_strs", "continue_final_message"):  # vLLM's; the chat must end with a user message
+        if _field(body, key, (bool,), False):
+            raise ApiError(400, f"{key} is not supported by this server", key)
+    _field(body, "add_special_tokens", (bool,))  # the Qwen2 tokenizer adds none; the chat template writes its own
+    if body.get("prompt") is not None:
+        return TokenizeRequest(_unicode(_field(body, "prompt", (str,)), "prompt"), None)
+    return TokenizeRequest(None, parse_chat_request(body, settings),
+                           _field(body, "add_generation_prompt", (bool,), True))
+
+
+def parse_detokenize_request(body, vocab: int) -> list[int]:
+    """The token ids of a /detokenize body (vLLM's `tokens`), each in 0..vocab - 1; raises ApiError."""
+    tokens = body.get("tokens") if isinstance(body, dict) else None
+    if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
+        raise ApiError(400, f"tokens must be a list of token ids, got {json.dumps(tokens)[:80]}", "tokens")
+    if bad := [t for t in tokens if not 0 <= t < vocab]:
+        raise ApiError(400, f"tokens must be in 0..{vocab - 1}, got {bad[:5]}", "tokens")
+    return tokens
+
+
 # ---- images and the prompt --------------------------------------------------------------------
 
 
@@ -617,6 +656,14 @@ class Prompt:
 
 def build_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings, max_len: int) -> Prompt:
     """Fetch and tile the images, tokenize the conversation and check the token limits (blocking)."""
+    ids, pixels = chat_prompt_ids(chat, req, settings, max_len)
+    return Prompt(ids, pixels, _answer_room(len(ids), req, settings, max_len, "messages", "the prompt",
+                                              " (images included)"))
+
+
+def chat_prompt_ids(chat: InternVLChat, req: ChatRequest, settings: ServerSettings,
+                    max_len: int) -> tuple[list[int], torch.Tensor | None]:
+    """The prompt's ids and its images' tiles (None without images), each image tiled to fit (blocking)."""
     config = chat.config
     per_image = req.max_num or config.max_dynamic_patch
     if req.image_urls:
@@ -640,9 +687,19 @@ def build_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings,
                                template=config.template)
     except InputError as e:
         raise ApiError(400, str(e), "messages") from None
-    pixels = torch.cat(tiles) if tiles else None
-    return Prompt(ids, pixels, _answer_room(len(ids), req, settings, max_len, "messages", "the prompt",
-                                              " (images included)"))
+    return ids, torch.cat(tiles) if tiles else None
+
+
+def tokenize_ids(chat: InternVLChat, req: TokenizeRequest, settings: ServerSettings, max_len: int) -> list[int]:
+    """/tokenize's ids: a text as /v1/completions tokenizes it, or the ids a chat request would prefill,
+    image tokens included (without the trailing assistant header when add_generation_prompt is false)."""
+    if req.chat is None:
+        return chat.tokenizer.encode(req.prompt)
+    ids, _ = chat_prompt_ids(chat, req.chat, settings, max_len)
+    if not req.add_generation_prompt:
+        header = chat.tokenizer.encode(get_template(chat.config.template).roles[1])
+        ids = ids[: len(ids) - len(header)]
+    return ids
 
 
 def check_stop_token_ids(params: SamplingParams, vocab: int) -> None:
@@ -1016,6 +1073,23 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
         check_model({"model": model_id}, model_name)
         return card
 
+    @app.post("/tokenize")  # vLLM's, beside /v1 as in vLLM
+    async def tokenize(request: HttpRequest):
+        authorize(request)
+        body = await read_json(request)
+        check_model(body, model_name)
+        req = parse_tokenize_request(body, settings)
+        ids = await run_in_threadpool(tokenize_ids, chat, req, settings, worker.max_len)
+        return {"count": len(ids), "max_model_len": worker.max_len, "tokens": ids, "token_strs": None}
+
+    @app.post("/detokenize")
+    async def detokenize(request: HttpRequest):
+        authorize(request)
+        body = await read_json(request)
+        check_model(body, model_name)
+        tokens = parse_detokenize_request(body, chat.config.llm.vocab_size)
+        return {"prompt": chat.tokenizer.decode(tokens, skip_special_tokens=False)}
+
     def submit(prompts: list[Prompt], n: int, params: SamplingParams, logprobs: int | None,
                prompt_logprobs: int | None = None, prompt_only: bool = False, list_stop_token: bool = False):
         """Queue `n` choices of each prompt (choice j of prompt p is index p * n + j, as in vLLM); returns the
@@ -1313,7 +1387,8 @@ def serve(
     max_tokens: int = 2048,
     max_n: int = 4,
 ) -> None:
-    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health).
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
+    /tokenize, /detokenize, /health).
 
     model: checkpoint folder or hub id (default: the shipped demo model)
     served_model_name: the model's name in the API (/v1/models, responses); a request naming another model gets a 404 (default: --model as given; internvl-mpo-demo for the demo model)
