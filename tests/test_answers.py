@@ -770,3 +770,54 @@ def test_long_degenerate_answers_are_checked_in_linear_time(prediction, truth):
     start = time.perf_counter()
     check_answer(prediction, truth)
     assert time.perf_counter() - start < 2
+
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [
+        # two or more dots, or dots before a decimal comma (German); apostrophes (Swiss); no-break, narrow
+        # and thin spaces (French, SI); lakh commas (Indian); the Arabic separators
+        ("1.234.567", "1234567", True), ("1.234.567", "1.234", False), ("1.234,5", "1234.5", True),
+        ("1.234.567,25 €", "1234567.25", True), ("1'234'567", "1234567", True), ("1\u2019000", "1000", True),
+        ("1\u202f000", "1000", True), ("1\u00a0234,5", "1234.5", True), ("12\u2009345 km", "12345 km", True),
+        ("1,00,000", "100000", True), ("12,34,567", "1234567", True), ("1\u066c000", "1000", True),
+        ("\u0661\u066b\u0665", "1.5", True), ("1.234.567", "1.234.567", True),
+        # one dot or comma keeps its English reading; a decimal comma alone and plain spaces stay ambiguous
+        # (a list "12,5", "3 100"): no number
+        ("1.000", "1", True), ("1,000", "1000", True), ("1,000.5", "1000.5", True), ("12,5", "12.5", None),
+        ("1 000", "1000", None), ("1.234,5", "1.234", False), ("0.5,0.25", "0.5", None),
+    ],
+)
+def test_thousands_separators_of_other_locales(prediction, truth, expected):
+    assert check_answer(prediction, truth) is expected
+
+
+def test_numbers_beyond_the_float_range():
+    """float() reads 10^400 and 10^500 as the same infinity: such a ground truth is refused by name rather
+    than matching every huge answer, and a huge answer to a finite one is wrong."""
+    for truth in ("10^10000", "1e309", "-1e400", "1e400 / 1e400"):
+        with pytest.raises(InputError, match="beyond"):
+            check_answer("10^10001", truth, "number")
+    assert check_answer("10^10001", "5") is False and check_answer("1e309", "1e308") is False
+    assert check_answer("1e308", "1e308") is True
+
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [
+        # a root of a negative number as written, its bracket as in √(3)
+        ("\\sqrt{-9}", "√-9", True), ("√(-4)", "√-4", True), ("\\sqrt{-4}", "\\sqrt{-4}", True),
+        ("√-4", "√4", False), ("2i", "√-4", False), ("√-4", "-√4", False),
+        # an odd root of a negative perfect power standing alone is its value; an even one no number
+        ("∛-8", "-2", True), ("\\sqrt[3]{-27}", "-3", True), ("∛(−8)", "-2", True), ("∛-8", "2", False),
+        ("√-4", "-2", None), ("√-4", "2", None), ("∜-16", "2", None),
+    ],
+)
+def test_roots_of_negative_numbers(prediction, truth, expected):
+    assert check_answer(prediction, truth) is expected
+
+
+def test_a_zero_denominator_gives_no_number():
+    assert check_answer("1/0", "5") is None and check_answer("\\frac{3}{0}", "5") is None
+    with pytest.raises(InputError):
+        check_answer("5", "1/0", "number")

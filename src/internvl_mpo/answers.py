@@ -19,10 +19,11 @@ Additions, each a superset of the above: `\\boxed{}` answers (VLMEvalKit's `extr
 answer in display math that opens on the trigger's line ("Final answer:\\n$$\\n12\\n$$"; the official reads
 "$$"), the Chinese trigger "答案:" of the official Chinese prompt, explicit letter statements ("The answer is
 B", "option (C)", "答案是C", which VLMEvalKit hands to its judge model), numbers read with units (a known unit
-on both sides must agree: "5 m" is not "5 cm"), thousands commas, percentages, fractions (a/b, "½", LaTeX
+on both sides must agree: "5 m" is not "5 cm"), thousands commas (and other locales' groups: "1.234.567",
+"1.234,5", "1'234", no-break and thin spaces, "1,00,000", the Arabic separators), percentages, fractions (a/b, "½", LaTeX
 `\\frac` also as \\frac12), scientific notation ("3 × 10^5", "6.02 \\times 10^{23}"), magnitude words ("1.2
 million", "3万", "2.5亿", "3 thousand 5 hundred"; not abbreviations such as "1.2M"), the root of a perfect power alone ("∛8" is 2,
-"\\sqrt{9}" is 3; other roots are expressions, no number), negative numbers (also with an en dash, "minus",
+"\\sqrt{9}" is 3, "∛-8" -2; other roots are expressions, no number), negative numbers (also with an en dash, "minus",
 "negative" or 负 for the minus) and full-width ones, Chinese numerals where they stand as a number ("答案是三",
 "三只", "百分之五十", "三分之一", "三点五"; not "一些", "唯一", "第三", "三四个"), and number words that count something in short
 answers ("three", "there is one", "none"; not "the one on the left", "the big red one"), compared exactly
@@ -119,7 +120,7 @@ _EXPRESSION = re.compile(rf"\\sqrt|[{_ROOTS}]|\\pi|π|\d\s*\^\s*\{{?\s*[-+]?\d")
 # reads it as its root where that is a whole number; a factor before it ("2∛8") leaves an expression.
 _ROOT_OF_DIGITS = re.compile(
     rf"(?<![A-Za-z\d.)}}])(?:([{_ROOTS}])|\\sqrt(?:\s*\[\s*(\d)\s*\])?)"
-    r"\s*(?:\{\s*(\d{1,15})\s*\}|(\d{1,15})(?![\d.^]))"
+    r"\s*(?:\{\s*(-?\d{1,15})\s*\}|(-?\d{1,15})(?![\d.^]))"
 )
 # Units compared when both answers name one ("5 m" is not "5 cm"); others ("apples", "in") are not.
 _UNIT_NAMES = {
@@ -202,6 +203,16 @@ _FRAC = re.compile(r"\\[dt]?frac\s*(?:\{([^{}]*)\}|(\d))\s*(?:\{([^{}]*)\}|(\d))
 # LaTeX wrappers around the words of a short answer: "\\text{Paris}" is "Paris".
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\{([^{}]*)\}")
 _DASH_MINUS = str.maketrans("\u2212\u2013", "--")  # a unicode minus, or an en dash written for one
+_ARABIC_SEPARATORS = str.maketrans("\u066b\u066c", ".,")  # the Arabic decimal and thousands separators
+# Thousands groups of other locales (`_ungroup`): two or more dots, or dots before a decimal comma
+# ("1.234.567", "1.234,5"); apostrophes ("1'234"); no-break, narrow and thin spaces ("1 234,5"); lakh commas
+# ("1,00,000"). One dot keeps its English reading ("1.000" is 1), and a plain space or a decimal comma alone
+# groups nothing ("3 100", "12,5" may be lists). A first group never starts with 0.
+_GROUPED = re.compile(
+    r"(?<![\d'\u2019])(?<!\d[.,])(?!0)(?:\d{1,3}(?:\.\d{3}){2,}(?:,\d+)?|\d{1,3}(?:\.\d{3})+,\d+"
+    r"|\d{1,3}(?:['\u2019]\d{3})+(?:\.\d+)?|\d{1,3}(?:[\u00a0\u202f\u2009]\d{3})+(?:,\d+)?"
+    r"|\d{1,2}(?:,\d{2})+,\d{3}(?:\.\d+)?)(?![\d'\u2019]|[.,]\d)"
+)
 _VULGAR_FRACTIONS = "¼½¾⅐⅑⅒⅓⅔⅕⅖⅗⅘⅙⅚⅛⅜⅝⅞"
 # Words and signs that make a number a bound or a negation, not the answer ("more than 5", "not 5",
 # "5 or more", "5+", "至少5个", "5个以上"); "about 5", "~5" and "5 or so" are still 5.
@@ -472,6 +483,7 @@ def _numeric_text(text: str) -> str:
     thousands commas, magnitude words ("1.2 million" -> "1.2e6"), Chinese numerals, \\frac{a}{b}, ^\\circ as
     °, vulgar fractions ("½"; "3½" is two numbers, as "3 1/2") and a x 10^b made plain."""
     s = _powers(text)  # before NFKC
+    s = _GROUPED.sub(_ungroup, s.translate(_ARABIC_SEPARATORS))  # before NFKC makes no-break spaces plain
     s = re.sub(f"(?<=\\d)(?=[{_VULGAR_FRACTIONS}])", " ", s)
     s = unicodedata.normalize("NFKC", s).translate(_DASH_MINUS).replace("\u2044", "/")  # NFKC: "½" is "1⁄2"
     s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
@@ -485,6 +497,13 @@ def _numeric_text(text: str) -> str:
     s = s.replace("\\approx", "≈").replace("\\%", "%").replace("\\$", "$").replace("$", " ")
     s = re.sub(r"\\(?:left|right|[,;!: ])", " ", s)
     return re.sub(r"\((-?[\d.]+)\)", r"\1", s)
+
+
+def _ungroup(m: re.Match) -> str:
+    """A `_GROUPED` number written plain: its group separator (the first sign in it) dropped, a decimal
+    comma made a point ("1.234,5" -> "1234.5", "1,00,000" -> "100000")."""
+    separator = re.search(r"\D", m[0])[0]
+    return m[0].replace(separator, "").replace(",", ".")
 
 
 def _magnitudes(text: str) -> str:
@@ -610,8 +629,11 @@ def _root(m: re.Match) -> str:
     digits = m[3] or m[4]
     if degree < 2 or (not m[1] and not m[3] and len(digits) > 1):  # LaTeX reads \\sqrt16 as √1 before 6
         return m[0]
-    value = round(int(digits) ** (1 / degree))
-    return str(value) if value**degree == int(digits) else m[0]
+    radicand = int(digits)
+    if radicand < 0 and degree % 2 == 0:  # √-4: no real number
+        return m[0]
+    value = round(abs(radicand) ** (1 / degree))
+    return str(value if radicand >= 0 else -value) if value**degree == abs(radicand) else m[0]
 
 
 def _number_part(text: str) -> str:
@@ -753,7 +775,7 @@ def normalize_math(text: str) -> str:
     # √(2π) stays), around one term after "/" ((√3)/(2) is √3/2, 1/(2π) stays), around a product
     # elsewhere ((2√3)/3 is 2√3/3); never before a power or next to another factor (2(3), (2π)^2 stay).
     end = rf"(?![\w.({_ROOTS}π^])"
-    s = _repeat(rf"([{_ROOTS}^])\(([0-9a-z.]+)\){end}", r"\1\2", s)
+    s = _repeat(rf"([{_ROOTS}^])\((-?[0-9a-z.]+)\){end}", r"\1\2", s)
     s = _repeat(rf"/\(([{_ROOTS}]?[0-9a-z.]+|π)\){end}", r"/\1", s)
     return _repeat(rf"(?<![\w.)/^{_ROOTS}])\((-?[0-9a-z.{_ROOTS}π]+)\){end}", r"\1", s)
 
@@ -830,6 +852,8 @@ def check_answer(
         target = parse_number(ground_truth)
         if target is None:
             raise InputError(f"ground truth {ground_truth!r} holds no number, or several")
+        if not math.isfinite(target.value):  # float() reads 10^400 and 10^500 as the same infinity
+            raise InputError(f"ground truth {ground_truth!r} is beyond the range of a float (about 1.8e308)")
         got = parse_number(prediction)
         if got is None:
             return None
