@@ -534,6 +534,26 @@ def test_seeking_gives_the_frames_of_an_in_order_decode(seek_clips, name, monkey
     assert not in_order  # every read was answered by seeking, none decoded in order after a failed seek
 
 
+def trimmed_clip(path):
+    """150 H.264 frames of which the first 10 have negative times, as `ffmpeg -ss T -c copy` writes the frames
+    before T that the kept ones need: the mp4's edit list starts the clip at time 0, and the frames before
+    it that are still needed are marked to be discarded."""
+    return write_h264(path, 150, [k - 10 for k in range(150)])
+
+
+def test_an_edit_list_trimmed_mp4_is_sampled_over_the_frames_it_shows(tmp_path):
+    """The container counts all 150 frames it stores; the indices were spread over 150 where 140 are shown."""
+    path = trimmed_clip(tmp_path / "trimmed.mp4")
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 150
+    frames = decoded_frames(path)
+    assert len(frames) == 140
+    for num_segments in (8, 32):
+        result = load_video(path, num_segments=num_segments, image_size=64)
+        assert result.frame_indices == reference_index(None, 30, 139, num_segments)
+        assert torch.equal(result.pixel_values, torch.stack([reference_tile(frames[i], 64) for i in result.frame_indices]))
+
+
 def damage_packet(path, index):
     """Overwrite all but the first 8 bytes of the clip's packet `index` (in decode order) with 0xff."""
     data = bytearray(path.read_bytes())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_video import damaged_clip, reference_tile, set_mp4_rotation
+from test_video import damaged_clip, reference_tile, set_mp4_rotation, trimmed_clip, write_h264
 
 from internvl_mpo.errors import InputError
 from internvl_mpo.processor.video import load_video
@@ -169,3 +169,23 @@ def test_damaged_packet_fails_where_decord_fails_and_gives_its_frames_elsewhere(
     result = load_video(path, num_segments=4, bound=bound)
     assert result.frame_indices == indices
     assert torch.equal(result.pixel_values, pixel_values)
+
+
+def test_clip_starting_at_40_s_is_read_as_decord_reads_it(tmp_path):
+    """An mp4 whose first frame shows at 40 s (its edit list starts with 40 s of nothing)."""
+    path = write_h264(tmp_path / "late.mp4", 150, [1200 + k for k in range(150)])
+    for num_segments, bound in [(8, None), (4, (0.5, 3.0))]:  # a bound counts from the first frame, in both
+        indices, pixel_values = card_load_video(path, bound, num_segments)
+        result = load_video(path, num_segments=num_segments, bound=bound)
+        assert result.frame_indices == indices
+        assert torch.equal(result.pixel_values, pixel_values)
+
+
+def test_trimmed_clip_counts_the_frames_shown_where_decord_counts_the_trimmed_ones_too(tmp_path):
+    """An edit list that trims the first 10 of 150 frames (8 of them dropped from the index by FFmpeg, 2
+    kept as references and marked to be discarded): players and an in-order decode show 140 frames, decord
+    counts 142 and its frames 0 and 1 are trimmed ones, so its indices and frames differ from ours."""
+    path = trimmed_clip(tmp_path / "trimmed.mp4")
+    assert len(decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)) == 142
+    result = load_video(path, num_segments=8)
+    assert result.frame_indices == card_get_index(None, 30, 139, num_segments=8)
