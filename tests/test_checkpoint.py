@@ -679,3 +679,77 @@ def test_dtype_auto_refuses_a_config_dtype_it_cannot_load_in(tmp_path, tiny, goo
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(InputError, match=f"dtype='auto': the config's torch_dtype is {name!r}.*pass dtype="):
         InternVL.from_pretrained(folder, dtype="auto")
+
+
+# A save of another model (seed 1) that stops after writing its first shard until a line comes on stdin.
+PAUSED_SAVE = """
+import sys
+import torch
+from internvl_mpo import checkpoint
+from internvl_mpo.model import InternVL
+from conftest import tiny_config
+
+save_tensors = checkpoint.save_tensors
+
+def paused(tensors, path, metadata=None):
+    save_tensors(tensors, path, metadata)
+    if not paused.done:
+        paused.done = True
+        print("writing", flush=True)
+        sys.stdin.readline()
+
+paused.done = False
+checkpoint.save_tensors = paused
+torch.manual_seed(1)
+model = InternVL(tiny_config())
+model.init_weights()
+model.save_pretrained(sys.argv[1], max_shard_size="20KB")
+print("saved", flush=True)
+"""
+
+
+def paused_save(folder: Path) -> subprocess.Popen:
+    """Another process part way through a save into `folder` (its first shard written)."""
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-c", PAUSED_SAVE, str(folder)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env=env)
+    assert child.stdout.readline() == "writing\n"
+    return child
+
+
+def test_a_save_into_a_folder_another_process_is_saving_into_is_refused(tmp_path, tiny):
+    """Two saves into one folder at once interleaved their files (a model whose index names the other's
+    shards, temporary files of one renamed by the other): the second is refused, naming the folder, the
+    lock and the process that holds it, and the first ends as it would alone. A save killed part way
+    leaves its lock file and temporary shards: the next save is not blocked, and removes them."""
+    torch.manual_seed(0)
+    mine = InternVL(tiny, image_token_id=IMAGE_TOKEN_ID)
+    mine.init_weights()
+    folder = tmp_path / "m"
+    other = paused_save(folder)
+    with pytest.raises(CheckpointError) as error:
+        mine.save_pretrained(folder, max_shard_size="30KB")
+    assert str(error.value).startswith(f"{folder}: saving failed (another save into it is running: pid {other.pid} on ")
+    assert ".internvl-mpo-save.lock" in str(error.value) and "nothing was written" in str(error.value)
+    other.stdin.close()
+    assert other.stdout.read() == "saved\n" and other.wait() == 0
+    torch.manual_seed(1)
+    theirs = InternVL(tiny)
+    theirs.init_weights()
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(InternVL.from_pretrained(folder)(ids), theirs(ids))
+    assert not any(p.name.startswith(".") for p in folder.iterdir())
+
+    killed = paused_save(folder)
+    killed.kill()
+    killed.wait()
+    left = sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+    assert ".internvl-mpo-save.lock" in left and any(name.endswith(".safetensors.tmp") for name in left)
+    (folder / ".notes.tmp").write_text("the user's")
+    mine.save_pretrained(folder, max_shard_size="30KB")
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == [".notes.tmp"]
+    with torch.no_grad():
+        assert torch.equal(InternVL.from_pretrained(folder)(ids), mine(ids))
+

@@ -421,3 +421,23 @@ def test_round_trip_through_hf_keeps_a_chat_folder_usable(tmp_path):
     original = InternVLChat.from_pretrained(src, dtype=torch.float32)
     kw = dict(max_new_tokens=5, do_sample=False)
     assert chat.chat("Hello", **kw) == original.chat("Hello", **kw)
+
+
+def test_a_conversion_into_a_folder_being_written_is_refused(tmp_path):
+    """Two conversions into one new folder both found it empty and wrote their shards into it together:
+    the one that finds the folder's save lock held is refused, naming the lock, and writes nothing. A lock
+    file a killed conversion left blocks nothing."""
+    from internvl_mpo.checkpoint import SAVE_LOCK, save_lock
+
+    src = official_folder(tmp_path / "src", "qwen2")
+    dst = tmp_path / "hf"
+    dst.mkdir()
+    with save_lock(dst):  # another conversion has just begun
+        refused = rf"hf: saving failed \(another save into it is running: pid .*{SAVE_LOCK}\); nothing was written"
+        with pytest.raises(CheckpointError, match=refused):
+            convert(src, dst, to="hf")
+        assert [p.name for p in dst.iterdir()] == [SAVE_LOCK]
+    assert list(dst.iterdir()) == []
+    (dst / SAVE_LOCK).write_text("pid 1 on a host whose process was killed")
+    convert(src, dst, to="hf")
+    assert not (dst / SAVE_LOCK).exists() and (dst / "processor_config.json").exists()

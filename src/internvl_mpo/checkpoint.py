@@ -11,12 +11,15 @@ copied from the source folder so the official code, vLLM and lmdeploy can load t
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,10 @@ COMPANION_FILES = (
     "added_tokens.json", "special_tokens_map.json", "tokenizer.model", "preprocessor_config.json",
     "chat_template.jinja", "chat_template.json",  # where newer transformers save the chat template
 )
+# Held by a save while it writes into a folder (see `save_lock`).
+SAVE_LOCK = ".internvl-mpo-save.lock"
+# What flock gives on filesystems without locks (some NFS and Lustre mounts).
+LOCKS_UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP)
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.py", "*.model", "*.jinja", "*.md"]
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -329,21 +336,79 @@ def copy_file(source: Path, target: Path) -> None:
     honour_umask(target)
 
 
+def make_folder(folder: Path) -> None:
+    """Create `folder` (and its parents) to save into; a failure (a parent that is a file, no permission) is
+    a one-line `SaveError`, as a failed write is."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SaveError(folder, write_failure(e), "nothing was written") from None
+
+
+@contextmanager
+def save_lock(folder: Path) -> Iterator[None]:
+    """Hold `folder` for one save: an exclusive flock on its `SAVE_LOCK` file, removed when the save ends.
+
+    A second save into the folder meanwhile (another process, or another thread) is a `SaveError` naming
+    the lock and its holder instead of files of two models interleaved. The kernel drops the lock of a
+    process that dies, so the file a killed save leaves blocks nothing. On a filesystem without locks
+    the save goes on unlocked.
+    """
+    import fcntl
+
+    path = folder / SAVE_LOCK
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise SaveError(folder, write_failure(e), "nothing was written") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "its process unknown"
+            os.close(fd)
+            raise SaveError(folder, f"another save into it is running: {holder}, holding {path.name}",
+                            "nothing was written") from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in LOCKS_UNSUPPORTED:
+                raise SaveError(folder, write_failure(e), "nothing was written") from None
+            fd = None
+            break
+        try:  # locked; but a save that ended meanwhile may have removed the file: then lock the new one
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    if fd is not None:
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the lock goes, so no save can take a file about to vanish
+        if fd is not None:
+            os.close(fd)
+
+
 def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB",
                     texts: dict[str, str] | None = None, files: dict[str, Path] | None = None,
                     replaces: Iterable[str] = ()) -> None:
     """Write `state` as model.safetensors, or as numbered shards plus the index when it is too large,
     the text files `texts` (name -> content: config.json) and copies of `files` (name -> source file:
-    the tokenizer) that must go in with the weights.
+    the tokenizer) that must go in with the weights. The caller holds the folder's `save_lock`.
 
     Every file, the index included, is written under a temporary name first and renamed into place
     once all are written, so a save that fails part way (a full disk) leaves the folder's earlier
     files as they were, and says so in a `SaveError` naming the folder and the cause. After the
     renames, weight files of an earlier save (model.safetensors, model-NNNNN-of-NNNNN.safetensors, the
     index) and the names in `replaces` (an earlier checkpoint's tokenizer and code) that this save did
-    not write are removed; other files are left alone.
+    not write are removed; other files are left alone. Temporary files a killed save left go first.
     """
     limit = parse_size(max_shard_size)
+    for old in folder.iterdir():
+        if _is_temporary(old.name):
+            old.unlink(missing_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     stored: set[int] = set()
@@ -395,6 +460,13 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
         if old.name not in names and (old.name in (SINGLE_FILE, INDEX_FILE) or SHARD_NAME.fullmatch(old.name)
                                       or old.name in replaced):
             old.unlink(missing_ok=True)
+
+
+def _is_temporary(name: str) -> bool:
+    """A name `save_state_dict` writes first: ".model.safetensors.tmp", ".config.json.tmp", ..."""
+    inner = name[1:-len(".tmp")] if name.startswith(".") and name.endswith(".tmp") else ""
+    return (inner in (SINGLE_FILE, INDEX_FILE, "config.json", *COMPANION_FILES) or bool(SHARD_NAME.fullmatch(inner))
+            or inner.endswith(".py"))
 
 
 def write_failure(error: BaseException) -> str | None:

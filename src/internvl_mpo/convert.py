@@ -393,17 +393,18 @@ def _check_shape(folder: Path, name: str, tensor: torch.Tensor, shape: tuple[int
         raise CheckpointError(f"{folder}: {name} has shape {list(tensor.shape)}, config.json implies {list(shape)}")
 
 
-def _prepare_destination(src: Path, dst: Path) -> None:
+def _check_destination(src: Path, dst: Path) -> None:
     if dst.resolve() == src.resolve():
         raise InputError(f"{dst}: the destination must differ from the source folder")
     if dst.exists() and not dst.is_dir():
         raise InputError(f"{dst} is a file; give a new folder")
-    if dst.exists() and any(dst.iterdir()):
+    _check_empty(dst)
+
+
+def _check_empty(dst: Path) -> None:
+    """InputError unless `dst` is missing or holds nothing (but the lock of this conversion)."""
+    if dst.is_dir() and any(path.name != checkpoint.SAVE_LOCK for path in dst.iterdir()):
         raise InputError(f"{dst} exists and is not empty; give a new folder")
-    try:
-        dst.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a parent that is a file, no permission
-        raise SaveError(dst, checkpoint.write_failure(e), "nothing was written") from None
 
 
 def convert(
@@ -453,44 +454,48 @@ def convert(
     _check_keys(src, set(names), set(source_keys))
     handles = {file: checkpoint.open_safetensors(file) for file in set(mapping.values())}
     created = not dst.exists()
-    _prepare_destination(src, dst)
-    try:
-        writer = _ShardWriter(dst, checkpoint.parse_size(max_shard_size))
-        for m in maps:
+    _check_destination(src, dst)
+    checkpoint.make_folder(dst)
+    with checkpoint.save_lock(dst):
+        _check_empty(dst)  # again, under the lock: another conversion may have written there meanwhile
+        try:
+            writer = _ShardWriter(dst, checkpoint.parse_size(max_shard_size))
+            for m in maps:
+                if to == "hf":
+                    tensor = _read(handles, mapping[m.official], m.official)
+                    _check_shape(src, m.official, tensor, m.shape)
+                    for key, part in zip(m.hf, split_fused(tensor, m.fused, config.llm)):
+                        writer.add(key, part)
+                else:
+                    parts = [_read(handles, mapping[names[key]], names[key]) for key in m.hf]
+                    try:
+                        merged = merge_fused(parts, m.fused, config.llm)
+                    except RuntimeError:  # parts of sizes that do not fit together
+                        raise CheckpointError(
+                            f"{src}: {', '.join(m.hf)} do not fit {m.official} {list(m.shape)}") from None
+                    _check_shape(src, ", ".join(m.hf), merged, m.shape)
+                    if tied_head and m.official == HEAD:
+                        merged = merged.clone()  # a copy: safetensors refuses to save tensors that share memory
+                    writer.add(m.official, merged)
+            writer.close()
+            _write_json(dst / "config.json", out_config)
+            for name in TOKENIZER_FILES + _tokenizer_code(src):
+                if (src / name).is_file():
+                    checkpoint.copy_file(src / name, dst / name)
             if to == "hf":
-                tensor = _read(handles, mapping[m.official], m.official)
-                _check_shape(src, m.official, tensor, m.shape)
-                for key, part in zip(m.hf, split_fused(tensor, m.fused, config.llm)):
-                    writer.add(key, part)
+                _write_processor_files(dst, config)
             else:
-                parts = [_read(handles, mapping[names[key]], names[key]) for key in m.hf]
-                try:
-                    merged = merge_fused(parts, m.fused, config.llm)
-                except RuntimeError:  # parts of sizes that do not fit together
-                    raise CheckpointError(f"{src}: {', '.join(m.hf)} do not fit {m.official} {list(m.shape)}") from None
-                _check_shape(src, ", ".join(m.hf), merged, m.shape)
-                if tied_head and m.official == HEAD:
-                    merged = merged.clone()  # a copy: safetensors refuses to save tensors that share memory
-                writer.add(m.official, merged)
-        writer.close()
-        _write_json(dst / "config.json", out_config)
-        for name in TOKENIZER_FILES + _tokenizer_code(src):
-            if (src / name).is_file():
-                checkpoint.copy_file(src / name, dst / name)
-        if to == "hf":
-            _write_processor_files(dst, config)
-        else:
-            _drop_processor_tokens(dst)
-    except BaseException as e:  # leave no half-written folder (it was new or empty: everything in it is ours)
-        if created:
-            shutil.rmtree(dst, ignore_errors=True)
-        else:
-            for path in dst.iterdir():
-                path.unlink()
-        reason = checkpoint.write_failure(e)
-        if reason is None:
-            raise
-        raise SaveError(dst, reason, "nothing of the conversion was kept") from None
+                _drop_processor_tokens(dst)
+        except BaseException as e:  # leave no half-written folder (it was new or empty: everything in it is ours)
+            if created:
+                shutil.rmtree(dst, ignore_errors=True)
+            else:
+                for path in dst.iterdir():
+                    path.unlink()
+            reason = checkpoint.write_failure(e)
+            if reason is None:
+                raise
+            raise SaveError(dst, reason, "nothing of the conversion was kept") from None
     return dst
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .config import LLMConfig, ModelConfig
-from .errors import CheckpointError, InputError, SaveError
+from .errors import CheckpointError, InputError
 from .internlm2 import InternLM2ForCausalLM
 from .llm import Qwen2ForCausalLM, causal_mask
 from .projector import make_projector, pixel_shuffle
@@ -212,16 +212,21 @@ class InternVL(nn.Module):
         """Write config.json and safetensors in the official layout, with the tokenizer, generation and
         remote-code files of the folder the model was loaded from (the tokenizer's from `tokenizer_dir`
         when set). Over another checkpoint, its weights and (when the source has such files) its
-        tokenizer and code files are replaced, not mixed."""
+        tokenizer and code files are replaced, not mixed. The folder is locked while the save writes
+        (`checkpoint.save_lock`)."""
         from . import checkpoint
 
         folder = Path(folder).expanduser()  # as from_pretrained reads it
         if folder.exists() and not folder.is_dir():
             raise InputError(f"{folder} is a file; give the folder to save into")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:  # a parent that is a file, no permission: one line, as a failed write
-            raise SaveError(folder, checkpoint.write_failure(e), "nothing was written") from None
+        checkpoint.make_folder(folder)
+        with checkpoint.save_lock(folder):
+            self._save_into(folder, max_shard_size)
+        return folder
+
+    def _save_into(self, folder: Path, max_shard_size: int | str) -> None:
+        from . import checkpoint
+
         state = self.state_dict()
         llm = self.config.llm
         if llm.tie_word_embeddings:  # the official loader unties the head (save_state_dict stores it apart)
@@ -246,4 +251,3 @@ class InternVL(nn.Module):
         replaces = [name for name in checkpoint.companions(folder) if name not in wanted] if files else []
         checkpoint.save_state_dict(state, folder, max_shard_size, texts={"config.json": config.to_json_text()},
                                    files=files, replaces=replaces)
-        return folder
