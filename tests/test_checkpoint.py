@@ -20,7 +20,9 @@ from internvl_mpo.errors import CheckpointError, InputError
 from internvl_mpo.model import InternVL
 from internvl_mpo.pipeline import InternVLChat
 
-from conftest import IMAGE_TOKEN_ID, hf_reference, hf_to_official, modes_other_than, write_checkpoint
+from conftest import (
+    IMAGE_TOKEN_ID, hf_reference, hf_to_official, modes_other_than, tiny_chat_folder, write_checkpoint,
+)
 
 
 def official_4b_shapes(layers: int = 1) -> ModelConfig:
@@ -753,3 +755,37 @@ def test_a_save_into_a_folder_another_process_is_saving_into_is_refused(tmp_path
     with torch.no_grad():
         assert torch.equal(InternVL.from_pretrained(folder)(ids), mine(ids))
 
+
+def test_saving_over_a_transformers_layout_folder_removes_its_processor_files(tmp_path):
+    """`convert --to hf` writes transformers' processor files (processor_config.json, a
+    preprocessor_config.json naming InternVLProcessor); an official-layout save over such a folder left
+    them, so the folder claimed both layouts and AutoProcessor built a processor for the other one. They
+    go, whatever the model brings, and are not copied from a transformers folder used as the tokenizer's;
+    the tokenizer files and the user's own files stay."""
+    from internvl_mpo.convert import convert
+
+    src, _ = tiny_chat_folder(tmp_path / "src")
+    hf = convert(src, tmp_path / "hf", to="hf")
+    assert json.loads((hf / "processor_config.json").read_text())["processor_class"] == "InternVLProcessor"
+    (hf / "notes.txt").write_text("mine")
+    tokenizer_names = {p.name for p in hf.iterdir()} & {"tokenizer.json", "tokenizer_config.json", "vocab.json"}
+    assert tokenizer_names
+    bare = InternVL.from_pretrained(src)
+    bare.source_dir = None  # nothing to bring: the folder's tokenizer stays
+    bare.save_pretrained(hf)
+    names = {p.name for p in hf.iterdir()}
+    assert not names & {"processor_config.json", "preprocessor_config.json"}
+    assert tokenizer_names | {"notes.txt", "config.json", "model.safetensors"} <= names
+
+    hf2 = convert(src, tmp_path / "hf2", to="hf")
+    official = {"image_processor_type": "CLIPImageProcessor", "crop_size": 448, "size": 448}
+    (src / "preprocessor_config.json").write_text(json.dumps(official))
+    InternVL.from_pretrained(src).save_pretrained(hf2)
+    assert not (hf2 / "processor_config.json").exists()
+    assert json.loads((hf2 / "preprocessor_config.json").read_text()) == official
+
+    model = InternVL.from_pretrained(src)
+    model.tokenizer_dir = convert(src, tmp_path / "hf3", to="hf")  # a tokenizer with transformers' processor files
+    out = model.save_pretrained(tmp_path / "out")
+    assert (out / "tokenizer_config.json").exists()
+    assert not (out / "processor_config.json").exists() and not (out / "preprocessor_config.json").exists()

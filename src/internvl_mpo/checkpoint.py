@@ -41,6 +41,8 @@ COMPANION_FILES = (
     "added_tokens.json", "special_tokens_map.json", "tokenizer.model", "preprocessor_config.json",
     "chat_template.jinja", "chat_template.json",  # where newer transformers save the chat template
 )
+# transformers' processor file: its layout (`convert --to hf`) writes it, the official layout never holds it.
+PROCESSOR_FILE = "processor_config.json"
 # Held by a save while it writes into a folder (see `save_lock`).
 SAVE_LOCK = ".internvl-mpo-save.lock"
 # What flock gives on filesystems without locks (some NFS and Lustre mounts).
@@ -516,10 +518,23 @@ def remote_code(folder: Path, configs: Iterable[dict]) -> list[str]:
     return sorted(found)
 
 
+def transformers_processor_files(folder: Path) -> list[str]:
+    """The files of `folder` that belong to transformers' InternVLProcessor (`convert --to hf` writes them):
+    processor_config.json, and a preprocessor_config.json that names that processor (the official one is
+    a CLIP image processor's). In an official-layout folder they claim the other layout: transformers'
+    AutoProcessor would build InternVLProcessor, which reads transformers' layout only."""
+    names = [PROCESSOR_FILE] if (folder / PROCESSOR_FILE).is_file() else []
+    if _json_object(folder / "preprocessor_config.json").get("processor_class") == "InternVLProcessor":
+        names.append("preprocessor_config.json")
+    return names
+
+
 def tokenizer_files(folder: Path) -> list[str]:
-    """The tokenizer, generation and processor files of `folder`, and the code tokenizer_config.json names."""
+    """The tokenizer, generation and processor files of `folder` (not transformers' InternVLProcessor's),
+    and the code tokenizer_config.json names."""
     code = remote_code(folder, [_json_object(folder / "tokenizer_config.json")])
-    return sorted({name for name in COMPANION_FILES if (folder / name).is_file()} | set(code))
+    names = {name for name in COMPANION_FILES if (folder / name).is_file()} - set(transformers_processor_files(folder))
+    return sorted(names | set(code))
 
 
 def companions(folder: Path) -> list[str]:

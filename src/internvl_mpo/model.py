@@ -212,8 +212,8 @@ class InternVL(nn.Module):
         """Write config.json and safetensors in the official layout, with the tokenizer, generation and
         remote-code files of the folder the model was loaded from (the tokenizer's from `tokenizer_dir`
         when set). Over another checkpoint, its weights and (when the source has such files) its
-        tokenizer and code files are replaced, not mixed. The folder is locked while the save writes
-        (`checkpoint.save_lock`)."""
+        tokenizer and code files are replaced, not mixed, and transformers' processor files go. The
+        folder is locked while the save writes (`checkpoint.save_lock`)."""
         from . import checkpoint
 
         folder = Path(folder).expanduser()  # as from_pretrained reads it
@@ -249,5 +249,7 @@ class InternVL(nn.Module):
         # an earlier checkpoint's tokenizer and code give way to the source's (read before config.json is
         # replaced); a model saved into the folder it came from copies nothing and removes nothing
         replaces = [name for name in checkpoint.companions(folder) if name not in wanted] if files else []
+        # transformers' processor files (a `convert --to hf` folder's) read its layout only: they go in any case
+        replaces += checkpoint.transformers_processor_files(folder)
         checkpoint.save_state_dict(state, folder, max_shard_size, texts={"config.json": config.to_json_text()},
                                    files=files, replaces=replaces)
