@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -322,10 +323,11 @@ def test_a_deepspeed_checkpoint_without_gathered_weights_is_named(tmp_path, tiny
         InternVL.from_pretrained(folder)
 
 
-def test_corrupt_shard(tmp_path, tiny, good_state):
+@pytest.mark.parametrize("keep", [100, -10, 0])  # cut in the header, in the data (a copy or save killed), empty
+def test_corrupt_shard(tmp_path, tiny, good_state, keep):
     folder = write_checkpoint(tmp_path / "bad", tiny, good_state, shards=2)
     shard = folder / "model-00002-of-00002.safetensors"
-    shard.write_bytes(shard.read_bytes()[:100])
+    shard.write_bytes(shard.read_bytes()[:keep])
     with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors: not a readable safetensors"):
         InternVL.from_pretrained(folder)
 
@@ -789,3 +791,14 @@ def test_saving_over_a_transformers_layout_folder_removes_its_processor_files(tm
     out = model.save_pretrained(tmp_path / "out")
     assert (out / "tokenizer_config.json").exists()
     assert not (out / "processor_config.json").exists() and not (out / "preprocessor_config.json").exists()
+
+
+def test_a_folder_with_both_a_single_file_and_an_index_is_refused(tmp_path, tiny, good_state):
+    """What a save cut short between its renames and its clean-up leaves, or two checkpoints copied into
+    one folder: transformers reads model.safetensors, vLLM the index's shards, and we read the index;
+    the weights loaded depended on the loader, silently."""
+    folder = write_checkpoint(tmp_path / "m", tiny, good_state, shards=2)
+    write_checkpoint(tmp_path / "other", tiny, {k: v + 1 for k, v in good_state.items()})
+    shutil.copy(tmp_path / "other" / "model.safetensors", folder)
+    with pytest.raises(CheckpointError, match="holds both model.safetensors and model.safetensors.index.json"):
+        InternVL.from_pretrained(folder)

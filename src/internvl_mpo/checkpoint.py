@@ -152,7 +152,12 @@ def _timed_out(error: BaseException) -> bool:
 
 def weight_map(folder: Path) -> dict[str, Path]:
     """Key -> shard file, from the index, the single file, or a refusal."""
-    index = folder / INDEX_FILE
+    index, single = folder / INDEX_FILE, folder / SINGLE_FILE
+    if index.exists() and single.exists():  # transformers reads the single file, vLLM the index's shards
+        raise CheckpointError(
+            f"{folder} holds both {SINGLE_FILE} and {INDEX_FILE}: the weights of two saves (one cut short, or "
+            "files copied together), and loaders differ on which they read; delete the one that is not this "
+            "config.json's")
     if index.exists():
         try:
             mapping = json.loads(index.read_text())["weight_map"]
@@ -169,7 +174,6 @@ def weight_map(folder: Path) -> dict[str, Path]:
             if not file.exists():
                 raise CheckpointError(f"{index} names {name}, which is not in {folder}")
         return {key: files[name] for key, name in mapping.items()}
-    single = folder / SINGLE_FILE
     if single.exists():
         with open_safetensors(single) as f:
             return {key: single for key in f.keys()}
