@@ -746,6 +746,57 @@ def test_echoed_logprobs_stream_with_the_first_token_as_in_vllm(client, local_ch
     assert len(reply.choices[0].logprobs.tokens) == len(ids) + STEPS
 
 
+def test_more_stop_strings_than_openais_4_as_vllm_and_lm_eval_send_them(client, local_chat, hf_tokenizer):
+    """lm-eval's local-completions sends a task's `until` strings and the end-of-text token as `stop`, often
+    more than OpenAI's 4, and vLLM takes any number: up to 64 are taken, the earliest match cutting."""
+    ids = hf_tokenizer("Once upon a time")["input_ids"]
+    full, _ = engine_completion(local_chat, ids, STEPS, ignore_eos=True)
+    stop = full.strip()[:1]
+    stops = [f"\x00never{k}" for k in range(63)] + [stop]
+    choice = client.completions.create(model="m", prompt="Once upon a time", **LONG, stop=stops).choices[0]
+    assert (choice.text, choice.finish_reason, choice.model_extra["stop_reason"]) == \
+        (full[: full.index(stop)], "stop", stop)
+    chat = [{"role": "user", "content": "Hi"}]
+    assert client.chat.completions.create(model="m", messages=chat, **LONG, stop=stops).choices[0].message.content
+    for create, args in ((client.completions.create, {"prompt": "Once upon a time"}),
+                         (client.chat.completions.create, {"messages": chat})):
+        with pytest.raises(openai.BadRequestError, match="a list of at most 64 of them"):
+            create(model="m", **args, stop=stops + ["one more"])
+
+
+def test_continuous_usage_stats_put_usage_on_every_chunk_as_vllm(client, hf_tokenizer):
+    """vLLM's stream_options.continuous_usage_stats (with include_usage): every chunk carries usage, its
+    choice's prompt and the tokens that choice has so far (0 on a chat's opening role chunks); the last
+    usage chunk is unchanged. Without include_usage it adds nothing, as in vLLM."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    messages = [{"role": "user", "content": "Hello there"}]
+    prompt_tokens = len(hf_tokenizer(hand_prompt("Hello there"))["input_ids"])
+    chunks = list(client.chat.completions.create(model="m", messages=messages, n=2, stream=True,
+                                                 stream_options=options, **LONG))
+    seen: dict[int, list[int]] = {0: [], 1: []}
+    for chunk in chunks[:-1]:
+        [choice] = chunk.choices
+        assert chunk.usage.prompt_tokens == prompt_tokens
+        assert chunk.usage.total_tokens == prompt_tokens + chunk.usage.completion_tokens
+        seen[choice.index].append(chunk.usage.completion_tokens)
+    for counts in seen.values():
+        assert counts[0] == 0 and counts == sorted(counts) and counts[-1] == STEPS and len(set(counts)) > 2
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == 2 * STEPS
+    prompts = ["Hello there", "Once upon a time"]
+    lengths = [len(hf_tokenizer(p)["input_ids"]) for p in prompts]
+    _, _, usage, chunks = stream_completion(client, prompt=prompts, stream_options=options, **LONG)
+    last = {}
+    for chunk in chunks[:-1]:
+        [choice] = chunk.choices
+        assert chunk.usage.prompt_tokens == lengths[choice.index]
+        assert chunk.usage.completion_tokens >= last.get(choice.index, 1)
+        last[choice.index] = chunk.usage.completion_tokens
+    assert last == {0: STEPS, 1: STEPS} and usage.prompt_tokens == sum(lengths)
+    for chunk in client.chat.completions.create(model="m", messages=messages, stream=True, **LONG,
+                                                stream_options={"continuous_usage_stats": True}):
+        assert chunk.usage is None
+
+
 def test_stop_reason_names_the_stop_string_or_stop_token_as_vllm(client, local_chat, hf_tokenizer):
     """vLLM's stop_reason on every choice, streamed and not, on both endpoints: the stop string that cut
     the text, the stop token id that ended it (listed in a text completion's logprobs, as vLLM lists every

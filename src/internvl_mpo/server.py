@@ -82,7 +82,7 @@ from .processor.image import let_pillow_open, load_image
 
 log = logging.getLogger("internvl_mpo.server")
 
-MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_STRINGS = 64  # OpenAI takes 4, vLLM any number; lm-eval sends a task's stop strings and the EOS
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 SHUTDOWN_GRACE_S = 5  # how long a response may stay open after Ctrl-C once its generation has ended
 # fields that would change the answer, refused when set (not silently ignored): OpenAI's, then vLLM's extras
@@ -156,6 +156,7 @@ class ChatRequest:
     logprobs: int | None = None  # top_logprobs when logprobs were asked for, else None
     max_tokens_key: str = "max_tokens"  # the field max_tokens came from, named in errors
     prompt_logprobs: int | None = None  # vLLM's: top alternatives per prompt token, or None
+    continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
 
 
 @dataclass
@@ -172,6 +173,7 @@ class CompletionRequest:
     echo: bool
     max_tokens_key: str = "max_tokens"
     prompt_logprobs: int | None = None  # vLLM's: top alternatives per prompt token, or None
+    continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
 
     @property
     def shown_prompt_logprobs(self) -> int | None:
@@ -347,9 +349,11 @@ def _sampling(body: dict, settings: ServerSettings, refused: tuple[str, ...], lo
         )
     except InputError as e:
         raise ApiError(400, str(e)) from None
+    include_usage = bool(stream_options.get("include_usage"))
     return {"params": params, "max_tokens": max_tokens, "max_tokens_key": limit_key, "n": n,
-            "stream": _field(body, "stream", (bool,), False),
-            "include_usage": bool(stream_options.get("include_usage"))}
+            "stream": _field(body, "stream", (bool,), False), "include_usage": include_usage,
+            # as vLLM, continuous_usage_stats counts only beside include_usage
+            "continuous_usage": include_usage and bool(stream_options.get("continuous_usage_stats"))}
 
 
 def _prompt_logprobs(body: dict) -> int | None:
@@ -1162,7 +1166,8 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
         usage = {"prompt_tokens": sum(len(p.ids) for p in prompts)}
         count = len(prompts) * req.n
         if req.stream:
-            return _EventStream(_completion_stream(inbox, req, count, echoes, head, usage), close)
+            return _EventStream(_completion_stream(inbox, req, count, echoes, head, usage,
+                                                   [len(p.ids) for p in prompts]), close)
         try:
             answers = await _gather(inbox, request, count)
         finally:
@@ -1223,10 +1228,11 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
         head = {**head, "object": "chat.completion.chunk"}
 
         def chunk(index: int, delta: dict, finish: str | None = None, logprobs: list[dict] | None = None,
-                  stop_reason: int | str | None = None) -> str:
+                  stop_reason: int | str | None = None, tokens: int = 0) -> str:
             choice = {"index": index, "delta": delta, "logprobs": None if logprobs is None else {"content": logprobs},
                       "finish_reason": finish, "stop_reason": stop_reason}
-            return _sse({**head, "choices": [choice]})
+            more = {"usage": _usage(usage, tokens)} if req.continuous_usage else {}  # the choice's tokens so far
+            return _sse({**head, "choices": [choice], **more})
 
         for index in range(req.n):
             yield chunk(index, {"role": "assistant", "content": ""})
@@ -1236,19 +1242,23 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
                 yield _sse(item.body())
                 break
             yield chunk(item.index, {"content": item.text} if item.text else {}, item.finish_reason, item.logprobs,
-                        item.stop_reason)
+                        item.stop_reason, item.completion_tokens)
             tokens += item.completion_tokens if item.finish_reason else 0  # the choice's count, on its last chunk
         if req.include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(usage, tokens)})
         yield _sse("[DONE]")
 
     async def _completion_stream(inbox: asyncio.Queue, req: CompletionRequest, count: int, echoes: list[str],
-                                 head: dict, usage: dict):
+                                 head: dict, usage: dict, lengths: list[int]):
         head = {**head, "object": "text_completion"}
 
         def chunk(item: Chunk, text: str, logprobs: dict | None) -> str:
+            more = {}
+            if req.continuous_usage:  # as vLLM: the choice's prompt and its tokens so far
+                more["usage"] = _usage({"prompt_tokens": lengths[item.index // req.n]}, item.completion_tokens)
             return _sse({**head, "choices": [{"index": item.index, "text": text, "logprobs": logprobs,
-                                              "finish_reason": item.finish_reason, "stop_reason": item.stop_reason}]})
+                                              "finish_reason": item.finish_reason, "stop_reason": item.stop_reason}],
+                         **more})
 
         echoed = [not req.echo] * count  # as vLLM, a choice's first chunk carries the echoed prompt
         offsets, tokens = [0] * count, 0  # per choice, the length of the text sent: the next chunk's text_offset
