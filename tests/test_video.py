@@ -1,6 +1,7 @@
 """Video frame sampling against an independent NumPy implementation of the model card's `get_index`,
 and frame tensors against the image recipe applied to independently decoded frames."""
 
+import io
 import itertools
 import struct
 from fractions import Fraction
@@ -196,6 +197,53 @@ def test_video_without_frames(tmp_path):
             container.start_encoding()  # header only; an mp4 without samples also loses the stream
         with pytest.raises(InputError, match=f"{name}.*{message}"):
             load_video(path)
+
+
+def test_a_song_with_an_album_cover_is_not_a_one_frame_video(tmp_path):
+    """FFmpeg lists an mp3's ID3 cover picture as a video stream (an attached picture): it was read as a
+    video whose every sampled frame is the cover; decord refuses such a file too."""
+    try:
+        av.codec.Codec("libmp3lame", "w")
+    except ValueError:  # av's UnknownCodecError
+        pytest.skip("needs the libmp3lame encoder")
+    audio = io.BytesIO()
+    with av.open(audio, "w", format="mp3", options={"write_id3v2": "0", "write_xing": "0"}) as container:
+        stream = container.add_stream("libmp3lame", rate=16000)
+        for k in range(10):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1152), np.int16), format="s16p", layout="mono")
+            frame.sample_rate, frame.pts = 16000, 1152 * k
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    cover = io.BytesIO()
+    frame_image(0).save(cover, "JPEG")
+    apic = b"\x00image/jpeg\x00\x03\x00" + cover.getvalue()  # encoding, MIME type, front cover, no description
+    tag = b"APIC" + struct.pack(">IH", len(apic), 0) + apic
+    size = bytes((len(tag) >> shift) & 0x7F for shift in (21, 14, 7, 0))  # ID3v2 sizes are 7 bits a byte
+    path = tmp_path / "song.mp3"
+    path.write_bytes(b"ID3\x03\x00\x00" + size + tag + audio.getvalue())
+    with av.open(str(path)) as container:
+        assert [s.type for s in container.streams] == ["audio", "video"]
+    with pytest.raises(InputError) as error:
+        load_video(path)
+    assert str(error.value) == f"{path}: has no video stream (only a cover picture)"
+
+
+def test_video_in_a_codec_ffmpeg_cannot_decode_is_named(tmp_path):
+    """An mkv whose codec id FFmpeg does not know: its stream has no decoder, and reading it raised
+    AttributeError ('VideoStream' object has no attribute 'width')."""
+    path = tmp_path / "clip.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        for packet in [*stream.encode(av.VideoFrame.from_image(frame_image(0))), *stream.encode()]:
+            container.mux(packet)
+    data = path.read_bytes()
+    assert data.count(b"V_MJPEG") == 1
+    path.write_bytes(data.replace(b"V_MJPEG", b"V_QQQQQ"))
+    with pytest.raises(InputError, match=r"clip.mkv: its video codec is one this FFmpeg \(PyAV .*\) cannot decode$"):
+        load_video(path)
 
 
 @pytest.mark.parametrize("container_format,keep", [("avi", 0.8), ("mkv", 0.6)])

@@ -322,22 +322,28 @@ def _upright(frame) -> Image.Image:
 
 def _video_stream(container):
     """The stream FFmpeg ranks best (as decord's VideoReader takes it), not a cover picture that
-    happens to come first."""
-    return container.streams.best("video") or container.streams.video[0]
+    happens to come first; never an attached picture (an mp3's or m4a's album cover, which FFmpeg
+    lists as a one-frame video stream). None when there is no other."""
+    from av.stream import Disposition  # PyAV is imported by now (_import_av)
+
+    videos = [s for s in container.streams.video if Disposition.attached_pic not in s.disposition]
+    best = container.streams.best("video")
+    return best if best in videos else next(iter(videos), None)
 
 
 def _read_video(path: str, num_segments: int, bound, max_pixels: int | None) -> tuple[list[Image.Image], list[int]]:
     av = _import_av()
     name = source_name(path)
     with _open_container(av, path) as container:
-        if not container.streams.video:
-            raise InputError(f"{name}: has no video stream")
         stream = _video_stream(container)
+        if stream is None:
+            raise InputError(f"{name}: has no video stream" + (" (only a cover picture)" if container.streams.video else ""))
+        if stream.codec_context is None:
+            raise InputError(f"{name}: its video codec is one this FFmpeg (PyAV {av.__version__}) cannot decode")
         check_pixels(stream.width, stream.height, max_pixels, name)  # before a frame is decoded
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
-        codec = stream.codec_context.codec.canonical_name if stream.codec_context else None  # None: no decoder
-        seekable = codec in _SEEKABLE.get(container.format.name, ())
+        seekable = stream.codec_context.codec.canonical_name in _SEEKABLE.get(container.format.name, ())
         listed = seekable or not stream.frames
         packets, clean = _demux(av, container, stream) if listed else ([], False)
         num_frames = len(packets) if listed else stream.frames  # the container's count includes trimmed frames
