@@ -583,6 +583,13 @@ def test_saving_over_an_earlier_save_removes_its_weight_files_and_no_others(tmp_
         model.save_pretrained(folder / "model-ema.safetensors")
     with pytest.raises(CheckpointError, match=r"safetensors/m: saving failed \(\[Errno 20\] Not a directory"):
         model.save_pretrained(folder / "model-ema.safetensors" / "m")  # was a NotADirectoryError traceback
+    with pytest.raises(InputError, match="cannot read the size 'lots'"):
+        model.save_pretrained(tmp_path / "new", max_shard_size="lots")
+    with torch.device("meta"):
+        empty = InternVL(tiny)
+    with pytest.raises(InputError, match=r"^\d+ weights hold no data \(built on the meta device: vision_model\."):
+        empty.save_pretrained(tmp_path / "new")  # was torch's NotImplementedError, after making the folder
+    assert not (tmp_path / "new").exists()
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         assert torch.equal(InternVL.from_pretrained(folder)(ids), model(ids))

@@ -219,6 +219,11 @@ class InternVL(nn.Module):
         folder = Path(folder).expanduser()  # as from_pretrained reads it
         if folder.exists() and not folder.is_dir():
             raise InputError(f"{folder} is a file; give the folder to save into")
+        checkpoint.parse_size(max_shard_size)  # bad input is refused before the folder is made
+        empty = [key for key, tensor in self.state_dict().items() if tensor.is_meta]
+        if empty:
+            raise InputError(f"{len(empty)} weights hold no data (built on the meta device: {empty[0]}, ...); load "
+                             "or initialise them (to_empty, then init_weights) before saving")
         checkpoint.make_folder(folder)
         with checkpoint.save_lock(folder):
             self._save_into(folder, max_shard_size)
