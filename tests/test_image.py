@@ -324,6 +324,21 @@ def test_decompression_bomb_refused_without_pillow_warning(tmp_path):
             open_image(far_over)
 
 
+def test_an_image_pillow_refuses_unopened_names_the_callers_limit(tmp_path):
+    """Over twice Pillow's limit, Pillow refuses the file before its size is known. Where the caller's own
+    limit is exceeded too, the error names that limit and the way to raise it, as for a smaller image (it
+    told command-line users and server clients to raise PIL.Image.MAX_IMAGE_PIXELS, which neither can);
+    only past a caller's limit that Pillow's own stops does it point at Pillow's."""
+    far_over = tmp_path / "huge.png"  # 400 M pixels
+    far_over.write_bytes(png_header_only(20000, 20000))
+    for max_pixels, limit in ((None, 89478485), (40_000_000, 40000000), (178956970, 178956970)):
+        with pytest.raises(InputError, match=f"huge.png: .* over the limit of {limit} .*pass a larger max_pixels") as e:
+            open_image(far_over, max_pixels=max_pixels)
+        assert "PIL.Image.MAX_IMAGE_PIXELS" not in str(e.value)
+    with pytest.raises(InputError, match="huge.png: .*raise PIL.Image.MAX_IMAGE_PIXELS"):
+        open_image(far_over, max_pixels=500_000_000)
+
+
 def test_configurable_pixel_limit(tmp_path):
     path = tmp_path / "small.png"
     photo(100, 50).save(path)

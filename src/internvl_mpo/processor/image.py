@@ -148,7 +148,7 @@ def _open_file(path: str | os.PathLike, name: str) -> BinaryIO:
         raise InputError(f"{name}: cannot open: {e}") from None
 
 
-def _open_pil(src: BinaryIO | bytes | bytearray, name: str) -> Image.Image:
+def _open_pil(src: BinaryIO | bytes | bytearray, name: str, max_pixels: int | None) -> Image.Image:
     fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src
     try:
         # Pillow warns above MAX_IMAGE_PIXELS; we enforce our own limit after opening instead.
@@ -156,6 +156,10 @@ def _open_pil(src: BinaryIO | bytes | bytearray, name: str) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(fp)
     except Image.DecompressionBombError as e:
+        pillows = 2 * Image.MAX_IMAGE_PIXELS  # Pillow raises only past twice its limit
+        if _limit(max_pixels) <= pillows:  # the caller's limit refuses it too: name that one, as check_pixels does
+            raise InputError(f"{name}: more than {pillows} pixels, over the limit of {_limit(max_pixels)} (possible "
+                             "decompression bomb; pass a larger max_pixels to allow it)") from None
         raise InputError(
             f"{name}: refused as a possible decompression bomb ({e}); raise PIL.Image.MAX_IMAGE_PIXELS "
             "to open images this large"
@@ -189,8 +193,8 @@ def open_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
         # Read through a file closed here: Pillow would keep a multi-frame file (GIF, APNG, TIFF, MPO)
         # open after decoding, to seek later frames, until the image is garbage collected.
         with _open_file(src, name) as f:
-            return _checked_rgb(_open_pil(f, name), name, max_pixels)
-    image = _open_pil(src, name)
+            return _checked_rgb(_open_pil(f, name, max_pixels), name, max_pixels)
+    image = _open_pil(src, name, max_pixels)
     try:
         return _checked_rgb(image, name, max_pixels)
     except InputError:
