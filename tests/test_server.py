@@ -249,11 +249,15 @@ def test_vllm_fields_that_would_change_the_answer_are_refused_not_ignored():
     for key, value in {"min_p": 0.1, "use_beam_search": True, "include_stop_str_in_output": True,
                        "echo": True, "guided_json": {"type": "object"},
                        "guided_regex": "a+", "guided_choice": ["yes", "no"], "guided_grammar": "root ::= 'a'",
-                       "structured_outputs": {"json": {"type": "object"}}}.items():
-        with pytest.raises(ApiError, match=f"{key} is not supported by this server") as e:
+                       "structured_outputs": {"json": {"type": "object"}}, "allowed_token_ids": [1, 2],
+                       "bad_words": ["no"], "logits_processors": ["x"], "truncate_prompt_tokens": 5,
+                       "return_tokens_as_token_ids": True, "chat_template": "{{ messages }}",
+                       "skip_special_tokens": False, "add_generation_prompt": False}.items():
+        with pytest.raises(ApiError, match=f"{key}(: false)? is not supported by this server") as e:
             parse(**{key: value})
         assert (e.value.status, e.value.param) == (400, key)
-    assert parse(min_p=0.0, min_tokens=0, use_beam_search=False, echo=False).question == "hi"
+    assert parse(min_p=0.0, min_tokens=0, use_beam_search=False, echo=False, skip_special_tokens=True,
+                 add_generation_prompt=True, truncate_prompt_tokens=None, chat_template_kwargs={}).question == "hi"
 
 
 def test_models_and_health(server, client):

@@ -88,7 +88,9 @@ SHUTDOWN_GRACE_S = 5  # how long a response may stay open after Ctrl-C once its 
 # fields that would change the answer, refused when set (not silently ignored): OpenAI's, then vLLM's extras
 UNSUPPORTED_FIELDS = ("tools", "functions", "logit_bias", "audio", "prediction",
                       "min_p", "use_beam_search", "include_stop_str_in_output",
-                      "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+                      "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
+                      "allowed_token_ids", "bad_words", "logits_processors", "truncate_prompt_tokens",
+                      "return_tokens_as_token_ids", "chat_template")
 TEXT_ROOM = 512  # tokens of a sequence that image tiles leave to the text and the answer
 DEMO_MODEL_NAME = "internvl-mpo-demo"  # the served name of the shipped demo model
 COMPLETION_MAX_TOKENS = 16  # /v1/completions' default max_tokens (OpenAI's and vLLM's)
@@ -298,12 +300,19 @@ def check_model(body, served: str) -> None:
                        "model", "model_not_found")
 
 
+def _refuse_off(body: dict, key: str) -> None:
+    """A vLLM field that is on by default and would change the answer when turned off: a 400 when false."""
+    if body.get(key) is False:
+        raise ApiError(400, f"{key}: false is not supported by this server", key)
+
+
 def _sampling(body: dict, settings: ServerSettings, refused: tuple[str, ...], lowest_max_tokens: int = 1) -> dict:
     """The fields that chat and text completions share (sampling, limits, n, streaming), checked; raises
     ApiError. Fields in `refused` are a 400 when set."""
     for key in refused:
         if body.get(key):
             raise ApiError(400, f"{key} is not supported by this server", key)
+    _refuse_off(body, "skip_special_tokens")  # the text would show the special tokens
     for key in ("frequency_penalty", "presence_penalty"):
         if _field(body, key, (int, float), 0):
             raise ApiError(400, f"{key} is not supported (use repetition_penalty)", key)
@@ -369,6 +378,7 @@ def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     sampling = _sampling(body, settings, UNSUPPORTED_FIELDS + ("echo",))
+    _refuse_off(body, "add_generation_prompt")  # the answer would go on with the user's turn
     logprobs = _field(body, "logprobs", (bool,), False)
     top_logprobs = _field(body, "top_logprobs", (int,), None, 0, MAX_TOP_LOGPROBS)
     if top_logprobs is not None and not logprobs:
@@ -454,7 +464,7 @@ def parse_tokenize_request(body, settings: ServerSettings) -> TokenizeRequest:
     _field(body, "add_special_tokens", (bool,))  # the Qwen2 tokenizer adds none; the chat template writes its own
     if body.get("prompt") is not None:
         return TokenizeRequest(_unicode(_field(body, "prompt", (str,)), "prompt"), None)
-    return TokenizeRequest(None, parse_chat_request(body, settings),
+    return TokenizeRequest(None, parse_chat_request({**body, "add_generation_prompt": None}, settings),
                            _field(body, "add_generation_prompt", (bool,), True))
 
 
