@@ -142,6 +142,20 @@ def test_image_token_count_mismatch_raises(reference_pair, tiny):
         ours(ids)
 
 
+def test_input_ids_that_are_not_a_batch_tensor_are_refused_by_name(reference_pair, tiny):
+    """prepare()'s prompt_ids is a list: passed as it is, or as a 1-D tensor, the forward failed deep in torch
+    (an embedding TypeError, or "not enough values to unpack")."""
+    _, ours = reference_pair(tiny)
+    ids = image_ids(1, tiny.num_image_token)
+    pixels = torch.randn(1, 3, 56, 56)
+    n = len(ids)
+    for wrong, got in ((ids, "list"), (torch.tensor(ids), rf"a torch.int64 tensor of shape \({n},\)"),
+                       (torch.tensor([ids], dtype=torch.float), rf"a torch.float32 tensor of shape \(1, {n}\)")):
+        with pytest.raises(InputError, match=rf"input_ids must be a \(B, T\) tensor of token ids, got {got}; "):
+            ours(wrong, pixel_values=pixels)
+    assert ours(torch.tensor([ids]), pixel_values=pixels).shape == (1, n, tiny.llm.vocab_size)
+
+
 def test_native_size_skips_interpolation_bit_exactly(tiny):
     torch.manual_seed(0)
     emb = VisionEmbeddings(tiny.vision)

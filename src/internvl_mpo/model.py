@@ -104,6 +104,11 @@ class InternVL(nn.Module):
         `vit_embeds` are precomputed `extract_feature` outputs (to encode shared images once);
         `image_flags` (N,) drop the features of tiles flagged 0 (official dummy tiles).
         """
+        if not (isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2 and not input_ids.is_floating_point()):
+            got = (f"a {input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor)
+                   else type(input_ids).__name__)
+            raise InputError(f"input_ids must be a (B, T) tensor of token ids, got {got}; torch.tensor([ids]) makes "
+                             "a batch of one from a list of ids")
         embeds = self.language_model.input_embeddings()(input_ids)
         if pixel_values is not None and vit_embeds is None:
             vit_embeds = self.extract_feature(pixel_values)
@@ -256,5 +261,12 @@ class InternVL(nn.Module):
         replaces = [name for name in checkpoint.companions(folder) if name not in wanted] if files else []
         # transformers' processor files (a `convert --to hf` folder's) read its layout only: they go in any case
         replaces += checkpoint.transformers_processor_files(folder)
-        checkpoint.save_state_dict(state, folder, max_shard_size, texts={"config.json": config.to_json_text()},
-                                   files=files, replaces=replaces)
+        texts = {"config.json": config.to_json_text()}
+        # so do its tokens, from the tokenizer config the folder ends with (copied, or its own that stays)
+        name = "tokenizer_config.json"
+        kept = files.get(name, None if name in replaces else folder / name)
+        text = None if kept is None else checkpoint.without_processor_tokens(kept)
+        if text is not None:
+            files.pop(name, None)
+            texts[name] = text
+        checkpoint.save_state_dict(state, folder, max_shard_size, texts=texts, files=files, replaces=replaces)
