@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -44,10 +45,14 @@ from internvl_mpo.server import (
     BatchWorker,
     Job,
     ServerSettings,
+    build_completion_prompts,
     build_prompt,
     image_bytes,
     parse_chat_request,
+    parse_completion_request,
+    parse_tokenize_request,
     serve,
+    tokenize_ids,
 )
 
 KEY = "test-key"
@@ -499,6 +504,35 @@ def test_tokenize_and_detokenize_as_vllm(server, client, hf_tokenizer):
         reply = post_to(server, route, {"model": "m", **body})
         assert reply.status_code == status and re.search(message, reply.json()["error"]["message"]), reply.text
     assert post_to(server, "/tokenize", {"prompt": "a"}, key=None).status_code == 401
+
+
+def test_a_text_prompt_gets_the_bos_of_an_internlm2_tokenizer_as_vllm_adds_it(tmp_path):
+    """vLLM tokenizes a /v1/completions or /tokenize text prompt with add_special_tokens (default true), so
+    InternVL2.5-8B's InternLM2 tokenizer prepends <s> as the official InternLM2Tokenizer does (its BOS, then
+    the slow path's ids); add_special_tokens false leaves it off, and token ids are used as sent."""
+    pytest.importorskip("sentencepiece")
+    from test_internlm2_tokenizer import INTERNLM2_LIKE, slow_path_ids, train, write_folder
+
+    from internvl_mpo.chat.internlm2_tokenizer import load_internlm2_tokenizer
+
+    folder, sp = write_folder(tmp_path / "tok", train(**INTERNLM2_LIKE))
+    tokenizer = load_internlm2_tokenizer(folder)
+    chat = SimpleNamespace(tokenizer=tokenizer, config=SimpleNamespace(llm=SimpleNamespace(vocab_size=len(tokenizer))))
+    settings = ServerSettings()
+    text = "Hello world, what is in this picture?"
+    ids, bos = slow_path_ids(sp, text), sp.piece_to_id("<s>")
+
+    def completion(**body) -> list[list[int]]:
+        req = parse_completion_request(body, settings)
+        return [p.ids for p in build_completion_prompts(chat, req, settings, 4096)]
+
+    def tokenized(**body) -> list[int]:
+        return tokenize_ids(chat, parse_tokenize_request(body, settings), settings, 4096)
+
+    assert completion(prompt=text) == [[bos, *ids]] and tokenized(prompt=text) == [bos, *ids]
+    assert completion(prompt=text, add_special_tokens=False) == [ids] == [tokenized(prompt=text,
+                                                                                  add_special_tokens=False)]
+    assert completion(prompt=[ids, text]) == [ids, [bos, *ids]]
 
 
 def test_text_completion_continues_the_raw_prompt(client, local_chat, hf_tokenizer):

@@ -176,6 +176,7 @@ class CompletionRequest:
     max_tokens_key: str = "max_tokens"
     prompt_logprobs: int | None = None  # vLLM's: top alternatives per prompt token, or None
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
+    add_special_tokens: bool = True  # vLLM's: a text prompt gets the tokenizer's BOS, where it has one
 
     @property
     def shown_prompt_logprobs(self) -> int | None:
@@ -437,7 +438,8 @@ def parse_completion_request(body, settings: ServerSettings) -> CompletionReques
         raise ApiError(400, "best_of other than 1 is not supported (ask for n choices instead)", "best_of")
     logprobs = _field(body, "logprobs", (int,), None, 0, MAX_TOP_LOGPROBS)
     return CompletionRequest(prompts=_prompt_list(body.get("prompt")), logprobs=logprobs, echo=echo,
-                             prompt_logprobs=_prompt_logprobs(body), **sampling)
+                             prompt_logprobs=_prompt_logprobs(body),
+                             add_special_tokens=_field(body, "add_special_tokens", (bool,), True), **sampling)
 
 
 @dataclass
@@ -448,6 +450,7 @@ class TokenizeRequest:
     prompt: str | None
     chat: ChatRequest | None
     add_generation_prompt: bool = True
+    add_special_tokens: bool = True  # for a prompt: its BOS, as /v1/completions adds it
 
 
 def parse_tokenize_request(body, settings: ServerSettings) -> TokenizeRequest:
@@ -461,9 +464,11 @@ def parse_tokenize_request(body, settings: ServerSettings) -> TokenizeRequest:
     for key in ("return_token_strs", "continue_final_message"):  # vLLM's; the chat must end with a user message
         if _field(body, key, (bool,), False):
             raise ApiError(400, f"{key} is not supported by this server", key)
-    _field(body, "add_special_tokens", (bool,))  # the Qwen2 tokenizer adds none; the chat template writes its own
+    # vLLM's add_special_tokens (the BOS of a tokenizer that has one); a chat's ids are the template's, BOS included
+    add_special_tokens = _field(body, "add_special_tokens", (bool,), True)
     if body.get("prompt") is not None:
-        return TokenizeRequest(_unicode(_field(body, "prompt", (str,)), "prompt"), None)
+        return TokenizeRequest(_unicode(_field(body, "prompt", (str,)), "prompt"), None,
+                               add_special_tokens=add_special_tokens)
     return TokenizeRequest(None, parse_chat_request({**body, "add_generation_prompt": None}, settings),
                            _field(body, "add_generation_prompt", (bool,), True))
 
@@ -708,7 +713,7 @@ def tokenize_ids(chat: InternVLChat, req: TokenizeRequest, settings: ServerSetti
     """/tokenize's ids: a text as /v1/completions tokenizes it, or the ids a chat request would prefill,
     image tokens included (without the trailing assistant header when add_generation_prompt is false)."""
     if req.chat is None:
-        return chat.tokenizer.encode(req.prompt)
+        return text_prompt_ids(chat.tokenizer, req.prompt, req.add_special_tokens)
     ids, _ = chat_prompt_ids(chat, req.chat, settings, max_len)
     if not req.add_generation_prompt:
         header = chat.tokenizer.encode(get_template(chat.config.template).roles[1])
@@ -741,15 +746,22 @@ def _answer_room(length: int, req: ChatRequest | CompletionRequest, settings: Se
     return max(1, max_new_tokens)  # max_tokens 0 (an echo): the engine picks one token, which is not shown
 
 
+def text_prompt_ids(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    """A raw text prompt's ids as vLLM's tokenizer call gives them: with `add_special_tokens`, the BOS of a
+    tokenizer that prepends one (InternLM2's `<s>`; the Qwen2 tokenizer adds nothing)."""
+    ids = tokenizer.encode(text)
+    return [tokenizer.bos_id, *ids] if add_special_tokens and tokenizer.add_bos_token else ids
+
+
 def build_completion_prompts(chat: InternVLChat, req: CompletionRequest, settings: ServerSettings,
                              max_len: int) -> list[Prompt]:
-    """Tokenize the raw prompts (no chat template, no BOS: the Qwen2 tokenizer adds none) and check them."""
+    """Tokenize the raw prompts (no chat template; token ids are taken as they are) and check them."""
     tokenizer = chat.tokenizer
     vocab = chat.config.llm.vocab_size
     prompts = []
     for i, prompt in enumerate(req.prompts):
         param = f"prompt[{i}]"
-        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        ids = text_prompt_ids(tokenizer, prompt, req.add_special_tokens) if isinstance(prompt, str) else prompt
         if bad := [t for t in ids if not 0 <= t < vocab]:
             raise ApiError(400, f"{param}: token ids must be in 0..{vocab - 1}, got {bad[:5]}", "prompt")
         if tokenizer.img_context_id in ids:  # the model would look for image features there
