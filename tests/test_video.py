@@ -120,6 +120,34 @@ def test_video_file_frames_over_max_pixels_are_refused(video_path):
     assert load_video(video_path, num_segments=2, max_pixels=3072).num_patches_list == [1, 1]
 
 
+def test_video_frames_that_grow_past_the_header_size_are_refused_over_max_pixels(tmp_path):
+    """A raw H.264 stream of 64x48 frames, then a new sequence header and 640x480 ones: the check read only
+    the size the stream starts with, so max_pixels=3072 let the 640x480 frames through."""
+    try:
+        av.codec.Codec("libx264", "w")
+    except ValueError:  # av's UnknownCodecError
+        pytest.skip("needs the libx264 encoder")
+
+    def raw_h264(width, height):
+        data = io.BytesIO()
+        with av.open(data, "w", format="h264") as container:
+            stream = container.add_stream("libx264", rate=FPS)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for k in range(10):
+                for packet in stream.encode(av.VideoFrame.from_image(frame_image(k, width, height))):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        return data.getvalue()
+
+    path = tmp_path / "grows.h264"
+    path.write_bytes(raw_h264(64, 48) + raw_h264(640, 480))
+    with pytest.raises(InputError, match=r"grows.h264: 640x480 = 307200 pixels exceeds the limit of 3072"):
+        load_video(path, num_segments=4, max_pixels=3072)
+    small = load_video(path, num_segments=2, max_pixels=3072, bound=(0.0, 0.5))  # raw H.264: FFmpeg's 25 fps
+    assert small.frame_indices == [3, 9]  # both among the first ten, 64x48
+
+
 def test_video_file_with_bound(video_path):
     result = load_video(video_path, num_segments=4, bound=(1.0, 2.0))
     assert result.frame_indices == reference_index((1.0, 2.0), FPS, NUM_FRAMES - 1, 4)

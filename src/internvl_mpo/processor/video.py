@@ -159,7 +159,7 @@ def _open_container(av, path: str):
         raise InputError(f"{name}: not a video FFmpeg can read: {e.strerror or e}") from None
 
 
-def _decode_frames(av, path: str, wanted: set[int]) -> tuple[dict[int, Image.Image], int]:
+def _decode_frames(av, path: str, wanted: set[int], max_pixels: int | None) -> tuple[dict[int, Image.Image], int]:
     """Decode `path` in order, keeping the frames whose index is in `wanted`; also count frames.
 
     A packet that fails to decode ends the clip there when no later packet decodes (a damaged or cut
@@ -183,7 +183,7 @@ def _decode_frames(av, path: str, wanted: set[int]) -> tuple[dict[int, Image.Ima
                                      " decode, so they cannot be numbered (their indices would shift)")
                 for frame in frames:
                     if decoded in wanted:
-                        kept[decoded] = _upright(frame)
+                        kept[decoded] = _upright(frame, path, max_pixels)
                     decoded += 1
                     if decoded > last:
                         return kept, decoded
@@ -275,7 +275,9 @@ def _decode_from(container, stream, table: _FrameTable, start: int) -> tuple[Ite
     return None
 
 
-def _seek_frames(av, path: str, table: _FrameTable, wanted: set[int]) -> dict[int, Image.Image] | None:
+def _seek_frames(
+    av, path: str, table: _FrameTable, wanted: set[int], max_pixels: int | None
+) -> dict[int, Image.Image] | None:
     """The frames at `wanted`, each decoded from the last start at or before it unless the decode already
     under way is nearer. None (decode in order instead) when a frame does not come out where the table
     puts it."""
@@ -295,7 +297,7 @@ def _seek_frames(av, path: str, table: _FrameTable, wanted: set[int]) -> dict[in
                     if frame is None or frame.pts != table.pts[position]:
                         return None
                     if position == index:
-                        kept[index] = _upright(frame)
+                        kept[index] = _upright(frame, path, max_pixels)
                     position += 1
         except av.error.FFmpegError:
             return None
@@ -311,10 +313,12 @@ _ROTATIONS = {
 }
 
 
-def _upright(frame) -> Image.Image:
+def _upright(frame, path: str, max_pixels: int | None) -> Image.Image:
     """The frame as RGB, turned the way its display matrix says (a phone clip filmed upright comes
     out upright), as decord and players do; as in decord, a mirroring in the matrix is ignored and
-    an angle that is not a multiple of 90 leaves the frame as stored."""
+    an angle that is not a multiple of 90 leaves the frame as stored. Its size is checked again: a
+    stream can grow past the size its header gives (a new sequence header mid-stream)."""
+    check_pixels(frame.width, frame.height, max_pixels, source_name(path))
     image = frame.to_image()
     transpose = _ROTATIONS.get(frame.rotation)
     return image.transpose(transpose) if transpose is not None else image
@@ -354,9 +358,9 @@ def _read_video(path: str, num_segments: int, bound, max_pixels: int | None) -> 
         if num_frames < 1:
             raise InputError(f"{name}: no decodable video frames")
         indices = get_index(bound, fps, num_frames - 1, num_segments=num_segments)
-        kept = _seek_frames(av, path, table, set(indices)) if table else None
+        kept = _seek_frames(av, path, table, set(indices), max_pixels) if table else None
         if kept is None:
-            kept, decoded = _decode_frames(av, path, set(indices))
+            kept, decoded = _decode_frames(av, path, set(indices), max_pixels)
         if len(kept) == len(set(indices)):
             return [kept[i] for i in indices], indices
         num_frames, table = decoded, None  # only an in-order decode gets here
