@@ -52,9 +52,11 @@ Differences from decord, measured:
   trimmed pictures for its first indices. A clip that only starts late (an edit list that begins
   with empty time) reads as decord reads it; a bound counts from its first frame in both.
   Listing the packets reads the whole file, as decord's VideoReader does when it opens one: for 30
-  minutes of 320x180 (54k packets, 860 MB) about 1 s from the page cache, 1.6-5.4 s from disk. A bound that selects no frames raises InputError instead
-  of indexing outside the video, and so does a bound that is not two finite numbers of seconds
-  (the card's arithmetic raises TypeError or OverflowError on those).
+  minutes of 320x180 (54k packets, 860 MB) about 1 s from the page cache, 1.6-5.4 s from disk (PyAV's
+  `index_entries` would not read it, but they give decode times, not the pts the table needs).
+- A bound that selects no frames raises InputError instead of indexing outside the video, and so
+  does a bound that is not two finite numbers of seconds (the card's arithmetic raises TypeError or
+  OverflowError on those).
 """
 
 import bisect
