@@ -520,6 +520,21 @@ def test_interactive_image_command_takes_a_quoted_path_and_a_tilde(folder, tmp_p
     assert "error" not in err and f"added {tmp_path / 'my pics' / 'red.png'}; " in err and "with 2 image(s)" in err
 
 
+def test_interactive_reset_says_the_conversation_starts_over(folder, monkeypatch, capsys):
+    """/reset drops the images and the turns, and says so, as /image does (it printed nothing)."""
+    import io
+
+    from internvl_mpo import cli_chat
+
+    image = folder.parent / "red.png"
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {image}\nfirst?\n/reset\nsecond?\n"))
+    assert cli_chat.chat(model=str(folder), device="cpu", max_new_tokens=4) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[-1] == "the conversation starts over, with no images or video"
+    expected = InternVLChat.from_pretrained(folder).chat("second?", max_new_tokens=4, do_sample=False)
+    assert captured.out.splitlines()[-1] == expected
+
+
 def test_interactive_commands_help_video_and_a_conversation_too_long(folder, tmp_path):
     """/help and a mistyped command (with or without an argument) list the commands (not asked as a
     question); /image on a video conversation is refused with the way out; a history too long for the context says /reset helps."""

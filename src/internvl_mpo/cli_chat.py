@@ -124,6 +124,7 @@ def chat(
             return 0
         if line == "/reset":
             history, images, video = [], [], None
+            print("the conversation starts over, with no images or video", file=sys.stderr)
             continue
         if line == "/image" or line.startswith("/image "):
             path = _typed_path(line[len("/image"):])
