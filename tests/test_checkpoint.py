@@ -770,7 +770,9 @@ def test_saving_over_a_transformers_layout_folder_removes_its_processor_files(tm
     preprocessor_config.json naming InternVLProcessor); an official-layout save over such a folder left
     them, so the folder claimed both layouts and AutoProcessor built a processor for the other one. They
     go, whatever the model brings, and are not copied from a transformers folder used as the tokenizer's;
-    the tokenizer files and the user's own files stay."""
+    the tokenizer files and the user's own files stay, without the processor's tokens in
+    tokenizer_config.json (its <video> is not in the vocabulary: the tokenizer outgrew the model)."""
+    from internvl_mpo.chat.tokenizer import load_tokenizer
     from internvl_mpo.convert import convert
 
     src, _ = tiny_chat_folder(tmp_path / "src")
@@ -785,6 +787,7 @@ def test_saving_over_a_transformers_layout_folder_removes_its_processor_files(tm
     names = {p.name for p in hf.iterdir()}
     assert not names & {"processor_config.json", "preprocessor_config.json"}
     assert tokenizer_names | {"notes.txt", "config.json", "model.safetensors"} <= names
+    assert len(load_tokenizer(hf)) == bare.config.llm.vocab_size  # without the processor's <video> token
 
     hf2 = convert(src, tmp_path / "hf2", to="hf")
     official = {"image_processor_type": "CLIPImageProcessor", "crop_size": 448, "size": 448}
@@ -796,8 +799,11 @@ def test_saving_over_a_transformers_layout_folder_removes_its_processor_files(tm
     model = InternVL.from_pretrained(src)
     model.tokenizer_dir = convert(src, tmp_path / "hf3", to="hf")  # a tokenizer with transformers' processor files
     out = model.save_pretrained(tmp_path / "out")
-    assert (out / "tokenizer_config.json").exists()
     assert not (out / "processor_config.json").exists() and not (out / "preprocessor_config.json").exists()
+    copied = json.loads((out / "tokenizer_config.json").read_text())
+    assert copied == {k: v for k, v in json.loads((tmp_path / "hf3" / "tokenizer_config.json").read_text()).items()
+                      if k != "extra_special_tokens"}
+    InternVLChat.from_pretrained(out)  # the tokenizer fits the vocabulary
 
 
 def test_a_folder_with_both_a_single_file_and_an_index_is_refused(tmp_path, tiny, good_state):

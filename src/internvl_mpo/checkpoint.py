@@ -533,6 +533,18 @@ def transformers_processor_files(folder: Path) -> list[str]:
     return names
 
 
+def without_processor_tokens(path: Path) -> str | None:
+    """The text of the tokenizer_config.json `path` without transformers' processor tokens (its
+    `extra_special_tokens` as a dict, which `convert --to hf` writes: their `<video>` is not in the
+    vocabulary, and a tokenizer built with it holds one token more than the model's embeddings); None
+    when it names none (or is no JSON object)."""
+    config = _json_object(path)
+    if not isinstance(config.get("extra_special_tokens"), dict):
+        return None
+    del config["extra_special_tokens"]
+    return json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+
+
 def tokenizer_files(folder: Path) -> list[str]:
     """The tokenizer, generation and processor files of `folder` (not transformers' InternVLProcessor's),
     and the code tokenizer_config.json names."""

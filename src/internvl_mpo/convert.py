@@ -511,15 +511,12 @@ def _read(handles: dict, file: Path, key: str) -> torch.Tensor:
 
 
 def _drop_processor_tokens(folder: Path) -> None:
-    """Remove the processor's named tokens (`extra_special_tokens` as a dict) from an official
-    folder's tokenizer_config.json: their `<video>` is not in the vocabulary, and a tokenizer built
-    with it would hold one token more than the model's embeddings."""
+    """Remove the processor's named tokens from an official folder's tokenizer_config.json
+    (`checkpoint.without_processor_tokens`)."""
     path = folder / "tokenizer_config.json"
-    if path.is_file():
-        tokenizer_config = _read_json(path)
-        if isinstance(tokenizer_config.get("extra_special_tokens"), dict):
-            del tokenizer_config["extra_special_tokens"]
-            _write_json(path, tokenizer_config)
+    text = checkpoint.without_processor_tokens(path)
+    if text is not None:
+        path.write_text(text, encoding="utf-8")
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:

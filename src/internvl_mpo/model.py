@@ -261,5 +261,12 @@ class InternVL(nn.Module):
         replaces = [name for name in checkpoint.companions(folder) if name not in wanted] if files else []
         # transformers' processor files (a `convert --to hf` folder's) read its layout only: they go in any case
         replaces += checkpoint.transformers_processor_files(folder)
-        checkpoint.save_state_dict(state, folder, max_shard_size, texts={"config.json": config.to_json_text()},
-                                   files=files, replaces=replaces)
+        texts = {"config.json": config.to_json_text()}
+        # so do its tokens, from the tokenizer config the folder ends with (copied, or its own that stays)
+        name = "tokenizer_config.json"
+        kept = files.get(name, None if name in replaces else folder / name)
+        text = None if kept is None else checkpoint.without_processor_tokens(kept)
+        if text is not None:
+            files.pop(name, None)
+            texts[name] = text
+        checkpoint.save_state_dict(state, folder, max_shard_size, texts=texts, files=files, replaces=replaces)
