@@ -724,6 +724,24 @@ def test_echo_with_logprobs_scores_a_continuation_as_lm_eval_reads_it(server, lo
                               "total_tokens": sum(map(len, tokens)) + 2}
 
 
+def test_prompt_logprobs_of_a_token_among_the_alternatives_take_its_rank_there_as_vllms_dict():
+    """vLLM builds a prompt token's map as {token: its rank, then alternative j: rank j}, so a token that is
+    also an alternative keeps its place first and ends with rank j; where its log-probability ties a likelier-
+    ranked alternative (common in bf16), j differs from its own rank (1 + how many others are at least as
+    likely). Hand-built entries: token 5 ties token 7 and topk put 5 first."""
+    from internvl_mpo.server import _vllm_prompt_logprobs
+
+    def entry(i: int, token: str) -> dict:
+        return {"id": i, "token": token, "logprob": -1.0}
+
+    prompt = [{**entry(3, "x"), "logprob": None, "rank": None, "top_logprobs": None},
+              {**entry(5, "a"), "rank": 2, "top_logprobs": [entry(5, "a"), entry(7, "b"), entry(9, "c")]}]
+    a, b = {"logprob": -1.0, "decoded_token": "a"}, {"logprob": -1.0, "decoded_token": "b"}
+    assert _vllm_prompt_logprobs(prompt, 2) == [None, {"5": {**a, "rank": 1}, "7": {**b, "rank": 2}}]
+    assert list(_vllm_prompt_logprobs(prompt, 2)[1]) == ["5", "7"]
+    assert _vllm_prompt_logprobs(prompt, 0) == [None, {"5": {**a, "rank": 2}}]
+
+
 def test_max_tokens_0_echoes_the_prompt_and_its_logprobs_alone(client, local_chat, hf_tokenizer):
     """As vLLM: max_tokens 0 (only with echo) answers the prompt and, with logprobs, its tokens'
     log-probabilities and alternatives (the uncached forward's), counting no completion tokens; n choices,

@@ -1326,7 +1326,9 @@ def _echo_entries(prompt: list[dict], k: int) -> list[dict]:
 
 def _vllm_prompt_logprobs(prompt: list[dict], k: int) -> list[dict | None]:
     """vLLM's `prompt_logprobs`: None for the first prompt token, then per token {token id: {"logprob", "rank",
-    "decoded_token"}} of the token itself and its `k` likeliest alternatives (ranked 1..k)."""
+    "decoded_token"}} of the token itself and its `k` likeliest alternatives (ranked 1..k). As in vLLM's
+    dict, a token that is also among the alternatives keeps its place first and takes its rank there, which
+    differs from its own rank only where its log-probability ties another's."""
     out: list[dict | None] = []
     for e in prompt:
         if e["logprob"] is None:
@@ -1334,7 +1336,7 @@ def _vllm_prompt_logprobs(prompt: list[dict], k: int) -> list[dict | None]:
             continue
         ranked = {str(e["id"]): {"logprob": e["logprob"], "rank": e["rank"], "decoded_token": e["token"]}}
         for rank, top in enumerate(e["top_logprobs"][:k], 1):
-            ranked.setdefault(str(top["id"]), {"logprob": top["logprob"], "rank": rank, "decoded_token": top["token"]})
+            ranked[str(top["id"])] = {"logprob": top["logprob"], "rank": rank, "decoded_token": top["token"]}
         out.append(ranked)
     return out
 
