@@ -1114,7 +1114,8 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
         body = await read_json(request)
         check_model(body, model_name)
         tokens = parse_detokenize_request(body, chat.config.llm.vocab_size)
-        return {"prompt": chat.tokenizer.decode(tokens, skip_special_tokens=False)}
+        # off the event loop: a long list would hold up the streams being sent
+        return {"prompt": await run_in_threadpool(chat.tokenizer.decode, tokens, skip_special_tokens=False)}
 
     def submit(prompts: list[Prompt], n: int, params: SamplingParams, logprobs: int | None,
                prompt_logprobs: int | None = None, prompt_only: bool = False, list_stop_token: bool = False):
