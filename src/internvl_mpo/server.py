@@ -72,7 +72,7 @@ from pathlib import Path
 import torch
 
 from .chat.template import IMAGE_PLACEHOLDER, build_prompt_ids, get_template
-from .chat.tokenizer import IMG_CONTEXT
+from .chat.tokenizer import IMG_CONTEXT, Tokenizer
 from .checkpoint import default_device
 from .errors import ConfigError, InputError
 from .generate.engine import MAX_TOP_LOGPROBS, Generation, Request
@@ -746,7 +746,7 @@ def _answer_room(length: int, req: ChatRequest | CompletionRequest, settings: Se
     return max(1, max_new_tokens)  # max_tokens 0 (an echo): the engine picks one token, which is not shown
 
 
-def text_prompt_ids(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+def text_prompt_ids(tokenizer: Tokenizer, text: str, add_special_tokens: bool) -> list[int]:
     """A raw text prompt's ids as vLLM's tokenizer call gives them: with `add_special_tokens`, the BOS of a
     tokenizer that prepends one (InternLM2's `<s>`; the Qwen2 tokenizer adds nothing)."""
     ids = tokenizer.encode(text)
@@ -1422,8 +1422,7 @@ def serve(
     max_tokens: int = 2048,
     max_n: int = 4,
 ) -> None:
-    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
-    /tokenize, /detokenize, /health).
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /tokenize, ...).
 
     model: checkpoint folder or hub id (default: the shipped demo model)
     served_model_name: the model's name in the API (/v1/models, responses); a request naming another model gets a 404 (default: --model as given; internvl-mpo-demo for the demo model)
