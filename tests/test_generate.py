@@ -1114,6 +1114,17 @@ def test_preprocessed_tiles_as_one_tensor_or_one_per_image(setup):
             chat.batch_chat(["First", "Second"], torch.cat([a, b]), num_patches_list=[2, 1], **setting, **kw)
 
 
+def test_a_tile_count_below_one_in_chat_is_named(setup):
+    """chat's num_patches_list [0, 2] for two tiles said "does not add up to the 2 tiles given", which they do;
+    a count of 0 (a question without an image) belongs to batch_chat."""
+    chat, _ = setup
+    size = chat.config.image_size
+    for counts, shown in (([0, 2], r"\[0, 2\]"), ([-1, 3], r"\[-1, 3\]")):
+        with pytest.raises(InputError, match=rf"^num_patches_list {shown}: an image takes 1 tile at least "
+                                             r"\(a 0 asks a question without an image only in batch_chat\)$"):
+            chat.chat("Compare", torch.randn(2, 3, size, size), num_patches_list=counts, max_new_tokens=1)
+
+
 def test_batch_chat_takes_the_official_concatenated_pixel_values(setup):
     chat, _ = setup
     size = chat.config.image_size

@@ -188,7 +188,10 @@ class InternVLChat:
                     raise InputError(f"num_patches_list {list(num_patches_list)} does not match the tiles of the "
                                      f"{len(items)} tensors given {counts}")
                 counts = [int(n) for n in num_patches_list]
-            if sum(counts) != pixels.shape[0] or min(counts) < 1:
+            if min(counts) < 1:
+                raise InputError(f"num_patches_list {counts}: an image takes 1 tile at least (a 0 asks a question "
+                                 "without an image only in batch_chat)")
+            if sum(counts) != pixels.shape[0]:
                 raise InputError(f"num_patches_list {counts} does not add up to the {pixels.shape[0]} tiles given")
             return pixels, counts
         loaded = load_images(
