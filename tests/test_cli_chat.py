@@ -447,6 +447,16 @@ def test_bad_image_and_video_flags_fail_once_not_at_every_question(folder, tmp_p
     assert out.stdout == ""
 
 
+def test_chat_refuses_more_video_frames_than_the_context_holds_before_decoding(folder, tmp_path, monkeypatch):
+    from internvl_mpo import cli_chat
+    from internvl_mpo.errors import InputError
+    from internvl_mpo.processor import video
+
+    monkeypatch.setattr(video, "load_video", lambda *args, **kwargs: pytest.fail("the frames were decoded"))
+    with pytest.raises(InputError, match=r"^num_segments=100000: its frames take \d+ image tokens at least"):
+        cli_chat.chat("Hi", model=str(folder), device="cpu", video=str(tmp_path), num_segments=100000)
+
+
 def test_interactive_video_chat_decodes_the_video_once(folder, tmp_path, monkeypatch):
     import io
 

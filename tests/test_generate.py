@@ -1266,6 +1266,20 @@ def test_video_frames_take_the_pixel_limit(setup):
     assert chat.prepare("What happens?", video=frames, max_pixels=200).num_patches_list == [1] * 8
 
 
+def test_video_frames_whose_tokens_alone_fill_the_context_are_refused_before_decoding(setup, monkeypatch):
+    """A frame takes one tile at least (this model: 4 tokens, so 8192 frames fill its 32768-token context).
+    The frames were decoded and tiled before the prompt was refused: at 448 pixels 2.4 MB a frame, so
+    --num-segments 10000 ran out of memory."""
+    from internvl_mpo.processor import video
+
+    chat, _ = setup
+    monkeypatch.setattr(video, "load_video", lambda *args, **kwargs: pytest.fail("the frames were decoded"))
+    frames = chat.context // chat.model.num_image_token
+    with pytest.raises(InputError, match=f"^num_segments={frames}: its frames take {chat.context} image tokens at "
+                                         f"least, leaving no room in the model's context of {chat.context}$"):
+        chat.prepare("What happens?", video=[Image.new("RGB", (8, 8))], num_segments=frames)
+
+
 def test_max_num_tiles_each_video_frame_as_the_official_load_video(setup):
     """The card's load_video(max_num=1) tiles each frame with dynamic_preprocess(max_num); max_num beside a
     video was ignored without a word, as were total_max_num and num_patches_list."""

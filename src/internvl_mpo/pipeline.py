@@ -140,6 +140,15 @@ class InternVLChat:
 
     # ---- inputs ---------------------------------------------------------------------------
 
+    def check_video_frames(self, num_segments) -> None:
+        """Refuse, before a frame is decoded, a number of video frames whose image tokens alone leave no
+        room in the model's context (a frame takes one tile at least): the frames were decoded and tiled
+        first (~2.4 MB a 448-pixel tile), so a huge count ran out of memory before the prompt was refused."""
+        tokens = num_segments * self.model.num_image_token if isinstance(num_segments, int) else 0
+        if tokens >= self.context:
+            raise InputError(f"num_segments={num_segments}: its frames take {tokens} image tokens at least, "
+                             f"leaving no room in the model's context of {self.context}")
+
     def load_images(
         self, images, max_num: int | None = None, total_max_num: int | None = None, num_patches_list=None,
         max_pixels: int | None = None,
@@ -245,6 +254,7 @@ class InternVLChat:
                     raise InputError("max_num: the video is decoded already; pass it to load_video")
                 clip = video
             else:  # tiles per frame: the card's load_video(max_num=1) by default
+                self.check_video_frames(num_segments)
                 clip = load_video(video, num_segments=num_segments, image_size=self.config.image_size,
                                   max_num=1 if max_num is None else max_num, max_pixels=max_pixels)
             pixels, counts = clip.pixel_values, list(clip.num_patches_list)
