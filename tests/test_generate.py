@@ -1247,6 +1247,21 @@ def test_stream_chat_refuses_bad_input_when_called(setup):
         chat.stream_chat("<image> and <image>", images=Image.new("RGB", (20, 20)))
 
 
+def test_stream_chat_refuses_chats_history_and_verbose_with_the_way_to_keep_a_history(setup):
+    """stream_chat(return_history=True) was "unknown generation settings: ['return_history']"; the history of a
+    streamed answer needs the question as chat stores it, with the images' prefix, which prepare() gives."""
+    chat, _ = setup
+    picture = Image.new("RGB", (20, 20))
+    for name in ("return_history", "verbose"):
+        with pytest.raises(InputError, match=rf"^stream_chat takes no {name} \(chat's\): it yields the answer's "
+                                             r"pieces; for a history, add \(prepare\(question, images\).question, "):
+            chat.stream_chat("hi", images=picture, **{name: True})
+    kw = dict(max_new_tokens=4, do_sample=False)
+    answer, history = chat.chat("What is it?", images=picture, return_history=True, **kw)
+    streamed = "".join(chat.stream_chat("What is it?", images=picture, **kw))
+    assert [(chat.prepare("What is it?", picture).question, streamed)] == history
+
+
 def test_pixel_values_that_are_not_float_tiles_are_refused(setup):
     chat, _ = setup
     size = chat.config.image_size
