@@ -208,6 +208,28 @@ def test_generate_resumes_only_with_the_model_and_settings_that_wrote_the_answer
     assert json.loads((tmp_path / "answers.jsonl.settings.json").read_text())["max_new_tokens"] == 3
 
 
+def test_generate_resumes_only_in_the_precision_that_wrote_the_answers(folder, tmp_path):
+    """--dtype was not recorded: a resume in another precision mixed its answers with the first run's. The
+    dtype the run computes in is recorded (left out: fp32 on the CPU; auto: the checkpoint's torch_dtype)."""
+    from internvl_mpo import cli_chat
+    from internvl_mpo.errors import ConfigError
+
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")
+    run = dict(input=str(requests), output=str(answers), model=str(folder), device="cpu", max_new_tokens=4)
+    assert cli_chat.generate(**run) == 0
+    assert json.loads((tmp_path / "answers.jsonl.settings.json").read_text())["dtype"] == "float32"
+    written = answers.read_text()
+    with pytest.raises(ConfigError, match=r"other settings \(dtype\)"):
+        cli_chat.generate(**run, dtype="bfloat16")
+    assert cli_chat.generate(**run, dtype="fp32") == 0  # the same precision, spelled otherwise
+    assert answers.read_text() == written
+    (tmp_path / "bf16").mkdir()
+    config = json.loads((folder / "config.json").read_text())
+    (tmp_path / "bf16" / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    assert cli_chat.run_dtype("auto", "cpu", str(tmp_path / "bf16")) == "bfloat16"
+
+
 def test_a_generate_refused_for_its_settings_leaves_the_answers_file_as_it_was(folder, tmp_path):
     """The refused rerun had already rewritten the file without its error lines (and a cut last line)."""
     from internvl_mpo import cli_chat

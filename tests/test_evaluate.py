@@ -193,6 +193,23 @@ def test_the_settings_record_a_local_model_folder_by_its_resolved_path_and_a_hub
     assert json.loads((tmp_path / "hub" / "settings.json").read_text())["model"] == "OpenGVLab/InternVL2_5-1B-MPO"
 
 
+def test_a_run_in_another_precision_is_refused_before_the_model_loads(tmp_path):
+    """--dtype was not recorded: a resume in another precision mixed its answers with the first run's."""
+    from internvl_mpo.errors import ConfigError
+    from internvl_mpo.evaluate import eval_
+
+    data = write_bench(tmp_path / "data")
+    (tmp_path / "m").mkdir()
+    out = tmp_path / "out"
+    settings = {"model": str(tmp_path / "m"), "max_num": 6, "max_new_tokens": 1024, "dtype": "float32"}
+    run_eval(data, FakeAnswerer(DIRECT), out, settings=settings)
+    run = dict(data=str(data), model=str(tmp_path / "m"), output=str(out), device="cpu")
+    with pytest.raises(ConfigError, match=r"other settings \(dtype\)"):
+        eval_(**run, dtype="bfloat16")
+    with pytest.raises(ConfigError, match="no such config file"):  # the same settings: on to loading the model
+        eval_(**run, dtype="float32")
+
+
 @pytest.mark.parametrize("limit", [0, -1])
 def test_limits_below_one_are_refused(tmp_path, limit, capsys):
     data = write_bench(tmp_path / "data")
@@ -227,7 +244,9 @@ def test_bad_flags_and_another_runs_folder_are_refused_before_the_model_loads(tm
                           ("--max-num=0", "max_num must be at least 1, got 0")):
         assert main([*base, flag]) != 0
         assert f"error: {message}" in capsys.readouterr().err
-    run_eval(data, FakeAnswerer(DIRECT), out, settings={"model": "another", "max_num": 6, "max_new_tokens": 1024})
+    run_eval(data, FakeAnswerer(DIRECT), out, settings={"model": "another", "max_num": 6, "max_new_tokens": 1024,
+                                                        "dtype": "float32"})
+    base.append("--device=cpu")
     assert main(base) != 0
     assert f"error: {out} holds a run with other settings (model)" in capsys.readouterr().err
     assert main([*base, "--cot"]) != 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -331,9 +332,24 @@ def test_bad_sampling_flags_and_another_runs_folder_are_refused_before_the_model
         assert main([*base, flag]) != 0
         assert f"error: {message}" in capsys.readouterr().err
     assert not out.exists()
-    make_correctness_pairs(items_path, out, FakeSampler(), SETTINGS)
-    assert main([*base, "--samples=6"]) != 0
+    make_correctness_pairs(items_path, out, FakeSampler(), dataclasses.replace(SETTINGS, dtype="float32"))
+    assert main([*base, "--samples=6", "--device=cpu"]) != 0
     assert f"error: {out} holds a run with other settings (model)" in capsys.readouterr().err
+
+
+def test_a_run_in_another_precision_is_refused_before_the_model_loads(tmp_path, capsys):
+    """--dtype was not recorded: a resume in another precision mixed its samples with the first run's."""
+    from internvl_mpo.cli import main
+
+    items_path = write_items(tmp_path / "data")
+    out, model = tmp_path / "out", str(tmp_path / "no-model")
+    make_correctness_pairs(items_path, out, FakeSampler(), dataclasses.replace(SETTINGS, model=model, dtype="float32"))
+    base = ["pairs", "correctness", "--model", model, "--input", str(items_path), "--output", str(out), "--samples=6",
+            "--device=cpu"]
+    assert main([*base, "--dtype=bfloat16"]) != 0
+    assert f"error: {out} holds a run with other settings (dtype)" in capsys.readouterr().err
+    assert main([*base, "--dtype=fp32"]) != 0  # the same settings: on to loading the model, which is not there
+    assert "no-model: no such checkpoint folder" in capsys.readouterr().err
 
 
 def test_the_settings_record_a_local_model_folder_by_its_resolved_path_and_a_hub_id_as_typed(tmp_path, monkeypatch):

@@ -23,6 +23,21 @@ def _model_path(model: str | None) -> str:
     raise InputError("no --model given and the demo model is not installed; pass --model PATH_OR_HUB_ID")
 
 
+def run_dtype(dtype: str | None, device: str, model: str) -> str:
+    """The name of the dtype `--dtype` gives a run of `model` on `device` ("auto": the checkpoint's
+    torch_dtype, read from its config.json), as a run's settings record it: answers computed in another
+    precision differ, so a resume in one is refused."""
+    import torch
+
+    from .checkpoint import parse_dtype, resolve_checkpoint
+    from .config import ModelConfig
+
+    config_dtype = ModelConfig.from_json(resolve_checkpoint(model) / "config.json").torch_dtype if dtype == "auto" else None
+    # the default depends on CUDA or not alone; the device itself is checked when the model loads
+    kind = torch.device("cuda" if device.partition(":")[0] == "cuda" else "cpu")
+    return str(parse_dtype(dtype, kind, config_dtype)).removeprefix("torch.")
+
+
 def _at_least_one(**counts: int | None) -> None:
     """Tile and frame counts, checked before the model loads (every question or request would fail on them)."""
     for name, value in counts.items():
@@ -202,7 +217,7 @@ def generate(
     output: JSONL lines {"id", "question", "image", "video", "answer", "stamps"} (image and video as the request
         wrote them, where it has them; stamps: size, mtime and sha256 of their files, so that a resume notices
         a file edited in place; "error" for a request that cannot run), appended; <output>.settings.json
-        keeps the model and sampling settings, which a resume must repeat (a greedy one all but --seed,
+        keeps the model, sampling settings and dtype, which a resume must repeat (a greedy one all but --seed,
         --top-p and --top-k)
     model: checkpoint folder or hub id (default: the shipped demo model)
     batch_size: requests decoded together
@@ -241,9 +256,11 @@ def generate(
         raise InputError(f"--seed {seed}: request {last} samples with seed + {last}, past the largest seed 2**63 - 1; "
                          "use a smaller --seed")
     done, answered = _finished_questions(out)
+    device = default_device(device)
     _check_answer_settings(out, {"model": model_key(_model_path(model)), "max_num": max_num, "temperature": temperature,
                                  "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
-                                 "min_new_tokens": min_new_tokens, "seed": seed}, resume=bool(done),
+                                 "min_new_tokens": min_new_tokens, "seed": seed,
+                                 "dtype": run_dtype(dtype, device, _model_path(model))}, resume=bool(done),
                            default_max_num=lambda: _default_tiles(_model_path(model)))
     if out.exists():  # only once the settings allow the resume: a refused run leaves the file as it was
         tmp = out.with_name(out.name + ".tmp")
@@ -255,7 +272,6 @@ def generate(
     if not todo:  # a finished run: no need to spend minutes loading a large model
         print(f"internvl-mpo generate: all {len(requests)} requests are answered in {out}", file=sys.stderr)
         return 0
-    device = default_device(device)
     bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device)
 
     def jobs():  # prepared one at a time, as rows free up: one batch of images in memory at most

@@ -478,7 +478,7 @@ def eval_(
     dtype: float32, bfloat16, float16 or auto (the checkpoint's own) (default: bf16 on CUDA, fp32 on CPU)
     """
     from internvl_mpo.checkpoint import default_device
-    from internvl_mpo.cli_chat import _model_path
+    from internvl_mpo.cli_chat import _model_path, run_dtype
     from internvl_mpo.pipeline import InternVLChat
 
     check_counts(batch_size, limit)  # fail on bad flags, a bad file or another run's folder before loading the model
@@ -487,9 +487,10 @@ def eval_(
     model = _model_path(model)
     out = Path(output) if output else default_output(data, cot)
     check_output_folder(out)
-    settings = {"model": model, "max_num": max_num, "max_new_tokens": max_new_tokens}
-    check_settings(out / "settings.json", run_identity(data, cot, settings), record=False)
     device = default_device(device)
+    settings = {"model": model, "max_num": max_num, "max_new_tokens": max_new_tokens,
+                "dtype": run_dtype(dtype, device, model)}
+    check_settings(out / "settings.json", run_identity(data, cot, settings), record=False)
     chat = InternVLChat.from_pretrained(model, dtype=dtype, device=device)
     score = run_eval(data, model_answerer(chat, max_num, params), out, cot, batch_size, limit, settings, items)
     for failure in score["failed"]:

@@ -134,6 +134,7 @@ class PairSettings:
     seed: int = 0
     start_ratio: float = 0.5
     model: str = ""
+    dtype: str = ""  # the dtype's name, as cli_chat.run_dtype gives it: samples of another precision differ
 
     def __post_init__(self):
         if self.samples < 1 or self.max_pairs < 1 or self.batch_size < 1 or self.max_num < 1:
@@ -735,14 +736,15 @@ def pairs(
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     from internvl_mpo.checkpoint import default_device
+    from internvl_mpo.cli_chat import run_dtype
     from internvl_mpo.pipeline import InternVLChat
 
+    device = default_device(device)
     settings = PairSettings(samples, max_pairs, temperature, top_k, top_p, max_new_tokens, max_num, batch_size, seed,
-                            start_ratio, model)
+                            start_ratio, model, run_dtype(dtype, device, model))
     items = read_items(input, method)  # fail on a bad file or output folder before loading the model
     check_output_folder(Path(output))
     check_settings(Path(output) / "settings.json", settings.identity(method, Path(input)), record=False)
-    device = default_device(device)
     generator = ModelGenerator(InternVLChat.from_pretrained(model, dtype=dtype, device=device), settings)
     if method == CORRECTNESS:
         stats = make_correctness_pairs(input, output, generator.sample, settings, items)
