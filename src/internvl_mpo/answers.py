@@ -203,7 +203,8 @@ _FRAC = re.compile(r"\\[dt]?frac\s*(?:\{([^{}]*)\}|(\d))\s*(?:\{([^{}]*)\}|(\d))
 # LaTeX wrappers around the words of a short answer: "\\text{Paris}" is "Paris".
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\{([^{}]*)\}")
 _DASH_MINUS = str.maketrans("\u2212\u2013", "--")  # a unicode minus, or an en dash written for one
-_ARABIC_SEPARATORS = str.maketrans("\u066b\u066c", ".,")  # the Arabic decimal and thousands separators
+# the Arabic decimal and thousands separators and percent sign
+_ARABIC_SEPARATORS = str.maketrans("\u066b\u066c\u066a", ".,%")
 # Thousands groups of other locales (`_ungroup`): two or more dots, or dots before a decimal comma
 # ("1.234.567", "1.234,5"); apostrophes ("1'234"); no-break, narrow and thin spaces ("1 234,5"); lakh commas
 # ("1,00,000"). One dot keeps its English reading ("1.000" is 1), and a plain space or a decimal comma alone
