@@ -1669,3 +1669,26 @@ def test_engine_generate_refuses_a_bad_request_before_allocating_and_caps_the_ca
     assert made == []
     gen = engine.generate([ok, Request([5] * 99, GREEDY)])
     assert made == [(2, 100)] and gen.caches[0].k.shape[2] == 100
+
+
+def test_a_batch_without_rows_or_slots_is_refused_when_started(setup):
+    """engine.start(0, n) gave a Generation that took requests and never admitted them: iterating it
+    spun for ever; a negative length failed deep in torch.full."""
+    chat, _ = setup
+    for rows, length in ((0, 64), (-1, 64), (1, 1), (2, -5), (1.5, 64)):
+        with pytest.raises(InputError, match=rf"a batch needs at least 1 row and 2 slots, got {rows} rows of {length}"):
+            chat.engine.start(rows, length)
+
+
+def test_a_batch_mixing_images_and_text_and_lengths_gives_each_request_its_own_tokens(setup):
+    """One batch of a one-image, a text-only, a two-image and a repeated text prompt, each with its own
+    max_new_tokens: every request gets the tokens it gets alone, as many as it asked for."""
+    chat, _ = setup
+    image = Image.new("RGB", (80, 40), "red")
+    prompts = [prompt(chat, "What is it?", image), prompt(chat, "Hi there"), prompt(chat, "And these?", [image, image]),
+               prompt(chat, "Hi there")]
+    requests = [Request(ids, SamplingParams(max_new_tokens=new, ignore_eos=True), pixels)
+                for (ids, pixels), new in zip(prompts, (7, 30, 1, 3))]
+    together = run(chat.engine, requests)
+    assert [len(together[i]) for i in range(4)] == [7, 30, 1, 3]
+    assert [together[i] for i in range(4)] == [run(chat.engine, [r])[0] for r in requests]

@@ -134,7 +134,9 @@ class Engine:
             self._decode_fn = torch.compile(self._decode, mode=mode, **COMPILE_OPTIONS)
 
     def start(self, max_batch: int, max_len: int) -> "Generation":
-        """An empty batch of `max_batch` rows, each holding up to `max_len` tokens."""
+        """An empty batch of `max_batch` rows, each holding up to `max_len` tokens (at most the context)."""
+        if not (whole_number(max_batch) and whole_number(max_len) and max_batch >= 1 and max_len >= 2):
+            raise InputError(f"a batch needs at least 1 row and 2 slots, got {max_batch} rows of {max_len}")
         return Generation(self, max_batch, min(max_len, self.context))
 
     def generate(self, requests: list[Request]) -> "Generation":
