@@ -1692,3 +1692,22 @@ def test_a_batch_mixing_images_and_text_and_lengths_gives_each_request_its_own_t
     together = run(chat.engine, requests)
     assert [len(together[i]) for i in range(4)] == [7, 30, 1, 3]
     assert [together[i] for i in range(4)] == [run(chat.engine, [r])[0] for r in requests]
+
+
+def test_a_stream_closed_midway_or_left_open_leaves_nothing_for_the_next_chat(setup):
+    """A compiled engine's next chat takes the buffers of a stream closed after two pieces, or gets buffers
+    of its own beside a stream left open: either way it answers as a fresh engine, and so does the open
+    stream when read on."""
+    chat, _ = setup
+    bot = InternVLChat(chat.model, chat.tokenizer)
+    bot.engine.compiled = True  # keeps buffers as a compiled engine does; the step itself runs eagerly
+    kw = dict(max_new_tokens=12, do_sample=False, ignore_eos=True)
+    story = dict(max_new_tokens=40, do_sample=False, ignore_eos=True)
+    closed = bot.stream_chat("Tell me a long story", **story)
+    next(closed), next(closed)
+    closed.close()
+    assert bot.chat("Hi there", **kw) == chat.chat("Hi there", **kw)
+    left = bot.stream_chat("Tell me a long story", **story)
+    first = next(left)
+    assert bot.chat("Hi there", **kw) == chat.chat("Hi there", **kw)
+    assert first + "".join(left) == chat.chat("Tell me a long story", **story)
