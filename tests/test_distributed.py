@@ -330,3 +330,89 @@ def test_fsdp_precomputed_reference_with_uneven_shares(setup):
     assert load_file(root / "uneven_pre" / "ref_logps.safetensors")["valid"].tolist() == [1] * 5
     for a, b in zip(rows(root / "uneven_live"), rows(root / "uneven_pre"), strict=True):
         assert (b["loss"], b["rewards/margins"]) == (a["loss"], a["rewards/margins"]), a["step"]
+
+
+def _stopping_worker(rank: int, world: int, ports: list[int], configs: list[dict], log: str,
+                     full_disk: bool = False) -> None:
+    """`_worker` that records how each run ended on this rank ("Type: message", or null) in a JSON list;
+    with `full_disk`, process 0's safetensors writes fail as on a full disk."""
+    if full_disk and rank == 0:
+        from safetensors import SafetensorError
+
+        from internvl_mpo import checkpoint
+
+        def disk_full(*args, **kwargs):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+        checkpoint.save_tensors = disk_full
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    ended = []
+    for port, cfg in zip(ports, configs):
+        os.environ["MASTER_PORT"] = str(port)
+        try:
+            train(TrainConfig(**cfg))
+            ended.append(None)
+        except Exception as e:
+            ended.append(f"{type(e).__name__}: {e}")
+    Path(log.format(rank)).write_text(json.dumps(ended))
+
+
+def run_two(worker, args: tuple, limit_s: float = 300) -> None:
+    """Two spawned processes running `worker(rank, 2, *args)`; fails the test if they outlive `limit_s`."""
+    import time
+
+    context = mp.start_processes(worker, args=(2, *args), nprocs=2, start_method="spawn", join=False)
+    deadline = time.monotonic() + limit_s
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the processes still ran after {limit_s} s (a rank waiting at a collective)")
+
+
+def endings(log: str) -> list[list[str | None]]:
+    """Per run, how it ended on each rank."""
+    return [list(ended) for ended in zip(*(json.loads(Path(log.format(rank)).read_text()) for rank in range(2)))]
+
+
+def test_a_failed_save_on_process_0_stops_every_process_with_its_error(setup):
+    # Process 0 writes checkpoints and final/ while the others wait at a barrier: its SaveError left them
+    # there (until the process group's timeout under NCCL; gloo's "Connection closed by peer" traceback here).
+    root, folder, meta = setup
+    base = TrainConfig(model=str(folder), data=str(meta), max_steps=1, batch_size=1, drop_path_rate=0.0,
+                       progress=False)
+    log = str(root / "full_disk{}.json")
+    cfg = dataclasses.asdict(dataclasses.replace(base, output=str(root / "full_disk"), save_every=1))
+    run_two(_stopping_worker, (free_ports(1), [cfg], log, True))
+    message = (f"SaveError: {root / 'full_disk' / 'checkpoint-000001'}: saving failed (Error while serializing:"
+               " I/O error: No space left on device (os error 28)); nothing there was replaced")
+    assert endings(log) == [[message, message]]
+
+    # final/'s temporary folder cannot be made (a file has its name): an OSError, raised by process 0 alone
+    (root / "no_final").mkdir()
+    (root / "no_final" / ".tmp-final").write_text("")
+    log = str(root / "no_final{}.json")
+    run_two(_stopping_worker, (free_ports(1), [dataclasses.asdict(dataclasses.replace(base, output=str(root / "no_final")))],
+                               log))
+    message = (f"SaveError: {root / 'no_final' / 'final'}: saving failed ([Errno 17] File exists:"
+               f" '{root / 'no_final' / '.tmp-final'}'); nothing there was replaced")
+    assert endings(log) == [[message, message]]
+
+
+def test_a_bad_sample_in_one_process_share_stops_every_process_with_its_error(setup):
+    # Each process encodes only its own share: a record too long to train on, read by process 1 alone, stopped it
+    # while process 0 went on into the step's collectives (and into the --precompute-ref pass's).
+    root, folder, _ = setup
+    records = [{"image": f"{name}.png", "question": f"What is this {i}?", "chosen": "It is fine.",
+                "rejected": f"It is {name}."} for i, name in enumerate(COLORS)]
+    records[0]["question"] = "long " * 400  # the reader's shuffle puts it at position 1: process 1's first sample
+    meta = write_mmpr(root / "data_one_bad", records)
+    base = TrainConfig(model=str(folder), data=str(meta), max_steps=1, batch_size=1, max_seq_length=400,
+                       shuffle=False, drop_path_rate=0.0, progress=False)
+    configs = [dataclasses.asdict(dataclasses.replace(base, output=str(root / name), precompute_ref=pre))
+               for name, pre in (("one_bad_live", False), ("one_bad_pre", True))]
+    log = str(root / "one_bad{}.json")
+    run_two(_stopping_worker, (free_ports(2), configs, log))
+    for ended in endings(log):
+        assert ended[0] == ended[1] and ended[0].startswith(f"InputError: {meta.parent / 'toy.jsonl'}:1: "), ended

@@ -625,3 +625,15 @@ def test_a_folder_sampled_without_the_minimum_is_not_resumed(tmp_path):
     (out / "settings.json").write_text(json.dumps(earlier))
     with pytest.raises(ConfigError, match=r"other settings \(min_new_tokens\)"):
         make_correctness_pairs(items_path, out, FakeSampler(), SETTINGS)
+
+
+def test_one_sample_per_question_is_refused_before_the_model_loads(tmp_path, capsys):
+    """A pair is a right and a wrong answer to one question: --samples 1 sampled every item and gave no pair."""
+    from internvl_mpo.cli import main
+
+    items_path = write_items(tmp_path / "data")
+    out = tmp_path / "out"
+    assert main(["pairs", "correctness", "--model", str(tmp_path / "no-model"), "--input", str(items_path),
+                 "--output", str(out), "--samples", "1"]) != 0
+    assert "error: --samples 1: correctness pairs need at least 2 samples per question" in capsys.readouterr().err
+    assert not out.exists()

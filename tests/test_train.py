@@ -327,7 +327,7 @@ def test_rng_states_hold_the_cuda_generator_where_the_run_used_cuda_and_restore_
 
 def test_checkpoints_save_where_folders_cannot_be_fsynced(tmp_path, chat_folder, meta, monkeypatch):
     """CIFS/SMB, sshfs and some Ceph volumes refuse fsync on a folder (EINVAL): the first checkpoint stopped
-    the run with an OSError. A file's fsync error still stops it."""
+    the run with an OSError. A file's fsync error still stops it, as a SaveError naming the folder."""
     import errno
     import stat
 
@@ -344,9 +344,10 @@ def test_checkpoints_save_where_folders_cannot_be_fsynced(tmp_path, chat_folder,
     train(config(chat_folder, meta, tmp_path / "run", max_steps=1, save_every=1))
     assert ckpt.latest_checkpoint(tmp_path / "run").name == "checkpoint-000001"
     assert (tmp_path / "run" / "final" / "config.json").is_file()
-    failing["files"] = errno.EIO
-    with pytest.raises(OSError, match="Input/output error"):
+    failing["files"] = errno.EIO  # one line naming the folder (it was a traceback), and no temporary folder left
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'other'}: saving failed ([Errno 5] Input/output")):
         ckpt.atomic_folder(tmp_path / "other", lambda folder: (folder / "a.json").write_text("{}"))
+    assert not list(tmp_path.glob(".tmp-*"))
 
 
 def test_a_model_folder_without_tokenizer_files_trains_with_tokenizer_and_final_gets_its_files(
@@ -540,6 +541,13 @@ def test_an_output_under_a_file_is_refused_before_loading(tmp_path, meta, output
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ConfigError, match=f"--output {tmp_path / output}: {tmp_path / 'a-file'} is a file"):
         train(config(tmp_path / "no-model", meta, tmp_path / output))
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(chat_folder, meta):
+    # /proc takes no new folders, also from root (whom an unwritable parent does not stop): a FileNotFoundError
+    # traceback once the model and data had loaded
+    with pytest.raises(ConfigError, match=r"--output /proc/internvl-mpo-run: cannot make the folder \(No such file"):
+        train(config(chat_folder, meta, Path("/proc/internvl-mpo-run"), max_steps=1))
 
 
 @pytest.mark.parametrize("change, message", [

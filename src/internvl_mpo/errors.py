@@ -18,7 +18,10 @@ class SaveError(CheckpointError):
 
     def __init__(self, folder, reason: str, outcome: str):
         super().__init__(f"{folder}: saving failed ({reason}); {outcome}")
-        self.reason = reason
+        self.folder, self.reason, self.outcome = folder, reason, outcome
+
+    def __reduce__(self):  # pickled whole: training sends a failed save to the other processes
+        return SaveError, (self.folder, self.reason, self.outcome)
 
 
 class InputError(InternVLError, ValueError):

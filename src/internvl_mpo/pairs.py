@@ -735,6 +735,9 @@ def pairs(
     """
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if method == CORRECTNESS and samples == 1:
+        raise InputError("--samples 1: correctness pairs need at least 2 samples per question (each pair is a right "
+                         "and a wrong answer to it)")
     from internvl_mpo.checkpoint import default_device
     from internvl_mpo.cli_chat import run_dtype
     from internvl_mpo.pipeline import InternVLChat

@@ -23,6 +23,7 @@ that `latest_checkpoint` ignores (and the next save of that step replaces).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -31,7 +32,7 @@ import random
 import re
 import shutil
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -43,7 +44,7 @@ from safetensors.torch import load_file
 from internvl_mpo.checkpoint import save_tensors, write_failure
 from internvl_mpo.errors import CheckpointError, ConfigError, SaveError
 from internvl_mpo.model import InternVL
-from internvl_mpo.train.distributed import DistEnv, barrier
+from internvl_mpo.train.distributed import DistEnv, ranks_together
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 STATE_FILE = "trainer_state.json"
@@ -211,8 +212,14 @@ def temp_dir(final: Path) -> Path:
 
 
 def publish(tmp: Path, final: Path) -> None:
-    """Make `tmp` appear as `final` in one rename (an existing `final` is replaced)."""
-    fsync_tree(tmp)
+    """Make `tmp` appear as `final` in one rename (an existing `final` is replaced); `tmp` is removed when
+    its files cannot be synced (a `SaveError`)."""
+    try:
+        with saving(final):
+            fsync_tree(tmp)
+    except SaveError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         old = final.parent / (TMP_PREFIX + final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -224,24 +231,35 @@ def publish(tmp: Path, final: Path) -> None:
     _fsync(final.parent)
 
 
-def write_temp(tmp: Path, final: Path, write: Callable[..., None], *args: Any) -> None:
-    """`write(*args)` into the temporary folder `tmp` of `final`; one that fails removes `tmp`, and a full
-    disk or another OS error (the model's save inside included) is a `SaveError` naming `final`."""
+@contextlib.contextmanager
+def saving(final: Path) -> Iterator[None]:
+    """A full disk or another OS error in the block (the model's save inside included) is a `SaveError`
+    naming `final`, one line."""
     try:
-        write(*args)
+        yield
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         reason = write_failure(e)
         if reason is None:
             raise
         raise SaveError(final, reason, "nothing there was replaced") from None
 
 
+def write_temp(tmp: Path, final: Path, write: Callable[..., None], *args: Any) -> None:
+    """Make the temporary folder `tmp` of `final` (an earlier one removed) and `write(*args)` into it;
+    a failure removes `tmp`, and is a `SaveError` naming `final` (`saving`)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with saving(final):
+            tmp.mkdir(parents=True)
+            write(*args)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def atomic_folder(final: Path, write: Callable[[Path], None]) -> Path:
     """Single-process helper: `write(tmp)` fills a temporary folder, which is then published."""
     tmp = temp_dir(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     write_temp(tmp, final, write, tmp)
     publish(tmp, final)
     return final
@@ -405,20 +423,19 @@ def save_checkpoint(
     optim_state = get_optimizer_state_dict(
         module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
-    if env.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        write_temp(tmp, final, _write_weights_and_optimizer, tmp, state, optim_state, write_weights)
+    with ranks_together(env):  # a failed save stops every rank, not process 0 alone
+        if env.is_main:
+            write_temp(tmp, final, _write_weights_and_optimizer, tmp, state, optim_state, write_weights)
     del state, optim_state
-    barrier(env)
-    rng_tensors, rng_meta = rng_state(env.device)
-    write_tensors(tmp / f"rank{env.rank}.safetensors", rng_tensors)
-    write_json(tmp / f"rank{env.rank}.json", {**rank_state, "rng": rng_meta})
-    barrier(env)
-    if env.is_main:
-        write_json(tmp / STATE_FILE, trainer_state)
-        publish(tmp, final)
-    barrier(env)
+    with ranks_together(env), saving(final):
+        rng_tensors, rng_meta = rng_state(env.device)
+        write_tensors(tmp / f"rank{env.rank}.safetensors", rng_tensors)
+        write_json(tmp / f"rank{env.rank}.json", {**rank_state, "rng": rng_meta})
+    with ranks_together(env):
+        if env.is_main:
+            with saving(final):
+                write_json(tmp / STATE_FILE, trainer_state)
+            publish(tmp, final)
     return final
 
 
@@ -437,6 +454,7 @@ def load_training_state(
     # AdamW state in the checkpoint, and has none in the run that wrote it either.
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_optimizer_state_dict(module, optimizer, optim, options=options)
-    rank_state = read_json(path / f"rank{env.rank}.json")
-    set_rng_state(read_tensors(path / f"rank{env.rank}.safetensors"), rank_state["rng"], env.device)
+    with ranks_together(env):  # files of this rank's own: one that is missing or cut short stops every rank
+        rank_state = read_json(path / f"rank{env.rank}.json")
+        set_rng_state(read_tensors(path / f"rank{env.rank}.safetensors"), rank_state["rng"], env.device)
     return state, rank_state

@@ -21,8 +21,9 @@ an epoch gives some ranks one sample more than others).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -31,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from internvl_mpo.errors import ConfigError
+from internvl_mpo.errors import ConfigError, InternVLError, TrainingError
 
 # How long a collective waits for the other ranks: rank 0 writes each checkpoint while the others
 # wait at a barrier, and a large model's save can outlast torch's NCCL default of 10 minutes (the
@@ -109,9 +110,33 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def barrier(env: DistEnv) -> None:
-    if env.distributed:
-        dist.barrier()
+@contextlib.contextmanager
+def ranks_together(env: DistEnv) -> Iterator[None]:
+    """Run a block without collectives inside (process 0's save, reading this rank's samples) on every
+    rank, then stop every rank when it raised on any: a failing rank raises its own error, the others
+    the lowest failing rank's (an `InternVLError` as it is, any other as a one-line `TrainingError`).
+    Without it a rank that stopped leaves the others waiting at their next collective until the process
+    group's timeout, then ending with a torch error. Costs a one-number all-reduce."""
+    error = None
+    try:
+        yield
+    except Exception as e:
+        if not env.distributed:
+            raise
+        error = e
+    if not env.distributed:
+        return
+    failed = torch.tensor([error is not None], dtype=torch.int32, device=env.device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if not failed.item():
+        return
+    sent = error
+    if error is not None and not isinstance(error, InternVLError):
+        sent = TrainingError(f"process {env.rank} stopped: {type(error).__name__}: {' '.join(str(error).split())}")
+    errors = all_gather_lists([sent], env)
+    if error is not None:
+        raise error
+    raise next(e for e in errors if e is not None)
 
 
 def all_reduce_sum(x: torch.Tensor, env: DistEnv) -> torch.Tensor:

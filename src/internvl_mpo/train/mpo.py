@@ -56,6 +56,7 @@ import math
 import os
 import random
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +87,6 @@ from internvl_mpo.train.distributed import (
     all_gather_lists,
     all_reduce_mean,
     all_reduce_sum,
-    barrier,
     destroy_distributed,
     env_int,
     epoch_order,
@@ -94,6 +94,7 @@ from internvl_mpo.train.distributed import (
     init_distributed,
     print0,
     rank_share,
+    ranks_together,
     shard_fsdp2,
     share_start,
     transformer_blocks,
@@ -653,15 +654,18 @@ def precompute_reference(
     mine = list(range(env.rank, n, env.world_size))
     size = module.model.config.image_size
     with torch.no_grad():
-        for start in range(0, -(-n // env.world_size) if lockstep else len(mine), cfg.batch_size):
+        # every rank as many batches (the longest share's), each read within `ranks_together`: a bad record
+        # in one rank's share stops all of them at once
+        for start in range(0, -(-n // env.world_size), cfg.batch_size):
             examples = []
-            for i in mine[start : start + cfg.batch_size]:
-                item = dataset[i]
-                if isinstance(item, BadExample):
-                    if not cfg.skip_bad:
-                        raise InputError(item.message + " (pass --skip-bad to skip such records)")
-                    continue
-                examples.append(item)
+            with ranks_together(env):
+                for i in mine[start : start + cfg.batch_size]:
+                    item = dataset[i]
+                    if isinstance(item, BadExample):
+                        if not cfg.skip_bad:
+                            raise InputError(item.message + " (pass --skip-bad to skip such records)")
+                        continue
+                    examples.append(item)
             if not examples and lockstep:
                 padding = torch.full((2, 1), pad_id, device=env.device)
                 no_tiles = torch.zeros(0, 3, size, size, device=env.device)
@@ -678,17 +682,17 @@ def precompute_reference(
     values = all_reduce_sum(values.to(env.device), env).cpu()
     valid = all_reduce_sum(valid.to(env.device), env).cpu()
     chosen, rejected = values[:, 0].float(), values[:, 1].float()
-    if env.is_main:
-        # The old description goes first and the new one lands whole, so a kill in between leaves values without
-        # one (computed again) rather than new values under an old description (reused for the old inputs).
-        meta_path.unlink(missing_ok=True)
-        tmp = path.with_name(".tmp-" + path.name)
-        ckpt.write_tensors(tmp, {"chosen": chosen, "rejected": rejected, "valid": valid.to(torch.uint8)})
-        os.replace(tmp, path)
-        tmp = meta_path.with_name(".tmp-" + meta_path.name)
-        ckpt.write_json(tmp, fingerprint)
-        os.replace(tmp, meta_path)
-    barrier(env)
+    with ranks_together(env), ckpt.saving(path):
+        if env.is_main:
+            # The old description goes first and the new one lands whole, so a kill in between leaves values
+            # without one (computed again) rather than new values under an old description (reused for the old inputs).
+            meta_path.unlink(missing_ok=True)
+            tmp = path.with_name(".tmp-" + path.name)
+            ckpt.write_tensors(tmp, {"chosen": chosen, "rejected": rejected, "valid": valid.to(torch.uint8)})
+            os.replace(tmp, path)
+            tmp = meta_path.with_name(".tmp-" + meta_path.name)
+            ckpt.write_json(tmp, fingerprint)
+            os.replace(tmp, meta_path)
     return chosen, rejected, valid.bool()
 
 
@@ -843,8 +847,9 @@ def save_checkpoint(
         ckpt.checkpoint_dir(Path(cfg.output), step), env, module, optimizer, _weights_writer(cfg, policy),
         trainer_state, {"data": stream.state()},
     )
-    if cfg.save_total_limit and env.is_main:
-        ckpt.prune_checkpoints(Path(cfg.output), cfg.save_total_limit)
+    with ranks_together(env):
+        if cfg.save_total_limit and env.is_main:
+            ckpt.prune_checkpoints(Path(cfg.output), cfg.save_total_limit)
     return saved
 
 
@@ -1052,6 +1057,11 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
     try:
         with contextlib.ExitStack() as held:  # the output folder's lock, once taken
             return _train(config, env, on_step, held)
+    except BaseException as e:
+        # The error's frames hold the DDP / FSDP2 module, and through it the process group: freed only after the
+        # group is destroyed below, gloo's destructor waits for a thread that waits for the GIL (the process hangs).
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:
         if env.distributed:
             destroy_distributed()
@@ -1061,8 +1071,9 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) 
     from tqdm import tqdm
 
     output = Path(cfg.output)
-    if env.is_main:  # a live run there is named first (the other processes are stopped by torchrun)
-        ckpt.check_not_in_use(output)
+    with ranks_together(env):  # a live run there is named first
+        if env.is_main:
+            ckpt.check_not_in_use(output)
     check_output(output, cfg.resume)
     weights = loss_weights(cfg)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
@@ -1097,21 +1108,17 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) 
     model_print = model_fingerprint(cfg, policy) if fingerprint is not None else None
     # Created only now, so that a bad model or data path leaves no empty run folder behind. Process 0 locks it
     # for the run (another run started on it since the check above is refused), then every process checks again.
-    refused = []
-    if env.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        try:
+    with ranks_together(env):
+        if env.is_main:
+            try:
+                output.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # an unwritable parent, say
+                raise ConfigError(f"--output {output}: cannot make the folder ({e.strerror})") from None
             lock = ckpt.lock_output(output)
-        except ConfigError as e:
-            refused.append(str(e))
-        else:
             if lock is None:
                 print0(f"note: {output}'s filesystem has no file locks: make sure no other run writes to it")
             else:
                 held.enter_context(lock)
-    refused = all_gather_lists(refused, env)
-    if refused:
-        raise ConfigError(refused[0])
     check_output(output, cfg.resume)
 
     # a resume that would continue otherwise is refused before the reference pass (hours for MMPR)
@@ -1200,7 +1207,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) 
         sums: dict[str, float] = {}
         tokens = 0
         for micro in range(cfg.grad_accum):
-            batch = stream.next_batch(cfg.batch_size, tokenizer.pad_id).to(env.device)
+            with ranks_together(env):  # a bad sample (or a whole epoch of them) in one rank's share stops all
+                batch = stream.next_batch(cfg.batch_size, tokenizer.pad_id).to(env.device)
             with _sync_context(module, micro == cfg.grad_accum - 1):
                 loss, micro_metrics = micro_batch_loss(module, ref_module, ref_table, batch, weights, running, autocast)
                 (loss / cfg.grad_accum).backward()
@@ -1222,9 +1230,10 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) 
         metrics = {"step": step + 1, **dict(zip(keys, values.tolist())), "lr": lr, "grad_norm": grad_norm,
                    "epoch": stream.epochs_read(), "tokens": tokens,
                    "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "skipped": stream.report.total}
-        if env.is_main:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(ckpt.strict_json(metrics), allow_nan=False) + "\n")
+        with ranks_together(env), ckpt.saving(metrics_path):
+            if env.is_main:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(ckpt.strict_json(metrics), allow_nan=False) + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('rewards/accuracies', 0.0):.2f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
@@ -1238,8 +1247,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) 
     # the official trainer saves them; the checkpoints above keep the float32 weights for an exact resume)
     final_dir = output / FINAL_DIR
     state = ckpt.full_model_state(module)
-    if env.is_main:
-        state = {k: v.to(final_dtype) for k, v in official_state(state, cfg).items()}
-        ckpt.atomic_folder(final_dir, lambda tmp: ckpt.export_model(state, policy, tmp))
-    barrier(env)
+    with ranks_together(env):
+        if env.is_main:
+            state = {k: v.to(final_dtype) for k, v in official_state(state, cfg).items()}
+            ckpt.atomic_folder(final_dir, lambda tmp: ckpt.export_model(state, policy, tmp))
     return TrainResult(final_dir, total_steps, stream.report, metrics)
