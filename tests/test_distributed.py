@@ -66,6 +66,26 @@ def test_unusable_devices_are_config_errors(monkeypatch):
     assert init_distributed("cpu").device == torch.device("cpu")
 
 
+def test_one_gpu_index_for_all_processes_of_a_node_is_refused_and_cuda_takes_the_local_rank(monkeypatch):
+    """torchrun gives every process the same flags: --device cuda:0 put all of them on GPU 0, and NCCL stopped
+    with a duplicate-GPU error deep inside; each process refuses it alike, and --device cuda is cuda:LOCAL_RANK."""
+    import torch.distributed as dist
+
+    for name, value in (("RANK", "1"), ("LOCAL_RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "2"),
+                        ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    for name, value in (("is_available", lambda: True), ("device_count", lambda: 2), ("set_device", lambda d: None)):
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(dist, "init_process_group", lambda *args, **kwargs: None)
+    for device in ("cuda:0", "cuda:1"):
+        with pytest.raises(ConfigError, match=f"--device {device}: 2 processes on this node would all train on GPU"
+                                              f" {device[-1]}; give --device cuda"):
+            init_distributed(device)
+    assert init_distributed("cuda").device == init_distributed(None).device == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per node: its GPU is the user's choice
+    assert init_distributed("cuda:0").device == torch.device("cuda", 0)
+
+
 def test_an_incomplete_torchrun_environment_is_a_config_error(monkeypatch):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)

@@ -106,7 +106,7 @@ def train(
     skip_bad: count and skip bad records instead of stopping at the first
     resume: continue from the latest checkpoint in --output (data files and the records each process reads, model and tokenizer files, batch, steps, freeze, LoRA, loss, example, lr, schedule and AdamW settings must be the checkpoint's)
     precision: auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32
-    device: cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when available)
+    device: cpu, cuda (each torchrun process its cuda:LOCAL_RANK) or cuda:N (one process per node only; default: cuda:LOCAL_RANK when available)
     fsdp: shard with FSDP2 instead of DDP when several processes run
     num_workers: data-loading worker processes
     progress: show a progress bar

@@ -77,12 +77,19 @@ def init_distributed(device: str | None = None) -> DistEnv:
     if world > 1 and missing and not dist.is_initialized():
         raise ConfigError(f"WORLD_SIZE={world} but no {' or '.join(missing)} in the environment: launch the processes with"
                           " torchrun --nproc-per-node N (it sets them)")
+    given = device is not None
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise ConfigError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, ...)") from None
+    # torchrun gives every process of a node the same flags: one GPU index would put them all on that GPU
+    # (NCCL then stops with a duplicate-GPU error). Every process refuses it alike, before the process group.
+    local_world = env_int("LOCAL_WORLD_SIZE", 1)
+    if given and dev.type == "cuda" and dev.index is not None and local_world > 1:
+        raise ConfigError(f"--device {device}: {local_world} processes on this node would all train on GPU {dev.index};"
+                          " give --device cuda (or leave it out): process LOCAL_RANK then takes cuda:LOCAL_RANK")
     if dev.type == "cuda":
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
