@@ -682,6 +682,16 @@ def test_resume_drops_a_half_written_metrics_line(tmp_path, chat_folder, meta):
     assert [r["step"] for r in metric_rows(tmp_path / "run")] == [1, 2]
 
 
+def test_a_metrics_file_that_cannot_be_rewritten_at_a_resume_is_one_line(tmp_path, chat_folder, meta):
+    # the resume rewrites metrics.jsonl through a temporary file: an OSError traceback on process 0 alone
+    cfg = config(chat_folder, meta, tmp_path / "run", max_steps=2, save_every=1)
+    train(cfg)
+    killed_after_step_1(tmp_path / "run")
+    (tmp_path / "run" / ".tmp-metrics.jsonl").mkdir()  # in the way of the temporary file
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'run' / 'metrics.jsonl'}: saving failed ([Errno 21]")):
+        train(dataclasses.replace(cfg, resume=True))
+
+
 def sft_meta(folder: Path, lines: int, repeat_time: float) -> Path:
     """An SFT meta.json of one text-only conversation file of `lines` lines."""
     convos = [{"conversations": [{"from": "human", "value": f"q{k}"}, {"from": "gpt", "value": f"a{k}"}]}

@@ -1191,10 +1191,11 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) 
     if resume_from is not None:
         start_step = resume_training_state(resume_from, env, module, optimizer, running, stream)
     metrics_path = output / METRICS_FILE
-    if env.is_main and resume_from is not None:
-        _rewrite_metrics(metrics_path, start_step)
-    elif env.is_main:
-        metrics_path.unlink(missing_ok=True)
+    with ranks_together(env), ckpt.saving(metrics_path):  # a full disk at a resume, say
+        if env.is_main and resume_from is not None:
+            _rewrite_metrics(metrics_path, start_step)
+        elif env.is_main:
+            metrics_path.unlink(missing_ok=True)
 
     # 5. the loop
     bar = tqdm(total=total_steps, initial=start_step, disable=not (cfg.progress and env.is_main), desc=cfg.mode)
