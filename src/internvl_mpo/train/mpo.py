@@ -1060,7 +1060,9 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
     except BaseException as e:
         # The error's frames hold the DDP / FSDP2 module, and through it the process group: freed only after the
         # group is destroyed below, gloo's destructor waits for a thread that waits for the GIL (the process hangs).
-        traceback.clear_frames(e.__traceback__)
+        # One process keeps them (a debugger's post-mortem reads them).
+        if env.distributed:
+            traceback.clear_frames(e.__traceback__)
         raise
     finally:
         if env.distributed:
