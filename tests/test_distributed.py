@@ -436,3 +436,27 @@ def test_a_bad_sample_in_one_process_share_stops_every_process_with_its_error(se
     run_two(_stopping_worker, (free_ports(2), configs, log))
     for ended in endings(log):
         assert ended[0] == ended[1] and ended[0].startswith(f"InputError: {meta.parent / 'toy.jsonl'}:1: "), ended
+
+
+def _node_local_worker(rank: int, world: int, ports: list[int], configs: list[dict], log: str, folders: list[str]):
+    """`_stopping_worker` in `folders[rank]`: a relative --data names another copy on each "node"."""
+    os.chdir(folders[rank])
+    _stopping_worker(rank, world, ports, configs, log)
+
+
+def test_processes_that_read_different_data_stop_before_training(setup):
+    # Node-local copies of the data that differ: the processes counted other steps and shares, and the one that
+    # finished first went on to the final save while the others still trained (mismatched collectives).
+    root, folder, _ = setup
+    records = [{"image": f"{name}.png", "question": f"What is this {i}?", "chosen": "It is fine.",
+                "rejected": f"It is {name}."} for i, name in enumerate([*COLORS, *COLORS])]
+    nodes = [root / "node0", root / "node1"]
+    for node, n in zip(nodes, (6, 8)):
+        write_mmpr(node, records[:n])
+    cfg = TrainConfig(model=str(folder), data="meta.json", output=str(root / "nodes_run"), batch_size=1,
+                      drop_path_rate=0.0, progress=False)
+    log = str(root / "nodes{}.json")
+    run_two(_node_local_worker, (free_ports(1), [dataclasses.asdict(cfg)], log, [str(node) for node in nodes]))
+    message = ("InputError: meta.json: the processes read different data (process 0: 6 records, process 1: 8 records);"
+               " every process must read the same files (a copy of them on each node that differs?)")
+    assert endings(log) == [[message, message]]

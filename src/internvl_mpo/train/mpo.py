@@ -1094,6 +1094,13 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) 
     dataset, report = build_dataset(cfg, tokenizer, policy.config)
     stream = SampleStream(dataset, env, cfg, report)
     samples_per_step = cfg.batch_size * cfg.grad_accum
+    # Every process reads all records (each keeps its share): a count that differs (a copy of the data on each
+    # node that does not match) gives the processes other steps and shares, and one would wait for the others.
+    counts = all_gather_lists([len(dataset)], env)
+    if len(set(counts)) > 1:
+        read = ", ".join(f"process {r}: {n} records" for r, n in enumerate(counts))
+        raise InputError(f"{cfg.data}: the processes read different data ({read}); every process must read the same"
+                         " files (a copy of them on each node that differs?)")
     total_steps = cfg.max_steps or cfg.epochs * (stream.per_rank() // samples_per_step)
     if total_steps < 1 or stream.per_rank() < 1:
         raise InputError(
