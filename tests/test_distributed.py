@@ -453,10 +453,15 @@ def test_processes_that_read_different_data_stop_before_training(setup):
     nodes = [root / "node0", root / "node1"]
     for node, n in zip(nodes, (6, 8)):
         write_mmpr(node, records[:n])
+        write_mmpr(node / "bad", [*records[:3], "{not json" if node.name == "node1" else records[3]])
     cfg = TrainConfig(model=str(folder), data="meta.json", output=str(root / "nodes_run"), batch_size=1,
                       drop_path_rate=0.0, progress=False)
+    configs = [dataclasses.asdict(cfg), dataclasses.asdict(dataclasses.replace(cfg, data="bad/meta.json"))]
     log = str(root / "nodes{}.json")
-    run_two(_node_local_worker, (free_ports(1), [dataclasses.asdict(cfg)], log, [str(node) for node in nodes]))
+    run_two(_node_local_worker, (free_ports(2), configs, log, [str(node) for node in nodes]))
+    counts, bad_line = endings(log)
     message = ("InputError: meta.json: the processes read different data (process 0: 6 records, process 1: 8 records);"
                " every process must read the same files (a copy of them on each node that differs?)")
-    assert endings(log) == [[message, message]]
+    assert counts == [message, message]
+    # a malformed line in one node's copy only: process 0 waited for process 1 at the next collective
+    assert bad_line[0] == bad_line[1] and bad_line[0].startswith(f"InputError: {nodes[1] / 'bad' / 'toy.jsonl'}:4"), bad_line

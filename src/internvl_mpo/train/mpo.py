@@ -1085,13 +1085,16 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) 
 
     # 1. model and tokenizer (the seed makes random init and LoRA adapters equal on every rank)
     torch.manual_seed(cfg.seed)
-    tokenizer, policy, initial = load_initial_model(cfg, env.device, lazy=fsdp)  # meta under FSDP2 (filled in 3, 4)
-    final_dtype = parse_dtype("auto", env.device, policy.config.torch_dtype)  # refused now, not after training
+    # each process reads the model and the data itself (a copy on each node, say): one that fails stops all
+    with ranks_together(env):
+        tokenizer, policy, initial = load_initial_model(cfg, env.device, lazy=fsdp)  # meta under FSDP2 (filled in 3, 4)
+        final_dtype = parse_dtype("auto", env.device, policy.config.torch_dtype)  # refused now, not after training
     # from here on the run's settings hold the length it uses (checkpoints and resumes compare it)
     cfg = dataclasses.replace(cfg, max_seq_length=max_seq_length(cfg, policy.config))
 
     # 2. data
-    dataset, report = build_dataset(cfg, tokenizer, policy.config)
+    with ranks_together(env):
+        dataset, report = build_dataset(cfg, tokenizer, policy.config)
     stream = SampleStream(dataset, env, cfg, report)
     samples_per_step = cfg.batch_size * cfg.grad_accum
     # Every process reads all records (each keeps its share): a count that differs (a copy of the data on each
