@@ -413,8 +413,8 @@ def test_a_failed_save_on_process_0_stops_every_process_with_its_error(setup):
     (root / "no_final").mkdir()
     (root / "no_final" / ".tmp-final").write_text("")
     log = str(root / "no_final{}.json")
-    run_two(_stopping_worker, (free_ports(1), [dataclasses.asdict(dataclasses.replace(base, output=str(root / "no_final")))],
-                               log))
+    cfg = dataclasses.asdict(dataclasses.replace(base, output=str(root / "no_final")))
+    run_two(_stopping_worker, (free_ports(1), [cfg], log))
     message = (f"SaveError: {root / 'no_final' / 'final'}: saving failed ([Errno 17] File exists:"
                f" '{root / 'no_final' / '.tmp-final'}'); nothing there was replaced")
     assert endings(log) == [[message, message]]
@@ -464,4 +464,5 @@ def test_processes_that_read_different_data_stop_before_training(setup):
                " every process must read the same files (a copy of them on each node that differs?)")
     assert counts == [message, message]
     # a malformed line in one node's copy only: process 0 waited for process 1 at the next collective
-    assert bad_line[0] == bad_line[1] and bad_line[0].startswith(f"InputError: {nodes[1] / 'bad' / 'toy.jsonl'}:4"), bad_line
+    assert bad_line[0] == bad_line[1], bad_line
+    assert bad_line[0].startswith(f"InputError: {nodes[1] / 'bad' / 'toy.jsonl'}:4: malformed JSON"), bad_line
