@@ -394,6 +394,16 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_no_temporary_folder(tmp
         with pytest.raises(CheckpointError, match=re.escape(f"{run / 'checkpoint-000001'}: saving failed (Error")):
             train(config(chat_folder, meta, run, max_steps=1, save_every=1, resume=True))
     assert sorted(p.name for p in run.iterdir()) == [ckpt.LOCK_FILE, "metrics.jsonl"]
+    write_tensors = ckpt.write_tensors
+
+    def rank_files_full(path, tensors):  # the process's RNG states, written after the model: its copy stayed
+        return disk_full() if path.name.startswith("rank") else write_tensors(path, tensors)
+
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "write_tensors", rank_files_full)
+        with pytest.raises(CheckpointError, match=re.escape(f"{run / 'checkpoint-000001'}: saving failed (Error")):
+            train(config(chat_folder, meta, run, max_steps=1, save_every=1, resume=True))
+    assert sorted(p.name for p in run.iterdir()) == [ckpt.LOCK_FILE, "metrics.jsonl"]
     (run / "final").mkdir()
     (run / "final" / "config.json").write_text("{}")
 

@@ -427,15 +427,20 @@ def save_checkpoint(
         if env.is_main:
             write_temp(tmp, final, _write_weights_and_optimizer, tmp, state, optim_state, write_weights)
     del state, optim_state
-    with ranks_together(env), saving(final):
-        rng_tensors, rng_meta = rng_state(env.device)
-        write_tensors(tmp / f"rank{env.rank}.safetensors", rng_tensors)
-        write_json(tmp / f"rank{env.rank}.json", {**rank_state, "rng": rng_meta})
-    with ranks_together(env):
+    try:
+        with ranks_together(env), saving(final):
+            rng_tensors, rng_meta = rng_state(env.device)
+            write_tensors(tmp / f"rank{env.rank}.safetensors", rng_tensors)
+            write_json(tmp / f"rank{env.rank}.json", {**rank_state, "rng": rng_meta})
+        with ranks_together(env):
+            if env.is_main:
+                with saving(final):
+                    write_json(tmp / STATE_FILE, trainer_state)
+                publish(tmp, final)
+    except BaseException:  # every rank is past its writes: no half-written copy of the model is left on the disk
         if env.is_main:
-            with saving(final):
-                write_json(tmp / STATE_FILE, trainer_state)
-            publish(tmp, final)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 
