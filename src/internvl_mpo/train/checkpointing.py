@@ -41,7 +41,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from internvl_mpo.checkpoint import save_tensors, write_failure
+from internvl_mpo.checkpoint import LOCKS_UNSUPPORTED, save_tensors, write_failure
 from internvl_mpo.errors import CheckpointError, ConfigError, SaveError
 from internvl_mpo.model import InternVL
 from internvl_mpo.train.distributed import DistEnv, ranks_together
@@ -51,8 +51,6 @@ STATE_FILE = "trainer_state.json"
 EXTRA_FILE = "extra.safetensors"
 TMP_PREFIX = ".tmp-"
 LOCK_FILE = ".train.lock"
-# What flock gives on filesystems without locks (some NFS and Lustre mounts): the run goes on unlocked.
-LOCKS_UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP)
 KEY_SEP = "::"
 
 
