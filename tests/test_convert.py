@@ -441,3 +441,71 @@ def test_a_conversion_into_a_folder_being_written_is_refused(tmp_path):
     (dst / SAVE_LOCK).write_text("pid 1 on a host whose process was killed")
     convert(src, dst, to="hf")
     assert not (dst / SAVE_LOCK).exists() and (dst / "processor_config.json").exists()
+
+
+
+# A template of the official kind: it begins as the InternVL2.5 hub folders' tokenizer_config.json
+# chat_template does (OpenGVLab/InternVL2_5-1B commit 9d423ea: the default system message unless the
+# first message is a system one); the rest, not seen in full there, writes images as `<image>\n` as the
+# hub's earlier template did, not transformers' `<IMG_CONTEXT>` that `--to hf` writes.
+OFFICIAL_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
+    "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\n你是书生·万象，英文名是InternVL，是由上海人工智能实验室、"
+    "清华大学及多家合作单位联合开发的多模态大语言模型。<|im_end|>\\n' }}{%- endif %}{% for message in messages %}"
+    "{%- if messages[0]['role'] != 'system' or not loop.first %}{{'<|im_start|>' + message['role'] + '\\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<image>\\n' }}{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\\n'}}{%- endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n' }}{% endif %}"
+)
+TEMPLATE_FILES = ["tokenizer_config.json", "chat_template.jinja", "chat_template.json"]
+
+
+def official_folder_with_template(folder, files: dict):
+    """`official_folder` whose tokenizer_config.json is written as the hub's (indent 2, non-ASCII escaped),
+    with `files["chat_template"]` in it and `files`' template files beside it."""
+    src = official_folder(folder, "qwen2")
+    tokenizer_config = json.loads((src / "tokenizer_config.json").read_text())
+    if "chat_template" in files:
+        tokenizer_config["chat_template"] = files["chat_template"]
+    (src / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if name in files:
+            (src / name).write_bytes(files[name].encode())
+    return src
+
+
+@pytest.mark.parametrize("files", [
+    {"chat_template": OFFICIAL_TEMPLATE},
+    {"chat_template": OFFICIAL_TEMPLATE, "chat_template.jinja": "{{ messages }}\r\n",
+     "chat_template.json": '{"chat_template": "{{ messages }}"}'},
+    {},  # no template at all (our demo model): none comes back
+])
+def test_round_trip_through_hf_gives_back_the_official_chat_template(tmp_path, files):
+    """official -> hf -> official gives back the official folder's template files and tokenizer_config.json
+    byte for byte, not the transformers template (`<IMG_CONTEXT>` image items) that the hf folder uses."""
+    src = official_folder_with_template(tmp_path / "src", files)
+    hf = convert(src, tmp_path / "hf", to="hf")
+    assert "<IMG_CONTEXT>" in (hf / "chat_template.jinja").read_text()
+    assert "<IMG_CONTEXT>" in json.loads((hf / "tokenizer_config.json").read_text())["chat_template"]
+    assert not (hf / "chat_template.json").exists()
+    back = convert(hf, tmp_path / "back", to="official")
+    assert {n: (src / n).read_bytes() for n in TEMPLATE_FILES if (src / n).exists()} == {
+        n: (back / n).read_bytes() for n in TEMPLATE_FILES if (back / n).exists()}
+
+
+def test_a_tokenizer_config_changed_after_to_hf_comes_back_with_the_official_template(tmp_path):
+    """A transformers folder whose tokenizer_config.json changed after `--to hf` (transformers saved it
+    again) keeps that change going back, with the official chat template in place of transformers'; a
+    kept-files record that is not what `--to hf` writes is refused by name."""
+    src = official_folder_with_template(tmp_path / "src", {"chat_template": OFFICIAL_TEMPLATE})
+    hf = convert(src, tmp_path / "hf", to="hf")
+    tokenizer_config = json.loads((hf / "tokenizer_config.json").read_text())
+    (hf / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": 77}))
+    back = convert(hf, tmp_path / "back", to="official")
+    got = json.loads((back / "tokenizer_config.json").read_text())
+    assert got["chat_template"] == OFFICIAL_TEMPLATE and got["model_max_length"] == 77
+    assert "extra_special_tokens" not in got and not (back / "chat_template.jinja").exists()
+    (hf / "internvl_official_files.json").write_text('{"files": {}}')
+    with pytest.raises(ConfigError, match=r"internvl_official_files.json: not the file convert --to hf writes"):
+        convert(hf, tmp_path / "back2", to="official")

@@ -36,8 +36,13 @@ written too: preprocessor_config.json (GotOcr2 tiling with the official tile siz
 tile limits; it always adds the thumbnail, as InternVL2.5 does), processor_config.json (image tokens per
 tile), chat_template.jinja (the official template: its default system message, each image item as
 `<IMG_CONTEXT>\n`, which the processor expands into `<img>` + tokens + `</img>`) and the image tokens
-named in tokenizer_config.json's `extra_special_tokens`. To the official layout, the official remote
-code (`auto_map`: modeling_internvl_chat.py and the files it imports) is not written: OpenGVLab's code
+named in tokenizer_config.json's `extra_special_tokens`. The official files this replaces
+(tokenizer_config.json with its chat template, chat_template.jinja/.json) are kept, as text, in
+`OFFICIAL_FILES`, which transformers does not read; to the official layout they are put back byte for byte
+(a tokenizer_config.json changed since keeps its changes, with the official chat template back in it), so
+official -> hf -> official gives back the official template, not transformers' (a folder without that file,
+such as a hub `-hf` port, keeps its own template). To the official layout, the official remote code
+(`auto_map`: modeling_internvl_chat.py and the files it imports) is not written: OpenGVLab's code
 is not ours to ship; `remote_code_note` says where to get it.
 """
 
@@ -64,6 +69,11 @@ from .processor.image import IMAGENET_MEAN, IMAGENET_STD
 HF_ARCHITECTURE = "InternVLForConditionalGeneration"
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 TOKENIZER_FILES = tuple(name for name in checkpoint.COMPANION_FILES if name != "preprocessor_config.json")
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+# The official folder's files that `--to hf` replaces; the transformers folder keeps their text in
+# OFFICIAL_FILES (a file transformers does not read) and `--to official` puts them back.
+REPLACED_FILES = ("tokenizer_config.json", *CHAT_TEMPLATE_FILES)
+OFFICIAL_FILES = "internvl_official_files.json"
 HEAD, EMBEDDINGS = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"  # transformers names
 # The tokenizer attributes transformers' InternVLProcessor reads (it needs a video token even for images).
 PROCESSOR_TOKENS = {
@@ -480,12 +490,17 @@ def convert(
             writer.close()
             _write_json(dst / "config.json", out_config)
             for name in TOKENIZER_FILES + _tokenizer_code(src):
-                if (src / name).is_file():
+                if (src / name).is_file() and not (to == "hf" and name in CHAT_TEMPLATE_FILES):
                     checkpoint.copy_file(src / name, dst / name)
             if to == "hf":
+                originals = {name: _text(src / name) for name in REPLACED_FILES}
                 _write_processor_files(dst, config)
+                _write_json(dst / OFFICIAL_FILES,
+                            {"files": originals, "hf_tokenizer_config": _text(dst / "tokenizer_config.json")})
             else:
                 _drop_processor_tokens(dst)
+                if (src / OFFICIAL_FILES).is_file():
+                    _restore_official_files(src, dst)
         except BaseException as e:  # leave no half-written folder (it was new or empty: everything in it is ours)
             if created:
                 shutil.rmtree(dst, ignore_errors=True)
@@ -517,6 +532,44 @@ def _drop_processor_tokens(folder: Path) -> None:
     text = checkpoint.without_processor_tokens(path)
     if text is not None:
         path.write_text(text, encoding="utf-8")
+
+
+def _text(path: Path) -> str | None:
+    """The text of a file, None if there is none."""
+    if not path.is_file():
+        return None
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def _restore_official_files(src: Path, dst: Path) -> None:
+    """Put back the official files that `convert --to hf` replaced (kept in `OFFICIAL_FILES`): the chat
+    template files byte for byte, and tokenizer_config.json byte for byte if the transformers folder's is
+    still the one `--to hf` wrote, else that one with the official chat template put back in it."""
+    kept = _read_json(src / OFFICIAL_FILES)
+    files = kept.get("files") if isinstance(kept, dict) else None
+    if not (isinstance(files, dict) and set(files) == set(REPLACED_FILES)
+            and all(text is None or isinstance(text, str) for text in files.values())):
+        raise ConfigError(f"{src / OFFICIAL_FILES}: not the file convert --to hf writes (delete it to convert "
+                          "without it)")
+    original = files.pop("tokenizer_config.json")
+    path = dst / "tokenizer_config.json"
+    if _text(src / "tokenizer_config.json") == kept.get("hf_tokenizer_config"):
+        files["tokenizer_config.json"] = original
+    elif original is not None and path.is_file():  # changed since (transformers saved it again)
+        template = json.loads(original).get("chat_template")
+        tokenizer_config = _read_json(path)
+        tokenizer_config.pop("chat_template", None)
+        if template is not None:
+            tokenizer_config["chat_template"] = template
+        _write_json(path, tokenizer_config)
+    for name, text in files.items():
+        if text is None:
+            (dst / name).unlink(missing_ok=True)
+        else:
+            (dst / name).write_bytes(text.encode("utf-8"))
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
