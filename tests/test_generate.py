@@ -8,6 +8,7 @@ import gc
 import json
 import math
 import random
+import re
 import shutil
 import weakref
 
@@ -1293,6 +1294,50 @@ def test_video_frames_whose_tokens_alone_fill_the_context_are_refused_before_dec
     with pytest.raises(InputError, match=f"^num_segments={frames}: its frames take {chat.context} image tokens at "
                                          f"least, leaving no room in the model's context of {chat.context}$"):
         chat.prepare("What happens?", video=[Image.new("RGB", (8, 8))], num_segments=frames)
+
+
+def test_images_whose_tiles_alone_fill_the_context_are_refused_before_tiling(setup, monkeypatch, tmp_path):
+    """The tile plan comes from each image's header: a 8192x1 strip with max_num 8192 plans an 8192x1 grid
+    and its thumbnail (this model: 4 tokens a tile, a 32768-token context). Every image was tiled before
+    the prompt was refused: at 448 pixels 2.4 MB a tile, so a long strip or several photos with a large
+    max_num ran out of memory first."""
+    from internvl_mpo.processor import image
+
+    class Tiled(Exception):
+        pass
+
+    def tiled(*args, **kwargs):
+        raise Tiled
+
+    chat, _ = setup
+    monkeypatch.setattr(image, "tiles_to_tensor", tiled)
+    fill = chat.context // chat.model.num_image_token
+    strip = Image.new("RGB", (fill, 1))
+    path = tmp_path / "strip.png"
+    strip.save(path)
+
+    def refused(counts):
+        tiles = sum(counts)
+        return pytest.raises(InputError, match=re.escape(
+            f"the images' {tiles} tiles ({counts} by image) take {tiles * chat.model.num_image_token} image tokens, "
+            f"leaving no room in the model's context of {chat.context}; pass a smaller max_num or total_max_num") + "$")
+
+    with open(path, "rb") as stream:
+        for source in (strip, path, path.read_bytes(), stream):
+            with refused([fill + 1]):
+                chat.prepare("What is this?", images=[source], max_num=fill)
+    with refused([fill]):  # exactly the context: no room for the text
+        chat.prepare("What is this?", images=[strip], max_num=fill - 1)
+    with pytest.raises(Tiled):  # one tile less: the text may still fit, the prompt check decides
+        chat.prepare("What is this?", images=[strip], max_num=fill - 2)
+    half = Image.new("RGB", (fill // 2, 1))
+    with refused([fill // 2 + 1, fill // 2 + 1]):  # several images count together
+        chat.chat("What are these?", images=[half, half], max_num=fill)
+    with pytest.raises(Tiled):  # a total budget that brings them under the context
+        chat.chat("What are these?", images=[half, half], max_num=fill, total_max_num=fill // 2)
+    many = Image.new("RGB", (fill // 11, 1))
+    with pytest.raises(InputError, match=re.escape(f"({[fill // 11 + 1] * 10}"[:-1] + ", ...] by image)")):
+        chat.chat("What are these?", images=[many] * 11, max_num=fill)
 
 
 def test_max_num_tiles_each_video_frame_as_the_official_load_video(setup):

@@ -455,3 +455,39 @@ def test_multi_image_one_image_instead_of_a_list(tmp_path):
     with pytest.raises(InputError, match="total tile budget must be a whole number >= 1, got 2.5"):
         load_images([path], total_budget=2.5)
     assert load_images([path]).num_patches_list == [3]
+
+
+class Pipe(io.RawIOBase):
+    """A stream that cannot seek, as a pipe or an HTTP response."""
+
+    def __init__(self, data: bytes):
+        self.data = io.BytesIO(data)
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        return self.data.readinto(buffer)
+
+
+def test_planned_tiles_are_the_tiles_load_images_makes(tmp_path):
+    """planned_tiles reads only the headers (InternVLChat refuses images too large for its context with it,
+    before a tile is made); its counts must be those load_images makes. A stream that cannot seek is
+    counted as one tile and still loads: its header cannot be read ahead of its pixels."""
+    from internvl_mpo.processor.multi import load_images, planned_tiles
+
+    images = [photo(900, 450, seed=1), photo(300, 300, seed=2), photo(200, 800, seed=3), photo(1000, 7, seed=4)]
+    for budget in (dict(), dict(max_num=6), dict(max_num=[1, 40, 3, 24]), dict(max_num=30, total_budget=20),
+                   dict(max_num=12, min_num=4), dict(use_thumbnail=False, max_num=9), dict(image_size=32, max_num=50)):
+        assert planned_tiles(images, **budget) == load_images(images, **budget).num_patches_list, budget
+    path = tmp_path / "wide.png"
+    images[0].save(path)
+    with open(path, "rb") as stream:
+        sources = [path, str(path), path.read_bytes(), bytearray(path.read_bytes()), stream, Image.open(path)]
+        assert planned_tiles(sources, max_num=6) == load_images(sources, max_num=6).num_patches_list == [3] * 6
+    assert planned_tiles([Pipe(path.read_bytes())], max_num=6) == [1]
+    assert load_images([Pipe(path.read_bytes())], max_num=6).num_patches_list == [3]
+    with pytest.raises(InputError, match="gone.png: no such file"):
+        planned_tiles([images[0], tmp_path / "gone.png"])
+    with pytest.raises(InputError, match="exceeds the limit of 100"):
+        planned_tiles([path], max_pixels=100)

@@ -31,7 +31,7 @@ from .errors import InputError
 from .generate.engine import SPAN_BUCKET, Engine, Generation, Request
 from .generate.sampling import SamplingParams, whole_number
 from .model import InternVL
-from .processor.multi import load_images
+from .processor.multi import load_images, planned_tiles
 
 CARD_DEFAULTS = dict(max_new_tokens=1024, do_sample=True)
 GENERATION_KEYS = {
@@ -158,7 +158,8 @@ class InternVLChat:
         Each image gets `max_num` tiles at most (default: the config's max_dynamic_patch); with
         `total_max_num`, the per-image budget shrinks to max(1, total_max_num // n_images)
         (see processor/multi.py). Images over `max_pixels` pixels (default: Pillow's
-        decompression-bomb limit, about 89 million) are refused.
+        decompression-bomb limit, about 89 million) are refused, and so are images whose tiles alone leave
+        no room in the model's context: planned from their headers, before a tile is made.
         Preprocessed tiles pass through: one tensor (N, 3, S, S), which `num_patches_list` splits
         into images (one image without it), or a list of such tensors, one per image (the tile
         budgets and `max_pixels` are refused beside them). With files or PIL images, or none, a
@@ -203,11 +204,19 @@ class InternVLChat:
             if sum(counts) != pixels.shape[0]:
                 raise InputError(f"num_patches_list {counts} does not add up to the {pixels.shape[0]} tiles given")
             return pixels, counts
-        loaded = load_images(
-            items, max_num=self.config.max_dynamic_patch if max_num is None else max_num, min_num=self.config.min_dynamic_patch,
-            image_size=self.config.image_size, use_thumbnail=self.config.use_thumbnail, total_budget=total_max_num,
-            max_pixels=max_pixels,
+        budgets = dict(
+            max_num=self.config.max_dynamic_patch if max_num is None else max_num,
+            min_num=self.config.min_dynamic_patch, image_size=self.config.image_size,
+            use_thumbnail=self.config.use_thumbnail, total_budget=total_max_num, max_pixels=max_pixels,
         )
+        planned = planned_tiles(items, **budgets)  # each tile ~2.4 MB at 448 pixels: refuse before making any
+        tokens = sum(planned) * self.model.num_image_token
+        if tokens >= self.context:
+            shown = str(planned) if len(planned) <= 10 else "[" + ", ".join(map(str, planned[:10])) + ", ...]"
+            raise InputError(f"the images' {sum(planned)} tiles ({shown} by image) take {tokens} image tokens, "
+                             f"leaving no room in the model's context of {self.context}; pass a smaller max_num "
+                             "or total_max_num")
+        loaded = load_images(items, **budgets)
         if num_patches_list is not None and list(num_patches_list) != loaded.num_patches_list:
             raise InputError(f"num_patches_list {list(num_patches_list)} does not match the tiles of the images "
                              f"given {loaded.num_patches_list} (files and PIL images are tiled here; "

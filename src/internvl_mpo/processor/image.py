@@ -26,6 +26,7 @@ versions the model was trained with; parity here is with the official recipe on 
 No EXIF orientation is applied (the official code does not apply it either).
 """
 
+import contextlib
 import io
 import numbers
 import os
@@ -184,11 +185,7 @@ def open_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
     """
     if isinstance(src, Image.Image):
         return _checked_rgb(src, source_name(src), max_pixels)
-    if not isinstance(src, (str, os.PathLike, bytes, bytearray)) and not hasattr(src, "read"):
-        raise InputError(f"cannot read a {type(src).__name__} as an image; give a path, bytes, a binary file "
-                         "object or a PIL image (PIL.Image.fromarray makes one from an HxWx3 uint8 array)")
-    refuse_url(src)
-    name = source_name(src)
+    name = _readable_name(src)
     if isinstance(src, (str, os.PathLike)):
         # Read through a file closed here: Pillow would keep a multi-frame file (GIF, APNG, TIFF, MPO)
         # open after decoding, to seek later frames, until the image is garbage collected.
@@ -203,6 +200,27 @@ def open_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
         raise
 
 
+def read_size(src: ImageSource, max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) of `src` from its header, nothing decoded, refused as `open_image` refuses it (a
+    missing file, data that is not an image, zero area, over `max_pixels`). A file object is read from its
+    start, as `open_image` reads it; one that cannot seek is used up."""
+    if isinstance(src, Image.Image):
+        return _checked_size(src, source_name(src), max_pixels)
+    name = _readable_name(src)
+    with (_open_file(src, name) if isinstance(src, (str, os.PathLike)) else contextlib.nullcontext(src)) as fp:
+        with _open_pil(fp, name, max_pixels) as image:
+            return _checked_size(image, name, max_pixels)
+
+
+def _readable_name(src: object) -> str:
+    """The name of a path, bytes or file object to read an image from; other objects and URLs are refused."""
+    if not isinstance(src, (str, os.PathLike, bytes, bytearray)) and not hasattr(src, "read"):
+        raise InputError(f"cannot read a {type(src).__name__} as an image; give a path, bytes, a binary file "
+                         "object or a PIL image (PIL.Image.fromarray makes one from an HxWx3 uint8 array)")
+    refuse_url(src)
+    return source_name(src)
+
+
 def check_pixels(width: int, height: int, max_pixels: int | None, name: str) -> None:
     """Refuse a picture (an image, a video's frames) of more than `max_pixels` pixels (default: Pillow's limit)."""
     limit = _limit(max_pixels)
@@ -213,11 +231,16 @@ def check_pixels(width: int, height: int, max_pixels: int | None, name: str) -> 
         )
 
 
-def _checked_rgb(image: Image.Image, name: str, max_pixels: int | None) -> Image.Image:
+def _checked_size(image: Image.Image, name: str, max_pixels: int | None) -> tuple[int, int]:
     width, height = image.size
     if width < 1 or height < 1:
         raise InputError(f"{name}: image has zero area ({width}x{height})")
     check_pixels(width, height, max_pixels, name)
+    return width, height
+
+
+def _checked_rgb(image: Image.Image, name: str, max_pixels: int | None) -> Image.Image:
+    _checked_size(image, name, max_pixels)
     return _decoded_rgb(image, name)
 
 

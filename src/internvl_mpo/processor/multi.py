@@ -9,6 +9,8 @@ section 6.2):
 - Tile budget (VLMEvalKit `total_max_num`, 64 in the official evaluation): every image's max_num
   becomes `max(1, min(max_num, budget // n_images))`. Like the official rule it does not count
   thumbnails, so the total can exceed the budget by one tile per image (5 images x (12 + 1) = 65).
+- `planned_tiles` gives the tile counts `load_images` will make from the images' headers alone, so
+  a caller can refuse images too large for its context before tiling them.
 """
 
 import numbers
@@ -20,7 +22,8 @@ import torch
 from PIL import Image
 
 from internvl_mpo.errors import InputError
-from internvl_mpo.processor.image import ImageSource, load_image, source_name
+from internvl_mpo.processor.image import ImageSource, load_image, read_size, source_name
+from internvl_mpo.processor.tiling import plan_tiles
 
 OFFICIAL_EVAL_TILE_BUDGET = 64
 
@@ -53,6 +56,48 @@ def images_prefix(n_images: int) -> str:
     return "".join(f"Image-{k + 1}: <image>\n" for k in range(n_images))
 
 
+def _image_max_nums(
+    images: Sequence[ImageSource], max_num: int | Sequence[int], total_budget: int | None
+) -> list[int]:
+    if isinstance(images, (str, bytes, bytearray, os.PathLike, Image.Image)):
+        raise InputError(f"images must be a list of images, got one {type(images).__name__} "
+                         f"({source_name(images)[:100]}); pass [image], or use load_image for one image")
+    if not images:
+        raise InputError("no images given")
+    return per_image_max_num(max_num, len(images), total_budget)
+
+
+def _rereadable(src: ImageSource) -> bool:
+    """Whether the image can be read twice, its header now and its pixels later: not a file object that
+    cannot seek (a pipe, an HTTP response)."""
+    if not hasattr(src, "read") or isinstance(src, Image.Image):
+        return True
+    try:
+        return bool(src.seekable())
+    except (AttributeError, OSError, ValueError):  # no seekable(), or a closed file: refused when it is read
+        return False
+
+
+def planned_tiles(
+    images: Sequence[ImageSource],
+    max_num: int | Sequence[int] = 12,
+    min_num: int = 1,
+    image_size: int = 448,
+    use_thumbnail: bool = True,
+    total_budget: int | None = None,
+    max_pixels: int | None = None,
+) -> list[int]:
+    """The tile count (thumbnail included) `load_images` gives each image, planned from the headers with
+    nothing decoded, to refuse images too large for a context before a tile is made. A file object that
+    cannot seek counts as one tile, fewer than or as many as it gets: its data can be read only once."""
+    maxes = _image_max_nums(images, max_num, total_budget)
+    return [
+        plan_tiles(*read_size(img, max_pixels), min(min_num, m), m, image_size, use_thumbnail).num_tiles
+        if _rereadable(img) else 1
+        for img, m in zip(images, maxes)
+    ]
+
+
 def load_images(
     images: Sequence[ImageSource],
     max_num: int | Sequence[int] = 12,
@@ -64,12 +109,7 @@ def load_images(
     max_pixels: int | None = None,
 ) -> MultiImageInput:
     """Tile every image (each with its own max_num) and build the prompt prefix."""
-    if isinstance(images, (str, bytes, bytearray, os.PathLike, Image.Image)):
-        raise InputError(f"images must be a list of images, got one {type(images).__name__} "
-                         f"({source_name(images)[:100]}); pass [image], or use load_image for one image")
-    if not images:
-        raise InputError("no images given")
-    maxes = per_image_max_num(max_num, len(images), total_budget)
+    maxes = _image_max_nums(images, max_num, total_budget)
     tiles = [
         load_image(img, max_num=m, min_num=min(min_num, m), image_size=image_size,
                    use_thumbnail=use_thumbnail, max_pixels=max_pixels)
