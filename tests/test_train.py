@@ -560,31 +560,46 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(chat_folder, meta):
         train(config(chat_folder, meta, Path("/proc/internvl-mpo-run"), max_steps=1))
 
 
+# Each message names the flag (a TrainConfig field is its flag: max_steps is --max-steps) and the value given.
 @pytest.mark.parametrize("change, message", [
-    ({"lr": -1.0}, "lr must be >= 0, got -1.0"),
-    ({"lr": math.nan}, "lr must be >= 0, got nan"),
-    ({"beta": 0.0}, "beta must be > 0, got 0.0"),
-    ({"beta": math.inf}, "beta must be > 0, got inf"),
-    ({"label_smoothing": 1.5}, r"label_smoothing must be in \[0, 0.5\], got 1.5"),
-    ({"adam_beta1": 1.5}, r"adam_beta1 must be in \[0, 1\), got 1.5"),
-    ({"adam_eps": -1e-8}, "adam_eps must be > 0"),
+    ({"lr": -1.0}, "^--lr must be >= 0, got -1.0$"),
+    ({"lr": math.nan}, "^--lr must be >= 0, got nan$"),
+    ({"beta": 0.0}, "^--beta must be > 0, got 0.0$"),
+    ({"beta": math.inf}, "^--beta must be > 0, got inf$"),
+    ({"label_smoothing": 1.5}, r"^--label-smoothing must be in \[0, 0.5\], got 1.5$"),
+    ({"adam_beta1": 1.5}, r"^--adam-beta1 must be in \[0, 1\), got 1.5$"),
+    ({"adam_eps": -1e-8}, "^--adam-eps must be > 0"),
     # AdamW divides by sqrt(v) + eps: an element whose gradient is exactly 0 (the embedding row of a token no
     # sample holds) became NaN, saved silently, as no loss or gradient norm reads that row
-    ({"adam_eps": 0.0}, r"adam_eps must be > 0 \(at 0 AdamW turns a gradient of exactly 0 into a NaN weight\), got 0.0"),
-    ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
-    ({"max_grad_norm": -1.0}, r"max_grad_norm must be >= 0 \(0: no clipping\)"),
-    ({"drop_path_rate": 1.5}, r"drop_path_rate must be in \[0, 1\)"),
-    ({"pref_weight": -1.0}, "pref_weight must be >= 0, got -1.0"),
-    ({"lora_rank": 2, "lora_alpha": 0.0}, "lora_alpha must be > 0, got 0.0"),
+    ({"adam_eps": 0.0},
+     r"^--adam-eps must be > 0 \(at 0 AdamW turns a gradient of exactly 0 into a NaN weight\), got 0.0$"),
+    ({"weight_decay": -0.1}, "^--weight-decay must be >= 0, got -0.1$"),
+    ({"max_grad_norm": -1.0}, r"^--max-grad-norm must be >= 0 \(0: no clipping\), got -1.0$"),
+    ({"drop_path_rate": 1.5}, r"^--drop-path-rate must be in \[0, 1\), got 1.5$"),
+    ({"pref_weight": -1.0}, "^--pref-weight must be >= 0, got -1.0$"),
+    ({"lora_rank": 2, "lora_alpha": 0.0}, "^--lora-alpha must be > 0, got 0.0$"),
     ({"lora_alpha": 16.0}, "--lora-alpha needs --lora-rank > 0"),
-    ({"max_dynamic_patch": 0}, "max_dynamic_patch must be >= 1, got 0"),
-    ({"num_workers": -1}, "num_workers must be >= 0"),
-    ({"save_total_limit": -1}, "save_total_limit, lora_rank and num_workers must be >= 0"),
-    ({"seed": -1}, r"seed must be in \[0, 4294967295\] \(numpy seeds process r with seed \+ r\), got -1"),
-    ({"seed": 2**32}, r"seed must be in \[0, 4294967295\]"),
+    ({"max_dynamic_patch": 0}, "^--max-dynamic-patch must be >= 1, got 0$"),
+    ({"batch_size": 0}, "^--batch-size must be >= 1, got 0$"),
+    ({"max_seq_length": -5}, "^--max-seq-length must be >= 1, got -5$"),
+    # these five shared one message that named none of them
+    ({"max_steps": -1}, "^--max-steps must be >= 0, got -1$"),
+    ({"save_every": -2}, "^--save-every must be >= 0, got -2$"),
+    ({"save_total_limit": -1}, "^--save-total-limit must be >= 0, got -1$"),
+    ({"lora_rank": -4}, "^--lora-rank must be >= 0, got -4$"),
+    ({"num_workers": -1}, "^--num-workers must be >= 0, got -1$"),
+    ({"seed": -1}, r"^--seed must be in \[0, 4294967295\] \(numpy seeds process r with seed \+ r\), got -1$"),
+    ({"seed": 2**32}, r"^--seed must be in \[0, 4294967295\]"),
+    ({"rejected_span": "divergent"}, "^--rejected-span must be full or divergent-line, got 'divergent'$"),
+    ({"precision": "fp16"}, "^--precision must be auto, bf16 or fp32, got 'fp16'$"),
+    ({"mode": "ppo"}, "^mode must be mpo, dpo or sft, got 'ppo'$"),  # the positional `train MODE`
     # sft computes no preference loss: its settings were ignored without a word
     ({"mode": "sft", "beta": 0.5}, r"^--beta: for the preference modes \(mpo, dpo\); sft has no preference loss$"),
     ({"mode": "sft", "precompute_ref": True, "rejected_span": "divergent-line"}, "^--rejected-span, --precompute-ref: for the"),
+    ({"mode": "sft", "quality_weight": 0.2},
+     r"^--quality-weight must be 0 in sft \(it trains on conversations only, without a preference loss\), got 0.2$"),
+    ({"mode": "dpo", "pref_weight": 0.0},
+     r"^--pref-weight, --quality-weight and --gen-weight are all 0 \(dpo's defaults: 1, 0, 0\): nothing to train$"),
 ])
 def test_out_of_range_settings_are_refused_before_loading(tmp_path, meta, change, message):
     """Values torch would reject with a traceback after the model loads, or train on silently (NaN, no-ops)."""
@@ -593,9 +608,21 @@ def test_out_of_range_settings_are_refused_before_loading(tmp_path, meta, change
     assert not (tmp_path / "run").exists()
 
 
+def test_freezing_every_part_names_the_flags(tmp_path, chat_folder, meta):
+    with pytest.raises(ConfigError, match=r"^--freeze-vision, --freeze-projector and --freeze-llm without --lora-rank"
+                                          r" freeze every parameter: nothing to train$"):
+        train(config(chat_folder, meta, tmp_path / "run", freeze_vision=True, freeze_projector=True, freeze_llm=True))
+
+
+def test_too_little_data_for_one_step_counts_in_the_singular(tmp_path, chat_folder):
+    meta = write_mmpr(tmp_path / "data", color_pairs(1))  # it said "1 records are ... (2 per rank x 1 ranks)"
+    with pytest.raises(InputError, match=r": 1 record, fewer than one step takes \(2 per rank x 1 rank\)$"):
+        train(config(chat_folder, meta, tmp_path / "run", max_steps=0))
+
+
 def test_the_seed_range_leaves_room_for_every_process(tmp_path, meta, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(ConfigError, match=r"seed must be in \[0, 4294967292\]"):
+    with pytest.raises(ConfigError, match=r"^--seed must be in \[0, 4294967292\]"):
         train(config(tmp_path / "no-model", meta, tmp_path / "run", seed=2**32 - 2))
 
 
@@ -823,7 +850,7 @@ def resume_refusal(cfg: TrainConfig, change: dict) -> str:
     defaults = {"pref_weight": 0.8, "quality_weight": 0.2, "gen_weight": 1.0, "max_dynamic_patch": 12}
     saved = dataclasses.replace(cfg, max_seq_length=cfg.max_seq_length or 8192,
                                 **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
-    listed = ", ".join(f"{k} (checkpoint {getattr(saved, k)}, now {v})" for k, v in change.items())
+    listed = ", ".join(f"--{k.replace('_', '-')} (checkpoint {getattr(saved, k)}, now {v})" for k, v in change.items())
     return re.escape(f"checkpoint-000001: cannot resume, these settings differ from the checkpoint: {listed}") + "$"
 
 
@@ -848,6 +875,9 @@ def test_resume_refuses_changed_optimizer_and_schedule_settings(tmp_path, chat_f
                    {"batch_size": 1, "lr": 1e-4, "adam_eps": 1e-6}):
         with pytest.raises(CheckpointError, match=resume_refusal(cfg, change)):
             train(dataclasses.replace(cfg, resume=True, **change))
+    steps = re.escape(": total steps (--epochs / --max-steps; checkpoint 2, now 3)") + "$"
+    with pytest.raises(CheckpointError, match=steps):
+        train(dataclasses.replace(cfg, resume=True, max_steps=3))
     # An older checkpoint that did not record a setting resumes with this run's value (not torch's restored one).
     state_file = tmp_path / "run" / "checkpoint-000001" / ckpt.STATE_FILE
     state = json.loads(state_file.read_text())
@@ -866,7 +896,7 @@ def test_resume_compares_effective_values_not_spellings(tmp_path, chat_folder, m
     cfg = config(chat_folder, meta, tmp_path / "run", max_steps=2, save_every=1, lora_rank=2)
     train(cfg)
     killed_after_step_1(tmp_path / "run")
-    with pytest.raises(CheckpointError, match=re.escape("lora_alpha (checkpoint 4.0, now 3.0), pref_weight"
+    with pytest.raises(CheckpointError, match=re.escape("--lora-alpha (checkpoint 4.0, now 3.0), --pref-weight"
                                                         " (checkpoint 0.8, now 0.5)") + "$"):
         train(dataclasses.replace(cfg, resume=True, lora_alpha=3.0, pref_weight=0.5))
     spelled = dataclasses.replace(cfg, resume=True, lora_alpha=4, pref_weight=0.8, quality_weight=0.2, gen_weight=1,
@@ -892,7 +922,7 @@ def test_resume_takes_a_freeze_flag_spelled_out_for_a_tower_lora_freezes_anyway(
     train(cfg)
     killed_after_step_1(tmp_path / "other")
     resumed = dataclasses.replace(cfg, resume=True, freeze_vision=False, freeze_llm=False)
-    with pytest.raises(CheckpointError, match=re.escape("freeze_vision (checkpoint True, now False), lora_vision "
+    with pytest.raises(CheckpointError, match=re.escape("--freeze-vision (checkpoint True, now False), --lora-vision "
                                                         "(checkpoint True, now False)") + "$"):
         train(dataclasses.replace(resumed, lora_vision=False))
     assert train(resumed).steps == 2
@@ -903,7 +933,7 @@ def test_resume_compares_tiles_with_meta_jsons_per_dataset_value(tmp_path, chat_
     cfg = config(chat_folder, meta, tmp_path / "run", max_steps=2, save_every=1)
     train(cfg)
     killed_after_step_1(tmp_path / "run")
-    with pytest.raises(CheckpointError, match=re.escape("max_dynamic_patch (checkpoint 4, now 12)") + "$"):
+    with pytest.raises(CheckpointError, match=re.escape("--max-dynamic-patch (checkpoint 4, now 12)") + "$"):
         train(dataclasses.replace(cfg, resume=True, max_dynamic_patch=12))
     assert train(dataclasses.replace(cfg, resume=True, max_dynamic_patch=4)).steps == 2
 
@@ -1534,6 +1564,19 @@ def test_missing_required_flags_are_named_together_in_one_line(tmp_path, capsys)
                  "--output", str(tmp_path / "o")]) == 1
     assert capsys.readouterr().err == "internvl-mpo train: error: give only one of --model and --init-from-config\n"
     assert not (tmp_path / "o").exists()
+
+
+def test_the_closing_lines_count_in_the_singular_and_name_the_problem_kinds(tmp_path, chat_folder, capsys):
+    """It printed "trained 1 steps" and "skipped 1 bad records: {'json': 1}" (a Python dict)."""
+    meta = write_mmpr(tmp_path / "data", ['{"oops"', *color_pairs(2)])
+    from internvl_mpo.cli import main
+
+    code = main(["train", "dpo", "--model", str(chat_folder), "--data", str(meta), "--output", str(tmp_path / "o"),
+                 "--max-steps", "1", "--skip-bad", "--no-progress", "--no-grad-checkpointing"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert f"trained 1 step; final model: {tmp_path / 'o' / 'final'}\n" in out
+    assert "\nskipped 1 bad record (json: 1)\n" in out
 
 
 def test_fsdp_in_a_single_process_trains_unsharded_with_a_note(tmp_path, chat_folder, meta, capsys, monkeypatch):

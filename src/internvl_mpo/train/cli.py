@@ -114,19 +114,20 @@ def train(
     settings = dict(locals())
     from internvl_mpo.convert import remote_code_note
     from internvl_mpo.train.distributed import env_int, print0
-    from internvl_mpo.train.mpo import TrainConfig
+    from internvl_mpo.train.mpo import TrainConfig, count
     from internvl_mpo.train.mpo import train as run
 
     config = TrainConfig(**settings)
     if fsdp and env_int("WORLD_SIZE", 1) < 2:
         print0("note: --fsdp shards only when several processes run (torchrun); this single process trains unsharded")
     result = run(config)
-    print0(f"trained {result.steps} steps; final model: {result.final_dir}")
+    print0(f"trained {count(result.steps, 'step')}; final model: {result.final_dir}")
     note = remote_code_note(result.final_dir) if env_int("RANK", 0) == 0 else None  # process 0 wrote final/
     if note:  # the files the official code and vLLM load it with
         print0(note)
     if result.skipped.total:
-        print0(f"skipped {result.skipped.total} bad records: {result.skipped.counts}")
+        kinds = ", ".join(f"{kind}: {n}" for kind, n in result.skipped.counts.items())
+        print0(f"skipped {count(result.skipped.total, 'bad record')} ({kinds})")
         for message in result.skipped.messages:
             print0(f"  {message}")
     return 0

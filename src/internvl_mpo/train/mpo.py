@@ -151,6 +151,9 @@ FLOAT_RANGES = {
     "gen_weight": (lambda v: v >= 0, ">= 0"),
     "lora_alpha": (lambda v: v > 0, "> 0"),
 }
+# The whole-number settings that must be >= 1 (the optional ones only when given), and those >= 0.
+POSITIVE_INTS = ("batch_size", "grad_accum", "epochs", "video_frames", "max_seq_length", "max_dynamic_patch")
+COUNTS = ("max_steps", "save_every", "save_total_limit", "lora_rank", "num_workers")
 REF_FILE = "ref_logps.safetensors"
 METRICS_FILE = "metrics.jsonl"
 # --max-seq-length when not given (the official MPO recipe's), capped by the model's context.
@@ -160,9 +163,20 @@ FINAL_DIR = "final"
 LOGPS_CHUNK_ELEMENTS = 2**23
 
 
+def flag(name: str) -> str:
+    """The `internvl-mpo train` flag of a `TrainConfig` field: max_steps -> --max-steps."""
+    return "--" + name.replace("_", "-")
+
+
+def count(n: int, noun: str) -> str:
+    """'1 step', '2 steps'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every setting of a run; the fields are the `internvl-mpo train` flags one to one."""
+    """Every setting of a run; the fields are the `internvl-mpo train` flags one to one, and errors name a
+    field by its flag (`max_steps` is --max-steps)."""
 
     mode: str = "mpo"
     model: str | None = None
@@ -214,7 +228,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.mode not in MODES:
-            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+            raise ConfigError(f"mode must be {', '.join(MODES[:-1])} or {MODES[-1]}, got {self.mode!r}")
         # No default model (chat and serve start the demo model): a forgotten --model must not train it.
         missing = [flag for flag, given in (
             ("--model (a checkpoint folder or hub id to train from; or --init-from-config config.json for random"
@@ -233,32 +247,29 @@ class TrainConfig:
         if self.init_from_config is not None and self.tokenizer is None:
             raise ConfigError("--init-from-config needs --tokenizer DIR (the folder with the tokenizer files)")
         if self.rejected_span not in REJECTED_SPANS:
-            raise ConfigError(f"rejected_span must be one of {', '.join(REJECTED_SPANS)}, got {self.rejected_span!r}")
+            raise ConfigError(f"--rejected-span must be {' or '.join(REJECTED_SPANS)}, got {self.rejected_span!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "epochs": self.epochs,
-                    "video_frames": self.video_frames, "max_seq_length": self.max_seq_length,
-                    "max_dynamic_patch": self.max_dynamic_patch}
-        for name, value in positive.items():
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be >= 1, got {value}")
-        if min(self.max_steps, self.save_every, self.save_total_limit, self.lora_rank, self.num_workers) < 0:
-            raise ConfigError("max_steps, save_every, save_total_limit, lora_rank and num_workers must be >= 0")
+            raise ConfigError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
+        for names, lowest in (POSITIVE_INTS, 1), (COUNTS, 0):
+            for name in names:
+                value = getattr(self, name)
+                if value is not None and value < lowest:
+                    raise ConfigError(f"{flag(name)} must be >= {lowest}, got {value}")
         for name, (valid, expected) in FLOAT_RANGES.items():
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and valid(value)):
-                raise ConfigError(f"{name} must be {expected}, got {value}")
+                raise ConfigError(f"{flag(name)} must be {expected}, got {value}")
         highest_seed = 2**32 - env_int("WORLD_SIZE", 1)
         if not 0 <= self.seed <= highest_seed:
             raise ConfigError(
-                f"seed must be in [0, {highest_seed}] (numpy seeds process r with seed + r), got {self.seed}"
+                f"--seed must be in [0, {highest_seed}] (numpy seeds process r with seed + r), got {self.seed}"
             )
         if self.lora_vision and not self.lora_rank:
             raise ConfigError("--lora-vision needs --lora-rank > 0")
         if self.lora_alpha is not None and not self.lora_rank:
             raise ConfigError("--lora-alpha needs --lora-rank > 0 (without it the run is full fine-tuning)")
         if self.mode == "sft":  # settings of the preference losses, which sft does not compute
-            given = [f"--{name.replace('_', '-')}" for name in ("beta", "label_smoothing", "rejected_span", "precompute_ref")
+            given = [flag(name) for name in ("beta", "label_smoothing", "rejected_span", "precompute_ref")
                      if getattr(self, name) != TrainConfig.__dataclass_fields__[name].default]
             if given:
                 raise ConfigError(f"{', '.join(given)}: for the preference modes (mpo, dpo); sft has no preference loss")
@@ -274,10 +285,14 @@ def loss_weights(cfg: TrainConfig) -> MPOWeights:
     """The MPO weights of a run: the flags where given, else the mode's (mpo 0.8/0.2/1, dpo 1/0/0, sft 0/0/1)."""
     given = (cfg.pref_weight, cfg.quality_weight, cfg.gen_weight)
     pref, quality, gen = (g if g is not None else d for g, d in zip(given, MODE_WEIGHTS[cfg.mode]))
-    if cfg.mode == "sft" and (pref or quality):
-        raise ConfigError("sft mode trains on conversations only: pref_weight and quality_weight must be 0")
+    for name, value in ("pref_weight", pref), ("quality_weight", quality):
+        if cfg.mode == "sft" and value:
+            raise ConfigError(f"{flag(name)} must be 0 in sft (it trains on conversations only, without a"
+                              f" preference loss), got {value}")
     if not (pref or quality or gen):
-        raise ConfigError("all loss weights are 0: nothing to train")
+        defaults = ", ".join(f"{w:g}" for w in MODE_WEIGHTS[cfg.mode])
+        raise ConfigError(f"--pref-weight, --quality-weight and --gen-weight are all 0 ({cfg.mode}'s defaults:"
+                          f" {defaults}): nothing to train")
     return MPOWeights(beta=cfg.beta, pref_weight=pref, quality_weight=quality, gen_weight=gen,
                       label_smoothing=cfg.label_smoothing)
 
@@ -440,7 +455,8 @@ def build_optimizer(model: InternVL, cfg: TrainConfig) -> torch.optim.AdamW:
         if param.requires_grad:
             (plain if name in no_decay or name.endswith("bias") else decay).append(param)
     if not decay and not plain:
-        raise ConfigError("every parameter is frozen: nothing to train")
+        raise ConfigError("--freeze-vision, --freeze-projector and --freeze-llm without --lora-rank freeze every"
+                          " parameter: nothing to train")
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
     return torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps
@@ -948,7 +964,7 @@ def check_resume_settings(
             del values[frozen]
     if model_tiles is not None and "max_dynamic_patch" in values:  # the model config's max_dynamic_patch
         values["max_dynamic_patch"] = tuple(dataset_tiles(cfg, v, model_tiles) for v in values["max_dynamic_patch"])
-    changed = [f"{k} (checkpoint {then}, now {new})" for k, (then, new) in values.items()
+    changed = [f"{k if k == 'mode' else flag(k)} (checkpoint {then}, now {new})" for k, (then, new) in values.items()
                if not (same_data if k == "data" else then == new)]
     saved_print = state.get("data_fingerprint")
     if saved_print is not None and fingerprint is not None and saved_print != fingerprint and same_data:
@@ -964,7 +980,8 @@ def check_resume_settings(
     elif stream is not None and not changed:
         changed += _selection_changes(path, cfg, env, state, stream)
     if state.get("total_steps") != total_steps:
-        changed.append(f"total steps (epochs / max_steps; checkpoint {state.get('total_steps')}, now {total_steps})")
+        changed.append(f"total steps (--epochs / --max-steps; checkpoint {state.get('total_steps')},"
+                       f" now {total_steps})")
     if changed:
         raise CheckpointError(f"{path}: cannot resume, these settings differ from the checkpoint: {', '.join(changed)}")
     # final/ is written (atomically) only at the end of a run: beside an earlier checkpoint, that run went on past it
@@ -1107,8 +1124,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) 
     total_steps = cfg.max_steps or cfg.epochs * (stream.per_rank() // samples_per_step)
     if total_steps < 1 or stream.per_rank() < 1:
         raise InputError(
-            f"{cfg.data}: {len(dataset)} records are fewer than one step needs"
-            f" ({samples_per_step} per rank x {env.world_size} ranks)"
+            f"{cfg.data}: {count(len(dataset), 'record')}, fewer than one step takes"
+            f" ({samples_per_step} per rank x {count(env.world_size, 'rank')})"
         )
     needs_ref = cfg.mode != "sft" and (weights.pref_weight != 0 or weights.quality_weight != 0)
     precompute = needs_ref and cfg.precompute_ref
