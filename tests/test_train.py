@@ -1392,7 +1392,7 @@ def test_max_seq_length_is_capped_by_the_models_context(tmp_path, chat_folder, m
         train(config(unread, meta, tmp_path / "a", max_seq_length=401))
     assert not (tmp_path / "a").exists()
     long = write_mmpr(tmp_path / "data", [*color_pairs(2), {"question": "long " * 400, "chosen": "a", "rejected": "b"}])
-    with pytest.raises(InputError, match=r"toy\.jsonl:3: the prompt is \d+ tokens.*max_seq_length=400;"):
+    with pytest.raises(InputError, match=r"toy\.jsonl:3: the prompt is \d+ tokens.*--max-seq-length 400;"):
         train(config(short, long, tmp_path / "b", max_steps=3, batch_size=1, shuffle=False))
     assert train(config(short, meta, tmp_path / "c", max_seq_length=400, max_steps=1)).steps == 1
     assert TrainConfig().max_seq_length is None

@@ -219,7 +219,8 @@ def test_video_records_use_frames_and_the_card_prefix(tmp_path, tokenizer, setti
     text = tokenizer.decode(example.prompt_ids, skip_special_tokens=False)
     assert "Frame1: <img>" in text and "Frame3: <img>" in text and "</img>\nWhat happens?" in text
     assert "<video>" not in text
-    with pytest.raises(InputError, match=r"\(\d+ of them image tokens\).*; lower video_frames or raise max_seq_length$"):
+    with pytest.raises(InputError,
+                       match=r"\(\d+ of them image tokens\).*; lower --video-frames or raise --max-seq-length$"):
         # a video's frames are one tile each: their count decides (the default 8 frames' tokens, and some room)
         encode_pair(recs[0], tokenizer, settings, 8 * (settings.num_image_token + 2) + 5)
     # frames that alone fill max_seq_length are refused before any is decoded (a large video_frames
@@ -235,7 +236,7 @@ def test_video_records_use_frames_and_the_card_prefix(tmp_path, tokenizer, setti
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(data_module, "load_video", no_decoding)
         with pytest.raises(InputError, match=rf"video's {frames} frames \(one tile each\) are {tokens} image tokens, "
-                                             r"max_seq_length=8192; lower video_frames"):
+                                             r"which fill --max-seq-length 8192; lower --video-frames"):
             encode_pair(recs[0], tokenizer, many, 8192)
         convo = [{"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "Bars grow."}]
         (root / "sft.jsonl").write_text(json.dumps({"video": "clip.mp4", "conversations": convo}) + "\n")
@@ -270,7 +271,7 @@ def test_answers_cut_to_the_same_tokens_name_file_and_line(tmp_path, tokenizer, 
     assert kept.chosen_ids != kept.rejected_ids and kept.truncated
     limit = len(full.prompt_ids) + first
     with pytest.raises(InputError, match=rf"toy\.jsonl:1: 'chosen' and 'rejected' are the same in their first {first}"
-                                         rf" tokens.*max_seq_length={limit}.*raise max_seq_length"):
+                                         rf" tokens.*--max-seq-length {limit}.*raise --max-seq-length"):
         encode_pair(rec, tokenizer, settings, limit)
     assert isinstance(PairDataset([rec], tokenizer, settings, max_seq_length=limit)[0], BadExample)
 
@@ -286,13 +287,15 @@ def test_prompt_too_long_names_file_and_line(tmp_path, tokenizer, settings):
     assert not isinstance(dataset[0], BadExample)
     bad = dataset[1]
     assert isinstance(bad, BadExample)
-    assert f"{tmp_path / 'toy.jsonl'}:2:" in bad.message and f"max_seq_length={limit}" in bad.message
-    with pytest.raises(InputError, match=r"toy\.jsonl:2: the prompt is \d+ tokens.*lower max_dynamic_patch or raise"):
+    assert f"{tmp_path / 'toy.jsonl'}:2:" in bad.message and f"--max-seq-length {limit}" in bad.message
+    with pytest.raises(InputError,
+                       match=r"toy\.jsonl:2: the prompt is \d+ tokens.*lower --max-dynamic-patch or raise"
+                             r" --max-seq-length$"):
         encode_pair(recs[1], tokenizer, settings, limit)
     # a text-only prompt: fewer tiles would not help, so only the length is named
     meta = write_mmpr(tmp_path / "text", [{"question": "Long " * 50, "chosen": "a", "rejected": "b"}])
     (text,), _ = read_datasets(load_meta(str(meta)))
-    with pytest.raises(InputError, match=r"\(0 of them image tokens\).*max_seq_length=\d+; raise max_seq_length$"):
+    with pytest.raises(InputError, match=r"\(0 of them image tokens\).*--max-seq-length \d+; raise --max-seq-length$"):
         encode_pair(text, tokenizer, settings, limit)
 
 
@@ -408,7 +411,13 @@ def test_sft_truncation_never_cuts_image_tokens(tmp_path, tokenizer, settings):
     assert ok.truncated and ok.input_ids == full.input_ids[:limit] and ok.labels == full.labels[:limit]
     torch.testing.assert_close(ok.pixel_values, full.pixel_values, rtol=0, atol=0)
     bad = SFTDataset(records, tokenizer, settings, image_end - 3)[0]
-    assert isinstance(bad, BadExample) and "sft.jsonl:1:" in bad.message and "image tokens" in bad.message
+    assert isinstance(bad, BadExample) and "sft.jsonl:1:" in bad.message
+    assert bad.message.endswith(f"cutting it to --max-seq-length {image_end - 3} would cut image tokens; lower"
+                                " --max-dynamic-patch or raise --max-seq-length")
+    (tmp_path / "text.jsonl").write_text(json.dumps({"conversations": convo[:2]}) + "\n")
+    text = read_sft_records(str(tmp_path / "text.jsonl"), str(tmp_path / "images"))
+    short = SFTDataset(text, tokenizer, settings, 5)[0]  # the answer starts past token 5
+    assert short.message == f"{tmp_path / 'text.jsonl'}:1: no supervised answer token within --max-seq-length 5"
 
 
 # ----------------------------------------------------------------------------- data_augment

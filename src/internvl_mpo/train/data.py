@@ -271,8 +271,9 @@ def _check_video_length(video: str | None, settings: MediaSettings, max_seq_leng
     if video is not None:
         tokens = _image_token_count([1] * settings.video_frames, settings.num_image_token)
         if tokens >= max_seq_length:
-            raise InputError(f"the video's {settings.video_frames} frames (one tile each) are {tokens} image tokens, "
-                             f"max_seq_length={max_seq_length}; lower video_frames or raise max_seq_length")
+            raise InputError(f"the video's {settings.video_frames} frames (one tile each) are {tokens} image tokens,"
+                             f" which fill --max-seq-length {max_seq_length}; lower --video-frames or raise"
+                             " --max-seq-length")
 
 
 def _image_token_count(num_patches: list[int], num_image_token: int) -> int:
@@ -282,7 +283,7 @@ def _image_token_count(num_patches: list[int], num_image_token: int) -> int:
 
 def _tiles_flag(video: str | None) -> str:
     """The setting that decides a record's image tokens: a video's frame count (one tile each), else tiles."""
-    return "video_frames" if video else "max_dynamic_patch"
+    return "--video-frames" if video else "--max-dynamic-patch"
 
 
 def encode_pair(
@@ -318,15 +319,16 @@ def encode_pair(
         image_tokens = _image_token_count(num_patches, settings.num_image_token)
         raise InputError(
             f"{where}: the prompt is {len(pair.prompt_ids)} tokens ({image_tokens} of them image tokens), which leaves"
-            f" no supervised answer token within max_seq_length={max_seq_length}; "
-            + (f"lower {_tiles_flag(record.video)} or raise max_seq_length" if image_tokens else "raise max_seq_length")
+            f" no supervised answer token within --max-seq-length {max_seq_length}; "
+            + (f"lower {_tiles_flag(record.video)} or raise --max-seq-length" if image_tokens
+               else "raise --max-seq-length")
         )
     (chosen_ids, chosen_labels), (rejected_ids, rejected_labels), truncated = fitted
     if chosen_ids == rejected_ids:  # the texts differ (mmpr refuses equal ones), so both lost the difference
         raise InputError(
             f"{where}: 'chosen' and 'rejected' are the same in their first {len(chosen_ids)} tokens, all that"
-            f" max_seq_length={max_seq_length} leaves after the {len(pair.prompt_ids)}-token prompt: the cut pair"
-            " states no preference; raise max_seq_length"
+            f" --max-seq-length {max_seq_length} leaves after the {len(pair.prompt_ids)}-token prompt: the cut pair"
+            " states no preference; raise --max-seq-length"
         )
     if rejected_span == "divergent-line":
         ends = line_ends if line_ends is not None else _LineEnds(tokenizer)
@@ -382,12 +384,12 @@ def encode_sft(
         image_ids = {tokenizer.img_start_id, tokenizer.img_context_id, tokenizer.img_end_id}
         if any(t in image_ids for t in ids[max_seq_length:]):
             raise InputError(
-                f"{where}: the conversation is {len(ids)} tokens and cutting it to max_seq_length={max_seq_length}"
-                f" would cut image tokens; lower {_tiles_flag(record.video)} or raise max_seq_length"
+                f"{where}: the conversation is {len(ids)} tokens and cutting it to --max-seq-length {max_seq_length}"
+                f" would cut image tokens; lower {_tiles_flag(record.video)} or raise --max-seq-length"
             )
         ids, labels = ids[:max_seq_length], labels[:max_seq_length]
     if _supervised(labels) == 0:
-        raise InputError(f"{where}: no supervised answer token within max_seq_length={max_seq_length}")
+        raise InputError(f"{where}: no supervised answer token within --max-seq-length {max_seq_length}")
     return SFTExample(index, ids, labels, pixel_values, truncated, where)
 
 
