@@ -137,8 +137,9 @@ class PairSettings:
     dtype: str = ""  # the dtype's name, as cli_chat.run_dtype gives it: samples of another precision differ
 
     def __post_init__(self):
-        if self.samples < 1 or self.max_pairs < 1 or self.batch_size < 1 or self.max_num < 1:
-            raise InputError("samples, max_pairs, batch_size and max_num must be at least 1")
+        for name in ("samples", "max_pairs", "batch_size", "max_num"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.temperature <= 0 or self.top_k == 1:
             raise InputError(
                 f"pairs need sampling: temperature > 0 and top_k other than 1 (got temperature {self.temperature}, "
