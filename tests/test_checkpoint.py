@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from internvl_mpo.checkpoint import parse_size
+from internvl_mpo.checkpoint import SAVE_ID, parse_size
 from internvl_mpo.config import LLMConfig, ModelConfig, VisionConfig
 from internvl_mpo.errors import CheckpointError, InputError
 from internvl_mpo.model import InternVL
@@ -639,7 +639,7 @@ def test_single_file_written_when_small(tmp_path, tiny):
     folder = model.save_pretrained(tmp_path / "one")
     assert (folder / "model.safetensors").exists() and not (folder / "model.safetensors.index.json").exists()
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        assert f.metadata() == {"format": "pt"}
+        assert f.metadata() == {"format": "pt", SAVE_ID: f.metadata()[SAVE_ID]}
 
 
 PEAK_SCRIPT = """
@@ -815,3 +815,99 @@ def test_a_folder_with_both_a_single_file_and_an_index_is_refused(tmp_path, tiny
     shutil.copy(tmp_path / "other" / "model.safetensors", folder)
     with pytest.raises(CheckpointError, match="holds both model.safetensors and model.safetensors.index.json"):
         InternVL.from_pretrained(folder)
+
+
+def save_ids(folder: Path) -> dict[str, str | None]:
+    """The save id of the index ("index") and of each shard (by file name), None where there is none."""
+    ids = {"index": json.loads((folder / "model.safetensors.index.json").read_text())["metadata"].get(SAVE_ID)}
+    for shard in sorted(folder.glob("model-*-of-*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            ids[shard.name] = (f.metadata() or {}).get(SAVE_ID)
+    return ids
+
+
+def test_a_folder_mixing_shards_of_two_saves_is_refused_naming_the_shard(tmp_path, tiny):
+    """A save killed between its renames leaves its new shards beside old ones of the same names and keys
+    (before, that mixture of two models loaded without a word); every loader of the folder refuses it."""
+    from safetensors.torch import load, load_file
+
+    from internvl_mpo.checkpoint import open_state_dict
+    from internvl_mpo.convert import convert
+
+    first, second = InternVL(tiny, image_token_id=IMAGE_TOKEN_ID), InternVL(tiny, image_token_id=IMAGE_TOKEN_ID)
+    torch.manual_seed(0)
+    first.init_weights()
+    torch.manual_seed(1)
+    second.init_weights()
+    folder = first.save_pretrained(tmp_path / "m", max_shard_size="20KB")
+    shard = sorted(folder.glob("model-*-of-*.safetensors"))[1]
+    old = shard.read_bytes()
+    ids = save_ids(folder)
+    assert len(ids) > 3 and len(set(ids.values())) == 1 and None not in ids.values()
+    second.save_pretrained(folder, max_shard_size="20KB")
+    again = save_ids(folder)
+    assert again.keys() == ids.keys() and len(set(again.values())) == 1 and again["index"] != ids["index"]
+    ids_in = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(InternVL.from_pretrained(folder)(ids_in), second(ids_in))
+
+    newer, older = load_file(shard), load(old)
+    assert newer.keys() == older.keys() and any(not torch.equal(newer[k], older[k]) for k in newer)
+    shard.write_bytes(old)  # what a save killed before renaming this shard leaves
+    message = (rf"{re.escape(str(folder))}: {re.escape(shard.name)} was written by another save than "
+               r"model\.safetensors\.index\.json")
+    with pytest.raises(CheckpointError, match=message + r".*mixes the files of two saves") as info:
+        InternVL.from_pretrained(folder)
+    assert "\n" not in str(info.value)
+    with pytest.raises(CheckpointError, match=message):
+        open_state_dict(folder, second.expected_keys())  # training's resume and initial weights
+    with pytest.raises(CheckpointError, match=message):
+        convert(folder, tmp_path / "hf", to="hf", image_token_id=IMAGE_TOKEN_ID)
+
+
+def test_shards_under_an_index_without_a_save_id_must_come_from_one_save(tmp_path, tiny):
+    """An index another tool rewrote (only total_size kept) over shards of one save loads; over shards of
+    two (a save killed over a checkpoint without ids: new shards beside old ones) it is refused."""
+    from safetensors.torch import load_file, save_file
+
+    model = InternVL(tiny, image_token_id=IMAGE_TOKEN_ID)
+    model.init_weights()
+    folder = model.save_pretrained(tmp_path / "m", max_shard_size="20KB")
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    index["metadata"] = {"total_size": index["metadata"]["total_size"]}
+    index_file.write_text(json.dumps(index))
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(InternVL.from_pretrained(folder)(ids), model(ids))
+
+    shard = sorted(folder.glob("model-*-of-*.safetensors"))[-1]
+    save_file(load_file(shard), shard, metadata={"format": "pt"})  # a shard of a save without ids
+    first = sorted(folder.glob("model-*-of-*.safetensors"))[0].name
+    with pytest.raises(CheckpointError, match=rf"{re.escape(shard.name)} was written by another save than {first}"):
+        InternVL.from_pretrained(folder)
+
+
+def test_an_official_folder_without_save_ids_loads(tmp_path, tiny, good_state):
+    folder = write_checkpoint(tmp_path / "m", tiny, good_state, shards=3)  # no metadata in shards, none but total_size
+    assert set(save_ids(folder).values()) == {None}
+    loaded = InternVL.from_pretrained(folder)
+    for key, tensor in good_state.items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+
+
+def test_convert_stamps_one_save_id_into_its_shards_and_index(tmp_path):
+    """transformers ignores the id in both places: the sharded conversion still loads there."""
+    from transformers import InternVLForConditionalGeneration
+
+    from internvl_mpo.convert import convert
+
+    src, _ = tiny_chat_folder(tmp_path / "src")
+    hf = convert(src, tmp_path / "hf", to="hf", max_shard_size=20_000)
+    back = convert(hf, tmp_path / "back", to="official", max_shard_size=20_000)
+    hf_ids, back_ids = save_ids(hf), save_ids(back)
+    assert len(hf_ids) > 3 and len(set(hf_ids.values())) == 1 and None not in hf_ids.values()
+    assert len(back_ids) > 3 and len(set(back_ids.values())) == 1 and None not in back_ids.values()
+    assert hf_ids["index"] != back_ids["index"]
+    InternVLForConditionalGeneration.from_pretrained(hf, dtype=torch.float32)
+    InternVL.from_pretrained(back)

@@ -6,7 +6,9 @@ reports all missing, unexpected and mis-shaped keys in one `CheckpointError`. Te
 by one straight into the target dtype and device, so peak memory stays near the size of the weights.
 Only safetensors are read: pickle-based files (`*.bin`, `*.pt`, `*.pth`, `*.ckpt`) are refused,
 never unpickled. Writing produces the same layout, with tokenizer, generation and remote-code files
-copied from the source folder so the official code, vLLM and lmdeploy can load the result.
+copied from the source folder so the official code, vLLM and lmdeploy can load the result. Each save
+stamps one fresh id (`SAVE_ID`) into all its weight files and its index, and shards of two saves under
+one index (a save killed between its renames) are refused.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import re
 import shutil
 import socket
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +50,10 @@ PROCESSOR_FILE = "processor_config.json"
 SAVE_LOCK = ".internvl-mpo-save.lock"
 # What flock gives on filesystems without locks (some NFS and Lustre mounts).
 LOCKS_UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP)
+# Key of the id that one save stamps into the header metadata of each of its weight files and into the index's
+# "metadata" (beside total_size), so that a folder mixing the shards of two saves is told apart (`weight_map`).
+# transformers, vLLM and the official code ignore keys they do not read in both places (README).
+SAVE_ID = "internvl_mpo_save_id"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.py", "*.model", "*.jinja", "*.md"]
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -160,7 +167,8 @@ def weight_map(folder: Path) -> dict[str, Path]:
             "config.json's")
     if index.exists():
         try:
-            mapping = json.loads(index.read_text())["weight_map"]
+            data = json.loads(index.read_text())
+            mapping = data["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
         if not isinstance(mapping, dict):
@@ -173,6 +181,7 @@ def weight_map(folder: Path) -> dict[str, Path]:
         for name, file in files.items():
             if not file.exists():
                 raise CheckpointError(f"{index} names {name}, which is not in {folder}")
+        _check_one_save(index, data.get("metadata"), [files[name] for name in sorted(files)])
         return {key: files[name] for key, name in mapping.items()}
     if single.exists():
         with open_safetensors(single) as f:
@@ -189,6 +198,36 @@ def weight_map(folder: Path) -> dict[str, Path]:
             "never unpickle a file. Convert them with a tool you trust, then save as safetensors."
         )
     raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def save_metadata() -> dict[str, str]:
+    """The header metadata of every weight file of one save: safetensors' "format" and a fresh `SAVE_ID`."""
+    return {"format": "pt", SAVE_ID: uuid.uuid4().hex}
+
+
+def _check_one_save(index: Path, metadata: Any, shards: list[Path]) -> None:
+    """Refuse shards of two saves under one index, as a save killed between its renames leaves them (same
+    names and keys, other weights): each shard's `SAVE_ID` (read from its header, not its tensors) must be
+    the index's. Official checkpoints carry no id anywhere and load as before.
+
+    An index without an id (an official one, or one rewritten by a tool that keeps only total_size) says
+    nothing of its shards, yet they must still agree with one another, the first standing in for the
+    index: a save killed over a checkpoint without ids leaves its new shards, with an id, beside old ones
+    without, and shards of one save load under any index.
+    """
+    expected = metadata.get(SAVE_ID) if isinstance(metadata, dict) else None
+    reference = index if expected is not None else None
+    for shard in shards:
+        with open_safetensors(shard) as f:
+            save_id = (f.metadata() or {}).get(SAVE_ID)
+        if reference is None:
+            reference, expected = shard, save_id
+        elif save_id != expected:
+            raise CheckpointError(
+                f"{index.parent}: {shard.name} was written by another save than {reference.name} (save id "
+                f"{save_id or 'none'}, not {expected or 'none'}): the folder mixes the files of two saves, as a save "
+                "cut short between its renames leaves it; save the model into it again, or replace the folder "
+                "with a complete copy of the checkpoint")
 
 
 def open_safetensors(file: Path):
@@ -433,14 +472,16 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
         f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)
     ]
     temps: list[Path] = []
+    metadata = save_metadata()
     try:
         for name, shard in zip(names, shards):
             temps.append(folder / f".{name}.tmp")
-            save_tensors(shard, temps[-1], metadata={"format": "pt"})
+            save_tensors(shard, temps[-1], metadata=metadata)
         if len(shards) > 1:
             mapping = {key: name for name, shard in zip(names, shards) for key in shard}
             total = sum(t.numel() * t.element_size() for t in state.values())
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(mapping.items()))}
+            index = {"metadata": {"total_size": total, SAVE_ID: metadata[SAVE_ID]},
+                     "weight_map": dict(sorted(mapping.items()))}
             names.append(INDEX_FILE)
             temps.append(folder / f".{INDEX_FILE}.tmp")
             temps[-1].write_text(json.dumps(index, indent=2) + "\n")

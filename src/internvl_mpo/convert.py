@@ -344,6 +344,7 @@ class _ShardWriter:
         self.size = 0
         self.written: list[tuple[Path, list[str]]] = []
         self.total = 0
+        self.metadata = checkpoint.save_metadata()
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
@@ -355,7 +356,7 @@ class _ShardWriter:
 
     def _flush(self) -> None:
         path = self.folder / f"partial-{len(self.written):05d}.safetensors"
-        checkpoint.save_tensors(self.pending, path, metadata={"format": "pt"})
+        checkpoint.save_tensors(self.pending, path, metadata=self.metadata)
         self.written.append((path, list(self.pending)))
         self.pending, self.size = {}, 0
 
@@ -370,7 +371,8 @@ class _ShardWriter:
             name = f"model-{i:05d}-of-{n:05d}.safetensors"
             path.rename(self.folder / name)
             mapping.update({key: name for key in keys})
-        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(mapping.items()))}
+        index = {"metadata": {"total_size": self.total, checkpoint.SAVE_ID: self.metadata[checkpoint.SAVE_ID]},
+                 "weight_map": dict(sorted(mapping.items()))}
         (self.folder / checkpoint.INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
