@@ -1756,3 +1756,80 @@ def test_a_stream_closed_midway_or_left_open_leaves_nothing_for_the_next_chat(se
     first = next(left)
     assert bot.chat("Hi there", **kw) == chat.chat("Hi there", **kw)
     assert first + "".join(left) == chat.chat("Tell me a long story", **story)
+
+
+# ---- logit bias -------------------------------------------------------------------------------
+
+def _first_step_logprobs(chat, ids: list[int]) -> torch.Tensor:
+    """(V,) log_softmax of the model's logits after `ids` (an uncached forward)."""
+    with torch.no_grad():
+        return chat.model(torch.tensor([ids]))[0, -1].float().log_softmax(-1)
+
+
+@pytest.mark.parametrize("screen", [False, True])
+def test_logit_bias_forces_or_bans_a_token_under_greedy(setup, screen):
+    """+100 on a token the model would not pick makes every greedy token that one; -100 on the greedy
+    first token gives the model's second best instead, and never that token again. Log-probabilities
+    stay the model's own, before the bias (vLLM's default raw_logprobs)."""
+    chat, _ = setup
+    engine = Engine(chat.model, chat.engine.stop_token_ids, screen=screen)
+    ids, _ = prompt(chat, "Tell me about the sea.")
+    plain = run(engine, [Request(ids, GREEDY)])[0]
+    first = _first_step_logprobs(chat, ids)
+    second_best, worst = first.topk(2).indices[1].item(), first.argmin().item()
+    assert plain[0] == first.argmax().item() != second_best
+    forced = [e for step in engine.generate([Request(ids, dataclasses.replace(GREEDY, logit_bias={worst: 100}),
+                                                     logprobs=2)]) for e in step]
+    assert [e.token for e in forced] == [worst] * STEPS
+    assert forced[0].logprob == pytest.approx(first[worst].item(), abs=1e-4)  # the raw value, far below 0
+    assert [i for i, _ in forced[0].top_logprobs] == first.topk(2).indices.tolist()
+    banned = run(engine, [Request(ids, dataclasses.replace(GREEDY, logit_bias={plain[0]: -100}))])[0]
+    assert banned[0] == second_best and plain[0] not in banned
+    assert run(engine, [Request(ids, dataclasses.replace(GREEDY, logit_bias={}))])[0] == plain
+
+
+@pytest.mark.parametrize("screen", [False, True])
+def test_rows_without_a_logit_bias_are_untouched_by_a_biased_row_beside_them(setup, screen):
+    """A batch whose rows join and leave at different steps: a biased row moves into a freed row (its bias
+    goes with it) and a plain row joins the row a biased one left (it must not inherit that bias, while
+    another biased row is decoding); each request gets the tokens it gets alone, sampled ones included."""
+    chat, _ = setup
+    engine = Engine(chat.model, chat.engine.stop_token_ids, screen=screen)
+    a, b, c = (prompt(chat, q)[0] for q in ("Hello there", "What is it?", "Tell me more"))
+    worst = _first_step_logprobs(chat, b).argmin().item()
+    short = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    forced = SamplingParams(max_new_tokens=10, ignore_eos=True, logit_bias={worst: 100})
+    banned = SamplingParams(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=0, seed=5, ignore_eos=True,
+                            logit_bias={i: -100 for i in range(0, 40)})
+    schedule = {0: [Request(a, short), Request(b, forced)], 4: [Request(c, GREEDY), Request(a, banned)]}
+    gen = engine.start(max_batch=3, max_len=256)
+    got, step = {}, 0
+    while step == 0 or gen:
+        for request in schedule.get(step, []):
+            got[gen.add(request)] = []
+        for e in gen.step():
+            got[e.rid].append(e.token)
+        step += 1
+    requests = schedule[0] + schedule[4]
+    assert [got[i] for i in range(4)] == [run(engine, [r])[0] for r in requests]
+    assert got[1] == [worst] * 10 and not set(got[3]) & set(range(40)) and len(got[2]) == STEPS
+
+
+def test_a_bad_logit_bias_is_refused_by_name(setup):
+    chat, _ = setup
+    vocab = chat.model.config.llm.vocab_size
+    for bias, message in (({"5": 1}, "logit_bias keys must be token ids (whole numbers), got '5'"),
+                          ({True: 1}, "logit_bias keys must be token ids"),
+                          ({5: 101}, "logit_bias of token 5 must be a number from -100 to 100, got 101"),
+                          ({5: -100.5}, "got -100.5"), ({5: math.nan}, "got nan"), ({5: math.inf}, "got inf"),
+                          ({5: "1"}, "got '1'"), ({5: True}, "got True"), ([5], "got the entry 5"),
+                          ("5", "logit_bias must map token ids to biases, got str")):
+        with pytest.raises(InputError, match=re.escape(message)):
+            SamplingParams(logit_bias=bias)
+    params = SamplingParams(logit_bias=[(9, 1), (3, -2.5), (9, 4)])
+    assert params.logit_bias == ((3, -2.5), (9, 4.0)) == SamplingParams(logit_bias={9: 4, 3: -2.5}).logit_bias
+    assert hash(params) == hash(dataclasses.replace(params))
+    ids, _ = prompt(chat, "Hi")
+    for token in (vocab, -1):
+        with pytest.raises(InputError, match=rf"logit_bias token ids must be in 0..{vocab - 1}, got \[{token}\]"):
+            chat.engine.generate([Request(ids, SamplingParams(logit_bias={3: 1, token: -100}))])

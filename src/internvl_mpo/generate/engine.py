@@ -16,7 +16,11 @@ with the request's first Event. A row under
 its `min_new_tokens` has its stop ids' logits set to -inf where its token is chosen (a mask kept on the
 device per row, applied only while some row needs it: no host sync), as transformers'
 MinNewTokensLengthLogitsProcessor does; a greedy screen's token stands unless it is a stop id of such
-a row, which then takes the argmax of its masked full logits.
+a row, which then takes the argmax of its masked full logits. A request's logit bias
+(`SamplingParams.logit_bias`) is kept the same way, as a dense row added to that row's logits where its token
+is chosen (after the stop-id mask, before the penalty, as vLLM orders them), and only while some row has one;
+a row with a bias takes the full head (the greedy screen sees no logits). Log-probabilities stay the model's
+own, before the bias, as vLLM reports them by default.
 
 The decode step has static shapes for a given number of active rows and is free of host syncs and
 graph breaks; `compile=True` wraps it in torch.compile ("reduce-overhead" on GPU, which asks for CUDA
@@ -68,7 +72,7 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     pixel_values: torch.Tensor | None = None  # the tiles of this prompt's images, in placeholder order
     vit_embeds: torch.Tensor | None = None  # or their precomputed image embeddings
-    # Report each token's log-probability under the model (before penalty, temperature and filters)
+    # Report each token's log-probability under the model (before logit bias, penalty, temperature, filters)
     # and this many of the most likely tokens with theirs (0-20); None: do not.
     logprobs: int | None = None
     # Report each prompt token's log-probability under the model given the tokens before it (the first
@@ -107,7 +111,8 @@ class _Row:
     generator: torch.Generator | None
     pending: int  # the last sampled token, to be fed at the next decode step
     penalised: bool = False  # repetition_penalty != 1
-    plain: bool = False  # greedy and not penalised: only the argmax of the logits matters
+    biased: bool = False  # has a logit bias
+    plain: bool = False  # greedy, not penalised nor biased: only the argmax of the logits matters
     top_k: int = 0  # the row's sampling filters, on the host (their device copies are in Generation)
     top_p: float = 1.0
     logprobs: int | None = None  # Request.logprobs
@@ -172,6 +177,8 @@ class Engine:
         bad = [i for i in request.prompt_ids if not (whole_number(i) and 0 <= i < vocab)]
         if bad:
             raise InputError(f"prompt token ids must be whole numbers in 0..{vocab - 1}, got {bad[:5]}")
+        if bad := [i for i, _ in request.params.logit_bias if not 0 <= i < vocab]:
+            raise InputError(f"logit_bias token ids must be in 0..{vocab - 1}, got {bad[:5]}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(request, name)
             if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
@@ -314,6 +321,7 @@ class Generation:
         # The stop ids of each row still under its min_new_tokens, whose logits are set to -inf
         # (transformers' MinNewTokensLengthLogitsProcessor); cleared when the row reaches its minimum.
         self.banned = torch.zeros(max_batch, vocab, dtype=torch.bool, device=device)
+        self.bias = torch.zeros(max_batch, vocab, device=device)  # each row's logit bias, dense
         self.rows: list[_Row] = []
         self.fallbacks = 0  # greedy tokens the screen left to the full head
         self.waiting: list[tuple[int, Request]] = []
@@ -432,11 +440,15 @@ class Generation:
         self.banned[row] = False
         if p.min_new_tokens:  # ids outside the vocabulary are never chosen anyway
             self.banned[row, [i for i in sorted(stops) if 0 <= i < self.banned.shape[1]]] = True
+        self.bias[row] = 0.0
+        if p.logit_bias:
+            ids, values = zip(*p.logit_bias)
+            self.bias[row, list(ids)] = torch.tensor(values, device=self.bias.device)
         generator = None if p.greedy else make_generator(p.seed, hidden.device)
         remaining = min(p.max_new_tokens, self.max_len - n)
-        penalised = p.repetition_penalty != 1.0
-        plain = p.greedy and not penalised and request.logprobs is None  # the screen has no logprobs
-        self.rows.append(_Row(rid, n, remaining, stops, generator, -1, penalised, plain, p.top_k, p.top_p,
+        penalised, biased = p.repetition_penalty != 1.0, bool(p.logit_bias)
+        plain = p.greedy and not penalised and not biased and request.logprobs is None  # the screen has no logprobs
+        self.rows.append(_Row(rid, n, remaining, stops, generator, -1, penalised, biased, plain, p.top_k, p.top_p,
                               request.logprobs, p.min_new_tokens if stops else 0))
         screen = self.engine.greedy_screen() if plain else None
         if screen is not None:
@@ -468,6 +480,8 @@ class Generation:
     def _choose(self, logits: torch.Tensor, rows: slice) -> list[int]:
         if any(r.unstoppable > 0 for r in self.rows[rows]):  # decided on the host: no device sync
             logits = logits.masked_fill(self.banned[rows], -torch.inf)
+        if any(r.biased for r in self.rows[rows]):  # a new tensor: `logits` stay raw for the log-probabilities
+            logits = logits + self.bias[rows]
         penalised = any(r.penalised for r in self.rows[rows])  # decided on the host: no device sync
         if penalised:
             logits = apply_repetition_penalty(logits, self.seen[rows], self.penalty[rows])
@@ -547,7 +561,7 @@ class Generation:
                 cache.move_row(last, index, extent)
             self._clear(last, extent)
             for state in (self.key_mask, self.seen, self.greedy, self.temperature, self.top_k, self.top_p,
-                          self.penalty, self.banned):
+                          self.penalty, self.banned, self.bias):
                 state[index] = state[last]
             self.rows[index] = self.rows[last]
         self.rows.pop()

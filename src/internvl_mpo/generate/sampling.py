@@ -1,18 +1,20 @@
-"""Next-token choice: greedy, temperature, top-k, top-p and repetition penalty, per batch row.
+"""Next-token choice: logit bias, greedy, temperature, top-k, top-p and repetition penalty, per batch row.
 
 Follows the order and semantics of transformers' logits processors, as used by the official
-`chat()` (which calls the inner language model's `generate`): repetition penalty (over the tokens
-generated so far: the official call passes embeddings, so the prompt ids are not seen), then
-temperature, top-k, top-p (drop the tokens whose cumulative probability from the least likely up
-is <= 1 - top_p, always keeping the most likely). Sampling draws with the exponential-race trick
-(argmax of p / Exp(1) noise), which needs no host sync; each row has its own torch.Generator so a
-seeded request is reproducible even when batched with others.
+`chat()` (which calls the inner language model's `generate`): a request's logit bias first (OpenAI's
+`logit_bias`, added where vLLM adds it: before the penalties and everything after them), then
+repetition penalty (over the tokens generated so far: the official call passes embeddings, so the
+prompt ids are not seen), then temperature, top-k, top-p (drop the tokens whose cumulative
+probability from the least likely up is <= 1 - top_p, always keeping the most likely). Sampling draws
+with the exponential-race trick (argmax of p / Exp(1) noise), which needs no host sync; each row has
+its own torch.Generator so a seeded request is reproducible even when batched with others.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,7 @@ from ..errors import InputError
 # temperature) overflows fp32 to inf and sampling gives NaN; from 1e-6 up, logits up to 1e4 divided by
 # it and by the smallest temperature (1e-5) stay below 1e16, and a repeat is already all but certain.
 MIN_REPETITION_PENALTY = 1e-6
+MAX_LOGIT_BIAS = 100  # OpenAI's range for a bias, -100..100: -100 bans a token in practice, 100 forces it
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    # (token id, bias) pairs, or a {token id: bias} dict: the bias is added to the token's logit before
+    # the penalty, temperature, filters and greedy choice (OpenAI's logit_bias); kept as sorted pairs.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         for name in ("max_new_tokens", "min_new_tokens", "top_k") + (("seed",) if self.seed is not None else ()):
@@ -60,6 +66,7 @@ class SamplingParams:
             raise InputError(f"stop must be a list of strings, got {self.stop!r}")
         if not (isinstance(self.stop_token_ids, (tuple, list)) and all(map(whole_number, self.stop_token_ids))):
             raise InputError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+        object.__setattr__(self, "logit_bias", checked_logit_bias(self.logit_bias))
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InputError(f"seed must be in [0, 2**63), got {self.seed}")
         if not 0 <= self.top_k < 2**31:
@@ -84,6 +91,26 @@ class SamplingParams:
 
 def whole_number(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def checked_logit_bias(bias) -> tuple[tuple[int, float], ...]:
+    """A logit bias as sorted (token id, bias) pairs, one per id (the last given wins, as in a dict);
+    raises InputError naming the first entry that is not a whole-number id and a finite bias within
+    +-MAX_LOGIT_BIAS. Ids are checked against the vocabulary by the engine."""
+    pairs = list(bias.items()) if isinstance(bias, Mapping) else bias
+    if not isinstance(pairs, (tuple, list)):
+        raise InputError(f"logit_bias must map token ids to biases, got {type(bias).__name__}")
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise InputError(f"logit_bias must map token ids to biases, got the entry {pair!r}"[:200])
+        token, value = pair
+        if not whole_number(token):
+            raise InputError(f"logit_bias keys must be token ids (whole numbers), got {token!r}"[:200])
+        if not (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                and -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS):  # NaN fails the comparison too
+            raise InputError(f"logit_bias of token {token} must be a number from -{MAX_LOGIT_BIAS} to "
+                             f"{MAX_LOGIT_BIAS}, got {value!r}"[:200])
+    return tuple(sorted((int(token), float(value)) for token, value in dict(pairs).items()))
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
