@@ -663,6 +663,104 @@ def token_text(local_chat, token: int) -> str:
     return local_chat.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
 
 
+def test_logit_bias_forces_or_bans_tokens_on_both_endpoints_streamed_too(client, local_chat, hf_tokenizer):
+    """OpenAI's logit_bias: +100 makes every greedy token the biased one, -100 on the greedy first token
+    gives the model's second best; log-probabilities stay the model's own, before the bias (vLLM's default);
+    streamed answers are the same."""
+    ids = hf_tokenizer("Once upon a time")["input_ids"]
+    first = log_softmax_over(local_chat, ids)[-1]
+    words = [i for i in range(len(first)) if token_text(local_chat, i).strip().isalpha()]
+    worst = min(words, key=lambda i: first[i])
+    best, second = first.topk(2).indices.tolist()
+    body = {"prompt": "Once upon a time", **LONG, "logprobs": 2}
+    for bias, head in (({str(worst): 100}, [worst] * STEPS), ({str(best): -100.0}, [second])):
+        text, events = engine_completion(local_chat, ids, STEPS, logprobs=2, ignore_eos=True,
+                                         logit_bias={int(k): v for k, v in bias.items()})
+        assert [e.token for e in events][: len(head)] == head
+        reply = client.completions.create(model="m", logit_bias=bias, **body)
+        assert reply.choices[0].text == text
+        assert reply.choices[0].logprobs.token_logprobs == pytest.approx([e.logprob for e in events], abs=1e-5)
+        texts, _, _, _ = stream_completion(client, logit_bias=bias, **body)
+        assert texts == {0: text}
+    assert reply.choices[0].logprobs.token_logprobs[0] == pytest.approx(first[second].item(), abs=1e-4)
+    messages = [{"role": "user", "content": "Hello there"}]
+    first = log_softmax_over(local_chat, local_chat.prepare("Hello there").prompt_ids)[-1]
+    worst = min(words, key=lambda i: first[i])
+    forced = client.chat.completions.create(model="m", messages=messages, logit_bias={str(worst): 100},
+                                            logprobs=True, **LONG)
+    assert forced.choices[0].message.content == token_text(local_chat, worst) * STEPS
+    assert forced.choices[0].logprobs.content[0].logprob == pytest.approx(first[worst].item(), abs=1e-4)
+    texts, _, _ = stream_text(client, messages=messages, logit_bias={str(worst): 100}, **LONG)
+    assert texts == {0: forced.choices[0].message.content}
+    banned = client.chat.completions.create(model="m", messages=messages, logprobs=True, **LONG,
+                                            logit_bias={str(int(first.argmax())): -100})
+    assert banned.choices[0].logprobs.content[0].bytes == list(local_chat.tokenizer.token_bytes(
+        first.topk(2).indices[1].item()))
+    assert client.chat.completions.create(model="m", messages=messages, logit_bias={}, **LONG).choices[0] \
+        .message.content == client.chat.completions.create(model="m", messages=messages, **LONG).choices[0].message.content
+
+
+def worker_texts(local_chat, requests: list[Request]) -> tuple[list[str], dict]:
+    """The answers of `requests` joined in one batch of the server's worker, and its stats."""
+    texts, finals = [""] * len(requests), Finals()
+    worker = BatchWorker(local_chat, max_batch=len(requests), max_len=256)
+    for i, request in enumerate(requests):
+        def deliver(item, i=i, last=finals.deliver(str(i))) -> None:
+            assert not isinstance(item, Exception), item
+            texts[i] += item.text
+            last(item)
+        worker.submit(Job(request, 0, deliver))
+    worker.start()
+    try:
+        assert finals.wait(len(requests))
+    finally:
+        worker.stop()
+    return texts, worker.stats
+
+
+def test_a_request_with_a_logit_bias_leaves_the_one_batched_beside_it_as_it_is_alone(local_chat):
+    """Two requests for one prompt, decoded side by side (the second copies the first's prefilled cache),
+    one with a bias that bans the greedy tokens: each answers as it does alone."""
+    ids = local_chat.prepare("Hello there").prompt_ids
+    plain = SamplingParams(max_new_tokens=STEPS, ignore_eos=True)
+    alone, _ = worker_texts(local_chat, [Request(ids, plain)])
+    tokens = [e.token for e in engine_completion(local_chat, ids, STEPS, ignore_eos=True)[1]]
+    biased = dataclasses.replace(plain, logit_bias={t: -100 for t in tokens})
+    banned, _ = worker_texts(local_chat, [Request(ids, biased)])
+    assert banned != alone
+    for order in ((plain, biased), (biased, plain)):
+        texts, stats = worker_texts(local_chat, [Request(ids, p) for p in order])
+        assert stats["max_active"] == 2
+        assert texts == [alone[0] if p is plain else banned[0] for p in order]
+
+
+def test_bad_logit_biases_are_400s_naming_the_entry(server, client, local_chat):
+    vocab = local_chat.config.llm.vocab_size
+    cases = {"logit_bias keys must be token ids written as decimal integers, got \"abc\"": {"abc": 1},
+             "logit_bias keys must be token ids written as decimal integers, got \"1.5\"": {"1.5": 1},
+             "logit_bias[\"5\"] must be a number from -100 to 100, got 101": {"5": 101},
+             "logit_bias[\"5\"] must be a number from -100 to 100, got -100.5": {"5": -100.5},
+             "logit_bias[\"5\"] must be a number from -100 to 100, got \"1\"": {"5": "1"},
+             "logit_bias[\"5\"] must be a number from -100 to 100, got true": {"5": True},
+             "logit_bias[\"5\"] must be a number from -100 to 100, got null": {"5": None},
+             "logit_bias must be an object mapping token ids (as strings) to biases": [5],
+             f"logit_bias keys must be token ids in 0..{vocab - 1}, got [-1, {vocab}]": {"3": 1, str(vocab): 1,
+                                                                                         "-1": 1},
+             "logit_bias has 1025 entries; this server accepts at most 1024": {str(i): 1 for i in range(1025)}}
+    for message, bias in cases.items():
+        for create, args in ((client.completions.create, {"prompt": "hi"}),
+                             (client.chat.completions.create, {"messages": [{"role": "user", "content": "hi"}]})):
+            with pytest.raises(openai.BadRequestError, match=re.escape(message)) as e:
+                create(model="m", **args, logit_bias=bias, max_tokens=2)
+            assert e.value.body["param"] == "logit_bias"
+    reply = post(server, b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": NaN}}')
+    assert reply.status_code == 400
+    assert reply.json()["error"]["message"] == "logit_bias[\"5\"] must be a number from -100 to 100, got NaN"
+    # 1024 keys, the most taken, over fewer ids: "5", "05" and "005" are token 5, as vLLM's int() reads them
+    keys = {"0" * (i // 500) + str(i % 500): -1 for i in range(1024)}
+    assert client.completions.create(model="m", prompt="hi", logit_bias=keys, max_tokens=2).usage.completion_tokens
+
+
 def lm_eval_reading(reply: dict, ctxlens: list[int]) -> list[tuple[float, bool]]:
     """What lm-evaluation-harness' `local-completions` takes from an echo reply (its parse_logprobs): per
     choice in index order, the sum of token_logprobs from ctxlen up to the last (generated) token, and

@@ -30,8 +30,10 @@ no top-k unless asked (the model card's HF default of 50 does not apply); a seed
 modulo 2**63 (the engine's range), and choice i of a seeded request with `n > 1` samples with seed + i
 (modulo 2**63); the text is the raw decoded answer (not stripped as `chat()` strips it), so streamed pieces join to
 exactly the non-streamed content; `logprobs` are the model's raw log-probabilities (before
-temperature, penalty and filters, as vLLM reports them by default), without the end-of-turn token in a chat
-answer (a text completion lists every token it counts, the stopping one included, as vLLM does).
+logit_bias, temperature, penalty and filters, as vLLM reports them by default), without the end-of-turn token in a chat
+answer (a text completion lists every token it counts, the stopping one included, as vLLM does). `logit_bias`
+is added to the logits as vLLM adds it (before the penalty and the rest); a bias outside -100..100 is a 400
+where vLLM clamps it, and at most MAX_LOGIT_BIAS_ENTRIES tokens are taken.
 
 Prompt log-probabilities as vLLM gives them: on /v1/completions `echo` with `logprobs` prepends the prompt's
 tokens to the answer's in `logprobs` (the first prompt token's log-probability and alternatives are null),
@@ -59,6 +61,7 @@ import json
 import logging
 import math
 import queue
+import re
 import socket
 import threading
 import time
@@ -83,10 +86,11 @@ from .processor.image import let_pillow_open, load_image
 log = logging.getLogger("internvl_mpo.server")
 
 MAX_STOP_STRINGS = 64  # OpenAI takes 4, vLLM any number; lm-eval sends a task's stop strings and the EOS
+MAX_LOGIT_BIAS_ENTRIES = 1024  # tokens in one request's logit_bias (OpenAI documents no count, vLLM has no cap)
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 SHUTDOWN_GRACE_S = 5  # how long a response may stay open after Ctrl-C once its generation has ended
 # fields that would change the answer, refused when set (not silently ignored): OpenAI's, then vLLM's extras
-UNSUPPORTED_FIELDS = ("tools", "functions", "logit_bias", "audio", "prediction",
+UNSUPPORTED_FIELDS = ("tools", "functions", "audio", "prediction",
                       "min_p", "use_beam_search", "include_stop_str_in_output",
                       "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
                       "allowed_token_ids", "bad_words", "logits_processors", "truncate_prompt_tokens",
@@ -348,6 +352,7 @@ def _sampling(body: dict, settings: ServerSettings, refused: tuple[str, ...], lo
     n = _field(body, "n", (int,), 1, 1, settings.max_n)
     seed = _field(body, "seed", (int,), None, -(2**63), 2**63 - 1)  # OpenAI's int64; read modulo 2**63
     min_tokens = _field(body, "min_tokens", (int,), 0, 0)  # vLLM's; checked against the answer's room later
+    logit_bias = _logit_bias(body.get("logit_bias"))
     try:
         params = SamplingParams(
             max_new_tokens=max(1, min_tokens), min_new_tokens=min_tokens,  # max_new_tokens: a placeholder
@@ -356,6 +361,7 @@ def _sampling(body: dict, settings: ServerSettings, refused: tuple[str, ...], lo
             stop_token_ids=tuple(stop_ids),
             repetition_penalty=float(_field(body, "repetition_penalty", (int, float), 1.0, 0.01, 10)),
             seed=None if seed is None else seed % 2**63, ignore_eos=_field(body, "ignore_eos", (bool,), False),
+            logit_bias=logit_bias,
         )
     except InputError as e:
         raise ApiError(400, str(e)) from None
@@ -364,6 +370,29 @@ def _sampling(body: dict, settings: ServerSettings, refused: tuple[str, ...], lo
             "stream": _field(body, "stream", (bool,), False), "include_usage": include_usage,
             # as vLLM, continuous_usage_stats counts only beside include_usage
             "continuous_usage": include_usage and bool(stream_options.get("continuous_usage_stats"))}
+
+
+def _logit_bias(value) -> dict[int, float]:
+    """OpenAI's `logit_bias`, {"token id": bias}, as {id: bias}; ids are checked against the vocabulary by
+    `check_token_ids`. A bias outside -100..100 is a 400 where vLLM clamps it silently."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError(400, "logit_bias must be an object mapping token ids (as strings) to biases from -100 to 100, "
+                            f"got {json.dumps(value)[:80]}", "logit_bias")
+    if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ApiError(400, f"logit_bias has {len(value)} entries; this server accepts at most "
+                            f"{MAX_LOGIT_BIAS_ENTRIES}", "logit_bias")
+    bias = {}
+    for key, number in value.items():
+        if not re.fullmatch(r"-?[0-9]{1,20}", key):  # JSON keys are strings; vLLM reads them with int()
+            raise ApiError(400, f"logit_bias keys must be token ids written as decimal integers, got "
+                                f"{json.dumps(key)[:80]}", "logit_bias")
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not -100 <= number <= 100:
+            raise ApiError(400, f"logit_bias[{json.dumps(key)}] must be a number from -100 to 100, got "
+                                f"{json.dumps(number)[:80]}", "logit_bias")
+        bias[int(key)] = float(number)
+    return bias
 
 
 def _prompt_logprobs(body: dict) -> int | None:
@@ -721,10 +750,13 @@ def tokenize_ids(chat: InternVLChat, req: TokenizeRequest, settings: ServerSetti
     return ids
 
 
-def check_stop_token_ids(params: SamplingParams, vocab: int) -> None:
-    """A stop token id the model cannot produce would never stop anything: a 400 naming it."""
+def check_token_ids(params: SamplingParams, vocab: int) -> None:
+    """Token ids the model does not have: a stop id would never stop anything, a logit_bias key has no logit
+    (vLLM refuses it too); a 400 naming them."""
     if bad := [i for i in params.stop_token_ids if i >= vocab]:
         raise ApiError(400, f"stop_token_ids must be in 0..{vocab - 1}, got {bad[:5]}", "stop_token_ids")
+    if bad := [i for i, _ in params.logit_bias if not 0 <= i < vocab]:
+        raise ApiError(400, f"logit_bias keys must be token ids in 0..{vocab - 1}, got {bad[:5]}", "logit_bias")
 
 
 def _answer_room(length: int, req: ChatRequest | CompletionRequest, settings: ServerSettings, max_len: int,
@@ -1151,7 +1183,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
         body = await read_json(request)
         check_model(body, model_name)
         req = parse_chat_request(body, settings)
-        check_stop_token_ids(req.params, chat.config.llm.vocab_size)
+        check_token_ids(req.params, chat.config.llm.vocab_size)
         prompt = await run_in_threadpool(build_prompt, chat, req, settings, worker.max_len)
         inbox, close = submit([prompt], req.n, req.params, req.logprobs, None if req.stream else req.prompt_logprobs)
         head = {"id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time()), "model": model_name}
@@ -1177,7 +1209,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
         body = await read_json(request)
         check_model(body, model_name)
         req = parse_completion_request(body, settings)
-        check_stop_token_ids(req.params, chat.config.llm.vocab_size)
+        check_token_ids(req.params, chat.config.llm.vocab_size)
         prompts = await run_in_threadpool(build_completion_prompts, chat, req, settings, worker.max_len)
         echoes = [(p if isinstance(p, str) else chat.tokenizer.decode(p, skip_special_tokens=False)) if req.echo
                   else "" for p in req.prompts]
