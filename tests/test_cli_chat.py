@@ -479,6 +479,22 @@ def test_chat_refuses_more_video_frames_than_the_context_holds_before_decoding(f
         cli_chat.chat("Hi", model=str(folder), device="cpu", video=str(tmp_path), num_segments=100000)
 
 
+def test_chat_counts_the_question_beside_the_video_frames_before_decoding(folder, tmp_path, monkeypatch):
+    """The frames fit the context, the question beside them does not: refused before a frame is decoded (the
+    question was counted only once the video was decoded)."""
+    from internvl_mpo import cli_chat
+    from internvl_mpo.errors import PromptTooLongError
+    from internvl_mpo.processor import video
+
+    for k in range(2):
+        Image.new("RGB", (32, 32), (k, 0, 0)).save(tmp_path / f"{k}.png")
+    monkeypatch.setattr(video, "load_video", lambda *args, **kwargs: pytest.fail("the frames were decoded"))
+    question = "Why" + "!" * InternVLChat.from_pretrained(folder).context
+    with pytest.raises(PromptTooLongError, match=r"^prompt is \d+ tokens \(\d+ of them image tokens\), longer than "
+                                                 r"the context allows: at most \d+; the video's 2 frames take 2 tiles"):
+        cli_chat.chat(question, model=str(folder), device="cpu", video=str(tmp_path), num_segments=2)
+
+
 def test_interactive_video_chat_decodes_the_video_once(folder, tmp_path, monkeypatch):
     import io
 

@@ -1296,11 +1296,20 @@ def test_video_frames_whose_tokens_alone_fill_the_context_are_refused_before_dec
         chat.prepare("What happens?", video=[Image.new("RGB", (8, 8))], num_segments=frames)
 
 
-def test_images_whose_tiles_alone_fill_the_context_are_refused_before_tiling(setup, monkeypatch, tmp_path):
+def refused_early(chat, lengths: tuple[int, int], hint: str):
+    """The early check's error: the final check's message (prompt and image tokens), then `hint`."""
+    length, image_tokens = lengths
+    return pytest.raises(InputError, match="^" + re.escape(
+        f"prompt is {length} tokens ({image_tokens} of them image tokens), longer than the context allows: at most "
+        f"{chat.context - 1}; {hint}") + "$")
+
+
+def test_images_whose_tiles_fill_the_context_are_refused_before_tiling(setup, monkeypatch, tmp_path):
     """The tile plan comes from each image's header: a 8192x1 strip with max_num 8192 plans an 8192x1 grid
     and its thumbnail (this model: 4 tokens a tile, a 32768-token context). Every image was tiled before
     the prompt was refused: at 448 pixels 2.4 MB a tile, so a long strip or several photos with a large
     max_num ran out of memory first."""
+    from internvl_mpo.chat.template import build_prompt_ids
     from internvl_mpo.processor import image
 
     class Tiled(Exception):
@@ -1311,33 +1320,109 @@ def test_images_whose_tiles_alone_fill_the_context_are_refused_before_tiling(set
 
     chat, _ = setup
     monkeypatch.setattr(image, "tiles_to_tensor", tiled)
-    fill = chat.context // chat.model.num_image_token
+    tokens = chat.model.num_image_token
+    fill = chat.context // tokens
     strip = Image.new("RGB", (fill, 1))
     path = tmp_path / "strip.png"
     strip.save(path)
 
-    def refused(counts):
-        tiles = sum(counts)
-        return pytest.raises(InputError, match=re.escape(
-            f"the images' {tiles} tiles ({counts} by image) take {tiles * chat.model.num_image_token} image tokens, "
-            f"leaving no room in the model's context of {chat.context}; pass a smaller max_num or total_max_num") + "$")
+    def refused(question, counts):
+        length = len(build_prompt_ids(chat.tokenizer, question, (), counts, num_image_token=tokens))
+        shown = str(counts) if len(counts) <= 10 else str(counts[:10])[:-1] + ", ...]"
+        return refused_early(chat, (length, sum(tokens * n + 2 for n in counts)),
+                             f"the images take {sum(counts)} tiles ({shown} by image; a smaller max_num or "
+                             "total_max_num gives fewer)")
 
     with open(path, "rb") as stream:
         for source in (strip, path, path.read_bytes(), stream):
-            with refused([fill + 1]):
+            with refused("What is this?", [fill + 1]):
                 chat.prepare("What is this?", images=[source], max_num=fill)
-    with refused([fill]):  # exactly the context: no room for the text
+    with refused("What is this?", [fill]):  # exactly the context: no room for the text
         chat.prepare("What is this?", images=[strip], max_num=fill - 1)
-    with pytest.raises(Tiled):  # one tile less: the text may still fit, the prompt check decides
+    with refused("What is this?", [fill - 1]):  # room for the image tokens, not for the text beside them
         chat.prepare("What is this?", images=[strip], max_num=fill - 2)
+    with pytest.raises(Tiled):  # room for both: the images are tiled
+        chat.prepare("What is this?", images=[strip], max_num=fill - 40)
     half = Image.new("RGB", (fill // 2, 1))
-    with refused([fill // 2 + 1, fill // 2 + 1]):  # several images count together
+    with refused("What are these?", [fill // 2 + 1, fill // 2 + 1]):  # several images count together
         chat.chat("What are these?", images=[half, half], max_num=fill)
     with pytest.raises(Tiled):  # a total budget that brings them under the context
         chat.chat("What are these?", images=[half, half], max_num=fill, total_max_num=fill // 2)
     many = Image.new("RGB", (fill // 11, 1))
-    with pytest.raises(InputError, match=re.escape(f"({[fill // 11 + 1] * 10}"[:-1] + ", ...] by image)")):
+    with refused("What are these?", [fill // 11 + 1] * 11):
         chat.chat("What are these?", images=[many] * 11, max_num=fill)
+
+
+def test_a_prompt_that_fits_exactly_is_accepted_and_one_token_more_is_refused_before_tiling(setup, monkeypatch):
+    """The images' tiles planned from their headers and the text tokenized (question, history, system
+    message, template) measure the prompt the final check measures: one that leaves exactly one position
+    of the context for the answer is accepted, one token longer is refused with the final check's numbers
+    before a tile is made (it was tiled first, 2.4 MB a tile at 448 pixels, and refused after)."""
+    from internvl_mpo.chat.template import build_prompt_ids
+    from internvl_mpo.errors import PromptTooLongError
+    from internvl_mpo.processor import image
+
+    chat, _ = setup
+    made = []  # the images tiled
+    tile = image.tiles_to_tensor
+    monkeypatch.setattr(image, "tiles_to_tensor", lambda *args: made.append(args[1].num_tiles) or tile(*args))
+    tokens = chat.model.num_image_token
+    history = [("Hello there, who are you?", "A small model.")]
+    system = "Answer briefly."
+
+    def length(question, tiles):
+        return len(build_prompt_ids(chat.tokenizer, question, history, [tiles], system, num_image_token=tokens))
+
+    text = length("", 1) - tokens  # the ids of the prompt around one image of no tile
+    tiles = (chat.context - 1 - text - 20) // tokens  # leaves 20 to 23 positions for the question
+    strip = Image.new("RGB", (tiles * 10, 1))  # a (tiles - 1) x 1 grid and its thumbnail with max_num tiles - 1
+    question = "Why"
+    while length(question, tiles) < chat.context - 1:
+        question += "!"
+    assert length(question, tiles) == chat.context - 1 and length(question + "!", tiles) == chat.context
+    kw = dict(history=history, max_num=tiles - 1, system_message=system)
+    assert len(chat.prepare(question, [strip], **kw).prompt_ids) == chat.context - 1
+    assert made == [tiles]
+    with refused_early(chat, (chat.context, tokens * tiles + 2), f"the images take {tiles} tiles ([{tiles}] by image; "
+                                                                  "a smaller max_num or total_max_num gives fewer)"):
+        chat.prepare(question + "!", [strip], **kw)
+    assert made == [tiles]
+    with pytest.raises(PromptTooLongError) as final:  # the final check (on tiles made already) gives the same numbers
+        chat.prepare(question + "!", chat.prepare(question, [strip], **kw).pixel_values, history=history,
+                     system_message=system)
+    assert str(final.value) == (f"prompt is {chat.context} tokens ({tokens * tiles + 2} of them image tokens), longer "
+                                f"than the context allows: at most {chat.context - 1}")
+
+
+def test_video_frames_tiled_with_max_num_are_counted_before_decoding(setup, monkeypatch, tmp_path):
+    """With max_num > 1 each frame takes the tiles its size plans (a 2:1 frame with max_num 2: 2 and a
+    thumbnail), counted from the frames' headers with the prompt's text before a frame is decoded. Only one
+    tile a frame was counted: these frames were decoded and tiled, then refused."""
+    from internvl_mpo.chat.template import build_prompt_ids
+    from internvl_mpo.processor import video
+
+    chat, _ = setup
+    decoded = []
+    load = video.load_video
+    monkeypatch.setattr(video, "load_video", lambda *args, **kwargs: decoded.append(1) or load(*args, **kwargs))
+    tokens = chat.model.num_image_token
+    frames = []
+    for k in range(3):
+        frames.append(tmp_path / f"frame{k}.png")
+        Image.new("RGB", (112, 56), (k, 0, 0)).save(frames[-1])
+    count = 2000
+    question = "".join(f"Frame{k + 1}: <image>\n" for k in range(count)) + "What happens?"
+    one, length = (len(build_prompt_ids(chat.tokenizer, question, (), [n] * count, num_image_token=tokens))
+                   for n in (1, 3))
+    assert count * tokens < one < chat.context <= length  # one tile a frame fits, three do not
+    hint = f"the video's {count} frames take {3 * count} tiles (a smaller num_segments or max_num gives fewer)"
+    for source in (frames, tmp_path):
+        with refused_early(chat, (length, (3 * tokens + 2) * count), hint):
+            chat.prepare("What happens?", video=source, num_segments=count, max_num=2)
+    assert not decoded
+    assert chat.prepare("What happens?", video=tmp_path, num_segments=count // 2, max_num=2).num_patches_list == (
+        [3] * (count // 2))
+    assert len(chat.prepare("What happens?", video=frames, num_segments=count).prompt_ids) == one
 
 
 def test_max_num_tiles_each_video_frame_as_the_official_load_video(setup):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 
 import pytest
@@ -245,8 +246,8 @@ def test_piecewise_encoding_equals_full_encoding(ours, hf, text, num_image_token
     assert spliced == ours.encode(expanded) == hf.encode(expanded, add_special_tokens=False)
 
 
-def test_whitespace_stripping_image_tokens_fall_back_to_full_encoding(tmp_path, folder):
-    """If `<img>`/`</img>` strip whitespace, splicing would be wrong; the full string is encoded."""
+def stripping_tokenizer(tmp_path, folder):
+    """The tokenizer files of `folder` copied with `<img>` stripping the whitespace before it, `</img>` after."""
     custom = tmp_path / "strip"
     shutil.copytree(folder, custom)
     config = json.loads((custom / "tokenizer_config.json").read_text())
@@ -257,6 +258,12 @@ def test_whitespace_stripping_image_tokens_fall_back_to_full_encoding(tmp_path, 
         if entry["content"] == "</img>":
             entry["rstrip"] = True
     (custom / "tokenizer_config.json").write_text(json.dumps(config))
+    return custom
+
+
+def test_whitespace_stripping_image_tokens_fall_back_to_full_encoding(tmp_path, folder):
+    """If `<img>`/`</img>` strip whitespace, splicing would be wrong; the full string is encoded."""
+    custom = stripping_tokenizer(tmp_path, folder)
     ours, hf = load_tokenizer(custom), transformers.AutoTokenizer.from_pretrained(custom)
     assert not ours.is_plain_added_token("<img>")
     text = "Look  <image>  here"
@@ -264,6 +271,28 @@ def test_whitespace_stripping_image_tokens_fall_back_to_full_encoding(tmp_path, 
     ids = encode_with_images(ours, text, [1], 4)
     assert ids == hf.encode(expanded, add_special_tokens=False)
     assert ours.decode(ids, skip_special_tokens=True) == "Lookhere"
+
+
+def test_prompt_length_is_the_length_of_the_prompt_ids_and_refuses_the_same(ours, tmp_path, folder):
+    """prompt_length measures a prompt from tile counts (InternVLChat checks it before tiling the images):
+    it must be len(build_prompt_ids) for every prompt, where the image tokens are spliced and where a
+    tokenizer whose image tokens strip whitespace encodes the whole prompt, and refuse what it refuses."""
+    from internvl_mpo.chat.template import prompt_length
+
+    stripping = load_tokenizer(stripping_tokenizer(tmp_path, folder))
+    cases = [("Describe.", (), [], None), ("Describe.", (), [3], None), (" Look  <image>  here ", (), [2], "Be brief."),
+             ("And this one?", [("<image>\nWhat is it?", "A <image> tag.")], [1], ""),
+             ("Compare.", (), [1, 5, 2], None), ("Frame1: <image>\nFrame2: <image>\nGo", (), [1, 1], None)]
+    for tokenizer in (ours, stripping):
+        for question, history, patches, system in cases:
+            for num_image_token in (1, 256):
+                ids = build_prompt_ids(tokenizer, question, history, patches, system, num_image_token=num_image_token)
+                assert prompt_length(tokenizer, question, history, patches, system, num_image_token) == len(ids)
+        for question, patches, message in (("<image> and <image>", [1], "the questions hold 2 <image> placeholder"),
+                                           ("Hi <IMG_CONTEXT>", [], "the text contains <IMG_CONTEXT> 1 time")):
+            for measure in (build_prompt_ids, prompt_length):
+                with pytest.raises(InputError, match=re.escape(message)):
+                    measure(tokenizer, question, (), patches)
 
 
 def _messages(*turns):

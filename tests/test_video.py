@@ -760,3 +760,44 @@ def test_a_video_file_without_a_video_stream_is_named_as_other_errors_name_it(tm
     with pytest.raises(InputError) as error:
         load_video(path)
     assert str(error.value) == repr(str(path)) + ": has no video stream"
+
+
+def test_planned_frame_tiles_are_the_tiles_load_video_makes(tmp_path):
+    """planned_frame_tiles reads a video file's stream, or the sampled frames' headers, and decodes nothing
+    (InternVLChat refuses frames too many for its context with it); its counts must be those load_video
+    makes. A 64x44 frame takes one tile with max_num 2, but turned upright by its display matrix (44x64) it
+    takes a 1x2 grid and a thumbnail: the one case where the planner decodes the first frame, to read it."""
+    from internvl_mpo.processor.video import planned_frame_tiles
+
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(available_encoder(), rate=FPS)
+        stream.width, stream.height = 64, 44
+        stream.pix_fmt = "yuvj420p" if stream.codec_context.name == "mjpeg" else "yuv420p"
+        for k in range(NUM_FRAMES):
+            for packet in stream.encode(av.VideoFrame.from_image(frame_image(k, 64, 44))):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    turned = tmp_path / "turned.mp4"
+    turned.write_bytes(path.read_bytes())
+    set_mp4_rotation(turned, (0, 1, -1, 0))
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    sizes = [(64, 44), (44, 64), (200, 30), (30, 30), (90, 40)]
+    frames = [frame_image(k, *size) for k, size in enumerate(sizes)]
+    for k, frame in enumerate(frames):
+        frame.save(folder / f"frame_{k}.png")
+    expected = {(path, 2): [1] * 4, (turned, 2): [3] * 4, (turned, 1): [1] * 4, (path, 6): [7] * 4}
+    for (source, max_num), tiles in expected.items():
+        assert planned_frame_tiles(source, 4, 56, max_num) == tiles
+        assert load_video(source, 4, image_size=56, max_num=max_num).num_patches_list == tiles
+    for source in (frames, folder, [folder / f"frame_{k}.png" for k in range(len(sizes))]):
+        for segments, max_num in ((4, 2), (7, 6), (2, 1)):
+            planned = planned_frame_tiles(source, segments, 56, max_num)
+            assert planned == load_video(source, segments, image_size=56, max_num=max_num).num_patches_list
+            assert len(set(planned)) > 1 or max_num == 1
+    with pytest.raises(InputError, match="exceeds the limit of 1000"):
+        planned_frame_tiles(path, max_pixels=1000)
+    with pytest.raises(InputError, match="gone.mp4: no such file"):
+        planned_frame_tiles(tmp_path / "gone.mp4")

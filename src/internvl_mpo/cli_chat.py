@@ -120,7 +120,8 @@ def chat(
     if video is not None:  # decoded once for the whole conversation (and refused before the first question)
         from .processor.video import load_video
 
-        bot.check_video_frames(num_segments)
+        bot.check_video_frames(video, num_segments, max_pixels=max_pixels, question=question or "",
+                               system_message=system)
         video = load_video(video, num_segments=num_segments, image_size=bot.config.image_size, max_pixels=max_pixels)
     if question is not None:
         _answer(bot, bot.prepare(question, images or None, video, None, max_num=_per_image(max_num, video), **inputs),

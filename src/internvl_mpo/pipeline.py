@@ -17,14 +17,21 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .chat.template import add_image_prefix, build_prompt_ids, get_template, holds_images
+from .chat.template import (
+    add_image_prefix,
+    build_prompt_ids,
+    check_prompt_length,
+    get_template,
+    holds_images,
+    prompt_length,
+)
 from .chat.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokenizer, load_tokenizer
 from .config import ModelConfig
 from .errors import InputError
@@ -140,26 +147,50 @@ class InternVLChat:
 
     # ---- inputs ---------------------------------------------------------------------------
 
-    def check_video_frames(self, num_segments) -> None:
-        """Refuse, before a frame is decoded, a number of video frames whose image tokens alone leave no
-        room in the model's context (a frame takes one tile at least): the frames were decoded and tiled
-        first (~2.4 MB a 448-pixel tile), so a huge count ran out of memory before the prompt was refused."""
+    def check_prompt(self, question: str, history: Sequence[tuple[str, str]] | None, num_patches_list: list[int],
+                     system_message: str | None = None, hint: str = "") -> None:
+        """Refuse, as `prepare` does and with its message (`hint` added), a prompt whose text and images of
+        `num_patches_list` tiles leave no room for a new token in the model's context. Only the text is
+        tokenized: called with tile counts planned from the images' headers, it refuses a prompt before a tile
+        is made (each ~2.4 MB at 448 pixels)."""
+        tokens = self.model.num_image_token
+        length = prompt_length(self.tokenizer, question, history or (), num_patches_list, system_message, tokens,
+                               self.config.template)
+        check_prompt_length(length, num_patches_list, self.context - 1, tokens, hint)
+
+    def check_video_frames(self, video, num_segments: int = 8, max_num: int = 1, max_pixels: int | None = None,
+                           question: str = "", history: Sequence[tuple[str, str]] | None = None,
+                           system_message: str | None = None) -> None:
+        """Refuse, before a frame is decoded, a video whose `num_segments` frames, tiled with `max_num` (the
+        tile counts planned from the stream's frame size or the frames' headers: `planned_frame_tiles`), leave
+        no room in the model's context beside the prompt's text (`check_prompt`; the question without images
+        gets the frames' prefix). A count whose frames alone fill the context (a frame takes one tile at least)
+        is refused before the video is opened."""
+        from .processor.video import planned_frame_tiles, video_prefix
+
         tokens = num_segments * self.model.num_image_token if isinstance(num_segments, int) else 0
         if tokens >= self.context:
             raise InputError(f"num_segments={num_segments}: its frames take {tokens} image tokens at least, "
                              f"leaving no room in the model's context of {self.context}")
+        planned = planned_frame_tiles(video, num_segments, self.config.image_size, max_num, max_pixels)
+        if not holds_images(question, history or ()):
+            question = video_prefix(len(planned)) + question
+        self.check_prompt(question, history, planned, system_message,
+                          f"; the video's {len(planned)} frames take {sum(planned)} tiles (a smaller num_segments"
+                          + (" or max_num gives fewer)" if max_num > 1 else " gives fewer)"))
 
     def load_images(
         self, images, max_num: int | None = None, total_max_num: int | None = None, num_patches_list=None,
-        max_pixels: int | None = None,
+        max_pixels: int | None = None, fits: Callable[[list[int], str], None] | None = None,
     ) -> tuple[torch.Tensor | None, list[int]]:
         """Tiles of every image, concatenated, and the tile count of each image.
 
         Each image gets `max_num` tiles at most (default: the config's max_dynamic_patch); with
         `total_max_num`, the per-image budget shrinks to max(1, total_max_num // n_images)
         (see processor/multi.py). Images over `max_pixels` pixels (default: Pillow's
-        decompression-bomb limit, about 89 million) are refused, and so are images whose tiles alone leave
-        no room in the model's context: planned from their headers, before a tile is made.
+        decompression-bomb limit, about 89 million) are refused. Files and PIL images are checked by `fits`
+        (a prompt's `check_prompt`, say) before a tile is made: it gets the tile counts they will have, planned
+        from their headers, and a hint naming them, and raises where they do not fit.
         Preprocessed tiles pass through: one tensor (N, 3, S, S), which `num_patches_list` splits
         into images (one image without it), or a list of such tensors, one per image (the tile
         budgets and `max_pixels` are refused beside them). With files or PIL images, or none, a
@@ -209,13 +240,11 @@ class InternVLChat:
             min_num=self.config.min_dynamic_patch, image_size=self.config.image_size,
             use_thumbnail=self.config.use_thumbnail, total_budget=total_max_num, max_pixels=max_pixels,
         )
-        planned = planned_tiles(items, **budgets)  # each tile ~2.4 MB at 448 pixels: refuse before making any
-        tokens = sum(planned) * self.model.num_image_token
-        if tokens >= self.context:
+        if fits is not None:  # each tile ~2.4 MB at 448 pixels: refuse before making any
+            planned = planned_tiles(items, **budgets)
             shown = str(planned) if len(planned) <= 10 else "[" + ", ".join(map(str, planned[:10])) + ", ...]"
-            raise InputError(f"the images' {sum(planned)} tiles ({shown} by image) take {tokens} image tokens, "
-                             f"leaving no room in the model's context of {self.context}; pass a smaller max_num "
-                             "or total_max_num")
+            fits(planned, f"; the images take {sum(planned)} tiles ({shown} by image; a smaller max_num or "
+                          "total_max_num gives fewer)")
         loaded = load_images(items, **budgets)
         if num_patches_list is not None and list(num_patches_list) != loaded.num_patches_list:
             raise InputError(f"num_patches_list {list(num_patches_list)} does not match the tiles of the images "
@@ -263,14 +292,17 @@ class InternVLChat:
                     raise InputError("max_num: the video is decoded already; pass it to load_video")
                 clip = video
             else:  # tiles per frame: the card's load_video(max_num=1) by default
-                self.check_video_frames(num_segments)
+                per_frame = 1 if max_num is None else max_num
+                self.check_video_frames(video, num_segments, per_frame, max_pixels, question, history, system_message)
                 clip = load_video(video, num_segments=num_segments, image_size=self.config.image_size,
-                                  max_num=1 if max_num is None else max_num, max_pixels=max_pixels)
+                                  max_num=per_frame, max_pixels=max_pixels)
             pixels, counts = clip.pixel_values, list(clip.num_patches_list)
             if not holds_images(question, history or ()):
                 question = clip.prefix + question
         else:
-            pixels, counts = self.load_images(images, max_num, total_max_num, num_patches_list, max_pixels)
+            pixels, counts = self.load_images(
+                images, max_num, total_max_num, num_patches_list, max_pixels,
+                fits=lambda planned, hint: self.check_prompt(question, history, planned, system_message, hint))
         ids = build_prompt_ids(
             self.tokenizer, question, history or (), counts, system_message,
             max_length=self.context - 1,

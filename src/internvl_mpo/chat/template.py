@@ -175,7 +175,7 @@ def _encode_pieces(
     tokenizer: Tokenizer, pieces: Sequence[str], num_patches_list: Sequence[int], num_image_token: int
 ) -> list[int]:
     """Ids of the text `pieces` with image k's tokens between pieces k and k + 1."""
-    if not all(tokenizer.is_plain_added_token(t) for t in (IMG_START, IMG_CONTEXT, IMG_END)):
+    if not _plain_image_tokens(tokenizer):
         return tokenizer.encode(_join_images(pieces, num_patches_list, num_image_token))
     piece_ids = [tokenizer.encode(piece) for piece in pieces]
     start, context, end = tokenizer.img_start_id, tokenizer.img_context_id, tokenizer.img_end_id
@@ -185,6 +185,11 @@ def _encode_pieces(
     return ids
 
 
+def _plain_image_tokens(tokenizer: Tokenizer) -> bool:
+    """Whether text on either side of the image tokens is tokenized independently of them (module docstring)."""
+    return all(tokenizer.is_plain_added_token(t) for t in (IMG_START, IMG_CONTEXT, IMG_END))
+
+
 def _refuse_typed_context(
     tokenizer: Tokenizer, ids: Sequence[int], num_patches_list: Sequence[int], num_image_token: int
 ) -> None:
@@ -192,6 +197,28 @@ def _refuse_typed_context(
     extra = ids.count(tokenizer.img_context_id) - num_image_token * sum(num_patches_list)
     if extra:
         raise InputError(f"the text contains {IMG_CONTEXT} {extra} time(s); it is reserved for image features")
+
+
+def _prompt_pieces(
+    question: str, history: Sequence[tuple[str, str]], num_patches_list: Sequence[int], system_message: str | None,
+    template: str,
+) -> list[str]:
+    """The `chat()` prompt's text, split where its questions place the images (an `<image>` in an answer stays
+    text); refused unless they place one for each entry of `num_patches_list`."""
+    question = add_image_prefix(question, len(num_patches_list), history)
+    tmpl = get_template(template)
+    messages = _chat_messages(tmpl, question, history)
+    pieces = [""]
+    for (role, _), text in zip([(None, None), *messages], tmpl.segments(messages, system_message)):
+        parts = text.split(IMAGE_PLACEHOLDER) if role == tmpl.roles[0] else [text]
+        pieces[-1] += parts[0]
+        pieces += parts[1:]
+    # Only the questions place images: an answer that says "<image>" (about HTML, say) stays text.
+    hint = "" if not history else (
+        "; pass the conversation's images again with every question" if len(pieces) - 1 > len(num_patches_list)
+        else f"; an image new to the conversation needs its {IMAGE_PLACEHOLDER} in the question")
+    _check_images(len(pieces) - 1, num_patches_list, "the questions hold", hint)
+    return pieces
 
 
 def build_prompt_ids(
@@ -210,30 +237,50 @@ def build_prompt_ids(
     the image prefix; on later turns the placeholders live in the stored question (pass it with its
     prefix, as `chat()` stores it) and are expanded again with the same `num_patches_list`.
     """
-    question = add_image_prefix(question, len(num_patches_list), history)
-    tmpl = get_template(template)
-    messages = _chat_messages(tmpl, question, history)
-    # Only the questions place images: an answer that says "<image>" (about HTML, say) stays text.
-    pieces = [""]
-    for (role, _), text in zip([(None, None), *messages], tmpl.segments(messages, system_message)):
-        parts = text.split(IMAGE_PLACEHOLDER) if role == tmpl.roles[0] else [text]
-        pieces[-1] += parts[0]
-        pieces += parts[1:]
-    hint = "" if not history else (
-        "; pass the conversation's images again with every question" if len(pieces) - 1 > len(num_patches_list)
-        else f"; an image new to the conversation needs its {IMAGE_PLACEHOLDER} in the question")
-    _check_images(len(pieces) - 1, num_patches_list, "the questions hold", hint)
+    pieces = _prompt_pieces(question, history, num_patches_list, system_message, template)
     ids = _encode_pieces(tokenizer, pieces, num_patches_list, num_image_token)
     if tokenizer.add_bos_token:  # the official chat() tokenizes the prompt with the tokenizer's BOS
         ids = [tokenizer.bos_id, *ids]
     _refuse_typed_context(tokenizer, ids, num_patches_list, num_image_token)
-    if max_length is not None and len(ids) > max_length:
-        image_tokens = sum(num_image_token * tiles + 2 for tiles in num_patches_list)
-        raise PromptTooLongError(
-            f"prompt is {len(ids)} tokens ({image_tokens} of them image tokens), longer than the context"
-            f" allows: at most {max_length}"
-        )
+    check_prompt_length(len(ids), num_patches_list, max_length, num_image_token)
     return ids
+
+
+def prompt_length(
+    tokenizer: Tokenizer,
+    question: str,
+    history: Sequence[tuple[str, str]] = (),
+    num_patches_list: Sequence[int] = (),
+    system_message: str | None = None,
+    num_image_token: int = NUM_IMAGE_TOKEN,
+    template: str = "internvl2_5",
+) -> int:
+    """`len(build_prompt_ids(...))` (refused as it refuses the prompt, but for its length), from tile counts
+    alone: only the text is tokenized, so the prompt can be measured before its images are tiled. Where the
+    image tokens are not plain added tokens the whole prompt is tokenized, as build_prompt_ids does then."""
+    pieces = _prompt_pieces(question, history, num_patches_list, system_message, template)
+    if not _plain_image_tokens(tokenizer):
+        return len(build_prompt_ids(tokenizer, question, history, num_patches_list, system_message,
+                                    num_image_token=num_image_token, template=template))
+    text = [tokenizer.encode(piece) for piece in pieces]
+    _refuse_typed_context(tokenizer, [i for ids in text for i in ids], (), num_image_token)
+    return sum(map(len, text)) + _image_ids(num_patches_list, num_image_token) + int(tokenizer.add_bos_token)
+
+
+def _image_ids(num_patches_list: Sequence[int], num_image_token: int) -> int:
+    """Ids the images take in a prompt: `<img>`, num_image_token a tile, `</img>`."""
+    return sum(num_image_token * tiles + 2 for tiles in num_patches_list)
+
+
+def check_prompt_length(length: int, num_patches_list: Sequence[int], max_length: int | None,
+                        num_image_token: int = NUM_IMAGE_TOKEN, hint: str = "") -> None:
+    """Refuse a prompt of `length` ids (its images' tiles: `num_patches_list`) longer than `max_length`;
+    `hint` ends the message (what to change)."""
+    if max_length is not None and length > max_length:
+        raise PromptTooLongError(
+            f"prompt is {length} tokens ({_image_ids(num_patches_list, num_image_token)} of them image tokens), "
+            f"longer than the context allows: at most {max_length}{hint}"
+        )
 
 
 def _assistant_labels(ids: list[int], header_ids: list[int]) -> list[int]:

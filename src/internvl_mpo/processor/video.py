@@ -82,6 +82,8 @@ from internvl_mpo.processor.image import (
     refuse_url,
     source_name,
 )
+from internvl_mpo.processor.multi import planned_tiles
+from internvl_mpo.processor.tiling import plan_tiles
 
 FrameSource = str | os.PathLike | Sequence[str | os.PathLike | Image.Image]
 
@@ -111,6 +113,11 @@ def _bound_seconds(bound) -> tuple[float, float] | None:
     return start, end
 
 
+def _check_segments(num_segments) -> None:
+    if not (isinstance(num_segments, numbers.Integral) and num_segments >= 1):
+        raise InputError(f"num_segments must be a whole number >= 1, got {num_segments!r}")
+
+
 def get_index(
     bound: tuple[float, float] | None,
     fps: float,
@@ -119,8 +126,7 @@ def get_index(
     num_segments: int = 32,
 ) -> list[int]:
     """Indices of `num_segments` frames spread evenly over `bound` (seconds) or the whole video."""
-    if not (isinstance(num_segments, numbers.Integral) and num_segments >= 1):
-        raise InputError(f"num_segments must be a whole number >= 1, got {num_segments!r}")
+    _check_segments(num_segments)
     bound = _bound_seconds(bound)
     if bound and not (_finite(fps) and fps > 0):
         raise InputError(f"fps must be a number > 0 to turn the bound {bound} (seconds) into frames, got {fps!r}")
@@ -337,16 +343,67 @@ def _video_stream(container):
     return best if best in videos else next(iter(videos), None)
 
 
+def _checked_stream(av, container, name: str, max_pixels: int | None):
+    """The video stream to read (`_video_stream`); refused, before a frame is decoded, when there is none, its
+    codec cannot be decoded, or its frames have more than `max_pixels` pixels."""
+    stream = _video_stream(container)
+    if stream is None:
+        raise InputError(f"{name}: has no video stream" + (" (only a cover picture)" if container.streams.video else ""))
+    if stream.codec_context is None:
+        raise InputError(f"{name}: its video codec is one this FFmpeg (PyAV {av.__version__}) cannot decode")
+    check_pixels(stream.width, stream.height, max_pixels, name)
+    return stream
+
+
+def _stream_frame_tiles(path: str, max_num: int, image_size: int, max_pixels: int | None) -> int:
+    """The tiles of each frame of a video file, planned from its stream's frame size. The display matrix that
+    turns a frame (`_upright`) comes only with decoded frames, so where turning the frame changes its tile
+    count the first frame is decoded to read it (never with max_num 1: one tile whatever the shape)."""
+    av = _import_av()
+    name = source_name(path)
+    with _open_container(av, path) as container:
+        stream = _checked_stream(av, container, name, max_pixels)
+        width, height = stream.width, stream.height
+        stored, turned = (plan_tiles(w, h, 1, max_num, image_size).num_tiles for w, h in ((width, height),
+                                                                                            (height, width)))
+        if stored == turned:
+            return stored
+        try:
+            first = next(container.decode(stream), None)
+        except av.error.FFmpegError:  # a damaged start: load_video says how
+            first = None
+        return turned if first is not None and first.rotation in (90, -90) else stored
+
+
+def planned_frame_tiles(
+    src: FrameSource, num_segments: int = 8, image_size: int = 448, max_num: int = 1, max_pixels: int | None = None
+) -> list[int]:
+    """The tile count of each frame `load_video(src, num_segments, image_size=..., max_num=...)` samples (no
+    bound), planned before the frames are decoded, so a caller can refuse frames too many for its context
+    first: from a video file's stream (all its frames have the size it gives; at most its first frame is
+    decoded, `_stream_frame_tiles`), from the headers of the sampled frames of a folder or list
+    (`planned_tiles`: a file object that cannot seek counts one tile). Refused as load_video refuses the
+    video before decoding it."""
+    _check_segments(num_segments)
+    if isinstance(src, (str, os.PathLike)):
+        refuse_url(src)
+        if not os.path.isdir(src):
+            return [_stream_frame_tiles(os.fspath(src), max_num, image_size, max_pixels)] * num_segments
+        src = _frame_files(Path(src))
+    if not isinstance(src, Sequence) or isinstance(src, (bytes, bytearray)) or not src:
+        return [1] * num_segments  # load_video refuses it, saying why
+    indices = get_index(None, 1.0, len(src) - 1, num_segments=num_segments)
+    distinct = sorted(set(indices))
+    tiles = dict(zip(distinct, planned_tiles([src[i] for i in distinct], max_num, image_size=image_size,
+                                             max_pixels=max_pixels)))
+    return [tiles[i] for i in indices]
+
+
 def _read_video(path: str, num_segments: int, bound, max_pixels: int | None) -> tuple[list[Image.Image], list[int]]:
     av = _import_av()
     name = source_name(path)
     with _open_container(av, path) as container:
-        stream = _video_stream(container)
-        if stream is None:
-            raise InputError(f"{name}: has no video stream" + (" (only a cover picture)" if container.streams.video else ""))
-        if stream.codec_context is None:
-            raise InputError(f"{name}: its video codec is one this FFmpeg (PyAV {av.__version__}) cannot decode")
-        check_pixels(stream.width, stream.height, max_pixels, name)  # before a frame is decoded
+        stream = _checked_stream(av, container, name, max_pixels)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
         seekable = stream.codec_context.codec.canonical_name in _SEEKABLE.get(container.format.name, ())
