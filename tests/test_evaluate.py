@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from internvl_mpo.answers import COT_INSTRUCTION
-from internvl_mpo.errors import InputError
+from internvl_mpo.errors import ConfigError, InputError
 from internvl_mpo.evaluate import Prompt, build_prompt, read_benchmark, run_eval
 
 MCQ = "Answer with the option's letter from the given choices directly."
@@ -172,7 +172,6 @@ def test_resume_asks_again_where_an_image_file_was_edited_in_place(tmp_path):
 def test_the_settings_record_a_local_model_folder_by_its_resolved_path_and_a_hub_id_as_typed(tmp_path, monkeypatch):
     """settings.json kept --model as typed: resuming with ./m, m/ or /abs/m was refused as another model,
     and a model m in another folder was taken for the same one."""
-    from internvl_mpo.errors import ConfigError
 
     data = write_bench(tmp_path / "data")
     (tmp_path / "m").mkdir()
@@ -251,6 +250,25 @@ def test_bad_flags_and_another_runs_folder_are_refused_before_the_model_loads(tm
     assert f"error: {out} holds a run with other settings (model)" in capsys.readouterr().err
     assert main([*base, "--cot"]) != 0
     assert f"error: {out} holds a run with other settings (cot, model)" in capsys.readouterr().err
+
+
+def test_a_folder_holding_predictions_of_no_eval_run_is_refused_and_left_alone(tmp_path, capsys):
+    """An `--output` folder without settings.json was taken for a new run: predictions.jsonl and score.json
+    found there (another tool's) were read as this run's and overwritten."""
+    from internvl_mpo.cli import main
+
+    data = write_bench(tmp_path / "data")
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "predictions.jsonl").write_text('{"id": "1", "response": "mine"}\n')
+    assert main(["eval", "--model", str(tmp_path / "no-model"), "--data", str(data), "--output", str(out),
+                 "--device=cpu"]) != 0
+    assert f"error: {out} holds predictions.jsonl but no settings.json of a pairs or eval run" in capsys.readouterr().err
+    (out / "score.json").write_text("{}\n")
+    with pytest.raises(ConfigError, match="holds predictions.jsonl, score.json but no settings.json"):
+        run_eval(data, FakeAnswerer(DIRECT), out)
+    assert (out / "predictions.jsonl").read_text() == '{"id": "1", "response": "mine"}\n'
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.jsonl", "score.json"]
 
 
 def test_a_question_that_cannot_run_counts_wrong_and_is_not_retried(tmp_path):

@@ -339,6 +339,25 @@ def test_bad_sampling_flags_and_another_runs_folder_are_refused_before_the_model
     assert f"error: {out} holds a run with other settings (model)" in capsys.readouterr().err
 
 
+def test_a_folder_holding_files_of_no_pairs_run_is_refused_and_left_alone(tmp_path, capsys):
+    """`--output` named a folder of the user's own (the data folder, with its MMPR meta.json): it had no
+    settings.json, so the run took it for a new one and overwrote meta.json with its own."""
+    from internvl_mpo.cli import main
+
+    items_path = write_items(tmp_path / "data")
+    out = items_path.parent
+    (out / "meta.json").write_text('{"mine": {"root": ".", "annotation": "mine.jsonl"}}\n')
+    base = ["pairs", "correctness", "--model", str(tmp_path / "no-model"), "--input", str(items_path),
+            "--output", str(out), "--device=cpu"]
+    assert main(base) != 0
+    assert f"error: {out} holds meta.json but no settings.json of a pairs or eval run; use another output folder" in (
+        capsys.readouterr().err)
+    with pytest.raises(ConfigError, match="holds meta.json but no settings.json"):
+        make_correctness_pairs(items_path, out, FakeSampler(), SETTINGS)
+    assert (out / "meta.json").read_text() == '{"mine": {"root": ".", "annotation": "mine.jsonl"}}\n'
+    assert not (out / "settings.json").exists()
+
+
 def test_a_run_in_another_precision_is_refused_before_the_model_loads(tmp_path, capsys):
     """--dtype was not recorded: a resume in another precision mixed its samples with the first run's."""
     from internvl_mpo.cli import main

@@ -79,6 +79,7 @@ MCQ_INSTRUCTION_ZH = "请直接回答选项字母。"
 SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
 TOTAL_MAX_NUM = 64  # VLMEvalKit's cap on tiles over all images of one question
 IMAGE_REFERENCE_CHARS = 64  # a TSV image cell this short names another row's image
+RUN_FILES = ("predictions.jsonl", "score.json")  # written into the output folder beside settings.json
 CIRCULAR_OFFSET = 10**6  # an MMBench TSV's row i + k * 10**6 is question i with its options rotated k times
 _MISSING = {"", "nan", "NaN"}
 
@@ -379,7 +380,7 @@ def run_eval(
         items = items[:limit]
     out = Path(output) if output else default_output(data, cot)
     make_output_folder(out)
-    check_settings(out / "settings.json", run_identity(data, cot, settings))
+    check_settings(out / "settings.json", run_identity(data, cot, settings), RUN_FILES)
     progress = Progress(out / "predictions.jsonl")
     done = progress.load()
     # A stored prediction counts only for the same question: ids may be line numbers, and a data file
@@ -490,7 +491,7 @@ def eval_(
     device = default_device(device)
     settings = {"model": model, "max_num": max_num, "max_new_tokens": max_new_tokens,
                 "dtype": run_dtype(dtype, device, model)}
-    check_settings(out / "settings.json", run_identity(data, cot, settings), record=False)
+    check_settings(out / "settings.json", run_identity(data, cot, settings), RUN_FILES, record=False)
     chat = InternVLChat.from_pretrained(model, dtype=dtype, device=device)
     score = run_eval(data, model_answerer(chat, max_num, params), out, cot, batch_size, limit, settings, items)
     for failure in score["failed"]:

@@ -80,6 +80,7 @@ METHODS = (CORRECTNESS, DROPOUT_NTP)
 MIN_NEW_TOKENS = {CORRECTNESS: 1, DROPOUT_NTP: 5}
 LARGE_FILE_RESPONSES = 500_000  # above this many responses the official keeps 3 pairs per question
 LARGE_FILE_MAX_PAIRS = 3
+RUN_FILES = ("meta.json", "progress.jsonl")  # written into the output folder beside settings.json and the pairs
 
 
 @dataclass(frozen=True)
@@ -384,10 +385,15 @@ def changed_settings(earlier: dict, now: dict, ignore: Sequence[str] = ()) -> li
     return sorted(k for k in earlier.keys() | now.keys() if k not in ignore and earlier.get(k) != now.get(k))
 
 
-def check_settings(path: Path, identity: dict, record: bool = True) -> None:
-    """Refuse a folder that holds a run with other settings; a new folder gets these (`record`: False
+def check_settings(path: Path, identity: dict, writes: Sequence[str], record: bool = True) -> None:
+    """Refuse a folder that holds a run with other settings, or without settings one of the files the run
+    `writes` there (the user's own: they would be overwritten); a new folder gets these (`record`: False
     before a model loads, so that a load that fails leaves nothing behind). The model is compared by
     `model_key`; one recorded as typed (before 2026-12-03) is read against the current folder."""
+    found = [name for name in writes if (path.parent / name).exists()]
+    if found and not path.exists():
+        raise ConfigError(f"{path.parent} holds {', '.join(found)} but no {path.name} of a pairs or eval run; "
+                          "use another output folder")
     if path.exists():
         earlier = read_settings(path, "pairs or eval", "output folder")
         if isinstance(earlier.get("model"), str):
@@ -512,7 +518,7 @@ def make_correctness_pairs(
     input_path, out = Path(input), Path(output)
     items = read_items(input_path, CORRECTNESS) if items is None else items
     make_output_folder(out)
-    check_settings(out / "settings.json", settings.identity(CORRECTNESS, input_path))
+    check_settings(out / "settings.json", settings.identity(CORRECTNESS, input_path), RUN_FILES)
 
     def inputs(it: Item) -> dict:
         return {"question": correctness_prompt(it), "images": list(it.images)}
@@ -582,7 +588,7 @@ def make_dropout_ntp_pairs(
     input_path, out = Path(input), Path(output)
     items = read_items(input_path, DROPOUT_NTP) if items is None else items
     make_output_folder(out)
-    check_settings(out / "settings.json", settings.identity(DROPOUT_NTP, input_path))
+    check_settings(out / "settings.json", settings.identity(DROPOUT_NTP, input_path), RUN_FILES)
 
     def inputs(it: Item) -> dict:
         return {"question": text_only_question(it.question), "prefix": truncate_words(it.chosen, settings.start_ratio)}
@@ -748,7 +754,7 @@ def pairs(
                             start_ratio, model, run_dtype(dtype, device, model))
     items = read_items(input, method)  # fail on a bad file or output folder before loading the model
     check_output_folder(Path(output))
-    check_settings(Path(output) / "settings.json", settings.identity(method, Path(input)), record=False)
+    check_settings(Path(output) / "settings.json", settings.identity(method, Path(input)), RUN_FILES, record=False)
     generator = ModelGenerator(InternVLChat.from_pretrained(model, dtype=dtype, device=device), settings)
     if method == CORRECTNESS:
         stats = make_correctness_pairs(input, output, generator.sample, settings, items)
