@@ -254,6 +254,23 @@ def test_non_utf8_line(tmp_path, root):
         read_records(DatasetSpec("b", root, str(path)), 0)
 
 
+def test_files_saved_with_a_byte_order_mark_read_as_without(tmp_path, root):
+    """Windows editors save "UTF-8 with BOM": the meta.json was refused as not valid JSON and the first
+    line of an annotation or SFT file as malformed, where `pairs` and `eval` read the same files."""
+    bom = b"\xef\xbb\xbf"
+    ann = tmp_path / "ann.jsonl"
+    ann.write_bytes(bom + b"".join(json.dumps(_pair(k)).encode() + b"\n" for k in range(2)))
+    meta = tmp_path / "meta.json"
+    meta.write_bytes(bom + json.dumps({"ds": {"root": root, "annotation": str(ann), "repeat_time": 1}}).encode())
+    records, _ = read_datasets(load_meta(str(meta)))
+    assert sorted(r.question for r in records) == ["q0", "q1"]
+    sft = tmp_path / "sft.jsonl"
+    sft.write_bytes(bom + json.dumps({"conversations": [{"from": "human", "value": "hi"},
+                                                        {"from": "gpt", "value": "yo"}]}).encode() + b"\n")
+    (record,) = read_sft_records(str(sft), root)
+    assert record.conversations[0] == {"from": "human", "value": "hi"}
+
+
 def test_skip_bad_counts_and_keeps_first_messages(tmp_path, root):
     lines = [_pair(0)] + ["{oops"] * 4 + [_pair(0, image="nope.jpg")] * 3 + [json.dumps({"question": "q"})] + [_pair(9)]
     spec = _spec(tmp_path, root, lines, repeat_time=2.0)

@@ -31,6 +31,7 @@ name (or any key) given twice in meta.json, of which `json.load` keeps the last 
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import random
@@ -151,7 +152,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def load_meta(meta_path: str, base_dir: str | None = None) -> list[DatasetSpec]:
     """Read a meta.json into specs, in file order. Relative paths resolve against `base_dir` (cwd)."""
     try:
-        with open(meta_path, encoding="utf-8") as f:
+        with open(meta_path, encoding="utf-8-sig") as f:  # a byte order mark (Windows editors) is dropped
             meta = json.load(f, object_pairs_hook=_unique_keys)
     except FileNotFoundError:
         raise InputError(f"{meta_path}: meta file not found") from None
@@ -221,10 +222,11 @@ def write_meta(path: str, datasets: list[DatasetSpec]) -> None:
 
 
 def _read_lines(path: str) -> list[bytes]:
-    """Raw lines as `readlines()` splits them on '\\n' (a trailing newline adds no line)."""
+    """Raw lines as `readlines()` splits them on '\\n' (a trailing newline adds no line; a leading byte order
+    mark, which Windows editors write, is dropped, as `jsonl.read_objects` drops it)."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read().removeprefix(codecs.BOM_UTF8)
     except FileNotFoundError:
         raise InputError(f"{path}: annotation file not found") from None
     except IsADirectoryError:
