@@ -568,6 +568,23 @@ def test_interactive_image_command_takes_a_quoted_path_and_a_tilde(folder, tmp_p
     assert "error" not in err and f"added {tmp_path / 'my pics' / 'red.png'}; " in err and "with 2 image(s)" in err
 
 
+def test_chat_names_the_flag_of_a_limit_an_image_is_over(folder, monkeypatch, capsys):
+    """`chat` said "a larger max_pixels" where its user types --max-pixels: for --image, and for /image."""
+    import io
+
+    from internvl_mpo import cli_chat
+    from internvl_mpo.cli import main
+
+    red = folder.parent / "red.png"
+    message = f"{red}: 90x50 = 4500 pixels exceeds the limit of 1000 (possible decompression bomb; a larger " \
+              "--max-pixels allows it)"
+    assert main(["chat", "Hi", "--model", str(folder), "--image", str(red), "--max-pixels", "1000"]) == 1
+    assert capsys.readouterr().err == f"internvl-mpo chat: error: {message}\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {red}\n"))
+    assert cli_chat.chat(model=str(folder), device="cpu", max_pixels=1000) == 0
+    assert f"error: {message}\n" in capsys.readouterr().err
+
+
 def test_interactive_reset_says_the_conversation_starts_over(folder, monkeypatch, capsys):
     """/reset drops the images and the turns, and says so, as /image does (it printed nothing)."""
     import io

@@ -1,5 +1,7 @@
 """`tiles_report`: grid, tile count and token cost against the published tiling rule, and the PNG."""
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -136,3 +138,26 @@ def test_png_for_more_tiles_than_the_picture_can_show(tmp_path):
     assert report["grid"] == (1, 1100) and report["tiles"] == 1101
     picture = Image.open(out)
     assert picture.height <= PREVIEW_MAX_SIDE + 200 and picture.width < 1000
+
+
+def test_cli_tiles_errors_name_the_flags_and_python_the_parameters(tmp_path, capsys):
+    """`tiles` said max_num where its user typed --max-num (and max_pixels for --max-pixels)."""
+    from internvl_mpo.cli import main
+
+    path = str(save(tmp_path, 600, 400))
+    for flags, message in (
+        (["--max-num", "0"], "--max-num must be a whole number >= 1, got 0"),
+        (["--min-num", "0"], "--min-num must be a whole number >= 1, got 0"),
+        (["--min-num", "3", "--max-num", "2"], "tile counts need 1 <= --min-num <= --max-num, got --min-num=3, "
+                                               "--max-num=2"),
+        (["--max-pixels", "1000"], f"{path}: 600x400 = 240000 pixels exceeds the limit of 1000 (possible "
+                                   "decompression bomb; a larger --max-pixels allows it)"),
+        (["--max-pixels", "-1"], "--max-pixels must be a whole number of pixels, got -1"),
+    ):
+        assert main(["tiles", path, "--output", str(tmp_path / "t.png"), *flags]) == 1
+        assert capsys.readouterr().err == f"internvl-mpo tiles: error: {message}\n"
+    for settings, message in ((dict(max_num=0), "max_num must be a whole number >= 1, got 0"),
+                              (dict(min_num=3, max_num=2), "1 <= min_num <= max_num, got min_num=3, max_num=2"),
+                              (dict(max_pixels=1000), "(possible decompression bomb; a larger max_pixels allows it)")):
+        with pytest.raises(InputError, match=re.escape(message)):
+            tiles_report(path, **settings)

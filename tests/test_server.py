@@ -318,6 +318,29 @@ def test_max_image_pixels_above_pillows_limit_is_honoured(server, monkeypatch):
     assert reply.status_code == 200, reply.text
 
 
+def test_an_image_over_the_pixel_limit_names_the_server_flag_that_raises_it(server, monkeypatch):
+    """The limit is the server's --max-image-pixels; the error said "pass a larger max_pixels", which no
+    request can pass."""
+    import uvicorn
+    from starlette.testclient import TestClient
+
+    apps = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: apps.append(self.config.app))
+    serve(model=str(server[1]), port=0, device="cpu", max_batch=1, max_len=1024, max_image_pixels=4000)
+    buffer = io.BytesIO()
+    Image.new("RGB", (90, 50), "red").save(buffer, format="PNG")  # 4500 pixels
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    content = [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": url}}]
+    with TestClient(apps[0]) as client:
+        reply = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}],
+                                                          "max_tokens": 1})
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert error["param"] == "messages[0].content[1].image_url" and error["message"] == (
+        f"messages[0].content[1].image_url: <{len(buffer.getvalue())} bytes>: 90x50 = 4500 pixels exceeds the limit of 4000 "
+        "(possible decompression bomb; a larger --max-image-pixels of internvl-mpo serve allows it)")
+
+
 def test_the_served_name_defaults_to_the_model_as_given_or_the_demo_name(server, monkeypatch):
     import uvicorn
     from starlette.testclient import TestClient

@@ -155,11 +155,24 @@ def _main(argv: list[str] | None) -> int:
     try:
         result = fn(*positional, **args)
     except InternVLError as e:
-        print(f"internvl-mpo {name}: error: {e}", file=sys.stderr)
+        print(f"internvl-mpo {name}: error: {flagged(e, fn)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     return int(result or 0)
+
+
+def flagged(error: Exception, fn) -> Exception:
+    """`error` naming the settings of command `fn` by their flags (`max_num` -> `--max-num`), where it is a
+    SettingError (one that names settings)."""
+    from .errors import SettingError
+
+    if not isinstance(error, SettingError):
+        return error
+    params = inspect.signature(fn).parameters.values()  # the flags are those build_parser makes
+    flags = [p.name for p in params if p.kind is not inspect.Parameter.POSITIONAL_ONLY
+             and (p.default is not inspect.Parameter.empty or p.kind is inspect.Parameter.KEYWORD_ONLY)]
+    return error.named({name: "--" + name.replace("_", "-") for name in flags})
 
 
 def default_model() -> Path:

@@ -102,6 +102,7 @@ def chat(
     max_pixels: refuse images (and frames) with more pixels (default: Pillow's limit, about 89 M)
     """
     from .checkpoint import default_device
+    from .cli import flagged
     from .pipeline import InternVLChat, sampling_params
     from .processor.image import let_pillow_open, open_image
 
@@ -155,7 +156,7 @@ def chat(
             try:
                 open_image(path, max_pixels).close()  # refuse what is not an image now, not at every later question
             except InputError as e:
-                print(f"error: {e}", file=sys.stderr)
+                print(f"error: {flagged(e, chat)}", file=sys.stderr)
                 continue
             images.append(path)
             history = []  # a new image starts a new conversation
@@ -170,7 +171,8 @@ def chat(
             history.append((prepared.question, _answer(bot, prepared, params)))
         except InputError as e:
             too_long = history and isinstance(e, PromptTooLongError)
-            print(f"error: {e}{' (earlier turns count: /reset starts over)' if too_long else ''}", file=sys.stderr)
+            print(f"error: {flagged(e, chat)}{' (earlier turns count: /reset starts over)' if too_long else ''}",
+                  file=sys.stderr)
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session (Ctrl-C at the prompt quits)
             print()
             print("(interrupted; that question is left out of the conversation)", file=sys.stderr)

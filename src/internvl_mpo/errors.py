@@ -1,5 +1,7 @@
 """Exceptions raised for bad input. Each names the file or value at fault."""
 
+from collections.abc import Mapping
+
 
 class InternVLError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -26,6 +28,21 @@ class SaveError(CheckpointError):
 
 class InputError(InternVLError, ValueError):
     """A bad image, video, prompt or data record given by a user."""
+
+
+class SettingError(InputError):
+    """Bad input that a setting changes (a pixel limit, a tile count), or a bad setting. The message names
+    each setting as the Python parameter (`max_pixels`); `named` gives the same error with the names another
+    surface's user knows: a command's flag (`--max-pixels`), a server's flag. `parts` alternate text and
+    setting names: text, setting, text, ..."""
+
+    def __init__(self, *parts: str):
+        super().__init__("".join(parts))
+        self.parts = parts
+
+    def named(self, names: Mapping[str, str]) -> "SettingError":
+        """This error with each setting that `names` holds named as it says."""
+        return SettingError(*(names.get(part, part) if i % 2 else part for i, part in enumerate(self.parts)))
 
 
 class PromptTooLongError(InputError):

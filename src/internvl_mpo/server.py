@@ -77,7 +77,7 @@ import torch
 from .chat.template import IMAGE_PLACEHOLDER, build_prompt_ids, get_template
 from .chat.tokenizer import IMG_CONTEXT, Tokenizer
 from .checkpoint import default_device
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, SettingError
 from .generate.engine import MAX_TOP_LOGPROBS, Generation, Request
 from .generate.sampling import SamplingParams
 from .pipeline import InternVLChat, TextAssembler
@@ -727,7 +727,9 @@ def chat_prompt_ids(chat: InternVLChat, req: ChatRequest, settings: ServerSettin
             tiles.append(load_image(raw, max_num=per_image, min_num=config.min_dynamic_patch,
                                     image_size=config.image_size, use_thumbnail=config.use_thumbnail,
                                     max_pixels=settings.max_image_pixels))
-        except InputError as e:
+        except InputError as e:  # the pixel limit is the server's: its operator changes it
+            if isinstance(e, SettingError):
+                e = e.named({"max_pixels": "--max-image-pixels of internvl-mpo serve"})
             raise ApiError(400, f"{param}: {e}", param, "invalid_image") from None
     try:
         ids = build_prompt_ids(chat.tokenizer, req.question, req.history, [t.shape[0] for t in tiles],

@@ -43,7 +43,7 @@ import PIL
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from internvl_mpo.errors import InputError
+from internvl_mpo.errors import InputError, SettingError
 from internvl_mpo.processor.tiling import TilePlan, plan_tiles
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -117,7 +117,7 @@ def refuse_url(src: object) -> None:
 
 def _limit(max_pixels: int | None) -> int | None:
     if max_pixels is not None and not (isinstance(max_pixels, numbers.Integral) and max_pixels >= 0):
-        raise InputError(f"max_pixels must be a whole number of pixels, got {max_pixels!r}")
+        raise SettingError("", "max_pixels", f" must be a whole number of pixels, got {max_pixels!r}")
     return Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
 
 
@@ -159,8 +159,8 @@ def _open_pil(src: BinaryIO | bytes | bytearray, name: str, max_pixels: int | No
     except Image.DecompressionBombError as e:
         pillows = 2 * Image.MAX_IMAGE_PIXELS  # Pillow raises only past twice its limit
         if _limit(max_pixels) <= pillows:  # the caller's limit refuses it too: name that one, as check_pixels does
-            raise InputError(f"{name}: more than {pillows} pixels, over the limit of {_limit(max_pixels)} (possible "
-                             "decompression bomb; pass a larger max_pixels to allow it)") from None
+            raise SettingError(f"{name}: more than {pillows} pixels, over the limit of {_limit(max_pixels)} "
+                               "(possible decompression bomb; a larger ", "max_pixels", " allows it)") from None
         raise InputError(
             f"{name}: refused as a possible decompression bomb ({e}); raise PIL.Image.MAX_IMAGE_PIXELS "
             "to open images this large"
@@ -225,10 +225,8 @@ def check_pixels(width: int, height: int, max_pixels: int | None, name: str) -> 
     """Refuse a picture (an image, a video's frames) of more than `max_pixels` pixels (default: Pillow's limit)."""
     limit = _limit(max_pixels)
     if limit is not None and width * height > limit:
-        raise InputError(
-            f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {limit} "
-            "(possible decompression bomb; pass a larger max_pixels to allow it)"
-        )
+        raise SettingError(f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {limit} "
+                           "(possible decompression bomb; a larger ", "max_pixels", " allows it)")
 
 
 def _checked_size(image: Image.Image, name: str, max_pixels: int | None) -> tuple[int, int]:

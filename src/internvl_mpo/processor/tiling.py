@@ -28,7 +28,7 @@ from functools import lru_cache
 
 from PIL import Image
 
-from internvl_mpo.errors import InputError
+from internvl_mpo.errors import InputError, SettingError
 
 Grid = tuple[int, int]  # (cols, rows): width factor, height factor
 
@@ -37,7 +37,8 @@ Grid = tuple[int, int]  # (cols, rows): width factor, height factor
 def candidate_grids(min_num: int = 1, max_num: int = 12) -> tuple[Grid, ...]:
     """All (cols, rows) with min_num <= cols*rows <= max_num, in the official order."""
     if min_num < 1 or max_num < min_num:
-        raise InputError(f"tile counts need 1 <= min_num <= max_num, got min_num={min_num}, max_num={max_num}")
+        raise SettingError("tile counts need 1 <= ", "min_num", " <= ", "max_num", ", got ", "min_num", f"={min_num}, ",
+                           "max_num", f"={max_num}")
     grids: set[Grid] = set()
     # The official set comprehension runs n over min_num..max_num and i, j over 1..n; the iteration
     # order of a set of small-int tuples depends on the order of first insertions (collisions), and
@@ -124,7 +125,7 @@ def plan_tiles(
     """Choose the tile grid for an image of `width` x `height` pixels."""
     for name, value in (("min_num", min_num), ("max_num", max_num), ("image_size", image_size)):
         if not isinstance(value, numbers.Integral) or value < 1:
-            raise InputError(f"{name} must be a whole number >= 1, got {value!r}")
+            raise SettingError("", name, f" must be a whole number >= 1, got {value!r}")
     if width < 1 or height < 1:
         raise InputError(f"image has zero area ({width}x{height})")
     grids = candidate_grids(min_num, max_num)
