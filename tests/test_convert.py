@@ -310,6 +310,12 @@ def test_convert_command(tmp_path, capsys):
 def test_remote_code_note_names_the_matching_repo(tmp_path):
     family_config("4B").to_json(tmp_path / "config.json")
     assert "huggingface-cli download OpenGVLab/InternVL2_5-4B-MPO --include" in remote_code_note(tmp_path)
+    # The command is for copying into a shell: a folder with a space in its name (runs/my run/final)
+    # was written bare, so the pasted command downloaded into `runs/my` and took `run/final` as a file.
+    spaced = tmp_path / "my run" / "final"
+    spaced.mkdir(parents=True)
+    family_config("4B").to_json(spaced / "config.json")
+    assert remote_code_note(spaced).endswith(f"--local-dir '{spaced}'")
     for name in ("configuration_internvl_chat.py", "modeling_internvl_chat.py"):
         (tmp_path / name).write_text("")
     assert remote_code_note(tmp_path) is None

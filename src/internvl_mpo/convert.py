@@ -51,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -643,7 +644,7 @@ def remote_code_note(folder: str | Path) -> str | None:
     return (f"note: {folder} has no {', '.join(missing)}. This package does not need them; the official code "
             f"(AutoModel.from_pretrained(..., trust_remote_code=True)) does. Add the .py files of the matching "
             f"hub repo:\n  huggingface-cli download OpenGVLab/InternVL2_5-{size}-MPO --include \"*.py\" "
-            f"--local-dir {folder}")
+            f"--local-dir {shlex.quote(str(folder))}")
 
 
 def convert_command(src: str, dst: str, *, to: str) -> int:
