@@ -238,6 +238,7 @@ def generate(
     from tqdm import tqdm
 
     from .checkpoint import default_device, model_key
+    from .cli import flagged
     from .filestamp import stamps, unchanged
     from .jsonl import rewrite_in_order
     from .pipeline import InternVLChat, sampling_params
@@ -285,7 +286,7 @@ def generate(
                 yield item, bot.prepare(item["question"], item.get("image"), item.get("video"),
                                         max_num=_per_image(max_num, item.get("video")), max_pixels=max_pixels), params
             except InputError as e:  # this request alone fails; the run goes on
-                yield item, e, params
+                yield item, flagged(e, generate), params
 
     with out.open("a", encoding="utf-8") as sink, tqdm(total=len(requests), initial=len(requests) - len(todo),
                                                        desc="generate", unit="req") as bar:
