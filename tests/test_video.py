@@ -763,9 +763,9 @@ def test_a_video_file_without_a_video_stream_is_named_as_other_errors_name_it(tm
 
 
 def test_planned_frame_tiles_are_the_tiles_load_video_makes(tmp_path):
-    """planned_frame_tiles reads a video file's stream, or the sampled frames' headers, and decodes nothing
-    (InternVLChat refuses frames too many for its context with it); its counts must be those load_video
-    makes. A 64x44 frame takes one tile with max_num 2, but turned upright by its display matrix (44x64) it
+    """planned_frame_tiles reads a video file's stream, or the sampled frames' headers, before any frame is
+    decoded (InternVLChat refuses frames too many for its context with it); its counts must be those
+    load_video makes. A 64x44 frame takes one tile with max_num 2, but turned upright by its display matrix (44x64) it
     takes a 1x2 grid and a thumbnail: the one case where the planner decodes the first frame, to read it."""
     from internvl_mpo.processor.video import planned_frame_tiles
 
