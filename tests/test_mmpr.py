@@ -216,7 +216,10 @@ BAD_LINES = [
     ("{\"question\": \"q\", \"chosen\": ", "json", "malformed JSON"),
     ("", "json", "empty line"),
     ("[1, 2, 3]", "json", "expected a JSON object, got list"),
-    (json.dumps({"chosen": "c", "rejected": "r"}), "missing_field", "missing required field 'question'"),
+    (json.dumps({"chosen": "c", "rejected": "r"}), "missing_field", "missing required field 'question'$"),
+    # SFT data given to mpo/dpo: the message says which command reads such records
+    (json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}), "missing_field",
+     r"missing required field 'question' \(a conversation record: train sft reads those\)$"),
     (json.dumps({"question": "q", "rejected": "r"}), "missing_field", "missing required field 'chosen'"),
     (json.dumps({"question": "q", "chosen": "c"}), "missing_field", "missing required field 'rejected'"),
     (json.dumps({"question": 3, "chosen": "c", "rejected": "r"}), "wrong_type", "field 'question' must be a string, got int"),
@@ -315,7 +318,9 @@ def test_sft_records(tmp_path, root):
 
 
 @pytest.mark.parametrize("item, kind, problem", [
-    ({"image": "a.jpg"}, "missing_field", "missing required field 'conversations'"),
+    ({"image": "a.jpg"}, "missing_field", "missing required field 'conversations'$"),
+    (_pair(0), "missing_field",
+     r"missing required field 'conversations' \(a preference pair: train mpo and train dpo read those\)$"),
     ({"conversations": []}, "wrong_type", "field 'conversations' must be a non-empty list"),
     ({"conversations": "hi"}, "wrong_type", "field 'conversations' must be a non-empty list"),
     ({"conversations": ["hi"]}, "wrong_type", r"conversations\[0\] must be an object"),

@@ -303,6 +303,8 @@ def _answer(item: dict, key: str) -> str:
 
 
 def _preference(item: dict, spec: DatasetSpec, source: Source) -> PreferenceRecord:
+    if "question" not in item and "conversations" in item:
+        raise _BadLine("missing_field", "missing required field 'question' (a conversation record: train sft reads those)")
     question = _require_str(item, "question")
     chosen = _answer(item, "chosen")
     rejected = _answer(item, "rejected")
@@ -314,7 +316,8 @@ def _preference(item: dict, spec: DatasetSpec, source: Source) -> PreferenceReco
 
 def _conversations(item: dict) -> tuple[dict[str, str], ...]:
     if "conversations" not in item:
-        raise _BadLine("missing_field", "missing required field 'conversations'")
+        pair = " (a preference pair: train mpo and train dpo read those)" if "chosen" in item else ""
+        raise _BadLine("missing_field", f"missing required field 'conversations'{pair}")
     turns = item["conversations"]
     if not isinstance(turns, list) or not turns:
         raise _BadLine("wrong_type", "field 'conversations' must be a non-empty list")
