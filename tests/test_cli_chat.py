@@ -469,14 +469,19 @@ def test_bad_image_and_video_flags_fail_once_not_at_every_question(folder, tmp_p
     assert out.stdout == ""
 
 
-def test_chat_refuses_more_video_frames_than_the_context_holds_before_decoding(folder, tmp_path, monkeypatch):
+def test_chat_refuses_more_video_frames_than_the_context_holds_before_decoding(folder, tmp_path, monkeypatch,
+                                                                                capsys):
+    """Refused before a frame is decoded, naming the flag on the command line."""
     from internvl_mpo import cli_chat
+    from internvl_mpo.cli import main
     from internvl_mpo.errors import InputError
     from internvl_mpo.processor import video
 
     monkeypatch.setattr(video, "load_video", lambda *args, **kwargs: pytest.fail("the frames were decoded"))
     with pytest.raises(InputError, match=r"^num_segments=100000: its frames take \d+ image tokens at least"):
         cli_chat.chat("Hi", model=str(folder), device="cpu", video=str(tmp_path), num_segments=100000)
+    assert main(["chat", "Hi", "--model", str(folder), "--video", str(tmp_path), "--num-segments", "100000"]) == 1
+    assert capsys.readouterr().err.startswith("internvl-mpo chat: error: --num-segments=100000: its frames take ")
 
 
 def test_chat_counts_the_question_beside_the_video_frames_before_decoding(folder, tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ from .chat.template import (
 )
 from .chat.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokenizer, load_tokenizer
 from .config import ModelConfig
-from .errors import InputError
+from .errors import InputError, SettingError
 from .generate.engine import SPAN_BUCKET, Engine, Generation, Request
 from .generate.sampling import SamplingParams, whole_number
 from .model import InternVL
@@ -170,8 +170,8 @@ class InternVLChat:
 
         tokens = num_segments * self.model.num_image_token if isinstance(num_segments, int) else 0
         if tokens >= self.context:
-            raise InputError(f"num_segments={num_segments}: its frames take {tokens} image tokens at least, "
-                             f"leaving no room in the model's context of {self.context}")
+            raise SettingError("", "num_segments", f"={num_segments}: its frames take {tokens} image tokens at "
+                               f"least, leaving no room in the model's context of {self.context}")
         planned = planned_frame_tiles(video, num_segments, self.config.image_size, max_num, max_pixels)
         if not holds_images(question, history or ()):
             question = video_prefix(len(planned)) + question
