@@ -124,6 +124,22 @@ def test_a_peft_adapter_folder_is_named(tmp_path):
         ModelConfig.from_json(tmp_path)
 
 
+def test_a_training_run_or_checkpoint_folder_names_the_model_inside(tmp_path):
+    """`--model runs/mpo` (the --output of train) or one of its checkpoints said only that config.json was
+    missing; the model is the run's final/ and a checkpoint's model/."""
+    run = tmp_path / "run"
+    for model in (run / "final", run / "checkpoint-000004" / "model"):
+        model.mkdir(parents=True)
+        ModelConfig().to_json(model / "config.json")
+    with pytest.raises(ConfigError, match=f"^{run}: a training run's folder; its model is {run / 'final'}$"):
+        ModelConfig.from_json(run)
+    checkpoint = run / "checkpoint-000004"
+    with pytest.raises(ConfigError, match=f"^{checkpoint}: a training checkpoint; its model is {checkpoint / 'model'}$"):
+        ModelConfig.from_json(checkpoint)
+    with pytest.raises(ConfigError, match=f"^{tmp_path / 'config.json'}: no such config file$"):
+        ModelConfig.from_json(tmp_path)
+
+
 def test_not_utf8(tmp_path):
     """Some Windows editors save UTF-16: an error naming the file, not a UnicodeDecodeError."""
     path = tmp_path / "config.json"

@@ -324,6 +324,9 @@ class ModelConfig:
             if (path.parent / "adapter_config.json").is_file():  # what PEFT / LoRA fine-tuning tools save
                 raise ConfigError(f"{path.parent} holds a PEFT adapter (adapter_config.json), not a model: merge it "
                                   "into its base model first (PEFT's merge_and_unload) and load the merged folder") from None
+            for inside, what in (("final", "a training run's folder"), ("model", "a training checkpoint")):
+                if (path.parent / inside / "config.json").is_file():  # what `train` writes
+                    raise ConfigError(f"{path.parent}: {what}; its model is {path.parent / inside}") from None
             raise ConfigError(f"{path}: no such config file") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
