@@ -156,6 +156,20 @@ def test_input_ids_that_are_not_a_batch_tensor_are_refused_by_name(reference_pai
     assert ours(torch.tensor([ids]), pixel_values=pixels).shape == (1, n, tiny.llm.vocab_size)
 
 
+def test_an_attention_mask_of_another_shape_than_input_ids_is_refused_by_name(reference_pair, tiny):
+    """A mask of another length (one built for another padding) or a 1-D one failed deep in torch ("The size of
+    tensor a (n) must match ...", "not enough values to unpack"), or where all ones, passed or broke RoPE."""
+    _, ours = reference_pair(tiny)
+    ids = torch.tensor([image_ids(1, tiny.num_image_token)])
+    pixels = torch.randn(1, 3, 56, 56)
+    n = ids.shape[1]
+    for wrong in (torch.ones(1, 3), torch.ones(n), torch.ones(2, n), torch.tensor([[0] + [1] * (n - 2)])):
+        shape = str(tuple(wrong.shape)).replace("(", r"\(").replace(")", r"\)")
+        with pytest.raises(InputError, match=rf"attention_mask must have the shape of input_ids, \(1, {n}\), got {shape}"):
+            ours(ids, pixel_values=pixels, attention_mask=wrong)
+    assert_close(ours(ids, pixel_values=pixels, attention_mask=torch.ones(1, n)), ours(ids, pixel_values=pixels))
+
+
 def test_native_size_skips_interpolation_bit_exactly(tiny):
     torch.manual_seed(0)
     emb = VisionEmbeddings(tiny.vision)

@@ -132,6 +132,9 @@ class InternVL(nn.Module):
     ) -> torch.Tensor:
         """Final LLM hidden states (B, T, C) for embeddings, causal, padding-aware."""
         b, t, _ = input_embeds.shape
+        if attention_mask is not None and tuple(attention_mask.shape) != (b, t):
+            raise InputError(f"attention_mask must have the shape of input_ids, {(b, t)}, got "
+                             f"{tuple(attention_mask.shape)}")
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, b, t, input_embeds.device)
         mask = None if attention_mask is None or bool(attention_mask.all()) else causal_mask(attention_mask)
