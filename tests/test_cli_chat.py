@@ -877,3 +877,37 @@ def test_max_num_is_the_image_budget_video_frames_take_one_tile(folder, tmp_path
     row = json.loads(answers.read_text())
     assert "error" not in row and row["answer"] == bot.chat("What happens?", video=str(frames), max_new_tokens=3,
                                                             do_sample=False)
+
+
+def test_interactive_chat_at_a_terminal_edits_the_line_with_the_arrow_keys(folder):
+    """At a terminal the prompt reads its lines through readline, as chat programs and Python's own prompt
+    do: without it the arrow keys moved nothing and reached the model as escape codes ("/rest", Left, "e"
+    was asked as a question instead of being /reset)."""
+    import os
+    import select
+
+    leader, follower = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "internvl_mpo.cli", "chat", "--model", str(folder),
+                             "--max-new-tokens", "2"], stdin=follower, stdout=follower, stderr=follower,
+                            env={**os.environ, "TERM": "xterm"}, start_new_session=True)
+    os.close(follower)
+    seen = b""
+
+    def read_until(text: bytes) -> bool:
+        nonlocal seen
+        while text not in seen and select.select([leader], [], [], 120)[0]:
+            try:
+                seen += os.read(leader, 4096)
+            except OSError:  # the chat ended and closed the terminal
+                return False
+        return text in seen
+
+    try:
+        assert read_until(b"> "), seen
+        os.write(leader, b"/rest\x1b[De\r")  # Left moves the cursor back over the "t"
+        assert read_until(b"the conversation starts over"), seen
+        os.write(leader, b"/exit\r")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        os.close(leader)

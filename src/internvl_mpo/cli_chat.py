@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -131,6 +132,8 @@ def chat(
     history: list[tuple[str, str]] = []
     commands = "/image FILE adds an image, /reset starts over, /exit quits"
     print(f"Interactive chat. {commands}.", file=sys.stderr)
+    with contextlib.suppress(ImportError):  # none on Windows
+        import readline  # noqa: F401  (input() at a terminal then edits the line: arrow keys, earlier lines)
     while True:
         try:
             line = input("> " if sys.stdin.isatty() else "").strip()  # piped: stdout holds the answers only
