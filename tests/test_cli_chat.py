@@ -911,3 +911,24 @@ def test_interactive_chat_at_a_terminal_edits_the_line_with_the_arrow_keys(folde
     finally:
         proc.kill()
         os.close(leader)
+
+
+def test_interactive_image_command_reads_a_dropped_file_as_the_terminal_writes_it(folder, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """A file dropped onto macOS Terminal or iTerm2 arrives with its spaces and brackets escaped by backslashes,
+    and onto other terminals quoted, an apostrophe written '\\''; both were taken as part of the name ("no such
+    file"). A path typed by hand, spaces and apostrophe as they are, still reads as typed."""
+    import io
+
+    from internvl_mpo import cli_chat
+
+    pics = tmp_path / "Bob's pics (2)"
+    pics.mkdir()
+    (pics / "red.png").write_bytes((folder.parent / "red.png").read_bytes())
+    escaped = str(pics / "red.png").replace(" ", "\\ ").replace("(", "\\(").replace(")", "\\)").replace("'", "\\'")
+    quoted = "'" + str(pics / "red.png").replace("'", "'\\''") + "'"
+    lines = [f"/image {escaped}", f"/image {quoted}", f"/image {pics / 'red.png'}"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert cli_chat.chat(model=str(folder), device="cpu") == 0
+    err = capsys.readouterr().err
+    assert "error" not in err and err.count(f"added {pics / 'red.png'}; ") == 3 and "with 3 image(s)" in err, err

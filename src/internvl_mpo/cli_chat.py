@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -182,10 +183,16 @@ def chat(
 
 
 def _typed_path(text: str) -> str:
-    """A path typed at the prompt, where no shell expands `~` or drops the quotes that a terminal puts
-    around a file dragged onto it."""
+    """A path typed at the prompt, where no shell expands `~` or reads the quotes and backslashes that a
+    terminal writes for a file dragged onto it ('my pics/a.png', my\\ pics/a.png): read as a shell reads
+    one word, or as typed where it is not one (my pics/a.png, Bob's.png). On Windows, where a backslash
+    separates folders, only surrounding quotes are dropped."""
     text = text.strip()
-    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+    if os.name == "posix":
+        with contextlib.suppress(ValueError):  # an unclosed quote: as typed
+            words = shlex.split(text)
+            text = words[0] if len(words) == 1 else text
+    elif len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
         text = text[1:-1]
     return os.path.expanduser(text)
 
