@@ -707,6 +707,12 @@ def test_resume_takes_the_same_data_file_spelled_another_way(tmp_path, chat_fold
     train(cfg)
     killed_after_step_1(tmp_path / "run")
     assert train(dataclasses.replace(cfg, data=str(meta.resolve()), resume=True)).steps == 2
+    # Resumed from another folder: the checkpoint's relative --data was read from there, named no file
+    # and the resume was refused as other data.
+    killed_after_step_1(tmp_path / "run")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert train(dataclasses.replace(cfg, data=os.path.relpath(meta, tmp_path / "elsewhere"), resume=True)).steps == 2
 
 
 def test_resume_drops_a_half_written_metrics_line(tmp_path, chat_folder, meta):

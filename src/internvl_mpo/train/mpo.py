@@ -955,7 +955,10 @@ def check_resume_settings(
     """
     state = ckpt.read_json(path / ckpt.STATE_FILE)
     saved = state.get("config", {})
-    same_data = saved.get("data") == cfg.data or _same_file(saved.get("data"), cfg.data)
+    saved_print = state.get("data_fingerprint")
+    # a relative --data named a file from the checkpoint run's folder: the fingerprint has its absolute path
+    saved_data = saved_print[0]["file"] if saved_print else saved.get("data")
+    same_data = saved.get("data") == cfg.data or _same_file(saved_data, cfg.data)
     keys = [*RESUME_KEYS, *(k for k in RUN_RESUME_KEYS if k in saved)]
     now = dataclasses.asdict(cfg)
     values = {k: (effective_setting(saved, k), effective_setting(now, k)) for k in keys}
@@ -966,7 +969,6 @@ def check_resume_settings(
         values["max_dynamic_patch"] = tuple(dataset_tiles(cfg, v, model_tiles) for v in values["max_dynamic_patch"])
     changed = [f"{k if k == 'mode' else flag(k)} (checkpoint {then}, now {new})" for k, (then, new) in values.items()
                if not (same_data if k == "data" else then == new)]
-    saved_print = state.get("data_fingerprint")
     if saved_print is not None and fingerprint is not None and saved_print != fingerprint and same_data:
         files = [p["file"] for p in saved_print + fingerprint if (p in saved_print) != (p in fingerprint)]
         changed.append(f"data (files changed since the checkpoint: {', '.join(dict.fromkeys(files))})")
