@@ -295,6 +295,16 @@ def test_bad_items_are_reported_with_their_line(tmp_path):
             path.write_text(json.dumps({"id": "a", "question": "q", "answer": "B", **extra}) + "\n")
             with pytest.raises(InputError, match=rf"items.jsonl:1: field {why}"):
                 read_items(path, method)
+    # A missing field was "must be a non-empty string, got None", and numbers, which are taken, were not named.
+    for row, message in [({"question": "q", "answer": "2"}, "field 'id' is required (a string or a number)"),
+                         ({"id": "a", "answer": "2"}, "field 'question' is required (a string or a number)"),
+                         ({"id": ["a"], "question": "q", "answer": "2"},
+                          "field 'id' must be a non-empty string or a number, got ['a']"),
+                         ({"id": "a", "question": " ", "answer": "2"},
+                          "field 'question' must be a non-empty string or a number, got ' '")]:
+        path.write_text(json.dumps(row) + "\n")
+        with pytest.raises(InputError, match=re.escape(f"items.jsonl:1: {message}")):
+            read_items(path, "correctness")
     # Ids are text: 7 and "7" are the same id (progress and pairs are keyed by it).
     rows = [{"id": 7, "question": "q", "answer": "2"}, {"id": "8", "question": "q", "answer": "2"},
             {"id": "7", "question": "q", "answer": "3"}]

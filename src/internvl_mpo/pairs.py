@@ -247,10 +247,12 @@ def correctness_prompt(item: Item) -> str:
 
 def _text_field(row: dict, key: str, where: str, required: bool = True) -> str:
     value = row.get(key)
-    if value is None and not required:
-        return ""
+    if value is None:
+        if not required:
+            return ""
+        raise InputError(f"{where}: field {key!r} is required (a string or a number)")
     if isinstance(value, bool) or not isinstance(value, (str, int, float)) or str(value).strip() == "":
-        raise InputError(f"{where}: field {key!r} must be a non-empty string, got {value!r:.80}")
+        raise InputError(f"{where}: field {key!r} must be a non-empty string or a number, got {value!r:.80}")
     return str(value)
 
 
