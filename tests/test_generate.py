@@ -1900,6 +1900,21 @@ def test_rows_without_a_logit_bias_are_untouched_by_a_biased_row_beside_them(set
     assert got[1] == [worst] * 10 and not set(got[3]) & set(range(40)) and len(got[2]) == STEPS
 
 
+def test_chat_takes_a_logit_bias_as_the_server_does(setup):
+    """chat(), stream_chat() and batch_chat() take logit_bias={token id: bias}; it was refused as an unknown
+    generation setting, so only the server and the engine offered it."""
+    chat, _ = setup
+    token = chat.tokenizer.encode(" cat")[-1]
+    expected = chat.tokenizer.decode([token] * 3).strip()
+    kw = dict(max_new_tokens=3, do_sample=False, logit_bias={token: 100})
+    assert chat.chat("Hello", **kw) == expected
+    assert "".join(chat.stream_chat("Hello", **kw)) == expected
+    assert chat.batch_chat(["Hello", "Hi"], **kw) == [expected, expected]
+    assert chat.chat("Hello", max_new_tokens=3, do_sample=False) != expected
+    with pytest.raises(InputError, match="logit_bias of token 5 must be a number from -100 to 100"):
+        chat.chat("Hello", logit_bias={5: 500})
+
+
 def test_a_bad_logit_bias_is_refused_by_name(setup):
     chat, _ = setup
     vocab = chat.model.config.llm.vocab_size

@@ -43,7 +43,7 @@ from .processor.multi import load_images, planned_tiles
 CARD_DEFAULTS = dict(max_new_tokens=1024, do_sample=True)
 GENERATION_KEYS = {
     "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "stop",
-    "stop_token_ids", "seed", "ignore_eos", "min_new_tokens",
+    "stop_token_ids", "seed", "ignore_eos", "min_new_tokens", "logit_bias",
 }
 
 
