@@ -198,6 +198,21 @@ def test_messages_map_onto_the_template():
     assert [p for p, _ in req.image_urls] == ["messages[1].content[0].image_url", "messages[1].content[1].image_url"]
 
 
+def test_a_user_messages_images_go_before_its_text_whatever_the_parts_order():
+    """OpenAI's examples send the text part first and the image after it: the prompt read "What is it?\n<image>",
+    where the model card and InternVL's training put the image first (and vLLM puts a message's image
+    placeholders in front of its text, whatever the parts' order)."""
+    image = {"type": "image_url", "image_url": {"url": "data:,"}}
+
+    def question(*content):
+        return parse_chat_request({"messages": [{"role": "user", "content": list(content)}]}, ServerSettings()).question
+
+    assert question({"type": "text", "text": "What is it?"}, image) == "<image>\nWhat is it?"
+    assert question({"type": "text", "text": "Compare"}, image, {"type": "text", "text": "these."}, image) == \
+        "Image-1: <image>\nImage-2: <image>\nCompare\nthese."
+    assert question(image) == "<image>\n"  # the card's question without text: "<image>\n" + ""
+
+
 def test_an_answer_or_system_message_that_mentions_image_keeps_it_as_text():
     """The model's own answer may say <image> (HTML); sending it back must not be a 400 or an image slot."""
     image = {"type": "image_url", "image_url": {"url": "data:,"}}

@@ -223,12 +223,14 @@ def _plain_text(text: str, param: str, role: str) -> str:
 
 
 def _content_text(content, param: str, role: str, images: list[tuple[str, str]]) -> str:
-    """The text of one message, image parts replaced by `<image>` (their URLs appended to `images`)."""
+    """The text of one message, an `<image>` line for each image part in front of its text parts, whatever the
+    parts' order, as the model card puts images and vLLM a message's placeholders (their URLs appended to
+    `images`); text parts are joined by newlines."""
     if isinstance(content, str):
         return _plain_text(content, param, role)
     if not isinstance(content, list):
         raise ApiError(400, f"{param} must be a string or a list of content parts", param)
-    pieces = []
+    placeholders, pieces = [], []
     for k, part in enumerate(content):
         where = f"{param}[{k}]"
         kind = part.get("type") if isinstance(part, dict) else None
@@ -242,11 +244,11 @@ def _content_text(content, param: str, role: str, images: list[tuple[str, str]])
             if not isinstance(url, str) or not url:
                 raise ApiError(400, f"{where}: image_url needs a url string", where)
             images.append((f"{where}.image_url", _unicode(url, f"{where}.image_url")))
-            pieces.append(IMAGE_PLACEHOLDER)
+            placeholders.append(IMAGE_PLACEHOLDER)
         else:
             raise ApiError(400, f"{where}: content parts must be {{'type': 'text', 'text': ...}} or "
                                 f"{{'type': 'image_url', 'image_url': {{'url': ...}}}}", where)
-    return "\n".join(pieces)
+    return "\n".join(placeholders + ["\n".join(pieces)])
 
 
 def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], list[tuple[str, str]]]:
