@@ -1035,6 +1035,18 @@ def test_settings_of_the_wrong_type_are_refused_by_name(setup):
         assert chat.chat("Hi", do_sample=False, max_new_tokens=64, ignore_eos=True, stop_token_ids=stop) == expected
 
 
+def test_numpy_integer_settings_act_as_python_ints(setup):
+    """seed=numpy.int64(3) (say from numpy.random) passed the checks and failed in torch's manual_seed with a bare
+    TypeError ("an integer is required"), in chat and in batch_chat's seed + i."""
+    chat, _ = setup
+    kw = dict(do_sample=True, temperature=1.0, top_k=0)
+    as_numpy = dict(seed=numpy.int64(3), max_new_tokens=numpy.int32(6), min_new_tokens=numpy.int64(2))
+    as_int = {key: int(value) for key, value in as_numpy.items()}
+    assert chat.chat("Hi", **kw, **as_numpy) == chat.chat("Hi", **kw, **as_int)
+    assert chat.batch_chat(["Hi", "Yo"], **kw, **as_numpy) == chat.batch_chat(["Hi", "Yo"], **kw, **as_int)
+    assert type(SamplingParams(**as_numpy).seed) is int
+
+
 def test_input_settings_of_the_wrong_type_are_refused_by_name(setup):
     """These raised a bare TypeError from deep inside (max_num as a string or a per-image list, a float
     num_segments, a string max_pixels, a non-string system message, a string num_patches_list)."""

@@ -55,6 +55,7 @@ class SamplingParams:
         for name in ("max_new_tokens", "min_new_tokens", "top_k") + (("seed",) if self.seed is not None else ()):
             if not whole_number(getattr(self, name)):
                 raise InputError(f"{name} must be a whole number, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, int(getattr(self, name)))  # numpy.int64: torch's manual_seed refuses it
         for name in ("do_sample", "ignore_eos"):  # a string such as "False" would read as true
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
