@@ -1047,6 +1047,17 @@ def test_numpy_integer_settings_act_as_python_ints(setup):
     assert type(SamplingParams(**as_numpy).seed) is int
 
 
+def test_stop_token_ids_outside_the_vocabulary_are_refused(setup):
+    """An id the model does not have could never stop anything (another model's <|im_end|>, say Qwen2's 151645
+    given to a model of another tokenizer): it was taken silently, and the answer ran on; the server said so."""
+    chat, _ = setup
+    vocab = chat.model.config.llm.vocab_size
+    for ids in ([vocab], [3, -1]):
+        with pytest.raises(InputError, match=rf"^stop_token_ids must be in 0..{vocab - 1}, got \[{ids[-1]}\]$"):
+            chat.chat("Hi", max_new_tokens=2, stop_token_ids=ids)
+    assert isinstance(chat.chat("Hi", max_new_tokens=2, stop_token_ids=[vocab - 1], do_sample=False), str)
+
+
 def test_input_settings_of_the_wrong_type_are_refused_by_name(setup):
     """These raised a bare TypeError from deep inside (max_num as a string or a per-image list, a float
     num_segments, a string max_pixels, a non-string system message, a string num_patches_list)."""

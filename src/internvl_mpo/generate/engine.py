@@ -167,7 +167,7 @@ class Engine:
 
     def check(self, request: Request, max_len: int) -> None:
         """Refuse a request that a batch of `max_len` slots cannot run: an empty prompt, one of `max_len`
-        tokens or more, ids outside the vocabulary, log-probability counts out of range."""
+        tokens or more, ids outside the vocabulary (prompt, stop or bias ids), log-probability counts out of range."""
         n = len(request.prompt_ids)
         if n == 0:
             raise InputError("the prompt is empty")
@@ -177,6 +177,8 @@ class Engine:
         bad = [i for i in request.prompt_ids if not (whole_number(i) and 0 <= i < vocab)]
         if bad:
             raise InputError(f"prompt token ids must be whole numbers in 0..{vocab - 1}, got {bad[:5]}")
+        if bad := [i for i in request.params.stop_token_ids if not 0 <= i < vocab]:  # they could never stop it
+            raise InputError(f"stop_token_ids must be in 0..{vocab - 1}, got {bad[:5]}")
         if bad := [i for i, _ in request.params.logit_bias if not 0 <= i < vocab]:
             raise InputError(f"logit_bias token ids must be in 0..{vocab - 1}, got {bad[:5]}")
         for name in ("logprobs", "prompt_logprobs"):
