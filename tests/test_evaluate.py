@@ -430,32 +430,54 @@ def test_tsv_with_a_byte_order_mark_or_not_utf8(tmp_path):
         read_benchmark(tmp_path / "paths.tsv")
 
 
-def test_mmbench_tsv_with_rotated_copies_is_scored_circularly(tmp_path):
-    """VLMEvalKit's circular evaluation: rows i + k * 10**6 rotate question i's options; the question
-    counts only when every rotation is answered right."""
+def write_circular_tsv(path: Path) -> None:
+    """Two questions with rotated copies, in MMBench's order: the questions first (1, 2), then their
+    rotations (1000001, 1000002, 2000001)."""
     image = png_b64((0, 0, 255))
     rotations = {"color": [("red", "blue", "green"), ("blue", "green", "red"), ("green", "red", "blue")],
                  "shape": [("square", "circle"), ("circle", "square")]}
     truth = {"color": "blue", "shape": "square"}
     rows = []
-    for i, (name, question) in enumerate([("color", "What color is it?"), ("shape", "Which shape is it?")], 1):
-        for k, options in enumerate(rotations[name]):
-            rows.append({"index": str(i + k * 10**6), "question": question, "A": options[0], "B": options[1],
-                         "C": options[2] if len(options) > 2 else "", "answer": "ABC"[options.index(truth[name])],
-                         "category": name, "image": image if not rows else "1"})
-    with open(tmp_path / "mmb.tsv", "w", newline="", encoding="utf-8") as f:
+    for k in range(3):
+        for i, (name, question) in enumerate([("color", "What color is it?"), ("shape", "Which shape is it?")], 1):
+            if k < len(rotations[name]):
+                options = rotations[name][k]
+                rows.append({"index": str(i + k * 10**6), "question": question, "A": options[0], "B": options[1],
+                             "C": options[2] if len(options) > 2 else "",
+                             "answer": "ABC"[options.index(truth[name])], "category": name,
+                             "image": image if not rows else "1"})
+    with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
         writer.writeheader()
         writer.writerows(rows)
 
-    def answer(prompts, batch_size):  # the color always right (by its text), the shape always "A"
-        return [(key, "A" if "shape" in p.question else
-                 next(line[0] for line in p.question.splitlines() if line.endswith(". blue"))) for key, p in prompts]
 
-    score = run_eval(tmp_path / "mmb.tsv", answer, tmp_path / "out")
+def answer_circular(prompts, batch_size):  # the color always right (by its text), the shape always "A"
+    return [(key, "A" if "shape" in p.question else
+             next(line[0] for line in p.question.splitlines() if line.endswith(". blue"))) for key, p in prompts]
+
+
+def test_mmbench_tsv_with_rotated_copies_is_scored_circularly(tmp_path):
+    """VLMEvalKit's circular evaluation: rows i + k * 10**6 rotate question i's options; the question
+    counts only when every rotation is answered right."""
+    write_circular_tsv(tmp_path / "mmb.tsv")
+    score = run_eval(tmp_path / "mmb.tsv", answer_circular, tmp_path / "out")
     assert (score["correct"], score["total"], score["rows"], score["circular"]) == (1, 2, 5, True)
     assert score["categories"] == {"color": {"accuracy": 1.0, "correct": 1, "total": 1},
                                    "shape": {"accuracy": 0.0, "correct": 0, "total": 1}}
+
+
+def test_limit_takes_the_first_questions_with_all_their_rotations(tmp_path):
+    """--limit counted rows: with MMBench's order (questions, then their rotations) --limit 2 scored both
+    questions on one row each, and a question was right when the rotations left out would have failed it."""
+    write_circular_tsv(tmp_path / "mmb.tsv")
+    score = run_eval(tmp_path / "mmb.tsv", answer_circular, tmp_path / "one", limit=1)
+    assert (score["correct"], score["total"], score["rows"], score["circular"]) == (1, 1, 3, True)
+    rows = (tmp_path / "one" / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(row)["id"] for row in rows] == ["1", "1000001", "2000001"]
+    score = run_eval(tmp_path / "mmb.tsv", answer_circular, tmp_path / "two", limit=2)
+    assert (score["correct"], score["total"], score["rows"]) == (1, 2, 5)
+    assert run_eval(tmp_path / "mmb.tsv", answer_circular, tmp_path / "more", limit=3) == score
 
 
 @pytest.fixture(scope="module")

@@ -280,8 +280,7 @@ def summarize(items: list[BenchItem], predictions: dict[str, dict], cot: bool, c
         else:
             _, verdict = score_response(item, row["prediction"], cot)
         unparsed += verdict is None
-        key = str(int(item.id) % CIRCULAR_OFFSET) if circular else item.id
-        groups.setdefault(key, []).append((item.category, verdict is True))
+        groups.setdefault(question_key(item, circular), []).append((item.category, verdict is True))
     totals: dict[str, list[int]] = {}
     for copies in groups.values():
         counts = totals.setdefault(copies[0][0], [0, 0])
@@ -299,6 +298,17 @@ def summarize(items: list[BenchItem], predictions: dict[str, dict], cot: bool, c
             name: {"accuracy": c / n, "correct": c, "total": n} for name, (c, n) in sorted(totals.items())
         },
     }
+
+
+def question_key(item: BenchItem, circular: bool) -> str:
+    """The question a row asks: with `circular`, rows i + k * 10**6 all ask question i."""
+    return str(int(item.id) % CIRCULAR_OFFSET) if circular else item.id
+
+
+def first_questions(items: list[BenchItem], limit: int, circular: bool) -> list[BenchItem]:
+    """The rows of the first `limit` questions, each with all its rows (a circular TSV's rotated copies)."""
+    keys = set(list(dict.fromkeys(question_key(item, circular) for item in items))[:limit])
+    return [item for item in items if question_key(item, circular) in keys]
 
 
 def is_circular(data: str | Path, items: list[BenchItem]) -> bool:
@@ -376,8 +386,9 @@ def run_eval(
 
     check_counts(batch_size, limit)
     items = read_benchmark(data) if items is None else items
+    circular = is_circular(data, items)
     if limit is not None:
-        items = items[:limit]
+        items = first_questions(items, limit, circular)
     out = Path(output) if output else default_output(data, cot)
     make_output_folder(out)
     check_settings(out / "settings.json", run_identity(data, cot, settings), RUN_FILES)
@@ -419,7 +430,7 @@ def run_eval(
         raise InputError(f"the answering function gave no answer for {len(missing)} questions (ids {missing[:5]})")
     if todo:  # answers came as they finished: the file in data order
         rewrite_in_order(progress.path, [item.id for item in items])
-    score = {"data": str(data), "cot": cot, **summarize(items, done, cot, is_circular(data, items))}
+    score = {"data": str(data), "cot": cot, **summarize(items, done, cot, circular)}
     atomic_write(out / "score.json", json.dumps(score, indent=2, ensure_ascii=False) + "\n")
     return score
 
@@ -474,7 +485,7 @@ def eval_(
     max_num: most tiles per image (64 over all images of a question)
     batch_size: questions decoded together
     max_new_tokens: most tokens per answer
-    limit: only the first N questions
+    limit: only the first N questions (each with all its rotated copies in an MMBench TSV)
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
     dtype: float32, bfloat16, float16 or auto (the checkpoint's own) (default: bf16 on CUDA, fp32 on CPU)
     """
