@@ -271,6 +271,42 @@ def test_a_folder_holding_predictions_of_no_eval_run_is_refused_and_left_alone(t
     assert sorted(p.name for p in out.iterdir()) == ["predictions.jsonl", "score.json"]
 
 
+def test_a_second_run_on_the_folder_of_a_live_run_is_refused(tmp_path, capsys):
+    """Two evals on one --output both appended to predictions.jsonl and rewrote it under each other; the
+    folder is held as train holds its own (an flock, dropped when the run ends however it ends)."""
+    import fcntl
+    import os
+    import socket
+
+    from internvl_mpo.cli import main
+
+    data = write_bench(tmp_path / "data")
+    out = tmp_path / "out"
+    refused = []
+
+    class WithASecondRun(FakeAnswerer):  # a second run on the folder starts while the first answers
+        def __call__(self, prompts, batch_size):
+            with pytest.raises(ConfigError) as second:
+                run_eval(data, FakeAnswerer(DIRECT), out)
+            refused.append(str(second.value))
+            yield from super().__call__(prompts, batch_size)
+
+    assert run_eval(data, WithASecondRun(DIRECT), out) == run_eval(data, FakeAnswerer(DIRECT), tmp_path / "alone")
+    assert refused == [(f"{out} is in use by another eval run (pid {os.getpid()} on {socket.gethostname()}): two "
+                        "runs would overwrite each other's predictions and scores; wait for it to end or choose "
+                        "another --output")]
+    run_eval(data, FakeAnswerer(DIRECT, fail=True), out)  # the lock went with the run: it resumes
+    base = ["eval", "--model", str(tmp_path / "no-model"), "--data", str(data), "--output", str(out), "--device=cpu"]
+    with open(out / ".eval.lock", "w") as lock:  # another host's run holds it: refused before the model loads
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write("pid 123 on elsewhere\n")
+        lock.flush()
+        assert main(base) != 0
+        assert f"error: {out} is in use by another eval run (pid 123 on elsewhere)" in capsys.readouterr().err
+    assert main(base) != 0  # released: on to the next check
+    assert f"error: {out} holds a run with other settings" in capsys.readouterr().err
+
+
 def test_a_question_that_cannot_run_counts_wrong_and_is_not_retried(tmp_path):
     data = write_bench(tmp_path / "data")
     out = tmp_path / "out"
@@ -541,7 +577,7 @@ def test_cli_writes_into_the_current_folder_says_where_and_resumes(tiny_model, t
     first = eval_cli(*args, cwd=run)
     assert first.returncode == 0, first.stderr
     out = run / "bench_cot_eval"  # the help's default: <data stem>_cot_eval with --cot, in the current folder
-    assert sorted(p.name for p in out.iterdir()) == ["predictions.jsonl", "score.json", "settings.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".eval.lock", "predictions.jsonl", "score.json", "settings.json"]
     assert sorted(p.name for p in data.parent.iterdir()) == ["bench.jsonl", "img.png"]
     where = "predictions and scores: bench_cot_eval/predictions.jsonl, bench_cot_eval/score.json"
     assert first.stdout.splitlines()[-1] == where

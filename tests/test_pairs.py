@@ -478,6 +478,55 @@ def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, ca
         "data", "ntp.jsonl", "taken"]  # nothing was created
 
 
+def test_a_second_run_on_the_folder_of_a_live_run_is_refused(tmp_path, capsys):
+    """Two pairs runs on one --output both appended to progress.jsonl and wrote the pair files under each
+    other; the folder is held as train holds its own (an flock, dropped when the run ends however it ends)."""
+    import fcntl
+    import os
+    import socket
+
+    from internvl_mpo.cli import main
+
+    items_path = write_items(tmp_path / "data")
+    ntp_path = tmp_path / "ntp.jsonl"
+    ntp_path.write_text(json.dumps({"id": "1", "question": "Hi?", "chosen": "Hello there, how are you?"}) + "\n")
+
+    def in_use(out: str) -> str:
+        return re.escape(f"{tmp_path / out} is in use by another pairs run (pid {os.getpid()} on "
+                         f"{socket.gethostname()}): two runs would overwrite each other's samples and pairs; wait "
+                         "for it to end or choose another --output")
+
+    class WithASecondRun(FakeSampler):  # a second run on the folder starts while the first samples
+        def __call__(self, jobs):
+            with pytest.raises(ConfigError, match=in_use("out")):
+                make_correctness_pairs(items_path, tmp_path / "out", FakeSampler(), SETTINGS)
+            return super().__call__(jobs)
+
+    stats = make_correctness_pairs(items_path, tmp_path / "out", WithASecondRun(), SETTINGS)
+    alone = make_correctness_pairs(items_path, tmp_path / "alone", FakeSampler(), SETTINGS)
+    assert (stats.pairs, stats.format_pairs) == (alone.pairs, alone.format_pairs) and stats.pairs > 0
+
+    def continue_with_a_second_run(jobs):
+        with pytest.raises(ConfigError, match=in_use("ntp")):
+            make_dropout_ntp_pairs(ntp_path, tmp_path / "ntp", lambda jobs: ["."] * len(jobs), SETTINGS)
+        return [" and on." for _ in jobs]
+
+    assert make_dropout_ntp_pairs(ntp_path, tmp_path / "ntp", continue_with_a_second_run, SETTINGS).pairs == 1
+    make_correctness_pairs(items_path, tmp_path / "out", FakeSampler(fail_on_call=1), SETTINGS)  # free again: resumes
+    for method, path, out in (("correctness", items_path, "out"), ("dropout-ntp", ntp_path, "ntp")):
+        base = ["pairs", method, "--model", str(tmp_path / "no-model"), "--input", str(path),
+                "--output", str(tmp_path / out), "--samples=6", "--device=cpu"]
+        with open(tmp_path / out / ".pairs.lock", "w") as lock:  # another host's run: refused before the model loads
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            lock.write("pid 123 on elsewhere\n")
+            lock.flush()
+            assert main(base) != 0
+            assert f"error: {tmp_path / out} is in use by another pairs run (pid 123 on elsewhere)" in (
+                capsys.readouterr().err)
+        assert main(base) != 0  # released: on to the next check
+        assert f"error: {tmp_path / out} holds a run with other settings" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- the real model
 
 

@@ -32,7 +32,8 @@ the current folder, so that a read-only benchmark folder or a source checkout is
 `predictions.jsonl` (one line per question, appended and fsynced as
 answers arrive; a rerun skips the questions found there with
 the same prompt, images (paths, and `filestamp` stamps of their files) and ground truth), `score.json` (overall and per-category
-accuracy, recomputed from all predictions) and `settings.json` (a rerun must use the same settings).
+accuracy, recomputed from all predictions) and `settings.json` (a rerun must use the same settings); a
+running job holds `.eval.lock` there (`pairs.hold_output`), so a second run on the folder is refused.
 A question that cannot run (a prompt longer than the model's context) is recorded with the reason,
 counted wrong, listed under "failed" with its file:line and id, and not retried.
 """
@@ -70,7 +71,7 @@ from internvl_mpo.pairs import (
     check_images,
     check_output_folder,
     check_settings,
-    make_output_folder,
+    hold_output,
     refuse_unread_media,
 )
 
@@ -80,6 +81,8 @@ SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
 TOTAL_MAX_NUM = 64  # VLMEvalKit's cap on tiles over all images of one question
 IMAGE_REFERENCE_CHARS = 64  # a TSV image cell this short names another row's image
 RUN_FILES = ("predictions.jsonl", "score.json")  # written into the output folder beside settings.json
+# held by a run in its output folder, as train holds its own (`train.checkpointing.lock_output`)
+EVAL_LOCK = (".eval.lock", "eval run", "predictions and scores")
 CIRCULAR_OFFSET = 10**6  # an MMBench TSV's row i + k * 10**6 is question i with its options rotated k times
 _MISSING = {"", "nan", "NaN"}
 
@@ -390,48 +393,47 @@ def run_eval(
     if limit is not None:
         items = first_questions(items, limit, circular)
     out = Path(output) if output else default_output(data, cot)
-    make_output_folder(out)
-    check_settings(out / "settings.json", run_identity(data, cot, settings), RUN_FILES)
-    progress = Progress(out / "predictions.jsonl")
-    done = progress.load()
-    # A stored prediction counts only for the same question: ids may be line numbers, and a data file
-    # edited between runs would otherwise have old answers scored against new questions (or images).
-    # An image file edited in place is told by its stamp. A row without "images" or "stamps" (written
-    # by an older version) is not compared on them.
-    images = {item.id: image_keys(item) for item in items}
-    todo = [item for item in items if item.id not in done or done[item.id].get("prompt") != build_prompt(item, cot)
-            or done[item.id].get("answer") != item.answer
-            or done[item.id].get("images", images[item.id]) != images[item.id]
-            or not unchanged(image_files(item), done[item.id].get("stamps"))]
-    file_stamps = {}
+    with hold_output(out, run_identity(data, cot, settings), RUN_FILES, EVAL_LOCK):
+        progress = Progress(out / "predictions.jsonl")
+        done = progress.load()
+        # A stored prediction counts only for the same question: ids may be line numbers, and a data file
+        # edited between runs would otherwise have old answers scored against new questions (or images).
+        # An image file edited in place is told by its stamp. A row without "images" or "stamps" (written
+        # by an older version) is not compared on them.
+        images = {item.id: image_keys(item) for item in items}
+        todo = [item for item in items if item.id not in done or done[item.id].get("prompt") != build_prompt(item, cot)
+                or done[item.id].get("answer") != item.answer
+                or done[item.id].get("images", images[item.id]) != images[item.id]
+                or not unchanged(image_files(item), done[item.id].get("stamps"))]
+        file_stamps = {}
 
-    def prompts():  # keyed by (item, prompt): answers come back in any order
-        for item in todo:
-            file_stamps[item.id] = stamps(image_files(item))  # before the answerer reads them
-            prompt = Prompt(build_prompt(item, cot), item.images)
-            yield (item, prompt), prompt
+        def prompts():  # keyed by (item, prompt): answers come back in any order
+            for item in todo:
+                file_stamps[item.id] = stamps(image_files(item))  # before the answerer reads them
+                prompt = Prompt(build_prompt(item, cot), item.images)
+                yield (item, prompt), prompt
 
-    answered = set()
-    with tqdm(total=len(items), initial=len(items) - len(todo), desc="eval", unit="q") as bar:
-        for (item, prompt), response in answer_fn(prompts(), batch_size):
-            row = {"id": item.id, "category": item.category, "kind": item.kind, "prompt": prompt.question,
-                   "images": images[item.id], "stamps": file_stamps[item.id]}
-            if isinstance(response, Exception):  # its prompt could not be built, or failed in the engine
-                row.update(prediction="", extracted="", answer=item.answer, correct=False, error=str(response))
-            else:
-                text, verdict = score_response(item, response, cot)
-                row.update(prediction=response, extracted=text, answer=item.answer, correct=verdict)
-            progress.append([row])
-            done[item.id] = row
-            answered.add(item.id)
-            bar.update(1)
-    missing = [item.id for item in todo if item.id not in answered]
-    if missing:
-        raise InputError(f"the answering function gave no answer for {len(missing)} questions (ids {missing[:5]})")
-    if todo:  # answers came as they finished: the file in data order
-        rewrite_in_order(progress.path, [item.id for item in items])
-    score = {"data": str(data), "cot": cot, **summarize(items, done, cot, circular)}
-    atomic_write(out / "score.json", json.dumps(score, indent=2, ensure_ascii=False) + "\n")
+        answered = set()
+        with tqdm(total=len(items), initial=len(items) - len(todo), desc="eval", unit="q") as bar:
+            for (item, prompt), response in answer_fn(prompts(), batch_size):
+                row = {"id": item.id, "category": item.category, "kind": item.kind, "prompt": prompt.question,
+                       "images": images[item.id], "stamps": file_stamps[item.id]}
+                if isinstance(response, Exception):  # its prompt could not be built, or failed in the engine
+                    row.update(prediction="", extracted="", answer=item.answer, correct=False, error=str(response))
+                else:
+                    text, verdict = score_response(item, response, cot)
+                    row.update(prediction=response, extracted=text, answer=item.answer, correct=verdict)
+                progress.append([row])
+                done[item.id] = row
+                answered.add(item.id)
+                bar.update(1)
+        missing = [item.id for item in todo if item.id not in answered]
+        if missing:
+            raise InputError(f"the answering function gave no answer for {len(missing)} questions (ids {missing[:5]})")
+        if todo:  # answers came as they finished: the file in data order
+            rewrite_in_order(progress.path, [item.id for item in items])
+        score = {"data": str(data), "cot": cot, **summarize(items, done, cot, circular)}
+        atomic_write(out / "score.json", json.dumps(score, indent=2, ensure_ascii=False) + "\n")
     return score
 
 
@@ -492,6 +494,7 @@ def eval_(
     from internvl_mpo.checkpoint import default_device
     from internvl_mpo.cli_chat import _model_path, run_dtype
     from internvl_mpo.pipeline import InternVLChat
+    from internvl_mpo.train.checkpointing import check_not_in_use
 
     check_counts(batch_size, limit)  # fail on bad flags, a bad file or another run's folder before loading the model
     params = greedy_params(max_num, max_new_tokens)
@@ -499,6 +502,7 @@ def eval_(
     model = _model_path(model)
     out = Path(output) if output else default_output(data, cot)
     check_output_folder(out)
+    check_not_in_use(out, EVAL_LOCK)
     device = default_device(device)
     settings = {"model": model, "max_num": max_num, "max_new_tokens": max_new_tokens,
                 "dtype": run_dtype(dtype, device, model)}

@@ -17,7 +17,8 @@ Mirrors OpenGVLab/InternVL `internvl_chat/tools/mm_reasoning_pipeline/`:
   prefix + continuation, plain string concatenation. Pairs keep the item's question and image.
 
 Output folder: the pair files, a `meta.json` (`train.mmpr.write_meta`; root = the input file's
-folder, so relative image paths resolve as in the input), `settings.json` and `progress.jsonl`.
+folder, so relative image paths resolve as in the input), `settings.json` and `progress.jsonl`; a
+running job holds `.pairs.lock` there (`hold_output`), so a second run on the folder is refused.
 Every finished item's raw samples are appended to `progress.jsonl` (one line per item, fsynced); a
 rerun skips the items found there with the same prompt and images (DropoutNTP: question and prefix),
 redoes an item edited since, or whose image files were edited in place (`filestamp`; a line cut by
@@ -51,6 +52,7 @@ Deliberate differences:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -81,6 +83,8 @@ MIN_NEW_TOKENS = {CORRECTNESS: 1, DROPOUT_NTP: 5}
 LARGE_FILE_RESPONSES = 500_000  # above this many responses the official keeps 3 pairs per question
 LARGE_FILE_MAX_PAIRS = 3
 RUN_FILES = ("meta.json", "progress.jsonl")  # written into the output folder beside settings.json and the pairs
+# held by a run in its output folder, as train holds its own (`train.checkpointing.lock_output`)
+PAIRS_LOCK = (".pairs.lock", "pairs run", "samples and pairs")
 
 
 @dataclass(frozen=True)
@@ -370,6 +374,18 @@ def make_output_folder(path: Path) -> None:
         raise InputError(f"{path}: cannot create the output folder ({e.strerror})") from None
 
 
+def hold_output(path: Path, identity: dict, writes: Sequence[str], kind: tuple[str, str, str]
+                ) -> contextlib.AbstractContextManager:
+    """Make the output folder `path`, check its settings (`check_settings`, which records them in a new
+    folder) and lock it for this run (`train.checkpointing.lock_output`, `kind`: `PAIRS_LOCK` or
+    `evaluate.EVAL_LOCK`) while the returned context lasts; ConfigError when a live run holds it."""
+    from internvl_mpo.train.checkpointing import lock_output
+
+    make_output_folder(path)
+    check_settings(path / "settings.json", identity, writes)
+    return lock_output(path, kind) or contextlib.nullcontext()
+
+
 def read_settings(path: Path, kind: str, output: str) -> dict:
     """The settings a `kind` run recorded at `path`; ConfigError (naming the `output` to change) when the
     file holds no JSON object."""
@@ -519,8 +535,6 @@ def make_correctness_pairs(
     of `input` when already read (reading decodes every image)."""
     input_path, out = Path(input), Path(output)
     items = read_items(input_path, CORRECTNESS) if items is None else items
-    make_output_folder(out)
-    check_settings(out / "settings.json", settings.identity(CORRECTNESS, input_path), RUN_FILES)
 
     def inputs(it: Item) -> dict:
         return {"question": correctness_prompt(it), "images": list(it.images)}
@@ -541,26 +555,27 @@ def make_correctness_pairs(
         ]
 
     per_call = max(1, settings.batch_size // settings.samples)
-    done = _run(items, Progress(out / "progress.jsonl"), per_call, "pairs correctness", inputs, work)
-    max_pairs = settings.max_pairs
-    if len(items) * settings.samples > LARGE_FILE_RESPONSES:
-        max_pairs = min(max_pairs, LARGE_FILE_MAX_PAIRS)
-    stats = PairStats(items=len(items))
-    correct_rows, format_rows = [], []
-    for item in items:
-        row = done[item.id]
-        if "error" in row:
-            stats.failed.append(f"{item.where} (id {item.id!r}): {row['error']}")
-            continue
-        correct, formats = item_pairs(item, row["question"], row["responses"], max_pairs, settings.seed, stats)
-        correct_rows += correct
-        format_rows += formats
-    name = input_path.stem
-    stats.files = _write_outputs(
-        out, input_path,
-        {f"{name}_pairs_vqa_correctness_rules": correct_rows, f"{name}_pairs_vqa_format_rules": format_rows},
-    )
-    stats.pairs, stats.format_pairs = _count_lines(stats.files[0]), _count_lines(stats.files[1])
+    with hold_output(out, settings.identity(CORRECTNESS, input_path), RUN_FILES, PAIRS_LOCK):
+        done = _run(items, Progress(out / "progress.jsonl"), per_call, "pairs correctness", inputs, work)
+        max_pairs = settings.max_pairs
+        if len(items) * settings.samples > LARGE_FILE_RESPONSES:
+            max_pairs = min(max_pairs, LARGE_FILE_MAX_PAIRS)
+        stats = PairStats(items=len(items))
+        correct_rows, format_rows = [], []
+        for item in items:
+            row = done[item.id]
+            if "error" in row:
+                stats.failed.append(f"{item.where} (id {item.id!r}): {row['error']}")
+                continue
+            correct, formats = item_pairs(item, row["question"], row["responses"], max_pairs, settings.seed, stats)
+            correct_rows += correct
+            format_rows += formats
+        name = input_path.stem
+        stats.files = _write_outputs(
+            out, input_path,
+            {f"{name}_pairs_vqa_correctness_rules": correct_rows, f"{name}_pairs_vqa_format_rules": format_rows},
+        )
+        stats.pairs, stats.format_pairs = _count_lines(stats.files[0]), _count_lines(stats.files[1])
     return stats
 
 
@@ -589,8 +604,6 @@ def make_dropout_ntp_pairs(
     of `input` when already read (reading decodes every image)."""
     input_path, out = Path(input), Path(output)
     items = read_items(input_path, DROPOUT_NTP) if items is None else items
-    make_output_folder(out)
-    check_settings(out / "settings.json", settings.identity(DROPOUT_NTP, input_path), RUN_FILES)
 
     def inputs(it: Item) -> dict:
         return {"question": text_only_question(it.question), "prefix": truncate_words(it.chosen, settings.start_ratio)}
@@ -605,19 +618,20 @@ def make_dropout_ntp_pairs(
             for it, t in zip(chunk, texts, strict=True)
         ]
 
-    done = _run(items, Progress(out / "progress.jsonl"), settings.batch_size, "pairs dropout-ntp", inputs, work)
-    stats = PairStats(items=len(items), responses=len(items))
-    rows = []
-    for item in items:
-        row = done[item.id]
-        if "error" in row:
-            stats.failed.append(f"{item.where} (id {item.id!r}): {row['error']}")
-            continue
-        rejected = row["prefix"] + row["continuation"]
-        if rejected != item.chosen:
-            rows.append(_pair_row(item, item.question, item.chosen, rejected, None))
-    stats.files = _write_outputs(out, input_path, {f"{input_path.stem}_pairs_dropout_ntp": rows})
-    stats.pairs = _count_lines(stats.files[0])
+    with hold_output(out, settings.identity(DROPOUT_NTP, input_path), RUN_FILES, PAIRS_LOCK):
+        done = _run(items, Progress(out / "progress.jsonl"), settings.batch_size, "pairs dropout-ntp", inputs, work)
+        stats = PairStats(items=len(items), responses=len(items))
+        rows = []
+        for item in items:
+            row = done[item.id]
+            if "error" in row:
+                stats.failed.append(f"{item.where} (id {item.id!r}): {row['error']}")
+                continue
+            rejected = row["prefix"] + row["continuation"]
+            if rejected != item.chosen:
+                rows.append(_pair_row(item, item.question, item.chosen, rejected, None))
+        stats.files = _write_outputs(out, input_path, {f"{input_path.stem}_pairs_dropout_ntp": rows})
+        stats.pairs = _count_lines(stats.files[0])
     return stats
 
 
@@ -750,12 +764,14 @@ def pairs(
     from internvl_mpo.checkpoint import default_device
     from internvl_mpo.cli_chat import run_dtype
     from internvl_mpo.pipeline import InternVLChat
+    from internvl_mpo.train.checkpointing import check_not_in_use
 
     device = default_device(device)
     settings = PairSettings(samples, max_pairs, temperature, top_k, top_p, max_new_tokens, max_num, batch_size, seed,
                             start_ratio, model, run_dtype(dtype, device, model))
     items = read_items(input, method)  # fail on a bad file or output folder before loading the model
     check_output_folder(Path(output))
+    check_not_in_use(Path(output), PAIRS_LOCK)
     check_settings(Path(output) / "settings.json", settings.identity(method, Path(input)), RUN_FILES, record=False)
     generator = ModelGenerator(InternVLChat.from_pretrained(model, dtype=dtype, device=device), settings)
     if method == CORRECTNESS:

@@ -88,25 +88,31 @@ def prune_checkpoints(output: Path, keep: int) -> None:
         shutil.rmtree(temp_dir(path))
 
 
-def _in_use(output: Path, lock: IO[str]) -> ConfigError:
+# What holds an output folder: the lock file there, the run named in the error, what a second run would overwrite.
+# `pairs` and `eval` hold theirs with their own (`pairs.PAIRS_LOCK`, `evaluate.EVAL_LOCK`).
+TRAIN_LOCK = (LOCK_FILE, "training run", "checkpoints and metrics")
+
+
+def _in_use(output: Path, lock: IO[str], kind: tuple[str, str, str]) -> ConfigError:
+    _, run, overwritten = kind
     lock.seek(0)
     holder = lock.read().strip() or "its process unknown"
-    return ConfigError(f"{output} is in use by another training run ({holder}): two runs would overwrite each"
-                       " other's checkpoints and metrics; wait for it to end or choose another --output")
+    return ConfigError(f"{output} is in use by another {run} ({holder}): two runs would overwrite each"
+                       f" other's {overwritten}; wait for it to end or choose another --output")
 
 
-def lock_output(output: Path) -> IO[str] | None:
-    """Lock `output` for one run: an exclusive flock on `output/.train.lock`, held while the returned
-    file is open. The kernel drops it when the process ends, however it ends, so a crashed run leaves
-    the file but no stale lock. ConfigError when another process holds it; None (no lock) where the
-    filesystem has no locks."""
+def lock_output(output: Path, kind: tuple[str, str, str] = TRAIN_LOCK) -> IO[str] | None:
+    """Lock `output` for one run: an exclusive flock on its lock file (`kind`: as `TRAIN_LOCK`, whose file
+    is `output/.train.lock`), held while the returned file is open. The kernel drops it when the process
+    ends, however it ends, so a crashed run leaves the file but no stale lock. ConfigError when another
+    process holds it; None (no lock) where the filesystem has no locks."""
     import fcntl
 
-    lock = open(output / LOCK_FILE, "a+", encoding="utf-8")
+    lock = open(output / kind[0], "a+", encoding="utf-8")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        error = _in_use(output, lock)
+        error = _in_use(output, lock, kind)
         lock.close()
         raise error from None
     except OSError as e:
@@ -121,19 +127,19 @@ def lock_output(output: Path) -> IO[str] | None:
     return lock
 
 
-def check_not_in_use(output: Path) -> None:
-    """ConfigError when a live run holds `output`'s lock (probed with a shared lock, released at once)."""
+def check_not_in_use(output: Path, kind: tuple[str, str, str] = TRAIN_LOCK) -> None:
+    """ConfigError when a live run holds `output`'s lock of `kind` (probed with a shared lock, released at once)."""
     import fcntl
 
     try:
-        lock = open(output / LOCK_FILE, encoding="utf-8")
+        lock = open(output / kind[0], encoding="utf-8")
     except OSError:  # no lock file (no run started there), or no such folder
         return
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise _in_use(output, lock) from None
+            raise _in_use(output, lock, kind) from None
         except OSError as e:
             if e.errno not in LOCKS_UNSUPPORTED:
                 raise
