@@ -564,6 +564,21 @@ def test_real_model_counts_a_prompt_longer_than_the_context_wrong(tiny_model, tm
     assert [json.loads(line)["id"] for line in predictions] == ["short", "long"]
 
 
+def test_no_progress_hides_the_progress_bar(tiny_model, tmp_path, capsys):
+    """--no-progress, as train's, keeps a job's log free of the bar's lines; eval had none."""
+    from internvl_mpo.cli import main
+
+    data = write_bench(tmp_path / "data")
+    run_eval(data, FakeAnswerer(DIRECT), tmp_path / "shown")
+    assert "eval: 100%" in capsys.readouterr().err
+    run_eval(data, FakeAnswerer(DIRECT), tmp_path / "hidden", progress=False)
+    assert capsys.readouterr().err == ""
+    args = ["eval", "--model", str(tiny_model), "--data", str(data), "--output", str(tmp_path / "cli"),
+            "--max-new-tokens", "1", "--device", "cpu", "--dtype", "float32", "--no-progress"]
+    assert main(args) == 0
+    assert capsys.readouterr().err == ""
+
+
 def eval_cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "internvl_mpo.cli", "eval", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, timeout=300)

@@ -381,10 +381,11 @@ def run_eval(
     limit: int | None = None,
     settings: dict[str, Any] | None = None,
     items: list[BenchItem] | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Answer every question not yet in predictions.jsonl (or stored there with another prompt or
     ground truth: the data changed), then score all; returns the score dict.
-    `items`: those of `data` when already read (reading decodes every image)."""
+    `items`: those of `data` when already read (reading decodes every image); `progress`: show a progress bar."""
     from tqdm import tqdm
 
     check_counts(batch_size, limit)
@@ -394,8 +395,8 @@ def run_eval(
         items = first_questions(items, limit, circular)
     out = Path(output) if output else default_output(data, cot)
     with hold_output(out, run_identity(data, cot, settings), RUN_FILES, EVAL_LOCK):
-        progress = Progress(out / "predictions.jsonl")
-        done = progress.load()
+        predictions = Progress(out / "predictions.jsonl")
+        done = predictions.load()
         # A stored prediction counts only for the same question: ids may be line numbers, and a data file
         # edited between runs would otherwise have old answers scored against new questions (or images).
         # An image file edited in place is told by its stamp. A row without "images" or "stamps" (written
@@ -414,7 +415,7 @@ def run_eval(
                 yield (item, prompt), prompt
 
         answered = set()
-        with tqdm(total=len(items), initial=len(items) - len(todo), desc="eval", unit="q") as bar:
+        with tqdm(total=len(items), initial=len(items) - len(todo), desc="eval", unit="q", disable=not progress) as bar:
             for (item, prompt), response in answer_fn(prompts(), batch_size):
                 row = {"id": item.id, "category": item.category, "kind": item.kind, "prompt": prompt.question,
                        "images": images[item.id], "stamps": file_stamps[item.id]}
@@ -423,7 +424,7 @@ def run_eval(
                 else:
                     text, verdict = score_response(item, response, cot)
                     row.update(prediction=response, extracted=text, answer=item.answer, correct=verdict)
-                progress.append([row])
+                predictions.append([row])
                 done[item.id] = row
                 answered.add(item.id)
                 bar.update(1)
@@ -431,7 +432,7 @@ def run_eval(
         if missing:
             raise InputError(f"the answering function gave no answer for {len(missing)} questions (ids {missing[:5]})")
         if todo:  # answers came as they finished: the file in data order
-            rewrite_in_order(progress.path, [item.id for item in items])
+            rewrite_in_order(predictions.path, [item.id for item in items])
         score = {"data": str(data), "cot": cot, **summarize(items, done, cot, circular)}
         atomic_write(out / "score.json", json.dumps(score, indent=2, ensure_ascii=False) + "\n")
     return score
@@ -477,6 +478,7 @@ def eval_(
     limit: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    progress: bool = True,
 ) -> int:
     """Score a model on a multiple-choice / short-answer benchmark (resumable); prints the accuracy table.
 
@@ -490,6 +492,7 @@ def eval_(
     limit: only the first N questions (each with all its rotated copies in an MMBench TSV)
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
     dtype: float32, bfloat16, float16 or auto (the checkpoint's own) (default: bf16 on CUDA, fp32 on CPU)
+    progress: show a progress bar
     """
     from internvl_mpo.checkpoint import default_device
     from internvl_mpo.cli_chat import _model_path, run_dtype
@@ -508,7 +511,8 @@ def eval_(
                 "dtype": run_dtype(dtype, device, model)}
     check_settings(out / "settings.json", run_identity(data, cot, settings), RUN_FILES, record=False)
     chat = InternVLChat.from_pretrained(model, dtype=dtype, device=device)
-    score = run_eval(data, model_answerer(chat, max_num, params), out, cot, batch_size, limit, settings, items)
+    score = run_eval(data, model_answerer(chat, max_num, params), out, cot, batch_size, limit, settings, items,
+                     progress)
     for failure in score["failed"]:
         print(f"failed (counted wrong) {failure}")
     print(format_table(score))
