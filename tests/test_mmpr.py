@@ -69,6 +69,18 @@ def test_meta_round_trip(tmp_path):
         write_meta(str(meta), [specs[0], specs[0]])
 
 
+def test_write_meta_makes_missing_folders_and_names_a_path_it_cannot_write(tmp_path):
+    """A meta.json for a new run folder failed with a bare FileNotFoundError."""
+    specs = [DatasetSpec("d", str(tmp_path / "img"), str(tmp_path / "d.jsonl"), length=3)]
+    meta = tmp_path / "runs" / "mix" / "meta.json"
+    write_meta(str(meta), specs)
+    assert load_meta(str(meta)) == specs
+    (tmp_path / "a-file").write_text("")
+    for path, reason in ((tmp_path / "a-file" / "meta.json", "Not a directory"), (tmp_path / "runs", "Is a directory")):
+        with pytest.raises(InputError, match=re.escape(f"{path}: cannot write the meta file ({reason})")):
+            write_meta(str(path), specs)
+
+
 def test_meta_relative_paths_resolve_against_base_dir(tmp_path):
     meta = tmp_path / "meta.json"
     meta.write_text(json.dumps({"d": {"root": "MMPR/images", "annotation": "MMPR/annotations/d.jsonl",

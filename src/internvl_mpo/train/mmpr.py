@@ -32,6 +32,7 @@ name (or any key) given twice in meta.json, of which `json.load` keeps the last 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import os
 import random
@@ -197,7 +198,8 @@ def load_meta(meta_path: str, base_dir: str | None = None) -> list[DatasetSpec]:
 
 
 def write_meta(path: str, datasets: list[DatasetSpec]) -> None:
-    """Write specs as a meta.json that `load_meta` (and the official loader) reads back."""
+    """Write specs as a meta.json that `load_meta` (and the official loader) reads back. Missing folders on
+    the way to `path` are made, as `mkdir -p` makes them; a path that cannot be written is an InputError."""
     meta: dict[str, dict[str, Any]] = {}
     for spec in datasets:
         if spec.name in meta:
@@ -213,9 +215,14 @@ def write_meta(path: str, datasets: list[DatasetSpec]) -> None:
         if spec.max_dynamic_patch is not None:
             entry["max_dynamic_patch"] = spec.max_dynamic_patch
         meta[spec.name] = entry
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    try:
+        with contextlib.suppress(FileExistsError):  # a file where a folder goes: open below says "Not a directory"
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+    except OSError as e:
+        raise InputError(f"{path}: cannot write the meta file ({e.strerror})") from None
 
 
 # ----------------------------------------------------------------------------- line parsing
