@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -396,6 +397,31 @@ def test_sft_image_placeholder_in_answer_or_system_is_text(tmp_path, chat_folder
     assert not isinstance(item, BadExample), item
     question = expand("<image>\nWhich tag shows this?", [item.pixel_values.shape[0]], settings.num_image_token)
     assert (item.input_ids, item.labels) == official_segments(hf, question, "An <image> tag.", system)
+
+
+def test_sft_record_with_an_image_but_no_human_turn_says_which_turn_it_needs(tmp_path):
+    """Only a human turn shows images: such a record was refused when encoded, as "the user turns hold 0
+    <image> placeholder(s) but 1 image(s)", which named neither the record's problem nor its fix."""
+    from internvl_mpo.train.mmpr import SkipReport
+
+    write_images(tmp_path / "images")
+    answer = {"from": "gpt", "value": "It is red."}
+    lines = [{"image": "red.png", "conversations": [answer]},
+             {"image": ["red.png", "blue.png"], "conversations": [{"from": "system", "value": "Be brief."}, answer]},
+             {"conversations": [answer]},  # text only: an answer alone trains, as in the official code
+             {"image": "red.png", "conversations": [answer, {"from": "human", "value": "And this?"}, answer]},
+             {"video": "clip.mp4", "conversations": [answer]}]
+    (tmp_path / "images" / "clip.mp4").write_bytes(b"")  # read only when encoded
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    need = ("but no 'human' turn to show {}: a conversation with media needs the question as a human turn, "
+            '{{"from": "human", "value": "<question>"}}')
+    with pytest.raises(InputError, match=re.escape(f"sft.jsonl:1: the record has an image {need.format('it')}")):
+        read_sft_records(str(tmp_path / "sft.jsonl"), str(tmp_path / "images"))
+    report = SkipReport()
+    records = read_sft_records(str(tmp_path / "sft.jsonl"), str(tmp_path / "images"), report=report)
+    assert [r.source.line for r in records] == [3, 4] and report.counts == {"missing_field": 3}
+    assert report.messages[1].endswith(f"sft.jsonl:2: the record has 2 images {need.format('them')}")
+    assert report.messages[2].endswith(f"sft.jsonl:5: the record has a video {need.format('it')}")
 
 
 def test_sft_truncation_never_cuts_image_tokens(tmp_path, tokenizer, settings):

@@ -25,7 +25,8 @@ never parsed (as in the official code), so a bad line there goes unnoticed. Samp
 shuffling run over all raw lines before dropping, so the order of the good records is the
 official one. Blank lines count as malformed (the official JSON parse fails on them too). An empty
 (or all-whitespace) `chosen` or `rejected` answer or SFT `gpt` turn, and a pair whose `chosen` and
-`rejected` are the same text, are refused too; the official readers accept them. So is a dataset
+`rejected` are the same text, are refused too; the official readers accept them. So are an SFT record
+with an image or video but no `human` turn to show it in, and a dataset
 name (or any key) given twice in meta.json, of which `json.load` keeps the last silently.
 """
 
@@ -424,6 +425,11 @@ def read_sft_records(
             item = _parse_object(raw)
             conversations = _conversations(item)
             images, multi, video = _media(item, image_root)
+            if (images or video) and not any(turn["from"] == "human" for turn in conversations):
+                media = "a video" if video else "an image" if len(images) == 1 else f"{len(images)} images"
+                raise _BadLine("missing_field", f"the record has {media} but no 'human' turn to show "
+                               f"{'them' if len(images) > 1 else 'it'}: a conversation with media needs the "
+                               'question as a human turn, {"from": "human", "value": "<question>"}')
         except _BadLine as e:
             _fail_or_count(e, source, report)
             continue
