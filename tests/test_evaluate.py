@@ -297,12 +297,17 @@ def test_a_second_run_on_the_folder_of_a_live_run_is_refused(tmp_path, capsys):
                         "another --output")]
     run_eval(data, FakeAnswerer(DIRECT, fail=True), out)  # the lock went with the run: it resumes
     base = ["eval", "--model", str(tmp_path / "no-model"), "--data", str(data), "--output", str(out), "--device=cpu"]
-    with open(out / ".eval.lock", "w") as lock:  # another host's run holds it: refused before the model loads
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        lock.write("pid 123 on elsewhere\n")
-        lock.flush()
-        assert main(base) != 0
+    (tmp_path / "new").mkdir()
+    with open(out / ".eval.lock", "w") as lock, open(tmp_path / "new" / ".eval.lock", "w") as new:
+        for held in (lock, new):  # another host's runs hold them
+            fcntl.flock(held, fcntl.LOCK_EX)
+            held.write("pid 123 on elsewhere\n")
+            held.flush()
+        assert main(base) != 0  # refused before the model loads
         assert f"error: {out} is in use by another eval run (pid 123 on elsewhere)" in capsys.readouterr().err
+        with pytest.raises(ConfigError, match="in use by another eval run"):
+            run_eval(data, FakeAnswerer(DIRECT), tmp_path / "new")
+        assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [".eval.lock"]  # no settings recorded
     assert main(base) != 0  # released: on to the next check
     assert f"error: {out} holds a run with other settings" in capsys.readouterr().err
 

@@ -57,7 +57,7 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -374,16 +374,19 @@ def make_output_folder(path: Path) -> None:
         raise InputError(f"{path}: cannot create the output folder ({e.strerror})") from None
 
 
-def hold_output(path: Path, identity: dict, writes: Sequence[str], kind: tuple[str, str, str]
-                ) -> contextlib.AbstractContextManager:
-    """Make the output folder `path`, check its settings (`check_settings`, which records them in a new
-    folder) and lock it for this run (`train.checkpointing.lock_output`, `kind`: `PAIRS_LOCK` or
-    `evaluate.EVAL_LOCK`) while the returned context lasts; ConfigError when a live run holds it."""
+@contextlib.contextmanager
+def hold_output(path: Path, identity: dict, writes: Sequence[str], kind: tuple[str, str, str]) -> Iterator[None]:
+    """Make the output folder `path` and hold it for this run: locked (`train.checkpointing.lock_output`,
+    `kind`: `PAIRS_LOCK` or `evaluate.EVAL_LOCK`; ConfigError when a live run holds it), its settings
+    checked by `check_settings`, which records them in a new folder. They are checked before the lock too,
+    so that a folder refused for them (the user's own, say) gets no lock file."""
     from internvl_mpo.train.checkpointing import lock_output
 
     make_output_folder(path)
-    check_settings(path / "settings.json", identity, writes)
-    return lock_output(path, kind) or contextlib.nullcontext()
+    check_settings(path / "settings.json", identity, writes, record=False)
+    with lock_output(path, kind) or contextlib.nullcontext():
+        check_settings(path / "settings.json", identity, writes)  # under the lock: no run records others meanwhile
+        yield
 
 
 def read_settings(path: Path, kind: str, output: str) -> dict:
