@@ -541,6 +541,16 @@ def test_bad_sampling_settings_are_refused():
         SamplingParams(max_new_tokens=0)
 
 
+def test_an_empty_stop_string_is_refused(setup):
+    """stop="" (or "" in a list) was taken and never stopped anything; vLLM and this package's server refuse it."""
+    chat, _ = setup
+    for stop in ([""], ["ok", ""]):
+        with pytest.raises(InputError, match="stop strings must not be empty"):
+            SamplingParams(stop=stop)
+    with pytest.raises(InputError, match="stop strings must not be empty"):
+        chat.chat("Hello", stop="", max_new_tokens=2)
+
+
 def test_a_repetition_penalty_that_would_overflow_the_logits_is_refused():
     """With 1e-40 the seen tokens' logits became inf, softmax NaN, and sampling drew token 0, one neither
     seen nor likely; transformers takes any penalty > 0 and gives inf too. From the smallest accepted,

@@ -65,6 +65,8 @@ class SamplingParams:
                 raise InputError(f"{name} must be a finite number, got {value!r}")
         if not (isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) for s in self.stop)):
             raise InputError(f"stop must be a list of strings, got {self.stop!r}")
+        if "" in self.stop:  # it would never stop the answer; vLLM refuses it too
+            raise InputError("stop strings must not be empty")
         if not (isinstance(self.stop_token_ids, (tuple, list)) and all(map(whole_number, self.stop_token_ids))):
             raise InputError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         object.__setattr__(self, "logit_bias", checked_logit_bias(self.logit_bias))
