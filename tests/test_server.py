@@ -1311,6 +1311,20 @@ def test_image_urls_that_cannot_be_read_are_400():
         assert (e.value.status, e.value.code) == (400, code)
 
 
+def test_an_image_over_the_byte_limit_names_the_server_flag_that_raises_it(tmp_path):
+    """A 413 for an image's bytes names `--max-image-bytes` (data URLs and local files alike): a client
+    read "images may be at most N bytes" with nothing saying who can change N."""
+    image = png(56, 56)
+    path = tmp_path / "a.png"
+    path.write_bytes(image)
+    settings = ServerSettings(allow_local_images=True, max_image_bytes=len(image) - 1)
+    data_url = "data:image/png;base64," + base64.b64encode(image).decode()
+    for url in (data_url, str(path)):
+        with pytest.raises(ApiError, match=r"at most \d+ bytes \(the server's --max-image-bytes\)$") as e:
+            image_bytes(url, "image", settings)
+        assert (e.value.status, e.value.code) == (413, "image_too_large")
+
+
 def test_file_urls_are_percent_decoded_and_name_this_machine(tmp_path):
     """A file URL writes a space as %20 and may name this machine as localhost or not at all; another
     host, or a scheme that is neither data, http(s) nor file, is a clear 400 (not a missing relative path)."""

@@ -656,8 +656,7 @@ def _read_local(url: str, param: str, settings: ServerSettings) -> bytes:
             raise ApiError(400, f"{param}: {shown} is not a file", param, "invalid_image")
         size = path.stat().st_size
         if size > settings.max_image_bytes:
-            raise ApiError(413, f"{param}: {shown} is {size} bytes; images may be at most "
-                                f"{settings.max_image_bytes} bytes", param, "image_too_large")
+            raise _too_large(param, f"{shown} is {size} bytes", settings)
         return path.read_bytes()
     except OSError as e:  # a name too long, no permission, ...
         raise ApiError(400, f"{param}: could not read {shown}: {e.strerror or e}", param, "invalid_image") from None
@@ -672,8 +671,7 @@ def image_bytes(url: str, param: str, settings: ServerSettings) -> bytes:
                            "invalid_image")
         data = "".join(data.split())
         if len(data) // 4 * 3 > settings.max_image_bytes + 2:
-            raise ApiError(413, f"{param}: the image is over the limit of {settings.max_image_bytes} bytes", param,
-                           "image_too_large")
+            raise _too_large(param, "the image is larger", settings)
         try:
             raw = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError) as e:
@@ -692,9 +690,14 @@ def image_bytes(url: str, param: str, settings: ServerSettings) -> bytes:
                                 "(or start the server with --allow-local-images)", param, "local_image_refused")
         raw = _read_local(url, param, settings)
     if len(raw) > settings.max_image_bytes:
-        raise ApiError(413, f"{param}: the image is over the limit of {settings.max_image_bytes} bytes", param,
-                       "image_too_large")
+        raise _too_large(param, "the image is larger", settings)  # a fetch stops reading past the limit
     return raw
+
+
+def _too_large(param: str, what: str, settings: ServerSettings) -> ApiError:
+    """The 413 for an image of more bytes than the server takes, naming the flag that sets the limit."""
+    return ApiError(413, f"{param}: {what}; images may be at most {settings.max_image_bytes} bytes (the server's "
+                         "--max-image-bytes)", param, "image_too_large")
 
 
 @dataclass
