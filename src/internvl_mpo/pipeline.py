@@ -328,11 +328,13 @@ class InternVLChat:
                     **kwargs) -> Iterator[str]:
         """The answer as an iterator of text pieces (never a broken UTF-8 character); joined they
         equal chat(). Bad settings and inputs raise here, before any piece."""
-        for name in ("return_history", "verbose"):
-            if name in kwargs:
-                raise InputError(f"stream_chat takes no {name} (chat's): it yields the answer's pieces; for a history, "
-                                 "add (prepare(question, images).question, answer) to it, the question as chat "
-                                 "stores it")
+        if "return_history" in kwargs:
+            raise InputError("stream_chat takes no return_history (chat's): it yields the answer's pieces; for a "
+                             "history, add (prepare(question, images).question, answer) to it, the question as chat "
+                             "stores it")
+        if "verbose" in kwargs:
+            raise InputError("stream_chat takes no verbose (chat's): it yields the answer's pieces; print them as they "
+                             "come (prepare(question, images) gives the prompt)")
         inputs, params = self._split(kwargs)
         prepared = self.prepare(question, _images(images, pixel_values), video, history, **inputs)
         return self.stream_prepared(prepared, params)
