@@ -556,6 +556,25 @@ def test_real_model_correctness_run_through_the_cli(tiny_model, tmp_path):
     assert [json.loads(line)["id"] for line in (out / "progress.jsonl").read_text().splitlines()] == ["mc", "num", "yn", "multi"]
 
 
+def test_no_progress_hides_the_progress_bar(tiny_model, tmp_path, capsys):
+    """--no-progress, as train's and eval's, keeps a job's log free of the bar's lines; pairs had none."""
+    from internvl_mpo.cli import main
+
+    items_path = write_items(tmp_path / "data")
+    make_correctness_pairs(items_path, tmp_path / "shown", FakeSampler(), SETTINGS)
+    assert "pairs correctness: 100%" in capsys.readouterr().err
+    make_correctness_pairs(items_path, tmp_path / "hidden", FakeSampler(), SETTINGS, progress=False)
+    assert capsys.readouterr().err == ""
+    for method in ("correctness", "dropout-ntp"):
+        path = items_path if method == "correctness" else tmp_path / "chosen.jsonl"
+        if method == "dropout-ntp":
+            path.write_text(json.dumps({"id": "a", "question": "How many?", "chosen": "There are two of them."}) + "\n")
+        args = ["pairs", method, "--model", str(tiny_model), "--input", str(path), "--output", str(tmp_path / method),
+                "--samples", "2", "--max-new-tokens", "2", "--device", "cpu", "--dtype", "float32", "--no-progress"]
+        assert main(args) == 0
+        assert capsys.readouterr().err == "", method
+
+
 def test_real_model_skips_a_prompt_longer_than_the_context(tiny_model, tmp_path, capsys):
     from internvl_mpo.cli import main
     from internvl_mpo.pipeline import InternVLChat

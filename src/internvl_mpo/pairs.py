@@ -457,7 +457,7 @@ def _write_outputs(out: Path, input_path: Path, files: dict[str, list[dict]]) ->
 
 def _run(
     items: list[Item], progress: Progress, per_call: int, desc: str, inputs: Callable[[Item], dict],
-    work: Callable[[list[Item]], list[dict]],
+    work: Callable[[list[Item]], list[dict]], show_progress: bool = True,
 ) -> dict:
     """Call `work` on chunks of unfinished items, appending its rows to the progress file. An item is
     finished when a row with its id holds its `inputs` (what its samples depend on) and, where the row
@@ -469,7 +469,7 @@ def _run(
     todo = [item for item in items
             if item.id not in done or any(done[item.id].get(k, v) != v for k, v in inputs(item).items())
             or not unchanged(item.images, done[item.id].get("stamps"))]
-    with tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, unit="item") as bar:
+    with tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, unit="item", disable=not show_progress) as bar:
         for start in range(0, len(todo), per_call):
             chunk = todo[start : start + per_call]
             rows = work(chunk)
@@ -532,10 +532,11 @@ def item_pairs(item: Item, question: str, responses: Sequence[str], max_pairs: i
 
 
 def make_correctness_pairs(
-    input: str | Path, output: str | Path, sample_fn: Sampler, settings: PairSettings, items: list[Item] | None = None
+    input: str | Path, output: str | Path, sample_fn: Sampler, settings: PairSettings, items: list[Item] | None = None,
+    progress: bool = True,
 ) -> PairStats:
     """Sample answers for every item (resuming), check them, write the pair files and meta.json. `items`: those
-    of `input` when already read (reading decodes every image)."""
+    of `input` when already read (reading decodes every image); `progress`: show a progress bar."""
     input_path, out = Path(input), Path(output)
     items = read_items(input_path, CORRECTNESS) if items is None else items
 
@@ -559,7 +560,7 @@ def make_correctness_pairs(
 
     per_call = max(1, settings.batch_size // settings.samples)
     with hold_output(out, settings.identity(CORRECTNESS, input_path), RUN_FILES, PAIRS_LOCK):
-        done = _run(items, Progress(out / "progress.jsonl"), per_call, "pairs correctness", inputs, work)
+        done = _run(items, Progress(out / "progress.jsonl"), per_call, "pairs correctness", inputs, work, progress)
         max_pairs = settings.max_pairs
         if len(items) * settings.samples > LARGE_FILE_RESPONSES:
             max_pairs = min(max_pairs, LARGE_FILE_MAX_PAIRS)
@@ -601,10 +602,11 @@ def text_only_question(question: str) -> str:
 
 
 def make_dropout_ntp_pairs(
-    input: str | Path, output: str | Path, continue_fn: Continuer, settings: PairSettings, items: list[Item] | None = None
+    input: str | Path, output: str | Path, continue_fn: Continuer, settings: PairSettings, items: list[Item] | None = None,
+    progress: bool = True,
 ) -> PairStats:
     """Continue half of each chosen answer without the image; write the pairs and meta.json. `items`: those
-    of `input` when already read (reading decodes every image)."""
+    of `input` when already read (reading decodes every image); `progress`: show a progress bar."""
     input_path, out = Path(input), Path(output)
     items = read_items(input_path, DROPOUT_NTP) if items is None else items
 
@@ -622,7 +624,7 @@ def make_dropout_ntp_pairs(
         ]
 
     with hold_output(out, settings.identity(DROPOUT_NTP, input_path), RUN_FILES, PAIRS_LOCK):
-        done = _run(items, Progress(out / "progress.jsonl"), settings.batch_size, "pairs dropout-ntp", inputs, work)
+        done = _run(items, Progress(out / "progress.jsonl"), settings.batch_size, "pairs dropout-ntp", inputs, work, progress)
         stats = PairStats(items=len(items), responses=len(items))
         rows = []
         for item in items:
@@ -739,6 +741,7 @@ def pairs(
     start_ratio: float = 0.5,
     device: str | None = None,
     dtype: str | None = None,
+    progress: bool = True,
 ) -> int:
     """Build MMPR preference pairs from a model's samples (resumable).
 
@@ -758,6 +761,7 @@ def pairs(
     start_ratio: DropoutNTP keeps this fraction of the chosen answer's words
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
     dtype: float32, bfloat16, float16 or auto (the checkpoint's own) (default: bf16 on CUDA, fp32 on CPU)
+    progress: show a progress bar
     """
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
@@ -778,9 +782,9 @@ def pairs(
     check_settings(Path(output) / "settings.json", settings.identity(method, Path(input)), RUN_FILES, record=False)
     generator = ModelGenerator(InternVLChat.from_pretrained(model, dtype=dtype, device=device), settings)
     if method == CORRECTNESS:
-        stats = make_correctness_pairs(input, output, generator.sample, settings, items)
+        stats = make_correctness_pairs(input, output, generator.sample, settings, items, progress)
     else:
-        stats = make_dropout_ntp_pairs(input, output, generator.continue_prefix, settings, items)
+        stats = make_dropout_ntp_pairs(input, output, generator.continue_prefix, settings, items, progress)
     for failure in stats.failed:
         print(f"skipped {failure}")
     print(stats.summary())
