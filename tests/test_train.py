@@ -715,6 +715,31 @@ def test_resume_takes_the_same_data_file_spelled_another_way(tmp_path, chat_fold
     assert train(dataclasses.replace(cfg, data=os.path.relpath(meta, tmp_path / "elsewhere"), resume=True)).steps == 2
 
 
+def test_resume_takes_the_same_data_files_through_a_symlink_and_refuses_a_copy(tmp_path, chat_folder, meta):
+    """--data through a linked folder, then by its real path (and back): the same files, so it resumes; the
+    fingerprint compared the paths as spelled, so the resume was refused as "files changed". A copy of the
+    files elsewhere is other data, even with the same contents."""
+    (tmp_path / "linked").symlink_to(meta.parent, target_is_directory=True)
+    linked = tmp_path / "linked" / meta.name
+    cfg = config(chat_folder, linked, tmp_path / "run", max_steps=2, save_every=1)
+    train(cfg)
+    killed_after_step_1(tmp_path / "run")
+    assert train(dataclasses.replace(cfg, data=str(meta), resume=True)).steps == 2
+    killed_after_step_1(tmp_path / "run")
+    assert train(dataclasses.replace(cfg, data=str(linked), resume=True)).steps == 2
+    killed_after_step_1(tmp_path / "run")
+    # a checkpoint from before 2026-12-03 recorded the files as spelled: the link's own path
+    state_file = tmp_path / "run" / "checkpoint-000001" / ckpt.STATE_FILE
+    state = json.loads(state_file.read_text())
+    state["data_fingerprint"][0]["file"] = str(linked)
+    state_file.write_text(json.dumps(state))
+    assert train(dataclasses.replace(cfg, data=str(meta), resume=True)).steps == 2
+    killed_after_step_1(tmp_path / "run")
+    copy = shutil.copytree(meta.parent, tmp_path / "copy")
+    with pytest.raises(CheckpointError, match="cannot resume, these settings differ from the checkpoint: --data"):
+        train(dataclasses.replace(cfg, data=str(copy / meta.name), resume=True))
+
+
 def test_resume_drops_a_half_written_metrics_line(tmp_path, chat_folder, meta):
     cfg = config(chat_folder, meta, tmp_path / "run", max_steps=2, save_every=1)
     train(cfg)

@@ -899,8 +899,9 @@ def data_files(cfg: TrainConfig) -> list[str]:
 
 
 def data_fingerprint(cfg: TrainConfig) -> list[dict]:
-    """Size and sha256 of every data file, so that a resume can refuse changed data (images are not read)."""
-    return [{"file": os.path.abspath(name), "size": os.path.getsize(name), "sha256": file_sha256(name)}
+    """Size and sha256 of every data file, so that a resume can refuse changed data (images are not read).
+    A file is named by its resolved path: the same file through a symlink is the same data, a copy is not."""
+    return [{"file": os.path.realpath(name), "size": os.path.getsize(name), "sha256": file_sha256(name)}
             for name in data_files(cfg)]
 
 
@@ -956,6 +957,8 @@ def check_resume_settings(
     state = ckpt.read_json(path / ckpt.STATE_FILE)
     saved = state.get("config", {})
     saved_print = state.get("data_fingerprint")
+    if saved_print is not None:  # recorded as spelled before 2026-12-03: through a symlink, the link's own path
+        saved_print = [{**p, "file": os.path.realpath(p["file"])} for p in saved_print]
     # a relative --data named a file from the checkpoint run's folder: the fingerprint has its absolute path
     saved_data = saved_print[0]["file"] if saved_print else saved.get("data")
     same_data = saved.get("data") == cfg.data or _same_file(saved_data, cfg.data)
