@@ -527,6 +527,27 @@ def test_a_second_run_on_the_folder_of_a_live_run_is_refused(tmp_path, capsys):
         assert f"error: {tmp_path / out} holds a run with other settings" in capsys.readouterr().err
 
 
+def test_a_run_on_a_filesystem_without_locks_says_so(tmp_path, monkeypatch, capsys):
+    """Where flock is unsupported (some network filesystems), pairs and eval ran on without a lock in silence;
+    they say so, as train does, and go on."""
+    import errno
+    import fcntl
+
+    from internvl_mpo.evaluate import EVAL_LOCK
+    from internvl_mpo.pairs import hold_output
+
+    def unsupported(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    items_path = write_items(tmp_path / "data")
+    assert make_correctness_pairs(items_path, tmp_path / "out", FakeSampler(), SETTINGS).pairs > 0
+    note = f"note: {tmp_path / 'out'}'s filesystem has no file locks: make sure no other run writes to it\n"
+    assert note in capsys.readouterr().err
+    with hold_output(tmp_path / "eval", {"kind": "eval"}, ("predictions.jsonl",), EVAL_LOCK):
+        assert capsys.readouterr().err == note.replace(str(tmp_path / "out"), str(tmp_path / "eval"))
+
+
 # ----------------------------------------------------------------------------- the real model
 
 

@@ -57,6 +57,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -379,12 +380,16 @@ def hold_output(path: Path, identity: dict, writes: Sequence[str], kind: tuple[s
     """Make the output folder `path` and hold it for this run: locked (`train.checkpointing.lock_output`,
     `kind`: `PAIRS_LOCK` or `evaluate.EVAL_LOCK`; ConfigError when a live run holds it), its settings
     checked by `check_settings`, which records them in a new folder. They are checked before the lock too,
-    so that a folder refused for them (the user's own, say) gets no lock file."""
-    from internvl_mpo.train.checkpointing import lock_output
+    so that a folder refused for them (the user's own, say) gets no lock file. On a filesystem without
+    locks it says so (on stderr) and goes on, as train does."""
+    from internvl_mpo.train.checkpointing import lock_output, no_lock_note
 
     make_output_folder(path)
     check_settings(path / "settings.json", identity, writes, record=False)
-    with lock_output(path, kind) or contextlib.nullcontext():
+    lock = lock_output(path, kind)
+    if lock is None:
+        print(no_lock_note(path), file=sys.stderr)
+    with lock or contextlib.nullcontext():
         check_settings(path / "settings.json", identity, writes)  # under the lock: no run records others meanwhile
         yield
 

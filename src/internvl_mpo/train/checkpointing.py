@@ -127,6 +127,11 @@ def lock_output(output: Path, kind: tuple[str, str, str] = TRAIN_LOCK) -> IO[str
     return lock
 
 
+def no_lock_note(output: Path) -> str:
+    """What a run says when `lock_output` gave it no lock (a filesystem without locks)."""
+    return f"note: {output}'s filesystem has no file locks: make sure no other run writes to it"
+
+
 def check_not_in_use(output: Path, kind: tuple[str, str, str] = TRAIN_LOCK) -> None:
     """ConfigError when a live run holds `output`'s lock of `kind` (probed with a shared lock, released at once)."""
     import fcntl

@@ -1150,7 +1150,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) 
                 raise ConfigError(f"--output {output}: cannot make the folder ({e.strerror})") from None
             lock = ckpt.lock_output(output)
             if lock is None:
-                print0(f"note: {output}'s filesystem has no file locks: make sure no other run writes to it")
+                print0(ckpt.no_lock_note(output))
             else:
                 held.enter_context(lock)
     check_output(output, cfg.resume)
