@@ -491,3 +491,23 @@ def test_planned_tiles_are_the_tiles_load_images_makes(tmp_path):
         planned_tiles([images[0], tmp_path / "gone.png"])
     with pytest.raises(InputError, match="exceeds the limit of 100"):
         planned_tiles([path], max_pixels=100)
+
+
+def test_the_readme_gives_each_function_its_own_name_for_the_total_tile_budget():
+    """`processor.load_images` (and `planned_tiles`) call the total tile budget `total_budget`, the
+    `InternVLChat` methods `total_max_num` (VLMEvalKit's name); the README named `total_max_num` alone,
+    which `processor.load_images` refuses as an unexpected keyword."""
+    import inspect
+    import re
+    from pathlib import Path
+
+    from internvl_mpo.pipeline import INPUT_KEYS
+    from internvl_mpo.processor import multi
+
+    text = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    calls = re.findall(r"`(?:processor\.|bot\.)(load_images|planned_tiles|chat|prepare)\(([^`]*)\)`", text)
+    budgets = {(name, keyword) for name, args in calls for keyword in re.findall(r"(total\w*)=", args)}
+    assert budgets == {("load_images", "total_budget"), ("chat", "total_max_num")}
+    assert "total_budget" in inspect.signature(multi.load_images).parameters
+    assert "total_budget" in inspect.signature(multi.planned_tiles).parameters
+    assert "total_max_num" in INPUT_KEYS

@@ -108,7 +108,9 @@ def load_images(
     combined: bool = False,
     max_pixels: int | None = None,
 ) -> MultiImageInput:
-    """Tile every image (each with its own max_num) and build the prompt prefix."""
+    """Tile every image (each with its own max_num) and build the prompt prefix. `total_budget` is the
+    total tile budget (`total_max_num` in `InternVLChat`'s methods and VLMEvalKit): each image's
+    max_num shrinks to max(1, total_budget // len(images))."""
     maxes = _image_max_nums(images, max_num, total_budget)
     tiles = [
         load_image(img, max_num=m, min_num=min(min_num, m), image_size=image_size,
