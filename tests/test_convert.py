@@ -432,6 +432,29 @@ def test_round_trip_through_hf_keeps_a_chat_folder_usable(tmp_path):
     assert chat.chat("Hello", **kw) == original.chat("Hello", **kw)
 
 
+def test_a_folder_transformers_saved_again_converts_back_to_a_usable_chat_folder(tmp_path):
+    """transformers gives the processor's <video> (not in the vocabulary) an added-token id past the model's
+    vocabulary and saves it in tokenizer.json and tokenizer_config.json, as the hub -hf ports hold it;
+    `--to official` kept it, so the tokenizer outgrew the model and chat refused the folder. It goes, the
+    tokenizer files of transformers' save come back without it, and the model answers as before."""
+    from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+    from internvl_mpo.pipeline import InternVLChat
+
+    src, _ = tiny_chat_folder(tmp_path / "src")
+    convert(src, tmp_path / "hf", "hf")
+    resaved = tmp_path / "resaved"
+    InternVLForConditionalGeneration.from_pretrained(tmp_path / "hf").save_pretrained(resaved)
+    AutoTokenizer.from_pretrained(tmp_path / "hf").save_pretrained(resaved)
+    assert "<video>" in (resaved / "tokenizer.json").read_text()  # what makes the tokenizer outgrow the model
+    back = convert(resaved, tmp_path / "back", "official")
+    assert len(load_tokenizer(back)) == len(load_tokenizer(src))
+    assert len(AutoTokenizer.from_pretrained(back)) == len(load_tokenizer(src))
+    kw = dict(max_new_tokens=5, do_sample=False)
+    original = InternVLChat.from_pretrained(src, dtype=torch.float32)
+    assert InternVLChat.from_pretrained(back, dtype=torch.float32).chat("Hello", **kw) == original.chat("Hello", **kw)
+
+
 def test_a_conversion_into_a_folder_being_written_is_refused(tmp_path):
     """Two conversions into one new folder both found it empty and wrote their shards into it together:
     the one that finds the folder's save lock held is refused, naming the lock, and writes nothing. A lock

@@ -501,7 +501,7 @@ def convert(
                 _write_json(dst / OFFICIAL_FILES,
                             {"files": originals, "hf_tokenizer_config": _text(dst / "tokenizer_config.json")})
             else:
-                _drop_processor_tokens(dst)
+                _drop_processor_tokens(dst, config.llm.vocab_size)
                 if (src / OFFICIAL_FILES).is_file():
                     _restore_official_files(src, dst)
         except BaseException as e:  # leave no half-written folder (it was new or empty: everything in it is ours)
@@ -528,13 +528,42 @@ def _read(handles: dict, file: Path, key: str) -> torch.Tensor:
     return tensor
 
 
-def _drop_processor_tokens(folder: Path) -> None:
-    """Remove the processor's named tokens from an official folder's tokenizer_config.json
-    (`checkpoint.without_processor_tokens`)."""
+def _drop_processor_tokens(folder: Path, vocab_size: int) -> None:
+    """Remove transformers' processor tokens from an official folder's tokenizer files: the named ones in
+    tokenizer_config.json (`checkpoint.without_processor_tokens`, and the keys transformers saves them under
+    again: `model_specific_special_tokens`, `video_token`, ...) and the added tokens it gave those past the
+    model's vocabulary (its `<video>`, in tokenizer.json, added_tokens.json or `added_tokens_decoder`), with
+    which the tokenizer outgrew the model. Files without them are left as they are, byte for byte."""
+    def beyond(token_id: Any, content: Any) -> bool:
+        return content in PROCESSOR_TOKENS.values() and str(token_id).isdigit() and int(token_id) >= vocab_size
+
     path = folder / "tokenizer_config.json"
     text = checkpoint.without_processor_tokens(path)
     if text is not None:
         path.write_text(text, encoding="utf-8")
+    config = _read_json(path) if path.is_file() else None
+    if isinstance(config, dict):
+        kept = {key: value for key, value in config.items()
+                if key not in ("model_specific_special_tokens", *PROCESSOR_TOKENS)}
+        decoder = kept.get("added_tokens_decoder")
+        if isinstance(decoder, dict):
+            kept["added_tokens_decoder"] = {i: t for i, t in decoder.items()
+                                            if not (isinstance(t, dict) and beyond(i, t.get("content")))}
+        if kept != config:
+            _write_json(path, kept)
+    path = folder / "tokenizer.json"
+    tokenizer = _read_json(path) if path.is_file() else None
+    added = tokenizer.get("added_tokens") if isinstance(tokenizer, dict) else None
+    if isinstance(added, list):
+        kept_tokens = [t for t in added if not (isinstance(t, dict) and beyond(t.get("id"), t.get("content")))]
+        if kept_tokens != added:
+            _write_json(path, {**tokenizer, "added_tokens": kept_tokens})
+    path = folder / "added_tokens.json"
+    tokens = _read_json(path) if path.is_file() else None
+    if isinstance(tokens, dict):
+        kept = {content: i for content, i in tokens.items() if not beyond(i, content)}
+        if kept != tokens:
+            _write_json(path, kept)
 
 
 def _text(path: Path) -> str | None:
