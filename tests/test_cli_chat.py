@@ -596,6 +596,22 @@ def test_chat_names_the_flag_of_a_limit_an_image_is_over(folder, monkeypatch, ca
     assert json.loads(answers.read_text())["error"] == message
 
 
+def test_chat_takes_an_unquoted_question_as_its_words_joined_by_spaces(folder, capsys):
+    """`internvl-mpo chat What colour is it?` was refused with argparse's "unrecognized arguments: colour is
+    it?"; the words are the question, as `chat "What colour is it?"` gives it, flags before or after them."""
+    from internvl_mpo.cli import main
+
+    red = str(folder.parent / "red.png")
+    assert main(["chat", "--model", str(folder), "--image", red, "--max-new-tokens", "6", "What colour is it?"]) == 0
+    quoted = capsys.readouterr().out
+    assert main(["chat", "--model", str(folder), "What", "colour", "is", "it?", "--image", red,
+                 "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == quoted
+    with pytest.raises(SystemExit):  # other commands keep their own positionals
+        main(["tiles", "a.png", "b.png"])
+    assert "unrecognized arguments: b.png" in capsys.readouterr().err
+
+
 def test_interactive_reset_says_the_conversation_starts_over(folder, monkeypatch, capsys):
     """/reset drops the images and the turns, and says so, as /image does (it printed nothing)."""
     import io

@@ -2,8 +2,9 @@
 
 Each subcommand is a typed function; its signature gives the flags and its docstring the help
 (one "name: text" line per parameter, continued on indented lines). Parameters without a default are
-positional, and so are positional-only ones (before `/`), which are optional when they have a default;
-keyword-only ones (after `*`) are flags, required when they have no default. Subcommands live with
+positional, and so are positional-only ones (before `/`), which are optional when they have a default,
+and `*words`, which takes the remaining positional words (none or more); keyword-only ones (after `*`)
+are flags, required when they have no default. Subcommands live with
 the code they drive and are imported only when called, so `internvl-mpo chat` does not import the
 trainer or the web stack.
 """
@@ -85,6 +86,9 @@ def build_parser(fn, name: str) -> argparse.ArgumentParser:
         kind, many = _unwrap(hints.get(name, str))
         help_text = helps.get(name, "")
         flag = "--" + name.replace("_", "-")
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            parser.add_argument(name, type=kind, nargs="*", help=help_text)
+            continue
         if param.default is inspect.Parameter.empty:
             if param.kind is inspect.Parameter.KEYWORD_ONLY:
                 parser.add_argument(flag, type=kind, required=True, nargs="+" if many else None, help=help_text)
@@ -150,8 +154,12 @@ def _main(argv: list[str] | None) -> int:
             args[key] = inspect.signature(fn).parameters[key].default
     from .errors import InternVLError
 
-    positional = [args.pop(p.name) for p in inspect.signature(fn).parameters.values()
-                  if p.kind is inspect.Parameter.POSITIONAL_ONLY]
+    positional = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is inspect.Parameter.POSITIONAL_ONLY:
+            positional.append(args.pop(p.name))
+        elif p.kind is inspect.Parameter.VAR_POSITIONAL:
+            positional += args.pop(p.name)
     try:
         result = fn(*positional, **args)
     except InternVLError as e:

@@ -62,8 +62,7 @@ def _generation(temperature: float, top_p: float, top_k: int, max_new_tokens: in
 
 
 def chat(
-    question: str | None = None,
-    /,
+    *question: str,
     model: str | None = None,
     image: list[str] | None = None,
     video: str | None = None,
@@ -84,7 +83,8 @@ def chat(
 ) -> int:
     """Chat with a model; streams the answer. Without a question: an interactive multi-turn chat.
 
-    question: the question; omit it for an interactive session (/image F adds an image, /reset, /exit, /help)
+    question: the question (its words, quoted or not, joined by spaces); omit it for an interactive session
+      (/image F adds an image, /reset, /exit, /help)
     model: checkpoint folder or hub id (default: the shipped demo model)
     image: an image file; repeat the flag for several images
     video: a video file or a folder of frames
@@ -108,6 +108,7 @@ def chat(
     from .pipeline import InternVLChat, sampling_params
     from .processor.image import let_pillow_open, open_image
 
+    question = " ".join(question) if question else None  # `chat What is it?` as `chat "What is it?"`
     let_pillow_open(max_pixels)
     _at_least_one(max_num=max_num, num_segments=num_segments)
     params = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty,
