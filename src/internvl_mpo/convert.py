@@ -423,15 +423,13 @@ def _check_empty(dst: Path) -> None:
 def convert(
     src: str | Path, dst: str | Path, to: str, image_token_id: int | None = None, max_shard_size: int | str = "5GB"
 ) -> Path:
-    """Convert the checkpoint folder `src` into `dst`: to="hf" (official -> transformers) or "official".
+    """Convert the checkpoint folder (or hub id) `src` into `dst`: to="hf" (official -> transformers) or "official".
 
     `image_token_id` (to="hf" only) defaults to the id of `<IMG_CONTEXT>` in src's tokenizer files.
     """
-    src, dst = Path(src), Path(dst)
     if to not in ("hf", "official"):
         raise InputError(f"to={to!r}: choose 'hf' (official -> transformers) or 'official' (transformers -> official)")
-    if not src.is_dir():
-        raise CheckpointError(f"{src}: no such checkpoint folder")
+    src, dst = checkpoint.resolve_checkpoint(src), Path(dst)  # a folder, or a hub id downloaded to the cache
     source_config = _read_json(src / "config.json")
     if source_config.get("model_type") in {"hf": ("internvl",), "official": (None, "internvl_chat")}[to]:
         raise InputError(f"{src} is already in the {'transformers' if to == 'hf' else 'official'} layout "
@@ -679,7 +677,7 @@ def remote_code_note(folder: str | Path) -> str | None:
 def convert_command(src: str, dst: str, *, to: str) -> int:
     """Convert a checkpoint between the official InternVL layout and transformers' InternVL layout.
 
-    src: checkpoint folder to read
+    src: checkpoint folder to read, or a hub id (downloaded to the hub cache)
     dst: new folder to write
     to: "hf" (official -> transformers' InternVLForConditionalGeneration) or "official" (the reverse)
     """
