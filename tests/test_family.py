@@ -125,6 +125,9 @@ def test_internvit_6b_values():
 def test_family_config_refusals():
     with pytest.raises(ConfigError, match="unknown InternVL2.5-MPO size '3B'"):
         family_config("3B")
+    for size in (8, None):  # not a name: was an AttributeError ('int' object has no attribute 'upper')
+        with pytest.raises(ConfigError, match=f"unknown InternVL2.5-MPO size {size!r}; known: 1B, 2B"):
+            family_config(size)
     with pytest.raises(ConfigError, match="layers must be at least 1"):
         family_config("1B", layers=0)
     assert family_config("8b").llm.rope_scaling == {"factor": 2.0, "type": "dynamic"}

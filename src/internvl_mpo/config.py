@@ -425,7 +425,7 @@ def family_config(size: str, layers: int | None = None) -> ModelConfig:
 
     `layers` cuts both the ViT and the LLM to that many layers (for shape tests and tiny runs).
     """
-    name = size.upper()
+    name = size.upper() if isinstance(size, str) else None
     if name not in FAMILY_SIZES:
         raise ConfigError(f"unknown InternVL2.5-MPO size {size!r}; known: {', '.join(FAMILY_SIZES)}")
     config = ModelConfig.from_json(Path(__file__).parent / "configs" / f"{name}.json")
