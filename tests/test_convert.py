@@ -221,6 +221,19 @@ def test_refusals(tmp_path):
         convert(bad, tmp_path / "z", to="hf", image_token_id=IMAGE_TOKEN_ID)
 
 
+def test_a_folder_without_config_says_what_it_holds_as_loading_does(tmp_path):
+    """A training run's folder, a PEFT adapter: loading names them (and the model folder to give), convert
+    said only "config.json: no such config file"."""
+    official_folder(tmp_path / "run" / "final", "qwen2")
+    with pytest.raises(ConfigError, match=r"run: a training run's folder; its model is .*run/final"):
+        convert(tmp_path / "run", tmp_path / "x", to="hf")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="adapter holds a PEFT adapter"):
+        convert(tmp_path / "adapter", tmp_path / "x", to="official")
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("to", ["hf", "official"])
 def test_unreadable_weights_are_named_and_leave_no_partial_destination(tmp_path, to):
     """A corrupt shard, an index that puts a key in a shard that does not hold it, integer weights: one

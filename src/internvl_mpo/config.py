@@ -318,22 +318,7 @@ class ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            if (path.parent / "adapter_config.json").is_file():  # what PEFT / LoRA fine-tuning tools save
-                raise ConfigError(f"{path.parent} holds a PEFT adapter (adapter_config.json), not a model: merge it "
-                                  "into its base model first (PEFT's merge_and_unload) and load the merged folder") from None
-            for inside, what in (("final", "a training run's folder"), ("model", "a training checkpoint")):
-                if (path.parent / inside / "config.json").is_file():  # what `train` writes
-                    raise ConfigError(f"{path.parent}: {what}; its model is {path.parent / inside}") from None
-            raise ConfigError(f"{path}: no such config file") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        except UnicodeDecodeError as e:  # UTF-16, say, as some Windows editors save
-            raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: not a JSON object of settings")
+        d = read_config_json(path)
         try:
             return cls.from_dict(d)
         except TypeError as e:  # a value of the wrong kind in a known field
@@ -418,6 +403,28 @@ _QUIET_TOP_KEYS = {
 
 
 FAMILY_SIZES = ("1B", "2B", "4B", "8B", "26B", "38B", "78B")
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's config.json as a dict; a missing one names what the folder holds instead (a PEFT
+    adapter, a training run or checkpoint folder), if it is one of those."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if (path.parent / "adapter_config.json").is_file():  # what PEFT / LoRA fine-tuning tools save
+            raise ConfigError(f"{path.parent} holds a PEFT adapter (adapter_config.json), not a model: merge it "
+                              "into its base model first (PEFT's merge_and_unload) and load the merged folder") from None
+        for inside, what in (("final", "a training run's folder"), ("model", "a training checkpoint")):
+            if (path.parent / inside / "config.json").is_file():  # what `train` writes
+                raise ConfigError(f"{path.parent}: {what}; its model is {path.parent / inside}") from None
+        raise ConfigError(f"{path}: no such config file") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:  # UTF-16, say, as some Windows editors save
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: not a JSON object of settings")
+    return d
 
 
 def family_config(size: str, layers: int | None = None) -> ModelConfig:

@@ -62,7 +62,7 @@ from safetensors import SafetensorError
 
 from . import checkpoint
 from .chat.template import get_template
-from .config import FAMILY_SIZES, LLMConfig, ModelConfig, VisionConfig, family_config, official_rope
+from .config import FAMILY_SIZES, LLMConfig, ModelConfig, VisionConfig, family_config, official_rope, read_config_json
 from .errors import CheckpointError, ConfigError, InputError, SaveError
 from .model import InternVL
 from .processor.image import IMAGENET_MEAN, IMAGENET_STD
@@ -430,7 +430,7 @@ def convert(
     if to not in ("hf", "official"):
         raise InputError(f"to={to!r}: choose 'hf' (official -> transformers) or 'official' (transformers -> official)")
     src, dst = checkpoint.resolve_checkpoint(src), Path(dst)  # a folder, or a hub id downloaded to the cache
-    source_config = _read_json(src / "config.json")
+    source_config = read_config_json(src / "config.json")
     if source_config.get("model_type") in {"hf": ("internvl",), "official": (None, "internvl_chat")}[to]:
         raise InputError(f"{src} is already in the {'transformers' if to == 'hf' else 'official'} layout "
                          f"(model_type {source_config.get('model_type')!r}); nothing to convert")
