@@ -1291,6 +1291,24 @@ def test_the_tiles_of_several_images_are_cut_to_fit_the_sequence(local_chat):
         assert got * per_tile <= max(tiles * per_tile, 2 * per_tile)
 
 
+def test_a_prompt_over_the_context_is_refused_before_its_images_are_tiled(local_chat, monkeypatch):
+    """The prompt is measured from the tile counts its images' headers give: a text over the context is
+    refused with the 400 it got once its images were tiled, and no tile is made."""
+    import internvl_mpo.server as server_module
+
+    body = {"messages": [user("word " * 3000, png(560, 560))]}
+    req = parse_chat_request(body, ServerSettings())
+    length = len(tokenize_ids(local_chat, parse_tokenize_request(body, ServerSettings()), ServerSettings(), 2048))
+    tiled, load_image = [], server_module.load_image
+    monkeypatch.setattr(server_module, "load_image", lambda *args, **kwargs: tiled.append(args) or load_image(*args,
+                                                                                                         **kwargs))
+    with pytest.raises(ApiError, match=rf"^the prompt is {length} tokens \(images included\); this server accepts at "
+                                       r"most 2047$") as e:
+        build_prompt(local_chat, req, ServerSettings(), max_len=2048)
+    assert (e.value.status, e.value.param, e.value.code) == (400, "messages", "context_length_exceeded")
+    assert tiled == []
+
+
 def test_a_max_tokens_past_the_sequence_names_the_field_the_request_used(local_chat):
     """The openai client sends max_completion_tokens: the error must not name a max_tokens it never sent."""
     for key in ("max_tokens", "max_completion_tokens"):

@@ -74,7 +74,7 @@ from pathlib import Path
 
 import torch
 
-from .chat.template import IMAGE_PLACEHOLDER, build_prompt_ids, get_template
+from .chat.template import IMAGE_PLACEHOLDER, build_prompt_ids, get_template, prompt_length
 from .chat.tokenizer import IMG_CONTEXT, Tokenizer
 from .checkpoint import default_device
 from .errors import ConfigError, InputError, SettingError
@@ -82,6 +82,7 @@ from .generate.engine import MAX_TOP_LOGPROBS, Generation, Request
 from .generate.sampling import SamplingParams
 from .pipeline import InternVLChat, TextAssembler
 from .processor.image import let_pillow_open, load_image
+from .processor.multi import planned_tiles
 
 log = logging.getLogger("internvl_mpo.server")
 
@@ -708,15 +709,31 @@ class Prompt:
 
 
 def build_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings, max_len: int) -> Prompt:
-    """Fetch and tile the images, tokenize the conversation and check the token limits (blocking)."""
-    ids, pixels = chat_prompt_ids(chat, req, settings, max_len)
-    return Prompt(ids, pixels, _answer_room(len(ids), req, settings, max_len, "messages", "the prompt",
-                                              " (images included)"))
+    """Fetch and tile the images, tokenize the conversation and check the token limits (blocking); the limits
+    are checked before a tile is made too, on the length the images' headers give."""
+    def room(length: int) -> int:
+        return _answer_room(length, req, settings, max_len, "messages", "the prompt", " (images included)")
+
+    ids, pixels = chat_prompt_ids(chat, req, settings, max_len, room)
+    return Prompt(ids, pixels, room(len(ids)))
 
 
-def chat_prompt_ids(chat: InternVLChat, req: ChatRequest, settings: ServerSettings,
-                    max_len: int) -> tuple[list[int], torch.Tensor | None]:
-    """The prompt's ids and its images' tiles (None without images), each image tiled to fit (blocking)."""
+@contextlib.contextmanager
+def _invalid_image(param: str):
+    """An image the processor refuses, as the 400 naming its part (the pixel limit as the server's flag)."""
+    try:
+        yield
+    except InputError as e:
+        if isinstance(e, SettingError):
+            e = e.named({"max_pixels": "--max-image-pixels of internvl-mpo serve"})
+        raise ApiError(400, f"{param}: {e}", param, "invalid_image") from None
+
+
+def chat_prompt_ids(chat: InternVLChat, req: ChatRequest, settings: ServerSettings, max_len: int,
+                    fits: Callable[[int], object] | None = None) -> tuple[list[int], torch.Tensor | None]:
+    """The prompt's ids and its images' tiles (None without images), each image tiled to fit (blocking).
+    `fits` gets the prompt's length, planned from the images' headers, before any tile is made (each
+    ~2.4 MB at 448 pixels), and raises where it is too long."""
     config = chat.config
     per_image = req.max_num or config.max_dynamic_patch
     if req.image_urls:
@@ -725,21 +742,27 @@ def chat_prompt_ids(chat: InternVLChat, req: ChatRequest, settings: ServerSettin
         # and the tiles (thumbnails included) of every image must fit in the sequence beside TEXT_ROOM
         fit = (max_len - TEXT_ROOM) // chat.model.num_image_token // n
         per_image = min(per_image, max(1, fit - 1 if config.use_thumbnail and fit >= 2 else fit))
-    tiles = []
+    budget = dict(max_num=per_image, min_num=min(config.min_dynamic_patch, per_image), image_size=config.image_size,
+                  use_thumbnail=config.use_thumbnail, max_pixels=settings.max_image_pixels)
+    images, planned = [], []
     for param, url in req.image_urls:
-        raw = image_bytes(url, param, settings)
+        images.append((param, image_bytes(url, param, settings)))
+        with _invalid_image(param):
+            planned += planned_tiles([images[-1][1]], **budget)
+    prompt = dict(question=req.question, history=req.history, system_message=req.system_message,
+                  num_image_token=chat.model.num_image_token, template=config.template)
+    if fits is not None and images:
         try:
-            tiles.append(load_image(raw, max_num=per_image, min_num=config.min_dynamic_patch,
-                                    image_size=config.image_size, use_thumbnail=config.use_thumbnail,
-                                    max_pixels=settings.max_image_pixels))
-        except InputError as e:  # the pixel limit is the server's: its operator changes it
-            if isinstance(e, SettingError):
-                e = e.named({"max_pixels": "--max-image-pixels of internvl-mpo serve"})
-            raise ApiError(400, f"{param}: {e}", param, "invalid_image") from None
+            length = prompt_length(chat.tokenizer, num_patches_list=planned, **prompt)
+        except InputError as e:
+            raise ApiError(400, str(e), "messages") from None
+        fits(length)
+    tiles = []
+    for param, raw in images:
+        with _invalid_image(param):
+            tiles.append(load_image(raw, **budget))
     try:
-        ids = build_prompt_ids(chat.tokenizer, req.question, req.history, [t.shape[0] for t in tiles],
-                               req.system_message, num_image_token=chat.model.num_image_token,
-                               template=config.template)
+        ids = build_prompt_ids(chat.tokenizer, num_patches_list=[t.shape[0] for t in tiles], **prompt)
     except InputError as e:
         raise ApiError(400, str(e), "messages") from None
     return ids, torch.cat(tiles) if tiles else None
