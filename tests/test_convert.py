@@ -197,7 +197,7 @@ def test_refusals(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match="file is a file; give a new folder"):
         convert(src, tmp_path / "file", to="hf")
-    with pytest.raises(CheckpointError, match=r"file/new: saving failed \(\[Errno 20\] Not a directory"):
+    with pytest.raises(InputError, match=r"file/new: .*file is a file, not a folder; give a new folder"):
         convert(src, tmp_path / "file" / "new", to="hf")  # was a NotADirectoryError traceback
     with pytest.raises(InputError, match="already in the official layout"):
         convert(src, tmp_path / "w", to="official")
@@ -341,6 +341,31 @@ def test_a_hub_id_converts_as_other_commands_load_one(tmp_path, monkeypatch):
     back = convert("OpenGVLab/InternVL2_5-4B-MPO-hf", tmp_path / "back", to="official")
     assert asked == ["OpenGVLab/InternVL2_5-4B-MPO-hf"]
     assert tensors(back).keys() == tensors(src).keys()
+
+
+def test_a_bad_destination_is_refused_before_a_hub_id_is_downloaded(tmp_path, monkeypatch):
+    """A hub id was downloaded (gigabytes) before the destination was checked: a folder that is not empty,
+    a file, a folder under a file, or a bad shard size failed only after the download. Nothing is asked of
+    the hub for them."""
+    import huggingface_hub
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: asked.append(repo_id))
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", lambda self, repo_id, **kw: asked.append(repo_id))
+    monkeypatch.chdir(tmp_path)  # no local folder named like the id
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    (tmp_path / "file").write_text("x")
+    hub_id = "OpenGVLab/InternVL2_5-4B-MPO-hf"
+    with pytest.raises(InputError, match="full exists and is not empty"):
+        convert(hub_id, tmp_path / "full", to="official")
+    with pytest.raises(InputError, match="file is a file; give a new folder"):
+        convert(hub_id, tmp_path / "file", to="official")
+    with pytest.raises(InputError, match=r"file/new: .*file is a file, not a folder; give a new folder"):
+        convert(hub_id, tmp_path / "file" / "new", to="official")
+    with pytest.raises(InputError, match="shard size"):
+        convert(hub_id, tmp_path / "new", to="official", max_shard_size=0)
+    assert asked == [] and not (tmp_path / "new").exists()
 
 
 def test_remote_code_note_names_the_matching_repo(tmp_path):

@@ -407,10 +407,15 @@ def _check_shape(folder: Path, name: str, tensor: torch.Tensor, shape: tuple[int
 
 
 def _check_destination(src: Path, dst: Path) -> None:
-    if dst.resolve() == src.resolve():
+    """InputError for a `dst` that cannot be written: `src` (a local folder), a file, a folder that is not
+    empty, or one under a file."""
+    if src.exists() and dst.resolve() == src.resolve():
         raise InputError(f"{dst}: the destination must differ from the source folder")
     if dst.exists() and not dst.is_dir():
         raise InputError(f"{dst} is a file; give a new folder")
+    above = next(p for p in (dst.absolute(), *dst.absolute().parents) if p.exists())
+    if not above.is_dir():
+        raise InputError(f"{dst}: {above} is a file, not a folder; give a new folder")
     _check_empty(dst)
 
 
@@ -429,7 +434,10 @@ def convert(
     """
     if to not in ("hf", "official"):
         raise InputError(f"to={to!r}: choose 'hf' (official -> transformers) or 'official' (transformers -> official)")
-    src, dst = checkpoint.resolve_checkpoint(src), Path(dst)  # a folder, or a hub id downloaded to the cache
+    dst = Path(dst)
+    checkpoint.parse_size(max_shard_size)
+    _check_destination(Path(src).expanduser(), dst)  # before a hub id is downloaded (gigabytes)
+    src = checkpoint.resolve_checkpoint(src)  # a folder, or a hub id downloaded to the cache
     source_config = read_config_json(src / "config.json")
     if source_config.get("model_type") in {"hf": ("internvl",), "official": (None, "internvl_chat")}[to]:
         raise InputError(f"{src} is already in the {'transformers' if to == 'hf' else 'official'} layout "
@@ -465,7 +473,6 @@ def convert(
     _check_keys(src, set(names), set(source_keys))
     handles = {file: checkpoint.open_safetensors(file) for file in set(mapping.values())}
     created = not dst.exists()
-    _check_destination(src, dst)
     checkpoint.make_folder(dst)
     with checkpoint.save_lock(dst):
         _check_empty(dst)  # again, under the lock: another conversion may have written there meanwhile
