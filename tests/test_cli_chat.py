@@ -612,6 +612,29 @@ def test_chat_takes_an_unquoted_question_as_its_words_joined_by_spaces(folder, c
     assert "unrecognized arguments: b.png" in capsys.readouterr().err
 
 
+def test_chat_takes_question_words_with_flags_between_them(folder, monkeypatch, capsys):
+    """`chat What --image a.png is it` was refused ("unrecognized arguments: is it") while the same words
+    before or after the flags worked; a flag's value stays the flag's, and after `--` every word is the
+    question's, one that starts with a dash included."""
+    from internvl_mpo.cli import main
+
+    asked, real = [], InternVLChat.prepare
+    monkeypatch.setattr(InternVLChat, "prepare", lambda self, question, images, *args, **kwargs:
+                        asked.append((question, images)) or real(self, question, images, *args, **kwargs))
+    red = str(folder.parent / "red.png")
+    assert main(["chat", "What colour is it?", "--model", str(folder), "--image", red, "--max-new-tokens", "3"]) == 0
+    quoted = capsys.readouterr().out
+    assert main(["chat", "What", "--image", red, "colour", "--max-new-tokens", "3", "is", "--no-compile", "it?",
+                 "--model", str(folder)]) == 0
+    assert capsys.readouterr().out == quoted
+    assert main(["chat", "--model", str(folder), "--max-new-tokens", "3", "--", "--image", red]) == 0
+    assert main(["chat", "--model", str(folder), "--image", red, "--max-new-tokens", "3", "--", "-1", "or", "1?"]) == 0
+    assert asked == [("What colour is it?", [red])] * 2 + [(f"--image {red}", None), ("-1 or 1?", [red])]
+    with pytest.raises(SystemExit):  # still a command's own positionals only
+        main(["tiles", "a.png", "--max-num", "3", "b.png"])
+    assert "unrecognized arguments: b.png" in capsys.readouterr().err
+
+
 def test_interactive_reset_says_the_conversation_starts_over(folder, monkeypatch, capsys):
     """/reset drops the images and the turns, and says so, as /image does (it printed nothing)."""
     import io

@@ -4,7 +4,7 @@ Each subcommand is a typed function; its signature gives the flags and its docst
 (one "name: text" line per parameter, continued on indented lines). Parameters without a default are
 positional, and so are positional-only ones (before `/`), which are optional when they have a default,
 and `*words`, which takes the remaining positional words (none or more); keyword-only ones (after `*`)
-are flags, required when they have no default. Subcommands live with
+are flags, required when they have no default. Flags may come between positional words. Subcommands live with
 the code they drive and are imported only when called, so `internvl-mpo chat` does not import the
 trainer or the web stack.
 """
@@ -148,7 +148,10 @@ def _main(argv: list[str] | None) -> int:
         print(f"internvl-mpo: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     fn = _resolve(name)
-    args = vars(build_parser(fn, name).parse_args(rest))
+    parser = build_parser(fn, name)
+    # words and flags in any order (`chat What --image a.png is it`); after `--` every word is a positional
+    # one, which parse_intermixed_args loses on Python 3.11 (it reads `chat -- --image x` as the flag)
+    args = vars(parser.parse_args(rest) if "--" in rest else parser.parse_intermixed_args(rest))
     for key, value in args.items():  # repeatable flags not given -> the function's default
         if value is None:
             args[key] = inspect.signature(fn).parameters[key].default
