@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -24,6 +25,13 @@ def test_official_example_two_gpus_36_layers():
     for name in ("vision_model", "mlp1", "language_model.model.embed_tokens", "language_model.model.norm",
                  "language_model.lm_head"):
         assert device_map[name] == "cuda:0"
+
+
+@pytest.mark.parametrize("gpus", [2.0, 1.5, 0, -1, True, None, "2"])
+def test_a_gpu_count_that_is_not_a_whole_number_of_at_least_one_is_refused_naming_it(gpus):
+    """`split_model(config, 2.0)` failed with "can't multiply sequence by non-int of type 'float'" from inside."""
+    with pytest.raises(InputError, match=rf"^num_gpus must be a whole number >= 1, got {re.escape(repr(gpus))}$"):
+        split_model(ModelConfig(), gpus)
 
 
 @pytest.mark.parametrize("layers, gpus", [(24, 1), (24, 3), (32, 4), (48, 8), (80, 8), (36, 5)])

@@ -10,21 +10,22 @@ loop; each layer's KV cache lives on that layer's device.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 
 import torch
 
 from .checkpoint import parse_device
 from .config import ModelConfig
-from .errors import InputError
+from .errors import InputError, SettingError
 
 DECODER_LAYER = re.compile(r"language_model\.model\.layers\.\d+\.")  # the weights that may sit on other devices
 
 
 def layers_per_gpu(num_layers: int, num_gpus: int) -> list[int]:
     """How many decoder layers each GPU gets (before the last layer moves to GPU 0)."""
-    if num_gpus < 1:
-        raise ValueError("num_gpus must be at least 1")
+    if isinstance(num_gpus, bool) or not isinstance(num_gpus, numbers.Integral) or num_gpus < 1:
+        raise SettingError("", "num_gpus", f" must be a whole number >= 1, got {num_gpus!r}")
     if num_gpus == 1:
         return [num_layers]
     per_gpu = math.ceil(num_layers / (num_gpus - 0.5))
