@@ -260,6 +260,28 @@ def test_stream_options_without_stream_and_tool_choice_without_tools_are_refused
         assert parse(**fields).question == "hi"  # nothing to call: vLLM answers these with text
 
 
+def test_fields_of_the_wrong_type_are_400s_naming_them_even_when_they_read_as_false():
+    """`stop: 0` or `stream_options: []` were taken as absent, `skip_special_tokens: "no"` as true, and NaN was a
+    400 without its field in `param`: each is a 400 naming the field, on both endpoints."""
+    cases = {"stop": [0, {}, ["ok", "\udc00"]], "stop_token_ids": [0, {}, ""],
+             "stream_options": [[], 0, "", {"include_usage": "yes"}, {"include_usage": True, "continuous_usage_stats": 1}],
+             "response_format": [[], 0, "", {}], "skip_special_tokens": ["no", 0, []],
+             "temperature": [float("nan")], "top_p": [float("nan")], "repetition_penalty": [float("nan")]}
+    for key, values in cases.items():
+        for value in values:
+            for parse, body in ((parse_chat_request, {"messages": [{"role": "user", "content": "hi"}]}),
+                                (parse_completion_request, {"prompt": "hi"})):
+                with pytest.raises(ApiError) as e:
+                    parse({**body, "stream": True, key: value}, ServerSettings())
+                assert e.value.status == 400 and e.value.param.startswith(key), (key, value, e.value.message)
+                assert key in e.value.message, e.value.message
+    for value in ("no", 0, []):
+        with pytest.raises(ApiError, match="^add_generation_prompt must be bool") as e:
+            parse_chat_request({"messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": value},
+                               ServerSettings())
+        assert e.value.param == "add_generation_prompt"
+
+
 def test_vllm_fields_that_would_change_the_answer_are_refused_not_ignored():
     """A vLLM client's guided decoding, min_p or stop ids must not be dropped silently; left at their
     off values they are fine."""
@@ -1250,6 +1272,7 @@ def test_bad_requests_fail_alone_with_400(server, client):
         "max_tokens must be at least 1, got 0": '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}',
         "messages[0].content: character 3 is a lone surrogate": '{"messages": [{"role": "user", "content": "abc\\ud800"}]}',
         "nested too deeply": "[" * 50_000 + "]" * 50_000,
+        "holds an integer of more than 4300 digits": hi + ', "seed": ' + "9" * 5000 + "}",
     }
     started = threading.Event()
     result = {}

@@ -63,6 +63,7 @@ import math
 import queue
 import re
 import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -198,6 +199,8 @@ def _field(body: dict, key: str, kinds: tuple[type, ...], default=None, low=None
     if isinstance(value, bool) != is_bool_field or not isinstance(value, kinds):
         names = " or ".join(k.__name__ for k in kinds)
         raise ApiError(400, f"{key} must be {names}, got {json.dumps(value)[:80]}", key)
+    if value != value:  # NaN, which the range checks below would let through
+        raise ApiError(400, f"{key} must be a finite number, got NaN", key)
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"at least {low}" if high is None else f"between {low} and {high}"
         raise ApiError(400, f"{key} must be {bounds}, got {value}", key)
@@ -310,7 +313,7 @@ def check_model(body, served: str) -> None:
 
 def _refuse_off(body: dict, key: str) -> None:
     """A vLLM field that is on by default and would change the answer when turned off: a 400 when false."""
-    if body.get(key) is False:
+    if not _field(body, key, (bool,), True):
         raise ApiError(400, f"{key}: false is not supported by this server", key)
 
 
@@ -325,7 +328,7 @@ def _sampling(body: dict, settings: ServerSettings, refused: tuple[str, ...], lo
         if _field(body, key, (int, float), 0):
             raise ApiError(400, f"{key} is not supported (use repetition_penalty)", key)
     response_format = body.get("response_format")
-    if response_format and response_format != {"type": "text"}:
+    if response_format is not None and response_format != {"type": "text"}:
         raise ApiError(400, "only response_format {'type': 'text'} is supported", "response_format")
     temperature = _field(body, "temperature", (int, float), 1.0, 0, 2)
     top_p = _field(body, "top_p", (int, float), 1.0, 0, 1)
@@ -339,17 +342,25 @@ def _sampling(body: dict, settings: ServerSettings, refused: tuple[str, ...], lo
         raise ApiError(400, f"{limit_key} is {max_tokens}; this server allows at most {settings.max_tokens}",
                        limit_key)
     stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop or []
+    stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
     if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them",
                        "stop")
-    stop_ids = body.get("stop_token_ids") or []  # vLLM's; the token that stops is counted, not shown
+    for text in stop:  # one that is not valid Unicode could never match
+        _unicode(text, "stop")
+    stop_ids = body.get("stop_token_ids")  # vLLM's; the token that stops is counted, not shown
+    stop_ids = [] if stop_ids is None else stop_ids
     if not isinstance(stop_ids, list) or not all(type(i) is int and 0 <= i < 2**31 for i in stop_ids):
         raise ApiError(400, f"stop_token_ids must be a list of token ids, got {json.dumps(stop_ids)[:80]}",
                        "stop_token_ids")
-    stream_options = body.get("stream_options") or {}
+    stream_options = body.get("stream_options")
+    stream_options = {} if stream_options is None else stream_options
     if not isinstance(stream_options, dict):
         raise ApiError(400, "stream_options must be an object", "stream_options")
+    usage_keys = ("include_usage", "continuous_usage_stats")
+    include_usage, continuous_usage = (  # checked as fields of their own, named stream_options.<key>
+        _field({f"stream_options.{k}": stream_options.get(k) for k in usage_keys}, f"stream_options.{k}", (bool,), False)
+        for k in usage_keys)
     if stream_options and not body.get("stream"):  # as vLLM and OpenAI
         raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
     n = _field(body, "n", (int,), 1, 1, settings.max_n)
@@ -368,11 +379,10 @@ def _sampling(body: dict, settings: ServerSettings, refused: tuple[str, ...], lo
         )
     except InputError as e:
         raise ApiError(400, str(e)) from None
-    include_usage = bool(stream_options.get("include_usage"))
     return {"params": params, "max_tokens": max_tokens, "max_tokens_key": limit_key, "n": n,
             "stream": _field(body, "stream", (bool,), False), "include_usage": include_usage,
             # as vLLM, continuous_usage_stats counts only beside include_usage
-            "continuous_usage": include_usage and bool(stream_options.get("continuous_usage_stats"))}
+            "continuous_usage": include_usage and continuous_usage}
 
 
 def _logit_bias(value) -> dict[int, float]:
@@ -1140,6 +1150,9 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
         except RecursionError:
             raise ApiError(400, "the request body is nested too deeply") from None
+        except ValueError:  # Python's limit on the digits of an int read from text (a 500 before)
+            raise ApiError(400, f"the request body holds an integer of more than {sys.get_int_max_str_digits()} "
+                                "digits") from None
 
     @app.get("/health")
     async def health():
