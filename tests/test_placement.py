@@ -87,6 +87,20 @@ def test_a_device_map_naming_an_unusable_device_is_a_clear_error(tmp_path, tiny)
             InternVL.from_pretrained(tmp_path / "m", device_map={"": "cpu", "mlp1": device})
 
 
+def test_a_gpu_index_without_cuda_says_there_is_no_cuda(tmp_path, tiny):
+    """`device_map={"": 0}` said "unknown device 0" where CUDA is missing: a bare index is that CUDA GPU, and
+    without CUDA the error says so, as `device="cuda"` does."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    InternVL(tiny).save_pretrained(tmp_path / "m")
+    for placement in [dict(device_map={"": 0}), dict(device_map={"": "cpu", "mlp1": 1}), dict(device=0)]:
+        with pytest.raises(InputError, match=r"^device 'cuda:\d' asked for, but this PyTorch sees no CUDA device$"):
+            InternVL.from_pretrained(tmp_path / "m", **placement)
+    for index in (-1, True):
+        with pytest.raises(InputError, match=f"^unknown device {index}; use e.g. 'cpu', 'cuda' or 'cuda:1'$"):
+            InternVL.from_pretrained(tmp_path / "m", device_map={"": index})
+
+
 @pytest.mark.parametrize("prefix", ["vision_modle", "language_model.model.layers.99", "mlp"])
 def test_a_device_map_prefix_that_names_no_module_is_refused(tmp_path, tiny, prefix):
     InternVL(tiny).save_pretrained(tmp_path / "m")

@@ -88,8 +88,11 @@ def default_device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def parse_device(device: torch.device | str) -> torch.device:
-    """A torch.device, refusing names torch does not know and CUDA where there is none."""
+def parse_device(device: torch.device | str | int) -> torch.device:
+    """A torch.device, refusing names torch does not know and CUDA where there is none. A bare index (0) is
+    that CUDA GPU, as torch reads it on a CUDA machine."""
+    if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+        device = f"cuda:{device}"
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
