@@ -47,6 +47,7 @@ from internvl_mpo.server import (
     ServerSettings,
     build_completion_prompts,
     build_prompt,
+    check_model,
     image_bytes,
     parse_chat_request,
     parse_completion_request,
@@ -1339,6 +1340,28 @@ def test_a_max_tokens_past_the_sequence_names_the_field_the_request_used(local_c
         with pytest.raises(ApiError, match=rf"^the prompt is \d+ tokens and {key} is 100, more than the 90 tok") as e:
             build_prompt(local_chat, req, ServerSettings(), max_len=90)
         assert (e.value.param, e.value.code) == (key, "context_length_exceeded")
+
+
+def test_url_schemes_and_base64_are_read_whatever_their_case():
+    """A URL's scheme is case-insensitive (RFC 3986), and so is a data URL's ";base64": "DATA:" was an
+    "unsupported URL scheme 'data'" and "HTTP://" the same, where vLLM reads them."""
+    image = png(20, 20)
+    for url in ("DATA:image/png;base64," + base64.b64encode(image).decode(),
+                "Data:image/png;BASE64," + base64.b64encode(image).decode()):
+        assert image_bytes(url, "messages[0].content[0].image_url", ServerSettings()) == image
+    with pytest.raises(ApiError, match="remote image URLs are refused") as e:
+        image_bytes("HTTP://127.0.0.1:9/x.png", "messages[0].content[0].image_url", ServerSettings())
+    assert e.value.code == "remote_image_refused"
+
+
+def test_errors_show_a_long_value_cut_short():
+    """A 1 MB role or model name came back whole in the error message."""
+    with pytest.raises(ApiError, match="role must be system, user or assistant, got \"xxx") as e:
+        parse_chat_request({"messages": [{"role": "x" * 10**6, "content": "hi"}]}, ServerSettings())
+    assert len(e.value.message) < 300
+    with pytest.raises(ApiError, match="^The model `xxx") as e:
+        check_model({"model": "x" * 10**6}, "m")
+    assert e.value.status == 404 and len(e.value.message) < 400
 
 
 def test_image_urls_that_cannot_be_read_are_400():

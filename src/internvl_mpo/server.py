@@ -269,7 +269,7 @@ def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], list[tup
             system = _content_text(message.get("content"), f"{param}.content", role, [])
             continue
         if role not in ("user", "assistant"):
-            raise ApiError(400, f"{param}: role must be system, user or assistant, got {role!r}", param)
+            raise ApiError(400, f"{param}: role must be system, user or assistant, got {json.dumps(role)[:80]}", param)
         text = _content_text(message.get("content"), f"{param}.content", role, images)
         if turns and turns[-1][0] == role:  # consecutive messages of one role read as one turn
             turns[-1] = (role, turns[-1][1] + "\n" + text)
@@ -307,8 +307,9 @@ def check_model(body, served: str) -> None:
     names none, or "", is served)."""
     model = _field(body, "model", (str,), "") if isinstance(body, dict) else ""
     if model not in ("", served):
-        raise ApiError(404, f"The model `{_unicode(model, 'model')}` does not exist; this server serves `{served}`",
-                       "model", "model_not_found")
+        shown = _unicode(model, "model")[:200]  # a name of a megabyte is not sent back whole
+        raise ApiError(404, f"The model `{shown}` does not exist; this server serves `{served}`", "model",
+                       "model_not_found")
 
 
 def _refuse_off(body: dict, key: str) -> None:
@@ -674,10 +675,12 @@ def _read_local(url: str, param: str, settings: ServerSettings) -> bytes:
 
 
 def image_bytes(url: str, param: str, settings: ServerSettings) -> bytes:
-    """The bytes behind an image URL: a base64 `data:` URL, or (only when allowed) http(s) or a local file."""
-    if url.startswith("data:"):
+    """The bytes behind an image URL: a base64 `data:` URL, or (only when allowed) http(s) or a local file. A
+    scheme, and a data URL's ";base64", are read whatever their case (RFC 3986, as vLLM reads them)."""
+    start = url[:8].lower()
+    if start.startswith("data:"):
         header, comma, data = url.partition(",")
-        if not comma or not header.endswith(";base64"):
+        if not comma or not header.lower().endswith(";base64"):
             raise ApiError(400, f"{param}: a data URL must be base64 encoded (data:image/png;base64,...)", param,
                            "invalid_image")
         data = "".join(data.split())
@@ -687,7 +690,7 @@ def image_bytes(url: str, param: str, settings: ServerSettings) -> bytes:
             raw = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError) as e:
             raise ApiError(400, f"{param}: the data URL is not valid base64 ({e})", param, "invalid_image") from None
-    elif url.startswith(("http://", "https://")):
+    elif start.startswith(("http://", "https://")):
         if not settings.allow_remote_images:
             raise ApiError(400, f"{param}: remote image URLs are refused; send the image as a data: URL "
                                 "(or start the server with --allow-remote-images)", param, "remote_image_refused")
