@@ -159,6 +159,29 @@ def test_demo_data_onto_a_file_is_a_one_line_error(tmp_path, capsys):
     assert "cannot create the folder" in err and "Traceback" not in err
 
 
+def test_demo_data_refuses_a_folder_of_other_files_and_writes_its_own_again(tmp_path, capsys):
+    """demo-data into a folder of the user's own files overwrote them silently (their train.jsonl, config.json);
+    a new or empty folder, or one an earlier demo-data run wrote (an interrupted one too), is written."""
+    from internvl_mpo.cli import main
+
+    sizes = ["--train", "1", "--val", "0", "--test", "0"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "train.jsonl").write_text("my data\n")
+    assert main(["demo-data", str(mine), *sizes]) == 1
+    assert capsys.readouterr().err == (f"internvl-mpo demo-data: error: {mine} is not empty and holds no demo-data.json"
+                                       " of an earlier demo-data run; give a new or empty folder\n")
+    assert [p.name for p in mine.iterdir()] == ["train.jsonl"] and (mine / "train.jsonl").read_text() == "my data\n"
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "new" / "data"):
+        assert main(["demo-data", str(folder), *sizes]) == 0
+        first = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        assert json.loads((folder / "demo-data.json").read_text())["train"] == 1
+        (folder / "val.jsonl").unlink()  # as a run stopped part way leaves it
+        assert main(["demo-data", str(folder), *sizes]) == 0
+        assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == first
+
+
 def test_direct_share_of_bare_answers(tmp_path):
     """`direct` replaces that share of SFT answers by the final-answer line; the items keep the reasoning."""
     items = synth.generate_split("train", 200, 0, set())

@@ -364,6 +364,9 @@ def tokenizer_corpus(seed: int = 0, n: int = 3000) -> list[str]:
     return texts
 
 
+SETTINGS = "demo-data.json"  # marks a folder demo-data wrote, which a later run may write again
+
+
 def make_demo_data(
     output: str,
     train: int = 16000,
@@ -376,7 +379,8 @@ def make_demo_data(
 ) -> int:
     """Write the synthetic shapes VQA data set, its tokenizer and the tiny model's config.json.
 
-    output: folder to write into (images/, train|val|test.jsonl, *_sft.jsonl, tokenizer/, config.json)
+    output: a new or empty folder, or one demo-data wrote, to write into (images/, train|val|test.jsonl, *_sft.jsonl,
+      tokenizer/, config.json, demo-data.json with these settings)
     train: number of training items (one question per image)
     val: number of validation items
     test: number of held-out test items
@@ -397,10 +401,16 @@ def make_demo_data(
     folder = Path(output)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder}: is a file; give a folder to write the data set into")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / SETTINGS).exists():  # the user's files
+        raise InputError(f"{folder} is not empty and holds no {SETTINGS} of an earlier demo-data run; give a new or"
+                         " empty folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"{folder}: cannot create the folder ({e.strerror})") from None
+    settings = dict(train=train, val=val, test=test, seed=seed, image_format=image_format, direct=direct,
+                    bare_copies=bare_copies)
+    (folder / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")  # first: a run stopped part way can run again
     seen: set = set()
     counts = {}
     for split, n in (("test", test), ("val", val), ("train", train)):
