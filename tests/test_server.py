@@ -1344,7 +1344,7 @@ def test_a_max_tokens_past_the_sequence_names_the_field_the_request_used(local_c
 
 def test_url_schemes_and_base64_are_read_whatever_their_case():
     """A URL's scheme is case-insensitive (RFC 3986), and so is a data URL's ";base64": "DATA:" was an
-    "unsupported URL scheme 'data'" and "HTTP://" the same, where vLLM reads them."""
+    "unsupported URL scheme 'data'" and "HTTP://" the same, where vLLM reads the scheme whatever its case."""
     image = png(20, 20)
     for url in ("DATA:image/png;base64," + base64.b64encode(image).decode(),
                 "Data:image/png;BASE64," + base64.b64encode(image).decode()):

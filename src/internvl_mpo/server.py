@@ -676,7 +676,7 @@ def _read_local(url: str, param: str, settings: ServerSettings) -> bytes:
 
 def image_bytes(url: str, param: str, settings: ServerSettings) -> bytes:
     """The bytes behind an image URL: a base64 `data:` URL, or (only when allowed) http(s) or a local file. A
-    scheme, and a data URL's ";base64", are read whatever their case (RFC 3986, as vLLM reads them)."""
+    scheme is read whatever its case (RFC 3986; vLLM reads it so), and so is a data URL's ";base64"."""
     start = url[:8].lower()
     if start.startswith("data:"):
         header, comma, data = url.partition(",")
