@@ -258,10 +258,10 @@ def prompt_length(
     """`len(build_prompt_ids(...))` (refused as it refuses the prompt, but for its length), from tile counts
     alone: only the text is tokenized, so the prompt can be measured before its images are tiled. Where the
     image tokens are not plain added tokens the whole prompt is tokenized, as build_prompt_ids does then."""
-    pieces = _prompt_pieces(question, history, num_patches_list, system_message, template)
     if not _plain_image_tokens(tokenizer):
         return len(build_prompt_ids(tokenizer, question, history, num_patches_list, system_message,
                                     num_image_token=num_image_token, template=template))
+    pieces = _prompt_pieces(question, history, num_patches_list, system_message, template)
     text = [tokenizer.encode(piece) for piece in pieces]
     _refuse_typed_context(tokenizer, [i for ids in text for i in ids], (), num_image_token)
     return sum(map(len, text)) + _image_ids(num_patches_list, num_image_token) + int(tokenizer.add_bos_token)
