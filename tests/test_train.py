@@ -855,6 +855,29 @@ def test_resume_refuses_other_model_files(tmp_path, chat_folder, meta):
     assert train(dataclasses.replace(cfg, resume=True, model=str(tmp_path / "moved"))).steps == 2
 
 
+def test_resume_takes_the_model_saved_again_unchanged_in_the_model_fingerprint(tmp_path, chat_folder, meta):
+    """Each save stamps a fresh save id into its weight files and index, and the model fingerprint hashed
+    them whole: the same weights and config saved again were "model files (not the ones the checkpoint's run
+    started from)" on a resume. The fingerprint leaves the id out; other weights saved are still refused."""
+    model = tmp_path / "model"
+    InternVL.from_pretrained(chat_folder).save_pretrained(model, max_shard_size="40KB")  # shards and an index
+    assert (model / "model.safetensors.index.json").is_file()
+    cfg = config(model, meta, tmp_path / "run", max_steps=2, save_every=1)
+    train(cfg)
+    killed_after_step_1(tmp_path / "run")
+    other = InternVL.from_pretrained(model)
+    with torch.no_grad():
+        other.language_model.model.norm.weight.mul_(1.5)
+    other.save_pretrained(tmp_path / "other", max_shard_size="40KB")
+    with pytest.raises(CheckpointError, match=r"differ from the checkpoint: model files \(not the ones"):
+        train(dataclasses.replace(cfg, resume=True, model=str(tmp_path / "other")))  # its tokenizer files are the same
+    saved = {p.name: p.read_bytes() for p in model.iterdir()}
+    InternVL.from_pretrained(model).save_pretrained(model, max_shard_size="40KB")  # the same, under a new save id
+    assert {p.name: p.read_bytes() for p in model.iterdir()}.keys() == saved.keys()
+    assert (model / "model.safetensors.index.json").read_bytes() != saved["model.safetensors.index.json"]
+    assert train(dataclasses.replace(cfg, resume=True)).steps == 2
+
+
 def test_resume_from_a_truncated_checkpoint_file_names_it(tmp_path, chat_folder, meta):
     cfg = config(chat_folder, meta, tmp_path / "run", max_steps=1, save_every=1)
     train(cfg)
