@@ -1936,6 +1936,38 @@ def test_rows_without_a_logit_bias_are_untouched_by_a_biased_row_beside_them(set
     assert got[1] == [worst] * 10 and not set(got[3]) & set(range(40)) and len(got[2]) == STEPS
 
 
+def test_a_batch_makes_its_logit_bias_at_its_first_biased_request(setup):
+    """The dense rows x vocabulary bias (5 MB at 8 rows of InternVL's vocabulary) is made by the first request
+    with a logit bias, not for every batch; made mid-batch it biases that request's row alone, and moves with
+    the row when an earlier row is freed."""
+    chat, _ = setup
+    engine = Engine(chat.model, chat.engine.stop_token_ids)
+    a, b, c = (prompt(chat, q)[0] for q in ("Hello there", "What is it?", "Tell me more"))
+    sampled = SamplingParams(max_new_tokens=4, do_sample=True, seed=1, repetition_penalty=1.2, ignore_eos=True)
+    unbiased = engine.generate([Request(a, GREEDY), Request(b, sampled, logprobs=1)])
+    assert sum(map(len, unbiased)) == STEPS + 4 and unbiased.bias is None
+    worst = _first_step_logprobs(chat, c).argmin().item()
+    short = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    forced = SamplingParams(max_new_tokens=10, ignore_eos=True, logit_bias={worst: 100})
+    schedule = {0: [Request(a, short), Request(b, GREEDY)], 1: [Request(c, forced)]}
+    gen = engine.start(max_batch=3, max_len=256)
+    got, step = {}, 0
+    while step == 0 or gen:
+        for request in schedule.get(step, []):
+            got[gen.add(request)] = []
+        for e in gen.step():
+            got[e.rid].append(e.token)
+        if step == 0:
+            assert gen.bias is None
+        if step == 1:  # `a` ended: `c` moved from row 2 into its row 0
+            assert [r.rid for r in gen.rows] == [2, 1]
+            assert gen.bias[0].nonzero().tolist() == [[worst]] and not gen.bias[1].any()
+        step += 1
+    requests = schedule[0] + schedule[1]
+    assert [got[i] for i in range(3)] == [run(engine, [r])[0] for r in requests]
+    assert got[2] == [worst] * 10
+
+
 def test_chat_takes_a_logit_bias_as_the_server_does(setup):
     """chat(), stream_chat() and batch_chat() take logit_bias={token id: bias}; it was refused as an unknown
     generation setting, so only the server and the engine offered it."""

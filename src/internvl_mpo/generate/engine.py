@@ -18,9 +18,9 @@ device per row, applied only while some row needs it: no host sync), as transfor
 MinNewTokensLengthLogitsProcessor does; a greedy screen's token stands unless it is a stop id of such
 a row, which then takes the argmax of its masked full logits. A request's logit bias
 (`SamplingParams.logit_bias`) is kept the same way, as a dense row added to that row's logits where its token
-is chosen (after the stop-id mask, before the penalty, as vLLM orders them), and only while some row has one;
-a row with a bias takes the full head (the greedy screen sees no logits). Log-probabilities stay the model's
-own, before the bias, as vLLM reports them by default.
+is chosen (after the stop-id mask, before the penalty, as vLLM orders them), and only while some row has one
+(the rows are made by the batch's first biased request); a row with a bias takes the full head (the greedy
+screen sees no logits). Log-probabilities stay the model's own, before the bias, as vLLM reports them by default.
 
 The decode step has static shapes for a given number of active rows and is free of host syncs and
 graph breaks; `compile=True` wraps it in torch.compile ("reduce-overhead" on GPU, which asks for CUDA
@@ -323,7 +323,7 @@ class Generation:
         # The stop ids of each row still under its min_new_tokens, whose logits are set to -inf
         # (transformers' MinNewTokensLengthLogitsProcessor); cleared when the row reaches its minimum.
         self.banned = torch.zeros(max_batch, vocab, dtype=torch.bool, device=device)
-        self.bias = torch.zeros(max_batch, vocab, device=device)  # each row's logit bias, dense
+        self.bias: torch.Tensor | None = None  # each row's logit bias, dense: made by the first request with one
         self.rows: list[_Row] = []
         self.fallbacks = 0  # greedy tokens the screen left to the full head
         self.waiting: list[tuple[int, Request]] = []
@@ -442,8 +442,11 @@ class Generation:
         self.banned[row] = False
         if p.min_new_tokens:  # ids outside the vocabulary are never chosen anyway
             self.banned[row, [i for i in sorted(stops) if 0 <= i < self.banned.shape[1]]] = True
-        self.bias[row] = 0.0
+        if self.bias is not None:
+            self.bias[row] = 0.0
         if p.logit_bias:
+            if self.bias is None:  # most batches have none: (max_batch, vocab) fp32 is 4.9 MB at 8 rows of InternVL's
+                self.bias = torch.zeros(self.banned.shape, device=self.banned.device)
             ids, values = zip(*p.logit_bias)
             self.bias[row, list(ids)] = torch.tensor(values, device=self.bias.device)
         generator = None if p.greedy else make_generator(p.seed, hidden.device)
@@ -564,7 +567,8 @@ class Generation:
             self._clear(last, extent)
             for state in (self.key_mask, self.seen, self.greedy, self.temperature, self.top_k, self.top_p,
                           self.penalty, self.banned, self.bias):
-                state[index] = state[last]
+                if state is not None:
+                    state[index] = state[last]
             self.rows[index] = self.rows[last]
         self.rows.pop()
 
