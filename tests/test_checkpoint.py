@@ -806,6 +806,30 @@ def test_saving_over_a_transformers_layout_folder_removes_its_processor_files(tm
     InternVLChat.from_pretrained(out)  # the tokenizer fits the vocabulary
 
 
+def test_a_tokenizer_transformers_saved_again_is_saved_without_its_video_token(tmp_path):
+    """transformers' InternVL processor gives `<video>` (not in the official vocabulary) an id past the
+    vocabulary, and a tokenizer it saves keeps it in tokenizer.json and tokenizer_config.json; a model saved
+    with such a tokenizer folder copied it, so the official code, vLLM and lmdeploy saw a tokenizer one token
+    larger than the model (and chat refused the folder). It goes, as `convert --to official` drops it."""
+    from transformers import AutoTokenizer
+
+    from internvl_mpo.chat.tokenizer import load_tokenizer
+    from internvl_mpo.convert import convert
+
+    src, _ = tiny_chat_folder(tmp_path / "src")
+    resaved = tmp_path / "resaved"
+    AutoTokenizer.from_pretrained(convert(src, tmp_path / "hf", to="hf")).save_pretrained(resaved)
+    assert "<video>" in (resaved / "tokenizer.json").read_text()
+    assert "<video>" in (resaved / "tokenizer_config.json").read_text()  # its video_token, and more keys
+    model = InternVL.from_pretrained(src)
+    model.tokenizer_dir = resaved
+    out = model.save_pretrained(tmp_path / "out")
+    vocab = model.config.llm.vocab_size
+    assert [name for name in ("tokenizer.json", "tokenizer_config.json") if "<video>" in (out / name).read_text()] == []
+    assert len(load_tokenizer(out)) == len(AutoTokenizer.from_pretrained(out)) == vocab
+    InternVLChat.from_pretrained(out)  # the tokenizer fits the vocabulary
+
+
 def test_a_folder_with_both_a_single_file_and_an_index_is_refused(tmp_path, tiny, good_state):
     """What a save cut short between its renames and its clean-up leaves, or two checkpoints copied into
     one folder: transformers reads model.safetensors, vLLM the index's shards, and we read the index;

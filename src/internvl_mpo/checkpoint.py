@@ -46,6 +46,13 @@ COMPANION_FILES = (
 )
 # transformers' processor file: its layout (`convert --to hf`) writes it, the official layout never holds it.
 PROCESSOR_FILE = "processor_config.json"
+# The tokenizer attributes transformers' InternVLProcessor reads (it needs a video token even for images),
+# and the tokenizer files that can hold them (`without_processor_tokens`).
+PROCESSOR_TOKENS = {
+    "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+PROCESSOR_TOKEN_FILES = ("tokenizer_config.json", "tokenizer.json", "added_tokens.json")
 # Held by a save while it writes into a folder (see `save_lock`).
 SAVE_LOCK = ".internvl-mpo-save.lock"
 # What flock gives on filesystems without locks (some NFS and Lustre mounts).
@@ -577,16 +584,36 @@ def transformers_processor_files(folder: Path) -> list[str]:
     return names
 
 
-def without_processor_tokens(path: Path) -> str | None:
-    """The text of the tokenizer_config.json `path` without transformers' processor tokens (its
-    `extra_special_tokens` as a dict, which `convert --to hf` writes: their `<video>` is not in the
-    vocabulary, and a tokenizer built with it holds one token more than the model's embeddings); None
-    when it names none (or is no JSON object)."""
-    config = _json_object(path)
-    if not isinstance(config.get("extra_special_tokens"), dict):
-        return None
-    del config["extra_special_tokens"]
-    return json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+def without_processor_tokens(files: dict[str, Path], vocab_size: int) -> dict[str, str]:
+    """The tokenizer files among `files` (name -> file) that hold transformers' processor tokens, as texts
+    without them (name -> text): in tokenizer_config.json the keys that name them (`extra_special_tokens`
+    as a dict, which `convert --to hf` writes; `model_specific_special_tokens`, `video_token`, ..., which
+    transformers saves), and the added tokens transformers gave those past the model's `vocab_size` (its
+    `<video>`, not in the official vocabulary) in tokenizer.json, added_tokens.json or tokenizer_config.json's
+    `added_tokens_decoder`: with it the tokenizer held one token more than the model's embeddings. Files
+    without them are left out (they stay as they are, byte for byte)."""
+    def beyond(token_id: Any, content: Any) -> bool:
+        return content in PROCESSOR_TOKENS.values() and str(token_id).isdigit() and int(token_id) >= vocab_size
+
+    texts = {}
+    for name in PROCESSOR_TOKEN_FILES:
+        data = _json_object(files[name]) if name in files else {}
+        if name == "tokenizer_config.json":
+            kept = {key: value for key, value in data.items() if key not in ("model_specific_special_tokens",
+                    *PROCESSOR_TOKENS) and not (key == "extra_special_tokens" and isinstance(value, dict))}
+            if isinstance(kept.get("added_tokens_decoder"), dict):
+                kept["added_tokens_decoder"] = {i: t for i, t in kept["added_tokens_decoder"].items()
+                                                if not (isinstance(t, dict) and beyond(i, t.get("content")))}
+        elif name == "tokenizer.json" and isinstance(data.get("added_tokens"), list):
+            kept = {**data, "added_tokens": [t for t in data["added_tokens"]
+                                             if not (isinstance(t, dict) and beyond(t.get("id"), t.get("content")))]}
+        elif name == "added_tokens.json":
+            kept = {content: i for content, i in data.items() if not beyond(i, content)}
+        else:
+            kept = data
+        if kept != data:
+            texts[name] = json.dumps(kept, indent=2, ensure_ascii=False) + "\n"
+    return texts
 
 
 def tokenizer_files(folder: Path) -> list[str]:

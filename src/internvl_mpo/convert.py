@@ -76,11 +76,6 @@ CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 REPLACED_FILES = ("tokenizer_config.json", *CHAT_TEMPLATE_FILES)
 OFFICIAL_FILES = "internvl_official_files.json"
 HEAD, EMBEDDINGS = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"  # transformers names
-# The tokenizer attributes transformers' InternVLProcessor reads (it needs a video token even for images).
-PROCESSOR_TOKENS = {
-    "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": IMG_CONTEXT_TOKEN,
-    "video_token": "<video>",
-}
 
 # Module renames inside one layer (official -> transformers), matched on the module path before
 # ".weight" / ".bias" (or the whole name for parameters such as ls1).
@@ -506,7 +501,9 @@ def convert(
                 _write_json(dst / OFFICIAL_FILES,
                             {"files": originals, "hf_tokenizer_config": _text(dst / "tokenizer_config.json")})
             else:
-                _drop_processor_tokens(dst, config.llm.vocab_size)
+                tokenizer = {name: dst / name for name in checkpoint.PROCESSOR_TOKEN_FILES}
+                for name, text in checkpoint.without_processor_tokens(tokenizer, config.llm.vocab_size).items():
+                    (dst / name).write_text(text, encoding="utf-8")
                 if (src / OFFICIAL_FILES).is_file():
                     _restore_official_files(src, dst)
         except BaseException as e:  # leave no half-written folder (it was new or empty: everything in it is ours)
@@ -531,44 +528,6 @@ def _read(handles: dict, file: Path, key: str) -> torch.Tensor:
     if not tensor.is_floating_point():
         raise CheckpointError(f"{file}: {key} is stored as {tensor.dtype}, not floating point")
     return tensor
-
-
-def _drop_processor_tokens(folder: Path, vocab_size: int) -> None:
-    """Remove transformers' processor tokens from an official folder's tokenizer files: the named ones in
-    tokenizer_config.json (`checkpoint.without_processor_tokens`, and the keys transformers saves them under
-    again: `model_specific_special_tokens`, `video_token`, ...) and the added tokens it gave those past the
-    model's vocabulary (its `<video>`, in tokenizer.json, added_tokens.json or `added_tokens_decoder`), with
-    which the tokenizer outgrew the model. Files without them are left as they are, byte for byte."""
-    def beyond(token_id: Any, content: Any) -> bool:
-        return content in PROCESSOR_TOKENS.values() and str(token_id).isdigit() and int(token_id) >= vocab_size
-
-    path = folder / "tokenizer_config.json"
-    text = checkpoint.without_processor_tokens(path)
-    if text is not None:
-        path.write_text(text, encoding="utf-8")
-    config = _read_json(path) if path.is_file() else None
-    if isinstance(config, dict):
-        kept = {key: value for key, value in config.items()
-                if key not in ("model_specific_special_tokens", *PROCESSOR_TOKENS)}
-        decoder = kept.get("added_tokens_decoder")
-        if isinstance(decoder, dict):
-            kept["added_tokens_decoder"] = {i: t for i, t in decoder.items()
-                                            if not (isinstance(t, dict) and beyond(i, t.get("content")))}
-        if kept != config:
-            _write_json(path, kept)
-    path = folder / "tokenizer.json"
-    tokenizer = _read_json(path) if path.is_file() else None
-    added = tokenizer.get("added_tokens") if isinstance(tokenizer, dict) else None
-    if isinstance(added, list):
-        kept_tokens = [t for t in added if not (isinstance(t, dict) and beyond(t.get("id"), t.get("content")))]
-        if kept_tokens != added:
-            _write_json(path, {**tokenizer, "added_tokens": kept_tokens})
-    path = folder / "added_tokens.json"
-    tokens = _read_json(path) if path.is_file() else None
-    if isinstance(tokens, dict):
-        kept = {content: i for content, i in tokens.items() if not beyond(i, content)}
-        if kept != tokens:
-            _write_json(path, kept)
 
 
 def _text(path: Path) -> str | None:
@@ -657,7 +616,7 @@ def _write_processor_files(dst: Path, config: ModelConfig) -> None:
     if isinstance(listed, list):  # transformers 5's spelling of additional_special_tokens
         tokenizer_config["additional_special_tokens"] = listed
     named = listed if isinstance(listed, dict) else {}
-    tokenizer_config["extra_special_tokens"] = {**named, **PROCESSOR_TOKENS}
+    tokenizer_config["extra_special_tokens"] = {**named, **checkpoint.PROCESSOR_TOKENS}
     _write_json(path, tokenizer_config)
 
 

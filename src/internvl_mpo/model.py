@@ -265,11 +265,10 @@ class InternVL(nn.Module):
         # transformers' processor files (a `convert --to hf` folder's) read its layout only: they go in any case
         replaces += checkpoint.transformers_processor_files(folder)
         texts = {"config.json": config.to_json_text()}
-        # so do its tokens, from the tokenizer config the folder ends with (copied, or its own that stays)
-        name = "tokenizer_config.json"
-        kept = files.get(name, None if name in replaces else folder / name)
-        text = None if kept is None else checkpoint.without_processor_tokens(kept)
-        if text is not None:
+        # so do its tokens, from the tokenizer files the folder ends with (copied, or its own that stay)
+        ending = {name: files.get(name, folder / name) for name in checkpoint.PROCESSOR_TOKEN_FILES
+                  if name in files or name not in replaces}
+        for name, text in checkpoint.without_processor_tokens(ending, llm.vocab_size).items():
             files.pop(name, None)
             texts[name] = text
         checkpoint.save_state_dict(state, folder, max_shard_size, texts=texts, files=files, replaces=replaces)
