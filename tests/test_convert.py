@@ -587,6 +587,37 @@ def test_round_trip_through_hf_gives_back_the_official_chat_template(tmp_path, f
         n: (back / n).read_bytes() for n in TEMPLATE_FILES if (back / n).exists()}
 
 
+def test_a_folder_transformers_saved_again_converts_back_with_an_official_layout_template(tmp_path):
+    """transformers saves a folder again without internvl_official_files.json, so `--to official` kept the
+    template `--to hf` writes: image items as `<IMG_CONTEXT>\\n`, which only transformers' processor expands;
+    the official layout's loaders expand `<image>` (the official chat(), vLLM). That template comes back in
+    the official form, which renders the official prompt; a template of another origin stays as it is."""
+    from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+    src = official_folder_with_template(tmp_path / "src", {"chat_template": OFFICIAL_TEMPLATE})
+    hf = convert(src, tmp_path / "hf", to="hf")
+    resaved = tmp_path / "resaved"
+    InternVLForConditionalGeneration.from_pretrained(hf).save_pretrained(resaved)
+    AutoTokenizer.from_pretrained(hf).save_pretrained(resaved)
+    assert (resaved / "chat_template.jinja").read_text() == (hf / "chat_template.jinja").read_text()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+
+    def prompt(folder) -> str:
+        return AutoTokenizer.from_pretrained(folder).apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False)
+
+    assert prompt(convert(resaved, tmp_path / "back", to="official")) == render_prompt("<image>\nDescribe it.")
+    # transformers 4 kept the template in tokenizer_config.json
+    tokenizer_config = json.loads((resaved / "tokenizer_config.json").read_text())
+    tokenizer_config["chat_template"] = (resaved / "chat_template.jinja").read_text()
+    (resaved / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    (resaved / "chat_template.jinja").unlink()
+    assert prompt(convert(resaved, tmp_path / "back4", to="official")) == render_prompt("<image>\nDescribe it.")
+    (resaved / "chat_template.jinja").write_text("{{ messages }}")  # the user's own
+    again = convert(resaved, tmp_path / "again", to="official")
+    assert (again / "chat_template.jinja").read_text() == "{{ messages }}"
+
+
 def test_a_tokenizer_config_changed_after_to_hf_comes_back_with_the_official_template(tmp_path):
     """A transformers folder whose tokenizer_config.json changed after `--to hf` (transformers saved it
     again) keeps that change going back, with the official chat template in place of transformers'; a

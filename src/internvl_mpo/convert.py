@@ -40,8 +40,10 @@ named in tokenizer_config.json's `extra_special_tokens`. The official files this
 (tokenizer_config.json with its chat template, chat_template.jinja/.json) are kept, as text, in
 `OFFICIAL_FILES`, which transformers does not read; to the official layout they are put back byte for byte
 (a tokenizer_config.json changed since keeps its changes, with the official chat template back in it), so
-official -> hf -> official gives back the official template, not transformers' (a folder without that file,
-such as a hub `-hf` port, keeps its own template). To the official layout, the official remote code
+official -> hf -> official gives back the official template, not transformers'. A folder without that file
+(saved again by transformers elsewhere) whose template is still the one `--to hf` writes gets its official
+form, image items as `<image>`, the placeholder the official chat() writes and vLLM expands; another
+template (a hub `-hf` port's) is kept. To the official layout, the official remote code
 (`auto_map`: modeling_internvl_chat.py and the files it imports) is not written: OpenGVLab's code
 is not ours to ship; `remote_code_note` says where to get it.
 """
@@ -69,6 +71,7 @@ from .processor.image import IMAGENET_MEAN, IMAGENET_STD
 
 HF_ARCHITECTURE = "InternVLForConditionalGeneration"
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+OFFICIAL_IMAGE = "<image>"  # an image in the official layout's prompts, before it is expanded
 TOKENIZER_FILES = tuple(name for name in checkpoint.COMPANION_FILES if name != "preprocessor_config.json")
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 # The official folder's files that `--to hf` replaces; the transformers folder keeps their text in
@@ -506,6 +509,8 @@ def convert(
                     (dst / name).write_text(text, encoding="utf-8")
                 if (src / OFFICIAL_FILES).is_file():
                     _restore_official_files(src, dst)
+                else:
+                    _official_form_template(src, dst, config.template)
         except BaseException as e:  # leave no half-written folder (it was new or empty: everything in it is ours)
             if created:
                 shutil.rmtree(dst, ignore_errors=True)
@@ -568,6 +573,19 @@ def _restore_official_files(src: Path, dst: Path) -> None:
             (dst / name).write_bytes(text.encode("utf-8"))
 
 
+def _official_form_template(src: Path, dst: Path, template: str) -> None:
+    """Where `src` holds the chat template `--to hf` writes (a transformers folder saved again elsewhere has no
+    `OFFICIAL_FILES` to restore), give `dst` its official-layout form (image items as `<image>`); a template
+    of another origin (a hub `-hf` port's, the user's) stays."""
+    ours, official = chat_template(template), chat_template(template, OFFICIAL_IMAGE)
+    if _text(src / "chat_template.jinja") == ours:
+        (dst / "chat_template.jinja").write_text(official, encoding="utf-8")
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        data = _read_json(src / name) if (src / name).is_file() else None
+        if isinstance(data, dict) and data.get("chat_template") == ours:
+            _write_json(dst / name, {**_read_json(dst / name), "chat_template": official})
+
+
 def _write_json(path: Path, value: dict[str, Any]) -> None:
     path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -577,16 +595,18 @@ def _tokenizer_code(folder: Path) -> tuple[str, ...]:
     return tuple(checkpoint.remote_code(folder, [_read_json(path)])) if path.is_file() else ()
 
 
-def chat_template(template: str = "internvl2_5") -> str:
-    """transformers' chat template (Jinja) for an official template: the official prompt, with each image
-    item written as `<IMG_CONTEXT>\\n` (the processor's placeholder) and each video item as `<video>\\n`."""
+def chat_template(template: str = "internvl2_5", image: str = IMG_CONTEXT_TOKEN) -> str:
+    """The chat template (Jinja) for an official template: the official prompt, with each image item written
+    as `image` + `\\n` and each video item as `<video>\\n`. For transformers' layout `image` is `<IMG_CONTEXT>`,
+    the placeholder its processor expands; for the official layout `<image>` (`OFFICIAL_IMAGE`), the one the
+    official chat() writes and vLLM expands into `<img>` + context tokens + `</img>`."""
     system = json.dumps(get_template(template).system_message, ensure_ascii=False)
     return (
         "{%- if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n' + " + system + " + '<|im_end|>\\n' }}"
         "{%- endif %}{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
         "{%- if message['content'] is string %}{{ message['content'] }}"
         "{%- else %}{%- for item in message['content'] %}"
-        "{%- if item['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
+        "{%- if item['type'] == 'image' %}{{ '" + image + "\\n' }}"
         "{%- elif item['type'] == 'video' %}{{ '<video>\\n' }}"
         "{%- elif item['type'] == 'text' %}{{ item['text'] }}{%- endif %}"
         "{%- endfor %}{%- endif %}{{ '<|im_end|>\\n' }}{%- endfor %}"
