@@ -160,6 +160,31 @@ def umask_022():
     os.umask(old)
 
 
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """`fake_hub(answer)`: hub downloads go nowhere near the network; `snapshot_download` gives the folder
+    `answer` (or raises it, an exception). Returns the list of repo ids it was asked for. The working folder
+    is `tmp_path`, so no local folder is named like the id."""
+    import huggingface_hub
+    from huggingface_hub import constants as hub_constants
+
+    def serve(answer: Path | BaseException) -> list[str]:
+        asked = []
+
+        def snapshot_download(repo_id, revision=None, allow_patterns=None):
+            asked.append(repo_id)
+            if isinstance(answer, BaseException):
+                raise answer
+            return str(answer)
+
+        monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # the resolver's own probe fails at once
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+        monkeypatch.chdir(tmp_path)
+        return asked
+
+    return serve
+
+
 def modes_other_than(folder: Path, mode: int) -> dict[str, str]:
     """Files under `folder` whose permission bits are not `mode` (relative path -> octal mode)."""
     return {p.relative_to(folder).as_posix(): oct(p.stat().st_mode & 0o777)

@@ -396,16 +396,9 @@ def test_hub_id_without_network_gives_clear_error(monkeypatch, tmp_path):
         InternVL.from_pretrained("OpenGVLab/InternVL2_5-4B-MPO")
 
 
-def test_hub_failure_is_one_line(monkeypatch):
-    import huggingface_hub
-    from huggingface_hub import constants as hub_constants
-
-    def offline(*args, **kwargs):
-        raise OSError("Got: ConnectError: Name or service not known\nAn error happened while trying to locate the "
-                      "files on the Hub.\n  Please check your internet connection.")
-
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # the resolver's own probe
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+def test_hub_failure_is_one_line(fake_hub):
+    fake_hub(OSError("Got: ConnectError: Name or service not known\nAn error happened while trying to locate the "
+                     "files on the Hub.\n  Please check your internet connection."))
     with pytest.raises(CheckpointError) as error:
         InternVL.from_pretrained("OpenGVLab/InternVL2_5-4B-MPO")
     assert str(error.value) == (
@@ -463,14 +456,9 @@ def test_a_hub_that_never_answers_is_an_error_or_the_cached_copy(tmp_path, silen
                                "within 1 s (HF_HUB_ETAG_TIMEOUT)")
 
 
-def test_an_unusable_device_or_dtype_is_refused_before_the_hub_is_asked(monkeypatch):
+def test_an_unusable_device_or_dtype_is_refused_before_the_hub_is_asked(fake_hub):
     """A hub id with device="cuda" on a CPU machine must not download the checkpoint first."""
-    import huggingface_hub
-
-    def download(*args, **kwargs):
-        raise AssertionError("the checkpoint was fetched before the device and dtype were checked")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    asked = fake_hub(AssertionError("the checkpoint was fetched before the device and dtype were checked"))
     cases = [(dict(device="meta"), "device 'meta' holds no data"),
              (dict(device="xla"), "device 'xla' asked for, but this PyTorch cannot use it"),
              (dict(device="bogus"), "unknown device 'bogus'"),
@@ -482,6 +470,7 @@ def test_an_unusable_device_or_dtype_is_refused_before_the_hub_is_asked(monkeypa
         for kwargs, message in cases:
             with pytest.raises(InputError, match=message):
                 load("OpenGVLab/InternVL2_5-4B-MPO", **kwargs)
+    assert asked == []
 
 
 def test_parse_size():

@@ -320,24 +320,12 @@ def test_convert_command(tmp_path, capsys):
     assert (tmp_path / "back" / "tokenization_internlm2.py").exists()
 
 
-def test_a_hub_id_converts_as_other_commands_load_one(tmp_path, monkeypatch):
+def test_a_hub_id_converts_as_other_commands_load_one(tmp_path, fake_hub):
     """Loading a hub -hf port is refused with `convert --to official SRC DST` to run; convert took local
     folders only, so the hub id the user had just given was "no such checkpoint folder". It is downloaded
     (to the hub cache) as `from_pretrained` and every command download one."""
-    import huggingface_hub
-    from huggingface_hub import constants as hub_constants
-
     src = official_folder(tmp_path / "src", "qwen2")
-    hf = convert(src, tmp_path / "hf", to="hf")
-    asked = []
-
-    def snapshot_download(repo_id, revision=None, allow_patterns=None):
-        asked.append(repo_id)
-        return str(hf)
-
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # the resolver's own probe
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    monkeypatch.chdir(tmp_path)  # no local folder named like the id
+    asked = fake_hub(convert(src, tmp_path / "hf", to="hf"))
     back = convert("OpenGVLab/InternVL2_5-4B-MPO-hf", tmp_path / "back", to="official")
     assert asked == ["OpenGVLab/InternVL2_5-4B-MPO-hf"]
     assert tensors(back).keys() == tensors(src).keys()

@@ -1254,19 +1254,8 @@ def test_gradient_accumulation_equals_the_larger_micro_batch(tmp_path, chat_fold
         torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-4)
 
 
-def test_hub_id_model_takes_its_tokenizer_from_the_downloaded_folder(tmp_path, chat_folder, meta, monkeypatch):
-    import huggingface_hub
-    from huggingface_hub import constants as hub_constants
-
-    asked = []
-
-    def snapshot_download(repo_id, revision=None, allow_patterns=None):
-        asked.append(repo_id)
-        return str(chat_folder)
-
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # the resolver's own probe
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    monkeypatch.chdir(tmp_path)  # no local folder named like the id
+def test_hub_id_model_takes_its_tokenizer_from_the_downloaded_folder(tmp_path, chat_folder, meta, fake_hub):
+    asked = fake_hub(chat_folder)
     result = train(config(chat_folder, meta, tmp_path / "run", model="OpenGVLab/InternVL2_5-4B", max_steps=1))
     assert asked == ["OpenGVLab/InternVL2_5-4B"]
     assert (result.final_dir / "tokenizer_config.json").is_file()

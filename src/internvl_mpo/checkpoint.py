@@ -247,7 +247,7 @@ def open_safetensors(file: Path):
         if _is_lfs_pointer(file):
             raise CheckpointError(
                 f"{file}: a Git LFS pointer, not the weights (the repository was cloned without git-lfs); "
-                "fetch them with `git lfs pull` in the clone, or download with `huggingface-cli download`") from None
+                "fetch them with `git lfs pull` in the clone, or download with `hf download`") from None
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 
 

@@ -656,7 +656,7 @@ def remote_code_note(folder: str | Path) -> str | None:
     size = next((s for s in FAMILY_SIZES if _family_key(family_config(s)) == key), "<size>")
     return (f"note: {folder} has no {', '.join(missing)}. This package does not need them; the official code "
             f"(AutoModel.from_pretrained(..., trust_remote_code=True)) does. Add the .py files of the matching "
-            f"hub repo:\n  huggingface-cli download OpenGVLab/InternVL2_5-{size}-MPO --include \"*.py\" "
+            f"hub repo:\n  hf download OpenGVLab/InternVL2_5-{size}-MPO --include \"*.py\" "
             f"--local-dir {shlex.quote(str(folder))}")
 
 
