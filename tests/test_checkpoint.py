@@ -339,7 +339,7 @@ def test_a_git_lfs_pointer_in_place_of_the_weights_is_named(tmp_path, tiny, good
     for shard in folder.glob("*.safetensors"):
         shard.write_text("version https://git-lfs.github.com/spec/v1\n"
                          "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 4994563624\n")
-    with pytest.raises(CheckpointError, match=r"\.safetensors: a Git LFS pointer, not the weights .*git lfs pull"):
+    with pytest.raises(CheckpointError, match=r"\.safetensors: a Git LFS pointer, not the weights .*git lfs pull.*`hf download`"):
         InternVL.from_pretrained(folder)
 
 

@@ -4,6 +4,7 @@ what transformers writes loads in our model; both round trips are bit-exact."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import re
 import shutil
@@ -316,7 +317,7 @@ def test_convert_command(tmp_path, capsys):
     assert convert_command(str(tmp_path / "hf"), str(tmp_path / "back"), to="official") == 0
     out = capsys.readouterr().out
     assert "has no configuration_internvl_chat.py, modeling_internvl_chat.py" in out
-    assert f'huggingface-cli download OpenGVLab/InternVL2_5-<size>-MPO --include "*.py" --local-dir {tmp_path / "back"}' in out
+    assert f'hf download OpenGVLab/InternVL2_5-<size>-MPO --include "*.py" --local-dir {tmp_path / "back"}' in out
     assert (tmp_path / "back" / "tokenization_internlm2.py").exists()
 
 
@@ -358,7 +359,9 @@ def test_a_bad_destination_is_refused_before_a_hub_id_is_downloaded(tmp_path, mo
 
 def test_remote_code_note_names_the_matching_repo(tmp_path):
     family_config("4B").to_json(tmp_path / "config.json")
-    assert "huggingface-cli download OpenGVLab/InternVL2_5-4B-MPO --include" in remote_code_note(tmp_path)
+    # `hf`, the CLI huggingface_hub installs: 1.0 removed `huggingface-cli`, which the note named
+    assert "\n  hf download OpenGVLab/InternVL2_5-4B-MPO --include" in remote_code_note(tmp_path)
+    assert "hf" in {e.name for e in importlib.metadata.distribution("huggingface_hub").entry_points}
     # The command is for copying into a shell: a folder with a space in its name (runs/my run/final)
     # was written bare, so the pasted command downloaded into `runs/my` and took `run/final` as a file.
     spaced = tmp_path / "my run" / "final"
