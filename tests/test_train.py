@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from test_train_data import color_pairs, write_mmpr, write_noise_images
 
 from internvl_mpo.chat.tokenizer import load_tokenizer
+from internvl_mpo.checkpoint import TRAIN_LOCK
 from internvl_mpo.config import ModelConfig
 from internvl_mpo.errors import CheckpointError, ConfigError, InputError, TrainingError
 from internvl_mpo.model import InternVL
@@ -388,12 +389,12 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_no_temporary_folder(tmp
         with pytest.raises(CheckpointError, match=re.escape(f"{run / 'checkpoint-000001'}: saving failed (Error while "
                                                             "serializing: I/O error: No space left on device")):
             train(config(chat_folder, meta, run, max_steps=1, save_every=1))
-    assert sorted(p.name for p in run.iterdir()) == [ckpt.LOCK_FILE, "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == [TRAIN_LOCK[0], "metrics.jsonl"]
     with monkeypatch.context() as m:
         m.setattr(ckpt, "write_tensors", disk_full)  # the optimizer state
         with pytest.raises(CheckpointError, match=re.escape(f"{run / 'checkpoint-000001'}: saving failed (Error")):
             train(config(chat_folder, meta, run, max_steps=1, save_every=1, resume=True))
-    assert sorted(p.name for p in run.iterdir()) == [ckpt.LOCK_FILE, "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == [TRAIN_LOCK[0], "metrics.jsonl"]
     write_tensors = ckpt.write_tensors
 
     def rank_files_full(path, tensors):  # the process's RNG states, written after the model: its copy stayed
@@ -403,7 +404,7 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_no_temporary_folder(tmp
         m.setattr(ckpt, "write_tensors", rank_files_full)
         with pytest.raises(CheckpointError, match=re.escape(f"{run / 'checkpoint-000001'}: saving failed (Error")):
             train(config(chat_folder, meta, run, max_steps=1, save_every=1, resume=True))
-    assert sorted(p.name for p in run.iterdir()) == [ckpt.LOCK_FILE, "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == [TRAIN_LOCK[0], "metrics.jsonl"]
     (run / "final").mkdir()
     (run / "final" / "config.json").write_text("{}")
 
@@ -441,7 +442,7 @@ def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path, chat_folder, me
     run = tmp_path / "run"
     cfg = config(chat_folder, meta, run, max_steps=4, save_every=1, save_total_limit=2)
     train(cfg)
-    assert sorted(p.name for p in run.iterdir()) == [ckpt.LOCK_FILE, "checkpoint-000003", "checkpoint-000004",
+    assert sorted(p.name for p in run.iterdir()) == [TRAIN_LOCK[0], "checkpoint-000003", "checkpoint-000004",
                                                      "final", "metrics.jsonl"]
     shutil.rmtree(run)
     train(dataclasses.replace(cfg, save_total_limit=0))
@@ -517,7 +518,7 @@ def test_a_run_is_refused_while_another_live_run_holds_its_output(tmp_path, chat
     a run that died (SIGKILL) holds no lock any more, whatever file it left."""
     cfg = config(chat_folder, meta, tmp_path / "run", max_steps=1, save_every=1)
     (tmp_path / "run").mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "run" / ckpt.LOCK_FILE)],
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "run" / TRAIN_LOCK[0])],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
@@ -528,7 +529,7 @@ def test_a_run_is_refused_while_another_live_run_holds_its_output(tmp_path, chat
         # said first, before the model loads (and before a checkpoint there suggests --resume)
         with pytest.raises(ConfigError, match=in_use):
             train(dataclasses.replace(cfg, model=str(tmp_path / "no-model")))
-        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [ckpt.LOCK_FILE]
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [TRAIN_LOCK[0]]
     finally:
         holder.kill()
         holder.wait()

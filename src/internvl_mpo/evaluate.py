@@ -81,7 +81,7 @@ SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
 TOTAL_MAX_NUM = 64  # VLMEvalKit's cap on tiles over all images of one question
 IMAGE_REFERENCE_CHARS = 64  # a TSV image cell this short names another row's image
 RUN_FILES = ("predictions.jsonl", "score.json")  # written into the output folder beside settings.json
-# held by a run in its output folder, as train holds its own (`train.checkpointing.lock_output`)
+# held by a run in its output folder, as train holds its own (`checkpoint.lock_output`)
 EVAL_LOCK = (".eval.lock", "eval run", "predictions and scores")
 CIRCULAR_OFFSET = 10**6  # an MMBench TSV's row i + k * 10**6 is question i with its options rotated k times
 _MISSING = {"", "nan", "NaN"}
@@ -494,10 +494,9 @@ def eval_(
     dtype: float32, bfloat16, float16 or auto (the checkpoint's own) (default: bf16 on CUDA, fp32 on CPU)
     progress: show a progress bar
     """
-    from internvl_mpo.checkpoint import default_device
+    from internvl_mpo.checkpoint import check_not_in_use, default_device
     from internvl_mpo.cli_chat import _model_path, run_dtype
     from internvl_mpo.pipeline import InternVLChat
-    from internvl_mpo.train.checkpointing import check_not_in_use
 
     check_counts(batch_size, limit)  # fail on bad flags, a bad file or another run's folder before loading the model
     params = greedy_params(max_num, max_new_tokens)

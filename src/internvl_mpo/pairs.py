@@ -84,7 +84,7 @@ MIN_NEW_TOKENS = {CORRECTNESS: 1, DROPOUT_NTP: 5}
 LARGE_FILE_RESPONSES = 500_000  # above this many responses the official keeps 3 pairs per question
 LARGE_FILE_MAX_PAIRS = 3
 RUN_FILES = ("meta.json", "progress.jsonl")  # written into the output folder beside settings.json and the pairs
-# held by a run in its output folder, as train holds its own (`train.checkpointing.lock_output`)
+# held by a run in its output folder, as train holds its own (`checkpoint.lock_output`)
 PAIRS_LOCK = (".pairs.lock", "pairs run", "samples and pairs")
 
 
@@ -377,12 +377,12 @@ def make_output_folder(path: Path) -> None:
 
 @contextlib.contextmanager
 def hold_output(path: Path, identity: dict, writes: Sequence[str], kind: tuple[str, str, str]) -> Iterator[None]:
-    """Make the output folder `path` and hold it for this run: locked (`train.checkpointing.lock_output`,
+    """Make the output folder `path` and hold it for this run: locked (`checkpoint.lock_output`,
     `kind`: `PAIRS_LOCK` or `evaluate.EVAL_LOCK`; ConfigError when a live run holds it), its settings
     checked by `check_settings`, which records them in a new folder. They are checked before the lock too,
     so that a folder refused for them (the user's own, say) gets no lock file. On a filesystem without
     locks it says so (on stderr) and goes on, as train does."""
-    from internvl_mpo.train.checkpointing import lock_output, no_lock_note
+    from internvl_mpo.checkpoint import lock_output, no_lock_note
 
     make_output_folder(path)
     check_settings(path / "settings.json", identity, writes, record=False)
@@ -773,10 +773,9 @@ def pairs(
     if method == CORRECTNESS and samples == 1:
         raise InputError("--samples 1: correctness pairs need at least 2 samples per question (each pair is a right "
                          "and a wrong answer to it)")
-    from internvl_mpo.checkpoint import default_device
+    from internvl_mpo.checkpoint import check_not_in_use, default_device
     from internvl_mpo.cli_chat import run_dtype
     from internvl_mpo.pipeline import InternVLChat
-    from internvl_mpo.train.checkpointing import check_not_in_use
 
     device = default_device(device)
     settings = PairSettings(samples, max_pairs, temperature, top_k, top_p, max_new_tokens, max_num, batch_size, seed,

@@ -10,7 +10,7 @@ A checkpoint is a folder `checkpoint-<step:06d>/` in the run's output folder:
     rank<r>.json              that rank's data position, python/numpy RNG scalars
     trainer_state.json        step, BCO running mean, skip counts, settings (written last)
 
-A running job also holds `.train.lock` in the output folder (`lock_output`).
+A running job also holds `.train.lock` in the output folder (`checkpoint.lock_output`).
 
 The JSON is strict: a NaN or infinite number (the BCO std after one update) is written as null.
 
@@ -31,18 +31,17 @@ import os
 import random
 import re
 import shutil
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from internvl_mpo.checkpoint import LOCKS_UNSUPPORTED, save_tensors, write_failure
-from internvl_mpo.errors import CheckpointError, ConfigError, SaveError
+from internvl_mpo.checkpoint import save_tensors, write_failure
+from internvl_mpo.errors import CheckpointError, SaveError
 from internvl_mpo.model import InternVL
 from internvl_mpo.train.distributed import DistEnv, ranks_together
 
@@ -50,7 +49,6 @@ CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 STATE_FILE = "trainer_state.json"
 EXTRA_FILE = "extra.safetensors"
 TMP_PREFIX = ".tmp-"
-LOCK_FILE = ".train.lock"
 KEY_SEP = "::"
 
 
@@ -86,68 +84,6 @@ def prune_checkpoints(output: Path, keep: int) -> None:
     for path in checkpoints(output)[:-keep]:
         os.replace(path, temp_dir(path))
         shutil.rmtree(temp_dir(path))
-
-
-# What holds an output folder: the lock file there, the run named in the error, what a second run would overwrite.
-# `pairs` and `eval` hold theirs with their own (`pairs.PAIRS_LOCK`, `evaluate.EVAL_LOCK`).
-TRAIN_LOCK = (LOCK_FILE, "training run", "checkpoints and metrics")
-
-
-def _in_use(output: Path, lock: IO[str], kind: tuple[str, str, str]) -> ConfigError:
-    _, run, overwritten = kind
-    lock.seek(0)
-    holder = lock.read().strip() or "its process unknown"
-    return ConfigError(f"{output} is in use by another {run} ({holder}): two runs would overwrite each"
-                       f" other's {overwritten}; wait for it to end or choose another --output")
-
-
-def lock_output(output: Path, kind: tuple[str, str, str] = TRAIN_LOCK) -> IO[str] | None:
-    """Lock `output` for one run: an exclusive flock on its lock file (`kind`: as `TRAIN_LOCK`, whose file
-    is `output/.train.lock`), held while the returned file is open. The kernel drops it when the process
-    ends, however it ends, so a crashed run leaves the file but no stale lock. ConfigError when another
-    process holds it; None (no lock) where the filesystem has no locks."""
-    import fcntl
-
-    lock = open(output / kind[0], "a+", encoding="utf-8")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        error = _in_use(output, lock, kind)
-        lock.close()
-        raise error from None
-    except OSError as e:
-        lock.close()
-        if e.errno in LOCKS_UNSUPPORTED:
-            return None
-        raise
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
-    return lock
-
-
-def no_lock_note(output: Path) -> str:
-    """What a run says when `lock_output` gave it no lock (a filesystem without locks)."""
-    return f"note: {output}'s filesystem has no file locks: make sure no other run writes to it"
-
-
-def check_not_in_use(output: Path, kind: tuple[str, str, str] = TRAIN_LOCK) -> None:
-    """ConfigError when a live run holds `output`'s lock of `kind` (probed with a shared lock, released at once)."""
-    import fcntl
-
-    try:
-        lock = open(output / kind[0], encoding="utf-8")
-    except OSError:  # no lock file (no run started there), or no such folder
-        return
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _in_use(output, lock, kind) from None
-        except OSError as e:
-            if e.errno not in LOCKS_UNSUPPORTED:
-                raise
 
 
 # ----------------------------------------------------------------------------- files

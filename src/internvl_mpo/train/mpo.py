@@ -67,7 +67,9 @@ from torch import nn
 
 from internvl_mpo.chat.template import get_template
 from internvl_mpo.chat.tokenizer import Tokenizer, load_tokenizer
-from internvl_mpo.checkpoint import open_state_dict, parse_dtype, resolve_checkpoint
+from internvl_mpo.checkpoint import (
+    check_not_in_use, lock_output, no_lock_note, open_state_dict, parse_dtype, resolve_checkpoint,
+)
 from internvl_mpo.config import ModelConfig
 from internvl_mpo.errors import CheckpointError, ConfigError, InputError, TrainingError
 from internvl_mpo.model import InternVL
@@ -1097,7 +1099,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) 
     output = Path(cfg.output)
     with ranks_together(env):  # a live run there is named first
         if env.is_main:
-            ckpt.check_not_in_use(output)
+            check_not_in_use(output)
     check_output(output, cfg.resume)
     weights = loss_weights(cfg)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
@@ -1148,9 +1150,9 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) 
                 output.mkdir(parents=True, exist_ok=True)
             except OSError as e:  # an unwritable parent, say
                 raise ConfigError(f"--output {output}: cannot make the folder ({e.strerror})") from None
-            lock = ckpt.lock_output(output)
+            lock = lock_output(output)
             if lock is None:
-                print0(ckpt.no_lock_note(output))
+                print0(no_lock_note(output))
             else:
                 held.enter_context(lock)
     check_output(output, cfg.resume)
