@@ -283,6 +283,24 @@ def test_fields_of_the_wrong_type_are_400s_naming_them_even_when_they_read_as_fa
         assert e.value.param == "add_generation_prompt"
 
 
+def test_consecutive_messages_of_one_role_are_joined_without_copying_each_again():
+    """One turn of k messages was built by k concatenations, each copying the turn so far: 300,000 one-line
+    messages (a 10 MB body) held the event loop for 16 s, 100-character ones for minutes. Every `+` on the
+    messages' texts is counted here by the characters it builds; the turn must not cost more than its size."""
+    built = [0]
+
+    class Counted(str):
+        def __add__(self, other):
+            built[0] += len(self) + len(other)
+            return Counted(str.__add__(self, other))
+
+    count = 2000
+    messages = [{"role": "user", "content": Counted(f"line {i}")} for i in range(count)]
+    req = parse_chat_request({"messages": messages}, ServerSettings())
+    assert req.question == "\n".join(f"line {i}" for i in range(count))
+    assert built[0] <= 2 * len(req.question)
+
+
 def test_vllm_fields_that_would_change_the_answer_are_refused_not_ignored():
     """A vLLM client's guided decoding, min_p or stop ids must not be dropped silently; left at their
     off values they are fine."""

@@ -387,3 +387,32 @@ def test_training_input_errors(ours):
         build_training_ids(ours, _messages(("user", "<image>\nQ <IMG_CONTEXT><IMG_CONTEXT>"), ("assistant", "A")), [1])
     with pytest.raises(InputError, match=reserved.format(1)):
         build_pair_ids(ours, "What is this?", "A <IMG_CONTEXT>.", "A dog.", [2])
+
+
+def test_a_long_history_is_joined_without_copying_the_prompt_once_per_turn(ours, monkeypatch):
+    """The prompt's text was built by adding each turn to the text so far, copying it once per turn: 80,000
+    turns (a 5 MB server request) took 77 s before the length check refused them. Every `+` on the template's
+    segments is counted here by the characters it builds; the prompt must not cost more than its size."""
+    import dataclasses
+
+    built = [0]
+
+    class Counted(str):
+        def __add__(self, other):
+            built[0] += len(self) + len(other)
+            return Counted(str.__add__(self, other))
+
+        def __radd__(self, other):
+            built[0] += len(self) + len(other)
+            return Counted(str.__add__(other, self))
+
+    class CountedTemplate(type(get_template("internvl2_5"))):
+        def segments(self, messages, system_message=None):
+            return [Counted(s) for s in super().segments(messages, system_message)]
+
+    monkeypatch.setitem(TEMPLATES, "counted", CountedTemplate(**dataclasses.asdict(get_template("internvl2_5"))))
+    history = [(f"question {i}", f"answer {i}") for i in range(1000)]
+    ids = build_prompt_ids(ours, "last", history, template="counted")
+    assert ids == build_prompt_ids(ours, "last", history)
+    text = render_prompt("last", history)
+    assert built[0] <= 2 * len(text)

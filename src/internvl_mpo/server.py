@@ -272,9 +272,10 @@ def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], list[tup
             raise ApiError(400, f"{param}: role must be system, user or assistant, got {json.dumps(role)[:80]}", param)
         text = _content_text(message.get("content"), f"{param}.content", role, images)
         if turns and turns[-1][0] == role:  # consecutive messages of one role read as one turn
-            turns[-1] = (role, turns[-1][1] + "\n" + text)
+            turns[-1][1].append(text)  # joined once below: adding each to the turn so far is quadratic
         else:
-            turns.append((role, text))
+            turns.append((role, [text]))
+    turns = [(role, "\n".join(texts)) for role, texts in turns]
     if not turns or turns[0][0] != "user" or turns[-1][0] != "user":
         raise ApiError(400, "the conversation must start and end with a user message (after an optional "
                             "system message)", "messages")

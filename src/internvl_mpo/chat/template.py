@@ -208,11 +208,12 @@ def _prompt_pieces(
     question = add_image_prefix(question, len(num_patches_list), history)
     tmpl = get_template(template)
     messages = _chat_messages(tmpl, question, history)
-    pieces = [""]
+    runs: list[list[str]] = [[]]  # each piece's segments, joined once: adding each to the piece so far is quadratic
     for (role, _), text in zip([(None, None), *messages], tmpl.segments(messages, system_message)):
         parts = text.split(IMAGE_PLACEHOLDER) if role == tmpl.roles[0] else [text]
-        pieces[-1] += parts[0]
-        pieces += parts[1:]
+        runs[-1].append(parts[0])
+        runs += [[part] for part in parts[1:]]
+    pieces = ["".join(run) for run in runs]
     # Only the questions place images: an answer that says "<image>" (about HTML, say) stays text.
     hint = "" if not history else (
         "; pass the conversation's images again with every question" if len(pieces) - 1 > len(num_patches_list)
