@@ -43,6 +43,18 @@ def test_every_layer_placed_once(layers, gpus):
     assert device_map[f"language_model.model.layers.{layers - 1}"] == "cuda:0"
 
 
+def test_more_gpus_than_layers_places_as_the_official_recipe_does_without_a_list_that_long():
+    """`split_model(config, 10**9)` built a list of 10**9 layer counts. From num_layers + 1 GPUs on, the official
+    recipe gives each GPU one layer and the GPUs past the layers none: the same map for any larger count."""
+    config = ModelConfig(llm=dataclasses.replace(LLMConfig(), num_hidden_layers=4))
+    assert layers_per_gpu(4, 10**9) == [1] * 5
+    device_map = split_model(config, 10**9)
+    assert device_map == split_model(config, 5)
+    assert {f"language_model.model.layers.{i}": device_map[f"language_model.model.layers.{i}"] for i in range(4)} == {
+        "language_model.model.layers.0": "cuda:0", "language_model.model.layers.1": "cuda:1",
+        "language_model.model.layers.2": "cuda:2", "language_model.model.layers.3": "cuda:0"}
+
+
 def test_longest_prefix_wins():
     device_map = {"language_model.model.layers.1": "cuda:1", "language_model.model.layers.10": "cuda:2"}
     default = torch.device("cuda:0")

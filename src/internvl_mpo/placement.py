@@ -23,9 +23,11 @@ DECODER_LAYER = re.compile(r"language_model\.model\.layers\.\d+\.")  # the weigh
 
 
 def layers_per_gpu(num_layers: int, num_gpus: int) -> list[int]:
-    """How many decoder layers each GPU gets (before the last layer moves to GPU 0)."""
+    """How many decoder layers each GPU gets (before the last layer moves to GPU 0). From num_layers + 1 GPUs
+    on, the official recipe gives each GPU one layer and the GPUs past the layers none: those are left out."""
     if isinstance(num_gpus, bool) or not isinstance(num_gpus, numbers.Integral) or num_gpus < 1:
         raise SettingError("", "num_gpus", f" must be a whole number >= 1, got {num_gpus!r}")
+    num_gpus = min(num_gpus, num_layers + 1)
     if num_gpus == 1:
         return [num_layers]
     per_gpu = math.ceil(num_layers / (num_gpus - 0.5))
