@@ -415,6 +415,18 @@ def test_get_index_without_a_frame_rate_still_spans_the_video():
     assert get_index(None, 0.0, 29, num_segments=8) == get_index(None, 10.0, 29, num_segments=8)
 
 
+def test_frames_without_a_bound_span_more_than_100000_frames():
+    """Without a known rate the card's +-100000 s window is not scaled to 100000 frames (an hour of
+    frames at 30 fps is 108,000): the frames past it were never sampled. A frame list's fps only
+    turns a bound into frames."""
+    whole = reference_index(None, 10.0, 149_999, 4)  # 10 fps: a window of 1,000,000 frames, no clipping
+    assert whole[-1] > 100_000
+    assert get_index(None, 0.0, 149_999, num_segments=4) == whole
+    frames = [frame_image(0)] * 150_000
+    for fps in (None, 0.5):
+        assert load_video(frames, num_segments=4, fps=fps).frame_indices == whole
+
+
 def set_mp4_rotation(path, matrix):
     """Write a display matrix (a, b, c, d of the 16.16 track matrix) into an mp4's only track header,
     as a phone does for a clip filmed in portrait or upside down."""

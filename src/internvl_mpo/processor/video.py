@@ -120,21 +120,24 @@ def _check_segments(num_segments) -> None:
 
 def get_index(
     bound: tuple[float, float] | None,
-    fps: float,
+    fps: float | None,
     max_frame: int,
     first_idx: int = 0,
     num_segments: int = 32,
 ) -> list[int]:
-    """Indices of `num_segments` frames spread evenly over `bound` (seconds) or the whole video."""
+    """Indices of `num_segments` frames spread evenly over `bound` (seconds) or the whole video. Without a
+    bound, a known `fps` scales the card's +-100000 s window (as the card does); an unknown one (None, 0)
+    spans frames first_idx..max_frame."""
     _check_segments(num_segments)
     bound = _bound_seconds(bound)
     if bound and not (_finite(fps) and fps > 0):
         raise InputError(f"fps must be a number > 0 to turn the bound {bound} (seconds) into frames, got {fps!r}")
-    start, end = bound or (-100000, 100000)
-    if not bound and not (_finite(fps) and fps > 0):  # no known rate: without a bound it only scales that window
-        fps = 1.0
-    start_idx = max(first_idx, round(start * fps))
-    end_idx = min(round(end * fps), max_frame)
+    if bound or (_finite(fps) and fps > 0):
+        start, end = bound or (-100000, 100000)
+        start_idx = max(first_idx, round(start * fps))
+        end_idx = min(round(end * fps), max_frame)
+    else:  # no known rate: the whole video (the window above, in frames at 1 fps, would stop at frame 100000)
+        start_idx, end_idx = first_idx, max_frame
     if end_idx < start_idx:
         raise InputError(
             f"bound {bound} selects no frames (frames {start_idx}..{end_idx} of 0..{max_frame} at {fps} fps)"
@@ -392,7 +395,7 @@ def planned_frame_tiles(
         src = _frame_files(Path(src))
     if not isinstance(src, Sequence) or isinstance(src, (bytes, bytearray)) or not src:
         return [1] * num_segments  # load_video refuses it, saying why
-    indices = get_index(None, 1.0, len(src) - 1, num_segments=num_segments)
+    indices = get_index(None, None, len(src) - 1, num_segments=num_segments)
     distinct = sorted(set(indices))
     tiles = dict(zip(distinct, planned_tiles([src[i] for i in distinct], max_num, image_size=image_size,
                                              max_pixels=max_pixels)))
@@ -459,7 +462,7 @@ def _read_frames(
         raise InputError(f"{name}: no frames given")
     if bound and not fps:
         raise InputError(f"{name}: a bound in seconds needs the frame rate (fps) of the frames")
-    indices = get_index(bound, fps or 1.0, len(frames) - 1, num_segments=num_segments)
+    indices = get_index(bound, fps if bound else None, len(frames) - 1, num_segments=num_segments)
     opened = {i: open_image(frames[i], max_pixels=max_pixels) for i in sorted(set(indices))}
     return [opened[i] for i in indices], indices
 
