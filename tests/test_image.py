@@ -289,6 +289,28 @@ def test_truncated_file(tmp_path, fmt):
         load_image(path)
 
 
+def test_files_that_make_pillow_raise_odd_errors_are_input_errors():
+    """Found by fuzzing the server's image input: Pillow's DDS reader raises NotImplementedError for pixel
+    format flags it does not know (at open), and its TIFF reader a TypeError for a strip offset written as
+    a fraction (at load); both escaped as tracebacks (a 500 from the server)."""
+    out = io.BytesIO()
+    Image.new("RGBA", (4, 4)).save(out, format="DDS")
+    dds = bytearray(out.getvalue())
+    dds[80:84] = struct.pack("<I", 0x200000)  # DDS_PIXELFORMAT.dwFlags: no flag Pillow knows
+    out = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(out, format="TIFF")
+    tiff = bytearray(out.getvalue())
+    ifd = struct.unpack("<I", tiff[4:8])[0]
+    for k in range(struct.unpack("<H", tiff[ifd:ifd + 2])[0]):
+        entry = ifd + 2 + 12 * k
+        if struct.unpack("<H", tiff[entry:entry + 2])[0] == 273:  # StripOffsets, its type made RATIONAL (5)
+            tiff[entry + 2:entry + 4] = struct.pack("<H", 5)
+    for data, message in ((dds, "cannot read image header: Unknown pixel format flags"),
+                          (tiff, "cannot decode image .*IFDRational")):
+        with pytest.raises(InputError, match=rf"^<\d+ bytes>: {message}"):
+            load_image(bytes(data))
+
+
 def test_an_image_closed_before_loading_is_named_as_closed(tmp_path):
     path = tmp_path / "shut.png"
     photo(40, 30).save(path)

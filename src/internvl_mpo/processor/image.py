@@ -60,9 +60,12 @@ _pool: ThreadPoolExecutor | None = None
 _quiet_open = threading.Lock()
 _PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
 
-# Pillow errors that mean "this file is not a readable image" (truncated data, bad headers, bad
-# chunks); anything else is a bug and propagates.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+# What Pillow raises while it reads a file's header (Image.open) or decodes its pixels (load), the only
+# two calls guarded with it, means "this file is not a readable image": truncated data, bad headers and
+# chunks give OSError, SyntaxError, ValueError or EOFError, but its readers raise other kinds on malformed
+# files too (found by fuzzing the server's images: NotImplementedError from DDS, TypeError from TIFF,
+# AttributeError from SPIDER), which escaped as tracebacks; so any Exception there counts.
+_DECODE_ERRORS = (Exception,)
 
 _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://|data:")
 
