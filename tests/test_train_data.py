@@ -277,6 +277,17 @@ def test_answers_cut_to_the_same_tokens_name_file_and_line(tmp_path, tokenizer, 
     assert isinstance(PairDataset([rec], tokenizer, settings, max_seq_length=limit)[0], BadExample)
 
 
+def test_answers_that_tokenize_alike_uncut_do_not_blame_the_sequence_length(tmp_path, tokenizer, settings):
+    # Composed and decomposed accents are different text but the same tokens (the tokenizer's NFC normalizer):
+    # nothing was cut, so raising --max-seq-length cannot help, as the error used to say.
+    meta = write_mmpr(tmp_path, [{"question": "Where?", "chosen": "At the caf\u00e9.", "rejected": "At the cafe\u0301."}])
+    (rec,), _ = read_datasets(load_meta(str(meta)))
+    with pytest.raises(InputError, match=r"toy\.jsonl:1: 'chosen' and 'rejected' are different text but the same"
+                                         r" tokens \(texts that differ only in Unicode normalization") as error:
+        encode_pair(rec, tokenizer, settings, 100_000)
+    assert "--max-seq-length" not in str(error.value)
+
+
 def test_prompt_too_long_names_file_and_line(tmp_path, tokenizer, settings):
     meta = write_mmpr(tmp_path, [{"question": "ok", "chosen": "a", "rejected": "b"},
                                  {"image": "green.png", "question": "Long " * 50, "chosen": "a", "rejected": "b"}])

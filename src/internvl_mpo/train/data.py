@@ -27,8 +27,8 @@ Deliberate differences from the official code:
   features with `image_flags = 0`); the trainer handles the distributed case on its own;
 - too-long samples are never cut through image tokens (pitfall 13.6): only the answers' tails are
   truncated; when the prompt leaves no room for a supervised answer token, or the cut leaves both
-  answers the same tokens (a shared prefix), the sample is refused with its `file:line` (the
-  trainer counts and skips it with `--skip-bad`);
+  answers the same tokens (a shared prefix), or two texts tokenize alike (Unicode normalization), the
+  sample is refused with its `file:line` (the trainer counts and skips it with `--skip-bad`);
 - the collator's attention mask comes from the true sequence lengths. The official collator uses
   `input_ids != 0`, which also masks every real `!` token (id 0 in the Qwen vocabulary, pitfall
   13.3); we do not reproduce that;
@@ -324,7 +324,12 @@ def encode_pair(
                else "raise --max-seq-length")
         )
     (chosen_ids, chosen_labels), (rejected_ids, rejected_labels), truncated = fitted
-    if chosen_ids == rejected_ids:  # the texts differ (mmpr refuses equal ones), so both lost the difference
+    if chosen_ids == rejected_ids and not truncated:  # the texts differ (mmpr refuses equal ones), not the tokens
+        raise InputError(
+            f"{where}: 'chosen' and 'rejected' are different text but the same tokens (texts that differ only in"
+            " Unicode normalization, which the tokenizer undoes): the pair states no preference"
+        )
+    if chosen_ids == rejected_ids:  # both were cut and lost the difference
         raise InputError(
             f"{where}: 'chosen' and 'rejected' are the same in their first {len(chosen_ids)} tokens, all that"
             f" --max-seq-length {max_seq_length} leaves after the {len(pair.prompt_ids)}-token prompt: the cut pair"
