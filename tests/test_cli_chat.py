@@ -727,6 +727,34 @@ def test_bad_device_dtype_and_tile_budget_are_one_line_errors(folder):
         assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
+def test_a_bare_gpu_index_is_that_cuda_device_in_every_command(folder, tmp_path, monkeypatch):
+    """`--device 0` said "unknown device '0'", while `device=0` in Python is cuda:0: a string of digits is cuda:N."""
+    from internvl_mpo import cli_chat
+    from internvl_mpo.checkpoint import default_device
+
+    assert default_device("1") == "cuda:1" and default_device("cpu") == "cpu"
+    if not __import__("torch").cuda.is_available():
+        out = cli("chat", "--model", folder, "--device", "0", "hi")
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert "device 'cuda:0' asked for, but this PyTorch sees no CUDA device" in out.stderr
+
+    class Loaded(Exception):
+        pass
+
+    def from_pretrained(path, dtype=None, device=None, **kw):
+        raise Loaded(device)
+
+    monkeypatch.setattr(InternVLChat, "from_pretrained", staticmethod(from_pretrained))
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"id": "a", "question": "Hi"}\n')
+    with pytest.raises(Loaded, match="^cuda:1$"):
+        cli_chat.chat("Hi", model=str(folder), device="1")
+    with pytest.raises(Loaded, match="^cuda:1$"):
+        cli_chat.generate(input=str(requests), output=str(tmp_path / "out.jsonl"), model=str(folder), device="1")
+    # the run's recorded dtype is CUDA's default (bf16), not the CPU's: a resume on cuda:1 is the same run
+    assert cli_chat.run_dtype(None, default_device("1"), str(folder)) == "bfloat16"
+
+
 def test_generate_refuses_malformed_image_and_video_fields_up_front(folder, tmp_path):
     requests = tmp_path / "requests.jsonl"
     for field, value, message in [("image", 5, "'image' must be a path or a list of paths"),

@@ -64,6 +64,11 @@ def test_unusable_devices_are_config_errors(monkeypatch):
     with pytest.raises(ConfigError, match=r"--device cuda:3: no CUDA device 3 \(1 visible\)"):
         init_distributed("cuda:3")
     assert init_distributed("cpu").device == torch.device("cpu")
+    # a bare index is that GPU, as `--device 0` of the other commands (it was "not a device")
+    with pytest.raises(ConfigError, match=r"--device 3: no CUDA device 3 \(1 visible\)"):
+        init_distributed("3")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    assert init_distributed("0").device == torch.device("cuda", 0)
 
 
 def test_one_gpu_index_for_all_processes_of_a_node_is_refused_and_cuda_takes_the_local_rank(monkeypatch):

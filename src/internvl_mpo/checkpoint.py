@@ -93,7 +93,13 @@ def parse_dtype(dtype, device: torch.device, config_dtype: str | None = None) ->
 
 def default_device(device: str | None) -> str:
     """`device`, or CUDA when PyTorch sees it and the CPU otherwise (every command's default)."""
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device_name(device) if device else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(device: str) -> str:
+    """A `--device` as torch names it: a bare GPU index ("1") is that CUDA GPU ("cuda:1"), as `device=1` is."""
+    text = str(device)
+    return f"cuda:{int(text)}" if text.isascii() and text.isdigit() else device
 
 
 def parse_device(device: torch.device | str | int) -> torch.device:

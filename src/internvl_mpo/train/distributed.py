@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from internvl_mpo.checkpoint import device_name
 from internvl_mpo.errors import ConfigError, InternVLError, TrainingError
 
 # How long a collective waits for the other ranks: rank 0 writes each checkpoint while the others
@@ -81,7 +82,7 @@ def init_distributed(device: str | None = None) -> DistEnv:
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     try:
-        dev = torch.device(device)
+        dev = torch.device(device_name(device))
     except RuntimeError:
         raise ConfigError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, ...)") from None
     # torchrun gives every process of a node the same flags: one GPU index would put them all on that GPU
