@@ -112,6 +112,28 @@ def test_bco_two_steps_by_hand():
     assert running.count == pytest.approx(2.0)
 
 
+def test_bco_shift_under_gradient_accumulation_lags_within_the_step():
+    """beta = 0.5, pairs A (r_c 2, r_r 0, mean 1) and B (r_c -1, r_r -2, mean -1.5): one micro-batch of both,
+    or two of one each (--grad-accum 2), as the official trainer updates the mean every micro-batch.
+
+    One micro-batch: m = -0.25, delta = -0.25 for both pairs.
+    Two: A is shifted by delta = 1 (B not yet seen), B by (1 - 1.5) / 2 = -0.25. So A's BCO term differs
+    (the README used to call the terms equal); after the step both runs hold the mean -0.25.
+    """
+    pc, pr, z = torch.tensor([4.0, -2.0]), torch.tensor([0.0, -4.0]), torch.zeros(2)
+    one = RunningMean()
+    big, _, _, delta = bco_pair_loss(pc, pr, z, z, beta=0.5, running=one)
+    assert delta == pytest.approx(-0.25, abs=1e-7)
+    two = RunningMean()
+    first, _, _, delta_a = bco_pair_loss(pc[:1], pr[:1], z[:1], z[:1], beta=0.5, running=two)
+    second, _, _, delta_b = bco_pair_loss(pc[1:], pr[1:], z[1:], z[1:], beta=0.5, running=two)
+    assert (delta_a, delta_b) == (pytest.approx(1.0, abs=1e-7), pytest.approx(-0.25, abs=1e-7))
+    assert first.item() == pytest.approx(2 * _softplus(-1.0), rel=1e-6)  # A: -log s(2 - 1) - log s(-(0 - 1))
+    assert big[0].item() == pytest.approx(_softplus(-2.25) + _softplus(0.25), rel=1e-6)  # A shifted by -0.25
+    assert second.item() == pytest.approx(big[1].item(), rel=1e-6)
+    assert one.value == pytest.approx(two.value, abs=1e-7)
+
+
 def test_bco_gradient_does_not_flow_through_delta():
     """delta is a float: d/dpc = -beta s(-(r_c - delta)), d/dpr = beta s(r_r - delta)."""
     pc = torch.tensor([1.0, -2.0], requires_grad=True)
