@@ -182,6 +182,20 @@ def test_demo_data_refuses_a_folder_of_other_files_and_writes_its_own_again(tmp_
         assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == first
 
 
+def test_demo_data_again_removes_the_images_of_the_earlier_run_it_does_not_write(tmp_path):
+    """A second run with a smaller --train or another --image-format left the first run's images in images/;
+    the images the new run does not write go, other files there (the user's) stay."""
+    from internvl_mpo.cli import main
+
+    folder = tmp_path / "data"
+    assert main(["demo-data", str(folder), "--train", "3", "--val", "2", "--test", "1"]) == 0
+    (folder / "images" / "train" / "notes.txt").write_text("mine\n")
+    (folder / "images" / "train" / "train-7.png").write_bytes(b"mine")
+    assert main(["demo-data", str(folder), "--train", "1", "--val", "0", "--test", "1", "--image-format", "jpg"]) == 0
+    left = {split: sorted(p.name for p in (folder / "images" / split).iterdir()) for split in ("train", "val", "test")}
+    assert left == {"train": ["notes.txt", "train-00000.jpg", "train-7.png"], "val": [], "test": ["test-00000.jpg"]}
+
+
 def test_direct_share_of_bare_answers(tmp_path):
     """`direct` replaces that share of SFT answers by the final-answer line; the items keep the reasoning."""
     items = synth.generate_split("train", 200, 0, set())

@@ -29,7 +29,7 @@ Splits are drawn from separate seeds and a scene never appears in two splits. Ev
 deterministic given `seed`: the same call writes byte-identical files.
 
 Files written by `write_split` (paths in items are relative to the output folder):
-- `images/<split>/<id>.png` (or .jpg);
+- `images/<split>/<id>.png` (or .jpg); the split's images of an earlier run that this one does not write go;
 - `<split>.jsonl`: evaluation / `internvl-mpo pairs` items
   {"id", "image", "question", "answer", "category", "chosen", "scene"}; `chosen` is the reference
   step-by-step answer (the good answer DropoutNTP truncates), `scene` lists the shapes so that a
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -354,6 +355,11 @@ def write_split(
         random.Random(seed).shuffle(sfts)
     _write_jsonl(folder / f"{split}.jsonl", evals)
     _write_jsonl(folder / f"{split}_sft.jsonl", sfts)
+    # an earlier run's images this one did not write (more items, the other format) go; other files stay
+    written = {Path(record["image"]).name for record in evals}
+    for path in image_dir.iterdir():
+        if path.name not in written and re.fullmatch(rf"{split}-\d{{5,}}\.(png|jpg)", path.name) and path.is_file():
+            path.unlink()
 
 
 def tokenizer_corpus(seed: int = 0, n: int = 3000) -> list[str]:
