@@ -311,6 +311,22 @@ def test_files_that_make_pillow_raise_odd_errors_are_input_errors():
             load_image(bytes(data))
 
 
+def test_running_out_of_memory_while_decoding_is_not_blamed_on_the_file(monkeypatch):
+    """Every other error Pillow raises at open or load is the file's; a MemoryError is the machine's."""
+    data = io.BytesIO()
+    photo(40, 30).save(data, format="PNG")
+
+    def exhausted(self, *args):
+        raise MemoryError
+
+    monkeypatch.setattr(Image.Image, "load", exhausted)
+    with pytest.raises(MemoryError):
+        load_image(data.getvalue())
+    monkeypatch.setattr(Image, "open", lambda *args, **kwargs: exhausted(None))
+    with pytest.raises(MemoryError):
+        load_image(data.getvalue())
+
+
 def test_an_image_closed_before_loading_is_named_as_closed(tmp_path):
     path = tmp_path / "shut.png"
     photo(40, 30).save(path)

@@ -64,7 +64,8 @@ _PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
 # two calls guarded with it, means "this file is not a readable image": truncated data, bad headers and
 # chunks give OSError, SyntaxError, ValueError or EOFError, but its readers raise other kinds on malformed
 # files too (found by fuzzing the server's images: NotImplementedError from DDS, TypeError from TIFF,
-# AttributeError from SPIDER), which escaped as tracebacks; so any Exception there counts.
+# AttributeError from SPIDER), which escaped as tracebacks; so any Exception there counts, except running out
+# of memory, which is the machine's state, not the file's.
 _DECODE_ERRORS = (Exception,)
 
 _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://|data:")
@@ -172,6 +173,8 @@ def _open_pil(src: BinaryIO | bytes | bytearray, name: str, max_pixels: int | No
         if _is_empty(fp):
             raise InputError(f"{name}: the file is empty (0 bytes)") from None
         raise InputError(f"{name}: not an image Pillow can read") from None
+    except MemoryError:
+        raise
     except _DECODE_ERRORS as e:
         raise InputError(f"{name}: cannot read image header: {e}") from None
 
@@ -253,6 +256,8 @@ def _decoded_rgb(image: Image.Image, name: str) -> Image.Image:
                          "(inside its `with Image.open(...)` block) or call its load() first")
     try:
         image.load()
+    except MemoryError:
+        raise
     except _DECODE_ERRORS as e:
         raise InputError(f"{name}: cannot decode image (truncated or corrupt): {e}") from None
     if image.mode == "RGB":
