@@ -2001,3 +2001,35 @@ def test_a_bad_logit_bias_is_refused_by_name(setup):
     for token in (vocab, -1):
         with pytest.raises(InputError, match=rf"logit_bias token ids must be in 0..{vocab - 1}, got \[{token}\]"):
             chat.engine.generate([Request(ids, SamplingParams(logit_bias={3: 1, token: -100}))])
+
+
+def test_a_system_message_in_config_json_replaces_the_templates_as_in_the_official_chat(checkpoint, tmp_path):
+    """The official model reads config.json's `system_message`, where the key is there, and its chat() and
+    batch_chat() use it instead of the template's; it was ignored here. A system message given still wins, and
+    the early length check counts the one used."""
+    from internvl_mpo.chat.template import build_prompt_ids
+    from internvl_mpo.errors import ConfigError, PromptTooLongError
+
+    def chat_with(system_message):
+        folder = tmp_path / f"model{len(str(system_message))}"
+        shutil.copytree(checkpoint[0], folder)
+        config = json.loads((folder / "config.json").read_text())
+        config["system_message"] = system_message
+        (folder / "config.json").write_text(json.dumps(config))
+        return InternVLChat.from_pretrained(folder, dtype=torch.float32)
+
+    chat = chat_with("Answer in one word.")
+    image = Image.new("RGB", (40, 40), (200, 30, 30))  # one tile
+    settings = dict(generation_config=dict(max_new_tokens=4, do_sample=False))
+    for given, used in ((None, "Answer in one word."), ("Be kind.", "Be kind.")):
+        ids = chat.prepare("Hi", image, system_message=given).prompt_ids
+        assert ids == build_prompt_ids(chat.tokenizer, "Hi", (), [1], used, num_image_token=chat.model.num_image_token)
+        assert chat.batch_chat(["Hi"], system_message=given, **settings) == \
+            chat.batch_chat(["Hi"], system_message=used, **settings)
+    long = chat_with("word " * chat.context)
+    long.check_prompt("Hi", None, [1], system_message="")
+    with pytest.raises(PromptTooLongError):
+        long.check_prompt("Hi", None, [1])
+    assert chat_with(None).prepare("Hi").prompt_ids == build_prompt_ids(chat.tokenizer, "Hi")  # null: the template's
+    with pytest.raises(ConfigError, match=r"^config.json: system_message must be a string \(or null\), got \['x'\]$"):
+        chat_with(["x"]).prepare("Hi")

@@ -34,7 +34,7 @@ from .chat.template import (
 )
 from .chat.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokenizer, load_tokenizer
 from .config import ModelConfig
-from .errors import InputError, SettingError
+from .errors import ConfigError, InputError, SettingError
 from .generate.engine import SPAN_BUCKET, Engine, Generation, Request
 from .generate.sampling import SamplingParams, whole_number
 from .model import InternVL
@@ -147,6 +147,16 @@ class InternVLChat:
 
     # ---- inputs ---------------------------------------------------------------------------
 
+    def _system_message(self, given: str | None) -> str | None:
+        """The system message of a prompt: the one `given`, else config.json's `system_message` where the file
+        has one (the official model's chat() and batch_chat() use it then), else None: the template's."""
+        if given is not None:
+            return given
+        stored = self.config.extra.get("system_message")
+        if stored is not None and not isinstance(stored, str):
+            raise ConfigError(f"config.json: system_message must be a string (or null), got {stored!r:.80}")
+        return stored
+
     def check_prompt(self, question: str, history: Sequence[tuple[str, str]] | None, num_patches_list: list[int],
                      system_message: str | None = None, hint: str = "") -> None:
         """Refuse, as `prepare` does and with its message (`hint` added), a prompt whose text and images of
@@ -154,8 +164,8 @@ class InternVLChat:
         tokenized: called with tile counts planned from the images' headers, it refuses a prompt before a tile
         is made (each ~2.4 MB at 448 pixels)."""
         tokens = self.model.num_image_token
-        length = prompt_length(self.tokenizer, question, history or (), num_patches_list, system_message, tokens,
-                               self.config.template)
+        length = prompt_length(self.tokenizer, question, history or (), num_patches_list,
+                               self._system_message(system_message), tokens, self.config.template)
         check_prompt_length(length, num_patches_list, self.context - 1, tokens, hint)
 
     def check_video_frames(self, video, num_segments: int = 8, max_num: int = 1, max_pixels: int | None = None,
@@ -304,7 +314,7 @@ class InternVLChat:
                 images, max_num, total_max_num, num_patches_list, max_pixels,
                 fits=lambda planned, hint: self.check_prompt(question, history, planned, system_message, hint))
         ids = build_prompt_ids(
-            self.tokenizer, question, history or (), counts, system_message,
+            self.tokenizer, question, history or (), counts, self._system_message(system_message),
             max_length=self.context - 1,
             num_image_token=self.model.num_image_token, template=self.config.template,
         )
