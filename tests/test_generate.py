@@ -208,7 +208,7 @@ def test_prompt_logprobs_are_transformers_log_softmax_over_the_prompt(setup, mon
     assert first[1].prompt_logprobs == got and first[2].prompt_logprobs is None
     assert [e.prompt_logprobs for e in events if e is not first[e.rid]] == [None] * 6
     assert [e.token for e in events if e.rid == 0] == run(chat.engine, [Request(ids, params, pixels)])[0]
-    with pytest.raises(InputError, match="prompt_logprobs must be in 0..20, got 21"):
+    with pytest.raises(InputError, match="prompt_logprobs must be a whole number in 0..20, got 21"):
         chat.engine.generate([Request(ids, params, prompt_logprobs=21)])
 
 
@@ -350,7 +350,7 @@ def test_logprobs_are_the_models_log_softmax_of_each_chosen_token(setup):
     assert all(e.logprob is None and e.top_logprobs == () for e in plain)  # only when asked
     zero = [e for step in chat.engine.generate([Request(ids, greedy, pixels, logprobs=0)]) for e in step]
     assert all(e.logprob is not None and e.top_logprobs == () for e in zero)
-    with pytest.raises(InputError, match="logprobs must be in 0..20, got 21"):
+    with pytest.raises(InputError, match="logprobs must be a whole number in 0..20, got 21"):
         chat.engine.generate([Request(ids, greedy, logprobs=21)])
 
 
@@ -905,6 +905,33 @@ def test_prompt_ids_outside_the_vocabulary_are_refused_when_added(setup):
         with pytest.raises(InputError, match=f"prompt token ids must be whole numbers in 0..{vocab - 1}"):
             gen.add(Request(ids, GREEDY))
     assert not gen
+
+
+def test_log_probability_counts_that_are_not_whole_numbers_are_refused_when_added(setup):
+    """Request.logprobs or prompt_logprobs of 2.5 or True passed the range check, then failed in torch's topk
+    after the prefill ran ("argument 'k' must be int"); they are refused by name when added. NumPy integers count."""
+    chat, _ = setup
+    ids, _ = prompt(chat, "Count")
+    gen = chat.engine.start(max_batch=1, max_len=128)
+    for name in ("logprobs", "prompt_logprobs"):
+        for bad in (2.5, True, -1):
+            with pytest.raises(InputError, match=re.escape(f"{name} must be a whole number in 0..20, got {bad!r}")):
+                gen.add(Request(ids, SamplingParams(max_new_tokens=2), **{name: bad}))
+    assert not gen
+    events = [e for step in chat.engine.generate([Request(ids, SamplingParams(max_new_tokens=1),
+                                                          logprobs=numpy.int64(2), prompt_logprobs=numpy.int64(1))])
+              for e in step]
+    assert len(events[0].top_logprobs) == 2 and len(events[0].prompt_logprobs[1][2]) == 1
+
+
+def test_prompt_ids_given_as_numpy_arrays_act_as_lists(setup):
+    """Requests whose prompt ids were NumPy arrays, admitted in one step, failed with numpy's "truth value of an
+    array is ambiguous" (or a broadcast error) where the engine looks for a prompt it has just prefilled."""
+    chat, _ = setup
+    ids, _ = prompt(chat, "Arrays")
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    want = run(chat.engine, [Request(x, params) for x in (ids, ids[:-1], ids)])
+    assert run(chat.engine, [Request(numpy.array(x), params) for x in (ids, ids[:-1], ids)]) == want
 
 
 def test_prompt_longer_than_context_is_refused_before_compute(setup):

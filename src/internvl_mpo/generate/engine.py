@@ -183,8 +183,8 @@ class Engine:
             raise InputError(f"logit_bias token ids must be in 0..{vocab - 1}, got {bad[:5]}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(request, name)
-            if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
-                raise InputError(f"{name} must be in 0..{MAX_TOP_LOGPROBS}, got {value}")
+            if value is not None and not (whole_number(value) and 0 <= value <= MAX_TOP_LOGPROBS):
+                raise InputError(f"{name} must be a whole number in 0..{MAX_TOP_LOGPROBS}, got {value!r}")
 
     def greedy_screen(self) -> GreedyScreen | None:
         """The head's greedy screen, built on first use and again when the head's weights change;
@@ -252,7 +252,8 @@ def _same_prompt(a: Request, b: Request) -> bool:
         return x is y or (x is not None and y is not None and x.shape == y.shape and x.device == y.device
                           and torch.equal(x, y))
 
-    return a.prompt_ids == b.prompt_ids and same(a.pixel_values, b.pixel_values) and same(a.vit_embeds, b.vit_embeds)
+    return (list(a.prompt_ids) == list(b.prompt_ids)  # as lists: NumPy arrays compare elementwise
+            and same(a.pixel_values, b.pixel_values) and same(a.vit_embeds, b.vit_embeds))
 
 
 def head_logits(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
