@@ -7,7 +7,8 @@ repetition penalty (over the tokens generated so far: the official call passes e
 prompt ids are not seen), then temperature, top-k, top-p (drop the tokens whose cumulative
 probability from the least likely up is <= 1 - top_p, always keeping the most likely). Sampling draws
 with the exponential-race trick (argmax of p / Exp(1) noise), which needs no host sync; each row has
-its own torch.Generator so a seeded request is reproducible even when batched with others.
+its own torch.Generator, so a seeded request draws the same noise alone or batched with others (its
+logits may still round differently with the batch's size: see the README).
 """
 
 from __future__ import annotations
