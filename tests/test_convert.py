@@ -609,6 +609,41 @@ def test_a_folder_transformers_saved_again_converts_back_with_an_official_layout
     assert (again / "chat_template.jinja").read_text() == "{{ messages }}"
 
 
+def test_save_pretrained_with_a_transformers_tokenizer_folder_writes_what_convert_to_official_writes(tmp_path):
+    """save_pretrained with `tokenizer_dir` a `convert --to hf` folder copied its transformers template (image
+    items `<IMG_CONTEXT>`, which only transformers' processor expands) into the official-layout folder. Its
+    template files are now those `convert --to official` of that folder writes: the official ones back, or
+    (transformers saved the folder again, without their record) the template's official form, image items
+    `<image>`; the folder loads and chats."""
+    from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+    from internvl_mpo.pipeline import InternVLChat
+
+    src, _ = tiny_chat_folder(tmp_path / "src")
+    hf = convert(src, tmp_path / "hf", "hf")
+    resaved = tmp_path / "resaved"
+    InternVLForConditionalGeneration.from_pretrained(hf).save_pretrained(resaved)
+    AutoTokenizer.from_pretrained(hf).save_pretrained(resaved)
+    assert "<IMG_CONTEXT>" in (resaved / "chat_template.jinja").read_text()
+    kw = dict(max_new_tokens=5, do_sample=False)
+    answer = InternVLChat.from_pretrained(src, dtype=torch.float32).chat("Hello", **kw)
+    for tokenizer_dir in (hf, resaved):
+        model = InternVL.from_pretrained(src, dtype=torch.float32)
+        model.tokenizer_dir = tokenizer_dir
+        saved = model.save_pretrained(tmp_path / f"saved-{tokenizer_dir.name}")
+        back = convert(tokenizer_dir, tmp_path / f"back-{tokenizer_dir.name}", "official")
+        texts = {n: (saved / n).read_text() for n in TEMPLATE_FILES if (saved / n).exists()}
+        assert texts == {n: (back / n).read_text() for n in TEMPLATE_FILES if (back / n).exists()}
+        templates = [texts.get("chat_template.jinja", ""),
+                     json.loads(texts["tokenizer_config.json"]).get("chat_template", "")]
+        assert not any("<IMG_CONTEXT>" in template for template in templates)
+        assert InternVLChat.from_pretrained(saved, dtype=torch.float32).chat("Hello", **kw) == answer
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    prompt = AutoTokenizer.from_pretrained(saved).apply_chat_template(messages, add_generation_prompt=True,
+                                                                      tokenize=False)
+    assert prompt == render_prompt("<image>\nDescribe it.")
+
+
 def test_a_tokenizer_config_changed_after_to_hf_comes_back_with_the_official_template(tmp_path):
     """A transformers folder whose tokenizer_config.json changed after `--to hf` (transformers saved it
     again) keeps that change going back, with the official chat template in place of transformers'; a

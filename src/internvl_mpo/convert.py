@@ -55,6 +55,7 @@ import json
 import re
 import shlex
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -507,10 +508,11 @@ def convert(
                 tokenizer = {name: dst / name for name in checkpoint.PROCESSOR_TOKEN_FILES}
                 for name, text in checkpoint.without_processor_tokens(tokenizer, config.llm.vocab_size).items():
                     (dst / name).write_text(text, encoding="utf-8")
-                if (src / OFFICIAL_FILES).is_file():
-                    _restore_official_files(src, dst)
-                else:
-                    _official_form_template(src, dst, config.template)
+                for name, text in official_template_files(src, lambda name: _text(dst / name), config.template).items():
+                    if text is None:
+                        (dst / name).unlink(missing_ok=True)
+                    else:
+                        (dst / name).write_bytes(text.encode("utf-8"))
         except BaseException as e:  # leave no half-written folder (it was new or empty: everything in it is ours)
             if created:
                 shutil.rmtree(dst, ignore_errors=True)
@@ -545,10 +547,31 @@ def _text(path: Path) -> str | None:
         raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
 
 
-def _restore_official_files(src: Path, dst: Path) -> None:
-    """Put back the official files that `convert --to hf` replaced (kept in `OFFICIAL_FILES`): the chat
-    template files byte for byte, and tokenizer_config.json byte for byte if the transformers folder's is
-    still the one `--to hf` wrote, else that one with the official chat template put back in it."""
+def official_template_files(src: Path, ending: Callable[[str], str | None], template: str) -> dict[str, str | None]:
+    """The chat template files (`REPLACED_FILES`) of an official-layout folder whose tokenizer files come from
+    `src`, a transformers folder: name -> text, None for no such file; `ending(name)` is the text that folder
+    would end with otherwise (None: none). `convert --to official` and `InternVL.save_pretrained` (with a
+    `tokenizer_dir`) both write them. With `OFFICIAL_FILES` the official files `--to hf` replaced come back
+    byte for byte (a tokenizer_config.json changed since keeps its changes, with the official chat template
+    back in it). Without it (transformers saved the folder again elsewhere), a template still the one `--to hf`
+    writes gets its official form, image items as `<image>`; a template of another origin (a hub `-hf`
+    port's, the user's) stays, as do the files not named."""
+    if (src / OFFICIAL_FILES).is_file():
+        return _official_files(src, ending)
+    ours, official = chat_template(template), chat_template(template, OFFICIAL_IMAGE)
+    out: dict[str, str | None] = {}
+    if _text(src / "chat_template.jinja") == ours:
+        out["chat_template.jinja"] = official
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        data = _read_json(src / name) if (src / name).is_file() else None
+        if isinstance(data, dict) and data.get("chat_template") == ours:
+            out[name] = _json_text({**json.loads(ending(name) or "{}"), "chat_template": official})
+    return out
+
+
+def _official_files(src: Path, ending: Callable[[str], str | None]) -> dict[str, str | None]:
+    """The official files kept in `OFFICIAL_FILES`, and tokenizer_config.json as `official_template_files`
+    says."""
     kept = _read_json(src / OFFICIAL_FILES)
     files = kept.get("files") if isinstance(kept, dict) else None
     if not (isinstance(files, dict) and set(files) == set(REPLACED_FILES)
@@ -556,38 +579,24 @@ def _restore_official_files(src: Path, dst: Path) -> None:
         raise ConfigError(f"{src / OFFICIAL_FILES}: not the file convert --to hf writes (delete it to convert "
                           "without it)")
     original = files.pop("tokenizer_config.json")
-    path = dst / "tokenizer_config.json"
     if _text(src / "tokenizer_config.json") == kept.get("hf_tokenizer_config"):
         files["tokenizer_config.json"] = original
-    elif original is not None and path.is_file():  # changed since (transformers saved it again)
+    elif original is not None and (current := ending("tokenizer_config.json")) is not None:  # changed since
         template = json.loads(original).get("chat_template")
-        tokenizer_config = _read_json(path)
+        tokenizer_config = json.loads(current)
         tokenizer_config.pop("chat_template", None)
         if template is not None:
             tokenizer_config["chat_template"] = template
-        _write_json(path, tokenizer_config)
-    for name, text in files.items():
-        if text is None:
-            (dst / name).unlink(missing_ok=True)
-        else:
-            (dst / name).write_bytes(text.encode("utf-8"))
+        files["tokenizer_config.json"] = _json_text(tokenizer_config)
+    return files
 
 
-def _official_form_template(src: Path, dst: Path, template: str) -> None:
-    """Where `src` holds the chat template `--to hf` writes (a transformers folder saved again elsewhere has no
-    `OFFICIAL_FILES` to restore), give `dst` its official-layout form (image items as `<image>`); a template
-    of another origin (a hub `-hf` port's, the user's) stays."""
-    ours, official = chat_template(template), chat_template(template, OFFICIAL_IMAGE)
-    if _text(src / "chat_template.jinja") == ours:
-        (dst / "chat_template.jinja").write_text(official, encoding="utf-8")
-    for name in ("tokenizer_config.json", "chat_template.json"):
-        data = _read_json(src / name) if (src / name).is_file() else None
-        if isinstance(data, dict) and data.get("chat_template") == ours:
-            _write_json(dst / name, {**_read_json(dst / name), "chat_template": official})
+def _json_text(value: dict[str, Any]) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False) + "\n"
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
-    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    path.write_text(_json_text(value), encoding="utf-8")
 
 
 def _tokenizer_code(folder: Path) -> tuple[str, ...]:

@@ -219,7 +219,8 @@ class InternVL(nn.Module):
     def save_pretrained(self, folder: str | Path, max_shard_size: int | str = "5GB") -> Path:
         """Write config.json and safetensors in the official layout, with the tokenizer, generation and
         remote-code files of the folder the model was loaded from (the tokenizer's from `tokenizer_dir`
-        when set). Over another checkpoint, its weights and (when the source has such files) its
+        when set; a `convert --to hf` folder's chat template as `convert --to official` writes it, image
+        items as `<image>`). Over another checkpoint, its weights and (when the source has such files) its
         tokenizer and code files are replaced, not mixed, and transformers' processor files go. The
         folder is locked while the save writes (`checkpoint.save_lock`)."""
         from . import checkpoint
@@ -271,4 +272,20 @@ class InternVL(nn.Module):
         for name, text in checkpoint.without_processor_tokens(ending, llm.vocab_size).items():
             files.pop(name, None)
             texts[name] = text
+        if tokenizer is not None and tokenizer.resolve() != folder.resolve():
+            # a `convert --to hf` folder's chat template (image items as <IMG_CONTEXT>): what --to official writes
+            from .convert import official_template_files
+
+            def current(name: str) -> str | None:  # the text the folder ends with
+                if name in texts:
+                    return texts[name]
+                return files[name].read_text(encoding="utf-8") if name in files else None
+
+            for name, text in official_template_files(tokenizer, current, config.template).items():
+                files.pop(name, None)
+                texts.pop(name, None)
+                if text is None:
+                    replaces.append(name)
+                else:
+                    texts[name] = text
         checkpoint.save_state_dict(state, folder, max_shard_size, texts=texts, files=files, replaces=replaces)
