@@ -202,7 +202,7 @@ class Engine:
     def prefill(self, request: Request, caches, row: int) -> torch.Tensor:
         """Run one prompt into cache row `row`; return the final hidden states (1, T, C) of its positions."""
         model = self.model
-        ids = torch.tensor([request.prompt_ids], device=model.device)
+        ids = torch.tensor([[int(i) for i in request.prompt_ids]], device=model.device)  # NumPy ids: no slow path
         pixels = None if request.pixel_values is None else request.pixel_values.to(model.device, model.dtype)
         embeds = model.embed(ids, pixels, vit_embeds=request.vit_embeds)
         positions = torch.arange(ids.shape[1], device=model.device)[None]
