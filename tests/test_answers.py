@@ -590,6 +590,21 @@ def test_known_units_must_agree(prediction, truth, expected):
 @pytest.mark.parametrize(
     "prediction, truth, expected",
     [
+        ("5 cm", "5 centimeters", True), ("5", "5 Centimetres", True), ("5 m", "5 centimeters", False),
+        ("30 min", "30 minutes", True), ("30", "30 minutes", True), ("2 km", "2 kilometres", True),
+        ("7 ml", "7 milliliters", True), ("9 s", "9 seconds", True), ("9 h", "9 seconds", False),
+    ],
+)
+def test_a_ground_truth_with_a_long_unit_name_is_a_number(prediction, truth, expected):
+    """A known unit of more than six letters ("centimeters", "minutes") leaves the ground truth a number, as
+    its abbreviation does: "5 cm" is right for "5 centimeters" as "5 centimeters" is for "5 cm"."""
+    assert infer_kind(truth) == "number"
+    assert check_answer(prediction, truth) is expected
+
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [
         # an exact form followed by its approximation: the exact form for a math ground truth, the decimal
         # for a number
         ("2√3 ≈ 3.46", "2\\sqrt{3}", True), ("x = 2\\sqrt{3} \\approx 3.46", "2√3", True),

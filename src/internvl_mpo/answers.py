@@ -131,8 +131,11 @@ _UNIT_NAMES = {
     "ml": ("ml", "milliliter", "millilitre"),
 }
 _UNITS = {name: unit for unit, names in _UNIT_NAMES.items() for name in names}
+# the known units whose names `_UNIT` does not read in full ("centimeters", "minutes"), in any case, singular or plural
+_LONG_UNIT = "(?i:" + "|".join(name for name in _UNITS if len(name) >= 6) + ")s?"
 _UNIT_ONLY = re.compile(
-    rf"\s*[$€£¥]?\s*{_NUMBER}(?:\s*/\s*{_NUMBER})?\s*(?:%|°|degrees?|{_UNIT}(?:/{_UNIT})?|[{_CN_MEASURES}])?\s*[.。]?\s*"
+    rf"\s*[$€£¥]?\s*{_NUMBER}(?:\s*/\s*{_NUMBER})?\s*"
+    rf"(?:%|°|degrees?|{_UNIT}(?:/{_UNIT})?|{_LONG_UNIT}|[{_CN_MEASURES}])?\s*[.。]?\s*"
 )
 _WORD_NUMBERS = {
     "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
