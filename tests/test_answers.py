@@ -807,6 +807,27 @@ def test_thousands_separators_of_other_locales(prediction, truth, expected):
     assert check_answer(prediction, truth) is expected
 
 
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [
+        # LaTeX's comma in braces and its thin space \, between digit groups, as math answers write thousands
+        ("$1{,}234$", "1234", True), ("\\boxed{12{,}345{,}678}", "12345678", True), ("1\\,234\\,567", "1234567", True),
+        ("$1{,}234.5$ m", "1234.5 m", True), ("1{,}234", "1.234", False), ("3\\,100\\, \\text{km}", "3100 km", True),
+        # not groups of three: no number, as a plain space
+        ("12\\,5", "12.5", None), ("1{,}23", "1.23", None),
+    ],
+)
+def test_latex_thousands_separators(prediction, truth, expected):
+    assert check_answer(prediction, truth) is expected
+
+
+@pytest.mark.parametrize("prediction", ["1\\frac{1}{2}", "$2\\frac{3}{4}$", "x = 1\\dfrac12"])
+def test_a_whole_number_before_a_latex_fraction_is_two_numbers_as_before_a_vulgar_one(prediction):
+    """A mixed number "1\\frac{1}{2}" is two numbers, as "3½" and "3 1/2" are: it was read as 11/2."""
+    for truth in ("5.5", "11", "1.5", "0.5", "6.875", "2.75"):
+        assert check_answer(prediction, truth) is None
+
+
 def test_numbers_beyond_the_float_range():
     """float() reads 10^400 and 10^500 as the same infinity: such a ground truth is refused by name rather
     than matching every huge answer, and a huge answer to a finite one is wrong."""

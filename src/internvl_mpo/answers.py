@@ -487,8 +487,10 @@ def _numeric_text(text: str) -> str:
     thousands commas, magnitude words ("1.2 million" -> "1.2e6"), Chinese numerals, \\frac{a}{b}, ^\\circ as
     °, vulgar fractions ("½"; "3½" is two numbers, as "3 1/2") and a x 10^b made plain."""
     s = _powers(text)  # before NFKC
+    # LaTeX's group separators: "1{,}234" as a comma, "1\\,234" as a thin space (`_GROUPED` reads them)
+    s = re.sub(r"(?<=\d)(?:\{,\}|\\,)(?=\d)", lambda m: "," if m[0] == "{,}" else "\u2009", s)
     s = _GROUPED.sub(_ungroup, s.translate(_ARABIC_SEPARATORS))  # before NFKC makes no-break spaces plain
-    s = re.sub(f"(?<=\\d)(?=[{_VULGAR_FRACTIONS}])", " ", s)
+    s = re.sub(f"(?<=\\d)(?=[{_VULGAR_FRACTIONS}]|\\\\[dt]?frac)", " ", s)  # "3½", "1\\frac{1}{2}": two numbers
     s = unicodedata.normalize("NFKC", s).translate(_DASH_MINUS).replace("\u2044", "/")  # NFKC: "½" is "1⁄2"
     s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
     # magnitudes after commas and LaTeX wrappers ("1,200 million", "1.2\\text{ million}") and before Chinese
