@@ -813,6 +813,8 @@ def test_thousands_separators_of_other_locales(prediction, truth, expected):
         # LaTeX's comma in braces and its thin space \, between digit groups, as math answers write thousands
         ("$1{,}234$", "1234", True), ("\\boxed{12{,}345{,}678}", "12345678", True), ("1\\,234\\,567", "1234567", True),
         ("$1{,}234.5$ m", "1234.5 m", True), ("1{,}234", "1.234", False), ("3\\,100\\, \\text{km}", "3100 km", True),
+        # space-grouped (SI: thin, narrow or no-break space) with a decimal point as well as a decimal comma
+        ("1\\,234.5", "1234.5", True), ("1\u2009234.25", "1234.25", True), ("12\u202f345.5 km", "12345.5 km", True),
         # not groups of three: no number, as a plain space
         ("12\\,5", "12.5", None), ("1{,}23", "1.23", None),
     ],

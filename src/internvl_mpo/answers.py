@@ -209,12 +209,12 @@ _DASH_MINUS = str.maketrans("\u2212\u2013", "--")  # a unicode minus, or an en d
 # the Arabic decimal and thousands separators and percent sign
 _ARABIC_SEPARATORS = str.maketrans("\u066b\u066c\u066a", ".,%")
 # Thousands groups of other locales (`_ungroup`): two or more dots, or dots before a decimal comma
-# ("1.234.567", "1.234,5"); apostrophes ("1'234"); no-break, narrow and thin spaces ("1 234,5"); lakh commas
+# ("1.234.567", "1.234,5"); apostrophes ("1'234"); no-break, narrow and thin spaces ("1 234,5", "1 234.5"); lakh commas
 # ("1,00,000"). One dot keeps its English reading ("1.000" is 1), and a plain space or a decimal comma alone
 # groups nothing ("3 100", "12,5" may be lists). A first group never starts with 0.
 _GROUPED = re.compile(
     r"(?<![\d'\u2019])(?<!\d[.,])(?!0)(?:\d{1,3}(?:\.\d{3}){2,}(?:,\d+)?|\d{1,3}(?:\.\d{3})+,\d+"
-    r"|\d{1,3}(?:['\u2019]\d{3})+(?:\.\d+)?|\d{1,3}(?:[\u00a0\u202f\u2009]\d{3})+(?:,\d+)?"
+    r"|\d{1,3}(?:['\u2019]\d{3})+(?:\.\d+)?|\d{1,3}(?:[\u00a0\u202f\u2009]\d{3})+(?:[.,]\d+)?"
     r"|\d{1,2}(?:,\d{2})+,\d{3}(?:\.\d+)?)(?![\d'\u2019]|[.,]\d)"
 )
 _VULGAR_FRACTIONS = "¼½¾⅐⅑⅒⅓⅔⅕⅖⅗⅘⅙⅚⅛⅜⅝⅞"
