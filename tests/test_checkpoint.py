@@ -350,6 +350,28 @@ def test_index_naming_a_missing_shard(tmp_path, tiny, good_state):
         InternVL.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("duplicate", [False, True])
+def test_a_shard_holding_a_tensor_its_index_does_not_list_there_is_refused(tmp_path, tiny, good_state, duplicate):
+    """It was ignored: an extra tensor silently, a second copy of a tensor the index puts in another shard
+    too, though transformers and vLLM read every tensor of every shard (which copy wins is theirs to pick)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = write_checkpoint(tmp_path / "ck", tiny, good_state, shards=2)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    key = next(k for k, name in sorted(index.items()) if name == "model-00002-of-00002.safetensors")
+    shard = folder / "model-00001-of-00002.safetensors"
+    tensors = load_file(str(shard))
+    if duplicate:
+        tensors[key] = good_state[key] + 1
+    else:
+        key = "language_model.model.layers.0.mlp.extra.weight"
+        tensors[key] = torch.zeros(2)
+    save_file(tensors, str(shard))
+    with pytest.raises(CheckpointError, match=rf"model-00001-of-00002.safetensors holds 1 tensor the index does not "
+                                              rf"list there \({re.escape(key)}\)"):
+        InternVL.from_pretrained(folder)
+
+
 @pytest.mark.parametrize("name", ["../outside.safetensors", "sub/model.safetensors", "/tmp/model.safetensors", ".."])
 def test_index_naming_a_shard_outside_the_folder_is_refused(tmp_path, tiny, good_state, name):
     """Shards are files of the checkpoint's own folder; an index may not reach elsewhere."""

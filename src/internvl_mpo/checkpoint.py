@@ -199,6 +199,19 @@ def weight_map(folder: Path) -> dict[str, Path]:
             if not file.exists():
                 raise CheckpointError(f"{index} names {name}, which is not in {folder}")
         _check_one_save(index, data.get("metadata"), [files[name] for name in sorted(files)])
+        listed: dict[str, set[str]] = {name: set() for name in files}
+        for key, name in mapping.items():
+            listed[name].add(key)
+        for name in sorted(files):  # transformers and vLLM read every tensor of a shard, not the index's only
+            with open_safetensors(files[name]) as f:
+                held = set(f.keys())
+            for keys, what in ((listed[name] - held, "lacks {} the index lists there"),
+                               (held - listed[name], "holds {} the index does not list there")):
+                if keys:
+                    count = f"{len(keys)} tensor{'s' * (len(keys) > 1)}"
+                    raise CheckpointError(
+                        f"{files[name]} {what.format(count)} ({_describe(sorted(keys))}): the index and its shards "
+                        "disagree; rewrite the index from the shards, or replace the folder with a complete copy")
         return {key: files[name] for key, name in mapping.items()}
     if single.exists():
         with open_safetensors(single) as f:
