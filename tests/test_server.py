@@ -321,6 +321,149 @@ def test_vllm_fields_that_would_change_the_answer_are_refused_not_ignored():
                  add_generation_prompt=True, truncate_prompt_tokens=None, chat_template_kwargs={}).question == "hi"
 
 
+def test_ignored_fields_of_the_wrong_type_are_400s_naming_them():
+    """`user: 5` or `metadata: 1` passed unchecked; OpenAI's and vLLM's schemas refuse a field of the wrong type."""
+    bodies = ((parse_chat_request, {"messages": [{"role": "user", "content": "hi"}]}),
+              (parse_completion_request, {"prompt": "hi"}))
+    for key, value in {"user": 5, "metadata": 1, "store": "yes", "service_tier": 0, "parallel_tool_calls": "no",
+                       "reasoning_effort": [], "chat_template_kwargs": [], "request_id": 1, "cache_salt": False,
+                       "spaces_between_special_tokens": 0, "mm_processor_kwargs": "x"}.items():
+        for parse, body in bodies:
+            with pytest.raises(ApiError, match=f"^{key} must be ") as e:
+                parse({**body, key: value}, ServerSettings())
+            assert (e.value.status, e.value.param) == (400, key)
+    fine = {"user": "u1", "metadata": {"a": "b"}, "store": False, "service_tier": "auto", "parallel_tool_calls": True,
+            "chat_template_kwargs": {}, "request_id": "r", "user_": 5}
+    for parse, body in bodies:
+        parse({**body, **fine}, ServerSettings())
+
+
+def test_refused_fields_are_refused_whatever_their_type_and_pass_only_at_their_off_value():
+    """`tools: {}`, chat `echo: 0` or `suffix: []` passed because they read as false: a refused field passes
+    only as null or its off value of its own JSON type (`tools: []`, `echo: false`, `min_p: 0`)."""
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    cases = [(parse_chat_request, chat, {"tools": {}, "echo": 0, "min_p": False, "guided_json": {}, "bad_words": {},
+                                         "use_beam_search": 0, "chat_template": "", "functions": "",
+                                         "truncate_prompt_tokens": 0, "audio": {}}),
+             (parse_completion_request, {"prompt": "hi"}, {"suffix": [], "tools": "", "include_stop_str_in_output": 0,
+                                                           "guided_choice": [], "allowed_token_ids": []})]
+    for parse, body, refused in cases:
+        for key, value in refused.items():
+            with pytest.raises(ApiError, match=f"^{key} is not supported by this server") as e:
+                parse({**body, key: value}, ServerSettings())
+            assert (e.value.status, e.value.param) == (400, key)
+    off = {"tools": [], "functions": [], "min_p": 0, "use_beam_search": False, "bad_words": [], "audio": None,
+           "return_tokens_as_token_ids": False, "include_stop_str_in_output": False}
+    assert parse_chat_request({**chat, **off, "min_p": 0.0, "echo": False}, ServerSettings()).question == "hi"
+    assert parse_completion_request({"prompt": "hi", **off, "suffix": None}, ServerSettings()).prompts == ["hi"]
+
+
+def test_an_image_detail_other_than_openais_is_refused_naming_it():
+    url = "data:image/png;base64,AAAA"
+    for detail in (5, "medium", "", []):
+        content = [{"type": "image_url", "image_url": {"url": url, "detail": detail}}, {"type": "text", "text": "hi"}]
+        with pytest.raises(ApiError, match=r"^messages\[0\]\.content\[0\]\.image_url\.detail must be one of auto, "
+                                           r"low, high, got ") as e:
+            parse_chat_request({"messages": [{"role": "user", "content": content}]}, ServerSettings())
+        assert (e.value.status, e.value.param) == (400, "messages[0].content[0].image_url.detail")
+    for detail in ("auto", "low", "high", None):
+        content = [{"type": "image_url", "image_url": {"url": url, "detail": detail}}, {"type": "text", "text": "hi"}]
+        assert parse_chat_request({"messages": [{"role": "user", "content": content}]},
+                                  ServerSettings()).image_urls == [("messages[0].content[0].image_url", url)]
+
+
+def test_a_prompt_list_mixing_strings_and_token_lists_is_refused_as_in_vllm():
+    for prompt in ([[1], "a"], ["a", [1, 2]], ["a", [1], "b"]):
+        with pytest.raises(ApiError, match="^prompt must be .*not strings and token lists mixed") as e:
+            parse_completion_request({"prompt": prompt}, ServerSettings())
+        assert (e.value.status, e.value.param) == (400, "prompt")
+    assert parse_completion_request({"prompt": [[1], [2, 3]]}, ServerSettings()).prompts == [[1], [2, 3]]
+    assert parse_completion_request({"prompt": ["a", "b"]}, ServerSettings()).prompts == ["a", "b"]
+
+
+def test_nfc_shrinks_a_text_at_most_nfc_shrink_fold():
+    """The size check's bound: a character's canonical decomposition has at most 3 times its UTF-8 bytes and
+    at least a third, so NFC (decompose, then compose) leaves at least 1/9 of a text's bytes."""
+    import unicodedata
+
+    from internvl_mpo.server import NFC_SHRINK
+
+    grow = shrink = 1.0
+    for code in range(0x110000):
+        if not 0xD800 <= code < 0xE000:
+            char = chr(code)
+            ratio = len(unicodedata.normalize("NFD", char).encode()) / len(char.encode())
+            grow, shrink = max(grow, ratio), max(shrink, 1 / ratio)
+    assert grow * shrink <= NFC_SHRINK
+
+
+def tokenizer_chat(folder: Path):
+    """A stand-in chat with the tiny Qwen2 tokenizer only (what the prompt checks read before tokenizing)."""
+    from tokenizer_fixture import write_qwen2_tokenizer
+
+    from internvl_mpo.chat.tokenizer import load_tokenizer
+
+    write_qwen2_tokenizer(folder)
+    tokenizer = load_tokenizer(folder)
+    return SimpleNamespace(tokenizer=tokenizer, config=SimpleNamespace(llm=SimpleNamespace(vocab_size=len(tokenizer))))
+
+
+def test_a_text_provably_over_the_context_is_refused_from_its_size_before_tokenizing(tmp_path, monkeypatch):
+    """A 20 MB prompt spent ~19 s in the tokenizer before the token check refused it: a text of more bytes than
+    the prompt limit's tokens can cover (the longest token's bytes, times the NFC bound) is refused untokenized,
+    on both endpoints, with the token check's 400; one at the bound is tokenized and judged by its tokens."""
+    from internvl_mpo.server import NFC_SHRINK, longest_token_bytes
+
+    chat = tokenizer_chat(tmp_path / "tok")
+    most = longest_token_bytes(chat.tokenizer)
+    assert most == max(len(chat.tokenizer.token_bytes(i)) for i in range(len(chat.tokenizer)))
+    max_len, settings = 64, ServerSettings()
+    bound = (max_len - 1) * most * NFC_SHRINK
+    # honest: the longest token repeated is as few tokens per byte as a text gets, and still over the limit
+    longest = next(p for i in range(len(chat.tokenizer)) if len(p := chat.tokenizer.token_bytes(i)) == most)
+    text = longest.decode() * (bound // most)
+    assert len(chat.tokenizer.encode(text)) > max_len - 1
+    with pytest.raises(ApiError, match=r"^prompt\[0\] is \d+ tokens; this server accepts at most 63$"):
+        build_completion_prompts(chat, parse_completion_request({"prompt": text}, settings), settings, max_len)
+    monkeypatch.setattr(chat.tokenizer, "encode", lambda text: pytest.fail("tokenized"))
+    big = "a" * (bound + 1)
+    with pytest.raises(ApiError, match=rf"^prompt\[1\] is {bound + 1} bytes, certainly more than 63 tokens \(a token "
+                                       rf"covers at most {most} bytes, {most * NFC_SHRINK} before Unicode "
+                                       r"normalization\); this server accepts at most 63$") as e:
+        build_completion_prompts(chat, parse_completion_request({"prompt": ["hi", big]}, settings), settings, max_len)
+    assert (e.value.status, e.value.param, e.value.code) == (400, "prompt", "context_length_exceeded")
+    body = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a" * (bound // 2)},
+                         {"role": "assistant", "content": "b"}, {"role": "user", "content": "c" * (bound // 2)}]}
+    with pytest.raises(ApiError, match=r"^the messages' text is \d+ bytes, certainly more than 63 tokens") as e:
+        build_prompt(chat, parse_chat_request(body, settings), settings, max_len)
+    assert (e.value.status, e.value.param, e.value.code) == (400, "messages", "context_length_exceeded")
+    small = ServerSettings(max_prompt_tokens=10)  # the limit is the prompt limit, not the sequence
+    with pytest.raises(ApiError, match=r"certainly more than 10 tokens"):
+        build_completion_prompts(chat, parse_completion_request({"prompt": "a" * (10 * most * NFC_SHRINK + 1)}, small),
+                                 small, max_len)
+
+
+def test_the_size_bound_is_off_for_tokenizers_whose_tokens_cover_unbounded_text(tmp_path):
+    """An added token that strips the spaces beside it is one token for any number of them, and SentencePiece
+    fuses a run of unknown characters into one <unk> (and may collapse spaces): no size says such a text is too
+    long."""
+    from tokenizers import AddedToken
+
+    from internvl_mpo.server import longest_token_bytes
+
+    chat = tokenizer_chat(tmp_path / "tok")
+    chat.tokenizer.backend.add_tokens([AddedToken("<strip>", lstrip=True)])
+    assert len(chat.tokenizer.encode(" " * 1000 + "<strip>")) == 1
+    assert longest_token_bytes(chat.tokenizer) is None
+    pytest.importorskip("sentencepiece")
+    from test_internlm2_tokenizer import INTERNLM2_LIKE, train, write_folder
+
+    from internvl_mpo.chat.internlm2_tokenizer import load_internlm2_tokenizer
+
+    tokenizer = load_internlm2_tokenizer(write_folder(tmp_path / "sp", train(**INTERNLM2_LIKE))[0])
+    assert longest_token_bytes(tokenizer) is None
+
+
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["m"]
     state = health(server)
@@ -611,7 +754,7 @@ def test_a_text_prompt_gets_the_bos_of_an_internlm2_tokenizer_as_vllm_adds_it(tm
     assert completion(prompt=text) == [[bos, *ids]] and tokenized(prompt=text) == [bos, *ids]
     assert completion(prompt=text, add_special_tokens=False) == [ids] == [tokenized(prompt=text,
                                                                                   add_special_tokens=False)]
-    assert completion(prompt=[ids, text]) == [ids, [bos, *ids]]
+    assert completion(prompt=[ids, ids]) == [ids, ids] and completion(prompt=[text, text]) == [[bos, *ids]] * 2
 
 
 def test_text_completion_continues_the_raw_prompt(client, local_chat, hf_tokenizer):
@@ -950,7 +1093,8 @@ def test_max_tokens_0_echoes_the_prompt_and_its_logprobs_alone(client, local_cha
         assert (choice.text, choice.finish_reason) == (prompt, "length")
         assert choice.logprobs.model_dump() == reply.choices[0].logprobs.model_dump()
     assert (usage.prompt_tokens, usage.completion_tokens) == (len(ids), 0)
-    several = client.completions.create(model="m", prompt=[ids, "Hello there"], echo=True, max_tokens=0, logprobs=0)
+    hello = hf_tokenizer("Hello there")["input_ids"]  # a list is all token lists or all strings, as in vLLM
+    several = client.completions.create(model="m", prompt=[ids, hello], echo=True, max_tokens=0, logprobs=0)
     assert [c.text for c in several.choices] == [prompt, "Hello there"]
     assert several.choices[0].logprobs.token_logprobs == reply.choices[0].logprobs.token_logprobs
     assert several.usage.prompt_tokens == len(ids) + len(hf_tokenizer("Hello there")["input_ids"])

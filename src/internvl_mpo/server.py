@@ -91,12 +91,23 @@ MAX_STOP_STRINGS = 64  # OpenAI takes 4, vLLM any number; lm-eval sends a task's
 MAX_LOGIT_BIAS_ENTRIES = 1024  # tokens in one request's logit_bias (OpenAI documents no count, vLLM has no cap)
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 SHUTDOWN_GRACE_S = 5  # how long a response may stay open after Ctrl-C once its generation has ended
-# fields that would change the answer, refused when set (not silently ignored): OpenAI's, then vLLM's extras
-UNSUPPORTED_FIELDS = ("tools", "functions", "audio", "prediction",
-                      "min_p", "use_beam_search", "include_stop_str_in_output",
-                      "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
-                      "allowed_token_ids", "bad_words", "logits_processors", "truncate_prompt_tokens",
-                      "return_tokens_as_token_ids", "chat_template")
+# fields that would change the answer, refused when set (not silently ignored): OpenAI's, then vLLM's extras;
+# each with the values that mean "off" (of their JSON type: `false`, not `0`), which pass; null always passes
+UNSUPPORTED_FIELDS = {"tools": ([],), "functions": ([],), "audio": (), "prediction": (),
+                      "min_p": (0, 0.0), "use_beam_search": (False,), "include_stop_str_in_output": (False,),
+                      "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+                      "structured_outputs": (), "allowed_token_ids": (), "bad_words": ([],), "logits_processors": (),
+                      "truncate_prompt_tokens": (), "return_tokens_as_token_ids": (False,), "chat_template": ()}
+# fields that do not change the answer, accepted and ignored, but type-checked as OpenAI's and vLLM's schemas do
+IGNORED_FIELDS = {"user": (str,), "metadata": (dict,), "store": (bool,), "service_tier": (str,),
+                  "parallel_tool_calls": (bool,), "reasoning_effort": (str,), "chat_template_kwargs": (dict,),
+                  "mm_processor_kwargs": (dict,), "request_id": (str,), "cache_salt": (str,),
+                  "spaces_between_special_tokens": (bool,)}
+IMAGE_DETAILS = ("auto", "low", "high")  # OpenAI's image_url.detail; tiles follow max_num whatever it says
+# A text of B bytes is at least B / NFC_SHRINK bytes after the tokenizer's NFC normalizer: a character's
+# canonical decomposition has at most 3 times its bytes (a Hangul syllable) and at least a third (the Kelvin
+# sign, K); a test checks both over every code point
+NFC_SHRINK = 9
 TEXT_ROOM = 512  # tokens of a sequence that image tiles leave to the text and the answer
 DEMO_MODEL_NAME = "internvl-mpo-demo"  # the served name of the shipped demo model
 COMPLETION_MAX_TOKENS = 16  # /v1/completions' default max_tokens (OpenAI's and vLLM's)
@@ -247,6 +258,9 @@ def _content_text(content, param: str, role: str, images: list[tuple[str, str]])
             url = image.get("url") if isinstance(image, dict) else image
             if not isinstance(url, str) or not url:
                 raise ApiError(400, f"{where}: image_url needs a url string", where)
+            if isinstance(image, dict) and image.get("detail") not in (None, *IMAGE_DETAILS):
+                raise ApiError(400, f"{where}.image_url.detail must be one of {', '.join(IMAGE_DETAILS)}, got "
+                                    f"{json.dumps(image['detail'])[:80]}", f"{where}.image_url.detail")
             images.append((f"{where}.image_url", _unicode(url, f"{where}.image_url")))
             placeholders.append(IMAGE_PLACEHOLDER)
         else:
@@ -319,12 +333,15 @@ def _refuse_off(body: dict, key: str) -> None:
         raise ApiError(400, f"{key}: false is not supported by this server", key)
 
 
-def _sampling(body: dict, settings: ServerSettings, refused: tuple[str, ...], lowest_max_tokens: int = 1) -> dict:
+def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], lowest_max_tokens: int = 1) -> dict:
     """The fields that chat and text completions share (sampling, limits, n, streaming), checked; raises
-    ApiError. Fields in `refused` are a 400 when set."""
-    for key in refused:
-        if body.get(key):
+    ApiError. Fields in `refused` are a 400 when set to anything but null or one of their off values."""
+    for key, off in refused.items():
+        value = body.get(key)
+        if value is not None and not any(type(value) is type(v) and value == v for v in off):
             raise ApiError(400, f"{key} is not supported by this server", key)
+    for key, kinds in IGNORED_FIELDS.items():
+        _field(body, key, kinds)
     _refuse_off(body, "skip_special_tokens")  # the text would show the special tokens
     for key in ("frequency_penalty", "presence_penalty"):
         if _field(body, key, (int, float), 0):
@@ -422,7 +439,7 @@ def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
     """Check a /v1/chat/completions body and map it onto the chat template; raises ApiError."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    sampling = _sampling(body, settings, UNSUPPORTED_FIELDS + ("echo",))
+    sampling = _sampling(body, settings, {**UNSUPPORTED_FIELDS, "echo": (False,)})
     _refuse_off(body, "add_generation_prompt")  # the answer would go on with the user's turn
     logprobs = _field(body, "logprobs", (bool,), False)
     top_logprobs = _field(body, "top_logprobs", (int,), None, 0, MAX_TOP_LOGPROBS)
@@ -453,11 +470,12 @@ def _prompt_list(prompt) -> list[str | list[int]]:
 
     if isinstance(prompt, str) or token_ids(prompt):
         prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or token_ids(p) for p in prompt):
+    elif isinstance(prompt, list) and prompt and (all(isinstance(p, str) for p in prompt)
+                                                  or all(token_ids(p) for p in prompt)):  # not mixed, as vLLM
         prompts = prompt
     else:
         raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of token "
-                            "id lists, none of them empty", "prompt")
+                            "id lists (not strings and token lists mixed), none of them empty", "prompt")
     if len(prompts) > MAX_PROMPTS:
         raise ApiError(400, f"the request has {len(prompts)} prompts; this server accepts at most {MAX_PROMPTS}",
                        "prompt")
@@ -475,7 +493,7 @@ def parse_completion_request(body, settings: ServerSettings) -> CompletionReques
         raise ApiError(400, "the request body must be a JSON object")
     echo = _field(body, "echo", (bool,), False)
     # as vLLM, max_tokens 0 echoes the prompt (with its log-probabilities) and generates nothing
-    sampling = _sampling(body, settings, UNSUPPORTED_FIELDS + ("suffix",), lowest_max_tokens=0 if echo else 1)
+    sampling = _sampling(body, settings, {**UNSUPPORTED_FIELDS, "suffix": ()}, lowest_max_tokens=0 if echo else 1)
     if sampling["max_tokens"] is None:  # OpenAI's and vLLM's default for text completions
         sampling["max_tokens"] = min(COMPLETION_MAX_TOKENS, settings.max_tokens)
     if _field(body, "best_of", (int,), 1) != 1:
@@ -728,6 +746,9 @@ def build_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings,
     def room(length: int) -> int:
         return _answer_room(length, req, settings, max_len, "messages", "the prompt", " (images included)")
 
+    texts = [req.question, req.system_message or "", *itertools.chain.from_iterable(req.history)]
+    _check_text_size(chat.tokenizer, sum(len(t.encode("utf-8")) for t in texts), settings, max_len, "messages",
+                     "the messages' text")
     ids, pixels = chat_prompt_ids(chat, req, settings, max_len, room)
     return Prompt(ids, pixels, room(len(ids)))
 
@@ -803,10 +824,48 @@ def check_token_ids(params: SamplingParams, vocab: int) -> None:
         raise ApiError(400, f"logit_bias keys must be token ids in 0..{vocab - 1}, got {bad[:5]}", "logit_bias")
 
 
+def _prompt_limit(settings: ServerSettings, max_len: int) -> int:
+    """The most tokens a prompt may have."""
+    return min(settings.max_prompt_tokens or max_len - 1, max_len - 1)
+
+
+@functools.cache
+def longest_token_bytes(tokenizer: Tokenizer) -> int | None:
+    """The most UTF-8 bytes of NFC-normalized text one token covers, for a Qwen2-style pipeline (NFC, splits that
+    keep every character, byte-level BPE with a token for every byte, so no byte is dropped); None for any other
+    (SentencePiece collapses runs of spaces and fuses unknown characters into one <unk>) or where an added token
+    strips the whitespace beside it (one token, any number of bytes)."""
+    backend = tokenizer.backend
+    normalizer = backend.normalizer and json.loads(backend.normalizer.__getstate__())
+    steps = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer else {}
+    steps = steps.get("pretokenizers", [steps])
+    added = backend.get_added_tokens_decoder()
+    pieces = [tokenizer.token_bytes(i) for i in range(len(tokenizer))]
+    byte_level = {piece for i, piece in enumerate(pieces) if i not in added} >= {bytes([b]) for b in range(256)}
+    if (normalizer not in (None, {"type": "NFC"}) or getattr(backend.model, "unk_token", True) is not None
+            or not {"ByteLevel"} <= {step.get("type") for step in steps} <= {"Split", "ByteLevel"}
+            or any(step.get("behavior") == "Removed" for step in steps) or not byte_level
+            or any(token.lstrip or token.rstrip for token in added.values())):
+        return None
+    return max(map(len, pieces))
+
+
+def _check_text_size(tokenizer: Tokenizer, size: int, settings: ServerSettings, max_len: int, param: str,
+                     name: str) -> None:
+    """Refuse, before tokenizing it, a text of `size` UTF-8 bytes that cannot be tokenized into the prompt
+    limit: it has at least size / NFC_SHRINK bytes once normalized, and a token covers at most
+    `longest_token_bytes` of them."""
+    limit, most = _prompt_limit(settings, max_len), longest_token_bytes(tokenizer)
+    if most is not None and size > limit * most * NFC_SHRINK:
+        raise ApiError(400, f"{name} is {size} bytes, certainly more than {limit} tokens (a token covers at most "
+                            f"{most} bytes, {most * NFC_SHRINK} before Unicode normalization); this server accepts "
+                            f"at most {limit}", param, "context_length_exceeded")
+
+
 def _answer_room(length: int, req: ChatRequest | CompletionRequest, settings: ServerSettings, max_len: int,
                  param: str, name: str, what: str = "") -> int:
     """The max_new_tokens of a prompt of `length` tokens (`name` in errors), after checking the token limits."""
-    limit = min(settings.max_prompt_tokens or max_len - 1, max_len - 1)
+    limit = _prompt_limit(settings, max_len)
     if length > limit:
         raise ApiError(400, f"{name} is {length} tokens{what}; this server accepts at most {limit}",
                        param, "context_length_exceeded")
@@ -834,6 +893,9 @@ def build_completion_prompts(chat: InternVLChat, req: CompletionRequest, setting
     """Tokenize the raw prompts (no chat template; token ids are taken as they are) and check them."""
     tokenizer = chat.tokenizer
     vocab = chat.config.llm.vocab_size
+    for i, prompt in enumerate(req.prompts):  # all before any is tokenized
+        if isinstance(prompt, str):
+            _check_text_size(tokenizer, len(prompt.encode("utf-8")), settings, max_len, "prompt", f"prompt[{i}]")
     prompts = []
     for i, prompt in enumerate(req.prompts):
         param = f"prompt[{i}]"
