@@ -601,6 +601,12 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(chat_folder, meta):
      r"^--quality-weight must be 0 in sft \(it trains on conversations only, without a preference loss\), got 0.2$"),
     ({"mode": "dpo", "pref_weight": 0.0},
      r"^--pref-weight, --quality-weight and --gen-weight are all 0 \(dpo's defaults: 1, 0, 0\): nothing to train$"),
+    # with the preference and quality terms off only the NLL trains: these settings were ignored without a word
+    ({"pref_weight": 0.0, "quality_weight": 0.0, "beta": 0.5, "precompute_ref": True},
+     r"^--beta, --precompute-ref: for the preference and quality terms, which --pref-weight 0 and --quality-weight 0"
+     r" turn off \(only the --gen-weight NLL term trains\)$"),
+    ({"mode": "dpo", "pref_weight": 0.0, "gen_weight": 1.0, "label_smoothing": 0.1, "rejected_span": "divergent-line"},
+     "^--label-smoothing, --rejected-span: for the preference and quality terms"),
 ])
 def test_out_of_range_settings_are_refused_before_loading(tmp_path, meta, change, message):
     """Values torch would reject with a traceback after the model loads, or train on silently (NaN, no-ops)."""

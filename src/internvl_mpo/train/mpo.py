@@ -270,12 +270,15 @@ class TrainConfig:
             raise ConfigError("--lora-vision needs --lora-rank > 0")
         if self.lora_alpha is not None and not self.lora_rank:
             raise ConfigError("--lora-alpha needs --lora-rank > 0 (without it the run is full fine-tuning)")
-        if self.mode == "sft":  # settings of the preference losses, which sft does not compute
-            given = [flag(name) for name in ("beta", "label_smoothing", "rejected_span", "precompute_ref")
-                     if getattr(self, name) != TrainConfig.__dataclass_fields__[name].default]
-            if given:
-                raise ConfigError(f"{', '.join(given)}: for the preference modes (mpo, dpo); sft has no preference loss")
-        loss_weights(self)
+        # settings of the preference and quality terms, refused where no such term is computed
+        given = [flag(name) for name in ("beta", "label_smoothing", "rejected_span", "precompute_ref")
+                 if getattr(self, name) != TrainConfig.__dataclass_fields__[name].default]
+        if given and self.mode == "sft":
+            raise ConfigError(f"{', '.join(given)}: for the preference modes (mpo, dpo); sft has no preference loss")
+        weights = loss_weights(self)
+        if given and not (weights.pref_weight or weights.quality_weight):
+            raise ConfigError(f"{', '.join(given)}: for the preference and quality terms, which --pref-weight 0 and"
+                              " --quality-weight 0 turn off (only the --gen-weight NLL term trains)")
 
     @property
     def lora_scale(self) -> float:
