@@ -1233,6 +1233,25 @@ def test_dpo_mode_is_the_sigmoid_term_alone(tmp_path, chat_folder, meta):
     assert row["loss"] == pytest.approx(row["loss/pref"], rel=1e-6)
 
 
+def test_logged_delta_is_the_mean_shift_of_the_steps_micro_batches(tmp_path, chat_folder, meta, monkeypatch):
+    """As TRL's BCOTrainer logs it: each micro-batch's shift (the running mean after its own update), averaged
+    over the micro-batches logged together; not the running mean after the step, which the checkpoint holds."""
+    shifts = []
+    micro_batch_loss = mpo.micro_batch_loss
+
+    def recording(*args):
+        loss, metrics = micro_batch_loss(*args)
+        shifts.append(metrics["delta"])
+        return loss, metrics
+
+    monkeypatch.setattr(mpo, "micro_batch_loss", recording)
+    train(config(chat_folder, meta, tmp_path / "run", max_steps=2, batch_size=1, grad_accum=2, save_every=2))
+    rows = metric_rows(tmp_path / "run")
+    assert [r["delta"] for r in rows] == pytest.approx([sum(shifts[:2]) / 2, sum(shifts[2:]) / 2], rel=1e-12)
+    state = json.loads((tmp_path / "run" / "checkpoint-000002" / "trainer_state.json").read_text())
+    assert state["running_mean"]["mean"] == shifts[-1] != pytest.approx(rows[-1]["delta"])
+
+
 @pytest.mark.parametrize("total", [1, 7, 1500])
 @pytest.mark.parametrize("ratio", [0.0, 0.03, 0.5, 1.0])
 def test_lr_schedule_is_transformers_cosine_with_warmup(total, ratio):

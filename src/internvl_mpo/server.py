@@ -104,10 +104,6 @@ IGNORED_FIELDS = {"user": (str,), "metadata": (dict,), "store": (bool,), "servic
                   "mm_processor_kwargs": (dict,), "request_id": (str,), "cache_salt": (str,),
                   "spaces_between_special_tokens": (bool,)}
 IMAGE_DETAILS = ("auto", "low", "high")  # OpenAI's image_url.detail; tiles follow max_num whatever it says
-# A text of B bytes is at least B / NFC_SHRINK bytes after the tokenizer's NFC normalizer: a character's
-# canonical decomposition has at most 3 times its bytes (a Hangul syllable) and at least a third (the Kelvin
-# sign, K); a test checks both over every code point
-NFC_SHRINK = 9
 TEXT_ROOM = 512  # tokens of a sequence that image tiles leave to the text and the answer
 DEMO_MODEL_NAME = "internvl-mpo-demo"  # the served name of the shipped demo model
 COMPLETION_MAX_TOKENS = 16  # /v1/completions' default max_tokens (OpenAI's and vLLM's)
@@ -746,9 +742,6 @@ def build_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings,
     def room(length: int) -> int:
         return _answer_room(length, req, settings, max_len, "messages", "the prompt", " (images included)")
 
-    texts = [req.question, req.system_message or "", *itertools.chain.from_iterable(req.history)]
-    _check_text_size(chat.tokenizer, sum(len(t.encode("utf-8")) for t in texts), settings, max_len, "messages",
-                     "the messages' text")
     ids, pixels = chat_prompt_ids(chat, req, settings, max_len, room)
     return Prompt(ids, pixels, room(len(ids)))
 
@@ -829,39 +822,6 @@ def _prompt_limit(settings: ServerSettings, max_len: int) -> int:
     return min(settings.max_prompt_tokens or max_len - 1, max_len - 1)
 
 
-@functools.cache
-def longest_token_bytes(tokenizer: Tokenizer) -> int | None:
-    """The most UTF-8 bytes of NFC-normalized text one token covers, for a Qwen2-style pipeline (NFC, splits that
-    keep every character, byte-level BPE with a token for every byte, so no byte is dropped); None for any other
-    (SentencePiece collapses runs of spaces and fuses unknown characters into one <unk>) or where an added token
-    strips the whitespace beside it (one token, any number of bytes)."""
-    backend = tokenizer.backend
-    normalizer = backend.normalizer and json.loads(backend.normalizer.__getstate__())
-    steps = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer else {}
-    steps = steps.get("pretokenizers", [steps])
-    added = backend.get_added_tokens_decoder()
-    pieces = [tokenizer.token_bytes(i) for i in range(len(tokenizer))]
-    byte_level = {piece for i, piece in enumerate(pieces) if i not in added} >= {bytes([b]) for b in range(256)}
-    if (normalizer not in (None, {"type": "NFC"}) or getattr(backend.model, "unk_token", True) is not None
-            or not {"ByteLevel"} <= {step.get("type") for step in steps} <= {"Split", "ByteLevel"}
-            or any(step.get("behavior") == "Removed" for step in steps) or not byte_level
-            or any(token.lstrip or token.rstrip for token in added.values())):
-        return None
-    return max(map(len, pieces))
-
-
-def _check_text_size(tokenizer: Tokenizer, size: int, settings: ServerSettings, max_len: int, param: str,
-                     name: str) -> None:
-    """Refuse, before tokenizing it, a text of `size` UTF-8 bytes that cannot be tokenized into the prompt
-    limit: it has at least size / NFC_SHRINK bytes once normalized, and a token covers at most
-    `longest_token_bytes` of them."""
-    limit, most = _prompt_limit(settings, max_len), longest_token_bytes(tokenizer)
-    if most is not None and size > limit * most * NFC_SHRINK:
-        raise ApiError(400, f"{name} is {size} bytes, certainly more than {limit} tokens (a token covers at most "
-                            f"{most} bytes, {most * NFC_SHRINK} before Unicode normalization); this server accepts "
-                            f"at most {limit}", param, "context_length_exceeded")
-
-
 def _answer_room(length: int, req: ChatRequest | CompletionRequest, settings: ServerSettings, max_len: int,
                  param: str, name: str, what: str = "") -> int:
     """The max_new_tokens of a prompt of `length` tokens (`name` in errors), after checking the token limits."""
@@ -893,9 +853,6 @@ def build_completion_prompts(chat: InternVLChat, req: CompletionRequest, setting
     """Tokenize the raw prompts (no chat template; token ids are taken as they are) and check them."""
     tokenizer = chat.tokenizer
     vocab = chat.config.llm.vocab_size
-    for i, prompt in enumerate(req.prompts):  # all before any is tokenized
-        if isinstance(prompt, str):
-            _check_text_size(tokenizer, len(prompt.encode("utf-8")), settings, max_len, "prompt", f"prompt[{i}]")
     prompts = []
     for i, prompt in enumerate(req.prompts):
         param = f"prompt[{i}]"
