@@ -490,9 +490,27 @@ def test_multi_image_one_image_instead_of_a_list(tmp_path):
     for single in (str(path), path, path.read_bytes(), photo(20, 10)):
         with pytest.raises(InputError, match=f"images must be a list of images, got one {type(single).__name__}"):
             load_images(single)
+    with open(path, "rb") as f:  # a file object is one image too (it had no len())
+        with pytest.raises(InputError, match=r"images must be a list of images, got one BufferedReader \(.*one.png\)"):
+            load_images(f)
     with pytest.raises(InputError, match="total tile budget must be a whole number >= 1, got 2.5"):
         load_images([path], total_budget=2.5)
     assert load_images([path]).num_patches_list == [3]
+
+
+def test_multi_image_takes_an_ordered_list_not_a_generator_or_set(tmp_path):
+    """As the README says, a list (or tuple): a generator gave "has no len()", and planned_tiles would use it up
+    before load_images read it; a set has no order for Image-1, Image-2."""
+    from internvl_mpo.processor.multi import load_images, planned_tiles
+
+    path = tmp_path / "one.png"
+    photo(20, 10).save(path)
+    for function in load_images, planned_tiles:
+        with pytest.raises(InputError, match=r"^images must be a list of images, got a generator; pass list\(images\)"):
+            function(p for p in [path])
+        with pytest.raises(InputError, match="^images must be a list of images, got a set"):
+            function({path})
+    assert planned_tiles((path, path)) == [3, 3] and load_images((path,)).num_patches_list == [3]
 
 
 class Pipe(io.RawIOBase):
