@@ -75,6 +75,8 @@ def parse_dtype(dtype, device: torch.device, config_dtype: str | None = None) ->
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
             raise InputError(f"dtype {dtype} is not a floating-point type; use e.g. torch.bfloat16 or torch.float32")
+        if dtype not in (*_DTYPES.values(), torch.float64):  # fp8 has no matmul or add: the first forward failed
+            raise InputError(f"dtype {dtype} cannot run the model; use e.g. torch.bfloat16 or torch.float32")
         return dtype
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
