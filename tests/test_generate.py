@@ -1939,6 +1939,21 @@ def test_logit_bias_forces_or_bans_a_token_under_greedy(setup, screen):
     assert run(engine, [Request(ids, dataclasses.replace(GREEDY, logit_bias={}))])[0] == plain
 
 
+def run_schedule(gen, schedule, after_step=None) -> dict[int, list[int]]:
+    """Step `gen` to the end, adding schedule[k]'s requests before step k; each request id's tokens.
+    `after_step(gen, k)` runs after step k."""
+    got, step = {}, 0
+    while step == 0 or gen:
+        for request in schedule.get(step, []):
+            got[gen.add(request)] = []
+        for e in gen.step():
+            got[e.rid].append(e.token)
+        if after_step is not None:
+            after_step(gen, step)
+        step += 1
+    return got
+
+
 @pytest.mark.parametrize("screen", [False, True])
 def test_rows_without_a_logit_bias_are_untouched_by_a_biased_row_beside_them(setup, screen):
     """A batch whose rows join and leave at different steps: a biased row moves into a freed row (its bias
@@ -1953,14 +1968,7 @@ def test_rows_without_a_logit_bias_are_untouched_by_a_biased_row_beside_them(set
     banned = SamplingParams(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=0, seed=5, ignore_eos=True,
                             logit_bias={i: -100 for i in range(0, 40)})
     schedule = {0: [Request(a, short), Request(b, forced)], 4: [Request(c, GREEDY), Request(a, banned)]}
-    gen = engine.start(max_batch=3, max_len=256)
-    got, step = {}, 0
-    while step == 0 or gen:
-        for request in schedule.get(step, []):
-            got[gen.add(request)] = []
-        for e in gen.step():
-            got[e.rid].append(e.token)
-        step += 1
+    got = run_schedule(engine.start(max_batch=3, max_len=256), schedule)
     requests = schedule[0] + schedule[4]
     assert [got[i] for i in range(4)] == [run(engine, [r])[0] for r in requests]
     assert got[1] == [worst] * 10 and not set(got[3]) & set(range(40)) and len(got[2]) == STEPS
@@ -1980,19 +1988,15 @@ def test_a_batch_makes_its_logit_bias_at_its_first_biased_request(setup):
     short = SamplingParams(max_new_tokens=3, ignore_eos=True)
     forced = SamplingParams(max_new_tokens=10, ignore_eos=True, logit_bias={worst: 100})
     schedule = {0: [Request(a, short), Request(b, GREEDY)], 1: [Request(c, forced)]}
-    gen = engine.start(max_batch=3, max_len=256)
-    got, step = {}, 0
-    while step == 0 or gen:
-        for request in schedule.get(step, []):
-            got[gen.add(request)] = []
-        for e in gen.step():
-            got[e.rid].append(e.token)
+
+    def check(gen, step):
         if step == 0:
             assert gen.bias is None
         if step == 1:  # `a` ended: `c` moved from row 2 into its row 0
             assert [r.rid for r in gen.rows] == [2, 1]
             assert gen.bias[0].nonzero().tolist() == [[worst]] and not gen.bias[1].any()
-        step += 1
+
+    got = run_schedule(engine.start(max_batch=3, max_len=256), schedule, check)
     requests = schedule[0] + schedule[1]
     assert [got[i] for i in range(3)] == [run(engine, [r])[0] for r in requests]
     assert got[2] == [worst] * 10
