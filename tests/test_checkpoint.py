@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from internvl_mpo.checkpoint import SAVE_ID, parse_size
+from internvl_mpo.checkpoint import SAVE_ID, parse_dtype, parse_size
 from internvl_mpo.config import LLMConfig, ModelConfig, VisionConfig
 from internvl_mpo.errors import CheckpointError, InputError
 from internvl_mpo.model import InternVL
@@ -484,11 +484,11 @@ def test_an_unusable_device_or_dtype_is_refused_before_the_hub_is_asked(fake_hub
     cases = [(dict(device="meta"), "device 'meta' holds no data"),
              (dict(device="xla"), "device 'xla' asked for, but this PyTorch cannot use it"),
              (dict(device="bogus"), "unknown device 'bogus'"),
-             (dict(dtype="float64"), "unknown dtype 'float64'"),
-             (dict(dtype=torch.int8), "dtype torch.int8 is not a floating-point type"),
+             (dict(dtype="float8_e4m3fn"), "unknown dtype 'float8_e4m3fn'"),
+             (dict(dtype=torch.int8), "dtype torch.int8 cannot run the model"),
              # loaded, then failed deep in the first forward ('"add_stub" not implemented for Float8_e4m3fn')
-             (dict(dtype=torch.float8_e4m3fn), "dtype torch.float8_e4m3fn cannot run the model; use e.g. "
-                                               "torch.bfloat16 or torch.float32")]
+             (dict(dtype=torch.float8_e4m3fn), "dtype torch.float8_e4m3fn cannot run the model; use one of "
+                                               "bf16, bfloat16")]
     if not torch.cuda.is_available():
         cases.append((dict(device="cuda"), "sees no CUDA device"))
     for load in (InternVL.from_pretrained, InternVLChat.from_pretrained):
@@ -505,8 +505,12 @@ def test_parse_size():
     assert parse_size(123) == 123
     with pytest.raises(ValueError, match="cannot read the size"):
         parse_size("lots")
-    for size in (0, -5, "0MB", True):
+    for size in (0, -5, "0MB"):
         with pytest.raises(InputError, match="not a positive size|cannot read the size"):
+            parse_size(size)
+    assert parse_size("0.5KB") == 500
+    for size in (1.5, 2.0, True, False):  # 1.5 was taken as 1 byte
+        with pytest.raises(InputError, match=f"max_shard_size {size!r} is a {type(size).__name__}"):
             parse_size(size)
 
 
@@ -702,7 +706,7 @@ def test_dtype_auto_refuses_a_config_dtype_it_cannot_load_in(tmp_path, tiny, goo
     config = json.loads((folder / "config.json").read_text())
     config["torch_dtype"] = name
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InputError, match=f"dtype='auto': the config's torch_dtype is {name!r}.*pass dtype="):
+    with pytest.raises(InputError, match=f"dtype='auto': the checkpoint's dtype is {name!r}.*pass dtype="):
         InternVL.from_pretrained(folder, dtype="auto")
 
 
@@ -948,3 +952,14 @@ def test_convert_stamps_one_save_id_into_its_shards_and_index(tmp_path):
     assert hf_ids["index"] != back_ids["index"]
     InternVLForConditionalGeneration.from_pretrained(hf, dtype=torch.float32)
     InternVL.from_pretrained(back)
+
+
+def test_dtype_names_and_torch_dtypes_accept_the_same_set():
+    """torch.float64 loaded while "float64" was refused; one message lists what is accepted."""
+    cpu = torch.device("cpu")
+    for name, dtype in (("float64", torch.float64), ("double", torch.float64), ("fp16", torch.float16)):
+        assert parse_dtype(name, cpu) == parse_dtype(dtype, cpu) == dtype
+    choices = "bf16, bfloat16, double, float, float16, float32, float64, fp16, fp32, fp64, half, the torch dtypes of those, or 'auto'"
+    for bad in ("int8", torch.int8, torch.float8_e4m3fn, torch.complex64):
+        with pytest.raises(InputError, match=re.escape(choices)):
+            parse_dtype(bad, cpu)

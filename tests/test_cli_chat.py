@@ -228,6 +228,14 @@ def test_generate_resumes_only_in_the_precision_that_wrote_the_answers(folder, t
     config = json.loads((folder / "config.json").read_text())
     (tmp_path / "bf16" / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
     assert cli_chat.run_dtype("auto", "cpu", str(tmp_path / "bf16")) == "bfloat16"
+    # no torch_dtype in config.json: the weights' dtype, as transformers and the load itself take it
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    (tmp_path / "bf16").joinpath("config.json").write_text(json.dumps(config))
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, tmp_path / "bf16" / "model.safetensors")
+    assert cli_chat.run_dtype("auto", "cpu", str(tmp_path / "bf16")) == "bfloat16"
 
 
 def test_a_generate_refused_for_its_settings_leaves_the_answers_file_as_it_was(folder, tmp_path):

@@ -360,6 +360,34 @@ def test_dtype_auto_reads_the_newer_dtype_key(tmp_path, tiny):
     assert InternVL.from_pretrained(tmp_path / "m", dtype="auto").dtype == torch.bfloat16
 
 
+def test_dtype_auto_without_a_config_dtype_takes_the_weights_dtype_as_transformers(tmp_path, tiny):
+    """A bf16 checkpoint whose config.json names no dtype loaded in fp32 (twice the memory). transformers
+    takes the index metadata's "dtype", else the first floating-point weight by name of the single file
+    or the first shard; so do we, from the headers."""
+    from safetensors.torch import load_file, save_file
+
+    from internvl_mpo.model import InternVL
+
+    from conftest import write_checkpoint
+
+    state = {k: v.to(torch.bfloat16) for k, v in InternVL(tiny, image_token_id=IMAGE_TOKEN_ID).state_dict().items()}
+    for shards in (1, 2):
+        folder = write_checkpoint(tmp_path / f"s{shards}", tiny, state, shards=shards)
+        assert "torch_dtype" not in json.loads((folder / "config.json").read_text())
+        assert InternVL.from_pretrained(folder, dtype="auto").dtype == torch.bfloat16
+    index = tmp_path / "s2" / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    index.write_text(json.dumps({**data, "metadata": {**data["metadata"], "dtype": "float16"}}))
+    assert InternVL.from_pretrained(tmp_path / "s2", dtype="auto").dtype == torch.float16
+    mixed = load_file(tmp_path / "s1" / "model.safetensors")  # the first weight by name decides, as in transformers
+    first = min(mixed)
+    save_file({**mixed, first: mixed[first].to(torch.float32)}, tmp_path / "s1" / "model.safetensors")
+    assert InternVL.from_pretrained(tmp_path / "s1", dtype="auto").dtype == torch.float32
+    save_file({**mixed, first: mixed[first].to(torch.float8_e4m3fn)}, tmp_path / "s1" / "model.safetensors")
+    with pytest.raises(InputError, match="dtype='auto': the checkpoint's dtype is 'float8_e4m3fn'"):
+        InternVL.from_pretrained(tmp_path / "s1", dtype="auto")
+
+
 def test_saving_in_another_dtype_rewrites_the_newer_dtype_key_too(tmp_path, tiny):
     from internvl_mpo.model import InternVL
 

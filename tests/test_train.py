@@ -1669,8 +1669,22 @@ def test_a_config_dtype_the_final_save_cannot_take_is_refused_before_training(tm
     settings = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**settings, "torch_dtype": "float8_e4m3fn"}))
     monkeypatch.setattr(mpo, "build_dataset", lambda *a, **k: pytest.fail("training went on"))
-    with pytest.raises(InputError, match="dtype='auto': the config's torch_dtype is 'float8_e4m3fn'"):
+    with pytest.raises(InputError, match="dtype='auto': the checkpoint's dtype is 'float8_e4m3fn'"):
         train(config(folder, meta, tmp_path / "run", max_steps=1))
+
+
+def test_the_final_model_of_a_checkpoint_without_a_config_dtype_is_saved_in_its_weights_dtype(tmp_path, chat_folder, meta):
+    """final/ is saved in the dtype "auto" gives the start: for a bf16 checkpoint without torch_dtype in its
+    config.json that is bf16, as transformers reads it, where it was fp32 (twice the size)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(chat_folder, folder)
+    assert "torch_dtype" not in json.loads((folder / "config.json").read_text())
+    state = load_file(folder / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, folder / "model.safetensors")
+    train(config(folder, meta, tmp_path / "run", max_steps=1))
+    assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
 def test_a_final_model_without_the_official_py_files_says_where_to_get_them(tmp_path, chat_folder, meta, capsys):

@@ -36,8 +36,9 @@ from .errors import CheckpointError, ConfigError, InputError, SaveError
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-# safetensors' names of the floating-point dtypes; every weight of the model is one of them.
-_FLOAT_KINDS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+# safetensors' names of the floating-point dtypes (every weight of the model is one of them) -> torch's.
+_FLOAT_KINDS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Files that travel with the weights when a model is saved.
 COMPANION_FILES = (
@@ -67,30 +68,51 @@ _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
 }
+_DTYPE_CHOICES = f"use one of {', '.join(sorted(_DTYPES))}, the torch dtypes of those, or 'auto'"
 
 
-def parse_dtype(dtype, device: torch.device, config_dtype: str | None = None) -> torch.dtype:
-    """None -> bf16 on CUDA, fp32 elsewhere; "auto" -> the config's torch_dtype; names or torch dtypes."""
+def parse_dtype(dtype, device: torch.device, auto: str | None = None) -> torch.dtype:
+    """None -> bf16 on CUDA, fp32 elsewhere; "auto" -> `auto` (`auto_dtype`; fp32 when None); names or torch
+    dtypes. fp8 and the other torch dtypes have no matmul or add here: the first forward failed deep inside."""
     if isinstance(dtype, torch.dtype):
-        if not dtype.is_floating_point:
-            raise InputError(f"dtype {dtype} is not a floating-point type; use e.g. torch.bfloat16 or torch.float32")
-        if dtype not in (*_DTYPES.values(), torch.float64):  # fp8 has no matmul or add: the first forward failed
-            raise InputError(f"dtype {dtype} cannot run the model; use e.g. torch.bfloat16 or torch.float32")
+        if dtype not in _DTYPES.values():
+            raise InputError(f"dtype {dtype} cannot run the model; {_DTYPE_CHOICES}")
         return dtype
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype == "auto":
-        if config_dtype is None:
+        if auto is None:
             return torch.float32
-        if str(config_dtype).lower() not in _DTYPES:
-            raise InputError(f"dtype='auto': the config's torch_dtype is {config_dtype!r}, which this does not load "
-                             "in; pass dtype= (bfloat16, float16 or float32)")
-        return _DTYPES[str(config_dtype).lower()]
+        if str(auto).lower() not in _DTYPES:
+            raise InputError(f"dtype='auto': the checkpoint's dtype is {auto!r}, which this does not load in; pass "
+                             f"dtype= ({_DTYPE_CHOICES.removeprefix('use ')})")
+        return _DTYPES[str(auto).lower()]
     try:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
-        raise InputError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto'") from None
+        raise InputError(f"unknown dtype {dtype!r}; {_DTYPE_CHOICES}") from None
+
+
+def auto_dtype(folder: Path | None, config_dtype: str | None) -> str | None:
+    """The dtype name `dtype="auto"` loads `folder` in, resolved as transformers' from_pretrained does: the
+    config's torch_dtype (or dtype); without one the index metadata's "dtype", else the first floating-point
+    weight by name of the single file or the first shard (weights of mixed dtypes included), read from the
+    header alone. None: no folder (random weights from a config) and no config dtype, or no float weight."""
+    if config_dtype is not None or folder is None:
+        return config_dtype
+    files = weight_map(folder)
+    if (folder / INDEX_FILE).exists():
+        metadata = json.loads((folder / INDEX_FILE).read_text()).get("metadata")
+        if isinstance(metadata, dict) and "dtype" in metadata:
+            return metadata["dtype"]
+    with open_safetensors(min(files.values())) as f:
+        for key in sorted(f.keys()):
+            kind = f.get_slice(key).get_dtype()
+            if kind in _FLOAT_KINDS:
+                return _FLOAT_KINDS[kind]
+    return None
 
 
 def default_device(device: str | None) -> str:
@@ -357,7 +379,10 @@ def read_state_dict(
 
 def parse_size(size: int | str) -> int:
     """"5GB", "500MB", "2GiB" or a byte count (at least 1)."""
-    if isinstance(size, int) and not isinstance(size, bool):
+    if isinstance(size, (bool, float)):
+        raise InputError(f"max_shard_size {size!r} is a {type(size).__name__}; give a whole number of bytes or a "
+                         "string such as '5GB' or '500MB'")
+    if isinstance(size, int):
         number = size
     else:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(size).upper())

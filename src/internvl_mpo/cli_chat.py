@@ -26,18 +26,19 @@ def _model_path(model: str | None) -> str:
 
 
 def run_dtype(dtype: str | None, device: str, model: str) -> str:
-    """The name of the dtype `--dtype` gives a run of `model` on `device` ("auto": the checkpoint's
-    torch_dtype, read from its config.json), as a run's settings record it: answers computed in another
-    precision differ, so a resume in one is refused."""
+    """The name of the dtype `--dtype` gives a run of `model` on `device` ("auto": the checkpoint's, from its
+    config.json or else its weights, `auto_dtype`), as a run's settings record it: answers computed in
+    another precision differ, so a resume in one is refused."""
     import torch
 
-    from .checkpoint import parse_dtype, resolve_checkpoint
+    from .checkpoint import auto_dtype, parse_dtype, resolve_checkpoint
     from .config import ModelConfig
 
-    config_dtype = ModelConfig.from_json(resolve_checkpoint(model) / "config.json").torch_dtype if dtype == "auto" else None
+    folder = resolve_checkpoint(model) if dtype == "auto" else None
+    auto = auto_dtype(folder, ModelConfig.from_json(folder / "config.json").torch_dtype) if folder else None
     # the default depends on CUDA or not alone; the device itself is checked when the model loads
     kind = torch.device("cuda" if device.partition(":")[0] == "cuda" else "cpu")
-    return str(parse_dtype(dtype, kind, config_dtype)).removeprefix("torch.")
+    return str(parse_dtype(dtype, kind, auto)).removeprefix("torch.")
 
 
 def _at_least_one(**counts: int | None) -> None:

@@ -186,7 +186,7 @@ class InternVL(nn.Module):
         """Load a checkpoint folder in the official layout, or download a hub id.
 
         The model is built on the meta device and each tensor is read straight into `dtype` on
-        `device` (default: bf16 on CUDA, fp32 elsewhere; "auto" = the checkpoint's torch_dtype).
+        `device` (default: bf16 on CUDA, fp32 elsewhere; "auto" = the checkpoint's, `checkpoint.auto_dtype`).
         `device_map="auto"` spreads the decoder over every visible GPU as the official
         `split_model` recipe does; a dict {module prefix: device} places modules explicitly.
         """
@@ -206,7 +206,8 @@ class InternVL(nn.Module):
             if device == "cpu":
                 device = device_for("mlp1", device_map, device)
         device = checkpoint.parse_device(device)
-        dtype = checkpoint.parse_dtype(dtype, device, config.torch_dtype)
+        auto = checkpoint.auto_dtype(folder, config.torch_dtype) if dtype == "auto" else None
+        dtype = checkpoint.parse_dtype(dtype, device, auto)
         placement = device if device_map is None else (lambda key: device_for(key, device_map, device))
         state = checkpoint.read_state_dict(folder, model.expected_keys(), dtype, placement)
         try:

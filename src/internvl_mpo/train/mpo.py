@@ -68,7 +68,7 @@ from torch import nn
 from internvl_mpo.chat.template import get_template
 from internvl_mpo.chat.tokenizer import Tokenizer, load_tokenizer
 from internvl_mpo.checkpoint import (
-    check_not_in_use, lock_output, no_lock_note, open_state_dict, parse_dtype, resolve_checkpoint,
+    auto_dtype, check_not_in_use, lock_output, no_lock_note, open_state_dict, parse_dtype, resolve_checkpoint,
 )
 from internvl_mpo.config import ModelConfig
 from internvl_mpo.errors import CheckpointError, ConfigError, InputError, TrainingError
@@ -1115,7 +1115,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) 
     # each process reads the model and the data itself (a copy on each node, say): one that fails stops all
     with ranks_together(env):
         tokenizer, policy, initial = load_initial_model(cfg, env.device, lazy=fsdp)  # meta under FSDP2 (filled in 3, 4)
-        final_dtype = parse_dtype("auto", env.device, policy.config.torch_dtype)  # refused now, not after training
+        start = None if cfg.init_from_config is not None else policy.source_dir  # random weights: the config's
+        final_dtype = parse_dtype("auto", env.device, auto_dtype(start, policy.config.torch_dtype))  # refused now
     # from here on the run's settings hold the length it uses (checkpoints and resumes compare it)
     cfg = dataclasses.replace(cfg, max_seq_length=max_seq_length(cfg, policy.config))
 
