@@ -120,8 +120,8 @@ def default_device(device: str | None) -> str:
     return device_name(device) if device else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def device_name(device: str) -> str:
-    """A `--device` as torch names it: a bare GPU index ("1") is that CUDA GPU ("cuda:1"), as `device=1` is."""
+def device_name(device: str | int) -> str | int:
+    """A `--device` as torch names it: a bare GPU index ("1", or 1) is that CUDA GPU ("cuda:1")."""
     text = str(device)
     return f"cuda:{int(text)}" if text.isascii() and text.isdigit() else device
 
@@ -129,10 +129,8 @@ def device_name(device: str) -> str:
 def parse_device(device: torch.device | str | int) -> torch.device:
     """A torch.device, refusing names torch does not know and CUDA where there is none. A bare index (0) is
     that CUDA GPU, as torch reads it on a CUDA machine."""
-    if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
-        device = f"cuda:{device}"
     try:
-        device = torch.device(device)
+        device = torch.device(device_name(device))
     except (RuntimeError, TypeError):
         raise InputError(f"unknown device {device!r}; use e.g. 'cpu', 'cuda' or 'cuda:1'") from None
     if device.type == "cuda" and not torch.cuda.is_available():

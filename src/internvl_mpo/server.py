@@ -775,8 +775,9 @@ def chat_prompt_ids(chat: InternVLChat, req: ChatRequest, settings: ServerSettin
     images, planned = [], []
     for param, url in req.image_urls:
         images.append((param, image_bytes(url, param, settings)))
-        with _invalid_image(param):
-            planned += planned_tiles([images[-1][1]], **budget)
+        if fits is not None:  # /tokenize checks no limit: it needs no plan
+            with _invalid_image(param):
+                planned += planned_tiles([images[-1][1]], **budget)
     prompt = dict(question=req.question, history=req.history, system_message=req.system_message,
                   num_image_token=chat.model.num_image_token, template=config.template)
     if fits is not None and images:
@@ -817,15 +818,10 @@ def check_token_ids(params: SamplingParams, vocab: int) -> None:
         raise ApiError(400, f"logit_bias keys must be token ids in 0..{vocab - 1}, got {bad[:5]}", "logit_bias")
 
 
-def _prompt_limit(settings: ServerSettings, max_len: int) -> int:
-    """The most tokens a prompt may have."""
-    return min(settings.max_prompt_tokens or max_len - 1, max_len - 1)
-
-
 def _answer_room(length: int, req: ChatRequest | CompletionRequest, settings: ServerSettings, max_len: int,
                  param: str, name: str, what: str = "") -> int:
     """The max_new_tokens of a prompt of `length` tokens (`name` in errors), after checking the token limits."""
-    limit = _prompt_limit(settings, max_len)
+    limit = min(settings.max_prompt_tokens or max_len - 1, max_len - 1)
     if length > limit:
         raise ApiError(400, f"{name} is {length} tokens{what}; this server accepts at most {limit}",
                        param, "context_length_exceeded")
