@@ -10,6 +10,7 @@ counts are checked against independent paths.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import inspect
 import io
@@ -2015,6 +2016,9 @@ def test_a_port_out_of_range_is_refused_before_the_model_loads():
     ("max_image_bytes", 0, "--max-image-bytes must be at least 1, got 0"),
     ("max_image_pixels", 0, "--max-image-pixels must be at least 1, got 0"),
     ("image_timeout", 0.0, "--image-timeout must be more than 0, got 0.0"),
+    ("max_concurrent_requests", 0, "--max-concurrent-requests must be at least 1, got 0"),
+    ("max_concurrent_requests", 2.5, "--max-concurrent-requests must be a whole number, got 2.5"),  # from Python
+    ("max_concurrent_requests", True, "--max-concurrent-requests must be a whole number, got True"),
 ])
 def test_limits_out_of_range_are_refused_before_the_model_loads(flag, value, message):
     from internvl_mpo.errors import ConfigError
@@ -2054,14 +2058,60 @@ def test_a_port_in_use_is_refused_before_the_model_loads():
             serve(model="/nonexistent/model", port=port)
 
 
-def test_a_failed_generation_reaches_the_openai_client_as_an_error_and_the_server_goes_on(local_chat, monkeypatch):
-    """What a client sees when generation fails inside the engine (a prefill out of memory, say): the
-    openai client raises InternalServerError for a plain request and APIError from the stream's error
-    event, and the next request is answered."""
+@contextlib.contextmanager
+def app_server(local_chat, **settings):
+    """The base url of `create_app(local_chat, ServerSettings(served_model_name="m", **settings))` served by
+    uvicorn on a thread of this process (so the test can patch the engine), stopped afterwards."""
     import uvicorn
 
     from internvl_mpo.server import create_app
 
+    port = free_port()
+    app = create_app(local_chat, ServerSettings(served_model_name="m", **settings))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@contextlib.contextmanager
+def held_prefills(local_chat, monkeypatch):
+    """Every prefill (and with it the worker thread) waits until the block ends: requests stay in progress."""
+    gate = threading.Event()
+    prefill = local_chat.engine.prefill
+
+    def held(request, caches, row):
+        assert gate.wait(60), "the test never let the prefill go"
+        return prefill(request, caches, row)
+
+    monkeypatch.setattr(local_chat.engine, "prefill", held)
+    try:
+        yield
+    finally:
+        gate.set()
+
+
+def in_progress(url: str, count: int) -> None:
+    """Wait until /health counts `count` requests in progress (the server sees a client go at its own pace)."""
+    deadline = time.monotonic() + 30
+    while (state := httpx.get(url + "/health").json())["in_progress"] != count:
+        assert time.monotonic() < deadline, f"{state['in_progress']} requests in progress, not {count}"
+        time.sleep(0.05)
+
+
+def test_a_failed_generation_reaches_the_openai_client_as_an_error_and_the_server_goes_on(local_chat, monkeypatch):
+    """What a client sees when generation fails inside the engine (a prefill out of memory, say): the
+    openai client raises InternalServerError for a plain request and APIError from the stream's error
+    event, and the next request is answered."""
     prefill, failing = local_chat.engine.prefill, [True]
 
     def flaky_prefill(request, caches, row):
@@ -2070,17 +2120,8 @@ def test_a_failed_generation_reaches_the_openai_client_as_an_error_and_the_serve
         return prefill(request, caches, row)
 
     monkeypatch.setattr(local_chat.engine, "prefill", flaky_prefill)
-    port = free_port()
-    app = create_app(local_chat, ServerSettings(served_model_name="m", max_batch=2, max_len=256))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline
-            time.sleep(0.05)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+    with app_server(local_chat, max_batch=2, max_len=256) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         messages = [{"role": "user", "content": "Hello there"}]
         with pytest.raises(openai.InternalServerError, match="out of memory"):
             client.chat.completions.create(model="m", messages=messages, **GREEDY)
@@ -2090,6 +2131,78 @@ def test_a_failed_generation_reaches_the_openai_client_as_an_error_and_the_serve
         texts, finishes, _ = stream_text(client, messages=messages, **GREEDY)
         expected = local_chat.chat("Hello there", do_sample=False, max_new_tokens=STEPS)
         assert texts[0].strip() == expected and finishes[0] in ("stop", "length")
-    finally:
-        server.should_exit = True
-        thread.join(30)
+
+
+def test_one_request_over_max_concurrent_requests_is_a_429_at_once_before_its_images_are_read(local_chat,
+                                                                                               monkeypatch):
+    """With --max-concurrent-requests 2 and two requests held (a plain one and a stream, their prefill
+    blocked), a third gets the 429 at once on every route that prepares a prompt: a chat request with an
+    unreadable image too, which would be a 400 if its image were decoded. Once the two are answered
+    their places are free again."""
+    messages = [{"role": "user", "content": "Hello there"}]
+    bad_image = [user("What is this?", b"not an image")]
+    with app_server(local_chat, max_batch=2, max_len=256, max_concurrent_requests=2) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        plain = {}
+        with held_prefills(local_chat, monkeypatch):
+            thread = threading.Thread(target=lambda: plain.update(
+                answer=client.chat.completions.create(model="m", messages=messages, **GREEDY)))
+            thread.start()
+            in_progress(url, 1)
+            stream = client.chat.completions.create(model="m", messages=messages, stream=True, **GREEDY)
+            chunks = iter(stream)
+            assert next(chunks).choices[0].delta.role == "assistant"  # its place is taken before this is sent
+            assert httpx.get(url + "/health").json()["in_progress"] == 2
+            for route, body in [("/v1/chat/completions", {"messages": bad_image}), ("/v1/completions", {"prompt": "a"}),
+                                ("/tokenize", {"messages": bad_image})]:
+                refused = httpx.post(url + route, json=body, timeout=30)
+                assert refused.status_code == 429, (route, refused.text)
+                assert refused.json() == {"error": {
+                    "message": "the server is busy: 2 requests are in progress (--max-concurrent-requests 2); retry later",
+                    "type": "server_error", "param": None, "code": "overloaded"}}
+            with pytest.raises(openai.RateLimitError, match="--max-concurrent-requests 2"):
+                client.chat.completions.create(model="m", messages=messages, **GREEDY)
+        thread.join(60)
+        expected = local_chat.chat("Hello there", do_sample=False, max_new_tokens=STEPS)
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks).strip() == expected
+        assert plain["answer"].choices[0].message.content.strip() == expected
+        in_progress(url, 0)  # the stream's place comes back as its response ends
+        state = httpx.get(url + "/health").json()
+        assert state["max_concurrent_requests"] == 2 and state["requests"] == 2  # the refused ones never ran
+        again = [client.chat.completions.create(model="m", messages=messages, **GREEDY) for _ in range(3)]
+        assert [a.choices[0].message.content.strip() for a in again] == [expected] * 3
+
+
+def test_a_place_comes_back_after_an_error_and_after_a_client_goes_away(local_chat, monkeypatch):
+    """With --max-concurrent-requests 1: a request with a bad image (a 400) leaves its place free; so does a
+    stream whose client goes away in the middle, and a plain request whose client stops waiting, while
+    their generations are still held in the worker."""
+    messages = [{"role": "user", "content": "Hello there"}]
+    with app_server(local_chat, max_batch=2, max_len=256, max_concurrent_requests=1) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        with held_prefills(local_chat, monkeypatch):
+            for _ in range(2):  # a place leaked would make the second a 429
+                with pytest.raises(openai.BadRequestError, match="not an image Pillow can read"):
+                    client.chat.completions.create(model="m", messages=[user("What is this?", b"not an image")])
+            stream = client.chat.completions.create(model="m", messages=messages, stream=True, **GREEDY)
+            next(iter(stream))
+            with pytest.raises(openai.RateLimitError):
+                client.chat.completions.create(model="m", messages=messages, **GREEDY)
+            stream.close()  # the client goes away mid-stream, its generation still held
+            in_progress(url, 0)
+            with pytest.raises(httpx.ReadTimeout):  # a plain request whose client stops waiting
+                httpx.post(url + "/v1/chat/completions", json={"messages": messages, **GREEDY},
+                           timeout=httpx.Timeout(30, read=0.3))
+            in_progress(url, 0)
+        answer = client.chat.completions.create(model="m", messages=messages, **GREEDY)
+        expected = local_chat.chat("Hello there", do_sample=False, max_new_tokens=STEPS)
+        assert answer.choices[0].message.content.strip() == expected
+
+
+def test_max_concurrent_requests_must_be_a_whole_number_on_the_command_line(capsys):
+    from internvl_mpo.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--max-concurrent-requests", "2.5"])
+    assert exit_.value.code == 2
+    assert "argument --max-concurrent-requests: invalid int value: '2.5'" in capsys.readouterr().err

@@ -12,6 +12,8 @@ loop, and one worker thread owns the model and a single `Generation` (continuous
 requests join the running batch between decode steps through a thread-safe inbox (a request whose
 prefill fails fails alone; a failed decode step fails the rows it ran), and each request's text
 flows back to its handler through an asyncio queue. A client that goes away has its rows finished at once.
+At most --max-concurrent-requests requests are in progress (read, prepared, waiting in the batch or answered);
+one more is refused at once with a 429, before its body is read or its images are decoded.
 
 OpenAI messages map onto the internvl2_5 template as the official `chat()` builds it: an optional
 leading system (or developer) message replaces the template's system message, earlier user /
@@ -137,6 +139,7 @@ class ServerSettings:
     max_prompt_tokens: int | None = None
     max_tokens: int = 2048
     max_n: int = 4
+    max_concurrent_requests: int = 64
 
 
 class ApiError(Exception):
@@ -1092,6 +1095,27 @@ def _sse(payload: dict | str) -> str:
     return "data: " + (payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)) + "\n\n"
 
 
+class InProgress:
+    """The requests the server is preparing or answering, at most `limit`: one more is refused at once with a 429,
+    as text-generation-inference refuses one over its --max-concurrent-requests, so that a burst cannot fill
+    memory with waiting bodies, images and tiles. Used on the event loop alone: a plain count."""
+
+    def __init__(self, limit: int):
+        self.limit, self.count = limit, 0
+
+    def enter(self) -> None:
+        """Take a place, or raise the 429: TGI's status for "Model is overloaded", with the type OpenAI's own
+        overloaded error carries and TGI's error type as its code."""
+        if self.count >= self.limit:
+            raise ApiError(429, f"the server is busy: {self.count} requests are in progress "
+                                f"(--max-concurrent-requests {self.limit}); retry later", code="overloaded",
+                           type="server_error")
+        self.count += 1
+
+    def leave(self) -> None:
+        self.count -= 1
+
+
 def create_app(chat: InternVLChat, settings: ServerSettings):
     """The FastAPI app: one BatchWorker (started and stopped with the app) behind the OpenAI routes."""
     from contextlib import asynccontextmanager
@@ -1103,6 +1127,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
     from starlette.exceptions import HTTPException
 
     worker = BatchWorker(chat, settings.max_batch, settings.max_len)
+    in_progress = InProgress(settings.max_concurrent_requests)
     model_name = str(settings.served_model_name or settings.model or "internvl-mpo")  # a Path from Python too
     started = int(time.time())
 
@@ -1120,13 +1145,14 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
 
         def __init__(self, content, on_close: Callable[[], None]):
             super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-            self.on_close = on_close
+            self.on_close = [on_close]
 
         async def __call__(self, scope, receive, send):
             try:
                 await super().__call__(scope, receive, send)
             finally:
-                self.on_close()
+                for close in self.on_close:
+                    close()
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
@@ -1173,11 +1199,34 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
             raise ApiError(400, f"the request body holds an integer of more than {sys.get_int_max_str_digits()} "
                                 "digits") from None
 
+    def admitted(endpoint):
+        """`endpoint` behind the API key, holding a place in `in_progress` (none free: the 429 at once) from before
+        its body is read (images are decoded and tiled after) until its response is made, or for a stream until
+        the stream ends: answered, failed or its client gone."""
+        @functools.wraps(endpoint)
+        async def run(request: HttpRequest):
+            authorize(request)
+            in_progress.enter()
+            try:
+                response = await endpoint(request)
+            except BaseException:  # a 4xx, a failure, a client gone (499) or a cancellation
+                in_progress.leave()
+                raise
+            if isinstance(response, _EventStream):
+                response.on_close.append(in_progress.leave)
+            else:
+                in_progress.leave()
+            return response
+
+        return run
+
     @app.get("/health")
     async def health():
         status = "ok" if worker.alive else "error"
         return JSONResponse({"status": status, "model": model_name, "max_batch": worker.max_batch,
-                             "max_len": worker.max_len, **worker.stats}, status_code=200 if worker.alive else 503)
+                             "max_len": worker.max_len, "in_progress": in_progress.count,
+                             "max_concurrent_requests": in_progress.limit, **worker.stats},
+                            status_code=200 if worker.alive else 503)
 
     card = {"id": model_name, "object": "model", "created": started, "owned_by": "internvl-mpo",
             "max_model_len": worker.max_len}  # vLLM's card field: tokens per sequence, prompt included
@@ -1193,9 +1242,9 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
         check_model({"model": model_id}, model_name)
         return card
 
-    @app.post("/tokenize")  # vLLM's, beside /v1 as in vLLM
+    @app.post("/tokenize")  # vLLM's, beside /v1 as in vLLM; it decodes and tiles a chat's images too
+    @admitted
     async def tokenize(request: HttpRequest):
-        authorize(request)
         body = await read_json(request)
         check_model(body, model_name)
         req = parse_tokenize_request(body, settings)
@@ -1240,8 +1289,8 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
         return inbox, close
 
     @app.post("/v1/chat/completions")
+    @admitted
     async def chat_completions(request: HttpRequest):
-        authorize(request)
         body = await read_json(request)
         check_model(body, model_name)
         req = parse_chat_request(body, settings)
@@ -1266,8 +1315,8 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
                 "usage": _usage(usage, sum(a.tokens for a in answers))}
 
     @app.post("/v1/completions")
+    @admitted
     async def text_completions(request: HttpRequest):
-        authorize(request)
         body = await read_json(request)
         check_model(body, model_name)
         req = parse_completion_request(body, settings)
@@ -1515,6 +1564,7 @@ def serve(
     max_prompt_tokens: int | None = None,
     max_tokens: int = 2048,
     max_n: int = 4,
+    max_concurrent_requests: int = 64,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /tokenize, ...).
 
@@ -1540,6 +1590,9 @@ def serve(
     max_prompt_tokens: longest prompt accepted, image tokens included (default: max_len - 1)
     max_tokens: largest max_tokens a request may ask for (also the default, within max_len)
     max_n: largest n (choices per request)
+    max_concurrent_requests: requests (chat, completion, /tokenize; n choices count once) prepared or answered at
+      once, the waiting ones included; one more is a 429 at once, before its body is read (default: 64, eight
+      batches of the default --max-batch; keep it at least --max-batch, or the batch cannot fill)
     """
     settings = ServerSettings(**locals())  # the parameters are exactly the settings' fields
     _require_web_stack()
@@ -1554,8 +1607,10 @@ def serve(
                                        served_model_name=settings.served_model_name or DEMO_MODEL_NAME)
     if settings.max_batch < 1 or settings.max_len < 2:
         raise ConfigError(f"--max-batch must be >= 1 and --max-len >= 2, got {settings.max_batch}, {settings.max_len}")
+    if type(settings.max_concurrent_requests) is not int:  # argparse reads a whole number; Python may pass 2.5
+        raise ConfigError(f"--max-concurrent-requests must be a whole number, got {settings.max_concurrent_requests!r}")
     lowest = dict(max_tokens=1, max_n=1, max_tiles=1, max_prompt_tokens=1, max_images=0, max_request_bytes=1,
-                  max_image_bytes=1, max_image_pixels=1)
+                  max_image_bytes=1, max_image_pixels=1, max_concurrent_requests=1)
     for name, low in lowest.items():  # a limit out of range would fail or misread every request
         value = getattr(settings, name)
         if value is not None and value < low:
