@@ -17,6 +17,7 @@ import io
 import ipaddress
 import json
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -2019,6 +2020,12 @@ def test_a_port_out_of_range_is_refused_before_the_model_loads():
     ("max_concurrent_requests", 0, "--max-concurrent-requests must be at least 1, got 0"),
     ("max_concurrent_requests", 2.5, "--max-concurrent-requests must be a whole number, got 2.5"),  # from Python
     ("max_concurrent_requests", True, "--max-concurrent-requests must be a whole number, got True"),
+    ("request_read_timeout", 0, "--request-read-timeout must be a number of seconds more than 0, got 0"),
+    ("request_read_timeout", -1.0, "--request-read-timeout must be a number of seconds more than 0, got -1.0"),
+    ("request_read_timeout", float("nan"), "--request-read-timeout must be a number of seconds more than 0, got nan"),
+    ("request_read_timeout", float("inf"), "--request-read-timeout must be a number of seconds more than 0, got inf"),
+    ("request_read_timeout", "60", "--request-read-timeout must be a number of seconds more than 0, got '60'"),
+    ("request_read_timeout", True, "--request-read-timeout must be a number of seconds more than 0, got True"),
 ])
 def test_limits_out_of_range_are_refused_before_the_model_loads(flag, value, message):
     from internvl_mpo.errors import ConfigError
@@ -2186,7 +2193,8 @@ def test_a_place_comes_back_after_an_error_and_after_a_client_goes_away(local_ch
                     client.chat.completions.create(model="m", messages=[user("What is this?", b"not an image")])
             stream = client.chat.completions.create(model="m", messages=messages, stream=True, **GREEDY)
             next(iter(stream))
-            with pytest.raises(openai.RateLimitError):
+            with pytest.raises(openai.RateLimitError, match=re.escape(
+                    "the server is busy: 1 request is in progress (--max-concurrent-requests 1)")):
                 client.chat.completions.create(model="m", messages=messages, **GREEDY)
             stream.close()  # the client goes away mid-stream, its generation still held
             in_progress(url, 0)
@@ -2206,3 +2214,84 @@ def test_max_concurrent_requests_must_be_a_whole_number_on_the_command_line(caps
         main(["serve", "--max-concurrent-requests", "2.5"])
     assert exit_.value.code == 2
     assert "argument --max-concurrent-requests: invalid int value: '2.5'" in capsys.readouterr().err
+
+
+def test_request_read_timeout_must_be_a_number_on_the_command_line(capsys):
+    from internvl_mpo.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--request-read-timeout", "a minute"])
+    assert exit_.value.code == 2
+    assert "argument --request-read-timeout: invalid float value: 'a minute'" in capsys.readouterr().err
+
+
+def slow_client(url: str, route: str, length: int, sent: bytes = b"") -> socket.socket:
+    """A connection that has sent a POST to `route` declaring a JSON body of `length` bytes, and `sent` of it."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = socket.create_connection((host, int(port)), timeout=30)
+    conn.sendall(f"POST {route} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {length}\r\n\r\n".encode() + sent)
+    return conn
+
+
+def timed_out(conn: socket.socket) -> dict:
+    """The 408 the server answered on `conn`, checked in full (the connection closed after it): its JSON body."""
+    import http.client
+
+    response = http.client.HTTPResponse(conn)
+    response.begin()
+    assert (response.status, response.getheader("connection")) == (408, "close")
+    body = json.loads(response.read())
+    assert conn.recv(1) == b""  # closed by the server, which waits no more for the rest of the body
+    conn.close()
+    return body
+
+
+@pytest.mark.parametrize("sent", [b"", b'{"messages": [{"role": "user", '], ids=["no byte", "part"])
+def test_a_body_that_stalls_is_a_408_after_request_read_timeout_and_its_place_comes_back(local_chat, sent):
+    """With --max-concurrent-requests 1 and --request-read-timeout 0.5, a client that sends its headers and then
+    none or part of its body, and stalls, holds the one place for the deadline only: on every route that takes
+    one, it gets a 408 in OpenAI's error shape and its connection is closed, and the next request is served."""
+    messages = [{"role": "user", "content": "Hello there"}]
+    expected = local_chat.chat("Hello there", do_sample=False, max_new_tokens=STEPS)
+    with app_server(local_chat, max_batch=2, max_len=256, max_concurrent_requests=1, request_read_timeout=0.5) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        for route in ("/v1/chat/completions", "/v1/completions", "/tokenize"):
+            assert timed_out(slow_client(url, route, 1000, sent)) == {"error": {
+                "message": "the request body did not arrive within 0.5 s (--request-read-timeout 0.5)",
+                "type": "invalid_request_error", "param": None, "code": "request_timeout"}}
+            assert httpx.get(url + "/health").json()["in_progress"] == 0  # given back before the 408 was sent
+            answer = client.chat.completions.create(model="m", messages=messages, **GREEDY)
+            assert answer.choices[0].message.content.strip() == expected
+
+
+def test_request_read_timeout_bounds_the_whole_body_not_the_gaps_between_its_bytes(local_chat):
+    """A client that sends its body a byte every 0.1 s, never idle for the 0.5 s deadline, still gets the 408 once
+    the deadline has passed since its body was awaited (1000 bytes would take it 100 s): a deadline between reads,
+    as nginx's client_body_timeout, would let it hold a place for as long as it likes."""
+    with app_server(local_chat, max_batch=2, max_len=256, max_concurrent_requests=1, request_read_timeout=0.5) as url:
+        conn = slow_client(url, "/v1/chat/completions", 1000)
+        for _ in range(300):  # 30 s at most: a server that never answers fails the test rather than hanging it
+            if select.select([conn], [], [], 0.1)[0]:  # the answer has come (the pace of the bytes too)
+                break
+            conn.sendall(b" ")
+        assert timed_out(conn)["error"]["code"] == "request_timeout"
+        assert httpx.get(url + "/health").json()["in_progress"] == 0
+
+
+def test_an_honest_body_in_several_chunks_within_request_read_timeout_is_served(local_chat):
+    """A body sent in five chunks (chunked transfer encoding, no Content-Length) spread over about a second is read
+    whole and answered under a deadline of 10 s."""
+    body = json.dumps({"messages": [{"role": "user", "content": "Hello there"}], **GREEDY}).encode()
+
+    def chunks():
+        for i in range(5):
+            time.sleep(0.2)  # the pace of an upload, not a synchronisation
+            yield body[i * len(body) // 5:(i + 1) * len(body) // 5]
+
+    expected = local_chat.chat("Hello there", do_sample=False, max_new_tokens=STEPS)
+    with app_server(local_chat, max_batch=2, max_len=256, max_concurrent_requests=1, request_read_timeout=10) as url:
+        answer = httpx.post(url + "/v1/chat/completions", content=chunks(), timeout=60,
+                            headers={"Content-Type": "application/json"})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"].strip() == expected

@@ -13,7 +13,8 @@ requests join the running batch between decode steps through a thread-safe inbox
 prefill fails fails alone; a failed decode step fails the rows it ran), and each request's text
 flows back to its handler through an asyncio queue. A client that goes away has its rows finished at once.
 At most --max-concurrent-requests requests are in progress (read, prepared, waiting in the batch or answered);
-one more is refused at once with a 429, before its body is read or its images are decoded.
+one more is refused at once with a 429, before its body is read or its images are decoded. A body must arrive
+whole within --request-read-timeout (a 408 past it), so that clients that send slowly cannot hold every place.
 
 OpenAI messages map onto the internvl2_5 template as the official `chat()` builds it: an optional
 leading system (or developer) message replaces the template's system message, earlier user /
@@ -140,6 +141,7 @@ class ServerSettings:
     max_tokens: int = 2048
     max_n: int = 4
     max_concurrent_requests: int = 64
+    request_read_timeout: float = 300.0
 
 
 class ApiError(Exception):
@@ -1107,7 +1109,8 @@ class InProgress:
         """Take a place, or raise the 429: TGI's status for "Model is overloaded", with the type OpenAI's own
         overloaded error carries and TGI's error type as its code."""
         if self.count >= self.limit:
-            raise ApiError(429, f"the server is busy: {self.count} requests are in progress "
+            are = "request is" if self.count == 1 else "requests are"
+            raise ApiError(429, f"the server is busy: {self.count} {are} in progress "
                                 f"(--max-concurrent-requests {self.limit}); retry later", code="overloaded",
                            type="server_error")
         self.count += 1
@@ -1156,7 +1159,9 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        # a 408 closes its connection, as Node.js's requestTimeout does: the rest of a body too slow to wait for
+        # is not waited for (uvicorn would read and drop it, and a client trickling bytes would keep the connection)
+        headers = {401: {"WWW-Authenticate": "Bearer"}, 408: {"Connection": "close"}}.get(exc.status)
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(HTTPException)
@@ -1184,11 +1189,21 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
         if declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"the request is {declared} bytes; this server accepts at most {limit}",
                            code="request_too_large")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, f"the request is over the limit of {limit} bytes", code="request_too_large")
+
+        async def read() -> bytearray:
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(413, f"the request is over the limit of {limit} bytes", code="request_too_large")
+            return body
+
+        timeout = settings.request_read_timeout
+        try:  # the whole body within the deadline, its first byte too (uvicorn has no deadline of its own)
+            body = await asyncio.wait_for(read(), timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {timeout:g} s (--request-read-timeout "
+                                f"{timeout:g})", code="request_timeout") from None
         try:
             return json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -1565,6 +1580,7 @@ def serve(
     max_tokens: int = 2048,
     max_n: int = 4,
     max_concurrent_requests: int = 64,
+    request_read_timeout: float = 300.0,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /tokenize, ...).
 
@@ -1593,6 +1609,9 @@ def serve(
     max_concurrent_requests: requests (chat, completion, /tokenize; n choices count once) prepared or answered at
       once, the waiting ones included; one more is a 429 at once, before its body is read (default: 64, eight
       batches of the default --max-batch; keep it at least --max-batch, or the batch cannot fill)
+    request_read_timeout: seconds a request body may take to arrive whole, from when the server awaits it (408
+      past it): it bounds how long a client sending slowly holds a place (default: 300, as Node.js's requestTimeout;
+      the default --max-request-bytes, 32 MiB, takes 270 s at 1 Mbit/s)
     """
     settings = ServerSettings(**locals())  # the parameters are exactly the settings' fields
     _require_web_stack()
@@ -1617,6 +1636,9 @@ def serve(
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
     if not settings.image_timeout > 0:
         raise ConfigError(f"--image-timeout must be more than 0, got {settings.image_timeout}")
+    timeout = settings.request_read_timeout
+    if type(timeout) not in (int, float) or not 0 < timeout < math.inf:  # nan fails the comparison too
+        raise ConfigError(f"--request-read-timeout must be a number of seconds more than 0, got {timeout!r}")
     if not 0 <= settings.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {settings.port}")
     with socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET) as probe:
