@@ -2016,7 +2016,9 @@ def test_a_port_out_of_range_is_refused_before_the_model_loads():
     ("max_request_bytes", 0, "--max-request-bytes must be at least 1, got 0"),
     ("max_image_bytes", 0, "--max-image-bytes must be at least 1, got 0"),
     ("max_image_pixels", 0, "--max-image-pixels must be at least 1, got 0"),
-    ("image_timeout", 0.0, "--image-timeout must be more than 0, got 0.0"),
+    ("image_timeout", 0.0, "--image-timeout must be a number of seconds more than 0, got 0.0"),
+    ("image_timeout", float("inf"), "--image-timeout must be a number of seconds more than 0, got inf"),  # socket's
+    ("image_timeout", True, "--image-timeout must be a number of seconds more than 0, got True"),  # settimeout fails
     ("max_concurrent_requests", 0, "--max-concurrent-requests must be at least 1, got 0"),
     ("max_concurrent_requests", 2.5, "--max-concurrent-requests must be a whole number, got 2.5"),  # from Python
     ("max_concurrent_requests", True, "--max-concurrent-requests must be a whole number, got True"),

@@ -1634,11 +1634,10 @@ def serve(
         value = getattr(settings, name)
         if value is not None and value < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-    if not settings.image_timeout > 0:
-        raise ConfigError(f"--image-timeout must be more than 0, got {settings.image_timeout}")
-    timeout = settings.request_read_timeout
-    if type(timeout) not in (int, float) or not 0 < timeout < math.inf:  # nan fails the comparison too
-        raise ConfigError(f"--request-read-timeout must be a number of seconds more than 0, got {timeout!r}")
+    for name in ("image_timeout", "request_read_timeout"):  # inf: socket.settimeout and wait_for would fail
+        timeout = getattr(settings, name)
+        if type(timeout) not in (int, float) or not 0 < timeout < math.inf:  # nan fails the comparison too
+            raise ConfigError(f"--{name.replace('_', '-')} must be a number of seconds more than 0, got {timeout!r}")
     if not 0 <= settings.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {settings.port}")
     with socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET) as probe:
