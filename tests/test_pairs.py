@@ -747,6 +747,27 @@ def test_a_folder_sampled_without_the_minimum_is_not_resumed(tmp_path):
         make_correctness_pairs(items_path, out, FakeSampler(), SETTINGS)
 
 
+def test_correctness_resumes_whatever_start_ratio_says(tmp_path):
+    """Only DropoutNTP reads --start-ratio (as only correctness reads --samples and --max-num): a correctness
+    folder resumed with another one was refused as 'other settings (start_ratio)'."""
+    items_path = write_items(tmp_path / "data")
+    out = tmp_path / "out"
+    make_correctness_pairs(items_path, out, FakeSampler(), SETTINGS)
+    assert "start_ratio" not in json.loads((out / "settings.json").read_text())
+    done = FakeSampler(fail_on_call=1)  # every item is done: a resume samples nothing
+    make_correctness_pairs(items_path, out, done, dataclasses.replace(SETTINGS, start_ratio=0.3))
+    # a folder written when correctness recorded it resumes too
+    earlier = json.loads((out / "settings.json").read_text())
+    (out / "settings.json").write_text(json.dumps({**earlier, "start_ratio": 0.5}))
+    make_correctness_pairs(items_path, out, done, dataclasses.replace(SETTINGS, start_ratio=0.7))
+    assert done.calls == 0
+    ntp = tmp_path / "ntp.jsonl"
+    ntp.write_text(json.dumps({"id": "1", "question": "Say hi.", "chosen": "Hello there, how are you?"}) + "\n")
+    make_dropout_ntp_pairs(ntp, tmp_path / "ntp", lambda jobs: [" and more."] * len(jobs), SETTINGS)
+    with pytest.raises(ConfigError, match=r"other settings \(start_ratio\)"):
+        make_dropout_ntp_pairs(ntp, tmp_path / "ntp", lambda jobs: [], dataclasses.replace(SETTINGS, start_ratio=0.3))
+
+
 def test_one_sample_per_question_is_refused_before_the_model_loads(tmp_path, capsys):
     """A pair is a right and a wrong answer to one question: --samples 1 sampled every item and gave no pair."""
     from internvl_mpo.cli import main

@@ -169,6 +169,8 @@ class PairSettings:
         del out["max_pairs"], out["batch_size"]
         if method == DROPOUT_NTP:
             del out["samples"], out["max_num"]
+        else:
+            del out["start_ratio"]  # only DropoutNTP reads it
         # a run from before the minimum was kept sampled without it: its folder is refused, not mixed
         out["min_new_tokens"] = MIN_NEW_TOKENS[method]
         from internvl_mpo.checkpoint import model_key
@@ -415,7 +417,8 @@ def check_settings(path: Path, identity: dict, writes: Sequence[str], record: bo
     """Refuse a folder that holds a run with other settings, or without settings one of the files the run
     `writes` there (the user's own: they would be overwritten); a new folder gets these (`record`: False
     before a model loads, so that a load that fails leaves nothing behind). The model is compared by
-    `model_key`; one recorded as typed (before 2026-12-03) is read against the current folder."""
+    `model_key`; one recorded as typed (before 2026-12-03) is read against the current folder. A correctness
+    run's start_ratio, recorded though unread before 2026-12-04, is left out."""
     found = [name for name in writes if (path.parent / name).exists()]
     if found and not path.exists():
         raise ConfigError(f"{path.parent} holds {', '.join(found)} but no {path.name} of a pairs or eval run; "
@@ -426,6 +429,8 @@ def check_settings(path: Path, identity: dict, writes: Sequence[str], record: bo
             from internvl_mpo.checkpoint import model_key
 
             earlier["model"] = model_key(earlier["model"])
+        if earlier.get("method") == CORRECTNESS:  # recorded, unread, until 2026-12-04
+            earlier.pop("start_ratio", None)
         if earlier != identity:
             changed = changed_settings(earlier, identity)
             raise ConfigError(
