@@ -15,6 +15,7 @@ import dataclasses
 import inspect
 import io
 import ipaddress
+import itertools
 import json
 import re
 import select
@@ -2028,6 +2029,9 @@ def test_a_port_out_of_range_is_refused_before_the_model_loads():
     ("request_read_timeout", float("inf"), "--request-read-timeout must be a number of seconds more than 0, got inf"),
     ("request_read_timeout", "60", "--request-read-timeout must be a number of seconds more than 0, got '60'"),
     ("request_read_timeout", True, "--request-read-timeout must be a number of seconds more than 0, got True"),
+    ("send_timeout", 0, "--send-timeout must be a number of seconds more than 0, got 0"),
+    ("send_timeout", float("inf"), "--send-timeout must be a number of seconds more than 0, got inf"),
+    ("send_timeout", "60", "--send-timeout must be a number of seconds more than 0, got '60'"),
 ])
 def test_limits_out_of_range_are_refused_before_the_model_loads(flag, value, message):
     from internvl_mpo.errors import ConfigError
@@ -2068,18 +2072,22 @@ def test_a_port_in_use_is_refused_before_the_model_loads():
 
 
 @contextlib.contextmanager
-def app_server(local_chat, **settings):
+def app_server(local_chat, send_buffer: int | None = None, **settings):
     """The base url of `create_app(local_chat, ServerSettings(served_model_name="m", **settings))` served by
-    uvicorn on a thread of this process (so the test can patch the engine), stopped afterwards."""
+    uvicorn on a thread of this process (so the test can patch the engine), stopped afterwards. `send_buffer`:
+    the SO_SNDBUF of its connections (else the kernel sizes it, up to megabytes)."""
     import uvicorn
 
     from internvl_mpo.server import create_app
 
-    port = free_port()
+    listener = socket.socket()
+    if send_buffer is not None:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)  # the connections it accepts inherit it
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
     app = create_app(local_chat, ServerSettings(served_model_name="m", **settings))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]})
     thread.start()
     try:
         deadline = time.monotonic() + 60
@@ -2227,10 +2235,16 @@ def test_request_read_timeout_must_be_a_number_on_the_command_line(capsys):
     assert "argument --request-read-timeout: invalid float value: 'a minute'" in capsys.readouterr().err
 
 
-def slow_client(url: str, route: str, length: int, sent: bytes = b"") -> socket.socket:
-    """A connection that has sent a POST to `route` declaring a JSON body of `length` bytes, and `sent` of it."""
+def slow_client(url: str, route: str, length: int, sent: bytes = b"",
+                receive_buffer: int | None = None) -> socket.socket:
+    """A connection that has sent a POST to `route` declaring a JSON body of `length` bytes, and `sent` of it;
+    with a SO_RCVBUF of `receive_buffer` bytes if given (set before connecting: the window it offers stays small)."""
     host, port = url.removeprefix("http://").split(":")
-    conn = socket.create_connection((host, int(port)), timeout=30)
+    conn = socket.socket()
+    conn.settimeout(30)
+    if receive_buffer is not None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    conn.connect((host, int(port)))
     conn.sendall(f"POST {route} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {length}\r\n\r\n".encode() + sent)
     return conn
@@ -2297,3 +2311,97 @@ def test_an_honest_body_in_several_chunks_within_request_read_timeout_is_served(
                             headers={"Content-Type": "application/json"})
         assert answer.status_code == 200, answer.text
         assert answer.json()["choices"][0]["message"]["content"].strip() == expected
+
+
+# a long greedy answer with 20 top logprobs per token: about 1.5 kB of events a token, megabytes in all
+LOUD = {"messages": [{"role": "user", "content": "Hello there"}], "temperature": 0, "ignore_eos": True,
+        "logprobs": True, "top_logprobs": 20}
+
+
+def stream_client(url: str, body: dict) -> socket.socket:
+    """A connection with a 4 KiB receive buffer that has sent `body` as a streamed chat request (read nothing yet)."""
+    data = json.dumps({**body, "stream": True}).encode()
+    return slow_client(url, "/v1/chat/completions", len(data), data, receive_buffer=4096)
+
+
+def test_a_stream_whose_client_stops_reading_is_abandoned_after_send_timeout(local_chat, monkeypatch):
+    """With --max-concurrent-requests 1 and --send-timeout 0.5, a client that asks for a 1800-token stream and reads
+    none of it fills the socket buffers (a 64 KiB SO_SNDBUF here), and the server's next write waits for it: 0.5 s later
+    the stream is abandoned, its place given back and its generation cancelled in the worker (held after 400 steps,
+    enough to fill the buffers, so that it cannot end first), and the next request is served. The client reading
+    at last gets what was sent before, without [DONE], then the end of the connection."""
+    from internvl_mpo.generate.engine import Generation
+
+    gate, steps, step = threading.Event(), itertools.count(1), Generation.step
+
+    def held(self):
+        if next(steps) > 400:
+            assert gate.wait(60), "the test never let the worker go"
+        return step(self)
+
+    monkeypatch.setattr(Generation, "step", held)
+    messages = [{"role": "user", "content": "Hello there"}]
+    with app_server(local_chat, send_buffer=2**16, max_batch=2, max_len=2048, max_concurrent_requests=1,
+                    send_timeout=0.5) as url:
+        conn = stream_client(url, {**LOUD, "max_tokens": 1800})
+        try:
+            in_progress(url, 0)  # the worker is still held: only the send deadline can give the place back
+        finally:
+            gate.set()
+        deadline = time.monotonic() + 30
+        while (state := httpx.get(url + "/health").json())["active"]:  # the worker takes the cancel at its next step
+            assert time.monotonic() < deadline, state
+            time.sleep(0.05)
+        assert state["cancelled"] == 1 and state["completion_tokens"] < 1800
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        answer = client.chat.completions.create(model="m", messages=messages, **GREEDY)
+        assert answer.choices[0].message.content.strip() == local_chat.chat("Hello there", do_sample=False,
+                                                                            max_new_tokens=STEPS)
+        received = bytearray()
+        while chunk := conn.recv(2**16):  # the server closed the connection (a timeout here if it had not)
+            received += chunk
+        conn.close()
+        assert received.startswith(b"HTTP/1.1 200 OK\r\n") and b"data: {" in received and b"[DONE]" not in received
+
+
+def test_a_plain_answer_its_client_does_not_read_gives_its_place_back_once_made(local_chat):
+    """A plain answer (400 tokens with their logprobs, about 600 kB, more than the socket buffers) gives its place
+    back once it is made: uvicorn takes it whole and sends it as the client reads, which this one does only after
+    the next request (with --max-concurrent-requests 1) has been served; it then gets all of it."""
+    import http.client
+
+    data = json.dumps({**LOUD, "max_tokens": 400}).encode()
+    with app_server(local_chat, send_buffer=2**16, max_batch=2, max_len=2048, max_concurrent_requests=1) as url:
+        conn = slow_client(url, "/v1/chat/completions", len(data), data, receive_buffer=4096)
+        deadline = time.monotonic() + 30
+        while (state := httpx.get(url + "/health").json())["requests"] < 1 or state["active"] or state["in_progress"]:
+            assert time.monotonic() < deadline, state  # generated, and its place given back
+            time.sleep(0.05)
+        answer = httpx.post(url + "/v1/chat/completions", json={**LOUD, "max_tokens": 400}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        response = http.client.HTTPResponse(conn)
+        response.begin()
+        assert response.status == 200 and json.loads(response.read())["choices"] == answer.json()["choices"]
+
+
+def test_a_stream_read_slowly_but_steadily_gets_its_whole_answer_past_send_timeout(local_chat):
+    """A client reading its stream (400 tokens, about 600 kB) 8 KiB at a time every 0.05 s, so that the server's
+    writes wait for it again and again, but each far less than --send-timeout 2, gets its whole answer though it
+    takes longer than 2 s in all: the deadline is on each write, not on the response."""
+    import http.client
+
+    with app_server(local_chat, send_buffer=2**16, max_batch=2, max_len=2048, send_timeout=2) as url:
+        expected = httpx.post(url + "/v1/chat/completions", json={**LOUD, "max_tokens": 400}, timeout=60).json()
+        response = http.client.HTTPResponse(stream_client(url, {**LOUD, "max_tokens": 400}))
+        response.begin()
+        assert response.status == 200
+        body = bytearray()
+        while piece := response.read(8192):
+            body += piece
+            time.sleep(0.05)  # the pace of a slow reader, not a synchronisation
+        events = [line.removeprefix("data: ") for line in body.decode().split("\n\n") if line]
+        assert events[-1] == "[DONE]" and len(body) > 400_000
+        chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+        assert "".join(c["delta"].get("content") or "" for c in chunks) == expected["choices"][0]["message"]["content"]
+        assert chunks[-1]["finish_reason"] == "length"
+        assert sum(len(c["logprobs"]["content"]) for c in chunks if c["logprobs"]) == 400

@@ -14,7 +14,8 @@ prefill fails fails alone; a failed decode step fails the rows it ran), and each
 flows back to its handler through an asyncio queue. A client that goes away has its rows finished at once.
 At most --max-concurrent-requests requests are in progress (read, prepared, waiting in the batch or answered);
 one more is refused at once with a 429, before its body is read or its images are decoded. A body must arrive
-whole within --request-read-timeout (a 408 past it), so that clients that send slowly cannot hold every place.
+whole within --request-read-timeout (a 408 past it), and each write of a stream must reach its client within
+--send-timeout (the stream is abandoned past it), so that clients that send or read slowly cannot hold every place.
 
 OpenAI messages map onto the internvl2_5 template as the official `chat()` builds it: an optional
 leading system (or developer) message replaces the template's system message, earlier user /
@@ -142,6 +143,7 @@ class ServerSettings:
     max_n: int = 4
     max_concurrent_requests: int = 64
     request_read_timeout: float = 300.0
+    send_timeout: float = 60.0
 
 
 class ApiError(Exception):
@@ -1143,16 +1145,32 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
     app = FastAPI(title="internvl-mpo", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
 
+    class _Stalled(Exception):
+        """A write to the client was not taken within --send-timeout."""
+
     class _EventStream(StreamingResponse):
-        """Server-sent events that cancel their generation however the response ends (done, error, gone)."""
+        """Server-sent events that cancel their generation however the response ends (done, error, gone, or a
+        client that stopped reading: uvicorn's send waits for the client to take the bytes before, with no deadline,
+        so each write waits at most --send-timeout and the stream is abandoned past it)."""
 
         def __init__(self, content, on_close: Callable[[], None]):
             super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             self.on_close = [on_close]
 
         async def __call__(self, scope, receive, send):
+            timeout = settings.send_timeout
+
+            async def send_within(message) -> None:
+                try:
+                    await asyncio.wait_for(send(message), timeout)
+                except asyncio.TimeoutError:
+                    raise _Stalled from None
+
             try:
-                await super().__call__(scope, receive, send)
+                await super().__call__(scope, receive, send_within)
+            except _Stalled:  # uvicorn closes the connection of a response left unfinished
+                log.warning("a stream's client took nothing for %g s (--send-timeout %g): the stream is abandoned",
+                            timeout, timeout)
             finally:
                 for close in self.on_close:
                     close()
@@ -1581,6 +1599,7 @@ def serve(
     max_n: int = 4,
     max_concurrent_requests: int = 64,
     request_read_timeout: float = 300.0,
+    send_timeout: float = 60.0,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /tokenize, ...).
 
@@ -1612,6 +1631,9 @@ def serve(
     request_read_timeout: seconds a request body may take to arrive whole, from when the server awaits it (408
       past it): it bounds how long a client sending slowly holds a place (default: 300, as Node.js's requestTimeout;
       the default --max-request-bytes, 32 MiB, takes 270 s at 1 Mbit/s)
+    send_timeout: seconds one write of a stream may wait for its client to take the bytes before (the stream is
+      abandoned past it: its generation stopped, its place given back, its connection closing): it bounds how long a
+      client that stops reading holds a place (default: 60, as nginx's send_timeout, also between two writes)
     """
     settings = ServerSettings(**locals())  # the parameters are exactly the settings' fields
     _require_web_stack()
@@ -1634,7 +1656,7 @@ def serve(
         value = getattr(settings, name)
         if value is not None and value < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-    for name in ("image_timeout", "request_read_timeout"):  # inf: socket.settimeout and wait_for would fail
+    for name in ("image_timeout", "request_read_timeout", "send_timeout"):  # inf: settimeout, wait_for would fail
         timeout = getattr(settings, name)
         if type(timeout) not in (int, float) or not 0 < timeout < math.inf:  # nan fails the comparison too
             raise ConfigError(f"--{name.replace('_', '-')} must be a number of seconds more than 0, got {timeout!r}")
