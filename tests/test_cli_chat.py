@@ -767,12 +767,28 @@ def test_generate_refuses_malformed_image_and_video_fields_up_front(folder, tmp_
     requests = tmp_path / "requests.jsonl"
     for field, value, message in [("image", 5, "'image' must be a path or a list of paths"),
                                   ("image", ["x.png", 7], "'image' must be a path or a list of paths"),
+                                  ("image", ["x.png", ""], "'image' must be a path or a list of paths"),
                                   ("video", {"a": 1}, "'video' must be a path")]:
         lines = [{"id": "a", "question": "Hi"}, {"id": "b", "question": "Hi", field: value}]
         requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
         out = cli("generate", "--input", requests, "--output", tmp_path / "a.jsonl", "--model", folder)
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
         assert f"{requests}:2: {message}" in out.stderr
+
+
+def test_generate_reads_an_empty_image_or_video_as_none_as_pairs_and_eval_do(folder, tmp_path):
+    """"video": "" took the requests file's own folder for a folder of frames (every picture beside the file),
+    and "image": "" failed as "./: is a directory, not an image file"; pairs and eval read an empty field as none."""
+    (tmp_path / "red.png").write_bytes((folder.parent / "red.png").read_bytes())
+    requests = tmp_path / "requests.jsonl"
+    lines = [{"id": "v", "question": "Hello", "video": ""}, {"id": "i", "question": "Hello", "image": ""}]
+    requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    answers = tmp_path / "answers.jsonl"
+    out = cli("generate", "--input", requests, "--output", answers, "--model", folder, "--max-new-tokens", "8")
+    assert out.returncode == 0, out.stderr
+    text_only = InternVLChat.from_pretrained(folder).chat("Hello", max_new_tokens=8, do_sample=False)
+    assert [json.loads(x) for x in answers.read_text().splitlines()] == [
+        {**line, "answer": text_only} for line in lines]  # the fields as the requests wrote them
 
 
 def test_a_closed_pipe_ends_the_command_quietly():

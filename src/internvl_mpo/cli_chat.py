@@ -416,8 +416,12 @@ def _read_requests(path: Path) -> list[dict]:
         item["_line"], item["_where"] = number, where
         image, video = item.get("image"), item.get("video")
         item["_inputs"] = {k: v for k, v in (("image", image), ("video", video)) if v is not None}
+        if image == "":  # none, as pairs and eval read an empty field (it was the requests file's folder)
+            item["image"] = image = None
+        if video == "":
+            item["video"] = video = None
         if not (image is None or isinstance(image, str) or
-                (isinstance(image, list) and all(isinstance(v, str) for v in image))):
+                (isinstance(image, list) and all(isinstance(v, str) and v for v in image))):
             raise InputError(f"{where}: 'image' must be a path or a list of paths, got {json.dumps(image)[:80]}")
         if not (video is None or isinstance(video, str)):
             raise InputError(f"{where}: 'video' must be a path, got {json.dumps(video)[:80]}")
