@@ -450,6 +450,27 @@ def test_a_negative_temperature_is_refused_before_the_model_loads(folder, tmp_pa
             run()
 
 
+def test_chat_names_its_flags_on_the_command_line_and_its_parameters_in_python(folder, capsys):
+    """chat said "temperature must be >= 0" where generate and train name the flag (--batch-size)."""
+    from internvl_mpo import cli_chat
+    from internvl_mpo.cli import main
+    from internvl_mpo.errors import InputError
+
+    missing_model = str(folder / "nope")  # reached only if the setting gets through
+    for args, message in ((["--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
+                          (["--top-p", "2"], "--top-p must be in (0, 1], got 2.0"),
+                          (["--top-k", "-1"], "--top-k must be in [0, 2**31) (0 = off), got -1"),
+                          (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+                          (["--max-new-tokens", "2", "--min-new-tokens", "3"],
+                           "--min-new-tokens must be in 0..--max-new-tokens (2), got 3"),
+                          (["--repetition-penalty", "0"], "--repetition-penalty must be at least 1e-06"),
+                          (["--num-segments", "0"], "--num-segments must be at least 1, got 0")):
+        assert main(["chat", "Hi", "--model", missing_model, *args]) == 1
+        assert f"internvl-mpo chat: error: {message}" in capsys.readouterr().err
+    with pytest.raises(InputError, match="^max_num must be at least 1, got 0$"):
+        cli_chat.chat("Hi", model=missing_model, max_num=0)
+
+
 def test_a_repetition_penalty_that_overflows_the_logits_is_refused_before_the_model_loads(folder):
     """chat --repetition-penalty 1e-40 made the penalised logits inf and sampling drew arbitrary tokens."""
     from internvl_mpo import cli_chat

@@ -218,7 +218,7 @@ def test_limits_below_one_are_refused(tmp_path, limit, capsys):
 
     # refused before the (here missing) model is loaded
     assert main(["eval", "--model", str(tmp_path / "no-model"), "--data", str(data), f"--limit={limit}"]) != 0
-    assert f"error: limit must be at least 1, got {limit}" in capsys.readouterr().err
+    assert f"error: --limit must be at least 1, got {limit}" in capsys.readouterr().err  # the flag, on the command line
 
 
 def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, capsys):
@@ -239,8 +239,9 @@ def test_bad_flags_and_another_runs_folder_are_refused_before_the_model_loads(tm
     data = write_bench(tmp_path / "data")
     out = tmp_path / "out"
     base = ["eval", "--model", str(tmp_path / "no-model"), "--data", str(data), "--output", str(out)]
-    for flag, message in (("--max-new-tokens=0", "max_new_tokens must be at least 1, got 0"),
-                          ("--max-num=0", "max_num must be at least 1, got 0")):
+    for flag, message in (("--max-new-tokens=0", "--max-new-tokens must be at least 1, got 0"),
+                          ("--max-num=0", "--max-num must be at least 1, got 0"),
+                          ("--batch-size=0", "--batch-size must be at least 1, got 0")):
         assert main([*base, flag]) != 0
         assert f"error: {message}" in capsys.readouterr().err
     run_eval(data, FakeAnswerer(DIRECT), out, settings={"model": "another", "max_num": 6, "max_new_tokens": 1024,

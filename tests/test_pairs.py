@@ -336,11 +336,14 @@ def test_bad_sampling_flags_and_another_runs_folder_are_refused_before_the_model
     out = tmp_path / "out"
     base = ["pairs", "correctness", "--model", str(tmp_path / "no-model"), "--input", str(items_path),
             "--output", str(out)]
-    for flag, message in (("--max-new-tokens=0", "max_new_tokens must be at least 1, got 0"),
-                          ("--batch-size=0", "batch_size must be at least 1, got 0"),
-                          ("--max-num=-2", "max_num must be at least 1, got -2"),
-                          ("--top-p=2", "top_p must be in (0, 1], got 2.0"),
-                          ("--top-k=-1", "top_k must be in [0, 2**31) (0 = off), got -1")):
+    for flag, message in (("--max-new-tokens=0", "--max-new-tokens must be at least 1, got 0"),
+                          ("--batch-size=0", "--batch-size must be at least 1, got 0"),
+                          ("--max-num=-2", "--max-num must be at least 1, got -2"),
+                          ("--top-p=2", "--top-p must be in (0, 1], got 2.0"),
+                          ("--top-k=-1", "--top-k must be in [0, 2**31) (0 = off), got -1"),
+                          ("--temperature=0", "pairs need sampling: --temperature > 0 and --top-k other than 1 "
+                                              "(got --temperature 0.0, --top-k 50)"),
+                          ("--start-ratio=1", "--start-ratio must be in (0, 1), got 1.0")):
         assert main([*base, flag]) != 0
         assert f"error: {message}" in capsys.readouterr().err
     assert not out.exists()

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import ConfigError, InputError, PromptTooLongError
+from .errors import ConfigError, InputError, PromptTooLongError, SettingError
 
 
 def _model_path(model: str | None) -> str:
@@ -45,7 +45,7 @@ def _at_least_one(**counts: int | None) -> None:
     """Tile and frame counts, checked before the model loads (every question or request would fail on them)."""
     for name, value in counts.items():
         if value is not None and value < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+            raise SettingError("", name, f" must be at least 1, got {value}")
 
 
 def _per_image(max_num: int | None, video) -> int | None:

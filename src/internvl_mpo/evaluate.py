@@ -62,7 +62,7 @@ from internvl_mpo.answers import (
     normalize_options,
 )
 from internvl_mpo.chat.template import IMAGE_PLACEHOLDER
-from internvl_mpo.errors import InputError
+from internvl_mpo.errors import InputError, SettingError
 from internvl_mpo.filestamp import stamps, unchanged
 from internvl_mpo.jsonl import read_objects, rewrite_in_order
 from internvl_mpo.pairs import (
@@ -345,9 +345,9 @@ def default_output(data: str | Path, cot: bool) -> Path:
 
 def check_counts(batch_size: int, limit: int | None) -> None:
     if batch_size < 1:
-        raise InputError(f"batch_size must be at least 1, got {batch_size}")
+        raise SettingError("", "batch_size", f" must be at least 1, got {batch_size}")
     if limit is not None and limit < 1:
-        raise InputError(f"limit must be at least 1, got {limit}")
+        raise SettingError("", "limit", f" must be at least 1, got {limit}")
 
 
 def image_files(item: BenchItem) -> list[str]:
@@ -443,7 +443,7 @@ def greedy_params(max_num: int, max_new_tokens: int):
     from internvl_mpo.pipeline import sampling_params
 
     if max_num < 1:
-        raise InputError(f"max_num must be at least 1, got {max_num}")
+        raise SettingError("", "max_num", f" must be at least 1, got {max_num}")
     return sampling_params(do_sample=False, max_new_tokens=max_new_tokens)
 
 

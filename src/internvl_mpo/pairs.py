@@ -71,7 +71,7 @@ from internvl_mpo.answers import (
     normalize_options,
 )
 from internvl_mpo.chat.template import IMAGE_PLACEHOLDER, add_image_prefix
-from internvl_mpo.errors import ConfigError, InputError, PromptTooLongError
+from internvl_mpo.errors import ConfigError, InputError, PromptTooLongError, SettingError
 from internvl_mpo.filestamp import stamps, unchanged
 from internvl_mpo.jsonl import read_objects
 
@@ -145,14 +145,13 @@ class PairSettings:
     def __post_init__(self):
         for name in ("samples", "max_pairs", "batch_size", "max_num"):
             if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise SettingError("", name, f" must be at least 1, got {getattr(self, name)}")
         if self.temperature <= 0 or self.top_k == 1:
-            raise InputError(
-                f"pairs need sampling: temperature > 0 and top_k other than 1 (got temperature {self.temperature}, "
-                f"top_k {self.top_k}); greedy samples are all the same and give no pairs"
-            )
+            raise SettingError("pairs need sampling: ", "temperature", " > 0 and ", "top_k", " other than 1 (got ",
+                               "temperature", f" {self.temperature}, ", "top_k", f" {self.top_k}); greedy samples are "
+                               "all the same and give no pairs")
         if not 0 < self.start_ratio < 1:
-            raise InputError(f"start_ratio must be in (0, 1), got {self.start_ratio}")
+            raise SettingError("", "start_ratio", f" must be in (0, 1), got {self.start_ratio}")
         self.sampling_params(0, DROPOUT_NTP)  # its checks (max_new_tokens, top_k, top_p) before any model loads
 
     def sampling_params(self, seed: int, method: str):

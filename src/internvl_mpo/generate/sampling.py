@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, SettingError
 
 
 # transformers takes any penalty > 0, but a positive logit divided by one below ~1e-37 (and then by the
@@ -55,7 +55,7 @@ class SamplingParams:
     def __post_init__(self):
         for name in ("max_new_tokens", "min_new_tokens", "top_k") + (("seed",) if self.seed is not None else ()):
             if not whole_number(getattr(self, name)):
-                raise InputError(f"{name} must be a whole number, got {getattr(self, name)!r}")
+                raise SettingError("", name, f" must be a whole number, got {getattr(self, name)!r}")
             object.__setattr__(self, name, int(getattr(self, name)))  # numpy.int64: torch's manual_seed refuses it
         for name in ("do_sample", "ignore_eos"):  # a string such as "False" would read as true
             if not isinstance(getattr(self, name), bool):
@@ -63,7 +63,7 @@ class SamplingParams:
         for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)
             if not (isinstance(value, numbers.Real) and math.isfinite(value)):
-                raise InputError(f"{name} must be a finite number, got {value!r}")
+                raise SettingError("", name, f" must be a finite number, got {value!r}")
         if not (isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) for s in self.stop)):
             raise InputError(f"stop must be a list of strings, got {self.stop!r}")
         if "" in self.stop:  # it would never stop the answer; vLLM refuses it too
@@ -72,21 +72,21 @@ class SamplingParams:
             raise InputError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         object.__setattr__(self, "logit_bias", checked_logit_bias(self.logit_bias))
         if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise InputError(f"seed must be in [0, 2**63), got {self.seed}")
+            raise SettingError("", "seed", f" must be in [0, 2**63), got {self.seed}")
         if not 0 <= self.top_k < 2**31:
-            raise InputError(f"top_k must be in [0, 2**31) (0 = off), got {self.top_k}")
+            raise SettingError("", "top_k", f" must be in [0, 2**31) (0 = off), got {self.top_k}")
         if self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+            raise SettingError("", "max_new_tokens", f" must be at least 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise InputError(f"min_new_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), "
-                             f"got {self.min_new_tokens}")
+            raise SettingError("", "min_new_tokens", " must be in 0..", "max_new_tokens",
+                               f" ({self.max_new_tokens}), got {self.min_new_tokens}")
         if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+            raise SettingError("", "temperature", f" must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SettingError("", "top_p", f" must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty < MIN_REPETITION_PENALTY:
-            raise InputError(f"repetition_penalty must be at least {MIN_REPETITION_PENALTY:g} (smaller ones overflow "
-                             f"the fp32 logits they divide), got {self.repetition_penalty}")
+            raise SettingError("", "repetition_penalty", f" must be at least {MIN_REPETITION_PENALTY:g} (smaller ones "
+                               f"overflow the fp32 logits they divide), got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
