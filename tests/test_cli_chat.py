@@ -406,6 +406,24 @@ def test_generate_refuses_a_requests_file_without_requests(tmp_path):
     assert not (tmp_path / "answers.jsonl.settings.json").exists()
 
 
+def test_an_output_under_a_file_says_it_is_a_file(folder, tmp_path, capsys):
+    """generate --output afile/x.jsonl (and tiles --output), where afile is a file, said "the folder afile does
+    not exist"."""
+    from internvl_mpo.cli import main
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")
+    image = tmp_path / "red.png"
+    Image.new("RGB", (64, 48), "red").save(image)
+    for args in (["generate", "--input", str(requests), "--model", str(folder / "nope"), "--output"],
+                 ["tiles", str(image), "--output"]):
+        for below in ("x", "sub/x"):
+            assert main([*args, str(requests / below)]) == 1
+            assert f"{requests} is a file, not a folder" in capsys.readouterr().err
+    assert main(["tiles", str(image), "--output", str(tmp_path / "no" / "x.png")]) == 1
+    assert f"the folder {tmp_path / 'no'} does not exist" in capsys.readouterr().err
+
+
 def test_generate_checks_its_arguments_before_loading_the_model(folder, tmp_path):
     requests = tmp_path / "requests.jsonl"
     requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")

@@ -255,13 +255,14 @@ def generate(
     from .jsonl import rewrite_in_order
     from .pipeline import InternVLChat, sampling_params
     from .processor.image import let_pillow_open
+    from .processor.preview import no_folder
 
     _at_least_one(batch_size=batch_size, max_num=max_num)
     out = Path(output)
     if out.is_dir():
         raise InputError(f"--output {out} is a folder; give the path of a JSONL file")
     if not out.parent.is_dir():
-        raise InputError(f"--output {out}: the folder {out.parent} does not exist")
+        raise InputError(f"--output {out}: {no_folder(out)}")
     if out.resolve() == Path(input).resolve():  # resuming rewrites the output: the requests would be lost
         raise InputError(f"--output {out} is the requests file; give the answers a file of their own")
     base = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, 1.0, min_new_tokens))

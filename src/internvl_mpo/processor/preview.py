@@ -26,7 +26,7 @@ _TEXT_COLOUR = (255, 255, 255)
 
 def png_output(path: str | os.PathLike) -> Path:
     """The PNG file a picture goes to: `.png` appended to a name without a suffix; InputError for another
-    suffix (only PNG is written), a folder, or a parent folder that does not exist."""
+    suffix (only PNG is written), a folder, or a parent folder that does not exist (or is a file)."""
     target = Path(path)
     if target.is_dir():
         raise InputError(f"{target}: is a folder; give the path of a .png file")
@@ -37,8 +37,14 @@ def png_output(path: str | os.PathLike) -> Path:
     if target.is_dir():
         raise InputError(f"{target}: is a folder; give the path of a .png file")
     if not target.parent.is_dir():
-        raise InputError(f"{target}: folder {target.parent} does not exist")
+        raise InputError(f"{target}: {no_folder(target)}")
     return target
+
+
+def no_folder(path: Path) -> str:
+    """Why the folder of `path` cannot take it: a file in its way, or the folder does not exist."""
+    above = next(p for p in path.parents if p.exists())  # "." or "/" at the latest
+    return f"{above} is a file, not a folder" if not above.is_dir() else f"the folder {path.parent} does not exist"
 
 
 def tiles_report(
