@@ -636,3 +636,15 @@ def test_an_answerer_that_leaves_a_question_out_is_an_error(tmp_path):
 
     with pytest.raises(InputError, match=r"gave no answer for 1 questions \(ids \['1'\]\)"):
         run_eval(data, Forgetful(DIRECT), tmp_path / "out")
+
+
+def test_eval_help_lists_every_jsonl_field(capsys):
+    """`eval --help` left out the "hint" and "kind" fields that a JSONL line may hold."""
+    from internvl_mpo.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    for field in ("id", "image", "question", "answer", "options", "hint", "category", "kind"):
+        assert f'"{field}"' in text
