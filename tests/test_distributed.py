@@ -8,7 +8,9 @@ in general. Drop-path is off (its random masks differ per rank by design).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
 import os
 import shutil
@@ -357,10 +359,19 @@ def test_fsdp_precomputed_reference_with_uneven_shares(setup):
         assert (b["loss"], b["rewards/margins"]) == (a["loss"], a["rewards/margins"]), a["step"]
 
 
+def gloo_threads() -> list[str]:
+    """The names of this process's running gloo threads (a process group's workers and its TCP loop)."""
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            names.append((task / "comm").read_text().strip())
+    return [name for name in names if "gloo" in name]
+
+
 def _stopping_worker(rank: int, world: int, ports: list[int], configs: list[dict], log: str,
                      full_disk: bool = False) -> None:
-    """`_worker` that records how each run ended on this rank ("Type: message", or null) in a JSON list;
-    with `full_disk`, process 0's safetensors writes fail as on a full disk."""
+    """`_worker` that records how each run ended on this rank ("Type: message", or null) in a JSON list, and fails
+    if a run left its process group running; with `full_disk`, process 0's safetensors writes fail as on a full disk."""
     if full_disk and rank == 0:
         from safetensors import SafetensorError
 
@@ -372,6 +383,10 @@ def _stopping_worker(rank: int, world: int, ports: list[int], configs: list[dict
         checkpoint.save_tensors = disk_full
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
     torch.set_num_threads(1)
+    # Garbage is collected only where train() asks for it: a process group that it left to some later collection
+    # still ran its gloo threads when the interpreter exited, and the process aborted now and then ('terminate called
+    # without an active exception'); train() must end with the group gone.
+    gc.disable()
     ended = []
     for port, cfg in zip(ports, configs):
         os.environ["MASTER_PORT"] = str(port)
@@ -380,6 +395,7 @@ def _stopping_worker(rank: int, world: int, ports: list[int], configs: list[dict
             ended.append(None)
         except Exception as e:
             ended.append(f"{type(e).__name__}: {e}")
+        assert not gloo_threads(), f"train() ended with the process group still running: {gloo_threads()}"
     Path(log.format(rank)).write_text(json.dumps(ended))
 
 

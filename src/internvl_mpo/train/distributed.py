@@ -22,6 +22,7 @@ an epoch gives some ranks one sample more than others).
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -108,7 +109,13 @@ def init_distributed(device: str | None = None) -> DistEnv:
 
 
 def destroy_distributed() -> None:
+    """End the process group: freed here, its threads joined, unless a live object still refers to it."""
     if dist.is_available() and dist.is_initialized():
+        # torch's state-dict helpers (every checkpoint) leave reference cycles that hold the DDP / FSDP2 module, and
+        # through it the process group: left to some later collection, its threads still ran when the interpreter
+        # exited, and the process aborted now and then ('terminate called without an active exception'). Collected
+        # first, the group goes with the last reference that destroy_process_group drops.
+        gc.collect()
         dist.destroy_process_group()
 
 
