@@ -392,6 +392,29 @@ def test_generate_reads_a_requests_file_that_starts_with_a_byte_order_mark(tmp_p
     assert [(r["id"], r["question"]) for r in _read_requests(requests)] == [("a", "Hi")]
 
 
+def test_generate_refuses_a_misspelt_field_before_the_model_loads(tmp_path, capsys):
+    """{"question": ..., "imgae": "a.png"} was answered without its image; fields with other names (an answer,
+    ids, metadata) are still ignored."""
+    from internvl_mpo.cli import main
+
+    requests = tmp_path / "requests.jsonl"
+    good = {"id": 1, "question": "Hi", "image": "a.png", "answer": "Hello", "image_id": 3, "meta": {"source": "web"}}
+    run = ["generate", "--input", str(requests), "--output", str(tmp_path / "a.jsonl"), "--model",
+           str(tmp_path / "no-model")]
+    for bad, meant in [({"imgae": "a.png"}, "image"), ({"images": ["a.png"]}, "image"), ({"Image": "a.png"}, "image"),
+                       ({"vidoe": "c.mp4"}, "video"), ({"videos": "c.mp4"}, "video"), ({"qustion": "Hi"}, "question")]:
+        row = {"id": 2, **({} if "qustion" in bad else {"question": "Hi"}), **bad}
+        requests.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+        assert main(run) == 1
+        err = capsys.readouterr().err
+        assert f"{requests}:2: field '{next(iter(bad))}' is not read; did you mean '{meant}'?" in err, err
+    text_only = {"id": 2, "question": "Hi", "image": None, "image_id": 4}  # "image": null: no image, on purpose
+    requests.write_text(json.dumps(good) + "\n" + json.dumps(text_only) + "\n")
+    assert main(run) == 1  # on to loading the (missing) model
+    assert "is not read" not in capsys.readouterr().err
+    assert not (tmp_path / "a.jsonl").exists()
+
+
 def test_generate_refuses_a_requests_file_without_requests(tmp_path):
     """An empty (or blank) file printed "all 0 requests are answered" and exited 0, where pairs and eval
     refuse theirs."""

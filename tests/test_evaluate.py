@@ -378,7 +378,7 @@ def test_bad_input_is_named_with_its_line_before_any_answer(tmp_path):
         f.write("index\tquestion\tanswer\timage\n7\tIs it red?\tyes\t" + base64.b64encode(b"not an image " * 10).decode() + "\n")
     with pytest.raises(InputError, match=r"bad.tsv:row 2 \(index 7\): .*not an image"):
         read_benchmark(tmp_path / "bad.tsv")
-    for extra, why in [({"images": ["a.png"]}, "'images' is not read; name it 'image'"),
+    for extra, why in [({"images": ["a.png"]}, r"'images' is not read; did you mean 'image'\?"),
                        ({"video": "clip.mp4"}, "'video' is not supported")]:
         data.write_text(json.dumps({"id": "1", "question": "How many?", "answer": "2", **extra}) + "\n")
         with pytest.raises(InputError, match=rf"bench.jsonl:1: field {why}"):
@@ -648,3 +648,23 @@ def test_eval_help_lists_every_jsonl_field(capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
     for field in ("id", "image", "question", "answer", "options", "hint", "category", "kind"):
         assert f'"{field}"' in text
+
+
+def test_a_misspelt_field_is_refused_with_the_field_it_probably_meant(tmp_path):
+    """"imgae" or "hnit" was ignored and the question asked without its image or hint; fields with other names
+    (ids, metadata) are still ignored."""
+    data = write_bench(tmp_path)
+    good = {"id": "a", "question": "Is it blue?", "answer": "yes", "image": "img.png"}
+    extra = {"question_id": 7, "image_id": "x", "split": "dev", "meta": {"k": 1}}
+    data.write_text(json.dumps(good) + "\n" + json.dumps(dict(good, id="b", hint="Look.", **extra)) + "\n")
+    assert read_benchmark(data)[1].hint == "Look."
+    for bad, meant in [({"imgae": "img.png"}, "image"), ({"images": ["img.png"]}, "image"),
+                       ({"hnit": "Look."}, "hint"), ({"categroy": "color"}, "category"),
+                       ({"Answer": "yes"}, "answer"), ({"videos": "c.mp4"}, "video")]:
+        row = dict({"id": "b", "question": "Is it blue?", "answer": "yes"}, **bad)
+        if "Answer" in bad:
+            del row["answer"]
+        data.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(InputError, match=rf"bench.jsonl:2: field '{next(iter(bad))}' is not read; "
+                                             rf"did you mean '{meant}'\?$"):
+            read_benchmark(data)

@@ -289,7 +289,7 @@ def test_bad_items_are_reported_with_their_line(tmp_path):
     with pytest.raises(InputError, match="chosen"):
         read_items(path, "dropout-ntp")
     # A field that would be ignored, leaving the question without its images, is refused.
-    for extra, why in [({"images": ["good.png"]}, "'images' is not read; name it 'image'"),
+    for extra, why in [({"images": ["good.png"]}, r"'images' is not read; did you mean 'image'\?"),
                        ({"video": "clip.mp4"}, "'video' is not supported")]:
         for method in ("correctness", "dropout-ntp"):
             path.write_text(json.dumps({"id": "a", "question": "q", "answer": "B", **extra}) + "\n")
@@ -781,3 +781,30 @@ def test_one_sample_per_question_is_refused_before_the_model_loads(tmp_path, cap
                  "--output", str(out), "--samples", "1"]) != 0
     assert "error: --samples 1: correctness pairs need at least 2 samples per question" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_misspelt_field_is_refused_with_the_field_it_probably_meant(tmp_path):
+    """"imgae" (or "Image", "img", ...) was ignored and the question sampled without its image; fields with
+    other names (ids, metadata) are still ignored."""
+    write_image(tmp_path / "a.png", (200, 30, 30))
+    path = tmp_path / "items.jsonl"
+    good = {"id": "a", "question": "Is it red?", "answer": "yes", "image": "a.png"}
+    extra = {"question_id": 7, "image_id": "x", "source": "web", "meta": {"k": 1}, "images": ["a.png"]}
+    for method in ("correctness", "dropout-ntp"):
+        assert read_items(_items(path, good, dict(good, id="b", chosen="yes", **extra)), method)[1].images
+    for bad, meant in [({"imgae": "a.png"}, "image"), ({"Image": "a.png"}, "image"), ({"img": "a.png"}, "image"),
+                       ({"Question": "q"}, "question"), ({"optoins": ["x", "y"]}, "options"),
+                       ({"kinds": "text"}, "kind"), ({"vidoe": "c.mp4"}, "video")]:
+        row = dict({"id": "b", "question": "Is it red?", "answer": "yes"}, **bad)
+        if "Question" in bad:
+            del row["question"]
+        with pytest.raises(InputError, match=rf"items.jsonl:2: field '{next(iter(bad))}' is not read; "
+                                             rf"did you mean '{meant}'\?$"):
+            read_items(_items(path, good, row), "correctness")
+    with pytest.raises(InputError, match=r"items.jsonl:2: field 'chosne' is not read; did you mean 'chosen'\?"):
+        read_items(_items(path, good, {"id": "b", "question": "q", "chosne": "It is."}), "dropout-ntp")
+
+
+def _items(path: Path, *rows: dict) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -400,12 +400,17 @@ def _finished_questions(out: Path) -> tuple[dict, list[bytes]]:
     return done, kept
 
 
+REQUEST_FIELDS = ("question", "image", "video")  # a misspelling of one is refused (`refuse_misspelt_fields`)
+
+
 def _read_requests(path: Path) -> list[dict]:
     from .jsonl import read_objects
+    from .pairs import refuse_misspelt_fields
     from .processor.image import beside
 
     items, lines = [], {}
     for number, (where, item) in enumerate(read_objects(path, "requests file"), 1):
+        refuse_misspelt_fields(item, REQUEST_FIELDS, where)
         if not isinstance(item.get("question"), str):
             raise InputError(f"{where}: each line needs a string field 'question'")
         rid = item.setdefault("id", number)

@@ -72,6 +72,7 @@ from internvl_mpo.pairs import (
     check_output_folder,
     check_settings,
     hold_output,
+    refuse_misspelt_fields,
     refuse_unread_media,
 )
 
@@ -85,6 +86,8 @@ RUN_FILES = ("predictions.jsonl", "score.json")  # written into the output folde
 EVAL_LOCK = (".eval.lock", "eval run", "predictions and scores")
 CIRCULAR_OFFSET = 10**6  # an MMBench TSV's row i + k * 10**6 is question i with its options rotated k times
 _MISSING = {"", "nan", "NaN"}
+# the fields of a JSONL question that decide its prompt or score: a misspelling of one is refused
+BENCH_FIELDS = ("question", "answer", "image", "video", "options", "hint", "category", "kind")
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,7 @@ def _read_jsonl(path: Path) -> list[BenchItem]:
 
     items, checked = [], set()
     for number, (where, row) in enumerate(read_objects(path, "benchmark file"), 1):
+        refuse_misspelt_fields(row, BENCH_FIELDS, where)
         row.setdefault("id", number)  # no id: its number in the file, as `generate` numbers requests
         for key in ("id", "question", "answer"):
             if not isinstance(row.get(key), (str, int, float)) or isinstance(row.get(key), bool):

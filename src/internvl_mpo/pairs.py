@@ -53,6 +53,7 @@ Deliberate differences:
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import os
@@ -78,6 +79,8 @@ from internvl_mpo.jsonl import read_objects
 CORRECTNESS = "correctness"
 DROPOUT_NTP = "dropout-ntp"
 METHODS = (CORRECTNESS, DROPOUT_NTP)
+# the fields of an item that decide its samples: a misspelling of one (`refuse_misspelt_fields`) is refused
+ITEM_FIELDS = ("question", "image", "video", "answer", "chosen", "options", "kind")
 # the official scripts' --min-new-tokens defaults (internvl_lmdeploy_correctness.py,
 # internvl_lmdeploy_continue_wo_image.py); lmdeploy suppresses the stop ids until then
 MIN_NEW_TOKENS = {CORRECTNESS: 1, DROPOUT_NTP: 5}
@@ -211,10 +214,20 @@ def _resolve_image(value: Any, folder: Path, where: str) -> tuple[str | list[str
     return value, tuple(path if is_url(path) else str(Path(path).resolve()) for path in paths)
 
 
+def refuse_misspelt_fields(row: dict, fields: Sequence[str], where: str) -> None:
+    """Refuse a field whose name looks like one of the input `fields` that the row lacks (`imgae`, `images`,
+    `Image`: a difflib close match of its lower-case name): it would be ignored, and the question asked
+    without its image or hint. Fields with other names (ids, metadata) are ignored. An id is not among the
+    `fields`: `idx` and `qid` are fields of their own, and a row without an id gets its number."""
+    lacking = [name for name in fields if name not in row]
+    for key in row:
+        meant = difflib.get_close_matches(key.lower(), lacking, n=1, cutoff=0.75) if key not in fields else []
+        if meant:
+            raise InputError(f"{where}: field {key!r} is not read; did you mean {meant[0]!r}?")
+
+
 def refuse_unread_media(row: dict, where: str) -> None:
-    """Refuse a field that would be ignored and leave the question without its images."""
-    if "images" in row and "image" not in row:
-        raise InputError(f"{where}: field 'images' is not read; name it 'image'")
+    """Refuse a video, which would be ignored and leave the question without its frames."""
     if row.get("video"):
         raise InputError(f"{where}: field 'video' is not supported here; give frames as a list of paths in 'image'")
 
@@ -263,6 +276,7 @@ def _text_field(row: dict, key: str, where: str, required: bool = True) -> str:
 
 
 def _parse_item(row: dict, method: str, folder: Path, where: str) -> Item:
+    refuse_misspelt_fields(row, ITEM_FIELDS, where)
     item_id = _text_field(row, "id", where)
     question = _text_field(row, "question", where)
     refuse_unread_media(row, where)
