@@ -76,7 +76,10 @@ def free_port() -> int:
 def launch(cmd: list[str], url: str, log: Path) -> subprocess.Popen:
     """The `internvl-mpo serve` process of `cmd` (its output in `log`), once `url` answers /health."""
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        # SIGINT as a terminal's foreground command gets it: a suite started in the background (`... &` in a
+        # script) ignores SIGINT, which its children inherit, and the Ctrl-C test's server then exits 0, not 130
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 90
     while True:
         if proc.poll() is not None:
