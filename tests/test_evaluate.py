@@ -668,3 +668,29 @@ def test_a_misspelt_field_is_refused_with_the_field_it_probably_meant(tmp_path):
         with pytest.raises(InputError, match=rf"bench.jsonl:2: field '{next(iter(bad))}' is not read; "
                                              rf"did you mean '{meant}'\?$"):
             read_benchmark(data)
+
+
+def test_max_pixels_refuses_a_larger_image_naming_the_flag_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """`eval` had no --max-pixels: an image over Pillow's limit was refused with "a larger max_pixels allows it",
+    a setting it did not take, and a larger one could not be allowed. A TSV's images are checked too."""
+    from PIL import Image as PILImage
+
+    from internvl_mpo.cli import main
+
+    data = write_bench(tmp_path / "data")  # img.png: 56 x 56 = 3136 pixels, on lines 1, 3 and 6
+    base = ["eval", "--model", str(tmp_path / "no-model"), "--data", str(data), "--output", str(tmp_path / "out"),
+            "--device", "cpu"]
+    assert main([*base, "--max-pixels", "3000"]) == 1
+    assert capsys.readouterr().err == (f"internvl-mpo eval: error: {data}:1: {data.parent / 'img.png'}: 56x56 = 3136 "
+                                       "pixels exceeds the limit of 3000 (possible decompression bomb; a larger "
+                                       "--max-pixels allows it)\n")
+    assert main([*base, "--max-pixels", "3136"]) == 1  # read: on to loading the model, which is not there
+    assert "no-model: no such checkpoint folder" in capsys.readouterr().err
+    write_tsv(tmp_path / "mmbench.tsv")
+    with pytest.raises(InputError, match=r"mmbench.tsv:row 2 \(index 10\): <\d+ bytes>: 56x56 = 3136 pixels exceeds the "
+                                         r"limit of 3000 \(possible decompression bomb; a larger max_pixels allows it\)$"):
+        read_benchmark(tmp_path / "mmbench.tsv", max_pixels=3000)
+    assert len(read_benchmark(tmp_path / "mmbench.tsv", max_pixels=260 * 260)) == 3
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # Pillow then refuses over 2000 pixels
+    assert main([*base, "--max-pixels", "5000"]) == 1  # a limit above Pillow's raises Pillow's
+    assert "no-model: no such checkpoint folder" in capsys.readouterr().err

@@ -808,3 +808,36 @@ def test_a_misspelt_field_is_refused_with_the_field_it_probably_meant(tmp_path):
 def _items(path: Path, *rows: dict) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def test_max_pixels_refuses_a_larger_image_naming_the_flag_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """`pairs` had no --max-pixels: an image over Pillow's limit was refused with "a larger max_pixels allows it",
+    a setting it did not take, and a larger one could not be allowed."""
+    from PIL import Image as PILImage
+
+    from internvl_mpo.cli import main
+
+    items_path = write_items(tmp_path / "data")  # 56 x 56 = 3136-pixel images
+    image = (tmp_path / "data" / "img" / "a.png").resolve()
+    base = ["pairs", "correctness", "--model", str(tmp_path / "no-model"), "--input", str(items_path),
+            "--output", str(tmp_path / "out")]
+    assert main([*base, "--max-pixels", "3000"]) == 1
+    assert capsys.readouterr().err == (f"internvl-mpo pairs: error: {items_path}:1: {image}: 56x56 = 3136 pixels exceeds "
+                                       "the limit of 3000 (possible decompression bomb; a larger --max-pixels allows it)\n")
+    assert main([*base, "--max-pixels", "3136"]) == 1  # read: on to loading the model, which is not there
+    assert "no-model: no such checkpoint folder" in capsys.readouterr().err
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # Pillow then refuses over 2000 pixels
+    assert main([*base, "--max-pixels", "5000"]) == 1  # a limit above Pillow's raises Pillow's
+    assert "no-model: no such checkpoint folder" in capsys.readouterr().err
+
+
+def test_the_model_sampler_refuses_an_image_over_max_pixels(tiny_model, tmp_path):
+    from internvl_mpo.pipeline import InternVLChat
+
+    write_image(tmp_path / "a.png", (120, 60, 200))
+    chat = InternVLChat.from_pretrained(tiny_model, dtype="float32")
+    job = SampleJob("<image>\nWhat is shown?", (str(tmp_path / "a.png"),), (1, 2))
+    settings = PairSettings(samples=2, max_new_tokens=1)
+    refused, = ModelGenerator(chat, settings, max_pixels=3000).sample([job])
+    assert isinstance(refused, InputError) and "56x56 = 3136 pixels exceeds the limit of 3000" in str(refused)
+    assert [len(texts) for texts in ModelGenerator(chat, settings, max_pixels=3136).sample([job])] == [2]

@@ -141,7 +141,7 @@ def _item(item_id: str, question: str, answer: str, images, options, hint, categ
     return BenchItem(item_id, question, answer, kind, tuple(images), opts, hint, category, where)
 
 
-def _read_jsonl(path: Path) -> list[BenchItem]:
+def _read_jsonl(path: Path, max_pixels: int | None) -> list[BenchItem]:
     from internvl_mpo.processor.image import beside
 
     items, checked = [], set()
@@ -158,7 +158,7 @@ def _read_jsonl(path: Path) -> list[BenchItem]:
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise InputError(f"{where}: field 'image' must be a path or a list of paths")
         paths = [beside(path.parent, name) for name in names]
-        check_images(paths, where, checked)
+        check_images(paths, where, checked, max_pixels)
         items.append(_item(
             str(row["id"]), str(row["question"]), str(row["answer"]), paths, row.get("options"),
             str(row.get("hint") or ""), str(row.get("category") or ""), row.get("kind"), where,
@@ -186,7 +186,7 @@ def _cell(row: dict[str, str], key: str) -> str:
     return "" if value is None or value.strip() in _MISSING else value
 
 
-def _read_tsv(path: Path) -> list[BenchItem]:
+def _read_tsv(path: Path, max_pixels: int | None) -> list[BenchItem]:
     rows = _tsv_rows(path)
     if not rows:
         return []
@@ -213,7 +213,7 @@ def _read_tsv(path: Path) -> list[BenchItem]:
                 images.append(base64.b64decode(cell, validate=True))
             except (binascii.Error, ValueError):
                 raise InputError(f"{where}: the image is not valid base64") from None
-        check_images(images, where, checked)
+        check_images(images, where, checked, max_pixels)
         options = {k: _cell(row, k) for k in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if _cell(row, k)}
         items.append(_item(
             row["index"], row["question"] or "", _cell(row, "answer"), images, options or None, _cell(row, "hint"),
@@ -222,8 +222,9 @@ def _read_tsv(path: Path) -> list[BenchItem]:
     return items
 
 
-def read_benchmark(path: str | Path) -> list[BenchItem]:
-    """Questions of a .jsonl or MMBench-style .tsv benchmark file, in file order."""
+def read_benchmark(path: str | Path, max_pixels: int | None = None) -> list[BenchItem]:
+    """Questions of a .jsonl or MMBench-style .tsv benchmark file, in file order; every image is decoded
+    once here and refused over `max_pixels` pixels (default: Pillow's limit)."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path}: is a folder; give the benchmark file")
@@ -232,7 +233,7 @@ def read_benchmark(path: str | Path) -> list[BenchItem]:
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".tsv"):
         raise InputError(f"{path}: expected a .jsonl or .tsv benchmark file")
-    items = _read_tsv(path) if suffix == ".tsv" else _read_jsonl(path)
+    items = _read_tsv(path, max_pixels) if suffix == ".tsv" else _read_jsonl(path, max_pixels)
     first: dict[str, BenchItem] = {}
     for item in items:
         if item.id in first:
@@ -451,17 +452,18 @@ def greedy_params(max_num: int, max_new_tokens: int):
     return sampling_params(do_sample=False, max_new_tokens=max_new_tokens)
 
 
-def model_answerer(chat, max_num: int, params) -> Answerer:
+def model_answerer(chat, max_num: int, params, max_pixels: int | None = None) -> Answerer:
     """Greedy answers (`params`: `greedy_params`) from an InternVLChat with continuous batching
-    (`answers_as_they_finish`): each question's images load when a row takes it; a question whose
-    prompt cannot be built (or fails in the engine) gets its exception and the others still run."""
+    (`answers_as_they_finish`): each question's images load when a row takes it (refused over `max_pixels`
+    pixels); a question whose prompt cannot be built (or fails in the engine) gets its exception and the
+    others still run."""
 
     def answer(prompts: Iterable[tuple[Any, Prompt]], batch_size: int) -> Iterable[tuple[Any, str | Exception]]:
         def jobs():
             for key, p in prompts:
                 try:
                     yield key, chat.prepare(p.question, list(p.images) or None, max_num=max_num,
-                                            total_max_num=TOTAL_MAX_NUM), params
+                                            total_max_num=TOTAL_MAX_NUM, max_pixels=max_pixels), params
                 except InputError as e:  # a prompt longer than the context: this question fails alone
                     yield key, e, params
 
@@ -482,6 +484,7 @@ def eval_(
     limit: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    max_pixels: int | None = None,
     progress: bool = True,
 ) -> int:
     """Score a model on a multiple-choice / short-answer benchmark (resumable); prints the accuracy table.
@@ -496,15 +499,18 @@ def eval_(
     limit: only the first N questions (each with all its rotated copies in an MMBench TSV)
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
     dtype: float32, bfloat16, float16 or auto (the checkpoint's own) (default: bf16 on CUDA, fp32 on CPU)
+    max_pixels: refuse images with more pixels (default: Pillow's limit, about 89 M)
     progress: show a progress bar
     """
     from internvl_mpo.checkpoint import check_not_in_use, default_device
     from internvl_mpo.cli_chat import _model_path, run_dtype
     from internvl_mpo.pipeline import InternVLChat
+    from internvl_mpo.processor.image import let_pillow_open
 
     check_counts(batch_size, limit)  # fail on bad flags, a bad file or another run's folder before loading the model
     params = greedy_params(max_num, max_new_tokens)
-    items = read_benchmark(data)
+    let_pillow_open(max_pixels)
+    items = read_benchmark(data, max_pixels)
     model = _model_path(model)
     out = Path(output) if output else default_output(data, cot)
     check_output_folder(out)
@@ -514,7 +520,7 @@ def eval_(
                 "dtype": run_dtype(dtype, device, model)}
     check_settings(out / "settings.json", run_identity(data, cot, settings), RUN_FILES, record=False)
     chat = InternVLChat.from_pretrained(model, dtype=dtype, device=device)
-    score = run_eval(data, model_answerer(chat, max_num, params), out, cot, batch_size, limit, settings, items,
+    score = run_eval(data, model_answerer(chat, max_num, params, max_pixels), out, cot, batch_size, limit, settings, items,
                      progress)
     for failure in score["failed"]:
         print(f"failed (counted wrong) {failure}")

@@ -232,15 +232,17 @@ def refuse_unread_media(row: dict, where: str) -> None:
         raise InputError(f"{where}: field 'video' is not supported here; give frames as a list of paths in 'image'")
 
 
-def check_images(images, where: str, checked: set) -> None:
-    """Open and decode each image (path or bytes) not in `checked` yet, so a missing file or a
-    non-image is reported with its file:line before the model loads."""
+def check_images(images, where: str, checked: set, max_pixels: int | None = None) -> None:
+    """Open and decode each image (path or bytes) not in `checked` yet, so a missing file, a non-image
+    or one over `max_pixels` pixels is reported with its file:line before the model loads."""
     from internvl_mpo.processor.image import open_image
 
     for image in images:
         if image not in checked:
             try:
-                open_image(image).close()
+                open_image(image, max_pixels).close()
+            except SettingError as e:  # still naming the setting, which the command names by its flag
+                raise SettingError(f"{where}: {e.parts[0]}", *e.parts[1:]) from None
             except InputError as e:
                 raise InputError(f"{where}: {e}") from None
             checked.add(image)
@@ -307,16 +309,16 @@ def _parse_item(row: dict, method: str, folder: Path, where: str) -> Item:
     return item
 
 
-def read_items(path: str | Path, method: str) -> list[Item]:
+def read_items(path: str | Path, method: str, max_pixels: int | None = None) -> list[Item]:
     """Items of a JSONL file; relative image paths are taken against the file's folder. Every image
-    is opened and decoded once here."""
+    is opened and decoded once here (refused over `max_pixels` pixels, default: Pillow's limit)."""
     path = Path(path)
     items, seen, checked = [], {}, set()
     for where, row in read_objects(path, "items file"):
         item = _parse_item(row, method, path.parent, where)
         if item.id in seen:
             raise InputError(f"{where}: id {item.id!r} appears twice (first at {seen[item.id]})")
-        check_images(item.images, where, checked)
+        check_images(item.images, where, checked, max_pixels)
         seen[item.id] = where
         items.append(item)
     if not items:
@@ -678,12 +680,14 @@ def continuation_prompt_ids(tokenizer, question: str, prefix: str, template: str
 class ModelGenerator:
     """Samples and continuations through an InternVLChat's engine, with continuous batching.
 
-    A prompt's images are encoded once and shared by its K seeded requests.
+    A prompt's images are encoded once and shared by its K seeded requests; images over `max_pixels`
+    pixels (default: Pillow's limit) are refused.
     """
 
-    def __init__(self, chat, settings: PairSettings):
+    def __init__(self, chat, settings: PairSettings, max_pixels: int | None = None):
         self.chat = chat
         self.settings = settings
+        self.max_pixels = max_pixels
 
     def _generate(self, requests: list) -> list[str]:
         """Raw text of each request (special tokens skipped, nothing stripped)."""
@@ -713,7 +717,8 @@ class ModelGenerator:
         out: list[list[str] | InputError] = [[] for _ in jobs]
         for j, job in enumerate(jobs):
             try:
-                prepared = self.chat.prepare(job.question, list(job.images) or None, max_num=self.settings.max_num)
+                prepared = self.chat.prepare(job.question, list(job.images) or None, max_num=self.settings.max_num,
+                                             max_pixels=self.max_pixels)
             except InputError as e:  # a prompt longer than the context: this job fails alone
                 out[j] = e
                 continue
@@ -764,6 +769,7 @@ def pairs(
     start_ratio: float = 0.5,
     device: str | None = None,
     dtype: str | None = None,
+    max_pixels: int | None = None,
     progress: bool = True,
 ) -> int:
     """Build MMPR preference pairs from a model's samples (resumable).
@@ -784,6 +790,7 @@ def pairs(
     start_ratio: DropoutNTP keeps this fraction of the chosen answer's words
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
     dtype: float32, bfloat16, float16 or auto (the checkpoint's own) (default: bf16 on CUDA, fp32 on CPU)
+    max_pixels: refuse images with more pixels (default: Pillow's limit, about 89 M)
     progress: show a progress bar
     """
     if method not in METHODS:
@@ -794,15 +801,17 @@ def pairs(
     from internvl_mpo.checkpoint import check_not_in_use, default_device
     from internvl_mpo.cli_chat import run_dtype
     from internvl_mpo.pipeline import InternVLChat
+    from internvl_mpo.processor.image import let_pillow_open
 
+    let_pillow_open(max_pixels)
     device = default_device(device)
     settings = PairSettings(samples, max_pairs, temperature, top_k, top_p, max_new_tokens, max_num, batch_size, seed,
                             start_ratio, model, run_dtype(dtype, device, model))
-    items = read_items(input, method)  # fail on a bad file or output folder before loading the model
+    items = read_items(input, method, max_pixels)  # fail on a bad file or output folder before loading the model
     check_output_folder(Path(output))
     check_not_in_use(Path(output), PAIRS_LOCK)
     check_settings(Path(output) / "settings.json", settings.identity(method, Path(input)), RUN_FILES, record=False)
-    generator = ModelGenerator(InternVLChat.from_pretrained(model, dtype=dtype, device=device), settings)
+    generator = ModelGenerator(InternVLChat.from_pretrained(model, dtype=dtype, device=device), settings, max_pixels)
     if method == CORRECTNESS:
         stats = make_correctness_pairs(input, output, generator.sample, settings, items, progress)
     else:
