@@ -415,6 +415,26 @@ def test_generate_refuses_a_misspelt_field_before_the_model_loads(tmp_path, caps
     assert not (tmp_path / "a.jsonl").exists()
 
 
+def test_generate_refuses_another_name_for_an_input_field_before_the_model_loads(tmp_path, capsys):
+    """{"question": ..., "image_path": "a.png"} (or "img", "video_file", ...) was answered without its image, and
+    {"prompt": ...} was refused as lacking a question without saying which field was meant."""
+    from internvl_mpo.cli import main
+
+    requests = tmp_path / "requests.jsonl"
+    run = ["generate", "--input", str(requests), "--output", str(tmp_path / "a.jsonl"), "--model",
+           str(tmp_path / "no-model")]
+    for bad, meant in [({"image_path": "a.png"}, "image"), ({"image_file": "a.png"}, "image"), ({"img": "a.png"}, "image"),
+                       ({"images_path": ["a.png"]}, "image"), ({"ImageURL": "a.png"}, "image"),
+                       ({"video_path": "c.mp4"}, "video"), ({"prompt": "Hi"}, "question")]:
+        row = {"id": 1, **({} if "prompt" in bad else {"question": "Hi"}), **bad}
+        requests.write_text(json.dumps(row) + "\n")
+        assert main(run) == 1
+        err = capsys.readouterr().err
+        assert err == f"internvl-mpo generate: error: {requests}:1: field '{next(iter(bad))}' is not read; " \
+                      f"did you mean '{meant}'?\n", err
+    assert not (tmp_path / "a.jsonl").exists()
+
+
 def test_generate_refuses_a_requests_file_without_requests(tmp_path):
     """An empty (or blank) file printed "all 0 requests are answered" and exited 0, where pairs and eval
     refuse theirs."""

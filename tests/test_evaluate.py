@@ -670,6 +670,20 @@ def test_a_misspelt_field_is_refused_with_the_field_it_probably_meant(tmp_path):
             read_benchmark(data)
 
 
+def test_another_name_for_a_field_is_refused_with_the_field_it_means(tmp_path):
+    """"image_path", "img" or "prompt" was ignored: the question was asked without its image (or refused as
+    lacking a question, without saying which field was meant)."""
+    data = write_bench(tmp_path)
+    for bad, meant in [({"image_path": "img.png"}, "image"), ({"image_file": "img.png"}, "image"),
+                       ({"img": "img.png"}, "image"), ({"images_path": ["img.png"]}, "image"),
+                       ({"video_path": "c.mp4"}, "video"), ({"prompt": "Is it blue?"}, "question")]:
+        row = dict({"id": "b", "answer": "yes"}, **({} if "prompt" in bad else {"question": "Is it blue?"}), **bad)
+        data.write_text(json.dumps(row) + "\n")
+        with pytest.raises(InputError, match=rf"bench.jsonl:1: field '{next(iter(bad))}' is not read; "
+                                             rf"did you mean '{meant}'\?$"):
+            read_benchmark(data)
+
+
 def test_max_pixels_refuses_a_larger_image_naming_the_flag_before_the_model_loads(tmp_path, capsys, monkeypatch):
     """`eval` had no --max-pixels: an image over Pillow's limit was refused with "a larger max_pixels allows it",
     a setting it did not take, and a larger one could not be allowed. A TSV's images are checked too."""

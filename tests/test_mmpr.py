@@ -166,6 +166,14 @@ def test_record_fields_and_media_branches(tmp_path, root):
     assert all(os.path.isabs(p) for r in records for p in r.images)
 
 
+def test_fields_beside_the_image_that_are_not_another_name_for_it_are_ignored(tmp_path, root):
+    """Ids and metadata beside an image (or beside "image": "", text only) are not taken for a misnamed image."""
+    spec = _spec(tmp_path, root, [_pair(0, image="a.jpg", image_id=3, images_meta="x", answer_gt="B"),
+                                  _pair(1, image="", image_id=4, source="web")])
+    images = {r.question: r.images for r in read_records(spec, 0)}
+    assert images == {"q0": (os.path.join(root, "a.jpg"),), "q1": ()}
+
+
 def test_s3_images_are_root_prefixed(tmp_path, root):
     spec = _spec(tmp_path, "s3://bucket/", [_pair(0, image="s3://x/y.jpg")])
     with pytest.raises(InputError, match="s3://bucket/s3://x/y.jpg"):
@@ -247,6 +255,12 @@ BAD_LINES = [
     (json.dumps(_pair(0, image=["a.jpg", "gone.png"])), "missing_file", "image file not found: .*gone.png"),
     (json.dumps(_pair(0, image="sub")), "missing_file", "image file not found"),  # a directory
     (json.dumps(_pair(0, video="none.mp4")), "missing_file", "video file not found"),
+    # another name for 'image' or 'video' was ignored and the pair trained without its image
+    (json.dumps(_pair(0, images=["a.jpg"])), "unread_field", r"field 'images' is not read; did you mean 'image'\?$"),
+    (json.dumps(_pair(0, image_path="a.jpg")), "unread_field", r"field 'image_path' is not read; did you mean 'image'\?$"),
+    (json.dumps(_pair(0, imgae="a.jpg")), "unread_field", r"field 'imgae' is not read; did you mean 'image'\?$"),
+    (json.dumps(_pair(0, video_file="clip.mp4")), "unread_field",
+     r"field 'video_file' is not read; did you mean 'video'\?$"),
 ]
 
 
@@ -343,6 +357,8 @@ def test_sft_records(tmp_path, root):
     ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": " "}]}, "empty_answer",
      r"conversations\[1\].value is empty"),
     ({"image": "zzz.jpg", "conversations": [{"from": "human", "value": "x"}]}, "missing_file", "image file not found"),
+    ({"img": "a.jpg", "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]},
+     "unread_field", r"field 'img' is not read; did you mean 'image'\?$"),
 ])
 def test_sft_bad_lines(tmp_path, root, item, kind, problem):
     good = {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]}

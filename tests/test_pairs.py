@@ -805,6 +805,22 @@ def test_a_misspelt_field_is_refused_with_the_field_it_probably_meant(tmp_path):
         read_items(_items(path, good, {"id": "b", "question": "q", "chosne": "It is."}), "dropout-ntp")
 
 
+def test_another_name_for_a_field_is_refused_with_the_field_it_means(tmp_path):
+    """"image_path", "image_file" or "prompt" was ignored: the question was sampled without its image (or refused
+    as lacking a question, without saying which field was meant)."""
+    write_image(tmp_path / "a.png", (200, 30, 30))
+    path = tmp_path / "items.jsonl"
+    for bad, meant in [({"image_path": "a.png"}, "image"), ({"image_file": "a.png"}, "image"),
+                       ({"images_path": ["a.png"]}, "image"), ({"Video_Path": "c.mp4"}, "video"),
+                       ({"prompt": "Is it red?"}, "question"), ({"query": "Is it red?"}, "question")]:
+        row = dict({"id": "b", "answer": "yes"}, **({} if "prompt" in bad or "query" in bad else {"question": "q"}),
+                   **bad)
+        for method in ("correctness", "dropout-ntp"):
+            with pytest.raises(InputError, match=rf"items.jsonl:1: field '{next(iter(bad))}' is not read; "
+                                                 rf"did you mean '{meant}'\?$"):
+                read_items(_items(path, row), method)
+
+
 def _items(path: Path, *rows: dict) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path

@@ -404,8 +404,7 @@ REQUEST_FIELDS = ("question", "image", "video")  # a misspelling of one is refus
 
 
 def _read_requests(path: Path) -> list[dict]:
-    from .jsonl import read_objects
-    from .pairs import refuse_misspelt_fields
+    from .jsonl import read_objects, refuse_misspelt_fields
     from .processor.image import beside
 
     items, lines = [], {}

@@ -64,7 +64,7 @@ from internvl_mpo.answers import (
 from internvl_mpo.chat.template import IMAGE_PLACEHOLDER
 from internvl_mpo.errors import InputError, SettingError
 from internvl_mpo.filestamp import stamps, unchanged
-from internvl_mpo.jsonl import read_objects, rewrite_in_order
+from internvl_mpo.jsonl import read_objects, refuse_misspelt_fields, rewrite_in_order
 from internvl_mpo.pairs import (
     Progress,
     atomic_write,
@@ -72,7 +72,6 @@ from internvl_mpo.pairs import (
     check_output_folder,
     check_settings,
     hold_output,
-    refuse_misspelt_fields,
     refuse_unread_media,
 )
 

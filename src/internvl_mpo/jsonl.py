@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import codecs
+import difflib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .errors import InputError
+
+# other names that input files give the input fields (after `_plain_name`'s other changes): refused as those
+FIELD_ALIASES = {"img": "image", "picture": "image", "photo": "image", "prompt": "question", "query": "question",
+                 "instruction": "question"}
 
 
 def read_objects(path: str | Path, what: str = "file") -> Iterator[tuple[str, dict]]:
@@ -52,3 +57,39 @@ def rewrite_in_order(path: Path, ids: list) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _plain_name(key: str) -> str:
+    """A field name as `unread_field` compares it: lower case, letters and digits only, without a
+    trailing s, path, file or url (`Image_Paths`, `image-file`, `images` -> `image`), then its alias if it
+    has one (`img` -> `image`, `prompt` -> `question`)."""
+    name = "".join(c for c in key.lower() if c.isalnum()).removesuffix("s")
+    for suffix in ("path", "file", "url"):
+        name = name.removesuffix(suffix)
+    name = name.removesuffix("s")
+    return FIELD_ALIASES.get(name, name)
+
+
+def unread_field(row: dict, fields: Sequence[str]) -> str | None:
+    """Why `row` is refused, if a field's name looks like one of the input `fields` that the row lacks: a
+    misspelling (`imgae`, `Image`: a difflib close match of its lower-case name) or another name for it
+    (`image_path`, `img`, `video_file`, `prompt`: the same `_plain_name`). It would be ignored, and the
+    question asked without its image or hint. Fields with other names (ids, metadata) are ignored."""
+    lacking = [name for name in fields if name not in row]
+    for key in row:
+        if key in fields:
+            continue
+        meant = difflib.get_close_matches(key.lower(), lacking, n=1, cutoff=0.75)
+        meant = meant or [name for name in lacking if _plain_name(name) == _plain_name(key)]
+        if meant:
+            return f"field {key!r} is not read; did you mean {meant[0]!r}?"
+    return None
+
+
+def refuse_misspelt_fields(row: dict, fields: Sequence[str], where: str) -> None:
+    """Refuse (naming `where`, the file:line) a row with a field that looks like an input field it lacks
+    (`unread_field`). An id is not among the `fields`: `idx` and `qid` are fields of their own, and a row
+    without an id gets its number."""
+    problem = unread_field(row, fields)
+    if problem:
+        raise InputError(f"{where}: {problem}")

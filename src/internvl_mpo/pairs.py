@@ -53,7 +53,6 @@ Deliberate differences:
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
 import json
 import os
@@ -74,7 +73,7 @@ from internvl_mpo.answers import (
 from internvl_mpo.chat.template import IMAGE_PLACEHOLDER, add_image_prefix
 from internvl_mpo.errors import ConfigError, InputError, PromptTooLongError, SettingError
 from internvl_mpo.filestamp import stamps, unchanged
-from internvl_mpo.jsonl import read_objects
+from internvl_mpo.jsonl import read_objects, refuse_misspelt_fields
 
 CORRECTNESS = "correctness"
 DROPOUT_NTP = "dropout-ntp"
@@ -212,18 +211,6 @@ def _resolve_image(value: Any, folder: Path, where: str) -> tuple[str | list[str
 
     paths = [beside(folder, name) for name in names]
     return value, tuple(path if is_url(path) else str(Path(path).resolve()) for path in paths)
-
-
-def refuse_misspelt_fields(row: dict, fields: Sequence[str], where: str) -> None:
-    """Refuse a field whose name looks like one of the input `fields` that the row lacks (`imgae`, `images`,
-    `Image`: a difflib close match of its lower-case name): it would be ignored, and the question asked
-    without its image or hint. Fields with other names (ids, metadata) are ignored. An id is not among the
-    `fields`: `idx` and `qid` are fields of their own, and a row without an id gets its number."""
-    lacking = [name for name in fields if name not in row]
-    for key in row:
-        meant = difflib.get_close_matches(key.lower(), lacking, n=1, cutoff=0.75) if key not in fields else []
-        if meant:
-            raise InputError(f"{where}: field {key!r} is not read; did you mean {meant[0]!r}?")
 
 
 def refuse_unread_media(row: dict, where: str) -> None:

@@ -26,7 +26,9 @@ shuffling run over all raw lines before dropping, so the order of the good recor
 official one. Blank lines count as malformed (the official JSON parse fails on them too). An empty
 (or all-whitespace) `chosen` or `rejected` answer or SFT `gpt` turn, and a pair whose `chosen` and
 `rejected` are the same text, are refused too; the official readers accept them. So are an SFT record
-with an image or video but no `human` turn to show it in, and a dataset
+with an image or video but no `human` turn to show it in, a field that looks like a misspelling or another
+name of an `image` or `video` the line lacks ("images", "image_path": `jsonl.unread_field`), which the
+official reader ignores and trains the record without its image, and a dataset
 name (or any key) given twice in meta.json, of which `json.load` keeps the last silently.
 """
 
@@ -43,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from internvl_mpo.errors import InputError
+from internvl_mpo.jsonl import unread_field
 
 MAX_REPORTED_MESSAGES = 5
 SFT_ROLES = ("human", "gpt", "system")
@@ -277,7 +280,12 @@ def _image_path(root: str, path: str) -> str:
 
 
 def _media(item: dict, root: str) -> tuple[tuple[str, ...], bool, str | None]:
-    """(images, multi_image, video) with the official branch order: image, then video, else text."""
+    """(images, multi_image, video) with the official branch order: image, then video, else text. A field
+    that looks like an `image` or `video` the line lacks ("images", "image_path") is refused: the record
+    would train without its image."""
+    problem = unread_field(item, ("image", "video"))
+    if problem:
+        raise _BadLine("unread_field", problem)
     if "image" in item:
         image = item["image"]
         if isinstance(image, str):
