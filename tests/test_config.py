@@ -1,12 +1,14 @@
-"""Reading the official config.json: defaults equal the 4B values, refusals are clear."""
+"""Reading the official config.json: a key left out means the official default; refusals are clear;
+configs built in Python default to the 4B values."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
-from internvl_mpo.config import ModelConfig
+from internvl_mpo.config import LLMConfig, ModelConfig, VisionConfig
 from internvl_mpo.errors import ConfigError
 
 
@@ -46,6 +48,8 @@ def write(tmp_path, change):
         (lambda d: d["vision_config"].update(layer_norm_eps="1e-6"), 'vision_config.layer_norm_eps is "1e-6", not a number'),
         (lambda d: d["vision_config"].update(qkv_bias=1), "vision_config.qkv_bias is 1, not true or false"),
         (lambda d: d.update(template=None), "template is null, not a string"),
+        (lambda d: d.pop("template"), r"config.json has no template .*the official model cannot be built without one"),
+        (lambda d: d["llm_config"].pop("architectures"), r"llm_config has no architectures: .*supported: \['Qwen2"),
         (lambda d: d.update(use_llm_lora=16), r"use_llm_lora=16: .*unmerged .*tools/merge_lora.py"),
         (lambda d: d.update(use_backbone_lora=8), r"use_backbone_lora=8: .*unmerged .*tools/merge_lora.py"),
         (lambda d: d.update(model_type="internvl"),
@@ -148,17 +152,103 @@ def test_not_utf8(tmp_path):
         ModelConfig.from_json(tmp_path)
 
 
-def test_missing_keys_take_the_official_config_classes_defaults(tmp_path):
+# The defaults of the official config classes' __init__ for the keys we read, checked against OpenGVLab/InternVL
+# internvl_chat/internvl/model/internvl_chat/configuration_internvl_chat.py (InternVLChatConfig; its
+# ps_version 'v1' is refused, see above, and its template None cannot build the model),
+# .../internvl_chat/configuration_intern_vit.py (InternVisionConfig) and
+# internvl_chat/internvl/model/internlm2/configuration_internlm2.py (InternLM2Config). Qwen2Config is
+# transformers' own, compared directly below.
+OFFICIAL_TOP = {"select_layer": -1, "force_image_size": None, "downsample_ratio": 0.5, "dynamic_image_size": False,
+                "use_thumbnail": False, "min_dynamic_patch": 1, "max_dynamic_patch": 6}
+OFFICIAL_VISION = {
+    "num_channels": 3, "patch_size": 14, "image_size": 224, "qkv_bias": False, "hidden_size": 3200,
+    "num_attention_heads": 25, "intermediate_size": 12800, "qk_normalization": True, "num_hidden_layers": 48,
+    "hidden_act": "gelu", "norm_type": "rms_norm", "layer_norm_eps": 1e-6, "dropout": 0.0, "drop_path_rate": 0.0,
+    "attention_dropout": 0.0, "initializer_range": 0.02, "initializer_factor": 0.1,
+}
+OFFICIAL_INTERNLM2 = {
+    "vocab_size": 103168, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu", "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None, "bos_token_id": 1, "eos_token_id": 2,
+    "model_type": "internlm2",
+}
+LLM_KEYS = [f.name for f in dataclasses.fields(LLMConfig) if f.name not in ("architectures", "extra")]
+
+
+def stripped(keys, section=None):
     def strip(d):
-        for key in ("norm_type", "qk_normalization", "qkv_bias"):
-            d["vision_config"].pop(key)
-        d.pop("force_image_size")
-    config = ModelConfig.from_json(write(tmp_path, strip))  # InternVisionConfig defaults: the 6B tower's
-    v = config.vision
-    assert (v.norm_type, v.qk_normalization, v.qkv_bias) == ("rms_norm", True, False)
-    assert config.force_image_size is None
+        for key in keys:
+            (d[section] if section else d).pop(key)
+    return strip
+
+
+def test_missing_top_and_vision_keys_read_the_official_config_classes_defaults(tmp_path):
+    config = ModelConfig.from_json(write(tmp_path, stripped(OFFICIAL_TOP)))
+    assert {key: getattr(config, key) for key in OFFICIAL_TOP} == OFFICIAL_TOP
+    assert config.tiles_per_image == 1  # no dynamic tiling: one tile per image
+    def strip_vision(d):
+        stripped(OFFICIAL_VISION, "vision_config")(d)
+        d.pop("force_image_size")  # 448 would not match the default 224
+    vision = ModelConfig.from_json(write(tmp_path, strip_vision)).vision
+    assert {key: getattr(vision, key) for key in OFFICIAL_VISION} == OFFICIAL_VISION
     with pytest.raises(ConfigError, match="ps_version 'v1' is not implemented"):  # InternVLChatConfig's default
         ModelConfig.from_json(write(tmp_path, lambda d: d.pop("ps_version")))
+
+
+def test_missing_llm_keys_read_the_official_config_classes_defaults(tmp_path):
+    """Every llm_config key we read, left out, is what transformers' Qwen2Config or the official
+    InternLM2Config holds for it: rope_theta 10000 and 32 heads change the logits without changing a
+    weight shape, and the widths make weights of another shape refused rather than read as the 4B's."""
+    from transformers import Qwen2Config
+
+    qwen2 = Qwen2Config()
+    rope = getattr(qwen2, "rope_parameters", None) or {}  # transformers >= 5 keeps the theta there
+    expected = {key: rope.get("rope_theta", getattr(qwen2, "rope_theta", None)) if key == "rope_theta"
+                else getattr(qwen2, key) for key in LLM_KEYS if key != "tie_word_embeddings"}
+    expected["rope_scaling"] = None if rope.get("rope_type", "default") == "default" else rope
+    llm = ModelConfig.from_json(write(tmp_path, stripped(LLM_KEYS, "llm_config"))).llm
+    assert {key: getattr(llm, key) for key in expected} == expected
+    assert llm.tie_word_embeddings is False  # InternVLChatConfig unties it whatever llm_config says
+
+    def internlm2(d):
+        stripped(LLM_KEYS, "llm_config")(d)
+        d["llm_config"]["architectures"] = ["InternLM2ForCausalLM"]
+    llm = ModelConfig.from_json(write(tmp_path, internlm2)).llm
+    assert {key: getattr(llm, key) for key in OFFICIAL_INTERNLM2} == OFFICIAL_INTERNLM2
+    assert (llm.extra["pad_token_id"], llm.extra["bias"]) == (0, True)  # InternLM2Config's, read by internlm2.py
+
+    def partial(d):
+        stripped(("rope_theta", "num_attention_heads", "num_key_value_heads", "max_position_embeddings"),
+                 "llm_config")(d)
+        d["llm_config"].update(architectures=["InternLM2ForCausalLM"], num_attention_heads=16)
+    llm = ModelConfig.from_json(write(tmp_path, partial)).llm
+    assert (llm.rope_theta, llm.num_attention_heads, llm.num_key_value_heads, llm.max_position_embeddings) == (
+        10000.0, 16, 16, 2048)
+    llm = ModelConfig.from_json(write(tmp_path, lambda d: d["llm_config"].update(num_key_value_heads=None))).llm
+    assert llm.num_key_value_heads == llm.num_attention_heads == 16  # null: one kv head per head, in both classes
+
+
+def test_a_config_read_with_defaults_is_written_with_every_key(tmp_path):
+    """What save_pretrained, convert, train and the demo write (`to_dict`) spells out every key, so a
+    file we write never depends on a default: read back, each section holds every field."""
+    def strip_all(d):
+        stripped(OFFICIAL_TOP)(d)
+        stripped(OFFICIAL_VISION, "vision_config")(d)
+        stripped(LLM_KEYS, "llm_config")(d)
+        d["llm_config"]["architectures"] = ["InternLM2ForCausalLM"]
+        d["vision_config"]["num_attention_heads"] = 25  # 3200 wide: keep a head count that divides it
+    config = ModelConfig.from_json(write(tmp_path, strip_all))
+    written = config.to_dict()
+    assert {key: written[key] for key in OFFICIAL_TOP} == OFFICIAL_TOP and written["template"] == "internvl2_5"
+    assert {key: written["vision_config"][key] for key in OFFICIAL_VISION} == OFFICIAL_VISION
+    assert {key: written["llm_config"][key] for key in OFFICIAL_INTERNLM2} == OFFICIAL_INTERNLM2
+    assert (written["llm_config"]["pad_token_id"], written["llm_config"]["bias"]) == (0, True)
+    for cls, section in ((ModelConfig, written), (VisionConfig, written["vision_config"]),
+                         (LLMConfig, written["llm_config"])):
+        assert {f.name for f in dataclasses.fields(cls)} - {"extra", "vision", "llm"} <= set(section)
+    path = tmp_path / "written.json"
+    config.to_json(path)
+    assert ModelConfig.from_json(path) == config
 
 
 def test_a_tied_head_in_llm_config_is_read_untied_as_the_official_config_does(tmp_path):
@@ -168,26 +258,6 @@ def test_a_tied_head_in_llm_config_is_read_untied_as_the_official_config_does(tm
     config = ModelConfig.from_json(write(tmp_path, tie))
     assert config.llm.tie_word_embeddings is False
     assert config.to_dict()["tie_word_embeddings"] is False and not config.to_dict()["llm_config"]["tie_word_embeddings"]
-
-
-def test_missing_llm_keys_take_the_official_config_classes_defaults(tmp_path):
-    """Qwen2Config and InternLM2Config defaults, not the 4B values: rope_theta 10000 and 32 heads change
-    the logits without changing a weight shape."""
-    def strip(d):
-        for key in ("rope_theta", "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
-            d["llm_config"].pop(key)
-    llm = ModelConfig.from_json(write(tmp_path, strip)).llm
-    assert (llm.rope_theta, llm.num_attention_heads, llm.num_key_value_heads, llm.max_position_embeddings) == (
-        10000.0, 32, 32, 32768)
-
-    def strip_internlm2(d):
-        strip(d)
-        d["llm_config"].update(architectures=["InternLM2ForCausalLM"], num_attention_heads=16)
-    llm = ModelConfig.from_json(write(tmp_path, strip_internlm2)).llm
-    assert (llm.rope_theta, llm.num_attention_heads, llm.num_key_value_heads, llm.max_position_embeddings) == (
-        10000.0, 16, 16, 2048)
-    llm = ModelConfig.from_json(write(tmp_path, lambda d: d["llm_config"].update(num_key_value_heads=None))).llm
-    assert llm.num_key_value_heads == llm.num_attention_heads == 16  # null: one kv head per head, in both classes
 
 
 def test_rope_written_the_transformers_5_way_is_read(tmp_path):

@@ -1178,6 +1178,21 @@ def test_preprocessed_tiles_as_one_tensor_or_one_per_image(setup):
             chat.batch_chat(["First", "Second"], torch.cat([a, b]), num_patches_list=[2, 1], **setting, **kw)
 
 
+def test_images_take_the_tiles_of_the_configs_dynamic_image_size_unless_max_num_is_given(checkpoint, tmp_path):
+    """A config.json with dynamic_image_size false (what a config without the key means to the official
+    InternVLChatConfig) gives each image one tile, resized whole, as vLLM and the official demo tile it;
+    an explicit max_num still tiles. It was tiled to max_dynamic_patch whatever the key said."""
+    folder = shutil.copytree(checkpoint[0], tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    size = config["vision_config"]["image_size"]
+    wide = Image.new("RGB", (4 * size, size))
+    assert InternVLChat.from_pretrained(folder, dtype=torch.float32).prepare("Hi", [wide]).num_patches_list == [5]
+    (folder / "config.json").write_text(json.dumps({**config, "dynamic_image_size": False}))
+    chat = InternVLChat.from_pretrained(folder, dtype=torch.float32)
+    assert chat.prepare("Hi", [wide]).num_patches_list == [1]  # 4 x 1 tiles and a thumbnail before
+    assert chat.prepare("Hi", [wide], max_num=4).num_patches_list == [5]
+
+
 def test_a_tile_count_below_one_in_chat_is_named(setup):
     """chat's num_patches_list [0, 2] for two tiles said "does not add up to the 2 tiles given", which they do;
     a count of 0 (a question without an image) belongs to batch_chat."""

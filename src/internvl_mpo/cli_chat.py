@@ -89,7 +89,8 @@ def chat(
     model: checkpoint folder or hub id (default: the shipped demo model)
     image: an image file; repeat the flag for several images
     video: a video file or a folder of frames
-    max_num: most tiles per image (default: the model's max_dynamic_patch); video frames take one tile each
+    max_num: most tiles per image (default: the model's max_dynamic_patch, 1 if its dynamic_image_size is false);
+        video frames take one tile each
     num_segments: frames sampled from a video
     temperature: 0 = greedy, > 0 samples
     top_p: nucleus sampling mass
@@ -236,7 +237,8 @@ def generate(
         --top-p and --top-k)
     model: checkpoint folder or hub id (default: the shipped demo model)
     batch_size: requests decoded together
-    max_num: most tiles per image (default: the model's max_dynamic_patch); video frames take one tile each
+    max_num: most tiles per image (default: the model's max_dynamic_patch, 1 if its dynamic_image_size is false);
+        video frames take one tile each
     temperature: 0 = greedy
     top_p: nucleus sampling mass
     top_k: sample among the k most likely tokens (0 = off)
@@ -344,11 +346,11 @@ SAMPLING_ONLY = ("seed", "top_k", "top_p")  # the generate settings that only a 
 
 
 def _default_tiles(model: str) -> int:
-    """The tiles per image a run without --max-num uses: the model config's max_dynamic_patch."""
+    """The tiles per image a run without --max-num uses: the model config's `tiles_per_image`."""
     from .checkpoint import resolve_checkpoint
     from .config import ModelConfig
 
-    return ModelConfig.from_json(resolve_checkpoint(model) / "config.json").max_dynamic_patch
+    return ModelConfig.from_json(resolve_checkpoint(model) / "config.json").tiles_per_image
 
 
 def _check_answer_settings(out: Path, settings: dict, resume: bool, default_max_num: Callable[[], int]) -> None:

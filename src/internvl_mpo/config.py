@@ -2,9 +2,11 @@
 
 Mirrors `configuration_internvl_chat.InternVLChatConfig` (top level), `configuration_intern_vit.
 InternVisionConfig` (`vision_config`) and transformers' `Qwen2Config` (`llm_config`). Field names are
-the config.json keys. Keys we do not use (`auto_map`, `_name_or_path`, MoE leftovers, ...) are kept in
-`extra` so that `to_dict` writes the file back as it came. Settings that would change the maths and
-that we do not implement raise `ConfigError` instead of being ignored.
+the config.json keys. A key a config.json leaves out means what those classes default to; the
+dataclass defaults (the 4B model's values) serve configs built in Python, and `to_dict` writes every
+field. Keys we do not use (`auto_map`, `_name_or_path`, MoE leftovers, ...) are kept in `extra` so that
+`to_dict` writes the file back as it came. Settings that would change the maths and that we do not
+implement raise `ConfigError` instead of being ignored.
 """
 
 from __future__ import annotations
@@ -269,6 +271,12 @@ class ModelConfig:
         return self.vision.image_size
 
     @property
+    def tiles_per_image(self) -> int:
+        """Most tiles per image where a run names no max_num: max_dynamic_patch, or 1 (the whole image,
+        resized) with dynamic_image_size off, as vLLM and the official demo tile."""
+        return self.max_dynamic_patch if self.dynamic_image_size else 1
+
+    @property
     def num_image_token(self) -> int:
         """LLM tokens per tile: (448 // 14) ** 2 * 0.5 ** 2 = 256."""
         return int(self.vision.grid_size**2 * self.downsample_ratio**2)
@@ -298,6 +306,9 @@ class ModelConfig:
                 method = quant.get("quant_method") if isinstance(quant, dict) else quant
                 raise ConfigError(f"{where}quantization_config (quant_method {method!r}): quantized weights are not "
                                   "implemented; use the unquantized release (the repo name without -AWQ)")
+        if "template" not in d:  # the official model looks its conversation template up by this name
+            raise ConfigError("config.json has no template (the conversation format, \"internvl2_5\" for "
+                              "InternVL2.5): the official model cannot be built without one")
         d = {**_OFFICIAL_TOP_DEFAULTS, **d}
         vision = VisionConfig.from_dict({**_OFFICIAL_VISION_DEFAULTS, **d.pop("vision_config")})
         # The official InternVLChatConfig always unties the head (the stored lm_head is used), whatever
@@ -347,20 +358,36 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-# What the official config classes assume for keys a config.json leaves out (InternVisionConfig
-# defaults to InternViT-6B; InternVLChatConfig to the first pixel shuffle and no forced size).
+# What the official config classes assume for every key a config.json leaves out that we read:
+# InternVisionConfig (configuration_intern_vit.py) describes InternViT-6B at 224 pixels,
+# InternVLChatConfig (configuration_internvl_chat.py) the first pixel shuffle, no forced tile size and
+# one tile per image (dynamic_image_size and use_thumbnail false, at most 6 tiles when tiling is on).
+# `template` has no usable default (the official model looks None up and fails): it is refused.
 _OFFICIAL_VISION_DEFAULTS = {
-    "hidden_size": 3200, "intermediate_size": 12800, "num_hidden_layers": 48, "num_attention_heads": 25,
-    "image_size": 224, "qkv_bias": False, "qk_normalization": True, "norm_type": "rms_norm",
-    "initializer_range": 0.02,
+    "num_channels": 3, "patch_size": 14, "image_size": 224, "qkv_bias": False, "hidden_size": 3200,
+    "num_attention_heads": 25, "intermediate_size": 12800, "qk_normalization": True, "num_hidden_layers": 48,
+    "hidden_act": "gelu", "norm_type": "rms_norm", "layer_norm_eps": 1e-6, "dropout": 0.0, "drop_path_rate": 0.0,
+    "attention_dropout": 0.0, "initializer_range": 0.02, "initializer_factor": 0.1,
 }
-_OFFICIAL_TOP_DEFAULTS = {"ps_version": "v1", "force_image_size": None}
-# Those of transformers' Qwen2Config and the official InternLM2Config that change the maths without
-# changing a weight shape (a null num_key_value_heads, InternLM2's default, means one per query head).
+_OFFICIAL_TOP_DEFAULTS = {
+    "select_layer": -1, "force_image_size": None, "downsample_ratio": 0.5, "dynamic_image_size": False,
+    "use_thumbnail": False, "ps_version": "v1", "min_dynamic_patch": 1, "max_dynamic_patch": 6,
+}
+# Those of transformers' Qwen2Config and the official InternLM2Config (a null num_key_value_heads,
+# InternLM2's default, means one per query head; InternLM2's pad_token_id and bias live in `extra`).
 _OFFICIAL_LLM_DEFAULTS = {
-    "Qwen2ForCausalLM": {"num_attention_heads": 32, "num_key_value_heads": 32, "rope_theta": 10000.0,
-                         "max_position_embeddings": 32768},
-    "InternLM2ForCausalLM": {"num_attention_heads": 32, "rope_theta": 10000.0, "max_position_embeddings": 2048},
+    "Qwen2ForCausalLM": {
+        "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu", "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None, "attention_dropout": 0.0,
+        "bos_token_id": None, "eos_token_id": None, "model_type": "qwen2",
+    },
+    "InternLM2ForCausalLM": {
+        "vocab_size": 103168, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu", "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None, "pad_token_id": 0, "bos_token_id": 1,
+        "eos_token_id": 2, "bias": True, "model_type": "internlm2",
+    },
 }
 
 
@@ -381,7 +408,10 @@ def official_rope(d: dict[str, Any]) -> dict[str, Any]:
 
 def _official_llm_dict(d: dict[str, Any]) -> dict[str, Any]:
     """llm_config as the official config classes read it: their defaults for missing keys, legacy RoPE keys."""
-    archs = d.get("architectures")
+    if "architectures" not in d:  # the official class reads architectures[0] and fails without it
+        raise ConfigError("llm_config has no architectures: the official config class picks the LLM by it; "
+                          f"supported: {list(SUPPORTED_LLM_ARCHITECTURES)}")
+    archs = d["architectures"]
     arch = archs[0] if isinstance(archs, list) and archs else None
     d = {**_OFFICIAL_LLM_DEFAULTS.get(arch, {}), **official_rope(d)}
     if arch in _OFFICIAL_LLM_DEFAULTS and d.get("num_key_value_heads") is None:  # null: one per head, in both

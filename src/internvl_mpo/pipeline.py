@@ -195,7 +195,7 @@ class InternVLChat:
     ) -> tuple[torch.Tensor | None, list[int]]:
         """Tiles of every image, concatenated, and the tile count of each image.
 
-        Each image gets `max_num` tiles at most (default: the config's max_dynamic_patch); with
+        Each image gets `max_num` tiles at most (default: the config's `tiles_per_image`); with
         `total_max_num`, the per-image budget shrinks to max(1, total_max_num // n_images)
         (see processor/multi.py). Images over `max_pixels` pixels (default: Pillow's
         decompression-bomb limit, about 89 million) are refused. Files and PIL images are checked by `fits`
@@ -246,7 +246,7 @@ class InternVLChat:
                 raise InputError(f"num_patches_list {counts} does not add up to the {pixels.shape[0]} tiles given")
             return pixels, counts
         budgets = dict(
-            max_num=self.config.max_dynamic_patch if max_num is None else max_num,
+            max_num=self.config.tiles_per_image if max_num is None else max_num,
             min_num=self.config.min_dynamic_patch, image_size=self.config.image_size,
             use_thumbnail=self.config.use_thumbnail, total_budget=total_max_num, max_pixels=max_pixels,
         )

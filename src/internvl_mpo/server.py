@@ -770,7 +770,7 @@ def chat_prompt_ids(chat: InternVLChat, req: ChatRequest, settings: ServerSettin
     `fits` gets the prompt's length, planned from the images' headers, before any tile is made (each
     ~2.4 MB at 448 pixels), and raises where it is too long."""
     config = chat.config
-    per_image = req.max_num or config.max_dynamic_patch
+    per_image = req.max_num or config.tiles_per_image
     if req.image_urls:
         n = len(req.image_urls)
         per_image = min(per_image, max(1, settings.max_tiles // n))
