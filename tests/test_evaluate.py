@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -397,11 +398,12 @@ def test_bad_input_is_named_with_its_line_before_any_answer(tmp_path):
     data.write_text(json.dumps({"id": "1", "question": " ", "answer": "yes"}) + "\n")
     with pytest.raises(InputError, match=r"bench.jsonl:1: the question is empty"):
         read_benchmark(data)
-    for name, text in [("empty.tsv", "index\tquestion\tanswer\n1\tIs it red?\tyes\n2\t\tyes\n"),
-                       ("short.tsv", "index\tanswer\tquestion\n1\tyes\tIs it red?\n2\tyes\n")]:
-        (tmp_path / name).write_text(text, encoding="utf-8")
-        with pytest.raises(InputError, match=rf"{name}:row 3 \(index 2\): the question is empty"):
-            read_benchmark(tmp_path / name)
+    (tmp_path / "empty.tsv").write_text("index\tquestion\tanswer\n1\tIs it red?\tyes\n2\t\tyes\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"empty.tsv:row 3 \(index 2\): the question is empty"):
+        read_benchmark(tmp_path / "empty.tsv")
+    (tmp_path / "short.tsv").write_text("index\tanswer\tquestion\n1\tyes\tIs it red?\n2\tyes\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"short.tsv:row 3: 2 cells, but the header has 3 columns"):
+        read_benchmark(tmp_path / "short.tsv")
 
 
 # ----------------------------------------------------------------------------- MMBench TSV
@@ -470,6 +472,30 @@ def test_tsv_with_a_byte_order_mark_or_not_utf8(tmp_path):
     (tmp_path / "paths.tsv").write_text("index\tquestion\tanswer\timage_path\n1\tq?\t2\ta.jpg\n", encoding="utf-8")
     with pytest.raises(InputError, match=r"paths.tsv: images given as an image_path column"):
         read_benchmark(tmp_path / "paths.tsv")
+
+
+def test_a_tsv_whose_cells_do_not_fit_its_header_is_refused_naming_the_row_or_column(tmp_path):
+    """A column named twice kept its last copy, a row with a cell too many dropped it and a row with one too few
+    left the last columns empty (option B was left out); a blank first line made the header look empty."""
+    header = "index\tquestion\tA\tB\tanswer\n"
+    for text, problem in [
+        ("", r"the file is empty \(or blank\); expected a header row naming the columns"),
+        ("\n\n", r"the file is empty \(or blank\)"),
+        ("index\tquestion\n1\tWhich?\n", r"missing column\(s\) answer"),
+        ("index\tquestion\tanswer\tanswer\n1\tq?\t2\t3\n", "column 'answer' appears more than once in the header"),
+        (header + "1\tWhich?\tred\tblue\tA\n2\tWhich?\tred\tA\n", ":row 3: 4 cells, but the header has 5 columns"),
+        (header + "1\tWhich?\tred\tblue\tA\tB\n", ":row 2: 6 cells, but the header has 5 columns"),
+        (header + '1\t"Which?\tred\tblue\tA\n2\tWhich?\tred\tblue\tA\n', ":row 2: 2 cells"),  # a quote opens a cell
+    ]:
+        (tmp_path / "bad.tsv").write_text(text, encoding="utf-8")
+        with pytest.raises(InputError, match=rf"^{re.escape(str(tmp_path / 'bad.tsv'))}{'' if text.startswith(header) else ': '}"
+                                             rf"{problem}"):
+            read_benchmark(tmp_path / "bad.tsv")
+    (tmp_path / "good.tsv").write_text("\n" + header + "1\tWhich?\tred\tblue\tA\n\n2\tWhich?\tred\tblue\tB\n",
+                                       encoding="utf-8")
+    items = read_benchmark(tmp_path / "good.tsv")  # blank lines are skipped, as pandas skips them
+    assert [(i.id, i.options, i.answer) for i in items] == [("1", {"A": "red", "B": "blue"}, "A"),
+                                                           ("2", {"A": "red", "B": "blue"}, "B")]
 
 
 def write_circular_tsv(path: Path) -> None:

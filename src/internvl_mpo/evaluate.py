@@ -22,7 +22,9 @@ Mirrors open-compass/VLMEvalKit:
 Differences: there is no judge model, so an answer whose letter cannot be inferred counts wrong
 (VLMEvalKit's exact-matching mode); short answers are compared by `answers.check_answer` (VLMEvalKit has per-benchmark scorers); with
 `cot` the final answer is extracted for every kind, not only multiple choice and yes/no. Empty and
-"nan" TSV cells are missing values (pandas also reads "None", "NA", "null", ... as missing).
+"nan" TSV cells are missing values (pandas also reads "None", "NA", "null", ... as missing). A TSV row with
+fewer cells than the header is refused (pandas reads the missing ones as missing values), and so is a column
+named twice (pandas renames the second `name.1`).
 
 JSONL rows without an "id" are numbered from 1 in file order, as `generate` numbers requests (an
 explicit id that repeats such a number is refused as a duplicate).
@@ -166,6 +168,10 @@ def _read_jsonl(path: Path, max_pixels: int | None) -> list[BenchItem]:
 
 
 def _tsv_rows(path: Path) -> list[dict[str, str]]:
+    """The rows under the header, as {column: cell}; blank lines are skipped, as pandas skips them. An empty
+    file, a header without the required columns or with a name twice, and a row with more or fewer cells
+    than the header has columns (its cells would go under the wrong columns) are refused, naming the file
+    and the row or column."""
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")  # a leading byte order mark is dropped, as pandas drops it
@@ -175,9 +181,24 @@ def _tsv_rows(path: Path) -> list[dict[str, str]]:
     previous = csv.field_size_limit()
     csv.field_size_limit(2**31 - 1)  # base64 images exceed the 128 kB default
     try:
-        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t"))
+        rows = [row for row in csv.reader(io.StringIO(text, newline=""), delimiter="\t") if row]
     finally:
         csv.field_size_limit(previous)
+    if not rows:
+        raise InputError(f"{path}: the file is empty (or blank); expected a header row naming the columns, index, "
+                         "question, answer, ...")
+    header = rows[0]
+    missing = [k for k in ("index", "question", "answer") if k not in header]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
+    twice = next((name for name in header if name and header.count(name) > 1), None)
+    if twice is not None:
+        raise InputError(f"{path}: column {twice!r} appears more than once in the header; rename or remove one")
+    for number, row in enumerate(rows[1:], 2):
+        if len(row) != len(header):
+            raise InputError(f"{path}:row {number}: {len(row)} cells, but the header has {len(header)} columns "
+                             "(a tab missing or extra in the row, or a cell's text opening with a quote)")
+    return [dict(zip(header, row)) for row in rows[1:]]
 
 
 def _cell(row: dict[str, str], key: str) -> str:
@@ -189,9 +210,6 @@ def _read_tsv(path: Path, max_pixels: int | None) -> list[BenchItem]:
     rows = _tsv_rows(path)
     if not rows:
         return []
-    missing = [k for k in ("index", "question", "answer") if k not in rows[0]]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
     if "image_path" in rows[0] and "image" not in rows[0]:
         raise InputError(f"{path}: images given as an image_path column are not read (the questions would go without "
                          "them); give base64 images in an image column, or a JSONL file with image paths")
