@@ -103,16 +103,45 @@ def test_official_round_trip_is_lossless(tmp_path, llm, vision):
     assert back_config.llm.extra.get("pad_token_id") == src_config.llm.extra.get("pad_token_id")
 
 
-def test_round_trip_keeps_the_tile_limits(tmp_path):
-    """The official config's tile limits travel in transformers' preprocessor_config.json and come back."""
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_round_trip_keeps_the_tiling(tmp_path, dynamic):
+    """The official config's tiling (dynamic_image_size, the tile limits) travels in transformers'
+    preprocessor_config.json and comes back (dynamic_image_size false came back true)."""
     src = official_folder(tmp_path / "src", "qwen2")
     config = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps({**config, "min_dynamic_patch": 2, "max_dynamic_patch": 4}))
+    (src / "config.json").write_text(json.dumps({**config, "min_dynamic_patch": 2, "max_dynamic_patch": 4,
+                                                 "dynamic_image_size": dynamic}))
     convert(src, tmp_path / "hf", to="hf")
     preprocessor = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
-    assert (preprocessor["min_patches"], preprocessor["max_patches"]) == (2, 4)
+    assert (preprocessor["crop_to_patches"], preprocessor["min_patches"], preprocessor["max_patches"]) == (dynamic, 2, 4)
     back = ModelConfig.from_json(convert(tmp_path / "hf", tmp_path / "back", to="official"))
-    assert back == ModelConfig.from_json(src) and (back.min_dynamic_patch, back.max_dynamic_patch) == (2, 4)
+    assert back == ModelConfig.from_json(src) and (back.dynamic_image_size, back.min_dynamic_patch,
+                                                   back.max_dynamic_patch) == (dynamic, 2, 4)
+
+
+def test_tiling_read_from_a_transformers_preprocessor_config():
+    """crop_to_patches left out of preprocessor_config.json is GotOcr2's default (false: one tile); without
+    the file the tiling is InternVL's; every tiled image gets a thumbnail, as transformers' processor adds."""
+    hf_dict = hf_config_dict(tiny_config(), image_token_id=IMAGE_TOKEN_ID)
+    config = config_from_hf(hf_dict, {"min_patches": 1, "max_patches": 6})
+    assert (config.dynamic_image_size, config.max_dynamic_patch, config.use_thumbnail) == (False, 6, True)
+    config = config_from_hf(hf_dict)
+    assert (config.dynamic_image_size, config.max_dynamic_patch, config.use_thumbnail) == (True, 12, True)
+    with pytest.raises(ConfigError, match='crop_to_patches is "yes", not true or false'):
+        config_from_hf(hf_dict, {"crop_to_patches": "yes"})
+
+
+def test_use_thumbnail_false_is_refused_for_transformers(tmp_path):
+    """transformers' InternVL processor adds a thumbnail to every tiled image: a config without one
+    (use_thumbnail false, or left out, which the official config class reads as false) would convert
+    to a model that tiles otherwise, so it is refused before any weight is written."""
+    src = official_folder(tmp_path / "src", "qwen2")
+    config = json.loads((src / "config.json").read_text())
+    config.pop("use_thumbnail")
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"config.json: use_thumbnail false .*set \"use_thumbnail\": true"):
+        convert(src, tmp_path / "hf", to="hf")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask_022):

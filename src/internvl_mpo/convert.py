@@ -19,9 +19,10 @@ Reading also accepts transformers' in-memory names (`model.vision_tower.*`, `mod
 `lm_head.*`). Only one table is written (official -> transformers); the other direction is its exact
 inverse, so a round trip gives back every tensor bit for bit. Tensors keep their dtype and are
 streamed one at a time into shards, so memory stays near one shard. Config fields that change the
-maths are carried both ways; the tile limits go to preprocessor_config.json and come back from it;
-the other official chat-only fields (template, thumbnail) are not part of transformers' files and come
-back as the InternVL2.5 values.
+maths are carried both ways; the tiling (dynamic_image_size as crop_to_patches, the tile limits) goes
+to preprocessor_config.json and comes back from it; the template is not part of transformers' files and
+comes back as the InternVL2.5 one, the thumbnail always (transformers' processor adds it, so use_thumbnail
+false with tiling on is refused).
 
 The head: the official code never ties it (InternVLChatConfig forces tie_word_embeddings False), so
 official configs say untied both ways. transformers 5 ties `lm_head` to the input embeddings when the
@@ -238,8 +239,9 @@ def hf_config_dict(config: ModelConfig, image_token_id: int) -> dict[str, Any]:
 
 
 def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None) -> ModelConfig:
-    """The official ModelConfig for a transformers InternVLConfig dict (config.json); the tile limits
-    come from the GotOcr2 `preprocessor` dict (preprocessor_config.json) when given."""
+    """The official ModelConfig for a transformers InternVLConfig dict (config.json); the tiling
+    (`crop_to_patches`, the tile limits) comes from the GotOcr2 `preprocessor` dict (preprocessor_config.json)
+    when given, and is InternVL's (12 tiles and a thumbnail) without one."""
     if d.get("model_type") != "internvl":
         raise ConfigError(f"model_type {d.get('model_type')!r} is not transformers' 'internvl'")
     v, t = d.get("vision_config") or {}, d.get("text_config") or {}
@@ -303,15 +305,18 @@ def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None
     dtype = d.get("torch_dtype", d.get("dtype"))
     if dtype is not None:
         top_extra["torch_dtype"] = dtype
-    preprocessor = preprocessor or {}
+    preprocessor = {"crop_to_patches": True} if preprocessor is None else preprocessor  # none: InternVL's tiling
     tiles = {name: preprocessor.get(key, default)
              for name, key, default in (("min_dynamic_patch", "min_patches", 1), ("max_dynamic_patch", "max_patches", 12))}
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in tiles.values()):
         raise ConfigError(f"preprocessor_config.json: min_patches and max_patches must be integers >= 1, got {tiles}")
+    dynamic = preprocessor.get("crop_to_patches", False)  # GotOcr2's default: one tile per image
+    if not isinstance(dynamic, bool):
+        raise ConfigError(f"preprocessor_config.json: crop_to_patches is {json.dumps(dynamic)}, not true or false")
     return ModelConfig(
         vision=vision, llm=llm, downsample_ratio=d.get("downsample_ratio", 0.5),
         select_layer=d.get("vision_feature_layer", -1), force_image_size=vision.image_size, extra=top_extra,
-        **tiles,
+        dynamic_image_size=dynamic, use_thumbnail=True, **tiles,  # GotOcr2 adds a thumbnail to every tiled image
     )
 
 
@@ -443,6 +448,10 @@ def convert(
                          f"(model_type {source_config.get('model_type')!r}); nothing to convert")
     if to == "hf":
         config = ModelConfig.from_dict(source_config)
+        if config.dynamic_image_size and not config.use_thumbnail:
+            raise ConfigError(f"{src / 'config.json'}: use_thumbnail false (what a config.json without the key "
+                              "means) has no equivalent in transformers' InternVL processor, which adds a thumbnail "
+                              "to every image it tiles; set \"use_thumbnail\": true to convert")
         if image_token_id is None:
             image_token_id = checkpoint.find_token_id(src, IMG_CONTEXT_TOKEN)
         if image_token_id is None:
