@@ -529,8 +529,10 @@ class Pipe(io.RawIOBase):
 def test_planned_tiles_are_the_tiles_load_images_makes(tmp_path):
     """planned_tiles reads only the headers (InternVLChat refuses images too large for its context with it,
     before a tile is made); its counts must be those load_images makes. A stream that cannot seek is
-    counted as one tile and still loads: its header cannot be read ahead of its pixels."""
-    from internvl_mpo.processor.multi import load_images, planned_tiles
+    counted as one tile and still loads: its header cannot be read ahead of its pixels. Both are
+    imported from `internvl_mpo.processor`, where the README names them (planned_tiles was only in
+    processor.multi)."""
+    from internvl_mpo.processor import load_images, planned_tiles
 
     images = [photo(900, 450, seed=1), photo(300, 300, seed=2), photo(200, 800, seed=3), photo(1000, 7, seed=4)]
     for budget in (dict(), dict(max_num=6), dict(max_num=[1, 40, 3, 24]), dict(max_num=30, total_budget=20),

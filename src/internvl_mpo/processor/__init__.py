@@ -12,6 +12,7 @@ from internvl_mpo.processor.multi import (
     MultiImageInput,
     load_images,
     per_image_max_num,
+    planned_tiles,
 )
 from internvl_mpo.processor.preview import (
     format_tiles_report,
@@ -46,6 +47,7 @@ __all__ = [
     "open_image",
     "per_image_max_num",
     "plan_tiles",
+    "planned_tiles",
     "render_tiles",
     "tiles_report",
 ]
