@@ -47,7 +47,7 @@ def read_seeking(path: str, num_segments: int) -> tuple[list[np.ndarray], list[i
 
 
 def read_in_order(path: str, indices: list[int]) -> list[np.ndarray]:
-    kept, _ = video._decode_frames(av, path, set(indices))
+    kept, _ = video._decode_frames(av, path, set(indices), None)  # no pixel limit, as read_seeking's
     return [np.asarray(kept[i]) for i in indices]
 
 

@@ -813,3 +813,19 @@ def test_planned_frame_tiles_are_the_tiles_load_video_makes(tmp_path):
         planned_frame_tiles(path, max_pixels=1000)
     with pytest.raises(InputError, match="gone.mp4: no such file"):
         planned_frame_tiles(tmp_path / "gone.mp4")
+
+
+def test_video_benchmark_runs(tmp_path):
+    """benchmarks/video.py, which the README quotes, reads the sampled frames both ways and checks them equal:
+    its in-order side called video._decode_frames without the max_pixels argument that function gained, and
+    stopped with a TypeError before printing a line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "video.py"
+    args = ["--minutes", "0.02", "--size", "64x48", "--gop", "10", "--segments", "4", "--rounds", "1",
+            "--keep", str(tmp_path / "clip.mp4")]
+    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "4 segments (last frame " in run.stdout and "seeking gave other frames" not in run.stderr
