@@ -1619,6 +1619,25 @@ def test_cli_reports_bad_data_without_traceback(tmp_path, chat_folder):
     assert code == 1
 
 
+def test_max_pixels_refuses_larger_images_naming_the_flag(tmp_path, chat_folder, capsys):
+    """train had no --max-pixels: images over Pillow's limit could not be trained on, and the refusal named a
+    "max_pixels" that train did not take."""
+    from internvl_mpo.cli import main
+
+    meta = write_mmpr(tmp_path / "data", color_pairs(2))  # images of 1200 to 3136 pixels
+    run = ["train", "mpo", "--model", str(chat_folder), "--data", str(meta), "--output", str(tmp_path / "o"),
+           "--no-progress", "--max-steps", "1"]
+    assert main([*run, "--max-pixels", "-1"]) == 1
+    assert capsys.readouterr().err == "internvl-mpo train: error: --max-pixels must be a whole number of pixels, got -1\n"
+    assert not (tmp_path / "o").exists()
+    assert main([*run, "--max-pixels", "1000"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"error: {re.escape(str(tmp_path / 'data' / 'toy.jsonl'))}:\d: .*\.png: \d+x\d+ = \d+ pixels exceeds "
+                     r"the limit of 1000 \(possible decompression bomb; a larger --max-pixels allows it\)", err), err
+    with pytest.raises(ConfigError, match="--max-pixels must be >= 0, got -1"):
+        TrainConfig(mode="mpo", model="m", data="meta.json", output="o", max_pixels=-1).validate()
+
+
 def test_missing_required_flags_are_named_together_in_one_line(tmp_path, capsys):
     """train has no default model (chat and serve start the demo model; a forgotten --model must not
     train it): every missing required flag is named at once, before anything loads."""

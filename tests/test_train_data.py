@@ -350,6 +350,27 @@ def test_corrupt_image_names_file_and_line(tmp_path, tokenizer, settings):
     assert isinstance(item, BadExample) and "toy.jsonl:1:" in item.message and "broken.png" in item.message
 
 
+def test_an_image_over_max_pixels_names_file_line_and_the_flag(tmp_path, tokenizer, settings):
+    """Training read images under Pillow's limit only, and its refusal named a "max_pixels" that train did not take."""
+    import dataclasses
+
+    meta = write_mmpr(tmp_path, [{"image": "red.png", "question": "q", "chosen": "a", "rejected": "b"}])
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"image": "red.png", "conversations": [
+        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}) + "\n")
+    pairs, _ = read_datasets(load_meta(str(meta)))
+    sft = read_sft_records(str(tmp_path / "sft.jsonl"), str(tmp_path / "images"))
+    red = tmp_path / "images" / "red.png"  # 40 x 30 = 1200 pixels
+    for limit, fits in ((1199, False), (1200, True)):
+        limited = dataclasses.replace(settings, max_pixels=limit)
+        for item, source in [(PairDataset(pairs, tokenizer, limited, 4096)[0], "toy.jsonl"),
+                             (PairDataset(pairs, tokenizer, limited, 4096, augment_datasets={"toy"})[0], "toy.jsonl"),
+                             (SFTDataset(sft, tokenizer, limited, 4096)[0], "sft.jsonl")]:
+            assert isinstance(item, BadExample) != fits
+            if not fits:
+                assert item.message == (f"{tmp_path / source}:1: {red}: 40x30 = 1200 pixels exceeds the limit of 1199 "
+                                        "(possible decompression bomb; a larger --max-pixels allows it)")
+
+
 def test_typed_image_context_token_names_file_and_line(tmp_path, tokenizer, settings):
     meta = write_mmpr(tmp_path, [{"image": "red.png", "question": "<IMG_CONTEXT> hi", "chosen": "a", "rejected": "b"},
                                  {"question": "q", "chosen": "a", "rejected": "b <IMG_CONTEXT>"}])

@@ -40,6 +40,7 @@ def train(
     max_seq_length: int | None = None,
     max_dynamic_patch: int | None = None,
     video_frames: int = 8,
+    max_pixels: int | None = None,
     save_every: int = 0,
     save_total_limit: int = 0,
     seed: int = 42,
@@ -90,6 +91,7 @@ def train(
     max_seq_length: longest sequence, at most the model's context (llm_config.max_position_embeddings); answers are cut at the tail, never the prompt or image tokens (default: the smaller of 8192 and the context)
     max_dynamic_patch: tiles per image; when given it wins over meta.json's max_dynamic_patch (default: meta.json's value, else the model config's)
     video_frames: frames sampled per video
+    max_pixels: refuse images (and frames) with more pixels (default: Pillow's limit, about 89 M)
     save_every: write a resumable checkpoint every N steps (0: only the final model)
     save_total_limit: keep only the N newest checkpoints, deleting older ones after each save (0: keep all)
     seed: seed of the data order, initialisation and drop-path (0 to 2**32 minus the number of processes)
@@ -113,10 +115,12 @@ def train(
     """
     settings = dict(locals())
     from internvl_mpo.convert import remote_code_note
+    from internvl_mpo.processor.image import let_pillow_open
     from internvl_mpo.train.distributed import env_int, print0
     from internvl_mpo.train.mpo import TrainConfig, count
     from internvl_mpo.train.mpo import train as run
 
+    let_pillow_open(max_pixels)
     config = TrainConfig(**settings)
     if fsdp and env_int("WORLD_SIZE", 1) < 2:
         print0("note: --fsdp shards only when several processes run (torchrun); this single process trains unsharded")

@@ -71,7 +71,7 @@ from internvl_mpo.chat.template import (
 )
 from internvl_mpo.chat.tokenizer import Tokenizer
 from internvl_mpo.config import ModelConfig
-from internvl_mpo.errors import InputError
+from internvl_mpo.errors import InputError, SettingError
 from internvl_mpo.processor.image import image_to_pixel_values, load_image, open_image
 from internvl_mpo.processor.tiling import dynamic_preprocess
 from internvl_mpo.processor.video import load_video
@@ -94,10 +94,12 @@ class MediaSettings:
     use_thumbnail: bool = True
     dynamic_image_size: bool = True
     video_frames: int = 8
+    max_pixels: int | None = None  # images and frames with more pixels are refused (None: Pillow's limit)
 
     @classmethod
     def from_model_config(
-        cls, config: ModelConfig, max_dynamic_patch: int | None = None, video_frames: int = 8
+        cls, config: ModelConfig, max_dynamic_patch: int | None = None, video_frames: int = 8,
+        max_pixels: int | None = None,
     ) -> MediaSettings:
         return cls(
             image_size=config.image_size,
@@ -107,6 +109,7 @@ class MediaSettings:
             use_thumbnail=config.use_thumbnail,
             dynamic_image_size=config.dynamic_image_size,
             video_frames=video_frames,
+            max_pixels=max_pixels,
         )
 
 
@@ -169,7 +172,7 @@ def _augmented_tiles(
     """`load_image`'s tiles with `augment` run on each tile `dynamic_preprocess` cuts (on the whole image
     when dynamic tiling is off), in tile order, before the resize and normalisation."""
     s = settings
-    image = open_image(path)
+    image = open_image(path, s.max_pixels)
     pieces = [image]
     if s.dynamic_image_size:
         pieces = dynamic_preprocess(image, min_num, max_num, s.image_size, s.use_thumbnail)
@@ -197,13 +200,15 @@ def load_media(
         per_image = max(1, max_num // len(images)) if multi_image else max_num
         min_num = min(s.min_dynamic_patch, per_image)
         tiles = [
-            load_image(p, max_num=per_image, min_num=min_num, image_size=s.image_size, use_thumbnail=s.use_thumbnail)
+            load_image(p, max_num=per_image, min_num=min_num, image_size=s.image_size, use_thumbnail=s.use_thumbnail,
+                       max_pixels=s.max_pixels)
             if augment is None else _augmented_tiles(p, augment, per_image, min_num, s)
             for p in images
         ]
         return torch.cat(tiles), [t.shape[0] for t in tiles], question
     if video is not None:
-        frames = load_video(video, num_segments=s.video_frames, image_size=s.image_size, frame_transform=augment)
+        frames = load_video(video, num_segments=s.video_frames, image_size=s.image_size, frame_transform=augment,
+                            max_pixels=s.max_pixels)
         if VIDEO_PLACEHOLDER in question:
             question = question.replace(VIDEO_PLACEHOLDER + "\n", frames.prefix, 1)
             question = question.replace(VIDEO_PLACEHOLDER, frames.prefix, 1)
@@ -265,6 +270,11 @@ class _LineEnds:
         return self.cache[token_id]
 
 
+def _flagged(error: InputError) -> InputError:
+    """`error` naming the pixel limit by its `internvl-mpo train` flag, as the other messages here name theirs."""
+    return error.named({"max_pixels": "--max-pixels"}) if isinstance(error, SettingError) else error
+
+
 def _check_video_length(video: str | None, settings: MediaSettings, max_seq_length: int) -> None:
     """Refuse a video whose frames alone (one tile each) fill max_seq_length, before any is decoded (a
     large video_frames would otherwise decode every frame first)."""
@@ -310,7 +320,7 @@ def encode_pair(
             tokenizer, question, record.chosen, record.rejected, num_patches, num_image_token=settings.num_image_token
         )
     except InputError as e:
-        raise InputError(f"{where}: {e}") from None
+        raise InputError(f"{where}: {_flagged(e)}") from None
     fitted = fit_pair(
         len(pair.prompt_ids), (pair.chosen_ids, pair.chosen_labels), (pair.rejected_ids, pair.rejected_labels),
         max_seq_length,
@@ -383,7 +393,7 @@ def encode_sft(
         _image_prefix_first_user(messages, len(num_patches))
         ids, labels = build_training_ids(tokenizer, messages, num_patches, num_image_token=settings.num_image_token)
     except InputError as e:
-        raise InputError(f"{where}: {e}") from None
+        raise InputError(f"{where}: {_flagged(e)}") from None
     truncated = len(ids) > max_seq_length
     if truncated:
         image_ids = {tokenizer.img_start_id, tokenizer.img_context_id, tokenizer.img_end_id}

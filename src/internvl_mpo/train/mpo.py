@@ -155,7 +155,7 @@ FLOAT_RANGES = {
 }
 # The whole-number settings that must be >= 1 (the optional ones only when given), and those >= 0.
 POSITIVE_INTS = ("batch_size", "grad_accum", "epochs", "video_frames", "max_seq_length", "max_dynamic_patch")
-COUNTS = ("max_steps", "save_every", "save_total_limit", "lora_rank", "num_workers")
+COUNTS = ("max_steps", "save_every", "save_total_limit", "lora_rank", "num_workers", "max_pixels")
 REF_FILE = "ref_logps.safetensors"
 METRICS_FILE = "metrics.jsonl"
 # --max-seq-length when not given (the official MPO recipe's), capped by the model's context.
@@ -207,6 +207,7 @@ class TrainConfig:
     max_seq_length: int | None = None
     max_dynamic_patch: int | None = None
     video_frames: int = 8
+    max_pixels: int | None = None
     save_every: int = 0
     save_total_limit: int = 0
     seed: int = 42
@@ -473,7 +474,7 @@ def build_optimizer(model: InternVL, cfg: TrainConfig) -> torch.optim.AdamW:
 
 def build_dataset(cfg: TrainConfig, tokenizer: Tokenizer, config: ModelConfig) -> tuple[PairDataset | SFTDataset, SkipReport]:
     """Records in training order (official per-dataset sampling and shuffling) wrapped as a dataset."""
-    settings = MediaSettings.from_model_config(config, cfg.max_dynamic_patch, cfg.video_frames)
+    settings = MediaSettings.from_model_config(config, cfg.max_dynamic_patch, cfg.video_frames, cfg.max_pixels)
     seq_length = max_seq_length(cfg, config)
     # meta.json's per-dataset max_dynamic_patch applies unless --max-dynamic-patch is given (the official
     # code lets meta.json win over its argument; here the explicit flag wins)
@@ -637,6 +638,8 @@ def _ref_fingerprint(cfg: TrainConfig, env: DistEnv, dataset, data_print: list[d
         "rejected_span": cfg.rejected_span,
         # tiles of augmented datasets depend on the seed (above) and on which datasets augment
         **({"data_augment": sorted(dataset.augment_datasets)} if dataset.augments else {}),
+        # which records the pass could encode (a record over the limit has no reference log-probs)
+        **({"max_pixels": cfg.max_pixels} if cfg.max_pixels is not None else {}),
     }
 
 
@@ -796,7 +799,7 @@ RESUME_KEYS = ("mode", "data", "batch_size", "grad_accum", "seed", "shuffle", "f
 # `load_state_dict` would silently put the checkpoint's betas, eps and weight decay back, and a new lr or
 # warmup would bend the schedule mid-run. A checkpoint whose config lacks one of these keys is not checked
 # on it (unknown). Free to change on resume: save_every, save_total_limit, output, progress, num_workers, device, precision,
-# grad_checkpointing, skip_bad (to get past a record that stopped the run), and the paths of the model,
+# grad_checkpointing, skip_bad and max_pixels (to get past a record that stopped the run), and the paths of the model,
 # tokenizer and images (a moved folder).
 RUN_RESUME_KEYS = ("beta", "pref_weight", "quality_weight", "gen_weight", "label_smoothing", "rejected_span",
                    "max_seq_length", "max_dynamic_patch", "video_frames", "drop_path_rate",
