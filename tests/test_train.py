@@ -1446,6 +1446,31 @@ def test_skip_bad_stops_after_a_whole_epoch_without_a_usable_sample():
     assert data.reads == 4 and stream.report.counts == {"encode": 4}
 
 
+class PillowLimits:
+    """A dataset whose items are Pillow's MAX_IMAGE_PIXELS in the process that reads them."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def at_epoch(self, epoch: int) -> PillowLimits:
+        return self
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        return Image.MAX_IMAGE_PIXELS
+
+
+def test_loader_workers_keep_the_pillow_limit_that_max_pixels_raised(monkeypatch):
+    """Spawned workers started with Pillow's default limit: with --num-workers, an image past twice it was
+    refused whatever --max-pixels allowed."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400_000_000)  # as `let_pillow_open(400_000_000)` sets it
+    stream = SampleStream(PillowLimits(), DistEnv(), TrainConfig(shuffle=False, num_workers=1), SkipReport())
+    assert [stream.next_example() for _ in range(2)] == [400_000_000] * 2
+
+
 def test_max_seq_length_is_capped_by_the_models_context(tmp_path, chat_folder, meta):
     """RoPE is computed for any position, so a sequence past max_position_embeddings would train silently
     on positions the model never saw: an explicit longer --max-seq-length is refused, the default is

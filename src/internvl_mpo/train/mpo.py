@@ -63,6 +63,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from internvl_mpo.chat.template import get_template
@@ -511,6 +512,12 @@ def _identity(x):
     return x
 
 
+def _keep_pillow_limit(limit: int | None, worker_id: int) -> None:
+    """A spawned loader worker's start: Pillow's limit as the training process set it (`--max-pixels` raises
+    it, `let_pillow_open`); the worker would have Pillow's default, which refuses images past twice that."""
+    Image.MAX_IMAGE_PIXELS = limit
+
+
 class SampleStream:
     """This rank's endless sequence of samples, epoch after epoch; its position is (epoch, cursor).
 
@@ -559,6 +566,7 @@ class SampleStream:
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, sampler=order, num_workers=self.num_workers, collate_fn=_identity,
             multiprocessing_context="spawn", generator=torch.Generator().manual_seed(self.seed + self.epoch),
+            worker_init_fn=functools.partial(_keep_pillow_limit, Image.MAX_IMAGE_PIXELS),
         )
         return iter(loader)
 
