@@ -205,13 +205,25 @@ def measure_times(sides: list, rounds: int) -> dict:
     for side in sides:
         t = best[side.name]
         results[side.name] = {"vision_s": t["vision"], "prefill_s": t["prefill"],
-                              **{f"decode_b{b}_tok_s": b * (NEW - 1) / (t[f"b{b}_64"] - t[f"b{b}_1"]) for b in (1, 4)},
-                              "decode_s4_tok_s": 4 * (NEW - 1) / (t["s4_64"] - t["s4_1"])}
+                              **{f"decode_{k}_tok_s": rows * (NEW - 1) / decode_time(t, k, side.name)
+                                 for k, rows in (("b1", 1), ("b4", 4), ("s4", 4))}}
     ours, t1 = results[sides[0].name], best[sides[0].name]["b1_1"]
     ours["stream_limit_tok_s"] = 1.0 / min(floor for _, floor in pairs)
     ours["stream_single_tok_s"] = 1.0 / best[sides[0].name]["stream_1"]
-    ours["floor_shares"] = [floor * (NEW - 1) / (t64 - t1) for t64, floor in pairs]
+    ours["floor_shares"] = [floor * (NEW - 1) / decode_time({"b1_64": t64, "b1_1": t1}, "b1", sides[0].name)
+                            for t64, floor in pairs]
     return results
+
+
+def decode_time(times: dict, key: str, side: str) -> float:
+    """The time of NEW - 1 decode steps: the NEW-token run less the 1-token run. On a busy machine the
+    1-token run can take longer, and the difference would print as a negative speed: refused instead."""
+    took = times[f"{key}_64"] - times[f"{key}_1"]
+    if took <= 0:
+        raise SystemExit(f"{side} {key}: {NEW} new tokens took {times[f'{key}_64']:.4f} s, 1 new token "
+                         f"{times[f'{key}_1']:.4f} s: the machine was too busy to time decoding; run again "
+                         "on a quieter machine or with more --rounds")
+    return took
 
 
 def keep_best(times: dict, key: str, took: float) -> None:
@@ -293,9 +305,10 @@ def main() -> None:
             for child in ("ours", "hf", "times"):
                 cmd = [sys.executable, __file__, "--child", child, "--folder", tmp, "--device", args.device,
                        "--dtype", args.dtype, "--screen", args.screen, "--rounds", str(args.rounds)]
-                text = subprocess.run(cmd + (["--compile"] if args.compile else []), capture_output=True, text=True,
-                                      check=True).stdout
-                out[child] = json.loads(text.split("RESULT ", 1)[1])
+                run = subprocess.run(cmd + (["--compile"] if args.compile else []), capture_output=True, text=True)
+                if run.returncode != 0:
+                    raise SystemExit(f"the {child} child process failed:\n{run.stderr.strip()[-3000:]}")
+                out[child] = json.loads(run.stdout.split("RESULT ", 1)[1])
         results = out["times"]
         results["ours"]["peak_bytes"] = out["ours"]["peak_bytes"]
         results["hf"]["peak_bytes"] = out["hf"]["peak_bytes"]

@@ -2082,3 +2082,19 @@ def test_a_system_message_in_config_json_replaces_the_templates_as_in_the_offici
     assert chat_with(None).prepare("Hi").prompt_ids == build_prompt_ids(chat.tokenizer, "Hi")  # null: the template's
     with pytest.raises(ConfigError, match=r"^config.json: system_message must be a string \(or null\), got \['x'\]$"):
         chat_with(["x"]).prepare("Hi")
+
+
+def test_generate_benchmark_refuses_a_negative_decode_time():
+    """benchmarks/generate.py times decoding as t(64 new tokens) - t(1 new token); on a busy machine the 1-token
+    run took longer once and the README's benchmark printed "decode batch 4 (tok/s) -3488.54" and a -41.79x
+    speed-up. Such a difference is refused with what was measured."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "generate.py"
+    spec = importlib.util.spec_from_file_location("benchmark_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.decode_time({"b4_64": 0.5, "b4_1": 0.1}, "b4", "ours") == pytest.approx(0.4)
+    with pytest.raises(SystemExit, match=r"ours b4: 64 new tokens took 0\.1000 s, 1 new token 0\.1500 s: the machine"):
+        bench.decode_time({"b4_64": 0.1, "b4_1": 0.15}, "b4", "ours")
