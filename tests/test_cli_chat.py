@@ -335,12 +335,32 @@ def test_generate_interrupted_says_how_to_resume_and_the_rerun_answers_the_rest(
         with pytest.raises(KeyboardInterrupt):
             cli_chat.generate(input=str(requests), output=str(answers), model=str(folder), device="cpu",
                               max_new_tokens=6, batch_size=1)
-    assert f"interrupted after 1 of 2 requests (their lines are in {answers}); run the same command again to resume" \
-        in capsys.readouterr().err
+    # the message is the last line: the progress bar was drawn again below it
+    assert capsys.readouterr().err.endswith(f"interrupted after 1 of 2 requests (their lines are in {answers}); run "
+                                            "the same command again to resume\n")
     assert [json.loads(x)["id"] for x in answers.read_text().splitlines()] == ["a"]
     assert cli_chat.generate(input=str(requests), output=str(answers), model=str(folder), device="cpu",
                              max_new_tokens=6, batch_size=1) == 0
     assert [json.loads(x)["id"] for x in answers.read_text().splitlines()] == ["a", "b"]
+
+
+def test_generate_interrupted_before_any_answer_says_nothing_was_written(folder, tmp_path, monkeypatch, capsys):
+    """It said 'interrupted after 0 of 2 requests (their lines are in ...)' where no line was written."""
+    from internvl_mpo import cli_chat
+
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text("".join(json.dumps({"question": q}) + "\n" for q in ("Hi", "Hello")))
+
+    def ctrl_c_at_once(bot, jobs, batch_size):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(InternVLChat, "answers_as_they_finish", ctrl_c_at_once)
+    with pytest.raises(KeyboardInterrupt):
+        cli_chat.generate(input=str(requests), output=str(answers), model=str(folder), device="cpu", max_new_tokens=6)
+    assert capsys.readouterr().err.endswith(f"internvl-mpo generate: interrupted before any of 2 requests was "
+                                            f"answered; nothing was written to {answers}\n")
+    assert answers.read_text() == ""
 
 
 def test_generate_writes_an_error_line_for_a_bad_request_and_goes_on(folder, tmp_path):

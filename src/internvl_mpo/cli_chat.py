@@ -308,8 +308,13 @@ def generate(
         try:
             _write_answers(bot.answers_as_they_finish(jobs(), batch_size), sink, bar)
         except KeyboardInterrupt:
-            tqdm.write(f"internvl-mpo generate: interrupted after {bar.n} of {len(requests)} requests (their lines "
-                       f"are in {out}); run the same command again to resume", file=sys.stderr)
+            bar.close()  # its last state, then the message (a bar closed on leaving `with` came after it)
+            if bar.n:
+                said = f"after {bar.n} of {len(requests)} requests (their lines are in {out}); run the same command " \
+                       "again to resume"
+            else:
+                said = f"before any of {len(requests)} requests was answered; nothing was written to {out}"
+            print(f"internvl-mpo generate: interrupted {said}", file=sys.stderr)
             raise
     rewrite_in_order(out, [item["id"] for item in requests])  # answers were written as they finished
     return 0
