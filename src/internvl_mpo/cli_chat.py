@@ -134,7 +134,7 @@ def chat(
                 params)
         return 0
     history: list[tuple[str, str]] = []
-    commands = "/image FILE adds an image, /reset starts over, /exit quits"
+    commands = "/image FILE adds an image, /reset starts over, /exit quits, /help shows this list"
     print(f"Interactive chat. {commands}.", file=sys.stderr)
     with contextlib.suppress(ImportError):  # none on Windows
         import readline  # noqa: F401  (input() at a terminal then edits the line: arrow keys, earlier lines)
