@@ -739,10 +739,22 @@ def test_chat_takes_question_words_with_flags_between_them(folder, monkeypatch, 
     assert capsys.readouterr().out == quoted
     assert main(["chat", "--model", str(folder), "--max-new-tokens", "3", "--", "--image", red]) == 0
     assert main(["chat", "--model", str(folder), "--image", red, "--max-new-tokens", "3", "--", "-1", "or", "1?"]) == 0
-    assert asked == [("What colour is it?", [red])] * 2 + [(f"--image {red}", None), ("-1 or 1?", [red])]
+    # words before the flags and after `--` (refused as 'unrecognized arguments: -- -x')
+    assert main(["chat", "What", "--model", str(folder), "--image", red, "--max-new-tokens", "3", "--", "-x"]) == 0
+    assert asked == [("What colour is it?", [red])] * 2 + [(f"--image {red}", None), ("-1 or 1?", [red]),
+                                                            ("What -x", [red])]
+    capsys.readouterr()
     with pytest.raises(SystemExit):  # still a command's own positionals only
         main(["tiles", "a.png", "--max-num", "3", "b.png"])
     assert "unrecognized arguments: b.png" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["tiles", "a.png", "--max-num", "3", "--", "-b.png"])
+    assert "unrecognized arguments: -b.png" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # `--` ends the flags: the flag before it has no value
+        main(["chat", "--image", "--", "a.png"])
+    assert "argument --image: expected one argument" in capsys.readouterr().err
+    assert main(["tiles", "--max-num", "3", "--", "-b.png"]) == 1  # a positional one after `--`
+    assert "-b.png" in capsys.readouterr().err
 
 
 def test_interactive_reset_says_the_conversation_starts_over(folder, monkeypatch, capsys):

@@ -149,12 +149,18 @@ def _main(argv: list[str] | None) -> int:
         return 2
     fn = _resolve(name)
     parser = build_parser(fn, name)
-    # words and flags in any order (`chat What --image a.png is it`); after `--` every word is a positional
-    # one, which parse_intermixed_args loses on Python 3.11 (it reads `chat -- --image x` as the flag)
-    args = vars(parser.parse_args(rest) if "--" in rest else parser.parse_intermixed_args(rest))
-    for key, value in args.items():  # repeatable flags not given -> the function's default
-        if value is None:
-            args[key] = inspect.signature(fn).parameters[key].default
+    # words and flags in any order (`chat What --image a.png is it`); after `--` every word is a positional one
+    # (`chat What --image a.png -- -x`), which parse_intermixed_args reads as a flag on Python 3.11 (`chat --
+    # --image x`): those words are parsed as stand-ins that no command line holds (a NUL), then put back
+    cut = rest.index("--") + 1 if "--" in rest else len(rest)
+    words = {f"\0{i}": word for i, word in enumerate(rest[cut:])}
+    namespace, extra = parser.parse_known_intermixed_args(rest[:cut] + list(words))
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(words.get(w, w) for w in extra)}")
+    args = vars(namespace)
+    for key, value in args.items():  # the words back; repeatable flags not given -> the function's default
+        value = [words.get(v, v) for v in value] if isinstance(value, list) else words.get(value, value)
+        args[key] = inspect.signature(fn).parameters[key].default if value is None else value
     from .errors import InternVLError
 
     positional = []
