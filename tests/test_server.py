@@ -2035,6 +2035,8 @@ def test_a_port_out_of_range_is_refused_before_the_model_loads():
     ("send_timeout", 0, "--send-timeout must be a number of seconds more than 0, got 0"),
     ("send_timeout", float("inf"), "--send-timeout must be a number of seconds more than 0, got inf"),
     ("send_timeout", "60", "--send-timeout must be a number of seconds more than 0, got '60'"),
+    ("header_timeout", 0, "--header-timeout must be a number of seconds more than 0, got 0"),
+    ("header_timeout", float("nan"), "--header-timeout must be a number of seconds more than 0, got nan"),
 ])
 def test_limits_out_of_range_are_refused_before_the_model_loads(flag, value, message):
     from internvl_mpo.errors import ConfigError
@@ -2081,15 +2083,16 @@ def app_server(local_chat, send_buffer: int | None = None, **settings):
     the SO_SNDBUF of its connections (else the kernel sizes it, up to megabytes)."""
     import uvicorn
 
-    from internvl_mpo.server import create_app
+    from internvl_mpo.server import create_app, uvicorn_config
 
     listener = socket.socket()
     if send_buffer is not None:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)  # the connections it accepts inherit it
     listener.bind(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    app = create_app(local_chat, ServerSettings(served_model_name="m", **settings))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    settings = ServerSettings(served_model_name="m", **settings)
+    server = uvicorn.Server(uvicorn_config(create_app(local_chat, settings), settings, log_level="warning",
+                                           timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]})
     thread.start()
     try:
@@ -2290,12 +2293,50 @@ def test_request_read_timeout_bounds_the_whole_body_not_the_gaps_between_its_byt
     as nginx's client_body_timeout, would let it hold a place for as long as it likes."""
     with app_server(local_chat, max_batch=2, max_len=256, max_concurrent_requests=1, request_read_timeout=0.5) as url:
         conn = slow_client(url, "/v1/chat/completions", 1000)
-        for _ in range(300):  # 30 s at most: a server that never answers fails the test rather than hanging it
-            if select.select([conn], [], [], 0.1)[0]:  # the answer has come (the pace of the bytes too)
-                break
-            conn.sendall(b" ")
+        trickle(conn)
         assert timed_out(conn)["error"]["code"] == "request_timeout"
         assert httpx.get(url + "/health").json()["in_progress"] == 0
+
+
+def trickle(conn: socket.socket) -> None:
+    """Send a byte every 0.1 s on `conn` until the server answers or closes it (30 s at most)."""
+    for _ in range(300):
+        if select.select([conn], [], [], 0.1)[0]:
+            return
+        conn.sendall(b"a")
+    raise AssertionError("the server neither answered nor closed the connection within 30 s")
+
+
+def test_a_request_head_that_trickles_in_is_a_408_after_header_timeout(local_chat):
+    """With --header-timeout 0.5: a connection that sends nothing is closed at the deadline; one that sends a
+    request's head a byte every 0.1 s, never idle for the deadline, gets a 408 naming the flag and is closed; so is
+    one that does this with its third request (uvicorn's keep-alive timeout stops at the head's first byte, ours
+    starts there). uvicorn has no deadline on a head: each held its connection as long as it liked before
+    2026-12-04. An honest request on a kept-alive connection is served (its head comes at once)."""
+    import http.client
+
+    def connect() -> socket.socket:
+        return socket.create_connection((host, int(port)), timeout=30)
+
+    def health(conn: socket.socket) -> None:
+        conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = http.client.HTTPResponse(conn)
+        response.begin()
+        assert response.status == 200 and json.loads(response.read())["status"] == "ok"
+
+    with app_server(local_chat, max_batch=2, max_len=256, header_timeout=0.5) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with connect() as silent:
+            assert silent.recv(1) == b""  # closed (a timeout after 30 s before)
+        fresh, kept = connect(), connect()
+        health(kept)
+        health(kept)
+        for conn in (fresh, kept):
+            conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            trickle(conn)
+            assert timed_out(conn) == {"error": {
+                "message": "the request head did not arrive within 0.5 s (--header-timeout 0.5)",
+                "type": "invalid_request_error", "param": None, "code": "request_timeout"}}
 
 
 def test_an_honest_body_in_several_chunks_within_request_read_timeout_is_served(local_chat):

@@ -144,6 +144,7 @@ class ServerSettings:
     max_concurrent_requests: int = 64
     request_read_timeout: float = 300.0
     send_timeout: float = 60.0
+    header_timeout: float = 60.0
 
 
 class ApiError(Exception):
@@ -1570,8 +1571,62 @@ def _uvicorn_server(app, settings: ServerSettings):
             await asyncio.to_thread(app.state.worker.stop)
             await super().shutdown(sockets)
 
-    return Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+    return Server(uvicorn_config(app, settings, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+
+
+def uvicorn_config(app, settings: ServerSettings, **options):
+    """uvicorn's Config for `app` on --host and --port, over `http_protocol` (`options` are more of its arguments)."""
+    uvicorn = _require_web_stack()
+    return uvicorn.Config(app, host=settings.host, port=settings.port, http=http_protocol(settings), **options)
+
+
+def http_protocol(settings: ServerSettings) -> type:
+    """uvicorn's HTTP/1.1 protocol (h11) with the deadline on a connection that uvicorn lacks: --header-timeout on
+    a request's head, from the connection's start or the head's first byte (uvicorn's own keep-alive timeout stops
+    at the first byte); past it a 408 where part of a head came, and the connection closed."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        head_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.head_timer = self.loop.call_later(settings.header_timeout, self.head_late)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the head has come
+                self.stop(self.head_timer)
+                self.head_timer = None
+            elif self.head_timer is None:  # the first bytes of the next request's head
+                self.head_timer = self.loop.call_later(settings.header_timeout, self.head_late)
+
+        def head_late(self) -> None:
+            self.head_timer = None
+            if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+                return
+            if self.conn.trailing_data[0]:  # part of a head came: say why, as Node.js's headersTimeout does
+                timeout = settings.header_timeout
+                body = json.dumps(ApiError(408, f"the request head did not arrive within {timeout:g} s "
+                                                f"(--header-timeout {timeout:g})", code="request_timeout").body())
+                headers = [("content-type", "application/json"), ("content-length", str(len(body))),
+                           ("connection", "close")]
+                self.transport.write(self.conn.send(h11.Response(status_code=408, headers=headers,
+                                                                 reason=b"Request Timeout"))
+                                     + self.conn.send(h11.Data(data=body.encode())) + self.conn.send(h11.EndOfMessage()))
+            self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.stop(self.head_timer)
+            super().connection_lost(exc)
+
+        @staticmethod
+        def stop(timer: asyncio.TimerHandle | None) -> None:
+            if timer is not None:
+                timer.cancel()
+
+    return Protocol
 
 
 def serve(
@@ -1600,6 +1655,7 @@ def serve(
     max_concurrent_requests: int = 64,
     request_read_timeout: float = 300.0,
     send_timeout: float = 60.0,
+    header_timeout: float = 60.0,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /tokenize, ...).
 
@@ -1634,6 +1690,9 @@ def serve(
     send_timeout: seconds one write of a stream may wait for its client to take the bytes before (the stream is
       abandoned past it: its generation stopped, its place given back, its connection closing): it bounds how long a
       client that stops reading holds a place (default: 60, as nginx's send_timeout, also between two writes)
+    header_timeout: seconds a request's head (request line and headers) may take to arrive, from the connection's
+      start or the head's first byte (408 past it, the connection closed): it bounds how long a client sending its
+      headers slowly holds a connection (default: 60, as nginx's client_header_timeout and Node.js's headersTimeout)
     """
     settings = ServerSettings(**locals())  # the parameters are exactly the settings' fields
     _require_web_stack()
@@ -1656,7 +1715,7 @@ def serve(
         value = getattr(settings, name)
         if value is not None and value < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-    for name in ("image_timeout", "request_read_timeout", "send_timeout"):  # inf: settimeout, wait_for would fail
+    for name in ("image_timeout", "request_read_timeout", "send_timeout", "header_timeout"):  # inf: settimeout, wait_for would fail
         timeout = getattr(settings, name)
         if type(timeout) not in (int, float) or not 0 < timeout < math.inf:  # nan fails the comparison too
             raise ConfigError(f"--{name.replace('_', '-')} must be a number of seconds more than 0, got {timeout!r}")
