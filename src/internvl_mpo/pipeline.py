@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from .errors import ConfigError, InputError, SettingError
 from .generate.engine import SPAN_BUCKET, Engine, Generation, Request
 from .generate.sampling import SamplingParams, whole_number
 from .model import InternVL
-from .processor.multi import load_images, planned_tiles
+from .processor.multi import load_images, planned_tiles, refuse_unordered
 
 CARD_DEFAULTS = dict(max_new_tokens=1024, do_sample=True)
 GENERATION_KEYS = {
@@ -98,6 +98,8 @@ def _as_list(images) -> list:
         return []
     if isinstance(images, (list, tuple)):
         return list(images)
+    if isinstance(images, (Iterator, Set)) and not hasattr(images, "read"):  # a generator, a set: not one image
+        refuse_unordered(images)
     return [images]
 
 

@@ -56,14 +56,20 @@ def images_prefix(n_images: int) -> str:
     return "".join(f"Image-{k + 1}: <image>\n" for k in range(n_images))
 
 
+def refuse_unordered(images) -> None:
+    """Images come as a list or tuple: a generator is read once (`planned_tiles` would use it up before
+    `load_images` reads it), and a set has no order for Image-1, Image-2."""
+    if not isinstance(images, Sequence):
+        raise InputError(f"images must be a list of images, got a {type(images).__name__}; pass list(images)")
+
+
 def _image_max_nums(
     images: Sequence[ImageSource], max_num: int | Sequence[int], total_budget: int | None
 ) -> list[int]:
     if isinstance(images, (str, bytes, bytearray, os.PathLike, Image.Image)) or hasattr(images, "read"):
         raise InputError(f"images must be a list of images, got one {type(images).__name__} "
                          f"({source_name(images)[:100]}); pass [image], or use load_image for one image")
-    if not isinstance(images, Sequence):  # a generator is read once; a set has no order for Image-1, Image-2
-        raise InputError(f"images must be a list of images, got a {type(images).__name__}; pass list(images)")
+    refuse_unordered(images)
     if not images:
         raise InputError("no images given")
     return per_image_max_num(max_num, len(images), total_budget)
