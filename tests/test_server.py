@@ -17,6 +17,7 @@ import io
 import ipaddress
 import itertools
 import json
+import logging
 import re
 import select
 import signal
@@ -2368,12 +2369,32 @@ def stream_client(url: str, body: dict) -> socket.socket:
     return slow_client(url, "/v1/chat/completions", len(data), data, receive_buffer=4096)
 
 
-def test_a_stream_whose_client_stops_reading_is_abandoned_after_send_timeout(local_chat, monkeypatch):
+@contextlib.contextmanager
+def uvicorn_records(caplog):
+    """caplog gets uvicorn's records too (its logging config keeps them from the root logger) and ours from INFO."""
+    logger = logging.getLogger("uvicorn")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="internvl_mpo.server"):
+            yield
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+def send_timeout_lines(caplog) -> list[tuple[str, str]]:
+    """The (logger, message) of each record from uvicorn, and of ours that say a client was dropped."""
+    return [(r.name, r.getMessage()) for r in caplog.records
+            if r.name.startswith("uvicorn") or "--send-timeout" in r.getMessage()]
+
+
+def test_a_stream_whose_client_stops_reading_is_abandoned_after_send_timeout(local_chat, monkeypatch, caplog):
     """With --max-concurrent-requests 1 and --send-timeout 0.5, a client that asks for a 1800-token stream and reads
     none of it fills the socket buffers (a 64 KiB SO_SNDBUF here), and the server's next write waits for it: 0.5 s later
     the stream is abandoned, its place given back and its generation cancelled in the worker (held after 400 steps,
     enough to fill the buffers, so that it cannot end first), and the next request is served. The client reading
-    at last gets what was sent before, without [DONE], then the end of the connection."""
+    at last gets what was sent before, without [DONE], then the end of the connection. The server logs one info line
+    of its own, and nothing from uvicorn (which logged "ASGI callable returned without completing response" as an
+    error, for each such client, before 2026-12-04)."""
     from internvl_mpo.generate.engine import Generation
 
     gate, steps, step = threading.Event(), itertools.count(1), Generation.step
@@ -2385,8 +2406,8 @@ def test_a_stream_whose_client_stops_reading_is_abandoned_after_send_timeout(loc
 
     monkeypatch.setattr(Generation, "step", held)
     messages = [{"role": "user", "content": "Hello there"}]
-    with app_server(local_chat, send_buffer=2**16, max_batch=2, max_len=2048, max_concurrent_requests=1,
-                    send_timeout=0.5) as url:
+    with uvicorn_records(caplog), app_server(local_chat, send_buffer=2**16, max_batch=2, max_len=2048,
+                                             max_concurrent_requests=1, send_timeout=0.5) as url:
         conn = stream_client(url, {**LOUD, "max_tokens": 1800})
         try:
             in_progress(url, 0)  # the worker is still held: only the send deadline can give the place back
@@ -2406,6 +2427,32 @@ def test_a_stream_whose_client_stops_reading_is_abandoned_after_send_timeout(loc
             received += chunk
         conn.close()
         assert received.startswith(b"HTTP/1.1 200 OK\r\n") and b"data: {" in received and b"[DONE]" not in received
+    assert send_timeout_lines(caplog) == [("internvl_mpo.server", "a client took none of its answer for 0.5 s "
+                                                                  "(--send-timeout 0.5): its connection is closed")]
+
+
+def test_a_plain_answer_its_client_never_reads_is_dropped_after_send_timeout(local_chat, caplog):
+    """A plain answer (400 tokens with their logprobs, about 600 kB) to a client that reads none of it fills the socket
+    buffers; with --send-timeout 0.5 the server drops the connection and the rest of the answer, logging one info line
+    (nothing from uvicorn). The client reading at last gets the start of the answer, then the end of the connection.
+    Before 2026-12-04 uvicorn kept the answer and the connection until the client read it, however long that was."""
+    data = json.dumps({**LOUD, "max_tokens": 400}).encode()
+    with uvicorn_records(caplog), app_server(local_chat, send_buffer=2**16, max_batch=2, max_len=2048,
+                                             send_timeout=0.5) as url:
+        conn = slow_client(url, "/v1/chat/completions", len(data), data, receive_buffer=4096)
+        deadline = time.monotonic() + 60
+        while not send_timeout_lines(caplog):
+            assert time.monotonic() < deadline, "the connection was not dropped"
+            time.sleep(0.05)
+        received = bytearray()
+        while chunk := conn.recv(2**16):  # the server closed the connection (a timeout here if it had not)
+            received += chunk
+        conn.close()
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert 0 < len(body) < int(re.search(rb"content-length: (\d+)", head).group(1))
+    assert send_timeout_lines(caplog) == [("internvl_mpo.server", "a client took none of its answer for 0.5 s "
+                                                                  "(--send-timeout 0.5): its connection is closed")]
 
 
 def test_a_plain_answer_its_client_does_not_read_gives_its_place_back_once_made(local_chat):

@@ -1146,32 +1146,17 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
     app = FastAPI(title="internvl-mpo", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
 
-    class _Stalled(Exception):
-        """A write to the client was not taken within --send-timeout."""
-
     class _EventStream(StreamingResponse):
-        """Server-sent events that cancel their generation however the response ends (done, error, gone, or a
-        client that stopped reading: uvicorn's send waits for the client to take the bytes before, with no deadline,
-        so each write waits at most --send-timeout and the stream is abandoned past it)."""
+        """Server-sent events that cancel their generation however the response ends (done, error, or its client
+        gone: away, or dropped by `http_protocol` after --send-timeout without reading)."""
 
         def __init__(self, content, on_close: Callable[[], None]):
             super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             self.on_close = [on_close]
 
         async def __call__(self, scope, receive, send):
-            timeout = settings.send_timeout
-
-            async def send_within(message) -> None:
-                try:
-                    await asyncio.wait_for(send(message), timeout)
-                except asyncio.TimeoutError:
-                    raise _Stalled from None
-
             try:
-                await super().__call__(scope, receive, send_within)
-            except _Stalled:  # uvicorn closes the connection of a response left unfinished
-                log.warning("a stream's client took nothing for %g s (--send-timeout %g): the stream is abandoned",
-                            timeout, timeout)
+                await super().__call__(scope, receive, send)
             finally:
                 for close in self.on_close:
                     close()
@@ -1581,17 +1566,23 @@ def uvicorn_config(app, settings: ServerSettings, **options):
 
 
 def http_protocol(settings: ServerSettings) -> type:
-    """uvicorn's HTTP/1.1 protocol (h11) with the deadline on a connection that uvicorn lacks: --header-timeout on
-    a request's head, from the connection's start or the head's first byte (uvicorn's own keep-alive timeout stops
-    at the first byte); past it a 408 where part of a head came, and the connection closed."""
+    """uvicorn's HTTP/1.1 protocol (h11) with the two deadlines on a connection that uvicorn lacks:
+    --header-timeout on a request's head, from the connection's start or the head's first byte (uvicorn's own
+    keep-alive timeout stops at the first byte; past ours a 408 where part of a head came, and the connection
+    closed), and --send-timeout on a client that takes none of the bytes waiting for it, whatever the response
+    (uvicorn writes a plain answer whole and would keep it, and the connection, until the client read it): the
+    connection is dropped with its unsent bytes, which also ends a stream as a client that went away does.
+    The check runs every --send-timeout seconds, so a client is cut between one and two of them after its last read."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class Protocol(H11Protocol):
-        head_timer = None
+        head_timer = send_timer = None
+        unsent = 0  # the bytes waiting for the client at the last check
 
         def connection_made(self, transport):
             super().connection_made(transport)
+            transport.set_write_buffer_limits(high=0)  # pause_writing as soon as the client leaves a byte waiting
             self.head_timer = self.loop.call_later(settings.header_timeout, self.head_late)
 
         def data_received(self, data: bytes) -> None:
@@ -1617,8 +1608,28 @@ def http_protocol(settings: ServerSettings) -> type:
                                      + self.conn.send(h11.Data(data=body.encode())) + self.conn.send(h11.EndOfMessage()))
             self.transport.close()
 
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            self.unsent = self.transport.get_write_buffer_size()
+            self.send_timer = self.loop.call_later(settings.send_timeout, self.send_late)
+
+        def resume_writing(self) -> None:  # all taken
+            super().resume_writing()
+            self.stop(self.send_timer)
+            self.send_timer = None
+
+        def send_late(self) -> None:
+            unsent, self.unsent = self.unsent, self.transport.get_write_buffer_size()
+            if self.unsent < unsent:  # the client took some: it has another --send-timeout
+                self.send_timer = self.loop.call_later(settings.send_timeout, self.send_late)
+                return
+            log.info("a client took none of its answer for %g s (--send-timeout %g): its connection is closed",
+                     settings.send_timeout, settings.send_timeout)
+            self.transport.abort()
+
         def connection_lost(self, exc: Exception | None) -> None:
             self.stop(self.head_timer)
+            self.stop(self.send_timer)
             super().connection_lost(exc)
 
         @staticmethod
@@ -1687,9 +1698,9 @@ def serve(
     request_read_timeout: seconds a request body may take to arrive whole, from when the server awaits it (408
       past it): it bounds how long a client sending slowly holds a place (default: 300, as Node.js's requestTimeout;
       the default --max-request-bytes, 32 MiB, takes 270 s at 1 Mbit/s)
-    send_timeout: seconds one write of a stream may wait for its client to take the bytes before (the stream is
-      abandoned past it: its generation stopped, its place given back, its connection closing): it bounds how long a
-      client that stops reading holds a place (default: 60, as nginx's send_timeout, also between two writes)
+    send_timeout: seconds a client may take none of the answer bytes waiting for it, streamed or not (its connection
+      is closed past it, the bytes dropped: a stream's generation stopped, its place given back): it bounds how long a
+      client that stops reading holds a place and a connection (default: 60, as nginx's send_timeout)
     header_timeout: seconds a request's head (request line and headers) may take to arrive, from the connection's
       start or the head's first byte (408 past it, the connection closed): it bounds how long a client sending its
       headers slowly holds a connection (default: 60, as nginx's client_header_timeout and Node.js's headersTimeout)
