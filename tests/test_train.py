@@ -999,6 +999,21 @@ def test_resume_compares_tiles_with_meta_jsons_per_dataset_value(tmp_path, chat_
     assert train(dataclasses.replace(cfg, resume=True, max_dynamic_patch=4)).steps == 2
 
 
+def test_resume_takes_another_tile_limit_where_dynamic_tiling_is_off(tmp_path, chat_folder, meta):
+    """With the config's dynamic_image_size false every image is one tile, whatever --max-dynamic-patch says: a resume
+    that changed only that was refused although the run's data stayed the same."""
+    model = tmp_path / "model"
+    shutil.copytree(chat_folder, model)
+    config_file = model / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "dynamic_image_size": False}))
+    cfg = config(model, meta, tmp_path / "run", max_steps=2, save_every=1, max_dynamic_patch=4)
+    train(cfg)
+    killed_after_step_1(tmp_path / "run")
+    with pytest.raises(CheckpointError, match=re.escape("settings differ from the checkpoint: --lr (checkpoint")):
+        train(dataclasses.replace(cfg, resume=True, max_dynamic_patch=12, lr=1e-4))  # a real change still is
+    assert train(dataclasses.replace(cfg, resume=True, max_dynamic_patch=12)).steps == 2
+
+
 def test_resume_with_data_augment_is_exact_across_an_epoch(tmp_path, chat_folder, noisy_metas):
     """The JPEG draws follow (seed, epoch, record): a run resumed inside its second epoch sees the tiles
     an uninterrupted run saw, and they are not the un-augmented ones."""

@@ -825,13 +825,16 @@ def effective_setting(config: dict, key: str):
     return value
 
 
-def dataset_tiles(cfg: TrainConfig, flag: int | None, model_tiles: int) -> int | dict[str, int]:
-    """The tiles per image a run uses with --max-dynamic-patch `flag` (as `build_dataset`): the flag for every
-    dataset, else each meta.json dataset's own max_dynamic_patch, else the model config's `model_tiles`;
-    one number when every dataset uses the same."""
+def dataset_tiles(cfg: TrainConfig, flag: int | None, model: ModelConfig) -> int | dict[str, int]:
+    """The tiles per image a run uses with --max-dynamic-patch `flag` (as `build_dataset` and `load_media`): 1 when
+    the model config's dynamic_image_size is off (whatever the flag or meta.json say), else the flag for every
+    dataset, else each meta.json dataset's own max_dynamic_patch, else the model config's; one number when every
+    dataset uses the same."""
+    if not model.dynamic_image_size:
+        return 1
     if flag is not None or (cfg.mode == "sft" and cfg.data.endswith(".jsonl")):
-        return model_tiles if flag is None else flag
-    tiles = {spec.name: spec.max_dynamic_patch or model_tiles for spec in load_meta(cfg.data)}
+        return model.max_dynamic_patch if flag is None else flag
+    tiles = {spec.name: spec.max_dynamic_patch or model.max_dynamic_patch for spec in load_meta(cfg.data)}
     return tiles.popitem()[1] if len(set(tiles.values())) == 1 else tiles
 
 
@@ -960,7 +963,7 @@ def _same_file(a: str | None, b: str) -> bool:
 
 def check_resume_settings(
     path: Path, cfg: TrainConfig, env: DistEnv, total_steps: int, fingerprint: list[dict] | None = None,
-    model_print: dict | None = None, stream: SampleStream | None = None, model_tiles: int | None = None,
+    model_print: dict | None = None, stream: SampleStream | None = None, model: ModelConfig | None = None,
 ) -> None:
     """CheckpointError naming every setting that differs from the checkpoint's (before anything is loaded).
 
@@ -984,8 +987,8 @@ def check_resume_settings(
     for frozen, adapted in (("freeze_vision", "lora_vision"), ("freeze_llm", "lora_rank")):
         if saved.get(adapted) and now.get(adapted):  # LoRA froze that tower in both runs, flag or not (`freeze`)
             del values[frozen]
-    if model_tiles is not None and "max_dynamic_patch" in values:  # the model config's max_dynamic_patch
-        values["max_dynamic_patch"] = tuple(dataset_tiles(cfg, v, model_tiles) for v in values["max_dynamic_patch"])
+    if model is not None and "max_dynamic_patch" in values:  # the tiles per image the runs use (the model's config)
+        values["max_dynamic_patch"] = tuple(dataset_tiles(cfg, v, model) for v in values["max_dynamic_patch"])
     changed = [f"{k if k == 'mode' else flag(k)} (checkpoint {then}, now {new})" for k, (then, new) in values.items()
                if not (same_data if k == "data" else then == new)]
     if saved_print is not None and fingerprint is not None and saved_print != fingerprint and same_data:
@@ -1175,8 +1178,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) 
     # a resume that would continue otherwise is refused before the reference pass (hours for MMPR)
     resume_from = ckpt.latest_checkpoint(output) if cfg.resume else None
     if resume_from is not None:
-        check_resume_settings(resume_from, cfg, env, total_steps, fingerprint, model_print, stream,
-                              policy.config.max_dynamic_patch)
+        check_resume_settings(resume_from, cfg, env, total_steps, fingerprint, model_print, stream, policy.config)
 
     # 3. reference log-probs: a frozen copy of the initial model, or a cached first pass
     ref_module, ref_table = None, None
