@@ -816,11 +816,40 @@ def test_thousands_separators_of_other_locales(prediction, truth, expected):
         # space-grouped (SI: thin, narrow or no-break space) with a decimal point as well as a decimal comma
         ("1\\,234.5", "1234.5", True), ("1\u2009234.25", "1234.25", True), ("12\u202f345.5 km", "12345.5 km", True),
         # not groups of three: no number, as a plain space
-        ("12\\,5", "12.5", None), ("1{,}23", "1.23", None),
+        ("12\\,5", "12.5", None),
+        # "{,}" before other than three digits, or after a lone 0, is a decimal comma (no thousands group
+        # is written so): "12{,}5" gave no number
+        ("1{,}23", "1.23", True), ("$12{,}5$", "12.5", True), ("3{,}14159", "3.14159", True),
+        ("0{,}125", "0.125", True), ("0{,}125", "125", False), ("1{,}234{,}5", "1234.5", True),
+        ("12{,}5", "125", False),
     ],
 )
 def test_latex_thousands_separators(prediction, truth, expected):
     assert check_answer(prediction, truth) is expected
+
+
+@pytest.mark.parametrize(
+    "prediction, truth",
+    [
+        # several values, each after its own "=", read as the last one's ("x=3, y=4" was 4); the official
+        # check (math_score, TextVQA's normaliser) counts such an answer wrong whatever the truth
+        ("x=3, y=4", "3"), ("x=3, y=4", "4"), ("x = 3; y = 4", "4"), ("a = 3 and b = 4", "4"),
+        ("x=3、y=4", "4"),
+        # a number in brackets beside another was read as their digits joined ("2(3)" was 23)
+        ("2(3)", "23"), ("2(3)", "6"), ("(2)(3)", "23"), ("(3)4", "34"),
+    ],
+)
+def test_an_answer_stating_several_numbers_gives_none(prediction, truth):
+    assert check_answer(prediction, truth) is None
+
+
+@pytest.mark.parametrize(
+    "prediction, truth",
+    [("x = 2 + 3 = 5", "5"), ("f(1, 2) = 3", "3"), ("-(3)", "-3"), ("x = (3)", "3"), ("∛(8)", "2"),
+     ("2√3 ≈ 3.46", "3.46")],
+)
+def test_one_number_after_the_last_equals_sign_or_in_brackets_is_still_read(prediction, truth):
+    assert check_answer(prediction, truth) is True
 
 
 @pytest.mark.parametrize("prediction", ["1\\frac{1}{2}", "$2\\frac{3}{4}$", "x = 1\\dfrac12"])

@@ -487,7 +487,10 @@ def _numeric_text(text: str) -> str:
     thousands commas, magnitude words ("1.2 million" -> "1.2e6"), Chinese numerals, \\frac{a}{b}, ^\\circ as
     °, vulgar fractions ("½"; "3½" is two numbers, as "3 1/2") and a x 10^b made plain."""
     s = _powers(text)  # before NFKC
-    # LaTeX's group separators: "1{,}234" as a comma, "1\\,234" as a thin space (`_GROUPED` reads them)
+    # LaTeX's comma "{,}" is a decimal one before other than three digits or after a lone 0 ("12{,}5",
+    # "0{,}125": no thousands group); else, as "\\,", a group separator: "1{,}234" as a comma, "1\\,234" as a
+    # thin space (`_GROUPED` reads them)
+    s = re.sub(r"(?<=\d)\{,\}(?=\d)(?!\d{3}(?!\d))|(?<=0)(?<![\d.]0)\{,\}(?=\d)", ".", s)
     s = re.sub(r"(?<=\d)(?:\{,\}|\\,)(?=\d)", lambda m: "," if m[0] == "{,}" else "\u2009", s)
     s = _GROUPED.sub(_ungroup, s.translate(_ARABIC_SEPARATORS))  # before NFKC makes no-break spaces plain
     s = re.sub(f"(?<=\\d)(?=[{_VULGAR_FRACTIONS}]|\\\\[dt]?frac)", " ", s)  # "3½", "1\\frac{1}{2}": two numbers
@@ -502,7 +505,8 @@ def _numeric_text(text: str) -> str:
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?", "°", s)  # 30^\circ
     s = s.replace("\\approx", "≈").replace("\\%", "%").replace("\\$", "$").replace("$", " ")
     s = re.sub(r"\\(?:left|right|[,;!: ])", " ", s)
-    return re.sub(r"\((-?[\d.]+)\)", r"\1", s)
+    # "(3)" as 3, but not a number in brackets beside another ("2(3)", "(2)(3)": two numbers, not 23)
+    return re.sub(r"(?<![\d.)])\((-?[\d.]+)\)(?![\d(])", r"\1", s)
 
 
 def _ungroup(m: re.Match) -> str:
@@ -643,8 +647,11 @@ def _root(m: re.Match) -> str:
 
 
 def _number_part(text: str) -> str:
-    """`_numeric_text` of the part after the last "=" or "≈": where an answer's number is read."""
-    return re.split("[=≈]", _numeric_text(text))[-1]
+    """`_numeric_text` of the part after the last "=" or "≈": where an answer's number is read; all of it
+    where a list's separator comes between two of them ("x=3, y=4" gives two values, not 4)."""
+    s = _numeric_text(text)
+    parts = re.split("[=≈]", s)
+    return s if any(re.search(r"[,;、]|\band\b", part) for part in parts[1:-1]) else parts[-1]
 
 
 def parse_number(text: str) -> Number | None:
