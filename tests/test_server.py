@@ -2004,6 +2004,32 @@ def test_ctrl_c_ends_the_running_generations_at_once(server, tmp_path):
             proc.wait()
 
 
+def test_serve_logs_a_client_dropped_after_send_timeout_as_one_info_line(server, tmp_path):
+    """`internvl-mpo serve` shows the server's own info lines beside uvicorn's: a plain answer (1800 tokens with their
+    logprobs, 4 choices: 11 MB, more than the kernel's send buffer grows to, 4 MiB by default) to a client that reads
+    none of it is dropped after --send-timeout 0.5 with the line saying so, and no warning or error is logged (our
+    lines at INFO went nowhere before 2026-12-04)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "internvl_mpo.cli", "serve", "--model", str(server[1]), "--port", str(port),
+           "--max-len", "2048", "--max-tokens", "1800", "--send-timeout", "0.5"]
+    log = tmp_path / "server.log"
+    proc = launch(cmd, url, log)
+    line = "INFO:     a client took none of its answer for 0.5 s (--send-timeout 0.5): its connection is closed"
+    try:
+        data = json.dumps({**LOUD, "max_tokens": 1800, "n": 4}).encode()
+        with slow_client(url, "/v1/chat/completions", len(data), data, receive_buffer=4096):
+            deadline = time.monotonic() + 60
+            while line not in log.read_text():
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    lines = log.read_text().splitlines()
+    assert [x for x in lines if "client took" in x or x.startswith(("WARNING", "ERROR"))] == [line]
+
+
 def test_a_port_out_of_range_is_refused_before_the_model_loads():
     from internvl_mpo.errors import ConfigError
     from internvl_mpo.server import serve

@@ -1556,7 +1556,11 @@ def _uvicorn_server(app, settings: ServerSettings):
             await asyncio.to_thread(app.state.worker.stop)
             await super().shutdown(sockets)
 
-    return Server(uvicorn_config(app, settings, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+    # the server's own lines (a client dropped, a request failed) through uvicorn's handler, from INFO up
+    loggers = {**uvicorn.config.LOGGING_CONFIG["loggers"],
+               "internvl_mpo": {"handlers": ["default"], "level": "INFO", "propagate": False}}
+    return Server(uvicorn_config(app, settings, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                                 log_config={**uvicorn.config.LOGGING_CONFIG, "loggers": loggers}))
 
 
 def uvicorn_config(app, settings: ServerSettings, **options):
