@@ -29,9 +29,10 @@ every frame decoded must come out with the pts the table gives its index: if one
 lands off a start), the clip is decoded in order, as are all other clips (other codecs in avi: no
 presentation times, wrong with B-frames; MPEG-PS/TS: seeks by searching the file, where decord's
 frames go wrong; VP8 and others). A damaged packet in a stretch seeking skips is not noticed: the
-frames sampled are those the packets number, as decord's are. One that a decode passes is an InputError
-when a later packet decodes (the decoder has dropped its frame, or its whole GOP, so counting on would
-shift every later index; decord raises there too), and ends the clip there when none does (a cut tail).
+frames sampled are those the packets number, as decord's are. One that a decode passes before the last
+sampled frame is an InputError when a later packet decodes (the decoder has dropped its frame, or its
+whole GOP, so counting on would shift every later index; decord raises there too), and ends the clip
+there when none does (a cut tail).
 
 Differences from decord, measured:
 - Frames that take swscale's general path, 4:2:0 with an odd height or more than 8 bits a sample
@@ -44,8 +45,11 @@ Differences from decord, measured:
   index repeats); here frames are decoded in order, so the frame is the one the index names.
 - The frame count is the number of packets shown where the packets are listed (clips read by
   seeking, and any clip whose container gives no count), else the container's (`stream.frames`);
-  decord always counts packets. If fewer frames decode, the indices are recomputed from the true
-  count. An mp4 whose edit list trims frames (a cut without re-encoding, `ffmpeg -ss T -c copy`):
+  decord always counts packets. A clip decoded in order is decoded to its end without a bound (half a
+  segment more than the last sampled frame needs) to count the frames that decode; where they are
+  not the frames counted (a cut or damaged tail, the packets that never decode at the start of a .ts
+  cut inside a GOP), the indices are recomputed from that count and the clip decoded again. An mp4
+  whose edit list trims frames (a cut without re-encoding, `ffmpeg -ss T -c copy`):
   FFmpeg drops the trimmed packets it does not need and marks those it needs as references to be
   discarded, so an in-order decode gives the frames shown, as players show them; the container's
   count includes the trimmed frames, and decord counts the discarded packets as frames and returns
@@ -170,24 +174,29 @@ def _open_container(av, path: str):
         raise InputError(f"{name}: not a video FFmpeg can read: {e.strerror or e}") from None
 
 
-def _decode_frames(av, path: str, wanted: set[int], max_pixels: int | None) -> tuple[dict[int, Image.Image], int]:
-    """Decode `path` in order, keeping the frames whose index is in `wanted`; also count frames.
+def _decode_frames(
+    av, path: str, wanted: set[int], max_pixels: int | None, to_end: bool = False
+) -> tuple[dict[int, Image.Image], int]:
+    """Decode `path` in order, keeping the frames whose index is in `wanted`; also count the frames decoded,
+    up to the last wanted one, or all of them with `to_end`.
 
     A packet that fails to decode ends the clip there when no later packet decodes (a damaged or cut
     tail). When a later one does, the frames after the damage exist but the decoder has dropped some
     (a whole GOP for a damaged keyframe), so counting them would give later frames wrong indices:
-    that is an InputError, as it is for decord."""
+    that is an InputError, as it is for decord, unless every wanted frame came before it (the count
+    past them is then the frames that decode)."""
     kept: dict[int, Image.Image] = {}
     decoded = 0
     last = max(wanted)
-    damage = None  # the first packet that failed to decode, and why
+    damage = None  # the first packet before the last wanted frame that failed to decode, and why
     with _open_container(av, path) as container:
         try:
             for packet in container.demux(_video_stream(container)):
                 try:
                     frames = packet.decode()
                 except av.error.FFmpegError as e:
-                    damage = damage or (packet, e)
+                    if decoded <= last:
+                        damage = damage or (packet, e)
                     continue
                 if damage and packet.size:
                     raise InputError(f"{source_name(path)}: damaged video: {_damage(*damage)}, and later frames"
@@ -196,7 +205,7 @@ def _decode_frames(av, path: str, wanted: set[int], max_pixels: int | None) -> t
                     if decoded in wanted:
                         kept[decoded] = _upright(frame, path, max_pixels)
                     decoded += 1
-                    if decoded > last:
+                    if decoded > last and not to_end:
                         return kept, decoded
         except av.error.FFmpegError:  # the demuxer stops at a damaged tail: the frames before it count
             pass
@@ -416,16 +425,19 @@ def _read_video(path: str, num_segments: int, bound, max_pixels: int | None) -> 
         table = _frame_table(packets, stream.frames or len(packets)) if seekable and clean else None
     if bound and fps <= 0:
         raise InputError(f"{name}: frame rate unknown, cannot apply bound {bound}")
-    for _ in range(2):  # second round only when fewer frames decode than the container claims
+    for _ in range(2):  # second round only when other than the frames counted decode
         if num_frames < 1:
             raise InputError(f"{name}: no decodable video frames")
         indices = get_index(bound, fps, num_frames - 1, num_segments=num_segments)
         kept = _seek_frames(av, path, table, set(indices), max_pixels) if table else None
-        if kept is None:
-            kept, decoded = _decode_frames(av, path, set(indices), max_pixels)
-        if len(kept) == len(set(indices)):
+        if kept is not None:
             return [kept[i] for i in indices], indices
-        num_frames, table = decoded, None  # only an in-order decode gets here
+        # without a bound the decode goes on to the end (half a segment more) to count the frames: packets
+        # that never decode (a .ts cut in a GOP starts with some) would spread the indices unevenly
+        kept, decoded = _decode_frames(av, path, set(indices), max_pixels, not bound)
+        if len(kept) == len(set(indices)) and (bound or decoded == num_frames):
+            return [kept[i] for i in indices], indices
+        num_frames, table = decoded, None
     raise InputError(f"{name}: only {num_frames} frames decode, fewer than the sampled indices need")
 
 
