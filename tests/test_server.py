@@ -2397,14 +2397,18 @@ def stream_client(url: str, body: dict) -> socket.socket:
 
 @contextlib.contextmanager
 def uvicorn_records(caplog):
-    """caplog gets uvicorn's records too (its logging config keeps them from the root logger) and ours from INFO."""
-    logger = logging.getLogger("uvicorn")
-    logger.addHandler(caplog.handler)
+    """caplog gets uvicorn's records and ours from INFO up, which the logging configs of uvicorn and of an earlier
+    `serve` in this process keep from the root logger."""
+    loggers = [logging.getLogger(name) for name in ("uvicorn", "internvl_mpo")]
+    kept = [logger.propagate for logger in loggers]
+    for logger in loggers:
+        logger.propagate = True
     try:
-        with caplog.at_level(logging.INFO, logger="internvl_mpo.server"):
+        with caplog.at_level(logging.INFO, logger="internvl_mpo"):
             yield
     finally:
-        logger.removeHandler(caplog.handler)
+        for logger, propagate in zip(loggers, kept):
+            logger.propagate = propagate
 
 
 def send_timeout_lines(caplog) -> list[tuple[str, str]]:
