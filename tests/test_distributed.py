@@ -42,11 +42,13 @@ def free_ports(n: int) -> list[int]:
 
 
 def _worker(rank: int, world: int, ports: list[int], configs: list[dict]) -> None:
+    """Runs each config's train() on this rank; fails if one left its process group behind."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
     torch.set_num_threads(1)
     for port, cfg in zip(ports, configs):
         os.environ["MASTER_PORT"] = str(port)
         train(TrainConfig(**cfg))
+        assert_no_process_group()
 
 
 def rows(output: Path) -> list[dict]:
@@ -368,6 +370,15 @@ def gloo_threads() -> list[str]:
     return [name for name in names if "gloo" in name]
 
 
+def assert_no_process_group() -> None:
+    """train() ended with its process groups destroyed and freed: an FSDP2 run's stayed alive (its gloo threads
+    running to the interpreter's exit) through the DeviceMesh that DTensor's caches keep."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized(), "train() left the process group initialized"
+    assert not gloo_threads(), f"train() ended with the process group still running: {gloo_threads()}"
+
+
 def _stopping_worker(rank: int, world: int, ports: list[int], configs: list[dict], log: str,
                      full_disk: bool = False) -> None:
     """`_worker` that records how each run ended on this rank ("Type: message", or null) in a JSON list, and fails
@@ -395,7 +406,7 @@ def _stopping_worker(rank: int, world: int, ports: list[int], configs: list[dict
             ended.append(None)
         except Exception as e:
             ended.append(f"{type(e).__name__}: {e}")
-        assert not gloo_threads(), f"train() ended with the process group still running: {gloo_threads()}"
+        assert_no_process_group()
     Path(log.format(rank)).write_text(json.dumps(ended))
 
 

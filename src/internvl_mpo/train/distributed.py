@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from internvl_mpo.checkpoint import device_name
 from internvl_mpo.errors import ConfigError, InternVLError, TrainingError
@@ -108,14 +109,26 @@ def init_distributed(device: str | None = None) -> DistEnv:
     return DistEnv(rank, local_rank, world, dev)
 
 
-def destroy_distributed() -> None:
-    """End the process group: freed here, its threads joined, unless a live object still refers to it."""
+def fsdp_mesh(env: DistEnv) -> DeviceMesh:
+    """The mesh of all ranks, on the run's device type, that FSDP2 shards a run's modules over."""
+    return init_device_mesh(env.device.type, (env.world_size,))
+
+
+def destroy_distributed(mesh: DeviceMesh | None = None) -> None:
+    """End the process group (and `mesh`'s): freed here, their threads joined, unless a live object still refers
+    to them."""
     if dist.is_available() and dist.is_initialized():
         # torch's state-dict helpers (every checkpoint) leave reference cycles that hold the DDP / FSDP2 module, and
         # through it the process group: left to some later collection, its threads still ran when the interpreter
         # exited, and the process aborted now and then ('terminate called without an active exception'). Collected
         # first, the group goes with the last reference that destroy_process_group drops.
         gc.collect()
+        if mesh is not None:
+            # DTensor's caches (sharding propagation, redistribution planners) keep the run's DTensor specs, and
+            # through them the mesh, as long as the process lives; the mesh holds its process groups by reference
+            # (`_pg_registry`, for torch.compile; torch has no public call that lets go of them), so the gloo
+            # group's threads ran on after train() returned, to the interpreter's exit.
+            mesh._pg_registry.clear()
         dist.destroy_process_group()
 
 
@@ -207,8 +220,8 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return [*model.vision_model.encoder.layers, *model.language_model.model.layers]
 
 
-def shard_fsdp2(root: nn.Module, blocks: list[nn.Module], bf16: bool) -> nn.Module:
-    """`fully_shard` each block, then the root (whose own parameters are the rest of the model)."""
+def shard_fsdp2(root: nn.Module, blocks: list[nn.Module], bf16: bool, mesh: DeviceMesh) -> nn.Module:
+    """`fully_shard` each block, then the root (whose own parameters are the rest of the model), over `mesh`."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import DTensor
 
@@ -217,8 +230,8 @@ def shard_fsdp2(root: nn.Module, blocks: list[nn.Module], bf16: bool) -> nn.Modu
     else:
         policy = MixedPrecisionPolicy()
     for block in blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(root, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(root, mesh=mesh, mp_policy=policy)
     if not any(isinstance(p, DTensor) for p in root.parameters()):
         raise ConfigError("FSDP2 sharded no parameter; check the model's layer lists")
     return root

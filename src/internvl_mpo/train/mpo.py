@@ -94,6 +94,7 @@ from internvl_mpo.train.distributed import (
     env_int,
     epoch_order,
     fill_fsdp2,
+    fsdp_mesh,
     init_distributed,
     print0,
     rank_share,
@@ -1095,9 +1096,11 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
     """Run one training job; returns where the final model (official layout) was written."""
     config.validate()
     env = init_distributed(config.device)
+    mesh = None
     try:
+        mesh = fsdp_mesh(env) if config.fsdp and env.distributed else None  # one per run, released below
         with contextlib.ExitStack() as held:  # the output folder's lock, once taken
-            return _train(config, env, on_step, held)
+            return _train(config, env, mesh, on_step, held)
     except BaseException as e:
         # The error's frames hold the DDP / FSDP2 module, and through it the process group: freed only after the
         # group is destroyed below, gloo's destructor waits for a thread that waits for the GIL (the process hangs).
@@ -1107,10 +1110,10 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
         raise
     finally:
         if env.distributed:
-            destroy_distributed()
+            destroy_distributed(mesh)
 
 
-def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) -> TrainResult:
+def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitStack) -> TrainResult:
     from tqdm import tqdm
 
     output = Path(cfg.output)
@@ -1187,7 +1190,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) 
         # sharded, the pass's ranks run the vision tower on every forward (as training's do)
         ref_module = SequenceLogps(reference, encode_empty=fsdp or (env.distributed and not cfg.precompute_ref))
         if fsdp:
-            shard_fsdp2(ref_module, transformer_blocks(reference), bf16)
+            shard_fsdp2(ref_module, transformer_blocks(reference), bf16, mesh)
             fill_fsdp2(ref_module, env.device, lambda name: initial[name.removeprefix("model.")])
         if cfg.precompute_ref:
             ref_chosen, ref_rejected, valid = precompute_reference(
@@ -1227,7 +1230,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step, held: contextlib.ExitStack) 
     module: nn.Module = SequenceLogps(policy, encode_empty=encode_empty)
     if fsdp:
         adapters = lora_state(policy.state_dict())
-        module = shard_fsdp2(module, transformer_blocks(policy), bf16)
+        module = shard_fsdp2(module, transformer_blocks(policy), bf16, mesh)
         module = fill_fsdp2(module, env.device, functools.partial(initial_weight, initial, adapters))
         del initial, adapters
     elif env.distributed:
