@@ -2339,7 +2339,9 @@ def test_a_request_head_that_trickles_in_is_a_408_after_header_timeout(local_cha
     request's head a byte every 0.1 s, never idle for the deadline, gets a 408 naming the flag and is closed; so is
     one that does this with its third request (uvicorn's keep-alive timeout stops at the head's first byte, ours
     starts there). uvicorn has no deadline on a head: each held its connection as long as it liked before
-    2026-12-04. An honest request on a kept-alive connection is served (its head comes at once)."""
+    2026-12-04. An honest request on a kept-alive connection is served (its head comes at once). A body answered
+    before it was read (a 401) and then sent a byte every 0.1 s is cut at the deadline too, with nothing more sent:
+    uvicorn read and dropped it for as long as it came."""
     import http.client
 
     def connect() -> socket.socket:
@@ -2351,7 +2353,7 @@ def test_a_request_head_that_trickles_in_is_a_408_after_header_timeout(local_cha
         response.begin()
         assert response.status == 200 and json.loads(response.read())["status"] == "ok"
 
-    with app_server(local_chat, max_batch=2, max_len=256, header_timeout=0.5) as url:
+    with app_server(local_chat, max_batch=2, max_len=256, header_timeout=0.5, api_key=KEY) as url:
         host, port = url.removeprefix("http://").split(":")
         with connect() as silent:
             assert silent.recv(1) == b""  # closed (a timeout after 30 s before)
@@ -2364,6 +2366,12 @@ def test_a_request_head_that_trickles_in_is_a_408_after_header_timeout(local_cha
             assert timed_out(conn) == {"error": {
                 "message": "the request head did not arrive within 0.5 s (--header-timeout 0.5)",
                 "type": "invalid_request_error", "param": None, "code": "request_timeout"}}
+        with slow_client(url, "/v1/chat/completions", 10**6) as early:  # no API key: a 401 before the body is read
+            response = http.client.HTTPResponse(early)
+            response.begin()
+            assert response.status == 401 and json.loads(response.read())["error"]["code"] == "invalid_api_key"
+            trickle(early)
+            assert early.recv(1) == b""  # closed
 
 
 def test_an_honest_body_in_several_chunks_within_request_read_timeout_is_served(local_chat):

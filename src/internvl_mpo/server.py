@@ -1571,9 +1571,10 @@ def uvicorn_config(app, settings: ServerSettings, **options):
 
 def http_protocol(settings: ServerSettings) -> type:
     """uvicorn's HTTP/1.1 protocol (h11) with the two deadlines on a connection that uvicorn lacks:
-    --header-timeout on a request's head, from the connection's start or the head's first byte (uvicorn's own
-    keep-alive timeout stops at the first byte; past ours a 408 where part of a head came, and the connection
-    closed), and --send-timeout on a client that takes none of the bytes waiting for it, whatever the response
+    --header-timeout while no request holds it: on a request's head, from the connection's start or the head's first
+    byte (uvicorn's own keep-alive timeout stops at the first byte), and on the rest of a body answered before it
+    was read (a 401 or 429), which uvicorn reads and drops for as long as it comes; past it a 408 where part of a
+    head came, and the connection closed; and --send-timeout on a client that takes none of the bytes waiting for it, whatever the response
     (uvicorn writes a plain answer whole and would keep it, and the connection, until the client read it): the
     connection is dropped with its unsent bytes, which also ends a stream as a client that went away does.
     The check runs every --send-timeout seconds, so a client is cut between one and two of them after its last read."""
@@ -1589,19 +1590,24 @@ def http_protocol(settings: ServerSettings) -> type:
             transport.set_write_buffer_limits(high=0)  # pause_writing as soon as the client leaves a byte waiting
             self.head_timer = self.loop.call_later(settings.header_timeout, self.head_late)
 
+        def serving(self) -> bool:
+            """A request's head has come and its answer is not all written: the app has it, with its deadlines."""
+            return self.conn.their_state is not h11.IDLE and self.conn.our_state is not h11.DONE
+
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
-            if self.conn.their_state is not h11.IDLE:  # the head has come
+            if self.serving():
                 self.stop(self.head_timer)
                 self.head_timer = None
-            elif self.head_timer is None:  # the first bytes of the next request's head
+            elif self.head_timer is None:  # the first bytes of the next head, or of a body answered already
                 self.head_timer = self.loop.call_later(settings.header_timeout, self.head_late)
 
         def head_late(self) -> None:
             self.head_timer = None
-            if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+            if self.serving() or self.transport.is_closing():
                 return
-            if self.conn.trailing_data[0]:  # part of a head came: say why, as Node.js's headersTimeout does
+            partial_head = self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]
+            if partial_head:  # say why, as Node.js's headersTimeout does
                 timeout = settings.header_timeout
                 body = json.dumps(ApiError(408, f"the request head did not arrive within {timeout:g} s "
                                                 f"(--header-timeout {timeout:g})", code="request_timeout").body())
@@ -1706,8 +1712,9 @@ def serve(
       is closed past it, the bytes dropped: a stream's generation stopped, its place given back): it bounds how long a
       client that stops reading holds a place and a connection (default: 60, as nginx's send_timeout)
     header_timeout: seconds a request's head (request line and headers) may take to arrive, from the connection's
-      start or the head's first byte (408 past it, the connection closed): it bounds how long a client sending its
-      headers slowly holds a connection (default: 60, as nginx's client_header_timeout and Node.js's headersTimeout)
+      start or the head's first byte (408 past it, the connection closed), and the rest of a body answered before it
+      was read (a 401 or 429): it bounds how long a client sending slowly holds a connection (default: 60, as nginx's
+      client_header_timeout and Node.js's headersTimeout)
     """
     settings = ServerSettings(**locals())  # the parameters are exactly the settings' fields
     _require_web_stack()
@@ -1730,7 +1737,8 @@ def serve(
         value = getattr(settings, name)
         if value is not None and value < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-    for name in ("image_timeout", "request_read_timeout", "send_timeout", "header_timeout"):  # inf: settimeout, wait_for would fail
+    # inf: settimeout, wait_for would fail
+    for name in ("image_timeout", "request_read_timeout", "send_timeout", "header_timeout"):
         timeout = getattr(settings, name)
         if type(timeout) not in (int, float) or not 0 < timeout < math.inf:  # nan fails the comparison too
             raise ConfigError(f"--{name.replace('_', '-')} must be a number of seconds more than 0, got {timeout!r}")
