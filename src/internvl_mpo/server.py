@@ -1570,14 +1570,15 @@ def uvicorn_config(app, settings: ServerSettings, **options):
 
 
 def http_protocol(settings: ServerSettings) -> type:
-    """uvicorn's HTTP/1.1 protocol (h11) with the two deadlines on a connection that uvicorn lacks:
+    """uvicorn's HTTP/1.1 protocol (h11) with the two deadlines on a connection that uvicorn lacks.
     --header-timeout while no request holds it: on a request's head, from the connection's start or the head's first
     byte (uvicorn's own keep-alive timeout stops at the first byte), and on the rest of a body answered before it
     was read (a 401 or 429), which uvicorn reads and drops for as long as it comes; past it a 408 where part of a
-    head came, and the connection closed; and --send-timeout on a client that takes none of the bytes waiting for it, whatever the response
-    (uvicorn writes a plain answer whole and would keep it, and the connection, until the client read it): the
-    connection is dropped with its unsent bytes, which also ends a stream as a client that went away does.
-    The check runs every --send-timeout seconds, so a client is cut between one and two of them after its last read."""
+    head came, and the connection closed. --send-timeout on a client that takes none of the bytes waiting for it,
+    whatever the response (uvicorn writes a plain answer whole and would keep it, and the connection, until the
+    client read it): the connection is dropped with its unsent bytes, which also ends a stream as a client that went
+    away does. The check runs every --send-timeout seconds, so a client is cut between one and two of them after its
+    last read."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -1613,9 +1614,9 @@ def http_protocol(settings: ServerSettings) -> type:
                                                 f"(--header-timeout {timeout:g})", code="request_timeout").body())
                 headers = [("content-type", "application/json"), ("content-length", str(len(body))),
                            ("connection", "close")]
-                self.transport.write(self.conn.send(h11.Response(status_code=408, headers=headers,
-                                                                 reason=b"Request Timeout"))
-                                     + self.conn.send(h11.Data(data=body.encode())) + self.conn.send(h11.EndOfMessage()))
+                for event in (h11.Response(status_code=408, headers=headers, reason=b"Request Timeout"),
+                              h11.Data(data=body.encode()), h11.EndOfMessage()):
+                    self.transport.write(self.conn.send(event))
             self.transport.close()
 
         def pause_writing(self) -> None:
