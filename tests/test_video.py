@@ -485,10 +485,9 @@ def test_bt709_clip_decodes_with_its_own_colour_matrix(tmp_path):
 # frames must be those an in-order decode numbers so (compared with `decoded_frames`, PyAV in order).
 
 
-def test_a_ts_cut_inside_a_gop_is_sampled_over_the_frames_that_decode(tmp_path):
-    """A .ts cut at any point starts with the packets of a GOP whose keyframe was cut off: listed, they
-    never decode. The indices were spread over the packets listed, and only recomputed when one passed
-    the last frame that decodes; the sampled frames were then not the segment midpoints of the clip."""
+def ts_cuts(tmp_path):
+    """(path, packets listed, frames decoded) for a .ts cut at each transport packet within its first GOPs:
+    the packets of a GOP whose keyframe was cut off are listed and never decode."""
     try:
         av.codec.Codec("mpeg2video", "w")
     except ValueError:  # av's UnknownCodecError
@@ -504,13 +503,20 @@ def test_a_ts_cut_inside_a_gop_is_sampled_over_the_frames_that_decode(tmp_path):
         for packet in stream.encode():
             container.mux(packet)
     data, path = whole.read_bytes(), tmp_path / "cut.ts"
-    for start in range(188, len(data) // 2, 188):  # cut at a transport packet, within the first GOP's frames
+    for start in range(188, len(data) // 2, 188):
         path.write_bytes(data[start:])
         with av.open(str(path)) as container:
-            listed = sum(1 for p in container.demux(container.streams.video[0]) if p.size)
-        frames = decoded_frames(path)
-        wrong = reference_index(None, FPS, listed - 1, 8)
-        if listed > len(frames) and wrong != reference_index(None, FPS, len(frames) - 1, 8) \
+            listed = [p for p in container.demux(container.streams.video[0]) if p.size]
+        yield path, listed, decoded_frames(path)
+
+
+def test_a_ts_cut_inside_a_gop_is_sampled_over_the_frames_that_decode(tmp_path):
+    """A .ts cut at any point starts with the packets of a GOP whose keyframe was cut off: listed, they
+    never decode. The indices were spread over the packets listed, and only recomputed when one passed
+    the last frame that decodes; the sampled frames were then not the segment midpoints of the clip."""
+    for path, listed, frames in ts_cuts(tmp_path):
+        wrong = reference_index(None, FPS, len(listed) - 1, 8)
+        if len(listed) > len(frames) and wrong != reference_index(None, FPS, len(frames) - 1, 8) \
                 and max(wrong) < len(frames):  # no index past the last frame to tell the count was wrong
             break
     else:
@@ -519,6 +525,30 @@ def test_a_ts_cut_inside_a_gop_is_sampled_over_the_frames_that_decode(tmp_path):
     assert result.frame_indices == reference_index(None, FPS, len(frames) - 1, 8)
     for tile, index in zip(result.pixel_values, result.frame_indices):
         assert torch.equal(tile, reference_tile(frames[index]))
+
+
+def test_a_bound_on_a_ts_cut_inside_a_gop_counts_seconds_from_its_first_packet(tmp_path):
+    """A bound's seconds count from the first frame the clip lists (as decord's frame times do), not from the
+    first that decodes: the frames before it never decode, and counting from the first that does put every
+    sample that many frames late. Decord's own frames there are no rule to match: it counts the packets
+    that never decode and returns the frames that do, off by one more after a seek."""
+    for path, listed, frames in ts_cuts(tmp_path):
+        if len(listed) > len(frames):
+            break
+    else:
+        pytest.fail("no cut leaves packets that never decode")
+    with av.open(str(path)) as container:
+        first = next(container.decode(container.streams.video[0]))
+    lost = round((first.time - float(min(p.pts for p in listed) * listed[0].time_base)) * FPS)
+    assert lost == len(listed) - len(frames)  # every packet after the first frame that decodes decodes
+    bound = (lost / FPS + 0.15, 4.0)
+    result = load_video(path, num_segments=8, bound=bound)
+    assert result.frame_indices == [i - lost for i in reference_index(bound, FPS, len(listed) - 1, 8, first_idx=lost)]
+    for tile, index in zip(result.pixel_values, result.frame_indices):
+        assert torch.equal(tile, reference_tile(frames[index]))
+    with pytest.raises(InputError, match=rf"bound \(0.0, 0.5\) selects no frames: the first frame that decodes is"
+                                         rf" at {lost / FPS:.3f} s"):
+        load_video(path, num_segments=8, bound=(0.0, 0.5))
 
 
 def moving_frame(k, width=64, height=48):

@@ -48,7 +48,11 @@ Differences from decord, measured:
   decord always counts packets. A clip decoded in order is decoded to its end without a bound (half a
   segment more than the last sampled frame needs) to count the frames that decode; where they are
   not the frames counted (a cut or damaged tail, the packets that never decode at the start of a .ts
-  cut inside a GOP), the indices are recomputed from that count and the clip decoded again. An mp4
+  cut inside a GOP), the indices are recomputed from that count and the clip decoded again. A bound's
+  seconds count from the earliest pts listed, as decord's frame times do; where frames listed before
+  the first that decodes never decode (that .ts), they are counted before frame 0 (the card's
+  `first_idx`). Decord counts them as frames 0.. yet returns the frames that decode for them, one
+  later after some seeks: no rule to match. An mp4
   whose edit list trims frames (a cut without re-encoding, `ffmpeg -ss T -c copy`):
   FFmpeg drops the trimmed packets it does not need and marks those it needs as references to be
   discarded, so an in-order decode gives the frames shown, as players show them; the container's
@@ -212,6 +216,17 @@ def _decode_frames(
     if decoded == 0 and damage:
         raise InputError(f"{source_name(path)}: cannot decode video: {_damage(*damage)}")
     return kept, decoded
+
+
+def _undecodable_lead(av, path: str, start: float, fps: float) -> int:
+    """How many frames the clip lists before the first that decodes, from that frame's time and `start`,
+    the time of the first frame listed: a .ts cut inside a GOP starts with packets that never decode."""
+    with _open_container(av, path) as container:
+        try:
+            first = next(container.decode(_video_stream(container)), None)
+        except av.error.FFmpegError:  # a damaged start: the decode that follows says how
+            return 0
+    return max(0, round((first.time - start) * fps)) if first is not None and first.time is not None else 0
 
 
 def _damage(packet, error) -> str:
@@ -423,12 +438,19 @@ def _read_video(path: str, num_segments: int, bound, max_pixels: int | None) -> 
         packets, clean = _demux(av, container, stream) if listed else ([], False)
         num_frames = len(packets) if listed else stream.frames  # the container's count includes trimmed frames
         table = _frame_table(packets, stream.frames or len(packets)) if seekable and clean else None
+        listed_pts = [p for p, _ in packets if p is not None]
+        start = float(min(listed_pts) * stream.time_base) if listed_pts and stream.time_base else None
     if bound and fps <= 0:
         raise InputError(f"{name}: frame rate unknown, cannot apply bound {bound}")
+    # a bound's seconds count from the first frame listed; frame 0 is the first that decodes, `lost` frames later
+    lost = _undecodable_lead(av, path, start, fps) if bound and table is None and start is not None else 0
+    if lost and round(bound[1] * fps) < lost:
+        raise InputError(f"{name}: bound {bound} selects no frames: the first frame that decodes is at"
+                         f" {lost / fps:.3f} s (the clip starts inside a GOP whose keyframe was cut off)")
     for _ in range(2):  # second round only when other than the frames counted decode
-        if num_frames < 1:
+        if num_frames - lost < 1:
             raise InputError(f"{name}: no decodable video frames")
-        indices = get_index(bound, fps, num_frames - 1, num_segments=num_segments)
+        indices = [i - lost for i in get_index(bound, fps, num_frames - 1, lost, num_segments)]
         kept = _seek_frames(av, path, table, set(indices), max_pixels) if table else None
         if kept is not None:
             return [kept[i] for i in indices], indices
@@ -437,8 +459,8 @@ def _read_video(path: str, num_segments: int, bound, max_pixels: int | None) -> 
         kept, decoded = _decode_frames(av, path, set(indices), max_pixels, not bound)
         if len(kept) == len(set(indices)) and (bound or decoded == num_frames):
             return [kept[i] for i in indices], indices
-        num_frames, table = decoded, None
-    raise InputError(f"{name}: only {num_frames} frames decode, fewer than the sampled indices need")
+        num_frames, table = lost + decoded, None
+    raise InputError(f"{name}: only {num_frames - lost} frames decode, fewer than the sampled indices need")
 
 
 def _natural_key(name: str) -> list:
