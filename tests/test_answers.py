@@ -801,6 +801,10 @@ def test_long_degenerate_answers_are_checked_in_linear_time(prediction, truth):
         # (a list "12,5", "3 100"): no number
         ("1.000", "1", True), ("1,000", "1000", True), ("1,000.5", "1000.5", True), ("12,5", "12.5", None),
         ("1 000", "1000", None), ("1.234,5", "1.234", False), ("0.5,0.25", "0.5", None),
+        # no thousands group starts with a lone 0: "0,125" was 125 (the official's TextVQA normaliser makes it
+        # "0125", unequal to "125" and to "0.125", and float() refuses it); "10,125" is still 10125
+        ("0,125", "125", None), ("0,125", "0.125", None), ("-0,125", "-125", None), ("0,125,000", "125000", None),
+        ("10,125", "10125", True),
     ],
 )
 def test_thousands_separators_of_other_locales(prediction, truth, expected):
