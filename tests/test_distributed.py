@@ -372,10 +372,19 @@ def gloo_threads() -> list[str]:
 
 def assert_no_process_group() -> None:
     """train() ended with its process groups destroyed and freed: an FSDP2 run's stayed alive (its gloo threads
-    running to the interpreter's exit) through the DeviceMesh that DTensor's caches keep."""
+    running to the interpreter's exit) through the DeviceMesh that DTensor's caches keep.
+
+    A thread that destroy_process_group has joined can still be listed in /proc for a moment: the kernel wakes
+    the joining thread before it removes the ended one, and on a busy machine that moment showed the TCP loop of a
+    freed group now and then. So the threads get a few seconds to go; those of a group that lives on never do."""
+    import time
+
     import torch.distributed as dist
 
     assert not dist.is_initialized(), "train() left the process group initialized"
+    deadline = time.monotonic() + 10
+    while gloo_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not gloo_threads(), f"train() ended with the process group still running: {gloo_threads()}"
 
 
