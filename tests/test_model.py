@@ -430,3 +430,47 @@ def test_rms_norm_equals_transformers_bit_for_bit(dtype):
             x = (torch.randn(2, rows, width) * torch.rand(2, rows, 1) * 10).to(dtype)
             with torch.no_grad():
                 assert torch.equal(ours(x), theirs(x)), (width, rows)
+
+
+def test_the_pad_row_gets_no_gradient_as_in_transformers_qwen2(tiny):
+    """transformers' Qwen2Model builds its embedding with padding_idx=pad_token_id: the pad row is left out
+    of training. Ours had no padding_idx, and the pad tokens of a batch trained that row."""
+    from transformers import Qwen2ForCausalLM as ReferenceQwen2
+
+    from conftest import hf_config
+    from internvl_mpo.llm import Qwen2ForCausalLM, causal_mask
+
+    pad = 7
+    text = hf_config(tiny).text_config
+    text.pad_token_id = pad
+    ref = ReferenceQwen2(text)
+    ref.set_attn_implementation("eager")
+    ours = Qwen2ForCausalLM(dataclasses.replace(tiny.llm, extra={"pad_token_id": pad}))
+    ours.init_weights()
+    assert ours.input_embeddings().weight[pad].abs().sum() == 0  # as transformers initialises it
+    ours.load_state_dict(ref.state_dict())
+    ids = torch.tensor([[5, 9, 11, 3, pad, pad], [4, pad, 12, 6, 8, pad]])
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0  # right padding, and a pad id inside the text
+    def loss(logits):  # over the real positions (padded ones are computed differently, and unused)
+        return (logits * mask[..., None]).square().mean()
+
+    loss(ref(input_ids=ids, attention_mask=mask).logits).backward()
+    loss(ours(ours.input_embeddings()(ids), torch.arange(6).expand(2, 6), causal_mask(mask))).backward()
+    expected, got = ref.model.embed_tokens.weight.grad, ours.input_embeddings().weight.grad
+    assert expected[pad].abs().sum() == 0 and expected[ids[ids != pad]].abs().sum(-1).min() > 0
+    assert_close(got, expected, **TOL)
+
+
+def test_a_pad_token_id_outside_the_vocabulary_is_refused_at_config_load(tmp_path, tiny):
+    from internvl_mpo.config import ModelConfig
+    from internvl_mpo.errors import ConfigError
+
+    path = tmp_path / "config.json"
+    for pad in (tiny.llm.vocab_size, -1, "7", True):  # nn.Embedding fails with a bare assertion or counts from the end
+        d = json.loads(tiny.to_json_text())
+        d["llm_config"]["pad_token_id"] = pad
+        path.write_text(json.dumps(d))
+        with pytest.raises(ConfigError, match=rf"config.json: llm_config.pad_token_id {pad!r} is not a token id"
+                                              rf" below {tiny.llm.vocab_size}"):
+            ModelConfig.from_json(path)

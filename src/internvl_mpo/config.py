@@ -195,6 +195,9 @@ class LLMConfig:
             raise ConfigError("llm_config.num_attention_heads must be a multiple of num_key_value_heads")
         if self.extra.get("use_sliding_window"):
             raise ConfigError("llm_config.use_sliding_window=true is not implemented")
+        pad = self.extra.get("pad_token_id")  # the embedding's padding_idx (llm.py, internlm2.py)
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or not 0 <= pad < self.vocab_size):
+            raise ConfigError(f"llm_config.pad_token_id {pad!r} is not a token id below {self.vocab_size}")
 
     @property
     def rope_type(self) -> str | None:

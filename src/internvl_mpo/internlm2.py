@@ -135,9 +135,6 @@ class InternLM2ForCausalLM(nn.Module):
         version = config.extra.get("rope_pos_id_version")
         if version not in (None, "default"):
             raise ConfigError(f"llm_config.rope_pos_id_version {version!r} is not implemented (only 'default')")
-        pad = config.extra.get("pad_token_id")
-        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or not 0 <= pad < config.vocab_size):
-            raise ConfigError(f"llm_config.pad_token_id {pad!r} is not a token id below {config.vocab_size}")
         self.config = config
         self.model = InternLM2Model(config)
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -204,7 +204,8 @@ class DecoderLayer(nn.Module):
 class Qwen2Model(nn.Module):
     def __init__(self, config: LLMConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # as transformers' Qwen2Model: the pad row (llm_config.pad_token_id, if any) gets no gradient
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.extra.get("pad_token_id"))
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
@@ -258,6 +259,9 @@ class Qwen2ForCausalLM(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
+        padding = self.model.embed_tokens.padding_idx
+        if padding is not None:  # zero, as transformers' init leaves it
+            self.model.embed_tokens.weight[padding].zero_()
 
 
 def run_layers(layers, x, cos, sin, mask, caches=None, cache_positions=None) -> torch.Tensor:
