@@ -128,7 +128,9 @@ def destroy_distributed(mesh: DeviceMesh | None = None) -> None:
             # through them the mesh, as long as the process lives; the mesh holds its process groups by reference
             # (`_pg_registry`, for torch.compile; torch has no public call that lets go of them), so the gloo
             # group's threads ran on after train() returned, to the interpreter's exit.
-            mesh._pg_registry.clear()
+            registry = getattr(mesh, "_pg_registry", None)  # a torch that moved it: the tests' thread check says so
+            if isinstance(registry, dict):
+                registry.clear()
         dist.destroy_process_group()
 
 
