@@ -2392,6 +2392,42 @@ def test_an_honest_body_in_several_chunks_within_request_read_timeout_is_served(
         assert answer.json()["choices"][0]["message"]["content"].strip() == expected
 
 
+def test_a_body_being_parsed_holds_up_no_other_request(local_chat, monkeypatch):
+    """A request's JSON is decoded and checked on a worker thread: while it is (held here until /health has answered,
+    or 20 s), /health on another connection is answered, and the request is served after. Before, json.loads ran on
+    the event loop (about a second for a 32 MiB body), and every stream and /health waited for it."""
+    from internvl_mpo import server as server_module
+
+    events, parsing, answered = [], threading.Event(), threading.Event()
+    decode = server_module.json_body
+
+    def held(body):
+        parsing.set()
+        answered.wait(20)  # on the event loop, /health cannot answer until this gives up
+        events.append("parsed")
+        return decode(body)
+
+    monkeypatch.setattr(server_module, "json_body", held)
+    answers = []
+    with app_server(local_chat, max_batch=2, max_len=256) as url:
+        body = {"messages": [{"role": "user", "content": "Hello there"}], **GREEDY}
+        sender = threading.Thread(target=lambda: answers.append(httpx.post(url + "/v1/chat/completions", json=body,
+                                                                           timeout=120)))
+        sender.start()
+        try:
+            assert parsing.wait(60), "the request was never parsed"
+            assert httpx.get(url + "/health", timeout=60).json()["in_progress"] == 1
+            events.append("health")
+            answered.set()
+        finally:
+            answered.set()
+            sender.join(120)
+    assert events == ["health", "parsed"]
+    assert answers[0].status_code == 200, answers[0].text
+    assert answers[0].json()["choices"][0]["message"]["content"].strip() == local_chat.chat(
+        "Hello there", do_sample=False, max_new_tokens=STEPS)
+
+
 # a long greedy answer with 20 top logprobs per token: about 1.5 kB of events a token, megabytes in all
 LOUD = {"messages": [{"role": "user", "content": "Hello there"}], "temperature": 0, "ignore_eos": True,
         "logprobs": True, "top_logprobs": 20}

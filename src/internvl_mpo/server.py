@@ -7,8 +7,8 @@ ids in, no chat template, as vLLM serves a chat model; `text_completion` objects
 their image tokens, as the endpoints above would prefill them) and `POST /detokenize`.
 
 It is a thin layer: requests are parsed and checked against the limits up front (4xx with an
-OpenAI-style `{"error": {...}}` body), images are decoded and the prompt is tokenized off the event
-loop, and one worker thread owns the model and a single `Generation` (continuous batching): new
+OpenAI-style `{"error": {...}}` body), and their JSON decoded and checked, their images decoded and their prompt
+tokenized off the event loop; one worker thread owns the model and a single `Generation` (continuous batching): new
 requests join the running batch between decode steps through a thread-safe inbox (a request whose
 prefill fails fails alone; a failed decode step fails the rows it ran), and each request's text
 flows back to its handler through an asyncio queue. A client that goes away has its rows finished at once.
@@ -203,6 +203,19 @@ class CompletionRequest:
     def shown_prompt_logprobs(self) -> int | None:
         """The alternatives per prompt token in vLLM's `prompt_logprobs` (as vLLM: echo with logprobs asks too)."""
         return self.prompt_logprobs if self.prompt_logprobs is not None or not self.echo else self.logprobs
+
+
+def json_body(body: bytes | bytearray):
+    """The JSON value of a request body; a 400 naming what is wrong with it."""
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except ValueError:  # Python's limit on the digits of an int read from text (a 500 before)
+        raise ApiError(400, f"the request body holds an integer of more than {sys.get_int_max_str_digits()} "
+                            "digits") from None
 
 
 def _field(body: dict, key: str, kinds: tuple[type, ...], default=None, low=None, high=None):
@@ -870,6 +883,13 @@ def build_completion_prompts(chat: InternVLChat, req: CompletionRequest, setting
     return prompts
 
 
+def echo_texts(tokenizer: Tokenizer, req: CompletionRequest) -> list[str]:
+    """The text each prompt puts in front of its answers: the prompt (token ids decoded) with `echo`, else ""."""
+    if not req.echo:
+        return [""] * len(req.prompts)
+    return [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=False) for p in req.prompts]
+
+
 # ---- the generation worker --------------------------------------------------------------------
 
 
@@ -1187,7 +1207,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
         if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), settings.api_key.encode()):
             raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
 
-    async def read_json(request: HttpRequest):
+    async def read_body(request: HttpRequest) -> bytearray:
         limit = settings.max_request_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -1204,19 +1224,22 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
 
         timeout = settings.request_read_timeout
         try:  # the whole body within the deadline, its first byte too (uvicorn has no deadline of its own)
-            body = await asyncio.wait_for(read(), timeout)
+            return await asyncio.wait_for(read(), timeout)
         except asyncio.TimeoutError:
             raise ApiError(408, f"the request body did not arrive within {timeout:g} s (--request-read-timeout "
                                 f"{timeout:g})", code="request_timeout") from None
-        try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-        except RecursionError:
-            raise ApiError(400, "the request body is nested too deeply") from None
-        except ValueError:  # Python's limit on the digits of an int read from text (a 500 before)
-            raise ApiError(400, f"the request body holds an integer of more than {sys.get_int_max_str_digits()} "
-                                "digits") from None
+
+    def parsed(body: bytearray, parse: Callable, *args):
+        """`parse(value, *args)` of the JSON value of `body` once it names the served model (or none)."""
+        value = json_body(body)
+        check_model(value, model_name)
+        return parse(value, *args)
+
+    async def read_json(request: HttpRequest, parse: Callable, *args):
+        """`parse(value, *args)` of the JSON body of `request`, decoded and checked on a worker thread: a body of
+        32 MiB takes about a second, which on the event loop would hold up every stream and /health."""
+        body = await read_body(request)
+        return await run_in_threadpool(parsed, body, parse, *args)
 
     def admitted(endpoint):
         """`endpoint` behind the API key, holding a place in `in_progress` (none free: the 429 at once) from before
@@ -1264,18 +1287,14 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
     @app.post("/tokenize")  # vLLM's, beside /v1 as in vLLM; it decodes and tiles a chat's images too
     @admitted
     async def tokenize(request: HttpRequest):
-        body = await read_json(request)
-        check_model(body, model_name)
-        req = parse_tokenize_request(body, settings)
+        req = await read_json(request, parse_tokenize_request, settings)
         ids = await run_in_threadpool(tokenize_ids, chat, req, settings, worker.max_len)
         return {"count": len(ids), "max_model_len": worker.max_len, "tokens": ids, "token_strs": None}
 
     @app.post("/detokenize")
     async def detokenize(request: HttpRequest):
         authorize(request)
-        body = await read_json(request)
-        check_model(body, model_name)
-        tokens = parse_detokenize_request(body, chat.config.llm.vocab_size)
+        tokens = await read_json(request, parse_detokenize_request, chat.config.llm.vocab_size)
         # off the event loop: a long list would hold up the streams being sent
         return {"prompt": await run_in_threadpool(chat.tokenizer.decode, tokens, skip_special_tokens=False)}
 
@@ -1310,9 +1329,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
     @app.post("/v1/chat/completions")
     @admitted
     async def chat_completions(request: HttpRequest):
-        body = await read_json(request)
-        check_model(body, model_name)
-        req = parse_chat_request(body, settings)
+        req = await read_json(request, parse_chat_request, settings)
         check_token_ids(req.params, chat.config.llm.vocab_size)
         prompt = await run_in_threadpool(build_prompt, chat, req, settings, worker.max_len)
         inbox, close = submit([prompt], req.n, req.params, req.logprobs, None if req.stream else req.prompt_logprobs)
@@ -1336,13 +1353,10 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
     @app.post("/v1/completions")
     @admitted
     async def text_completions(request: HttpRequest):
-        body = await read_json(request)
-        check_model(body, model_name)
-        req = parse_completion_request(body, settings)
+        req = await read_json(request, parse_completion_request, settings)
         check_token_ids(req.params, chat.config.llm.vocab_size)
         prompts = await run_in_threadpool(build_completion_prompts, chat, req, settings, worker.max_len)
-        echoes = [(p if isinstance(p, str) else chat.tokenizer.decode(p, skip_special_tokens=False)) if req.echo
-                  else "" for p in req.prompts]
+        echoes = await run_in_threadpool(echo_texts, chat.tokenizer, req)
         # the prompt's log-probabilities serve vLLM's prompt_logprobs and an echo's logprobs (the larger top k)
         asked = [k for k in (req.shown_prompt_logprobs, req.logprobs if req.echo else None) if k is not None]
         inbox, close = submit(prompts, req.n, req.params, req.logprobs, max(asked, default=None),
