@@ -710,6 +710,24 @@ def test_dtype_auto_refuses_a_config_dtype_it_cannot_load_in(tmp_path, tiny, goo
         InternVL.from_pretrained(folder, dtype="auto")
 
 
+@pytest.mark.parametrize("shards", [1, 3])
+def test_a_load_reads_each_weight_files_header_once(tmp_path, tiny, good_state, monkeypatch, shards):
+    """dtype="auto" without a config dtype checked the folder's shards (save ids, keys) for the dtype and again
+    for the tensors, reading each header five times (the first shard six) in one load."""
+    from internvl_mpo import checkpoint
+
+    state = {key: tensor.to(torch.bfloat16) for key, tensor in good_state.items()}
+    folder = write_checkpoint(tmp_path / "ck", tiny, state, shards=shards)
+    opened = []
+    read = checkpoint.open_safetensors
+    monkeypatch.setattr(checkpoint, "open_safetensors", lambda file: opened.append(file.name) or read(file))
+    loaded = InternVL.from_pretrained(folder, dtype="auto")
+    assert loaded.dtype == torch.bfloat16  # the dtype came from a header
+    assert sorted(opened) == sorted(p.name for p in folder.glob("*.safetensors")) and len(opened) == shards
+    for key, tensor in state.items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+
+
 # A save of another model (seed 1) that stops after writing its first shard until a line comes on stdin.
 PAUSED_SAVE = """
 import sys

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -95,23 +95,22 @@ def parse_dtype(dtype, device: torch.device, auto: str | None = None) -> torch.d
         raise InputError(f"unknown dtype {dtype!r}; {_DTYPE_CHOICES}") from None
 
 
-def auto_dtype(folder: Path | None, config_dtype: str | None) -> str | None:
+def auto_dtype(folder: Path | None, config_dtype: str | None, weights: Weights | None = None) -> str | None:
     """The dtype name `dtype="auto"` loads `folder` in, resolved as transformers' from_pretrained does: the
     config's torch_dtype (or dtype); without one the index metadata's "dtype", else the first floating-point
     weight by name of the single file or the first shard (weights of mixed dtypes included), read from the
-    header alone. None: no folder (random weights from a config) and no config dtype, or no float weight."""
+    header alone. None: no folder (random weights from a config) and no config dtype, or no float weight.
+    `weights`: the folder's, where the caller has opened them (`open_weights`)."""
     if config_dtype is not None or folder is None:
         return config_dtype
-    files = weight_map(folder)
-    if (folder / INDEX_FILE).exists():
-        metadata = json.loads((folder / INDEX_FILE).read_text()).get("metadata")
-        if isinstance(metadata, dict) and "dtype" in metadata:
-            return metadata["dtype"]
-    with open_safetensors(min(files.values())) as f:
-        for key in sorted(f.keys()):
-            kind = f.get_slice(key).get_dtype()
-            if kind in _FLOAT_KINDS:
-                return _FLOAT_KINDS[kind]
+    weights = open_weights(folder) if weights is None else weights
+    if "dtype" in weights.metadata:
+        return weights.metadata["dtype"]
+    first = weights.handles[min(weights.handles)]
+    for key in sorted(first.keys()):
+        kind = first.get_slice(key).get_dtype()
+        if kind in _FLOAT_KINDS:
+            return _FLOAT_KINDS[kind]
     return None
 
 
@@ -196,8 +195,23 @@ def _timed_out(error: BaseException) -> bool:
     return any(cls.__name__ in ("Timeout", "TimeoutException") for cls in type(error).__mro__)
 
 
+class Weights(NamedTuple):
+    """A checkpoint's weight files as one load opens them, each once (its header read; tensors are read on
+    access): each key's file, each file's open safetensors handle, and the index's metadata ({} without)."""
+
+    files: dict[str, Path]
+    handles: dict[Path, Any]
+    metadata: dict[str, Any]
+
+
 def weight_map(folder: Path) -> dict[str, Path]:
     """Key -> shard file, from the index, the single file, or a refusal."""
+    return open_weights(folder).files
+
+
+def open_weights(folder: Path) -> Weights:
+    """The weights of the index, or of the single file, checked (one save, shards as the index lists them);
+    or a refusal."""
     index, single = folder / INDEX_FILE, folder / SINGLE_FILE
     if index.exists() and single.exists():  # transformers reads the single file, vLLM the index's shards
         raise CheckpointError(
@@ -220,13 +234,14 @@ def weight_map(folder: Path) -> dict[str, Path]:
         for name, file in files.items():
             if not file.exists():
                 raise CheckpointError(f"{index} names {name}, which is not in {folder}")
-        _check_one_save(index, data.get("metadata"), [files[name] for name in sorted(files)])
+        handles = {files[name]: open_safetensors(files[name]) for name in sorted(files)}
+        metadata = data.get("metadata")
+        _check_one_save(index, metadata, handles)
         listed: dict[str, set[str]] = {name: set() for name in files}
         for key, name in mapping.items():
             listed[name].add(key)
         for name in sorted(files):  # transformers and vLLM read every tensor of a shard, not the index's only
-            with open_safetensors(files[name]) as f:
-                held = set(f.keys())
+            held = set(handles[files[name]].keys())
             for keys, what in ((listed[name] - held, "lacks {} the index lists there"),
                                (held - listed[name], "holds {} the index does not list there")):
                 if keys:
@@ -234,10 +249,11 @@ def weight_map(folder: Path) -> dict[str, Path]:
                     raise CheckpointError(
                         f"{files[name]} {what.format(count)} ({_describe(sorted(keys))}): the index and its shards "
                         "disagree; rewrite the index from the shards, or replace the folder with a complete copy")
-        return {key: files[name] for key, name in mapping.items()}
+        return Weights({key: files[name] for key, name in mapping.items()}, handles,
+                       metadata if isinstance(metadata, dict) else {})
     if single.exists():
-        with open_safetensors(single) as f:
-            return {key: single for key in f.keys()}
+        handle = open_safetensors(single)
+        return Weights(dict.fromkeys(handle.keys(), single), {single: handle}, {})
     if (folder / "zero_to_fp32.py").is_file() or any(p.is_dir() for p in folder.glob("global_step*")):
         raise CheckpointError(
             f"{folder} is a DeepSpeed checkpoint without gathered weights (only the global_step* shards); "
@@ -257,7 +273,7 @@ def save_metadata() -> dict[str, str]:
     return {"format": "pt", SAVE_ID: uuid.uuid4().hex}
 
 
-def _check_one_save(index: Path, metadata: Any, shards: list[Path]) -> None:
+def _check_one_save(index: Path, metadata: Any, shards: dict[Path, Any]) -> None:
     """Refuse shards of two saves under one index, as a save killed between its renames leaves them (same
     names and keys, other weights): each shard's `SAVE_ID` (read from its header, not its tensors) must be
     the index's. Official checkpoints carry no id anywhere and load as before.
@@ -269,9 +285,8 @@ def _check_one_save(index: Path, metadata: Any, shards: list[Path]) -> None:
     """
     expected = metadata.get(SAVE_ID) if isinstance(metadata, dict) else None
     reference = index if expected is not None else None
-    for shard in shards:
-        with open_safetensors(shard) as f:
-            save_id = (f.metadata() or {}).get(SAVE_ID)
+    for shard, handle in shards.items():
+        save_id = (handle.metadata() or {}).get(SAVE_ID)
         if reference is None:
             reference, expected = shard, save_id
         elif save_id != expected:
@@ -321,17 +336,17 @@ class LazyTensor:
 
 
 def open_state_dict(
-    folder: Path, expected: dict[str, torch.Size], optional: tuple[str, ...] = ()
+    folder: Path, expected: dict[str, torch.Size], optional: tuple[str, ...] = (), weights: Weights | None = None
 ) -> dict[str, LazyTensor]:
     """Exactly the `expected` keys (name -> shape) as `LazyTensor`s, checked before any tensor data is read.
 
-    Keys in `optional` may be present or absent (a tied head written out by some tools).
+    Keys in `optional` may be present or absent (a tied head written out by some tools). `weights`: the
+    folder's, where the caller has opened them (`open_weights`).
     """
-    mapping = weight_map(folder)
+    mapping, handles, _ = open_weights(folder) if weights is None else weights
     present = set(mapping)
     missing = sorted(set(expected) - present - set(optional))
     unexpected = sorted(present - set(expected) - set(optional))
-    handles = {file: open_safetensors(file) for file in set(mapping.values())}
     views, wrong = {}, []
     for key in sorted(present & set(expected)):
         try:
@@ -364,15 +379,16 @@ def read_state_dict(
     dtype: torch.dtype,
     device: torch.device | Callable[[str], torch.device],
     optional: tuple[str, ...] = (),
+    weights: Weights | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read exactly the `expected` keys (name -> shape), checked before any tensor data is read.
 
     `device` is one device, or a function of the key (a device map). Keys in `optional` may be
-    present or absent (a tied head written out by some tools).
+    present or absent (a tied head written out by some tools). `weights` as for `open_state_dict`.
     """
     device_of = device if callable(device) else (lambda key: device)
     return {key: tensor[...].to(device=device_of(key), dtype=dtype)
-            for key, tensor in open_state_dict(folder, expected, optional).items()}
+            for key, tensor in open_state_dict(folder, expected, optional, weights).items()}
 
 
 def parse_size(size: int | str) -> int:

@@ -206,10 +206,11 @@ class InternVL(nn.Module):
             if device == "cpu":
                 device = device_for("mlp1", device_map, device)
         device = checkpoint.parse_device(device)
-        auto = checkpoint.auto_dtype(folder, config.torch_dtype) if dtype == "auto" else None
+        weights = checkpoint.open_weights(folder)  # each file's header read once, for the dtype and the tensors
+        auto = checkpoint.auto_dtype(folder, config.torch_dtype, weights) if dtype == "auto" else None
         dtype = checkpoint.parse_dtype(dtype, device, auto)
         placement = device if device_map is None else (lambda key: device_for(key, device_map, device))
-        state = checkpoint.read_state_dict(folder, model.expected_keys(), dtype, placement)
+        state = checkpoint.read_state_dict(folder, model.expected_keys(), dtype, placement, weights=weights)
         try:
             model.load_state_dict(state, assign=True)  # the official layout never ties the head (config.py)
         except RuntimeError as e:  # read_state_dict checked keys and shapes; this is a safety net
