@@ -2456,8 +2456,11 @@ def uvicorn_records(caplog):
 
 
 def send_timeout_lines(caplog) -> list[tuple[str, str]]:
-    """The (logger, message) of each record from uvicorn, and of ours that say a client was dropped."""
-    return [(r.name, r.getMessage()) for r in caplog.records
+    """The (logger, message) of each record from uvicorn, and of ours that say a client was dropped. Each record
+    once: pytest >= 9.2 also hangs caplog's handler on the loggers that did not propagate when the test began,
+    which `uvicorn_records` then lets propagate to the root, so caplog sees their records twice."""
+    records = {id(r): r for r in caplog.records}.values()
+    return [(r.name, r.getMessage()) for r in records
             if r.name.startswith("uvicorn") or "--send-timeout" in r.getMessage()]
 
 
