@@ -103,6 +103,22 @@ def test_official_round_trip_is_lossless(tmp_path, llm, vision):
     assert back_config.llm.extra.get("pad_token_id") == src_config.llm.extra.get("pad_token_id")
 
 
+@pytest.mark.parametrize("to", ["hf", "official"])
+def test_a_conversion_reads_each_weight_files_header_once(tmp_path, monkeypatch, to):
+    """It checked the source's shards for their keys, then opened each again to read the tensors."""
+    from internvl_mpo import checkpoint
+
+    src = official_folder(tmp_path / "src", "qwen2")
+    if to == "official":
+        src = convert(src, tmp_path / "hf", to="hf", max_shard_size=20_000)
+    opened = []
+    read = checkpoint.open_safetensors
+    monkeypatch.setattr(checkpoint, "open_safetensors", lambda file: opened.append(file) or read(file))
+    convert(src, tmp_path / "dst", to=to)
+    shards = sorted(src.glob("*.safetensors"))
+    assert len(shards) > 1 and sorted(opened) == shards
+
+
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_round_trip_keeps_the_tiling(tmp_path, dynamic):
     """The official config's tiling (dynamic_image_size, the tile limits) travels in transformers'

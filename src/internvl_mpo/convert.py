@@ -469,7 +469,7 @@ def convert(
         out_config = config.to_dict()
 
     maps = key_maps(config)
-    mapping = checkpoint.weight_map(src)
+    mapping, handles, _ = checkpoint.open_weights(src)  # each file's header read once, for the keys and the tensors
     names = {key: key for key in mapping}  # the name the table uses -> the name in the files
     tied_head = False
     if to == "official":
@@ -479,7 +479,6 @@ def convert(
             names[HEAD] = names[EMBEDDINGS]  # the tied head is the embedding matrix
     source_keys = [k for m in maps for k in ((m.official,) if to == "hf" else m.hf)]
     _check_keys(src, set(names), set(source_keys))
-    handles = {file: checkpoint.open_safetensors(file) for file in set(mapping.values())}
     created = not dst.exists()
     checkpoint.make_folder(dst)
     with checkpoint.save_lock(dst):
