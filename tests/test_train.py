@@ -1746,6 +1746,32 @@ def test_the_final_model_of_a_checkpoint_without_a_config_dtype_is_saved_in_its_
     assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
+def test_the_starting_checkpoint_is_opened_once_for_its_weights_and_its_dtype(tmp_path, chat_folder, meta, monkeypatch):
+    """Without a config dtype, final/'s dtype was read from the shards after the load had opened them: each
+    weight file's header was read twice."""
+    from internvl_mpo import checkpoint
+
+    folder = InternVL.from_pretrained(chat_folder, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16",
+                                                                                          max_shard_size=20_000)
+    settings = json.loads((folder / "config.json").read_text())
+    del settings["torch_dtype"]
+    (folder / "config.json").write_text(json.dumps(settings))
+    opened, chosen = [], []
+    read, parse = checkpoint.open_safetensors, mpo.parse_dtype
+    monkeypatch.setattr(checkpoint, "open_safetensors", lambda file: opened.append(file) or read(file))
+    monkeypatch.setattr(mpo, "parse_dtype", lambda *a: chosen.append(parse(*a)) or chosen[-1])
+
+    def stop(*args, **kwargs):
+        raise InputError("stopped after the load")
+
+    monkeypatch.setattr(mpo, "build_dataset", stop)
+    with pytest.raises(InputError, match="stopped after the load"):
+        train(config(folder, meta, tmp_path / "run", max_steps=1))
+    shards = sorted(folder.glob("*.safetensors"))
+    assert len(shards) > 1 and sorted(opened) == shards
+    assert chosen == [torch.bfloat16]  # final/'s dtype, from those headers
+
+
 def test_a_final_model_without_the_official_py_files_says_where_to_get_them(tmp_path, chat_folder, meta, capsys):
     """The official code and vLLM load final/ through its auto_map's .py files; trained from a folder
     without them (or from --init-from-config) it had none, without a word."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ from .internlm2 import InternLM2ForCausalLM
 from .llm import Qwen2ForCausalLM, causal_mask
 from .projector import make_projector, pixel_shuffle
 from .vision import InternVisionModel
+
+if TYPE_CHECKING:
+    from .checkpoint import Weights
 
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 
@@ -182,13 +186,15 @@ class InternVL(nn.Module):
         revision: str | None = None,
         image_token_id: int | None = None,
         device_map: str | dict | None = None,
+        weights: Weights | None = None,
     ) -> "InternVL":
         """Load a checkpoint folder in the official layout, or download a hub id.
 
         The model is built on the meta device and each tensor is read straight into `dtype` on
         `device` (default: bf16 on CUDA, fp32 elsewhere; "auto" = the checkpoint's, `checkpoint.auto_dtype`).
         `device_map="auto"` spreads the decoder over every visible GPU as the official
-        `split_model` recipe does; a dict {module prefix: device} places modules explicitly.
+        `split_model` recipe does; a dict {module prefix: device} places modules explicitly. `weights`: the
+        folder's `checkpoint.Weights`, where the caller has opened them (`checkpoint.open_weights`).
         """
         from . import checkpoint
         from .placement import check_device_map, device_for, resolve_device_map
@@ -206,7 +212,8 @@ class InternVL(nn.Module):
             if device == "cpu":
                 device = device_for("mlp1", device_map, device)
         device = checkpoint.parse_device(device)
-        weights = checkpoint.open_weights(folder)  # each file's header read once, for the dtype and the tensors
+        if weights is None:  # each file's header read once, for the dtype and the tensors
+            weights = checkpoint.open_weights(folder)
         auto = checkpoint.auto_dtype(folder, config.torch_dtype, weights) if dtype == "auto" else None
         dtype = checkpoint.parse_dtype(dtype, device, auto)
         placement = device if device_map is None else (lambda key: device_for(key, device_map, device))

@@ -69,7 +69,8 @@ from torch import nn
 from internvl_mpo.chat.template import get_template
 from internvl_mpo.chat.tokenizer import Tokenizer, load_tokenizer
 from internvl_mpo.checkpoint import (
-    auto_dtype, check_not_in_use, lock_output, no_lock_note, open_state_dict, parse_dtype, resolve_checkpoint,
+    auto_dtype, check_not_in_use, lock_output, no_lock_note, open_state_dict, open_weights, parse_dtype,
+    resolve_checkpoint,
 )
 from internvl_mpo.config import ModelConfig
 from internvl_mpo.errors import CheckpointError, ConfigError, InputError, TrainingError
@@ -381,8 +382,9 @@ class SequenceLogps(nn.Module):
 
 def load_initial_model(
     cfg: TrainConfig, device: torch.device, lazy: bool = False
-) -> tuple[Tokenizer, InternVL, dict | None]:
-    """The policy's starting point in float32 (a checkpoint, or random weights from a config.json).
+) -> tuple[Tokenizer, InternVL, dict | None, str | None]:
+    """The policy's starting point in float32 (a checkpoint, or random weights from a config.json), and the
+    dtype name `dtype="auto"` gives it (`auto_dtype`, from the weight headers the load opened).
 
     With `lazy` (FSDP2) the model is built on the meta device and its weights come back apart, name ->
     a `LazyTensor` of the checkpoint (nothing read yet) or, for random weights, a host-memory tensor,
@@ -393,6 +395,7 @@ def load_initial_model(
     get_template(config.template)  # the data is rendered with it: an unknown one is refused before the weights
     max_seq_length(cfg, config)  # and so is a --max-seq-length longer than the model's context
     initial = None
+    weights = None if folder is None else open_weights(folder)  # each file's header read once, for all below
     if folder is None:
         tokenizer = load_tokenizer(cfg.tokenizer)
         if config.llm.vocab_size < len(tokenizer):
@@ -416,14 +419,14 @@ def load_initial_model(
             with torch.device("meta"):
                 model = InternVL(config)
             model.source_dir = folder
-            initial = open_state_dict(folder, model.expected_keys())
+            initial = open_state_dict(folder, model.expected_keys(), weights=weights)
         else:
-            model = InternVL.from_pretrained(folder, dtype=torch.float32, device=device)
+            model = InternVL.from_pretrained(folder, dtype=torch.float32, device=device, weights=weights)
         tokenizer = load_tokenizer(cfg.tokenizer or folder)  # the resolved folder, also for a hub id
         # the data's image context id is the tokenizer's; final/ gets --tokenizer's files, as the run used them
         model.image_token_id = tokenizer.img_context_id
         model.tokenizer_dir = Path(cfg.tokenizer) if cfg.tokenizer else None
-    return tokenizer, model.train(), initial
+    return tokenizer, model.train(), initial, auto_dtype(folder, config.torch_dtype, weights)
 
 
 def set_drop_path(model: InternVL, rate: float) -> None:
@@ -1131,9 +1134,8 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
     torch.manual_seed(cfg.seed)
     # each process reads the model and the data itself (a copy on each node, say): one that fails stops all
     with ranks_together(env):
-        tokenizer, policy, initial = load_initial_model(cfg, env.device, lazy=fsdp)  # meta under FSDP2 (filled in 3, 4)
-        start = None if cfg.init_from_config is not None else policy.source_dir  # random weights: the config's
-        final_dtype = parse_dtype("auto", env.device, auto_dtype(start, policy.config.torch_dtype))  # refused now
+        tokenizer, policy, initial, start_dtype = load_initial_model(cfg, env.device, lazy=fsdp)  # meta under FSDP2 (filled in 3, 4)
+        final_dtype = parse_dtype("auto", env.device, start_dtype)  # refused now
     # from here on the run's settings hold the length it uses (checkpoints and resumes compare it)
     cfg = dataclasses.replace(cfg, max_seq_length=max_seq_length(cfg, policy.config))
 
