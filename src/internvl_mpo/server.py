@@ -218,6 +218,14 @@ def json_body(body: bytes | bytearray):
                             "digits") from None
 
 
+def json_response(value):
+    """The JSONResponse of `value` (dicts, lists, strings, numbers, None: the bytes and headers FastAPI makes of
+    such a value returned by a route), encoded where it is called: on a worker thread (`answer` in create_app)."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(value)
+
+
 def _field(body: dict, key: str, kinds: tuple[type, ...], default=None, low=None, high=None):
     """body[key] checked for type (bool is never a number) and range, or `default` when absent/null."""
     value = body.get(key)
@@ -1241,6 +1249,12 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
         body = await read_body(request)
         return await run_in_threadpool(parsed, body, parse, *args)
 
+    async def answer(build: Callable[[], dict]):
+        """The JSON response of `build()`, built and encoded on a worker thread: a non-streamed answer with logprobs
+        can be 15 MiB (n 4 of 2048 tokens, 2048 prompt tokens, 20 alternatives each), seconds through FastAPI's
+        encoder, for which every stream and /health would wait on the event loop."""
+        return await run_in_threadpool(lambda: json_response(build()))
+
     def admitted(endpoint):
         """`endpoint` behind the API key, holding a place in `in_progress` (none free: the 429 at once) from before
         its body is read (images are decoded and tiled after) until its response is made, or for a stream until
@@ -1289,14 +1303,15 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
     async def tokenize(request: HttpRequest):
         req = await read_json(request, parse_tokenize_request, settings)
         ids = await run_in_threadpool(tokenize_ids, chat, req, settings, worker.max_len)
-        return {"count": len(ids), "max_model_len": worker.max_len, "tokens": ids, "token_strs": None}
+        return await answer(lambda: {"count": len(ids), "max_model_len": worker.max_len, "tokens": ids,
+                                     "token_strs": None})
 
     @app.post("/detokenize")
     async def detokenize(request: HttpRequest):
         authorize(request)
         tokens = await read_json(request, parse_detokenize_request, chat.config.llm.vocab_size)
         # off the event loop: a long list would hold up the streams being sent
-        return {"prompt": await run_in_threadpool(chat.tokenizer.decode, tokens, skip_special_tokens=False)}
+        return await answer(lambda: {"prompt": chat.tokenizer.decode(tokens, skip_special_tokens=False)})
 
     def submit(prompts: list[Prompt], n: int, params: SamplingParams, logprobs: int | None,
                prompt_logprobs: int | None = None, prompt_only: bool = False, list_stop_token: bool = False):
@@ -1341,14 +1356,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
             answers = await _gather(inbox, request, req.n)
         finally:
             close()
-        choices = [{"index": i, "message": {"role": "assistant", "content": a.text},
-                    "logprobs": None if req.logprobs is None else {"content": a.logprobs},
-                    "finish_reason": a.finish_reason, "stop_reason": a.stop_reason} for i, a in enumerate(answers)]
-        # vLLM's extra, for the whole response (the n choices share the prompt)
-        prompt_logprobs = None if req.prompt_logprobs is None else _vllm_prompt_logprobs(
-            answers[0].prompt_logprobs, req.prompt_logprobs)
-        return {**head, "object": "chat.completion", "choices": choices, "prompt_logprobs": prompt_logprobs,
-                "usage": _usage(usage, sum(a.tokens for a in answers))}
+        return await answer(lambda: _chat_body(req, answers, head, usage))
 
     @app.post("/v1/completions")
     @admitted
@@ -1371,19 +1379,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
             answers = await _gather(inbox, request, count)
         finally:
             close()
-        choices = []
-        for i, a in enumerate(answers):
-            logprobs = None
-            if req.logprobs is not None:
-                echoed = _echo_entries(a.prompt_logprobs, req.logprobs) if req.echo else []
-                logprobs = _legacy_logprobs(echoed + a.logprobs, 0)
-            shown = req.shown_prompt_logprobs
-            prompt_logprobs = None if shown is None else _vllm_prompt_logprobs(a.prompt_logprobs, shown)
-            choices.append({"index": i, "text": echoes[i // req.n] + a.text, "logprobs": logprobs,
-                            "finish_reason": a.finish_reason, "stop_reason": a.stop_reason,
-                            "prompt_logprobs": prompt_logprobs})
-        return {**head, "object": "text_completion", "choices": choices,
-                "usage": _usage(usage, sum(a.tokens for a in answers))}
+        return await answer(lambda: _completion_body(req, answers, echoes, head, usage))
 
     async def _gather(inbox: asyncio.Queue, request: HttpRequest, count: int) -> list[Answer]:
         """The Answer of each of `count` choices, once all have finished."""
@@ -1494,6 +1490,36 @@ class Answer:
     tokens: int = 0
     logprobs: list[dict] = field(default_factory=list)
     prompt_logprobs: list[dict] | None = None
+
+
+def _chat_body(req: ChatRequest, answers: list[Answer], head: dict, usage: dict) -> dict:
+    """The non-streamed /v1/chat/completions response of the finished `answers`."""
+    choices = [{"index": i, "message": {"role": "assistant", "content": a.text},
+                "logprobs": None if req.logprobs is None else {"content": a.logprobs},
+                "finish_reason": a.finish_reason, "stop_reason": a.stop_reason} for i, a in enumerate(answers)]
+    # vLLM's extra, for the whole response (the n choices share the prompt)
+    prompt_logprobs = None if req.prompt_logprobs is None else _vllm_prompt_logprobs(
+        answers[0].prompt_logprobs, req.prompt_logprobs)
+    return {**head, "object": "chat.completion", "choices": choices, "prompt_logprobs": prompt_logprobs,
+            "usage": _usage(usage, sum(a.tokens for a in answers))}
+
+
+def _completion_body(req: CompletionRequest, answers: list[Answer], echoes: list[str], head: dict,
+                     usage: dict) -> dict:
+    """The non-streamed /v1/completions response of the finished `answers` (choice i echoes `echoes[i // n]`)."""
+    choices = []
+    for i, a in enumerate(answers):
+        logprobs = None
+        if req.logprobs is not None:
+            echoed = _echo_entries(a.prompt_logprobs, req.logprobs) if req.echo else []
+            logprobs = _legacy_logprobs(echoed + a.logprobs, 0)
+        shown = req.shown_prompt_logprobs
+        prompt_logprobs = None if shown is None else _vllm_prompt_logprobs(a.prompt_logprobs, shown)
+        choices.append({"index": i, "text": echoes[i // req.n] + a.text, "logprobs": logprobs,
+                        "finish_reason": a.finish_reason, "stop_reason": a.stop_reason,
+                        "prompt_logprobs": prompt_logprobs})
+    return {**head, "object": "text_completion", "choices": choices,
+            "usage": _usage(usage, sum(a.tokens for a in answers))}
 
 
 def _echo_entries(prompt: list[dict], k: int) -> list[dict]:
