@@ -1251,8 +1251,9 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
 
     async def answer(build: Callable[[], dict]):
         """The JSON response of `build()`, built and encoded on a worker thread: a non-streamed answer with logprobs
-        can be 15 MiB (n 4 of 2048 tokens, 2048 prompt tokens, 20 alternatives each), seconds through FastAPI's
-        encoder, for which every stream and /health would wait on the event loop."""
+        can be 15 MiB (n 4 of 2048 tokens, 2048 prompt tokens, 20 alternatives each), about 3 s through FastAPI's
+        encoder on the event loop, where every stream and /health waited. (json.dumps, 0.4 s of it, holds the GIL
+        here too.)"""
         return await run_in_threadpool(lambda: json_response(build()))
 
     def admitted(endpoint):
