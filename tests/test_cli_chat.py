@@ -227,7 +227,7 @@ def test_generate_resumes_only_in_the_precision_that_wrote_the_answers(folder, t
     (tmp_path / "bf16").mkdir()
     config = json.loads((folder / "config.json").read_text())
     (tmp_path / "bf16" / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
-    assert cli_chat.run_dtype("auto", "cpu", str(tmp_path / "bf16")) == "bfloat16"
+    assert cli_chat.run_dtype("auto", "cpu", str(tmp_path / "bf16"))[0] == "bfloat16"
     # no torch_dtype in config.json: the weights' dtype, as transformers and the load itself take it
     import torch
     from safetensors.torch import load_file, save_file
@@ -235,7 +235,33 @@ def test_generate_resumes_only_in_the_precision_that_wrote_the_answers(folder, t
     state = load_file(folder / "model.safetensors")
     (tmp_path / "bf16").joinpath("config.json").write_text(json.dumps(config))
     save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, tmp_path / "bf16" / "model.safetensors")
-    assert cli_chat.run_dtype("auto", "cpu", str(tmp_path / "bf16")) == "bfloat16"
+    assert cli_chat.run_dtype("auto", "cpu", str(tmp_path / "bf16"))[0] == "bfloat16"
+
+
+def test_generate_reads_each_weight_files_header_once(folder, tmp_path, monkeypatch):
+    """--dtype auto without a config dtype read the shards' headers for the recorded dtype, and the load read
+    them all again."""
+    import torch
+
+    from internvl_mpo import checkpoint, cli_chat
+    from internvl_mpo.model import InternVL
+
+    model = InternVL.from_pretrained(folder, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16",
+                                                                                   max_shard_size=20_000)
+    settings = json.loads((model / "config.json").read_text())
+    del settings["torch_dtype"]
+    (model / "config.json").write_text(json.dumps(settings))
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")
+    opened = []
+    read = checkpoint.open_safetensors
+    monkeypatch.setattr(checkpoint, "open_safetensors", lambda file: opened.append(file) or read(file))
+    assert cli_chat.generate(input=str(requests), output=str(answers), model=str(model), device="cpu",
+                             dtype="auto", max_new_tokens=2) == 0
+    shards = sorted(model.glob("*.safetensors"))
+    assert len(shards) > 1 and sorted(opened) == shards
+    assert json.loads((tmp_path / "answers.jsonl.settings.json").read_text())["dtype"] == "bfloat16"
+    assert "answer" in json.loads(answers.read_text())
 
 
 def test_a_generate_refused_for_its_settings_leaves_the_answers_file_as_it_was(folder, tmp_path):
@@ -876,7 +902,7 @@ def test_a_bare_gpu_index_is_that_cuda_device_in_every_command(folder, tmp_path,
     with pytest.raises(Loaded, match="^cuda:1$"):
         cli_chat.generate(input=str(requests), output=str(tmp_path / "out.jsonl"), model=str(folder), device="1")
     # the run's recorded dtype is CUDA's default (bf16), not the CPU's: a resume on cuda:1 is the same run
-    assert cli_chat.run_dtype(None, default_device("1"), str(folder)) == "bfloat16"
+    assert cli_chat.run_dtype(None, default_device("1"), str(folder))[0] == "bfloat16"
 
 
 def test_generate_refuses_malformed_image_and_video_fields_up_front(folder, tmp_path):

@@ -11,8 +11,12 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError, InputError, PromptTooLongError, SettingError
+
+if TYPE_CHECKING:
+    from .checkpoint import Weights
 
 
 def _model_path(model: str | None) -> str:
@@ -25,20 +29,23 @@ def _model_path(model: str | None) -> str:
     raise InputError("no --model given and the demo model is not installed; pass --model PATH_OR_HUB_ID")
 
 
-def run_dtype(dtype: str | None, device: str, model: str) -> str:
+def run_dtype(dtype: str | None, device: str, model: str) -> tuple[str, Weights | None]:
     """The name of the dtype `--dtype` gives a run of `model` on `device` ("auto": the checkpoint's, from its
     config.json or else its weights, `auto_dtype`), as a run's settings record it: answers computed in
-    another precision differ, so a resume in one is refused."""
+    another precision differ, so a resume in one is refused. With it the weights it opened to read the dtype
+    (None where it read none), for the load to take (`InternVLChat.from_pretrained`): each header read once."""
     import torch
 
-    from .checkpoint import auto_dtype, parse_dtype, resolve_checkpoint
+    from .checkpoint import auto_dtype, open_weights, parse_dtype, resolve_checkpoint
     from .config import ModelConfig
 
     folder = resolve_checkpoint(model) if dtype == "auto" else None
-    auto = auto_dtype(folder, ModelConfig.from_json(folder / "config.json").torch_dtype) if folder else None
+    config_dtype = ModelConfig.from_json(folder / "config.json").torch_dtype if folder else None
+    weights = open_weights(folder) if folder and config_dtype is None else None
+    auto = auto_dtype(folder, config_dtype, weights) if folder else None
     # the default depends on CUDA or not alone; the device itself is checked when the model loads
     kind = torch.device("cuda" if device.partition(":")[0] == "cuda" else "cpu")
-    return str(parse_dtype(dtype, kind, auto)).removeprefix("torch.")
+    return str(parse_dtype(dtype, kind, auto)).removeprefix("torch."), weights
 
 
 def _at_least_one(**counts: int | None) -> None:
@@ -276,10 +283,11 @@ def generate(
                          "use a smaller --seed")
     done, answered = _finished_questions(out)
     device = default_device(device)
+    dtype_name, weights = run_dtype(dtype, device, _model_path(model))
     _check_answer_settings(out, {"model": model_key(_model_path(model)), "max_num": max_num, "temperature": temperature,
                                  "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
-                                 "min_new_tokens": min_new_tokens, "seed": seed,
-                                 "dtype": run_dtype(dtype, device, _model_path(model))}, resume=bool(done),
+                                 "min_new_tokens": min_new_tokens, "seed": seed, "dtype": dtype_name},
+                           resume=bool(done),
                            default_max_num=lambda: _default_tiles(_model_path(model)))
     if out.exists():  # only once the settings allow the resume: a refused run leaves the file as it was
         tmp = out.with_name(out.name + ".tmp")
@@ -291,7 +299,7 @@ def generate(
     if not todo:  # a finished run: no need to spend minutes loading a large model
         print(f"internvl-mpo generate: all {len(requests)} requests are answered in {out}", file=sys.stderr)
         return 0
-    bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device)
+    bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device, weights=weights)
 
     def jobs():  # prepared one at a time, as rows free up: one batch of images in memory at most
         for item in todo:

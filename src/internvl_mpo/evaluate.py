@@ -533,10 +533,10 @@ def eval_(
     check_output_folder(out)
     check_not_in_use(out, EVAL_LOCK)
     device = default_device(device)
-    settings = {"model": model, "max_num": max_num, "max_new_tokens": max_new_tokens,
-                "dtype": run_dtype(dtype, device, model)}
+    dtype_name, weights = run_dtype(dtype, device, model)
+    settings = {"model": model, "max_num": max_num, "max_new_tokens": max_new_tokens, "dtype": dtype_name}
     check_settings(out / "settings.json", run_identity(data, cot, settings), RUN_FILES, record=False)
-    chat = InternVLChat.from_pretrained(model, dtype=dtype, device=device)
+    chat = InternVLChat.from_pretrained(model, dtype=dtype, device=device, weights=weights)
     score = run_eval(data, model_answerer(chat, max_num, params, max_pixels), out, cot, batch_size, limit, settings, items,
                      progress)
     for failure in score["failed"]:

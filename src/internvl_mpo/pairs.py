@@ -792,13 +792,15 @@ def pairs(
 
     let_pillow_open(max_pixels)
     device = default_device(device)
+    dtype_name, weights = run_dtype(dtype, device, model)
     settings = PairSettings(samples, max_pairs, temperature, top_k, top_p, max_new_tokens, max_num, batch_size, seed,
-                            start_ratio, model, run_dtype(dtype, device, model))
+                            start_ratio, model, dtype_name)
     items = read_items(input, method, max_pixels)  # fail on a bad file or output folder before loading the model
     check_output_folder(Path(output))
     check_not_in_use(Path(output), PAIRS_LOCK)
     check_settings(Path(output) / "settings.json", settings.identity(method, Path(input)), RUN_FILES, record=False)
-    generator = ModelGenerator(InternVLChat.from_pretrained(model, dtype=dtype, device=device), settings, max_pixels)
+    chat = InternVLChat.from_pretrained(model, dtype=dtype, device=device, weights=weights)
+    generator = ModelGenerator(chat, settings, max_pixels)
     if method == CORRECTNESS:
         stats = make_correctness_pairs(input, output, generator.sample, settings, items, progress)
     else:

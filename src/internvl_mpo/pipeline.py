@@ -20,7 +20,7 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,6 +39,9 @@ from .generate.engine import SPAN_BUCKET, Engine, Generation, Request
 from .generate.sampling import SamplingParams, whole_number
 from .model import InternVL
 from .processor.multi import load_images, planned_tiles, refuse_unordered
+
+if TYPE_CHECKING:
+    from .checkpoint import Weights
 
 CARD_DEFAULTS = dict(max_new_tokens=1024, do_sample=True)
 GENERATION_KEYS = {
@@ -130,8 +133,10 @@ class InternVLChat:
         compile: bool = False,
         revision: str | None = None,
         device_map: str | dict | None = None,
+        weights: Weights | None = None,
     ) -> "InternVLChat":
-        """Model and tokenizer from a checkpoint folder or hub id; see `InternVL.from_pretrained`."""
+        """Model and tokenizer from a checkpoint folder or hub id; see `InternVL.from_pretrained` (and its
+        `weights`: the folder's, where the caller has opened them)."""
         from .checkpoint import check_device_and_dtype, resolve_checkpoint
 
         check_device_and_dtype(device, dtype)
@@ -139,7 +144,8 @@ class InternVLChat:
         get_template(ModelConfig.from_json(folder / "config.json").template)  # unknown: refused before the weights
         tokenizer = load_tokenizer(folder)
         model = InternVL.from_pretrained(
-            folder, dtype=dtype, device=device, image_token_id=tokenizer.img_context_id, device_map=device_map
+            folder, dtype=dtype, device=device, image_token_id=tokenizer.img_context_id, device_map=device_map,
+            weights=weights,
         )
         return cls(model, tokenizer, compile=compile)
 
