@@ -1134,7 +1134,8 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
     torch.manual_seed(cfg.seed)
     # each process reads the model and the data itself (a copy on each node, say): one that fails stops all
     with ranks_together(env):
-        tokenizer, policy, initial, start_dtype = load_initial_model(cfg, env.device, lazy=fsdp)  # meta under FSDP2 (filled in 3, 4)
+        # meta under FSDP2 (filled in 3, 4)
+        tokenizer, policy, initial, start_dtype = load_initial_model(cfg, env.device, lazy=fsdp)
         final_dtype = parse_dtype("auto", env.device, start_dtype)  # refused now
     # from here on the run's settings hold the length it uses (checkpoints and resumes compare it)
     cfg = dataclasses.replace(cfg, max_seq_length=max_seq_length(cfg, policy.config))
