@@ -812,6 +812,22 @@ def test_thousands_separators_of_other_locales(prediction, truth, expected):
 
 
 @pytest.mark.parametrize(
+    "prediction, truth",
+    [
+        ("3.0,125", "3.0125"), ("3.0,125", "3"), ("3.0,125", "125"), ("1.0,000", "1"), ("1.5,000", "1.5"),
+        ("1,234.567,890", "1234.56789"), ("３.０，１２５", "3.0125"), ("\u0663\u066b\u0660\u066c\u0661\u0662\u0665", "3.0125"),
+        ("3.0{,}125", "3.0125"),
+    ],
+)
+def test_a_comma_after_a_decimal_point_groups_no_thousands(prediction, truth):
+    """"3.0,125" was read as 3.0125: a thousands comma after a decimal's fraction digits, which no locale
+    writes (a list, as "0.5,0.25"). float() refuses it; the official's TextVQA normaliser drops every comma
+    ("3.0125", as it makes "12,5" 125), which the thousands rules here do not follow."""
+    assert check_answer(prediction, truth) is None
+    assert normalize_text(prediction) != normalize_text(truth)
+
+
+@pytest.mark.parametrize(
     "prediction, truth, expected",
     [
         # LaTeX's comma in braces and its thin space \, between digit groups, as math answers write thousands

@@ -20,8 +20,8 @@ answer in display math that opens on the trigger's line ("Final answer:\\n$$\\n1
 "$$"), the Chinese trigger "答案:" of the official Chinese prompt, explicit letter statements ("The answer is
 B", "option (C)", "答案是C", which VLMEvalKit hands to its judge model), numbers read with units (a known unit
 on both sides must agree: "5 m" is not "5 cm"), thousands commas (and other locales' groups: "1.234.567",
-"1.234,5", "1'234", no-break and thin spaces, "1,00,000", the Arabic separators; not after a lone 0: "0,125" is no
-number, as the official reads "0125"), percentages, fractions (a/b, "½", LaTeX
+"1.234,5", "1'234", no-break and thin spaces, "1,00,000", the Arabic separators; not after a lone 0 nor after a decimal
+point: "0,125" and "3.0,125" are no number), percentages, fractions (a/b, "½", LaTeX
 `\\frac` also as \\frac12), scientific notation ("3 × 10^5", "6.02 \\times 10^{23}"), magnitude words ("1.2
 million", "3万", "2.5亿", "3 thousand 5 hundred"; not abbreviations such as "1.2M"), the root of a perfect power alone ("∛8" is 2,
 "\\sqrt{9}" is 3, "∛-8" -2; other roots are expressions, no number), negative numbers (also with an en dash, "minus",
@@ -218,6 +218,9 @@ _GROUPED = re.compile(
     r"|\d{1,3}(?:['\u2019]\d{3})+(?:\.\d+)?|\d{1,3}(?:[\u00a0\u202f\u2009]\d{3})+(?:[.,]\d+)?"
     r"|\d{1,2}(?:,\d{2})+,\d{3}(?:\.\d+)?)(?![\d'\u2019]|[.,]\d)"
 )
+# English thousands commas: groups of three digits after a whole number that is not a lone 0 ("0,125" groups
+# nothing: a list, or a decimal comma as "12,5") nor a decimal's fraction digits ("3.0,125" is no 3.0125)
+_THOUSANDS_COMMAS = re.compile(r"(?<![\d.])(?!0,)\d+(?:,\d{3}(?!\d))+")
 _VULGAR_FRACTIONS = "¼½¾⅐⅑⅒⅓⅔⅕⅖⅗⅘⅙⅚⅛⅜⅝⅞"
 # Words and signs that make a number a bound or a negation, not the answer ("more than 5", "not 5",
 # "5 or more", "5+", "至少5个", "5个以上"); "about 5", "~5" and "5 or so" are still 5.
@@ -496,8 +499,7 @@ def _numeric_text(text: str) -> str:
     s = _GROUPED.sub(_ungroup, s.translate(_ARABIC_SEPARATORS))  # before NFKC makes no-break spaces plain
     s = re.sub(f"(?<=\\d)(?=[{_VULGAR_FRACTIONS}]|\\\\[dt]?frac)", " ", s)  # "3½", "1\\frac{1}{2}": two numbers
     s = unicodedata.normalize("NFKC", s).translate(_DASH_MINUS).replace("\u2044", "/")  # NFKC: "½" is "1⁄2"
-    # a thousands comma, not after a lone 0: "0,125" groups nothing (a list, or a decimal comma as "12,5")
-    s = re.sub(r"(?<=\d)(?<!(?<![\d.])0),(?=\d{3}(?!\d))", "", s)
+    s = _THOUSANDS_COMMAS.sub(lambda m: m[0].replace(",", ""), s)
     # magnitudes after commas and LaTeX wrappers ("1,200 million", "1.2\\text{ million}") and before Chinese
     # numerals ("3十万" is 3e5, not 3 before 十万)
     s = _fractions(_chinese_numerals(_magnitudes(_TEXT_WRAPPER.sub(r" \1 ", s))))
@@ -726,8 +728,7 @@ def normalize_text(text: str) -> str:
     (decimal points kept), thousands commas dropped, English articles dropped (unless they are all there
     is), number words as digits, single spaces and no space next to a CJK character."""
     s = _TEXT_WRAPPER.sub(r" \1 ", unicodedata.normalize("NFKC", text)).casefold().replace("$", " ")
-    # a thousands comma, not after a lone 0: "0,125" groups nothing (a list, or a decimal comma as "12,5")
-    s = re.sub(r"(?<=\d)(?<!(?<![\d.])0),(?=\d{3}(?!\d))", "", s)
+    s = _THOUSANDS_COMMAS.sub(lambda m: m[0].replace(",", ""), s)
     chars = []
     for i, ch in enumerate(s):
         decimal = ch == "." and 0 < i < len(s) - 1 and s[i - 1].isdigit() and s[i + 1].isdigit()
