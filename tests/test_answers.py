@@ -828,6 +828,19 @@ def test_a_comma_after_a_decimal_point_groups_no_thousands(prediction, truth):
 
 
 @pytest.mark.parametrize(
+    "prediction, truth",
+    [("1.2.3", "1.2"), ("1.2.3", "1.23"), ("1.234.5", "1.234"), ("2024.01.05", "2024"),
+     ("1.234.567.8", "1.234"), ("1.2.3 cm", "1.2 cm")],
+)
+def test_a_number_with_two_decimal_points_gives_none(prediction, truth):
+    """"1.2.3" (a version, a date) was read as 1.2, and "1.234.5" as 1.234: right against those ground truths,
+    where float() and the official check read no number ("1.2.3" matches only the text "1.2.3")."""
+    assert check_answer(prediction, truth) is None
+    assert check_answer("1.2.3", "1.2.3") is True and check_answer("1.234.567", "1234567") is True
+
+
+
+@pytest.mark.parametrize(
     "prediction, truth, expected",
     [
         # LaTeX's comma in braces and its thin space \, between digit groups, as math answers write thousands

@@ -108,7 +108,8 @@ _NEGATED_LETTER = re.compile(
 # more often than an option). A bare ground truth "I" or "O"-"Z" is compared as text.
 _LETTERS = "ABCDEFGHJKLMN"
 _CJK = r"\u2e80-\u2fff\u3000-\u303f\u3040-\u30ff\u3100-\u312f\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
-_NUMBER = r"-?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?"
+# never before ".digit": "1.2.3" (a version, a date) is no number, as float() and the official check read none
+_NUMBER = r"-?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?(?!\.?\d)"
 # Digits right after a letter, digit, "." or "^" belong to a word or unit ("CO2", "cm^2"), not a number.
 _NUMBER_RE = re.compile(rf"(?<![A-Za-z\d.^])({_NUMBER})(?:\s*/\s*({_NUMBER}))?(\s*%)?")
 _UNIT = r"[A-Za-z]{1,6}(?:\^\d|[²³])?"  # "cm", "m^2", "km²"
