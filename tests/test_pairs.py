@@ -599,6 +599,34 @@ def test_no_progress_hides_the_progress_bar(tiny_model, tmp_path, capsys):
         assert capsys.readouterr().err == "", method
 
 
+def test_pairs_reads_each_weight_files_header_once(tiny_model, tmp_path, monkeypatch):
+    """--dtype auto without a config dtype read the shards' headers for the run's recorded dtype, and the load
+    read them all again."""
+    import torch
+
+    from internvl_mpo import checkpoint
+    from internvl_mpo.cli import main
+    from internvl_mpo.model import InternVL
+
+    model = InternVL.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16",
+                                                                                        max_shard_size=20_000)
+    settings = json.loads((model / "config.json").read_text())
+    del settings["torch_dtype"]
+    (model / "config.json").write_text(json.dumps(settings))
+    path = tmp_path / "items.jsonl"
+    path.write_text(json.dumps({"id": "a", "question": "How many?", "answer": "2"}) + "\n")
+    opened = []
+    read = checkpoint.open_safetensors
+    monkeypatch.setattr(checkpoint, "open_safetensors", lambda file: opened.append(file) or read(file))
+    args = ["pairs", "correctness", "--model", str(model), "--input", str(path), "--output", str(tmp_path / "out"),
+            "--samples", "2", "--max-new-tokens", "2", "--device", "cpu", "--dtype", "auto"]
+    assert main(args) == 0
+    shards = sorted(model.glob("*.safetensors"))
+    assert len(shards) > 1 and sorted(opened) == shards
+    assert json.loads((tmp_path / "out" / "settings.json").read_text())["dtype"] == "bfloat16"
+    assert len(json.loads((tmp_path / "out" / "progress.jsonl").read_text())["responses"]) == 2
+
+
 def test_real_model_skips_a_prompt_longer_than_the_context(tiny_model, tmp_path, capsys):
     from internvl_mpo.cli import main
     from internvl_mpo.pipeline import InternVLChat
