@@ -2064,6 +2064,10 @@ def test_a_port_out_of_range_is_refused_before_the_model_loads():
     ("send_timeout", "60", "--send-timeout must be a number of seconds more than 0, got '60'"),
     ("header_timeout", 0, "--header-timeout must be a number of seconds more than 0, got 0"),
     ("header_timeout", float("nan"), "--header-timeout must be a number of seconds more than 0, got nan"),
+    ("max_connections", 0, "--max-connections must be at least 1, got 0"),
+    ("max_connections", 300.0, "--max-connections must be a whole number, got 300.0"),  # from Python
+    ("max_connections", 64, "--max-connections (64) must be more than --max-concurrent-requests (64): each request "
+                            "in progress holds a connection, and /health needs one more"),
 ])
 def test_limits_out_of_range_are_refused_before_the_model_loads(flag, value, message):
     from internvl_mpo.errors import ConfigError
@@ -2257,6 +2261,78 @@ def test_max_concurrent_requests_must_be_a_whole_number_on_the_command_line(caps
         main(["serve", "--max-concurrent-requests", "2.5"])
     assert exit_.value.code == 2
     assert "argument --max-concurrent-requests: invalid int value: '2.5'" in capsys.readouterr().err
+
+
+def test_max_connections_must_be_a_whole_number_on_the_command_line(capsys):
+    from internvl_mpo.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--max-connections", "1e3"])
+    assert exit_.value.code == 2
+    assert "argument --max-connections: invalid int value: '1e3'" in capsys.readouterr().err
+
+
+def test_a_connection_over_max_connections_is_a_503_and_the_next_is_served_once_one_closes(local_chat, monkeypatch):
+    """With --max-concurrent-requests 1 and --max-connections 2: beside a request in progress (its prefill held),
+    /health is answered on a second connection, which stays open. A third connection's request gets a 503 naming
+    the flag, without reaching the app; so does a fourth's upload, whose rest the server reads and drops until the
+    client closes (closed at once, the connection was reset, and a client still sending saw that, not the 503). The
+    refused ones hold no place: once the second closes, a new connection is served again, and the held request is
+    answered. Before 2026-12-04 any number of connections were held open, each with its socket and memory."""
+    import http.client
+
+    prefill, reached, gate = local_chat.engine.prefill, threading.Event(), threading.Event()
+
+    def held(request, caches, row):
+        reached.set()
+        assert gate.wait(60), "the test never let the prefill go"
+        return prefill(request, caches, row)
+
+    def health(conn: socket.socket) -> tuple[int, str | None, dict]:
+        conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = http.client.HTTPResponse(conn)
+        response.begin()
+        return response.status, response.getheader("connection"), json.loads(response.read())
+
+    monkeypatch.setattr(local_chat.engine, "prefill", held)
+    body = {"messages": [{"role": "user", "content": "Hello there"}], **GREEDY}
+    answers = []
+    with app_server(local_chat, max_batch=2, max_len=256, max_concurrent_requests=1, max_connections=2) as url:
+        address = url.removeprefix("http://").split(":")
+        sender = threading.Thread(target=lambda: answers.append(httpx.post(url + "/v1/chat/completions", json=body,
+                                                                           timeout=120)))
+        sender.start()
+        try:
+            assert reached.wait(60), "the request never reached its prefill"
+            kept = socket.create_connection((address[0], int(address[1])), timeout=30)
+            status, _, state = health(kept)
+            assert status == 200 and state["in_progress"] == 1
+            kept.sendall(b"GET /health HTTP/1.1\r\n")  # part of a next head: held by --header-timeout (60 s)
+            busy = (503, "close", {"error": {
+                "message": "the server is busy: 2 connections are open (--max-connections 2); retry later",
+                "type": "server_error", "param": None, "code": "overloaded"}})
+            with socket.create_connection((address[0], int(address[1])), timeout=30) as refused:
+                assert health(refused) == busy
+                assert refused.recv(1) == b""  # the server sends nothing more
+            with slow_client(url, "/v1/chat/completions", 10**6, b"[" * 1000) as upload:
+                response = http.client.HTTPResponse(upload)
+                response.begin()
+                assert (response.status, response.getheader("connection"), json.loads(response.read())) == busy
+                upload.sendall(b"[" * (10**6 - 1000))  # the rest of the body, read and dropped
+                upload.shutdown(socket.SHUT_WR)
+                assert upload.recv(1) == b""  # closed by the server once the client is done
+            kept.close()
+            deadline = time.monotonic() + 30
+            while (answer := httpx.get(url + "/health", timeout=30)).status_code == 503:  # until the server sees it
+                assert time.monotonic() < deadline, "no connection was served after one closed"
+                time.sleep(0.05)
+            assert answer.status_code == 200 and answer.json()["in_progress"] == 1
+        finally:
+            gate.set()
+            sender.join(120)
+    assert answers[0].status_code == 200, answers[0].text
+    assert answers[0].json()["choices"][0]["message"]["content"].strip() == local_chat.chat(
+        "Hello there", do_sample=False, max_new_tokens=STEPS)
 
 
 def test_request_read_timeout_must_be_a_number_on_the_command_line(capsys):

@@ -16,6 +16,7 @@ At most --max-concurrent-requests requests are in progress (read, prepared, wait
 one more is refused at once with a 429, before its body is read or its images are decoded. A body must arrive
 whole within --request-read-timeout (a 408 past it), and each write of a stream must reach its client within
 --send-timeout (the stream is abandoned past it), so that clients that send or read slowly cannot hold every place.
+At most --max-connections connections are served: one more gets a 503 at its first bytes.
 
 OpenAI messages map onto the internvl2_5 template as the official `chat()` builds it: an optional
 leading system (or developer) message replaces the template's system message, earlier user /
@@ -145,6 +146,7 @@ class ServerSettings:
     request_read_timeout: float = 300.0
     send_timeout: float = 60.0
     header_timeout: float = 60.0
+    max_connections: int = 256
 
 
 class ApiError(Exception):
@@ -1619,17 +1621,24 @@ def http_protocol(settings: ServerSettings) -> type:
     whatever the response (uvicorn writes a plain answer whole and would keep it, and the connection, until the
     client read it): the connection is dropped with its unsent bytes, which also ends a stream as a client that went
     away does. The check runs every --send-timeout seconds, so a client is cut between one and two of them after its
-    last read."""
+    last read. With --max-connections connections served, one more is answered a 503 at its first bytes (none of
+    them reach the app) and closed once the client is done sending, or at --header-timeout; uvicorn's
+    limit_concurrency would instead answer every request, on any connection, a plain-text 503 while that many
+    connections are open, and count the refused ones as open."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class Protocol(H11Protocol):
         head_timer = send_timer = None
         unsent = 0  # the bytes waiting for the client at the last check
+        served = 0  # the connections open and not over --max-connections: used on the event loop alone, a plain count
+        over_limit = answered = False
 
         def connection_made(self, transport):
             super().connection_made(transport)
             transport.set_write_buffer_limits(high=0)  # pause_writing as soon as the client leaves a byte waiting
+            self.over_limit = Protocol.served >= settings.max_connections
+            Protocol.served += not self.over_limit
             self.head_timer = self.loop.call_later(settings.header_timeout, self.head_late)
 
         def serving(self) -> bool:
@@ -1637,6 +1646,16 @@ def http_protocol(settings: ServerSettings) -> type:
             return self.conn.their_state is not h11.IDLE and self.conn.our_state is not h11.DONE
 
         def data_received(self, data: bytes) -> None:
+            if self.over_limit:  # the 503, then the rest of its request read and dropped until the client closes or
+                # --header-timeout: closed with bytes unread, the connection is reset, and a client still sending an
+                # upload (Python's http.client) sees that instead of the answer
+                if not self.answered:
+                    limit = settings.max_connections
+                    self.answer(ApiError(503, f"the server is busy: {limit} connections are open (--max-connections "
+                                              f"{limit}); retry later", code="overloaded", type="server_error"))
+                    self.transport.write_eof()
+                    self.answered = True
+                return
             super().data_received(data)
             if self.serving():
                 self.stop(self.head_timer)
@@ -1648,17 +1667,23 @@ def http_protocol(settings: ServerSettings) -> type:
             self.head_timer = None
             if self.serving() or self.transport.is_closing():
                 return
-            partial_head = self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]
-            if partial_head:  # say why, as Node.js's headersTimeout does
-                timeout = settings.header_timeout
-                body = json.dumps(ApiError(408, f"the request head did not arrive within {timeout:g} s "
-                                                f"(--header-timeout {timeout:g})", code="request_timeout").body())
-                headers = [("content-type", "application/json"), ("content-length", str(len(body))),
-                           ("connection", "close")]
-                for event in (h11.Response(status_code=408, headers=headers, reason=b"Request Timeout"),
-                              h11.Data(data=body.encode()), h11.EndOfMessage()):
-                    self.transport.write(self.conn.send(event))
+            if not (self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]):  # no part of a head came
+                self.transport.close()
+                return
+            timeout = settings.header_timeout  # say why, as Node.js's headersTimeout does
+            self.answer(ApiError(408, f"the request head did not arrive within {timeout:g} s (--header-timeout "
+                                      f"{timeout:g})", code="request_timeout"))
             self.transport.close()
+
+        def answer(self, error: ApiError) -> None:
+            """`error` as the answer of a connection whose request never reached the app (`Connection: close`)."""
+            body = json.dumps(error.body()).encode()
+            headers = [("content-type", "application/json"), ("content-length", str(len(body))),
+                       ("connection", "close")]
+            for event in (h11.Response(status_code=error.status, headers=headers,
+                                       reason=http.HTTPStatus(error.status).phrase.encode()),
+                          h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
 
         def pause_writing(self) -> None:
             super().pause_writing()
@@ -1680,6 +1705,7 @@ def http_protocol(settings: ServerSettings) -> type:
             self.transport.abort()
 
         def connection_lost(self, exc: Exception | None) -> None:
+            Protocol.served -= not self.over_limit
             self.stop(self.head_timer)
             self.stop(self.send_timer)
             super().connection_lost(exc)
@@ -1719,6 +1745,7 @@ def serve(
     request_read_timeout: float = 300.0,
     send_timeout: float = 60.0,
     header_timeout: float = 60.0,
+    max_connections: int = 256,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /tokenize, ...).
 
@@ -1757,6 +1784,11 @@ def serve(
       start or the head's first byte (408 past it, the connection closed), and the rest of a body answered before it
       was read (a 401 or 429): it bounds how long a client sending slowly holds a connection (default: 60, as nginx's
       client_header_timeout and Node.js's headersTimeout)
+    max_connections: connections served at once, kept-alive idle ones and ones still sending a head included; one
+      more is answered a 503 at its first bytes and closed (once its client is done sending, at --header-timeout at
+      the latest): it bounds the sockets and memory that clients holding connections open can take (default: 256,
+      four times the default --max-concurrent-requests, and far below the usual limit of 1024 open files; more than
+      --max-concurrent-requests, so that every request in progress and /health can connect)
     """
     settings = ServerSettings(**locals())  # the parameters are exactly the settings' fields
     _require_web_stack()
@@ -1771,14 +1803,19 @@ def serve(
                                        served_model_name=settings.served_model_name or DEMO_MODEL_NAME)
     if settings.max_batch < 1 or settings.max_len < 2:
         raise ConfigError(f"--max-batch must be >= 1 and --max-len >= 2, got {settings.max_batch}, {settings.max_len}")
-    if type(settings.max_concurrent_requests) is not int:  # argparse reads a whole number; Python may pass 2.5
-        raise ConfigError(f"--max-concurrent-requests must be a whole number, got {settings.max_concurrent_requests!r}")
+    for name in ("max_concurrent_requests", "max_connections"):  # argparse reads a whole number; Python may pass 2.5
+        if type(getattr(settings, name)) is not int:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a whole number, got {getattr(settings, name)!r}")
     lowest = dict(max_tokens=1, max_n=1, max_tiles=1, max_prompt_tokens=1, max_images=0, max_request_bytes=1,
-                  max_image_bytes=1, max_image_pixels=1, max_concurrent_requests=1)
+                  max_image_bytes=1, max_image_pixels=1, max_concurrent_requests=1, max_connections=1)
     for name, low in lowest.items():  # a limit out of range would fail or misread every request
         value = getattr(settings, name)
         if value is not None and value < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    if settings.max_connections <= settings.max_concurrent_requests:
+        raise ConfigError(f"--max-connections ({settings.max_connections}) must be more than --max-concurrent-requests "
+                          f"({settings.max_concurrent_requests}): each request in progress holds a connection, and "
+                          "/health needs one more")
     # inf: settimeout, wait_for would fail
     for name in ("image_timeout", "request_read_timeout", "send_timeout", "header_timeout"):
         timeout = getattr(settings, name)
