@@ -4,6 +4,7 @@ and frame tensors against the image recipe applied to independently decoded fram
 import contextlib
 import io
 import itertools
+import re
 import struct
 from fractions import Fraction
 
@@ -485,18 +486,22 @@ def test_bt709_clip_decodes_with_its_own_colour_matrix(tmp_path):
 # frames must be those an in-order decode numbers so (compared with `decoded_frames`, PyAV in order).
 
 
-def ts_cuts(tmp_path):
+def ts_cuts(tmp_path, codec):
     """(path, packets listed, frames decoded) for a .ts cut at each transport packet within its first GOPs:
-    the packets of a GOP whose keyframe was cut off are listed and never decode."""
+    the packets of a GOP whose keyframe was cut off are listed and never decode. MPEG-2 without B-frames, or
+    H.264 with 3 (their packets come out of order: a cut can leave gaps in the pts listed)."""
     try:
-        av.codec.Codec("mpeg2video", "w")
+        av.codec.Codec(codec, "w")
     except ValueError:  # av's UnknownCodecError
-        pytest.skip("needs the mpeg2video encoder")
+        pytest.skip(f"needs the {codec} encoder")
     whole = tmp_path / "whole.ts"
     with av.open(str(whole), "w") as container:
-        stream = container.add_stream("mpeg2video", rate=FPS)
+        stream = container.add_stream(codec, rate=FPS)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        stream.codec_context.gop_size = 12
+        if codec == "libx264":
+            stream.options = {"bf": "3", "g": "12", "x264-params": "b-adapt=0:scenecut=0"}
+        else:
+            stream.codec_context.gop_size = 12
         for k in range(60):
             for packet in stream.encode(av.VideoFrame.from_image(frame_image(k % 30))):
                 container.mux(packet)
@@ -510,11 +515,15 @@ def ts_cuts(tmp_path):
         yield path, listed, decoded_frames(path)
 
 
-def test_a_ts_cut_inside_a_gop_is_sampled_over_the_frames_that_decode(tmp_path):
+TS_CODECS = pytest.mark.parametrize("codec", ["mpeg2video", "libx264"])
+
+
+@TS_CODECS
+def test_a_ts_cut_inside_a_gop_is_sampled_over_the_frames_that_decode(tmp_path, codec):
     """A .ts cut at any point starts with the packets of a GOP whose keyframe was cut off: listed, they
     never decode. The indices were spread over the packets listed, and only recomputed when one passed
     the last frame that decodes; the sampled frames were then not the segment midpoints of the clip."""
-    for path, listed, frames in ts_cuts(tmp_path):
+    for path, listed, frames in ts_cuts(tmp_path, codec):
         wrong = reference_index(None, FPS, len(listed) - 1, 8)
         if len(listed) > len(frames) and wrong != reference_index(None, FPS, len(frames) - 1, 8) \
                 and max(wrong) < len(frames):  # no index past the last frame to tell the count was wrong
@@ -527,28 +536,34 @@ def test_a_ts_cut_inside_a_gop_is_sampled_over_the_frames_that_decode(tmp_path):
         assert torch.equal(tile, reference_tile(frames[index]))
 
 
-def test_a_bound_on_a_ts_cut_inside_a_gop_counts_seconds_from_its_first_packet(tmp_path):
+@TS_CODECS
+def test_a_bound_on_a_ts_cut_inside_a_gop_counts_seconds_from_its_first_packet(tmp_path, codec):
     """A bound's seconds count from the first frame the clip lists (as decord's frame times do), not from the
     first that decodes: the frames before it never decode, and counting from the first that does put every
     sample that many frames late. Decord's own frames there are no rule to match: it counts the packets
-    that never decode and returns the frames that do, off by one more after a seek."""
-    for path, listed, frames in ts_cuts(tmp_path):
-        if len(listed) > len(frames):
+    that never decode and returns the frames that do, off by one more after a seek. With H.264's B-frames
+    the packets cut off leave gaps in the pts before that frame: the frames were counted as the packets
+    listed, one or two short, and a bound past the end ended that many frames early."""
+    for path, listed, frames in ts_cuts(tmp_path, codec):
+        with av.open(str(path)) as container:
+            first = next(container.decode(container.streams.video[0]))
+        lost = round((first.time - float(min(p.pts for p in listed) * listed[0].time_base)) * FPS)
+        gaps = lost - (len(listed) - len(frames))  # none without B-frames
+        if len(listed) > len(frames) and lost > 1 and (gaps > 0) == (codec == "libx264"):
             break
     else:
-        pytest.fail("no cut leaves packets that never decode")
-    with av.open(str(path)) as container:
-        first = next(container.decode(container.streams.video[0]))
-    lost = round((first.time - float(min(p.pts for p in listed) * listed[0].time_base)) * FPS)
-    assert lost == len(listed) - len(frames)  # every packet after the first frame that decodes decodes
-    bound = (lost / FPS + 0.15, 4.0)
-    result = load_video(path, num_segments=8, bound=bound)
-    assert result.frame_indices == [i - lost for i in reference_index(bound, FPS, len(listed) - 1, 8, first_idx=lost)]
-    for tile, index in zip(result.pixel_values, result.frame_indices):
-        assert torch.equal(tile, reference_tile(frames[index]))
-    with pytest.raises(InputError, match=rf"bound \(0.0, 0.5\) selects no frames: the first frame that decodes is"
-                                         rf" at {lost / FPS:.3f} s"):
-        load_video(path, num_segments=8, bound=(0.0, 0.5))
+        pytest.fail("no cut leaves packets that never decode (with gaps in their pts for H.264)")
+    assert sum(p.pts >= first.pts for p in listed) == len(frames)  # every packet from the first that decodes does
+    for bound in ((lost / FPS + 0.15, 4.0), (lost / FPS + 0.15, 100.0)):
+        result = load_video(path, num_segments=8, bound=bound)
+        frame_times = reference_index(bound, FPS, lost + len(frames) - 1, 8, first_idx=lost)
+        assert result.frame_indices == [i - lost for i in frame_times]
+        for tile, index in zip(result.pixel_values, result.frame_indices):
+            assert torch.equal(tile, reference_tile(frames[index]))
+    too_early = (0.0, (lost - 1) / FPS)
+    with pytest.raises(InputError, match=rf"bound {re.escape(str(too_early))} selects no frames: the first frame"
+                                         rf" that decodes is at {lost / FPS:.3f} s"):
+        load_video(path, num_segments=8, bound=too_early)
 
 
 def moving_frame(k, width=64, height=48):

@@ -50,9 +50,10 @@ Differences from decord, measured:
   not the frames counted (a cut or damaged tail, the packets that never decode at the start of a .ts
   cut inside a GOP), the indices are recomputed from that count and the clip decoded again. A bound's
   seconds count from the earliest pts listed, as decord's frame times do; where frames listed before
-  the first that decodes never decode (that .ts), they are counted before frame 0 (the card's
-  `first_idx`). Decord counts them as frames 0.. yet returns the frames that decode for them, one
-  later after some seeks: no rule to match. An mp4
+  the first that decodes never decode (that .ts), the time they span is counted before frame 0 (the
+  card's `first_idx`; with B-frames the packets cut off leave gaps in it), and the frames after it are
+  the packets listed from that frame on. Decord counts them as frames 0.. yet returns the frames that
+  decode for them, one later after some seeks: no rule to match. An mp4
   whose edit list trims frames (a cut without re-encoding, `ffmpeg -ss T -c copy`):
   FFmpeg drops the trimmed packets it does not need and marks those it needs as references to be
   discarded, so an in-order decode gives the frames shown, as players show them; the container's
@@ -218,15 +219,18 @@ def _decode_frames(
     return kept, decoded
 
 
-def _undecodable_lead(av, path: str, start: float, fps: float) -> int:
+def _undecodable_lead(av, path: str, start: float, fps: float) -> tuple[int, int | None]:
     """How many frames the clip lists before the first that decodes, from that frame's time and `start`,
-    the time of the first frame listed: a .ts cut inside a GOP starts with packets that never decode."""
+    the time of the first frame listed (a .ts cut inside a GOP starts with packets that never decode), and
+    that frame's pts (None where there are none)."""
     with _open_container(av, path) as container:
         try:
             first = next(container.decode(_video_stream(container)), None)
         except av.error.FFmpegError:  # a damaged start: the decode that follows says how
-            return 0
-    return max(0, round((first.time - start) * fps)) if first is not None and first.time is not None else 0
+            return 0, None
+    if first is None or first.time is None:
+        return 0, None
+    return max(0, round((first.time - start) * fps)), first.pts
 
 
 def _damage(packet, error) -> str:
@@ -443,7 +447,11 @@ def _read_video(path: str, num_segments: int, bound, max_pixels: int | None) -> 
     if bound and fps <= 0:
         raise InputError(f"{name}: frame rate unknown, cannot apply bound {bound}")
     # a bound's seconds count from the first frame listed; frame 0 is the first that decodes, `lost` frames later
-    lost = _undecodable_lead(av, path, start, fps) if bound and table is None and start is not None else 0
+    lost, first_pts = _undecodable_lead(av, path, start, fps) if bound and table is None and start is not None \
+        else (0, None)
+    if lost:  # frames lost.. are the packets listed from the first that decodes on (B-frames cut off leave
+        # gaps before it: counting all packets listed came one or two frames short, and a bound ended early)
+        num_frames = lost + sum(p >= first_pts for p in listed_pts)
     if lost and round(bound[1] * fps) < lost:
         raise InputError(f"{name}: bound {bound} selects no frames: the first frame that decodes is at"
                          f" {lost / fps:.3f} s (the clip starts inside a GOP whose keyframe was cut off)")
