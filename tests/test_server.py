@@ -2468,39 +2468,53 @@ def test_an_honest_body_in_several_chunks_within_request_read_timeout_is_served(
         assert answer.json()["choices"][0]["message"]["content"].strip() == expected
 
 
-def test_a_body_being_parsed_holds_up_no_other_request(local_chat, monkeypatch):
-    """A request's JSON is decoded and checked on a worker thread: while it is (held here until /health has answered,
-    or 20 s), /health on another connection is answered, and the request is served after. Before, json.loads ran on
-    the event loop (about a second for a 32 MiB body), and every stream and /health waited for it."""
+def hold(monkeypatch, name: str) -> SimpleNamespace:
+    """`internvl_mpo.server.<name>` (json_body or json_response) made to wait, once called (on a worker thread), until
+    `released` is set or 20 s have passed (on the event loop, /health could not answer until then); it then notes
+    its name in `events` and runs. `called` is set when it is called."""
     from internvl_mpo import server as server_module
 
-    events, parsing, answered = [], threading.Event(), threading.Event()
-    decode = server_module.json_body
+    run = getattr(server_module, name)
+    state = SimpleNamespace(events=[], called=threading.Event(), released=threading.Event())
 
-    def held(body):
-        parsing.set()
-        answered.wait(20)  # on the event loop, /health cannot answer until this gives up
-        events.append("parsed")
-        return decode(body)
+    def held(value):
+        state.called.set()
+        state.released.wait(20)
+        state.events.append(name)
+        return run(value)
 
-    monkeypatch.setattr(server_module, "json_body", held)
+    monkeypatch.setattr(server_module, name, held)
+    return state
+
+
+def health_while_held(url: str, held: SimpleNamespace, route: str, body: dict) -> tuple[dict, httpx.Response]:
+    """POST `body` to `route` on a thread and, once it has reached the `held` call, GET /health on another
+    connection, note "health" in `held.events` and let the call go: /health's JSON and the POST's response."""
+    held.events.clear(), held.called.clear(), held.released.clear()
     answers = []
+    sender = threading.Thread(target=lambda: answers.append(httpx.post(url + route, json=body, timeout=120)))
+    sender.start()
+    try:
+        assert held.called.wait(60), f"the request to {route} never reached the held call"
+        state = httpx.get(url + "/health", timeout=60).json()
+        held.events.append("health")
+    finally:
+        held.released.set()
+        sender.join(120)
+    return state, answers[0]
+
+
+def test_a_body_being_parsed_holds_up_no_other_request(local_chat, monkeypatch):
+    """A request's JSON is decoded and checked on a worker thread: while it is (held there until /health has answered,
+    or 20 s), /health on another connection is answered, and the request is served after. Before, json.loads ran on
+    the event loop (about a second for a 32 MiB body), and every stream and /health waited for it."""
+    held = hold(monkeypatch, "json_body")
     with app_server(local_chat, max_batch=2, max_len=256) as url:
         body = {"messages": [{"role": "user", "content": "Hello there"}], **GREEDY}
-        sender = threading.Thread(target=lambda: answers.append(httpx.post(url + "/v1/chat/completions", json=body,
-                                                                           timeout=120)))
-        sender.start()
-        try:
-            assert parsing.wait(60), "the request was never parsed"
-            assert httpx.get(url + "/health", timeout=60).json()["in_progress"] == 1
-            events.append("health")
-            answered.set()
-        finally:
-            answered.set()
-            sender.join(120)
-    assert events == ["health", "parsed"]
-    assert answers[0].status_code == 200, answers[0].text
-    assert answers[0].json()["choices"][0]["message"]["content"].strip() == local_chat.chat(
+        state, answer = health_while_held(url, held, "/v1/chat/completions", body)
+    assert held.events == ["health", "json_body"] and state["in_progress"] == 1
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"].strip() == local_chat.chat(
         "Hello there", do_sample=False, max_new_tokens=STEPS)
 
 
@@ -2514,38 +2528,16 @@ BIG_ANSWERS = [("/v1/chat/completions", {"messages": [{"role": "user", "content"
 
 
 def test_an_answer_being_encoded_holds_up_no_other_request(local_chat, monkeypatch):
-    """A route's JSON answer is built and encoded on a worker thread: while it is (held here until /health has
+    """A route's JSON answer is built and encoded on a worker thread: while it is (held there until /health has
     answered, or 20 s), /health on another connection is answered. Before, FastAPI encoded the returned dict on the
     event loop (about 3 s for the 15 MiB of a chat answer with n 4 of 2048 tokens, 2048 prompt tokens, 20
     alternatives each)."""
-    from internvl_mpo import server as server_module
-
-    encode = server_module.json_response
-    events, encoding, answered = [], threading.Event(), threading.Event()
-
-    def held(value):
-        encoding.set()
-        answered.wait(20)  # on the event loop, /health cannot answer until this gives up
-        events.append("encoded")
-        return encode(value)
-
-    monkeypatch.setattr(server_module, "json_response", held)
+    held = hold(monkeypatch, "json_response")
     with app_server(local_chat, max_batch=2, max_len=256) as url:
         for route, body in BIG_ANSWERS:
-            events.clear(), encoding.clear(), answered.clear()
-            answers = []
-            sender = threading.Thread(target=lambda: answers.append(httpx.post(url + route, json=body, timeout=120)))
-            sender.start()
-            try:
-                assert encoding.wait(60), f"the answer of {route} was not encoded by json_response"
-                assert httpx.get(url + "/health", timeout=60).status_code == 200
-                events.append("health")
-                answered.set()
-            finally:
-                answered.set()
-                sender.join(120)
-            assert events == ["health", "encoded"], route
-            assert answers[0].status_code == 200, answers[0].text
+            state, answer = health_while_held(url, held, route, body)
+            assert held.events == ["health", "json_response"] and state["status"] == "ok", route
+            assert answer.status_code == 200, answer.text
 
 
 def test_answers_are_the_bytes_fastapi_made_of_them(server):
