@@ -176,6 +176,20 @@ def stream_text(client, **kwargs) -> tuple[dict[int, str], dict[int, str], objec
     return texts, finishes, usage
 
 
+@pytest.fixture
+def apps(monkeypatch) -> list:
+    """`serve` run in this process up to where it would listen: the apps it would have served are listed here instead.
+    What it froze for the garbage collector (gc.freeze) is unfrozen after, so that this process collects again."""
+    import gc
+
+    import uvicorn
+
+    served = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: served.append(self.config.app))
+    yield served
+    gc.unfreeze()
+
+
 def health(server) -> dict:
     return httpx.get(server[0] + "/health").json()
 
@@ -420,15 +434,12 @@ def test_a_request_naming_another_model_is_404_and_one_naming_none_is_served(ser
     assert reply.status_code == 400 and reply.json()["error"]["message"] == "model must be str, got 5"
 
 
-def test_max_image_pixels_above_pillows_limit_is_honoured(server, monkeypatch):
+def test_max_image_pixels_above_pillows_limit_is_honoured(server, apps, monkeypatch):
     """Pillow refuses images over twice its MAX_IMAGE_PIXELS whatever limit the server passes: a larger
     --max-image-pixels raises Pillow's limit too."""
-    import uvicorn
     from PIL import Image as PILImage
     from starlette.testclient import TestClient
 
-    apps = []
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self: apps.append(self.config.app))
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # Pillow then refuses over 2000 pixels
     serve(model=str(server[1]), port=0, device="cpu", max_batch=1, max_len=1024, max_image_pixels=5000)
     buffer = io.BytesIO()
@@ -441,14 +452,11 @@ def test_max_image_pixels_above_pillows_limit_is_honoured(server, monkeypatch):
     assert reply.status_code == 200, reply.text
 
 
-def test_an_image_over_the_pixel_limit_names_the_server_flag_that_raises_it(server, monkeypatch):
+def test_an_image_over_the_pixel_limit_names_the_server_flag_that_raises_it(server, apps):
     """The limit is the server's --max-image-pixels; the error said "pass a larger max_pixels", which no
     request can pass."""
-    import uvicorn
     from starlette.testclient import TestClient
 
-    apps = []
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self: apps.append(self.config.app))
     serve(model=str(server[1]), port=0, device="cpu", max_batch=1, max_len=1024, max_image_pixels=4000)
     buffer = io.BytesIO()
     Image.new("RGB", (90, 50), "red").save(buffer, format="PNG")  # 4500 pixels
@@ -464,12 +472,9 @@ def test_an_image_over_the_pixel_limit_names_the_server_flag_that_raises_it(serv
         "(possible decompression bomb; a larger --max-image-pixels of internvl-mpo serve allows it)")
 
 
-def test_the_served_name_defaults_to_the_model_as_given_or_the_demo_name(server, monkeypatch):
-    import uvicorn
+def test_the_served_name_defaults_to_the_model_as_given_or_the_demo_name(server, apps):
     from starlette.testclient import TestClient
 
-    apps = []
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self: apps.append(self.config.app))
     small = {"port": 0, "device": "cpu", "max_batch": 1, "max_len": 64}
     serve(**small)  # the shipped demo model
     serve(model=str(server[1]), **small)
@@ -2077,11 +2082,9 @@ def test_limits_out_of_range_are_refused_before_the_model_loads(flag, value, mes
         serve(model="/nonexistent/model", port=0, **{flag: value})
 
 
-def test_a_batch_too_big_for_memory_is_refused_before_serving(server, monkeypatch):
+def test_a_batch_too_big_for_memory_is_refused_before_serving(server, apps, monkeypatch):
     """The KV cache of --max-batch x --max-len is allocated before the server listens: when it does not fit,
     `serve` stops with a one-line error instead of serving with a dead worker (every request a 503)."""
-    import uvicorn
-
     from internvl_mpo.errors import ConfigError
     from internvl_mpo.generate.engine import Engine
 
@@ -2089,35 +2092,23 @@ def test_a_batch_too_big_for_memory_is_refused_before_serving(server, monkeypatc
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
 
     monkeypatch.setattr(Engine, "start", out_of_memory)
-    served = []
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self: served.append(self.config.app))
     with pytest.raises(ConfigError, match=r"64 rows of \d+ tokens does not fit: CUDA out of memory.*--max-batch"):
         serve(model=str(server[1]), port=0, device="cpu", max_batch=64, max_len=4096)
-    assert served == []
+    assert apps == []
 
 
-def test_serve_freezes_what_is_alive_once_the_model_and_app_are_built(server, monkeypatch):
+def test_serve_freezes_what_is_alive_once_the_model_and_app_are_built(server, apps):
     """Before it listens, `serve` moves every object then alive (the model, the app, the modules: hundreds of
     thousands) out of the collector's generations, so that full collections stop walking them: during an answer of
     n 4 with 2048 tokens and 20 logprobs each, they took up to 0.36 s (every stream and /health waiting), frozen
     0.09 s (the README has the measurement). Nothing of this process was frozen before; all of it is after."""
     import gc
 
-    import uvicorn
-
-    def run(self):  # in place of listening: is the app (tracked, as every object that can hold others) frozen?
-        collected = any(o is self.config.app for o in gc.get_objects())  # the generations, frozen objects left out
-        seen.append((gc.get_freeze_count(), gc.is_tracked(self.config.app), collected))
-
     assert gc.get_freeze_count() == 0
-    seen = []
-    monkeypatch.setattr(uvicorn.Server, "run", run)
-    try:
-        serve(model=str(server[1]), port=0, device="cpu", max_len=256)
-    finally:
-        gc.unfreeze()  # this process goes on testing
-    [(count, tracked, collected)] = seen
-    assert count > 100_000 and tracked and not collected
+    serve(model=str(server[1]), port=0, device="cpu", max_len=256)
+    [app] = apps
+    assert gc.get_freeze_count() > 100_000 and gc.is_tracked(app)  # tracked, as every object that can hold others
+    assert not any(o is app for o in gc.get_objects())  # in no generation: frozen
 
 
 def test_a_port_in_use_is_refused_before_the_model_loads():
