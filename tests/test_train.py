@@ -1707,6 +1707,23 @@ def test_the_closing_lines_count_in_the_singular_and_name_the_problem_kinds(tmp_
     assert "\nskipped 1 bad record (json: 1)\n" in out
 
 
+def test_answers_cut_to_max_seq_length_are_counted_and_named(tmp_path, chat_folder, capsys):
+    """A pair whose answers --max-seq-length cut trained without a word: the user never learnt that the
+    tails (a final answer, often) of some samples were not trained."""
+    long = {"question": "Say hello", "chosen": "Hello there! " * 40, "rejected": "Go away. " * 40}
+    meta = write_mmpr(tmp_path / "data", [{"question": "Hi", "chosen": "Hello!", "rejected": "No."}, long])
+    from internvl_mpo.cli import main
+
+    code = main(["train", "dpo", "--model", str(chat_folder), "--data", str(meta), "--output", str(tmp_path / "o"),
+                 "--max-steps", "2", "--batch-size", "1", "--no-shuffle", "--max-seq-length", "100", "--no-progress",
+                 "--no-grad-checkpointing"])
+    assert code == 0
+    assert [row["truncated"] for row in metric_rows(tmp_path / "o")] == [0, 1]
+    out = capsys.readouterr().out
+    assert (f"\nnote: 1 sample had their answers cut to fit --max-seq-length 100 (the first: {tmp_path}/data/toy.jsonl:2);"
+            " the cut tails were not trained (metrics.jsonl: truncated)\n") in out
+
+
 def test_fsdp_in_a_single_process_trains_unsharded_with_a_note(tmp_path, chat_folder, meta, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     from internvl_mpo.cli import main

@@ -129,6 +129,8 @@ def train(
     note = remote_code_note(result.final_dir) if env_int("RANK", 0) == 0 else None  # process 0 wrote final/
     if note:  # the files the official code and vLLM load it with
         print0(note)
+    if result.truncation_note:
+        print0(result.truncation_note)
     if result.skipped.total:
         kinds = ", ".join(f"{kind}: {n}" for kind, n in result.skipped.counts.items())
         print0(f"skipped {count(result.skipped.total, 'bad record')} ({kinds})")

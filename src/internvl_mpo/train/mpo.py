@@ -337,6 +337,7 @@ class TrainResult:
     steps: int
     skipped: SkipReport
     metrics: dict[str, float] = field(default_factory=dict)
+    truncation_note: str | None = None  # samples whose answers --max-seq-length cut, when there were any
 
 
 # ----------------------------------------------------------------------------- model pieces
@@ -545,6 +546,8 @@ class SampleStream:
         self._bad_run = 0  # bad samples in a row
         self._share_len = 0  # this rank's records in the epoch being read
         self._new_bad: list[tuple[int, str, str]] = []  # (index, kind, message) skipped since `share_bad`
+        self.cut = 0  # samples returned since `take_cut` whose answers were cut to --max-seq-length
+        self.first_cut: str | None = None  # the first of them on this rank (file:line)
         self._items = None
         self.ref_valid: torch.Tensor | None = None
 
@@ -601,6 +604,9 @@ class SampleStream:
                 self._bad_run += 1
                 continue
             self._bad_run = 0
+            if item.truncated:
+                self.cut += 1
+                self.first_cut = self.first_cut or item.source
             return item
 
     def next_batch(self, batch_size: int, pad_id: int) -> Batch:
@@ -1259,6 +1265,7 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
     # 5. the loop
     bar = tqdm(total=total_steps, initial=start_step, disable=not (cfg.progress and env.is_main), desc=cfg.mode)
     metrics: dict[str, float] = {}
+    cut_total = 0
     for step in range(start_step, total_steps):
         lr = lr_at(step, total_steps, cfg.warmup_ratio, cfg.lr)
         for group in optimizer.param_groups:
@@ -1285,10 +1292,12 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
 
         keys = sorted(sums)
         values = all_reduce_mean(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=env.device), env)
-        tokens = int(all_reduce_sum(torch.tensor([tokens], dtype=torch.float64, device=env.device), env).item())
+        counts = all_reduce_sum(torch.tensor([tokens, stream.cut], dtype=torch.float64, device=env.device), env)
+        tokens, cut = (int(x) for x in counts.tolist())
+        stream.cut, cut_total = 0, cut_total + cut
         elapsed = time.perf_counter() - started
         metrics = {"step": step + 1, **dict(zip(keys, values.tolist())), "lr": lr, "grad_norm": grad_norm,
-                   "epoch": stream.epochs_read(), "tokens": tokens,
+                   "epoch": stream.epochs_read(), "tokens": tokens, "truncated": cut,
                    "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "skipped": stream.report.total}
         with ranks_together(env), ckpt.saving(metrics_path):
             if env.is_main:
@@ -1311,4 +1320,9 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
         if env.is_main:
             state = {k: v.to(final_dtype) for k, v in official_state(state, cfg).items()}
             ckpt.atomic_folder(final_dir, lambda tmp: ckpt.export_model(state, policy, tmp))
-    return TrainResult(final_dir, total_steps, stream.report, metrics)
+    note = None
+    if cut_total:  # a tail of an answer that did not fit was never trained, a final answer often
+        first = f" (the first: {stream.first_cut})" if stream.first_cut else ""
+        note = (f"note: {count(cut_total, 'sample')} had their answers cut to fit --max-seq-length"
+                f" {cfg.max_seq_length}{first}; the cut tails were not trained (metrics.jsonl: truncated)")
+    return TrainResult(final_dir, total_steps, stream.report, metrics, note)
