@@ -110,6 +110,11 @@ def test_meta_relative_paths_resolve_against_base_dir(tmp_path):
         ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": 1},\n "d": {"root": "r", "annotation": "b.jsonl",'
          ' "repeat_time": 1}}', "'d' appears twice"),
         ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": 1, "root": "s"}}', "'root' appears twice"),
+        # a misspelt optional field was ignored: the dataset trained without augmentation, or with the default tiles
+        ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": 1, "data_augmentation": true}}',
+         "dataset 'd': field 'data_augmentation' is not read; did you mean 'data_augment'"),
+        ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": 1, "max_dynamic_patches": 1}}',
+         "field 'max_dynamic_patches' is not read; did you mean 'max_dynamic_patch'"),
     ],
 )
 def test_meta_errors_name_file_and_problem(tmp_path, content, problem):

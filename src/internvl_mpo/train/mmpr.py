@@ -175,6 +175,9 @@ def load_meta(meta_path: str, base_dir: str | None = None) -> list[DatasetSpec]:
         where = f"{meta_path}: dataset {name!r}"
         if not isinstance(entry, dict):
             raise InputError(f"{where}: expected an object, got {type(entry).__name__}")
+        misspelt = unread_field(entry, ("data_augment", "max_dynamic_patch"))  # it would be ignored
+        if misspelt:
+            raise InputError(f"{where}: {misspelt}")
         root = _meta_field(entry, "root", (str,), where, required=True)
         annotation = _meta_field(entry, "annotation", (str,), where, required=True)
         repeat_time = _meta_field(entry, "repeat_time", (int, float), where, required=True)
