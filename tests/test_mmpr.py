@@ -260,6 +260,9 @@ BAD_LINES = [
     (json.dumps(_pair(0, image=["a.jpg", "gone.png"])), "missing_file", "image file not found: .*gone.png"),
     (json.dumps(_pair(0, image="sub")), "missing_file", "image file not found"),  # a directory
     (json.dumps(_pair(0, video="none.mp4")), "missing_file", "video file not found"),
+    # the official reader trains the image and drops the video: the pair trained without the video it names
+    (json.dumps(_pair(0, image="a.jpg", video="clip.mp4")), "image_and_video",
+     "the record gives both 'image' and 'video'"),
     # another name for 'image' or 'video' was ignored and the pair trained without its image
     (json.dumps(_pair(0, images=["a.jpg"])), "unread_field", r"field 'images' is not read; did you mean 'image'\?$"),
     (json.dumps(_pair(0, image_path="a.jpg")), "unread_field", r"field 'image_path' is not read; did you mean 'image'\?$"),
@@ -364,6 +367,9 @@ def test_sft_records(tmp_path, root):
     ({"image": "zzz.jpg", "conversations": [{"from": "human", "value": "x"}]}, "missing_file", "image file not found"),
     ({"img": "a.jpg", "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]},
      "unread_field", r"field 'img' is not read; did you mean 'image'\?$"),
+    ({"image": "a.jpg", "video": "clip.mp4", "conversations": [{"from": "human", "value": "x"},
+                                                                {"from": "gpt", "value": "y"}]},
+     "image_and_video", "the record gives both 'image' and 'video'"),
 ])
 def test_sft_bad_lines(tmp_path, root, item, kind, problem):
     good = {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]}

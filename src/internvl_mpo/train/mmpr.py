@@ -283,9 +283,9 @@ def _image_path(root: str, path: str) -> str:
 
 
 def _media(item: dict, root: str) -> tuple[tuple[str, ...], bool, str | None]:
-    """(images, multi_image, video) with the official branch order: image, then video, else text. A field
-    that looks like an `image` or `video` the line lacks ("images", "image_path") is refused: the record
-    would train without its image."""
+    """(images, multi_image, video) with the official branch order: image, then video, else text; a record
+    with both is refused (the official reader drops its video). A field that looks like an `image` or `video`
+    the line lacks ("images", "image_path") is refused: the record would train without its image."""
     problem = unread_field(item, ("image", "video"))
     if problem:
         raise _BadLine("unread_field", problem)
@@ -297,6 +297,9 @@ def _media(item: dict, root: str) -> tuple[tuple[str, ...], bool, str | None]:
             paths, multi = image, True
         else:
             raise _BadLine("wrong_type", f"field 'image' must be a string or a list of strings, got {image!r:.80}")
+        if paths and item.get("video") not in (None, ""):
+            raise _BadLine("image_and_video", "the record gives both 'image' and 'video', and a sample shows one of"
+                           " them (the official reader trains the image and drops the video without a word)")
         if paths:
             resolved = tuple(_image_path(root, p) for p in paths)
             for p in resolved:
