@@ -383,6 +383,23 @@ def test_typed_image_context_token_names_file_and_line(tmp_path, tokenizer, sett
                                 " reserved for image features")
 
 
+def test_a_video_placeholder_without_its_one_video_names_file_and_line(tmp_path, tokenizer, settings):
+    """`<video>` in a record without a video trained as the literal text (the official reader leaves it so), a
+    question about a video the model never saw; a second `<video>` became a second copy of the frames."""
+    meta = write_mmpr(tmp_path, [{"question": "<video>\nWhat happens?", "chosen": "a", "rejected": "b"},
+                                 {"image": "red.png", "question": "<video>\nq", "chosen": "a", "rejected": "b"},
+                                 {"video": "clip.mp4", "question": "<video>\nq <video>", "chosen": "a", "rejected": "b"}])
+    (tmp_path / "images" / "clip.mp4").write_bytes(b"")  # refused before it is decoded
+    recs, _ = read_datasets(load_meta(str(meta)))
+    dataset = PairDataset(sorted(recs, key=lambda r: r.source.line), tokenizer, settings, 4096)
+    for line, problem in [(1, "1 <video> placeholder(s) but the record gives no video"),
+                          (2, "1 <video> placeholder(s) but the record gives no video"),
+                          (3, "2 <video> placeholder(s) but the record gives one video")]:
+        item = dataset[line - 1]
+        assert isinstance(item, BadExample) and item.kind == "encode"
+        assert item.message == f"{tmp_path / 'toy.jsonl'}:{line}: the question holds {problem}"
+
+
 def test_sft_conversations_match_official_masks(tmp_path, chat_folder, tokenizer, settings):
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(chat_folder)
