@@ -885,3 +885,27 @@ def test_the_model_sampler_refuses_an_image_over_max_pixels(tiny_model, tmp_path
     refused, = ModelGenerator(chat, settings, max_pixels=3000).sample([job])
     assert isinstance(refused, InputError) and "56x56 = 3136 pixels exceeds the limit of 3000" in str(refused)
     assert [len(texts) for texts in ModelGenerator(chat, settings, max_pixels=3136).sample([job])] == [2]
+
+
+def test_a_hint_goes_on_a_line_before_the_question(tmp_path):
+    """A "hint" (as in eval's files: MMBench's context for the question) was ignored, and the question was sampled
+    and paired without it; it now goes before the question, as eval puts it. A hint that is no text is refused."""
+    write_image(tmp_path / "a.png", (200, 30, 30))
+    path = _items(tmp_path / "items.jsonl",
+                  {"id": "h", "image": "a.png", "hint": "The dog is on the left.", "question": "Q1 Which animal is left?",
+                   "options": ["dog", "cat"], "answer": "A", "chosen": "The dog is on the left side."},
+                  {"id": "n", "hint": "", "question": "Q3 Is the sky blue?", "answer": "yes", "chosen": "Yes it is."})
+    sampler = FakeSampler()
+    make_correctness_pairs(path, tmp_path / "out", sampler, SETTINGS)
+    assert sampler.jobs[0].question.startswith(f"<image>\n{COT_HEAD}")
+    assert "Question:\n\nThe dog is on the left.\nQ1 Which animal is left?\nA. dog\nB. cat" in sampler.jobs[0].question
+    assert sampler.jobs[1].question.endswith("Question:\n\nQ3 Is the sky blue?")  # an empty hint adds no line
+    seen = []
+    make_dropout_ntp_pairs(path, tmp_path / "ntp", lambda jobs: seen.extend(jobs) or [" more" for _ in jobs], SETTINGS)
+    assert seen[0].question == "The dog is on the left.\nQ1 Which animal is left?"
+    assert pair_lines(tmp_path / "ntp" / "items_pairs_dropout_ntp.jsonl")[0]["question"] == seen[0].question
+    for method in ("correctness", "dropout-ntp"):
+        with pytest.raises(InputError, match=r"items.jsonl:1: field 'hint' must be a non-empty string or a number"):
+            read_items(_items(path, {"id": "b", "question": "q", "answer": "yes", "hint": {"text": "x"}}), method)
+        with pytest.raises(InputError, match=r"items.jsonl:1: field 'hnit' is not read; did you mean 'hint'\?"):
+            read_items(_items(path, {"id": "b", "question": "q", "answer": "yes", "hnit": "x"}), method)

@@ -79,7 +79,7 @@ CORRECTNESS = "correctness"
 DROPOUT_NTP = "dropout-ntp"
 METHODS = (CORRECTNESS, DROPOUT_NTP)
 # the fields of an item that decide its samples: a misspelling of one (`refuse_misspelt_fields`) is refused
-ITEM_FIELDS = ("question", "image", "video", "answer", "chosen", "options", "kind")
+ITEM_FIELDS = ("question", "hint", "image", "video", "answer", "chosen", "options", "kind")
 # the official scripts' --min-new-tokens defaults (internvl_lmdeploy_correctness.py,
 # internvl_lmdeploy_continue_wo_image.py); lmdeploy suppresses the stop ids until then
 MIN_NEW_TOKENS = {CORRECTNESS: 1, DROPOUT_NTP: 5}
@@ -268,6 +268,8 @@ def _parse_item(row: dict, method: str, folder: Path, where: str) -> Item:
     refuse_misspelt_fields(row, ITEM_FIELDS, where)
     item_id = _text_field(row, "id", where)
     question = _text_field(row, "question", where)
+    if row.get("hint") not in (None, ""):  # a line before the question, as `eval` puts it: it may need the hint
+        question = f"{_text_field(row, 'hint', where).strip()}\n{question}"
     refuse_unread_media(row, where)
     image, images = _resolve_image(row.get("image"), folder, where)
     if method == DROPOUT_NTP:
@@ -763,7 +765,7 @@ def pairs(
 
     method: correctness (sample K CoT answers, check them against "answer") or dropout-ntp (continue half of "chosen" without the image)
     model: checkpoint folder or hub id
-    input: JSONL items {"id", "image" (path or list, relative to the file), "question", "answer" or "chosen", optional "options", "kind"}
+    input: JSONL items {"id", "image" (path or list, relative to the file), "question", "answer" or "chosen", optional "options", "kind", "hint" (a line before the question)}
     output: folder for the pair files, meta.json and the progress file
     samples: answers sampled per question (correctness; DropoutNTP draws one continuation)
     max_pairs: most pairs per question (3 when there are more than 500k responses)
