@@ -242,6 +242,9 @@ BAD_LINES = [
     ("", "json", "empty line"),
     ("[1, 2, 3]", "json", "expected a JSON object, got list"),
     (json.dumps({"chosen": "c", "rejected": "r"}), "missing_field", "missing required field 'question'$"),
+    # JSON keeps the last of two equal keys: the pair trained on an answer the line also gave otherwise
+    ('{"question": "q", "chosen": "c", "rejected": "r", "chosen": "d"}', "json",
+     r"field 'chosen' appears twice \(JSON keeps only the last\)$"),
     # SFT data given to mpo/dpo: the message says which command reads such records
     (json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}), "missing_field",
      r"missing required field 'question' \(a conversation record: train sft reads those\)$"),
@@ -370,6 +373,8 @@ def test_sft_records(tmp_path, root):
     ({"image": "a.jpg", "video": "clip.mp4", "conversations": [{"from": "human", "value": "x"},
                                                                 {"from": "gpt", "value": "y"}]},
      "image_and_video", "the record gives both 'image' and 'video'"),
+    ('{"conversations": [{"from": "human", "value": "x", "value": "z"}, {"from": "gpt", "value": "y"}]}', "json",
+     "field 'value' appears twice"),
 ])
 def test_sft_bad_lines(tmp_path, root, item, kind, problem):
     good = {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]}
@@ -379,3 +384,8 @@ def test_sft_bad_lines(tmp_path, root, item, kind, problem):
     report = SkipReport()
     assert len(read_sft_records(path, root, report=report)) == 1
     assert report.counts == {kind: 1}
+
+
+def test_a_key_twice_in_metadata_that_is_not_read_is_no_problem(tmp_path, root):
+    spec = _spec(tmp_path, root, ['{"question": "q0", "chosen": "c", "rejected": "r", "meta": {"x": 1, "x": 2}}'])
+    assert [r.question for r in read_records(spec, 0)] == ["q0"]

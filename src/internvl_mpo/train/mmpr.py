@@ -251,6 +251,19 @@ def _read_lines(path: str) -> list[bytes]:
     return lines
 
 
+# the fields a record is read by: JSON keeps the last of two equal keys, so one given twice is refused
+READ_FIELDS = frozenset({"image", "video", "question", "chosen", "rejected", "conversations", "from", "value"})
+
+
+def _read_fields_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for key, value in pairs:
+        if key in out and key in READ_FIELDS:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def _parse_object(raw: bytes) -> dict:
     try:
         text = raw.decode("utf-8")
@@ -259,9 +272,11 @@ def _parse_object(raw: bytes) -> dict:
     if not text.strip():
         raise _BadLine("json", "empty line, expected a JSON object")
     try:
-        item = json.loads(text)
+        item = json.loads(text, object_pairs_hook=_read_fields_once)
     except json.JSONDecodeError as e:
         raise _BadLine("json", f"malformed JSON ({e.msg} at column {e.colno})") from None
+    except _DuplicateKey as e:
+        raise _BadLine("json", f"field {e.args[0]!r} appears twice (JSON keeps only the last)") from None
     if not isinstance(item, dict):
         raise _BadLine("json", f"expected a JSON object, got {type(item).__name__}")
     return item
