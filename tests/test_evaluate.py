@@ -384,6 +384,15 @@ def test_bad_input_is_named_with_its_line_before_any_answer(tmp_path):
         data.write_text(json.dumps({"id": "1", "question": "How many?", "answer": "2", **extra}) + "\n")
         with pytest.raises(InputError, match=rf"bench.jsonl:1: field {why}"):
             read_benchmark(data)
+    # a hint or category that is no text went into the prompt or score.json as its repr; an empty image path
+    # was read as the data file's folder
+    for extra, why in [({"hint": {"text": "It is noon."}}, r"'hint' must be a string, got \{'text'"),
+                       ({"category": ["count"]}, r"'category' must be a string, got \['count'\]"),
+                       ({"hint": True}, "'hint' must be a string, got True"),
+                       ({"image": ["img.png", ""]}, r"'image' must be a path or a list of paths, got \['img.png', ''")]:
+        data.write_text(json.dumps({"id": "1", "question": "How many?", "answer": "2", **extra}) + "\n")
+        with pytest.raises(InputError, match=rf"bench.jsonl:1: field {why}"):
+            read_benchmark(data)
     data.write_text(json.dumps({"id": "1", "question": "How many?", "answer": " "}) + "\n")
     with pytest.raises(InputError, match=r"bench.jsonl:1: the answer is empty"):
         read_benchmark(data)

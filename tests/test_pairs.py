@@ -892,8 +892,9 @@ def test_a_hint_goes_on_a_line_before_the_question(tmp_path):
     and paired without it; it now goes before the question, as eval puts it. A hint that is no text is refused."""
     write_image(tmp_path / "a.png", (200, 30, 30))
     path = _items(tmp_path / "items.jsonl",
-                  {"id": "h", "image": "a.png", "hint": "The dog is on the left.", "question": "Q1 Which animal is left?",
-                   "options": ["dog", "cat"], "answer": "A", "chosen": "The dog is on the left side."},
+                  {"id": "h", "image": "a.png", "hint": "The dog is on the left.",
+                   "question": "Q1 Which animal is left?", "options": ["dog", "cat"], "answer": "A",
+                   "chosen": "The dog is on the left side."},
                   {"id": "n", "hint": "", "question": "Q3 Is the sky blue?", "answer": "yes", "chosen": "Yes it is."})
     sampler = FakeSampler()
     make_correctness_pairs(path, tmp_path / "out", sampler, SETTINGS)

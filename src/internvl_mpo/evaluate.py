@@ -154,10 +154,13 @@ def _read_jsonl(path: Path, max_pixels: int | None) -> list[BenchItem]:
                 required = "a string or a number" if key == "id" else "a string"
                 raise InputError(f"{where}: field {key!r} is required ({required})")
         refuse_unread_media(row, where)
+        for key in ("hint", "category"):  # a list or an object would go into the prompt or score.json as its repr
+            if row.get(key) is not None and (isinstance(row[key], bool) or not isinstance(row[key], (str, int, float))):
+                raise InputError(f"{where}: field {key!r} must be a string, got {row[key]!r:.80}")
         image = row.get("image") or []
         names = [image] if isinstance(image, str) else image
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise InputError(f"{where}: field 'image' must be a path or a list of paths")
+        if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+            raise InputError(f"{where}: field 'image' must be a path or a list of paths, got {image!r:.80}")
         paths = [beside(path.parent, name) for name in names]
         check_images(paths, where, checked, max_pixels)
         items.append(_item(
