@@ -1707,6 +1707,15 @@ def test_the_closing_lines_count_in_the_singular_and_name_the_problem_kinds(tmp_
     assert "\nskipped 1 bad record (json: 1)\n" in out
 
 
+def test_records_an_epoch_run_leaves_untrained_are_counted(tmp_path, chat_folder, meta, capsys):
+    """--epochs counts whole steps: the records after the last one were left untrained without a word (the
+    official trainer trains them in a smaller last batch)."""
+    train(config(chat_folder, meta, tmp_path / "a", max_steps=0, epochs=1, batch_size=3))  # 10 records
+    assert "note: 3 steps of 3 samples leave 1 record of the last epoch untrained" in capsys.readouterr().out
+    train(config(chat_folder, meta, tmp_path / "b", max_steps=0, epochs=1, batch_size=2))
+    assert "untrained" not in capsys.readouterr().out
+
+
 def test_answers_cut_to_max_seq_length_are_counted_and_named(tmp_path, chat_folder, capsys):
     """A pair whose answers --max-seq-length cut trained without a word: the user never learnt that the
     tails (a final answer, often) of some samples were not trained."""

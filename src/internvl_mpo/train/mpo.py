@@ -1164,6 +1164,10 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
             f"{cfg.data}: {count(len(dataset), 'record')}, fewer than one step takes"
             f" ({samples_per_step} per rank x {count(env.world_size, 'rank')})"
         )
+    unread = 0 if cfg.max_steps else cfg.epochs * len(dataset) - total_steps * samples_per_step * env.world_size
+    if unread:  # the HF Trainer would train them in a smaller last batch
+        print0(f"note: {count(total_steps, 'step')} of {samples_per_step * env.world_size} samples leave"
+               f" {count(unread, 'record')} of the last epoch untrained (steps take whole batches)")
     needs_ref = cfg.mode != "sft" and (weights.pref_weight != 0 or weights.quality_weight != 0)
     precompute = needs_ref and cfg.precompute_ref
     if precompute:
