@@ -910,3 +910,18 @@ def test_a_hint_goes_on_a_line_before_the_question(tmp_path):
             read_items(_items(path, {"id": "b", "question": "q", "answer": "yes", "hint": {"text": "x"}}), method)
         with pytest.raises(InputError, match=r"items.jsonl:1: field 'hnit' is not read; did you mean 'hint'\?"):
             read_items(_items(path, {"id": "b", "question": "q", "answer": "yes", "hnit": "x"}), method)
+
+
+def test_each_sample_is_written_with_its_verdict_and_extracted_answer(tmp_path):
+    """The samples' verdicts (correct, wrong, unparseable) were only counted: which sample was judged how, and on
+    what extracted answer, could not be seen. samples.jsonl now lists each with its item id and index."""
+    items_path = write_items(tmp_path / "data")
+    stats = make_correctness_pairs(items_path, tmp_path / "out", FakeSampler(), SETTINGS)
+    rows = pair_lines(tmp_path / "out" / "samples.jsonl")
+    assert [(r["id"], r["sample"]) for r in rows] == [(i, k) for i in ("mc", "num", "yn", "multi") for k in range(6)]
+    mc = [(r["verdict"], r["answer"], r["response"]) for r in rows if r["id"] == "mc"]
+    assert mc == [("positive", "B", SCRIPT["Q1"][0]), ("positive", "(B)", SCRIPT["Q1"][1]),
+                  ("negative", "A", SCRIPT["Q1"][2]), ("negative", "A. dog", SCRIPT["Q1"][3]),
+                  ("format", None, SCRIPT["Q1"][4]), ("format", "maybe", SCRIPT["Q1"][5])]
+    counts = {v: sum(r["verdict"] == v for r in rows) for v in ("positive", "negative", "format")}
+    assert counts == {"positive": stats.positives, "negative": stats.negatives, "format": stats.format_negatives}

@@ -17,7 +17,8 @@ Mirrors OpenGVLab/InternVL `internvl_chat/tools/mm_reasoning_pipeline/`:
   prefix + continuation, plain string concatenation. Pairs keep the item's question and image.
 
 Output folder: the pair files, a `meta.json` (`train.mmpr.write_meta`; root = the input file's
-folder, so relative image paths resolve as in the input), `settings.json` and `progress.jsonl`; a
+folder, so relative image paths resolve as in the input), `settings.json` and `progress.jsonl`, and for
+correctness `samples.jsonl` (each sample's verdict: positive, negative or format, and its extracted answer); a
 running job holds `.pairs.lock` there (`hold_output`), so a second run on the folder is refused.
 Every finished item's raw samples are appended to `progress.jsonl` (one line per item, fsynced); a
 rerun skips the items found there with the same prompt and images (DropoutNTP: question and prefix),
@@ -85,7 +86,8 @@ ITEM_FIELDS = ("question", "hint", "image", "video", "answer", "chosen", "option
 MIN_NEW_TOKENS = {CORRECTNESS: 1, DROPOUT_NTP: 5}
 LARGE_FILE_RESPONSES = 500_000  # above this many responses the official keeps 3 pairs per question
 LARGE_FILE_MAX_PAIRS = 3
-RUN_FILES = ("meta.json", "progress.jsonl")  # written into the output folder beside settings.json and the pairs
+# written into the output folder beside settings.json and the pairs (samples.jsonl by correctness only)
+RUN_FILES = ("meta.json", "progress.jsonl", "samples.jsonl")
 # held by a run in its output folder, as train holds its own (`checkpoint.lock_output`)
 PAIRS_LOCK = (".pairs.lock", "pairs run", "samples and pairs")
 
@@ -529,11 +531,13 @@ def _draw(item: Item, question: str, positives, negatives, max_pairs: int, seed:
 
 
 def item_pairs(item: Item, question: str, responses: Sequence[str], max_pairs: int, seed: int, stats: PairStats):
-    """(correctness pairs, format pairs) of one question's responses."""
+    """(correctness pairs, format pairs, each response's `samples.jsonl` row) of one question's responses."""
     verdicts: dict[str, list[tuple[str, str | None]]] = {"positive": [], "negative": [], "format": []}
-    for response in responses:
+    judged = []
+    for index, response in enumerate(responses):
         verdict, answer = judge(item, response)
         verdicts[verdict].append((response, answer))
+        judged.append({"id": item.id, "sample": index, "verdict": verdict, "answer": answer, "response": response})
     stats.responses += len(responses)
     stats.positives += len(verdicts["positive"])
     stats.negatives += len(verdicts["negative"])
@@ -542,6 +546,7 @@ def item_pairs(item: Item, question: str, responses: Sequence[str], max_pairs: i
     return (
         _draw(item, question, pos, verdicts["negative"], max_pairs, seed, "correctness", stats),
         _draw(item, question, pos, verdicts["format"], max_pairs, seed, "format", stats),
+        judged,
     )
 
 
@@ -579,15 +584,18 @@ def make_correctness_pairs(
         if len(items) * settings.samples > LARGE_FILE_RESPONSES:
             max_pairs = min(max_pairs, LARGE_FILE_MAX_PAIRS)
         stats = PairStats(items=len(items))
-        correct_rows, format_rows = [], []
+        correct_rows, format_rows, judged = [], [], []
         for item in items:
             row = done[item.id]
             if "error" in row:
                 stats.failed.append(f"{item.where} (id {item.id!r}): {row['error']}")
                 continue
-            correct, formats = item_pairs(item, row["question"], row["responses"], max_pairs, settings.seed, stats)
+            correct, formats, samples = item_pairs(item, row["question"], row["responses"], max_pairs, settings.seed,
+                                                   stats)
             correct_rows += correct
             format_rows += formats
+            judged += samples
+        atomic_write(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in judged))
         name = input_path.stem
         stats.files = _write_outputs(
             out, input_path,
@@ -811,4 +819,6 @@ def pairs(
         print(f"skipped {failure}")
     print(stats.summary())
     print(f"meta: {stats.files[-1]}")
+    if method == CORRECTNESS:
+        print(f"each sample's verdict: {Path(output) / 'samples.jsonl'}")
     return 0
