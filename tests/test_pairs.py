@@ -925,3 +925,7 @@ def test_each_sample_is_written_with_its_verdict_and_extracted_answer(tmp_path):
                   ("format", None, SCRIPT["Q1"][4]), ("format", "maybe", SCRIPT["Q1"][5])]
     counts = {v: sum(r["verdict"] == v for r in rows) for v in ("positive", "negative", "format")}
     assert counts == {"positive": stats.positives, "negative": stats.negatives, "format": stats.format_negatives}
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "samples.jsonl").write_text("{}\n")  # a folder of the user's: not overwritten
+    with pytest.raises(ConfigError, match="holds samples.jsonl but no settings.json"):
+        make_correctness_pairs(items_path, tmp_path / "mine", FakeSampler(), SETTINGS)
