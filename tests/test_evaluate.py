@@ -544,6 +544,24 @@ def test_mmbench_tsv_with_rotated_copies_is_scored_circularly(tmp_path):
                                    "shape": {"accuracy": 0.0, "correct": 0, "total": 1}}
 
 
+def test_large_indexes_that_are_no_rotated_copies_are_questions_of_their_own(tmp_path):
+    """Any index of 10**6 or more made a TSV circular: rows 5 and 1000005 of a file with other large indexes
+    were scored as one question (right only when both were), and a row without its original as its own."""
+    rows = [{"index": index, "question": question, "A": "red", "B": "blue", "answer": "B", "category": "c"}
+            for index, question in [("5", "What color is the sky?"), ("1000005", "What color is the sea?"),
+                                    ("2000007", "What color is the lake?")]]
+    with open(tmp_path / "big.tsv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def answer(prompts, batch_size):  # the sky right, the sea and the lake wrong
+        return [(key, "B" if "sky" in p.question else "A") for key, p in prompts]
+
+    score = run_eval(tmp_path / "big.tsv", answer, tmp_path / "out")
+    assert (score["correct"], score["total"]) == (1, 3) and "circular" not in score
+
+
 def test_limit_takes_the_first_questions_with_all_their_rotations(tmp_path):
     """--limit counted rows: with MMBench's order (questions, then their rotations) --limit 2 scored both
     questions on one row each, and a question was right when the rotations left out would have failed it."""

@@ -340,10 +340,14 @@ def first_questions(items: list[BenchItem], limit: int, circular: bool) -> list[
 
 
 def is_circular(data: str | Path, items: list[BenchItem]) -> bool:
-    """An MMBench-style TSV with rotated copies (an index of 10**6 or more), scored as VLMEvalKit does."""
-    ids = [item.id for item in items]
-    return (Path(data).suffix.lower() == ".tsv" and all(i.isdigit() for i in ids)
-            and any(int(i) >= CIRCULAR_OFFSET for i in ids))
+    """An MMBench-style TSV with rotated copies, scored as VLMEvalKit does: each row of index 10**6 or more
+    asks the question of row index % 10**6, which the file holds. Large indexes of another kind (rows that
+    are no such copies) leave each row a question of its own."""
+    if Path(data).suffix.lower() != ".tsv" or not all(item.id.isdigit() for item in items):
+        return False
+    questions = {item.id: item.question for item in items}
+    copies = [item for item in items if int(item.id) >= CIRCULAR_OFFSET]
+    return bool(copies) and all(questions.get(str(int(c.id) % CIRCULAR_OFFSET)) == c.question for c in copies)
 
 
 def format_table(score: dict[str, Any]) -> str:
