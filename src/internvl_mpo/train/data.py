@@ -194,7 +194,7 @@ def load_media(
     """
     s = settings
     videos = question.count(VIDEO_PLACEHOLDER)  # the official reader leaves one it does not fill as text
-    if videos and video is None or videos > 1:
+    if (videos and video is None) or videos > 1:
         raise InputError(f"the question holds {videos} {VIDEO_PLACEHOLDER} placeholder(s) but the record gives"
                          f" {'one video' if video else 'no video'}")
     max_num = s.max_dynamic_patch if max_num is None else max_num
