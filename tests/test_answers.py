@@ -479,6 +479,18 @@ def test_chinese_numerals(prediction, truth, expected):
     assert check_answer(prediction, truth) is expected
 
 
+def test_a_ground_truth_counting_things_of_any_name_is_a_number():
+    """A count of things with a name over six letters ("3 triangles", "2 bananas") was compared as text, so the
+    right answer "3" was wrong (a negative in pairs) while "3" against "7 shapes" or "2 apples" was right."""
+    for truth in ("3 triangles", "2 bananas", "4 students", "12 centimeters", "7 shapes"):
+        assert infer_kind(truth) == "number"
+        number = truth.split()[0]
+        assert check_answer(number, truth) is True and check_answer(f"There are {number}.", truth) is True
+        assert check_answer("5", truth) is False
+    assert check_answer("12 mm", "12 centimeters") is False  # known units still must agree
+    assert infer_kind("3 Blind Mice") == "text"
+
+
 def test_a_chinese_numeral_ground_truth_is_a_number():
     assert infer_kind("三") == "number" and infer_kind("第三") == "text"
     assert check_answer("3", "三") is True and check_answer("三", "三") is True

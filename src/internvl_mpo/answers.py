@@ -112,7 +112,7 @@ _CJK = r"\u2e80-\u2fff\u3000-\u303f\u3040-\u30ff\u3100-\u312f\u3400-\u4dbf\u4e00
 _NUMBER = r"-?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?(?!\.?\d)"
 # Digits right after a letter, digit, "." or "^" belong to a word or unit ("CO2", "cm^2"), not a number.
 _NUMBER_RE = re.compile(rf"(?<![A-Za-z\d.^])({_NUMBER})(?:\s*/\s*({_NUMBER}))?(\s*%)?")
-_UNIT = r"[A-Za-z]{1,6}(?:\^\d|[²³])?"  # "cm", "m^2", "km²"
+_UNIT = r"[A-Za-z]+(?:\^\d|[²³])?"  # "cm", "m^2", "km²", "centimeters", "triangles"
 # Chinese measure words: a numeral before one is a number ("三只"), and so is a ground truth "5个".
 _CN_MEASURES = "个只条张辆本件位头匹棵朵次岁人名块种处层根支把台艘架颗片双份杯瓶盒箱度米元倍秒天周"
 # A root, pi or a number's power (10^k is already a number): an expression, not the number written in it.
@@ -133,11 +133,9 @@ _UNIT_NAMES = {
     "ml": ("ml", "milliliter", "millilitre"),
 }
 _UNITS = {name: unit for unit, names in _UNIT_NAMES.items() for name in names}
-# the known units whose names `_UNIT` does not read in full ("centimeters", "minutes"), in any case, singular or plural
-_LONG_UNIT = "(?i:" + "|".join(name for name in _UNITS if len(name) >= 6) + ")s?"
 _UNIT_ONLY = re.compile(
     rf"\s*[$€£¥]?\s*{_NUMBER}(?:\s*/\s*{_NUMBER})?\s*"
-    rf"(?:%|°|degrees?|{_UNIT}(?:/{_UNIT})?|{_LONG_UNIT}|[{_CN_MEASURES}])?\s*[.。]?\s*"
+    rf"(?:%|°|degrees?|{_UNIT}(?:/{_UNIT})?|[{_CN_MEASURES}])?\s*[.。]?\s*"
 )
 _WORD_NUMBERS = {
     "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
