@@ -21,6 +21,11 @@ that drifts by tens of percent between minutes and processes drifts for both ali
 best of several calls (at least 3, more while under a few seconds; a call over 10 s counts alone),
 after a warm-up call on each side's first turn. Peak memory comes from two more processes, one per
 side, each running every workload twice on its own.
+
+`--compile` compiles our decode step and, where transformers' generate compiles its own (on GPUs,
+given a static cache; on the CPU only a private switch does), theirs too. The children share an
+inductor cache in the temp folder, empty at the start, so our peak-memory process compiles from
+scratch (the first run's peak) and the timing process reuses its code.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -137,12 +143,14 @@ class Theirs:
 
     name = "transformers"
 
-    def __init__(self, folder: str, device: str, dtype: str):
+    def __init__(self, folder: str, device: str, dtype: str, compile: bool = False):
         from transformers import InternVLForConditionalGeneration
 
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
         self.model = InternVLForConditionalGeneration.from_pretrained(folder, dtype=torch_dtype).to(device).eval()
         self.device = device
+        # generate compiles the decode step itself when the cache is static (transformers 5.x)
+        self.options = {"cache_implementation": "static"} if compile and theirs_compiles(device) else {}
         self.pixels = example_pixels(device, torch_dtype)
         self.per_tile = self.model.config.image_seq_length
 
@@ -154,13 +162,19 @@ class Theirs:
         with torch.no_grad():
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                                       do_sample=sample, temperature=1.0, top_k=50, top_p=1.0, eos_token_id=None,
-                                      pad_token_id=0, **kw)
+                                      pad_token_id=0, **self.options, **kw)
         return out[:, width:].tolist()
 
     def vision(self) -> None:
         with torch.no_grad():
             self.model.model.get_image_features(pixel_values=self.pixels, vision_feature_layer=-1,
                                                 vision_feature_select_strategy="default")
+
+
+def theirs_compiles(device: str) -> bool:
+    """Whether transformers' generate compiles its decode step on `device` (its _valid_auto_compile_criteria:
+    GPUs and accelerators; a CPU only through the private CompileConfig._compile_all_devices)."""
+    return torch.device(device).type in ("cuda", "xpu", "mps")
 
 
 def example_pixels(device: str, dtype: torch.dtype) -> torch.Tensor:
@@ -302,10 +316,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             write_weights(name, Path(tmp))
             out = {}
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / "inductor"))  # empty: see the docstring
             for child in ("ours", "hf", "times"):
                 cmd = [sys.executable, __file__, "--child", child, "--folder", tmp, "--device", args.device,
                        "--dtype", args.dtype, "--screen", args.screen, "--rounds", str(args.rounds)]
-                run = subprocess.run(cmd + (["--compile"] if args.compile else []), capture_output=True, text=True)
+                run = subprocess.run(cmd + (["--compile"] if args.compile else []), capture_output=True, text=True,
+                                     env=env)
                 if run.returncode != 0:
                     raise SystemExit(f"the {child} child process failed:\n{run.stderr.strip()[-3000:]}")
                 out[child] = json.loads(run.stdout.split("RESULT ", 1)[1])
@@ -321,9 +337,10 @@ def run_child(args) -> dict:
     if args.child == "ours":
         return {"peak_bytes": peak_memory(Ours(args.folder + "/ours", args.device, args.dtype, args.compile, screen), args.device)}
     if args.child == "hf":
-        return {"peak_bytes": peak_memory(Theirs(args.folder + "/hf", args.device, args.dtype), args.device)}
+        return {"peak_bytes": peak_memory(Theirs(args.folder + "/hf", args.device, args.dtype, args.compile),
+                                          args.device)}
     ours = Ours(args.folder + "/ours", args.device, args.dtype, args.compile, screen)
-    theirs = Theirs(args.folder + "/hf", args.device, args.dtype)
+    theirs = Theirs(args.folder + "/hf", args.device, args.dtype, args.compile)
     agree = [side.generate([image_prompt(side.per_tile)], NEW, side.pixels)[0] for side in (ours, theirs)]
     results = measure_times([ours, theirs], args.rounds)
     results = {"ours": results["ours"], "hf": results["transformers"]}
@@ -337,6 +354,10 @@ def report(name: str, args, results: dict) -> None:
     ours, hf = results["ours"], results["hf"]
     print(f"\n== {name} config, {args.device}, {args.dtype}{', compiled decode' if args.compile else ''} ==")
     print(f"greedy tokens agree for {NEW} steps: {results['agree']}")
+    if args.compile:
+        theirs = ("decode compiled by its generate (static cache)" if theirs_compiles(args.device) else
+                  f"eager (its generate compiles decode on GPUs only, not on {args.device})")
+        print(f"transformers: {theirs}; peak memory is a first run's (compiling into an empty cache)")
     rows = [("vision+projector, 1 tile (ms)", "vision_s", 1e3, False),
             ("prefill, 1 tile + 40 tokens (ms)", "prefill_s", 1e3, False),
             ("decode batch 1 (tok/s)", "decode_b1_tok_s", 1, True),

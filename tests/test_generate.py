@@ -2084,10 +2084,8 @@ def test_a_system_message_in_config_json_replaces_the_templates_as_in_the_offici
         chat_with(["x"]).prepare("Hi")
 
 
-def test_generate_benchmark_refuses_a_negative_decode_time():
-    """benchmarks/generate.py times decoding as t(64 new tokens) - t(1 new token); on a busy machine the 1-token
-    run took longer once and the README's benchmark printed "decode batch 4 (tok/s) -3488.54" and a -41.79x
-    speed-up. Such a difference is refused with what was measured."""
+def generate_benchmark():
+    """benchmarks/generate.py as a module."""
     import importlib.util
     from pathlib import Path
 
@@ -2095,6 +2093,23 @@ def test_generate_benchmark_refuses_a_negative_decode_time():
     spec = importlib.util.spec_from_file_location("benchmark_generate", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_generate_benchmark_refuses_a_negative_decode_time():
+    """benchmarks/generate.py times decoding as t(64 new tokens) - t(1 new token); on a busy machine the 1-token
+    run took longer once and the README's benchmark printed "decode batch 4 (tok/s) -3488.54" and a -41.79x
+    speed-up. Such a difference is refused with what was measured."""
+    bench = generate_benchmark()
     assert bench.decode_time({"b4_64": 0.5, "b4_1": 0.1}, "b4", "ours") == pytest.approx(0.4)
     with pytest.raises(SystemExit, match=r"ours b4: 64 new tokens took 0\.1000 s, 1 new token 0\.1500 s: the machine"):
         bench.decode_time({"b4_64": 0.1, "b4_1": 0.15}, "b4", "ours")
+
+
+def test_generate_benchmark_compiles_transformers_where_its_generate_does():
+    """With --compile the benchmark set our compiled decode against transformers' eager one on every device; on GPUs
+    transformers' generate compiles its decode itself given a static cache, which the benchmark now asks for. On
+    the CPU only a private switch (CompileConfig._compile_all_devices) turns that on, so theirs stays eager."""
+    bench = generate_benchmark()
+    assert bench.theirs_compiles("cuda") and bench.theirs_compiles("cuda:1")
+    assert not bench.theirs_compiles("cpu")
