@@ -145,6 +145,26 @@ def test_resume_asks_again_where_the_data_changed_under_an_id(tmp_path):
         str(tmp_path / "data" / "other.png")]
 
 
+def test_predictions_keep_the_verdicts_the_score_counts(tmp_path):
+    """A kind or category edited since a question was answered (the same prompt) changed score.json, rescored from
+    the stored answers, but predictions.jsonl kept the earlier kind, category and verdict (scripts that read its
+    "correct" counted otherwise); its rows are now brought up to date, without asking again."""
+    data = write_bench(tmp_path / "data")
+    out = tmp_path / "out"
+    run_eval(data, FakeAnswerer(DIRECT), out)
+    before = (out / "predictions.jsonl").read_text()
+    assert run_eval(data, FakeAnswerer(DIRECT, fail=True), out)["correct"] == 3
+    assert (out / "predictions.jsonl").read_text() == before  # nothing changed: nothing rewritten
+    rows = [*BENCH[:3], dict(BENCH[3], kind="text"), dict(BENCH[4], category="city"), BENCH[5]]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    score = run_eval(data, FakeAnswerer(DIRECT, fail=True), out)  # "3 dogs" is no longer "3" as text
+    stored = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in stored] == ["1", "2", "3", "4", "5", "6"]
+    assert (stored[3]["kind"], stored[3]["extracted"], stored[3]["correct"]) == ("text", "3 dogs", False)
+    assert stored[4]["category"] == "city"
+    assert score["correct"] == sum(row["correct"] is True for row in stored) == 2
+
+
 def test_resume_asks_again_where_an_image_file_was_edited_in_place(tmp_path):
     """A stored prediction was reused when its image path was the same, though the file had been
     overwritten since: the score mixed answers about the old picture. A touch or a copy that keeps the

@@ -66,7 +66,7 @@ from internvl_mpo.answers import (
 from internvl_mpo.chat.template import IMAGE_PLACEHOLDER
 from internvl_mpo.errors import InputError, SettingError
 from internvl_mpo.filestamp import stamps, unchanged
-from internvl_mpo.jsonl import read_objects, refuse_misspelt_fields, rewrite_in_order
+from internvl_mpo.jsonl import read_objects, refuse_misspelt_fields
 from internvl_mpo.pairs import (
     Progress,
     atomic_write,
@@ -328,6 +328,21 @@ def summarize(items: list[BenchItem], predictions: dict[str, dict], cot: bool, c
     }
 
 
+def rescore(items: list[BenchItem], predictions: dict[str, dict], cot: bool) -> bool:
+    """Bring each stored prediction's kind, category, extracted answer and verdict up to date with the data
+    (a kind or category edited since) and this version's checks, as `summarize` scores them; True when any
+    changed."""
+    changed = False
+    for item in items:
+        row = predictions[item.id]
+        if "error" not in row:
+            text, verdict = score_response(item, row["prediction"], cot)
+            fresh = {"category": item.category, "kind": item.kind, "extracted": text, "correct": verdict}
+            changed |= any(row.get(key) != value for key, value in fresh.items())
+            row.update(fresh)
+    return changed
+
+
 def question_key(item: BenchItem, circular: bool) -> str:
     """The question a row asks: with `circular`, rows i + k * 10**6 all ask question i."""
     return str(int(item.id) % CIRCULAR_OFFSET) if circular else item.id
@@ -460,8 +475,11 @@ def run_eval(
         missing = [item.id for item in todo if item.id not in answered]
         if missing:
             raise InputError(f"the answering function gave no answer for {len(missing)} questions (ids {missing[:5]})")
-        if todo:  # answers came as they finished: the file in data order
-            rewrite_in_order(predictions.path, [item.id for item in items])
+        stale = rescore(items, done, cot)
+        if todo or stale:  # answers came as they finished: the file in data order, with up-to-date verdicts
+            ids = [item.id for item in items]
+            rows = [done[i] for i in ids] + [row for key, row in done.items() if key not in set(ids)]
+            atomic_write(predictions.path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         score = {"data": str(data), "cot": cot, **summarize(items, done, cot, circular)}
         atomic_write(out / "score.json", json.dumps(score, indent=2, ensure_ascii=False) + "\n")
     return score
