@@ -546,7 +546,7 @@ class SampleStream:
         self._bad_run = 0  # bad samples in a row
         self._share_len = 0  # this rank's records in the epoch being read
         self._new_bad: list[tuple[int, str, str]] = []  # (index, kind, message) skipped since `share_bad`
-        self.cut = 0  # samples returned since `take_cut` whose answers were cut to --max-seq-length
+        self.cut = 0  # samples batched since the step's metrics whose answers were cut to --max-seq-length
         self.first_cut: str | None = None  # the first of them on this rank (file:line)
         self._items = None
         self.ref_valid: torch.Tensor | None = None
@@ -604,13 +604,13 @@ class SampleStream:
                 self._bad_run += 1
                 continue
             self._bad_run = 0
-            if item.truncated:
-                self.cut += 1
-                self.first_cut = self.first_cut or item.source
             return item
 
     def next_batch(self, batch_size: int, pad_id: int) -> Batch:
         examples = [self.next_example() for _ in range(batch_size)]
+        cut = [e.source for e in examples if e.truncated]
+        self.cut += len(cut)
+        self.first_cut = self.first_cut or next(iter(cut), None)
         if isinstance(self.dataset, PairDataset):
             return collate_pairs(examples, pad_id)
         return collate_sft(examples, pad_id)
