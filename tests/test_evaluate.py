@@ -20,6 +20,7 @@ from internvl_mpo.errors import ConfigError, InputError
 from internvl_mpo.evaluate import Prompt, build_prompt, read_benchmark, run_eval
 
 MCQ = "Answer with the option's letter from the given choices directly."
+SHORT = "Answer the question using a single word or phrase."
 COT_HEAD = COT_INSTRUCTION.split("{question}")[0]
 
 BENCH = [
@@ -81,6 +82,18 @@ def test_vlmevalkit_prompts(tmp_path):
     # MPO CoT prompt: the question without the hint, options as "A. text" lines, the CoT instruction.
     assert build_prompt(items["6"], cot=True) == COT_HEAD + "What color is the sky?\nA. blue\nB. black"
     assert build_prompt(items["5"], cot=True) == COT_HEAD + "Which city is this?"
+
+
+
+def test_a_hint_goes_before_a_question_of_any_kind(tmp_path):
+    """A hint went before a multiple-choice question only: a yes/no or short-answer question was asked without it."""
+    rows = [dict(BENCH[2], hint="The animal is small."), dict(BENCH[4], hint="It has the Eiffel Tower.")]
+    Image.new("RGB", (56, 56), (20, 20, 220)).save(tmp_path / "img.png")
+    (tmp_path / "hints.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    yes_no, short = read_benchmark(tmp_path / "hints.jsonl")
+    assert build_prompt(yes_no) == "The animal is small.\nIs there a cat in the image?"
+    assert build_prompt(short) == f"It has the Eiffel Tower.\nWhich city is this?\n{SHORT}"
+    assert build_prompt(short, cot=True) == COT_HEAD + "Which city is this?"  # the MPO prompt leaves it out
 
 
 def test_chinese_multiple_choice_instruction(tmp_path):

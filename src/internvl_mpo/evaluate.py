@@ -4,7 +4,8 @@ Mirrors open-compass/VLMEvalKit:
 - Prompts (`vlmeval/vlm/internvl/utils.py`, `internvl_chat.py` `build_prompt`): multiple choice as
   `build_multi_choice_prompt` (hint line, question, "\\nA. text" per option, then "Answer with the
   option's letter from the given choices directly." or "请直接回答选项字母。" when the prompt has Chinese);
-  yes/no questions as given; short answers + "\\nAnswer the question using a single word or phrase.".
+  yes/no questions as given; short answers + "\\nAnswer the question using a single word or phrase."; a hint
+  line goes before a question of any kind (VLMEvalKit's files have hints for multiple choice only).
   With `cot`, the MPO prompt of `build_mpo_prompt`: the question (kept quirk: without the hint),
   options appended as "A. text" lines, wrapped in the CoT instruction. One image goes in front as
   `<image>\\n`, several as `Image-k: <image>` lines (`reorganize_prompt`); `max_num` tiles per image
@@ -275,15 +276,15 @@ def build_prompt(item: BenchItem, cot: bool = False) -> str:
     """The question the model sees (image placeholders are added by the chat pipeline)."""
     if cot:
         return build_cot_question(item.question, item.options)
+    question = f"{item.hint}\n{item.question}" if item.hint else item.question  # any kind's hint, not only a choice's
     if item.kind == "choice":
-        prompt = f"{item.hint}\n{item.question}" if item.hint else item.question
-        prompt += "".join(f"\n{key}. {text}" for key, text in (item.options or {}).items())
+        prompt = question + "".join(f"\n{key}. {text}" for key, text in (item.options or {}).items())
         if _has_instruction(prompt):
             return prompt
         return prompt + "\n" + (MCQ_INSTRUCTION_ZH if re.search("[\u4e00-\u9fff]", prompt) else MCQ_INSTRUCTION)
-    if item.kind == "yesno" or _has_instruction(item.question):
-        return item.question
-    return f"{item.question}\n{SHORT_INSTRUCTION}"
+    if item.kind == "yesno" or _has_instruction(question):
+        return question
+    return f"{question}\n{SHORT_INSTRUCTION}"
 
 
 def score_response(item: BenchItem, response: str, cot: bool) -> tuple[str, bool | None]:
