@@ -185,6 +185,27 @@ def fake_hub(monkeypatch, tmp_path):
     return serve
 
 
+def bf16_shards_without_dtype(source: Path, folder: Path) -> Path:
+    """The checkpoint at `source` saved again into `folder` in bf16 over several shards, its config.json without
+    torch_dtype: a load with dtype "auto" then takes the dtype from the shards' headers."""
+    from internvl_mpo.model import InternVL
+
+    model = InternVL.from_pretrained(source, dtype=torch.bfloat16).save_pretrained(folder, max_shard_size=20_000)
+    settings = json.loads((model / "config.json").read_text())
+    del settings["torch_dtype"]
+    (model / "config.json").write_text(json.dumps(settings))
+    return model
+
+
+def record_header_reads(monkeypatch) -> list:
+    """The weight files whose safetensors headers are read from now on (`checkpoint.open_safetensors`), in order."""
+    from internvl_mpo import checkpoint
+
+    opened, read = [], checkpoint.open_safetensors
+    monkeypatch.setattr(checkpoint, "open_safetensors", lambda file: opened.append(file) or read(file))
+    return opened
+
+
 def modes_other_than(folder: Path, mode: int) -> dict[str, str]:
     """Files under `folder` whose permission bits are not `mode` (relative path -> octal mode)."""
     return {p.relative_to(folder).as_posix(): oct(p.stat().st_mode & 0o777)

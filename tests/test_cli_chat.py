@@ -11,7 +11,7 @@ from PIL import Image
 
 from internvl_mpo.pipeline import InternVLChat
 
-from conftest import ScriptedEngine, tiny_chat_folder
+from conftest import ScriptedEngine, bf16_shards_without_dtype, record_header_reads, tiny_chat_folder
 
 
 @pytest.fixture(scope="module")
@@ -241,21 +241,12 @@ def test_generate_resumes_only_in_the_precision_that_wrote_the_answers(folder, t
 def test_generate_reads_each_weight_files_header_once(folder, tmp_path, monkeypatch):
     """--dtype auto without a config dtype read the shards' headers for the recorded dtype, and the load read
     them all again."""
-    import torch
+    from internvl_mpo import cli_chat
 
-    from internvl_mpo import checkpoint, cli_chat
-    from internvl_mpo.model import InternVL
-
-    model = InternVL.from_pretrained(folder, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16",
-                                                                                   max_shard_size=20_000)
-    settings = json.loads((model / "config.json").read_text())
-    del settings["torch_dtype"]
-    (model / "config.json").write_text(json.dumps(settings))
+    model = bf16_shards_without_dtype(folder, tmp_path / "bf16")
+    opened = record_header_reads(monkeypatch)
     requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
     requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")
-    opened = []
-    read = checkpoint.open_safetensors
-    monkeypatch.setattr(checkpoint, "open_safetensors", lambda file: opened.append(file) or read(file))
     assert cli_chat.generate(input=str(requests), output=str(answers), model=str(model), device="cpu",
                              dtype="auto", max_new_tokens=2) == 0
     shards = sorted(model.glob("*.safetensors"))

@@ -28,8 +28,8 @@ from internvl_mpo.model import InternVL
 from internvl_mpo.processor.image import image_to_pixel_values
 
 from conftest import (
-    IMAGE_TOKEN_ID, hf_config, hf_reference, hf_to_official, modes_other_than, tiny_chat_folder, tiny_config,
-    write_checkpoint,
+    IMAGE_TOKEN_ID, hf_config, hf_reference, hf_to_official, modes_other_than, record_header_reads, tiny_chat_folder,
+    tiny_config, write_checkpoint,
 )
 from test_internlm2 import hf_llama_reference, hf_llama_to_official, internlm2_config
 
@@ -106,14 +106,10 @@ def test_official_round_trip_is_lossless(tmp_path, llm, vision):
 @pytest.mark.parametrize("to", ["hf", "official"])
 def test_a_conversion_reads_each_weight_files_header_once(tmp_path, monkeypatch, to):
     """It checked the source's shards for their keys, then opened each again to read the tensors."""
-    from internvl_mpo import checkpoint
-
     src = official_folder(tmp_path / "src", "qwen2")
     if to == "official":
         src = convert(src, tmp_path / "hf", to="hf", max_shard_size=20_000)
-    opened = []
-    read = checkpoint.open_safetensors
-    monkeypatch.setattr(checkpoint, "open_safetensors", lambda file: opened.append(file) or read(file))
+    opened = record_header_reads(monkeypatch)
     convert(src, tmp_path / "dst", to=to)
     shards = sorted(src.glob("*.safetensors"))
     assert len(shards) > 1 and sorted(opened) == shards

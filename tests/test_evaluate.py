@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import bf16_shards_without_dtype, record_header_reads
 from PIL import Image
 
 from internvl_mpo.answers import COT_INSTRUCTION
@@ -641,22 +642,12 @@ def test_real_model_on_tsv_through_the_cli(tiny_model, tmp_path, capsys):
 def test_eval_reads_each_weight_files_header_once(tiny_model, tmp_path, monkeypatch):
     """--dtype auto without a config dtype read the shards' headers for the run's recorded dtype, and the load
     read them all again."""
-    import torch
-
-    from internvl_mpo import checkpoint
     from internvl_mpo.cli import main
-    from internvl_mpo.model import InternVL
 
-    model = InternVL.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16",
-                                                                                        max_shard_size=20_000)
-    settings = json.loads((model / "config.json").read_text())
-    del settings["torch_dtype"]
-    (model / "config.json").write_text(json.dumps(settings))
+    model = bf16_shards_without_dtype(tiny_model, tmp_path / "bf16")
+    opened = record_header_reads(monkeypatch)
     path = tmp_path / "bench.jsonl"
     path.write_text(json.dumps({"id": "a", "question": "How many?", "answer": "2"}) + "\n")
-    opened = []
-    read = checkpoint.open_safetensors
-    monkeypatch.setattr(checkpoint, "open_safetensors", lambda file: opened.append(file) or read(file))
     args = ["eval", "--model", str(model), "--data", str(path), "--output", str(tmp_path / "out"),
             "--max-new-tokens", "2", "--device", "cpu", "--dtype", "auto"]
     assert main(args) == 0

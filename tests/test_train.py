@@ -23,6 +23,7 @@ from unittest.mock import ANY
 import pytest
 import torch
 from safetensors.torch import load_file
+from conftest import bf16_shards_without_dtype, record_header_reads
 from test_train_data import color_pairs, write_mmpr, write_noise_images
 
 from internvl_mpo.chat.tokenizer import load_tokenizer
@@ -1775,16 +1776,9 @@ def test_the_final_model_of_a_checkpoint_without_a_config_dtype_is_saved_in_its_
 def test_the_starting_checkpoint_is_opened_once_for_its_weights_and_its_dtype(tmp_path, chat_folder, meta, monkeypatch):
     """Without a config dtype, final/'s dtype was read from the shards after the load had opened them: each
     weight file's header was read twice."""
-    from internvl_mpo import checkpoint
-
-    folder = InternVL.from_pretrained(chat_folder, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16",
-                                                                                          max_shard_size=20_000)
-    settings = json.loads((folder / "config.json").read_text())
-    del settings["torch_dtype"]
-    (folder / "config.json").write_text(json.dumps(settings))
-    opened, chosen = [], []
-    read, parse = checkpoint.open_safetensors, mpo.parse_dtype
-    monkeypatch.setattr(checkpoint, "open_safetensors", lambda file: opened.append(file) or read(file))
+    folder = bf16_shards_without_dtype(chat_folder, tmp_path / "bf16")
+    opened = record_header_reads(monkeypatch)
+    chosen, parse = [], mpo.parse_dtype
     monkeypatch.setattr(mpo, "parse_dtype", lambda *a: chosen.append(parse(*a)) or chosen[-1])
 
     def stop(*args, **kwargs):
