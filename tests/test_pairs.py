@@ -65,6 +65,12 @@ def write_image(path: Path, color) -> None:
     Image.new("RGB", (56, 56), color).save(path)
 
 
+def ntp_line(folder: Path, **fields) -> str:
+    """A DropoutNTP item's JSONL line, with an image (written into `folder`, the items file's, as ntp.png)."""
+    write_image(folder / "ntp.png", (30, 200, 30))
+    return json.dumps({"image": "ntp.png", **fields}) + "\n"
+
+
 def write_items(folder: Path) -> Path:
     write_image(folder / "img" / "a.png", (200, 30, 30))
     write_image(folder / "img" / "b.png", (30, 30, 200))
@@ -232,7 +238,7 @@ def test_resume_redoes_items_edited_since_their_samples(tmp_path):
     assert q2 and all("pears" in q and "apples" not in q for q in q2)
 
     ntp = tmp_path / "ntp.jsonl"
-    ntp.write_text(json.dumps({"id": "1", "question": "Say hi.", "chosen": "Hello there, how are you?"}) + "\n")
+    ntp.write_text(ntp_line(tmp_path, id="1", question="Say hi.", chosen="Hello there, how are you?"))
     seen: list[ContinueJob] = []
 
     def fake_continue(jobs):
@@ -240,7 +246,7 @@ def test_resume_redoes_items_edited_since_their_samples(tmp_path):
         return [" and more." for _ in jobs]
 
     make_dropout_ntp_pairs(ntp, tmp_path / "ntp_out", fake_continue, SETTINGS)
-    ntp.write_text(json.dumps({"id": "1", "question": "Say hi.", "chosen": "Good day, friend, how are you?"}) + "\n")
+    ntp.write_text(ntp_line(tmp_path, id="1", question="Say hi.", chosen="Good day, friend, how are you?"))
     make_dropout_ntp_pairs(ntp, tmp_path / "ntp_out", fake_continue, SETTINGS)
     assert [j.prefix for j in seen] == ["Hello there,", "Good day, friend,"]
     assert pair_lines(tmp_path / "ntp_out" / "ntp_pairs_dropout_ntp.jsonl")[0]["rejected"] == "Good day, friend, and more."
@@ -438,7 +444,7 @@ def test_dropout_ntp_pairs(tmp_path):
     chosen = "The image shows a green square on a plain background with no other objects."
     rows = [
         {"id": "1", "image": "a.png", "question": "<image>\nDescribe the image.", "chosen": chosen},
-        {"id": "2", "question": "Say hi.", "answer": "Hello there, how are you today?"},
+        {"id": "2", "image": "a.png", "question": "Say hi.", "answer": "Hello there, how are you today?"},
     ]
     (folder / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     seen: list[ContinueJob] = []
@@ -456,10 +462,19 @@ def test_dropout_ntp_pairs(tmp_path):
     out = pair_lines(tmp_path / "out" / "items_pairs_dropout_ntp.jsonl")
     assert out[0] == {"image": "a.png", "question": "<image>\nDescribe the image.", "chosen": chosen,
                       "rejected": seen[0].prefix + " and then it keeps going."}
-    assert out[1]["rejected"] == "Hello there, how and then it keeps going." and "image" not in out[1]
+    assert out[1]["rejected"] == "Hello there, how and then it keeps going." and out[1]["image"] == "a.png"
     records, _ = read_datasets(load_meta(str(tmp_path / "out" / "meta.json")))
     assert len(records) == stats.pairs == 2 and records[0].images == (str((folder / "a.png").resolve()),)
 
+
+
+def test_a_dropout_ntp_item_without_an_image_is_refused(tmp_path):
+    """Its rejected answer would be the chosen one continued from the same prompt the model answers with: no image
+    was dropped, so the pair taught nothing about the image (it was paired without a word)."""
+    path = _items(tmp_path / "items.jsonl", {"id": "1", "question": "Say hi.", "chosen": "Hello there, how are you?"})
+    with pytest.raises(InputError, match=r"items.jsonl:1: DropoutNTP needs an 'image'"):
+        read_items(path, "dropout-ntp")
+    assert read_items(_items(path, {"id": "1", "question": "Say hi?", "answer": "hi"}), "correctness")[0].images == ()
 
 def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, capsys):
     from internvl_mpo.cli import main
@@ -471,7 +486,7 @@ def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, ca
                 "--output", str(tmp_path / "taken")]
         if method == "dropout-ntp":
             args[5] = str(tmp_path / "ntp.jsonl")
-            (tmp_path / "ntp.jsonl").write_text(json.dumps({"id": "1", "question": "Hi?", "chosen": "Hello there."}))
+            (tmp_path / "ntp.jsonl").write_text(ntp_line(tmp_path, id="1", question="Hi?", chosen="Hello there."))
         assert main(args) != 0
         assert f"error: {tmp_path / 'taken'}: exists and is not a folder" in capsys.readouterr().err
     with pytest.raises(InputError, match="exists and is not a folder"):
@@ -479,7 +494,7 @@ def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, ca
     with pytest.raises(InputError, match=r"taken is a file, not a folder"):
         make_correctness_pairs(items_path, tmp_path / "taken" / "out", FakeSampler(), SETTINGS)
     assert not (tmp_path / "no-model").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
-        "data", "ntp.jsonl", "taken"]  # nothing was created
+        "data", "ntp.jsonl", "ntp.png", "taken"]  # nothing was created
 
 
 def test_a_second_run_on_the_folder_of_a_live_run_is_refused(tmp_path, capsys):
@@ -493,7 +508,7 @@ def test_a_second_run_on_the_folder_of_a_live_run_is_refused(tmp_path, capsys):
 
     items_path = write_items(tmp_path / "data")
     ntp_path = tmp_path / "ntp.jsonl"
-    ntp_path.write_text(json.dumps({"id": "1", "question": "Hi?", "chosen": "Hello there, how are you?"}) + "\n")
+    ntp_path.write_text(ntp_line(tmp_path, id="1", question="Hi?", chosen="Hello there, how are you?"))
 
     def in_use(out: str) -> str:
         return re.escape(f"{tmp_path / out} is in use by another pairs run (pid {os.getpid()} on "
@@ -593,7 +608,7 @@ def test_no_progress_hides_the_progress_bar(tiny_model, tmp_path, capsys):
     for method in ("correctness", "dropout-ntp"):
         path = items_path if method == "correctness" else tmp_path / "chosen.jsonl"
         if method == "dropout-ntp":
-            path.write_text(json.dumps({"id": "a", "question": "How many?", "chosen": "There are two of them."}) + "\n")
+            path.write_text(ntp_line(tmp_path, id="a", question="How many?", chosen="There are two of them."))
         args = ["pairs", method, "--model", str(tiny_model), "--input", str(path), "--output", str(tmp_path / method),
                 "--samples", "2", "--max-new-tokens", "2", "--device", "cpu", "--dtype", "float32", "--no-progress"]
         assert main(args) == 0
@@ -784,7 +799,7 @@ def test_correctness_resumes_whatever_start_ratio_says(tmp_path):
     make_correctness_pairs(items_path, out, done, dataclasses.replace(SETTINGS, start_ratio=0.7))
     assert done.calls == 0
     ntp = tmp_path / "ntp.jsonl"
-    ntp.write_text(json.dumps({"id": "1", "question": "Say hi.", "chosen": "Hello there, how are you?"}) + "\n")
+    ntp.write_text(ntp_line(tmp_path, id="1", question="Say hi.", chosen="Hello there, how are you?"))
     make_dropout_ntp_pairs(ntp, tmp_path / "ntp", lambda jobs: [" and more."] * len(jobs), SETTINGS)
     with pytest.raises(ConfigError, match=r"other settings \(start_ratio\)"):
         make_dropout_ntp_pairs(ntp, tmp_path / "ntp", lambda jobs: [], dataclasses.replace(SETTINGS, start_ratio=0.3))
@@ -886,7 +901,8 @@ def test_a_hint_goes_on_a_line_before_the_question(tmp_path):
                   {"id": "h", "image": "a.png", "hint": "The dog is on the left.",
                    "question": "Q1 Which animal is left?", "options": ["dog", "cat"], "answer": "A",
                    "chosen": "The dog is on the left side."},
-                  {"id": "n", "hint": "", "question": "Q3 Is the sky blue?", "answer": "yes", "chosen": "Yes it is."})
+                  {"id": "n", "image": "a.png", "hint": "", "question": "Q3 Is the sky blue?", "answer": "yes",
+                   "chosen": "Yes it is."})
     sampler = FakeSampler()
     make_correctness_pairs(path, tmp_path / "out", sampler, SETTINGS)
     assert sampler.jobs[0].question.startswith(f"<image>\n{COT_HEAD}")

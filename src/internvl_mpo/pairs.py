@@ -42,6 +42,8 @@ Deliberate differences:
 - Each sample has its own seed derived from (seed, item id, sample index): a rerun reproduces the
   samples and a resumed run gives the same files as an uninterrupted one.
 - DropoutNTP draws one continuation per item (the paper; the official script defaults to 8).
+- A DropoutNTP item must have an image (the official script reads only such items): without one, the
+  continuation "without the image" would be the model's answer to the same prompt.
 - Samples keep the official scripts' min_new_tokens (`MIN_NEW_TOKENS`: 1 for correctness, 5 for
   DropoutNTP: the end of turn cannot come sooner, so a continuation that would stop at once does
   not leave the bare prefix as the rejected answer). `max_new_tokens` defaults to 1024 for both;
@@ -282,6 +284,9 @@ def _parse_item(row: dict, method: str, folder: Path, where: str) -> Item:
             place_images(question, len(images))  # the pairs keep the question: training must be able to place them
         except InputError as e:
             raise InputError(f"{where}: {e}") from None
+        if not images:  # without an image the "continued without the image" answer is a sample of the same prompt
+            raise InputError(f"{where}: DropoutNTP needs an 'image': its rejected answer is the chosen one continued "
+                             "without the image, which for an item without one is the model's own answer to the same prompt")
         return Item(item_id, question, image, images, chosen=chosen, where=where)
     answer = _text_field(row, "answer", where)
     kind = row.get("kind")
