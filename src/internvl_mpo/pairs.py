@@ -42,8 +42,8 @@ Deliberate differences:
 - Each sample has its own seed derived from (seed, item id, sample index): a rerun reproduces the
   samples and a resumed run gives the same files as an uninterrupted one.
 - DropoutNTP draws one continuation per item (the paper; the official script defaults to 8).
-- A DropoutNTP item must have an image (the official script reads only such items): without one, the
-  continuation "without the image" would be the model's answer to the same prompt.
+- A DropoutNTP item must have an image (the official script keys each item by its 'image' and fails on one
+  without): without one, the continuation "without the image" would be the model's answer to the same prompt.
 - Samples keep the official scripts' min_new_tokens (`MIN_NEW_TOKENS`: 1 for correctness, 5 for
   DropoutNTP: the end of turn cannot come sooner, so a continuation that would stop at once does
   not leave the bare prefix as the rejected answer). `max_new_tokens` defaults to 1024 for both;
