@@ -1730,8 +1730,23 @@ def test_answers_cut_to_max_seq_length_are_counted_and_named(tmp_path, chat_fold
     assert code == 0
     assert [row["truncated"] for row in metric_rows(tmp_path / "o")] == [0, 1]
     out = capsys.readouterr().out
-    assert (f"\nnote: 1 sample had their answers cut to fit --max-seq-length 100 (the first: {tmp_path}/data/toy.jsonl:2);"
-            " the cut tails were not trained (metrics.jsonl: truncated)\n") in out
+    assert (f"\nnote: 1 sample had their answers cut to fit --max-seq-length 100 (the first since the run started or"
+            f" resumed: {tmp_path}/data/toy.jsonl:2); the cut tails were not trained (metrics.jsonl: truncated)\n") in out
+
+
+def test_answers_cut_before_a_resume_are_counted_after_it(tmp_path, chat_folder, capsys):
+    """A resumed run's note counted only the samples cut since the resume: those of the steps before it, in
+    metrics.jsonl, were left out of it."""
+    long = {"question": "Say hello", "chosen": "Hello there! " * 40, "rejected": "Go away. " * 40}
+    meta = write_mmpr(tmp_path / "data", [long, {"question": "Hi", "chosen": "Hello!", "rejected": "No."}])
+    cfg = config(chat_folder, meta, tmp_path / "run", mode="dpo", max_steps=2, batch_size=1, shuffle=False,
+                 max_seq_length=100, save_every=1)
+    train(cfg)
+    killed_after_step_1(tmp_path / "run")
+    capsys.readouterr()
+    result = train(dataclasses.replace(cfg, resume=True))
+    assert [row["truncated"] for row in metric_rows(tmp_path / "run")] == [1, 0]
+    assert result.truncation_note.startswith("note: 1 sample had their answers cut to fit --max-seq-length 100;")
 
 
 def test_fsdp_in_a_single_process_trains_unsharded_with_a_note(tmp_path, chat_folder, meta, capsys, monkeypatch):

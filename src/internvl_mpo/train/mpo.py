@@ -1080,22 +1080,25 @@ def resume_training_state(
     return int(state["step"])
 
 
-def _rewrite_metrics(path: Path, last_step: int) -> None:
+def _rewrite_metrics(path: Path, last_step: int) -> int:
     """Drop metric lines past the resumed step (a killed run may have logged steps it never saved) and
-    lines that do not parse (a kill during the append leaves a half-written last line)."""
+    lines that do not parse (a kill during the append leaves a half-written last line). Returns the samples
+    the kept steps counted as cut to --max-seq-length (their `truncated`)."""
     if not path.is_file():
-        return
-    kept = []
+        return 0
+    kept, cut = [], 0
     for line in path.read_text().splitlines():
         try:
-            step = json.loads(line)["step"]
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if step <= last_step:
+        if row["step"] <= last_step:
             kept.append(line)
+            cut += int(row.get("truncated", 0))  # absent in the lines of versions before it was counted
     tmp = path.with_name(".tmp-" + path.name)
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
+    return cut
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -1260,16 +1263,16 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
     if resume_from is not None:
         start_step = resume_training_state(resume_from, env, module, optimizer, running, stream)
     metrics_path = output / METRICS_FILE
+    cut_total = 0  # samples cut to --max-seq-length, the resumed run's steps included (counted on process 0)
     with ranks_together(env), ckpt.saving(metrics_path):  # a full disk at a resume, say
         if env.is_main and resume_from is not None:
-            _rewrite_metrics(metrics_path, start_step)
+            cut_total = _rewrite_metrics(metrics_path, start_step)
         elif env.is_main:
             metrics_path.unlink(missing_ok=True)
 
     # 5. the loop
     bar = tqdm(total=total_steps, initial=start_step, disable=not (cfg.progress and env.is_main), desc=cfg.mode)
     metrics: dict[str, float] = {}
-    cut_total = 0
     for step in range(start_step, total_steps):
         lr = lr_at(step, total_steps, cfg.warmup_ratio, cfg.lr)
         for group in optimizer.param_groups:
@@ -1326,7 +1329,7 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
             ckpt.atomic_folder(final_dir, lambda tmp: ckpt.export_model(state, policy, tmp))
     note = None
     if cut_total:  # a tail of an answer that did not fit was never trained, a final answer often
-        first = f" (the first: {stream.first_cut})" if stream.first_cut else ""
+        first = f" (the first since the run started or resumed: {stream.first_cut})" if stream.first_cut else ""
         note = (f"note: {count(cut_total, 'sample')} had their answers cut to fit --max-seq-length"
                 f" {cfg.max_seq_length}{first}; the cut tails were not trained (metrics.jsonl: truncated)")
     return TrainResult(final_dir, total_steps, stream.report, metrics, note)
