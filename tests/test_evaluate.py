@@ -813,3 +813,22 @@ def test_max_pixels_refuses_a_larger_image_naming_the_flag_before_the_model_load
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # Pillow then refuses over 2000 pixels
     assert main([*base, "--max-pixels", "5000"]) == 1  # a limit above Pillow's raises Pillow's
     assert "no-model: no such checkpoint folder" in capsys.readouterr().err
+
+
+def test_options_that_a_question_of_another_kind_would_be_asked_without_are_refused(tmp_path, capsys):
+    """Without --cot only a multiple-choice question is asked with its options: a question of another kind that
+    gave options was asked without them, without a word."""
+    from internvl_mpo.cli import main
+
+    path = tmp_path / "bench.jsonl"
+    row = {"id": "a", "question": "How many?", "options": ["2", "3"], "answer": "3", "kind": "number"}
+    path.write_text(json.dumps(row) + "\n")
+    args = ["eval", "--model", str(tmp_path / "no-model"), "--data", str(path), "--output", str(tmp_path / "out")]
+    assert main(args) != 0
+    assert "bench.jsonl:1: the question gives options, but its kind is 'number'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before the model loads
+    with pytest.raises(InputError, match="bench.jsonl:1: the question gives options, but its kind is 'number'"):
+        run_eval(path, FakeAnswerer(DIRECT), tmp_path / "direct")
+    assert "A. 2\nB. 3" in build_prompt(read_benchmark(path)[0], cot=True)  # --cot asks with them
+    path.write_text(json.dumps({**row, "answer": "B", "kind": "choice"}) + "\n")
+    assert "A. 2\nB. 3" in build_prompt(read_benchmark(path)[0])

@@ -272,6 +272,18 @@ def _has_instruction(question: str) -> bool:
     return question.rstrip().endswith(ANSWER_INSTRUCTIONS)
 
 
+def refuse_hidden_options(items: list[BenchItem], cot: bool) -> None:
+    """Options go into the prompt of a multiple-choice question, and of any question with `cot`: without it, a
+    question of another kind that gives options would be asked without them."""
+    if cot:
+        return
+    for item in items:
+        if item.options and item.kind != "choice":
+            raise InputError(f"{item.where}: the question gives options, but its kind is {item.kind!r} and without --cot"
+                             " only a multiple-choice question is asked with its options; give \"kind\": \"choice\""
+                             " (the answer a letter or an option), drop the options, or use --cot")
+
+
 def build_prompt(item: BenchItem, cot: bool = False) -> str:
     """The question the model sees (image placeholders are added by the chat pipeline)."""
     if cot:
@@ -435,6 +447,7 @@ def run_eval(
 
     check_counts(batch_size, limit)
     items = read_benchmark(data) if items is None else items
+    refuse_hidden_options(items, cot)
     circular = is_circular(data, items)
     if limit is not None:
         items = first_questions(items, limit, circular)
@@ -554,6 +567,7 @@ def eval_(
     params = greedy_params(max_num, max_new_tokens)
     let_pillow_open(max_pixels)
     items = read_benchmark(data, max_pixels)
+    refuse_hidden_options(items, cot)
     model = _model_path(model)
     out = Path(output) if output else default_output(data, cot)
     check_output_folder(out)
