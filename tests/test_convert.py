@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from internvl_mpo.chat.template import build_prompt_ids, render_prompt
 from internvl_mpo.chat.tokenizer import load_tokenizer
-from internvl_mpo.checkpoint import weight_map
+from internvl_mpo.checkpoint import open_weights
 from internvl_mpo.config import FAMILY_SIZES, ModelConfig, family_config
 from internvl_mpo.convert import (
     HEAD, config_from_hf, convert, convert_command, hf_config_dict, hf_disk_name, key_maps,
@@ -52,7 +52,7 @@ def official_folder(folder, llm: str, **vision):
 
 def tensors(folder) -> dict[str, torch.Tensor]:
     out = {}
-    for key, file in weight_map(folder).items():
+    for key, file in open_weights(folder).files.items():
         with safe_open(str(file), "pt") as f:
             out[key] = f.get_tensor(key)
     return out
@@ -208,7 +208,7 @@ def test_tied_transformers_checkpoint_gets_its_head_written(tmp_path):
     ref = InternVLForConditionalGeneration(hf).eval()
     assert ref.lm_head.weight is ref.model.language_model.embed_tokens.weight
     ref.save_pretrained(tmp_path / "hf")
-    assert not any(key.endswith("lm_head.weight") for key in weight_map(tmp_path / "hf"))
+    assert not any(key.endswith("lm_head.weight") for key in open_weights(tmp_path / "hf").files)
     official = convert(tmp_path / "hf", tmp_path / "official", to="official")
     saved = json.loads((official / "config.json").read_text())
     assert saved["llm_config"]["tie_word_embeddings"] is False

@@ -60,7 +60,7 @@ SAVE_LOCK = ".internvl-mpo-save.lock"
 # What flock gives on filesystems without locks (some NFS and Lustre mounts).
 LOCKS_UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP)
 # Key of the id that one save stamps into the header metadata of each of its weight files and into the index's
-# "metadata" (beside total_size), so that a folder mixing the shards of two saves is told apart (`weight_map`).
+# "metadata" (beside total_size), so that a folder mixing the shards of two saves is told apart (`open_weights`).
 # transformers, vLLM and the official code ignore keys they do not read in both places (README).
 SAVE_ID = "internvl_mpo_save_id"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.py", "*.model", "*.jinja", "*.md"]
@@ -202,11 +202,6 @@ class Weights(NamedTuple):
     files: dict[str, Path]
     handles: dict[Path, Any]
     metadata: dict[str, Any]
-
-
-def weight_map(folder: Path) -> dict[str, Path]:
-    """Key -> shard file, from the index, the single file, or a refusal."""
-    return open_weights(folder).files
 
 
 def open_weights(folder: Path) -> Weights:
