@@ -492,7 +492,8 @@ def run_eval(
         stale = rescore(items, done, cot)
         if todo or stale:  # answers came as they finished: the file in data order, with up-to-date verdicts
             ids = [item.id for item in items]
-            rows = [done[i] for i in ids] + [row for key, row in done.items() if key not in set(ids)]
+            listed = set(ids)
+            rows = [done[i] for i in ids] + [row for key, row in done.items() if key not in listed]
             atomic_write(predictions.path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         score = {"data": str(data), "cot": cot, **summarize(items, done, cot, circular)}
         atomic_write(out / "score.json", json.dumps(score, indent=2, ensure_ascii=False) + "\n")
