@@ -624,6 +624,28 @@ def test_a_head_tied_by_hand_is_saved_as_a_tensor_of_its_own(tmp_path, tiny):
         assert torch.equal(InternVL.from_pretrained(tmp_path / "m")(ids), model(ids))
 
 
+def test_weights_that_do_not_fit_the_config_are_not_saved(tmp_path, tiny):
+    """A resized embedding, or a submodule swapped for torch.compile's wrapper (its keys gain `_orig_mod.`), was
+    saved without a word into a folder no loader could read (its keys or shapes are not config.json's)."""
+    model = InternVL(tiny, image_token_id=IMAGE_TOKEN_ID)
+    model.init_weights()
+    model.language_model.model.embed_tokens = torch.nn.Embedding(310, tiny.llm.hidden_size)
+    with pytest.raises(InputError, match=r"do not fit its config \(1 with the wrong shape or dtype: language_model\.model"
+                       r"\.embed_tokens\.weight: model \[310, 64\] vs config \[300, 64\]\).*nothing was written"):
+        model.save_pretrained(tmp_path / "resized")
+    model = InternVL(tiny, image_token_id=IMAGE_TOKEN_ID)
+    model.init_weights()
+    model.vision_model = torch.compile(model.vision_model)
+    with pytest.raises(InputError, match=r"\d+ missing: vision_model\.embeddings.*unexpected: vision_model\._orig_mod\."
+                       r".*a torch.compile'd submodule"):
+        model.save_pretrained(tmp_path / "compiled")
+    assert not (tmp_path / "resized").exists() and not (tmp_path / "compiled").exists()
+    model.vision_model = model.vision_model._orig_mod
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(InternVL.from_pretrained(model.save_pretrained(tmp_path / "plain"))(ids), model(ids))
+
+
 def test_the_saved_dtype_is_recorded_in_the_vision_and_llm_configs_too(tmp_path, tiny):
     """An official config.json records torch_dtype in llm_config and vision_config as well (TensorRT-LLM's
     InternVL builder reads the vision one); a bf16 checkpoint loaded and saved as float32 must say float32

@@ -317,6 +317,18 @@ def _describe(keys: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def mismatch_report(missing: list[str], unexpected: list[str], wrong: list[str]) -> str:
+    """Missing, unexpected and mis-shaped (or mis-typed) keys in one clause, each list cut short when long."""
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing: {_describe(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected: {_describe(unexpected)}")
+    if wrong:
+        parts.append(f"{len(wrong)} with the wrong shape or dtype: {_describe(wrong, 4)}")
+    return "; ".join(parts)
+
+
 class LazyTensor:
     """One checkpoint tensor, read on indexing: `t[a:b]` reads rows a..b-1 of the memory-mapped file only."""
 
@@ -355,16 +367,8 @@ def open_state_dict(
             wrong.append(f"{key}: checkpoint dtype {kind} in {mapping[key].name}, not floating point")
         views[key] = LazyTensor(mapping[key], key, view)
     if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing: {_describe(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected: {_describe(unexpected)}")
-        if wrong:
-            parts.append(f"{len(wrong)} with the wrong shape or dtype: {_describe(wrong, 4)}")
-        raise CheckpointError(
-            f"{folder}: the weights do not match config.json ({'; '.join(parts)})"
-        )
+        raise CheckpointError(f"{folder}: the weights do not match config.json "
+                              f"({mismatch_report(missing, unexpected, wrong)})")
     return {key: views[key] for key in expected if key in views}
 
 

@@ -242,10 +242,32 @@ class InternVL(nn.Module):
         if empty:
             raise InputError(f"{len(empty)} weights hold no data (built on the meta device: {empty[0]}, ...); load "
                              "or initialise them (to_empty, then init_weights) before saving")
+        self._check_weights_fit_config()
         checkpoint.make_folder(folder)
         with checkpoint.save_lock(folder):
             self._save_into(folder, max_shard_size)
         return folder
+
+    def _check_weights_fit_config(self) -> None:
+        """Refuse weights a model built from `self.config` would not hold (an embedding resized, a submodule
+        replaced by `torch.compile`'s wrapper, whose keys gain `_orig_mod.`): saved, no loader could read them."""
+        from . import checkpoint
+
+        with torch.device("meta"):
+            built = {key: t.shape for key, t in type(self)(self.config).state_dict().items()}
+        state = self.state_dict()
+        both = sorted(built.keys() & state.keys())
+        wrong = [f"{key}: model {list(state[key].shape)} vs config {list(built[key])}" for key in both
+                 if state[key].shape != built[key]]
+        wrong += [f"{key}: dtype {state[key].dtype}, not floating point" for key in both
+                  if not state[key].is_floating_point()]
+        report = checkpoint.mismatch_report(sorted(built.keys() - state.keys()), sorted(state.keys() - built.keys()),
+                                            wrong)
+        if report:
+            hint = (" (a torch.compile'd submodule: save the module it wraps, its _orig_mod)"
+                    if any("._orig_mod." in key for key in state) else "")
+            raise InputError(f"the model's weights do not fit its config ({report}){hint}; a checkpoint of them could "
+                             "not be loaded, so nothing was written")
 
     def _save_into(self, folder: Path, max_shard_size: int | str) -> None:
         from . import checkpoint
