@@ -354,9 +354,36 @@ def test_ignored_fields_of_the_wrong_type_are_400s_naming_them():
                 parse({**body, key: value}, ServerSettings())
             assert (e.value.status, e.value.param) == (400, key)
     fine = {"user": "u1", "metadata": {"a": "b"}, "store": False, "service_tier": "auto", "parallel_tool_calls": True,
-            "chat_template_kwargs": {}, "request_id": "r", "user_": 5}
+            "chat_template_kwargs": {}, "request_id": "r"}
     for parse, body in bodies:
         parse({**body, **fine}, ServerSettings())
+
+
+def test_unknown_fields_are_400s_naming_them_and_every_openai_field_is_known():
+    """A typo (`max_token`, `temprature`) or another API's name (`max_new_tokens`) was ignored, so the answer was
+    made as if it had not been sent (2048 tokens, sampled); it is a 400 naming it, as OpenAI answers. Every field
+    of the openai client's requests is known (sent as null, each is taken as absent)."""
+    import typing
+
+    from openai.types import completion_create_params
+    from openai.types.chat import completion_create_params as chat_create_params
+
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    for parse, body in ((parse_chat_request, chat), (parse_completion_request, {"prompt": "hi"})):
+        for key in ("max_token", "temprature", "max_new_tokens", "stop_sequences"):
+            with pytest.raises(ApiError, match=f'^unrecognized request argument supplied: "{key}" ') as e:
+                parse({**body, key: 3}, ServerSettings())
+            assert (e.value.status, e.value.param) == (400, key)
+        with pytest.raises(ApiError, match='supplied: "a", "b" .*know them'):
+            parse({**body, "a": 1, "b": 2}, ServerSettings())
+    for parse, body, params in ((parse_chat_request, chat, chat_create_params),
+                                (parse_completion_request, {"prompt": "hi"}, completion_create_params)):
+        fields = set(typing.get_type_hints(params.CompletionCreateParamsBase)) | {"stream"}
+        parse({**dict.fromkeys(fields), **body}, ServerSettings())
+    assert parse_tokenize_request({**chat, "add_special_tokens": True, "continue_final_message": False},
+                                  ServerSettings()).chat.question == "hi"
+    with pytest.raises(ApiError, match='"add_special_tokens"|add_special_tokens is not supported'):
+        parse_chat_request({**chat, "add_special_tokens": True}, ServerSettings())
 
 
 def test_refused_fields_are_refused_whatever_their_type_and_pass_only_at_their_off_value():

@@ -103,12 +103,27 @@ UNSUPPORTED_FIELDS = {"tools": ([],), "functions": ([],), "audio": (), "predicti
                       "min_p": (0, 0.0), "use_beam_search": (False,), "include_stop_str_in_output": (False,),
                       "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
                       "structured_outputs": (), "allowed_token_ids": (), "bad_words": ([],), "logits_processors": (),
-                      "truncate_prompt_tokens": (), "return_tokens_as_token_ids": (False,), "chat_template": ()}
+                      "truncate_prompt_tokens": (), "return_tokens_as_token_ids": (False,), "chat_template": (),
+                      "modalities": (["text"],), "function_call": ("none",), "web_search_options": (), "moderation": (),
+                      "length_penalty": (1, 1.0), "structural_tag": (), "documents": ([],), "return_token_ids": (False,),
+                      "prompt_embeds": ()}
 # fields that do not change the answer, accepted and ignored, but type-checked as OpenAI's and vLLM's schemas do
 IGNORED_FIELDS = {"user": (str,), "metadata": (dict,), "store": (bool,), "service_tier": (str,),
                   "parallel_tool_calls": (bool,), "reasoning_effort": (str,), "chat_template_kwargs": (dict,),
                   "mm_processor_kwargs": (dict,), "request_id": (str,), "cache_salt": (str,),
-                  "spaces_between_special_tokens": (bool,)}
+                  "spaces_between_special_tokens": (bool,), "prompt_cache_key": (str,), "prompt_cache_retention": (str,),
+                  "prompt_cache_options": (dict,), "safety_identifier": (str,), "verbosity": (str,),
+                  "include_reasoning": (bool,), "priority": (int,), "kv_transfer_params": (dict,), "vllm_xargs": (dict,),
+                  "guided_decoding_backend": (str,), "guided_whitespace_pattern": (str,)}
+# the fields both endpoints read; with the two above and each endpoint's own, the only ones taken: any other is a 400
+# naming it, as OpenAI answers one (vLLM ignores it), so that a typo (`max_token`) or another API's name
+# (`max_new_tokens`, `stop_sequences`) does not leave the answer silently as if it had not been sent
+SHARED_FIELDS = {"model", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "stop_token_ids",
+                 "stream", "stream_options", "n", "seed", "min_tokens", "logit_bias", "top_k", "repetition_penalty",
+                 "ignore_eos", "skip_special_tokens", "frequency_penalty", "presence_penalty", "response_format",
+                 "logprobs", "prompt_logprobs"}
+CHAT_FIELDS = {"messages", "top_logprobs", "tool_choice", "add_generation_prompt", "max_num"}
+COMPLETION_FIELDS = {"prompt", "suffix", "best_of", "echo", "add_special_tokens"}
 IMAGE_DETAILS = ("auto", "low", "high")  # OpenAI's image_url.detail; tiles follow max_num whatever it says
 TEXT_ROOM = 512  # tokens of a sequence that image tiles leave to the text and the answer
 DEMO_MODEL_NAME = "internvl-mpo-demo"  # the served name of the shipped demo model
@@ -361,9 +376,16 @@ def _refuse_off(body: dict, key: str) -> None:
         raise ApiError(400, f"{key}: false is not supported by this server", key)
 
 
-def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], lowest_max_tokens: int = 1) -> dict:
+def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], fields: set[str],
+              lowest_max_tokens: int = 1) -> dict:
     """The fields that chat and text completions share (sampling, limits, n, streaming), checked; raises
-    ApiError. Fields in `refused` are a 400 when set to anything but null or one of their off values."""
+    ApiError. Fields in `refused` are a 400 when set to anything but null or one of their off values, and so is
+    any field not among them, the shared ones, the ignored ones and the endpoint's own `fields`."""
+    known = SHARED_FIELDS | IGNORED_FIELDS.keys() | refused.keys() | fields
+    if unknown := [key for key in body if key not in known]:
+        shown = ", ".join(json.dumps(key)[:80] for key in unknown[:5])
+        raise ApiError(400, f"unrecognized request argument supplied: {shown} (this server does not know "
+                            f"{'them' if len(unknown) > 1 else 'it'}, so it would have no effect)", unknown[0][:80])
     for key, off in refused.items():
         value = body.get(key)
         if value is not None and not any(type(value) is type(v) and value == v for v in off):
@@ -467,7 +489,10 @@ def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
     """Check a /v1/chat/completions body and map it onto the chat template; raises ApiError."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    sampling = _sampling(body, settings, {**UNSUPPORTED_FIELDS, "echo": (False,)})
+    # vLLM's chat fields: echo (its chat meaning), continue_final_message, a BOS besides the template's
+    refused = {**UNSUPPORTED_FIELDS, "echo": (False,), "best_of": (1,), "continue_final_message": (False,),
+               "add_special_tokens": (False,)}
+    sampling = _sampling(body, settings, refused, CHAT_FIELDS)
     _refuse_off(body, "add_generation_prompt")  # the answer would go on with the user's turn
     logprobs = _field(body, "logprobs", (bool,), False)
     top_logprobs = _field(body, "top_logprobs", (int,), None, 0, MAX_TOP_LOGPROBS)
@@ -521,7 +546,8 @@ def parse_completion_request(body, settings: ServerSettings) -> CompletionReques
         raise ApiError(400, "the request body must be a JSON object")
     echo = _field(body, "echo", (bool,), False)
     # as vLLM, max_tokens 0 echoes the prompt (with its log-probabilities) and generates nothing
-    sampling = _sampling(body, settings, {**UNSUPPORTED_FIELDS, "suffix": ()}, lowest_max_tokens=0 if echo else 1)
+    sampling = _sampling(body, settings, {**UNSUPPORTED_FIELDS, "suffix": ()}, COMPLETION_FIELDS,
+                         lowest_max_tokens=0 if echo else 1)
     if sampling["max_tokens"] is None:  # OpenAI's and vLLM's default for text completions
         sampling["max_tokens"] = min(COMPLETION_MAX_TOKENS, settings.max_tokens)
     if _field(body, "best_of", (int,), 1) != 1:
@@ -559,7 +585,8 @@ def parse_tokenize_request(body, settings: ServerSettings) -> TokenizeRequest:
     if body.get("prompt") is not None:
         return TokenizeRequest(_unicode(_field(body, "prompt", (str,)), "prompt"), None,
                                add_special_tokens=add_special_tokens)
-    return TokenizeRequest(None, parse_chat_request({**body, "add_generation_prompt": None}, settings),
+    own = ("prompt", "add_special_tokens", "return_token_strs", "continue_final_message", "add_generation_prompt")
+    return TokenizeRequest(None, parse_chat_request({k: v for k, v in body.items() if k not in own}, settings),
                            _field(body, "add_generation_prompt", (bool,), True))
 
 
