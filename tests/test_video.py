@@ -229,6 +229,22 @@ def test_video_without_frames(tmp_path):
             load_video(path)
 
 
+@pytest.mark.parametrize("name", ["photo.jpg", "photo.png", "photo.webp", "photo.tiff", "photo.bmp"])
+def test_an_image_file_is_not_a_one_frame_video(tmp_path, name):
+    path = tmp_path / name
+    frame_image(3).save(path)
+    for read in (load_video, video.planned_frame_tiles):
+        with pytest.raises(InputError, match=f"^{re.escape(str(path))}: is an image, not a video .*--image"):
+            read(path)
+
+
+def test_an_image_sequence_pattern_is_still_read_as_frames(tmp_path):
+    for k in range(5):
+        frame_image(k).save(tmp_path / f"f{k:03d}.png")
+    clip = load_video(str(tmp_path / "f%03d.png"), num_segments=4, image_size=32)
+    assert clip.frame_indices == [0, 1, 2, 3]
+
+
 def test_a_song_with_an_album_cover_is_not_a_one_frame_video(tmp_path):
     """FFmpeg lists an mp3's ID3 cover picture as a video stream (an attached picture): it was read as a
     video whose every sampled frame is the cover; decord refuses such a file too."""

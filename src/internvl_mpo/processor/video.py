@@ -375,8 +375,14 @@ def _video_stream(container):
 
 
 def _checked_stream(av, container, name: str, max_pixels: int | None):
-    """The video stream to read (`_video_stream`); refused, before a frame is decoded, when there is none, its
-    codec cannot be decoded, or its frames have more than `max_pixels` pixels."""
+    """The video stream to read (`_video_stream`); refused, before a frame is decoded, when the file is an image
+    (FFmpeg reads a JPEG, PNG or WebP as a one-frame video: every sample would be that picture), when there is no
+    stream, its codec cannot be decoded, or its frames have more than `max_pixels` pixels. A `%03d.png` pattern,
+    which FFmpeg's image2 reader reads as a sequence of frames, names no file and is left to it."""
+    reader = container.format.name
+    if (reader == "image2" or reader.endswith("_pipe")) and os.path.isfile(container.name):
+        raise InputError(f"{name}: is an image, not a video (FFmpeg reads it with its {reader} reader); pass it as "
+                         "an image (images= in Python, --image on the command line)")
     stream = _video_stream(container)
     if stream is None:
         raise InputError(f"{name}: has no video stream" + (" (only a cover picture)" if container.streams.video else ""))
