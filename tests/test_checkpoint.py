@@ -274,6 +274,20 @@ def test_image_token_id_is_read_from_tokenizer_files(tmp_path, tiny):
     assert InternVL.from_pretrained(src).image_token_id == 299
 
 
+def test_an_image_token_id_outside_the_vocabulary_is_refused(tmp_path, tiny, good_state):
+    """Another model's tokenizer files (or a wrong image_token_id=) gave an id past the embeddings: the model loaded,
+    and its first image prompt failed deep inside the embedding (on CUDA, a device-side assert)."""
+    src = write_checkpoint(tmp_path / "src", tiny, good_state)
+    (src / "added_tokens.json").write_text(json.dumps({"<IMG_CONTEXT>": 151667}))
+    with pytest.raises(CheckpointError, match=r"src: the tokenizer files give <IMG_CONTEXT> the id 151667, outside the "
+                       r"model's vocabulary \(llm_config.vocab_size 300\)"):
+        InternVL.from_pretrained(src)
+    (src / "added_tokens.json").write_text(json.dumps({"<IMG_CONTEXT>": 299}))
+    with pytest.raises(InputError, match=r"image_token_id 300 is outside the model's vocabulary \(llm_config"):
+        InternVL.from_pretrained(src, image_token_id=300)
+    assert InternVL.from_pretrained(src).image_token_id == 299
+
+
 @pytest.fixture
 def good_state(tiny):
     return hf_to_official(hf_reference(tiny).state_dict())

@@ -247,6 +247,10 @@ def test_refusals(tmp_path):
     with pytest.raises(InputError, match="already in the transformers layout"):
         convert(hf, tmp_path / "w", to="hf")
     assert not (tmp_path / "w").exists()
+    (src / "tokenizer_config.json").write_text(json.dumps(  # another model's: was written as the hf image_token_id
+        {"added_tokens_decoder": {"151667": {"content": "<IMG_CONTEXT>", "special": True}}}))
+    with pytest.raises(CheckpointError, match=r"give <IMG_CONTEXT> the id 151667, outside the model's vocabulary"):
+        convert(src, tmp_path / "y", to="hf")
     (src / "tokenizer_config.json").unlink()
     with pytest.raises(CheckpointError, match=r"no <IMG_CONTEXT> in the tokenizer files .*copy the model's tokenizer"):
         convert(src, tmp_path / "y", to="hf")

@@ -68,7 +68,7 @@ from . import checkpoint
 from .chat.template import get_template
 from .config import FAMILY_SIZES, LLMConfig, ModelConfig, VisionConfig, family_config, official_rope, read_config_json
 from .errors import CheckpointError, ConfigError, InputError, SaveError
-from .model import InternVL
+from .model import InternVL, context_token_id
 from .processor.image import IMAGENET_MEAN, IMAGENET_STD
 
 HF_ARCHITECTURE = "InternVLForConditionalGeneration"
@@ -452,8 +452,7 @@ def convert(
             raise ConfigError(f"{src / 'config.json'}: use_thumbnail false (what a config.json without the key "
                               "means) has no equivalent in transformers' InternVL processor, which adds a thumbnail "
                               "to every image it tiles; set \"use_thumbnail\": true to convert")
-        if image_token_id is None:
-            image_token_id = checkpoint.find_token_id(src, IMG_CONTEXT_TOKEN)
+        image_token_id = context_token_id(src, config.llm.vocab_size, image_token_id)
         if image_token_id is None:
             raise CheckpointError(
                 f"{src}: no {IMG_CONTEXT_TOKEN} in the tokenizer files (tokenizer.json, tokenizer_config.json, "

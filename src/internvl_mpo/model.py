@@ -48,6 +48,21 @@ def splice_image_embeddings(
     return input_embeds.masked_scatter(slots[..., None], image_embeds.to(input_embeds.dtype))
 
 
+def context_token_id(folder: Path, vocab_size: int, given: int | None = None) -> int | None:
+    """`given`, else the id of `<IMG_CONTEXT>` in `folder`'s tokenizer files (None without one). An id outside the
+    vocabulary is refused: embedding it failed deep inside (on CUDA with a device-side assert)."""
+    from . import checkpoint
+
+    found = checkpoint.find_token_id(folder, IMG_CONTEXT_TOKEN) if given is None else given
+    if found is None or 0 <= found < vocab_size:
+        return found
+    if given is not None:
+        raise InputError(f"image_token_id {given} is outside the model's vocabulary (llm_config.vocab_size {vocab_size})")
+    raise CheckpointError(f"{folder}: the tokenizer files give {IMG_CONTEXT_TOKEN} the id {found}, outside the model's "
+                          f"vocabulary (llm_config.vocab_size {vocab_size}): they are another model's; copy this "
+                          "model's tokenizer files there")
+
+
 def default_position_ids(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
     """(B, T) positions: 0..T-1, or counting real tokens only when a padding mask is given."""
     if attention_mask is None:
@@ -203,8 +218,7 @@ class InternVL(nn.Module):
         folder = checkpoint.resolve_checkpoint(path_or_id, revision)
         config = ModelConfig.from_json(folder / "config.json")
         device_map = resolve_device_map(device_map, config)
-        if image_token_id is None:
-            image_token_id = checkpoint.find_token_id(folder, IMG_CONTEXT_TOKEN)
+        image_token_id = context_token_id(folder, config.llm.vocab_size, image_token_id)
         with torch.device("meta"):
             model = cls(config, image_token_id=image_token_id)
         if device_map is not None:
