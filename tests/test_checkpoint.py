@@ -283,7 +283,7 @@ def test_an_image_token_id_outside_the_vocabulary_is_refused(tmp_path, tiny, goo
                        r"model's vocabulary \(llm_config.vocab_size 300\)"):
         InternVL.from_pretrained(src)
     (src / "added_tokens.json").write_text(json.dumps({"<IMG_CONTEXT>": 299}))
-    with pytest.raises(InputError, match=r"image_token_id 300 is outside the model's vocabulary \(llm_config"):
+    with pytest.raises(InputError, match=r"src: image_token_id 300 \(<IMG_CONTEXT>\) is outside the model's vocabulary \(llm_config"):
         InternVL.from_pretrained(src, image_token_id=300)
     assert InternVL.from_pretrained(src).image_token_id == 299
 

@@ -57,7 +57,8 @@ def context_token_id(folder: Path, vocab_size: int, given: int | None = None) ->
     if found is None or 0 <= found < vocab_size:
         return found
     if given is not None:
-        raise InputError(f"image_token_id {given} is outside the model's vocabulary (llm_config.vocab_size {vocab_size})")
+        raise InputError(f"{folder}: image_token_id {given} ({IMG_CONTEXT_TOKEN}) is outside the model's vocabulary "
+                         f"(llm_config.vocab_size {vocab_size})")
     raise CheckpointError(f"{folder}: the tokenizer files give {IMG_CONTEXT_TOKEN} the id {found}, outside the model's "
                           f"vocabulary (llm_config.vocab_size {vocab_size}): they are another model's; copy this "
                           "model's tokenizer files there")
