@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import gzip
 import inspect
 import io
 import ipaddress
@@ -1322,6 +1323,12 @@ def test_bad_requests_get_openai_errors(server, client):
     bad_json = httpx.post(server[0] + "/v1/chat/completions", content=b"{not json",
                           headers={"Authorization": f"Bearer {KEY}"})
     assert bad_json.status_code == 400 and "JSON" in bad_json.json()["error"]["message"]
+    # a compressed body was a 400 saying it was not valid JSON ("'utf-8' codec can't decode byte 0x8b")
+    gzipped = httpx.post(server[0] + "/v1/chat/completions", content=gzip.compress(b'{"messages": []}'),
+                         headers={"Authorization": f"Bearer {KEY}", "Content-Encoding": "gzip"})
+    assert gzipped.status_code == 415 and gzipped.json()["error"] == {
+        "message": "Content-Encoding 'gzip' is not supported; send the body uncompressed",
+        "type": "invalid_request_error", "param": None, "code": "unsupported_content_encoding"}
     assert health(server)["status"] == "ok"
 
 

@@ -1246,6 +1246,10 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
             raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
 
     async def read_body(request: HttpRequest) -> bytearray:
+        encoding = request.headers.get("content-encoding", "identity")
+        if encoding.strip().lower() != "identity":  # a gzip body was read as text: "not valid JSON: 'utf-8' codec ..."
+            raise ApiError(415, f"Content-Encoding {encoding[:40]!r} is not supported; send the body uncompressed",
+                           code="unsupported_content_encoding")
         limit = settings.max_request_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
