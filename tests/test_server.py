@@ -262,6 +262,16 @@ def test_top_k_off_is_0_or_vllms_minus_1():
         parse_chat_request({"messages": messages, "top_k": -2}, ServerSettings())
 
 
+def test_an_unknown_stream_option_is_a_400_naming_it():
+    """`stream_options: {"include_usages": true}` (a typo) was ignored: the stream came without its usage chunk."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with pytest.raises(ApiError, match=r"^stream_options\.include_usages is not a stream option") as e:
+        parse_chat_request({**body, "stream_options": {"include_usages": True}}, ServerSettings())
+    assert (e.value.status, e.value.param) == (400, "stream_options.include_usages")
+    options = {"include_usage": True, "include_obfuscation": False}  # OpenAI's; no effect here
+    assert parse_chat_request({**body, "stream_options": options}, ServerSettings()).include_usage
+
+
 def test_stream_options_without_stream_and_tool_choice_without_tools_are_refused_as_in_vllm():
     def parse(**fields):
         return parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **fields}, ServerSettings())

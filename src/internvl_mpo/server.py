@@ -427,6 +427,11 @@ def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], f
     if not isinstance(stream_options, dict):
         raise ApiError(400, "stream_options must be an object", "stream_options")
     usage_keys = ("include_usage", "continuous_usage_stats")
+    # a typo (include_usages) left the stream without its usage chunk; include_obfuscation (OpenAI's) changes nothing
+    if unknown := [key for key in stream_options if key not in (*usage_keys, "include_obfuscation")]:
+        key = f"stream_options.{unknown[0][:80]}"
+        raise ApiError(400, f"{key} is not a stream option this server knows (include_usage, continuous_usage_stats)",
+                       key)
     include_usage, continuous_usage = (  # checked as fields of their own, named stream_options.<key>
         _field({f"stream_options.{k}": stream_options.get(k) for k in usage_keys}, f"stream_options.{k}", (bool,), False)
         for k in usage_keys)
