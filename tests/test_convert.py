@@ -143,6 +143,27 @@ def test_tiling_read_from_a_transformers_preprocessor_config():
         config_from_hf(hf_dict, {"crop_to_patches": "yes"})
 
 
+def test_a_config_value_of_the_wrong_type_is_refused_naming_the_folder_and_key(tmp_path):
+    """--to official wrote a transformers config's "1e-6" or "yes" into an official config.json that loading then
+    refused (the conversion "succeeded"); --to hf's config errors did not name the file."""
+    src = official_folder(tmp_path / "src", "qwen2")
+    hf = convert(src, tmp_path / "hf", to="hf")
+    settings = json.loads((hf / "config.json").read_text())
+    for section, key, value, message in (
+            ("vision_config", "layer_norm_eps", "1e-6", 'vision_config.layer_norm_eps is "1e-6", not a number'),
+            ("vision_config", "attention_bias", "yes", 'vision_config.qkv_bias is "yes", not true or false'),
+            ("vision_config", "num_channels", "3", "vision_config.num_channels is '3', not an integer"),
+            ("text_config", "rope_theta", "1e6", 'llm_config.rope_theta is "1e6", not a number')):
+        (hf / "config.json").write_text(json.dumps({**settings, section: {**settings[section], key: value}}))
+        with pytest.raises(ConfigError, match=f"^{re.escape(str(hf))}: {message}"):
+            convert(hf, tmp_path / "back", to="official")
+        assert not (tmp_path / "back").exists()
+    settings = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**settings, "select_layer": "-1"}))
+    with pytest.raises(ConfigError, match=f'^{re.escape(str(src / "config.json"))}: select_layer is "-1", not an'):
+        convert(src, tmp_path / "hf2", to="hf")
+
+
 def test_use_thumbnail_false_is_refused_for_transformers(tmp_path):
     """transformers' InternVL processor adds a thumbnail to every tiled image: a config without one
     (use_thumbnail false, or left out, which the official config class reads as false) would convert

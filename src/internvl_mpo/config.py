@@ -64,6 +64,8 @@ def _check_sizes(obj, section: str, names: tuple[str, ...]) -> None:
     """Sizes and counts must be >= 1 (a zero head count would otherwise fail deep inside as a division)."""
     for name in names:
         value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool):  # a config built in Python (convert's)
+            raise ConfigError(f"{section}{name} is {value!r}, not an integer")
         if value < 1:
             raise ConfigError(f"{section}{name} is {value}, not >= 1")
 

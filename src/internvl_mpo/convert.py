@@ -313,11 +313,15 @@ def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None
     dynamic = preprocessor.get("crop_to_patches", False)  # GotOcr2's default: one tile per image
     if not isinstance(dynamic, bool):
         raise ConfigError(f"preprocessor_config.json: crop_to_patches is {json.dumps(dynamic)}, not true or false")
-    return ModelConfig(
+    config = ModelConfig(
         vision=vision, llm=llm, downsample_ratio=d.get("downsample_ratio", 0.5),
         select_layer=d.get("vision_feature_layer", -1), force_image_size=vision.image_size, extra=top_extra,
         dynamic_image_size=dynamic, use_thumbnail=True, **tiles,  # GotOcr2 adds a thumbnail to every tiled image
     )
+    try:  # each value type-checked as loading the official config.json written from it checks it
+        return ModelConfig.from_dict(config.to_dict())
+    except ConfigError as e:
+        raise ConfigError(f"{e} (the official config.json's name of the key)") from None
 
 
 def _ties_head(d: dict[str, Any]) -> bool:
@@ -447,7 +451,7 @@ def convert(
         raise InputError(f"{src} is already in the {'transformers' if to == 'hf' else 'official'} layout "
                          f"(model_type {source_config.get('model_type')!r}); nothing to convert")
     if to == "hf":
-        config = ModelConfig.from_dict(source_config)
+        config = ModelConfig.from_json(src / "config.json")  # its errors name the file
         if config.dynamic_image_size and not config.use_thumbnail:
             raise ConfigError(f"{src / 'config.json'}: use_thumbnail false (what a config.json without the key "
                               "means) has no equivalent in transformers' InternVL processor, which adds a thumbnail "
@@ -464,7 +468,11 @@ def convert(
             raise ConfigError(f"{src / 'config.json'}: architectures {source_config['architectures']} is not "
                               f"[{HF_ARCHITECTURE!r}]")
         preprocessor = src / "preprocessor_config.json"
-        config = config_from_hf(source_config, _read_json(preprocessor) if preprocessor.is_file() else None)
+        tiling = _read_json(preprocessor) if preprocessor.is_file() else None
+        try:
+            config = config_from_hf(source_config, tiling)
+        except ConfigError as e:  # its errors name the key (preprocessor_config.json's, or config.json's)
+            raise ConfigError(f"{src}: {e}") from None
         out_config = config.to_dict()
 
     maps = key_maps(config)
