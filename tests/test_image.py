@@ -4,6 +4,7 @@ float32), against transformers' GOT-OCR2 image processor, and every bad-input ca
 
 import gc
 import io
+import re
 import struct
 import threading
 import warnings
@@ -391,6 +392,14 @@ def test_bytes_and_file_objects_are_named_in_errors():
     stream = io.BytesIO(b"not an image either")
     with pytest.raises(InputError, match="<file object>"):
         open_image(stream)
+
+
+def test_a_file_opened_in_text_mode_is_named_as_such(tmp_path):
+    path = tmp_path / "photo.png"
+    photo(60, 40).save(path)
+    with open(path) as text:  # Pillow read it as text: "'utf-8' codec can't decode byte 0x89"
+        with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: is a file opened in text mode; .*'rb'"):
+            load_image(text)
 
 
 @pytest.mark.parametrize("url", ["https://example.com/cat.jpg", "http://host/a.png", "data:image/png;base64,iVBOR"])

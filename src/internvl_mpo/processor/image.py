@@ -224,6 +224,8 @@ def _readable_name(src: object) -> str:
         raise InputError(f"cannot read a {type(src).__name__} as an image; give a path, bytes, a binary file "
                          "object or a PIL image (PIL.Image.fromarray makes one from an HxWx3 uint8 array)")
     refuse_url(src)
+    if isinstance(src, io.TextIOBase):  # Pillow would fail decoding the image's bytes as text
+        raise InputError(f"{source_name(src)}: is a file opened in text mode; open images with open(path, 'rb')")
     return source_name(src)
 
 
