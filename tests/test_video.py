@@ -316,9 +316,14 @@ def test_truncated_video_uses_the_frames_that_decode(tmp_path, container_format,
         assert torch.equal(tile, reference_tile(frames[index]))
 
 
-def test_bound_outside_the_video(video_path):
-    with pytest.raises(InputError, match="selects no frames"):
+def test_bound_outside_the_video(video_path, tmp_path):
+    """The error names the video, as other errors about it do."""
+    with pytest.raises(InputError, match=f"^{re.escape(str(video_path))}: bound \\(10.0, 20.0\\) selects no frames"):
         load_video(video_path, bound=(10.0, 20.0))
+    for k in range(3):
+        frame_image(k).save(tmp_path / f"{k}.png")
+    with pytest.raises(InputError, match=f"^{re.escape(str(tmp_path))}: bound \\(5, 9\\) selects no frames"):
+        load_video(tmp_path, bound=(5, 9), fps=1)
 
 
 @pytest.mark.parametrize(

@@ -133,10 +133,11 @@ def get_index(
     max_frame: int,
     first_idx: int = 0,
     num_segments: int = 32,
+    source: str = "",
 ) -> list[int]:
     """Indices of `num_segments` frames spread evenly over `bound` (seconds) or the whole video. Without a
     bound, a known `fps` scales the card's +-100000 s window (as the card does); an unknown one (None, 0)
-    spans frames first_idx..max_frame."""
+    spans frames first_idx..max_frame. `source` names the video in the error for a bound outside it."""
     _check_segments(num_segments)
     bound = _bound_seconds(bound)
     if bound and not (_finite(fps) and fps > 0):
@@ -149,7 +150,7 @@ def get_index(
         start_idx, end_idx = first_idx, max_frame
     if end_idx < start_idx:
         raise InputError(
-            f"bound {bound} selects no frames (frames {start_idx}..{end_idx} of 0..{max_frame} at {fps} fps)"
+            f"{source + ': ' if source else ''}bound {bound} selects no frames (frames {start_idx}..{end_idx} of 0..{max_frame} at {fps} fps)"
         )
     seg_size = float(end_idx - start_idx) / num_segments
     return [int(start_idx + seg_size / 2 + np.round(seg_size * k)) for k in range(num_segments)]
@@ -464,7 +465,7 @@ def _read_video(path: str, num_segments: int, bound, max_pixels: int | None) -> 
     for _ in range(2):  # second round only when other than the frames counted decode
         if num_frames - lost < 1:
             raise InputError(f"{name}: no decodable video frames")
-        indices = [i - lost for i in get_index(bound, fps, num_frames - 1, lost, num_segments)]
+        indices = [i - lost for i in get_index(bound, fps, num_frames - 1, lost, num_segments, name)]
         kept = _seek_frames(av, path, table, set(indices), max_pixels) if table else None
         if kept is not None:
             return [kept[i] for i in indices], indices
@@ -510,7 +511,7 @@ def _read_frames(
         raise InputError(f"{name}: no frames given")
     if bound and not fps:
         raise InputError(f"{name}: a bound in seconds needs the frame rate (fps) of the frames")
-    indices = get_index(bound, fps if bound else None, len(frames) - 1, num_segments=num_segments)
+    indices = get_index(bound, fps if bound else None, len(frames) - 1, num_segments=num_segments, source=name)
     opened = {i: open_image(frames[i], max_pixels=max_pixels) for i in sorted(set(indices))}
     return [opened[i] for i in indices], indices
 
