@@ -561,6 +561,53 @@ def test_multi_turn_keeps_the_image_of_the_first_turn(client, local_chat):
         max_new_tokens=STEPS, system_message="You answer in French.")
 
 
+def clip(path: Path) -> bytes:
+    """A 12-frame video of changing colours, written with the first encoder PyAV has (skips without one)."""
+    av = pytest.importorskip("av")
+    for codec in ("mpeg4", "mjpeg"):
+        try:
+            with av.open(str(path), "w") as container:
+                stream = container.add_stream(codec, rate=4)
+                stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p" if codec == "mjpeg" else "yuv420p"
+                for k in range(12):
+                    frame = av.VideoFrame.from_image(Image.new("RGB", (64, 48), (20 * k, 100, 250 - 20 * k)))
+                    for packet in [*stream.encode(frame), *(stream.encode() if k == 11 else [])]:
+                        container.mux(packet)
+            return path.read_bytes()
+        except ValueError:  # av's UnknownCodecError
+            continue
+    pytest.skip("no video encoder in this PyAV build")
+
+
+def test_a_video_part_is_answered_as_chat_answers_about_the_video(client, local_chat, tmp_path):
+    """A `video_url` part (vLLM's) was a 400 ("content parts must be ..."); its frames now go in front of the
+    question as chat(video=...) puts them, with the same answer and usage counting every frame's tokens."""
+    path = tmp_path / "clip.mp4"
+    url = "data:video/mp4;base64," + base64.b64encode(clip(path)).decode()
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What colour is it?"},
+                                             {"type": "video_url", "video_url": {"url": url}}]}]
+    reply = client.chat.completions.create(model="m", messages=messages, **GREEDY)
+    assert reply.choices[0].message.content.strip() == local_chat.chat(
+        "What colour is it?", video=path, do_sample=False, max_new_tokens=STEPS)
+    assert reply.usage.prompt_tokens == len(local_chat.prepare("What colour is it?", video=path).prompt_ids)
+    video = {"type": "video_url", "video_url": {"url": url}}
+    for content, where in (([video, video], "messages[0].content[1]"),
+                           ([video, {"type": "image_url", "image_url": {"url": data_url(png(56, 56))}}],
+                            "messages[0].content[0]")):
+        with pytest.raises(openai.BadRequestError, match="one video, in its last user message") as e:
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}], **GREEDY)
+        assert e.value.body["param"] == where + ".video_url"
+    earlier = [{"role": "user", "content": [video]}, {"role": "assistant", "content": "Blue."},
+               {"role": "user", "content": "Sure?"}]
+    with pytest.raises(openai.BadRequestError, match="one video, in its last user message"):
+        client.chat.completions.create(model="m", messages=earlier, **GREEDY)
+    broken = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAAAAAA"}}
+    with pytest.raises(openai.BadRequestError, match=r"^Error code: 400 - messages\[0\]\.content\[0\]\.video_url: "
+                                                     "the video: not a video FFmpeg can read") as e:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": [broken]}], **GREEDY)
+    assert e.value.body["code"] == "invalid_video"
+
+
 def test_stop_string_cuts_the_answer(client):
     messages = [{"role": "user", "content": "Count to ten."}]
     full = client.chat.completions.create(model="m", messages=messages, **LONG).choices[0].message.content

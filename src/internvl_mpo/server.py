@@ -21,11 +21,13 @@ At most --max-connections connections are served: one more gets a 503 at its fir
 OpenAI messages map onto the internvl2_5 template as the official `chat()` builds it: an optional
 leading system (or developer) message replaces the template's system message, earlier user /
 assistant turns become the history pairs and the last user message is the question. Each image part
-becomes an `<image>` placeholder where it occurs (parts of one message joined with "\\n"), so
-`[image, text]` gives `chat()`'s `"<image>\\n" + question`; with several images in a request each is
-labelled `Image-k: <image>` as in the model card's multi-image example. A user's text may not hold
-`<image>` (images come only as parts); an assistant or system message that mentions it keeps it as
-text. `usage.prompt_tokens` counts every prompt id, image context tokens included.
+becomes an `<image>` line in front of its message's text, whatever the parts' order (text parts joined with
+"\\n"), so `[text, image]` too gives `chat()`'s `"<image>\\n" + question`; with several images in a request each is
+labelled `Image-k: <image>` as in the model card's multi-image example. A video (vLLM's `video_url` part:
+one, in the last user message, without images) puts its 8 frames' `FrameK: <image>` lines in front of the
+question, as `chat(video=...)` does. A user's text may not hold `<image>` (images come only as parts); an
+assistant or system message that mentions it keeps it as text. `usage.prompt_tokens` counts every prompt id,
+image context tokens included.
 
 Differences from OpenAI kept on purpose: `top_k`, `repetition_penalty`, `ignore_eos`, `min_tokens`
 and `max_num` (tiles per image) are accepted as extra body fields (vLLM accepts the first four too;
@@ -70,6 +72,7 @@ import queue
 import re
 import socket
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -130,6 +133,7 @@ DEMO_MODEL_NAME = "internvl-mpo-demo"  # the served name of the shipped demo mod
 COMPLETION_MAX_TOKENS = 16  # /v1/completions' default max_tokens (OpenAI's and vLLM's)
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_REDIRECTS = 5  # redirects followed to fetch a remote image
+VIDEO_FRAMES = 8  # frames sampled from a video (the model card's num_segments)
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,7 @@ class ChatRequest:
     max_tokens_key: str = "max_tokens"  # the field max_tokens came from, named in errors
     prompt_logprobs: int | None = None  # vLLM's: top alternatives per prompt token, or None
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
+    video_url: tuple[str, str] | None = None  # (param path, url) of a video in the last user message
 
 
 @dataclass
@@ -280,10 +285,12 @@ def _plain_text(text: str, param: str, role: str) -> str:
     return text
 
 
-def _content_text(content, param: str, role: str, images: list[tuple[str, str]]) -> str:
+def _content_text(content, param: str, role: str, images: list[tuple[str, str]],
+                  videos: list[tuple[str, str]] | None = None) -> str:
     """The text of one message, an `<image>` line for each image part in front of its text parts, whatever the
     parts' order, as the model card puts images and vLLM a message's placeholders (their URLs appended to
-    `images`); text parts are joined by newlines."""
+    `images`); text parts are joined by newlines. A video part (vLLM's `video_url`) adds its URL to `videos`
+    and nothing to the text: its frames' lines go in front of the question (`_video_prompt`)."""
     if isinstance(content, str):
         return _plain_text(content, param, role)
     if not isinstance(content, list):
@@ -294,6 +301,12 @@ def _content_text(content, param: str, role: str, images: list[tuple[str, str]])
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             pieces.append(_plain_text(part["text"], where, role))
+        elif kind == "video_url" and videos is not None:
+            video = part.get("video_url")
+            url = video.get("url") if isinstance(video, dict) else None
+            if not isinstance(url, str) or not url:
+                raise ApiError(400, f"{where}: video_url needs a url string ({{'url': ...}})", where)
+            videos.append((f"{where}.video_url", _unicode(url, f"{where}.video_url")))
         elif kind == "image_url":
             if role != "user":
                 raise ApiError(400, f"{where}: images are only accepted in user messages", where)
@@ -307,16 +320,18 @@ def _content_text(content, param: str, role: str, images: list[tuple[str, str]])
             images.append((f"{where}.image_url", _unicode(url, f"{where}.image_url")))
             placeholders.append(IMAGE_PLACEHOLDER)
         else:
+            video = " or {'type': 'video_url', 'video_url': {'url': ...}}" if role == "user" else ""
             raise ApiError(400, f"{where}: content parts must be {{'type': 'text', 'text': ...}} or "
-                                f"{{'type': 'image_url', 'image_url': {{'url': ...}}}}", where)
+                                f"{{'type': 'image_url', 'image_url': {{'url': ...}}}}{video}", where)
     return "\n".join(placeholders + ["\n".join(pieces)])
 
 
-def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], list[tuple[str, str]]]:
-    """(system message, [(role, text)] alternating user/assistant and ending with user, image urls)."""
+def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], list[tuple[str, str]], tuple[str, str] | None]:
+    """(system message, [(role, text)] alternating user/assistant and ending with user, image urls, the video url
+    or None)."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", "messages")
-    system, turns, images = None, [], []
+    system, turns, images, videos, video_turn = None, [], [], [], None
     for i, message in enumerate(messages):
         param = f"messages[{i}]"
         role = message.get("role") if isinstance(message, dict) else None
@@ -327,18 +342,25 @@ def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], list[tup
             continue
         if role not in ("user", "assistant"):
             raise ApiError(400, f"{param}: role must be system, user or assistant, got {json.dumps(role)[:80]}", param)
-        text = _content_text(message.get("content"), f"{param}.content", role, images)
+        count = len(videos)
+        text = _content_text(message.get("content"), f"{param}.content", role, images,
+                             videos if role == "user" else None)
         if turns and turns[-1][0] == role:  # consecutive messages of one role read as one turn
             turns[-1][1].append(text)  # joined once below: adding each to the turn so far is quadratic
         else:
             turns.append((role, [text]))
+        if len(videos) > count:
+            video_turn = len(turns) - 1
     turns = [(role, "\n".join(texts)) for role, texts in turns]
     if not turns or turns[0][0] != "user" or turns[-1][0] != "user":
         raise ApiError(400, "the conversation must start and end with a user message (after an optional "
                             "system message)", "messages")
-    if not turns[-1][1].strip():
+    if videos and (len(videos) > 1 or images or video_turn != len(turns) - 1):
+        raise ApiError(400, "a request may hold one video, in its last user message, and no images beside it (its "
+                            "frames go in front of the question, as the model card asks about a video)", videos[-1][0])
+    if not turns[-1][1].strip() and not videos:
         raise ApiError(400, "the last user message is empty", "messages")
-    return system, turns, images
+    return system, turns, images, videos[0] if videos else None
 
 
 def _label_images(turns: list[tuple[str, str]], count: int) -> list[tuple[str, str]]:
@@ -507,14 +529,14 @@ def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
     if tool_choice not in (None, "none") and not (tool_choice in ("auto", "required") and body.get("tools") == []):
         raise ApiError(400, f"tool_choice {json.dumps(tool_choice)[:80]} needs tools, and this server does not "
                             "support tools", "tool_choice")
-    system, turns, images = _conversation(body.get("messages"))
+    system, turns, images, video = _conversation(body.get("messages"))
     if len(images) > settings.max_images:
         raise ApiError(400, f"the request has {len(images)} images; this server accepts at most "
                             f"{settings.max_images}", "messages", "too_many_images")
     turns = _label_images(turns, len(images))
     history = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
     return ChatRequest(
-        question=turns[-1][1], history=history, system_message=system, image_urls=images,
+        question=turns[-1][1], history=history, system_message=system, image_urls=images, video_url=video,
         max_num=_field(body, "max_num", (int,), None, 1, settings.max_tiles),
         logprobs=(top_logprobs or 0) if logprobs else None, prompt_logprobs=_prompt_logprobs(body), **sampling,
     )
@@ -826,6 +848,11 @@ def chat_prompt_ids(chat: InternVLChat, req: ChatRequest, settings: ServerSettin
     """The prompt's ids and its images' tiles (None without images), each image tiled to fit (blocking).
     `fits` gets the prompt's length, planned from the images' headers, before any tile is made (each
     ~2.4 MB at 448 pixels), and raises where it is too long."""
+    if req.video_url is not None:
+        ids, pixels = _video_prompt(chat, req, settings)
+        if fits is not None:
+            fits(len(ids))
+        return ids, pixels
     config = chat.config
     per_image = req.max_num or config.tiles_per_image
     if req.image_urls:
@@ -859,6 +886,26 @@ def chat_prompt_ids(chat: InternVLChat, req: ChatRequest, settings: ServerSettin
     except InputError as e:
         raise ApiError(400, str(e), "messages") from None
     return ids, torch.cat(tiles) if tiles else None
+
+
+def _video_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings) -> tuple[list[int], torch.Tensor]:
+    """The prompt of a request with a video, as `InternVLChat.prepare` builds it: VIDEO_FRAMES frames, `max_num`
+    tiles each (1 by default, as the model card; within --max-tiles in all), their `Frame1: <image>` lines in front
+    of the question. The video's bytes come as an image's do (a data: URL, or a file or http(s) URL when allowed,
+    within --max-image-bytes); PyAV reads them from a temporary file."""
+    param, url = req.video_url
+    raw = image_bytes(url, param, settings)
+    per_frame = min(req.max_num or 1, max(1, settings.max_tiles // VIDEO_FRAMES))
+    with tempfile.NamedTemporaryFile(suffix=".video") as file:
+        file.write(raw)
+        file.flush()
+        try:
+            prepared = chat.prepare(req.question, video=file.name, history=req.history, max_num=per_frame,
+                                    num_segments=VIDEO_FRAMES, system_message=req.system_message,
+                                    max_pixels=settings.max_image_pixels)
+        except InputError as e:
+            raise ApiError(400, f"{param}: {str(e).replace(file.name, 'the video')}", param, "invalid_video") from None
+    return prepared.prompt_ids, prepared.pixel_values
 
 
 def tokenize_ids(chat: InternVLChat, req: TokenizeRequest, settings: ServerSettings, max_len: int) -> list[int]:
