@@ -1843,13 +1843,13 @@ def serve(
     device: torch device (default: cuda when available, else cpu)
     dtype: weights dtype (bfloat16, float16, float32, auto; default: bf16 on CUDA, fp32 elsewhere)
     compile: torch.compile the decode step
-    allow_remote_images: fetch http(s) image URLs (off: only data: URLs are accepted); from public addresses only
+    allow_remote_images: fetch http(s) image and video URLs (off: only data: URLs are accepted); from public addresses only
     allow_private_image_hosts: with --allow-remote-images, fetch from loopback, private and link-local addresses too (this machine, its LAN, cloud metadata)
-    allow_local_images: read image files on this machine named by path or file:// URL
+    allow_local_images: read image and video files on this machine named by path or file:// URL
     max_request_bytes: largest request body accepted (413 above)
     max_images: images per request
     max_tiles: tile budget per request, shared by its images (InternVL's total_max_num)
-    max_image_bytes: largest image file accepted (413 above)
+    max_image_bytes: largest image or video file accepted (413 above)
     max_image_pixels: largest image accepted, in pixels (decompression-bomb guard)
     image_timeout: seconds allowed to fetch a remote image
     max_prompt_tokens: longest prompt accepted, image tokens included (default: max_len - 1)
