@@ -735,6 +735,17 @@ def test_dtype_auto_takes_the_configs_dtype(tmp_path, tiny, good_state, name, ex
     assert InternVL.from_pretrained(folder, dtype="auto").dtype == expected
 
 
+def test_a_weight_past_the_range_of_the_dtype_asked_for_is_refused(tmp_path, tiny, good_state):
+    """A weight over 65504 read as float16 became inf (and the logits NaN) without a word."""
+    good_state["mlp1.1.weight"][0, 0] = 1e6
+    src = write_checkpoint(tmp_path / "src", tiny, good_state)
+    with pytest.raises(InputError, match=r"src/model.safetensors: mlp1\.1\.weight holds values up to 1e\+06, past "
+                       r"float16's largest \(6\.55e\+04\); load it in a wider dtype"):
+        InternVL.from_pretrained(src, dtype=torch.float16, image_token_id=IMAGE_TOKEN_ID)
+    model = InternVL.from_pretrained(src, dtype=torch.bfloat16, image_token_id=IMAGE_TOKEN_ID)
+    assert model.mlp1[1].weight[0, 0].item() == 1e6 - 576  # bf16's nearest
+
+
 @pytest.mark.parametrize("name", ["float8_e4m3fn", "int8", "complex64"])
 def test_dtype_auto_refuses_a_config_dtype_it_cannot_load_in(tmp_path, tiny, good_state, name):
     """It read as fp32 without a word."""

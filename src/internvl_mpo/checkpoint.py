@@ -386,8 +386,21 @@ def read_state_dict(
     present or absent (a tied head written out by some tools). `weights` as for `open_state_dict`.
     """
     device_of = device if callable(device) else (lambda key: device)
-    return {key: tensor[...].to(device=device_of(key), dtype=dtype)
+    return {key: _cast(tensor, dtype, device_of(key))
             for key, tensor in open_state_dict(folder, expected, optional, weights).items()}
+
+
+def _cast(tensor: LazyTensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The tensor read into `dtype` on `device`; refused where a value overflows a narrower dtype (float16's
+    largest is 65504): it became inf, and the logits NaN."""
+    source = tensor[...]
+    out = source.to(device=device, dtype=dtype)
+    if (torch.finfo(dtype).max < torch.finfo(source.dtype).max and not bool(torch.isfinite(out).all())
+            and bool(torch.isfinite(source).all())):
+        raise InputError(f"{tensor.file}: {tensor.key} holds values up to {source.abs().max().item():.4g}, past "
+                         f"{str(dtype).removeprefix('torch.')}'s largest ({torch.finfo(dtype).max:.4g}); load it in a "
+                         "wider dtype (bfloat16 or float32)")
+    return out
 
 
 def parse_size(size: int | str) -> int:
