@@ -59,6 +59,9 @@ def write(tmp_path, change):
         (lambda d: d["vision_config"].update(patch_size=-14), "vision_config.patch_size is -14, not >= 1"),
         (lambda d: d["llm_config"].update(hidden_size=-8), "llm_config.hidden_size is -8, not >= 1"),
         (lambda d: d["llm_config"].update(architectures=None), r"llm_config.architectures \[None\] is not implemented"),
+        # transformers' Qwen2 (the official code's LLM) sizes its attention by head_dim; we took hidden_size / heads
+        (lambda d: d["llm_config"].update(head_dim=256), r"llm_config.head_dim 256 is not hidden_size / num_attention_heads"
+                                                          r" \(128\): not implemented"),
         # values of the wrong kind in the fields that are not plain numbers (each was an AttributeError,
         # a ZeroDivisionError, a misleading message, or a name spelled out letter by letter)
         (lambda d: d["llm_config"].update(rope_scaling="dynamic"), 'llm_config.rope_scaling is "dynamic", not an object'),

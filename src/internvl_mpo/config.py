@@ -195,6 +195,10 @@ class LLMConfig:
                               "'factor' (the scaling it names needs one)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError("llm_config.num_attention_heads must be a multiple of num_key_value_heads")
+        head_dim = self.extra.get("head_dim")  # transformers' Qwen2 builds its attention with it when given
+        if head_dim is not None and head_dim != self.hidden_size // self.num_attention_heads:
+            raise ConfigError(f"llm_config.head_dim {json.dumps(head_dim)} is not hidden_size / num_attention_heads "
+                              f"({self.hidden_size // self.num_attention_heads}): not implemented")
         if self.extra.get("use_sliding_window"):
             raise ConfigError("llm_config.use_sliding_window=true is not implemented")
         pad = self.extra.get("pad_token_id")  # the embedding's padding_idx (llm.py, internlm2.py)
