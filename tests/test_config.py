@@ -147,6 +147,21 @@ def test_a_training_run_or_checkpoint_folder_names_the_model_inside(tmp_path):
         ModelConfig.from_json(tmp_path)
 
 
+def test_a_hub_cache_folder_names_the_hub_id_and_its_snapshot(tmp_path):
+    """The hub cache folder of a repo (models--org--name, where a download lands) said only that config.json
+    was missing; its checkpoints are the snapshots/ inside."""
+    cache = tmp_path / "models--OpenGVLab--InternVL2_5-4B-MPO"
+    for commit in ("aaa111", "bbb222"):
+        (cache / "snapshots" / commit).mkdir(parents=True)
+        ModelConfig().to_json(cache / "snapshots" / commit / "config.json")
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("bbb222")
+    with pytest.raises(ConfigError, match=f"^{cache}: the hub cache of OpenGVLab/InternVL2_5-4B-MPO, not a checkpoint "
+                       rf"folder; load the hub id OpenGVLab/InternVL2_5-4B-MPO \(read from this cache\) or a "
+                       rf"snapshot of it \({cache / 'snapshots' / 'bbb222'}\)$"):
+        ModelConfig.from_json(cache)
+
+
 def test_not_utf8(tmp_path):
     """Some Windows editors save UTF-16: an error naming the file, not a UnicodeDecodeError."""
     path = tmp_path / "config.json"

@@ -453,6 +453,14 @@ def read_config_json(path: Path) -> dict[str, Any]:
         if (path.parent / "adapter_config.json").is_file():  # what PEFT / LoRA fine-tuning tools save
             raise ConfigError(f"{path.parent} holds a PEFT adapter (adapter_config.json), not a model: merge it "
                               "into its base model first (PEFT's merge_and_unload) and load the merged folder") from None
+        snapshots = sorted(p.parent for p in path.parent.glob("snapshots/*/config.json"))
+        if snapshots:  # huggingface_hub's cache of a repo, models--org--name
+            main = path.parent / "refs" / "main"
+            latest = path.parent / "snapshots" / main.read_text().strip() if main.is_file() else None
+            repo = path.parent.name.removeprefix("models--").replace("--", "/", 1)
+            raise ConfigError(f"{path.parent}: the hub cache of {repo}, not a checkpoint folder; load the hub id "
+                              f"{repo} (read from this cache) or a snapshot of it "
+                              f"({latest if latest in snapshots else snapshots[0]})") from None
         for inside, what in (("final", "a training run's folder"), ("model", "a training checkpoint")):
             if (path.parent / inside / "config.json").is_file():  # what `train` writes
                 raise ConfigError(f"{path.parent}: {what}; its model is {path.parent / inside}") from None
