@@ -74,6 +74,9 @@ def write(tmp_path, change):
          'llm_config.architectures is "Qwen2ForCausalLM", not a list of names'),
         (lambda d: d["vision_config"].update(architectures=3), "vision_config.architectures is 3, not a list of names"),
         (lambda d: d.update(architectures="InternVLChatModel"), 'architectures is "InternVLChatModel", not a list'),
+        # vLLM and lmdeploy pick the model class by it: a save of it would not serve (it loaded and was written back)
+        (lambda d: d.update(architectures=["LlavaForConditionalGeneration"]),
+         r"^[^ ]*config.json: architectures \['LlavaForConditionalGeneration'\] is not the official \['InternVLChatModel'\]$"),
         (lambda d: d.update(force_image_size="448"), 'force_image_size is "448", not an integer or null'),
         (lambda d: d["llm_config"].update(eos_token_id=["<|im_end|>"]), "eos_token_id is .*, not a token id"),
         (lambda d: d.update(max_dynamic_patch=0), "max_dynamic_patch is 0, not >= 1"),

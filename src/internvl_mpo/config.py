@@ -249,6 +249,8 @@ class ModelConfig:
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
+        if tuple(self.architectures[:1]) != ("InternVLChatModel",):  # vLLM and lmdeploy pick the model class by it
+            raise ConfigError(f"architectures {list(self.architectures)} is not the official ['InternVLChatModel']")
         if self.ps_version != "v2":
             raise ConfigError(
                 f"ps_version {self.ps_version!r} is not implemented: only 'v2' (the InternVL2.5 pixel shuffle)"
