@@ -115,6 +115,8 @@ class VisionConfig:
             raise ConfigError("vision_config.hidden_size must be divisible by num_attention_heads")
         if self.image_size % self.patch_size:
             raise ConfigError("vision_config.image_size must be a multiple of patch_size")
+        if self.layer_norm_eps < 0:  # the norms' variance plus a negative eps: NaN
+            raise ConfigError(f"vision_config.layer_norm_eps {self.layer_norm_eps} is below 0")
 
     @property
     def head_dim(self) -> int:
@@ -183,6 +185,9 @@ class LLMConfig:
                                            "max_position_embeddings"))
         if self.hidden_act != "silu":
             raise ConfigError(f"llm_config.hidden_act {self.hidden_act!r} is not implemented (only 'silu')")
+        if self.rms_norm_eps < 0 or self.rope_theta <= 0:  # NaN, or positions of no meaning, in every logit
+            raise ConfigError(f"llm_config.rms_norm_eps {self.rms_norm_eps} is below 0" if self.rms_norm_eps < 0
+                              else f"llm_config.rope_theta {self.rope_theta} is not above 0")
         if self.rope_type not in SUPPORTED_ROPE_SCALING:
             raise ConfigError(
                 f"llm_config.rope_scaling type {self.rope_type!r} is not implemented; "
