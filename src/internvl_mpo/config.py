@@ -70,6 +70,14 @@ def _check_sizes(obj, section: str, names: tuple[str, ...]) -> None:
             raise ConfigError(f"{section}{name} is {value}, not >= 1")
 
 
+def _check_numbers(obj, section: str, names: tuple[str, ...]) -> None:
+    """Number fields must hold numbers (a config built in Python, as convert's, skips `_split`'s check)."""
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{section}{name} is {json.dumps(value, default=repr)}, not a number")
+
+
 def _to_dict(obj, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     out = dict(obj.extra)
     for f in dataclasses.fields(obj):
@@ -115,6 +123,7 @@ class VisionConfig:
             raise ConfigError("vision_config.hidden_size must be divisible by num_attention_heads")
         if self.image_size % self.patch_size:
             raise ConfigError("vision_config.image_size must be a multiple of patch_size")
+        _check_numbers(self, "vision_config.", ("layer_norm_eps",))
         if self.layer_norm_eps < 0:  # the norms' variance plus a negative eps: NaN
             raise ConfigError(f"vision_config.layer_norm_eps {self.layer_norm_eps} is below 0")
 
@@ -185,6 +194,7 @@ class LLMConfig:
                                            "max_position_embeddings"))
         if self.hidden_act != "silu":
             raise ConfigError(f"llm_config.hidden_act {self.hidden_act!r} is not implemented (only 'silu')")
+        _check_numbers(self, "llm_config.", ("rms_norm_eps", "rope_theta"))
         if self.rms_norm_eps < 0 or self.rope_theta <= 0:  # NaN, or positions of no meaning, in every logit
             raise ConfigError(f"llm_config.rms_norm_eps {self.rms_norm_eps} is below 0" if self.rms_norm_eps < 0
                               else f"llm_config.rope_theta {self.rope_theta} is not above 0")
