@@ -533,6 +533,29 @@ def test_generate_with_every_request_answered_does_not_load_the_model(folder, tm
     assert answers.read_text() == json.dumps({"id": "a", "question": "Hi", "answer": "Hello"}) + "\n"
 
 
+def test_generate_refuses_an_output_that_is_not_an_answers_file_and_leaves_it_as_it_was(folder, tmp_path):
+    """A file given as --output by mistake (another requests file, notes) was rewritten with the answer
+    lines it held, none, before the answers were appended: its content was lost without a word."""
+    from internvl_mpo import cli_chat
+    from internvl_mpo.errors import InputError
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")
+    answer = json.dumps({"id": "a", "question": "Hi", "answer": "Hello"})
+    run = dict(input=str(requests), model=str(folder / "nope"))  # loading it would fail
+    for name, text, line in [("other.jsonl", json.dumps({"question": "Mine"}) + "\n", 1), ("notes.txt", "my notes", 1),
+                             ("mixed.jsonl", answer + "\n\nmy notes\n", 3)]:
+        output = tmp_path / name
+        output.write_text(text)
+        with pytest.raises(InputError, match=rf"--output \S+{name}:{line}: not an answer line of generate"):
+            cli_chat.generate(output=str(output), **run)
+        assert output.read_text() == text and not (tmp_path / f"{name}.settings.json").exists()
+    output = tmp_path / "answers.jsonl"  # its last line complete but for the LF: an answers file
+    output.write_text(answer)
+    assert cli_chat.generate(output=str(output), **run) == 0
+    assert output.read_text() == answer + "\n"
+
+
 def test_a_negative_temperature_is_refused_before_the_model_loads(folder, tmp_path):
     """It was read as greedy (0 is greedy); the Python API refuses it, and so does the command line now."""
     from internvl_mpo import cli_chat
