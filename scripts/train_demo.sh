@@ -14,7 +14,9 @@
 #   scripts/train_demo.sh [RUN_DIR]          # default RUN_DIR: runs/demo
 #   INSTALL=1 scripts/train_demo.sh          # install the better stage (MPO only if it wins) as the demo model
 #
-# Every step is resumable or skipped when its output exists, so an interrupted run can be restarted.
+# Every step is resumable or skipped when its output exists, so an interrupted run can be restarted; the
+# settings below (SEED, SFT_STEPS, BARE_COPIES, PAIR_ITEMS) are kept in RUN_DIR/settings.txt, and a rerun with
+# others is refused (use another RUN_DIR).
 set -euo pipefail
 
 RUN=${1:-runs/demo}
@@ -25,6 +27,15 @@ SFT_STEPS=${SFT_STEPS:-2000}
 BARE_COPIES=${BARE_COPIES:-0.5}
 PAIR_ITEMS=${PAIR_ITEMS:-1000}
 mkdir -p "$RUN"
+# a rerun skips the steps whose outputs exist: with other settings it would report the earlier run's table
+SETTINGS="SEED=$SEED SFT_STEPS=$SFT_STEPS BARE_COPIES=$BARE_COPIES PAIR_ITEMS=$PAIR_ITEMS"
+if [ ! -f "$RUN/settings.txt" ]; then
+  echo "$SETTINGS" > "$RUN/settings.txt"
+elif [ "$(cat "$RUN/settings.txt")" != "$SETTINGS" ]; then
+  echo "train_demo.sh: error: $RUN was run with $(cat "$RUN/settings.txt"), not $SETTINGS;" \
+    "give another RUN_DIR, or its settings to resume it" >&2
+  exit 1
+fi
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$RUN/times.log"; }
 stamp() { date +%s; }
 T0=$(stamp)

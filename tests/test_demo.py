@@ -354,3 +354,33 @@ def test_readme_eval_of_the_shipped_examples_scores_all_five(tmp_path):
     assert out.stdout.splitlines()[-1] == f"predictions and scores: {folder}/predictions.jsonl, {folder}/score.json"
     assert json.loads((tmp_path / folder / "score.json").read_text())["correct"] == 5
     assert sorted(p.name for p in EXAMPLES.iterdir()) == before
+
+
+# ---- the rebuild script -------------------------------------------------------------------
+
+
+def test_train_demo_refuses_a_run_folder_of_other_settings(tmp_path):
+    """A rerun of scripts/train_demo.sh skips the steps whose outputs exist, so `SFT_STEPS=3000` into a folder
+    of a 2000-step run printed that run's table as its own; the settings are recorded and others refused."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "internvl-mpo"  # records its call and stops the script there
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\nexit 3\n')
+    fake.chmod(0o755)
+    run = tmp_path / "run"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+
+    def script(**settings):
+        return subprocess.run(["bash", str(REPO / "scripts" / "train_demo.sh"), str(run)], capture_output=True,
+                              text=True, env={**env, **settings}, timeout=60)
+
+    first = script(SFT_STEPS="2000")
+    assert first.returncode == 3 and (tmp_path / "calls").read_text().startswith("demo-data ")
+    recorded = "SEED=0 SFT_STEPS=2000 BARE_COPIES=0.5 PAIR_ITEMS=1000"
+    assert (run / "settings.txt").read_text() == recorded + "\n"
+    (tmp_path / "calls").unlink()
+    other = script(SFT_STEPS="3000")
+    assert other.returncode == 1 and not (tmp_path / "calls").exists()
+    assert other.stderr == (f"train_demo.sh: error: {run} was run with {recorded}, not SEED=0 SFT_STEPS=3000"
+                            " BARE_COPIES=0.5 PAIR_ITEMS=1000; give another RUN_DIR, or its settings to resume it\n")
+    assert script().returncode == 3 and (tmp_path / "calls").exists()  # the same settings resume it
