@@ -159,6 +159,17 @@ def test_demo_data_onto_a_file_is_a_one_line_error(tmp_path, capsys):
     assert "cannot create the folder" in err and "Traceback" not in err
 
 
+def test_demo_data_negative_count_is_refused_naming_its_flag_before_writing(tmp_path, capsys):
+    """--train -1 said 'the number of train items must be >= 0' after the test and val splits were written."""
+    from internvl_mpo.cli import main
+
+    for flag in ("--train", "--val", "--test"):
+        sizes = {"--train": "1", "--val": "1", "--test": "1", flag: "-1"}
+        assert main(["demo-data", str(tmp_path / "out"), *[x for kv in sizes.items() for x in kv]]) == 1
+        assert capsys.readouterr().err == f"internvl-mpo demo-data: error: {flag} must be >= 0, got -1\n"
+        assert not (tmp_path / "out").exists()
+
+
 def test_demo_data_refuses_a_folder_of_other_files_and_writes_its_own_again(tmp_path, capsys):
     """demo-data into a folder of the user's own files overwrote them silently (their train.jsonl, config.json);
     a new or empty folder, or one an earlier demo-data run wrote (an interrupted one too), is written."""

@@ -108,7 +108,7 @@ def plural(shape: str) -> str:
 
 
 def random_scene(rng: random.Random) -> tuple[Shape, ...]:
-    """2..8 shapes on distinct cells, in reading order (row by row, left to right)."""
+    """2..7 shapes on distinct cells, in reading order (row by row, left to right)."""
     cells = sorted(rng.sample(range(GRID * GRID), rng.randint(MIN_SHAPES, MAX_SHAPES)))
     return tuple(Shape(c // GRID, c % GRID, rng.choice(list(COLORS)), rng.choice(SHAPES)) for c in cells)
 
@@ -398,6 +398,9 @@ def make_demo_data(
     from .config import demo_config
     from .tokenizer import write_demo_tokenizer
 
+    for flag, n in (("--train", train), ("--val", val), ("--test", test)):
+        if n < 0:
+            raise InputError(f"{flag} must be >= 0, got {n}")
     if image_format not in ("png", "jpg"):
         raise InputError(f"--image-format must be png or jpg, got {image_format!r}")
     if not 0 <= direct <= 1:
