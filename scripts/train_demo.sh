@@ -137,5 +137,5 @@ if [ "${INSTALL:-0}" = 1 ]; then
   DEST=src/internvl_mpo/demo_model
   find "$DEST" -maxdepth 1 -type f ! -name README.md -delete
   cp "$RUN/$BEST"/final/* "$DEST"/
-  log "installed $RUN/$BEST/final into $DEST"
+  log "installed $RUN/$BEST/final into $DEST; its README.md (the model card) and the README's demo section still describe the earlier checkpoint: update them from $RUN/results.md"
 fi
