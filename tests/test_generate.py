@@ -1352,7 +1352,26 @@ def test_pixel_values_that_are_not_float_tiles_are_refused(setup):
         chat.prepare("What is it?", raw)
     with pytest.raises(InputError, match="got torch.uint8"):
         chat.batch_chat(["What is it?"], pixel_values=raw, num_patches_list=[1], max_new_tokens=1)
-    assert chat.prepare("What is it?", raw.half()).num_patches_list == [1]
+    tiles = (raw.float() / 255 - 0.45) / 0.225  # normalised as load_image normalises
+    assert chat.prepare("What is it?", tiles.half()).num_patches_list == [1]
+
+
+@pytest.mark.parametrize("value", [255.0, float("nan"), float("-inf")])
+def test_pixel_values_no_normalised_tile_holds_are_refused(setup, value):
+    """Float tiles of raw 0..255 values (a picture made a tensor without load_image's normalisation), or with
+    a NaN (a division by zero), were answered from garbage image features without a word."""
+    chat, _ = setup
+    size = chat.config.image_size
+    tiles = torch.zeros(2, 3, size, size)
+    tiles[1, 2, 5, 7] = value
+    message = rf"pixel_values must be tiles normalised as load_image makes them \(-2.12 to 2.64\), got a value of " \
+              rf"magnitude {abs(value):g}; give raw pictures as files or PIL images"
+    with pytest.raises(InputError, match=message):
+        chat.chat("What is it?", pixel_values=tiles, num_patches_list=[2], max_new_tokens=1)
+    with pytest.raises(InputError, match=message):
+        chat.batch_chat(["What is it?", "And this?"], pixel_values=tiles, num_patches_list=[1, 1], max_new_tokens=1)
+    tiles[1, 2, 5, 7] = 2.64
+    assert chat.prepare("What is it?", tiles).num_patches_list == [2]
 
 
 def test_video_frames_take_the_pixel_limit(setup):

@@ -51,6 +51,10 @@ GENERATION_KEYS = {
 
 
 INPUT_KEYS = {"max_num", "total_max_num", "num_segments", "num_patches_list", "system_message", "max_pixels"}
+# load_image's tiles lie in -2.12..2.64 (ImageNet mean and std); a resize of float tensors (transformers' fast
+# processors) overshoots a little, and random test tiles reach 5. Raw 0..255 values, or NaN from a division by
+# zero, are no tiles.
+MAX_TILE_VALUE = 10.0
 
 
 @dataclass
@@ -238,6 +242,10 @@ class InternVLChat:
                 if not item.is_floating_point():
                     raise InputError(f"pixel_values must be floating point tiles normalised as load_image makes "
                                      f"them, got {item.dtype}; give raw pictures as files or PIL images")
+                largest = float(item.abs().amax())  # NaN if any is
+                if not largest <= MAX_TILE_VALUE:
+                    raise InputError(f"pixel_values must be tiles normalised as load_image makes them (-2.12 to 2.64), "
+                                     f"got a value of magnitude {largest:g}; give raw pictures as files or PIL images")
             pixels = torch.cat(items) if len(items) > 1 else items[0]
             counts = [t.shape[0] for t in items]
             if num_patches_list is not None:
