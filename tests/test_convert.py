@@ -550,6 +550,33 @@ def test_round_trip_through_hf_keeps_a_chat_folder_usable(tmp_path):
     assert chat.chat("Hello", **kw) == original.chat("Hello", **kw)
 
 
+@pytest.mark.parametrize("source", [None, {"_from_model_config": True, "eos_token_id": 2, "pad_token_id": 2}])
+def test_transformers_generate_stops_where_the_official_chat_stops(tmp_path, source):
+    """transformers' generate stops at the eos ids of generation_config.json (else text_config's eos_token_id:
+    `</s>` for InternLM2, none for the demo model, another model's id here), and `--to hf` wrote none, so a
+    converted model answered on past `<|im_end|>` to max_new_tokens; the official chat() stops there. Its id
+    is added to the source's ids; the round trip gives back the official folder's file as it was (or none)."""
+    from transformers import InternVLForConditionalGeneration
+
+    src, _ = tiny_chat_folder(tmp_path / "src")
+    if source is not None:
+        (src / "generation_config.json").write_text(json.dumps(source))
+    im_end = load_tokenizer(src).im_end_id
+    hf = convert(src, tmp_path / "hf", "hf")
+    expected = [ModelConfig.from_json(src).llm.eos_token_id if source is None else 2, im_end]
+    assert InternVLForConditionalGeneration.from_pretrained(hf).generation_config.eos_token_id == expected
+    back = convert(hf, tmp_path / "back", "official")
+    assert _bytes_or_none(back / "generation_config.json") == _bytes_or_none(src / "generation_config.json")
+    kept = json.loads((hf / "internvl_official_files.json").read_text())  # as conversions before 2026-12-04 wrote it
+    del kept["files"]["generation_config.json"]
+    (hf / "internvl_official_files.json").write_text(json.dumps(kept))
+    assert convert(hf, tmp_path / "older", "official").is_dir()
+
+
+def _bytes_or_none(path):
+    return path.read_bytes() if path.exists() else None
+
+
 def test_a_folder_transformers_saved_again_converts_back_to_a_usable_chat_folder(tmp_path):
     """transformers gives the processor's <video> (not in the vocabulary) an added-token id past the model's
     vocabulary and saves it in tokenizer.json and tokenizer_config.json, as the hub -hf ports hold it;

@@ -30,7 +30,8 @@ top-level `tie_word_embeddings` of an InternVLConfig is true (its default) and t
 a folder converts with the head written out as a copy of the embedding matrix. A stored head is used
 as it is (transformers unties a head that differs from the embeddings).
 
-Other files: the tokenizer and generation files are copied unchanged (the hub `-hf` InternLM2 ports
+Other files: the tokenizer and generation files are copied unchanged, but to transformers
+generation_config.json gets `<|im_end|>` among its eos ids (the hub `-hf` InternLM2 ports
 ship a re-made Llama tokenizer; that is not done here), with the code files that tokenizer_config.json's
 `auto_map` names (InternLM2's tokenization_internlm2*.py) and the modules they import from the folder. To transformers, the processor files are
 written too: preprocessor_config.json (GotOcr2 tiling with the official tile size, ImageNet mean/std and
@@ -78,7 +79,7 @@ TOKENIZER_FILES = tuple(name for name in checkpoint.COMPANION_FILES if name != "
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 # The official folder's files that `--to hf` replaces; the transformers folder keeps their text in
 # OFFICIAL_FILES (a file transformers does not read) and `--to official` puts them back.
-REPLACED_FILES = ("tokenizer_config.json", *CHAT_TEMPLATE_FILES)
+REPLACED_FILES = ("tokenizer_config.json", *CHAT_TEMPLATE_FILES, "generation_config.json")
 OFFICIAL_FILES = "internvl_official_files.json"
 HEAD, EMBEDDINGS = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"  # transformers names
 
@@ -517,6 +518,7 @@ def convert(
             if to == "hf":
                 originals = {name: _text(src / name) for name in REPLACED_FILES}
                 _write_processor_files(dst, config)
+                _write_generation_config(src, dst, config)
                 _write_json(dst / OFFICIAL_FILES,
                             {"files": originals, "hf_tokenizer_config": _text(dst / "tokenizer_config.json")})
             else:
@@ -589,7 +591,8 @@ def _official_files(src: Path, ending: Callable[[str], str | None]) -> dict[str,
     says."""
     kept = _read_json(src / OFFICIAL_FILES)
     files = kept.get("files") if isinstance(kept, dict) else None
-    if not (isinstance(files, dict) and set(files) == set(REPLACED_FILES)
+    # generation_config.json is missing from the files of conversions before 2026-12-04 (they left it as it was)
+    if not (isinstance(files, dict) and set(REPLACED_FILES) - {"generation_config.json"} <= set(files) <= set(REPLACED_FILES)
             and all(text is None or isinstance(text, str) for text in files.values())):
         raise ConfigError(f"{src / OFFICIAL_FILES}: not the file convert --to hf writes (delete it to convert "
                           "without it)")
@@ -662,6 +665,23 @@ def _write_processor_files(dst: Path, config: ModelConfig) -> None:
     named = listed if isinstance(listed, dict) else {}
     tokenizer_config["extra_special_tokens"] = {**named, **checkpoint.PROCESSOR_TOKENS}
     _write_json(path, tokenizer_config)
+
+
+def _write_generation_config(src: Path, dst: Path, config: ModelConfig) -> None:
+    """generation_config.json whose eos_token_id holds the template's stop token (`<|im_end|>`), where the
+    official chat() stops: transformers' generate stops at the eos ids of this file only (without it, at
+    text_config's eos_token_id: `</s>` for InternLM2, none for the demo model). The source's file otherwise
+    stays as it is."""
+    stop = checkpoint.find_token_id(src, get_template(config.template).sep.strip())
+    path = src / "generation_config.json"
+    settings = _read_json(path) if path.is_file() else {}
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{path}: not a JSON object of generation settings")
+    eos = settings.get("eos_token_id", config.llm.eos_token_id)
+    eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if stop is not None and stop not in eos:
+        settings["eos_token_id"] = [*eos, stop] if eos else stop
+        _write_json(dst / "generation_config.json", settings)
 
 
 def _family_key(config: ModelConfig) -> tuple[int, int, int]:
