@@ -208,6 +208,36 @@ def test_generate_resumes_only_with_the_model_and_settings_that_wrote_the_answer
     assert json.loads((tmp_path / "answers.jsonl.settings.json").read_text())["max_new_tokens"] == 3
 
 
+def test_generate_resumes_only_with_the_weights_that_wrote_the_answers(folder, tmp_path):
+    """A model saved again into the run's model folder (trained anew, converted) counted as the same model: a
+    rerun kept the answers of the earlier weights and answered the rest with the new ones, without a word.
+    The save id that each save stamps into the weight files is recorded and compared now."""
+    import shutil
+
+    from internvl_mpo import InternVL, cli_chat
+    from internvl_mpo.errors import ConfigError
+
+    model = shutil.copytree(folder, tmp_path / "model")
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")
+    run = dict(input=str(requests), output=str(answers), model=str(model), device="cpu", max_new_tokens=4)
+    assert cli_chat.generate(**run) == 0
+    settings = tmp_path / "answers.jsonl.settings.json"
+    assert json.loads(settings.read_text())["weights"] is None  # written without a save id, as official weights
+    InternVL.from_pretrained(model).save_pretrained(model)
+    with pytest.raises(ConfigError, match=r"answers.jsonl holds answers written with other settings \(weights\)"):
+        cli_chat.generate(**run)
+    answers.unlink()
+    assert cli_chat.generate(**run) == 0
+    recorded = json.loads(settings.read_text())
+    assert len(recorded["weights"]) == 32
+    assert cli_chat.generate(**run) == 0  # the same weights resume
+    del recorded["weights"]  # settings recorded before the save id was: nothing to compare
+    settings.write_text(json.dumps(recorded))
+    InternVL.from_pretrained(model).save_pretrained(model)
+    assert cli_chat.generate(**run) == 0
+
+
 def test_generate_resumes_only_in_the_precision_that_wrote_the_answers(folder, tmp_path):
     """--dtype was not recorded: a resume in another precision mixed its answers with the first run's. The
     dtype the run computes in is recorded (left out: fp32 on the CPU; auto: the checkpoint's torch_dtype)."""

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ConfigError, InputError, PromptTooLongError, SettingError
+from .errors import CheckpointError, ConfigError, InputError, PromptTooLongError, SettingError
 
 if TYPE_CHECKING:
     from .checkpoint import Weights
@@ -240,8 +240,8 @@ def generate(
     output: JSONL lines {"id", "question", "image", "video", "answer", "stamps"} (image and video as the request
         wrote them, where it has them; stamps: size, mtime and sha256 of their files, so that a resume notices
         a file edited in place; "error" for a request that cannot run), appended; <output>.settings.json
-        keeps the model, sampling settings and dtype, which a resume must repeat (a greedy one all but --seed,
-        --top-p and --top-k)
+        keeps the model (and the save id of its weights), sampling settings and dtype, which a resume must repeat
+        (a greedy one all but --seed, --top-p and --top-k)
     model: checkpoint folder or hub id (default: the shipped demo model)
     batch_size: requests decoded together
     max_num: most tiles per image (default: the model's max_dynamic_patch, 1 if its dynamic_image_size is false);
@@ -258,7 +258,7 @@ def generate(
     """
     from tqdm import tqdm
 
-    from .checkpoint import default_device, model_key
+    from .checkpoint import default_device, model_key, open_weights
     from .cli import flagged
     from .filestamp import stamps, unchanged
     from .jsonl import rewrite_in_order
@@ -284,9 +284,13 @@ def generate(
     done, answered = _finished_questions(out)
     device = default_device(device)
     dtype_name, weights = run_dtype(dtype, device, _model_path(model))
+    if weights is None and Path(_model_path(model)).expanduser().is_dir():  # for its save id; the load takes them
+        with contextlib.suppress(CheckpointError):  # no weights there: the load says what is wrong
+            weights = open_weights(Path(_model_path(model)).expanduser())
     _check_answer_settings(out, {"model": model_key(_model_path(model)), "max_num": max_num, "temperature": temperature,
                                  "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
-                                 "min_new_tokens": min_new_tokens, "seed": seed, "dtype": dtype_name},
+                                 "min_new_tokens": min_new_tokens, "seed": seed, "dtype": dtype_name,
+                                 "weights": _save_id(weights)},
                            resume=bool(done),
                            default_max_num=lambda: _default_tiles(_model_path(model)))
     if out.exists():  # only once the settings allow the resume: a refused run leaves the file as it was
@@ -358,6 +362,17 @@ def _asked(row: dict) -> tuple:
 SAMPLING_ONLY = ("seed", "top_k", "top_p")  # the generate settings that only a sampled run reads
 
 
+def _save_id(weights: Weights | None) -> str | None:
+    """The id each save and convert stamps into a checkpoint's weight files (`checkpoint.SAVE_ID`): weights saved
+    again into a run's model folder (a retrained model) have another. None for a hub id, and for weights without
+    one (official checkpoints)."""
+    from .checkpoint import SAVE_ID
+
+    if weights is None:
+        return None
+    return (next(iter(weights.handles.values())).metadata() or {}).get(SAVE_ID)  # every file has the same
+
+
 def _default_tiles(model: str) -> int:
     """The tiles per image a run without --max-num uses: the model config's `tiles_per_image`."""
     from .checkpoint import resolve_checkpoint
@@ -379,6 +394,8 @@ def _check_answer_settings(out: Path, settings: dict, resume: bool, default_max_
         earlier = read_settings(path, "generate", "--output")
         # a greedy run (--temperature 0) reads no sampling flag: only the others can change its answers
         ignored = SAMPLING_ONLY if 0 in (earlier.get("temperature"), settings.get("temperature")) else ()
+        if "weights" not in earlier:  # recorded since 2026-12-04: nothing to compare
+            ignored += ("weights",)
         changed = changed_settings(earlier, settings, ignored)
         if "max_num" in changed and None in (earlier.get("max_num"), settings["max_num"]):
             tiles = default_max_num()
