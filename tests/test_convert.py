@@ -387,6 +387,27 @@ def test_convert_command(tmp_path, capsys):
     assert (tmp_path / "back" / "tokenization_internlm2.py").exists()
 
 
+@pytest.mark.parametrize("held", [True, False])
+def test_an_internlm2_folder_without_tokenizer_model_is_told_where_to_get_it(tmp_path, capsys, held):
+    """transformers saves an InternLM2 tokenizer as tokenizer.json only; `--to official` from such a folder
+    wrote, without a word, an official folder whose tokenizer chat, the official code and vLLM could not read
+    (chat: 'not a byte-level BPE tokenizer'). The command now says which file is missing and how to get it."""
+    src = official_folder(tmp_path / "src", "internlm2")
+    (src / "tokenizer.model").write_bytes(b"sentencepiece model")
+    convert(src, tmp_path / "hf", to="hf")
+    if not held:
+        (tmp_path / "hf" / "tokenizer.model").unlink()
+    assert convert_command(str(tmp_path / "hf"), str(tmp_path / "back"), to="official") == 0
+    out = capsys.readouterr().out
+    note = (f"note: {tmp_path / 'back'} has no tokenizer.model, the InternLM2 tokenizer that chat, the official code"
+            " and vLLM read (the transformers folder held none). Add the official tokenizer files of the matching"
+            f' hub repo:\n  hf download OpenGVLab/InternVL2_5-<size>-MPO --include "tokenizer*" --local-dir {tmp_path / "back"}')
+    assert (note in out) != held
+    convert(official_folder(tmp_path / "qwen2", "qwen2"), tmp_path / "qwen2_hf", to="hf")  # no tokenizer.model
+    convert_command(str(tmp_path / "qwen2_hf"), str(tmp_path / "qwen2_back"), to="official")
+    assert "tokenizer.model" not in capsys.readouterr().out  # a Qwen2 tokenizer is never one
+
+
 def test_a_hub_id_converts_as_other_commands_load_one(tmp_path, fake_hub):
     """Loading a hub -hf port is refused with `convert --to official SRC DST` to run; convert took local
     folders only, so the hub id the user had just given was "no such checkpoint folder". It is downloaded

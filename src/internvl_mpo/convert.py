@@ -696,12 +696,27 @@ def remote_code_note(folder: str | Path) -> str | None:
                if not (folder / f).is_file()]
     if not missing:
         return None
-    key = _family_key(ModelConfig.from_json(folder))
-    size = next((s for s in FAMILY_SIZES if _family_key(family_config(s)) == key), "<size>")
     return (f"note: {folder} has no {', '.join(missing)}. This package does not need them; the official code "
             f"(AutoModel.from_pretrained(..., trust_remote_code=True)) does. Add the .py files of the matching "
-            f"hub repo:\n  hf download OpenGVLab/InternVL2_5-{size}-MPO --include \"*.py\" "
-            f"--local-dir {shlex.quote(str(folder))}")
+            f"hub repo:\n  {_download(folder, ModelConfig.from_json(folder), '*.py')}")
+
+
+def tokenizer_note(folder: str | Path) -> str | None:
+    """What to add to an official-layout InternLM2 folder without tokenizer.model (converted from a folder that
+    holds its tokenizer as tokenizer.json only, as transformers saves one), or None."""
+    folder = Path(folder)
+    config = ModelConfig.from_json(folder)
+    if config.llm.architectures[0] != "InternLM2ForCausalLM" or (folder / "tokenizer.model").is_file():
+        return None
+    return (f"note: {folder} has no tokenizer.model, the InternLM2 tokenizer that chat, the official code and vLLM "
+            "read (the transformers folder held none). Add the official tokenizer files of the matching hub repo:"
+            f"\n  {_download(folder, config, 'tokenizer*')}")
+
+
+def _download(folder: Path, config: ModelConfig, pattern: str) -> str:
+    """The command that downloads the files `pattern` of the hub repo of this config's size into `folder`."""
+    size = next((s for s in FAMILY_SIZES if _family_key(family_config(s)) == _family_key(config)), "<size>")
+    return f"hf download OpenGVLab/InternVL2_5-{size}-MPO --include \"{pattern}\" --local-dir {shlex.quote(str(folder))}"
 
 
 def convert_command(src: str, dst: str, *, to: str) -> int:
@@ -713,7 +728,7 @@ def convert_command(src: str, dst: str, *, to: str) -> int:
     """
     out = convert(src, dst, to)
     print(f"wrote {out} ({'transformers' if to == 'hf' else 'official'} layout)")
-    note = remote_code_note(out) if to == "official" else None
-    if note:
-        print(note)
+    for note in (remote_code_note(out), tokenizer_note(out)) if to == "official" else ():
+        if note:
+            print(note)
     return 0
