@@ -12,7 +12,7 @@
 # src/internvl_mpo/demo_model/README.md has its results. Usage:
 #
 #   scripts/train_demo.sh [RUN_DIR]          # default RUN_DIR: runs/demo
-#   INSTALL=1 scripts/train_demo.sh          # install the better stage (MPO only if it wins) as the demo model
+#   INSTALL=1 scripts/train_demo.sh          # install the better stage (MPO only if it wins, p < 0.05) as the demo model
 #
 # Every step is resumable or skipped when its output exists, so an interrupted run can be restarted; the
 # settings below (SEED, SFT_STEPS, BARE_COPIES, PAIR_ITEMS) are kept in RUN_DIR/settings.txt, and a rerun with
@@ -128,12 +128,13 @@ lost = sum(rows["sft"][i] and not rows["mpo"][i] for i in rows["sft"])
 k, m = min(gained, lost), gained + lost
 p = min(1.0, 2 * sum(math.comb(m, j) for j in range(k + 1)) / 2**m) if m else 1.0
 print(f"\nMPO fixed {gained} answers and broke {lost}; exact McNemar p = {p:.2g}")
+json.dump({"fixed": gained, "broke": lost, "p": p}, open(f"{run}/comparison.json", "w"))
 EOF
 log "total $(( $(stamp) - T0 ))s"
 
 if [ "${INSTALL:-0}" = 1 ]; then
-  # the MPO stage ships only where it answers more test questions than the SFT stage
-  BEST=$(python -c "import json; a, b = (json.load(open(f'$RUN/eval_{n}/score.json'))['correct'] for n in ('sft', 'mpo')); print('mpo' if b > a else 'sft')")
+  # the MPO stage ships only where it answers more test questions than the SFT stage, outside the noise
+  BEST=$(python -c "import json; c = json.load(open('$RUN/comparison.json')); print('mpo' if c['fixed'] > c['broke'] and c['p'] < 0.05 else 'sft')")
   DEST=src/internvl_mpo/demo_model
   find "$DEST" -maxdepth 1 -type f ! -name README.md -delete
   cp "$RUN/$BEST"/final/* "$DEST"/

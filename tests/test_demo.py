@@ -402,3 +402,51 @@ def test_train_demo_refuses_a_run_folder_of_other_settings(tmp_path):
     assert other.stderr == (f"train_demo.sh: error: {run} was run with {recorded}, not SEED=0 SFT_STEPS=3000"
                             " BARE_COPIES=0.5 PAIR_ITEMS=1000; give another RUN_DIR, or its settings to resume it\n")
     assert script().returncode == 3 and (tmp_path / "calls").exists()  # the same settings resume it
+
+
+def _done_run(root: Path, sft_right: int, mpo_right: int, total: int = 20) -> Path:
+    """A run folder whose every step is done: SFT answers the first `sft_right` questions right, MPO the first
+    `mpo_right`; each stage's final/ holds one weight file naming it."""
+    from internvl_mpo.train.mmpr import DatasetSpec, write_meta
+
+    run = root / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "data" / "config.json").write_text("{}")
+    (run / "data" / "train.jsonl").write_text("{}\n")
+    for stage, right in (("sft", sft_right), ("mpo", mpo_right)):
+        (run / stage / "final").mkdir(parents=True)
+        (run / stage / "final" / "config.json").write_text("{}")
+        (run / stage / "final" / "model.safetensors").write_text(stage)
+        (run / f"eval_{stage}").mkdir()
+        score = {"total": total, "correct": right, "accuracy": right / total,
+                 "categories": {"count_total": {"accuracy": right / total}}}
+        (run / f"eval_{stage}" / "score.json").write_text(json.dumps(score))
+        (run / f"eval_{stage}" / "predictions.jsonl").write_text(
+            "".join(json.dumps({"id": str(i), "correct": i < right}) + "\n" for i in range(total)))
+    for name in ("pairs_correctness", "pairs_dropout_ntp"):
+        write_meta(str(run / name / "meta.json"), [DatasetSpec(name, str(root), str(root / "a.jsonl"), length=1)])
+    return run
+
+
+@pytest.mark.parametrize("sft_right, mpo_right, installed", [(8, 10, "sft"), (8, 18, "mpo"), (10, 8, "sft")])
+def test_train_demo_install_ships_mpo_only_outside_the_noise(tmp_path, sft_right, mpo_right, installed):
+    """INSTALL=1 installed the MPO stage when it answered more test questions by any margin (fixed 2, broke 0:
+    p = 0.5); the issue's rule is that a gain inside the noise is not a gain: MPO now needs McNemar p < 0.05."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "internvl-mpo").write_text("#!/bin/sh\nexit 0\n")  # every step's output is there already
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    run = _done_run(tmp_path, sft_right, mpo_right)
+    repo = tmp_path / "repo"
+    dest = repo / "src" / "internvl_mpo" / "demo_model"
+    dest.mkdir(parents=True)
+    (dest / "README.md").write_text("card")
+    (dest / "model.safetensors").write_text("shipped")
+    out = subprocess.run(["bash", str(REPO / "scripts" / "train_demo.sh"), str(run)], capture_output=True, text=True,
+                         cwd=repo, env={"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "INSTALL": "1"},
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert (dest / "model.safetensors").read_text() == installed and (dest / "README.md").read_text() == "card"
+    assert f"installed {run}/{installed}/final into" in out.stdout
