@@ -16,7 +16,7 @@ import torch
 from torch.testing import assert_close
 
 from internvl_mpo.config import LLMConfig, ModelConfig
-from internvl_mpo.errors import ConfigError
+from internvl_mpo.errors import ConfigError, InputError
 from internvl_mpo.internlm2 import InternLM2ForCausalLM
 from internvl_mpo.kv_cache import make_caches
 from internvl_mpo.llm import causal_mask
@@ -224,3 +224,20 @@ def test_bias_defaults_to_true_like_the_official_config_class():
     llm = dataclasses.replace(internlm2_config().llm, extra={})
     attention = InternLM2ForCausalLM(llm).model.layers[0].attention
     assert attention.wqkv.bias is not None and attention.wo.bias is not None
+
+
+def test_a_sequence_past_the_context_is_refused_where_dynamic_rope_would_rescale():
+    """Past max_position_embeddings the official dynamic NTK RoPE changes the frequencies of every position
+    (to values that depend on the longest sequence its module has seen); a forward pass that long ran with
+    plain RoPE and gave other logits without a word. It is refused, naming the limit; without dynamic
+    scaling (plain RoPE there too) it runs."""
+    base = internlm2_config()
+    config = base.replace(llm=dataclasses.replace(base.llm, max_position_embeddings=16))
+    torch.manual_seed(0)
+    model = InternVL(config, image_token_id=IMAGE_TOKEN_ID).eval()
+    with torch.no_grad():
+        assert model(torch.randint(0, 290, (2, 16))).shape == (2, 16, 300)
+        with pytest.raises(InputError, match=r"17 tokens are more than llm_config.max_position_embeddings \(16\)"):
+            model(torch.randint(0, 290, (2, 17)))
+        plain = InternVL(config.replace(llm=dataclasses.replace(config.llm, rope_scaling=None)))
+        assert plain(torch.randint(0, 290, (1, 17))).shape == (1, 17, 300)

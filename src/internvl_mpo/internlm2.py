@@ -18,7 +18,8 @@ Quirks kept for parity:
 - the token embedding has `padding_idx = pad_token_id` as in the official code, so during training
   the pad row (id 2, `</s>`, in the released models) gets no gradient;
 - dynamic NTK RoPE (`rope_scaling.type = "dynamic"`, all released InternLM2.5 models) only changes
-  the frequencies past max_position_embeddings; the context is capped there, so it is plain RoPE.
+  the frequencies past max_position_embeddings; the context is capped there, so it is plain RoPE. (Past
+  it the official frequencies depend on the longest sequence the module has seen, not only this one.)
 Refused: tied embeddings (the InternVL config class forces them off) and the V2PE position variant.
 """
 
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LLMConfig
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from .kv_cache import KVCache
 from .llm import Linear, RotaryEmbedding, apply_rope, run_layers
 from .vision import RMSNorm
@@ -107,6 +108,7 @@ class InternLM2Model(nn.Module):
         self.layers = nn.ModuleList(InternLM2DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
+        self.max_tokens = config.max_position_embeddings if config.rope_type == "dynamic" else None
 
     def forward(
         self,
@@ -120,6 +122,12 @@ class InternLM2Model(nn.Module):
 
         Arguments as in `llm.Qwen2Model.forward`.
         """
+        if self.max_tokens is not None and caches is None and inputs_embeds.shape[1] > self.max_tokens:
+            raise InputError(
+                f"{inputs_embeds.shape[1]} tokens are more than llm_config.max_position_embeddings"
+                f" ({self.max_tokens}), where dynamic RoPE (llm_config.rope_scaling) would change every position's"
+                " frequencies; this package caps the context there"
+            )
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
         x = run_layers(self.layers, inputs_embeds, cos, sin, mask, caches, cache_positions)
         return self.norm(x.to(self.norm.weight.device))
