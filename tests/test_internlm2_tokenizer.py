@@ -275,3 +275,22 @@ def test_decode_of_any_pieces_equals_sentencepiece(internlm2_like):
         stream = tokenizer.stream_decoder()
         assert tokenizer.decode(ids) == sp.decode(ids), ids
         assert "".join(stream.feed(i) for i in ids) + stream.flush() == sp.decode(ids), ids
+
+
+def test_a_folder_without_tokenizer_model_names_it(tmp_path):
+    """An InternLM2 folder whose tokenizer is a SentencePiece-style tokenizer.json (as transformers saves one)
+    or that has no tokenizer file was refused naming the Qwen2 files only ('not a byte-level BPE tokenizer',
+    'no vocab.json or merges.txt'); the error now names tokenizer.model, the file an InternLM2 model needs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from internvl_mpo.chat.tokenizer import load_tokenizer
+
+    backend = Tokenizer(models.BPE({"<unk>": 0, "▁a": 1, "▁": 2, "a": 3}, [("▁", "a")], byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    backend.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(CheckpointError, match=f"is not a byte-level BPE tokenizer \\(Qwen2 style\\), and {tmp_path}"
+                                              r" has no tokenizer.model \(the SentencePiece file of the InternLM2"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"no vocab.json or merges.txt \(Qwen2 sizes\), nor tokenizer.model"):
+        load_tokenizer(tmp_path)

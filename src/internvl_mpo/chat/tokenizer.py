@@ -316,12 +316,15 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
         except Exception as err:  # the Rust loader raises a plain Exception
             raise CheckpointError(f"cannot read tokenizer file {folder / 'tokenizer.json'}: {err}") from err
         if not isinstance(backend.model, models.BPE) or not isinstance(backend.decoder, decoders.ByteLevel):
-            raise CheckpointError(f"{folder / 'tokenizer.json'} is not a byte-level BPE tokenizer (Qwen2 style)")
+            lacks = "" if (folder / "tokenizer.model").is_file() else (
+                f", and {folder} has no tokenizer.model (the SentencePiece file of the InternLM2 sizes)")
+            raise CheckpointError(f"{folder / 'tokenizer.json'} is not a byte-level BPE tokenizer (Qwen2 style){lacks}")
     else:
         vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
         missing = [p.name for p in (vocab_path, merges_path) if not p.is_file()]
         if missing:
-            raise CheckpointError(f"tokenizer folder {folder} has no tokenizer.json and no {' or '.join(missing)}")
+            raise CheckpointError(f"tokenizer folder {folder} has no tokenizer.json and no {' or '.join(missing)}"
+                                  " (Qwen2 sizes), nor tokenizer.model (InternLM2 sizes)")
         vocab = read_tokenizer_json(vocab_path)
         backend = build_qwen2_backend(vocab, _read_merges(merges_path), bool(config.get("add_prefix_space", False)))
 
