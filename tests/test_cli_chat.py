@@ -580,8 +580,8 @@ def test_generate_refuses_an_output_that_is_not_an_answers_file_and_leaves_it_as
         with pytest.raises(InputError, match=rf"--output \S+{name}:{line}: not an answer line of generate"):
             cli_chat.generate(output=str(output), **run)
         assert output.read_text() == text and not (tmp_path / f"{name}.settings.json").exists()
-    output = tmp_path / "answers.jsonl"  # its last line complete but for the LF: an answers file
-    output.write_text(answer)
+    output = tmp_path / "answers.jsonl"  # its last line complete but for the LF, a line cut short: an answers file
+    output.write_text('{"id": "b", "question": "Ho", "ans\n' + answer)
     assert cli_chat.generate(output=str(output), **run) == 0
     assert output.read_text() == answer + "\n"
 

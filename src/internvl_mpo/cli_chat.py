@@ -419,24 +419,23 @@ ANSWER_START = b'{"id": '  # how every line `generate` writes begins
 
 def _finished_questions(out: Path) -> tuple[dict, list[bytes]]:
     """{id: (`_asked`, stamps)} of the requests answered in `out`, and their lines, the ones a resume keeps:
-    not error lines (those requests run again), nor a last line cut by an interrupted write, even in the
+    not error lines (those requests run again), nor a line cut by an interrupted write, even in the
     middle of a character. Any other line is refused, naming it: `out` is not an answers file (another
     file given as --output by mistake), and the resume would rewrite it without that line."""
     if not out.exists():
         return {}, []
     kept, done = [], {}
-    *lines, last = out.read_bytes().split(b"\n")  # JSON strings may hold U+2028 and the like: split at LF only
-    for number, line in enumerate(lines + [last], 1):
+    for number, line in enumerate(out.read_bytes().split(b"\n"), 1):  # JSON strings may hold U+2028: split at LF
         try:
             row = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
+            if line.startswith(ANSWER_START) or ANSWER_START.startswith(line.strip()):
+                continue  # a write cut short, or a blank line
             row = None
-        ours = isinstance(row, dict) and ("answer" in row or "error" in row)
-        cut = number > len(lines) and (line.startswith(ANSWER_START) or ANSWER_START.startswith(line))
-        if not (ours or cut or not line.strip()):  # cut: by an interrupted write, or the empty rest after the last LF
+        if not (isinstance(row, dict) and ("answer" in row or "error" in row)):
             raise InputError(f"--output {out}:{number}: not an answer line of generate; a run would rewrite the "
                              "file without it: give the answers a new file (or an earlier run's to resume it)")
-        if isinstance(row, dict) and "answer" in row and isinstance(row.get("id"), (str, int)):
+        if "answer" in row and isinstance(row.get("id"), (str, int)):
             done[row["id"]] = _asked(row), row.get("stamps")  # not the answers: a large job's would fill memory
             kept.append(line)
     return done, kept
