@@ -143,6 +143,26 @@ def test_tiling_read_from_a_transformers_preprocessor_config():
         config_from_hf(hf_dict, {"crop_to_patches": "yes"})
 
 
+@pytest.mark.parametrize("scaling", [
+    {"factor": 2.5, "rope_type": "dynamic", "type": "dynamic"},  # transformers 4.x adds rope_type to the saved dict
+    {"factor": 2.5, "rope_type": "dynamic"},
+    {"factor": 2, "type": "dynamic"},
+    None,
+])
+def test_rope_scaling_is_written_as_the_official_internlm2_config_reads_it(scaling):
+    """The official InternLM2Config (`_rope_scaling_validation`) takes rope_scaling only as exactly {"type",
+    "factor"} with a float factor > 1; `--to official` copied transformers' form (rope_type, an int factor)
+    into llm_config, so the official code and vLLM refused the converted folder."""
+    hf_dict = hf_config_dict(internlm2_config(), image_token_id=IMAGE_TOKEN_ID)
+    hf_dict["text_config"]["rope_scaling"] = scaling
+    written = config_from_hf(hf_dict).to_dict()["llm_config"]["rope_scaling"]
+    if scaling is None:
+        assert written is None
+        return
+    assert written.keys() == {"type", "factor"} and written["type"] == "dynamic"
+    assert isinstance(written["factor"], float) and written["factor"] == scaling["factor"]
+
+
 def test_a_config_value_of_the_wrong_type_is_refused_naming_the_folder_and_key(tmp_path):
     """--to official wrote a transformers config's "1e-6" or "yes" into an official config.json that loading then
     refused (the conversion "succeeded"); --to hf's config errors did not name the file."""

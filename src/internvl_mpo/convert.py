@@ -217,7 +217,8 @@ def hf_config_dict(config: ModelConfig, image_token_id: int) -> dict[str, Any]:
         "num_hidden_layers": l.num_hidden_layers, "num_attention_heads": l.num_attention_heads,
         "num_key_value_heads": l.num_key_value_heads, "head_dim": l.head_dim, "vocab_size": l.vocab_size,
         "hidden_act": l.hidden_act, "rms_norm_eps": l.rms_norm_eps, "rope_theta": l.rope_theta,
-        "rope_scaling": l.rope_scaling, "max_position_embeddings": l.max_position_embeddings,
+        "rope_scaling": dict(l.rope_scaling) if l.rope_scaling else None,  # a copy: transformers edits it in place
+        "max_position_embeddings": l.max_position_embeddings,
         "attention_dropout": l.attention_dropout, "tie_word_embeddings": l.tie_word_embeddings,
         "bos_token_id": l.bos_token_id, "eos_token_id": l.eos_token_id, "use_cache": True,
     }
@@ -281,6 +282,14 @@ def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None
     if t.get("head_dim") not in (None, t["hidden_size"] // t["num_attention_heads"]):
         raise ConfigError(f"text_config.head_dim {t['head_dim']} is not hidden_size / num_attention_heads")
     rope = official_rope(t)
+    scaling = rope.get("rope_scaling")
+    if isinstance(scaling, dict):  # transformers adds rope_type (and its copy of rope_theta); the official
+        factor = scaling.get("factor")  # InternLM2Config reads exactly {"type", "factor"}, the factor a float
+        copies = ("type", "rope_type") + (("rope_theta",) if scaling.get("rope_theta") == rope.get("rope_theta") else ())
+        scaling = {**{k: v for k, v in scaling.items() if k not in copies},
+                   "type": scaling.get("type", scaling.get("rope_type"))}
+        if isinstance(factor, int) and not isinstance(factor, bool):
+            scaling["factor"] = float(factor)
     internlm2 = kind == "llama"
     if internlm2 and t.get("mlp_bias"):
         raise ConfigError("text_config.mlp_bias=true has no InternLM2 equivalent")
@@ -294,7 +303,7 @@ def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None
         num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
         num_key_value_heads=t.get("num_key_value_heads") or t["num_attention_heads"], vocab_size=t["vocab_size"],
         hidden_act=t.get("hidden_act", "silu"), rms_norm_eps=t.get("rms_norm_eps", 1e-6),
-        rope_theta=rope.get("rope_theta", 10000.0), rope_scaling=rope.get("rope_scaling"),
+        rope_theta=rope.get("rope_theta", 10000.0), rope_scaling=scaling,
         max_position_embeddings=t.get("max_position_embeddings", 32768),
         tie_word_embeddings=False,  # the official code never ties; a tied head is written out (see convert)
         attention_dropout=t.get("attention_dropout", 0.0), bos_token_id=t.get("bos_token_id"),
