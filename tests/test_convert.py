@@ -184,6 +184,20 @@ def test_a_config_value_of_the_wrong_type_is_refused_naming_the_folder_and_key(t
         convert(src, tmp_path / "hf2", to="hf")
 
 
+def test_an_unknown_template_is_refused_before_the_weights_naming_the_file(tmp_path, monkeypatch):
+    """A config.json whose template has no chat template here (InternVL2's 'internlm2-chat') was refused
+    only after every weight was written (minutes for a real size), by an error naming neither the file nor
+    the key; it is now refused first, naming both."""
+    src = official_folder(tmp_path / "src", "internlm2")
+    settings = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**settings, "template": "internlm2-chat"}))
+    monkeypatch.setattr(InternVL, "expected_keys", None)  # the conversion table: reached only after the checks
+    with pytest.raises(ConfigError, match=re.escape(f"{src / 'config.json'}: unknown conversation template "
+                                                    "'internlm2-chat'; known: ['internvl2_5'] (the key \"template\")")):
+        convert(src, tmp_path / "hf", to="hf")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_use_thumbnail_false_is_refused_for_transformers(tmp_path):
     """transformers' InternVL processor adds a thumbnail to every tiled image: a config without one
     (use_thumbnail false, or left out, which the official config class reads as false) would convert

@@ -462,6 +462,10 @@ def convert(
                          f"(model_type {source_config.get('model_type')!r}); nothing to convert")
     if to == "hf":
         config = ModelConfig.from_json(src / "config.json")  # its errors name the file
+        try:  # its chat template is written last: refused now, not after the weights
+            get_template(config.template)
+        except ConfigError as e:
+            raise ConfigError(f"{src / 'config.json'}: {e} (the key \"template\")") from None
         if config.dynamic_image_size and not config.use_thumbnail:
             raise ConfigError(f"{src / 'config.json'}: use_thumbnail false (what a config.json without the key "
                               "means) has no equivalent in transformers' InternVL processor, which adds a thumbnail "
