@@ -586,6 +586,30 @@ def test_generate_refuses_an_output_that_is_not_an_answers_file_and_leaves_it_as
     assert output.read_text() == answer + "\n"
 
 
+def test_a_second_generate_into_the_same_output_is_refused_while_the_first_runs(folder, tmp_path):
+    """Two runs into one --output both appended to it, and the first to end replaced it with its rewrite: the
+    other's later answers went to the replaced file, lost without a word. A run now holds a lock beside it."""
+    import fcntl
+
+    from internvl_mpo import cli_chat
+    from internvl_mpo.errors import ConfigError
+
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")
+    run = dict(input=str(requests), output=str(answers), model=str(folder), device="cpu", max_new_tokens=3)
+    with open(tmp_path / ".answers.jsonl.lock", "a+") as held:  # as a live run holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 12 on elsewhere\n")
+        held.flush()
+        with pytest.raises(ConfigError, match=r"is in use by another generate run writing answers.jsonl \(pid 12 on "
+                                              r"elsewhere\): two runs would overwrite each other's answers"):
+            cli_chat.generate(**run)
+        assert not answers.exists()
+    assert cli_chat.generate(**run) == 0  # once it ends
+    assert cli_chat.generate(**run) == 0  # and the lock goes with the run that held it
+    assert [json.loads(line)["id"] for line in answers.read_text().splitlines()] == ["a"]
+
+
 def test_a_negative_temperature_is_refused_before_the_model_loads(folder, tmp_path):
     """It was read as greedy (0 is greedy); the Python API refuses it, and so does the command line now."""
     from internvl_mpo import cli_chat

@@ -258,7 +258,7 @@ def generate(
     """
     from tqdm import tqdm
 
-    from .checkpoint import default_device, model_key, open_weights
+    from .checkpoint import default_device, lock_output, model_key, no_lock_note, open_weights
     from .cli import flagged
     from .filestamp import stamps, unchanged
     from .jsonl import rewrite_in_order
@@ -281,55 +281,63 @@ def generate(
     if not base.greedy and seed is not None and seed + last >= 2**63:
         raise InputError(f"--seed {seed}: request {last} samples with seed + {last}, past the largest seed 2**63 - 1; "
                          "use a smaller --seed")
-    done, answered = _finished_questions(out)
-    device = default_device(device)
-    dtype_name, weights = run_dtype(dtype, device, _model_path(model))
-    if weights is None and Path(_model_path(model)).expanduser().is_dir():  # for its save id; the load takes them
-        with contextlib.suppress(CheckpointError):  # no weights there: the load says what is wrong
-            weights = open_weights(Path(_model_path(model)).expanduser())
-    _check_answer_settings(out, {"model": model_key(_model_path(model)), "max_num": max_num, "temperature": temperature,
-                                 "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
-                                 "min_new_tokens": min_new_tokens, "seed": seed, "dtype": dtype_name,
-                                 "weights": _save_id(weights)},
-                           resume=bool(done),
-                           default_max_num=lambda: _default_tiles(_model_path(model)))
-    if out.exists():  # only once the settings allow the resume: a refused run leaves the file as it was
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_bytes(b"".join(line + b"\n" for line in answered))
-        os.replace(tmp, out)
-    # an edited request is asked again, and so is one whose image or video file was edited in place
-    todo = [r for r in requests if r["id"] not in done or done[r["id"]][0] != _asked(r)
-            or not unchanged(_files(r), done[r["id"]][1])]
-    if not todo:  # a finished run: no need to spend minutes loading a large model
-        print(f"internvl-mpo generate: all {len(requests)} requests are answered in {out}", file=sys.stderr)
-        return 0
-    bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device, weights=weights)
+    lock = lock_output(out.absolute().parent, (f".{out.name}.lock", f"generate run writing {out.name}", "answers"))
+    if lock is None:
+        print(f"internvl-mpo generate: {no_lock_note(out)}", file=sys.stderr)
+    with lock or contextlib.nullcontext():  # a second run would append to the file this one rewrites
+        done, answered = _finished_questions(out)
+        device = default_device(device)
+        dtype_name, weights = run_dtype(dtype, device, _model_path(model))
+        folder = Path(_model_path(model)).expanduser()
+        if weights is None and folder.is_dir():  # for its save id; the load takes them
+            with contextlib.suppress(CheckpointError):  # no weights there: the load says what is wrong
+                weights = open_weights(folder)
+        _check_answer_settings(out, {"model": model_key(_model_path(model)), "max_num": max_num,
+                                     "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                                     "max_new_tokens": max_new_tokens,
+                                     "min_new_tokens": min_new_tokens, "seed": seed, "dtype": dtype_name,
+                                     "weights": _save_id(weights)},
+                               resume=bool(done),
+                               default_max_num=lambda: _default_tiles(_model_path(model)))
+        if out.exists():  # only once the settings allow the resume: a refused run leaves the file as it was
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_bytes(b"".join(line + b"\n" for line in answered))
+            os.replace(tmp, out)
+        # an edited request is asked again, and so is one whose image or video file was edited in place
+        todo = [r for r in requests if r["id"] not in done or done[r["id"]][0] != _asked(r)
+                or not unchanged(_files(r), done[r["id"]][1])]
+        if not todo:  # a finished run: no need to spend minutes loading a large model
+            print(f"internvl-mpo generate: all {len(requests)} requests are answered in {out}", file=sys.stderr)
+            return 0
+        bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device, weights=weights)
 
-    def jobs():  # prepared one at a time, as rows free up: one batch of images in memory at most
-        for item in todo:
-            params = base if seed is None or base.greedy else dataclasses.replace(base, seed=seed + item["_line"] - 1)
-            item["_stamps"] = stamps(_files(item))  # before the files are read: a later edit shows on resume
+        def jobs():  # prepared one at a time, as rows free up: one batch of images in memory at most
+            for item in todo:
+                params = base if seed is None or base.greedy else \
+                    dataclasses.replace(base, seed=seed + item["_line"] - 1)
+                item["_stamps"] = stamps(_files(item))  # before the files are read: a later edit shows on resume
+                try:
+                    prepared = bot.prepare(item["question"], item.get("image"), item.get("video"),
+                                           max_num=_per_image(max_num, item.get("video")), max_pixels=max_pixels)
+                    yield item, prepared, params
+                except InputError as e:  # this request alone fails; the run goes on
+                    yield item, flagged(e, generate), params
+
+        with out.open("a", encoding="utf-8") as sink, tqdm(total=len(requests), initial=len(requests) - len(todo),
+                                                           desc="generate", unit="req") as bar:
             try:
-                yield item, bot.prepare(item["question"], item.get("image"), item.get("video"),
-                                        max_num=_per_image(max_num, item.get("video")), max_pixels=max_pixels), params
-            except InputError as e:  # this request alone fails; the run goes on
-                yield item, flagged(e, generate), params
-
-    with out.open("a", encoding="utf-8") as sink, tqdm(total=len(requests), initial=len(requests) - len(todo),
-                                                       desc="generate", unit="req") as bar:
-        try:
-            _write_answers(bot.answers_as_they_finish(jobs(), batch_size), sink, bar)
-        except KeyboardInterrupt:
-            bar.close()  # its last state, then the message (a bar closed on leaving `with` came after it)
-            if bar.n:
-                said = f"after {bar.n} of {len(requests)} requests (their lines are in {out}); run the same command " \
-                       "again to resume"
-            else:
-                said = f"before any of {len(requests)} requests was answered; nothing was written to {out}"
-            print(f"internvl-mpo generate: interrupted {said}", file=sys.stderr)
-            raise
-    rewrite_in_order(out, [item["id"] for item in requests])  # answers were written as they finished
-    return 0
+                _write_answers(bot.answers_as_they_finish(jobs(), batch_size), sink, bar)
+            except KeyboardInterrupt:
+                bar.close()  # its last state, then the message (a bar closed on leaving `with` came after it)
+                if bar.n:
+                    said = f"after {bar.n} of {len(requests)} requests (their lines are in {out}); run the same " \
+                           "command again to resume"
+                else:
+                    said = f"before any of {len(requests)} requests was answered; nothing was written to {out}"
+                print(f"internvl-mpo generate: interrupted {said}", file=sys.stderr)
+                raise
+        rewrite_in_order(out, [item["id"] for item in requests])  # answers were written as they finished
+        return 0
 
 
 def _write_answers(answers, sink, bar) -> None:
