@@ -628,6 +628,15 @@ def test_transformers_generate_stops_where_the_official_chat_stops(tmp_path, sou
     assert convert(hf, tmp_path / "older", "official").is_dir()
 
 
+@pytest.mark.parametrize("text,problem", [("[2]", "not a JSON object of generation settings"), ("{", "not valid JSON")])
+def test_a_broken_generation_config_is_refused_before_the_weights(tmp_path, monkeypatch, text, problem):
+    src, _ = tiny_chat_folder(tmp_path / "src")
+    (src / "generation_config.json").write_text(text)
+    monkeypatch.setattr(InternVL, "expected_keys", None)  # the conversion table: reached only after the checks
+    with pytest.raises(ConfigError, match=re.escape(f"{src / 'generation_config.json'}: {problem}")):
+        convert(src, tmp_path / "hf", "hf")
+
+
 def _bytes_or_none(path):
     return path.read_bytes() if path.exists() else None
 

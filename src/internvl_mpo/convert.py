@@ -466,6 +466,7 @@ def convert(
             get_template(config.template)
         except ConfigError as e:
             raise ConfigError(f"{src / 'config.json'}: {e} (the key \"template\")") from None
+        generation = _generation_config(src, config)
         if config.dynamic_image_size and not config.use_thumbnail:
             raise ConfigError(f"{src / 'config.json'}: use_thumbnail false (what a config.json without the key "
                               "means) has no equivalent in transformers' InternVL processor, which adds a thumbnail "
@@ -531,7 +532,8 @@ def convert(
             if to == "hf":
                 originals = {name: _text(src / name) for name in REPLACED_FILES}
                 _write_processor_files(dst, config)
-                _write_generation_config(src, dst, config)
+                if generation is not None:
+                    _write_json(dst / "generation_config.json", generation)
                 _write_json(dst / OFFICIAL_FILES,
                             {"files": originals, "hf_tokenizer_config": _text(dst / "tokenizer_config.json")})
             else:
@@ -680,11 +682,11 @@ def _write_processor_files(dst: Path, config: ModelConfig) -> None:
     _write_json(path, tokenizer_config)
 
 
-def _write_generation_config(src: Path, dst: Path, config: ModelConfig) -> None:
-    """generation_config.json whose eos_token_id holds the template's stop token (`<|im_end|>`), where the
-    official chat() stops: transformers' generate stops at the eos ids of this file only (without it, at
-    text_config's eos_token_id: `</s>` for InternLM2, none for the demo model). The source's file otherwise
-    stays as it is."""
+def _generation_config(src: Path, config: ModelConfig) -> dict[str, Any] | None:
+    """The generation_config.json to write, whose eos_token_id holds the template's stop token (`<|im_end|>`),
+    where the official chat() stops: transformers' generate stops at the eos ids of this file only (without
+    it, at text_config's eos_token_id: `</s>` for InternLM2, none for the demo model). None: the source's file
+    (or none) already stops there."""
     stop = checkpoint.find_token_id(src, get_template(config.template).sep.strip())
     path = src / "generation_config.json"
     settings = _read_json(path) if path.is_file() else {}
@@ -692,9 +694,9 @@ def _write_generation_config(src: Path, dst: Path, config: ModelConfig) -> None:
         raise ConfigError(f"{path}: not a JSON object of generation settings")
     eos = settings.get("eos_token_id", config.llm.eos_token_id)
     eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
-    if stop is not None and stop not in eos:
-        settings["eos_token_id"] = [*eos, stop] if eos else stop
-        _write_json(dst / "generation_config.json", settings)
+    if stop is None or stop in eos:
+        return None
+    return {**settings, "eos_token_id": [*eos, stop] if eos else stop}
 
 
 def _family_key(config: ModelConfig) -> tuple[int, int, int]:
