@@ -897,6 +897,28 @@ def test_interactive_commands_help_video_and_a_conversation_too_long(folder, tmp
     assert len(out.stdout.strip().splitlines()) == 1  # one answer: no command was asked as a question
 
 
+def test_interactive_images_too_many_for_the_context_say_reset_drops_them(folder, tmp_path, monkeypatch, capsys):
+    """Images added with /image until the prompt outgrew the context failed every question with an error that
+    named max_num and total_max_num, which the session cannot change, and not /reset, which drops them."""
+    import io
+    import shutil
+    from pathlib import Path
+
+    from internvl_mpo import cli_chat
+
+    small = Path(shutil.copytree(folder, tmp_path / "small"))
+    config = json.loads((small / "config.json").read_text())
+    text_only = len(InternVLChat.from_pretrained(folder).prepare("Hi?").prompt_ids)
+    config["llm_config"]["max_position_embeddings"] = text_only + 4  # room for the question, not for an image
+    (small / "config.json").write_text(json.dumps(config))
+    image = folder.parent / "red.png"
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {image}\nHi?\n/reset\nHi?\n"))
+    assert cli_chat.chat(model=str(small), device="cpu", max_new_tokens=2) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[2].startswith("error: prompt is") and err[2].endswith(" (/reset starts over without the images)")
+    assert len(err) == 4  # the question after /reset is answered
+
+
 def test_help_lists_commands():
     out = cli("--help")
     assert out.returncode == 0 and "chat" in out.stdout and "generate" in out.stdout

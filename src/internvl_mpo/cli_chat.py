@@ -184,9 +184,11 @@ def chat(
             prepared = bot.prepare(line, images or None, video, history, max_num=_per_image(max_num, video), **inputs)
             history.append((prepared.question, _answer(bot, prepared, params)))
         except InputError as e:
-            too_long = history and isinstance(e, PromptTooLongError)
-            print(f"error: {flagged(e, chat)}{' (earlier turns count: /reset starts over)' if too_long else ''}",
-                  file=sys.stderr)
+            way_out = ""
+            if isinstance(e, PromptTooLongError) and (history or images):
+                way_out = " (earlier turns count: /reset starts over)" if history else \
+                    " (/reset starts over without the images)"
+            print(f"error: {flagged(e, chat)}{way_out}", file=sys.stderr)
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session (Ctrl-C at the prompt quits)
             print()
             print("(interrupted; that question is left out of the conversation)", file=sys.stderr)
