@@ -398,6 +398,15 @@ def test_index_naming_a_shard_outside_the_folder_is_refused(tmp_path, tiny, good
         InternVL.from_pretrained(folder)
 
 
+def test_shards_without_their_index_are_named(tmp_path, tiny, good_state):
+    """The error said only that the folder held no model.safetensors or index, as if it held no weights."""
+    folder = write_checkpoint(tmp_path / "ck", tiny, good_state, shards=2)
+    (folder / "model.safetensors.index.json").unlink()
+    with pytest.raises(CheckpointError, match=r"holds model-00001-of-00002.safetensors, model-00002-of-00002.safetensors "
+                                              r"but no model.safetensors.index.json"):
+        InternVL.from_pretrained(folder)
+
+
 @pytest.mark.parametrize("kind", [torch.int64, torch.bool])
 def test_integer_weights_are_refused_by_name_before_loading(tmp_path, tiny, good_state, kind):
     state = dict(good_state)

@@ -260,6 +260,11 @@ def open_weights(folder: Path) -> Weights:
             f"{folder} holds only pickle-based weights ({', '.join(pickles)}); we read safetensors only and "
             "never unpickle a file. Convert them with a tool you trust, then save as safetensors."
         )
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    if shards:  # a download or copy that left the index behind
+        raise CheckpointError(
+            f"{folder} holds {_describe(shards)} but no {INDEX_FILE}, which says which tensor each shard holds; "
+            "copy the index from where the shards came from")
     raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
