@@ -596,6 +596,35 @@ def test_real_model_correctness_run_through_the_cli(tiny_model, tmp_path):
     assert [json.loads(line)["id"] for line in (out / "progress.jsonl").read_text().splitlines()] == ["mc", "num", "yn", "multi"]
 
 
+def test_a_model_saved_again_into_its_folder_does_not_resume_the_earlier_weights_samples(tiny_model, tmp_path):
+    """A model retrained or converted into the run's model folder counted as the same model: a rerun kept the
+    earlier weights' samples and sampled the rest with the new ones. Their save id is recorded and compared."""
+    import shutil
+
+    from internvl_mpo import InternVL
+    from internvl_mpo.pairs import pairs
+
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    path, out = tmp_path / "items.jsonl", tmp_path / "out"
+    path.write_text(json.dumps({"id": "a", "question": "How many?", "answer": "2"}) + "\n")
+    run = dict(method="correctness", model=str(model), input=str(path), output=str(out), samples=2, max_new_tokens=2,
+               device="cpu", progress=False)
+    assert pairs(**run) == 0
+    assert json.loads((out / "settings.json").read_text())["weights"] is None  # no save id, as official weights
+    InternVL.from_pretrained(model).save_pretrained(model)
+    with pytest.raises(ConfigError, match=r"holds a run with other settings \(weights\)"):
+        pairs(**run)
+    shutil.rmtree(out)
+    assert pairs(**run) == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert len(settings["weights"]) == 32
+    assert pairs(**run) == 0  # the same weights resume
+    del settings["weights"]  # recorded before the save id was: nothing to compare
+    (out / "settings.json").write_text(json.dumps(settings))
+    InternVL.from_pretrained(model).save_pretrained(model)
+    assert pairs(**run) == 0
+
+
 def test_no_progress_hides_the_progress_bar(tiny_model, tmp_path, capsys):
     """--no-progress, as train's and eval's, keeps a job's log free of the bar's lines; pairs had none."""
     from internvl_mpo.cli import main

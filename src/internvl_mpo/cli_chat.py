@@ -260,7 +260,7 @@ def generate(
     """
     from tqdm import tqdm
 
-    from .checkpoint import default_device, lock_output, model_key, no_lock_note, open_weights
+    from .checkpoint import default_device, lock_output, model_key, no_lock_note
     from .cli import flagged
     from .filestamp import stamps, unchanged
     from .jsonl import rewrite_in_order
@@ -290,15 +290,12 @@ def generate(
         done, answered = _finished_questions(out)
         device = default_device(device)
         dtype_name, weights = run_dtype(dtype, device, _model_path(model))
-        folder = Path(_model_path(model)).expanduser()
-        if weights is None and folder.is_dir():  # for its save id; the load takes them
-            with contextlib.suppress(CheckpointError):  # no weights there: the load says what is wrong
-                weights = open_weights(folder)
+        weights = run_weights(_model_path(model), weights)
         _check_answer_settings(out, {"model": model_key(_model_path(model)), "max_num": max_num,
                                      "temperature": temperature, "top_p": top_p, "top_k": top_k,
                                      "max_new_tokens": max_new_tokens,
                                      "min_new_tokens": min_new_tokens, "seed": seed, "dtype": dtype_name,
-                                     "weights": _save_id(weights)},
+                                     "weights": save_id(weights)},
                                resume=bool(done),
                                default_max_num=lambda: _default_tiles(_model_path(model)))
         if out.exists():  # only once the settings allow the resume: a refused run leaves the file as it was
@@ -372,7 +369,19 @@ def _asked(row: dict) -> tuple:
 SAMPLING_ONLY = ("seed", "top_k", "top_p")  # the generate settings that only a sampled run reads
 
 
-def _save_id(weights: Weights | None) -> str | None:
+def run_weights(model: str, weights: Weights | None) -> Weights | None:
+    """The weights `run_dtype` opened, or else those of a local model folder, opened for their `save_id` (the
+    load takes them); None for a hub id, or a folder without weights (the load says what is wrong)."""
+    from .checkpoint import open_weights
+
+    folder = Path(model).expanduser()
+    if weights is None and folder.is_dir():
+        with contextlib.suppress(CheckpointError):
+            weights = open_weights(folder)
+    return weights
+
+
+def save_id(weights: Weights | None) -> str | None:
     """The id each save and convert stamps into a checkpoint's weight files (`checkpoint.SAVE_ID`): weights saved
     again into a run's model folder (a retrained model) have another. None for a hub id, and for weights without
     one (official checkpoints)."""

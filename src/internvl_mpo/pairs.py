@@ -147,6 +147,7 @@ class PairSettings:
     start_ratio: float = 0.5
     model: str = ""
     dtype: str = ""  # the dtype's name, as cli_chat.run_dtype gives it: samples of another precision differ
+    weights: str | None = None  # the save id of the model's weights (cli_chat.save_id): a model saved again differs
 
     def __post_init__(self):
         for name in ("samples", "max_pairs", "batch_size", "max_num"):
@@ -429,7 +430,8 @@ def check_settings(path: Path, identity: dict, writes: Sequence[str], record: bo
     `writes` there (the user's own: they would be overwritten); a new folder gets these (`record`: False
     before a model loads, so that a load that fails leaves nothing behind). The model is compared by
     `model_key`; one recorded as typed (before 2026-12-03) is read against the current folder. A correctness
-    run's start_ratio, recorded though unread before 2026-12-04, is left out."""
+    run's start_ratio, recorded though unread before 2026-12-04, is left out, and so are the weights' save id
+    where the file holds none (recorded since 2026-12-04: nothing to compare)."""
     found = [name for name in writes if (path.parent / name).exists()]
     if found and not path.exists():
         raise ConfigError(f"{path.parent} holds {', '.join(found)} but no {path.name} of a pairs or eval run; "
@@ -442,6 +444,8 @@ def check_settings(path: Path, identity: dict, writes: Sequence[str], record: bo
             earlier["model"] = model_key(earlier["model"])
         if earlier.get("method") == CORRECTNESS:  # recorded, unread, until 2026-12-04
             earlier.pop("start_ratio", None)
+        if "weights" not in earlier:
+            identity = {k: v for k, v in identity.items() if k != "weights"}
         if earlier != identity:
             changed = changed_settings(earlier, identity)
             raise ConfigError(
@@ -801,15 +805,16 @@ def pairs(
         raise InputError("--samples 1: correctness pairs need at least 2 samples per question (each pair is a right "
                          "and a wrong answer to it)")
     from internvl_mpo.checkpoint import check_not_in_use, default_device
-    from internvl_mpo.cli_chat import run_dtype
+    from internvl_mpo.cli_chat import run_dtype, run_weights, save_id
     from internvl_mpo.pipeline import InternVLChat
     from internvl_mpo.processor.image import let_pillow_open
 
     let_pillow_open(max_pixels)
     device = default_device(device)
     dtype_name, weights = run_dtype(dtype, device, model)
+    weights = run_weights(model, weights)
     settings = PairSettings(samples, max_pairs, temperature, top_k, top_p, max_new_tokens, max_num, batch_size, seed,
-                            start_ratio, model, dtype_name)
+                            start_ratio, model, dtype_name, save_id(weights))
     items = read_items(input, method, max_pixels)  # fail on a bad file or output folder before loading the model
     check_output_folder(Path(output))
     check_not_in_use(Path(output), PAIRS_LOCK)
