@@ -1430,8 +1430,7 @@ def test_images_whose_tiles_fill_the_context_are_refused_before_tiling(setup, mo
         length = len(build_prompt_ids(chat.tokenizer, question, (), counts, num_image_token=tokens))
         shown = str(counts) if len(counts) <= 10 else str(counts[:10])[:-1] + ", ...]"
         return refused_early(chat, (length, sum(tokens * n + 2 for n in counts)),
-                             f"the images take {sum(counts)} tiles ({shown} by image; a smaller max_num or "
-                             "total_max_num gives fewer)")
+                             f"the images take {sum(counts)} tiles ({shown} by image; a smaller max_num gives fewer)")
 
     with open(path, "rb") as stream:
         for source in (strip, path, path.read_bytes(), stream):
@@ -1484,7 +1483,7 @@ def test_a_prompt_that_fits_exactly_is_accepted_and_one_token_more_is_refused_be
     assert len(chat.prepare(question, [strip], **kw).prompt_ids) == chat.context - 1
     assert made == [tiles]
     with refused_early(chat, (chat.context, tokens * tiles + 2), f"the images take {tiles} tiles ([{tiles}] by image; "
-                                                                  "a smaller max_num or total_max_num gives fewer)"):
+                                                                  "a smaller max_num gives fewer)"):
         chat.prepare(question + "!", [strip], **kw)
     assert made == [tiles]
     with pytest.raises(PromptTooLongError) as final:  # the final check (on tiles made already) gives the same numbers

@@ -33,3 +33,48 @@ def test_a_generator_or_set_of_images_gets_the_processors_message(tmp_path):
     with path.open("rb") as file:  # a file object (an iterator of lines too) is still one image
         assert bot.load_images(file)[1] == bot.load_images([path])[1]
     assert bot.load_images(io.BytesIO(path.read_bytes()))[1] == bot.load_images(path)[1]
+
+
+@pytest.fixture(scope="module")
+def short_folder(tmp_path_factory):
+    """The tiny model (4 image tokens a tile) with a context of 100 positions, and a 40x1 strip beside it."""
+    import json
+
+    root = tmp_path_factory.mktemp("short")
+    folder, _ = tiny_chat_folder(root / "model")
+    config = json.loads((folder / "config.json").read_text())
+    config["llm_config"]["max_position_embeddings"] = 100
+    (folder / "config.json").write_text(json.dumps(config))
+    Image.new("RGB", (40, 1)).save(root / "strip.png")
+    return folder
+
+
+def test_images_too_large_for_the_context_get_a_hint_true_to_their_tiles(short_folder):
+    """The hint said "a smaller max_num or total_max_num gives fewer" whatever the call: total_max_num where
+    the call gave none, and max_num where every image had 1 tile already, the fewest an image takes."""
+    from internvl_mpo.errors import PromptTooLongError
+
+    bot = InternVLChat.from_pretrained(short_folder)
+    strip = short_folder.parent / "strip.png"
+    with pytest.raises(PromptTooLongError, match=r"\(\[41\] by image; a smaller max_num gives fewer\)$"):
+        bot.prepare("What is it?", [strip], max_num=40)
+    with pytest.raises(PromptTooLongError, match=r"\(\[21, 21\] by image; a smaller max_num or total_max_num gives "
+                                                 r"fewer\)$"):
+        bot.prepare("What is it?", [strip, strip], max_num=40, total_max_num=40)
+    with pytest.raises(PromptTooLongError) as one_each:
+        bot.prepare("What are they?", [strip] * 20, max_num=1)
+    assert str(one_each.value).endswith("; the images take 20 tiles ([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, ...] by image; "
+                                        "1 tile each, the fewest an image takes: fewer images fit)")
+
+
+def test_the_command_line_names_the_flag_that_gives_fewer_tiles(short_folder, capsys):
+    """`internvl-mpo chat --image` named max_num and total_max_num, where the flag is --max-num and there is
+    no total flag."""
+    from internvl_mpo.cli import main
+
+    strip = str(short_folder.parent / "strip.png")
+    assert main(["chat", "What is it?", "--model", str(short_folder), "--image", strip, "--max-num", "40",
+                 "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("internvl-mpo chat: error: prompt is ")
+    assert err.endswith("; the images take 41 tiles ([41] by image; a smaller --max-num gives fewer)\n")

@@ -42,11 +42,12 @@ class SettingError(InputError):
 
     def named(self, names: Mapping[str, str]) -> "SettingError":
         """This error with each setting that `names` holds named as it says."""
-        return SettingError(*(names.get(part, part) if i % 2 else part for i, part in enumerate(self.parts)))
+        return type(self)(*(names.get(part, part) if i % 2 else part for i, part in enumerate(self.parts)))
 
 
-class PromptTooLongError(InputError):
-    """A prompt (history and image tokens included) longer than the model or the batch can hold."""
+class PromptTooLongError(SettingError):
+    """A prompt (history and image tokens included) longer than the model or the batch can hold; its hint
+    names the settings that shorten it (`max_num`), as SettingError's parts."""
 
 
 class TrainingError(InternVLError, RuntimeError):

@@ -110,6 +110,18 @@ def _as_list(images) -> list:
     return [images]
 
 
+def _fewer_tiles(planned: list[int], total_max_num: int | None) -> tuple[str, ...]:
+    """The hint of a prompt whose images of `planned` tiles do not fit, as SettingError parts: the settings
+    that give fewer tiles (total_max_num where the call gave one), or fewer images where each has 1 tile."""
+    shown = str(planned) if len(planned) <= 10 else "[" + ", ".join(map(str, planned[:10])) + ", ...]"
+    said = f"; the images take {sum(planned)} tiles ({shown} by image"
+    if max(planned) == 1:
+        return (f"{said}; 1 tile each, the fewest an image takes: fewer images fit)",)
+    if total_max_num is None:
+        return (f"{said}; a smaller ", "max_num", " gives fewer)")
+    return (f"{said}; a smaller ", "max_num", " or ", "total_max_num", " gives fewer)")
+
+
 class InternVLChat:
     def __init__(self, model: InternVL, tokenizer: Tokenizer, compile: bool = False):
         if model.image_token_id is None:
@@ -170,8 +182,8 @@ class InternVLChat:
         return stored
 
     def check_prompt(self, question: str, history: Sequence[tuple[str, str]] | None, num_patches_list: list[int],
-                     system_message: str | None = None, hint: str = "") -> None:
-        """Refuse, as `prepare` does and with its message (`hint` added), a prompt whose text and images of
+                     system_message: str | None = None, hint: Sequence[str] = ("",)) -> None:
+        """Refuse, as `prepare` does and with its message (`hint` added: `check_prompt_length`'s), a prompt whose text and images of
         `num_patches_list` tiles leave no room for a new token in the model's context. Only the text is
         tokenized: called with tile counts planned from the images' headers, it refuses a prompt before a tile
         is made (each ~2.4 MB at 448 pixels)."""
@@ -197,13 +209,13 @@ class InternVLChat:
         planned = planned_frame_tiles(video, num_segments, self.config.image_size, max_num, max_pixels)
         if not holds_images(question, history or ()):
             question = video_prefix(len(planned)) + question
-        self.check_prompt(question, history, planned, system_message,
-                          f"; the video's {len(planned)} frames take {sum(planned)} tiles (a smaller num_segments"
-                          + (" or max_num gives fewer)" if max_num > 1 else " gives fewer)"))
+        said = f"; the video's {len(planned)} frames take {sum(planned)} tiles (a smaller "
+        fewer = ("num_segments", " or ", "max_num", " gives fewer)") if max_num > 1 else ("num_segments", " gives fewer)")
+        self.check_prompt(question, history, planned, system_message, (said, *fewer))
 
     def load_images(
         self, images, max_num: int | None = None, total_max_num: int | None = None, num_patches_list=None,
-        max_pixels: int | None = None, fits: Callable[[list[int], str], None] | None = None,
+        max_pixels: int | None = None, fits: Callable[[list[int], Sequence[str]], None] | None = None,
     ) -> tuple[torch.Tensor | None, list[int]]:
         """Tiles of every image, concatenated, and the tile count of each image.
 
@@ -268,9 +280,7 @@ class InternVLChat:
         )
         if fits is not None:  # each tile ~2.4 MB at 448 pixels: refuse before making any
             planned = planned_tiles(items, **budgets)
-            shown = str(planned) if len(planned) <= 10 else "[" + ", ".join(map(str, planned[:10])) + ", ...]"
-            fits(planned, f"; the images take {sum(planned)} tiles ({shown} by image; a smaller max_num or "
-                          "total_max_num gives fewer)")
+            fits(planned, _fewer_tiles(planned, total_max_num))
         loaded = load_images(items, **budgets)
         if num_patches_list is not None and list(num_patches_list) != loaded.num_patches_list:
             raise InputError(f"num_patches_list {list(num_patches_list)} does not match the tiles of the images "

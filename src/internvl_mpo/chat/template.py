@@ -274,13 +274,13 @@ def _image_ids(num_patches_list: Sequence[int], num_image_token: int) -> int:
 
 
 def check_prompt_length(length: int, num_patches_list: Sequence[int], max_length: int | None,
-                        num_image_token: int = NUM_IMAGE_TOKEN, hint: str = "") -> None:
+                        num_image_token: int = NUM_IMAGE_TOKEN, hint: Sequence[str] = ("",)) -> None:
     """Refuse a prompt of `length` ids (its images' tiles: `num_patches_list`) longer than `max_length`;
-    `hint` ends the message (what to change)."""
+    `hint` ends the message (what to change), as SettingError's parts: text, setting, text, ..."""
     if max_length is not None and length > max_length:
         raise PromptTooLongError(
             f"prompt is {length} tokens ({_image_ids(num_patches_list, num_image_token)} of them image tokens), "
-            f"longer than the context allows: at most {max_length}{hint}"
+            f"longer than the context allows: at most {max_length}{hint[0]}", *hint[1:]
         )
 
 
