@@ -78,3 +78,17 @@ def test_the_command_line_names_the_flag_that_gives_fewer_tiles(short_folder, ca
     err = capsys.readouterr().err
     assert err.startswith("internvl-mpo chat: error: prompt is ")
     assert err.endswith("; the images take 41 tiles ([41] by image; a smaller --max-num gives fewer)\n")
+
+
+def test_batch_chat_names_the_question_it_cannot_ask(short_folder):
+    """batch_chat refused a batch with one question too long for the context with the prompt's numbers alone:
+    which of the questions was not said. The error names its index, and keeps its type and settings."""
+    from internvl_mpo.errors import PromptTooLongError
+
+    bot = InternVLChat.from_pretrained(short_folder)
+    strip = short_folder.parent / "strip.png"
+    with pytest.raises(PromptTooLongError, match=r"^questions\[1\]: prompt is \d+ tokens .*a smaller max_num gives") as e:
+        bot.batch_chat(["Hi", "What is it?"], [None, strip], max_num=40, max_new_tokens=1)
+    assert e.value.named({"max_num": "--max-num"}).args[0].endswith("a smaller --max-num gives fewer)")
+    with pytest.raises(InputError, match=r"^questions\[2\]: .*nothing\.png"):
+        bot.batch_chat(["Hi", "Ho", "What is it?"], [None, None, short_folder / "nothing.png"], max_new_tokens=1)

@@ -45,6 +45,13 @@ class SettingError(InputError):
         return type(self)(*(names.get(part, part) if i % 2 else part for i, part in enumerate(self.parts)))
 
 
+def located(error: InputError, where: str) -> InputError:
+    """`error`, of its type and naming its settings as it does, with `where` before its message."""
+    if isinstance(error, SettingError):
+        return type(error)(where + error.parts[0], *error.parts[1:])
+    return type(error)(where + str(error))
+
+
 class PromptTooLongError(SettingError):
     """A prompt (history and image tokens included) longer than the model or the batch can hold; its hint
     names the settings that shorten it (`max_num`), as SettingError's parts."""

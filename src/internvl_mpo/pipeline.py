@@ -34,7 +34,7 @@ from .chat.template import (
 )
 from .chat.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokenizer, load_tokenizer
 from .config import ModelConfig
-from .errors import ConfigError, InputError, SettingError
+from .errors import ConfigError, InputError, SettingError, located
 from .generate.engine import SPAN_BUCKET, Engine, Generation, Request
 from .generate.sampling import SamplingParams, whole_number
 from .model import InternVL
@@ -442,7 +442,10 @@ class InternVLChat:
             raise InputError(f"{len(questions)} questions but {len(per_question)} image entries")
         requests: list[tuple[Prepared, SamplingParams]] = []
         for i, (question, imgs) in enumerate(zip(questions, per_question)):
-            p = self.prepare(question, imgs, **inputs)
+            try:
+                p = self.prepare(question, imgs, **inputs)
+            except InputError as e:  # which of the questions
+                raise located(e, f"questions[{i}]: ") from None
             seed = None if params.seed is None else params.seed + i
             requests.append((p, dataclasses.replace(params, seed=seed)))
         answers = self.answer_prepared(requests)
