@@ -26,6 +26,11 @@ DEVICE=${DEVICE:-cpu}
 SFT_STEPS=${SFT_STEPS:-2000}
 BARE_COPIES=${BARE_COPIES:-0.5}
 PAIR_ITEMS=${PAIR_ITEMS:-1000}
+DEST=src/internvl_mpo/demo_model  # where INSTALL=1 puts the chosen stage
+if [ "${INSTALL:-0}" = 1 ] && [ ! -d "$DEST" ]; then  # found now, not after the hour of training
+  echo "train_demo.sh: error: INSTALL=1 installs into $DEST, which is not in $PWD; run it from the repository's root" >&2
+  exit 1
+fi
 mkdir -p "$RUN"
 # a rerun skips the steps whose outputs exist: with other settings it would report the earlier run's table
 SETTINGS="SEED=$SEED SFT_STEPS=$SFT_STEPS BARE_COPIES=$BARE_COPIES PAIR_ITEMS=$PAIR_ITEMS"
@@ -135,7 +140,6 @@ log "total $(( $(stamp) - T0 ))s"
 if [ "${INSTALL:-0}" = 1 ]; then
   # the MPO stage ships only where it answers more test questions than the SFT stage, outside the noise
   BEST=$(python -c "import json; c = json.load(open('$RUN/comparison.json')); print('mpo' if c['fixed'] > c['broke'] and c['p'] < 0.05 else 'sft')")
-  DEST=src/internvl_mpo/demo_model
   find "$DEST" -maxdepth 1 -type f ! -name README.md -delete
   cp "$RUN/$BEST"/final/* "$DEST"/
   log "installed $RUN/$BEST/final into $DEST; its README.md (the model card) and the README's demo section still describe the earlier checkpoint: update them from $RUN/results.md"

@@ -450,3 +450,17 @@ def test_train_demo_install_ships_mpo_only_outside_the_noise(tmp_path, sft_right
     assert out.returncode == 0, out.stderr
     assert (dest / "model.safetensors").read_text() == installed and (dest / "README.md").read_text() == "card"
     assert f"installed {run}/{installed}/final into" in out.stdout
+
+
+def test_train_demo_install_outside_the_repository_root_is_refused_before_training(tmp_path):
+    """INSTALL=1 from another folder failed at its last step, after the hour of training ('find: ...
+    src/internvl_mpo/demo_model: No such file or directory'); it is now refused before the first step."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "internvl-mpo").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\nexit 3\n')
+    (bin_dir / "internvl-mpo").chmod(0o755)
+    out = subprocess.run(["bash", str(REPO / "scripts" / "train_demo.sh"), str(tmp_path / "run")], capture_output=True,
+                         text=True, cwd=tmp_path, env={"PATH": f"{bin_dir}:/usr/bin:/bin", "INSTALL": "1"}, timeout=60)
+    assert out.returncode == 1 and not (tmp_path / "calls").exists() and not (tmp_path / "run").exists()
+    assert out.stderr == (f"train_demo.sh: error: INSTALL=1 installs into src/internvl_mpo/demo_model, which is not"
+                          f" in {tmp_path}; run it from the repository's root\n")
