@@ -673,6 +673,18 @@ def test_bad_image_and_video_flags_fail_once_not_at_every_question(folder, tmp_p
     assert out.stdout == ""
 
 
+def test_chat_points_a_video_given_with_image_to_video(folder, tmp_path, capsys):
+    """`chat --image clip.mp4` said only "not an image Pillow can read"."""
+    from internvl_mpo.cli import main
+
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"\x00\x00\x00\x1cftypisom" + bytes(40))
+    assert main(["chat", "Hi", "--model", str(folder / "nope"), "--image", str(clip)]) == 1
+    assert capsys.readouterr().err == (f"internvl-mpo chat: error: {clip}: not an image Pillow can read, and it looks "
+                                       "like a video: pass it as a video (video= in Python, --video on the command "
+                                       "line)\n")
+
+
 def test_chat_refuses_more_video_frames_than_the_context_holds_before_decoding(folder, tmp_path, monkeypatch,
                                                                                 capsys):
     """Refused before a frame is decoded, naming the flag on the command line."""

@@ -251,6 +251,28 @@ def test_not_an_image(tmp_path):
         open_image(tmp_path)
 
 
+def test_a_video_given_as_an_image_is_pointed_to_the_video_input(tmp_path):
+    """A video file given as an image (`chat --image clip.mp4`) was "not an image Pillow can read", without a
+    word of the video input; a video's extension, or the first bytes of one, now get that hint."""
+    hint = r"not an image Pillow can read, and it looks like a video: pass it as a video \(video= in Python, --video "
+    mp4 = b"\x00\x00\x00\x1cftypisom\x00\x00\x02\x00isomiso2mp41" + bytes(100)
+    named = tmp_path / "clip.mkv"
+    named.write_bytes(b"not really a matroska file")
+    unnamed = tmp_path / "clip.bin"
+    unnamed.write_bytes(mp4)
+    for source, name in ((named, "clip.mkv"), (unnamed, "clip.bin"), (mp4, "<128 bytes>"), (io.BytesIO(mp4), "<file "),
+                         (b"RIFF\x00\x00\x00\x00AVI LIST" + bytes(20), "<36 bytes>"),
+                         (b"\x1a\x45\xdf\xa3" + bytes(40), "<44 bytes>")):
+        with pytest.raises(InputError, match=re.escape(name) + ".*: " + hint):
+            open_image(source)
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(40)  # a HEIF image, not a video
+    notes = tmp_path / "notes.txt"
+    notes.write_text("just some text")
+    for source in (heic, notes):
+        with pytest.raises(InputError, match=r": not an image Pillow can read$"):
+            open_image(source)
+
+
 def test_multi_frame_files_are_closed_after_decoding(tmp_path):
     """Pillow keeps a multi-frame file open after decoding (to seek later frames); it used to stay
     open until garbage collection, with a ResourceWarning, and as long as an RGB result lived."""

@@ -70,6 +70,12 @@ _DECODE_ERRORS = (Exception,)
 
 _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://|data:")
 
+# A file Pillow cannot read that is named as a video, or begins as one (an ISO media file of a video brand,
+# Matroska/WebM, AVI, MPEG-PS, FLV), is refused with AS_A_VIDEO: the video input reads it.
+AS_A_VIDEO = "pass it as a video (video= in Python, --video on the command line)"
+_VIDEO_SUFFIXES = frozenset(".3gp .asf .avi .flv .m2ts .m4v .mkv .mov .mp4 .mpeg .mpg .mts .ogv .ts .webm .wmv".split())
+_IMAGE_BRANDS = (b"avif", b"avis", b"heic", b"heim", b"heis", b"heix", b"hevc", b"hevx", b"mif1", b"msf1")  # HEIF/AVIF
+
 
 def _thread_pool() -> ThreadPoolExecutor:
     global _pool
@@ -172,11 +178,27 @@ def _open_pil(src: BinaryIO | bytes | bytearray, name: str, max_pixels: int | No
     except UnidentifiedImageError:
         if _is_empty(fp):
             raise InputError(f"{name}: the file is empty (0 bytes)") from None
+        if _looks_like_video(fp, name):
+            raise InputError(f"{name}: not an image Pillow can read, and it looks like a video: {AS_A_VIDEO}") from None
         raise InputError(f"{name}: not an image Pillow can read") from None
     except MemoryError:
         raise
     except _DECODE_ERRORS as e:
         raise InputError(f"{name}: cannot read image header: {e}") from None
+
+
+def _looks_like_video(fp: BinaryIO, name: str) -> bool:
+    """Whether `name` has a video's extension or the file `fp` begins as a video does."""
+    if os.path.splitext(name)[1].lower() in _VIDEO_SUFFIXES:
+        return True
+    try:
+        fp.seek(0)
+        head = fp.read(12)
+    except (OSError, ValueError, AttributeError):  # a stream that cannot seek back: no telling
+        return False
+    return ((head[4:8] == b"ftyp" and head[8:12] not in _IMAGE_BRANDS)
+            or head.startswith((b"\x1a\x45\xdf\xa3", b"\x00\x00\x01\xba", b"FLV\x01"))
+            or (head[:4] == b"RIFF" and head[8:12] == b"AVI "))
 
 
 def open_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
