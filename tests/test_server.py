@@ -608,6 +608,28 @@ def test_a_video_part_is_answered_as_chat_answers_about_the_video(client, local_
     assert e.value.body["code"] == "invalid_video"
 
 
+def test_an_image_in_a_video_part_or_a_video_in_an_image_part_is_told_the_part_to_use(client, tmp_path):
+    """A JPEG sent as a video_url part got a 400 saying "pass it as an image (images= in Python, --image on the
+    command line)", words for Python and the command line; a video sent as an image_url part was only "not an
+    image Pillow can read". Each now says which part to send it as."""
+    jpeg = io.BytesIO()
+    Image.new("RGB", (40, 30), "red").save(jpeg, format="JPEG")
+    video = {"type": "video_url", "video_url": {"url": "data:image/jpeg;base64," + base64.b64encode(
+        jpeg.getvalue()).decode()}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": [video]}], **GREEDY)
+    assert e.value.body["code"] == "invalid_video"
+    assert e.value.body["message"].startswith("messages[0].content[0].video_url: the video: is an image, not a video")
+    assert e.value.body["message"].endswith("; send it as an image_url part")
+    image = {"type": "image_url", "image_url": {"url": "data:video/mp4;base64," + base64.b64encode(
+        clip(tmp_path / "clip.mp4")).decode()}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": [image]}], **GREEDY)
+    assert e.value.body["code"] == "invalid_image"
+    assert e.value.body["message"].endswith(": not an image Pillow can read, and it looks like a video: send it as a "
+                                            "video_url part")
+
+
 def test_stop_string_cuts_the_answer(client):
     messages = [{"role": "user", "content": "Count to ten."}]
     full = client.chat.completions.create(model="m", messages=messages, **LONG).choices[0].message.content

@@ -91,7 +91,7 @@ from .errors import ConfigError, InputError, SettingError
 from .generate.engine import MAX_TOP_LOGPROBS, Generation, Request
 from .generate.sampling import SamplingParams
 from .pipeline import InternVLChat, TextAssembler
-from .processor.image import let_pillow_open, load_image
+from .processor.image import AS_A_VIDEO, AS_AN_IMAGE, let_pillow_open, load_image
 from .processor.multi import planned_tiles
 
 log = logging.getLogger("internvl_mpo.server")
@@ -840,7 +840,8 @@ def _invalid_image(param: str):
     except InputError as e:
         if isinstance(e, SettingError):
             e = e.named({"max_pixels": "--max-image-pixels of internvl-mpo serve"})
-        raise ApiError(400, f"{param}: {e}", param, "invalid_image") from None
+        why = str(e).replace(AS_A_VIDEO, "send it as a video_url part")
+        raise ApiError(400, f"{param}: {why}", param, "invalid_image") from None
 
 
 def chat_prompt_ids(chat: InternVLChat, req: ChatRequest, settings: ServerSettings, max_len: int,
@@ -904,7 +905,8 @@ def _video_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings
                                     num_segments=VIDEO_FRAMES, system_message=req.system_message,
                                     max_pixels=settings.max_image_pixels)
         except InputError as e:
-            raise ApiError(400, f"{param}: {str(e).replace(file.name, 'the video')}", param, "invalid_video") from None
+            why = str(e).replace(file.name, "the video").replace(AS_AN_IMAGE, "send it as an image_url part")
+            raise ApiError(400, f"{param}: {why}", param, "invalid_video") from None
     return prepared.prompt_ids, prepared.pixel_values
 
 

@@ -71,8 +71,10 @@ _DECODE_ERRORS = (Exception,)
 _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://|data:")
 
 # A file Pillow cannot read that is named as a video, or begins as one (an ISO media file of a video brand,
-# Matroska/WebM, AVI, MPEG-PS, FLV), is refused with AS_A_VIDEO: the video input reads it.
+# Matroska/WebM, AVI, MPEG-PS, FLV), is refused with AS_A_VIDEO: the video input reads it; an image given as
+# a video (processor/video.py) with AS_AN_IMAGE. The server says them in its own words.
 AS_A_VIDEO = "pass it as a video (video= in Python, --video on the command line)"
+AS_AN_IMAGE = "pass it as an image (images= in Python, --image on the command line)"
 _VIDEO_SUFFIXES = frozenset(".3gp .asf .avi .flv .m2ts .m4v .mkv .mov .mp4 .mpeg .mpg .mts .ogv .ts .webm .wmv".split())
 _IMAGE_BRANDS = (b"avif", b"avis", b"heic", b"heim", b"heis", b"heix", b"hevc", b"hevx", b"mif1", b"msf1")  # HEIF/AVIF
 

@@ -84,6 +84,7 @@ from PIL import Image
 
 from internvl_mpo.errors import InputError
 from internvl_mpo.processor.image import (
+    AS_AN_IMAGE,
     ImageSource,
     check_pixels,
     image_to_pixel_values,
@@ -382,8 +383,8 @@ def _checked_stream(av, container, name: str, max_pixels: int | None):
     which FFmpeg's image2 reader reads as a sequence of frames, names no file and is left to it."""
     reader = container.format.name
     if (reader == "image2" or reader.endswith("_pipe")) and os.path.isfile(container.name):
-        raise InputError(f"{name}: is an image, not a video (FFmpeg reads it with its {reader} reader); pass it as "
-                         "an image (images= in Python, --image on the command line)")
+        raise InputError(f"{name}: is an image, not a video (FFmpeg reads it with its {reader} reader); "
+                         + AS_AN_IMAGE)
     stream = _video_stream(container)
     if stream is None:
         raise InputError(f"{name}: has no video stream" + (" (only a cover picture)" if container.streams.video else ""))
