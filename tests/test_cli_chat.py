@@ -909,6 +909,28 @@ def test_interactive_commands_help_video_and_a_conversation_too_long(folder, tmp
     assert len(out.stdout.strip().splitlines()) == 1  # one answer: no command was asked as a question
 
 
+def test_text_that_is_not_utf8_is_named_as_such(folder):
+    """A line typed at a terminal that does not send UTF-8 (Latin-1 \\xe9) was refused as "a lone surrogate ...
+    (a broken \\uXXXX escape?)", and where Python reads stdin strictly it was a UnicodeDecodeError traceback; the
+    question given on the command line too. Now each says the text is not UTF-8."""
+    import os
+
+    from internvl_mpo import cli_chat
+    from internvl_mpo.errors import InputError
+
+    said = "is not UTF-8 text (byte 0xe9 at character 3); set the terminal's encoding to UTF-8"
+    with pytest.raises(InputError) as e:  # before the model loads
+        cli_chat.chat("caf\udce9?", model=str(folder / "nope"))
+    assert str(e.value) == f"the question {said}"
+    for errors in ("surrogateescape", "strict"):
+        out = subprocess.run([sys.executable, "-m", "internvl_mpo.cli", "chat", "--model", str(folder),
+                              "--max-new-tokens", "2"], input=b"caf\xe9?\nHi?\n", capture_output=True, timeout=120,
+                             env={**os.environ, "PYTHONIOENCODING": f"utf-8:{errors}"})
+        err = out.stderr.decode()
+        assert out.returncode == 0 and f"error: the line {said}\n" in err and "Traceback" not in err, err
+        assert len(out.stdout.decode().strip().splitlines()) == 1  # the next line is answered
+
+
 def test_interactive_images_too_many_for_the_context_say_reset_drops_them(folder, tmp_path, monkeypatch, capsys):
     """Images added with /image until the prompt outgrew the context failed every question with an error that
     named max_num and total_max_num, which the session cannot change, and not /reset, which drops them."""

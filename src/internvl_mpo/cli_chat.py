@@ -117,7 +117,7 @@ def chat(
     from .pipeline import InternVLChat, sampling_params
     from .processor.image import let_pillow_open, open_image
 
-    question = " ".join(question) if question else None  # `chat What is it?` as `chat "What is it?"`
+    question = _utf8(" ".join(question), "the question") if question else None  # `chat What is it?` as one string
     let_pillow_open(max_pixels)
     _at_least_one(max_num=max_num, num_segments=num_segments)
     params = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty,
@@ -145,6 +145,8 @@ def chat(
     print(f"Interactive chat. {commands}.", file=sys.stderr)
     with contextlib.suppress(ImportError):  # none on Windows
         import readline  # noqa: F401  (input() at a terminal then edits the line: arrow keys, earlier lines)
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 comes to _utf8, which says so, not a traceback
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             line = input("> " if sys.stdin.isatty() else "").strip()  # piped: stdout holds the answers only
@@ -181,7 +183,8 @@ def chat(
             print(f"{'' if command[1] == '/help' else f'unknown command {command[1]}; '}{commands}", file=sys.stderr)
             continue
         try:
-            prepared = bot.prepare(line, images or None, video, history, max_num=_per_image(max_num, video), **inputs)
+            prepared = bot.prepare(_utf8(line, "the line"), images or None, video, history,
+                                   max_num=_per_image(max_num, video), **inputs)
             history.append((prepared.question, _answer(bot, prepared, params)))
         except InputError as e:
             way_out = ""
@@ -192,6 +195,16 @@ def chat(
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session (Ctrl-C at the prompt quits)
             print()
             print("(interrupted; that question is left out of the conversation)", file=sys.stderr)
+
+
+def _utf8(text: str, what: str) -> str:
+    """`text` from the command line or the terminal, refused where its bytes were not UTF-8: Python reads each
+    such byte as a lone surrogate (U+DC80-U+DCFF), which the tokenizer would refuse as a broken escape."""
+    bad = re.search("[\udc80-\udcff]", text)
+    if bad:
+        raise InputError(f"{what} is not UTF-8 text (byte 0x{ord(bad[0]) - 0xDC00:02x} at character {bad.start()}); "
+                         "set the terminal's encoding to UTF-8")
+    return text
 
 
 def _typed_path(text: str) -> str:
