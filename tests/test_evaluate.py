@@ -703,6 +703,26 @@ def test_real_model_counts_a_prompt_longer_than_the_context_wrong(tiny_model, tm
     assert [json.loads(line)["id"] for line in predictions] == ["short", "long"]
 
 
+def test_a_question_whose_image_fills_the_context_names_the_flag(tiny_model, tmp_path, capsys):
+    """The failure named max_num and total_max_num, Python's names, where eval has --max-num and no total flag."""
+    import shutil
+
+    from internvl_mpo.cli import main
+
+    model = shutil.copytree(tiny_model, tmp_path / "short")
+    config = json.loads((model / "config.json").read_text())
+    config["llm_config"]["max_position_embeddings"] = 100  # 4 tokens a tile: 41 tiles do not fit
+    (model / "config.json").write_text(json.dumps(config))
+    Image.new("RGB", (40, 1)).save(tmp_path / "strip.png")
+    path = tmp_path / "bench.jsonl"
+    path.write_text(json.dumps({"id": "a", "image": "strip.png", "question": "How many?", "answer": "2"}) + "\n")
+    assert main(["eval", "--model", str(model), "--data", str(path), "--output", str(tmp_path / "out"),
+                 "--max-num", "40", "--max-new-tokens", "1", "--device", "cpu", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"failed (counted wrong) {path}:1 (id 'a'): prompt is " in out
+    assert "; the images take 41 tiles ([41] by image; a smaller --max-num gives fewer)\n" in out
+
+
 def test_no_progress_hides_the_progress_bar(tiny_model, tmp_path, capsys):
     """--no-progress, as train's, keeps a job's log free of the bar's lines; eval had none."""
     from internvl_mpo.cli import main

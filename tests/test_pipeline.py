@@ -61,6 +61,8 @@ def test_images_too_large_for_the_context_get_a_hint_true_to_their_tiles(short_f
     with pytest.raises(PromptTooLongError, match=r"\(\[21, 21\] by image; a smaller max_num or total_max_num gives "
                                                  r"fewer\)$"):
         bot.prepare("What is it?", [strip, strip], max_num=40, total_max_num=40)
+    with pytest.raises(PromptTooLongError, match=r"\(\[21, 21\] by image; a smaller max_num gives fewer\)$"):
+        bot.prepare("What is it?", [strip, strip], max_num=20, total_max_num=64)  # the total caps nothing
     with pytest.raises(PromptTooLongError) as one_each:
         bot.prepare("What are they?", [strip] * 20, max_num=1)
     assert str(one_each.value).endswith("; the images take 20 tiles ([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, ...] by image; "

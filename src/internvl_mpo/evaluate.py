@@ -512,8 +512,9 @@ def greedy_params(max_num: int, max_new_tokens: int):
 def model_answerer(chat, max_num: int, params, max_pixels: int | None = None) -> Answerer:
     """Greedy answers (`params`: `greedy_params`) from an InternVLChat with continuous batching
     (`answers_as_they_finish`): each question's images load when a row takes it (refused over `max_pixels`
-    pixels); a question whose prompt cannot be built (or fails in the engine) gets its exception and the
-    others still run."""
+    pixels); a question whose prompt cannot be built (or fails in the engine) gets its exception (naming the
+    settings by eval's flags: `--max-num`) and the others still run."""
+    from internvl_mpo.cli import flagged
 
     def answer(prompts: Iterable[tuple[Any, Prompt]], batch_size: int) -> Iterable[tuple[Any, str | Exception]]:
         def jobs():
@@ -522,7 +523,7 @@ def model_answerer(chat, max_num: int, params, max_pixels: int | None = None) ->
                     yield key, chat.prepare(p.question, list(p.images) or None, max_num=max_num,
                                             total_max_num=TOTAL_MAX_NUM, max_pixels=max_pixels), params
                 except InputError as e:  # a prompt longer than the context: this question fails alone
-                    yield key, e, params
+                    yield key, flagged(e, eval_), params
 
         return chat.answers_as_they_finish(jobs(), batch_size)
 

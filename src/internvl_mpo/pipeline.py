@@ -110,14 +110,15 @@ def _as_list(images) -> list:
     return [images]
 
 
-def _fewer_tiles(planned: list[int], total_max_num: int | None) -> tuple[str, ...]:
+def _fewer_tiles(planned: list[int], max_num: int, total_max_num: int | None) -> tuple[str, ...]:
     """The hint of a prompt whose images of `planned` tiles do not fit, as SettingError parts: the settings
-    that give fewer tiles (total_max_num where the call gave one), or fewer images where each has 1 tile."""
+    that give fewer tiles (total_max_num where the call gave one that caps them below max_num), or fewer
+    images where each has 1 tile."""
     shown = str(planned) if len(planned) <= 10 else "[" + ", ".join(map(str, planned[:10])) + ", ...]"
     said = f"; the images take {sum(planned)} tiles ({shown} by image"
     if max(planned) == 1:
         return (f"{said}; 1 tile each, the fewest an image takes: fewer images fit)",)
-    if total_max_num is None:
+    if total_max_num is None or max(1, total_max_num // len(planned)) >= max_num:
         return (f"{said}; a smaller ", "max_num", " gives fewer)")
     return (f"{said}; a smaller ", "max_num", " or ", "total_max_num", " gives fewer)")
 
@@ -280,7 +281,7 @@ class InternVLChat:
         )
         if fits is not None:  # each tile ~2.4 MB at 448 pixels: refuse before making any
             planned = planned_tiles(items, **budgets)
-            fits(planned, _fewer_tiles(planned, total_max_num))
+            fits(planned, _fewer_tiles(planned, budgets["max_num"], total_max_num))
         loaded = load_images(items, **budgets)
         if num_patches_list is not None and list(num_patches_list) != loaded.num_patches_list:
             raise InputError(f"num_patches_list {list(num_patches_list)} does not match the tiles of the images "
