@@ -417,7 +417,8 @@ def test_convert_command(tmp_path, capsys):
     assert convert_command(str(tmp_path / "hf"), str(tmp_path / "back"), to="official") == 0
     out = capsys.readouterr().out
     assert "has no configuration_internvl_chat.py, modeling_internvl_chat.py" in out
-    assert f'hf download OpenGVLab/InternVL2_5-<size>-MPO --include "*.py" --local-dir {tmp_path / "back"}' in out
+    assert (f'hf download OpenGVLab/InternVL2_5-SIZE-MPO --include "*.py" --local-dir {tmp_path / "back"}\n'
+            "  (SIZE: the release this model comes from, one of 2B, 8B, 26B)") in out
     assert (tmp_path / "back" / "tokenization_internlm2.py").exists()
 
 
@@ -435,7 +436,8 @@ def test_an_internlm2_folder_without_tokenizer_model_is_told_where_to_get_it(tmp
     out = capsys.readouterr().out
     note = (f"note: {tmp_path / 'back'} has no tokenizer.model, the InternLM2 tokenizer that chat, the official code"
             " and vLLM read (the transformers folder held none). Add the official tokenizer files of the matching"
-            f' hub repo:\n  hf download OpenGVLab/InternVL2_5-<size>-MPO --include "tokenizer*" --local-dir {tmp_path / "back"}')
+            f' hub repo:\n  hf download OpenGVLab/InternVL2_5-SIZE-MPO --include "tokenizer*" --local-dir {tmp_path / "back"}'
+            "\n  (SIZE: the release this model comes from, one of 2B, 8B, 26B)")
     assert (note in out) != held
     convert(official_folder(tmp_path / "qwen2", "qwen2"), tmp_path / "qwen2_hf", to="hf")  # no tokenizer.model
     convert_command(str(tmp_path / "qwen2_hf"), str(tmp_path / "qwen2_back"), to="official")

@@ -729,9 +729,15 @@ def tokenizer_note(folder: str | Path) -> str | None:
 
 
 def _download(folder: Path, config: ModelConfig, pattern: str) -> str:
-    """The command that downloads the files `pattern` of the hub repo of this config's size into `folder`."""
-    size = next((s for s in FAMILY_SIZES if _family_key(family_config(s)) == _family_key(config)), "<size>")
-    return f"hf download OpenGVLab/InternVL2_5-{size}-MPO --include \"{pattern}\" --local-dir {shlex.quote(str(folder))}"
+    """The command that downloads the files `pattern` of the hub repo of this config's size into `folder`; for a
+    model of no released size, SIZE stands for the release it came from, among those of its language model."""
+    size = next((s for s in FAMILY_SIZES if _family_key(family_config(s)) == _family_key(config)), None)
+    command = (f"hf download OpenGVLab/InternVL2_5-{size or 'SIZE'}-MPO --include \"{pattern}\" "
+               f"--local-dir {shlex.quote(str(folder))}")
+    if size:
+        return command
+    kin = [s for s in FAMILY_SIZES if family_config(s).llm.architectures[0] == config.llm.architectures[0]]
+    return f"{command}\n  (SIZE: the release this model comes from, one of {', '.join(kin)})"
 
 
 def convert_command(src: str, dst: str, *, to: str) -> int:
