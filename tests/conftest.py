@@ -206,6 +206,31 @@ def record_header_reads(monkeypatch) -> list:
     return opened
 
 
+def check_resave_refuses_resume(run, model: Path, out: Path) -> None:
+    """`run()` (a command writing into `out` with the model folder `model`, whose weights carry no save id, as
+    official ones) records the weights' save id in out/settings.json: a model saved again into `model` is refused
+    as other settings (weights), the same weights resume, and a settings file from before the id resumes."""
+    import shutil
+
+    from internvl_mpo import InternVL
+    from internvl_mpo.errors import ConfigError
+
+    assert run() == 0
+    assert json.loads((out / "settings.json").read_text())["weights"] is None  # no save id, as official weights
+    InternVL.from_pretrained(model).save_pretrained(model)
+    with pytest.raises(ConfigError, match=r"holds a run with other settings \(weights\)"):
+        run()
+    shutil.rmtree(out)
+    assert run() == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert len(settings["weights"]) == 32
+    assert run() == 0  # the same weights resume
+    del settings["weights"]  # recorded before the save id was: nothing to compare
+    (out / "settings.json").write_text(json.dumps(settings))
+    InternVL.from_pretrained(model).save_pretrained(model)
+    assert run() == 0
+
+
 def modes_other_than(folder: Path, mode: int) -> dict[str, str]:
     """Files under `folder` whose permission bits are not `mode` (relative path -> octal mode)."""
     return {p.relative_to(folder).as_posix(): oct(p.stat().st_mode & 0o777)

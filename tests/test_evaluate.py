@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import bf16_shards_without_dtype, record_header_reads
+from conftest import bf16_shards_without_dtype, check_resave_refuses_resume, record_header_reads
 from PIL import Image
 
 from internvl_mpo.answers import COT_INSTRUCTION
@@ -622,27 +622,13 @@ def test_a_model_saved_again_into_its_folder_does_not_resume_the_earlier_weights
     earlier weights' predictions and scored them as the new model's. Their save id is recorded and compared."""
     import shutil
 
-    from internvl_mpo import InternVL
     from internvl_mpo.evaluate import eval_
 
     model = shutil.copytree(tiny_model, tmp_path / "model")
     data, out = write_bench(tmp_path / "data"), tmp_path / "out"
     run = dict(data=str(data), model=str(model), output=str(out), limit=1, max_new_tokens=1, device="cpu",
                progress=False)
-    assert eval_(**run) == 0
-    assert json.loads((out / "settings.json").read_text())["weights"] is None  # no save id, as official weights
-    InternVL.from_pretrained(model).save_pretrained(model)
-    with pytest.raises(ConfigError, match=r"holds a run with other settings \(weights\)"):
-        eval_(**run)
-    shutil.rmtree(out)
-    assert eval_(**run) == 0
-    settings = json.loads((out / "settings.json").read_text())
-    assert len(settings["weights"]) == 32
-    assert eval_(**run) == 0  # the same weights resume
-    del settings["weights"]  # recorded before the save id was: nothing to compare
-    (out / "settings.json").write_text(json.dumps(settings))
-    InternVL.from_pretrained(model).save_pretrained(model)
-    assert eval_(**run) == 0
+    check_resave_refuses_resume(lambda: eval_(**run), model, out)
 
 
 def test_real_model_on_tsv_through_the_cli(tiny_model, tmp_path, capsys):

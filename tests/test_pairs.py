@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import bf16_shards_without_dtype, record_header_reads
+from conftest import bf16_shards_without_dtype, check_resave_refuses_resume, record_header_reads
 from PIL import Image
 
 from internvl_mpo.answers import COT_INSTRUCTION
@@ -601,7 +601,6 @@ def test_a_model_saved_again_into_its_folder_does_not_resume_the_earlier_weights
     earlier weights' samples and sampled the rest with the new ones. Their save id is recorded and compared."""
     import shutil
 
-    from internvl_mpo import InternVL
     from internvl_mpo.pairs import pairs
 
     model = shutil.copytree(tiny_model, tmp_path / "model")
@@ -609,20 +608,7 @@ def test_a_model_saved_again_into_its_folder_does_not_resume_the_earlier_weights
     path.write_text(json.dumps({"id": "a", "question": "How many?", "answer": "2"}) + "\n")
     run = dict(method="correctness", model=str(model), input=str(path), output=str(out), samples=2, max_new_tokens=2,
                device="cpu", progress=False)
-    assert pairs(**run) == 0
-    assert json.loads((out / "settings.json").read_text())["weights"] is None  # no save id, as official weights
-    InternVL.from_pretrained(model).save_pretrained(model)
-    with pytest.raises(ConfigError, match=r"holds a run with other settings \(weights\)"):
-        pairs(**run)
-    shutil.rmtree(out)
-    assert pairs(**run) == 0
-    settings = json.loads((out / "settings.json").read_text())
-    assert len(settings["weights"]) == 32
-    assert pairs(**run) == 0  # the same weights resume
-    del settings["weights"]  # recorded before the save id was: nothing to compare
-    (out / "settings.json").write_text(json.dumps(settings))
-    InternVL.from_pretrained(model).save_pretrained(model)
-    assert pairs(**run) == 0
+    check_resave_refuses_resume(lambda: pairs(**run), model, out)
 
 
 def test_no_progress_hides_the_progress_bar(tiny_model, tmp_path, capsys):
