@@ -229,7 +229,7 @@ def test_parse_choice_without_options_and_list_options():
     assert parse_choice("B", ["x", "y"]) == "B"
     assert parse_choice("E", ["x", "y"]) is None
     assert normalize_options(["x", "y"]) == {"A": "x", "B": "y"}
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="^option keys must be single letters A-Z, got 'AB'$"):
         normalize_options({"AB": "x"})
     assert normalize_options([1, 2.5]) == {"A": "1", "B": "2.5"}  # numbers read as their text
     # A null or nested option (a padded options column) would show as "C. None" in the prompt.
@@ -440,13 +440,13 @@ def test_check_answer_tolerance_and_bad_ground_truth():
     assert check_answer("10.4", "10.1", "number", rel_tol=0.05) is True
     assert check_answer("10.4", "10.1", "number") is False
     assert check_answer("104", "100", "number", rel_tol=0.05) is False  # integers match exactly
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="^ground truth 'Z' is neither an option letter nor the text of one option"):
         check_answer("B", "Z", "choice", OPTIONS)
     with pytest.raises(InputError, match='"kind": "text"'):
         check_answer("I", "I", "choice")
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="^ground truth 'many' holds no number, or several$"):
         check_answer("5", "many", "number")
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="^unknown answer kind 'essay'; known: choice, number, yesno, text$"):
         check_answer("5", "5", "essay")
 
 
@@ -931,5 +931,5 @@ def test_roots_of_negative_numbers(prediction, truth, expected):
 
 def test_a_zero_denominator_gives_no_number():
     assert check_answer("1/0", "5") is None and check_answer("\\frac{3}{0}", "5") is None
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="^ground truth '1/0' holds no number, or several$"):
         check_answer("5", "1/0", "number")
