@@ -370,7 +370,7 @@ def test_unreadable_weights_are_named_and_leave_no_partial_destination(tmp_path,
             convert(bad, tmp_path / f"out{i}", to=to)
         assert not (tmp_path / f"out{i}").exists()
     (tmp_path / "empty").mkdir()  # a destination that existed (empty) stays, empty
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=re.escape(message)):  # the damage, after weights were written there
         convert(bad, tmp_path / "empty", to=to)
     assert list((tmp_path / "empty").iterdir()) == []
 
