@@ -539,11 +539,11 @@ def test_a_run_is_refused_while_another_live_run_holds_its_output(tmp_path, chat
 
 
 def test_bad_model_or_data_creates_no_output_folder(tmp_path, chat_folder, meta):
-    from internvl_mpo.errors import InternVLError
+    from internvl_mpo.errors import CheckpointError
 
-    with pytest.raises(InternVLError):
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(tmp_path / 'no-model'))}: no such checkpoint folder"):
         train(config(tmp_path / "no-model", meta, tmp_path / "a"))
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match=f"^{re.escape(str(tmp_path / 'no-meta.json'))}: meta file not found$"):
         train(config(chat_folder, tmp_path / "no-meta.json", tmp_path / "b"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
