@@ -328,8 +328,11 @@ def test_bad_items_are_reported_with_their_line(tmp_path):
 
 
 def test_sampling_settings_that_cannot_give_pairs_are_refused():
-    for bad in (dict(temperature=0.0), dict(temperature=-1.0), dict(top_k=1), dict(max_num=0)):
-        with pytest.raises(InputError):
+    greedy = r"^pairs need sampling: temperature > 0 and top_k other than 1 \(got temperature {}, top_k {}\)"
+    for bad, message in ((dict(temperature=0.0), greedy.format(r"0\.0", 50)),
+                         (dict(temperature=-1.0), greedy.format(r"-1\.0", 50)),
+                         (dict(top_k=1), greedy.format(r"0\.7", 1)), (dict(max_num=0), "^max_num must be at least 1, got 0$")):
+        with pytest.raises(InputError, match=message):
             PairSettings(**bad)
     PairSettings(temperature=0.1, top_k=0)  # top_k 0 is off, not greedy
 
