@@ -272,9 +272,9 @@ def test_answers_cut_to_the_same_tokens_name_file_and_line(tmp_path, tokenizer, 
     assert kept.chosen_ids != kept.rejected_ids and kept.truncated
     limit = len(full.prompt_ids) + first
     with pytest.raises(InputError, match=rf"toy\.jsonl:1: 'chosen' and 'rejected' are the same in their first {first}"
-                                         rf" tokens.*--max-seq-length {limit}.*raise --max-seq-length"):
+                                         rf" tokens.*--max-seq-length {limit}.*raise --max-seq-length") as error:
         encode_pair(rec, tokenizer, settings, limit)
-    assert isinstance(PairDataset([rec], tokenizer, settings, max_seq_length=limit)[0], BadExample)
+    assert PairDataset([rec], tokenizer, settings, max_seq_length=limit)[0] == BadExample(0, "encode", str(error.value))
 
 
 def test_answers_that_tokenize_alike_uncut_do_not_blame_the_sequence_length(tmp_path, tokenizer, settings):
