@@ -647,6 +647,8 @@ def test_a_head_tied_by_hand_is_saved_as_a_tensor_of_its_own(tmp_path, tiny):
         assert torch.equal(InternVL.from_pretrained(tmp_path / "m")(ids), model(ids))
 
 
+# wrapping a module in torch.compile imports dynamo, whose torch.jit imports warn that script_method is deprecated
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_weights_that_do_not_fit_the_config_are_not_saved(tmp_path, tiny):
     """A resized embedding, or a submodule swapped for torch.compile's wrapper (its keys gain `_orig_mod.`), was
     saved without a word into a folder no loader could read (its keys or shapes are not config.json's)."""
