@@ -536,9 +536,9 @@ def test_repetition_penalty_matches_the_hf_rule():
 
 
 def test_bad_sampling_settings_are_refused():
-    with pytest.raises(InputError, match="top_p"):
+    with pytest.raises(InputError, match=r"^top_p must be in \(0, 1\], got 0$"):
         SamplingParams(top_p=0)
-    with pytest.raises(InputError, match="max_new_tokens"):
+    with pytest.raises(InputError, match="^max_new_tokens must be at least 1, got 0$"):
         SamplingParams(max_new_tokens=0)
 
 

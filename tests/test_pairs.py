@@ -293,7 +293,7 @@ def test_bad_items_are_reported_with_their_line(tmp_path):
     with pytest.raises(InputError, match=r'items.jsonl:1: .*give the options, or "kind": "text"'):
         read_items(path, "correctness")
     path.write_text(json.dumps({"id": "a", "question": "q"}) + "\n" + json.dumps({"id": "a", "question": "q"}) + "\n")
-    with pytest.raises(InputError, match="chosen"):
+    with pytest.raises(InputError, match="items.jsonl:1: DropoutNTP needs a non-empty string 'chosen' \\(or 'answer'\\)$"):
         read_items(path, "dropout-ntp")
     # A field that would be ignored, leaving the question without its images, is refused.
     for extra, why in [({"images": ["good.png"]}, r"'images' is not read; did you mean 'image'\?"),

@@ -160,7 +160,7 @@ def test_placeholder_count_mismatch(ours):
         build_prompt_ids(ours, "Image-1: <image>\nImage-2: <image>\nQ", (), [3])
     with pytest.raises(InputError, match=r"1 <image> placeholder\(s\) but 2 image"):
         expand_image_tokens("<image>\nQ", [1, 1])
-    with pytest.raises(InputError, match="positive"):
+    with pytest.raises(InputError, match="^each image needs a positive whole number of tiles, got 0$"):
         expand_image_tokens("<image>", [0])
 
 
