@@ -803,7 +803,7 @@ def test_resume_refuses_a_run_that_would_read_other_records(tmp_path, chat_folde
         train(dataclasses.replace(cfg, resume=True))
 
 
-def test_resume_of_a_text_only_run_whose_vision_tower_has_no_optimizer_state(tmp_path, chat_folder):
+def test_resume_of_a_text_only_run_whose_vision_tower_has_no_optimizer_state(tmp_path, chat_folder, monkeypatch):
     """Text-only conversations never give the (trainable) vision tower a gradient, so AdamW holds no state
     for it; the checkpoint is complete without one, and resuming gives the uninterrupted run's weights."""
     cfg = config(chat_folder, sft_meta(tmp_path / "data", 6, 1), tmp_path / "run", mode="sft", max_steps=3,
@@ -811,7 +811,10 @@ def test_resume_of_a_text_only_run_whose_vision_tower_has_no_optimizer_state(tmp
     straight = train(dataclasses.replace(cfg, output=str(tmp_path / "straight")))
     train(cfg)
     killed_after_step_1(tmp_path / "run")
+    computed, real = [], mpo.micro_batch_loss
+    monkeypatch.setattr(mpo, "micro_batch_loss", lambda *args: computed.append(1) or real(*args))
     resumed = train(dataclasses.replace(cfg, resume=True))
+    assert len(computed) == 2  # steps 2 and 3, from the step-1 checkpoint: a run from the start gives equal weights
     a, b = load_weights(straight.final_dir), load_weights(resumed.final_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
