@@ -208,7 +208,7 @@ train(cfg, on_step=hang_after_third)
 """
 
 
-def test_resume_after_sigkill_is_exact(tmp_path, chat_folder, meta):
+def test_resume_after_sigkill_is_exact(tmp_path, chat_folder, meta, monkeypatch):
     common = {"max_steps": 6, "save_every": 3, "batch_size": 3, "drop_path_rate": 0.1, "grad_checkpointing": True,
               "lr": 1e-3, "warmup_ratio": 0.2}
     straight = train(config(chat_folder, meta, tmp_path / "straight", **common))
@@ -231,7 +231,10 @@ def test_resume_after_sigkill_is_exact(tmp_path, chat_folder, meta):
     (tmp_path / "killed" / "checkpoint-000009").mkdir()
     assert ckpt.latest_checkpoint(tmp_path / "killed") == tmp_path / "killed" / "checkpoint-000003"
 
+    computed, real = [], mpo.micro_batch_loss
+    monkeypatch.setattr(mpo, "micro_batch_loss", lambda *args: computed.append(1) or real(*args))
     resumed = train(dataclasses.replace(killed, resume=True))
+    assert len(computed) == 3  # steps 4 to 6: a run from the start would give the same weights
     a, b = load_weights(straight.final_dir), load_weights(resumed.final_dir)
     assert a.keys() == b.keys()
     for key in a:
@@ -262,7 +265,8 @@ mpo.train(mpo.TrainConfig(**{cfg!r}))
 """
 
 
-def test_lora_resume_after_a_kill_mid_accumulation_and_after_the_last_step_is_exact(tmp_path, chat_folder, meta):
+def test_lora_resume_after_a_kill_mid_accumulation_and_after_the_last_step_is_exact(tmp_path, chat_folder, meta,
+                                                                                      monkeypatch):
     """LoRA adapters come back from extra.safetensors and their base weights from --model; a kill inside a step's
     accumulation redoes that step from the last checkpoint; a checkpoint of the last step only writes final/."""
     common = {"max_steps": 4, "save_every": 2, "batch_size": 1, "grad_accum": 2, "drop_path_rate": 0.1,
@@ -279,9 +283,13 @@ def test_lora_resume_after_a_kill_mid_accumulation_and_after_the_last_step_is_ex
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     assert ckpt.latest_checkpoint(tmp_path / "killed").name == "checkpoint-000002"
+    computed, real = [], mpo.micro_batch_loss
+    monkeypatch.setattr(mpo, "micro_batch_loss", lambda *args: computed.append(1) or real(*args))
     resumed = train(dataclasses.replace(killed, resume=True))
+    assert len(computed) == 4  # steps 3 and 4, two micro-batches each: a run from the start gives the same weights
     shutil.rmtree(tmp_path / "killed" / "final")
     after_the_last = train(dataclasses.replace(killed, resume=True))  # from checkpoint-000004: no step to train
+    assert len(computed) == 4
 
     expected = load_weights(straight.final_dir)
     for result in (resumed, after_the_last):
