@@ -208,7 +208,7 @@ train(cfg, on_step=hang_after_third)
 """
 
 
-def test_resume_after_sigkill_is_exact(tmp_path, chat_folder, meta, monkeypatch):
+def test_resume_after_sigkill_is_exact(tmp_path, chat_folder, meta):
     common = {"max_steps": 6, "save_every": 3, "batch_size": 3, "drop_path_rate": 0.1, "grad_checkpointing": True,
               "lr": 1e-3, "warmup_ratio": 0.2}
     straight = train(config(chat_folder, meta, tmp_path / "straight", **common))
@@ -231,10 +231,9 @@ def test_resume_after_sigkill_is_exact(tmp_path, chat_folder, meta, monkeypatch)
     (tmp_path / "killed" / "checkpoint-000009").mkdir()
     assert ckpt.latest_checkpoint(tmp_path / "killed") == tmp_path / "killed" / "checkpoint-000003"
 
-    computed, real = [], mpo.micro_batch_loss
-    monkeypatch.setattr(mpo, "micro_batch_loss", lambda *args: computed.append(1) or real(*args))
-    resumed = train(dataclasses.replace(killed, resume=True))
-    assert len(computed) == 3  # steps 4 to 6: a run from the start would give the same weights
+    trained = []
+    resumed = train(dataclasses.replace(killed, resume=True), on_step=lambda step, _: trained.append(step))
+    assert trained == [4, 5, 6]  # a run from the start would give the same weights
     a, b = load_weights(straight.final_dir), load_weights(resumed.final_dir)
     assert a.keys() == b.keys()
     for key in a:
@@ -265,8 +264,7 @@ mpo.train(mpo.TrainConfig(**{cfg!r}))
 """
 
 
-def test_lora_resume_after_a_kill_mid_accumulation_and_after_the_last_step_is_exact(tmp_path, chat_folder, meta,
-                                                                                      monkeypatch):
+def test_lora_resume_after_a_kill_mid_accumulation_and_after_the_last_step_is_exact(tmp_path, chat_folder, meta):
     """LoRA adapters come back from extra.safetensors and their base weights from --model; a kill inside a step's
     accumulation redoes that step from the last checkpoint; a checkpoint of the last step only writes final/."""
     common = {"max_steps": 4, "save_every": 2, "batch_size": 1, "grad_accum": 2, "drop_path_rate": 0.1,
@@ -283,13 +281,13 @@ def test_lora_resume_after_a_kill_mid_accumulation_and_after_the_last_step_is_ex
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     assert ckpt.latest_checkpoint(tmp_path / "killed").name == "checkpoint-000002"
-    computed, real = [], mpo.micro_batch_loss
-    monkeypatch.setattr(mpo, "micro_batch_loss", lambda *args: computed.append(1) or real(*args))
-    resumed = train(dataclasses.replace(killed, resume=True))
-    assert len(computed) == 4  # steps 3 and 4, two micro-batches each: a run from the start gives the same weights
+    trained = []
+    resumed = train(dataclasses.replace(killed, resume=True), on_step=lambda step, _: trained.append(step))
+    assert trained == [3, 4]  # a run from the start would give the same weights
     shutil.rmtree(tmp_path / "killed" / "final")
-    after_the_last = train(dataclasses.replace(killed, resume=True))  # from checkpoint-000004: no step to train
-    assert len(computed) == 4
+    after_the_last = train(dataclasses.replace(killed, resume=True),  # from checkpoint-000004: no step to train
+                           on_step=lambda step, _: trained.append(step))
+    assert trained == [3, 4]
 
     expected = load_weights(straight.final_dir)
     for result in (resumed, after_the_last):
@@ -811,7 +809,7 @@ def test_resume_refuses_a_run_that_would_read_other_records(tmp_path, chat_folde
         train(dataclasses.replace(cfg, resume=True))
 
 
-def test_resume_of_a_text_only_run_whose_vision_tower_has_no_optimizer_state(tmp_path, chat_folder, monkeypatch):
+def test_resume_of_a_text_only_run_whose_vision_tower_has_no_optimizer_state(tmp_path, chat_folder):
     """Text-only conversations never give the (trainable) vision tower a gradient, so AdamW holds no state
     for it; the checkpoint is complete without one, and resuming gives the uninterrupted run's weights."""
     cfg = config(chat_folder, sft_meta(tmp_path / "data", 6, 1), tmp_path / "run", mode="sft", max_steps=3,
@@ -819,10 +817,9 @@ def test_resume_of_a_text_only_run_whose_vision_tower_has_no_optimizer_state(tmp
     straight = train(dataclasses.replace(cfg, output=str(tmp_path / "straight")))
     train(cfg)
     killed_after_step_1(tmp_path / "run")
-    computed, real = [], mpo.micro_batch_loss
-    monkeypatch.setattr(mpo, "micro_batch_loss", lambda *args: computed.append(1) or real(*args))
-    resumed = train(dataclasses.replace(cfg, resume=True))
-    assert len(computed) == 2  # steps 2 and 3, from the step-1 checkpoint: a run from the start gives equal weights
+    trained = []
+    resumed = train(dataclasses.replace(cfg, resume=True), on_step=lambda step, _: trained.append(step))
+    assert trained == [2, 3]  # from the step-1 checkpoint: a run from the start would give the same weights
     a, b = load_weights(straight.final_dir), load_weights(resumed.final_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -1043,7 +1040,9 @@ def test_resume_with_data_augment_is_exact_across_an_epoch(tmp_path, chat_folder
     stopped = config(chat_folder, augmented, tmp_path / "stopped", **common)
     with pytest.raises(Stop):
         train(stopped, on_step=stop_at_six)
-    resumed = train(dataclasses.replace(stopped, resume=True))
+    trained = []
+    resumed = train(dataclasses.replace(stopped, resume=True), on_step=lambda step, _: trained.append(step))
+    assert trained == [7, 8]  # from the step-6 checkpoint: a run from the start would give the same weights
     a, b = load_weights(straight.final_dir), load_weights(resumed.final_dir)
     assert all(torch.equal(a[key], b[key]) for key in a)
     losses = [r["loss"] for r in metric_rows(tmp_path / "straight")]
