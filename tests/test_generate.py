@@ -1095,7 +1095,9 @@ def test_stop_token_ids_outside_the_vocabulary_are_refused(setup):
     for ids in ([vocab], [3, -1]):
         with pytest.raises(InputError, match=rf"^stop_token_ids must be in 0..{vocab - 1}, got \[{ids[-1]}\]$"):
             chat.chat("Hi", max_new_tokens=2, stop_token_ids=ids)
-    assert isinstance(chat.chat("Hi", max_new_tokens=2, stop_token_ids=[vocab - 1], do_sample=False), str)
+    ids, last = chat.prepare("Hi").prompt_ids, dict(max_new_tokens=3, logit_bias={vocab - 1: 100.0})  # drawn always
+    assert run(chat.engine, [Request(ids, SamplingParams(**last))])[0] == [vocab - 1] * 3
+    assert run(chat.engine, [Request(ids, SamplingParams(stop_token_ids=(vocab - 1,), **last))])[0] == [vocab - 1]
 
 
 def test_input_settings_of_the_wrong_type_are_refused_by_name(setup):
