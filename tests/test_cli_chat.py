@@ -249,7 +249,8 @@ def test_generate_resumes_only_in_the_precision_that_wrote_the_answers(folder, t
     run = dict(input=str(requests), output=str(answers), model=str(folder), device="cpu", max_new_tokens=4)
     assert cli_chat.generate(**run) == 0
     assert json.loads((tmp_path / "answers.jsonl.settings.json").read_text())["dtype"] == "float32"
-    written = answers.read_text()
+    answers.write_text(json.dumps({**json.loads(answers.read_text()), "answer": "kept"}) + "\n")
+    written = answers.read_text()  # an answer asked again (greedy: the same) would not be "kept"
     with pytest.raises(ConfigError, match=r"other settings \(dtype\)"):
         cli_chat.generate(**run, dtype="bfloat16")
     assert cli_chat.generate(**run, dtype="fp32") == 0  # the same precision, spelled otherwise
