@@ -201,7 +201,9 @@ def test_generate_resumes_only_with_the_model_and_settings_that_wrote_the_answer
         cli_chat.generate(**run, model=str(folder), max_new_tokens=4)
     # answers written before the settings were kept resume under any settings, which are then recorded
     (tmp_path / "answers.jsonl.settings.json").unlink()
+    answers.write_text(json.dumps({**json.loads(answers.read_text()), "answer": "kept"}) + "\n")
     assert cli_chat.generate(**run, model=str(folder), max_new_tokens=5) == 0
+    assert json.loads(answers.read_text())["answer"] == "kept"
     assert json.loads((tmp_path / "answers.jsonl.settings.json").read_text())["max_new_tokens"] == 5
     answers.unlink()  # a new run records its own settings
     assert cli_chat.generate(**run, model=str(folder), max_new_tokens=3) == 0
