@@ -2097,8 +2097,10 @@ def test_a_system_message_in_config_json_replaces_the_templates_as_in_the_offici
             chat.batch_chat(["Hi"], system_message=used, **settings)
     long = chat_with("word " * chat.context)
     long.check_prompt("Hi", None, [1], system_message="")
-    with pytest.raises(PromptTooLongError):
-        long.check_prompt("Hi", None, [1])
+    image_ids = long.model.num_image_token + 2  # with <img> and </img>
+    with pytest.raises(PromptTooLongError, match=rf"^prompt is \d+ tokens \({image_ids} of them image tokens\), "
+                                                 rf"longer than the context allows: at most {long.context - 1}$"):
+        long.check_prompt("Hi", None, [1])  # the config's system message, not the one given as "", is too long
     assert chat_with(None).prepare("Hi").prompt_ids == build_prompt_ids(chat.tokenizer, "Hi")  # null: the template's
     with pytest.raises(ConfigError, match=r"^config.json: system_message must be a string \(or null\), got \['x'\]$"):
         chat_with(["x"]).prepare("Hi")
