@@ -44,10 +44,10 @@ from internvl_mpo.train.mpo import (
     SequenceLogps,
     TrainConfig,
     build_dataset,
-    max_seq_length,
     official_state,
     train,
 )
+from internvl_mpo.train.settings import max_seq_length
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
