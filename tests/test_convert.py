@@ -172,7 +172,7 @@ def test_a_config_value_of_the_wrong_type_is_refused_naming_the_folder_and_key(t
     for section, key, value, message in (
             ("vision_config", "layer_norm_eps", "1e-6", 'vision_config.layer_norm_eps is "1e-6", not a number'),
             ("vision_config", "attention_bias", "yes", 'vision_config.qkv_bias is "yes", not true or false'),
-            ("vision_config", "num_channels", "3", "vision_config.num_channels is '3', not an integer"),
+            ("vision_config", "num_channels", "3", 'vision_config.num_channels is "3", not an integer'),
             ("text_config", "rope_theta", "1e6", 'llm_config.rope_theta is "1e6", not a number')):
         (hf / "config.json").write_text(json.dumps({**settings, section: {**settings[section], key: value}}))
         with pytest.raises(ConfigError, match=f"^{re.escape(str(hf))}: {message}"):
@@ -586,7 +586,8 @@ def test_the_weights_dtype_travels_to_transformers(tmp_path, key):
 def test_a_transformers_config_without_a_size_is_refused_by_name():
     hf_dict = hf_config_dict(tiny_config(), image_token_id=IMAGE_TOKEN_ID)
     del hf_dict["text_config"]["hidden_size"]
-    with pytest.raises(ConfigError, match="text_config.hidden_size is null, not an integer"):
+    with pytest.raises(ConfigError, match=r"^llm_config.hidden_size is null, not an integer \(the official "
+                                          r"config.json's name of the key\)$"):
         config_from_hf(hf_dict)
     hf_dict = hf_config_dict(tiny_config(), image_token_id=IMAGE_TOKEN_ID)
     hf_dict["vision_config"]["num_attention_heads"] = "4"

@@ -27,7 +27,8 @@ SUPPORTED_ROPE_SCALING = (None, "linear", "dynamic")
 
 
 # What a JSON value must be for a field of each annotation (a float field takes 1 as 1.0), and what
-# the items of a list must be.
+# the items of a list must be. `_split` is the one type check, of every dict read (config.json, and convert's
+# transformers configs); `__post_init__` checks ranges and takes the types of configs built in Python as given.
 _NONE = type(None)
 _JSON_TYPES = {"int": (int, "an integer"), "float": ((int, float), "a number"), "bool": (bool, "true or false"),
                "str": (str, "a string"), "int | None": ((int, _NONE), "an integer or null"),
@@ -64,18 +65,8 @@ def _check_sizes(obj, section: str, names: tuple[str, ...]) -> None:
     """Sizes and counts must be >= 1 (a zero head count would otherwise fail deep inside as a division)."""
     for name in names:
         value = getattr(obj, name)
-        if not isinstance(value, int) or isinstance(value, bool):  # a config built in Python (convert's)
-            raise ConfigError(f"{section}{name} is {value!r}, not an integer")
         if value < 1:
             raise ConfigError(f"{section}{name} is {value}, not >= 1")
-
-
-def _check_numbers(obj, section: str, names: tuple[str, ...]) -> None:
-    """Number fields must hold numbers (a config built in Python, as convert's, skips `_split`'s check)."""
-    for name in names:
-        value = getattr(obj, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{section}{name} is {json.dumps(value, default=repr)}, not a number")
 
 
 def _to_dict(obj, skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -123,7 +114,6 @@ class VisionConfig:
             raise ConfigError("vision_config.hidden_size must be divisible by num_attention_heads")
         if self.image_size % self.patch_size:
             raise ConfigError("vision_config.image_size must be a multiple of patch_size")
-        _check_numbers(self, "vision_config.", ("layer_norm_eps",))
         if self.layer_norm_eps < 0:  # the norms' variance plus a negative eps: NaN
             raise ConfigError(f"vision_config.layer_norm_eps {self.layer_norm_eps} is below 0")
 
@@ -194,7 +184,6 @@ class LLMConfig:
                                            "max_position_embeddings"))
         if self.hidden_act != "silu":
             raise ConfigError(f"llm_config.hidden_act {self.hidden_act!r} is not implemented (only 'silu')")
-        _check_numbers(self, "llm_config.", ("rms_norm_eps", "rope_theta"))
         if self.rms_norm_eps < 0 or self.rope_theta <= 0:  # NaN, or positions of no meaning, in every logit
             raise ConfigError(f"llm_config.rms_norm_eps {self.rms_norm_eps} is below 0" if self.rms_norm_eps < 0
                               else f"llm_config.rope_theta {self.rope_theta} is not above 0")

@@ -67,7 +67,7 @@ from safetensors import SafetensorError
 
 from . import checkpoint
 from .chat.template import get_template
-from .config import FAMILY_SIZES, LLMConfig, ModelConfig, VisionConfig, family_config, official_rope, read_config_json
+from .config import FAMILY_SIZES, LLMConfig, ModelConfig, family_config, official_rope, read_config_json
 from .errors import CheckpointError, ConfigError, InputError, SaveError
 from .model import InternVL, context_token_id
 from .processor.image import IMAGENET_MEAN, IMAGENET_STD
@@ -255,11 +255,6 @@ def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None
         raise ConfigError("only vision_feature_select_strategy 'default' with one vision_feature_layer is implemented")
     if d.get("projector_hidden_act", "gelu") != "gelu":
         raise ConfigError(f"projector_hidden_act {d.get('projector_hidden_act')!r} is not implemented (only 'gelu')")
-    sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    for section, values, keys in (("vision_config", v, sizes), ("text_config", t, (*sizes, "vocab_size"))):
-        for key in keys:
-            if not isinstance(values.get(key), int) or isinstance(values.get(key), bool):
-                raise ConfigError(f"{section}.{key} is {json.dumps(values.get(key))}, not an integer")
 
     def square(value, name):
         values = value if isinstance(value, (list, tuple)) else [value]
@@ -267,20 +262,18 @@ def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None
             raise ConfigError(f"vision_config.{name} {value} is not square")
         return values[0]
 
-    vision = VisionConfig(
-        hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
-        num_hidden_layers=v["num_hidden_layers"], num_attention_heads=v["num_attention_heads"],
-        patch_size=square(v.get("patch_size", 14), "patch_size"),
-        image_size=square(v.get("image_size", 448), "image_size"),
-        num_channels=v.get("num_channels", 3), norm_type=v.get("norm_type", "layer_norm"),
-        layer_norm_eps=v.get("layer_norm_eps", 1e-6), qkv_bias=v.get("attention_bias", False),
-        qk_normalization=v.get("use_qk_norm", False), hidden_act=v.get("hidden_act", "gelu"),
-        dropout=v.get("hidden_dropout_prob", 0.0), attention_dropout=v.get("attention_dropout", 0.0),
-        drop_path_rate=v.get("drop_path_rate", 0.0), initializer_factor=v.get("layer_scale_init_value", 0.1),
-        initializer_range=v.get("initializer_range", 1e-10),
-    )
-    if t.get("head_dim") not in (None, t["hidden_size"] // t["num_attention_heads"]):
-        raise ConfigError(f"text_config.head_dim {t['head_dim']} is not hidden_size / num_attention_heads")
+    image_size = square(v.get("image_size", 448), "image_size")
+    vision = {
+        "hidden_size": v.get("hidden_size"), "intermediate_size": v.get("intermediate_size"),
+        "num_hidden_layers": v.get("num_hidden_layers"), "num_attention_heads": v.get("num_attention_heads"),
+        "patch_size": square(v.get("patch_size", 14), "patch_size"), "image_size": image_size,
+        "num_channels": v.get("num_channels", 3), "norm_type": v.get("norm_type", "layer_norm"),
+        "layer_norm_eps": v.get("layer_norm_eps", 1e-6), "qkv_bias": v.get("attention_bias", False),
+        "qk_normalization": v.get("use_qk_norm", False), "hidden_act": v.get("hidden_act", "gelu"),
+        "dropout": v.get("hidden_dropout_prob", 0.0), "attention_dropout": v.get("attention_dropout", 0.0),
+        "drop_path_rate": v.get("drop_path_rate", 0.0), "initializer_factor": v.get("layer_scale_init_value", 0.1),
+        "initializer_range": v.get("initializer_range", 1e-10),
+    }
     rope = official_rope(t)
     scaling = rope.get("rope_scaling")
     if isinstance(scaling, dict):  # transformers adds rope_type (and its copy of rope_theta); the official
@@ -293,28 +286,22 @@ def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None
     internlm2 = kind == "llama"
     if internlm2 and t.get("mlp_bias"):
         raise ConfigError("text_config.mlp_bias=true has no InternLM2 equivalent")
-    extra: dict[str, Any] = {}
+    llm = {
+        "hidden_size": t.get("hidden_size"), "intermediate_size": t.get("intermediate_size"),
+        "num_hidden_layers": t.get("num_hidden_layers"), "num_attention_heads": t.get("num_attention_heads"),
+        "num_key_value_heads": t.get("num_key_value_heads") or t.get("num_attention_heads"),
+        "vocab_size": t.get("vocab_size"), "hidden_act": t.get("hidden_act", "silu"),
+        "rms_norm_eps": t.get("rms_norm_eps", 1e-6), "rope_theta": rope.get("rope_theta", 10000.0),
+        "rope_scaling": scaling, "max_position_embeddings": t.get("max_position_embeddings", 32768),
+        "attention_dropout": t.get("attention_dropout", 0.0), "bos_token_id": t.get("bos_token_id"),
+        "eos_token_id": t.get("eos_token_id"),
+        "architectures": ["InternLM2ForCausalLM" if internlm2 else "Qwen2ForCausalLM"],
+        "model_type": "internlm2" if internlm2 else "qwen2",
+    }
     if internlm2:
-        extra["bias"] = bool(t.get("attention_bias", False))
+        llm["bias"] = bool(t.get("attention_bias", False))
     if t.get("pad_token_id") is not None:
-        extra["pad_token_id"] = t["pad_token_id"]
-    llm = LLMConfig(
-        hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
-        num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
-        num_key_value_heads=t.get("num_key_value_heads") or t["num_attention_heads"], vocab_size=t["vocab_size"],
-        hidden_act=t.get("hidden_act", "silu"), rms_norm_eps=t.get("rms_norm_eps", 1e-6),
-        rope_theta=rope.get("rope_theta", 10000.0), rope_scaling=scaling,
-        max_position_embeddings=t.get("max_position_embeddings", 32768),
-        tie_word_embeddings=False,  # the official code never ties; a tied head is written out (see convert)
-        attention_dropout=t.get("attention_dropout", 0.0), bos_token_id=t.get("bos_token_id"),
-        eos_token_id=t.get("eos_token_id"),
-        architectures=("InternLM2ForCausalLM",) if internlm2 else ("Qwen2ForCausalLM",),
-        model_type="internlm2" if internlm2 else "qwen2", extra=extra,
-    )
-    top_extra = {}
-    dtype = d.get("torch_dtype", d.get("dtype"))
-    if dtype is not None:
-        top_extra["torch_dtype"] = dtype
+        llm["pad_token_id"] = t["pad_token_id"]
     preprocessor = {"crop_to_patches": True} if preprocessor is None else preprocessor  # none: InternVL's tiling
     tiles = {name: preprocessor.get(key, default)
              for name, key, default in (("min_dynamic_patch", "min_patches", 1), ("max_dynamic_patch", "max_patches", 12))}
@@ -323,15 +310,22 @@ def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None
     dynamic = preprocessor.get("crop_to_patches", False)  # GotOcr2's default: one tile per image
     if not isinstance(dynamic, bool):
         raise ConfigError(f"preprocessor_config.json: crop_to_patches is {json.dumps(dynamic)}, not true or false")
-    config = ModelConfig(
-        vision=vision, llm=llm, downsample_ratio=d.get("downsample_ratio", 0.5),
-        select_layer=d.get("vision_feature_layer", -1), force_image_size=vision.image_size, extra=top_extra,
-        dynamic_image_size=dynamic, use_thumbnail=True, **tiles,  # GotOcr2 adds a thumbnail to every tiled image
-    )
-    try:  # each value type-checked as loading the official config.json written from it checks it
-        return ModelConfig.from_dict(config.to_dict())
+    official = {
+        "vision_config": vision, "llm_config": llm, "template": "internvl2_5", "ps_version": "v2",
+        "downsample_ratio": d.get("downsample_ratio", 0.5), "select_layer": d.get("vision_feature_layer", -1),
+        "force_image_size": image_size, "dynamic_image_size": dynamic,
+        "use_thumbnail": True, **tiles,  # GotOcr2 adds a thumbnail to every tiled image
+    }
+    dtype = d.get("torch_dtype", d.get("dtype"))
+    if dtype is not None:
+        official["torch_dtype"] = dtype
+    try:  # the official config.json it becomes, read (and each value checked) as loading it reads it
+        config = ModelConfig.from_dict(official)
     except ConfigError as e:
         raise ConfigError(f"{e} (the official config.json's name of the key)") from None
+    if t.get("head_dim") not in (None, config.llm.head_dim):
+        raise ConfigError(f"text_config.head_dim {t['head_dim']} is not hidden_size / num_attention_heads")
+    return config
 
 
 def _ties_head(d: dict[str, Any]) -> bool:
