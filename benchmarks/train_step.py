@@ -116,15 +116,8 @@ def run_ours(args) -> dict:
     from internvl_mpo.model import InternVL
     from internvl_mpo.train.data import PairExample, collate_pairs
     from internvl_mpo.train.losses import MPOWeights, RunningMean
-    from internvl_mpo.train.mpo import (
-        SequenceLogps,
-        TrainConfig,
-        build_optimizer,
-        lr_at,
-        make_reference,
-        micro_batch_loss,
-        set_drop_path,
-    )
+    from internvl_mpo.train.mpo import TrainConfig, lr_at, micro_batch_loss
+    from internvl_mpo.train.policy import SequenceLogps, build_optimizer, make_reference, set_drop_path
 
     device = torch.device(args.device)
     hf = qwen2_model(args)

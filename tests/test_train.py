@@ -41,12 +41,12 @@ from internvl_mpo.train.losses import MPOWeights, RunningMean, mpo_loss, sft_nll
 from internvl_mpo.train.mmpr import SkipReport, load_meta, read_datasets
 from internvl_mpo.train.mpo import (
     SampleStream,
-    SequenceLogps,
     TrainConfig,
     build_dataset,
     official_state,
     train,
 )
+from internvl_mpo.train.policy import SequenceLogps
 from internvl_mpo.train.settings import max_seq_length
 
 SRC = Path(__file__).resolve().parents[1] / "src"

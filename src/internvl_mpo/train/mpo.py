@@ -48,7 +48,6 @@ and records read by each process from its position on (`check_resume_settings`).
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import json
@@ -66,12 +65,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from internvl_mpo.chat.template import get_template
-from internvl_mpo.chat.tokenizer import Tokenizer, load_tokenizer
-from internvl_mpo.checkpoint import (
-    auto_dtype, check_not_in_use, lock_output, no_lock_note, open_state_dict, open_weights, parse_dtype,
-    resolve_checkpoint,
-)
+from internvl_mpo.chat.tokenizer import Tokenizer
+from internvl_mpo.checkpoint import check_not_in_use, lock_output, no_lock_note, parse_dtype
 from internvl_mpo.config import ModelConfig
 from internvl_mpo.errors import CheckpointError, ConfigError, InputError, TrainingError
 from internvl_mpo.model import InternVL
@@ -121,7 +116,6 @@ from internvl_mpo.train.lora import (
 from internvl_mpo.train.losses import (
     MPOWeights,
     RunningMean,
-    label_logps_from_hidden,
     mpo_loss,
     sft_nll,
 )
@@ -130,6 +124,14 @@ from internvl_mpo.train.mmpr import (
     load_meta,
     read_datasets,
     read_sft_records,
+)
+from internvl_mpo.train.policy import (
+    SequenceLogps,
+    build_optimizer,
+    freeze,
+    load_initial_model,
+    make_reference,
+    set_drop_path,
 )
 from internvl_mpo.train.settings import (
     LOSS_WEIGHT_KEYS,
@@ -140,13 +142,10 @@ from internvl_mpo.train.settings import (
     loss_weights,
     max_seq_length,
 )
-from internvl_mpo.vision import RMSNorm
 
 REF_FILE = "ref_logps.safetensors"
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
-# Label log-probs are computed this many logits at a time (rows x vocabulary): 32 MiB in float32.
-LOGPS_CHUNK_ELEMENTS = 2**23
 
 
 def lr_at(step: int, total_steps: int, warmup_ratio: float, base_lr: float) -> float:
@@ -165,141 +164,6 @@ class TrainResult:
     skipped: SkipReport
     metrics: dict[str, float] = field(default_factory=dict)
     truncation_note: str | None = None  # samples whose answers --max-seq-length cut, when there were any
-
-
-# ----------------------------------------------------------------------------- model pieces
-
-
-class SequenceLogps(nn.Module):
-    """InternVL -> summed label log-probs per row: the one forward that DDP and FSDP2 wrap.
-
-    For a pair batch (rows [chosen; rejected]) the tiles of each pair are encoded once and the
-    same features fill the context tokens of its chosen row and its rejected row.
-    """
-
-    def __init__(self, model: InternVL, encode_empty: bool = False):
-        super().__init__()
-        self.model = model
-        self.encode_empty = encode_empty
-
-    def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: torch.Tensor, pairs: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        model = self.model
-        vit_embeds = None
-        if pixel_values.shape[0]:
-            vit_embeds = model.extract_feature(pixel_values)  # (N, P, C)
-            if pairs:
-                vit_embeds = torch.cat([vit_embeds, vit_embeds])  # chosen rows' slots, then rejected rows'
-        embeds = model.embed(input_ids, vit_embeds=vit_embeds)  # (R, T, C)
-        if vit_embeds is None and self.encode_empty:
-            # A zero that depends on the vision tower, added to the embeddings: every rank runs the same
-            # backward (vision tower and projector, and the LLM blocks even when the LLM is frozen).
-            size = model.config.image_size
-            embeds = embeds + model.extract_feature(pixel_values.new_zeros(1, 3, size, size)).sum() * 0
-        # Right padding: a causal mask alone keeps every pad out of every real token's view.
-        hidden = model.hidden_states(embeds)  # (R, T, C)
-        weight = model.language_model.output_head().weight
-        device_type = hidden.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-        chunk = max(16, LOGPS_CHUNK_ELEMENTS // weight.shape[0])
-        with torch.autocast(device_type, enabled=False):
-            logps, n_tokens = label_logps_from_hidden(hidden.to(dtype), weight.to(dtype), labels, chunk_size=chunk)
-        return logps, n_tokens
-
-
-def load_initial_model(
-    cfg: TrainConfig, device: torch.device, lazy: bool = False
-) -> tuple[Tokenizer, InternVL, dict | None, str | None]:
-    """The policy's starting point in float32 (a checkpoint, or random weights from a config.json), and the
-    dtype name `dtype="auto"` gives it (`auto_dtype`, from the weight headers the load opened).
-
-    With `lazy` (FSDP2) the model is built on the meta device and its weights come back apart, name ->
-    a `LazyTensor` of the checkpoint (nothing read yet) or, for random weights, a host-memory tensor,
-    for `fill_fsdp2` to read each rank's shard from; else they are in the model, on `device`.
-    """
-    folder = None if cfg.init_from_config is not None else resolve_checkpoint(cfg.model)
-    config = ModelConfig.from_json(cfg.init_from_config if folder is None else folder / "config.json")
-    get_template(config.template)  # the data is rendered with it: an unknown one is refused before the weights
-    max_seq_length(cfg, config)  # and so is a --max-seq-length longer than the model's context
-    initial = None
-    weights = None if folder is None else open_weights(folder)  # each file's header read once, for all below
-    if folder is None:
-        tokenizer = load_tokenizer(cfg.tokenizer)
-        if config.llm.vocab_size < len(tokenizer):
-            raise ConfigError(
-                f"{cfg.init_from_config}: vocab_size {config.llm.vocab_size} is smaller than the tokenizer's"
-                f" {len(tokenizer)} tokens"
-            )
-        torch.manual_seed(cfg.seed)
-        # drawn where they always were: a seed gives the same weights with or without FSDP2
-        with torch.device(device):
-            model = InternVL(config, image_token_id=tokenizer.img_context_id)
-        model.init_weights()
-        if lazy:
-            initial = {key: value.cpu() for key, value in model.state_dict().items()}
-            del model
-            with torch.device("meta"):
-                model = InternVL(config, image_token_id=tokenizer.img_context_id)
-        model.source_dir = Path(cfg.tokenizer)
-    else:
-        if lazy:
-            with torch.device("meta"):
-                model = InternVL(config)
-            model.source_dir = folder
-            initial = open_state_dict(folder, model.expected_keys(), weights=weights)
-        else:
-            model = InternVL.from_pretrained(folder, dtype=torch.float32, device=device, weights=weights)
-        tokenizer = load_tokenizer(cfg.tokenizer or folder)  # the resolved folder, also for a hub id
-        # the data's image context id is the tokenizer's; final/ gets --tokenizer's files, as the run used them
-        model.image_token_id = tokenizer.img_context_id
-        model.tokenizer_dir = Path(cfg.tokenizer) if cfg.tokenizer else None
-    return tokenizer, model.train(), initial, auto_dtype(folder, config.torch_dtype, weights)
-
-
-def set_drop_path(model: InternVL, rate: float) -> None:
-    """ViT stochastic depth rising linearly 0 -> rate over the layers (the official `linspace`)."""
-    layers = model.vision_model.encoder.layers
-    n = len(layers)
-    for i, layer in enumerate(layers):
-        layer.drop_path.rate = rate * i / (n - 1) if n > 1 else 0.0
-    model.config = model.config.replace(vision=dataclasses.replace(model.config.vision, drop_path_rate=rate))
-
-
-def make_reference(model: InternVL, bf16: bool) -> InternVL:
-    """A frozen eval-mode copy of the initial model, stored in the dtype the policy computes with: bf16
-    under FSDP2's bf16 mixed precision, else float32 (run under the policy's autocast, if any)."""
-    ref = copy.deepcopy(model).eval().requires_grad_(False)
-    return ref.to(torch.bfloat16) if bf16 else ref
-
-
-def freeze(model: InternVL, cfg: TrainConfig) -> None:
-    """Freeze flags; LoRA freezes the base weights it adapts (and the rest of that tower)."""
-    if cfg.freeze_vision or cfg.lora_vision:
-        model.vision_model.requires_grad_(False)
-    if cfg.freeze_projector:
-        model.mlp1.requires_grad_(False)
-    if cfg.freeze_llm or cfg.lora_rank:
-        model.language_model.requires_grad_(False)
-
-
-def build_optimizer(model: InternVL, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on every trainable tensor except biases and norm weights."""
-    no_decay = set()
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.LayerNorm, RMSNorm)):
-            no_decay.update(f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False))
-    decay, plain = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (plain if name in no_decay or name.endswith("bias") else decay).append(param)
-    if not decay and not plain:
-        raise ConfigError("--freeze-vision, --freeze-projector and --freeze-llm without --lora-rank freeze every"
-                          " parameter: nothing to train")
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps
-    )
 
 
 # ----------------------------------------------------------------------------- data
