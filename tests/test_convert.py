@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,15 +105,20 @@ def test_official_round_trip_is_lossless(tmp_path, llm, vision):
 
 
 @pytest.mark.parametrize("to", ["hf", "official"])
-def test_a_conversion_reads_each_weight_files_header_once(tmp_path, monkeypatch, to):
-    """It checked the source's shards for their keys, then opened each again to read the tensors."""
+def test_a_conversion_reads_each_weight_files_header_and_config_json_once(tmp_path, monkeypatch, to):
+    """It checked the source's shards for their keys, then opened each again to read the tensors; --to hf
+    read config.json for the layout, then again for errors naming the file."""
     src = official_folder(tmp_path / "src", "qwen2")
     if to == "official":
         src = convert(src, tmp_path / "hf", to="hf", max_shard_size=20_000)
     opened = record_header_reads(monkeypatch)
+    read_text, texts = Path.read_text, []
+    monkeypatch.setattr(Path, "read_text", lambda path, *args, **kwargs: texts.append(path.resolve())
+                        or read_text(path, *args, **kwargs))
     convert(src, tmp_path / "dst", to=to)
     shards = sorted(src.glob("*.safetensors"))
     assert len(shards) > 1 and sorted(opened) == shards
+    assert texts.count((src / "config.json").resolve()) == 1
 
 
 @pytest.mark.parametrize("dynamic", [True, False])

@@ -347,9 +347,7 @@ class ModelConfig:
         d = read_config_json(path)
         try:
             return cls.from_dict(d)
-        except TypeError as e:  # a value of the wrong kind in a known field
-            raise ConfigError(f"{path}: {e}") from None
-        except ConfigError as e:
+        except (ConfigError, TypeError) as e:  # TypeError: a value of the wrong kind (a list of lists for image_size)
             raise ConfigError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
