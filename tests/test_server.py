@@ -44,22 +44,17 @@ pytest.importorskip("uvicorn")
 from internvl_mpo.generate.engine import Request
 from internvl_mpo.generate.sampling import SamplingParams
 from internvl_mpo.pipeline import InternVLChat
-from internvl_mpo.server import (
-    TEXT_ROOM,
+from internvl_mpo.server import ServerSettings, serve
+from internvl_mpo.server.media import image_bytes
+from internvl_mpo.server.prompts import TEXT_ROOM, build_completion_prompts, build_prompt, tokenize_ids
+from internvl_mpo.server.requests import (
     ApiError,
-    BatchWorker,
-    Job,
-    ServerSettings,
-    build_completion_prompts,
-    build_prompt,
     check_model,
-    image_bytes,
     parse_chat_request,
     parse_completion_request,
     parse_tokenize_request,
-    serve,
-    tokenize_ids,
 )
+from internvl_mpo.server.worker import BatchWorker, Job
 
 KEY = "test-key"
 MAX_BATCH = 8
@@ -1085,7 +1080,7 @@ def test_prompt_logprobs_of_a_token_among_the_alternatives_take_its_rank_there_a
     also an alternative keeps its place first and ends with rank j; where its log-probability ties a likelier-
     ranked alternative (common in bf16), j differs from its own rank (1 + how many others are at least as
     likely). Hand-built entries: token 5 ties token 7 and topk put 5 first."""
-    from internvl_mpo.server import _vllm_prompt_logprobs
+    from internvl_mpo.server.app import _vllm_prompt_logprobs
 
     def entry(i: int, token: str) -> dict:
         return {"id": i, "token": token, "logprob": -1.0}
@@ -1522,14 +1517,14 @@ def test_the_tiles_of_several_images_are_cut_to_fit_the_sequence(local_chat):
 def test_a_prompt_over_the_context_is_refused_before_its_images_are_tiled(local_chat, monkeypatch):
     """The prompt is measured from the tile counts its images' headers give: a text over the context is
     refused with the 400 it got once its images were tiled, and no tile is made."""
-    import internvl_mpo.server as server_module
+    from internvl_mpo.server import prompts as prompts_module
 
     body = {"messages": [user("word " * 3000, png(560, 560))]}
     req = parse_chat_request(body, ServerSettings())
     length = len(tokenize_ids(local_chat, parse_tokenize_request(body, ServerSettings()), ServerSettings(), 2048))
-    tiled, load_image = [], server_module.load_image
-    monkeypatch.setattr(server_module, "load_image", lambda *args, **kwargs: tiled.append(args) or load_image(*args,
-                                                                                                         **kwargs))
+    tiled, load_image = [], prompts_module.load_image
+    monkeypatch.setattr(prompts_module, "load_image", lambda *args, **kwargs: tiled.append(args) or load_image(*args,
+                                                                                                          **kwargs))
     with pytest.raises(ApiError, match=rf"^the prompt is {length} tokens \(images included\); this server accepts at "
                                        r"most 2047$") as e:
         build_prompt(local_chat, req, ServerSettings(), max_len=2048)
@@ -1778,7 +1773,7 @@ def test_nat64_addresses_are_judged_by_the_ipv4_address_they_carry():
     """64:ff9b::/96 (NAT64) reaches the IPv4 address in its last 32 bits: 64:ff9b::7f00:1 is this
     machine's loopback through the gateway, and 64:ff9b::808:808 a public host (the only way an
     IPv6-only machine with DNS64 reaches IPv4-only sites; all of them were refused as reserved)."""
-    from internvl_mpo.server import refusal
+    from internvl_mpo.server.media import refusal
 
     assert refusal("64:ff9b::7f00:1") == "loopback"
     assert refusal("64:ff9b::a9fe:a9fe") == "link-local"  # 169.254.169.254, cloud metadata
@@ -1791,7 +1786,7 @@ def test_nat64_addresses_are_judged_by_the_ipv4_address_they_carry():
 
 def test_every_address_of_a_remote_image_host_is_checked():
     """A host is refused when any of its addresses is not public (the connection could reach that one)."""
-    from internvl_mpo.server import public_addresses
+    from internvl_mpo.server.media import public_addresses
 
     def resolver(*ips):
         def resolve(host, port, **kwargs):
@@ -1812,10 +1807,10 @@ def test_a_redirect_to_a_private_address_is_refused(monkeypatch):
     """The check is made on every connection, so on every redirect hop: a public host that redirects to the
     metadata service or the LAN is refused too. (The test server stands for the public host: 127.0.0.1 is
     taken as public here.)"""
-    from internvl_mpo import server as server_module
+    from internvl_mpo.server import media as media_module
 
-    real = server_module.refusal
-    monkeypatch.setattr(server_module, "refusal", lambda ip: None if ip == "127.0.0.1" else real(ip))
+    real = media_module.refusal
+    monkeypatch.setattr(media_module, "refusal", lambda ip: None if ip == "127.0.0.1" else real(ip))
     image = png(56, 56)
     httpd = image_server(image)
     base = f"http://127.0.0.1:{httpd.server_port}"
@@ -1839,10 +1834,10 @@ def test_a_remote_image_is_fetched_from_the_address_that_was_checked(monkeypatch
     """The host is resolved once and the connection goes to the address checked, so a DNS answer that changes
     between the check and the connection (DNS rebinding) cannot slip a private address through: the resolver
     is asked once, and the connection reaches the address it gave for a name nothing else can resolve."""
-    from internvl_mpo import server as server_module
+    from internvl_mpo.server import media as media_module
 
-    real = server_module.refusal
-    monkeypatch.setattr(server_module, "refusal", lambda ip: None if ip == "127.0.0.1" else real(ip))
+    real = media_module.refusal
+    monkeypatch.setattr(media_module, "refusal", lambda ip: None if ip == "127.0.0.1" else real(ip))
     image = png(56, 56)
     httpd = image_server(image)
     asked = []
@@ -1855,7 +1850,7 @@ def test_a_remote_image_is_fetched_from_the_address_that_was_checked(monkeypatch
     try:
         settings = ServerSettings(allow_remote_images=True, image_timeout=1.0)
         url = f"http://images.invalid:{httpd.server_port}/image.png"
-        assert server_module._fetch_remote(url, "image", settings, resolve=rebinding) == image
+        assert media_module._fetch_remote(url, "image", settings, resolve=rebinding) == image
         assert asked == ["images.invalid"]
     finally:
         httpd.shutdown()
@@ -2242,7 +2237,8 @@ def app_server(local_chat, send_buffer: int | None = None, **settings):
     the SO_SNDBUF of its connections (else the kernel sizes it, up to megabytes)."""
     import uvicorn
 
-    from internvl_mpo.server import create_app, uvicorn_config
+    from internvl_mpo.server import create_app
+    from internvl_mpo.server.runner import uvicorn_config
 
     listener = socket.socket()
     if send_buffer is not None:
@@ -2597,12 +2593,12 @@ def test_an_honest_body_in_several_chunks_within_request_read_timeout_is_served(
 
 
 def hold(monkeypatch, name: str) -> SimpleNamespace:
-    """`internvl_mpo.server.<name>` (json_body or json_response) made to wait, once called (on a worker thread), until
-    `released` is set or 20 s have passed (on the event loop, /health could not answer until then); it then notes
-    its name in `events` and runs. `called` is set when it is called."""
-    from internvl_mpo import server as server_module
+    """`internvl_mpo.server.app.<name>` (json_body or json_response) made to wait, once called (on a worker thread),
+    until `released` is set or 20 s have passed (on the event loop, /health could not answer until then); it then
+    notes its name in `events` and runs. `called` is set when it is called."""
+    from internvl_mpo.server import app as app_module
 
-    run = getattr(server_module, name)
+    run = getattr(app_module, name)
     state = SimpleNamespace(events=[], called=threading.Event(), released=threading.Event())
 
     def held(value):
@@ -2611,7 +2607,7 @@ def hold(monkeypatch, name: str) -> SimpleNamespace:
         state.events.append(name)
         return run(value)
 
-    monkeypatch.setattr(server_module, name, held)
+    monkeypatch.setattr(app_module, name, held)
     return state
 
 

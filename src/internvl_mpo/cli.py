@@ -29,7 +29,7 @@ COMMANDS = {
     "tiles": "cli_chat:tiles",
     "pairs": "pairs:pairs",
     "eval": "evaluate:eval_",
-    "serve": "server:serve",
+    "serve": "server.runner:serve",
     "convert": "convert:convert_command",
     "train": "train.cli:train",
     "plot": "train.cli:plot",

@@ -1,0 +1,204 @@
+"""The bytes behind an image or video URL: a base64 data: URL, or when allowed an http(s) URL (fetched from public
+addresses only, within a deadline) or a local file; each within --max-image-bytes."""
+
+import base64
+import binascii
+import contextlib
+import functools
+import http.client
+import ipaddress
+import socket
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from .requests import ApiError
+from .settings import ServerSettings
+
+MAX_REDIRECTS = 5  # redirects followed to fetch a remote image
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """urllib's redirects, limited to MAX_REDIRECTS and to http(s): urllib alone follows 10, and to ftp://
+    as well (a way past the data:-only default onto another protocol)."""
+
+    def __init__(self, param: str):
+        self.param, self.count = param, 0
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        target = urllib.parse.urljoin(req.full_url, headers.get("location") or headers.get("uri") or "")
+        self.count += 1
+        if urllib.parse.urlsplit(target).scheme not in ("http", "https"):
+            fail = f"redirected to {target[:200]}; only http(s) redirects are followed"
+        elif self.count > MAX_REDIRECTS:
+            fail = f"more than {MAX_REDIRECTS} redirects"
+        else:
+            return super().http_error_302(req, fp, code, msg, headers)
+        fp.close()
+        raise ApiError(400, f"{self.param}: could not fetch {req.full_url[:200]}: {fail}", self.param,
+                       "image_fetch_failed")
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+class HostRefused(ValueError):
+    """A remote image's host is at an address that is not public."""
+
+
+# RFC 6052's well-known NAT64 prefix: the last 32 bits are an IPv4 address, which a NAT64 gateway
+# connects to (an IPv6-only host with DNS64 reaches every IPv4-only site this way).
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def refusal(ip: str) -> str | None:
+    """Why an image may not be fetched from `ip` unless --allow-private-image-hosts ("loopback", ...), or None
+    for a public address. An IPv4 address inside IPv6 (::ffff:a.b.c.d, 6to4, NAT64's 64:ff9b::a.b.c.d) is
+    judged as that IPv4 address."""
+    address = ipaddress.ip_address(ip)
+    if address.version == 6:
+        if address in NAT64:
+            address = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        else:
+            address = address.ipv4_mapped or address.sixtofour or address
+    for kind in ("unspecified", "loopback", "link_local", "multicast", "reserved", "private", "site_local"):
+        if getattr(address, "is_" + kind, False):
+            return kind.replace("_", "-")
+    return None if address.is_global else "non-public"  # 100.64.0.0/10 (carrier-grade NAT), say
+
+
+def public_addresses(host: str, port: int, resolve=socket.getaddrinfo) -> list[tuple[str, int]]:
+    """The (ip, port) addresses of `host`, looked up once with `resolve` (getaddrinfo's signature); HostRefused
+    when any of them is not public."""
+    addresses = [sockaddr[:2] for *_, sockaddr in resolve(host, port, type=socket.SOCK_STREAM)]
+    for ip, _ in addresses:
+        if reason := refusal(ip):
+            raise HostRefused(f"host {host!r} is at {ip}, a {reason} address")
+    return addresses
+
+
+class _PublicHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection to public addresses only. It connects to an address that `public_addresses` checked,
+    not to the host name (a second lookup that DNS could answer differently: rebinding); the Host header, and
+    in the HTTPS subclass the TLS server name, stay the URL's host."""
+
+    resolve = staticmethod(socket.getaddrinfo)
+
+    def connect(self):
+        *others, last = public_addresses(self.host, self.port, self.resolve)
+        for address in others:  # each address in turn, as socket.create_connection tries them
+            with contextlib.suppress(OSError):
+                self.sock = socket.create_connection(address, self.timeout, self.source_address)
+                return
+        self.sock = socket.create_connection(last, self.timeout, self.source_address)
+
+
+class _PublicHTTPSConnection(http.client.HTTPSConnection, _PublicHTTPConnection):
+    """HTTPS over `_PublicHTTPConnection`'s connect (HTTPSConnection.connect wraps what it connected)."""
+
+
+class _PublicHosts(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+    """urllib's http and https handler over the connections above, which look hosts up with `resolve`."""
+
+    def __init__(self, resolve):
+        super().__init__()
+        self.resolve = resolve
+
+    def _connection(self, cls, host, **kwargs):
+        connection = cls(host, **kwargs)
+        connection.resolve = self.resolve
+        return connection
+
+    def http_open(self, req):
+        return self.do_open(functools.partial(self._connection, _PublicHTTPConnection), req)
+
+    def https_open(self, req):
+        return self.do_open(functools.partial(self._connection, _PublicHTTPSConnection), req)
+
+
+def _fetch_remote(url: str, param: str, settings: ServerSettings, resolve=socket.getaddrinfo) -> bytes:
+    """The image at `url` within `image_timeout` seconds in all (urllib's timeout bounds each read alone, so a
+    server that sends a byte now and then would hold the request and a thread for as long as it likes).
+    Unless --allow-private-image-hosts, every connection (each redirect hop's too) goes to a public address
+    of its host, looked up with `resolve`, and proxies from the environment are not used (a proxy would
+    connect where this server cannot check)."""
+    deadline = time.monotonic() + settings.image_timeout
+    data = bytearray()
+    if settings.allow_private_image_hosts:
+        opener = urllib.request.build_opener(_Redirects(param))
+    else:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _PublicHosts(resolve), _Redirects(param))
+    try:
+        with opener.open(url, timeout=settings.image_timeout) as response:
+            while len(data) <= settings.max_image_bytes and (piece := response.read1(2**16)):
+                data += piece
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"not received within {settings.image_timeout} s")
+    except HostRefused as e:
+        raise ApiError(400, f"{param}: refused to fetch {url[:200]}: {e}; start the server with "
+                            "--allow-private-image-hosts to fetch from this machine or its network", param,
+                       "remote_image_refused") from None
+    except (OSError, ValueError, http.client.HTTPException) as e:  # InvalidURL is an HTTPException
+        raise ApiError(400, f"{param}: could not fetch {url[:200]}: {e}", param, "image_fetch_failed") from None
+    return bytes(data)
+
+
+def _read_local(url: str, param: str, settings: ServerSettings) -> bytes:
+    """The file named by a path or a file URL (percent-decoded; its host empty or localhost)."""
+    path = Path(url)
+    if url.startswith("file:"):
+        parts = urllib.parse.urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise ApiError(400, f"{param}: a file URL must name this machine (file:///path or file://localhost/path), "
+                                f"got host {parts.netloc[:100]!r}", param, "invalid_image")
+        path = Path(urllib.parse.unquote(parts.path))
+    shown = str(path)[:200]
+    try:
+        if not path.is_file():
+            raise ApiError(400, f"{param}: {shown} is not a file", param, "invalid_image")
+        size = path.stat().st_size
+        if size > settings.max_image_bytes:
+            raise _too_large(param, f"{shown} is {size} bytes", settings)
+        return path.read_bytes()
+    except OSError as e:  # a name too long, no permission, ...
+        raise ApiError(400, f"{param}: could not read {shown}: {e.strerror or e}", param, "invalid_image") from None
+
+
+def image_bytes(url: str, param: str, settings: ServerSettings) -> bytes:
+    """The bytes behind an image URL: a base64 `data:` URL, or (only when allowed) http(s) or a local file. A
+    scheme is read whatever its case (RFC 3986; vLLM reads it so), and so is a data URL's ";base64"."""
+    start = url[:8].lower()
+    if start.startswith("data:"):
+        header, comma, data = url.partition(",")
+        if not comma or not header.lower().endswith(";base64"):
+            raise ApiError(400, f"{param}: a data URL must be base64 encoded (data:image/png;base64,...)", param,
+                           "invalid_image")
+        data = "".join(data.split())
+        if len(data) // 4 * 3 > settings.max_image_bytes + 2:
+            raise _too_large(param, "the image is larger", settings)
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ApiError(400, f"{param}: the data URL is not valid base64 ({e})", param, "invalid_image") from None
+    elif start.startswith(("http://", "https://")):
+        if not settings.allow_remote_images:
+            raise ApiError(400, f"{param}: remote image URLs are refused; send the image as a data: URL "
+                                "(or start the server with --allow-remote-images)", param, "remote_image_refused")
+        raw = _fetch_remote(url, param, settings)
+    elif (scheme := urllib.parse.urlsplit(url).scheme) not in ("", "file"):
+        raise ApiError(400, f"{param}: unsupported URL scheme {scheme[:20]!r}; images come as data: URLs, http(s) "
+                            "URLs or (when allowed) file URLs and paths", param, "invalid_image")
+    else:
+        if not settings.allow_local_images:
+            raise ApiError(400, f"{param}: local image files are refused; send the image as a data: URL "
+                                "(or start the server with --allow-local-images)", param, "local_image_refused")
+        raw = _read_local(url, param, settings)
+    if len(raw) > settings.max_image_bytes:
+        raise _too_large(param, "the image is larger", settings)  # a fetch stops reading past the limit
+    return raw
+
+
+def _too_large(param: str, what: str, settings: ServerSettings) -> ApiError:
+    """The 413 for an image of more bytes than the server takes, naming the flag that sets the limit."""
+    return ApiError(413, f"{param}: {what}; images may be at most {settings.max_image_bytes} bytes (the server's "
+                         "--max-image-bytes)", param, "image_too_large")

@@ -1,0 +1,493 @@
+"""Request bodies parsed and checked (each endpoint's fields: taken, refused or ignored), and ApiError, the
+OpenAI-style error body of a request the server refuses."""
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+
+from ..chat.template import IMAGE_PLACEHOLDER
+from ..errors import InputError
+from ..generate.engine import MAX_TOP_LOGPROBS
+from ..generate.sampling import SamplingParams
+from .settings import ServerSettings
+
+MAX_STOP_STRINGS = 64  # OpenAI takes 4, vLLM any number; lm-eval sends a task's stop strings and the EOS
+MAX_LOGIT_BIAS_ENTRIES = 1024  # tokens in one request's logit_bias (OpenAI documents no count, vLLM has no cap)
+# fields that would change the answer, refused when set (not silently ignored): OpenAI's, then vLLM's extras;
+# each with the values that mean "off" (of their JSON type: `false`, not `0`), which pass; null always passes
+UNSUPPORTED_FIELDS = {"tools": ([],), "functions": ([],), "audio": (), "prediction": (),
+                      "min_p": (0, 0.0), "use_beam_search": (False,), "include_stop_str_in_output": (False,),
+                      "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+                      "structured_outputs": (), "allowed_token_ids": (), "bad_words": ([],), "logits_processors": (),
+                      "truncate_prompt_tokens": (), "return_tokens_as_token_ids": (False,), "chat_template": (),
+                      "modalities": (["text"],), "function_call": ("none",), "web_search_options": (), "moderation": (),
+                      "length_penalty": (1, 1.0), "structural_tag": (), "documents": ([],), "return_token_ids": (False,),
+                      "prompt_embeds": ()}
+# fields that do not change the answer, accepted and ignored, but type-checked as OpenAI's and vLLM's schemas do
+IGNORED_FIELDS = {"user": (str,), "metadata": (dict,), "store": (bool,), "service_tier": (str,),
+                  "parallel_tool_calls": (bool,), "reasoning_effort": (str,), "chat_template_kwargs": (dict,),
+                  "mm_processor_kwargs": (dict,), "request_id": (str,), "cache_salt": (str,),
+                  "spaces_between_special_tokens": (bool,), "prompt_cache_key": (str,), "prompt_cache_retention": (str,),
+                  "prompt_cache_options": (dict,), "safety_identifier": (str,), "verbosity": (str,),
+                  "include_reasoning": (bool,), "priority": (int,), "kv_transfer_params": (dict,), "vllm_xargs": (dict,),
+                  "guided_decoding_backend": (str,), "guided_whitespace_pattern": (str,)}
+# the fields both endpoints read; with the two above and each endpoint's own, the only ones taken: any other is a 400
+# naming it, as OpenAI answers one (vLLM ignores it), so that a typo (`max_token`) or another API's name
+# (`max_new_tokens`, `stop_sequences`) does not leave the answer silently as if it had not been sent
+SHARED_FIELDS = {"model", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "stop_token_ids",
+                 "stream", "stream_options", "n", "seed", "min_tokens", "logit_bias", "top_k", "repetition_penalty",
+                 "ignore_eos", "skip_special_tokens", "frequency_penalty", "presence_penalty", "response_format",
+                 "logprobs", "prompt_logprobs"}
+CHAT_FIELDS = {"messages", "top_logprobs", "tool_choice", "add_generation_prompt", "max_num"}
+COMPLETION_FIELDS = {"prompt", "suffix", "best_of", "echo", "add_special_tokens"}
+IMAGE_DETAILS = ("auto", "low", "high")  # OpenAI's image_url.detail; tiles follow max_num whatever it says
+COMPLETION_MAX_TOKENS = 16  # /v1/completions' default max_tokens (OpenAI's and vLLM's)
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+
+
+class ApiError(Exception):
+    """A request the server refuses; becomes an OpenAI-style error body with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ChatRequest:
+    """A parsed /v1/chat/completions body; images are still URLs."""
+
+    question: str
+    history: list[tuple[str, str]]
+    system_message: str | None
+    image_urls: list[tuple[str, str]]  # (param path, url), in prompt order
+    params: SamplingParams  # max_new_tokens is a placeholder until the prompt length is known
+    max_tokens: int | None
+    n: int
+    stream: bool
+    include_usage: bool
+    max_num: int | None
+    logprobs: int | None = None  # top_logprobs when logprobs were asked for, else None
+    max_tokens_key: str = "max_tokens"  # the field max_tokens came from, named in errors
+    prompt_logprobs: int | None = None  # vLLM's: top alternatives per prompt token, or None
+    continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
+    video_url: tuple[str, str] | None = None  # (param path, url) of a video in the last user message
+
+
+@dataclass
+class CompletionRequest:
+    """A parsed /v1/completions body: raw prompts (text or token ids), no chat template."""
+
+    prompts: list[str | list[int]]
+    params: SamplingParams  # max_new_tokens is a placeholder until the prompt length is known
+    max_tokens: int
+    n: int
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # the legacy integer: top alternatives per token, or None
+    echo: bool
+    max_tokens_key: str = "max_tokens"
+    prompt_logprobs: int | None = None  # vLLM's: top alternatives per prompt token, or None
+    continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
+    add_special_tokens: bool = True  # vLLM's: a text prompt gets the tokenizer's BOS, where it has one
+
+    @property
+    def shown_prompt_logprobs(self) -> int | None:
+        """The alternatives per prompt token in vLLM's `prompt_logprobs` (as vLLM: echo with logprobs asks too)."""
+        return self.prompt_logprobs if self.prompt_logprobs is not None or not self.echo else self.logprobs
+
+
+def json_body(body: bytes | bytearray):
+    """The JSON value of a request body; a 400 naming what is wrong with it."""
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except ValueError:  # Python's limit on the digits of an int read from text (a 500 before)
+        raise ApiError(400, f"the request body holds an integer of more than {sys.get_int_max_str_digits()} "
+                            "digits") from None
+
+
+def _field(body: dict, key: str, kinds: tuple[type, ...], default=None, low=None, high=None):
+    """body[key] checked for type (bool is never a number) and range, or `default` when absent/null."""
+    value = body.get(key)
+    if value is None:
+        return default
+    is_bool_field = bool in kinds
+    if isinstance(value, bool) != is_bool_field or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise ApiError(400, f"{key} must be {names}, got {json.dumps(value)[:80]}", key)
+    if value != value:  # NaN, which the range checks below would let through
+        raise ApiError(400, f"{key} must be a finite number, got NaN", key)
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise ApiError(400, f"{key} must be {bounds}, got {value}", key)
+    return value
+
+
+def _unicode(text: str, param: str) -> str:
+    """`text`, refused when it holds a lone surrogate (a JSON \\ud800-\\udfff escape outside a pair)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"{param}: character {e.start} is a lone surrogate {text[e.start]!r}, which is not "
+                            "valid Unicode", param) from None
+    return text
+
+
+def _plain_text(text: str, param: str, role: str) -> str:
+    """A text part; `<image>` places an image in a user message, so it is refused there (an answer or a
+    system message that mentions it keeps it as text)."""
+    _unicode(text, param)
+    if role == "user" and IMAGE_PLACEHOLDER in text:
+        raise ApiError(400, f"{param}: the text holds {IMAGE_PLACEHOLDER!r}; send images as image_url parts", param)
+    return text
+
+
+def _content_text(content, param: str, role: str, images: list[tuple[str, str]],
+                  videos: list[tuple[str, str]] | None = None) -> str:
+    """The text of one message, an `<image>` line for each image part in front of its text parts, whatever the
+    parts' order, as the model card puts images and vLLM a message's placeholders (their URLs appended to
+    `images`); text parts are joined by newlines. A video part (vLLM's `video_url`) adds its URL to `videos`
+    and nothing to the text: its frames' lines go in front of the question (`_video_prompt`)."""
+    if isinstance(content, str):
+        return _plain_text(content, param, role)
+    if not isinstance(content, list):
+        raise ApiError(400, f"{param} must be a string or a list of content parts", param)
+    placeholders, pieces = [], []
+    for k, part in enumerate(content):
+        where = f"{param}[{k}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            pieces.append(_plain_text(part["text"], where, role))
+        elif kind == "video_url" and videos is not None:
+            video = part.get("video_url")
+            url = video.get("url") if isinstance(video, dict) else None
+            if not isinstance(url, str) or not url:
+                raise ApiError(400, f"{where}: video_url needs a url string ({{'url': ...}})", where)
+            videos.append((f"{where}.video_url", _unicode(url, f"{where}.video_url")))
+        elif kind == "image_url":
+            if role != "user":
+                raise ApiError(400, f"{where}: images are only accepted in user messages", where)
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str) or not url:
+                raise ApiError(400, f"{where}: image_url needs a url string", where)
+            if isinstance(image, dict) and image.get("detail") not in (None, *IMAGE_DETAILS):
+                raise ApiError(400, f"{where}.image_url.detail must be one of {', '.join(IMAGE_DETAILS)}, got "
+                                    f"{json.dumps(image['detail'])[:80]}", f"{where}.image_url.detail")
+            images.append((f"{where}.image_url", _unicode(url, f"{where}.image_url")))
+            placeholders.append(IMAGE_PLACEHOLDER)
+        else:
+            video = " or {'type': 'video_url', 'video_url': {'url': ...}}" if role == "user" else ""
+            raise ApiError(400, f"{where}: content parts must be {{'type': 'text', 'text': ...}} or "
+                                f"{{'type': 'image_url', 'image_url': {{'url': ...}}}}{video}", where)
+    return "\n".join(placeholders + ["\n".join(pieces)])
+
+
+def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], list[tuple[str, str]], tuple[str, str] | None]:
+    """(system message, [(role, text)] alternating user/assistant and ending with user, image urls, the video url
+    or None)."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list", "messages")
+    system, turns, images, videos, video_turn = None, [], [], [], None
+    for i, message in enumerate(messages):
+        param = f"messages[{i}]"
+        role = message.get("role") if isinstance(message, dict) else None
+        if role in ("system", "developer"):
+            if i != 0:
+                raise ApiError(400, f"{param}: a system message may only come first", param)
+            system = _content_text(message.get("content"), f"{param}.content", role, [])
+            continue
+        if role not in ("user", "assistant"):
+            raise ApiError(400, f"{param}: role must be system, user or assistant, got {json.dumps(role)[:80]}", param)
+        count = len(videos)
+        text = _content_text(message.get("content"), f"{param}.content", role, images,
+                             videos if role == "user" else None)
+        if turns and turns[-1][0] == role:  # consecutive messages of one role read as one turn
+            turns[-1][1].append(text)  # joined once below: adding each to the turn so far is quadratic
+        else:
+            turns.append((role, [text]))
+        if len(videos) > count:
+            video_turn = len(turns) - 1
+    turns = [(role, "\n".join(texts)) for role, texts in turns]
+    if not turns or turns[0][0] != "user" or turns[-1][0] != "user":
+        raise ApiError(400, "the conversation must start and end with a user message (after an optional "
+                            "system message)", "messages")
+    if videos and (len(videos) > 1 or images or video_turn != len(turns) - 1):
+        raise ApiError(400, "a request may hold one video, in its last user message, and no images beside it (its "
+                            "frames go in front of the question, as the model card asks about a video)", videos[-1][0])
+    if not turns[-1][1].strip() and not videos:
+        raise ApiError(400, "the last user message is empty", "messages")
+    return system, turns, images, videos[0] if videos else None
+
+
+def _label_images(turns: list[tuple[str, str]], count: int) -> list[tuple[str, str]]:
+    """With several images, write each placeholder as `Image-k: <image>` (k counts over the request)."""
+    if count < 2:
+        return turns
+    k = 0
+    out = []
+    for role, text in turns:
+        if role != "user":
+            out.append((role, text))
+            continue
+        pieces = text.split(IMAGE_PLACEHOLDER)
+        labelled = [pieces[0]]
+        for piece in pieces[1:]:
+            k += 1
+            labelled += [f"Image-{k}: {IMAGE_PLACEHOLDER}", piece]
+        out.append((role, "".join(labelled)))
+    return out
+
+
+def check_model(body, served: str) -> None:
+    """As vLLM, before the rest of the body: a request that names another model gets a 404 (one that
+    names none, or "", is served)."""
+    model = _field(body, "model", (str,), "") if isinstance(body, dict) else ""
+    if model not in ("", served):
+        shown = _unicode(model, "model")[:200]  # a name of a megabyte is not sent back whole
+        raise ApiError(404, f"The model `{shown}` does not exist; this server serves `{served}`", "model",
+                       "model_not_found")
+
+
+def _refuse_off(body: dict, key: str) -> None:
+    """A vLLM field that is on by default and would change the answer when turned off: a 400 when false."""
+    if not _field(body, key, (bool,), True):
+        raise ApiError(400, f"{key}: false is not supported by this server", key)
+
+
+def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], fields: set[str],
+              lowest_max_tokens: int = 1) -> dict:
+    """The fields that chat and text completions share (sampling, limits, n, streaming), checked; raises
+    ApiError. Fields in `refused` are a 400 when set to anything but null or one of their off values, and so is
+    any field not among them, the shared ones, the ignored ones and the endpoint's own `fields`."""
+    known = SHARED_FIELDS | IGNORED_FIELDS.keys() | refused.keys() | fields
+    if unknown := [key for key in body if key not in known]:
+        shown = ", ".join(json.dumps(key)[:80] for key in unknown[:5])
+        raise ApiError(400, f"unrecognized request argument supplied: {shown} (this server does not know "
+                            f"{'them' if len(unknown) > 1 else 'it'}, so it would have no effect)", unknown[0][:80])
+    for key, off in refused.items():
+        value = body.get(key)
+        if value is not None and not any(type(value) is type(v) and value == v for v in off):
+            raise ApiError(400, f"{key} is not supported by this server", key)
+    for key, kinds in IGNORED_FIELDS.items():
+        _field(body, key, kinds)
+    _refuse_off(body, "skip_special_tokens")  # the text would show the special tokens
+    for key in ("frequency_penalty", "presence_penalty"):
+        if _field(body, key, (int, float), 0):
+            raise ApiError(400, f"{key} is not supported (use repetition_penalty)", key)
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise ApiError(400, "only response_format {'type': 'text'} is supported", "response_format")
+    temperature = _field(body, "temperature", (int, float), 1.0, 0, 2)
+    top_p = _field(body, "top_p", (int, float), 1.0, 0, 1)
+    if top_p == 0:
+        raise ApiError(400, "top_p must be greater than 0", "top_p")
+    # max_completion_tokens is OpenAI's current name and wins over the older max_tokens (as in vLLM)
+    limit_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _field(body, "max_tokens", (int,), None, lowest_max_tokens)
+    max_tokens = _field(body, "max_completion_tokens", (int,), max_tokens, lowest_max_tokens)
+    if max_tokens is not None and max_tokens > settings.max_tokens:
+        raise ApiError(400, f"{limit_key} is {max_tokens}; this server allows at most {settings.max_tokens}",
+                       limit_key)
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
+    if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them",
+                       "stop")
+    for text in stop:  # one that is not valid Unicode could never match
+        _unicode(text, "stop")
+    stop_ids = body.get("stop_token_ids")  # vLLM's; the token that stops is counted, not shown
+    stop_ids = [] if stop_ids is None else stop_ids
+    if not isinstance(stop_ids, list) or not all(type(i) is int and 0 <= i < 2**31 for i in stop_ids):
+        raise ApiError(400, f"stop_token_ids must be a list of token ids, got {json.dumps(stop_ids)[:80]}",
+                       "stop_token_ids")
+    stream_options = body.get("stream_options")
+    stream_options = {} if stream_options is None else stream_options
+    if not isinstance(stream_options, dict):
+        raise ApiError(400, "stream_options must be an object", "stream_options")
+    usage_keys = ("include_usage", "continuous_usage_stats")
+    # a typo (include_usages) left the stream without its usage chunk; include_obfuscation (OpenAI's) changes nothing
+    if unknown := [key for key in stream_options if key not in (*usage_keys, "include_obfuscation")]:
+        key = f"stream_options.{unknown[0][:80]}"
+        raise ApiError(400, f"{key} is not a stream option this server knows (include_usage, continuous_usage_stats)",
+                       key)
+    include_usage, continuous_usage = (  # checked as fields of their own, named stream_options.<key>
+        _field({f"stream_options.{k}": stream_options.get(k) for k in usage_keys}, f"stream_options.{k}", (bool,), False)
+        for k in usage_keys)
+    if stream_options and not body.get("stream"):  # as vLLM and OpenAI
+        raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
+    n = _field(body, "n", (int,), 1, 1, settings.max_n)
+    seed = _field(body, "seed", (int,), None, -(2**63), 2**63 - 1)  # OpenAI's int64; read modulo 2**63
+    min_tokens = _field(body, "min_tokens", (int,), 0, 0)  # vLLM's; checked against the answer's room later
+    logit_bias = _logit_bias(body.get("logit_bias"))
+    try:
+        params = SamplingParams(
+            max_new_tokens=max(1, min_tokens), min_new_tokens=min_tokens,  # max_new_tokens: a placeholder
+            do_sample=temperature > 0, temperature=float(temperature), top_p=float(top_p),
+            top_k=max(0, _field(body, "top_k", (int,), 0, -1)), stop=tuple(stop),  # -1 is vLLM's "off" too
+            stop_token_ids=tuple(stop_ids),
+            repetition_penalty=float(_field(body, "repetition_penalty", (int, float), 1.0, 0.01, 10)),
+            seed=None if seed is None else seed % 2**63, ignore_eos=_field(body, "ignore_eos", (bool,), False),
+            logit_bias=logit_bias,
+        )
+    except InputError as e:
+        raise ApiError(400, str(e)) from None
+    return {"params": params, "max_tokens": max_tokens, "max_tokens_key": limit_key, "n": n,
+            "stream": _field(body, "stream", (bool,), False), "include_usage": include_usage,
+            # as vLLM, continuous_usage_stats counts only beside include_usage
+            "continuous_usage": include_usage and continuous_usage}
+
+
+def _logit_bias(value) -> dict[int, float]:
+    """OpenAI's `logit_bias`, {"token id": bias}, as {id: bias}; ids are checked against the vocabulary by
+    `check_token_ids`. A bias outside -100..100 is a 400 where vLLM clamps it silently."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError(400, "logit_bias must be an object mapping token ids (as strings) to biases from -100 to 100, "
+                            f"got {json.dumps(value)[:80]}", "logit_bias")
+    if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ApiError(400, f"logit_bias has {len(value)} entries; this server accepts at most "
+                            f"{MAX_LOGIT_BIAS_ENTRIES}", "logit_bias")
+    bias = {}
+    for key, number in value.items():
+        if not re.fullmatch(r"-?[0-9]{1,20}", key):  # JSON keys are strings; vLLM reads them with int()
+            raise ApiError(400, f"logit_bias keys must be token ids written as decimal integers, got "
+                                f"{json.dumps(key)[:80]}", "logit_bias")
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not -100 <= number <= 100:
+            raise ApiError(400, f"logit_bias[{json.dumps(key)}] must be a number from -100 to 100, got "
+                                f"{json.dumps(number)[:80]}", "logit_bias")
+        bias[int(key)] = float(number)
+    return bias
+
+
+def _prompt_logprobs(body: dict) -> int | None:
+    """vLLM's `prompt_logprobs` (alternatives per prompt token), refused with a stream as vLLM refuses it."""
+    value = _field(body, "prompt_logprobs", (int,), None, 0, MAX_TOP_LOGPROBS)
+    if value and body.get("stream"):
+        raise ApiError(400, "prompt_logprobs are not available with stream: true", "prompt_logprobs")
+    return value
+
+
+def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
+    """Check a /v1/chat/completions body and map it onto the chat template; raises ApiError."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    # vLLM's chat fields: echo (its chat meaning), continue_final_message, a BOS besides the template's
+    refused = {**UNSUPPORTED_FIELDS, "echo": (False,), "best_of": (1,), "continue_final_message": (False,),
+               "add_special_tokens": (False,)}
+    sampling = _sampling(body, settings, refused, CHAT_FIELDS)
+    _refuse_off(body, "add_generation_prompt")  # the answer would go on with the user's turn
+    logprobs = _field(body, "logprobs", (bool,), False)
+    top_logprobs = _field(body, "top_logprobs", (int,), None, 0, MAX_TOP_LOGPROBS)
+    if top_logprobs is not None and not logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    tool_choice = body.get("tool_choice")  # vLLM's rule, given that tools can only be [] here
+    if tool_choice not in (None, "none") and not (tool_choice in ("auto", "required") and body.get("tools") == []):
+        raise ApiError(400, f"tool_choice {json.dumps(tool_choice)[:80]} needs tools, and this server does not "
+                            "support tools", "tool_choice")
+    system, turns, images, video = _conversation(body.get("messages"))
+    if len(images) > settings.max_images:
+        raise ApiError(400, f"the request has {len(images)} images; this server accepts at most "
+                            f"{settings.max_images}", "messages", "too_many_images")
+    turns = _label_images(turns, len(images))
+    history = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
+    return ChatRequest(
+        question=turns[-1][1], history=history, system_message=system, image_urls=images, video_url=video,
+        max_num=_field(body, "max_num", (int,), None, 1, settings.max_tiles),
+        logprobs=(top_logprobs or 0) if logprobs else None, prompt_logprobs=_prompt_logprobs(body), **sampling,
+    )
+
+
+def _prompt_list(prompt) -> list[str | list[int]]:
+    """The prompts of a /v1/completions body: a string, a list of strings, a list of token ids, or a list
+    of such lists (as OpenAI and vLLM accept them)."""
+    def token_ids(value) -> bool:
+        return isinstance(value, list) and bool(value) and all(type(i) is int for i in value)  # not bool
+
+    if isinstance(prompt, str) or token_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and (all(isinstance(p, str) for p in prompt)
+                                                  or all(token_ids(p) for p in prompt)):  # not mixed, as vLLM
+        prompts = prompt
+    else:
+        raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of token "
+                            "id lists (not strings and token lists mixed), none of them empty", "prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise ApiError(400, f"the request has {len(prompts)} prompts; this server accepts at most {MAX_PROMPTS}",
+                       "prompt")
+    for i, text in enumerate(prompts):
+        if text == "":
+            raise ApiError(400, f"prompt[{i}] is empty", "prompt")
+        if isinstance(text, str):
+            _unicode(text, f"prompt[{i}]")
+    return prompts
+
+
+def parse_completion_request(body, settings: ServerSettings) -> CompletionRequest:
+    """Check a /v1/completions body (raw text in, no chat template, as vLLM serves it); raises ApiError."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    echo = _field(body, "echo", (bool,), False)
+    # as vLLM, max_tokens 0 echoes the prompt (with its log-probabilities) and generates nothing
+    sampling = _sampling(body, settings, {**UNSUPPORTED_FIELDS, "suffix": ()}, COMPLETION_FIELDS,
+                         lowest_max_tokens=0 if echo else 1)
+    if sampling["max_tokens"] is None:  # OpenAI's and vLLM's default for text completions
+        sampling["max_tokens"] = min(COMPLETION_MAX_TOKENS, settings.max_tokens)
+    if _field(body, "best_of", (int,), 1) != 1:
+        raise ApiError(400, "best_of other than 1 is not supported (ask for n choices instead)", "best_of")
+    logprobs = _field(body, "logprobs", (int,), None, 0, MAX_TOP_LOGPROBS)
+    return CompletionRequest(prompts=_prompt_list(body.get("prompt")), logprobs=logprobs, echo=echo,
+                             prompt_logprobs=_prompt_logprobs(body),
+                             add_special_tokens=_field(body, "add_special_tokens", (bool,), True), **sampling)
+
+
+@dataclass
+class TokenizeRequest:
+    """A parsed /tokenize body (vLLM's): raw text as /v1/completions takes it, or a chat as
+    /v1/chat/completions takes it (`chat`, its images still URLs)."""
+
+    prompt: str | None
+    chat: ChatRequest | None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True  # for a prompt: its BOS, as /v1/completions adds it
+
+
+def parse_tokenize_request(body, settings: ServerSettings) -> TokenizeRequest:
+    """Check a /tokenize body: vLLM's `prompt` (with `add_special_tokens`) or `messages` (with
+    `add_generation_prompt`, `add_special_tokens`); raises ApiError."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    if (body.get("prompt") is None) == (body.get("messages") is None):
+        raise ApiError(400, "send either prompt (text, tokenized as /v1/completions tokenizes it) or messages (a "
+                            "chat, as /v1/chat/completions takes it)", "prompt")
+    for key in ("return_token_strs", "continue_final_message"):  # vLLM's; the chat must end with a user message
+        if _field(body, key, (bool,), False):
+            raise ApiError(400, f"{key} is not supported by this server", key)
+    # vLLM's add_special_tokens (the BOS of a tokenizer that has one); a chat's ids are the template's, BOS included
+    add_special_tokens = _field(body, "add_special_tokens", (bool,), True)
+    if body.get("prompt") is not None:
+        return TokenizeRequest(_unicode(_field(body, "prompt", (str,)), "prompt"), None,
+                               add_special_tokens=add_special_tokens)
+    own = ("prompt", "add_special_tokens", "return_token_strs", "continue_final_message", "add_generation_prompt")
+    return TokenizeRequest(None, parse_chat_request({k: v for k, v in body.items() if k not in own}, settings),
+                           _field(body, "add_generation_prompt", (bool,), True))
+
+
+def parse_detokenize_request(body, vocab: int) -> list[int]:
+    """The token ids of a /detokenize body (vLLM's `tokens`), each in 0..vocab - 1; raises ApiError."""
+    tokens = body.get("tokens") if isinstance(body, dict) else None
+    if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
+        raise ApiError(400, f"tokens must be a list of token ids, got {json.dumps(tokens)[:80]}", "tokens")
+    if bad := [t for t in tokens if not 0 <= t < vocab]:
+        raise ApiError(400, f"tokens must be in 0..{vocab - 1}, got {bad[:5]}", "tokens")
+    return tokens
