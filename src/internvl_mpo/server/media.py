@@ -1,5 +1,6 @@
-"""The bytes behind an image or video URL: a base64 data: URL, or when allowed an http(s) URL (fetched from public
-addresses only, within a deadline) or a local file; each within --max-image-bytes."""
+"""The bytes behind an image or video URL: a base64 data: URL, or when allowed an http(s) URL (fetched within
+--image-timeout, from public addresses unless --allow-private-image-hosts) or a local file; each within
+--max-image-bytes."""
 
 import base64
 import binascii
