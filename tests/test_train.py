@@ -34,20 +34,20 @@ from internvl_mpo.model import InternVL
 from internvl_mpo.processor.image import load_image
 from internvl_mpo.train import checkpointing as ckpt
 from internvl_mpo.train import mpo
+from internvl_mpo.train import stream as sample_stream
 from internvl_mpo.train.data import BadExample, MediaSettings, PairDataset, collate_pairs
 from internvl_mpo.train.distributed import DistEnv
 from internvl_mpo.train.lora import apply_lora, lora_target_names
 from internvl_mpo.train.losses import MPOWeights, RunningMean, mpo_loss, sft_nll
 from internvl_mpo.train.mmpr import SkipReport, load_meta, read_datasets
 from internvl_mpo.train.mpo import (
-    SampleStream,
     TrainConfig,
-    build_dataset,
     official_state,
     train,
 )
 from internvl_mpo.train.policy import SequenceLogps
 from internvl_mpo.train.settings import max_seq_length
+from internvl_mpo.train.stream import SampleStream, build_dataset
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -791,8 +791,8 @@ def test_resume_refuses_a_run_that_would_read_other_records(tmp_path, chat_folde
     cfg = config(chat_folder, sft_meta(tmp_path / "data", 10, 0.5), tmp_path / "run", mode="sft", max_steps=2,
                  save_every=1, freeze_vision=True, freeze_projector=True)  # text-only: no vision gradient
     with monkeypatch.context() as patch:
-        read = mpo.read_sft_records
-        patch.setattr(mpo, "read_sft_records", lambda *a, **k: read(*a, **k)[::-1])
+        read = sample_stream.read_sft_records
+        patch.setattr(sample_stream, "read_sft_records", lambda *a, **k: read(*a, **k)[::-1])
         train(cfg)
     killed_after_step_1(tmp_path / "run")
     message = (r"checkpoint-000001: cannot resume, these settings differ from the checkpoint: the records read"
