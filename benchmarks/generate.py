@@ -18,9 +18,9 @@ reference (timed at other moments, on a shared VM it reads a few % either way).
 Times come from one process holding both models: for every measurement the two sides take turns
 (`--rounds` turns each, the first turn alternating) and each keeps its best, so a shared machine
 that drifts by tens of percent between minutes and processes drifts for both alike. A time is the
-best of several calls (at least 3, more while under a few seconds; a call over 10 s counts alone),
-after a warm-up call on each side's first turn. Peak memory comes from two more processes, one per
-side, each running every workload twice on its own.
+best of several calls (at least 3 for vision and prefill, 2 for decoding, more while under 3 s;
+a call over 10 s counts alone), after a warm-up call on each side's first turn. Peak memory comes
+from two more processes, one per side, each running every workload twice on its own.
 
 `--compile` compiles our decode step and, where transformers' generate compiles its own (on GPUs,
 given a static cache; on the CPU only a private switch does), theirs too. The children share an
