@@ -1,4 +1,5 @@
-"""The training loop (train/mpo.py), checkpoints (train/checkpointing.py), LoRA (train/lora.py), the CLI.
+"""The training loop (train/mpo.py and the parts it runs: settings.py, policy.py, stream.py, reference.py,
+resume.py), checkpoints (train/checkpointing.py), LoRA (train/lora.py), the CLI.
 
 Everything runs on the tiny chat checkpoint of conftest.py with a tiny generated MMPR set (small PNGs).
 """
@@ -40,12 +41,9 @@ from internvl_mpo.train.distributed import DistEnv
 from internvl_mpo.train.lora import apply_lora, lora_target_names
 from internvl_mpo.train.losses import MPOWeights, RunningMean, mpo_loss, sft_nll
 from internvl_mpo.train.mmpr import SkipReport, load_meta, read_datasets
-from internvl_mpo.train.mpo import (
-    TrainConfig,
-    official_state,
-    train,
-)
+from internvl_mpo.train.mpo import TrainConfig, train
 from internvl_mpo.train.policy import SequenceLogps
+from internvl_mpo.train.resume import check_resume_settings, official_state
 from internvl_mpo.train.settings import max_seq_length
 from internvl_mpo.train.stream import SampleStream, build_dataset
 
@@ -843,7 +841,7 @@ def test_resume_refuses_an_unrecorded_selection_that_processes_do_not_divide(tmp
         env = DistEnv(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"))
         part = PairDataset(dataset.records[:n], tokenizer, dataset.settings, 8192)
         stream = SampleStream(part, env, cfg, report)
-        check = functools.partial(mpo.check_resume_settings, path, cfg, env, 1, None, None, stream)
+        check = functools.partial(check_resume_settings, path, cfg, env, 1, None, None, stream)
         if refused:
             with pytest.raises(CheckpointError, match=r"the checkpoint does not record them, and 2 processes do"
                                                       r" not divide the 9 records: versions before 2026-12-02"):
