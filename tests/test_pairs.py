@@ -556,7 +556,7 @@ def test_a_run_on_a_filesystem_without_locks_says_so(tmp_path, monkeypatch, caps
     import fcntl
 
     from internvl_mpo.evaluate import EVAL_LOCK
-    from internvl_mpo.pairs import hold_output
+    from internvl_mpo.run_folder import hold_output
 
     def unsupported(*args):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -738,7 +738,7 @@ def test_one_mpo_training_step_on_the_pairs(tiny_model, tmp_path):
 
 
 def test_progress_lines_end_at_newlines_only(tmp_path):
-    from internvl_mpo.pairs import Progress
+    from internvl_mpo.run_folder import Progress
 
     progress = Progress(tmp_path / "progress.jsonl")
     rows = [{"id": "a", "answer": "one\u2028two\u0085three"}, {"id": "b", "answer": "ok"}]

@@ -419,7 +419,7 @@ def _check_answer_settings(out: Path, settings: dict, resume: bool, default_max_
     a max_num left out (None) is the model's `default_max_num()`, read only when one run left it out
     and the other did not. A new run (no answer written yet) records its settings, and so does a
     resume of answers written before the file was kept (there is nothing to compare)."""
-    from .pairs import atomic_write, changed_settings, read_settings
+    from .run_folder import atomic_write, changed_settings, read_settings
 
     path = out.with_name(out.name + ".settings.json")
     if resume and path.exists():

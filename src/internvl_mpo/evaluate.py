@@ -36,7 +36,7 @@ the current folder, so that a read-only benchmark folder or a source checkout is
 answers arrive; a rerun skips the questions found there with
 the same prompt, images (paths, and `filestamp` stamps of their files) and ground truth), `score.json` (overall and per-category
 accuracy, recomputed from all predictions) and `settings.json` (a rerun must use the same settings); a
-running job holds `.eval.lock` there (`pairs.hold_output`), so a second run on the folder is refused.
+running job holds `.eval.lock` there (`run_folder.hold_output`), so a second run on the folder is refused.
 A question that cannot run (a prompt longer than the model's context) is recorded with the reason,
 counted wrong, listed under "failed" with its file:line and id, and not retried.
 """
@@ -68,14 +68,13 @@ from internvl_mpo.chat.template import IMAGE_PLACEHOLDER
 from internvl_mpo.errors import InputError, SettingError
 from internvl_mpo.filestamp import stamps, unchanged
 from internvl_mpo.jsonl import read_objects, refuse_misspelt_fields
-from internvl_mpo.pairs import (
+from internvl_mpo.pairs import check_images, refuse_unread_media
+from internvl_mpo.run_folder import (
     Progress,
     atomic_write,
-    check_images,
     check_output_folder,
     check_settings,
     hold_output,
-    refuse_unread_media,
 )
 
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."

@@ -19,7 +19,7 @@ Mirrors OpenGVLab/InternVL `internvl_chat/tools/mm_reasoning_pipeline/`:
 Output folder: the pair files, a `meta.json` (`train.mmpr.write_meta`; root = the input file's
 folder, so relative image paths resolve as in the input), `settings.json` and `progress.jsonl`, and for
 correctness `samples.jsonl` (each sample's verdict: positive, negative or format, and its extracted answer); a
-running job holds `.pairs.lock` there (`hold_output`), so a second run on the folder is refused.
+running job holds `.pairs.lock` there (`run_folder.hold_output`), so a second run on the folder is refused.
 Every finished item's raw samples are appended to `progress.jsonl` (one line per item, fsynced); a
 rerun skips the items found there with the same prompt and images (DropoutNTP: question and prefix),
 redoes an item edited since, or whose image files were edited in place (`filestamp`; a line cut by
@@ -55,13 +55,11 @@ Deliberate differences:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import random
-import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,9 +72,16 @@ from internvl_mpo.answers import (
     normalize_options,
 )
 from internvl_mpo.chat.template import IMAGE_PLACEHOLDER, add_image_prefix
-from internvl_mpo.errors import ConfigError, InputError, PromptTooLongError, SettingError
+from internvl_mpo.errors import InputError, PromptTooLongError, SettingError
 from internvl_mpo.filestamp import stamps, unchanged
 from internvl_mpo.jsonl import read_objects, refuse_misspelt_fields
+from internvl_mpo.run_folder import (
+    Progress,
+    atomic_write,
+    check_output_folder,
+    check_settings,
+    hold_output,
+)
 
 CORRECTNESS = "correctness"
 DROPOUT_NTP = "dropout-ntp"
@@ -330,130 +335,6 @@ def sample_seed(seed: int, item_id: str, index: int) -> int:
     """A 63-bit seed for sample `index` of an item, independent of order and batching."""
     digest = hashlib.sha256(f"{seed}:{item_id}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-class Progress:
-    """Append-only JSONL of finished items, keyed by id; a last line cut by an interruption is dropped."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def load(self) -> dict[str, dict]:
-        if not self.path.exists():
-            return {}
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            data = data[: data.rfind(b"\n") + 1]
-            with open(self.path, "r+b") as f:
-                f.truncate(len(data))
-        rows = {}
-        # Lines end at LF only: answers may hold U+2028 and the like, which str.splitlines() splits at.
-        for number, line in enumerate(data.split(b"\n")[:-1], 1):
-            try:
-                row = json.loads(line.decode("utf-8"))
-                rows[row["id"]] = row
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-                raise InputError(f"{self.path}:{number}: corrupt progress line; delete the folder to start over") from None
-        return rows
-
-    def append(self, rows: Iterable[dict]) -> None:
-        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        with open(self.path, "ab") as f:
-            f.write(text.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def check_output_folder(path: Path) -> None:
-    """Refuse an output path that is, or lies under, an existing file; creates nothing (run before a model loads)."""
-    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise InputError(f"{path}: exists and is not a folder" if existing == path.absolute() else
-                         f"{path}: {existing} is a file, not a folder")
-
-
-def make_output_folder(path: Path) -> None:
-    check_output_folder(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"{path}: cannot create the output folder ({e.strerror})") from None
-
-
-@contextlib.contextmanager
-def hold_output(path: Path, identity: dict, writes: Sequence[str], kind: tuple[str, str, str]) -> Iterator[None]:
-    """Make the output folder `path` and hold it for this run: locked (`checkpoint.lock_output`,
-    `kind`: `PAIRS_LOCK` or `evaluate.EVAL_LOCK`; ConfigError when a live run holds it), its settings
-    checked by `check_settings`, which records them in a new folder. They are checked before the lock too,
-    so that a folder refused for them (the user's own, say) gets no lock file. On a filesystem without
-    locks it says so (on stderr) and goes on, as train does."""
-    from internvl_mpo.checkpoint import lock_output, no_lock_note
-
-    make_output_folder(path)
-    check_settings(path / "settings.json", identity, writes, record=False)
-    lock = lock_output(path, kind)
-    if lock is None:
-        print(no_lock_note(path), file=sys.stderr)
-    with lock or contextlib.nullcontext():
-        check_settings(path / "settings.json", identity, writes)  # under the lock: no run records others meanwhile
-        yield
-
-
-def read_settings(path: Path, kind: str, output: str) -> dict:
-    """The settings a `kind` run recorded at `path`; ConfigError (naming the `output` to change) when the
-    file holds no JSON object."""
-    try:
-        earlier = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        earlier = None
-    if not isinstance(earlier, dict):
-        raise ConfigError(f"{path}: not the settings of a {kind} run; use another {output}")
-    return earlier
-
-
-def changed_settings(earlier: dict, now: dict, ignore: Sequence[str] = ()) -> list[str]:
-    """The keys, other than `ignore`, whose values differ between two runs' settings, sorted."""
-    return sorted(k for k in earlier.keys() | now.keys() if k not in ignore and earlier.get(k) != now.get(k))
-
-
-def check_settings(path: Path, identity: dict, writes: Sequence[str], record: bool = True) -> None:
-    """Refuse a folder that holds a run with other settings, or without settings one of the files the run
-    `writes` there (the user's own: they would be overwritten); a new folder gets these (`record`: False
-    before a model loads, so that a load that fails leaves nothing behind). The model is compared by
-    `model_key`; one recorded as typed (before 2026-12-03) is read against the current folder. A correctness
-    run's start_ratio, recorded though unread before 2026-12-04, is left out, and so are the weights' save id
-    where the file holds none (recorded since 2026-12-04: nothing to compare)."""
-    found = [name for name in writes if (path.parent / name).exists()]
-    if found and not path.exists():
-        raise ConfigError(f"{path.parent} holds {', '.join(found)} but no {path.name} of a pairs or eval run; "
-                          "use another output folder")
-    if path.exists():
-        earlier = read_settings(path, "pairs or eval", "output folder")
-        if isinstance(earlier.get("model"), str):
-            from internvl_mpo.checkpoint import model_key
-
-            earlier["model"] = model_key(earlier["model"])
-        if earlier.get("method") == CORRECTNESS:  # recorded, unread, until 2026-12-04
-            earlier.pop("start_ratio", None)
-        if "weights" not in earlier:
-            identity = {k: v for k, v in identity.items() if k != "weights"}
-        if earlier != identity:
-            changed = changed_settings(earlier, identity)
-            raise ConfigError(
-                f"{path.parent} holds a run with other settings ({', '.join(changed)}); "
-                "use another output folder or the same settings"
-            )
-    elif record:
-        atomic_write(path, json.dumps(identity, indent=2, ensure_ascii=False) + "\n")
 
 
 def _write_outputs(out: Path, input_path: Path, files: dict[str, list[dict]]) -> list[str]:
