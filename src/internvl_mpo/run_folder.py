@@ -114,9 +114,9 @@ def check_settings(path: Path, identity: dict, writes: Sequence[str], record: bo
     """Refuse a folder that holds a run with other settings, or without settings one of the files the run
     `writes` there (the user's own: they would be overwritten); a new folder gets these (`record`: False
     before a model loads, so that a load that fails leaves nothing behind). The model is compared by
-    `model_key`; one recorded as typed (before 2026-12-03) is read against the current folder. A correctness
-    run's start_ratio, recorded though unread before 2026-12-04, is left out, and so are the weights' save id
-    where the file holds none (recorded since 2026-12-04: nothing to compare)."""
+    `model_key`; files written by older versions record the model as typed, which is read against the current
+    folder. A correctness run's start_ratio, which such files may hold though the run never reads it, is left
+    out, and so is the weights' save id where the file holds none (older files: nothing to compare)."""
     found = [name for name in writes if (path.parent / name).exists()]
     if found and not path.exists():
         raise ConfigError(f"{path.parent} holds {', '.join(found)} but no {path.name} of a pairs or eval run; "
@@ -127,7 +127,7 @@ def check_settings(path: Path, identity: dict, writes: Sequence[str], record: bo
             from internvl_mpo.checkpoint import model_key
 
             earlier["model"] = model_key(earlier["model"])
-        if earlier.get("method") == "correctness":  # recorded, unread, until 2026-12-04
+        if earlier.get("method") == "correctness":  # a pairs.CORRECTNESS run: older files hold its unread start_ratio
             earlier.pop("start_ratio", None)
         if "weights" not in earlier:
             identity = {k: v for k, v in identity.items() if k != "weights"}
