@@ -15,8 +15,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from internvl_mpo.checkpoint import SAVE_ID, parse_dtype, parse_size
+from internvl_mpo.checkpoint import SAVE_ID, parse_size
 from internvl_mpo.config import LLMConfig, ModelConfig, VisionConfig
+from internvl_mpo.devices import parse_dtype
 from internvl_mpo.errors import CheckpointError, InputError
 from internvl_mpo.model import InternVL
 from internvl_mpo.pipeline import InternVLChat

@@ -1009,7 +1009,7 @@ def test_bad_device_dtype_and_tile_budget_are_one_line_errors(folder):
 def test_a_bare_gpu_index_is_that_cuda_device_in_every_command(folder, tmp_path, monkeypatch):
     """`--device 0` said "unknown device '0'", while `device=0` in Python is cuda:0: a string of digits is cuda:N."""
     from internvl_mpo import cli_chat
-    from internvl_mpo.checkpoint import default_device
+    from internvl_mpo.devices import default_device
 
     assert default_device("1") == "cuda:1" and default_device("cpu") == "cpu"
     if not __import__("torch").cuda.is_available():

@@ -36,8 +36,9 @@ def run_dtype(dtype: str | None, device: str, model: str) -> tuple[str, Weights 
     (None where it read none), for the load to take (`InternVLChat.from_pretrained`): each header read once."""
     import torch
 
-    from .checkpoint import auto_dtype, open_weights, parse_dtype, resolve_checkpoint
+    from .checkpoint import auto_dtype, open_weights, resolve_checkpoint
     from .config import ModelConfig
+    from .devices import parse_dtype
 
     folder = resolve_checkpoint(model) if dtype == "auto" else None
     config_dtype = ModelConfig.from_json(folder / "config.json").torch_dtype if folder else None
@@ -112,8 +113,8 @@ def chat(
     compile: torch.compile the decode step
     max_pixels: refuse images (and frames) with more pixels (default: Pillow's limit, about 89 M)
     """
-    from .checkpoint import default_device
     from .cli import flagged
+    from .devices import default_device
     from .pipeline import InternVLChat, sampling_params
     from .processor.image import let_pillow_open, open_image
 
@@ -273,8 +274,9 @@ def generate(
     """
     from tqdm import tqdm
 
-    from .checkpoint import default_device, lock_output, model_key, no_lock_note
+    from .checkpoint import lock_output, model_key, no_lock_note
     from .cli import flagged
+    from .devices import default_device
     from .filestamp import stamps, unchanged
     from .jsonl import rewrite_in_order
     from .pipeline import InternVLChat, sampling_params

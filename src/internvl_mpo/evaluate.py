@@ -559,7 +559,8 @@ def eval_(
     max_pixels: refuse images with more pixels (default: Pillow's limit, about 89 M)
     progress: show a progress bar
     """
-    from internvl_mpo.checkpoint import check_not_in_use, default_device
+    from internvl_mpo.checkpoint import check_not_in_use
+    from internvl_mpo.devices import default_device
     from internvl_mpo.cli_chat import _model_path, run_dtype, run_weights, save_id
     from internvl_mpo.pipeline import InternVLChat
     from internvl_mpo.processor.image import let_pillow_open

@@ -212,10 +212,10 @@ class InternVL(nn.Module):
         `split_model` recipe does; a dict {module prefix: device} places modules explicitly. `weights`: the
         folder's `checkpoint.Weights`, where the caller has opened them (`checkpoint.open_weights`).
         """
-        from . import checkpoint
+        from . import checkpoint, devices
         from .placement import check_device_map, device_for, resolve_device_map
 
-        checkpoint.check_device_and_dtype(device, dtype)
+        devices.check_device_and_dtype(device, dtype)
         folder = checkpoint.resolve_checkpoint(path_or_id, revision)
         config = ModelConfig.from_json(folder / "config.json")
         device_map = resolve_device_map(device_map, config)
@@ -226,11 +226,11 @@ class InternVL(nn.Module):
             check_device_map(device_map, model.state_dict())
             if device == "cpu":
                 device = device_for("mlp1", device_map, device)
-        device = checkpoint.parse_device(device)
+        device = devices.parse_device(device)
         if weights is None:  # each file's header read once, for the dtype and the tensors
             weights = checkpoint.open_weights(folder)
         auto = checkpoint.auto_dtype(folder, config.torch_dtype, weights) if dtype == "auto" else None
-        dtype = checkpoint.parse_dtype(dtype, device, auto)
+        dtype = devices.parse_dtype(dtype, device, auto)
         placement = device if device_map is None else (lambda key: device_for(key, device_map, device))
         state = checkpoint.read_state_dict(folder, model.expected_keys(), dtype, placement, weights=weights)
         try:

@@ -685,7 +685,8 @@ def pairs(
     if method == CORRECTNESS and samples == 1:
         raise InputError("--samples 1: correctness pairs need at least 2 samples per question (each pair is a right "
                          "and a wrong answer to it)")
-    from internvl_mpo.checkpoint import check_not_in_use, default_device
+    from internvl_mpo.checkpoint import check_not_in_use
+    from internvl_mpo.devices import default_device
     from internvl_mpo.cli_chat import run_dtype, run_weights, save_id
     from internvl_mpo.pipeline import InternVLChat
     from internvl_mpo.processor.image import let_pillow_open

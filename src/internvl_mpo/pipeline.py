@@ -154,7 +154,8 @@ class InternVLChat:
     ) -> "InternVLChat":
         """Model and tokenizer from a checkpoint folder or hub id; see `InternVL.from_pretrained` (and its
         `weights`: the folder's, where the caller has opened them)."""
-        from .checkpoint import check_device_and_dtype, resolve_checkpoint
+        from .checkpoint import resolve_checkpoint
+        from .devices import check_device_and_dtype
 
         check_device_and_dtype(device, dtype)
         folder = resolve_checkpoint(path_or_id, revision)

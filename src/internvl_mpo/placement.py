@@ -15,8 +15,8 @@ import re
 
 import torch
 
-from .checkpoint import parse_device
 from .config import ModelConfig
+from .devices import parse_device
 from .errors import InputError, SettingError
 
 DECODER_LAYER = re.compile(r"language_model\.model\.layers\.\d+\.")  # the weights that may sit on other devices

@@ -10,7 +10,7 @@ import logging
 import math
 import socket
 
-from ..checkpoint import default_device
+from ..devices import default_device
 from ..errors import ConfigError
 from ..pipeline import InternVLChat
 from ..processor.image import let_pillow_open

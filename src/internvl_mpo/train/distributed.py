@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from internvl_mpo.checkpoint import device_name
+from internvl_mpo.devices import device_name
 from internvl_mpo.errors import ConfigError, InternVLError, TrainingError
 
 # How long a collective waits for the other ranks: rank 0 writes each checkpoint while the others
