@@ -214,7 +214,8 @@ def test_a_hub_download_fetches_every_file_a_save_copies():
     leaves out (chat_template.jinja, where newer transformers keep the chat template) would be lost."""
     from fnmatch import fnmatch
 
-    from internvl_mpo.checkpoint import COMPANION_FILES, HUB_PATTERNS
+    from internvl_mpo.checkpoint import HUB_PATTERNS
+    from internvl_mpo.companions import COMPANION_FILES
 
     for name in (*COMPANION_FILES, "model.safetensors", "model.safetensors.index.json", "config.json",
                  "modeling_internvl_chat.py", "tokenization_internlm2.py"):

@@ -6,7 +6,7 @@ reports all missing, unexpected and mis-shaped keys in one `CheckpointError`. Te
 by one straight into the target dtype and device, so peak memory stays near the size of the weights.
 Only safetensors are read: pickle-based files (`*.bin`, `*.pt`, `*.pth`, `*.ckpt`) are refused,
 never unpickled. Writing produces the same layout, with tokenizer, generation and remote-code files
-copied from the source folder so the official code, vLLM and lmdeploy can load the result. Each save
+(`companions`) copied from the source folder so the official code, vLLM and lmdeploy can load the result. Each save
 stamps one fresh id (`SAVE_ID`) into all its weight files and its index, and shards of two saves under
 one index (a save killed between its renames) are refused. A save holds its folder (`save_lock`), and a
 train, pairs or eval run its output folder (`lock_output`), with a flock.
@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .companions import COMPANION_FILES
 from .errors import CheckpointError, ConfigError, InputError, SaveError
 
 SINGLE_FILE = "model.safetensors"
@@ -40,21 +41,6 @@ SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _FLOAT_KINDS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                 "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# Files that travel with the weights when a model is saved.
-COMPANION_FILES = (
-    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-    "added_tokens.json", "special_tokens_map.json", "tokenizer.model", "preprocessor_config.json",
-    "chat_template.jinja", "chat_template.json",  # where newer transformers save the chat template
-)
-# transformers' processor file: its layout (`convert --to hf`) writes it, the official layout never holds it.
-PROCESSOR_FILE = "processor_config.json"
-# The tokenizer attributes transformers' InternVLProcessor reads (it needs a video token even for images),
-# and the tokenizer files that can hold them (`without_processor_tokens`).
-PROCESSOR_TOKENS = {
-    "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
-    "video_token": "<video>",
-}
-PROCESSOR_TOKEN_FILES = ("tokenizer_config.json", "tokenizer.json", "added_tokens.json")
 # Held by a save while it writes into a folder (see `save_lock`).
 SAVE_LOCK = ".internvl-mpo-save.lock"
 # What flock gives on filesystems without locks (some NFS and Lustre mounts).
@@ -608,120 +594,4 @@ def write_failure(error: BaseException) -> str | None:
         return error.reason
     if isinstance(error, (OSError, SafetensorError)):
         return " ".join(str(error).split())
-    return None
-
-
-def auto_map_files(auto_map: dict[str, Any]) -> list[str]:
-    """The .py files an auto_map names: "module.Class" (or "repo--module.Class") -> "module.py"."""
-    entries = [e for value in auto_map.values() for e in (value if isinstance(value, list) else [value])
-               if isinstance(e, str) and e]
-    return sorted({e.split("--")[-1].rsplit(".", 1)[0] + ".py" for e in entries})
-
-
-def _json_object(path: Path) -> dict:
-    """A JSON file's object; {} when it is missing or not a JSON object (nothing it names is then known)."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-# `import .x` and `from .x import y`, as transformers reads a remote-code file's imports from its own folder.
-_RELATIVE_IMPORT = re.compile(r"^\s*(?:import\s+\.(\w+)\s*$|from\s+\.(\w+)\s+import)", re.M)
-
-
-def remote_code(folder: Path, configs: Iterable[dict]) -> list[str]:
-    """The .py files of `folder` that the auto_maps of `configs` name (a config's own and its nested
-    configs': InternLM2's llm_config names modeling_internlm2), with the modules they import relatively
-    from the folder, recursively: the files transformers fetches with them (`from .conversation import`)."""
-    maps = [c.get("auto_map") for config in configs for c in (config, *config.values()) if isinstance(c, dict)]
-    pending = [name for auto_map in maps if isinstance(auto_map, dict) for name in auto_map_files(auto_map)]
-    found: set[str] = set()
-    while pending:
-        name = pending.pop()
-        if name in found or Path(name).name != name or "\\" in name or not (folder / name).is_file():
-            continue  # only files of the folder itself: "../x.Cls" reaches elsewhere
-        found.add(name)
-        text = (folder / name).read_text(encoding="utf-8", errors="replace")
-        pending += [(plain or source) + ".py" for plain, source in _RELATIVE_IMPORT.findall(text)]
-    return sorted(found)
-
-
-def transformers_processor_files(folder: Path) -> list[str]:
-    """The files of `folder` that belong to transformers' InternVLProcessor (`convert --to hf` writes them):
-    processor_config.json, and a preprocessor_config.json that names that processor (the official one is
-    a CLIP image processor's). In an official-layout folder they claim the other layout: transformers'
-    AutoProcessor would build InternVLProcessor, which reads transformers' layout only."""
-    names = [PROCESSOR_FILE] if (folder / PROCESSOR_FILE).is_file() else []
-    if _json_object(folder / "preprocessor_config.json").get("processor_class") == "InternVLProcessor":
-        names.append("preprocessor_config.json")
-    return names
-
-
-def without_processor_tokens(files: dict[str, Path], vocab_size: int) -> dict[str, str]:
-    """The tokenizer files among `files` (name -> file) that hold transformers' processor tokens, as texts
-    without them (name -> text): in tokenizer_config.json the keys that name them (`extra_special_tokens`
-    as a dict, which `convert --to hf` writes; `model_specific_special_tokens`, `video_token`, ..., which
-    transformers saves), and the added tokens transformers gave those past the model's `vocab_size` (its
-    `<video>`, not in the official vocabulary) in tokenizer.json, added_tokens.json or tokenizer_config.json's
-    `added_tokens_decoder`: with it the tokenizer held one token more than the model's embeddings. Files
-    without them are left out (they stay as they are, byte for byte)."""
-    def beyond(token_id: Any, content: Any) -> bool:
-        return content in PROCESSOR_TOKENS.values() and str(token_id).isdigit() and int(token_id) >= vocab_size
-
-    texts = {}
-    for name in PROCESSOR_TOKEN_FILES:
-        data = _json_object(files[name]) if name in files else {}
-        if name == "tokenizer_config.json":
-            kept = {key: value for key, value in data.items() if key not in ("model_specific_special_tokens",
-                    *PROCESSOR_TOKENS) and not (key == "extra_special_tokens" and isinstance(value, dict))}
-            if isinstance(kept.get("added_tokens_decoder"), dict):
-                kept["added_tokens_decoder"] = {i: t for i, t in kept["added_tokens_decoder"].items()
-                                                if not (isinstance(t, dict) and beyond(i, t.get("content")))}
-        elif name == "tokenizer.json" and isinstance(data.get("added_tokens"), list):
-            kept = {**data, "added_tokens": [t for t in data["added_tokens"]
-                                             if not (isinstance(t, dict) and beyond(t.get("id"), t.get("content")))]}
-        elif name == "added_tokens.json":
-            kept = {content: i for content, i in data.items() if not beyond(i, content)}
-        else:
-            kept = data
-        if kept != data:
-            texts[name] = json.dumps(kept, indent=2, ensure_ascii=False) + "\n"
-    return texts
-
-
-def tokenizer_files(folder: Path) -> list[str]:
-    """The tokenizer, generation and processor files of `folder` (not transformers' InternVLProcessor's),
-    and the code tokenizer_config.json names."""
-    code = remote_code(folder, [_json_object(folder / "tokenizer_config.json")])
-    names = {name for name in COMPANION_FILES if (folder / name).is_file()} - set(transformers_processor_files(folder))
-    return sorted(names | set(code))
-
-
-def companions(folder: Path) -> list[str]:
-    """The files of `folder` that travel with its weights: its `tokenizer_files` and the remote code its
-    config.json names."""
-    return sorted(set(tokenizer_files(folder)) | set(remote_code(folder, [_json_object(folder / "config.json")])))
-
-
-def find_token_id(folder: Path, token: str) -> int | None:
-    """Id of an added token, read from the tokenizer files by string (no tokenizer needed)."""
-    from .chat.tokenizer import read_tokenizer_json  # a file that is not JSON: an error naming it
-
-    tok_json = folder / "tokenizer.json"
-    if tok_json.exists():
-        for added in read_tokenizer_json(tok_json).get("added_tokens", []):
-            if added.get("content") == token:
-                return int(added["id"])
-    config = folder / "tokenizer_config.json"
-    if config.exists():
-        for idx, added in read_tokenizer_json(config).get("added_tokens_decoder", {}).items():
-            if added.get("content") == token:
-                return int(idx)
-    added_file = folder / "added_tokens.json"
-    if added_file.exists():
-        value = read_tokenizer_json(added_file).get(token)
-        if value is not None:
-            return int(value)
     return None

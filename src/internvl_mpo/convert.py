@@ -65,7 +65,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from . import checkpoint
+from . import checkpoint, companions
 from .chat.template import get_template
 from .config import FAMILY_SIZES, LLMConfig, ModelConfig, family_config, official_rope, read_config_json
 from .errors import CheckpointError, ConfigError, InputError, SaveError
@@ -75,7 +75,7 @@ from .processor.image import IMAGENET_MEAN, IMAGENET_STD
 HF_ARCHITECTURE = "InternVLForConditionalGeneration"
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 OFFICIAL_IMAGE = "<image>"  # an image in the official layout's prompts, before it is expanded
-TOKENIZER_FILES = tuple(name for name in checkpoint.COMPANION_FILES if name != "preprocessor_config.json")
+TOKENIZER_FILES = tuple(name for name in companions.COMPANION_FILES if name != "preprocessor_config.json")
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 # The official folder's files that `--to hf` replaces; the transformers folder keeps their text in
 # OFFICIAL_FILES (a file transformers does not read) and `--to official` puts them back.
@@ -534,8 +534,8 @@ def convert(
                 _write_json(dst / OFFICIAL_FILES,
                             {"files": originals, "hf_tokenizer_config": _text(dst / "tokenizer_config.json")})
             else:
-                tokenizer = {name: dst / name for name in checkpoint.PROCESSOR_TOKEN_FILES}
-                for name, text in checkpoint.without_processor_tokens(tokenizer, config.llm.vocab_size).items():
+                tokenizer = {name: dst / name for name in companions.PROCESSOR_TOKEN_FILES}
+                for name, text in companions.without_processor_tokens(tokenizer, config.llm.vocab_size).items():
                     (dst / name).write_text(text, encoding="utf-8")
                 for name, text in official_template_files(src, lambda name: _text(dst / name), config.template).items():
                     if text is None:
@@ -631,7 +631,7 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
 
 def _tokenizer_code(folder: Path) -> tuple[str, ...]:
     path = folder / "tokenizer_config.json"
-    return tuple(checkpoint.remote_code(folder, [_read_json(path)])) if path.is_file() else ()
+    return tuple(companions.remote_code(folder, [_read_json(path)])) if path.is_file() else ()
 
 
 def chat_template(template: str = "internvl2_5", image: str = IMG_CONTEXT_TOKEN) -> str:
@@ -675,7 +675,7 @@ def _write_processor_files(dst: Path, config: ModelConfig) -> None:
     if isinstance(listed, list):  # transformers 5's spelling of additional_special_tokens
         tokenizer_config["additional_special_tokens"] = listed
     named = listed if isinstance(listed, dict) else {}
-    tokenizer_config["extra_special_tokens"] = {**named, **checkpoint.PROCESSOR_TOKENS}
+    tokenizer_config["extra_special_tokens"] = {**named, **companions.PROCESSOR_TOKENS}
     _write_json(path, tokenizer_config)
 
 
@@ -684,7 +684,7 @@ def _generation_config(src: Path, config: ModelConfig) -> dict[str, Any] | None:
     where the official chat() stops: transformers' generate stops at the eos ids of this file only (without
     it, at text_config's eos_token_id: `</s>` for InternLM2, none for the demo model). None: the source's file
     (or none) already stops there."""
-    stop = checkpoint.find_token_id(src, get_template(config.template).sep.strip())
+    stop = companions.find_token_id(src, get_template(config.template).sep.strip())
     path = src / "generation_config.json"
     settings = _read_json(path) if path.is_file() else {}
     if not isinstance(settings, dict):
@@ -704,7 +704,7 @@ def remote_code_note(folder: str | Path) -> str | None:
     """What to add so that the official remote code loads an official-layout folder, or None if it has
     the files its config.json's auto_map names."""
     folder = Path(folder)
-    missing = [f for f in checkpoint.auto_map_files(_read_json(folder / "config.json").get("auto_map") or {})
+    missing = [f for f in companions.auto_map_files(_read_json(folder / "config.json").get("auto_map") or {})
                if not (folder / f).is_file()]
     if not missing:
         return None

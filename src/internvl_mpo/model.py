@@ -51,9 +51,9 @@ def splice_image_embeddings(
 def context_token_id(folder: Path, vocab_size: int, given: int | None = None) -> int | None:
     """`given`, else the id of `<IMG_CONTEXT>` in `folder`'s tokenizer files (None without one). An id outside the
     vocabulary is refused: embedding it failed deep inside (on CUDA with a device-side assert)."""
-    from . import checkpoint
+    from . import companions
 
-    found = checkpoint.find_token_id(folder, IMG_CONTEXT_TOKEN) if given is None else given
+    found = companions.find_token_id(folder, IMG_CONTEXT_TOKEN) if given is None else given
     if found is None or 0 <= found < vocab_size:
         return found
     if given is not None:
@@ -285,7 +285,7 @@ class InternVL(nn.Module):
                              "not be loaded, so nothing was written")
 
     def _save_into(self, folder: Path, max_shard_size: int | str) -> None:
-        from . import checkpoint
+        from . import checkpoint, companions
 
         state = self.state_dict()
         llm = self.config.llm
@@ -302,20 +302,20 @@ class InternVL(nn.Module):
         config = self.config.replace(vision=vision, llm=llm, extra=with_dtype(self.config.extra))
         source, tokenizer, wanted = self.source_dir, self.tokenizer_dir or self.source_dir, {}
         if source is not None:
-            wanted = {name: source / name for name in checkpoint.remote_code(source, [config.to_dict()])}
+            wanted = {name: source / name for name in companions.remote_code(source, [config.to_dict()])}
         if tokenizer is not None:
-            wanted |= {name: tokenizer / name for name in checkpoint.tokenizer_files(tokenizer)}
+            wanted |= {name: tokenizer / name for name in companions.tokenizer_files(tokenizer)}
         files = {name: path for name, path in wanted.items() if path.resolve() != (folder / name).resolve()}
         # an earlier checkpoint's tokenizer and code give way to the source's (read before config.json is
         # replaced); a model saved into the folder it came from copies nothing and removes nothing
-        replaces = [name for name in checkpoint.companions(folder) if name not in wanted] if files else []
+        replaces = [name for name in companions.companions(folder) if name not in wanted] if files else []
         # transformers' processor files (a `convert --to hf` folder's) read its layout only: they go in any case
-        replaces += checkpoint.transformers_processor_files(folder)
+        replaces += companions.transformers_processor_files(folder)
         texts = {"config.json": config.to_json_text()}
         # so do its tokens, from the tokenizer files the folder ends with (copied, or its own that stay)
-        ending = {name: files.get(name, folder / name) for name in checkpoint.PROCESSOR_TOKEN_FILES
+        ending = {name: files.get(name, folder / name) for name in companions.PROCESSOR_TOKEN_FILES
                   if name in files or name not in replaces}
-        for name, text in checkpoint.without_processor_tokens(ending, llm.vocab_size).items():
+        for name, text in companions.without_processor_tokens(ending, llm.vocab_size).items():
             files.pop(name, None)
             texts[name] = text
         if tokenizer is not None and tokenizer.resolve() != folder.resolve():
