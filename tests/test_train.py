@@ -28,9 +28,9 @@ from conftest import bf16_shards_without_dtype, record_header_reads
 from test_train_data import color_pairs, write_mmpr, write_noise_images
 
 from internvl_mpo.chat.tokenizer import load_tokenizer
-from internvl_mpo.checkpoint import TRAIN_LOCK
 from internvl_mpo.config import ModelConfig
 from internvl_mpo.errors import CheckpointError, ConfigError, InputError, TrainingError
+from internvl_mpo.locks import TRAIN_LOCK
 from internvl_mpo.model import InternVL
 from internvl_mpo.processor.image import load_image
 from internvl_mpo.train import checkpointing as ckpt

@@ -8,13 +8,11 @@ Only safetensors are read: pickle-based files (`*.bin`, `*.pt`, `*.pth`, `*.ckpt
 never unpickled. Writing produces the same layout, with tokenizer, generation and remote-code files
 (`companions`) copied from the source folder so the official code, vLLM and lmdeploy can load the result. Each save
 stamps one fresh id (`SAVE_ID`) into all its weight files and its index, and shards of two saves under
-one index (a save killed between its renames) are refused. A save holds its folder (`save_lock`), and a
-train, pairs or eval run its output folder (`lock_output`), with a flock.
+one index (a save killed between its renames) are refused. A save holds its folder with a flock (`save_lock`).
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -25,14 +23,15 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .companions import COMPANION_FILES
-from .errors import CheckpointError, ConfigError, InputError, SaveError
+from .errors import CheckpointError, InputError, SaveError
+from .locks import LOCKS_UNSUPPORTED
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -43,8 +42,6 @@ _FLOAT_KINDS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "b
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Held by a save while it writes into a folder (see `save_lock`).
 SAVE_LOCK = ".internvl-mpo-save.lock"
-# What flock gives on filesystems without locks (some NFS and Lustre mounts).
-LOCKS_UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP)
 # Key of the id that one save stamps into the header metadata of each of its weight files and into the index's
 # "metadata" (beside total_size), so that a folder mixing the shards of two saves is told apart (`open_weights`).
 # transformers, vLLM and the official code ignore keys they do not read in both places (README).
@@ -443,68 +440,6 @@ def save_lock(folder: Path) -> Iterator[None]:
         path.unlink(missing_ok=True)  # before the lock goes, so no save can take a file about to vanish
         if fd is not None:
             os.close(fd)
-
-
-# What holds a run's output folder (`lock_output`): the lock file there, the run named in the error, what a
-# second run would overwrite. `pairs` and `eval` hold theirs with their own (`pairs.PAIRS_LOCK`, `evaluate.EVAL_LOCK`).
-TRAIN_LOCK = (".train.lock", "training run", "checkpoints and metrics")
-
-
-def _in_use(output: Path, lock: IO[str], kind: tuple[str, str, str]) -> ConfigError:
-    _, run, overwritten = kind
-    lock.seek(0)
-    holder = lock.read().strip() or "its process unknown"
-    return ConfigError(f"{output} is in use by another {run} ({holder}): two runs would overwrite each"
-                       f" other's {overwritten}; wait for it to end or choose another --output")
-
-
-def lock_output(output: Path, kind: tuple[str, str, str] = TRAIN_LOCK) -> IO[str] | None:
-    """Lock `output` for one run: an exclusive flock on its lock file (`kind`: as `TRAIN_LOCK`, whose file
-    is `output/.train.lock`), held while the returned file is open. The kernel drops it when the process
-    ends, however it ends, so a crashed run leaves the file but no stale lock. ConfigError when another
-    process holds it; None (no lock) where the filesystem has no locks."""
-    import fcntl
-
-    lock = open(output / kind[0], "a+", encoding="utf-8")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        error = _in_use(output, lock, kind)
-        lock.close()
-        raise error from None
-    except OSError as e:
-        lock.close()
-        if e.errno in LOCKS_UNSUPPORTED:
-            return None
-        raise
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
-    return lock
-
-
-def no_lock_note(output: Path) -> str:
-    """What a run says when `lock_output` gave it no lock (a filesystem without locks)."""
-    return f"note: {output}'s filesystem has no file locks: make sure no other run writes to it"
-
-
-def check_not_in_use(output: Path, kind: tuple[str, str, str] = TRAIN_LOCK) -> None:
-    """ConfigError when a live run holds `output`'s lock of `kind` (probed with a shared lock, released at once)."""
-    import fcntl
-
-    try:
-        lock = open(output / kind[0], encoding="utf-8")
-    except OSError:  # no lock file (no run started there), or no such folder
-        return
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _in_use(output, lock, kind) from None
-        except OSError as e:
-            if e.errno not in LOCKS_UNSUPPORTED:
-                raise
 
 
 def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB",

@@ -274,11 +274,12 @@ def generate(
     """
     from tqdm import tqdm
 
-    from .checkpoint import lock_output, model_key, no_lock_note
+    from .checkpoint import model_key
     from .cli import flagged
     from .devices import default_device
     from .filestamp import stamps, unchanged
     from .jsonl import rewrite_in_order
+    from .locks import lock_output, no_lock_note
     from .pipeline import InternVLChat, sampling_params
     from .processor.image import let_pillow_open
     from .processor.preview import no_folder

@@ -83,7 +83,7 @@ SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
 TOTAL_MAX_NUM = 64  # VLMEvalKit's cap on tiles over all images of one question
 IMAGE_REFERENCE_CHARS = 64  # a TSV image cell this short names another row's image
 RUN_FILES = ("predictions.jsonl", "score.json")  # written into the output folder beside settings.json
-# held by a run in its output folder, as train holds its own (`checkpoint.lock_output`)
+# held by a run in its output folder, as train holds its own (`locks.lock_output`)
 EVAL_LOCK = (".eval.lock", "eval run", "predictions and scores")
 CIRCULAR_OFFSET = 10**6  # an MMBench TSV's row i + k * 10**6 is question i with its options rotated k times
 _MISSING = {"", "nan", "NaN"}
@@ -559,8 +559,8 @@ def eval_(
     max_pixels: refuse images with more pixels (default: Pillow's limit, about 89 M)
     progress: show a progress bar
     """
-    from internvl_mpo.checkpoint import check_not_in_use
     from internvl_mpo.devices import default_device
+    from internvl_mpo.locks import check_not_in_use
     from internvl_mpo.cli_chat import _model_path, run_dtype, run_weights, save_id
     from internvl_mpo.pipeline import InternVLChat
     from internvl_mpo.processor.image import let_pillow_open

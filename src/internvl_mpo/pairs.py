@@ -95,7 +95,7 @@ LARGE_FILE_RESPONSES = 500_000  # above this many responses the official keeps 3
 LARGE_FILE_MAX_PAIRS = 3
 # written into the output folder beside settings.json and the pairs (samples.jsonl by correctness only)
 RUN_FILES = ("meta.json", "progress.jsonl", "samples.jsonl")
-# held by a run in its output folder, as train holds its own (`checkpoint.lock_output`)
+# held by a run in its output folder, as train holds its own (`locks.lock_output`)
 PAIRS_LOCK = (".pairs.lock", "pairs run", "samples and pairs")
 
 
@@ -685,8 +685,8 @@ def pairs(
     if method == CORRECTNESS and samples == 1:
         raise InputError("--samples 1: correctness pairs need at least 2 samples per question (each pair is a right "
                          "and a wrong answer to it)")
-    from internvl_mpo.checkpoint import check_not_in_use
     from internvl_mpo.devices import default_device
+    from internvl_mpo.locks import check_not_in_use
     from internvl_mpo.cli_chat import run_dtype, run_weights, save_id
     from internvl_mpo.pipeline import InternVLChat
     from internvl_mpo.processor.image import let_pillow_open

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from internvl_mpo.errors import ConfigError, InputError
+from internvl_mpo.locks import lock_output, no_lock_note
 
 
 class Progress:
@@ -76,13 +77,11 @@ def make_output_folder(path: Path) -> None:
 
 @contextlib.contextmanager
 def hold_output(path: Path, identity: dict, writes: Sequence[str], kind: tuple[str, str, str]) -> Iterator[None]:
-    """Make the output folder `path` and hold it for this run: locked (`checkpoint.lock_output`,
+    """Make the output folder `path` and hold it for this run: locked (`locks.lock_output`,
     `kind`: `pairs.PAIRS_LOCK` or `evaluate.EVAL_LOCK`; ConfigError when a live run holds it), its settings
     checked by `check_settings`, which records them in a new folder. They are checked before the lock too,
     so that a folder refused for them (the user's own, say) gets no lock file. On a filesystem without
     locks it says so (on stderr) and goes on, as train does."""
-    from internvl_mpo.checkpoint import lock_output, no_lock_note
-
     make_output_folder(path)
     check_settings(path / "settings.json", identity, writes, record=False)
     lock = lock_output(path, kind)

@@ -10,7 +10,7 @@ A checkpoint is a folder `checkpoint-<step:06d>/` in the run's output folder:
     rank<r>.json              that rank's data position, python/numpy RNG scalars
     trainer_state.json        step, BCO running mean, skip counts, settings (written last)
 
-A running job also holds `.train.lock` in the output folder (`checkpoint.lock_output`).
+A running job also holds `.train.lock` in the output folder (`locks.lock_output`).
 
 The JSON is strict: a NaN or infinite number (the BCO std after one update) is written as null.
 

@@ -65,9 +65,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from internvl_mpo.checkpoint import check_not_in_use, lock_output, no_lock_note
 from internvl_mpo.devices import parse_dtype
 from internvl_mpo.errors import CheckpointError, ConfigError, InputError, TrainingError
+from internvl_mpo.locks import check_not_in_use, lock_output, no_lock_note
 from internvl_mpo.train import checkpointing as ckpt
 from internvl_mpo.train.data import Batch
 from internvl_mpo.train.distributed import (
