@@ -6,9 +6,11 @@ reports all missing, unexpected and mis-shaped keys in one `CheckpointError`. Te
 by one straight into the target dtype and device, so peak memory stays near the size of the weights.
 Only safetensors are read: pickle-based files (`*.bin`, `*.pt`, `*.pth`, `*.ckpt`) are refused,
 never unpickled. Writing produces the same layout, with tokenizer, generation and remote-code files
-(`companions`) copied from the source folder so the official code, vLLM and lmdeploy can load the result. Each save
-stamps one fresh id (`SAVE_ID`) into all its weight files and its index, and shards of two saves under
-one index (a save killed between its renames) are refused. A save holds its folder with a flock (`save_lock`).
+(`companions`) copied from the source folder so the official code, vLLM and lmdeploy can load the
+result. Each save stamps one fresh id (`SAVE_ID`) into all its weight files and its index, and shards
+of two saves under one index (a save killed between its renames) are refused. A save holds its folder
+with a flock (`save_lock`); a run holds its output folder with `locks.lock_output`. The `--device`
+and `--dtype` a checkpoint loads in are read by `devices`.
 """
 
 from __future__ import annotations
