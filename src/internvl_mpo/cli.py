@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
-import importlib.util
 import inspect
 import os
 import sys
@@ -118,8 +117,9 @@ def _summary(name: str) -> str:
     """The first line of a command's docstring, read from its source: importing the command's module
     (torch, the trainer, the web stack) would make `--help` take seconds."""
     module, _, func = COMMANDS[name].partition(":")
-    spec = importlib.util.find_spec(f"{__package__}.{module}")
-    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    # the file by its path: find_spec would import the packages above it (server/__init__ imports torch)
+    source = Path(__file__).parent.joinpath(*module.split(".")).with_suffix(".py")
+    tree = ast.parse(source.read_text(encoding="utf-8"))
     node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == func)
     return (ast.get_docstring(node) or "").splitlines()[0]
 
