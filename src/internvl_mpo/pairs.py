@@ -328,7 +328,7 @@ def read_items(path: str | Path, method: str, max_pixels: int | None = None) -> 
     return items
 
 
-# ----------------------------------------------------------------------------- files
+# ----------------------------------------------------------------------------- seeds, progress and output files
 
 
 def sample_seed(seed: int, item_id: str, index: int) -> int:
