@@ -68,6 +68,7 @@ from internvl_mpo.chat.template import IMAGE_PLACEHOLDER
 from internvl_mpo.errors import InputError, SettingError
 from internvl_mpo.filestamp import stamps, unchanged
 from internvl_mpo.jsonl import read_objects, refuse_misspelt_fields
+from internvl_mpo.locks import check_not_in_use
 from internvl_mpo.pairs import check_images, refuse_unread_media
 from internvl_mpo.run_folder import (
     Progress,
@@ -559,9 +560,8 @@ def eval_(
     max_pixels: refuse images with more pixels (default: Pillow's limit, about 89 M)
     progress: show a progress bar
     """
-    from internvl_mpo.devices import default_device
-    from internvl_mpo.locks import check_not_in_use
     from internvl_mpo.cli_chat import _model_path, run_dtype, run_weights, save_id
+    from internvl_mpo.devices import default_device
     from internvl_mpo.pipeline import InternVLChat
     from internvl_mpo.processor.image import let_pillow_open
 

@@ -75,6 +75,7 @@ from internvl_mpo.chat.template import IMAGE_PLACEHOLDER, add_image_prefix
 from internvl_mpo.errors import InputError, PromptTooLongError, SettingError
 from internvl_mpo.filestamp import stamps, unchanged
 from internvl_mpo.jsonl import read_objects, refuse_misspelt_fields
+from internvl_mpo.locks import check_not_in_use
 from internvl_mpo.run_folder import (
     Progress,
     atomic_write,
@@ -685,9 +686,8 @@ def pairs(
     if method == CORRECTNESS and samples == 1:
         raise InputError("--samples 1: correctness pairs need at least 2 samples per question (each pair is a right "
                          "and a wrong answer to it)")
-    from internvl_mpo.devices import default_device
-    from internvl_mpo.locks import check_not_in_use
     from internvl_mpo.cli_chat import run_dtype, run_weights, save_id
+    from internvl_mpo.devices import default_device
     from internvl_mpo.pipeline import InternVLChat
     from internvl_mpo.processor.image import let_pillow_open
 
