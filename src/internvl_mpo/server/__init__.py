@@ -40,7 +40,7 @@ exactly the non-streamed content; `logprobs` are the model's raw log-probabiliti
 logit_bias, temperature, penalty and filters, as vLLM reports them by default), without the end-of-turn token in a chat
 answer (a text completion lists every token it counts, the stopping one included, as vLLM does). `logit_bias`
 is added to the logits as vLLM adds it (before the penalty and the rest); a bias outside -100..100 is a 400
-where vLLM clamps it, and at most MAX_LOGIT_BIAS_ENTRIES tokens are taken.
+where vLLM clamps it, and at most `requests.MAX_LOGIT_BIAS_ENTRIES` tokens are taken.
 
 Prompt log-probabilities as vLLM gives them: on /v1/completions `echo` with `logprobs` prepends the prompt's
 tokens to the answer's in `logprobs` (the first prompt token's log-probability and alternatives are null),

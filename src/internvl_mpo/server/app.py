@@ -96,7 +96,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
 
     class _EventStream(StreamingResponse):
         """Server-sent events that cancel their generation however the response ends (done, error, or its client
-        gone: away, or dropped by `http_protocol` after --send-timeout without reading)."""
+        gone: away, or dropped by `runner.http_protocol` after --send-timeout without reading)."""
 
         def __init__(self, content, on_close: Callable[[], None]):
             super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

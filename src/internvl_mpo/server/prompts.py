@@ -1,5 +1,6 @@
 """The prompt ids of a request: a chat's images fetched and tiled (or its video's frames) and its conversation
-through the chat template, or /v1/completions' raw prompts; each checked against the token limits."""
+through the chat template, or /v1/completions' raw prompts (and the text an echo puts in front of their answers);
+each checked against the token limits, and a request's stop_token_ids and logit_bias against the vocabulary."""
 
 import contextlib
 import tempfile

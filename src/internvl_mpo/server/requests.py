@@ -156,7 +156,7 @@ def _content_text(content, param: str, role: str, images: list[tuple[str, str]],
     """The text of one message, an `<image>` line for each image part in front of its text parts, whatever the
     parts' order, as the model card puts images and vLLM a message's placeholders (their URLs appended to
     `images`); text parts are joined by newlines. A video part (vLLM's `video_url`) adds its URL to `videos`
-    and nothing to the text: its frames' lines go in front of the question (`_video_prompt`)."""
+    and nothing to the text: its frames' lines go in front of the question (`prompts._video_prompt`)."""
     if isinstance(content, str):
         return _plain_text(content, param, role)
     if not isinstance(content, list):
@@ -349,7 +349,7 @@ def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], f
 
 def _logit_bias(value) -> dict[int, float]:
     """OpenAI's `logit_bias`, {"token id": bias}, as {id: bias}; ids are checked against the vocabulary by
-    `check_token_ids`. A bias outside -100..100 is a 400 where vLLM clamps it silently."""
+    `prompts.check_token_ids`. A bias outside -100..100 is a 400 where vLLM clamps it silently."""
     if value is None:
         return {}
     if not isinstance(value, dict):

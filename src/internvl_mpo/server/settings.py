@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """The flags of `internvl-mpo serve` (see `serve` for their meaning)."""
+    """The flags of `internvl-mpo serve` (see `runner.serve` for their meaning)."""
 
     model: str | None = None
     served_model_name: str | None = None
