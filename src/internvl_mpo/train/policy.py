@@ -1,5 +1,6 @@
-"""The policy's model pieces: the forward training runs (`SequenceLogps`), the initial model, its frozen reference
-copy, and the set-up applied from outside the model (drop-path rates, freezing, the optimizer)."""
+"""The policy's model pieces: the forward training runs (`SequenceLogps`), the initial model (and, under FSDP2, each
+sharded parameter's starting value: `initial_weight`), its frozen reference copy, and the set-up applied from
+outside the model (drop-path rates, freezing, the optimizer)."""
 
 from __future__ import annotations
 
@@ -109,6 +110,13 @@ def load_initial_model(
         model.image_token_id = tokenizer.img_context_id
         model.tokenizer_dir = Path(cfg.tokenizer) if cfg.tokenizer else None
     return tokenizer, model.train(), initial, auto_dtype(folder, config.torch_dtype, weights)
+
+
+def initial_weight(initial: dict, adapters: dict, name: str):
+    """The starting value of the sharded `SequenceLogps` parameter `name`: a LoRA adapter (made on the
+    device), else the initial (or resumed) weight, under its official name."""
+    key = name.removeprefix("model.")
+    return adapters[key] if key in adapters else initial[key.replace(".base.", ".")]
 
 
 def set_drop_path(model: InternVL, rate: float) -> None:

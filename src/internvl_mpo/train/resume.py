@@ -132,13 +132,6 @@ def _lora_base_keys(policy: InternVL, cfg: TrainConfig) -> set[str]:
     return {n + ".weight" for n in lora_names}
 
 
-def initial_weight(initial: dict, adapters: dict, name: str):
-    """The starting value of the sharded `SequenceLogps` parameter `name`: a LoRA adapter (made on the
-    device), else the initial (or resumed) weight, under its official name."""
-    key = name.removeprefix("model.")
-    return adapters[key] if key in adapters else initial[key.replace(".base.", ".")]
-
-
 def data_files(cfg: TrainConfig) -> list[str]:
     """The files a run reads its records from: the SFT .jsonl, or meta.json and its annotations."""
     if cfg.mode == "sft" and cfg.data.endswith(".jsonl"):
