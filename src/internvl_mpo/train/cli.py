@@ -117,8 +117,8 @@ def train(
     from internvl_mpo.convert import remote_code_note
     from internvl_mpo.processor.image import let_pillow_open
     from internvl_mpo.train.distributed import env_int, print0
-    from internvl_mpo.train.settings import TrainConfig, count
     from internvl_mpo.train.mpo import train as run
+    from internvl_mpo.train.settings import TrainConfig, count
 
     let_pillow_open(max_pixels)
     config = TrainConfig(**settings)

@@ -1,6 +1,7 @@
 """Saving a run and resuming it: the checks on the output folder, the checkpoints a run writes (settings,
 fingerprints of its data and model files, the data position), the checks that refuse a resume whose settings,
-data, model files or records read differ from its checkpoint's, and the state a resume loads back."""
+data, model files or records read differ from its checkpoint's, and the state a resume loads back (with the
+metrics lines it keeps: `rewrite_metrics`)."""
 
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ from internvl_mpo.train.mmpr import SkipReport, load_meta, read_datasets, read_s
 from internvl_mpo.train.reference import REF_FILE
 from internvl_mpo.train.settings import TrainConfig, max_seq_length
 
+
 def build_dataset(cfg: TrainConfig, tokenizer: Tokenizer, config: ModelConfig) -> tuple[PairDataset | SFTDataset, SkipReport]:
     """Records in training order (official per-dataset sampling and shuffling) wrapped as a dataset."""
     settings = MediaSettings.from_model_config(config, cfg.max_dynamic_patch, cfg.video_frames, cfg.max_pixels)
