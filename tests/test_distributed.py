@@ -28,7 +28,8 @@ from internvl_mpo.chat.tokenizer import load_tokenizer
 from internvl_mpo.errors import CheckpointError, ConfigError
 from internvl_mpo.model import InternVL
 from internvl_mpo.train.distributed import epoch_order, init_distributed, rank_share
-from internvl_mpo.train.mpo import TrainConfig, train
+from internvl_mpo.train.mpo import train
+from internvl_mpo.train.settings import TrainConfig
 
 
 def free_ports(n: int) -> list[int]:

@@ -723,7 +723,8 @@ def test_dropout_ntp_prompt_is_the_template_plus_the_prefix(tiny_model, tmp_path
 def test_one_mpo_training_step_on_the_pairs(tiny_model, tmp_path):
     import math
 
-    from internvl_mpo.train.mpo import TrainConfig, train
+    from internvl_mpo.train.mpo import train
+    from internvl_mpo.train.settings import TrainConfig
 
     items_path = write_items(tmp_path / "data")
     make_correctness_pairs(items_path, tmp_path / "pairs", FakeSampler(), SETTINGS)

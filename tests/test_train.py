@@ -41,10 +41,10 @@ from internvl_mpo.train.distributed import DistEnv
 from internvl_mpo.train.lora import apply_lora, lora_target_names
 from internvl_mpo.train.losses import MPOWeights, RunningMean, mpo_loss, sft_nll
 from internvl_mpo.train.mmpr import SkipReport, load_meta, read_datasets
-from internvl_mpo.train.mpo import TrainConfig, train
+from internvl_mpo.train.mpo import train
 from internvl_mpo.train.policy import SequenceLogps
 from internvl_mpo.train.resume import check_resume_settings, official_state
-from internvl_mpo.train.settings import max_seq_length
+from internvl_mpo.train.settings import TrainConfig, max_seq_length
 from internvl_mpo.train.stream import SampleStream, build_dataset
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -197,7 +197,8 @@ CHILD = """
 import sys, time, torch
 sys.path[:0] = [{src!r}]
 torch.set_num_threads({threads})
-from internvl_mpo.train.mpo import TrainConfig, train
+from internvl_mpo.train.mpo import train
+from internvl_mpo.train.settings import TrainConfig
 cfg = TrainConfig(**{cfg!r})
 def hang_after_third(step, metrics):
     if step == 3:
@@ -248,6 +249,7 @@ import sys, time, torch
 sys.path[:0] = [{src!r}]
 torch.set_num_threads({threads})
 from internvl_mpo.train import mpo
+from internvl_mpo.train.settings import TrainConfig
 calls = 0
 loss = mpo.micro_batch_loss
 def hang_in_step_3s_second_micro_batch(*args):
@@ -258,7 +260,7 @@ def hang_in_step_3s_second_micro_batch(*args):
         time.sleep(600)
     return loss(*args)
 mpo.micro_batch_loss = hang_in_step_3s_second_micro_batch
-mpo.train(mpo.TrainConfig(**{cfg!r}))
+mpo.train(TrainConfig(**{cfg!r}))
 """
 
 
