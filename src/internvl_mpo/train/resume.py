@@ -56,10 +56,10 @@ def effective_setting(config: dict, key: str):
 
 
 def dataset_tiles(cfg: TrainConfig, flag: int | None, model: ModelConfig) -> int | dict[str, int]:
-    """The tiles per image a run uses with --max-dynamic-patch `flag` (as `build_dataset` and `load_media`): 1 when
-    the model config's dynamic_image_size is off (whatever the flag or meta.json say), else the flag for every
-    dataset, else each meta.json dataset's own max_dynamic_patch, else the model config's; one number when every
-    dataset uses the same."""
+    """The tiles per image a run uses with --max-dynamic-patch `flag` (as `stream.build_dataset` and
+    `data.load_media`): 1 when the model config's dynamic_image_size is off (whatever the flag or meta.json say),
+    else the flag for every dataset, else each meta.json dataset's own max_dynamic_patch, else the model config's;
+    one number when every dataset uses the same."""
     if not model.dynamic_image_size:
         return 1
     if flag is not None or (cfg.mode == "sft" and cfg.data.endswith(".jsonl")):
@@ -208,7 +208,7 @@ def check_resume_settings(
     now = dataclasses.asdict(cfg)
     values = {k: (effective_setting(saved, k), effective_setting(now, k)) for k in keys}
     for frozen, adapted in (("freeze_vision", "lora_vision"), ("freeze_llm", "lora_rank")):
-        if saved.get(adapted) and now.get(adapted):  # LoRA froze that tower in both runs, flag or not (`freeze`)
+        if saved.get(adapted) and now.get(adapted):  # LoRA froze that tower in both runs, flag or not (`policy.freeze`)
             del values[frozen]
     if model is not None and "max_dynamic_patch" in values:  # the tiles per image the runs use (the model's config)
         values["max_dynamic_patch"] = tuple(dataset_tiles(cfg, v, model) for v in values["max_dynamic_patch"])
