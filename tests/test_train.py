@@ -197,8 +197,7 @@ CHILD = """
 import sys, time, torch
 sys.path[:0] = [{src!r}]
 torch.set_num_threads({threads})
-from internvl_mpo.train.mpo import train
-from internvl_mpo.train.settings import TrainConfig
+from internvl_mpo.train.mpo import TrainConfig, train  # a user's script: the import CHANGELOG.md keeps working
 cfg = TrainConfig(**{cfg!r})
 def hang_after_third(step, metrics):
     if step == 3:
