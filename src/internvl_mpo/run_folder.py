@@ -113,9 +113,9 @@ def check_settings(path: Path, identity: dict, writes: Sequence[str], record: bo
     """Refuse a folder that holds a run with other settings, or without settings one of the files the run
     `writes` there (the user's own: they would be overwritten); a new folder gets these (`record`: False
     before a model loads, so that a load that fails leaves nothing behind). The model is compared by
-    `model_key`; files written by older versions record the model as typed, which is read against the current
-    folder. A correctness run's start_ratio, which such files may hold though the run never reads it, is left
-    out, and so is the weights' save id where the file holds none (older files: nothing to compare)."""
+    `checkpoint.model_key`; files written by older versions record the model as typed, which is read against
+    the current folder. A correctness run's start_ratio, which such files may hold though the run never reads
+    it, is left out, and so is the weights' save id where the file holds none (older files: nothing to compare)."""
     found = [name for name in writes if (path.parent / name).exists()]
     if found and not path.exists():
         raise ConfigError(f"{path.parent} holds {', '.join(found)} but no {path.name} of a pairs or eval run; "
