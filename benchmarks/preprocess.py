@@ -15,8 +15,9 @@ then run
 which runs this script again in that interpreter (`--side both --json`, with our package on
 PYTHONPATH: it needs only torch, numpy and Pillow), times ours and the official recipe there in
 alternating rounds, checks that both give identical tensors on a few awkward images, and prints
-both rates and their ratio. Alternating rounds in one process keeps a change in background load on
-a shared machine from favouring one side; each side reports its best and median round.
+both rates and their ratio; where the tensors differ it exits with an error after that report.
+Alternating rounds in one process keeps a change in background load on a shared machine from
+favouring one side; each side reports its best and median round.
 `--side ours` needs nothing extra; `--side official` needs torchvision in the running interpreter.
 """
 
@@ -207,7 +208,9 @@ def main() -> None:
                    "--rounds", str(args.rounds), "--seconds", str(args.seconds)]
             env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
             done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-            report(json.loads(done.stdout))
+            result = json.loads(done.stdout)
+            report(result)
+            exit_if_different(result)
             return
         if side == "official":
             sys.exit("the official side needs torchvision; see this script's docstring")
@@ -221,6 +224,7 @@ def main() -> None:
         print(json.dumps(result))
     else:
         report(result)
+        exit_if_different(result)
 
 
 def report(result: dict) -> None:
@@ -238,6 +242,13 @@ def report(result: dict) -> None:
             print(f"  speed-up {label}: {best:.2f}x (medians {median:.2f}x)")
     for name, r in result.get("check", {}).items():
         print(f"  identical {name} {r['shape']}: {r['identical']} (max abs diff {r['max_abs_diff']})")
+
+
+def exit_if_different(result: dict) -> None:
+    """After the report: a run whose sides gave different tensors compares nothing, so it fails."""
+    different = [name for name, r in result.get("check", {}).items() if not r["identical"]]
+    if different:
+        raise SystemExit(f"ours and the official recipe give different tensors for {', '.join(different)}")
 
 
 if __name__ == "__main__":
