@@ -8,7 +8,9 @@ is a thread that sends streaming requests one after the other over loopback with
 HTTP client. Every request asks for exactly `--max-tokens` tokens (`ignore_eos`), so the work is the same
 whatever the random model says. Reported per level: completion tokens per second over the level's wall
 time, latency percentiles of whole requests and of the first token, and the most rows the server had
-decoding at once.
+decoding at once. Each server is warmed up with one request first; with `--compile`, also with an
+untimed round at each level's concurrency before that level, so that the compiling for each row count
+falls outside the timed levels.
 
     python benchmarks/serve.py                                 # CPU, small preset
     python benchmarks/serve.py --preset 0.5b --device cuda     # GPU
@@ -165,6 +167,8 @@ def bench_server(folder: Path, max_batch: int, args, log: Path) -> list[dict]:
         stream_request(port, "warm up", 8)
         rows = []
         for clients in sorted(args.clients):  # ascending, so the peak-rows counter belongs to its level
+            if args.compile:  # compile for every row count this level can use, outside its timing
+                run_level(port, min(clients, max_batch), 1, args.max_tokens)
             rows.append(run_level(port, clients, max(args.requests_per_client, args.min_requests // clients),
                                   args.max_tokens))
             rows[-1]["max_active"] = get_json(port, "/health")["max_active"]
