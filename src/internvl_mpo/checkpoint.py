@@ -123,6 +123,13 @@ class Weights(NamedTuple):
     handles: dict[Path, Any]
     metadata: dict[str, Any]
 
+    @property
+    def save_id(self) -> str | None:
+        """The `SAVE_ID` of the save that wrote these files (`open_weights` checks they share one): weights
+        saved again into a folder (a retrained model) have another. None for weights without one (official
+        checkpoints)."""
+        return (next(iter(self.handles.values())).metadata() or {}).get(SAVE_ID)
+
 
 def open_weights(folder: Path) -> Weights:
     """The weights of the index, or of the single file, checked (one save, shards as the index lists them);

@@ -32,8 +32,10 @@ def _model_path(model: str | None) -> str:
 def run_dtype(dtype: str | None, device: str, model: str) -> tuple[str, Weights | None]:
     """The name of the dtype `--dtype` gives a run of `model` on `device` ("auto": the checkpoint's, from its
     config.json or else its weights, `auto_dtype`), as a run's settings record it: answers computed in
-    another precision differ, so a resume in one is refused. With it the weights it opened to read the dtype
-    (None where it read none), for the load to take (`InternVLChat.from_pretrained`): each header read once."""
+    another precision differ, so a resume in one is refused. With it the weights it opened, to read the dtype or,
+    in a local folder, for their `Weights.save_id` (None for a hub id whose config.json names its dtype, or a
+    folder without weights: the load says what is wrong), for the load to take (`InternVLChat.from_pretrained`):
+    each header read once."""
     import torch
 
     from .checkpoint import auto_dtype, open_weights, resolve_checkpoint
@@ -44,6 +46,10 @@ def run_dtype(dtype: str | None, device: str, model: str) -> tuple[str, Weights 
     config_dtype = ModelConfig.from_json(folder / "config.json").torch_dtype if folder else None
     weights = open_weights(folder) if folder and config_dtype is None else None
     auto = auto_dtype(folder, config_dtype, weights) if folder else None
+    local = Path(model).expanduser()
+    if weights is None and local.is_dir():
+        with contextlib.suppress(CheckpointError):
+            weights = open_weights(local)
     # the default depends on CUDA or not alone; the device itself is checked when the model loads
     kind = torch.device("cuda" if device.partition(":")[0] == "cuda" else "cpu")
     return str(parse_dtype(dtype, kind, auto)).removeprefix("torch."), weights
@@ -306,12 +312,11 @@ def generate(
         done, answered = _finished_questions(out)
         device = default_device(device)
         dtype_name, weights = run_dtype(dtype, device, _model_path(model))
-        weights = run_weights(_model_path(model), weights)
         _check_answer_settings(out, {"model": model_key(_model_path(model)), "max_num": max_num,
                                      "temperature": temperature, "top_p": top_p, "top_k": top_k,
                                      "max_new_tokens": max_new_tokens,
                                      "min_new_tokens": min_new_tokens, "seed": seed, "dtype": dtype_name,
-                                     "weights": save_id(weights)},
+                                     "weights": weights.save_id if weights else None},
                                resume=bool(done),
                                default_max_num=lambda: _default_tiles(_model_path(model)))
         if out.exists():  # only once the settings allow the resume: a refused run leaves the file as it was
@@ -383,29 +388,6 @@ def _asked(row: dict) -> tuple:
 
 
 SAMPLING_ONLY = ("seed", "top_k", "top_p")  # the generate settings that only a sampled run reads
-
-
-def run_weights(model: str, weights: Weights | None) -> Weights | None:
-    """The weights `run_dtype` opened, or else those of a local model folder, opened for their `save_id` (the
-    load takes them); None for a hub id, or a folder without weights (the load says what is wrong)."""
-    from .checkpoint import open_weights
-
-    folder = Path(model).expanduser()
-    if weights is None and folder.is_dir():
-        with contextlib.suppress(CheckpointError):
-            weights = open_weights(folder)
-    return weights
-
-
-def save_id(weights: Weights | None) -> str | None:
-    """The id each save and convert stamps into a checkpoint's weight files (`checkpoint.SAVE_ID`): weights saved
-    again into a run's model folder (a retrained model) have another. None for a hub id, and for weights without
-    one (official checkpoints)."""
-    from .checkpoint import SAVE_ID
-
-    if weights is None:
-        return None
-    return (next(iter(weights.handles.values())).metadata() or {}).get(SAVE_ID)  # every file has the same
 
 
 def _default_tiles(model: str) -> int:

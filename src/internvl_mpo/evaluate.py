@@ -560,7 +560,7 @@ def eval_(
     max_pixels: refuse images with more pixels (default: Pillow's limit, about 89 M)
     progress: show a progress bar
     """
-    from internvl_mpo.cli_chat import _model_path, run_dtype, run_weights, save_id
+    from internvl_mpo.cli_chat import _model_path, run_dtype
     from internvl_mpo.devices import default_device
     from internvl_mpo.pipeline import InternVLChat
     from internvl_mpo.processor.image import let_pillow_open
@@ -576,9 +576,8 @@ def eval_(
     check_not_in_use(out, EVAL_LOCK)
     device = default_device(device)
     dtype_name, weights = run_dtype(dtype, device, model)
-    weights = run_weights(model, weights)
     settings = {"model": model, "max_num": max_num, "max_new_tokens": max_new_tokens, "dtype": dtype_name,
-                "weights": save_id(weights)}
+                "weights": weights.save_id if weights else None}
     check_settings(out / "settings.json", run_identity(data, cot, settings), RUN_FILES, record=False)
     chat = InternVLChat.from_pretrained(model, dtype=dtype, device=device, weights=weights)
     score = run_eval(data, model_answerer(chat, max_num, params, max_pixels), out, cot, batch_size, limit, settings, items,

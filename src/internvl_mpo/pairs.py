@@ -153,7 +153,7 @@ class PairSettings:
     start_ratio: float = 0.5
     model: str = ""
     dtype: str = ""  # the dtype's name, as cli_chat.run_dtype gives it: samples of another precision differ
-    weights: str | None = None  # the save id of the model's weights (cli_chat.save_id): a model saved again differs
+    weights: str | None = None  # the save id of the model's weights (checkpoint.Weights.save_id): a model saved again differs
 
     def __post_init__(self):
         for name in ("samples", "max_pairs", "batch_size", "max_num"):
@@ -686,7 +686,7 @@ def pairs(
     if method == CORRECTNESS and samples == 1:
         raise InputError("--samples 1: correctness pairs need at least 2 samples per question (each pair is a right "
                          "and a wrong answer to it)")
-    from internvl_mpo.cli_chat import run_dtype, run_weights, save_id
+    from internvl_mpo.cli_chat import run_dtype
     from internvl_mpo.devices import default_device
     from internvl_mpo.pipeline import InternVLChat
     from internvl_mpo.processor.image import let_pillow_open
@@ -694,9 +694,8 @@ def pairs(
     let_pillow_open(max_pixels)
     device = default_device(device)
     dtype_name, weights = run_dtype(dtype, device, model)
-    weights = run_weights(model, weights)
     settings = PairSettings(samples, max_pairs, temperature, top_k, top_p, max_new_tokens, max_num, batch_size, seed,
-                            start_ratio, model, dtype_name, save_id(weights))
+                            start_ratio, model, dtype_name, weights.save_id if weights else None)
     items = read_items(input, method, max_pixels)  # fail on a bad file or output folder before loading the model
     check_output_folder(Path(output))
     check_not_in_use(Path(output), PAIRS_LOCK)
