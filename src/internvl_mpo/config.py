@@ -344,7 +344,11 @@ class ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        d = read_config_json(path)
+        return cls.from_file_dict(read_config_json(path), path)
+
+    @classmethod
+    def from_file_dict(cls, d: dict[str, Any], path: Path) -> "ModelConfig":
+        """The config of `d`, the dict read from the config.json at `path`, which its errors name."""
         try:
             return cls.from_dict(d)
         except (ConfigError, TypeError) as e:  # TypeError: a value of the wrong kind (a list of lists for image_size)

@@ -455,10 +455,7 @@ def convert(
         raise InputError(f"{src} is already in the {'transformers' if to == 'hf' else 'official'} layout "
                          f"(model_type {source_config.get('model_type')!r}); nothing to convert")
     if to == "hf":
-        try:  # its errors name the file, as from_json's
-            config = ModelConfig.from_dict(source_config)
-        except (ConfigError, TypeError) as e:
-            raise ConfigError(f"{src / 'config.json'}: {e}") from None
+        config = ModelConfig.from_file_dict(source_config, src / "config.json")
         try:  # its chat template is written last: refused now, not after the weights
             get_template(config.template)
         except ConfigError as e:
