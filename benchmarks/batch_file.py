@@ -30,10 +30,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    from internvl_mpo.cli_chat import _model_path
+    from internvl_mpo.cli_chat import model_path
     from internvl_mpo.pipeline import InternVLChat, sampling_params
 
-    chat = InternVLChat.from_pretrained(_model_path(args.model), device=args.device)
+    chat = InternVLChat.from_pretrained(model_path(args.model), device=args.device)
     rng = random.Random(0)
     jobs = [(i, chat.prepare(f"Describe item {i}."),
              sampling_params(do_sample=False, max_new_tokens=rng.choice(args.lengths), ignore_eos=True))

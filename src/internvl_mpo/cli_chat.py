@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from .checkpoint import Weights
 
 
-def _model_path(model: str | None) -> str:
+def model_path(model: str | None) -> str:
+    """What a command's `--model` runs: the path or hub id given, or else the shipped demo model."""
     from .cli import default_model
 
     if model:
@@ -135,7 +136,7 @@ def chat(
     for path in images:  # a missing or broken file: one error now, not after loading the model
         open_image(path, max_pixels).close()
     device = default_device(device)
-    bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device, compile=compile)
+    bot = InternVLChat.from_pretrained(model_path(model), dtype=dtype, device=device, compile=compile)
     inputs = dict(system_message=system, max_pixels=max_pixels)
     if video is not None:  # decoded once for the whole conversation (and refused before the first question)
         from .processor.video import load_video
@@ -311,14 +312,14 @@ def generate(
     with lock or contextlib.nullcontext():  # a second run would append to the file this one rewrites
         done, answered = _finished_questions(out)
         device = default_device(device)
-        dtype_name, weights = run_dtype(dtype, device, _model_path(model))
-        _check_answer_settings(out, {"model": model_key(_model_path(model)), "max_num": max_num,
+        dtype_name, weights = run_dtype(dtype, device, model_path(model))
+        _check_answer_settings(out, {"model": model_key(model_path(model)), "max_num": max_num,
                                      "temperature": temperature, "top_p": top_p, "top_k": top_k,
                                      "max_new_tokens": max_new_tokens,
                                      "min_new_tokens": min_new_tokens, "seed": seed, "dtype": dtype_name,
                                      "weights": weights.save_id if weights else None},
                                resume=bool(done),
-                               default_max_num=lambda: _default_tiles(_model_path(model)))
+                               default_max_num=lambda: _default_tiles(model_path(model)))
         if out.exists():  # only once the settings allow the resume: a refused run leaves the file as it was
             tmp = out.with_name(out.name + ".tmp")
             tmp.write_bytes(b"".join(line + b"\n" for line in answered))
@@ -329,7 +330,7 @@ def generate(
         if not todo:  # a finished run: no need to spend minutes loading a large model
             print(f"internvl-mpo generate: all {len(requests)} requests are answered in {out}", file=sys.stderr)
             return 0
-        bot = InternVLChat.from_pretrained(_model_path(model), dtype=dtype, device=device, weights=weights)
+        bot = InternVLChat.from_pretrained(model_path(model), dtype=dtype, device=device, weights=weights)
 
         def jobs():  # prepared one at a time, as rows free up: one batch of images in memory at most
             for item in todo:

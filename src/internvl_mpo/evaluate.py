@@ -560,7 +560,7 @@ def eval_(
     max_pixels: refuse images with more pixels (default: Pillow's limit, about 89 M)
     progress: show a progress bar
     """
-    from internvl_mpo.cli_chat import _model_path, run_dtype
+    from internvl_mpo.cli_chat import model_path, run_dtype
     from internvl_mpo.devices import default_device
     from internvl_mpo.pipeline import InternVLChat
     from internvl_mpo.processor.image import let_pillow_open
@@ -570,7 +570,7 @@ def eval_(
     let_pillow_open(max_pixels)
     items = read_benchmark(data, max_pixels)
     refuse_hidden_options(items, cot)
-    model = _model_path(model)
+    model = model_path(model)
     out = Path(output) if output else default_output(data, cot)
     check_output_folder(out)
     check_not_in_use(out, EVAL_LOCK)

@@ -256,7 +256,8 @@ class InternVLChat:
                 if not item.is_floating_point():
                     raise InputError(f"pixel_values must be floating point tiles normalised as load_image makes "
                                      f"them, got {item.dtype}; give raw pictures as files or PIL images")
-                largest = float(item.abs().amax())  # NaN if any is
+                low, high = torch.aminmax(item)  # one pass, no copy of the tiles
+                largest = float(torch.maximum(-low, high))  # NaN if any is
                 if not largest <= MAX_TILE_VALUE:
                     raise InputError(f"pixel_values must be tiles normalised as load_image makes them (-2.12 to 2.64), "
                                      f"got a value of magnitude {largest:g}; give raw pictures as files or PIL images")
