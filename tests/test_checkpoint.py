@@ -759,6 +759,70 @@ def test_a_weight_past_the_range_of_the_dtype_asked_for_is_refused(tmp_path, tin
     assert model.mlp1[1].weight[0, 0].item() == 1e6 - 576  # bf16's nearest
 
 
+def broken_message(file: Path, key: str) -> str:
+    return re.escape(f"{file}: {key} holds NaN or inf values; the checkpoint is broken (a diverged run or a damaged "
+                     "file)")
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize("which, value", [(8, float("nan")), (4, float("inf")), (28, float("-inf"))])
+def test_a_weight_holding_nan_or_inf_is_refused_naming_the_file_and_the_weight(tmp_path, tiny, good_state, shards,
+                                                                              which, value):
+    """Such a checkpoint (a diverged run, a damaged file) loaded without a word, and the model answered garbage
+    (argmax over NaN logits); float16 took an inf for a value past its range (or let it through)."""
+    key = sorted(good_state)[1::2][which]  # a weight of the second shard where there are two
+    good_state[key].view(-1)[-1] = value  # its last value: the whole tensor is checked
+    folder = write_checkpoint(tmp_path / "ck", tiny, good_state, shards=shards)
+    file = folder / ("model.safetensors" if shards == 1 else "model-00002-of-00002.safetensors")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        with pytest.raises(CheckpointError, match=broken_message(file, key)):
+            InternVL.from_pretrained(folder, dtype=dtype, image_token_id=IMAGE_TOKEN_ID)
+
+
+def test_rows_read_lazily_are_checked_as_they_are_read(tmp_path, tiny, good_state):
+    """Training under FSDP2 reads each process's rows of a weight, and a resume reads the weights whole, through
+    `LazyTensor`: NaN there went into the run."""
+    from internvl_mpo.checkpoint import open_state_dict
+
+    key = "language_model.model.embed_tokens.weight"
+    good_state[key][200, 5] = float("nan")
+    folder = write_checkpoint(tmp_path / "ck", tiny, good_state)
+    lazy = open_state_dict(folder, {k: v.shape for k, v in good_state.items()})[key]
+    assert torch.equal(lazy[:200], good_state[key][:200])  # rows without it read as they are
+    for index in (slice(150, 300), ...):
+        with pytest.raises(CheckpointError, match=broken_message(folder / "model.safetensors", key)):
+            lazy[index]
+
+
+def test_large_finite_weights_still_load(tmp_path, tiny, good_state):
+    """The check is no sum, which values near float32's largest overflow: such weights are finite and load; float16
+    still refuses them as past its range."""
+    good_state["mlp1.1.weight"][0] = 3e38
+    good_state["mlp1.1.weight"][1] = -3e38
+    assert not torch.isfinite(good_state["mlp1.1.weight"].sum())
+    src = write_checkpoint(tmp_path / "src", tiny, good_state)
+    model = InternVL.from_pretrained(src, dtype=torch.float32, image_token_id=IMAGE_TOKEN_ID)
+    assert torch.equal(model.mlp1[1].weight, good_state["mlp1.1.weight"])
+    model = InternVL.from_pretrained(src, dtype=torch.bfloat16, image_token_id=IMAGE_TOKEN_ID)
+    assert torch.isfinite(model.mlp1[1].weight).all() and model.mlp1[1].weight[1, 0].item() < -2.9e38
+    with pytest.raises(InputError, match=r"mlp1\.1\.weight holds values up to 3e\+38, past float16's largest"):
+        InternVL.from_pretrained(src, dtype=torch.float16, image_token_id=IMAGE_TOKEN_ID)
+
+
+def test_chat_refuses_a_broken_checkpoint_in_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = tiny_chat_folder(tmp_path / "model")
+    state = load_file(folder / "model.safetensors")
+    state["language_model.model.norm.weight"][3] = float("inf")
+    save_file(state, folder / "model.safetensors")
+    out = subprocess.run([sys.executable, "-m", "internvl_mpo.cli", "chat", "--model", str(folder), "Hi"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr == (f"internvl-mpo chat: error: {folder / 'model.safetensors'}: language_model.model.norm.weight "
+                          "holds NaN or inf values; the checkpoint is broken (a diverged run or a damaged file)\n")
+
+
 @pytest.mark.parametrize("name", ["float8_e4m3fn", "int8", "complex64"])
 def test_dtype_auto_refuses_a_config_dtype_it_cannot_load_in(tmp_path, tiny, good_state, name):
     """It read as fp32 without a word."""

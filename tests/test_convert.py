@@ -343,8 +343,9 @@ def test_a_folder_without_config_says_what_it_holds_as_loading_does(tmp_path):
 
 @pytest.mark.parametrize("to", ["hf", "official"])
 def test_unreadable_weights_are_named_and_leave_no_partial_destination(tmp_path, to):
-    """A corrupt shard, an index that puts a key in a shard that does not hold it, integer weights: one
-    CheckpointError naming the file, and no half-written destination left to block the next try."""
+    """A corrupt shard, an index that puts a key in a shard that does not hold it, integer weights, a NaN (it was
+    converted without a word): one CheckpointError naming the file, and no half-written destination left to block
+    the next try."""
     from safetensors.torch import load_file, save_file
 
     src = official_folder(tmp_path / "src", "qwen2")
@@ -366,8 +367,16 @@ def test_unreadable_weights_are_named_and_leave_no_partial_destination(tmp_path,
         save_file({k: v.to(torch.int32) if k == moved else v for k, v in tensors.items()}, folder / second.name,
                   metadata=metadata)
 
+    def nan(folder):  # a diverged run's weight
+        tensors = load_file(folder / second.name)
+        with safe_open(str(folder / second.name), "pt") as f:
+            metadata = f.metadata()
+        tensors[moved].view(-1)[-1] = float("nan")
+        save_file(tensors, folder / second.name, metadata=metadata)
+
     cases = [(lambda folder: (folder / second.name).write_bytes(b"garbage"), f"{second.name}: not a readable"),
-             (misplaced, f"{first.name} lacks 1 tensor the index lists there ({moved})"), (integers, f"{second.name}: {moved} is stored as")]
+             (misplaced, f"{first.name} lacks 1 tensor the index lists there ({moved})"), (integers, f"{second.name}: {moved} is stored as"),
+             (nan, f"{second.name}: {moved} holds NaN or inf values; the checkpoint is broken")]
     for i, (damage, message) in enumerate(cases):
         bad = tmp_path / f"bad{i}"
         shutil.copytree(src, bad)

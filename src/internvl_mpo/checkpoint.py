@@ -3,7 +3,8 @@
 Reading resolves every tensor through `model.safetensors.index.json` (or the single
 `model.safetensors`), checks each key and shape against the model before reading any data, and
 reports all missing, unexpected and mis-shaped keys in one `CheckpointError`. Tensors are read one
-by one straight into the target dtype and device, so peak memory stays near the size of the weights.
+by one straight into the target dtype and device, so peak memory stays near the size of the weights,
+and each read is checked there for NaN and inf (`check_finite`): a broken checkpoint is refused, not run.
 Only safetensors are read: pickle-based files (`*.bin`, `*.pt`, `*.pth`, `*.ckpt`) are refused,
 never unpickled. Writing produces the same layout, with tokenizer, generation and remote-code files
 (`companions`) copied from the source folder so the official code, vLLM and lmdeploy can load the
@@ -268,10 +269,41 @@ class LazyTensor:
         self.file, self.key, self.view = file, key, view
 
     def __getitem__(self, index) -> torch.Tensor:
+        """The rows as stored, refused where they hold NaN or inf (`check_finite`)."""
+        return self.read(index)
+
+    def read(self, index=..., dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.Tensor:
+        """`self[index]` read into `dtype` on `device` (default: as stored, on the CPU) and checked there: NaN or
+        inf is a `CheckpointError`; a value past a narrower dtype's range (float16's largest is 65504), which became
+        inf there (and the logits NaN), an `InputError`."""
         try:
-            return self.view[index]
+            source = self.view[index]
         except SafetensorError as e:
             raise CheckpointError(f"{self.file}: tensor {self.key} is corrupt ({e})") from None
+        out = source.to(device=device, dtype=dtype)
+        if not _finite(out):
+            check_finite(source, self.file, self.key)
+            raise InputError(f"{self.file}: {self.key} holds values up to {source.abs().max().item():.4g}, past "
+                             f"{str(dtype).removeprefix('torch.')}'s largest ({torch.finfo(dtype).max:.4g}); load it "
+                             "in a wider dtype (bfloat16 or float32)")
+        return out
+
+
+def check_finite(tensor: torch.Tensor, file: Path, key: str) -> None:
+    """Refuse the weight `key` of `file` where it holds NaN or inf: a model loaded with it answers garbage."""
+    if not _finite(tensor):
+        raise CheckpointError(f"{file}: {key} holds NaN or inf values; the checkpoint is broken (a diverged run or "
+                              "a damaged file)")
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite, in one pass without a copy: the min and the max are both finite exactly
+    then (NaN carries through both, and unlike a sum they cannot overflow). One sync on CUDA."""
+    if tensor.numel() == 0:
+        return True
+    if tensor.element_size() == 1:  # float8: torch has no aminmax (nor isfinite) for it; a bfloat16 copy holds it
+        tensor = tensor.to(torch.bfloat16)
+    return bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all())
 
 
 def open_state_dict(
@@ -318,21 +350,8 @@ def read_state_dict(
     present or absent (a tied head written out by some tools). `weights` as for `open_state_dict`.
     """
     device_of = device if callable(device) else (lambda key: device)
-    return {key: _cast(tensor, dtype, device_of(key))
+    return {key: tensor.read(dtype=dtype, device=device_of(key))
             for key, tensor in open_state_dict(folder, expected, optional, weights).items()}
-
-
-def _cast(tensor: LazyTensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The tensor read into `dtype` on `device`; refused where a value overflows a narrower dtype (float16's
-    largest is 65504): it became inf, and the logits NaN."""
-    source = tensor[...]
-    out = source.to(device=device, dtype=dtype)
-    if (torch.finfo(dtype).max < torch.finfo(source.dtype).max and not bool(torch.isfinite(out).all())
-            and bool(torch.isfinite(source).all())):
-        raise InputError(f"{tensor.file}: {tensor.key} holds values up to {source.abs().max().item():.4g}, past "
-                         f"{str(dtype).removeprefix('torch.')}'s largest ({torch.finfo(dtype).max:.4g}); load it in a "
-                         "wider dtype (bfloat16 or float32)")
-    return out
 
 
 def parse_size(size: int | str) -> int:

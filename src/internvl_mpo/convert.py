@@ -553,13 +553,14 @@ def convert(
 
 
 def _read(handles: dict, file: Path, key: str) -> torch.Tensor:
-    """One tensor; a key its file does not hold, or integer weights, is an error naming the file."""
+    """One tensor; a key its file does not hold, integer weights, or NaN or inf, is an error naming the file."""
     try:
         tensor = handles[file].get_tensor(key)
     except SafetensorError as e:
         raise CheckpointError(f"{file}: cannot read {key} ({e})") from None
     if not tensor.is_floating_point():
         raise CheckpointError(f"{file}: {key} is stored as {tensor.dtype}, not floating point")
+    checkpoint.check_finite(tensor, file, key)
     return tensor
 
 
