@@ -480,6 +480,27 @@ def test_a_bad_sample_in_one_process_share_stops_every_process_with_its_error(se
         assert ended[0] == ended[1] and ended[0].startswith(f"InputError: {meta.parent / 'toy.jsonl'}:1: "), ended
 
 
+def test_a_nan_in_the_rows_one_process_reads_stops_every_process_with_its_error(setup):
+    # Under FSDP2 each process reads (and checks) only its own rows of each weight: a NaN in process 1's rows
+    # stopped it alone, while process 0 went on into the run's collectives.
+    from safetensors.torch import save_file
+
+    root, folder, meta = setup
+    broken = root / "nan_model"
+    shutil.copytree(folder, broken)
+    key = "language_model.model.embed_tokens.weight"
+    state = load_file(broken / "model.safetensors")
+    state[key][-1, 0] = float("nan")  # its last row: process 1's
+    save_file(state, broken / "model.safetensors")
+    cfg = TrainConfig(model=str(broken), data=str(meta), output=str(root / "nan_rows"), max_steps=1, batch_size=1,
+                      drop_path_rate=0.0, progress=False, fsdp=True)
+    log = str(root / "nan_rows{}.json")
+    run_two(_stopping_worker, (free_ports(1), [dataclasses.asdict(cfg)], log))
+    message = (f"CheckpointError: {broken / 'model.safetensors'}: {key} holds NaN or inf values; the checkpoint is "
+               "broken (a diverged run or a damaged file)")
+    assert endings(log) == [[message, message]]
+
+
 def _node_local_worker(rank: int, world: int, ports: list[int], configs: list[dict], log: str, folders: list[str]):
     """`_stopping_worker` in `folders[rank]`: a relative --data names another copy on each "node"."""
     os.chdir(folders[rank])

@@ -1376,6 +1376,32 @@ def test_lora_merges_into_plain_weights(tmp_path, chat_folder, meta):
                            InternVL.from_pretrained(chat_folder).language_model.model.layers[0].self_attn.q_proj.weight)
 
 
+def test_a_resume_refuses_weights_holding_nan_or_inf(tmp_path, chat_folder, meta):
+    """A checkpoint's LoRA adapters (extra.safetensors) holding NaN went into the resumed run without a word, and so
+    did its model/ weights."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg = config(chat_folder, meta, tmp_path / "run", max_steps=2, save_every=1, batch_size=1, lora_rank=2)
+    train(cfg)
+    saved = tmp_path / "run" / "checkpoint-000001"
+    shutil.rmtree(tmp_path / "run" / "final")
+    shutil.rmtree(tmp_path / "run" / "checkpoint-000002")
+    for file, key in ((saved / "model" / "model.safetensors", "language_model.model.norm.weight"),
+                      (saved / ckpt.EXTRA_FILE, None)):
+        kept = file.read_bytes()
+        with safe_open(str(file), "pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(file)
+        key = key or sorted(tensors)[-1]
+        tensors[key].view(-1)[-1] = float("nan")
+        save_file(tensors, file, metadata=metadata)
+        with pytest.raises(CheckpointError, match=re.escape(f"{file}: {key} holds NaN or inf values; the checkpoint "
+                                                            "is broken")):
+            train(dataclasses.replace(cfg, resume=True))
+        file.write_bytes(kept)
+
+
 def test_lora_training_writes_official_layout(tmp_path, chat_folder, meta):
     result = train(config(chat_folder, meta, tmp_path / "run", lora_rank=4, save_every=2))
     initial, final = load_weights(chat_folder), load_weights(result.final_dir)

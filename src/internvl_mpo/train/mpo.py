@@ -65,6 +65,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from internvl_mpo.checkpoint import check_finite
 from internvl_mpo.devices import parse_dtype
 from internvl_mpo.errors import CheckpointError, ConfigError, InputError, TrainingError
 from internvl_mpo.locks import check_not_in_use, lock_output, no_lock_note
@@ -286,7 +287,8 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
         ref_module = SequenceLogps(reference, encode_empty=fsdp or (env.distributed and not cfg.precompute_ref))
         if fsdp:
             shard_fsdp2(ref_module, transformer_blocks(reference), bf16, mesh)
-            fill_fsdp2(ref_module, env.device, lambda name: initial[name.removeprefix("model.")])
+            with ranks_together(env):  # each rank reads (and checks: NaN, inf) its own rows only
+                fill_fsdp2(ref_module, env.device, lambda name: initial[name.removeprefix("model.")])
         if cfg.precompute_ref:
             ref_chosen, ref_rejected, valid = precompute_reference(
                 cfg, env, ref_module, dataset, tokenizer.pad_id, autocast, fingerprint, model_print, lockstep=fsdp
@@ -310,6 +312,8 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
         apply_lora(policy, names, cfg.lora_rank, cfg.lora_scale * cfg.lora_rank, device=env.device)
         if resume_from is not None:
             adapters = ckpt.read_tensors(resume_from / ckpt.EXTRA_FILE)
+            for key, value in adapters.items():
+                check_finite(value, resume_from / ckpt.EXTRA_FILE, key)
             unexpected = policy.load_state_dict(adapters, strict=False).unexpected_keys
             if unexpected or len(adapters) != 2 * len(names):
                 raise CheckpointError(f"{resume_from}: LoRA adapters do not match this run's --lora-* settings")
@@ -326,7 +330,8 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
     if fsdp:
         adapters = lora_state(policy.state_dict())
         module = shard_fsdp2(module, transformer_blocks(policy), bf16, mesh)
-        module = fill_fsdp2(module, env.device, functools.partial(initial_weight, initial, adapters))
+        with ranks_together(env):
+            module = fill_fsdp2(module, env.device, functools.partial(initial_weight, initial, adapters))
         del initial, adapters
     elif env.distributed:
         module = wrap_ddp(module, env)
