@@ -779,6 +779,26 @@ def test_a_weight_holding_nan_or_inf_is_refused_naming_the_file_and_the_weight(t
             InternVL.from_pretrained(folder, dtype=dtype, image_token_id=IMAGE_TOKEN_ID)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nan_or_inf_and_the_float16_overflow_are_told_apart_on_cuda(tmp_path, tiny, good_state):
+    """The check runs where the weights land, on the GPU too, in bfloat16 and float16."""
+    large, broken = dict(good_state), dict(good_state)
+    large["mlp1.1.weight"] = large["mlp1.1.weight"].clone()
+    large["mlp1.1.weight"][0, 0] = 1e6
+    broken["mlp1.3.weight"] = broken["mlp1.3.weight"].clone()
+    broken["mlp1.3.weight"][-1, -1] = float("-inf")
+    large_folder = write_checkpoint(tmp_path / "large", tiny, large)
+    broken_folder = write_checkpoint(tmp_path / "broken", tiny, broken)
+    model = InternVL.from_pretrained(large_folder, dtype=torch.bfloat16, device="cuda", image_token_id=IMAGE_TOKEN_ID)
+    assert model.mlp1[1].weight[0, 0].item() == 1e6 - 576
+    with pytest.raises(InputError, match=r"mlp1\.1\.weight holds values up to 1e\+06, past float16's largest"):
+        InternVL.from_pretrained(large_folder, dtype=torch.float16, device="cuda", image_token_id=IMAGE_TOKEN_ID)
+    for dtype in (torch.bfloat16, torch.float16):
+        with pytest.raises(CheckpointError, match=broken_message(broken_folder / "model.safetensors", "mlp1.3.weight")):
+            InternVL.from_pretrained(broken_folder, dtype=dtype, device="cuda", image_token_id=IMAGE_TOKEN_ID)
+
+
 def test_rows_read_lazily_are_checked_as_they_are_read(tmp_path, tiny, good_state):
     """Training under FSDP2 reads each process's rows of a weight, and a resume reads the weights whole, through
     `LazyTensor`: NaN there went into the run."""
