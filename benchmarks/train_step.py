@@ -236,6 +236,18 @@ def run_trl(args) -> dict:
             "first_loss": losses[0] if losses else float("nan"), "peak_mib": peak(), "base_mib": marks.get("base")}
 
 
+def check_trl_python(python: str) -> None:
+    """Before our side runs (minutes for the 0.5b config): the --trl-python interpreter must import trl."""
+    try:
+        done = subprocess.run([python, "-c", "import trl"], capture_output=True, text=True, check=False)
+    except OSError as e:
+        raise SystemExit(f"--trl-python {python}: cannot run it ({e.strerror})") from None
+    if done.returncode != 0:
+        error = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"--trl-python {python}: it cannot import trl ({error}); install TRL in a virtualenv as this"
+                         " script's docstring shows and pass its python")
+
+
 def run_side(python: str, side: str, args) -> dict:
     cmd = [python, __file__, "--side", side, "--json", "--config", args.config, "--device", args.device,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
@@ -269,6 +281,7 @@ def main() -> None:
         result = run_ours(args) if args.side == "ours" else run_trl(args)
         print(json.dumps(result) if args.json else result)
         return
+    check_trl_python(args.trl_python)
     ours = run_side(sys.executable, "ours", args)
     theirs = run_side(args.trl_python, "trl", args)
     unit = "GPU MiB (max allocated)" if args.device == "cuda" else "MiB peak RSS"

@@ -612,3 +612,24 @@ def test_parity_with_trl_0_10_1(setting):
         dist.all_reduce = _TwoRanks(other)
         dist.update(torch.tensor(v))
         assert dist.state_dict() == pytest.approx(expected)
+
+
+def test_train_step_benchmark_checks_its_trl_python_first(tmp_path):
+    """benchmarks/train_step.py without TRL ran our side first (minutes for the 0.5b config) and then printed
+    "trl side failed:" and the TRL process's traceback ending "No module named 'trl'". It now checks the
+    --trl-python interpreter before anything runs, and refuses one that cannot import trl, naming the flag."""
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_train_step", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "train_step.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    no_trl = tmp_path / "python"
+    no_trl.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'trl'\" >&2\nexit 1\n")
+    no_trl.chmod(0o755)
+    with pytest.raises(SystemExit, match=rf"--trl-python {no_trl}: it cannot import trl \(ModuleNotFoundError: No"):
+        bench.check_trl_python(str(no_trl))
+    with pytest.raises(SystemExit, match=r"--trl-python /nonexistent/python: cannot run it"):
+        bench.check_trl_python("/nonexistent/python")
+    has_trl = tmp_path / "python-with-trl"
+    has_trl.write_text("#!/bin/sh\nexit 0\n")
+    has_trl.chmod(0o755)
+    bench.check_trl_python(str(has_trl))
