@@ -1314,7 +1314,8 @@ def test_hub_id_model_takes_its_tokenizer_from_the_downloaded_folder(tmp_path, c
 
 def test_an_unknown_template_is_refused_before_the_weights_load(tmp_path, chat_folder, meta):
     """Chat and training render prompts with the config's template: an InternVL2 checkpoint's
-    'internlm2-chat' must stop at once, not after loading the weights (or at the first question)."""
+    'internlm2-chat' must stop at once, not after loading the weights (or at the first question), naming
+    the config.json and its key (the error named neither)."""
     from internvl_mpo.pipeline import InternVLChat
 
     folder = tmp_path / "model"
@@ -1323,7 +1324,8 @@ def test_an_unknown_template_is_refused_before_the_weights_load(tmp_path, chat_f
     (folder / "config.json").write_text(json.dumps({**settings, "template": "internlm2-chat"}))
     for weights in folder.glob("*.safetensors"):
         weights.unlink()  # an error about the weights would mean they were read first
-    message = r"unknown conversation template 'internlm2-chat'; known: \['internvl2_5'\]"
+    message = re.escape(f"{folder / 'config.json'}: unknown conversation template 'internlm2-chat'; "
+                        "known: ['internvl2_5'] (the key \"template\")")
     with pytest.raises(ConfigError, match=message):
         InternVLChat.from_pretrained(folder)
     with pytest.raises(ConfigError, match=message):

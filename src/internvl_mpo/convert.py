@@ -456,10 +456,7 @@ def convert(
                          f"(model_type {source_config.get('model_type')!r}); nothing to convert")
     if to == "hf":
         config = ModelConfig.from_file_dict(source_config, src / "config.json")
-        try:  # its chat template is written last: refused now, not after the weights
-            get_template(config.template)
-        except ConfigError as e:
-            raise ConfigError(f"{src / 'config.json'}: {e} (the key \"template\")") from None
+        get_template(config.template, src / "config.json")  # its chat template is written last: checked now
         generation = _generation_config(src, config)
         if config.dynamic_image_size and not config.use_thumbnail:
             raise ConfigError(f"{src / 'config.json'}: use_thumbnail false (what a config.json without the key "

@@ -159,7 +159,8 @@ class InternVLChat:
 
         check_device_and_dtype(device, dtype)
         folder = resolve_checkpoint(path_or_id, revision)
-        get_template(ModelConfig.from_json(folder / "config.json").template)  # unknown: refused before the weights
+        config_path = folder / "config.json"
+        get_template(ModelConfig.from_json(config_path).template, config_path)  # unknown: refused before the weights
         tokenizer = load_tokenizer(folder)
         model = InternVL.from_pretrained(
             folder, dtype=dtype, device=device, image_token_id=tokenizer.img_context_id, device_map=device_map,

@@ -31,6 +31,7 @@ boundaries or are matched after normalization, the whole expanded string is enco
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -81,9 +82,12 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
-def get_template(name: str) -> Template:
+def get_template(name: str, config_path: str | os.PathLike | None = None) -> Template:
+    """The template of that name; an unknown one raises ConfigError, naming `config_path` (the config.json
+    whose `template` it is) where given."""
     if name not in TEMPLATES:
-        raise ConfigError(f"unknown conversation template {name!r}; known: {sorted(TEMPLATES)}")
+        where, key = ("", "") if config_path is None else (f"{config_path}: ", ' (the key "template")')
+        raise ConfigError(f"{where}unknown conversation template {name!r}; known: {sorted(TEMPLATES)}{key}")
     return TEMPLATES[name]
 
 

@@ -74,8 +74,9 @@ def load_initial_model(
     for `fill_fsdp2` to read each rank's shard from; else they are in the model, on `device`.
     """
     folder = None if cfg.init_from_config is not None else resolve_checkpoint(cfg.model)
-    config = ModelConfig.from_json(cfg.init_from_config if folder is None else folder / "config.json")
-    get_template(config.template)  # the data is rendered with it: an unknown one is refused before the weights
+    config_path = cfg.init_from_config if folder is None else folder / "config.json"
+    config = ModelConfig.from_json(config_path)
+    get_template(config.template, config_path)  # the data is rendered with it: refused before the weights if unknown
     max_seq_length(cfg, config)  # and so is a --max-seq-length longer than the model's context
     initial = None
     weights = None if folder is None else open_weights(folder)  # each file's header read once, for all below
