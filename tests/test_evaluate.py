@@ -6,6 +6,7 @@ import base64
 import csv
 import io
 import json
+import os
 import random
 import re
 import subprocess
@@ -392,6 +393,20 @@ def test_a_folder_given_as_the_data_or_items_file_is_named_as_a_folder(tmp_path)
         next(read_objects(tmp_path, "requests file"))
     with pytest.raises(InputError, match=rf"^{tmp_path / 'nope.jsonl'}: requests file not found$"):
         next(read_objects(tmp_path / "nope.jsonl", "requests file"))
+
+
+def test_a_pipe_given_as_the_data_or_items_file_is_named_as_such(tmp_path):
+    """A shell's `--input <(...)` (a pipe) or /dev/null was reported as "requests file not found"."""
+    from internvl_mpo.jsonl import read_objects
+
+    pipe = tmp_path / "requests.jsonl"
+    os.mkfifo(pipe)  # opening it to read would wait for a writer: it must be refused before
+    for path, what in ((pipe, "requests file"), (Path(os.devnull), "items file")):
+        message = rf"^{path}: not a regular file \(a pipe or a device\); give the {what} as a file$"
+        with pytest.raises(InputError, match=message):
+            next(read_objects(path, what))
+    with pytest.raises(InputError, match=rf"^{pipe}: not a regular file .* give the benchmark file as a file$"):
+        read_benchmark(pipe)
 
 
 def test_bad_input_is_named_with_its_line_before_any_answer(tmp_path):

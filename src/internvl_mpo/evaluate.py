@@ -67,7 +67,7 @@ from internvl_mpo.answers import (
 from internvl_mpo.chat.template import IMAGE_PLACEHOLDER
 from internvl_mpo.errors import InputError, SettingError
 from internvl_mpo.filestamp import stamps, unchanged
-from internvl_mpo.jsonl import read_objects, refuse_misspelt_fields
+from internvl_mpo.jsonl import check_input_file, read_objects, refuse_misspelt_fields
 from internvl_mpo.locks import check_not_in_use
 from internvl_mpo.pairs import check_images, refuse_unread_media
 from internvl_mpo.run_folder import (
@@ -246,11 +246,7 @@ def _read_tsv(path: Path, max_pixels: int | None) -> list[BenchItem]:
 def read_benchmark(path: str | Path, max_pixels: int | None = None) -> list[BenchItem]:
     """Questions of a .jsonl or MMBench-style .tsv benchmark file, in file order; every image is decoded
     once here and refused over `max_pixels` pixels (default: Pillow's limit)."""
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder; give the benchmark file")
-    if not path.is_file():
-        raise InputError(f"{path}: benchmark file not found")
+    path = check_input_file(path, "benchmark file")
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".tsv"):
         raise InputError(f"{path}: expected a .jsonl or .tsv benchmark file")

@@ -16,16 +16,25 @@ FIELD_ALIASES = {"img": "image", "picture": "image", "photo": "image", "prompt":
                  "instruction": "question"}
 
 
+def check_input_file(path: str | Path, what: str) -> Path:
+    """`path` as a Path, if it names a regular file; a folder, a missing path or another kind of file (a pipe
+    such as a shell's `<(...)`, a device) raises InputError naming it as such."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give the {what}")
+    if not path.exists():
+        raise InputError(f"{path}: {what} not found")
+    if not path.is_file():
+        raise InputError(f"{path}: not a regular file (a pipe or a device); give the {what} as a file")
+    return path
+
+
 def read_objects(path: str | Path, what: str = "file") -> Iterator[tuple[str, dict]]:
     """("file:line", object) for each non-blank line; a line that is not UTF-8 or not a JSON object raises
     InputError. Lines end at LF only (CRLF works too): JSON strings may hold U+2028, U+2029 or U+0085
     unescaped, which str.splitlines() would take for line ends. A leading byte order mark (Windows
     editors' "UTF-8 with BOM") is dropped."""
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder; give the {what}")
-    if not path.is_file():
-        raise InputError(f"{path}: {what} not found")
+    path = check_input_file(path, what)
     data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     for number, raw in enumerate(data.split(b"\n"), 1):
         where = f"{path}:{number}"
