@@ -556,16 +556,16 @@ def test_multi_turn_keeps_the_image_of_the_first_turn(client, local_chat):
         max_new_tokens=STEPS, system_message="You answer in French.")
 
 
-def clip(path: Path) -> bytes:
+def clip(path: Path, size: tuple[int, int] = (64, 48)) -> bytes:
     """A 12-frame video of changing colours, written with the first encoder PyAV has (skips without one)."""
     av = pytest.importorskip("av")
     for codec in ("mpeg4", "mjpeg"):
         try:
             with av.open(str(path), "w") as container:
                 stream = container.add_stream(codec, rate=4)
-                stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p" if codec == "mjpeg" else "yuv420p"
+                stream.width, stream.height, stream.pix_fmt = *size, "yuvj420p" if codec == "mjpeg" else "yuv420p"
                 for k in range(12):
-                    frame = av.VideoFrame.from_image(Image.new("RGB", (64, 48), (20 * k, 100, 250 - 20 * k)))
+                    frame = av.VideoFrame.from_image(Image.new("RGB", size, (20 * k, 100, 250 - 20 * k)))
                     for packet in [*stream.encode(frame), *(stream.encode() if k == 11 else [])]:
                         container.mux(packet)
             return path.read_bytes()
@@ -1512,6 +1512,23 @@ def test_the_tiles_of_several_images_are_cut_to_fit_the_sequence(local_chat):
         got = build_prompt(local_chat, req, settings, max_len=max_len).pixel_values.shape[0]
         assert got == {14: 2 * 5, 10: 2 * 5, 0: 2 * 1}[tiles]  # max_num 6 and 4: 2x2 + thumbnail; 1: one tile
         assert got * per_tile <= max(tiles * per_tile, 2 * per_tile)
+
+
+def test_the_tiles_of_a_videos_frames_are_cut_to_fit_the_sequence(local_chat, tmp_path):
+    """A video's `max_num` tiles per frame, 8 frames, overflowed a short sequence: the demo model's server
+    answered `max_num: 2` with a 400 `invalid_video` whose hint named num_segments, no field of a request.
+    The tiles per frame now shrink so that all frames leave TEXT_ROOM tokens, as several images' do."""
+    url = "data:video/mp4;base64," + base64.b64encode(clip(tmp_path / "wide.mp4", (112, 56))).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What colour is it?"},
+                                                      {"type": "video_url", "video_url": {"url": url}}]}],
+            "max_num": 3}
+    req = parse_chat_request(body, ServerSettings())
+    per_tile = local_chat.model.num_image_token
+    roomy = build_prompt(local_chat, req, ServerSettings(), max_len=4096)
+    assert roomy.pixel_values.shape[0] == 8 * 3  # a 2x1 grid + thumbnail a frame: nothing to cut
+    for tiles, per_frame in ((8 * 3, 3), (8 * 3 - 1, 1), (0, 1)):  # tiles that fit beside TEXT_ROOM, for all 8 frames
+        prompt = build_prompt(local_chat, req, ServerSettings(), max_len=TEXT_ROOM + tiles * per_tile)
+        assert prompt.pixel_values.shape[0] == 8 * per_frame
 
 
 def test_a_prompt_over_the_context_is_refused_before_its_images_are_tiled(local_chat, monkeypatch):

@@ -59,7 +59,7 @@ def chat_prompt_ids(chat: InternVLChat, req: ChatRequest, settings: ServerSettin
     `fits` gets the prompt's length, planned from the images' headers, before any tile is made (each
     ~2.4 MB at 448 pixels), and raises where it is too long."""
     if req.video_url is not None:
-        ids, pixels = _video_prompt(chat, req, settings)
+        ids, pixels = _video_prompt(chat, req, settings, max_len)
         if fits is not None:
             fits(len(ids))
         return ids, pixels
@@ -67,10 +67,7 @@ def chat_prompt_ids(chat: InternVLChat, req: ChatRequest, settings: ServerSettin
     per_image = req.max_num or config.tiles_per_image
     if req.image_urls:
         n = len(req.image_urls)
-        per_image = min(per_image, max(1, settings.max_tiles // n))
-        # and the tiles (thumbnails included) of every image must fit in the sequence beside TEXT_ROOM
-        fit = (max_len - TEXT_ROOM) // chat.model.num_image_token // n
-        per_image = min(per_image, max(1, fit - 1 if config.use_thumbnail and fit >= 2 else fit))
+        per_image = min(per_image, max(1, settings.max_tiles // n), _fitting_tiles(chat, max_len, n))
     budget = dict(max_num=per_image, min_num=min(config.min_dynamic_patch, per_image), image_size=config.image_size,
                   use_thumbnail=config.use_thumbnail, max_pixels=settings.max_image_pixels)
     images, planned = [], []
@@ -98,14 +95,24 @@ def chat_prompt_ids(chat: InternVLChat, req: ChatRequest, settings: ServerSettin
     return ids, torch.cat(tiles) if tiles else None
 
 
-def _video_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings) -> tuple[list[int], torch.Tensor]:
+def _fitting_tiles(chat: InternVLChat, max_len: int, n: int) -> int:
+    """The most tiles each of `n` images or frames may have so that all their tiles, thumbnails included, leave
+    TEXT_ROOM tokens of the sequence to the text and the answer (1 at least)."""
+    fit = (max_len - TEXT_ROOM) // chat.model.num_image_token // n
+    return max(1, fit - 1 if chat.config.use_thumbnail and fit >= 2 else fit)
+
+
+def _video_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings,
+                  max_len: int) -> tuple[list[int], torch.Tensor]:
     """The prompt of a request with a video, as `InternVLChat.prepare` builds it: VIDEO_FRAMES frames, `max_num`
-    tiles each (1 by default, as the model card; within --max-tiles in all), their `Frame1: <image>` lines in front
-    of the question. The video's bytes come as an image's do (a data: URL, or a file or http(s) URL when allowed,
-    within --max-image-bytes); PyAV reads them from a temporary file."""
+    tiles each (1 by default, as the model card; within --max-tiles in all, and fewer where the frames' tiles would
+    not leave TEXT_ROOM tokens of the sequence), their `Frame1: <image>` lines in front of the question. The
+    video's bytes come as an image's do (a data: URL, or a file or http(s) URL when allowed, within
+    --max-image-bytes); PyAV reads them from a temporary file."""
     param, url = req.video_url
     raw = image_bytes(url, param, settings)
-    per_frame = min(req.max_num or 1, max(1, settings.max_tiles // VIDEO_FRAMES))
+    per_frame = min(req.max_num or 1, max(1, settings.max_tiles // VIDEO_FRAMES),
+                    _fitting_tiles(chat, max_len, VIDEO_FRAMES))
     with tempfile.NamedTemporaryFile(suffix=".video") as file:
         file.write(raw)
         file.flush()
