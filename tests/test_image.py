@@ -406,6 +406,9 @@ def test_configurable_pixel_limit(tmp_path):
     with pytest.raises(InputError, match="small.png.*5000 pixels exceeds the limit of 4999"):
         load_image(path, max_pixels=4999)
     assert load_image(path, max_pixels=5000).shape == (3, 3, 448, 448)
+    for bad in (True, -1, 1.5):  # True was a limit of 1 pixel ("exceeds the limit of True")
+        with pytest.raises(InputError, match=rf"^max_pixels must be a whole number of pixels, got {bad!r}$"):
+            load_image(path, max_pixels=bad)
 
 
 def test_bytes_and_file_objects_are_named_in_errors():
@@ -507,9 +510,11 @@ def test_multi_image_bad_input():
         load_images([photo(10, 10)], total_budget=0)
     with pytest.raises(InputError, match="gone.png"):
         load_images([photo(10, 10), "gone.png"])
-    for bad in (2.5, "6", [3, 0]):
+    for bad in (2.5, "6", [3, 0], True, [True, 2]):  # a bool was read as 1
         with pytest.raises(InputError, match="max_num must be a whole number of tiles >= 1"):
             load_images([photo(10, 10)] * 2, max_num=bad)
+    with pytest.raises(InputError, match="^total tile budget must be a whole number >= 1, got True$"):
+        load_images([photo(10, 10)], total_budget=True)
 
 
 def test_multi_image_one_image_instead_of_a_list(tmp_path):

@@ -166,9 +166,11 @@ def test_bad_tile_settings_and_zero_area_raise():
 
 
 @pytest.mark.parametrize("setting,value", [("max_num", 2.5), ("max_num", "12"), ("max_num", None), ("min_num", 1.0),
-                                           ("image_size", 0), ("image_size", -3), ("image_size", 2.5)])
+                                           ("image_size", 0), ("image_size", -3), ("image_size", 2.5),
+                                           ("image_size", True), ("max_num", True)])
 def test_settings_that_are_not_whole_numbers_are_named(setting, value):
-    """Used to escape as TypeError from range(), or as a Pillow/torch error about sizes."""
+    """Used to escape as TypeError from range(), or as a Pillow/torch error about sizes; a bool was read
+    as 1 (`image_size=True` made 1x1-pixel tiles)."""
     with pytest.raises(InputError, match=f"{setting} must be a whole number >= 1, got {value!r}"):
         plan_tiles(100, 100, **{setting: value})
     assert plan_tiles(900, 450, max_num=np.int64(6), image_size=np.int32(32)).num_tiles == 3

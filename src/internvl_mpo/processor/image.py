@@ -128,9 +128,11 @@ def refuse_url(src: object) -> None:
 
 
 def _limit(max_pixels: int | None) -> int | None:
-    if max_pixels is not None and not (isinstance(max_pixels, numbers.Integral) and max_pixels >= 0):
+    if max_pixels is None:
+        return Image.MAX_IMAGE_PIXELS
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, numbers.Integral) or max_pixels < 0:
         raise SettingError("", "max_pixels", f" must be a whole number of pixels, got {max_pixels!r}")
-    return Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    return max_pixels
 
 
 def let_pillow_open(max_pixels: int | None) -> None:

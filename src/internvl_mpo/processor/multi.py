@@ -40,11 +40,11 @@ def per_image_max_num(max_num: int | Sequence[int], n_images: int, total_budget:
     maxes = list(max_num) if isinstance(max_num, Sequence) and not isinstance(max_num, str) else [max_num] * n_images
     if len(maxes) != n_images:
         raise InputError(f"got {len(maxes)} max_num values for {n_images} images")
-    if not all(isinstance(m, numbers.Integral) and m >= 1 for m in maxes):
+    if not all(isinstance(m, numbers.Integral) and not isinstance(m, bool) and m >= 1 for m in maxes):
         raise InputError(f"max_num must be a whole number of tiles >= 1 (or one per image), got {max_num!r}")
     if total_budget is None:
         return maxes
-    if not isinstance(total_budget, numbers.Integral) or total_budget < 1:
+    if isinstance(total_budget, bool) or not isinstance(total_budget, numbers.Integral) or total_budget < 1:
         raise InputError(f"total tile budget must be a whole number >= 1, got {total_budget!r}")
     cap = max(1, total_budget // n_images)
     return [max(1, min(m, cap)) for m in maxes]

@@ -124,7 +124,7 @@ def plan_tiles(
 ) -> TilePlan:
     """Choose the tile grid for an image of `width` x `height` pixels."""
     for name, value in (("min_num", min_num), ("max_num", max_num), ("image_size", image_size)):
-        if not isinstance(value, numbers.Integral) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:  # True: 1x1-pixel tiles
             raise SettingError("", name, f" must be a whole number >= 1, got {value!r}")
     if width < 1 or height < 1:
         raise InputError(f"image has zero area ({width}x{height})")
