@@ -1109,6 +1109,7 @@ def test_input_settings_of_the_wrong_type_are_refused_by_name(setup):
              (dict(images=[image, image], max_num=[1, "2"]), "max_num"),
              (dict(video=[image, image], num_segments=2.5), "num_segments"),
              (dict(video=[image, image], num_segments="2"), "num_segments"),
+             (dict(video=[image, image], num_segments=True), "num_segments"),  # was one frame
              (dict(images=image, max_pixels="1000"), "max_pixels"), (dict(system_message=5), "system message"),
              (dict(images=torch.zeros(2, 3, size, size), num_patches_list="11"), "num_patches_list")]
     for kwargs, name in cases:

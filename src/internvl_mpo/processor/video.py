@@ -124,7 +124,7 @@ def _bound_seconds(bound) -> tuple[float, float] | None:
 
 
 def _check_segments(num_segments) -> None:
-    if not (isinstance(num_segments, numbers.Integral) and num_segments >= 1):
+    if isinstance(num_segments, bool) or not (isinstance(num_segments, numbers.Integral) and num_segments >= 1):
         raise InputError(f"num_segments must be a whole number >= 1, got {num_segments!r}")
 
 
