@@ -1549,6 +1549,22 @@ def test_a_prompt_over_the_context_is_refused_before_its_images_are_tiled(local_
     assert tiled == []
 
 
+def test_a_prompt_over_the_context_is_refused_before_its_videos_frames_are_decoded(local_chat, monkeypatch, tmp_path):
+    """As a prompt with images: its length comes from the frame size the video's stream gives, and a text over
+    the context gets the context_length_exceeded 400 before a frame is decoded. On the demo model, whose context
+    the frames fill, it was a 400 invalid_video naming num_segments; elsewhere every frame was decoded first."""
+    url = "data:video/mp4;base64," + base64.b64encode(clip(tmp_path / "clip.mp4")).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "word " * 3000},
+                                                      {"type": "video_url", "video_url": {"url": url}}]}]}
+    req = parse_chat_request(body, ServerSettings())
+    length = len(tokenize_ids(local_chat, parse_tokenize_request(body, ServerSettings()), ServerSettings(), 2048))
+    monkeypatch.setattr(local_chat, "prepare", lambda *args, **kwargs: pytest.fail("the frames were decoded"))
+    with pytest.raises(ApiError, match=rf"^the prompt is {length} tokens \(images included\); this server accepts at "
+                                       r"most 2047$") as e:
+        build_prompt(local_chat, req, ServerSettings(), max_len=2048)
+    assert (e.value.status, e.value.param, e.value.code) == (400, "messages", "context_length_exceeded")
+
+
 def test_a_max_tokens_past_the_sequence_names_the_field_the_request_used(local_chat):
     """The openai client sends max_completion_tokens: the error must not name a max_tokens it never sent."""
     for key in ("max_tokens", "max_completion_tokens"):

@@ -16,6 +16,7 @@ from ..generate.sampling import SamplingParams
 from ..pipeline import InternVLChat
 from ..processor.image import AS_A_VIDEO, AS_AN_IMAGE, load_image
 from ..processor.multi import planned_tiles
+from ..processor.video import planned_frame_tiles, video_prefix
 from .media import image_bytes
 from .requests import ApiError, ChatRequest, CompletionRequest, TokenizeRequest
 from .settings import ServerSettings
@@ -59,7 +60,7 @@ def chat_prompt_ids(chat: InternVLChat, req: ChatRequest, settings: ServerSettin
     `fits` gets the prompt's length, planned from the images' headers, before any tile is made (each
     ~2.4 MB at 448 pixels), and raises where it is too long."""
     if req.video_url is not None:
-        ids, pixels = _video_prompt(chat, req, settings, max_len)
+        ids, pixels = _video_prompt(chat, req, settings, max_len, fits)
         if fits is not None:
             fits(len(ids))
         return ids, pixels
@@ -102,13 +103,14 @@ def _fitting_tiles(chat: InternVLChat, max_len: int, n: int) -> int:
     return max(1, fit - 1 if chat.config.use_thumbnail and fit >= 2 else fit)
 
 
-def _video_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings,
-                  max_len: int) -> tuple[list[int], torch.Tensor]:
+def _video_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings, max_len: int,
+                  fits: Callable[[int], object] | None) -> tuple[list[int], torch.Tensor]:
     """The prompt of a request with a video, as `InternVLChat.prepare` builds it: VIDEO_FRAMES frames, `max_num`
     tiles each (1 by default, as the model card; within --max-tiles in all, and fewer where the frames' tiles would
     not leave TEXT_ROOM tokens of the sequence), their `Frame1: <image>` lines in front of the question. The
     video's bytes come as an image's do (a data: URL, or a file or http(s) URL when allowed, within
-    --max-image-bytes); PyAV reads them from a temporary file."""
+    --max-image-bytes); PyAV reads them from a temporary file. `fits` gets the prompt's length, planned from the
+    stream's frame size, before a frame is decoded."""
     param, url = req.video_url
     raw = image_bytes(url, param, settings)
     per_frame = min(req.max_num or 1, max(1, settings.max_tiles // VIDEO_FRAMES),
@@ -117,6 +119,11 @@ def _video_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings
         file.write(raw)
         file.flush()
         try:
+            if fits is not None:
+                planned = planned_frame_tiles(file.name, VIDEO_FRAMES, chat.config.image_size, per_frame,
+                                              settings.max_image_pixels)
+                fits(prompt_length(chat.tokenizer, video_prefix(len(planned)) + req.question, req.history, planned,
+                                   req.system_message, chat.model.num_image_token, chat.config.template))
             prepared = chat.prepare(req.question, video=file.name, history=req.history, max_num=per_frame,
                                     num_segments=VIDEO_FRAMES, system_message=req.system_message,
                                     max_pixels=settings.max_image_pixels)
