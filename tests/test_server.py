@@ -1565,6 +1565,18 @@ def test_a_prompt_over_the_context_is_refused_before_its_videos_frames_are_decod
     assert (e.value.status, e.value.param, e.value.code) == (400, "messages", "context_length_exceeded")
 
 
+def test_a_video_request_gets_the_templates_system_message_as_other_requests_do(local_chat, monkeypatch, tmp_path):
+    """Where a request sends no system message the server prompts with the template's, also beside a config.json
+    `system_message` (which chat() uses); a request with a video went through chat's prepare() and got config.json's."""
+    monkeypatch.setitem(local_chat.config.extra, "system_message", "Answer in French.")
+    url = "data:video/mp4;base64," + base64.b64encode(clip(tmp_path / "clip.mp4")).decode()
+    text = {"type": "text", "text": "What colour is it?"}
+    for content in ([text], [text, {"type": "video_url", "video_url": {"url": url}}]):
+        req = parse_tokenize_request({"messages": [{"role": "user", "content": content}]}, ServerSettings())
+        prompt = local_chat.tokenizer.decode(tokenize_ids(local_chat, req, ServerSettings(), 4096), False)
+        assert SYSTEM_MESSAGE in prompt and "French" not in prompt, (len(content), prompt[:200])
+
+
 def test_a_max_tokens_past_the_sequence_names_the_field_the_request_used(local_chat):
     """The openai client sends max_completion_tokens: the error must not name a max_tokens it never sent."""
     for key in ("max_tokens", "max_completion_tokens"):

@@ -115,6 +115,8 @@ def _video_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings
     raw = image_bytes(url, param, settings)
     per_frame = min(req.max_num or 1, max(1, settings.max_tiles // VIDEO_FRAMES),
                     _fitting_tiles(chat, max_len, VIDEO_FRAMES))
+    # the template's where the request sends none, as for other requests (prepare would take config.json's)
+    system = get_template(chat.config.template).system_message if req.system_message is None else req.system_message
     with tempfile.NamedTemporaryFile(suffix=".video") as file:
         file.write(raw)
         file.flush()
@@ -123,9 +125,9 @@ def _video_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings
                 planned = planned_frame_tiles(file.name, VIDEO_FRAMES, chat.config.image_size, per_frame,
                                               settings.max_image_pixels)
                 fits(prompt_length(chat.tokenizer, video_prefix(len(planned)) + req.question, req.history, planned,
-                                   req.system_message, chat.model.num_image_token, chat.config.template))
+                                   system, chat.model.num_image_token, chat.config.template))
             prepared = chat.prepare(req.question, video=file.name, history=req.history, max_num=per_frame,
-                                    num_segments=VIDEO_FRAMES, system_message=req.system_message,
+                                    num_segments=VIDEO_FRAMES, system_message=system,
                                     max_pixels=settings.max_image_pixels)
         except InputError as e:
             why = str(e).replace(file.name, "the video").replace(AS_AN_IMAGE, "send it as an image_url part")
