@@ -1598,6 +1598,18 @@ def test_url_schemes_and_base64_are_read_whatever_their_case():
     assert e.value.code == "remote_image_refused"
 
 
+def test_a_file_url_is_read_whatever_the_case_of_its_scheme(tmp_path):
+    """A scheme is read whatever its case, but "FILE:///dir/a%20b.png" was read as the path "FILE:/dir/a%20b.png":
+    a 400 "... is not a file". It is the file URL it names, percent-decoded and its host checked, as "file:" is."""
+    image = png(20, 20)
+    (tmp_path / "a b.png").write_bytes(image)
+    settings = ServerSettings(allow_local_images=True)
+    for scheme in ("file", "FILE", "File"):
+        assert image_bytes(f"{scheme}://{tmp_path}/a%20b.png", "messages[0].content[0].image_url", settings) == image
+    with pytest.raises(ApiError, match="a file URL must name this machine .* got host 'elsewhere'"):
+        image_bytes(f"FILE://elsewhere{tmp_path}/a%20b.png", "messages[0].content[0].image_url", settings)
+
+
 def test_errors_show_a_long_value_cut_short():
     """A 1 MB role or model name came back whole in the error message."""
     with pytest.raises(ApiError, match="role must be system, user or assistant, got \"xxx") as e:

@@ -147,7 +147,7 @@ def _fetch_remote(url: str, param: str, settings: ServerSettings, resolve=socket
 def _read_local(url: str, param: str, settings: ServerSettings) -> bytes:
     """The file named by a path or a file URL (percent-decoded; its host empty or localhost)."""
     path = Path(url)
-    if url.startswith("file:"):
+    if url[:5].lower() == "file:":
         parts = urllib.parse.urlsplit(url)
         if parts.netloc not in ("", "localhost"):
             raise ApiError(400, f"{param}: a file URL must name this machine (file:///path or file://localhost/path), "
