@@ -1565,6 +1565,17 @@ def test_a_prompt_over_the_context_is_refused_before_its_videos_frames_are_decod
     assert (e.value.status, e.value.param, e.value.code) == (400, "messages", "context_length_exceeded")
 
 
+def test_tokenize_counts_a_video_prompt_over_the_context_as_other_prompts(local_chat, tmp_path):
+    """/tokenize counts a prompt longer than the sequence rather than refusing it (as vLLM); with a video, whose
+    prompt chat's prepare() built, one over the model's context was a 400 invalid_video naming num_segments."""
+    url = "data:video/mp4;base64," + base64.b64encode(clip(tmp_path / "clip.mp4")).decode()
+    words = "word " * (local_chat.context + 10)
+    for content in ([{"type": "text", "text": words}],
+                    [{"type": "text", "text": words}, {"type": "video_url", "video_url": {"url": url}}]):
+        req = parse_tokenize_request({"messages": [{"role": "user", "content": content}]}, ServerSettings())
+        assert len(tokenize_ids(local_chat, req, ServerSettings(), 4096)) > local_chat.context
+
+
 def test_a_video_request_gets_the_templates_system_message_as_other_requests_do(local_chat, monkeypatch, tmp_path):
     """Where a request sends no system message the server prompts with the template's, also beside a config.json
     `system_message` (which chat() uses); a request with a video went through chat's prepare() and got config.json's."""

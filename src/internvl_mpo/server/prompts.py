@@ -16,7 +16,7 @@ from ..generate.sampling import SamplingParams
 from ..pipeline import InternVLChat
 from ..processor.image import AS_A_VIDEO, AS_AN_IMAGE, load_image
 from ..processor.multi import planned_tiles
-from ..processor.video import planned_frame_tiles, video_prefix
+from ..processor.video import load_video, planned_frame_tiles, video_prefix
 from .media import image_bytes
 from .requests import ApiError, ChatRequest, CompletionRequest, TokenizeRequest
 from .settings import ServerSettings
@@ -105,34 +105,39 @@ def _fitting_tiles(chat: InternVLChat, max_len: int, n: int) -> int:
 
 def _video_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings, max_len: int,
                   fits: Callable[[int], object] | None) -> tuple[list[int], torch.Tensor]:
-    """The prompt of a request with a video, as `InternVLChat.prepare` builds it: VIDEO_FRAMES frames, `max_num`
-    tiles each (1 by default, as the model card; within --max-tiles in all, and fewer where the frames' tiles would
-    not leave TEXT_ROOM tokens of the sequence), their `Frame1: <image>` lines in front of the question. The
-    video's bytes come as an image's do (a data: URL, or a file or http(s) URL when allowed, within
-    --max-image-bytes); PyAV reads them from a temporary file. `fits` gets the prompt's length, planned from the
-    stream's frame size, before a frame is decoded."""
+    """The prompt of a request with a video, as `InternVLChat.prepare` builds it but with the template's system
+    message, as other requests: VIDEO_FRAMES frames, `max_num` tiles each (1 by default, as the model card; within
+    --max-tiles in all, and fewer where the frames' tiles would not leave TEXT_ROOM tokens of the sequence), their
+    `Frame1: <image>` lines in front of the question. The video's bytes come as an image's do (a data: URL, or a
+    file or http(s) URL when allowed, within --max-image-bytes); PyAV reads them from a temporary file. `fits`
+    gets the prompt's length, planned from the stream's frame size, before a frame is decoded."""
     param, url = req.video_url
     raw = image_bytes(url, param, settings)
+    config = chat.config
     per_frame = min(req.max_num or 1, max(1, settings.max_tiles // VIDEO_FRAMES),
                     _fitting_tiles(chat, max_len, VIDEO_FRAMES))
-    # the template's where the request sends none, as for other requests (prepare would take config.json's)
-    system = get_template(chat.config.template).system_message if req.system_message is None else req.system_message
+    frames = dict(num_segments=VIDEO_FRAMES, image_size=config.image_size, max_num=per_frame,
+                  max_pixels=settings.max_image_pixels)
+    prompt = dict(history=req.history, system_message=req.system_message, num_image_token=chat.model.num_image_token,
+                  template=config.template)
     with tempfile.NamedTemporaryFile(suffix=".video") as file:
         file.write(raw)
         file.flush()
         try:
             if fits is not None:
-                planned = planned_frame_tiles(file.name, VIDEO_FRAMES, chat.config.image_size, per_frame,
-                                              settings.max_image_pixels)
-                fits(prompt_length(chat.tokenizer, video_prefix(len(planned)) + req.question, req.history, planned,
-                                   system, chat.model.num_image_token, chat.config.template))
-            prepared = chat.prepare(req.question, video=file.name, history=req.history, max_num=per_frame,
-                                    num_segments=VIDEO_FRAMES, system_message=system,
-                                    max_pixels=settings.max_image_pixels)
+                planned = planned_frame_tiles(file.name, **frames)
+                fits(prompt_length(chat.tokenizer, video_prefix(len(planned)) + req.question,
+                                   num_patches_list=planned, **prompt))
+            video = load_video(file.name, **frames)
         except InputError as e:
             why = str(e).replace(file.name, "the video").replace(AS_AN_IMAGE, "send it as an image_url part")
             raise ApiError(400, f"{param}: {why}", param, "invalid_video") from None
-    return prepared.prompt_ids, prepared.pixel_values
+    try:
+        ids = build_prompt_ids(chat.tokenizer, video.prefix + req.question, num_patches_list=video.num_patches_list,
+                               **prompt)
+    except InputError as e:
+        raise ApiError(400, str(e), "messages") from None
+    return ids, video.pixel_values
 
 
 def tokenize_ids(chat: InternVLChat, req: TokenizeRequest, settings: ServerSettings, max_len: int) -> list[int]:
