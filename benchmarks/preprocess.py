@@ -17,7 +17,12 @@ PYTHONPATH: it needs only torch, numpy and Pillow), times ours and the official 
 alternating rounds, checks that both give identical tensors on a few awkward images, and prints
 both rates and their ratio; where the tensors differ it exits with an error after that report.
 Alternating rounds in one process keeps a change in background load on a shared machine from
-favouring one side; each side reports its best and median round.
+favouring one side; each side reports its best and median round. That does not hold for torch's
+intra-op threads, which only the official side uses (ToTensor, Normalize, stack): where other jobs
+hold the other cores, each of those ops waits milliseconds for one (2026-12-05, 2 cores, load
+average 2-3: the official side fell from 14.6 to 2-4 images/s at 1920x1080). The report's first
+line gives torch's thread count and the load average; with `OMP_NUM_THREADS=1` (the run in the
+other interpreter inherits it) the recipe is timed on one thread, free of that wait.
 `--side ours` needs nothing extra; `--side official` needs torchvision in the running interpreter.
 """
 
@@ -177,6 +182,8 @@ def torchvision_available() -> bool:
 
 
 def run_here(side: str, rounds: int, seconds: float) -> dict:
+    import torch
+
     sides = {}
     if side in ("both", "ours"):
         sides["ours"] = ours_fn()
@@ -184,7 +191,10 @@ def run_here(side: str, rounds: int, seconds: float) -> dict:
         sides["official"] = official_load_image
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        result = {"python": sys.executable, "images_per_s": measure(sides, workdir, rounds, seconds)}
+        load = os.getloadavg()[0]
+        result = {"python": sys.executable, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                  "images_per_s": measure(sides, workdir, rounds, seconds)}
+        result["load_average"] = [load, os.getloadavg()[0]]
         if "official" in sides:
             result["check"] = check_identical(workdir)
     return result
@@ -228,7 +238,9 @@ def main() -> None:
 
 
 def report(result: dict) -> None:
-    print(f"measured with {result['python']} (best of interleaved rounds, median in brackets)")
+    start, end = result["load_average"]
+    print(f"measured with {result['python']} (torch {result['torch']}, intra-op threads {result['torch_threads']}, "
+          f"load average {start:.1f} -> {end:.1f}); best of interleaved rounds, median in brackets")
     rates = result["images_per_s"]
     for side, by_label in rates.items():
         line = ", ".join(
