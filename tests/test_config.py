@@ -15,7 +15,7 @@ from internvl_mpo.errors import ConfigError
 def test_defaults_are_the_4b_model():
     config = ModelConfig()
     assert config.num_image_token == 256
-    assert config.projector_in_features == 4096
+    assert config.vision.hidden_size * int(1 / config.downsample_ratio) ** 2 == 4096  # mlp1's input width
     assert config.vision.grid_size == 32 and config.vision.head_dim == 64
     assert config.llm.head_dim == 128 and config.llm.vocab_size == 151674
     assert config.llm.tie_word_embeddings is False

@@ -296,10 +296,6 @@ class ModelConfig:
         """LLM tokens per tile: (448 // 14) ** 2 * 0.5 ** 2 = 256."""
         return int(self.vision.grid_size**2 * self.downsample_ratio**2)
 
-    @property
-    def projector_in_features(self) -> int:
-        return self.vision.hidden_size * int(1 / self.downsample_ratio) ** 2
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         if d.get("model_type") == "internvl":

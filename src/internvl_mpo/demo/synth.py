@@ -290,10 +290,6 @@ def scene_to_json(scene: tuple[Shape, ...]) -> list[dict]:
     return [{"row": s.row, "col": s.col, "color": s.color, "shape": s.shape} for s in scene]
 
 
-def scene_from_json(records: list[dict]) -> tuple[Shape, ...]:
-    return tuple(Shape(r["row"], r["col"], r["color"], r["shape"]) for r in records)
-
-
 def eval_record(item: Item, image: str) -> dict:
     return {
         "id": item.id, "image": image, "question": item.question, "answer": item.answer,
