@@ -279,6 +279,21 @@ def test_few_row_linear_matches_nn_linear():
         assert torch.equal(small(x), torch.nn.functional.linear(x, small.weight, small.bias))
 
 
+def test_linear_decides_once_whether_its_weight_takes_the_few_row_forms(monkeypatch):
+    """A weight under FEW_ROWS_MIN_ENTRIES goes straight to F.linear: its forward never asks
+    few_rows_matmul (a decode step calls it 14 times on the tiny config)."""
+    from internvl_mpo import llm
+
+    asked = []
+    real = llm.few_rows_matmul
+    monkeypatch.setattr(llm, "few_rows_matmul", lambda *a: asked.append(a[1].shape) or real(*a))
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        llm.Linear(64, 64)(x[:, :64])
+        llm.Linear(256, 256)(x)
+    assert asked == [(256, 256)]
+
+
 def test_blocked_matvec_splits_the_rows_over_the_threads():
     """One row against a large fp32 CPU weight is one bmm over as many equal row blocks as there are
     threads (or the largest divisor of the row count below that); one thread, no divisor or bf16

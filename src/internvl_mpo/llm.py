@@ -131,9 +131,14 @@ def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, max_rows: int,
 class Linear(nn.Linear):
     """nn.Linear that computes 1-4 rows against a large CPU weight with `few_rows_matmul`."""
 
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias)
+        # decided once: a weight too small for the few-row forms goes straight to F.linear
+        self.few_rows = in_features * out_features >= FEW_ROWS_MIN_ENTRIES
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = few_rows_matmul(x, self.weight, 4, self.bias)
-        return super().forward(x) if out is None else out
+        out = few_rows_matmul(x, self.weight, 4, self.bias) if self.few_rows else None
+        return F.linear(x, self.weight, self.bias) if out is None else out
 
 
 class Attention(nn.Module):
