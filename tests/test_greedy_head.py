@@ -132,9 +132,13 @@ def test_huge_small_and_zero_rows():
 
 
 def test_a_head_of_equal_rows_always_fails_the_check():
+    """Also where the logits are negative: the padding rows of the last block (500 is not a multiple of
+    64) have approximate logits 0, and must not pass for a row with the best lower end."""
     weight = torch.randn(1, 64).expand(500, 64).contiguous()
-    tokens, ok = GreedyScreen.build(weight)(torch.randn(3, 64))
-    assert not ok.any()
+    hidden = torch.randn(3, 64)
+    for h in (hidden, -hidden):
+        tokens, ok = GreedyScreen.build(weight)(h)
+        assert not ok.any()
 
 
 def test_non_finite_or_overflowing_hidden_states_fail_the_check():

@@ -70,7 +70,13 @@ class GreedyScreen:
         # Folded into the scales the bound multiplies: the final 1/64 margin of `bound`.
         self.row_scale = scale * (1 + 2.0**-6)  # (V',)
         self.block_scale = self.row_scale.view(n_blocks, BLOCK).amax(-1)  # (V'/BLOCK,)
-        self.offsets = torch.arange(BLOCK)
+        # For lower ends only: padding rows get an infinite scale, so their lower end is -inf (q = 0
+        # makes their approximate logit 0, and the bound's other term is finite).
+        lower_scale = self.row_scale.clone()
+        lower_scale[vocab:] = torch.inf
+        self.lower_scale = lower_scale.view(n_blocks, BLOCK)  # (V'/BLOCK, BLOCK)
+        # Each block's row ids; padding rows read the last real row again, after it: argmax keeps the real one.
+        self.block_ids = torch.arange(n_blocks * BLOCK).clamp_(max=vocab - 1).view(n_blocks, BLOCK)
         self.weight_term = 0.5 + 2.0**-16 + 127 * (2 * width + 4) * 2.0**-24
 
     @classmethod
@@ -104,19 +110,19 @@ class GreedyScreen:
         b = hidden.shape[0]
         h = hidden.float()
         h16 = h.bfloat16()
-        approx = self.approx(h16)  # (B, V')
+        approx = self.approx(h16).view(b, -1, BLOCK)  # (B, V'/BLOCK, BLOCK)
         per_scale = self.per_scale(h, h16)  # (B, 1)
         # Upper end of each block: a + bound(a) grows with a, so the block's largest a gives it.
-        peak = approx.view(b, -1, BLOCK).amax(-1)  # (B, V'/BLOCK)
+        peak = approx.amax(-1)  # (B, V'/BLOCK)
         top = (peak + self.bound(peak, self.block_scale, per_scale)).topk(self.blocks + 1, dim=-1)  # NaN first
-        rows = (top.indices[..., None] * BLOCK + self.offsets).flatten(1)  # (B, (K+1) BLOCK)
-        near = approx.gather(-1, rows)
-        lower = (near - self.bound(near, self.row_scale[rows], per_scale)).masked_fill_(rows >= self.vocab, -torch.inf)
+        near = approx.gather(1, top.indices[..., None].expand(-1, -1, BLOCK))  # (B, K+1, BLOCK)
+        scales = self.lower_scale.index_select(0, top.indices.flatten()).view(near.shape)
+        lower = near - self.bound(near, scales, per_scale[..., None])
         # The row with the best lower end lies in these K+1 blocks whenever the check can pass;
         # a NaN or infinite upper end ranks first and fails it.
-        ok = (top.values[:, -1] < lower.amax(-1)) & (top.values[:, 0] < torch.inf)
+        ok = (top.values[:, -1] < lower.flatten(1).amax(-1)) & (top.values[:, 0] < torch.inf)
         blocks = top.indices[:, :-1].sort(dim=-1).values  # (B, K), ascending: ties go to the lowest id
-        # Padding rows read the last real row again, after it: argmax keeps the real one.
-        ids = (blocks[..., None] * BLOCK + self.offsets).flatten(1).clamp_(max=self.vocab - 1)  # (B, K BLOCK)
-        exact = (self.weight[ids] @ h[:, :, None])[..., 0]  # (B, K BLOCK) fp32 logits
+        ids = self.block_ids.index_select(0, blocks.flatten()).view(b, -1)  # (B, K BLOCK)
+        gathered = self.weight.index_select(0, ids.flatten()).view(b, -1, h.shape[-1])  # (B, K BLOCK, C)
+        exact = (gathered @ h[:, :, None])[..., 0]  # (B, K BLOCK) fp32 logits
         return ids.gather(-1, exact.argmax(-1, keepdim=True))[:, 0], ok
