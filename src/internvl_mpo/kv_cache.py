@@ -27,8 +27,8 @@ class KVCache:
     def prefill_row(self, row: int) -> "_PrefillRow":
         return _PrefillRow(self, row)
 
-    def decode_view(self, rows: int | torch.Tensor, span: int) -> "_DecodeView":
-        """Rows 0..rows-1; `rows` may be given as `torch.arange(rows)`, shared by every layer's view."""
+    def decode_view(self, rows: int, span: int) -> "_DecodeView":
+        """Rows 0..rows-1, reading the first `span` slots."""
         return _DecodeView(self, rows, span)
 
     def move_row(self, src: int, dst: int, length: int) -> None:
@@ -59,16 +59,17 @@ class _PrefillRow:
 class _DecodeView:
     """Writes one token per row (rows 0..n-1) at its position; returns the first `span` slots."""
 
-    def __init__(self, cache: KVCache, rows: int | torch.Tensor, span: int):
-        self.cache, self.span = cache, span
-        device = cache.k.device  # layers spread over devices by a device_map keep their caches beside them
-        self.index = rows.to(device) if isinstance(rows, torch.Tensor) else torch.arange(rows, device=device)
-        self.rows = self.index.shape[0]
+    def __init__(self, cache: KVCache, rows: int, span: int):
+        self.cache, self.rows, self.span = cache, rows, span
 
     def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.cache.k[self.index, :, positions] = k[:, :, 0]
-        self.cache.v[self.index, :, positions] = v[:, :, 0]
-        return self.cache.k[: self.rows, :, : self.span], self.cache.v[: self.rows, :, : self.span]
+        """positions (n,), k and v (n, K, 1, D): row r's slot positions[r] gets k[r], v[r]."""
+        k_cache, v_cache = self.cache.k[: self.rows], self.cache.v[: self.rows]
+        # one scatter per buffer: rows 0..n-1 need no row index (index_put's costs several ops more)
+        slots = positions[:, None, None, None].expand(k.shape)  # (n, K, 1, D)
+        k_cache.scatter_(2, slots, k)
+        v_cache.scatter_(2, slots, v)
+        return k_cache[:, :, : self.span], v_cache[:, :, : self.span]
 
 
 def make_caches(config, batch: int, max_len: int, dtype, devices, zeros=torch.zeros) -> list[KVCache]:

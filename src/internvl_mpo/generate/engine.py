@@ -235,11 +235,10 @@ class Engine:
         """One token per active row -> fp32 logits (rows, V); with a `screen`, its greedy tokens and
         ok flags (rows,) and the hidden states (rows, C) instead. Static shapes, no host sync."""
         lm = self.model.language_model
-        index = torch.arange(rows, device=tokens.device)
-        key_mask[index, positions] = 0.0
+        key_mask[:rows].scatter_(1, positions[:, None], 0.0)
         mask = key_mask[:rows, None, None, :span]  # additive, as SDPA would turn a boolean mask into
         embeds = lm.input_embeddings()(tokens[:, None])
-        views = [c.decode_view(index, span) for c in caches]
+        views = [c.decode_view(rows, span) for c in caches]
         hidden = lm.model(embeds, positions[:, None], mask, views, positions)[:, 0]
         if screen is not None:
             return *screen(hidden), hidden
