@@ -216,7 +216,7 @@ def check_resave_refuses_resume(run, model: Path, out: Path) -> None:
     from internvl_mpo.errors import ConfigError
 
     assert run() == 0
-    assert json.loads((out / "settings.json").read_text())["weights"] is None  # no save id, as official weights
+    assert list(json.loads((out / "settings.json").read_text())["weights"]) == ["model.safetensors"]  # no save id
     InternVL.from_pretrained(model).save_pretrained(model)
     with pytest.raises(ConfigError, match=r"holds a run with other settings \(weights\)"):
         run()
@@ -228,6 +228,53 @@ def check_resave_refuses_resume(run, model: Path, out: Path) -> None:
     del settings["weights"]  # recorded before the save id was: nothing to compare
     (out / "settings.json").write_text(json.dumps(settings))
     InternVL.from_pretrained(model).save_pretrained(model)
+    assert run() == 0
+
+
+def official_shards(folder: Path) -> Path:
+    """The checkpoint at `folder` (its weights written without a save id, as official ones are) rewritten in place
+    as two shards and an index."""
+    from safetensors.torch import load_file
+
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    return write_checkpoint(folder, ModelConfig.from_json(folder / "config.json"), state, shards=2)
+
+
+def replace_shard(file: Path) -> None:
+    """Other weights in place of the shard `file` (same tensors and shapes, halved), without a save id."""
+    from safetensors.torch import load_file, save_file
+
+    save_file({key: value * 0.5 for key, value in load_file(file).items()}, str(file))
+
+
+def check_replaced_weights_refuse_resume(run, model: Path, settings: Path, refused: str) -> None:
+    """`run()` (a command with its settings in `settings`) on `model`, two shards without a save id (`official_shards`),
+    records their stamps: an unchanged resume reads none of them, the folder copied back with other times resumes, a
+    shard replaced by other weights is refused (`refused`: the message up to the settings), naming it, and settings
+    of 2026-12-04, which held null for weights without a save id, resume under any weights."""
+    import shutil
+
+    from internvl_mpo import filestamp
+    from internvl_mpo.errors import ConfigError
+
+    assert run() == 0
+    recorded = json.loads(settings.read_text())
+    assert sorted(recorded["weights"]) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    filestamp._hash.cache_clear()
+    assert run() == 0
+    assert filestamp._hash.cache_info().misses == 0  # an unchanged resume hashes no weight file
+    copy = shutil.copytree(model, model.with_name(model.name + "-copy"))
+    shutil.rmtree(model)
+    shutil.copytree(copy, model, copy_function=shutil.copy)
+    for file in model.glob("*.safetensors"):
+        os.utime(file, ns=(10**18, 10**18))
+    assert run() == 0
+    replace_shard(model / "model-00002-of-00002.safetensors")
+    with pytest.raises(ConfigError, match=refused + r" other settings \(weights: the model's "
+                                          r"model-00002-of-00002.safetensors is not what the run read\)"):
+        run()
+    settings.write_text(json.dumps({**recorded, "weights": None}))
     assert run() == 0
 
 

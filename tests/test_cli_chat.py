@@ -11,7 +11,15 @@ from PIL import Image
 
 from internvl_mpo.pipeline import InternVLChat
 
-from conftest import ScriptedEngine, bf16_shards_without_dtype, record_header_reads, tiny_chat_folder
+from conftest import (
+    ScriptedEngine,
+    bf16_shards_without_dtype,
+    check_replaced_weights_refuse_resume,
+    official_shards,
+    record_header_reads,
+    replace_shard,
+    tiny_chat_folder,
+)
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +233,7 @@ def test_generate_resumes_only_with_the_weights_that_wrote_the_answers(folder, t
     run = dict(input=str(requests), output=str(answers), model=str(model), device="cpu", max_new_tokens=4)
     assert cli_chat.generate(**run) == 0
     settings = tmp_path / "answers.jsonl.settings.json"
-    assert json.loads(settings.read_text())["weights"] is None  # written without a save id, as official weights
+    assert list(json.loads(settings.read_text())["weights"]) == ["model.safetensors"]  # no save id, as official
     InternVL.from_pretrained(model).save_pretrained(model)
     with pytest.raises(ConfigError, match=r"answers.jsonl holds answers written with other settings \(weights\)"):
         cli_chat.generate(**run)
@@ -238,6 +246,57 @@ def test_generate_resumes_only_with_the_weights_that_wrote_the_answers(folder, t
     settings.write_text(json.dumps(recorded))
     InternVL.from_pretrained(model).save_pretrained(model)
     assert cli_chat.generate(**run) == 0
+
+
+def test_generate_resumes_only_with_the_weight_files_that_wrote_the_answers(folder, tmp_path):
+    """Weights without a save id (official checkpoints) recorded none: a shard replaced by other weights resumed
+    with the earlier answers kept. The stamps of the weight files are recorded and compared now."""
+    import shutil
+
+    from internvl_mpo import cli_chat
+
+    model = official_shards(shutil.copytree(folder, tmp_path / "model"))
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")
+    run = dict(input=str(requests), output=str(answers), model=str(model), device="cpu", max_new_tokens=4)
+    check_replaced_weights_refuse_resume(lambda: cli_chat.generate(**run), model,
+                                         tmp_path / "answers.jsonl.settings.json", "answers.jsonl holds answers written with")
+
+
+def test_a_hub_ids_new_revision_with_other_weights_does_not_resume(folder, tmp_path, fake_hub):
+    """A hub id was recorded as typed, its weights not at all: a resume after the repo got new weights mixed the
+    two revisions' answers. The hub id is resolved before the settings are checked, and its files' stamps compared;
+    a revision whose weight files are the same ones resumes."""
+    import shutil
+
+    from internvl_mpo import cli_chat
+    from internvl_mpo.errors import ConfigError
+
+    first = official_shards(shutil.copytree(folder, tmp_path / "first"))
+    same = shutil.copytree(first, tmp_path / "same")
+    other = shutil.copytree(first, tmp_path / "other")
+    replace_shard(other / "model-00001-of-00002.safetensors")
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")
+    run = dict(input=str(requests), output=str(answers), model="org/name", device="cpu", max_new_tokens=4)
+    fake_hub(first)
+    assert cli_chat.generate(**run) == 0
+    fake_hub(same)
+    assert cli_chat.generate(**run) == 0
+    fake_hub(other)
+    with pytest.raises(ConfigError, match=r"\(weights: the model's model-00001-of-00002.safetensors is not what"):
+        cli_chat.generate(**run)
+
+
+def test_a_bad_dtype_is_refused_before_a_hub_id_downloads(fake_hub):
+    """run_dtype resolves a hub id for its weights' identity: an unknown --dtype is refused before that."""
+    from internvl_mpo import cli_chat
+    from internvl_mpo.errors import InputError
+
+    asked = fake_hub(AssertionError("the checkpoint was fetched before the dtype was checked"))
+    with pytest.raises(InputError, match="unknown dtype 'bogus'"):
+        cli_chat.run_dtype("bogus", "cpu", "org/name")
+    assert asked == []
 
 
 def test_generate_resumes_only_in_the_precision_that_wrote_the_answers(folder, tmp_path):

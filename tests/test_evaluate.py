@@ -14,7 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import bf16_shards_without_dtype, check_resave_refuses_resume, record_header_reads
+from conftest import (
+    bf16_shards_without_dtype,
+    check_replaced_weights_refuse_resume,
+    check_resave_refuses_resume,
+    official_shards,
+    record_header_reads,
+)
 from PIL import Image
 
 from internvl_mpo.answers import COT_INSTRUCTION
@@ -644,6 +650,20 @@ def test_a_model_saved_again_into_its_folder_does_not_resume_the_earlier_weights
     run = dict(data=str(data), model=str(model), output=str(out), limit=1, max_new_tokens=1, device="cpu",
                progress=False)
     check_resave_refuses_resume(lambda: eval_(**run), model, out)
+
+
+def test_a_replaced_weight_file_does_not_resume_the_earlier_weights_answers(tiny_model, tmp_path):
+    """Weights without a save id (official checkpoints) recorded none: a shard replaced by other weights resumed
+    with the earlier predictions kept. The stamps of the weight files are recorded and compared now."""
+    import shutil
+
+    from internvl_mpo.evaluate import eval_
+
+    model = official_shards(shutil.copytree(tiny_model, tmp_path / "model"))
+    data, out = write_bench(tmp_path / "data"), tmp_path / "out"
+    run = dict(data=str(data), model=str(model), output=str(out), limit=1, max_new_tokens=1, device="cpu",
+               progress=False)
+    check_replaced_weights_refuse_resume(lambda: eval_(**run), model, out / "settings.json", "out holds a run with")
 
 
 def test_real_model_on_tsv_through_the_cli(tiny_model, tmp_path, capsys):

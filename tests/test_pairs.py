@@ -8,7 +8,13 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import bf16_shards_without_dtype, check_resave_refuses_resume, record_header_reads
+from conftest import (
+    bf16_shards_without_dtype,
+    check_replaced_weights_refuse_resume,
+    check_resave_refuses_resume,
+    official_shards,
+    record_header_reads,
+)
 from PIL import Image
 
 from internvl_mpo.answers import COT_INSTRUCTION
@@ -612,6 +618,21 @@ def test_a_model_saved_again_into_its_folder_does_not_resume_the_earlier_weights
     run = dict(method="correctness", model=str(model), input=str(path), output=str(out), samples=2, max_new_tokens=2,
                device="cpu", progress=False)
     check_resave_refuses_resume(lambda: pairs(**run), model, out)
+
+
+def test_a_replaced_weight_file_does_not_resume_the_earlier_weights_samples(tiny_model, tmp_path):
+    """Weights without a save id (official checkpoints) recorded none: a shard replaced by other weights resumed
+    with the earlier samples kept. The stamps of the weight files are recorded and compared now."""
+    import shutil
+
+    from internvl_mpo.pairs import pairs
+
+    model = official_shards(shutil.copytree(tiny_model, tmp_path / "model"))
+    path, out = tmp_path / "items.jsonl", tmp_path / "out"
+    path.write_text(json.dumps({"id": "a", "question": "How many?", "answer": "2"}) + "\n")
+    run = dict(method="correctness", model=str(model), input=str(path), output=str(out), samples=2, max_new_tokens=2,
+               device="cpu", progress=False)
+    check_replaced_weights_refuse_resume(lambda: pairs(**run), model, out / "settings.json", "out holds a run with")
 
 
 def test_no_progress_hides_the_progress_bar(tiny_model, tmp_path, capsys):

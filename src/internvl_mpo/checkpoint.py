@@ -132,6 +132,40 @@ class Weights(NamedTuple):
         return (next(iter(self.handles.values())).metadata() or {}).get(SAVE_ID)
 
 
+def weights_identity(weights: Weights | None, recorded: Any = None) -> str | dict[str, Any] | None:
+    """How a resumable run (generate, eval, pairs) records the weights it runs, so that a resume after other
+    weights took their place is refused: their save id; without one (official checkpoints, a hub download)
+    the `filestamp` stamps of their files by name. `recorded`, an earlier run's, comes back as it is where
+    the files still hold what it saw, told by their stats alone where those agree: an unchanged resume
+    hashes nothing, a folder copied with other times is hashed and matches."""
+    from .filestamp import stamps, unchanged
+
+    if weights is None:
+        return None
+    if weights.save_id is not None:
+        return weights.save_id
+    files = {file.name: file for file in sorted(weights.handles)}
+    if (isinstance(recorded, dict) and sorted(recorded) == list(files)
+            and unchanged(list(files.values()), [recorded[name] for name in files])):
+        return recorded
+    return dict(zip(files, stamps(list(files.values()))))
+
+
+def weights_change(earlier: Any, now: Any) -> str:
+    """How a refusal names the difference of two `weights_identity`: the weight files whose contents differ
+    (or that one run has alone) where both are stamps, else "weights" (another save)."""
+    def sha256(stamps: Any, name: str) -> Any:
+        stamp = stamps.get(name)
+        return stamp.get("sha256") if isinstance(stamp, dict) else None
+
+    if not (isinstance(earlier, dict) and isinstance(now, dict)):
+        return "weights"
+    names = sorted(name for name in earlier.keys() | now.keys() if sha256(earlier, name) != sha256(now, name))
+    if not names:
+        return "weights"
+    return f"weights: the model's {_describe(names)} {'is' if len(names) == 1 else 'are'} not what the run read"
+
+
 def open_weights(folder: Path) -> Weights:
     """The weights of the index, or of the single file, checked (one save, shards as the index lists them);
     or a refusal."""

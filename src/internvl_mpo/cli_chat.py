@@ -33,27 +33,29 @@ def model_path(model: str | None) -> str:
 def run_dtype(dtype: str | None, device: str, model: str) -> tuple[str, Weights | None]:
     """The name of the dtype `--dtype` gives a run of `model` on `device` ("auto": the checkpoint's, from its
     config.json or else its weights, `auto_dtype`), as a run's settings record it: answers computed in
-    another precision differ, so a resume in one is refused. With it the weights it opened, to read the dtype or,
-    in a local folder, for their `Weights.save_id` (None for a hub id whose config.json names its dtype, or a
-    folder without weights: the load says what is wrong), for the load to take (`InternVLChat.from_pretrained`):
-    each header read once."""
+    another precision differ, so a resume in one is refused. With it the weights it opened, to read the dtype and
+    for the run to record (`checkpoint.weights_identity`; None for a missing model or one without weights: the
+    load says what is wrong), for the load to take (`InternVLChat.from_pretrained`): each header read once. A hub id is
+    downloaded here: its weights are recorded too."""
     import torch
 
     from .checkpoint import auto_dtype, open_weights, resolve_checkpoint
     from .config import ModelConfig
     from .devices import parse_dtype
 
-    folder = resolve_checkpoint(model) if dtype == "auto" else None
-    config_dtype = ModelConfig.from_json(folder / "config.json").torch_dtype if folder else None
-    weights = open_weights(folder) if folder and config_dtype is None else None
-    auto = auto_dtype(folder, config_dtype, weights) if folder else None
-    local = Path(model).expanduser()
-    if weights is None and local.is_dir():
-        with contextlib.suppress(CheckpointError):
-            weights = open_weights(local)
     # the default depends on CUDA or not alone; the device itself is checked when the model loads
     kind = torch.device("cuda" if device.partition(":")[0] == "cuda" else "cpu")
-    return str(parse_dtype(dtype, kind, auto)).removeprefix("torch."), weights
+    chosen = None if dtype == "auto" else parse_dtype(dtype, kind)  # refused before a hub id downloads
+    folder = weights = None
+    if chosen is None:
+        folder = resolve_checkpoint(model)
+        config_dtype = ModelConfig.from_json(folder / "config.json").torch_dtype
+        weights = open_weights(folder) if config_dtype is None else None
+        chosen = parse_dtype(dtype, kind, auto_dtype(folder, config_dtype, weights))
+    if weights is None:  # no model there, or no weights: the load says what is wrong
+        with contextlib.suppress(CheckpointError):
+            weights = open_weights(folder or resolve_checkpoint(model))
+    return str(chosen).removeprefix("torch."), weights
 
 
 def _at_least_one(**counts: int | None) -> None:
@@ -281,7 +283,7 @@ def generate(
     """
     from tqdm import tqdm
 
-    from .checkpoint import model_key
+    from .checkpoint import model_key, weights_identity
     from .cli import flagged
     from .devices import default_device
     from .filestamp import stamps, unchanged
@@ -290,6 +292,7 @@ def generate(
     from .pipeline import InternVLChat, sampling_params
     from .processor.image import let_pillow_open
     from .processor.preview import no_folder
+    from .run_folder import recorded_weights
 
     _at_least_one(batch_size=batch_size, max_num=max_num)
     out = Path(output)
@@ -317,7 +320,7 @@ def generate(
                                      "temperature": temperature, "top_p": top_p, "top_k": top_k,
                                      "max_new_tokens": max_new_tokens,
                                      "min_new_tokens": min_new_tokens, "seed": seed, "dtype": dtype_name,
-                                     "weights": weights.save_id if weights else None},
+                                     "weights": weights_identity(weights, recorded_weights(_settings_file(out)))},
                                resume=bool(done),
                                default_max_num=lambda: _default_tiles(model_path(model)))
         if out.exists():  # only once the settings allow the resume: a refused run leaves the file as it was
@@ -399,6 +402,10 @@ def _default_tiles(model: str) -> int:
     return ModelConfig.from_json(resolve_checkpoint(model) / "config.json").tiles_per_image
 
 
+def _settings_file(out: Path) -> Path:
+    return out.with_name(out.name + ".settings.json")
+
+
 def _check_answer_settings(out: Path, settings: dict, resume: bool, default_max_num: Callable[[], int]) -> None:
     """Answers resume only under the settings that wrote them, which `<output>.settings.json` keeps:
     other settings are refused, except the sampling ones (SAMPLING_ONLY) where either run is greedy, and
@@ -407,13 +414,11 @@ def _check_answer_settings(out: Path, settings: dict, resume: bool, default_max_
     resume of answers written before the file was kept (there is nothing to compare)."""
     from .run_folder import atomic_write, changed_settings, read_settings
 
-    path = out.with_name(out.name + ".settings.json")
+    path = _settings_file(out)
     if resume and path.exists():
         earlier = read_settings(path, "generate", "--output")
         # a greedy run (--temperature 0) reads no sampling flag: only the others can change its answers
         ignored = SAMPLING_ONLY if 0 in (earlier.get("temperature"), settings.get("temperature")) else ()
-        if "weights" not in earlier:  # recorded since 2026-12-04: nothing to compare
-            ignored += ("weights",)
         changed = changed_settings(earlier, settings, ignored)
         if "max_num" in changed and None in (earlier.get("max_num"), settings["max_num"]):
             tiles = default_max_num()

@@ -76,6 +76,7 @@ from internvl_mpo.run_folder import (
     check_output_folder,
     check_settings,
     hold_output,
+    recorded_weights,
 )
 
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -556,6 +557,7 @@ def eval_(
     max_pixels: refuse images with more pixels (default: Pillow's limit, about 89 M)
     progress: show a progress bar
     """
+    from internvl_mpo.checkpoint import weights_identity
     from internvl_mpo.cli_chat import model_path, run_dtype
     from internvl_mpo.devices import default_device
     from internvl_mpo.pipeline import InternVLChat
@@ -573,7 +575,7 @@ def eval_(
     device = default_device(device)
     dtype_name, weights = run_dtype(dtype, device, model)
     settings = {"model": model, "max_num": max_num, "max_new_tokens": max_new_tokens, "dtype": dtype_name,
-                "weights": weights.save_id if weights else None}
+                "weights": weights_identity(weights, recorded_weights(out / "settings.json"))}
     check_settings(out / "settings.json", run_identity(data, cot, settings), RUN_FILES, record=False)
     chat = InternVLChat.from_pretrained(model, dtype=dtype, device=device, weights=weights)
     score = run_eval(data, model_answerer(chat, max_num, params, max_pixels), out, cot, batch_size, limit, settings, items,

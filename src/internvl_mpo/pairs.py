@@ -82,6 +82,7 @@ from internvl_mpo.run_folder import (
     check_output_folder,
     check_settings,
     hold_output,
+    recorded_weights,
 )
 
 CORRECTNESS = "correctness"
@@ -153,7 +154,7 @@ class PairSettings:
     start_ratio: float = 0.5
     model: str = ""
     dtype: str = ""  # the dtype's name, as cli_chat.run_dtype gives it: samples of another precision differ
-    weights: str | None = None  # the save id of the model's weights (checkpoint.Weights.save_id): a model saved again differs
+    weights: str | dict | None = None  # checkpoint.weights_identity: a model saved again, or other weight files, differ
 
     def __post_init__(self):
         for name in ("samples", "max_pairs", "batch_size", "max_num"):
@@ -686,6 +687,7 @@ def pairs(
     if method == CORRECTNESS and samples == 1:
         raise InputError("--samples 1: correctness pairs need at least 2 samples per question (each pair is a right "
                          "and a wrong answer to it)")
+    from internvl_mpo.checkpoint import weights_identity
     from internvl_mpo.cli_chat import run_dtype
     from internvl_mpo.devices import default_device
     from internvl_mpo.pipeline import InternVLChat
@@ -695,7 +697,8 @@ def pairs(
     device = default_device(device)
     dtype_name, weights = run_dtype(dtype, device, model)
     settings = PairSettings(samples, max_pairs, temperature, top_k, top_p, max_new_tokens, max_num, batch_size, seed,
-                            start_ratio, model, dtype_name, weights.save_id if weights else None)
+                            start_ratio, model, dtype_name,
+                            weights_identity(weights, recorded_weights(Path(output) / "settings.json")))
     items = read_items(input, method, max_pixels)  # fail on a bad file or output folder before loading the model
     check_output_folder(Path(output))
     check_not_in_use(Path(output), PAIRS_LOCK)

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from internvl_mpo.errors import ConfigError, InputError
 from internvl_mpo.locks import lock_output, no_lock_note
@@ -104,9 +105,28 @@ def read_settings(path: Path, kind: str, output: str) -> dict:
     return earlier
 
 
+def recorded_weights(path: Path) -> Any:
+    """What the run whose settings are at `path` recorded of its weights (`checkpoint.weights_identity`), for
+    this run's to take where the files are unchanged; None where there is none (`check_settings` says why)."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return earlier.get("weights") if isinstance(earlier, dict) else None
+
+
 def changed_settings(earlier: dict, now: dict, ignore: Sequence[str] = ()) -> list[str]:
-    """The keys, other than `ignore`, whose values differ between two runs' settings, sorted."""
-    return sorted(k for k in earlier.keys() | now.keys() if k not in ignore and earlier.get(k) != now.get(k))
+    """The keys, other than `ignore`, whose values differ between two runs' settings, sorted; weights as
+    `checkpoint.weights_change` names them. Weights are not compared where this run has none (its load fails,
+    saying why), nor where an older version did not record them: no key (before 2026-12-04), or null for
+    weights without a save id, which now record their files' stamps."""
+    from internvl_mpo.checkpoint import weights_change
+
+    before, weights = earlier.get("weights"), now.get("weights")
+    if "weights" not in earlier or weights is None or (before is None and isinstance(weights, dict)):
+        ignore = (*ignore, "weights")
+    return sorted(weights_change(earlier.get(k), now.get(k)) if k == "weights" else k
+                  for k in earlier.keys() | now.keys() if k not in ignore and earlier.get(k) != now.get(k))
 
 
 def check_settings(path: Path, identity: dict, writes: Sequence[str], record: bool = True) -> None:
@@ -115,7 +135,7 @@ def check_settings(path: Path, identity: dict, writes: Sequence[str], record: bo
     before a model loads, so that a load that fails leaves nothing behind). The model is compared by
     `checkpoint.model_key`; files written by older versions record the model as typed, which is read against
     the current folder. A correctness run's start_ratio, which such files may hold though the run never reads
-    it, is left out, and so is the weights' save id where the file holds none (older files: nothing to compare)."""
+    it, is left out, and so are weights an older version did not record (`changed_settings`)."""
     found = [name for name in writes if (path.parent / name).exists()]
     if found and not path.exists():
         raise ConfigError(f"{path.parent} holds {', '.join(found)} but no {path.name} of a pairs or eval run; "
@@ -128,10 +148,8 @@ def check_settings(path: Path, identity: dict, writes: Sequence[str], record: bo
             earlier["model"] = model_key(earlier["model"])
         if earlier.get("method") == "correctness":  # a pairs.CORRECTNESS run: older files hold its unread start_ratio
             earlier.pop("start_ratio", None)
-        if "weights" not in earlier:
-            identity = {k: v for k, v in identity.items() if k != "weights"}
-        if earlier != identity:
-            changed = changed_settings(earlier, identity)
+        changed = changed_settings(earlier, identity)
+        if changed:
             raise ConfigError(
                 f"{path.parent} holds a run with other settings ({', '.join(changed)}); "
                 "use another output folder or the same settings"
