@@ -265,7 +265,8 @@ def generate(
     output: JSONL lines {"id", "question", "image", "video", "answer", "stamps"} (image and video as the request
         wrote them, where it has them; stamps: size, mtime and sha256 of their files, so that a resume notices
         a file edited in place; "error" for a request that cannot run), appended; <output>.settings.json
-        keeps the model (and the save id of its weights), sampling settings and dtype, which a resume must repeat
+        keeps the model (and the save id of its weights, or without one their files' stamps), sampling settings and
+        dtype, which a resume must repeat
         (a greedy one all but --seed, --top-p and --top-k)
     model: checkpoint folder or hub id (default: the shipped demo model)
     batch_size: requests decoded together
