@@ -363,6 +363,19 @@ def test_an_untied_head_is_loaded_even_when_llm_config_says_tied(tmp_path, tiny)
     assert loaded.language_model.lm_head.weight is not loaded.language_model.model.embed_tokens.weight
 
 
+def test_model_built_without_init_weights_holds_defined_numbers(tiny):
+    # The layer scales and position tables were torch.empty: a model built and saved without init_weights()
+    # held whatever the memory held (now and then NaN, which the loader then refused).
+    from internvl_mpo.model import InternVL
+
+    model = InternVL(tiny, image_token_id=IMAGE_TOKEN_ID)
+    for layer in model.vision_model.encoder.layers:
+        assert torch.equal(layer.ls1, torch.full_like(layer.ls1, tiny.vision.initializer_factor))
+        assert torch.equal(layer.ls2, torch.full_like(layer.ls2, tiny.vision.initializer_factor))
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+    assert float(model.vision_model.embeddings.position_embedding.detach().std()) > 0.5  # drawn, not left at zero
+
+
 def test_dtype_auto_reads_the_newer_dtype_key(tmp_path, tiny):
     from internvl_mpo.model import InternVL
 

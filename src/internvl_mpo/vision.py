@@ -63,11 +63,12 @@ class VisionEmbeddings(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.grid = config.grid_size
-        self.class_embedding = nn.Parameter(torch.empty(1, 1, config.hidden_size))
+        # Drawn at construction, as the official module does, so a model built without init_weights() holds numbers.
+        self.class_embedding = nn.Parameter(torch.randn(1, 1, config.hidden_size))
         self.patch_embedding = nn.Conv2d(
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
-        self.position_embedding = nn.Parameter(torch.empty(1, self.grid**2 + 1, config.hidden_size))
+        self.position_embedding = nn.Parameter(torch.randn(1, self.grid**2 + 1, config.hidden_size))
 
     def position_table(self, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
         """(1, 1 + height*width, C): CLS position, then the grid resized to (height, width)."""
@@ -134,8 +135,8 @@ class VisionLayer(nn.Module):
         self.norm2 = make_norm(config.norm_type, config.hidden_size, config.layer_norm_eps)
         self.mlp = VisionMLP(config)
         # ls1 / ls2: the official names of the per-channel layer-scale vectors.
-        self.ls1 = nn.Parameter(torch.empty(config.hidden_size))
-        self.ls2 = nn.Parameter(torch.empty(config.hidden_size))
+        self.ls1 = nn.Parameter(torch.full((config.hidden_size,), config.initializer_factor))
+        self.ls2 = nn.Parameter(torch.full((config.hidden_size,), config.initializer_factor))
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
