@@ -366,6 +366,16 @@ def test_index_naming_a_missing_shard(tmp_path, tiny, good_state):
         InternVL.from_pretrained(folder)
 
 
+def test_index_naming_two_missing_shards_names_the_first(tmp_path, tiny, good_state):
+    """The shards were checked in the order of a set of their names: which one the error named changed with the
+    hash seed (PYTHONHASHSEED, random in each process)."""
+    folder = write_checkpoint(tmp_path / "bad", tiny, good_state, shards=3)
+    for n in (3, 1):
+        (folder / f"model-0000{n}-of-00003.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="names model-00001-of-00003.safetensors, which is not in"):
+        InternVL.from_pretrained(folder)
+
+
 @pytest.mark.parametrize("duplicate", [False, True])
 def test_a_shard_holding_a_tensor_its_index_does_not_list_there_is_refused(tmp_path, tiny, good_state, duplicate):
     """It was ignored: an extra tensor silently, a second copy of a tensor the index puts in another shard

@@ -187,7 +187,7 @@ def open_weights(folder: Path) -> Weights:
             if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
                 raise CheckpointError(
                     f"{index}: weight_map gives {key} the shard {name!r}, not a file name in the folder")
-        files = {name: folder / name for name in set(mapping.values())}
+        files = {name: folder / name for name in sorted(set(mapping.values()))}  # the first missing one is named
         for name, file in files.items():
             if not file.exists():
                 raise CheckpointError(f"{index} names {name}, which is not in {folder}")
