@@ -1353,3 +1353,29 @@ def test_interactive_image_command_reads_a_dropped_file_as_the_terminal_writes_i
     assert cli_chat.chat(model=str(folder), device="cpu") == 0
     err = capsys.readouterr().err
     assert "error" not in err and err.count(f"added {pics / 'red.png'}; ") == 3 and "with 3 image(s)" in err, err
+
+
+def test_a_video_given_as_an_image_is_pointed_to_each_commands_own_way(folder, tmp_path, monkeypatch, capsys):
+    """The hint for a video given as an image said "--video on the command line" everywhere: `tiles` has no
+    video at all, /image cannot take one mid-chat, and a batch file's request takes it as its "video"."""
+    import io
+
+    from internvl_mpo import cli_chat
+    from internvl_mpo.cli import main
+
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"\x00\x00\x00\x1cftypisom\x00\x00\x02\x00isomiso2mp41" + bytes(100))
+    assert main(["tiles", str(clip), "--output", str(tmp_path / "t.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.endswith("it looks like a video: `tiles` shows images only\n") and "--video" not in err, err
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {clip}\n"))
+    assert cli_chat.chat(model=str(folder), device="cpu") == 0
+    err = capsys.readouterr().err
+    assert "it looks like a video: a chat about a video starts with --video FILE\n" in err, err
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text(json.dumps({"id": 1, "question": "hi", "image": str(clip)}) + "\n")
+    assert cli_chat.generate(input=str(requests), output=str(answers), model=str(folder), device="cpu") == 0
+    assert json.loads(answers.read_text())["error"].endswith("it looks like a video: give it as the request's \"video\"")
+    # --image at the start of a chat keeps the hint that fits it
+    assert main(["chat", "hi", "--model", str(folder), "--image", str(clip)]) == 1
+    assert "--video on the command line" in capsys.readouterr().err

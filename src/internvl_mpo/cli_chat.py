@@ -182,7 +182,8 @@ def chat(
             try:
                 open_image(path, max_pixels).close()  # refuse what is not an image now, not at every later question
             except InputError as e:
-                print(f"error: {flagged(e, chat)}", file=sys.stderr)
+                print(f"error: {_video_way(flagged(e, chat), 'a chat about a video starts with --video FILE')}",
+                      file=sys.stderr)
                 continue
             images.append(path)
             history = []  # a new image starts a new conversation
@@ -346,7 +347,7 @@ def generate(
                                            max_num=_per_image(max_num, item.get("video")), max_pixels=max_pixels)
                     yield item, prepared, params
                 except InputError as e:  # this request alone fails; the run goes on
-                    yield item, flagged(e, generate), params
+                    yield item, _video_way(flagged(e, generate), 'give it as the request\'s "video"'), params
 
         with out.open("a", encoding="utf-8") as sink, tqdm(total=len(requests), initial=len(requests) - len(todo),
                                                            desc="generate", unit="req") as bar:
@@ -507,6 +508,14 @@ def _read_requests(path: Path) -> list[dict]:
     return items
 
 
+def _video_way(error: Exception, way: str) -> Exception:
+    """`error`, where it points a video given as an image to the video input (AS_A_VIDEO), saying `way`: the
+    way this command takes a video (or that it takes none)."""
+    from .processor.image import AS_A_VIDEO
+
+    return InputError(str(error).replace(AS_A_VIDEO, way)) if AS_A_VIDEO in str(error) else error
+
+
 def tiles(image: str, *, max_num: int = 12, min_num: int = 1, output: str | None = None,
           max_pixels: int | None = None) -> int:
     """Show how an image is tiled: grid, tile count, token cost, and a PNG of the tiles.
@@ -522,6 +531,9 @@ def tiles(image: str, *, max_num: int = 12, min_num: int = 1, output: str | None
 
     let_pillow_open(max_pixels)
     png = output or Path(image).stem + ".tiles.png"
-    report = tiles_report(image, max_num=max_num, min_num=min_num, output_png=png, max_pixels=max_pixels)
+    try:
+        report = tiles_report(image, max_num=max_num, min_num=min_num, output_png=png, max_pixels=max_pixels)
+    except InputError as e:
+        raise _video_way(e, "`tiles` shows images only") from None
     print(format_tiles_report(report))
     return 0
