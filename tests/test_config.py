@@ -302,3 +302,30 @@ def test_rope_written_the_transformers_5_way_is_read(tmp_path):
     assert config.llm.rope_theta == 20000.0 and config.llm.rope_scaling is None
     with pytest.raises(ConfigError, match="rope_scaling type 'yarn' is not implemented"):
         ModelConfig.from_json(write(tmp_path, lambda d: t5(d, {"rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0})))
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: VisionConfig(hidden_size="64"), "vision_config.hidden_size is '64', not an integer"),
+        (lambda: VisionConfig(hidden_size=64.0), "vision_config.hidden_size is 64.0, not an integer"),
+        (lambda: VisionConfig(num_hidden_layers=True), "vision_config.num_hidden_layers is True, not an integer"),
+        (lambda: VisionConfig(qk_normalization=1), "vision_config.qk_normalization is 1, not True or False"),
+        (lambda: VisionConfig(architectures=None), "vision_config.architectures is None, not a tuple of names"),
+        (lambda: LLMConfig(eos_token_id=[1, True]), r"llm_config.eos_token_id is \[1, True\], not a token id"),
+        (lambda: LLMConfig(rope_scaling="linear"), "llm_config.rope_scaling is 'linear', not a dict or None"),
+        (lambda: ModelConfig(vision={}), r"^vision is \{\}, not a VisionConfig$"),
+        (lambda: ModelConfig(max_dynamic_patch=6.0), "^max_dynamic_patch is 6.0, not an integer$"),
+    ],
+)
+def test_configs_built_in_python_are_type_checked_as_config_json_is(build, message):
+    """A config built in Python took its types as given: `hidden_size="64"` failed deep inside the model
+    (a TypeError in nn.Linear), a float size wrote a config.json the official loader refuses."""
+    with pytest.raises(ConfigError, match=message):
+        build()
+
+
+def test_python_configs_take_what_json_gives_as_tuples_and_ints_for_floats():
+    assert LLMConfig(eos_token_id=(151645, 151643), rope_theta=10000).rope_theta == 10000
+    assert VisionConfig(architectures=["InternVisionModel"], layer_norm_eps=0).layer_norm_eps == 0
+    assert ModelConfig(force_image_size=None).force_image_size is None

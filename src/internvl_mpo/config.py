@@ -27,8 +27,9 @@ SUPPORTED_ROPE_SCALING = (None, "linear", "dynamic")
 
 
 # What a JSON value must be for a field of each annotation (a float field takes 1 as 1.0), and what
-# the items of a list must be. `_split` is the one type check, of every dict read (config.json, and convert's
-# transformers configs); `__post_init__` checks ranges and takes the types of configs built in Python as given.
+# the items of a list must be. `_split` checks every dict read (config.json, and convert's transformers configs)
+# and names the JSON value; `__post_init__` checks configs built in Python the same way (a tuple where JSON has a
+# list), then the ranges.
 _NONE = type(None)
 _JSON_TYPES = {"int": (int, "an integer"), "float": ((int, float), "a number"), "bool": (bool, "true or false"),
                "str": (str, "a string"), "int | None": ((int, _NONE), "an integer or null"),
@@ -36,6 +37,25 @@ _JSON_TYPES = {"int": (int, "an integer"), "float": ((int, float), "a number"), 
                "int | list[int] | None": ((int, list, _NONE), "a token id, a list of token ids or null"),
                "tuple[str, ...]": ((list, _NONE), "a list of names")}
 _JSON_ITEMS = {"int | list[int] | None": int, "tuple[str, ...]": str}
+_PYTHON_TYPES = {**_JSON_TYPES, "tuple[str, ...]": ((tuple, list), "a tuple of names"),
+                 "int | list[int] | None": ((int, list, tuple, _NONE), "a token id, a list of token ids or None"),
+                 "int | None": ((int, _NONE), "an integer or None"), "dict | None": ((dict, _NONE), "a dict or None"),
+                 "bool": (bool, "True or False"), "VisionConfig": (None, "a VisionConfig"),
+                 "LLMConfig": (None, "an LLMConfig")}
+
+
+def _wrong_type(annotation: str, value: Any, table: dict) -> str | None:
+    """What `value` should be for a field of `annotation` (`table`: JSON's types or Python's), or None if it is.
+    A bool is no number, and no item of a list of ids or names."""
+    types, wanted = table.get(annotation, (object, ""))
+    if types is None:  # a nested config: its class, defined below
+        return None if isinstance(value, globals()[annotation]) else wanted
+    items = value if isinstance(value, (list, tuple)) else []
+    item = _JSON_ITEMS.get(annotation, object)
+    if (not isinstance(value, types) or (isinstance(value, bool) and annotation != "bool")
+            or any(not isinstance(v, item) or isinstance(v, bool) for v in items)):
+        return wanted
+    return None
 
 
 def _split(cls, d: dict[str, Any], section: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
@@ -44,13 +64,20 @@ def _split(cls, d: dict[str, Any], section: str = "") -> tuple[dict[str, Any], d
     known = {k: v for k, v in d.items() if k in fields}
     extra = {k: v for k, v in d.items() if k not in fields}
     for key, value in known.items():
-        types, wanted = _JSON_TYPES.get(fields[key], (object, ""))
-        item = _JSON_ITEMS.get(fields[key], object)
-        items = value if isinstance(value, list) else []
-        if (not isinstance(value, types) or (isinstance(value, bool) and fields[key] != "bool")
-                or any(not isinstance(v, item) or isinstance(v, bool) for v in items)):
+        wanted = _wrong_type(fields[key], value, _JSON_TYPES)
+        if wanted:
             raise ConfigError(f"{section}{key} is {json.dumps(value)}, not {wanted}")
     return known, extra
+
+
+def _check_types(obj, section: str) -> None:
+    """The fields of a config built in Python have the types config.json would give them (`hidden_size="64"`
+    or `1024.0` otherwise fails deep inside the model, or writes a config.json no loader reads)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        wanted = f.name != "extra" and _wrong_type(f.type, value, _PYTHON_TYPES)
+        if wanted:
+            raise ConfigError(f"{section}{f.name} is {value!r}, not {wanted}")
 
 
 def _architectures(known: dict[str, Any]) -> None:
@@ -104,6 +131,7 @@ class VisionConfig:
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
+        _check_types(self, "vision_config.")
         _check_sizes(self, "vision_config.", ("hidden_size", "intermediate_size", "num_hidden_layers",
                                               "num_attention_heads", "patch_size", "image_size", "num_channels"))
         if self.norm_type not in ("layer_norm", "rms_norm"):
@@ -174,11 +202,12 @@ class LLMConfig:
 
     def __post_init__(self):
         arch = self.architectures[0] if self.architectures else None
-        if arch not in SUPPORTED_LLM_ARCHITECTURES:
+        if arch not in SUPPORTED_LLM_ARCHITECTURES:  # first: a null there names the LLM that is not implemented
             raise ConfigError(
                 f"llm_config.architectures {list(self.architectures or [None])} is not implemented; "
                 f"supported: {list(SUPPORTED_LLM_ARCHITECTURES)}"
             )
+        _check_types(self, "llm_config.")
         _check_sizes(self, "llm_config.", ("hidden_size", "intermediate_size", "num_hidden_layers",
                                            "num_attention_heads", "num_key_value_heads", "vocab_size",
                                            "max_position_embeddings"))
@@ -253,6 +282,7 @@ class ModelConfig:
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
+        _check_types(self, "")
         if tuple(self.architectures[:1]) != ("InternVLChatModel",):  # vLLM and lmdeploy pick the model class by it
             raise ConfigError(f"architectures {list(self.architectures)} is not the official ['InternVLChatModel']")
         if self.ps_version != "v2":
