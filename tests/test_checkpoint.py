@@ -935,6 +935,7 @@ def test_a_save_into_a_folder_another_process_is_saving_into_is_refused(tmp_path
     assert ".internvl-mpo-save.lock" in str(error.value) and "nothing was written" in str(error.value)
     other.stdin.close()
     assert other.stdout.read() == "saved\n" and other.wait() == 0
+    other.stdout.close()  # left to the garbage collector, its ResourceWarning came in a later test
     torch.manual_seed(1)
     theirs = InternVL(tiny)
     theirs.init_weights()
@@ -946,6 +947,7 @@ def test_a_save_into_a_folder_another_process_is_saving_into_is_refused(tmp_path
     killed = paused_save(folder)
     killed.kill()
     killed.wait()
+    killed.stdin.close(), killed.stdout.close()
     left = sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
     assert ".internvl-mpo-save.lock" in left and any(name.endswith(".safetensors.tmp") for name in left)
     (folder / ".notes.tmp").write_text("the user's")

@@ -1126,6 +1126,7 @@ def test_a_closed_pipe_ends_the_command_quietly():
                             stderr=subprocess.PIPE, text=True)
     proc.stdout.close()  # the reader is gone before the command writes (as with `| head` that has quit)
     stderr = proc.stderr.read()
+    proc.stderr.close()  # left to the garbage collector, its ResourceWarning came in a later test
     assert proc.wait(timeout=120) == 141 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
 
 

@@ -539,6 +539,7 @@ def test_a_run_is_refused_while_another_live_run_holds_its_output(tmp_path, chat
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()  # left to the garbage collector, its ResourceWarning came in a later test
     assert train(cfg).steps == 1
     assert (tmp_path / "run" / "final").is_dir()
 
