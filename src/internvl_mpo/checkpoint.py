@@ -297,10 +297,11 @@ def mismatch_report(missing: list[str], unexpected: list[str], wrong: list[str])
 
 
 class LazyTensor:
-    """One checkpoint tensor, read on indexing: `t[a:b]` reads rows a..b-1 of the memory-mapped file only."""
+    """One checkpoint tensor, read on indexing: `t[a:b]` reads rows a..b-1 of the memory-mapped file only.
+    `start`: the byte of the file where its data begins (`data_starts`), or None where unknown."""
 
-    def __init__(self, file: Path, key: str, view):
-        self.file, self.key, self.view = file, key, view
+    def __init__(self, file: Path, key: str, view, start: int | None = None):
+        self.file, self.key, self.view, self.start = file, key, view, start
 
     def __getitem__(self, index) -> torch.Tensor:
         """The rows as stored, refused where they hold NaN or inf (`check_finite`)."""
@@ -315,7 +316,11 @@ class LazyTensor:
         except SafetensorError as e:
             raise CheckpointError(f"{self.file}: tensor {self.key} is corrupt ({e})") from None
         out = source.to(device=device, dtype=dtype)
-        if not _finite(out):
+        if index is ... and self.start is not None and out.data_ptr() == source.data_ptr():
+            finite = _finite_in_file(self.file, self.start, out)  # `out` is the mapping itself: left untouched
+        else:
+            finite = _finite(out)
+        if not finite:
             check_finite(source, self.file, self.key)
             raise InputError(f"{self.file}: {self.key} holds values up to {source.abs().max().item():.4g}, past "
                              f"{str(dtype).removeprefix('torch.')}'s largest ({torch.finfo(dtype).max:.4g}); load it "
@@ -340,6 +345,40 @@ def _finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all())
 
 
+def _finite_in_file(file: Path, start: int, tensor: torch.Tensor, chunk: int = 1 << 23) -> bool:
+    """`_finite` of the tensor whose data lie in `file` from byte `start`, read `chunk` bytes at a time with
+    file reads: checking a memory-mapped tensor through its mapping makes every page of it resident in this
+    process, so weights a run never touches (an embedding table's unused rows, a ViT in text-only chat) would
+    count in its memory as if used."""
+    size = tensor.element_size()
+    chunk -= chunk % size
+    left = tensor.numel() * size
+    buffer = bytearray(min(chunk, left))
+    with open(file, "rb") as f:
+        f.seek(start)
+        while left:
+            got = f.readinto(memoryview(buffer)[: min(chunk, left)])
+            if not got or got % size:
+                raise CheckpointError(f"{file}: ends inside its tensor data; the file is cut short")
+            if not _finite(torch.frombuffer(buffer, dtype=tensor.dtype, count=got // size)):
+                return False
+            left -= got
+    return True
+
+
+def data_starts(file: Path) -> dict[str, int]:
+    """The byte of safetensors `file` where each tensor's data begin ({} where its header cannot be read:
+    the tensors are then checked through their mapping)."""
+    try:
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        return {key: 8 + size + int(entry["data_offsets"][0]) for key, entry in header.items()
+                if key != "__metadata__"}
+    except (OSError, ValueError, TypeError, KeyError, IndexError):
+        return {}
+
+
 def open_state_dict(
     folder: Path, expected: dict[str, torch.Size], optional: tuple[str, ...] = (), weights: Weights | None = None
 ) -> dict[str, LazyTensor]:
@@ -352,7 +391,7 @@ def open_state_dict(
     present = set(mapping)
     missing = sorted(set(expected) - present - set(optional))
     unexpected = sorted(present - set(expected) - set(optional))
-    views, wrong = {}, []
+    views, wrong, starts = {}, [], {}
     for key in sorted(present & set(expected)):
         try:
             view = handles[mapping[key]].get_slice(key)
@@ -363,7 +402,9 @@ def open_state_dict(
             wrong.append(f"{key}: checkpoint {list(shape)} vs model {list(expected[key])}")
         elif kind not in _FLOAT_KINDS:
             wrong.append(f"{key}: checkpoint dtype {kind} in {mapping[key].name}, not floating point")
-        views[key] = LazyTensor(mapping[key], key, view)
+        if mapping[key] not in starts:
+            starts[mapping[key]] = data_starts(mapping[key])
+        views[key] = LazyTensor(mapping[key], key, view, starts[mapping[key]].get(key))
     if missing or unexpected or wrong:
         raise CheckpointError(f"{folder}: the weights do not match config.json "
                               f"({mismatch_report(missing, unexpected, wrong)})")
