@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -40,6 +40,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # safetensors' names of the floating-point dtypes (every weight of the model is one of them) -> torch's.
+MAX_HEADER = 100_000_000  # safetensors' own limit on a header's size
 _FLOAT_KINDS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                 "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -366,14 +367,27 @@ def _finite_in_file(file: Path, start: int, tensor: torch.Tensor, chunk: int = 1
     return True
 
 
+def read_header(f: BinaryIO) -> dict | None:
+    """The JSON header of the safetensors file open in `f` at its start (`f` is left where the tensor data
+    begin), or None where it holds none: a size past safetensors' own limit, not JSON, not an object."""
+    size = int.from_bytes(f.read(8), "little")
+    if size > MAX_HEADER:
+        return None
+    try:
+        header = json.loads(f.read(size))
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+    return header if isinstance(header, dict) else None
+
+
 def data_starts(file: Path) -> dict[str, int]:
     """The byte of safetensors `file` where each tensor's data begin ({} where its header cannot be read:
     the tensors are then checked through their mapping)."""
     try:
         with open(file, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-        return {key: 8 + size + int(entry["data_offsets"][0]) for key, entry in header.items()
+            header = read_header(f)
+            base = f.tell()
+        return {key: base + int(entry["data_offsets"][0]) for key, entry in (header or {}).items()
                 if key != "__metadata__"}
     except (OSError, ValueError, TypeError, KeyError, IndexError):
         return {}

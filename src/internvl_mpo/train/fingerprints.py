@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from internvl_mpo.checkpoint import INDEX_FILE, SAVE_ID
+from internvl_mpo.checkpoint import INDEX_FILE, SAVE_ID, read_header
 from internvl_mpo.train.distributed import DistEnv, all_gather_lists, epoch_order, rank_share
 
 # The files of a model folder that decide what it computes: weights, configs, tokenizer files.
@@ -26,8 +26,6 @@ MODEL_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".tiktoken")
 TOKENIZER_SUFFIXES = (".json", ".txt", ".model", ".tiktoken")
 # Media files per chunk of `media_digest` (the unit processes share out).
 MEDIA_CHUNK = 1024
-# The largest safetensors header safetensors reads (100 MB); a larger length is no header of ours.
-MAX_HEADER = 100_000_000
 
 
 def file_sha256(path: str | Path, without_save_id: bool = False) -> str:
@@ -49,15 +47,14 @@ def _without_save_id(f: BinaryIO, name: str) -> bytes | None:
     """The safetensors header (f then at the tensor data) or the index `f` holds, as JSON without its
     `SAVE_ID`; None when it holds none, or is not such a file."""
     if name == INDEX_FILE:
-        text, key = f.read(), "metadata"
+        key = "metadata"
+        try:
+            data = json.loads(f.read())
+        except ValueError:  # not JSON, or not UTF-8
+            return None
     elif name.endswith(".safetensors"):
-        size, key = int.from_bytes(f.read(8), "little"), "__metadata__"
-        text = f.read(size) if size <= MAX_HEADER else b""
+        data, key = read_header(f), "__metadata__"
     else:
-        return None
-    try:
-        data = json.loads(text)
-    except ValueError:  # not JSON, or not UTF-8
         return None
     metadata = data.get(key) if isinstance(data, dict) else None
     if not isinstance(metadata, dict) or SAVE_ID not in metadata:
