@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -1142,6 +1143,19 @@ def test_command_list_reads_the_docstrings_without_importing_the_commands():
     for name in cli_module.COMMANDS:
         summary = (inspect.getdoc(cli_module._resolve(name)) or "").splitlines()[0]
         assert f"  {name:10s} {summary}" in out.stdout
+
+
+def test_an_eager_chat_never_imports_dynamo():
+    """Importing torch._dynamo costs a process about a second and 70 MB; an eager chat has no use for it.
+    It came in through torch.compiler's marker on llm.thread_count (now set by a compiling Engine) and
+    through nn.Embedding drawing its weights on the meta device, where torch's normal_ imports it."""
+    code = ("import sys\n"
+            "from internvl_mpo.cli import main\n"
+            "assert main(['chat', '--image', 'examples/scene_1.png', '--max-new-tokens', '4', 'How many?']) == 0\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor'))))")
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=repo)
+    assert out.returncode == 0 and out.stdout.strip().endswith("[]"), (out.stdout, out.stderr)
 
 
 def test_the_command_line_starts_without_torch_and_ctrl_c_while_importing_is_quiet(monkeypatch):

@@ -137,7 +137,8 @@ def test_decode_step_through_the_few_row_cpu_kernels_compiles_with_symbolic_size
     from internvl_mpo.generate.engine import COMPILE_OPTIONS
 
     model, _ = few_row_setup
-    eager, compiled = Engine(model), Engine(model)
+    eager, compiled = Engine(model), Engine(model, compile=True)
+    # the engine's own compile (which marks the thread count), traced with the quick eager backend
     compiled._decode_fn = torch.compile(compiled._decode, backend="eager", **COMPILE_OPTIONS)
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
     requests = [Request([300 + i, 301, 302 + 7 * i], params) for i in range(2)]
@@ -570,7 +571,8 @@ def test_a_repetition_penalty_that_would_overflow_the_logits_is_refused():
 @pytest.mark.parametrize("screen", [False, True])
 def test_decode_step_compiles_without_graph_breaks(setup, screen):
     chat, _ = setup
-    engine = Engine(chat.model, chat.engine.stop_token_ids, screen=screen)
+    # compile=True marks what the step needs marked for dynamo (llm.thread_count); nothing compiles before a step runs
+    engine = Engine(chat.model, chat.engine.stop_token_ids, compile=True, screen=screen)
     ids, _ = prompt(chat, "compile me")
     gen = engine.start(max_batch=1, max_len=128)
     gen.add(Request(ids, GREEDY))
@@ -609,8 +611,8 @@ def test_compiled_decode_takes_new_batch_sizes_and_lengths_without_recompiling(s
     torch._dynamo.reset()
     expected = compiled_batches(Engine(chat.model, chat.engine.stop_token_ids), chat)
     counter = CompileCounter()
-    engine = Engine(chat.model, chat.engine.stop_token_ids, screen=True)
-    engine.compiled, engine._decode_fn = True, torch.compile(engine._decode, backend=counter, **COMPILE_OPTIONS)
+    engine = Engine(chat.model, chat.engine.stop_token_ids, compile=True, screen=True)
+    engine._decode_fn = torch.compile(engine._decode, backend=counter, **COMPILE_OPTIONS)
     assert compiled_batches(engine, chat) == expected
     assert counter.frame_count <= 3  # one row / several rows, as sizes of 1 are specialised
     torch._dynamo.reset()
@@ -636,8 +638,7 @@ def test_compiled_decode_writes_only_into_static_inputs(setup):
     ids, _ = prompt(chat, "Hello")
     for screen in (False, True):
         torch._dynamo.reset()
-        engine = Engine(chat.model, chat.engine.stop_token_ids, screen=screen)
-        engine.compiled = True
+        engine = Engine(chat.model, chat.engine.stop_token_ids, compile=True, screen=screen)
         engine._decode_fn = torch.compile(engine._decode, backend=aot_autograd(
             fw_compiler=record, keep_inference_input_mutations=True), **COMPILE_OPTIONS)
         run(engine, [Request(ids, SamplingParams(max_new_tokens=3, ignore_eos=True))] * 2)

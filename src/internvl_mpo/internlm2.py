@@ -32,7 +32,7 @@ from torch import nn
 from .config import LLMConfig
 from .errors import ConfigError, InputError
 from .kv_cache import KVCache
-from .llm import Linear, RotaryEmbedding, apply_rope, run_layers
+from .llm import Embedding, Linear, RotaryEmbedding, apply_rope, run_layers
 from .vision import RMSNorm
 
 
@@ -104,7 +104,7 @@ class InternLM2DecoderLayer(nn.Module):
 class InternLM2Model(nn.Module):
     def __init__(self, config: LLMConfig):
         super().__init__()
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.extra.get("pad_token_id"))
+        self.tok_embeddings = Embedding(config.vocab_size, config.hidden_size, config.extra.get("pad_token_id"))
         self.layers = nn.ModuleList(InternLM2DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)

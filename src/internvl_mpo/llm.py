@@ -71,10 +71,11 @@ def weight_first_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return out.T.reshape(*x.shape[:-1], -1)
 
 
-@torch.compiler.assume_constant_result
 def thread_count() -> int:
-    """torch's intra-op threads; a compiled graph keeps the count it was traced with (any count gives
-    the same values up to rounding)."""
+    """torch's intra-op threads. The engine marks it a constant when it compiles the decode step (not
+    here: torch.compiler's marker imports dynamo, which costs every eager process about a second and
+    70 MB), so a compiled graph keeps the count it was traced with (any count gives the same values up
+    to rounding)."""
     return torch.get_num_threads()
 
 
@@ -139,6 +140,16 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = few_rows_matmul(x, self.weight, 4, self.bias) if self.few_rows else None
         return F.linear(x, self.weight, self.bias) if out is None else out
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding that draws no weights on the meta device (a checkpoint's model is built there):
+    torch's `normal_` on meta tensors runs through its Python reference, which imports dynamo, about
+    a second and 70 MB for every process that loads a model."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
 
 
 class Attention(nn.Module):
@@ -210,7 +221,7 @@ class Qwen2Model(nn.Module):
     def __init__(self, config: LLMConfig):
         super().__init__()
         # as transformers' Qwen2Model: the pad row (llm_config.pad_token_id, if any) gets no gradient
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.extra.get("pad_token_id"))
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, config.extra.get("pad_token_id"))
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)

@@ -49,7 +49,7 @@ import torch
 
 from ..errors import InputError, PromptTooLongError
 from ..kv_cache import make_caches
-from ..llm import few_rows_matmul
+from ..llm import few_rows_matmul, thread_count
 from ..model import InternVL
 from .greedy_head import GreedyScreen
 from .sampling import (
@@ -135,6 +135,7 @@ class Engine:
         self._decode_fn = self._decode
         self._storages = _Storages()
         if compile:
+            torch.compiler.assume_constant_result(thread_count)  # dynamo cannot trace it otherwise
             mode = "reduce-overhead" if model.device.type == "cuda" else None
             self._decode_fn = torch.compile(self._decode, mode=mode, **COMPILE_OPTIONS)
 
