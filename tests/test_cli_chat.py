@@ -1145,14 +1145,15 @@ def test_command_list_reads_the_docstrings_without_importing_the_commands():
         assert f"  {name:10s} {summary}" in out.stdout
 
 
-def test_an_eager_chat_never_imports_dynamo():
-    """Importing torch._dynamo costs a process about a second and 70 MB; an eager chat has no use for it.
-    It came in through torch.compiler's marker on llm.thread_count (now set by a compiling Engine) and
-    through nn.Embedding drawing its weights on the meta device, where torch's normal_ imports it."""
+def test_an_eager_chat_never_imports_dynamo_or_sympy():
+    """Importing torch._dynamo costs a process about a second and 70 MB, sympy (torch's symbolic shapes)
+    0.6 s; an eager chat has no use for either. Dynamo came in through torch.compiler's marker on
+    llm.thread_count (now set by a compiling Engine) and through nn.Embedding drawing its weights on the
+    meta device, where torch's normal_ imports it; sympy through torch.randn on the meta device."""
     code = ("import sys\n"
             "from internvl_mpo.cli import main\n"
             "assert main(['chat', '--image', 'examples/scene_1.png', '--max-new-tokens', '4', 'How many?']) == 0\n"
-            "print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor'))))")
+            "print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor', 'sympy'))))")
     repo = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=repo)
     assert out.returncode == 0 and out.stdout.strip().endswith("[]"), (out.stdout, out.stderr)

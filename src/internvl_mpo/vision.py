@@ -59,16 +59,23 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
+def randn_unless_meta(*shape: int) -> torch.Tensor:
+    """torch.randn, but left empty on the meta device, where a checkpoint's model is built and there is
+    nothing to draw: randn there imports torch's symbolic-shapes machinery (sympy), about 0.6 s."""
+    tensor = torch.empty(*shape)
+    return tensor if tensor.is_meta else tensor.normal_()
+
+
 class VisionEmbeddings(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.grid = config.grid_size
         # Drawn at construction, as the official module does, so a model built without init_weights() holds numbers.
-        self.class_embedding = nn.Parameter(torch.randn(1, 1, config.hidden_size))
+        self.class_embedding = nn.Parameter(randn_unless_meta(1, 1, config.hidden_size))
         self.patch_embedding = nn.Conv2d(
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
-        self.position_embedding = nn.Parameter(torch.randn(1, self.grid**2 + 1, config.hidden_size))
+        self.position_embedding = nn.Parameter(randn_unless_meta(1, self.grid**2 + 1, config.hidden_size))
 
     def position_table(self, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
         """(1, 1 + height*width, C): CLS position, then the grid resized to (height, width)."""
