@@ -423,6 +423,19 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_no_temporary_folder(tmp
     assert not list(run.glob(".tmp-*")) and [p.name for p in (run / "final").iterdir()] == ["config.json"]
 
 
+def test_a_file_in_the_way_of_a_checkpoint_is_one_line(tmp_path, chat_folder, meta):
+    """A file named as the checkpoint folder: the save moved it aside, published the checkpoint, then stopped
+    the run with rmtree's NotADirectoryError traceback and left the file as .tmp-checkpoint-000001.old."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint-000001").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match=re.escape(f"{run / 'checkpoint-000001'}: saving failed (a file, not a"
+                                                        " folder, is in the way); nothing there was replaced")):
+        train(config(chat_folder, meta, run, max_steps=1, save_every=1))
+    assert sorted(p.name for p in run.iterdir()) == [TRAIN_LOCK[0], "checkpoint-000001", "metrics.jsonl"]
+    assert (run / "checkpoint-000001").read_text() == "not a checkpoint"
+
+
 def test_checkpoint_folder_holds_only_safetensors_and_json(tmp_path, chat_folder, meta, umask_022):
     from conftest import modes_other_than
 

@@ -165,9 +165,14 @@ def publish(tmp: Path, final: Path) -> None:
     except SaveError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if final.exists() and not final.is_dir():  # a file in the way, not a folder to replace: one line too
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SaveError(final, "a file, not a folder, is in the way", "nothing there was replaced")
     if final.exists():
         old = final.parent / (TMP_PREFIX + final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
+        if old.is_file() or old.is_symlink():  # rmtree leaves a file of that name
+            old.unlink()
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old)
