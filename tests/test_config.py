@@ -314,6 +314,10 @@ def test_rope_written_the_transformers_5_way_is_read(tmp_path):
         (lambda: VisionConfig(architectures=None), "vision_config.architectures is None, not a tuple of names"),
         (lambda: LLMConfig(eos_token_id=[1, True]), r"llm_config.eos_token_id is \[1, True\], not a token id"),
         (lambda: LLMConfig(rope_scaling="linear"), "llm_config.rope_scaling is 'linear', not a dict or None"),
+        # not read as the names 'Q', 'w', ... (nor a TypeError for a number)
+        (lambda: LLMConfig(architectures="Qwen2ForCausalLM"),
+         "^llm_config.architectures is 'Qwen2ForCausalLM', not a tuple of names$"),
+        (lambda: LLMConfig(architectures=3), "^llm_config.architectures is 3, not a tuple of names$"),
         (lambda: ModelConfig(vision={}), r"^vision is \{\}, not a VisionConfig$"),
         (lambda: ModelConfig(max_dynamic_patch=6.0), "^max_dynamic_patch is 6.0, not an integer$"),
     ],

@@ -201,8 +201,10 @@ class LLMConfig:
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
-        arch = self.architectures[0] if self.architectures else None
-        if arch not in SUPPORTED_LLM_ARCHITECTURES:  # first: a null there names the LLM that is not implemented
+        archs = self.architectures  # a string or a number there is a type error (below), not a list of names
+        arch = archs[0] if isinstance(archs, (tuple, list)) and archs else None
+        if arch not in SUPPORTED_LLM_ARCHITECTURES and (archs is None or isinstance(archs, (tuple, list))):
+            # first: a null there names the LLM that is not implemented
             raise ConfigError(
                 f"llm_config.architectures {list(self.architectures or [None])} is not implemented; "
                 f"supported: {list(SUPPORTED_LLM_ARCHITECTURES)}"
