@@ -1395,6 +1395,15 @@ def test_a_video_given_as_an_image_is_pointed_to_each_commands_own_way(folder, t
     requests.write_text(json.dumps({"id": 1, "question": "hi", "image": str(clip)}) + "\n")
     assert cli_chat.generate(input=str(requests), output=str(answers), model=str(folder), device="cpu") == 0
     assert json.loads(answers.read_text())["error"].endswith("it looks like a video: give it as the request's \"video\"")
+    # and an image given as a request's "video" is pointed to its "image", not to --image
+    picture = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), "red").save(picture)
+    requests.write_text(json.dumps({"id": 1, "question": "hi", "video": str(picture)}) + "\n")
+    assert cli_chat.generate(input=str(requests), output=str(tmp_path / "more.jsonl"), model=str(folder),
+                             device="cpu") == 0
+    error = json.loads((tmp_path / "more.jsonl").read_text())["error"]
+    assert "is an image, not a video" in error and error.endswith("give it as the request's \"image\"") \
+        and "--image" not in error, error
     # --image at the start of a chat keeps the hint that fits it
     assert main(["chat", "hi", "--model", str(folder), "--image", str(clip)]) == 1
     assert "--video on the command line" in capsys.readouterr().err

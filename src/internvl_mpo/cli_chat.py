@@ -347,7 +347,8 @@ def generate(
                                            max_num=_per_image(max_num, item.get("video")), max_pixels=max_pixels)
                     yield item, prepared, params
                 except InputError as e:  # this request alone fails; the run goes on
-                    yield item, _video_way(flagged(e, generate), 'give it as the request\'s "video"'), params
+                    yield item, _video_way(flagged(e, generate), 'give it as the request\'s "video"',
+                                           'give it as the request\'s "image"'), params
 
         with out.open("a", encoding="utf-8") as sink, tqdm(total=len(requests), initial=len(requests) - len(todo),
                                                            desc="generate", unit="req") as bar:
@@ -508,12 +509,16 @@ def _read_requests(path: Path) -> list[dict]:
     return items
 
 
-def _video_way(error: Exception, way: str) -> Exception:
+def _video_way(error: Exception, way: str, image_way: str | None = None) -> Exception:
     """`error`, where it points a video given as an image to the video input (AS_A_VIDEO), saying `way`: the
-    way this command takes a video (or that it takes none)."""
-    from .processor.image import AS_A_VIDEO
+    way this command takes a video (or that it takes none); with `image_way`, likewise where it points an
+    image given as a video to the image input (AS_AN_IMAGE)."""
+    from .processor.image import AS_A_VIDEO, AS_AN_IMAGE
 
-    return InputError(str(error).replace(AS_A_VIDEO, way)) if AS_A_VIDEO in str(error) else error
+    for said, instead in ((AS_A_VIDEO, way), (AS_AN_IMAGE, image_way)):
+        if instead is not None and said in str(error):
+            return InputError(str(error).replace(said, instead))
+    return error
 
 
 def tiles(image: str, *, max_num: int = 12, min_num: int = 1, output: str | None = None,
