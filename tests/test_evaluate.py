@@ -822,6 +822,8 @@ def test_eval_help_lists_every_jsonl_field(capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
     for field in ("id", "image", "question", "answer", "options", "hint", "category", "kind"):
         assert f'"{field}"' in text
+    # a hint goes before a question of any kind (it said a multiple-choice one's only)
+    assert '"hint" (a line before the question, left out with --cot)' in text
 
 
 def test_a_misspelt_field_is_refused_with_the_field_it_probably_meant(tmp_path):

@@ -544,7 +544,7 @@ def eval_(
 ) -> int:
     """Score a model on a multiple-choice / short-answer benchmark (resumable); prints the accuracy table.
 
-    data: benchmark file: JSONL {"id", "image", "question", "answer", optional "options", "hint" (a line before a multiple-choice question, left out with --cot), "category", "kind" (choice, number, yesno or text; inferred when absent)} (no "id": the question's number in the file) or MMBench-style TSV
+    data: benchmark file: JSONL {"id", "image", "question", "answer", optional "options", "hint" (a line before the question, left out with --cot), "category", "kind" (choice, number, yesno or text; inferred when absent)} (no "id": the question's number in the file) or MMBench-style TSV
     model: checkpoint folder or hub id (default: the shipped demo model)
     output: folder for predictions.jsonl, score.json and settings.json; a rerun into it resumes (default: ./<data stem>_eval, or ./<data stem>_cot_eval with --cot, in the current folder)
     cot: use the MPO chain-of-thought prompt and read the answer after "Final answer:"
