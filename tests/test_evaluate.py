@@ -439,6 +439,12 @@ def test_bad_input_is_named_with_its_line_before_any_answer(tmp_path):
         data.write_text(json.dumps({"id": "1", "question": "How many?", "answer": "2", **extra}) + "\n")
         with pytest.raises(InputError, match=rf"bench.jsonl:1: field {why}"):
             read_benchmark(data)
+    # a video given as an image was pointed to --video, a flag eval does not have
+    (tmp_path / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(64))
+    data.write_text(json.dumps({"id": "1", "question": "How many?", "answer": "2", "image": "clip.mp4"}) + "\n")
+    with pytest.raises(InputError, match=r"bench.jsonl:1: .*clip.mp4: .*looks like a video: videos are not read "
+                                         r"here; give frames as a list of paths in 'image'$"):
+        read_benchmark(data)
     # a hint or category that is no text went into the prompt or score.json as its repr; an empty image path
     # was read as the data file's folder
     for extra, why in [({"hint": {"text": "It is noon."}}, r"'hint' must be a string, got \{'text'"),

@@ -308,6 +308,12 @@ def test_bad_items_are_reported_with_their_line(tmp_path):
             path.write_text(json.dumps({"id": "a", "question": "q", "answer": "B", **extra}) + "\n")
             with pytest.raises(InputError, match=rf"items.jsonl:1: field {why}"):
                 read_items(path, method)
+    # a video given as an image was pointed to --video, a flag pairs does not have
+    (tmp_path / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(64))
+    path.write_text(json.dumps({"id": "a", "question": "q", "answer": "B", "image": "clip.mp4"}) + "\n")
+    with pytest.raises(InputError, match=r"items.jsonl:1: .*clip.mp4: .*looks like a video: videos are not read "
+                                         r"here; give frames as a list of paths in 'image'$"):
+        read_items(path, "correctness")
     # A missing field was "must be a non-empty string, got None", and numbers, which are taken, were not named.
     for row, message in [({"question": "q", "answer": "2"}, "field 'id' is required (a string or a number)"),
                          ({"id": "a", "answer": "2"}, "field 'question' is required (a string or a number)"),

@@ -225,16 +225,20 @@ def _resolve_image(value: Any, folder: Path, where: str) -> tuple[str | list[str
     return value, tuple(path if is_url(path) else str(Path(path).resolve()) for path in paths)
 
 
+FRAMES_AS_IMAGES = "give frames as a list of paths in 'image'"
+
+
 def refuse_unread_media(row: dict, where: str) -> None:
     """Refuse a video, which would be ignored and leave the question without its frames."""
     if row.get("video"):
-        raise InputError(f"{where}: field 'video' is not supported here; give frames as a list of paths in 'image'")
+        raise InputError(f"{where}: field 'video' is not supported here; {FRAMES_AS_IMAGES}")
 
 
 def check_images(images, where: str, checked: set, max_pixels: int | None = None) -> None:
     """Open and decode each image (path or bytes) not in `checked` yet, so a missing file, a non-image
-    or one over `max_pixels` pixels is reported with its file:line before the model loads."""
-    from internvl_mpo.processor.image import open_image
+    or one over `max_pixels` pixels is reported with its file:line before the model loads. A video given
+    as an image is told the way of these files (not the --video flag, which eval and pairs do not have)."""
+    from internvl_mpo.processor.image import AS_A_VIDEO, open_image
 
     for image in images:
         if image not in checked:
@@ -243,7 +247,7 @@ def check_images(images, where: str, checked: set, max_pixels: int | None = None
             except SettingError as e:  # still naming the setting, which the command names by its flag
                 raise SettingError(f"{where}: {e.parts[0]}", *e.parts[1:]) from None
             except InputError as e:
-                raise InputError(f"{where}: {e}") from None
+                raise InputError(f"{where}: {str(e).replace(AS_A_VIDEO, f'videos are not read here; {FRAMES_AS_IMAGES}')}") from None
             checked.add(image)
 
 
