@@ -201,12 +201,11 @@ class LLMConfig:
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
-        archs = self.architectures  # a string or a number there is a type error (below), not a list of names
-        arch = archs[0] if isinstance(archs, (tuple, list)) and archs else None
-        if arch not in SUPPORTED_LLM_ARCHITECTURES and (archs is None or isinstance(archs, (tuple, list))):
-            # first: a null there names the LLM that is not implemented
-            raise ConfigError(
-                f"llm_config.architectures {list(self.architectures or [None])} is not implemented; "
+        archs = self.architectures  # first: a null or a list names the LLM that is not implemented
+        listed = archs is None or isinstance(archs, (tuple, list))
+        if listed and (archs or [None])[0] not in SUPPORTED_LLM_ARCHITECTURES:
+            raise ConfigError(  # (a string or a number there is the type error below, not a list of names)
+                f"llm_config.architectures {list(archs or [None])} is not implemented; "
                 f"supported: {list(SUPPORTED_LLM_ARCHITECTURES)}"
             )
         _check_types(self, "llm_config.")
