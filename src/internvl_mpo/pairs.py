@@ -247,7 +247,8 @@ def check_images(images, where: str, checked: set, max_pixels: int | None = None
             except SettingError as e:  # still naming the setting, which the command names by its flag
                 raise SettingError(f"{where}: {e.parts[0]}", *e.parts[1:]) from None
             except InputError as e:
-                raise InputError(f"{where}: {str(e).replace(AS_A_VIDEO, f'videos are not read here; {FRAMES_AS_IMAGES}')}") from None
+                why = str(e).replace(AS_A_VIDEO, f"videos are not read here; {FRAMES_AS_IMAGES}")
+                raise InputError(f"{where}: {why}") from None
             checked.add(image)
 
 
