@@ -102,9 +102,10 @@ def init_distributed(device: str | None = None) -> DistEnv:
             raise ConfigError(f"--device {device}: no CUDA device {dev.index} ({torch.cuda.device_count()} visible)")
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        # Dynamo imported first, as it always was before eager runs stopped importing it: imported later (the
-        # optimizer's first step imports it), its import kept a reference to the live gloo group, whose threads
-        # then outlived destroy_distributed (test_distributed checks). Training imports it anyway.
+        # Dynamo imported first, as it always was before eager runs stopped importing it: imported later, at the
+        # optimizer's first step, the gloo group's threads outlived destroy_distributed (test_distributed checks;
+        # what keeps the group then is not known: not torch.distributed._functional_collectives alone).
+        # Training imports it anyway.
         from torch import _dynamo  # noqa: F401
         if dev.type == "cuda":
             dist.init_process_group("nccl", device_id=dev, timeout=PROCESS_GROUP_TIMEOUT)
