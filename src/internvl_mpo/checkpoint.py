@@ -39,8 +39,8 @@ from .locks import LOCKS_UNSUPPORTED
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-# safetensors' names of the floating-point dtypes (every weight of the model is one of them) -> torch's.
 MAX_HEADER = 100_000_000  # safetensors' own limit on a header's size
+# safetensors' names of the floating-point dtypes (every weight of the model is one of them) -> torch's.
 _FLOAT_KINDS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                 "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
