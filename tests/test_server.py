@@ -2651,6 +2651,26 @@ def test_a_request_head_that_trickles_in_is_a_408_after_header_timeout(local_cha
             assert early.recv(1) == b""  # closed
 
 
+def test_a_client_still_sending_when_its_connection_is_cut_reads_the_end_not_a_reset(local_chat):
+    """A client that floods the body of a request answered before it was read (a 401) until the server answers or
+    closes: at --header-timeout the server ends what it sends and reads and drops what still comes until the client
+    closes (or LINGER_S), so the client reads the end of the connection. It closed its socket at once before
+    2026-12-05, with the client's bytes unread, and the kernel sent a reset in place of the end (CI saw it once, in
+    test_a_request_head_that_trickles_in...); a reset can also reach a client before it read its answer."""
+    import http.client
+
+    chunk = b" " * 2**16
+    with app_server(local_chat, max_batch=2, max_len=256, header_timeout=0.3, api_key=KEY,
+                    max_request_bytes=2**50) as url:
+        with slow_client(url, "/v1/chat/completions", 2**50) as early:  # no API key: a 401 before the body is read
+            response = http.client.HTTPResponse(early)
+            response.begin()
+            assert response.status == 401 and json.loads(response.read())["error"]["code"] == "invalid_api_key"
+            while not select.select([early], [], [], 0)[0]:
+                early.sendall(chunk)
+            assert early.recv(1) == b""  # the end; a ConnectionResetError before
+
+
 def test_an_honest_body_in_several_chunks_within_request_read_timeout_is_served(local_chat):
     """A body sent in five chunks (chunked transfer encoding, no Content-Length) spread over about a second is read
     whole and answered under a deadline of 10 s."""

@@ -21,6 +21,9 @@ from .settings import ServerSettings
 log = logging.getLogger("internvl_mpo.server")  # one logger for the whole server (users filter on it)
 
 SHUTDOWN_GRACE_S = 5  # how long a response may stay open after Ctrl-C once its generation has ended
+LINGER_S = 2.0  # after a 408 or a cut body, how long a client's bytes still coming are read and dropped (nginx's
+# lingering close): a socket closed with bytes unread, or sent more after it closed, is reset, and a reset can reach
+# the client before it has read the answer
 DEMO_MODEL_NAME = "internvl-mpo-demo"  # the served name of the shipped demo model
 
 
@@ -65,8 +68,9 @@ def http_protocol(settings: ServerSettings) -> type:
     --header-timeout while no request holds it: on a request's head, from the connection's start or the head's first
     byte (uvicorn's own keep-alive timeout stops at the first byte), and on the rest of a body answered before it
     was read (a 401 or 429), which uvicorn reads and drops for as long as it comes; past it a 408 where part of a
-    head came, and the connection closed. --send-timeout on a client that takes none of the bytes waiting for it,
-    whatever the response (uvicorn writes a plain answer whole and would keep it, and the connection, until the
+    head came, and the connection closed: at once where nothing came, else once the client closes or LINGER_S later,
+    what it still sends read and dropped till then. --send-timeout on a client that takes none of the bytes waiting
+    for it, whatever the response (uvicorn writes a plain answer whole and would keep it, and the connection, until the
     client read it): the connection is dropped with its unsent bytes, which also ends a stream as a client that went
     away does. The check runs every --send-timeout seconds, so a client is cut between one and two of them after its
     last read. With --max-connections connections served, one more is answered a 503 at its first bytes (none of
@@ -80,7 +84,7 @@ def http_protocol(settings: ServerSettings) -> type:
         head_timer = send_timer = None
         unsent = 0  # the bytes waiting for the client at the last check
         served = 0  # the connections open and not over --max-connections: used on the event loop alone, a plain count
-        over_limit = answered = False
+        over_limit = answered = lingering = False
 
         def connection_made(self, transport):
             super().connection_made(transport)
@@ -94,6 +98,8 @@ def http_protocol(settings: ServerSettings) -> type:
             return self.conn.their_state is not h11.IDLE and self.conn.our_state is not h11.DONE
 
         def data_received(self, data: bytes) -> None:
+            if self.lingering:
+                return
             if self.over_limit:  # the 503, then the rest of its request read and dropped until the client closes or
                 # --header-timeout: closed with bytes unread, the connection is reset, and a client still sending an
                 # upload (Python's http.client) sees that instead of the answer
@@ -115,13 +121,16 @@ def http_protocol(settings: ServerSettings) -> type:
             self.head_timer = None
             if self.serving() or self.transport.is_closing():
                 return
-            if not (self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]):  # no part of a head came
+            if self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]:  # nothing came
                 self.transport.close()
                 return
-            timeout = settings.header_timeout  # say why, as Node.js's headersTimeout does
-            self.answer(ApiError(408, f"the request head did not arrive within {timeout:g} s (--header-timeout "
-                                      f"{timeout:g})", code="request_timeout"))
-            self.transport.close()
+            if self.conn.their_state is h11.IDLE:  # part of a head: say why, as Node.js's headersTimeout does
+                timeout = settings.header_timeout
+                self.answer(ApiError(408, f"the request head did not arrive within {timeout:g} s (--header-timeout "
+                                          f"{timeout:g})", code="request_timeout"))
+            self.transport.write_eof()  # the end of what we send; closed when the client closes, or LINGER_S on
+            self.lingering = True
+            self.head_timer = self.loop.call_later(LINGER_S, self.transport.close)
 
         def answer(self, error: ApiError) -> None:
             """`error` as the answer of a connection whose request never reached the app (`Connection: close`)."""
