@@ -1497,6 +1497,20 @@ def test_a_prompt_that_fits_exactly_is_accepted_and_one_token_more_is_refused_be
                                 f"than the context allows: at most {chat.context - 1}")
 
 
+def test_one_image_or_one_frame_that_does_not_fit_is_named_in_the_singular(setup, tmp_path):
+    """A prompt of one 1-tile image, or a video of one frame, one token too long: the hint counts "1 tile" and "1
+    frame takes" ("1 tiles", "1 frames take" before 2026-12-05)."""
+    chat, _ = setup
+    frame = tmp_path / "frame.png"
+    Image.new("RGB", (32, 32)).save(frame)
+    question = "Why" + "!" * (chat.context - len(chat.prepare("Why", [frame]).prompt_ids))
+    with pytest.raises(InputError, match=re.escape("; the images take 1 tile ([1] by image; 1 tile each, ")):
+        chat.prepare(question, [frame])
+    video_question = "Why" + "!" * (chat.context - len(chat.prepare("Why", video=[frame], num_segments=1).prompt_ids))
+    with pytest.raises(InputError, match=re.escape("; the video's 1 frame takes 1 tile (a smaller num_segments ")):
+        chat.prepare(video_question, video=[frame], num_segments=1)
+
+
 def test_video_frames_tiled_with_max_num_are_counted_before_decoding(setup, monkeypatch, tmp_path):
     """With max_num > 1 each frame takes the tiles its size plans (a 2:1 frame with max_num 2: 2 and a
     thumbnail), counted from the frames' headers with the prompt's text before a frame is decoded. Only one

@@ -1511,6 +1511,9 @@ def test_skip_bad_stops_after_a_whole_epoch_without_a_usable_sample():
     with pytest.raises(InputError, match=r"no usable sample in a whole epoch: all 4 samples .* toy\.jsonl:1: too long"):
         stream.next_example()
     assert data.reads == 4 and stream.report.counts == {"encode": 4}
+    with pytest.raises(InputError, match=r"^no usable sample in a whole epoch: the 1 sample of this process was bad "
+                                         r"and skipped \(--skip-bad\); first problem: toy\.jsonl:1: too long$"):
+        SampleStream(BadRecords(1), DistEnv(), cfg, SkipReport()).next_example()  # "all 1 samples ... were" before
 
 
 class PillowLimits:
@@ -1781,7 +1784,7 @@ def test_answers_cut_to_max_seq_length_are_counted_and_named(tmp_path, chat_fold
     assert code == 0
     assert [row["truncated"] for row in metric_rows(tmp_path / "o")] == [0, 1]
     out = capsys.readouterr().out
-    assert (f"\nnote: 1 sample had their answers cut to fit --max-seq-length 100 (the first since the run started or"
+    assert (f"\nnote: 1 sample had its answer cut to fit --max-seq-length 100 (the first since the run started or"
             f" resumed: {tmp_path}/data/toy.jsonl:2); the cut tails were not trained (metrics.jsonl: truncated)\n") in out
 
 
@@ -1797,7 +1800,7 @@ def test_answers_cut_before_a_resume_are_counted_after_it(tmp_path, chat_folder,
     capsys.readouterr()
     result = train(dataclasses.replace(cfg, resume=True))
     assert [row["truncated"] for row in metric_rows(tmp_path / "run")] == [1, 0]
-    assert result.truncation_note.startswith("note: 1 sample had their answers cut to fit --max-seq-length 100;")
+    assert result.truncation_note.startswith("note: 1 sample had its answer cut to fit --max-seq-length 100;")
 
 
 def test_fsdp_in_a_single_process_trains_unsharded_with_a_note(tmp_path, chat_folder, meta, capsys, monkeypatch):

@@ -115,7 +115,7 @@ def _fewer_tiles(planned: list[int], max_num: int, total_max_num: int | None) ->
     that give fewer tiles (total_max_num where the call gave one that caps them below max_num), or fewer
     images where each has 1 tile."""
     shown = str(planned) if len(planned) <= 10 else "[" + ", ".join(map(str, planned[:10])) + ", ...]"
-    said = f"; the images take {sum(planned)} tiles ({shown} by image"
+    said = f"; the images take {sum(planned)} tile{'s' * (sum(planned) > 1)} ({shown} by image"
     if max(planned) == 1:
         return (f"{said}; 1 tile each, the fewest an image takes: fewer images fit)",)
     if total_max_num is None or max(1, total_max_num // len(planned)) >= max_num:
@@ -212,7 +212,8 @@ class InternVLChat:
         planned = planned_frame_tiles(video, num_segments, self.config.image_size, max_num, max_pixels)
         if not holds_images(question, history or ()):
             question = video_prefix(len(planned)) + question
-        said = f"; the video's {len(planned)} frames take {sum(planned)} tiles (a smaller "
+        frames, tiles = f"{len(planned)} frame{'s' * (len(planned) > 1)}", f"{sum(planned)} tile{'s' * (sum(planned) > 1)}"
+        said = f"; the video's {frames} take{'s' * (len(planned) == 1)} {tiles} (a smaller "
         fewer = ("num_segments", " or ", "max_num", " gives fewer)") if max_num > 1 else ("num_segments", " gives fewer)")
         self.check_prompt(question, history, planned, system_message, (said, *fewer))
 

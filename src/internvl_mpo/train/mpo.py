@@ -414,6 +414,7 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
     note = None
     if cut_total:  # a tail of an answer that did not fit was never trained, a final answer often
         first = f" (the first since the run started or resumed: {stream.first_cut})" if stream.first_cut else ""
-        note = (f"note: {count(cut_total, 'sample')} had their answers cut to fit --max-seq-length"
+        had = "had its answer" if cut_total == 1 else "had their answers"
+        note = (f"note: {count(cut_total, 'sample')} {had} cut to fit --max-seq-length"
                 f" {cfg.max_seq_length}{first}; the cut tails were not trained (metrics.jsonl: truncated)")
     return TrainResult(final_dir, total_steps, stream.report, metrics, note)

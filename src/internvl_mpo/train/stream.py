@@ -134,9 +134,12 @@ class SampleStream:
             item = next(self._items, None)
             if item is None:
                 if self._bad_run >= self._share_len:
+                    samples = "the 1 sample" if self._share_len == 1 else f"all {self._share_len} samples"
+                    problems = "problem" if len(self.report.messages) == 1 else "problems"
                     raise InputError(
-                        f"no usable sample in a whole epoch: all {self._share_len} samples of this process were bad"
-                        f" and skipped (--skip-bad); first problems: {'; '.join(self.report.messages)}"
+                        f"no usable sample in a whole epoch: {samples} of this process "
+                        f"{'was' if self._share_len == 1 else 'were'} bad and skipped (--skip-bad); first {problems}: "
+                        + "; ".join(self.report.messages)
                     )
                 self.epoch, self.cursor, self._items = self.epoch + 1, 0, None
                 continue
