@@ -32,7 +32,7 @@ from torch import nn
 from .config import LLMConfig
 from .errors import ConfigError, InputError
 from .kv_cache import KVCache
-from .llm import Embedding, Linear, RotaryEmbedding, apply_rope, run_layers
+from .llm import Embedding, Linear, RotaryEmbedding, attend, run_layers
 from .vision import RMSNorm
 
 
@@ -62,19 +62,9 @@ class InternLM2Attention(nn.Module):
         q = qkv[:, :, :, : self.groups].reshape(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = qkv[:, :, :, -2].transpose(1, 2)  # (B, K, T, D)
         v = qkv[:, :, :, -1].transpose(1, 2)  # (B, K, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(cache_positions, k, v)  # (B, K, S, D)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )  # (B, H, T, D)
-        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+        dropout = self.dropout if self.training else 0.0
+        gqa = self.num_kv_heads != self.num_heads  # from ints: k.shape would be symbolic under torch.compile
+        return self.wo(attend(q, k, v, cos, sin, mask, cache, cache_positions, dropout, gqa))
 
 
 class InternLM2MLP(nn.Module):

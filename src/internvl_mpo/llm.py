@@ -178,19 +178,22 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(cache_positions, k, v)  # (B, K, S, D)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )  # (B, H, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        dropout = self.dropout if self.training else 0.0
+        gqa = self.num_kv_heads != self.num_heads  # from ints: k.shape would be symbolic under torch.compile
+        return self.o_proj(attend(q, k, v, cos, sin, mask, cache, cache_positions, dropout, gqa))
+
+
+def attend(q, k, v, cos, sin, mask, cache: KVCache | None, cache_positions, dropout_p: float,
+           gqa: bool) -> torch.Tensor:
+    """A decoder layer's attention of q (B, H, T, D) over k, v (B, K, T, D), all three before RoPE, through its KV
+    cache where it has one (written at cache_positions; arguments as in `Qwen2Model.forward`); `gqa`: K < H.
+    -> (B, T, H * D)."""
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache is not None:
+        k, v = cache.update(cache_positions, k, v)  # (B, K, S, D)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p,
+                                         enable_gqa=gqa)  # (B, H, T, D)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
 class MLP(nn.Module):
