@@ -102,11 +102,11 @@ def init_distributed(device: str | None = None) -> DistEnv:
             raise ConfigError(f"--device {device}: no CUDA device {dev.index} ({torch.cuda.device_count()} visible)")
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        # Dynamo imported first, as it always was before eager runs stopped importing it: imported later, at the
-        # optimizer's first step, the gloo group's threads outlived destroy_distributed (test_distributed checks;
-        # what keeps the group then is not known: not torch.distributed._functional_collectives alone).
-        # Training imports it anyway.
-        from torch import _dynamo  # noqa: F401
+        # torch.distributed.nn.functional gives ten functions the default `group=group.WORLD`, read when it is
+        # imported: imported while the group runs (dynamo imports it, and DistributedDataParallel() imports dynamo),
+        # they keep the group, whose gloo threads then outlive destroy_distributed (test_distributed checks).
+        # Imported before, their default is None.
+        from torch.distributed.nn import functional  # noqa: F401
         if dev.type == "cuda":
             dist.init_process_group("nccl", device_id=dev, timeout=PROCESS_GROUP_TIMEOUT)
         else:
