@@ -64,14 +64,11 @@ LONG = {"temperature": 0, "max_tokens": STEPS, "extra_body": {"ignore_eos": True
 QUESTIONS = ["Hello there", "What is the capital of France?", "Count to ten.", "Tell me a story."]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(cmd: list[str], url: str, log: Path) -> subprocess.Popen:
-    """The `internvl-mpo serve` process of `cmd` (its output in `log`), once `url` answers /health."""
+def launch(cmd: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    """The `internvl-mpo serve` process of `cmd` given `--port 0` (its output in `log`) and its base url, read from
+    uvicorn's "running on" line (a free port chosen here and then passed on could be taken in between), once it
+    answers /health."""
+    assert cmd[cmd.index("--port") + 1] == "0"
     with open(log, "w") as out:
         # SIGINT as a terminal's foreground command gets it: a suite started in the background (`... &` in a
         # script) ignores SIGINT, which its children inherit, and the Ctrl-C test's server then exits 0, not 130
@@ -81,9 +78,10 @@ def launch(cmd: list[str], url: str, log: Path) -> subprocess.Popen:
     while True:
         if proc.poll() is not None:
             raise AssertionError(log.read_text())
+        running = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log.read_text())
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc
+            if running and httpx.get(running[1] + "/health", timeout=1).status_code == 200:
+                return proc, running[1]
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:
@@ -97,12 +95,10 @@ def server(tmp_path_factory):
     """(base url, checkpoint folder) of a running `internvl-mpo serve` subprocess, stopped after the module."""
     root = tmp_path_factory.mktemp("serve")
     folder, _ = tiny_chat_folder(root / "model")
-    port = free_port()
     cmd = [sys.executable, "-m", "internvl_mpo.cli", "serve", "--model", str(folder), "--served-model-name", "m",
-           "--port", str(port), "--api-key", KEY, "--max-batch", str(MAX_BATCH), "--max-len", "2048", "--max-tokens", "1800",
+           "--port", "0", "--api-key", KEY, "--max-batch", str(MAX_BATCH), "--max-len", "2048", "--max-tokens", "1800",
            "--max-request-bytes", "200000", "--max-images", "2"]
-    url = f"http://127.0.0.1:{port}"
-    proc = launch(cmd, url, root / "server.log")
+    proc, url = launch(cmd, root / "server.log")
     try:
         yield url, folder
     finally:
@@ -2153,11 +2149,9 @@ def test_ctrl_c_ends_the_running_generations_at_once(server, tmp_path):
     """uvicorn waits for open responses before the app shuts down; a SIGINT (Ctrl-C) to a busy server ends
     its long generations at once instead: a stream gets the error event and its end, a plain request a
     503, and the process exits (as a Ctrl-C'd command, 130)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "internvl_mpo.cli", "serve", "--model", str(server[1]), "--port", str(port),
+    cmd = [sys.executable, "-m", "internvl_mpo.cli", "serve", "--model", str(server[1]), "--port", "0",
            "--max-len", "2048", "--max-tokens", "1900"]
-    proc = launch(cmd, url, tmp_path / "server.log")
+    proc, url = launch(cmd, tmp_path / "server.log")
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
         long = {"model": str(server[1]), "messages": [{"role": "user", "content": "Go on."}], "temperature": 0,
@@ -2198,12 +2192,10 @@ def test_serve_logs_a_client_dropped_after_send_timeout_as_one_info_line(server,
     logprobs, 4 choices: 11 MB, more than the kernel's send buffer grows to, 4 MiB by default) to a client that reads
     none of it is dropped after --send-timeout 0.5 with the line saying so, and no warning or error is logged (our
     lines at INFO went nowhere before 2026-12-04)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "internvl_mpo.cli", "serve", "--model", str(server[1]), "--port", str(port),
+    cmd = [sys.executable, "-m", "internvl_mpo.cli", "serve", "--model", str(server[1]), "--port", "0",
            "--max-len", "2048", "--max-tokens", "1800", "--send-timeout", "0.5"]
     log = tmp_path / "server.log"
-    proc = launch(cmd, url, log)
+    proc, url = launch(cmd, log)
     line = "INFO:     a client took none of its answer for 0.5 s (--send-timeout 0.5): its connection is closed"
     try:
         data = json.dumps({**LOUD, "max_tokens": 1800, "n": 4}).encode()
