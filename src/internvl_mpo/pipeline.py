@@ -212,8 +212,8 @@ class InternVLChat:
         planned = planned_frame_tiles(video, num_segments, self.config.image_size, max_num, max_pixels)
         if not holds_images(question, history or ()):
             question = video_prefix(len(planned)) + question
-        frames, tiles = f"{len(planned)} frame{'s' * (len(planned) > 1)}", f"{sum(planned)} tile{'s' * (sum(planned) > 1)}"
-        said = f"; the video's {frames} take{'s' * (len(planned) == 1)} {tiles} (a smaller "
+        frames = "1 frame takes" if len(planned) == 1 else f"{len(planned)} frames take"
+        said = f"; the video's {frames} {sum(planned)} tile{'s' * (sum(planned) > 1)} (a smaller "
         fewer = ("num_segments", " or ", "max_num", " gives fewer)") if max_num > 1 else ("num_segments", " gives fewer)")
         self.check_prompt(question, history, planned, system_message, (said, *fewer))
 
