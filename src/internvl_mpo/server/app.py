@@ -79,6 +79,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     worker = BatchWorker(chat, settings.max_batch, settings.max_len)
     in_progress = InProgress(settings.max_concurrent_requests)
@@ -148,10 +149,13 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
 
         async def read() -> bytearray:
             body = bytearray()
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > limit:
-                    raise ApiError(413, f"the request is over the limit of {limit} bytes", code="request_too_large")
+            try:
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limit:
+                        raise ApiError(413, f"the request is over the limit of {limit} bytes", code="request_too_large")
+            except ClientDisconnect:  # not an error of ours to log with a traceback: as a client gone later, a 499
+                raise ApiError(499, "the client went away before its request body arrived") from None
             return body
 
         timeout = settings.request_read_timeout
