@@ -2007,6 +2007,25 @@ def test_a_request_submitted_as_the_worker_stops_gets_a_503(local_chat):
     assert error.value.status == 503
 
 
+def test_a_request_arriving_after_ctrl_c_stopped_the_worker_is_told_the_server_is_shutting_down(local_chat):
+    """Ctrl-C stops the worker before uvicorn stops taking requests: one that comes in between (or was being read)
+    gets the 503 the running ones get, "the server is shutting down", not "the generation worker is not running",
+    which reads as a crash (it did before 2026-12-05)."""
+    from fastapi.testclient import TestClient
+
+    from internvl_mpo.server import create_app
+
+    app = create_app(local_chat, ServerSettings(served_model_name="m", max_batch=1, max_len=256))
+    with TestClient(app) as client:
+        app.state.worker.stop()  # as the server's shutdown does first
+        for route, body in [("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello there"}]}),
+                            ("/v1/completions", {"prompt": "Hello"})]:
+            for stream in (False, True):
+                refused = client.post(route, json={**body, "max_tokens": 2, "stream": stream})
+                assert refused.status_code == 503, (route, stream, refused.text)
+                assert refused.json()["error"]["message"] == "the server is shutting down"
+
+
 def test_a_burst_of_requests_joins_the_batch_in_one_step(local_chat):
     """Requests that arrive together are all prefilled before the first decode step: four requests of
     STEPS tokens take STEPS - 1 decode steps, not one more step per request queued behind the first."""

@@ -246,7 +246,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
                prompt_logprobs: int | None = None, prompt_only: bool = False, list_stop_token: bool = False):
         """Queue `n` choices of each prompt (choice j of prompt p is index p * n + j, as in vLLM); returns the
         queue their chunks arrive on and the function that cancels them."""
-        if not worker.alive:
+        if not worker.alive and not worker.stopping:  # once stopped by Ctrl-C, worker.submit says it shuts down
             raise ApiError(503, "the generation worker is not running", type="server_error")
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()

@@ -75,6 +75,11 @@ class BatchWorker:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def stopping(self) -> bool:
+        """Stopped (Ctrl-C) or stopping: `submit` refuses a job with "the server is shutting down"."""
+        return self._stopping
+
     def start(self) -> None:
         self._thread.start()
 
