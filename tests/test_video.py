@@ -202,6 +202,17 @@ def test_missing_and_non_video_files(tmp_path):
         load_video(bogus)
 
 
+def test_an_empty_video_file_is_named_empty(tmp_path):
+    """A 0-byte .mp4 (a download or copy that failed) read as FFmpeg's 'Invalid data found when processing input';
+    an empty image was already named as empty."""
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(b"")
+    for read in (load_video, video.planned_frame_tiles):
+        with pytest.raises(InputError) as error:
+            read(path)
+        assert str(error.value) == f"{path}: the file is empty (0 bytes)"
+
+
 def test_a_video_path_with_a_newline_or_a_very_long_name_gives_a_one_line_error(tmp_path):
     with pytest.raises(InputError) as error:
         load_video(str(tmp_path / "clip.mp4") + "\n")

@@ -178,6 +178,8 @@ def _open_container(av, path: str):
     except FileNotFoundError:
         raise InputError(f"{name}: no such file") from None
     except av.error.FFmpegError as e:  # strerror: FFmpeg's reason without the path again
+        if os.path.isfile(path) and os.path.getsize(path) == 0:  # FFmpeg says "Invalid data found"
+            raise InputError(f"{name}: the file is empty (0 bytes)") from None
         raise InputError(f"{name}: not a video FFmpeg can read: {e.strerror or e}") from None
 
 
