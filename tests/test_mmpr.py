@@ -261,7 +261,9 @@ BAD_LINES = [
     (json.dumps(_pair(0, video=7)), "wrong_type", "field 'video' must be a string"),
     (json.dumps(_pair(0, image="missing.jpg")), "missing_file", "image file not found: .*missing.jpg"),
     (json.dumps(_pair(0, image=["a.jpg", "gone.png"])), "missing_file", "image file not found: .*gone.png"),
-    (json.dumps(_pair(0, image="sub")), "missing_file", "image file not found"),  # a directory
+    # a folder was named "image file not found", which sends one looking for a file that is there
+    (json.dumps(_pair(0, image="sub")), "missing_file", "image is a folder, not a file: .*sub$"),
+    (json.dumps(_pair(0, video="sub")), "missing_file", "video is a folder, not a file: .*sub$"),
     (json.dumps(_pair(0, video="none.mp4")), "missing_file", "video file not found"),
     # the official reader trains the image and drops the video: the pair trained without the video it names
     (json.dumps(_pair(0, image="a.jpg", video="clip.mp4")), "image_and_video",

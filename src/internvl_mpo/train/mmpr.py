@@ -319,7 +319,7 @@ def _media(item: dict, root: str) -> tuple[tuple[str, ...], bool, str | None]:
             resolved = tuple(_image_path(root, p) for p in paths)
             for p in resolved:
                 if not os.path.isfile(p):
-                    raise _BadLine("missing_file", f"image file not found: {p}")
+                    raise _BadLine("missing_file", _not_a_file("image", p))
             return resolved, multi, None
     video = item.get("video")
     if video is None or video == "":
@@ -328,8 +328,16 @@ def _media(item: dict, root: str) -> tuple[tuple[str, ...], bool, str | None]:
         raise _BadLine("wrong_type", f"field 'video' must be a string, got {type(video).__name__}")
     path = os.path.abspath(os.path.join(root, video))
     if not os.path.isfile(path):
-        raise _BadLine("missing_file", f"video file not found: {path}")
+        raise _BadLine("missing_file", _not_a_file("video", path))
     return (), False, path
+
+
+def _not_a_file(kind: str, path: str) -> str:
+    """Why a record's image or video `path` is no file: a folder (a video's frames are not read from one in
+    training) is named as such rather than as not found."""
+    if os.path.isdir(path):
+        return f"{kind} is a folder, not a file: {path}"
+    return f"{kind} file not found: {path}"
 
 
 def _answer(item: dict, key: str) -> str:
