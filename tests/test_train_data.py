@@ -400,6 +400,21 @@ def test_a_video_placeholder_without_its_one_video_names_file_and_line(tmp_path,
         assert item.message == f"{tmp_path / 'toy.jsonl'}:{line}: the question holds {problem}"
 
 
+def test_a_video_as_a_records_image_is_pointed_to_its_video_field(tmp_path, tokenizer, settings):
+    """A video named as a record's "image" (or a picture as its "video") was told to pass it "as a video (video= in
+    Python, --video on the command line)": neither is how a training record gives one."""
+    pytest.importorskip("av")  # FFmpeg reads the picture given as a video
+    meta = write_mmpr(tmp_path, [{"image": "clip.mp4", "question": "<image>\nq", "chosen": "a", "rejected": "b"},
+                                 {"video": "red.png", "question": "<video>\nq", "chosen": "a", "rejected": "b"}])
+    (tmp_path / "images" / "clip.mp4").write_bytes(b"\0\0\0\x18ftypisom" + bytes(100))
+    recs, _ = read_datasets(load_meta(str(meta)))
+    dataset = PairDataset(sorted(recs, key=lambda r: r.source.line), tokenizer, settings, 4096)
+    for line, field in [(1, "video"), (2, "image")]:
+        item = dataset[line - 1]
+        assert isinstance(item, BadExample) and item.message.endswith(f"give it as the record's \"{field}\""), item
+        assert "--video" not in item.message and "--image" not in item.message
+
+
 def test_sft_conversations_match_official_masks(tmp_path, chat_folder, tokenizer, settings):
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(chat_folder)
