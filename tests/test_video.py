@@ -249,6 +249,19 @@ def test_an_image_file_is_not_a_one_frame_video(tmp_path, name):
             read(path)
 
 
+def test_a_text_file_named_as_an_image_is_not_called_an_image(tmp_path):
+    """FFmpeg's image2 reader takes a file by its name: a text file named .jpg, or an HTML error page saved as .png,
+    was called "an image, not a video" and sent to --image, where it was "not an image Pillow can read"."""
+    for name, text in [("notes.jpg", "hello\n"), ("page.png", "<!DOCTYPE html><html><body>Not found</body></html>\n")]:
+        path = tmp_path / name
+        path.write_text(text)
+        for read in (load_video, video.planned_frame_tiles):
+            with pytest.raises(InputError) as error:
+                read(path)
+            assert str(error.value) == (f"{path}: not a video (FFmpeg takes it for an image, with its image2 reader),"
+                                        " nor an image Pillow can read")
+
+
 def test_an_image_sequence_pattern_is_still_read_as_frames(tmp_path):
     for k in range(5):
         frame_image(k).save(tmp_path / f"f{k:03d}.png")

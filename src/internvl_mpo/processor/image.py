@@ -191,6 +191,21 @@ def _open_pil(src: BinaryIO | bytes | bytearray, name: str, max_pixels: int | No
         raise InputError(f"{name}: cannot read image header: {e}") from None
 
 
+def pillow_identifies(path: str) -> bool:
+    """Whether Pillow reads the header of the file at `path` as an image's (one too large to open counts)."""
+    try:
+        with _quiet_open, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            Image.open(path).close()
+    except Image.DecompressionBombError:
+        return True
+    except MemoryError:
+        raise
+    except _DECODE_ERRORS:
+        return False
+    return True
+
+
 def _looks_like_video(fp: BinaryIO, name: str) -> bool:
     """Whether `name` has a video's extension or the file `fp` begins as a video does."""
     if os.path.splitext(name)[1].lower() in _VIDEO_SUFFIXES:

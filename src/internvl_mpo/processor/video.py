@@ -89,6 +89,7 @@ from internvl_mpo.processor.image import (
     check_pixels,
     image_to_pixel_values,
     open_image,
+    pillow_identifies,
     refuse_url,
     source_name,
 )
@@ -385,6 +386,9 @@ def _checked_stream(av, container, name: str, max_pixels: int | None):
     which FFmpeg's image2 reader reads as a sequence of frames, names no file and is left to it."""
     reader = container.format.name
     if (reader == "image2" or reader.endswith("_pipe")) and os.path.isfile(container.name):
+        if not pillow_identifies(container.name):  # image2 goes by the name alone: a text file named .jpg
+            raise InputError(f"{name}: not a video (FFmpeg takes it for an image, with its {reader} reader), nor an"
+                             " image Pillow can read")
         raise InputError(f"{name}: is an image, not a video (FFmpeg reads it with its {reader} reader); "
                          + AS_AN_IMAGE)
     stream = _video_stream(container)
