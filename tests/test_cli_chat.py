@@ -1055,6 +1055,19 @@ def test_tiles_command_prints_grid_and_writes_png(tmp_path):
     assert (tmp_path / "here" / "wide.tiles.png").is_file() and not (tmp_path / "wide.tiles.png").exists()
 
 
+def test_tiles_refuses_to_write_its_picture_over_the_image(tmp_path):
+    """`tiles photo.png --output photo.png` replaced the photo with the picture of its tiles."""
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (90, 50), "red").save(image)
+    before = image.read_bytes()
+    for output in (image, tmp_path / "photo", tmp_path / "." / "photo.png"):
+        out = cli("tiles", image, "--output", output)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr.strip().endswith(": is the image shown; the picture would replace it: write it to another"
+                                           " path"), out.stderr
+    assert image.read_bytes() == before
+
+
 def test_bad_device_dtype_and_tile_budget_are_one_line_errors(folder):
     cases = [(["--dtype", "foo"], "unknown dtype 'foo'"), (["--device", "foo"], "unknown device 'foo'"),
              (["--device", "meta"], "device 'meta' holds no data"),

@@ -47,6 +47,13 @@ def no_folder(path: Path) -> str:
     return f"{above} is a file, not a folder" if not above.is_dir() else f"the folder {path.parent} does not exist"
 
 
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # either is missing (a new picture), or a name no file can have
+        return False
+
+
 def tiles_report(
     image_path: ImageSource,
     max_num: int = 12,
@@ -60,6 +67,8 @@ def tiles_report(
     """The tiling of one image as a dict (see `format_tiles_report`); draws it to `output_png` if given
     (see `png_output`: `.png` is appended to a name without a suffix)."""
     target = png_output(output_png) if output_png is not None else None
+    if target is not None and isinstance(image_path, (str, os.PathLike)) and _same_file(target, image_path):
+        raise InputError(f"{target}: is the image shown; the picture would replace it: write it to another path")
     image = open_image(image_path, max_pixels)
     plan = plan_tiles(image.width, image.height, min_num, max_num, image_size, use_thumbnail)
     resized_w, resized_h = plan.resized_size
