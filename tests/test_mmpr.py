@@ -264,6 +264,8 @@ BAD_LINES = [
     # a folder was named "image file not found", which sends one looking for a file that is there
     (json.dumps(_pair(0, image="sub")), "missing_file", "image is a folder, not a file: .*sub$"),
     (json.dumps(_pair(0, video="sub")), "missing_file", "video is a folder, not a file: .*sub$"),
+    # an empty name in a list named the images' root folder ("image file not found: /data/images")
+    (json.dumps(_pair(0, image=["a.jpg", ""])), "wrong_type", r"field 'image' lists an empty path: \['a.jpg', ''\]$"),
     (json.dumps(_pair(0, video="none.mp4")), "missing_file", "video file not found"),
     # the official reader trains the image and drops the video: the pair trained without the video it names
     (json.dumps(_pair(0, image="a.jpg", video="clip.mp4")), "image_and_video",

@@ -312,6 +312,8 @@ def _media(item: dict, root: str) -> tuple[tuple[str, ...], bool, str | None]:
             paths, multi = image, True
         else:
             raise _BadLine("wrong_type", f"field 'image' must be a string or a list of strings, got {image!r:.80}")
+        if "" in paths:  # it would name the images' root folder
+            raise _BadLine("wrong_type", f"field 'image' lists an empty path: {image!r:.80}")
         if paths and item.get("video") not in (None, ""):
             raise _BadLine("image_and_video", "the record gives both 'image' and 'video', and a sample shows one of"
                            " them (the official reader trains the image and drops the video without a word)")
