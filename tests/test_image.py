@@ -4,6 +4,7 @@ float32), against transformers' GOT-OCR2 image processor, and every bad-input ca
 
 import gc
 import io
+import os
 import re
 import struct
 import threading
@@ -302,6 +303,14 @@ def test_empty_file_is_named_as_empty(tmp_path):
     for source in (path, str(path), b""):
         with pytest.raises(InputError, match=r"(empty.jpg|<0 bytes>): the file is empty \(0 bytes\)"):
             load_image(source)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_a_device_is_not_named_an_empty_file():
+    """/dev/zero (and /dev/urandom) seek to an "end" at 0 and were named "the file is empty (0 bytes)"."""
+    with pytest.raises(InputError) as error:
+        load_image("/dev/zero")
+    assert str(error.value) == "/dev/zero: not an image Pillow can read"
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])

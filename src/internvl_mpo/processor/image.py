@@ -31,6 +31,7 @@ import io
 import numbers
 import os
 import re
+import stat
 import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -144,6 +145,11 @@ def let_pillow_open(max_pixels: int | None) -> None:
 
 
 def _is_empty(fp: BinaryIO) -> bool:
+    try:
+        if not stat.S_ISREG(os.fstat(fp.fileno()).st_mode):  # /dev/zero seeks to its "end" at 0 too
+            return False
+    except (OSError, ValueError, AttributeError):  # no file descriptor: bytes, BytesIO
+        pass
     try:
         return fp.seek(0, os.SEEK_END) == 0
     except (OSError, ValueError, AttributeError):
