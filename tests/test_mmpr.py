@@ -330,6 +330,25 @@ def test_skip_bad_counts_and_keeps_first_messages(tmp_path, root):
         read_datasets([spec])
 
 
+def test_a_root_that_is_no_folder_is_named_with_the_missing_file(tmp_path, root):
+    """A wrong meta.json `root` made every record "image file not found: <root>/a.jpg", with nothing saying that
+    the root itself is not there."""
+    (tmp_path / "a_file").write_text("x")
+    for bad, why in [(tmp_path / "nope", "does not exist"), (tmp_path / "a_file", "is a file, not a folder")]:
+        for record, kind, name in [(_pair(0, image="a.jpg"), "image", "a.jpg"),
+                                   (_pair(0, video="clip.mp4"), "video", "clip.mp4")]:
+            spec = _spec(tmp_path, str(bad), [record])
+            with pytest.raises(InputError) as error:
+                read_records(spec, 0)
+            assert str(error.value) == (f"{spec.annotation}:1: {kind} file not found: {bad / name} (the folder it is"
+                                        f" read from, {bad}, {why})")
+    # an absolute path does not come from the root: no word about it
+    spec = _spec(tmp_path, str(tmp_path / "nope"), [_pair(0, image=str(tmp_path / "gone.jpg"))])
+    with pytest.raises(InputError) as error:
+        read_records(spec, 0)
+    assert str(error.value) == f"{spec.annotation}:1: image file not found: {tmp_path / 'gone.jpg'}"
+
+
 def test_subsampled_out_lines_are_not_checked(tmp_path, root):
     """As in the official lazy loader, only the selected lines are parsed."""
     spec = _spec(tmp_path, root, [_pair(k) for k in range(9)] + ["{bad"], repeat_time=0.5)

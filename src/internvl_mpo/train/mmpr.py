@@ -319,9 +319,9 @@ def _media(item: dict, root: str) -> tuple[tuple[str, ...], bool, str | None]:
                            " them (the official reader trains the image and drops the video without a word)")
         if paths:
             resolved = tuple(_image_path(root, p) for p in paths)
-            for p in resolved:
+            for name, p in zip(paths, resolved):
                 if not os.path.isfile(p):
-                    raise _BadLine("missing_file", _not_a_file("image", p))
+                    raise _BadLine("missing_file", _not_a_file("image", p, None if os.path.isabs(name) else root))
             return resolved, multi, None
     video = item.get("video")
     if video is None or video == "":
@@ -330,15 +330,19 @@ def _media(item: dict, root: str) -> tuple[tuple[str, ...], bool, str | None]:
         raise _BadLine("wrong_type", f"field 'video' must be a string, got {type(video).__name__}")
     path = os.path.abspath(os.path.join(root, video))
     if not os.path.isfile(path):
-        raise _BadLine("missing_file", _not_a_file("video", path))
+        raise _BadLine("missing_file", _not_a_file("video", path, None if os.path.isabs(video) else root))
     return (), False, path
 
 
-def _not_a_file(kind: str, path: str) -> str:
-    """Why a record's image or video `path` is no file: a folder (a video's frames are not read from one in
-    training) is named as such rather than as not found."""
+def _not_a_file(kind: str, path: str, root: str | None) -> str:
+    """Why a record's image or video `path`, read from the folder `root` (None: an absolute path), is no file: a
+    folder (a video's frames are not read from one in training) is named as such rather than as not found, and a
+    `root` that is no folder (a wrong meta.json `root` or --image-root, which fails every record) is named too."""
     if os.path.isdir(path):
         return f"{kind} is a folder, not a file: {path}"
+    if root is not None and not root.startswith("s3://") and not os.path.isdir(root):
+        why = "is a file, not a folder" if os.path.exists(root) else "does not exist"
+        return f"{kind} file not found: {path} (the folder it is read from, {root}, {why})"
     return f"{kind} file not found: {path}"
 
 
