@@ -313,6 +313,37 @@ def test_a_device_is_not_named_an_empty_file():
     assert str(error.value) == "/dev/zero: not an image Pillow can read"
 
 
+def test_pillows_warnings_about_a_file_it_refuses_are_not_shown(tmp_path, monkeypatch):
+    """A TIFF cut inside its tags printed Pillow's "UserWarning: Corrupt EXIF data", two lines naming Pillow's
+    source, before the one-line error; the warnings of a file that opens still show."""
+    data = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(data, format="TIFF")
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(data.getvalue()[:20])
+    with warnings.catch_warnings(record=True) as raw:
+        warnings.simplefilter("always")
+        with pytest.raises(Exception):
+            Image.open(cut)
+    if not raw:
+        pytest.skip("this Pillow does not warn about the cut TIFF")
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with pytest.raises(InputError, match="cut.tif: not an image Pillow can read$"):
+            load_image(cut)
+    assert not shown, [str(w.message) for w in shown]
+    good = tmp_path / "good.png"
+    Image.new("RGB", (40, 30)).save(good)
+    pillow_open = Image.open
+
+    def warning_open(fp, *args, **kwargs):
+        warnings.warn("Possibly corrupt EXIF data", UserWarning)
+        return pillow_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", warning_open)
+    with pytest.warns(UserWarning, match="Possibly corrupt EXIF data"):
+        load_image(good)
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_truncated_file(tmp_path, fmt):
     path = tmp_path / f"cut.{fmt.lower()}"

@@ -172,10 +172,12 @@ def _open_file(path: str | os.PathLike, name: str) -> BinaryIO:
 def _open_pil(src: BinaryIO | bytes | bytearray, name: str, max_pixels: int | None) -> Image.Image:
     fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src
     try:
-        # Pillow warns above MAX_IMAGE_PIXELS; we enforce our own limit after opening instead.
-        with _quiet_open, warnings.catch_warnings():
+        # Pillow warns above MAX_IMAGE_PIXELS; we enforce our own limit after opening instead. Its other warnings
+        # (a cut TIFF's "Corrupt EXIF data", two lines naming Pillow's source) are held: shown for a file it opens,
+        # dropped for one refused here, whose one-line error says what is wrong.
+        with _quiet_open, warnings.catch_warnings(record=True) as held:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(fp)
+            image = Image.open(fp)
     except Image.DecompressionBombError as e:
         pillows = 2 * Image.MAX_IMAGE_PIXELS  # Pillow raises only past twice its limit
         if _limit(max_pixels) <= pillows:  # the caller's limit refuses it too: name that one, as check_pixels does
@@ -195,6 +197,9 @@ def _open_pil(src: BinaryIO | bytes | bytearray, name: str, max_pixels: int | No
         raise
     except _DECODE_ERRORS as e:
         raise InputError(f"{name}: cannot read image header: {e}") from None
+    for warning in held:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return image
 
 
 def pillow_identifies(path: str) -> bool:
