@@ -6,6 +6,7 @@ import io
 import itertools
 import re
 import struct
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -260,6 +261,16 @@ def test_a_text_file_named_as_an_image_is_not_called_an_image(tmp_path):
                 read(path)
             assert str(error.value) == (f"{path}: not a video (FFmpeg takes it for an image, with its image2 reader),"
                                         " nor an image Pillow can read")
+    # a TIFF cut inside its tags: Pillow's "UserWarning: Corrupt EXIF data" was printed above the message
+    data = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(data, format="TIFF")
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(data.getvalue()[:20])
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with pytest.raises(InputError, match="nor an image Pillow can read$"):
+            load_video(cut)
+    assert not shown, [str(w.message) for w in shown]
 
 
 def test_an_image_sequence_pattern_is_still_read_as_frames(tmp_path):
