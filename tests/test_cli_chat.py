@@ -599,6 +599,23 @@ def test_an_output_under_a_file_says_it_is_a_file(folder, tmp_path, capsys):
     assert f"the folder {tmp_path / 'no'} does not exist" in capsys.readouterr().err
 
 
+def test_running_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
+    """A MemoryError (here from the tiling, as Pillow's allocation of a huge picture under a memory limit gives) ends
+    the command with one line and exit code 1; it was a traceback ending in Pillow's allocator."""
+    from internvl_mpo.cli import main
+    from internvl_mpo.processor import preview
+
+    def huge(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(preview, "tiles_report", huge)
+    image = tmp_path / "red.png"
+    Image.new("RGB", (64, 48), "red").save(image)
+    assert main(["tiles", str(image)]) == 1
+    assert capsys.readouterr().err == ("internvl-mpo tiles: error: out of memory: this machine could not allocate "
+                                       "what the command needed\n")
+
+
 def test_generate_checks_its_arguments_before_loading_the_model(folder, tmp_path):
     requests = tmp_path / "requests.jsonl"
     requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")

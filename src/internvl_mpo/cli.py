@@ -174,6 +174,10 @@ def _main(argv: list[str] | None) -> int:
     except InternVLError as e:
         print(f"internvl-mpo {name}: error: {flagged(e, fn)}", file=sys.stderr)
         return 1
+    except MemoryError as e:  # Python's (Pillow's buffers, lists): a line, not a traceback ending in the allocator
+        print(f"internvl-mpo {name}: error: out of memory{f' ({e})' if str(e) else ''}: this machine could not "
+              "allocate what the command needed", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return int(result or 0)
