@@ -125,7 +125,7 @@ def chat(
     from .cli import flagged
     from .devices import default_device
     from .pipeline import InternVLChat, sampling_params
-    from .processor.image import let_pillow_open, open_image
+    from .processor.image import let_pillow_open, open_image, pointed_elsewhere
 
     question = _utf8(" ".join(question), "the question") if question else None  # `chat What is it?` as one string
     let_pillow_open(max_pixels)
@@ -182,8 +182,8 @@ def chat(
             try:
                 open_image(path, max_pixels).close()  # refuse what is not an image now, not at every later question
             except InputError as e:
-                print(f"error: {_video_way(flagged(e, chat), 'a chat about a video starts with --video FILE')}",
-                      file=sys.stderr)
+                why = pointed_elsewhere(flagged(e, chat), "a chat about a video starts with --video FILE")
+                print(f"error: {why}", file=sys.stderr)
                 continue
             images.append(path)
             history = []  # a new image starts a new conversation
@@ -292,7 +292,7 @@ def generate(
     from .jsonl import rewrite_in_order
     from .locks import lock_output, no_lock_note
     from .pipeline import InternVLChat, sampling_params
-    from .processor.image import let_pillow_open
+    from .processor.image import let_pillow_open, pointed_elsewhere
     from .processor.preview import no_folder
     from .run_folder import recorded_weights
 
@@ -347,8 +347,8 @@ def generate(
                                            max_num=_per_image(max_num, item.get("video")), max_pixels=max_pixels)
                     yield item, prepared, params
                 except InputError as e:  # this request alone fails; the run goes on
-                    yield item, _video_way(flagged(e, generate), 'give it as the request\'s "video"',
-                                           'give it as the request\'s "image"'), params
+                    yield item, pointed_elsewhere(flagged(e, generate), 'give it as the request\'s "video"',
+                                                  'give it as the request\'s "image"'), params
 
         with out.open("a", encoding="utf-8") as sink, tqdm(total=len(requests), initial=len(requests) - len(todo),
                                                            desc="generate", unit="req") as bar:
@@ -509,18 +509,6 @@ def _read_requests(path: Path) -> list[dict]:
     return items
 
 
-def _video_way(error: Exception, way: str, image_way: str | None = None) -> Exception:
-    """`error`, where it points a video given as an image to the video input (AS_A_VIDEO), saying `way`: the
-    way this command takes a video (or that it takes none); with `image_way`, likewise where it points an
-    image given as a video to the image input (AS_AN_IMAGE)."""
-    from .processor.image import AS_A_VIDEO, AS_AN_IMAGE
-
-    for said, instead in ((AS_A_VIDEO, way), (AS_AN_IMAGE, image_way)):
-        if instead is not None and said in str(error):
-            return InputError(str(error).replace(said, instead))
-    return error
-
-
 def tiles(image: str, *, max_num: int = 12, min_num: int = 1, output: str | None = None,
           max_pixels: int | None = None) -> int:
     """Show how an image is tiled: grid, tile count, token cost, and a PNG of the tiles.
@@ -531,7 +519,7 @@ def tiles(image: str, *, max_num: int = 12, min_num: int = 1, output: str | None
     output: PNG to write (default: <image name>.tiles.png in the current folder)
     max_pixels: refuse images with more pixels (default: Pillow's limit, about 89 M)
     """
-    from .processor.image import let_pillow_open
+    from .processor.image import let_pillow_open, pointed_elsewhere
     from .processor.preview import format_tiles_report, tiles_report
 
     let_pillow_open(max_pixels)
@@ -539,6 +527,6 @@ def tiles(image: str, *, max_num: int = 12, min_num: int = 1, output: str | None
     try:
         report = tiles_report(image, max_num=max_num, min_num=min_num, output_png=png, max_pixels=max_pixels)
     except InputError as e:
-        raise _video_way(e, "`tiles` shows images only") from None
+        raise pointed_elsewhere(e, "`tiles` shows images only") from None
     print(format_tiles_report(report))
     return 0

@@ -238,7 +238,7 @@ def check_images(images, where: str, checked: set, max_pixels: int | None = None
     """Open and decode each image (path or bytes) not in `checked` yet, so a missing file, a non-image
     or one over `max_pixels` pixels is reported with its file:line before the model loads. A video given
     as an image is told the way of these files (not the --video flag, which eval and pairs do not have)."""
-    from internvl_mpo.processor.image import AS_A_VIDEO, open_image
+    from internvl_mpo.processor.image import open_image, pointed_elsewhere
 
     for image in images:
         if image not in checked:
@@ -247,7 +247,7 @@ def check_images(images, where: str, checked: set, max_pixels: int | None = None
             except SettingError as e:  # still naming the setting, which the command names by its flag
                 raise SettingError(f"{where}: {e.parts[0]}", *e.parts[1:]) from None
             except InputError as e:
-                why = str(e).replace(AS_A_VIDEO, f"videos are not read here; {FRAMES_AS_IMAGES}")
+                why = pointed_elsewhere(e, f"videos are not read here; {FRAMES_AS_IMAGES}")
                 raise InputError(f"{where}: {why}") from None
             checked.add(image)
 

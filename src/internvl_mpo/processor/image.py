@@ -76,6 +76,16 @@ _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://|data:")
 # a video (processor/video.py) with AS_AN_IMAGE. The server says them in its own words.
 AS_A_VIDEO = "pass it as a video (video= in Python, --video on the command line)"
 AS_AN_IMAGE = "pass it as an image (images= in Python, --image on the command line)"
+
+
+def pointed_elsewhere(error: Exception, video_way: str | None = None, image_way: str | None = None) -> Exception:
+    """`error` where it points a video given as an image to the video input (AS_A_VIDEO), saying `video_way`
+    instead, or an image given as a video to the image input (AS_AN_IMAGE), saying `image_way`: the way a
+    command or file format takes the other kind (or that it takes none). Else `error` as it is."""
+    for said, way in ((AS_A_VIDEO, video_way), (AS_AN_IMAGE, image_way)):
+        if way is not None and said in str(error):
+            return InputError(str(error).replace(said, way))
+    return error
 _VIDEO_SUFFIXES = frozenset(".3gp .asf .avi .flv .m2ts .m4v .mkv .mov .mp4 .mpeg .mpg .mts .ogv .ts .webm .wmv".split())
 _IMAGE_BRANDS = (b"avif", b"avis", b"heic", b"heim", b"heis", b"heix", b"hevc", b"hevx", b"mif1", b"msf1")  # HEIF/AVIF
 

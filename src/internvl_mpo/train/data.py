@@ -72,7 +72,7 @@ from internvl_mpo.chat.template import (
 from internvl_mpo.chat.tokenizer import Tokenizer
 from internvl_mpo.config import ModelConfig
 from internvl_mpo.errors import InputError, SettingError
-from internvl_mpo.processor.image import AS_A_VIDEO, AS_AN_IMAGE, image_to_pixel_values, load_image, open_image
+from internvl_mpo.processor.image import image_to_pixel_values, load_image, open_image, pointed_elsewhere
 from internvl_mpo.processor.tiling import dynamic_preprocess
 from internvl_mpo.processor.video import load_video
 from internvl_mpo.train.mmpr import PreferenceRecord, SFTRecord
@@ -279,8 +279,7 @@ def _flagged(error: InputError) -> InputError:
     pointing a video given as a record's image (or an image as its video) to the record's field, not to --video."""
     if isinstance(error, SettingError):
         return error.named({"max_pixels": "--max-pixels"})
-    message = str(error).replace(AS_A_VIDEO, 'give it as the record\'s "video"')
-    return InputError(message.replace(AS_AN_IMAGE, 'give it as the record\'s "image"'))
+    return pointed_elsewhere(error, 'give it as the record\'s "video"', 'give it as the record\'s "image"')
 
 
 def _check_video_length(video: str | None, settings: MediaSettings, max_seq_length: int) -> None:
