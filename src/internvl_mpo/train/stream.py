@@ -134,13 +134,11 @@ class SampleStream:
             item = next(self._items, None)
             if item is None:
                 if self._bad_run >= self._share_len:
-                    samples = "the 1 sample" if self._share_len == 1 else f"all {self._share_len} samples"
+                    n = self._share_len
+                    samples = "the 1 sample of this process was" if n == 1 else f"all {n} samples of this process were"
                     problems = "problem" if len(self.report.messages) == 1 else "problems"
-                    raise InputError(
-                        f"no usable sample in a whole epoch: {samples} of this process "
-                        f"{'was' if self._share_len == 1 else 'were'} bad and skipped (--skip-bad); first {problems}: "
-                        + "; ".join(self.report.messages)
-                    )
+                    raise InputError(f"no usable sample in a whole epoch: {samples} bad and skipped (--skip-bad); first "
+                                     f"{problems}: {'; '.join(self.report.messages)}")
                 self.epoch, self.cursor, self._items = self.epoch + 1, 0, None
                 continue
             self.cursor += 1
