@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import json
 import os
+import random
 import shutil
 import socket
 from pathlib import Path
@@ -33,12 +34,24 @@ from internvl_mpo.train.settings import TrainConfig
 
 
 def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
+    """`n` free ports outside the kernel's ephemeral range. A port that bind(0) picked and released could be
+    handed out again to any socket before the run binds it, gloo's own connections of an earlier config among
+    them (EADDRINUSE); the kernel never hands out one outside that range by itself."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):  # not Linux: the IANA range
+        low, high = 49152, 65535
+    candidates = [*range(10000, low), *range(high + 1, 65536)]
+    ports: list[int] = []
+    while len(ports) < n:
+        port = random.choice(candidates)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # taken
+                continue
+        if port not in ports:
+            ports.append(port)
     return ports
 
 
