@@ -191,7 +191,10 @@ def _open_pil(src: BinaryIO | bytes | bytearray, name: str, max_pixels: int | No
     except Image.DecompressionBombError as e:
         pillows = 2 * Image.MAX_IMAGE_PIXELS  # Pillow raises only past twice its limit
         if _limit(max_pixels) <= pillows:  # the caller's limit refuses it too: name that one, as check_pixels does
-            raise SettingError(f"{name}: more than {pillows} pixels, over the limit of {_limit(max_pixels)} "
+            # the size is known only from Pillow's message ("Image size (N pixels) exceeds ...")
+            counted = re.search(r"\((\d+) pixels\)", str(e))
+            size = f"{counted[1]} pixels exceeds" if counted else f"more than {pillows} pixels, over"
+            raise SettingError(f"{name}: {size} the limit of {_limit(max_pixels)} "
                                "(possible decompression bomb; a larger ", "max_pixels", " allows it)") from None
         raise InputError(
             f"{name}: refused as a possible decompression bomb ({e}); raise PIL.Image.MAX_IMAGE_PIXELS "
