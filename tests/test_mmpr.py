@@ -41,7 +41,8 @@ def _write_jsonl(path, items) -> str:
 def root(tmp_path):
     images = tmp_path / "images"
     (images / "sub").mkdir(parents=True)
-    for name in ("a.jpg", "b.jpg", "sub/c.png", "clip.mp4"):
+    (images / "notes").mkdir()
+    for name in ("a.jpg", "b.jpg", "sub/c.png", "clip.mp4", "notes/read_me.txt"):
         (images / name).write_bytes(b"x")
     return str(images)
 
@@ -171,6 +172,18 @@ def test_record_fields_and_media_branches(tmp_path, root):
     assert all(os.path.isabs(p) for r in records for p in r.images)
 
 
+def test_a_video_that_is_a_folder_of_frames_is_read_as_the_records_video(tmp_path, root):
+    """Training refused a folder of frames as a record's video ("video is a folder, not a file"), where chat and the
+    server read one and the official trainer reads a path that ends in '/' as one."""
+    spec = _spec(tmp_path, root, [_pair(0, video="sub"), _pair(1, video="sub/"), _pair(2, video=f"{root}/sub")])
+    records = read_records(spec, 0)
+    assert len(records) == 3 and {r.video for r in records} == {os.path.join(root, "sub")}
+    convo = [{"from": "human", "value": "<video>\nhi"}, {"from": "gpt", "value": "yo"}]
+    (record,) = read_sft_records(_write_jsonl(tmp_path / "sft.jsonl", [{"video": "sub/", "conversations": convo}]),
+                                 root)
+    assert record.video == os.path.join(root, "sub") and record.images == ()
+
+
 def test_fields_beside_the_image_that_are_not_another_name_for_it_are_ignored(tmp_path, root):
     """Ids and metadata beside an image (or beside "image": "", text only) are not taken for a misnamed image."""
     spec = _spec(tmp_path, root, [_pair(0, image="a.jpg", image_id=3, images_meta="x", answer_gt="B"),
@@ -263,7 +276,9 @@ BAD_LINES = [
     (json.dumps(_pair(0, image=["a.jpg", "gone.png"])), "missing_file", "image file not found: .*gone.png"),
     # a folder was named "image file not found", which sends one looking for a file that is there
     (json.dumps(_pair(0, image="sub")), "missing_file", "image is a folder, not a file: .*sub$"),
-    (json.dumps(_pair(0, video="sub")), "missing_file", "video is a folder, not a file: .*sub$"),
+    # a video's folder is its frames (as chat reads one): a folder without frame images has none to train on
+    (json.dumps(_pair(0, video="notes")), "missing_file",
+     "video folder has no image files to use as video frames: .*notes$"),
     # an empty name in a list named the images' root folder ("image file not found: /data/images")
     (json.dumps(_pair(0, image=["a.jpg", ""])), "wrong_type", r"field 'image' lists an empty path: \['a.jpg', ''\]$"),
     (json.dumps(_pair(0, video="none.mp4")), "missing_file", "video file not found"),
@@ -391,6 +406,8 @@ def test_sft_records(tmp_path, root):
     ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": " "}]}, "empty_answer",
      r"conversations\[1\].value is empty"),
     ({"image": "zzz.jpg", "conversations": [{"from": "human", "value": "x"}]}, "missing_file", "image file not found"),
+    ({"video": "notes", "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]},
+     "missing_file", "video folder has no image files to use as video frames: .*notes$"),
     ({"img": "a.jpg", "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]},
      "unread_field", r"field 'img' is not read; did you mean 'image'\?$"),
     ({"image": "a.jpg", "video": "clip.mp4", "conversations": [{"from": "human", "value": "x"},

@@ -8,8 +8,10 @@ The helpers at the top (tiny PNGs, MMPR files) are shared with test_train.py and
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import math
 import re
 from pathlib import Path
 
@@ -18,12 +20,13 @@ import pytest
 import torch
 from PIL import Image
 
-from internvl_mpo.chat.template import TEMPLATES
+from internvl_mpo.chat.template import TEMPLATES, build_pair_ids
 from internvl_mpo.chat.tokenizer import load_tokenizer
 from internvl_mpo.config import ModelConfig
 from internvl_mpo.errors import InputError
 from internvl_mpo.processor.image import IMAGENET_MEAN, IMAGENET_STD, load_image
 from internvl_mpo.processor.tiling import dynamic_preprocess
+from internvl_mpo.processor.video import load_video
 from internvl_mpo.train.data import (
     BadExample,
     MediaSettings,
@@ -36,7 +39,11 @@ from internvl_mpo.train.data import (
     jpeg_augment,
     load_media,
 )
+from internvl_mpo.train.distributed import DistEnv
+from internvl_mpo.train.fingerprints import media_digest
 from internvl_mpo.train.mmpr import load_meta, read_datasets, read_sft_records
+from internvl_mpo.train.mpo import train
+from internvl_mpo.train.settings import TrainConfig
 
 COLORS = {"red": (230, 20, 20), "blue": (20, 20, 230), "green": (20, 200, 20), "grey": (128, 128, 128)}
 SIZES = {"red": (40, 30), "blue": (30, 60), "green": (56, 56), "grey": (90, 30)}
@@ -602,3 +609,71 @@ def test_data_augment_reencodes_whole_video_frames_before_their_resize(tmp_path,
     frames = [Image.open(folder / f"{name}.png").convert("RGB") for name in ("blue", "grey")]
     assert torch.equal(plain, torch.stack([normalized(f.resize((settings.image_size,) * 2)) for f in frames]))
     jpeg_qualities(augmented, frames, size=settings.image_size)
+
+
+# ----------------------------------------------------------------------------- a video given as a folder of frames
+
+
+def frames_folder_pairs(root: Path, videos: list[str]) -> Path:
+    """An MMPR set of one pair per entry of `videos`, each a folder under images/; "clip" holds the four noise
+    frames of `write_noise_images`, and the question puts the video first as the data does."""
+    meta = write_mmpr(root, [{"video": video, "question": f"<video>\nWhat happens {k}?", "chosen": "Bars grow.",
+                              "rejected": "Nothing."} for k, video in enumerate(videos)])
+    write_noise_images(root / "images" / "clip")
+    return meta
+
+
+def test_a_video_folder_of_frames_encodes_the_frames_load_video_samples(tmp_path, tokenizer, settings):
+    """A record whose video is a folder of frame images was refused in training ("video is a folder, not a file");
+    it takes the --video-frames frames load_video samples from the folder, with a video file's prompt."""
+    meta = frames_folder_pairs(tmp_path, ["clip/"])
+    (record,) = read_datasets(load_meta(str(meta)))[0]
+    three = MediaSettings(**{**settings.__dict__, "video_frames": 3})
+    frames = load_video(tmp_path / "images" / "clip", num_segments=3, image_size=settings.image_size)
+    example = encode_pair(record, tokenizer, three, 8192)
+    assert torch.equal(example.pixel_values, frames.pixel_values) and frames.pixel_values.shape[0] == 3
+    prompt = build_pair_ids(tokenizer, frames.prefix + "What happens 0?", "Bars grow.", "Nothing.", [1, 1, 1],
+                            num_image_token=settings.num_image_token).prompt_ids
+    assert example.prompt_ids == prompt
+    convo = [{"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "Bars grow."}]
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"video": "clip", "conversations": convo}) + "\n")
+    (sft,) = SFTDataset(read_sft_records(str(tmp_path / "sft.jsonl"), str(tmp_path / "images")), tokenizer, three,
+                        8192)
+    assert torch.equal(sft.pixel_values, frames.pixel_values)
+    assert "Frame3: <img>" in tokenizer.decode(sft.input_ids, skip_special_tokens=False)
+
+
+def test_the_media_digest_covers_a_video_folders_frames(tmp_path):
+    """The precomputed reference's media digest hashed a folder as "unreadable" whatever its frames held: a frame
+    edited, added, removed or renamed must change it, a file that is no frame must not."""
+    meta = frames_folder_pairs(tmp_path, ["clip"])
+    records, _ = read_datasets(load_meta(str(meta)))
+    clip = tmp_path / "images" / "clip"
+    seen = [media_digest(records, DistEnv())]
+    (clip / "notes.txt").write_text("not a frame: load_video does not read it")
+    assert media_digest(records, DistEnv()) == seen[0]
+    for change in (lambda: Image.new("RGB", (30, 60), (1, 2, 3)).save(clip / "blue.png"),
+                   lambda: Image.new("RGB", (8, 8), (9, 9, 9)).save(clip / "white.png"),
+                   lambda: (clip / "green.png").unlink(),
+                   lambda: (clip / "red.png").rename(clip / "rose.png"),
+                   lambda: [p.unlink() for p in clip.glob("*.png")]):  # no frames left: no error, a digest still
+        change()
+        seen.append(media_digest(records, DistEnv()))
+        assert seen[-1] not in seen[:-1]
+
+
+def test_a_video_folder_of_frames_trains_a_step_and_one_without_frames_is_a_bad_record(tmp_path, chat_folder):
+    meta = frames_folder_pairs(tmp_path / "data", ["clip/", "notes", "clip"])
+    (tmp_path / "data" / "images" / "notes").mkdir()
+    (tmp_path / "data" / "images" / "notes" / "read_me.txt").write_text("no frames here")
+    run = TrainConfig(model=str(chat_folder), data=str(meta), output=str(tmp_path / "a"), max_steps=1, batch_size=2,
+                      video_frames=2, lr=1e-3, warmup_ratio=0.0, drop_path_rate=0.0, grad_checkpointing=False,
+                      progress=False)
+    annotation = tmp_path / "data" / "toy.jsonl"
+    with pytest.raises(InputError, match=rf"^{annotation}:2: video folder has no image files to use as video frames: "
+                                         rf"{tmp_path / 'data' / 'images' / 'notes'}$"):
+        train(run)
+    result = train(dataclasses.replace(run, output=str(tmp_path / "b"), skip_bad=True))
+    assert result.skipped.counts == {"missing_file": 1}
+    (row,) = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert row["step"] == 1 and math.isfinite(row["loss"]) and row["grad_norm"] > 0

@@ -434,7 +434,7 @@ def planned_frame_tiles(
         refuse_url(src)
         if not os.path.isdir(src):
             return [_stream_frame_tiles(os.fspath(src), max_num, image_size, max_pixels)] * num_segments
-        src = _frame_files(Path(src))
+        src = frame_files(Path(src))
     if not isinstance(src, Sequence) or isinstance(src, (bytes, bytearray)) or not src:
         return [1] * num_segments  # load_video refuses it, saying why
     indices = get_index(None, None, len(src) - 1, num_segments=num_segments)
@@ -497,9 +497,10 @@ def _natural_key(name: str) -> list:
 _NOT_FRAMES = {"MPEG", "EPS", "WMF", "BUFR", "GRIB", "HDF5"}
 
 
-def _frame_files(folder: Path) -> list[Path]:
-    # Files of the formats Pillow opens (.pdf is write-only) except those above: any other file would
-    # count as a frame and shift every sampled index, or fail when sampled.
+def frame_files(folder: Path) -> list[Path]:
+    """The frames `load_video` reads from `folder`, in its order; InputError when there are none. They are the
+    files of the formats Pillow opens (.pdf is write-only) except those above: any other file would count as a
+    frame and shift every sampled index, or fail when sampled."""
     extensions = {ext for ext, fmt in Image.registered_extensions().items()
                   if fmt in Image.OPEN and fmt not in _NOT_FRAMES}
     files = sorted(
@@ -548,7 +549,7 @@ def load_video(
         refuse_url(src)
         path = Path(src)
         if os.path.isdir(path):  # False for a name too long to stat (Path.is_dir raises)
-            frames, indices = _read_frames(_frame_files(path), num_segments, bound, fps, max_pixels, str(path))
+            frames, indices = _read_frames(frame_files(path), num_segments, bound, fps, max_pixels, str(path))
         else:
             frames, indices = _read_video(os.fspath(path), num_segments, bound, max_pixels)
     elif isinstance(src, Sequence) and not isinstance(src, (bytes, bytearray)):

@@ -4,8 +4,9 @@
   config and tokenizer files; hashing runs at about 1.7 GB/s on one core, about 5 s for the 8 GB of
   InternVL2.5-4B, which the model load has just read into the page cache), less the id each save
   stamps into its weight files and index (`checkpoint.SAVE_ID`): the same model saved again matches;
-- `media_digest`: one sha256 over the images and videos the records name, each process reading
-  its share of the files (one more read of the images, far less than the pass's forward);
+- `media_digest`: one sha256 over the images and videos the records name (a folder of frames by its
+  frame files), each process reading its share of the files (one more read of the images, far less than
+  the pass's forward);
 - `share_digest`: which records (dataset index and file:line) one process reads in one epoch, in order.
 """
 
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from internvl_mpo.checkpoint import INDEX_FILE, SAVE_ID, read_header
+from internvl_mpo.errors import InputError
+from internvl_mpo.processor.video import frame_files
 from internvl_mpo.train.distributed import DistEnv, all_gather_lists, epoch_order, rank_share
 
 # The files of a model folder that decide what it computes: weights, configs, tokenizer files.
@@ -78,21 +81,31 @@ def files_digest(paths: Iterable[str | Path]) -> str:
     return digest.hexdigest()
 
 
+def _media_entry(path: str) -> str:
+    """A file's size and sha256; for a folder (a video's frames), a sha256 over the name, size and sha256 of
+    each frame file `load_video` reads from it, in its order."""
+    if os.path.isdir(path):
+        frames = "".join(f"{p.name}\t{p.stat().st_size}\t{file_sha256(p)}\n" for p in frame_files(Path(path)))
+        return f"frames\t{hashlib.sha256(frames.encode('utf-8', 'surrogateescape')).hexdigest()}"
+    return f"{os.path.getsize(path)}\t{file_sha256(path)}"
+
+
 def _media_digest(paths: Sequence[str]) -> str:
     digest = hashlib.sha256()
     for path in paths:
         try:
-            entry = f"{os.path.getsize(path)}\t{file_sha256(path)}"
-        except OSError:  # missing, unreadable or s3://: the record is bad to the pass too
+            entry = _media_entry(path)
+        except (OSError, InputError):  # missing, unreadable, s3:// or no frames: the record is bad to the pass too
             entry = "unreadable"
         digest.update(f"{path}\t{entry}\n".encode())
     return digest.hexdigest()
 
 
 def media_digest(records: Sequence, env: DistEnv) -> str:
-    """sha256 over every image and video path the records name, with its size and sha256 (or
-    "unreadable"). The sorted paths are hashed in chunks of `MEDIA_CHUNK`, each process taking every
-    W-th chunk; the chunk digests are gathered (collective), so any process count gives the same digest."""
+    """sha256 over every image and video path the records name, with its size and sha256 (a folder of frames:
+    its frame files' names, sizes and sha256s; or "unreadable"). The sorted paths are hashed in chunks of
+    `MEDIA_CHUNK`, each process taking every W-th chunk; the chunk digests are gathered (collective), so any
+    process count gives the same digest."""
     paths = sorted({p for r in records for p in (*r.images, *([r.video] if r.video else []))})
     starts = range(0, len(paths), MEDIA_CHUNK)[env.rank :: env.world_size]
     chunks = sorted(all_gather_lists([(s, _media_digest(paths[s : s + MEDIA_CHUNK])) for s in starts], env))

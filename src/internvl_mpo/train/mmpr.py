@@ -15,7 +15,9 @@ Mirrors the data side of `internvl_chat/internvl/train/internvl_chat_mpo.py` (`b
 - Image paths: `s3://` paths are prefixed with the root as strings, others joined with
   `os.path.join(root, path)`. An `image` that is a list (even of one path) selects the official
   multi-image branch (no `<image>` auto-prefix, tiles split across images), so records keep
-  `multi_image`. An empty `image` ("" or []) means text-only; then `video` if non-empty.
+  `multi_image`. An empty `image` ("" or []) means text-only; then `video` if non-empty. A `video` that
+  is a folder is its frame images, as `load_video` reads one (the official `TCSLoader` reads frames from
+  a path that ends in '/', and decodes any other as a video file); one without frame images is refused.
 
 Deliberate differences: the official loader parses lines lazily and silently replaces a record
 that fails (bad JSON, missing image) by a random other one. Here every selected line is parsed and
@@ -40,12 +42,14 @@ import json
 import os
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from internvl_mpo.errors import InputError
 from internvl_mpo.jsonl import unread_field
+from internvl_mpo.processor.video import frame_files
 
 MAX_REPORTED_MESSAGES = 5
 SFT_ROLES = ("human", "gpt", "system")
@@ -329,15 +333,27 @@ def _media(item: dict, root: str) -> tuple[tuple[str, ...], bool, str | None]:
     if not isinstance(video, str):
         raise _BadLine("wrong_type", f"field 'video' must be a string, got {type(video).__name__}")
     path = os.path.abspath(os.path.join(root, video))
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
+        _check_frames_folder(path)
+    elif not os.path.isfile(path):
         raise _BadLine("missing_file", _not_a_file("video", path, None if os.path.isabs(video) else root))
     return (), False, path
 
 
+def _check_frames_folder(path: str) -> None:
+    """A video given as a folder of frame images (as `load_video` reads one) must hold some."""
+    try:
+        frame_files(Path(path))
+    except InputError:
+        raise _BadLine("missing_file", f"video folder has no image files to use as video frames: {path}") from None
+    except OSError as e:
+        raise _BadLine("missing_file", f"video folder cannot be read: {path} ({e.strerror})") from None
+
+
 def _not_a_file(kind: str, path: str, root: str | None) -> str:
     """Why a record's image or video `path`, read from the folder `root` (None: an absolute path), is no file: a
-    folder (a video's frames are not read from one in training) is named as such rather than as not found, and a
-    `root` that is no folder (a wrong meta.json `root` or --image-root, which fails every record) is named too."""
+    folder (given as an image) is named as such rather than as not found, and a `root` that is no folder (a wrong
+    meta.json `root` or --image-root, which fails every record) is named too."""
     if os.path.isdir(path):
         return f"{kind} is a folder, not a file: {path}"
     if root is not None and not root.startswith("s3://") and not os.path.isdir(root):
