@@ -9,9 +9,9 @@ Mirrors the per-item side of `internvl_chat/internvl/train/internvl_chat_mpo.py`
   config's); the question gets `"<image>\\n"` in front when it has no placeholder;
 - multi-image (`image` is a list): each image gets `max(1, max_num // n_images)` tiles at most, as
   the official multi-image branch; a question without placeholders gets "Image-k: <image>\\n" lines;
-- video: `load_video` frames, one tile each; `<video>\\n` (or nothing) becomes the
-  "Frame1: <image>\\nFrame2: <image>\\n..." prefix. Unlike the official branch (broken, pitfall 13.8)
-  this path works; the prefix is the inference card's, with a newline after every frame;
+- video (a file, or a folder of frame images): `load_video` frames, one tile each; `<video>\\n` (or
+  nothing) becomes the "Frame1: <image>\\nFrame2: <image>\\n..." prefix. Unlike the official branch (broken,
+  pitfall 13.8) this path works; the prefix is the inference card's, with a newline after every frame;
 - ids come from `chat.template.build_pair_ids` (one shared prompt, two answers), so labels mask the
   system and user turns and supervise each response plus its `<|im_end|>`.
 
