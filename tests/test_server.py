@@ -949,6 +949,32 @@ def test_logit_bias_forces_or_bans_tokens_on_both_endpoints_streamed_too(client,
         .message.content == client.chat.completions.create(model="m", messages=messages, **LONG).choices[0].message.content
 
 
+def test_response_format_json_object_answers_a_json_object_and_json_schema_is_a_400(client, local_chat):
+    """JSON mode on both endpoints, streamed too: the answer is the constrained chat()'s, a JSON object once it stops
+    (the tiny random model is nudged to close it by a logit bias, which leaves the constraint whole). A JSON schema
+    is refused, naming it."""
+    tokenizer = local_chat.tokenizer
+    closing = [i for i in range(len(tokenizer)) if not tokenizer.is_special(i) and b"}" in tokenizer.token_bytes(i)]
+    bias = {**dict.fromkeys(closing, 4.0), tokenizer.im_end_id: 4.0}
+    expected = local_chat.chat("Describe it as JSON.", json_mode=True, do_sample=False, max_new_tokens=40,
+                               logit_bias=bias)
+    assert isinstance(json.loads(expected), dict)
+    body = {"messages": [{"role": "user", "content": "Describe it as JSON."}], "temperature": 0, "max_tokens": 40,
+            "logit_bias": {str(k): v for k, v in bias.items()}, "response_format": {"type": "json_object"}}
+    reply = client.chat.completions.create(model="m", **body)
+    assert reply.choices[0].finish_reason == "stop" and reply.choices[0].message.content.strip() == expected
+    texts, finishes, _ = stream_text(client, **body)
+    assert texts == {0: reply.choices[0].message.content} and finishes == {0: "stop"}
+    completion = client.completions.create(model="m", prompt="{", max_tokens=40, temperature=0,
+                                           logit_bias=body["logit_bias"],
+                                           extra_body={"response_format": {"type": "json_object"}})
+    assert completion.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(completion.choices[0].text), dict)
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError, match="response_format type .json_schema. is not supported"):
+        client.chat.completions.create(model="m", **{**body, "response_format": schema})
+
+
 def worker_texts(local_chat, requests: list[Request]) -> tuple[list[str], dict]:
     """The answers of `requests` joined in one batch of the server's worker, and its stats."""
     texts, finals = [""] * len(requests), Finals()

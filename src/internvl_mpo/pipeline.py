@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 CARD_DEFAULTS = dict(max_new_tokens=1024, do_sample=True)
 GENERATION_KEYS = {
     "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "stop",
-    "stop_token_ids", "seed", "ignore_eos", "min_new_tokens", "logit_bias",
+    "stop_token_ids", "seed", "ignore_eos", "min_new_tokens", "logit_bias", "json_mode",
 }
 
 
@@ -139,7 +139,7 @@ class InternVLChat:
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
-        self.engine = Engine(model, stop_token_ids=(tokenizer.im_end_id,), compile=compile)
+        self.engine = Engine(model, stop_token_ids=(tokenizer.im_end_id,), compile=compile, tokenizer=tokenizer)
 
     @classmethod
     def from_pretrained(
@@ -564,8 +564,8 @@ class InternVLChat:
     def _texts(self, params: SamplingParams) -> TextAssembler:
         """The text of one answer, cut at `params.stop` and, as the official chat() cuts its
         decoded answer, at the template's end of turn `<|im_end|>` spelled in ordinary tokens (unless
-        ignore_eos, which goes past the end-of-turn token too)."""
-        end = () if params.ignore_eos else (get_template(self.config.template).sep.strip(),)
+        ignore_eos, which goes past the end-of-turn token too, or json_mode, where that text is a string's)."""
+        end = () if params.ignore_eos or params.json_mode else (get_template(self.config.template).sep.strip(),)
         return TextAssembler(self.tokenizer, params.stop, params.min_new_tokens, end)
 
 

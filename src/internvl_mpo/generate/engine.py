@@ -21,6 +21,11 @@ a row, which then takes the argmax of its masked full logits. A request's logit 
 is chosen (after the stop-id mask, before the penalty, as vLLM orders them), and only while some row has one
 (the rows are made by the batch's first biased request); a row with a bias takes the full head (the greedy
 screen sees no logits). Log-probabilities stay the model's own, before the bias, as vLLM reports them by default.
+A request in JSON mode (`SamplingParams.json_mode`) keeps a `JsonConstraint` (json_mode.py) in its row: where its
+token is chosen, its row's logits are -inf outside the constraint's mask, before everything else (stop-id mask,
+bias, penalty, temperature, filters, greedy choice), and the constraint takes each token emitted; such a row takes
+the full head. As vLLM applies a structured output's mask to the logits its log-probabilities come from, a
+constrained row's log-probabilities are those of the masked logits (-inf outside the mask).
 
 The decode step has static shapes for a given number of active rows and is free of host syncs and
 graph breaks; `compile=True` wraps it in torch.compile ("reduce-overhead" on GPU, which asks for CUDA
@@ -52,6 +57,7 @@ from ..kv_cache import make_caches
 from ..llm import few_rows_matmul, thread_count
 from ..model import InternVL
 from .greedy_head import GreedyScreen
+from .json_mode import JsonConstraint, JsonVocabulary
 from .sampling import (
     SamplingParams, apply_repetition_penalty, choose_tokens, exponential_noise, make_generator, whole_number,
 )
@@ -72,8 +78,8 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     pixel_values: torch.Tensor | None = None  # the tiles of this prompt's images, in placeholder order
     vit_embeds: torch.Tensor | None = None  # or their precomputed image embeddings
-    # Report each token's log-probability under the model (before logit bias, penalty, temperature, filters)
-    # and this many of the most likely tokens with theirs (0-20); None: do not.
+    # Report each token's log-probability under the model (before logit bias, penalty, temperature, filters;
+    # after JSON mode's mask) and this many of the most likely tokens with theirs (0-20); None: do not.
     logprobs: int | None = None
     # Report each prompt token's log-probability under the model given the tokens before it (the first
     # token has none), its rank, and this many of the most likely tokens at its position (0-20); None: do not.
@@ -117,16 +123,20 @@ class _Row:
     top_p: float = 1.0
     logprobs: int | None = None  # Request.logprobs
     unstoppable: int = 0  # tokens still to come before a stop id may end the row (min_new_tokens)
+    json: JsonConstraint | None = None  # JSON mode's state (SamplingParams.json_mode)
 
 
 class Engine:
     def __init__(self, model: InternVL, stop_token_ids: tuple[int, ...] = (), compile: bool = False,
-                 screen: bool | None = None):
+                 screen: bool | None = None, tokenizer=None):
         """`screen`: choose greedy tokens through the int8 screen of the head (greedy_head.py); None
         uses it for fp32 CPU heads between SCREEN_MIN_BYTES and SCREEN_MAX_BYTES, True wherever it
-        can run, False never."""
+        can run, False never. `tokenizer` (a chat.tokenizer.Tokenizer): the tokens' bytes, which JSON mode
+        needs; its index is built on the first request in JSON mode."""
         self.model = model.eval()
         self.stop_token_ids = tuple(stop_token_ids)
+        self.tokenizer = tokenizer
+        self._json_vocabulary: JsonVocabulary | None = None
         self.context = model.config.llm.max_position_embeddings
         self.compiled = compile
         self.screen = screen
@@ -186,6 +196,19 @@ class Engine:
             value = getattr(request, name)
             if value is not None and not (whole_number(value) and 0 <= value <= MAX_TOP_LOGPROBS):
                 raise InputError(f"{name} must be a whole number in 0..{MAX_TOP_LOGPROBS}, got {value!r}")
+        p = request.params
+        if p.json_mode:
+            if self.tokenizer is None:
+                raise InputError("json_mode needs the tokens' bytes: give the Engine its tokenizer")
+            if not (p.stop_token_ids or (self.stop_token_ids and not p.ignore_eos)):
+                raise InputError("json_mode ends the answer with a stop token once the object is complete: give "
+                                 "stop_token_ids (ignore_eos drops the end-of-turn token)")
+
+    def json_vocabulary(self) -> JsonVocabulary:
+        """The tokenizer's JsonVocabulary, built on first use (about a second for a Qwen2 vocabulary)."""
+        if self._json_vocabulary is None:
+            self._json_vocabulary = JsonVocabulary.of_tokenizer(self.tokenizer, self.model.config.llm.vocab_size)
+        return self._json_vocabulary
 
     def greedy_screen(self) -> GreedyScreen | None:
         """The head's greedy screen, built on first use and again when the head's weights change;
@@ -405,8 +428,9 @@ class Generation:
         out = self.engine._decode_fn(tokens, positions, self.key_mask, self.caches, n, span, screen)
         if screen is not None:
             return self._screened(*out), None
-        chosen = self._choose(out, slice(0, n))
-        return chosen, self._logprobs(out, chosen, slice(0, n))
+        logits = self._constrain(out, slice(0, n))
+        chosen = self._choose(logits, slice(0, n))
+        return chosen, self._logprobs(logits, chosen, slice(0, n))
 
     def _admit(self, rid: int, request: Request, prefilled: list[tuple]) -> list[Event]:
         """Prefill `request` into the next row, or copy the cache slots (and prompt log-probabilities) of a
@@ -453,14 +477,16 @@ class Generation:
         generator = None if p.greedy else make_generator(p.seed, hidden.device)
         remaining = min(p.max_new_tokens, self.max_len - n)
         penalised, biased = p.repetition_penalty != 1.0, bool(p.logit_bias)
-        plain = p.greedy and not penalised and not biased and request.logprobs is None  # the screen has no logprobs
+        constraint = JsonConstraint(self.engine.json_vocabulary()) if p.json_mode else None
+        # the screen has no logprobs, nor a constraint's mask
+        plain = p.greedy and not penalised and not biased and request.logprobs is None and constraint is None
         self.rows.append(_Row(rid, n, remaining, stops, generator, -1, penalised, biased, plain, p.top_k, p.top_p,
-                              request.logprobs, p.min_new_tokens if stops else 0))
+                              request.logprobs, p.min_new_tokens if stops else 0, constraint))
         screen = self.engine.greedy_screen() if plain else None
         if screen is not None:
             events = self._emit(self._screened(*screen(hidden), hidden, first=row), first=row)
         else:
-            logits = self.engine.logits(hidden)
+            logits = self._constrain(self.engine.logits(hidden), slice(row, row + 1))
             token = self._choose(logits, slice(row, row + 1))
             events = self._emit(token, first=row, logprobs=self._logprobs(logits, token, slice(row, row + 1)))
         if prompt is not None:
@@ -482,6 +508,17 @@ class Generation:
                 tokens[i] = int(logits.argmax())
                 self.fallbacks += 1
         return tokens
+
+    def _constrain(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        """`logits` of rows `rows`, -inf outside the mask of each row in JSON mode (a new tensor; `logits`
+        itself where no row is)."""
+        constrained = [(i, r.json.allowed(r.stop_ids)) for i, r in enumerate(self.rows[rows]) if r.json is not None]
+        if not constrained:
+            return logits
+        allowed = torch.ones(logits.shape, dtype=torch.bool)
+        for i, mask in constrained:
+            allowed[i] = torch.from_numpy(mask)
+        return logits.masked_fill(~allowed.to(logits.device), -torch.inf)
 
     def _choose(self, logits: torch.Tensor, rows: slice) -> list[int]:
         if any(r.unstoppable > 0 for r in self.rows[rows]):  # decided on the host: no device sync
@@ -527,6 +564,8 @@ class Generation:
             row = self.rows[first + offset]
             row.remaining -= 1
             row.pending = token
+            if row.json is not None and token not in row.stop_ids:
+                row.json.advance(token)
             if row.unstoppable > 0:
                 row.unstoppable -= 1
                 if row.unstoppable == 0:

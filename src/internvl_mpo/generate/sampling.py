@@ -51,13 +51,15 @@ class SamplingParams:
     # (token id, bias) pairs, or a {token id: bias} dict: the bias is added to the token's logit before
     # the penalty, temperature, filters and greedy choice (OpenAI's logit_bias); kept as sorted pairs.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # JSON mode: the answer is held to one JSON object (generate/json_mode.py), ended by a stop token once complete
+    json_mode: bool = False
 
     def __post_init__(self):
         for name in ("max_new_tokens", "min_new_tokens", "top_k") + (("seed",) if self.seed is not None else ()):
             if not whole_number(getattr(self, name)):
                 raise SettingError("", name, f" must be a whole number, got {getattr(self, name)!r}")
             object.__setattr__(self, name, int(getattr(self, name)))  # numpy.int64: torch's manual_seed refuses it
-        for name in ("do_sample", "ignore_eos"):  # a string such as "False" would read as true
+        for name in ("do_sample", "ignore_eos", "json_mode"):  # a string such as "False" would read as true
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("temperature", "top_p", "repetition_penalty"):
@@ -80,6 +82,9 @@ class SamplingParams:
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise SettingError("", "min_new_tokens", " must be in 0..", "max_new_tokens",
                                f" ({self.max_new_tokens}), got {self.min_new_tokens}")
+        if self.json_mode and self.min_new_tokens:
+            raise SettingError("", "min_new_tokens", " does not go with ", "json_mode", ": the object may be complete "
+                               "before it, and then only a stop token may follow")
         if self.temperature < 0:
             raise SettingError("", "temperature", f" must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -284,9 +284,7 @@ def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], f
     for key in ("frequency_penalty", "presence_penalty"):
         if _field(body, key, (int, float), 0):
             raise ApiError(400, f"{key} is not supported (use repetition_penalty)", key)
-    response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise ApiError(400, "only response_format {'type': 'text'} is supported", "response_format")
+    json_mode = _json_mode(body.get("response_format"))
     temperature = _field(body, "temperature", (int, float), 1.0, 0, 2)
     top_p = _field(body, "top_p", (int, float), 1.0, 0, 1)
     if top_p == 0:
@@ -328,6 +326,12 @@ def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], f
     n = _field(body, "n", (int,), 1, 1, settings.max_n)
     seed = _field(body, "seed", (int,), None, -(2**63), 2**63 - 1)  # OpenAI's int64; read modulo 2**63
     min_tokens = _field(body, "min_tokens", (int,), 0, 0)  # vLLM's; checked against the answer's room later
+    if json_mode and min_tokens:
+        raise ApiError(400, "min_tokens does not go with response_format json_object: the object may be complete "
+                            "before it, and then only the end of the answer may follow", "min_tokens")
+    if json_mode and _field(body, "ignore_eos", (bool,), False) and not stop_ids:
+        raise ApiError(400, "ignore_eos with response_format json_object needs stop_token_ids: the answer ends with "
+                            "a stop token once the object is complete", "ignore_eos")
     logit_bias = _logit_bias(body.get("logit_bias"))
     try:
         params = SamplingParams(
@@ -337,7 +341,7 @@ def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], f
             stop_token_ids=tuple(stop_ids),
             repetition_penalty=float(_field(body, "repetition_penalty", (int, float), 1.0, 0.01, 10)),
             seed=None if seed is None else seed % 2**63, ignore_eos=_field(body, "ignore_eos", (bool,), False),
-            logit_bias=logit_bias,
+            logit_bias=logit_bias, json_mode=json_mode,
         )
     except InputError as e:
         raise ApiError(400, str(e)) from None
@@ -345,6 +349,21 @@ def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], f
             "stream": _field(body, "stream", (bool,), False), "include_usage": include_usage,
             # as vLLM, continuous_usage_stats counts only beside include_usage
             "continuous_usage": include_usage and continuous_usage}
+
+
+def _json_mode(response_format) -> bool:
+    """Whether OpenAI's `response_format` asks for JSON mode ({"type": "json_object"}); {"type": "text"} and null
+    do not; a JSON schema (json_schema) or any other type is a 400 naming it."""
+    if response_format is None or response_format == {"type": "text"}:
+        return False
+    if response_format == {"type": "json_object"}:
+        return True
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if isinstance(kind, str) and kind not in ("text", "json_object"):
+        raise ApiError(400, f"response_format type {json.dumps(kind)[:80]} is not supported: this server has JSON "
+                            "mode ({'type': 'json_object'}) but no JSON schema nor other formats", "response_format")
+    raise ApiError(400, "response_format must be {'type': 'text'} or {'type': 'json_object'}, got "
+                        f"{json.dumps(response_format)[:80]}", "response_format")
 
 
 def _logit_bias(value) -> dict[int, float]:

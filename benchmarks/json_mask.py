@@ -1,0 +1,86 @@
+"""Time JSON mode's token masks (`internvl_mpo.generate.json_mode`): building a vocabulary's index, a mask of
+each state a pretty-printed object passes through computed afresh (uncached), and the same masks from the
+cache, as the engine asks for them at each step.
+
+The vocabulary that matters is Qwen2's (151,643 tokens + specials, InternVL2.5's 1B/4B/26B/38B/78B):
+
+    python benchmarks/json_mask.py --tokenizer /path/to/InternVL2_5-4B-MPO      # a checkpoint folder
+    python benchmarks/json_mask.py --tiktoken qwen.tiktoken                     # the same 151,643 byte strings
+
+(`qwen.tiktoken`, Qwen's vocabulary as base64 lines, ships inside the dashscope wheel on PyPI: `pip download
+--no-deps dashscope`, then unzip dashscope/resources/qwen.tiktoken.) Without either it times the demo
+model's tokenizer, which is tiny. `--check` also compares each mask with every token run through the
+recognizer byte by byte (seconds per state on a Qwen2 vocabulary).
+"""
+
+import argparse
+import base64
+import json
+import statistics
+import time
+from pathlib import Path
+
+from internvl_mpo.generate import json_mode as jm
+
+MODES = {jm.START: "start", jm.VALUE: "value", jm.ARRAY_START: "array start", jm.OBJECT_START: "object start",
+         jm.KEY: "key", jm.COLON: "colon", jm.AFTER: "after value", jm.STRING: "string", jm.ESCAPE: "escape",
+         jm.UNICODE: "\\u escape", jm.NUMBER: "number", jm.LITERAL: "true/false/null", jm.DONE: "done"}
+SAMPLE = {"title": "Ein Café in Zürich", "objects": [{"name": "猫", "box": [12, 34.5, -0.5e3, 1e-2], "visible": True},
+                                                   {"name": "dog \"Rex\"\n\\", "box": [], "note": None}],
+          "caption": "😀 \u00e9\u4e2d", "count": 2, "nested": {"a": {"b": {"c": [[False]]}}}}
+
+
+def pieces_of(args) -> tuple[list, int, str]:
+    if args.tiktoken:
+        lines = Path(args.tiktoken).read_bytes().split(b"\n")
+        pieces = [base64.b64decode(line.split()[0]) for line in lines if line.strip()]
+        return pieces, len(pieces) + 293, f"{args.tiktoken} ({len(pieces)} tokens)"  # Qwen2's padded 151,936
+    from internvl_mpo.chat.tokenizer import load_tokenizer
+
+    folder = args.tokenizer or Path(__file__).parent.parent / "src/internvl_mpo/demo_model"
+    tokenizer = load_tokenizer(folder)
+    pieces = [None if tokenizer.is_special(i) else tokenizer.token_bytes(i) for i in range(len(tokenizer))]
+    return pieces, len(pieces), f"{folder} ({len(pieces)} tokens)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", type=Path, help="a checkpoint folder whose tokenizer to index")
+    parser.add_argument("--tiktoken", type=Path, help="a vocabulary as tiktoken's base64 lines (qwen.tiktoken)")
+    parser.add_argument("--check", action="store_true", help="compare every mask with the byte-by-byte oracle")
+    args = parser.parse_args()
+    pieces, size, name = pieces_of(args)
+    start = time.perf_counter()
+    vocabulary = jm.JsonVocabulary(pieces, size)
+    print(f"vocabulary: {name}; index built in {time.perf_counter() - start:.2f} s")
+    states, state = [], jm.INITIAL
+    for byte in json.dumps(SAMPLE, indent=2, ensure_ascii=False).encode():
+        states.append(state)
+        state = jm.advance(state, byte)
+    states.append(state)
+    fresh: dict[int, list[float]] = {}
+    # one state per mask the cache keeps (a whitespace count filters the mask of the state without it)
+    for state in dict.fromkeys((m, d, stack, 0 if m in jm.SPACED else ws) for m, d, stack, ws in states):
+        vocabulary._cache.clear()
+        start = time.perf_counter()
+        mask = vocabulary.mask(state)
+        fresh.setdefault(state[0], []).append(time.perf_counter() - start)
+        if args.check:
+            expected = [bool(p) and jm.advance_bytes(state, p) is not None for p in pieces]
+            assert mask[: len(pieces)].tolist() == expected and not mask[len(pieces):].any(), state
+    print(f"{'state':>16} {'states':>6} {'uncached ms (median, max)':>26}")
+    for mode, times in sorted(fresh.items()):
+        print(f"{MODES[mode]:>16} {len(times):>6} {1000 * statistics.median(times):>14.2f} {1000 * max(times):>10.2f}")
+    every = [t for times in fresh.values() for t in times]
+    print(f"{'all':>16} {len(every):>6} {1000 * statistics.median(every):>14.2f} {1000 * max(every):>10.2f}")
+    for state in states:  # fill the cache
+        vocabulary.mask(state)
+    start = time.perf_counter()
+    for state in states:
+        vocabulary.mask(state)
+    print(f"cached: {1e6 * (time.perf_counter() - start) / len(states):.0f} us a step over the {len(states)} steps "
+          "of the sample (one byte each)" + ("; every mask equals the oracle's" if args.check else ""))
+
+
+if __name__ == "__main__":
+    main()

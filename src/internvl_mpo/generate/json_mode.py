@@ -1,0 +1,289 @@
+"""JSON mode: constrained decoding to one JSON object (OpenAI's `response_format` `json_object`).
+
+`advance` is a byte-level recognizer of RFC 8259 JSON whose top-level value must be an object: objects,
+arrays, strings with their escapes (`\\uXXXX` included: any four hex digits, as the RFC's grammar and
+`json.loads` take them), numbers in the RFC's exact grammar (`-0.5e+3`; no `01`, `.5`, `+1`, `1.`),
+`true`/`false`/`null` and whitespace. It works on bytes, as a byte-level BPE token may hold part of a
+UTF-8 character: inside strings it takes only well-formed UTF-8 (no overlong forms, surrogates or code
+points past U+10FFFF; the continuation bytes still due are part of the state) and no raw control bytes
+(< 0x20). Two bounds keep a model from looping: at most MAX_WHITESPACE whitespace bytes in a row outside
+strings (a CR LF and 4 spaces of indentation for each of MAX_DEPTH levels: pretty-printed JSON passes),
+and at most MAX_DEPTH nested objects and arrays. Whitespace may come before the object, none after it.
+
+A state is a hashable tuple (mode, detail, open containers as a str of "{" and "[", whitespace bytes in a
+row); None is a rejected prefix.
+
+`JsonVocabulary` indexes a tokenizer's tokens to give, for a state, the mask of the token ids whose bytes
+keep the output a valid prefix (`mask`). Special tokens, and ids without bytes, are never in it. Masks
+are cached by state (the state with its whitespace count set to 0: the count only removes the tokens
+that begin with too long a whitespace run, a vectorized check). Outside strings a mask is found by a walk
+of the sorted tokens as a trie, each branch cut at its first rejected byte; inside a string, the tokens of
+plain string content (no `"`, `\\` or control byte) are a class precomputed for each of the 8 UTF-8
+states, so only the tokens holding a `"` or `\\` are walked. `JsonConstraint` is one answer's state:
+the engine masks its row's logits with `allowed` and `advance`s it with each token it emits.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections import OrderedDict
+
+import numpy
+
+MAX_DEPTH = 32
+MAX_WHITESPACE = 2 + 4 * MAX_DEPTH
+CACHED_MASKS = 512  # masks kept per vocabulary, packed 8 to a byte (19 KB each for a Qwen2 vocabulary)
+
+# modes
+START, VALUE, ARRAY_START, OBJECT_START, KEY, COLON, AFTER, STRING, ESCAPE, UNICODE, NUMBER, LITERAL, DONE = range(13)
+SPACED = frozenset((START, VALUE, ARRAY_START, OBJECT_START, KEY, COLON, AFTER))  # modes that take whitespace
+WHITESPACE = frozenset(b" \t\n\r")
+HEX = frozenset(b"0123456789abcdefABCDEF")
+SIMPLE_ESCAPES = frozenset(b'"\\/bfnrt')
+
+# UTF-8 inside a string: the detail of a STRING state is 8 * (1 for a key) + u, u indexing (bytes still due,
+# lowest and highest next byte); u 0 expects a new character.
+UTF8 = ((0, 0, 0), (1, 0x80, 0xBF), (2, 0x80, 0xBF), (2, 0xA0, 0xBF), (2, 0x80, 0x9F), (3, 0x80, 0xBF),
+        (3, 0x90, 0xBF), (3, 0x80, 0x8F))
+UTF8_NEXT = (0, 0, 1, 1, 1, 2, 2, 2)  # u after one more continuation byte
+# u after each lead byte (0: not a lead byte of well-formed UTF-8): C2-DF, E0 (no overlong), E1-EC, ED (no
+# surrogates), EE-EF, F0 (no overlong), F1-F3, F4 (not past U+10FFFF)
+UTF8_LEAD = bytes(1 if 0xC2 <= b <= 0xDF else 3 if b == 0xE0 else 4 if b == 0xED else 2 if 0xE1 <= b <= 0xEF
+                  else 6 if b == 0xF0 else 5 if 0xF1 <= b <= 0xF3 else 7 if b == 0xF4 else 0 for b in range(256))
+
+# the detail of a NUMBER state: where in -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)? it stands
+MINUS, ZERO, INT, DOT, FRAC, EXP, EXP_SIGN, EXP_INT = range(8)
+NUMBER_ENDS = frozenset((ZERO, INT, FRAC, EXP_INT))  # a byte that goes on no further ends the number there
+DIGIT_AFTER = {MINUS: INT, INT: INT, DOT: FRAC, FRAC: FRAC, EXP: EXP_INT, EXP_SIGN: EXP_INT, EXP_INT: EXP_INT}
+
+INITIAL = (START, 0, "", 0)
+_DONE = (DONE, 0, "", 0)
+PLAIN_CONTENT = re.compile(rb'[^"\\\x00-\x1f]*')
+
+
+def _after(stack: str):
+    return (AFTER, 0, stack, 0) if stack else _DONE
+
+
+def _value(stack: str, byte: int):
+    """The state after the first byte of a value, or None."""
+    if byte == 0x22:  # "
+        return (STRING, 0, stack, 0)
+    if byte == 0x7B or byte == 0x5B:  # { [
+        if len(stack) >= MAX_DEPTH:
+            return None
+        return (OBJECT_START, 0, stack + "{", 0) if byte == 0x7B else (ARRAY_START, 0, stack + "[", 0)
+    if 0x31 <= byte <= 0x39:
+        return (NUMBER, INT, stack, 0)
+    if byte == 0x30:
+        return (NUMBER, ZERO, stack, 0)
+    if byte == 0x2D:  # -
+        return (NUMBER, MINUS, stack, 0)
+    if byte == 0x74:
+        return (LITERAL, b"rue", stack, 0)
+    if byte == 0x66:
+        return (LITERAL, b"alse", stack, 0)
+    if byte == 0x6E:
+        return (LITERAL, b"ull", stack, 0)
+    return None
+
+
+def advance(state, byte: int):
+    """The state after one more byte, or None where the bytes so far can no longer begin a JSON object."""
+    mode, detail, stack, ws = state
+    if mode == STRING:
+        u = detail & 7
+        if u:
+            _, low, high = UTF8[u]
+            return (STRING, detail - u + UTF8_NEXT[u], stack, 0) if low <= byte <= high else None
+        if byte == 0x22:
+            return (COLON, 0, stack, 0) if detail else _after(stack)
+        if byte == 0x5C:
+            return (ESCAPE, detail, stack, 0)
+        if byte < 0x20:
+            return None
+        if byte < 0x80:
+            return state
+        lead = UTF8_LEAD[byte]
+        return (STRING, detail + lead, stack, 0) if lead else None
+    if mode in SPACED:
+        if byte in WHITESPACE:
+            return (mode, detail, stack, ws + 1) if ws < MAX_WHITESPACE else None
+        if mode == AFTER:
+            top = stack[-1]
+            if byte == 0x2C:  # ,
+                return (KEY, 0, stack, 0) if top == "{" else (VALUE, 0, stack, 0)
+            if (byte == 0x7D and top == "{") or (byte == 0x5D and top == "["):
+                return _after(stack[:-1])
+            return None
+        if mode == VALUE:
+            return _value(stack, byte)
+        if mode == COLON:
+            return (VALUE, 0, stack, 0) if byte == 0x3A else None
+        if mode == KEY or mode == OBJECT_START:
+            if byte == 0x22:
+                return (STRING, 8, stack, 0)
+            return _after(stack[:-1]) if byte == 0x7D and mode == OBJECT_START else None
+        if mode == ARRAY_START:
+            return _after(stack[:-1]) if byte == 0x5D else _value(stack, byte)
+        return (OBJECT_START, 0, "{", 0) if byte == 0x7B else None  # START: the top-level value is an object
+    if mode == NUMBER:
+        if 0x30 <= byte <= 0x39:
+            if detail == ZERO:
+                return None  # no leading zeros
+            return (NUMBER, ZERO if detail == MINUS and byte == 0x30 else DIGIT_AFTER[detail], stack, 0)
+        if byte == 0x2E and (detail == ZERO or detail == INT):
+            return (NUMBER, DOT, stack, 0)
+        if (byte == 0x65 or byte == 0x45) and detail in (ZERO, INT, FRAC):
+            return (NUMBER, EXP, stack, 0)
+        if (byte == 0x2B or byte == 0x2D) and detail == EXP:
+            return (NUMBER, EXP_SIGN, stack, 0)
+        return advance((AFTER, 0, stack, 0), byte) if detail in NUMBER_ENDS else None
+    if mode == ESCAPE:
+        if byte in SIMPLE_ESCAPES:
+            return (STRING, detail, stack, 0)
+        return (UNICODE, 4 * detail // 8, stack, 0) if byte == 0x75 else None
+    if mode == UNICODE:
+        if byte not in HEX:
+            return None
+        return (STRING, 8 * (detail // 4), stack, 0) if detail % 4 == 3 else (UNICODE, detail + 1, stack, 0)
+    if mode == LITERAL:
+        if byte != detail[0]:
+            return None
+        return (LITERAL, detail[1:], stack, 0) if len(detail) > 1 else _after(stack)
+    return None  # DONE: nothing may follow the object
+
+
+def advance_bytes(state, data: bytes):
+    """The state after `data`, or None."""
+    for byte in data:
+        state = advance(state, byte)
+        if state is None:
+            return None
+    return state
+
+
+def _leading_whitespace(piece: bytes) -> int:
+    return len(piece) - len(piece.lstrip(b" \t\n\r"))
+
+
+class JsonVocabulary:
+    """A tokenizer's tokens indexed for JSON masks. `pieces[i]` is the bytes of token id i, or None for an id
+    that never goes inside the object (a special token); ids from len(pieces) to `size` (the model's
+    vocabulary, padded) are never allowed either."""
+
+    def __init__(self, pieces: list[bytes | None], size: int):
+        if len(pieces) > size:
+            raise ValueError(f"{len(pieces)} tokens for a vocabulary of {size}")
+        self.size = size
+        self.pieces = pieces
+        usable = [(piece, i) for i, piece in enumerate(pieces) if piece]  # no empty token: it could repeat forever
+        usable.sort()
+        self._words = [piece for piece, _ in usable]
+        self._ids = numpy.array([i for _, i in usable], dtype=numpy.int64)
+        quoted = [(piece, i) for piece, i in usable if b'"' in piece or b"\\" in piece]
+        self._quoted_words = [piece for piece, _ in quoted]
+        self._quoted_ids = numpy.array([i for _, i in quoted], dtype=numpy.int64)
+        self._lead_ws = numpy.zeros(size, dtype=numpy.int32)
+        # the tokens of plain string content valid from each UTF-8 state u (ASCII ones from u 0 only)
+        self._content = numpy.zeros((len(UTF8), size), dtype=bool)
+        for piece, i in usable:
+            if piece[0] in WHITESPACE:
+                self._lead_ws[i] = _leading_whitespace(piece)
+            if len(PLAIN_CONTENT.match(piece)[0]) != len(piece):
+                continue
+            if piece.isascii():
+                self._content[0, i] = True
+                continue
+            for u in range(len(UTF8)) if 0x80 <= piece[0] <= 0xBF else (0,):
+                self._content[u, i] = advance_bytes((STRING, u, "", 0), piece) is not None
+        self._cache: OrderedDict = OrderedDict()
+
+    @classmethod
+    def of_tokenizer(cls, tokenizer, size: int) -> "JsonVocabulary":
+        """The vocabulary of a `chat.tokenizer.Tokenizer` (its `token_bytes`, without its special tokens)."""
+        count = min(len(tokenizer), size)
+        return cls([None if tokenizer.is_special(i) else tokenizer.token_bytes(i) for i in range(count)], size)
+
+    def mask(self, state) -> numpy.ndarray:
+        """A new boolean array (size,): the ids whose bytes take `state` to a valid prefix (never a stop id:
+        JsonConstraint adds those)."""
+        key = state
+        if state[0] in SPACED and state[3]:
+            key = (state[0], state[1], state[2], 0)
+        packed = self._cache.get(key)
+        if packed is None:
+            packed = numpy.packbits(self._compute(key))
+            self._cache[key] = packed
+            if len(self._cache) > CACHED_MASKS:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        mask = numpy.unpackbits(packed, count=self.size).view(bool)
+        if key is not state:  # the whitespace run so far leaves room for shorter ones only
+            mask &= self._lead_ws <= MAX_WHITESPACE - state[3]
+        return mask
+
+    def _compute(self, state) -> numpy.ndarray:
+        mask = numpy.zeros(self.size, dtype=bool)
+        if state[0] == DONE:
+            return mask
+        if state[0] == STRING:
+            mask |= self._content[state[1] & 7]
+            words, ids = self._quoted_words, self._quoted_ids
+        else:
+            words, ids = self._words, self._ids
+        mask[ids[_walk(words, state)]] = True
+        return mask
+
+
+def _walk(words: list[bytes], state) -> list[int]:
+    """The positions in sorted `words` of those that `state` takes to a valid prefix: a depth-first walk of
+    the words as a trie (the words in lo:hi share their first `depth` bytes), cut at each rejected byte."""
+    found = []
+    todo = [(0, len(words), 0, state)]
+    while todo:
+        lo, hi, depth, state = todo.pop()
+        while lo < hi and len(words[lo]) == depth:  # the shared prefix is a word itself (sorted first; maybe twice)
+            found.append(lo)
+            lo += 1
+        while lo < hi:
+            word = words[lo]
+            byte = word[depth]
+            end = hi if byte == 255 else bisect.bisect_left(words, word[:depth] + bytes((byte + 1,)), lo, hi)
+            after = advance(state, byte)
+            if after is not None:
+                todo.append((lo, end, depth + 1, after))
+            lo = end
+    return found
+
+
+class JsonConstraint:
+    """One answer held to a JSON object: its recognizer state over the tokens emitted so far."""
+
+    def __init__(self, vocabulary: JsonVocabulary):
+        self.vocabulary = vocabulary
+        self.state = INITIAL
+
+    @property
+    def complete(self) -> bool:
+        return self.state[0] == DONE
+
+    def allowed(self, stop_ids) -> numpy.ndarray:
+        """The mask (vocabulary size,) of the next token: the ids that keep the output a valid prefix, or the
+        stop ids alone once the object is complete (or where no other token could follow)."""
+        mask = self.vocabulary.mask(self.state)
+        stops = [i for i in stop_ids if i < mask.shape[0]]
+        mask[stops] = self.complete
+        if not mask.any():
+            mask[stops] = True
+        return mask
+
+    def advance(self, token: int) -> None:
+        """Take one emitted token (not a stop id) into the state."""
+        piece = self.vocabulary.pieces[token] if token < len(self.vocabulary.pieces) else None
+        state = None if piece is None else advance_bytes(self.state, piece)
+        if state is None:
+            raise ValueError(f"token {token} ({piece!r}) does not continue the JSON object")
+        self.state = state
