@@ -95,15 +95,18 @@ def test_depth_and_whitespace_are_bounded():
     deep = b'{"a":' + b"[" * (jm.MAX_DEPTH - 1)
     assert complete(deep + b"]" * (jm.MAX_DEPTH - 1) + b"}")
     assert state_of(deep + b"[") is None and state_of(deep + b"{") is None
-    assert complete(b"{" + b" " * jm.MAX_WHITESPACE + b"}")
-    assert state_of(b"{" + b" " * (jm.MAX_WHITESPACE + 1)) is None
-    assert complete(b"\r\n" * (jm.MAX_WHITESPACE // 2) + b'{"a"' + b"\t" * jm.MAX_WHITESPACE + b":1}")
-    # pretty-printed JSON at the deepest nesting: a CR LF and 4 spaces a level
+    inside = jm.whitespace_limit(1)  # a line break and one level of indentation
+    assert complete(b"{" + b" " * inside + b"}")
+    assert state_of(b"{" + b" " * (inside + 1)) is None
+    assert complete(b"\r\n" + b'{"a"' + b"\t" * inside + b":1}")
+    assert state_of(b"\r\n " + b"{") is None  # 2 bytes before the object, a line break
+    assert state_of(b'{"a":[' + b" " * (jm.whitespace_limit(2) + 1)) is None
+    # pretty-printed JSON at every depth, to the deepest: a CR LF and 4 spaces a level
     nested: object = 1
     for _ in range(jm.MAX_DEPTH - 1):
         nested = [nested]
     text = json.dumps({"a": nested}, indent=4).replace("\n", "\r\n").encode()
-    assert complete(text) and max(map(len, re.findall(rb"\s+", text))) == jm.MAX_WHITESPACE
+    assert complete(text) and max(map(len, re.findall(rb"\s+", text))) == jm.whitespace_limit(jm.MAX_DEPTH)
 
 
 def test_the_recognizer_agrees_with_json_loads_on_mutated_objects():
@@ -163,7 +166,7 @@ def test_masks_equal_the_token_by_token_oracle_on_every_state_of_some_objects(ti
     pieces = base + extra
     vocabulary = jm.JsonVocabulary(pieces, len(pieces) + 3)
     texts = VALID + [b'{"a":"' + "猫".encode()[:2], b'{"x":"\\u00', b'{"x":"\\', b'{"n":-0.', b'{"n":1e+',
-                     b'{"b":fa', b"{" + b" " * 100, b"{" + b" " * (jm.MAX_WHITESPACE - 3)]
+                     b'{"b":fa', b'{"a":[[[' + b" " * 14, b"{" + b" " * (jm.whitespace_limit(1) - 3)]
     states = {jm.INITIAL}
     for text in texts:
         state = jm.INITIAL

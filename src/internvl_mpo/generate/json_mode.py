@@ -6,9 +6,9 @@ arrays, strings with their escapes (`\\uXXXX` included: any four hex digits, as 
 `true`/`false`/`null` and whitespace. It works on bytes, as a byte-level BPE token may hold part of a
 UTF-8 character: inside strings it takes only well-formed UTF-8 (no overlong forms, surrogates or code
 points past U+10FFFF; the continuation bytes still due are part of the state) and no raw control bytes
-(< 0x20). Two bounds keep a model from looping: at most MAX_WHITESPACE whitespace bytes in a row outside
-strings (a CR LF and 4 spaces of indentation for each of MAX_DEPTH levels: pretty-printed JSON passes),
-and at most MAX_DEPTH nested objects and arrays. Whitespace may come before the object, none after it.
+(< 0x20). Two bounds keep a model from looping: at most `whitespace_limit(depth)` whitespace bytes in a
+row outside strings, a CR LF and 4 spaces of indentation for each container open (pretty-printed JSON
+passes; 2 before the object), and at most MAX_DEPTH nested objects and arrays. Whitespace may come before the object, none after it.
 
 A state is a hashable tuple (mode, detail, open containers as a str of "{" and "[", whitespace bytes in a
 row); None is a rejected prefix.
@@ -32,7 +32,6 @@ from collections import OrderedDict
 import numpy
 
 MAX_DEPTH = 32
-MAX_WHITESPACE = 2 + 4 * MAX_DEPTH
 CACHED_MASKS = 512  # masks kept per vocabulary, packed 8 to a byte (19 KB each for a Qwen2 vocabulary)
 
 # modes
@@ -60,6 +59,11 @@ DIGIT_AFTER = {MINUS: INT, INT: INT, DOT: FRAC, FRAC: FRAC, EXP: EXP_INT, EXP_SI
 INITIAL = (START, 0, "", 0)
 _DONE = (DONE, 0, "", 0)
 PLAIN_CONTENT = re.compile(rb'[^"\\\x00-\x1f]*')
+
+
+def whitespace_limit(depth: int) -> int:
+    """The most whitespace bytes in a row with `depth` containers open: a line break and its indentation."""
+    return 2 + 4 * depth
 
 
 def _after(stack: str):
@@ -109,7 +113,7 @@ def advance(state, byte: int):
         return (STRING, detail + lead, stack, 0) if lead else None
     if mode in SPACED:
         if byte in WHITESPACE:
-            return (mode, detail, stack, ws + 1) if ws < MAX_WHITESPACE else None
+            return (mode, detail, stack, ws + 1) if ws < whitespace_limit(len(stack)) else None
         if mode == AFTER:
             top = stack[-1]
             if byte == 0x2C:  # ,
@@ -222,7 +226,7 @@ class JsonVocabulary:
             self._cache.move_to_end(key)
         mask = numpy.unpackbits(packed, count=self.size).view(bool)
         if key is not state:  # the whitespace run so far leaves room for shorter ones only
-            mask &= self._lead_ws <= MAX_WHITESPACE - state[3]
+            mask &= self._lead_ws <= whitespace_limit(len(state[2])) - state[3]
         return mask
 
     def _compute(self, state) -> numpy.ndarray:
