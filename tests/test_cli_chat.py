@@ -1437,3 +1437,30 @@ def test_a_video_given_as_an_image_is_pointed_to_each_commands_own_way(folder, t
     # --image at the start of a chat keeps the hint that fits it
     assert main(["chat", "hi", "--model", str(folder), "--image", str(clip)]) == 1
     assert "--video on the command line" in capsys.readouterr().err
+
+
+def test_json_mode_flag(folder, tmp_path):
+    """--json-mode holds chat's and generate's answers to a JSON object (the API's json_mode=True), generate records
+    it in its settings (a resume without it is refused), and --min-new-tokens beside it is refused by its flag."""
+    from internvl_mpo.generate import json_mode
+
+    out = cli("chat", "--model", folder, "--max-new-tokens", "12", "--json-mode", "Hello")
+    assert out.returncode == 0, out.stderr
+    bot = InternVLChat.from_pretrained(folder)
+    expected = bot.chat("Hello", max_new_tokens=12, json_mode=True, do_sample=False)
+    assert out.stdout.strip() == expected.strip() and expected.lstrip().startswith("{")
+    assert json_mode.advance_bytes(json_mode.INITIAL, expected.encode()) is not None
+    out = cli("chat", "--model", folder, "--json-mode", "--min-new-tokens", "2", "Hello")
+    assert out.returncode == 1 and "--min-new-tokens does not go with --json-mode" in out.stderr, out.stderr
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"id": "a", "question": "Hello"}) + "\n" + json.dumps({"id": "b", "question": "Hi"})
+                        + "\n")
+    answers = tmp_path / "a.jsonl"
+    out = cli("generate", "--model", folder, "--input", requests, "--output", answers, "--max-new-tokens", "12",
+              "--json-mode")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(answers.read_text().splitlines()[0])["answer"] == expected
+    assert json.loads((tmp_path / "a.jsonl.settings.json").read_text())["json_mode"] is True
+    answers.write_text(answers.read_text().splitlines()[0] + "\n")  # one answer left to write
+    out = cli("generate", "--model", folder, "--input", requests, "--output", answers, "--max-new-tokens", "12")
+    assert out.returncode == 1 and "other settings (json_mode)" in out.stderr, out.stderr

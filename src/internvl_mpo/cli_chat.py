@@ -71,11 +71,11 @@ def _per_image(max_num: int | None, video) -> int | None:
 
 
 def _generation(temperature: float, top_p: float, top_k: int, max_new_tokens: int, seed: int | None,
-                repetition_penalty: float, min_new_tokens: int) -> dict:
+                repetition_penalty: float, min_new_tokens: int, json_mode: bool) -> dict:
     return dict(
         do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p, top_k=top_k,  # SamplingParams refuses < 0
         max_new_tokens=max_new_tokens, seed=seed, repetition_penalty=repetition_penalty,
-        min_new_tokens=min_new_tokens,
+        min_new_tokens=min_new_tokens, json_mode=json_mode,
     )
 
 
@@ -92,6 +92,7 @@ def chat(
     repetition_penalty: float = 1.0,
     max_new_tokens: int = 1024,
     min_new_tokens: int = 0,
+    json_mode: bool = False,
     seed: int | None = None,
     system: str | None = None,
     device: str | None = None,
@@ -115,6 +116,7 @@ def chat(
     repetition_penalty: > 1 discourages repeating generated tokens, < 1 favours it (at least 1e-6)
     max_new_tokens: most tokens in an answer
     min_new_tokens: fewest tokens in an answer: the end of turn (and stop strings) cannot end it sooner
+    json_mode: hold each answer to one JSON object (constrained decoding; see the README's Generation section)
     seed: seed for sampling
     system: a system message instead of the template's
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
@@ -131,7 +133,7 @@ def chat(
     let_pillow_open(max_pixels)
     _at_least_one(max_num=max_num, num_segments=num_segments)
     params = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty,
-                                             min_new_tokens))
+                                             min_new_tokens, json_mode))
     images = list(image or [])
     if images and video is not None:
         raise InputError("give images or a video, not both")
@@ -255,6 +257,7 @@ def generate(
     top_k: int = 50,
     max_new_tokens: int = 1024,
     min_new_tokens: int = 0,
+    json_mode: bool = False,
     seed: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
@@ -278,6 +281,7 @@ def generate(
     top_k: sample among the k most likely tokens (0 = off)
     max_new_tokens: most tokens per answer
     min_new_tokens: fewest tokens per answer: the end of turn cannot end it sooner
+    json_mode: hold each answer to one JSON object (constrained decoding; see the README's Generation section)
     seed: seed for sampling (request k of the file, counted from 0 without blank lines, uses seed + k, as batch_chat)
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
     dtype: float32, bfloat16, float16 or auto (the checkpoint's own) (default: bf16 on CUDA, fp32 on CPU)
@@ -304,7 +308,8 @@ def generate(
         raise InputError(f"--output {out}: {no_folder(out)}")
     if out.resolve() == Path(input).resolve():  # resuming rewrites the output: the requests would be lost
         raise InputError(f"--output {out} is the requests file; give the answers a file of their own")
-    base = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, 1.0, min_new_tokens))
+    base = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, 1.0, min_new_tokens,
+                                         json_mode))
     let_pillow_open(max_pixels)
     requests = _read_requests(Path(input))
     last = len(requests) - 1  # request k samples with seed + k
@@ -322,6 +327,7 @@ def generate(
                                      "temperature": temperature, "top_p": top_p, "top_k": top_k,
                                      "max_new_tokens": max_new_tokens,
                                      "min_new_tokens": min_new_tokens, "seed": seed, "dtype": dtype_name,
+                                     **({"json_mode": True} if json_mode else {}),  # absent: runs before it
                                      "weights": weights_identity(weights, recorded_weights(_settings_file(out)))},
                                resume=bool(done),
                                default_max_num=lambda: _default_tiles(model_path(model)))
