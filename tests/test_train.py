@@ -45,6 +45,7 @@ from internvl_mpo.train.mpo import train
 from internvl_mpo.train.policy import SequenceLogps
 from internvl_mpo.train.resume import check_resume_settings, official_state
 from internvl_mpo.train.settings import TrainConfig, max_seq_length
+from internvl_mpo.train.stopping import Stopped
 from internvl_mpo.train.stream import SampleStream, build_dataset
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -298,6 +299,129 @@ def test_lora_resume_after_a_kill_mid_accumulation_and_after_the_last_step_is_ex
         first = load_file(tmp_path / "straight" / "checkpoint-000004" / name)
         second = load_file(tmp_path / "killed" / "checkpoint-000004" / name)
         assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+CHILD_SIGTERM = """
+import pathlib, sys, time, torch
+sys.path[:0] = [{src!r}]
+torch.set_num_threads({threads})
+from internvl_mpo.cli import main
+from internvl_mpo.train import mpo
+calls = 0
+loss = mpo.micro_batch_loss
+def wait_for_sigterm_in_step_3(*args):
+    global calls
+    calls += 1
+    if calls == 5:  # step 3's first micro-batch: its second one is still to come when SIGTERM lands
+        pathlib.Path("in_step_3").touch()
+        deadline = time.time() + 60
+        while not pathlib.Path("sent").exists() and time.time() < deadline:
+            time.sleep(0.01)
+    return loss(*args)
+mpo.micro_batch_loss = wait_for_sigterm_in_step_3
+sys.exit(main({argv!r}))
+"""
+
+
+def test_sigterm_mid_step_saves_that_step_and_exits_143_and_resume_is_exact(tmp_path, chat_folder, meta):
+    """SIGTERM to the command's process group (the loader worker too, as SLURM sends it) within step 3 of 4: the step
+    ends, its checkpoint is written, one line says so and the exit code is 143; a resume gives the uninterrupted
+    run's weights and optimizer state, bit for bit."""
+    common = {"max_steps": 4, "save_every": 2, "batch_size": 1, "grad_accum": 2, "drop_path_rate": 0.1,
+              "warmup_ratio": 0.2}
+    straight = train(config(chat_folder, meta, tmp_path / "straight", **common))
+
+    out = tmp_path / "stopped"
+    argv = ["train", "mpo", "--model", str(chat_folder), "--data", str(meta), "--output", str(out), "--max-steps", "4",
+            "--save-every", "2", "--batch-size", "1", "--grad-accum", "2", "--lr", "1e-3", "--warmup-ratio", "0.2",
+            "--no-grad-checkpointing", "--no-progress", "--num-workers", "1"]
+    script = CHILD_SIGTERM.format(src=str(SRC), threads=torch.get_num_threads(), argv=argv)
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "in_step_3").exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert (tmp_path / "in_step_3").exists(), "the child never reached step 3"
+    assert len(metric_rows(out)) == 2
+    os.killpg(child.pid, signal.SIGTERM)
+    (tmp_path / "sent").touch()
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 143, err
+    saved = out / "checkpoint-000003"
+    assert err.splitlines() == [f"internvl-mpo train: stopped by SIGTERM after step 3; checkpoint saved to {saved}; "
+                                "run the same command with --resume to go on"]  # no traceback, no leaked semaphores
+    assert ckpt.latest_checkpoint(out) == saved and len(metric_rows(out)) == 3
+
+    trained = []
+    resumed = train(config(chat_folder, meta, out, **common, resume=True), on_step=lambda step, _: trained.append(step))
+    assert trained == [4]
+    expected, got = load_weights(straight.final_dir), load_weights(resumed.final_dir)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    whole = straight.final_dir.parent
+    assert metric_rows(out) == [{**r, "tokens_per_s": ANY, "step_time_s": ANY} for r in metric_rows(whole)]
+    for name in ("optimizer.safetensors", "rank0.safetensors"):
+        first = load_file(whole / "checkpoint-000004" / name)
+        second = load_file(out / "checkpoint-000004" / name)
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.fixture
+def sigterm_handler():
+    """A SIGTERM handler of the test's own in place of the default, which would end pytest; it records the signals
+    that reach it (none should: train() takes SIGTERM while it runs, and puts this handler back)."""
+    reached = []
+
+    def record(signum, frame):
+        reached.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, record)
+    yield record, reached
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_after_a_save_every_checkpoint_writes_no_second_one_and_keeps_the_save_limit(
+        tmp_path, chat_folder, meta, monkeypatch, sigterm_handler):
+    import multiprocessing
+
+    handler, reached = sigterm_handler
+    saves = []
+    save = mpo.save_checkpoint
+    monkeypatch.setattr(mpo, "save_checkpoint", lambda *args: saves.append(args[2]) or save(*args))
+
+    def sigterm_at(step):
+        return lambda done, _: done == step and os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = config(chat_folder, meta, tmp_path / "run", max_steps=6, save_every=2, save_total_limit=1, num_workers=1)
+    with pytest.raises(Stopped, match=r"^stopped by SIGTERM after step 2; checkpoint saved to .*checkpoint-000002;"
+                                      r" run the same command with --resume to go on$") as stopped:
+        train(cfg, on_step=sigterm_at(2))
+    assert stopped.value.step == 2 and stopped.value.checkpoint == tmp_path / "run" / "checkpoint-000002"
+    assert saves == [2]  # the --save-every checkpoint of that step, not a second one
+    assert multiprocessing.active_children() == []  # the loader's worker ended with the run
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+    with pytest.raises(Stopped, match="after step 3"):
+        train(dataclasses.replace(cfg, resume=True), on_step=sigterm_at(3))
+    assert saves == [2, 3]
+    assert ckpt.checkpoints(tmp_path / "run") == [tmp_path / "run" / "checkpoint-000003"]  # --save-total-limit 1
+    assert signal.getsignal(signal.SIGTERM) is handler and reached == []
+
+
+@pytest.mark.parametrize("stage", ["data", "precompute_ref"])
+def test_sigterm_before_the_first_step_stops_with_nothing_saved(tmp_path, chat_folder, meta, monkeypatch, stage,
+                                                               sigterm_handler):
+    """While the data is read, or during the --precompute-ref pass (after its first batch): the run stops there."""
+    from internvl_mpo.train import reference
+
+    handler, reached = sigterm_handler
+    module, name = (mpo, "build_dataset") if stage == "data" else (reference, "collate_pairs")
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args: os.kill(os.getpid(), signal.SIGTERM) or original(*args))
+    cfg = config(chat_folder, meta, tmp_path / "run", save_every=1, batch_size=1, precompute_ref=True)
+    with pytest.raises(Stopped, match="^stopped by SIGTERM before training started; nothing was trained or saved$"):
+        train(cfg)
+    assert [p.name for p in (tmp_path / "run").glob("*") if p.name != TRAIN_LOCK[0]] == []
+    assert signal.getsignal(signal.SIGTERM) is handler and reached == []
 
 
 def test_rng_states_hold_the_cuda_generator_where_the_run_used_cuda_and_restore_what_is_there(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ Multi-GPU: `torchrun --nproc-per-node N -m internvl_mpo.cli train mpo ...`.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from internvl_mpo.errors import InputError
@@ -119,12 +120,17 @@ def train(
     from internvl_mpo.train.distributed import env_int, print0
     from internvl_mpo.train.mpo import train as run
     from internvl_mpo.train.settings import TrainConfig, count
+    from internvl_mpo.train.stopping import EXIT_CODE, Stopped
 
     let_pillow_open(max_pixels)
     config = TrainConfig(**settings)
     if fsdp and env_int("WORLD_SIZE", 1) < 2:
         print0("note: --fsdp shards only when several processes run (torchrun); this single process trains unsharded")
-    result = run(config)
+    try:
+        result = run(config)
+    except Stopped as e:  # by SIGTERM: 143 (128 + 15), the code a shell gives a process that SIGTERM ended
+        print0(f"internvl-mpo train: {e}", file=sys.stderr)
+        return EXIT_CODE
     print0(f"trained {count(result.steps, 'step')}; final model: {result.final_dir}")
     note = remote_code_note(result.final_dir) if env_int("RANK", 0) == 0 else None  # process 0 wrote final/
     if note:  # the files the official code and vLLM load it with

@@ -17,7 +17,8 @@ checkpoints and the resume checks; this file holds the order of operations:
    activation checkpointing per ViT layer and decoder block (`torch.distributed._composable
    .checkpoint`, i.e. `torch.utils.checkpoint` without changing parameter names), then DDP or FSDP2;
 5. per optimizer step: `grad_accum` micro-batches, each one forward over [chosen; rejected] with
-   each pair's images encoded once, `mpo_loss`, backward; clip, AdamW step, metrics, checkpoint.
+   each pair's images encoded once, `mpo_loss`, backward; clip, AdamW step, metrics, checkpoint; after a
+   SIGTERM (`stopping.py`) every process stops there, with a checkpoint of that step.
 
 Differences from the reference trainer, on purpose:
 - images are encoded once per pair (the reference repeats `pixel_values` for the rejected half);
@@ -114,6 +115,7 @@ from internvl_mpo.train.resume import (
     save_checkpoint,
 )
 from internvl_mpo.train.settings import TrainConfig, count, loss_weights, max_seq_length
+from internvl_mpo.train.stopping import Stopped, sigterm_stops, stop_if_requested, stop_requested
 from internvl_mpo.train.stream import SampleStream, build_dataset
 
 
@@ -191,7 +193,8 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
     mesh = None
     try:
         mesh = fsdp_mesh(env) if config.fsdp and env.distributed else None  # one per run, released below
-        with contextlib.ExitStack() as held:  # the output folder's lock, once taken
+        # SIGTERM stops the run at its next step boundary (`stopping`); the output folder's lock, once taken
+        with sigterm_stops(), contextlib.ExitStack() as held:
             return _train(config, env, mesh, on_step, held)
     except BaseException as e:
         # The error's frames hold the DDP / FSDP2 module, and through it the process group: freed only after the
@@ -226,13 +229,16 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
         # meta under FSDP2 (filled in 3, 4)
         tokenizer, policy, initial, start_dtype = load_initial_model(cfg, env.device, lazy=fsdp)
         final_dtype = parse_dtype("auto", env.device, start_dtype)  # refused now
+    stop_if_requested(env)  # a SIGTERM during the set-up stops the run between its stages
     # from here on the run's settings hold the length it uses (checkpoints and resumes compare it)
     cfg = dataclasses.replace(cfg, max_seq_length=max_seq_length(cfg, policy.config))
 
     # 2. data
     with ranks_together(env):
         dataset, report = build_dataset(cfg, tokenizer, policy.config)
+    stop_if_requested(env)
     stream = SampleStream(dataset, env, cfg, report)
+    held.callback(stream.close)  # its loader workers end with the run, however it ends
     samples_per_step = cfg.batch_size * cfg.grad_accum
     # Every process reads all records (each keeps its share): a count that differs (a copy of the data on each
     # node that does not match) gives the processes other steps and shares, and one would wait for the others.
@@ -353,6 +359,11 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
             cut_total = rewrite_metrics(metrics_path, start_step)
         elif env.is_main:
             metrics_path.unlink(missing_ok=True)
+    stop_if_requested(env)
+
+    def save(done: int) -> Path:
+        return save_checkpoint(cfg, env, done, module, policy, optimizer, running, stream, total_steps, fingerprint,
+                               model_print)
 
     # 5. the loop
     bar = tqdm(total=total_steps, initial=start_step, disable=not (cfg.progress and env.is_main), desc=cfg.mode)
@@ -396,11 +407,18 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
                     f.write(json.dumps(ckpt.strict_json(metrics), allow_nan=False) + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('rewards/accuracies', 0.0):.2f}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            save_checkpoint(cfg, env, step + 1, module, policy, optimizer, running, stream, total_steps, fingerprint,
-                            model_print)
+        saved = save(step + 1) if cfg.save_every and (step + 1) % cfg.save_every == 0 else None
         if on_step is not None:
             on_step(step + 1, metrics)
+        # After a SIGTERM every process stops here, after the same whole step, with its checkpoint. One in the
+        # last step lets the run end as usual: final/ takes less time to write than a checkpoint.
+        if step + 1 < total_steps and stop_requested(env):
+            if saved is None:
+                if fingerprint is None:  # hashed only now: a run without --save-every had no checkpoint to write
+                    fingerprint, model_print = data_fingerprint(cfg), model_fingerprint(cfg, policy)
+                saved = save(step + 1)
+            bar.close()
+            raise Stopped(step + 1, saved)
     bar.close()
 
     # 6. the final model, official layout, in the starting checkpoint's dtype (bf16 for the official ones, as

@@ -16,6 +16,7 @@ from internvl_mpo.train.distributed import DistEnv, all_reduce_sum, epoch_order,
 from internvl_mpo.train.fingerprints import media_digest
 from internvl_mpo.train.policy import SequenceLogps
 from internvl_mpo.train.settings import TrainConfig
+from internvl_mpo.train.stopping import stop_if_requested
 
 REF_FILE = "ref_logps.safetensors"
 
@@ -78,6 +79,7 @@ def precompute_reference(
         # every rank as many batches (the longest share's), each read within `ranks_together`: a bad record
         # in one rank's share stops all of them at once
         for start in range(0, -(-n // env.world_size), cfg.batch_size):
+            stop_if_requested(env)  # a SIGTERM stops the pass between two batches (it saves nothing)
             examples = []
             with ranks_together(env):
                 for i in mine[start : start + cfg.batch_size]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 
 import torch
 from PIL import Image
@@ -67,10 +68,14 @@ def _identity(x):
     return x
 
 
-def _keep_pillow_limit(limit: int | None, worker_id: int) -> None:
+def _start_worker(limit: int | None, worker_id: int) -> None:
     """A spawned loader worker's start: Pillow's limit as the training process set it (`--max-pixels` raises
-    it, `let_pillow_open`); the worker would have Pillow's default, which refuses images past twice that."""
+    it, `let_pillow_open`); the worker would have Pillow's default, which refuses images past twice that.
+    SIGTERM is ignored: sent to all of a job's processes (SLURM does), it would end the worker, and the
+    training process with it mid-step, before the training process saves and stops (`stopping`), which ends
+    its workers (they also end when it dies)."""
     Image.MAX_IMAGE_PIXELS = limit
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class SampleStream:
@@ -123,9 +128,13 @@ class SampleStream:
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, sampler=order, num_workers=self.num_workers, collate_fn=_identity,
             multiprocessing_context="spawn", generator=torch.Generator().manual_seed(self.seed + self.epoch),
-            worker_init_fn=functools.partial(_keep_pillow_limit, Image.MAX_IMAGE_PIXELS),
+            worker_init_fn=functools.partial(_start_worker, Image.MAX_IMAGE_PIXELS),
         )
         return iter(loader)
+
+    def close(self) -> None:
+        """Ends the loader's worker processes, if any (reading again starts new ones)."""
+        self._items = None
 
     def next_example(self):
         while True:
