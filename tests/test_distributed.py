@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 from pathlib import Path
 from unittest.mock import ANY
@@ -31,6 +32,7 @@ from internvl_mpo.model import InternVL
 from internvl_mpo.train.distributed import epoch_order, init_distributed, rank_share
 from internvl_mpo.train.mpo import train
 from internvl_mpo.train.settings import TrainConfig
+from internvl_mpo.train.stopping import Stopped
 
 
 def free_ports(n: int) -> list[int]:
@@ -542,3 +544,53 @@ def test_processes_that_read_different_data_stop_before_training(setup):
     # a malformed line in one node's copy only: process 0 waited for process 1 at the next collective
     assert bad_line[0] == bad_line[1], bad_line
     assert bad_line[0].startswith(f"InputError: {nodes[1] / 'bad' / 'toy.jsonl'}:4: malformed JSON"), bad_line
+
+
+def _sigterm_worker(rank: int, world: int, ports: list[int], configs: list[dict], log: str) -> None:
+    """`_stopping_worker` in which process 1 alone gets SIGTERM during the second run, in step 2's second
+    micro-batch (a kill of one process); each run's ending is recorded ("stopped: message", or null)."""
+    from internvl_mpo.train import mpo
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    loss, calls = mpo.micro_batch_loss, []
+
+    def sigterm_in_step_2(*args):
+        calls.append(1)
+        if rank == 1 and len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss(*args)
+
+    ended = []
+    for run, (port, cfg) in enumerate(zip(ports, configs)):
+        os.environ["MASTER_PORT"] = str(port)
+        mpo.micro_batch_loss = sigterm_in_step_2 if run == 1 else loss
+        try:
+            train(TrainConfig(**cfg))
+            ended.append(None)
+        except Stopped as e:
+            ended.append(f"stopped: {e}")
+        assert_no_process_group()
+    Path(log.format(rank)).write_text(json.dumps(ended))
+
+
+def test_sigterm_to_one_process_stops_both_after_the_same_step_and_resume_is_exact(setup):
+    # Without a word between them, the process that got SIGTERM died alone (or, stopping, saved alone) while the
+    # other waited at its next collective.
+    root, folder, meta = setup
+    base = TrainConfig(model=str(folder), data=str(meta), max_steps=4, batch_size=1, grad_accum=2, lr=1e-3,
+                       warmup_ratio=0.0, progress=False, seed=3)  # drop path on: RNG states matter
+    configs = [dataclasses.asdict(dataclasses.replace(base, output=str(root / name), resume=resume))
+               for name, resume in (("term_whole", False), ("term_stopped", False), ("term_stopped", True))]
+    log = str(root / "term{}.json")
+    run_two(_sigterm_worker, (free_ports(3), configs, log))
+    saved = root / "term_stopped" / "checkpoint-000002"
+    message = (f"stopped: stopped by SIGTERM after step 2; checkpoint saved to {saved}; run the same command with"
+               " --resume to go on")
+    assert endings(log) == [[None, None], [message, message], [None, None]]
+    assert {p.name for p in saved.glob("rank*.json")} == {"rank0.json", "rank1.json"}
+    whole, resumed = root / "term_whole", root / "term_stopped"
+    assert rows(resumed) == [{**r, **{k: ANY for k in ("tokens_per_s", "step_time_s")}} for r in rows(whole)]
+    expected = InternVL.from_pretrained(whole / "final").state_dict()
+    for key, value in InternVL.from_pretrained(resumed / "final").state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
