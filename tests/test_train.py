@@ -401,7 +401,7 @@ def test_sigterm_after_a_save_every_checkpoint_writes_no_second_one_and_keeps_th
     assert signal.getsignal(signal.SIGTERM) is handler
 
     with pytest.raises(Stopped, match="after step 3"):
-        train(dataclasses.replace(cfg, resume=True), on_step=sigterm_at(3))
+        train(dataclasses.replace(cfg, resume=True, num_workers=0), on_step=sigterm_at(3))
     assert saves == [2, 3]
     assert ckpt.checkpoints(tmp_path / "run") == [tmp_path / "run" / "checkpoint-000003"]  # --save-total-limit 1
     assert signal.getsignal(signal.SIGTERM) is handler and reached == []
