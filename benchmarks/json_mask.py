@@ -1,6 +1,8 @@
 """Time JSON mode's token masks (`internvl_mpo.generate.json_mode`): building a vocabulary's index, a mask of
 each state a pretty-printed object passes through computed afresh (uncached), and the same masks from the
-cache, as the engine asks for them at each step.
+cache, as the engine asks for them at each step. `--schema` times JSON schema mode's masks
+(`internvl_mpo.generate.json_schema`) the same way, on a realistic schema (typed fields, an enum, an array
+of objects, a nullable field) and a pretty-printed value of it.
 
 The vocabulary that matters is Qwen2's (151,643 tokens + specials, InternVL2.5's 1B/4B/26B/38B/78B):
 
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 from internvl_mpo.generate import json_mode as jm
+from internvl_mpo.generate import json_schema as js
 
 MODES = {jm.START: "start", jm.VALUE: "value", jm.ARRAY_START: "array start", jm.OBJECT_START: "object start",
          jm.KEY: "key", jm.COLON: "colon", jm.AFTER: "after value", jm.STRING: "string", jm.ESCAPE: "escape",
@@ -28,6 +31,20 @@ MODES = {jm.START: "start", jm.VALUE: "value", jm.ARRAY_START: "array start", jm
 SAMPLE = {"title": "Ein Café in Zürich", "objects": [{"name": "猫", "box": [12, 34.5, -0.5e3, 1e-2], "visible": True},
                                                    {"name": "dog \"Rex\"\n\\", "box": [], "note": None}],
           "caption": "😀 \u00e9\u4e2d", "count": 2, "nested": {"a": {"b": {"c": [[False]]}}}}
+
+SCHEMA = {"type": "object", "properties": {
+    "title": {"type": "string"}, "kind": {"enum": ["photo", "drawing", "screenshot", "diagram"]},
+    "count": {"type": "integer"},
+    "objects": {"type": "array", "items": {"type": "object", "properties": {
+        "name": {"type": "string"}, "box": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
+        "visible": {"type": "boolean"}, "note": {"type": ["string", "null"]}},
+        "required": ["name", "box", "visible"], "additionalProperties": False}},
+    "caption": {"type": "string"}},
+    "required": ["title", "kind", "count", "objects", "caption"], "additionalProperties": False}
+SCHEMA_VALUE = {"title": "Ein Café in Zürich", "kind": "photo", "count": 2,
+                "objects": [{"name": "猫", "box": [12, 34.5, -0.5e3, 1e-2], "visible": True},
+                            {"name": "dog \"Rex\"\n\\", "box": [0, 0, 1, 1], "visible": False, "note": None}],
+                "caption": "😀 \u00e9\u4e2d"}
 
 
 def pieces_of(args) -> tuple[list, int, str]:
@@ -48,38 +65,76 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, help="a checkpoint folder whose tokenizer to index")
     parser.add_argument("--tiktoken", type=Path, help="a vocabulary as tiktoken's base64 lines (qwen.tiktoken)")
     parser.add_argument("--check", action="store_true", help="compare every mask with the byte-by-byte oracle")
+    parser.add_argument("--schema", action="store_true", help="JSON schema mode's masks (a realistic schema)")
     args = parser.parse_args()
     pieces, size, name = pieces_of(args)
     start = time.perf_counter()
     vocabulary = jm.JsonVocabulary(pieces, size)
     print(f"vocabulary: {name}; index built in {time.perf_counter() - start:.2f} s")
-    states, state = [], jm.INITIAL
-    for byte in json.dumps(SAMPLE, indent=2, ensure_ascii=False).encode():
+    if args.schema:
+        schema = js.compile_schema(SCHEMA)
+        initial, advance, sample = schema.initial, schema.advance, SCHEMA_VALUE
+
+        def mask(state):
+            return js.schema_mask(vocabulary, schema, state)
+
+        def lexical(state):
+            return state[0]
+
+        def clear():
+            vocabulary.schema_cache.clear()
+    else:
+        initial, advance, sample, mask = jm.INITIAL, jm.advance, SAMPLE, vocabulary.mask
+
+        def lexical(state):
+            return state
+
+        def clear():
+            vocabulary._cache.clear()
+    states, state = [], initial
+    for byte in json.dumps(sample, indent=2, ensure_ascii=False).encode():
         states.append(state)
-        state = jm.advance(state, byte)
+        state = advance(state, byte)
     states.append(state)
     fresh: dict[int, list[float]] = {}
     # one state per mask the cache keeps (a whitespace count filters the mask of the state without it)
-    for state in dict.fromkeys((m, d, stack, 0 if m in jm.SPACED else ws) for m, d, stack, ws in states):
-        vocabulary._cache.clear()
+    for state in dict.fromkeys(unspaced(state, lexical) for state in states):
+        clear()
         start = time.perf_counter()
-        mask = vocabulary.mask(state)
-        fresh.setdefault(state[0], []).append(time.perf_counter() - start)
+        got = mask(state)
+        fresh.setdefault(lexical(state)[0], []).append(time.perf_counter() - start)
         if args.check:
-            expected = [bool(p) and jm.advance_bytes(state, p) is not None for p in pieces]
-            assert mask[: len(pieces)].tolist() == expected and not mask[len(pieces):].any(), state
+            expected = [bool(p) and advance_bytes(advance, state, p) for p in pieces]
+            assert got[: len(pieces)].tolist() == expected and not got[len(pieces):].any(), state
     print(f"{'state':>16} {'states':>6} {'uncached ms (median, max)':>26}")
     for mode, times in sorted(fresh.items()):
         print(f"{MODES[mode]:>16} {len(times):>6} {1000 * statistics.median(times):>14.2f} {1000 * max(times):>10.2f}")
     every = [t for times in fresh.values() for t in times]
     print(f"{'all':>16} {len(every):>6} {1000 * statistics.median(every):>14.2f} {1000 * max(every):>10.2f}")
     for state in states:  # fill the cache
-        vocabulary.mask(state)
+        mask(state)
     start = time.perf_counter()
     for state in states:
-        vocabulary.mask(state)
+        mask(state)
     print(f"cached: {1e6 * (time.perf_counter() - start) / len(states):.0f} us a step over the {len(states)} steps "
           "of the sample (one byte each)" + ("; every mask equals the oracle's" if args.check else ""))
+
+
+def unspaced(state, lexical):
+    """`state` with its whitespace run's count at 0 (the state whose mask the cache keeps)."""
+    mode, detail, stack, ws = lexical(state)
+    if mode not in jm.SPACED or not ws:
+        return state
+    return (mode, detail, stack, 0) if lexical(state) is state else ((mode, detail, stack, 0), state[1])
+
+
+def advance_bytes(advance, state, piece: bytes) -> bool:
+    """Whether `piece` takes `state` to a valid prefix, byte by byte."""
+    for byte in piece:
+        state = advance(state, byte)
+        if state is None:
+            return False
+    return True
 
 
 if __name__ == "__main__":

@@ -1464,3 +1464,45 @@ def test_json_mode_flag(folder, tmp_path):
     answers.write_text(answers.read_text().splitlines()[0] + "\n")  # one answer left to write
     out = cli("generate", "--model", folder, "--input", requests, "--output", answers, "--max-new-tokens", "12")
     assert out.returncode == 1 and "other settings (json_mode)" in out.stderr, out.stderr
+
+
+def test_json_schema_flag(folder, tmp_path):
+    """--json-schema FILE holds chat's and generate's answers to a value of the schema (the API's json_schema),
+    generate records the schema in its settings (a resume without it is refused), and a schema file that cannot be
+    read or compiled is refused naming the file and the keyword."""
+    schema = {"enum": ["yes", "no", 42]}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    out = cli("chat", "--model", folder, "--max-new-tokens", "12", "--json-schema", path, "Hello")
+    assert out.returncode == 0, out.stderr
+    bot = InternVLChat.from_pretrained(folder)
+    expected = bot.chat("Hello", max_new_tokens=12, json_schema=schema, do_sample=False)
+    assert out.stdout.strip() == expected.strip() and json.loads(expected) in ("yes", "no", 42)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"type": "string", "pattern": "a"}))
+    out = cli("chat", "--model", folder, "--json-schema", bad, "Hello")
+    assert out.returncode == 1 and f'--json-schema {bad}: the keyword "pattern" at # is not supported' in out.stderr
+    bad.write_text("{")
+    out = cli("chat", "--model", folder, "--json-schema", bad, "Hello")
+    assert out.returncode == 1 and f"--json-schema {bad}: Expecting property name" in out.stderr, out.stderr
+    out = cli("chat", "--model", folder, "--json-schema", tmp_path / "missing.json", "Hello")
+    assert out.returncode == 1 and "missing.json: No such file or directory" in out.stderr, out.stderr
+    out = cli("chat", "--model", folder, "--json-schema", path, "--json-mode", "Hello")
+    assert out.returncode == 1 and "give --json-mode or --json-schema, not both" in out.stderr, out.stderr
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"id": "a", "question": "Hello"}) + "\n" + json.dumps({"id": "b", "question": "Hi"})
+                        + "\n")
+    answers = tmp_path / "a.jsonl"
+    out = cli("generate", "--model", folder, "--input", requests, "--output", answers, "--max-new-tokens", "12",
+              "--json-schema", path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(answers.read_text().splitlines()[0])["answer"] == expected
+    assert json.loads((tmp_path / "a.jsonl.settings.json").read_text())["json_schema"] == schema
+    answers.write_text(answers.read_text().splitlines()[0] + "\n")  # one answer left to write
+    out = cli("generate", "--model", folder, "--input", requests, "--output", answers, "--max-new-tokens", "12")
+    assert out.returncode == 1 and "other settings (json_schema)" in out.stderr, out.stderr
+    out = cli("generate", "--model", folder, "--input", requests, "--output", answers, "--max-new-tokens", "12",
+              "--json-schema", path)
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(json.loads(line)["answer"]) in ("yes", "no", 42) for line in answers.read_text().splitlines()] \
+        == [True, True]

@@ -331,8 +331,8 @@ def test_vllm_fields_that_would_change_the_answer_are_refused_not_ignored():
         return parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **fields}, ServerSettings())
 
     for key, value in {"min_p": 0.1, "use_beam_search": True, "include_stop_str_in_output": True,
-                       "echo": True, "guided_json": {"type": "object"},
-                       "guided_regex": "a+", "guided_choice": ["yes", "no"], "guided_grammar": "root ::= 'a'",
+                       "echo": True, "guided_regex": "a+", "guided_choice": ["yes", "no"],
+                       "guided_grammar": "root ::= 'a'",
                        "structured_outputs": {"json": {"type": "object"}}, "allowed_token_ids": [1, 2],
                        "bad_words": ["no"], "logits_processors": ["x"], "truncate_prompt_tokens": 5,
                        "return_tokens_as_token_ids": True, "chat_template": "{{ messages }}",
@@ -392,7 +392,7 @@ def test_refused_fields_are_refused_whatever_their_type_and_pass_only_at_their_o
     """`tools: {}`, chat `echo: 0` or `suffix: []` passed because they read as false: a refused field passes
     only as null or its off value of its own JSON type (`tools: []`, `echo: false`, `min_p: 0`)."""
     chat = {"messages": [{"role": "user", "content": "hi"}]}
-    cases = [(parse_chat_request, chat, {"tools": {}, "echo": 0, "min_p": False, "guided_json": {}, "bad_words": {},
+    cases = [(parse_chat_request, chat, {"tools": {}, "echo": 0, "min_p": False, "guided_regex": {}, "bad_words": {},
                                          "use_beam_search": 0, "chat_template": "", "functions": "",
                                          "truncate_prompt_tokens": 0, "audio": {}}),
              (parse_completion_request, {"prompt": "hi"}, {"suffix": [], "tools": "", "include_stop_str_in_output": 0,
@@ -949,10 +949,11 @@ def test_logit_bias_forces_or_bans_tokens_on_both_endpoints_streamed_too(client,
         .message.content == client.chat.completions.create(model="m", messages=messages, **LONG).choices[0].message.content
 
 
-def test_response_format_json_object_answers_a_json_object_and_json_schema_is_a_400(client, local_chat):
+def test_response_format_json_object_answers_a_json_object_and_json_schema_a_valid_value(client, local_chat):
     """JSON mode on both endpoints, streamed too: the answer is the constrained chat()'s, a JSON object once it stops
     (the tiny random model is nudged to close it by a logit bias, which leaves the constraint whole). A JSON schema
-    is refused, naming it."""
+    (OpenAI's response_format, vLLM's guided_json) is answered with a value it takes; one with a keyword this server
+    does not support is a 400 naming it."""
     tokenizer = local_chat.tokenizer
     closing = [i for i in range(len(tokenizer)) if not tokenizer.is_special(i) and b"}" in tokenizer.token_bytes(i)]
     bias = {**dict.fromkeys(closing, 4.0), tokenizer.im_end_id: 4.0}
@@ -970,9 +971,26 @@ def test_response_format_json_object_answers_a_json_object_and_json_schema_is_a_
                                            extra_body={"response_format": {"type": "json_object"}})
     assert completion.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(completion.choices[0].text), dict)
-    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
-    with pytest.raises(openai.BadRequestError, match="response_format type .json_schema. is not supported"):
-        client.chat.completions.create(model="m", **{**body, "response_format": schema})
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "kind": {"enum": ["cat", "dog", None]}},
+              "required": ["ok", "kind"], "additionalProperties": False}
+    padding = [i for i in range(len(tokenizer)) if not tokenizer.is_special(i)  # away from escapes and whitespace
+               and (b"\\" in tokenizer.token_bytes(i) or tokenizer.token_bytes(i).strip() == b"")]
+    bias = {**bias, **dict.fromkeys(padding, -4.0)}
+    body["logit_bias"] = {str(k): v for k, v in bias.items()}
+    expected = local_chat.chat("Describe it as JSON.", json_schema=schema, do_sample=False, max_new_tokens=40,
+                               logit_bias=bias)
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    reply = client.chat.completions.create(model="m", **{**body, "response_format": response_format})
+    assert reply.choices[0].finish_reason == "stop" and reply.choices[0].message.content.strip() == expected
+    value = json.loads(expected)
+    assert list(value) == ["ok", "kind"] and isinstance(value["ok"], bool) and value["kind"] in ("cat", "dog", None)
+    completion = client.completions.create(model="m", prompt="{", max_tokens=40, temperature=0,
+                                           logit_bias=body["logit_bias"], extra_body={"guided_json": schema})
+    assert completion.choices[0].finish_reason == "stop"
+    assert list(json.loads(completion.choices[0].text)) == ["ok", "kind"]
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "maxLength": 5}}}
+    with pytest.raises(openai.BadRequestError, match='the keyword .maxLength. at # is not supported'):
+        client.chat.completions.create(model="m", **{**body, "response_format": bad})
 
 
 def worker_texts(local_chat, requests: list[Request]) -> tuple[list[str], dict]:

@@ -71,12 +71,28 @@ def _per_image(max_num: int | None, video) -> int | None:
 
 
 def _generation(temperature: float, top_p: float, top_k: int, max_new_tokens: int, seed: int | None,
-                repetition_penalty: float, min_new_tokens: int, json_mode: bool) -> dict:
+                repetition_penalty: float, min_new_tokens: int, json_mode: bool, json_schema) -> dict:
     return dict(
         do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p, top_k=top_k,  # SamplingParams refuses < 0
         max_new_tokens=max_new_tokens, seed=seed, repetition_penalty=repetition_penalty,
-        min_new_tokens=min_new_tokens, json_mode=json_mode,
+        min_new_tokens=min_new_tokens, json_mode=json_mode, json_schema=json_schema,
     )
+
+
+def _read_schema(path: str | None):
+    """The JSON schema in the file of --json-schema (None without one), checked: InputError naming the file."""
+    from .generate.json_schema import SchemaError, compile_schema
+
+    if path is None:
+        return None
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+        compile_schema(schema)
+    except OSError as e:
+        raise InputError(f"--json-schema {path}: {e.strerror or e}") from None
+    except (ValueError, SchemaError) as e:  # UnicodeDecodeError and json's errors are ValueErrors
+        raise InputError(f"--json-schema {path}: {e}") from None
+    return schema
 
 
 def chat(
@@ -93,6 +109,7 @@ def chat(
     max_new_tokens: int = 1024,
     min_new_tokens: int = 0,
     json_mode: bool = False,
+    json_schema: str | None = None,
     seed: int | None = None,
     system: str | None = None,
     device: str | None = None,
@@ -117,6 +134,7 @@ def chat(
     max_new_tokens: most tokens in an answer
     min_new_tokens: fewest tokens in an answer: the end of turn (and stop strings) cannot end it sooner
     json_mode: hold each answer to one JSON object (constrained decoding; see the README's Generation section)
+    json_schema: a file holding a JSON schema: hold each answer to one JSON value it takes (see the README)
     seed: seed for sampling
     system: a system message instead of the template's
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
@@ -133,7 +151,7 @@ def chat(
     let_pillow_open(max_pixels)
     _at_least_one(max_num=max_num, num_segments=num_segments)
     params = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty,
-                                             min_new_tokens, json_mode))
+                                             min_new_tokens, json_mode, _read_schema(json_schema)))
     images = list(image or [])
     if images and video is not None:
         raise InputError("give images or a video, not both")
@@ -258,6 +276,7 @@ def generate(
     max_new_tokens: int = 1024,
     min_new_tokens: int = 0,
     json_mode: bool = False,
+    json_schema: str | None = None,
     seed: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
@@ -282,6 +301,7 @@ def generate(
     max_new_tokens: most tokens per answer
     min_new_tokens: fewest tokens per answer: the end of turn cannot end it sooner
     json_mode: hold each answer to one JSON object (constrained decoding; see the README's Generation section)
+    json_schema: a file holding a JSON schema: hold each answer to one JSON value it takes (recorded in the settings)
     seed: seed for sampling (request k of the file, counted from 0 without blank lines, uses seed + k, as batch_chat)
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
     dtype: float32, bfloat16, float16 or auto (the checkpoint's own) (default: bf16 on CUDA, fp32 on CPU)
@@ -308,8 +328,9 @@ def generate(
         raise InputError(f"--output {out}: {no_folder(out)}")
     if out.resolve() == Path(input).resolve():  # resuming rewrites the output: the requests would be lost
         raise InputError(f"--output {out} is the requests file; give the answers a file of their own")
+    schema = _read_schema(json_schema)
     base = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, 1.0, min_new_tokens,
-                                         json_mode))
+                                         json_mode, schema))
     let_pillow_open(max_pixels)
     requests = _read_requests(Path(input))
     last = len(requests) - 1  # request k samples with seed + k
@@ -328,6 +349,7 @@ def generate(
                                      "max_new_tokens": max_new_tokens,
                                      "min_new_tokens": min_new_tokens, "seed": seed, "dtype": dtype_name,
                                      **({"json_mode": True} if json_mode else {}),  # absent: runs before it
+                                     **({"json_schema": schema} if json_schema is not None else {}),
                                      "weights": weights_identity(weights, recorded_weights(_settings_file(out)))},
                                resume=bool(done),
                                default_max_num=lambda: _default_tiles(model_path(model)))

@@ -47,6 +47,7 @@ CARD_DEFAULTS = dict(max_new_tokens=1024, do_sample=True)
 GENERATION_KEYS = {
     "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "stop",
     "stop_token_ids", "seed", "ignore_eos", "min_new_tokens", "logit_bias", "json_mode",
+    "json_schema",
 }
 
 
@@ -564,8 +565,9 @@ class InternVLChat:
     def _texts(self, params: SamplingParams) -> TextAssembler:
         """The text of one answer, cut at `params.stop` and, as the official chat() cuts its
         decoded answer, at the template's end of turn `<|im_end|>` spelled in ordinary tokens (unless
-        ignore_eos, which goes past the end-of-turn token too, or json_mode, where that text is a string's)."""
-        end = () if params.ignore_eos or params.json_mode else (get_template(self.config.template).sep.strip(),)
+        ignore_eos, which goes past the end-of-turn token too, or JSON (schema) mode, where that text is a string's)."""
+        constrained = params.json_mode or params.json_schema is not None
+        end = () if params.ignore_eos or constrained else (get_template(self.config.template).sep.strip(),)
         return TextAssembler(self.tokenizer, params.stop, params.min_new_tokens, end)
 
 

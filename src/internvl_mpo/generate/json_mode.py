@@ -203,6 +203,7 @@ class JsonVocabulary:
             for u in range(len(UTF8)) if 0x80 <= piece[0] <= 0xBF else (0,):
                 self._content[u, i] = advance_bytes((STRING, u, "", 0), piece) is not None
         self._cache: OrderedDict = OrderedDict()
+        self.schema_cache: OrderedDict = OrderedDict()  # json_schema.schema_mask's, by (schema, state)
 
     @classmethod
     def of_tokenizer(cls, tokenizer, size: int) -> "JsonVocabulary":
@@ -242,9 +243,10 @@ class JsonVocabulary:
         return mask
 
 
-def _walk(words: list[bytes], state) -> list[int]:
-    """The positions in sorted `words` of those that `state` takes to a valid prefix: a depth-first walk of
-    the words as a trie (the words in lo:hi share their first `depth` bytes), cut at each rejected byte."""
+def _walk(words: list[bytes], state, advance=advance) -> list[int]:
+    """The positions in sorted `words` of those that `state` takes to a valid prefix (by `advance`, this
+    module's or a json_schema.Schema's): a depth-first walk of the words as a trie (the words in lo:hi share
+    their first `depth` bytes), cut at each rejected byte."""
     found = []
     todo = [(0, len(words), 0, state)]
     while todo:

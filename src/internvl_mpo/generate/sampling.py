@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError, SettingError
+from .json_schema import Schema, compile_schema
 
 
 # transformers takes any penalty > 0, but a positive logit divided by one below ~1e-37 (and then by the
@@ -53,6 +54,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     # JSON mode: the answer is held to one JSON object (generate/json_mode.py), ended by a stop token once complete
     json_mode: bool = False
+    # JSON schema mode: the answer is held to one JSON value the schema takes (generate/json_schema.py); a dict
+    # (or True/False), kept compiled
+    json_schema: Schema | None = None
 
     def __post_init__(self):
         for name in ("max_new_tokens", "min_new_tokens", "top_k") + (("seed",) if self.seed is not None else ()):
@@ -82,9 +86,14 @@ class SamplingParams:
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise SettingError("", "min_new_tokens", " must be in 0..", "max_new_tokens",
                                f" ({self.max_new_tokens}), got {self.min_new_tokens}")
-        if self.json_mode and self.min_new_tokens:
-            raise SettingError("", "min_new_tokens", " does not go with ", "json_mode", ": the object may be complete "
-                               "before it, and then only a stop token may follow")
+        if self.json_schema is not None:
+            object.__setattr__(self, "json_schema", compile_schema(self.json_schema))
+            if self.json_mode:
+                raise SettingError("give ", "json_mode", " or ", "json_schema", ", not both")
+        if (self.json_mode or self.json_schema is not None) and self.min_new_tokens:
+            name = "json_mode" if self.json_mode else "json_schema"
+            raise SettingError("", "min_new_tokens", " does not go with ", name, ": the JSON may be complete before "
+                               "it, and then only a stop token may follow")
         if self.temperature < 0:
             raise SettingError("", "temperature", f" must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

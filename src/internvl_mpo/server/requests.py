@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from ..chat.template import IMAGE_PLACEHOLDER
 from ..errors import InputError
 from ..generate.engine import MAX_TOP_LOGPROBS
+from ..generate.json_schema import SchemaError, compile_schema
 from ..generate.sampling import SamplingParams
 from .settings import ServerSettings
 
@@ -18,7 +19,7 @@ MAX_LOGIT_BIAS_ENTRIES = 1024  # tokens in one request's logit_bias (OpenAI docu
 # each with the values that mean "off" (of their JSON type: `false`, not `0`), which pass; null always passes
 UNSUPPORTED_FIELDS = {"tools": ([],), "functions": ([],), "audio": (), "prediction": (),
                       "min_p": (0, 0.0), "use_beam_search": (False,), "include_stop_str_in_output": (False,),
-                      "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+                      "guided_regex": (), "guided_choice": (), "guided_grammar": (),
                       "structured_outputs": (), "allowed_token_ids": (), "bad_words": ([],), "logits_processors": (),
                       "truncate_prompt_tokens": (), "return_tokens_as_token_ids": (False,), "chat_template": (),
                       "modalities": (["text"],), "function_call": ("none",), "web_search_options": (), "moderation": (),
@@ -38,7 +39,7 @@ IGNORED_FIELDS = {"user": (str,), "metadata": (dict,), "store": (bool,), "servic
 SHARED_FIELDS = {"model", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "stop_token_ids",
                  "stream", "stream_options", "n", "seed", "min_tokens", "logit_bias", "top_k", "repetition_penalty",
                  "ignore_eos", "skip_special_tokens", "frequency_penalty", "presence_penalty", "response_format",
-                 "logprobs", "prompt_logprobs"}
+                 "logprobs", "prompt_logprobs", "guided_json"}
 CHAT_FIELDS = {"messages", "top_logprobs", "tool_choice", "add_generation_prompt", "max_num"}
 COMPLETION_FIELDS = {"prompt", "suffix", "best_of", "echo", "add_special_tokens"}
 IMAGE_DETAILS = ("auto", "low", "high")  # OpenAI's image_url.detail; tiles follow max_num whatever it says
@@ -284,7 +285,7 @@ def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], f
     for key in ("frequency_penalty", "presence_penalty"):
         if _field(body, key, (int, float), 0):
             raise ApiError(400, f"{key} is not supported (use repetition_penalty)", key)
-    json_mode = _json_mode(body.get("response_format"))
+    json_mode, json_schema, json_key = _json_format(body)
     temperature = _field(body, "temperature", (int, float), 1.0, 0, 2)
     top_p = _field(body, "top_p", (int, float), 1.0, 0, 1)
     if top_p == 0:
@@ -326,12 +327,12 @@ def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], f
     n = _field(body, "n", (int,), 1, 1, settings.max_n)
     seed = _field(body, "seed", (int,), None, -(2**63), 2**63 - 1)  # OpenAI's int64; read modulo 2**63
     min_tokens = _field(body, "min_tokens", (int,), 0, 0)  # vLLM's; checked against the answer's room later
-    if json_mode and min_tokens:
-        raise ApiError(400, "min_tokens does not go with response_format json_object: the object may be complete "
+    if json_key and min_tokens:
+        raise ApiError(400, f"min_tokens does not go with {json_key}: the JSON may be complete "
                             "before it, and then only the end of the answer may follow", "min_tokens")
-    if json_mode and _field(body, "ignore_eos", (bool,), False) and not stop_ids:
-        raise ApiError(400, "ignore_eos with response_format json_object needs stop_token_ids: the answer ends with "
-                            "a stop token once the object is complete", "ignore_eos")
+    if json_key and _field(body, "ignore_eos", (bool,), False) and not stop_ids:
+        raise ApiError(400, f"ignore_eos with {json_key} needs stop_token_ids: the answer ends with "
+                            "a stop token once the JSON is complete", "ignore_eos")
     logit_bias = _logit_bias(body.get("logit_bias"))
     try:
         params = SamplingParams(
@@ -341,7 +342,7 @@ def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], f
             stop_token_ids=tuple(stop_ids),
             repetition_penalty=float(_field(body, "repetition_penalty", (int, float), 1.0, 0.01, 10)),
             seed=None if seed is None else seed % 2**63, ignore_eos=_field(body, "ignore_eos", (bool,), False),
-            logit_bias=logit_bias, json_mode=json_mode,
+            logit_bias=logit_bias, json_mode=json_mode, json_schema=json_schema,
         )
     except InputError as e:
         raise ApiError(400, str(e)) from None
@@ -351,19 +352,53 @@ def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], f
             "continuous_usage": include_usage and continuous_usage}
 
 
-def _json_mode(response_format) -> bool:
-    """Whether OpenAI's `response_format` asks for JSON mode ({"type": "json_object"}); {"type": "text"} and null
-    do not; a JSON schema (json_schema) or any other type is a 400 naming it."""
+def _json_format(body: dict) -> tuple:
+    """(json_mode, compiled schema or None, the name of what asked for it or None) from OpenAI's
+    `response_format` ({"type": "json_object"}: JSON mode; {"type": "json_schema", "json_schema": {"name": ...,
+    "schema": {...}, "strict": ...}}: a schema) or vLLM's `guided_json` (a schema, or its JSON as a string);
+    {"type": "text"} and null ask for neither. Anything else, both at once, or a schema that json_schema.py
+    cannot compile is a 400 naming it."""
+    response_format, guided = body.get("response_format"), body.get("guided_json")
+    if guided is not None:
+        if response_format is not None and response_format != {"type": "text"}:
+            raise ApiError(400, "give response_format or guided_json, not both", "guided_json")
+        if isinstance(guided, str):
+            try:
+                guided = json.loads(guided)
+            except ValueError as e:
+                raise ApiError(400, f"guided_json is not JSON: {e}", "guided_json") from None
+        return False, _schema(guided, "guided_json"), "guided_json"
     if response_format is None or response_format == {"type": "text"}:
-        return False
+        return False, None, None
     if response_format == {"type": "json_object"}:
-        return True
+        return True, None, "response_format json_object"
     kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if isinstance(kind, str) and kind not in ("text", "json_object"):
+    if kind == "json_schema" and set(response_format) == {"type", "json_schema"}:
+        spec = response_format["json_schema"]
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise ApiError(400, "response_format json_schema must be an object with a schema: {'name': ..., 'schema': "
+                                f"{{...}}}}, got {json.dumps(spec)[:80]}", "response_format")
+        if unknown := [key for key in spec if key not in ("name", "schema", "strict", "description")]:
+            raise ApiError(400, f"response_format.json_schema.{unknown[0][:80]} is not a field this server knows "
+                                "(name, schema, strict, description)", "response_format")
+        for key, kinds in (("name", str), ("strict", bool), ("description", str)):
+            if spec.get(key) is not None and not isinstance(spec[key], kinds):
+                raise ApiError(400, f"response_format.json_schema.{key} must be {kinds.__name__}", "response_format")
+        return False, _schema(spec["schema"], "response_format"), "response_format json_schema"
+    if isinstance(kind, str) and kind not in ("text", "json_object", "json_schema"):
         raise ApiError(400, f"response_format type {json.dumps(kind)[:80]} is not supported: this server has JSON "
-                            "mode ({'type': 'json_object'}) but no JSON schema nor other formats", "response_format")
-    raise ApiError(400, "response_format must be {'type': 'text'} or {'type': 'json_object'}, got "
-                        f"{json.dumps(response_format)[:80]}", "response_format")
+                            "mode ({'type': 'json_object'}) and JSON schemas ({'type': 'json_schema'}) only",
+                       "response_format")
+    raise ApiError(400, "response_format must be {'type': 'text'}, {'type': 'json_object'} or {'type': "
+                        f"'json_schema', 'json_schema': {{...}}}}, got {json.dumps(response_format)[:80]}",
+                   "response_format")
+
+
+def _schema(schema, param: str):
+    try:
+        return compile_schema(schema)
+    except SchemaError as e:
+        raise ApiError(400, f"{param}: {e}", param) from None
 
 
 def _logit_bias(value) -> dict[int, float]:

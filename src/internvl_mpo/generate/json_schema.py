@@ -1,0 +1,632 @@
+"""JSON schema mode: constrained decoding to one JSON value that a JSON schema accepts (OpenAI's structured
+outputs, vLLM's `guided_json`), on top of JSON mode's recognizer (json_mode.py).
+
+`compile_schema` turns a schema (a dict, or True/False) into a `Schema`, cached by its canonical JSON (the
+schema as compact JSON, keys in their order: the properties' order is the order they are generated in). The
+subset taken, and the rest refused with a `SchemaError` naming the keyword and its JSON pointer in the schema:
+`type` (one or a list), `properties`, `required`, `additionalProperties`, `items` (one schema), `minItems`,
+`maxItems`, `enum`, `const`, `anyOf`, `oneOf` (taken as anyOf), `allOf` of one schema, `$ref` to `#`,
+`#/$defs/...` or `#/definitions/...` (recursion allowed), and the annotations `description`, `title`,
+`default`, `examples`, `$schema`, `$comment`, which are ignored. Without `type`, a schema with object keywords
+(properties, required, additionalProperties) is an object and one with array keywords an array. An object
+with `properties` has only those keys, in the schema's order, each at most once, the optional ones may be
+left out (`additionalProperties` absent or true lets the output have none other, as OpenAI's strict mode and
+xgrammar's default); one without `properties` may have any keys, with values of its `additionalProperties`
+schema (any JSON value when absent or true; none when false). An integer is written without a fraction or
+exponent; an `enum`/`const` number as json.dumps writes it; an enum string in any JSON spelling of it.
+
+A state is (the json_mode state, a frozenset of threads): the lexical state is JSON mode's (the top-level
+value may be of any type), and each thread is one way the schema may still accept the bytes so far, as (open
+containers' frames, what comes next); a thread is split where a value starts that more than one alternative
+of an anyOf (or type list) takes. A thread only lives while a complete value can still follow: a value that
+cannot fit within MAX_DEPTH levels (a required recursion) is not started, so a rejected prefix is never a
+dead end of an accepted one. Masks come from JSON mode's vocabulary index: a walk of the tokens as a trie from
+a state, cached per schema and state; inside a free string the plain content class is taken whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from functools import lru_cache
+
+import numpy
+
+from ..errors import InputError
+from . import json_mode as jm
+
+CACHED_SCHEMAS = 64  # compiled schemas kept, by their canonical JSON
+CACHED_MASKS = 1024  # schema masks kept per vocabulary (all schemas together), packed 8 to a byte
+MAX_NESTING = 100  # schemas (and enum/const values) inside one another, $refs followed included
+ANNOTATIONS = frozenset(("description", "title", "default", "examples", "$schema", "$comment"))
+OBJECT_KEYS = ("properties", "required", "additionalProperties")
+ARRAY_KEYS = ("items", "minItems", "maxItems")
+TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+KNOWN = ANNOTATIONS | frozenset(("type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs",
+                                 "definitions") + OBJECT_KEYS + ARRAY_KEYS)
+INFINITE = math.inf
+
+# what comes next in a thread (the first item of its `next` tuple)
+VALUE, KEY0, KEY, COLON, ITEM0, AFTER, LITERAL, FREE, NUMBER, NUMBER_LITERAL, WORD, END = range(12)
+# frames of open containers: (OBJECT, alternative, index of the last property given or -1) and
+# (ARRAY, alternative, values begun)
+OBJECT, ARRAY = 0, 1
+_END = ((), (END,))
+SIMPLE = {0x22: b'\\"', 0x5C: b"\\\\", 0x2F: b"\\/", 0x08: b"\\b", 0x0C: b"\\f", 0x0A: b"\\n", 0x0D: b"\\r",
+          0x09: b"\\t"}
+
+
+class SchemaError(InputError):
+    """A JSON schema this module cannot compile; the message names the keyword and where it is."""
+
+
+class _Alternative:
+    """One concrete choice for a value: kind is "object", "array", "string" (any), "number", "integer", "null",
+    "true", "false", "strings" (enum strings, `targets`) or "numbers" (enum numbers' spellings, `targets`)."""
+
+    def __init__(self, kind: str, **fields):
+        self.kind = kind
+        self.targets: tuple[bytes, ...] = ()
+        self.names: tuple[bytes, ...] = ()  # an object's property names, UTF-8, in order
+        self.values: tuple[int, ...] = ()  # their schemas
+        self.required: tuple[bool, ...] = ()
+        self.additional: int | None = None  # an object without properties: the schema of its values
+        self.prefix: tuple[int, ...] = ()  # an array's first items' schemas (an enum array's, one each)
+        self.items: int | None = None  # the schema of the items after them; None: no more
+        self.min_items, self.max_items = 0, INFINITE
+        self.depth = INFINITE  # the fewest containers open in a value it takes (0 for a scalar)
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+    def item(self, k: int) -> int | None:
+        return self.prefix[k] if k < len(self.prefix) else self.items
+
+
+class Schema:
+    """A compiled schema: its (sub)schemas by id (`root` the whole, `any` any JSON value), each with its
+    alternatives (`choices`), and the recognizer over them (`initial`, `advance`, `complete`). Equal (and hashed)
+    by its canonical JSON."""
+
+    def __init__(self, canonical: str, schema):
+        self.canonical = canonical
+        self._document = schema
+        self._ids: dict[str, int] = {}  # a JSON pointer's schema id
+        self._entries: list = []  # per schema id: ("alternatives", ids) or ("union", schema ids)
+        self.alternatives: list[_Alternative] = []
+        self._nesting = 0
+        self.any = self._new_entry()  # the schema of any JSON value
+        self._entries[self.any] = ("alternatives", tuple(self._alternative(kind, **fields) for kind, fields in (
+            ("object", {"additional": self.any}), ("array", {"items": self.any}), ("string", {}), ("number", {}),
+            ("true", {}), ("false", {}), ("null", {}))))
+        self.root = self._compile(schema, "#")
+        self.choices = [self._expand(i, set()) for i in range(len(self._entries))]  # alternative ids per schema
+        self.depths = self._depths()
+        if self.depths[self.root] > jm.MAX_DEPTH:
+            raise SchemaError(f"no JSON value within {jm.MAX_DEPTH} levels of nesting satisfies this schema")
+        self.initial = ((jm.VALUE, 0, "", 0), frozenset({((), (VALUE, self.root))}))
+
+    def __eq__(self, other):
+        return isinstance(other, Schema) and other.canonical == self.canonical
+
+    def __hash__(self):
+        return hash(self.canonical)
+
+    def __repr__(self):
+        return f"Schema({self.canonical[:80]})"
+
+    # compiling
+
+    def _new_entry(self, entry=None) -> int:
+        self._entries.append(entry)
+        return len(self._entries) - 1
+
+    def _alternative(self, kind: str, **fields) -> int:
+        self.alternatives.append(_Alternative(kind, **fields))
+        return len(self.alternatives) - 1
+
+    def _nested(self, path: str) -> None:
+        self._nesting += 1
+        if self._nesting > MAX_NESTING:
+            raise SchemaError(f"the schema nests more than {MAX_NESTING} levels at {path[:200]}")
+
+    def _compile(self, schema, path: str) -> int:
+        if path in self._ids:
+            return self._ids[path]
+        self._nested(path)
+        try:
+            return self._compiled(schema, path)
+        finally:
+            self._nesting -= 1
+
+    def _compiled(self, schema, path: str) -> int:
+        sid = self._ids[path] = self._new_entry()
+        if schema is True:
+            self._entries[sid] = ("union", (self.any,))
+            return sid
+        if schema is False:
+            self._entries[sid] = ("alternatives", ())
+            return sid
+        if not isinstance(schema, dict):
+            raise SchemaError(f"a schema must be an object or true/false, got {_short(schema)} at {path}")
+        for key in schema:
+            if key not in KNOWN:
+                raise SchemaError(f"the keyword {json.dumps(key)[:60]} at {path} is not supported")
+        for key in ("$defs", "definitions"):
+            if key in schema and not isinstance(schema[key], dict):
+                raise SchemaError(f"{key} at {path} must be an object")
+        combinators = [key for key in ("$ref", "anyOf", "oneOf", "allOf") if key in schema]
+        if combinators:
+            key = combinators[0]
+            others = [k for k in schema if k not in ANNOTATIONS | {"$defs", "definitions", key}]
+            if others:
+                raise SchemaError(f"{others[0]} beside {key} at {path} is not supported")
+            if key == "$ref":
+                self._entries[sid] = ("union", (self._ref(schema[key], f"{path}/$ref"),))
+                return sid
+            branches = schema[key]
+            if not isinstance(branches, list) or not branches:
+                raise SchemaError(f"{key} at {path} must be a non-empty list of schemas")
+            if key == "allOf" and len(branches) > 1:
+                raise SchemaError(f"allOf of more than one schema at {path} is not supported")
+            self._entries[sid] = ("union", tuple(self._compile(b, f"{path}/{key}/{i}") for i, b in enumerate(branches)))
+            return sid
+        self._entries[sid] = ("alternatives", self._typed(schema, path))
+        return sid
+
+    def _ref(self, ref, path: str) -> int:
+        if not isinstance(ref, str) or not (ref == "#" or ref.startswith(("#/$defs/", "#/definitions/"))):
+            raise SchemaError(f"$ref at {path} must be '#', '#/$defs/...' or '#/definitions/...', got {_short(ref)}")
+        target = self._document
+        for part in ref[2:].split("/") if ref != "#" else ():
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                raise SchemaError(f"$ref {_short(ref)} at {path} points to nothing")
+            target = target[part]
+        return self._compile(target, ref)
+
+    def _typed(self, schema: dict, path: str) -> tuple[int, ...]:
+        kinds = schema.get("type")
+        if kinds is None:
+            kinds = ["object"] if any(k in schema for k in OBJECT_KEYS) else \
+                ["array"] if any(k in schema for k in ARRAY_KEYS) else list(TYPES)
+        elif isinstance(kinds, str):
+            kinds = [kinds]
+        if not isinstance(kinds, list) or not kinds or any(k not in TYPES for k in kinds):
+            raise SchemaError(f"type at {path} must be one of {', '.join(TYPES)} or a list of them, "
+                              f"got {_short(schema['type'])}")
+        if "integer" in kinds and "number" in kinds:
+            kinds = [k for k in kinds if k != "integer"]
+        if "enum" in schema or "const" in schema:
+            return self._literals(schema, kinds, path)
+        found = []
+        for kind in dict.fromkeys(kinds):
+            if kind == "object":
+                found.append(self._object(schema, path))
+            elif kind == "array":
+                found.append(self._array(schema, path))
+            elif kind == "boolean":
+                found += [self._alternative("true"), self._alternative("false")]
+            else:
+                found.append(self._alternative(kind))
+        return tuple(found)
+
+    def _object(self, schema: dict, path: str) -> int:
+        properties = schema.get("properties", {})
+        if not isinstance(properties, dict):
+            raise SchemaError(f"properties at {path} must be an object")
+        required = schema.get("required", [])
+        if not (isinstance(required, list) and all(isinstance(r, str) for r in required)):
+            raise SchemaError(f"required at {path} must be a list of property names")
+        for name in required:
+            if name not in properties:
+                raise SchemaError(f"required at {path} names {json.dumps(name)[:60]}, which is not in its properties")
+        additional = schema.get("additionalProperties", True)
+        if not isinstance(additional, (bool, dict)):
+            raise SchemaError(f"additionalProperties at {path} must be a schema")
+        names = tuple(_utf8(name, f"{path}/properties") for name in properties)
+        values = tuple(self._compile(value, f"{path}/properties/{_pointer(name)}")
+                       for name, value in properties.items())
+        free = None
+        if not properties and additional is not False:
+            free = self._compile(additional, f"{path}/additionalProperties")
+        elif isinstance(additional, dict) and additional and properties:
+            raise SchemaError(f"additionalProperties as a schema beside properties at {path} is not supported")
+        return self._alternative("object", names=names, values=values,
+                                 required=tuple(name in required for name in properties), additional=free)
+
+    def _array(self, schema: dict, path: str) -> int:
+        items = schema.get("items", True)
+        if not isinstance(items, (bool, dict)):
+            raise SchemaError(f"items at {path} must be one schema (tuples, a list of schemas, are not supported)")
+        bounds = []
+        for key, default in (("minItems", 0), ("maxItems", INFINITE)):
+            value = schema.get(key, default)
+            if value is not default and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                raise SchemaError(f"{key} at {path} must be a whole number >= 0, got {_short(value)}")
+            bounds.append(value)
+        if bounds[0] > bounds[1]:
+            raise SchemaError(f"minItems at {path} is above its maxItems")
+        return self._alternative("array", items=self._compile(items, f"{path}/items"), min_items=bounds[0],
+                                 max_items=bounds[1])
+
+    def _literals(self, schema: dict, kinds: list[str], path: str) -> tuple[int, ...]:
+        self._nested(path)
+        try:
+            return self._literal_values(schema, kinds, path)
+        finally:
+            self._nesting -= 1
+
+    def _literal_values(self, schema: dict, kinds: list[str], path: str) -> tuple[int, ...]:
+        values = None
+        if "enum" in schema:
+            values = schema["enum"]
+            if not isinstance(values, list) or not values:
+                raise SchemaError(f"enum at {path} must be a non-empty list")
+        if "const" in schema:
+            values = [schema["const"]] if values is None else [v for v in values if _same(v, schema["const"])]
+        others = [k for k in schema if k not in ANNOTATIONS | {"type", "enum", "const", "$defs", "definitions"}]
+        if others:
+            raise SchemaError(f"{others[0]} beside enum/const at {path} is not supported")
+        values = [v for v in values if _type_of(v) in kinds or _type_of(v) == "integer" and "number" in kinds]
+        if not values:
+            raise SchemaError(f"no value of the enum/const at {path} has its type")
+        strings = tuple(dict.fromkeys(_utf8(v, path) for v in values if isinstance(v, str)))
+        numbers = tuple(dict.fromkeys(json.dumps(v).encode() for v in values if _type_of(v) in ("integer", "number")))
+        found = [self._alternative("strings", targets=strings)] if strings else []
+        found += [self._alternative("numbers", targets=numbers)] if numbers else []
+        for value in values:
+            if value is None or isinstance(value, bool):
+                found.append(self._alternative(json.dumps(value)))
+            elif isinstance(value, dict):
+                consts = tuple(self._new_entry(("alternatives", self._literals({"const": v}, list(TYPES), path)))
+                               for v in value.values())
+                found.append(self._alternative("object", names=tuple(_utf8(k, path) for k in value), values=consts,
+                                               required=(True,) * len(value)))
+            elif isinstance(value, list):
+                consts = tuple(self._new_entry(("alternatives", self._literals({"const": v}, list(TYPES), path)))
+                               for v in value)
+                found.append(self._alternative("array", prefix=consts, min_items=len(value), max_items=len(value)))
+        return tuple(dict.fromkeys(found))
+
+    def _expand(self, sid: int, seen: set) -> tuple[int, ...]:
+        """The alternatives of schema `sid`, its unions' and refs' flattened (a cycle adds nothing)."""
+        if sid in seen:
+            return ()
+        seen.add(sid)
+        kind, ids = self._entries[sid]
+        if kind == "alternatives":
+            return ids
+        return tuple(dict.fromkeys(a for i in ids for a in self._expand(i, seen)))
+
+    def _depths(self) -> list[float]:
+        """Each schema's fewest containers open in a value it takes (infinite where none is finite), by
+        iterating to the fixed point; alternatives keep theirs in `depth`."""
+        depths = [INFINITE] * len(self._entries)
+        for _ in range(len(self.alternatives) + len(self._entries) + 2):
+            for alternative in self.alternatives:
+                if alternative.kind == "object":
+                    inside = [depths[v] for v, needed in zip(alternative.values, alternative.required) if needed]
+                elif alternative.kind == "array":
+                    count = alternative.min_items
+                    inside = [depths[alternative.item(k)] if alternative.item(k) is not None else INFINITE
+                              for k in range(min(count, len(alternative.prefix) + 1))]
+                else:
+                    alternative.depth = 0
+                    continue
+                alternative.depth = 1 + max(inside, default=0)
+            new = [min((self.alternatives[a].depth for a in choices), default=INFINITE) for choices in self.choices]
+            if new == depths:
+                break
+            depths = new
+        return depths
+
+    # recognizing
+
+    def fits(self, sid: int | None, open_containers: int) -> bool:
+        return sid is not None and open_containers + self.depths[sid] <= jm.MAX_DEPTH
+
+    def advance(self, state, byte: int):
+        """The state after one more byte, or None where no value the schema takes begins with the bytes."""
+        lexical, threads = state
+        if lexical[0] == jm.NUMBER and not lexical[2]:  # a top-level number: nothing may follow it
+            after = jm.advance((jm.NUMBER, lexical[1], "[", 0), byte)
+            after = (jm.NUMBER, after[1], "", 0) if after is not None and after[0] == jm.NUMBER else None
+        else:
+            after = jm.advance(lexical, byte)
+        if after is None:
+            return None
+        if lexical[0] in jm.SPACED and byte in jm.WHITESPACE:
+            return after, threads
+        found = set()
+        for frames, next_ in threads:
+            found.update(self._step(frames, next_, lexical, after, byte))
+        return (after, frozenset(found)) if found else None
+
+    def complete(self, state) -> bool:
+        """Whether the bytes so far are a whole value the schema takes."""
+        lexical, threads = state
+        if lexical[0] == jm.DONE:
+            return any(next_[0] == END for _, next_ in threads)
+        if lexical[0] != jm.NUMBER or lexical[2] or lexical[1] not in jm.NUMBER_ENDS:
+            return False
+        return any(next_[0] == NUMBER or next_[0] == NUMBER_LITERAL and next_[2] in map(len, next_[1])
+                   for _, next_ in threads)
+
+    def free_string(self, state) -> bool:
+        """Whether `state` is inside a string whose content is free in every thread."""
+        return state[0][0] == jm.STRING and all(next_[0] == FREE for _, next_ in state[1])
+
+    def _done(self, frames) -> list:
+        return [(frames, (AFTER,))] if frames else [_END]
+
+    def _step(self, frames, next_, lexical, after, byte) -> list:
+        kind = next_[0]
+        closed = lexical[0] == jm.STRING and byte == 0x22
+        if kind == FREE:
+            if closed:
+                return self._string_done(frames, after[0] == jm.COLON, None)
+            return [(frames, next_)]
+        if kind == LITERAL:
+            return self._literal(frames, next_, after, byte, closed)
+        if kind == VALUE:
+            return self._start(frames, next_[1], byte)
+        if kind == NUMBER or kind == NUMBER_LITERAL:
+            if after[0] == jm.NUMBER:
+                if kind == NUMBER:
+                    return [] if next_[1] and byte in b".eE" else [(frames, next_)]
+                _, targets, position = next_
+                kept = tuple(t for t in targets if len(t) > position and t[position] == byte)
+                return [(frames, (NUMBER_LITERAL, kept, position + 1))] if kept else []
+            if kind == NUMBER_LITERAL and next_[2] not in map(len, next_[1]):
+                return []
+            if byte in jm.WHITESPACE:  # the number ended: the byte is the first after it
+                return self._done(frames)
+            return self._step(frames, (AFTER,), lexical, after, byte)
+        if kind == WORD:
+            return [(frames, next_)] if after[0] == jm.LITERAL else self._done(frames)
+        top, alternative, index = frames[-1] if frames else (None, None, None)
+        alternative = self.alternatives[alternative] if frames else None
+        if kind == COLON:
+            value = alternative.additional if alternative.additional is not None else alternative.values[index]
+            return [(frames, (VALUE, value))]
+        if kind == KEY0 or kind == KEY:
+            if byte == 0x7D:
+                return self._close(frames)
+            return self._key(frames, alternative, index)
+        if kind == ITEM0:
+            if byte == 0x5D:
+                return self._close(frames)
+            if alternative.max_items < 1:
+                return []
+            return self._start(frames[:-1] + ((ARRAY, frames[-1][1], 1),), alternative.item(0), byte)
+        if kind == AFTER:
+            if byte == 0x2C:
+                if top == OBJECT:
+                    return [(frames, (KEY,))]
+                item = alternative.item(index)
+                if index < alternative.max_items and self.fits(item, len(frames)):
+                    return [(frames[:-1] + ((ARRAY, frames[-1][1], index + 1),), (VALUE, item))]
+                return []
+            return self._close(frames)
+        return []  # END
+
+    def _start(self, frames, sid, byte) -> list:
+        """The threads after the first byte of a value of schema `sid`."""
+        found = []
+        depth = len(frames)
+        for a in self.choices[sid]:
+            alternative = self.alternatives[a]
+            if depth + alternative.depth > jm.MAX_DEPTH:
+                continue
+            kind = alternative.kind
+            if byte == 0x22:
+                if kind == "string":
+                    found.append((frames, (FREE,)))
+                elif kind == "strings":
+                    found.append((frames, (LITERAL, alternative.targets, 0, b"")))
+            elif byte == 0x7B:
+                if kind == "object":
+                    found.append((frames + ((OBJECT, a, -1),), (KEY0,)))
+            elif byte == 0x5B:
+                if kind == "array":
+                    found.append((frames + ((ARRAY, a, 0),), (ITEM0,)))
+            elif byte == 0x2D or 0x30 <= byte <= 0x39:
+                if kind == "number" or kind == "integer":
+                    found.append((frames, (NUMBER, kind == "integer")))
+                elif kind == "numbers":
+                    kept = tuple(t for t in alternative.targets if t[0] == byte)
+                    if kept:
+                        found.append((frames, (NUMBER_LITERAL, kept, 1)))
+            elif kind[0] == chr(byte) and kind in ("true", "false", "null"):
+                found.append((frames, (WORD,)))
+        return found
+
+    def _key(self, frames, alternative: _Alternative, index: int) -> list:
+        """The threads after the quote that opens a key of the object in frames[-1]."""
+        if not alternative.names:
+            return [(frames, (FREE,))] if self.fits(alternative.additional, len(frames)) else []
+        names = []
+        for j in range(index + 1, len(alternative.names)):
+            if self.fits(alternative.values[j], len(frames)):
+                names.append(alternative.names[j])
+            if alternative.required[j]:
+                break
+        return [(frames, (LITERAL, tuple(names), 0, b""))] if names else []
+
+    def _close(self, frames) -> list:
+        kind, a, index = frames[-1]
+        alternative = self.alternatives[a]
+        if kind == OBJECT:
+            if any(alternative.required[index + 1:]):
+                return []
+        elif index < alternative.min_items:
+            return []
+        return self._done(frames[:-1])
+
+    def _string_done(self, frames, key: bool, name: bytes | None) -> list:
+        if not key:
+            return self._done(frames)
+        kind, a, _ = frames[-1]
+        index = -1 if name is None else self.alternatives[a].names.index(name)
+        return [(frames[:-1] + ((OBJECT, a, index),), (COLON,))]
+
+    def _literal(self, frames, next_, after, byte, closed) -> list:
+        """A string held to `targets` (enum strings, property names): each character in any JSON spelling."""
+        _, targets, position, typed = next_
+        if closed:
+            if typed:
+                return []
+            ended = [t for t in targets if len(t) == position]
+            return self._string_done(frames, after[0] == jm.COLON, ended[0]) if ended else []
+        typed += bytes((byte,))
+        if len(typed) > 2 and typed[0] == 0x5C:
+            typed = typed[:2] + typed[2:].lower()
+        whole, part = [], []
+        for target in targets:
+            if position >= len(target):
+                continue
+            for spelling in _spellings(target[position:position + _width(target[position])]):
+                if spelling == typed:
+                    whole.append(target)
+                elif spelling.startswith(typed):
+                    part.append(target)
+        found = []
+        if whole:
+            width = _width(whole[0][position])
+            found.append((frames, (LITERAL, tuple(dict.fromkeys(whole)), position + width, b"")))
+        if part:
+            found.append((frames, (LITERAL, tuple(dict.fromkeys(part)), position, typed)))
+        return found
+
+
+@lru_cache(maxsize=4096)
+def _spellings(character: bytes) -> tuple[bytes, ...]:
+    """The ways JSON writes one character (its UTF-8 bytes) inside a string, \\u escapes in lower case."""
+    code = ord(character.decode())
+    found = [] if code < 0x20 or code in (0x22, 0x5C) else [character]
+    if code in SIMPLE:
+        found.append(SIMPLE[code])
+    if code < 0x10000:
+        found.append(b"\\u%04x" % code)
+    else:
+        high, low = 0xD800 + ((code - 0x10000) >> 10), 0xDC00 + ((code - 0x10000) & 0x3FF)
+        found.append(b"\\u%04x\\u%04x" % (high, low))
+    return tuple(found)
+
+
+def _width(lead: int) -> int:
+    return 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+
+
+def _type_of(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int) or isinstance(value, float) and value.is_integer():
+        return "integer"
+    return {float: "number", str: "string", list: "array", dict: "object"}[type(value)]
+
+
+def _same(a, b) -> bool:
+    return _type_of(a) == _type_of(b) and a == b
+
+
+def _utf8(text: str, path: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        raise SchemaError(f"a string at {path} holds a lone surrogate") from None
+
+
+def _pointer(name: str) -> str:
+    return name.replace("~", "~0").replace("/", "~1")
+
+
+def _short(value) -> str:
+    return json.dumps(value)[:60]
+
+
+def compile_schema(schema) -> Schema:
+    """`schema` (a dict or bool, as json.loads gives it; or a Schema) compiled; SchemaError where it is not
+    JSON or uses what this module does not support."""
+    if isinstance(schema, Schema):
+        return schema
+    if not isinstance(schema, (dict, bool)):
+        raise SchemaError(f"a JSON schema must be an object or true/false, got {type(schema).__name__}")
+    try:
+        canonical = json.dumps(schema, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise SchemaError(f"a JSON schema must be JSON: {e}") from None
+    return _compiled(canonical)
+
+
+@lru_cache(maxsize=CACHED_SCHEMAS)
+def _compiled(canonical: str) -> Schema:
+    return Schema(canonical, json.loads(canonical))
+
+
+def schema_mask(vocabulary: jm.JsonVocabulary, schema: Schema, state) -> numpy.ndarray:
+    """A new boolean array (vocabulary size,): the ids whose bytes take `state` of `schema` to a valid prefix,
+    cached in the vocabulary per schema and state (the whitespace run counted apart, as JSON mode's)."""
+    lexical = state[0]
+    key = state
+    if lexical[0] in jm.SPACED and lexical[3]:
+        key = ((lexical[0], lexical[1], lexical[2], 0), state[1])
+    cache: OrderedDict = vocabulary.schema_cache
+    packed = cache.get((schema, key))
+    if packed is None:
+        packed = numpy.packbits(_compute(vocabulary, schema, key))
+        cache[(schema, key)] = packed
+        if len(cache) > CACHED_MASKS:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end((schema, key))
+    mask = numpy.unpackbits(packed, count=vocabulary.size).view(bool)
+    if key is not state:
+        mask &= vocabulary._lead_ws <= jm.whitespace_limit(len(lexical[2])) - lexical[3]
+    return mask
+
+
+def _compute(vocabulary: jm.JsonVocabulary, schema: Schema, state) -> numpy.ndarray:
+    mask = numpy.zeros(vocabulary.size, dtype=bool)
+    if schema.free_string(state):
+        mask |= vocabulary._content[state[0][1] & 7]
+        words, ids = vocabulary._quoted_words, vocabulary._quoted_ids
+    else:
+        words, ids = vocabulary._words, vocabulary._ids
+    mask[ids[jm._walk(words, state, schema.advance)]] = True
+    return mask
+
+
+class SchemaConstraint:
+    """One answer held to a JSON schema: as JsonConstraint, over the schema's states."""
+
+    def __init__(self, vocabulary: jm.JsonVocabulary, schema: Schema):
+        self.vocabulary = vocabulary
+        self.schema = schema
+        self.state = schema.initial
+
+    @property
+    def complete(self) -> bool:
+        return self.schema.complete(self.state)
+
+    def allowed(self, stop_ids) -> numpy.ndarray:
+        mask = schema_mask(self.vocabulary, self.schema, self.state)
+        stops = [i for i in stop_ids if i < mask.shape[0]]
+        mask[stops] = self.complete
+        if not mask.any():
+            mask[stops] = True
+        return mask
+
+    def advance(self, token: int) -> None:
+        piece = self.vocabulary.pieces[token] if token < len(self.vocabulary.pieces) else None
+        state = self.state
+        for byte in piece or b"":
+            state = self.schema.advance(state, byte)
+            if state is None:
+                break
+        if not piece or state is None:
+            raise ValueError(f"token {token} ({piece!r}) does not continue a value of the JSON schema")
+        self.state = state

@@ -1,0 +1,408 @@
+"""JSON schema mode: the recognizer on hand-made bytes and on random values of random schemas (checked with the
+jsonschema package), the masks against a token-by-token oracle, the refused keywords, and constrained generation
+through the engine, the chat API and the server's request parsing."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import jsonschema
+import numpy
+import pytest
+import torch
+
+from internvl_mpo.errors import InputError, SettingError
+from internvl_mpo.generate import json_mode as jm
+from internvl_mpo.generate import json_schema as js
+from internvl_mpo.generate.engine import Request
+from internvl_mpo.generate.sampling import SamplingParams
+from internvl_mpo.pipeline import InternVLChat
+from internvl_mpo.server.requests import ApiError, parse_chat_request, parse_completion_request
+from internvl_mpo.server.settings import ServerSettings
+
+from conftest import tiny_chat_folder
+
+# a realistic schema: typed fields, an enum, an optional field, an array of objects, a nullable field
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "description": "ignored"},
+        "count": {"type": "integer"},
+        "kind": {"enum": ["cat", "dog", "Café 😀"]},
+        "score": {"type": "number"},
+        "objects": {"type": "array", "maxItems": 3, "items": {
+            "type": "object", "properties": {"name": {"type": "string"}, "visible": {"type": "boolean"},
+                                             "box": {"type": "array", "items": {"type": "number"}}},
+            "required": ["name", "visible"], "additionalProperties": False}},
+        "note": {"type": ["string", "null"]},
+    },
+    "required": ["title", "count", "kind", "objects"],
+    "additionalProperties": False,
+}
+
+
+def refused_at(schema, data: bytes) -> int | None:
+    """The index of the first byte the schema's recognizer refuses, or None."""
+    state = js.compile_schema(schema).initial
+    for i, byte in enumerate(data):
+        state = js.compile_schema(schema).advance(state, byte)
+        if state is None:
+            return i
+    return None
+
+
+def complete(schema, data: bytes) -> bool:
+    compiled = js.compile_schema(schema)
+    state = compiled.initial
+    for byte in data:
+        state = compiled.advance(state, byte)
+        if state is None:
+            return False
+    return compiled.complete(state)
+
+
+def test_a_realistic_schema_takes_its_values_and_refuses_others_at_the_first_wrong_byte():
+    value = {"title": "A \"room\"\n", "count": -3, "kind": "Café 😀", "score": 1.5e3,
+             "objects": [{"name": "猫", "visible": True, "box": [1, 2.5]}, {"name": "", "visible": False}],
+             "note": None}
+    for text in (json.dumps(value), json.dumps(value, indent=2), json.dumps(value, ensure_ascii=False),
+                 json.dumps({k: v for k, v in value.items() if k not in ("score", "note")})):
+        assert complete(SCHEMA, text.encode()), text
+    cases = [  # (bytes, where the first wrong byte is)
+        (b'{"count":1', 2),  # title is required first: "c" cannot start its key
+        (b'{"title":1', 9),  # a string
+        (b'{"title":"a","count":1.5', 22),  # an integer has no fraction
+        (b'{"title":"a","count":1e3', 22),
+        (b'{"title":"a","count":1,"kind":"cow"', 32),  # not in the enum
+        (b'{"title":"a","count":1,"kind":"Caf\\u00E9 \\ud83d\\ude00","objects":[]}', None),  # any spelling of it
+        (b'{"title":"a","count":1,"kind":"Caf\\u00e8', 39),
+        (b'{"title":"a","count":1,"kind":"cat","objects":[],"extra"', 50),  # no other property
+        (b'{"title":"a","count":1,"kind":"cat"}', 35),  # objects is required
+        (b'{"title":"a","count":1,"kind":"cat","objects":[{"visible":true', 49),  # name before visible
+        (b'{"title":"a","count":1,"kind":"cat","objects":[{"name":"x","visible":true}],"title"', 77),  # order
+        (b'{"title":"a","count":1,"kind":"cat","objects":[' + b'{"name":"x","visible":true},' * 3, 130),
+        (b'{"title":"a","count":1,"kind":"cat","objects":[],"note":nul', None),
+        (b'{"title":"a","count":1,"kind":"cat","objects":[],"note":t', 56),
+        (b'{"title":"a","count":1,"kind":"cat","objects":[]} ', 49),  # nothing after the value
+    ]
+    for data, at in cases:
+        assert refused_at(SCHEMA, data) == at, (data, refused_at(SCHEMA, data))
+
+
+def test_top_level_values_of_any_type_enums_consts_and_recursion():
+    assert complete({"type": "string"}, b'"x"') and complete({"type": "integer"}, b"-12")
+    assert complete({"type": "number"}, b"0.5") and not complete({"type": "number"}, b"0.")
+    assert refused_at({"type": "integer"}, b"1 ") == 1  # nothing after a top-level value
+    assert complete({"type": ["integer", "null"]}, b"null") and refused_at({"type": "boolean"}, b"n") == 0
+    assert complete({"enum": [1.5, "a", None, [1, {"b": True}]]}, b' [1, {"b": true}]')
+    assert refused_at({"enum": [1.5, [1, {"b": True}]]}, b'[1, {"b": false') == 10
+    assert complete({"const": 12}, b"12") and not complete({"const": 12}, b"1")
+    assert refused_at({"const": 12}, b"13") == 1
+    assert complete({"enum": ["a", 2], "type": "string"}, b'"a"') and refused_at({"enum": ["a", 2],
+                                                                                  "type": "string"}, b"2") == 0
+    tree = {"$defs": {"node": {"type": "object", "properties": {"v": {"type": "integer"}, "kids": {
+        "type": "array", "items": {"$ref": "#/$defs/node"}}}, "required": ["v"]}}, "$ref": "#/$defs/node"}
+    assert complete(tree, b'{"v":1,"kids":[{"v":2},{"v":3,"kids":[{"v":4,"kids":[]}]}]}')
+    deep = b'{"v":1,"kids":[' * (jm.MAX_DEPTH // 2) + b'{"v":1}'
+    assert refused_at(tree, deep) == len(deep) - 7  # one level too deep
+    linked = {"type": "object", "properties": {"next": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
+              "required": ["next"]}
+    assert complete(linked, b'{"next":{"next":null}}')
+    any_object = {"type": "object"}
+    assert complete(any_object, b'{"x":[1,{"y":"z"}],"x":null}')
+    assert complete({"type": "object", "additionalProperties": {"type": "integer"}}, b'{"a":1,"b":2}')
+    assert refused_at({"type": "object", "additionalProperties": {"type": "integer"}}, b'{"a":"') == 5
+    assert refused_at({"type": "object", "additionalProperties": False}, b'{"') == 1
+    assert refused_at({"type": "array", "minItems": 2, "items": {"type": "integer"}}, b"[1]") == 2
+    assert complete({"anyOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                               {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}]},
+                    b'{"a":"x"}')
+
+
+@pytest.mark.parametrize("schema, message", [
+    ({"type": "string", "minLength": 2}, 'the keyword "minLength" at # is not supported'),
+    ({"properties": {"a": {"type": "string", "pattern": "x"}}}, 'the keyword "pattern" at #/properties/a is not'),
+    ({"items": {"format": "date"}}, 'the keyword "format" at #/items is not supported'),
+    ({"anyOf": [{}, {"not": {}}]}, 'the keyword "not" at #/anyOf/1 is not supported'),
+    ({"type": "strin"}, "type at # must be one of object, array"),
+    ({"properties": {"a/b": {"$ref": "#/$defs/x"}}}, "$ref \"#/$defs/x\" at #/properties/a~1b/$ref points to nothing"),
+    ({"$ref": "other.json#/x"}, "$ref at #/$ref must be '#'"),
+    ({"properties": {"a": {}}, "required": ["b"]}, 'required at # names "b", which is not in its properties'),
+    ({"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}, "no JSON value within 32 levels"),
+    ({"allOf": [{}, {}]}, "allOf of more than one schema at # is not supported"),
+    ({"type": "integer", "anyOf": [{}]}, "type beside anyOf at # is not supported"),
+    ({"enum": []}, "enum at # must be a non-empty list"),
+    ({"minItems": 3, "maxItems": 2}, "minItems at # is above its maxItems"),
+    ({"items": [{}]}, "items at # must be one schema"),
+    ({"properties": {"a": {}}, "additionalProperties": {"type": "string"}}, "additionalProperties as a schema"),
+    ([1], "a JSON schema must be an object or true/false, got list"),
+    ({"const": float("nan")}, "a JSON schema must be JSON"),
+    ({"$defs": {f"a{i}": {"$ref": f"#/$defs/a{i + 1}"} for i in range(200)}, "$ref": "#/$defs/a0"},
+     "the schema nests more than 100 levels at #/$defs/a99"),
+    ({"$ref": "#"}, "no JSON value within 32 levels"),
+])
+def test_what_the_subset_does_not_take_is_refused_naming_the_keyword_and_its_place(schema, message):
+    with pytest.raises(js.SchemaError) as e:
+        js.compile_schema(schema)
+    assert message in str(e.value)
+
+
+def random_schema(rng: random.Random, depth: int = 0, defs: bool = True) -> dict:
+    """A random schema of the subset (with oneOf and $ref)."""
+    kinds = ["string", "integer", "number", "boolean", "null", "enum", "const", "types", "object", "free", "array",
+             "anyOf", "oneOf"] + ["ref"] * defs
+    kind = rng.choice(kinds[:8] if depth >= 3 else kinds)
+    if kind in ("string", "integer", "number", "boolean", "null"):
+        return {"type": kind, "description": "x"}
+    if kind in ("enum", "const"):
+        values = [rng.choice(["a", "é\"😀\n", "", 0, -1.5, 2e-3, True, None, [1, "b"], {"k": [None]}, {}])
+                  for _ in range(rng.randrange(1, 4))]
+        return {"enum": values} if kind == "enum" else {"const": values[0]}
+    if kind == "types":
+        return {"type": rng.sample(["string", "integer", "number", "boolean", "null"], 2)}
+    if kind == "object":
+        names = rng.sample(["a", "b", "ab", "é", "a\"b", "c d"], rng.randrange(4))
+        schema = {"type": "object", "properties": {n: random_schema(rng, depth + 1, defs) for n in names},
+                  "required": [n for n in names if rng.random() < 0.5]}
+        if rng.random() < 0.5:
+            schema["additionalProperties"] = False
+        return schema
+    if kind == "free":
+        return {"type": "object", "additionalProperties": random_schema(rng, depth + 1, defs)}
+    if kind == "array":
+        low = rng.randrange(3)
+        schema = {"type": "array", "items": random_schema(rng, depth + 1, defs), "minItems": low}
+        if rng.random() < 0.5:
+            schema["maxItems"] = low + rng.randrange(3)
+        return schema
+    if kind == "ref":
+        return {"$ref": "#/$defs/item"}
+    return {kind: [random_schema(rng, depth + 1, defs) for _ in range(rng.randrange(1, 3))]}
+
+
+def with_defs(rng: random.Random) -> dict:
+    schema = random_schema(rng)
+    if not isinstance(schema, dict) or "$ref" in schema:
+        schema = {"anyOf": [schema] if "$ref" not in schema else [{"type": "null"}]}
+    # the recursive definition: a tree of optional children, so that values are finite
+    schema["$defs"] = {"item": {"type": "object", "properties": {
+        "v": random_schema(rng, 2, False), "kids": {"type": "array", "items": {"$ref": "#/$defs/item"}}}}}
+    return schema
+
+
+def random_value(rng: random.Random, schema: dict, root: dict, depth: int = 0):
+    """A random value the schema takes as this module reads it (an object's properties in order, an integer
+    without a fraction, an object with properties and no others)."""
+    if "$ref" in schema:
+        return random_value(rng, root["$defs"]["item"], root, depth)
+    for key in ("anyOf", "oneOf"):
+        if key in schema:
+            return random_value(rng, rng.choice(schema[key]), root, depth)
+    if "enum" in schema:
+        return copy.deepcopy(rng.choice(schema["enum"]))
+    if "const" in schema:
+        return copy.deepcopy(schema["const"])
+    kind = schema.get("type")
+    kind = rng.choice(kind) if isinstance(kind, list) else kind
+    if kind == "string":
+        return "".join(rng.choice('ab"\\\n\t猫é😀 /\x7f') for _ in range(rng.randrange(5)))
+    if kind == "integer":
+        return rng.choice([0, -7, 12345, 10**20])
+    if kind == "number":
+        return rng.choice([0, -0.5, 1e21, 3.25e-7, 7])
+    if kind == "boolean":
+        return rng.random() < 0.5
+    if kind == "null":
+        return None
+    if kind == "array":
+        count = rng.randint(schema.get("minItems", 0), schema.get("maxItems", schema.get("minItems", 0) + 2))
+        return [random_value(rng, schema["items"], root, depth + 1) for _ in range(count if depth < 4 else 0)]
+    if "properties" in schema:
+        required = schema.get("required", [])
+        return {name: random_value(rng, sub, root, depth + 1) for name, sub in schema["properties"].items()
+                if name in required or (depth < 4 and rng.random() < 0.5)}
+    if schema.get("additionalProperties") is False or depth >= 4:
+        return {}
+    return {name: random_value(rng, schema["additionalProperties"], root, depth + 1)
+            for name in rng.sample(["x", "y", "é"], rng.randrange(3))}
+
+
+def as_anyof(schema):
+    """oneOf read as anyOf, as this module takes it (a value may satisfy more than one branch)."""
+    if isinstance(schema, dict):
+        return {("anyOf" if k == "oneOf" else k): as_anyof(v) for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [as_anyof(v) for v in schema]
+    return schema
+
+
+def random_walk(rng: random.Random, compiled: js.Schema, alphabet: bytes, steps: int = 400) -> bytes | None:
+    """Random bytes the recognizer takes, until it calls them complete (None if that takes too long); the bytes
+    that close strings and containers grow likelier as the walk goes on."""
+    state, out = compiled.initial, bytearray()
+    for step in range(steps):
+        if compiled.complete(state) and rng.random() < 0.3:
+            return bytes(out)
+        options = [b for b in alphabet if compiled.advance(state, b) is not None]
+        if not options:
+            return bytes(out) if compiled.complete(state) else None
+        closing = [b for b in options if b in b'"}]0123456789el' and step > 60]
+        byte = rng.choice(closing if closing and rng.random() < 0.7 else options)
+        state = compiled.advance(state, byte)
+        out.append(byte)
+    return None
+
+
+def test_random_values_of_random_schemas_are_taken_and_whatever_completes_validates():
+    """Values drawn for a schema, serialized compact, indented and ASCII-escaped, are taken whole; what the
+    recognizer takes as complete (random walks of it, changed values, values of other schemas) validates against
+    the schema."""
+    rng = random.Random(1)
+    walked = validated = mutated = 0
+    for _ in range(120):
+        schema = with_defs(rng)
+        compiled = js.compile_schema(schema)
+        checker = jsonschema.Draft202012Validator(as_anyof(schema))
+        for _ in range(4):
+            value = random_value(rng, schema, schema)
+            assert checker.is_valid(value), (schema, value)
+            for text in (json.dumps(value, separators=(",", ":")), json.dumps(value, indent=2),
+                         json.dumps(value, ensure_ascii=False)):
+                assert complete(schema, text.encode()), (schema, text)
+            data = json.dumps(value).encode()
+            for _ in range(5):  # single-byte changes: taken whole only where the changed value validates
+                at = rng.randrange(len(data))
+                changed = data[:at] + bytes([rng.choice(b'{}[]",:0129.e-tfn "a\\')]) + data[at + rng.randrange(2):]
+                if complete(schema, changed):
+                    mutated += 1
+                    assert checker.is_valid(json.loads(changed)), (schema, changed)
+        alphabet = bytes(sorted(set(b'{}[]":, \n0123456789-.eEtrufalsn\\u') | set(compiled.canonical.encode())))
+        for _ in range(3):
+            walk = random_walk(rng, compiled, alphabet)
+            if walk is not None:
+                walked += 1
+                assert checker.is_valid(json.loads(walk)), (schema, walk)
+        other_schema = with_defs(rng)
+        other = random_value(rng, other_schema, other_schema)
+        if complete(schema, json.dumps(other).encode()):
+            validated += 1
+            assert checker.is_valid(other), (schema, other)
+    assert walked > 150 and validated > 5 and mutated > 20
+
+
+def oracle(pieces, compiled: js.Schema, state) -> numpy.ndarray:
+    def takes(piece):
+        current = state
+        for byte in piece:
+            current = compiled.advance(current, byte)
+            if current is None:
+                return False
+        return True
+
+    return numpy.array([bool(piece) and takes(piece) for piece in pieces])
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory):
+    folder, _ = tiny_chat_folder(tmp_path_factory.mktemp("json_schema") / "model")
+    return InternVLChat.from_pretrained(folder, dtype=torch.float32)
+
+
+def test_masks_equal_the_token_by_token_oracle_on_every_state_of_some_values(tiny_chat):
+    tokenizer = tiny_chat.tokenizer
+    base = [None if tokenizer.is_special(i) else tokenizer.token_bytes(i) for i in range(len(tokenizer))]
+    extra = [b'"', b'":', b'",', b'"}', b'"]', b'\\', b'\\u00', b'e9"', b"\xc3", b"\xa9", b"\xf0\x9f\x98", b"\x80",
+             b" " * 10, b"\n  ", b"", None, b"true", b"nu", b"ll,", b"-0.", b"5e", b"12", b"1.5", b'{"', b'"title',
+             b'title":"', b'kind', b'":"c', b'at"', b'Caf', b'\xc3\xa9 ', b'[{', b'}]', b'},{"', b'name":', b"ca"]
+    pieces = base + extra
+    vocabulary = jm.JsonVocabulary(pieces, len(pieces) + 2)
+    compiled = js.compile_schema(SCHEMA)
+    value = {"title": "x\\u00e9", "count": 12, "kind": "Café 😀", "score": -0.5e3,
+             "objects": [{"name": "猫", "visible": True, "box": [1.5, 2]}], "note": "n"}
+    states = {compiled.initial}
+    for text in (json.dumps(value), json.dumps(value, indent=2, ensure_ascii=False)):
+        state = compiled.initial
+        for byte in text.encode():
+            state = compiled.advance(state, byte)
+            states.add(state)
+    assert len(states) > 150
+    for state in states:
+        expected = numpy.concatenate([oracle(pieces, compiled, state), numpy.zeros(2, dtype=bool)])
+        assert (js.schema_mask(vocabulary, compiled, state) == expected).all(), state
+        assert (js.schema_mask(vocabulary, compiled, state) == expected).all(), state  # cached
+    constraint = js.SchemaConstraint(vocabulary, js.compile_schema({"type": "integer"}))
+    constraint.advance(pieces.index(b"12"))
+    assert constraint.complete and constraint.allowed([3])[3] and constraint.allowed([3])[pieces.index(b"12")]
+    with pytest.raises(ValueError, match="does not continue a value of the JSON schema"):
+        constraint.advance(pieces.index(b"ca"))
+
+
+def closing_bias(tokenizer, strength: float) -> dict[int, float]:
+    """A logit bias towards the tokens that close strings, arrays and objects and the end of turn, and away from
+    whitespace and escapes, so that the tiny random model finishes some values within a few dozen tokens."""
+    pieces = {i: tokenizer.token_bytes(i) for i in range(len(tokenizer)) if not tokenizer.is_special(i)}
+    closing = [i for i, piece in pieces.items() if any(c in piece for c in (b"}", b"]", b'"', b","))]
+    padding = [i for i, piece in pieces.items() if b"\\" in piece or piece.strip() == b""]
+    return {**dict.fromkeys(closing, strength), **dict.fromkeys(padding, -strength), tokenizer.im_end_id: strength}
+
+
+def test_constrained_answers_validate_when_they_stop(tiny_chat):
+    tokenizer = tiny_chat.tokenizer
+    ids = tiny_chat.prepare("Describe the picture as JSON.").prompt_ids
+    bias = closing_bias(tokenizer, 4.0)
+    settings = [dict(do_sample=False, logit_bias=bias), *({"do_sample": True, "seed": s} for s in range(3)),
+                *({"do_sample": True, "seed": s, "logit_bias": bias} for s in range(6))]
+    requests = [Request(ids, SamplingParams(max_new_tokens=160, json_schema=SCHEMA, **kw)) for kw in settings]
+    out = [([], None) for _ in requests]
+    for events in tiny_chat.engine.generate(requests):
+        for event in events:
+            out[event.rid][0].append(event.token)
+            out[event.rid] = (out[event.rid][0], event.finish or out[event.rid][1])
+    stopped = 0
+    for tokens, finish in out:
+        text = b"".join(tokenizer.token_bytes(t) for t in (tokens[:-1] if finish == "stop" else tokens))
+        if finish == "stop":
+            jsonschema.validate(json.loads(text), SCHEMA)
+            stopped += 1
+        else:
+            assert refused_at(SCHEMA, text) is None
+    assert stopped >= 3
+    answer = tiny_chat.chat("JSON!", json_schema={"enum": ["yes", "no", 3]}, do_sample=False, max_new_tokens=20)
+    assert json.loads(answer) in ("yes", "no", 3)
+
+
+def test_json_schema_settings_that_cannot_work_are_refused():
+    with pytest.raises(SettingError, match="^give json_mode or json_schema, not both$"):
+        SamplingParams(json_mode=True, json_schema={})
+    with pytest.raises(SettingError, match="^min_new_tokens does not go with json_schema"):
+        SamplingParams(json_schema={}, min_new_tokens=2)
+    with pytest.raises(InputError, match='^the keyword "minLength" at #/properties/a is not supported$'):
+        SamplingParams(json_schema={"properties": {"a": {"minLength": 1}}})
+    assert SamplingParams(json_schema={"type": "string"}) == SamplingParams(json_schema={"type": "string"})
+    assert js.compile_schema({"type": "string"}) is js.compile_schema({"type": "string"})  # cached
+
+
+def test_the_server_takes_json_schema_and_guided_json():
+    settings = ServerSettings()
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    spec = {"name": "scene", "schema": SCHEMA, "strict": True}
+    for parse, body in ((parse_chat_request, chat), (parse_completion_request, {"prompt": "hi"})):
+        params = parse({**body, "response_format": {"type": "json_schema", "json_schema": spec}}, settings).params
+        assert params.json_schema == js.compile_schema(SCHEMA) and not params.json_mode
+        assert parse({**body, "guided_json": SCHEMA}, settings).params.json_schema == js.compile_schema(SCHEMA)
+        assert parse({**body, "guided_json": json.dumps(SCHEMA)}, settings).params.json_schema.canonical == \
+            js.compile_schema(SCHEMA).canonical
+        bad = {**spec, "schema": {"type": "string", "pattern": "^a"}}
+        with pytest.raises(ApiError, match='^response_format: the keyword "pattern" at # is not supported') as e:
+            parse({**body, "response_format": {"type": "json_schema", "json_schema": bad}}, settings)
+        assert e.value.status == 400 and e.value.param == "response_format"
+        with pytest.raises(ApiError, match='^guided_json: the keyword "format" at #/items is not supported'):
+            parse({**body, "guided_json": {"items": {"format": "uri"}}}, settings)
+        with pytest.raises(ApiError, match="^response_format json_schema must be an object with a schema"):
+            parse({**body, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, settings)
+        with pytest.raises(ApiError, match="^give response_format or guided_json, not both"):
+            parse({**body, "guided_json": {}, "response_format": {"type": "json_object"}}, settings)
+        with pytest.raises(ApiError, match="^min_tokens does not go with response_format json_schema"):
+            parse({**body, "response_format": {"type": "json_schema", "json_schema": spec}, "min_tokens": 2}, settings)
