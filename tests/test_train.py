@@ -408,6 +408,15 @@ def test_sigterm_after_a_save_every_checkpoint_writes_no_second_one_and_keeps_th
     assert signal.getsignal(signal.SIGTERM) is handler and reached == []
 
 
+def test_sigterm_in_the_last_step_lets_the_run_write_final_and_end_as_usual(tmp_path, chat_folder, meta,
+                                                                           sigterm_handler):
+    handler, reached = sigterm_handler
+    result = train(config(chat_folder, meta, tmp_path / "run", save_every=1),
+                   on_step=lambda done, _: done == 2 and os.kill(os.getpid(), signal.SIGTERM))
+    assert result.steps == 2 and (result.final_dir / "config.json").is_file()
+    assert signal.getsignal(signal.SIGTERM) is handler and reached == []
+
+
 @pytest.mark.parametrize("stage", ["data", "precompute_ref"])
 def test_sigterm_before_the_first_step_stops_with_nothing_saved(tmp_path, chat_folder, meta, monkeypatch, stage,
                                                                sigterm_handler):

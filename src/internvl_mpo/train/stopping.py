@@ -50,14 +50,13 @@ def sigterm_stops() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _requested = False
+    _requested = False  # a SIGTERM that reached an earlier run in this process during its last step
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         yield
     finally:
         # None: a handler that was not set from Python, which cannot be put back; the default stands for it
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-        _requested = False
 
 
 def stop_requested(env: DistEnv) -> bool:
