@@ -2,7 +2,7 @@
 each state a pretty-printed object passes through computed afresh (uncached), and the same masks from the
 cache, as the engine asks for them at each step. `--schema` times JSON schema mode's masks
 (`internvl_mpo.generate.json_schema`) the same way, on a realistic schema (typed fields, an enum, an array
-of objects, a nullable field) and a pretty-printed value of it.
+of objects, a nullable field, a string of bounded length) and a pretty-printed value of it.
 
 The vocabulary that matters is Qwen2's (151,643 tokens + specials, InternVL2.5's 1B/4B/26B/38B/78B):
 
@@ -39,7 +39,7 @@ SCHEMA = {"type": "object", "properties": {
         "name": {"type": "string"}, "box": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
         "visible": {"type": "boolean"}, "note": {"type": ["string", "null"]}},
         "required": ["name", "box", "visible"], "additionalProperties": False}},
-    "caption": {"type": "string"}},
+    "caption": {"type": "string", "minLength": 1, "maxLength": 200}},
     "required": ["title", "kind", "count", "objects", "caption"], "additionalProperties": False}
 SCHEMA_VALUE = {"title": "Ein Café in Zürich", "kind": "photo", "count": 2,
                 "objects": [{"name": "猫", "box": [12, 34.5, -0.5e3, 1e-2], "visible": True},
@@ -70,6 +70,8 @@ def main() -> None:
     pieces, size, name = pieces_of(args)
     start = time.perf_counter()
     vocabulary = jm.JsonVocabulary(pieces, size)
+    if args.schema:
+        vocabulary.characters  # the index's part that schema mode's string lengths add, built on first use
     print(f"vocabulary: {name}; index built in {time.perf_counter() - start:.2f} s")
     if args.schema:
         schema = js.compile_schema(SCHEMA)

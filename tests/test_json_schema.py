@@ -5,6 +5,7 @@ through the engine, the chat API and the server's request parsing."""
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import random
 
@@ -37,6 +38,7 @@ SCHEMA = {
                                              "box": {"type": "array", "items": {"type": "number"}}},
             "required": ["name", "visible"], "additionalProperties": False}},
         "note": {"type": ["string", "null"]},
+        "caption": {"type": "string", "minLength": 2, "maxLength": 6},
     },
     "required": ["title", "count", "kind", "objects"],
     "additionalProperties": False,
@@ -66,7 +68,7 @@ def complete(schema, data: bytes) -> bool:
 def test_a_realistic_schema_takes_its_values_and_refuses_others_at_the_first_wrong_byte():
     value = {"title": "A \"room\"\n", "count": -3, "kind": "Café 😀", "score": 1.5e3,
              "objects": [{"name": "猫", "visible": True, "box": [1, 2.5]}, {"name": "", "visible": False}],
-             "note": None}
+             "note": None, "caption": "\\😀"}
     for text in (json.dumps(value), json.dumps(value, indent=2), json.dumps(value, ensure_ascii=False),
                  json.dumps({k: v for k, v in value.items() if k not in ("score", "note")})):
         assert complete(SCHEMA, text.encode()), text
@@ -86,9 +88,35 @@ def test_a_realistic_schema_takes_its_values_and_refuses_others_at_the_first_wro
         (b'{"title":"a","count":1,"kind":"cat","objects":[],"note":nul', None),
         (b'{"title":"a","count":1,"kind":"cat","objects":[],"note":t', 56),
         (b'{"title":"a","count":1,"kind":"cat","objects":[]} ', 49),  # nothing after the value
+        (b'{"title":"a","count":1,"kind":"cat","objects":[],"caption":"abcdef"}', None),
+        (b'{"title":"a","count":1,"kind":"cat","objects":[],"caption":"abcdefg', 66),  # at most 6 characters
+        (b'{"title":"a","count":1,"kind":"cat","objects":[],"caption":"a"', 61),  # at least 2
     ]
     for data, at in cases:
         assert refused_at(SCHEMA, data) == at, (data, refused_at(SCHEMA, data))
+
+
+def test_string_lengths_count_code_points_as_json_loads_reads_them():
+    """minLength/maxLength count characters, raw or escaped; an escaped surrogate pair is one, and a string at its
+    maxLength may still take the low half of a pair whose high half it ends with."""
+    short = {"type": "string", "minLength": 2, "maxLength": 3}
+    for text in ('"ab"', '"abc"', '"a😀"', '"猫é"', '"a\\n"', '"\\u00e9\\u00e9\\u00e9"', '"a\\ud83d\\ude00b"',
+                 '"\\ud83d\\ud83d"', '"\\ude00\\ud83d\\ude00"'):
+        assert complete(short, text.encode()) and 2 <= len(json.loads(text)) <= 3, text
+    assert refused_at(short, b'"a"') == 2 and refused_at(short, b'"abcd') == 4
+    assert refused_at(short, "\"猫猫猫猫".encode()) == 10  # the fourth character's lead byte
+    assert refused_at(short, b'"abc\\') == 4  # nothing more after three characters
+    assert refused_at(short, b'"ab\\ud83d\\u0041') == 11  # only a low surrogate may follow a full string's high one
+    assert complete(short, b'"ab\\ud83d\\udc00"') and refused_at(short, b'"ab\\ud83d\\udb') == 12
+    assert complete({"maxLength": 0}, b'""') and refused_at({"minLength": 1}, b'""') == 1
+    parts = ["a", "\\ud83d", "\\ude00", "\\n", "é", "😀", "\\u00e9"]  # every string of up to 4 of them
+    for low, high in ((0, 1), (1, 2), (2, 3), (3, 3)):
+        schema = {"type": "string", "minLength": low, "maxLength": high}
+        for count in range(5):
+            for chosen in itertools.product(parts, repeat=count):
+                text = '"' + "".join(chosen) + '"'
+                assert complete(schema, text.encode()) == (low <= len(json.loads(text)) <= high), (schema, text)
+    assert complete({"type": ["string", "null"], "maxLength": 1}, b"null")
 
 
 def test_top_level_values_of_any_type_enums_consts_and_recursion():
@@ -122,7 +150,9 @@ def test_top_level_values_of_any_type_enums_consts_and_recursion():
 
 
 @pytest.mark.parametrize("schema, message", [
-    ({"type": "string", "minLength": 2}, 'the keyword "minLength" at # is not supported'),
+    ({"type": "integer", "minimum": 2}, 'the keyword "minimum" at # is not supported'),
+    ({"type": "string", "minLength": 3, "maxLength": 2}, "minLength at # is above its maxLength"),
+    ({"maxLength": -1}, "maxLength at # must be a whole number >= 0, got -1"),
     ({"properties": {"a": {"type": "string", "pattern": "x"}}}, 'the keyword "pattern" at #/properties/a is not'),
     ({"items": {"format": "date"}}, 'the keyword "format" at #/items is not supported'),
     ({"anyOf": [{}, {"not": {}}]}, 'the keyword "not" at #/anyOf/1 is not supported'),
@@ -154,6 +184,9 @@ def random_schema(rng: random.Random, depth: int = 0, defs: bool = True) -> dict
     kinds = ["string", "integer", "number", "boolean", "null", "enum", "const", "types", "object", "free", "array",
              "anyOf", "oneOf"] + ["ref"] * defs
     kind = rng.choice(kinds[:8] if depth >= 3 else kinds)
+    if kind == "string" and rng.random() < 0.5:
+        low = rng.randrange(3)
+        return {"type": "string", "minLength": low, "maxLength": low + rng.randrange(3)}
     if kind in ("string", "integer", "number", "boolean", "null"):
         return {"type": kind, "description": "x"}
     if kind in ("enum", "const"):
@@ -207,7 +240,8 @@ def random_value(rng: random.Random, schema: dict, root: dict, depth: int = 0):
     kind = schema.get("type")
     kind = rng.choice(kind) if isinstance(kind, list) else kind
     if kind == "string":
-        return "".join(rng.choice('ab"\\\n\t猫é😀 /\x7f') for _ in range(rng.randrange(5)))
+        count = rng.randint(schema.get("minLength", 0), schema.get("maxLength", 4))
+        return "".join(rng.choice('ab"\\\n\t猫é😀 /\x7f') for _ in range(count))
     if kind == "integer":
         return rng.choice([0, -7, 12345, 10**20])
     if kind == "number":
@@ -278,7 +312,8 @@ def test_random_values_of_random_schemas_are_taken_and_whatever_completes_valida
                 if complete(schema, changed):
                     mutated += 1
                     assert checker.is_valid(json.loads(changed)), (schema, changed)
-        alphabet = bytes(sorted(set(b'{}[]":, \n0123456789-.eEtrufalsn\\u') | set(compiled.canonical.encode())))
+        alphabet = bytes(sorted(set(b'{}[]":, \n0123456789abcdefABCDEF-.trulsn\\u\xc3\xa9') |
+                                set(compiled.canonical.encode())))
         for _ in range(3):
             walk = random_walk(rng, compiled, alphabet)
             if walk is not None:
@@ -320,7 +355,7 @@ def test_masks_equal_the_token_by_token_oracle_on_every_state_of_some_values(tin
     vocabulary = jm.JsonVocabulary(pieces, len(pieces) + 2)
     compiled = js.compile_schema(SCHEMA)
     value = {"title": "x\\u00e9", "count": 12, "kind": "Café 😀", "score": -0.5e3,
-             "objects": [{"name": "猫", "visible": True, "box": [1.5, 2]}], "note": "n"}
+             "objects": [{"name": "猫", "visible": True, "box": [1.5, 2]}], "note": "n", "caption": "Cé😀"}
     states = {compiled.initial}
     for text in (json.dumps(value), json.dumps(value, indent=2, ensure_ascii=False)):
         state = compiled.initial
@@ -378,8 +413,8 @@ def test_json_schema_settings_that_cannot_work_are_refused():
         SamplingParams(json_mode=True, json_schema={})
     with pytest.raises(SettingError, match="^min_new_tokens does not go with json_schema"):
         SamplingParams(json_schema={}, min_new_tokens=2)
-    with pytest.raises(InputError, match='^the keyword "minLength" at #/properties/a is not supported$'):
-        SamplingParams(json_schema={"properties": {"a": {"minLength": 1}}})
+    with pytest.raises(InputError, match='^the keyword "pattern" at #/properties/a is not supported$'):
+        SamplingParams(json_schema={"properties": {"a": {"pattern": "x"}}})
     assert SamplingParams(json_schema={"type": "string"}) == SamplingParams(json_schema={"type": "string"})
     assert js.compile_schema({"type": "string"}) is js.compile_schema({"type": "string"})  # cached
 

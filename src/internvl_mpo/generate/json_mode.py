@@ -26,6 +26,7 @@ the engine masks its row's logits with `allowed` and `advance`s it with each tok
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 from collections import OrderedDict
 
@@ -204,6 +205,19 @@ class JsonVocabulary:
                 self._content[u, i] = advance_bytes((STRING, u, "", 0), piece) is not None
         self._cache: OrderedDict = OrderedDict()
         self.schema_cache: OrderedDict = OrderedDict()  # json_schema.schema_mask's, by (schema, state)
+
+    @functools.cached_property
+    def characters(self) -> numpy.ndarray:
+        """(size,): the UTF-8 characters each token's bytes begin (its bytes that are not continuation bytes), for
+        JSON schema mode's string lengths."""
+        pieces = [piece or b"" for piece in self.pieces]
+        lengths = numpy.fromiter(map(len, pieces), dtype=numpy.int64, count=len(pieces))
+        ends = lengths.cumsum()
+        data = numpy.frombuffer(b"".join(pieces), dtype=numpy.uint8)
+        begun = numpy.concatenate([[0], ((data & 0xC0) != 0x80).cumsum()])  # characters begun before each byte
+        counts = numpy.zeros(self.size, dtype=numpy.int32)
+        counts[: len(pieces)] = begun[ends] - begun[ends - lengths]
+        return counts
 
     @classmethod
     def of_tokenizer(cls, tokenizer, size: int) -> "JsonVocabulary":

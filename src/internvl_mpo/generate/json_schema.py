@@ -5,23 +5,25 @@ outputs, vLLM's `guided_json`), on top of JSON mode's recognizer (json_mode.py).
 schema as compact JSON, keys in their order: the properties' order is the order they are generated in). The
 subset taken, and the rest refused with a `SchemaError` naming the keyword and its JSON pointer in the schema:
 `type` (one or a list), `properties`, `required`, `additionalProperties`, `items` (one schema), `minItems`,
-`maxItems`, `enum`, `const`, `anyOf`, `oneOf` (taken as anyOf), `allOf` of one schema, `$ref` to `#`,
-`#/$defs/...` or `#/definitions/...` (recursion allowed), and the annotations `description`, `title`,
-`default`, `examples`, `$schema`, `$comment`, which are ignored. Without `type`, a schema with object keywords
-(properties, required, additionalProperties) is an object and one with array keywords an array. An object
-with `properties` has only those keys, in the schema's order, each at most once, the optional ones may be
-left out (`additionalProperties` absent or true lets the output have none other, as OpenAI's strict mode and
-xgrammar's default); one without `properties` may have any keys, with values of its `additionalProperties`
-schema (any JSON value when absent or true; none when false). An integer is written without a fraction or
-exponent; an `enum`/`const` number as json.dumps writes it; an enum string in any JSON spelling of it.
+`maxItems`, `minLength`, `maxLength` (code points, as json.loads reads the string), `enum`, `const`, `anyOf`,
+`oneOf` (taken as anyOf), `allOf` of one schema, `$ref` to `#`, `#/$defs/...` or `#/definitions/...`
+(recursion allowed), and the annotations `description`, `title`, `default`, `examples`, `$schema`, `$comment`,
+which are ignored. Without `type`, a schema with object keywords (properties, required, additionalProperties)
+is an object, one with array keywords an array and one with string keywords a string. An object with
+`properties` has only those keys, in the schema's order, each at most once, the optional ones may be left out
+(`additionalProperties` absent or true lets the output have none other, as OpenAI's strict mode and xgrammar's
+default); one without `properties` may have any keys, with values of its `additionalProperties` schema (any
+JSON value when absent or true; none when false). An integer is written without a fraction or exponent; an
+`enum`/`const` number as json.dumps writes it; an enum string in any JSON spelling of it.
 
 A state is (the json_mode state, a frozenset of threads): the lexical state is JSON mode's (the top-level
 value may be of any type), and each thread is one way the schema may still accept the bytes so far, as (open
-containers' frames, what comes next); a thread is split where a value starts that more than one alternative
-of an anyOf (or type list) takes. A thread only lives while a complete value can still follow: a value that
-cannot fit within MAX_DEPTH levels (a required recursion) is not started, so a rejected prefix is never a
-dead end of an accepted one. Masks come from JSON mode's vocabulary index: a walk of the tokens as a trie from
-a state, cached per schema and state; inside a free string the plain content class is taken whole.
+containers' frames, what comes next); a thread is split where a value starts that more than one alternative of
+an anyOf (or type list) takes. A thread only lives while a complete value can still follow: a value that
+cannot fit within MAX_DEPTH levels (a required recursion) is not started, so a rejected prefix is never a dead
+end of an accepted one. Masks come from JSON mode's vocabulary index: a walk of the tokens as a trie from a
+state, cached per schema and state; inside a string free but for its length the plain content class is taken
+whole (those of its tokens within the length left).
 """
 
 from __future__ import annotations
@@ -42,13 +44,14 @@ MAX_NESTING = 100  # schemas (and enum/const values) inside one another, $refs f
 ANNOTATIONS = frozenset(("description", "title", "default", "examples", "$schema", "$comment"))
 OBJECT_KEYS = ("properties", "required", "additionalProperties")
 ARRAY_KEYS = ("items", "minItems", "maxItems")
+STRING_KEYS = ("minLength", "maxLength")
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 KNOWN = ANNOTATIONS | frozenset(("type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs",
-                                 "definitions") + OBJECT_KEYS + ARRAY_KEYS)
+                                 "definitions") + OBJECT_KEYS + ARRAY_KEYS + STRING_KEYS)
 INFINITE = math.inf
 
 # what comes next in a thread (the first item of its `next` tuple)
-VALUE, KEY0, KEY, COLON, ITEM0, AFTER, LITERAL, FREE, NUMBER, NUMBER_LITERAL, WORD, END = range(12)
+VALUE, KEY0, KEY, COLON, ITEM0, AFTER, LITERAL, FREE, BOUNDED, NUMBER, NUMBER_LITERAL, WORD, END = range(13)
 # frames of open containers: (OBJECT, alternative, index of the last property given or -1) and
 # (ARRAY, alternative, values begun)
 OBJECT, ARRAY = 0, 1
@@ -75,6 +78,7 @@ class _Alternative:
         self.prefix: tuple[int, ...] = ()  # an array's first items' schemas (an enum array's, one each)
         self.items: int | None = None  # the schema of the items after them; None: no more
         self.min_items, self.max_items = 0, INFINITE
+        self.min_length, self.max_length = 0, INFINITE  # a string's, in code points
         self.depth = INFINITE  # the fewest containers open in a value it takes (0 for a scalar)
         for name, value in fields.items():
             setattr(self, name, value)
@@ -189,7 +193,8 @@ class Schema:
         kinds = schema.get("type")
         if kinds is None:
             kinds = ["object"] if any(k in schema for k in OBJECT_KEYS) else \
-                ["array"] if any(k in schema for k in ARRAY_KEYS) else list(TYPES)
+                ["array"] if any(k in schema for k in ARRAY_KEYS) else \
+                ["string"] if any(k in schema for k in STRING_KEYS) else list(TYPES)
         elif isinstance(kinds, str):
             kinds = [kinds]
         if not isinstance(kinds, list) or not kinds or any(k not in TYPES for k in kinds):
@@ -207,6 +212,9 @@ class Schema:
                 found.append(self._array(schema, path))
             elif kind == "boolean":
                 found += [self._alternative("true"), self._alternative("false")]
+            elif kind == "string":
+                low, high = _bounds(schema, STRING_KEYS, path)
+                found.append(self._alternative("string", min_length=low, max_length=high))
             else:
                 found.append(self._alternative(kind))
         return tuple(found)
@@ -239,14 +247,7 @@ class Schema:
         items = schema.get("items", True)
         if not isinstance(items, (bool, dict)):
             raise SchemaError(f"items at {path} must be one schema (tuples, a list of schemas, are not supported)")
-        bounds = []
-        for key, default in (("minItems", 0), ("maxItems", INFINITE)):
-            value = schema.get(key, default)
-            if value is not default and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-                raise SchemaError(f"{key} at {path} must be a whole number >= 0, got {_short(value)}")
-            bounds.append(value)
-        if bounds[0] > bounds[1]:
-            raise SchemaError(f"minItems at {path} is above its maxItems")
+        bounds = _bounds(schema, ARRAY_KEYS[1:], path)
         return self._alternative("array", items=self._compile(items, f"{path}/items"), min_items=bounds[0],
                                  max_items=bounds[1])
 
@@ -353,9 +354,13 @@ class Schema:
         return any(next_[0] == NUMBER or next_[0] == NUMBER_LITERAL and next_[2] in map(len, next_[1])
                    for _, next_ in threads)
 
-    def free_string(self, state) -> bool:
-        """Whether `state` is inside a string whose content is free in every thread."""
-        return state[0][0] == jm.STRING and all(next_[0] == FREE for _, next_ in state[1])
+    def string_room(self, state) -> float | None:
+        """Inside a string that every thread takes free or bounded only in length: the most characters that
+        may still come (infinite if free); else None."""
+        if state[0][0] != jm.STRING or not all(next_[0] in (FREE, BOUNDED) for _, next_ in state[1]):
+            return None
+        return max(INFINITE if next_[0] == FREE else self.alternatives[next_[1]].max_length - next_[2]
+                   for _, next_ in state[1])
 
     def _done(self, frames) -> list:
         return [(frames, (AFTER,))] if frames else [_END]
@@ -369,6 +374,8 @@ class Schema:
             return [(frames, next_)]
         if kind == LITERAL:
             return self._literal(frames, next_, after, byte, closed)
+        if kind == BOUNDED:
+            return self._bounded(frames, next_, lexical, byte, closed)
         if kind == VALUE:
             return self._start(frames, next_[1], byte)
         if kind == NUMBER or kind == NUMBER_LITERAL:
@@ -421,7 +428,9 @@ class Schema:
                 continue
             kind = alternative.kind
             if byte == 0x22:
-                if kind == "string":
+                if kind == "string" and (alternative.min_length or alternative.max_length < INFINITE):
+                    found.append((frames, (BOUNDED, a, 0, False, "")))
+                elif kind == "string":
                     found.append((frames, (FREE,)))
                 elif kind == "strings":
                     found.append((frames, (LITERAL, alternative.targets, 0, b"")))
@@ -471,6 +480,37 @@ class Schema:
         index = -1 if name is None else self.alternatives[a].names.index(name)
         return [(frames[:-1] + ((OBJECT, a, index),), (COLON,))]
 
+    def _bounded(self, frames, next_, lexical, byte, closed) -> list:
+        """A string value with a length in code points, as json.loads counts them: a character, raw or escaped, is
+        one, and so is a \\u escape of a surrogate pair (the low one is not counted) or of a lone surrogate.
+        `next_` is (BOUNDED, alternative, characters so far, whether the last was a high surrogate's \\u escape,
+        the hex digits of the \\u escape being read)."""
+        _, a, count, high, digits = next_
+        alternative = self.alternatives[a]
+        room = count < alternative.max_length
+        if closed:
+            return self._done(frames) if count >= alternative.min_length else []
+        mode = lexical[0]
+        if mode == jm.STRING:
+            if lexical[1] & 7:  # a UTF-8 continuation byte
+                return [(frames, next_)]
+            if byte == 0x5C:  # counted where the escape ends; a full string may still take a low surrogate
+                return [(frames, next_)] if room or high else []
+            return [(frames, (BOUNDED, a, count + 1, False, ""))] if room else []
+        if mode == jm.ESCAPE:
+            if byte == 0x75:
+                return [(frames, next_)]
+            return [(frames, (BOUNDED, a, count + 1, False, ""))] if room else []
+        digits += chr(byte).lower()  # UNICODE
+        if not room and not (high and "dc00"[:len(digits)] <= digits <= "dfff"):
+            return []  # full: only the low half of a pair may come
+        if len(digits) < 4:
+            return [(frames, (BOUNDED, a, count, high, digits))]
+        value = int(digits, 16)
+        if high and 0xDC00 <= value <= 0xDFFF:
+            return [(frames, (BOUNDED, a, count, False, ""))]
+        return [(frames, (BOUNDED, a, count + 1, 0xD800 <= value <= 0xDBFF, ""))]
+
     def _literal(self, frames, next_, after, byte, closed) -> list:
         """A string held to `targets` (enum strings, property names): each character in any JSON spelling."""
         _, targets, position, typed = next_
@@ -517,6 +557,17 @@ def _spellings(character: bytes) -> tuple[bytes, ...]:
 
 def _width(lead: int) -> int:
     return 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+
+
+def _bounds(schema: dict, keys: tuple[str, str], path: str) -> tuple:
+    """The (low, high) bounds that `keys` (minItems and maxItems, minLength and maxLength) give."""
+    low, high = schema.get(keys[0], 0), schema.get(keys[1], INFINITE)
+    for key, value in zip(keys, (low, high)):
+        if value is not INFINITE and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            raise SchemaError(f"{key} at {path} must be a whole number >= 0, got {_short(value)}")
+    if low > high:
+        raise SchemaError(f"{keys[0]} at {path} is above its {keys[1]}")
+    return low, high
 
 
 def _type_of(value) -> str:
@@ -591,8 +642,10 @@ def schema_mask(vocabulary: jm.JsonVocabulary, schema: Schema, state) -> numpy.n
 
 def _compute(vocabulary: jm.JsonVocabulary, schema: Schema, state) -> numpy.ndarray:
     mask = numpy.zeros(vocabulary.size, dtype=bool)
-    if schema.free_string(state):
-        mask |= vocabulary._content[state[0][1] & 7]
+    room = schema.string_room(state)
+    if room is not None:  # plain content, within the room left
+        content = vocabulary._content[state[0][1] & 7]
+        mask |= content if room == INFINITE else content & (vocabulary.characters <= room)
         words, ids = vocabulary._quoted_words, vocabulary._quoted_ids
     else:
         words, ids = vocabulary._words, vocabulary._ids
