@@ -91,6 +91,7 @@ def test_a_realistic_schema_takes_its_values_and_refuses_others_at_the_first_wro
         (b'{"title":"a","count":1,"kind":"cat","objects":[],"caption":"abcdef"}', None),
         (b'{"title":"a","count":1,"kind":"cat","objects":[],"caption":"abcdefg', 66),  # at most 6 characters
         (b'{"title":"a","count":1,"kind":"cat","objects":[],"caption":"a"', 61),  # at least 2
+        (b'{"title":"a","count":1,"kind":"cat","objects":[],"caption":"ab",', 63),  # no property after the last
     ]
     for data, at in cases:
         assert refused_at(SCHEMA, data) == at, (data, refused_at(SCHEMA, data))
@@ -252,7 +253,7 @@ def random_value(rng: random.Random, schema: dict, root: dict, depth: int = 0):
         return None
     if kind == "array":
         count = rng.randint(schema.get("minItems", 0), schema.get("maxItems", schema.get("minItems", 0) + 2))
-        return [random_value(rng, schema["items"], root, depth + 1) for _ in range(count if depth < 4 else 0)]
+        return [random_value(rng, schema["items"], root, depth + 1) for _ in range(count if depth < 4 else schema.get("minItems", 0))]
     if "properties" in schema:
         required = schema.get("required", [])
         return {name: random_value(rng, sub, root, depth + 1) for name, sub in schema["properties"].items()
@@ -273,14 +274,17 @@ def as_anyof(schema):
 
 
 def random_walk(rng: random.Random, compiled: js.Schema, alphabet: bytes, steps: int = 400) -> bytes | None:
-    """Random bytes the recognizer takes, until it calls them complete (None if that takes too long); the bytes
-    that close strings and containers grow likelier as the walk goes on."""
+    """Random bytes the recognizer takes, until it calls them complete (None if that takes too long, or the walk
+    needs a byte outside `alphabet`); the bytes that close strings and containers grow likelier as the walk goes
+    on. Where no byte of the alphabet continues them, the bytes must be complete or continued by another byte:
+    the recognizer never takes a prefix that no value completes."""
     state, out = compiled.initial, bytearray()
     for step in range(steps):
         if compiled.complete(state) and rng.random() < 0.3:
             return bytes(out)
         options = [b for b in alphabet if compiled.advance(state, b) is not None]
-        if not options:
+        if not options:  # a byte outside the alphabet, or the end: never a dead end
+            assert compiled.complete(state) or any(compiled.advance(state, b) for b in range(256)), bytes(out)
             return bytes(out) if compiled.complete(state) else None
         closing = [b for b in options if b in b'"}]0123456789el' and step > 60]
         byte = rng.choice(closing if closing and rng.random() < 0.7 else options)

@@ -409,8 +409,8 @@ class Schema:
             return self._start(frames[:-1] + ((ARRAY, frames[-1][1], 1),), alternative.item(0), byte)
         if kind == AFTER:
             if byte == 0x2C:
-                if top == OBJECT:
-                    return [(frames, (KEY,))]
+                if top == OBJECT:  # only where a key may follow
+                    return [(frames, (KEY,))] if self._key(frames, alternative, index) else []
                 item = alternative.item(index)
                 if index < alternative.max_items and self.fits(item, len(frames)):
                     return [(frames[:-1] + ((ARRAY, frames[-1][1], index + 1),), (VALUE, item))]
