@@ -1497,8 +1497,19 @@ def test_json_schema_flag(folder, tmp_path):
               "--json-schema", path)
     assert out.returncode == 0, out.stderr
     assert json.loads(answers.read_text().splitlines()[0])["answer"] == expected
-    assert json.loads((tmp_path / "a.jsonl.settings.json").read_text())["json_schema"] == schema
+    assert json.loads(json.loads((tmp_path / "a.jsonl.settings.json").read_text())["json_schema"]) == schema
     answers.write_text(answers.read_text().splitlines()[0] + "\n")  # one answer left to write
+    reordered = tmp_path / "reordered.json"  # the same keywords, its properties generated in another order
+    path.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "null"}, "b": {"type": "null"}}}))
+    reordered.write_text(json.dumps({"type": "object", "properties": {"b": {"type": "null"}, "a": {"type": "null"}}}))
+    out = cli("generate", "--model", folder, "--input", requests, "--output", tmp_path / "b.jsonl",
+              "--max-new-tokens", "12", "--json-schema", path)
+    assert out.returncode == 0, out.stderr
+    (tmp_path / "b.jsonl").write_text((tmp_path / "b.jsonl").read_text().splitlines()[0] + "\n")
+    out = cli("generate", "--model", folder, "--input", requests, "--output", tmp_path / "b.jsonl",
+              "--max-new-tokens", "12", "--json-schema", reordered)
+    assert out.returncode == 1 and "other settings (json_schema)" in out.stderr, out.stderr
+    path.write_text(json.dumps(schema))
     out = cli("generate", "--model", folder, "--input", requests, "--output", answers, "--max-new-tokens", "12")
     assert out.returncode == 1 and "other settings (json_schema)" in out.stderr, out.stderr
     out = cli("generate", "--model", folder, "--input", requests, "--output", answers, "--max-new-tokens", "12",

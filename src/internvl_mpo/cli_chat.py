@@ -349,7 +349,9 @@ def generate(
                                      "max_new_tokens": max_new_tokens,
                                      "min_new_tokens": min_new_tokens, "seed": seed, "dtype": dtype_name,
                                      **({"json_mode": True} if json_mode else {}),  # absent: runs before it
-                                     **({"json_schema": schema} if json_schema is not None else {}),
+                                     # as text: the properties' order, which a dict's == ignores, orders the answer
+                                     **({"json_schema": json.dumps(schema, ensure_ascii=False)}
+                                        if json_schema is not None else {}),
                                      "weights": weights_identity(weights, recorded_weights(_settings_file(out)))},
                                resume=bool(done),
                                default_max_num=lambda: _default_tiles(model_path(model)))
