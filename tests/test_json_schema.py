@@ -180,6 +180,66 @@ def test_what_the_subset_does_not_take_is_refused_naming_the_keyword_and_its_pla
     assert message in str(e.value)
 
 
+def pydantic_models():
+    """Pydantic models as users write them for structured outputs: a tagged union (Pydantic writes OpenAPI's
+    `discriminator` beside its oneOf), a deprecated field, an enum, an optional nested model with a description
+    beside its $ref, a recursive model and defaults."""
+    from enum import Enum
+    from typing import Literal, Optional, Union
+
+    from pydantic import BaseModel, Field
+
+    class Color(Enum):
+        """A color."""
+        red = "red"
+        green = "green"
+
+    class Cat(BaseModel):
+        pet_type: Literal["cat"]
+        indoor: bool
+
+    class Dog(BaseModel):
+        pet_type: Literal["dog"]
+        color: Color
+
+    class Node(BaseModel):
+        name: str = Field(max_length=3)
+        children: list["Node"] = []
+
+    class Pet(BaseModel):
+        pet: Union[Cat, Dog] = Field(discriminator="pet_type")
+        old_id: int = Field(0, deprecated=True)
+        owner: Optional[Node] = Field(None, description="who owns it")
+
+    return Pet, Node, [Pet(pet=Cat(pet_type="cat", indoor=True)),
+                       Pet(pet=Dog(pet_type="dog", color=Color.green), old_id=3,
+                           owner=Node(name="a", children=[Node(name="bc")]))]
+
+
+def test_pydantic_schemas_compile_and_take_what_pydantic_writes():
+    """What Pydantic's model_json_schema() and the openai client's to_strict_json_schema() write for such models
+    compiles (discriminator and deprecated are annotations), takes the values Pydantic dumps, and a model itself is
+    a schema (read through its model_json_schema)."""
+    pytest.importorskip("pydantic")
+    Pet, Node, values = pydantic_models()
+    schemas = [Pet.model_json_schema(), Node.model_json_schema()]
+    try:
+        from openai.lib._pydantic import to_strict_json_schema
+    except ImportError:
+        pass
+    else:
+        schemas.append(to_strict_json_schema(Pet))
+    assert "discriminator" in json.dumps(schemas[0]) and "deprecated" in json.dumps(schemas[0])
+    for schema in schemas[::2]:
+        for value in values:
+            for text in (value.model_dump_json(), value.model_dump_json(indent=2)):
+                assert complete(schema, text.encode()), (schema, text)
+        assert refused_at(schema, b'{"pet":{"pet_type":"cat","color"') is not None
+    assert js.compile_schema(Pet) is js.compile_schema(schemas[0])
+    assert SamplingParams(json_schema=Node).json_schema == js.compile_schema(schemas[1])
+    assert complete(Node, b'{"name":"abc","children":[{"name":""}]}') and refused_at(Node, b'{"name":"abcd') == 12
+
+
 def random_schema(rng: random.Random, depth: int = 0, defs: bool = True) -> dict:
     """A random schema of the subset (with oneOf and $ref)."""
     kinds = ["string", "integer", "number", "boolean", "null", "enum", "const", "types", "object", "free", "array",

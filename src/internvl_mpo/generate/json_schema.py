@@ -7,8 +7,8 @@ subset taken, and the rest refused with a `SchemaError` naming the keyword and i
 `type` (one or a list), `properties`, `required`, `additionalProperties`, `items` (one schema), `minItems`,
 `maxItems`, `minLength`, `maxLength` (code points, as json.loads reads the string), `enum`, `const`, `anyOf`,
 `oneOf` (taken as anyOf), `allOf` of one schema, `$ref` to `#`, `#/$defs/...` or `#/definitions/...`
-(recursion allowed), and the annotations `description`, `title`, `default`, `examples`, `$schema`, `$comment`,
-which are ignored. Without `type`, a schema with object keywords (properties, required, additionalProperties)
+(recursion allowed), and the annotations `description`, `title`, `default`, `examples`, `deprecated`, `readOnly`,
+`writeOnly`, `$schema`, `$comment` and `discriminator` (OpenAPI's, as Pydantic writes it), which are ignored. Without `type`, a schema with object keywords (properties, required, additionalProperties)
 is an object, one with array keywords an array and one with string keywords a string. An object with
 `properties` has only those keys, in the schema's order, each at most once, the optional ones may be left out
 (`additionalProperties` absent or true lets the output have none other, as OpenAI's strict mode and xgrammar's
@@ -41,7 +41,10 @@ from . import json_mode as jm
 CACHED_SCHEMAS = 64  # compiled schemas kept, by their canonical JSON
 CACHED_MASKS = 1024  # schema masks kept per vocabulary (all schemas together), packed 8 to a byte
 MAX_NESTING = 100  # schemas (and enum/const values) inside one another, $refs followed included
-ANNOTATIONS = frozenset(("description", "title", "default", "examples", "$schema", "$comment"))
+# ignored: JSON Schema's meta-data and OpenAPI's `discriminator`, which Pydantic writes beside a tagged union's
+# oneOf (whose branches hold the tag as a const already): none of them constrains a value
+ANNOTATIONS = frozenset(("description", "title", "default", "examples", "deprecated", "readOnly", "writeOnly",
+                         "$schema", "$comment", "discriminator"))
 OBJECT_KEYS = ("properties", "required", "additionalProperties")
 ARRAY_KEYS = ("items", "minItems", "maxItems")
 STRING_KEYS = ("minLength", "maxLength")
@@ -600,10 +603,12 @@ def _short(value) -> str:
 
 
 def compile_schema(schema) -> Schema:
-    """`schema` (a dict or bool, as json.loads gives it; or a Schema) compiled; SchemaError where it is not
-    JSON or uses what this module does not support."""
+    """`schema` (a dict or bool, as json.loads gives it; a Schema; or a Pydantic model, any object with a
+    `model_json_schema()`) compiled; SchemaError where it is not JSON or uses what this module does not support."""
     if isinstance(schema, Schema):
         return schema
+    if callable(getattr(schema, "model_json_schema", None)):  # a Pydantic model class (or instance): its schema
+        schema = schema.model_json_schema()
     if not isinstance(schema, (dict, bool)):
         raise SchemaError(f"a JSON schema must be an object or true/false, got {type(schema).__name__}")
     try:
