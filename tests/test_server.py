@@ -993,6 +993,52 @@ def test_response_format_json_object_answers_a_json_object_and_json_schema_a_val
         client.chat.completions.create(model="m", **{**body, "response_format": bad})
 
 
+def test_the_openai_clients_pydantic_parse_gets_a_parsed_answer(client, local_chat):
+    """The openai client's parse() and stream() with a Pydantic model as response_format (a tagged union, which
+    Pydantic writes with a `discriminator` beside its oneOf, an enum, an optional nested model with a description
+    beside its $ref): the answer stops and the client fills `.parsed` (the tiny random model is nudged to close
+    strings and objects by a logit bias, which leaves the constraint whole)."""
+    from enum import Enum
+    from typing import Literal, Optional, Union
+
+    from pydantic import BaseModel, Field
+
+    class Size(Enum):
+        small = "small"
+        big = "big"
+
+    class Cat(BaseModel):
+        pet_type: Literal["cat"]
+        indoor: bool
+
+    class Dog(BaseModel):
+        pet_type: Literal["dog"]
+        size: Size
+
+    class Owner(BaseModel):
+        name: str
+
+    class Pet(BaseModel):
+        pet: Union[Cat, Dog] = Field(discriminator="pet_type")
+        owner: Optional[Owner] = Field(description="who owns it")
+
+    tokenizer = local_chat.tokenizer
+    pieces = {i: tokenizer.token_bytes(i) for i in range(len(tokenizer)) if not tokenizer.is_special(i)}
+    bias = {**{str(i): 4 for i, piece in pieces.items() if any(c in piece for c in b'}]",')},
+            **{str(i): -4 for i, piece in pieces.items() if b"\\" in piece or piece.strip() == b""},
+            str(tokenizer.im_end_id): 4}
+    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+    body = {"model": "m", "messages": [{"role": "user", "content": "Describe the pet."}], "response_format": Pet,
+            "temperature": 0, "max_tokens": 400, "logit_bias": bias}
+    reply = parse(**body)
+    assert reply.choices[0].finish_reason == "stop" and isinstance(reply.choices[0].message.parsed, Pet)
+    assert reply.choices[0].message.parsed == Pet.model_validate_json(reply.choices[0].message.content)
+    stream = getattr(client.chat.completions, "stream", None) or client.beta.chat.completions.stream
+    with stream(**body) as events:
+        final = events.get_final_completion()
+    assert final.choices[0].message.parsed == reply.choices[0].message.parsed
+
+
 def worker_texts(local_chat, requests: list[Request]) -> tuple[list[str], dict]:
     """The answers of `requests` joined in one batch of the server's worker, and its stats."""
     texts, finals = [""] * len(requests), Finals()
