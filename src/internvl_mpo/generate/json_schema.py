@@ -9,7 +9,8 @@ subset taken, and the rest refused with a `SchemaError` naming the keyword and i
 `oneOf` (taken as anyOf), `allOf` of one schema, `$ref` to `#`, `#/$defs/...` or `#/definitions/...`
 (recursion allowed), and the annotations `description`, `title`, `default`, `examples`, `deprecated`, `readOnly`,
 `writeOnly`, `$schema`, `$comment` and `discriminator` (OpenAPI's, as Pydantic writes it), which are ignored.
-Without `type`, a schema with object keywords (properties, required, additionalProperties) is an object, one with array keywords an array and one with string keywords a string. An object with
+Without `type`, a schema with object keywords (properties, required, additionalProperties) is an object, one
+with array keywords an array and one with string keywords a string. An object with
 `properties` has only those keys, in the schema's order, each at most once, the optional ones may be left out
 (`additionalProperties` absent or true lets the output have none other, as OpenAI's strict mode and xgrammar's
 default); one without `properties` may have any keys, with values of its `additionalProperties` schema (any
