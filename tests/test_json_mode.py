@@ -35,6 +35,7 @@ def complete(data: bytes) -> bool:
 VALID = [
     b"{}", b' \n{"a": 1}', b'{"a":[1,-0.5e+3,0,-0,0.25,1E5,2e-7,1.5E+10,true,false,null,"x",[],{}],"b":{"c":{}}}',
     b'{"esc":"\\" \\\\ \\/ \\b \\f \\n \\r \\t \\u00e9 \\uD83D\\uDE00 \\u12aF"}',
+    b'{"pairs":"\\ud7ff \\uE000 \\ud800\\udc00 \\uDBFF\\uDFFF","\\ud83d\\ude00":"\\udbc0\\uDc00"}',
     '{"猫":"😀 Café \u07ff \uffff \U0010ffff", "k": "\x7f"}'.encode(),
     json.dumps({"a": [1, {"b": [None, True, "x"]}], "c": {}}, indent=4).encode(),
     json.dumps({"a": [1, {"b": "y"}]}, indent="\t").encode(),
@@ -46,6 +47,9 @@ INVALID = [
     b'{"a":"\\u12g4"}', b'{"a":"\\u12"}', b'{"a":1}}', b'{"a":1} ', b'{"a":1}x', b'{"a":1]', b'{"a":[1}',
     b'{1:2}', b'{"a":"\xc0\x80"}', b'{"a":"\xc1\xbf"}', b'{"a":"\xe0\x80\x80"}', b'{"a":"\xed\xa0\x80"}',
     b'{"a":"\xf4\x90\x80\x80"}', b'{"a":"\xf5\x80\x80\x80"}', b'{"a":"\x80"}', b'{"a":"\xe4\xb8"}', b'{"a":"\xff"}',
+    # lone surrogates (json.loads takes them; I-JSON, Pydantic and serde_json do not)
+    b'{"a":"\\ud800"}', b'{"a":"\\udc00"}', b'{"a":"\\uDFFF"}', b'{"a":"\\ud83dx"}', b'{"a":"\\ud83d\\u0041"}',
+    b'{"a":"\\ud83d\\ud83d\\ude00"}', b'{"a":"\\ud83d\\ude00\\ude00"}', b'{"\\ud83d":1}', b'{"a":"\\ud83d\\n"}',
 ]
 
 
@@ -126,6 +130,7 @@ def test_the_recognizer_agrees_with_json_loads_on_mutated_objects():
         try:
             text = data.decode("utf-8")
             parsed = json.loads(text, parse_constant=lambda name: 1 / 0)
+            json.dumps(parsed, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape is refused
         except (ValueError, ZeroDivisionError):
             return False
         return isinstance(parsed, dict) and text == text.rstrip(" \t\n\r")

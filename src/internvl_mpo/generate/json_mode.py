@@ -1,14 +1,15 @@
 """JSON mode: constrained decoding to one JSON object (OpenAI's `response_format` `json_object`).
 
-`advance` is a byte-level recognizer of RFC 8259 JSON whose top-level value must be an object: objects,
-arrays, strings with their escapes (`\\uXXXX` included: any four hex digits, as the RFC's grammar and
-`json.loads` take them), numbers in the RFC's exact grammar (`-0.5e+3`; no `01`, `.5`, `+1`, `1.`),
-`true`/`false`/`null` and whitespace. It works on bytes, as a byte-level BPE token may hold part of a
-UTF-8 character: inside strings it takes only well-formed UTF-8 (no overlong forms, surrogates or code
-points past U+10FFFF; the continuation bytes still due are part of the state) and no raw control bytes
-(< 0x20). Two bounds keep a model from looping: at most `whitespace_limit(depth)` whitespace bytes in a
-row outside strings, a CR LF and 4 spaces of indentation for each container open (pretty-printed JSON
-passes; 2 before the object), and at most MAX_DEPTH nested objects and arrays. Whitespace may come before the object, none after it.
+`advance` is a byte-level recognizer of RFC 8259 JSON whose top-level value must be an object: objects, arrays,
+strings with their escapes (`\\uXXXX`: any four hex digits, but a surrogate only as a pair, the high half's escape
+followed by the low half's, as I-JSON (RFC 7493) asks and Pydantic's reader takes them), numbers in the RFC's exact
+grammar (`-0.5e+3`; no `01`, `.5`, `+1`, `1.`), `true`/`false`/`null` and whitespace. It works on bytes, as a
+byte-level BPE token may hold part of a UTF-8 character: inside strings it takes only well-formed UTF-8 (no overlong
+forms, surrogates or code points past U+10FFFF; the continuation bytes still due are part of the state) and no raw
+control bytes (< 0x20). Two bounds keep a model from looping: at most `whitespace_limit(depth)` whitespace bytes in
+a row outside strings, a CR LF and 4 spaces of indentation for each container open (pretty-printed JSON passes; 2
+before the object), and at most MAX_DEPTH nested objects and arrays. Whitespace may come before the object, none
+after it.
 
 A state is a hashable tuple (mode, detail, open containers as a str of "{" and "[", whitespace bytes in a
 row); None is a rejected prefix.
@@ -51,6 +52,25 @@ UTF8_NEXT = (0, 0, 1, 1, 1, 2, 2, 2)  # u after one more continuation byte
 # surrogates), EE-EF, F0 (no overlong), F1-F3, F4 (not past U+10FFFF)
 UTF8_LEAD = bytes(1 if 0xC2 <= b <= 0xDF else 3 if b == 0xE0 else 4 if b == 0xED else 2 if 0xE1 <= b <= 0xEF
                   else 6 if b == 0xF0 else 5 if 0xF1 <= b <= 0xF3 else 7 if b == 0xF4 else 0 for b in range(256))
+
+# the detail of a UNICODE state: 16 * (1 for a key) + the phase of a \\u escape; UNICODE_NEXT[phase] maps each byte
+# taken to the next phase (-1: the escape ends). A high surrogate's escape goes on with a low one's, read as one escape
+# (`\\ud83d\\ude00`), and a low one never comes alone: strict readers (Pydantic's jiter, serde_json) refuse a lone one
+U_FIRST, U_SECOND, U_THIRD, U_FOURTH, U_D, U_HIGH_THIRD, U_HIGH_FOURTH, U_BACKSLASH, U_U, U_LOW_D, U_LOW_SECOND = \
+    range(11)
+UNICODE_NEXT = (
+    {**dict.fromkeys(HEX, U_SECOND), **dict.fromkeys(b"dD", U_D)},
+    dict.fromkeys(HEX, U_THIRD),
+    dict.fromkeys(HEX, U_FOURTH),
+    dict.fromkeys(HEX, -1),
+    {**dict.fromkeys(b"01234567", U_THIRD), **dict.fromkeys(b"89abAB", U_HIGH_THIRD)},  # not c-f: a low half alone
+    dict.fromkeys(HEX, U_HIGH_FOURTH),
+    dict.fromkeys(HEX, U_BACKSLASH),
+    {0x5C: U_U},
+    {0x75: U_LOW_D},
+    dict.fromkeys(b"dD", U_LOW_SECOND),
+    dict.fromkeys(b"cdefCDEF", U_THIRD),
+)
 
 # the detail of a NUMBER state: where in -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)? it stands
 MINUS, ZERO, INT, DOT, FRAC, EXP, EXP_SIGN, EXP_INT = range(8)
@@ -148,11 +168,13 @@ def advance(state, byte: int):
     if mode == ESCAPE:
         if byte in SIMPLE_ESCAPES:
             return (STRING, detail, stack, 0)
-        return (UNICODE, 4 * detail // 8, stack, 0) if byte == 0x75 else None
+        return (UNICODE, 2 * detail, stack, 0) if byte == 0x75 else None
     if mode == UNICODE:
-        if byte not in HEX:
+        phase = detail & 15
+        after = UNICODE_NEXT[phase].get(byte)
+        if after is None:
             return None
-        return (STRING, 8 * (detail // 4), stack, 0) if detail % 4 == 3 else (UNICODE, detail + 1, stack, 0)
+        return (STRING, (detail >> 4) << 3, stack, 0) if after < 0 else (UNICODE, detail - phase + after, stack, 0)
     if mode == LITERAL:
         if byte != detail[0]:
             return None

@@ -486,7 +486,8 @@ class Schema:
 
     def _bounded(self, frames, next_, lexical, byte, closed) -> list:
         """A string value with a length in code points, as json.loads counts them: a character, raw or escaped, is
-        one, and so is a \\u escape of a surrogate pair (the low one is not counted) or of a lone surrogate.
+        one, and so is a \\u escape of a surrogate pair (the high half is counted, the low one not; the lexical
+        state holds the pair together).
         `next_` is (BOUNDED, alternative, characters so far, whether the last was a high surrogate's \\u escape,
         the hex digits of the \\u escape being read)."""
         _, a, count, high, digits = next_
@@ -498,13 +499,15 @@ class Schema:
         if mode == jm.STRING:
             if lexical[1] & 7:  # a UTF-8 continuation byte
                 return [(frames, next_)]
-            if byte == 0x5C:  # counted where the escape ends; a full string may still take a low surrogate
-                return [(frames, next_)] if room or high else []
+            if byte == 0x5C:  # counted where the escape ends
+                return [(frames, next_)] if room else []
             return [(frames, (BOUNDED, a, count + 1, False, ""))] if room else []
         if mode == jm.ESCAPE:
             if byte == 0x75:
                 return [(frames, next_)]
             return [(frames, (BOUNDED, a, count + 1, False, ""))] if room else []
+        if lexical[1] & 15 in (jm.U_BACKSLASH, jm.U_U):  # the \\u of a pair's low half
+            return [(frames, next_)]
         digits += chr(byte).lower()  # UNICODE
         if not room and not (high and "dc00"[:len(digits)] <= digits <= "dfff"):
             return []  # full: only the low half of a pair may come
