@@ -174,6 +174,7 @@ def test_top_level_values_of_any_type_enums_consts_and_recursion():
     ({"items": [{}]}, "items at # must be one schema"),
     ({"properties": {"a": {}}, "additionalProperties": {"type": "string"}}, "additionalProperties as a schema"),
     ([1], "a JSON schema must be an object or true/false, got list"),
+    (dict, "a JSON schema must be an object or true/false, got the class dict, not a Pydantic model"),
     ({"const": float("nan")}, "a JSON schema must be JSON"),
     ({"$defs": {f"a{i}": {"$ref": f"#/$defs/a{i + 1}"} for i in range(200)}, "$ref": "#/$defs/a0"},
      "the schema nests more than 100 levels at #/$defs/a99"),

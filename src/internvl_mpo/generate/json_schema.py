@@ -614,7 +614,9 @@ def compile_schema(schema) -> Schema:
     if callable(getattr(schema, "model_json_schema", None)):  # a Pydantic model class (or instance): its schema
         schema = schema.model_json_schema()
     if not isinstance(schema, (dict, bool)):
-        raise SchemaError(f"a JSON schema must be an object or true/false, got {type(schema).__name__}")
+        shown = f"the class {schema.__name__}, not a Pydantic model" if isinstance(schema, type) else \
+            type(schema).__name__
+        raise SchemaError(f"a JSON schema must be an object or true/false, got {shown}")
     try:
         canonical = json.dumps(schema, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as e:
