@@ -144,6 +144,12 @@ def test_top_level_values_of_any_type_enums_consts_and_recursion():
     linked = {"type": "object", "properties": {"next": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
               "required": ["next"]}
     assert complete(linked, b'{"next":{"next":null}}')
+    # a $ref may point anywhere in the schema, as zod-to-json-schema's refs to a schema used before
+    shared = {"type": "object", "required": ["a", "b", "c", "f"], "properties": {
+        "a": {"enum": ["x", "y"]}, "b": {"$ref": "#/properties/a"}, "d/e": {"type": "boolean"},
+        "c": {"anyOf": [{"type": "null"}, {"$ref": "#/properties/c/anyOf/0"}]}, "f": {"$ref": "#/properties/d~1e"}}}
+    assert complete(shared, b'{"a":"x","b":"y","c":null,"f":true}') and refused_at(shared, b'{"a":"x","b":"z') == 14
+    assert refused_at(shared, b'{"a":"x","b":"y","c":null,"f":1') == 30
     any_object = {"type": "object"}
     assert complete(any_object, b'{"x":[1,{"y":"z"}],"x":null}')
     assert complete({"type": "object", "additionalProperties": {"type": "integer"}}, b'{"a":1,"b":2}')
@@ -165,6 +171,7 @@ def test_top_level_values_of_any_type_enums_consts_and_recursion():
     ({"type": "strin"}, "type at # must be one of object, array"),
     ({"properties": {"a/b": {"$ref": "#/$defs/x"}}}, "$ref \"#/$defs/x\" at #/properties/a~1b/$ref points to nothing"),
     ({"$ref": "other.json#/x"}, "$ref at #/$ref must be '#'"),
+    ({"$ref": "#/anyOf/1"}, "$ref \"#/anyOf/1\" at #/$ref points to nothing"),
     ({"properties": {"a": {}}, "required": ["b"]}, 'required at # names "b", which is not in its properties'),
     ({"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}, "no JSON value within 32 levels"),
     ({"allOf": [{}, {}]}, "allOf of more than one schema at # is not supported"),

@@ -6,9 +6,10 @@ schema as compact JSON, keys in their order: the properties' order is the order 
 subset taken, and the rest refused with a `SchemaError` naming the keyword and its JSON pointer in the schema:
 `type` (one or a list), `properties`, `required`, `additionalProperties`, `items` (one schema), `minItems`,
 `maxItems`, `minLength`, `maxLength` (code points, as json.loads reads the string), `enum`, `const`, `anyOf`,
-`oneOf` (taken as anyOf), `allOf` of one schema, `$ref` to `#`, `#/$defs/...` or `#/definitions/...`
-(recursion allowed), and the annotations `description`, `title`, `default`, `examples`, `deprecated`, `readOnly`,
-`writeOnly`, `$schema`, `$comment` and `discriminator` (OpenAPI's, as Pydantic writes it), which are ignored.
+`oneOf` (taken as anyOf), `allOf` of one schema, `$ref` to `#` or a JSON pointer into the schema (`#/$defs/...`,
+`#/properties/...`; recursion allowed), and the annotations `description`, `title`, `default`, `examples`,
+`deprecated`, `readOnly`, `writeOnly`, `$schema`, `$comment` and `discriminator` (OpenAPI's, as Pydantic writes it),
+which are ignored.
 Without `type`, a schema with object keywords (properties, required, additionalProperties) is an object, one
 with array keywords an array and one with string keywords a string. An object with
 `properties` has only those keys, in the schema's order, each at most once, the optional ones may be left out
@@ -183,14 +184,18 @@ class Schema:
         return sid
 
     def _ref(self, ref, path: str) -> int:
-        if not isinstance(ref, str) or not (ref == "#" or ref.startswith(("#/$defs/", "#/definitions/"))):
-            raise SchemaError(f"$ref at {path} must be '#', '#/$defs/...' or '#/definitions/...', got {_short(ref)}")
+        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+            raise SchemaError(f"$ref at {path} must be '#' or a JSON pointer into this schema ('#/$defs/...'), got "
+                              f"{_short(ref)}")
         target = self._document
         for part in ref[2:].split("/") if ref != "#" else ():
             part = part.replace("~1", "/").replace("~0", "~")
-            if not isinstance(target, dict) or part not in target:
+            if isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                target = target[int(part)]
+            elif isinstance(target, dict) and part in target:
+                target = target[part]
+            else:
                 raise SchemaError(f"$ref {_short(ref)} at {path} points to nothing")
-            target = target[part]
         return self._compile(target, ref)
 
     def _typed(self, schema: dict, path: str) -> tuple[int, ...]:
