@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import random
 
 import jsonschema
@@ -161,8 +162,52 @@ def test_top_level_values_of_any_type_enums_consts_and_recursion():
                     b'{"a":"x"}')
 
 
+def test_number_bounds_refuse_at_the_first_byte_no_value_in_range_begins_with():
+    """minimum/maximum/exclusiveMinimum/exclusiveMaximum (numbers, draft 2020-12) are exact: a prefix is taken only
+    where some value in range completes it (exponents included), a '-' begins a negative value (no -0), and every
+    int or float json.dumps writes is taken exactly where jsonschema validates it."""
+    age = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 5}}, "required": ["n"]}
+    assert refused_at(age, b'{"n": 6}') == 6 and complete(age, b'{"n": 5}') and refused_at(age, b'{"n": 5') is None
+    assert refused_at(age, b'{"n": 50') == 7 and complete(age, b'{"n": -123}')
+    assert refused_at({"type": "integer", "minimum": 0}, b"-") == 0
+    assert refused_at({"type": "integer", "maximum": 9}, b"10") == 1
+    assert refused_at({"type": "integer", "minimum": 0}, b"0") is None and not complete({"minimum": 1}, b"0")
+    assert refused_at({"type": "integer", "minimum": 100}, b"9") is None  # 9xx
+    assert refused_at({"type": "integer", "minimum": 100, "maximum": 150}, b"16") == 1
+    assert refused_at({"type": "integer", "maximum": 0}, b"-0") == 1  # no -0
+    positive = {"type": "number", "exclusiveMinimum": 0, "maximum": 5}
+    for text in (b"0.5", b"5", b"5.000", b"5e0", b"0.5e1", b"50e-1", b"1E-300", b"4.999999"):
+        assert complete(positive, text), text
+    for text, at in ((b"[0]", 2), (b"[0.0e", 4), (b"[5.0001]", 7), (b"[5.0001e-1]", None), (b"[5e1", 3),
+                     (b"[6]", 2), (b"[-", 1), (b"[0.5e2", 5), (b"[0.5e+2", 6), (b"[50e+", 4), (b"[50e-00", None)):
+        assert refused_at({"items": positive}, text) == at, text
+    assert not complete(positive, b"0") and not complete(positive, b"0.000") and not complete(positive, b"0e5")
+    big = {"type": "number", "minimum": 1e21, "exclusiveMaximum": 1.5e21}
+    assert complete(big, json.dumps(1e21).encode()) and complete(big, b"1400000000000000000000.5")
+    assert refused_at(big, b"1.5") == 2 and refused_at(big, b"2") == 0 and refused_at(big, b"1e2") is None
+    negative = {"type": "number", "minimum": -0.25, "exclusiveMaximum": 0}
+    assert complete(negative, b"-0.25") and complete(negative, b"-2.5e-1") and complete(negative, b"-1e-99")
+    assert refused_at({"items": negative}, b"[-0.26]") == 6 and refused_at({"items": negative}, b"[-0.0e") == 5
+    assert not complete(negative, b"-0") and not complete(negative, b"-0.0")
+    assert refused_at(negative, b"0") == 0 and refused_at(negative, b"-1") is None  # -1e-1
+    rng = random.Random(3)
+    for _ in range(300):
+        schema = random_bounds(rng, rng.choice(["integer", "number"]))
+        checker = jsonschema.Draft202012Validator(schema)
+        low = schema.get("minimum", schema.get("exclusiveMinimum", -100))
+        values = [random_in_bounds(rng, schema) for _ in range(3)] + [rng.choice([-1, 1]) * rng.randrange(10**6)]
+        values += [low, low - 1, low + 0.5, -low, low * 10, rng.uniform(-200, 200), 1e22, -3e-7, 0]
+        for value in values:
+            text = json.dumps(value).encode()
+            written = schema["type"] == "number" or isinstance(value, int)  # an integer has no fraction or exponent
+            assert complete(schema, text) == (written and checker.is_valid(value)), (schema, value)
+
+
 @pytest.mark.parametrize("schema, message", [
-    ({"type": "integer", "minimum": 2}, 'the keyword "minimum" at # is not supported'),
+    ({"type": "integer", "multipleOf": 2}, 'the keyword "multipleOf" at # is not supported'),
+    ({"type": "integer", "exclusiveMinimum": True}, "exclusiveMinimum at # must be a number (draft 2020-12), got true"),
+    ({"type": "integer", "minimum": 1.2, "maximum": 1.8}, "no integer at # is within its bounds"),
+    ({"exclusiveMinimum": 1, "maximum": 1}, "no number at # is within its bounds"),
     ({"type": "string", "minLength": 3, "maxLength": 2}, "minLength at # is above its maxLength"),
     ({"maxLength": -1}, "maxLength at # must be a whole number >= 0, got -1"),
     ({"properties": {"a": {"type": "string", "pattern": "x"}}}, 'the keyword "pattern" at #/properties/a is not'),
@@ -261,6 +306,8 @@ def random_schema(rng: random.Random, depth: int = 0, defs: bool = True) -> dict
     if kind == "string" and rng.random() < 0.5:
         low = rng.randrange(3)
         return {"type": "string", "minLength": low, "maxLength": low + rng.randrange(3)}
+    if kind in ("integer", "number") and rng.random() < 0.5:
+        return random_bounds(rng, kind)
     if kind in ("string", "integer", "number", "boolean", "null"):
         return {"type": kind, "description": "x"}
     if kind in ("enum", "const"):
@@ -287,6 +334,33 @@ def random_schema(rng: random.Random, depth: int = 0, defs: bool = True) -> dict
     if kind == "ref":
         return {"$ref": "#/$defs/item"}
     return {kind: [random_schema(rng, depth + 1, defs) for _ in range(rng.randrange(1, 3))]}
+
+
+def random_bounds(rng: random.Random, kind: str) -> dict:
+    """An integer or number schema with one or two bounds, inclusive or exclusive, that some value meets."""
+    low = rng.choice([-30, -1.5, 0, 0.25, 3, 120, 1e20] if kind == "number" else [-30, -1, 0, 1, 7, 10**20])
+    high = low + rng.choice([0, 0.5, 2, 99, 1e21] if kind == "number" else [0, 2, 9, 1000])
+    schema = {"type": kind}
+    if rng.random() < 0.8:
+        schema["exclusiveMinimum" if rng.random() < 0.3 and high != low else "minimum"] = low
+    if rng.random() < 0.8 or len(schema) == 1:
+        schema["exclusiveMaximum" if rng.random() < 0.3 and high - low > 1 else "maximum"] = high
+    return schema
+
+
+def random_in_bounds(rng: random.Random, schema: dict):
+    """A random value the bounded integer or number schema takes (its bounds, values between, near or far)."""
+    low = schema.get("minimum", schema.get("exclusiveMinimum"))
+    high = schema.get("maximum", schema.get("exclusiveMaximum"))
+    low = high - 50 - abs(high) if low is None else low
+    high = low + 50 + abs(low) if high is None else high
+    checker = jsonschema.Draft202012Validator(schema)
+    if schema["type"] == "integer":
+        low, high = math.ceil(low), math.floor(high)
+        candidates = [low, high, low + 1, high - 1, rng.randint(low, high)]
+    else:
+        candidates = [low, high, rng.uniform(low, high), round(rng.uniform(low, high), 2), low + (high - low) * 1e-9]
+    return rng.choice([v for v in candidates if checker.is_valid(v)])
 
 
 def with_defs(rng: random.Random) -> dict:
@@ -316,6 +390,8 @@ def random_value(rng: random.Random, schema: dict, root: dict, depth: int = 0):
     if kind == "string":
         count = rng.randint(schema.get("minLength", 0), schema.get("maxLength", 4))
         return "".join(rng.choice('ab"\\\n\t猫é😀 /\x7f') for _ in range(count))
+    if kind in ("integer", "number") and any(key in schema for key in js.NUMBER_KEYS):
+        return random_in_bounds(rng, schema)
     if kind == "integer":
         return rng.choice([0, -7, 12345, 10**20])
     if kind == "number":

@@ -5,18 +5,22 @@ outputs, vLLM's `guided_json`), on top of JSON mode's recognizer (json_mode.py).
 schema as compact JSON, keys in their order: the properties' order is the order they are generated in). The
 subset taken, and the rest refused with a `SchemaError` naming the keyword and its JSON pointer in the schema:
 `type` (one or a list), `properties`, `required`, `additionalProperties`, `items` (one schema), `minItems`,
-`maxItems`, `minLength`, `maxLength` (code points, as json.loads reads the string), `enum`, `const`, `anyOf`,
+`maxItems`, `minLength`, `maxLength` (code points, as json.loads reads the string), `minimum`, `maximum`,
+`exclusiveMinimum`, `exclusiveMaximum` (numbers, as in draft 2020-12; exact on the decimal written), `enum`, `const`,
+`anyOf`,
 `oneOf` (taken as anyOf), `allOf` of one schema, `$ref` to `#` or a JSON pointer into the schema (`#/$defs/...`,
 `#/properties/...`; recursion allowed), and the annotations `description`, `title`, `default`, `examples`,
 `deprecated`, `readOnly`, `writeOnly`, `$schema`, `$comment` and `discriminator` (OpenAPI's, as Pydantic writes it),
 which are ignored.
 Without `type`, a schema with object keywords (properties, required, additionalProperties) is an object, one
-with array keywords an array and one with string keywords a string. An object with
+with array keywords an array, one with string keywords a string and one with number bounds a number. An object with
 `properties` has only those keys, in the schema's order, each at most once, the optional ones may be left out
 (`additionalProperties` absent or true lets the output have none other, as OpenAI's strict mode and xgrammar's
 default); one without `properties` may have any keys, with values of its `additionalProperties` schema (any
 JSON value when absent or true; none when false). An integer is written without a fraction or exponent; an
-`enum`/`const` number as json.dumps writes it; an enum string in any JSON spelling of it.
+`enum`/`const` number as json.dumps writes it; an enum string in any JSON spelling of it. A bounded number's
+digits (exponent included) are taken only while some number within its bounds begins with them (worked out in
+fractions, an exponent never raised to a power), and a '-' begins a negative number there (no -0).
 
 A state is (the json_mode state, a frozenset of threads): the lexical state is JSON mode's (the top-level
 value may be of any type), and each thread is one way the schema may still accept the bytes so far, as (open
@@ -32,7 +36,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import OrderedDict
+from fractions import Fraction
 from functools import lru_cache
 
 import numpy
@@ -50,13 +56,14 @@ ANNOTATIONS = frozenset(("description", "title", "default", "examples", "depreca
 OBJECT_KEYS = ("properties", "required", "additionalProperties")
 ARRAY_KEYS = ("items", "minItems", "maxItems")
 STRING_KEYS = ("minLength", "maxLength")
+NUMBER_KEYS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 KNOWN = ANNOTATIONS | frozenset(("type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs",
-                                 "definitions") + OBJECT_KEYS + ARRAY_KEYS + STRING_KEYS)
+                                 "definitions") + OBJECT_KEYS + ARRAY_KEYS + STRING_KEYS + NUMBER_KEYS)
 INFINITE = math.inf
 
 # what comes next in a thread (the first item of its `next` tuple)
-VALUE, KEY0, KEY, COLON, ITEM0, AFTER, LITERAL, FREE, BOUNDED, NUMBER, NUMBER_LITERAL, WORD, END = range(13)
+VALUE, KEY0, KEY, COLON, ITEM0, AFTER, LITERAL, FREE, BOUNDED, NUMBER, NUMBER_LITERAL, WORD, END, RANGE = range(14)
 # frames of open containers: (OBJECT, alternative, index of the last property given or -1) and
 # (ARRAY, alternative, values begun)
 OBJECT, ARRAY = 0, 1
@@ -84,6 +91,9 @@ class _Alternative:
         self.items: int | None = None  # the schema of the items after them; None: no more
         self.min_items, self.max_items = 0, INFINITE
         self.min_length, self.max_length = 0, INFINITE  # a string's, in code points
+        # a number's or integer's bounds, each None or (a Fraction, whether it is excluded); an integer's inclusive
+        self.lower: tuple | None = None
+        self.upper: tuple | None = None
         self.depth = INFINITE  # the fewest containers open in a value it takes (0 for a scalar)
         for name, value in fields.items():
             setattr(self, name, value)
@@ -203,7 +213,8 @@ class Schema:
         if kinds is None:
             kinds = ["object"] if any(k in schema for k in OBJECT_KEYS) else \
                 ["array"] if any(k in schema for k in ARRAY_KEYS) else \
-                ["string"] if any(k in schema for k in STRING_KEYS) else list(TYPES)
+                ["string"] if any(k in schema for k in STRING_KEYS) else \
+                ["number"] if any(k in schema for k in NUMBER_KEYS) else list(TYPES)
         elif isinstance(kinds, str):
             kinds = [kinds]
         if not isinstance(kinds, list) or not kinds or any(k not in TYPES for k in kinds):
@@ -224,6 +235,8 @@ class Schema:
             elif kind == "string":
                 low, high = _bounds(schema, STRING_KEYS, path)
                 found.append(self._alternative("string", min_length=low, max_length=high))
+            elif kind in ("number", "integer"):
+                found.append(self._alternative(kind, **_number_bounds(schema, kind, path)))
             else:
                 found.append(self._alternative(kind))
         return tuple(found)
@@ -360,7 +373,8 @@ class Schema:
             return any(next_[0] == END for _, next_ in threads)
         if lexical[0] != jm.NUMBER or lexical[2] or lexical[1] not in jm.NUMBER_ENDS:
             return False
-        return any(next_[0] == NUMBER or next_[0] == NUMBER_LITERAL and next_[2] in map(len, next_[1])
+        return any(next_[0] == NUMBER or next_[0] == NUMBER_LITERAL and next_[2] in map(len, next_[1]) or
+                   next_[0] == RANGE and _in_range(self.alternatives[next_[1]], next_[2], True)
                    for _, next_ in threads)
 
     def string_room(self, state) -> float | None:
@@ -387,14 +401,21 @@ class Schema:
             return self._bounded(frames, next_, lexical, byte, closed)
         if kind == VALUE:
             return self._start(frames, next_[1], byte)
-        if kind == NUMBER or kind == NUMBER_LITERAL:
+        if kind == NUMBER or kind == NUMBER_LITERAL or kind == RANGE:
             if after[0] == jm.NUMBER:
                 if kind == NUMBER:
                     return [] if next_[1] and byte in b".eE" else [(frames, next_)]
+                if kind == RANGE:
+                    alternative, text = self.alternatives[next_[1]], next_[2] + bytes((byte,))
+                    if alternative.kind == "integer" and byte in b".eE" or not _in_range(alternative, text):
+                        return []
+                    return [(frames, (RANGE, next_[1], text))]
                 _, targets, position = next_
                 kept = tuple(t for t in targets if len(t) > position and t[position] == byte)
                 return [(frames, (NUMBER_LITERAL, kept, position + 1))] if kept else []
             if kind == NUMBER_LITERAL and next_[2] not in map(len, next_[1]):
+                return []
+            if kind == RANGE and not _in_range(self.alternatives[next_[1]], next_[2], True):
                 return []
             if byte in jm.WHITESPACE:  # the number ended: the byte is the first after it
                 return self._done(frames)
@@ -450,7 +471,10 @@ class Schema:
                 if kind == "array":
                     found.append((frames + ((ARRAY, a, 0),), (ITEM0,)))
             elif byte == 0x2D or 0x30 <= byte <= 0x39:
-                if kind == "number" or kind == "integer":
+                if (kind == "number" or kind == "integer") and (alternative.lower or alternative.upper):
+                    if _in_range(alternative, bytes((byte,))):
+                        found.append((frames, (RANGE, a, bytes((byte,)))))
+                elif kind == "number" or kind == "integer":
                     found.append((frames, (NUMBER, kind == "integer")))
                 elif kind == "numbers":
                     kept = tuple(t for t in alternative.targets if t[0] == byte)
@@ -580,6 +604,138 @@ def _bounds(schema: dict, keys: tuple[str, str], path: str) -> tuple:
     if low > high:
         raise SchemaError(f"{keys[0]} at {path} is above its {keys[1]}")
     return low, high
+
+
+def _number_bounds(schema: dict, kind: str, path: str) -> dict:
+    """The `lower` and `upper` bounds of a number or integer (draft 2020-12: exclusiveMinimum/Maximum are numbers),
+    the tighter of two on one side; an integer's made inclusive whole numbers."""
+    bounds = {"lower": None, "upper": None}
+    for key in NUMBER_KEYS:
+        if key not in schema:
+            continue
+        value = schema[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SchemaError(f"{key} at {path} must be a number (draft 2020-12), got {_short(value)}")
+        bound = (Fraction(repr(value)) if isinstance(value, float) else Fraction(value), key.startswith("exclusive"))
+        side = "lower" if "Min" in key or key == "minimum" else "upper"
+        bounds[side] = (_tighter_lower if side == "lower" else _tighter_upper)(bounds[side], bound)
+    if kind == "integer":
+        if bounds["lower"]:
+            value, open_ = bounds["lower"]
+            bounds["lower"] = (Fraction(math.floor(value) + 1 if open_ else math.ceil(value)), False)
+        if bounds["upper"]:
+            value, open_ = bounds["upper"]
+            bounds["upper"] = (Fraction(math.ceil(value) - 1 if open_ else math.floor(value)), False)
+    if not _meets(bounds["lower"], bounds["upper"]):
+        raise SchemaError(f"no {'integer' if kind == 'integer' else 'number'} at {path} is within its bounds "
+                          f"(minimum/maximum)")
+    return bounds
+
+
+def _tighter_lower(a, b):
+    if a is None or b is None:
+        return a or b
+    return max(a, b, key=lambda bound: (bound[0], bound[1]))
+
+
+def _tighter_upper(a, b):
+    if a is None or b is None:
+        return a or b
+    return min(a, b, key=lambda bound: (bound[0], not bound[1]))
+
+
+def _meets(lower, upper) -> bool:
+    """Whether some number lies between the bounds (each None or (value, excluded))."""
+    return lower is None or upper is None or lower[0] < upper[0] or \
+        lower[0] == upper[0] and not lower[1] and not upper[1]
+
+
+def _mirrored(bound):
+    return None if bound is None else (-bound[0], bound[1])
+
+
+def _floor_log10(q: Fraction) -> int:
+    """The largest e with 10**e <= q (q > 0)."""
+    e = len(str(q.numerator)) - len(str(q.denominator))
+    while Fraction(10) ** e > q:
+        e -= 1
+    while Fraction(10) ** (e + 1) <= q:
+        e += 1
+    return e
+
+
+def _naturals(digits: bytes, whole: bool, low, high) -> bool:
+    """Whether a whole number >= 0 written beginning with `digits` (exactly them if `whole`; any for none) lies in
+    low..high (ints, None: no bound)."""
+    low = 0 if low is None else max(low, 0)
+    if whole:
+        return low <= int(digits) and (high is None or int(digits) <= high)
+    if not digits or high is None:
+        return high is None or low <= high
+    first, scale = int(digits), 1
+    while first * scale <= high:  # the numbers of len(digits) + k digits: first * 10**k to (first + 1) * 10**k - 1
+        if (first + 1) * scale - 1 >= low:
+            return True
+        scale *= 10
+    return False
+
+
+NUMBER_PARTS = re.compile(rb"(-?)([0-9]*)(\.?)([0-9]*)(?:[eE]([+-]?)([0-9]*))?")
+
+
+def _in_range(alternative: _Alternative, text: bytes, whole: bool = False) -> bool:
+    """Whether `text`, a JSON number or its beginning (the lexical state has checked its grammar), is (`whole`) or
+    begins a number within the alternative's bounds: exactly, in fractions, an exponent never raised to a power. A
+    '-' begins a negative number (a -0 is not taken)."""
+    match = NUMBER_PARTS.fullmatch(text)
+    negative, digits, dot, fraction, exponent_sign, exponent = match.groups()
+    lower, upper = alternative.lower, alternative.upper
+    if negative:  # the magnitude's bounds
+        lower, upper = _mirrored(upper), _mirrored(lower)
+    lower = _tighter_lower(lower, (Fraction(0), bool(negative)))  # a magnitude > 0 after a '-', >= 0 without
+    if alternative.kind == "integer":
+        return _naturals(digits, whole or digits == b"0", math.ceil(lower[0]) + lower[1],
+                         None if upper is None else int(upper[0]))
+    mantissa = Fraction(int(digits + fraction or b"0"), 10 ** len(fraction))
+    if exponent_sign is None and (whole or mantissa == 0 and (dot or digits == b"0")):
+        if whole:  # no exponent: the value itself
+            return _meets(_tighter_lower(lower, (mantissa, False)), _tighter_upper(upper, (mantissa, False)))
+        return _meets(lower, upper)  # 0 or 0.00...: any magnitude >= 0 follows (0.5e3)
+    if exponent_sign is None:
+        if not digits:  # a '-' alone
+            return _meets(lower, upper)
+        # magnitudes of the mantissa's completions, [low, high), times 10**e for any e
+        low, high = (mantissa, mantissa + Fraction(1, 10 ** len(fraction))) if dot else (mantissa, mantissa + 1)
+        if upper is None:
+            return True
+        if upper[0] <= 0:
+            return False
+        scale = _floor_log10(upper[0] / low)  # the largest e with low * 10**e <= upper (or <)
+        if upper[1] and low * Fraction(10) ** scale == upper[0]:
+            scale -= 1
+        return _meets(_tighter_lower(lower, (low * Fraction(10) ** scale, False)),
+                      _tighter_upper(upper, (high * Fraction(10) ** scale, True)))
+    if mantissa == 0:
+        return _meets(_tighter_lower(lower, (mantissa, False)), _tighter_upper(upper, (mantissa, False)))
+    # mantissa * 10**e within the bounds for e from `least` to `most` (None: no bound)
+    least = most = None
+    if lower[0] > 0:
+        least = _floor_log10(lower[0] / mantissa)
+        if not (Fraction(10) ** least == lower[0] / mantissa and not lower[1]):
+            least += 1
+    if upper is not None:
+        if upper[0] <= 0:
+            return False
+        most = _floor_log10(upper[0] / mantissa)
+        if upper[1] and Fraction(10) ** most == upper[0] / mantissa:
+            most -= 1
+    if least is not None and most is not None and least > most:
+        return False
+    if not exponent_sign and not exponent:
+        return True  # any e may follow
+    if exponent_sign == b"-":
+        least, most = None if most is None else -most, None if least is None else -least
+    return _naturals(exponent.lstrip(b"0") or (exponent if whole else b""), whole, least, most)
 
 
 def _type_of(value) -> str:
