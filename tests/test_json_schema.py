@@ -5,10 +5,12 @@ through the engine, the chat API and the server's request parsing."""
 from __future__ import annotations
 
 import copy
+import datetime
 import itertools
 import json
 import math
 import random
+import uuid
 
 import jsonschema
 import numpy
@@ -190,6 +192,10 @@ def test_number_bounds_refuse_at_the_first_byte_no_value_in_range_begins_with():
     assert refused_at({"items": negative}, b"[-0.26]") == 6 and refused_at({"items": negative}, b"[-0.0e") == 5
     assert not complete(negative, b"-0") and not complete(negative, b"-0.0")
     assert refused_at(negative, b"0") == 0 and refused_at(negative, b"-1") is None  # -1e-1
+    # as a double reads the digits: 1e-400 is 0.0, and 4.99999999999999999 is 5.0
+    assert refused_at({"items": positive}, b"[1e-400]") == 6 and complete(positive, b"5e-324")
+    assert refused_at({"items": {"exclusiveMaximum": 5}}, b"[4.99999999999999999]") == 20
+    assert complete({"exclusiveMaximum": 5}, b"4.9999999999999991")
     rng = random.Random(3)
     for _ in range(300):
         schema = random_bounds(rng, rng.choice(["integer", "number"]))
@@ -203,6 +209,58 @@ def test_number_bounds_refuse_at_the_first_byte_no_value_in_range_begins_with():
             assert complete(schema, text) == (written and checker.is_valid(value)), (schema, value)
 
 
+def validator(schema) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+
+
+def random_formatted(rng: random.Random, name: str) -> str:
+    """A random string of the format, as Python's isoformat() and str(UUID) write them."""
+    moment = datetime.datetime(1, 1, 1) + datetime.timedelta(seconds=rng.randrange(315 * 10**9),
+                                                             microseconds=rng.choice([0, rng.randrange(10**6)]))
+    moment = moment.replace(tzinfo=datetime.timezone(datetime.timedelta(minutes=rng.randrange(-1439, 1440))))
+    if name == "uuid":
+        text = str(uuid.UUID(int=rng.getrandbits(128)))
+        return text.upper() if rng.random() < 0.3 else text
+    text = {"date": moment.date().isoformat(), "time": moment.timetz().isoformat(), "date-time": moment.isoformat()}
+    return text[name].replace("+00:00", "Z") if rng.random() < 0.5 else text[name]
+
+
+def test_formats_take_rfc3339_dates_and_times_and_uuids_only():
+    """format date (real month lengths, February 29 in leap years only), time and date-time (RFC 3339: T, seconds,
+    a fraction of up to 9 digits, Z or an offset) and uuid: each byte is refused where no string of the format
+    begins with the content so far; what completes, the format checker of jsonschema takes."""
+    def refused(name: str, text: bytes):
+        return refused_at({"type": "string", "format": name}, text)
+
+    for name, text, at in [
+        ("date", b'"2024-02-29"', None), ("date", b'"2023-02-29"', 10), ("date", b'"2024-02-30"', 9),
+        ("date", b'"2024-04-31', 10), ("date", b'"2024-13', 7), ("date", b'"2024-00', 7), ("date", b'"0000', 4),
+        ("date", b'"2024-1-', 7), ("date", b'"2024-01-01T', 11), ("date", b'"\\u0032', 1), ("date", b'"2024-01-0"', 10),
+        ("time", b'"23:59:59.123456789+14:00"', None), ("time", b'"24', 2), ("time", b'"23:60', 4),
+        ("time", b'"23:59:60', 7), ("time", b'"12:00:00"', 9), ("time", b'"12:00:00.+', 10), ("time", b'"12:00:00z', 9),
+        ("time", b'"12:00:00.1234567890', 19), ("time", b'"12:00:00+24', 11), ("time", b'"12:00:00+05:60', 13),
+        ("date-time", b'"1999-12-31T23:59:59Z"', None), ("date-time", b'"2024-01-01 12', 11),
+        ("date-time", b'"2024-01-01t', 11), ("date-time", b'"2024-01-01T12:00:00.5-00:00"', None),
+        ("uuid", b'"123e4567-E89B-12d3-a456-426614174000"', None), ("uuid", b'"123e4567e', 9), ("uuid", b'"123g', 4),
+        ("uuid", b'"123e4567-e89b-12d3-a456-4266141740000', 37),
+    ]:
+        assert refused(name, text) == at, (name, text)
+    rng = random.Random(5)
+    for name in js.FORMATS:
+        schema = {"type": "object", "properties": {"at": {"type": "string", "format": name}}, "required": ["at"]}
+        checker = validator(schema)
+        for _ in range(60):
+            value = {"at": random_formatted(rng, name)}
+            assert checker.is_valid(value) and complete(schema, json.dumps(value).encode()), value
+            data = json.dumps(value).encode()
+            for _ in range(10):  # single-byte changes: taken whole only where the format checker takes them
+                at = rng.randrange(7, len(data) - 2)
+                changed = data[:at] + bytes([rng.choice(b"0123456789:-.+TZtzabcdefG ")]) + data[at + rng.randrange(2):]
+                if complete(schema, changed):
+                    assert checker.is_valid(json.loads(changed)), changed
+    assert complete({"format": "uuid"}, b'"00000000-0000-0000-0000-000000000000"')  # a string without type
+
+
 @pytest.mark.parametrize("schema, message", [
     ({"type": "integer", "multipleOf": 2}, 'the keyword "multipleOf" at # is not supported'),
     ({"type": "integer", "exclusiveMinimum": True}, "exclusiveMinimum at # must be a number (draft 2020-12), got true"),
@@ -211,7 +269,9 @@ def test_number_bounds_refuse_at_the_first_byte_no_value_in_range_begins_with():
     ({"type": "string", "minLength": 3, "maxLength": 2}, "minLength at # is above its maxLength"),
     ({"maxLength": -1}, "maxLength at # must be a whole number >= 0, got -1"),
     ({"properties": {"a": {"type": "string", "pattern": "x"}}}, 'the keyword "pattern" at #/properties/a is not'),
-    ({"items": {"format": "date"}}, 'the keyword "format" at #/items is not supported'),
+    ({"items": {"format": "email"}}, 'the format "email" at #/items is not supported (only date, time, date-time, '
+                                     'uuid)'),
+    ({"format": "date", "maxLength": 10}, "format beside minLength/maxLength at # is not supported"),
     ({"anyOf": [{}, {"not": {}}]}, 'the keyword "not" at #/anyOf/1 is not supported'),
     ({"type": "strin"}, "type at # must be one of object, array"),
     ({"properties": {"a/b": {"$ref": "#/$defs/x"}}}, "$ref \"#/$defs/x\" at #/properties/a~1b/$ref points to nothing"),
@@ -303,6 +363,8 @@ def random_schema(rng: random.Random, depth: int = 0, defs: bool = True) -> dict
     kinds = ["string", "integer", "number", "boolean", "null", "enum", "const", "types", "object", "free", "array",
              "anyOf", "oneOf"] + ["ref"] * defs
     kind = rng.choice(kinds[:8] if depth >= 3 else kinds)
+    if kind == "string" and rng.random() < 0.3:
+        return {"type": "string", "format": rng.choice(list(js.FORMATS))}
     if kind == "string" and rng.random() < 0.5:
         low = rng.randrange(3)
         return {"type": "string", "minLength": low, "maxLength": low + rng.randrange(3)}
@@ -387,6 +449,8 @@ def random_value(rng: random.Random, schema: dict, root: dict, depth: int = 0):
         return copy.deepcopy(schema["const"])
     kind = schema.get("type")
     kind = rng.choice(kind) if isinstance(kind, list) else kind
+    if kind == "string" and "format" in schema:
+        return random_formatted(rng, schema["format"])
     if kind == "string":
         count = rng.randint(schema.get("minLength", 0), schema.get("maxLength", 4))
         return "".join(rng.choice('ab"\\\n\t猫é😀 /\x7f') for _ in range(count))
@@ -451,7 +515,7 @@ def test_random_values_of_random_schemas_are_taken_and_whatever_completes_valida
     for _ in range(120):
         schema = with_defs(rng)
         compiled = js.compile_schema(schema)
-        checker = jsonschema.Draft202012Validator(as_anyof(schema))
+        checker = validator(as_anyof(schema))
         for _ in range(4):
             value = random_value(rng, schema, schema)
             assert checker.is_valid(value), (schema, value)
@@ -465,7 +529,7 @@ def test_random_values_of_random_schemas_are_taken_and_whatever_completes_valida
                 if complete(schema, changed):
                     mutated += 1
                     assert checker.is_valid(json.loads(changed)), (schema, changed)
-        alphabet = bytes(sorted(set(b'{}[]":, \n0123456789abcdefABCDEF-.trulsn\\u\xc3\xa9') |
+        alphabet = bytes(sorted(set(b'{}[]":, \n0123456789abcdefABCDEF-.trulsn\\u\xc3\xa9TZ+') |
                                 set(compiled.canonical.encode())))
         for _ in range(3):
             walk = random_walk(rng, compiled, alphabet)

@@ -5,8 +5,9 @@ outputs, vLLM's `guided_json`), on top of JSON mode's recognizer (json_mode.py).
 schema as compact JSON, keys in their order: the properties' order is the order they are generated in). The
 subset taken, and the rest refused with a `SchemaError` naming the keyword and its JSON pointer in the schema:
 `type` (one or a list), `properties`, `required`, `additionalProperties`, `items` (one schema), `minItems`,
-`maxItems`, `minLength`, `maxLength` (code points, as json.loads reads the string), `minimum`, `maximum`,
-`exclusiveMinimum`, `exclusiveMaximum` (numbers, as in draft 2020-12; exact on the decimal written), `enum`, `const`,
+`maxItems`, `minLength`, `maxLength` (code points, as json.loads reads the string), `format` `date`, `time`,
+`date-time` (RFC 3339) and `uuid`, `minimum`, `maximum`,
+`exclusiveMinimum`, `exclusiveMaximum` (numbers, as in draft 2020-12; as a double reads the digits), `enum`, `const`,
 `anyOf`,
 `oneOf` (taken as anyOf), `allOf` of one schema, `$ref` to `#` or a JSON pointer into the schema (`#/$defs/...`,
 `#/properties/...`; recursion allowed), and the annotations `description`, `title`, `default`, `examples`,
@@ -20,7 +21,8 @@ default); one without `properties` may have any keys, with values of its `additi
 JSON value when absent or true; none when false). An integer is written without a fraction or exponent; an
 `enum`/`const` number as json.dumps writes it; an enum string in any JSON spelling of it. A bounded number's
 digits (exponent included) are taken only while some number within its bounds begins with them (worked out in
-fractions, an exponent never raised to a power), and a '-' begins a negative number there (no -0).
+fractions, an exponent never raised to a power), and a '-' begins a negative number there (no -0). A formatted
+string's content is ASCII without escapes, each byte taken while some string of the format begins with them.
 
 A state is (the json_mode state, a frozenset of threads): the lexical state is JSON mode's (the top-level
 value may be of any type), and each thread is one way the schema may still accept the bytes so far, as (open
@@ -34,6 +36,7 @@ whole (those of its tokens within the length left).
 
 from __future__ import annotations
 
+import calendar
 import json
 import math
 import re
@@ -57,13 +60,24 @@ OBJECT_KEYS = ("properties", "required", "additionalProperties")
 ARRAY_KEYS = ("items", "minItems", "maxItems")
 STRING_KEYS = ("minLength", "maxLength")
 NUMBER_KEYS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
+# string formats, each the items of its content: a literal character, (NUMBER, digits, lowest, highest or None for
+# the days of the month given before), (HEX, digits), FRACTION (an optional '.' and 1 to 9 digits) or OFFSET (Z or
+# +hh:mm/-hh:mm); RFC 3339's date, time and date-time (upper-case T and Z) and RFC 4122's uuid
+DIGITS, HEX_DIGITS, FRACTION, OFFSET = "digits", "hex", "fraction", "offset"
+HOURS, MINUTES = (DIGITS, 2, 0, 23), (DIGITS, 2, 0, 59)
+_DATE = ((DIGITS, 4, 1, 9999), "-", (DIGITS, 2, 1, 12), "-", (DIGITS, 2, 1, None))
+_TIME = (HOURS, ":", MINUTES, ":", MINUTES, FRACTION, OFFSET)
+FORMATS = {"date": _DATE, "time": _TIME, "date-time": _DATE + ("T",) + _TIME,
+           "uuid": ((HEX_DIGITS, 8), "-", (HEX_DIGITS, 4), "-", (HEX_DIGITS, 4), "-", (HEX_DIGITS, 4), "-",
+                    (HEX_DIGITS, 12))}
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 KNOWN = ANNOTATIONS | frozenset(("type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs",
-                                 "definitions") + OBJECT_KEYS + ARRAY_KEYS + STRING_KEYS + NUMBER_KEYS)
+                                 "definitions", "format") + OBJECT_KEYS + ARRAY_KEYS + STRING_KEYS + NUMBER_KEYS)
 INFINITE = math.inf
 
 # what comes next in a thread (the first item of its `next` tuple)
-VALUE, KEY0, KEY, COLON, ITEM0, AFTER, LITERAL, FREE, BOUNDED, NUMBER, NUMBER_LITERAL, WORD, END, RANGE = range(14)
+(VALUE, KEY0, KEY, COLON, ITEM0, AFTER, LITERAL, FREE, BOUNDED, NUMBER, NUMBER_LITERAL, WORD, END, RANGE,
+ FORMAT) = range(15)
 # frames of open containers: (OBJECT, alternative, index of the last property given or -1) and
 # (ARRAY, alternative, values begun)
 OBJECT, ARRAY = 0, 1
@@ -91,6 +105,7 @@ class _Alternative:
         self.items: int | None = None  # the schema of the items after them; None: no more
         self.min_items, self.max_items = 0, INFINITE
         self.min_length, self.max_length = 0, INFINITE  # a string's, in code points
+        self.format: str | None = None  # a string's format, a key of FORMATS
         # a number's or integer's bounds, each None or (a Fraction, whether it is excluded); an integer's inclusive
         self.lower: tuple | None = None
         self.upper: tuple | None = None
@@ -213,13 +228,16 @@ class Schema:
         if kinds is None:
             kinds = ["object"] if any(k in schema for k in OBJECT_KEYS) else \
                 ["array"] if any(k in schema for k in ARRAY_KEYS) else \
-                ["string"] if any(k in schema for k in STRING_KEYS) else \
+                ["string"] if any(k in schema for k in STRING_KEYS + ("format",)) else \
                 ["number"] if any(k in schema for k in NUMBER_KEYS) else list(TYPES)
         elif isinstance(kinds, str):
             kinds = [kinds]
         if not isinstance(kinds, list) or not kinds or any(k not in TYPES for k in kinds):
             raise SchemaError(f"type at {path} must be one of {', '.join(TYPES)} or a list of them, "
                               f"got {_short(schema['type'])}")
+        if "format" in schema and schema["format"] not in FORMATS:
+            raise SchemaError(f"the format {_short(schema['format'])} at {path} is not supported (only "
+                              f"{', '.join(FORMATS)})")
         if "integer" in kinds and "number" in kinds:
             kinds = [k for k in kinds if k != "integer"]
         if "enum" in schema or "const" in schema:
@@ -234,7 +252,9 @@ class Schema:
                 found += [self._alternative("true"), self._alternative("false")]
             elif kind == "string":
                 low, high = _bounds(schema, STRING_KEYS, path)
-                found.append(self._alternative("string", min_length=low, max_length=high))
+                if "format" in schema and (low or high < INFINITE):
+                    raise SchemaError(f"format beside minLength/maxLength at {path} is not supported")
+                found.append(self._alternative("string", min_length=low, max_length=high, format=schema.get("format")))
             elif kind in ("number", "integer"):
                 found.append(self._alternative(kind, **_number_bounds(schema, kind, path)))
             else:
@@ -399,6 +419,12 @@ class Schema:
             return self._literal(frames, next_, after, byte, closed)
         if kind == BOUNDED:
             return self._bounded(frames, next_, lexical, byte, closed)
+        if kind == FORMAT:  # the content is ASCII, written without escapes
+            _, a, text = next_
+            if closed:
+                return self._done(frames) if _formatted(self.alternatives[a].format, text)[1] else []
+            text += chr(byte)
+            return [(frames, (FORMAT, a, text))] if _formatted(self.alternatives[a].format, text)[0] else []
         if kind == VALUE:
             return self._start(frames, next_[1], byte)
         if kind == NUMBER or kind == NUMBER_LITERAL or kind == RANGE:
@@ -458,7 +484,9 @@ class Schema:
                 continue
             kind = alternative.kind
             if byte == 0x22:
-                if kind == "string" and (alternative.min_length or alternative.max_length < INFINITE):
+                if kind == "string" and alternative.format:
+                    found.append((frames, (FORMAT, a, "")))
+                elif kind == "string" and (alternative.min_length or alternative.max_length < INFINITE):
                     found.append((frames, (BOUNDED, a, 0, False, "")))
                 elif kind == "string":
                     found.append((frames, (FREE,)))
@@ -606,6 +634,49 @@ def _bounds(schema: dict, keys: tuple[str, str], path: str) -> tuple:
     return low, high
 
 
+def _formatted(name: str, text: str) -> tuple[bool, bool]:
+    """(whether `text` begins a string of the format, whether it is one)."""
+    items, at, values = list(FORMATS[name]), 0, []
+    while items:
+        item = items.pop(0)
+        if at == len(text):
+            return True, False
+        if item == FRACTION:
+            if text[at] != ".":
+                continue
+            digits = len(text[at + 1:]) - len(text[at + 1:].lstrip("0123456789"))
+            if at + 1 + digits == len(text) and digits <= 9:
+                return True, False
+            if not 1 <= digits <= 9:
+                return False, False
+            at += 1 + digits
+        elif item == OFFSET:
+            if text[at] in "+-":
+                items = [HOURS, ":", MINUTES]
+            elif text[at] != "Z":
+                return False, False
+            at += 1
+        elif isinstance(item, str):
+            if text[at] != item:
+                return False, False
+            at += 1
+        else:
+            part = text[at:at + item[1]]
+            if item[0] == HEX_DIGITS:
+                if part.strip("0123456789abcdefABCDEF"):
+                    return False, False
+            else:
+                high = item[3] or calendar.monthrange(*values[:2])[1]
+                missing = item[1] - len(part)
+                if part.strip("0123456789") or int(part + "0" * missing) > high or int(part + "9" * missing) < item[2]:
+                    return False, False
+                values.append(int(part))
+            if len(part) < item[1]:
+                return True, False
+            at += item[1]
+    return at == len(text), at == len(text)
+
+
 def _number_bounds(schema: dict, kind: str, path: str) -> dict:
     """The `lower` and `upper` bounds of a number or integer (draft 2020-12: exclusiveMinimum/Maximum are numbers),
     the tighter of two on one side; an integer's made inclusive whole numbers."""
@@ -616,8 +687,10 @@ def _number_bounds(schema: dict, kind: str, path: str) -> dict:
         value = schema[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SchemaError(f"{key} at {path} must be a number (draft 2020-12), got {_short(value)}")
-        bound = (Fraction(repr(value)) if isinstance(value, float) else Fraction(value), key.startswith("exclusive"))
         side = "lower" if "Min" in key or key == "minimum" else "upper"
+        bound = (Fraction(value), key.startswith("exclusive"))
+        if kind == "number":
+            bound = _as_read(bound, side == "lower", f"{key} at {path}")
         bounds[side] = (_tighter_lower if side == "lower" else _tighter_upper)(bounds[side], bound)
     if kind == "integer":
         if bounds["lower"]:
@@ -630,6 +703,29 @@ def _number_bounds(schema: dict, kind: str, path: str) -> dict:
         raise SchemaError(f"no {'integer' if kind == 'integer' else 'number'} at {path} is within its bounds "
                           f"(minimum/maximum)")
     return bounds
+
+
+def _as_read(bound: tuple, lower: bool, where: str) -> tuple:
+    """A number's bound on the digits written, such that the number also meets it as a reader that takes the digits
+    as a double (json.loads, Pydantic, jsonschema) sees it: the midpoint to the next double, taken as excluded; past
+    2**53, where json.loads reads digits without a fraction or exponent as an exact int, the bound itself too."""
+    value, excluded = bound
+    try:
+        near = float(value)
+    except OverflowError:
+        raise SchemaError(f"{where} is beyond the range of a double") from None
+    # the double nearest the bound on its inner side that a number read may take
+    if lower and (Fraction(near) < value or Fraction(near) == value and excluded):
+        near = math.nextafter(near, math.inf)
+    elif not lower and (Fraction(near) > value or Fraction(near) == value and excluded):
+        near = math.nextafter(near, -math.inf)
+    beyond = math.nextafter(near, -math.inf if lower else math.inf)
+    if math.isinf(near) or math.isinf(beyond):
+        raise SchemaError(f"{where} is beyond the range of a double")
+    read = ((Fraction(near) + Fraction(beyond)) / 2, True)
+    if abs(value) < 2**53:
+        return read
+    return (_tighter_lower if lower else _tighter_upper)(read, bound)
 
 
 def _tighter_lower(a, b):
