@@ -650,7 +650,7 @@ def test_the_server_takes_json_schema_and_guided_json():
         with pytest.raises(ApiError, match='^response_format: the keyword "pattern" at # is not supported') as e:
             parse({**body, "response_format": {"type": "json_schema", "json_schema": bad}}, settings)
         assert e.value.status == 400 and e.value.param == "response_format"
-        with pytest.raises(ApiError, match='^guided_json: the keyword "format" at #/items is not supported'):
+        with pytest.raises(ApiError, match='^guided_json: the format "uri" at #/items is not supported'):
             parse({**body, "guided_json": {"items": {"format": "uri"}}}, settings)
         with pytest.raises(ApiError, match="^response_format json_schema must be an object with a schema"):
             parse({**body, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, settings)
