@@ -261,6 +261,19 @@ def test_formats_take_rfc3339_dates_and_times_and_uuids_only():
     assert complete({"format": "uuid"}, b'"00000000-0000-0000-0000-000000000000"')  # a string without type
 
 
+def test_prefix_items_hold_each_position_to_its_schema_and_the_rest_to_items():
+    """prefixItems (draft 2020-12 tuples): item k takes prefixItems[k], those after it `items` (none for false),
+    within minItems/maxItems, as Pydantic writes a tuple[int, str]."""
+    pair = {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}], "minItems": 2, "maxItems": 2}
+    assert complete(pair, b'[1, "a"]') and refused_at(pair, b'[1]') == 2 and refused_at(pair, b'["a"') == 1
+    assert refused_at(pair, b'[1, 2') == 4 and refused_at(pair, b'[1, "a",') == 7
+    rest = {"prefixItems": [{"const": "x"}], "items": {"type": "boolean"}}
+    assert complete(rest, b'[]') and complete(rest, b'["x", true, false]') and refused_at(rest, b'["x", "x"') == 6
+    closed = {"prefixItems": [{"type": "null"}, {"type": "null"}], "items": False}
+    assert complete(closed, b'[null]') and refused_at(closed, b'[null, null,') == 11
+    assert js.compile_schema({"prefixItems": [{}]}) and refused_at({"prefixItems": [False]}, b"[1") == 1
+
+
 @pytest.mark.parametrize("schema, message", [
     ({"type": "integer", "multipleOf": 2}, 'the keyword "multipleOf" at # is not supported'),
     ({"type": "integer", "exclusiveMinimum": True}, "exclusiveMinimum at # must be a number (draft 2020-12), got true"),
@@ -283,7 +296,9 @@ def test_formats_take_rfc3339_dates_and_times_and_uuids_only():
     ({"type": "integer", "anyOf": [{}]}, "type beside anyOf at # is not supported"),
     ({"enum": []}, "enum at # must be a non-empty list"),
     ({"minItems": 3, "maxItems": 2}, "minItems at # is above its maxItems"),
-    ({"items": [{}]}, "items at # must be one schema"),
+    ({"items": [{}]}, "items at # must be one schema (a list of schemas is draft 4's tuple: write it as prefixItems)"),
+    ({"prefixItems": {}}, "prefixItems at # must be a list of schemas"),
+    ({"type": "array", "uniqueItems": True}, 'the keyword "uniqueItems" at # is not supported'),
     ({"properties": {"a": {}}, "additionalProperties": {"type": "string"}}, "additionalProperties as a schema"),
     ([1], "a JSON schema must be an object or true/false, got list"),
     (dict, "a JSON schema must be an object or true/false, got the class dict, not a Pydantic model"),
@@ -358,6 +373,43 @@ def test_pydantic_schemas_compile_and_take_what_pydantic_writes():
     assert complete(Node, b'{"name":"abc","children":[{"name":""}]}') and refused_at(Node, b'{"name":"abcd') == 12
 
 
+def test_pydantic_bounds_datetimes_uuids_and_tuples_compile_and_take_what_pydantic_writes():
+    """Field(ge=1, le=5), PositiveInt, confloat, an aware datetime, a date, a UUID and a tuple[int, str], as Pydantic
+    and the openai client's strict schema write them: compiled, Pydantic's own dumps taken, out-of-range refused."""
+    pytest.importorskip("pydantic")
+    from pydantic import BaseModel, Field, PositiveInt, confloat
+
+    class Visit(BaseModel):
+        stars: int = Field(ge=1, le=5)
+        count: PositiveInt
+        share: confloat(gt=0, lt=1)
+        at: datetime.datetime
+        day: datetime.date
+        id: uuid.UUID
+        pair: tuple[int, str]
+
+    schemas = [Visit.model_json_schema()]
+    try:
+        from openai.lib._pydantic import to_strict_json_schema
+    except ImportError:
+        pass
+    else:
+        schemas.append(to_strict_json_schema(Visit))
+    rng = random.Random(7)
+    values = [Visit(stars=rng.randint(1, 5), count=rng.randint(1, 10**6), share=rng.random() or 0.5,
+                    at=datetime.datetime.fromisoformat(random_formatted(rng, "date-time")),
+                    day=datetime.date.fromisoformat(random_formatted(rng, "date")),
+                    id=uuid.UUID(int=rng.getrandbits(128)), pair=(rng.randint(-9, 9), "x")) for _ in range(20)]
+    for schema in schemas:
+        for value in values:
+            for text in (value.model_dump_json(), value.model_dump_json(indent=2)):
+                assert complete(schema, text.encode()), (schema, text)
+        assert refused_at(schema, b'{"stars":6') == 9 and refused_at(schema, b'{"stars":1,"count":0') == 19
+        assert refused_at(schema, b'{"stars":1,"count":1,"share":1,') == 30
+    answer = values[0].model_dump_json()
+    assert Visit.model_validate_json(answer) == values[0]
+
+
 def random_schema(rng: random.Random, depth: int = 0, defs: bool = True) -> dict:
     """A random schema of the subset (with oneOf and $ref)."""
     kinds = ["string", "integer", "number", "boolean", "null", "enum", "const", "types", "object", "free", "array",
@@ -387,6 +439,11 @@ def random_schema(rng: random.Random, depth: int = 0, defs: bool = True) -> dict
         return schema
     if kind == "free":
         return {"type": "object", "additionalProperties": random_schema(rng, depth + 1, defs)}
+    if kind == "array" and rng.random() < 0.3:  # a tuple
+        prefix = [random_schema(rng, depth + 1, defs) for _ in range(rng.randrange(1, 4))]
+        schema = {"type": "array", "prefixItems": prefix, "minItems": rng.randrange(len(prefix) + 1)}
+        schema["items"] = rng.choice([False, random_schema(rng, depth + 1, defs)])
+        return schema
     if kind == "array":
         low = rng.randrange(3)
         schema = {"type": "array", "items": random_schema(rng, depth + 1, defs), "minItems": low}
@@ -464,6 +521,10 @@ def random_value(rng: random.Random, schema: dict, root: dict, depth: int = 0):
         return rng.random() < 0.5
     if kind == "null":
         return None
+    if kind == "array" and "prefixItems" in schema:
+        prefix, more = schema["prefixItems"], schema["items"]
+        count = rng.randint(schema["minItems"], len(prefix) + (2 if more is not False and depth < 4 else 0))
+        return [random_value(rng, prefix[k] if k < len(prefix) else more, root, depth + 1) for k in range(count)]
     if kind == "array":
         count = rng.randint(schema.get("minItems", 0), schema.get("maxItems", schema.get("minItems", 0) + 2))
         return [random_value(rng, schema["items"], root, depth + 1) for _ in range(count if depth < 4 else schema.get("minItems", 0))]
@@ -589,6 +650,57 @@ def test_masks_equal_the_token_by_token_oracle_on_every_state_of_some_values(tin
     assert constraint.complete and constraint.allowed([3])[3] and constraint.allowed([3])[pieces.index(b"12")]
     with pytest.raises(ValueError, match="does not continue a value of the JSON schema"):
         constraint.advance(pieces.index(b"ca"))
+
+
+# bounds, formats and a tuple: what Pydantic writes for int Field(ge=1, le=5), confloat, datetime, UUID, tuple
+TYPED = {"type": "object", "properties": {
+    "stars": {"type": "integer", "minimum": 1, "maximum": 5}, "share": {"type": "number", "exclusiveMinimum": 0,
+                                                                         "maximum": 1},
+    "at": {"type": "string", "format": "date-time"}, "id": {"type": "string", "format": "uuid"},
+    "pair": {"type": "array", "prefixItems": [{"type": "integer", "minimum": -3}, {"type": "string", "format": "date"}],
+             "minItems": 2, "maxItems": 2}},
+    "required": ["stars", "share", "at", "id", "pair"], "additionalProperties": False}
+
+
+def test_masks_equal_the_oracle_on_states_of_bounds_formats_and_tuples(tiny_chat):
+    tokenizer = tiny_chat.tokenizer
+    pieces = [None if tokenizer.is_special(i) else tokenizer.token_bytes(i) for i in range(len(tokenizer))]
+    pieces += [b"2024", b"-02-", b"29T", b"12:00", b":00Z", b'"}', b"0.", b"5e-1", b"-3", b"e+", b'", "', b"6"]
+    vocabulary = jm.JsonVocabulary(pieces, len(pieces))
+    compiled = js.compile_schema(TYPED)
+    value = {"stars": 5, "share": 0.5, "at": "2024-02-29T12:00:00.25+05:30",
+             "id": "123e4567-e89b-12d3-a456-426614174000", "pair": [-3, "2023-12-31"]}
+    states = {compiled.initial}
+    for text in (json.dumps(value), json.dumps({**value, "share": 1e-3}, indent=2)):
+        state = compiled.initial
+        for byte in text.encode():
+            state = compiled.advance(state, byte)
+            states.add(state)
+    assert len(states) > 100
+    for state in states:
+        assert (js.schema_mask(vocabulary, compiled, state) == oracle(pieces, compiled, state)).all(), state
+
+
+def test_constrained_answers_with_bounds_formats_and_tuples_validate(tiny_chat):
+    tokenizer = tiny_chat.tokenizer
+    ids = tiny_chat.prepare("Describe the visit as JSON.").prompt_ids
+    bias = closing_bias(tokenizer, 4.0)
+    requests = [Request(ids, SamplingParams(max_new_tokens=200, json_schema=TYPED, do_sample=True, seed=s,
+                                            logit_bias=bias)) for s in range(4)]
+    out = [([], None) for _ in requests]
+    for events in tiny_chat.engine.generate(requests):
+        for event in events:
+            out[event.rid][0].append(event.token)
+            out[event.rid] = (out[event.rid][0], event.finish or out[event.rid][1])
+    stopped = 0
+    for tokens, finish in out:
+        text = b"".join(tokenizer.token_bytes(t) for t in (tokens[:-1] if finish == "stop" else tokens))
+        if finish == "stop":
+            validator(TYPED).validate(json.loads(text))
+            stopped += 1
+        else:
+            assert refused_at(TYPED, text) is None
+    assert stopped >= 2
 
 
 def closing_bias(tokenizer, strength: float) -> dict[int, float]:

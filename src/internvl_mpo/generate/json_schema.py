@@ -4,15 +4,14 @@ outputs, vLLM's `guided_json`), on top of JSON mode's recognizer (json_mode.py).
 `compile_schema` turns a schema (a dict, or True/False) into a `Schema`, cached by its canonical JSON (the
 schema as compact JSON, keys in their order: the properties' order is the order they are generated in). The
 subset taken, and the rest refused with a `SchemaError` naming the keyword and its JSON pointer in the schema:
-`type` (one or a list), `properties`, `required`, `additionalProperties`, `items` (one schema), `minItems`,
-`maxItems`, `minLength`, `maxLength` (code points, as json.loads reads the string), `format` `date`, `time`,
-`date-time` (RFC 3339) and `uuid`, `minimum`, `maximum`,
-`exclusiveMinimum`, `exclusiveMaximum` (numbers, as in draft 2020-12; as a double reads the digits), `enum`, `const`,
-`anyOf`,
-`oneOf` (taken as anyOf), `allOf` of one schema, `$ref` to `#` or a JSON pointer into the schema (`#/$defs/...`,
-`#/properties/...`; recursion allowed), and the annotations `description`, `title`, `default`, `examples`,
-`deprecated`, `readOnly`, `writeOnly`, `$schema`, `$comment` and `discriminator` (OpenAPI's, as Pydantic writes it),
-which are ignored.
+`type` (one or a list), `properties`, `required`, `additionalProperties`, `prefixItems` (a tuple's items, each its
+schema; those after them `items`), `items` (one schema), `minItems`, `maxItems`, `minLength`, `maxLength` (code
+points, as json.loads reads the string), `format` `date`, `time`, `date-time` (RFC 3339) and `uuid`, `minimum`,
+`maximum`, `exclusiveMinimum`, `exclusiveMaximum` (numbers, as in draft 2020-12; as a double reads the digits),
+`enum`, `const`, `anyOf`, `oneOf` (taken as anyOf), `allOf` of one schema, `$ref` to `#` or a JSON pointer into the
+schema (`#/$defs/...`, `#/properties/...`; recursion allowed), and the annotations `description`, `title`,
+`default`, `examples`, `deprecated`, `readOnly`, `writeOnly`, `$schema`, `$comment` and `discriminator` (OpenAPI's,
+as Pydantic writes it), which are ignored.
 Without `type`, a schema with object keywords (properties, required, additionalProperties) is an object, one
 with array keywords an array, one with string keywords a string and one with number bounds a number. An object with
 `properties` has only those keys, in the schema's order, each at most once, the optional ones may be left out
@@ -57,7 +56,7 @@ MAX_NESTING = 100  # schemas (and enum/const values) inside one another, $refs f
 ANNOTATIONS = frozenset(("description", "title", "default", "examples", "deprecated", "readOnly", "writeOnly",
                          "$schema", "$comment", "discriminator"))
 OBJECT_KEYS = ("properties", "required", "additionalProperties")
-ARRAY_KEYS = ("items", "minItems", "maxItems")
+ARRAY_KEYS = ("items", "prefixItems", "minItems", "maxItems")
 STRING_KEYS = ("minLength", "maxLength")
 NUMBER_KEYS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
 # string formats, each the items of its content: a literal character, (NUMBER, digits, lowest, highest or None for
@@ -286,12 +285,16 @@ class Schema:
                                  required=tuple(name in required for name in properties), additional=free)
 
     def _array(self, schema: dict, path: str) -> int:
-        items = schema.get("items", True)
+        items, prefix = schema.get("items", True), schema.get("prefixItems", [])
         if not isinstance(items, (bool, dict)):
-            raise SchemaError(f"items at {path} must be one schema (tuples, a list of schemas, are not supported)")
-        bounds = _bounds(schema, ARRAY_KEYS[1:], path)
+            raise SchemaError(f"items at {path} must be one schema (a list of schemas is draft 4's tuple: write it "
+                              f"as prefixItems)")
+        if not isinstance(prefix, list):
+            raise SchemaError(f"prefixItems at {path} must be a list of schemas")
+        bounds = _bounds(schema, ARRAY_KEYS[2:], path)
         return self._alternative("array", items=self._compile(items, f"{path}/items"), min_items=bounds[0],
-                                 max_items=bounds[1])
+                                 max_items=bounds[1], prefix=tuple(self._compile(item, f"{path}/prefixItems/{i}")
+                                                                   for i, item in enumerate(prefix)))
 
     def _literals(self, schema: dict, kinds: list[str], path: str) -> tuple[int, ...]:
         self._nested(path)
