@@ -770,3 +770,20 @@ def test_the_server_takes_json_schema_and_guided_json():
             parse({**body, "guided_json": {}, "response_format": {"type": "json_object"}}, settings)
         with pytest.raises(ApiError, match="^min_tokens does not go with response_format json_schema"):
             parse({**body, "response_format": {"type": "json_schema", "json_schema": spec}, "min_tokens": 2}, settings)
+        # vLLM's newer structured_outputs: its json taken as guided_json is, its other keys refused naming them
+        for sent in (SCHEMA, json.dumps(SCHEMA)):
+            params = parse({**body, "structured_outputs": {"json": sent, "backend": None}}, settings).params
+            assert params.json_schema == js.compile_schema(SCHEMA) and not params.json_mode
+        for structured, message in (({"regex": "a+"}, 'with "regex": only its json'),
+                                    ({"json": SCHEMA, "choice": ["a"]}, 'with "choice": only its json'),
+                                    ({"grammar": "root ::= x", "json_object": True}, 'with "grammar", "json_object"'),
+                                    ({}, "with no json"), ({"json": "{"}, "^structured_outputs.json is not JSON"),
+                                    ({"json": {"pattern": "x"}}, '^structured_outputs: the keyword "pattern" at #'),
+                                    ("x", "^structured_outputs must be an object such as")):
+            with pytest.raises(ApiError, match=message) as e:
+                parse({**body, "structured_outputs": structured}, settings)
+            assert e.value.status == 400 and e.value.param == "structured_outputs"
+        with pytest.raises(ApiError, match="^give one of response_format, guided_json and structured_outputs"):
+            parse({**body, "structured_outputs": {"json": {}}, "guided_json": {}}, settings)
+        with pytest.raises(ApiError, match="^min_tokens does not go with structured_outputs"):
+            parse({**body, "structured_outputs": {"json": {}}, "min_tokens": 2}, settings)

@@ -333,7 +333,7 @@ def test_vllm_fields_that_would_change_the_answer_are_refused_not_ignored():
     for key, value in {"min_p": 0.1, "use_beam_search": True, "include_stop_str_in_output": True,
                        "echo": True, "guided_regex": "a+", "guided_choice": ["yes", "no"],
                        "guided_grammar": "root ::= 'a'",
-                       "structured_outputs": {"json": {"type": "object"}}, "allowed_token_ids": [1, 2],
+                       "structured_outputs": {"regex": "a+"}, "allowed_token_ids": [1, 2],
                        "bad_words": ["no"], "logits_processors": ["x"], "truncate_prompt_tokens": 5,
                        "return_tokens_as_token_ids": True, "chat_template": "{{ messages }}",
                        "skip_special_tokens": False, "add_generation_prompt": False}.items():

@@ -20,7 +20,7 @@ MAX_LOGIT_BIAS_ENTRIES = 1024  # tokens in one request's logit_bias (OpenAI docu
 UNSUPPORTED_FIELDS = {"tools": ([],), "functions": ([],), "audio": (), "prediction": (),
                       "min_p": (0, 0.0), "use_beam_search": (False,), "include_stop_str_in_output": (False,),
                       "guided_regex": (), "guided_choice": (), "guided_grammar": (),
-                      "structured_outputs": (), "allowed_token_ids": (), "bad_words": ([],), "logits_processors": (),
+                      "allowed_token_ids": (), "bad_words": ([],), "logits_processors": (),
                       "truncate_prompt_tokens": (), "return_tokens_as_token_ids": (False,), "chat_template": (),
                       "modalities": (["text"],), "function_call": ("none",), "web_search_options": (), "moderation": (),
                       "length_penalty": (1, 1.0), "structural_tag": (), "documents": ([],), "return_token_ids": (False,),
@@ -39,7 +39,7 @@ IGNORED_FIELDS = {"user": (str,), "metadata": (dict,), "store": (bool,), "servic
 SHARED_FIELDS = {"model", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "stop_token_ids",
                  "stream", "stream_options", "n", "seed", "min_tokens", "logit_bias", "top_k", "repetition_penalty",
                  "ignore_eos", "skip_special_tokens", "frequency_penalty", "presence_penalty", "response_format",
-                 "logprobs", "prompt_logprobs", "guided_json"}
+                 "logprobs", "prompt_logprobs", "guided_json", "structured_outputs"}
 CHAT_FIELDS = {"messages", "top_logprobs", "tool_choice", "add_generation_prompt", "max_num"}
 COMPLETION_FIELDS = {"prompt", "suffix", "best_of", "echo", "add_special_tokens"}
 IMAGE_DETAILS = ("auto", "low", "high")  # OpenAI's image_url.detail; tiles follow max_num whatever it says
@@ -355,19 +355,32 @@ def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], f
 def _json_format(body: dict) -> tuple:
     """(json_mode, compiled schema or None, the name of what asked for it or None) from OpenAI's
     `response_format` ({"type": "json_object"}: JSON mode; {"type": "json_schema", "json_schema": {"name": ...,
-    "schema": {...}, "strict": ...}}: a schema) or vLLM's `guided_json` (a schema, or its JSON as a string);
-    {"type": "text"} and null ask for neither. Anything else, both at once, or a schema that json_schema.py
+    "schema": {...}, "strict": ...}}: a schema), vLLM's `guided_json` (a schema, or its JSON as a string) or its
+    newer `structured_outputs` ({"json": a schema or its JSON}; its other keys, regex, choice, grammar, ..., are
+    refused); {"type": "text"} and null ask for none. Anything else, two at once, or a schema that json_schema.py
     cannot compile is a 400 naming it."""
     response_format, guided = body.get("response_format"), body.get("guided_json")
+    formatted = response_format is not None and response_format != {"type": "text"}
+    structured = body.get("structured_outputs")
+    if structured is not None:
+        if not isinstance(structured, dict):
+            raise ApiError(400, "structured_outputs must be an object such as {'json': <a JSON schema>}, got "
+                                f"{json.dumps(structured)[:80]}", "structured_outputs")
+        others = [json.dumps(key)[:40] for key, value in structured.items()
+                  if key != "json" and value is not None and value is not False]
+        if others or structured.get("json") is None:
+            raise ApiError(400, f"structured_outputs is not supported by this server with "
+                                f"{', '.join(others[:5]) or 'no json'}: only its json (a JSON schema) is taken",
+                           "structured_outputs")
+        if guided is not None or formatted:
+            raise ApiError(400, "give one of response_format, guided_json and structured_outputs, not more",
+                           "structured_outputs")
+        return False, _schema(_json_text(structured["json"], "structured_outputs.json"), "structured_outputs"), \
+            "structured_outputs"
     if guided is not None:
-        if response_format is not None and response_format != {"type": "text"}:
+        if formatted:
             raise ApiError(400, "give response_format or guided_json, not both", "guided_json")
-        if isinstance(guided, str):
-            try:
-                guided = json.loads(guided)
-            except ValueError as e:
-                raise ApiError(400, f"guided_json is not JSON: {e}", "guided_json") from None
-        return False, _schema(guided, "guided_json"), "guided_json"
+        return False, _schema(_json_text(guided, "guided_json"), "guided_json"), "guided_json"
     if response_format is None or response_format == {"type": "text"}:
         return False, None, None
     if response_format == {"type": "json_object"}:
@@ -392,6 +405,16 @@ def _json_format(body: dict) -> tuple:
     raise ApiError(400, "response_format must be {'type': 'text'}, {'type': 'json_object'} or {'type': "
                         f"'json_schema', 'json_schema': {{...}}}}, got {json.dumps(response_format)[:80]}",
                    "response_format")
+
+
+def _json_text(value, name: str):
+    """A schema sent as its JSON in a string, read; any other value as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as e:
+        raise ApiError(400, f"{name} is not JSON: {e}", name.split(".")[0]) from None
 
 
 def _schema(schema, param: str):
