@@ -2,7 +2,8 @@
 each state a pretty-printed object passes through computed afresh (uncached), and the same masks from the
 cache, as the engine asks for them at each step. `--schema` times JSON schema mode's masks
 (`internvl_mpo.generate.json_schema`) the same way, on a realistic schema (typed fields, an enum, an array
-of objects, a nullable field, a string of bounded length) and a pretty-printed value of it.
+of objects, a nullable field, a string of bounded length) and a pretty-printed value of it; `--typed` on a schema
+with bounded numbers, formatted strings (date-time, uuid, date) and a tuple, as Pydantic writes them.
 
 The vocabulary that matters is Qwen2's (151,643 tokens + specials, InternVL2.5's 1B/4B/26B/38B/78B):
 
@@ -41,6 +42,16 @@ SCHEMA = {"type": "object", "properties": {
         "required": ["name", "box", "visible"], "additionalProperties": False}},
     "caption": {"type": "string", "minLength": 1, "maxLength": 200}},
     "required": ["title", "kind", "count", "objects", "caption"], "additionalProperties": False}
+TYPED = {"type": "object", "properties": {
+    "stars": {"type": "integer", "minimum": 1, "maximum": 5}, "share": {"type": "number", "exclusiveMinimum": 0,
+                                                                         "maximum": 1},
+    "price": {"type": "number", "minimum": 0}, "at": {"type": "string", "format": "date-time"},
+    "id": {"type": "string", "format": "uuid"},
+    "pair": {"type": "array", "prefixItems": [{"type": "integer", "minimum": -3}, {"type": "string", "format": "date"}],
+             "minItems": 2, "maxItems": 2}},
+    "required": ["stars", "share", "price", "at", "id", "pair"], "additionalProperties": False}
+TYPED_VALUE = {"stars": 4, "share": 0.125, "price": 1234.5e-2, "at": "2024-02-29T12:34:56.789+05:30",
+               "id": "123e4567-e89b-12d3-a456-426614174000", "pair": [-3, "2023-12-31"]}
 SCHEMA_VALUE = {"title": "Ein Café in Zürich", "kind": "photo", "count": 2,
                 "objects": [{"name": "猫", "box": [12, 34.5, -0.5e3, 1e-2], "visible": True},
                             {"name": "dog \"Rex\"\n\\", "box": [0, 0, 1, 1], "visible": False, "note": None}],
@@ -66,7 +77,9 @@ def main() -> None:
     parser.add_argument("--tiktoken", type=Path, help="a vocabulary as tiktoken's base64 lines (qwen.tiktoken)")
     parser.add_argument("--check", action="store_true", help="compare every mask with the byte-by-byte oracle")
     parser.add_argument("--schema", action="store_true", help="JSON schema mode's masks (a realistic schema)")
+    parser.add_argument("--typed", action="store_true", help="JSON schema mode's masks (bounds, formats, a tuple)")
     args = parser.parse_args()
+    args.schema = args.schema or args.typed
     pieces, size, name = pieces_of(args)
     start = time.perf_counter()
     vocabulary = jm.JsonVocabulary(pieces, size)
@@ -74,8 +87,8 @@ def main() -> None:
         vocabulary.characters  # the index's part that schema mode's string lengths add, built on first use
     print(f"vocabulary: {name}; index built in {time.perf_counter() - start:.2f} s")
     if args.schema:
-        schema = js.compile_schema(SCHEMA)
-        initial, advance, sample = schema.initial, schema.advance, SCHEMA_VALUE
+        schema = js.compile_schema(TYPED if args.typed else SCHEMA)
+        initial, advance, sample = schema.initial, schema.advance, TYPED_VALUE if args.typed else SCHEMA_VALUE
 
         def mask(state):
             return js.schema_mask(vocabulary, schema, state)

@@ -54,8 +54,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     # JSON mode: the answer is held to one JSON object (generate/json_mode.py), ended by a stop token once complete
     json_mode: bool = False
-    # JSON schema mode: the answer is held to one JSON value the schema takes (generate/json_schema.py); a dict
-    # (or True/False), kept compiled
+    # JSON schema mode: the answer is held to one JSON value the schema takes (generate/json_schema.py); given as a
+    # dict, True/False or a Pydantic model, kept as its compiled Schema
     json_schema: Schema | None = None
 
     def __post_init__(self):
