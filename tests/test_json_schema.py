@@ -196,6 +196,9 @@ def test_number_bounds_refuse_at_the_first_byte_no_value_in_range_begins_with():
     assert refused_at({"items": positive}, b"[1e-400]") == 6 and complete(positive, b"5e-324")
     assert refused_at({"items": {"exclusiveMaximum": 5}}, b"[4.99999999999999999]") == 20
     assert complete({"exclusiveMaximum": 5}, b"4.9999999999999991")
+    assert refused_at({"minimum": 0}, b"-") == 0 and refused_at({"maximum": 0}, b"1") == 0  # no -1e-400 (-0.0)
+    tenth = {"items": {"minimum": 0.1, "maximum": 0.1}}  # the digits json.dumps writes for the double 0.1
+    assert complete(tenth, b"[0.1, 1e-1, 0.10000000000000000555]") and refused_at(tenth, b"[0.1000000000000001") == 18
     rng = random.Random(3)
     for _ in range(300):
         schema = random_bounds(rng, rng.choice(["integer", "number"]))

@@ -710,22 +710,27 @@ def _number_bounds(schema: dict, kind: str, path: str) -> dict:
 
 def _as_read(bound: tuple, lower: bool, where: str) -> tuple:
     """A number's bound on the digits written, such that the number also meets it as a reader that takes the digits
-    as a double (json.loads, Pydantic, jsonschema) sees it: the midpoint to the next double, taken as excluded; past
-    2**53, where json.loads reads digits without a fraction or exponent as an exact int, the bound itself too."""
+    as a double (json.loads, Pydantic, jsonschema) sees it. An included bound also takes the digits that read as the
+    bound's double (json.dumps writes 0.1 for the double 0.1000000000000000055...); an excluded one none that round
+    onto it (the midpoint to the next double, taken as excluded). Past 2**53, where json.loads reads digits without a
+    fraction or exponent as an exact int, the bound itself holds too."""
     value, excluded = bound
     try:
         near = float(value)
     except OverflowError:
         raise SchemaError(f"{where} is beyond the range of a double") from None
-    # the double nearest the bound on its inner side that a number read may take
-    if lower and (Fraction(near) < value or Fraction(near) == value and excluded):
-        near = math.nextafter(near, math.inf)
-    elif not lower and (Fraction(near) > value or Fraction(near) == value and excluded):
-        near = math.nextafter(near, -math.inf)
-    beyond = math.nextafter(near, -math.inf if lower else math.inf)
-    if math.isinf(near) or math.isinf(beyond):
-        raise SchemaError(f"{where} is beyond the range of a double")
-    read = ((Fraction(near) + Fraction(beyond)) / 2, True)
+    if not excluded:
+        written = Fraction(repr(near))
+        read = (min(value, written) if lower else max(value, written), False)
+    else:  # the double next to the bound on its inner side, and the midpoint below it
+        if lower and Fraction(near) <= value:
+            near = math.nextafter(near, math.inf)
+        elif not lower and Fraction(near) >= value:
+            near = math.nextafter(near, -math.inf)
+        beyond = math.nextafter(near, -math.inf if lower else math.inf)
+        if math.isinf(near) or math.isinf(beyond):
+            raise SchemaError(f"{where} is beyond the range of a double")
+        read = ((Fraction(near) + Fraction(beyond)) / 2, True)
     if abs(value) < 2**53:
         return read
     return (_tighter_lower if lower else _tighter_upper)(read, bound)
