@@ -322,6 +322,15 @@ def test_the_server_takes_json_object_and_refuses_other_formats():
             parse({**body, "response_format": {"type": "json_object"}, "min_tokens": 3}, settings)
         with pytest.raises(ApiError, match="^ignore_eos with response_format json_object needs stop_token_ids"):
             parse({**body, "response_format": {"type": "json_object"}, "ignore_eos": True}, settings)
-        for key, value in (("guided_regex", "a+"), ("structured_outputs", {"json_object": True})):
-            with pytest.raises(ApiError, match=f"^{key} is not supported"):
-                parse({**body, key: value}, settings)
+        with pytest.raises(ApiError, match="^guided_regex is not supported"):
+            parse({**body, "guided_regex": "a+"}, settings)
+        # vLLM's newer structured_outputs {"json_object": true} is JSON mode too
+        params = parse({**body, "structured_outputs": {"json_object": True, "json": None}}, settings).params
+        assert params.json_mode and params.json_schema is None
+        for structured, message in (({"json_object": 1}, "^structured_outputs.json_object must be true or false"),
+                                    ({"json_object": True, "json": {}}, "with both json and json_object"),
+                                    ({"json_object": False}, "with no json")):
+            with pytest.raises(ApiError, match=message):
+                parse({**body, "structured_outputs": structured}, settings)
+        with pytest.raises(ApiError, match="^min_tokens does not go with structured_outputs json_object"):
+            parse({**body, "structured_outputs": {"json_object": True}, "min_tokens": 3}, settings)

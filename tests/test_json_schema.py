@@ -779,7 +779,7 @@ def test_the_server_takes_json_schema_and_guided_json():
             assert params.json_schema == js.compile_schema(SCHEMA) and not params.json_mode
         for structured, message in (({"regex": "a+"}, 'with "regex": only its json'),
                                     ({"json": SCHEMA, "choice": ["a"]}, 'with "choice": only its json'),
-                                    ({"grammar": "root ::= x", "json_object": True}, 'with "grammar", "json_object"'),
+                                    ({"grammar": "root ::= x", "json_object": True}, 'with "grammar": only its json'),
                                     ({}, "with no json"), ({"json": "{"}, "^structured_outputs.json is not JSON"),
                                     ({"json": {"pattern": "x"}}, '^structured_outputs: the keyword "pattern" at #'),
                                     ("x", "^structured_outputs must be an object such as")):

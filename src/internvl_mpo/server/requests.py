@@ -356,9 +356,9 @@ def _json_format(body: dict) -> tuple:
     """(json_mode, compiled schema or None, the name of what asked for it or None) from OpenAI's
     `response_format` ({"type": "json_object"}: JSON mode; {"type": "json_schema", "json_schema": {"name": ...,
     "schema": {...}, "strict": ...}}: a schema), vLLM's `guided_json` (a schema, or its JSON as a string) or its
-    newer `structured_outputs` ({"json": a schema or its JSON}; its other keys, regex, choice, grammar, ..., are
-    refused); {"type": "text"} and null ask for none. Anything else, two at once, or a schema that json_schema.py
-    cannot compile is a 400 naming it."""
+    newer `structured_outputs` ({"json": a schema or its JSON}, or {"json_object": true}: JSON mode; its other
+    keys, regex, choice, grammar, ..., are refused); {"type": "text"} and null ask for none. Anything else, two
+    at once, or a schema that json_schema.py cannot compile is a 400 naming it."""
     response_format, guided = body.get("response_format"), body.get("guided_json")
     formatted = response_format is not None and response_format != {"type": "text"}
     structured = body.get("structured_outputs")
@@ -367,14 +367,20 @@ def _json_format(body: dict) -> tuple:
             raise ApiError(400, "structured_outputs must be an object such as {'json': <a JSON schema>}, got "
                                 f"{json.dumps(structured)[:80]}", "structured_outputs")
         others = [json.dumps(key)[:40] for key, value in structured.items()
-                  if key != "json" and value is not None and value is not False]
-        if others or structured.get("json") is None:
-            raise ApiError(400, f"structured_outputs is not supported by this server with "
-                                f"{', '.join(others[:5]) or 'no json'}: only its json (a JSON schema) is taken",
+                  if key not in ("json", "json_object") and value is not None and value is not False]
+        json_object = structured.get("json_object")
+        if not (json_object is None or isinstance(json_object, bool)):  # 1 == True
+            raise ApiError(400, f"structured_outputs.json_object must be true or false, got {json.dumps(json_object)[:80]}",
                            "structured_outputs")
+        if others or (structured.get("json") is None) == (json_object is not True):
+            what = ", ".join(others[:5]) or ("no json" if json_object is not True else "both json and json_object")
+            raise ApiError(400, f"structured_outputs is not supported by this server with {what}: only its json (a "
+                                "JSON schema) or json_object: true is taken", "structured_outputs")
         if guided is not None or formatted:
             raise ApiError(400, "give one of response_format, guided_json and structured_outputs, not more",
                            "structured_outputs")
+        if json_object:  # JSON mode
+            return True, None, "structured_outputs json_object"
         return False, _schema(_json_text(structured["json"], "structured_outputs.json"), "structured_outputs"), \
             "structured_outputs"
     if guided is not None:
