@@ -302,20 +302,29 @@ def _walk(words: list[bytes], state, advance=advance) -> list[int]:
 
 
 class JsonConstraint:
-    """One answer held to a JSON object: its recognizer state over the tokens emitted so far."""
+    """One answer held to a JSON object: its recognizer state over the tokens emitted so far. A subclass holds it
+    to other values (json_schema.SchemaConstraint) through its own `complete`, `_mask` and `_after`."""
 
-    def __init__(self, vocabulary: JsonVocabulary):
+    held_to = "the JSON object"  # what a token that does not continue the answer fails to continue
+
+    def __init__(self, vocabulary: JsonVocabulary, state=INITIAL):
         self.vocabulary = vocabulary
-        self.state = INITIAL
+        self.state = state
 
     @property
     def complete(self) -> bool:
         return self.state[0] == DONE
 
+    def _mask(self) -> numpy.ndarray:
+        return self.vocabulary.mask(self.state)
+
+    def _after(self, piece: bytes):
+        return advance_bytes(self.state, piece)
+
     def allowed(self, stop_ids) -> numpy.ndarray:
         """The mask (vocabulary size,) of the next token: the ids that keep the output a valid prefix, or the
-        stop ids alone once the object is complete (or where no other token could follow)."""
-        mask = self.vocabulary.mask(self.state)
+        stop ids alone once the value is complete (or where no other token could follow)."""
+        mask = self._mask()
         stops = [i for i in stop_ids if i < mask.shape[0]]
         mask[stops] = self.complete
         if not mask.any():
@@ -325,7 +334,7 @@ class JsonConstraint:
     def advance(self, token: int) -> None:
         """Take one emitted token (not a stop id) into the state."""
         piece = self.vocabulary.pieces[token] if token < len(self.vocabulary.pieces) else None
-        state = None if piece is None else advance_bytes(self.state, piece)
+        state = self._after(piece) if piece else None  # no mask takes an empty or special token
         if state is None:
-            raise ValueError(f"token {token} ({piece!r}) does not continue the JSON object")
+            raise ValueError(f"token {token} ({piece!r}) does not continue {self.held_to}")
         self.state = state

@@ -929,33 +929,26 @@ def _compute(vocabulary: jm.JsonVocabulary, schema: Schema, state) -> numpy.ndar
     return mask
 
 
-class SchemaConstraint:
-    """One answer held to a JSON schema: as JsonConstraint, over the schema's states."""
+class SchemaConstraint(jm.JsonConstraint):
+    """One answer held to a JSON schema: JsonConstraint over the schema's states."""
+
+    held_to = "a value of the JSON schema"
 
     def __init__(self, vocabulary: jm.JsonVocabulary, schema: Schema):
-        self.vocabulary = vocabulary
+        super().__init__(vocabulary, schema.initial)
         self.schema = schema
-        self.state = schema.initial
 
     @property
     def complete(self) -> bool:
         return self.schema.complete(self.state)
 
-    def allowed(self, stop_ids) -> numpy.ndarray:
-        mask = schema_mask(self.vocabulary, self.schema, self.state)
-        stops = [i for i in stop_ids if i < mask.shape[0]]
-        mask[stops] = self.complete
-        if not mask.any():
-            mask[stops] = True
-        return mask
+    def _mask(self) -> numpy.ndarray:
+        return schema_mask(self.vocabulary, self.schema, self.state)
 
-    def advance(self, token: int) -> None:
-        piece = self.vocabulary.pieces[token] if token < len(self.vocabulary.pieces) else None
+    def _after(self, piece: bytes):
         state = self.state
-        for byte in piece or b"":
+        for byte in piece:
             state = self.schema.advance(state, byte)
             if state is None:
-                break
-        if not piece or state is None:
-            raise ValueError(f"token {token} ({piece!r}) does not continue a value of the JSON schema")
-        self.state = state
+                return None
+        return state
