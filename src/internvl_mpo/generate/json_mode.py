@@ -191,6 +191,11 @@ def advance_bytes(state, data: bytes):
     return state
 
 
+def unspaced(state):
+    """`state` with its whitespace run set to 0, as masks are cached (only the modes between values count one)."""
+    return (state[0], state[1], state[2], 0) if state[0] in SPACED and state[3] else state
+
+
 def _leading_whitespace(piece: bytes) -> int:
     return len(piece) - len(piece.lstrip(b" \t\n\r"))
 
@@ -250,20 +255,23 @@ class JsonVocabulary:
     def mask(self, state) -> numpy.ndarray:
         """A new boolean array (size,): the ids whose bytes take `state` to a valid prefix (never a stop id:
         JsonConstraint adds those)."""
-        key = state
-        if state[0] in SPACED and state[3]:
-            key = (state[0], state[1], state[2], 0)
-        packed = self._cache.get(key)
+        key = unspaced(state)
+        return self.cached_mask(self._cache, CACHED_MASKS, key, state, lambda: self._compute(key))
+
+    def cached_mask(self, cache: OrderedDict, limit: int, key, lexical, compute) -> numpy.ndarray:
+        """A new boolean array (size,): the mask `compute()` gives, kept packed in `cache` (its `limit` most recent)
+        by `key`, which holds the state with its whitespace run set to 0 (`unspaced`); the run of the lexical state
+        `lexical` then leaves room for tokens that begin with a shorter run only."""
+        packed = cache.get(key)
         if packed is None:
-            packed = numpy.packbits(self._compute(key))
-            self._cache[key] = packed
-            if len(self._cache) > CACHED_MASKS:
-                self._cache.popitem(last=False)
+            packed = cache[key] = numpy.packbits(compute())
+            if len(cache) > limit:
+                cache.popitem(last=False)
         else:
-            self._cache.move_to_end(key)
+            cache.move_to_end(key)
         mask = numpy.unpackbits(packed, count=self.size).view(bool)
-        if key is not state:  # the whitespace run so far leaves room for shorter ones only
-            mask &= self._lead_ws <= whitespace_limit(len(state[2])) - state[3]
+        if lexical[0] in SPACED and lexical[3]:
+            mask &= self._lead_ws <= whitespace_limit(len(lexical[2])) - lexical[3]
         return mask
 
     def _compute(self, state) -> numpy.ndarray:

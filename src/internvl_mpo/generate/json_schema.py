@@ -39,7 +39,6 @@ import calendar
 import json
 import math
 import re
-from collections import OrderedDict
 from fractions import Fraction
 from functools import lru_cache
 
@@ -897,23 +896,9 @@ def _compiled(canonical: str) -> Schema:
 def schema_mask(vocabulary: jm.JsonVocabulary, schema: Schema, state) -> numpy.ndarray:
     """A new boolean array (vocabulary size,): the ids whose bytes take `state` of `schema` to a valid prefix,
     cached in the vocabulary per schema and state (the whitespace run counted apart, as JSON mode's)."""
-    lexical = state[0]
-    key = state
-    if lexical[0] in jm.SPACED and lexical[3]:
-        key = ((lexical[0], lexical[1], lexical[2], 0), state[1])
-    cache: OrderedDict = vocabulary.schema_cache
-    packed = cache.get((schema, key))
-    if packed is None:
-        packed = numpy.packbits(_compute(vocabulary, schema, key))
-        cache[(schema, key)] = packed
-        if len(cache) > CACHED_MASKS:
-            cache.popitem(last=False)
-    else:
-        cache.move_to_end((schema, key))
-    mask = numpy.unpackbits(packed, count=vocabulary.size).view(bool)
-    if key is not state:
-        mask &= vocabulary._lead_ws <= jm.whitespace_limit(len(lexical[2])) - lexical[3]
-    return mask
+    key = (jm.unspaced(state[0]), state[1])
+    return vocabulary.cached_mask(vocabulary.schema_cache, CACHED_MASKS, (schema, key), state[0],
+                                  lambda: _compute(vocabulary, schema, key))
 
 
 def _compute(vocabulary: jm.JsonVocabulary, schema: Schema, state) -> numpy.ndarray:
