@@ -125,7 +125,7 @@ class _Row:
     top_p: float = 1.0
     logprobs: int | None = None  # Request.logprobs
     unstoppable: int = 0  # tokens still to come before a stop id may end the row (min_new_tokens)
-    json: JsonConstraint | SchemaConstraint | None = None  # JSON (schema) mode's state
+    json: JsonConstraint | None = None  # JSON (schema) mode's state (a SchemaConstraint is one)
 
 
 class Engine:

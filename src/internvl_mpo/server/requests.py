@@ -370,8 +370,8 @@ def _json_format(body: dict) -> tuple:
                   if key not in ("json", "json_object") and value is not None and value is not False]
         json_object = structured.get("json_object")
         if not (json_object is None or isinstance(json_object, bool)):  # 1 == True
-            raise ApiError(400, f"structured_outputs.json_object must be true or false, got {json.dumps(json_object)[:80]}",
-                           "structured_outputs")
+            raise ApiError(400, "structured_outputs.json_object must be true or false, got "
+                                f"{json.dumps(json_object)[:80]}", "structured_outputs")
         if others or (structured.get("json") is None) == (json_object is not True):
             what = ", ".join(others[:5]) or ("no json" if json_object is not True else "both json and json_object")
             raise ApiError(400, f"structured_outputs is not supported by this server with {what}: only its json (a "
