@@ -1068,8 +1068,8 @@ def test_tiles_command_prints_grid_and_writes_png(tmp_path):
     # Without --output the picture goes to the current folder, not beside the image.
     (tmp_path / "here").mkdir()
     out = cli("tiles", image, cwd=tmp_path / "here")
-    assert out.returncode == 0 and "preview: wide.tiles.png" in out.stdout, out.stderr
-    assert (tmp_path / "here" / "wide.tiles.png").is_file() and not (tmp_path / "wide.tiles.png").exists()
+    assert out.returncode == 0 and "preview: wide.jpg.tiles.png" in out.stdout, out.stderr
+    assert (tmp_path / "here" / "wide.jpg.tiles.png").is_file() and not (tmp_path / "wide.jpg.tiles.png").exists()
 
 
 def test_tiles_refuses_to_write_its_picture_over_the_image(tmp_path):

@@ -161,3 +161,17 @@ def test_cli_tiles_errors_name_the_flags_and_python_the_parameters(tmp_path, cap
                               (dict(max_pixels=1000), "(possible decompression bomb; a larger max_pixels allows it)")):
         with pytest.raises(InputError, match=re.escape(message)):
             tiles_report(path, **settings)
+
+
+def test_tiles_default_picture_keeps_the_image_extension(tmp_path, monkeypatch, capsys):
+    """`tiles a.png` and `tiles a.gif` both wrote a.tiles.png, the second replacing the first's picture."""
+    from internvl_mpo.cli_chat import tiles
+
+    png, gif = save(tmp_path, 900, 448, "a.png"), tmp_path / "a.gif"
+    Image.new("RGB", (448, 900), "red").save(gif)
+    monkeypatch.chdir(tmp_path)
+    assert tiles(str(png)) == 0 and tiles(str(gif)) == 0
+    assert "preview: a.png.tiles.png" in capsys.readouterr().out
+    with Image.open(tmp_path / "a.png.tiles.png") as wide, Image.open(tmp_path / "a.gif.tiles.png") as tall:
+        assert wide.width > wide.height and tall.height > tall.width
+    assert not (tmp_path / "a.tiles.png").exists()

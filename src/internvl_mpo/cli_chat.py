@@ -546,14 +546,14 @@ def tiles(image: str, *, max_num: int = 12, min_num: int = 1, output: str | None
     image: the image file
     max_num: most tiles (the official default is 12)
     min_num: fewest tiles
-    output: PNG to write (default: <image name>.tiles.png in the current folder)
+    output: PNG to write (default: <image file name>.tiles.png in the current folder, a.png.tiles.png for a.png)
     max_pixels: refuse images with more pixels (default: Pillow's limit, about 89 M)
     """
     from .processor.image import let_pillow_open, pointed_elsewhere
     from .processor.preview import format_tiles_report, tiles_report
 
     let_pillow_open(max_pixels)
-    png = output or Path(image).stem + ".tiles.png"
+    png = output or Path(image).name + ".tiles.png"
     try:
         report = tiles_report(image, max_num=max_num, min_num=min_num, output_png=png, max_pixels=max_pixels)
     except InputError as e:
