@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from ..generate.engine import Request
 from ..generate.sampling import SamplingParams
 from ..pipeline import InternVLChat
+from .metrics import CONTENT_TYPE
 from .prompts import Prompt, build_completion_prompts, build_prompt, check_token_ids, echo_texts, tokenize_ids
 from .requests import (
     ApiError,
@@ -76,7 +77,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
 
     from fastapi import FastAPI
     from fastapi import Request as HttpRequest
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
@@ -212,6 +213,10 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
                              "max_len": worker.max_len, "in_progress": in_progress.count,
                              "max_concurrent_requests": in_progress.limit, **worker.stats},
                             status_code=200 if worker.alive else 503)
+
+    @app.get("/metrics")  # outside the API key, as vLLM serves it (its key guards /v1 alone), and as /health is
+    async def metrics():
+        return Response(worker.metrics.text(model_name), media_type=CONTENT_TYPE)
 
     card = {"id": model_name, "object": "model", "created": started, "owned_by": "internvl-mpo",
             "max_model_len": worker.max_len}  # vLLM's card field: tokens per sequence, prompt included

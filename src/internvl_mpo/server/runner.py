@@ -8,6 +8,8 @@ import http
 import json
 import logging
 import math
+import os
+import signal
 import socket
 
 from ..devices import default_device
@@ -42,13 +44,27 @@ def _uvicorn_server(app, settings: ServerSettings):
     responses before it runs the app's shutdown, and a long answer can stream for minutes: so the
     worker stops first, and every running request ends at once with "the server is shutting down"
     (an error event and `[DONE]` for a stream, a 503 otherwise). A response still open
-    SHUTDOWN_GRACE_S later (a client that stopped reading) is cut off."""
+    SHUTDOWN_GRACE_S later (a client that stopped reading) is cut off, and so is everything at a second Ctrl-C: the
+    process exits at once with 130 and one line (uvicorn's own forced exit cancels the open requests' tasks with the
+    event loop, each logged with a traceback)."""
     uvicorn = _require_web_stack()
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None):
             await asyncio.to_thread(app.state.worker.stop)
             await super().shutdown(sockets)
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.should_exit and sig == signal.SIGINT:  # where uvicorn would force its exit; run on the event loop,
+                asyncio.get_running_loop().call_soon_threadsafe(self.quit)  # not inside whatever the signal interrupted
+                return
+            super().handle_exit(sig, frame)
+
+        def quit(self) -> None:
+            count = len(self.server_state.connections)
+            log.info("a second Ctrl-C: the server stops now, its %d open connection%s cut off", count,
+                     "" if count == 1 else "s")
+            os._exit(130)  # as a Ctrl-C'd command; the worker thread may be inside a step that cannot be interrupted
 
     # the server's own lines (a client dropped, a request failed) through uvicorn's handler, from INFO up
     loggers = {**uvicorn.config.LOGGING_CONFIG["loggers"],

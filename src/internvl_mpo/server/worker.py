@@ -5,12 +5,14 @@ import logging
 import math
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError, InputError
 from ..generate.engine import Generation, Request
 from ..pipeline import InternVLChat, TextAssembler
+from .metrics import Metrics
 from .requests import ApiError
 
 log = logging.getLogger("internvl_mpo.server")  # one logger for the whole server (users filter on it)
@@ -47,6 +49,8 @@ class Job:
     prompt_logprobs: list[dict] | None = None  # the prompt's entries, until the first chunk carries them
     prompt_only: bool = False  # max_tokens 0: the chunk of the prompt's log-probabilities alone
     list_stop_token: bool = False  # list the token that stops the answer in logprobs (/v1/completions, as vLLM)
+    submitted: float = 0.0  # time.monotonic() when it was submitted
+    last_token_at: float | None = None  # time.monotonic() of its last generated token
 
 
 def _shutting_down() -> ApiError:
@@ -70,6 +74,7 @@ class BatchWorker:
         self._thread = threading.Thread(target=self._run, name="internvl-generation", daemon=True)
         self.stats = {"active": 0, "waiting": 0, "max_active": 0, "requests": 0, "cancelled": 0,
                       "completion_tokens": 0, "steps": 0}
+        self.metrics = Metrics()  # /metrics: written on the worker thread
 
     @property
     def alive(self) -> bool:
@@ -93,6 +98,7 @@ class BatchWorker:
         with self._submit_lock:
             if self._stopping:
                 raise _shutting_down()
+            job.submitted = time.monotonic()
             self._inbox.put(("add", job))
 
     def cancel(self, job: Job) -> None:
@@ -116,6 +122,7 @@ class BatchWorker:
                 if command is None:
                     for job in jobs.values():
                         job.done = True
+                        self._ended(job, "abort")
                         job.deliver(_shutting_down())
                     return
                 if gen is None and command[0] == "add":
@@ -131,6 +138,7 @@ class BatchWorker:
                 log.exception("generation step failed")
                 for job in jobs.values():
                     job.done = True  # its handler's cancel must not reach a new request with the same id
+                    self._ended(job, "error")
                     job.deliver(_failure(e))
                 jobs.clear()
                 gen = None  # freed before the next request builds a fresh one
@@ -138,6 +146,11 @@ class BatchWorker:
             stats.update(active=active, waiting=waiting, steps=stats["steps"] + 1,
                          max_active=max(stats["max_active"], active))
             self.stats = dict(stats)
+            self.metrics.rows(active, waiting)
+
+    def _ended(self, job: Job, reason: str) -> None:
+        """Count `job` as finished for `reason` (one of metrics.FINISH_REASONS) in the metrics."""
+        self.metrics.ended(reason, time.monotonic() - job.submitted)
 
     def _fresh(self, job: Job) -> Generation | None:
         """A new empty batch for `job` to join, or None (and `job` fails alone) when it cannot be built."""
@@ -165,6 +178,7 @@ class BatchWorker:
             gen.finish(job.rid)
             del jobs[job.rid]
             stats["cancelled"] += 1
+            self._ended(job, "abort")
 
     def _event(self, gen: Generation, jobs: dict[int, Job], event, stats: dict) -> None:
         job = jobs.get(event.rid)
@@ -174,8 +188,12 @@ class BatchWorker:
             log.error("generation failed", exc_info=event.error)
             del jobs[event.rid]
             job.done = True
+            self._ended(job, "error")
             job.deliver(_failure(event.error))
             return
+        now = time.monotonic()
+        if job.last_token_at is None:  # its prompt is prefilled and its first token made
+            self.metrics.prefilled(len(job.request.prompt_ids), now - job.submitted)
         if event.prompt_logprobs is not None:
             job.prompt_logprobs = self._prompt_entries(job.request.prompt_ids, event.prompt_logprobs)
         if job.prompt_only:  # the token the engine chose is not shown nor counted (as vLLM's max_tokens 0)
@@ -183,10 +201,13 @@ class BatchWorker:
                 gen.finish(event.rid)
             del jobs[event.rid]
             job.done = True
+            self._ended(job, "length")
             job.deliver(Chunk(job.index, "", "length", 0, [], prompt_logprobs=job.prompt_logprobs))
             return
         job.tokens += 1
         stats["completion_tokens"] += 1
+        self.metrics.generated(None if job.last_token_at is None else now - job.last_token_at)
+        job.last_token_at = now
         # a token that stops the answer (end of turn, or one of the request's stop_token_ids) is not in its
         # text (as in vLLM), nor in a chat answer's logprobs
         stop_token = event.finish == "stop"
@@ -204,6 +225,7 @@ class BatchWorker:
                 gen.finish(event.rid)
             del jobs[event.rid]
             job.done = True
+            self._ended(job, finish)
         if piece or finish:
             entries = None
             if job.request.logprobs is not None:
