@@ -204,10 +204,9 @@ def test_a_model_name_is_escaped_in_its_label():
     assert {dict(labels)["model_name"] for _, labels in samples} == {r'a\"b\\c\nd'}
 
 
-def test_a_second_ctrl_c_while_the_server_drains_ends_it_at_once_with_one_line(tmp_path):
-    """Ctrl-C leaves a response open for a grace period (here a request whose body is still coming); a second one ends
-    the server then and there, with one line saying so and no traceback (uvicorn's forced exit cancelled the open
-    requests with the event loop, each logged with a traceback), as a Ctrl-C'd command (130)."""
+def stopped_while_a_body_comes(tmp_path: Path, second_ctrl_c: bool) -> str:
+    """The output of a server sent Ctrl-C (and a second one while it waits for its open connections, if asked) as
+    a request's body is still coming, once it has exited as a Ctrl-C'd command does (130)."""
     log = tmp_path / "server.log"
     proc, url = launch([sys.executable, "-m", "internvl_mpo.cli", "serve", "--port", "0"], log)
     try:
@@ -217,11 +216,12 @@ def test_a_second_ctrl_c_while_the_server_drains_ends_it_at_once_with_one_line(t
                          b"Content-Length: 100\r\n\r\n{")
             time.sleep(0.5)  # the request is being read
             proc.send_signal(signal.SIGINT)
-            deadline = time.monotonic() + 60
-            while "Waiting for connections to close" not in log.read_text():
-                assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
-                time.sleep(0.02)
-            proc.send_signal(signal.SIGINT)
+            if second_ctrl_c:
+                deadline = time.monotonic() + 60
+                while "Waiting for connections to close" not in log.read_text():
+                    assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+                    time.sleep(0.02)
+                proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=60) == 130
     finally:
         if proc.poll() is None:
@@ -229,4 +229,20 @@ def test_a_second_ctrl_c_while_the_server_drains_ends_it_at_once_with_one_line(t
             proc.wait()
     text = log.read_text()
     assert "Traceback" not in text and "ERROR" not in text, text
+    return text
+
+
+def test_a_connection_still_open_after_the_grace_period_is_cut_off_with_one_line(tmp_path):
+    """Ctrl-C leaves a connection open for 5 s (here a request whose body is still coming), then drops it: its request
+    ends as one whose client went away, with one line saying so (uvicorn cancelled its task, logging a traceback)."""
+    lines = stopped_while_a_body_comes(tmp_path, second_ctrl_c=False).splitlines()
+    assert "INFO:     1 connection still open 5 s after the stop signal: cut off" in lines
+    assert lines[-1].startswith("INFO:     Finished server process")
+
+
+def test_a_second_ctrl_c_while_the_server_drains_ends_it_at_once_with_one_line(tmp_path):
+    """A second Ctrl-C while the server waits for its open connections ends it then and there, with one line saying
+    so and no traceback (uvicorn's forced exit cancelled the open requests with the event loop, each logged with a
+    traceback)."""
+    text = stopped_while_a_body_comes(tmp_path, second_ctrl_c=True)
     assert text.splitlines()[-1] == "INFO:     a second Ctrl-C: the server stops now, its 1 open connection cut off"

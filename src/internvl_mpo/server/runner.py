@@ -43,16 +43,28 @@ def _uvicorn_server(app, settings: ServerSettings):
     """uvicorn's server for `app`, made to stop promptly on Ctrl-C or SIGTERM. uvicorn waits for open
     responses before it runs the app's shutdown, and a long answer can stream for minutes: so the
     worker stops first, and every running request ends at once with "the server is shutting down"
-    (an error event and `[DONE]` for a stream, a 503 otherwise). A response still open
-    SHUTDOWN_GRACE_S later (a client that stopped reading) is cut off, and so is everything at a second Ctrl-C: the
-    process exits at once with 130 and one line (uvicorn's own forced exit cancels the open requests' tasks with the
-    event loop, each logged with a traceback)."""
+    (an error event and `[DONE]` for a stream, a 503 otherwise). A connection still open SHUTDOWN_GRACE_S later (a
+    client that stopped reading, or one still sending its body) is dropped, its request ending as one whose client went
+    away, and everything is cut off at a second Ctrl-C: the process exits at once with 130. Each with one line: uvicorn
+    would cancel the open requests' tasks (at its graceful shutdown's timeout, or with the event loop at its forced
+    exit), each logged with a traceback."""
     uvicorn = _require_web_stack()
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None):
             await asyncio.to_thread(app.state.worker.stop)
-            await super().shutdown(sockets)
+            cut = asyncio.get_running_loop().call_later(SHUTDOWN_GRACE_S, self.cut_off)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                cut.cancel()
+
+        def cut_off(self) -> None:
+            connections = list(self.server_state.connections)
+            log.info("%d connection%s still open %g s after the stop signal: cut off", len(connections),
+                     "" if len(connections) == 1 else "s", SHUTDOWN_GRACE_S)
+            for connection in connections:
+                connection.transport.abort()
 
         def handle_exit(self, sig, frame) -> None:
             if self.should_exit and sig == signal.SIGINT:  # where uvicorn would force its exit; run on the event loop,
@@ -69,7 +81,8 @@ def _uvicorn_server(app, settings: ServerSettings):
     # the server's own lines (a client dropped, a request failed) through uvicorn's handler, from INFO up
     loggers = {**uvicorn.config.LOGGING_CONFIG["loggers"],
                "internvl_mpo": {"handlers": ["default"], "level": "INFO", "propagate": False}}
-    return Server(uvicorn_config(app, settings, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+    # uvicorn's timeout: for a request still running once its connection was cut off (its task is cancelled then)
+    return Server(uvicorn_config(app, settings, log_level="info", timeout_graceful_shutdown=2 * SHUTDOWN_GRACE_S,
                                  log_config={**uvicorn.config.LOGGING_CONFIG, "loggers": loggers}))
 
 
