@@ -834,3 +834,14 @@ def test_a_tokenizer_config_changed_after_to_hf_comes_back_with_the_official_tem
     (hf / "internvl_official_files.json").write_text('{"files": {}}')
     with pytest.raises(ConfigError, match=r"internvl_official_files.json: not the file convert --to hf writes"):
         convert(hf, tmp_path / "back2", to="official")
+
+
+def test_convert_command_names_a_bad_to_by_its_flag(tmp_path, capsys):
+    """`convert --to xx` said "to='xx'", the Python parameter, not the flag the user typed."""
+    from internvl_mpo.cli import main
+
+    src = official_folder(tmp_path / "src", "qwen2")
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "xx"]) == 1
+    assert capsys.readouterr().err == ("internvl-mpo convert: error: --to='xx': choose 'hf' (official -> transformers) "
+                                       "or 'official' (transformers -> official)\n")
+    assert not (tmp_path / "out").exists()

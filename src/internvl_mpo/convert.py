@@ -68,7 +68,7 @@ from safetensors import SafetensorError
 from . import checkpoint, companions
 from .chat.template import get_template
 from .config import FAMILY_SIZES, LLMConfig, ModelConfig, family_config, official_rope, read_config_json
-from .errors import CheckpointError, ConfigError, InputError, SaveError
+from .errors import CheckpointError, ConfigError, InputError, SaveError, SettingError
 from .model import InternVL, context_token_id
 from .processor.image import IMAGENET_MEAN, IMAGENET_STD
 
@@ -445,7 +445,8 @@ def convert(
     `image_token_id` (to="hf" only) defaults to the id of `<IMG_CONTEXT>` in src's tokenizer files.
     """
     if to not in ("hf", "official"):
-        raise InputError(f"to={to!r}: choose 'hf' (official -> transformers) or 'official' (transformers -> official)")
+        raise SettingError("", "to", f"={to!r}: choose 'hf' (official -> transformers) or 'official' "
+                           "(transformers -> official)")
     dst = Path(dst)
     checkpoint.parse_size(max_shard_size)
     _check_destination(Path(src).expanduser(), dst)  # before a hub id is downloaded (gigabytes)
