@@ -199,6 +199,49 @@ def test_metrics_need_no_api_key_as_in_vllm_while_the_v1_routes_do(server):
     assert httpx.get(server + "/metrics").status_code == 200
 
 
+def test_a_request_that_fails_in_the_engine_is_counted_as_an_error(monkeypatch):
+    """A prefill that raises fails its request alone (a 500): counted finished with vLLM's reason `error`, with no
+    first token; the one beside it is served and counted as usual."""
+    import queue
+
+    import torch
+
+    from internvl_mpo.cli import default_model
+    from internvl_mpo.generate.engine import Request
+    from internvl_mpo.generate.sampling import SamplingParams
+    from internvl_mpo.pipeline import InternVLChat
+    from internvl_mpo.server.worker import BatchWorker, Job
+
+    chat = InternVLChat.from_pretrained(default_model(), dtype=torch.float32)
+    prefill = chat.engine.prefill
+
+    def failing(request, caches, row):
+        if request.prompt_ids[0] == 1:
+            raise RuntimeError("out of memory")
+        return prefill(request, caches, row)
+
+    monkeypatch.setattr(chat.engine, "prefill", failing)
+    worker = BatchWorker(chat, max_batch=2, max_len=64)
+    finals: queue.SimpleQueue = queue.SimpleQueue()
+    for first in (1, 2):
+        request = Request([first, 5, 6, 7], SamplingParams(max_new_tokens=3, ignore_eos=True))
+        worker.submit(Job(request, 0, lambda item: finals.put(item) if isinstance(item, Exception) or
+                          item.finish_reason else None))
+    worker.start()
+    try:
+        ends = [finals.get(timeout=60), finals.get(timeout=60)]
+    finally:
+        worker.stop()
+    assert sorted(type(end).__name__ for end in ends) == ["ApiError", "Chunk"]
+    _, samples = parse(worker.metrics.text("m"))
+    values = {name + "".join(f"{{{v}}}" for k, v in labels if k in ("finished_reason", "le")): value
+              for (name, labels), value in samples.items()}
+    assert values["vllm:request_success_total{error}"] == values["vllm:request_success_total{length}"] == 1
+    assert values["vllm:e2e_request_latency_seconds_count"] == 2
+    assert values["vllm:time_to_first_token_seconds_count"] == 1  # the failed one made none
+    assert values["vllm:prompt_tokens_total"] == 4 and values["vllm:generation_tokens_total"] == 3
+
+
 def test_a_model_name_is_escaped_in_its_label():
     _, samples = parse(Metrics().text('a"b\\c\nd'))
     assert {dict(labels)["model_name"] for _, labels in samples} == {r'a\"b\\c\nd'}
