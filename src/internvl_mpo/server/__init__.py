@@ -3,8 +3,8 @@
 Endpoints: `POST /v1/chat/completions` (plain or `stream: true` server-sent events in OpenAI's
 `chat.completion.chunk` format, ending with `data: [DONE]`), `POST /v1/completions` (raw text or token
 ids in, no chat template, as vLLM serves a chat model; `text_completion` objects and chunks),
-`GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, and vLLM's `POST /tokenize` (a prompt, or messages with
-their image tokens, as the endpoints above would prefill them) and `POST /detokenize`.
+`GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET /metrics` (Prometheus text, vLLM's metric names), and
+vLLM's `POST /tokenize` (a prompt, or messages with their image tokens, as the endpoints above would prefill them) and `POST /detokenize`.
 
 It is a thin layer: requests are parsed and checked against the limits up front (4xx with an
 OpenAI-style `{"error": {...}}` body), and their JSON decoded and checked, their images decoded and their prompt
@@ -53,10 +53,11 @@ As in vLLM, one model is served under one name (`--served-model-name`, by defaul
 or `internvl-mpo-demo` for the shipped demo model): /v1/models lists it, responses carry it, and a
 request that names another model gets a 404 (one that names none is served).
 
-The modules, each using only those before it: `settings` (ServerSettings, the flags), `requests` (bodies parsed
-and checked; ApiError, the error body), `media` (the bytes behind image and video URLs), `prompts` (prompt ids,
-images tiled, the token limits), `worker` (the thread that owns the model and its batch), `app` (the FastAPI routes
-and their response bodies) and `runner` (`serve`: the flags checked, uvicorn and its HTTP protocol).
+The modules, each using only those before it: `settings` (ServerSettings, the flags), `requests` (bodies parsed and
+checked; ApiError, the error body), `media` (the bytes behind image and video URLs), `prompts` (prompt ids, images
+tiled, the token limits), `metrics` (what the worker counts, as Prometheus text), `worker` (the thread that owns
+the model and its batch), `app` (the FastAPI routes and their response bodies) and `runner` (`serve`: the flags
+checked, uvicorn and its HTTP protocol).
 """
 
 from .app import create_app
