@@ -4,7 +4,8 @@ Endpoints: `POST /v1/chat/completions` (plain or `stream: true` server-sent even
 `chat.completion.chunk` format, ending with `data: [DONE]`), `POST /v1/completions` (raw text or token
 ids in, no chat template, as vLLM serves a chat model; `text_completion` objects and chunks),
 `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET /metrics` (Prometheus text, vLLM's metric names), and
-vLLM's `POST /tokenize` (a prompt, or messages with their image tokens, as the endpoints above would prefill them) and `POST /detokenize`.
+vLLM's `POST /tokenize` (a prompt, or messages with their image tokens, as the endpoints above would prefill
+them) and `POST /detokenize`.
 
 It is a thin layer: requests are parsed and checked against the limits up front (4xx with an
 OpenAI-style `{"error": {...}}` body), and their JSON decoded and checked, their images decoded and their prompt
