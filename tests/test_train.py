@@ -1828,6 +1828,20 @@ def test_plot_skips_the_half_written_line_of_a_killed_run(tmp_path, capsys):
     assert f"{tmp_path / 'metrics.jsonl'}:3: not valid JSON" in capsys.readouterr().err
 
 
+def test_plot_step_axis_has_whole_steps_only(tmp_path, monkeypatch):
+    """A 4-step run's curves had ticks at steps 1.5, 2.5, ...: the step axis ticks whole steps only."""
+    import matplotlib.figure
+
+    from internvl_mpo.cli import main
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 5)))
+    assert main(["plot", str(tmp_path)]) == 0
+    ticks = saved[0].axes[-1].get_xticks()
+    assert len(ticks) > 1 and all(t == int(t) for t in ticks), ticks
+
+
 @pytest.mark.parametrize("line", ['{"question": "q", "chosen": "a", "rejected": "b"}', "[1]", '{"step": "one"}'])
 def test_plot_refuses_a_file_that_is_not_metrics(tmp_path, capsys, line):
     """Another JSONL (a data file, say) given to plot: one line naming it, not a KeyError from the plotting."""

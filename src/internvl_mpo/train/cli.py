@@ -195,6 +195,7 @@ def plot(run_dir: str, output: str | None = None) -> int:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = [(title, [k for k in keys if any(k in r for r in rows)]) for title, keys in PLOT_PANELS]
     panels = [(title, keys) for title, keys in panels if keys]
@@ -207,6 +208,7 @@ def plot(run_dir: str, output: str | None = None) -> int:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[-1, 0].set_xlabel("step")
+    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))  # no ticks at step 1.5 on a short run
     fig.tight_layout()
     fig.savefig(target, dpi=100, format="png")
     plt.close(fig)
