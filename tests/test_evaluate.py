@@ -909,3 +909,30 @@ def test_options_that_a_question_of_another_kind_would_be_asked_without_are_refu
     assert "A. 2\nB. 3" in build_prompt(read_benchmark(path)[0], cot=True)  # --cot asks with them
     path.write_text(json.dumps({**row, "answer": "B", "kind": "choice"}) + "\n")
     assert "A. 2\nB. 3" in build_prompt(read_benchmark(path)[0])
+
+
+def test_eval_interrupted_says_what_is_kept_and_the_rerun_resumes(tiny_model, tmp_path, monkeypatch, capsys):
+    """Ctrl-C ended eval without a word (generate says what it kept and how to resume); it says so too."""
+    from internvl_mpo.cli import main
+    from internvl_mpo.pipeline import InternVLChat
+
+    data, out = write_bench(tmp_path / "data"), tmp_path / "out"
+    args = ["eval", "--model", str(tiny_model), "--data", str(data), "--output", str(out), "--max-new-tokens", "1",
+            "--device", "cpu", "--batch-size", "1"]
+    finish = InternVLChat.answers_as_they_finish
+
+    def ctrl_c_after_one(bot, jobs, batch_size):
+        for i, done in enumerate(finish(bot, jobs, batch_size)):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield done
+
+    with monkeypatch.context() as m:
+        m.setattr(InternVLChat, "answers_as_they_finish", ctrl_c_after_one)
+        assert main(args) == 130
+    # the last line, below the progress bar
+    assert capsys.readouterr().err.endswith(f"internvl-mpo eval: interrupted; {out / 'predictions.jsonl'} keeps 1 "
+                                            "answer: run the same command again to resume\n")
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 1
+    assert main(args + ["--no-progress"]) == 0
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == len(BENCH)

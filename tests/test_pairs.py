@@ -982,3 +982,28 @@ def test_each_sample_is_written_with_its_verdict_and_extracted_answer(tmp_path):
     (tmp_path / "mine" / "samples.jsonl").write_text("{}\n")  # a folder of the user's: not overwritten
     with pytest.raises(ConfigError, match="holds samples.jsonl but no settings.json"):
         make_correctness_pairs(items_path, tmp_path / "mine", FakeSampler(), SETTINGS)
+
+
+def test_pairs_interrupted_says_what_is_kept_and_the_rerun_resumes(tiny_model, tmp_path, monkeypatch, capsys):
+    """Ctrl-C ended pairs without a word (generate says what it kept and how to resume); it says so too."""
+    from internvl_mpo.cli import main
+    from internvl_mpo.pairs import ModelGenerator
+
+    out = tmp_path / "out"
+    args = ["pairs", "correctness", "--model", str(tiny_model), "--input", str(write_items(tmp_path / "data")),
+            "--output", str(out), "--samples", "2", "--max-new-tokens", "2", "--batch-size", "1", "--device", "cpu"]
+    generate, calls = ModelGenerator._generate, []
+
+    def ctrl_c_at_the_second_item(generator, requests):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return generate(generator, requests)
+
+    with monkeypatch.context() as m:
+        m.setattr(ModelGenerator, "_generate", ctrl_c_at_the_second_item)
+        assert main(args) == 130
+    assert capsys.readouterr().err.endswith(f"internvl-mpo pairs: interrupted; {out / 'progress.jsonl'} keeps 1 "
+                                            "finished item: run the same command again to resume\n")
+    assert main(args + ["--no-progress"]) == 0
+    assert len((out / "progress.jsonl").read_text().splitlines()) == 4

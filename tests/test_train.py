@@ -379,6 +379,30 @@ def sigterm_handler():
     signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.parametrize("save_every", [2, 0])
+def test_ctrl_c_names_the_checkpoint_a_resume_goes_on_from(tmp_path, chat_folder, meta, monkeypatch, capsys,
+                                                          save_every):
+    """Ctrl-C (which stops at once, without a save) ended train without a word: it names the last checkpoint,
+    or says there is none, and that --resume goes on."""
+    from internvl_mpo.cli import main
+
+    loss, calls = mpo.micro_batch_loss, []
+
+    def ctrl_c_in_step_3(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return loss(*args)
+
+    monkeypatch.setattr(mpo, "micro_batch_loss", ctrl_c_in_step_3)
+    out = tmp_path / "run"
+    assert main(["train", "mpo", "--model", str(chat_folder), "--data", str(meta), "--output", str(out),
+                 "--max-steps", "4", "--save-every", str(save_every), "--batch-size", "1", "--no-progress"]) == 130
+    kept = (f"the steps after {out / 'checkpoint-000002'} were not saved: run the same command with --resume "
+            "to go on from it") if save_every else "no checkpoint was saved: run the same command with --resume to start over"
+    assert capsys.readouterr().err == f"internvl-mpo train: interrupted by Ctrl-C; {kept}\n"
+
+
 def test_sigterm_after_a_save_every_checkpoint_writes_no_second_one_and_keeps_the_save_limit(
         tmp_path, chat_folder, meta, monkeypatch, sigterm_handler):
     import multiprocessing

@@ -50,6 +50,7 @@ import hashlib
 import io
 import json
 import re
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +70,7 @@ from internvl_mpo.errors import InputError, SettingError
 from internvl_mpo.filestamp import stamps, unchanged
 from internvl_mpo.jsonl import check_input_file, read_objects, refuse_misspelt_fields
 from internvl_mpo.locks import check_not_in_use
-from internvl_mpo.pairs import check_images, refuse_unread_media
+from internvl_mpo.pairs import check_images, interrupted, refuse_unread_media
 from internvl_mpo.run_folder import (
     Progress,
     atomic_write,
@@ -578,8 +579,12 @@ def eval_(
                 "weights": weights_identity(weights, recorded_weights(out / "settings.json"))}
     check_settings(out / "settings.json", run_identity(data, cot, settings), RUN_FILES, record=False)
     chat = InternVLChat.from_pretrained(model, dtype=dtype, device=device, weights=weights)
-    score = run_eval(data, model_answerer(chat, max_num, params, max_pixels), out, cot, batch_size, limit, settings, items,
-                     progress)
+    try:
+        score = run_eval(data, model_answerer(chat, max_num, params, max_pixels), out, cot, batch_size, limit, settings,
+                         items, progress)
+    except KeyboardInterrupt:  # the progress bar is closed: the line goes below it
+        print(interrupted("eval", out / "predictions.jsonl", "answer"), file=sys.stderr)
+        raise
     for failure in score["failed"]:
         print(f"failed (counted wrong) {failure}")
     print(format_table(score))

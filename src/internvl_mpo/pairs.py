@@ -59,6 +59,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -507,6 +508,14 @@ def _count_lines(path: str) -> int:
         return sum(1 for _ in f)
 
 
+def interrupted(command: str, kept: Path, noun: str) -> str:
+    """The line a resumable command (`pairs`, `eval`) prints at Ctrl-C: how many `noun`s its progress file
+    `kept` holds, and how to go on."""
+    n = len(Progress(kept).load())
+    return (f"internvl-mpo {command}: interrupted; {kept} keeps {n} {noun}{'' if n == 1 else 's'}: run the same "
+            "command again to resume")
+
+
 # ----------------------------------------------------------------------------- DropoutNTP
 
 
@@ -710,10 +719,14 @@ def pairs(
     check_settings(Path(output) / "settings.json", settings.identity(method, Path(input)), RUN_FILES, record=False)
     chat = InternVLChat.from_pretrained(model, dtype=dtype, device=device, weights=weights)
     generator = ModelGenerator(chat, settings, max_pixels)
-    if method == CORRECTNESS:
-        stats = make_correctness_pairs(input, output, generator.sample, settings, items, progress)
-    else:
-        stats = make_dropout_ntp_pairs(input, output, generator.continue_prefix, settings, items, progress)
+    try:
+        if method == CORRECTNESS:
+            stats = make_correctness_pairs(input, output, generator.sample, settings, items, progress)
+        else:
+            stats = make_dropout_ntp_pairs(input, output, generator.continue_prefix, settings, items, progress)
+    except KeyboardInterrupt:  # the progress bar is closed: the line goes below it
+        print(interrupted("pairs", Path(output) / "progress.jsonl", "finished item"), file=sys.stderr)
+        raise
     for failure in stats.failed:
         print(f"skipped {failure}")
     print(stats.summary())

@@ -118,6 +118,7 @@ def train(
     from internvl_mpo.convert import remote_code_note
     from internvl_mpo.processor.image import let_pillow_open
     from internvl_mpo.train.distributed import env_int, print0
+    from internvl_mpo.train.checkpointing import latest_checkpoint
     from internvl_mpo.train.mpo import train as run
     from internvl_mpo.train.settings import TrainConfig, count
     from internvl_mpo.train.stopping import EXIT_CODE, Stopped
@@ -131,6 +132,12 @@ def train(
     except Stopped as e:  # by SIGTERM: 143 (128 + 15), the code a shell gives a process that SIGTERM ended
         print0(f"internvl-mpo train: {e}", file=sys.stderr)
         return EXIT_CODE
+    except KeyboardInterrupt:  # Ctrl-C stops at once, without a save: what a resume goes on from
+        last = latest_checkpoint(Path(output))
+        kept = (f"the steps after {last} were not saved: run the same command with --resume to go on from it"
+                if last else "no checkpoint was saved: run the same command with --resume to start over")
+        print0(f"internvl-mpo train: interrupted by Ctrl-C; {kept}", file=sys.stderr)
+        raise
     print0(f"trained {count(result.steps, 'step')}; final model: {result.final_dir}")
     note = remote_code_note(result.final_dir) if env_int("RANK", 0) == 0 else None  # process 0 wrote final/
     if note:  # the files the official code and vLLM load it with

@@ -366,7 +366,9 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
                                model_print)
 
     # 5. the loop
-    bar = tqdm(total=total_steps, initial=start_step, disable=not (cfg.progress and env.is_main), desc=cfg.mode)
+    # closed however the loop ends: a Ctrl-C's line (`train.cli`) comes below the bar, not on its line
+    bar = held.enter_context(tqdm(total=total_steps, initial=start_step, disable=not (cfg.progress and env.is_main),
+                                  desc=cfg.mode))
     metrics: dict[str, float] = {}
     for step in range(start_step, total_steps):
         lr = lr_at(step, total_steps, cfg.warmup_ratio, cfg.lr)
