@@ -986,3 +986,14 @@ def test_video_benchmark_runs(tmp_path):
     run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "4 segments (last frame " in run.stdout and "seeking gave other frames" not in run.stderr
+
+
+def test_chat_refuses_a_second_video_flag(tmp_path, capsys):
+    """`chat --video a.mp4 --video b.mp4` (as --image repeats) asked about b.mp4 alone, dropping a.mp4 unsaid."""
+    from internvl_mpo.cli import main
+
+    with pytest.raises(SystemExit) as exit_:  # a wrong flag: argparse's usage and one error line, before any load
+        main(["chat", "--video", str(tmp_path / "a.mp4"), "What happens?", "--video", str(tmp_path / "frames")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.endswith(f"internvl-mpo chat: error: --video takes one value, got "
+                                            f"'{tmp_path / 'a.mp4'}' and '{tmp_path / 'frames'}'\n")

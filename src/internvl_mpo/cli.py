@@ -36,6 +36,18 @@ COMMANDS = {
 }
 
 
+# single-value flags that sit beside a repeatable sibling (`chat --video` beside `--image`): given twice, they are
+# refused, where argparse would keep the last and drop the first video without a word
+ONCE = ("video",)
+
+
+class _Once(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} takes one value, got {getattr(namespace, self.dest)!r} and {values!r}")
+        setattr(namespace, self.dest, values)
+
+
 def _unwrap(annotation):
     """(base type, is_list) of an annotation such as `int | None` or `list[str]`."""
     origin = typing.get_origin(annotation)
@@ -104,7 +116,8 @@ def build_parser(fn, name: str) -> argparse.ArgumentParser:
             parser.add_argument(flag, type=kind, action="append", default=None,
                                 help=help_text if said else help_text + " (repeatable)")
         else:
-            parser.add_argument(flag, type=kind, default=param.default, help=help_text)
+            parser.add_argument(flag, type=kind, default=param.default, help=help_text,
+                                action=_Once if name in ONCE else "store")
     return parser
 
 
