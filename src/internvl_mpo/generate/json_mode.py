@@ -232,6 +232,7 @@ class JsonVocabulary:
                 self._content[u, i] = advance_bytes((STRING, u, "", 0), piece) is not None
         self._cache: OrderedDict = OrderedDict()
         self.schema_cache: OrderedDict = OrderedDict()  # json_schema.schema_mask's, by (schema, state)
+        self.regex_cache: OrderedDict = OrderedDict()  # regex.regex_mask's, by (regex, state)
 
     @functools.cached_property
     def characters(self) -> numpy.ndarray:
@@ -261,7 +262,7 @@ class JsonVocabulary:
     def cached_mask(self, cache: OrderedDict, limit: int, key, lexical, compute) -> numpy.ndarray:
         """A new boolean array (size,): the mask `compute()` gives, kept packed in `cache` (its `limit` most recent)
         by `key`, which holds the state with its whitespace run set to 0 (`unspaced`); the run of the lexical state
-        `lexical` then leaves room for tokens that begin with a shorter run only."""
+        `lexical` then leaves room for tokens that begin with a shorter run only (None: a state without one)."""
         packed = cache.get(key)
         if packed is None:
             packed = cache[key] = numpy.packbits(compute())
@@ -270,7 +271,7 @@ class JsonVocabulary:
         else:
             cache.move_to_end(key)
         mask = numpy.unpackbits(packed, count=self.size).view(bool)
-        if lexical[0] in SPACED and lexical[3]:
+        if lexical is not None and lexical[0] in SPACED and lexical[3]:
             mask &= self._lead_ws <= whitespace_limit(len(lexical[2])) - lexical[3]
         return mask
 

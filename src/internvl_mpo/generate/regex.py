@@ -1,0 +1,528 @@
+"""Regular expressions as byte-level automata: guided decoding to a regex or a choice (vLLM's `guided_regex` and
+`guided_choice`), and JSON schema's `pattern`.
+
+`compile_regex(pattern, search=False, excluded="")` gives a `Regex`: a recognizer of the UTF-8 bytes of the texts
+the regex takes (well-formed UTF-8 only). search=False: the whole text matches (Python's re.fullmatch). search=True:
+the regex matches somewhere in the text (ECMA-262's unanchored `test`, JSON Schema's `pattern`; `^` and `$` anchor
+it to the text's start and end). `excluded`: code points that may not appear in the text at all.
+
+The syntax taken (Python's and ECMA-262's common ground): literals, `.` (any code point but \\n), classes `[...]`
+(ranges, `^` negation, escapes), `\\d \\w \\s \\D \\W \\S` (ASCII meanings), the escapes `\\n \\t \\r \\f \\v \\xHH
+\\uHHHH` (a surrogate pair's two escapes read as one code point) and any escaped punctuation, the quantifiers
+`* + ? {n} {n,} {n,m}` and their lazy forms (the same language), groups `(...)`, `(?:...)`, `(?P<name>...)`,
+`(?<name>...)`, alternation, and `^`/`$` (the start and the end of the text: `$` is not also before a final
+newline, as Python's is). Refused with a RegexError naming the construct and its position: backreferences,
+lookarounds, `\\b` and `\\B`, possessive quantifiers and atomic groups, inline flags, `\\p{...}`, unknown escapes,
+unbalanced parentheses, a bound above MAX_REPEAT, and an automaton of more than MAX_NODES nodes.
+
+The regex is parsed to a tree, then built as a Thompson NFA over bytes (each character class turned into UTF-8
+byte-range sequences, their common suffixes shared), with epsilon edges and the `^`/`$` assertions as edges of
+their own. A node that cannot reach acceptance is pruned: `live` holds the (node, past `$`) pairs from which the
+end is reachable once a byte has been read (a `^` is crossed only before the first byte). The DFA is built lazily:
+a state is the frozenset of the live NFA nodes that read a byte (and the final node when the text so far is
+accepted), each state's moves memoized. So `advance` returns None exactly when no text the regex takes begins with
+the bytes so far, and a state it returns always has an accepted completion. `RegexConstraint` holds one answer to a
+Regex, with masks from JSON mode's vocabulary index (a walk of the tokens as a trie), cached per regex and state.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy
+
+from ..errors import InputError
+from . import json_mode as jm
+
+MAX_REPEAT = 1000  # the largest bound of {n,m}
+MAX_NODES = 100_000  # NFA nodes of one regex
+MAX_HELD = 1_000_000  # NFA nodes in the memoized DFA states of one regex (all together) before the memo is cleared
+MAX_NESTING = 100  # groups inside one another
+CACHED_REGEXES = 64
+CACHED_MASKS = 1024  # regex masks kept per vocabulary (all regexes together), packed 8 to a byte
+MAX_CODE = 0x10FFFF
+SURROGATES = ((0xD800, 0xDFFF),)
+SPECIAL = frozenset("\\.^$|?*+()[]{}")
+CLASSES = {"d": ((0x30, 0x39),), "w": ((0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)),
+           "s": ((0x09, 0x0D), (0x20, 0x20))}
+ESCAPES = {"n": 0x0A, "t": 0x09, "r": 0x0D, "f": 0x0C, "v": 0x0B}
+HEX = frozenset("0123456789abcdefABCDEF")
+_MISSING = object()
+
+
+class RegexError(InputError):
+    """A regex this module does not take; the message names the construct and its position."""
+
+
+def _normalized(ranges) -> tuple[tuple[int, int], ...]:
+    """Code point ranges (lo, hi) sorted and merged."""
+    merged: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return tuple((lo, hi) for lo, hi in merged)
+
+
+def _complement(ranges) -> tuple[tuple[int, int], ...]:
+    found, start = [], 0
+    for lo, hi in _normalized(ranges):
+        if lo > start:
+            found.append((start, lo - 1))
+        start = hi + 1
+    return tuple(found + ([(start, MAX_CODE)] if start <= MAX_CODE else []))
+
+
+def _without(ranges, banned) -> tuple[tuple[int, int], ...]:
+    """`ranges` less the (normalized) `banned` ranges."""
+    return _complement(_normalized(tuple(_complement(ranges)) + tuple(banned)))
+
+
+def _utf8_sequences(lo: int, hi: int) -> list[tuple[tuple[int, int], ...]]:
+    """The code points lo..hi (no surrogates) as sequences of byte ranges, each sequence's bytes any combination of
+    its ranges' (the split of Rust's utf8-ranges)."""
+    found, todo = [], [(lo, hi)]
+    while todo:
+        lo, hi = todo.pop()
+        bound = next((b for b in (0x7F, 0x7FF, 0xFFFF) if lo <= b < hi), None)
+        if bound is not None:  # the two sides encode to different lengths
+            todo += [(lo, bound), (bound + 1, hi)]
+            continue
+        for bits in (6, 12, 18):  # the continuation bytes' bits below a lead byte's (or a higher continuation's)
+            m = (1 << bits) - 1
+            if lo & ~m != hi & ~m:
+                if lo & m:
+                    todo += [(lo, lo | m), ((lo | m) + 1, hi)]
+                    break
+                if hi & m != m:
+                    todo += [(lo, (hi & ~m) - 1), (hi & ~m, hi)]
+                    break
+        else:
+            found.append(tuple(zip(chr(lo).encode(), chr(hi).encode())))
+    return found
+
+
+class _Parser:
+    """A regex's text to a tree: ("set", code point ranges), ("cat", parts), ("alt", parts), ("rep", part, least,
+    most or None), ("^",), ("$",)."""
+
+    def __init__(self, pattern: str):
+        self.text = pattern
+        self.pos = 0
+        self.depth = 0
+        self.names: set[str] = set()
+
+    def refuse(self, what: str, pos: int, why: str = "is not supported") -> RegexError:
+        shown = self.text if len(self.text) <= 60 else self.text[:57] + "..."
+        return RegexError(f"regex {shown!r}: {what} at position {pos} {why}")
+
+    def parse(self):
+        tree = self.alternation()
+        if self.pos < len(self.text):  # only a ')' stops an alternation early
+            raise self.refuse("the ')'", self.pos, "closes no group (unbalanced parentheses)")
+        return tree
+
+    def peek(self, offset: int = 0) -> str:
+        i = self.pos + offset
+        return self.text[i] if i < len(self.text) else ""
+
+    def alternation(self):
+        parts = [self.concatenation()]
+        while self.peek() == "|":
+            self.pos += 1
+            parts.append(self.concatenation())
+        return parts[0] if len(parts) == 1 else ("alt", tuple(parts))
+
+    def concatenation(self):
+        parts = []
+        while self.peek() not in ("", "|", ")"):
+            parts.append(self.quantified(self.atom()))
+        return parts[0] if len(parts) == 1 else ("cat", tuple(parts))
+
+    def quantified(self, atom):
+        start = self.pos
+        c = self.peek()
+        if c in ("*", "+", "?"):
+            self.pos += 1
+            least, most = {"*": (0, None), "+": (1, None), "?": (0, 1)}[c]
+        elif c == "{":
+            least, most = self.bounds()
+        else:
+            return atom
+        if atom[0] in ("^", "$"):
+            raise self.refuse(f"'{c}' after an anchor", start, "repeats nothing")
+        if self.peek() == "?":  # lazy: the same language
+            self.pos += 1
+        elif self.peek() == "+":
+            raise self.refuse("a possessive quantifier", self.pos)
+        if self.peek() in ("*", "+", "?", "{"):
+            raise self.refuse(f"'{self.peek()}'", self.pos, "repeats a repetition (group it: (?:...))")
+        return ("rep", atom, least, most)
+
+    def bounds(self) -> tuple[int, int | None]:
+        start = self.pos
+        end = self.text.find("}", start)
+        inside = self.text[start + 1: end] if end > 0 else ""
+        least, comma, most = inside.partition(",")
+        if not (least.isascii() and least.isdigit() and (not most or (most.isascii() and most.isdigit()))):
+            raise self.refuse("a '{' that does not begin a repetition {n}, {n,} or {n,m}", start,
+                              "is not supported (escape it as \\{)")
+        self.pos = end + 1
+        least_n, most_n = int(least), (int(most) if most else None if comma else int(least))
+        if max(least_n, most_n or 0) > MAX_REPEAT:
+            raise self.refuse(f"the repetition {{{inside}}}", start, f"is over the limit of {MAX_REPEAT}")
+        if most_n is not None and most_n < least_n:
+            raise self.refuse(f"the repetition {{{inside}}}", start, "has its bounds out of order")
+        return least_n, most_n
+
+    def atom(self):
+        start = self.pos
+        c = self.peek()
+        self.pos += 1
+        if c == "(":
+            return self.group(start)
+        if c == "[":
+            return ("set", self.character_class(start))
+        if c == ".":
+            return ("set", _complement(((0x0A, 0x0A),)))
+        if c in ("^", "$"):
+            return (c,)
+        if c == "\\":
+            found = self.escape(start, in_class=False)
+            return ("set", found if isinstance(found, tuple) else ((found, found),))
+        if c in ("*", "+", "?", "{"):
+            raise self.refuse(f"'{c}'", start, "repeats nothing (escape it for the character)")
+        return ("set", ((self.code_point(c, start),) * 2,))
+
+    def code_point(self, c: str, pos: int) -> int:
+        if 0xD800 <= ord(c) <= 0xDFFF:
+            raise self.refuse(f"a lone surrogate U+{ord(c):04X}", pos, "is not a character UTF-8 can hold")
+        return ord(c)
+
+    def group(self, start: int):
+        if self.peek() == "?":
+            after = self.text[self.pos + 1: self.pos + 3]
+            if after[:1] == ":":
+                self.pos += 2
+            elif after[:1] in ("=", "!") or after in ("<=", "<!"):
+                raise self.refuse("a lookaround (?" + after[:1 if after[:1] in "=!" else 2], start)
+            elif after == "P=":
+                raise self.refuse("a backreference (?P=", start)
+            elif after[:1] == "<" or after == "P<":
+                self.pos += 3 if after == "P<" else 2
+                end = self.text.find(">", self.pos)
+                name = self.text[self.pos: end] if end >= 0 else ""
+                if not name.isidentifier() or name in self.names:
+                    raise self.refuse(f"the group name {name!r}", start, "is not a new identifier")
+                self.names.add(name)
+                self.pos = end + 1
+            elif after[:1] == ">":
+                raise self.refuse("an atomic group (?>", start)
+            elif after[:1] == "#":
+                raise self.refuse("a comment (?#", start)
+            elif after[:1] == "(":
+                raise self.refuse("a conditional group (?(", start)
+            elif after[:1].isalpha() or after[:1] == "-":
+                raise self.refuse("inline flags (?" + after[:1], start)
+            else:
+                raise self.refuse("the group (?" + after[:1], start)
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise self.refuse("a group", start, f"is nested more than {MAX_NESTING} deep")
+        tree = self.alternation()
+        self.depth -= 1
+        if self.peek() != ")":
+            raise self.refuse("the '('", start, "is never closed (unbalanced parentheses)")
+        self.pos += 1
+        return ("cat", (tree,))  # not a bare anchor: it may be repeated
+
+    def character_class(self, start: int) -> tuple[tuple[int, int], ...]:
+        negated = self.peek() == "^"
+        self.pos += negated
+        if self.peek() == "]":
+            raise self.refuse("a ']' first in a class", self.pos, "is not supported (escape it as \\])")
+        ranges: list[tuple[int, int]] = []
+        while self.peek() != "]":
+            if not self.peek():
+                raise self.refuse("the class '['", start, "has no ']'")
+            item_pos = self.pos
+            low = self.class_item()
+            if self.peek() == "-" and self.peek(1) not in ("]", ""):
+                self.pos += 1
+                high = self.class_item()
+                if isinstance(low, tuple) or isinstance(high, tuple) or low > high:
+                    raise self.refuse("a bad range " + self.text[item_pos: self.pos], item_pos,
+                                      "(its ends must be characters in order)")
+                ranges.append((low, high))
+            else:
+                ranges += low if isinstance(low, tuple) else [(low, low)]
+        self.pos += 1
+        return _complement(ranges) if negated else _normalized(ranges)
+
+    def class_item(self) -> int | tuple:
+        start = self.pos
+        c = self.peek()
+        self.pos += 1
+        return self.escape(start, in_class=True) if c == "\\" else self.code_point(c, start)
+
+    def escape(self, start: int, in_class: bool) -> int | tuple:
+        """The escape at `start` (its backslash; self.pos after it): a code point, or a class's ranges."""
+        c = self.peek()
+        self.pos += 1
+        if not c:
+            raise self.refuse("a backslash", start, "ends the regex")
+        if c.lower() in CLASSES:
+            ranges = CLASSES[c.lower()]
+            return ranges if c.islower() else _complement(ranges)
+        if c in ESCAPES:
+            return ESCAPES[c]
+        if c in ("x", "u"):
+            digits = self.text[self.pos: self.pos + (2 if c == "x" else 4)]
+            if len(digits) < (2 if c == "x" else 4) or not all(d in HEX for d in digits):
+                raise self.refuse(f"the escape \\{c}{digits}", start, f"needs {2 if c == 'x' else 4} hex digits")
+            self.pos += len(digits)
+            code = int(digits, 16)
+            low = self.text[self.pos: self.pos + 6]
+            if 0xD800 <= code <= 0xDBFF and len(low) == 6 and low[:2] == "\\u" and all(d in HEX for d in low[2:]) \
+                    and 0xDC00 <= int(low[2:], 16) <= 0xDFFF:  # a surrogate pair's escapes: one code point
+                self.pos += 6
+                return 0x10000 + ((code - 0xD800) << 10) + int(low[2:], 16) - 0xDC00
+            return self.code_point(chr(code), start)
+        if c == "b" and in_class:
+            return 0x08
+        if c in ("b", "B"):
+            raise self.refuse(f"the word boundary \\{c}", start)
+        if c in "0123456789k":
+            raise self.refuse(f"a backreference \\{c}", start)
+        if c in ("p", "P"):
+            raise self.refuse(f"a Unicode property \\{c}{{...}}", start)
+        if c.isascii() and c.isalnum():
+            raise self.refuse(f"the escape \\{c}", start)
+        return self.code_point(c, start)
+
+
+class Regex:
+    """A compiled regex: `initial` (a state), `advance(state, byte)` (the next state or None), `accepting(state)`.
+    Equal (and hashed) by its compile_regex arguments."""
+
+    def __init__(self, pattern: str, search: bool, excluded: str):
+        self.key = (pattern, search, excluded)
+        tree = _Parser(pattern).parse()
+        self._banned = _normalized(SURROGATES + tuple((ord(c), ord(c)) for c in excluded))
+        if search:  # any text before and after the match
+            anything = ("rep", ("set", ((0, MAX_CODE),)), 0, None)
+            tree = ("cat", (anything, tree, anything))
+        self._bytes: list[list[tuple[int, int, int]]] = []  # per node: its byte edges (lowest, highest, target)
+        self._empty: list[list[int]] = []  # epsilon edges
+        self._starts: list[list[int]] = []  # `^` edges: crossed before the first byte only
+        self._ends: list[list[int]] = []  # `$` edges: no byte is read after one
+        entry, self.final = self._build(tree)
+        self._live = self._find_live()
+        self._moves: dict = {}  # state -> {byte: next state or None}
+        self._held = 0
+        self.initial = self._closure([entry], at_start=True)
+        if not self.initial:
+            raise RegexError(f"regex {pattern[:60]!r}: no text matches it" +
+                             (f" without the characters {excluded!r}" if excluded else ""))
+
+    def __eq__(self, other):
+        return isinstance(other, Regex) and other.key == self.key
+
+    def __hash__(self):
+        return hash(self.key)
+
+    def accepting(self, state) -> bool:
+        return self.final in state
+
+    def advance(self, state, byte: int):
+        """The state after one more byte, or None where no text the regex takes begins with the bytes so far."""
+        moves = self._moves.get(state)
+        if moves is None:
+            if self._held > MAX_HELD:
+                self._moves.clear()
+                self._held = 0
+            moves = self._moves[state] = {}
+            self._held += len(state)
+        after = moves.get(byte, _MISSING)
+        if after is _MISSING:
+            targets = [t for node in state for lo, hi, t in self._bytes[node] if lo <= byte <= hi]
+            after = moves[byte] = self._closure(targets, at_start=False) or None
+        return after
+
+    def matches(self, data: bytes) -> bool:
+        """Whether the regex takes the text of these UTF-8 bytes."""
+        state = self.initial
+        for byte in data:
+            state = self.advance(state, byte)
+            if state is None:
+                return False
+        return self.accepting(state)
+
+    # ---- construction -----------------------------------------------------------------------
+
+    def _too_large(self) -> RegexError:
+        return RegexError(f"the regex is too large: its automaton would have more than {MAX_NODES} nodes (a "
+                          "repetition copies what it repeats)")
+
+    def _node(self) -> int:
+        if len(self._bytes) >= MAX_NODES:
+            raise self._too_large()
+        for edges in (self._bytes, self._empty, self._starts, self._ends):
+            edges.append([])
+        return len(self._bytes) - 1
+
+    def _build(self, tree) -> tuple[int, int]:
+        """The NFA of `tree`: its (entry, exit) nodes."""
+        kind = tree[0]
+        entry = self._node()
+        if kind == "set":
+            end = self._node()
+            suffixes = {}  # a byte-range suffix's node, shared by the sequences ending with it
+            for lo, hi in _without(tree[1], self._banned):
+                for sequence in _utf8_sequences(lo, hi):
+                    target = end
+                    for i in range(len(sequence) - 1, 0, -1):
+                        if sequence[i:] not in suffixes:
+                            suffixes[sequence[i:]] = self._node()
+                            self._bytes[suffixes[sequence[i:]]].append((*sequence[i], target))
+                        target = suffixes[sequence[i:]]
+                    self._bytes[entry].append((*sequence[0], target))
+            return entry, end
+        if kind in ("^", "$"):
+            end = self._node()
+            (self._starts if kind == "^" else self._ends)[entry].append(end)
+            return entry, end
+        if kind == "cat":
+            end = entry
+            for part in tree[1]:
+                first, last = self._build(part)
+                self._empty[end].append(first)
+                end = last
+            return entry, end
+        if kind == "alt":
+            end = self._node()
+            for part in tree[1]:
+                first, last = self._build(part)
+                self._empty[entry].append(first)
+                self._empty[last].append(end)
+            return entry, end
+        _, part, least, most = tree  # "rep"
+        copies = least + 1 if most is None else most
+        end, skips = entry, []
+        for k in range(copies):
+            size = len(self._bytes)
+            first, last = self._build(part)
+            if len(self._bytes) + (len(self._bytes) - size) * (copies - 1 - k) > MAX_NODES:
+                raise self._too_large()
+            self._empty[end].append(first)
+            if k == least and most is None:  # a loop: the part again and again
+                self._empty[last].append(end)
+                break
+            if k >= least:
+                skips.append(end)
+            end = last
+        exit = self._node()  # not `end`, which may be the loop's: a skip must not enter it
+        for node in skips + [end]:
+            self._empty[node].append(exit)
+        return entry, exit
+
+    def _find_live(self) -> set[tuple[int, bool]]:
+        """The (node, past a `$`) pairs from which the final node is reachable after the first byte (no `^`)."""
+        before: dict[tuple[int, bool], list[tuple[int, bool]]] = {}
+        for node in range(len(self._bytes)):
+            for ended in (False, True):
+                for target in self._empty[node]:
+                    before.setdefault((target, ended), []).append((node, ended))
+                for target in self._ends[node]:
+                    before.setdefault((target, True), []).append((node, ended))
+            for _, _, target in self._bytes[node]:
+                before.setdefault((target, False), []).append((node, False))
+        live = {(self.final, False), (self.final, True)}
+        todo = list(live)
+        while todo:
+            for pair in before.get(todo.pop(), ()):
+                if pair not in live:
+                    live.add(pair)
+                    todo.append(pair)
+        return live
+
+    def _closure(self, seeds, at_start: bool) -> frozenset[int]:
+        """The live nodes that read a byte, reached from `seeds` by epsilon and assertion edges (`^` only
+        `at_start`), and the final node where it is reached."""
+        live = self._live
+        todo = [(node, False) for node in seeds if at_start or (node, False) in live]
+        seen = set(todo)
+        found = set()
+        while todo:
+            node, ended = todo.pop()
+            if node == self.final:
+                found.add(node)
+            elif not ended and self._bytes[node] and (node, False) in live:
+                found.add(node)
+            after = [(t, ended) for t in self._empty[node]] + [(t, True) for t in self._ends[node]]
+            if at_start:
+                after += [(t, ended) for t in self._starts[node]]
+            for pair in after:
+                if pair not in seen and (at_start or pair in live):
+                    seen.add(pair)
+                    todo.append(pair)
+        return frozenset(found)
+
+
+def compile_regex(pattern: str, *, search: bool = False, excluded: str = "") -> Regex:
+    """`pattern` compiled (cached by the arguments); RegexError where it uses what this module does not take."""
+    if not isinstance(pattern, str):
+        raise RegexError(f"a regex must be a string, got {type(pattern).__name__}")
+    return _compiled(pattern, bool(search), str(excluded))
+
+
+@functools.lru_cache(maxsize=CACHED_REGEXES)
+def _compiled(pattern: str, search: bool, excluded: str) -> Regex:
+    return Regex(pattern, search, excluded)
+
+
+def escape(text: str) -> str:
+    """`text` as a regex that takes it alone."""
+    return "".join("\\" + c if c in SPECIAL else c for c in text)
+
+
+def choice_pattern(choices) -> str:
+    """The regex of exactly one of `choices` (strings)."""
+    return "|".join(escape(choice) for choice in choices)
+
+
+def regex_mask(vocabulary: jm.JsonVocabulary, regex: Regex, state) -> numpy.ndarray:
+    """A new boolean array (vocabulary size,): the ids whose bytes take `state` of `regex` to a live state, cached in
+    the vocabulary per regex and state."""
+    def compute():
+        mask = numpy.zeros(vocabulary.size, dtype=bool)
+        mask[vocabulary._ids[jm._walk(vocabulary._words, state, regex.advance)]] = True
+        return mask
+    return vocabulary.cached_mask(vocabulary.regex_cache, CACHED_MASKS, (regex, state), None, compute)
+
+
+class RegexConstraint(jm.JsonConstraint):
+    """One answer held to a regex (its whole text): JsonConstraint over the regex's states; a stop token is allowed
+    where the text so far is accepted."""
+
+    held_to = "the regex"
+
+    def __init__(self, vocabulary: jm.JsonVocabulary, regex: Regex):
+        super().__init__(vocabulary, regex.initial)
+        self.regex = regex
+
+    @property
+    def complete(self) -> bool:
+        return self.regex.accepting(self.state)
+
+    def _mask(self) -> numpy.ndarray:
+        return regex_mask(self.vocabulary, self.regex, self.state)
+
+    def _after(self, piece: bytes):
+        state = self.state
+        for byte in piece:
+            state = self.regex.advance(state, byte)
+            if state is None:
+                return None
+        return state

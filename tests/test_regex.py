@@ -1,0 +1,209 @@
+"""Regexes as byte-level automata (generate/regex.py): hand cases, refusals, and random regexes checked against
+Python's re on random texts and on random walks of the automaton."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from internvl_mpo.errors import InputError
+from internvl_mpo.generate.regex import RegexError, choice_pattern, compile_regex, escape
+
+TEXT_ALPHABET = "ab1 _\n\té€😀.-Z\U0010ffff"
+
+
+def states(regex, data: bytes):
+    """The states after each byte of `data` (None from the first refused one on)."""
+    state, found = regex.initial, []
+    for byte in data:
+        state = None if state is None else regex.advance(state, byte)
+        found.append(state)
+    return found
+
+
+@pytest.mark.parametrize("pattern, taken, refused", [
+    ("abc", ["abc"], ["", "ab", "abcd", "xabc"]),
+    ("a|bc|", ["a", "bc", ""], ["b", "abc"]),
+    ("(?:ab)*c", ["c", "abc", "ababc"], ["ac", "abab"]),
+    ("a{2,3}", ["aa", "aaa"], ["a", "aaaa"]),
+    ("a{2}", ["aa"], ["a", "aaa"]),
+    ("a{2,}?", ["aa", "aaaaa"], ["a"]),
+    ("[a-c]+[^a-c]", ["abx", "c€"], ["ab", "abc", "x"]),
+    (r"\d\w\s\D\W\S", ["1a\tx-y"], ["1a\t1-y", "١a xx_"]),
+    (r"\x41\u00e9\uD83D\uDE00\.\\\/\n\t\r\f\v", ["Aé😀.\\/\n\t\r\f\v"], ["Aé😀x\\/\n\t\r\f\v"]),
+    (r"[\]\-\\a-c\d]+", ["]-\\b5"], ["^"]),
+    ("[é-ü]€.😀", ["ñ€x😀", "é€é😀"], ["a€x😀", "ñ€\n😀"]),
+    ("(?P<x>a)(?<y>b)", ["ab"], ["a"]),
+    ("^ab$", ["ab"], ["ab\n"]),
+    ("a^b|c", ["c"], ["ab", "a^b"]),
+    ("a$b|c", ["c"], ["ab", "a$b"]),
+    ("[\\b]", ["\b"], ["b"]),
+    ("", [""], ["a"]),
+])
+def test_hand_cases_match_as_python_fullmatch(pattern, taken, refused):
+    regex = compile_regex(pattern)
+    for text in taken:
+        assert regex.matches(text.encode()), text
+        assert all(s is not None for s in states(regex, text.encode())), text
+    for text in refused:
+        assert not regex.matches(text.encode()), text
+
+
+def test_search_is_unanchored_but_for_caret_and_dollar():
+    assert compile_regex("ab", search=True).matches(b"xxabyy")
+    assert not compile_regex("ab", search=True).matches(b"xxa")
+    assert compile_regex("^ab", search=True).matches(b"aby")
+    assert not compile_regex("^ab", search=True).matches(b"xab")
+    assert compile_regex("ab$", search=True).matches(b"xab")
+    assert not compile_regex("ab$", search=True).matches(b"ab\n")  # ECMA-262's $: the end only
+    assert compile_regex("", search=True).matches("any\n😀".encode())
+
+
+def test_only_well_formed_utf8_is_taken():
+    regex = compile_regex(".*")
+    for bad in [b"\xc0\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\x80", b"\xff", b"\xe0\x80\x80"]:
+        assert None in states(regex, bad), bad
+    assert not regex.matches("é".encode()[:1])  # a character cut short is a live prefix, not an accepted text
+    assert states(regex, "é".encode()[:1])[0] is not None
+
+
+def test_excluded_characters_never_appear():
+    regex = compile_regex(".*", excluded='"\\' + "".join(map(chr, range(0x20))))
+    assert regex.matches("abc é".encode())
+    for text in ['a"', "a\\", "\x00", "\x1f", "\n"]:
+        assert not regex.matches(text.encode()), text
+    with pytest.raises(RegexError, match="no text matches it without the characters"):
+        compile_regex('"', excluded='"')
+    assert compile_regex('a|"', search=True, excluded='"').matches(b"xa")
+
+
+@pytest.mark.parametrize("pattern, named", [
+    (r"(a)\1", r"backreference \1 at position 3"), ("(?P<n>a)(?P=n)", "backreference (?P= at position 8"),
+    (r"\k<n>", "backreference"), ("a(?=b)", "lookaround (?= at position 1"), ("(?!b)", "lookaround (?!"),
+    ("(?<=a)b", "lookaround (?<="), ("(?<!a)b", "lookaround (?<!"), (r"\bx", r"word boundary \b at position 0"),
+    (r"x\B", r"word boundary \B at position 1"), ("a++", "possessive quantifier at position 2"),
+    ("a{2}+", "possessive"), ("(?>a)", "atomic group"), ("(?i)a", "inline flags (?i at position 0"),
+    ("(?s:a)", "inline flags"), (r"\p{L}", r"Unicode property \p"), (r"\P{L}", "Unicode property"),
+    ("(a", "'(' at position 0 is never closed"), ("a)", "')' at position 1 closes no group"),
+    ("a{1001}", "over the limit of 1000"), ("a{3,2}", "out of order"), ("[a", "has no ']'"),
+    ("*a", "repeats nothing"), ("a**", "repeats a repetition"), ("^*", "after an anchor"), (r"\q", r"escape \q"),
+    ("[]a]", "']' first in a class"), ("a{,3}", "does not begin a repetition"), ("a{x}", "'{'"),
+    ("[z-a]", "bad range z-a"), (r"[\d-z]", "bad range"), (r"\x4", r"\x4 at position 0 needs 2 hex digits"),
+    ("\\", "backslash at position 0 ends the regex"), ("(?P<1>a)", "group name '1'"), ("(?P<x>a)(?<x>b)", "'x'"),
+    ("\ud800", "lone surrogate U+D800"), (r"\ud800", "lone surrogate"), ("(?#c)", "comment"),
+    ("(" * 101 + ")" * 101, "nested more than 100 deep"), ("(?:.{1000}){20}", "the regex is too large"),
+])
+def test_unsupported_constructs_are_refused_naming_them(pattern, named):
+    with pytest.raises(RegexError, match=re.escape(named)) as caught:
+        compile_regex(pattern)
+    assert isinstance(caught.value, InputError)
+
+
+def test_a_non_string_regex_is_refused():
+    with pytest.raises(RegexError, match="must be a string, got int"):
+        compile_regex(5)
+
+
+def test_compiled_regexes_are_cached_and_equal_by_their_arguments():
+    assert compile_regex("a+b") is compile_regex("a+b")
+    assert compile_regex("a+b") != compile_regex("a+b", search=True)
+    assert compile_regex("a+b", excluded="x") == compile_regex("a+b", excluded="x")
+
+
+def test_choices_are_escaped_alternatives():
+    choices = ["yes", "no", "a.b*(c)", "[x]{1}|\\^$?+", "😀 é", ""]
+    regex = compile_regex(choice_pattern(choices))
+    for text in choices:
+        assert regex.matches(text.encode()), text
+    for text in ["ye", "yesno", "aXb*(c)", "a.bb*(c)", "[x]", " "]:
+        assert not regex.matches(text.encode()), text
+    assert re.fullmatch(escape("[x]{1}|\\^$?+"), "[x]{1}|\\^$?+")
+
+
+# ---- random regexes against Python's re --------------------------------------------------
+
+ATOMS = ["a", "b", "é", "€", "😀", r"\n", r"\.", "-", " ", "[ab]", "[^a]", "[a-é]", "[€-😀]", r"[^\n]", r"[\d€]",
+         r"[^\w]", ".", r"\d", r"\w", r"\s", r"\D", r"\W", r"\S", r"\x61", r"\u20ac", "[.-]"]
+
+
+def random_regex(rng: random.Random, depth: int, names: list) -> tuple[str, str]:
+    """(this module's regex, the same for Python's re: `$` as \\Z, `(?<n>` as `(?P<n>`)."""
+    r = rng.random()
+    if depth <= 0 or r < 0.3:
+        if rng.random() < 0.06:
+            return ("^", "^") if rng.random() < 0.5 else ("$", r"\Z")
+        atom = rng.choice(ATOMS)
+        return atom, atom
+    if r < 0.5:
+        parts = [random_regex(rng, depth - 1, names) for _ in range(rng.randint(2, 3))]
+        return "".join(p for p, _ in parts), "".join(q for _, q in parts)
+    if r < 0.65:
+        parts = [random_regex(rng, depth - 1, names) for _ in range(rng.randint(2, 3))]
+        return "(?:" + "|".join(p for p, _ in parts) + ")", "(?:" + "|".join(q for _, q in parts) + ")"
+    if r < 0.88:
+        mine, python = random_regex(rng, depth - 1, names)
+        low = rng.randint(0, 2)
+        quantifier = rng.choice(["*", "+", "?", f"{{{low}}}", f"{{{low},}}", f"{{{low},{low + rng.randint(0, 2)}}}"])
+        quantifier += "?" if rng.random() < 0.2 else ""
+        return f"(?:{mine}){quantifier}", f"(?:{python}){quantifier}"
+    mine, python = random_regex(rng, depth - 1, names)
+    names.append(f"g{len(names)}")
+    kind = rng.randrange(3)
+    if kind == 0:
+        return f"({mine})", f"({python})"
+    return (f"(?P<{names[-1]}>{mine})" if kind == 1 else f"(?<{names[-1]}>{mine})"), f"(?P<{names[-1]}>{python})"
+
+
+def random_walk(regex, rng: random.Random, limit: int = 30) -> bytes | None:
+    """Bytes of a random walk from the initial state, stopped at an accepting state (None: the limit came first);
+    every state on the way has a live next byte or accepts."""
+    state, data = regex.initial, b""
+    for _ in range(limit):
+        if regex.accepting(state) and rng.random() < 0.3:
+            return data
+        start, stride = rng.randrange(256), rng.randrange(1, 256, 2)  # a random order of the bytes
+        order = [(start + stride * i) % 256 for i in range(256)]
+        byte = next((b for b in order if regex.advance(state, b) is not None), None)
+        if byte is None:
+            assert regex.accepting(state), f"a dead end after {data!r}"
+            return data
+        state, data = regex.advance(state, byte), data + bytes((byte,))
+    return data if regex.accepting(state) else None
+
+
+@pytest.mark.parametrize("search", [False, True])
+def test_random_regexes_agree_with_python_re(search):
+    rng = random.Random(1234 + search)
+    checked = accepted = 0
+    for case in range(250):
+        mine, python = random_regex(rng, 4, [])
+        excluded = rng.choice(["", "", "a", "é\n", '"\\' + "".join(map(chr, range(0x20)))])
+        try:
+            regex = compile_regex(mine, search=search, excluded=excluded)
+        except RegexError as e:
+            assert "no text matches it" in str(e), (mine, e)
+            continue
+        oracle = re.compile(python, re.ASCII)
+        find = oracle.search if search else oracle.fullmatch
+
+        def expected(text):
+            return find(text) is not None and not any(c in excluded for c in text)
+
+        texts = ["".join(rng.choice(TEXT_ALPHABET) for _ in range(rng.randint(0, 6))) for _ in range(60)]
+        for _ in range(8):
+            data = random_walk(regex, rng)
+            if data is not None:
+                text = data.decode()  # well-formed UTF-8
+                assert expected(text), (mine, python, excluded, text)
+                texts += [text, text[:-1], text + rng.choice(TEXT_ALPHABET)]
+        for text in texts:
+            data = text.encode()
+            want = expected(text)
+            assert regex.matches(data) == want, (mine, python, search, excluded, text)
+            if want:
+                assert None not in states(regex, data), (mine, text)
+            checked += 1
+            accepted += want
+    assert checked > 10000 and accepted > 1000
