@@ -1007,3 +1007,20 @@ def test_pairs_interrupted_says_what_is_kept_and_the_rerun_resumes(tiny_model, t
                                             "finished item: run the same command again to resume\n")
     assert main(args + ["--no-progress"]) == 0
     assert len((out / "progress.jsonl").read_text().splitlines()) == 4
+
+
+def test_a_folder_of_one_methods_pairs_refuses_the_other_method_by_name(tmp_path, capsys):
+    """`pairs correctness` into a dropout-ntp folder listed every setting the two methods record differently
+    ("other settings (max_num, method, min_new_tokens, samples, start_ratio)"); it says the method."""
+    from internvl_mpo.cli import main
+
+    items_path, out = tmp_path / "items.jsonl", tmp_path / "ntp"
+    items_path.write_text(ntp_line(tmp_path, id="1", question="Say hi.", chosen="Hello there, how are you?",
+                                   answer="hello"))
+    make_dropout_ntp_pairs(items_path, out, lambda jobs: [" and more." for _ in jobs], SETTINGS)
+    settings, _ = (out / "settings.json").read_text(), capsys.readouterr()
+    assert main(["pairs", "correctness", "--model", str(tmp_path / "no-model"), "--input", str(items_path),
+                 "--output", str(out), "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == (f"internvl-mpo pairs: error: {out} holds dropout-ntp pairs (an output folder "
+                                       "holds one method's): give the correctness pairs another --output\n")
+    assert (out / "settings.json").read_text() == settings

@@ -73,7 +73,7 @@ from internvl_mpo.answers import (
     normalize_options,
 )
 from internvl_mpo.chat.template import IMAGE_PLACEHOLDER, add_image_prefix
-from internvl_mpo.errors import InputError, PromptTooLongError, SettingError
+from internvl_mpo.errors import ConfigError, InputError, PromptTooLongError, SettingError
 from internvl_mpo.filestamp import stamps, unchanged
 from internvl_mpo.jsonl import read_objects, refuse_misspelt_fields
 from internvl_mpo.locks import check_not_in_use
@@ -83,6 +83,7 @@ from internvl_mpo.run_folder import (
     check_output_folder,
     check_settings,
     hold_output,
+    read_settings,
     recorded_weights,
 )
 
@@ -508,6 +509,16 @@ def _count_lines(path: str) -> int:
         return sum(1 for _ in f)
 
 
+def refuse_other_method(out: Path, method: str) -> None:
+    """A folder holds one method's pairs: a run of the other method there is refused naming the method (the
+    settings check would list every setting the two methods record differently)."""
+    if (out / "settings.json").is_file():
+        earlier = read_settings(out / "settings.json", "pairs", "output folder").get("method", method)
+        if earlier != method:
+            raise ConfigError(f"{out} holds {earlier} pairs (an output folder holds one method's): give the {method} "
+                              "pairs another --output")
+
+
 def interrupted(command: str, kept: Path, noun: str) -> str:
     """The line a resumable command (`pairs`, `eval`) prints at Ctrl-C: how many `noun`s its progress file
     `kept` holds, and how to go on."""
@@ -715,6 +726,7 @@ def pairs(
                             weights_identity(weights, recorded_weights(Path(output) / "settings.json")))
     items = read_items(input, method, max_pixels)  # fail on a bad file or output folder before loading the model
     check_output_folder(Path(output))
+    refuse_other_method(Path(output), method)
     check_not_in_use(Path(output), PAIRS_LOCK)
     check_settings(Path(output) / "settings.json", settings.identity(method, Path(input)), RUN_FILES, record=False)
     chat = InternVLChat.from_pretrained(model, dtype=dtype, device=device, weights=weights)
