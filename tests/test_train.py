@@ -399,7 +399,8 @@ def test_ctrl_c_names_the_checkpoint_a_resume_goes_on_from(tmp_path, chat_folder
     assert main(["train", "mpo", "--model", str(chat_folder), "--data", str(meta), "--output", str(out),
                  "--max-steps", "4", "--save-every", str(save_every), "--batch-size", "1", "--no-progress"]) == 130
     kept = (f"the steps after {out / 'checkpoint-000002'} were not saved: run the same command with --resume "
-            "to go on from it") if save_every else "no checkpoint was saved: run the same command with --resume to start over"
+            "to go on from it") if save_every else \
+        "no checkpoint was saved: run the same command with --resume to start over"
     assert capsys.readouterr().err == f"internvl-mpo train: interrupted by Ctrl-C; {kept}\n"
 
 
@@ -1860,7 +1861,8 @@ def test_plot_step_axis_has_whole_steps_only(tmp_path, monkeypatch):
 
     saved = []
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 5)))
+    rows = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(rows))
     assert main(["plot", str(tmp_path)]) == 0
     ticks = saved[0].axes[-1].get_xticks()
     assert len(ticks) > 1 and all(t == int(t) for t in ticks), ticks
