@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -1517,3 +1518,48 @@ def test_json_schema_flag(folder, tmp_path):
     assert out.returncode == 0, out.stderr
     assert [json.loads(json.loads(line)["answer"]) in ("yes", "no", 42) for line in answers.read_text().splitlines()] \
         == [True, True]
+
+
+def test_regex_and_choice_flags(folder, tmp_path):
+    """--regex PATTERN and --choice TEXT (repeated) hold chat's and generate's answers (the API's regex= and
+    choice=), unstripped; generate records them in its settings (a resume under others is refused), and a regex this
+    module does not take, two constraints or --min-new-tokens beside one are refused naming their flags."""
+    bot = InternVLChat.from_pretrained(folder)
+    pattern = r"(\d{1,3}|many) (cats|dogs)"
+    out = cli("chat", "--model", folder, "--max-new-tokens", "12", "--regex", pattern, "How many?")
+    assert out.returncode == 0, out.stderr
+    expected = bot.chat("How many?", max_new_tokens=12, regex=pattern, do_sample=False)
+    assert out.stdout == expected + "\n" and re.fullmatch(pattern, expected), out.stdout
+    out = cli("chat", "--model", folder, "--choice", "yes", "--choice", " no way", "Is it?")
+    choice = bot.chat("Is it?", choice=["yes", " no way"], do_sample=False)
+    assert out.returncode == 0 and out.stdout == choice + "\n" and choice in ("yes", " no way"), out.stderr
+    for args, message in ((["--regex", "(a"], "--regex: regex '(a': the '(' at position 0 is never closed"),
+                          (["--regex", r"\bx"], r"--regex: regex '\\bx': the word boundary \b at position 0"),
+                          (["--regex", "a", "--choice", "a"], "give --regex or --choice, not both"),
+                          (["--choice", "a", "--min-new-tokens", "2"], "--min-new-tokens does not go with --choice"),
+                          (["--json-mode", "--regex", "a"], "give --json-mode or --regex, not both")):
+        out = cli("chat", "--model", folder, *args, "Hi")
+        assert out.returncode == 1 and message in out.stderr, out.stderr
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"id": "a", "question": "How many?"}) + "\n"
+                        + json.dumps({"id": "b", "question": "Hi"}) + "\n")
+    answers = tmp_path / "a.jsonl"
+    out = cli("generate", "--model", folder, "--input", requests, "--output", answers, "--max-new-tokens", "12",
+              "--regex", pattern)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert lines[0]["answer"] == expected and all(re.fullmatch(pattern, line["answer"]) for line in lines)
+    assert json.loads((tmp_path / "a.jsonl.settings.json").read_text())["regex"] == pattern
+    answers.write_text(answers.read_text().splitlines()[0] + "\n")  # one answer left to write
+    for args in ([], ["--regex", "(many|\\d{1,3}) (cats|dogs)"], ["--choice", "yes"]):
+        out = cli("generate", "--model", folder, "--input", requests, "--output", answers, "--max-new-tokens", "12",
+                  *args)
+        assert out.returncode == 1 and "other settings (" in out.stderr and "regex" in out.stderr, out.stderr
+    out = cli("generate", "--model", folder, "--input", requests, "--output", answers, "--max-new-tokens", "12",
+              "--regex", pattern)
+    assert out.returncode == 0 and len(answers.read_text().splitlines()) == 2, out.stderr
+    out = cli("generate", "--model", folder, "--input", requests, "--output", tmp_path / "b.jsonl",
+              "--max-new-tokens", "12", "--choice", "yes", "--choice", " no way")
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "b.jsonl.settings.json").read_text())["choice"] == ["yes", " no way"]
+    assert [json.loads(line)["answer"] for line in (tmp_path / "b.jsonl").read_text().splitlines()][0] == choice

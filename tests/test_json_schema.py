@@ -777,8 +777,8 @@ def test_the_server_takes_json_schema_and_guided_json():
         for sent in (SCHEMA, json.dumps(SCHEMA)):
             params = parse({**body, "structured_outputs": {"json": sent, "backend": None}}, settings).params
             assert params.json_schema == js.compile_schema(SCHEMA) and not params.json_mode
-        for structured, message in (({"regex": "a+"}, 'with "regex": only its json'),
-                                    ({"json": SCHEMA, "choice": ["a"]}, 'with "choice": only its json'),
+        for structured, message in (({"structural_tag": "x"}, 'with "structural_tag": only its json'),
+                                    ({"json": SCHEMA, "choice": ["a"]}, "with both json and choice"),
                                     ({"grammar": "root ::= x", "json_object": True}, 'with "grammar": only its json'),
                                     ({}, "with no json"), ({"json": "{"}, "^structured_outputs.json is not JSON"),
                                     ({"json": {"pattern": "x"}}, '^structured_outputs: the keyword "pattern" at #'),

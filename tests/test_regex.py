@@ -6,12 +6,29 @@ from __future__ import annotations
 import random
 import re
 
+import numpy
 import pytest
+import torch
 
-from internvl_mpo.errors import InputError
-from internvl_mpo.generate.regex import RegexError, choice_pattern, compile_regex, escape
+from internvl_mpo.errors import InputError, SettingError
+from internvl_mpo.generate import json_mode as jm
+from internvl_mpo.generate.engine import Engine, Request
+from internvl_mpo.generate.regex import RegexConstraint, RegexError, choice_pattern, compile_regex, escape, regex_mask
+from internvl_mpo.generate.sampling import SamplingParams
+from internvl_mpo.pipeline import InternVLChat
+
+from conftest import tiny_chat_folder
 
 TEXT_ALPHABET = "ab1 _\n\té€😀.-Z\U0010ffff"
+
+
+def after(regex, state, data: bytes):
+    """The state after `data` from `state`, or None."""
+    for byte in data:
+        state = regex.advance(state, byte)
+        if state is None:
+            return None
+    return state
 
 
 def states(regex, data: bytes):
@@ -207,3 +224,135 @@ def test_random_regexes_agree_with_python_re(search):
             checked += 1
             accepted += want
     assert checked > 10000 and accepted > 1000
+
+
+# ---- guided decoding: masks, the engine and the chat API ---------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory):
+    folder, _ = tiny_chat_folder(tmp_path_factory.mktemp("regex") / "model")
+    return InternVLChat.from_pretrained(folder, dtype=torch.float32)
+
+
+def test_masks_equal_the_token_by_token_oracle(tiny_chat):
+    """The tiny tokenizer's tokens plus hand-made ones (split characters, an empty one, a special one), on every
+    state that some accepted texts pass through."""
+    tokenizer = tiny_chat.tokenizer
+    base = [None if tokenizer.is_special(i) else tokenizer.token_bytes(i) for i in range(len(tokenizer))]
+    pieces = base + [b"\xe7", b"\x8c", b"\x8c\xab", b"\xf0\x9f", b"\x98\x80", b"\xed\xa0", b"", None, b"12", b"a1"]
+    vocabulary = jm.JsonVocabulary(pieces, len(pieces) + 3)
+    for pattern, texts in ((r"\d{1,3}(\.\d+)?", ["123.45", "7"]), ("(yes|no|猫😀)+", ["yesno猫😀", "no"]),
+                           ("[^a]*a", ["bbé猫a", "a"]), ("", [""])):
+        regex = compile_regex(pattern)
+        seen = {regex.initial}
+        for text in texts:
+            seen.update(states(regex, text.encode()))
+        for state in seen:
+            expected = numpy.array([bool(piece) and after(regex, state, piece) is not None for piece in pieces]
+                                   + [False] * 3)
+            assert (regex_mask(vocabulary, regex, state) == expected).all(), (pattern, state)
+            assert (regex_mask(vocabulary, regex, state) == expected).all(), (pattern, state)  # cached
+    done = RegexConstraint(vocabulary, compile_regex("ab"))
+    done.advance(pieces.index(b"a"))
+    assert not done.complete and not done.allowed([5])[5]  # a stop id only where the text is accepted
+    done.advance(pieces.index(b"b"))
+    assert done.complete and numpy.flatnonzero(done.allowed([5])).tolist() == [5]
+    with pytest.raises(ValueError, match="does not continue the regex"):
+        done.advance(pieces.index(b"a"))
+
+
+def generate(chat, requests: list[Request]) -> list[tuple[list[int], str]]:
+    """(tokens, finish) of each request, run in one batch."""
+    out = [([], None) for _ in requests]
+    for events in chat.engine.generate(requests):
+        for event in events:
+            out[event.rid][0].append(event.token)
+            if event.finish:
+                out[event.rid] = (out[event.rid][0], event.finish)
+    return out
+
+
+SAMPLED = [dict(do_sample=False), *({"do_sample": True, "seed": seed} for seed in range(6)),
+           {"do_sample": True, "seed": 3, "top_k": 5, "top_p": 0.9, "repetition_penalty": 1.3, "temperature": 0.7}]
+
+
+def test_guided_answers_match_the_regex_when_they_stop(tiny_chat):
+    tokenizer = tiny_chat.tokenizer
+    ids = tiny_chat.prepare("How many cats?").prompt_ids
+    # so that some answers stop before the regex forces them to (or the length cuts them)
+    end = {tokenizer.im_end_id: 4.0, **{i: 3.0 for i in range(len(tokenizer))
+                                        if not tokenizer.is_special(i) and tokenizer.token_bytes(i).endswith(b".")}}
+    for pattern in (r"\d{1,4}( cats?)?", r"[a-z]+( [a-z]+)*\.", "(?:yes|no), (?:é|😀)+"):
+        requests = [Request(ids, SamplingParams(max_new_tokens=16, regex=pattern, logit_bias=end, **kw))
+                    for kw in SAMPLED]
+        stopped = 0
+        for tokens, finish in generate(tiny_chat, requests):
+            data = b"".join(tokenizer.token_bytes(t) for t in (tokens[:-1] if finish == "stop" else tokens))
+            if finish == "stop":
+                assert tokens[-1] == tokenizer.im_end_id and re.fullmatch(pattern, data.decode()), data
+                stopped += 1
+            else:
+                assert len(tokens) == 16 and None not in states(compile_regex(pattern), data)
+        assert stopped >= 2, pattern
+
+
+def test_choice_answers_are_one_of_the_choices(tiny_chat):
+    tokenizer = tiny_chat.tokenizer
+    ids = tiny_chat.prepare("Is it a cat?").prompt_ids
+    choices = ("yes", "no", "yes, a cat", "猫 😀", "")
+    requests = [Request(ids, SamplingParams(max_new_tokens=24, choice=choices, **kw)) for kw in SAMPLED]
+    for tokens, finish in generate(tiny_chat, requests):
+        assert finish == "stop" and tokenizer.decode(tokens[:-1]) in choices
+
+
+def test_an_unconstrained_row_gets_the_same_tokens_beside_a_guided_one(tiny_chat):
+    ids = tiny_chat.prepare("Hello there").prompt_ids
+    other = tiny_chat.prepare("Yes or no?").prompt_ids
+    for plain in (SamplingParams(max_new_tokens=20, ignore_eos=True),
+                  SamplingParams(max_new_tokens=20, ignore_eos=True, do_sample=True, seed=7)):
+        alone = generate(tiny_chat, [Request(ids, plain)])[0]
+        for guided in (SamplingParams(max_new_tokens=30, regex="[a-z ]+"),
+                       SamplingParams(max_new_tokens=30, choice=["yes", "no"], do_sample=True, seed=1)):
+            both = generate(tiny_chat, [Request(other, guided), Request(ids, plain)])
+            assert both[1] == alone
+
+
+def test_chat_stream_chat_and_batch_chat_take_regex_and_choice(tiny_chat):
+    for kw, check in ((dict(regex=r" ?\d+ (cats|dogs)\n?"), lambda a: re.fullmatch(r" ?\d+ (cats|dogs)\n?", a)),
+                      (dict(choice=["yes", "no", " maybe "]), lambda a: a in ("yes", "no", " maybe "))):
+        answer = tiny_chat.chat("How many?", do_sample=False, max_new_tokens=12, **kw)
+        assert check(answer), answer  # not stripped: the whole text is what the regex took
+        assert "".join(tiny_chat.stream_chat("How many?", do_sample=False, max_new_tokens=12, **kw)) == answer
+        for answer in tiny_chat.batch_chat(["One?", "Two?", "Three?"], seed=4, max_new_tokens=12, **kw):
+            assert check(answer), answer
+    assert tiny_chat.chat("How many?", do_sample=False, max_new_tokens=12, choice=[" maybe "]) == " maybe "
+
+
+def test_guided_settings_that_cannot_work_are_refused(tiny_chat):
+    with pytest.raises(SettingError, match="^give json_mode or regex, not both$"):
+        SamplingParams(json_mode=True, regex="a")
+    with pytest.raises(SettingError, match="^give json_schema or choice, not both$"):
+        SamplingParams(json_schema={}, choice=["a"])
+    with pytest.raises(SettingError, match="^give regex or choice, not both$"):
+        SamplingParams(regex="a", choice=["a"])
+    with pytest.raises(SettingError, match="^min_new_tokens does not go with choice: the answer may be complete"):
+        SamplingParams(choice=["a"], min_new_tokens=2)
+    with pytest.raises(InputError, match="^choice must hold at least one string"):
+        SamplingParams(choice=[])
+    with pytest.raises(InputError, match="^choice must be a list of strings, got .'a', 1.$"):
+        SamplingParams(choice=["a", 1])
+    with pytest.raises(InputError, match="^choice must be a list of strings, got 'ab'$"):
+        SamplingParams(choice="ab")
+    with pytest.raises(RegexError, match="^regex 'a.': the '.' at position 1 is never closed"):
+        SamplingParams(regex="a(")
+    with pytest.raises(RegexError, match="^a regex must be a string, got bytes"):
+        SamplingParams(regex=b"a")
+    assert SamplingParams(choice=["a", "b"]) == SamplingParams(choice=("a", "b"))
+    ids = tiny_chat.prepare("Hi").prompt_ids
+    with pytest.raises(InputError, match="^regex ends the answer with a stop token once its text is accepted: give "
+                                         "stop_token_ids"):
+        tiny_chat.engine.generate([Request(ids, SamplingParams(regex="a", ignore_eos=True))])
+    with pytest.raises(InputError, match="^choice needs the tokens' bytes"):
+        Engine(tiny_chat.model, (5,)).generate([Request(ids, SamplingParams(choice=["a"]))])
+    with pytest.raises(InputError, match="^unknown generation settings: .'guided_regex'."):
+        tiny_chat.chat("Hi", guided_regex="a")

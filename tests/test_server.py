@@ -331,9 +331,7 @@ def test_vllm_fields_that_would_change_the_answer_are_refused_not_ignored():
         return parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **fields}, ServerSettings())
 
     for key, value in {"min_p": 0.1, "use_beam_search": True, "include_stop_str_in_output": True,
-                       "echo": True, "guided_regex": "a+", "guided_choice": ["yes", "no"],
-                       "guided_grammar": "root ::= 'a'",
-                       "structured_outputs": {"regex": "a+"}, "allowed_token_ids": [1, 2],
+                       "echo": True, "guided_grammar": "root ::= 'a'", "allowed_token_ids": [1, 2],
                        "bad_words": ["no"], "logits_processors": ["x"], "truncate_prompt_tokens": 5,
                        "return_tokens_as_token_ids": True, "chat_template": "{{ messages }}",
                        "skip_special_tokens": False, "add_generation_prompt": False}.items():
@@ -392,11 +390,11 @@ def test_refused_fields_are_refused_whatever_their_type_and_pass_only_at_their_o
     """`tools: {}`, chat `echo: 0` or `suffix: []` passed because they read as false: a refused field passes
     only as null or its off value of its own JSON type (`tools: []`, `echo: false`, `min_p: 0`)."""
     chat = {"messages": [{"role": "user", "content": "hi"}]}
-    cases = [(parse_chat_request, chat, {"tools": {}, "echo": 0, "min_p": False, "guided_regex": {}, "bad_words": {},
+    cases = [(parse_chat_request, chat, {"tools": {}, "echo": 0, "min_p": False, "guided_grammar": {}, "bad_words": {},
                                          "use_beam_search": 0, "chat_template": "", "functions": "",
                                          "truncate_prompt_tokens": 0, "audio": {}}),
              (parse_completion_request, {"prompt": "hi"}, {"suffix": [], "tools": "", "include_stop_str_in_output": 0,
-                                                           "guided_choice": [], "allowed_token_ids": []})]
+                                                           "structural_tag": [], "allowed_token_ids": []})]
     for parse, body, refused in cases:
         for key, value in refused.items():
             with pytest.raises(ApiError, match=f"^{key} is not supported by this server") as e:
@@ -991,6 +989,88 @@ def test_response_format_json_object_answers_a_json_object_and_json_schema_a_val
     bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "multipleOf": 5}}}
     with pytest.raises(openai.BadRequestError, match='the keyword .multipleOf. at # is not supported'):
         client.chat.completions.create(model="m", **{**body, "response_format": bad})
+
+
+def test_guided_regex_and_choice_in_their_four_forms_and_their_400s():
+    """vLLM's guided_regex and guided_choice, and structured_outputs {"regex"} / {"choice"}, on both endpoints; more
+    than one constraint, a regex this server does not take, a choice that is not a non-empty list of strings, and
+    min_tokens beside them are 400s naming them."""
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    for parse, body in ((parse_chat_request, chat), (parse_completion_request, {"prompt": "hi"})):
+        def params(**fields):
+            return parse({**body, **fields}, ServerSettings()).params
+
+        assert params(guided_regex=r"\d+").regex == r"\d+" and params(guided_regex=r"\d+").choice is None
+        assert params(guided_choice=["yes", "no"]).choice == ("yes", "no")
+        assert params(structured_outputs={"regex": "a|b", "json": None}).regex == "a|b"
+        assert params(structured_outputs={"choice": ["a"], "json_object": False}).choice == ("a",)
+        assert params(guided_regex="a", response_format={"type": "text"}).regex == "a"
+        for fields, message, param in (
+                ({"guided_regex": "a", "guided_choice": ["a"]}, "^give one of guided_regex and guided_choice, not more",
+                 "guided_choice"),
+                ({"guided_json": {}, "guided_regex": "a"}, "^give one of guided_json and guided_regex, not more",
+                 "guided_regex"),
+                ({"response_format": {"type": "json_object"}, "guided_choice": ["a"]},
+                 "^give one of response_format and guided_choice", "guided_choice"),
+                ({"guided_regex": "a", "structured_outputs": {"json": {}}},
+                 "^give one of guided_regex and structured_outputs", "structured_outputs"),
+                ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "with both regex and choice",
+                 "structured_outputs"),
+                ({"structured_outputs": {"json": {}, "regex": "a"}}, "with both json and regex", "structured_outputs"),
+                ({"guided_regex": "a(?=b)"}, r"^guided_regex: regex 'a\(\?=b\)': a lookaround \(\?= at position 1 is "
+                 "not supported$", "guided_regex"),
+                ({"structured_outputs": {"regex": r"\1"}}, r"^structured_outputs.regex: regex '\\\\1': a backreference",
+                 "structured_outputs"),
+                ({"guided_regex": "a{2000}"}, "over the limit of 1000", "guided_regex"),
+                ({"guided_regex": ["a"]}, r'^guided_regex must be a string \(a regular expression\), got \["a"\]$',
+                 "guided_regex"),
+                ({"guided_choice": []}, "^guided_choice must be a non-empty list of strings, got \\[\\]$",
+                 "guided_choice"),
+                ({"guided_choice": ["a", 1]}, "^guided_choice must be a non-empty list of strings", "guided_choice"),
+                ({"guided_choice": "yes"}, "^guided_choice must be a non-empty list of strings", "guided_choice"),
+                ({"structured_outputs": {"choice": {}}}, "^structured_outputs.choice must be a non-empty list",
+                 "structured_outputs"),
+                ({"guided_choice": ["\ud800"]}, "^guided_choice: choice 0 .* holds a lone surrogate", "guided_choice"),
+                ({"guided_regex": "a", "min_tokens": 2}, "^min_tokens does not go with guided_regex: the answer may be "
+                 "complete", "min_tokens"),
+                ({"structured_outputs": {"choice": ["a"]}, "min_tokens": 1},
+                 "^min_tokens does not go with structured_outputs choice", "min_tokens"),
+                ({"guided_choice": ["a"], "ignore_eos": True}, "^ignore_eos with guided_choice needs stop_token_ids: "
+                 "the answer ends with a stop token once its text is accepted", "ignore_eos")):
+            with pytest.raises(ApiError, match=message) as e:
+                params(**fields)
+            assert (e.value.status, e.value.param) == (400, param), fields
+        assert params(guided_choice=["a"], ignore_eos=True, stop_token_ids=[5]).choice == ("a",)
+
+
+def test_guided_choice_and_regex_answers_on_both_endpoints_streamed_too(client, local_chat):
+    """A guided_choice answer is one of the choices and a guided_regex one matches the regex when it stops (the
+    chat()'s answer under the same constraint); streamed, the pieces join to it."""
+    choices = ["yes", "no", "a cat 😀"]
+    expected = local_chat.chat("Is it a cat?", choice=choices, do_sample=False, max_new_tokens=20)
+    assert expected in choices
+    body = {"messages": [{"role": "user", "content": "Is it a cat?"}], "temperature": 0, "max_tokens": 20}
+    for extra in ({"guided_choice": choices}, {"structured_outputs": {"choice": choices}}):
+        reply = client.chat.completions.create(model="m", **body, extra_body=extra)
+        assert reply.choices[0].finish_reason == "stop" and reply.choices[0].message.content == expected
+    texts, finishes, _ = stream_text(client, **body, extra_body={"guided_choice": choices})
+    assert texts == {0: expected} and finishes == {0: "stop"}
+    pattern = r"(\d{1,3}|many) (cats|dogs)"
+    expected = local_chat.chat("How many cats?", regex=pattern, do_sample=False, max_new_tokens=20)
+    assert re.fullmatch(pattern, expected), expected
+    body["messages"] = [{"role": "user", "content": "How many cats?"}]
+    for extra in ({"guided_regex": pattern}, {"structured_outputs": {"regex": pattern}}):
+        reply = client.chat.completions.create(model="m", **body, extra_body=extra)
+        assert reply.choices[0].finish_reason == "stop" and reply.choices[0].message.content == expected
+    completion = client.completions.create(model="m", prompt="The answer is", max_tokens=20, temperature=0.8,
+                                           seed=3, n=3, extra_body={"guided_regex": pattern})
+    for choice in completion.choices:
+        assert choice.finish_reason == "stop" and re.fullmatch(pattern, choice.text), choice.text
+    completion = client.completions.create(model="m", prompt="Yes or no?", max_tokens=20, temperature=0,
+                                           extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert completion.choices[0].text in ("yes", "no")
+    with pytest.raises(openai.BadRequestError, match="guided_regex: regex .* a backreference"):
+        client.chat.completions.create(model="m", **body, extra_body={"guided_regex": r"(a)\1"})
 
 
 def test_the_openai_clients_pydantic_parse_gets_a_parsed_answer(client, local_chat):

@@ -71,12 +71,26 @@ def _per_image(max_num: int | None, video) -> int | None:
 
 
 def _generation(temperature: float, top_p: float, top_k: int, max_new_tokens: int, seed: int | None,
-                repetition_penalty: float, min_new_tokens: int, json_mode: bool, json_schema) -> dict:
+                repetition_penalty: float, min_new_tokens: int, json_mode: bool, json_schema, regex: str | None,
+                choice: list[str] | None) -> dict:
     return dict(
         do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p, top_k=top_k,  # SamplingParams refuses < 0
         max_new_tokens=max_new_tokens, seed=seed, repetition_penalty=repetition_penalty,
-        min_new_tokens=min_new_tokens, json_mode=json_mode, json_schema=json_schema,
+        min_new_tokens=min_new_tokens, json_mode=json_mode, json_schema=json_schema, regex=_guide(regex),
+        choice=None if choice is None else [_utf8(text, "--choice") for text in choice],
     )
+
+
+def _guide(regex: str | None) -> str | None:
+    """--regex checked: InputError naming the flag and what the regex module does not take."""
+    from .generate.regex import RegexError, compile_regex
+
+    if regex is not None:
+        try:
+            compile_regex(_utf8(regex, "--regex"))
+        except RegexError as e:
+            raise InputError(f"--regex: {e}") from None
+    return regex
 
 
 def _read_schema(path: str | None):
@@ -110,6 +124,8 @@ def chat(
     min_new_tokens: int = 0,
     json_mode: bool = False,
     json_schema: str | None = None,
+    regex: str | None = None,
+    choice: list[str] | None = None,
     seed: int | None = None,
     system: str | None = None,
     device: str | None = None,
@@ -135,6 +151,8 @@ def chat(
     min_new_tokens: fewest tokens in an answer: the end of turn (and stop strings) cannot end it sooner
     json_mode: hold each answer to one JSON object (constrained decoding; see the README's Generation section)
     json_schema: a file holding a JSON schema: hold each answer to one JSON value it takes (see the README)
+    regex: hold each answer's whole text to this regular expression (constrained decoding; see the README)
+    choice: hold each answer to exactly one of these texts; repeat the flag for each choice
     seed: seed for sampling
     system: a system message instead of the template's
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
@@ -151,7 +169,7 @@ def chat(
     let_pillow_open(max_pixels)
     _at_least_one(max_num=max_num, num_segments=num_segments)
     params = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty,
-                                             min_new_tokens, json_mode, _read_schema(json_schema)))
+                                             min_new_tokens, json_mode, _read_schema(json_schema), regex, choice))
     images = list(image or [])
     if images and video is not None:
         raise InputError("give images or a video, not both")
@@ -277,6 +295,8 @@ def generate(
     min_new_tokens: int = 0,
     json_mode: bool = False,
     json_schema: str | None = None,
+    regex: str | None = None,
+    choice: list[str] | None = None,
     seed: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
@@ -302,6 +322,8 @@ def generate(
     min_new_tokens: fewest tokens per answer: the end of turn cannot end it sooner
     json_mode: hold each answer to one JSON object (constrained decoding; see the README's Generation section)
     json_schema: a file holding a JSON schema: hold each answer to one JSON value it takes (recorded in the settings)
+    regex: hold each answer's whole text to this regular expression (constrained decoding; recorded in the settings)
+    choice: hold each answer to exactly one of these texts; repeat the flag for each choice (recorded in the settings)
     seed: seed for sampling (request k of the file, counted from 0 without blank lines, uses seed + k, as batch_chat)
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
     dtype: float32, bfloat16, float16 or auto (the checkpoint's own) (default: bf16 on CUDA, fp32 on CPU)
@@ -330,7 +352,7 @@ def generate(
         raise InputError(f"--output {out} is the requests file; give the answers a file of their own")
     schema = _read_schema(json_schema)
     base = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, 1.0, min_new_tokens,
-                                         json_mode, schema))
+                                         json_mode, schema, regex, choice))
     let_pillow_open(max_pixels)
     requests = _read_requests(Path(input))
     last = len(requests) - 1  # request k samples with seed + k
@@ -352,6 +374,8 @@ def generate(
                                      # as text: the properties' order, which a dict's == ignores, orders the answer
                                      **({"json_schema": json.dumps(schema, ensure_ascii=False)}
                                         if json_schema is not None else {}),
+                                     **({"regex": regex} if regex is not None else {}),
+                                     **({"choice": choice} if choice is not None else {}),
                                      "weights": weights_identity(weights, recorded_weights(_settings_file(out)))},
                                resume=bool(done),
                                default_max_num=lambda: _default_tiles(model_path(model)))

@@ -47,7 +47,7 @@ CARD_DEFAULTS = dict(max_new_tokens=1024, do_sample=True)
 GENERATION_KEYS = {
     "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "stop",
     "stop_token_ids", "seed", "ignore_eos", "min_new_tokens", "logit_bias", "json_mode",
-    "json_schema",
+    "json_schema", "regex", "choice",
 }
 
 
@@ -560,15 +560,16 @@ class InternVLChat:
                     gen.finish(event.rid)
                 if stopped or event.finish is not None:
                     del owners[event.rid]
-                    yield key, "".join(pieces).strip()
+                    yield key, "".join(pieces).strip() if assembler.strip else "".join(pieces)
 
     def _texts(self, params: SamplingParams) -> TextAssembler:
         """The text of one answer, cut at `params.stop` and, as the official chat() cuts its
         decoded answer, at the template's end of turn `<|im_end|>` spelled in ordinary tokens (unless
-        ignore_eos, which goes past the end-of-turn token too, or JSON (schema) mode, where that text is a string's)."""
-        constrained = params.json_mode or params.json_schema is not None
+        ignore_eos, which goes past the end-of-turn token too, or a constrained answer, where that text is its own).
+        An answer held to a regex or choice is not stripped: its text is what the regex took."""
+        constrained = params.constrained_by is not None
         end = () if params.ignore_eos or constrained else (get_template(self.config.template).sep.strip(),)
-        return TextAssembler(self.tokenizer, params.stop, params.min_new_tokens, end)
+        return TextAssembler(self.tokenizer, params.stop, params.min_new_tokens, end, strip=params.guide is None)
 
 
 def _images(images, pixel_values):
@@ -583,17 +584,19 @@ def _images(images, pixel_values):
 def _stream_text(gen: Generation, rid: int, texts: TextAssembler) -> Iterator[str]:
     """Text pieces of request `rid`, held back while they could still be the start of a stop string.
     Leading whitespace is dropped and trailing whitespace held until more text follows, so the pieces
-    join to the stripped answer."""
+    join to the stripped answer (unless `texts.strip` is off)."""
     held, started = "", False  # held: whitespace at the end of the text shown so far
     for events in gen:
         for event in events:
             if event.rid != rid:
                 continue
             piece, stopped = texts.feed(event.token, last=event.finish is not None)
-            text = held + piece if started else piece.lstrip()
-            shown = text.rstrip()
-            started = started or bool(shown)
-            held = text[len(shown):]
+            shown = piece
+            if texts.strip:
+                text = held + piece if started else piece.lstrip()
+                shown = text.rstrip()
+                started = started or bool(shown)
+                held = text[len(shown):]
             if shown:
                 yield shown
             if stopped:
@@ -602,8 +605,8 @@ def _stream_text(gen: Generation, rid: int, texts: TextAssembler) -> Iterator[st
 
 
 def generate_texts(gen: Generation, assemblers: list[TextAssembler]) -> list[str]:
-    """Run a Generation to the end and return the stripped answer of each request id 0..n-1, whose
-    text `assemblers[id]` puts together."""
+    """Run a Generation to the end and return the answer of each request id 0..n-1, whose text
+    `assemblers[id]` puts together, stripped (unless the assembler's `strip` is off)."""
     answers = [""] * len(assemblers)
     for events in gen:
         for event in events:
@@ -611,7 +614,7 @@ def generate_texts(gen: Generation, assemblers: list[TextAssembler]) -> list[str
             answers[event.rid] += piece
             if stopped:
                 gen.finish(event.rid)
-    return [a.strip() for a in answers]
+    return [a.strip() if texts.strip else a for a, texts in zip(answers, assemblers)]
 
 
 class TextAssembler:
@@ -621,11 +624,12 @@ class TextAssembler:
     start of a stop string is held back until it is decided. As vLLM's `min_tokens` does, a stop
     string counts only where it ends in the text of a token after the first `min_tokens`; the `end`
     strings (the end of turn spelled in ordinary tokens, which the official chat() cuts its answer
-    at) count everywhere.
+    at) count everywhere. `strip`: whether the answer's callers strip its whitespace.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), min_tokens: int = 0,
-                 end: tuple[str, ...] = ()):
+                 end: tuple[str, ...] = (), strip: bool = True):
+        self.strip = strip
         self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
         self.stop = tuple(s for s in stop if s)
         self.end = tuple(s for s in end if s)

@@ -22,7 +22,8 @@ is chosen (after the stop-id mask, before the penalty, as vLLM orders them), and
 (the rows are made by the batch's first biased request); a row with a bias takes the full head (the greedy
 screen sees no logits). Log-probabilities stay the model's own, before the bias, as vLLM reports them by default.
 A request in JSON mode (`SamplingParams.json_mode`) keeps a `JsonConstraint` (json_mode.py) in its row (one
-with a `json_schema` a `SchemaConstraint`, json_schema.py): where its
+with a `json_schema` a `SchemaConstraint`, json_schema.py; one with a `regex` or `choice` a `RegexConstraint`,
+regex.py): where its
 token is chosen, its row's logits are -inf outside the constraint's mask, before everything else (stop-id mask,
 bias, penalty, temperature, filters, greedy choice), and the constraint takes each token emitted; such a row takes
 the full head. As vLLM applies a structured output's mask to the logits its log-probabilities come from, a
@@ -60,6 +61,7 @@ from ..model import InternVL
 from .greedy_head import GreedyScreen
 from .json_mode import JsonConstraint, JsonVocabulary
 from .json_schema import SchemaConstraint
+from .regex import RegexConstraint
 from .sampling import (
     SamplingParams, apply_repetition_penalty, choose_tokens, exponential_noise, make_generator, whole_number,
 )
@@ -125,7 +127,7 @@ class _Row:
     top_p: float = 1.0
     logprobs: int | None = None  # Request.logprobs
     unstoppable: int = 0  # tokens still to come before a stop id may end the row (min_new_tokens)
-    json: JsonConstraint | None = None  # JSON (schema) mode's state (a SchemaConstraint is one)
+    json: JsonConstraint | None = None  # its constraint's state (a SchemaConstraint and a RegexConstraint are ones)
 
 
 class Engine:
@@ -199,12 +201,12 @@ class Engine:
             if value is not None and not (whole_number(value) and 0 <= value <= MAX_TOP_LOGPROBS):
                 raise InputError(f"{name} must be a whole number in 0..{MAX_TOP_LOGPROBS}, got {value!r}")
         p = request.params
-        if p.json_mode or p.json_schema is not None:
-            name = "json_mode" if p.json_mode else "json_schema"
+        if name := p.constrained_by:
             if self.tokenizer is None:
                 raise InputError(f"{name} needs the tokens' bytes: give the Engine its tokenizer")
             if not (p.stop_token_ids or (self.stop_token_ids and not p.ignore_eos)):
-                raise InputError(f"{name} ends the answer with a stop token once the JSON is complete: give "
+                what = "the JSON is complete" if name.startswith("json") else "its text is accepted"
+                raise InputError(f"{name} ends the answer with a stop token once {what}: give "
                                  "stop_token_ids (ignore_eos drops the end-of-turn token)")
 
     def json_vocabulary(self) -> JsonVocabulary:
@@ -481,7 +483,8 @@ class Generation:
         remaining = min(p.max_new_tokens, self.max_len - n)
         penalised, biased = p.repetition_penalty != 1.0, bool(p.logit_bias)
         constraint = JsonConstraint(self.engine.json_vocabulary()) if p.json_mode else \
-            SchemaConstraint(self.engine.json_vocabulary(), p.json_schema) if p.json_schema is not None else None
+            SchemaConstraint(self.engine.json_vocabulary(), p.json_schema) if p.json_schema is not None else \
+            RegexConstraint(self.engine.json_vocabulary(), p.guide) if p.guide is not None else None
         # the screen has no logprobs, nor a constraint's mask
         plain = p.greedy and not penalised and not biased and request.logprobs is None and constraint is None
         self.rows.append(_Row(rid, n, remaining, stops, generator, -1, penalised, biased, plain, p.top_k, p.top_p,

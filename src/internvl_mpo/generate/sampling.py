@@ -22,6 +22,7 @@ import torch
 
 from ..errors import InputError, SettingError
 from .json_schema import Schema, compile_schema
+from .regex import Regex, RegexError, choice_pattern, compile_regex
 
 
 # transformers takes any penalty > 0, but a positive logit divided by one below ~1e-37 (and then by the
@@ -57,6 +58,10 @@ class SamplingParams:
     # JSON schema mode: the answer is held to one JSON value the schema takes (generate/json_schema.py); given as a
     # dict, True/False or a Pydantic model, kept as its compiled Schema
     json_schema: Schema | None = None
+    # Guided decoding (generate/regex.py): the answer's whole text matches this regex (as Python's re.fullmatch), or
+    # is exactly one of these strings (`choice`); a stop token may end it only where its text is accepted
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
 
     def __post_init__(self):
         for name in ("max_new_tokens", "min_new_tokens", "top_k") + (("seed",) if self.seed is not None else ()):
@@ -88,12 +93,18 @@ class SamplingParams:
                                f" ({self.max_new_tokens}), got {self.min_new_tokens}")
         if self.json_schema is not None:
             object.__setattr__(self, "json_schema", compile_schema(self.json_schema))
-            if self.json_mode:
-                raise SettingError("give ", "json_mode", " or ", "json_schema", ", not both")
-        if (self.json_mode or self.json_schema is not None) and self.min_new_tokens:
-            name = "json_mode" if self.json_mode else "json_schema"
-            raise SettingError("", "min_new_tokens", " does not go with ", name, ": the JSON may be complete before "
-                               "it, and then only a stop token may follow")
+        if self.regex is not None:
+            compile_regex(self.regex)  # RegexError names what it does not take
+        if self.choice is not None:
+            object.__setattr__(self, "choice", checked_choice(self.choice))
+        given = [name for name, value in (("json_mode", self.json_mode or None), ("json_schema", self.json_schema),
+                                          ("regex", self.regex), ("choice", self.choice)) if value is not None]
+        if len(given) > 1:
+            raise SettingError("give ", given[0], " or ", given[1], ", not both")
+        if given and self.min_new_tokens:
+            what = "the JSON" if given[0].startswith("json") else "the answer"
+            raise SettingError("", "min_new_tokens", " does not go with ", given[0], f": {what} may be complete "
+                               "before it, and then only a stop token may follow")
         if self.temperature < 0:
             raise SettingError("", "temperature", f" must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -106,9 +117,38 @@ class SamplingParams:
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0
 
+    @property
+    def constrained_by(self) -> str | None:
+        """The setting that constrains the answer (json_mode, json_schema, regex or choice), or None."""
+        return "json_mode" if self.json_mode else "json_schema" if self.json_schema is not None else \
+            "regex" if self.regex is not None else "choice" if self.choice is not None else None
+
+    @property
+    def guide(self) -> Regex | None:
+        """The compiled regex of `regex` or `choice` (None without them)."""
+        if self.choice is not None:
+            return compile_regex(choice_pattern(self.choice))
+        return None if self.regex is None else compile_regex(self.regex)
+
 
 def whole_number(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def checked_choice(choice) -> tuple[str, ...]:
+    """`choice` as a tuple of strings whose regex compiles; InputError naming what is wrong with it."""
+    if not (isinstance(choice, (tuple, list)) and all(isinstance(c, str) for c in choice)):
+        raise InputError(f"choice must be a list of strings, got {choice!r}"[:200])
+    if not choice:
+        raise InputError("choice must hold at least one string (the answer is one of them)")
+    for i, text in enumerate(choice):
+        if not text.isascii() and any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+            raise InputError(f"choice {i} ({text[:40]!r}) holds a lone surrogate, which UTF-8 cannot hold")
+    try:
+        compile_regex(choice_pattern(choice))
+    except RegexError as e:
+        raise InputError(f"choice: {e}") from None
+    return tuple(choice)
 
 
 def checked_logit_bias(bias) -> tuple[tuple[int, float], ...]:

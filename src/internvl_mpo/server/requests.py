@@ -10,7 +10,8 @@ from ..chat.template import IMAGE_PLACEHOLDER
 from ..errors import InputError
 from ..generate.engine import MAX_TOP_LOGPROBS
 from ..generate.json_schema import SchemaError, compile_schema
-from ..generate.sampling import SamplingParams
+from ..generate.regex import compile_regex
+from ..generate.sampling import SamplingParams, checked_choice
 from .settings import ServerSettings
 
 MAX_STOP_STRINGS = 64  # OpenAI takes 4, vLLM any number; lm-eval sends a task's stop strings and the EOS
@@ -19,7 +20,7 @@ MAX_LOGIT_BIAS_ENTRIES = 1024  # tokens in one request's logit_bias (OpenAI docu
 # each with the values that mean "off" (of their JSON type: `false`, not `0`), which pass; null always passes
 UNSUPPORTED_FIELDS = {"tools": ([],), "functions": ([],), "audio": (), "prediction": (),
                       "min_p": (0, 0.0), "use_beam_search": (False,), "include_stop_str_in_output": (False,),
-                      "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+                      "guided_grammar": (),
                       "allowed_token_ids": (), "bad_words": ([],), "logits_processors": (),
                       "truncate_prompt_tokens": (), "return_tokens_as_token_ids": (False,), "chat_template": (),
                       "modalities": (["text"],), "function_call": ("none",), "web_search_options": (), "moderation": (),
@@ -39,7 +40,7 @@ IGNORED_FIELDS = {"user": (str,), "metadata": (dict,), "store": (bool,), "servic
 SHARED_FIELDS = {"model", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "stop_token_ids",
                  "stream", "stream_options", "n", "seed", "min_tokens", "logit_bias", "top_k", "repetition_penalty",
                  "ignore_eos", "skip_special_tokens", "frequency_penalty", "presence_penalty", "response_format",
-                 "logprobs", "prompt_logprobs", "guided_json", "structured_outputs"}
+                 "logprobs", "prompt_logprobs", "guided_json", "guided_regex", "guided_choice", "structured_outputs"}
 CHAT_FIELDS = {"messages", "top_logprobs", "tool_choice", "add_generation_prompt", "max_num"}
 COMPLETION_FIELDS = {"prompt", "suffix", "best_of", "echo", "add_special_tokens"}
 IMAGE_DETAILS = ("auto", "low", "high")  # OpenAI's image_url.detail; tiles follow max_num whatever it says
@@ -285,7 +286,8 @@ def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], f
     for key in ("frequency_penalty", "presence_penalty"):
         if _field(body, key, (int, float), 0):
             raise ApiError(400, f"{key} is not supported (use repetition_penalty)", key)
-    json_mode, json_schema, json_key = _json_format(body)
+    constraint, constraint_key = _structured(body)
+    json_kind = "json_mode" in constraint or "json_schema" in constraint
     temperature = _field(body, "temperature", (int, float), 1.0, 0, 2)
     top_p = _field(body, "top_p", (int, float), 1.0, 0, 1)
     if top_p == 0:
@@ -327,12 +329,14 @@ def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], f
     n = _field(body, "n", (int,), 1, 1, settings.max_n)
     seed = _field(body, "seed", (int,), None, -(2**63), 2**63 - 1)  # OpenAI's int64; read modulo 2**63
     min_tokens = _field(body, "min_tokens", (int,), 0, 0)  # vLLM's; checked against the answer's room later
-    if json_key and min_tokens:
-        raise ApiError(400, f"min_tokens does not go with {json_key}: the JSON may be complete "
+    if constraint_key and min_tokens:
+        what = "the JSON" if json_kind else "the answer"
+        raise ApiError(400, f"min_tokens does not go with {constraint_key}: {what} may be complete "
                             "before it, and then only the end of the answer may follow", "min_tokens")
-    if json_key and _field(body, "ignore_eos", (bool,), False) and not stop_ids:
-        raise ApiError(400, f"ignore_eos with {json_key} needs stop_token_ids: the answer ends with "
-                            "a stop token once the JSON is complete", "ignore_eos")
+    if constraint_key and _field(body, "ignore_eos", (bool,), False) and not stop_ids:
+        what = "the JSON is complete" if json_kind else "its text is accepted"
+        raise ApiError(400, f"ignore_eos with {constraint_key} needs stop_token_ids: the answer ends with "
+                            f"a stop token once {what}", "ignore_eos")
     logit_bias = _logit_bias(body.get("logit_bias"))
     try:
         params = SamplingParams(
@@ -342,7 +346,7 @@ def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], f
             stop_token_ids=tuple(stop_ids),
             repetition_penalty=float(_field(body, "repetition_penalty", (int, float), 1.0, 0.01, 10)),
             seed=None if seed is None else seed % 2**63, ignore_eos=_field(body, "ignore_eos", (bool,), False),
-            logit_bias=logit_bias, json_mode=json_mode, json_schema=json_schema,
+            logit_bias=logit_bias, **constraint,
         )
     except InputError as e:
         raise ApiError(400, str(e)) from None
@@ -352,45 +356,61 @@ def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], f
             "continuous_usage": include_usage and continuous_usage}
 
 
-def _json_format(body: dict) -> tuple:
-    """(json_mode, compiled schema or None, the name of what asked for it or None) from OpenAI's
+def _structured(body: dict) -> tuple[dict, str | None]:
+    """(SamplingParams fields of the answer's constraint, the name of what asked for it or None) from OpenAI's
     `response_format` ({"type": "json_object"}: JSON mode; {"type": "json_schema", "json_schema": {"name": ...,
-    "schema": {...}, "strict": ...}}: a schema), vLLM's `guided_json` (a schema, or its JSON as a string) or its
-    newer `structured_outputs` ({"json": a schema or its JSON}, or {"json_object": true}: JSON mode; its other
-    keys, regex, choice, grammar, ..., are refused); {"type": "text"} and null ask for none. Anything else, two
-    at once, or a schema that json_schema.py cannot compile is a 400 naming it."""
+    "schema": {...}, "strict": ...}}: a schema), vLLM's `guided_json` (a schema, or its JSON as a string),
+    `guided_regex` (a regex the whole answer matches), `guided_choice` (strings the answer is one of) or its newer
+    `structured_outputs` ({"json": a schema or its JSON}, {"json_object": true}: JSON mode, {"regex": ...} or
+    {"choice": [...]}; its other keys, grammar, structural_tag, ..., are refused); {"type": "text"} and null ask for
+    none. Anything else, two at once, or a schema or regex that cannot be compiled is a 400 naming it."""
     response_format, guided = body.get("response_format"), body.get("guided_json")
     formatted = response_format is not None and response_format != {"type": "text"}
     structured = body.get("structured_outputs")
+    given = [name for name, on in (("response_format", formatted), ("guided_json", guided is not None),
+                                   ("guided_regex", body.get("guided_regex") is not None),
+                                   ("guided_choice", body.get("guided_choice") is not None),
+                                   ("structured_outputs", structured is not None)) if on]
+    if len(given) > 1 and {"guided_regex", "guided_choice"} & set(given):
+        raise ApiError(400, f"give one of {', '.join(given[:-1])} and {given[-1]}, not more: each asks for a "
+                            "constraint of the answer", given[-1])
+    for name, kind in (("guided_regex", "regex"), ("guided_choice", "choice")):
+        if body.get(name) is not None:
+            return _guide(kind, body[name], name, name), name
     if structured is not None:
         if not isinstance(structured, dict):
             raise ApiError(400, "structured_outputs must be an object such as {'json': <a JSON schema>}, got "
                                 f"{json.dumps(structured)[:80]}", "structured_outputs")
+        kinds = ("json", "json_object", "regex", "choice")
         others = [json.dumps(key)[:40] for key, value in structured.items()
-                  if key not in ("json", "json_object") and value is not None and value is not False]
+                  if key not in kinds and value is not None and value is not False]
         json_object = structured.get("json_object")
         if not (json_object is None or isinstance(json_object, bool)):  # 1 == True
             raise ApiError(400, "structured_outputs.json_object must be true or false, got "
                                 f"{json.dumps(json_object)[:80]}", "structured_outputs")
-        if others or (structured.get("json") is None) == (json_object is not True):
-            what = ", ".join(others[:5]) or ("no json" if json_object is not True else "both json and json_object")
+        asked = [key for key in kinds if structured.get(key) is not None and structured.get(key) is not False]
+        if others or len(asked) != 1:
+            what = ", ".join(others[:5]) or ("no json" if not asked else f"both {asked[0]} and {asked[1]}")
             raise ApiError(400, f"structured_outputs is not supported by this server with {what}: only its json (a "
-                                "JSON schema) or json_object: true is taken", "structured_outputs")
+                                "JSON schema), json_object: true, regex or choice is taken", "structured_outputs")
         if guided is not None or formatted:
             raise ApiError(400, "give one of response_format, guided_json and structured_outputs, not more",
                            "structured_outputs")
         if json_object:  # JSON mode
-            return True, None, "structured_outputs json_object"
-        return False, _schema(_json_text(structured["json"], "structured_outputs.json"), "structured_outputs"), \
-            "structured_outputs"
+            return {"json_mode": True}, "structured_outputs json_object"
+        if asked[0] != "json":
+            return _guide(asked[0], structured[asked[0]], f"structured_outputs.{asked[0]}", "structured_outputs"), \
+                f"structured_outputs {asked[0]}"
+        return {"json_schema": _schema(_json_text(structured["json"], "structured_outputs.json"),
+                                       "structured_outputs")}, "structured_outputs"
     if guided is not None:
         if formatted:
             raise ApiError(400, "give response_format or guided_json, not both", "guided_json")
-        return False, _schema(_json_text(guided, "guided_json"), "guided_json"), "guided_json"
+        return {"json_schema": _schema(_json_text(guided, "guided_json"), "guided_json")}, "guided_json"
     if response_format is None or response_format == {"type": "text"}:
-        return False, None, None
+        return {}, None
     if response_format == {"type": "json_object"}:
-        return True, None, "response_format json_object"
+        return {"json_mode": True}, "response_format json_object"
     kind = response_format.get("type") if isinstance(response_format, dict) else None
     if kind == "json_schema" and set(response_format) == {"type", "json_schema"}:
         spec = response_format["json_schema"]
@@ -403,7 +423,7 @@ def _json_format(body: dict) -> tuple:
         for key, kinds in (("name", str), ("strict", bool), ("description", str)):
             if spec.get(key) is not None and not isinstance(spec[key], kinds):
                 raise ApiError(400, f"response_format.json_schema.{key} must be {kinds.__name__}", "response_format")
-        return False, _schema(spec["schema"], "response_format"), "response_format json_schema"
+        return {"json_schema": _schema(spec["schema"], "response_format")}, "response_format json_schema"
     if isinstance(kind, str) and kind not in ("text", "json_object", "json_schema"):
         raise ApiError(400, f"response_format type {json.dumps(kind)[:80]} is not supported: this server has JSON "
                             "mode ({'type': 'json_object'}) and JSON schemas ({'type': 'json_schema'}) only",
@@ -411,6 +431,19 @@ def _json_format(body: dict) -> tuple:
     raise ApiError(400, "response_format must be {'type': 'text'}, {'type': 'json_object'} or {'type': "
                         f"'json_schema', 'json_schema': {{...}}}}, got {json.dumps(response_format)[:80]}",
                    "response_format")
+
+
+def _guide(kind: str, value, name: str, param: str) -> dict:
+    """The SamplingParams field of vLLM's regex (a string) or choice (a non-empty list of strings) sent as `name`,
+    checked and compiled; a 400 naming what is wrong."""
+    if kind == "regex" and not isinstance(value, str):
+        raise ApiError(400, f"{name} must be a string (a regular expression), got {json.dumps(value)[:80]}", param)
+    if kind == "choice" and not (isinstance(value, list) and value and all(isinstance(c, str) for c in value)):
+        raise ApiError(400, f"{name} must be a non-empty list of strings, got {json.dumps(value)[:80]}", param)
+    try:
+        return {"regex": compile_regex(value).key[0]} if kind == "regex" else {"choice": checked_choice(value)}
+    except InputError as e:  # a RegexError names the construct and its place
+        raise ApiError(400, f"{name}: {e}", param) from None
 
 
 def _json_text(value, name: str):
