@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import copy
 import datetime
+import ipaddress
 import itertools
 import json
 import math
 import random
+import re
+import string
 import uuid
 
 import jsonschema
@@ -264,6 +267,221 @@ def test_formats_take_rfc3339_dates_and_times_and_uuids_only():
     assert complete({"format": "uuid"}, b'"00000000-0000-0000-0000-000000000000"')  # a string without type
 
 
+ATEXT = frozenset(string.ascii_letters + string.digits + "!#$%&'*+/=?^_`{|}~-")
+
+
+def hostname_ok(text: str) -> bool:
+    """RFC 1123 host names, by hand: dot-separated labels of 1 to 63 ASCII letters, digits and hyphens, not beginning
+    or ending with a hyphen, 253 characters in all."""
+    return len(text) <= 253 and all(
+        1 <= len(label) <= 63 and label[0] != "-" and label[-1] != "-" and
+        all(c.isascii() and (c.isalnum() or c == "-") for c in label) for label in text.split("."))
+
+
+def email_ok(text: str) -> bool:
+    """RFC 5322's dot-atom, '@' and a host name, by hand (254 characters in all)."""
+    local, at, domain = text.rpartition("@")
+    return bool(at) and len(text) <= 254 and all(part and set(part) <= ATEXT for part in local.split(".")) and \
+        hostname_ok(domain)
+
+
+def duration_ok(text: str) -> bool:
+    """RFC 3339 appendix A's durations, by hand: P, then units of digits each, Y M D in order without a gap and/or T
+    and H M S likewise, or weeks alone."""
+    def units(part: str):
+        found = []
+        while part:
+            digits = len(part) - len(part.lstrip("0123456789"))
+            if not 0 < digits < len(part):
+                return None
+            found.append(part[digits])
+            part = part[digits + 1:]
+        return "".join(found)
+
+    if not text.startswith("P"):
+        return False
+    date, t, time = text[1:].partition("T")
+    date, time = units(date), units(time)
+    if date == "W" and not t:
+        return True
+    return date is not None and time is not None and bool(date or time) and (not t or bool(time)) and \
+        date in "YMD" and time in "HMS"
+
+
+def ip_ok(version: int, text: str) -> bool:
+    try:
+        (ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address)(text)
+    except ValueError:
+        return False
+    return "%" not in text  # a zone id: Python takes it, this mode does not write one
+
+
+FORMAT_ORACLES = {"email": email_ok, "hostname": hostname_ok, "ipv4": lambda text: ip_ok(4, text),
+                  "ipv6": lambda text: ip_ok(6, text), "duration": duration_ok}
+
+
+def random_label(rng: random.Random) -> str:
+    inner = "".join(rng.choice(string.ascii_letters + string.digits + "-") for _ in range(rng.choice([0, 1, 3, 61])))
+    return rng.choice(string.ascii_letters + string.digits) + (inner + rng.choice("a7Z") if rng.random() < 0.8 else "")
+
+
+def random_of_format(rng: random.Random, name: str) -> str:
+    """A random string of the format, made without its regex."""
+    if name == "hostname":
+        text = ".".join(random_label(rng) for _ in range(rng.randrange(1, 5)))
+        return text if len(text) <= 253 else "x.y"
+    if name == "email":
+        local = ".".join("".join(rng.choice(sorted(ATEXT)) for _ in range(rng.randrange(1, 6)))
+                         for _ in range(rng.randrange(1, 3)))
+        return local + "@" + random_of_format(rng, "hostname")
+    if name == "ipv4":
+        return str(ipaddress.IPv4Address(rng.getrandbits(32)))
+    if name == "ipv6":
+        value = ipaddress.IPv6Address(rng.getrandbits(128) >> rng.choice([0, 0, 64, 100, 128]))
+        text = rng.choice([str(value), value.exploded, f"::ffff:{ipaddress.IPv4Address(rng.getrandbits(32))}",
+                           value.exploded[:30] + str(ipaddress.IPv4Address(rng.getrandbits(32)))])
+        return text.upper() if rng.random() < 0.3 else text
+    number = lambda: str(rng.choice([0, 1, 12, rng.randrange(10**6)]))  # noqa: E731
+    if rng.random() < 0.1:
+        return "P" + number() + "W"
+    date = "YMD"[rng.randrange(3):][:rng.randrange(4)]
+    time = "HMS"[rng.randrange(3):][:rng.randrange(0 if date else 1, 4)]
+    return "P" + "".join(number() + u for u in date) + ("T" + "".join(number() + u for u in time) if time else "")
+
+
+def test_formats_email_hostname_ipv4_ipv6_duration_take_exactly_what_independent_validators_take():
+    """The regex formats against validators that do not use their regexes (ipaddress for addresses, hand-written
+    ones for the rest): random strings of each format are taken, single-byte changes of them are taken exactly where
+    the validator takes them (written without escapes), random walks validate, and jsonschema's format checker takes
+    what it checks (email, ipv4, ipv6)."""
+    for name, text, at in [
+        ("email", b'"a.b-c+d@example.com"', None), ("email", b'"a..b', 3), ("email", b'".a', 1),
+        ("email", b'"a@', None),
+        ("email", b'"a@-', 3), ("email", b'"a@b"', None), ("email", b'"a@b.', None), ("email", b'"a@b."', 5),
+        ("email", b'"\\u0061@b"', 1), ("email", b'"a b', 2), ("email", b'"a@b@', 4), ("email", b'"a@b_', 4),
+        ("hostname", b'"a-b.c"', None), ("hostname", b'"a-.', 3), ("hostname", b'"-', 1), ("hostname", b'"a..', 3),
+        ("hostname", b'"' + b"a" * 63 + b'"', None), ("hostname", b'"' + b"a" * 64, 64),
+        ("hostname", b'"' + b"a." * 126 + b'a"', None), ("hostname", b'"' + b"a." * 126 + b"ab", 254),
+        ("hostname", b'"xn--bcher-kva.example"', None), ("hostname", "\"é".encode(), 1),
+        ("ipv4", b'"255.255.255.255"', None), ("ipv4", b'"256', 3), ("ipv4", b'"01', 2), ("ipv4", b'"1.2.3"', 6),
+        ("ipv4", b'"1.2.3.4.', 8), ("ipv4", b'"0.0.0.0"', None),
+        ("ipv6", b'"::"', None), ("ipv6", b'"::1"', None), ("ipv6", b'"1:2:3:4:5:6:7::"', None),
+        ("ipv6", b'"1::2::', 6), ("ipv6", b'"12345', 5), ("ipv6", b'"::ffff:1.2.3.04', 15),
+        ("ipv6", b'"1:2:3:4:5:6:7:8:', 16), ("ipv6", b'"1:2:3:4:5:6:1.2.3.4"', None), ("ipv6", b'"::1%', 4),
+        ("ipv6", b'"1:2:3:4:5:6:7:1.', 16), ("ipv6", b'"1.2', 2), ("ipv6", b'"FE80::a"', None),
+        ("duration", b'"P1Y2M3DT4H5M6S"', None), ("duration", b'"P4W"', None), ("duration", b'"P1W2', 4),
+        ("duration", b'"PT"', 3), ("duration", b'"P"', 2), ("duration", b'"P1Y2D', 5), ("duration", b'"PT1H2S', 6),
+        ("duration", b'"P1DT2M"', None), ("duration", b'"P1.5', 3), ("duration", b'"p', 1),
+        ("duration", b'"PT1S"', None),
+    ]:
+        assert refused_at({"type": "string", "format": name}, text) == at, (name, text)
+        if at is None and text.endswith(b'"'):
+            assert FORMAT_ORACLES[name](json.loads(text)), text
+    rng = random.Random(11)
+    changes = b"0123456789abcdefABCDEF.:-@_PTYMDHSW%\\\" \xc3\xa9"
+    for name, ok in FORMAT_ORACLES.items():
+        schema = {"type": "array", "items": {"type": "string", "format": name}}
+        checker, compiled = validator(schema), js.compile_schema(schema)
+        for _ in range(150):
+            value = random_of_format(rng, name)
+            assert ok(value) and complete(schema, json.dumps([value]).encode()), (name, value)
+            data = json.dumps(value).encode()
+            for _ in range(6):  # a byte changed, inserted or dropped
+                at = rng.randrange(1, len(data) - 1)
+                changed = data[:at] + bytes([rng.choice(changes)]) * rng.randrange(2) + data[at + rng.randrange(2):]
+                try:
+                    text = json.loads(changed)
+                except ValueError:
+                    text = None
+                expected = isinstance(text, str) and json.dumps(text, ensure_ascii=False).encode() == changed and \
+                    ok(text)
+                assert complete(schema, b"[" + changed + b"]") == expected, (name, changed)
+                if expected:
+                    assert checker.is_valid([text]), (name, text)
+        alphabet = bytes(sorted(set(b'[],"0123456789abcdefABCDEF.:-@PTYMDHSW!#$%&*+/=?^_`{|}~')))
+        walked = 0
+        for _ in range(60):
+            walk = random_walk(rng, compiled, alphabet)
+            if walk is not None:
+                values = json.loads(walk)
+                walked += bool(values)
+                assert all(ok(v) for v in values) and checker.is_valid(values), (name, walk)
+        assert walked > 20, name
+
+
+PATTERNS = ["^a+b$", "ab", "^(ab|c)*$", "a.c", "^[^a]{2,}$", "c?y$", "^[ab]*é", "\\d-|-\\d"]
+
+
+def test_patterns_hold_the_content_to_the_regex_searched_and_to_the_length_bounds_without_dead_ends():
+    """`pattern` (unanchored, ECMA-262) with minLength/maxLength: every string of up to 4 characters of a small
+    alphabet is taken exactly where re.search finds the pattern in it and its length is within the bounds; a prefix
+    is taken exactly where some such string (of up to maxLength characters) begins with it; the content is written
+    without escapes."""
+    alphabet = ["a", "b", "c", "y", "-", "1", "é", "\\n", '\\"']
+    for pattern in PATTERNS:
+        for low, high in ((0, None), (2, 4), (3, None), (0, 3), (4, 4)):
+            schema = {"type": "string", "pattern": pattern, "minLength": low}
+            if high is not None:
+                schema["maxLength"] = high
+            compiled = js.compile_schema(schema)
+            checker = validator(schema)
+            state = compiled.advance(compiled.initial, 0x22)
+
+            def visit(state, text: str) -> bool:
+                """Whether a string taken (of up to 4 characters) begins with `text`, checking the recognizer at
+                `text` (whose state is `state`, None where it was refused) and below it."""
+                value = json.loads('"' + text + '"')
+                expected = "\\" not in text and bool(re.search(pattern, value)) and low <= len(value) and \
+                    (high is None or len(value) <= high)
+                closed = state and compiled.advance(state, 0x22)
+                assert bool(closed and compiled.complete(closed)) == expected, (schema, text)
+                if expected:
+                    assert checker.is_valid(value)
+                found = expected
+                if len(value) < 4:
+                    for piece in alphabet:
+                        after = state
+                        for byte in piece.encode():
+                            after = after and compiled.advance(after, byte)
+                        found = visit(after, text + piece) or found
+                # refused: no string below; taken with a maxLength of at most 4: some string below (no dead end)
+                assert found == (state is not None) if high is not None else not found or state is not None, \
+                    (schema, text)
+                return found
+
+            assert visit(state, "")
+    assert refused_at({"pattern": "^a{2}$", "maxLength": 5}, b'"aa"') is None
+    assert refused_at({"pattern": "^[a-z]+$", "maxLength": 3}, b'"abcd') == 4
+    assert refused_at({"pattern": "x", "maxLength": 3}, b'"aaa') == 3  # only an x may come third
+    assert refused_at({"pattern": "x", "minLength": 3}, b'"x"') == 2
+    assert complete({"pattern": "😀", "minLength": 1, "maxLength": 1}, '"😀"'.encode())
+    assert refused_at({"pattern": "^.{2}$"}, '"😀😀😀'.encode()) == 9  # code points, not bytes
+    assert refused_at({"pattern": "a"}, b'"\\u0061"') == 1  # no escapes
+    assert refused_at({"pattern": "a\\S"}, "\"a\u00a0".encode()) == 3  # no non-ASCII space (ECMA-262's \S takes none)
+    assert complete({"type": ["string", "null"], "pattern": "^a$"}, b"null")
+    assert complete({"type": "integer", "pattern": "^a$"}, b"1")  # pattern holds strings only
+    assert complete({"format": "ipv4", "maxLength": 7}, b'"1.2.3.4"')
+    assert refused_at({"format": "ipv4", "maxLength": 7}, b'"1.2.3.45') == 8
+    rng, walked = random.Random(13), 0
+    for _ in range(40):  # random walks never dead-end, and what they complete validates
+        pattern = rng.choice(PATTERNS + ["^[A-Z]{2}-\\d{2,4}$", "(?:x|yz)+$", "^[^\\d]*\\d"])
+        low = rng.choice([0, 1, 3, 8])
+        schema = {"type": "array", "items": {"type": "string", "pattern": pattern, "minLength": low,
+                                             "maxLength": low + rng.choice([0, 2, 5, 20])}}
+        try:
+            compiled, checker = js.compile_schema(schema), validator(schema)
+        except js.SchemaError as e:  # such as ^[A-Z]{2}-\d{2,4}$ beside a minLength of 8
+            assert "no string of the pattern at #/items has a length within" in str(e)
+            continue
+        for _ in range(3):
+            walk = random_walk(rng, compiled, "[],\"abcxyzAZ-019é\\".encode())
+            if walk is not None:
+                walked += len(json.loads(walk))
+                assert checker.is_valid(json.loads(walk)), (schema, walk)
+                assert all(re.search(pattern, v) for v in json.loads(walk))
+    assert walked > 60
+
+
 def test_prefix_items_hold_each_position_to_its_schema_and_the_rest_to_items():
     """prefixItems (draft 2020-12 tuples): item k takes prefixItems[k], those after it `items` (none for false),
     within minItems/maxItems, as Pydantic writes a tuple[int, str]."""
@@ -284,10 +502,20 @@ def test_prefix_items_hold_each_position_to_its_schema_and_the_rest_to_items():
     ({"exclusiveMinimum": 1, "maximum": 1}, "no number at # is within its bounds"),
     ({"type": "string", "minLength": 3, "maxLength": 2}, "minLength at # is above its maxLength"),
     ({"maxLength": -1}, "maxLength at # must be a whole number >= 0, got -1"),
-    ({"properties": {"a": {"type": "string", "pattern": "x"}}}, 'the keyword "pattern" at #/properties/a is not'),
-    ({"items": {"format": "email"}}, 'the format "email" at #/items is not supported (only date, time, date-time, '
-                                     'uuid)'),
-    ({"format": "date", "maxLength": 10}, "format beside minLength/maxLength at # is not supported"),
+    ({"properties": {"a": {"type": "string", "pattern": "(?<=x)"}}},
+     "pattern at #/properties/a: regex '(?<=x)': a lookaround (?<= at position 0 is not supported"),
+    ({"pattern": "a\\bc"}, "pattern at #: regex 'a\\\\bc': the word boundary \\b at position 1 is not supported"),
+    ({"pattern": "^[\"\\\\]+$"}, "pattern at #: every string it matches holds a '\"', a '\\', a control character"),
+    ({"pattern": "a$b"}, "pattern at #: regex 'a$b': no text matches it"),
+    ({"pattern": ["a"]}, 'pattern at # must be a string (a regex), got ["a"]'),
+    ({"pattern": "^a{3}$", "maxLength": 2}, "no string of the pattern at # has a length within its minLength/"),
+    ({"pattern": "^[ab]*a[ab]{13}$", "maxLength": 20}, "the pattern at # with minLength/maxLength is too complex"),
+    ({"format": "email", "pattern": "@"}, "pattern beside format at # is not supported"),
+    ({"enum": ["a"], "pattern": "a"}, "pattern beside enum/const at # is not supported"),
+    ({"format": "hostname", "minLength": 254}, "minLength at # is above the format hostname's most characters (253)"),
+    ({"items": {"format": "uri"}}, 'the format "uri" at #/items is not supported (only date, time, date-time, '
+                                   'uuid, email, hostname, ipv4, ipv6, duration)'),
+    ({"format": "date", "maxLength": 10}, "format beside minLength/maxLength at # is not supported (only beside email"),
     ({"anyOf": [{}, {"not": {}}]}, 'the keyword "not" at #/anyOf/1 is not supported'),
     ({"type": "strin"}, "type at # must be one of object, array"),
     ({"properties": {"a/b": {"$ref": "#/$defs/x"}}}, "$ref \"#/$defs/x\" at #/properties/a~1b/$ref points to nothing"),
@@ -684,6 +912,80 @@ def test_masks_equal_the_oracle_on_states_of_bounds_formats_and_tuples(tiny_chat
         assert (js.schema_mask(vocabulary, compiled, state) == oracle(pieces, compiled, state)).all(), state
 
 
+# patterns (one with length bounds) and the regex formats
+PATTERNED = {"type": "object", "properties": {
+    "code": {"type": "string", "pattern": "^[A-Z]{2}-\\d{2,4}$"},
+    "note": {"pattern": "é", "minLength": 2, "maxLength": 5},
+    "mail": {"type": "string", "format": "email"}, "host": {"type": "string", "format": "hostname"},
+    "ip": {"type": "string", "format": "ipv6"}, "ip4": {"type": "string", "format": "ipv4"},
+    "wait": {"type": "string", "format": "duration"}},
+    "required": ["code", "note", "mail", "host", "ip", "ip4", "wait"], "additionalProperties": False}
+
+
+def test_masks_equal_the_oracle_on_states_inside_patterns_and_regex_formats(tiny_chat):
+    tokenizer = tiny_chat.tokenizer
+    pieces = [None if tokenizer.is_special(i) else tokenizer.token_bytes(i) for i in range(len(tokenizer))]
+    pieces += [b"AB-", b"12", b'"}', b'",', b"@", b".com", b"::", b"\xc3", b"\xa9", b"\xc3\xa9", b"PT", b"1H", b"\\",
+               b"ff:", b"1.2", b".3.4", b"-1", b"x\xc3\xa9y"]
+    vocabulary = jm.JsonVocabulary(pieces, len(pieces))
+    compiled = js.compile_schema(PATTERNED)
+    value = {"code": "AB-123", "note": "aébc", "mail": "first.last+tag@mail.example.com", "host": "a-1.example",
+             "ip": "2001:db8::ffff:1.2.3.4", "ip4": "192.168.0.1", "wait": "P1Y2M3DT4H5M6S"}
+    states = {compiled.initial}
+    for text in (json.dumps(value, ensure_ascii=False), json.dumps({**value, "ip": "::1", "note": "éé"}, indent=2,
+                                                                                     ensure_ascii=False)):
+        assert complete(PATTERNED, text.encode()) and validator(PATTERNED).is_valid(json.loads(text))
+        state = compiled.initial
+        for byte in text.encode():
+            state = compiled.advance(state, byte)
+            states.add(state)
+    assert len(states) > 150
+    for state in states:
+        assert (js.schema_mask(vocabulary, compiled, state) == oracle(pieces, compiled, state)).all(), state
+
+
+def test_pydantic_patterns_and_regex_formats_through_the_tiny_model(tiny_chat):
+    """A Pydantic model with constr(pattern=..., max_length=...) fields, and a plain schema with email, ipv4 and
+    duration strings of bounded length (Pydantic's EmailStr needs the email-validator package): the stopped answers
+    validate (the model reads them back; jsonschema with its format checker)."""
+    from pydantic import BaseModel, constr
+
+    class Part(BaseModel):
+        code: constr(pattern=r"^[A-Z]{2}-\d{2,4}$")
+        name: constr(pattern=r"^[a-z]+$", min_length=2, max_length=6)
+
+    contact = {"type": "object", "properties": {"mail": {"type": "string", "format": "email", "maxLength": 12},
+                                                "ip": {"type": "string", "format": "ipv4"},
+                                                "wait": {"type": "string", "format": "duration", "maxLength": 6}},
+               "required": ["mail", "ip", "wait"], "additionalProperties": False}
+    assert js.compile_schema(Part).canonical == js.compile_schema(Part.model_json_schema()).canonical
+    tokenizer = tiny_chat.tokenizer
+    ids = tiny_chat.prepare("Describe the part as JSON.").prompt_ids
+    bias = closing_bias(tokenizer, 4.0)
+    requests = [Request(ids, SamplingParams(max_new_tokens=120, json_schema=schema, do_sample=True, seed=s,
+                                            logit_bias=bias)) for schema in (Part, contact) for s in range(3)]
+    out = [([], None) for _ in requests]
+    for events in tiny_chat.engine.generate(requests):
+        for event in events:
+            out[event.rid][0].append(event.token)
+            out[event.rid] = (out[event.rid][0], event.finish or out[event.rid][1])
+    stopped = [0, 0]
+    for k, (tokens, finish) in enumerate(out):
+        schema = (Part, contact)[k // 3]
+        text = b"".join(tokenizer.token_bytes(t) for t in (tokens[:-1] if finish == "stop" else tokens))
+        if finish == "stop":
+            if schema is Part:
+                part = Part.model_validate_json(text)
+                assert re.search(r"^[A-Z]{2}-\d{2,4}$", part.code) and 2 <= len(part.name) <= 6
+            else:
+                validator(contact).validate(json.loads(text))
+                assert email_ok(json.loads(text)["mail"]) and duration_ok(json.loads(text)["wait"])
+            stopped[k // 3] += 1
+        else:
+            assert refused_at(schema if isinstance(schema, dict) else Part.model_json_schema(), text) is None
+    assert min(stopped) >= 1, stopped
+
+
 def test_constrained_answers_with_bounds_formats_and_tuples_validate(tiny_chat):
     tokenizer = tiny_chat.tokenizer
     ids = tiny_chat.prepare("Describe the visit as JSON.").prompt_ids
@@ -745,8 +1047,8 @@ def test_json_schema_settings_that_cannot_work_are_refused():
         SamplingParams(json_mode=True, json_schema={})
     with pytest.raises(SettingError, match="^min_new_tokens does not go with json_schema"):
         SamplingParams(json_schema={}, min_new_tokens=2)
-    with pytest.raises(InputError, match='^the keyword "pattern" at #/properties/a is not supported$'):
-        SamplingParams(json_schema={"properties": {"a": {"pattern": "x"}}})
+    with pytest.raises(InputError, match='^the keyword "multipleOf" at #/properties/a is not supported$'):
+        SamplingParams(json_schema={"properties": {"a": {"multipleOf": 2}}})
     assert SamplingParams(json_schema={"type": "string"}) == SamplingParams(json_schema={"type": "string"})
     assert js.compile_schema({"type": "string"}) is js.compile_schema({"type": "string"})  # cached
 
@@ -761,8 +1063,8 @@ def test_the_server_takes_json_schema_and_guided_json():
         assert parse({**body, "guided_json": SCHEMA}, settings).params.json_schema == js.compile_schema(SCHEMA)
         assert parse({**body, "guided_json": json.dumps(SCHEMA)}, settings).params.json_schema.canonical == \
             js.compile_schema(SCHEMA).canonical
-        bad = {**spec, "schema": {"type": "string", "pattern": "^a"}}
-        with pytest.raises(ApiError, match='^response_format: the keyword "pattern" at # is not supported') as e:
+        bad = {**spec, "schema": {"type": "string", "not": {}}}
+        with pytest.raises(ApiError, match='^response_format: the keyword "not" at # is not supported') as e:
             parse({**body, "response_format": {"type": "json_schema", "json_schema": bad}}, settings)
         assert e.value.status == 400 and e.value.param == "response_format"
         with pytest.raises(ApiError, match='^guided_json: the format "uri" at #/items is not supported'):
@@ -781,7 +1083,7 @@ def test_the_server_takes_json_schema_and_guided_json():
                                     ({"json": SCHEMA, "choice": ["a"]}, "with both json and choice"),
                                     ({"grammar": "root ::= x", "json_object": True}, 'with "grammar": only its json'),
                                     ({}, "with no json"), ({"json": "{"}, "^structured_outputs.json is not JSON"),
-                                    ({"json": {"pattern": "x"}}, '^structured_outputs: the keyword "pattern" at #'),
+                                    ({"json": {"not": {}}}, '^structured_outputs: the keyword "not" at #'),
                                     ("x", "^structured_outputs must be an object such as")):
             with pytest.raises(ApiError, match=message) as e:
                 parse({**body, "structured_outputs": structured}, settings)

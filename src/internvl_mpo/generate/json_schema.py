@@ -46,6 +46,7 @@ import numpy
 
 from ..errors import InputError
 from . import json_mode as jm
+from . import regex as rx
 
 CACHED_SCHEMAS = 64  # compiled schemas kept, by their canonical JSON
 CACHED_MASKS = 1024  # schema masks kept per vocabulary (all schemas together), packed 8 to a byte
@@ -68,14 +69,38 @@ _TIME = (HOURS, ":", MINUTES, ":", MINUTES, FRACTION, OFFSET)
 FORMATS = {"date": _DATE, "time": _TIME, "date-time": _DATE + ("T",) + _TIME,
            "uuid": ((HEX_DIGITS, 8), "-", (HEX_DIGITS, 4), "-", (HEX_DIGITS, 4), "-", (HEX_DIGITS, 4), "-",
                     (HEX_DIGITS, 12))}
-TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
-KNOWN = ANNOTATIONS | frozenset(("type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs",
-                                 "definitions", "format") + OBJECT_KEYS + ARRAY_KEYS + STRING_KEYS + NUMBER_KEYS)
 INFINITE = math.inf
+# string formats as regexes (whole strings), each with its most characters: RFC 1123 host names (labels of 1 to 63
+# letters, digits and inner hyphens, 253 characters in all), e-mail addresses (RFC 5322's dot-atom, '@', a host
+# name; 254 characters, RFC 5321's), IPv4 and IPv6 addresses as Python's ipaddress takes them (no leading zeros; the
+# text forms of RFC 4291, '::' and an IPv4 tail, no zone) and RFC 3339's durations (appendix A: weeks alone)
+_LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = rf"{_LABEL}(?:\.{_LABEL})*"
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+_H16, _LS32 = "[0-9A-Fa-f]{1,4}", rf"(?:[0-9A-Fa-f]{{1,4}}:[0-9A-Fa-f]{{1,4}}|{_IPV4})"
+_IPV6 = "|".join([f"(?:{_H16}:){{6}}{_LS32}", f"::(?:{_H16}:){{5}}{_LS32}", f"(?:{_H16})?::(?:{_H16}:){{4}}{_LS32}"] +
+                 [f"(?:(?:{_H16}:){{0,{k}}}{_H16})?::{tail}" for k, tail in (
+                     (1, f"(?:{_H16}:){{3}}{_LS32}"), (2, f"(?:{_H16}:){{2}}{_LS32}"), (3, f"{_H16}:{_LS32}"),
+                     (4, _LS32), (5, _H16), (6, ""))])
+_DUR_TIME = "T(?:[0-9]+H(?:[0-9]+M(?:[0-9]+S)?)?|[0-9]+M(?:[0-9]+S)?|[0-9]+S)"
+_DURATION = f"P(?:(?:[0-9]+D|[0-9]+M(?:[0-9]+D)?|[0-9]+Y(?:[0-9]+M(?:[0-9]+D)?)?)(?:{_DUR_TIME})?|{_DUR_TIME}|[0-9]+W)"
+REGEX_FORMATS = {"email": (rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~-]+)*@{_HOSTNAME}",
+                           254), "hostname": (_HOSTNAME, 253), "ipv4": (_IPV4, INFINITE),
+                 "ipv6": (_IPV6, INFINITE), "duration": (_DURATION, INFINITE)}
+# what a pattern's or regex format's content never holds: the characters JSON writes with an escape (the content is
+# written without escapes), and ECMA-262's non-ASCII white space and line terminators (so that \S and . hold as
+# ECMA-262 reads them, where this module's \s is ASCII only)
+UNWRITTEN = '"\\' + "".join(map(chr, range(0x20))) + "\u00a0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + \
+    "\u2028\u2029\u202f\u205f\u3000\ufeff"
+MAX_PATTERN_STATES = 5_000  # automaton states of a pattern (or format) with a length bound, searched at compile time
+TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+KNOWN = ANNOTATIONS | frozenset(("type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions",
+                                 "format", "pattern") + OBJECT_KEYS + ARRAY_KEYS + STRING_KEYS + NUMBER_KEYS)
 
 # what comes next in a thread (the first item of its `next` tuple)
 (VALUE, KEY0, KEY, COLON, ITEM0, AFTER, LITERAL, FREE, BOUNDED, NUMBER, NUMBER_LITERAL, WORD, END, RANGE,
- FORMAT) = range(15)
+ FORMAT, PATTERN) = range(16)
 # frames of open containers: (OBJECT, alternative, index of the last property given or -1) and
 # (ARRAY, alternative, values begun)
 OBJECT, ARRAY = 0, 1
@@ -104,6 +129,8 @@ class _Alternative:
         self.min_items, self.max_items = 0, INFINITE
         self.min_length, self.max_length = 0, INFINITE  # a string's, in code points
         self.format: str | None = None  # a string's format, a key of FORMATS
+        self.regex: rx.Regex | None = None  # a string's pattern or regex format
+        self.lengths: dict | None = None  # with a length bound: per regex state, its completions' lengths (_lengths)
         # a number's or integer's bounds, each None or (a Fraction, whether it is excluded); an integer's inclusive
         self.lower: tuple | None = None
         self.upper: tuple | None = None
@@ -226,16 +253,16 @@ class Schema:
         if kinds is None:
             kinds = ["object"] if any(k in schema for k in OBJECT_KEYS) else \
                 ["array"] if any(k in schema for k in ARRAY_KEYS) else \
-                ["string"] if any(k in schema for k in STRING_KEYS + ("format",)) else \
+                ["string"] if any(k in schema for k in STRING_KEYS + ("format", "pattern")) else \
                 ["number"] if any(k in schema for k in NUMBER_KEYS) else list(TYPES)
         elif isinstance(kinds, str):
             kinds = [kinds]
         if not isinstance(kinds, list) or not kinds or any(k not in TYPES for k in kinds):
             raise SchemaError(f"type at {path} must be one of {', '.join(TYPES)} or a list of them, "
                               f"got {_short(schema['type'])}")
-        if "format" in schema and schema["format"] not in FORMATS:
+        if "format" in schema and schema["format"] not in FORMATS and schema["format"] not in REGEX_FORMATS:
             raise SchemaError(f"the format {_short(schema['format'])} at {path} is not supported (only "
-                              f"{', '.join(FORMATS)})")
+                              f"{', '.join([*FORMATS, *REGEX_FORMATS])})")
         if "integer" in kinds and "number" in kinds:
             kinds = [k for k in kinds if k != "integer"]
         if "enum" in schema or "const" in schema:
@@ -249,15 +276,42 @@ class Schema:
             elif kind == "boolean":
                 found += [self._alternative("true"), self._alternative("false")]
             elif kind == "string":
-                low, high = _bounds(schema, STRING_KEYS, path)
-                if "format" in schema and (low or high < INFINITE):
-                    raise SchemaError(f"format beside minLength/maxLength at {path} is not supported")
-                found.append(self._alternative("string", min_length=low, max_length=high, format=schema.get("format")))
+                found.append(self._string(schema, path))
             elif kind in ("number", "integer"):
                 found.append(self._alternative(kind, **_number_bounds(schema, kind, path)))
             else:
                 found.append(self._alternative(kind))
         return tuple(found)
+
+    def _string(self, schema: dict, path: str) -> int:
+        low, high = _bounds(schema, STRING_KEYS, path)
+        name, pattern = schema.get("format"), schema.get("pattern")
+        if name is not None and pattern is not None:
+            raise SchemaError(f"pattern beside format at {path} is not supported")
+        if name in FORMATS:
+            if low or high < INFINITE:
+                raise SchemaError(f"format beside minLength/maxLength at {path} is not supported (only beside "
+                                  f"{', '.join(REGEX_FORMATS)})")
+            return self._alternative("string", format=name)
+        if pattern is not None:
+            regex, where = _pattern(pattern, path), f"the pattern at {path}"
+        elif name is not None:
+            regex, most = rx.compile_regex(REGEX_FORMATS[name][0], excluded=UNWRITTEN), REGEX_FORMATS[name][1]
+            where, high = f"the format {name} at {path}", min(high, most)
+            if low > high:
+                raise SchemaError(f"minLength at {path} is above the format {name}'s most characters ({most})")
+        else:
+            return self._alternative("string", min_length=low, max_length=high)
+        lengths = None
+        if low or high < INFINITE:
+            lengths = _lengths(regex, low, high)
+            if lengths is None:
+                raise SchemaError(f"{where} with minLength/maxLength is too complex: its automaton has more than "
+                                  f"{MAX_PATTERN_STATES} states")
+        alternative = self._alternative("string", min_length=low, max_length=high, regex=regex, lengths=lengths)
+        if lengths is not None and not _length_fits(self.alternatives[alternative], regex.initial, 0):
+            raise SchemaError(f"no string of {where} has a length within its minLength/maxLength")
+        return alternative
 
     def _object(self, schema: dict, path: str) -> int:
         properties = schema.get("properties", {})
@@ -427,6 +481,8 @@ class Schema:
                 return self._done(frames) if _formatted(self.alternatives[a].format, text)[1] else []
             text += chr(byte)
             return [(frames, (FORMAT, a, text))] if _formatted(self.alternatives[a].format, text)[0] else []
+        if kind == PATTERN:
+            return self._pattern(frames, next_, byte, closed)
         if kind == VALUE:
             return self._start(frames, next_[1], byte)
         if kind == NUMBER or kind == NUMBER_LITERAL or kind == RANGE:
@@ -488,6 +544,8 @@ class Schema:
             if byte == 0x22:
                 if kind == "string" and alternative.format:
                     found.append((frames, (FORMAT, a, "")))
+                elif kind == "string" and alternative.regex is not None:
+                    found.append((frames, (PATTERN, a, alternative.regex.initial, 0)))
                 elif kind == "string" and (alternative.min_length or alternative.max_length < INFINITE):
                     found.append((frames, (BOUNDED, a, 0, False, "")))
                 elif kind == "string":
@@ -576,6 +634,22 @@ class Schema:
         if high and 0xDC00 <= value <= 0xDFFF:
             return [(frames, (BOUNDED, a, count, False, ""))]
         return [(frames, (BOUNDED, a, count + 1, 0xD800 <= value <= 0xDBFF, ""))]
+
+    def _pattern(self, frames, next_, byte, closed) -> list:
+        """A string held to a regex (a pattern or a format), its content written without escapes (the regex takes no
+        character that needs one). `next_` is (PATTERN, alternative, the regex's state, characters so far where the
+        length is bounded, else 0)."""
+        _, a, state, count = next_
+        alternative = self.alternatives[a]
+        if closed:
+            return self._done(frames) if alternative.regex.accepting(state) and count >= alternative.min_length else []
+        state = alternative.regex.advance(state, byte)
+        if state is None:
+            return []
+        if alternative.lengths is None:
+            return [(frames, (PATTERN, a, state, 0))]
+        count += not 0x80 <= byte < 0xC0  # a character is counted at its first byte
+        return [(frames, (PATTERN, a, state, count))] if _length_fits(alternative, state, count) else []
 
     def _literal(self, frames, next_, after, byte, closed) -> list:
         """A string held to `targets` (enum strings, property names): each character in any JSON spelling."""
@@ -677,6 +751,70 @@ def _formatted(name: str, text: str) -> tuple[bool, bool]:
                 return True, False
             at += item[1]
     return at == len(text), at == len(text)
+
+
+def _pattern(pattern, path: str) -> rx.Regex:
+    """A `pattern` (ECMA-262, unanchored: it matches anywhere in the string) as a regex of the content this mode
+    writes; SchemaError where regex.py does not take it or no such content matches it."""
+    if not isinstance(pattern, str):
+        raise SchemaError(f"pattern at {path} must be a string (a regex), got {_short(pattern)}")
+    try:
+        return rx.compile_regex(pattern, search=True, excluded=UNWRITTEN)
+    except rx.RegexError:
+        try:
+            rx.compile_regex(pattern, search=True)
+        except rx.RegexError as e:
+            raise SchemaError(f"pattern at {path}: {e}") from None
+    raise SchemaError(f"pattern at {path}: every string it matches holds a '\"', a '\\', a control character or a "
+                      "non-ASCII space, which this mode does not write (a string's content is written without escapes)")
+
+
+@lru_cache(maxsize=CACHED_SCHEMAS)
+def _lengths(regex: rx.Regex, low: int, high: float) -> dict | None:
+    """Per state of `regex` reachable from its start: the lengths in code points of the texts that complete it, as
+    an int's bits (bit n: a completion of n characters), none above `high`; where `high` is infinite, bit `low`
+    stands for every length from `low` on. None where the regex has more than MAX_PATTERN_STATES states."""
+    cap = low if high == INFINITE else high
+    full = (1 << (cap + 1)) - 1
+    before: dict = {regex.initial: []}  # per state, the (state, characters added) pairs that reach it by a byte
+    # the bytes that begin a run of bytes every NFA node reads alike (and alike a character's first byte or not): one
+    # of each run is read (regex.py's NFA edges are byte ranges, in its `_bytes`)
+    starts = sorted({0, 0x80, 0xC0} | {edge[k] + k for edges in regex._bytes for edge in edges for k in (0, 1)} - {256})
+    todo = [regex.initial]
+    while todo:
+        state = todo.pop()
+        for byte in starts:
+            after = regex.advance(state, byte)
+            if after is None:
+                continue
+            if after not in before:
+                if len(before) >= MAX_PATTERN_STATES:
+                    return None
+                before[after] = []
+                todo.append(after)
+            before[after].append((state, int(not 0x80 <= byte < 0xC0)))
+    bits = {state: int(regex.accepting(state)) for state in before}
+    todo = [state for state in before if bits[state]]
+    while todo:  # a fixed point: each change adds bits, and there are at most cap + 1
+        after = todo.pop()
+        for state, step in before[after]:
+            more = bits[after] << step
+            if more > full:  # lengths past `cap`: past `low` (kept as `low`'s bit) or past `high` (dropped)
+                more = (more & full) | (1 << cap) if high == INFINITE else more & full
+            if more | bits[state] != bits[state]:
+                bits[state] |= more
+                todo.append(state)
+    return bits
+
+
+def _length_fits(alternative: _Alternative, state, count: int) -> bool:
+    """Whether the regex state has a completion that ends the string within its length bounds, `count` characters
+    written so far."""
+    low, high = max(alternative.min_length - count, 0), alternative.max_length - count
+    if high < 0:
+        return False
+    bits = alternative.lengths[state] >> low
+    return bool(bits if high == INFINITE else bits & ((1 << (high - low + 1)) - 1))
 
 
 def _number_bounds(schema: dict, kind: str, path: str) -> dict:
