@@ -513,6 +513,7 @@ def test_prefix_items_hold_each_position_to_its_schema_and_the_rest_to_items():
     ({"format": "email", "pattern": "@"}, "pattern beside format at # is not supported"),
     ({"enum": ["a"], "pattern": "a"}, "pattern beside enum/const at # is not supported"),
     ({"format": "hostname", "minLength": 254}, "minLength at # is above the format hostname's most characters (253)"),
+    ({"format": ["email"]}, 'the format ["email"] at # is not supported'),
     ({"items": {"format": "uri"}}, 'the format "uri" at #/items is not supported (only date, time, date-time, '
                                    'uuid, email, hostname, ipv4, ipv6, duration)'),
     ({"format": "date", "maxLength": 10}, "format beside minLength/maxLength at # is not supported (only beside email"),

@@ -6,8 +6,10 @@ schema as compact JSON, keys in their order: the properties' order is the order 
 subset taken, and the rest refused with a `SchemaError` naming the keyword and its JSON pointer in the schema:
 `type` (one or a list), `properties`, `required`, `additionalProperties`, `prefixItems` (a tuple's items, each its
 schema; those after them `items`), `items` (one schema), `minItems`, `maxItems`, `minLength`, `maxLength` (code
-points, as json.loads reads the string), `format` `date`, `time`, `date-time` (RFC 3339) and `uuid`, `minimum`,
-`maximum`, `exclusiveMinimum`, `exclusiveMaximum` (numbers, as in draft 2020-12; as a double reads the digits),
+points, as json.loads reads the string), `pattern` (ECMA-262, unanchored; regex.py's syntax), `format` `date`,
+`time`, `date-time` (RFC 3339) and `uuid`, and `email`, `hostname`, `ipv4`, `ipv6` and `duration` (REGEX_FORMATS),
+`minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (numbers, as in draft 2020-12; as a double reads the
+digits),
 `enum`, `const`, `anyOf`, `oneOf` (taken as anyOf), `allOf` of one schema, `$ref` to `#` or a JSON pointer into the
 schema (`#/$defs/...`, `#/properties/...`; recursion allowed), and the annotations `description`, `title`,
 `default`, `examples`, `deprecated`, `readOnly`, `writeOnly`, `$schema`, `$comment` and `discriminator` (OpenAPI's,
@@ -21,7 +23,11 @@ JSON value when absent or true; none when false). An integer is written without 
 `enum`/`const` number as json.dumps writes it; an enum string in any JSON spelling of it. A bounded number's
 digits (exponent included) are taken only while some number within its bounds begins with them (worked out in
 fractions, an exponent never raised to a power), and a '-' begins a negative number there (no -0). A formatted
-string's content is ASCII without escapes, each byte taken while some string of the format begins with them.
+string's content is ASCII without escapes, each byte taken while some string of the format begins with them. A
+string with a `pattern` or a regex format is held to a regex.py automaton (a pattern's searched: `^`/`$` anchor it)
+whose content holds none of UNWRITTEN, so it is written without escapes; with minLength/maxLength, each of the
+automaton's states knows the lengths of its completions (`_lengths`, searched once), and a byte is taken only while
+one of them ends the string within the bounds.
 
 A state is (the json_mode state, a frozenset of threads): the lexical state is JSON mode's (the top-level
 value may be of any type), and each thread is one way the schema may still accept the bytes so far, as (open
@@ -260,7 +266,8 @@ class Schema:
         if not isinstance(kinds, list) or not kinds or any(k not in TYPES for k in kinds):
             raise SchemaError(f"type at {path} must be one of {', '.join(TYPES)} or a list of them, "
                               f"got {_short(schema['type'])}")
-        if "format" in schema and schema["format"] not in FORMATS and schema["format"] not in REGEX_FORMATS:
+        if "format" in schema and (not isinstance(schema["format"], str) or
+                                   schema["format"] not in FORMATS and schema["format"] not in REGEX_FORMATS):
             raise SchemaError(f"the format {_short(schema['format'])} at {path} is not supported (only "
                               f"{', '.join([*FORMATS, *REGEX_FORMATS])})")
         if "integer" in kinds and "number" in kinds:
