@@ -3,7 +3,9 @@ each state a pretty-printed object passes through computed afresh (uncached), an
 cache, as the engine asks for them at each step. `--schema` times JSON schema mode's masks
 (`internvl_mpo.generate.json_schema`) the same way, on a realistic schema (typed fields, an enum, an array
 of objects, a nullable field, a string of bounded length) and a pretty-printed value of it; `--typed` on a schema
-with bounded numbers, formatted strings (date-time, uuid, date) and a tuple, as Pydantic writes them.
+with bounded numbers, formatted strings (date-time, uuid, date) and a tuple, as Pydantic writes them. `--regex
+PATTERN` times guided decoding's masks (`internvl_mpo.generate.regex`) on the states of `--text` (a text the
+regex takes; without it, a random walk of the regex's automaton, seed 0).
 
 The vocabulary that matters is Qwen2's (151,643 tokens + specials, InternVL2.5's 1B/4B/26B/38B/78B):
 
@@ -19,14 +21,17 @@ recognizer byte by byte (seconds per state on a Qwen2 vocabulary).
 import argparse
 import base64
 import json
+import random
 import statistics
 import time
 from pathlib import Path
 
 from internvl_mpo.generate import json_mode as jm
 from internvl_mpo.generate import json_schema as js
+from internvl_mpo.generate import regex as rx
 
-MODES = {jm.START: "start", jm.VALUE: "value", jm.ARRAY_START: "array start", jm.OBJECT_START: "object start",
+REGEX = -1  # the label of a regex's states in the table
+MODES = {REGEX: "regex", jm.START: "start", jm.VALUE: "value", jm.ARRAY_START: "array start", jm.OBJECT_START: "object start",
          jm.KEY: "key", jm.COLON: "colon", jm.AFTER: "after value", jm.STRING: "string", jm.ESCAPE: "escape",
          jm.UNICODE: "\\u escape", jm.NUMBER: "number", jm.LITERAL: "true/false/null", jm.DONE: "done"}
 SAMPLE = {"title": "Ein Café in Zürich", "objects": [{"name": "猫", "box": [12, 34.5, -0.5e3, 1e-2], "visible": True},
@@ -78,6 +83,8 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="compare every mask with the byte-by-byte oracle")
     parser.add_argument("--schema", action="store_true", help="JSON schema mode's masks (a realistic schema)")
     parser.add_argument("--typed", action="store_true", help="JSON schema mode's masks (bounds, formats, a tuple)")
+    parser.add_argument("--regex", help="guided decoding's masks of this regex (the whole answer matches it)")
+    parser.add_argument("--text", help="with --regex: a text it takes, whose states are timed (default: a random walk)")
     args = parser.parse_args()
     args.schema = args.schema or args.typed
     pieces, size, name = pieces_of(args)
@@ -85,8 +92,26 @@ def main() -> None:
     vocabulary = jm.JsonVocabulary(pieces, size)
     if args.schema:
         vocabulary.characters  # the index's part that schema mode's string lengths add, built on first use
+    if args.regex is not None:
+        vocabulary.flat_words  # the index's part that regex masks walk, built on first use
     print(f"vocabulary: {name}; index built in {time.perf_counter() - start:.2f} s")
-    if args.schema:
+    if args.regex is not None:
+        regex = rx.compile_regex(args.regex)
+        initial, advance = regex.initial, regex.advance
+        sample = walk(regex) if args.text is None else args.text
+        if not regex.matches(sample.encode()):
+            parser.error(f"--text {sample!r} is not a text the regex takes")
+        print(f"regex: {args.regex!r}, {len(regex._bytes)} automaton nodes; text: {sample[:60]!r}")
+
+        def mask(state):
+            return rx.regex_mask(vocabulary, regex, state)
+
+        def lexical(state):
+            return (REGEX, 0, "", 0)
+
+        def clear():
+            vocabulary.regex_cache.clear()
+    elif args.schema:
         schema = js.compile_schema(TYPED if args.typed else SCHEMA)
         initial, advance, sample = schema.initial, schema.advance, TYPED_VALUE if args.typed else SCHEMA_VALUE
 
@@ -107,7 +132,7 @@ def main() -> None:
         def clear():
             vocabulary._cache.clear()
     states, state = [], initial
-    for byte in json.dumps(sample, indent=2, ensure_ascii=False).encode():
+    for byte in (sample if args.regex is not None else json.dumps(sample, indent=2, ensure_ascii=False)).encode():
         states.append(state)
         state = advance(state, byte)
     states.append(state)
@@ -133,6 +158,19 @@ def main() -> None:
         mask(state)
     print(f"cached: {1e6 * (time.perf_counter() - start) / len(states):.0f} us a step over the {len(states)} steps "
           "of the sample (one byte each)" + ("; every mask equals the oracle's" if args.check else ""))
+
+
+def walk(regex, limit: int = 200) -> str:
+    """A text the regex takes: a random walk of its automaton (seed 0) over printable ASCII where it can, stopped at
+    an accepting state after a few bytes (or at `limit`, where it goes on to the nearest accepting state)."""
+    rng, state, data = random.Random(0), regex.initial, b""
+    while True:
+        live = [b for b in range(256) if regex.advance(state, b) is not None]
+        if regex.accepting(state) and (not live or len(data) >= limit or rng.random() < 0.02):
+            return data.decode()
+        ascii_live = [b for b in live if 0x20 <= b < 0x7F]
+        byte = rng.choice(ascii_live if ascii_live and len(data) < limit else live)
+        state, data = regex.advance(state, byte), data + bytes((byte,))
 
 
 def unspaced(state, lexical):

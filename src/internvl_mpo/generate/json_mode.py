@@ -235,6 +235,15 @@ class JsonVocabulary:
         self.regex_cache: OrderedDict = OrderedDict()  # regex.regex_mask's, by (regex, state)
 
     @functools.cached_property
+    def flat_words(self) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray, numpy.ndarray]:
+        """The sorted tokens' bytes laid end to end (uint8), each one's start and length there, and where the tokens
+        of each first byte begin (257 positions): the index of regex.py's masks, built on first use."""
+        lengths = numpy.fromiter(map(len, self._words), dtype=numpy.int64, count=len(self._words))
+        starts = numpy.concatenate([[0], lengths.cumsum()[:-1]]).astype(numpy.int64)
+        data = numpy.frombuffer(b"".join(self._words), dtype=numpy.uint8)
+        return data, starts, lengths, numpy.searchsorted(data[starts], numpy.arange(257))
+
+    @functools.cached_property
     def characters(self) -> numpy.ndarray:
         """(size,): the UTF-8 characters each token's bytes begin (its bytes that are not continuation bytes), for
         JSON schema mode's string lengths."""
