@@ -12,6 +12,7 @@ import torch
 
 from internvl_mpo.errors import InputError, SettingError
 from internvl_mpo.generate import json_mode as jm
+from internvl_mpo.generate import regex as regex_module
 from internvl_mpo.generate.engine import Engine, Request
 from internvl_mpo.generate.regex import RegexConstraint, RegexError, choice_pattern, compile_regex, escape, regex_mask
 from internvl_mpo.generate.sampling import SamplingParams
@@ -116,6 +117,17 @@ def test_unsupported_constructs_are_refused_naming_them(pattern, named):
     with pytest.raises(RegexError, match=re.escape(named)) as caught:
         compile_regex(pattern)
     assert isinstance(caught.value, InputError)
+
+
+def test_the_dfa_memo_is_cleared_past_its_bound_and_answers_stay_the_same(monkeypatch):
+    """(a|b)*a(a|b){6} has 2**7 DFA states; with room for a few, the memo is cleared again and again."""
+    monkeypatch.setattr(regex_module, "MAX_HELD", 20)
+    regex = regex_module.Regex("(a|b)*a(a|b){6}", False, "")
+    rng = random.Random(0)
+    for _ in range(300):
+        text = "".join(rng.choice("ab") for _ in range(rng.randint(0, 12)))
+        assert regex.matches(text.encode()) == bool(re.fullmatch("(a|b)*a(a|b){6}", text)), text
+        assert regex._held <= 20 + max(len(state) for state in regex._moves)
 
 
 def test_a_non_string_regex_is_refused():
