@@ -919,7 +919,8 @@ PATTERNED = {"type": "object", "properties": {
     "note": {"pattern": "é", "minLength": 2, "maxLength": 5},
     "mail": {"type": "string", "format": "email"}, "host": {"type": "string", "format": "hostname"},
     "ip": {"type": "string", "format": "ipv6"}, "ip4": {"type": "string", "format": "ipv4"},
-    "wait": {"type": "string", "format": "duration"}},
+    "wait": {"type": "string", "format": "duration"},
+    "either": {"anyOf": [{"pattern": "^[x.0-9]+$", "maxLength": 9}, {"format": "ipv4"}, {"enum": ["y"]}]}},
     "required": ["code", "note", "mail", "host", "ip", "ip4", "wait"], "additionalProperties": False}
 
 
@@ -931,10 +932,11 @@ def test_masks_equal_the_oracle_on_states_inside_patterns_and_regex_formats(tiny
     vocabulary = jm.JsonVocabulary(pieces, len(pieces))
     compiled = js.compile_schema(PATTERNED)
     value = {"code": "AB-123", "note": "aébc", "mail": "first.last+tag@mail.example.com", "host": "a-1.example",
-             "ip": "2001:db8::ffff:1.2.3.4", "ip4": "192.168.0.1", "wait": "P1Y2M3DT4H5M6S"}
+             "ip": "2001:db8::ffff:1.2.3.4", "ip4": "192.168.0.1", "wait": "P1Y2M3DT4H5M6S",
+             "either": "1.2.3.4"}
     states = {compiled.initial}
-    for text in (json.dumps(value, ensure_ascii=False), json.dumps({**value, "ip": "::1", "note": "éé"}, indent=2,
-                                                                                     ensure_ascii=False)):
+    other = {**value, "ip": "::1", "note": "éé", "either": "x.x"}
+    for text in (json.dumps(value, ensure_ascii=False), json.dumps(other, indent=2, ensure_ascii=False)):
         assert complete(PATTERNED, text.encode()) and validator(PATTERNED).is_valid(json.loads(text))
         state = compiled.initial
         for byte in text.encode():

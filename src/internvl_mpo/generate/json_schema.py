@@ -27,7 +27,8 @@ string's content is ASCII without escapes, each byte taken while some string of 
 string with a `pattern` or a regex format is held to a regex.py automaton (a pattern's searched: `^`/`$` anchor it)
 whose content holds none of UNWRITTEN, so it is written without escapes; with minLength/maxLength, each of the
 automaton's states knows the lengths of its completions (`_lengths`, searched once), and a byte is taken only while
-one of them ends the string within the bounds.
+one of them ends the string within the bounds (`_Bounded`). Inside such a string the content tokens' mask is
+regex.py's (rx.regex_mask, all tokens walked together), the tokens with a quote walked as elsewhere.
 
 A state is (the json_mode state, a frozenset of threads): the lexical state is JSON mode's (the top-level
 value may be of any type), and each thread is one way the schema may still accept the bytes so far, as (open
@@ -135,8 +136,7 @@ class _Alternative:
         self.min_items, self.max_items = 0, INFINITE
         self.min_length, self.max_length = 0, INFINITE  # a string's, in code points
         self.format: str | None = None  # a string's format, a key of FORMATS
-        self.regex: rx.Regex | None = None  # a string's pattern or regex format
-        self.lengths: dict | None = None  # with a length bound: per regex state, its completions' lengths (_lengths)
+        self.automaton = None  # a string's pattern or regex format: an rx.Regex, or a _Bounded one with a length bound
         # a number's or integer's bounds, each None or (a Fraction, whether it is excluded); an integer's inclusive
         self.lower: tuple | None = None
         self.upper: tuple | None = None
@@ -309,16 +309,16 @@ class Schema:
                 raise SchemaError(f"minLength at {path} is above the format {name}'s most characters ({most})")
         else:
             return self._alternative("string", min_length=low, max_length=high)
-        lengths = None
-        if low or high < INFINITE:
-            lengths = _lengths(regex, low, high)
-            if lengths is None:
-                raise SchemaError(f"{where} with minLength/maxLength is too complex: its automaton has more than "
-                                  f"{MAX_PATTERN_STATES} states")
-        alternative = self._alternative("string", min_length=low, max_length=high, regex=regex, lengths=lengths)
-        if lengths is not None and not _length_fits(self.alternatives[alternative], regex.initial, 0):
+        if not low and high == INFINITE:
+            return self._alternative("string", automaton=regex)
+        lengths = _lengths(regex, low, high)
+        if lengths is None:
+            raise SchemaError(f"{where} with minLength/maxLength is too complex: its automaton has more than "
+                              f"{MAX_PATTERN_STATES} states")
+        automaton = _Bounded(regex, low, high, lengths)
+        if automaton.initial is None:
             raise SchemaError(f"no string of {where} has a length within its minLength/maxLength")
-        return alternative
+        return self._alternative("string", automaton=automaton)
 
     def _object(self, schema: dict, path: str) -> int:
         properties = schema.get("properties", {})
@@ -551,8 +551,8 @@ class Schema:
             if byte == 0x22:
                 if kind == "string" and alternative.format:
                     found.append((frames, (FORMAT, a, "")))
-                elif kind == "string" and alternative.regex is not None:
-                    found.append((frames, (PATTERN, a, alternative.regex.initial, 0)))
+                elif kind == "string" and alternative.automaton is not None:
+                    found.append((frames, (PATTERN, a, alternative.automaton.initial)))
                 elif kind == "string" and (alternative.min_length or alternative.max_length < INFINITE):
                     found.append((frames, (BOUNDED, a, 0, False, "")))
                 elif kind == "string":
@@ -644,19 +644,20 @@ class Schema:
 
     def _pattern(self, frames, next_, byte, closed) -> list:
         """A string held to a regex (a pattern or a format), its content written without escapes (the regex takes no
-        character that needs one). `next_` is (PATTERN, alternative, the regex's state, characters so far where the
-        length is bounded, else 0)."""
-        _, a, state, count = next_
-        alternative = self.alternatives[a]
+        character that needs one). `next_` is (PATTERN, alternative, the state of its automaton)."""
+        _, a, state = next_
+        automaton = self.alternatives[a].automaton
         if closed:
-            return self._done(frames) if alternative.regex.accepting(state) and count >= alternative.min_length else []
-        state = alternative.regex.advance(state, byte)
-        if state is None:
-            return []
-        if alternative.lengths is None:
-            return [(frames, (PATTERN, a, state, 0))]
-        count += not 0x80 <= byte < 0xC0  # a character is counted at its first byte
-        return [(frames, (PATTERN, a, state, count))] if _length_fits(alternative, state, count) else []
+            return self._done(frames) if automaton.accepting(state) else []
+        state = automaton.advance(state, byte)
+        return [] if state is None else [(frames, (PATTERN, a, state))]
+
+    def string_automata(self, state) -> list | None:
+        """Inside a string that every thread holds to an automaton (a pattern or a regex format): the (automaton,
+        its state) pairs; else None."""
+        if state[0][0] != jm.STRING or not all(next_[0] == PATTERN for _, next_ in state[1]):
+            return None
+        return [(self.alternatives[next_[1]].automaton, next_[2]) for _, next_ in state[1]]
 
     def _literal(self, frames, next_, after, byte, closed) -> list:
         """A string held to `targets` (enum strings, property names): each character in any JSON spelling."""
@@ -814,14 +815,38 @@ def _lengths(regex: rx.Regex, low: int, high: float) -> dict | None:
     return bits
 
 
-def _length_fits(alternative: _Alternative, state, count: int) -> bool:
-    """Whether the regex state has a completion that ends the string within its length bounds, `count` characters
-    written so far."""
-    low, high = max(alternative.min_length - count, 0), alternative.max_length - count
-    if high < 0:
-        return False
-    bits = alternative.lengths[state] >> low
-    return bool(bits if high == INFINITE else bits & ((1 << (high - low + 1)) - 1))
+class _Bounded:
+    """A regex held to a string length (code points) as well, as an automaton of regex.py's kind (`initial`,
+    `advance`, `accepting`; its masks by rx.regex_mask): a state is (the regex's state, characters so far), and lives
+    only while one of the regex state's completions (`lengths`, from _lengths) ends the string within low..high.
+    Equal (and hashed) by the regex and the bounds."""
+
+    def __init__(self, regex: rx.Regex, low: int, high: float, lengths: dict):
+        self.regex, self.low, self.high, self.lengths = regex, low, high, lengths
+        self.initial = self._fitting(regex.initial, 0)
+
+    def __eq__(self, other):
+        return isinstance(other, _Bounded) and (other.regex, other.low, other.high) == (self.regex, self.low, self.high)
+
+    def __hash__(self):
+        return hash((self.regex, self.low, self.high))
+
+    def accepting(self, state) -> bool:
+        return self.regex.accepting(state[0]) and state[1] >= self.low
+
+    def advance(self, state, byte: int):
+        after = self.regex.advance(state[0], byte)
+        if after is None:
+            return None
+        return self._fitting(after, state[1] + (not 0x80 <= byte < 0xC0))  # a character counted at its first byte
+
+    def _fitting(self, state, count: int):
+        """(state, count) where some completion of the regex state ends the string within the bounds, else None."""
+        low, high = max(self.low - count, 0), self.high - count
+        if high < 0:
+            return None
+        bits = self.lengths[state] >> low
+        return (state, count) if (bits if high == INFINITE else bits & ((1 << (high - low + 1)) - 1)) else None
 
 
 def _number_bounds(schema: dict, kind: str, path: str) -> dict:
@@ -1048,10 +1073,14 @@ def schema_mask(vocabulary: jm.JsonVocabulary, schema: Schema, state) -> numpy.n
 
 def _compute(vocabulary: jm.JsonVocabulary, schema: Schema, state) -> numpy.ndarray:
     mask = numpy.zeros(vocabulary.size, dtype=bool)
-    room = schema.string_room(state)
+    room, held = schema.string_room(state), schema.string_automata(state)
     if room is not None:  # plain content, within the room left
         content = vocabulary._content[state[0][1] & 7]
         mask |= content if room == INFINITE else content & (vocabulary.characters <= room)
+        words, ids = vocabulary._quoted_words, vocabulary._quoted_ids
+    elif held is not None:  # the content the automata take (none with a quote or a backslash: they take neither)
+        for automaton, at in held:
+            mask |= rx.regex_mask(vocabulary, automaton, at)
         words, ids = vocabulary._quoted_words, vocabulary._quoted_ids
     else:
         words, ids = vocabulary._words, vocabulary._ids
