@@ -648,7 +648,9 @@ def random_schema(rng: random.Random, depth: int = 0, defs: bool = True) -> dict
              "anyOf", "oneOf"] + ["ref"] * defs
     kind = rng.choice(kinds[:8] if depth >= 3 else kinds)
     if kind == "string" and rng.random() < 0.3:
-        return {"type": "string", "format": rng.choice(list(js.FORMATS))}
+        return {"type": "string", "format": rng.choice(list(js.FORMATS) + list(js.REGEX_FORMATS))}
+    if kind == "string" and rng.random() < 0.2:
+        return {"type": "string", "pattern": "^[a-z]*\\d$", "maxLength": 1 + rng.randrange(5)}
     if kind == "string" and rng.random() < 0.5:
         low = rng.randrange(3)
         return {"type": "string", "minLength": low, "maxLength": low + rng.randrange(3)}
@@ -739,7 +741,12 @@ def random_value(rng: random.Random, schema: dict, root: dict, depth: int = 0):
     kind = schema.get("type")
     kind = rng.choice(kind) if isinstance(kind, list) else kind
     if kind == "string" and "format" in schema:
+        if schema["format"] in js.REGEX_FORMATS:
+            return random_of_format(rng, schema["format"])
         return random_formatted(rng, schema["format"])
+    if kind == "string" and "pattern" in schema:
+        letters = rng.randrange(schema["maxLength"])
+        return "".join(rng.choice(string.ascii_lowercase) for _ in range(letters)) + str(rng.randrange(10))
     if kind == "string":
         count = rng.randint(schema.get("minLength", 0), schema.get("maxLength", 4))
         return "".join(rng.choice('ab"\\\n\t猫é😀 /\x7f') for _ in range(count))
@@ -759,7 +766,8 @@ def random_value(rng: random.Random, schema: dict, root: dict, depth: int = 0):
         return [random_value(rng, prefix[k] if k < len(prefix) else more, root, depth + 1) for k in range(count)]
     if kind == "array":
         count = rng.randint(schema.get("minItems", 0), schema.get("maxItems", schema.get("minItems", 0) + 2))
-        return [random_value(rng, schema["items"], root, depth + 1) for _ in range(count if depth < 4 else schema.get("minItems", 0))]
+        count = count if depth < 4 else schema.get("minItems", 0)
+        return [random_value(rng, schema["items"], root, depth + 1) for _ in range(count)]
     if "properties" in schema:
         required = schema.get("required", [])
         return {name: random_value(rng, sub, root, depth + 1) for name, sub in schema["properties"].items()
