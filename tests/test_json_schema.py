@@ -1074,6 +1074,11 @@ def test_the_server_takes_json_schema_and_guided_json():
         assert parse({**body, "guided_json": SCHEMA}, settings).params.json_schema == js.compile_schema(SCHEMA)
         assert parse({**body, "guided_json": json.dumps(SCHEMA)}, settings).params.json_schema.canonical == \
             js.compile_schema(SCHEMA).canonical
+        typed = {"type": "object", "properties": {"id": {"pattern": "^[A-Z]{2}\\d+$", "maxLength": 8},
+                                                   "mail": {"format": "email"}}}
+        assert parse({**body, "guided_json": typed}, settings).params.json_schema == js.compile_schema(typed)
+        with pytest.raises(ApiError, match="^guided_json: pattern at #/properties/id: regex '\\(a': the '\\('"):
+            parse({**body, "guided_json": {"properties": {"id": {"pattern": "(a"}}}}, settings)
         bad = {**spec, "schema": {"type": "string", "not": {}}}
         with pytest.raises(ApiError, match='^response_format: the keyword "not" at # is not supported') as e:
             parse({**body, "response_format": {"type": "json_schema", "json_schema": bad}}, settings)
