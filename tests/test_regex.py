@@ -368,3 +368,18 @@ def test_guided_settings_that_cannot_work_are_refused(tiny_chat):
         Engine(tiny_chat.model, (5,)).generate([Request(ids, SamplingParams(choice=["a"]))])
     with pytest.raises(InputError, match="^unknown generation settings: .'guided_regex'."):
         tiny_chat.chat("Hi", guided_regex="a")
+
+
+def test_a_guided_answer_ended_by_an_ordinary_stop_token_leaves_its_text_out(tiny_chat):
+    """With ignore_eos, a stop_token_ids token (an ordinary one, here "!") ends a guided answer once the regex accepts;
+    chat() put its text after the regex's ("12!", which the regex does not take), where the server leaves it out."""
+    stop = tiny_chat.tokenizer.encode("!")
+    assert len(stop) == 1 and stop[0] not in tiny_chat.engine.stop_token_ids
+    kw = dict(max_new_tokens=12, ignore_eos=True, stop_token_ids=stop)
+    for guided, check in ((dict(regex=r"\d{2}"), lambda a: re.fullmatch(r"\d{2}", a)),
+                          (dict(choice=["yes", "no"]), lambda a: a in ("yes", "no"))):
+        answer = tiny_chat.chat("How many?", do_sample=False, **guided, **kw)
+        assert check(answer), answer
+        assert "".join(tiny_chat.stream_chat("How many?", do_sample=False, **guided, **kw)) == answer
+        for answer in tiny_chat.batch_chat(["One?", "Two?"], seed=4, **guided, **kw):
+            assert check(answer), answer

@@ -35,7 +35,7 @@ from .chat.template import (
 from .chat.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokenizer, load_tokenizer
 from .config import ModelConfig
 from .errors import ConfigError, InputError, SettingError, located
-from .generate.engine import SPAN_BUCKET, Engine, Generation, Request
+from .generate.engine import SPAN_BUCKET, Engine, Event, Generation, Request
 from .generate.sampling import SamplingParams, whole_number
 from .model import InternVL
 from .processor.multi import load_images, planned_tiles, refuse_unordered
@@ -554,7 +554,7 @@ class InternVLChat:
                 if event.rid not in owners:  # its answer is out already (a stop string ended it)
                     continue
                 key, assembler, pieces = owners[event.rid]
-                piece, stopped = assembler.feed(event.token, last=event.finish is not None)
+                piece, stopped = assembler.feed_event(event)
                 pieces.append(piece)
                 if stopped:
                     gen.finish(event.rid)
@@ -566,10 +566,12 @@ class InternVLChat:
         """The text of one answer, cut at `params.stop` and, as the official chat() cuts its
         decoded answer, at the template's end of turn `<|im_end|>` spelled in ordinary tokens (unless
         ignore_eos, which goes past the end-of-turn token too, or a constrained answer, where that text is its own).
-        An answer held to a regex or choice is not stripped: its text is what the regex took."""
+        An answer held to a regex or choice is not stripped: its text is what the regex took; nor does a constrained
+        answer hold the text of an ordinary stop_token_ids token that ends it (the text before it is complete)."""
         constrained = params.constrained_by is not None
         end = () if params.ignore_eos or constrained else (get_template(self.config.template).sep.strip(),)
-        return TextAssembler(self.tokenizer, params.stop, params.min_new_tokens, end, strip=params.guide is None)
+        return TextAssembler(self.tokenizer, params.stop, params.min_new_tokens, end, strip=params.guide is None,
+                             stop_token_text=not constrained)
 
 
 def _images(images, pixel_values):
@@ -590,7 +592,7 @@ def _stream_text(gen: Generation, rid: int, texts: TextAssembler) -> Iterator[st
         for event in events:
             if event.rid != rid:
                 continue
-            piece, stopped = texts.feed(event.token, last=event.finish is not None)
+            piece, stopped = texts.feed_event(event)
             shown = piece
             if texts.strip:
                 text = held + piece if started else piece.lstrip()
@@ -610,7 +612,7 @@ def generate_texts(gen: Generation, assemblers: list[TextAssembler]) -> list[str
     answers = [""] * len(assemblers)
     for events in gen:
         for event in events:
-            piece, stopped = assemblers[event.rid].feed(event.token, last=event.finish is not None)
+            piece, stopped = assemblers[event.rid].feed_event(event)
             answers[event.rid] += piece
             if stopped:
                 gen.finish(event.rid)
@@ -624,12 +626,14 @@ class TextAssembler:
     start of a stop string is held back until it is decided. As vLLM's `min_tokens` does, a stop
     string counts only where it ends in the text of a token after the first `min_tokens`; the `end`
     strings (the end of turn spelled in ordinary tokens, which the official chat() cuts its answer
-    at) count everywhere. `strip`: whether the answer's callers strip its whitespace.
+    at) count everywhere. `strip`: whether the answer's callers strip its whitespace. `stop_token_text`: whether
+    `feed_event` keeps the text of a stop token that ends the answer (an ordinary token of stop_token_ids).
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), min_tokens: int = 0,
-                 end: tuple[str, ...] = (), strip: bool = True):
+                 end: tuple[str, ...] = (), strip: bool = True, stop_token_text: bool = True):
         self.strip = strip
+        self.stop_token_text = stop_token_text
         self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
         self.stop = tuple(s for s in stop if s)
         self.end = tuple(s for s in end if s)
@@ -639,6 +643,11 @@ class TextAssembler:
         self.held = ""
         self.done = False
         self.stopped_by: str | None = None  # the stop (or end) string that ended the text
+
+    def feed_event(self, event: Event) -> tuple[str, bool]:
+        """`feed` of an engine Event's token (left out where it is a stop token and stop_token_text is off)."""
+        stop_token = event.finish == "stop" and not self.stop_token_text
+        return self.feed(None if stop_token else event.token, last=event.finish is not None)
 
     def feed(self, token: int | None, last: bool = False) -> tuple[str, bool]:
         """(text that is safe to show, whether a stop string ended the answer)."""
