@@ -279,10 +279,12 @@ def hostname_ok(text: str) -> bool:
 
 
 def email_ok(text: str) -> bool:
-    """RFC 5322's dot-atom, '@' and a host name, by hand (254 characters in all)."""
+    """By hand: RFC 5322's dot-atom of at most 32 characters (dots aside), '@' and a host name of two labels or more
+    whose last begins with a letter (254 characters in all)."""
     local, at, domain = text.rpartition("@")
     return bool(at) and len(text) <= 254 and all(part and set(part) <= ATEXT for part in local.split(".")) and \
-        hostname_ok(domain)
+        len(local.replace(".", "")) <= 32 and hostname_ok(domain) and "." in domain and \
+        domain.rsplit(".", 1)[1][:1].isalpha()
 
 
 def duration_ok(text: str) -> bool:
@@ -333,7 +335,9 @@ def random_of_format(rng: random.Random, name: str) -> str:
     if name == "email":
         local = ".".join("".join(rng.choice(sorted(ATEXT)) for _ in range(rng.randrange(1, 6)))
                          for _ in range(rng.randrange(1, 3)))
-        return local + "@" + random_of_format(rng, "hostname")
+        domain = [random_label(rng) for _ in range(rng.randrange(1, 4))] + [rng.choice(string.ascii_letters) +
+                                                                          random_label(rng)[1:]]
+        return local + "@" + ".".join(domain)
     if name == "ipv4":
         return str(ipaddress.IPv4Address(rng.getrandbits(32)))
     if name == "ipv6":
@@ -357,7 +361,9 @@ def test_formats_email_hostname_ipv4_ipv6_duration_take_exactly_what_independent
     for name, text, at in [
         ("email", b'"a.b-c+d@example.com"', None), ("email", b'"a..b', 3), ("email", b'".a', 1),
         ("email", b'"a@', None),
-        ("email", b'"a@-', 3), ("email", b'"a@b"', None), ("email", b'"a@b.', None), ("email", b'"a@b."', 5),
+        ("email", b'"a@-', 3), ("email", b'"a@b"', 4), ("email", b'"a@b.', None), ("email", b'"a@b."', 5),
+        ("email", b'"a@b.c"', None), ("email", b'"a@b.1.c"', None), ("email", b'"a@b.1"', 6),
+        ("email", b'"' + b"a." * 31 + b'a@b.c"', None), ("email", b'"' + b"a" * 32 + b"a", 33),
         ("email", b'"\\u0061@b"', 1), ("email", b'"a b', 2), ("email", b'"a@b@', 4), ("email", b'"a@b_', 4),
         ("hostname", b'"a-b.c"', None), ("hostname", b'"a-.', 3), ("hostname", b'"-', 1), ("hostname", b'"a..', 3),
         ("hostname", b'"' + b"a" * 63 + b'"', None), ("hostname", b'"' + b"a" * 64, 64),

@@ -78,9 +78,11 @@ FORMATS = {"date": _DATE, "time": _TIME, "date-time": _DATE + ("T",) + _TIME,
                     (HEX_DIGITS, 12))}
 INFINITE = math.inf
 # string formats as regexes (whole strings), each with its most characters: RFC 1123 host names (labels of 1 to 63
-# letters, digits and inner hyphens, 253 characters in all), e-mail addresses (RFC 5322's dot-atom, '@', a host
-# name; 254 characters, RFC 5321's), IPv4 and IPv6 addresses as Python's ipaddress takes them (no leading zeros; the
-# text forms of RFC 4291, '::' and an IPv4 tail, no zone) and RFC 3339's durations (appendix A: weeks alone)
+# letters, digits and inner hyphens, 253 characters in all), e-mail addresses (RFC 5322's dot-atom of at most 32
+# characters with single dots between them, so within RFC 5321's 64; '@'; a host name of two labels or more, the last
+# beginning with a letter, as the email-validator package behind Pydantic's EmailStr asks; 254 characters), IPv4
+# and IPv6 addresses as Python's ipaddress takes them (no leading zeros; the text forms of RFC 4291, '::' and an IPv4
+# tail, no zone) and RFC 3339's durations (appendix A: weeks alone)
 _LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = rf"{_LABEL}(?:\.{_LABEL})*"
 _OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
@@ -92,8 +94,10 @@ _IPV6 = "|".join([f"(?:{_H16}:){{6}}{_LS32}", f"::(?:{_H16}:){{5}}{_LS32}", f"(?
                      (4, _LS32), (5, _H16), (6, ""))])
 _DUR_TIME = "T(?:[0-9]+H(?:[0-9]+M(?:[0-9]+S)?)?|[0-9]+M(?:[0-9]+S)?|[0-9]+S)"
 _DURATION = f"P(?:(?:[0-9]+D|[0-9]+M(?:[0-9]+D)?|[0-9]+Y(?:[0-9]+M(?:[0-9]+D)?)?)(?:{_DUR_TIME})?|{_DUR_TIME}|[0-9]+W)"
-REGEX_FORMATS = {"email": (rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~-]+)*@{_HOSTNAME}",
-                           254), "hostname": (_HOSTNAME, 253), "ipv4": (_IPV4, INFINITE),
+_ATEXT = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_TOP_LABEL = "[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"  # a domain's last label: not all digits
+_EMAIL = rf"{_ATEXT}(?:\.?{_ATEXT}){{0,31}}@(?:{_LABEL}\.)+{_TOP_LABEL}"
+REGEX_FORMATS = {"email": (_EMAIL, 254), "hostname": (_HOSTNAME, 253), "ipv4": (_IPV4, INFINITE),
                  "ipv6": (_IPV6, INFINITE), "duration": (_DURATION, INFINITE)}
 # what a pattern's or regex format's content never holds: the characters JSON writes with an escape (the content is
 # written without escapes), and ECMA-262's non-ASCII white space and line terminators (so that \S and . hold as
