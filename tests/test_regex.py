@@ -383,3 +383,20 @@ def test_a_guided_answer_ended_by_an_ordinary_stop_token_leaves_its_text_out(tin
         assert "".join(tiny_chat.stream_chat("How many?", do_sample=False, **guided, **kw)) == answer
         for answer in tiny_chat.batch_chat(["One?", "Two?"], seed=4, **guided, **kw):
             assert check(answer), answer
+
+
+def test_byte_runs_stand_for_their_bytes():
+    """From any state reached, every byte of one of `byte_runs()`'s runs leads where the run's first byte does (JSON
+    schema mode reads one byte per run when it works out a pattern's lengths)."""
+    for pattern in (r"[a-f]x|[d-z]+", r"\d{2}[^\n]é?", r"(?:ab|[^a])*", r"[\u00e0-\u00ff]+"):
+        regex = compile_regex(pattern)
+        runs = regex.byte_runs() + [256]
+        seen, todo = {regex.initial}, [regex.initial]
+        while todo:
+            state = todo.pop()
+            for first, end in zip(runs, runs[1:]):
+                after = regex.advance(state, first)
+                assert all(regex.advance(state, byte) == after for byte in range(first, end)), (pattern, first)
+                if after is not None and after not in seen:
+                    seen.add(after)
+                    todo.append(after)

@@ -789,9 +789,9 @@ def _lengths(regex: rx.Regex, low: int, high: float) -> dict | None:
     cap = low if high == INFINITE else high
     full = (1 << (cap + 1)) - 1
     before: dict = {regex.initial: []}  # per state, the (state, characters added) pairs that reach it by a byte
-    # the bytes that begin a run of bytes every NFA node reads alike (and alike a character's first byte or not): one
-    # of each run is read (regex.py's NFA edges are byte ranges, in its `_bytes`)
-    starts = sorted({0, 0x80, 0xC0} | {edge[k] + k for edges in regex._bytes for edge in edges for k in (0, 1)} - {256})
+    # the bytes that begin a run of bytes the regex reads alike and alike a character's first byte or not: one of each
+    # run is read
+    starts = sorted({0x80, 0xC0}.union(regex.byte_runs()))
     todo = [regex.initial]
     while todo:
         state = todo.pop()

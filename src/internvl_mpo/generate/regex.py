@@ -352,6 +352,11 @@ class Regex:
             after = moves[byte] = self._closure(targets, at_start=False) or None
         return after
 
+    def byte_runs(self) -> list[int]:
+        """The sorted first bytes of runs of bytes that every NFA node reads alike (its edges are byte ranges): from
+        any state, the bytes of one run lead to the same state, so one of each run stands for all."""
+        return sorted({0} | {edge[k] + k for edges in self._bytes for edge in edges for k in (0, 1)} - {256})
+
     def matches(self, data: bytes) -> bool:
         """Whether the regex takes the text of these UTF-8 bytes."""
         state = self.initial
