@@ -360,10 +360,19 @@ def test_guided_settings_that_cannot_work_are_refused(tiny_chat):
     with pytest.raises(RegexError, match="^a regex must be a string, got bytes"):
         SamplingParams(regex=b"a")
     assert SamplingParams(choice=["a", "b"]) == SamplingParams(choice=("a", "b"))
+    # ignore_eos without stop_token_ids: refused by SamplingParams itself (was only when the engine took the request),
+    # naming the settings so that the server and the command line can name them their own way
+    with pytest.raises(SettingError, match=r"^ignore_eos with regex needs stop_token_ids: the answer ends with a stop "
+                                           r"token once its text is accepted; give stop_token_ids \(ignore_eos drops"):
+        SamplingParams(regex="a", ignore_eos=True)
+    with pytest.raises(SettingError, match="^ignore_eos with choice needs stop_token_ids") as e:
+        SamplingParams(choice=["a"], ignore_eos=True)
+    assert str(e.value.named({"ignore_eos": "IE", "choice": "C"})).startswith("IE with C needs stop_token_ids")
     ids = tiny_chat.prepare("Hi").prompt_ids
+    tiny_chat.engine.generate([Request(ids, SamplingParams(regex="a", ignore_eos=True, stop_token_ids=(5,)))])
     with pytest.raises(InputError, match="^regex ends the answer with a stop token once its text is accepted: give "
-                                         "stop_token_ids"):
-        tiny_chat.engine.generate([Request(ids, SamplingParams(regex="a", ignore_eos=True))])
+                                         r"stop_token_ids \(this Engine has no end-of-turn token ids\)$"):
+        Engine(tiny_chat.model, tokenizer=tiny_chat.tokenizer).generate([Request(ids, SamplingParams(regex="a"))])
     with pytest.raises(InputError, match="^choice needs the tokens' bytes"):
         Engine(tiny_chat.model, (5,)).generate([Request(ids, SamplingParams(choice=["a"]))])
     with pytest.raises(InputError, match="^unknown generation settings: .'guided_regex'."):

@@ -1035,8 +1035,11 @@ def test_guided_regex_and_choice_in_their_four_forms_and_their_400s():
                  "complete", "min_tokens"),
                 ({"structured_outputs": {"choice": ["a"]}, "min_tokens": 1},
                  "^min_tokens does not go with structured_outputs choice", "min_tokens"),
-                ({"guided_choice": ["a"], "ignore_eos": True}, "^ignore_eos with guided_choice needs stop_token_ids: "
-                 "the answer ends with a stop token once its text is accepted", "ignore_eos")):
+                ({"guided_choice": ["a"], "ignore_eos": True}, r"^ignore_eos with guided_choice needs stop_token_ids: "
+                 r"the answer ends with a stop token once its text is accepted; give stop_token_ids \(ignore_eos",
+                 "ignore_eos"),
+                ({"structured_outputs": {"regex": "a"}, "ignore_eos": True},
+                 "^ignore_eos with structured_outputs regex needs stop_token_ids", "ignore_eos")):
             with pytest.raises(ApiError, match=message) as e:
                 params(**fields)
             assert (e.value.status, e.value.param) == (400, param), fields

@@ -204,10 +204,10 @@ class Engine:
         if name := p.constrained_by:
             if self.tokenizer is None:
                 raise InputError(f"{name} needs the tokens' bytes: give the Engine its tokenizer")
-            if not (p.stop_token_ids or (self.stop_token_ids and not p.ignore_eos)):
+            if not (p.stop_token_ids or self.stop_token_ids):  # SamplingParams refuses ignore_eos without them
                 what = "the JSON is complete" if name.startswith("json") else "its text is accepted"
-                raise InputError(f"{name} ends the answer with a stop token once {what}: give "
-                                 "stop_token_ids (ignore_eos drops the end-of-turn token)")
+                raise InputError(f"{name} ends the answer with a stop token once {what}: give stop_token_ids (this "
+                                 "Engine has no end-of-turn token ids)")
 
     def json_vocabulary(self) -> JsonVocabulary:
         """The tokenizer's JsonVocabulary, built on first use (about a second for a Qwen2 vocabulary)."""

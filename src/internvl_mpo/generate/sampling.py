@@ -105,6 +105,11 @@ class SamplingParams:
             what = "the JSON" if given[0].startswith("json") else "the answer"
             raise SettingError("", "min_new_tokens", " does not go with ", given[0], f": {what} may be complete "
                                "before it, and then only a stop token may follow")
+        if given and self.ignore_eos and not self.stop_token_ids:
+            what = "the JSON is complete" if given[0].startswith("json") else "its text is accepted"
+            raise SettingError("", "ignore_eos", " with ", given[0], " needs ", "stop_token_ids",
+                               f": the answer ends with a stop token once {what}; give ", "stop_token_ids", " (",
+                               "ignore_eos", " drops the end-of-turn token)")
         if self.temperature < 0:
             raise SettingError("", "temperature", f" must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

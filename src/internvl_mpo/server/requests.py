@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 
 from ..chat.template import IMAGE_PLACEHOLDER
-from ..errors import InputError
+from ..errors import InputError, SettingError
 from ..generate.engine import MAX_TOP_LOGPROBS
 from ..generate.json_schema import SchemaError, compile_schema
 from ..generate.regex import compile_regex
@@ -287,7 +287,6 @@ def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], f
         if _field(body, key, (int, float), 0):
             raise ApiError(400, f"{key} is not supported (use repetition_penalty)", key)
     constraint, constraint_key = _structured(body)
-    json_kind = "json_mode" in constraint or "json_schema" in constraint
     temperature = _field(body, "temperature", (int, float), 1.0, 0, 2)
     top_p = _field(body, "top_p", (int, float), 1.0, 0, 1)
     if top_p == 0:
@@ -329,14 +328,6 @@ def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], f
     n = _field(body, "n", (int,), 1, 1, settings.max_n)
     seed = _field(body, "seed", (int,), None, -(2**63), 2**63 - 1)  # OpenAI's int64; read modulo 2**63
     min_tokens = _field(body, "min_tokens", (int,), 0, 0)  # vLLM's; checked against the answer's room later
-    if constraint_key and min_tokens:
-        what = "the JSON" if json_kind else "the answer"
-        raise ApiError(400, f"min_tokens does not go with {constraint_key}: {what} may be complete "
-                            "before it, and then only the end of the answer may follow", "min_tokens")
-    if constraint_key and _field(body, "ignore_eos", (bool,), False) and not stop_ids:
-        what = "the JSON is complete" if json_kind else "its text is accepted"
-        raise ApiError(400, f"ignore_eos with {constraint_key} needs stop_token_ids: the answer ends with "
-                            f"a stop token once {what}", "ignore_eos")
     logit_bias = _logit_bias(body.get("logit_bias"))
     try:
         params = SamplingParams(
@@ -348,6 +339,10 @@ def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], f
             seed=None if seed is None else seed % 2**63, ignore_eos=_field(body, "ignore_eos", (bool,), False),
             logit_bias=logit_bias, **constraint,
         )
+    except SettingError as e:  # named as the request names them (min_tokens beside a constraint, say)
+        names = {"min_new_tokens": "min_tokens", **dict.fromkeys(constraint, constraint_key)}
+        setting = e.parts[1] if len(e.parts) > 1 else None
+        raise ApiError(400, str(e.named(names)), names.get(setting, setting)) from None
     except InputError as e:
         raise ApiError(400, str(e)) from None
     return {"params": params, "max_tokens": max_tokens, "max_tokens_key": limit_key, "n": n,
