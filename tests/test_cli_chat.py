@@ -1136,6 +1136,14 @@ def test_generate_refuses_malformed_image_and_video_fields_up_front(folder, tmp_
         out = cli("generate", "--input", requests, "--output", tmp_path / "a.jsonl", "--model", folder)
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
         assert f"{requests}:2: {message}" in out.stderr
+    # both an image and a video: refused with its line before the model loads (it was an "error" answer line once the
+    # model ran, as prepare() refused it)
+    lines = [{"id": "a", "question": "Hi"}, {"id": "b", "question": "Hi", "image": ["x.png"], "video": "clip.mp4"}]
+    requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = cli("generate", "--input", requests, "--output", tmp_path / "a.jsonl", "--model", folder)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert f"{requests}:2: give 'image' or 'video', not both" in out.stderr
+    assert not (tmp_path / "a.jsonl").exists()
 
 
 def test_generate_reads_an_empty_image_or_video_as_none_as_pairs_and_eval_do(folder, tmp_path):

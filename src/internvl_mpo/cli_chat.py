@@ -551,6 +551,8 @@ def _read_requests(path: Path) -> list[dict]:
             raise InputError(f"{where}: 'image' must be a path or a list of paths, got {json.dumps(image)[:80]}")
         if not (video is None or isinstance(video, str)):
             raise InputError(f"{where}: 'video' must be a path, got {json.dumps(video)[:80]}")
+        if image and video:  # as chat(): images and a video do not mix
+            raise InputError(f"{where}: give 'image' or 'video', not both")
         if isinstance(image, str):
             item["image"] = beside(path.parent, image)
         elif isinstance(image, list):
