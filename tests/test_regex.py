@@ -359,6 +359,9 @@ def test_guided_settings_that_cannot_work_are_refused(tiny_chat):
         SamplingParams(regex="a(")
     with pytest.raises(RegexError, match="^a regex must be a string, got bytes"):
         SamplingParams(regex=b"a")
+    with pytest.raises(SettingError, match="^choice: the regex is too large") as e:
+        SamplingParams(choice=[f"w{i}" for i in range(20000)])
+    assert str(e.value.named({"choice": "--choice"})).startswith("--choice: the regex is too large")
     assert SamplingParams(choice=["a", "b"]) == SamplingParams(choice=("a", "b"))
     # ignore_eos without stop_token_ids: refused by SamplingParams itself (was only when the engine took the request),
     # naming the settings so that the server and the command line can name them their own way

@@ -1031,6 +1031,10 @@ def test_guided_regex_and_choice_in_their_four_forms_and_their_400s():
                 ({"structured_outputs": {"choice": {}}}, "^structured_outputs.choice must be a non-empty list",
                  "structured_outputs"),
                 ({"guided_choice": ["\ud800"]}, "^guided_choice: choice 0 .* holds a lone surrogate", "guided_choice"),
+                ({"guided_choice": [f"w{i}" for i in range(20000)]}, "^guided_choice: the regex is too large",
+                 "guided_choice"),  # was "guided_choice: choice: the regex ..."
+                ({"structured_outputs": {"choice": ["a" * 1000] * 200}},
+                 "^structured_outputs.choice: the regex is too large", "structured_outputs"),
                 ({"guided_regex": "a", "min_tokens": 2}, "^min_tokens does not go with guided_regex: the answer may be "
                  "complete", "min_tokens"),
                 ({"structured_outputs": {"choice": ["a"]}, "min_tokens": 1},

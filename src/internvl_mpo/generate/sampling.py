@@ -151,8 +151,8 @@ def checked_choice(choice) -> tuple[str, ...]:
             raise InputError(f"choice {i} ({text[:40]!r}) holds a lone surrogate, which UTF-8 cannot hold")
     try:
         compile_regex(choice_pattern(choice))
-    except RegexError as e:
-        raise InputError(f"choice: {e}") from None
+    except RegexError as e:  # a SettingError: the server and the command line name `choice` their way
+        raise SettingError("", "choice", f": {e}") from None
     return tuple(choice)
 
 

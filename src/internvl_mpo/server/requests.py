@@ -437,6 +437,8 @@ def _guide(kind: str, value, name: str, param: str) -> dict:
         raise ApiError(400, f"{name} must be a non-empty list of strings, got {json.dumps(value)[:80]}", param)
     try:
         return {"regex": compile_regex(value).key[0]} if kind == "regex" else {"choice": checked_choice(value)}
+    except SettingError as e:  # a choice whose regex is too large, naming `choice`
+        raise ApiError(400, str(e.named({"choice": name})), param) from None
     except InputError as e:  # a RegexError names the construct and its place
         raise ApiError(400, f"{name}: {e}", param) from None
 
