@@ -749,6 +749,8 @@ def test_bad_image_and_video_flags_fail_once_not_at_every_question(folder, tmp_p
     missing_model = str(folder / "nope")  # reached only if the image gets through
     with pytest.raises(InputError, match="missing.png: no such file"):
         cli_chat.chat("Hi", model=missing_model, image=[str(tmp_path / "missing.png")])
+    with pytest.raises(InputError, match="^give --image or --video, not both$"):  # named by the flags (was "images")
+        cli_chat.chat("Hi", model=missing_model, image=[str(tmp_path / "a.png")], video=str(tmp_path / "b.mp4"))
     empty = tmp_path / "frames"
     empty.mkdir()
     out = cli("chat", "--model", folder, "--video", empty, stdin="first?\nsecond?\n")

@@ -172,7 +172,7 @@ def chat(
                                              min_new_tokens, json_mode, _read_schema(json_schema), regex, choice))
     images = list(image or [])
     if images and video is not None:
-        raise InputError("give images or a video, not both")
+        raise InputError("give --image or --video, not both")
     for path in images:  # a missing or broken file: one error now, not after loading the model
         open_image(path, max_pixels).close()
     device = default_device(device)
