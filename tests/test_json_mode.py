@@ -329,7 +329,7 @@ def test_the_server_takes_json_object_and_refuses_other_formats():
         assert params.json_mode and params.json_schema is None
         for structured, message in (({"json_object": 1}, "^structured_outputs.json_object must be true or false"),
                                     ({"json_object": True, "json": {}}, "with both json and json_object"),
-                                    ({"json_object": False}, "with no json")):
+                                    ({"json_object": False}, "with no constraint")):
             with pytest.raises(ApiError, match=message):
                 parse({**body, "structured_outputs": structured}, settings)
         with pytest.raises(ApiError, match="^min_tokens does not go with structured_outputs json_object"):

@@ -1104,7 +1104,7 @@ def test_the_server_takes_json_schema_and_guided_json():
         for structured, message in (({"structural_tag": "x"}, 'with "structural_tag": only its json'),
                                     ({"json": SCHEMA, "choice": ["a"]}, "with both json and choice"),
                                     ({"grammar": "root ::= x", "json_object": True}, 'with "grammar": only its json'),
-                                    ({}, "with no json"), ({"json": "{"}, "^structured_outputs.json is not JSON"),
+                                    ({}, "with no constraint"), ({"json": "{"}, "^structured_outputs.json is not JSON"),
                                     ({"json": {"not": {}}}, '^structured_outputs: the keyword "not" at #'),
                                     ("x", "^structured_outputs must be an object such as")):
             with pytest.raises(ApiError, match=message) as e:
