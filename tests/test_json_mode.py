@@ -191,6 +191,32 @@ def test_masks_equal_the_token_by_token_oracle_on_every_state_of_some_objects(ti
     assert not started.allowed([pieces.index(b"{\"")])[pieces.index(b"{\"")]  # a stop id only ends the object
 
 
+def walked(advance, state, piece: bytes) -> bool:
+    """Whether `advance` takes every byte of `piece` from `state`."""
+    for byte in piece:
+        state = advance(state, byte)
+        if state is None:
+            return False
+    return True
+
+
+def test_walk_tokens_equals_the_oracle_for_any_advance():
+    """The generic all-tokens walk (the one regex and grammar masks use), with JSON mode's advance and with a
+    counting one whose states differ per prefix, on random tokens (duplicates, prefixes of one another)."""
+    rng = random.Random(2)
+    pieces = [bytes(rng.choice(b'{}[]",: 0a\\u\xc3\xa9') for _ in range(rng.randint(0, 7))) for _ in range(3000)]
+    pieces += [None, b"", pieces[5], pieces[5] + b"a"]
+    vocabulary = jm.JsonVocabulary(pieces, len(pieces) + 2)
+
+    def counting(state, byte):  # at most 9 bytes, no two quotes in a row
+        return None if state[0] >= 9 or byte == state[1] == 0x22 else (state[0] + 1, byte)
+
+    for advance, state in [(jm.advance, s) for s in (jm.INITIAL, state_of(b'{"a": '), state_of(b'{"a":"'))] + \
+            [(counting, (0, 0)), (counting, (6, 0x22))]:
+        expected = [bool(piece) and walked(advance, state, piece) for piece in pieces]
+        assert jm.walk_tokens(vocabulary, advance, state).tolist() == expected + [False, False], state
+
+
 def closing_bias(tokenizer, strength: float) -> dict[int, float]:
     """A logit bias towards the tokens that close an object and the end of turn, so that the tiny random model
     finishes some objects within a few dozen tokens."""

@@ -507,40 +507,8 @@ def regex_mask(vocabulary: jm.JsonVocabulary, regex: Regex, state) -> numpy.ndar
 
 
 def _compute(vocabulary: jm.JsonVocabulary, regex: Regex, state) -> numpy.ndarray:
-    """The mask of `state`: all tokens walked together, a byte position at a time (the trie walk's work, each distinct
-    (state, byte) of a position advanced once, the rest in numpy), dropping each token at its first refused byte."""
-    data, starts, lengths, groups = vocabulary.flat_words
-    mask = numpy.zeros(vocabulary.size, dtype=bool)
-    firsts = [(b, regex.advance(state, b)) for b in range(256) if groups[b] < groups[b + 1]]
-    states = [after for _, after in firsts if after is not None]  # the states reached, numbered
-    numbers = {after: i for i, after in enumerate(states)}
-    # the positions in the sorted tokens of those still taken (by their first byte, a range of them), and their states
-    alive = numpy.concatenate([numpy.arange(groups[b], groups[b + 1]) for b, after in firsts if after is not None]
-                              or [numpy.zeros(0, dtype=numpy.int64)])
-    current = numpy.concatenate([numpy.full(groups[b + 1] - groups[b], numbers[after]) for b, after in firsts
-                                 if after is not None] or [numpy.zeros(0, dtype=numpy.int64)])
-    depth = 1
-    while alive.size:
-        ended = lengths[alive] == depth
-        mask[vocabulary._ids[alive[ended]]] = True
-        alive, current = alive[~ended], current[~ended]
-        keys = current * 256 + data[starts[alive] + depth]
-        present = numpy.zeros(len(states) * 256, dtype=bool)  # the distinct keys, without sorting them
-        present[keys] = True
-        pairs = numpy.flatnonzero(present)
-        places = numpy.empty(len(present), dtype=numpy.int64)
-        places[pairs] = numpy.arange(len(pairs))
-        following = numpy.empty(len(pairs), dtype=numpy.int64)
-        for j, pair in enumerate(pairs.tolist()):
-            after = regex.advance(states[pair >> 8], pair & 255)
-            if after is not None and after not in numbers:
-                numbers[after] = len(states)
-                states.append(after)
-            following[j] = -1 if after is None else numbers[after]
-        current = following[places[keys]]
-        alive, current = alive[current >= 0], current[current >= 0]
-        depth += 1
-    return mask
+    """The mask of `state`: all tokens walked together (jm.walk_tokens)."""
+    return jm.walk_tokens(vocabulary, regex.advance, state)
 
 
 class RegexConstraint(jm.JsonConstraint):
