@@ -273,6 +273,36 @@ def test_masks_equal_the_token_by_token_oracle(tiny_chat):
         done.advance(pieces.index(b"a"))
 
 
+@pytest.mark.parametrize("few_words", [0, 256, 10**9])
+def test_masks_of_random_regexes_equal_the_oracle(monkeypatch, few_words):
+    """Masks (one token of each class of the regex's byte runs walked, all together, the last few as a trie) against
+    the token-by-token oracle: random regexes, tokens cut from random texts (split characters, long ones, runs of one
+    character), on the states of random walks; `few_words` moves where the walk turns to a trie."""
+    monkeypatch.setattr(jm, "FEW_WORDS", few_words)
+    monkeypatch.setattr(jm, "CACHED_CLASSES", 4)  # class tables evicted and built again
+    rng = random.Random(77)
+    text = "".join(rng.choice(TEXT_ALPHABET) for _ in range(4000)).encode()
+    pieces = [text[i: i + rng.choice([1, 1, 2, 3, 4, 6, 9, 20])] for i in (rng.randrange(4000) for _ in range(1500))]
+    pieces += [c.encode() * n for c in "a é😀" for n in (3, 8, 30, 64)] + [None, b""]
+    vocabulary = jm.JsonVocabulary(pieces, len(pieces) + 2)
+    checked = 0
+    for case in range(40):
+        mine, _ = random_regex(rng, 3, [])
+        try:
+            regex = compile_regex(mine, search=rng.random() < 0.3)
+        except RegexError:
+            continue
+        seen = {regex.initial}
+        for _ in range(3):
+            data = random_walk(regex, rng) or b""
+            seen.update(s for s in states(regex, data) if s is not None)
+        for state in seen:
+            expected = [bool(piece) and after(regex, state, piece) is not None for piece in pieces] + [False] * 2
+            assert regex_mask(vocabulary, regex, state).tolist() == expected, (mine, state)
+            checked += 1
+    assert checked > 100
+
+
 def generate(chat, requests: list[Request]) -> list[tuple[list[int], str]]:
     """(tokens, finish) of each request, run in one batch."""
     out = [([], None) for _ in requests]

@@ -838,6 +838,10 @@ class _Bounded:
     def accepting(self, state) -> bool:
         return self.regex.accepting(state[0]) and state[1] >= self.low
 
+    def byte_runs(self) -> list[int]:
+        """The regex's byte runs, split where characters' first bytes begin and end (they are counted)."""
+        return sorted({0x80, 0xC0}.union(self.regex.byte_runs()))
+
     def advance(self, state, byte: int):
         after = self.regex.advance(state[0], byte)
         if after is None:

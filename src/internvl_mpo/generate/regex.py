@@ -323,6 +323,7 @@ class Regex:
         self._live = self._find_live()
         self._moves: dict = {}  # state -> {byte: next state or None}
         self._held = 0
+        self._runs = None  # byte_runs(), worked out on first use
         self.initial = self._closure([entry], at_start=True)
         if not self.initial:
             raise RegexError(f"regex {pattern[:60]!r}: no text matches it" +
@@ -355,7 +356,9 @@ class Regex:
     def byte_runs(self) -> list[int]:
         """The sorted first bytes of runs of bytes that every NFA node reads alike (its edges are byte ranges): from
         any state, the bytes of one run lead to the same state, so one of each run stands for all."""
-        return sorted({0} | {edge[k] + k for edges in self._bytes for edge in edges for k in (0, 1)} - {256})
+        if self._runs is None:
+            self._runs = sorted({0} | {edge[k] + k for edges in self._bytes for edge in edges for k in (0, 1)} - {256})
+        return list(self._runs)
 
     def matches(self, data: bytes) -> bool:
         """Whether the regex takes the text of these UTF-8 bytes."""
@@ -507,8 +510,10 @@ def regex_mask(vocabulary: jm.JsonVocabulary, regex: Regex, state) -> numpy.ndar
 
 
 def _compute(vocabulary: jm.JsonVocabulary, regex: Regex, state) -> numpy.ndarray:
-    """The mask of `state`: all tokens walked together (jm.walk_tokens)."""
-    return jm.walk_tokens(vocabulary, regex.advance, state)
+    """The mask of `state` (of a Regex, or an automaton with its `advance` and `byte_runs`): one token of each class
+    of the regex's byte runs (vocabulary.token_classes) walked, all together (jm.walk_flat)."""
+    index, classes = vocabulary.token_classes(regex.byte_runs())
+    return numpy.append(jm.walk_flat(index, regex.advance, state), False)[classes]
 
 
 class RegexConstraint(jm.JsonConstraint):
