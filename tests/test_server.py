@@ -276,7 +276,7 @@ def test_stream_options_without_stream_and_tool_choice_without_tools_are_refused
     assert not parse(stream_options=None).stream
     for fields in ({"tool_choice": "auto"}, {"tool_choice": "required"}, {"tool_choice": "sometimes", "tools": []},
                    {"tool_choice": {"type": "function", "function": {"name": "f"}}, "tools": []}):
-        with pytest.raises(ApiError, match="tool_choice .* needs tools, and this server does not support tools") as e:
+        with pytest.raises(ApiError, match="^tool_choice (.* needs tools|must be)") as e:
             parse(**fields)
         assert e.value.status == 400 and e.value.param == "tool_choice"
     for fields in ({"tool_choice": "none"}, {"tool_choice": None}, {"tool_choice": "auto", "tools": []},
@@ -390,7 +390,7 @@ def test_refused_fields_are_refused_whatever_their_type_and_pass_only_at_their_o
     """`tools: {}`, chat `echo: 0` or `suffix: []` passed because they read as false: a refused field passes
     only as null or its off value of its own JSON type (`tools: []`, `echo: false`, `min_p: 0`)."""
     chat = {"messages": [{"role": "user", "content": "hi"}]}
-    cases = [(parse_chat_request, chat, {"tools": {}, "echo": 0, "min_p": False, "guided_grammar": {}, "bad_words": {},
+    cases = [(parse_chat_request, chat, {"echo": 0, "min_p": False, "guided_grammar": {}, "bad_words": {},
                                          "use_beam_search": 0, "chat_template": "", "functions": "",
                                          "truncate_prompt_tokens": 0, "audio": {}}),
              (parse_completion_request, {"prompt": "hi"}, {"suffix": [], "tools": "", "include_stop_str_in_output": 0,
@@ -1798,7 +1798,7 @@ def test_a_file_url_is_read_whatever_the_case_of_its_scheme(tmp_path):
 
 def test_errors_show_a_long_value_cut_short():
     """A 1 MB role or model name came back whole in the error message."""
-    with pytest.raises(ApiError, match="role must be system, user or assistant, got \"xxx") as e:
+    with pytest.raises(ApiError, match="role must be system, user, assistant or tool, got \"xxx") as e:
         parse_chat_request({"messages": [{"role": "x" * 10**6, "content": "hi"}]}, ServerSettings())
     assert len(e.value.message) < 300
     with pytest.raises(ApiError, match="^The model `xxx") as e:

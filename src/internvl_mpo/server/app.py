@@ -35,6 +35,7 @@ from .worker import BatchWorker, Chunk, Job
 log = logging.getLogger("internvl_mpo.server")  # one logger for the whole server (users filter on it)
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
+JSON_SPACE = " \t\r\n"
 
 
 def json_response(value):
@@ -366,12 +367,17 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
         for index in range(req.n):
             yield chunk(index, {"role": "assistant", "content": ""})
         tokens = 0
+        calls = [ToolCalls(req.named_tool) for _ in range(req.n)] if req.named_tool or req.tools_required else None
         async for item in _chunks(inbox, req.n):
             if isinstance(item, ApiError):
                 yield _sse(item.body())
                 break
-            yield chunk(item.index, {"content": item.text} if item.text else {}, item.finish_reason, item.logprobs,
-                        item.stop_reason, item.completion_tokens)
+            if calls is None:
+                delta, finish = {"content": item.text} if item.text else {}, item.finish_reason
+            else:  # the calls' name, then their arguments in pieces, as OpenAI streams them
+                deltas = calls[item.index].read(item.text)
+                delta, finish = {"tool_calls": deltas} if deltas else {}, _tool_finish(req, item.finish_reason)
+            yield chunk(item.index, delta, finish, item.logprobs, item.stop_reason, item.completion_tokens)
             tokens += item.completion_tokens if item.finish_reason else 0  # the choice's count, on its last chunk
         if req.include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(usage, tokens)})
@@ -426,11 +432,102 @@ class Answer:
     prompt_logprobs: list[dict] | None = None
 
 
+class ToolCalls:
+    """The tool calls of one choice's text, read as it comes, as vLLM reads them without a tool parser. With a named
+    tool_choice (`named`) the whole text is that function's arguments. With "required" the text is a JSON list of
+    {"name": ..., "parameters": ...} objects, keys in that order as the constraint writes them: a call begins once
+    its name's string is closed, and its arguments are the text of its parameters' value as written. `read`
+    returns OpenAI's streamed `tool_calls` deltas of the next piece of text, so that the pieces join to `calls`."""
+
+    def __init__(self, named: str | None):
+        self.named = named
+        self.calls: list[dict] = []  # OpenAI's message tool_calls: {"id", "type", "function": {"name", "arguments"}}
+        self.depth = 0  # brackets open (outside strings)
+        self.in_string = self.escaped = False
+        self.strings = 0  # strings closed in the call object so far ("name", its value, "parameters"); 4: all read
+        self.in_value = False  # inside the parameters' value
+        self.name = ""  # the name's JSON string so far, without quotes
+
+    def read(self, text: str) -> list[dict]:
+        deltas: list[dict] = []
+        if self.named is not None:
+            if not self.calls:
+                self._call(self.named, deltas)
+            self._arguments(text, deltas)
+            return deltas
+        for c in text:
+            if self.in_value and not self.in_string and self.depth == 2 and c in JSON_SPACE + ",}":
+                self.in_value, self.strings = False, 4  # a number, true, false or null ended before c
+            elif not self.in_value and self.strings == 3 and self.depth == 2 and c not in JSON_SPACE + ":":
+                self.in_value = True
+            was_string = self.in_string
+            self._track(c)
+            if self.in_value:
+                self._arguments(c, deltas)
+                if not self.in_string and self.depth == 2 and c in '}]"':
+                    self.in_value, self.strings = False, 4
+            elif self.depth == 2 and c == "{" and not was_string:  # a call's object opens
+                self.strings = 0
+            elif self.depth == 2 and was_string and self.in_string and self.strings == 1:
+                self.name += c
+            elif self.depth == 2 and was_string and not self.in_string:  # a string closed in the call's object
+                self.strings += 1
+                if self.strings == 2:
+                    self._call(json.loads(f'"{self.name}"'), deltas)
+                    self.name = ""
+        return deltas
+
+    def _track(self, c: str) -> None:
+        if self.in_string:
+            if self.escaped:
+                self.escaped = False
+            elif c == "\\":
+                self.escaped = True
+            elif c == '"':
+                self.in_string = False
+        elif c == '"':
+            self.in_string = True
+        elif c in "{[":
+            self.depth += 1
+        elif c in "}]":
+            self.depth -= 1
+
+    def _call(self, name: str, deltas: list[dict]) -> None:
+        call = {"id": "chatcmpl-tool-" + uuid.uuid4().hex, "type": "function",  # vLLM's ids
+                "function": {"name": name, "arguments": ""}}
+        self.calls.append(call)
+        deltas.append({"index": len(self.calls) - 1, **call, "function": dict(call["function"])})
+
+    def _arguments(self, text: str, deltas: list[dict]) -> None:
+        if not text:
+            return
+        self.calls[-1]["function"]["arguments"] += text
+        index = len(self.calls) - 1
+        if not deltas or deltas[-1]["index"] != index:
+            deltas.append({"index": index, "function": {"arguments": ""}})
+        deltas[-1]["function"]["arguments"] += text
+
+
+def _tool_finish(req: ChatRequest, finish_reason: str | None) -> str | None:
+    """A choice's finish_reason as OpenAI's and vLLM's: "tool_calls" for "required" calls ended by the model, the
+    answer's own for a named function's (or a cut)."""
+    return "tool_calls" if req.tools_required and finish_reason == "stop" else finish_reason
+
+
+def _message(req: ChatRequest, a: Answer) -> tuple[dict, str | None]:
+    """(the message, the finish_reason) of one finished choice; with tool_choice, its calls (content "", as vLLM)."""
+    if not (req.named_tool or req.tools_required):
+        return {"role": "assistant", "content": a.text}, a.finish_reason
+    calls = ToolCalls(req.named_tool)
+    calls.read(a.text)
+    return {"role": "assistant", "content": "", "tool_calls": calls.calls}, _tool_finish(req, a.finish_reason)
+
+
 def _chat_body(req: ChatRequest, answers: list[Answer], head: dict, usage: dict) -> dict:
     """The non-streamed /v1/chat/completions response of the finished `answers`."""
-    choices = [{"index": i, "message": {"role": "assistant", "content": a.text},
-                "logprobs": None if req.logprobs is None else {"content": a.logprobs},
-                "finish_reason": a.finish_reason, "stop_reason": a.stop_reason} for i, a in enumerate(answers)]
+    choices = [{"index": i, "message": message, "logprobs": None if req.logprobs is None else {"content": a.logprobs},
+                "finish_reason": finish, "stop_reason": a.stop_reason}
+               for i, a in enumerate(answers) for message, finish in [_message(req, a)]]
     # vLLM's extra, for the whole response (the n choices share the prompt)
     prompt_logprobs = None if req.prompt_logprobs is None else _vllm_prompt_logprobs(
         answers[0].prompt_logprobs, req.prompt_logprobs)

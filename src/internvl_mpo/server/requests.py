@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ..chat.template import IMAGE_PLACEHOLDER
 from ..errors import InputError, SettingError
 from ..generate.engine import MAX_TOP_LOGPROBS
-from ..generate.json_schema import SchemaError, compile_schema
+from ..generate.json_schema import ANNOTATIONS, SchemaError, compile_schema
 from ..generate.regex import compile_regex
 from ..generate.sampling import SamplingParams, checked_choice
 from .settings import ServerSettings
@@ -41,9 +41,11 @@ SHARED_FIELDS = {"model", "temperature", "top_p", "max_tokens", "max_completion_
                  "stream", "stream_options", "n", "seed", "min_tokens", "logit_bias", "top_k", "repetition_penalty",
                  "ignore_eos", "skip_special_tokens", "frequency_penalty", "presence_penalty", "response_format",
                  "logprobs", "prompt_logprobs", "guided_json", "guided_regex", "guided_choice", "structured_outputs"}
-CHAT_FIELDS = {"messages", "top_logprobs", "tool_choice", "add_generation_prompt", "max_num"}
+CHAT_FIELDS = {"messages", "top_logprobs", "tools", "tool_choice", "add_generation_prompt", "max_num"}
 COMPLETION_FIELDS = {"prompt", "suffix", "best_of", "echo", "add_special_tokens"}
 IMAGE_DETAILS = ("auto", "low", "high")  # OpenAI's image_url.detail; tiles follow max_num whatever it says
+TOOL_FIELDS = ("name", "description", "parameters", "strict")  # a function tool's fields (OpenAI's)
+TOOL_CHOICES = '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
 COMPLETION_MAX_TOKENS = 16  # /v1/completions' default max_tokens (OpenAI's and vLLM's)
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 
@@ -79,6 +81,8 @@ class ChatRequest:
     prompt_logprobs: int | None = None  # vLLM's: top alternatives per prompt token, or None
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
     video_url: tuple[str, str] | None = None  # (param path, url) of a video in the last user message
+    named_tool: str | None = None  # a named tool_choice: the answer is this function's arguments, one call
+    tools_required: bool = False  # tool_choice "required": the answer is a JSON list of calls
 
 
 @dataclass
@@ -145,10 +149,10 @@ def _unicode(text: str, param: str) -> str:
 
 
 def _plain_text(text: str, param: str, role: str) -> str:
-    """A text part; `<image>` places an image in a user message, so it is refused there (an answer or a
-    system message that mentions it keeps it as text)."""
+    """A text part; `<image>` places an image in a user message, so it is refused there and in a tool's result,
+    which is read as one (an answer or a system message that mentions it keeps it as text)."""
     _unicode(text, param)
-    if role == "user" and IMAGE_PLACEHOLDER in text:
+    if role in ("user", "tool") and IMAGE_PLACEHOLDER in text:
         raise ApiError(400, f"{param}: the text holds {IMAGE_PLACEHOLDER!r}; send images as image_url parts", param)
     return text
 
@@ -194,9 +198,33 @@ def _content_text(content, param: str, role: str, images: list[tuple[str, str]],
     return "\n".join(placeholders + ["\n".join(pieces)])
 
 
+def _tool_calls_text(message: dict, param: str, images: list[tuple[str, str]]) -> str:
+    """The text of an assistant message with `tool_calls`: its content (null allowed), then its calls as the JSON
+    list a "required" tool_choice answers with, [{"name": ..., "parameters": <the arguments>}] (arguments that are
+    not JSON, a call cut short, as their text); the chat template has no place for calls (its rendering in vLLM
+    drops them)."""
+    calls = []
+    for j, call in enumerate(message["tool_calls"]):
+        where = f"{param}.tool_calls[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if (not isinstance(function, dict) or call.get("type", "function") != "function"
+                or not isinstance(function.get("name"), str) or not isinstance(function.get("arguments"), str)):
+            raise ApiError(400, f"{where} must be {{'id': ..., 'type': 'function', 'function': {{'name': ..., "
+                                f"'arguments': <JSON text>}}}}, got {json.dumps(call)[:80]}", where)
+        try:
+            arguments = json.loads(function["arguments"])
+        except (ValueError, RecursionError):
+            arguments = function["arguments"]
+        calls.append({"name": function["name"], "parameters": arguments})
+    content = message.get("content")
+    text = "" if content is None else _content_text(content, f"{param}.content", "assistant", images)
+    return _unicode("\n".join(filter(None, (text, json.dumps(calls, ensure_ascii=False)))), f"{param}.tool_calls")
+
+
 def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], list[tuple[str, str]], tuple[str, str] | None]:
     """(system message, [(role, text)] alternating user/assistant and ending with user, image urls, the video url
-    or None)."""
+    or None). The template has no tool turns: an assistant message's `tool_calls` are written after its content
+    (`_tool_calls_text`) and a `tool` message (a call's result) is read as a user message."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", "messages")
     system, turns, images, videos, video_turn = None, [], [], [], None
@@ -208,11 +236,24 @@ def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], list[tup
                 raise ApiError(400, f"{param}: a system message may only come first", param)
             system = _content_text(message.get("content"), f"{param}.content", role, [])
             continue
-        if role not in ("user", "assistant"):
-            raise ApiError(400, f"{param}: role must be system, user or assistant, got {json.dumps(role)[:80]}", param)
+        if role not in ("user", "assistant", "tool"):
+            raise ApiError(400, f"{param}: role must be system, user, assistant or tool, got {json.dumps(role)[:80]}",
+                           param)
         count = len(videos)
-        text = _content_text(message.get("content"), f"{param}.content", role, images,
-                             videos if role == "user" else None)
+        calls = message.get("tool_calls") if role == "assistant" else None
+        if calls is not None and not isinstance(calls, list):
+            raise ApiError(400, f"{param}.tool_calls must be a list of calls, got {json.dumps(calls)[:80]}",
+                           f"{param}.tool_calls")
+        if calls:
+            text = _tool_calls_text(message, param, images)
+        else:
+            text = _content_text(message.get("content"), f"{param}.content", role, images,
+                                 videos if role == "user" else None)
+        if role == "tool":
+            if not isinstance(message.get("tool_call_id"), str):
+                raise ApiError(400, f"{param}.tool_call_id must be a string (the id of the call it answers), got "
+                                    f"{json.dumps(message.get('tool_call_id'))[:80]}", f"{param}.tool_call_id")
+            role = "user"
         if turns and turns[-1][0] == role:  # consecutive messages of one role read as one turn
             turns[-1][1].append(text)  # joined once below: adding each to the turn so far is quadratic
         else:
@@ -267,10 +308,11 @@ def _refuse_off(body: dict, key: str) -> None:
 
 
 def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], fields: set[str],
-              lowest_max_tokens: int = 1) -> dict:
+              lowest_max_tokens: int = 1, tool_constraint: dict | None = None) -> dict:
     """The fields that chat and text completions share (sampling, limits, n, streaming), checked; raises
     ApiError. Fields in `refused` are a 400 when set to anything but null or one of their off values, and so is
-    any field not among them, the shared ones, the ignored ones and the endpoint's own `fields`."""
+    any field not among them, the shared ones, the ignored ones and the endpoint's own `fields`.
+    `tool_constraint` is a chat's tool_choice constraint (`_tool_choice`), refused beside another one."""
     known = SHARED_FIELDS | IGNORED_FIELDS.keys() | refused.keys() | fields
     if unknown := [key for key in body if key not in known]:
         shown = ", ".join(json.dumps(key)[:80] for key in unknown[:5])
@@ -287,6 +329,11 @@ def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], f
         if _field(body, key, (int, float), 0):
             raise ApiError(400, f"{key} is not supported (use repetition_penalty)", key)
     constraint, constraint_key = _structured(body)
+    if tool_constraint:
+        if constraint_key:
+            raise ApiError(400, f"give tool_choice (a named function or \"required\") or {constraint_key}, not both: "
+                                "each holds the answer to a constraint", "tool_choice")
+        constraint, constraint_key = tool_constraint, "tool_choice"
     temperature = _field(body, "temperature", (int, float), 1.0, 0, 2)
     top_p = _field(body, "top_p", (int, float), 1.0, 0, 1)
     if top_p == 0:
@@ -460,6 +507,117 @@ def _schema(schema, param: str):
         raise ApiError(400, f"{param}: {e}", param) from None
 
 
+def _tools(body: dict) -> dict[str, tuple[int, dict]]:
+    """The request's `tools`, each {"type": "function", "function": {"name", "description"?, "parameters"?,
+    "strict"?}}, as {name: (its index, its parameters' JSON schema)}; no parameters is a function of none, as
+    OpenAI reads it (`strict` has no effect: the answer is held to the schema either way). A 400 naming what is
+    wrong."""
+    tools = body.get("tools")
+    if tools is None:
+        return {}
+    if not isinstance(tools, list):
+        raise ApiError(400, "tools must be a list of {'type': 'function', 'function': {'name': ..., 'parameters': "
+                            f"{{...}}}}}} objects, got {json.dumps(tools)[:80]}", "tools")
+    named = {}
+    for k, tool in enumerate(tools):
+        where = f"tools[{k}]"
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or tool.get("type") != "function" or set(tool) != {"type", "function"}:
+            raise ApiError(400, f"{where} must be {{'type': 'function', 'function': {{'name': ..., 'parameters': "
+                                f"{{...}}}}}} (functions are the only tools here), got {json.dumps(tool)[:80]}", where)
+        if unknown := [key for key in function if key not in TOOL_FIELDS]:
+            raise ApiError(400, f"{where}.function.{unknown[0][:80]} is not a field this server knows "
+                                f"({', '.join(TOOL_FIELDS)})", f"{where}.function")
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, f"{where}.function.name must be a non-empty string, got {json.dumps(name)[:80]}",
+                           f"{where}.function.name")
+        if name in named:
+            raise ApiError(400, f"{where}.function.name {json.dumps(name)[:80]} is the name of tools"
+                                f"[{named[name][0]}] too; names must be unique", f"{where}.function.name")
+        for key, kind in (("description", str), ("strict", bool)):
+            if function.get(key) is not None and not isinstance(function[key], kind):
+                raise ApiError(400, f"{where}.function.{key} must be {kind.__name__}, got "
+                                    f"{json.dumps(function[key])[:80]}", f"{where}.function.{key}")
+        parameters = function.get("parameters")
+        if parameters is None:  # no parameters: the arguments are {}
+            parameters = {"type": "object", "properties": {}, "additionalProperties": False}
+        elif not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+            raise ApiError(400, f"{where}.function.parameters must be the JSON schema of an object ({{'type': "
+                                f"'object', 'properties': {{...}}}}), got {json.dumps(parameters)[:80]}",
+                           f"{where}.function.parameters")
+        named[_unicode(name, f"{where}.function.name")] = (k, parameters)
+    return named
+
+
+def _tool_choice(body: dict) -> tuple[str | None, bool, dict | None]:
+    """(the function a named tool_choice names or None, whether tool_choice is "required", the SamplingParams
+    fields of its constraint or None), as vLLM serves tools without a tool parser: a named function holds the
+    answer to that function's parameters, "required" to a JSON list of calls [{"name": <a tool's name>,
+    "parameters": <its arguments>}] (one call at most with `parallel_tool_calls: false`); "none" ignores the
+    tools. Without a tool_choice, tools ask for "auto" (OpenAI's and vLLM's default), which needs a parser that
+    finds calls in free text: a 400, as vLLM answers without --enable-auto-tool-choice."""
+    tools, choice = _tools(body), body.get("tool_choice")
+    named = None
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        if (set(choice) - {"type", "function"} or choice.get("type", "function") != "function"
+                or not isinstance(function, dict) or set(function) != {"name"}
+                or not isinstance(function["name"], str)):
+            raise ApiError(400, f"tool_choice must be {TOOL_CHOICES}, got {json.dumps(choice)[:80]}", "tool_choice")
+        named = function["name"]
+    elif choice not in (None, "none", "auto", "required"):
+        raise ApiError(400, f"tool_choice must be {TOOL_CHOICES}, got {json.dumps(choice)[:80]}", "tool_choice")
+    if choice == "none" or (choice is None and not tools):
+        return None, False, None
+    if not tools:
+        if choice in ("auto", "required") and body.get("tools") == []:
+            return None, False, None  # nothing to call: answered with text
+        raise ApiError(400, f"tool_choice {json.dumps(choice)[:80]} needs tools (when tool_choice is given, tools "
+                            "must be set, as vLLM answers)", "tool_choice")
+    if choice in (None, "auto"):
+        raise ApiError(400, 'tool_choice "auto" (the default when tools are given) needs a parser that finds calls '
+                            "in free text, which this server does not have (vLLM's --enable-auto-tool-choice): send "
+                            'tool_choice "required" or {"type": "function", "function": {"name": ...}}, which hold '
+                            'the answer to the tools\' schemas, or "none"', "tool_choice")
+    if named is not None:
+        if named not in tools:
+            listed = ", ".join(json.dumps(name)[:40] for name in list(tools)[:10])
+            raise ApiError(400, f"tool_choice names the function {json.dumps(named)[:80]}, which is not among the "
+                                f"tools ({listed})", "tool_choice")
+        k, parameters = tools[named]
+        return named, False, {"json_schema": _schema(parameters, f"tools[{k}].function.parameters")}
+    for k, parameters in tools.values():  # each tool's schema on its own first: a 400 names the tool
+        _schema(parameters, f"tools[{k}].function.parameters")
+    items = [{"type": "object", "properties": {"name": {"enum": [name]}, "parameters": _moved_refs(
+        parameters, f"#/items/anyOf/{k}/properties/parameters")}, "required": ["name", "parameters"]}
+        for name, (k, parameters) in tools.items()]
+    calls = {"type": "array", "minItems": 1, "items": {"anyOf": items}}
+    if not _field(body, "parallel_tool_calls", (bool,), True):
+        calls["maxItems"] = 1
+    return None, True, {"json_schema": _schema(calls, "tools")}
+
+
+def _moved_refs(schema, prefix: str):
+    """`schema`, to be placed at the JSON pointer `prefix` of a larger schema, with each `$ref` into itself ("#",
+    "#/$defs/...") pointing there; values that are data or annotations, not schemas (enum, const, default, ...),
+    are left as they are."""
+    if isinstance(schema, list):
+        return [_moved_refs(item, prefix) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    moved = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            value = prefix + value[1:]
+        elif key in ("properties", "$defs", "definitions") and isinstance(value, dict):  # names, then schemas
+            value = {name: _moved_refs(item, prefix) for name, item in value.items()}
+        elif key not in ANNOTATIONS and key not in ("enum", "const"):
+            value = _moved_refs(value, prefix)
+        moved[key] = value
+    return moved
+
+
 def _logit_bias(value) -> dict[int, float]:
     """OpenAI's `logit_bias`, {"token id": bias}, as {id: bias}; ids are checked against the vocabulary by
     `prompts.check_token_ids`. A bias outside -100..100 is a 400 where vLLM clamps it silently."""
@@ -498,16 +656,14 @@ def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
     # vLLM's chat fields: echo (its chat meaning), continue_final_message, a BOS besides the template's
     refused = {**UNSUPPORTED_FIELDS, "echo": (False,), "best_of": (1,), "continue_final_message": (False,),
                "add_special_tokens": (False,)}
-    sampling = _sampling(body, settings, refused, CHAT_FIELDS)
+    del refused["tools"]  # taken here (`_tool_choice`)
+    named_tool, tools_required, tool_constraint = _tool_choice(body)
+    sampling = _sampling(body, settings, refused, CHAT_FIELDS, tool_constraint=tool_constraint)
     _refuse_off(body, "add_generation_prompt")  # the answer would go on with the user's turn
     logprobs = _field(body, "logprobs", (bool,), False)
     top_logprobs = _field(body, "top_logprobs", (int,), None, 0, MAX_TOP_LOGPROBS)
     if top_logprobs is not None and not logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-    tool_choice = body.get("tool_choice")  # vLLM's rule, given that tools can only be [] here
-    if tool_choice not in (None, "none") and not (tool_choice in ("auto", "required") and body.get("tools") == []):
-        raise ApiError(400, f"tool_choice {json.dumps(tool_choice)[:80]} needs tools, and this server does not "
-                            "support tools", "tool_choice")
     system, turns, images, video = _conversation(body.get("messages"))
     if len(images) > settings.max_images:
         raise ApiError(400, f"the request has {len(images)} images; this server accepts at most "
@@ -517,7 +673,8 @@ def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
     return ChatRequest(
         question=turns[-1][1], history=history, system_message=system, image_urls=images, video_url=video,
         max_num=_field(body, "max_num", (int,), None, 1, settings.max_tiles),
-        logprobs=(top_logprobs or 0) if logprobs else None, prompt_logprobs=_prompt_logprobs(body), **sampling,
+        logprobs=(top_logprobs or 0) if logprobs else None, prompt_logprobs=_prompt_logprobs(body),
+        named_tool=named_tool, tools_required=tools_required, **sampling,
     )
 
 
