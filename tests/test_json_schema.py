@@ -1103,7 +1103,7 @@ def test_the_server_takes_json_schema_and_guided_json():
             assert params.json_schema == js.compile_schema(SCHEMA) and not params.json_mode
         for structured, message in (({"structural_tag": "x"}, 'with "structural_tag": only its json'),
                                     ({"json": SCHEMA, "choice": ["a"]}, "with both json and choice"),
-                                    ({"grammar": "root ::= x", "json_object": True}, 'with "grammar": only its json'),
+                                    ({"grammar": "root ::= x", "json_object": True}, "both json_object and grammar"),
                                     ({}, "with no constraint"), ({"json": "{"}, "^structured_outputs.json is not JSON"),
                                     ({"json": {"not": {}}}, '^structured_outputs: the keyword "not" at #'),
                                     ("x", "^structured_outputs must be an object such as")):

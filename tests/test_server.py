@@ -331,7 +331,7 @@ def test_vllm_fields_that_would_change_the_answer_are_refused_not_ignored():
         return parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **fields}, ServerSettings())
 
     for key, value in {"min_p": 0.1, "use_beam_search": True, "include_stop_str_in_output": True,
-                       "echo": True, "guided_grammar": "root ::= 'a'", "allowed_token_ids": [1, 2],
+                       "echo": True, "allowed_token_ids": [1, 2],
                        "bad_words": ["no"], "logits_processors": ["x"], "truncate_prompt_tokens": 5,
                        "return_tokens_as_token_ids": True, "chat_template": "{{ messages }}",
                        "skip_special_tokens": False, "add_generation_prompt": False}.items():
@@ -390,7 +390,7 @@ def test_refused_fields_are_refused_whatever_their_type_and_pass_only_at_their_o
     """`tools: {}`, chat `echo: 0` or `suffix: []` passed because they read as false: a refused field passes
     only as null or its off value of its own JSON type (`tools: []`, `echo: false`, `min_p: 0`)."""
     chat = {"messages": [{"role": "user", "content": "hi"}]}
-    cases = [(parse_chat_request, chat, {"echo": 0, "min_p": False, "guided_grammar": {}, "bad_words": {},
+    cases = [(parse_chat_request, chat, {"echo": 0, "min_p": False, "bad_words": {},
                                          "use_beam_search": 0, "chat_template": "", "functions": "",
                                          "truncate_prompt_tokens": 0, "audio": {}}),
              (parse_completion_request, {"prompt": "hi"}, {"suffix": [], "tools": "", "include_stop_str_in_output": 0,

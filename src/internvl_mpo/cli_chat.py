@@ -72,12 +72,12 @@ def _per_image(max_num: int | None, video) -> int | None:
 
 def _generation(temperature: float, top_p: float, top_k: int, max_new_tokens: int, seed: int | None,
                 repetition_penalty: float, min_new_tokens: int, json_mode: bool, json_schema, regex: str | None,
-                choice: list[str] | None) -> dict:
+                choice: list[str] | None, grammar: str | None = None) -> dict:
     return dict(
         do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p, top_k=top_k,  # SamplingParams refuses < 0
         max_new_tokens=max_new_tokens, seed=seed, repetition_penalty=repetition_penalty,
         min_new_tokens=min_new_tokens, json_mode=json_mode, json_schema=json_schema, regex=_guide(regex),
-        choice=None if choice is None else [_utf8(text, "--choice") for text in choice],
+        choice=None if choice is None else [_utf8(text, "--choice") for text in choice], grammar=grammar,
     )
 
 
@@ -91,6 +91,22 @@ def _guide(regex: str | None) -> str | None:
         except RegexError as e:
             raise InputError(f"--regex: {e}") from None
     return regex
+
+
+def _read_grammar(path: str | None) -> str | None:
+    """The GBNF grammar in the file of --grammar (None without one), checked: InputError naming the file."""
+    from .generate.grammar import GrammarError, compile_grammar
+
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        compile_grammar(text)
+    except OSError as e:
+        raise InputError(f"--grammar {path}: {e.strerror or e}") from None
+    except (ValueError, GrammarError) as e:  # UnicodeDecodeError is a ValueError
+        raise InputError(f"--grammar {path}: {e}") from None
+    return text
 
 
 def _read_schema(path: str | None):
@@ -126,6 +142,7 @@ def chat(
     json_schema: str | None = None,
     regex: str | None = None,
     choice: list[str] | None = None,
+    grammar: str | None = None,
     seed: int | None = None,
     system: str | None = None,
     device: str | None = None,
@@ -153,6 +170,7 @@ def chat(
     json_schema: a file holding a JSON schema: hold each answer to one JSON value it takes (see the README)
     regex: hold each answer's whole text to this regular expression (constrained decoding; see the README)
     choice: hold each answer to exactly one of these texts; repeat the flag for each choice
+    grammar: a file holding a GBNF grammar: hold each answer's whole text to a sentence of its root (see the README)
     seed: seed for sampling
     system: a system message instead of the template's
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
@@ -169,7 +187,8 @@ def chat(
     let_pillow_open(max_pixels)
     _at_least_one(max_num=max_num, num_segments=num_segments)
     params = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty,
-                                             min_new_tokens, json_mode, _read_schema(json_schema), regex, choice))
+                                             min_new_tokens, json_mode, _read_schema(json_schema), regex, choice,
+                                             _read_grammar(grammar)))
     images = list(image or [])
     if images and video is not None:
         raise InputError("give --image or --video, not both")
@@ -297,6 +316,7 @@ def generate(
     json_schema: str | None = None,
     regex: str | None = None,
     choice: list[str] | None = None,
+    grammar: str | None = None,
     seed: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
@@ -324,6 +344,8 @@ def generate(
     json_schema: a file holding a JSON schema: hold each answer to one JSON value it takes (recorded in the settings)
     regex: hold each answer's whole text to this regular expression (constrained decoding; recorded in the settings)
     choice: hold each answer to exactly one of these texts; repeat the flag for each choice (recorded in the settings)
+    grammar: a file holding a GBNF grammar: hold each answer's whole text to a sentence of its root rule (its text
+        recorded in the settings)
     seed: seed for sampling (request k of the file, counted from 0 without blank lines, uses seed + k, as batch_chat)
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
     dtype: float32, bfloat16, float16 or auto (the checkpoint's own) (default: bf16 on CUDA, fp32 on CPU)
@@ -350,9 +372,9 @@ def generate(
         raise InputError(f"--output {out}: {no_folder(out)}")
     if out.resolve() == Path(input).resolve():  # resuming rewrites the output: the requests would be lost
         raise InputError(f"--output {out} is the requests file; give the answers a file of their own")
-    schema = _read_schema(json_schema)
+    schema, grammar_text = _read_schema(json_schema), _read_grammar(grammar)
     base = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, 1.0, min_new_tokens,
-                                         json_mode, schema, regex, choice))
+                                         json_mode, schema, regex, choice, grammar_text))
     let_pillow_open(max_pixels)
     requests = _read_requests(Path(input))
     last = len(requests) - 1  # request k samples with seed + k
@@ -376,6 +398,7 @@ def generate(
                                         if json_schema is not None else {}),
                                      **({"regex": regex} if regex is not None else {}),
                                      **({"choice": choice} if choice is not None else {}),
+                                     **({"grammar": grammar_text} if grammar is not None else {}),
                                      "weights": weights_identity(weights, recorded_weights(_settings_file(out)))},
                                resume=bool(done),
                                default_max_num=lambda: _default_tiles(model_path(model)))

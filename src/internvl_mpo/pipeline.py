@@ -47,7 +47,7 @@ CARD_DEFAULTS = dict(max_new_tokens=1024, do_sample=True)
 GENERATION_KEYS = {
     "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "stop",
     "stop_token_ids", "seed", "ignore_eos", "min_new_tokens", "logit_bias", "json_mode",
-    "json_schema", "regex", "choice",
+    "json_schema", "regex", "choice", "grammar",
 }
 
 
@@ -566,8 +566,9 @@ class InternVLChat:
         """The text of one answer, cut at `params.stop` and, as the official chat() cuts its
         decoded answer, at the template's end of turn `<|im_end|>` spelled in ordinary tokens (unless
         ignore_eos, which goes past the end-of-turn token too, or a constrained answer, where that text is its own).
-        An answer held to a regex or choice is not stripped: its text is what the regex took; nor does a constrained
-        answer hold the text of an ordinary stop_token_ids token that ends it (the text before it is complete)."""
+        An answer held to a regex, choice or grammar is not stripped: its text is what the regex or grammar took; nor
+        does a constrained answer hold the text of an ordinary stop_token_ids token that ends it (the text before it is
+        complete)."""
         constrained = params.constrained_by is not None
         end = () if params.ignore_eos or constrained else (get_template(self.config.template).sep.strip(),)
         return TextAssembler(self.tokenizer, params.stop, params.min_new_tokens, end, strip=params.guide is None,

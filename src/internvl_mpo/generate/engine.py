@@ -23,7 +23,7 @@ is chosen (after the stop-id mask, before the penalty, as vLLM orders them), and
 screen sees no logits). Log-probabilities stay the model's own, before the bias, as vLLM reports them by default.
 A request in JSON mode (`SamplingParams.json_mode`) keeps a `JsonConstraint` (json_mode.py) in its row (one
 with a `json_schema` a `SchemaConstraint`, json_schema.py; one with a `regex` or `choice` a `RegexConstraint`,
-regex.py): where its
+regex.py; one with a `grammar` a `GrammarConstraint`, grammar.py): where its
 token is chosen, its row's logits are -inf outside the constraint's mask, before everything else (stop-id mask,
 bias, penalty, temperature, filters, greedy choice), and the constraint takes each token emitted; such a row takes
 the full head. As vLLM applies a structured output's mask to the logits its log-probabilities come from, a
@@ -58,6 +58,7 @@ from ..errors import InputError, PromptTooLongError
 from ..kv_cache import make_caches
 from ..llm import few_rows_matmul, thread_count
 from ..model import InternVL
+from .grammar import GrammarConstraint
 from .greedy_head import GreedyScreen
 from .json_mode import JsonConstraint, JsonVocabulary
 from .json_schema import SchemaConstraint
@@ -484,6 +485,7 @@ class Generation:
         penalised, biased = p.repetition_penalty != 1.0, bool(p.logit_bias)
         constraint = JsonConstraint(self.engine.json_vocabulary()) if p.json_mode else \
             SchemaConstraint(self.engine.json_vocabulary(), p.json_schema) if p.json_schema is not None else \
+            GrammarConstraint(self.engine.json_vocabulary(), p.guide) if p.grammar is not None else \
             RegexConstraint(self.engine.json_vocabulary(), p.guide) if p.guide is not None else None
         # the screen has no logprobs, nor a constraint's mask
         plain = p.greedy and not penalised and not biased and request.logprobs is None and constraint is None

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError, SettingError
+from .grammar import Grammar, compile_grammar
 from .json_schema import Schema, compile_schema
 from .regex import Regex, RegexError, choice_pattern, compile_regex
 
@@ -62,6 +63,8 @@ class SamplingParams:
     # is exactly one of these strings (`choice`); a stop token may end it only where its text is accepted
     regex: str | None = None
     choice: tuple[str, ...] | None = None
+    # Grammar-guided decoding (generate/grammar.py): the answer's whole text is a sentence of this GBNF grammar's root
+    grammar: str | None = None
 
     def __post_init__(self):
         for name in ("max_new_tokens", "min_new_tokens", "top_k") + (("seed",) if self.seed is not None else ()):
@@ -97,8 +100,11 @@ class SamplingParams:
             compile_regex(self.regex)  # RegexError names what it does not take
         if self.choice is not None:
             object.__setattr__(self, "choice", checked_choice(self.choice))
+        if self.grammar is not None:
+            compile_grammar(self.grammar)  # GrammarError names the problem and its line and column
         given = [name for name, value in (("json_mode", self.json_mode or None), ("json_schema", self.json_schema),
-                                          ("regex", self.regex), ("choice", self.choice)) if value is not None]
+                                          ("regex", self.regex), ("choice", self.choice),
+                                          ("grammar", self.grammar)) if value is not None]
         if len(given) > 1:
             raise SettingError("give ", given[0], " or ", given[1], ", not both")
         if given and self.min_new_tokens:
@@ -124,13 +130,16 @@ class SamplingParams:
 
     @property
     def constrained_by(self) -> str | None:
-        """The setting that constrains the answer (json_mode, json_schema, regex or choice), or None."""
+        """The setting that constrains the answer (json_mode, json_schema, regex, choice or grammar), or None."""
         return "json_mode" if self.json_mode else "json_schema" if self.json_schema is not None else \
-            "regex" if self.regex is not None else "choice" if self.choice is not None else None
+            "regex" if self.regex is not None else "choice" if self.choice is not None else \
+            "grammar" if self.grammar is not None else None
 
     @property
-    def guide(self) -> Regex | None:
-        """The compiled regex of `regex` or `choice` (None without them)."""
+    def guide(self) -> Regex | Grammar | None:
+        """The compiled regex of `regex` or `choice`, or the compiled `grammar` (None without them)."""
+        if self.grammar is not None:
+            return compile_grammar(self.grammar)
         if self.choice is not None:
             return compile_regex(choice_pattern(self.choice))
         return None if self.regex is None else compile_regex(self.regex)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from ..chat.template import IMAGE_PLACEHOLDER
 from ..errors import InputError, SettingError
 from ..generate.engine import MAX_TOP_LOGPROBS
+from ..generate.grammar import compile_grammar
 from ..generate.json_schema import ANNOTATIONS, SchemaError, compile_schema
 from ..generate.regex import compile_regex
 from ..generate.sampling import SamplingParams, checked_choice
@@ -20,7 +21,6 @@ MAX_LOGIT_BIAS_ENTRIES = 1024  # tokens in one request's logit_bias (OpenAI docu
 # each with the values that mean "off" (of their JSON type: `false`, not `0`), which pass; null always passes
 UNSUPPORTED_FIELDS = {"tools": ([],), "functions": ([],), "audio": (), "prediction": (),
                       "min_p": (0, 0.0), "use_beam_search": (False,), "include_stop_str_in_output": (False,),
-                      "guided_grammar": (),
                       "allowed_token_ids": (), "bad_words": ([],), "logits_processors": (),
                       "truncate_prompt_tokens": (), "return_tokens_as_token_ids": (False,), "chat_template": (),
                       "modalities": (["text"],), "function_call": ("none",), "web_search_options": (), "moderation": (),
@@ -40,7 +40,8 @@ IGNORED_FIELDS = {"user": (str,), "metadata": (dict,), "store": (bool,), "servic
 SHARED_FIELDS = {"model", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "stop_token_ids",
                  "stream", "stream_options", "n", "seed", "min_tokens", "logit_bias", "top_k", "repetition_penalty",
                  "ignore_eos", "skip_special_tokens", "frequency_penalty", "presence_penalty", "response_format",
-                 "logprobs", "prompt_logprobs", "guided_json", "guided_regex", "guided_choice", "structured_outputs"}
+                 "logprobs", "prompt_logprobs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                 "structured_outputs"}
 CHAT_FIELDS = {"messages", "top_logprobs", "tools", "tool_choice", "add_generation_prompt", "max_num"}
 COMPLETION_FIELDS = {"prompt", "suffix", "best_of", "echo", "add_special_tokens"}
 IMAGE_DETAILS = ("auto", "low", "high")  # OpenAI's image_url.detail; tiles follow max_num whatever it says
@@ -402,28 +403,30 @@ def _structured(body: dict) -> tuple[dict, str | None]:
     """(SamplingParams fields of the answer's constraint, the name of what asked for it or None) from OpenAI's
     `response_format` ({"type": "json_object"}: JSON mode; {"type": "json_schema", "json_schema": {"name": ...,
     "schema": {...}, "strict": ...}}: a schema), vLLM's `guided_json` (a schema, or its JSON as a string),
-    `guided_regex` (a regex the whole answer matches), `guided_choice` (strings the answer is one of) or its newer
-    `structured_outputs` ({"json": a schema or its JSON}, {"json_object": true}: JSON mode, {"regex": ...} or
-    {"choice": [...]}; its other keys, grammar, structural_tag, ..., are refused); {"type": "text"} and null ask for
-    none. Anything else, two at once, or a schema or regex that cannot be compiled is a 400 naming it."""
+    `guided_regex` (a regex the whole answer matches), `guided_choice` (strings the answer is one of),
+    `guided_grammar` (a GBNF grammar the whole answer is a sentence of) or its newer `structured_outputs` ({"json": a
+    schema or its JSON}, {"json_object": true}: JSON mode, {"regex": ...}, {"choice": [...]} or {"grammar": ...};
+    its other keys, structural_tag, ..., are refused); {"type": "text"} and null ask for none. Anything else, two at
+    once, or a schema, regex or grammar that cannot be compiled is a 400 naming it."""
     response_format, guided = body.get("response_format"), body.get("guided_json")
     formatted = response_format is not None and response_format != {"type": "text"}
     structured = body.get("structured_outputs")
     given = [name for name, on in (("response_format", formatted), ("guided_json", guided is not None),
                                    ("guided_regex", body.get("guided_regex") is not None),
                                    ("guided_choice", body.get("guided_choice") is not None),
+                                   ("guided_grammar", body.get("guided_grammar") is not None),
                                    ("structured_outputs", structured is not None)) if on]
-    if len(given) > 1 and {"guided_regex", "guided_choice"} & set(given):
+    if len(given) > 1 and {"guided_regex", "guided_choice", "guided_grammar"} & set(given):
         raise ApiError(400, f"give one of {', '.join(given[:-1])} and {given[-1]}, not more: each asks for a "
                             "constraint of the answer", given[-1])
-    for name, kind in (("guided_regex", "regex"), ("guided_choice", "choice")):
+    for name, kind in (("guided_regex", "regex"), ("guided_choice", "choice"), ("guided_grammar", "grammar")):
         if body.get(name) is not None:
             return _guide(kind, body[name], name, name), name
     if structured is not None:
         if not isinstance(structured, dict):
             raise ApiError(400, "structured_outputs must be an object such as {'json': <a JSON schema>}, got "
                                 f"{json.dumps(structured)[:80]}", "structured_outputs")
-        kinds = ("json", "json_object", "regex", "choice")
+        kinds = ("json", "json_object", "regex", "choice", "grammar")
         others = [json.dumps(key)[:40] for key, value in structured.items()
                   if key not in kinds and value is not None and value is not False]
         json_object = structured.get("json_object")
@@ -434,7 +437,8 @@ def _structured(body: dict) -> tuple[dict, str | None]:
         if others or len(asked) != 1:
             what = ", ".join(others[:5]) or ("no constraint" if not asked else f"both {asked[0]} and {asked[1]}")
             raise ApiError(400, f"structured_outputs is not supported by this server with {what}: only its json (a "
-                                "JSON schema), json_object: true, regex or choice is taken", "structured_outputs")
+                                "JSON schema), json_object: true, regex, choice or grammar is taken",
+                           "structured_outputs")
         if guided is not None or formatted:
             raise ApiError(400, "give one of response_format, guided_json and structured_outputs, not more",
                            "structured_outputs")
@@ -476,17 +480,20 @@ def _structured(body: dict) -> tuple[dict, str | None]:
 
 
 def _guide(kind: str, value, name: str, param: str) -> dict:
-    """The SamplingParams field of vLLM's regex (a string) or choice (a non-empty list of strings) sent as `name`,
-    checked and compiled; a 400 naming what is wrong."""
-    if kind == "regex" and not isinstance(value, str):
-        raise ApiError(400, f"{name} must be a string (a regular expression), got {json.dumps(value)[:80]}", param)
+    """The SamplingParams field of vLLM's regex (a string), choice (a non-empty list of strings) or grammar (a GBNF
+    grammar's text) sent as `name`, checked and compiled; a 400 naming what is wrong."""
+    if kind in ("regex", "grammar") and not isinstance(value, str):
+        what = "a regular expression" if kind == "regex" else "a GBNF grammar"
+        raise ApiError(400, f"{name} must be a string ({what}), got {json.dumps(value)[:80]}", param)
     if kind == "choice" and not (isinstance(value, list) and value and all(isinstance(c, str) for c in value)):
         raise ApiError(400, f"{name} must be a non-empty list of strings, got {json.dumps(value)[:80]}", param)
     try:
+        if kind == "grammar":
+            return {"grammar": compile_grammar(value).key}
         return {"regex": compile_regex(value).key[0]} if kind == "regex" else {"choice": checked_choice(value)}
     except SettingError as e:  # a choice whose regex is too large, naming `choice`
         raise ApiError(400, str(e.named({"choice": name})), param) from None
-    except InputError as e:  # a RegexError names the construct and its place
+    except InputError as e:  # a RegexError or GrammarError names the construct and its place
         raise ApiError(400, f"{name}: {e}", param) from None
 
 

@@ -1,0 +1,550 @@
+"""Context-free grammars in GBNF as byte-level pushdown recognizers: guided decoding to a grammar (vLLM's
+`guided_grammar`, `structured_outputs: {"grammar": ...}`).
+
+`compile_grammar(text)` gives a `Grammar`: a recognizer of the UTF-8 bytes of the sentences of the grammar's `root`
+rule (the whole text). The syntax is GBNF as llama.cpp and xgrammar take it: rules `name ::= alternatives` (a name of
+letters, digits, `_`, `-` and `.`, not beginning with a digit; a rule ends where the next `name ::=` begins, so a
+body may span lines), string literals `"..."`, character classes `[a-z0-9_]` and `[^...]` (code points; `[^]` is
+any), `.` (any code point), rule references, grouping `( )` (empty: the empty text), alternation `|`, the
+repetitions `* + ?`, `{m}`, `{m,}`, `{m,n}` (one per element), and `#` comments to the end of a line. Escapes, in
+literals and classes: `\\" \\\\ \\/ \\' \\?`, `\\n \\r \\t \\b \\f \\a \\v \\0 \\e`, `\\xH...` (any number of hex
+digits, as xgrammar reads it), `\\uHHHH`, `\\UHHHHHHHH`; in classes also `\\^ \\$ \\. \\* \\+ \\( \\) \\[ \\] \\{
+\\} \\| \\-` (a `-` first or last in a class is itself). Refused with a GrammarError naming the line and column:
+syntax errors, a rule defined twice, a reference to a rule never defined, no `root` rule, surrogate code points, a
+bound above MAX_REPEAT, left recursion (a rule that can reach itself without reading a byte: xgrammar takes it, this
+module does not), and a root that derives no text within MAX_DEPTH. Lark grammars (vLLM's other syntax) are not
+taken: they fail to parse as GBNF.
+
+Each rule is compiled to a small automaton (Thompson-style, as regex.py's, its character classes as UTF-8 byte
+ranges) over bytes and rule calls; all rules' nodes are numbered together. A state is a frozenset of stacks: a
+stack is a tuple of nodes, return points of the calls under way and last the node that reads the next byte; the
+empty tuple stands for the end of the root rule (the text so far is accepted). `cost[node]`, found once, is the
+least call depth that finishing the node's rule from it needs (infinite where it cannot be finished: those parts are
+pruned). A stack is kept only where each of its frames can be finished within MAX_DEPTH frames, and a stack whose
+top node reads a byte only where one of those bytes keeps it so: `advance` returns None exactly where no sentence
+of the grammar (within MAX_DEPTH nested calls) begins with the bytes so far, and every state it returns has an
+accepted completion. Bounds: a sentence that needs more than MAX_DEPTH calls open at once is not taken (the bytes
+that would open the deeper call are refused); a state of more than MAX_STACKS stacks (a very ambiguous grammar)
+keeps the MAX_STACKS shortest (then in sorted order), so that the answer stays a sentence of the grammar but some
+sentences can no longer be written. Moves are memoized per state, cleared past MAX_HELD stacks held.
+`GrammarConstraint` holds one answer to a Grammar, with masks from the generic all-tokens walk
+(json_mode.walk_tokens), cached per grammar and state in the vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+
+import numpy
+
+from ..errors import InputError
+from . import json_mode as jm
+from . import regex as rx
+
+MAX_REPEAT = 1000  # the largest bound of {m,n}
+MAX_NODES = 100_000  # automaton nodes of one grammar (all rules)
+MAX_DEPTH = 200  # rule calls open at once (a stack's frames)
+MAX_STACKS = 1000  # stacks in one state
+MAX_HELD = 1_000_000  # stacks in the memoized states of one grammar (all together) before the memo is cleared
+MAX_NESTING = 100  # groups inside one another
+CACHED_GRAMMARS = 64
+CACHED_MASKS = 1024
+NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+HEX = frozenset("0123456789abcdefABCDEF")
+ESCAPES = {'"': 0x22, "\\": 0x5C, "/": 0x2F, "'": 0x27, "?": 0x3F, "n": 0x0A, "r": 0x0D, "t": 0x09, "b": 0x08,
+           "f": 0x0C, "a": 0x07, "v": 0x0B, "0": 0x00, "e": 0x1B}
+CLASS_ESCAPES = frozenset("^$\\.*+?()[]{}|/-")
+INFINITE = float("inf")
+_MISSING = object()
+
+
+class GrammarError(InputError):
+    """A grammar this module does not take; the message names the problem and, where it has one, its place."""
+
+
+class _Parser:
+    """A grammar's text to rules: {name: (tree, position)}, a tree ("bytes", data), ("set", code point ranges),
+    ("ref", name, position), ("cat", parts), ("alt", parts) or ("rep", part, least, most or None)."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.pos = 0
+        self.depth = 0
+
+    def where(self, pos: int) -> str:
+        line = self.text.count("\n", 0, pos) + 1
+        return f"line {line}, column {pos - (self.text.rfind(chr(10), 0, pos) + 1) + 1}"
+
+    def refuse(self, what: str, pos: int | None = None) -> GrammarError:
+        return GrammarError(f"grammar: {self.where(self.pos if pos is None else pos)}: {what}")
+
+    def peek(self) -> str:
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def skip(self) -> None:
+        """Past whitespace, line breaks and comments."""
+        while self.pos < len(self.text):
+            c = self.text[self.pos]
+            if c == "#":
+                end = self.text.find("\n", self.pos)
+                self.pos = len(self.text) if end < 0 else end
+            elif c.isspace():
+                self.pos += 1
+            else:
+                return
+
+    def name(self) -> str:
+        start = self.pos
+        while self.peek() and self.peek() in NAME_CHARS:
+            self.pos += 1
+        return self.text[start: self.pos]
+
+    def rule_begins(self) -> bool:
+        """Whether a `name ::=` begins here (the end of the rule before it)."""
+        start = self.pos
+        name = self.name()
+        self.skip()
+        found = bool(name) and not name[0].isdigit() and self.text.startswith("::=", self.pos)
+        self.pos = start
+        return found
+
+    def parse(self) -> dict:
+        rules: dict = {}
+        self.skip()
+        if "::=" not in self.text:
+            raise GrammarError("grammar: no rule `name ::= ...` in it (GBNF is taken; Lark and other syntaxes are "
+                               "not)")
+        while self.pos < len(self.text):
+            start = self.pos
+            name = self.name()
+            if not name or name[0].isdigit():
+                raise self.refuse(f"expected a rule name, got {self.text[start: start + 10]!r}", start)
+            self.skip()
+            if not self.text.startswith("::=", self.pos):
+                raise self.refuse(f"expected '::=' after the rule name {name!r}")
+            if name in rules:
+                raise self.refuse(f"the rule {name!r} is defined twice", start)
+            self.pos += 3
+            rules[name] = (self.alternation(), start)
+            if self.pos < len(self.text) and not self.rule_begins():
+                raise self.refuse(f"unexpected {self.peek()!r} (a ')' closing no group?)")
+        return rules
+
+    def alternation(self):
+        parts = [self.sequence()]
+        while self.peek() == "|":
+            self.pos += 1
+            parts.append(self.sequence())
+        return parts[0] if len(parts) == 1 else ("alt", tuple(parts))
+
+    def sequence(self):
+        parts = []
+        while True:
+            self.skip()
+            if self.peek() in ("", "|", ")") or self.rule_begins():
+                return ("cat", tuple(parts))
+            parts.append(self.quantified(self.element()))
+
+    def element(self):
+        start = self.pos
+        c = self.peek()
+        if c == '"':
+            self.pos += 1
+            data = bytearray()
+            while self.peek() != '"':
+                if self.peek() in ("", "\n"):
+                    raise self.refuse("the string literal is never closed (on its line)", start)
+                data += chr(self.character(in_class=False)).encode()
+            self.pos += 1
+            return ("bytes", bytes(data))
+        if c == "[":
+            return ("set", self.character_class())
+        if c == ".":
+            self.pos += 1
+            return ("set", ((0, rx.MAX_CODE),))
+        if c == "(":
+            self.pos += 1
+            self.depth += 1
+            if self.depth > MAX_NESTING:
+                raise self.refuse(f"groups nested more than {MAX_NESTING} deep", start)
+            tree = self.alternation()
+            self.depth -= 1
+            if self.peek() != ")":
+                raise self.refuse("the '(' is never closed", start)
+            self.pos += 1
+            return ("cat", (tree,))
+        if c and c in NAME_CHARS and not c.isdigit():
+            return ("ref", self.name(), start)
+        if c in ("*", "+", "?", "{"):
+            raise self.refuse(f"'{c}' repeats nothing")
+        if c == "'":
+            raise self.refuse("a single-quoted literal (GBNF's literals are double-quoted)")
+        raise self.refuse(f"unexpected {c!r}")
+
+    def quantified(self, element):
+        c = self.peek()
+        if c in ("*", "+", "?"):
+            self.pos += 1
+            least, most = {"*": (0, None), "+": (1, None), "?": (0, 1)}[c]
+        elif c == "{":
+            least, most = self.bounds()
+        else:
+            return element
+        if self.peek() in ("*", "+", "?", "{"):
+            raise self.refuse(f"'{self.peek()}' repeats a repetition (group it: ( ... ))")
+        return ("rep", element, least, most)
+
+    def bounds(self) -> tuple[int, int | None]:
+        start = self.pos
+        end = self.text.find("}", start)
+        inside = self.text[start + 1: end].replace(" ", "") if end > 0 else ""
+        least, comma, most = inside.partition(",")
+        if not (least.isascii() and least.isdigit() and (not most or (most.isascii() and most.isdigit()))):
+            raise self.refuse("a '{' that does not begin a repetition {m}, {m,} or {m,n}", start)
+        self.pos = end + 1
+        least_n, most_n = int(least), (int(most) if most else None if comma else int(least))
+        if max(least_n, most_n or 0) > MAX_REPEAT:
+            raise self.refuse(f"the repetition {{{inside}}} is over the limit of {MAX_REPEAT}", start)
+        if most_n is not None and most_n < least_n:
+            raise self.refuse(f"the repetition {{{inside}}} has its bounds out of order", start)
+        return least_n, most_n
+
+    def character(self, in_class: bool) -> int:
+        """The code point of the character or escape here (self.pos past it)."""
+        start = self.pos
+        c = self.peek()
+        self.pos += 1
+        if c == "\\":
+            e = self.peek()
+            self.pos += 1
+            if e in ESCAPES:
+                return ESCAPES[e]
+            if in_class and e in CLASS_ESCAPES:
+                return ord(e)
+            if e in ("x", "u", "U"):
+                count = {"u": 4, "U": 8}.get(e)
+                digits = ""
+                while self.peek() in HEX and (count is None or len(digits) < count):
+                    digits += self.peek()
+                    self.pos += 1
+                if not digits or (count and len(digits) < count) or int(digits, 16) > rx.MAX_CODE:
+                    raise self.refuse(f"the escape \\{e}{digits} needs {count or 'some'} hex digits of a code point "
+                                      "up to 10FFFF", start)
+                c = chr(int(digits, 16))
+            else:
+                raise self.refuse(f"the escape \\{e} is not supported" + (" (write the class's ranges: [0-9])"
+                                                                         if e in "dwsDWS" else ""), start)
+        if 0xD800 <= ord(c) <= 0xDFFF:
+            raise self.refuse(f"a surrogate U+{ord(c):04X} is not a character UTF-8 can hold", start)
+        return ord(c)
+
+    def character_class(self) -> tuple[tuple[int, int], ...]:
+        start = self.pos
+        self.pos += 1
+        negated = self.peek() == "^"
+        self.pos += negated
+        ranges: list[tuple[int, int]] = []
+        while self.peek() != "]":
+            if self.peek() in ("", "\n"):
+                raise self.refuse("the class '[' has no ']' (on its line)", start)
+            item = self.pos
+            low = self.character(in_class=True)
+            if self.peek() == "-" and self.text[self.pos + 1: self.pos + 2] not in ("]", ""):
+                self.pos += 1
+                high = self.character(in_class=True)
+                if high < low:
+                    raise self.refuse(f"the range {self.text[item: self.pos]} has its ends out of order", item)
+                ranges.append((low, high))
+            else:
+                ranges.append((low, low))
+        self.pos += 1
+        if not ranges and not negated:
+            raise self.refuse("the empty class [] matches nothing", start)
+        return rx._complement(ranges) if negated else rx._normalized(ranges)
+
+
+class Grammar:
+    """A compiled grammar: `initial` (a state), `advance(state, byte)` (the next state or None), `accepting(state)`.
+    Equal (and hashed) by its text."""
+
+    def __init__(self, text: str):
+        self.key = text
+        parser = _Parser(text)
+        rules = parser.parse()
+        if "root" not in rules:
+            raise GrammarError("grammar: it has no `root` rule (where its sentences begin)")
+        self._bytes: list[list[tuple[int, int, int]]] = []  # per node: (lowest byte, highest byte, target)
+        self._empty: list[list[int]] = []  # epsilon edges
+        self._calls: list[list[tuple[int, int]]] = []  # (the called rule's entry node, the return node)
+        self._names = list(rules)
+        self._entries = [self._node() for _ in rules]
+        self._exits = set()
+        numbers = self._numbers = {name: i for i, name in enumerate(rules)}
+        self._parser = parser  # names the place of an undefined rule
+        for i, (tree, _) in enumerate(rules.values()):
+            first, last = self._build(tree)
+            self._empty[self._entries[i]].append(first)
+            self._exits.add(last)
+        self._refuse_left_recursion()
+        self.cost = self._costs()
+        if self.cost[self._entries[numbers["root"]]] >= MAX_DEPTH:
+            raise GrammarError("grammar: the root rule derives no text" + (
+                "" if self.cost[self._entries[numbers["root"]]] == INFINITE else
+                f" within {MAX_DEPTH} nested rule calls"))
+        self._byte_cost = [min((self.cost[t] for _, _, t in edges), default=INFINITE) for edges in self._bytes]
+        self._moves: dict = {}
+        self._held = 0
+        self.initial = self._closure([(self._entries[numbers["root"]],)])
+
+    def __eq__(self, other):
+        return isinstance(other, Grammar) and other.key == self.key
+
+    def __hash__(self):
+        return hash(self.key)
+
+    def accepting(self, state) -> bool:
+        return () in state
+
+    def advance(self, state, byte: int):
+        """The state after one more byte, or None where no sentence of the grammar begins with the bytes so far."""
+        moves = self._moves.get(state)
+        if moves is None:
+            if self._held > MAX_HELD:
+                self._moves.clear()
+                self._held = 0
+            moves = self._moves[state] = {}
+            self._held += len(state)
+        after = moves.get(byte, _MISSING)
+        if after is _MISSING:
+            cost = self.cost
+            seeds = [stack[:-1] + (t,) for stack in state if stack for lo, hi, t in self._bytes[stack[-1]]
+                     if lo <= byte <= hi and len(stack) + cost[t] <= MAX_DEPTH]
+            after = moves[byte] = self._closure(seeds) or None
+        return after
+
+    def matches(self, data: bytes) -> bool:
+        """Whether the text of these UTF-8 bytes is a sentence of the grammar."""
+        state = self.initial
+        for byte in data:
+            state = self.advance(state, byte)
+            if state is None:
+                return False
+        return self.accepting(state)
+
+    # ---- construction -----------------------------------------------------------------------
+
+    def _too_large(self) -> GrammarError:
+        return GrammarError(f"grammar: too large: its automaton would have more than {MAX_NODES} nodes (a "
+                            "repetition copies what it repeats)")
+
+    def _node(self) -> int:
+        if len(self._bytes) >= MAX_NODES:
+            raise self._too_large()
+        for edges in (self._bytes, self._empty, self._calls):
+            edges.append([])
+        return len(self._bytes) - 1
+
+    def _build(self, tree) -> tuple[int, int]:
+        """The automaton of `tree`: its (entry, exit) nodes."""
+        kind = tree[0]
+        entry = self._node()
+        if kind == "bytes":
+            end = entry
+            for byte in tree[1]:
+                after = self._node()
+                self._bytes[end].append((byte, byte, after))
+                end = after
+            return entry, end
+        if kind == "set":
+            end = self._node()
+            suffixes: dict = {}  # a byte-range suffix's node, shared by the sequences ending with it
+            for lo, hi in rx._without(tree[1], rx.SURROGATES):
+                for sequence in rx._utf8_sequences(lo, hi):
+                    target = end
+                    for i in range(len(sequence) - 1, 0, -1):
+                        if sequence[i:] not in suffixes:
+                            suffixes[sequence[i:]] = self._node()
+                            self._bytes[suffixes[sequence[i:]]].append((*sequence[i], target))
+                        target = suffixes[sequence[i:]]
+                    self._bytes[entry].append((*sequence[0], target))
+            return entry, end
+        if kind == "ref":
+            _, name, pos = tree
+            if name not in self._numbers:
+                raise self._parser.refuse(f"the rule {name!r} is used but never defined", pos)
+            end = self._node()
+            self._calls[entry].append((self._entries[self._numbers[name]], end))
+            return entry, end
+        if kind == "cat":
+            end = entry
+            for part in tree[1]:
+                first, last = self._build(part)
+                self._empty[end].append(first)
+                end = last
+            return entry, end
+        if kind == "alt":
+            end = self._node()
+            for part in tree[1]:
+                first, last = self._build(part)
+                self._empty[entry].append(first)
+                self._empty[last].append(end)
+            return entry, end
+        _, part, least, most = tree  # "rep"
+        copies = least + 1 if most is None else most
+        end, skips = entry, []
+        for k in range(copies):
+            size = len(self._bytes)
+            first, last = self._build(part)
+            if len(self._bytes) + (len(self._bytes) - size) * (copies - 1 - k) > MAX_NODES:
+                raise self._too_large()
+            self._empty[end].append(first)
+            if k == least and most is None:  # a loop: the part again and again
+                self._empty[last].append(end)
+                break
+            if k >= least:
+                skips.append(end)
+            end = last
+        exit = self._node()  # not `end`, which may be the loop's: a skip must not enter it
+        for node in skips + [end]:
+            self._empty[node].append(exit)
+        return entry, exit
+
+    def _refuse_left_recursion(self) -> None:
+        """A GrammarError naming a rule that can call itself before reading a byte (the closure would not end)."""
+        nullable: set[int] = set()  # entries of the rules that derive the empty text
+        while True:
+            found = {entry for entry in self._entries if entry not in nullable and self._exits & self._reach(entry,
+                                                                                                         nullable)}
+            if not found:
+                break
+            nullable |= found
+        first = {entry: {callee for node in self._reach(entry, nullable) for callee, _ in self._calls[node]}
+                 for entry in self._entries}
+        names = dict(zip(self._entries, self._names))
+        for entry in self._entries:  # a path back to `entry` through first calls
+            paths, todo = {entry: [entry]}, [entry]
+            while todo:
+                node = todo.pop()
+                for callee in first[node]:
+                    if callee == entry:
+                        cycle = " -> ".join(names[n] for n in paths[node] + [entry])
+                        raise GrammarError(f"grammar: the rule {names[entry]!r} is left-recursive ({cycle}, reading "
+                                           "no byte): this module does not take left recursion (write it as a "
+                                           "repetition: a ::= b (\"op\" b)*)")
+                    if callee not in paths:
+                        paths[callee] = paths[node] + [callee]
+                        todo.append(callee)
+
+    def _reach(self, entry: int, nullable: set[int]) -> set[int]:
+        """The nodes of `entry`'s rule reached from it by epsilon edges and calls of `nullable` rules."""
+        seen, todo = {entry}, [entry]
+        while todo:
+            node = todo.pop()
+            after = self._empty[node] + [t for callee, t in self._calls[node] if callee in nullable]
+            for t in after:
+                if t not in seen:
+                    seen.add(t)
+                    todo.append(t)
+        return seen
+
+    def _costs(self) -> list[float]:
+        """Per node, the least number of frames above its own that finishing its rule from it needs (INFINITE:
+        it cannot be finished): 0 at a rule's exit, a byte or epsilon edge's target's, a call's the larger of 1 +
+        the called rule's entry's and its return node's. Found from the exits back, least first (Knuth's
+        generalization of Dijkstra's algorithm: each edge's cost is monotone and no less than its parts)."""
+        before: list[list[tuple[int, tuple[int, int] | None]]] = [[] for _ in self._bytes]
+        for node in range(len(self._bytes)):
+            for t in self._empty[node] + [t for _, _, t in self._bytes[node]]:
+                before[t].append((node, None))
+            for call in self._calls[node]:
+                before[call[0]].append((node, call))
+                before[call[1]].append((node, call))
+        cost = [INFINITE] * len(self._bytes)
+        heap = [(0, node) for node in self._exits]
+        for node in self._exits:
+            cost[node] = 0
+        while heap:
+            value, node = heapq.heappop(heap)
+            if value > cost[node]:
+                continue
+            for previous, call in before[node]:
+                found = value if call is None else max(1 + cost[call[0]], cost[call[1]])
+                if found < cost[previous]:
+                    cost[previous] = found
+                    heapq.heappush(heap, (found, previous))
+        return cost
+
+    def _closure(self, seeds) -> frozenset:
+        """The stacks reached from `seeds` by epsilon edges, calls and returns whose top node reads a byte that
+        keeps them finishable, and () where the root rule ends; at most MAX_STACKS of them."""
+        cost, byte_cost, exits = self.cost, self._byte_cost, self._exits
+        seen = set(seeds)
+        todo = list(seeds)
+        found = set()
+        while todo:
+            stack = todo.pop()
+            node, depth = stack[-1], len(stack)
+            if depth + byte_cost[node] <= MAX_DEPTH:
+                found.add(stack)
+            after = [stack[:-1] + (t,) for t in self._empty[node] if depth + cost[t] <= MAX_DEPTH]
+            after += [stack[:-1] + (t, callee) for callee, t in self._calls[node]
+                      if depth + cost[t] <= MAX_DEPTH and depth + 1 + cost[callee] <= MAX_DEPTH]
+            if node in exits:
+                if depth == 1:
+                    found.add(())
+                else:
+                    after.append(stack[:-1])
+            for s in after:
+                if s not in seen:
+                    seen.add(s)
+                    todo.append(s)
+        if len(found) > MAX_STACKS:
+            found = set(sorted(found, key=lambda s: (len(s), s))[:MAX_STACKS])
+        return frozenset(found)
+
+
+def compile_grammar(text: str) -> Grammar:
+    """`text`, a GBNF grammar, compiled (cached); GrammarError where it does not parse or uses what this module does
+    not take."""
+    if not isinstance(text, str):
+        raise GrammarError(f"a grammar must be a string, got {type(text).__name__}")
+    return _compiled(text)
+
+
+@functools.lru_cache(maxsize=CACHED_GRAMMARS)
+def _compiled(text: str) -> Grammar:
+    return Grammar(text)
+
+
+def grammar_mask(vocabulary: jm.JsonVocabulary, grammar: Grammar, state) -> numpy.ndarray:
+    """A new boolean array (vocabulary size,): the ids whose bytes take `state` of `grammar` to a live state, cached in
+    the vocabulary per grammar and state."""
+    return vocabulary.cached_mask(vocabulary.regex_cache, CACHED_MASKS, (grammar, state), None,
+                                  lambda: jm.walk_tokens(vocabulary, grammar.advance, state))
+
+
+class GrammarConstraint(jm.JsonConstraint):
+    """One answer held to a grammar (its whole text a sentence of the root rule): JsonConstraint over the grammar's
+    states; a stop token is allowed where the text so far is accepted."""
+
+    held_to = "the grammar"
+
+    def __init__(self, vocabulary: jm.JsonVocabulary, grammar: Grammar):
+        super().__init__(vocabulary, grammar.initial)
+        self.grammar = grammar
+
+    @property
+    def complete(self) -> bool:
+        return self.grammar.accepting(self.state)
+
+    def _mask(self) -> numpy.ndarray:
+        return grammar_mask(self.vocabulary, self.grammar, self.state)
+
+    def _after(self, piece: bytes):
+        state = self.state
+        for byte in piece:
+            state = self.grammar.advance(state, byte)
+            if state is None:
+                return None
+        return state
