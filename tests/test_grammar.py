@@ -493,3 +493,30 @@ def test_grammar_flag(folder, tmp_path):
     out = cli("generate", "--model", folder, "--input", requests, "--output", answers, "--max-new-tokens", "12",
               "--grammar", path)
     assert out.returncode == 0 and len(answers.read_text().splitlines()) == 2, out.stderr
+
+
+def test_guided_grammar_answers_over_http_on_both_endpoints_streamed_too(tiny_chat):
+    """guided_grammar and structured_outputs {"grammar"} answers are chat()'s under the same grammar, plain and
+    streamed, and sentences of the grammar where they stop; a grammar that does not parse is a 400 naming it."""
+    openai = pytest.importorskip("openai")
+    from test_server import app_server, stream_text
+
+    expected = tiny_chat.chat("How many?", grammar=SHORT, do_sample=False, max_new_tokens=20)
+    assert re.fullmatch(SHORT_REGEX, expected), expected
+    body = {"messages": [{"role": "user", "content": "How many?"}], "temperature": 0, "max_tokens": 20}
+    with app_server(tiny_chat) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=120)
+        for extra in ({"guided_grammar": SHORT}, {"structured_outputs": {"grammar": SHORT}}):
+            reply = client.chat.completions.create(model="m", **body, extra_body=extra)
+            assert reply.choices[0].finish_reason == "stop" and reply.choices[0].message.content == expected
+        texts, finishes, _ = stream_text(client, **body, extra_body={"guided_grammar": SHORT})
+        assert texts == {0: expected} and finishes == {0: "stop"}
+        completion = client.completions.create(model="m", prompt="Count:", max_tokens=20, temperature=0.8, seed=3,
+                                               n=3, extra_body={"guided_grammar": ARITHMETIC})
+        for choice in completion.choices:
+            if choice.finish_reason == "stop":
+                assert arithmetic_ok(choice.text), choice.text
+            else:
+                assert None not in states(compile_grammar(ARITHMETIC), choice.text.encode()), choice.text
+        with pytest.raises(openai.BadRequestError, match="guided_grammar: grammar: no rule"):
+            client.chat.completions.create(model="m", **body, extra_body={"guided_grammar": "start: 'a'"})
