@@ -3,7 +3,9 @@ each state a pretty-printed object passes through computed afresh (uncached), an
 cache, as the engine asks for them at each step. `--schema` times JSON schema mode's masks
 (`internvl_mpo.generate.json_schema`) the same way, on a realistic schema (typed fields, an enum, an array
 of objects, a nullable field, a string of bounded length) and a pretty-printed value of it; `--typed` on a schema
-with bounded numbers, formatted strings (date-time, uuid, date) and a tuple, as Pydantic writes them. `--regex
+with bounded numbers, formatted strings (date-time, uuid, date) and a tuple, as Pydantic writes them; `--mixed` on
+strings held to a pattern, a length or an enum as alternatives of an anyOf (beside a free string), and a pattern with
+a bounded repetition. `--regex
 PATTERN` times guided decoding's masks (`internvl_mpo.generate.regex`) on the states of `--text` (a text the
 regex takes; without it, a random walk of the regex's automaton, seed 0).
 
@@ -57,6 +59,13 @@ TYPED = {"type": "object", "properties": {
     "required": ["stars", "share", "price", "at", "id", "pair"], "additionalProperties": False}
 TYPED_VALUE = {"stars": 4, "share": 0.125, "price": 1234.5e-2, "at": "2024-02-29T12:34:56.789+05:30",
                "id": "123e4567-e89b-12d3-a456-426614174000", "pair": [-3, "2023-12-31"]}
+MIXED = {"type": "object", "properties": {
+    "code": {"anyOf": [{"type": "string", "pattern": "^[A-Z]{2}-[0-9]+$"}, {"type": "string", "maxLength": 300}]},
+    "tag": {"anyOf": [{"enum": ["red", "green"]}, {"type": "string", "pattern": "^#[0-9a-f]{6}$"}, {"type": "string"}]},
+    "note": {"type": "string", "pattern": "^[^\\n]{0,300}$"}},
+    "required": ["code", "tag", "note"], "additionalProperties": False}
+MIXED_VALUE = {"code": "Not a code: a free text of some words, \"quoted\" and ünïcode", "tag": "#00ff7f",
+               "note": "A note of a line, with a 'pattern' of bounded length."}
 SCHEMA_VALUE = {"title": "Ein Café in Zürich", "kind": "photo", "count": 2,
                 "objects": [{"name": "猫", "box": [12, 34.5, -0.5e3, 1e-2], "visible": True},
                             {"name": "dog \"Rex\"\n\\", "box": [0, 0, 1, 1], "visible": False, "note": None}],
@@ -83,20 +92,25 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="compare every mask with the byte-by-byte oracle")
     parser.add_argument("--schema", action="store_true", help="JSON schema mode's masks (a realistic schema)")
     parser.add_argument("--typed", action="store_true", help="JSON schema mode's masks (bounds, formats, a tuple)")
+    parser.add_argument("--mixed", action="store_true", help="JSON schema mode's masks (patterns, lengths and enums "
+                        "as alternatives of a string)")
     parser.add_argument("--regex", help="guided decoding's masks of this regex (the whole answer matches it)")
     parser.add_argument("--text", help="with --regex: a text it takes, whose states are timed (default: a random walk)")
     args = parser.parse_args()
-    args.schema = args.schema or args.typed
+    args.schema = args.schema or args.typed or args.mixed
     pieces, size, name = pieces_of(args)
     start = time.perf_counter()
     vocabulary = jm.JsonVocabulary(pieces, size)
     if args.schema:
         vocabulary.characters  # the index's part that schema mode's string lengths add, built on first use
-    if args.regex is not None:
-        vocabulary.flat_words  # the index's part that regex masks walk, built on first use
+    if args.schema or args.regex is not None:
+        vocabulary.flat_words  # the index's part that walk_tokens walks, built on first use
     print(f"vocabulary: {name}; index built in {time.perf_counter() - start:.2f} s")
     if args.regex is not None:
         regex = rx.compile_regex(args.regex)
+        start = time.perf_counter()
+        vocabulary.token_classes(regex.byte_runs())  # built on the regex's first mask, kept for its byte runs
+        print(f"token classes of the regex's byte runs built in {1000 * (time.perf_counter() - start):.0f} ms")
         initial, advance = regex.initial, regex.advance
         sample = walk(regex) if args.text is None else args.text
         if not regex.matches(sample.encode()):
@@ -112,8 +126,10 @@ def main() -> None:
         def clear():
             vocabulary.regex_cache.clear()
     elif args.schema:
-        schema = js.compile_schema(TYPED if args.typed else SCHEMA)
-        initial, advance, sample = schema.initial, schema.advance, TYPED_VALUE if args.typed else SCHEMA_VALUE
+        schema, sample = (TYPED, TYPED_VALUE) if args.typed else (MIXED, MIXED_VALUE) if args.mixed else \
+            (SCHEMA, SCHEMA_VALUE)
+        schema = js.compile_schema(schema)
+        initial, advance = schema.initial, schema.advance
 
         def mask(state):
             return js.schema_mask(vocabulary, schema, state)

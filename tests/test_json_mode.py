@@ -200,11 +200,15 @@ def walked(advance, state, piece: bytes) -> bool:
     return True
 
 
-def test_walk_tokens_equals_the_oracle_for_any_advance():
+@pytest.mark.parametrize("few_words", [0, 256, 10**9])
+def test_walk_tokens_and_masks_equal_the_oracle_for_any_advance(monkeypatch, few_words):
     """The generic all-tokens walk (the one regex and grammar masks use), with JSON mode's advance and with a
-    counting one whose states differ per prefix, on random tokens (duplicates, prefixes of one another)."""
+    counting one whose states differ per prefix, and JSON mode's masks (strings, escapes and numbers walk all their
+    tokens together), on random tokens (duplicates, prefixes of one another); `few_words` moves where the walk turns
+    to a trie."""
+    monkeypatch.setattr(jm, "FEW_WORDS", few_words)
     rng = random.Random(2)
-    pieces = [bytes(rng.choice(b'{}[]",: 0a\\u\xc3\xa9') for _ in range(rng.randint(0, 7))) for _ in range(3000)]
+    pieces = [bytes(rng.choice(b'{}[]",: 01a.e-\\u\xc3\xa9') for _ in range(rng.randint(0, 7))) for _ in range(3000)]
     pieces += [None, b"", pieces[5], pieces[5] + b"a"]
     vocabulary = jm.JsonVocabulary(pieces, len(pieces) + 2)
 
@@ -215,6 +219,9 @@ def test_walk_tokens_equals_the_oracle_for_any_advance():
             [(counting, (0, 0)), (counting, (6, 0x22))]:
         expected = [bool(piece) and walked(advance, state, piece) for piece in pieces]
         assert jm.walk_tokens(vocabulary, advance, state).tolist() == expected + [False, False], state
+    text = b'{"a\\u00e9": [-0.5e+3, "\xc3\xa9\\n", {}], "b": 10'
+    for state in {jm.advance_bytes(jm.INITIAL, text[:n]) for n in range(len(text) + 1)}:
+        assert vocabulary.mask(state).tolist() == oracle(pieces, state).tolist() + [False, False], state
 
 
 def closing_bias(tokenizer, strength: float) -> dict[int, float]:

@@ -961,6 +961,41 @@ def test_masks_equal_the_oracle_on_states_inside_patterns_and_regex_formats(tiny
         assert (js.schema_mask(vocabulary, compiled, state) == oracle(pieces, compiled, state)).all(), state
 
 
+STRING_ALTERNATIVES = [{"type": "string"}, {"type": "string", "maxLength": 3}, {"minLength": 2, "maxLength": 40},
+                       {"pattern": "^[a-c]{0,30}$"}, {"pattern": "b.", "maxLength": 6}, {"pattern": "^[^x]+$"},
+                       {"enum": ["ab", 'a"b', "é", "abc"]}, {"format": "ipv4"}, {"format": "date"}, {"const": "ca"}]
+
+
+@pytest.mark.parametrize("few_words", [0, 256])
+def test_masks_of_strings_of_random_anyofs_equal_the_oracle(monkeypatch, few_words):
+    """Strings that an anyOf holds to several alternatives at once (free, bounded, patterned, enum, formatted), whose
+    masks are the union of each thread's; a vocabulary of random tokens (quotes, escapes, split characters) large
+    enough for the all-tokens walk, on the states of random walks; `few_words` moves where that walk turns to a
+    trie."""
+    monkeypatch.setattr(jm, "FEW_WORDS", few_words)
+    rng = random.Random(21)
+    alphabet = 'abcx"\\u0019-.é:,}'.encode()
+    pieces = [bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 8))) for _ in range(1200)]
+    pieces += [b"\xc3", b"\xa9", b'\\u00e9', b'\\"', None, b""]
+    vocabulary = jm.JsonVocabulary(pieces, len(pieces) + 1)
+    checked = 0
+    for _ in range(12):
+        schema = {"type": "object", "properties": {"s": {"anyOf": rng.sample(STRING_ALTERNATIVES, rng.randint(2, 4))}},
+                  "required": ["s"], "additionalProperties": False}
+        compiled = js.compile_schema(schema)
+        states = set()
+        for _ in range(3):
+            state = compiled.initial
+            for byte in random_walk(rng, compiled, alphabet + b"{}0123456789") or b"":
+                state = compiled.advance(state, byte)
+                states.add(state)
+        for state in states:
+            expected = numpy.concatenate([oracle(pieces, compiled, state), [False]])
+            assert (js.schema_mask(vocabulary, compiled, state) == expected).all(), (schema, state)
+            checked += len(state[1]) > 1 and state[0][0] == jm.STRING
+    assert checked > 30
+
+
 def test_pydantic_patterns_and_regex_formats_through_the_tiny_model(tiny_chat):
     """A Pydantic model with constr(pattern=..., max_length=...) fields, and a plain schema with email, ipv4 and
     duration strings of bounded length (Pydantic's EmailStr needs the email-validator package): the stopped answers

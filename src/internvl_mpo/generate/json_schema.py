@@ -57,6 +57,7 @@ from . import regex as rx
 
 CACHED_SCHEMAS = 64  # compiled schemas kept, by their canonical JSON
 CACHED_MASKS = 1024  # schema masks kept per vocabulary (all schemas together), packed 8 to a byte
+STRING_MODES = frozenset((jm.STRING, jm.ESCAPE, jm.UNICODE))  # lexical modes inside a string
 MAX_NESTING = 100  # schemas (and enum/const values) inside one another, $refs followed included
 # ignored: JSON Schema's meta-data and OpenAPI's `discriminator`, which Pydantic writes beside a tagged union's
 # oneOf (whose branches hold the tag as a const already): none of them constrains a value
@@ -1080,19 +1081,29 @@ def schema_mask(vocabulary: jm.JsonVocabulary, schema: Schema, state) -> numpy.n
 
 
 def _compute(vocabulary: jm.JsonVocabulary, schema: Schema, state) -> numpy.ndarray:
-    mask = numpy.zeros(vocabulary.size, dtype=bool)
+    """The mask of `state`. Inside a string free or bounded only in length: the plain content class (within the room
+    left); held to automata: their regex masks; then the tokens with a quote or a backslash walked. Inside another
+    string: of more than one thread, the union of each one's mask (threads go on alone), else all tokens walked
+    together (most go on). Elsewhere a walk of the tokens as a trie (most end or are refused within a byte or two)."""
+    lexical, threads = state
     room, held = schema.string_room(state), schema.string_automata(state)
-    if room is not None:  # plain content, within the room left
-        content = vocabulary._content[state[0][1] & 7]
+    mask = numpy.zeros(vocabulary.size, dtype=bool)
+    if room is not None:
+        content = vocabulary._content[lexical[1] & 7]
         mask |= content if room == INFINITE else content & (vocabulary.characters <= room)
-        words, ids = vocabulary._quoted_words, vocabulary._quoted_ids
     elif held is not None:  # the content the automata take (none with a quote or a backslash: they take neither)
         for automaton, at in held:
             mask |= rx.regex_mask(vocabulary, automaton, at)
-        words, ids = vocabulary._quoted_words, vocabulary._quoted_ids
+    elif lexical[0] in STRING_MODES and len(threads) > 1:
+        for thread in threads:
+            mask |= schema_mask(vocabulary, schema, (lexical, frozenset((thread,))))
+        return mask
+    elif lexical[0] in STRING_MODES:
+        return jm.walk_tokens(vocabulary, schema.advance, state)
     else:
-        words, ids = vocabulary._words, vocabulary._ids
-    mask[ids[jm._walk(words, state, schema.advance)]] = True
+        mask[vocabulary._ids[jm._walk(vocabulary._words, state, schema.advance)]] = True
+        return mask
+    mask[vocabulary._quoted_ids[jm.walk_flat(vocabulary.quoted_flat, schema.advance, state)]] = True
     return mask
 
 
