@@ -18,9 +18,10 @@ row); None is a rejected prefix.
 keep the output a valid prefix (`mask`). Special tokens, and ids without bytes, are never in it. Masks
 are cached by state (the state with its whitespace count set to 0: the count only removes the tokens
 that begin with too long a whitespace run, a vectorized check). Outside strings a mask is found by a walk
-of the sorted tokens as a trie, each branch cut at its first rejected byte; inside a string, the tokens of
-plain string content (no `"`, `\\` or control byte) are a class precomputed for each of the 8 UTF-8
-states, so only the tokens holding a `"` or `\\` are walked. `JsonConstraint` is one answer's state:
+of the sorted tokens as a trie, each branch cut at its first rejected byte (`_walk`), after an escape by all of
+them walked together a byte position at a time (`walk_flat`); inside a string, the tokens of plain string
+content (no `"`, `\\` or control byte) are a class precomputed for each of the 8 UTF-8 states, so only the
+tokens holding a `"` or `\\` are walked (together). `JsonConstraint` is one answer's state:
 the engine masks its row's logits with `allowed` and `advance`s it with each token it emits.
 """
 
@@ -42,9 +43,9 @@ CACHED_CLASSES = 16  # token class tables kept per vocabulary (by byte runs; 0.6
 # modes
 START, VALUE, ARRAY_START, OBJECT_START, KEY, COLON, AFTER, STRING, ESCAPE, UNICODE, NUMBER, LITERAL, DONE = range(13)
 SPACED = frozenset((START, VALUE, ARRAY_START, OBJECT_START, KEY, COLON, AFTER))  # modes that take whitespace
-# modes whose masks walk_flat finds faster than _walk (most tokens that begin right go on long): the others' tokens
-# mostly end, or are refused, within a byte or two
-FLAT_WALKED = frozenset((ESCAPE, UNICODE, NUMBER))
+# modes whose masks walk_flat finds faster than _walk (after an escape, most tokens that begin right go on long
+# inside the string); elsewhere most tokens end, or are refused, within a byte or two
+FLAT_WALKED = frozenset((ESCAPE, UNICODE))
 WHITESPACE = frozenset(b" \t\n\r")
 HEX = frozenset(b"0123456789abcdefABCDEF")
 SIMPLE_ESCAPES = frozenset(b'"\\/bfnrt')

@@ -35,9 +35,10 @@ value may be of any type), and each thread is one way the schema may still accep
 containers' frames, what comes next); a thread is split where a value starts that more than one alternative of
 an anyOf (or type list) takes. A thread only lives while a complete value can still follow: a value that
 cannot fit within MAX_DEPTH levels (a required recursion) is not started, so a rejected prefix is never a dead
-end of an accepted one. Masks come from JSON mode's vocabulary index: a walk of the tokens as a trie from a
-state, cached per schema and state; inside a string free but for its length the plain content class is taken
-whole (those of its tokens within the length left).
+end of an accepted one. Masks come from JSON mode's vocabulary index, cached per schema and state: a walk of the
+tokens as a trie from a state; inside a string free but for its length the plain content class is taken whole
+(those of its tokens within the length left); inside a string that threads hold to different alternatives, the
+union of each thread's mask (threads go on alone); inside any other string, all tokens walked together.
 """
 
 from __future__ import annotations

@@ -22,9 +22,11 @@ end is reachable once a byte has been read (a `^` is crossed only before the fir
 a state is the frozenset of the live NFA nodes that read a byte (and the final node when the text so far is
 accepted), each state's moves memoized. So `advance` returns None exactly when no text the regex takes begins with
 the bytes so far, and a state it returns always has an accepted completion. `RegexConstraint` holds one answer to a
-Regex, with masks from JSON mode's vocabulary index, cached per regex and state: the sorted tokens walked together a
-byte position at a time (each distinct state and byte of a position advanced once), which on Qwen2's vocabulary is
-about ten times faster than a depth-first walk of them as a trie where most tokens stay taken.
+Regex, with masks from JSON mode's vocabulary index, cached per regex and state: the tokens in classes by the regex's
+byte runs (those whose bytes fall in the same runs in the same order are taken alike from every state; a table built
+once per vocabulary and runs, about 25 times fewer classes than tokens for `.{0,300}` on Qwen2's vocabulary), one of
+each class walked, all together a byte position at a time (jm.walk_flat: each distinct state and byte of a position
+advanced once).
 """
 
 from __future__ import annotations
