@@ -103,8 +103,7 @@ def main() -> None:
     vocabulary = jm.JsonVocabulary(pieces, size)
     if args.schema:
         vocabulary.characters  # the index's part that schema mode's string lengths add, built on first use
-    if args.schema or args.regex is not None:
-        vocabulary.flat_words  # the index's part that walk_tokens walks, built on first use
+    vocabulary.flat_words, vocabulary.quoted_flat  # the index's parts that walk_flat walks, built on first use
     print(f"vocabulary: {name}; index built in {time.perf_counter() - start:.2f} s")
     if args.regex is not None:
         regex = rx.compile_regex(args.regex)
