@@ -133,7 +133,8 @@ def main() -> None:
         runs = {tuple(a.automaton.byte_runs()) for a in schema.alternatives if a.automaton is not None}
         for run in runs:  # built on a pattern's first mask, kept for its byte runs
             vocabulary.token_classes(run)
-        print(f"token classes of {len(runs)} patterns' byte runs built in {1000 * (time.perf_counter() - start):.0f} ms")
+        took = 1000 * (time.perf_counter() - start)
+        print(f"token classes of {len(runs)} patterns' byte runs built in {took:.0f} ms")
 
         def mask(state):
             return js.schema_mask(vocabulary, schema, state)
