@@ -161,6 +161,10 @@ def test_top_level_values_of_any_type_enums_consts_and_recursion():
     assert complete({"type": "object", "additionalProperties": {"type": "integer"}}, b'{"a":1,"b":2}')
     assert refused_at({"type": "object", "additionalProperties": {"type": "integer"}}, b'{"a":"') == 5
     assert refused_at({"type": "object", "additionalProperties": False}, b'{"') == 1
+    # an empty `properties` (a function without parameters, a Pydantic model without fields) lists no key: `{}` only
+    assert complete({"type": "object", "properties": {}}, b"{}") and refused_at({"type": "object", "properties": {}},
+                                                                              b'{"') == 1
+    assert complete({"properties": {}, "additionalProperties": {"type": "integer"}}, b'{"a":1}')
     assert refused_at({"type": "array", "minItems": 2, "items": {"type": "integer"}}, b"[1]") == 2
     assert complete({"anyOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
                                {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}]},

@@ -343,10 +343,11 @@ class Schema:
         values = tuple(self._compile(value, f"{path}/properties/{_pointer(name)}")
                        for name, value in properties.items())
         free = None
-        if not properties and additional is not False:
-            free = self._compile(additional, f"{path}/additionalProperties")
-        elif isinstance(additional, dict) and additional and properties:
+        given = isinstance(additional, dict) and bool(additional)  # a schema of the other keys' values
+        if given and properties:
             raise SchemaError(f"additionalProperties as a schema beside properties at {path} is not supported")
+        if given or "properties" not in schema and additional is not False:  # an empty `properties` lists no key
+            free = self._compile(additional, f"{path}/additionalProperties")
         return self._alternative("object", names=names, values=values,
                                  required=tuple(name in required for name in properties), additional=free)
 
