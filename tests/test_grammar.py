@@ -16,10 +16,12 @@ import pytest
 import torch
 
 from internvl_mpo.errors import SettingError
+from internvl_mpo.generate import automaton
 from internvl_mpo.generate import grammar as grammar_module
 from internvl_mpo.generate import json_mode as jm
 from internvl_mpo.generate.engine import Request
-from internvl_mpo.generate.grammar import GrammarConstraint, GrammarError, compile_grammar, grammar_mask
+from internvl_mpo.generate.automaton import AutomatonConstraint
+from internvl_mpo.generate.grammar import GrammarError, compile_grammar, grammar_mask
 from internvl_mpo.generate.sampling import SamplingParams
 from internvl_mpo.pipeline import InternVLChat
 from internvl_mpo.server.requests import ApiError, parse_chat_request, parse_completion_request
@@ -314,7 +316,7 @@ def test_past_the_stack_limit_a_state_keeps_the_shortest_stacks_and_stays_in_the
 
 
 def test_the_memo_is_cleared_past_its_bound_and_answers_stay_the_same(monkeypatch):
-    monkeypatch.setattr(grammar_module, "MAX_HELD", 20)
+    monkeypatch.setattr(automaton, "MAX_HELD", 20)
     grammar = grammar_module.Grammar(ARITHMETIC)
     rng = random.Random(4)
     for _ in range(50):
@@ -358,7 +360,7 @@ def test_masks_equal_the_token_by_token_oracle(tiny_chat):
                                    + [False] * 3)
             assert (grammar_mask(vocabulary, grammar, state) == expected).all(), (text, state)
             assert (grammar_mask(vocabulary, grammar, state) == expected).all(), (text, state)  # cached
-    done = GrammarConstraint(vocabulary, compile_grammar('root ::= "a" "b"'))
+    done = AutomatonConstraint(vocabulary, compile_grammar('root ::= "a" "b"'))
     done.advance(pieces.index(b"a"))
     assert not done.complete and not done.allowed([5])[5]  # a stop id only where the text is accepted
     done.advance(pieces.index(b"b"))

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from internvl_mpo.errors import InputError, SettingError
+from internvl_mpo.generate import automaton
 from internvl_mpo.generate import json_mode as jm
 from internvl_mpo.generate import regex as regex_module
 from internvl_mpo.generate.engine import Engine, Request
-from internvl_mpo.generate.regex import RegexConstraint, RegexError, choice_pattern, compile_regex, escape, regex_mask
+from internvl_mpo.generate.automaton import AutomatonConstraint
+from internvl_mpo.generate.regex import RegexError, choice_pattern, compile_regex, escape, regex_mask
 from internvl_mpo.generate.sampling import SamplingParams
 from internvl_mpo.pipeline import InternVLChat
 
@@ -121,7 +123,7 @@ def test_unsupported_constructs_are_refused_naming_them(pattern, named):
 
 def test_the_dfa_memo_is_cleared_past_its_bound_and_answers_stay_the_same(monkeypatch):
     """(a|b)*a(a|b){6} has 2**7 DFA states; with room for a few, the memo is cleared again and again."""
-    monkeypatch.setattr(regex_module, "MAX_HELD", 20)
+    monkeypatch.setattr(automaton, "MAX_HELD", 20)
     regex = regex_module.Regex("(a|b)*a(a|b){6}", False, "")
     rng = random.Random(0)
     for _ in range(300):
@@ -264,7 +266,7 @@ def test_masks_equal_the_token_by_token_oracle(tiny_chat):
                                    + [False] * 3)
             assert (regex_mask(vocabulary, regex, state) == expected).all(), (pattern, state)
             assert (regex_mask(vocabulary, regex, state) == expected).all(), (pattern, state)  # cached
-    done = RegexConstraint(vocabulary, compile_regex("ab"))
+    done = AutomatonConstraint(vocabulary, compile_regex("ab"))
     done.advance(pieces.index(b"a"))
     assert not done.complete and not done.allowed([5])[5]  # a stop id only where the text is accepted
     done.advance(pieces.index(b"b"))

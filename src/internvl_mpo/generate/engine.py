@@ -22,8 +22,8 @@ is chosen (after the stop-id mask, before the penalty, as vLLM orders them), and
 (the rows are made by the batch's first biased request); a row with a bias takes the full head (the greedy
 screen sees no logits). Log-probabilities stay the model's own, before the bias, as vLLM reports them by default.
 A request in JSON mode (`SamplingParams.json_mode`) keeps a `JsonConstraint` (json_mode.py) in its row (one
-with a `json_schema` a `SchemaConstraint`, json_schema.py; one with a `regex` or `choice` a `RegexConstraint`,
-regex.py; one with a `grammar` a `GrammarConstraint`, grammar.py): where its
+with a `json_schema` a `SchemaConstraint`, json_schema.py; one with a `regex`, `choice` or `grammar` an
+`AutomatonConstraint`, automaton.py, over its regex.py Regex or grammar.py Grammar): where its
 token is chosen, its row's logits are -inf outside the constraint's mask, before everything else (stop-id mask,
 bias, penalty, temperature, filters, greedy choice), and the constraint takes each token emitted; such a row takes
 the full head. As vLLM applies a structured output's mask to the logits its log-probabilities come from, a
@@ -58,11 +58,10 @@ from ..errors import InputError, PromptTooLongError
 from ..kv_cache import make_caches
 from ..llm import few_rows_matmul, thread_count
 from ..model import InternVL
-from .grammar import GrammarConstraint
+from .automaton import AutomatonConstraint
 from .greedy_head import GreedyScreen
 from .json_mode import JsonConstraint, JsonVocabulary
 from .json_schema import SchemaConstraint
-from .regex import RegexConstraint
 from .sampling import (
     SamplingParams, apply_repetition_penalty, choose_tokens, exponential_noise, make_generator, whole_number,
 )
@@ -485,8 +484,7 @@ class Generation:
         penalised, biased = p.repetition_penalty != 1.0, bool(p.logit_bias)
         constraint = JsonConstraint(self.engine.json_vocabulary()) if p.json_mode else \
             SchemaConstraint(self.engine.json_vocabulary(), p.json_schema) if p.json_schema is not None else \
-            GrammarConstraint(self.engine.json_vocabulary(), p.guide) if p.grammar is not None else \
-            RegexConstraint(self.engine.json_vocabulary(), p.guide) if p.guide is not None else None
+            AutomatonConstraint(self.engine.json_vocabulary(), p.guide) if p.guide is not None else None
         # the screen has no logprobs, nor a constraint's mask
         plain = p.greedy and not penalised and not biased and request.logprobs is None and constraint is None
         self.rows.append(_Row(rid, n, remaining, stops, generator, -1, penalised, biased, plain, p.top_k, p.top_p,

@@ -15,8 +15,8 @@ bound above MAX_REPEAT, left recursion (a rule that can reach itself without rea
 module does not), and a root that derives no text within MAX_DEPTH. Lark grammars (vLLM's other syntax) are not
 taken: they fail to parse as GBNF.
 
-Each rule is compiled to a small automaton (Thompson-style, as regex.py's, its character classes as UTF-8 byte
-ranges) over bytes and rule calls; all rules' nodes are numbered together. A state is a frozenset of stacks: a
+Each rule is compiled to a small automaton (Thompson-style, automaton.ByteAutomaton, as regex.py's, its character
+classes as UTF-8 byte ranges) over bytes and rule calls; all rules' nodes are numbered together. A state is a frozenset of stacks: a
 stack is a tuple of nodes, return points of the calls under way and last the node that reads the next byte; the
 empty tuple stands for the end of the root rule (the text so far is accepted). `cost[node]`, found once, is the
 least call depth that finishing the node's rule from it needs (infinite where it cannot be finished: those parts are
@@ -26,9 +26,10 @@ of the grammar (within MAX_DEPTH nested calls) begins with the bytes so far, and
 accepted completion. Bounds: a sentence that needs more than MAX_DEPTH calls open at once is not taken (the bytes
 that would open the deeper call are refused); a state of more than MAX_STACKS stacks (a very ambiguous grammar)
 keeps the MAX_STACKS shortest (then in sorted order), so that the answer stays a sentence of the grammar but some
-sentences can no longer be written. Moves are memoized per state, cleared past MAX_HELD stacks held.
-`GrammarConstraint` holds one answer to a Grammar, with masks from the generic all-tokens walk
-(json_mode.walk_tokens), cached per grammar and state in the vocabulary.
+sentences can no longer be written. Moves are memoized per state, cleared past automaton.MAX_HELD stacks held (the
+NFA's construction and the memo are automaton.py's, shared with regex.py). `automaton.AutomatonConstraint` holds one
+answer to a Grammar, with masks from the generic all-tokens walk (json_mode.walk_tokens), cached per grammar and
+state in the vocabulary.
 """
 
 from __future__ import annotations
@@ -40,13 +41,11 @@ import numpy
 
 from ..errors import InputError
 from . import json_mode as jm
-from . import regex as rx
+from .automaton import MAX_CODE, MAX_NODES, ByteAutomaton, complement, normalized
 
 MAX_REPEAT = 1000  # the largest bound of {m,n}
-MAX_NODES = 100_000  # automaton nodes of one grammar (all rules)
 MAX_DEPTH = 200  # rule calls open at once (a stack's frames)
 MAX_STACKS = 1000  # stacks in one state
-MAX_HELD = 1_000_000  # stacks in the memoized states of one grammar (all together) before the memo is cleared
 MAX_NESTING = 100  # groups inside one another
 CACHED_GRAMMARS = 64
 CACHED_MASKS = 1024
@@ -56,7 +55,6 @@ ESCAPES = {'"': 0x22, "\\": 0x5C, "/": 0x2F, "'": 0x27, "?": 0x3F, "n": 0x0A, "r
            "f": 0x0C, "a": 0x07, "v": 0x0B, "0": 0x00, "e": 0x1B}
 CLASS_ESCAPES = frozenset("^$\\.*+?()[]{}|/-")
 INFINITE = float("inf")
-_MISSING = object()
 
 
 class GrammarError(InputError):
@@ -162,7 +160,7 @@ class _Parser:
             return ("set", self.character_class())
         if c == ".":
             self.pos += 1
-            return ("set", ((0, rx.MAX_CODE),))
+            return ("set", ((0, MAX_CODE),))
         if c == "(":
             self.pos += 1
             self.depth += 1
@@ -228,7 +226,7 @@ class _Parser:
                 while self.peek() in HEX and (count is None or len(digits) < count):
                     digits += self.peek()
                     self.pos += 1
-                if not digits or (count and len(digits) < count) or int(digits, 16) > rx.MAX_CODE:
+                if not digits or (count and len(digits) < count) or int(digits, 16) > MAX_CODE:
                     raise self.refuse(f"the escape \\{e}{digits} needs {count or 'some'} hex digits of a code point "
                                       "up to 10FFFF", start)
                 c = chr(int(digits, 16))
@@ -261,22 +259,24 @@ class _Parser:
         self.pos += 1
         if not ranges and not negated:
             raise self.refuse("the empty class [] matches nothing", start)
-        return rx._complement(ranges) if negated else rx._normalized(ranges)
+        return complement(ranges) if negated else normalized(ranges)
 
 
-class Grammar:
+class Grammar(ByteAutomaton):
     """A compiled grammar: `initial` (a state), `advance(state, byte)` (the next state or None), `accepting(state)`.
     Equal (and hashed) by its text."""
 
+    held_to = "the grammar"
+
     def __init__(self, text: str):
+        super().__init__()
         self.key = text
         parser = _Parser(text)
         rules = parser.parse()
         if "root" not in rules:
             raise GrammarError("grammar: it has no `root` rule (where its sentences begin)")
-        self._bytes: list[list[tuple[int, int, int]]] = []  # per node: (lowest byte, highest byte, target)
-        self._empty: list[list[int]] = []  # epsilon edges
         self._calls: list[list[tuple[int, int]]] = []  # (the called rule's entry node, the return node)
+        self._extra = (self._calls,)
         self._names = list(rules)
         self._entries = [self._node() for _ in rules]
         self._exits = set()
@@ -293,44 +293,19 @@ class Grammar:
                 "" if self.cost[self._entries[numbers["root"]]] == INFINITE else
                 f" within {MAX_DEPTH} nested rule calls"))
         self._byte_cost = [min((self.cost[t] for _, _, t in edges), default=INFINITE) for edges in self._bytes]
-        self._moves: dict = {}
-        self._held = 0
         self.initial = self._closure([(self._entries[numbers["root"]],)])
-
-    def __eq__(self, other):
-        return isinstance(other, Grammar) and other.key == self.key
-
-    def __hash__(self):
-        return hash(self.key)
 
     def accepting(self, state) -> bool:
         return () in state
 
-    def advance(self, state, byte: int):
-        """The state after one more byte, or None where no sentence of the grammar begins with the bytes so far."""
-        moves = self._moves.get(state)
-        if moves is None:
-            if self._held > MAX_HELD:
-                self._moves.clear()
-                self._held = 0
-            moves = self._moves[state] = {}
-            self._held += len(state)
-        after = moves.get(byte, _MISSING)
-        if after is _MISSING:
-            cost = self.cost
-            seeds = [stack[:-1] + (t,) for stack in state if stack for lo, hi, t in self._bytes[stack[-1]]
-                     if lo <= byte <= hi and len(stack) + cost[t] <= MAX_DEPTH]
-            after = moves[byte] = self._closure(seeds) or None
-        return after
+    def mask(self, vocabulary: jm.JsonVocabulary, state) -> numpy.ndarray:
+        return grammar_mask(vocabulary, self, state)
 
-    def matches(self, data: bytes) -> bool:
-        """Whether the text of these UTF-8 bytes is a sentence of the grammar."""
-        state = self.initial
-        for byte in data:
-            state = self.advance(state, byte)
-            if state is None:
-                return False
-        return self.accepting(state)
+    def _step(self, state, byte: int):
+        cost = self.cost
+        seeds = [stack[:-1] + (t,) for stack in state if stack for lo, hi, t in self._bytes[stack[-1]]
+                 if lo <= byte <= hi and len(stack) + cost[t] <= MAX_DEPTH]
+        return self._closure(seeds) or None
 
     # ---- construction -----------------------------------------------------------------------
 
@@ -338,77 +313,21 @@ class Grammar:
         return GrammarError(f"grammar: too large: its automaton would have more than {MAX_NODES} nodes (a "
                             "repetition copies what it repeats)")
 
-    def _node(self) -> int:
-        if len(self._bytes) >= MAX_NODES:
-            raise self._too_large()
-        for edges in (self._bytes, self._empty, self._calls):
-            edges.append([])
-        return len(self._bytes) - 1
-
-    def _build(self, tree) -> tuple[int, int]:
-        """The automaton of `tree`: its (entry, exit) nodes."""
-        kind = tree[0]
-        entry = self._node()
-        if kind == "bytes":
+    def _build_other(self, tree, entry: int) -> int:
+        """Literal bytes (a chain of byte edges) and rule references (a call edge)."""
+        if tree[0] == "bytes":
             end = entry
             for byte in tree[1]:
                 after = self._node()
                 self._bytes[end].append((byte, byte, after))
                 end = after
-            return entry, end
-        if kind == "set":
-            end = self._node()
-            suffixes: dict = {}  # a byte-range suffix's node, shared by the sequences ending with it
-            for lo, hi in rx._without(tree[1], rx.SURROGATES):
-                for sequence in rx._utf8_sequences(lo, hi):
-                    target = end
-                    for i in range(len(sequence) - 1, 0, -1):
-                        if sequence[i:] not in suffixes:
-                            suffixes[sequence[i:]] = self._node()
-                            self._bytes[suffixes[sequence[i:]]].append((*sequence[i], target))
-                        target = suffixes[sequence[i:]]
-                    self._bytes[entry].append((*sequence[0], target))
-            return entry, end
-        if kind == "ref":
-            _, name, pos = tree
-            if name not in self._numbers:
-                raise self._parser.refuse(f"the rule {name!r} is used but never defined", pos)
-            end = self._node()
-            self._calls[entry].append((self._entries[self._numbers[name]], end))
-            return entry, end
-        if kind == "cat":
-            end = entry
-            for part in tree[1]:
-                first, last = self._build(part)
-                self._empty[end].append(first)
-                end = last
-            return entry, end
-        if kind == "alt":
-            end = self._node()
-            for part in tree[1]:
-                first, last = self._build(part)
-                self._empty[entry].append(first)
-                self._empty[last].append(end)
-            return entry, end
-        _, part, least, most = tree  # "rep"
-        copies = least + 1 if most is None else most
-        end, skips = entry, []
-        for k in range(copies):
-            size = len(self._bytes)
-            first, last = self._build(part)
-            if len(self._bytes) + (len(self._bytes) - size) * (copies - 1 - k) > MAX_NODES:
-                raise self._too_large()
-            self._empty[end].append(first)
-            if k == least and most is None:  # a loop: the part again and again
-                self._empty[last].append(end)
-                break
-            if k >= least:
-                skips.append(end)
-            end = last
-        exit = self._node()  # not `end`, which may be the loop's: a skip must not enter it
-        for node in skips + [end]:
-            self._empty[node].append(exit)
-        return entry, exit
+            return end
+        _, name, pos = tree  # "ref"
+        if name not in self._numbers:
+            raise self._parser.refuse(f"the rule {name!r} is used but never defined", pos)
+        end = self._node()
+        self._calls[entry].append((self._entries[self._numbers[name]], end))
+        return end
 
     def _refuse_left_recursion(self) -> None:
         """A GrammarError naming a rule that can call itself before reading a byte (the closure would not end)."""
@@ -522,29 +441,3 @@ def grammar_mask(vocabulary: jm.JsonVocabulary, grammar: Grammar, state) -> nump
     the vocabulary per grammar and state."""
     return vocabulary.cached_mask(vocabulary.regex_cache, CACHED_MASKS, (grammar, state), None,
                                   lambda: jm.walk_tokens(vocabulary, grammar.advance, state))
-
-
-class GrammarConstraint(jm.JsonConstraint):
-    """One answer held to a grammar (its whole text a sentence of the root rule): JsonConstraint over the grammar's
-    states; a stop token is allowed where the text so far is accepted."""
-
-    held_to = "the grammar"
-
-    def __init__(self, vocabulary: jm.JsonVocabulary, grammar: Grammar):
-        super().__init__(vocabulary, grammar.initial)
-        self.grammar = grammar
-
-    @property
-    def complete(self) -> bool:
-        return self.grammar.accepting(self.state)
-
-    def _mask(self) -> numpy.ndarray:
-        return grammar_mask(self.vocabulary, self.grammar, self.state)
-
-    def _after(self, piece: bytes):
-        state = self.state
-        for byte in piece:
-            state = self.grammar.advance(state, byte)
-            if state is None:
-                return None
-        return state

@@ -21,8 +21,9 @@ their own. A node that cannot reach acceptance is pruned: `live` holds the (node
 end is reachable once a byte has been read (a `^` is crossed only before the first byte). The DFA is built lazily:
 a state is the frozenset of the live NFA nodes that read a byte (and the final node when the text so far is
 accepted), each state's moves memoized. So `advance` returns None exactly when no text the regex takes begins with
-the bytes so far, and a state it returns always has an accepted completion. `RegexConstraint` holds one answer to a
-Regex, with masks from JSON mode's vocabulary index, cached per regex and state: the tokens in classes by the regex's
+the bytes so far, and a state it returns always has an accepted completion (the NFA's construction, the memo and
+the masks are automaton.py's, shared with grammar.py). `automaton.AutomatonConstraint` holds one answer to a Regex,
+with masks from JSON mode's vocabulary index, cached per regex and state: the tokens in classes by the regex's
 byte runs (those whose bytes fall in the same runs in the same order are taken alike from every state; a table built
 once per vocabulary and runs, about 25 times fewer classes than tokens for `.{0,300}` on Qwen2's vocabulary), one of
 each class walked, all together a byte position at a time (jm.walk_flat: each distinct state and byte of a position
@@ -33,78 +34,21 @@ from __future__ import annotations
 
 import functools
 
-import numpy
-
 from ..errors import InputError
-from . import json_mode as jm
+from .automaton import (MAX_CODE, MAX_NODES, SURROGATES, ByteAutomaton, automaton_mask, complement, normalized)
 
 MAX_REPEAT = 1000  # the largest bound of {n,m}
-MAX_NODES = 100_000  # NFA nodes of one regex
-MAX_HELD = 1_000_000  # NFA nodes in the memoized DFA states of one regex (all together) before the memo is cleared
 MAX_NESTING = 100  # groups inside one another
 CACHED_REGEXES = 64
-CACHED_MASKS = 1024  # regex masks kept per vocabulary (all regexes together), packed 8 to a byte
-MAX_CODE = 0x10FFFF
-SURROGATES = ((0xD800, 0xDFFF),)
 SPECIAL = frozenset("\\.^$|?*+()[]{}")
 CLASSES = {"d": ((0x30, 0x39),), "w": ((0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)),
            "s": ((0x09, 0x0D), (0x20, 0x20))}
 ESCAPES = {"n": 0x0A, "t": 0x09, "r": 0x0D, "f": 0x0C, "v": 0x0B}
 HEX = frozenset("0123456789abcdefABCDEF")
-_MISSING = object()
 
 
 class RegexError(InputError):
     """A regex this module does not take; the message names the construct and its position."""
-
-
-def _normalized(ranges) -> tuple[tuple[int, int], ...]:
-    """Code point ranges (lo, hi) sorted and merged."""
-    merged: list[list[int]] = []
-    for lo, hi in sorted(ranges):
-        if merged and lo <= merged[-1][1] + 1:
-            merged[-1][1] = max(merged[-1][1], hi)
-        else:
-            merged.append([lo, hi])
-    return tuple((lo, hi) for lo, hi in merged)
-
-
-def _complement(ranges) -> tuple[tuple[int, int], ...]:
-    found, start = [], 0
-    for lo, hi in _normalized(ranges):
-        if lo > start:
-            found.append((start, lo - 1))
-        start = hi + 1
-    return tuple(found + ([(start, MAX_CODE)] if start <= MAX_CODE else []))
-
-
-def _without(ranges, banned) -> tuple[tuple[int, int], ...]:
-    """`ranges` less the (normalized) `banned` ranges."""
-    return _complement(_normalized(tuple(_complement(ranges)) + tuple(banned)))
-
-
-def _utf8_sequences(lo: int, hi: int) -> list[tuple[tuple[int, int], ...]]:
-    """The code points lo..hi (no surrogates) as sequences of byte ranges, each sequence's bytes any combination of
-    its ranges' (the split of Rust's utf8-ranges)."""
-    found, todo = [], [(lo, hi)]
-    while todo:
-        lo, hi = todo.pop()
-        bound = next((b for b in (0x7F, 0x7FF, 0xFFFF) if lo <= b < hi), None)
-        if bound is not None:  # the two sides encode to different lengths
-            todo += [(lo, bound), (bound + 1, hi)]
-            continue
-        for bits in (6, 12, 18):  # the continuation bytes' bits below a lead byte's (or a higher continuation's)
-            m = (1 << bits) - 1
-            if lo & ~m != hi & ~m:
-                if lo & m:
-                    todo += [(lo, lo | m), ((lo | m) + 1, hi)]
-                    break
-                if hi & m != m:
-                    todo += [(lo, (hi & ~m) - 1), (hi & ~m, hi)]
-                    break
-        else:
-            found.append(tuple(zip(chr(lo).encode(), chr(hi).encode())))
-    return found
 
 
 class _Parser:
@@ -189,7 +133,7 @@ class _Parser:
         if c == "[":
             return ("set", self.character_class(start))
         if c == ".":
-            return ("set", _complement(((0x0A, 0x0A),)))
+            return ("set", complement(((0x0A, 0x0A),)))
         if c in ("^", "$"):
             return (c,)
         if c == "\\":
@@ -262,7 +206,7 @@ class _Parser:
             else:
                 ranges += low if isinstance(low, tuple) else [(low, low)]
         self.pos += 1
-        return _complement(ranges) if negated else _normalized(ranges)
+        return complement(ranges) if negated else normalized(ranges)
 
     def class_item(self) -> int | tuple:
         start = self.pos
@@ -278,7 +222,7 @@ class _Parser:
             raise self.refuse("a backslash", start, "ends the regex")
         if c.lower() in CLASSES:
             ranges = CLASSES[c.lower()]
-            return ranges if c.islower() else _complement(ranges)
+            return ranges if c.islower() else complement(ranges)
         if c in ESCAPES:
             return ESCAPES[c]
         if c in ("x", "u"):
@@ -306,70 +250,36 @@ class _Parser:
         return self.code_point(c, start)
 
 
-class Regex:
+class Regex(ByteAutomaton):
     """A compiled regex: `initial` (a state), `advance(state, byte)` (the next state or None), `accepting(state)`.
     Equal (and hashed) by its compile_regex arguments."""
 
+    held_to = "the regex"
+
     def __init__(self, pattern: str, search: bool, excluded: str):
+        super().__init__()
         self.key = (pattern, search, excluded)
         tree = _Parser(pattern).parse()
-        self._banned = _normalized(SURROGATES + tuple((ord(c), ord(c)) for c in excluded))
+        self.banned = normalized(SURROGATES + tuple((ord(c), ord(c)) for c in excluded))
         if search:  # any text before and after the match
             anything = ("rep", ("set", ((0, MAX_CODE),)), 0, None)
             tree = ("cat", (anything, tree, anything))
-        self._bytes: list[list[tuple[int, int, int]]] = []  # per node: its byte edges (lowest, highest, target)
-        self._empty: list[list[int]] = []  # epsilon edges
         self._starts: list[list[int]] = []  # `^` edges: crossed before the first byte only
         self._ends: list[list[int]] = []  # `$` edges: no byte is read after one
+        self._extra = (self._starts, self._ends)
         entry, self.final = self._build(tree)
         self._live = self._find_live()
-        self._moves: dict = {}  # state -> {byte: next state or None}
-        self._held = 0
-        self._runs = None  # byte_runs(), worked out on first use
         self.initial = self._closure([entry], at_start=True)
         if not self.initial:
             raise RegexError(f"regex {pattern[:60]!r}: no text matches it" +
                              (f" without the characters {excluded!r}" if excluded else ""))
 
-    def __eq__(self, other):
-        return isinstance(other, Regex) and other.key == self.key
-
-    def __hash__(self):
-        return hash(self.key)
-
     def accepting(self, state) -> bool:
         return self.final in state
 
-    def advance(self, state, byte: int):
-        """The state after one more byte, or None where no text the regex takes begins with the bytes so far."""
-        moves = self._moves.get(state)
-        if moves is None:
-            if self._held > MAX_HELD:
-                self._moves.clear()
-                self._held = 0
-            moves = self._moves[state] = {}
-            self._held += len(state)
-        after = moves.get(byte, _MISSING)
-        if after is _MISSING:
-            targets = [t for node in state for lo, hi, t in self._bytes[node] if lo <= byte <= hi]
-            after = moves[byte] = self._closure(targets, at_start=False) or None
-        return after
-
-    def byte_runs(self) -> list[int]:
-        """The sorted first bytes of runs of bytes that every NFA node reads alike (its edges are byte ranges): from
-        any state, the bytes of one run lead to the same state, so one of each run stands for all."""
-        if self._runs is None:
-            self._runs = sorted({0} | {edge[k] + k for edges in self._bytes for edge in edges for k in (0, 1)} - {256})
-        return list(self._runs)
-
-    def matches(self, data: bytes) -> bool:
-        """Whether the regex takes the text of these UTF-8 bytes."""
-        state = self.initial
-        for byte in data:
-            state = self.advance(state, byte)
-            if state is None:
-                return False
-        return self.accepting(state)
+    def _step(self, state, byte: int):
+        targets = [t for node in state for lo, hi, t in self._bytes[node] if lo <= byte <= hi]
+        return self._closure(targets, at_start=False) or None
 
     # ---- construction -----------------------------------------------------------------------
 
@@ -377,67 +287,11 @@ class Regex:
         return RegexError(f"the regex is too large: its automaton would have more than {MAX_NODES} nodes (a "
                           "repetition copies what it repeats)")
 
-    def _node(self) -> int:
-        if len(self._bytes) >= MAX_NODES:
-            raise self._too_large()
-        for edges in (self._bytes, self._empty, self._starts, self._ends):
-            edges.append([])
-        return len(self._bytes) - 1
-
-    def _build(self, tree) -> tuple[int, int]:
-        """The NFA of `tree`: its (entry, exit) nodes."""
-        kind = tree[0]
-        entry = self._node()
-        if kind == "set":
-            end = self._node()
-            suffixes = {}  # a byte-range suffix's node, shared by the sequences ending with it
-            for lo, hi in _without(tree[1], self._banned):
-                for sequence in _utf8_sequences(lo, hi):
-                    target = end
-                    for i in range(len(sequence) - 1, 0, -1):
-                        if sequence[i:] not in suffixes:
-                            suffixes[sequence[i:]] = self._node()
-                            self._bytes[suffixes[sequence[i:]]].append((*sequence[i], target))
-                        target = suffixes[sequence[i:]]
-                    self._bytes[entry].append((*sequence[0], target))
-            return entry, end
-        if kind in ("^", "$"):
-            end = self._node()
-            (self._starts if kind == "^" else self._ends)[entry].append(end)
-            return entry, end
-        if kind == "cat":
-            end = entry
-            for part in tree[1]:
-                first, last = self._build(part)
-                self._empty[end].append(first)
-                end = last
-            return entry, end
-        if kind == "alt":
-            end = self._node()
-            for part in tree[1]:
-                first, last = self._build(part)
-                self._empty[entry].append(first)
-                self._empty[last].append(end)
-            return entry, end
-        _, part, least, most = tree  # "rep"
-        copies = least + 1 if most is None else most
-        end, skips = entry, []
-        for k in range(copies):
-            size = len(self._bytes)
-            first, last = self._build(part)
-            if len(self._bytes) + (len(self._bytes) - size) * (copies - 1 - k) > MAX_NODES:
-                raise self._too_large()
-            self._empty[end].append(first)
-            if k == least and most is None:  # a loop: the part again and again
-                self._empty[last].append(end)
-                break
-            if k >= least:
-                skips.append(end)
-            end = last
-        exit = self._node()  # not `end`, which may be the loop's: a skip must not enter it
-        for node in skips + [end]:
-            self._empty[node].append(exit)
-        return entry, exit
+    def _build_other(self, tree, entry: int) -> int:
+        """The `^` and `$` assertions: an edge of their own."""
+        end = self._node()
+        (self._starts if tree[0] == "^" else self._ends)[entry].append(end)
+        return end
 
     def _find_live(self) -> set[tuple[int, bool]]:
         """The (node, past a `$`) pairs from which the final node is reachable after the first byte (no `^`)."""
@@ -504,41 +358,4 @@ def choice_pattern(choices) -> str:
     return "|".join(escape(choice) for choice in choices)
 
 
-def regex_mask(vocabulary: jm.JsonVocabulary, regex: Regex, state) -> numpy.ndarray:
-    """A new boolean array (vocabulary size,): the ids whose bytes take `state` of `regex` to a live state, cached in
-    the vocabulary per regex and state."""
-    return vocabulary.cached_mask(vocabulary.regex_cache, CACHED_MASKS, (regex, state), None,
-                                  lambda: _compute(vocabulary, regex, state))
-
-
-def _compute(vocabulary: jm.JsonVocabulary, regex: Regex, state) -> numpy.ndarray:
-    """The mask of `state` (of a Regex, or an automaton with its `advance` and `byte_runs`): one token of each class
-    of the regex's byte runs (vocabulary.token_classes) walked, all together (jm.walk_flat)."""
-    index, classes = vocabulary.token_classes(regex.byte_runs())
-    return numpy.append(jm.walk_flat(index, regex.advance, state), False)[classes]
-
-
-class RegexConstraint(jm.JsonConstraint):
-    """One answer held to a regex (its whole text): JsonConstraint over the regex's states; a stop token is allowed
-    where the text so far is accepted."""
-
-    held_to = "the regex"
-
-    def __init__(self, vocabulary: jm.JsonVocabulary, regex: Regex):
-        super().__init__(vocabulary, regex.initial)
-        self.regex = regex
-
-    @property
-    def complete(self) -> bool:
-        return self.regex.accepting(self.state)
-
-    def _mask(self) -> numpy.ndarray:
-        return regex_mask(self.vocabulary, self.regex, self.state)
-
-    def _after(self, piece: bytes):
-        state = self.state
-        for byte in piece:
-            state = self.regex.advance(state, byte)
-            if state is None:
-                return None
-        return state
+regex_mask = automaton_mask  # JSON schema mode's pattern masks: those of any automaton with advance and byte_runs

@@ -1,0 +1,238 @@
+"""Byte automata: what regex.py's regexes and grammar.py's grammars share.
+
+Code point ranges (`normalized`, `complement`, `without`) and their UTF-8 encodings as byte-range sequences
+(`utf8_sequences`); `ByteAutomaton`, the base of `Regex` and `Grammar`: a Thompson-style NFA over bytes (byte-range
+and epsilon edges per node, and the edges a subclass adds) built from a tree of ("set", ranges), ("cat", parts),
+("alt", parts) and ("rep", part, least, most or None), a subclass building the kinds only it has; memoized moves
+(`advance` over the subclass's `_step`, the memo cleared past MAX_HELD items held), `matches`, `byte_runs` and
+`mask`; `automaton_mask`, the masks of any automaton with `advance` and `byte_runs` (one token of each class of its
+byte runs walked), cached per automaton and state; and `AutomatonConstraint`, one answer held to an automaton.
+"""
+
+from __future__ import annotations
+
+import numpy
+
+from . import json_mode as jm
+
+MAX_CODE = 0x10FFFF
+SURROGATES = ((0xD800, 0xDFFF),)
+MAX_NODES = 100_000  # NFA nodes of one automaton
+MAX_HELD = 1_000_000  # items (NFA nodes, stacks) in the memoized states of one automaton before the memo is cleared
+CACHED_MASKS = 1024  # masks kept per vocabulary (all regexes and grammars together), packed 8 to a byte
+_MISSING = object()
+
+
+def normalized(ranges) -> tuple[tuple[int, int], ...]:
+    """Code point ranges (lo, hi) sorted and merged."""
+    merged: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return tuple((lo, hi) for lo, hi in merged)
+
+
+def complement(ranges) -> tuple[tuple[int, int], ...]:
+    """The code points 0..MAX_CODE not in `ranges`."""
+    found, start = [], 0
+    for lo, hi in normalized(ranges):
+        if lo > start:
+            found.append((start, lo - 1))
+        start = hi + 1
+    return tuple(found + ([(start, MAX_CODE)] if start <= MAX_CODE else []))
+
+
+def without(ranges, banned) -> tuple[tuple[int, int], ...]:
+    """`ranges` less the (normalized) `banned` ranges."""
+    return complement(normalized(tuple(complement(ranges)) + tuple(banned)))
+
+
+def utf8_sequences(lo: int, hi: int) -> list[tuple[tuple[int, int], ...]]:
+    """The code points lo..hi (no surrogates) as sequences of byte ranges, each sequence's bytes any combination of
+    its ranges' (the split of Rust's utf8-ranges)."""
+    found, todo = [], [(lo, hi)]
+    while todo:
+        lo, hi = todo.pop()
+        bound = next((b for b in (0x7F, 0x7FF, 0xFFFF) if lo <= b < hi), None)
+        if bound is not None:  # the two sides encode to different lengths
+            todo += [(lo, bound), (bound + 1, hi)]
+            continue
+        for bits in (6, 12, 18):  # the continuation bytes' bits below a lead byte's (or a higher continuation's)
+            m = (1 << bits) - 1
+            if lo & ~m != hi & ~m:
+                if lo & m:
+                    todo += [(lo, lo | m), ((lo | m) + 1, hi)]
+                    break
+                if hi & m != m:
+                    todo += [(lo, (hi & ~m) - 1), (hi & ~m, hi)]
+                    break
+        else:
+            found.append(tuple(zip(chr(lo).encode(), chr(hi).encode())))
+    return found
+
+
+class ByteAutomaton:
+    """An NFA over bytes and its lazily built, memoized DFA. A subclass sets `key` (equality and hashing),
+    `held_to` (what a constraint's refused token fails to continue), `banned` (code points no set takes), the extra
+    edge lists of its nodes (`_extra`, before the first node), `initial`, and gives `accepting(state)`,
+    `_step(state, byte)` (the next state or None, memoized by `advance`), `_too_large()` (its error past MAX_NODES
+    nodes) and `_build_other(tree, entry)` (the exit node of a tree of a kind of its own, built from `entry`)."""
+
+    held_to = "the automaton"
+    banned = SURROGATES
+
+    def __init__(self):
+        self._bytes: list[list[tuple[int, int, int]]] = []  # per node: its byte edges (lowest, highest, target)
+        self._empty: list[list[int]] = []  # epsilon edges
+        self._extra: tuple[list, ...] = ()
+        self._moves: dict = {}  # state -> {byte: next state or None}
+        self._held = 0
+        self._runs: list[int] | None = None  # byte_runs(), worked out on first use
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other.key == self.key
+
+    def __hash__(self):
+        return hash(self.key)
+
+    @property
+    def size(self) -> int:
+        """The number of NFA nodes."""
+        return len(self._bytes)
+
+    def advance(self, state, byte: int):
+        """The state after one more byte, or None where no text the automaton takes begins with the bytes so far."""
+        moves = self._moves.get(state)
+        if moves is None:
+            if self._held > MAX_HELD:
+                self._moves.clear()
+                self._held = 0
+            moves = self._moves[state] = {}
+            self._held += len(state)
+        after = moves.get(byte, _MISSING)
+        if after is _MISSING:
+            after = moves[byte] = self._step(state, byte)
+        return after
+
+    def matches(self, data: bytes) -> bool:
+        """Whether the automaton takes the text of these UTF-8 bytes."""
+        state = self.initial
+        for byte in data:
+            state = self.advance(state, byte)
+            if state is None:
+                return False
+        return self.accepting(state)
+
+    def byte_runs(self) -> list[int]:
+        """The sorted first bytes of runs of bytes that every NFA node reads alike (its edges are byte ranges): from
+        any state, the bytes of one run lead to the same state, so one of each run stands for all."""
+        if self._runs is None:
+            self._runs = sorted({0} | {edge[k] + k for edges in self._bytes for edge in edges for k in (0, 1)} - {256})
+        return list(self._runs)
+
+    def mask(self, vocabulary: jm.JsonVocabulary, state) -> numpy.ndarray:
+        """A new boolean array (vocabulary size,): the ids whose bytes take `state` to a live state (cached)."""
+        return automaton_mask(vocabulary, self, state)
+
+    # ---- construction -----------------------------------------------------------------------
+
+    def _node(self) -> int:
+        if len(self._bytes) >= MAX_NODES:
+            raise self._too_large()
+        for edges in (self._bytes, self._empty, *self._extra):
+            edges.append([])
+        return len(self._bytes) - 1
+
+    def _build(self, tree) -> tuple[int, int]:
+        """The NFA of `tree`: its (entry, exit) nodes."""
+        kind = tree[0]
+        entry = self._node()
+        if kind == "set":
+            end = self._node()
+            suffixes: dict = {}  # a byte-range suffix's node, shared by the sequences ending with it
+            for lo, hi in without(tree[1], self.banned):
+                for sequence in utf8_sequences(lo, hi):
+                    target = end
+                    for i in range(len(sequence) - 1, 0, -1):
+                        if sequence[i:] not in suffixes:
+                            suffixes[sequence[i:]] = self._node()
+                            self._bytes[suffixes[sequence[i:]]].append((*sequence[i], target))
+                        target = suffixes[sequence[i:]]
+                    self._bytes[entry].append((*sequence[0], target))
+            return entry, end
+        if kind == "cat":
+            end = entry
+            for part in tree[1]:
+                first, last = self._build(part)
+                self._empty[end].append(first)
+                end = last
+            return entry, end
+        if kind == "alt":
+            end = self._node()
+            for part in tree[1]:
+                first, last = self._build(part)
+                self._empty[entry].append(first)
+                self._empty[last].append(end)
+            return entry, end
+        if kind != "rep":
+            return entry, self._build_other(tree, entry)
+        _, part, least, most = tree
+        copies = least + 1 if most is None else most
+        end, skips = entry, []
+        for k in range(copies):
+            size = len(self._bytes)
+            first, last = self._build(part)
+            if len(self._bytes) + (len(self._bytes) - size) * (copies - 1 - k) > MAX_NODES:
+                raise self._too_large()
+            self._empty[end].append(first)
+            if k == least and most is None:  # a loop: the part again and again
+                self._empty[last].append(end)
+                break
+            if k >= least:
+                skips.append(end)
+            end = last
+        exit = self._node()  # not `end`, which may be the loop's: a skip must not enter it
+        for node in skips + [end]:
+            self._empty[node].append(exit)
+        return entry, exit
+
+
+def automaton_mask(vocabulary: jm.JsonVocabulary, automaton, state) -> numpy.ndarray:
+    """A new boolean array (vocabulary size,): the ids whose bytes take `state` of `automaton` (anything with
+    `advance` and `byte_runs`, equal and hashed by what it takes) to a live state, cached in the vocabulary per
+    automaton and state: one token of each class of the automaton's byte runs (vocabulary.token_classes) walked, all
+    together (jm.walk_flat)."""
+    return vocabulary.cached_mask(vocabulary.regex_cache, CACHED_MASKS, (automaton, state), None,
+                                  lambda: _compute(vocabulary, automaton, state))
+
+
+def _compute(vocabulary: jm.JsonVocabulary, automaton, state) -> numpy.ndarray:
+    index, classes = vocabulary.token_classes(automaton.byte_runs())
+    return numpy.append(jm.walk_flat(index, automaton.advance, state), False)[classes]
+
+
+class AutomatonConstraint(jm.JsonConstraint):
+    """One answer held to a ByteAutomaton (its whole text): JsonConstraint over the automaton's states, masks by its
+    `mask`; a stop token is allowed where the text so far is accepted."""
+
+    def __init__(self, vocabulary: jm.JsonVocabulary, automaton: ByteAutomaton):
+        super().__init__(vocabulary, automaton.initial)
+        self.automaton = automaton
+        self.held_to = automaton.held_to
+
+    @property
+    def complete(self) -> bool:
+        return self.automaton.accepting(self.state)
+
+    def _mask(self) -> numpy.ndarray:
+        return self.automaton.mask(self.vocabulary, self.state)
+
+    def _after(self, piece: bytes):
+        state = self.state
+        for byte in piece:
+            state = self.automaton.advance(state, byte)
+            if state is None:
+                return None
+        return state
