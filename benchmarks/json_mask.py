@@ -7,7 +7,10 @@ with bounded numbers, formatted strings (date-time, uuid, date) and a tuple, as 
 strings held to a pattern, a length or an enum as alternatives of an anyOf (beside a free string), and a pattern with
 a bounded repetition. `--regex
 PATTERN` times guided decoding's masks (`internvl_mpo.generate.regex`) on the states of `--text` (a text the
-regex takes; without it, a random walk of the regex's automaton, seed 0).
+regex takes; without it, a random walk of the regex's automaton, seed 0). `--grammar FILE` times grammar-guided
+decoding's masks (`internvl_mpo.generate.grammar`) of the GBNF grammar in FILE the same way (`--text`: a sentence of
+it; without it, the pretty-printed sample object where the grammar takes it, else a random walk). Both print the
+compile time of the regex or grammar.
 
 The vocabulary that matters is Qwen2's (151,643 tokens + specials, InternVL2.5's 1B/4B/26B/38B/78B):
 
@@ -29,6 +32,7 @@ import time
 from pathlib import Path
 
 from internvl_mpo.generate import json_mode as jm
+from internvl_mpo.generate import grammar as gr
 from internvl_mpo.generate import json_schema as js
 from internvl_mpo.generate import regex as rx
 
@@ -95,7 +99,9 @@ def main() -> None:
     parser.add_argument("--mixed", action="store_true", help="JSON schema mode's masks (patterns, lengths and enums "
                         "as alternatives of a string)")
     parser.add_argument("--regex", help="guided decoding's masks of this regex (the whole answer matches it)")
-    parser.add_argument("--text", help="with --regex: a text it takes, whose states are timed (default: a random walk)")
+    parser.add_argument("--grammar", type=Path, help="grammar-guided decoding's masks of the GBNF grammar in this file")
+    parser.add_argument("--text", help="with --regex or --grammar: a text it takes, whose states are timed (default: a "
+                        "random walk)")
     args = parser.parse_args()
     args.schema = args.schema or args.typed or args.mixed
     pieces, size, name = pieces_of(args)
@@ -105,19 +111,27 @@ def main() -> None:
         vocabulary.characters  # the index's part that schema mode's string lengths add, built on first use
     vocabulary.flat_words, vocabulary.quoted_flat  # the index's parts that walk_flat walks, built on first use
     print(f"vocabulary: {name}; index built in {time.perf_counter() - start:.2f} s")
-    if args.regex is not None:
-        regex = rx.compile_regex(args.regex)
+    if args.regex is not None or args.grammar is not None:
         start = time.perf_counter()
-        vocabulary.token_classes(regex.byte_runs())  # built on the regex's first mask, kept for its byte runs
-        print(f"token classes of the regex's byte runs built in {1000 * (time.perf_counter() - start):.0f} ms")
+        if args.regex is not None:
+            regex, what = rx.compile_regex(args.regex), f"regex: {args.regex!r}"
+            default = None
+        else:
+            regex, what = gr.compile_grammar(args.grammar.read_text()), f"grammar: {args.grammar}"
+            default = json.dumps(SAMPLE, indent=2, ensure_ascii=False)
+        print(f"{what} compiled in {1000 * (time.perf_counter() - start):.1f} ms")
+        start = time.perf_counter()
+        vocabulary.token_classes(regex.byte_runs())  # built on the first mask, kept for its byte runs
+        print(f"token classes of the automaton's byte runs built in {1000 * (time.perf_counter() - start):.0f} ms")
         initial, advance = regex.initial, regex.advance
-        sample = walk(regex) if args.text is None else args.text
+        sample = args.text if args.text is not None else default if default and regex.matches(default.encode()) \
+            else walk(regex)
         if not regex.matches(sample.encode()):
-            parser.error(f"--text {sample!r} is not a text the regex takes")
-        print(f"regex: {args.regex!r}, {len(regex._bytes)} automaton nodes; text: {sample[:60]!r}")
+            parser.error(f"--text {sample!r} is not a text the {'regex' if args.grammar is None else 'grammar'} takes")
+        print(f"{what}, {regex.size} automaton nodes; text: {sample[:60]!r}")
 
         def mask(state):
-            return rx.regex_mask(vocabulary, regex, state)
+            return (rx.regex_mask if args.grammar is None else gr.grammar_mask)(vocabulary, regex, state)
 
         def lexical(state):
             return (REGEX, 0, "", 0)
@@ -153,7 +167,9 @@ def main() -> None:
         def clear():
             vocabulary._cache.clear()
     states, state = [], initial
-    for byte in (sample if args.regex is not None else json.dumps(sample, indent=2, ensure_ascii=False)).encode():
+    text = sample if args.regex is not None or args.grammar is not None else json.dumps(sample, indent=2,
+                                                                                      ensure_ascii=False)
+    for byte in text.encode():
         states.append(state)
         state = advance(state, byte)
     states.append(state)
