@@ -131,7 +131,7 @@ def main() -> None:
         print(f"{what}, {regex.size} automaton nodes; text: {sample[:60]!r}")
 
         def mask(state):
-            return (rx.regex_mask if args.grammar is None else gr.grammar_mask)(vocabulary, regex, state)
+            return regex.mask(vocabulary, state)
 
         def lexical(state):
             return (REGEX, 0, "", 0)

@@ -20,8 +20,8 @@ from internvl_mpo.generate import automaton
 from internvl_mpo.generate import grammar as grammar_module
 from internvl_mpo.generate import json_mode as jm
 from internvl_mpo.generate.engine import Request
-from internvl_mpo.generate.automaton import AutomatonConstraint
-from internvl_mpo.generate.grammar import GrammarError, compile_grammar, grammar_mask
+from internvl_mpo.generate.automaton import AutomatonConstraint, automaton_mask
+from internvl_mpo.generate.grammar import GrammarError, compile_grammar
 from internvl_mpo.generate.sampling import SamplingParams
 from internvl_mpo.pipeline import InternVLChat
 from internvl_mpo.server.requests import ApiError, parse_chat_request, parse_completion_request
@@ -358,8 +358,8 @@ def test_masks_equal_the_token_by_token_oracle(tiny_chat):
         for state in seen:
             expected = numpy.array([bool(piece) and after(grammar, state, piece) is not None for piece in pieces]
                                    + [False] * 3)
-            assert (grammar_mask(vocabulary, grammar, state) == expected).all(), (text, state)
-            assert (grammar_mask(vocabulary, grammar, state) == expected).all(), (text, state)  # cached
+            assert (automaton_mask(vocabulary, grammar, state) == expected).all(), (text, state)
+            assert (automaton_mask(vocabulary, grammar, state) == expected).all(), (text, state)  # cached
     done = AutomatonConstraint(vocabulary, compile_grammar('root ::= "a" "b"'))
     done.advance(pieces.index(b"a"))
     assert not done.complete and not done.allowed([5])[5]  # a stop id only where the text is accepted
@@ -368,6 +368,49 @@ def test_masks_equal_the_token_by_token_oracle(tiny_chat):
     with pytest.raises(ValueError, match="does not continue the grammar"):
         done.advance(pieces.index(b"a"))
 
+
+@pytest.mark.parametrize("few_words", [0, 256, 10**9])
+def test_masks_of_random_walks_equal_the_oracle(monkeypatch, few_words):
+    """Masks (one token of each class of the grammar's byte runs walked, all together, the last few as a trie)
+    against the token-by-token oracle: tokens cut from random sentences and random texts (split characters, long
+    ones, runs of one character), on the states of random walks; `few_words` moves where the walk turns to a trie."""
+    monkeypatch.setattr(jm, "FEW_WORDS", few_words)
+    monkeypatch.setattr(jm, "CACHED_CLASSES", 2)  # class tables evicted and built again
+    rng = random.Random(5)
+    text = "".join([make(rng) for _, make, _, _ in CASES for _ in range(30)] +
+                   [rng.choice("".join(alphabet for *_, alphabet in CASES)) for _ in range(1000)]).encode()
+    starts = [rng.randrange(len(text)) for _ in range(1500)]
+    pieces = [text[i: i + rng.choice([1, 1, 2, 3, 4, 6, 9, 20])] for i in starts]
+    pieces += [c.encode() * n for c in "a(é😀" for n in (3, 8, 30)] + [None, b""]
+    vocabulary = jm.JsonVocabulary(pieces, len(pieces) + 2)
+    checked = 0
+    for grammar_text, *_ in CASES + [(SHORT,)]:
+        grammar = compile_grammar(grammar_text)
+        seen = {grammar.initial}
+        for _ in range(10):
+            seen.update(states(grammar, random_walk(grammar, rng)))
+        for state in seen:
+            expected = [bool(piece) and after(grammar, state, piece) is not None for piece in pieces] + [False] * 2
+            assert grammar.mask(vocabulary, state).tolist() == expected, (grammar_text, state)
+            checked += 1
+    assert checked > 50
+
+
+def test_a_mask_advances_one_token_of_each_class_of_the_byte_runs():
+    """[a-z]+ reads a..z alike: the 26 one-letter tokens are one class, so a mask advances the state by one byte
+    (and one more for the class of "é"), not by each token's."""
+    grammar = grammar_module.Grammar('root ::= [a-z]+ | "é"')
+    pieces = [bytes((c,)) for c in range(ord("a"), ord("z") + 1)] + ["é".encode()]
+    vocabulary = jm.JsonVocabulary(pieces, len(pieces))
+    advanced = []
+
+    def counted(state, byte):
+        advanced.append(byte)
+        return grammar_module.Grammar.advance(grammar, state, byte)
+
+    grammar.advance = counted
+    assert grammar.mask(vocabulary, grammar.initial).all()
+    assert len(advanced) == 3, advanced
 
 def generate(chat, requests: list[Request]) -> list[tuple[list[int], str]]:
     out = [([], None) for _ in requests]

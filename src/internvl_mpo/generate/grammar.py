@@ -28,8 +28,9 @@ that would open the deeper call are refused); a state of more than MAX_STACKS st
 keeps the MAX_STACKS shortest (then in sorted order), so that the answer stays a sentence of the grammar but some
 sentences can no longer be written. Moves are memoized per state, cleared past automaton.MAX_HELD stacks held (the
 NFA's construction and the memo are automaton.py's, shared with regex.py). `automaton.AutomatonConstraint` holds one
-answer to a Grammar, with masks from the generic all-tokens walk (json_mode.walk_tokens), cached per grammar and
-state in the vocabulary.
+answer to a Grammar, with masks as a regex's (automaton.automaton_mask: the top nodes' byte edges are byte ranges, so
+the grammar's byte runs class the tokens and one of each class is walked), cached per grammar and state in the
+vocabulary.
 """
 
 from __future__ import annotations
@@ -37,10 +38,7 @@ from __future__ import annotations
 import functools
 import heapq
 
-import numpy
-
 from ..errors import InputError
-from . import json_mode as jm
 from .automaton import MAX_CODE, MAX_NODES, ByteAutomaton, complement, normalized
 
 MAX_REPEAT = 1000  # the largest bound of {m,n}
@@ -48,7 +46,6 @@ MAX_DEPTH = 200  # rule calls open at once (a stack's frames)
 MAX_STACKS = 1000  # stacks in one state
 MAX_NESTING = 100  # groups inside one another
 CACHED_GRAMMARS = 64
-CACHED_MASKS = 1024
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 HEX = frozenset("0123456789abcdefABCDEF")
 ESCAPES = {'"': 0x22, "\\": 0x5C, "/": 0x2F, "'": 0x27, "?": 0x3F, "n": 0x0A, "r": 0x0D, "t": 0x09, "b": 0x08,
@@ -298,9 +295,6 @@ class Grammar(ByteAutomaton):
     def accepting(self, state) -> bool:
         return () in state
 
-    def mask(self, vocabulary: jm.JsonVocabulary, state) -> numpy.ndarray:
-        return grammar_mask(vocabulary, self, state)
-
     def _step(self, state, byte: int):
         cost = self.cost
         seeds = [stack[:-1] + (t,) for stack in state if stack for lo, hi, t in self._bytes[stack[-1]]
@@ -435,9 +429,3 @@ def compile_grammar(text: str) -> Grammar:
 def _compiled(text: str) -> Grammar:
     return Grammar(text)
 
-
-def grammar_mask(vocabulary: jm.JsonVocabulary, grammar: Grammar, state) -> numpy.ndarray:
-    """A new boolean array (vocabulary size,): the ids whose bytes take `state` of `grammar` to a live state, cached in
-    the vocabulary per grammar and state."""
-    return vocabulary.cached_mask(vocabulary.regex_cache, CACHED_MASKS, (grammar, state), None,
-                                  lambda: jm.walk_tokens(vocabulary, grammar.advance, state))
