@@ -127,7 +127,7 @@ class _Row:
     top_p: float = 1.0
     logprobs: int | None = None  # Request.logprobs
     unstoppable: int = 0  # tokens still to come before a stop id may end the row (min_new_tokens)
-    json: JsonConstraint | None = None  # its constraint's state (a SchemaConstraint and an AutomatonConstraint are ones)
+    json: JsonConstraint | None = None  # its constraint's state (SchemaConstraint, AutomatonConstraint are ones)
 
 
 class Engine:
