@@ -1,6 +1,7 @@
 """Byte automata: what regex.py's regexes and grammar.py's grammars share.
 
-Code point ranges (`normalized`, `complement`, `without`) and their UTF-8 encodings as byte-range sequences
+`TreeParser`, what the regex and grammar parsers share (alternation, a repetition's bounds); code point ranges
+(`normalized`, `complement`, `without`) and their UTF-8 encodings as byte-range sequences
 (`utf8_sequences`); `ByteAutomaton`, the base of `Regex` and `Grammar`: a Thompson-style NFA over bytes (byte-range
 and epsilon edges per node, and the edges a subclass adds) built from a tree of ("set", ranges), ("cat", parts),
 ("alt", parts) and ("rep", part, least, most or None), a subclass building the kinds only it has; memoized moves
@@ -16,6 +17,7 @@ import numpy
 from . import json_mode as jm
 
 MAX_CODE = 0x10FFFF
+MAX_REPEAT = 1000  # the largest bound of a repetition {n,m}
 SURROGATES = ((0xD800, 0xDFFF),)
 MAX_NODES = 100_000  # NFA nodes of one automaton
 MAX_HELD = 1_000_000  # items (NFA nodes, stacks) in the memoized states of one automaton before the memo is cleared
@@ -72,6 +74,59 @@ def utf8_sequences(lo: int, hi: int) -> list[tuple[tuple[int, int], ...]]:
             found.append(tuple(zip(chr(lo).encode(), chr(hi).encode())))
     return found
 
+
+class TreeParser:
+    """What regex.py's and grammar.py's parsers share: `text` read at `pos`, `alternation()` of a subclass's
+    `sequence()`s, and `quantifier()`, the bounds of a repetition. A subclass gives `refuse(what, pos, why)` (its error), `forms`
+    (how errors name the repetition forms), `hint` (the `why` of a '{' that begins none) and `spaced` (whether
+    spaces inside the braces are skipped)."""
+
+    forms = "{n}, {n,} or {n,m}"
+    hint = ""
+    spaced = False
+
+    def __init__(self, text: str):
+        self.text = text
+        self.pos = 0
+        self.depth = 0
+
+    def peek(self, offset: int = 0) -> str:
+        i = self.pos + offset
+        return self.text[i] if i < len(self.text) else ""
+
+    def alternation(self):
+        parts = [self.sequence()]
+        while self.peek() == "|":
+            self.pos += 1
+            parts.append(self.sequence())
+        return parts[0] if len(parts) == 1 else ("alt", tuple(parts))
+
+    def quantifier(self) -> tuple[int, int | None] | None:
+        """The bounds (least, most or None) of the quantifier `*`, `+`, `?` or `{...}` at `pos` (`pos` after it), or
+        None where none begins there."""
+        c = self.peek()
+        if c in ("*", "+", "?"):
+            self.pos += 1
+            return {"*": (0, None), "+": (1, None), "?": (0, 1)}[c]
+        return self.bounds() if c == "{" else None
+
+    def bounds(self) -> tuple[int, int | None]:
+        """The repetition {n}, {n,} or {n,m} at `pos` (its '{'; `pos` after it): (n, m or None)."""
+        start = self.pos
+        end = self.text.find("}", start)
+        inside = self.text[start + 1: end] if end > 0 else ""
+        if self.spaced:
+            inside = inside.replace(" ", "")
+        least, comma, most = inside.partition(",")
+        if not (least.isascii() and least.isdigit() and (not most or (most.isascii() and most.isdigit()))):
+            raise self.refuse(f"a '{{' that does not begin a repetition {self.forms}", start, self.hint)
+        self.pos = end + 1
+        least_n, most_n = int(least), (int(most) if most else None if comma else int(least))
+        if max(least_n, most_n or 0) > MAX_REPEAT:
+            raise self.refuse(f"the repetition {{{inside}}}", start, f"is over the limit of {MAX_REPEAT}")
+        if most_n is not None and most_n < least_n:
+            raise self.refuse(f"the repetition {{{inside}}}", start, "has its bounds out of order")
+        return least_n, most_n
 
 class ByteAutomaton:
     """An NFA over bytes and its lazily built, memoized DFA. A subclass sets `key` (equality and hashing),

@@ -1,36 +1,34 @@
 """Context-free grammars in GBNF as byte-level pushdown recognizers: guided decoding to a grammar (vLLM's
 `guided_grammar`, `structured_outputs: {"grammar": ...}`).
 
-`compile_grammar(text)` gives a `Grammar`: a recognizer of the UTF-8 bytes of the sentences of the grammar's `root`
-rule (the whole text). The syntax is GBNF as llama.cpp and xgrammar take it: rules `name ::= alternatives` (a name of
-letters, digits, `_`, `-` and `.`, not beginning with a digit; a rule ends where the next `name ::=` begins, so a
-body may span lines), string literals `"..."`, character classes `[a-z0-9_]` and `[^...]` (code points; `[^]` is
-any), `.` (any code point), rule references, grouping `( )` (empty: the empty text), alternation `|`, the
-repetitions `* + ?`, `{m}`, `{m,}`, `{m,n}` (one per element), and `#` comments to the end of a line. Escapes, in
-literals and classes: `\\" \\\\ \\/ \\' \\?`, `\\n \\r \\t \\b \\f \\a \\v \\0 \\e`, `\\xH...` (any number of hex
-digits, as xgrammar reads it), `\\uHHHH`, `\\UHHHHHHHH`; in classes also `\\^ \\$ \\. \\* \\+ \\( \\) \\[ \\] \\{
-\\} \\| \\-` (a `-` first or last in a class is itself). Refused with a GrammarError naming the line and column:
-syntax errors, a rule defined twice, a reference to a rule never defined, no `root` rule, surrogate code points, a
-bound above MAX_REPEAT, left recursion (a rule that can reach itself without reading a byte: xgrammar takes it, this
-module does not), and a root that derives no text within MAX_DEPTH. Lark grammars (vLLM's other syntax) are not
-taken: they fail to parse as GBNF.
+`compile_grammar(text)` gives a `Grammar`: a recognizer of the UTF-8 bytes of the sentences of the grammar's `root` rule
+(the whole text). The syntax is GBNF as llama.cpp and xgrammar take it: rules `name ::= alternatives` (a name of
+letters, digits, `_`, `-` and `.`, not beginning with a digit; a rule ends where the next `name ::=` begins, so a body
+may span lines), string literals `"..."`, character classes `[a-z0-9_]` and `[^...]` (code points; `[^]` is any), `.`
+(any code point), rule references, grouping `( )` (empty: the empty text), alternation `|`, the repetitions `* + ?`,
+`{m}`, `{m,}`, `{m,n}` (one per element), and `#` comments to the end of a line. Escapes, in literals and classes: `\\"
+\\\\ \\/ \\' \\?`, `\\n \\r \\t \\b \\f \\a \\v \\0 \\e`, `\\xH...` (any number of hex digits, as xgrammar reads it),
+`\\uHHHH`, `\\UHHHHHHHH`; in classes also `\\^ \\$ \\. \\* \\+ \\( \\) \\[ \\] \\{ \\} \\| \\-` (a `-` first or last in
+a class is itself). Refused with a GrammarError naming the line and column: syntax errors, a rule defined twice, a
+reference to a rule never defined, no `root` rule, surrogate code points, a bound above automaton.MAX_REPEAT, left
+recursion (a rule that can reach itself without reading a byte: xgrammar takes it, this module does not), and a root
+that derives no text within MAX_DEPTH. Lark grammars (vLLM's other syntax) are not taken: they fail to parse as GBNF.
 
 Each rule is compiled to a small automaton (Thompson-style, automaton.ByteAutomaton, as regex.py's, its character
-classes as UTF-8 byte ranges) over bytes and rule calls; all rules' nodes are numbered together. A state is a frozenset of stacks: a
-stack is a tuple of nodes, return points of the calls under way and last the node that reads the next byte; the
-empty tuple stands for the end of the root rule (the text so far is accepted). `cost[node]`, found once, is the
+classes as UTF-8 byte ranges) over bytes and rule calls; all rules' nodes are numbered together. A state is a frozenset
+of stacks: a stack is a tuple of nodes, return points of the calls under way and last the node that reads the next byte;
+the empty tuple stands for the end of the root rule (the text so far is accepted). `cost[node]`, found once, is the
 least call depth that finishing the node's rule from it needs (infinite where it cannot be finished: those parts are
-pruned). A stack is kept only where each of its frames can be finished within MAX_DEPTH frames, and a stack whose
-top node reads a byte only where one of those bytes keeps it so: `advance` returns None exactly where no sentence
-of the grammar (within MAX_DEPTH nested calls) begins with the bytes so far, and every state it returns has an
-accepted completion. Bounds: a sentence that needs more than MAX_DEPTH calls open at once is not taken (the bytes
-that would open the deeper call are refused); a state of more than MAX_STACKS stacks (a very ambiguous grammar)
-keeps the MAX_STACKS shortest (then in sorted order), so that the answer stays a sentence of the grammar but some
-sentences can no longer be written. Moves are memoized per state, cleared past automaton.MAX_HELD stacks held (the
-NFA's construction and the memo are automaton.py's, shared with regex.py). `automaton.AutomatonConstraint` holds one
-answer to a Grammar, with masks as a regex's (automaton.automaton_mask: the top nodes' byte edges are byte ranges, so
-the grammar's byte runs class the tokens and one of each class is walked), cached per grammar and state in the
-vocabulary.
+pruned). A stack is kept only where each of its frames can be finished within MAX_DEPTH frames, and a stack whose top
+node reads a byte only where one of those bytes keeps it so: `advance` returns None exactly where no sentence of the
+grammar (within MAX_DEPTH nested calls) begins with the bytes so far, and every state it returns has an accepted
+completion. Bounds: a sentence that needs more than MAX_DEPTH calls open at once is not taken (the bytes that would open
+the deeper call are refused); a state of more than MAX_STACKS stacks (a very ambiguous grammar) keeps the MAX_STACKS
+shortest (then in sorted order), so that the answer stays a sentence of the grammar but some sentences can no longer be
+written. Moves are memoized per state, cleared past automaton.MAX_HELD stacks held (the NFA's construction and the memo
+are automaton.py's, shared with regex.py). `automaton.AutomatonConstraint` holds one answer to a Grammar, with masks as
+a regex's (automaton.automaton_mask: the top nodes' byte edges are byte ranges, so the grammar's byte runs class the
+tokens and one of each class is walked), cached per grammar and state in the vocabulary.
 """
 
 from __future__ import annotations
@@ -39,9 +37,8 @@ import functools
 import heapq
 
 from ..errors import InputError
-from .automaton import MAX_CODE, MAX_NODES, ByteAutomaton, complement, normalized
+from .automaton import MAX_CODE, MAX_NODES, ByteAutomaton, TreeParser, complement, normalized
 
-MAX_REPEAT = 1000  # the largest bound of {m,n}
 MAX_DEPTH = 200  # rule calls open at once (a stack's frames)
 MAX_STACKS = 1000  # stacks in one state
 MAX_NESTING = 100  # groups inside one another
@@ -58,24 +55,20 @@ class GrammarError(InputError):
     """A grammar this module does not take; the message names the problem and, where it has one, its place."""
 
 
-class _Parser:
+class _Parser(TreeParser):
     """A grammar's text to rules: {name: (tree, position)}, a tree ("bytes", data), ("set", code point ranges),
     ("ref", name, position), ("cat", parts), ("alt", parts) or ("rep", part, least, most or None)."""
 
-    def __init__(self, text: str):
-        self.text = text
-        self.pos = 0
-        self.depth = 0
+    forms = "{m}, {m,} or {m,n}"
+    spaced = True
 
     def where(self, pos: int) -> str:
         line = self.text.count("\n", 0, pos) + 1
         return f"line {line}, column {pos - (self.text.rfind(chr(10), 0, pos) + 1) + 1}"
 
-    def refuse(self, what: str, pos: int | None = None) -> GrammarError:
-        return GrammarError(f"grammar: {self.where(self.pos if pos is None else pos)}: {what}")
-
-    def peek(self) -> str:
-        return self.text[self.pos] if self.pos < len(self.text) else ""
+    def refuse(self, what: str, pos: int | None = None, why: str = "") -> GrammarError:
+        where = self.where(self.pos if pos is None else pos)
+        return GrammarError(f"grammar: {where}: {what}" + (f" {why}" if why else ""))
 
     def skip(self) -> None:
         """Past whitespace, line breaks and comments."""
@@ -126,13 +119,6 @@ class _Parser:
                 raise self.refuse(f"unexpected {self.peek()!r} (a ')' closing no group?)")
         return rules
 
-    def alternation(self):
-        parts = [self.sequence()]
-        while self.peek() == "|":
-            self.pos += 1
-            parts.append(self.sequence())
-        return parts[0] if len(parts) == 1 else ("alt", tuple(parts))
-
     def sequence(self):
         parts = []
         while True:
@@ -178,32 +164,12 @@ class _Parser:
         raise self.refuse(f"unexpected {c!r}")
 
     def quantified(self, element):
-        c = self.peek()
-        if c in ("*", "+", "?"):
-            self.pos += 1
-            least, most = {"*": (0, None), "+": (1, None), "?": (0, 1)}[c]
-        elif c == "{":
-            least, most = self.bounds()
-        else:
+        bounds = self.quantifier()
+        if bounds is None:
             return element
         if self.peek() in ("*", "+", "?", "{"):
             raise self.refuse(f"'{self.peek()}' repeats a repetition (group it: ( ... ))")
-        return ("rep", element, least, most)
-
-    def bounds(self) -> tuple[int, int | None]:
-        start = self.pos
-        end = self.text.find("}", start)
-        inside = self.text[start + 1: end].replace(" ", "") if end > 0 else ""
-        least, comma, most = inside.partition(",")
-        if not (least.isascii() and least.isdigit() and (not most or (most.isascii() and most.isdigit()))):
-            raise self.refuse("a '{' that does not begin a repetition {m}, {m,} or {m,n}", start)
-        self.pos = end + 1
-        least_n, most_n = int(least), (int(most) if most else None if comma else int(least))
-        if max(least_n, most_n or 0) > MAX_REPEAT:
-            raise self.refuse(f"the repetition {{{inside}}} is over the limit of {MAX_REPEAT}", start)
-        if most_n is not None and most_n < least_n:
-            raise self.refuse(f"the repetition {{{inside}}} has its bounds out of order", start)
-        return least_n, most_n
+        return ("rep", element, *bounds)
 
     def character(self, in_class: bool) -> int:
         """The code point of the character or escape here (self.pos past it)."""

@@ -13,7 +13,7 @@ The syntax taken (Python's and ECMA-262's common ground): literals, `.` (any cod
 `(?<name>...)`, alternation, and `^`/`$` (the start and the end of the text: `$` is not also before a final
 newline, as Python's is). Refused with a RegexError naming the construct and its position: backreferences,
 lookarounds, `\\b` and `\\B`, possessive quantifiers and atomic groups, inline flags, `\\p{...}`, unknown escapes,
-unbalanced parentheses, a bound above MAX_REPEAT, and an automaton of more than MAX_NODES nodes.
+unbalanced parentheses, a bound above automaton.MAX_REPEAT, and an automaton of more than MAX_NODES nodes.
 
 The regex is parsed to a tree, then built as a Thompson NFA over bytes (each character class turned into UTF-8
 byte-range sequences, their common suffixes shared), with epsilon edges and the `^`/`$` assertions as edges of
@@ -35,9 +35,9 @@ from __future__ import annotations
 import functools
 
 from ..errors import InputError
-from .automaton import (MAX_CODE, MAX_NODES, SURROGATES, ByteAutomaton, automaton_mask, complement, normalized)
+from .automaton import (MAX_CODE, MAX_NODES, SURROGATES, ByteAutomaton, TreeParser, automaton_mask, complement,
+                        normalized)
 
-MAX_REPEAT = 1000  # the largest bound of {n,m}
 MAX_NESTING = 100  # groups inside one another
 CACHED_REGEXES = 64
 SPECIAL = frozenset("\\.^$|?*+()[]{}")
@@ -51,14 +51,14 @@ class RegexError(InputError):
     """A regex this module does not take; the message names the construct and its position."""
 
 
-class _Parser:
+class _Parser(TreeParser):
     """A regex's text to a tree: ("set", code point ranges), ("cat", parts), ("alt", parts), ("rep", part, least,
     most or None), ("^",), ("$",)."""
 
+    hint = "is not supported (escape it as \\{)"
+
     def __init__(self, pattern: str):
-        self.text = pattern
-        self.pos = 0
-        self.depth = 0
+        super().__init__(pattern)
         self.names: set[str] = set()
 
     def refuse(self, what: str, pos: int, why: str = "is not supported") -> RegexError:
@@ -71,18 +71,7 @@ class _Parser:
             raise self.refuse("the ')'", self.pos, "closes no group (unbalanced parentheses)")
         return tree
 
-    def peek(self, offset: int = 0) -> str:
-        i = self.pos + offset
-        return self.text[i] if i < len(self.text) else ""
-
-    def alternation(self):
-        parts = [self.concatenation()]
-        while self.peek() == "|":
-            self.pos += 1
-            parts.append(self.concatenation())
-        return parts[0] if len(parts) == 1 else ("alt", tuple(parts))
-
-    def concatenation(self):
+    def sequence(self):
         parts = []
         while self.peek() not in ("", "|", ")"):
             parts.append(self.quantified(self.atom()))
@@ -91,12 +80,8 @@ class _Parser:
     def quantified(self, atom):
         start = self.pos
         c = self.peek()
-        if c in ("*", "+", "?"):
-            self.pos += 1
-            least, most = {"*": (0, None), "+": (1, None), "?": (0, 1)}[c]
-        elif c == "{":
-            least, most = self.bounds()
-        else:
+        bounds = self.quantifier()
+        if bounds is None:
             return atom
         if atom[0] in ("^", "$"):
             raise self.refuse(f"'{c}' after an anchor", start, "repeats nothing")
@@ -106,23 +91,7 @@ class _Parser:
             raise self.refuse("a possessive quantifier", self.pos)
         if self.peek() in ("*", "+", "?", "{"):
             raise self.refuse(f"'{self.peek()}'", self.pos, "repeats a repetition (group it: (?:...))")
-        return ("rep", atom, least, most)
-
-    def bounds(self) -> tuple[int, int | None]:
-        start = self.pos
-        end = self.text.find("}", start)
-        inside = self.text[start + 1: end] if end > 0 else ""
-        least, comma, most = inside.partition(",")
-        if not (least.isascii() and least.isdigit() and (not most or (most.isascii() and most.isdigit()))):
-            raise self.refuse("a '{' that does not begin a repetition {n}, {n,} or {n,m}", start,
-                              "is not supported (escape it as \\{)")
-        self.pos = end + 1
-        least_n, most_n = int(least), (int(most) if most else None if comma else int(least))
-        if max(least_n, most_n or 0) > MAX_REPEAT:
-            raise self.refuse(f"the repetition {{{inside}}}", start, f"is over the limit of {MAX_REPEAT}")
-        if most_n is not None and most_n < least_n:
-            raise self.refuse(f"the repetition {{{inside}}}", start, "has its bounds out of order")
-        return least_n, most_n
+        return ("rep", atom, *bounds)
 
     def atom(self):
         start = self.pos
