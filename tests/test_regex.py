@@ -16,7 +16,8 @@ from internvl_mpo.generate import json_mode as jm
 from internvl_mpo.generate import regex as regex_module
 from internvl_mpo.generate.engine import Engine, Request
 from internvl_mpo.generate.automaton import AutomatonConstraint
-from internvl_mpo.generate.regex import RegexError, choice_pattern, compile_regex, escape, regex_mask
+from internvl_mpo.generate.automaton import automaton_mask
+from internvl_mpo.generate.regex import RegexError, choice_pattern, compile_regex, escape
 from internvl_mpo.generate.sampling import SamplingParams
 from internvl_mpo.pipeline import InternVLChat
 
@@ -264,8 +265,8 @@ def test_masks_equal_the_token_by_token_oracle(tiny_chat):
         for state in seen:
             expected = numpy.array([bool(piece) and after(regex, state, piece) is not None for piece in pieces]
                                    + [False] * 3)
-            assert (regex_mask(vocabulary, regex, state) == expected).all(), (pattern, state)
-            assert (regex_mask(vocabulary, regex, state) == expected).all(), (pattern, state)  # cached
+            assert (automaton_mask(vocabulary, regex, state) == expected).all(), (pattern, state)
+            assert (automaton_mask(vocabulary, regex, state) == expected).all(), (pattern, state)  # cached
     done = AutomatonConstraint(vocabulary, compile_regex("ab"))
     done.advance(pieces.index(b"a"))
     assert not done.complete and not done.allowed([5])[5]  # a stop id only where the text is accepted
@@ -300,7 +301,7 @@ def test_masks_of_random_regexes_equal_the_oracle(monkeypatch, few_words):
             seen.update(s for s in states(regex, data) if s is not None)
         for state in seen:
             expected = [bool(piece) and after(regex, state, piece) is not None for piece in pieces] + [False] * 2
-            assert regex_mask(vocabulary, regex, state).tolist() == expected, (mine, state)
+            assert automaton_mask(vocabulary, regex, state).tolist() == expected, (mine, state)
             checked += 1
     assert checked > 100
 

@@ -239,7 +239,7 @@ class JsonVocabulary:
                 self._content[u, i] = advance_bytes((STRING, u, "", 0), piece) is not None
         self._cache: OrderedDict = OrderedDict()
         self.schema_cache: OrderedDict = OrderedDict()  # json_schema.schema_mask's, by (schema, state)
-        self.regex_cache: OrderedDict = OrderedDict()  # regex.regex_mask's, by (regex, state)
+        self.regex_cache: OrderedDict = OrderedDict()  # automaton.automaton_mask's, by (regex or grammar, state)
         self._classes: OrderedDict = OrderedDict()  # token_classes', by byte runs
 
     @functools.cached_property

@@ -28,7 +28,7 @@ string with a `pattern` or a regex format is held to a regex.py automaton (a pat
 whose content holds none of UNWRITTEN, so it is written without escapes; with minLength/maxLength, each of the
 automaton's states knows the lengths of its completions (`_lengths`, searched once), and a byte is taken only while
 one of them ends the string within the bounds (`_Bounded`). Inside such a string the content tokens' mask is
-regex.py's (rx.regex_mask, all tokens walked together), the tokens with a quote walked as elsewhere.
+automaton.py's (automaton_mask, one token per class of the byte runs), the tokens with a quote walked as elsewhere.
 
 A state is (the json_mode state, a frozenset of threads): the lexical state is JSON mode's (the top-level
 value may be of any type), and each thread is one way the schema may still accept the bytes so far, as (open
@@ -55,6 +55,7 @@ import numpy
 from ..errors import InputError
 from . import json_mode as jm
 from . import regex as rx
+from .automaton import automaton_mask
 
 CACHED_SCHEMAS = 64  # compiled schemas kept, by their canonical JSON
 CACHED_MASKS = 1024  # schema masks kept per vocabulary (all schemas together), packed 8 to a byte
@@ -824,7 +825,7 @@ def _lengths(regex: rx.Regex, low: int, high: float) -> dict | None:
 
 class _Bounded:
     """A regex held to a string length (code points) as well, as an automaton of regex.py's kind (`initial`,
-    `advance`, `accepting`; its masks by rx.regex_mask): a state is (the regex's state, characters so far), and lives
+    `advance`, `accepting`; its masks by automaton_mask): a state is (the regex's state, characters so far), and lives
     only while one of the regex state's completions (`lengths`, from _lengths) ends the string within low..high.
     Equal (and hashed) by the regex and the bounds."""
 
@@ -1095,7 +1096,7 @@ def _compute(vocabulary: jm.JsonVocabulary, schema: Schema, state) -> numpy.ndar
         mask |= content if room == INFINITE else content & (vocabulary.characters <= room)
     elif held is not None:  # the content the automata take (none with a quote or a backslash: they take neither)
         for automaton, at in held:
-            mask |= rx.regex_mask(vocabulary, automaton, at)
+            mask |= automaton_mask(vocabulary, automaton, at)
     elif lexical[0] in STRING_MODES and len(threads) > 1:
         for thread in threads:
             mask |= schema_mask(vocabulary, schema, (lexical, frozenset((thread,))))

@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 
 from ..errors import InputError
-from .automaton import (MAX_CODE, MAX_NODES, SURROGATES, ByteAutomaton, TreeParser, automaton_mask, complement,
+from .automaton import (MAX_CODE, MAX_NODES, SURROGATES, ByteAutomaton, TreeParser, complement,
                         normalized)
 
 MAX_NESTING = 100  # groups inside one another
@@ -327,4 +327,3 @@ def choice_pattern(choices) -> str:
     return "|".join(escape(choice) for choice in choices)
 
 
-regex_mask = automaton_mask  # JSON schema mode's pattern masks: those of any automaton with advance and byte_runs
