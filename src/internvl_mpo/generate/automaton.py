@@ -77,9 +77,9 @@ def utf8_sequences(lo: int, hi: int) -> list[tuple[tuple[int, int], ...]]:
 
 class TreeParser:
     """What regex.py's and grammar.py's parsers share: `text` read at `pos`, `alternation()` of a subclass's
-    `sequence()`s, and `quantifier()`, the bounds of a repetition. A subclass gives `refuse(what, pos, why)` (its error), `forms`
-    (how errors name the repetition forms), `hint` (the `why` of a '{' that begins none) and `spaced` (whether
-    spaces inside the braces are skipped)."""
+    `sequence()`s, and `quantifier()`, the bounds of a repetition. A subclass gives `refuse(what, pos, why)` (its
+    error), `forms` (how errors name the repetition forms), `hint` (the `why` of a '{' that begins none) and `spaced`
+    (whether spaces inside the braces are skipped)."""
 
     forms = "{n}, {n,} or {n,m}"
     hint = ""
@@ -127,6 +127,7 @@ class TreeParser:
         if most_n is not None and most_n < least_n:
             raise self.refuse(f"the repetition {{{inside}}}", start, "has its bounds out of order")
         return least_n, most_n
+
 
 class ByteAutomaton:
     """An NFA over bytes and its lazily built, memoized DFA. A subclass sets `key` (equality and hashing),
