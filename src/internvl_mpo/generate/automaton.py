@@ -174,12 +174,8 @@ class ByteAutomaton:
 
     def matches(self, data: bytes) -> bool:
         """Whether the automaton takes the text of these UTF-8 bytes."""
-        state = self.initial
-        for byte in data:
-            state = self.advance(state, byte)
-            if state is None:
-                return False
-        return self.accepting(state)
+        state = jm.advance_bytes(self.initial, data, self.advance)
+        return state is not None and self.accepting(state)
 
     def byte_runs(self) -> list[int]:
         """The sorted first bytes of runs of bytes that every NFA node reads alike (its edges are byte ranges): from
@@ -286,9 +282,4 @@ class AutomatonConstraint(jm.JsonConstraint):
         return self.automaton.mask(self.vocabulary, self.state)
 
     def _after(self, piece: bytes):
-        state = self.state
-        for byte in piece:
-            state = self.automaton.advance(state, byte)
-            if state is None:
-                return None
-        return state
+        return jm.advance_bytes(self.state, piece, self.automaton.advance)

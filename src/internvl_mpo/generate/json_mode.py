@@ -189,8 +189,8 @@ def advance(state, byte: int):
     return None  # DONE: nothing may follow the object
 
 
-def advance_bytes(state, data: bytes):
-    """The state after `data`, or None."""
+def advance_bytes(state, data: bytes, advance=advance):
+    """The state after `data` (by `advance`, this module's or another recognizer's), or None."""
     for byte in data:
         state = advance(state, byte)
         if state is None:

@@ -1127,9 +1127,4 @@ class SchemaConstraint(jm.JsonConstraint):
         return schema_mask(self.vocabulary, self.schema, self.state)
 
     def _after(self, piece: bytes):
-        state = self.state
-        for byte in piece:
-            state = self.schema.advance(state, byte)
-            if state is None:
-                return None
-        return state
+        return jm.advance_bytes(self.state, piece, self.schema.advance)
