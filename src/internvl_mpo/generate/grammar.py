@@ -12,7 +12,7 @@ may span lines), string literals `"..."`, character classes `[a-z0-9_]` and `[^.
 a class is itself). Refused with a GrammarError naming the line and column: syntax errors, a rule defined twice, a
 reference to a rule never defined, no `root` rule, surrogate code points, a bound above automaton.MAX_REPEAT, left
 recursion (a rule that can reach itself without reading a byte: xgrammar takes it, this module does not), and a root
-that derives no text within MAX_DEPTH. Lark grammars (vLLM's other syntax) are not taken: they fail to parse as GBNF.
+that derives no text within MAX_DEPTH. Lark grammars (vLLM's other syntax) are converted to GBNF first (lark.py).
 
 Each rule is compiled to a small automaton (Thompson-style, automaton.ByteAutomaton, as regex.py's, its character
 classes as UTF-8 byte ranges) over bytes and rule calls; all rules' nodes are numbered together. A state is a frozenset
@@ -101,8 +101,7 @@ class _Parser(TreeParser):
         rules: dict = {}
         self.skip()
         if "::=" not in self.text:
-            raise GrammarError("grammar: no rule `name ::= ...` in it (GBNF is taken; Lark and other syntaxes are "
-                               "not)")
+            raise GrammarError("grammar: no rule in it (GBNF's `name ::= ...` or Lark's `name: ...`)")
         while self.pos < len(self.text):
             start = self.pos
             name = self.name()
@@ -384,11 +383,12 @@ class Grammar(ByteAutomaton):
 
 
 def compile_grammar(text: str) -> Grammar:
-    """`text`, a GBNF grammar, compiled (cached); GrammarError where it does not parse or uses what this module does
-    not take."""
+    """`text`, a GBNF grammar (or a Lark one, converted by lark.py), compiled (cached); GrammarError where it does not
+    parse or uses what this module does not take."""
     if not isinstance(text, str):
         raise GrammarError(f"a grammar must be a string, got {type(text).__name__}")
-    return _compiled(text)
+    from .lark import is_lark, lark_to_gbnf  # lark.py imports this module
+    return _compiled(lark_to_gbnf(text) if is_lark(text) else text)
 
 
 @functools.lru_cache(maxsize=CACHED_GRAMMARS)
