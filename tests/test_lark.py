@@ -55,6 +55,13 @@ pair: ESCAPED_STRING ":" value
 %import common.SIGNED_NUMBER
 """
 
+COMMON_TERMINALS = r"""
+start: "w" WS | "i" WS_INLINE | "n" NEWLINE | "c" CNAME | "h" HEXDIGIT+ | "f" FLOAT | "d" DECIMAL
+    | "s" SIGNED_NUMBER | "e" ESCAPED_STRING | "l" LETTER WORD | "u" UCASE_LETTER LCASE_LETTER | "m" C_COMMENT
+%import common (WS, WS_INLINE, NEWLINE, CNAME, HEXDIGIT, FLOAT, DECIMAL, SIGNED_NUMBER, ESCAPED_STRING)
+%import common (LETTER, WORD, UCASE_LETTER, LCASE_LETTER, C_COMMENT)
+"""
+
 
 def lark_parser(text: str):
     """Lark's Earley parser of `text`, every text a terminal matches taken (lexer="dynamic_complete")."""
@@ -122,7 +129,7 @@ def test_the_gbnf_of_a_lark_grammar():
 
 
 @pytest.mark.parametrize("text, alphabet, longest", [(YES_NO, "yesno", 4), (ARITHMETIC, "1+(-)", 5),
-                                                     (FEATURES, "abx(y;,)zb", 4)], ids=["yes-no", "arithmetic",
+                                                     (FEATURES, "abx(y;,)z", 4)], ids=["yes-no", "arithmetic",
                                                                                         "features"])
 def test_every_short_text_is_taken_as_lark_takes_it(text, alphabet, longest):
     parser, grammar = lark_parser(text), compiled(text)
@@ -140,7 +147,10 @@ def test_every_short_text_is_taken_as_lark_takes_it(text, alphabet, longest):
     (SQL, 'SELCT FROMWHE*,ab_1="\\<;x', ['SELECT * FROM t', 'SELECT a, b,c FROM t_1 WHERE a="x\\"y";',
                                         'SELECT a FROM t WHERE b<12', 'SELECT a FROM t WHERE b=c']),
     (JSON_LIKE, '{}[]",:-+1.eE0a\\tr ufln', ['{"a":[1,-2.5e3,true,null,"b\\"c\\\\"],"":{}}', '[]', '"x"', '-0.',
-                                            '+.5E-1', '[[],{}]'])], ids=["sql", "json"])
+                                            '+.5E-1', '[[],{}]']),
+    (COMMON_TERMINALS, 'wincfdsehlum \t\n\r\x0c_aZ09.+-E"\\/*', ['e"\\""', 'm/* * / **/', 'n\r\n\n', 'f1e5',
+                                                                 'd.5', 's-1.', 'hAf0', 'c_a9', 'lZab', 'uZa'])],
+    ids=["sql", "json", "common"])
 def test_random_sentences_and_mutations_are_taken_as_lark_takes_them(text, alphabet, examples):
     parser, grammar = lark_parser(text), compiled(text)
     rng = random.Random(5)
