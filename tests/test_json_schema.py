@@ -333,6 +333,14 @@ def random_label(rng: random.Random) -> str:
 
 def random_of_format(rng: random.Random, name: str) -> str:
     """A random string of the format, made without its regex."""
+    if name in ("uri", "uri-reference"):
+        return random_uri(rng, reference=name == "uri-reference")
+    if name == "uri-template":
+        return random_uri_template(rng)
+    if name.endswith("json-pointer"):
+        pointer = "".join("/" + "".join(rng.choice(["a", "~0", "~1", " ", "0", "-", "'", "%"])
+                                        for _ in range(rng.randrange(4))) for _ in range(rng.randrange(4)))
+        return pointer if name == "json-pointer" else str(rng.choice([0, 1, 12, 300])) + rng.choice(["#", pointer])
     if name == "hostname":
         text = ".".join(random_label(rng) for _ in range(rng.randrange(1, 5)))
         return text if len(text) <= 253 else "x.y"
@@ -355,6 +363,158 @@ def random_of_format(rng: random.Random, name: str) -> str:
     date = "YMD"[rng.randrange(3):][:rng.randrange(4)]
     time = "HMS"[rng.randrange(3):][:rng.randrange(0 if date else 1, 4)]
     return "P" + "".join(number() + u for u in date) + ("T" + "".join(number() + u for u in time) if time else "")
+
+
+URI_PLAIN = frozenset(string.ascii_letters + string.digits + "-._~!$&'()*+,;=")  # unreserved and sub-delims
+URI_PARTS = re.compile(r"(([^:/?#]+):)?(//([^/?#]*))?([^?#]*)(\?([^#]*))?(#(.*))?")  # RFC 3986's appendix B
+HEX = frozenset(string.hexdigits)
+
+
+def uri_chars(text: str, extra: str) -> bool:
+    """Whether `text` holds only unreserved characters, sub-delims, characters of `extra` and %HH escapes."""
+    first, *escaped = text.split("%")
+    return set(first) <= URI_PLAIN | set(extra) and \
+        all(len(part) >= 2 and set(part[:2]) <= HEX and set(part[2:]) <= URI_PLAIN | set(extra) for part in escaped)
+
+
+def authority_ok(authority: str) -> bool:
+    """RFC 3986's authority, by hand: [userinfo@]host[:port], the host an IP literal ([IPv6] as ipaddress takes it,
+    without a zone, or [vX.IPvFuture]) or a reg-name."""
+    userinfo, at, rest = authority.rpartition("@")
+    if at and not uri_chars(userinfo, ":"):
+        return False
+    if rest.startswith("["):
+        literal, bracket, port = rest[1:].partition("]")
+        if not bracket:
+            return False
+        if literal[:1] in ("v", "V"):
+            version, dot, text = literal[1:].partition(".")
+            ok = bool(version and set(version) <= HEX and dot and text and set(text) <= URI_PLAIN | {":"})
+        else:
+            try:
+                ok = bool(ipaddress.IPv6Address(literal)) and "%" not in literal
+            except ValueError:
+                ok = False
+    else:
+        host = rest.partition(":")[0]
+        port = rest[len(host):]
+        ok = uri_chars(host, "")
+    return ok and (not port or port[0] == ":" and set(port[1:]) <= set(string.digits))
+
+
+def uri_ok(text: str, reference: bool = False) -> bool:
+    """RFC 3986's URI (or URI-reference), by hand: the components of its appendix B, each checked for its characters,
+    the scheme's form, and the path's rules beside an authority (empty or absolute) and in a relative reference (no
+    ':' in its first segment); ASCII only."""
+    if not text.isascii():
+        return False
+    scheme, authority, path, query, fragment = URI_PARTS.fullmatch(text).group(2, 4, 5, 7, 9)
+    if scheme is None and not reference or scheme is not None and not (
+            scheme[0].isalpha() and set(scheme) <= set(string.ascii_letters + string.digits + "+-.")):
+        return False
+    if authority is not None and (not authority_ok(authority) or path and path[0] != "/"):
+        return False
+    if authority is None and scheme is None and ":" in path.split("/")[0]:
+        return False
+    return all(uri_chars(segment, ":@") for segment in path.split("/")) and \
+        all(part is None or uri_chars(part, ":@/?") for part in (query, fragment))
+
+
+URI_TEMPLATE_LITERALS = frozenset(map(chr, [0x21, 0x23, 0x24, 0x26, *range(0x28, 0x3C), 0x3D, *range(0x3F, 0x5C), 0x5D,
+                                            0x5F, *range(0x61, 0x7B), 0x7E]))
+
+
+def uri_template_ok(text: str) -> bool:
+    """RFC 6570's URI templates (ASCII literals), by hand: literals and %HH, and expressions {[operator]varspec,...},
+    a varspec a varname (varchars, %HH, inner single dots) with an optional :max-length (1 to 9999) or *."""
+    while text:
+        if text[0] == "{":
+            inside, brace, text = text[1:].partition("}")
+            if not brace:
+                return False
+            for spec in (inside[1:] if inside[:1] and inside[0] in "+#./;?&=,!@|" else inside).split(","):
+                name, colon, length = spec.partition(":")
+                name = name[:-1] if not colon and name.endswith("*") else name
+                if colon and not (length.isascii() and length.isdigit() and length[0] != "0" and len(length) <= 4):
+                    return False
+                if not all(label and uri_chars(label, "") and not set(label) & set("-~!$&'()*+,;=")
+                           for label in name.split(".")):
+                    return False
+        elif text[0] == "%":
+            if len(text) < 3 or not set(text[1:3]) <= HEX:
+                return False
+            text = text[3:]
+        elif text[0] in URI_TEMPLATE_LITERALS:
+            text = text[1:]
+        else:
+            return False
+    return True
+
+
+NON_ASCII_SPACES = "\u00a0\u1680\u2028\u2029\u202f\u205f\u3000\ufeff" + "".join(map(chr, range(0x2000, 0x200B)))
+
+
+def json_pointer_ok(text: str) -> bool:
+    """RFC 6901's JSON pointers, by hand ('/'-led reference tokens, '~' only in ~0 and ~1), whose characters JSON
+    writes without an escape and which hold no non-ASCII space (ECMA-262's white space and line terminators)."""
+    return (text == "" or text[0] == "/") and "~" not in text.replace("~0", "").replace("~1", "") and \
+        json.dumps(text, ensure_ascii=False)[1:-1] == text and not set(text) & set(NON_ASCII_SPACES)
+
+
+def relative_json_pointer_ok(text: str) -> bool:
+    """draft-handrews-relative-json-pointer-01, by hand: a whole number without leading zeros, then '#' or a JSON
+    pointer."""
+    digits = len(text) - len(text.lstrip(string.digits))
+    return digits > 0 and (text[0] != "0" or digits == 1) and (text[digits:] == "#" or json_pointer_ok(text[digits:]))
+
+
+URI_ORACLES = {"uri": uri_ok, "uri-reference": lambda text: uri_ok(text, reference=True),
+               "uri-template": uri_template_ok, "json-pointer": json_pointer_ok,
+               "relative-json-pointer": relative_json_pointer_ok}
+URI_CHARACTERS = string.ascii_letters + string.digits + "-._~!$&'()*+,;="
+
+
+def random_uri_part(rng: random.Random, characters: str) -> str:
+    return "".join("%" + "".join(rng.choice(string.hexdigits) for _ in range(2)) if rng.random() < 0.1 else
+                   rng.choice(characters) for _ in range(rng.choice([0, 1, 3, 8])))
+
+
+def random_uri(rng: random.Random, reference: bool = False) -> str:
+    """A random URI (or URI reference, half of them relative), made without the format's regex: an authority and
+    its path (a reg-name, IPv4, [IPv6] or [vX.future] host), an absolute, rootless or empty path, a query and a
+    fragment."""
+    scheme = "" if reference and rng.random() < 0.5 else rng.choice(["http", "https", "ftp", "urn", "a+b.c-d", "H1"])
+    form = rng.randrange(4)
+    if form == 0:
+        userinfo = random_uri_part(rng, URI_CHARACTERS + ":") + "@" if rng.random() < 0.2 else ""
+        host = rng.choice([lambda: random_uri_part(rng, URI_CHARACTERS), lambda: "example.com",
+                           lambda: str(ipaddress.IPv4Address(rng.getrandbits(32))),
+                           lambda: f"[{ipaddress.IPv6Address(rng.getrandbits(128) >> rng.choice([0, 64, 120]))}]",
+                           lambda: "[v1F." + "".join(rng.choice(URI_CHARACTERS + ":") for _ in range(3)) + "]"])()
+        port = ":" + rng.choice(["", "0", "80", "65536"]) if rng.random() < 0.3 else ""
+        path = "//" + userinfo + host + port + "".join("/" + random_uri_part(rng, URI_CHARACTERS + ":@")
+                                                       for _ in range(rng.randrange(3)))
+    elif form == 3:
+        path = ""
+    else:  # absolute or rootless: a first segment (without ':' in a relative reference), and others
+        first = rng.choice(URI_CHARACTERS) + random_uri_part(rng, URI_CHARACTERS + "@" + ":" * bool(scheme))
+        path = "/" * (form == 1) + first + "".join("/" + random_uri_part(rng, URI_CHARACTERS + ":@")
+                                                   for _ in range(rng.randrange(3)))
+    query = "?" + random_uri_part(rng, URI_CHARACTERS + ":@/?") if rng.random() < 0.3 else ""
+    fragment = "#" + random_uri_part(rng, URI_CHARACTERS + ":@/?") if rng.random() < 0.3 else ""
+    return (scheme and scheme + ":") + path + query + fragment
+
+
+def random_uri_template(rng: random.Random) -> str:
+    parts = []
+    for _ in range(rng.randrange(5)):
+        if rng.random() < 0.4:
+            specs = [rng.choice(["x", "var", "a.b", "a%20b", "_1"]) + rng.choice(["", "*", ":3", ":9999"])
+                     for _ in range(rng.randrange(1, 3))]
+            parts.append("{" + rng.choice(["", *"+#./;?&=,!@|"]) + ",".join(specs) + "}")
+        else:
+            parts.append(rng.choice(["http://example.com/", "/a", "~", "%2F", "!", "[x]", "_"]))
+    return "".join(parts)
 
 
 def test_formats_email_hostname_ipv4_ipv6_duration_take_exactly_what_independent_validators_take():
@@ -387,17 +547,25 @@ def test_formats_email_hostname_ipv4_ipv6_duration_take_exactly_what_independent
         assert refused_at({"type": "string", "format": name}, text) == at, (name, text)
         if at is None and text.endswith(b'"'):
             assert FORMAT_ORACLES[name](json.loads(text)), text
-    rng = random.Random(11)
     changes = b"0123456789abcdefABCDEF.:-@_PTYMDHSW%\\\" \xc3\xa9"
-    for name, ok in FORMAT_ORACLES.items():
+    alphabet = bytes(sorted(set(b'[],"0123456789abcdefABCDEF.:-@PTYMDHSW!#$%&*+/=?^_`{|}~')))
+    assert_formats_exact(random.Random(11), FORMAT_ORACLES, changes, alphabet)
+
+
+def assert_formats_exact(rng: random.Random, oracles: dict, changes: bytes, alphabet: bytes,
+                         checked: bool = True) -> None:
+    """Per format of `oracles` (its validator): random strings of it are taken, single-byte changes of them (bytes of
+    `changes`) are taken exactly where the validator takes them (written without escapes), and random walks (bytes of
+    `alphabet`) validate, also with jsonschema's format checker where `checked`."""
+    for name, ok in oracles.items():
         schema = {"type": "array", "items": {"type": "string", "format": name}}
-        checker, compiled = validator(schema), js.compile_schema(schema)
+        checker, compiled = validator(schema if checked else {}), js.compile_schema(schema)
         for _ in range(150):
             value = random_of_format(rng, name)
             assert ok(value) and complete(schema, json.dumps([value]).encode()), (name, value)
             data = json.dumps(value).encode()
             for _ in range(6):  # a byte changed, inserted or dropped
-                at = rng.randrange(1, len(data) - 1)
+                at = rng.randrange(1, max(len(data) - 1, 2))
                 changed = data[:at] + bytes([rng.choice(changes)]) * rng.randrange(2) + data[at + rng.randrange(2):]
                 try:
                     text = json.loads(changed)
@@ -408,7 +576,6 @@ def test_formats_email_hostname_ipv4_ipv6_duration_take_exactly_what_independent
                 assert complete(schema, b"[" + changed + b"]") == expected, (name, changed)
                 if expected:
                     assert checker.is_valid([text]), (name, text)
-        alphabet = bytes(sorted(set(b'[],"0123456789abcdefABCDEF.:-@PTYMDHSW!#$%&*+/=?^_`{|}~')))
         walked = 0
         for _ in range(60):
             walk = random_walk(rng, compiled, alphabet)
@@ -417,6 +584,153 @@ def test_formats_email_hostname_ipv4_ipv6_duration_take_exactly_what_independent
                 walked += bool(values)
                 assert all(ok(v) for v in values) and checker.is_valid(values), (name, walk)
         assert walked > 20, name
+
+
+def test_formats_uri_uri_reference_uri_template_and_json_pointers_take_exactly_what_the_rfcs_take():
+    """uri and uri-reference (RFC 3986, ASCII), uri-template (RFC 6570, ASCII literals), json-pointer (RFC 6901) and
+    relative-json-pointer against validators written from the RFCs' grammars (appendix B's split, then each part's
+    characters): strings refused at their first wrong byte, random strings and changes of them taken exactly where
+    the validators take them, random walks valid; beside minLength/maxLength, walks of the lengths, no dead end."""
+    for name, text, at in [
+        ("uri", b'"https://user:pw@example.com:8080/a/b%20c?q=1&r=/x?#frag/?"', None), ("uri", b'"a:"', None),
+        ("uri", b'"urn:isbn:0451450523"', None), ("uri", b'"file:///etc/x"', None),
+        ("uri", b'"http://[::1]:80/"', None),
+        ("uri", b'"http://[v7.a:b]"', None), ("uri", b'"http://1.2.3.999/"', None),  # a reg-name, as RFC 3986 reads
+        ("uri", b'"1a', 1), ("uri", b'"a"', 2), ("uri", b'"/a', 1), ("uri", b'"a b', 2), ("uri", b'"a:b c', 4),
+        ("uri", b'"a:%zz', 4), ("uri", b'"http://a/b#c#', 13), ("uri", b'"http://[1::2::', 14),
+        ("uri", b'"http://a:8o/', 12), ("uri", b'"http://a:8o@b"', None), ("uri", b'"http://[::1]x', 13),
+        ("uri", b'"a:\\', 3), ("uri", '"a:é'.encode(), 3),
+        ("uri-reference", b'""', None), ("uri-reference", b'"//host"', None), ("uri-reference", b'"../a?b"', None),
+        ("uri-reference", b'"#f"', None), ("uri-reference", b'"a/b:c"', None), ("uri-reference", b'"1a:', 3),
+        ("uri-template", b'"http://example.com/{user}/{+path*}{?q,lang:2}"', None), ("uri-template", b'"{}', 2),
+        ("uri-template", b'"{a:0', 4), ("uri-template", b'"{a:10000', 8), ("uri-template", b'"a b', 2),
+        ("uri-template", b'"{a..b', 4), ("uri-template", b'"}', 1), ("uri-template", b'"{a"', 3),
+        ("json-pointer", b'""', None), ("json-pointer", b'"/a~1b/~0/"', None),
+        ("json-pointer", '"/café 1"'.encode(), None), ("json-pointer", b'"a', 1), ("json-pointer", b'"/~2', 3),
+        ("json-pointer", b'"/a~"', 4), ("json-pointer", b'"/\\u0041', 2),
+        ("relative-json-pointer", b'"0#"', None), ("relative-json-pointer", b'"12/a"', None),
+        ("relative-json-pointer", b'"0"', None), ("relative-json-pointer", b'"01', 2),
+        ("relative-json-pointer", b'"#', 1), ("relative-json-pointer", b'"1#/', 3),
+        ("relative-json-pointer", b'"-1', 1), ("relative-json-pointer", b'""', 1),
+    ]:
+        assert refused_at({"type": "string", "format": name}, text) == at, (name, text)
+        if at is None and text.endswith(b'"'):
+            assert URI_ORACLES[name](json.loads(text)), text
+    changes = b"0123456789abfAFvx.:-@_%/?#[]{}~!$&'()*+,;= \\\"<>|^`\xc3\xa9"
+    alphabet = bytes(sorted(set(b'[],"0123456789abfAFvx.:-@_~!$&\'()*+,;=/?#%{}| \xc3\xa9')))
+    # jsonschema's relative-json-pointer checker refuses a 0 after a digit ("100#"), which the draft takes
+    relative = URI_ORACLES["relative-json-pointer"]
+    assert relative("100#") and not validator({"format": "relative-json-pointer"}).is_valid("100#")
+    checked = {name: ok for name, ok in URI_ORACLES.items() if ok is not relative}
+    assert_formats_exact(random.Random(12), checked, changes, alphabet)
+    assert_formats_exact(random.Random(12), {"relative-json-pointer": relative}, changes, alphabet, checked=False)
+    rng = random.Random(13)
+    for name, ok in URI_ORACLES.items():
+        compiled = js.compile_schema({"type": "string", "format": name, "minLength": 6, "maxLength": 12})
+        walks = [json.loads(walk) for walk in (random_walk(rng, compiled, alphabet) for _ in range(30)) if walk]
+        assert len(walks) > 10 and all(ok(text) and 6 <= len(text) <= 12 for text in walks), (name, walks)
+    assert refused_at({"format": "uri", "maxLength": 3}, b'"ab:c') == 4
+    assert refused_at({"format": "uri", "minLength": 5}, b'"ab:c"') == 5 and complete({"format": "uri"}, b'"ab:c"')
+    with pytest.raises(js.SchemaError, match="^no string of the format relative-json-pointer at # has a length"):
+        js.compile_schema({"type": "string", "format": "relative-json-pointer", "maxLength": 0})
+
+
+def test_pydantic_urls_compile_and_take_what_pydantic_writes():
+    """AnyUrl and HttpUrl (format uri, HttpUrl's with minLength 1 and maxLength 2083): the schema compiles and takes
+    the URLs Pydantic dumps, which it reads back. The format holds an answer to RFC 3986's URIs, all that the schema
+    says: HttpUrl's own validator (http and https only, a host, WHATWG's rules) refuses some of them."""
+    pytest.importorskip("pydantic")
+    from pydantic import AnyUrl, BaseModel, HttpUrl, ValidationError
+
+    class Links(BaseModel):
+        page: HttpUrl
+        source: AnyUrl
+        refs: list[HttpUrl] = []
+
+    schema = Links.model_json_schema()
+    assert schema["properties"]["page"]["format"] == "uri" and schema["properties"]["page"]["maxLength"] == 2083
+    values = [Links(page="https://example.com/a/b?q=1&r=%20#top", source="urn:isbn:0451450523",
+                    refs=["http://[::1]:8080/x", "https://user:pw@example.org:8443"]),
+              Links(page="http://1.2.3.4", source="mailto:a@b.c"), Links(page="https://a.b/é", source="file:///x")]
+    for value in values:
+        for text in (value.model_dump_json(), value.model_dump_json(indent=2)):
+            assert complete(schema, text.encode()) and Links.model_validate_json(text) == value, text
+    for url in ("ftp://a", "https://"):  # URIs that HttpUrl refuses
+        text = json.dumps({"page": url, "source": "a:"})
+        assert complete(schema, text.encode()) and uri_ok(url)
+        with pytest.raises(ValidationError):
+            Links.model_validate_json(text)
+    assert refused_at(schema, b'{"page":"example.com"') == 20 and refused_at(schema, b'{"page":""') == 9
+    rng, compiled = random.Random(3), js.compile_schema(schema)
+    alphabet = bytes(sorted(set(b'{}[],:"/0129?#%@-_~!$&\'()*+;=') | set(compiled.canonical.encode())))
+    walks = [json.loads(walk) for walk in (random_walk(rng, compiled, alphabet) for _ in range(40)) if walk]
+    assert len(walks) > 10 and validator(schema).is_valid(walks[0])
+    assert all(uri_ok(value["page"]) and uri_ok(value["source"]) and all(map(uri_ok, value.get("refs", [])))
+               for value in walks), walks
+
+
+def test_multiple_of_holds_integers_to_multiples_within_their_bounds_without_dead_ends():
+    """An integer's multipleOf, alone and with minimum/maximum: every text of up to 3 characters of '-0123456789' and
+    every integer from -300 to 300 is taken whole exactly where it is an integer within the bounds and a multiple
+    (brute force); with both bounds, a text is taken as a beginning exactly where such an integer begins with it;
+    random walks of arrays of them end in valid values, never in a dead end."""
+    for multiple in (2, 3, 7, 10, 25):
+        for low, high in [(None, None), (-40, None), (None, 35), (-23, 47), (5, 95), (-90, -11), (0, 0), (101, 130)]:
+            schema = {"type": "integer", "multipleOf": multiple}
+            schema.update({key: bound for key, bound in (("minimum", low), ("maximum", high)) if bound is not None})
+            compiled = js.compile_schema(schema)
+
+            def valid(text: str) -> bool:
+                return bool(re.fullmatch("-?(0|[1-9][0-9]*)", text)) and text != "-0" and int(text) % multiple == 0 \
+                    and (low is None or int(text) >= low) and (high is None or int(text) <= high)
+
+            states = {"": compiled.initial}
+            for chars in (chars for size in (1, 2, 3) for chars in itertools.product("-0123456789", repeat=size)):
+                text = "".join(chars)
+                before = states.get(text[:-1])
+                states[text] = None if before is None else compiled.advance(before, ord(text[-1]))
+            beginnings = {str(v)[:k] for v in range(-300, 301) if valid(str(v)) for k in range(5)} \
+                if low is not None and high is not None else None
+            for text, state in states.items():
+                assert (state is not None and compiled.complete(state)) == valid(text), (schema, text)
+                if beginnings is not None:
+                    assert (state is not None) == (text in beginnings), (schema, text)
+            for value in range(-300, 301):
+                assert complete(schema, str(value).encode()) == valid(str(value)), (schema, value)
+    assert complete({"multipleOf": 4}, b"-8") and not complete({"multipleOf": 4}, b"8.0")  # an integer without type
+    assert not complete({"multipleOf": 4}, b'"8"') and refused_at({"multipleOf": 4}, b"6") is None
+    big = {"type": "integer", "multipleOf": 7, "minimum": 10**20, "maximum": 10**20 + 10}
+    assert [v for v in range(10**20, 10**20 + 11) if complete(big, str(v).encode())] == [10**20 + 5]
+    assert refused_at(big, b"100000000000000000004") == 20 and refused_at(big, b"100000000000000000005") is None
+    rng = random.Random(4)
+    for schema in ({"type": "array", "items": {"type": "integer", "multipleOf": 7, "minimum": -100}},
+                   {"type": "array", "items": {"type": ["integer", "null"], "multipleOf": 12, "exclusiveMaximum": 50}}):
+        compiled, checker = js.compile_schema(schema), validator(schema)
+        walks = [json.loads(walk) for walk in (random_walk(rng, compiled, b"[],-0123456789 n") for _ in range(40))
+                 if walk]
+        assert sum(map(len, walks)) > 20 and all(checker.is_valid(values) for values in walks), walks
+
+
+def test_pydantic_multiple_of_compiles_and_takes_what_pydantic_writes():
+    """conint(multiple_of=5, gt=0) and Field(multiple_of=3, le=30): compiled, Pydantic's dumps taken, others refused
+    at the first byte no multiple in range begins with; a float's multiple_of (type number) is refused naming it."""
+    pytest.importorskip("pydantic")
+    from pydantic import BaseModel, Field, conint
+
+    class Order(BaseModel):
+        boxes: conint(multiple_of=5, gt=0)
+        dozen: int = Field(multiple_of=3, le=30)
+
+    class Weight(BaseModel):
+        grams: float = Field(multiple_of=5)
+
+    for value in (Order(boxes=5, dozen=-3), Order(boxes=1000, dozen=30), Order(boxes=35, dozen=0)):
+        for text in (value.model_dump_json(), value.model_dump_json(indent=2)):
+            assert complete(Order, text.encode()) and Order.model_validate_json(text) == value
+    assert refused_at(Order, b'{"boxes":0') == 9 and refused_at(Order, b'{"boxes":-') == 9
+    assert refused_at(Order, b'{"boxes":5,"dozen":31') == 20 and refused_at(Order, b'{"boxes":12,') == 11
+    with pytest.raises(js.SchemaError, match="^multipleOf at #/properties/grams is supported on an integer only"):
+        js.compile_schema(Weight)
 
 
 PATTERNS = ["^a+b$", "ab", "^(ab|c)*$", "a.c", "^[^a]{2,}$", "c?y$", "^[ab]*é", "\\d-|-\\d"]
@@ -506,7 +820,13 @@ def test_prefix_items_hold_each_position_to_its_schema_and_the_rest_to_items():
 
 
 @pytest.mark.parametrize("schema, message", [
-    ({"type": "integer", "multipleOf": 2}, 'the keyword "multipleOf" at # is not supported'),
+    ({"type": "number", "multipleOf": 2}, "multipleOf at # is supported on an integer only (type integer), not a"),
+    ({"type": "integer", "multipleOf": 0.5}, "multipleOf at # must be a whole number > 0 (a fraction is not "
+                                             "supported), got 0.5"),
+    ({"multipleOf": 0}, "multipleOf at # must be a whole number > 0"),
+    ({"type": "integer", "minimum": 1, "maximum": 4, "multipleOf": 5},
+     "no integer at # within its bounds (minimum/maximum) is a multiple of 5"),
+    ({"enum": [5], "multipleOf": 5}, "multipleOf beside enum/const at # is not supported"),
     ({"type": "integer", "exclusiveMinimum": True}, "exclusiveMinimum at # must be a number (draft 2020-12), got true"),
     ({"type": "integer", "minimum": 1.2, "maximum": 1.8}, "no integer at # is within its bounds"),
     ({"exclusiveMinimum": 1, "maximum": 1}, "no number at # is within its bounds"),
@@ -524,8 +844,9 @@ def test_prefix_items_hold_each_position_to_its_schema_and_the_rest_to_items():
     ({"enum": ["a"], "pattern": "a"}, "pattern beside enum/const at # is not supported"),
     ({"format": "hostname", "minLength": 254}, "minLength at # is above the format hostname's most characters (253)"),
     ({"format": ["email"]}, 'the format ["email"] at # is not supported'),
-    ({"items": {"format": "uri"}}, 'the format "uri" at #/items is not supported (only date, time, date-time, '
-                                   'uuid, email, hostname, ipv4, ipv6, duration)'),
+    ({"items": {"format": "iri"}}, 'the format "iri" at #/items is not supported (only date, time, date-time, '
+                                   'uuid, email, hostname, ipv4, ipv6, duration, uri, uri-reference, uri-template, '
+                                   'json-pointer, relative-json-pointer)'),
     ({"format": "date", "maxLength": 10}, "format beside minLength/maxLength at # is not supported (only beside email"),
     ({"anyOf": [{}, {"not": {}}]}, 'the keyword "not" at #/anyOf/1 is not supported'),
     ({"type": "strin"}, "type at # must be one of object, array"),
@@ -965,6 +1286,36 @@ def test_masks_equal_the_oracle_on_states_inside_patterns_and_regex_formats(tiny
         assert (js.schema_mask(vocabulary, compiled, state) == oracle(pieces, compiled, state)).all(), state
 
 
+# the RFC formats (a uri as Pydantic's HttpUrl writes it) and multiples
+LINKED = {"type": "object", "properties": {
+    "url": {"type": "string", "format": "uri", "minLength": 1, "maxLength": 2083}, "ref": {"format": "uri-reference"},
+    "path": {"format": "uri-template"}, "at": {"format": "json-pointer"}, "up": {"format": "relative-json-pointer"},
+    "n": {"type": "integer", "multipleOf": 5, "minimum": -20}, "m": {"multipleOf": 12}},
+    "required": ["url", "ref", "path", "at", "up", "n", "m"], "additionalProperties": False}
+
+
+def test_masks_equal_the_oracle_on_states_inside_uris_json_pointers_and_multiples(tiny_chat):
+    tokenizer = tiny_chat.tokenizer
+    pieces = [None if tokenizer.is_special(i) else tokenizer.token_bytes(i) for i in range(len(tokenizer))]
+    pieces += [b"https", b"://", b"example", b".com", b"/a", b"?q=", b"%2", b"0#", b"~1", b"{+", b"}/", b"-1", b"5",
+               b"20", b"144", b'",', b"\xc3\xa9", b"\xc3", b"[::", b"1]", b"%", b"\\"]
+    vocabulary = jm.JsonVocabulary(pieces, len(pieces))
+    compiled = js.compile_schema(LINKED)
+    value = {"url": "https://user@example.com:8080/a/b%20c?q=1#top", "ref": "../a?b", "path": "/x{+path*}{?q,r:3}",
+             "at": "/a~1b/é", "up": "1#", "n": -15, "m": 144}
+    states = {compiled.initial}
+    other = {**value, "url": "http://[::1]/", "ref": "//h/a", "at": "", "up": "0/~0", "n": 20, "m": -12}
+    for text in (json.dumps(value, ensure_ascii=False), json.dumps(other, indent=2)):
+        assert complete(LINKED, text.encode()) and validator(LINKED).is_valid(json.loads(text))
+        state = compiled.initial
+        for byte in text.encode():
+            state = compiled.advance(state, byte)
+            states.add(state)
+    assert len(states) > 150
+    for state in states:
+        assert (js.schema_mask(vocabulary, compiled, state) == oracle(pieces, compiled, state)).all(), state
+
+
 STRING_ALTERNATIVES = [{"type": "string"}, {"type": "string", "maxLength": 3}, {"minLength": 2, "maxLength": 40},
                        {"pattern": "^[a-c]{0,30}$"}, {"pattern": "b.", "maxLength": 6}, {"pattern": "^[^x]+$"},
                        {"enum": ["ab", 'a"b', "é", "abc"]}, {"format": "ipv4"}, {"format": "date"}, {"const": "ca"}]
@@ -1103,8 +1454,8 @@ def test_json_schema_settings_that_cannot_work_are_refused():
         SamplingParams(json_mode=True, json_schema={})
     with pytest.raises(SettingError, match="^min_new_tokens does not go with json_schema"):
         SamplingParams(json_schema={}, min_new_tokens=2)
-    with pytest.raises(InputError, match='^the keyword "multipleOf" at #/properties/a is not supported$'):
-        SamplingParams(json_schema={"properties": {"a": {"multipleOf": 2}}})
+    with pytest.raises(InputError, match='^the keyword "not" at #/properties/a is not supported$'):
+        SamplingParams(json_schema={"properties": {"a": {"not": {"const": 2}}}})
     assert SamplingParams(json_schema={"type": "string"}) == SamplingParams(json_schema={"type": "string"})
     assert js.compile_schema({"type": "string"}) is js.compile_schema({"type": "string"})  # cached
 
@@ -1128,8 +1479,8 @@ def test_the_server_takes_json_schema_and_guided_json():
         with pytest.raises(ApiError, match='^response_format: the keyword "not" at # is not supported') as e:
             parse({**body, "response_format": {"type": "json_schema", "json_schema": bad}}, settings)
         assert e.value.status == 400 and e.value.param == "response_format"
-        with pytest.raises(ApiError, match='^guided_json: the format "uri" at #/items is not supported'):
-            parse({**body, "guided_json": {"items": {"format": "uri"}}}, settings)
+        with pytest.raises(ApiError, match='^guided_json: the format "iri" at #/items is not supported'):
+            parse({**body, "guided_json": {"items": {"format": "iri"}}}, settings)
         with pytest.raises(ApiError, match="^response_format json_schema must be an object with a schema"):
             parse({**body, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, settings)
         with pytest.raises(ApiError, match="^give response_format or guided_json, not both"):

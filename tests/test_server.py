@@ -986,8 +986,8 @@ def test_response_format_json_object_answers_a_json_object_and_json_schema_a_val
                                            logit_bias=body["logit_bias"], extra_body={"guided_json": schema})
     assert completion.choices[0].finish_reason == "stop"
     assert list(json.loads(completion.choices[0].text)) == ["ok", "kind"]
-    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "multipleOf": 5}}}
-    with pytest.raises(openai.BadRequestError, match='the keyword .multipleOf. at # is not supported'):
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "not": {"const": 5}}}}
+    with pytest.raises(openai.BadRequestError, match='the keyword .not. at # is not supported'):
         client.chat.completions.create(model="m", **{**body, "response_format": bad})
 
 

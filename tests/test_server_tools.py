@@ -202,8 +202,8 @@ def test_tools_and_tool_choice_that_cannot_be_served_are_400s_naming_them():
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
          "tools[0].function.parameters", "must be the JSON schema of an object"),
         ({"tools": [TOOLS[2], {"type": "function", "function": {"name": "g", "parameters": {
-            "type": "object", "properties": {"n": {"type": "integer", "multipleOf": 3}}}}}], "tool_choice": "required"},
-         "tools[1].function.parameters", r"^tools\[1\].function.parameters: the keyword .multipleOf."),
+            "type": "object", "properties": {"n": {"type": "integer", "not": {}}}}}}], "tool_choice": "required"},
+         "tools[1].function.parameters", r"^tools\[1\].function.parameters: the keyword .not."),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
          'names the function "nope", which is not among the tools \\("get_weather", "get_time", "ping"\\)'),
         ({"tools": TOOLS, "tool_choice": {"function": "get_weather"}}, "tool_choice", "^tool_choice must be"),
@@ -226,7 +226,7 @@ def test_tools_and_tool_choice_that_cannot_be_served_are_400s_naming_them():
         assert (e.value.status, e.value.param) == (400, param), fields
     # "none" ignores the tools, even one this server could not hold an answer to; an empty list has nothing to call
     assert parse(tools=[{"type": "function", "function": {"name": "g", "parameters": {
-        "type": "object", "properties": {"n": {"type": "integer", "multipleOf": 3}}}}}], tool_choice="none").question
+        "type": "object", "properties": {"n": {"type": "integer", "not": {}}}}}}], tool_choice="none").question
     for choice in ("auto", "required", "none", None):
         request = parse(tools=[], tool_choice=choice)
         assert request.named_tool is None and not request.tools_required and request.params.json_schema is None

@@ -7,22 +7,24 @@ subset taken, and the rest refused with a `SchemaError` naming the keyword and i
 `type` (one or a list), `properties`, `required`, `additionalProperties`, `prefixItems` (a tuple's items, each its
 schema; those after them `items`), `items` (one schema), `minItems`, `maxItems`, `minLength`, `maxLength` (code
 points, as json.loads reads the string), `pattern` (ECMA-262, unanchored; regex.py's syntax), `format` `date`,
-`time`, `date-time` (RFC 3339) and `uuid`, and `email`, `hostname`, `ipv4`, `ipv6` and `duration` (REGEX_FORMATS),
-`minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (numbers, as in draft 2020-12; as a double reads the
-digits),
-`enum`, `const`, `anyOf`, `oneOf` (taken as anyOf), `allOf` of one schema, `$ref` to `#` or a JSON pointer into the
-schema (`#/$defs/...`, `#/properties/...`; recursion allowed), and the annotations `description`, `title`,
-`default`, `examples`, `deprecated`, `readOnly`, `writeOnly`, `$schema`, `$comment` and `discriminator` (OpenAPI's,
-as Pydantic writes it), which are ignored.
+`time`, `date-time` (RFC 3339) and `uuid`, and `email`, `hostname`, `ipv4`, `ipv6`, `duration`, `uri`,
+`uri-reference`, `uri-template`, `json-pointer` and `relative-json-pointer` (REGEX_FORMATS), `minimum`, `maximum`,
+`exclusiveMinimum`, `exclusiveMaximum` (numbers, as in draft 2020-12; as a double reads the digits), an integer's
+`multipleOf` (a whole number; beside the bounds, a digit is taken only while some multiple within them begins with
+the digits so far), `enum`, `const`, `anyOf`, `oneOf` (taken as anyOf), `allOf` of one schema, `$ref` to `#` or a
+JSON pointer into the schema (`#/$defs/...`, `#/properties/...`; recursion allowed), and the annotations
+`description`, `title`, `default`, `examples`, `deprecated`, `readOnly`, `writeOnly`, `$schema`, `$comment` and
+`discriminator` (OpenAPI's, as Pydantic writes it), which are ignored.
 Without `type`, a schema with object keywords (properties, required, additionalProperties) is an object, one
-with array keywords an array, one with string keywords a string and one with number bounds a number. An object with
-`properties` has only those keys, in the schema's order, each at most once, the optional ones may be left out
-(`additionalProperties` absent or true lets the output have none other, as OpenAI's strict mode and xgrammar's
-default); one without `properties` may have any keys, with values of its `additionalProperties` schema (any
-JSON value when absent or true; none when false). An integer is written without a fraction or exponent; an
-`enum`/`const` number as json.dumps writes it; an enum string in any JSON spelling of it. A bounded number's
-digits (exponent included) are taken only while some number within its bounds begins with them (worked out in
-fractions, an exponent never raised to a power), and a '-' begins a negative number there (no -0). A formatted
+with array keywords an array, one with string keywords a string, one with `multipleOf` an integer and one with
+number bounds a number. An object with `properties` has only those keys, in the schema's order, each at most once,
+the optional ones may be left out (`additionalProperties` absent or true lets the output have none other, as OpenAI's
+strict mode and xgrammar's default); one without `properties` may have any keys, with values of its
+`additionalProperties` schema (any JSON value when absent or true; none when false). An integer is written without a
+fraction or exponent; an `enum`/`const` number as json.dumps writes it; an enum string in any JSON spelling of it. A
+bounded number's digits (exponent included) are taken only while some number within its bounds begins with them
+(worked out in fractions, an exponent never raised to a power), and a '-' begins a negative number there (no -0);
+an integer's with `multipleOf` only while some multiple within its bounds does. A formatted
 string's content is ASCII without escapes, each byte taken while some string of the format begins with them. A
 string with a `pattern` or a regex format is held to a regex.py automaton (a pattern's searched: `^`/`$` anchor it)
 whose content holds none of UNWRITTEN, so it is written without escapes; with minLength/maxLength, each of the
@@ -100,8 +102,29 @@ _DURATION = f"P(?:(?:[0-9]+D|[0-9]+M(?:[0-9]+D)?|[0-9]+Y(?:[0-9]+M(?:[0-9]+D)?)?
 _ATEXT = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _TOP_LABEL = "[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"  # a domain's last label: not all digits
 _EMAIL = rf"{_ATEXT}(?:\.?{_ATEXT}){{0,31}}@(?:{_LABEL}\.)+{_TOP_LABEL}"
+# RFC 3986's URIs and URI references (ASCII; an IPv4 address is a reg-name too), RFC 6570's URI templates (ASCII
+# literals), RFC 6901's JSON pointers and relative JSON pointers (draft-handrews-relative-json-pointer-01: a whole
+# number, then '#' or a JSON pointer)
+_PCT = "%[0-9A-Fa-f]{2}"
+_PLAIN = "A-Za-z0-9._~!$&'()*+,;="  # a class's unreserved characters and sub-delims ('-' added last)
+_PCHAR = f"(?:[{_PLAIN}:@-]|{_PCT})"
+_SEGMENTS = f"(?:/{_PCHAR}*)*"
+_ROOTLESS = f"{_PCHAR}+{_SEGMENTS}"
+_HOST = rf"\[(?:{_IPV6}|[vV][0-9A-Fa-f]+\.[{_PLAIN}:-]+)\]|(?:[{_PLAIN}-]|{_PCT})*"
+_HIER = f"//(?:(?:[{_PLAIN}:-]|{_PCT})*@)?(?:{_HOST})(?::[0-9]*)?{_SEGMENTS}|/(?:{_ROOTLESS})?"  # or an absolute path
+_URI_TAIL = rf"(?:\?(?:{_PCHAR}|[/?])*)?(?:#(?:{_PCHAR}|[/?])*)?"  # the query and the fragment
+_URI = f"[A-Za-z][A-Za-z0-9+.-]*:(?:{_HIER}|{_ROOTLESS})?{_URI_TAIL}"
+_RELATIVE_REF = f"(?:{_HIER}|(?:[{_PLAIN}@-]|{_PCT})+{_SEGMENTS})?{_URI_TAIL}"  # no ':' in the first segment
+_VARCHAR = f"(?:[A-Za-z0-9_]|{_PCT})"
+_VARSPEC = rf"{_VARCHAR}(?:\.?{_VARCHAR})*(?::[1-9][0-9]{{0,3}}|\*)?"
+_URI_TEMPLATE = (rf"(?:[\x21\x23\x24\x26\x28-\x3B\x3D\x3F-\x5B\x5D\x5F\x61-\x7A\x7E]|{_PCT}|"
+                 rf"\{{[+#./;?&=,!@|]?{_VARSPEC}(?:,{_VARSPEC})*\}})*")
+_JSON_POINTER = "(?:/(?:[^/~]|~[01])*)*"
 REGEX_FORMATS = {"email": (_EMAIL, 254), "hostname": (_HOSTNAME, 253), "ipv4": (_IPV4, INFINITE),
-                 "ipv6": (_IPV6, INFINITE), "duration": (_DURATION, INFINITE)}
+                 "ipv6": (_IPV6, INFINITE), "duration": (_DURATION, INFINITE), "uri": (_URI, INFINITE),
+                 "uri-reference": (f"{_URI}|{_RELATIVE_REF}", INFINITE), "uri-template": (_URI_TEMPLATE, INFINITE),
+                 "json-pointer": (_JSON_POINTER, INFINITE),
+                 "relative-json-pointer": (f"(?:0|[1-9][0-9]*)(?:#|{_JSON_POINTER})", INFINITE)}
 # what a pattern's or regex format's content never holds: the characters JSON writes with an escape (the content is
 # written without escapes), and ECMA-262's non-ASCII white space and line terminators (so that \S and . hold as
 # ECMA-262 reads them, where this module's \s is ASCII only)
@@ -110,7 +133,8 @@ UNWRITTEN = '"\\' + "".join(map(chr, range(0x20))) + "\u00a0\u1680" + "".join(ma
 MAX_PATTERN_STATES = 5_000  # automaton states of a pattern (or format) with a length bound, searched at compile time
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 KNOWN = ANNOTATIONS | frozenset(("type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions",
-                                 "format", "pattern") + OBJECT_KEYS + ARRAY_KEYS + STRING_KEYS + NUMBER_KEYS)
+                                 "format", "pattern", "multipleOf") + OBJECT_KEYS + ARRAY_KEYS + STRING_KEYS +
+                                NUMBER_KEYS)
 
 # what comes next in a thread (the first item of its `next` tuple)
 (VALUE, KEY0, KEY, COLON, ITEM0, AFTER, LITERAL, FREE, BOUNDED, NUMBER, NUMBER_LITERAL, WORD, END, RANGE,
@@ -147,6 +171,7 @@ class _Alternative:
         # a number's or integer's bounds, each None or (a Fraction, whether it is excluded); an integer's inclusive
         self.lower: tuple | None = None
         self.upper: tuple | None = None
+        self.multiple = 1  # an integer's multipleOf
         self.depth = INFINITE  # the fewest containers open in a value it takes (0 for a scalar)
         for name, value in fields.items():
             setattr(self, name, value)
@@ -267,6 +292,7 @@ class Schema:
             kinds = ["object"] if any(k in schema for k in OBJECT_KEYS) else \
                 ["array"] if any(k in schema for k in ARRAY_KEYS) else \
                 ["string"] if any(k in schema for k in STRING_KEYS + ("format", "pattern")) else \
+                ["integer"] if "multipleOf" in schema else \
                 ["number"] if any(k in schema for k in NUMBER_KEYS) else list(TYPES)
         elif isinstance(kinds, str):
             kinds = [kinds]
@@ -293,6 +319,7 @@ class Schema:
                 found.append(self._string(schema, path))
             elif kind in ("number", "integer"):
                 found.append(self._alternative(kind, **_number_bounds(schema, kind, path)))
+                self.alternatives[found[-1]].multiple = _multiple_of(schema, self.alternatives[found[-1]], path)
             else:
                 found.append(self._alternative(kind))
         return tuple(found)
@@ -574,7 +601,8 @@ class Schema:
                 if kind == "array":
                     found.append((frames + ((ARRAY, a, 0),), (ITEM0,)))
             elif byte == 0x2D or 0x30 <= byte <= 0x39:
-                if (kind == "number" or kind == "integer") and (alternative.lower or alternative.upper):
+                if (kind == "number" or kind == "integer") and (alternative.lower or alternative.upper or
+                                                                alternative.multiple > 1):
                     if _in_range(alternative, bytes((byte,))):
                         found.append((frames, (RANGE, a, bytes((byte,)))))
                 elif kind == "number" or kind == "integer":
@@ -949,20 +977,44 @@ def _floor_log10(q: Fraction) -> int:
     return e
 
 
-def _naturals(digits: bytes, whole: bool, low, high) -> bool:
+def _naturals(digits: bytes, whole: bool, low, high, multiple: int = 1) -> bool:
     """Whether a whole number >= 0 written beginning with `digits` (exactly them if `whole`; any for none) lies in
-    low..high (ints, None: no bound)."""
+    low..high (ints, None: no bound) and is a multiple of `multiple`."""
     low = 0 if low is None else max(low, 0)
     if whole:
-        return low <= int(digits) and (high is None or int(digits) <= high)
-    if not digits or high is None:
-        return high is None or low <= high
+        return low <= int(digits) and (high is None or int(digits) <= high) and int(digits) % multiple == 0
+    if high is None:  # a number that long has multiples of `multiple` among its completions
+        return True
+    if not digits:
+        return _multiple_within(low, high, multiple)
     first, scale = int(digits), 1
     while first * scale <= high:  # the numbers of len(digits) + k digits: first * 10**k to (first + 1) * 10**k - 1
-        if (first + 1) * scale - 1 >= low:
+        if _multiple_within(max(first * scale, low), min((first + 1) * scale - 1, high), multiple):
             return True
         scale *= 10
     return False
+
+
+def _multiple_within(low: int, high: int, multiple: int) -> bool:
+    """Whether a multiple of `multiple` lies in low..high."""
+    return -(-low // multiple) * multiple <= high
+
+
+def _multiple_of(schema: dict, alternative: _Alternative, path: str) -> int:
+    """An integer's `multipleOf` (1 where absent), a whole number > 0, that some integer within its bounds is a
+    multiple of; refused on a number."""
+    if "multipleOf" not in schema:
+        return 1
+    value = schema["multipleOf"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value != math.floor(value):
+        raise SchemaError(f"multipleOf at {path} must be a whole number > 0 (a fraction is not supported), got "
+                          f"{_short(value)}")
+    if alternative.kind != "integer":
+        raise SchemaError(f"multipleOf at {path} is supported on an integer only (type integer), not a number")
+    multiple, lower, upper = int(value), alternative.lower, alternative.upper
+    if lower and upper and not _multiple_within(int(lower[0]), int(upper[0]), multiple):
+        raise SchemaError(f"no integer at {path} within its bounds (minimum/maximum) is a multiple of {multiple}")
+    return multiple
 
 
 NUMBER_PARTS = re.compile(rb"(-?)([0-9]*)(\.?)([0-9]*)(?:[eE]([+-]?)([0-9]*))?")
@@ -980,7 +1032,7 @@ def _in_range(alternative: _Alternative, text: bytes, whole: bool = False) -> bo
     lower = _tighter_lower(lower, (Fraction(0), bool(negative)))  # a magnitude > 0 after a '-', >= 0 without
     if alternative.kind == "integer":
         return _naturals(digits, whole or digits == b"0", math.ceil(lower[0]) + lower[1],
-                         None if upper is None else int(upper[0]))
+                         None if upper is None else int(upper[0]), alternative.multiple)
     mantissa = Fraction(int(digits + fraction or b"0"), 10 ** len(fraction))
     if exponent_sign is None and (whole or mantissa == 0 and (dot or digits == b"0")):
         if whole:  # no exponent: the value itself
