@@ -175,7 +175,7 @@ class _Parser:
 
     def definition(self) -> None:
         start = self.pos
-        while self.peek() in ("?", "!") and self.peek():
+        while self.peek() in ("?", "!"):
             self.pos += 1
         modifiers = self.pos > start
         name = self.name()
@@ -213,7 +213,7 @@ class _Parser:
         self.skip_line()
         module_pos = self.pos
         module = self.name()
-        if module != "common" or self.peek() not in (".", " ", "\t", "("):
+        if module != "common":
             raise self.refuse("only Lark's common terminals are imported (%import common.X, %import common (X, Y))",
                               module_pos)
         if self.peek() == ".":
