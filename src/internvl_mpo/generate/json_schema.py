@@ -318,8 +318,8 @@ class Schema:
             elif kind == "string":
                 found.append(self._string(schema, path))
             elif kind in ("number", "integer"):
-                found.append(self._alternative(kind, **_number_bounds(schema, kind, path)))
-                self.alternatives[found[-1]].multiple = _multiple_of(schema, self.alternatives[found[-1]], path)
+                bounds = _number_bounds(schema, kind, path)
+                found.append(self._alternative(kind, multiple=_multiple_of(schema, kind, bounds, path), **bounds))
             else:
                 found.append(self._alternative(kind))
         return tuple(found)
@@ -1000,18 +1000,18 @@ def _multiple_within(low: int, high: int, multiple: int) -> bool:
     return -(-low // multiple) * multiple <= high
 
 
-def _multiple_of(schema: dict, alternative: _Alternative, path: str) -> int:
-    """An integer's `multipleOf` (1 where absent), a whole number > 0, that some integer within its bounds is a
-    multiple of; refused on a number."""
+def _multiple_of(schema: dict, kind: str, bounds: dict, path: str) -> int:
+    """An integer's `multipleOf` (1 where absent), a whole number > 0, that some integer within its `bounds` (from
+    _number_bounds) is a multiple of; refused on a number."""
     if "multipleOf" not in schema:
         return 1
     value = schema["multipleOf"]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value != math.floor(value):
         raise SchemaError(f"multipleOf at {path} must be a whole number > 0 (a fraction is not supported), got "
                           f"{_short(value)}")
-    if alternative.kind != "integer":
+    if kind != "integer":
         raise SchemaError(f"multipleOf at {path} is supported on an integer only (type integer), not a number")
-    multiple, lower, upper = int(value), alternative.lower, alternative.upper
+    multiple, lower, upper = int(value), bounds["lower"], bounds["upper"]
     if lower and upper and not _multiple_within(int(lower[0]), int(upper[0]), multiple):
         raise SchemaError(f"no integer at {path} within its bounds (minimum/maximum) is a multiple of {multiple}")
     return multiple
