@@ -629,6 +629,8 @@ class TextAssembler:
     strings (the end of turn spelled in ordinary tokens, which the official chat() cuts its answer
     at) count everywhere. `strip`: whether the answer's callers strip its whitespace. `stop_token_text`: whether
     `feed_event` keeps the text of a stop token that ends the answer (an ordinary token of stop_token_ids).
+    The answer continues its prompt: its text is its tokens' bytes, the space that a SentencePiece dummy prefix
+    gives its first token kept (what a constraint read; vLLM's text too, decoded after the prompt's tokens).
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), min_tokens: int = 0,
@@ -636,6 +638,7 @@ class TextAssembler:
         self.strip = strip
         self.stop_token_text = stop_token_text
         self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
+        self.decoder.strip_space = False
         self.stop = tuple(s for s in stop if s)
         self.end = tuple(s for s in end if s)
         self.min_tokens = min_tokens

@@ -168,14 +168,17 @@ class StreamDecoder:
     A byte-level token can end inside a multi-byte UTF-8 character; those bytes are held back until
     the character is complete, so no piece ends in a broken character. Joining every piece returned
     by `feed` plus `flush()` gives `tokenizer.decode(all_ids, skip_special_tokens)`.
+
+    `strip_space`: drop the leading space of the text, as a SentencePiece model that prepends a space (its
+    dummy prefix) does when decoding; False keeps it, for ids that continue a text (an answer after its
+    prompt), whose text is then their tokens' bytes, as a constraint reads them.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors=tokenizer.utf8_errors)
-        # A SentencePiece model that prepends a space to the text drops it again when decoding.
-        self._strip_space = getattr(tokenizer, "strips_leading_space", False)
+        self.strip_space = getattr(tokenizer, "strips_leading_space", False)
 
     def feed(self, ids: int | Iterable[int]) -> str:
         """Add ids; return the text they complete ("" while a character is still incomplete)."""
@@ -185,8 +188,8 @@ class StreamDecoder:
             self._tokenizer.token_bytes(i) for i in ids if not (self._skip_special and self._tokenizer.is_special(i))
         )
         text = self._utf8.decode(data)
-        if self._strip_space and text:
-            self._strip_space = False
+        if self.strip_space and text:
+            self.strip_space = False
             text = text.removeprefix(" ")
         return text
 

@@ -35,6 +35,8 @@ from collections import OrderedDict
 
 import numpy
 
+from ..errors import InputError
+
 MAX_DEPTH = 32
 CACHED_MASKS = 512  # masks kept per vocabulary, packed 8 to a byte (19 KB each for a Qwen2 vocabulary)
 FEW_WORDS = 256  # walk_flat walks the words still taken as a trie once they are this few
@@ -291,9 +293,18 @@ class JsonVocabulary:
 
     @classmethod
     def of_tokenizer(cls, tokenizer, size: int) -> "JsonVocabulary":
-        """The vocabulary of a `chat.tokenizer.Tokenizer` (its `token_bytes`, without its special tokens)."""
+        """The vocabulary of a `chat.tokenizer.Tokenizer` (its `token_bytes`, without its special tokens). Refused
+        where a byte of UTF-8 text has no token of its own (a SentencePiece model without byte pieces): a constraint
+        whose text needs that byte would end the answer short of it."""
         count = min(len(tokenizer), size)
-        return cls([None if tokenizer.is_special(i) else tokenizer.token_bytes(i) for i in range(count)], size)
+        pieces = [None if tokenizer.is_special(i) else tokenizer.token_bytes(i) for i in range(count)]
+        missing = sorted((set(range(0xC0)) | set(range(0xC2, 0xF5))) - {p[0] for p in pieces if p and len(p) == 1})
+        if missing:
+            shown = ", ".join(f"0x{b:02X}" for b in missing[:6]) + (", ..." if len(missing) > 6 else "")
+            raise InputError(f"constrained decoding needs a token for every byte of UTF-8 text, and the tokenizer "
+                             f"from {tokenizer.source} has none for {len(missing)} bytes ({shown}); a SentencePiece "
+                             "tokenizer.model needs byte_fallback (its <0xNN> pieces)")
+        return cls(pieces, size)
 
     def mask(self, state) -> numpy.ndarray:
         """A new boolean array (size,): the ids whose bytes take `state` to a valid prefix (never a stop id:
