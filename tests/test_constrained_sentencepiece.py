@@ -141,3 +141,24 @@ def test_a_vocabulary_without_byte_pieces_is_refused(tmp_path):
                                              f"{re.escape(str(tmp_path))} has none for .* needs byte_fallback"):
             chat.chat("hello", max_new_tokens=4, **constraint)
     assert isinstance(chat.chat("hello", max_new_tokens=4), str)
+
+
+@pytest.mark.parametrize("options", [dict(byte_fallback=True), dict(INTERNLM2_LIKE, remove_extra_whitespaces=True),
+                                     dict(INTERNLM2_LIKE, add_dummy_prefix=True)])
+def test_a_text_decoded_alone_drops_its_leading_space_as_sentencepiece_does(tmp_path, options):
+    """`decode` (and the stream decoder) of ids that begin a text: SentencePiece drops the "▁" of the first piece
+    with a dummy prefix, that of each piece while nothing is out with whitespace folding (there was none dropped
+    without a dummy prefix), never a byte piece's (<0x20> lost its space); an answer keeps them all."""
+    folder, sp = write_folder(tmp_path, train(**options))
+    tokenizer = load_tokenizer(folder)
+    pieces = [i for i in range(sp.get_piece_size()) if not (sp.is_control(i) or sp.is_unknown(i))
+              and tokenizer.token_bytes(i) and not tokenizer.is_special(i)]
+    spaced = [i for i in pieces if sp.id_to_piece(i).startswith("▁")] + [sp.piece_to_id("<0x20>")]
+    rng = random.Random(0)
+    for _ in range(1000):
+        ids = [rng.choice(spaced if rng.random() < 0.6 else pieces) for _ in range(rng.randint(1, 5))]
+        stream, texts = tokenizer.stream_decoder(), TextAssembler(tokenizer)
+        assert tokenizer.decode(ids) == sp.decode(ids), [sp.id_to_piece(i) for i in ids]
+        assert "".join(stream.feed(i) for i in ids) + stream.flush() == sp.decode(ids)
+        answer = "".join(texts.feed(i)[0] for i in ids) + texts.feed(None, last=True)[0]
+        assert answer == b"".join(map(tokenizer.token_bytes, ids)).decode("utf-8", "sentencepiece")

@@ -14,8 +14,9 @@ transformers' SentencePiece converters do:
   parts' ids), unknown characters fused into one `<unk>` or, with `byte_fallback`, spelled as
   `<0xXX>` byte pieces;
 - decoding (`SentencePieceTokenizer.decode`, the streaming decoder's code): "▁" -> " ", byte pieces ->
-  bytes, each byte of invalid UTF-8 -> U+FFFD as SentencePiece has it, and the dummy prefix space
-  dropped when there is one.
+  bytes, each byte of invalid UTF-8 -> U+FFFD as SentencePiece has it, and, with `add_dummy_prefix` or
+  `remove_extra_whitespaces`, the "▁" of the text's first piece dropped (of each piece while the text is
+  still empty, with `remove_extra_whitespaces`; never a byte piece's), as SentencePiece's decoder does.
 Kept from the reference: `unk`/`bos`/`eos` written in the text are matched as special tokens; a token
 that tokenizer_config.json declares at the id of another piece takes that id over (InternLM2's
 `<|im_end|>` is declared at 92542, the user-defined piece `[UNUSED_TOKEN_145]` in `tokenizer.model`), and
@@ -197,11 +198,14 @@ class SentencePieceTokenizer(Tokenizer):
     utf8_errors = "sentencepiece"
 
     def __init__(self, backend: Backend, eos_token, pad_token, source: str, bos_token: str | None,
-                 add_bos_token: bool, strips_leading_space: bool = False, aliases: dict[int, int] | None = None):
+                 add_bos_token: bool, strips_leading_space: bool = False, aliases: dict[int, int] | None = None,
+                 folds_whitespace: bool = False):
         super().__init__(backend, eos_token, pad_token, source)
         self.bos_token = bos_token
         self.add_bos_token = add_bos_token
-        self.strips_leading_space = strips_leading_space  # add_dummy_prefix: decoding drops that space
+        # add_dummy_prefix or remove_extra_whitespaces: decoding drops the "▁" a text begins with
+        self.strips_leading_space = strips_leading_space
+        self.folds_whitespace = folds_whitespace  # remove_extra_whitespaces: that of each piece while nothing is out
         # backend id -> real id of user-defined pieces whose id the config gave to another token
         self._aliases = aliases or {}
 
@@ -226,9 +230,24 @@ class SentencePieceTokenizer(Tokenizer):
         piece = self.backend.id_to_token(token_id)
         if piece is None:
             return b""
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        if _is_byte_piece(piece):
             return bytes([int(piece[3:5], 16)])
         return piece.replace(SPACE, " ").encode("utf-8")
+
+    def strip_leading_space(self, token_id: int, data: bytes) -> tuple[bytes, bool]:
+        """SentencePiece's start of a decoded text: `data`, the bytes of `token_id` while no text is out, without
+        the space ("▁") it begins with, and whether the next token's is dropped too (with remove_extra_whitespaces,
+        while nothing is out; a byte piece keeps its byte and ends it)."""
+        if token_id not in self._added and _is_byte_piece(self.backend.id_to_token(token_id) or ""):
+            return data, False
+        if data.startswith(b" "):
+            data = data[1:]
+            return data, self.folds_whitespace and not data
+        return data, not data
+
+
+def _is_byte_piece(piece: str) -> bool:
+    return len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
 
 
 def _content(value) -> str | None:
@@ -289,6 +308,6 @@ def load_internlm2_tokenizer(folder: str | Path) -> SentencePieceTokenizer:
     backend.add_tokens([AddedToken(piece, special=False, normalized=False) for piece in displaced])
     return SentencePieceTokenizer(
         backend, named["eos_token"], named["pad_token"], str(folder), named["bos_token"],
-        bool(config.get("add_bos_token", True)), model.add_dummy_prefix,
-        {backend.token_to_id(piece): token_id for piece, token_id in displaced.items()},
+        bool(config.get("add_bos_token", True)), model.add_dummy_prefix or model.remove_extra_whitespaces,
+        {backend.token_to_id(piece): token_id for piece, token_id in displaced.items()}, model.remove_extra_whitespaces,
     )

@@ -169,9 +169,9 @@ class StreamDecoder:
     the character is complete, so no piece ends in a broken character. Joining every piece returned
     by `feed` plus `flush()` gives `tokenizer.decode(all_ids, skip_special_tokens)`.
 
-    `strip_space`: drop the leading space of the text, as a SentencePiece model that prepends a space (its
-    dummy prefix) does when decoding; False keeps it, for ids that continue a text (an answer after its
-    prompt), whose text is then their tokens' bytes, as a constraint reads them.
+    `strip_space`: drop the leading space of the text as a SentencePiece model that adds a dummy prefix or folds
+    whitespace does when decoding (the tokenizer's `strip_leading_space`); False keeps it, for ids that continue a
+    text (an answer after its prompt), whose text is then their tokens' bytes, as a constraint reads them.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
@@ -184,14 +184,15 @@ class StreamDecoder:
         """Add ids; return the text they complete ("" while a character is still incomplete)."""
         if isinstance(ids, int):
             ids = (ids,)
-        data = b"".join(
-            self._tokenizer.token_bytes(i) for i in ids if not (self._skip_special and self._tokenizer.is_special(i))
-        )
-        text = self._utf8.decode(data)
-        if self.strip_space and text:
-            self.strip_space = False
-            text = text.removeprefix(" ")
-        return text
+        parts = []
+        for i in ids:
+            if self._skip_special and self._tokenizer.is_special(i):
+                continue
+            data = self._tokenizer.token_bytes(i)
+            if self.strip_space:
+                data, self.strip_space = self._tokenizer.strip_leading_space(i, data)
+            parts.append(data)
+        return self._utf8.decode(b"".join(parts))
 
     def flush(self) -> str:
         """Text of bytes still held back (an unfinished character decodes to U+FFFD)."""
