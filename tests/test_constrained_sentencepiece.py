@@ -10,6 +10,7 @@ drops the leading space of a decoded text, which an answer, the continuation of 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import random
 import re
@@ -24,7 +25,7 @@ from internvl_mpo.pipeline import InternVLChat, TextAssembler
 
 from conftest import write_checkpoint
 from test_internlm2 import hf_llama_reference, hf_llama_to_official, internlm2_config
-from test_internlm2_tokenizer import INTERNLM2_LIKE, train, write_folder  # skips the module without sentencepiece
+from test_internlm2_tokenizer import CHAT_TOKENS, INTERNLM2_LIKE, spm, train, write_folder  # needs sentencepiece
 
 CHOICES = ["circle", "square", "café", "日本"]  # "é", "日", "本" are spelled in byte pieces
 SAMPLED = dict(do_sample=True, temperature=1.0, seed=0)
@@ -162,3 +163,19 @@ def test_a_text_decoded_alone_drops_its_leading_space_as_sentencepiece_does(tmp_
         assert "".join(stream.feed(i) for i in ids) + stream.flush() == sp.decode(ids)
         answer = "".join(texts.feed(i)[0] for i in ids) + texts.feed(None, last=True)[0]
         assert answer == b"".join(map(tokenizer.token_bytes, ids)).decode("utf-8", "sentencepiece")
+
+
+def test_a_control_piece_the_config_does_not_name_has_no_text(tmp_path):
+    """SentencePiece decodes a control piece as nothing; it read as its name ("<ctl>"), which a constraint could
+    write as text. It has no bytes now: never in a mask, nothing in the text."""
+    corpus = [" ".join(random.Random(i).choice(["the", "dog", "a", "x"]) for _ in range(6)) for i in range(500)]
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=out, model_type="bpe", vocab_size=300,
+                                   hard_vocab_limit=False, user_defined_symbols=CHAT_TOKENS, control_symbols=["<ctl>"],
+                                   minloglevel=2, **INTERNLM2_LIKE)
+    folder, sp = write_folder(tmp_path, out.getvalue())
+    tokenizer, control = load_tokenizer(folder), sp.piece_to_id("<ctl>")
+    ids = [sp.piece_to_id("▁the"), control, sp.piece_to_id("▁dog")]
+    assert tokenizer.decode(ids) == sp.decode(ids) == " the dog" and tokenizer.token_bytes(control) == b""
+    assert not JsonVocabulary.of_tokenizer(tokenizer, len(tokenizer)).pieces[control]
+    assert tokenizer.encode("a<ctl>b") == sp.encode("a<ctl>b")  # typed, it is text

@@ -14,9 +14,10 @@ transformers' SentencePiece converters do:
   parts' ids), unknown characters fused into one `<unk>` or, with `byte_fallback`, spelled as
   `<0xXX>` byte pieces;
 - decoding (`SentencePieceTokenizer.decode`, the streaming decoder's code): "▁" -> " ", byte pieces ->
-  bytes, each byte of invalid UTF-8 -> U+FFFD as SentencePiece has it, and, with `add_dummy_prefix` or
-  `remove_extra_whitespaces`, the "▁" of the text's first piece dropped (of each piece while the text is
-  still empty, with `remove_extra_whitespaces`; never a byte piece's), as SentencePiece's decoder does.
+  bytes, control pieces -> nothing (unless the config names them), each byte of invalid UTF-8 -> U+FFFD as
+  SentencePiece has it, and, with `add_dummy_prefix` or `remove_extra_whitespaces`, the "▁" of the text's
+  first piece dropped (of each piece while the text is still empty, with `remove_extra_whitespaces`; never a
+  byte piece's), as SentencePiece's decoder does.
 Kept from the reference: `unk`/`bos`/`eos` written in the text are matched as special tokens; a token
 that tokenizer_config.json declares at the id of another piece takes that id over (InternLM2's
 `<|im_end|>` is declared at 92542, the user-defined piece `[UNUSED_TOKEN_145]` in `tokenizer.model`), and
@@ -199,7 +200,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def __init__(self, backend: Backend, eos_token, pad_token, source: str, bos_token: str | None,
                  add_bos_token: bool, strips_leading_space: bool = False, aliases: dict[int, int] | None = None,
-                 folds_whitespace: bool = False):
+                 folds_whitespace: bool = False, control_ids: frozenset[int] = frozenset()):
         super().__init__(backend, eos_token, pad_token, source)
         self.bos_token = bos_token
         self.add_bos_token = add_bos_token
@@ -208,6 +209,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.folds_whitespace = folds_whitespace  # remove_extra_whitespaces: that of each piece while nothing is out
         # backend id -> real id of user-defined pieces whose id the config gave to another token
         self._aliases = aliases or {}
+        self._control_ids = control_ids  # control pieces: no text unless the config names them as tokens
 
     def encode(self, text: str) -> list[int]:
         return [self._aliases.get(i, i) for i in super().encode(text)]
@@ -228,7 +230,7 @@ class SentencePieceTokenizer(Tokenizer):
         if added is not None:
             return added.content.encode("utf-8")
         piece = self.backend.id_to_token(token_id)
-        if piece is None:
+        if piece is None or token_id in self._control_ids:
             return b""
         if _is_byte_piece(piece):
             return bytes([int(piece[3:5], 16)])
@@ -310,4 +312,5 @@ def load_internlm2_tokenizer(folder: str | Path) -> SentencePieceTokenizer:
         backend, named["eos_token"], named["pad_token"], str(folder), named["bos_token"],
         bool(config.get("add_bos_token", True)), model.add_dummy_prefix or model.remove_extra_whitespaces,
         {backend.token_to_id(piece): token_id for piece, token_id in displaced.items()}, model.remove_extra_whitespaces,
+        frozenset(i for i, (_, _, kind) in enumerate(model.pieces) if kind == CONTROL),
     )
