@@ -51,6 +51,14 @@ word ::= [a-zé]+ | "\u732B" | "\U0001F600"
 """
 WORDS_REGEX = r"(?:[a-zé]+|猫|😀)(?:, ?(?:[a-zé]+|猫|😀)){0,4}\.?"
 PARENTHESES = 'root ::= ("(" root ")")*'
+LEFT_ARITHMETIC = r"""
+# ARITHMETIC written left-recursively, as users write it
+root   ::= expr
+expr   ::= expr ("+" | "-") term | term
+term   ::= term [*/] factor | factor
+factor ::= number | "(" expr ")"
+number ::= number [0-9] | [0-9]
+"""
 SHORT = 'root ::= " "? ("yes" | "no" | [0-9]{1,2} | "\u732B") (", " animal)?\nanimal ::= "cats" | "dogs"\n'
 SHORT_REGEX = r" ?(yes|no|[0-9]{1,2}|猫)(, (cats|dogs))?"
 
@@ -157,7 +165,8 @@ def parentheses(rng: random.Random, depth: int = 4) -> str:
 CASES = [(ARITHMETIC, arithmetic, arithmetic_ok, "0123456789+-*/()x "),
          (JSON_SUBSET, lambda rng: json_value(rng, top=True), json_ok, '{}[]",:-0123456789 aébtruefalsn'),
          (WORDS, words, lambda text: bool(re.fullmatch(WORDS_REGEX, text)), "abzé猫😀,. x"),
-         (PARENTHESES, parentheses, parentheses_ok, "()x")]
+         (PARENTHESES, parentheses, parentheses_ok, "()x"),
+         (LEFT_ARITHMETIC, arithmetic, arithmetic_ok, "0123456789+-*/()x ")]
 
 
 def mutated(rng: random.Random, text: str, alphabet: str) -> str:
@@ -269,8 +278,11 @@ def test_only_well_formed_utf8_is_taken():
     ('root ::= "a"\n5x ::= "b"', "grammar: line 2, column 1: unexpected '5'"),
     ('start: "a" | "b"\n%ignore " "', "grammar (Lark): line 2, column 1: %ignore is not taken"),
     ("", "grammar: no rule"),
-    ('root ::= root "a" | "a"', "the rule 'root' is left-recursive (root -> root, reading no byte)"),
-    ('root ::= x\nx ::= y? "-" | "a"\ny ::= "" | x "b"', "the rule 'x' is left-recursive (x -> y -> x"),
+    ('root ::= root "a"', "grammar: the rule 'root' is left-recursive (root -> root, reading no byte) and has no "
+                          "alternative that begins otherwise: it derives no text"),
+    ('root ::= "a" | x\nx ::= x', "the rule 'x' is left-recursive (x -> x, reading no byte) and has no alternative"),
+    ('root ::= a\na ::= b "x"\nb ::= (a) "y"', "the rule 'b' is left-recursive (b -> a -> b, reading no byte) and "
+                                            "has no alternative that begins otherwise"),
     ('root ::= x\nx ::= "a" x', "grammar: the root rule derives no text"),
     ('root ::= ("a"{1000}){200}', "grammar: too large"),
     ('root ::= ' + "(" * 101 + ")" * 101, "groups nested more than 100 deep"),
@@ -280,6 +292,121 @@ def test_grammars_this_module_does_not_take_are_refused_naming_the_problem(text,
         compile_grammar(text)
     with pytest.raises(GrammarError, match="must be a string, got bytes"):
         compile_grammar(b"root ::= x")
+
+
+# ---- left recursion: rewritten, the language kept --------------------------------------------
+
+LEFT_RECURSIVE = [  # (grammar, alphabet: its characters and one more)
+    ('root ::= root "+" t | t\nt ::= "a" | "b"', "ab+x"),
+    ('root ::= a\na ::= b "x" | "y"\nb ::= a "z" | "w"', "xyzw"),  # indirect
+    ('root ::= x\nx ::= y? "-" | "a"\ny ::= "" | x "b"', "-abc"),  # hidden: behind an optional, a rule deriving ""
+    ('root ::= n* root "a" | "b"\nn ::= "c"', "abcd"),  # hidden behind a repetition
+    ('root ::= l "." l\nl ::= l "," "a" | ""', ".,ab"),  # a left-recursive rule deriving "", used after text too
+    ('root ::= (root [+-] | "-") ("1" | "(" root ")") | "1"', "1+-()"),  # groups and alternation in a sequence
+    ('root ::= (root "a")+ "b" | "c"', "abcd"),
+    ('root ::= (root "a"){0,2} "b" | (root "c")? "d"', "abcde"),
+    ('root ::= "<" l ">"\nl ::= (l ","?){2,3} "a" | ""', "<>,ab"),  # a repetition of what may be empty
+    ('root ::= a "!"\na ::= b a "x" | ""\nb ::= a "y" | ""', "!xyz"),  # a cycle of rules deriving ""
+    ('root ::= a | "q"\na ::= root | "z" | a "z"', "qzx"),  # a cycle of bare calls
+    ('root ::= e\ne ::= s? e "*" f | f\ns ::= " "\nf ::= "1" | "(" e ")"', "1)*( "),  # closers first
+]
+
+
+def sentences(text: str, alphabet: str, length: int) -> set[str]:
+    """The sentences of at most `length` characters of the grammar `text` (its characters in `alphabet`), straight
+    from its rules as parsed: each rule's texts grown together until none grows (left recursion and all)."""
+    rules = {name: tree for name, (tree, _) in grammar_module._Parser(text).parse().items()}
+    found: dict[str, set[str]] = {name: set() for name in rules}
+
+    def joined(firsts: set[str], seconds: set[str]) -> set[str]:
+        return {a + b for a in firsts for b in seconds if len(a + b) <= length}
+
+    def texts(tree) -> set[str]:
+        kind = tree[0]
+        if kind == "bytes":
+            return {tree[1].decode()}
+        if kind == "set":
+            return {c for c in alphabet if any(lo <= ord(c) <= hi for lo, hi in tree[1])}
+        if kind == "ref":
+            return found[tree[1]]
+        if kind == "alt":
+            return set().union(*(texts(part) for part in tree[1]))
+        if kind == "cat":
+            done = {""}
+            for part in tree[1]:
+                done = joined(done, texts(part))
+            return done
+        _, part, least, most = tree
+        one, done, count = texts(part), {""}, {""}
+        done = {""} if least == 0 else set()
+        for k in range(1, (least + length if most is None else most) + 1):
+            count = joined(count, one)
+            if k >= least:
+                done |= count
+        return done
+
+    while True:
+        grown = {name: texts(tree) for name, tree in rules.items()}
+        if grown == found:
+            return found["root"]
+        found = grown
+
+
+def finishes(grammar, state, alphabet: str, steps: int, failed: dict) -> bool:
+    """Whether some text of at most `steps` characters of `alphabet` takes `state` to acceptance: depth first, in the
+    alphabet's order, `failed` holding the most steps each state was searched with in vain."""
+    if grammar.accepting(state):
+        return True
+    if steps == 0 or failed.get(state, -1) >= steps:
+        return False
+    for c in alphabet:
+        s = after(grammar, state, c.encode())
+        if s is not None and finishes(grammar, s, alphabet, steps - 1, failed):
+            return True
+    failed[state] = steps
+    return False
+
+
+@pytest.mark.parametrize("text, alphabet", LEFT_RECURSIVE)
+def test_left_recursive_grammars_take_exactly_the_sentences_of_the_grammar(text, alphabet):
+    """Every text of up to 6 characters of the alphabet is taken exactly where it is a sentence (of the grammar as
+    written); it is refused (from the byte where it goes astray) only where no sentence of up to 10 characters
+    begins with it, and where it is not, a sentence lies ahead (no dead ends)."""
+    grammar = compile_grammar(text)
+    short, long = sentences(text, alphabet, 6), sentences(text, alphabet, 10)
+    assert short and len(long) > len(short)
+    beginnings = {sentence[:i] for sentence in long for i in range(len(sentence) + 1)}
+    level, failed = {"": grammar.initial}, {}
+    for size in range(7):
+        for prefix, state in level.items():
+            assert (state is not None) >= (prefix in beginnings), prefix
+            assert state is None or prefix in beginnings or finishes(grammar, state, alphabet, 16, failed), prefix
+            assert (state is not None and grammar.accepting(state)) == (prefix in short), prefix
+        level = {prefix + c: None if state is None else after(grammar, state, c.encode())
+                 for prefix, state in level.items() for c in alphabet}
+
+
+def test_a_long_left_recursive_sentence_is_taken_in_few_calls_and_masks_along_it_are_the_oracles():
+    """`expr ::= expr "+" term` becomes a repetition, not a right-recursive rule: 201 terms open no more calls (nor
+    hold more stacks) than 3, well within MAX_DEPTH and MAX_STACKS."""
+    grammar = compile_grammar('root ::= expr\nexpr ::= expr "+" term | term\nterm ::= [0-9]+ | "(" expr ")"')
+
+    def largest(data: bytes) -> int:  # stacks in a state, calls in a stack
+        return max(max(len(state), *(len(stack) for stack in state)) for state in states(grammar, data))
+
+    sentence = "+".join(["12", "(3+4)"] * 100 + ["5"]).encode()
+    pieces = [b"1", b"2", b"12", b"+", b"+1", b"2+", b"(", b"(3", b"3", b"3+4", b"4", b")", b")+", b"5", b"x", None]
+    vocabulary = jm.JsonVocabulary(pieces, len(pieces) + 1)
+    constraint = AutomatonConstraint(vocabulary, grammar)
+    at = 0
+    while at < len(sentence):
+        expected = [bool(piece) and after(grammar, constraint.state, piece) is not None for piece in pieces] + [False]
+        assert grammar.mask(vocabulary, constraint.state).tolist() == expected
+        piece = max((p for p in pieces if p and sentence.startswith(p, at)), key=len)
+        constraint.advance(pieces.index(piece))
+        at += len(piece)
+    assert constraint.complete and grammar.matches(sentence) and not grammar.matches(sentence + b"+")
+    assert largest(sentence) == largest(b"12+(3+4)+5") < 10
 
 
 def test_unproductive_parts_are_pruned():

@@ -10,9 +10,15 @@ may span lines), string literals `"..."`, character classes `[a-z0-9_]` and `[^.
 \\\\ \\/ \\' \\?`, `\\n \\r \\t \\b \\f \\a \\v \\0 \\e`, `\\xH...` (any number of hex digits, as xgrammar reads it),
 `\\uHHHH`, `\\UHHHHHHHH`; in classes also `\\^ \\$ \\. \\* \\+ \\( \\) \\[ \\] \\{ \\} \\| \\-` (a `-` first or last in
 a class is itself). Refused with a GrammarError naming the line and column: syntax errors, a rule defined twice, a
-reference to a rule never defined, no `root` rule, surrogate code points, a bound above automaton.MAX_REPEAT, left
-recursion (a rule that can reach itself without reading a byte: xgrammar takes it, this module does not), and a root
+reference to a rule never defined, no `root` rule, surrogate code points, a bound above automaton.MAX_REPEAT, a
+left-recursive rule whose every alternative begins with itself (it derives no text; named with its cycle), and a root
 that derives no text within MAX_DEPTH. Lark grammars (vLLM's other syntax) are converted to GBNF first (lark.py).
+
+Left recursion (a rule that can call itself before reading a byte, as xgrammar takes it: `expr ::= expr "+" term |
+term`, through other rules, behind rules or repetitions that may be empty) is rewritten on the rules' trees to the same
+language without it (_LeftRecursion: a rule that derives the empty text split into it and a variant without it,
+Paull's algorithm, a rule's own left recursion made a repetition `expr ::= term ("+" term)*`, so that a long sentence
+opens no more calls than a short one); a grammar without left recursion is compiled as written.
 
 Each rule is compiled to a small automaton (Thompson-style, automaton.ByteAutomaton, as regex.py's, its character
 classes as UTF-8 byte ranges) over bytes and rule calls; all rules' nodes are numbered together. A state is a frozenset
@@ -234,21 +240,21 @@ class Grammar(ByteAutomaton):
         super().__init__()
         self.key = text
         parser = _Parser(text)
-        rules = parser.parse()
+        rules = {name: tree for name, (tree, _) in parser.parse().items()}
         if "root" not in rules:
             raise GrammarError("grammar: it has no `root` rule (where its sentences begin)")
+        for tree in rules.values():
+            _refuse_undefined(tree, rules, parser)
+        rules = _without_left_recursion(rules)
         self._calls: list[list[tuple[int, int]]] = []  # (the called rule's entry node, the return node)
         self._extra = (self._calls,)
-        self._names = list(rules)
         self._entries = [self._node() for _ in rules]
         self._exits = set()
         numbers = self._numbers = {name: i for i, name in enumerate(rules)}
-        self._parser = parser  # names the place of an undefined rule
-        for i, (tree, _) in enumerate(rules.values()):
+        for i, tree in enumerate(rules.values()):
             first, last = self._build(tree)
             self._empty[self._entries[i]].append(first)
             self._exits.add(last)
-        self._refuse_left_recursion()
         self.cost = self._costs()
         if self.cost[self._entries[numbers["root"]]] >= MAX_DEPTH:
             raise GrammarError("grammar: the root rule derives no text" + (
@@ -269,8 +275,7 @@ class Grammar(ByteAutomaton):
     # ---- construction -----------------------------------------------------------------------
 
     def _too_large(self) -> GrammarError:
-        return GrammarError(f"grammar: too large: its automaton would have more than {MAX_NODES} nodes (a "
-                            "repetition copies what it repeats)")
+        return _too_large()
 
     def _build_other(self, tree, entry: int) -> int:
         """Literal bytes (a chain of byte edges) and rule references (a call edge)."""
@@ -281,50 +286,9 @@ class Grammar(ByteAutomaton):
                 self._bytes[end].append((byte, byte, after))
                 end = after
             return end
-        _, name, pos = tree  # "ref"
-        if name not in self._numbers:
-            raise self._parser.refuse(f"the rule {name!r} is used but never defined", pos)
-        end = self._node()
-        self._calls[entry].append((self._entries[self._numbers[name]], end))
+        end = self._node()  # a "ref"
+        self._calls[entry].append((self._entries[self._numbers[tree[1]]], end))
         return end
-
-    def _refuse_left_recursion(self) -> None:
-        """A GrammarError naming a rule that can call itself before reading a byte (the closure would not end)."""
-        nullable: set[int] = set()  # entries of the rules that derive the empty text
-        while True:
-            found = {entry for entry in self._entries if entry not in nullable and self._exits & self._reach(entry,
-                                                                                                         nullable)}
-            if not found:
-                break
-            nullable |= found
-        first = {entry: {callee for node in self._reach(entry, nullable) for callee, _ in self._calls[node]}
-                 for entry in self._entries}
-        names = dict(zip(self._entries, self._names))
-        for entry in self._entries:  # a path back to `entry` through first calls
-            paths, todo = {entry: [entry]}, [entry]
-            while todo:
-                node = todo.pop()
-                for callee in first[node]:
-                    if callee == entry:
-                        cycle = " -> ".join(names[n] for n in paths[node] + [entry])
-                        raise GrammarError(f"grammar: the rule {names[entry]!r} is left-recursive ({cycle}, reading "
-                                           "no byte): this module does not take left recursion (write it as a "
-                                           "repetition: a ::= b (\"op\" b)*)")
-                    if callee not in paths:
-                        paths[callee] = paths[node] + [callee]
-                        todo.append(callee)
-
-    def _reach(self, entry: int, nullable: set[int]) -> set[int]:
-        """The nodes of `entry`'s rule reached from it by epsilon edges and calls of `nullable` rules."""
-        seen, todo = {entry}, [entry]
-        while todo:
-            node = todo.pop()
-            after = self._empty[node] + [t for callee, t in self._calls[node] if callee in nullable]
-            for t in after:
-                if t not in seen:
-                    seen.add(t)
-                    todo.append(t)
-        return seen
 
     def _costs(self) -> list[float]:
         """Per node, the least number of frames above its own that finishing its rule from it needs (INFINITE:
@@ -380,6 +344,212 @@ class Grammar(ByteAutomaton):
         if len(found) > MAX_STACKS:
             found = set(sorted(found, key=lambda s: (len(s), s))[:MAX_STACKS])
         return frozenset(found)
+
+
+# ---- left recursion rewritten away (on the rules' trees) ------------------------------------
+
+EMPTY = ("alt", ())  # the empty language: no text at all
+
+
+def _too_large() -> GrammarError:
+    return GrammarError(f"grammar: too large: its automaton would have more than {MAX_NODES} nodes (a repetition "
+                        "copies what it repeats, and so does rewriting left recursion)")
+
+
+def _refuse_undefined(tree, rules: dict, parser: _Parser) -> None:
+    """A GrammarError naming the place of the first call of a rule never defined in `tree`."""
+    if tree[0] == "ref" and tree[1] not in rules:
+        raise parser.refuse(f"the rule {tree[1]!r} is used but never defined", tree[2])
+    for part in (tree[1] if tree[0] in ("cat", "alt") else (tree[1],) if tree[0] == "rep" else ()):
+        _refuse_undefined(part, rules, parser)
+
+
+def _nullable(tree, nullable: set[str]) -> bool:
+    """Whether `tree` derives the empty text (`nullable`: the rules that do)."""
+    kind = tree[0]
+    if kind in ("bytes", "set"):
+        return kind == "bytes" and not tree[1]
+    if kind == "ref":
+        return tree[1] in nullable
+    if kind == "rep":
+        return tree[2] == 0 or _nullable(tree[1], nullable)
+    return (all if kind == "cat" else any)(_nullable(part, nullable) for part in tree[1])
+
+
+def _firsts(tree, nullable: set[str]) -> set[str]:
+    """The rules `tree` can call before reading a byte."""
+    kind = tree[0]
+    if kind == "ref":
+        return {tree[1]}
+    if kind == "rep":
+        return _firsts(tree[1], nullable) if tree[3] != 0 else set()
+    found: set[str] = set()
+    for part in tree[1] if kind in ("cat", "alt") else ():
+        found |= _firsts(part, nullable)
+        if kind == "cat" and not _nullable(part, nullable):
+            break
+    return found
+
+
+def _cycle(firsts: dict, name: str) -> list[str] | None:
+    """A path of first calls from the rule `name` back to itself (name, ..., name), or None."""
+    paths, todo = {name: [name]}, [name]
+    while todo:
+        node = todo.pop()
+        for callee in sorted(firsts[node]):
+            if callee == name:
+                return paths[node] + [name]
+            if callee not in paths:
+                paths[callee] = paths[node] + [callee]
+                todo.append(callee)
+    return None
+
+
+def _without_left_recursion(rules: dict) -> dict:
+    """`rules` ({name: tree}) where no rule can call itself before reading a byte: the same ones where none can, else
+    the same language without left recursion (_LeftRecursion)."""
+    nullable: set[str] = set()
+    while True:
+        found = {name for name, tree in rules.items() if name not in nullable and _nullable(tree, nullable)}
+        if not found:
+            break
+        nullable |= found
+    firsts = {name: _firsts(tree, nullable) for name, tree in rules.items()}
+    cycles = {name: cycle for name in rules if (cycle := _cycle(firsts, name))}
+    return _LeftRecursion(rules, nullable, cycles).rules if cycles else rules
+
+
+class _LeftRecursion:
+    """Left recursion rewritten away, the language kept. The rules on a cycle of first calls (`cycles`) are written
+    as alternatives (sequences of trees) that each begin with a literal, a set or a call of a rule that does not
+    derive the empty text (`leading`): a rule `a` that does is `a ::= a' | ""`, its variant `a'` the same less the
+    empty text (`nonempty`, a variant made for each such rule called first). Then, in the rules' order (Paull's
+    algorithm), a first call of an earlier rule of the same cycles is replaced by that rule's alternatives and a
+    rule's own left recursion `a ::= a x | a y | b | c` becomes `a ::= (b | c) (x | y)*`: a repetition, not a
+    right-recursive rule, so a long sentence (200 `+ term`) opens no more calls than a short one. A rule whose every
+    alternative begins with itself derives no text and is refused naming its cycle."""
+
+    def __init__(self, rules: dict, nullable: set[str], cycles: dict):
+        self.original, self.nullable, self.cycles = rules, nullable, cycles
+        self.rules = dict(rules)  # the result, variants added
+        self.variants = {name: name + "'" for name in cycles if name in nullable}
+        self.todo = []  # variants of rules on no cycle whose bodies are still to be made
+        self.base = {variant: name for name, variant in self.variants.items()}
+        alternatives = {}
+        for name in cycles:
+            if name in nullable:
+                self.rules[name] = ("alt", (("ref", self.variants[name], None), ("bytes", b"")))
+                alternatives[self.variants[name]] = list(dict.fromkeys(self.leading((self.nonempty(rules[name]),))))
+            else:
+                alternatives[name] = list(dict.fromkeys(self.leading((rules[name],))))
+        while self.todo:
+            name = self.todo.pop()
+            self.rules[self.variants[name]] = self.nonempty(rules[name])
+        reach = {name: self.reach(name, alternatives) for name in alternatives}
+        done: list[str] = []
+        for name in alternatives:
+            sequences = alternatives[name]
+            for earlier in (rule for rule in done if rule in reach[name] and name in reach[rule]):
+                substituted = []
+                for sequence in sequences:
+                    if self.calls(sequence, earlier):
+                        substituted += [found + sequence[1:] for found in alternatives[earlier]]
+                    else:
+                        substituted.append(sequence)
+                sequences = list(dict.fromkeys(substituted))
+                if len(sequences) > MAX_NODES:
+                    raise _too_large()
+            alternatives[name] = self.direct(name, sequences)
+            done.append(name)
+
+    @staticmethod
+    def calls(sequence: tuple, name: str) -> bool:
+        """Whether `sequence` begins with a call of the rule `name`."""
+        return bool(sequence) and sequence[0][0] == "ref" and sequence[0][1] == name
+
+    def reach(self, name: str, alternatives: dict) -> set[str]:
+        """The rules of `alternatives` that `name`'s can call first, through one another."""
+        seen, todo = set(), [name]
+        while todo:
+            for sequence in alternatives[todo.pop()]:
+                callee = sequence[0][1] if sequence and sequence[0][0] == "ref" else None
+                if callee in alternatives and callee not in seen:
+                    seen.add(callee)
+                    todo.append(callee)
+        return seen
+
+    def direct(self, name: str, sequences: list[tuple]) -> list[tuple]:
+        """`name`'s alternatives without its own left recursion, its rule's tree written (`self.rules`)."""
+        tails = [sequence[1:] for sequence in sequences if self.calls(sequence, name)]
+        bases = [sequence for sequence in sequences if not self.calls(sequence, name)]
+        if tails and not bases and name not in self.base:
+            raise GrammarError(f"grammar: the rule {name!r} is left-recursive ({' -> '.join(self.cycles[name])}, "
+                               "reading no byte) and has no alternative that begins otherwise: it derives no text")
+        tails = [tail for tail in tails if tail]  # `a ::= a` adds nothing
+        body = ("alt", tuple(("cat", sequence) for sequence in bases))
+        if not tails:
+            self.rules[name] = body
+            return bases
+        loop = ("rep", ("alt", tuple(("cat", tail) for tail in tails)), 0, None)
+        self.rules[name] = ("cat", (body, loop))
+        return [sequence + (loop,) for sequence in bases]
+
+    def variant(self, name: str) -> str:
+        """The name of the rule `name` less the empty text (made once)."""
+        if name not in self.variants:
+            self.variants[name] = name + "'"
+            self.base[name + "'"] = name
+            self.todo.append(name)
+        return self.variants[name]
+
+    def nonempty(self, tree):
+        """`tree` less the empty text."""
+        if not _nullable(tree, self.nullable):
+            return tree
+        kind = tree[0]
+        if kind == "ref":
+            return ("ref", self.variant(tree[1]), tree[2])
+        if kind == "cat":  # the first part that is not empty
+            parts = tree[1]
+            return ("alt", tuple(("cat", (self.nonempty(part),) + parts[i + 1:]) for i, part in enumerate(parts)))
+        if kind == "alt":
+            return ("alt", tuple(self.nonempty(part) for part in tree[1]))
+        if kind == "rep" and tree[3] != 0:  # one that is not empty, then any (empty ones stand for the least count)
+            return ("cat", (self.nonempty(tree[1]), ("rep", tree[1], 0, None if tree[3] is None else tree[3] - 1)))
+        return EMPTY  # "", x{0}
+
+    def leading(self, sequence: tuple) -> list[tuple]:
+        """`sequence` (of trees) as alternatives that each begin with a literal, a set or a call of a rule that does
+        not derive the empty text (or are empty)."""
+        found: list[tuple] = []
+        while sequence:
+            head, rest = sequence[0], sequence[1:]
+            kind = head[0]
+            if kind == "cat":
+                sequence = head[1] + rest
+            elif kind == "alt":
+                found += [begun for part in head[1] for begun in self.leading((part,) + rest)]
+                break
+            elif kind == "rep" and head[3] != 0 and head[2] and not _nullable(head[1], self.nullable):
+                sequence = (head[1], ("rep", head[1], head[2] - 1, None if head[3] is None else head[3] - 1)) + rest
+            elif kind == "rep":  # once not empty, then fewer times; or not at all
+                if head[3] != 0:
+                    again = ("rep", head[1], 0, None if head[3] is None else head[3] - 1)
+                    found += self.leading((self.nonempty(head[1]), again) + rest)
+                sequence = rest
+            elif kind == "ref" and head[1] in self.nullable:  # the rule less the empty text; or the empty text
+                found.append((self.nonempty(head),) + rest)
+                sequence = rest
+            elif kind == "bytes" and not head[1]:
+                sequence = rest
+            else:
+                found.append(sequence)
+                break
+        else:
+            found.append(())
+        if len(found) > MAX_NODES:
+            raise _too_large()
+        return found
 
 
 def compile_grammar(text: str) -> Grammar:
