@@ -612,8 +612,8 @@ def test_guided_grammar_and_structured_outputs_grammar_and_their_400s():
                  "but never defined$", "guided_grammar"),
                 ({"structured_outputs": {"grammar": "root ::= x"}}, "^structured_outputs.grammar: grammar: line 1, "
                  "column 10: the rule 'x' is used but never defined$", "structured_outputs"),
-                ({"guided_grammar": ["a"]}, r'^guided_grammar must be a string \(a GBNF grammar\), got \["a"\]$',
-                 "guided_grammar"),
+                ({"guided_grammar": ["a"]},
+                 r'^guided_grammar must be a string \(a GBNF or Lark grammar\), got \["a"\]$', "guided_grammar"),
                 ({"guided_grammar": PARENTHESES, "guided_regex": "a"},
                  "^give one of guided_regex and guided_grammar, not more", "guided_grammar"),
                 ({"guided_grammar": PARENTHESES, "structured_outputs": {"json": {}}},

@@ -404,10 +404,10 @@ def _structured(body: dict) -> tuple[dict, str | None]:
     `response_format` ({"type": "json_object"}: JSON mode; {"type": "json_schema", "json_schema": {"name": ...,
     "schema": {...}, "strict": ...}}: a schema), vLLM's `guided_json` (a schema, or its JSON as a string),
     `guided_regex` (a regex the whole answer matches), `guided_choice` (strings the answer is one of),
-    `guided_grammar` (a GBNF grammar the whole answer is a sentence of) or its newer `structured_outputs` ({"json": a
-    schema or its JSON}, {"json_object": true}: JSON mode, {"regex": ...}, {"choice": [...]} or {"grammar": ...};
-    its other keys, structural_tag, ..., are refused); {"type": "text"} and null ask for none. Anything else, two at
-    once, or a schema, regex or grammar that cannot be compiled is a 400 naming it."""
+    `guided_grammar` (a GBNF or Lark grammar the whole answer is a sentence of) or its newer `structured_outputs`
+    ({"json": a schema or its JSON}, {"json_object": true}: JSON mode, {"regex": ...}, {"choice": [...]} or
+    {"grammar": ...}; its other keys, structural_tag, ..., are refused); {"type": "text"} and null ask for none.
+    Anything else, two at once, or a schema, regex or grammar that cannot be compiled is a 400 naming it."""
     response_format, guided = body.get("response_format"), body.get("guided_json")
     formatted = response_format is not None and response_format != {"type": "text"}
     structured = body.get("structured_outputs")
@@ -481,9 +481,9 @@ def _structured(body: dict) -> tuple[dict, str | None]:
 
 def _guide(kind: str, value, name: str, param: str) -> dict:
     """The SamplingParams field of vLLM's regex (a string), choice (a non-empty list of strings) or grammar (a GBNF
-    grammar's text) sent as `name`, checked and compiled; a 400 naming what is wrong."""
+    or Lark grammar's text) sent as `name`, checked and compiled; a 400 naming what is wrong."""
     if kind in ("regex", "grammar") and not isinstance(value, str):
-        what = "a regular expression" if kind == "regex" else "a GBNF grammar"
+        what = "a regular expression" if kind == "regex" else "a GBNF or Lark grammar"
         raise ApiError(400, f"{name} must be a string ({what}), got {json.dumps(value)[:80]}", param)
     if kind == "choice" and not (isinstance(value, list) and value and all(isinstance(c, str) for c in value)):
         raise ApiError(400, f"{name} must be a non-empty list of strings, got {json.dumps(value)[:80]}", param)
