@@ -271,6 +271,21 @@ def test_a_conversation_with_tool_calls_and_tool_results_is_read_as_documented(s
         assert (e.value.status, e.value.param) == (400, param)
 
 
+def read_in_pieces(pieces: list[str]) -> list[tuple[str, str]]:
+    """(name, arguments) of each call as the streamed deltas of a "required" answer read in `pieces` join, checking
+    that each call's first delta names it and the later ones only add to its arguments."""
+    calls, joined = ToolCalls(None), []
+    for piece in pieces:
+        for delta in calls.read(piece):
+            if "id" in delta:
+                assert delta["index"] == len(joined)
+                joined.append([delta["function"]["name"], ""])
+            else:
+                assert delta["index"] == len(joined) - 1 and set(delta) == {"index", "function"}
+            joined[-1][1] += delta["function"]["arguments"]
+    return [tuple(call) for call in joined]
+
+
 def test_streamed_tool_call_deltas_join_to_the_calls_however_the_text_is_cut():
     """ToolCalls reads a "required" answer in any pieces (escapes, brackets inside strings, scalar arguments) to the
     calls it reads whole, each call's name once its string is closed."""
@@ -281,16 +296,38 @@ def test_streamed_tool_call_deltas_join_to_the_calls_however_the_text_is_cut():
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in whole.calls] == [
         ("get_time", '{"s": "x}\\"]", "l": [1, {"z": null}]}'), ("ping", "5"), ("a", '"str"'), ("b", "true")]
     for size in (1, 2, 3, 7):
-        calls = ToolCalls(None)
-        joined: dict[int, list] = {}
-        for start in range(0, len(text), size):
-            for delta in calls.read(text[start:start + size]):
-                if "id" in delta:
-                    joined[delta["index"]] = [delta["function"]["name"], ""]
-                joined[delta["index"]][1] += delta["function"]["arguments"]
-        assert [joined[i] for i in sorted(joined)] == [[c["function"]["name"], c["function"]["arguments"]]
-                                                       for c in whole.calls]
+        assert read_in_pieces([text[start:start + size] for start in range(0, len(text), size)]) == \
+            [(c["function"]["name"], c["function"]["arguments"]) for c in whole.calls]
     named = ToolCalls("f")
     assert named.read("") == [{"index": 0, "id": named.calls[0]["id"], "type": "function",
                                "function": {"name": "f", "arguments": ""}}]
     assert named.read('{"a"') == [{"index": 0, "function": {"arguments": '{"a"'}}] and named.read("") == []
+
+
+def test_tool_call_reader_takes_escapes_scalars_and_whitespace_split_anywhere():
+    """A "required" answer's calls (name, arguments as written) from texts with escaped quotes in names and
+    arguments, brackets inside strings, non-ASCII and \\u escapes in names, numbers, true, false and null as whole
+    arguments (a number ended by a space, a newline, a comma or the brace), whitespace between all tokens and several
+    calls; the same whichever single place the text is cut at, and character by character."""
+    cases = [
+        ('[{"name": "say\\"hi\\"", "parameters": {"q": "a\\"b}\\\\", "r": "]"}}]',
+         [('say"hi"', '{"q": "a\\"b}\\\\", "r": "]"}')]),
+        ('[{"name":"f","parameters":{"s":"{[}]","t":["]",{"u":"}"}],"v":"\\\\"}}]',
+         [("f", '{"s":"{[}]","t":["]",{"u":"}"}],"v":"\\\\"}')]),
+        ('[{"name":"\\u00e9t\\u00E9","parameters":{}},{"name":"日本","parameters":{"é":"😀"}},'
+         '{"name":"\\ud83d\\ude00x","parameters":{}},{"name":"a\\/b\\n","parameters":{}}]',
+         [("été", "{}"), ("日本", '{"é":"😀"}'), ("😀x", "{}"), ("a/b\n", "{}")]),
+        ('[{"name":"n","parameters":-1.5e+3},{"name":"z","parameters":0 },{"name":"t","parameters":true},'
+         '{"name":"f","parameters":false\n},{"name":"u","parameters":null},{"name":"i","parameters":12\n}]',
+         [("n", "-1.5e+3"), ("z", "0"), ("t", "true"), ("f", "false"), ("u", "null"), ("i", "12")]),
+        ('\n[ {\n  "name" : "f" ,\n  "parameters" :\t{ "a" : [ 1 , 2.5 ] , "b" : null }\n } ,\n'
+         ' {"name":"g", "parameters": [ ]} ]',
+         [("f", '{ "a" : [ 1 , 2.5 ] , "b" : null }'), ("g", "[ ]")]),
+    ]
+    for text, expected in cases:
+        assert read_in_pieces([text]) == expected, text
+        assert [(name, json.loads(arguments)) for name, arguments in expected] == \
+            [(call["name"], call["parameters"]) for call in json.loads(text)]
+        assert read_in_pieces(list(text)) == expected, text
+        for cut in range(1, len(text)):
+            assert read_in_pieces([text[:cut], text[cut:]]) == expected, (text, cut)

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..generate import json_mode as jm
 from ..generate.engine import Request
 from ..generate.sampling import SamplingParams
 from ..pipeline import InternVLChat
@@ -35,7 +36,6 @@ from .worker import BatchWorker, Chunk, Job
 log = logging.getLogger("internvl_mpo.server")  # one logger for the whole server (users filter on it)
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
-JSON_SPACE = " \t\r\n"
 
 
 def json_response(value):
@@ -435,18 +435,19 @@ class Answer:
 class ToolCalls:
     """The tool calls of one choice's text, read as it comes, as vLLM reads them without a tool parser. With a named
     tool_choice (`named`) the whole text is that function's arguments. With "required" the text is a JSON list of
-    {"name": ..., "parameters": ...} objects, keys in that order as the constraint writes them: a call begins once
-    its name's string is closed, and its arguments are the text of its parameters' value as written. `read`
-    returns OpenAI's streamed `tool_calls` deltas of the next piece of text, so that the pieces join to `calls`."""
+    {"name": ..., "parameters": ...} objects, keys in that order as the constraint writes them, read by JSON mode's
+    recognizer (json_mode.advance from a value's start: the constraint's own lexical state, so it takes all the
+    constraint writes; reading stops at a character it refuses): a call begins once its name's string is closed,
+    and its arguments are the text of its parameters' value as written, from its first character to its last.
+    `read` returns OpenAI's streamed `tool_calls` deltas of the next piece of text, so that the pieces join to
+    `calls`."""
 
     def __init__(self, named: str | None):
         self.named = named
         self.calls: list[dict] = []  # OpenAI's message tool_calls: {"id", "type", "function": {"name", "arguments"}}
-        self.depth = 0  # brackets open (outside strings)
-        self.in_string = self.escaped = False
-        self.strings = 0  # strings closed in the call object so far ("name", its value, "parameters"); 4: all read
-        self.in_value = False  # inside the parameters' value
-        self.name = ""  # the name's JSON string so far, without quotes
+        self.state = (jm.VALUE, 0, "", 0)  # the recognizer's state after the text so far; None once it refused it
+        self.key = ""  # the call object's last key
+        self.text = ""  # the JSON text so far of the key, or the name, being read
 
     def read(self, text: str) -> list[dict]:
         deltas: list[dict] = []
@@ -456,41 +457,25 @@ class ToolCalls:
             self._arguments(text, deltas)
             return deltas
         for c in text:
-            if self.in_value and not self.in_string and self.depth == 2 and c in JSON_SPACE + ",}":
-                self.in_value, self.strings = False, 4  # a number, true, false or null ended before c
-            elif not self.in_value and self.strings == 3 and self.depth == 2 and c not in JSON_SPACE + ":":
-                self.in_value = True
-            was_string = self.in_string
-            self._track(c)
-            if self.in_value:
-                self._arguments(c, deltas)
-                if not self.in_string and self.depth == 2 and c in '}]"':
-                    self.in_value, self.strings = False, 4
-            elif self.depth == 2 and c == "{" and not was_string:  # a call's object opens
-                self.strings = 0
-            elif self.depth == 2 and was_string and self.in_string and self.strings == 1:
-                self.name += c
-            elif self.depth == 2 and was_string and not self.in_string:  # a string closed in the call's object
-                self.strings += 1
-                if self.strings == 2:
-                    self._call(json.loads(f'"{self.name}"'), deltas)
-                    self.name = ""
+            before, self.state = self.state, jm.advance_bytes(self.state, c.encode())
+            if self.state is None:
+                break
+            # c belongs to a key or value of a call's object: it is inside it, or its last character (a number
+            # there ends at the character after it, which is not the number's)
+            number_ended = before[0] == jm.NUMBER and len(before[2]) == 2
+            if _in_member(self.state) or (_in_member(before) and not number_ended):
+                if _in_key(self.state):
+                    self.text += c
+                    if self.state[0] == jm.COLON:  # the key closed
+                        self.key, self.text = json.loads(self.text), ""
+                elif self.key == "parameters":
+                    self._arguments(c, deltas)
+                elif self.key == "name":
+                    self.text += c
+                    if not _in_member(self.state):  # the name closed
+                        self._call(json.loads(self.text), deltas)
+                        self.text = ""
         return deltas
-
-    def _track(self, c: str) -> None:
-        if self.in_string:
-            if self.escaped:
-                self.escaped = False
-            elif c == "\\":
-                self.escaped = True
-            elif c == '"':
-                self.in_string = False
-        elif c == '"':
-            self.in_string = True
-        elif c in "{[":
-            self.depth += 1
-        elif c in "}]":
-            self.depth -= 1
 
     def _call(self, name: str, deltas: list[dict]) -> None:
         call = {"id": "chatcmpl-tool-" + uuid.uuid4().hex, "type": "function",  # vLLM's ids
@@ -506,6 +491,22 @@ class ToolCalls:
         if not deltas or deltas[-1]["index"] != index:
             deltas.append({"index": index, "function": {"arguments": ""}})
         deltas[-1]["function"]["arguments"] += text
+
+
+SCALAR_MODES = (jm.STRING, jm.ESCAPE, jm.UNICODE, jm.NUMBER, jm.LITERAL)  # a string, number or literal being read
+
+
+def _in_member(state) -> bool:
+    """Whether recognizer `state` is inside a key or value of a call's object (the list's "[{" open): in a string,
+    number or literal there, or in a container inside it."""
+    return len(state[2]) > 2 or (len(state[2]) == 2 and state[0] in SCALAR_MODES)
+
+
+def _in_key(state) -> bool:
+    """Whether recognizer `state` is in a key of a call's object, or right after its closing quote."""
+    mode, detail, stack, _ = state
+    return stack == "[{" and (mode == jm.COLON or (mode in (jm.STRING, jm.ESCAPE) and bool(detail & 8))
+                              or (mode == jm.UNICODE and bool(detail & 16)))
 
 
 def _tool_finish(req: ChatRequest, finish_reason: str | None) -> str | None:
