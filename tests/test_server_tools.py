@@ -331,3 +331,29 @@ def test_tool_call_reader_takes_escapes_scalars_and_whitespace_split_anywhere():
         assert read_in_pieces(list(text)) == expected, text
         for cut in range(1, len(text)):
             assert read_in_pieces([text[:cut], text[cut:]]) == expected, (text, cut)
+
+
+def test_a_tool_call_stream_sends_no_empty_delta_and_loses_no_logprobs(client, closing_bias):
+    """As vLLM, a tool call stream sends no chunk whose delta is empty (the "required" list's brackets and keys) but
+    each choice's last; the logprobs of the tokens behind a chunk not sent come with the next one: they join to the
+    non-streamed answer's (same seed), and the last chunk's continuous usage counts every token."""
+    for choice in ("required", NAMED):
+        body = {"messages": MESSAGES, "tools": TOOLS, "tool_choice": choice, "temperature": 1.0, "seed": 5,
+                "max_tokens": 200, "logit_bias": closing_bias, "n": 2, "logprobs": True, "top_logprobs": 2}
+        reply = client.chat.completions.create(model="m", **body)
+        entries: dict[int, list] = {0: [], 1: []}
+        used = {}
+        stream = client.chat.completions.create(
+            model="m", stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}, **body)
+        for chunk in stream:
+            for c in chunk.choices:
+                delta = c.delta.to_dict()
+                assert delta or c.finish_reason, chunk
+                if delta.get("role"):
+                    continue
+                entries[c.index] += [(e.token, e.logprob) for e in c.logprobs.content]
+                if c.finish_reason:
+                    used[c.index] = chunk.usage.completion_tokens
+        for c in reply.choices:
+            assert entries[c.index] == [(e.token, e.logprob) for e in c.logprobs.content], choice
+        assert sum(used.values()) == reply.usage.completion_tokens

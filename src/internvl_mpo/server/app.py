@@ -368,6 +368,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
             yield chunk(index, {"role": "assistant", "content": ""})
         tokens = 0
         calls = [ToolCalls(req.named_tool) for _ in range(req.n)] if req.named_tool or req.tools_required else None
+        held: list[list[dict]] = [[] for _ in range(req.n)]  # per choice, the logprobs of the chunks not sent
         async for item in _chunks(inbox, req.n):
             if isinstance(item, ApiError):
                 yield _sse(item.body())
@@ -377,7 +378,11 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
             else:  # the calls' name, then their arguments in pieces, as OpenAI streams them
                 deltas = calls[item.index].read(item.text)
                 delta, finish = {"tool_calls": deltas} if deltas else {}, _tool_finish(req, item.finish_reason)
-            yield chunk(item.index, delta, finish, item.logprobs, item.stop_reason, item.completion_tokens)
+            held[item.index] += item.logprobs or []
+            if not delta and not finish:  # as vLLM, no chunk of nothing ("required" calls' brackets and keys)
+                continue  # its tokens' logprobs come with the next chunk
+            logprobs, held[item.index] = None if item.logprobs is None else held[item.index], []
+            yield chunk(item.index, delta, finish, logprobs, item.stop_reason, item.completion_tokens)
             tokens += item.completion_tokens if item.finish_reason else 0  # the choice's count, on its last chunk
         if req.include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(usage, tokens)})
