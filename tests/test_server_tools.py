@@ -307,8 +307,8 @@ def test_streamed_tool_call_deltas_join_to_the_calls_however_the_text_is_cut():
 def test_tool_call_reader_takes_escapes_scalars_and_whitespace_split_anywhere():
     """A "required" answer's calls (name, arguments as written) from texts with escaped quotes in names and
     arguments, brackets inside strings, non-ASCII and \\u escapes in names, numbers, true, false and null as whole
-    arguments (a number ended by a space, a newline, a comma or the brace), whitespace between all tokens and several
-    calls; the same whichever single place the text is cut at, and character by character."""
+    arguments (a number ended by a space, a newline or the brace), whitespace between all tokens and several calls;
+    the same whichever single place the text is cut at, and character by character."""
     cases = [
         ('[{"name": "say\\"hi\\"", "parameters": {"q": "a\\"b}\\\\", "r": "]"}}]',
          [('say"hi"', '{"q": "a\\"b}\\\\", "r": "]"}')]),
