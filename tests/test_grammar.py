@@ -409,6 +409,17 @@ def test_a_long_left_recursive_sentence_is_taken_in_few_calls_and_masks_along_it
     assert largest(sentence) == largest(b"12+(3+4)+5") < 10
 
 
+def test_rewriting_left_recursion_calls_large_parts_instead_of_copying_them():
+    """`b`'s 60 alternatives begin with `a`: each gets `a`'s alternatives, the large one (1,000 nodes) as a call of a
+    rule of its own, not a copy each (which would pass MAX_NODES)."""
+    text = 'root ::= a\na ::= b "x" | "q" [a-z]{0,999}\nb ::= ' + " | ".join(f'a "{i}"' for i in range(60)) + ' | "w"'
+    grammar = compile_grammar(text)
+    assert grammar.size < 10_000
+    for sentence, taken in (("qab1x", True), ("wx59x", True), ("q" + "z" * 999 + "7x0x", True), ("qab1", False),
+                            ("w", False), ("q" + "z" * 1000 + "7x", False), ("wx60x", False)):
+        assert grammar.matches(sentence.encode()) == taken, sentence
+
+
 def test_unproductive_parts_are_pruned():
     """An alternative that derives no text (`loop` never ends) takes no byte: its prefix `"l"` is refused."""
     grammar = compile_grammar('root ::= "a" | loop\nloop ::= "l" loop')

@@ -349,6 +349,7 @@ class Grammar(ByteAutomaton):
 # ---- left recursion rewritten away (on the rules' trees) ------------------------------------
 
 EMPTY = ("alt", ())  # the empty language: no text at all
+SMALL = 16  # NFA nodes of a part of a rewritten rule copied where it is used (a larger one is a rule of its own)
 
 
 def _too_large() -> GrammarError:
@@ -391,6 +392,16 @@ def _firsts(tree, nullable: set[str]) -> set[str]:
     return found
 
 
+def _size(tree) -> int:
+    """About the number of NFA nodes of `tree` (a repetition's copies counted)."""
+    kind = tree[0]
+    if kind in ("cat", "alt"):
+        return 1 + sum(_size(part) for part in tree[1])
+    if kind == "rep":
+        return 1 + _size(tree[1]) * (tree[2] + 1 if tree[3] is None else tree[3])
+    return 1 + (len(tree[1]) if kind == "bytes" else 1)
+
+
 def _cycle(firsts: dict, name: str) -> list[str] | None:
     """A path of first calls from the rule `name` back to itself (name, ..., name), or None."""
     paths, todo = {name: [name]}, [name]
@@ -426,8 +437,9 @@ class _LeftRecursion:
     empty text (`nonempty`, a variant made for each such rule called first). Then, in the rules' order (Paull's
     algorithm), a first call of an earlier rule of the same cycles is replaced by that rule's alternatives and a
     rule's own left recursion `a ::= a x | a y | b | c` becomes `a ::= (b | c) (x | y)*`: a repetition, not a
-    right-recursive rule, so a long sentence (200 `+ term`) opens no more calls than a short one. A rule whose every
-    alternative begins with itself derives no text and is refused naming its cycle."""
+    right-recursive rule, so a long sentence (200 `+ term`) opens no more calls than a short one; its large parts are
+    rules of their own, called where the rule is substituted, not copied. A rule whose every alternative begins with
+    itself derives no text and is refused naming its cycle."""
 
     def __init__(self, rules: dict, nullable: set[str], cycles: dict):
         self.original, self.nullable, self.cycles = rules, nullable, cycles
@@ -459,7 +471,7 @@ class _LeftRecursion:
                 sequences = list(dict.fromkeys(substituted))
                 if len(sequences) > MAX_NODES:
                     raise _too_large()
-            alternatives[name] = self.direct(name, sequences)
+            alternatives[name] = self.direct(name, sequences, {rule for rule in reach[name] if name in reach[rule]})
             done.append(name)
 
     @staticmethod
@@ -478,21 +490,34 @@ class _LeftRecursion:
                     todo.append(callee)
         return seen
 
-    def direct(self, name: str, sequences: list[tuple]) -> list[tuple]:
-        """`name`'s alternatives without its own left recursion, its rule's tree written (`self.rules`)."""
+    def direct(self, name: str, sequences: list[tuple], cycle: set[str]) -> list[tuple]:
+        """`name`'s alternatives without its own left recursion, its rule's tree written (`self.rules`): those that
+        begin otherwise, then its tails repeated (`name ::= (b | c) (x | y)*`). Where large, the repetition is a rule
+        of its own (`name*`), and so are the alternatives that begin with no rule of its `cycle` (`name^`): later
+        rules that begin with `name` get calls of them, not copies."""
         tails = [sequence[1:] for sequence in sequences if self.calls(sequence, name)]
         bases = [sequence for sequence in sequences if not self.calls(sequence, name)]
         if tails and not bases and name not in self.base:
             raise GrammarError(f"grammar: the rule {name!r} is left-recursive ({' -> '.join(self.cycles[name])}, "
                                "reading no byte) and has no alternative that begins otherwise: it derives no text")
         tails = [tail for tail in tails if tail]  # `a ::= a` adds nothing
-        body = ("alt", tuple(("cat", sequence) for sequence in bases))
-        if not tails:
-            self.rules[name] = body
-            return bases
-        loop = ("rep", ("alt", tuple(("cat", tail) for tail in tails)), 0, None)
-        self.rules[name] = ("cat", (body, loop))
-        return [sequence + (loop,) for sequence in bases]
+        ends: tuple = ()
+        if tails:
+            ends = (self.named(name + "*", ("rep", ("alt", tuple(("cat", tail) for tail in tails)), 0, None)),)
+        inner = [sequence for sequence in bases if sequence[0][0] == "ref" and sequence[0][1] in cycle]
+        outer = [sequence for sequence in bases if sequence not in inner]
+        if outer:
+            outer = [(self.named(name + "^", ("alt", tuple(("cat", sequence) for sequence in outer))),)]
+        kept = [sequence + ends for sequence in outer + inner]
+        self.rules[name] = ("alt", tuple(("cat", sequence) for sequence in kept))
+        return kept
+
+    def named(self, name: str, tree):
+        """`tree`, or where it is large a call of a new rule `name` of it."""
+        if _size(tree) <= SMALL:
+            return tree
+        self.rules[name] = tree
+        return ("ref", name, None)
 
     def variant(self, name: str) -> str:
         """The name of the rule `name` less the empty text (made once)."""
