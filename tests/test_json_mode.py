@@ -367,3 +367,15 @@ def test_the_server_takes_json_object_and_refuses_other_formats():
                 parse({**body, "structured_outputs": structured}, settings)
         with pytest.raises(ApiError, match="^min_tokens does not go with structured_outputs json_object"):
             parse({**body, "structured_outputs": {"json_object": True}, "min_tokens": 3}, settings)
+
+
+def test_in_key_marks_the_bytes_of_object_keys_and_only_those():
+    text = b'{"k\\u00e9\\"y": "v\\u00e9\\"", "n": [{"x": 1}]}'
+    keys = [b'"k\\u00e9\\"y', b'"n', b'"x']  # each key from its opening quote to before its closing one
+    expected = {text.index(key) + i for key in keys for i in range(len(key))}
+    state, inside = jm.INITIAL, set()
+    for i, byte in enumerate(text):
+        state = jm.advance(state, byte)
+        if jm.in_key(state):
+            inside.add(i)
+    assert state is not None and inside == expected

@@ -87,6 +87,8 @@ NUMBER_ENDS = frozenset((ZERO, INT, FRAC, EXP_INT))  # a byte that goes on no fu
 DIGIT_AFTER = {MINUS: INT, INT: INT, DOT: FRAC, FRAC: FRAC, EXP: EXP_INT, EXP_SIGN: EXP_INT, EXP_INT: EXP_INT}
 
 INITIAL = (START, 0, "", 0)
+ANY_VALUE = (VALUE, 0, "", 0)  # the start of any top-level value (JSON schema mode's, a tool call list's)
+KEY_FLAG = 8  # in a string's detail (an escape's too): the string is an object's key; a \u escape's is twice it
 _DONE = (DONE, 0, "", 0)
 PLAIN_CONTENT = re.compile(rb'[^"\\\x00-\x1f]*')
 
@@ -157,7 +159,7 @@ def advance(state, byte: int):
             return (VALUE, 0, stack, 0) if byte == 0x3A else None
         if mode == KEY or mode == OBJECT_START:
             if byte == 0x22:
-                return (STRING, 8, stack, 0)
+                return (STRING, KEY_FLAG, stack, 0)
             return _after(stack[:-1]) if byte == 0x7D and mode == OBJECT_START else None
         if mode == ARRAY_START:
             return _after(stack[:-1]) if byte == 0x5D else _value(stack, byte)
@@ -189,6 +191,12 @@ def advance(state, byte: int):
             return None
         return (LITERAL, detail[1:], stack, 0) if len(detail) > 1 else _after(stack)
     return None  # DONE: nothing may follow the object
+
+
+def in_key(state) -> bool:
+    """Whether `state` is inside an object's key (its string, escapes included)."""
+    mode, detail = state[0], state[1]
+    return bool(detail & KEY_FLAG) if mode in (STRING, ESCAPE) else mode == UNICODE and bool(detail & 2 * KEY_FLAG)
 
 
 def advance_bytes(state, data: bytes, advance=advance):

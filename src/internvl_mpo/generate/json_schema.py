@@ -201,7 +201,7 @@ class Schema:
         self.depths = self._depths()
         if self.depths[self.root] > jm.MAX_DEPTH:
             raise SchemaError(f"no JSON value within {jm.MAX_DEPTH} levels of nesting satisfies this schema")
-        self.initial = ((jm.VALUE, 0, "", 0), frozenset({((), (VALUE, self.root))}))
+        self.initial = (jm.ANY_VALUE, frozenset({((), (VALUE, self.root))}))
 
     def __eq__(self, other):
         return isinstance(other, Schema) and other.canonical == self.canonical

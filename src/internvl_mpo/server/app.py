@@ -450,7 +450,7 @@ class ToolCalls:
     def __init__(self, named: str | None):
         self.named = named
         self.calls: list[dict] = []  # OpenAI's message tool_calls: {"id", "type", "function": {"name", "arguments"}}
-        self.state = (jm.VALUE, 0, "", 0)  # the recognizer's state after the text so far; None once it refused it
+        self.state = jm.ANY_VALUE  # the recognizer's state after the text so far; None once it refused it
         self.key = ""  # the call object's last key
         self.text = ""  # the JSON text so far of the key, or the name, being read
 
@@ -509,9 +509,7 @@ def _in_member(state) -> bool:
 
 def _in_key(state) -> bool:
     """Whether recognizer `state` is in a key of a call's object, or right after its closing quote."""
-    mode, detail, stack, _ = state
-    return stack == "[{" and (mode == jm.COLON or (mode in (jm.STRING, jm.ESCAPE) and bool(detail & 8))
-                              or (mode == jm.UNICODE and bool(detail & 16)))
+    return state[2] == "[{" and (state[0] == jm.COLON or jm.in_key(state))
 
 
 def _tool_finish(req: ChatRequest, finish_reason: str | None) -> str | None:
