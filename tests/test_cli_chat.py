@@ -568,6 +568,32 @@ def test_generate_refuses_another_name_for_an_input_field_before_the_model_loads
     assert not (tmp_path / "a.jsonl").exists()
 
 
+def test_generate_refuses_a_line_s_own_constraint_before_the_model_loads(tmp_path, capsys):
+    """{"question": ..., "regex": "[0-9]+"} (or a json_schema, grammar, vLLM's guided_* or response_format) was
+    answered unconstrained, the field ignored; the run's flag is the constraint. A null one is no constraint."""
+    from internvl_mpo.cli import main
+
+    requests = tmp_path / "requests.jsonl"
+    run = ["generate", "--input", str(requests), "--output", str(tmp_path / "a.jsonl"), "--model",
+           str(tmp_path / "no-model")]
+    for field, value, flag in [("regex", "[0-9]+", "--regex"), ("json_mode", True, "--json-mode"),
+                               ("json_schema", {"type": "integer"}, "--json-schema FILE"),
+                               ("grammar", 'root ::= "a"', "--grammar FILE"),
+                               ("guided_choice", ["a", "b"], "--choice"),
+                               ("response_format", {"type": "json_object"}, "--json-mode or --json-schema FILE")]:
+        requests.write_text(json.dumps({"id": 1, "question": "Hi"}) + "\n" +
+                            json.dumps({"id": 2, "question": "Hi", field: value}) + "\n")
+        assert main(run) == 1
+        err = capsys.readouterr().err
+        assert err == f"internvl-mpo generate: error: {requests}:2: field '{field}' is not read: a constraint holds " \
+                      f"every answer of a run, given on the command line ({flag}); answer each constraint's lines in " \
+                      "a run of their own\n", err
+    requests.write_text(json.dumps({"id": 1, "question": "Hi", "regex": None, "choice": "A"}) + "\n")
+    assert main(run) == 1  # on to loading the (missing) model
+    assert "is not read" not in capsys.readouterr().err
+    assert not (tmp_path / "a.jsonl").exists()
+
+
 def test_generate_refuses_a_requests_file_without_requests(tmp_path):
     """An empty (or blank) file printed "all 0 requests are answered" and exited 0, where pairs and eval
     refuse theirs."""

@@ -545,6 +545,12 @@ def _finished_questions(out: Path) -> tuple[dict, list[bytes]]:
 
 
 REQUEST_FIELDS = ("question", "image", "video")  # a misspelling of one is refused (`refuse_misspelt_fields`)
+# a line's constraint, as the Python API and vLLM name them: the run's flag holds every answer, so one is refused
+LINE_CONSTRAINTS = {"json_mode": "--json-mode", "json_schema": "--json-schema FILE",
+                    "guided_json": "--json-schema FILE", "response_format": "--json-mode or --json-schema FILE",
+                    "regex": "--regex", "guided_regex": "--regex", "guided_choice": "--choice",
+                    "grammar": "--grammar FILE", "guided_grammar": "--grammar FILE",
+                    "structured_outputs": "--json-mode, --json-schema FILE, --regex, --choice or --grammar FILE"}
 
 
 def _read_requests(path: Path) -> list[dict]:
@@ -554,6 +560,12 @@ def _read_requests(path: Path) -> list[dict]:
     items, lines = [], {}
     for number, (where, item) in enumerate(read_objects(path, "requests file"), 1):
         refuse_misspelt_fields(item, REQUEST_FIELDS, where)
+        constrained = [key for key, value in item.items() if key in LINE_CONSTRAINTS and value is not None]
+        if constrained:
+            key = constrained[0]
+            raise InputError(f"{where}: field {key!r} is not read: a constraint holds every answer of a run, given "
+                             f"on the command line ({LINE_CONSTRAINTS[key]}); answer each constraint's lines in a run "
+                             "of their own")
         if not isinstance(item.get("question"), str):
             raise InputError(f"{where}: each line needs a string field 'question'")
         rid = item.setdefault("id", number)
