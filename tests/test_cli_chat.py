@@ -1076,6 +1076,7 @@ def test_help_lists_commands():
     help_text = " ".join(cli("generate", "--help").stdout.split())
     assert "--input INPUT JSONL lines" in help_text and '"video"} --output' in help_text  # required: no default
     assert 'a resume must repeat (a greedy one all but --seed, --top-p and --top-k) --model' in help_text  # later lines
+    assert "--grammar GRAMMAR a file holding a GBNF or Lark grammar" in help_text  # it said GBNF; Lark is taken too
     for command in ("chat", "generate", "serve", "train", "eval", "pairs", "tiles", "convert", "plot"):
         assert "default: None" not in cli(command, "--help").stdout, command  # a flag not given says nothing
 

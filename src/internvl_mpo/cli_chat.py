@@ -94,7 +94,7 @@ def _guide(regex: str | None) -> str | None:
 
 
 def _read_grammar(path: str | None) -> str | None:
-    """The GBNF grammar in the file of --grammar (None without one), checked: InputError naming the file."""
+    """The GBNF or Lark grammar in the file of --grammar (None without one), checked: InputError naming the file."""
     from .generate.grammar import GrammarError, compile_grammar
 
     if path is None:
@@ -170,7 +170,7 @@ def chat(
     json_schema: a file holding a JSON schema: hold each answer to one JSON value it takes (see the README)
     regex: hold each answer's whole text to this regular expression (constrained decoding; see the README)
     choice: hold each answer to exactly one of these texts; repeat the flag for each choice
-    grammar: a file holding a GBNF grammar: hold each answer's whole text to a sentence of its root (see the README)
+    grammar: a file holding a GBNF or Lark grammar: hold each answer's whole text to a sentence of it (see the README)
     seed: seed for sampling
     system: a system message instead of the template's
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
@@ -344,7 +344,7 @@ def generate(
     json_schema: a file holding a JSON schema: hold each answer to one JSON value it takes (recorded in the settings)
     regex: hold each answer's whole text to this regular expression (constrained decoding; recorded in the settings)
     choice: hold each answer to exactly one of these texts; repeat the flag for each choice (recorded in the settings)
-    grammar: a file holding a GBNF grammar: hold each answer's whole text to a sentence of its root rule (its text
+    grammar: a file holding a GBNF or Lark grammar: hold each answer's whole text to a sentence of it (its text
         recorded in the settings)
     seed: seed for sampling (request k of the file, counted from 0 without blank lines, uses seed + k, as batch_chat)
     device: cpu, cuda, cuda:1, ... (default: cuda when available)
