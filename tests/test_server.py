@@ -1017,6 +1017,8 @@ def test_guided_regex_and_choice_in_their_four_forms_and_their_400s():
                 ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "with both regex and choice",
                  "structured_outputs"),
                 ({"structured_outputs": {"json": {}, "regex": "a"}}, "with both json and regex", "structured_outputs"),
+                ({"structured_outputs": {"json": {}, "regex": "a", "grammar": 'root ::= "a"'}},
+                 "with json, regex and grammar:", "structured_outputs"),  # the third was not named
                 ({"guided_regex": "a(?=b)"}, r"^guided_regex: regex 'a\(\?=b\)': a lookaround \(\?= at position 1 is "
                  "not supported$", "guided_regex"),
                 ({"structured_outputs": {"regex": r"\1"}}, r"^structured_outputs.regex: regex '\\\\1': a backreference",

@@ -435,7 +435,8 @@ def _structured(body: dict) -> tuple[dict, str | None]:
                                 f"{json.dumps(json_object)[:80]}", "structured_outputs")
         asked = [key for key in kinds if structured.get(key) is not None and structured.get(key) is not False]
         if others or len(asked) != 1:
-            what = ", ".join(others[:5]) or ("no constraint" if not asked else f"both {asked[0]} and {asked[1]}")
+            what = ", ".join(others[:5]) or ("no constraint" if not asked else f"both {asked[0]} and {asked[1]}"
+                                             if len(asked) == 2 else f"{', '.join(asked[:-1])} and {asked[-1]}")
             raise ApiError(400, f"structured_outputs is not supported by this server with {what}: only its json (a "
                                 "JSON schema), json_object: true, regex, choice or grammar is taken",
                            "structured_outputs")
