@@ -333,6 +333,25 @@ def test_tool_call_reader_takes_escapes_scalars_and_whitespace_split_anywhere():
             assert read_in_pieces([text[:cut], text[cut:]]) == expected, (text, cut)
 
 
+def test_a_named_call_s_arguments_begin_at_their_value_so_the_openai_stream_helper_parses_them():
+    """The text JSON schema mode writes may begin with whitespace; a named call's arguments began with it, and the
+    openai client's `beta.chat.completions.stream` (jiter's partial parse of each delta's arguments so far) failed on
+    arguments of whitespace alone ("EOF while parsing a value"). They begin at the value now, as "required" ones do,
+    whichever pieces the whitespace comes in; whitespace inside and after the value is kept."""
+    jiter = pytest.importorskip("jiter")
+    text = '\n\n \t{ "a" : [1, 2] }\n'
+    for pieces in ([text], list(text), ["\n", "\n \t{", ' "a" : [1, 2] }\n']):
+        named, joined = ToolCalls("f"), ""
+        for piece in pieces:
+            for delta in named.read(piece):
+                joined += delta["function"]["arguments"]
+                if joined:
+                    jiter.from_json(joined.encode(), partial_mode=True)  # as the openai client reads each chunk
+        assert joined == named.calls[0]["function"]["arguments"] == '{ "a" : [1, 2] }\n', pieces
+    named = ToolCalls("f")
+    assert [d["function"]["arguments"] for d in named.read("\n")] == [""] and named.read(" \n") == []
+
+
 def test_a_tool_call_stream_sends_no_empty_delta_and_loses_no_logprobs(client, closing_bias):
     """As vLLM, a tool call stream sends no chunk whose delta is empty (the "required" list's brackets and keys) but
     each choice's last; the logprobs of the tokens behind a chunk not sent come with the next one: they join to the

@@ -439,10 +439,11 @@ class Answer:
 
 class ToolCalls:
     """The tool calls of one choice's text, read as it comes, as vLLM reads them without a tool parser. With a named
-    tool_choice (`named`) the whole text is that function's arguments. With "required" the text is a JSON list of
-    {"name": ..., "parameters": ...} objects, keys in that order as the constraint writes them, read by JSON mode's
-    recognizer (json_mode.advance from a value's start: the constraint's own lexical state, so it takes all the
-    constraint writes; reading stops at a character it refuses): a call begins once its name's string is closed,
+    tool_choice (`named`) the whole text is that function's arguments but for the whitespace before the value (the
+    openai client's stream helper fails to parse arguments of whitespace alone). With "required" the text is a JSON
+    list of {"name": ..., "parameters": ...} objects, keys in that order as the constraint writes them, read by JSON
+    mode's recognizer (json_mode.advance from a value's start: the constraint's own lexical state, so it takes all
+    the constraint writes; reading stops at a character it refuses): a call begins once its name's string is closed,
     and its arguments are the text of its parameters' value as written, from its first character to its last.
     `read` returns OpenAI's streamed `tool_calls` deltas of the next piece of text, so that the pieces join to
     `calls`."""
@@ -459,6 +460,8 @@ class ToolCalls:
         if self.named is not None:
             if not self.calls:
                 self._call(self.named, deltas)
+            if not self.calls[0]["function"]["arguments"]:
+                text = text.lstrip(" \t\n\r")  # JSON's whitespace before the value
             self._arguments(text, deltas)
             return deltas
         for c in text:
