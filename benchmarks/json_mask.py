@@ -21,9 +21,18 @@ The vocabulary that matters is Qwen2's (151,643 tokens + specials, InternVL2.5's
 --no-deps dashscope`, then unzip dashscope/resources/qwen.tiktoken.) Without either it times the demo
 model's tokenizer, which is tiny. `--check` also compares each mask with every token run through the
 recognizer byte by byte (seconds per state on a Qwen2 vocabulary).
+
+`--against xgrammar` also times xgrammar (vLLM's default structured-output backend; `pip install --no-deps xgrammar
+apache-tvm-ffi`, its triton is for GPU kernels only) on the same byte strings (`TokenizerInfo` of the raw bytes,
+`VocabType.RAW`) and the same text: its compile (JSON mode: its builtin JSON grammar; `--schema`:
+`compile_json_schema`, any whitespace, strict; `--regex`: `compile_regex`; `--grammar`: `compile_grammar`, one
+thread) and `fill_next_token_bitmask` at the states we time, after accepting the same prefix, and prints both sides,
+the ratio and how many of those masks agree with ours (ordinary tokens; where they differ the languages differ: our
+whitespace bound, an object at the top, ...).
 """
 
 import argparse
+import importlib.metadata
 import base64
 import json
 import random
@@ -100,6 +109,8 @@ def main() -> None:
                         "as alternatives of a string)")
     parser.add_argument("--regex", help="guided decoding's masks of this regex (the whole answer matches it)")
     parser.add_argument("--grammar", type=Path, help="grammar-guided decoding's masks of the GBNF grammar in this file")
+    parser.add_argument("--against", choices=["xgrammar"], help="also time this reference on the same vocabulary and "
+                        "states, and print the ratio")
     parser.add_argument("--text", help="with --regex or --grammar: a text it takes, whose states are timed (default: a "
                         "random walk)")
     args = parser.parse_args()
@@ -110,7 +121,9 @@ def main() -> None:
     if args.schema:
         vocabulary.characters  # the index's part that schema mode's string lengths add, built on first use
     vocabulary.flat_words, vocabulary.quoted_flat  # the index's parts that walk_flat walks, built on first use
-    print(f"vocabulary: {name}; index built in {time.perf_counter() - start:.2f} s")
+    built = time.perf_counter() - start
+    print(f"vocabulary: {name}; index built in {built:.2f} s")
+    compiled = 0.0
     if args.regex is not None or args.grammar is not None:
         start = time.perf_counter()
         if args.regex is not None:
@@ -119,9 +132,11 @@ def main() -> None:
         else:
             regex, what = gr.compile_grammar(args.grammar.read_text()), f"grammar: {args.grammar}"
             default = json.dumps(SAMPLE, indent=2, ensure_ascii=False)
-        print(f"{what} compiled in {1000 * (time.perf_counter() - start):.1f} ms")
+        compiled = time.perf_counter() - start
+        print(f"{what} compiled in {1000 * compiled:.1f} ms")
         start = time.perf_counter()
         vocabulary.token_classes(regex.byte_runs())  # built on the first mask, kept for its byte runs
+        compiled += time.perf_counter() - start
         print(f"token classes of the automaton's byte runs built in {1000 * (time.perf_counter() - start):.0f} ms")
         initial, advance = regex.initial, regex.advance
         sample = args.text if args.text is not None else default if default and regex.matches(default.encode()) \
@@ -141,14 +156,16 @@ def main() -> None:
     elif args.schema:
         schema, sample = (TYPED, TYPED_VALUE) if args.typed else (MIXED, MIXED_VALUE) if args.mixed else \
             (SCHEMA, SCHEMA_VALUE)
+        start = time.perf_counter()
+        reference = schema
         schema = js.compile_schema(schema)
         initial, advance = schema.initial, schema.advance
-        start = time.perf_counter()
         runs = {tuple(a.automaton.byte_runs()) for a in schema.alternatives if a.automaton is not None}
         for run in runs:  # built on a pattern's first mask, kept for its byte runs
             vocabulary.token_classes(run)
-        took = 1000 * (time.perf_counter() - start)
-        print(f"token classes of {len(runs)} patterns' byte runs built in {took:.0f} ms")
+        compiled = time.perf_counter() - start
+        print(f"schema compiled, with the token classes of {len(runs)} patterns' byte runs, in "
+              f"{1000 * compiled:.0f} ms")
 
         def mask(state):
             return js.schema_mask(vocabulary, schema, state)
@@ -175,7 +192,10 @@ def main() -> None:
     states.append(state)
     fresh: dict[int, list[float]] = {}
     # one state per mask the cache keeps (a whitespace count filters the mask of the state without it)
-    for state in dict.fromkeys(unspaced(state, lexical) for state in states):
+    timed = {}  # each timed state: the first position (bytes of `text` taken) where it comes
+    for position, state in enumerate(states):
+        timed.setdefault(unspaced(state, lexical), position)
+    for state in timed:
         clear()
         start = time.perf_counter()
         got = mask(state)
@@ -193,8 +213,76 @@ def main() -> None:
     start = time.perf_counter()
     for state in states:
         mask(state)
-    print(f"cached: {1e6 * (time.perf_counter() - start) / len(states):.0f} us a step over the {len(states)} steps "
+    cached = (time.perf_counter() - start) / len(states)
+    print(f"cached: {1e6 * cached:.0f} us a step over the {len(states)} steps "
           "of the sample (one byte each)" + ("; every mask equals the oracle's" if args.check else ""))
+    if args.against == "xgrammar":
+        ours = {"index": built, "compile": compiled, "uncached": statistics.median(every), "max": max(every),
+                "cached": cached}
+        source = args.regex if args.regex is not None else args.grammar.read_text() if args.grammar else \
+            reference if args.schema else None
+        masks = [mask(states[position])[: len(pieces)] for position in timed.values()]
+        against_xgrammar(pieces, size, source, "regex" if args.regex is not None else "grammar" if args.grammar
+                         else "schema" if args.schema else "json", text.encode(), list(timed.values()), masks, ours)
+
+
+def against_xgrammar(pieces, size, source, kind, data, positions, masks, ours) -> None:
+    """Time xgrammar on the same tokens and text: its tokenizer info, its compile of `source` (a regex, a grammar, a
+    schema; JSON mode: its builtin JSON grammar), its mask at the byte `positions` of `data` (after accepting the
+    bytes before them, one at a time) and at every step; print both sides, the ratios and how many masks agree."""
+    try:
+        import numpy as np
+        import xgrammar as xg
+    except ImportError as error:
+        raise SystemExit(f"--against xgrammar: xgrammar is not importable ({error}); pip install --no-deps xgrammar "
+                         "apache-tvm-ffi")
+    encoded = [p or b"" for p in pieces] + [b""] * (size - len(pieces))  # empty: a special token to xgrammar
+    stop = encoded.index(b"") if b"" in encoded else size - 1
+    start = time.perf_counter()
+    info = xg.TokenizerInfo(encoded, xg.VocabType.RAW, vocab_size=size, stop_token_ids=[stop])
+    compiler = xg.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+    index = time.perf_counter() - start
+    start = time.perf_counter()
+    if kind == "regex":
+        compiled = compiler.compile_regex(source)
+    elif kind == "grammar":
+        compiled = compiler.compile_grammar(source)
+    elif kind == "schema":
+        compiled = compiler.compile_json_schema(json.dumps(source), any_whitespace=True, strict_mode=True)
+    else:
+        compiled = compiler.compile_builtin_json_grammar()
+    compile_time = time.perf_counter() - start
+    matcher, bitmask = xg.GrammarMatcher(compiled), xg.allocate_token_bitmask(1, size)
+    ordinary = np.array([p is not None for p in pieces])
+    times, steps, agree, wanted = [], [], 0, dict(zip(positions, masks))
+    for position in range(len(data) + 1):
+        start = time.perf_counter()
+        matcher.fill_next_token_bitmask(bitmask)
+        took = time.perf_counter() - start
+        steps.append(took)
+        if position in wanted:
+            times.append(took)
+            theirs = np.unpackbits(bitmask[0].numpy().view(np.uint8), bitorder="little")[: len(pieces)].astype(bool)
+            agree += bool((theirs[ordinary] == np.asarray(wanted[position])[ordinary]).all())
+        if position < len(data) and not matcher.accept_string(data[position:position + 1]):
+            raise SystemExit(f"xgrammar refuses byte {position} of the text "
+                             f"({data[max(0, position - 20):position + 1]!r}): the languages differ there")
+    theirs = {"index": index, "compile": compile_time, "uncached": statistics.median(times), "max": max(times),
+              "cached": sum(steps) / len(steps)}
+    version = importlib.metadata.version("xgrammar")
+    print(f"xgrammar {version}: masks equal to ours (ordinary tokens) at {agree} of {len(times)} timed states")
+    print(f"{'':>36} {'ours':>10} {'xgrammar':>10}  ours/xgrammar")
+    for key, label, unit, scale in (("index", "tokenizer index", "ms", 1e3),
+                                    ("compile", "compile (+ token classes / mask cache)", "ms", 1e3),
+                                    ("uncached", "mask, median over the timed states", "us", 1e6),
+                                    ("max", "mask, max over the timed states", "us", 1e6),
+                                    ("cached", "a step, mean (ours from the cache)", "us", 1e6)):
+        if not ours[key]:  # JSON mode compiles nothing
+            print(f"{label:>36} {'-':>10} {theirs[key] * scale:>8.1f}{unit}")
+            continue
+        ratio = ours[key] / theirs[key]
+        print(f"{label:>36} {ours[key] * scale:>8.1f}{unit} {theirs[key] * scale:>8.1f}{unit}  {ratio:>8.2f} "
+              f"({'ours' if ratio < 1 else 'xgrammar'} faster)")
 
 
 def walk(regex, limit: int = 200) -> str:
