@@ -568,7 +568,7 @@ def test_generate_refuses_another_name_for_an_input_field_before_the_model_loads
     assert not (tmp_path / "a.jsonl").exists()
 
 
-def test_generate_refuses_a_line_s_own_constraint_before_the_model_loads(tmp_path, capsys):
+def test_generate_refuses_a_line_s_own_constraint_or_setting_before_the_model_loads(tmp_path, capsys):
     """{"question": ..., "regex": "[0-9]+"} (or a json_schema, grammar, vLLM's guided_* or response_format) was
     answered unconstrained, the field ignored; the run's flag is the constraint. A null one is no constraint."""
     from internvl_mpo.cli import main
@@ -588,7 +588,15 @@ def test_generate_refuses_a_line_s_own_constraint_before_the_model_loads(tmp_pat
         assert err == f"internvl-mpo generate: error: {requests}:2: field '{field}' is not read: a constraint holds " \
                       f"every answer of a run, given on the command line ({flag}); answer each constraint's lines in " \
                       "a run of their own\n", err
-    requests.write_text(json.dumps({"id": 1, "question": "Hi", "regex": None, "choice": "A"}) + "\n")
+    for field, value, flag in [("temperature", 0.7, "--temperature"), ("max_tokens", 16, "--max-new-tokens"),
+                               ("seed", 3, "--seed"), ("max_num", 2, "--max-num")]:  # a setting's own line
+        requests.write_text(json.dumps({"id": 1, "question": "Hi", field: value}) + "\n")
+        assert main(run) == 1
+        err = capsys.readouterr().err
+        assert err == f"internvl-mpo generate: error: {requests}:1: field '{field}' is not read: a setting holds " \
+                      f"every answer of a run, given on the command line ({flag}); answer each setting's lines in " \
+                      "a run of their own\n", err
+    requests.write_text(json.dumps({"id": 1, "question": "Hi", "regex": None, "choice": "A", "seed": None}) + "\n")
     assert main(run) == 1  # on to loading the (missing) model
     assert "is not read" not in capsys.readouterr().err
     assert not (tmp_path / "a.jsonl").exists()

@@ -551,6 +551,10 @@ LINE_CONSTRAINTS = {"json_mode": "--json-mode", "json_schema": "--json-schema FI
                     "regex": "--regex", "guided_regex": "--regex", "guided_choice": "--choice",
                     "grammar": "--grammar FILE", "guided_grammar": "--grammar FILE",
                     "structured_outputs": "--json-mode, --json-schema FILE, --regex, --choice or --grammar FILE"}
+# a line's sampling setting, as the Python API, transformers and vLLM name them: the run's flag sets every answer's
+LINE_SETTINGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "seed": "--seed",
+                 "do_sample": "--temperature", "max_new_tokens": "--max-new-tokens", "max_tokens": "--max-new-tokens",
+                 "min_new_tokens": "--min-new-tokens", "min_tokens": "--min-new-tokens", "max_num": "--max-num"}
 
 
 def _read_requests(path: Path) -> list[dict]:
@@ -560,12 +564,15 @@ def _read_requests(path: Path) -> list[dict]:
     items, lines = [], {}
     for number, (where, item) in enumerate(read_objects(path, "requests file"), 1):
         refuse_misspelt_fields(item, REQUEST_FIELDS, where)
-        constrained = [key for key, value in item.items() if key in LINE_CONSTRAINTS and value is not None]
-        if constrained:
-            key = constrained[0]
-            raise InputError(f"{where}: field {key!r} is not read: a constraint holds every answer of a run, given "
-                             f"on the command line ({LINE_CONSTRAINTS[key]}); answer each constraint's lines in a run "
-                             "of their own")
+        for key, value in item.items():
+            if value is not None and key in LINE_CONSTRAINTS:
+                raise InputError(f"{where}: field {key!r} is not read: a constraint holds every answer of a run, "
+                                 f"given on the command line ({LINE_CONSTRAINTS[key]}); answer each constraint's "
+                                 "lines in a run of their own")
+            if value is not None and key in LINE_SETTINGS:
+                raise InputError(f"{where}: field {key!r} is not read: a setting holds every answer of a run, given "
+                                 f"on the command line ({LINE_SETTINGS[key]}); answer each setting's lines in a run "
+                                 "of their own")
         if not isinstance(item.get("question"), str):
             raise InputError(f"{where}: each line needs a string field 'question'")
         rid = item.setdefault("id", number)
