@@ -261,6 +261,9 @@ def test_only_well_formed_utf8_is_taken():
     ('root ::= "a"\nroot ::= "b"', "grammar: line 2, column 1: the rule 'root' is defined twice"),
     ('root ::= "a', "grammar: line 1, column 10: the string literal is never closed"),
     ('root ::= [a-', "grammar: line 1, column 10: the class '[' has no ']'"),
+    ('root ::= [b-\n', "grammar: line 1, column 10: the class '[' has no ']' (on its line)"),  # not "range b-\n"
+    ('root ::= [\\\r\n', "grammar: line 1, column 11: a '\\' at the end of its line escapes nothing"),
+    ('root ::= "a\\', "grammar: line 1, column 12: a '\\' at the end of its line escapes nothing"),
     ('root ::= [b-a]', "grammar: line 1, column 11: the range b-a has its ends out of order"),
     ('root ::= []', "grammar: line 1, column 10: the empty class [] matches nothing"),
     ('root ::= [\\d]', "grammar: line 1, column 11: the escape \\d is not supported (write the class's ranges"),

@@ -184,6 +184,8 @@ class _Parser(TreeParser):
         if c == "\\":
             e = self.peek()
             self.pos += 1
+            if e in ("", "\n", "\r"):
+                raise self.refuse("a '\\' at the end of its line escapes nothing", start)
             if e in ESCAPES:
                 return ESCAPES[e]
             if in_class and e in CLASS_ESCAPES:
@@ -216,7 +218,7 @@ class _Parser(TreeParser):
                 raise self.refuse("the class '[' has no ']' (on its line)", start)
             item = self.pos
             low = self.character(in_class=True)
-            if self.peek() == "-" and self.text[self.pos + 1: self.pos + 2] not in ("]", ""):
+            if self.peek() == "-" and self.text[self.pos + 1: self.pos + 2] not in ("]", "", "\n", "\r"):
                 self.pos += 1
                 high = self.character(in_class=True)
                 if high < low:
