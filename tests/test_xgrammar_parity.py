@@ -1,6 +1,7 @@
 """A second opinion from xgrammar (vLLM's default structured-output backend): our recognizers and its matchers judge
 the same texts (random sentences, random walks of either side, single-byte mutations) alike, and give the same token
-masks at the states along them, on the demo model's vocabulary. Skipped where xgrammar is not installed (`pip install
+masks at the states along them, on the demo model's vocabulary: GBNF grammars (left-recursive ones too), regexes,
+choices, JSON schemas and JSON mode (against xgrammar's builtin JSON grammar). Skipped where xgrammar is not installed (`pip install
 --no-deps xgrammar apache-tvm-ffi`; its triton dependency is for GPU kernels only). Where the two differ by design
 the comparison keeps to what both mean alike (JSON schemas: texts and tokens without whitespace outside strings; a
 surrogate code point's three bytes, which xgrammar's negated classes take and no well-formed UTF-8 holds, nowhere)."""
@@ -73,14 +74,16 @@ def ours_judged(advance, complete, state, data: bytes) -> tuple[bool, bool]:
     return True, complete(state)
 
 
-def xg_walk(compiled, stop, pieces, rng: random.Random, limit: int = 30) -> bytes:
-    """A text of xgrammar's: tokens drawn from its masks (the stop token ends it where allowed)."""
+def xg_walk(compiled, stop, pieces, rng: random.Random, limit: int = 30, keep=None) -> bytes:
+    """A text of xgrammar's: tokens drawn from its masks (the stop token ends it where allowed), each keeping
+    `keep(text so far)` where given."""
     theirs, data = Theirs(compiled, stop, len(pieces)), b""
     for _ in range(limit):
         allowed = np.flatnonzero(theirs.mask())
-        if stop in allowed and (rng.random() < 0.2 or len(allowed) == 1):
+        tokens = [t for t in allowed if t != stop and (keep is None or keep(data + pieces[t]))]
+        if not tokens or stop in allowed and rng.random() < 0.2:
             break
-        token = int(rng.choice([t for t in allowed if t != stop]))
+        token = int(rng.choice(tokens))
         assert theirs.matcher.accept_token(token)
         data += pieces[token]
     return data
@@ -179,26 +182,38 @@ SCHEMAS = [
 ]
 
 
-def no_space(data: bytes) -> bool:
-    return not any(byte in b" \t\n\r" for byte in data)
+def spaced(data: bytes, start: int = 0) -> bool:
+    """Whether JSON text `data` holds whitespace outside its strings at `start` or after."""
+    in_string = escaped = False
+    for i, byte in enumerate(data):
+        if in_string:
+            in_string, escaped = escaped or byte != ord('"'), not escaped and byte == ord("\\")
+        elif byte == ord('"'):
+            in_string = True
+        elif byte in b" \t\n\r" and i >= start:
+            return True
+    return False
 
 
 @pytest.mark.parametrize("schema, values, differ", SCHEMAS)
 def test_json_schemas_are_judged_and_masked_as_xgrammar_does_without_whitespace(side, schema, values, differ):
-    """Compact texts only (no whitespace outside strings: ours is bounded, xgrammar's `any_whitespace` is not), and
-    masks of the tokens without whitespace or a backslash (a key or an enum string is taken here in any JSON spelling,
+    """Texts without whitespace outside strings (ours is bounded, xgrammar's `any_whitespace` is not), and masks of
+    the tokens that add none and hold no backslash (a key or an enum string is taken here in any JSON spelling,
     `"\\u006eame"` for `"name"`; xgrammar takes the one `json.dumps` writes), leaving out the texts where `differ`
     finds the schema's difference."""
     pieces, vocabulary, compiler, stop = side
     rng, ours_schema = random.Random(0), js.compile_schema(schema)
     compiled = compiler.compile_json_schema(json.dumps(schema), any_whitespace=True, strict_mode=True)
     texts = [json.dumps(v, separators=(",", ":"), ensure_ascii=False) for v in values]
-    texts += [w for w in (xg_walk(compiled, stop, pieces, rng) for _ in range(12)) if no_space(w)]
+
+    def kept(data: bytes) -> bool:
+        return not spaced(data) and not (differ and differ.search(data))
+
+    texts += [xg_walk(compiled, stop, pieces, rng, keep=kept) for _ in range(12)]
     ours = (ours_schema.initial, ours_schema.advance, ours_schema.complete,
             lambda state: js.schema_mask(vocabulary, ours_schema, state))
-    compare(pieces, vocabulary, compiled, stop, ours, texts, '{}[]",:0123456789abxé\\-.', rng,
-            kept=lambda data: no_space(data) and not (differ and differ.search(data)),
-            masked=lambda data, piece: no_space(piece) and b"\\" not in piece
+    compare(pieces, vocabulary, compiled, stop, ours, texts, '{}[]",:0123456789abxé\\-. ', rng, kept=kept,
+            masked=lambda data, piece: b"\\" not in piece and not spaced(data + piece, len(data))
             and not (differ and differ.search(data + piece)))
 
 
@@ -214,6 +229,8 @@ DIFFERENCES = [  # (kind, source, text, ours, xgrammar's): (prefix taken, whole 
     ("schema", {"type": "string", "maxLength": 4}, b'"a\\"b"', (True, True), (False, False)),  # an escape
     ("schema", {"type": "string", "maxLength": 4}, b'"\x01"', (False, False), (True, True)),  # a raw control there
     ("schema", {"type": "object"}, b"{" + b" " * 40 + b"}", (False, False), (True, True)),  # our whitespace bound
+    ("json", None, b'{"a":"\\ud800"}', (False, False), (True, True)),  # a lone escaped surrogate (json.loads takes it)
+    ("json", None, b"[1]", (False, False), (True, True)),  # JSON mode's object at the top; its JSON grammar's array
 ]
 
 
@@ -222,14 +239,18 @@ def test_the_known_differences_from_xgrammar_hold(side, kind, source, text, ours
     """Where the two differ by design (ours as the README says; the texts above leave these out): if xgrammar
     changes, this says so."""
     pieces, vocabulary, compiler, stop = side
-    if kind == "schema":
-        ours, compiled = js.compile_schema(source), compiler.compile_json_schema(json.dumps(source))
-        complete = ours.complete
+    if kind == "json":
+        ours = (jm.advance, lambda state: state[0] == jm.DONE, jm.INITIAL)
+        compiled = compiler.compile_builtin_json_grammar()
+    elif kind == "schema":
+        schema = js.compile_schema(source)
+        ours = (schema.advance, schema.complete, schema.initial)
+        compiled = compiler.compile_json_schema(json.dumps(source))
     else:
-        ours = rx.compile_regex(source) if kind == "regex" else gr.compile_grammar(source)
+        automaton = rx.compile_regex(source) if kind == "regex" else gr.compile_grammar(source)
+        ours = (automaton.advance, automaton.accepting, automaton.initial)
         compiled = compiler.compile_regex(source) if kind == "regex" else compiler.compile_grammar(source)
-        complete = ours.accepting
-    assert ours_judged(ours.advance, complete, ours.initial, text) == ours_judge
+    assert ours_judged(*ours, text) == ours_judge
     assert judged(compiled, stop, len(pieces), text) == theirs_judge
 
 
@@ -238,3 +259,32 @@ def test_xgrammar_refuses_an_empty_first_alternative_that_we_take(side):
     assert gr.compile_grammar('root ::= "a" ws\nws ::= | " "').matches(b"a ")
     with pytest.raises(Exception, match="Expect element"):
         side[2].compile_grammar('root ::= "a" ws\nws ::= | " "')
+
+
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # xgrammar takes a lone one, json.loads too; we take pairs only
+
+
+def test_json_mode_is_judged_and_masked_as_xgrammar_s_builtin_json_does_without_whitespace(side):
+    """JSON mode against xgrammar's builtin JSON grammar: texts without whitespace outside strings (ours is bounded),
+    an object at the top (xgrammar's grammar also takes an array there), no escaped surrogate (ours takes a pair
+    only)."""
+    pieces, vocabulary, compiler, stop = side
+    rng, compiled = random.Random(0), compiler.compile_builtin_json_grammar()
+    values = [{}, {"a": [1, -0.5e3, 0, 0.25, 1e5, 2e-7, True, False, None, "x", [], {}], "b": {"c": {}}},
+              {"esc": "\" \\ / \b \f \n \r \t é \u12af \x7f", "猫": "😀 Café \u07ff \uffff \U0010ffff"},
+              {"a": [1, {"b": [None, True, "x y"]}], "": {}}]
+    texts = [json.dumps(v, separators=(",", ":"), ensure_ascii=ascii) for v in values for ascii in (False, True)]
+    texts += [b'{"a":-0,"b":1E+5,"c":-0.0e-0}', b'{"a":"\\/"}']
+
+    def kept(data: bytes) -> bool:
+        return not spaced(data) and not SURROGATE_ESCAPE.search(data) and not data.startswith(b"[")
+
+    texts += [xg_walk(compiled, stop, pieces, rng, keep=kept) for _ in range(24)]
+
+    def masked(data: bytes, piece: bytes) -> bool:
+        return not spaced(data + piece, len(data)) and not (data + piece).startswith(b"[") \
+            and not SURROGATE_ESCAPE.search(data[-6:] + piece)
+
+    ours = (jm.INITIAL, jm.advance, lambda state: state[0] == jm.DONE, vocabulary.mask)
+    compare(pieces, vocabulary, compiled, stop, ours, texts, '{}[]",:0123456789aeE+\\-.tfn ', rng, kept=kept,
+            masked=masked)
