@@ -1,10 +1,11 @@
 """A second opinion from xgrammar (vLLM's default structured-output backend): our recognizers and its matchers judge
 the same texts (random sentences, random walks of either side, single-byte mutations) alike, and give the same token
 masks at the states along them, on the demo model's vocabulary: GBNF grammars (left-recursive ones too), regexes,
-choices, JSON schemas and JSON mode (against xgrammar's builtin JSON grammar). Skipped where xgrammar is not installed (`pip install
---no-deps xgrammar apache-tvm-ffi`; its triton dependency is for GPU kernels only). Where the two differ by design
-the comparison keeps to what both mean alike (JSON schemas: texts and tokens without whitespace outside strings; a
-surrogate code point's three bytes, which xgrammar's negated classes take and no well-formed UTF-8 holds, nowhere)."""
+choices, JSON schemas and JSON mode (against xgrammar's builtin JSON grammar). Skipped where xgrammar is not
+installed (`pip install --no-deps xgrammar apache-tvm-ffi`; its triton dependency is for GPU kernels only). Where the
+two differ by design the comparison keeps to what both mean alike (JSON: texts and tokens without whitespace outside
+strings; a surrogate code point's three bytes, which xgrammar's negated classes take and no well-formed UTF-8 holds,
+nowhere), and the last tests pin each known difference."""
 
 from __future__ import annotations
 
