@@ -183,6 +183,9 @@ SCHEMAS = [
 ]
 
 
+UNFINISHED_ESCAPE = re.compile(rb"\\(u[0-9a-fA-F]{0,3})?$")
+
+
 def spaced(data: bytes, start: int = 0) -> bool:
     """Whether JSON text `data` holds whitespace outside its strings at `start` or after."""
     in_string = escaped = False
@@ -207,8 +210,8 @@ def test_json_schemas_are_judged_and_masked_as_xgrammar_does_without_whitespace(
     compiled = compiler.compile_json_schema(json.dumps(schema), any_whitespace=True, strict_mode=True)
     texts = [json.dumps(v, separators=(",", ":"), ensure_ascii=False) for v in values]
 
-    def kept(data: bytes) -> bool:
-        return not spaced(data) and not (differ and differ.search(data))
+    def kept(data: bytes) -> bool:  # an escape cut short may begin a key's or enum string's other spelling here
+        return not spaced(data) and not (differ and differ.search(data)) and not UNFINISHED_ESCAPE.search(data)
 
     texts += [xg_walk(compiled, stop, pieces, rng, keep=kept) for _ in range(12)]
     ours = (ours_schema.initial, ours_schema.advance, ours_schema.complete,
@@ -224,6 +227,8 @@ DIFFERENCES = [  # (kind, source, text, ours, xgrammar's): (prefix taken, whole 
     ("regex", "[^a]", b"\xed\xa0\x80", (False, False), (True, True)),  # a surrogate's bytes: not well-formed UTF-8
     ("grammar", 'root ::= "ab" | "a" x\nx ::= "c" x', b"ac", (False, False), (True, False)),  # a dead end there
     ("grammar", 'root ::= "(" root ")" | "x"', b"(" * 201, (False, False), (True, False)),  # our 200 open calls
+    ("grammar", 'root ::= a "!"\na ::= b a "x" | ""\nb ::= a "y" | ""',  # a very ambiguous grammar: past our
+     b"xyxyyyyyyyxxyyyyxyxyxyxxxyxxxyyxyxxyyyxyxxxyxxyyxyyxxxxyxxyxyxx!", (False, False), (True, True)),  # 1,000 stacks
     ("schema", {"type": "integer"}, b"-0", (True, True), (False, False)),
     ("schema", {"type": "object", "properties": {"n": {"type": "string"}}}, b'{"\\u006e":"a"}', (True, True),
      (False, False)),  # a key in any JSON spelling here, as json.dumps writes it there
