@@ -24,11 +24,12 @@ recognizer byte by byte (seconds per state on a Qwen2 vocabulary).
 
 `--against xgrammar` also times xgrammar (vLLM's default structured-output backend; `pip install --no-deps xgrammar
 apache-tvm-ffi`, its triton is for GPU kernels only) on the same byte strings (`TokenizerInfo` of the raw bytes,
-`VocabType.RAW`) and the same text: its compile (JSON mode: its builtin JSON grammar; `--schema`:
-`compile_json_schema`, any whitespace, strict; `--regex`: `compile_regex`; `--grammar`: `compile_grammar`, one
-thread) and `fill_next_token_bitmask` at the states we time, after accepting the same prefix, and prints both sides,
-the ratio and how many of those masks agree with ours (ordinary tokens; where they differ the languages differ: our
-whitespace bound, an object at the top, ...).
+`VocabType.RAW`) and the same text: its compile on one thread (JSON mode: its builtin JSON grammar; `--schema`:
+`compile_json_schema`, any whitespace, strict; `--regex`: `compile_regex`; `--grammar`: `compile_grammar`, a Lark
+grammar `compile_lark`) and `fill_next_token_bitmask` at the states we time, after accepting the same prefix, and
+prints both sides, the ratio and how many of those masks agree with ours (ordinary tokens; where they
+differ the languages differ: our whitespace bound, an object at the top, ...). Where xgrammar refuses a byte of the
+text (`--mixed`: an escape in a string with a length) both sides count the states before it.
 """
 
 import argparse
@@ -36,6 +37,7 @@ import importlib.metadata
 import base64
 import json
 import random
+import re
 import statistics
 import time
 from pathlib import Path
@@ -43,6 +45,7 @@ from pathlib import Path
 from internvl_mpo.generate import json_mode as jm
 from internvl_mpo.generate import grammar as gr
 from internvl_mpo.generate import json_schema as js
+from internvl_mpo.generate.lark import is_lark
 from internvl_mpo.generate import regex as rx
 
 REGEX = -1  # the label of a regex's states in the table
@@ -195,11 +198,13 @@ def main() -> None:
     timed = {}  # each timed state: the first position (bytes of `text` taken) where it comes
     for position, state in enumerate(states):
         timed.setdefault(unspaced(state, lexical), position)
+    each = []  # the uncached times in `timed`'s order
     for state in timed:
         clear()
         start = time.perf_counter()
         got = mask(state)
-        fresh.setdefault(lexical(state)[0], []).append(time.perf_counter() - start)
+        each.append(time.perf_counter() - start)
+        fresh.setdefault(lexical(state)[0], []).append(each[-1])
         if args.check:
             expected = [bool(p) and advance_bytes(advance, state, p) for p in pieces]
             assert got[: len(pieces)].tolist() == expected and not got[len(pieces):].any(), state
@@ -217,8 +222,7 @@ def main() -> None:
     print(f"cached: {1e6 * cached:.0f} us a step over the {len(states)} steps "
           "of the sample (one byte each)" + ("; every mask equals the oracle's" if args.check else ""))
     if args.against == "xgrammar":
-        ours = {"index": built, "compile": compiled, "uncached": statistics.median(every), "max": max(every),
-                "cached": cached}
+        ours = {"index": built, "compile": compiled, "uncached": each, "cached": cached}
         source = args.regex if args.regex is not None else args.grammar.read_text() if args.grammar else \
             reference if args.schema else None
         masks = [mask(states[position])[: len(pieces)] for position in timed.values()]
@@ -229,7 +233,9 @@ def main() -> None:
 def against_xgrammar(pieces, size, source, kind, data, positions, masks, ours) -> None:
     """Time xgrammar on the same tokens and text: its tokenizer info, its compile of `source` (a regex, a grammar, a
     schema; JSON mode: its builtin JSON grammar), its mask at the byte `positions` of `data` (after accepting the
-    bytes before them, one at a time) and at every step; print both sides, the ratios and how many masks agree."""
+    bytes before them, one at a time) and at every step; print both sides, the ratios and how many masks agree.
+    `ours["uncached"]`: our uncached time at each of `positions`; where xgrammar refuses a byte of `data`, both sides
+    count the states before it."""
     try:
         import numpy as np
         import xgrammar as xg
@@ -243,14 +249,19 @@ def against_xgrammar(pieces, size, source, kind, data, positions, masks, ours) -
     compiler = xg.GrammarCompiler(info, max_threads=1, cache_enabled=False)
     index = time.perf_counter() - start
     start = time.perf_counter()
-    if kind == "regex":
-        compiled = compiler.compile_regex(source)
-    elif kind == "grammar":
-        compiled = compiler.compile_grammar(source)
-    elif kind == "schema":
-        compiled = compiler.compile_json_schema(json.dumps(source), any_whitespace=True, strict_mode=True)
-    else:
-        compiled = compiler.compile_builtin_json_grammar()
+    try:
+        if kind == "regex":
+            compiled = compiler.compile_regex(source)
+        elif kind == "grammar":
+            compiled = compiler.compile_lark(source) if is_lark(source) else compiler.compile_grammar(source)
+        elif kind == "schema":
+            compiled = compiler.compile_json_schema(json.dumps(source), any_whitespace=True, strict_mode=True)
+        else:
+            compiled = compiler.compile_builtin_json_grammar()
+    except Exception as error:  # xgrammar raises RuntimeError or its own errors for what it does not take
+        message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        message = re.sub(r"^\[[0-9:]+\] \S+:\d+: ", "", message)  # its C++ log prefix: time, file and line
+        raise SystemExit(f"--against xgrammar: xgrammar does not take the {kind}: {message}")
     compile_time = time.perf_counter() - start
     matcher, bitmask = xg.GrammarMatcher(compiled), xg.allocate_token_bitmask(1, size)
     ordinary = np.array([p is not None for p in pieces])
@@ -265,12 +276,16 @@ def against_xgrammar(pieces, size, source, kind, data, positions, masks, ours) -
             theirs = np.unpackbits(bitmask[0].numpy().view(np.uint8), bitorder="little")[: len(pieces)].astype(bool)
             agree += bool((theirs[ordinary] == np.asarray(wanted[position])[ordinary]).all())
         if position < len(data) and not matcher.accept_string(data[position:position + 1]):
-            raise SystemExit(f"xgrammar refuses byte {position} of the text "
-                             f"({data[max(0, position - 20):position + 1]!r}): the languages differ there")
+            print(f"xgrammar refuses byte {position} of the text ({data[max(0, position - 20):position + 1]!r}): the "
+                  "languages differ there; its side below covers the states before it")
+            break
     theirs = {"index": index, "compile": compile_time, "uncached": statistics.median(times), "max": max(times),
               "cached": sum(steps) / len(steps)}
+    reached = ours["uncached"][: len(times)]
+    ours = dict(ours, uncached=statistics.median(reached), max=max(reached))
     version = importlib.metadata.version("xgrammar")
-    print(f"xgrammar {version}: masks equal to ours (ordinary tokens) at {agree} of {len(times)} timed states")
+    print(f"xgrammar {version}: masks equal to ours (ordinary tokens) at {agree} of {len(times)} timed states"
+          + (f" (of our {len(positions)})" if len(times) < len(positions) else ""))
     print(f"{'':>36} {'ours':>10} {'xgrammar':>10}  ours/xgrammar")
     for key, label, unit, scale in (("index", "tokenizer index", "ms", 1e3),
                                     ("compile", "compile (+ token classes / mask cache)", "ms", 1e3),
