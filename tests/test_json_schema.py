@@ -618,9 +618,10 @@ def test_formats_uri_uri_reference_uri_template_and_json_pointers_take_exactly_w
             assert URI_ORACLES[name](json.loads(text)), text
     changes = b"0123456789abfAFvx.:-@_%/?#[]{}~!$&'()*+,;= \\\"<>|^`\xc3\xa9"
     alphabet = bytes(sorted(set(b'[],"0123456789abfAFvx.:-@_~!$&\'()*+,;=/?#%{}| \xc3\xa9')))
-    # jsonschema's relative-json-pointer checker refuses a 0 after a digit ("100#"), which the draft takes
+    # jsonschema's relative-json-pointer checker (there when the jsonpointer package is) refuses a 0 after a digit
+    # ("100#"), which the draft takes: the relative pointers are checked by the test's own validator alone
     relative = URI_ORACLES["relative-json-pointer"]
-    assert relative("100#") and not validator({"format": "relative-json-pointer"}).is_valid("100#")
+    assert relative("100#") and refused_at({"type": "string", "format": "relative-json-pointer"}, b'"100#"') is None
     checked = {name: ok for name, ok in URI_ORACLES.items() if ok is not relative}
     assert_formats_exact(random.Random(12), checked, changes, alphabet)
     assert_formats_exact(random.Random(12), {"relative-json-pointer": relative}, changes, alphabet, checked=False)
