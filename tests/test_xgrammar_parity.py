@@ -9,9 +9,11 @@ nowhere), and the last tests pin each known difference."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -294,3 +296,20 @@ def test_json_mode_is_judged_and_masked_as_xgrammar_s_builtin_json_does_without_
     ours = (jm.INITIAL, jm.advance, lambda state: state[0] == jm.DONE, vocabulary.mask)
     compare(pieces, vocabulary, compiled, stop, ours, texts, '{}[]",:0123456789aeE+\\-.tfn ', rng, kept=kept,
             masked=masked)
+
+
+@pytest.mark.parametrize("extra", [[], ["--schema"], ["--mixed"], ["--regex", r"\d{4}-\d{2}-\d{2}"]])
+def test_the_mask_benchmark_times_xgrammar_beside_us(monkeypatch, capsys, extra):
+    """benchmarks/json_mask.py --against xgrammar on the demo vocabulary: both sides and their ratio (for `--mixed`,
+    the states before the escape xgrammar refuses); a regex's masks agree at every state."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "json_mask.py"
+    spec = importlib.util.spec_from_file_location("json_mask", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["json_mask.py", "--against", "xgrammar", *extra])
+    module.main()
+    out = capsys.readouterr().out
+    assert re.search(r"mask, median over the timed states +[\d.]+us +[\d.]+us +[\d.]+ \((ours|xgrammar) faster\)", out)
+    assert ("xgrammar refuses byte 52" in out) == (extra == ["--mixed"])
+    if extra[:1] == ["--regex"]:
+        assert "masks equal to ours (ordinary tokens) at 11 of 11 timed states" in out
