@@ -240,6 +240,16 @@ DIFFERENCES = [  # (kind, source, text, ours, xgrammar's): (prefix taken, whole 
     ("schema", {"type": "string", "maxLength": 4}, b'"a\\"b"', (True, True), (False, False)),  # an escape
     ("schema", {"type": "string", "maxLength": 4}, b'"\x01"', (False, False), (True, True)),  # a raw control there
     ("schema", {"type": "object"}, b"{" + b" " * 40 + b"}", (False, False), (True, True)),  # our whitespace bound
+    ("schema", {"type": "string", "format": "date"}, b'"2023-02-29"', (False, False), (True, True)),
+    ("schema", {"type": "string", "format": "time"}, b'"12:34:60Z"', (False, False), (True, True)),
+    ("schema", {"type": "string", "format": "date-time"}, b'"2024-02-29T12:34:56.1234567891Z"', (False, False),
+     (True, True)),  # formats: ours as RFC 3339 and the README say, xgrammar's looser or narrower
+    ("schema", {"type": "string", "format": "email"}, b'"a@b"', (False, False), (True, True)),
+    ("schema", {"type": "string", "format": "email"}, b'"\\"q\\"@c.de"', (False, False), (True, True)),
+    ("schema", {"type": "string", "format": "ipv4"}, b'"01.2.3.4"', (False, False), (True, True)),
+    ("schema", {"type": "string", "format": "ipv6"}, b'"1::2:3.4.5.6"', (True, True), (False, False)),
+    ("schema", {"type": "string", "format": "uri"}, b'"http://[::1]:80"', (True, True), (False, False)),
+    ("schema", {"type": "string", "format": "uri-reference"}, b'"a:b/c"', (True, True), (False, False)),
     ("json", None, b'{"a":"\\ud800"}', (False, False), (True, True)),  # a lone escaped surrogate (json.loads takes it)
     ("json", None, b"[1]", (False, False), (True, True)),  # JSON mode's object at the top; its JSON grammar's array
 ]
