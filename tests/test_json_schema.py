@@ -1224,6 +1224,23 @@ def test_masks_equal_the_token_by_token_oracle_on_every_state_of_some_values(tin
         constraint.advance(pieces.index(b"ca"))
 
 
+def assert_masks_are_the_oracle(tokenizer, extra: list[bytes], schema: dict, texts: list[str], at_least: int):
+    """The schema's masks, over the tokenizer's pieces and `extra` ones, equal the token-by-token oracle at every
+    state that `texts` (values of it) pass through, of which there are more than `at_least`."""
+    pieces = [None if tokenizer.is_special(i) else tokenizer.token_bytes(i) for i in range(len(tokenizer))] + extra
+    vocabulary = jm.JsonVocabulary(pieces, len(pieces))
+    compiled = js.compile_schema(schema)
+    states = {compiled.initial}
+    for text in texts:
+        state = compiled.initial
+        for byte in text.encode():
+            state = compiled.advance(state, byte)
+            states.add(state)
+    assert len(states) > at_least
+    for state in states:
+        assert (js.schema_mask(vocabulary, compiled, state) == oracle(pieces, compiled, state)).all(), state
+
+
 # bounds, formats and a tuple: what Pydantic writes for int Field(ge=1, le=5), confloat, datetime, UUID, tuple
 TYPED = {"type": "object", "properties": {
     "stars": {"type": "integer", "minimum": 1, "maximum": 5}, "share": {"type": "number", "exclusiveMinimum": 0,
@@ -1235,22 +1252,11 @@ TYPED = {"type": "object", "properties": {
 
 
 def test_masks_equal_the_oracle_on_states_of_bounds_formats_and_tuples(tiny_chat):
-    tokenizer = tiny_chat.tokenizer
-    pieces = [None if tokenizer.is_special(i) else tokenizer.token_bytes(i) for i in range(len(tokenizer))]
-    pieces += [b"2024", b"-02-", b"29T", b"12:00", b":00Z", b'"}', b"0.", b"5e-1", b"-3", b"e+", b'", "', b"6"]
-    vocabulary = jm.JsonVocabulary(pieces, len(pieces))
-    compiled = js.compile_schema(TYPED)
     value = {"stars": 5, "share": 0.5, "at": "2024-02-29T12:00:00.25+05:30",
              "id": "123e4567-e89b-12d3-a456-426614174000", "pair": [-3, "2023-12-31"]}
-    states = {compiled.initial}
-    for text in (json.dumps(value), json.dumps({**value, "share": 1e-3}, indent=2)):
-        state = compiled.initial
-        for byte in text.encode():
-            state = compiled.advance(state, byte)
-            states.add(state)
-    assert len(states) > 100
-    for state in states:
-        assert (js.schema_mask(vocabulary, compiled, state) == oracle(pieces, compiled, state)).all(), state
+    extra = [b"2024", b"-02-", b"29T", b"12:00", b":00Z", b'"}', b"0.", b"5e-1", b"-3", b"e+", b'", "', b"6"]
+    assert_masks_are_the_oracle(tiny_chat.tokenizer, extra, TYPED,
+                                [json.dumps(value), json.dumps({**value, "share": 1e-3}, indent=2)], 100)
 
 
 # patterns (one with length bounds) and the regex formats
@@ -1265,26 +1271,16 @@ PATTERNED = {"type": "object", "properties": {
 
 
 def test_masks_equal_the_oracle_on_states_inside_patterns_and_regex_formats(tiny_chat):
-    tokenizer = tiny_chat.tokenizer
-    pieces = [None if tokenizer.is_special(i) else tokenizer.token_bytes(i) for i in range(len(tokenizer))]
-    pieces += [b"AB-", b"12", b'"}', b'",', b"@", b".com", b"::", b"\xc3", b"\xa9", b"\xc3\xa9", b"PT", b"1H", b"\\",
-               b"ff:", b"1.2", b".3.4", b"-1", b"x\xc3\xa9y"]
-    vocabulary = jm.JsonVocabulary(pieces, len(pieces))
-    compiled = js.compile_schema(PATTERNED)
     value = {"code": "AB-123", "note": "aébc", "mail": "first.last+tag@mail.example.com", "host": "a-1.example",
              "ip": "2001:db8::ffff:1.2.3.4", "ip4": "192.168.0.1", "wait": "P1Y2M3DT4H5M6S",
              "either": "1.2.3.4"}
-    states = {compiled.initial}
     other = {**value, "ip": "::1", "note": "éé", "either": "x.x"}
-    for text in (json.dumps(value, ensure_ascii=False), json.dumps(other, indent=2, ensure_ascii=False)):
+    texts = [json.dumps(value, ensure_ascii=False), json.dumps(other, indent=2, ensure_ascii=False)]
+    for text in texts:
         assert complete(PATTERNED, text.encode()) and validator(PATTERNED).is_valid(json.loads(text))
-        state = compiled.initial
-        for byte in text.encode():
-            state = compiled.advance(state, byte)
-            states.add(state)
-    assert len(states) > 150
-    for state in states:
-        assert (js.schema_mask(vocabulary, compiled, state) == oracle(pieces, compiled, state)).all(), state
+    extra = [b"AB-", b"12", b'"}', b'",', b"@", b".com", b"::", b"\xc3", b"\xa9", b"\xc3\xa9", b"PT", b"1H", b"\\",
+             b"ff:", b"1.2", b".3.4", b"-1", b"x\xc3\xa9y"]
+    assert_masks_are_the_oracle(tiny_chat.tokenizer, extra, PATTERNED, texts, 150)
 
 
 # the RFC formats (a uri as Pydantic's HttpUrl writes it) and multiples
@@ -1296,25 +1292,15 @@ LINKED = {"type": "object", "properties": {
 
 
 def test_masks_equal_the_oracle_on_states_inside_uris_json_pointers_and_multiples(tiny_chat):
-    tokenizer = tiny_chat.tokenizer
-    pieces = [None if tokenizer.is_special(i) else tokenizer.token_bytes(i) for i in range(len(tokenizer))]
-    pieces += [b"https", b"://", b"example", b".com", b"/a", b"?q=", b"%2", b"0#", b"~1", b"{+", b"}/", b"-1", b"5",
-               b"20", b"144", b'",', b"\xc3\xa9", b"\xc3", b"[::", b"1]", b"%", b"\\"]
-    vocabulary = jm.JsonVocabulary(pieces, len(pieces))
-    compiled = js.compile_schema(LINKED)
     value = {"url": "https://user@example.com:8080/a/b%20c?q=1#top", "ref": "../a?b", "path": "/x{+path*}{?q,r:3}",
              "at": "/a~1b/é", "up": "1#", "n": -15, "m": 144}
-    states = {compiled.initial}
     other = {**value, "url": "http://[::1]/", "ref": "//h/a", "at": "", "up": "0/~0", "n": 20, "m": -12}
-    for text in (json.dumps(value, ensure_ascii=False), json.dumps(other, indent=2)):
+    texts = [json.dumps(value, ensure_ascii=False), json.dumps(other, indent=2)]
+    for text in texts:
         assert complete(LINKED, text.encode()) and validator(LINKED).is_valid(json.loads(text))
-        state = compiled.initial
-        for byte in text.encode():
-            state = compiled.advance(state, byte)
-            states.add(state)
-    assert len(states) > 150
-    for state in states:
-        assert (js.schema_mask(vocabulary, compiled, state) == oracle(pieces, compiled, state)).all(), state
+    extra = [b"https", b"://", b"example", b".com", b"/a", b"?q=", b"%2", b"0#", b"~1", b"{+", b"}/", b"-1", b"5",
+             b"20", b"144", b'",', b"\xc3\xa9", b"\xc3", b"[::", b"1]", b"%", b"\\"]
+    assert_masks_are_the_oracle(tiny_chat.tokenizer, extra, LINKED, texts, 150)
 
 
 STRING_ALTERNATIVES = [{"type": "string"}, {"type": "string", "maxLength": 3}, {"minLength": 2, "maxLength": 40},
