@@ -31,8 +31,7 @@ import functools
 
 from .automaton import MAX_REPEAT, SURROGATES, without
 from .grammar import GrammarError
-from .regex import RegexError
-from .regex import _Parser as RegexParser
+from .regex import RegexError, parse_regex
 
 MAX_NESTING = 50  # Lark groups inside one another (grammar.py takes 100 deep; a regex's groups add to them)
 NAME_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
@@ -407,7 +406,7 @@ class _Parser:
             raise self.refuse(f"the regex flags {self.text[flags: self.pos]!r} are not taken (for i, write the cases "
                               "out: [Yy]es)", flags)
         try:
-            tree = RegexParser(pattern).parse()
+            tree = parse_regex(pattern)
         except RegexError as e:
             raise self.refuse(f"the regex /{pattern}/: {e}", start) from None
         if _has_anchor(tree):

@@ -228,7 +228,7 @@ class Regex(ByteAutomaton):
     def __init__(self, pattern: str, search: bool, excluded: str):
         super().__init__()
         self.key = (pattern, search, excluded)
-        tree = _Parser(pattern).parse()
+        tree = parse_regex(pattern)
         self.banned = normalized(SURROGATES + tuple((ord(c), ord(c)) for c in excluded))
         if search:  # any text before and after the match
             anything = ("rep", ("set", ((0, MAX_CODE),)), 0, None)
@@ -303,6 +303,12 @@ class Regex(ByteAutomaton):
                     seen.add(pair)
                     todo.append(pair)
         return frozenset(found)
+
+
+def parse_regex(pattern: str) -> tuple:
+    """The syntax tree of `pattern` that a Regex compiles (automaton.TreeParser's nodes: what lark.py builds its
+    terminals from); RegexError where it uses what this module does not take."""
+    return _Parser(pattern).parse()
 
 
 def compile_regex(pattern: str, *, search: bool = False, excluded: str = "") -> Regex:
