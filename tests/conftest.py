@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -345,3 +347,70 @@ class ScriptedEngine:
                 finished.add(rid)
 
         return Generation()
+
+
+def cli(*args, stdin=None, cwd=None):
+    """The command line run in a subprocess: `python -m internvl_mpo.cli ARGS` (text out, 120 s at most)."""
+    return subprocess.run([sys.executable, "-m", "internvl_mpo.cli", *map(str, args)], capture_output=True,
+                          text=True, input=stdin, timeout=120, cwd=cwd)
+
+
+# ---- constrained decoding: automata (regex, grammar) walked byte by byte, answers of a batch, masks against the
+# token-by-token oracle
+
+def after(automaton, state, data: bytes):
+    """The state of `automaton` after `data` from `state`, or None."""
+    from internvl_mpo.generate.json_mode import advance_bytes
+
+    return advance_bytes(state, data, advance=automaton.advance)
+
+
+def states(automaton, data: bytes):
+    """The states after each byte of `data` (None from the first refused one on)."""
+    state, found = automaton.initial, []
+    for byte in data:
+        state = None if state is None else automaton.advance(state, byte)
+        found.append(state)
+    return found
+
+
+def engine_answers(chat, requests) -> list[tuple[list[int], str]]:
+    """(tokens, finish) of each request, run in one batch by the chat's engine."""
+    out = [([], None) for _ in requests]
+    for events in chat.engine.generate(requests):
+        for event in events:
+            out[event.rid][0].append(event.token)
+            if event.finish:
+                out[event.rid] = (out[event.rid][0], event.finish)
+    return out
+
+
+def assert_automaton_masks(tokenizer, extra: list, compile_text, cases, what: str) -> None:
+    """automaton_mask over the tokenizer's pieces and `extra` ones (plus 3 ids past them) equals the token-by-token
+    oracle, fresh and cached, on every state that the texts of `cases` ((source, texts): compile_text(source) takes
+    the texts) pass through; then an AutomatonConstraint of compile_text(a source taking "ab" alone) allows a stop id
+    only once its text is accepted and refuses a token past it ("does not continue the `what`")."""
+    import numpy
+
+    from internvl_mpo.generate.automaton import AutomatonConstraint, automaton_mask
+    from internvl_mpo.generate.json_mode import JsonVocabulary
+
+    pieces = [None if tokenizer.is_special(i) else tokenizer.token_bytes(i) for i in range(len(tokenizer))] + extra
+    vocabulary = JsonVocabulary(pieces, len(pieces) + 3)
+    for source, texts in cases:
+        automaton = compile_text(source)
+        seen = {automaton.initial}
+        for text in texts:
+            seen.update(states(automaton, text.encode()))
+        for state in seen:
+            expected = numpy.array([bool(piece) and after(automaton, state, piece) is not None for piece in pieces]
+                                   + [False] * 3)
+            assert (automaton_mask(vocabulary, automaton, state) == expected).all(), (source, state)
+            assert (automaton_mask(vocabulary, automaton, state) == expected).all(), (source, state)  # cached
+    done = AutomatonConstraint(vocabulary, compile_text("ab" if what == "regex" else 'root ::= "a" "b"'))
+    done.advance(pieces.index(b"a"))
+    assert not done.complete and not done.allowed([5])[5]  # a stop id only where the text is accepted
+    done.advance(pieces.index(b"b"))
+    assert done.complete and numpy.flatnonzero(done.allowed([5])).tolist() == [5]
+    with pytest.raises(ValueError, match=f"does not continue the {what}"):
+        done.advance(pieces.index(b"a"))

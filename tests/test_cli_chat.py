@@ -14,6 +14,7 @@ from PIL import Image
 from internvl_mpo.pipeline import InternVLChat
 
 from conftest import (
+    cli,
     ScriptedEngine,
     bf16_shards_without_dtype,
     check_replaced_weights_refuse_resume,
@@ -31,11 +32,6 @@ def folder(tmp_path_factory):
     Image.new("RGB", (90, 50), "red").save(root / "red.png")
     Image.new("RGB", (50, 50), "blue").save(root / "blue.png")
     return folder
-
-
-def cli(*args, stdin=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "internvl_mpo.cli", *map(str, args)], capture_output=True,
-                          text=True, input=stdin, timeout=120, cwd=cwd)
 
 
 def test_chat_one_question_with_image_streams_the_greedy_answer(folder):

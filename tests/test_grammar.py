@@ -8,10 +8,7 @@ from __future__ import annotations
 import json
 import random
 import re
-import subprocess
-import sys
 
-import numpy
 import pytest
 import torch
 
@@ -20,14 +17,14 @@ from internvl_mpo.generate import automaton
 from internvl_mpo.generate import grammar as grammar_module
 from internvl_mpo.generate import json_mode as jm
 from internvl_mpo.generate.engine import Request
-from internvl_mpo.generate.automaton import AutomatonConstraint, automaton_mask
+from internvl_mpo.generate.automaton import AutomatonConstraint
 from internvl_mpo.generate.grammar import GrammarError, compile_grammar
 from internvl_mpo.generate.sampling import SamplingParams
 from internvl_mpo.pipeline import InternVLChat
 from internvl_mpo.server.requests import ApiError, parse_chat_request, parse_completion_request
 from internvl_mpo.server.settings import ServerSettings
 
-from conftest import tiny_chat_folder
+from conftest import after, assert_automaton_masks, cli, engine_answers, states, tiny_chat_folder
 
 ARITHMETIC = r"""
 # integer arithmetic: + - * / and parentheses
@@ -61,23 +58,6 @@ number ::= number [0-9] | [0-9]
 """
 SHORT = 'root ::= " "? ("yes" | "no" | [0-9]{1,2} | "\u732B") (", " animal)?\nanimal ::= "cats" | "dogs"\n'
 SHORT_REGEX = r" ?(yes|no|[0-9]{1,2}|猫)(, (cats|dogs))?"
-
-
-def after(grammar, state, data: bytes):
-    for byte in data:
-        state = grammar.advance(state, byte)
-        if state is None:
-            return None
-    return state
-
-
-def states(grammar, data: bytes):
-    """The states after each byte of `data` (None from the first refused one on)."""
-    state, found = grammar.initial, []
-    for byte in data:
-        state = None if state is None else grammar.advance(state, byte)
-        found.append(state)
-    return found
 
 
 # ---- independent checkers and sentence makers -----------------------------------------------
@@ -486,28 +466,10 @@ def tiny_chat(folder):
 def test_masks_equal_the_token_by_token_oracle(tiny_chat):
     """The tiny tokenizer's tokens plus hand-made ones (split characters, an empty one, a special one), on every
     state that some sentences pass through."""
-    tokenizer = tiny_chat.tokenizer
-    base = [None if tokenizer.is_special(i) else tokenizer.token_bytes(i) for i in range(len(tokenizer))]
-    pieces = base + [b"\xe7", b"\x8c", b"\x8c\xab", b"\xf0\x9f", b"\x98\x80", b"\xed\xa0", b"", None, b"12", b"(1"]
-    vocabulary = jm.JsonVocabulary(pieces, len(pieces) + 3)
-    for text, sentences in ((ARITHMETIC, ["(12+3)*45", "7"]), (JSON_SUBSET, ['{"a b":[1,true,{}],"é":"x"}']),
-                            (WORDS, ["猫, ab,😀."]), (PARENTHESES, ["(()())"])):
-        grammar = compile_grammar(text)
-        seen = {grammar.initial}
-        for sentence in sentences:
-            seen.update(states(grammar, sentence.encode()))
-        for state in seen:
-            expected = numpy.array([bool(piece) and after(grammar, state, piece) is not None for piece in pieces]
-                                   + [False] * 3)
-            assert (automaton_mask(vocabulary, grammar, state) == expected).all(), (text, state)
-            assert (automaton_mask(vocabulary, grammar, state) == expected).all(), (text, state)  # cached
-    done = AutomatonConstraint(vocabulary, compile_grammar('root ::= "a" "b"'))
-    done.advance(pieces.index(b"a"))
-    assert not done.complete and not done.allowed([5])[5]  # a stop id only where the text is accepted
-    done.advance(pieces.index(b"b"))
-    assert done.complete and numpy.flatnonzero(done.allowed([5])).tolist() == [5]
-    with pytest.raises(ValueError, match="does not continue the grammar"):
-        done.advance(pieces.index(b"a"))
+    extra = [b"\xe7", b"\x8c", b"\x8c\xab", b"\xf0\x9f", b"\x98\x80", b"\xed\xa0", b"", None, b"12", b"(1"]
+    cases = ((ARITHMETIC, ["(12+3)*45", "7"]), (JSON_SUBSET, ['{"a b":[1,true,{}],"é":"x"}']), (WORDS, ["猫, ab,😀."]),
+             (PARENTHESES, ["(()())"]))
+    assert_automaton_masks(tiny_chat.tokenizer, extra, compile_grammar, cases, "grammar")
 
 
 @pytest.mark.parametrize("few_words", [0, 256, 10**9])
@@ -553,16 +515,6 @@ def test_a_mask_advances_one_token_of_each_class_of_the_byte_runs():
     assert grammar.mask(vocabulary, grammar.initial).all()
     assert len(advanced) == 3, advanced
 
-def generate(chat, requests: list[Request]) -> list[tuple[list[int], str]]:
-    out = [([], None) for _ in requests]
-    for events in chat.engine.generate(requests):
-        for event in events:
-            out[event.rid][0].append(event.token)
-            if event.finish:
-                out[event.rid] = (out[event.rid][0], event.finish)
-    return out
-
-
 SAMPLED = [dict(do_sample=False), *({"do_sample": True, "seed": seed} for seed in range(6)),
            {"do_sample": True, "seed": 3, "top_k": 5, "top_p": 0.9, "repetition_penalty": 1.3, "temperature": 0.7}]
 
@@ -576,7 +528,7 @@ def test_guided_answers_are_sentences_when_they_stop(tiny_chat):
         requests = [Request(ids, SamplingParams(max_new_tokens=16, grammar=text, logit_bias=end, **kw))
                     for kw in SAMPLED]
         stopped = 0
-        for tokens, finish in generate(tiny_chat, requests):
+        for tokens, finish in engine_answers(tiny_chat, requests):
             data = b"".join(tokenizer.token_bytes(t) for t in (tokens[:-1] if finish == "stop" else tokens))
             if finish == "stop":
                 assert tokens[-1] == tokenizer.im_end_id and check(data.decode()), data
@@ -639,11 +591,6 @@ def test_guided_grammar_and_structured_outputs_grammar_and_their_400s():
             with pytest.raises(ApiError, match=message) as e:
                 params(**fields)
             assert (e.value.status, e.value.param) == (400, param), fields
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "internvl_mpo.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=120)
 
 
 def test_grammar_flag(folder, tmp_path):

@@ -20,7 +20,7 @@ from internvl_mpo.pipeline import InternVLChat
 from internvl_mpo.server.requests import ApiError, parse_chat_request, parse_completion_request
 from internvl_mpo.server.settings import ServerSettings
 
-from conftest import tiny_chat_folder
+from conftest import engine_answers, tiny_chat_folder
 
 
 def state_of(data: bytes):
@@ -231,17 +231,6 @@ def closing_bias(tokenizer, strength: float) -> dict[int, float]:
     return {**dict.fromkeys(closing, strength), tokenizer.im_end_id: strength}
 
 
-def generate(chat, requests: list[Request]) -> list[tuple[list[int], str]]:
-    """(tokens, finish) of each request, run in one batch."""
-    out = [([], None) for _ in requests]
-    for events in chat.engine.generate(requests):
-        for event in events:
-            out[event.rid][0].append(event.token)
-            if event.finish:
-                out[event.rid] = (out[event.rid][0], event.finish)
-    return out
-
-
 def test_constrained_answers_are_json_objects_when_they_stop_and_valid_prefixes_when_cut(tiny_chat):
     tokenizer = tiny_chat.tokenizer
     ids = tiny_chat.prepare("Describe the picture as JSON.").prompt_ids
@@ -250,7 +239,7 @@ def test_constrained_answers_are_json_objects_when_they_stop_and_valid_prefixes_
                 {"do_sample": True, "seed": 3, "top_k": 5, "top_p": 0.9, "repetition_penalty": 1.3, "temperature": 0.7}]
     requests = [Request(ids, SamplingParams(max_new_tokens=48, json_mode=True, **kw)) for kw in settings]
     stopped = 0
-    for tokens, finish in generate(tiny_chat, requests):
+    for tokens, finish in engine_answers(tiny_chat, requests):
         assert finish in ("stop", "length")
         if finish == "stop":
             assert tokens[-1] == tokenizer.im_end_id
@@ -260,7 +249,7 @@ def test_constrained_answers_are_json_objects_when_they_stop_and_valid_prefixes_
             assert len(tokens) == 48
             assert state_of(b"".join(tokenizer.token_bytes(t) for t in tokens)) is not None
     assert stopped >= 3
-    unconstrained = generate(tiny_chat, [Request(ids, SamplingParams(max_new_tokens=48, do_sample=True, seed=s))
+    unconstrained = engine_answers(tiny_chat, [Request(ids, SamplingParams(max_new_tokens=48, do_sample=True, seed=s))
                                          for s in range(8)])
     assert not any(complete(b"".join(map(tokenizer.token_bytes, tokens))) for tokens, _ in unconstrained)
 
@@ -270,10 +259,10 @@ def test_an_unconstrained_row_gets_the_same_tokens_beside_a_constrained_one(tiny
     other = tiny_chat.prepare("Answer in JSON: what is it?").prompt_ids
     for plain in (SamplingParams(max_new_tokens=20, ignore_eos=True),
                   SamplingParams(max_new_tokens=20, ignore_eos=True, do_sample=True, seed=7)):
-        alone = generate(tiny_chat, [Request(ids, plain)])[0]
+        alone = engine_answers(tiny_chat, [Request(ids, plain)])[0]
         for json_params in (SamplingParams(max_new_tokens=30, json_mode=True),
                             SamplingParams(max_new_tokens=30, json_mode=True, do_sample=True, seed=1)):
-            both = generate(tiny_chat, [Request(other, json_params), Request(ids, plain)])
+            both = engine_answers(tiny_chat, [Request(other, json_params), Request(ids, plain)])
             assert both[1] == alone
             tokens, finish = both[0]
             text = b"".join(map(tiny_chat.tokenizer.token_bytes, tokens[:-1] if finish == "stop" else tokens))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 import re
 
-import numpy
 import pytest
 import torch
 
@@ -15,33 +14,14 @@ from internvl_mpo.generate import automaton
 from internvl_mpo.generate import json_mode as jm
 from internvl_mpo.generate import regex as regex_module
 from internvl_mpo.generate.engine import Engine, Request
-from internvl_mpo.generate.automaton import AutomatonConstraint
 from internvl_mpo.generate.automaton import automaton_mask
 from internvl_mpo.generate.regex import RegexError, choice_pattern, compile_regex, escape
 from internvl_mpo.generate.sampling import SamplingParams
 from internvl_mpo.pipeline import InternVLChat
 
-from conftest import tiny_chat_folder
+from conftest import after, assert_automaton_masks, engine_answers, states, tiny_chat_folder
 
 TEXT_ALPHABET = "ab1 _\n\té€😀.-Z\U0010ffff"
-
-
-def after(regex, state, data: bytes):
-    """The state after `data` from `state`, or None."""
-    for byte in data:
-        state = regex.advance(state, byte)
-        if state is None:
-            return None
-    return state
-
-
-def states(regex, data: bytes):
-    """The states after each byte of `data` (None from the first refused one on)."""
-    state, found = regex.initial, []
-    for byte in data:
-        state = None if state is None else regex.advance(state, byte)
-        found.append(state)
-    return found
 
 
 @pytest.mark.parametrize("pattern, taken, refused", [
@@ -252,28 +232,10 @@ def tiny_chat(tmp_path_factory):
 def test_masks_equal_the_token_by_token_oracle(tiny_chat):
     """The tiny tokenizer's tokens plus hand-made ones (split characters, an empty one, a special one), on every
     state that some accepted texts pass through."""
-    tokenizer = tiny_chat.tokenizer
-    base = [None if tokenizer.is_special(i) else tokenizer.token_bytes(i) for i in range(len(tokenizer))]
-    pieces = base + [b"\xe7", b"\x8c", b"\x8c\xab", b"\xf0\x9f", b"\x98\x80", b"\xed\xa0", b"", None, b"12", b"a1"]
-    vocabulary = jm.JsonVocabulary(pieces, len(pieces) + 3)
-    for pattern, texts in ((r"\d{1,3}(\.\d+)?", ["123.45", "7"]), ("(yes|no|猫😀)+", ["yesno猫😀", "no"]),
-                           ("[^a]*a", ["bbé猫a", "a"]), ("", [""])):
-        regex = compile_regex(pattern)
-        seen = {regex.initial}
-        for text in texts:
-            seen.update(states(regex, text.encode()))
-        for state in seen:
-            expected = numpy.array([bool(piece) and after(regex, state, piece) is not None for piece in pieces]
-                                   + [False] * 3)
-            assert (automaton_mask(vocabulary, regex, state) == expected).all(), (pattern, state)
-            assert (automaton_mask(vocabulary, regex, state) == expected).all(), (pattern, state)  # cached
-    done = AutomatonConstraint(vocabulary, compile_regex("ab"))
-    done.advance(pieces.index(b"a"))
-    assert not done.complete and not done.allowed([5])[5]  # a stop id only where the text is accepted
-    done.advance(pieces.index(b"b"))
-    assert done.complete and numpy.flatnonzero(done.allowed([5])).tolist() == [5]
-    with pytest.raises(ValueError, match="does not continue the regex"):
-        done.advance(pieces.index(b"a"))
+    extra = [b"\xe7", b"\x8c", b"\x8c\xab", b"\xf0\x9f", b"\x98\x80", b"\xed\xa0", b"", None, b"12", b"a1"]
+    cases = ((r"\d{1,3}(\.\d+)?", ["123.45", "7"]), ("(yes|no|猫😀)+", ["yesno猫😀", "no"]), ("[^a]*a", ["bbé猫a", "a"]),
+             ("", [""]))
+    assert_automaton_masks(tiny_chat.tokenizer, extra, compile_regex, cases, "regex")
 
 
 @pytest.mark.parametrize("few_words", [0, 256, 10**9])
@@ -306,17 +268,6 @@ def test_masks_of_random_regexes_equal_the_oracle(monkeypatch, few_words):
     assert checked > 100
 
 
-def generate(chat, requests: list[Request]) -> list[tuple[list[int], str]]:
-    """(tokens, finish) of each request, run in one batch."""
-    out = [([], None) for _ in requests]
-    for events in chat.engine.generate(requests):
-        for event in events:
-            out[event.rid][0].append(event.token)
-            if event.finish:
-                out[event.rid] = (out[event.rid][0], event.finish)
-    return out
-
-
 SAMPLED = [dict(do_sample=False), *({"do_sample": True, "seed": seed} for seed in range(6)),
            {"do_sample": True, "seed": 3, "top_k": 5, "top_p": 0.9, "repetition_penalty": 1.3, "temperature": 0.7}]
 
@@ -331,7 +282,7 @@ def test_guided_answers_match_the_regex_when_they_stop(tiny_chat):
         requests = [Request(ids, SamplingParams(max_new_tokens=16, regex=pattern, logit_bias=end, **kw))
                     for kw in SAMPLED]
         stopped = 0
-        for tokens, finish in generate(tiny_chat, requests):
+        for tokens, finish in engine_answers(tiny_chat, requests):
             data = b"".join(tokenizer.token_bytes(t) for t in (tokens[:-1] if finish == "stop" else tokens))
             if finish == "stop":
                 assert tokens[-1] == tokenizer.im_end_id and re.fullmatch(pattern, data.decode()), data
@@ -346,7 +297,7 @@ def test_choice_answers_are_one_of_the_choices(tiny_chat):
     ids = tiny_chat.prepare("Is it a cat?").prompt_ids
     choices = ("yes", "no", "yes, a cat", "猫 😀", "")
     requests = [Request(ids, SamplingParams(max_new_tokens=24, choice=choices, **kw)) for kw in SAMPLED]
-    for tokens, finish in generate(tiny_chat, requests):
+    for tokens, finish in engine_answers(tiny_chat, requests):
         assert finish == "stop" and tokenizer.decode(tokens[:-1]) in choices
 
 
@@ -355,10 +306,10 @@ def test_an_unconstrained_row_gets_the_same_tokens_beside_a_guided_one(tiny_chat
     other = tiny_chat.prepare("Yes or no?").prompt_ids
     for plain in (SamplingParams(max_new_tokens=20, ignore_eos=True),
                   SamplingParams(max_new_tokens=20, ignore_eos=True, do_sample=True, seed=7)):
-        alone = generate(tiny_chat, [Request(ids, plain)])[0]
+        alone = engine_answers(tiny_chat, [Request(ids, plain)])[0]
         for guided in (SamplingParams(max_new_tokens=30, regex="[a-z ]+"),
                        SamplingParams(max_new_tokens=30, choice=["yes", "no"], do_sample=True, seed=1)):
-            both = generate(tiny_chat, [Request(other, guided), Request(ids, plain)])
+            both = engine_answers(tiny_chat, [Request(other, guided), Request(ids, plain)])
             assert both[1] == alone
 
 
