@@ -231,7 +231,10 @@ def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], list[tup
     system, turns, images, videos, video_turn = None, [], [], [], None
     for i, message in enumerate(messages):
         param = f"messages[{i}]"
-        role = message.get("role") if isinstance(message, dict) else None
+        if not isinstance(message, dict):
+            raise ApiError(400, f"{param} must be an object with a role and content, got {json.dumps(message)[:80]}",
+                           param)
+        role = message.get("role")
         if role in ("system", "developer"):
             if i != 0:
                 raise ApiError(400, f"{param}: a system message may only come first", param)
