@@ -217,7 +217,11 @@ def chat(
     while True:
         try:
             line = input("> " if sys.stdin.isatty() else "").strip()  # piped: stdout holds the answers only
-        except EOFError:
+        except (EOFError, KeyboardInterrupt) as stop:  # Ctrl-D or Ctrl-C at the prompt quits
+            if sys.stdin.isatty():
+                print()  # the shell's prompt on a line of its own, not after "> "
+            if isinstance(stop, KeyboardInterrupt):
+                raise
             return 0
         if not line:
             continue
