@@ -5,6 +5,7 @@ import pytest
 pytest.importorskip("fastapi")
 
 from internvl_mpo.server import ServerSettings  # noqa: E402
+from internvl_mpo.server.media import image_bytes  # noqa: E402
 from internvl_mpo.server.requests import ApiError, parse_chat_request  # noqa: E402
 
 
@@ -16,3 +17,23 @@ def test_a_message_that_is_not_an_object_is_named_as_such(message):
         parse_chat_request({"messages": [{"role": "user", "content": "hi"}, message]}, ServerSettings())
     assert e.value.status == 400 and e.value.param == "messages[1]"
     assert e.value.message.startswith("messages[1] must be an object with a role and content, got ")
+
+
+@pytest.mark.parametrize("url, words", [
+    ("data:video/mp4;base64," + "AAAA" * 40, "the video is larger; videos may be at most 100 bytes"),
+    ("http://example.com/clip.mp4", "remote video URLs are refused; send the video as a data: URL"),
+    ("/tmp/clip.mp4", "local video files are refused; send the video as a data: URL"),
+    ("ftp://example.com/clip.mp4", "videos come as data: URLs"),
+])
+def test_a_video_urls_errors_speak_of_a_video(url, words):
+    """A video_url part's bytes are read as an image's, and their errors spoke of an image: a 20 MB clip was told
+    "the image is larger; images may be at most 16777216 bytes", a clip's http URL "remote image URLs are refused".
+    An image_url part's errors still speak of an image."""
+    settings = ServerSettings(max_image_bytes=100)
+    with pytest.raises(ApiError) as e:
+        image_bytes(url, "messages[0].content[0].video_url", settings)
+    assert e.value.message.startswith("messages[0].content[0].video_url: ") and words in e.value.message
+    assert "image " not in e.value.message
+    with pytest.raises(ApiError) as e:
+        image_bytes(url, "messages[0].content[0].image_url", settings)
+    assert words.replace("video", "image") in e.value.message and "video" not in e.value.message

@@ -167,7 +167,9 @@ def _read_local(url: str, param: str, settings: ServerSettings) -> bytes:
 
 def image_bytes(url: str, param: str, settings: ServerSettings) -> bytes:
     """The bytes behind an image URL: a base64 `data:` URL, or (only when allowed) http(s) or a local file. A
-    scheme is read whatever its case (RFC 3986; vLLM reads it so), and so is a data URL's ";base64"."""
+    scheme is read whatever its case (RFC 3986; vLLM reads it so), and so is a data URL's ";base64". A video's
+    bytes (`param` a video_url part) are read alike, their errors saying "video"."""
+    kind = _kind(param)
     start = url[:8].lower()
     if start.startswith("data:"):
         header, comma, data = url.partition(",")
@@ -176,30 +178,35 @@ def image_bytes(url: str, param: str, settings: ServerSettings) -> bytes:
                            "invalid_image")
         data = "".join(data.split())
         if len(data) // 4 * 3 > settings.max_image_bytes + 2:
-            raise _too_large(param, "the image is larger", settings)
+            raise _too_large(param, f"the {kind} is larger", settings)
         try:
             raw = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError) as e:
             raise ApiError(400, f"{param}: the data URL is not valid base64 ({e})", param, "invalid_image") from None
     elif start.startswith(("http://", "https://")):
         if not settings.allow_remote_images:
-            raise ApiError(400, f"{param}: remote image URLs are refused; send the image as a data: URL "
+            raise ApiError(400, f"{param}: remote {kind} URLs are refused; send the {kind} as a data: URL "
                                 "(or start the server with --allow-remote-images)", param, "remote_image_refused")
         raw = _fetch_remote(url, param, settings)
     elif (scheme := urllib.parse.urlsplit(url).scheme) not in ("", "file"):
-        raise ApiError(400, f"{param}: unsupported URL scheme {scheme[:20]!r}; images come as data: URLs, http(s) "
+        raise ApiError(400, f"{param}: unsupported URL scheme {scheme[:20]!r}; {kind}s come as data: URLs, http(s) "
                             "URLs or (when allowed) file URLs and paths", param, "invalid_image")
     else:
         if not settings.allow_local_images:
-            raise ApiError(400, f"{param}: local image files are refused; send the image as a data: URL "
+            raise ApiError(400, f"{param}: local {kind} files are refused; send the {kind} as a data: URL "
                                 "(or start the server with --allow-local-images)", param, "local_image_refused")
         raw = _read_local(url, param, settings)
     if len(raw) > settings.max_image_bytes:
-        raise _too_large(param, "the image is larger", settings)  # a fetch stops reading past the limit
+        raise _too_large(param, f"the {kind} is larger", settings)  # a fetch stops reading past the limit
     return raw
 
 
+def _kind(param: str) -> str:
+    """What the URL at `param` is: "video" for a video_url part, else "image" (their bytes are read alike)."""
+    return "video" if param.endswith("video_url") else "image"
+
+
 def _too_large(param: str, what: str, settings: ServerSettings) -> ApiError:
-    """The 413 for an image of more bytes than the server takes, naming the flag that sets the limit."""
-    return ApiError(413, f"{param}: {what}; images may be at most {settings.max_image_bytes} bytes (the server's "
-                         "--max-image-bytes)", param, "image_too_large")
+    """The 413 for an image (or a video) of more bytes than the server takes, naming the flag that sets the limit."""
+    return ApiError(413, f"{param}: {what}; {_kind(param)}s may be at most {settings.max_image_bytes} bytes (the "
+                         "server's --max-image-bytes)", param, "image_too_large")
