@@ -70,7 +70,7 @@ from internvl_mpo.errors import InputError, SettingError
 from internvl_mpo.filestamp import stamps, unchanged
 from internvl_mpo.jsonl import check_input_file, read_objects, refuse_misspelt_fields
 from internvl_mpo.locks import check_not_in_use
-from internvl_mpo.pairs import check_images, interrupted, refuse_unread_media
+from internvl_mpo.pairs import check_images, interrupted, refuse_non_finite, refuse_unread_media
 from internvl_mpo.run_folder import (
     Progress,
     atomic_write,
@@ -153,9 +153,11 @@ def _read_jsonl(path: Path, max_pixels: int | None) -> list[BenchItem]:
         refuse_misspelt_fields(row, BENCH_FIELDS, where)
         row.setdefault("id", number)  # no id: its number in the file, as `generate` numbers requests
         for key in ("id", "question", "answer"):
-            if not isinstance(row.get(key), (str, int, float)) or isinstance(row.get(key), bool):
-                required = "a string or a number" if key == "id" else "a string"
-                raise InputError(f"{where}: field {key!r} is required ({required})")
+            if row.get(key) is None:
+                raise InputError(f"{where}: field {key!r} is required (a string or a number)")
+            if not isinstance(row[key], (str, int, float)) or isinstance(row[key], bool):
+                raise InputError(f"{where}: field {key!r} must be a string or a number, got {row[key]!r:.80}")
+            refuse_non_finite(row[key], key, where)
         refuse_unread_media(row, where)
         for key in ("hint", "category"):  # a list or an object would go into the prompt or score.json as its repr
             if row.get(key) is not None and (isinstance(row[key], bool) or not isinstance(row[key], (str, int, float))):

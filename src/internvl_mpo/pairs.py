@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -272,6 +273,14 @@ def correctness_prompt(item: Item) -> str:
     return place_images(build_cot_question(item.question, item.options), len(item.images))
 
 
+def refuse_non_finite(value: Any, key: str, where: str) -> None:
+    """Refuse a JSON number that no float holds (NaN, Infinity, 1e400), which str() would make the text "nan" or
+    "inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"{where}: field {key!r} must be a finite number, got {value!r} (JSON NaN, Infinity or a "
+                         "number beyond about 1.8e308)")
+
+
 def _text_field(row: dict, key: str, where: str, required: bool = True) -> str:
     value = row.get(key)
     if value is None:
@@ -280,6 +289,7 @@ def _text_field(row: dict, key: str, where: str, required: bool = True) -> str:
         raise InputError(f"{where}: field {key!r} is required (a string or a number)")
     if isinstance(value, bool) or not isinstance(value, (str, int, float)) or str(value).strip() == "":
         raise InputError(f"{where}: field {key!r} must be a non-empty string or a number, got {value!r:.80}")
+    refuse_non_finite(value, key, where)
     return str(value)
 
 

@@ -1,0 +1,41 @@
+"""Items and benchmark lines found wrong in an end-to-end audit of `pairs` and `eval` (README, "Preference data
+and evaluation")."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from internvl_mpo.errors import InputError
+from internvl_mpo.evaluate import read_benchmark
+from internvl_mpo.pairs import read_items
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+@pytest.mark.parametrize("key", ["answer", "question", "id"])
+def test_a_json_number_no_float_holds_is_refused_not_read_as_nan_or_inf(tmp_path, key, number):
+    """Python's json reads NaN and Infinity and turns 1e400 into inf: the ground truth was the text "nan" or "inf",
+    and the samples were judged against it (the README refuses a ground truth beyond the float range)."""
+    fields = {"id": '"a"', "question": '"How many?"', "answer": '"3"', key: number}
+    for name, read in [("items.jsonl", lambda p: read_items(p, "correctness")), ("bench.jsonl", read_benchmark)]:
+        path = tmp_path / name
+        path.write_text("{" + ", ".join(f'"{k}": {v}' for k, v in fields.items()) + "}\n")
+        message = rf"field '{key}' must be a finite number, got -?(nan|inf) \(JSON NaN, Infinity or a number beyond"
+        with pytest.raises(InputError, match=rf"^{re.escape(str(path))}:1: {message} about 1.8e308\)$"):
+            read(path)
+
+
+@pytest.mark.parametrize("value", [["3"], {"text": "3"}, True])
+def test_eval_names_an_answer_of_the_wrong_type_as_such(tmp_path, value):
+    """It said "field 'answer' is required (a string)" of an answer that was there, as a list, an object or a bool
+    (and numbers, which are taken, were not named); `pairs` names the value given."""
+    path = tmp_path / "bench.jsonl"
+    path.write_text(json.dumps({"id": "1", "question": "How many?", "answer": value}) + "\n")
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}:1: field 'answer' must be a string or a number, "
+                                         rf"got {re.escape(repr(value))}$"):
+        read_benchmark(path)
+    path.write_text(json.dumps({"id": "1", "question": "How many?"}) + "\n")
+    with pytest.raises(InputError, match=r"bench.jsonl:1: field 'answer' is required \(a string or a number\)$"):
+        read_benchmark(path)
