@@ -39,3 +39,27 @@ def test_quitting_at_the_prompt_ends_the_prompts_line(monkeypatch, capsys, inter
     else:
         assert cli_chat.chat(model=DEMO, device="cpu") == 0
     assert capsys.readouterr().out == "> \n"
+
+
+
+@pytest.mark.parametrize("ids, words", [
+    ([[-1]], r"input_ids hold -1, outside the vocabulary 0\.\.663"),
+    ([[5, 664]], r"input_ids hold 664, outside the vocabulary 0\.\.663"),
+    ("int16", r"\(B, T\) tensor of token ids, got a torch.int16 tensor of shape \(1, 2\); it takes int64 or int32"),
+    ("bool", r"\(B, T\) tensor of token ids, got a torch.bool tensor of shape \(1, 1\); it takes int64 or int32"),
+    ("empty", r"\(B, T\) tensor of token ids, got a torch.int64 tensor of shape \(1, 0\); it takes .*at least one"),
+])
+def test_the_bare_model_refuses_ids_it_cannot_look_up_by_name(ids, words):
+    """Ids outside the vocabulary (an IndexError deep inside torch; on CUDA a device-side assert), an int16 or
+    bool tensor (the embedding takes int64 and int32 only) and no tokens failed inside torch."""
+    import torch
+
+    from internvl_mpo import InternVL
+    from internvl_mpo.errors import InputError
+
+    model = InternVL.from_pretrained(DEMO)
+    special = {"int16": torch.tensor([[1, 2]], dtype=torch.int16), "bool": torch.tensor([[True]]),
+               "empty": torch.zeros(1, 0, dtype=torch.long)}
+    with pytest.raises(InputError, match=words):
+        model(special[ids] if isinstance(ids, str) else torch.tensor(ids))
+    assert model(torch.tensor([[0, 663]], dtype=torch.int32)).shape == (1, 2, 664)

@@ -124,12 +124,18 @@ class InternVL(nn.Module):
         `vit_embeds` are precomputed `extract_feature` outputs (to encode shared images once);
         `image_flags` (N,) drop the features of tiles flagged 0 (official dummy tiles).
         """
-        if not (isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2 and not input_ids.is_floating_point()):
+        if not (isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2 and input_ids.numel()
+                and input_ids.dtype in (torch.int64, torch.int32)):  # what an embedding looks up
             got = (f"a {input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor)
                    else type(input_ids).__name__)
-            raise InputError(f"input_ids must be a (B, T) tensor of token ids, got {got}; torch.tensor([ids]) makes "
-                             "a batch of one from a list of ids")
-        embeds = self.language_model.input_embeddings()(input_ids)
+            raise InputError(f"input_ids must be a (B, T) tensor of token ids, got {got}; it takes int64 or int32 ids, "
+                             "at least one, and torch.tensor([ids]) makes a batch of one from a list of ids")
+        table = self.language_model.input_embeddings()
+        outside = (input_ids < 0) | (input_ids >= table.num_embeddings)
+        if bool(outside.any()):  # the lookup would fail deep inside (on CUDA with a device-side assert)
+            raise InputError(f"input_ids hold {int(input_ids[outside][0])}, outside the vocabulary "
+                             f"0..{table.num_embeddings - 1}")
+        embeds = table(input_ids)
         if pixel_values is not None and vit_embeds is None:
             vit_embeds = self.extract_feature(pixel_values)
         if vit_embeds is None:
