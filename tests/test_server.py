@@ -1563,8 +1563,8 @@ def test_bad_requests_get_openai_errors(server, client):
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": [remote]}])
     with pytest.raises(openai.BadRequestError, match="at most 2"):
         client.chat.completions.create(model="m", messages=[user("Which?", *[png(56, 56)] * 3)])
-    with pytest.raises(openai.BadRequestError, match=r"^Error code: 400 - the prompt is \d+ tokens \(images "
-                                                     r"included\); this server accepts at most 2047$") as e:
+    with pytest.raises(openai.BadRequestError, match=r"^Error code: 400 - the prompt is \d+ tokens; this server "
+                                                     r"accepts at most 2047$") as e:  # no images to count
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "word " * 3000}])
     assert (e.value.body["param"], e.value.body["code"]) == ("messages", "context_length_exceeded")
     with pytest.raises(openai.BadRequestError, match="end with a user message"):
@@ -1736,8 +1736,8 @@ def test_a_prompt_over_the_context_is_refused_before_its_videos_frames_are_decod
     req = parse_chat_request(body, ServerSettings())
     length = len(tokenize_ids(local_chat, parse_tokenize_request(body, ServerSettings()), ServerSettings(), 2048))
     monkeypatch.setattr(local_chat, "prepare", lambda *args, **kwargs: pytest.fail("the frames were decoded"))
-    with pytest.raises(ApiError, match=rf"^the prompt is {length} tokens \(images included\); this server accepts at "
-                                       r"most 2047$") as e:
+    with pytest.raises(ApiError, match=rf"^the prompt is {length} tokens \(the video's frames included\); this "
+                                       r"server accepts at most 2047$") as e:
         build_prompt(local_chat, req, ServerSettings(), max_len=2048)
     assert (e.value.status, e.value.param, e.value.code) == (400, "messages", "context_length_exceeded")
 

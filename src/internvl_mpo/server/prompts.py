@@ -35,8 +35,11 @@ class Prompt:
 def build_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings, max_len: int) -> Prompt:
     """Fetch and tile the images, tokenize the conversation and check the token limits (blocking); the limits
     are checked before a tile is made too, on the length the images' headers give."""
+    media = " (the video's frames included)" if req.video_url is not None else " (images included)" * bool(
+        req.image_urls)
+
     def room(length: int) -> int:
-        return _answer_room(length, req, settings, max_len, "messages", "the prompt", " (images included)")
+        return _answer_room(length, req, settings, max_len, "messages", "the prompt", media)
 
     ids, pixels = chat_prompt_ids(chat, req, settings, max_len, room)
     return Prompt(ids, pixels, room(len(ids)))
