@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+from PIL import Image
 
 from internvl_mpo.errors import InputError
 from internvl_mpo.evaluate import read_benchmark
@@ -39,3 +40,27 @@ def test_eval_names_an_answer_of_the_wrong_type_as_such(tmp_path, value):
     path.write_text(json.dumps({"id": "1", "question": "How many?"}) + "\n")
     with pytest.raises(InputError, match=r"bench.jsonl:1: field 'answer' is required \(a string or a number\)$"):
         read_benchmark(path)
+
+
+def test_pairs_and_eval_refuse_each_others_folder_by_name(tmp_path, capsys):
+    """`eval --output` a pairs folder (or `pairs --output` an eval folder) said it "holds a run with other settings
+    (cot, data, input, method, min_new_tokens, samples, seed, temperature, top_k, top_p)"; it says what it holds."""
+    from internvl_mpo.cli import main
+
+    items = tmp_path / "items.jsonl"
+    Image.new("RGB", (28, 28), (200, 20, 20)).save(tmp_path / "red.png")
+    items.write_text(json.dumps({"id": "1", "image": "red.png", "question": "Is it red?", "answer": "yes"}) + "\n")
+    pairs_out, eval_out = tmp_path / "pairs", tmp_path / "bench_eval"
+    pairs_out.mkdir()
+    (pairs_out / "settings.json").write_text(json.dumps({"method": "correctness", "samples": 32}))
+    eval_out.mkdir()
+    (eval_out / "settings.json").write_text(json.dumps({"data": str(items), "cot": False}))
+    no_model = str(tmp_path / "no-model")
+    assert main(["eval", "--model", no_model, "--data", str(items), "--output", str(pairs_out), "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == (f"internvl-mpo eval: error: {pairs_out} holds correctness pairs (eval and pairs "
+                                       "need output folders of their own): give eval another --output\n")
+    assert main(["pairs", "dropout-ntp", "--model", no_model, "--input", str(items), "--output", str(eval_out),
+                 "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == (f"internvl-mpo pairs: error: {eval_out} holds an eval run's predictions (eval "
+                                       "and pairs need output folders of their own): give the dropout-ntp pairs "
+                                       "another --output\n")

@@ -70,7 +70,13 @@ from internvl_mpo.errors import InputError, SettingError
 from internvl_mpo.filestamp import stamps, unchanged
 from internvl_mpo.jsonl import check_input_file, read_objects, refuse_misspelt_fields
 from internvl_mpo.locks import check_not_in_use
-from internvl_mpo.pairs import check_images, interrupted, refuse_non_finite, refuse_unread_media
+from internvl_mpo.pairs import (
+    check_images,
+    interrupted,
+    refuse_non_finite,
+    refuse_other_method,
+    refuse_unread_media,
+)
 from internvl_mpo.run_folder import (
     Progress,
     atomic_write,
@@ -574,6 +580,7 @@ def eval_(
     model = model_path(model)
     out = Path(output) if output else default_output(data, cot)
     check_output_folder(out)
+    refuse_other_method(out, "eval")
     check_not_in_use(out, EVAL_LOCK)
     device = default_device(device)
     dtype_name, weights = run_dtype(dtype, device, model)

@@ -520,13 +520,20 @@ def _count_lines(path: str) -> int:
 
 
 def refuse_other_method(out: Path, method: str) -> None:
-    """A folder holds one method's pairs: a run of the other method there is refused naming the method (the
-    settings check would list every setting the two methods record differently)."""
+    """A folder holds one method's pairs, or one `eval` run (`method` "eval"): a run of another there is refused
+    naming what the folder holds (the settings check would list every setting the two record differently)."""
     if (out / "settings.json").is_file():
-        earlier = read_settings(out / "settings.json", "pairs", "output folder").get("method", method)
-        if earlier != method:
-            raise ConfigError(f"{out} holds {earlier} pairs (an output folder holds one method's): give the {method} "
-                              "pairs another --output")
+        earlier = read_settings(out / "settings.json", "pairs", "output folder")
+        earlier = earlier.get("method", "eval" if "cot" in earlier else method)  # eval records no method
+        if earlier == method:
+            return
+        if "eval" in (earlier, method):
+            held = "an eval run's predictions" if earlier == "eval" else f"{earlier} pairs"
+            wanted = "eval" if method == "eval" else f"the {method} pairs"
+            raise ConfigError(f"{out} holds {held} (eval and pairs need output folders of their own): give {wanted} "
+                              "another --output")
+        raise ConfigError(f"{out} holds {earlier} pairs (an output folder holds one method's): give the {method} "
+                          "pairs another --output")
 
 
 def interrupted(command: str, kept: Path, noun: str) -> str:
