@@ -592,7 +592,7 @@ def test_a_video_part_is_answered_as_chat_answers_about_the_video(client, local_
         client.chat.completions.create(model="m", messages=earlier, **GREEDY)
     broken = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAAAAAA"}}
     with pytest.raises(openai.BadRequestError, match=r"^Error code: 400 - messages\[0\]\.content\[0\]\.video_url: "
-                                                     "the video: not a video FFmpeg can read") as e:
+                                                     "not a video FFmpeg can read") as e:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": [broken]}], **GREEDY)
     assert e.value.body["code"] == "invalid_video"
 
@@ -608,7 +608,7 @@ def test_an_image_in_a_video_part_or_a_video_in_an_image_part_is_told_the_part_t
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": [video]}], **GREEDY)
     assert e.value.body["code"] == "invalid_video"
-    assert e.value.body["message"].startswith("messages[0].content[0].video_url: the video: is an image, not a video")
+    assert e.value.body["message"].startswith("messages[0].content[0].video_url: is an image, not a video")
     assert e.value.body["message"].endswith("; send it as an image_url part")
     image = {"type": "image_url", "image_url": {"url": "data:video/mp4;base64," + base64.b64encode(
         clip(tmp_path / "clip.mp4")).decode()}}

@@ -133,7 +133,8 @@ def _video_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings
                                    num_patches_list=planned, **prompt))
             video = load_video(file.name, **frames)
         except InputError as e:
-            why = str(e).replace(file.name, "the video").replace(AS_AN_IMAGE, "send it as an image_url part")
+            why = str(e).replace(f"{file.name}: ", "").replace(file.name, "the video")
+            why = why.replace(AS_AN_IMAGE, "send it as an image_url part")
             raise ApiError(400, f"{param}: {why}", param, "invalid_video") from None
     try:
         ids = build_prompt_ids(chat.tokenizer, video.prefix + req.question, num_patches_list=video.num_patches_list,
