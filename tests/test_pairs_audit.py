@@ -64,3 +64,16 @@ def test_pairs_and_eval_refuse_each_others_folder_by_name(tmp_path, capsys):
     assert capsys.readouterr().err == (f"internvl-mpo pairs: error: {eval_out} holds an eval run's predictions (eval "
                                        "and pairs need output folders of their own): give the dropout-ntp pairs "
                                        "another --output\n")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("10", None), ("11", None), ("1.5", None), ("-1", None), ("There are 10 shapes.", None), ("1,000", None),
+    ("1", "A"), ("(1)", "A"), ("There is 1.", "A"), ("I count 3 shapes", "C"), ("The answer is 2", "B"), ("B", "B"),
+])
+def test_a_numeric_option_is_not_found_inside_a_longer_number(text, expected):
+    """Options 1, 2, 3: "10", "1.5" and "-1" picked option "1" (its text is inside them), so a wrong count was a
+    positive sample against a ground truth of A."""
+    from internvl_mpo.answers import check_answer, parse_choice
+
+    assert parse_choice(text, ["1", "2", "3"]) == expected
+    assert check_answer(text, "1", options=["1", "2", "3"]) is (None if expected is None else expected == "A")

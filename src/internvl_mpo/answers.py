@@ -41,7 +41,8 @@ TextVQA's but not identical.
 
 Stricter than `can_infer`: a negated letter ("not A", "isn't B", "不是A") and an answer that copies the
 options list with their letters pick no option (VLMEvalKit reads "Not A" as A), and "A" before another
-option's text is the article ("A cat" names the option "cat"; VLMEvalKit reads A).
+option's text is the article ("A cat" names the option "cat"; VLMEvalKit reads A); a numeric option's text is
+not found inside a longer number (option "1" in "10", "1.5" or "-1"; VLMEvalKit finds it).
 
 `check_answer` returns None when the prediction cannot be read as the expected kind (no option
 letter, no number or several different ones, neither yes nor no): the pair builder files such
@@ -423,8 +424,16 @@ def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = 
     if len(alone) == 1:
         return alone.pop()
     lowered = text.casefold()
-    contained = [k for k, v in opts.items() if v.strip() and v.strip().casefold() in lowered]
+    contained = [k for k, v in opts.items() if v.strip() and _holds(lowered, v.strip().casefold())]
     return contained[0] if len(contained) == 1 else None
+
+
+def _holds(text: str, option: str) -> bool:
+    """Whether `option` is in `text`; one that starts or ends with a digit not inside a longer number (option "1" is
+    not in "10", "1.5", "-1" or "1,000")."""
+    before = r"(?<![\d.,\-\u2212])" if option[0].isdigit() else ""
+    after = r"(?![.,]?\d)" if option[-1].isdigit() else ""
+    return re.search(before + re.escape(option) + after, text) is not None
 
 
 def _listed_options(text: str, options: Mapping[str, str]) -> list[str]:
