@@ -77,3 +77,15 @@ def test_a_numeric_option_is_not_found_inside_a_longer_number(text, expected):
 
     assert parse_choice(text, ["1", "2", "3"]) == expected
     assert check_answer(text, "1", options=["1", "2", "3"]) is (None if expected is None else expected == "A")
+
+
+@pytest.mark.parametrize("text, options, expected", [
+    ("2.0", ["1", "2", "3"], "B"), ("There are 10 shapes.", ["1", "2", "10"], "C"), ("5 cm", ["5 m", "5 cm"], "B"),
+    ("two", ["1", "2", "3"], "B"), ("3", ["3 apples", "4 apples"], "A"), ("1", ["1 dog", "1 cat"], None),
+])
+def test_a_number_picks_the_one_option_that_is_the_same_number(text, options, expected):
+    """"2.0" picked option "2" only because the text "2" was inside it, which a longer number no longer allows; a
+    number now picks the one option that is the same number, as a number answer is checked."""
+    from internvl_mpo.answers import parse_choice
+
+    assert parse_choice(text, options) == expected

@@ -394,9 +394,10 @@ def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = 
     ("A cat" names option "cat"), and an answer that copies two or more options with their letters ("A.
     a dog B. a cat") picks none. Then: a leading letter with a bracket or mark ("B) ...", "(B) ...", "B.
     ..."); a stated letter ("The answer is B", "option (C)", "答案是C", the last one wins), none of the
-    two when another letter follows it in a list ("A, B", "A or C"); VLMEvalKit's rules (one valid
-    letter standing alone, else one option text contained). Without options, letters A-N except I are
-    valid.
+    two when another letter follows it in a list ("A, B", "A or C"); VLMEvalKit's rule of one valid letter
+    standing alone; the one option that is the answer's number ("2.0" names option "2"); else VLMEvalKit's rule
+    of one option text contained (a numeric one not inside a longer number). Without options, letters A-N except
+    I are valid.
     """
     opts = normalize_options(options)
     letters = set(opts) if opts else set(_LETTERS)
@@ -423,9 +424,21 @@ def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = 
     alone = {t for t in re.findall(r"[A-Za-z]+", text) if t in letters}
     if len(alone) == 1:
         return alone.pop()
+    if parse_number(text) is not None:  # "2.0" names option "2", "5 cm" option "5 cm" and not "5 m"
+        same = [k for k, v in opts.items() if parse_number(v) is not None and _same_number(text, v)]
+        if len(same) == 1:
+            return same[0]
     lowered = text.casefold()
     contained = [k for k, v in opts.items() if v.strip() and _holds(lowered, v.strip().casefold())]
     return contained[0] if len(contained) == 1 else None
+
+
+def _same_number(text: str, option: str) -> bool:
+    """Whether `text` gives the number of an option that holds one, as `check_answer` compares numbers."""
+    try:
+        return bool(check_answer(text, option, "number"))
+    except InputError:  # an option beyond the float range
+        return False
 
 
 def _holds(text: str, option: str) -> bool:
