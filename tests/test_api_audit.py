@@ -63,3 +63,23 @@ def test_the_bare_model_refuses_ids_it_cannot_look_up_by_name(ids, words):
     with pytest.raises(InputError, match=words):
         model(special[ids] if isinstance(ids, str) else torch.tensor(ids))
     assert model(torch.tensor([[0, 663]], dtype=torch.int32)).shape == (1, 2, 664)
+
+
+def test_ctrl_c_during_a_one_question_answer_ends_its_line(monkeypatch, capsys):
+    """`chat "question"` stopped by Ctrl-C mid-answer exited (130) after the partial answer without a newline,
+    so the shell's prompt followed it on the same line."""
+    from internvl_mpo.pipeline import InternVLChat
+
+    stream = InternVLChat.stream_prepared
+
+    def interrupted(bot, prepared, params):
+        for i, piece in enumerate(stream(bot, prepared, params)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield piece
+
+    monkeypatch.setattr(InternVLChat, "stream_prepared", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # the command line makes it exit 130
+        cli_chat.chat("How many shapes?", model=DEMO, device="cpu")
+    out = capsys.readouterr().out
+    assert out.endswith("\n") and out.count("\n") == 1 and len(out) > 1

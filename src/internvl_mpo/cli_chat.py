@@ -204,8 +204,12 @@ def chat(
                                system_message=system)
         video = load_video(video, num_segments=num_segments, image_size=bot.config.image_size, max_pixels=max_pixels)
     if question is not None:
-        _answer(bot, bot.prepare(question, images or None, video, None, max_num=_per_image(max_num, video), **inputs),
-                params)
+        try:
+            _answer(bot, bot.prepare(question, images or None, video, None, max_num=_per_image(max_num, video),
+                                     **inputs), params)
+        except KeyboardInterrupt:
+            print()  # the shell's prompt on a line of its own, not after the answer cut short
+            raise
         return 0
     history: list[tuple[str, str]] = []
     commands = "/image FILE adds an image, /reset starts over, /exit quits, /help shows this list"
