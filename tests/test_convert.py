@@ -610,6 +610,26 @@ def test_a_transformers_config_without_a_size_is_refused_by_name():
         config_from_hf(hf_dict)
 
 
+def test_a_transformers_sliding_window_is_refused_by_name(tmp_path):
+    """transformers' Qwen2 runs sliding-window attention where text_config has use_sliding_window true and a
+    sliding_window; `--to official` dropped both, writing a model with other logits."""
+    from transformers import Qwen2Config
+
+    src = convert(official_folder(tmp_path / "src", "qwen2"), tmp_path / "hf", to="hf")
+    config = json.loads((src / "config.json").read_text())
+    config["text_config"].update(use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    (src / "config.json").write_text(json.dumps(config))
+    assert "sliding_attention" in Qwen2Config(**config["text_config"]).layer_types
+    with pytest.raises(ConfigError, match=r"hf: text_config.use_sliding_window=true \(sliding-window attention\) "
+                                          r"is not implemented$"):
+        convert(src, tmp_path / "back", to="official")
+    assert not (tmp_path / "back").exists()
+    config["text_config"]["sliding_window"] = None  # transformers then attends to every position
+    (src / "config.json").write_text(json.dumps(config))
+    assert "sliding_attention" not in Qwen2Config(**config["text_config"]).layer_types
+    convert(src, tmp_path / "back", to="official")
+
+
 def test_round_trip_through_hf_keeps_a_chat_folder_usable(tmp_path):
     from internvl_mpo.pipeline import InternVLChat
 

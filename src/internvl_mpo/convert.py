@@ -286,6 +286,8 @@ def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None
     internlm2 = kind == "llama"
     if internlm2 and t.get("mlp_bias"):
         raise ConfigError("text_config.mlp_bias=true has no InternLM2 equivalent")
+    if t.get("use_sliding_window") and t.get("sliding_window") is not None:  # transformers' Qwen2 then uses it
+        raise ConfigError("text_config.use_sliding_window=true (sliding-window attention) is not implemented")
     llm = {
         "hidden_size": t.get("hidden_size"), "intermediate_size": t.get("intermediate_size"),
         "num_hidden_layers": t.get("num_hidden_layers"), "num_attention_heads": t.get("num_attention_heads"),
