@@ -956,7 +956,7 @@ def test_a_hint_goes_on_a_line_before_the_question(tmp_path):
     assert sampler.jobs[1].question.endswith("Question:\n\nQ3 Is the sky blue?")  # an empty hint adds no line
     seen = []
     make_dropout_ntp_pairs(path, tmp_path / "ntp", lambda jobs: seen.extend(jobs) or [" more" for _ in jobs], SETTINGS)
-    assert seen[0].question == "The dog is on the left.\nQ1 Which animal is left?"
+    assert seen[0].question == "The dog is on the left.\nQ1 Which animal is left?\nA. dog\nB. cat"  # options too
     assert pair_lines(tmp_path / "ntp" / "items_pairs_dropout_ntp.jsonl")[0]["question"] == seen[0].question
     for method in ("correctness", "dropout-ntp"):
         with pytest.raises(InputError, match=r"items.jsonl:1: field 'hint' must be a non-empty string or a number"):

@@ -72,6 +72,7 @@ from internvl_mpo.answers import (
     check_answer,
     extract_final_answer,
     normalize_options,
+    options_text,
 )
 from internvl_mpo.chat.template import IMAGE_PLACEHOLDER, add_image_prefix
 from internvl_mpo.errors import ConfigError, InputError, PromptTooLongError, SettingError
@@ -306,6 +307,10 @@ def _parse_item(row: dict, method: str, folder: Path, where: str) -> Item:
         if not isinstance(chosen, str) or not chosen.strip():
             raise InputError(f"{where}: DropoutNTP needs a non-empty string 'chosen' (or 'answer')")
         try:
+            # options as correctness's prompt gives them ("A. text" lines after the question): the chosen answer may
+            # name a letter, which a question without them would leave the pair's training to guess
+            block = options_text(normalize_options(row.get("options")))
+            question = f"{question}\n{block.rstrip()}" if block else question
             place_images(question, len(images))  # the pairs keep the question: training must be able to place them
         except InputError as e:
             raise InputError(f"{where}: {e}") from None
