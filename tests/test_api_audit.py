@@ -83,3 +83,45 @@ def test_ctrl_c_during_a_one_question_answer_ends_its_line(monkeypatch, capsys):
         cli_chat.chat("How many shapes?", model=DEMO, device="cpu")
     out = capsys.readouterr().out
     assert out.endswith("\n") and out.count("\n") == 1 and len(out) > 1
+
+
+
+def test_pillows_warnings_show_once_not_at_every_image(tmp_path, monkeypatch):
+    """A palette PNG with a transparency table (web graphics) printed Pillow's two-line "Palette images with
+    Transparency expressed in bytes should be converted to RGBA images" at every load (each chat turn): the
+    catch_warnings of each open reset the registry that shows a warning once. Its pixels stay the official
+    convert('RGB')'s; a warning Pillow gives while opening a file that opens shows once."""
+    import warnings
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from internvl_mpo.processor import load_image
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 16, (50, 70)).astype(np.uint8), "P")
+    image.putpalette(rng.integers(0, 256, 48).astype(np.uint8).tobytes())
+    path, official = tmp_path / "logo.png", tmp_path / "official.png"
+    image.save(path, transparency=bytes(range(0, 160, 10)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Image.open(path).convert("RGB").save(official)  # the official conversion, kept losslessly
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")
+        tiles = [load_image(path, max_num=2) for _ in range(3)]
+    assert not shown, [str(w.message) for w in shown]
+    assert all(torch.equal(t, load_image(official, max_num=2)) for t in tiles)
+
+    pillow_open = Image.open
+
+    def warning_open(fp, *args, **kwargs):
+        warnings.warn("Possibly corrupt EXIF data", UserWarning)
+        return pillow_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", warning_open)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            load_image(path)
+    assert [str(w.message) for w in shown] == ["Possibly corrupt EXIF data"]

@@ -59,6 +59,7 @@ _pool: ThreadPoolExecutor | None = None
 # catch_warnings saves and restores the process-wide filter list: two threads inside it at once can
 # restore each other's copy and leave Pillow's warning ignored for good, so opens take turns.
 _quiet_open = threading.Lock()
+_shown_warnings: set[tuple] = set()  # Pillow's warnings held while opening and shown since
 _PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
 
 # What Pillow raises while it reads a file's header (Image.open) or decodes its pixels (load), the only
@@ -210,8 +211,11 @@ def _open_pil(src: BinaryIO | bytes | bytearray, name: str, max_pixels: int | No
         raise
     except _DECODE_ERRORS as e:
         raise InputError(f"{name}: cannot read image header: {e}") from None
-    for warning in held:
-        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    for warning in held:  # once each, as Python's default filter shows Pillow's own (not at every chat turn)
+        key = (str(warning.message), warning.category, warning.filename, warning.lineno)
+        if key not in _shown_warnings:
+            _shown_warnings.add(key)
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return image
 
 
@@ -329,6 +333,10 @@ def _decoded_rgb(image: Image.Image, name: str) -> Image.Image:
         raise InputError(f"{name}: cannot decode image (truncated or corrupt): {e}") from None
     if image.mode == "RGB":
         return image
+    if image.mode == "P" and isinstance(image.info.get("transparency"), bytes):
+        # the same colours; its convert('RGB') warns "should be converted to RGBA images", and at every image:
+        # the catch_warnings of each open resets the registry that shows a warning once
+        image = image.convert("RGBA")
     try:
         return image.convert("RGB")
     except ValueError as e:
