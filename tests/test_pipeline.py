@@ -69,6 +69,17 @@ def test_images_too_large_for_the_context_get_a_hint_true_to_their_tiles(short_f
                                         "1 tile each, the fewest an image takes: fewer images fit)")
 
 
+def test_a_text_too_long_alone_is_told_so_not_to_take_fewer_images(short_folder):
+    """A question whose text alone (its images left out) is over the context was told "1 tile each, the fewest
+    an image takes: fewer images fit", where no image setting helps."""
+    from internvl_mpo.errors import PromptTooLongError
+
+    bot = InternVLChat.from_pretrained(short_folder)
+    with pytest.raises(PromptTooLongError, match=r"longer than the context allows: at most 99; without its images it "
+                                                 r"is \d+ tokens$"):
+        bot.prepare("word " * 200, [short_folder.parent / "strip.png"], max_num=1)
+
+
 def test_the_command_line_names_the_flag_that_gives_fewer_tiles(short_folder, capsys):
     """`internvl-mpo chat --image` named max_num and total_max_num, where the flag is --max-num and there is
     no total flag."""

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .chat.template import (
+    IMAGE_PLACEHOLDER,
     add_image_prefix,
     build_prompt_ids,
     check_prompt_length,
@@ -191,9 +192,14 @@ class InternVLChat:
         `num_patches_list` tiles leave no room for a new token in the model's context. Only the text is
         tokenized: called with tile counts planned from the images' headers, it refuses a prompt before a tile
         is made (each ~2.4 MB at 448 pixels)."""
-        tokens = self.model.num_image_token
-        length = prompt_length(self.tokenizer, question, history or (), num_patches_list,
-                               self._system_message(system_message), tokens, self.config.template)
+        tokens, system = self.model.num_image_token, self._system_message(system_message)
+        length = prompt_length(self.tokenizer, question, history or (), num_patches_list, system, tokens,
+                               self.config.template)
+        if length > self.context - 1 and num_patches_list:  # a hint of fewer tiles or images must be able to help
+            bare = [(q.replace(IMAGE_PLACEHOLDER, ""), a) for q, a in [*(history or ()), (question, "")]]
+            text = prompt_length(self.tokenizer, bare[-1][0], bare[:-1], (), system, tokens, self.config.template)
+            if text > self.context - 1:
+                hint = (f"; without its images it is {text} tokens",)
         check_prompt_length(length, num_patches_list, self.context - 1, tokens, hint)
 
     def check_video_frames(self, video, num_segments: int = 8, max_num: int = 1, max_pixels: int | None = None,
