@@ -41,7 +41,6 @@ def test_quitting_at_the_prompt_ends_the_prompts_line(monkeypatch, capsys, inter
     assert capsys.readouterr().out == "> \n"
 
 
-
 @pytest.mark.parametrize("ids, words", [
     ([[-1]], r"input_ids hold -1, outside the vocabulary 0\.\.663"),
     ([[5, 664]], r"input_ids hold 664, outside the vocabulary 0\.\.663"),
