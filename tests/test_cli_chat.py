@@ -827,7 +827,8 @@ def test_chat_counts_the_question_beside_the_video_frames_before_decoding(folder
     monkeypatch.setattr(video, "load_video", lambda *args, **kwargs: pytest.fail("the frames were decoded"))
     question = "Why" + "!" * InternVLChat.from_pretrained(folder).context
     with pytest.raises(PromptTooLongError, match=r"^prompt is \d+ tokens \(\d+ of them image tokens\), longer than "
-                                                 r"the context allows: at most \d+; the video's 2 frames take 2 tiles"):
+                                                 r"the context allows: at most \d+; without its images it is \d+ "
+                                                 r"tokens$"):  # the question alone is too long: no frame hint
         cli_chat.chat(question, model=str(folder), device="cpu", video=str(tmp_path), num_segments=2)
 
 

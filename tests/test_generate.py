@@ -1562,6 +1562,17 @@ def test_max_num_tiles_each_video_frame_as_the_official_load_video(setup):
     for setting in (dict(total_max_num=4), dict(num_patches_list=[1, 1, 1])):
         with pytest.raises(InputError, match=f"{next(iter(setting))} applies to images, not to a video"):
             chat.prepare("What happens?", video=frames, num_segments=3, **setting)
+    # num_segments beside a decoded clip was ignored (its frames answered), and beside images too
+    assert chat.prepare("What happens?", video=clip, num_segments=3).num_patches_list == [1] * 3
+    with pytest.raises(InputError, match=r"^num_segments=5: the video is decoded already, 3 frames; pass it to "
+                                         r"load_video$"):
+        chat.prepare("What happens?", video=clip, num_segments=5)
+    with pytest.raises(InputError, match=r"^num_segments applies to a video \(the frames sampled from it\), not to "
+                                         r"images$"):
+        chat.prepare("What is it?", [frames[0]], num_segments=3)
+    with pytest.raises(InputError, match=r"^batch_chat takes no video \(as the official batch_chat\); ask about a "
+                                         r"video with chat\(\)$"):
+        chat.batch_chat(["What happens?"], video=frames)
 
 
 def test_the_model_cards_generation_config_dict_is_taken(setup):

@@ -308,7 +308,7 @@ class InternVLChat:
         history: Sequence[tuple[str, str]] | None = None,
         max_num: int | None = None,
         total_max_num: int | None = None,
-        num_segments: int = 8,
+        num_segments: int | None = None,
         num_patches_list: Sequence[int] | None = None,
         system_message: str | None = None,
         max_pixels: int | None = None,
@@ -326,6 +326,8 @@ class InternVLChat:
                              "settings as keywords or as generation_config=")
         if video is not None and images is not None:
             raise InputError("give images or a video, not both")
+        if video is None and num_segments is not None:
+            raise InputError("num_segments applies to a video (the frames sampled from it), not to images")
         if video is not None:
             from .processor.video import VideoInput, load_video
 
@@ -338,9 +340,13 @@ class InternVLChat:
                                      f"model takes {self.config.image_size} (load_video(image_size=...))")
                 if max_num is not None:
                     raise InputError("max_num: the video is decoded already; pass it to load_video")
+                if num_segments is not None and num_segments != len(video.num_patches_list):
+                    raise InputError(f"num_segments={num_segments}: the video is decoded already, "
+                                     f"{len(video.num_patches_list)} frames; pass it to load_video")
                 clip = video
-            else:  # tiles per frame: the card's load_video(max_num=1) by default
+            else:  # tiles per frame: the card's load_video(max_num=1) by default; 8 frames, the card's num_segments
                 per_frame = 1 if max_num is None else max_num
+                num_segments = 8 if num_segments is None else num_segments
                 self.check_video_frames(video, num_segments, per_frame, max_pixels, question, history, system_message)
                 clip = load_video(video, num_segments=num_segments, image_size=self.config.image_size,
                                   max_num=per_frame, max_pixels=max_pixels)
@@ -417,6 +423,8 @@ class InternVLChat:
         if history is not None or return_history:
             raise InputError("batch_chat answers independent questions: no history (as the official batch_chat); "
                              "use chat() for a conversation")
+        if "video" in kwargs:
+            raise InputError("batch_chat takes no video (as the official batch_chat); ask about a video with chat()")
         inputs, params = self._split(kwargs)
         if image_counts is not None:
             if inputs.get("num_patches_list") is not None:
