@@ -449,19 +449,25 @@ def test_hub_id_without_network_gives_clear_error(monkeypatch, tmp_path):
 
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # the env var is read at import
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    with pytest.raises(CheckpointError, match="OpenGVLab/InternVL2_5-4B-MPO: not a local folder, and downloading"):
-        InternVL.from_pretrained("OpenGVLab/InternVL2_5-4B-MPO")
+    with pytest.raises(CheckpointError, match=r"^OpenGVLab/InternVL2_5-4B-MPO: not a local folder, and not in the hub "
+                                              r"cache \(HF_HUB_OFFLINE is set, so the hub was not asked\): "):
+        InternVL.from_pretrained("OpenGVLab/InternVL2_5-4B-MPO")  # it said "downloading it from the hub failed"
 
 
-def test_hub_failure_is_one_line(fake_hub):
+def test_hub_failure_is_one_line(fake_hub, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants as hub_constants
+
     fake_hub(OSError("Got: ConnectError: Name or service not known\nAn error happened while trying to locate the "
                      "files on the Hub.\n  Please check your internet connection."))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)  # online: the probe fails as the network does
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", lambda *args, **kwargs: (_ for _ in ()).throw(OSError()))
     with pytest.raises(CheckpointError) as error:
         InternVL.from_pretrained("OpenGVLab/InternVL2_5-4B-MPO")
     assert str(error.value) == (
         "OpenGVLab/InternVL2_5-4B-MPO: not a local folder, and downloading it from the hub failed: Got: ConnectError: "
         "Name or service not known An error happened while trying to locate the files on the Hub. Please check your "
-        "internet connection."
+        "internet connection; give a local folder, or download it where the hub can be reached"
     )
 
 

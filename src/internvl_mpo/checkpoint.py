@@ -101,7 +101,21 @@ def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None) -> P
         raise
     except Exception as e:  # network, auth, missing repo: one clear message, on one line
         reason = " ".join(str(e).split())
-        raise CheckpointError(f"{text}: not a local folder, and downloading it from the hub failed: {reason}") from None
+        if _hub_offline():
+            raise CheckpointError(f"{text}: not a local folder, and not in the hub cache (HF_HUB_OFFLINE is set, so "
+                                  f"the hub was not asked): {reason}") from None
+        raise CheckpointError(f"{text}: not a local folder, and downloading it from the hub failed: "
+                              f"{reason.rstrip('.')}; give a local folder, or download it where the hub can be "
+                              "reached") from None
+
+
+def _hub_offline() -> bool:
+    """Whether huggingface_hub reads HF_HUB_OFFLINE as set (it reads the variable once, at import)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def model_key(path_or_id: str) -> str:
