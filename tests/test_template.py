@@ -162,6 +162,12 @@ def test_placeholder_count_mismatch(ours):
         expand_image_tokens("<image>\nQ", [1, 1])
     with pytest.raises(InputError, match="^each image needs a positive whole number of tiles, got 0$"):
         expand_image_tokens("<image>", [0])
+    # the tile counts are said where there are images; "(num_patches_list=[])" only puzzled a command-line user
+    with pytest.raises(InputError, match=r"2 image\(s\) were given \(num_patches_list=\[1, 1\]\)$"):
+        expand_image_tokens("<image>\nQ", [1, 1])
+    with pytest.raises(InputError, match=r"^the questions hold 1 <image> placeholder\(s\) but 0 image\(s\) were "
+                                         r"given$"):
+        build_prompt_ids(ours, "<image>\nQ", (), [])
 
 
 def test_image_placeholder_in_a_history_answer_stays_text(ours, hf):

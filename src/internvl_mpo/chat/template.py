@@ -139,11 +139,17 @@ def add_image_prefix(question: str, num_images: int, history: Sequence[tuple[str
     return "".join(f"Image-{k}: {IMAGE_PLACEHOLDER}\n" for k in range(1, num_images + 1)) + question
 
 
+def _tiles_said(num_patches_list: Sequence[int]) -> str:
+    """The images' tile counts for a placeholder error; nothing without images, where "num_patches_list=[]"
+    would only puzzle a command-line user."""
+    return f" (num_patches_list={list(num_patches_list)})" if len(num_patches_list) else ""
+
+
 def _check_images(count: int, num_patches_list: Sequence[int], where: str = "the prompt has", hint: str = "") -> None:
     if count != len(num_patches_list):
         raise InputError(
             f"{where} {count} {IMAGE_PLACEHOLDER} placeholder(s) but {len(num_patches_list)} image(s)"
-            f" were given (num_patches_list={list(num_patches_list)}){hint}"
+            f" were given{_tiles_said(num_patches_list)}{hint}"
         )
     for tiles in num_patches_list:
         if not isinstance(tiles, int) or tiles < 1:
@@ -311,7 +317,7 @@ def _segments(
     if user_images != len(num_patches_list):
         raise InputError(
             f"the user turns hold {user_images} {IMAGE_PLACEHOLDER} placeholder(s) but {len(num_patches_list)}"
-            f" image(s) were given (num_patches_list={list(num_patches_list)})"
+            f" image(s) were given{_tiles_said(num_patches_list)}"
         )
     header_ids = tokenizer.encode(tmpl.roles[1])
     input_ids: list[int] = [tokenizer.bos_id] if start and tokenizer.add_bos_token else []
