@@ -301,4 +301,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from internvl_mpo.errors import InternVLError
+
+    try:
+        main()
+    except InternVLError as e:  # a bad path or setting: one line, as the command line gives it
+        raise SystemExit(f"error: {e}") from None

@@ -83,6 +83,8 @@ def main() -> None:
     else:
         decord_here = True
 
+    if args.keep is not None and not args.keep.parent.is_dir():
+        parser.error(f"--keep {args.keep}: no folder {args.keep.parent} to write the clip in")
     with tempfile.TemporaryDirectory() as tmp:
         path = args.keep or Path(tmp) / "clip.mp4"
         if not path.exists():
@@ -119,4 +121,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from internvl_mpo.errors import InternVLError
+
+    try:
+        main()
+    except InternVLError as e:  # a bad path or setting: one line, as the command line gives it
+        raise SystemExit(f"error: {e}") from None

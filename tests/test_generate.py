@@ -2145,6 +2145,21 @@ def generate_benchmark():
     return bench
 
 
+@pytest.mark.parametrize("script, args, said", [
+    ("json_mask.py", ["--tokenizer", "nope"], "error: tokenizer folder nope has no tokenizer.json"),
+    ("batch_file.py", ["--model", "nope"], "error: nope: no such checkpoint folder"),
+])
+def test_a_benchmark_given_a_bad_path_says_so_in_one_line(script, args, said, tmp_path):
+    """The benchmarks printed a CheckpointError's traceback for a model or tokenizer folder that is not there."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    run = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 1 and run.stderr.startswith(said) and run.stderr.count("\n") == 1, run.stderr
+
+
 def test_generate_benchmark_refuses_a_negative_decode_time():
     """benchmarks/generate.py times decoding as t(64 new tokens) - t(1 new token); on a busy machine the 1-token
     run took longer once and the README's benchmark printed "decode batch 4 (tok/s) -3488.54" and a -41.79x
