@@ -138,7 +138,12 @@ def train(
                 if last else "no checkpoint was saved: run the same command with --resume to start over")
         print0(f"internvl-mpo train: interrupted by Ctrl-C; {kept}", file=sys.stderr)
         raise
-    print0(f"trained {count(result.steps, 'step')}; final model: {result.final_dir}")
+    done = f"trained {count(result.steps, 'step')}"
+    if result.resumed_after == result.steps:  # a checkpoint of the last step: only final/ was written again
+        done = f"resumed after the last step, {result.steps}: no step left to train"
+    elif result.resumed_after:
+        done = f"trained steps {result.resumed_after + 1} to {result.steps} (resumed after step {result.resumed_after})"
+    print0(f"{done}; final model: {result.final_dir}")
     note = remote_code_note(result.final_dir) if env_int("RANK", 0) == 0 else None  # process 0 wrote final/
     if note:  # the files the official code and vLLM load it with
         print0(note)

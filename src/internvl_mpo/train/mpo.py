@@ -135,6 +135,7 @@ class TrainResult:
     skipped: SkipReport
     metrics: dict[str, float] = field(default_factory=dict)
     truncation_note: str | None = None  # samples whose answers --max-seq-length cut, when there were any
+    resumed_after: int = 0  # the step of the checkpoint a --resume went on from (0: none)
 
 
 # ----------------------------------------------------------------------------- one micro-batch
@@ -437,4 +438,4 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
         had = "had its answer" if cut_total == 1 else "had their answers"
         note = (f"note: {count(cut_total, 'sample')} {had} cut to fit --max-seq-length"
                 f" {cfg.max_seq_length}{first}; the cut tails were not trained (metrics.jsonl: truncated)")
-    return TrainResult(final_dir, total_steps, stream.report, metrics, note)
+    return TrainResult(final_dir, total_steps, stream.report, metrics, note, start_step)
