@@ -197,6 +197,16 @@ def test_class_embedding_gradient_has_the_parameters_layout(tiny):
         assert emb.class_embedding.grad.stride() == emb.class_embedding.stride(), tiles
 
 
+def test_integer_pixel_values_are_refused_by_the_vision_tower(tiny):
+    """Raw uint8 pixels are not tiles: refused by name, not cast to floats and encoded as if normalised."""
+    emb = VisionEmbeddings(tiny.vision)
+    size = tiny.vision.image_size
+    raw = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8)
+    with pytest.raises(InputError, match="pixel_values must be floating point .* got torch.uint8"):
+        emb(raw)
+    assert emb(raw.float()).shape[0] == 1  # floating point tiles are still cast to the weights' dtype
+
+
 def test_other_tile_size_interpolates_like_reference(reference_pair, tiny):
     """A 70x70 input (5x5 patches) resizes the 4x4 position grid bicubically, as the reference does."""
     ref, ours = reference_pair(tiny)

@@ -10,6 +10,8 @@ for parity:
 - qk-normalisation (InternViT-6B) is an RMSNorm over all heads at once, not per head;
 - `ls1` / `ls2` are the official names of the layer-scale vectors;
 - there is no final norm: the output is the residual stream after the last layer.
+Difference: floating-point `pixel_values` are cast to the weights' dtype and integer ones refused (the
+official embeddings hand any dtype to the patch convolution, which fails unless it matches the weights).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
+from .errors import InputError
 
 
 class RMSNorm(nn.Module):
@@ -88,6 +91,9 @@ class VisionEmbeddings(nn.Module):
         return torch.cat([table[:, :1].to(dtype), grid], dim=1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if not pixel_values.is_floating_point():  # raw pixels, not normalised tiles: cast, they would encode garbage
+            raise InputError(f"pixel_values must be floating point tiles normalised as load_image makes them, got "
+                             f"{pixel_values.dtype}")
         dtype = self.patch_embedding.weight.dtype
         patches = self.patch_embedding(pixel_values.to(dtype))  # (N, C, h, w)
         n, _, height, width = patches.shape
