@@ -151,7 +151,7 @@ class Engine:
         if compile:
             torch.compiler.assume_constant_result(thread_count)  # dynamo cannot trace it otherwise
             mode = "reduce-overhead" if model.device.type == "cuda" else None
-            self._decode_fn = torch.compile(self._decode, mode=mode, **COMPILE_OPTIONS)
+            self._decode_fn = _without_duck_sizing(torch.compile(self._decode, mode=mode, **COMPILE_OPTIONS))
 
     def start(self, max_batch: int, max_len: int) -> "Generation":
         """An empty batch of `max_batch` rows, each holding up to `max_len` tokens (at most the context)."""
@@ -282,6 +282,26 @@ def _same_prompt(a: Request, b: Request) -> bool:
 
     return (list(a.prompt_ids) == list(b.prompt_ids)  # as lists: NumPy arrays compare elementwise
             and same(a.pixel_values, b.pixel_values) and same(a.vit_embeds, b.vit_embeds))
+
+
+def _without_duck_sizing(compiled):
+    """`compiled`, traced without duck sizing. With it, sizes equal when a graph is traced share one symbol and
+    the graph is guarded on their equality: a first batch whose rows number the KV heads (2 in InternVL2.5-4B), or
+    fill its cache rows (every `generate`), compiled the step again at the next batch size or finished row. The
+    setting is a context variable, as the `dynamic=True` that torch.compile sets on each call: other threads and
+    compiles keep theirs."""
+    from torch.fx.experimental import _config
+
+    patch = _config._make_closure_patcher(use_duck_shape=False)
+
+    def decode(*args):
+        revert = patch()
+        try:
+            return compiled(*args)
+        finally:
+            revert()
+
+    return decode
 
 
 def head_logits(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
