@@ -1,5 +1,6 @@
 """What a user sees when following the README's training section end to end."""
 
+import json
 import shutil
 
 import test_train
@@ -27,3 +28,27 @@ def test_the_closing_line_of_a_resumed_run_counts_the_steps_it_trained(tmp_path,
     assert main(run) == 0
     assert (f"resumed after the last step, 3: no step left to train; final model: {out / 'final'}\n"
             in capsys.readouterr().out)
+
+
+def test_skip_bad_that_leaves_no_record_says_what_was_wrong_with_them(tmp_path, chat_folder, capsys):
+    """With --skip-bad and every record bad (a wrong `root`: no image is found), the run stopped with "no usable
+    training records" and not a word of why."""
+    from internvl_mpo.cli import main
+
+    lines = [json.dumps({"image": f"none{i}.png", "question": "<image>\nq", "chosen": "a", "rejected": "b"})
+             for i in range(2)]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"d": {"root": str(tmp_path), "annotation": str(tmp_path / "pairs.jsonl"),
+                                      "repeat_time": 1}}))
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"image": "none.png", "conversations": [
+        {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}) + "\n")
+    for mode, data, why in [
+        ("mpo", meta, f"2 bad records skipped (--skip-bad); first problems: {tmp_path / 'pairs.jsonl'}:1: image file "
+                      f"not found: {tmp_path / 'none0.png'}; {tmp_path / 'pairs.jsonl'}:2: "),
+        ("sft", tmp_path / "sft.jsonl", f"1 bad record skipped (--skip-bad); first problem: {tmp_path / 'sft.jsonl'}:1:"
+                                        f" image file not found: {tmp_path / 'none.png'}\n"),
+    ]:
+        assert main(["train", mode, "--model", str(chat_folder), "--data", str(data), "--output",
+                     str(tmp_path / mode), "--skip-bad", "--no-progress"]) == 1
+        assert f"internvl-mpo train: error: {data}: no usable training records: {why}" in capsys.readouterr().err

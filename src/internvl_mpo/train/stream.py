@@ -26,7 +26,7 @@ from internvl_mpo.train.distributed import DistEnv, all_gather_lists, epoch_orde
 from internvl_mpo.train.fingerprints import share_digest
 from internvl_mpo.train.mmpr import SkipReport, load_meta, read_datasets, read_sft_records
 from internvl_mpo.train.reference import REF_FILE
-from internvl_mpo.train.settings import TrainConfig, max_seq_length
+from internvl_mpo.train.settings import TrainConfig, count, max_seq_length
 
 
 def build_dataset(cfg: TrainConfig, tokenizer: Tokenizer, config: ModelConfig) -> tuple[PairDataset | SFTDataset, SkipReport]:
@@ -60,7 +60,12 @@ def build_dataset(cfg: TrainConfig, tokenizer: Tokenizer, config: ModelConfig) -
                 augment += [spec.data_augment] * len(good)
         dataset = SFTDataset(records, tokenizer, settings, seq_length, max_nums, augment, seed=cfg.seed)
     if len(dataset) == 0:
-        raise InputError(f"{cfg.data}: no usable training records")
+        skipped = ""
+        if report.total:  # --skip-bad dropped them all (a wrong `root`, say): say why
+            problems = "problem" if len(report.messages) == 1 else "problems"
+            skipped = (f": {count(report.total, 'bad record')} skipped (--skip-bad); first {problems}: "
+                       f"{'; '.join(report.messages)}")
+        raise InputError(f"{cfg.data}: no usable training records{skipped}")
     return dataset, report
 
 
