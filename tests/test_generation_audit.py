@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from internvl_mpo.errors import InputError
 from internvl_mpo.generate.engine import Engine, Request
 from internvl_mpo.generate.sampling import SamplingParams
 from internvl_mpo.pipeline import InternVLChat
@@ -40,3 +41,13 @@ def test_a_compiled_engine_compiles_one_step_for_every_batch_of_two_rows_or_more
         assert list(got.values()) == [[e.token for events in eager.generate([r]) for e in events] for r in requests]
     assert counter.frame_count == 2  # one row (sizes of 1 are specialised) and two rows or more
     torch._dynamo.reset()
+
+
+def test_a_bool_for_a_number_setting_is_refused_by_name(chat):
+    """temperature=True sampled at temperature 1 and top_p=True kept every token: a bool was read as a number,
+    where every whole-number setting refuses one."""
+    for bad in (dict(temperature=True), dict(top_p=True), dict(repetition_penalty=True), dict(temperature=False)):
+        name = next(iter(bad))
+        with pytest.raises(InputError, match=rf"^{name} must be a finite number, got {bad[name]}$"):
+            chat.chat("Hi", max_new_tokens=2, **bad)
+    assert SamplingParams(temperature=1, top_p=1, repetition_penalty=1).temperature == 1  # ints are numbers

@@ -76,7 +76,7 @@ class SamplingParams:
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)
-            if not (isinstance(value, numbers.Real) and math.isfinite(value)):
+            if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)):
                 raise SettingError("", name, f" must be a finite number, got {value!r}")
         if not (isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) for s in self.stop)):
             raise InputError(f"stop must be a list of strings, got {self.stop!r}")
