@@ -3,7 +3,8 @@
 Mirrors `InternVLChatModel` in OpenGVLab/InternVL `modeling_internvl_chat.py` (`extract_feature`,
 `forward`), without its loss, prompt building and hidden state. Differences on purpose:
 - a count mismatch between `<IMG_CONTEXT>` tokens and image feature rows raises (the official
-  training forward truncates silently and zeroes the loss);
+  training forward prints a warning, truncates and zeroes the SFT loss; MPO's losses, computed from its
+  logits, still train on the sample);
 - with an attention mask and no explicit position ids, positions count real tokens only, so a
   left-padded sequence gets the same logits as the unpadded one (the official generate() path does
   the same; a plain forward there uses 0..T-1).

@@ -3,7 +3,8 @@
 Mirrors OpenGVLab/InternVL `internvl_chat/tools/mm_reasoning_pipeline/`:
 - `internvl_lmdeploy_correctness.py`: the question loses a trailing short-answer instruction, is
   wrapped in the English CoT instruction, and a single `<image>` placeholder moves to the front as
-  `<image>\\n`; K samples per question (the paper: 32 at temperature 0.7, top_k 50, top_p 1.0, 6 tiles).
+  `<image>\\n`; K samples per question (the paper: 32 at temperature 0.7, top_k 50, top_p 1.0, 6 tiles; the
+  script's defaults: 8 at temperature 1.0).
 - `internvl_lmdeploy_correctness_postprocess.py`: a response without a parsable final answer is a
   format negative; the others are checked against the ground truth. Pairs are positive x negative of
   one question, skipping pairs where the positive's answer is contained in the negative's
