@@ -291,6 +291,11 @@ BAD_LINES = [
     (json.dumps(_pair(0, imgae="a.jpg")), "unread_field", r"field 'imgae' is not read; did you mean 'image'\?$"),
     (json.dumps(_pair(0, video_file="clip.mp4")), "unread_field",
      r"field 'video_file' is not read; did you mean 'video'\?$"),
+    # beside an empty 'image' (or 'video') the other name was not flagged, and the pair trained without its image
+    (json.dumps(_pair(0, image="", images=["a.jpg"])), "unread_field",
+     r"field 'images' is not read; did you mean 'image'\?$"),
+    (json.dumps(_pair(0, image=[], video="", video_path="clip.mp4")), "unread_field",
+     r"field 'video_path' is not read; did you mean 'video'\?$"),
 ]
 
 

@@ -301,11 +301,21 @@ def _image_path(root: str, path: str) -> str:
     return os.path.abspath(os.path.join(root, path))
 
 
+def _paths(value: Any) -> bool:
+    """Whether a field's value reads as a file path or a list of them."""
+    return isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
 def _media(item: dict, root: str) -> tuple[tuple[str, ...], bool, str | None]:
     """(images, multi_image, video) with the official branch order: image, then video, else text; a record
     with both is refused (the official reader drops its video). A field that looks like an `image` or `video`
     the line lacks ("images", "image_path") is refused: the record would train without its image."""
     problem = unread_field(item, ("image", "video"))
+    if problem is None and any(item.get(key) in ("", []) for key in ("image", "video")):
+        # an empty image or video is none given: a field of paths beside it ("images": [...]) is another name for
+        # it, and the record would train without them (metadata such as "image_id": 4 stays ignored)
+        paths = {key: value for key, value in item.items() if item[key] not in ("", []) and _paths(value)}
+        problem = unread_field(paths, ("image", "video"))
     if problem:
         raise _BadLine("unread_field", problem)
     if "image" in item:
