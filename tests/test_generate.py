@@ -1024,6 +1024,9 @@ def test_seeded_batch_chat_samples_each_question_differently(setup):
     assert len(set(answers)) == 3
     assert chat.batch_chat(["Sample"] * 3, **kw) == answers
     assert answers[1] == chat.chat("Sample", **{**kw, "seed": 6})
+    # the last int64 seed: question 1's seed + 1 was refused as 2**63, a seed never given; it wraps to 0
+    last = chat.batch_chat(["Sample"] * 2, **{**kw, "seed": 2**63 - 1})
+    assert last[1] == chat.chat("Sample", **{**kw, "seed": 0})
 
 
 def test_generation_settings_given_as_none_are_unset(setup):
@@ -1086,6 +1089,13 @@ def test_numpy_integer_settings_act_as_python_ints(setup):
     assert chat.chat("Hi", **kw, **as_numpy) == chat.chat("Hi", **kw, **as_int)
     assert chat.batch_chat(["Hi", "Yo"], **kw, **as_numpy) == chat.batch_chat(["Hi", "Yo"], **kw, **as_int)
     assert type(SamplingParams(**as_numpy).seed) is int
+    # one numpy id for stop_token_ids was refused as "not a list of token ids" (a Python int was taken)
+    greedy = dict(do_sample=False, max_new_tokens=4)
+    assert chat.chat("Hi", stop_token_ids=numpy.int64(5), **greedy) == chat.chat("Hi", stop_token_ids=5, **greedy)
+    for bad in ([1.0], True):  # as given, not as the tuple it was turned into ("got (1.0,)")
+        said = re.escape(repr(bad))
+        with pytest.raises(InputError, match=f"^stop_token_ids must be a list of token ids, got {said}$"):
+            chat.chat("Hi", stop_token_ids=bad, **greedy)
 
 
 def test_stop_token_ids_outside_the_vocabulary_are_refused(setup):

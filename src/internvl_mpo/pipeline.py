@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import numbers
 from collections.abc import Callable, Iterable, Iterator, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,9 +92,12 @@ def sampling_params(**generation) -> SamplingParams:
         raise InputError("beam search is not implemented; use num_beams=1")
     generation.pop("eos_token_id", None)  # chat() always stops at <|im_end|>, as the official one does
     generation.pop("pad_token_id", None)
-    for key, single in (("stop", str), ("stop_token_ids", int)):  # one string or id, or a list of them
+    for key, single in (("stop", str), ("stop_token_ids", numbers.Integral)):  # one string or id, or a list of them
         value = generation.get(key, ())
-        generation[key] = (value,) if isinstance(value, single) else tuple(value) if isinstance(value, list) else value
+        if isinstance(value, single) and not isinstance(value, bool):
+            generation[key] = (value,)
+        elif isinstance(value, list) and (key == "stop" or all(map(whole_number, value))):
+            generation[key] = tuple(value)  # a list of wrong ids stays a list: its error shows what was given
     return SamplingParams(**{**CARD_DEFAULTS, **generation})
 
 
@@ -466,7 +470,7 @@ class InternVLChat:
                 p = self.prepare(question, imgs, **inputs)
             except InputError as e:  # which of the questions
                 raise located(e, f"questions[{i}]: ") from None
-            seed = None if params.seed is None else params.seed + i
+            seed = None if params.seed is None else (params.seed + i) % 2**63  # an int64, as the server reads seeds
             requests.append((p, dataclasses.replace(params, seed=seed)))
         answers = self.answer_prepared(requests)
         if verbose:
