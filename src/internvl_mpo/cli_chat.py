@@ -370,7 +370,7 @@ def generate(
     from .pipeline import InternVLChat, sampling_params
     from .processor.image import let_pillow_open, pointed_elsewhere
     from .processor.preview import no_folder
-    from .run_folder import recorded_weights
+    from .run_folder import recorded_weights, writing
 
     _at_least_one(batch_size=batch_size, max_num=max_num)
     out = Path(output)
@@ -412,8 +412,9 @@ def generate(
                                default_max_num=lambda: _default_tiles(model_path(model)))
         if out.exists():  # only once the settings allow the resume: a refused run leaves the file as it was
             tmp = out.with_name(out.name + ".tmp")
-            tmp.write_bytes(b"".join(line + b"\n" for line in answered))
-            os.replace(tmp, out)
+            with writing(out, KEPT):
+                tmp.write_bytes(b"".join(line + b"\n" for line in answered))
+                os.replace(tmp, out)
         # an edited request is asked again, and so is one whose image or video file was edited in place
         todo = [r for r in requests if r["id"] not in done or done[r["id"]][0] != _asked(r)
                 or not unchanged(_files(r), done[r["id"]][1])]
@@ -435,10 +436,11 @@ def generate(
                     yield item, pointed_elsewhere(flagged(e, generate), 'give it as the request\'s "video"',
                                                   'give it as the request\'s "image"'), params
 
-        with out.open("a", encoding="utf-8") as sink, tqdm(total=len(requests), initial=len(requests) - len(todo),
-                                                           desc="generate", unit="req") as bar:
+        with writing(out, KEPT):
+            out.touch()  # the answers file, empty until the first answer
+        with tqdm(total=len(requests), initial=len(requests) - len(todo), desc="generate", unit="req") as bar:
             try:
-                _write_answers(bot.answers_as_they_finish(jobs(), batch_size), sink, bar)
+                _write_answers(bot.answers_as_they_finish(jobs(), batch_size), out, bar)
             except KeyboardInterrupt:
                 bar.close()  # its last state, then the message (a bar closed on leaving `with` came after it)
                 if bar.n:
@@ -448,13 +450,21 @@ def generate(
                     said = f"before any of {len(requests)} requests was answered; nothing was written to {out}"
                 print(f"internvl-mpo generate: interrupted {said}", file=sys.stderr)
                 raise
-        rewrite_in_order(out, [item["id"] for item in requests])  # answers were written as they finished
+        with writing(out, KEPT):
+            rewrite_in_order(out, [item["id"] for item in requests])  # answers were written as they finished
         return 0
 
 
-def _write_answers(answers, sink, bar) -> None:
-    """One line per finished request, on disk before the next (a resumed run keeps every written line)."""
+# what a run that could not write its answers file (a full disk) says: the next run resumes from what it holds
+KEPT = "the answers written before are kept: make room and run the same command again to resume"
+
+
+def _write_answers(answers, out: Path, bar) -> None:
+    """One line per finished request, on disk before the next (a resumed run keeps every written line; a
+    line cut by a full disk is dropped)."""
     from tqdm import tqdm
+
+    from .run_folder import append_synced, writing
 
     for item, answer in answers:
         record = {"id": item["id"], "question": item["question"], **item["_inputs"]}
@@ -466,9 +476,8 @@ def _write_answers(answers, sink, bar) -> None:
             record["answer"] = answer
             if item["_stamps"]:
                 record["stamps"] = item["_stamps"]
-        sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-        sink.flush()
-        os.fsync(sink.fileno())
+        with writing(out, KEPT):
+            append_synced(out, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
         bar.update(1)
 
 

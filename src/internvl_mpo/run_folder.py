@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from internvl_mpo.errors import ConfigError, InputError
+from internvl_mpo.errors import ConfigError, InputError, SaveError
 from internvl_mpo.locks import lock_output, no_lock_note
 
 
@@ -45,19 +45,47 @@ class Progress:
 
     def append(self, rows: Iterable[dict]) -> None:
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        with open(self.path, "ab") as f:
-            f.write(text.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
+        with writing(self.path, RESUME):  # a line cut by a full disk is dropped by the next load
+            append_synced(self.path, text.encode("utf-8"))
+
+
+# What a run that could not write its progress says: what it finished is on disk
+RESUME = "the items finished before are kept: make room and run the same command again to resume"
+
+
+@contextlib.contextmanager
+def writing(path: Path, outcome: str) -> Iterator[None]:
+    """An OSError in the block (a full disk, a read-only folder) is a one-line SaveError naming `path` and
+    saying `outcome`, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise SaveError(path, " ".join(str(e).split()), outcome) from None
+
+
+def append_synced(path: Path, data: bytes) -> None:
+    """Append `data` to `path` and fsync it. Unbuffered: a write that fails leaves nothing for close() to
+    write again (its error would replace the first)."""
+    with open(path, "ab", buffering=0) as f:
+        view = memoryview(data)
+        while view:
+            view = view[f.write(view):]
+        os.fsync(f.fileno())
 
 
 def atomic_write(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one rename; a write that fails (SaveError) leaves `path` as it was."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with writing(path, f"{path.name} is as it was: make room and run the same command again"):
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except SaveError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def check_output_folder(path: Path) -> None:

@@ -1,0 +1,75 @@
+"""Commands that write files, on a full disk: one line naming the file, and a state the same command resumes from.
+
+A full disk is stood in for by RLIMIT_FSIZE (writes past the limit fail with EFBIG; Python ignores SIGXFSZ)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import subprocess
+import sys
+
+import pytest
+
+from internvl_mpo.errors import SaveError
+from internvl_mpo.run_folder import Progress, atomic_write
+
+from conftest import tiny_chat_folder
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """Writes past `limit` bytes of a file fail in this process meanwhile."""
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, before[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, before)
+
+
+def test_progress_on_a_full_disk_is_one_line_and_the_rerun_keeps_the_finished_items(tmp_path):
+    progress = Progress(tmp_path / "progress.jsonl")
+    first = [{"id": "a", "answer": "one"}]
+    progress.append(first)
+    with file_size_limit(progress.path.stat().st_size + 20), pytest.raises(SaveError) as error:
+        progress.append([{"id": "b", "answer": "two " * 20}])  # cut 20 bytes in
+    assert str(error.value).startswith(f"{progress.path}: saving failed (")
+    assert str(error.value).endswith("make room and run the same command again to resume")
+    assert progress.load() == {"a": first[0]}  # the cut line is dropped
+    progress.append([{"id": "c", "answer": "three"}])
+    assert list(progress.load()) == ["a", "c"]
+
+
+def test_atomic_write_on_a_full_disk_leaves_the_file_as_it_was(tmp_path):
+    path = tmp_path / "score.json"
+    atomic_write(path, "old\n")
+    with file_size_limit(10), pytest.raises(SaveError, match=f"^{path}: saving failed .*score.json is as it was"):
+        atomic_write(path, "new " * 100)
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["score.json"]
+
+
+def _limited(limit: int):
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_generate_on_a_full_disk_says_so_in_one_line_and_the_rerun_resumes(tmp_path):
+    folder, _ = tiny_chat_folder(tmp_path / "model")
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text("".join(json.dumps({"id": k, "question": q}) + "\n" for k, q in [("a", "Hi"), ("b", "Hello")]))
+    kept = "kept " * 400  # a line longer than the settings file, written first under the same limit
+    answers.write_text(json.dumps({"id": "b", "question": "Hello", "answer": kept}) + "\n")
+    run = [sys.executable, "-m", "internvl_mpo.cli", "generate", "--input", str(requests), "--output", str(answers),
+           "--model", str(folder), "--max-new-tokens", "4", "--device", "cpu"]
+    full = subprocess.run(run, capture_output=True, text=True, timeout=120,
+                          preexec_fn=_limited(answers.stat().st_size + 20))  # a's line is cut 20 bytes in
+    assert full.returncode == 1
+    assert full.stderr.splitlines()[-1] == (
+        f"internvl-mpo generate: error: {answers}: saving failed ([Errno 27] File too large); the answers written "
+        "before are kept: make room and run the same command again to resume")
+    assert "Traceback" not in full.stderr
+    rerun = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b"] and rows[1]["answer"] == kept
