@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import importlib
 import inspect
 import os
@@ -130,11 +131,16 @@ def _summary(name: str) -> str:
     """The first line of a command's docstring, read from its source: importing the command's module
     (torch, the trainer, the web stack) would make `--help` take seconds."""
     module, _, func = COMMANDS[name].partition(":")
+    node = next(n for n in _module_tree(module).body if isinstance(n, ast.FunctionDef) and n.name == func)
+    return (ast.get_docstring(node) or "").splitlines()[0]
+
+
+@functools.cache
+def _module_tree(module: str) -> ast.Module:
+    """The parsed source of a command's module, parsed once (`--help` reads three commands from cli_chat)."""
     # the file by its path: find_spec would import the packages above it (server/__init__ imports torch)
     source = Path(__file__).parent.joinpath(*module.split(".")).with_suffix(".py")
-    tree = ast.parse(source.read_text(encoding="utf-8"))
-    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == func)
-    return (ast.get_docstring(node) or "").splitlines()[0]
+    return ast.parse(source.read_text(encoding="utf-8"))
 
 
 def main(argv: list[str] | None = None) -> int:
