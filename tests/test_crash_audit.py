@@ -73,3 +73,27 @@ def test_generate_on_a_full_disk_says_so_in_one_line_and_the_rerun_resumes(tmp_p
     assert rerun.returncode == 0, rerun.stderr
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "b"] and rows[1]["answer"] == kept
+
+
+def test_a_full_disk_leaves_the_output_locked_with_its_holder_unnamed(tmp_path):
+    """Writing the holder's pid into the lock file was a traceback on a full disk."""
+    from internvl_mpo.errors import ConfigError
+    from internvl_mpo.locks import TRAIN_LOCK, check_not_in_use, lock_output
+
+    with file_size_limit(5):
+        lock = lock_output(tmp_path, TRAIN_LOCK)
+    with lock:
+        assert (tmp_path / ".train.lock").read_text() == ""  # not a cut "pid 1"
+        with pytest.raises(ConfigError, match=r"in use by another training run \(its process unknown\)"):
+            check_not_in_use(tmp_path, TRAIN_LOCK)
+    check_not_in_use(tmp_path, TRAIN_LOCK)
+
+
+def test_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path):
+    from internvl_mpo.errors import ConfigError
+    from internvl_mpo.locks import TRAIN_LOCK, lock_output
+
+    (tmp_path / ".train.lock").mkdir()  # stands in for a read-only folder, which root could write
+    with pytest.raises(ConfigError, match=r"\.train\.lock: cannot open the run's lock file \(Is a directory\); "
+                                          "choose another --output$"):
+        lock_output(tmp_path, TRAIN_LOCK)

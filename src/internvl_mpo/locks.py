@@ -39,7 +39,11 @@ def lock_output(output: Path, kind: tuple[str, str, str] = TRAIN_LOCK) -> IO[str
     process holds it; None (no lock) where the filesystem has no locks."""
     import fcntl
 
-    lock = open(output / kind[0], "a+", encoding="utf-8")
+    path = output / kind[0]
+    try:
+        lock = open(path, "a+", encoding="utf-8")
+    except OSError as e:  # a read-only folder, say
+        raise ConfigError(f"{path}: cannot open the run's lock file ({e.strerror}); choose another --output") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -53,8 +57,13 @@ def lock_output(output: Path, kind: tuple[str, str, str] = TRAIN_LOCK) -> IO[str
         raise
     lock.seek(0)
     lock.truncate()
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
+    holder = f"pid {os.getpid()} on {socket.gethostname()}\n".encode()
+    try:  # unbuffered: a failed write leaves nothing for close() to write again
+        written = os.write(lock.fileno(), holder)
+    except OSError:
+        written = 0
+    if written != len(holder):  # a full disk: the lock holds all the same, its holder unnamed
+        os.ftruncate(lock.fileno(), 0)
     return lock
 
 
