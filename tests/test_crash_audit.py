@@ -97,3 +97,20 @@ def test_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"\.train\.lock: cannot open the run's lock file \(Is a directory\); "
                                           "choose another --output$"):
         lock_output(tmp_path, TRAIN_LOCK)
+
+
+def test_generate_rerun_after_a_kill_past_the_last_answer_puts_the_answers_in_order(tmp_path):
+    """A run killed after its last answer, before it put the answers back in the requests' order, left them in
+    the order they finished: the rerun found every request answered and stopped there."""
+    from internvl_mpo import cli_chat
+
+    folder, _ = tiny_chat_folder(tmp_path / "model")
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text("".join(json.dumps({"id": k, "question": q}) + "\n" for k, q in [("a", "Hi"), ("b", "Hello")]))
+    run = dict(input=str(requests), output=str(answers), model=str(folder), device="cpu", max_new_tokens=3)
+    assert cli_chat.generate(**run) == 0
+    ordered = answers.read_bytes()
+    first, second = ordered.splitlines(keepends=True)
+    answers.write_bytes(second + first)  # as they finished
+    assert cli_chat.generate(**run) == 0
+    assert answers.read_bytes() == ordered

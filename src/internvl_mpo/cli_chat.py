@@ -419,6 +419,8 @@ def generate(
         todo = [r for r in requests if r["id"] not in done or done[r["id"]][0] != _asked(r)
                 or not unchanged(_files(r), done[r["id"]][1])]
         if not todo:  # a finished run: no need to spend minutes loading a large model
+            with writing(out, KEPT):  # one killed before it put its answers back in order
+                rewrite_in_order(out, [item["id"] for item in requests])
             print(f"internvl-mpo generate: all {len(requests)} requests are answered in {out}", file=sys.stderr)
             return 0
         bot = InternVLChat.from_pretrained(model_path(model), dtype=dtype, device=device, weights=weights)
