@@ -143,6 +143,20 @@ def test_resume_answers_only_missing_questions(tmp_path):
     assert run_eval(data, FakeAnswerer(DIRECT), tmp_path / "limited", limit=2)["total"] == 2
 
 
+
+def test_a_rerun_after_a_kill_past_the_last_answer_writes_the_predictions_in_data_order(tmp_path):
+    """A run killed after its last answer, before it rewrote predictions.jsonl in data order, left the answers in
+    the order they finished: the rerun had nothing to ask and kept them so."""
+    data = write_bench(tmp_path / "data")
+    out = tmp_path / "out"
+    first = run_eval(data, FakeAnswerer(DIRECT), out, batch_size=2)
+    path = out / "predictions.jsonl"
+    ordered = path.read_bytes()
+    lines = ordered.splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[1:] + lines[:1]))  # as they finished
+    assert run_eval(data, FakeAnswerer(DIRECT, fail=True), out) == first
+    assert path.read_bytes() == ordered
+
 def test_resume_asks_again_where_the_data_changed_under_an_id(tmp_path):
     """Ids may be line numbers: a question inserted above renumbers the rest, so a stored prediction is
     reused only for the same prompt and ground truth."""

@@ -496,11 +496,14 @@ def run_eval(
         if missing:
             raise InputError(f"the answering function gave no answer for {len(missing)} questions (ids {missing[:5]})")
         stale = rescore(items, done, cot)
-        if todo or stale:  # answers came as they finished: the file in data order, with up-to-date verdicts
-            ids = [item.id for item in items]
-            listed = set(ids)
-            rows = [done[i] for i in ids] + [row for key, row in done.items() if key not in listed]
-            atomic_write(predictions.path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        ids = [item.id for item in items]
+        listed = set(ids)
+        rows = [done[i] for i in ids] + [row for key, row in done.items() if key not in listed]
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        # answers came as they finished: the file in data order, with up-to-date verdicts (also after a run
+        # killed before it wrote them so, which left nothing to do)
+        if todo or stale or not predictions.path.exists() or predictions.path.read_bytes() != text.encode("utf-8"):
+            atomic_write(predictions.path, text)
         score = {"data": str(data), "cot": cot, **summarize(items, done, cot, circular)}
         atomic_write(out / "score.json", json.dumps(score, indent=2, ensure_ascii=False) + "\n")
     return score
