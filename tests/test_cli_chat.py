@@ -856,6 +856,28 @@ def test_interactive_video_chat_decodes_the_video_once(folder, tmp_path, monkeyp
         bot.prepare("Hi", video=real(str(frames), num_segments=2, image_size=224))
 
 
+def test_chat_images_are_read_once_for_the_question_and_for_each_turn(folder, tmp_path, monkeypatch, capsys):
+    """An --image file was decoded before the model loaded (to refuse a broken one early), then read again by
+    each question's prepare (its header, then its pixels): a 12000x9000 PNG spent seconds per question."""
+    import io
+
+    from internvl_mpo import cli_chat
+    from internvl_mpo.processor import image
+
+    Image.new("RGB", (300, 200), "blue").save(tmp_path / "blue.png")
+    opened, real = [], image._open_pil
+    monkeypatch.setattr(image, "_open_pil", lambda *args: opened.append(args[1]) or real(*args))
+    kw = dict(model=str(folder), device="cpu", max_new_tokens=3, image=[str(tmp_path / "blue.png")])
+    assert cli_chat.chat("What is it?", **kw) == 0
+    assert len(opened) == 1
+    answer = capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {folder.parent / 'red.png'}\nWhat is it?\nSure?\n"))
+    assert cli_chat.chat(**kw) == 0
+    assert len(opened) == 3  # each file once, for two questions
+    bot = InternVLChat.from_pretrained(folder)  # the same answer as the path gives
+    assert answer.strip() == bot.chat("What is it?", [str(tmp_path / "blue.png")], do_sample=False, max_new_tokens=3)
+
+
 def test_ctrl_c_stops_the_answer_and_the_interactive_chat_goes_on(folder, monkeypatch, capsys):
     """As in other chat programs: the interrupted question is dropped, the session and its model stay."""
     import io

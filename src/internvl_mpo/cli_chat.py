@@ -192,8 +192,9 @@ def chat(
     images = list(image or [])
     if images and video is not None:
         raise InputError("give --image or --video, not both")
-    for path in images:  # a missing or broken file: one error now, not after loading the model
-        open_image(path, max_pixels).close()
+    # a missing or broken file: one error now, not after loading the model; the decoded pictures are kept, so a
+    # question (or each of a conversation's) does not decode them again
+    images = [open_image(path, max_pixels) for path in images]
     device = default_device(device)
     bot = InternVLChat.from_pretrained(model_path(model), dtype=dtype, device=device, compile=compile)
     inputs = dict(system_message=system, max_pixels=max_pixels)
@@ -245,12 +246,11 @@ def chat(
                       "over without it)", file=sys.stderr)
                 continue
             try:
-                open_image(path, max_pixels).close()  # refuse what is not an image now, not at every later question
+                images.append(open_image(path, max_pixels))  # refused now if not an image; decoded once
             except InputError as e:
                 why = pointed_elsewhere(flagged(e, chat), "a chat about a video starts with --video FILE")
                 print(f"error: {why}", file=sys.stderr)
                 continue
-            images.append(path)
             history = []  # a new image starts a new conversation
             print(f"added {path}; the conversation starts over with {len(images)} image(s)", file=sys.stderr)
             continue
