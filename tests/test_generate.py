@@ -2136,7 +2136,8 @@ def test_a_system_message_in_config_json_replaces_the_templates_as_in_the_offici
     long.check_prompt("Hi", None, [1], system_message="")
     image_ids = long.model.num_image_token + 2  # with <img> and </img>
     with pytest.raises(PromptTooLongError, match=rf"^prompt is \d+ tokens \({image_ids} of them image tokens\), "
-                                                 rf"longer than the context allows: at most {long.context - 1}$"):
+                                                 rf"longer than the context allows: at most {long.context - 1}; "
+                                                 r"without its images it is \d+ tokens$"):
         long.check_prompt("Hi", None, [1])  # the config's system message, not the one given as "", is too long
     assert chat_with(None).prepare("Hi").prompt_ids == build_prompt_ids(chat.tokenizer, "Hi")  # null: the template's
     with pytest.raises(ConfigError, match=r"^config.json: system_message must be a string \(or null\), got \['x'\]$"):
