@@ -973,9 +973,9 @@ def test_chat_takes_question_words_with_flags_between_them(folder, monkeypatch, 
     from internvl_mpo.cli import main
 
     asked, real = [], InternVLChat.prepare
-    monkeypatch.setattr(InternVLChat, "prepare", lambda self, question, images, *args, **kwargs:
-                        asked.append((question, images)) or real(self, question, images, *args, **kwargs))
-    red = str(folder.parent / "red.png")
+    monkeypatch.setattr(InternVLChat, "prepare", lambda self, question, images, *args, **kwargs: asked.append(
+        (question, images and [image.size for image in images])) or real(self, question, images, *args, **kwargs))
+    red, size = str(folder.parent / "red.png"), (90, 50)  # the files come decoded, as red.png's size
     assert main(["chat", "What colour is it?", "--model", str(folder), "--image", red, "--max-new-tokens", "3"]) == 0
     quoted = capsys.readouterr().out
     assert main(["chat", "What", "--image", red, "colour", "--max-new-tokens", "3", "is", "--no-compile", "it?",
@@ -985,8 +985,8 @@ def test_chat_takes_question_words_with_flags_between_them(folder, monkeypatch, 
     assert main(["chat", "--model", str(folder), "--image", red, "--max-new-tokens", "3", "--", "-1", "or", "1?"]) == 0
     # words before the flags and after `--` (refused as 'unrecognized arguments: -- -x')
     assert main(["chat", "What", "--model", str(folder), "--image", red, "--max-new-tokens", "3", "--", "-x"]) == 0
-    assert asked == [("What colour is it?", [red])] * 2 + [(f"--image {red}", None), ("-1 or 1?", [red]),
-                                                            ("What -x", [red])]
+    assert asked == [("What colour is it?", [size])] * 2 + [(f"--image {red}", None), ("-1 or 1?", [size]),
+                                                             ("What -x", [size])]
     capsys.readouterr()
     with pytest.raises(SystemExit):  # still a command's own positionals only
         main(["tiles", "a.png", "--max-num", "3", "b.png"])
