@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import numbers
 from collections.abc import Callable, Iterable, Iterator, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,12 +91,12 @@ def sampling_params(**generation) -> SamplingParams:
         raise InputError("beam search is not implemented; use num_beams=1")
     generation.pop("eos_token_id", None)  # chat() always stops at <|im_end|>, as the official one does
     generation.pop("pad_token_id", None)
-    for key, single in (("stop", str), ("stop_token_ids", numbers.Integral)):  # one string or id, or a list of them
+    for key, one in (("stop", lambda v: isinstance(v, str)), ("stop_token_ids", whole_number)):  # one, or a list
         value = generation.get(key, ())
-        if isinstance(value, single) and not isinstance(value, bool):
+        if one(value):
             generation[key] = (value,)
-        elif isinstance(value, list) and (key == "stop" or all(map(whole_number, value))):
-            generation[key] = tuple(value)  # a list of wrong ids stays a list: its error shows what was given
+        elif isinstance(value, list) and all(map(one, value)):
+            generation[key] = tuple(value)  # a list holding a wrong one stays a list: its error shows what was given
     return SamplingParams(**{**CARD_DEFAULTS, **generation})
 
 
