@@ -626,6 +626,31 @@ def test_a_save_whose_index_or_config_cannot_be_written_leaves_the_earlier_save(
         assert torch.equal(InternVL.from_pretrained(folder)(ids), model(ids))
 
 
+def test_a_save_syncs_each_file_to_disk_before_renaming_it_into_place(tmp_path, tiny, monkeypatch):
+    """A rename is atomic, but a crash (a power cut) after it could leave a file of the new name holding
+    nothing, the data still in the page cache: each file is fsynced before its rename, then the folder."""
+    model = InternVL(tiny, image_token_id=IMAGE_TOKEN_ID)
+    model.init_weights()
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def synced(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def renamed(source, target):
+        events.append(("rename", str(source)))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", synced)
+    monkeypatch.setattr(os, "replace", renamed)
+    folder = model.save_pretrained(tmp_path / "m", max_shard_size="20KB")
+    renames = [i for i, (kind, _) in enumerate(events) if kind == "rename"]
+    assert len(renames) >= 4  # shards, index, config.json
+    for i in renames:
+        assert ("fsync", events[i][1]) in events[:renames[0]], events[i][1]
+    assert ("fsync", str(folder)) in events[renames[-1]:]
+
+
 def test_saving_over_an_earlier_save_removes_its_weight_files_and_no_others(tmp_path, tiny):
     model = InternVL(tiny, image_token_id=IMAGE_TOKEN_ID)
     model.init_weights()

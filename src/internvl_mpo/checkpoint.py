@@ -16,6 +16,7 @@ and `--dtype` a checkpoint loads in are read by `devices`.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -518,6 +519,31 @@ def copy_file(source: Path, target: Path) -> None:
     honour_umask(target)
 
 
+# What fsync of a folder gives on filesystems without that operation (CIFS/SMB, sshfs, some Ceph volumes):
+# the files in it are synced already and nothing more can be asked for, so the save goes on.
+FOLDER_FSYNC_UNSUPPORTED = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a folder (its entries: a rename in it) where the filesystem can."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not (e.errno in FOLDER_FSYNC_UNSUPPORTED and path.is_dir()):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file, then every folder bottom-up, so the data is on disk before the rename."""
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            fsync_path(Path(root) / name)
+        fsync_path(Path(root))
+
+
 def make_folder(folder: Path) -> None:
     """Create `folder` (and its parents) to save into; a failure (a parent that is a file, no permission) is
     a one-line `SaveError`, as a failed write is."""
@@ -580,9 +606,9 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
     the text files `texts` (name -> content: config.json) and copies of `files` (name -> source file:
     the tokenizer) that must go in with the weights. The caller holds the folder's `save_lock`.
 
-    Every file, the index included, is written under a temporary name first and renamed into place
-    once all are written, so a save that fails part way (a full disk) leaves the folder's earlier
-    files as they were, and says so in a `SaveError` naming the folder and the cause. After the
+    Every file, the index included, is written under a temporary name first, synced to disk, and renamed
+    into place once all are written, so a save that fails part way (a full disk) leaves the folder's earlier
+    files as they were (and a crash leaves whole files, of one save or the other), and says so in a `SaveError` naming the folder and the cause. After the
     renames, weight files of an earlier save (model.safetensors, model-NNNNN-of-NNNNN.safetensors, the
     index) and the names in `replaces` (an earlier checkpoint's tokenizer and code) that this save did
     not write are removed; other files are left alone. Temporary files a killed save left go first.
@@ -630,6 +656,8 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
             names.append(name)
             temps.append(folder / f".{name}.tmp")
             copy_file(source, temps[-1])
+        for temp in temps:  # on disk before the renames: a crash then leaves whole files, old or new
+            fsync_path(temp)
     except BaseException as e:
         for temp in temps:
             temp.unlink(missing_ok=True)
@@ -639,6 +667,7 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
         raise SaveError(folder, reason, "its earlier files are unchanged") from None
     for name, temp in zip(names, temps):
         os.replace(temp, folder / name)
+    fsync_path(folder)
     replaced = set(replaces)
     for old in folder.iterdir():  # only names a save writes: other files (model-ema.safetensors) are the user's
         if old.name not in names and (old.name in (SINGLE_FILE, INDEX_FILE) or SHARD_NAME.fullmatch(old.name)

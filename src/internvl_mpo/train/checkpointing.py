@@ -24,7 +24,6 @@ that `latest_checkpoint` ignores (and the next save of that step replaces).
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
@@ -40,7 +39,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from internvl_mpo.checkpoint import save_tensors, write_failure
+from internvl_mpo.checkpoint import fsync_path, fsync_tree, save_tensors, write_failure
 from internvl_mpo.errors import CheckpointError, SaveError
 from internvl_mpo.model import InternVL
 from internvl_mpo.train.distributed import DistEnv, ranks_together
@@ -128,30 +127,6 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-# What fsync of a folder gives on filesystems without that operation (CIFS/SMB, sshfs, some Ceph volumes):
-# the files in it are synced already and nothing more can be asked for, so the save goes on.
-FOLDER_FSYNC_UNSUPPORTED = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if not (e.errno in FOLDER_FSYNC_UNSUPPORTED and path.is_dir()):
-            raise
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(folder: Path) -> None:
-    """fsync every file, then every folder bottom-up, so the data is on disk before the rename."""
-    for root, dirs, files in os.walk(folder, topdown=False):
-        for name in files:
-            _fsync(Path(root) / name)
-        _fsync(Path(root))
-
-
 def temp_dir(final: Path) -> Path:
     return final.parent / (TMP_PREFIX + final.name)
 
@@ -178,7 +153,7 @@ def publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
 
 
 @contextlib.contextmanager
