@@ -376,3 +376,14 @@ def test_a_tool_call_stream_sends_no_empty_delta_and_loses_no_logprobs(client, c
         for c in reply.choices:
             assert entries[c.index] == [(e.token, e.logprob) for e in c.logprobs.content], choice
         assert sum(used.values()) == reply.usage.completion_tokens
+
+
+def test_required_calls_a_stop_string_cuts_finish_as_stop_not_tool_calls(client):
+    """A stop string that ends a "required" answer cuts its calls (here before the list opens): the finish_reason is
+    "stop" with the string as stop_reason, as for any cut, not "tool_calls" beside no calls; streamed the same."""
+    body = {"messages": MESSAGES, "tools": TOOLS, "tool_choice": "required", "temperature": 0, "max_tokens": 50,
+            "stop": ["["]}
+    choice = client.chat.completions.create(model="m", **body).choices[0]
+    assert (choice.finish_reason, choice.stop_reason, choice.message.tool_calls) == ("stop", "[", [])
+    calls, finishes = streamed_calls(client, **body)
+    assert (calls, finishes) == ({}, {0: "stop"})

@@ -377,7 +377,8 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
                 delta, finish = {"content": item.text} if item.text else {}, item.finish_reason
             else:  # the calls' name, then their arguments in pieces, as OpenAI streams them
                 deltas = calls[item.index].read(item.text)
-                delta, finish = {"tool_calls": deltas} if deltas else {}, _tool_finish(req, item.finish_reason)
+                finish = _tool_finish(req, item.finish_reason, item.stop_reason)
+                delta = {"tool_calls": deltas} if deltas else {}
             held[item.index] += item.logprobs or []
             if not delta and not finish:  # as vLLM, no chunk of nothing ("required" calls' brackets and keys)
                 continue  # its tokens' logprobs come with the next chunk
@@ -515,10 +516,12 @@ def _in_key(state) -> bool:
     return state[2] == "[{" and (state[0] == jm.COLON or jm.in_key(state))
 
 
-def _tool_finish(req: ChatRequest, finish_reason: str | None) -> str | None:
-    """A choice's finish_reason as OpenAI's and vLLM's: "tool_calls" for "required" calls ended by the model, the
-    answer's own for a named function's (or a cut)."""
-    return "tool_calls" if req.tools_required and finish_reason == "stop" else finish_reason
+def _tool_finish(req: ChatRequest, finish_reason: str | None, stop_reason: int | str | None) -> str | None:
+    """A choice's finish_reason as OpenAI's and vLLM's: "tool_calls" for "required" calls ended by the model (its end
+    of turn or a stop token, taken only where the calls are whole), the answer's own for a named function's or a cut
+    (by max_tokens, or by a stop string: "stop", its calls cut too)."""
+    ended = finish_reason == "stop" and not isinstance(stop_reason, str)
+    return "tool_calls" if req.tools_required and ended else finish_reason
 
 
 def _message(req: ChatRequest, a: Answer) -> tuple[dict, str | None]:
@@ -527,7 +530,8 @@ def _message(req: ChatRequest, a: Answer) -> tuple[dict, str | None]:
         return {"role": "assistant", "content": a.text}, a.finish_reason
     calls = ToolCalls(req.named_tool)
     calls.read(a.text)
-    return {"role": "assistant", "content": "", "tool_calls": calls.calls}, _tool_finish(req, a.finish_reason)
+    message = {"role": "assistant", "content": "", "tool_calls": calls.calls}
+    return message, _tool_finish(req, a.finish_reason, a.stop_reason)
 
 
 def _chat_body(req: ChatRequest, answers: list[Answer], head: dict, usage: dict) -> dict:
