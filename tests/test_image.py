@@ -344,6 +344,71 @@ def test_pillows_warnings_about_a_file_it_refuses_are_not_shown(tmp_path, monkey
         load_image(good)
 
 
+def test_opening_images_leaves_other_code_warnings_shown_once(tmp_path):
+    """Each open held Pillow's warnings in warnings.catch_warnings, whose change of the filter list makes Python
+    forget the warnings it has shown: a user's warning from one place, shown once by Python's default filter, came
+    again after every image. Run in a fresh interpreter, with Python's own filters and stderr."""
+    import subprocess
+    import sys
+
+    data = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(data, format="TIFF")
+    (tmp_path / "cut.tif").write_bytes(data.getvalue()[:20])  # refused, Pillow warning "Corrupt EXIF data"
+    (tmp_path / "bomb.png").write_bytes(png_header_only(10000, 9000))  # over Pillow's limit: Pillow warns
+    Image.new("P", (40, 30)).save(tmp_path / "clear.png", transparency=bytes(range(256)))  # convert('RGB') warns
+    photo(40, 30).save(tmp_path / "good.png")
+    script = f"""
+import warnings
+from internvl_mpo.processor.image import load_image, open_image
+
+def noisy():
+    warnings.warn("the user's own warning")
+
+for _ in range(3):
+    noisy()
+    load_image({str(tmp_path / "good.png")!r})
+    load_image({str(tmp_path / "clear.png")!r})
+    for name in ("cut.tif", "bomb.png"):
+        try:
+            open_image({str(tmp_path)!r} + "/" + name)
+        except ValueError as e:
+            print(e)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"})
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("UserWarning: the user's own warning") == 1, run.stderr
+    assert "Warning" not in run.stderr.replace("UserWarning: the user's own warning", ""), run.stderr
+    assert run.stdout.count("not an image Pillow can read") == 3 and run.stdout.count("exceeds the limit") == 3
+
+
+def test_warnings_of_other_threads_pass_while_an_image_opens(monkeypatch):
+    """Pillow's warnings are held only in the thread that opens the file: another thread's warning, made while
+    the open is under way, shows at once (and is not dropped with a refused file's)."""
+    pillow_open, started, warned = Image.open, threading.Event(), threading.Event()
+
+    def slow_open(fp, *args, **kwargs):
+        started.set()
+        assert warned.wait(10)
+        warnings.warn("Corrupt EXIF data of a file refused", UserWarning)
+        return pillow_open(fp, *args, **kwargs)
+
+    def other_thread():
+        assert started.wait(10)
+        warnings.warn("from another thread", UserWarning)
+        warned.set()
+
+    monkeypatch.setattr(Image, "open", slow_open)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        with pytest.raises(InputError, match="not an image Pillow can read"):
+            load_image(b"not an image")
+        thread.join()
+    assert [str(w.message) for w in shown] == ["from another thread"]
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_truncated_file(tmp_path, fmt):
     path = tmp_path / f"cut.{fmt.lower()}"

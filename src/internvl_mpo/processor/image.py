@@ -34,6 +34,7 @@ import re
 import stat
 import threading
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from itertools import pairwise
@@ -56,10 +57,9 @@ _MEAN = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
 _STD = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
 _WORKERS = min(4, os.cpu_count() or 1)
 _pool: ThreadPoolExecutor | None = None
-# catch_warnings saves and restores the process-wide filter list: two threads inside it at once can
-# restore each other's copy and leave Pillow's warning ignored for good, so opens take turns.
+# Pillow's warnings while it opens a file are held (_holding_warnings) through the hook every shown warning passes,
+# swapped for the time of the open: two threads swapping it at once could restore each other's, so opens take turns.
 _quiet_open = threading.Lock()
-_shown_warnings: set[tuple] = set()  # Pillow's warnings held while opening and shown since
 _PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
 
 # What Pillow raises while it reads a file's header (Image.open) or decodes its pixels (load), the only
@@ -180,21 +180,52 @@ def _open_file(path: str | os.PathLike, name: str) -> BinaryIO:
         raise InputError(f"{name}: cannot open: {e}") from None
 
 
+@contextlib.contextmanager
+def _holding_warnings() -> Iterator[list[warnings.WarningMessage]]:
+    """The warnings this thread shows inside the block, held in the list yielded instead of shown (another thread's
+    pass). They are taken at `warnings._showwarnmsg`, the hook a warning goes through once the filters let it be
+    shown; catch_warnings would replace the filter list, and any change to it makes Python forget which warnings it
+    has shown: every module's "once per place" warnings would show again after each image."""
+    show, opener, held = warnings._showwarnmsg, threading.get_ident(), []
+
+    def hold(message: warnings.WarningMessage) -> None:
+        (held.append if threading.get_ident() == opener else show)(message)
+
+    with _quiet_open:
+        warnings._showwarnmsg = hold
+        try:
+            yield held
+        finally:
+            warnings._showwarnmsg = show
+
+
+def _pillows_pixels(error: Exception) -> int | None:
+    """The pixel count in Pillow's decompression-bomb message ("Image size (N pixels) exceeds ...")."""
+    counted = re.search(r"\((\d+) pixels\)", str(error))
+    return int(counted[1]) if counted else None
+
+
 def _open_pil(src: BinaryIO | bytes | bytearray, name: str, max_pixels: int | None) -> Image.Image:
     fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src
     try:
-        # Pillow warns above MAX_IMAGE_PIXELS; we enforce our own limit after opening instead. Its other warnings
-        # (a cut TIFF's "Corrupt EXIF data", two lines naming Pillow's source) are held: shown for a file it opens,
-        # dropped for one refused here, whose one-line error says what is wrong.
-        with _quiet_open, warnings.catch_warnings(record=True) as held:
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        # Pillow's warnings (a cut TIFF's "Corrupt EXIF data", two lines naming Pillow's source) are held: shown for
+        # a file it opens, dropped for one refused here, whose one-line error says what is wrong. Its warning above
+        # MAX_IMAGE_PIXELS is dropped: we enforce our own limit after opening instead.
+        with _holding_warnings() as held:
             image = Image.open(fp)
+    except Image.DecompressionBombWarning as e:  # the warning filters make Pillow's warning an error
+        counted = _pillows_pixels(e)
+        if counted is not None and counted > _limit(max_pixels):  # refused by the caller's limit anyway
+            raise SettingError(f"{name}: {counted} pixels exceeds the limit of {_limit(max_pixels)} "
+                               "(possible decompression bomb; a larger ", "max_pixels", " allows it)") from None
+        raise InputError(f"{name}: over PIL.Image.MAX_IMAGE_PIXELS ({Image.MAX_IMAGE_PIXELS} pixels), and the "
+                         "warning filters make Pillow's DecompressionBombWarning an error; raise "
+                         "PIL.Image.MAX_IMAGE_PIXELS to open images this large") from None
     except Image.DecompressionBombError as e:
         pillows = 2 * Image.MAX_IMAGE_PIXELS  # Pillow raises only past twice its limit
         if _limit(max_pixels) <= pillows:  # the caller's limit refuses it too: name that one, as check_pixels does
-            # the size is known only from Pillow's message ("Image size (N pixels) exceeds ...")
-            counted = re.search(r"\((\d+) pixels\)", str(e))
-            size = f"{counted[1]} pixels exceeds" if counted else f"more than {pillows} pixels, over"
+            counted = _pillows_pixels(e)  # the size is known only from Pillow's message
+            size = f"{counted} pixels exceeds" if counted else f"more than {pillows} pixels, over"
             raise SettingError(f"{name}: {size} the limit of {_limit(max_pixels)} "
                                "(possible decompression bomb; a larger ", "max_pixels", " allows it)") from None
         raise InputError(
@@ -211,21 +242,18 @@ def _open_pil(src: BinaryIO | bytes | bytearray, name: str, max_pixels: int | No
         raise
     except _DECODE_ERRORS as e:
         raise InputError(f"{name}: cannot read image header: {e}") from None
-    for warning in held:  # once each, as Python's default filter shows Pillow's own (not at every chat turn)
-        key = (str(warning.message), warning.category, warning.filename, warning.lineno)
-        if key not in _shown_warnings:
-            _shown_warnings.add(key)
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    for warning in held:  # let through by the filters already (Python's default: once a place)
+        if not issubclass(warning.category, Image.DecompressionBombWarning):
+            warnings._showwarnmsg(warning)
     return image
 
 
 def pillow_identifies(path: str) -> bool:
     """Whether Pillow reads the header of the file at `path` as an image's (one too large to open counts)."""
     try:
-        with _quiet_open, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # its warnings about a damaged file: the caller's message says it
+        with _holding_warnings():  # and dropped: its warnings about a damaged file, which the caller's message says
             Image.open(path).close()
-    except Image.DecompressionBombError:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return True
     except MemoryError:
         raise
@@ -334,8 +362,7 @@ def _decoded_rgb(image: Image.Image, name: str) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode == "P" and isinstance(image.info.get("transparency"), bytes):
-        # the same colours; its convert('RGB') warns "should be converted to RGBA images", and at every image:
-        # the catch_warnings of each open resets the registry that shows a warning once
+        # the same colours, without the warning of its convert('RGB') ("should be converted to RGBA images")
         image = image.convert("RGBA")
     try:
         return image.convert("RGB")
