@@ -517,9 +517,33 @@ def test_configurable_pixel_limit(tmp_path):
     with pytest.raises(InputError, match="small.png.*5000 pixels exceeds the limit of 4999"):
         load_image(path, max_pixels=4999)
     assert load_image(path, max_pixels=5000).shape == (3, 3, 448, 448)
-    for bad in (True, -1, 1.5):  # True was a limit of 1 pixel ("exceeds the limit of True")
-        with pytest.raises(InputError, match=rf"^max_pixels must be a whole number of pixels, got {bad!r}$"):
+    for bad in (True, -1, 0, 1.5):  # True was a limit of 1 pixel ("exceeds the limit of True")
+        with pytest.raises(InputError, match=rf"^max_pixels must be a whole number of pixels >= 1, got {bad!r}$"):
             load_image(path, max_pixels=bad)
+
+
+def test_a_pixel_limit_of_0_is_refused_as_a_setting(tmp_path, capsys):
+    """max_pixels=0 (--max-pixels 0) was taken, and refused every image as "exceeds the limit of 0": the setting
+    is refused, by each command before anything loads, in its own words."""
+    from internvl_mpo.cli import main
+    from internvl_mpo.processor.image import read_size
+    from internvl_mpo.processor.video import load_video
+
+    path = tmp_path / "small.png"
+    photo(10, 10).save(path)
+    for read in (load_image, open_image, read_size, lambda p, max_pixels: load_video([p], 1, max_pixels=max_pixels)):
+        with pytest.raises(InputError, match=r"^max_pixels must be a whole number of pixels >= 1, got 0$"):
+            read(path, max_pixels=0)
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("")
+    for command in (["chat", "Hi"], ["generate", "--input", str(requests), "--output", str(tmp_path / "a.jsonl")],
+                    ["tiles", str(path)], ["pairs", "correctness", "--model", "m", "--input", str(requests),
+                                           "--output", str(tmp_path / "pairs")],
+                    ["eval", "--data", str(requests)], ["train", "mpo", "--model", "m", "--data", "meta.json",
+                                                        "--output", str(tmp_path / "run")]):
+        assert main([*command, "--max-pixels", "0"]) == 1
+        assert capsys.readouterr().err == (f"internvl-mpo {command[0]}: error: --max-pixels must be a whole number "
+                                           "of pixels >= 1, got 0\n")
 
 
 def test_bytes_and_file_objects_are_named_in_errors():

@@ -152,7 +152,7 @@ def test_cli_tiles_errors_name_the_flags_and_python_the_parameters(tmp_path, cap
                                                "--max-num=2"),
         (["--max-pixels", "1000"], f"{path}: 600x400 = 240000 pixels exceeds the limit of 1000 (possible "
                                    "decompression bomb; a larger --max-pixels allows it)"),
-        (["--max-pixels", "-1"], "--max-pixels must be a whole number of pixels, got -1"),
+        (["--max-pixels", "-1"], "--max-pixels must be a whole number of pixels >= 1, got -1"),
     ):
         assert main(["tiles", path, "--output", str(tmp_path / "t.png"), *flags]) == 1
         assert capsys.readouterr().err == f"internvl-mpo tiles: error: {message}\n"

@@ -1897,14 +1897,15 @@ def test_max_pixels_refuses_larger_images_naming_the_flag(tmp_path, chat_folder,
     run = ["train", "mpo", "--model", str(chat_folder), "--data", str(meta), "--output", str(tmp_path / "o"),
            "--no-progress", "--max-steps", "1"]
     assert main([*run, "--max-pixels", "-1"]) == 1
-    assert capsys.readouterr().err == "internvl-mpo train: error: --max-pixels must be a whole number of pixels, got -1\n"
+    assert capsys.readouterr().err == ("internvl-mpo train: error: --max-pixels must be a whole number of pixels >= 1, "
+                                       "got -1\n")
     assert not (tmp_path / "o").exists()
     assert main([*run, "--max-pixels", "1000"]) == 1
     err = capsys.readouterr().err
     assert re.search(rf"error: {re.escape(str(tmp_path / 'data' / 'toy.jsonl'))}:\d: .*\.png: \d+x\d+ = \d+ pixels exceeds "
                      r"the limit of 1000 \(possible decompression bomb; a larger --max-pixels allows it\)", err), err
-    with pytest.raises(ConfigError, match="--max-pixels must be >= 0, got -1"):
-        TrainConfig(mode="mpo", model="m", data="meta.json", output="o", max_pixels=-1).validate()
+    with pytest.raises(ConfigError, match="--max-pixels must be >= 1, got 0"):
+        TrainConfig(mode="mpo", model="m", data="meta.json", output="o", max_pixels=0).validate()
 
 
 def test_missing_required_flags_are_named_together_in_one_line(tmp_path, capsys):

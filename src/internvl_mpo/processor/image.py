@@ -142,16 +142,17 @@ def refuse_url(src: object) -> None:
 def _limit(max_pixels: int | None) -> int | None:
     if max_pixels is None:
         return Image.MAX_IMAGE_PIXELS
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, numbers.Integral) or max_pixels < 0:
-        raise SettingError("", "max_pixels", f" must be a whole number of pixels, got {max_pixels!r}")
+    # 0 was taken, and refused every image
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, numbers.Integral) or max_pixels < 1:
+        raise SettingError("", "max_pixels", f" must be a whole number of pixels >= 1, got {max_pixels!r}")
     return max_pixels
 
 
 def let_pillow_open(max_pixels: int | None) -> None:
-    """Raise Pillow's own `Image.MAX_IMAGE_PIXELS` to `max_pixels` where that is larger: Pillow refuses images
-    over twice its limit whatever `max_pixels` says. For a program that owns the process (a command's
-    --max-pixels); library calls leave Pillow's setting to their caller."""
-    if max_pixels is not None and Image.MAX_IMAGE_PIXELS is not None and _limit(max_pixels) > Image.MAX_IMAGE_PIXELS:
+    """Refuse a bad `max_pixels`, and raise Pillow's own `Image.MAX_IMAGE_PIXELS` to it where that is larger:
+    Pillow refuses images over twice its limit whatever `max_pixels` says. For a program that owns the process (a
+    command's --max-pixels), at its start; library calls leave Pillow's setting to their caller."""
+    if max_pixels is not None and _limit(max_pixels) > (Image.MAX_IMAGE_PIXELS or max_pixels):
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 

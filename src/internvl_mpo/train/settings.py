@@ -34,8 +34,9 @@ FLOAT_RANGES = {
     "lora_alpha": (lambda v: v > 0, "> 0"),
 }
 # The whole-number settings that must be >= 1 (the optional ones only when given), and those >= 0.
-POSITIVE_INTS = ("batch_size", "grad_accum", "epochs", "video_frames", "max_seq_length", "max_dynamic_patch")
-COUNTS = ("max_steps", "save_every", "save_total_limit", "lora_rank", "num_workers", "max_pixels")
+POSITIVE_INTS = ("batch_size", "grad_accum", "epochs", "video_frames", "max_seq_length", "max_dynamic_patch",
+                 "max_pixels")
+COUNTS = ("max_steps", "save_every", "save_total_limit", "lora_rank", "num_workers")
 # --max-seq-length when not given (the official MPO recipe's), capped by the model's context.
 DEFAULT_MAX_SEQ_LENGTH = 8192
 
