@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -18,7 +19,7 @@ from safetensors import safe_open
 
 from internvl_mpo.chat.template import build_prompt_ids, render_prompt
 from internvl_mpo.chat.tokenizer import load_tokenizer
-from internvl_mpo.checkpoint import open_weights
+from internvl_mpo.checkpoint import SAVE_LOCK, open_weights
 from internvl_mpo.config import FAMILY_SIZES, ModelConfig, family_config
 from internvl_mpo.convert import (
     HEAD, config_from_hf, convert, convert_command, hf_config_dict, hf_disk_name, key_maps,
@@ -413,6 +414,60 @@ def test_a_full_disk_is_one_line_naming_the_destination_and_leaves_nothing(tmp_p
                                        "I/O error: No space left on device (os error 28)); nothing of the conversion "
                                        "was kept\n")
     assert not dst.exists()
+
+
+KILLED_CONVERSION = """
+import os, signal, sys
+from internvl_mpo import checkpoint
+from internvl_mpo.convert import convert
+src, dst, to, mount = sys.argv[1:]
+if mount:
+    os.path.ismount = lambda path: str(path) == dst
+save_tensors, count = checkpoint.save_tensors, []
+
+def killed_on_the_second_shard(tensors, path, metadata=None):
+    count.append(path)
+    if len(count) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    save_tensors(tensors, path, metadata=metadata)
+
+checkpoint.save_tensors = killed_on_the_second_shard
+convert(src, dst, to=to, max_shard_size=20_000)
+"""
+
+
+@pytest.mark.parametrize("to", ["hf", "official"])
+@pytest.mark.parametrize("given", ["new", "empty", "mount point"])
+def test_a_killed_conversion_leaves_the_destination_as_it_was_and_the_rerun_converts(tmp_path, monkeypatch, to,
+                                                                                       given):
+    """A conversion killed part way (SIGKILL, out of memory, a preempted job) left a half-written destination,
+    which the rerun refused as not empty: the user had to delete it by hand. It writes into a temporary folder
+    beside the destination (inside it where it is a mount point, which no rename replaces) and renames it into
+    place when complete: the destination is as it was (missing, or empty), and the rerun clears what the killed
+    one left and converts."""
+    import subprocess
+    import sys
+
+    src = official_folder(tmp_path / "src", "qwen2")
+    if to == "official":
+        src = convert(src, tmp_path / "hf", to="hf")
+    dst = tmp_path / "out"
+    if given != "new":
+        dst.mkdir()
+    mount = "1" if given == "mount point" else ""
+    run = subprocess.run([sys.executable, "-c", KILLED_CONVERSION, str(src), str(dst), to, mount])
+    assert run.returncode == -9
+    if given == "new":
+        assert not dst.exists() and (tmp_path / ".out.convert.tmp").is_dir()
+    else:
+        assert {p.name for p in dst.iterdir()} <= {".convert.tmp", SAVE_LOCK}  # a lock file blocks nothing
+    if mount:
+        monkeypatch.setattr(os.path, "ismount", lambda path: path == dst)
+    assert convert(src, dst, to=to, max_shard_size=20_000) == dst
+    assert not (tmp_path / ".out.convert.tmp").exists() and not (dst / ".convert.tmp").exists()
+    assert tensors(dst).keys() == tensors(convert(src, tmp_path / "clean", to=to)).keys()
+    assert sorted(p.name for p in dst.iterdir() if not p.name.startswith("model")) == sorted(
+        p.name for p in (tmp_path / "clean").iterdir() if not p.name.startswith("model"))
 
 
 def test_convert_command(tmp_path, capsys):

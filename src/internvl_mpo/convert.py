@@ -52,8 +52,10 @@ is not ours to ship; `remote_code_note` says where to get it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import re
 import shlex
 import shutil
@@ -434,9 +436,48 @@ def _check_destination(src: Path, dst: Path) -> None:
 
 
 def _check_empty(dst: Path) -> None:
-    """InputError unless `dst` is missing or holds nothing (but the lock of this conversion)."""
-    if dst.is_dir() and any(path.name != checkpoint.SAVE_LOCK for path in dst.iterdir()):
+    """InputError unless `dst` is missing or holds nothing (but the lock and the `_staging` folder of a
+    conversion)."""
+    if dst.is_dir() and any(path.name != checkpoint.SAVE_LOCK and path != _staging(dst) for path in dst.iterdir()):
         raise InputError(f"{dst} exists and is not empty; give a new folder")
+
+
+def _staging(dst: Path) -> Path:
+    """The folder a conversion into `dst` writes, to appear as `dst` only once complete (`_publish`): beside it,
+    `.NAME.convert.tmp`, renamed onto it; inside it where `dst` is a mount point, which no rename replaces, or
+    inside it too where its parent cannot be written. The one a killed conversion left is emptied by the next
+    conversion into `dst`."""
+    dst = dst.resolve()
+    if dst.is_dir() and (os.path.ismount(dst) or not os.access(dst.parent, os.W_OK)):
+        return dst / ".convert.tmp"
+    return dst.parent / f".{dst.name}.convert.tmp"
+
+
+def _clear(stage: Path) -> None:
+    """Remove all but the save lock from `stage` (the files of a killed conversion)."""
+    for path in stage.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.name != checkpoint.SAVE_LOCK:
+            path.unlink()
+
+
+def _publish(stage: Path, dst: Path) -> None:
+    """Make the complete `stage` appear as `dst` (missing, or an empty folder this conversion holds locked), its
+    files synced to disk first: in one rename, or (a stage inside `dst`) file by file."""
+    checkpoint.fsync_tree(stage)
+    if stage.parent == dst:
+        for path in stage.iterdir():
+            if path.name != checkpoint.SAVE_LOCK:
+                os.replace(path, dst / path.name)
+    else:
+        if dst.is_dir():  # the empty folder given gives way, its mode kept
+            shutil.copymode(dst, stage)
+            (dst / checkpoint.SAVE_LOCK).unlink(missing_ok=True)
+        os.replace(stage, dst)
+        (dst / checkpoint.SAVE_LOCK).unlink(missing_ok=True)  # the stage's, renamed with it
+    checkpoint.fsync_path(dst)
+    checkpoint.fsync_path(dst.parent)
 
 
 def convert(
@@ -495,12 +536,17 @@ def convert(
             names[HEAD] = names[EMBEDDINGS]  # the tied head is the embedding matrix
     source_keys = [k for m in maps for k in ((m.official,) if to == "hf" else m.hf)]
     _check_keys(src, set(names), set(source_keys))
-    created = not dst.exists()
-    checkpoint.make_folder(dst)
-    with checkpoint.save_lock(dst):
-        _check_empty(dst)  # again, under the lock: another conversion may have written there meanwhile
+    target = dst.resolve()  # a link to an empty folder: the folder it names is the one replaced
+    stage = _staging(target)
+    with contextlib.ExitStack() as held:
+        if target.is_dir():  # an empty folder given: another save into it meanwhile is refused, as one into stage
+            held.enter_context(checkpoint.save_lock(target))
+        checkpoint.make_folder(stage)
+        held.enter_context(checkpoint.save_lock(stage))
         try:
-            writer = _ShardWriter(dst, checkpoint.parse_size(max_shard_size))
+            _check_empty(dst)  # again, under the locks: another conversion may have written there meanwhile
+            _clear(stage)  # what a conversion killed part way left
+            writer = _ShardWriter(stage, checkpoint.parse_size(max_shard_size))
             for m in maps:
                 if to == "hf":
                     tensor = _read(handles, mapping[m.official], m.official)
@@ -519,36 +565,35 @@ def convert(
                         merged = merged.clone()  # a copy: safetensors refuses to save tensors that share memory
                     writer.add(m.official, merged)
             writer.close()
-            _write_json(dst / "config.json", out_config)
+            _write_json(stage / "config.json", out_config)
             for name in TOKENIZER_FILES + _tokenizer_code(src):
                 if (src / name).is_file() and not (to == "hf" and name in CHAT_TEMPLATE_FILES):
-                    checkpoint.copy_file(src / name, dst / name)
+                    checkpoint.copy_file(src / name, stage / name)
             if to == "hf":
                 originals = {name: _text(src / name) for name in REPLACED_FILES}
-                _write_processor_files(dst, config)
+                _write_processor_files(stage, config)
                 if generation is not None:
-                    _write_json(dst / "generation_config.json", generation)
-                _write_json(dst / OFFICIAL_FILES,
-                            {"files": originals, "hf_tokenizer_config": _text(dst / "tokenizer_config.json")})
+                    _write_json(stage / "generation_config.json", generation)
+                _write_json(stage / OFFICIAL_FILES,
+                            {"files": originals, "hf_tokenizer_config": _text(stage / "tokenizer_config.json")})
             else:
-                tokenizer = {name: dst / name for name in companions.PROCESSOR_TOKEN_FILES}
+                tokenizer = {name: stage / name for name in companions.PROCESSOR_TOKEN_FILES}
                 for name, text in companions.without_processor_tokens(tokenizer, config.llm.vocab_size).items():
-                    (dst / name).write_text(text, encoding="utf-8")
-                for name, text in official_template_files(src, lambda name: _text(dst / name), config.template).items():
+                    (stage / name).write_text(text, encoding="utf-8")
+                for name, text in official_template_files(src, lambda name: _text(stage / name), config.template).items():
                     if text is None:
-                        (dst / name).unlink(missing_ok=True)
+                        (stage / name).unlink(missing_ok=True)
                     else:
-                        (dst / name).write_bytes(text.encode("utf-8"))
-        except BaseException as e:  # leave no half-written folder (it was new or empty: everything in it is ours)
-            if created:
-                shutil.rmtree(dst, ignore_errors=True)
-            else:
-                for path in dst.iterdir():
-                    path.unlink()
+                        (stage / name).write_bytes(text.encode("utf-8"))
+            _publish(stage, target)
+        except BaseException as e:  # nothing of it is kept: the destination is as it was
+            shutil.rmtree(stage, ignore_errors=True)
             reason = checkpoint.write_failure(e)
             if reason is None:
                 raise
             raise SaveError(dst, reason, "nothing of the conversion was kept") from None
+    if stage.parent == target:  # emptied into the folder
+        shutil.rmtree(stage)
     return dst
 
 
