@@ -580,7 +580,8 @@ def convert(
                 tokenizer = {name: stage / name for name in companions.PROCESSOR_TOKEN_FILES}
                 for name, text in companions.without_processor_tokens(tokenizer, config.llm.vocab_size).items():
                     (stage / name).write_text(text, encoding="utf-8")
-                for name, text in official_template_files(src, lambda name: _text(stage / name), config.template).items():
+                ending = official_template_files(src, lambda name: _text(stage / name), config.template)
+                for name, text in ending.items():
                     if text is None:
                         (stage / name).unlink(missing_ok=True)
                     else:
