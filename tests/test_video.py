@@ -100,6 +100,29 @@ def test_get_index_rounds_half_to_even():
     assert get_index(None, 10.0, 29, num_segments=8) == [1, 5, 8, 12, 15, 19, 23, 26]
 
 
+def test_a_frame_count_no_model_takes_is_refused_before_decoding(video_path, monkeypatch):
+    """load_video(path, num_segments=10**6) called alone decoded and tiled a million frames (2.4 TB of tiles):
+    chat refuses frames whose image tokens fill the model's context, and so does load_video now, at InternVL2.5's
+    32768 positions, before it opens the video."""
+    def no_decoding(*args):
+        raise AssertionError("the video was read")
+
+    monkeypatch.setattr(video, "_read_video", no_decoding)
+    monkeypatch.setattr(video, "_stream_frame_tiles", no_decoding)
+    too_many = r"^num_segments must be at most 127, got {}: more frames of 256 image tokens \(a 448-pixel tile\) fill " \
+               r"the 32768-token context of an InternVL2.5 model$"
+    for count in (10**6, 128):
+        for read in (load_video, video.planned_frame_tiles):
+            with pytest.raises(InputError, match=too_many.format(count)):
+                read(video_path, num_segments=count)
+        with pytest.raises(InputError, match=too_many.format(count)):
+            load_video([b"never opened"], num_segments=count)
+    with pytest.raises(InputError, match=r"^num_segments must be at most 32767, got 32768: .* of 1 image token \(a "):
+        load_video([b"never opened"], num_segments=32768, image_size=32)
+    frame = Image.new("RGB", (8, 8))
+    assert len(load_video([frame], num_segments=127, image_size=112).frame_indices) == 127  # 16 tokens a frame
+
+
 def test_video_file(video_path):
     result = load_video(video_path, num_segments=8)
     expected_indices = reference_index(None, FPS, NUM_FRAMES - 1, 8)

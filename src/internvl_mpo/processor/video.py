@@ -82,7 +82,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from internvl_mpo.errors import InputError
+from internvl_mpo.config import LLMConfig, ModelConfig, VisionConfig
+from internvl_mpo.errors import InputError, SettingError
 from internvl_mpo.processor.image import (
     AS_AN_IMAGE,
     ImageSource,
@@ -124,9 +125,20 @@ def _bound_seconds(bound) -> tuple[float, float] | None:
     return start, end
 
 
-def _check_segments(num_segments) -> None:
+def _check_segments(num_segments, image_size=None) -> None:
+    """Refuse a frame count below 1 and, with the frames' `image_size`, one no model of the family takes: chat,
+    prepare and training refuse frames whose image tokens, one tile each, fill the model's context (InternVL2.5's
+    32768 positions); `load_video` called alone refuses them too, before it decodes a frame (a million frames of
+    448-pixel tiles would take 2.4 TB)."""
     if isinstance(num_segments, bool) or not (isinstance(num_segments, numbers.Integral) and num_segments >= 1):
         raise InputError(f"num_segments must be a whole number >= 1, got {num_segments!r}")
+    if isinstance(image_size, int) and image_size >= 1:  # a bad image_size: the tiling refuses it
+        tokens = max(1, int((image_size // VisionConfig.patch_size) ** 2 * ModelConfig.downsample_ratio**2))
+        most = (LLMConfig.max_position_embeddings - 1) // tokens
+        if num_segments > most:
+            raise SettingError("", "num_segments", f" must be at most {most}, got {num_segments}: more frames of "
+                               f"{tokens} image token{'s' * (tokens > 1)} (a {image_size}-pixel tile) fill the "
+                               f"{LLMConfig.max_position_embeddings}-token context of an InternVL2.5 model")
 
 
 def get_index(
@@ -429,7 +441,7 @@ def planned_frame_tiles(
     decoded, `_stream_frame_tiles`), from the headers of the sampled frames of a folder or list
     (`planned_tiles`: a file object that cannot seek counts one tile). Refused as load_video refuses the
     video before decoding it."""
-    _check_segments(num_segments)
+    _check_segments(num_segments, image_size)
     if isinstance(src, (str, os.PathLike)):
         refuse_url(src)
         if not os.path.isdir(src):
@@ -542,6 +554,7 @@ def load_video(
     frame_10). `frame_transform` (training's data augmentation) runs on each sampled frame, in
     order, before it is tiled.
     """
+    _check_segments(num_segments, image_size)
     bound = _bound_seconds(bound)
     if fps is not None and not (_finite(fps) and fps > 0):
         raise InputError(f"fps must be a number of frames per second > 0, got {fps!r}")
