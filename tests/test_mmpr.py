@@ -7,6 +7,7 @@ algorithm written out below on raw line strings (Python `random.sample` from one
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -252,7 +253,6 @@ def test_order_matches_official_algorithm_and_is_deterministic(tmp_path, root):
 
 BAD_LINES = [
     ("{\"question\": \"q\", \"chosen\": ", "json", "malformed JSON"),
-    ("", "json", "empty line"),
     ("[1, 2, 3]", "json", "expected a JSON object, got list"),
     (json.dumps({"chosen": "c", "rejected": "r"}), "missing_field", "missing required field 'question'$"),
     # JSON keeps the last of two equal keys: the pair trained on an answer the line also gave otherwise
@@ -309,6 +309,28 @@ def test_bad_line_raises_with_file_and_line(tmp_path, root, bad, kind, problem):
     assert sorted(r.question for r in records) == ["q0", "q1", "q3"]
     assert report.counts == {kind: 1} and report.total == 1
     assert report.messages[0].startswith(f"{spec.annotation}:3: ")
+
+
+def test_blank_lines_are_skipped_keeping_line_numbers_and_the_official_order(tmp_path, root):
+    """A blank line (one at the end of a file too: "...}\n\n") stopped training as an "empty line". It is
+    skipped; the lines after it keep their numbers, and sampling and shuffling still run over every line, as
+    the official reader's `readlines()` counts them, so the records come in the official order."""
+    items = ["", _pair(0), "  \t", _pair(1), "\r", _pair(2), _pair(3), ""]
+    spec = _spec(tmp_path, root, items, repeat_time=0.75)
+    records = read_records(spec, 0, sample_rng=random.Random(42))
+    with open(spec.annotation) as f:
+        raw = f.readlines()
+    raw = random.Random(42).sample(raw, k=int(len(raw) * 0.75))
+    np.random.default_rng(seed=0).shuffle(raw)
+    assert [r.question for r in records] == [json.loads(line)["question"] for line in raw if line.strip()]
+    assert sorted(r.source.line for r in read_records(dataclasses.replace(spec, repeat_time=1), 0)) == [2, 4, 6, 7]
+    bad = _spec(tmp_path, root, ["", _pair(0), "", "{oops", ""], name="bad")
+    with pytest.raises(InputError, match=f"^{re.escape(bad.annotation)}:4: malformed JSON"):
+        read_records(bad, 0)
+    sft = tmp_path / "sft.jsonl"
+    turns = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+    sft.write_text(f"\n{json.dumps(turns)}\n \n{json.dumps(turns)}\n\n")
+    assert [r.source.line for r in read_sft_records(str(sft), root)] == [2, 4]
 
 
 def test_non_utf8_line(tmp_path, root):

@@ -25,7 +25,8 @@ checked up front: by default the first problem raises `InputError` naming `file:
 `SkipReport` the bad lines are dropped and counted instead. Lines that subsampling leaves out are
 never parsed (as in the official code), so a bad line there goes unnoticed. Sampling and
 shuffling run over all raw lines before dropping, so the order of the good records is the
-official one. Blank lines count as malformed (the official JSON parse fails on them too). An empty
+official one. Blank (whitespace-only) lines are skipped, counted as lines but not as records or bad
+lines (the official reader counts them as records, and its JSON parse of one drawn stops training). An empty
 (or all-whitespace) `chosen` or `rejected` answer or SFT `gpt` turn, and a pair whose `chosen` and
 `rejected` are the same text, are refused too; the official readers accept them. So are an SFT record
 with an image or video but no `human` turn to show it in, a field that looks like a misspelling or another
@@ -268,13 +269,16 @@ def _read_fields_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _blank(raw: bytes) -> bool:
+    """Whether a line holds nothing but whitespace (a blank line between records, or after the last): skipped."""
+    return not raw.decode("utf-8", "replace").strip()
+
+
 def _parse_object(raw: bytes) -> dict:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise _BadLine("json", f"not UTF-8 ({e.reason} at byte {e.start})") from None
-    if not text.strip():
-        raise _BadLine("json", "empty line, expected a JSON object")
     try:
         item = json.loads(text, object_pairs_hook=_read_fields_once)
     except json.JSONDecodeError as e:
@@ -454,6 +458,9 @@ def read_records(
     order = select_lines(len(lines), spec.repeat_time, seed, rng)
     parsed: dict[int, PreferenceRecord | None] = {}
     for i in sorted(set(order)):
+        if _blank(lines[i]):
+            parsed[i] = None
+            continue
         source = Source(spec.annotation, i + 1)
         try:
             parsed[i] = _preference(_parse_object(lines[i]), spec, source)
@@ -489,6 +496,8 @@ def read_sft_records(
         lines = lines[: int(len(lines) * repeat_time)]
     records = []
     for i, raw in enumerate(lines):
+        if _blank(raw):
+            continue
         source = Source(jsonl_path, i + 1)
         try:
             item = _parse_object(raw)
