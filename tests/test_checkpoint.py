@@ -18,7 +18,7 @@ from safetensors import safe_open
 from internvl_mpo.checkpoint import SAVE_ID, parse_size
 from internvl_mpo.config import LLMConfig, ModelConfig, VisionConfig
 from internvl_mpo.devices import parse_dtype
-from internvl_mpo.errors import CheckpointError, InputError
+from internvl_mpo.errors import CheckpointError, ConfigError, InputError
 from internvl_mpo.model import InternVL
 from internvl_mpo.pipeline import InternVLChat
 
@@ -429,6 +429,39 @@ def test_integer_weights_are_refused_by_name_before_loading(tmp_path, tiny, good
     message = str(info.value)
     assert "\n" not in message
     assert "mlp1.1.weight: checkpoint dtype" in message and "-of-00002.safetensors, not floating point" in message
+
+
+@pytest.mark.parametrize("kind", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_weights_without_their_scales_are_refused_by_name(tmp_path, tiny, good_state, kind):
+    """Weights stored as float8 (an FP8 checkpoint's, its quantization_config and scales gone from it) were cast
+    to the model's dtype without a word, every value off; the first such weight is named, with its dtype and how
+    many more there are, and the dtypes that are read."""
+    state = dict(good_state)
+    for key in ("mlp1.1.weight", "mlp1.3.weight"):
+        state[key] = state[key].to(kind)
+    folder = write_checkpoint(tmp_path / "fp8", tiny, state, shards=2)
+    name = str(kind).removeprefix("torch.")
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path}/fp8/model-0000\d-of-00002.safetensors: mlp1.1.weight is "
+                       rf"stored as {name} \(and 1 more float8 weight\), a quantized dtype, and config.json has no "
+                       r"quantization_config giving its scales: .*only unquantized weights \(float32, bfloat16, "
+                       r"float16\) are read"):
+        InternVL.from_pretrained(folder, dtype=torch.float32)
+
+
+def test_a_quantized_checkpoint_is_refused_by_its_config_in_one_line(tmp_path, tiny, good_state):
+    """FP8, AWQ and GPTQ checkpoints (a quantization_config in config.json, at the top or in llm_config) are refused
+    before a weight is read, naming the key and the method."""
+    folder = write_checkpoint(tmp_path / "q", tiny, {k: v.to(torch.float8_e4m3fn) for k, v in good_state.items()})
+    config = json.loads((folder / "config.json").read_text())
+    for where, method in (("", "fp8"), ("llm_config.", "awq"), ("llm_config.", "gptq")):
+        section = config["llm_config"] if where else config
+        section["quantization_config"] = {"quant_method": method, "bits": 4}
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ConfigError, match=rf"^{folder}/config.json: {re.escape(where)}quantization_config "
+                           rf"\(quant_method '{method}'\): quantized weights are not implemented") as info:
+            InternVL.from_pretrained(folder)
+        assert "\n" not in str(info.value)
+        section.pop("quantization_config")
 
 
 @pytest.mark.parametrize("weight_map", [["mlp1.1.weight"], {"mlp1.1.weight": None}])

@@ -392,6 +392,36 @@ def test_unreadable_weights_are_named_and_leave_no_partial_destination(tmp_path,
 
 
 @pytest.mark.parametrize("to", ["hf", "official"])
+def test_float8_weights_and_quantized_checkpoints_are_refused(tmp_path, to):
+    """A float8 weight without its scales was converted as it was (and read wrong by every loader after); a
+    transformers folder with a quantization_config (an AWQ or FP8 -hf port) converted to the official layout
+    without it. Both are refused in one line, naming the weight and its dtype, or the key and the method, and
+    nothing is written."""
+    from safetensors.torch import load_file, save_file
+
+    src = official_folder(tmp_path / "src", "qwen2")
+    if to == "official":
+        src = convert(src, tmp_path / "hf", to="hf")
+    shard = sorted(src.glob("model*.safetensors"))[-1]
+    with safe_open(str(shard), "pt") as f:
+        metadata = f.metadata()
+    weights = load_file(shard)
+    key = sorted(weights)[0]
+    save_file({**weights, key: weights[key].to(torch.float8_e4m3fn)}, shard, metadata=metadata)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(shard))}: {re.escape(key)} is stored as "
+                       r"float8_e4m3fn, a quantized dtype, and config.json has no quantization_config"):
+        convert(src, tmp_path / "out", to=to)
+    assert not (tmp_path / "out").exists()
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"quantization_config \(quant_method 'awq'\): quantized weights are not "
+                       "implemented") as info:
+        convert(src, tmp_path / "out", to=to)
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("to", ["hf", "official"])
 def test_a_full_disk_is_one_line_naming_the_destination_and_leaves_nothing(tmp_path, monkeypatch, capsys, to):
     """safetensors reports a full disk as a SafetensorError: the command printed its traceback; it is one
     line naming the destination and the cause, and no half-written destination stays."""

@@ -420,7 +420,7 @@ def open_state_dict(
     present = set(mapping)
     missing = sorted(set(expected) - present - set(optional))
     unexpected = sorted(present - set(expected) - set(optional))
-    views, wrong, starts = {}, [], {}
+    views, wrong, starts, float8 = {}, [], {}, []
     for key in sorted(present & set(expected)):
         try:
             view = handles[mapping[key]].get_slice(key)
@@ -431,13 +431,29 @@ def open_state_dict(
             wrong.append(f"{key}: checkpoint {list(shape)} vs model {list(expected[key])}")
         elif kind not in _FLOAT_KINDS:
             wrong.append(f"{key}: checkpoint dtype {kind} in {mapping[key].name}, not floating point")
+        elif kind.startswith("F8"):
+            float8.append((key, _FLOAT_KINDS[kind]))
         if mapping[key] not in starts:
             starts[mapping[key]] = data_starts(mapping[key])
         views[key] = LazyTensor(mapping[key], key, view, starts[mapping[key]].get(key))
+    if float8:
+        key, dtype = float8[0]
+        raise float8_error(mapping[key], key, dtype, len(float8) - 1)
     if missing or unexpected or wrong:
         raise CheckpointError(f"{folder}: the weights do not match config.json "
                               f"({mismatch_report(missing, unexpected, wrong)})")
     return {key: views[key] for key in expected if key in views}
+
+
+def float8_error(file: Path, key: str, dtype: str, more: int = 0) -> CheckpointError:
+    """The refusal of weight `key` of `file` stored as float8 (`more`: how many others are), a quantized
+    checkpoint's (FP8) without the quantization_config that gives its scales (that one is refused by
+    `ModelConfig`): cast to the model's dtype as stored, its values would be wrong."""
+    others = f" (and {more} more float8 weight{'s' * (more > 1)})" if more else ""
+    return CheckpointError(
+        f"{file}: {key} is stored as {dtype}{others}, a quantized dtype, and config.json has no "
+        "quantization_config giving its scales: cast as stored its values would be wrong; only unquantized "
+        "weights (float32, bfloat16, float16) are read: use the unquantized release")
 
 
 def read_state_dict(

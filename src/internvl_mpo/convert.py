@@ -249,6 +249,12 @@ def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None
     if d.get("model_type") != "internvl":
         raise ConfigError(f"model_type {d.get('model_type')!r} is not transformers' 'internvl'")
     v, t = d.get("vision_config") or {}, d.get("text_config") or {}
+    for where, section in (("", d), ("text_config.", t), ("vision_config.", v)):
+        quant = section.get("quantization_config")
+        if quant:  # AWQ, GPTQ (packed integer weights), FP8 (float8 weights): each with scales
+            method = quant.get("quant_method") if isinstance(quant, dict) else quant
+            raise ConfigError(f"{where}quantization_config (quant_method {method!r}): quantized weights are not "
+                              "implemented; convert the unquantized release")
     kind = t.get("model_type")
     if kind not in ("llama", "qwen2"):
         raise ConfigError(f"text_config.model_type {kind!r} is not implemented (only 'llama' and 'qwen2')")
@@ -606,6 +612,8 @@ def _read(handles: dict, file: Path, key: str) -> torch.Tensor:
         raise CheckpointError(f"{file}: cannot read {key} ({e})") from None
     if not tensor.is_floating_point():
         raise CheckpointError(f"{file}: {key} is stored as {tensor.dtype}, not floating point")
+    if tensor.element_size() == 1:  # float8: a quantized checkpoint's, whose scales are not converted
+        raise checkpoint.float8_error(file, key, str(tensor.dtype).removeprefix("torch."))
     checkpoint.check_finite(tensor, file, key)
     return tensor
 
