@@ -870,6 +870,10 @@ def test_prefix_items_hold_each_position_to_its_schema_and_the_rest_to_items():
     ({"$defs": {f"a{i}": {"$ref": f"#/$defs/a{i + 1}"} for i in range(200)}, "$ref": "#/$defs/a0"},
      "the schema nests more than 100 levels at #/$defs/a99"),
     ({"$ref": "#"}, "no JSON value within 32 levels"),
+    ({"const": "a", "enum": ["b"]}, "const at # is none of its enum's values: no value satisfies both"),
+    ({"$id": 5}, "$id at # must be a string (a URI), got 5"),
+    ({"properties": {"a": {"$id": "a.json", "$defs": {"x": {}}, "$ref": "#/$defs/x"}}},
+     "$id at #/properties/a is taken at the root only"),
 ])
 def test_what_the_subset_does_not_take_is_refused_naming_the_keyword_and_its_place(schema, message):
     with pytest.raises(js.SchemaError) as e:
@@ -1491,3 +1495,15 @@ def test_the_server_takes_json_schema_and_guided_json():
             parse({**body, "structured_outputs": {"json": {}}, "guided_json": {}}, settings)
         with pytest.raises(ApiError, match="^min_tokens does not go with structured_outputs"):
             parse({**body, "structured_outputs": {"json": {}}, "min_tokens": 2}, settings)
+
+
+def test_the_root_s_id_is_taken_as_json_schema_s_own_examples_write_it_and_refs_still_point_into_the_schema():
+    """JSON Schema's getting-started example begins with `$schema` and `$id`: the root's `$id` (its base URI) is
+    ignored as vLLM's backends ignore it, the `#` pointers of its $refs still pointing into the document."""
+    product = {"$schema": "https://json-schema.org/draft/2020-12/schema",
+               "$id": "https://example.com/product.schema.json", "title": "Product", "type": "object",
+               "properties": {"productId": {"type": "integer"}, "tag": {"$ref": "#/$defs/tag"}},
+               "required": ["productId"], "$defs": {"tag": {"enum": ["a", "b"]}}}
+    assert complete(product, b'{"productId": 1, "tag": "b"}') and complete(product, b'{"productId": 1}')
+    assert refused_at(product, b'{"productId": 1, "tag": "c"}') == 25
+    assert refused_at(product, b'{"$id": 1}') == 2

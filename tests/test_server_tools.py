@@ -387,3 +387,21 @@ def test_required_calls_a_stop_string_cuts_finish_as_stop_not_tool_calls(client)
     assert (choice.finish_reason, choice.stop_reason, choice.message.tool_calls) == ("stop", "[", [])
     calls, finishes = streamed_calls(client, **body)
     assert (calls, finishes) == ({}, {0: "stop"})
+
+
+def test_a_tool_s_parameters_with_a_root_id_are_served_named_and_required():
+    """Parameters that begin with `$id` (as JSON Schema's examples write them) are taken for a named function and
+    for "required", where they sit inside the list's schema: their $ref still points into them."""
+    from internvl_mpo.generate import json_schema as js
+    parameters = {"$id": "https://example.com/add.json", "type": "object", "properties": {
+        "a": {"$ref": "#/$defs/n"}}, "required": ["a"], "additionalProperties": False,
+        "$defs": {"n": {"type": "integer", "maximum": 9}}}
+    tools = [{"type": "function", "function": {"name": "add", "parameters": parameters}}]
+    for choice, text in (({"type": "function", "function": {"name": "add"}}, '{"a": %d}'),
+                         ("required", '[{"name": "add", "parameters": {"a": %d}}]')):
+        schema = js.compile_schema(parse(tools=tools, tool_choice=choice).params.json_schema)
+        for value, taken in ((7, True), (12, False)):  # 12: over the $ref's maximum
+            state = schema.initial
+            for byte in (text % value).encode():
+                state = state and schema.advance(state, byte)
+            assert bool(state and schema.complete(state)) == taken, (choice, value)

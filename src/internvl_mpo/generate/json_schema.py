@@ -13,8 +13,9 @@ points, as json.loads reads the string), `pattern` (ECMA-262, unanchored; regex.
 `multipleOf` (a whole number; beside the bounds, a digit is taken only while some multiple within them begins with
 the digits so far), `enum`, `const`, `anyOf`, `oneOf` (taken as anyOf), `allOf` of one schema, `$ref` to `#` or a
 JSON pointer into the schema (`#/$defs/...`, `#/properties/...`; recursion allowed), and the annotations
-`description`, `title`, `default`, `examples`, `deprecated`, `readOnly`, `writeOnly`, `$schema`, `$comment` and
-`discriminator` (OpenAPI's, as Pydantic writes it), which are ignored.
+`description`, `title`, `default`, `examples`, `deprecated`, `readOnly`, `writeOnly`, `$schema`, `$comment`,
+`discriminator` (OpenAPI's, as Pydantic writes it) and the root's `$id` (a nested one would change what the `#`
+pointers of its $refs point to), which are ignored.
 Without `type`, a schema with object keywords (properties, required, additionalProperties) is an object, one
 with array keywords an array, one with string keywords a string, one with `multipleOf` an integer and one with
 number bounds a number. An object with `properties` has only those keys, in the schema's order, each at most once,
@@ -187,6 +188,10 @@ class Schema:
 
     def __init__(self, canonical: str, schema):
         self.canonical = canonical
+        if isinstance(schema, dict) and "$id" in schema:  # the root's base URI: `#` pointers still point here
+            if not isinstance(schema["$id"], str):
+                raise SchemaError(f"$id at # must be a string (a URI), got {_short(schema['$id'])}")
+            schema = {key: value for key, value in schema.items() if key != "$id"}
         self._document = schema
         self._ids: dict[str, int] = {}  # a JSON pointer's schema id
         self._entries: list = []  # per schema id: ("alternatives", ids) or ("union", schema ids)
@@ -247,6 +252,9 @@ class Schema:
         if not isinstance(schema, dict):
             raise SchemaError(f"a schema must be an object or true/false, got {_short(schema)} at {path}")
         for key in schema:
+            if key == "$id":
+                raise SchemaError(f"$id at {path} is taken at the root only (a nested one changes what the '#' "
+                                  "pointers of the $refs inside it point to)")
             if key not in KNOWN:
                 raise SchemaError(f"the keyword {json.dumps(key)[:60]} at {path} is not supported")
         for key in ("$defs", "definitions"):
@@ -406,6 +414,8 @@ class Schema:
                 raise SchemaError(f"enum at {path} must be a non-empty list")
         if "const" in schema:
             values = [schema["const"]] if values is None else [v for v in values if _same(v, schema["const"])]
+            if not values:
+                raise SchemaError(f"const at {path} is none of its enum's values: no value satisfies both")
         others = [k for k in schema if k not in ANNOTATIONS | {"type", "enum", "const", "$defs", "definitions"}]
         if others:
             raise SchemaError(f"{others[0]} beside enum/const at {path} is not supported")

@@ -601,7 +601,8 @@ def _tool_choice(body: dict) -> tuple[str | None, bool, dict | None]:
     for k, parameters in tools.values():  # each tool's schema on its own first: a 400 names the tool
         _schema(parameters, f"tools[{k}].function.parameters")
     items = [{"type": "object", "properties": {"name": {"enum": [name]}, "parameters": _moved_refs(
-        parameters, f"#/items/anyOf/{k}/properties/parameters")}, "required": ["name", "parameters"]}
+        {key: value for key, value in parameters.items() if key != "$id"},  # a root's $id, nested below it no more
+        f"#/items/anyOf/{k}/properties/parameters")}, "required": ["name", "parameters"]}
         for name, (k, parameters) in tools.items()]
     calls = {"type": "array", "minItems": 1, "items": {"anyOf": items}}
     if not _field(body, "parallel_tool_calls", (bool,), True):
