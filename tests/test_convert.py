@@ -522,6 +522,34 @@ def test_convert_command(tmp_path, capsys):
     assert (tmp_path / "back" / "tokenization_internlm2.py").exists()
 
 
+def test_tokenizer_code_that_tokenizer_config_names_and_the_folder_lacks_is_told_where_to_get_it(tmp_path, capsys):
+    """An InternLM2 folder whose tokenizer_config.json's auto_map names tokenization_internlm2*.py it does not hold
+    (downloaded without its .py files) converted without a word: AutoTokenizer.from_pretrained(...,
+    trust_remote_code=True), which the official code and transformers load the tokenizer with, then fails on the
+    missing file. Both ways the command says which files to add and how; a folder holding them gets no note."""
+    src = official_folder(tmp_path / "src", "internlm2")
+    tokenizer_config = json.loads((src / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer",
+                                                      "tokenization_internlm2_fast.InternLM2TokenizerFast"]}
+    (src / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    assert convert_command(str(src), str(tmp_path / "hf"), to="hf") == 0
+    out = capsys.readouterr().out
+    assert (f"note: {tmp_path / 'hf'} has no tokenization_internlm2.py, tokenization_internlm2_fast.py. This package "
+            "does not need them; AutoTokenizer.from_pretrained(..., trust_remote_code=True) does. Add the .py files "
+            "of the matching hub repo:\n  hf download OpenGVLab/InternVL2_5-SIZE-MPO --include \"tokenization_*.py\" "
+            f"--local-dir {tmp_path / 'hf'}\n") in out
+    assert convert_command(str(tmp_path / "hf"), str(tmp_path / "back"), to="official") == 0
+    out = capsys.readouterr().out
+    assert ("has no configuration_internvl_chat.py, modeling_internvl_chat.py, tokenization_internlm2.py, "
+            "tokenization_internlm2_fast.py. This package does not need them; the official code "
+            "(AutoModel.from_pretrained(..., trust_remote_code=True)) and AutoTokenizer.from_pretrained(..., "
+            "trust_remote_code=True) do.") in out
+    for name in ("tokenization_internlm2.py", "tokenization_internlm2_fast.py"):
+        (src / name).write_text("# the official tokenizer code\n")
+    assert convert_command(str(src), str(tmp_path / "hf2"), to="hf") == 0
+    assert "note" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("held", [True, False])
 def test_an_internlm2_folder_without_tokenizer_model_is_told_where_to_get_it(tmp_path, capsys, held):
     """transformers saves an InternLM2 tokenizer as tokenizer.json only; `--to official` from such a folder

@@ -47,7 +47,8 @@ official -> hf -> official gives back the official template, not transformers'. 
 form, image items as `<image>`, the placeholder the official chat() writes and vLLM expands; another
 template (a hub `-hf` port's) is kept. To the official layout, the official remote code
 (`auto_map`: modeling_internvl_chat.py and the files it imports) is not written: OpenGVLab's code
-is not ours to ship; `remote_code_note` says where to get it.
+is not ours to ship; `remote_code_note` says where to get it, and (both ways) where to get tokenizer code
+that tokenizer_config.json's `auto_map` names and the source lacked.
 """
 
 from __future__ import annotations
@@ -753,16 +754,28 @@ def _family_key(config: ModelConfig) -> tuple[int, int, int]:
 
 
 def remote_code_note(folder: str | Path) -> str | None:
-    """What to add so that the official remote code loads an official-layout folder, or None if it has
-    the files its config.json's auto_map names."""
+    """What to add so that trust_remote_code loading reads `folder` (the official layout, or transformers' from
+    `--to hf`), or None: the .py files that the auto_map of its config.json (the official model) or of its
+    tokenizer_config.json (InternLM2's tokenizer) names and it lacks."""
     folder = Path(folder)
-    missing = [f for f in companions.auto_map_files(_read_json(folder / "config.json").get("auto_map") or {})
-               if not (folder / f).is_file()]
+    config = _read_json(folder / "config.json")
+    tokenizer = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    needs, missing = [], []
+    for settings, loader in ((config, "the official code (AutoModel.from_pretrained(..., trust_remote_code=True))"),
+                             (tokenizer, "AutoTokenizer.from_pretrained(..., trust_remote_code=True)")):
+        auto_map = settings.get("auto_map") if isinstance(settings, dict) else None
+        absent = [f for f in companions.auto_map_files(auto_map if isinstance(auto_map, dict) else {})
+                  if not (folder / f).is_file() and f not in missing]
+        if absent:
+            needs.append(loader)
+            missing += absent
     if not missing:
         return None
-    return (f"note: {folder} has no {', '.join(missing)}. This package does not need them; the official code "
-            f"(AutoModel.from_pretrained(..., trust_remote_code=True)) does. Add the .py files of the matching "
-            f"hub repo:\n  {_download(folder, ModelConfig.from_json(folder), '*.py')}")
+    model = config_from_hf(config) if config.get("model_type") == "internvl" else ModelConfig.from_json(folder)
+    pattern = "tokenization_*.py" if all(f.startswith("tokenization_") for f in missing) else "*.py"
+    return (f"note: {folder} has no {', '.join(missing)}. This package does not need them; {' and '.join(needs)} "
+            f"{'do' if len(needs) > 1 else 'does'}. Add the .py files of the matching hub repo:\n"
+            f"  {_download(folder, model, pattern)}")
 
 
 def tokenizer_note(folder: str | Path) -> str | None:
@@ -798,7 +811,7 @@ def convert_command(src: str, dst: str, *, to: str) -> int:
     """
     out = convert(src, dst, to)
     print(f"wrote {out} ({'transformers' if to == 'hf' else 'official'} layout)")
-    for note in (remote_code_note(out), tokenizer_note(out)) if to == "official" else ():
+    for note in (remote_code_note(out), tokenizer_note(out) if to == "official" else None):
         if note:
             print(note)
     return 0
