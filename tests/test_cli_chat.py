@@ -1091,6 +1091,30 @@ def test_interactive_images_too_many_for_the_context_say_reset_drops_them(folder
     assert len(err) == 4  # the question after /reset is answered
 
 
+
+def test_interactive_reset_is_not_offered_where_the_question_alone_is_too_long(folder, tmp_path, monkeypatch, capsys):
+    """A question too long for the context even alone was told "/reset starts over without the images" beside its
+    images, and "earlier turns count: /reset starts over" after a turn, where /reset does not help."""
+    import io
+    import shutil
+    from pathlib import Path
+
+    from internvl_mpo import cli_chat
+
+    small = Path(shutil.copytree(folder, tmp_path / "small"))
+    config = json.loads((small / "config.json").read_text())
+    text_only = len(InternVLChat.from_pretrained(folder).prepare("Hi?").prompt_ids)
+    config["llm_config"]["max_position_embeddings"] = text_only + 4  # room for "Hi?", not for the long question
+    (small / "config.json").write_text(json.dumps(config))
+    long = "Tell me about " + "the big red square and " * 8 + "nothing else."
+    image = folder.parent / "red.png"
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"Hi?\n{long}\n/image {image}\n{long}\n"))
+    assert cli_chat.chat(model=str(small), device="cpu", max_new_tokens=2) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[1].startswith("error: prompt is") and err[1].endswith(f"at most {text_only + 3}"), err
+    assert err[3].startswith("error: prompt is") and err[3].endswith(" tokens"), err  # "without its images it is N"
+    assert len(err) == 4
+
 def test_help_lists_commands():
     out = cli("--help")
     assert out.returncode == 0 and "chat" in out.stdout and "generate" in out.stdout

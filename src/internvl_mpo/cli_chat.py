@@ -264,7 +264,7 @@ def chat(
             history.append((prepared.question, _answer(bot, prepared, params)))
         except InputError as e:
             way_out = ""
-            if isinstance(e, PromptTooLongError) and (history or images):
+            if isinstance(e, PromptTooLongError) and (history or images) and _fits_alone(bot, line, system):
                 way_out = " (earlier turns count: /reset starts over)" if history else \
                     " (/reset starts over without the images)"
             print(f"error: {flagged(e, chat)}{way_out}", file=sys.stderr)
@@ -272,6 +272,15 @@ def chat(
             print()
             print("(interrupted; that question is left out of the conversation)", file=sys.stderr)
 
+
+def _fits_alone(bot, question: str, system: str | None) -> bool:
+    """Whether `question` alone, without the conversation's turns and images, fits the model's context: only
+    then does /reset, which drops them, help a question too long for it."""
+    try:
+        bot.check_prompt(question, None, [], system)
+    except PromptTooLongError:
+        return False
+    return True
 
 def _utf8(text: str, what: str) -> str:
     """`text` from the command line or the terminal, refused where its bytes were not UTF-8: Python reads each
