@@ -405,3 +405,19 @@ def test_a_tool_s_parameters_with_a_root_id_are_served_named_and_required():
             for byte in (text % value).encode():
                 state = state and schema.advance(state, byte)
             assert bool(state and schema.complete(state)) == taken, (choice, value)
+
+
+def test_parameters_without_a_type_hold_the_arguments_to_an_object():
+    """`parameters: {}` (or properties without `type`) is an object's schema: the arguments are a JSON object, never
+    another JSON value (`7`, `"x"`) that no client can call a function with; named and "required" alike."""
+    from internvl_mpo.generate import json_schema as js
+    for parameters in ({}, {"properties": {"x": {"type": "integer"}}}, {"description": "no arguments"}):
+        tools = [{"type": "function", "function": {"name": "g", "parameters": parameters}}]
+        for choice, text in (({"type": "function", "function": {"name": "g"}}, "%s"),
+                             ("required", '[{"name": "g", "parameters": %s}]')):
+            schema = js.compile_schema(parse(tools=tools, tool_choice=choice).params.json_schema)
+            for value, taken in (("{}", True), ("7", False), ('"x"', False), ("[]", False)):
+                state = schema.initial
+                for byte in (text % value).encode():
+                    state = state and schema.advance(state, byte)
+                assert bool(state and schema.complete(state)) == taken, (parameters, choice, value)

@@ -557,6 +557,8 @@ def _tools(body: dict) -> dict[str, tuple[int, dict]]:
             raise ApiError(400, f"{where}.function.parameters must be the JSON schema of an object ({{'type': "
                                 f"'object', 'properties': {{...}}}}), got {json.dumps(parameters)[:80]}",
                            f"{where}.function.parameters")
+        elif not parameters.keys() & {"type", "$ref", "anyOf", "oneOf", "allOf", "enum", "const"}:
+            parameters = {"type": "object", **parameters}  # `{}` too: a function's arguments are an object
         named[_unicode(name, f"{where}.function.name")] = (k, parameters)
     return named
 
