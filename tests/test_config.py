@@ -88,7 +88,7 @@ def write(tmp_path, change):
         (lambda d: d.update(quantization_config={"quant_method": "awq", "bits": 4, "group_size": 128}),
          r"quantization_config \(quant_method 'awq'\): quantized weights are not implemented; .*without -AWQ"),
         (lambda d: d["llm_config"].update(quantization_config={"quant_method": "fp8"}),
-         r"llm_config.quantization_config \(quant_method 'fp8'\)"),
+         r"llm_config.quantization_config \(quant_method 'fp8'\): .*the unquantized release$"),
     ],
 )
 def test_unsupported_settings_are_refused(tmp_path, change, message):

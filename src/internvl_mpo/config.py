@@ -346,8 +346,9 @@ class ModelConfig:
             quant = section.get("quantization_config")
             if quant:  # AWQ (OpenGVLab's -AWQ repos, lmdeploy), GPTQ, FP8: packed integer weights and scales
                 method = quant.get("quant_method") if isinstance(quant, dict) else quant
+                release = " (the repo name without -AWQ)" if str(method).lower() == "awq" else ""
                 raise ConfigError(f"{where}quantization_config (quant_method {method!r}): quantized weights are not "
-                                  "implemented; use the unquantized release (the repo name without -AWQ)")
+                                  f"implemented; use the unquantized release{release}")
         if "template" not in d:  # the official model looks its conversation template up by this name
             raise ConfigError("config.json has no template (the conversation format, \"internvl2_5\" for "
                               "InternVL2.5): the official model cannot be built without one")
