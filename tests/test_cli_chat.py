@@ -1292,6 +1292,75 @@ def test_the_command_line_starts_without_torch_and_ctrl_c_while_importing_is_qui
     assert cli_module.main(["chat", "hi"]) == 130
 
 
+CTRL_C_WHILE_LOADING = """
+import sys, time, types
+from internvl_mpo.cli import main
+from internvl_mpo.pipeline import InternVLChat
+from internvl_mpo.train import mpo
+
+def loading(*args, **kwargs):  # a model load that lasts until Ctrl-C
+    print("loading", file=sys.stderr, flush=True)
+    time.sleep(300)
+
+def answering(*args, **kwargs):  # an answer, cut short by Ctrl-C: chat ends its line itself
+    print("answering", file=sys.stderr, flush=True)
+    time.sleep(300)
+
+InternVLChat.from_pretrained = mpo.load_initial_model = staticmethod(loading)
+for command in COMMANDS:
+    if command == ["chat", "answer"]:
+        InternVLChat.from_pretrained = staticmethod(lambda *args, **kwargs: types.SimpleNamespace(prepare=answering))
+    print("rc", main(command), file=sys.stderr, flush=True)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_ctrl_c_while_the_model_loads_ends_the_terminal_line(folder, tmp_path):
+    """Ctrl-C at a terminal while a command's model loaded exited 130 with the terminal's ^C (or a progress bar)
+    as the last thing on the line: the shell's prompt came after it. The line is ended; where the command prints a
+    line of its own at Ctrl-C (train's, chat's cut answer), no second, empty one follows."""
+    import os
+    import pty
+    import select
+    import signal
+
+    requests, bench, sft = tmp_path / "requests.jsonl", tmp_path / "bench.jsonl", tmp_path / "sft.jsonl"
+    requests.write_text(json.dumps({"id": 1, "question": "hi"}) + "\n")
+    sft.write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]})
+                   + "\n")
+    bench.write_text(json.dumps({"id": 1, "image": str(folder.parent / "red.png"), "question": "Which?",
+                                 "options": {"A": "red", "B": "blue"}, "answer": "A"}) + "\n")
+    commands = [["chat", "hi"], ["generate", "--input", str(requests), "--output", str(tmp_path / "a.jsonl")],
+                ["eval", "--data", str(bench), "--output", str(tmp_path / "eval")],
+                ["pairs", "correctness", "--model", str(folder), "--input", str(bench), "--output", str(tmp_path / "p")],
+                ["serve", "--port", "0"], ["chat", "answer"],
+                ["train", "sft", "--model", str(folder), "--data", str(sft), "--output", str(tmp_path / "t")]]
+    pid, terminal = pty.fork()
+    if pid == 0:  # the command, on a terminal of its own (Ctrl-C as a foreground command gets it)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.execv(sys.executable, [sys.executable, "-c", f"COMMANDS = {commands!r}\n{CTRL_C_WHILE_LOADING}"])
+    shown, typed = b"", 0
+    try:
+        while True:
+            ready, _, _ = select.select([terminal], [], [], 120)
+            assert ready, shown
+            try:
+                chunk = os.read(terminal, 4096)
+            except OSError:  # the command exited
+                break
+            if not chunk:
+                break
+            shown += chunk
+            if shown.count(b"loading\r\n") + shown.count(b"answering\r\n") > typed:
+                os.write(terminal, b"\x03")  # Ctrl-C, typed at the terminal
+                typed += 1
+    finally:
+        os.waitpid(pid, 0)
+    assert shown.decode() == "".join(f"{step}\r\n^C\r\nrc 130\r\n" for step in ["loading"] * 5 + ["answering"]) + (
+        "loading\r\n^Cinternvl-mpo train: interrupted by Ctrl-C; no checkpoint was saved: run the same command with "
+        "--resume to start over\r\nrc 130\r\n")
+
+
 def test_chat_and_generate_default_to_cuda_when_it_is_there(folder, tmp_path, monkeypatch):
     """As pairs, eval, serve and train do: a GPU machine does not quietly run the model on the CPU."""
     import torch

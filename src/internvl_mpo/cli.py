@@ -130,9 +130,13 @@ def _resolve(name: str):
 def _summary(name: str) -> str:
     """The first line of a command's docstring, read from its source: importing the command's module
     (torch, the trainer, the web stack) would make `--help` take seconds."""
+    return (ast.get_docstring(_command_node(name)) or "").splitlines()[0]
+
+
+def _command_node(name: str) -> ast.FunctionDef:
+    """The parsed source of a command's function."""
     module, _, func = COMMANDS[name].partition(":")
-    node = next(n for n in _module_tree(module).body if isinstance(n, ast.FunctionDef) and n.name == func)
-    return (ast.get_docstring(node) or "").splitlines()[0]
+    return next(n for n in _module_tree(module).body if isinstance(n, ast.FunctionDef) and n.name == func)
 
 
 @functools.cache
@@ -147,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:  # also while a command's modules (torch) are still importing
+        _end_line()
         return 130
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
@@ -197,9 +202,42 @@ def _main(argv: list[str] | None) -> int:
         print(f"internvl-mpo {name}: error: out of memory{f' ({e})' if str(e) else ''}: this machine could not "
               "allocate what the command needed", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if not _said_by_command(e, fn, name):
+            _end_line()
         return 130
     return int(result or 0)
+
+
+def _end_line() -> None:
+    """End the line at Ctrl-C: a terminal shows ^C where its cursor is (after a progress bar, say), and a command
+    stopped without a line of its own (while its model loads) left the shell's prompt there."""
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+
+
+def _said_by_command(interrupt: KeyboardInterrupt, fn, name: str) -> bool:
+    """Whether Ctrl-C came through a handler of command `fn` (a `try` in its body with an `except
+    KeyboardInterrupt`), which prints the command's own line (eval's answers kept, chat's answer cut short), or
+    through uvicorn (`serve`), which logs its shutdown line by line and then raises the Ctrl-C again."""
+    line = None
+    trace = interrupt.__traceback__
+    while trace is not None:
+        if trace.tb_frame.f_globals.get("__name__", "").startswith("uvicorn."):
+            return True
+        if trace.tb_frame.f_code is fn.__code__:
+            line = trace.tb_lineno  # where the command's own code was
+        trace = trace.tb_next
+    return line is not None and any(
+        isinstance(node, ast.Try) and node.body[0].lineno <= line <= node.body[-1].end_lineno
+        and any(_catches_interrupt(handler) for handler in node.handlers)
+        for node in ast.walk(_command_node(name)))
+
+
+def _catches_interrupt(handler: ast.ExceptHandler) -> bool:
+    """Whether an `except` clause catches KeyboardInterrupt (by name, alone or in a tuple, or a bare `except:`)."""
+    return handler.type is None or any(isinstance(n, ast.Name) and n.id == "KeyboardInterrupt"
+                                       for n in ast.walk(handler.type))
 
 
 def flagged(error: Exception, fn) -> Exception:
