@@ -492,6 +492,10 @@ def test_decompression_bomb_refused_without_pillow_warning(tmp_path):
             open_image(just_over)
         with pytest.raises(InputError, match="huge.png.*decompression bomb"):
             open_image(far_over)
+        # under the caller's limit, Pillow's warning is still an error by those filters: the message says so
+        with pytest.raises(InputError, match=r"bomb.png: over PIL.Image.MAX_IMAGE_PIXELS \(89478485 pixels\), and the "
+                                             "warning filters make Pillow's DecompressionBombWarning an error"):
+            open_image(just_over, max_pixels=100_000_000)
 
 
 def test_an_image_pillow_refuses_unopened_names_the_callers_limit(tmp_path):
