@@ -396,3 +396,17 @@ def test_byte_runs_stand_for_their_bytes():
                 if after is not None and after not in seen:
                     seen.add(after)
                     todo.append(after)
+
+
+def test_where_only_an_ordinary_stop_id_can_write_what_comes_next_it_alone_ends_the_answer():
+    """choice ["a"] with the id of `a` among the stop ids: no token but that one can write the answer, so it ends
+    there unfinished, by that id (the server's stop_reason names it, as vLLM, which takes it as a stop wherever it
+    is sampled, reports it), not by the end of turn, which would look like an answer the constraint ended; once
+    complete, every stop id ends it; a vocabulary that cannot go on at all ends it by any stop id."""
+    vocabulary = jm.JsonVocabulary([b"a", b"b", b"ab"], 5)  # 3: the end of turn, 4: another special token
+    constraint = automaton.AutomatonConstraint(vocabulary, compile_regex(choice_pattern(["a"])))
+    assert constraint.allowed([3, 0]).tolist() == [True, False, False, False, False]
+    constraint.advance(0)
+    assert constraint.allowed([3, 0]).tolist() == [True, False, False, True, False]
+    stuck = automaton.AutomatonConstraint(vocabulary, compile_regex("c"))
+    assert stuck.allowed([3, 4]).tolist() == [False, False, False, True, True]

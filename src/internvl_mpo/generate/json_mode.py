@@ -457,12 +457,17 @@ class JsonConstraint:
 
     def allowed(self, stop_ids) -> numpy.ndarray:
         """The mask (vocabulary size,) of the next token: the ids that keep the output a valid prefix, or the
-        stop ids alone once the value is complete (or where no other token could follow)."""
+        stop ids alone once the value is complete. Where no other token could follow, the answer ends unfinished:
+        by the ordinary stop ids whose text would continue it where there are some (what it needed next, so that
+        the stop reason names the id that cut it, as vLLM, which takes such a token as a stop wherever it is
+        sampled, ends it), else by any stop id."""
         mask = self._mask()
         stops = [i for i in stop_ids if i < mask.shape[0]]
         mask[stops] = self.complete
         if not mask.any():
-            mask[stops] = True
+            pieces = self.vocabulary.pieces
+            spelling = [i for i in stops if i < len(pieces) and pieces[i] and self._after(pieces[i]) is not None]
+            mask[spelling or stops] = True
         return mask
 
     def advance(self, token: int) -> None:
