@@ -42,6 +42,7 @@ TEXT_ALPHABET = "ab1 _\n\té€😀.-Z\U0010ffff"
     ("a$b|c", ["c"], ["ab", "a$b"]),
     ("[\\b]", ["\b"], ["b"]),
     ("", [""], ["a"]),
+    (r"\U0001F642[\U00000061-\U00000063]", ["🙂a", "🙂c"], ["🙂d", "a"]),  # Python's \U: eight hex digits
 ])
 def test_hand_cases_match_as_python_fullmatch(pattern, taken, refused):
     regex = compile_regex(pattern)
@@ -92,6 +93,8 @@ def test_excluded_characters_never_appear():
     ("*a", "repeats nothing"), ("a**", "repeats a repetition"), ("^*", "after an anchor"), (r"\q", r"escape \q"),
     ("[]a]", "']' first in a class"), ("a{,3}", "does not begin a repetition"), ("a{x}", "'{'"),
     ("[z-a]", "bad range z-a"), (r"[\d-z]", "bad range"), (r"\x4", r"\x4 at position 0 needs 2 hex digits"),
+    (r"\U1F642", r"\U1F642 at position 0 needs 8 hex digits"), (r"\U00110000", "is past U+10FFFF"),
+    (r"\U0000D83D\uDE00", "lone surrogate U+D83D"),
     ("\\", "backslash at position 0 ends the regex"), ("(?P<1>a)", "group name '1'"), ("(?P<x>a)(?<x>b)", "'x'"),
     ("\ud800", "lone surrogate U+D800"), (r"\ud800", "lone surrogate"), ("(?#c)", "comment"),
     ("(" * 101 + ")" * 101, "nested more than 100 deep"), ("(?:.{1000}){20}", "the regex is too large"),

@@ -194,15 +194,18 @@ class _Parser(TreeParser):
             return ranges if c.islower() else complement(ranges)
         if c in ESCAPES:
             return ESCAPES[c]
-        if c in ("x", "u"):
-            digits = self.text[self.pos: self.pos + (2 if c == "x" else 4)]
-            if len(digits) < (2 if c == "x" else 4) or not all(d in HEX for d in digits):
-                raise self.refuse(f"the escape \\{c}{digits}", start, f"needs {2 if c == 'x' else 4} hex digits")
+        if c in ("x", "u", "U"):  # \U: Python's, eight digits
+            wanted = {"x": 2, "u": 4, "U": 8}[c]
+            digits = self.text[self.pos: self.pos + wanted]
+            if len(digits) < wanted or not all(d in HEX for d in digits):
+                raise self.refuse(f"the escape \\{c}{digits}", start, f"needs {wanted} hex digits")
             self.pos += len(digits)
             code = int(digits, 16)
+            if code > MAX_CODE:
+                raise self.refuse(f"the escape \\{c}{digits}", start, f"is past U+{MAX_CODE:X}")
             low = self.text[self.pos: self.pos + 6]
-            if 0xD800 <= code <= 0xDBFF and len(low) == 6 and low[:2] == "\\u" and all(d in HEX for d in low[2:]) \
-                    and 0xDC00 <= int(low[2:], 16) <= 0xDFFF:  # a surrogate pair's escapes: one code point
+            pair = c == "u" and len(low) == 6 and low[:2] == "\\u" and all(d in HEX for d in low[2:])
+            if pair and 0xD800 <= code <= 0xDBFF and 0xDC00 <= int(low[2:], 16) <= 0xDFFF:  # a surrogate pair: one
                 self.pos += 6
                 return 0x10000 + ((code - 0xD800) << 10) + int(low[2:], 16) - 0xDC00
             return self.code_point(chr(code), start)
