@@ -184,20 +184,24 @@ def _open_file(path: str | os.PathLike, name: str) -> BinaryIO:
 @contextlib.contextmanager
 def _holding_warnings() -> Iterator[list[warnings.WarningMessage]]:
     """The warnings this thread shows inside the block, held in the list yielded instead of shown (another thread's
-    pass). They are taken at `warnings._showwarnmsg`, the hook a warning goes through once the filters let it be
-    shown; catch_warnings would replace the filter list, and any change to it makes Python forget which warnings it
-    has shown: every module's "once per place" warnings would show again after each image."""
-    show, opener, held = warnings._showwarnmsg, threading.get_ident(), []
+    pass). They are taken at `warnings.showwarning`, the function Python documents as the one to replace to handle
+    the warnings its filters let through; catch_warnings would replace the filter list, and any change to it makes
+    Python forget which warnings it has shown: every module's "once per place" warnings would show again after
+    each image."""
+    show, opener, held = warnings.showwarning, threading.get_ident(), []
 
-    def hold(message: warnings.WarningMessage) -> None:
-        (held.append if threading.get_ident() == opener else show)(message)
+    def hold(message, category, filename, lineno, file=None, line=None) -> None:
+        if threading.get_ident() == opener:
+            held.append(warnings.WarningMessage(message, category, filename, lineno, file, line))
+        else:
+            show(message, category, filename, lineno, file, line)
 
     with _quiet_open:
-        warnings._showwarnmsg = hold
+        warnings.showwarning = hold
         try:
             yield held
         finally:
-            warnings._showwarnmsg = show
+            warnings.showwarning = show
 
 
 def _pillows_pixels(error: Exception) -> int | None:
@@ -245,7 +249,8 @@ def _open_pil(src: BinaryIO | bytes | bytearray, name: str, max_pixels: int | No
         raise InputError(f"{name}: cannot read image header: {e}") from None
     for warning in held:  # let through by the filters already (Python's default: once a place)
         if not issubclass(warning.category, Image.DecompressionBombWarning):
-            warnings._showwarnmsg(warning)
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno, warning.file,
+                                 warning.line)
     return image
 
 
