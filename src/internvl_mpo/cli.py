@@ -130,13 +130,9 @@ def _resolve(name: str):
 def _summary(name: str) -> str:
     """The first line of a command's docstring, read from its source: importing the command's module
     (torch, the trainer, the web stack) would make `--help` take seconds."""
-    return (ast.get_docstring(_command_node(name)) or "").splitlines()[0]
-
-
-def _command_node(name: str) -> ast.FunctionDef:
-    """The parsed source of a command's function."""
     module, _, func = COMMANDS[name].partition(":")
-    return next(n for n in _module_tree(module).body if isinstance(n, ast.FunctionDef) and n.name == func)
+    node = next(n for n in _module_tree(module).body if isinstance(n, ast.FunctionDef) and n.name == func)
+    return (ast.get_docstring(node) or "").splitlines()[0]
 
 
 @functools.cache
@@ -185,7 +181,7 @@ def _main(argv: list[str] | None) -> int:
     for key, value in args.items():  # the words back; repeatable flags not given -> the function's default
         value = [words.get(v, v) for v in value] if isinstance(value, list) else words.get(value, value)
         args[key] = inspect.signature(fn).parameters[key].default if value is None else value
-    from .errors import InternVLError
+    from .errors import InternVLError, Interrupted
 
     positional = []
     for p in inspect.signature(fn).parameters.values():
@@ -203,7 +199,7 @@ def _main(argv: list[str] | None) -> int:
               "allocate what the command needed", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        if not _said_by_command(e, fn, name):
+        if not isinstance(e, Interrupted):
             _end_line()
         return 130
     return int(result or 0)
@@ -214,30 +210,6 @@ def _end_line() -> None:
     stopped without a line of its own (while its model loads) left the shell's prompt there."""
     if sys.stderr.isatty():
         print(file=sys.stderr)
-
-
-def _said_by_command(interrupt: KeyboardInterrupt, fn, name: str) -> bool:
-    """Whether Ctrl-C came through a handler of command `fn` (a `try` in its body with an `except
-    KeyboardInterrupt`), which prints the command's own line (eval's answers kept, chat's answer cut short), or
-    through uvicorn (`serve`), which logs its shutdown line by line and then raises the Ctrl-C again."""
-    line = None
-    trace = interrupt.__traceback__
-    while trace is not None:
-        if trace.tb_frame.f_globals.get("__name__", "").startswith("uvicorn."):
-            return True
-        if trace.tb_frame.f_code is fn.__code__:
-            line = trace.tb_lineno  # where the command's own code was
-        trace = trace.tb_next
-    return line is not None and any(
-        isinstance(node, ast.Try) and node.body[0].lineno <= line <= node.body[-1].end_lineno
-        and any(_catches_interrupt(handler) for handler in node.handlers)
-        for node in ast.walk(_command_node(name)))
-
-
-def _catches_interrupt(handler: ast.ExceptHandler) -> bool:
-    """Whether an `except` clause catches KeyboardInterrupt (by name, alone or in a tuple, or a bare `except:`)."""
-    return handler.type is None or any(isinstance(n, ast.Name) and n.id == "KeyboardInterrupt"
-                                       for n in ast.walk(handler.type))
 
 
 def flagged(error: Exception, fn) -> Exception:

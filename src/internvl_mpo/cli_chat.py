@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import CheckpointError, ConfigError, InputError, PromptTooLongError, SettingError
+from .errors import CheckpointError, ConfigError, InputError, Interrupted, PromptTooLongError, SettingError
 
 if TYPE_CHECKING:
     from .checkpoint import Weights
@@ -210,7 +210,7 @@ def chat(
                                      **inputs), params)
         except KeyboardInterrupt:
             print()  # the shell's prompt on a line of its own, not after the answer cut short
-            raise
+            raise Interrupted from None
         return 0
     history: list[tuple[str, str]] = []
     commands = "/image FILE adds an image, /reset starts over, /exit quits, /help shows this list"
@@ -226,7 +226,7 @@ def chat(
             if sys.stdin.isatty():
                 print()  # the shell's prompt on a line of its own, not after "> "
             if isinstance(stop, KeyboardInterrupt):
-                raise
+                raise Interrupted from None
             return 0
         if not line:
             continue
@@ -460,7 +460,7 @@ def generate(
                 else:
                     said = f"before any of {len(requests)} requests was answered; nothing was written to {out}"
                 print(f"internvl-mpo generate: interrupted {said}", file=sys.stderr)
-                raise
+                raise Interrupted from None
         with writing(out, KEPT):
             rewrite_in_order(out, [item["id"] for item in requests])  # answers were written as they finished
         return 0

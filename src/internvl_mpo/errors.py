@@ -59,3 +59,8 @@ class PromptTooLongError(SettingError):
 
 class TrainingError(InternVLError, RuntimeError):
     """A training run that cannot go on (its loss diverged)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, raised on by a command after it said so in a line of its own (what was kept, what to run next): the
+    command line then adds no line end of its own."""

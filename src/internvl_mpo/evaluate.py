@@ -66,7 +66,7 @@ from internvl_mpo.answers import (
     normalize_options,
 )
 from internvl_mpo.chat.template import IMAGE_PLACEHOLDER
-from internvl_mpo.errors import InputError, SettingError
+from internvl_mpo.errors import InputError, Interrupted, SettingError
 from internvl_mpo.filestamp import stamps, unchanged
 from internvl_mpo.jsonl import check_input_file, read_objects, refuse_misspelt_fields
 from internvl_mpo.locks import check_not_in_use
@@ -596,7 +596,7 @@ def eval_(
                          items, progress)
     except KeyboardInterrupt:  # the progress bar is closed: the line goes below it
         print(interrupted("eval", out / "predictions.jsonl", "answer"), file=sys.stderr)
-        raise
+        raise Interrupted from None
     for failure in score["failed"]:
         print(f"failed (counted wrong) {failure}")
     print(format_table(score))

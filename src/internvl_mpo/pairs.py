@@ -76,7 +76,7 @@ from internvl_mpo.answers import (
     options_text,
 )
 from internvl_mpo.chat.template import IMAGE_PLACEHOLDER, add_image_prefix
-from internvl_mpo.errors import ConfigError, InputError, PromptTooLongError, SettingError
+from internvl_mpo.errors import ConfigError, InputError, Interrupted, PromptTooLongError, SettingError
 from internvl_mpo.filestamp import stamps, unchanged
 from internvl_mpo.jsonl import read_objects, refuse_misspelt_fields
 from internvl_mpo.locks import check_not_in_use
@@ -761,7 +761,7 @@ def pairs(
             stats = make_dropout_ntp_pairs(input, output, generator.continue_prefix, settings, items, progress)
     except KeyboardInterrupt:  # the progress bar is closed: the line goes below it
         print(interrupted("pairs", Path(output) / "progress.jsonl", "finished item"), file=sys.stderr)
-        raise
+        raise Interrupted from None
     for failure in stats.failed:
         print(f"skipped {failure}")
     print(stats.summary())

@@ -13,7 +13,7 @@ import signal
 import socket
 
 from ..devices import default_device
-from ..errors import ConfigError
+from ..errors import ConfigError, Interrupted
 from ..pipeline import InternVLChat
 from ..processor.image import let_pillow_open
 from .app import create_app
@@ -328,4 +328,7 @@ def serve(
     # and /health waiting, came every few seconds of a big logprob answer); the garbage among them is collected first
     gc.collect()
     gc.freeze()
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # raised again by uvicorn once it logged its shutdown, a line each
+        raise Interrupted from None

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from internvl_mpo.errors import InputError
+from internvl_mpo.errors import InputError, Interrupted
 
 
 def train(
@@ -137,7 +137,7 @@ def train(
         kept = (f"the steps after {last} were not saved: run the same command with --resume to go on from it"
                 if last else "no checkpoint was saved: run the same command with --resume to start over")
         print0(f"internvl-mpo train: interrupted by Ctrl-C; {kept}", file=sys.stderr)
-        raise
+        raise Interrupted from None
     done = f"trained {count(result.steps, 'step')}"
     if result.resumed_after == result.steps:  # a checkpoint of the last step: only final/ was written again
         done = f"resumed after the last step, {result.steps}: no step left to train"
