@@ -1244,3 +1244,32 @@ print(rss_file() - before)
 """
     grown = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
     assert grown < 64, f"RssFile grew by {grown} MB for a 256 MB weight"
+
+
+def test_whole_tensor_read_through_a_view_that_takes_no_ellipsis(tmp_path):
+    """safetensors before 0.8 refuses `view[...]` (a TypeError from its argument parsing), which reading a
+    whole tensor used: on safetensors 0.4 - 0.7 no checkpoint loaded. It reads `view[:]`, which all take."""
+    from safetensors.torch import save_file
+
+    from internvl_mpo.checkpoint import LazyTensor
+
+    class NoEllipsis:  # safetensors 0.4 - 0.7's slice object
+        def __init__(self, view):
+            self.view = view
+
+        def get_shape(self):
+            return self.view.get_shape()
+
+        def __getitem__(self, index):
+            if index is ... and self.get_shape() or isinstance(index, tuple) and ... in index:
+                raise TypeError("argument 'slices': 'ellipsis' object cannot be converted to 'PySlice'")
+            return self.view[index]
+
+    file = tmp_path / "w.safetensors"
+    w, b = torch.randn(3, 5), torch.randn(4)
+    save_file({"w": w, "b": b}, str(file))
+    with safe_open(str(file), "pt") as handle:
+        for key, value in (("w", w), ("b", b)):
+            lazy = LazyTensor(file, key, NoEllipsis(handle.get_slice(key)))
+            assert torch.equal(lazy.read(), value) and torch.equal(lazy.read(dtype=torch.float64), value.double())
+            assert torch.equal(lazy[1:3], value[1:3])

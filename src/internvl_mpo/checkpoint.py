@@ -328,11 +328,12 @@ class LazyTensor:
         inf is a `CheckpointError`; a value past a narrower dtype's range (float16's largest is 65504), which became
         inf there (and the logits NaN), an `InputError`."""
         try:
-            source = self.view[index]
+            whole = index is ...  # safetensors before 0.8 refuses the Ellipsis: `[:]` where the tensor has rows
+            source = self.view[slice(None) if whole and self.view.get_shape() else index]
         except SafetensorError as e:
             raise CheckpointError(f"{self.file}: tensor {self.key} is corrupt ({e})") from None
         out = source.to(device=device, dtype=dtype)
-        if index is ... and self.start is not None and out.data_ptr() == source.data_ptr():
+        if whole and self.start is not None and out.data_ptr() == source.data_ptr():
             finite = _finite_in_file(self.file, self.start, out)  # `out` is the mapping itself: left untouched
         else:
             finite = _finite(out)
