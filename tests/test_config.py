@@ -53,7 +53,7 @@ def write(tmp_path, change):
         (lambda d: d.update(use_llm_lora=16), r"use_llm_lora=16: .*unmerged .*tools/merge_lora.py"),
         (lambda d: d.update(use_backbone_lora=8), r"use_backbone_lora=8: .*unmerged .*tools/merge_lora.py"),
         (lambda d: d.update(model_type="internvl"),
-         r"transformers' native InternVL layout.*internvl-mpo convert --to official SRC DST"),
+         r"transformers' native InternVL layout.*internvl-mpo convert --to official <this checkpoint> <a new folder>$"),
         (lambda d: d["llm_config"].update(num_key_value_heads=0), "llm_config.num_key_value_heads is 0, not >= 1"),
         (lambda d: d["vision_config"].update(num_attention_heads=0), "vision_config.num_attention_heads is 0, not >= 1"),
         (lambda d: d["vision_config"].update(patch_size=-14), "vision_config.patch_size is -14, not >= 1"),

@@ -331,7 +331,8 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         if d.get("model_type") == "internvl":
             raise ConfigError("model_type 'internvl' is transformers' native InternVL layout (an -hf checkpoint); "
-                              "convert it to the official layout first: internvl-mpo convert --to official SRC DST")
+                              "convert it to the official layout first: "
+                              "internvl-mpo convert --to official <this checkpoint> <a new folder>")
         if d.get("model_type") not in (None, "internvl_chat"):
             raise ConfigError(f"model_type {d.get('model_type')!r} is not an InternVL chat checkpoint")
         for key in ("vision_config", "llm_config"):
