@@ -2444,6 +2444,8 @@ def test_a_port_out_of_range_is_refused_before_the_model_loads():
     ("header_timeout", 0, "--header-timeout must be a number of seconds more than 0, got 0"),
     ("header_timeout", float("nan"), "--header-timeout must be a number of seconds more than 0, got nan"),
     ("max_connections", 0, "--max-connections must be at least 1, got 0"),
+    ("served_model_name", "", "--served-model-name must name the model, got ''"),  # the default name was served
+    ("served_model_name", " ", "--served-model-name must name the model, got ' '"),
     ("max_connections", 300.0, "--max-connections must be a whole number, got 300.0"),  # from Python
     ("max_connections", 64, "--max-connections (64) must be more than --max-concurrent-requests (64): each request "
                             "in progress holds a connection, and /health needs one more"),

@@ -280,6 +280,8 @@ def serve(
     _require_web_stack()
     if settings.allow_private_image_hosts and not settings.allow_remote_images:
         raise ConfigError("--allow-private-image-hosts only applies with --allow-remote-images")
+    if settings.served_model_name is not None and not str(settings.served_model_name).strip():
+        raise ConfigError(f"--served-model-name must name the model, got {settings.served_model_name!r}")
     if settings.model is None:
         from ..cli import default_model
 
