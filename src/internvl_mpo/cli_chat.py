@@ -282,6 +282,7 @@ def _fits_alone(bot, question: str, system: str | None) -> bool:
         return False
     return True
 
+
 def _utf8(text: str, what: str) -> str:
     """`text` from the command line or the terminal, refused where its bytes were not UTF-8: Python reads each
     such byte as a lone surrogate (U+DC80-U+DCFF), which the tokenizer would refuse as a broken escape."""
