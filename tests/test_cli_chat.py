@@ -1332,7 +1332,8 @@ def test_ctrl_c_while_the_model_loads_ends_the_terminal_line(folder, tmp_path):
                                  "options": {"A": "red", "B": "blue"}, "answer": "A"}) + "\n")
     commands = [["chat", "hi"], ["generate", "--input", str(requests), "--output", str(tmp_path / "a.jsonl")],
                 ["eval", "--data", str(bench), "--output", str(tmp_path / "eval")],
-                ["pairs", "correctness", "--model", str(folder), "--input", str(bench), "--output", str(tmp_path / "p")],
+                ["pairs", "correctness", "--model", str(folder), "--input", str(bench),
+                 "--output", str(tmp_path / "p")],
                 ["serve", "--port", "0"], ["chat", "answer"],
                 ["train", "sft", "--model", str(folder), "--data", str(sft), "--output", str(tmp_path / "t")]]
     pid, terminal = pty.fork()

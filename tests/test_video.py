@@ -109,8 +109,8 @@ def test_a_frame_count_no_model_takes_is_refused_before_decoding(video_path, mon
 
     monkeypatch.setattr(video, "_read_video", no_decoding)
     monkeypatch.setattr(video, "_stream_frame_tiles", no_decoding)
-    too_many = r"^num_segments must be at most 127, got {}: more frames of 256 image tokens \(a 448-pixel tile\) fill " \
-               r"the 32768-token context of an InternVL2.5 model$"
+    too_many = (r"^num_segments must be at most 127, got {}: more frames of 256 image tokens \(a 448-pixel tile\) "
+                r"fill the 32768-token context of an InternVL2.5 model$")
     for count in (10**6, 128):
         for read in (load_video, video.planned_frame_tiles):
             with pytest.raises(InputError, match=too_many.format(count)):
