@@ -218,6 +218,8 @@ def test_random_walks_never_dead_end_and_end_in_sentences(text, make, check, alp
     ('root ::= a b ::= "y" a ::= "x" b', ["xy"], ["x"]),
     ('root ::= "(" root ")" | [0-9]', ["(((1)))", "5"], ["(5", "()"]),
     ('root ::= x "!"\nx ::= "a" x | "" | y\ny ::= "z" y?', ["!", "aaa!", "aazz!"], ["za!"]),
+    ('root ::= ("a"{0,2}){0,3} ("b"{2,3}){0,2} ([a-c]{1,2} ","){2}',  # nested repetitions: (a gapless one merged)
+     ["a,b,", "aaaaaabbbbbbab,c,", "bbbbbbb,a,"], ["aaaaaaaaa,a,", "bbbbbbbbc,a,", "a,b,c,"]),
 ])
 def test_hand_cases(text, taken, refused):
     grammar = compile_grammar(text)

@@ -137,6 +137,41 @@ def test_choices_are_escaped_alternatives():
     assert re.fullmatch(escape("[x]{1}|\\^$?+"), "[x]{1}|\\^$?+")
 
 
+BOUNDS = [(0, 0), (0, 1), (0, 2), (1, 2), (2, 2), (2, 3), (0, None), (1, None), (2, None)]
+
+
+def quantifier(low, high):
+    return f"{{{low},}}" if high is None else f"{{{low},{high}}}"
+
+
+def test_nested_bounded_repetitions_match_as_python_fullmatch():
+    """A repetition of a repetition, merged into one where the counts leave no gap (automaton.merged), takes the
+    texts Python's re does, for every pair of bounds, a part that may be empty and one of two lengths."""
+    texts = [""]
+    for _ in range(5):
+        texts += [t + c for t in texts if len(t) == len(texts[-1]) for c in "abc"]
+    texts += ["a" * n for n in range(6, 14)] + ["bc" * n for n in range(3, 8)]
+    for part in ("a", "a?", "ab?", "(?:a|bc)"):
+        for inner in BOUNDS:
+            for outer in BOUNDS:
+                pattern = f"(?:(?:{part}){quantifier(*inner)}){quantifier(*outer)}"
+                regex, oracle = compile_regex(pattern), re.compile(pattern)
+                for text in texts:
+                    assert regex.matches(text.encode()) == bool(oracle.fullmatch(text)), (pattern, text)
+
+
+def test_a_repetition_of_a_bounded_repetition_keeps_small_states():
+    """`(.{0,50}){0,100}` is built as `.{0,5000}`: a state is a copy of `.` (and the final node), not one for every
+    split of the text so far between the two repetitions."""
+    for pattern in ("(.{0,50}){0,100}", "(?:(?:[a-z]{1,3}){2,}){1,4}"):
+        regex, state = compile_regex(pattern), None
+        state = regex.initial
+        for byte in b"abcdefghij" * 4:
+            state = regex.advance(state, byte)
+            assert state is not None and len(state) <= 2, (pattern, len(state))
+        assert regex.matches(b"x" * 40) == bool(re.fullmatch(pattern, "x" * 40))
+
+
 # ---- random regexes against Python's re --------------------------------------------------
 
 ATOMS = ["a", "b", "é", "€", "😀", r"\n", r"\.", "-", " ", "[ab]", "[^a]", "[a-é]", "[€-😀]", r"[^\n]", r"[\d€]",

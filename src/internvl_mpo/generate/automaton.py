@@ -230,7 +230,7 @@ class ByteAutomaton:
             return entry, end
         if kind != "rep":
             return entry, self._build_other(tree, entry)
-        _, part, least, most = tree
+        _, part, least, most = merged(tree)
         copies = least + 1 if most is None else most
         end, skips = entry, []
         for k in range(copies):
@@ -249,6 +249,29 @@ class ByteAutomaton:
         for node in skips + [end]:
             self._empty[node].append(exit)
         return entry, exit
+
+
+def merged(tree) -> tuple:
+    """The repetition `tree` ("rep", part, least, most or None) with a repetition of a repetition made one: X{a,b}
+    repeated c to d times is X repeated n*a to n*b times for each n of c..d (X's texts concatenated n-fold in any
+    split), the one repetition X{c*a,d*b} where those counts leave no gap (the first gap, if any, comes after n = c).
+    So `(.{0,50}){0,100}` is built as `.{0,5000}`, whose states are one copy of `.` each, not the copies of every split
+    of the bytes so far. Others as they are."""
+    _, part, least, most = tree
+    while part[0] == "cat" and len(part[1]) == 1:  # a group
+        part = part[1][0]
+    if part[0] != "rep":
+        return tree
+    _, inner, low, high = merged(part)
+    if high == 0 or most == 0:
+        return tree
+    if high is None:
+        gapless = least >= 1 or low <= 1
+    else:
+        gapless = most == least or (least + 1) * low <= least * high + 1
+    if not gapless:
+        return tree
+    return ("rep", inner, least * low, None if high is None or most is None else most * high)
 
 
 def automaton_mask(vocabulary: jm.JsonVocabulary, automaton, state) -> numpy.ndarray:
