@@ -160,16 +160,27 @@ def test_nested_bounded_repetitions_match_as_python_fullmatch():
                     assert regex.matches(text.encode()) == bool(oracle.fullmatch(text)), (pattern, text)
 
 
-def test_a_repetition_of_a_bounded_repetition_keeps_small_states():
-    """`(.{0,50}){0,100}` is built as `.{0,5000}`: a state is a copy of `.` (and the final node), not one for every
-    split of the text so far between the two repetitions."""
-    for pattern in ("(.{0,50}){0,100}", "(?:(?:[a-z]{1,3}){2,}){1,4}"):
-        regex, state = compile_regex(pattern), None
-        state = regex.initial
-        for byte in b"abcdefghij" * 4:
-            state = regex.advance(state, byte)
-            assert state is not None and len(state) <= 2, (pattern, len(state))
-        assert regex.matches(b"x" * 40) == bool(re.fullmatch(pattern, "x" * 40))
+@pytest.mark.parametrize("pattern, most, taken, refused", [
+    ("(.{0,50}){0,100}", 2, ["x" * 40, "x" * 5000], ["x" * 5001, "ab\n"]),
+    ("(?:(?:[a-z]{1,3}){2,}){1,4}", 2, ["x" * 40, "ab"], ["x", "ab1"]),
+    ("(.{0,50}\n?){0,100}", 4, ["abc\n" * 30, "ab " * 60 + "\n", "\n" * 100, ("x" * 50 + "\n") * 100],
+     ["\n" * 101, ("x" * 50 + "\n") * 100 + "x"]),
+    (r"(\w{1,10}\s?){0,50}", 4, ["ab " * 50, "abcdefghijk"], ["ab " * 51, "x" * 501, " ab"]),
+])
+def test_a_repetition_of_a_bounded_repetition_keeps_small_states(pattern, most, taken, refused):
+    """`(.{0,50}){0,100}` is built as `.{0,5000}`, and a state holds a node of a bounded repetition's copy only where
+    no earlier copy's same node is there (that one takes every text it does): a state stays a few nodes, not one for
+    every split of the text so far between the repetitions. (The refused texts are not checked against Python's re,
+    which backtracks through every split of them.)"""
+    regex = compile_regex(pattern)
+    state = regex.initial
+    for byte in b"abcdefghij" * 4:
+        state = regex.advance(state, byte)
+        assert state is not None and len(state) <= most, len(state)
+    for text in taken:
+        assert regex.matches(text.encode()) and re.fullmatch(pattern, text), text
+    for text in refused:
+        assert not regex.matches(text.encode()), text
 
 
 # ---- random regexes against Python's re --------------------------------------------------

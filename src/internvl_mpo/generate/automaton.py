@@ -143,6 +143,9 @@ class ByteAutomaton:
         self._bytes: list[list[tuple[int, int, int]]] = []  # per node: its byte edges (lowest, highest, target)
         self._empty: list[list[int]] = []  # epsilon edges
         self._extra: tuple[list, ...] = ()
+        # the copies of a bounded repetition from which each takes every text of a later one: (first node, nodes per
+        # copy, copies), those of X{a,b} from copy a - 1 on (each copy built alike, its nodes numbered alike)
+        self._copies: list[tuple[int, int, int]] = []
         self._moves: dict = {}  # state -> {byte: next state or None}
         self._held = 0
         self._runs: list[int] | None = None  # byte_runs(), worked out on first use
@@ -232,9 +235,10 @@ class ByteAutomaton:
             return entry, self._build_other(tree, entry)
         _, part, least, most = merged(tree)
         copies = least + 1 if most is None else most
-        end, skips = entry, []
+        end, skips, starts = entry, [], []
         for k in range(copies):
             size = len(self._bytes)
+            starts.append(size)
             first, last = self._build(part)
             if len(self._bytes) + (len(self._bytes) - size) * (copies - 1 - k) > MAX_NODES:
                 raise self._too_large()
@@ -245,6 +249,9 @@ class ByteAutomaton:
             if k >= least:
                 skips.append(end)
             end = last
+        starts = starts[max(least - 1, 0):] + [len(self._bytes)]
+        if most is not None and len(starts) > 2 and len({b - a for a, b in zip(starts, starts[1:])}) == 1:
+            self._copies.append((starts[0], starts[1] - starts[0], len(starts) - 1))
         exit = self._node()  # not `end`, which may be the loop's: a skip must not enter it
         for node in skips + [end]:
             self._empty[node].append(exit)

@@ -20,8 +20,9 @@ byte-range sequences, their common suffixes shared), with epsilon edges and the 
 their own. A node that cannot reach acceptance is pruned: `live` holds the (node, past `$`) pairs from which the
 end is reachable once a byte has been read (a `^` is crossed only before the first byte). The DFA is built lazily:
 a state is the frozenset of the live NFA nodes that read a byte (and the final node when the text so far is
-accepted), each state's moves memoized. So `advance` returns None exactly when no text the regex takes begins with
-the bytes so far, and a state it returns always has an accepted completion (the NFA's construction, the memo and
+accepted), less a bounded repetition's copy of a node where an earlier copy of it is there (it takes every text the
+later one does: `(\\w{1,10}\\s?){0,50}` keeps a few nodes, not one per split of the text), each state's moves
+memoized. So `advance` returns None exactly when no text the regex takes begins with the bytes so far, and a state it returns always has an accepted completion (the NFA's construction, the memo and
 the masks are automaton.py's, shared with grammar.py). `automaton.AutomatonConstraint` holds one answer to a Regex,
 with masks from JSON mode's vocabulary index, cached per regex and state: the tokens in classes by the regex's
 byte runs (those whose bytes fall in the same runs in the same order are taken alike from every state; a table built
@@ -241,6 +242,7 @@ class Regex(ByteAutomaton):
         self._extra = (self._starts, self._ends)
         entry, self.final = self._build(tree)
         self._live = self._find_live()
+        self._copy_of = self._copy_keys()
         self.initial = self._closure([entry], at_start=True)
         if not self.initial:
             raise RegexError(f"regex {pattern[:60]!r}: no text matches it" +
@@ -305,7 +307,26 @@ class Regex(ByteAutomaton):
                 if pair not in seen and (at_start or pair in live):
                     seen.add(pair)
                     todo.append(pair)
-        return frozenset(found)
+        return frozenset(self._undominated(found) if self._copies else found)
+
+    def _copy_keys(self) -> list[tuple]:
+        """Per node: ((repetition, offset in its copy), copy) for each repetition of `_copies` whose copy holds it."""
+        keys: list[tuple] = [()] * len(self._bytes)
+        for i, (start, size, count) in enumerate(self._copies):
+            for node in range(start, start + size * count):
+                copy, offset = divmod(node - start, size)
+                keys[node] += (((i, offset), copy),)
+        return keys
+
+    def _undominated(self, found: set[int]) -> set[int]:
+        """`found` less each node of a bounded repetition's copy where the same node of an earlier copy (`_copies`)
+        is in `found`: that one takes every text this one does, so the state's texts are the same."""
+        first: dict = {}
+        for node in found:
+            for key, copy in self._copy_of[node]:
+                if first.get(key, copy) >= copy:
+                    first[key] = copy
+        return {node for node in found if all(first[key] == copy for key, copy in self._copy_of[node])}
 
 
 def parse_regex(pattern: str) -> tuple:
