@@ -5,7 +5,7 @@ cache, as the engine asks for them at each step. `--schema` times JSON schema mo
 of objects, a nullable field, a string of bounded length) and a pretty-printed value of it; `--typed` on a schema
 with bounded numbers, formatted strings (date-time, uuid, date) and a tuple, as Pydantic writes them; `--mixed` on
 strings held to a pattern, a length or an enum as alternatives of an anyOf (beside a free string), and a pattern with
-a bounded repetition. `--regex
+a bounded repetition; `--schema-file FILE --text VALUE` on the schema in FILE and a JSON value of it. `--regex
 PATTERN` times guided decoding's masks (`internvl_mpo.generate.regex`) on the states of `--text` (a text the
 regex takes; without it, a random walk of the regex's automaton, seed 0). `--grammar FILE` times grammar-guided
 decoding's masks (`internvl_mpo.generate.grammar`) of the GBNF grammar in FILE the same way (`--text`: a sentence of
@@ -110,14 +110,18 @@ def main() -> None:
     parser.add_argument("--typed", action="store_true", help="JSON schema mode's masks (bounds, formats, a tuple)")
     parser.add_argument("--mixed", action="store_true", help="JSON schema mode's masks (patterns, lengths and enums "
                         "as alternatives of a string)")
+    parser.add_argument("--schema-file", type=Path, help="JSON schema mode's masks of the schema in this file (with "
+                        "--text: a JSON value of it, timed pretty-printed)")
     parser.add_argument("--regex", help="guided decoding's masks of this regex (the whole answer matches it)")
     parser.add_argument("--grammar", type=Path, help="grammar-guided decoding's masks of the GBNF grammar in this file")
     parser.add_argument("--against", choices=["xgrammar"], help="also time this reference on the same vocabulary and "
                         "states, and print the ratio")
     parser.add_argument("--text", help="with --regex or --grammar: a text it takes, whose states are timed (default: a "
-                        "random walk)")
+                        "random walk); with --schema-file: a JSON value")
     args = parser.parse_args()
-    args.schema = args.schema or args.typed or args.mixed
+    if args.schema_file is not None and args.text is None:
+        parser.error("--schema-file needs --text, a JSON value of the schema")
+    args.schema = args.schema or args.typed or args.mixed or args.schema_file is not None
     pieces, size, name = pieces_of(args)
     start = time.perf_counter()
     vocabulary = jm.JsonVocabulary(pieces, size)
@@ -158,6 +162,7 @@ def main() -> None:
             vocabulary.regex_cache.clear()
     elif args.schema:
         schema, sample = (TYPED, TYPED_VALUE) if args.typed else (MIXED, MIXED_VALUE) if args.mixed else \
+            (json.loads(args.schema_file.read_text()), json.loads(args.text)) if args.schema_file else \
             (SCHEMA, SCHEMA_VALUE)
         start = time.perf_counter()
         reference = schema
