@@ -22,8 +22,9 @@ end is reachable once a byte has been read (a `^` is crossed only before the fir
 a state is the frozenset of the live NFA nodes that read a byte (and the final node when the text so far is
 accepted), less a bounded repetition's copy of a node where an earlier copy of it is there (it takes every text the
 later one does: `(\\w{1,10}\\s?){0,50}` keeps a few nodes, not one per split of the text), each state's moves
-memoized. So `advance` returns None exactly when no text the regex takes begins with the bytes so far, and a state it returns always has an accepted completion (the NFA's construction, the memo and
-the masks are automaton.py's, shared with grammar.py). `automaton.AutomatonConstraint` holds one answer to a Regex,
+memoized. So `advance` returns None exactly when no text the regex takes begins with the bytes so far, and a
+state it returns always has an accepted completion (the NFA's construction, the memo and the masks are
+automaton.py's, shared with grammar.py). `automaton.AutomatonConstraint` holds one answer to a Regex,
 with masks from JSON mode's vocabulary index, cached per regex and state: the tokens in classes by the regex's
 byte runs (those whose bytes fall in the same runs in the same order are taken alike from every state; a table built
 once per vocabulary and runs, about 25 times fewer classes than tokens for `.{0,300}` on Qwen2's vocabulary), one of
