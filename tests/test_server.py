@@ -591,9 +591,9 @@ def test_a_video_part_is_answered_as_chat_answers_about_the_video(client, local_
     with pytest.raises(openai.BadRequestError, match="one video, in its last user message"):
         client.chat.completions.create(model="m", messages=earlier, **GREEDY)
     broken = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAAAAAA"}}
-    with pytest.raises(openai.BadRequestError, match=r"^Error code: 400 - messages\[0\]\.content\[0\]\.video_url: "
-                                                     "not a video FFmpeg can read") as e:
+    with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": [broken]}], **GREEDY)
+    assert e.value.body["message"].startswith("messages[0].content[0].video_url: not a video FFmpeg can read")
     assert e.value.body["code"] == "invalid_video"
 
 
@@ -1563,9 +1563,10 @@ def test_bad_requests_get_openai_errors(server, client):
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": [remote]}])
     with pytest.raises(openai.BadRequestError, match="at most 2"):
         client.chat.completions.create(model="m", messages=[user("Which?", *[png(56, 56)] * 3)])
-    with pytest.raises(openai.BadRequestError, match=r"^Error code: 400 - the prompt is \d+ tokens; this server "
-                                                     r"accepts at most 2047$") as e:  # no images to count
+    with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "word " * 3000}])
+    # the whole message (no images to count); body, not str(e), whose wording differs between openai versions
+    assert re.fullmatch(r"the prompt is \d+ tokens; this server accepts at most 2047", e.value.body["message"])
     assert (e.value.body["param"], e.value.body["code"]) == ("messages", "context_length_exceeded")
     with pytest.raises(openai.BadRequestError, match="end with a user message"):
         client.chat.completions.create(model="m", messages=[{"role": "assistant", "content": "hi"}])
