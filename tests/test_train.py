@@ -1842,6 +1842,20 @@ def test_plot_output_paths_and_missing_matplotlib(tmp_path, capsys, monkeypatch)
     assert "pip install 'internvl-mpo[plot]'" in capsys.readouterr().err
 
 
+def test_plot_with_a_matplotlib_that_cannot_be_imported_says_so(tmp_path, capsys, monkeypatch):
+    """matplotlib 3.7.0 to 3.7.2 install beside NumPy 2, which they were not built for: pyplot's import failed deep
+    inside with a traceback ("numpy.core.multiarray failed to import"); now one line naming matplotlib and the fix."""
+    pytest.importorskip("matplotlib")
+    from internvl_mpo.cli import main
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2)))
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # its import fails, as with NumPy 2
+    assert main(["plot", str(tmp_path)]) != 0
+    err = capsys.readouterr().err
+    assert "error: matplotlib" in err and "cannot be imported" in err and "Traceback" not in err
+    assert "pip install -U 'internvl-mpo[plot]'" in err and len(err.strip().splitlines()) == 1
+
+
 def test_plot_skips_the_half_written_line_of_a_killed_run(tmp_path, capsys):
     from internvl_mpo.cli import main
 

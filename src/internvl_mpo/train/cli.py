@@ -202,12 +202,15 @@ def plot(run_dir: str, output: str | None = None) -> int:
     target = png_output(output if output else metrics.parent / "curves.png")
     try:
         import matplotlib
-    except ModuleNotFoundError:
-        raise InputError("plotting needs matplotlib: pip install 'internvl-mpo[plot]'") from None
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+    except ImportError as e:
+        if e.name == "matplotlib":
+            raise InputError("plotting needs matplotlib: pip install 'internvl-mpo[plot]'") from None
+        # installed but broken: matplotlib 3.7.0 to 3.7.2 install beside NumPy 2, which they were not built for
+        raise InputError(f"matplotlib cannot be imported ({e}): pip install -U 'internvl-mpo[plot]'") from None
 
     panels = [(title, [k for k in keys if any(k in r for r in rows)]) for title, keys in PLOT_PANELS]
     panels = [(title, keys) for title, keys in panels if keys]
