@@ -815,6 +815,38 @@ def test_chat_refuses_more_video_frames_than_the_context_holds_before_decoding(f
     assert capsys.readouterr().err.startswith("internvl-mpo chat: error: --num-segments=100000: its frames take ")
 
 
+def test_the_video_frame_cap_follows_the_models_context(folder, tmp_path, monkeypatch, capsys):
+    """load_video's own cap was InternVL2.5's 32768 positions (8191 frames of this model's 4-token tiles) whatever
+    the model's max_position_embeddings: a model with a longer context was refused 8192 frames, as num_segments
+    must be at most 8191 "of an InternVL2.5 model", not checked against its context."""
+    import shutil
+
+    from internvl_mpo.cli import main
+    from internvl_mpo.processor import video
+
+    def with_context(positions: int) -> Path:
+        model = tmp_path / f"model-{positions}"
+        shutil.copytree(folder, model)
+        config = json.loads((model / "config.json").read_text())
+        config["llm_config"]["max_position_embeddings"] = positions
+        (model / "config.json").write_text(json.dumps(config))
+        return model
+
+    frame = Image.new("RGB", (8, 8))
+    bot = InternVLChat.from_pretrained(with_context(131072))
+    assert bot.model.num_image_token == 4
+    bot.check_video_frames([frame], 8192)  # 32768 image tokens and their prompt fit 131072 positions
+    for k in range(2):
+        frame.save(tmp_path / f"{k}.png")
+    monkeypatch.setattr(video, "load_video", lambda *args, **kwargs: pytest.fail("the frames were decoded"))
+    # 65536 positions hold the 8192 frames' image tokens but not their prompt: the model's context says so
+    model = with_context(65536)
+    assert main(["chat", "Hi", "--model", str(model), "--video", str(tmp_path), "--num-segments", "8192"]) == 1
+    assert re.fullmatch(r"internvl-mpo chat: error: prompt is \d+ tokens \(\d+ of them image tokens\), longer than "
+                        r"the context allows: at most 65535; the video's 8192 frames take 8192 tiles \(a smaller "
+                        r"--num-segments gives fewer\)\n", capsys.readouterr().err)
+
+
 def test_chat_counts_the_question_beside_the_video_frames_before_decoding(folder, tmp_path, monkeypatch):
     """The frames fit the context, the question beside them does not: refused before a frame is decoded (the
     question was counted only once the video was decoded)."""

@@ -623,6 +623,25 @@ def frames_folder_pairs(root: Path, videos: list[str]) -> Path:
     return meta
 
 
+def test_video_frames_follow_the_runs_max_seq_length(tmp_path, tokenizer, settings, monkeypatch):
+    """load_video refused more frames than fill InternVL2.5's 32768 positions (8192 of this model's 4-token tiles)
+    whatever --max-seq-length a model with a longer context allowed, naming load_video's num_segments; its cap is
+    now the run's --max-seq-length, and its refusal names --video-frames."""
+    import internvl_mpo.train.data as data_module
+
+    (record,) = read_datasets(load_meta(str(frames_folder_pairs(tmp_path, ["clip/"]))))[0]
+    frames = 32768 // settings.num_image_token
+    example = encode_pair(record, tokenizer, MediaSettings(**{**settings.__dict__, "video_frames": frames}), 131072)
+    assert example.pixel_values.shape[0] == frames
+    # the check on the frames' tokens and their <img> </img> refuses first; load_video's cap, behind it, as named
+    monkeypatch.setattr(data_module, "_check_video_length", lambda *args: None)
+    sixteen = MediaSettings(**{**settings.__dict__, "video_frames": 16})
+    with pytest.raises(InputError) as error:
+        encode_pair(record, tokenizer, sixteen, 64)
+    assert str(error.value) == (f"{record.source}: --video-frames must be at most 15, got 16: more frames of 4 image "
+                                "tokens (a 56-pixel tile) fill the 64-token context")
+
+
 def test_a_video_folder_of_frames_encodes_the_frames_load_video_samples(tmp_path, tokenizer, settings):
     """A record whose video is a folder of frame images was refused in training ("video is a folder, not a file");
     it takes the --video-frames frames load_video samples from the folder, with a video file's prompt."""

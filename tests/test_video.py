@@ -123,6 +123,27 @@ def test_a_frame_count_no_model_takes_is_refused_before_decoding(video_path, mon
     assert len(load_video([frame], num_segments=127, image_size=112).frame_indices) == 127  # 16 tokens a frame
 
 
+def test_the_frame_cap_follows_the_context_length_given(video_path, monkeypatch):
+    """The cap was InternVL2.5's 32768 positions whatever the caller's context: a model (or a training run) with a
+    longer one was refused frames it holds, and one with a shorter one was not refused before decoding."""
+    def no_decoding(*args):
+        raise AssertionError("the video was read")
+
+    assert video.planned_frame_tiles(video_path, num_segments=128, context_length=65536) == [1] * 128
+    monkeypatch.setattr(video, "_read_video", no_decoding)
+    monkeypatch.setattr(video, "_stream_frame_tiles", no_decoding)
+    for context, most in ((65536, 255), (4096, 15)):
+        too_many = (rf"^num_segments must be at most {most}, got {most + 1}: more frames of 256 image tokens \(a "
+                    rf"448-pixel tile\) fill the {context}-token context$")
+        for read in (load_video, video.planned_frame_tiles):
+            with pytest.raises(InputError, match=too_many):
+                read(video_path, num_segments=most + 1, context_length=context)
+    for bad in (0, -1, 2.5, "4096", True):
+        with pytest.raises(InputError) as error:
+            load_video(video_path, context_length=bad)
+        assert str(error.value) == f"context_length must be a whole number >= 1, got {bad!r}"
+
+
 def test_video_file(video_path):
     result = load_video(video_path, num_segments=8)
     expected_indices = reference_index(None, FPS, NUM_FRAMES - 1, 8)

@@ -203,7 +203,8 @@ def chat(
 
         bot.check_video_frames(video, num_segments, max_pixels=max_pixels, question=question or "",
                                system_message=system)
-        video = load_video(video, num_segments=num_segments, image_size=bot.config.image_size, max_pixels=max_pixels)
+        video = load_video(video, num_segments=num_segments, image_size=bot.config.image_size, max_pixels=max_pixels,
+                           context_length=bot.context)
     if question is not None:
         try:
             _answer(bot, bot.prepare(question, images or None, video, None, max_num=_per_image(max_num, video),

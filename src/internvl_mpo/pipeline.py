@@ -219,7 +219,8 @@ class InternVLChat:
         if tokens >= self.context:
             raise SettingError("", "num_segments", f"={num_segments}: its frames take {tokens} image tokens at "
                                f"least, leaving no room in the model's context of {self.context}")
-        planned = planned_frame_tiles(video, num_segments, self.config.image_size, max_num, max_pixels)
+        planned = planned_frame_tiles(video, num_segments, self.config.image_size, max_num, max_pixels,
+                                      context_length=self.context)
         if not holds_images(question, history or ()):
             question = video_prefix(len(planned)) + question
         frames = "1 frame takes" if len(planned) == 1 else f"{len(planned)} frames take"
@@ -352,7 +353,7 @@ class InternVLChat:
                 num_segments = 8 if num_segments is None else num_segments
                 self.check_video_frames(video, num_segments, per_frame, max_pixels, question, history, system_message)
                 clip = load_video(video, num_segments=num_segments, image_size=self.config.image_size,
-                                  max_num=per_frame, max_pixels=max_pixels)
+                                  max_num=per_frame, max_pixels=max_pixels, context_length=self.context)
             pixels, counts = clip.pixel_values, list(clip.num_patches_list)
             if not holds_images(question, history or ()):
                 question = clip.prefix + question

@@ -125,20 +125,25 @@ def _bound_seconds(bound) -> tuple[float, float] | None:
     return start, end
 
 
-def _check_segments(num_segments, image_size=None) -> None:
-    """Refuse a frame count below 1 and, with the frames' `image_size`, one no model of the family takes: chat,
-    prepare and training refuse frames whose image tokens, one tile each, fill the model's context (InternVL2.5's
-    32768 positions); `load_video` called alone refuses them too, before it decodes a frame (a million frames of
-    448-pixel tiles would take 2.4 TB)."""
+def _check_segments(num_segments, image_size=None, context_length=None) -> None:
+    """Refuse a frame count below 1 and, with the frames' `image_size`, one whose image tokens, one tile each, fill
+    `context_length` positions (default: InternVL2.5's 32768). Chat and training pass the context they have (the
+    model's max_position_embeddings, --max-seq-length); `load_video` called alone refuses too, before it decodes a
+    frame (a million frames of 448-pixel tiles would take 2.4 TB)."""
     if isinstance(num_segments, bool) or not (isinstance(num_segments, numbers.Integral) and num_segments >= 1):
         raise InputError(f"num_segments must be a whole number >= 1, got {num_segments!r}")
+    if context_length is not None and (isinstance(context_length, bool)
+                                       or not (isinstance(context_length, numbers.Integral) and context_length >= 1)):
+        raise InputError(f"context_length must be a whole number >= 1, got {context_length!r}")
     if isinstance(image_size, int) and image_size >= 1:  # a bad image_size: the tiling refuses it
         tokens = max(1, int((image_size // VisionConfig.patch_size) ** 2 * ModelConfig.downsample_ratio**2))
-        most = (LLMConfig.max_position_embeddings - 1) // tokens
+        context = LLMConfig.max_position_embeddings if context_length is None else context_length
+        most = (context - 1) // tokens
         if num_segments > most:
+            whose = " of an InternVL2.5 model" if context_length is None else ""
             raise SettingError("", "num_segments", f" must be at most {most}, got {num_segments}: more frames of "
                                f"{tokens} image token{'s' * (tokens > 1)} (a {image_size}-pixel tile) fill the "
-                               f"{LLMConfig.max_position_embeddings}-token context of an InternVL2.5 model")
+                               f"{context}-token context{whose}")
 
 
 def get_index(
@@ -433,15 +438,16 @@ def _stream_frame_tiles(path: str, max_num: int, image_size: int, max_pixels: in
 
 
 def planned_frame_tiles(
-    src: FrameSource, num_segments: int = 8, image_size: int = 448, max_num: int = 1, max_pixels: int | None = None
+    src: FrameSource, num_segments: int = 8, image_size: int = 448, max_num: int = 1, max_pixels: int | None = None,
+    context_length: int | None = None,
 ) -> list[int]:
     """The tile count of each frame `load_video(src, num_segments, image_size=..., max_num=...)` samples (no
     bound), planned before the frames are decoded, so a caller can refuse frames too many for its context
     first: from a video file's stream (all its frames have the size it gives; at most its first frame is
     decoded, `_stream_frame_tiles`), from the headers of the sampled frames of a folder or list
     (`planned_tiles`: a file object that cannot seek counts one tile). Refused as load_video refuses the
-    video before decoding it."""
-    _check_segments(num_segments, image_size)
+    video before decoding it (`context_length` as there)."""
+    _check_segments(num_segments, image_size, context_length)
     if isinstance(src, (str, os.PathLike)):
         refuse_url(src)
         if not os.path.isdir(src):
@@ -545,6 +551,7 @@ def load_video(
     fps: float | None = None,
     max_pixels: int | None = None,
     frame_transform: Callable[[Image.Image], Image.Image] | None = None,
+    context_length: int | None = None,
 ) -> VideoInput:
     """Sample `num_segments` frames from a video file, a folder of frame images or a list of frames.
     Frames of more than `max_pixels` pixels (default: Pillow's limit, about 89 M) are refused.
@@ -553,8 +560,12 @@ def load_video(
     frames are its image files in file-name order, numbers compared as numbers (frame_2 before
     frame_10). `frame_transform` (training's data augmentation) runs on each sampled frame, in
     order, before it is tiled.
+
+    A `num_segments` whose frames (one tile each) fill `context_length` tokens is refused before the video is
+    opened; the default, 32768, is InternVL2.5's context. `InternVLChat` passes its model's context and training
+    its --max-seq-length.
     """
-    _check_segments(num_segments, image_size)
+    _check_segments(num_segments, image_size, context_length)
     bound = _bound_seconds(bound)
     if fps is not None and not (_finite(fps) and fps > 0):
         raise InputError(f"fps must be a number of frames per second > 0, got {fps!r}")

@@ -187,10 +187,12 @@ def load_media(
     settings: MediaSettings,
     max_num: int | None = None,
     augment: Callable[[Image.Image], Image.Image] | None = None,
+    context_length: int | None = None,
 ) -> tuple[torch.Tensor, list[int], str]:
     """(pixel_values (N, 3, S, S), tiles per `<image>` placeholder, question with the video prefix).
 
-    `augment` (training's `data_augment`, see `jpeg_augment`) runs on every tile and video frame.
+    `augment` (training's `data_augment`, see `jpeg_augment`) runs on every tile and video frame. `context_length`
+    (the run's --max-seq-length) is the context a video's frames must fit, as `load_video` takes it.
     """
     s = settings
     videos = question.count(VIDEO_PLACEHOLDER)  # the official reader leaves one it does not fill as text
@@ -212,7 +214,7 @@ def load_media(
         return torch.cat(tiles), [t.shape[0] for t in tiles], question
     if video is not None:
         frames = load_video(video, num_segments=s.video_frames, image_size=s.image_size, frame_transform=augment,
-                            max_pixels=s.max_pixels)
+                            max_pixels=s.max_pixels, context_length=context_length)
         if VIDEO_PLACEHOLDER in question:
             question = question.replace(VIDEO_PLACEHOLDER + "\n", frames.prefix, 1)
             question = question.replace(VIDEO_PLACEHOLDER, frames.prefix, 1)
@@ -275,10 +277,11 @@ class _LineEnds:
 
 
 def _flagged(error: InputError) -> InputError:
-    """`error` naming the pixel limit by its `internvl-mpo train` flag, as the other messages here name theirs, and
-    pointing a video given as a record's image (or an image as its video) to the record's field, not to --video."""
+    """`error` naming the pixel limit and the frame count by their `internvl-mpo train` flags, as the other messages
+    here name theirs, and pointing a video given as a record's image (or an image as its video) to the record's
+    field, not to --video."""
     if isinstance(error, SettingError):
-        return error.named({"max_pixels": "--max-pixels"})
+        return error.named({"max_pixels": "--max-pixels", "num_segments": "--video-frames"})
     return pointed_elsewhere(error, 'give it as the record\'s "video"', 'give it as the record\'s "image"')
 
 
@@ -321,7 +324,7 @@ def encode_pair(
     try:
         _check_video_length(record.video, settings, max_seq_length)
         pixel_values, num_patches, question = load_media(
-            record.images, record.multi_image, record.video, record.question, settings, max_num, augment
+            record.images, record.multi_image, record.video, record.question, settings, max_num, augment, max_seq_length
         )
         pair = build_pair_ids(
             tokenizer, question, record.chosen, record.rejected, num_patches, num_image_token=settings.num_image_token
@@ -393,7 +396,7 @@ def encode_sft(
         _check_video_length(record.video, settings, max_seq_length)
         question = first_user["content"] if first_user is not None else ""
         pixel_values, num_patches, question = load_media(
-            record.images, record.multi_image, record.video, question, settings, max_num, augment
+            record.images, record.multi_image, record.video, question, settings, max_num, augment, max_seq_length
         )
         if first_user is not None:
             first_user["content"] = question
