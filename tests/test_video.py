@@ -285,6 +285,36 @@ def test_video_without_frames(tmp_path):
             load_video(path)
 
 
+def test_a_clip_none_of_whose_frames_decode_is_named_when_its_tiles_are_planned(tmp_path):
+    """An mp4 of MPEG-4 whose packets are all damaged gives no frame size (0x0): planning its tiles, as chat and the
+    server do before decoding, said "image has zero area (0x0)", naming no file. Now the first frame is decoded for
+    its size, and where none decodes the plan is one tile a frame and load_video refuses the clip, saying why."""
+    if "mpeg4" not in av.codecs_available:
+        pytest.skip("no MPEG-4 encoder in this PyAV build")
+    path = tmp_path / "damaged.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=FPS)
+        stream.width, stream.height = 64, 48
+        for k in range(NUM_FRAMES):
+            for packet in stream.encode(av.VideoFrame.from_image(frame_image(k))):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = bytearray(path.read_bytes())
+    with av.open(str(path)) as container:
+        for packet in container.demux(container.streams.video[0]):
+            if packet.size:  # all zeros, the frame's header too
+                data[packet.pos:packet.pos + packet.size] = bytes(packet.size)
+    path.write_bytes(data)
+    with av.open(str(path)) as container:
+        assert (container.streams.video[0].width, container.streams.video[0].height) == (0, 0)
+    assert video.planned_frame_tiles(path) == video.planned_frame_tiles(path, max_num=6) == [1] * 8
+    with pytest.raises(InputError) as error:
+        load_video(path)
+    assert str(error.value) == (f"{path}: cannot decode video: the packet at 0.000 s does not decode (Invalid data "
+                                "found when processing input)")
+
+
 @pytest.mark.parametrize("name", ["photo.jpg", "photo.png", "photo.webp", "photo.tiff", "photo.bmp"])
 def test_an_image_file_is_not_a_one_frame_video(tmp_path, name):
     path = tmp_path / name

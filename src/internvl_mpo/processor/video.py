@@ -420,21 +420,29 @@ def _checked_stream(av, container, name: str, max_pixels: int | None):
 def _stream_frame_tiles(path: str, max_num: int, image_size: int, max_pixels: int | None) -> int:
     """The tiles of each frame of a video file, planned from its stream's frame size. The display matrix that
     turns a frame (`_upright`) comes only with decoded frames, so where turning the frame changes its tile
-    count the first frame is decoded to read it (never with max_num 1: one tile whatever the shape)."""
+    count the first frame is decoded to read it (never with max_num 1: one tile whatever the shape); so it is
+    where the stream gives no size (0x0: an mp4 of MPEG-4 whose first frame is damaged)."""
     av = _import_av()
     name = source_name(path)
     with _open_container(av, path) as container:
         stream = _checked_stream(av, container, name, max_pixels)
         width, height = stream.width, stream.height
-        stored, turned = (plan_tiles(w, h, 1, max_num, image_size).num_tiles for w, h in ((width, height),
-                                                                                            (height, width)))
-        if stored == turned:
-            return stored
+        stored = None
+        if width and height:
+            stored, turned = (plan_tiles(w, h, 1, max_num, image_size).num_tiles for w, h in ((width, height),
+                                                                                                (height, width)))
+            if stored == turned:
+                return stored
         try:
             first = next(container.decode(stream), None)
         except av.error.FFmpegError:  # a damaged start: load_video says how
             first = None
-        return turned if first is not None and first.rotation in (90, -90) else stored
+        if first is None:
+            return stored or 1  # without a size: load_video refuses the clip, saying why
+        if stored is None:
+            width, height = first.width, first.height
+        upright = (height, width) if first.rotation in (90, -90) else (width, height)
+        return plan_tiles(*upright, 1, max_num, image_size).num_tiles
 
 
 def planned_frame_tiles(
