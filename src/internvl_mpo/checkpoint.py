@@ -326,23 +326,39 @@ class LazyTensor:
     def read(self, index=..., dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.Tensor:
         """`self[index]` read into `dtype` on `device` (default: as stored, on the CPU) and checked there: NaN or
         inf is a `CheckpointError`; a value past a narrower dtype's range (float16's largest is 65504), which became
-        inf there (and the logits NaN), an `InputError`."""
-        try:
-            whole = index is ...  # safetensors before 0.8 refuses the Ellipsis: `[:]` where the tensor has rows
-            source = self.view[slice(None) if whole and self.view.get_shape() else index]
-        except SafetensorError as e:
-            raise CheckpointError(f"{self.file}: tensor {self.key} is corrupt ({e})") from None
-        out = source.to(device=device, dtype=dtype)
-        if whole and self.start is not None and out.data_ptr() == source.data_ptr():
-            finite = _finite_in_file(self.file, self.start, out)  # `out` is the mapping itself: left untouched
-        else:
+        inf there (and the logits NaN), an `InputError`.
+
+        A whole tensor kept as stored on the CPU is the memory mapping itself; one cast or moved is read from the
+        file a chunk at a time (`_read_into`), so its stored bytes never become resident in the process beside it."""
+        whole = index is ...
+        stored = (getattr(torch, _FLOAT_KINDS.get(self.view.get_dtype(), ""), None)
+                  if whole and self.start is not None else None)
+        cpu = device is None or torch.device(device).type == "cpu"
+        if stored is not None and not (cpu and dtype in (None, stored)):
+            out = torch.empty(self.view.get_shape(), dtype=dtype or stored, device=device or "cpu")
+            _read_into(self.file, self.start, out, stored)
             finite = _finite(out)
+        else:
+            source = self._mapped(index)
+            out = source.to(device=device, dtype=dtype)
+            if whole and self.start is not None and out.data_ptr() == source.data_ptr():
+                finite = _finite_in_file(self.file, self.start, out)  # `out` is the mapping itself: left untouched
+            else:
+                finite = _finite(out)
         if not finite:
+            source = self._mapped(index)
             check_finite(source, self.file, self.key)
             raise InputError(f"{self.file}: {self.key} holds values up to {source.abs().max().item():.4g}, past "
                              f"{str(dtype).removeprefix('torch.')}'s largest ({torch.finfo(dtype).max:.4g}); load it "
                              "in a wider dtype (bfloat16 or float32)")
         return out
+
+    def _mapped(self, index) -> torch.Tensor:
+        """`self[index]` as stored: the memory mapping itself (safetensors 0.8 and later) where it is whole."""
+        try:  # safetensors before 0.8 refuses the Ellipsis: `[:]` where the tensor has rows
+            return self.view[slice(None) if index is ... and self.view.get_shape() else index]
+        except SafetensorError as e:
+            raise CheckpointError(f"{self.file}: tensor {self.key} is corrupt ({e})") from None
 
 
 def check_finite(tensor: torch.Tensor, file: Path, key: str) -> None:
@@ -367,20 +383,38 @@ def _finite_in_file(file: Path, start: int, tensor: torch.Tensor, chunk: int = 1
     file reads: checking a memory-mapped tensor through its mapping makes every page of it resident in this
     process, so weights a run never touches (an embedding table's unused rows, a ViT in text-only chat) would
     count in its memory as if used."""
-    size = tensor.element_size()
+    return all(_finite(piece) for _, piece in _file_pieces(file, start, tensor.dtype, tensor.numel(), chunk))
+
+
+def _read_into(file: Path, start: int, out: torch.Tensor, stored: torch.dtype, chunk: int = 1 << 23) -> None:
+    """Fill the contiguous `out` (any dtype and device) with the tensor stored as `stored` in `file` from byte
+    `start`, read `chunk` bytes at a time with file reads, each piece cast and moved on its own. Read through the
+    memory mapping, the stored tensor's pages would stay resident in the process beside `out` until the file is
+    closed: loading a bf16 checkpoint in fp32 would peak at 1.5 times the model's size, on a GPU at the whole
+    checkpoint's size in host memory."""
+    flat = out.view(-1)
+    for done, piece in _file_pieces(file, start, stored, out.numel(), chunk):
+        flat[done:done + piece.numel()].copy_(piece)
+
+
+def _file_pieces(file: Path, start: int, dtype: torch.dtype, count: int,
+                 chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """The `count` values of `dtype` stored in `file` from byte `start`, as (offset, piece) of at most `chunk`
+    bytes each; a piece lives in one buffer that the next overwrites."""
+    size = dtype.itemsize
     chunk -= chunk % size
-    left = tensor.numel() * size
+    left = count * size
     buffer = bytearray(min(chunk, left))
+    done = 0
     with open(file, "rb") as f:
         f.seek(start)
         while left:
             got = f.readinto(memoryview(buffer)[: min(chunk, left)])
             if not got or got % size:
                 raise CheckpointError(f"{file}: ends inside its tensor data; the file is cut short")
-            if not _finite(torch.frombuffer(buffer, dtype=tensor.dtype, count=got // size)):
-                return False
+            yield done, torch.frombuffer(buffer, dtype=dtype, count=got // size)
+            done += got // size
             left -= got
-    return True
 
 
 def read_header(f: BinaryIO) -> dict | None:
