@@ -78,11 +78,16 @@ def prune_checkpoints(output: Path, keep: int) -> None:
     """Delete all but the `keep` (>= 1) newest complete checkpoints, as the HF Trainer's save_total_limit.
     Each is renamed out of the way first, so a kill midway leaves a `.tmp-` folder, never half a checkpoint;
     such leftovers (and those of a killed save) go too: called between saves, no `.tmp-checkpoint-*` is live."""
-    for path in Path(output).glob(TMP_PREFIX + "checkpoint-*"):
-        shutil.rmtree(path)
-    for path in checkpoints(output)[:-keep]:
-        os.replace(path, temp_dir(path))
-        shutil.rmtree(temp_dir(path))
+    path = Path(output)
+    try:
+        for path in Path(output).glob(TMP_PREFIX + "checkpoint-*"):
+            shutil.rmtree(path)
+        for path in checkpoints(output)[:-keep]:
+            os.replace(path, temp_dir(path))
+            shutil.rmtree(temp_dir(path))
+    except OSError as e:  # a folder made read-only, say: one line, and the newest checkpoint is whole
+        raise CheckpointError(f"{path}: cannot delete it to keep --save-total-limit {keep} ({write_failure(e)});"
+                              f" {latest_checkpoint(output)} is saved, --resume goes on from it") from None
 
 
 # ----------------------------------------------------------------------------- files
@@ -132,41 +137,45 @@ def temp_dir(final: Path) -> Path:
 
 
 def publish(tmp: Path, final: Path) -> None:
-    """Make `tmp` appear as `final` in one rename (an existing `final` is replaced); `tmp` is removed when
-    its files cannot be synced (a `SaveError`)."""
+    """Make `tmp` appear as `final` in one rename (an existing `final` is replaced). A failure (a full disk, a folder
+    made read-only) is a `SaveError` naming `final`: `tmp` is removed and an existing `final` stays as it was."""
+    old = final.parent / (TMP_PREFIX + final.name + ".old")
     try:
         with saving(final):
             fsync_tree(tmp)
+            if final.exists() and not final.is_dir():  # a file in the way, not a folder to replace: one line too
+                raise SaveError(final, "a file, not a folder, is in the way", "nothing there was replaced")
+            shutil.rmtree(old, ignore_errors=True)  # also what a publish killed between its renames left
+            if old.is_file() or old.is_symlink():  # rmtree leaves a file of that name
+                old.unlink()
+            if final.exists():
+                os.replace(final, old)
+                try:
+                    os.replace(tmp, final)
+                except OSError:
+                    os.replace(old, final)
+                    raise
+            else:
+                os.replace(tmp, final)
     except SaveError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists() and not final.is_dir():  # a file in the way, not a folder to replace: one line too
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SaveError(final, "a file, not a folder, is in the way", "nothing there was replaced")
-    if final.exists():
-        old = final.parent / (TMP_PREFIX + final.name + ".old")
+    with saving(final, "its files are in place but may not be on the disk yet"):
         shutil.rmtree(old, ignore_errors=True)
-        if old.is_file() or old.is_symlink():  # rmtree leaves a file of that name
-            old.unlink()
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    fsync_path(final.parent)
+        fsync_path(final.parent)
 
 
 @contextlib.contextmanager
-def saving(final: Path) -> Iterator[None]:
+def saving(final: Path, outcome: str = "nothing there was replaced") -> Iterator[None]:
     """A full disk or another OS error in the block (the model's save inside included) is a `SaveError`
-    naming `final`, one line."""
+    naming `final` and `outcome`, one line."""
     try:
         yield
     except BaseException as e:
         reason = write_failure(e)
         if reason is None:
             raise
-        raise SaveError(final, reason, "nothing there was replaced") from None
+        raise SaveError(final, reason, outcome) from None
 
 
 def write_temp(tmp: Path, final: Path, write: Callable[..., None], *args: Any) -> None:

@@ -1,0 +1,82 @@
+"""A training run interrupted the hard way: renames and deletions that fail while a checkpoint is published."""
+
+import dataclasses
+import errno
+import os
+import re
+
+import pytest
+import test_train
+from test_train import config
+
+from internvl_mpo.errors import CheckpointError
+from internvl_mpo.locks import TRAIN_LOCK
+from internvl_mpo.train import checkpointing as ckpt
+from internvl_mpo.train.mpo import train
+
+chat_folder, meta = test_train.chat_folder, test_train.meta  # the fixtures
+
+
+def refuse_rename(monkeypatch, source: str, target: str) -> None:
+    """os.replace fails as in a folder made read-only (chattr +i, or chmod for a user other than root) for
+    the rename of a path named `source` to one named `target`."""
+    real = os.replace
+
+    def replace(src, dst, **kwargs):
+        if (os.path.basename(src), os.path.basename(dst)) == (source, target):
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(src), None, str(dst))
+        return real(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_a_checkpoint_that_cannot_be_renamed_into_place_is_one_line_and_the_last_one_resumes(
+        tmp_path, chat_folder, meta, monkeypatch):
+    """The rename that publishes a checkpoint failing (its folder made read-only mid-run) stopped the run with a
+    PermissionError traceback and left the temporary folder; it is one line naming the checkpoint, and the
+    previous checkpoint resumes."""
+    run = tmp_path / "run"
+    cfg = config(chat_folder, meta, run, max_steps=4, save_every=2)
+    with monkeypatch.context() as m:
+        refuse_rename(m, ".tmp-checkpoint-000004", "checkpoint-000004")
+        message = f"{run / 'checkpoint-000004'}: saving failed ([Errno 1] Operation not permitted: "
+        with pytest.raises(CheckpointError, match=re.escape(message) + ".*; nothing there was replaced$"):
+            train(cfg)
+    assert sorted(p.name for p in run.iterdir()) == [TRAIN_LOCK[0], "checkpoint-000002", "metrics.jsonl"]
+    assert train(dataclasses.replace(cfg, resume=True)).resumed_after == 2
+
+
+def test_a_folder_that_cannot_replace_the_one_there_leaves_that_one(tmp_path, monkeypatch):
+    """Publishing over an existing folder (final/ written again) moved it aside before the rename that failed:
+    final/ was gone, and a traceback said nothing of where it was."""
+    final = tmp_path / "final"
+    ckpt.atomic_folder(final, lambda folder: (folder / "config.json").write_text("old"))
+    refuse_rename(monkeypatch, ".tmp-final", "final")
+    with pytest.raises(CheckpointError, match=re.escape(f"{final}: saving failed ([Errno 1]")):
+        ckpt.atomic_folder(final, lambda folder: (folder / "config.json").write_text("new"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert (final / "config.json").read_text() == "old"
+
+
+def test_publish_removes_what_a_kill_between_its_two_renames_left(tmp_path):
+    """Killed after moving the old final/ aside and before renaming the new one in: the next publish found no
+    final/ and left the old copy (a whole model) as .tmp-final.old for good."""
+    (tmp_path / ".tmp-final.old").mkdir()
+    (tmp_path / ".tmp-final.old" / "model.safetensors").write_bytes(b"weights")
+    ckpt.atomic_folder(tmp_path / "final", lambda folder: (folder / "config.json").write_text("{}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_checkpoints_that_cannot_be_deleted_for_the_save_limit_are_one_line(tmp_path, chat_folder, meta, monkeypatch):
+    """--save-total-limit deleting an older checkpoint in a folder made read-only stopped the run with a traceback;
+    it is one line naming that checkpoint and the newest, which resumes."""
+    run = tmp_path / "run"
+    cfg = config(chat_folder, meta, run, max_steps=6, save_every=2, save_total_limit=1)
+    with monkeypatch.context() as m:
+        refuse_rename(m, "checkpoint-000002", ".tmp-checkpoint-000002")
+        message = (re.escape(f"{run / 'checkpoint-000002'}: cannot delete it to keep --save-total-limit 1 ([Errno 1]"
+                             " Operation not permitted: ") + ".*"
+                   + re.escape(f"); {run / 'checkpoint-000004'} is saved, --resume goes on from it") + "$")
+        with pytest.raises(CheckpointError, match=message):
+            train(cfg)
+    assert train(dataclasses.replace(cfg, resume=True)).resumed_after == 4
