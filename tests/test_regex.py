@@ -3,6 +3,7 @@ Python's re on random texts and on random walks of the automaton."""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 
@@ -114,6 +115,38 @@ def test_the_dfa_memo_is_cleared_past_its_bound_and_answers_stay_the_same(monkey
         text = "".join(rng.choice("ab") for _ in range(rng.randint(0, 12)))
         assert regex.matches(text.encode()) == bool(re.fullmatch("(a|b)*a(a|b){6}", text)), text
         assert regex._held <= 20 + max(len(state) for state in regex._moves)
+
+
+def test_cached_masks_keep_no_automaton_or_schema_alive():
+    """The vocabulary's mask caches are keyed by what a regex, grammar or schema is built from: once the compile caches
+    (CACHED_REGEXES, ...) let go of one, it is freed with its nodes and memo. Keyed by the objects, the caches kept up
+    to CACHED_MASKS of them alive (a server given distinct regexes held hundreds, a few MiB each)."""
+    import gc
+    import weakref
+
+    from internvl_mpo.generate import json_schema as js
+    from internvl_mpo.generate.grammar import Grammar
+
+    pieces = [bytes([b]) for b in range(32, 127)] + [b"ab", b"12", b'{"', b'":', b'"}']
+    vocabulary = jm.JsonVocabulary(pieces, len(pieces) + 1)
+    value = {"type": "object", "properties": {"k": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}},
+             "required": ["k"]}
+    schema = js.Schema(json.dumps(value), value)
+    built = [(regex_module.Regex("[a-z]{1,3}x", False, ""), b"abx"), (Grammar('root ::= "a" [0-9]+'), b"a12"),
+             (schema, b'{"k":"ab"}')]
+    for source, text in built:
+        constraint = automaton.AutomatonConstraint(vocabulary, source) if source is not schema else \
+            js.SchemaConstraint(vocabulary, source)
+        for byte in text:
+            assert constraint.allowed([len(pieces)])[pieces.index(bytes([byte]))]
+            constraint.advance(pieces.index(bytes([byte])))
+    assert vocabulary.regex_cache and vocabulary.schema_cache
+    bounded = [a.automaton for a in schema.alternatives if a.automaton is not None]
+    assert [type(a).__name__ for a in bounded] == ["_Bounded"]  # its masks are cached too
+    refs = [weakref.ref(thing) for thing in [source for source, _ in built] + bounded]
+    del built, source, constraint, schema, bounded
+    gc.collect()
+    assert [ref() for ref in refs] == [None] * 4
 
 
 def test_a_non_string_regex_is_refused():

@@ -157,6 +157,12 @@ class ByteAutomaton:
         return hash(self.key)
 
     @property
+    def cache_key(self) -> tuple:
+        """What the automaton is built from, with its kind: equal where the automata are, and holding none of their
+        nodes or memo, so that the masks cached by it (automaton_mask) keep no automaton alive."""
+        return type(self).__name__, self.key
+
+    @property
     def size(self) -> int:
         """The number of NFA nodes."""
         return len(self._bytes)
@@ -283,10 +289,11 @@ def merged(tree) -> tuple:
 
 def automaton_mask(vocabulary: jm.JsonVocabulary, automaton, state) -> numpy.ndarray:
     """A new boolean array (vocabulary size,): the ids whose bytes take `state` of `automaton` (anything with
-    `advance` and `byte_runs`, equal and hashed by what it takes) to a live state, cached in the vocabulary per
-    automaton and state: one token of each class of the automaton's byte runs (vocabulary.token_classes) walked, all
-    together (jm.walk_flat)."""
-    return vocabulary.cached_mask(vocabulary.regex_cache, CACHED_MASKS, (automaton, state), None,
+    `advance`, `byte_runs` and `cache_key`) to a live state, cached in the vocabulary per automaton's `cache_key` and
+    state (keyed by the automaton itself, the cache kept up to CACHED_MASKS automata alive, their nodes and memos, past
+    the compile caches' bound): one token of each class of the automaton's byte runs (vocabulary.token_classes)
+    walked, all together (jm.walk_flat)."""
+    return vocabulary.cached_mask(vocabulary.regex_cache, CACHED_MASKS, (automaton.cache_key, state), None,
                                   lambda: _compute(vocabulary, automaton, state))
 
 

@@ -248,8 +248,8 @@ class JsonVocabulary:
             for u in range(len(UTF8)) if 0x80 <= piece[0] <= 0xBF else (0,):
                 self._content[u, i] = advance_bytes((STRING, u, "", 0), piece) is not None
         self._cache: OrderedDict = OrderedDict()
-        self.schema_cache: OrderedDict = OrderedDict()  # json_schema.schema_mask's, by (schema, state)
-        self.regex_cache: OrderedDict = OrderedDict()  # automaton.automaton_mask's, by (regex or grammar, state)
+        self.schema_cache: OrderedDict = OrderedDict()  # json_schema.schema_mask's, by (canonical JSON, state)
+        self.regex_cache: OrderedDict = OrderedDict()  # automaton.automaton_mask's, by (automaton's cache_key, state)
         self._classes: OrderedDict = OrderedDict()  # token_classes', by byte runs
 
     @functools.cached_property

@@ -877,6 +877,11 @@ class _Bounded:
     def __hash__(self):
         return hash((self.regex, self.low, self.high))
 
+    @property
+    def cache_key(self) -> tuple:
+        """automaton_mask's key: the regex's and the bounds (not the automaton, which the mask cache would keep)."""
+        return "bounded", self.regex.cache_key, self.low, self.high
+
     def accepting(self, state) -> bool:
         return self.regex.accepting(state[0]) and state[1] >= self.low
 
@@ -1139,9 +1144,10 @@ def _compiled(canonical: str) -> Schema:
 
 def schema_mask(vocabulary: jm.JsonVocabulary, schema: Schema, state) -> numpy.ndarray:
     """A new boolean array (vocabulary size,): the ids whose bytes take `state` of `schema` to a valid prefix,
-    cached in the vocabulary per schema and state (the whitespace run counted apart, as JSON mode's)."""
+    cached in the vocabulary per schema (its canonical JSON: the Schema itself, a key there, would stay alive) and
+    state (the whitespace run counted apart, as JSON mode's)."""
     key = (jm.unspaced(state[0]), state[1])
-    return vocabulary.cached_mask(vocabulary.schema_cache, CACHED_MASKS, (schema, key), state[0],
+    return vocabulary.cached_mask(vocabulary.schema_cache, CACHED_MASKS, (schema.canonical, key), state[0],
                                   lambda: _compute(vocabulary, schema, key))
 
 
