@@ -4,6 +4,7 @@ import dataclasses
 import errno
 import os
 import re
+import shutil
 
 import pytest
 import test_train
@@ -80,3 +81,33 @@ def test_checkpoints_that_cannot_be_deleted_for_the_save_limit_are_one_line(tmp_
         with pytest.raises(CheckpointError, match=message):
             train(cfg)
     assert train(dataclasses.replace(cfg, resume=True)).resumed_after == 4
+
+
+def test_metrics_rows_reach_the_disk_before_the_checkpoint_of_their_steps(tmp_path, chat_folder, meta, monkeypatch):
+    """Checkpoints are fsynced before their rename, metrics.jsonl was never: after a machine's crash (a node lost,
+    its page cache with it) a resume could go on from a checkpoint whose steps' rows were gone, and the rewrite at a
+    resume could leave an empty file. The rows are synced before each checkpoint's rename, the rewrite before its."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def replace(src, dst, **kwargs):
+        events.append(("rename", os.path.basename(dst)))
+        real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    run = tmp_path / "run"
+    cfg = config(chat_folder, meta, run, max_steps=2, save_every=1)
+    train(cfg)
+    synced = [name for kind, name in events if kind == "fsync" or name.startswith("checkpoint-")]
+    assert [name for name in synced if name in ("metrics.jsonl", "checkpoint-000001", "checkpoint-000002")] == [
+        "metrics.jsonl", "checkpoint-000001", "metrics.jsonl", "checkpoint-000002"]
+    events.clear()
+    (run / "checkpoint-000002" / ckpt.STATE_FILE).unlink()  # a run killed in its last step's save
+    shutil.rmtree(run / "final")
+    train(dataclasses.replace(cfg, resume=True))
+    assert events.index(("fsync", ".tmp-metrics.jsonl")) < events.index(("rename", "metrics.jsonl"))

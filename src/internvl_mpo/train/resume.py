@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from internvl_mpo.checkpoint import fsync_path
 from internvl_mpo.config import ModelConfig
 from internvl_mpo.errors import CheckpointError, ConfigError
 from internvl_mpo.model import InternVL
@@ -108,6 +109,10 @@ def save_checkpoint(
         "skipped": stream.report.counts,
         "config": dataclasses.asdict(cfg),
     }
+    metrics = Path(cfg.output) / METRICS_FILE
+    with ranks_together(env), ckpt.saving(metrics):  # the rows of the steps saved reach the disk before the checkpoint
+        if env.is_main and metrics.is_file():
+            fsync_path(metrics)
     saved = ckpt.save_checkpoint(
         ckpt.checkpoint_dir(Path(cfg.output), step), env, module, optimizer, _weights_writer(cfg, policy),
         trainer_state, {"data": stream.state()},
@@ -310,5 +315,6 @@ def rewrite_metrics(path: Path, last_step: int) -> int:
             cut += int(row.get("truncated", 0))  # absent in the lines of versions before it was counted
     tmp = path.with_name(".tmp-" + path.name)
     tmp.write_text("".join(line + "\n" for line in kept))
+    fsync_path(tmp)  # a crash after the rename leaves these rows, not an empty file
     os.replace(tmp, path)
     return cut
