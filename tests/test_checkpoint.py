@@ -1252,8 +1252,8 @@ print(rss_file() - before)
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssFile from /proc")
 def test_a_weight_cast_on_loading_leaves_its_stored_pages_out_of_the_process(tmp_path):
     """A bf16 checkpoint loaded in fp32 (the default on the CPU) was cast from its memory mapping, whose pages
-    stayed resident beside the fp32 copy until the load ended: a peak of 1.5 times the model (5.6 GB for the
-    3.6 GB of InternVL2.5-1B). The cast reads the file a piece at a time instead."""
+    stayed resident beside the fp32 copy until the load ended: a peak of 1.5 times the model (5.5 GiB for the
+    3.5 GiB of InternVL2.5-1B). The cast reads the file a piece at a time instead."""
     from safetensors.torch import save_file
 
     save_file({"w": torch.randn(64, 1 << 20).to(torch.bfloat16)}, str(tmp_path / "model.safetensors"))  # 128 MB
