@@ -5,6 +5,11 @@ import errno
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import test_train
@@ -111,3 +116,67 @@ def test_metrics_rows_reach_the_disk_before_the_checkpoint_of_their_steps(tmp_pa
     shutil.rmtree(run / "final")
     train(dataclasses.replace(cfg, resume=True))
     assert events.index(("fsync", ".tmp-metrics.jsonl")) < events.index(("rename", "metrics.jsonl"))
+
+
+SLOW_START = """
+import multiprocessing, os, pathlib, time
+from internvl_mpo.train.data import PairDataset
+
+class SlowStart(PairDataset):
+    \"\"\"Unpickled in a loader worker, before the worker's own start: says so, waits until the run is killed.\"\"\"
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if multiprocessing.current_process().name != "MainProcess":  # named before it is unpickled
+            (pathlib.Path(self.folder) / "worker.tmp").write_text(str(os.getpid()))
+            os.replace(pathlib.Path(self.folder) / "worker.tmp", pathlib.Path(self.folder) / "worker")
+            while not (pathlib.Path(self.folder) / "parent_dead").exists():
+                time.sleep(0.05)
+"""
+
+CHILD_SLOW_WORKER = """
+import sys
+sys.path[:0] = [{src!r}, {here!r}]
+from internvl_mpo.train import mpo
+from internvl_mpo.train.settings import TrainConfig
+from slowstart import SlowStart
+build = mpo.build_dataset
+def slow_build(*args):
+    dataset, report = build(*args)
+    dataset.__class__, dataset.folder = SlowStart, {here!r}
+    return dataset, report
+mpo.build_dataset = slow_build
+mpo.train(TrainConfig(**{cfg!r}))
+"""
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie that nobody reaps has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_loader_worker_ends_when_the_run_was_killed_while_it_started(tmp_path, chat_folder, meta):
+    """A run killed (SIGKILL, the OOM killer) while its --num-workers loader workers started (each epoch starts them
+    again): torch's watchdog took init for the worker's parent, so the worker waited for work for good."""
+    (tmp_path / "slowstart.py").write_text(SLOW_START)
+    cfg = config(chat_folder, meta, tmp_path / "run", num_workers=1)
+    script = CHILD_SLOW_WORKER.format(src=str(test_train.SRC), here=str(tmp_path), cfg=dataclasses.asdict(cfg))
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path)
+    deadline = time.time() + 120
+    while not (tmp_path / "worker").exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert (tmp_path / "worker").exists(), "the run never started its loader worker"
+    worker = int((tmp_path / "worker").read_text())
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    (tmp_path / "parent_dead").touch()
+    deadline = time.time() + 60
+    while running(worker) and time.time() < deadline:
+        time.sleep(0.1)
+    alive = running(worker)
+    if alive:
+        os.kill(worker, signal.SIGKILL)
+    assert not alive, "the loader worker outlived its killed run"

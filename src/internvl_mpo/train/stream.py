@@ -3,9 +3,11 @@ of them, epoch after epoch (`SampleStream`), which skips bad samples and keeps i
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import signal
+import sys
 
 import torch
 from PIL import Image
@@ -27,6 +29,8 @@ from internvl_mpo.train.fingerprints import share_digest
 from internvl_mpo.train.mmpr import SkipReport, load_meta, read_datasets, read_sft_records
 from internvl_mpo.train.reference import REF_FILE
 from internvl_mpo.train.settings import TrainConfig, count, max_seq_length
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
 
 
 def build_dataset(cfg: TrainConfig, tokenizer: Tokenizer, config: ModelConfig) -> tuple[PairDataset | SFTDataset, SkipReport]:
@@ -73,14 +77,26 @@ def _identity(x):
     return x
 
 
-def _start_worker(limit: int | None, worker_id: int) -> None:
+def _start_worker(limit: int | None, parent: int, worker_id: int) -> None:
     """A spawned loader worker's start: Pillow's limit as the training process set it (`--max-pixels` raises
     it, `let_pillow_open`); the worker would have Pillow's default, which refuses images past twice that.
     SIGTERM is ignored: sent to all of a job's processes (SLURM does), it would end the worker, and the
     training process with it mid-step, before the training process saves and stops (`stopping`), which ends
-    its workers (they also end when it dies)."""
+    its workers. They also end when it dies (`_end_with`)."""
     Image.MAX_IMAGE_PIXELS = limit
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _end_with(parent)
+
+
+def _end_with(parent: int) -> None:
+    """End this worker when the training process `parent` dies (on Linux the kernel kills it then). torch's
+    watchdog compares the worker's parent with the one it had when its loop started: a worker whose training
+    process was killed (SIGKILL, the OOM killer) while it started took init for its parent, and waited for work
+    for good, holding its memory."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before that: the kernel sends nothing
+        os._exit(0)
 
 
 class SampleStream:
@@ -133,7 +149,7 @@ class SampleStream:
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, sampler=order, num_workers=self.num_workers, collate_fn=_identity,
             multiprocessing_context="spawn", generator=torch.Generator().manual_seed(self.seed + self.epoch),
-            worker_init_fn=functools.partial(_start_worker, Image.MAX_IMAGE_PIXELS),
+            worker_init_fn=functools.partial(_start_worker, Image.MAX_IMAGE_PIXELS, os.getpid()),
         )
         return iter(loader)
 
