@@ -180,3 +180,15 @@ def test_a_loader_worker_ends_when_the_run_was_killed_while_it_started(tmp_path,
     if alive:
         os.kill(worker, signal.SIGKILL)
     assert not alive, "the loader worker outlived its killed run"
+
+
+def test_a_resume_prunes_what_a_run_killed_while_pruning_left(tmp_path, chat_folder, meta):
+    """Killed while --save-total-limit deleted an older checkpoint (after its last save): the resume that trained
+    the last steps saved nothing, so nothing pruned the checkpoint (45 GB for a 4B model) or its renamed remains."""
+    run = tmp_path / "run"
+    cfg = config(chat_folder, meta, run, max_steps=5, save_every=2, save_total_limit=1)
+    train(dataclasses.replace(cfg, save_total_limit=0))
+    shutil.rmtree(run / "final")  # killed before its final save: the checkpoint pruning was not done either
+    (run / ".tmp-checkpoint-000001" / "model").mkdir(parents=True)
+    assert train(dataclasses.replace(cfg, resume=True)).resumed_after == 4
+    assert sorted(p.name for p in run.iterdir()) == [TRAIN_LOCK[0], "checkpoint-000004", "final", "metrics.jsonl"]

@@ -353,6 +353,9 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
     start_step = 0
     if resume_from is not None:
         start_step = resume_training_state(resume_from, env, module, optimizer, running, stream)
+        with ranks_together(env):  # what a run killed while it pruned left, where no save of this run would prune it
+            if cfg.save_total_limit and env.is_main:
+                ckpt.prune_checkpoints(output, cfg.save_total_limit)
     metrics_path = output / METRICS_FILE
     cut_total = 0  # samples cut to --max-seq-length, the resumed run's steps included (counted on process 0)
     with ranks_together(env), ckpt.saving(metrics_path):  # a full disk at a resume, say
