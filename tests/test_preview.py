@@ -97,9 +97,9 @@ def test_png_shows_grid_and_thumbnail(tmp_path):
 def test_png_for_an_extreme_aspect_ratio(tmp_path):
     out = tmp_path / "tall.png"
     report = tiles_report(save(tmp_path, 1, 10000), output_png=out)
-    picture = Image.open(out)
-    assert report["tiles"] == 13
-    assert picture.height <= PREVIEW_MAX_SIDE + 200 and picture.width < 1000
+    with Image.open(out) as picture:
+        assert report["tiles"] == 13
+        assert picture.height <= PREVIEW_MAX_SIDE + 200 and picture.width < 1000
 
 
 def test_bad_input_names_the_file(tmp_path):

@@ -3111,6 +3111,7 @@ def test_a_plain_answer_its_client_does_not_read_gives_its_place_back_once_made(
         response = http.client.HTTPResponse(conn)
         response.begin()
         assert response.status == 200 and json.loads(response.read())["choices"] == answer.json()["choices"]
+        conn.close()
 
 
 def test_a_stream_read_slowly_but_steadily_gets_its_whole_answer_past_send_timeout(local_chat):
@@ -3121,13 +3122,15 @@ def test_a_stream_read_slowly_but_steadily_gets_its_whole_answer_past_send_timeo
 
     with app_server(local_chat, send_buffer=2**16, max_batch=2, max_len=2048, send_timeout=2) as url:
         expected = httpx.post(url + "/v1/chat/completions", json={**LOUD, "max_tokens": 400}, timeout=60).json()
-        response = http.client.HTTPResponse(stream_client(url, {**LOUD, "max_tokens": 400}))
+        conn = stream_client(url, {**LOUD, "max_tokens": 400})
+        response = http.client.HTTPResponse(conn)
         response.begin()
         assert response.status == 200
         body = bytearray()
         while piece := response.read(8192):
             body += piece
             time.sleep(0.05)  # the pace of a slow reader, not a synchronisation
+        conn.close()
         events = [line.removeprefix("data: ") for line in body.decode().split("\n\n") if line]
         assert events[-1] == "[DONE]" and len(body) > 400_000
         chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
