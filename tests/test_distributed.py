@@ -17,6 +17,7 @@ import random
 import shutil
 import signal
 import socket
+import tempfile
 from pathlib import Path
 from unittest.mock import ANY
 
@@ -65,6 +66,24 @@ def _worker(rank: int, world: int, ports: list[int], configs: list[dict]) -> Non
         os.environ["MASTER_PORT"] = str(port)
         train(TrainConfig(**cfg))
         assert_no_process_group()
+
+
+@pytest.fixture(autouse=True)
+def _temporary_files_in_tmp_path(tmp_path, monkeypatch):
+    """The test's temporary files go into its tmp_path: torch's spawn gives each process a pytorch-errorfile-*.pickle
+    in the temporary folder, which a process that raised leaves behind (a failing test's piled up in /tmp)."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the spawned processes'
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this process's (read once, then kept)
+
+
+def _raising_worker(rank: int) -> None:
+    raise RuntimeError(f"process {rank} fails")
+
+
+def test_a_process_that_raised_leaves_its_error_file_in_tmp_path(tmp_path):
+    with pytest.raises(mp.ProcessRaisedException, match=r"process \d fails"):
+        mp.start_processes(_raising_worker, nprocs=2, start_method="spawn")
+    assert list(tmp_path.glob("pytorch-errorfile-*.pickle"))
 
 
 def rows(output: Path) -> list[dict]:
