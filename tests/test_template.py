@@ -279,6 +279,28 @@ def test_whitespace_stripping_image_tokens_fall_back_to_full_encoding(tmp_path, 
     assert ours.decode(ids, skip_special_tokens=True) == "Lookhere"
 
 
+def test_image_tokens_matched_after_normalization_fall_back_to_full_encoding(tmp_path, folder):
+    """Image tokens matched on the normalized text see the text around them normalized as one string (here
+    stripped at its ends only): encoding the pieces apart would strip each piece; the full string is encoded."""
+    from tokenizers import normalizers
+
+    custom = stripping_tokenizer(tmp_path, folder)
+    config = json.loads((custom / "tokenizer_config.json").read_text())
+    for entry in config["added_tokens_decoder"].values():
+        if "img>" in entry["content"]:
+            entry.update(lstrip=False, rstrip=False, normalized=True)
+    (custom / "tokenizer_config.json").write_text(json.dumps(config))
+    backend = load_tokenizer(custom).backend
+    backend.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Strip()])
+    backend.save(str(custom / "tokenizer.json"))
+    ours = load_tokenizer(custom)
+    assert not ours.is_plain_added_token("<img>") and ours.is_plain_added_token("<IMG_CONTEXT>")
+    text = "Look  <image>  here"
+    expanded = expand_image_tokens(text, [1], 4)
+    assert encode_with_images(ours, text, [1], 4) == ours.backend.encode(expanded, add_special_tokens=False).ids
+    assert ours.decode(encode_with_images(ours, text, [1], 4)) == "Look    here"
+
+
 def test_prompt_length_is_the_length_of_the_prompt_ids_and_refuses_the_same(ours, tmp_path, folder):
     """prompt_length measures a prompt from tile counts (InternVLChat checks it before tiling the images):
     it must be len(build_prompt_ids) for every prompt, where the image tokens are spliced and where a
