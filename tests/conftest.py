@@ -48,6 +48,15 @@ def _seeded():
     seed_everything()  # again after the wider fixtures: the test's own draws do not depend on which of them it made
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _matplotlib_folders_in_tmp(tmp_path_factory):
+    """matplotlib writes its font cache and makes its config folder in the home folder on its first import: in the
+    session's temporary folder instead, for this process and the commands it starts."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MPLCONFIGDIR", str(tmp_path_factory.mktemp("matplotlib")))
+        yield
+
+
 def tiny_config(**vision_changes) -> ModelConfig:
     vision = dataclasses.replace(
         VisionConfig(), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -1856,6 +1856,14 @@ def test_plot_with_a_matplotlib_that_cannot_be_imported_says_so(tmp_path, capsys
     assert "pip install -U 'internvl-mpo[plot]'" in err and len(err.strip().splitlines()) == 1
 
 
+def test_matplotlib_keeps_its_cache_out_of_the_home_folder():
+    """matplotlib writes its font cache (~/.cache/matplotlib) and makes its config folder on its first import: the
+    suite's are in its temporary folder (conftest)."""
+    matplotlib = pytest.importorskip("matplotlib")
+    assert not Path(matplotlib.get_cachedir()).is_relative_to(Path.home())
+    assert not Path(matplotlib.get_configdir()).is_relative_to(Path.home())
+
+
 def test_plot_skips_the_half_written_line_of_a_killed_run(tmp_path, capsys):
     from internvl_mpo.cli import main
 
