@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from internvl_mpo.errors import InputError
-from internvl_mpo.processor.image import image_to_pixel_values, load_image, open_image
+from internvl_mpo.processor.image import image_to_pixel_values, load_image, open_image, read_size
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
@@ -477,6 +477,10 @@ def test_an_image_closed_before_loading_is_named_as_closed(tmp_path):
 def test_zero_area_image():
     with pytest.raises(InputError, match="zero area"):
         load_image(Image.new("RGB", (0, 5)))
+    for size in ((0, 5), (5, 0), (0, 0)):  # either side zero: refused by open_image and read_size, naming the source
+        for function in (open_image, read_size):
+            with pytest.raises(InputError, match=rf"^<PIL image>: image has zero area \({size[0]}x{size[1]}\)$"):
+                function(Image.new("RGB", size))
 
 
 def test_mode_without_rgb_conversion():
@@ -624,6 +628,7 @@ def test_tile_budget_follows_the_official_evaluation_rule():
         OFFICIAL_EVAL_TILE_BUDGET,
         load_images,
         per_image_max_num,
+        planned_tiles,
     )
 
     # VLMEvalKit: max_num = max(1, min(max_num, total_max_num // n_images)), total_max_num = 64.
@@ -639,6 +644,10 @@ def test_tile_budget_follows_the_official_evaluation_rule():
     result = load_images([wide] * 3, max_num=12, total_budget=9)  # each image capped at 3 tiles
     assert result.num_patches_list == [4, 4, 4]
     assert torch.equal(result.pixel_values[:4], reference_pixel_values(wide, max_num=3))
+    # a min_num above an image's own max_num (given, or cut by the budget) comes down to it, not a refusal
+    for settings, expected in ((dict(max_num=[2, 12]), [3, 5]), (dict(max_num=12, total_budget=4), [3, 3])):
+        assert load_images([wide, wide], min_num=4, **settings).num_patches_list == expected
+        assert planned_tiles([wide, wide], min_num=4, **settings) == expected
 
 
 def test_multi_image_bad_input():
