@@ -52,6 +52,8 @@ def test_report_options(tmp_path):
     assert small["grid"] == (2, 1) and small["tokens"] == 3 * 64 + 2
     assert tiles_report(save(tmp_path, 640, 480))["upscaled"] is True
     assert tiles_report(save(tmp_path, 4000, 3000, "big.png"))["upscaled"] is False
+    tall = tiles_report(save(tmp_path, 460, 800, "tall.png"))  # 1x2 grid: width 460 -> 448, height 800 -> 896
+    assert tall["resized"] == (448, 896) and tall["upscaled"] is True
 
 
 def test_formatted_lines(tmp_path):
