@@ -192,6 +192,21 @@ def test_training_and_pair_ids_start_with_one_masked_bos_as_the_official_preproc
     assert pair.prompt_ids == build_prompt_ids(tokenizer, "hello", (), [1], num_image_token=2)[: len(pair.prompt_ids)]
 
 
+def test_chat_prompt_ids_and_length_count_the_bos_as_the_official_chat(internlm2_like):
+    """`chat()` tokenizes its prompt with InternLM2Tokenizer's BOS; `prompt_length` (measured from tile counts
+    before the images are tiled) counts it too."""
+    from internvl_mpo.chat.template import build_prompt_ids, prompt_length
+
+    folder, sp = internlm2_like
+    tokenizer = load_internlm2_tokenizer(folder)
+    system = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。")
+    prompt = (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<img>{'<IMG_CONTEXT>' * 6}</img>\nhello"
+              "<|im_end|>\n<|im_start|>assistant\n")
+    official = [sp.bos_id(), *slow_path_ids(sp, prompt)]
+    assert build_prompt_ids(tokenizer, "hello", (), [3], num_image_token=2) == official
+    assert prompt_length(tokenizer, "hello", (), [3], num_image_token=2) == len(official)
+
+
 def test_whitespace_folding_touches_spaces_only(tmp_path):
     """remove_extra_whitespaces trims and folds ASCII spaces; newlines and tabs stay, as in SentencePiece."""
     options = {**INTERNLM2_LIKE, "remove_extra_whitespaces": True}
