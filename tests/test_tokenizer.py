@@ -178,6 +178,22 @@ def test_legacy_added_tokens_json(tmp_path, vocab_dir):
         assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True)
 
 
+def test_legacy_special_tokens_map_names_the_special_tokens_over_the_config(tmp_path, vocab_dir):
+    """In a folder without added_tokens_decoder, transformers reads special_tokens_map.json over the config's
+    eos/pad (the config's were taken: generation stopped at the wrong token where the two disagree)."""
+    folder = tmp_path / "legacy"
+    shutil.copytree(vocab_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["added_tokens_decoder"]
+    config.update(eos_token="<|endoftext|>", pad_token="<|im_end|>")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    special_map = json.loads((folder / "special_tokens_map.json").read_text())
+    special_map.update(eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special_map))
+    ours, hf = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    assert (ours.eos_id, ours.pad_id) == (hf.eos_token_id, hf.pad_token_id) == (ours.im_end_id, ours.token_to_id("<|endoftext|>"))
+
+
 def test_added_token_flags_follow_transformers(tmp_path, vocab_dir):
     """lstrip/rstrip/single_word/normalized flags act as in transformers (which resets them on named
     special tokens and keeps them on the others)."""

@@ -301,11 +301,11 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     special_map = read_tokenizer_json(map_path) if map_path.is_file() and "added_tokens_decoder" not in config else {}
 
     named: dict[str, str | None] = {}
-    for key in _NAMED_SPECIAL_KEYS:
-        if key in config:
-            named[key] = _token_text(config[key])
-        elif key in special_map:
+    for key in _NAMED_SPECIAL_KEYS:  # as transformers' legacy path, special_tokens_map.json over the config
+        if key in special_map:
             named[key] = _token_text(special_map[key])
+        elif key in config:
+            named[key] = _token_text(config[key])
         else:
             named[key] = _QWEN2_DEFAULTS.get(key)
     extra: list = []
