@@ -152,6 +152,23 @@ def test_special_ids_decode_and_streaming(internlm2_like):
     assert "".join(stream.feed(i) for i in ids) + stream.flush() == text
 
 
+def test_add_bos_token_defaults_to_true_as_internlm2tokenizer(internlm2_like, tmp_path):
+    """InternLM2Tokenizer's add_bos_token defaults to True: a config without the key still gets the BOS."""
+    from internvl_mpo.chat.template import build_prompt_ids
+
+    folder, sp = internlm2_like
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer.model").write_bytes((folder / "tokenizer.model").read_bytes())
+    for setting, expected in ((None, True), (False, False), (True, True)):
+        config.pop("add_bos_token", None)
+        if setting is not None:
+            config["add_bos_token"] = setting
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+        tokenizer = load_internlm2_tokenizer(tmp_path)
+        assert tokenizer.add_bos_token is expected
+        assert (build_prompt_ids(tokenizer, "hi")[0] == sp.bos_id()) is expected
+
+
 def test_refusals(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"\x0a\x05hello\xff\xff")
     with pytest.raises(CheckpointError, match="not a SentencePiece model file"):
