@@ -387,6 +387,20 @@ def test_mpo_default_weights_combination_by_hand():
     assert running.count == pytest.approx(1.0)
 
 
+def test_mpo_gen_weight_scales_the_nll_and_a_reward_tie_is_no_accuracy():
+    """Step 0 of a run with a live reference: policy == reference, so z = 0 and every reward is 0.
+
+    DPO: log 2. BCO: rewards 0, delta 0, loss 2 log 2. NLL 2.0 at gen_weight (TRL's rpo_alpha) 0.5 adds 1.0.
+    TRL counts accuracy as chosen_rewards > rejected_rewards: a tie is no accuracy.
+    """
+    logps = torch.tensor([-10.0, -20.0])
+    weights = MPOWeights(gen_weight=0.5)
+    loss, m = mpo_loss(logps, logps - 3, logps, logps - 3, torch.tensor(2.0), weights, RunningMean())
+    assert loss.item() == pytest.approx(0.8 * LOG2 + 0.2 * 2 * LOG2 + 0.5 * 2.0, rel=1e-6)
+    assert m["nll"] == 2.0 and m["rewards/chosen"] == m["rewards/rejected"] == 0.0
+    assert m["rewards/accuracies"] == 0.0 and m["rewards/margins"] == 0.0
+
+
 def test_mpo_special_cases():
     pc = torch.tensor([-5.0, -6.0], requires_grad=True)
     pr, rc, rr = torch.tensor([-7.0, -6.5]), torch.tensor([-5.5, -6.0]), torch.tensor([-6.5, -6.0])
