@@ -343,6 +343,10 @@ TRAINING_CASES = {
         [("user", "Hello"), ("assistant", "Hi!"), ("user", "<image>\nAnd this?"), ("assistant", "A dog.")],
         [1],
     ),
+    "images_in_two_turns": (
+        [("user", "<image>\nWhat is it?"), ("assistant", "A cat."), ("user", "<image>\nAnd this?"), ("assistant", "A dog.")],
+        [3, 1],
+    ),
 }
 
 

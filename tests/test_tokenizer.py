@@ -194,6 +194,18 @@ def test_legacy_special_tokens_map_names_the_special_tokens_over_the_config(tmp_
     assert (ours.eos_id, ours.pad_id) == (hf.eos_token_id, hf.pad_token_id) == (ours.im_end_id, ours.token_to_id("<|endoftext|>"))
 
 
+def test_named_special_tokens_the_config_omits_take_qwen2tokenizers_defaults(tmp_path, vocab_dir):
+    """Without eos/pad/unk keys, Qwen2Tokenizer's constructor defaults name `<|endoftext|>` for all three."""
+    folder = tmp_path / "no_named"
+    shutil.copytree(vocab_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    for key in ("eos_token", "pad_token", "unk_token"):
+        del config[key]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, hf = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    assert (ours.eos_id, ours.pad_id) == (hf.eos_token_id, hf.pad_token_id) == (ours.token_to_id("<|endoftext|>"),) * 2
+
+
 def test_added_token_flags_follow_transformers(tmp_path, vocab_dir):
     """lstrip/rstrip/single_word/normalized flags act as in transformers (which resets them on named
     special tokens and keeps them on the others)."""
