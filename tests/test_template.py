@@ -344,7 +344,8 @@ TRAINING_CASES = {
         [1],
     ),
     "images_in_two_turns": (
-        [("user", "<image>\nWhat is it?"), ("assistant", "A cat."), ("user", "<image>\nAnd this?"), ("assistant", "A dog.")],
+        [("user", "<image>\nWhat is it?"), ("assistant", "A cat."),
+         ("user", "<image>\nAnd this?"), ("assistant", "A dog.")],
         [3, 1],
     ),
 }
