@@ -42,7 +42,7 @@ from internvl_mpo.train.lora import apply_lora, lora_target_names
 from internvl_mpo.train.losses import MPOWeights, RunningMean, mpo_loss, sft_nll
 from internvl_mpo.train.mmpr import SkipReport, load_meta, read_datasets
 from internvl_mpo.train.mpo import train
-from internvl_mpo.train.policy import SequenceLogps
+from internvl_mpo.train.policy import SequenceLogps, build_optimizer, set_drop_path
 from internvl_mpo.train.resume import check_resume_settings, official_state
 from internvl_mpo.train.settings import TrainConfig, max_seq_length
 from internvl_mpo.train.stopping import Stopped
@@ -1463,6 +1463,40 @@ def test_lr_schedule_is_transformers_cosine_with_warmup(total, ratio):
         assert mpo.lr_at(step, total, ratio, 1e-6) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12, abs=1e-22)
         optimizer.step()
         schedule.step()
+
+
+def test_max_grad_norm_0_reports_the_norm_and_clips_nothing():
+    param = torch.nn.Parameter(torch.zeros(2))
+    param.grad = torch.tensor([3.0, 4.0])
+    assert mpo._grad_norm([param], 0.0) == pytest.approx(5.0) and param.grad.tolist() == [3.0, 4.0]
+    assert mpo._grad_norm([param], 1.0) == pytest.approx(5.0)
+    assert param.grad.tolist() == pytest.approx([0.6, 0.8], rel=1e-5)
+
+
+def test_vit_drop_path_rises_as_the_official_linspace(chat_folder):
+    """InternViT's `dpr = torch.linspace(0, drop_path_rate, num_hidden_layers)`: the last layer gets the full rate."""
+    model = InternVL.from_pretrained(chat_folder, dtype=torch.float32)
+    layers = model.vision_model.encoder.layers
+    set_drop_path(model, 0.1)
+    assert [layer.drop_path.rate for layer in layers] == pytest.approx(torch.linspace(0, 0.1, len(layers)).tolist())
+    assert model.config.vision.drop_path_rate == 0.1
+
+
+def test_weight_decay_skips_biases_and_norm_weights_only(chat_folder):
+    model = InternVL.from_pretrained(chat_folder, dtype=torch.float32)
+    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.05))
+    name = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["weight_decay"]: {name[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    # the projector's LayerNorm is mlp1.0; ViT norm1/norm2, the LLM's input/post-attention norms and final norm
+    plain = {n for n in name.values() if n.endswith(".bias") or re.search(r"norm\w*\.weight$", n) or n == "mlp1.0.weight"}
+    assert groups == {0.05: set(name.values()) - plain, 0.0: plain}
+    assert "vision_model.encoder.layers.0.ls1" in groups[0.05]  # layer scales are no norm: decayed
+
+
+def test_lora_alpha_defaults_to_twice_the_rank():
+    """The official `wrap_llm_lora` / `wrap_backbone_lora` use lora_alpha = 2 * r: the adapters' scale is 2."""
+    assert TrainConfig(lora_rank=4).lora_scale == 2.0 and TrainConfig(lora_rank=16).lora_scale == 2.0
+    assert TrainConfig(lora_rank=4, lora_alpha=2.0).lora_scale == 0.5 and TrainConfig().lora_scale == 0.0
 
 
 def test_gradient_accumulation_equals_the_larger_micro_batch(tmp_path, chat_folder, meta):
