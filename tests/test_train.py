@@ -1488,7 +1488,8 @@ def test_weight_decay_skips_biases_and_norm_weights_only(chat_folder):
     name = {id(p): n for n, p in model.named_parameters()}
     groups = {g["weight_decay"]: {name[id(p)] for p in g["params"]} for g in optimizer.param_groups}
     # the projector's LayerNorm is mlp1.0; ViT norm1/norm2, the LLM's input/post-attention norms and final norm
-    plain = {n for n in name.values() if n.endswith(".bias") or re.search(r"norm\w*\.weight$", n) or n == "mlp1.0.weight"}
+    plain = {n for n in name.values()
+             if n.endswith(".bias") or re.search(r"norm\w*\.weight$", n) or n == "mlp1.0.weight"}
     assert groups == {0.05: set(name.values()) - plain, 0.0: plain}
     assert "vision_model.encoder.layers.0.ls1" in groups[0.05]  # layer scales are no norm: decayed
 
