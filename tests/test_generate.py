@@ -1134,6 +1134,17 @@ def test_top_p_one_keeps_every_token_despite_rounding():
     assert filter_top_k_top_p(logits, torch.tensor([0]), torch.tensor([1.0])).isfinite().all()
 
 
+
+def test_a_tiny_top_p_keeps_the_most_likely_token():
+    """However small top_p, the most likely token stays (transformers' min_tokens_to_keep=1): its cut 1 - top_p
+    rounds to 1 in fp32, which the whole sum reaches, and without that rule every token went and sampling read NaN."""
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.0]])
+    kept = filter_top_k_top_p(logits, torch.tensor([0]), torch.tensor([1e-9], dtype=torch.float64))
+    assert kept.isfinite().tolist() == [[False, True, False, False]]
+    noise = exponential_noise([make_generator(0, "cpu")], 4, "cpu")
+    assert choose_tokens(logits, torch.tensor([False]), torch.tensor([1.0]), torch.tensor([0]),
+                         torch.tensor([1e-9], dtype=torch.float64), noise).tolist() == [1]
+
 def test_the_earliest_of_several_stop_strings_cuts():
     class WordTokenizer:  # id 0 decodes to the whole word "image"
         def stream_decoder(self, skip_special_tokens=True):
