@@ -27,6 +27,7 @@ from internvl_mpo.errors import InputError
 from internvl_mpo.processor.image import IMAGENET_MEAN, IMAGENET_STD, load_image
 from internvl_mpo.processor.tiling import dynamic_preprocess
 from internvl_mpo.processor.video import load_video
+from internvl_mpo.train import data
 from internvl_mpo.train.data import (
     BadExample,
     MediaSettings,
@@ -265,6 +266,9 @@ def test_long_answers_lose_their_tails_never_the_prompt(tmp_path, tokenizer, set
     assert cut.chosen_ids == full.chosen_ids[:room] and cut.chosen_labels == full.chosen_labels[:room]
     assert cut.rejected_ids == full.rejected_ids
     torch.testing.assert_close(cut.pixel_values, full.pixel_values, rtol=0, atol=0)
+    # a limit the longer answer exactly fills cuts nothing: not counted as cut
+    exact = encode_pair(recs[0], tokenizer, settings, len(full.prompt_ids) + len(full.chosen_ids))
+    assert not exact.truncated and exact.chosen_ids == full.chosen_ids and exact.chosen_labels == full.chosen_labels
 
 
 def test_answers_cut_to_the_same_tokens_name_file_and_line(tmp_path, tokenizer, settings):
@@ -511,6 +515,10 @@ def test_sft_truncation_never_cuts_image_tokens(tmp_path, tokenizer, settings):
     assert isinstance(bad, BadExample) and "sft.jsonl:1:" in bad.message
     assert bad.message.endswith(f"cutting it to --max-seq-length {image_end - 3} would cut image tokens; lower"
                                 " --max-dynamic-patch or raise --max-seq-length")
+    # the first token cut is </img>: refused; one more keeps the image whole
+    assert isinstance(SFTDataset(records, tokenizer, settings, image_end - 1)[0], BadExample)
+    whole = SFTDataset(records, tokenizer, settings, image_end)[0]
+    assert whole.truncated and whole.input_ids == full.input_ids[:image_end]
     (tmp_path / "text.jsonl").write_text(json.dumps({"conversations": convo[:2]}) + "\n")
     text = read_sft_records(str(tmp_path / "text.jsonl"), str(tmp_path / "images"))
     short = SFTDataset(text, tokenizer, settings, 5)[0]  # the answer starts past token 5
@@ -572,6 +580,16 @@ def test_data_augment_reencodes_every_tile_as_jpeg_at_quality_75_to_100(tmp_path
             assert torch.equal(reference.pixel_values[k], normalized(piece))
             assert not torch.equal(item.pixel_values[k], reference.pixel_values[k])
         jpeg_qualities(item.pixel_values, pieces)
+
+
+def test_data_augment_draws_every_quality_from_75_to_100(monkeypatch):
+    """The official `qualities = list(range(75, 101))`, drawn uniformly: 100 included."""
+    drawn = []
+    monkeypatch.setattr(data, "jpeg_reencode", lambda image, quality: drawn.append(quality))
+    augment = jpeg_augment(0, 0, 0)
+    for _ in range(2000):
+        augment(None)
+    assert set(drawn) == set(range(75, 101))
 
 
 def test_data_augment_is_seeded_by_run_seed_epoch_and_record(tmp_path, tokenizer, settings):
