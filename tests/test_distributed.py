@@ -157,6 +157,15 @@ def test_the_process_group_waits_30_minutes_for_the_other_ranks(monkeypatch):
     assert calls == [(("gloo",), {"timeout": timedelta(minutes=30)})]
 
 
+def test_every_epoch_is_reshuffled_by_seed_plus_epoch():
+    """Each epoch has its own order, drawn by a generator seeded with seed + epoch (the same on every rank)."""
+    orders = [epoch_order(50, epoch, seed=7) for epoch in range(3)]
+    assert all(sorted(order) == list(range(50)) for order in orders)
+    assert len({tuple(order) for order in orders}) == 3
+    assert orders[2] == epoch_order(50, 0, seed=9) == epoch_order(50, 1, seed=8)
+    assert epoch_order(5, 3, seed=7, shuffle=False) == list(range(5))
+
+
 def test_rank_shares_deal_the_stream_of_epochs_round_robin():
     order = epoch_order(10, epoch=3, seed=7)
     assert sorted(order) == list(range(10)) and order != list(range(10))
