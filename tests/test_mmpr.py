@@ -200,7 +200,8 @@ def test_s3_images_are_root_prefixed(tmp_path, root):
 
 
 @pytest.mark.parametrize("n_lines, repeat_time, expected_len, copies", [
-    (10, 1.0, 10, 1), (10, 0.5, 5, 1), (7, 0.3, 2, 1), (10, 2.0, 20, 2), (10, 2.7, 20, 2), (10, 0.0, 0, 0),
+    (10, 1.0, 10, 1), (10, 0.5, 5, 1), (7, 0.3, 2, 1), (7, 0.5, 3, 1), (10, 2.0, 20, 2), (10, 2.7, 20, 2),
+    (10, 0.0, 0, 0),
 ])
 def test_repeat_time(tmp_path, root, n_lines, repeat_time, expected_len, copies):
     """<1 keeps int(n * r) distinct lines; >1 repeats int(r) times (fraction dropped, as the official code)."""
