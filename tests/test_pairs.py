@@ -172,6 +172,19 @@ def test_correctness_pairs_follow_the_official_rules(tmp_path):
     assert [j.seeds for j in sampler.jobs if "Q1" in j.question][0] == tuple(sample_seed(0, "mc", k) for k in range(6))
 
 
+def test_more_responses_than_the_large_file_limit_keep_3_pairs_per_question(tmp_path, monkeypatch):
+    """The official keeps 3 pairs per question when the file holds more than 500k responses (lines, one per
+    sample): here 4 items x 6 samples = 24 against a lowered limit; "mc" has 2 x 2 correctness pairs."""
+    items = write_items(tmp_path / "data")
+    kept = {}
+    for limit in (24, 23):
+        monkeypatch.setattr("internvl_mpo.pairs.LARGE_FILE_RESPONSES", limit)
+        make_correctness_pairs(items, tmp_path / f"out{limit}", FakeSampler(), SETTINGS)
+        rows = pair_lines(tmp_path / f"out{limit}" / "items_pairs_vqa_correctness_rules.jsonl")
+        kept[limit] = sum("Q1" in r["question"] for r in rows)
+    assert kept == {24: 4, 23: 3}
+
+
 def test_pair_files_are_valid_mmpr_input(tmp_path):
     items_path = write_items(tmp_path / "data")
     make_correctness_pairs(items_path, tmp_path / "out", FakeSampler(), SETTINGS)
@@ -474,6 +487,8 @@ def test_dropout_ntp_pairs(tmp_path):
     assert seen[0].question == "Describe the image."  # placeholder removed, stripped
     assert seen[1].prefix == "Hello there, how"  # 6 words -> 3
     assert truncate_words("图中是一只猫，坐在垫子上。") == ""  # one "word": no prefix, as the official split(" ")
+    # the official int(ratio * n_words): an odd count rounds down
+    assert truncate_words("one two three") == "one" and truncate_words("a b c d e", 0.7) == "a b c"
     out = pair_lines(tmp_path / "out" / "items_pairs_dropout_ntp.jsonl")
     assert out[0] == {"image": "a.png", "question": "<image>\nDescribe the image.", "chosen": chosen,
                       "rejected": seen[0].prefix + " and then it keeps going."}
