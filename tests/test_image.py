@@ -130,6 +130,13 @@ def test_palette_with_transparency_and_pil_modes_without_files():
     for image in (palette, Image.new("HSV", (40, 30), (10, 200, 90)), image_in_mode("RGBA").convert("RGBa")):
         assert np.array_equal(np.asarray(open_image(image)), np.asarray(image.convert("RGB")))
         assert_same(load_image(image), reference_pixel_values(image))
+    palette.info["transparency"] = bytes(range(0, 250, 5))  # one alpha a palette entry
+    with warnings.catch_warnings():  # the official convert('RGB') warns "should be converted to RGBA images"
+        warnings.simplefilter("ignore")
+        official = np.asarray(palette.convert("RGB"))
+    with warnings.catch_warnings():  # the same colours, without the warning
+        warnings.simplefilter("error")
+        assert np.array_equal(np.asarray(open_image(palette)), official)
 
 
 def test_all_source_kinds_give_the_same_tensor(tmp_path):

@@ -145,6 +145,7 @@ def test_stream_decoder_invalid_bytes_match_decode(vocab_dir):
         [byte_id[0x80], byte_id[0xE4], byte_id[0xB8]],  # stray continuation byte; unfinished at the end
         [byte_id[0xE4], ours.im_end_id, byte_id[0xB8], byte_id[0xAD]],  # a skipped special in the middle
         [byte_id[0xE4], ours.token_to_id("<tool_call>"), byte_id[0xB8]],
+        [byte_id[0x41], len(ours) + 5, byte_id[0x42]],  # an id past the vocabulary (the model's rows go further)
     ]
     for ids in sequences:
         for skip in (True, False):

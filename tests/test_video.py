@@ -511,8 +511,10 @@ def test_frame_folder_skips_files_pillow_names_but_cannot_decode(tmp_path):
     frames = [frame_image(k) for k in range(12)]
     for k, frame in enumerate(frames):
         frame.save(tmp_path / f"clip_{k:04d}.png")
-    for name in ("clip.mpg", "clip.mpeg", "notes.pdf", "features.h5", "scan.eps", "zz.bufr", "zz.grib", "zz.wmf"):
+    for name in ("clip.mpg", "clip.mpeg", "notes.pdf", "features.h5", "scan.eps", "zz.bufr", "zz.grib", "zz.wmf",
+                 "._clip_0003.png"):  # and a hidden file (macOS's resource fork beside each copied frame)
         (tmp_path / name).write_bytes(b"\x00\x00\x01\xb3 not a frame")
+    assert video.frame_files(tmp_path) == [tmp_path / f"clip_{k:04d}.png" for k in range(12)]
     result = load_video(tmp_path, num_segments=6)
     assert result.frame_indices == reference_index(None, 1.0, 11, 6)
     assert torch.equal(result.pixel_values, torch.stack([reference_tile(frames[i]) for i in result.frame_indices]))
