@@ -122,6 +122,7 @@ RESPONSES = [
     ("We compare the options; the cat is on the mat.\nFinal answer: (B) cat", "(B) cat"),
     ("Final answer: B", None),  # no reasoning before the answer
     ("Reasoning. Final answer: A. Final answer: B. Final answer: C.", None),  # trigger thrice
+    ("Reasoning. Final answer: A\nTo restate it: Final answer: A", "A"),  # twice is allowed
     ("I cannot tell from the picture.", None),
     ("The two triangles are similar, so x = 12.\nfinal answer:\n12 cm", "12 cm"),
 ]

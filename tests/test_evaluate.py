@@ -111,7 +111,7 @@ def test_chinese_multiple_choice_instruction(tmp_path):
     assert build_prompt(item) == "天空是什么颜色？\nA. 蓝色\nB. 红色\n请直接回答选项字母。"
 
 
-@pytest.mark.parametrize("cot, script", [(False, DIRECT), (True, COT)])
+@pytest.mark.parametrize("cot, script", [(False, DIRECT), (True, COT), (True, DIRECT)])
 def test_scores_a_hand_made_benchmark(tmp_path, cot, script, monkeypatch):
     data = write_bench(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
