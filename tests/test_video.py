@@ -996,6 +996,66 @@ def test_frame_table_refuses_clips_an_in_order_decode_might_number_otherwise(pac
     assert video._frame_table(packets, num_frames) is None
 
 
+class FailingPacketAV(CountingAV):
+    """PyAV whose containers' packet `failing` (of those with data, in decode order) does not decode."""
+
+    def __init__(self, failing):
+        super().__init__()
+        self.failing = failing
+
+    def open(self, *args, **kwargs):
+        container = CountingContainer(av.open(*args, **kwargs), self)
+        packets = container.demux
+
+        def demux(*a, **k):
+            for index, packet in enumerate(p for p in packets(*a, **k) if p.size):
+                yield FailingPacket(packet) if index == self.failing else packet
+
+        container.demux = demux
+        return container
+
+
+class FailingPacket(CountingPacket):
+    def __init__(self, packet):
+        super().__init__(packet, None)
+
+    def decode(self):
+        raise av.error.InvalidDataError(1094995529, "Invalid data found when processing input")
+
+
+def test_a_damaged_packet_at_the_last_sampled_frame_is_an_error_when_later_frames_decode(video_path):
+    """The packet of the last wanted frame fails: the next packet's frame would take its index (and every
+    later one move up), so it is an error, as it is for a damaged packet before the last wanted frame."""
+    for failing in (5, 8):
+        with pytest.raises(InputError, match=r"clip.mp4: damaged video: the packet at 0.[58]00 s does not decode"):
+            video._decode_frames(FailingPacketAV(failing), str(video_path), {0, 3, failing}, None)
+    # past the last wanted frame: no error, the count is the frames that decode
+    kept, decoded = video._decode_frames(FailingPacketAV(9), str(video_path), {0, 3, 8}, None, to_end=True)
+    assert sorted(kept) == [0, 3, 8] and decoded == NUM_FRAMES - 1
+
+
+class LandingContainer:
+    """A container whose seeks land on the frame with pts `lands` and decode on from there."""
+
+    def __init__(self, pts, lands):
+        self.pts, self.lands = pts, lands
+
+    def seek(self, target, stream=None):
+        pass
+
+    def decode(self, stream):
+        return iter([type("Frame", (), {"pts": p})() for p in self.pts if p >= self.lands])
+
+
+def test_a_seek_that_lands_off_a_start_is_not_decoded_from():
+    """A seek that lands on a keyframe that is no start (an open GOP's, whose leading frames need the GOP
+    before) gives no decode: the frames after it would be wrong; the clip is then decoded in order."""
+    table = video._FrameTable(pts=[0, 1, 2, 3, 4, 5], starts=[0, 3])
+    assert video._decode_from(LandingContainer(table.pts, 2), None, table, 3) is None
+    frames, position = video._decode_from(LandingContainer(table.pts, 0), None, table, 3)
+    assert position == 0 and [f.pts for f in frames] == table.pts
+
+
 def test_a_video_file_without_a_video_stream_is_named_as_other_errors_name_it(tmp_path):
     path = tmp_path / "empty\n.mp4"
     with av.open(str(path), "w") as container:
