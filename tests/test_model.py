@@ -514,3 +514,96 @@ def test_a_pad_token_id_outside_the_vocabulary_is_refused_at_config_load(tmp_pat
         with pytest.raises(ConfigError, match=rf"config.json: llm_config.pad_token_id {pad!r} is not a token id"
                                               rf" below {tiny.llm.vocab_size}"):
             ModelConfig.from_json(path)
+
+
+def test_drop_path_rates_rise_linearly_over_the_vit_layers(tiny):
+    """As the official encoder: layer k drops a sample with linspace(0, drop_path_rate, L)[k] (reference doc)."""
+    from internvl_mpo.vision import InternVisionModel
+
+    vision = dataclasses.replace(tiny.vision, num_hidden_layers=5, drop_path_rate=0.1)
+    rates = [layer.drop_path.rate for layer in InternVisionModel(vision).encoder.layers]
+    assert rates == pytest.approx(torch.linspace(0, 0.1, 5).tolist())
+
+
+def test_drop_path_drops_whole_samples_and_scales_the_kept_ones(tiny):
+    """timm's DropPath, as the official ViT uses it: in training each sample is zeroed whole with the rate and the
+    others divided by 1 - rate, so the expected output is the input; in eval nothing changes."""
+    from internvl_mpo.vision import DropPath
+
+    drop = DropPath(0.25)
+    x = torch.rand(400, 3, 5) + 1  # no zeros
+    out = drop(x)
+    dropped = out.flatten(1).eq(0).all(1)
+    assert 50 < int(dropped.sum()) < 150
+    assert torch.equal(out[~dropped], x[~dropped] / 0.75)
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_projector_layer_norm_uses_pytorchs_default_eps_as_the_reference(reference_pair, tiny):
+    """mlp1's LayerNorm keeps eps 1e-5 while the ViT's norms use 1e-6 (reference doc): features of small spread,
+    where the two differ, still give the reference's projection."""
+    ref, ours = reference_pair(tiny)
+    shuffled = 1e-3 * torch.randn(2, 4, 4 * tiny.vision.hidden_size)
+    with torch.no_grad():
+        assert_close(ours.mlp1(shuffled), ref.model.multi_modal_projector(shuffled), **TOL)
+
+
+def test_linear_rope_scaling_equals_transformers_qwen2(tiny):
+    """llm_config.rope_scaling {"type": "linear", "factor": f} divides the positions by f, as transformers' Qwen2."""
+    from transformers import Qwen2ForCausalLM as ReferenceQwen2
+
+    from conftest import hf_config
+    from internvl_mpo.llm import Qwen2ForCausalLM
+
+    text = hf_config(tiny).text_config.to_dict()
+    text["rope_parameters"] = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    ref = ReferenceQwen2(type(hf_config(tiny).text_config)(**text)).eval()
+    ref.set_attn_implementation("eager")
+    scaling = {"type": "linear", "factor": 4.0}
+    ours = Qwen2ForCausalLM(dataclasses.replace(tiny.llm, rope_theta=10000.0, rope_scaling=scaling))
+    ours.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, tiny.llm.vocab_size, (1, 40))
+    with torch.no_grad():
+        got = ours(ours.input_embeddings()(ids), torch.arange(40)[None])
+        assert_close(got, ref(input_ids=ids).logits, **TOL)
+
+
+def test_causal_mask_lets_a_query_without_real_keys_attend_to_itself():
+    """A left-padded query sees no real key: it attends to itself, so that no row is fully masked (SDPA gives NaN
+    there on some kernels, which later layers pass on through keys weighted 0)."""
+    from internvl_mpo.llm import causal_mask
+
+    expected = torch.tensor([
+        [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]],  # left padding
+        [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]],  # right padding: the pad query sees the text
+    ], dtype=torch.bool)[:, None]
+    assert torch.equal(causal_mask(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0]])), expected)
+
+
+def test_attention_dropout_of_the_config_applies_in_training_only(reference_pair, tiny):
+    """vision_config and llm_config attention_dropout drop attention weights in training only, as in transformers:
+    an eval forward gives the reference's logits."""
+    from internvl_mpo.model import InternVL
+
+    ref, ours = reference_pair(tiny)
+    config = tiny.replace(vision=dataclasses.replace(tiny.vision, attention_dropout=0.5),
+                          llm=dataclasses.replace(tiny.llm, attention_dropout=0.5))
+    model = InternVL(config, image_token_id=IMAGE_TOKEN_ID)
+    model.load_state_dict(ours.state_dict())
+    ids = torch.tensor([image_ids(1, tiny.num_image_token)])
+    pixels = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        expected = hf_logits(ref, ids, pixels)
+        assert_close(model.eval()(ids, pixel_values=pixels), expected, **TOL)
+        assert not torch.allclose(model.train()(ids, pixel_values=pixels), expected, atol=1e-2)
+
+
+def test_tiles_flagged_zero_give_no_features_as_in_the_official_forward(reference_pair, tiny):
+    """image_flags (N,) as the official forward reads them: the features of tiles flagged 0 (a text-only sample's
+    dummy tile) are dropped before the splice."""
+    ref, ours = reference_pair(tiny)
+    ids = torch.tensor([image_ids(1, tiny.num_image_token)])
+    pixels = torch.randn(3, 3, 56, 56)
+    with torch.no_grad():
+        got = ours(ids, pixel_values=pixels, image_flags=torch.tensor([0, 1, 0]))
+        assert_close(got, hf_logits(ref, ids, pixels[1:2]), **TOL)
