@@ -540,11 +540,23 @@ def test_configurable_pixel_limit(tmp_path):
             load_image(path, max_pixels=bad)
 
 
+def test_a_command_pixel_limit_raises_pillows_own_and_never_lowers_it(monkeypatch):
+    """let_pillow_open (a command's --max-pixels): Pillow refuses images past twice its own limit whatever the
+    caller allows, so a larger limit raises Pillow's; a smaller one, or none, leaves it (and a disabled one)."""
+    from internvl_mpo.processor.image import let_pillow_open
+
+    for pillows, max_pixels, after in ((1000, 5000, 5000), (1000, 500, 1000), (1000, None, 1000), (None, 5000, None)):
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pillows)
+        let_pillow_open(max_pixels)
+        assert Image.MAX_IMAGE_PIXELS == after, (pillows, max_pixels)
+    with pytest.raises(InputError, match=r"^max_pixels must be a whole number of pixels >= 1, got 0$"):
+        let_pillow_open(0)
+
+
 def test_a_pixel_limit_of_0_is_refused_as_a_setting(tmp_path, capsys):
     """max_pixels=0 (--max-pixels 0) was taken, and refused every image as "exceeds the limit of 0": the setting
     is refused, by each command before anything loads, in its own words."""
     from internvl_mpo.cli import main
-    from internvl_mpo.processor.image import read_size
     from internvl_mpo.processor.video import load_video
 
     path = tmp_path / "small.png"

@@ -96,6 +96,18 @@ def test_png_shows_grid_and_thumbnail(tmp_path):
     assert any(x > left + grid_w + 8 for x in columns)
 
 
+def test_png_draws_a_small_grid_at_its_own_size(tmp_path):
+    """Only grids larger than PREVIEW_MAX_SIDE are scaled down: one 448-pixel tile is drawn 448 pixels wide."""
+    path, out = tmp_path / "blue.png", tmp_path / "one.png"
+    Image.new("RGB", (448, 448), (20, 30, 120)).save(path)
+    tiles_report(path, output_png=out)
+    with Image.open(out) as picture:
+        pixels = np.asarray(picture.convert("RGB")).astype(int)
+    red = (pixels[..., 0] > 200) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)  # the grid's frame alone
+    rows, columns = np.nonzero(red.any(axis=1))[0], np.nonzero(red.any(axis=0))[0]
+    assert (columns[-1] - columns[0] + 1, rows[-1] - rows[0] + 1) == (448, 448)
+
+
 def test_png_for_an_extreme_aspect_ratio(tmp_path):
     out = tmp_path / "tall.png"
     report = tiles_report(save(tmp_path, 1, 10000), output_png=out)
