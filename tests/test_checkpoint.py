@@ -287,6 +287,8 @@ def test_an_image_token_id_outside_the_vocabulary_is_refused(tmp_path, tiny, goo
     (src / "added_tokens.json").write_text(json.dumps({"<IMG_CONTEXT>": 299}))
     with pytest.raises(InputError, match=r"src: image_token_id 300 \(<IMG_CONTEXT>\) is outside the model's vocabulary \(llm_config"):
         InternVL.from_pretrained(src, image_token_id=300)
+    with pytest.raises(InputError, match=r"src: image_token_id -1 \(<IMG_CONTEXT>\) is outside the model's vocabulary"):
+        InternVL.from_pretrained(src, image_token_id=-1)
     assert InternVL.from_pretrained(src).image_token_id == 299
 
 
@@ -823,6 +825,15 @@ def test_dtype_auto_takes_the_configs_dtype(tmp_path, tiny, good_state, name, ex
     config["torch_dtype"] = name
     (folder / "config.json").write_text(json.dumps(config))
     assert InternVL.from_pretrained(folder, dtype="auto").dtype == expected
+
+
+def test_dtype_auto_without_a_config_dtype_reads_the_first_shard_as_transformers(tmp_path, tiny, good_state):
+    """transformers takes the first floating-point weight of the first shard (by file name), not of another."""
+    keys = sorted(good_state)  # write_checkpoint deals them out: keys[0::2] to shard 1, keys[1::2] to shard 2
+    for first, second in ((torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)):
+        state = {key: good_state[key].to(second if i % 2 else first) for i, key in enumerate(keys)}
+        folder = write_checkpoint(tmp_path / str(first), tiny, state, shards=2)
+        assert InternVL.from_pretrained(folder, dtype="auto").dtype == first
 
 
 def test_a_weight_past_the_range_of_the_dtype_asked_for_is_refused(tmp_path, tiny, good_state):

@@ -333,3 +333,13 @@ def test_python_configs_take_what_json_gives_as_tuples_and_ints_for_floats():
     assert LLMConfig(eos_token_id=(151645, 151643), rope_theta=10000).rope_theta == 10000
     assert VisionConfig(architectures=["InternVisionModel"], layer_norm_eps=0).layer_norm_eps == 0
     assert ModelConfig(force_image_size=None).force_image_size is None
+
+
+def test_select_layer_takes_each_index_of_the_official_hidden_state_tuple_and_no_other(tiny):
+    """The official select_layer indexes the ViT's hidden states (embeddings, then L layers): -(L + 1)..L."""
+    n = tiny.vision.num_hidden_layers
+    for layer in (-n - 1, -1, 0, n):
+        assert tiny.replace(select_layer=layer).select_layer == layer
+    for layer in (-n - 2, n + 1):
+        with pytest.raises(ConfigError, match=rf"^select_layer {layer} is out of range for a {n}-layer ViT$"):
+            tiny.replace(select_layer=layer)
