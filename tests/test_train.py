@@ -746,7 +746,7 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(chat_folder, meta):
     ({"lr": math.nan}, "^--lr must be >= 0, got nan$"),
     ({"beta": 0.0}, "^--beta must be > 0, got 0.0$"),
     ({"beta": math.inf}, "^--beta must be > 0, got inf$"),
-    ({"label_smoothing": 1.5}, r"^--label-smoothing must be in \[0, 0.5\], got 1.5$"),
+    ({"label_smoothing": 0.6}, r"^--label-smoothing must be in \[0, 0.5\], got 0.6$"),  # TRL: at most 0.5
     ({"adam_beta1": 1.5}, r"^--adam-beta1 must be in \[0, 1\), got 1.5$"),
     ({"adam_eps": -1e-8}, "^--adam-eps must be > 0"),
     # AdamW divides by sqrt(v) + eps: an element whose gradient is exactly 0 (the embedding row of a token no
