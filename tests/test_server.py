@@ -1775,6 +1775,23 @@ def test_a_max_tokens_past_the_sequence_names_the_field_the_request_used(local_c
         assert (e.value.param, e.value.code) == (key, "context_length_exceeded")
 
 
+
+def test_a_prompt_and_max_tokens_that_fill_the_sequence_exactly_are_taken_and_one_token_more_is_refused():
+    """A sequence of max_len slots holds a prompt of max_len - 1 tokens (one left to answer), and a prompt with
+    max_tokens that add up to max_len; one token more of either is a 400."""
+    chat = SimpleNamespace(tokenizer=SimpleNamespace(img_context_id=299), config=SimpleNamespace(
+        llm=SimpleNamespace(vocab_size=300)))
+
+    def prompts(length: int, **body) -> list[int]:
+        req = parse_completion_request({"prompt": [7] * length, **body}, ServerSettings())
+        return [p.max_new_tokens for p in build_completion_prompts(chat, req, ServerSettings(), max_len=90)]
+
+    assert prompts(89, max_tokens=1) == [1] and prompts(80, max_tokens=10) == [10]
+    with pytest.raises(ApiError, match="^prompt\\[0\\] is 90 tokens; this server accepts at most 89$"):
+        prompts(90, max_tokens=1)
+    with pytest.raises(ApiError, match="^prompt\\[0\\] is 80 tokens and max_tokens is 11, more than the 90 tokens"):
+        prompts(80, max_tokens=11)
+
 def test_url_schemes_and_base64_are_read_whatever_their_case():
     """A URL's scheme is case-insensitive (RFC 3986), and so is a data URL's ";base64": "DATA:" was an
     "unsupported URL scheme 'data'" and "HTTP://" the same, where vLLM reads the scheme whatever its case."""

@@ -242,6 +242,17 @@ def test_a_request_that_fails_in_the_engine_is_counted_as_an_error(monkeypatch):
     assert values["vllm:prompt_tokens_total"] == 4 and values["vllm:generation_tokens_total"] == 3
 
 
+
+def test_an_observation_on_a_bucket_bound_counts_in_that_bucket():
+    """Prometheus' buckets count the values at most their bound (le): a value equal to a bound is in its bucket."""
+    from internvl_mpo.server.metrics import Histogram
+
+    histogram = Histogram((0.1, 0.5, 1.0))
+    for value in (0.1, 0.5, 0.7, 3.0):
+        histogram.observe(value)
+    assert histogram.samples("t", 'm="x"')[:4] == ['t_bucket{m="x",le="0.1"} 1', 't_bucket{m="x",le="0.5"} 2',
+                                                    't_bucket{m="x",le="1.0"} 3', 't_bucket{m="x",le="+Inf"} 4']
+
 def test_a_model_name_is_escaped_in_its_label():
     _, samples = parse(Metrics().text('a"b\\c\nd'))
     assert {dict(labels)["model_name"] for _, labels in samples} == {r'a\"b\\c\nd'}
