@@ -189,6 +189,10 @@ def test_refusals(tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="uses for the piece '▁the'"):
         load_internlm2_tokenizer(folder)
+    config["added_tokens_decoder"] = {str(sp.piece_to_id("<0x41>")): {"content": "<far>", "special": True}}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="uses for the piece '<0x41>'"):  # a byte piece: "A" would be lost
+        load_internlm2_tokenizer(folder)
 
 
 def test_training_and_pair_ids_start_with_one_masked_bos_as_the_official_preprocess(internlm2_like):

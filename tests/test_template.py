@@ -123,6 +123,7 @@ CASES = {
     "text_multi_turn": ("Why?", [("Hi", "Hello! How can I help?")], [], None),
     "custom_system": ("<image>\nWhat is this?", (), [1], "You are a helpful assistant."),
     "empty_system": ("Hi", (), [], ""),
+    "empty_history_answer": ("Again?", [("Hi", "")], [], None),  # the reference's bare role, no <|im_end|>
 }
 
 

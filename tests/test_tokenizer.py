@@ -208,6 +208,17 @@ def test_named_special_tokens_the_config_omits_take_qwen2tokenizers_defaults(tmp
     assert (ours.eos_id, ours.pad_id) == (hf.eos_token_id, hf.pad_token_id) == (ours.token_to_id("<|endoftext|>"),) * 2
 
 
+def test_add_prefix_space_in_the_config_follows_transformers(tmp_path, vocab_dir):
+    folder = tmp_path / "prefix"
+    shutil.copytree(vocab_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["add_prefix_space"] = True
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, hf = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    for text in TEXTS[1:4] + TEXTS[13:14]:
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False) != load_tokenizer(vocab_dir).encode(text)
+
+
 def test_added_token_flags_follow_transformers(tmp_path, vocab_dir):
     """lstrip/rstrip/single_word/normalized flags act as in transformers (which resets them on named
     special tokens and keeps them on the others)."""
