@@ -1564,6 +1564,23 @@ def test_sft_from_scratch_with_init_from_config(tmp_path, chat_folder):
 # ----------------------------------------------------------------------------- LoRA, freezing
 
 
+def test_a_fresh_lora_adapter_changes_nothing(chat_folder, meta):
+    """B starts at zero (PEFT's default), so a LoRA run's policy starts as its reference; A is PEFT's
+    kaiming_uniform_(a=sqrt(5)), U(-1/sqrt(in), 1/sqrt(in))."""
+    model, batch = pair_batch(chat_folder, meta)
+    ids = batch.input_ids[:1, : int(batch.attention_mask[0].sum())]
+    tiles = batch.pixel_values[: int(batch.num_tiles[0])]
+    with torch.no_grad():
+        before = model(ids, pixel_values=tiles)
+    names = lora_target_names(model, llm=True, vision=True)
+    apply_lora(model, names, rank=4, alpha=8.0)
+    with torch.no_grad():
+        assert torch.equal(model(ids, pixel_values=tiles), before)
+    a = model.get_submodule(names[0]).lora_A
+    bound = 1 / math.sqrt(a.shape[1])
+    assert bound / 2 < a.abs().max() <= bound
+
+
 def test_lora_merges_into_plain_weights(tmp_path, chat_folder, meta):
     model, batch = pair_batch(chat_folder, meta)
     names = lora_target_names(model, llm=True, vision=True)
