@@ -1851,6 +1851,18 @@ def test_an_image_over_the_byte_limit_names_the_server_flag_that_raises_it(tmp_p
         assert (e.value.status, e.value.code) == (413, "image_too_large")
 
 
+
+def test_a_data_url_of_exactly_the_byte_limit_is_taken_whatever_its_padding():
+    """The limit is on the decoded bytes: a data URL whose base64 ends in padding holds up to 2 bytes fewer than
+    its length says, and an image of exactly --max-image-bytes is taken; one byte more is the 413."""
+    for size in (30, 31, 32):  # base64 padded with 0, 2 and 1 "="
+        raw = bytes(range(size))
+        url = "data:image/png;base64," + base64.b64encode(raw).decode()
+        assert image_bytes(url, "image", ServerSettings(max_image_bytes=size)) == raw
+        with pytest.raises(ApiError, match="at most") as e:
+            image_bytes(url, "image", ServerSettings(max_image_bytes=size - 1))
+        assert e.value.status == 413
+
 def test_file_urls_are_percent_decoded_and_name_this_machine(tmp_path):
     """A file URL writes a space as %20 and may name this machine as localhost or not at all; another
     host, or a scheme that is neither data, http(s) nor file, is a clear 400 (not a missing relative path)."""
