@@ -286,6 +286,11 @@ def test_tied_transformers_checkpoint_gets_its_head_written(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(untied))
     with pytest.raises(CheckpointError, match=f"1 missing: {HEAD}"):
         convert(tmp_path / "hf", tmp_path / "untied", to="official")
+    del untied["tie_word_embeddings"]  # left out: transformers' default, tied
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(untied))
+    assert type(hf).from_pretrained(tmp_path / "hf").tie_word_embeddings
+    weights = tensors(convert(tmp_path / "hf", tmp_path / "default", to="official"))
+    assert torch.equal(weights["language_model.lm_head.weight"], weights["language_model.model.embed_tokens.weight"])
 
 
 def test_refusals(tmp_path):
@@ -978,3 +983,28 @@ def test_convert_command_names_a_bad_to_by_its_flag(tmp_path, capsys):
     assert capsys.readouterr().err == ("internvl-mpo convert: error: --to='xx': choose 'hf' (official -> transformers) "
                                        "or 'official' (transformers -> official)\n")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_keys_a_transformers_config_leaves_out_are_read_as_transformers_defaults_them(kind):
+    """A transformers config.json written by hand or by an older version may leave keys out: each is read as
+    transformers' own config classes (InternVLConfig and its vision and text configs) default it."""
+    from transformers import InternVLConfig
+
+    sizes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    d = {"model_type": "internvl", "vision_config": {**sizes, "hidden_size": 32},
+         "text_config": {**sizes, "model_type": kind, "vocab_size": 300}}
+    ours, ref = config_from_hf(d), InternVLConfig(**d)
+    v, t = ref.vision_config, ref.text_config
+    assert (ours.vision.qkv_bias, ours.vision.qk_normalization, ours.vision.norm_type, ours.vision.layer_norm_eps,
+            ours.vision.image_size, ours.vision.patch_size, ours.vision.num_channels, ours.vision.initializer_factor,
+            ours.vision.dropout, ours.vision.attention_dropout) == (
+        v.attention_bias, v.use_qk_norm, v.norm_type, v.layer_norm_eps, v.image_size[0], v.patch_size[0],
+        v.num_channels, v.layer_scale_init_value, v.hidden_dropout_prob, v.attention_dropout)
+    assert (ours.llm.rms_norm_eps, ours.llm.rope_theta, ours.llm.rope_scaling, ours.llm.max_position_embeddings,
+            ours.llm.attention_dropout, ours.llm.bos_token_id, ours.llm.eos_token_id) == (
+        t.rms_norm_eps, t.rope_parameters["rope_theta"], None, t.max_position_embeddings, t.attention_dropout,
+        t.bos_token_id, t.eos_token_id)
+    assert (ours.downsample_ratio, ours.select_layer) == (ref.downsample_ratio, ref.vision_feature_layer)
+    if kind == "llama":  # (Qwen2Config's default of 32 kv heads ignores the head count; ours: one per head)
+        assert (ours.llm.num_key_value_heads, ours.llm.extra["bias"]) == (t.num_key_value_heads, t.attention_bias)

@@ -297,15 +297,17 @@ def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None
         raise ConfigError("text_config.mlp_bias=true has no InternLM2 equivalent")
     if t.get("use_sliding_window") and t.get("sliding_window") is not None:  # transformers' Qwen2 then uses it
         raise ConfigError("text_config.use_sliding_window=true (sliding-window attention) is not implemented")
+    # a key left out means what transformers' LlamaConfig (InternLM2) or Qwen2Config defaults it to
+    context, bos, eos = (2048, 1, 2) if internlm2 else (32768, None, None)
     llm = {
         "hidden_size": t.get("hidden_size"), "intermediate_size": t.get("intermediate_size"),
         "num_hidden_layers": t.get("num_hidden_layers"), "num_attention_heads": t.get("num_attention_heads"),
         "num_key_value_heads": t.get("num_key_value_heads") or t.get("num_attention_heads"),
         "vocab_size": t.get("vocab_size"), "hidden_act": t.get("hidden_act", "silu"),
         "rms_norm_eps": t.get("rms_norm_eps", 1e-6), "rope_theta": rope.get("rope_theta", 10000.0),
-        "rope_scaling": scaling, "max_position_embeddings": t.get("max_position_embeddings", 32768),
-        "attention_dropout": t.get("attention_dropout", 0.0), "bos_token_id": t.get("bos_token_id"),
-        "eos_token_id": t.get("eos_token_id"),
+        "rope_scaling": scaling, "max_position_embeddings": t.get("max_position_embeddings", context),
+        "attention_dropout": t.get("attention_dropout", 0.0), "bos_token_id": t.get("bos_token_id", bos),
+        "eos_token_id": t.get("eos_token_id", eos),
         "architectures": ["InternLM2ForCausalLM" if internlm2 else "Qwen2ForCausalLM"],
         "model_type": "internlm2" if internlm2 else "qwen2",
     }
