@@ -283,11 +283,9 @@ def refuse_non_finite(value: Any, key: str, where: str) -> None:
                          "number beyond about 1.8e308)")
 
 
-def _text_field(row: dict, key: str, where: str, required: bool = True) -> str:
+def _text_field(row: dict, key: str, where: str) -> str:
     value = row.get(key)
     if value is None:
-        if not required:
-            return ""
         raise InputError(f"{where}: field {key!r} is required (a string or a number)")
     if isinstance(value, bool) or not isinstance(value, (str, int, float)) or str(value).strip() == "":
         raise InputError(f"{where}: field {key!r} must be a non-empty string or a number, got {value!r:.80}")
