@@ -1332,3 +1332,19 @@ def test_whole_tensor_read_through_a_view_that_takes_no_ellipsis(tmp_path):
             lazy = LazyTensor(file, key, NoEllipsis(handle.get_slice(key)))
             assert torch.equal(lazy.read(), value) and torch.equal(lazy.read(dtype=torch.float64), value.double())
             assert torch.equal(lazy[1:3], value[1:3])
+
+
+def test_shards_fill_up_to_the_size_limit_inclusive_as_huggingface_hubs_split(tmp_path):
+    """A shard holds weights up to max_shard_size bytes, the limit included, as huggingface_hub (which
+    transformers' save_pretrained calls) splits them."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    from internvl_mpo.checkpoint import save_state_dict
+
+    state = {f"w{i}": torch.full((25,), float(i)) for i in range(4)}  # 100 bytes each
+    for limit in (199, 200, 201, 400):
+        folder = tmp_path / str(limit)
+        folder.mkdir()
+        save_state_dict(state, folder, limit)
+        expected = split_torch_state_dict_into_shards(state, max_shard_size=limit).filename_to_tensors
+        assert len(list(folder.glob("*.safetensors"))) == len(expected), limit
