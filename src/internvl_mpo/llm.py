@@ -296,18 +296,14 @@ def run_layers(layers, x, cos, sin, mask, caches=None, cache_positions=None) -> 
     return x
 
 
-def causal_mask(attention_mask: torch.Tensor, query_len: int | None = None) -> torch.Tensor:
-    """Boolean (B, 1, T, S) mask from a (B, S) padding mask (1 = real token), causal over positions.
+def causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, S, S) mask from a (B, S) padding mask (1 = real token), causal over positions.
 
-    Queries are the last `query_len` keys. A padded query may attend to itself, so no row is fully
-    masked: SDPA would return NaN there, and NaN values in padded rows would leak through the
-    zero-weighted keys of later layers.
+    A padded query may attend to itself, so no row is fully masked: SDPA would return NaN there, and
+    NaN values in padded rows would leak through the zero-weighted keys of later layers.
     """
-    b, s = attention_mask.shape
-    t = s if query_len is None else query_len
-    keys = torch.arange(s, device=attention_mask.device)
-    queries = keys[s - t :]
-    causal = keys[None, :] <= queries[:, None]  # (T, S)
-    mask = causal[None] & attention_mask.bool()[:, None, :]  # (B, T, S)
-    mask = mask | (keys[None, :] == queries[:, None])[None]
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    causal = positions[None, :] <= positions[:, None]  # (S, S): query rows, key columns
+    mask = causal[None] & attention_mask.bool()[:, None, :]  # (B, S, S)
+    mask = mask | (positions[None, :] == positions[:, None])[None]
     return mask[:, None]
