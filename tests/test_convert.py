@@ -1008,3 +1008,13 @@ def test_keys_a_transformers_config_leaves_out_are_read_as_transformers_defaults
     assert (ours.downsample_ratio, ours.select_layer) == (ref.downsample_ratio, ref.vision_feature_layer)
     if kind == "llama":  # (Qwen2Config's default of 32 kv heads ignores the head count; ours: one per head)
         assert (ours.llm.num_key_value_heads, ours.llm.extra["bias"]) == (t.num_key_value_heads, t.attention_bias)
+
+
+def test_a_conversion_fills_a_shard_up_to_max_shard_size_inclusive(tmp_path):
+    """As save_pretrained and huggingface_hub's split: weights of exactly max_shard_size bytes make one file."""
+    src = official_folder(tmp_path / "src", "qwen2")
+    total = sum(t.numel() * t.element_size() for t in tensors(src).values())
+    convert(src, tmp_path / "hf", to="hf", max_shard_size=total)
+    assert [p.name for p in (tmp_path / "hf").glob("*.safetensors")] == ["model.safetensors"]
+    convert(src, tmp_path / "hf2", to="hf", max_shard_size=total - 1)
+    assert not (tmp_path / "hf2" / "model.safetensors").exists()
