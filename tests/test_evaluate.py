@@ -178,6 +178,13 @@ def test_resume_asks_again_where_the_data_changed_under_an_id(tmp_path):
     assert [p.question for p in again.prompts] == ["Is there a cat in the image?"]
     assert json.loads((out / "predictions.jsonl").read_text().splitlines()[2])["images"] == [
         str(tmp_path / "data" / "other.png")]
+    # a new ground truth alone (the same prompt): asked again, and the row holds the new one
+    rows[0] = dict(rows[0], answer="A")
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    again = FakeAnswerer(DIRECT)
+    run_eval(data, again, out)
+    assert [p.question.split("\n")[0] for p in again.prompts] == ["What color is the car?"]
+    assert json.loads((out / "predictions.jsonl").read_text().splitlines()[0])["answer"] == "A"
 
 
 def test_predictions_keep_the_verdicts_the_score_counts(tmp_path):
