@@ -497,6 +497,26 @@ def test_dropout_ntp_pairs(tmp_path):
     assert len(records) == stats.pairs == 2 and records[0].images == (str((folder / "a.png").resolve()),)
 
 
+def test_a_continuation_that_gives_back_the_chosen_answer_makes_no_pair(tmp_path):
+    """Such a pair states no preference, and training refuses a record whose answers are the same text."""
+    folder = tmp_path / "data"
+    chosen = "A green square sits on a plain white background."
+    (folder / "items.jsonl").write_text(ntp_line(folder, id="1", question="Describe.", chosen=chosen))
+    stats = make_dropout_ntp_pairs(folder / "items.jsonl", tmp_path / "out", lambda jobs: [
+        chosen[len(job.prefix):] for job in jobs], SETTINGS)
+    assert stats.pairs == 0 and (tmp_path / "out" / "items_pairs_dropout_ntp.jsonl").read_text() == ""
+
+
+def test_correctness_asks_the_sampler_for_batch_size_sequences_a_call(tmp_path):
+    """batch_size counts sequences: 12 at 6 samples per question is 2 questions a call (at least 1)."""
+    items = write_items(tmp_path / "data")
+    for batch_size, per_call in ((12, [2, 2]), (4, [1, 1, 1, 1])):
+        sampler, calls = FakeSampler(), []
+        make_correctness_pairs(items, tmp_path / f"out{batch_size}", lambda jobs: calls.append(len(jobs)) or sampler(jobs),
+                               dataclasses.replace(SETTINGS, batch_size=batch_size))
+        assert calls == per_call
+
+
 
 def test_a_dropout_ntp_item_without_an_image_is_refused(tmp_path):
     """Its rejected answer would be the chosen one continued from the same prompt the model answers with: no image
