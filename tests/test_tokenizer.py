@@ -206,6 +206,9 @@ def test_named_special_tokens_the_config_omits_take_qwen2tokenizers_defaults(tmp
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     ours, hf = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
     assert (ours.eos_id, ours.pad_id) == (hf.eos_token_id, hf.pad_token_id) == (ours.token_to_id("<|endoftext|>"),) * 2
+    config.update(eos_token=None, pad_token=None)  # set to null: transformers has none; ours falls back as documented
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert (load_tokenizer(folder).eos_id, load_tokenizer(folder).pad_id) == (ours.im_end_id, ours.pad_id)
 
 
 def test_add_prefix_space_in_the_config_follows_transformers(tmp_path, vocab_dir):

@@ -456,6 +456,13 @@ def test_bad_bound_or_frame_rate_is_named(bound, fps, message):
         load_video([frame_image(k) for k in range(6)], num_segments=2, bound=bound, fps=fps)
 
 
+def test_an_empty_bound_is_no_bound_as_the_cards_if_bound():
+    frames = [frame_image(k) for k in range(6)]
+    for empty in ((), []):
+        assert get_index(empty, 10.0, 29, num_segments=8) == get_index(None, 10.0, 29, num_segments=8)
+        assert load_video(frames, num_segments=3, bound=empty).frame_indices == reference_index(None, 1.0, 5, 3)
+
+
 def test_bad_bound_on_a_video_file_is_named(video_path):
     with pytest.raises(InputError, match="bound must be"):
         load_video(video_path, bound=(1.0, float("inf")))
