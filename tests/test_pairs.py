@@ -512,8 +512,13 @@ def test_correctness_asks_the_sampler_for_batch_size_sequences_a_call(tmp_path):
     items = write_items(tmp_path / "data")
     for batch_size, per_call in ((12, [2, 2]), (4, [1, 1, 1, 1])):
         sampler, calls = FakeSampler(), []
-        make_correctness_pairs(items, tmp_path / f"out{batch_size}", lambda jobs: calls.append(len(jobs)) or sampler(jobs),
-                               dataclasses.replace(SETTINGS, batch_size=batch_size))
+
+        def counting(jobs):
+            calls.append(len(jobs))
+            return sampler(jobs)
+
+        settings = dataclasses.replace(SETTINGS, batch_size=batch_size)
+        make_correctness_pairs(items, tmp_path / f"out{batch_size}", counting, settings)
         assert calls == per_call
 
 
