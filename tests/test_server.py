@@ -826,6 +826,16 @@ def test_text_completion_of_several_prompts_and_choices(client, local_chat, hf_t
     assert first[0] != first[1]
 
 
+
+def test_echoed_choices_of_several_prompts_each_echo_their_own_prompt_streamed_too(client):
+    """With echo, choice p * n + j begins with prompt p, plain and streamed alike."""
+    prompts = ["Once upon a time", "One, two, three,", "Red"]
+    body = {"prompt": prompts, "n": 2, "echo": True, "max_tokens": 2, "temperature": 0}
+    plain = {c.index: c.text for c in client.completions.create(model="m", **body).choices}
+    streamed, _, _, _ = stream_completion(client, **body)
+    assert streamed == plain and sorted(plain) == list(range(6))
+    assert all(plain[i].startswith(prompts[i // 2]) for i in range(6))
+
 def vllm_stream_offsets(choices: list) -> list[int]:
     """The text offsets vLLM gives the streamed chunks of one choice: each chunk's first token at the length
     of the text streamed before it, then after each token's text (vLLM's completion_stream_generator)."""
