@@ -793,11 +793,11 @@ def test_a_fraction_and_a_rounded_decimal_agree_only_within_the_tolerance(predic
     ids=range(10),
 )
 def test_long_degenerate_answers_are_checked_in_linear_time(prediction, truth):
-    """A loose guard against quadratic regexes: 200k characters take a fraction of a second when linear,
-    minutes when quadratic."""
+    """A hang guard against quadratic regexes, not a timing test: 200k characters take about a second
+    when linear, even on a busy machine, and hours when quadratic (4e10 steps); 60 s tells them apart."""
     start = time.perf_counter()
     check_answer(prediction, truth)
-    assert time.perf_counter() - start < 2
+    assert time.perf_counter() - start < 60
 
 
 @pytest.mark.parametrize(

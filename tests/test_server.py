@@ -1518,6 +1518,24 @@ def test_non_finite_logprobs_are_sent_as_valid_json(local_chat):
     assert json.loads(json.dumps(entry, allow_nan=False))["top_logprobs"][0]["logprob"] == entry["logprob"] == -9999.0
 
 
+
+def test_a_late_cancel_of_a_job_from_a_failed_batch_leaves_the_new_job_with_its_id_running(local_chat):
+    """Request ids restart with a fresh batch: a cancel that reaches the worker after the batch it was sent for
+    failed must not finish the new request that took the same id."""
+    worker = BatchWorker(local_chat, max_batch=1, max_len=64)
+    finished = []
+
+    class Gen:
+        def finish(self, rid):
+            finished.append(rid)
+
+    old, new = (Job(Request([1, 2], SamplingParams()), 0, lambda item: None, rid=0) for _ in range(2))
+    jobs, stats = {0: new}, dict(worker.stats)
+    worker._command(Gen(), jobs, "cancel", old, stats)
+    assert finished == [] and jobs == {0: new} and stats["cancelled"] == 0
+    worker._command(Gen(), jobs, "cancel", new, stats)
+    assert finished == [0] and jobs == {} and stats["cancelled"] == 1
+
 def test_the_end_of_turn_token_has_no_stop_reason_and_a_stop_token_id_has_its_id(local_chat):
     """As vLLM: an answer ended by the model's end-of-turn token has stop_reason None (unless ignore_eos
     made it one of the request's stop_token_ids), one ended by a stop token id has that id; a text
