@@ -162,3 +162,15 @@ def test_decoding_across_the_256th_cache_slot_equals_transformers(chat, checkpoi
     assert ours == out[0, len(ids):].tolist()
     assert [e.logprob for e in events] == pytest.approx([logp[t, e.token].item() for t, e in enumerate(events)],
                                                          abs=1e-4)
+
+
+def test_a_request_finished_while_it_waits_for_a_row_never_runs(chat):
+    """`finish` of a queued request (its client went away before a row was free) drops it from the queue."""
+    ids = chat.prepare("Hi").prompt_ids
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    gen = chat.engine.start(max_batch=1, max_len=128)
+    first, waiting = gen.add(Request(ids, params)), gen.add(Request(ids, params))
+    events = gen.step()
+    gen.finish(waiting)
+    events += [e for step in gen for e in step]
+    assert [e.rid for e in events] == [first] * 3 and not gen
