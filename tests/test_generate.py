@@ -1743,7 +1743,7 @@ def test_answers_are_cut_where_the_end_of_turn_text_is_spelled_in_ordinary_token
 ])
 def test_stream_chat_joined_is_exactly_the_answer(setup, text, kw):
     """stream_chat yielded the answer's trailing whitespace, which chat() strips: a caller that
-    printed or stored the joined stream got a different answer (a blank line, a space)."""
+    printed or stored the joined stream got a different answer (a blank line, a space); batch_chat strips too."""
     chat, _ = setup
     chat.engine, real = ScriptedEngine([t for piece in text for t in chat.tokenizer.encode(piece)]), chat.engine
     try:
@@ -1751,6 +1751,7 @@ def test_stream_chat_joined_is_exactly_the_answer(setup, text, kw):
         assert answer == answer.strip() and answer
         pieces = list(chat.stream_chat("Hi", **kw))
         assert "".join(pieces) == answer and all(pieces) and "\ufffd" not in answer
+        assert chat.batch_chat(["Hi", "Ho"], **kw) == [answer, answer]  # stripped the same way
     finally:
         chat.engine = real
 
