@@ -1756,6 +1756,21 @@ def test_stream_chat_joined_is_exactly_the_answer(setup, text, kw):
         chat.engine = real
 
 
+
+def test_answers_as_they_finish_raises_a_failing_decode_step(setup, monkeypatch):
+    """A decode step that fails fails every running row: answers_as_they_finish raises it, where a prompt that
+    fails alone comes back as its own answer."""
+    chat, _ = setup
+
+    def broken(*args):
+        raise RuntimeError("the decode step broke")
+
+    monkeypatch.setattr(chat.engine, "_decode_fn", broken)
+    prepared = chat.prepare("Hi")
+    jobs = [(k, prepared, SamplingParams(max_new_tokens=4, ignore_eos=True)) for k in range(2)]
+    with pytest.raises(RuntimeError, match="^the decode step broke$"):
+        list(chat.answers_as_they_finish(jobs, batch_size=2))
+
 def test_answers_as_they_finish_gives_a_prompt_that_fails_in_the_engine_its_error_and_goes_on(setup, monkeypatch):
     """A prefill that raises (out of memory on a large image, say) fails its own job only: it comes back
     as that job's answer, so `generate` writes an error line and goes on (it stopped the whole run,
