@@ -435,6 +435,25 @@ def test_models_and_health(server, client):
     assert state["status"] == "ok" and state["max_batch"] == MAX_BATCH and state["model"] == "m"
 
 
+
+def test_the_api_key_is_taken_whatever_the_case_of_its_scheme_and_a_wrong_key_is_a_401(server):
+    """The Authorization scheme is case-insensitive (RFC 9110): `bearer KEY` is served as `Bearer KEY` is."""
+    url = server[0] + "/v1/models"
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        assert httpx.get(url, headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
+    for header in (f"Bearer {KEY}x", f"Basic {KEY}", KEY):
+        reply = httpx.get(url, headers={"Authorization": header})
+        assert (reply.status_code, reply.headers["www-authenticate"]) == (401, "Bearer")
+
+
+def test_only_bad_input_fails_a_request_in_the_worker_with_a_400():
+    """An InputError is the client's (a 400); any other failure, a ValueError from a bug included, is a 500."""
+    from internvl_mpo.errors import InputError
+    from internvl_mpo.server.worker import _failure
+
+    assert _failure(InputError("the prompt is empty")).status == 400
+    assert [_failure(e).status for e in (ValueError("a shape"), RuntimeError("out of memory"))] == [500, 500]
+
 def test_unknown_routes_and_methods_get_openai_errors(server):
     missing = httpx.post(server[0] + "/v1/embeddings", json={})
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
