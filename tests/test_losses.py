@@ -14,6 +14,7 @@ Three kinds of check:
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -495,13 +496,13 @@ _TRL_SCRIPT = r"""
 import json, sys, types
 import torch
 import trl
-from trl.trainer.dpo_trainer import DPOTrainer
-from trl.trainer.utils import RunningMoments
 
 job = json.load(sys.stdin)
-if not trl.__version__.startswith("0.10."):
+if not trl.__version__.startswith("0.10."):  # before the imports that later releases moved or dropped
     print(json.dumps({"skip": "trl " + trl.__version__}))
     sys.exit(0)
+from trl.trainer.dpo_trainer import DPOTrainer
+from trl.trainer.utils import RunningMoments
 
 
 class Accel:  # what dpo_loss and RunningMoments touch
@@ -566,11 +567,20 @@ print(json.dumps({"version": trl.__version__, "steps": steps, "logps": logps.tol
 """
 
 
-def _trl_python() -> str | None:
-    """An interpreter that has trl: this one, else INTERNVL_MPO_TRL_PYTHON."""
-    if importlib.util.find_spec("trl") is not None:
-        return sys.executable
-    return os.environ.get("INTERNVL_MPO_TRL_PYTHON")
+def _trl_python() -> tuple[str | None, str]:
+    """An interpreter with trl 0.10.x: this one if its trl is 0.10.x, else INTERNVL_MPO_TRL_PYTHON; else None and
+    why. The test extra's trl (1.16, tests/test_trl_parity.py) has neither `DPOTrainer.dpo_loss` nor RunningMoments."""
+    try:
+        here = importlib.metadata.version("trl")
+    except importlib.metadata.PackageNotFoundError:
+        here = None
+    if here is not None and here.startswith("0.10."):
+        return sys.executable, ""
+    named = os.environ.get("INTERNVL_MPO_TRL_PYTHON")
+    if named:
+        return named, ""
+    found = "trl is not installed here" if here is None else f"trl here is {here}, not 0.10.x"
+    return None, f"{found}; set INTERNVL_MPO_TRL_PYTHON to a venv python that has trl 0.10.x"
 
 
 # The recipe's settings, then others: the weights need not sum to 1, where InternVL logs the weight-sum of
@@ -581,9 +591,9 @@ TRL_SETTINGS = [{"beta": 0.1, "ls": 0.0, "w_sig": 0.8, "w_bco": 0.2, "rpo_alpha"
 
 @pytest.mark.parametrize("setting", TRL_SETTINGS)
 def test_parity_with_trl_0_10_1(setting):
-    python = _trl_python()
+    python, why = _trl_python()
     if python is None:
-        pytest.skip("trl 0.10.x not importable here; set INTERNVL_MPO_TRL_PYTHON to a venv python that has it")
+        pytest.skip(why)
     steps = _random_steps(n_steps=5, batch=2, seed=6)
     gen = torch.Generator().manual_seed(7)
     logits = 4 * torch.randn(4, 9, 23, generator=gen)
