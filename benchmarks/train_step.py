@@ -17,9 +17,9 @@ Memory: on CUDA, `torch.cuda.max_memory_allocated` over the timed steps (weights
 activations); on CPU, the process's peak resident set (VmHWM) and its growth over the timed steps.
 Each side runs in its own process.
 
-TRL does not live in the project's environment. Current TRL (1.16 here) installs beside the
-project's torch and transformers without changing them; keep it in a venv that sees the system
-packages anyway:
+TRL 1.16 is in the test extra (`pip install -e ".[test]"`, for tests/test_trl_parity.py), beside the
+project's torch and transformers, so the default `--trl-python` (this interpreter) has it; another may be named, e.g. a venv that
+sees the system packages:
 
     python3 -m venv --system-site-packages /work/venv-bench
     /work/venv-bench/bin/pip install trl==1.16.0
