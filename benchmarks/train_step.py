@@ -18,8 +18,8 @@ activations); on CPU, the process's peak resident set (VmHWM) and its growth ove
 Each side runs in its own process.
 
 TRL 1.16 is in the test extra (`pip install -e ".[test]"`, for tests/test_trl_parity.py), beside the
-project's torch and transformers, so the default `--trl-python` (this interpreter) has it; another may be named, e.g. a venv that
-sees the system packages:
+project's torch and transformers, so the default `--trl-python` (this interpreter) has it; another
+may be named, e.g. a venv that sees the system packages:
 
     python3 -m venv --system-site-packages /work/venv-bench
     /work/venv-bench/bin/pip install trl==1.16.0
