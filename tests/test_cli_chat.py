@@ -1170,6 +1170,14 @@ def test_no_command_is_a_usage_error():
     assert out.stderr.startswith("usage: internvl-mpo <command>") and "chat" in out.stderr
 
 
+def test_an_unknown_command_is_a_usage_error_naming_it(capsys):
+    from internvl_mpo.cli import COMMANDS, main
+
+    assert main(["chta", "What is it?"]) == 2  # a usage error, as argparse's for an unknown flag
+    err = capsys.readouterr().err
+    assert err == "internvl-mpo: unknown command 'chta'; commands: " + ", ".join(COMMANDS) + "\n"
+
+
 def test_tiles_command_prints_grid_and_writes_png(tmp_path):
     image = tmp_path / "wide.jpg"
     Image.new("RGB", (1920, 1080), "red").save(image)
