@@ -334,6 +334,18 @@ def test_shipped_checkpoint_loads_like_a_real_one():
 
 
 @shipped
+def test_the_recipe_writes_the_shipped_checkpoints_tokenizer_and_config(tmp_path):
+    """scripts/train_demo.sh builds the shipped model from `demo-data --seed 0`'s tokenizer and config.json: the
+    recipe must still write those, or a rebuild trains another model than the one shipped."""
+    write_demo_tokenizer(tmp_path, synth.tokenizer_corpus(0))
+    for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "added_tokens.json",
+                 "special_tokens_map.json"):
+        assert (tmp_path / name).read_bytes() == (DEMO_MODEL / name).read_bytes(), name
+    demo_config(len(load_tokenizer(tmp_path))).to_json(tmp_path / "config.json")
+    assert json.loads((tmp_path / "config.json").read_text()) == json.loads((DEMO_MODEL / "config.json").read_text())
+
+
+@shipped
 def test_shipped_model_answers_the_examples():
     """The READMEs say the examples are held-out test scenes on which the model's whole chain is right."""
     from internvl_mpo.pipeline import InternVLChat
