@@ -2110,6 +2110,92 @@ def test_nat64_addresses_are_judged_by_the_ipv4_address_they_carry():
     assert refusal("2606:2800::1") is None and refusal("8.8.8.8") is None
 
 
+def test_6to4_addresses_are_judged_by_the_ipv4_address_they_carry():
+    """2002::/16 (6to4) carries an IPv4 address in bits 16-48, and Python's is_global takes every 2002:: address
+    as public: 2002:7f00:1:: (127.0.0.1) must be refused as the loopback address it reaches."""
+    from internvl_mpo.server.media import refusal
+
+    assert refusal("2002:7f00:1::") == "loopback"
+    assert refusal("2002:a9fe:a9fe::") == "link-local"  # 169.254.169.254, cloud metadata
+    assert refusal("2002:a00:1::") == "private"
+    assert refusal("2002:808:808::") is None
+
+
+def test_a_remote_image_is_not_fetched_through_a_proxy_from_the_environment(monkeypatch):
+    """Unless --allow-private-image-hosts, http_proxy is not used: a proxy would connect wherever the URL says,
+    past the check of the host's addresses. The image comes straight from the host (the proxy named here does
+    not exist: a request sent there would fail)."""
+    from internvl_mpo.server import media as media_module
+
+    real = media_module.refusal
+    monkeypatch.setattr(media_module, "refusal", lambda ip: None if ip == "127.0.0.1" else real(ip))
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", "http://proxy.invalid:9")
+    image = png(56, 56)
+    httpd = image_server(image)
+    asked = []
+
+    def resolve(host, port, **kwargs):
+        asked.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    try:
+        settings = ServerSettings(allow_remote_images=True, image_timeout=60.0)  # a bound a busy machine cannot miss
+        url = f"http://images.invalid:{httpd.server_port}/image.png"
+        assert media_module._fetch_remote(url, "image", settings, resolve=resolve) == image
+        assert asked == ["images.invalid"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_remote_image_one_byte_over_the_limit_is_a_413_whatever_its_chunks():
+    """The fetch reads past --max-image-bytes before it stops: an image that comes chunked, a first chunk of exactly
+    the limit and then one byte, is a 413, not taken cut to the limit; one of exactly the limit is taken."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Chunked(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for piece in [b"x" * 100] + ([b"y"] if self.path == "/over.png" else []):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Chunked)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_port}"
+    settings = ServerSettings(allow_remote_images=True, allow_private_image_hosts=True, max_image_bytes=100,
+                              image_timeout=60.0)  # a bound a busy machine cannot miss
+    try:
+        assert image_bytes(f"{base}/exact.png", "image", settings) == b"x" * 100
+        with pytest.raises(ApiError, match="at most 100 bytes") as e:
+            image_bytes(f"{base}/over.png", "image", settings)
+        assert e.value.status == 413
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_local_image_over_the_byte_limit_is_refused_by_its_size_before_it_is_read(tmp_path, monkeypatch):
+    """A local file's size is checked before its bytes are read (a path to a 10 GB file must not fill memory):
+    the 413 names its size, and the file is never read."""
+    path = tmp_path / "big.png"
+    path.write_bytes(b"x" * 101)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"{self} was read"))
+    with pytest.raises(ApiError, match=rf"{re.escape(str(path))} is 101 bytes; images may be at most 100 bytes") as e:
+        image_bytes(str(path), "image", ServerSettings(allow_local_images=True, max_image_bytes=100))
+    assert e.value.status == 413
+
+
 def test_every_address_of_a_remote_image_host_is_checked():
     """A host is refused when any of its addresses is not public (the connection could reach that one)."""
     from internvl_mpo.server.media import public_addresses
