@@ -99,6 +99,35 @@ def test_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path):
         lock_output(tmp_path, TRAIN_LOCK)
 
 
+def test_a_live_run_is_named_as_its_holder_not_a_crashed_run_before_it(tmp_path):
+    """A crashed run leaves its lock file naming it; the next run's holder replaces that name, not follows it."""
+    import os
+    import socket
+
+    from internvl_mpo.errors import ConfigError
+    from internvl_mpo.locks import TRAIN_LOCK, lock_output
+
+    (tmp_path / ".train.lock").write_text("pid 1 on crashed-host\n")
+    with lock_output(tmp_path, TRAIN_LOCK):
+        holder = f"pid {os.getpid()} on {socket.gethostname()}"
+        assert (tmp_path / ".train.lock").read_text() == holder + "\n"
+        with pytest.raises(ConfigError, match=rf"in use by another training run \({holder}\): "):
+            lock_output(tmp_path, TRAIN_LOCK)  # an flock of another open file: refused, as another process's
+
+
+def test_putting_answers_in_order_keeps_the_answers_of_requests_no_longer_in_the_file(tmp_path):
+    """A rerun of `generate` puts the answers in the requests' order; answers of ids the requests file no longer
+    holds (a request taken out of it) stay, after the others, and each id keeps its last line."""
+    from internvl_mpo.jsonl import rewrite_in_order
+
+    answers = tmp_path / "answers.jsonl"
+    b, gone, a_old, a = (json.dumps({"id": k, "answer": text}) + "\n" for k, text in
+                         [("b", "B"), ("gone", "G"), ("a", "old"), ("a", "A")])
+    answers.write_text(b + gone + a_old + a)
+    rewrite_in_order(answers, ["a", "b"])
+    assert answers.read_text() == a + b + gone
+
+
 def test_generate_rerun_after_a_kill_past_the_last_answer_puts_the_answers_in_order(tmp_path):
     """A run killed after its last answer, before it put the answers back in the requests' order, left them in
     the order they finished: the rerun found every request answered and stopped there."""
