@@ -820,6 +820,14 @@ def test_prefix_items_hold_each_position_to_its_schema_and_the_rest_to_items():
     assert js.compile_schema({"prefixItems": [{}]}) and refused_at({"prefixItems": [False]}, b"[1") == 1
 
 
+def test_max_items_zero_and_an_empty_const_array_take_only_the_empty_array():
+    """maxItems 0 (and a const/enum [], an array of no items) refuses the first item at its first byte: only [] is
+    taken."""
+    for schema in ({"type": "array", "maxItems": 0}, {"const": []}, {"enum": [[]]}):
+        assert complete(schema, b"[]") and complete(schema, b"[ ]"), schema
+        assert refused_at(schema, b"[1]") == 1 and refused_at(schema, b'["a"]') == 1, schema
+
+
 @pytest.mark.parametrize("schema, message", [
     ({"type": "number", "multipleOf": 2}, "multipleOf at # is supported on an integer only (type integer), not a"),
     ({"type": "integer", "multipleOf": 0.5}, "multipleOf at # must be a whole number > 0 (a fraction is not "
