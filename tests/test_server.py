@@ -3026,6 +3026,30 @@ def test_a_client_still_sending_when_its_connection_is_cut_reads_the_end_not_a_r
             assert early.recv(1) == b""  # the end; a ConnectionResetError before
 
 
+def test_a_client_that_keeps_sending_after_its_408_is_cut_off_after_the_linger(local_chat):
+    """After a 408 for a late head the server reads and drops what still comes for LINGER_S, then closes: a client
+    that never closes and keeps sending a byte now and then must not hold the connection (and its place under
+    --max-connections) for ever. Once the server has closed, what the client sends is answered by a reset."""
+    import http.client
+
+    with app_server(local_chat, max_batch=2, max_len=256, header_timeout=0.3) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            response = http.client.HTTPResponse(conn)
+            response.begin()
+            assert response.status == 408 and json.loads(response.read())["error"]["code"] == "request_timeout"
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    conn.sendall(b"a")
+                except OSError:  # reset: the server closed the connection
+                    break
+                assert time.monotonic() < deadline, "the connection was still open 30 s after the 408"
+                time.sleep(0.1)
+        assert httpx.get(url + "/health", timeout=30).json()["status"] == "ok"
+
+
 def test_an_honest_body_in_several_chunks_within_request_read_timeout_is_served(local_chat):
     """A body sent in five chunks (chunked transfer encoding, no Content-Length) spread over about a second is read
     whole and answered under a deadline of 10 s."""
