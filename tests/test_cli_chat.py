@@ -1164,6 +1164,20 @@ def test_help_lists_commands():
         assert "default: None" not in cli(command, "--help").stdout, command  # a flag not given says nothing
 
 
+def test_the_readmes_command_lines_show_each_flags_default():
+    """`[--flag N]` in the README's command lines is the flag's default, as `--help` shows it."""
+    from internvl_mpo.cli import _resolve, build_parser
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    lines = [line for line in readme.read_text(encoding="utf-8").splitlines() if line.startswith("internvl-mpo ")]
+    shown = [(line.split()[1], flag, value) for line in lines
+             for flag, value in re.findall(r"\[--([a-z-]+) (\d+)\]", line)]
+    assert len(shown) >= 4, shown  # generate's --batch-size, tiles' --max-num and --min-num, eval's --max-num
+    for command, flag, value in shown:
+        parser = build_parser(_resolve(command), command)
+        assert parser.get_default(flag.replace("-", "_")) == int(value), (command, flag)
+
+
 def test_no_command_is_a_usage_error():
     out = cli()  # as argparse does for a missing argument: usage on stderr, exit status 2
     assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr, out.stderr
