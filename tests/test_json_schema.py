@@ -235,6 +235,16 @@ def random_formatted(rng: random.Random, name: str) -> str:
     return text[name].replace("+00:00", "Z") if rng.random() < 0.5 else text[name]
 
 
+def test_excluded_number_bounds_hit_exactly_by_mantissa_and_exponent():
+    """An excluded bound that the digits times a power of ten meet exactly: below an exclusiveMaximum the digits
+    that equal it go on with a negative exponent (10000000000000001e-1 is within 1e16+2), and above an
+    exclusiveMinimum the exponent that lands on it is refused (45035996273704965e-1 reads as the double 2**52)."""
+    below = {"type": "number", "exclusiveMaximum": 10**16 + 2}
+    assert refused_at(below, b"10000000000000001e-1") is None and complete(below, b"10000000000000001e-1")
+    above = {"type": "number", "exclusiveMinimum": 2**52}
+    assert json.loads("45035996273704965e-1") == 2**52 and not complete(above, b"45035996273704965e-1")
+    assert json.loads("45035996273704966e-1") > 2**52 and complete(above, b"45035996273704966e-1")
+
 def test_formats_take_rfc3339_dates_and_times_and_uuids_only():
     """format date (real month lengths, February 29 in leap years only), time and date-time (RFC 3339: T, seconds,
     a fraction of up to 9 digits, Z or an offset) and uuid: each byte is refused where no string of the format
