@@ -441,7 +441,8 @@ def test_the_api_key_is_taken_whatever_the_case_of_its_scheme_and_a_wrong_key_is
     url = server[0] + "/v1/models"
     for scheme in ("Bearer", "bearer", "BEARER"):
         assert httpx.get(url, headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
-    for header in (f"Bearer {KEY}x", f"Basic {KEY}", KEY):
+    # a key that only begins the real one, or none, is wrong too
+    for header in (f"Bearer {KEY}x", f"Basic {KEY}", KEY, f"Bearer {KEY[:-1]}", "Bearer"):
         reply = httpx.get(url, headers={"Authorization": header})
         assert (reply.status_code, reply.headers["www-authenticate"]) == (401, "Bearer")
 
