@@ -382,7 +382,7 @@ def test_a_greedy_generate_resumes_under_other_sampling_flags_a_sampled_one_does
     answers.unlink()
     assert cli_chat.generate(**run, temperature=0.7, seed=1, top_p=0.5, top_k=3) == 0
     for other, changed in [(dict(seed=2), "seed"), (dict(top_p=1.0), "top_p"), (dict(top_k=50), "top_k"),
-                           (dict(temperature=0), "temperature")]:
+                           (dict(temperature=0, seed=2, top_k=50), "temperature")]:  # greedy: seed, top_k unread
         with pytest.raises(ConfigError, match=rf"other settings \({changed}\)"):
             cli_chat.generate(**run, **{"temperature": 0.7, "seed": 1, "top_p": 0.5, "top_k": 3, **other})
     assert cli_chat.generate(**run, temperature=0.7, seed=1, top_p=0.5, top_k=3) == 0
