@@ -2577,8 +2577,9 @@ def test_a_port_out_of_range_is_refused_before_the_model_loads():
     from internvl_mpo.errors import ConfigError
     from internvl_mpo.server import serve
 
-    with pytest.raises(ConfigError, match=r"--port must be in 0\.\.65535, got 99999"):
-        serve(model="/nonexistent/model", port=99999)
+    for port in (99999, 65536, -1):  # 65536 reached the bind, an OverflowError's traceback
+        with pytest.raises(ConfigError, match=rf"--port must be in 0\.\.65535, got {port}$"):
+            serve(model="/nonexistent/model", port=port)
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -3049,6 +3050,18 @@ def test_a_client_that_keeps_sending_after_its_408_is_cut_off_after_the_linger(l
                 assert time.monotonic() < deadline, "the connection was still open 30 s after the 408"
                 time.sleep(0.1)
         assert httpx.get(url + "/health", timeout=30).json()["status"] == "ok"
+
+
+def test_a_body_of_exactly_max_request_bytes_is_taken_and_one_byte_more_is_a_413_chunked_or_not(local_chat):
+    """--max-request-bytes is the largest body taken: one of exactly that many bytes is served, one byte more is a 413
+    whether its Content-Length says so or it comes chunked (no length: counted as it is read)."""
+    body = json.dumps({"model": "m", "tokens": [1, 2, 3]}).encode()
+    with app_server(local_chat, max_batch=2, max_len=256, max_request_bytes=len(body)) as url:
+        exact = httpx.post(url + "/detokenize", content=body, timeout=60)
+        assert exact.status_code == 200, exact.text
+        for content in (body + b" ", iter([body, b" "])):
+            over = httpx.post(url + "/detokenize", content=content, timeout=60)
+            assert (over.status_code, over.json()["error"]["code"]) == (413, "request_too_large"), over.text
 
 
 def test_an_honest_body_in_several_chunks_within_request_read_timeout_is_served(local_chat):
