@@ -50,6 +50,7 @@ INVALID = [
     # lone surrogates (json.loads takes them; I-JSON, Pydantic and serde_json do not)
     b'{"a":"\\ud800"}', b'{"a":"\\udc00"}', b'{"a":"\\uDFFF"}', b'{"a":"\\ud83dx"}', b'{"a":"\\ud83d\\u0041"}',
     b'{"a":"\\ud83d\\ud83d\\ude00"}', b'{"a":"\\ud83d\\ude00\\ude00"}', b'{"\\ud83d":1}', b'{"a":"\\ud83d\\n"}',
+    b'{"a":"\\ud83d\\ud83d"}',  # a high surrogate where the low one must come
 ]
 
 
