@@ -445,6 +445,9 @@ def test_the_api_key_is_taken_whatever_the_case_of_its_scheme_and_a_wrong_key_is
     for header in (f"Bearer {KEY}x", f"Basic {KEY}", KEY, f"Bearer {KEY[:-1]}", "Bearer"):
         reply = httpx.get(url, headers={"Authorization": header})
         assert (reply.status_code, reply.headers["www-authenticate"]) == (401, "Bearer")
+    for route in ("/tokenize", "/detokenize"):  # vLLM's routes beside /v1 need the key too (README)
+        reply = post_to(server, route, {"model": "m", "prompt": "hi", "tokens": [1]}, key=None)
+        assert (reply.status_code, reply.json()["error"]["code"]) == (401, "invalid_api_key"), route
 
 
 def test_only_bad_input_fails_a_request_in_the_worker_with_a_400():
@@ -2609,6 +2612,8 @@ def test_a_port_out_of_range_is_refused_before_the_model_loads():
     ("header_timeout", 0, "--header-timeout must be a number of seconds more than 0, got 0"),
     ("header_timeout", float("nan"), "--header-timeout must be a number of seconds more than 0, got nan"),
     ("max_connections", 0, "--max-connections must be at least 1, got 0"),
+    ("max_len", 1, "--max-batch must be >= 1 and --max-len >= 2, got 8, 1"),  # no room for a prompt and a token
+    ("max_batch", 0, "--max-batch must be >= 1 and --max-len >= 2, got 0, 4096"),
     ("served_model_name", "", "--served-model-name must name the model, got ''"),  # the default name was served
     ("served_model_name", " ", "--served-model-name must name the model, got ' '"),
     ("max_connections", 300.0, "--max-connections must be a whole number, got 300.0"),  # from Python
