@@ -42,6 +42,15 @@ def test_progress_on_a_full_disk_is_one_line_and_the_rerun_keeps_the_finished_it
     assert list(progress.load()) == ["a", "c"]
 
 
+def test_progress_of_an_item_done_again_is_its_last_line(tmp_path):
+    """An item edited since its row was written is done again and appended (pairs' and eval's resume): a later
+    rerun reads its last row, or it would take the stale one and do the item again at every rerun."""
+    progress = Progress(tmp_path / "progress.jsonl")
+    progress.append([{"id": "a", "question": "old"}, {"id": "b", "question": "b"}])
+    progress.append([{"id": "a", "question": "new"}])
+    assert progress.load() == {"a": {"id": "a", "question": "new"}, "b": {"id": "b", "question": "b"}}
+
+
 def test_atomic_write_on_a_full_disk_leaves_the_file_as_it_was(tmp_path):
     path = tmp_path / "score.json"
     atomic_write(path, "old\n")
