@@ -156,6 +156,9 @@ def test_top_level_values_of_any_type_enums_consts_and_recursion():
         "c": {"anyOf": [{"type": "null"}, {"$ref": "#/properties/c/anyOf/0"}]}, "f": {"$ref": "#/properties/d~1e"}}}
     assert complete(shared, b'{"a":"x","b":"y","c":null,"f":true}') and refused_at(shared, b'{"a":"x","b":"z') == 14
     assert refused_at(shared, b'{"a":"x","b":"y","c":null,"f":1') == 30
+    # RFC 6901: '~01' is the name '~1' ('~1' is unescaped before '~0'), not '/'
+    tilde = {"$defs": {"~1": {"const": 1}, "/": {"const": 2}}, "$ref": "#/$defs/~01"}
+    assert complete(tilde, b"1") and refused_at(tilde, b"2") == 0
     any_object = {"type": "object"}
     assert complete(any_object, b'{"x":[1,{"y":"z"}],"x":null}')
     assert complete({"type": "object", "additionalProperties": {"type": "integer"}}, b'{"a":1,"b":2}')
