@@ -1178,6 +1178,16 @@ def test_the_readmes_command_lines_show_each_flags_default():
         assert parser.get_default(flag.replace("-", "_")) == int(value), (command, flag)
 
 
+def test_chat_samples_the_model_cards_8_video_frames_unless_told():
+    """The model card's video example samples num_segments=8 frames (the reference's load_video default is 32)."""
+    from internvl_mpo.cli import build_parser
+    from internvl_mpo.cli_chat import chat
+
+    parser = build_parser(chat, "chat")
+    assert parser.get_default("num_segments") == 8
+    assert "frames sampled from a video (default: 8)" in " ".join(parser.format_help().split())
+
+
 def test_no_command_is_a_usage_error():
     out = cli()  # as argparse does for a missing argument: usage on stderr, exit status 2
     assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr, out.stderr
