@@ -2372,6 +2372,28 @@ def test_a_request_arriving_after_ctrl_c_stopped_the_worker_is_told_the_server_i
                 assert refused.json()["error"]["message"] == "the server is shutting down"
 
 
+def test_a_worker_that_is_not_running_makes_health_and_requests_503s(local_chat):
+    """A generation worker that is not running (its thread never started here; one that died alike) is told: /health
+    answers a 503 with the status "error", and a request a 503 at once, not a wait for ever on a worker that will
+    never answer it."""
+    from fastapi.testclient import TestClient
+
+    from internvl_mpo.server import create_app
+
+    app = create_app(local_chat, ServerSettings(served_model_name="m", max_batch=1, max_len=256))
+    client = TestClient(app)  # not entered: the app's lifespan, which starts the worker, does not run
+    state = client.get("/health")
+    assert (state.status_code, state.json()["status"]) == (503, "error")
+    answers = []
+    sender = threading.Thread(target=lambda: answers.append(client.post("/v1/completions", json={
+        "prompt": "Hello", "max_tokens": 2})), daemon=True)
+    sender.start()
+    sender.join(60)
+    assert answers, "no answer within 60 s"
+    assert answers[0].status_code == 503, answers[0].text
+    assert answers[0].json()["error"]["message"] == "the generation worker is not running"
+
+
 def test_a_burst_of_requests_joins_the_batch_in_one_step(local_chat):
     """Requests that arrive together are all prefilled before the first decode step: four requests of
     STEPS tokens take STEPS - 1 decode steps, not one more step per request queued behind the first."""
