@@ -128,6 +128,15 @@ def test_the_gbnf_of_a_lark_grammar():
         'root ::= start\nstart ::= "it\'sa\\""\n'
 
 
+def test_string_escapes_read_as_their_characters():
+    """A literal's escapes (newline, tab, carriage return, form feed, backslash, two hex digits, four hex digits)
+    are the characters Python reads them as, in a single-quoted literal too."""
+    for quote in ('"', "'"):
+        grammar = compile_grammar(f"start: {quote}a\\tb\\rc\\fd\\ne\\\\f\\x41\\u00e9{quote}")
+        assert grammar.matches("a\tb\rc\fd\ne\\fA\u00e9".encode()), quote
+        assert not grammar.matches("a b\rc\fd\ne\\fA\u00e9".encode()) and not grammar.matches(b"a\\tb"), quote
+
+
 @pytest.mark.parametrize("text, alphabet, longest", [(YES_NO, "yesno", 4), (ARITHMETIC, "1+(-)", 5),
                                                      (FEATURES, "abx(y;,)z", 4)], ids=["yes-no", "arithmetic",
                                                                                         "features"])
