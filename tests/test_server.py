@@ -1630,6 +1630,10 @@ def test_bad_requests_get_openai_errors(server, client):
     assert gzipped.status_code == 415 and gzipped.json()["error"] == {
         "message": "Content-Encoding 'gzip' is not supported; send the body uncompressed",
         "type": "invalid_request_error", "param": None, "code": "unsupported_content_encoding"}
+    # a content coding is case-insensitive (RFC 9110): "Identity" is the uncompressed body
+    plain = httpx.post(server[0] + "/detokenize", json={"model": "m", "tokens": [1]},
+                       headers={"Authorization": f"Bearer {KEY}", "Content-Encoding": "Identity"})
+    assert plain.status_code == 200, plain.text
     assert health(server)["status"] == "ok"
 
 
