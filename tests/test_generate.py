@@ -296,10 +296,9 @@ def test_requests_with_one_prompt_are_prefilled_once(setup, monkeypatch):
     assert calls == [0, 0, 1] and out[1] == alone[1] and out[2] == out[3] == run(chat.engine, [Request(b, GREEDY)])[0]
 
 
-def test_a_sequence_that_went_non_finite_leaves_nothing_for_the_next_one(setup, monkeypatch):
-    """Masked cache slots still enter attention as 0 x value: inf or NaN that a finished sequence wrote
-    (fp16 overflow) must not reach the next sequence in its row."""
-    chat, _ = setup
+def _poisoned_prefill(chat, monkeypatch):
+    """A short prompt, its greedy answer alone, and a long request whose prefill writes NaN keys into its row
+    (as an fp16 overflow would)."""
     long_prompt, _ = prompt(chat, "A much longer first question, with many more words in it than the next one.")
     short, _ = prompt(chat, "Hi")
     alone = run(chat.engine, [Request(short, GREEDY)])[0]
@@ -314,6 +313,14 @@ def test_a_sequence_that_went_non_finite_leaves_nothing_for_the_next_one(setup, 
         return hidden
 
     monkeypatch.setattr(chat.engine, "prefill", overflowing_prefill)
+    return short, alone, poisoned
+
+
+def test_a_sequence_that_went_non_finite_leaves_nothing_for_the_next_one(setup, monkeypatch):
+    """Masked cache slots still enter attention as 0 x value: inf or NaN that a finished sequence wrote
+    (fp16 overflow) must not reach the next sequence in its row."""
+    chat, _ = setup
+    short, alone, poisoned = _poisoned_prefill(chat, monkeypatch)
     gen = chat.engine.start(max_batch=2, max_len=256)
     for request in (Request(short, GREEDY), poisoned):  # the poisoned sequence in the last row
         gen.add(request)
@@ -328,25 +335,11 @@ def test_a_sequence_that_went_non_finite_leaves_nothing_for_the_next_one(setup, 
     assert all(not (c.k.isnan().any() or c.v.isnan().any()) for c in gen.caches)
 
 
-
 def test_a_non_finite_sequence_that_moved_rows_leaves_nothing_in_the_row_it_left(setup, monkeypatch):
     """A finished row takes the last row's sequence; the slots that sequence leaves behind are zeroed too, so that
     the next sequence in that row does not read its inf or NaN through masked slots."""
     chat, _ = setup
-    long_prompt, _ = prompt(chat, "A much longer first question, with many more words in it than the next one.")
-    short, _ = prompt(chat, "Hi")
-    alone = run(chat.engine, [Request(short, GREEDY)])[0]
-    prefill = chat.engine.prefill
-    poisoned = Request(long_prompt, SamplingParams(max_new_tokens=5, ignore_eos=True))
-
-    def overflowing_prefill(request, caches, row):
-        hidden = prefill(request, caches, row)
-        if request is poisoned:
-            for cache in caches:
-                cache.k[row, :, : len(request.prompt_ids)] = float("nan")
-        return hidden
-
-    monkeypatch.setattr(chat.engine, "prefill", overflowing_prefill)
+    short, alone, poisoned = _poisoned_prefill(chat, monkeypatch)
     gen = chat.engine.start(max_batch=2, max_len=256)
     gen.add(Request(short, SamplingParams(max_new_tokens=2, ignore_eos=True)))  # finishes first: row 1 moves to 0
     gen.add(poisoned)
@@ -358,6 +351,7 @@ def test_a_non_finite_sequence_that_moved_rows_leaves_nothing_in_the_row_it_left
                 gen.add(Request(short, GREEDY))  # takes row 1, which the poisoned sequence left
     assert tokens[2] == alone
     assert all(not (c.k.isnan().any() or c.v.isnan().any()) for c in gen.caches)
+
 
 def test_logprobs_are_the_models_log_softmax_of_each_chosen_token(setup):
     """The raw distribution (before temperature and filters) from an uncached forward over the prompt
