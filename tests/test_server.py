@@ -2129,33 +2129,39 @@ def test_6to4_addresses_are_judged_by_the_ipv4_address_they_carry():
     assert refusal("2002:808:808::") is None
 
 
-def test_a_remote_image_is_not_fetched_through_a_proxy_from_the_environment(monkeypatch):
-    """Unless --allow-private-image-hosts, http_proxy is not used: a proxy would connect wherever the URL says,
-    past the check of the host's addresses. The image comes straight from the host (the proxy named here does
-    not exist: a request sent there would fail)."""
+def fetch_from_a_named_host(monkeypatch, resolve) -> None:
+    """Fetch an image served on this machine from `images.invalid` (a name nothing else resolves) with `resolve`
+    as the resolver and 127.0.0.1 taken for a public address: the image comes back whole."""
     from internvl_mpo.server import media as media_module
 
     real = media_module.refusal
     monkeypatch.setattr(media_module, "refusal", lambda ip: None if ip == "127.0.0.1" else real(ip))
+    image = png(56, 56)
+    httpd = image_server(image)
+    try:
+        settings = ServerSettings(allow_remote_images=True, image_timeout=60.0)  # a bound a busy machine cannot miss
+        url = f"http://images.invalid:{httpd.server_port}/image.png"
+        assert media_module._fetch_remote(url, "image", settings, resolve=resolve) == image
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_remote_image_is_not_fetched_through_a_proxy_from_the_environment(monkeypatch):
+    """Unless --allow-private-image-hosts, http_proxy is not used: a proxy would connect wherever the URL says,
+    past the check of the host's addresses. The image comes straight from the host (the proxy named here does
+    not exist: a request sent there would fail)."""
     for name in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("http_proxy", "http://proxy.invalid:9")
-    image = png(56, 56)
-    httpd = image_server(image)
     asked = []
 
     def resolve(host, port, **kwargs):
         asked.append(host)
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
 
-    try:
-        settings = ServerSettings(allow_remote_images=True, image_timeout=60.0)  # a bound a busy machine cannot miss
-        url = f"http://images.invalid:{httpd.server_port}/image.png"
-        assert media_module._fetch_remote(url, "image", settings, resolve=resolve) == image
-        assert asked == ["images.invalid"]
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    fetch_from_a_named_host(monkeypatch, resolve)
+    assert asked == ["images.invalid"]
 
 
 def test_a_remote_image_one_byte_over_the_limit_is_a_413_whatever_its_chunks():
@@ -2256,12 +2262,6 @@ def test_a_remote_image_is_fetched_from_the_address_that_was_checked(monkeypatch
     """The host is resolved once and the connection goes to the address checked, so a DNS answer that changes
     between the check and the connection (DNS rebinding) cannot slip a private address through: the resolver
     is asked once, and the connection reaches the address it gave for a name nothing else can resolve."""
-    from internvl_mpo.server import media as media_module
-
-    real = media_module.refusal
-    monkeypatch.setattr(media_module, "refusal", lambda ip: None if ip == "127.0.0.1" else real(ip))
-    image = png(56, 56)
-    httpd = image_server(image)
     asked = []
 
     def rebinding(host, port, **kwargs):  # public the first time, loopback (::1) after
@@ -2269,14 +2269,8 @@ def test_a_remote_image_is_fetched_from_the_address_that_was_checked(monkeypatch
         ip = "127.0.0.1" if len(asked) == 1 else "::1"
         return [(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))]
 
-    try:
-        settings = ServerSettings(allow_remote_images=True, image_timeout=60.0)  # a bound a busy machine cannot miss
-        url = f"http://images.invalid:{httpd.server_port}/image.png"
-        assert media_module._fetch_remote(url, "image", settings, resolve=rebinding) == image
-        assert asked == ["images.invalid"]
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    fetch_from_a_named_host(monkeypatch, rebinding)
+    assert asked == ["images.invalid"]
 
 
 def test_allow_private_image_hosts_needs_allow_remote_images():
