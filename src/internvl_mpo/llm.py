@@ -115,18 +115,20 @@ def blocked_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 FEW_ROWS_MIN_ENTRIES = 1 << 16
 
 
-def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, max_rows: int,
-                    bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x @ weight.T (+ bias) in the fastest form this CPU offers for 1 to `max_rows` rows against a
-    large fp32 weight (`blocked_matvec` for one, `weight_first_matmul` for more); None: use the plain
-    matmul (other devices and dtypes: in bf16 both forms are slower than nn.Linear's kernels)."""
+def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, max_rows: int, bias: torch.Tensor | None = None,
+                    one_row: bool = True, more_rows: bool = True) -> torch.Tensor | None:
+    """x @ weight.T (+ bias) in a faster form for 1 to `max_rows` rows against a large fp32 CPU weight:
+    `blocked_matvec` for one row (unless `one_row` is False), `weight_first_matmul` for more (unless
+    `more_rows` is False); None: use the plain matmul (other devices and dtypes: in bf16 both forms are
+    slower than nn.Linear's kernels). Whether the forms pay depends on the CPU: the engine times them
+    (generate/cpu_forms.py)."""
     rows = x.numel() // x.shape[-1]
     if (x.device.type != "cpu" or weight.dtype != torch.float32 or not 1 <= rows <= max_rows
             or weight.numel() < FEW_ROWS_MIN_ENTRIES):
         return None
     if rows == 1:
-        return blocked_matvec(x, weight, bias)
-    return weight_first_matmul(x, weight, bias)
+        return blocked_matvec(x, weight, bias) if one_row else None
+    return weight_first_matmul(x, weight, bias) if more_rows else None
 
 
 class Linear(nn.Linear):
@@ -134,11 +136,14 @@ class Linear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias)
-        # decided once: a weight too small for the few-row forms goes straight to F.linear
-        self.few_rows = in_features * out_features >= FEW_ROWS_MIN_ENTRIES
+        # Decided once: a weight too small for the few-row forms goes straight to F.linear. The engine
+        # may turn either form off where it times slower than F.linear on this CPU.
+        self.one_row = self.more_rows = in_features * out_features >= FEW_ROWS_MIN_ENTRIES
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = few_rows_matmul(x, self.weight, 4, self.bias) if self.few_rows else None
+        out = None
+        if self.one_row or self.more_rows:
+            out = few_rows_matmul(x, self.weight, 4, self.bias, self.one_row, self.more_rows)
         return F.linear(x, self.weight, self.bias) if out is None else out
 
 

@@ -58,6 +58,7 @@ from ..errors import InputError, PromptTooLongError
 from ..kv_cache import make_caches
 from ..llm import few_rows_matmul, thread_count
 from ..model import InternVL
+from . import cpu_forms
 from .automaton import AutomatonConstraint
 from .greedy_head import GreedyScreen
 from .json_mode import JsonConstraint, JsonVocabulary
@@ -132,11 +133,13 @@ class _Row:
 
 class Engine:
     def __init__(self, model: InternVL, stop_token_ids: tuple[int, ...] = (), compile: bool = False,
-                 screen: bool | None = None, tokenizer=None):
+                 screen: bool | None = None, tokenizer=None, time_cpu_forms: bool = True):
         """`screen`: choose greedy tokens through the int8 screen of the head (greedy_head.py); None
         uses it for fp32 CPU heads between SCREEN_MIN_BYTES and SCREEN_MAX_BYTES, True wherever it
         can run, False never. `tokenizer` (a chat.tokenizer.Tokenizer): the tokens' bytes, which JSON mode
-        needs; its index is built on the first request in JSON mode."""
+        needs; its index is built on the first request in JSON mode. `time_cpu_forms`: keep the few-row
+        forms of the decoder's large fp32 CPU weights only where they time faster than F.linear on this
+        CPU (cpu_forms.py: once per weight shape and process); False turns them all on."""
         self.model = model.eval()
         self.stop_token_ids = tuple(stop_token_ids)
         self.tokenizer = tokenizer
@@ -146,6 +149,7 @@ class Engine:
         self.screen = screen
         self._screen: GreedyScreen | None = None
         self._screen_key = None
+        self.head_forms = cpu_forms.tune(model.language_model, timed=time_cpu_forms)
         self._decode_fn = self._decode
         self._storages = _Storages()
         if compile:
@@ -247,7 +251,7 @@ class Engine:
         targets = torch.tensor(prompt_ids[1:], device=hidden.device)
         out: list[PromptLogprob | None] = [None]
         for start in range(0, len(targets), rows):
-            logp = torch.log_softmax(head_logits(head, hidden[start : start + rows]), dim=-1)  # (t, V)
+            logp = torch.log_softmax(head_logits(head, hidden[start : start + rows], self.head_forms), dim=-1)
             chosen = logp.gather(1, targets[start : start + rows, None])  # (t, 1)
             ranks = (logp >= chosen).sum(-1).tolist()  # vLLM's rank: ties count against the token
             best = logp.topk(k, dim=-1)
@@ -258,7 +262,7 @@ class Engine:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits (B, V) of final hidden states (B, C)."""
-        return head_logits(self.model.language_model.output_head(), hidden)
+        return head_logits(self.model.language_model.output_head(), hidden, self.head_forms)
 
     def _decode(self, tokens, positions, key_mask, caches, rows: int, span: int, screen: GreedyScreen | None = None):
         """One token per active row -> fp32 logits (rows, V); with a `screen`, its greedy tokens and
@@ -271,7 +275,7 @@ class Engine:
         hidden = lm.model(embeds, positions[:, None], mask, views, positions)[:, 0]
         if screen is not None:
             return *screen(hidden), hidden
-        return head_logits(lm.output_head(), hidden)
+        return head_logits(lm.output_head(), hidden, self.head_forms)
 
 
 def _same_prompt(a: Request, b: Request) -> bool:
@@ -304,10 +308,10 @@ def _without_duck_sizing(compiled):
     return decode
 
 
-def head_logits(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+def head_logits(head: torch.nn.Linear, hidden: torch.Tensor, forms: tuple[bool, bool] = (True, True)) -> torch.Tensor:
     """fp32 logits (B, V) of a few rows of hidden states; 1-16 rows on the CPU go through
-    `few_rows_matmul` (the vocabulary-wide head gains up to 16 rows)."""
-    logits = few_rows_matmul(hidden, head.weight, max_rows=16)
+    `few_rows_matmul` (the vocabulary-wide head gains up to 16 rows) with `forms` (one_row, more_rows)."""
+    logits = few_rows_matmul(hidden, head.weight, 16, None, *forms)
     return (head(hidden) if logits is None else logits).float()
 
 

@@ -1,0 +1,91 @@
+"""Which few-row CPU forms of a matrix product pay on this CPU, timed once per weight shape.
+
+A decode step multiplies one to four rows by each large fp32 weight. `llm.few_rows_matmul` offers two
+forms beside F.linear's MKL kernel: a bmm over row blocks for one row (`blocked_matvec`) and W @ x.T
+for more (`weight_first_matmul`). Which is fastest depends on the CPU, not only on the shapes. On
+the 2-core CPU the forms were written on (2026-12-03) they streamed the small config's weights at
+about twice MKL's rate; on a 2-core Xeon with AMX (2026-12-06) the blocked form ran at half MKL's rate
+(0.89 against 1.66 ms for a 4864 x 896 weight read from memory) and W @ x.T was no faster, so the same
+code decoded the small config 30% slower with the forms than without.
+
+So the engine times them, the first time it meets a weight shape in a process: each form against
+F.linear over the model's weights of that shape (up to BUDGET_BYTES of them, the way a decode step
+reads them: one after another), ROUNDS times taking turns, and keeps a form only where its best pass
+beats F.linear's best by MARGIN. The forms give the same values as F.linear up to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..llm import FEW_ROWS_MIN_ENTRIES, Linear, blocked_matvec, thread_count, weight_first_matmul
+
+BUDGET_BYTES = 256 << 20  # the weights of one shape streamed in a timed pass
+ROUNDS = 3
+MARGIN = 0.95  # a form must take under 95% of F.linear's time: near a tie, F.linear (transformers' kernel) stays
+MORE_ROWS = 4  # the rows the weight-first form is timed with (the engine's few-row batches: 2-4 rows)
+
+_choices: dict[tuple, tuple[bool, bool]] = {}  # (out, in, bias, threads) -> (one_row, more_rows)
+
+
+def _pass_seconds(form, x: torch.Tensor, pairs: list) -> float:
+    start = time.perf_counter()
+    for weight, bias in pairs:
+        form(x, weight, bias)
+    return time.perf_counter() - start
+
+
+def time_forms(pairs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[bool, bool]:
+    """(one_row, more_rows): whether `blocked_matvec` (one row) and `weight_first_matmul` (MORE_ROWS
+    rows) beat F.linear over `pairs` of fp32 CPU weights of one shape and their biases."""
+    width = pairs[0][0].shape[1]
+    one, more = torch.randn(1, width), torch.randn(MORE_ROWS, width)
+    forms = {"linear 1": (F.linear, one), "linear more": (F.linear, more),
+             "weight first": (weight_first_matmul, more)}
+    if blocked_matvec(one, pairs[0][0]) is not None:  # it applies (threads, row count)
+        forms["blocked"] = (blocked_matvec, one)
+    best = dict.fromkeys(forms, float("inf"))
+    with torch.no_grad():
+        _pass_seconds(F.linear, one, pairs)  # first touch: mapped weights fault their pages in here
+        for _ in range(ROUNDS):
+            for name, (form, x) in forms.items():
+                best[name] = min(best[name], _pass_seconds(form, x, pairs))
+    return (best.get("blocked", float("inf")) < MARGIN * best["linear 1"],
+            best["weight first"] < MARGIN * best["linear more"])
+
+
+def choose(weight: torch.Tensor, bias: torch.Tensor | None, same_shape: list) -> tuple[bool, bool]:
+    """The forms for `weight`'s shape on this CPU (and thread count), timed on the first call for the
+    shape over `same_shape` ((weight, bias) pairs, cut to BUDGET_BYTES), remembered after."""
+    key = (*weight.shape, bias is not None, thread_count())
+    if key not in _choices:
+        keep = max(1, BUDGET_BYTES // weight.nbytes)
+        _choices[key] = time_forms(same_shape[:keep])
+    return _choices[key]
+
+
+def tune(language_model: nn.Module, timed: bool = True) -> tuple[bool, bool]:
+    """Set each large fp32 CPU `llm.Linear` of `language_model` to the forms that pay on this CPU (both
+    forms where `timed` is False), and return those of its output head (one_row, more_rows) for
+    `engine.head_logits`. The setting lives on the modules: the last engine built over them decides."""
+    head = language_model.output_head()
+    groups: dict[tuple, list] = {}
+    for module in [m for m in language_model.modules() if isinstance(m, Linear)] + [head]:
+        weight = module.weight
+        if (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
+                and weight.numel() >= FEW_ROWS_MIN_ENTRIES):
+            groups.setdefault((*weight.shape, module.bias is not None), []).append(module)
+    head_forms = (True, True)
+    for modules in groups.values():
+        pairs = [(m.weight, m.bias) for m in modules]
+        forms = choose(*pairs[0], pairs) if timed else (True, True)
+        for m in modules:
+            if m is head:
+                head_forms = forms
+            else:
+                m.one_row, m.more_rows = forms
+    return head_forms
