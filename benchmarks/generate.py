@@ -249,7 +249,8 @@ def weight_stream_fn(model):
     """`stream(passes)` multiplies every decoder weight matrix, head included, by one vector, `passes`
     times over: the bytes a batch-1 decode step must read at least, once per step. Each matrix takes
     the faster of two kernels (timed here): `W @ v`, and on an fp32 CPU the blocked bmm our decoder
-    uses for one row (llm.blocked_matvec: about twice the bandwidth of MKL's on this machine)."""
+    may use for one row (llm.blocked_matvec: about twice MKL's bandwidth on an AMD EPYC VM, half of it
+    on an Intel Xeon with AMX)."""
     from internvl_mpo.llm import blocked_matvec
 
     products = []
