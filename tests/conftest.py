@@ -358,6 +358,16 @@ class ScriptedEngine:
         return Generation()
 
 
+def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """Stop a server subprocess: SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def cli(*args, stdin=None, cwd=None):
     """The command line run in a subprocess: `python -m internvl_mpo.cli ARGS` (text out, 120 s at most)."""
     return subprocess.run([sys.executable, "-m", "internvl_mpo.cli", *map(str, args)], capture_output=True,

@@ -32,7 +32,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_chat_folder
+from conftest import stop, tiny_chat_folder
 from PIL import Image
 from tokenizer_fixture import SYSTEM_MESSAGE
 
@@ -102,11 +102,7 @@ def server(tmp_path_factory):
     try:
         yield url, folder
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -2590,8 +2586,7 @@ def test_serve_logs_a_client_dropped_after_send_timeout_as_one_info_line(server,
                 assert time.monotonic() < deadline, log.read_text()
                 time.sleep(0.05)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(proc, 30)
     lines = log.read_text().splitlines()
     assert [x for x in lines if "client took" in x or x.startswith(("WARNING", "ERROR"))] == [line]
 

@@ -21,6 +21,8 @@ pytest.importorskip("uvicorn")
 
 from internvl_mpo.server.metrics import Metrics
 
+from conftest import stop
+
 KEY = "test-key"
 FORCED = 300  # a token of the demo model's vocabulary, forced by a logit bias and then a stop token
 # vLLM's buckets (vllm/v1/metrics/loggers.py)
@@ -65,11 +67,7 @@ def server(tmp_path_factory):
     try:
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def parse(text: str) -> tuple[dict[str, str], dict[tuple[str, tuple], float]]:

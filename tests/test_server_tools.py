@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_chat_folder
+from conftest import stop, tiny_chat_folder
 
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
@@ -51,8 +51,7 @@ def server(tmp_path_factory):
     try:
         yield url, folder
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        stop(proc)
 
 
 @pytest.fixture(scope="module")
