@@ -3,10 +3,10 @@
 A decode step multiplies one to four rows by each large fp32 weight. `llm.few_rows_matmul` offers two
 forms beside F.linear's MKL kernel: a bmm over row blocks for one row (`blocked_matvec`) and W @ x.T
 for more (`weight_first_matmul`). Which is fastest depends on the CPU, not only on the shapes. On
-the 2-core CPU the forms were written on (2026-12-03) they streamed the small config's weights at
+the 2-core AMD EPYC VM the forms were written on (2026-12-03) they streamed the small config's weights at
 about twice MKL's rate; on a 2-core Xeon with AMX (2026-12-06) the blocked form ran at half MKL's rate
-(0.89 against 1.66 ms for a 4864 x 896 weight read from memory) and W @ x.T was no faster, so the same
-code decoded the small config 30% slower with the forms than without.
+(0.89 against 1.66 ms for a 4864 x 896 weight read from memory) and W @ x.T gained 5-20% or lost, so the
+same code decoded the small config 30% slower with the forms than without.
 
 So the engine times them, the first time it meets a weight shape in a process: each form against
 F.linear over the model's weights of that shape (up to BUDGET_BYTES of them, the way a decode step
