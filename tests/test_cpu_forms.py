@@ -107,3 +107,19 @@ def test_forms_turned_off_give_f_linear_exactly():
         assert few_rows_matmul(one, layer.weight, 4, layer.bias, False, True) is None
         layer.more_rows = False
         assert torch.equal(layer(three), torch.nn.functional.linear(three, layer.weight, layer.bias))
+
+
+def test_another_thread_count_times_the_shape_again(monkeypatch):
+    """The blocked form splits rows over the threads, so its worth is timed per thread count."""
+    monkeypatch.setattr(cpu_forms, "_choices", {})
+    counts = []
+    monkeypatch.setattr(cpu_forms, "time_forms", lambda pairs: counts.append(torch.get_num_threads()) or (True, True))
+    pairs = [(torch.randn(1024, 64), None)]
+    threads = torch.get_num_threads()
+    try:
+        for n in (2, 2, 1, 2, 1):
+            torch.set_num_threads(n)
+            cpu_forms.choose(*pairs[0], pairs)
+    finally:
+        torch.set_num_threads(threads)
+    assert counts == [2, 1]
