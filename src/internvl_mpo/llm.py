@@ -115,6 +115,11 @@ def blocked_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 FEW_ROWS_MIN_ENTRIES = 1 << 16
 
 
+def few_row_weight(weight: torch.Tensor) -> bool:
+    """Whether a weight is one the few-row forms serve: fp32, on the CPU, FEW_ROWS_MIN_ENTRIES or more."""
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() >= FEW_ROWS_MIN_ENTRIES
+
+
 def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, max_rows: int, bias: torch.Tensor | None = None,
                     one_row: bool = True, more_rows: bool = True) -> torch.Tensor | None:
     """x @ weight.T (+ bias) in a faster form for 1 to `max_rows` rows against a large fp32 CPU weight:
@@ -123,8 +128,7 @@ def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, max_rows: int, bias: 
     slower than nn.Linear's kernels). Whether the forms pay depends on the CPU: the engine times them
     (generate/cpu_forms.py)."""
     rows = x.numel() // x.shape[-1]
-    if (x.device.type != "cpu" or weight.dtype != torch.float32 or not 1 <= rows <= max_rows
-            or weight.numel() < FEW_ROWS_MIN_ENTRIES):
+    if not (1 <= rows <= max_rows and few_row_weight(weight)):
         return None
     if rows == 1:
         return blocked_matvec(x, weight, bias) if one_row else None

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..llm import FEW_ROWS_MIN_ENTRIES, Linear, blocked_matvec, thread_count, weight_first_matmul
+from ..llm import Linear, blocked_matvec, few_row_weight, thread_count, weight_first_matmul
 
 BUDGET_BYTES = 256 << 20  # the weights of one shape streamed in a timed pass
 ROUNDS = 3
@@ -75,10 +75,8 @@ def tune(language_model: nn.Module, timed: bool = True) -> tuple[bool, bool]:
     head = language_model.output_head()
     groups: dict[tuple, list] = {}
     for module in [m for m in language_model.modules() if isinstance(m, Linear)] + [head]:
-        weight = module.weight
-        if (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
-                and weight.numel() >= FEW_ROWS_MIN_ENTRIES):
-            groups.setdefault((*weight.shape, module.bias is not None), []).append(module)
+        if few_row_weight(module.weight):
+            groups.setdefault((*module.weight.shape, module.bias is not None), []).append(module)
     head_forms = (True, True)
     for modules in groups.values():
         pairs = [(m.weight, m.bias) for m in modules]

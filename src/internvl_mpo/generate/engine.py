@@ -308,7 +308,7 @@ def _without_duck_sizing(compiled):
     return decode
 
 
-def head_logits(head: torch.nn.Linear, hidden: torch.Tensor, forms: tuple[bool, bool] = (True, True)) -> torch.Tensor:
+def head_logits(head: torch.nn.Linear, hidden: torch.Tensor, forms: tuple[bool, bool]) -> torch.Tensor:
     """fp32 logits (B, V) of a few rows of hidden states; 1-16 rows on the CPU go through
     `few_rows_matmul` (the vocabulary-wide head gains up to 16 rows) with `forms` (one_row, more_rows)."""
     logits = few_rows_matmul(hidden, head.weight, 16, None, *forms)
