@@ -20,6 +20,7 @@ from PIL import Image
 
 from internvl_mpo.errors import InputError
 from internvl_mpo.generate.engine import Engine, Request
+from internvl_mpo.generate.greedy_head import onednn_int8
 from internvl_mpo.generate.sampling import (
     SamplingParams,
     apply_repetition_penalty,
@@ -821,6 +822,15 @@ def test_screen_follows_changes_to_the_head(setup):
     with torch.no_grad():
         model.language_model.output_head().weight.mul_(2)
     assert engine.greedy_screen() is not first
+
+
+def test_compiled_steps_screen_through_int8pack(setup):
+    """inductor lowers oneDNN's int8 linear only for frozen weights, so a compiled step's screen takes torch's
+    int8 weight-only kernel; eager engines take oneDNN's where it sums exactly."""
+    chat, _ = setup
+    width = chat.model.config.llm.hidden_size
+    assert Engine(chat.model, compile=True, screen=True).greedy_screen().kernel == "int8pack"
+    assert Engine(chat.model, screen=True).greedy_screen().kernel == ("onednn" if onednn_int8(width) else "int8pack")
 
 
 @pytest.mark.slow  # about a minute of compilation on a 2-core CPU

@@ -1,4 +1,5 @@
-"""The int8 greedy screen: its error bound holds, and its tokens are the fp32 argmax or it falls back."""
+"""The int8 greedy screen, with each of its kernels: its error bound holds, and its tokens are the fp32 argmax or it
+falls back."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from internvl_mpo.generate.greedy_head import BLOCK, GreedyScreen, round_up_to_bf16
+from internvl_mpo.generate import greedy_head
+from internvl_mpo.generate.greedy_head import BLOCK, GreedyScreen, onednn_int8, power_of_two_at_least, round_up_to_bf16
+
+# oneDNN's int8 linear: in torch's x86 builds, where CI runs; elsewhere the screen takes int8pack
+KERNELS = ["int8pack", pytest.param("onednn", marks=pytest.mark.skipif(not onednn_int8(64),
+                                                                         reason="no exact oneDNN int8 linear here"))]
 
 
 def random_head(vocab: int, width: int, seed: int) -> torch.Tensor:
@@ -33,20 +39,21 @@ def test_round_up_to_bf16():
     assert up.float()[2] == 1.0 + 2**-7  # the next bf16 number up
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("width", [16, 64, 128])
-def test_bound_holds(width):
+def test_bound_holds(width, kernel):
     """|approx - logit| <= bound against fp64 logits, hidden states far from bf16 numbers included."""
     weight = random_head(3000, width, seed=width)
-    screen = GreedyScreen(weight)
+    screen = GreedyScreen(weight, kernel=kernel)
     g = torch.Generator().manual_seed(1)
     hidden = torch.cat([torch.randn(4, width, generator=g) * 10 ** torch.linspace(-3, 3, 4)[:, None],
-                        1 + torch.rand(2, width, generator=g) * 2**-8])  # just between bf16 steps
-    h16 = hidden.bfloat16()
-    approx = screen.approx(h16)[:, : screen.vocab]
-    per_scale = screen.per_scale(hidden, h16)
+                        1 + torch.rand(2, width, generator=g) * 2**-8,  # just between bf16 steps
+                        torch.randn(1, width, generator=g) * 1e-33])  # below the oneDNN path's smallest unit
+    approx, per_scale, unit = screen.approximate(hidden)
+    approx = approx[:, : screen.vocab]
     bound = screen.bound(approx, screen.row_scale[: screen.vocab], per_scale)
-    exact = (hidden.double() @ weight.double().T).float()
-    assert ((approx - exact).abs() <= bound).all()
+    exact = hidden.double() @ weight.double().T
+    assert ((approx.double() * unit - exact).abs() <= bound * unit).all()
 
 
 def test_bound_holds_for_worst_case_rows():
@@ -62,11 +69,12 @@ def test_bound_holds_for_worst_case_rows():
     q = (120 + torch.randint(0, 7, (400, width), generator=g)).float()  # int8 values 120..126
     weight = s * (q + 0.5 * (1 - 2.0**-10)) * hidden.sign()  # rounding error s/2, with the sign of h
     weight[:, 0] = 127 * s / (1 + 2.0**-19) * hidden.sign()[0, 0]
-    screen = GreedyScreen(weight)
+    screen = GreedyScreen(weight, kernel="int8pack")
     assert (screen.scale[:400].float() == s).all()
     h16 = hidden.bfloat16()
-    approx = screen.approx(h16)[:, :400]
-    per_scale = screen.per_scale(hidden, h16)
+    approx, per_scale, unit = screen.approximate(hidden)
+    approx = approx[:, :400]
+    assert unit.item() == 1
     exact = hidden.double() @ weight.double().T
     unrounded = h16.double() @ (screen.q[:400].double() * s).T  # the kernel's sum before it rounds
     assert ((unrounded - exact).abs() <= per_scale * screen.row_scale[:400]).all()  # weights and inputs
@@ -75,10 +83,63 @@ def test_bound_holds_for_worst_case_rows():
     assert ((approx - exact).abs() <= screen.bound(approx, screen.row_scale[:400], per_scale)).all()
 
 
+@pytest.mark.parametrize("kernel", KERNELS[1:])
+def test_onednn_bound_holds_for_worst_case_rows(kernel):
+    """The oneDNN path's roundings added up: h between integers, so that its two int8 levels leave nearly 1/256
+    out, with the sign of h, and weights just short of half a step from their int8 values, also with h's sign.
+    Without the input term of the bound the weights' alone would not cover the error."""
+    width = 64
+    g = torch.Generator().manual_seed(8)
+    sign = torch.where(torch.rand(1, width, generator=g) < 0.5, -1.0, 1.0)
+    hidden = sign * (torch.randint(60, 126, (1, width), generator=g) + 0.5 + 0.99 / 256)
+    hidden[0, 0] = 126.5 + 0.99 / 256  # the largest |h| sets the unit to 1
+    s = 2.0**-7
+    q = (120 + torch.randint(0, 7, (400, width), generator=g)).float()
+    weight = s * (q + 0.5 * (1 - 2.0**-10)) * sign
+    screen = GreedyScreen(weight, kernel=kernel)
+    approx, per_scale, unit = screen.approximate(hidden)
+    assert unit.item() == 1
+    high = hidden.round()
+    low = ((hidden - high) * 128).round()
+    assert ((hidden - high - low / 128).abs() > 0.98 / 256).all()  # as far from the two levels as it gets
+    exact = hidden.double() @ weight.double().T
+    unrounded = (high.double() + low.double() / 128) @ (q * sign * s).double().T  # the kernel's sums, scaled
+    assert ((unrounded - exact).abs() <= per_scale * screen.row_scale[:400]).all()
+    assert ((unrounded - exact).abs() > screen.weight_term * hidden.abs().sum() * s).all()  # the input term counts
+    bound = screen.bound(approx[:, :400], screen.row_scale[:400], per_scale)
+    assert ((approx[:, :400].double() - exact).abs() <= bound).all()
+
+
+def test_power_of_two_at_least():
+    x = torch.tensor([0.0, 1e-40, 1.0, 1.5, 3.0, 1e30, 2.0**-100, 2.0**-99 * 1.5])
+    assert power_of_two_at_least(x).tolist() == [2.0**-100, 2.0**-100, 1.0, 2.0, 4.0, 2.0**100, 2.0**-100, 2.0**-98]
+
+
+def test_a_kernel_that_saturates_is_refused(monkeypatch):
+    """x86 int8 products without VNNI add pairs of products into 16 bits, which saturate at the extreme inputs:
+    the probe must find that and leave the screen to int8pack."""
+    real = torch.ops.onednn.qlinear_pointwise if onednn_int8(64) else None
+    if real is None:
+        pytest.skip("no oneDNN int8 linear here")
+
+    def saturating(x, *args):
+        out = real(x, *args)
+        return torch.where(out.abs() > 1_000_000, out.sign() * 1_000_000, out)  # clipped, as saturated sums are
+
+    monkeypatch.setattr(torch.ops.onednn, "qlinear_pointwise", saturating)
+    assert not onednn_int8.__wrapped__(64)
+    monkeypatch.setattr(greedy_head, "onednn_int8", onednn_int8.__wrapped__)
+    assert GreedyScreen(torch.randn(500, 64)).kernel == "int8pack"
+    monkeypatch.undo()
+    assert onednn_int8.__wrapped__(64)
+    assert GreedyScreen(torch.randn(500, 64)).kernel == "onednn"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("vocab,width", [(1000, 16), (5003, 64), (2000, 128)])
-def test_tokens_equal_the_fp32_argmax_on_random_heads(vocab, width):
+def test_tokens_equal_the_fp32_argmax_on_random_heads(vocab, width, kernel):
     weight = random_head(vocab, width, seed=vocab)
-    screen = GreedyScreen.build(weight)
+    screen = GreedyScreen.build(weight, kernel=kernel)
     accepted = 0
     for seed in range(20):
         g = torch.Generator().manual_seed(seed)
@@ -87,8 +148,9 @@ def test_tokens_equal_the_fp32_argmax_on_random_heads(vocab, width):
     assert accepted >= 0.9 * sum(1 + seed % 5 for seed in range(20))  # the screen rarely needs the fallback
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("same_block", [True, False])
-def test_near_ties_get_the_fp32_argmax_or_fall_back(same_block):
+def test_near_ties_get_the_fp32_argmax_or_fall_back(same_block, kernel):
     """Two leading rows closer than the bound: the exact logits must decide, ties to the lowest id."""
     width = 64
     weight = random_head(4000, width, seed=3) * 0.01
@@ -100,7 +162,7 @@ def test_near_ties_get_the_fp32_argmax_or_fall_back(same_block):
         w = weight.clone()
         w[a] = hidden[0] / hidden.norm()  # logit ||h||: far above every other row
         w[b] = w[a] * (1 + gap)
-        screen = GreedyScreen.build(w)
+        screen = GreedyScreen.build(w, kernel=kernel)
         tokens, ok = screen(hidden)
         expected = F.linear(hidden, w).argmax(-1)
         assert expected.item() in (a, b)
@@ -112,14 +174,15 @@ def test_near_ties_get_the_fp32_argmax_or_fall_back(same_block):
     assert seen_ok >= 5  # the close calls are decided by the exact logits, not all left to the fallback
 
 
-def test_huge_small_and_zero_rows():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_huge_small_and_zero_rows(kernel):
     width = 32
     weight = random_head(2000, width, seed=5)
     weight[:100] = 0.0  # zero rows
     weight[100:200] *= 1e-30
     weight[200:300] = torch.randn(100, width) * 1e-41  # subnormal weights
     weight[300:310] *= 1e30
-    screen = GreedyScreen.build(weight)
+    screen = GreedyScreen.build(weight, kernel=kernel)
     for seed in range(10):
         g = torch.Generator().manual_seed(seed)
         hidden = torch.randn(3, width, generator=g)
@@ -128,22 +191,24 @@ def test_huge_small_and_zero_rows():
     small = weight.clone()
     small[300:310] = 0.0
     small[310:] = 0.0  # only zero, tiny and subnormal rows left
-    check(GreedyScreen.build(small), small, torch.randn(3, width))
+    check(GreedyScreen.build(small, kernel=kernel), small, torch.randn(3, width))
 
 
-def test_a_head_of_equal_rows_always_fails_the_check():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_head_of_equal_rows_always_fails_the_check(kernel):
     """Also where the logits are negative: the padding rows of the last block (500 is not a multiple of
-    64) have approximate logits 0, and must not pass for a row with the best lower end."""
+    64) have approximate logits 0, and must not let the check pass."""
     weight = torch.randn(1, 64).expand(500, 64).contiguous()
     hidden = torch.randn(3, 64)
     for h in (hidden, -hidden):
-        tokens, ok = GreedyScreen.build(weight)(h)
+        tokens, ok = GreedyScreen.build(weight, kernel=kernel)(h)
         assert not ok.any()
 
 
-def test_non_finite_or_overflowing_hidden_states_fail_the_check():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_non_finite_or_overflowing_hidden_states_fail_the_check(kernel):
     weight = random_head(1000, 64, seed=6)
-    screen = GreedyScreen.build(weight)
+    screen = GreedyScreen.build(weight, kernel=kernel)
     hidden = torch.randn(5, 64)
     hidden[0, 3] = float("nan")
     hidden[1, 5] = float("inf")

@@ -1,41 +1,50 @@
 """Exact greedy tokens from a large vocabulary head, screened with an int8 copy of the head.
 
 A greedy row without repetition penalty needs only the argmax of its fp32 logits W h, not the
-logits. On the CPU the fp32 head is read from memory at every step: 39 MB for a 151674-token
-vocabulary at width 64, more than the L3 cache, which makes it most of a small model's decode
-time. `GreedyScreen` keeps an int8 copy (a quarter of the bytes, one scale per vocabulary row) and:
+logits. On the CPU the fp32 head is read at every step: 39 MB for a 151674-token vocabulary at
+width 64, which makes it most of a small model's decode time. `GreedyScreen` keeps an int8 copy (a
+quarter of the bytes, one scale per vocabulary row) and:
 
-1. computes approximate logits a_i = s_i (q_i . h') with torch's int8 weight-only kernel, where
-   h' = bf16(h);
-2. bounds |a_i - l_i| <= b_i for every row (below), so row i's fp32 logit l_i lies in
-   [a_i - b_i, a_i + b_i];
-3. only rows whose upper end a_i + b_i reaches the best lower end max_k (a_k - b_k) can hold the
-   maximum. The screen ranks blocks of 64 rows by the upper end of their largest a_i (with the
-   block's largest scale). If the (K+1)-th best block lies below the best lower end, the K best
-   blocks hold every such row, and their fp32 logits (K * 64 gathered rows of W) decide, ties
-   going to the lowest id as in `torch.argmax`. Otherwise the row's `ok` is False and the caller
-   computes the full logits.
+1. computes approximate logits a_i of every row with one of two int8 kernels (below);
+2. bounds |a_i - l_i| <= b_i for every row (below), so row i's fp32 logit l_i is at most a_i + b_i;
+3. ranks blocks of 64 rows by their upper end: the largest a_i of the block plus the bound that
+   goes with it and the block's largest scale. It computes the fp32 logits of the K best blocks
+   (K * 64 gathered rows of W); if the (K+1)-th block's upper end lies below the largest of them,
+   no row outside the K blocks can beat it, and the largest decides, ties going to the lowest id as
+   in `torch.argmax`. Otherwise the row's `ok` is False and the caller computes the full logits.
 
-Shapes are fixed (K blocks per row), so the screen runs inside a compiled decode step; the
-host reads `ok` with the tokens it syncs on anyway. The token equals the argmax of an fp32
-evaluation of W h; two fp32 matmul kernels may round a near-exact tie differently, as the
-engine's own one-row and few-row head paths already do.
+Shapes are fixed (K blocks per row), so the screen runs inside a compiled decode step; the host
+reads `ok` with the tokens it syncs on anyway. The token is the argmax of the fp32 logits up to the
+rounding of the kernel that evaluates them: two fp32 matmul kernels may round a near-exact tie
+differently, as the engine's own one-row and few-row head paths already do.
 
-The bound. The scale s_i is a bf16 number >= max_j |W_ij| / 127, so s_i q_ij is exact in fp32 and
-the kernel's products are exact. For row i, with C the width:
-- weight rounding: |W_ij - s_i q_ij| <= s_i (1/2 + 2^-16), times ||h||_1;
-- input rounding: |s_i q_ij| <= 127 s_i, times ||h - h'||_1 (measured per row of h);
-- the kernel (aten/src/ATen/native/cpu/int8mm_kernel.cpp, AVX2, AVX512, NEON and scalar paths
-  alike) sums the products in fp32 in some order, <= C 2^-24 * 127 s_i ||h'||_1, and rounds the
-  sum to bf16 once, <= 2^-8 |a_i| (taken as 2^-7);
+The kernels and their bounds. The scale s_i is a bf16 number >= max_j |W_ij| / 127, so s_i q_ij is
+exact in fp32. For row i, with C the width, both bounds hold:
+- weight rounding: |W_ij - s_i q_ij| <= s_i (1/2 + 2^-16), times the input's L1 norm;
 - the fp32 logits the screen stands for round as well, <= (C + 1) 2^-24 * 127 s_i ||h||_1;
-- 2^-120 absolute for underflow; the total is raised by 1/64, which covers the fp32 rounding of
-  the bound and of a_i +- b_i themselves (b_i >= 2^-7 |a_i|).
-Non-finite hidden states or logits beyond the bf16 range make some upper end NaN or infinite;
-`topk` ranks those first, and the check fails.
+- an absolute 2^-20 s_i for underflow; the total is raised by 1/64, which covers the fp32
+  rounding of the bound and of a_i + b_i themselves (b_i >= 2^-16 |a_i|).
+`onednn` (x86 builds of torch, where a probe finds it exact): oneDNN's int8 x int8 linear, with
+the packed weight, on the input in two int8 levels. h is divided by a power of two u (exact) to g,
+with max |g| <= 127; high = round(g), low = round(128 (g - high)) in [-64, 64], so g = high
++ low / 128 + lost with |lost| <= 1/256 (exact in fp32). The kernel's integer sums are exact, and
+it rounds s_i * sum once to fp32 for each level; a_i = high part + low part / 128 rounds once more.
+The bound, in units of u (the ranking does not change with them): the input term 127 s_i ||lost||_1;
+the roundings, <= 2^-24 (|a_i| + 127 s_i (||high||_1 + ||low||_1 / 128)) <= 2^-24 (|a_i| + 4 * 127 s_i
+||g||_1) (a rounded number is at most twice its argument), within 2^-16 |a_i| and the C 2^-24 * 127 s_i
+||g||_1 of the weight term that this kernel's exact sums leave spare (C >= 4; `build` takes multiples of 16).
+`int8pack` (elsewhere, and in compiled steps: inductor lowers the oneDNN op only for frozen
+weights): torch's int8 weight-only kernel on h' = bf16(h). Input rounding: 127 s_i ||h - h'||_1;
+the kernel (aten/src/ATen/native/cpu/int8mm_kernel.cpp, AVX2, AVX512, NEON and scalar paths alike)
+sums the products in fp32 in some order, <= C 2^-24 * 127 s_i ||h'||_1, and rounds the sum to bf16
+once, <= 2^-8 |a_i| (taken as 2^-7).
+Non-finite hidden states make the bound NaN or infinite, and `topk` ranks those first; they and
+logits beyond the fp32 range (or, for int8pack, beyond bf16's) fail the check.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -50,79 +59,125 @@ def round_up_to_bf16(x: torch.Tensor) -> torch.Tensor:
     return ((bits + 0xFFFF) & ~0xFFFF).view(torch.float32).bfloat16()
 
 
+def power_of_two_at_least(x: torch.Tensor) -> torch.Tensor:
+    """2^k >= x for finite x >= 0 (at least 2^-100), up to x's own rounding: any power of two where x is not
+    finite."""
+    bits = x.clamp(min=2.0**-100).view(torch.int32)
+    return ((bits + 0x7FFFFF) & 0x7F800000).view(torch.float32)
+
+
+@functools.cache
+def onednn_int8(width: int) -> bool:
+    """Whether torch's oneDNN int8 linear runs here (x86 builds) and sums exactly at this width: without
+    VNNI instructions, x86 int8 products may saturate 16-bit pair sums. Probed with the extreme inputs
+    (+-127 and runs of alternating signs), for 1 to 64 input rows."""
+    if not hasattr(torch.ops.onednn, "qlinear_pointwise"):
+        return False
+    g = torch.Generator().manual_seed(0)
+    steps = torch.arange(width)
+    patterns = torch.stack([torch.full((width,), 127), torch.full((width,), -127), steps % 2 * 254 - 127,
+                            steps // 2 % 2 * 254 - 127, torch.full((width,), 64), torch.full((width,), -64)])
+    weight = torch.cat([patterns, torch.randint(-127, 128, (58, width), generator=g)]).to(torch.int8)  # (64, C)
+    scales, zeros = torch.ones(64), torch.zeros(64, dtype=torch.int64)
+    try:
+        packed = torch.ops.onednn.qlinear_prepack(weight, None)
+        for rows in (1, 2, 3, 8, 16, 64):
+            x = weight[torch.arange(rows) % 64]
+            out = torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, scales, zeros, None, 1.0, 0, torch.float32,
+                                                     "none", [], "")
+            if not torch.equal(out, (x.double() @ weight.double().T).float()):  # exact sums, rounded once
+                return False
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 class GreedyScreen:
-    def __init__(self, weight: torch.Tensor, blocks: int = CANDIDATE_BLOCKS):
-        """weight: the fp32 head (V, C), finite; see `build`."""
+    def __init__(self, weight: torch.Tensor, blocks: int = CANDIDATE_BLOCKS, kernel: str | None = None):
+        """weight: the fp32 head (V, C), finite; see `build`. kernel: "onednn" or "int8pack" (the module's
+        docstring); None takes oneDNN's where it runs exactly."""
         w = weight.detach()
         vocab, width = w.shape
         self.weight, self.vocab = w, vocab
         n_blocks = -(-vocab // BLOCK)
         self.blocks = min(blocks, n_blocks - 1)
         pad = n_blocks * BLOCK - vocab  # padding rows (q = 0) fill the last block
-        self.q = torch.zeros(vocab + pad, width, dtype=torch.int8)  # (V', C)
+        q = torch.zeros(vocab + pad, width, dtype=torch.int8)  # (V', C)
         scale = torch.full((vocab + pad,), MIN_SCALE)
         for start in range(0, vocab, 4096):  # in slices: no full-size fp32 temporaries
             part = slice(start, min(start + 4096, vocab))
             peak = (w[part].abs().amax(dim=1) / 127 * (1 + 2.0**-20)).clamp_(min=MIN_SCALE)
             scale[part] = round_up_to_bf16(peak).float()
-            self.q[part] = torch.round(w[part] / scale[part, None]).clamp_(-127, 127)
-        self.scale = scale.bfloat16()  # (V',) exact: every scale is a bf16 number
+            q[part] = torch.round(w[part] / scale[part, None]).clamp_(-127, 127)
         # Folded into the scales the bound multiplies: the final 1/64 margin of `bound`.
         self.row_scale = scale * (1 + 2.0**-6)  # (V',)
         self.block_scale = self.row_scale.view(n_blocks, BLOCK).amax(-1)  # (V'/BLOCK,)
-        # For lower ends only: padding rows get an infinite scale, so their lower end is -inf (q = 0
-        # makes their approximate logit 0, and the bound's other term is finite).
-        lower_scale = self.row_scale.clone()
-        lower_scale[vocab:] = torch.inf
-        self.lower_scale = lower_scale.view(n_blocks, BLOCK)  # (V'/BLOCK, BLOCK)
         # Each block's row ids; padding rows read the last real row again, after it: argmax keeps the real one.
         self.block_ids = torch.arange(n_blocks * BLOCK).clamp_(max=vocab - 1).view(n_blocks, BLOCK)
         self.weight_term = 0.5 + 2.0**-16 + 127 * (2 * width + 4) * 2.0**-24
+        self.kernel = kernel or ("onednn" if onednn_int8(width) else "int8pack")
+        if self.kernel == "onednn":
+            self.q = torch.ops.onednn.qlinear_prepack(q, None)  # oneDNN's own layout
+            self.scale, self.zeros = scale, torch.zeros(vocab + pad, dtype=torch.int64)
+            self.relative = 2.0**-16
+        else:
+            self.q, self.scale = q, scale.bfloat16()  # exact: every scale is a bf16 number
+            self.relative = 2.0**-7
 
     @classmethod
-    def build(cls, weight: torch.Tensor, blocks: int = CANDIDATE_BLOCKS) -> "GreedyScreen | None":
-        """The screen of an fp32 CPU head whose width is a multiple of 16 (the kernel's vector loads),
-        or None for any other head, or one with a non-finite weight."""
+    def build(cls, weight: torch.Tensor, blocks: int = CANDIDATE_BLOCKS, kernel: str | None = None
+              ) -> "GreedyScreen | None":
+        """The screen of an fp32 CPU head whose width is a multiple of 16 (the int8pack kernel's vector
+        loads), or None for any other head, or one with a non-finite weight."""
         if not (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.shape[1] % 16 == 0
                 and weight.shape[0] > BLOCK):
             return None
-        screen = cls(weight, blocks)
+        screen = cls(weight, blocks, kernel)
         # A row's scale is infinite or NaN exactly when the row holds an infinite or NaN weight.
         return screen if bool(torch.isfinite(screen.row_scale).all()) else None
 
-    @staticmethod
-    def bound(approx: torch.Tensor, row_scale: torch.Tensor, per_scale: torch.Tensor) -> torch.Tensor:
+    def bound(self, approx: torch.Tensor, row_scale: torch.Tensor, per_scale: torch.Tensor) -> torch.Tensor:
         """b >= |approx - logit|, growing with |approx| and with the scale (so block maxima bound
-        blocks). The 2^-120 floor sits in per_scale (>= 2^-20 with scales >= 2^-100)."""
-        return torch.add(per_scale * row_scale, approx.abs(), alpha=2.0**-7 * (1 + 2.0**-6))
+        blocks); approx and per_scale from `approximate`."""
+        return torch.add(per_scale * row_scale, approx.abs(), alpha=self.relative * (1 + 2.0**-6))
 
-    def per_scale(self, h: torch.Tensor, h16: torch.Tensor) -> torch.Tensor:
-        """(B, 1): what the bound multiplies each row's scale by, for h (B, C) and h16 = bf16(h)."""
-        lost = (h - h16).abs().sum(-1, keepdim=True)
-        return self.weight_term * h.abs().sum(-1, keepdim=True) + (127 * lost + 2.0**-20)
-
-    def approx(self, h16: torch.Tensor) -> torch.Tensor:
-        """(B, V') approximate logits, padding rows included."""
-        return torch.ops.aten._weight_int8pack_mm(h16, self.q, self.scale).float()
+    def approximate(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h (B, C) fp32 -> approximate logits (B, V') in units u, padding rows included; what the bound
+        multiplies each row's scale by (B, 1), in the same units; u (B, 1), powers of two (1 for int8pack)."""
+        if self.kernel == "int8pack":
+            h16 = h.bfloat16()
+            lost = (h - h16).abs().sum(-1, keepdim=True)
+            per_scale = self.weight_term * h.abs().sum(-1, keepdim=True) + (127 * lost + 2.0**-20)
+            approx = torch.ops.aten._weight_int8pack_mm(h16, self.q, self.scale).float()
+            return approx, per_scale, torch.ones_like(per_scale)
+        unit = power_of_two_at_least(h.abs().amax(-1, keepdim=True) * (1 / 127))
+        g = h / unit  # exact
+        high = g.round().clamp_(-127, 127)
+        low = ((g - high) * 128).round_()
+        lost = g - high - low * (1 / 128)  # exact
+        per_scale = self.weight_term * g.abs().sum(-1, keepdim=True) + (127 * lost.abs().sum(-1, keepdim=True)
+                                                                         + 2.0**-20)
+        levels = torch.ops.onednn.qlinear_pointwise(torch.cat([high, low]).to(torch.int8), 1.0, 0, self.q,
+                                                    self.scale, self.zeros, None, 1.0, 0, torch.float32, "none",
+                                                    [], "")  # (2B, V')
+        b = h.shape[0]
+        return torch.add(levels[:b], levels[b:], alpha=1 / 128), per_scale, unit
 
     def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden (B, C) -> greedy token ids (B,) and ok (B,) bool; where ok is False, use the full logits."""
         b = hidden.shape[0]
         h = hidden.float()
-        h16 = h.bfloat16()
-        approx = self.approx(h16).view(b, -1, BLOCK)  # (B, V'/BLOCK, BLOCK)
-        per_scale = self.per_scale(h, h16)  # (B, 1)
+        approx, per_scale, unit = self.approximate(h)
         # Upper end of each block: a + bound(a) grows with a, so the block's largest a gives it.
-        peak = approx.amax(-1)  # (B, V'/BLOCK)
+        peak = approx.view(b, -1, BLOCK).amax(-1)  # (B, V'/BLOCK)
         top = (peak + self.bound(peak, self.block_scale, per_scale)).topk(self.blocks + 1, dim=-1)  # NaN first
-        near = approx.gather(1, top.indices[..., None].expand(-1, -1, BLOCK))  # (B, K+1, BLOCK)
-        scales = self.lower_scale.index_select(0, top.indices.flatten()).view(near.shape)
-        lower = near - self.bound(near, scales, per_scale[..., None])
-        # The row with the best lower end lies in these K+1 blocks whenever the check can pass;
-        # a NaN or infinite upper end ranks first and fails it.
-        ok = (top.values[:, -1] < lower.flatten(1).amax(-1)) & (top.values[:, 0] < torch.inf)
         blocks = top.indices[:, :-1].sort(dim=-1).values  # (B, K), ascending: ties go to the lowest id
         ids = self.block_ids.index_select(0, blocks.flatten()).view(b, -1)  # (B, K BLOCK)
         gathered = self.weight.index_select(0, ids.flatten()).view(b, -1, h.shape[-1])  # (B, K BLOCK, C)
         exact = (gathered @ h[:, :, None])[..., 0]  # (B, K BLOCK) fp32 logits
-        return ids.gather(-1, exact.argmax(-1, keepdim=True))[:, 0], ok
+        best, where = exact.max(-1)  # the first of equal maxima, as torch.argmax
+        # Rows outside the K blocks lie below the (K+1)-th block's upper end. A NaN or infinite upper end ranks
+        # first and fails the check, as does a best logit beyond the fp32 range (the full head's argmax would
+        # be its first infinite row, wherever it lies).
+        ok = (top.values[:, -1] * unit[:, 0] < best) & (top.values[:, 0] < torch.inf) & (best < torch.inf)
+        return ids.gather(-1, where[:, None])[:, 0], ok
