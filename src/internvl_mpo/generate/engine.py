@@ -69,10 +69,11 @@ from .sampling import (
 
 SPAN_BUCKET = 256
 COMPILE_OPTIONS = {"fullgraph": True, "dynamic": True}
-# The greedy screen (greedy_head.py) pays where the fp32 head no longer fits a CPU's last-level
-# cache; its int8 copy adds a quarter of the head to memory, so very large heads go without it.
+# The greedy screen (greedy_head.py) pays where the fp32 head no longer fits a CPU's last-level cache;
+# its int8 copy adds a quarter of the head to memory, so heads above 2 GB (the family's from the 26B
+# model on) go without it.
 SCREEN_MIN_BYTES = 32 << 20
-SCREEN_MAX_BYTES = 256 << 20
+SCREEN_MAX_BYTES = 2 << 30
 MAX_TOP_LOGPROBS = 20
 PROMPT_CHUNK_ELEMENTS = 1 << 24  # logits held at once for prompt log-probabilities (64 MiB in fp32)
 
