@@ -70,7 +70,7 @@ def power_of_two_at_least(x: torch.Tensor) -> torch.Tensor:
 def onednn_int8(width: int) -> bool:
     """Whether torch's oneDNN int8 linear runs here (x86 builds) and sums exactly at this width: without
     VNNI instructions, x86 int8 products may saturate 16-bit pair sums. Probed with the extreme inputs
-    (+-127 and runs of alternating signs), for 1 to 64 input rows."""
+    (+-127 and runs of alternating signs), for 1 to 128 input rows (2 per screened row)."""
     if not hasattr(torch.ops.onednn, "qlinear_pointwise"):
         return False
     g = torch.Generator().manual_seed(0)
@@ -81,7 +81,7 @@ def onednn_int8(width: int) -> bool:
     scales, zeros = torch.ones(64), torch.zeros(64, dtype=torch.int64)
     try:
         packed = torch.ops.onednn.qlinear_prepack(weight, None)
-        for rows in (1, 2, 3, 8, 16, 64):
+        for rows in (1, 2, 3, 8, 16, 64, 128):
             x = weight[torch.arange(rows) % 64]
             out = torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, scales, zeros, None, 1.0, 0, torch.float32,
                                                      "none", [], "")
