@@ -9,14 +9,15 @@ quarter of the bytes, one scale per vocabulary row) and:
 2. bounds |a_i - l_i| <= b_i for every row (below), so row i's fp32 logit l_i is at most a_i + b_i;
 3. ranks blocks of 64 rows by their upper end: the largest a_i of the block plus the bound that
    goes with it and the block's largest scale. It computes the fp32 logits of the K best blocks
-   (K * 64 gathered rows of W); if the (K+1)-th block's upper end lies below the largest of them,
-   no row outside the K blocks can beat it, and the largest decides, ties going to the lowest id as
-   in `torch.argmax`. Otherwise the row's `ok` is False and the caller computes the full logits.
+   (K * 64 gathered rows of W); if the (K+1)-th block's upper end, plus what two fp32 evaluations of
+   a logit may differ by, lies below the largest of them, no row outside the K blocks can beat it in
+   any fp32 evaluation, and the largest decides, ties going to the lowest id as in `torch.argmax`.
+   Otherwise the row's `ok` is False and the caller computes the full logits.
 
 Shapes are fixed (K blocks per row), so the screen runs inside a compiled decode step; the host
-reads `ok` with the tokens it syncs on anyway. The token is the argmax of the fp32 logits up to the
-rounding of the kernel that evaluates them: two fp32 matmul kernels may round a near-exact tie
-differently, as the engine's own one-row and few-row head paths already do.
+reads `ok` with the tokens it syncs on anyway. The token equals the argmax of an fp32 evaluation of
+W h; two fp32 matmul kernels may round a near-exact tie among the K blocks' rows differently, as
+the engine's own one-row and few-row head paths already do.
 
 The kernels and their bounds. The scale s_i is a bf16 number >= max_j |W_ij| / 127, so s_i q_ij is
 exact in fp32. For row i, with C the width, both bounds hold:
@@ -115,6 +116,9 @@ class GreedyScreen:
         # Each block's row ids; padding rows read the last real row again, after it: argmax keeps the real one.
         self.block_ids = torch.arange(n_blocks * BLOCK).clamp_(max=vocab - 1).view(n_blocks, BLOCK)
         self.weight_term = 0.5 + 2.0**-16 + 127 * (2 * width + 4) * 2.0**-24
+        # What two fp32 evaluations of one row's logit may differ by, per unit of ||h||_1: the check keeps it
+        # below the best exact logit, so that no fp32 kernel can put a row outside the K blocks above that row.
+        self.tie_term = 2 * (width + 1) * 2.0**-24 * 127 * float(self.row_scale.max())
         self.kernel = kernel or ("onednn" if onednn_int8(width) else "int8pack")
         if self.kernel == "onednn":
             self.q = torch.ops.onednn.qlinear_prepack(q, None)  # oneDNN's own layout
@@ -179,5 +183,6 @@ class GreedyScreen:
         # Rows outside the K blocks lie below the (K+1)-th block's upper end. A NaN or infinite upper end ranks
         # first and fails the check, as does a best logit beyond the fp32 range (the full head's argmax would
         # be its first infinite row, wherever it lies).
-        ok = (top.values[:, -1] * unit[:, 0] < best) & (top.values[:, 0] < torch.inf) & (best < torch.inf)
+        upper = torch.add(top.values[:, -1] * unit[:, 0], h.abs().sum(-1), alpha=self.tie_term)
+        ok = (upper < best) & (top.values[:, 0] < torch.inf) & (best < torch.inf)
         return ids.gather(-1, where[:, None])[:, 0], ok
