@@ -145,13 +145,17 @@ class GreedyScreen:
         blocks); approx and per_scale from `approximate`."""
         return torch.add(per_scale * row_scale, approx.abs(), alpha=self.relative * (1 + 2.0**-6))
 
-    def approximate(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def approximate(self, h: torch.Tensor, norm: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h (B, C) fp32 -> approximate logits (B, V') in units u, padding rows included; what the bound
-        multiplies each row's scale by (B, 1), in the same units; u (B, 1), powers of two (1 for int8pack)."""
+        multiplies each row's scale by (B, 1), in the same units; u (B, 1), powers of two (1 for int8pack).
+        norm: ||h||_1 (B, 1), where the caller has it."""
+        if norm is None:
+            norm = h.abs().sum(-1, keepdim=True)
         if self.kernel == "int8pack":
             h16 = h.bfloat16()
             lost = (h - h16).abs().sum(-1, keepdim=True)
-            per_scale = self.weight_term * h.abs().sum(-1, keepdim=True) + (127 * lost + 2.0**-20)
+            per_scale = self.weight_term * norm + (127 * lost + 2.0**-20)
             approx = torch.ops.aten._weight_int8pack_mm(h16, self.q, self.scale).float()
             return approx, per_scale, torch.ones_like(per_scale)
         unit = power_of_two_at_least(h.abs().amax(-1, keepdim=True) * (1 / 127))
@@ -159,8 +163,7 @@ class GreedyScreen:
         high = g.round().clamp_(-127, 127)
         low = ((g - high) * 128).round_()
         lost = g - high - low * (1 / 128)  # exact
-        per_scale = self.weight_term * g.abs().sum(-1, keepdim=True) + (127 * lost.abs().sum(-1, keepdim=True)
-                                                                         + 2.0**-20)
+        per_scale = self.weight_term * (norm / unit) + (127 * lost.abs().sum(-1, keepdim=True) + 2.0**-20)
         levels = torch.ops.onednn.qlinear_pointwise(torch.cat([high, low]).to(torch.int8), 1.0, 0, self.q,
                                                     self.scale, self.zeros, None, 1.0, 0, torch.float32, "none",
                                                     [], "")  # (2B, V')
@@ -171,7 +174,8 @@ class GreedyScreen:
         """hidden (B, C) -> greedy token ids (B,) and ok (B,) bool; where ok is False, use the full logits."""
         b = hidden.shape[0]
         h = hidden.float()
-        approx, per_scale, unit = self.approximate(h)
+        norm = h.abs().sum(-1, keepdim=True)  # (B, 1)
+        approx, per_scale, unit = self.approximate(h, norm)
         # Upper end of each block: a + bound(a) grows with a, so the block's largest a gives it.
         peak = approx.view(b, -1, BLOCK).amax(-1)  # (B, V'/BLOCK)
         top = (peak + self.bound(peak, self.block_scale, per_scale)).topk(self.blocks + 1, dim=-1)  # NaN first
@@ -183,6 +187,6 @@ class GreedyScreen:
         # Rows outside the K blocks lie below the (K+1)-th block's upper end. A NaN or infinite upper end ranks
         # first and fails the check, as does a best logit beyond the fp32 range (the full head's argmax would
         # be its first infinite row, wherever it lies).
-        upper = torch.add(top.values[:, -1] * unit[:, 0], h.abs().sum(-1), alpha=self.tie_term)
+        upper = torch.add(top.values[:, -1] * unit[:, 0], norm[:, 0], alpha=self.tie_term)
         ok = (upper < best) & (top.values[:, 0] < torch.inf) & (best < torch.inf)
         return ids.gather(-1, where[:, None])[:, 0], ok
