@@ -227,10 +227,8 @@ class Engine:
         key = (weight.data_ptr(), weight._version)
         if key != self._screen_key:
             use = self.screen if self.screen is not None else SCREEN_MIN_BYTES <= weight.nbytes <= SCREEN_MAX_BYTES
-            # inductor lowers the oneDNN int8 linear only for frozen weights: a compiled step takes int8pack
-            kernel = "int8pack" if self.compiled else None
             with torch.no_grad():
-                self._screen = GreedyScreen.build(weight, kernel=kernel) if use else None
+                self._screen = GreedyScreen.build(weight) if use else None
             self._screen_key = key
         return self._screen
 

@@ -34,8 +34,8 @@ The bound, in units of u (the ranking does not change with them): the input term
 the roundings, <= 2^-24 (|a_i| + 127 s_i (||high||_1 + ||low||_1 / 128)) <= 2^-24 (|a_i| + 4 * 127 s_i
 ||g||_1) (a rounded number is at most twice its argument), within 2^-16 |a_i| and the C 2^-24 * 127 s_i
 ||g||_1 of the weight term that this kernel's exact sums leave spare (C >= 4; `build` takes multiples of 16).
-`int8pack` (elsewhere, and in compiled steps: inductor lowers the oneDNN op only for frozen
-weights): torch's int8 weight-only kernel on h' = bf16(h). Input rounding: 127 s_i ||h - h'||_1;
+Compiled steps call it through a custom op (`onednn_int8_linear`): inductor lowers torch's op only for
+frozen weights. `int8pack` (elsewhere): torch's int8 weight-only kernel on h' = bf16(h). Input rounding: 127 s_i ||h - h'||_1;
 the kernel (aten/src/ATen/native/cpu/int8mm_kernel.cpp, AVX2, AVX512, NEON and scalar paths alike)
 sums the products in fp32 in some order, <= C 2^-24 * 127 s_i ||h'||_1, and rounds the sum to bf16
 once, <= 2^-8 |a_i| (taken as 2^-7).
@@ -67,6 +67,24 @@ def power_of_two_at_least(x: torch.Tensor) -> torch.Tensor:
     return ((bits + 0x7FFFFF) & 0x7F800000).view(torch.float32)
 
 
+@torch.library.custom_op("internvl_mpo::onednn_int8_linear", mutates_args=())
+def onednn_int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor
+                       ) -> torch.Tensor:
+    """oneDNN's int8 x int8 linear in a compiled step: x (B, C) int8 -> fp32 (B, V'), row i's exact sum times
+    scale[i], rounded once. inductor lowers torch's op only for frozen weights; it calls this one as it stands."""
+    return int8_linear(x, packed, scale, zeros)
+
+
+@onednn_int8_linear.register_fake
+def _(x, packed, scale, zeros):
+    return x.new_empty((x.shape[0], scale.shape[0]), dtype=torch.float32)
+
+
+def int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    return torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, scale, zeros, None, 1.0, 0, torch.float32, "none",
+                                              [], "")
+
+
 @functools.cache
 def onednn_int8(width: int) -> bool:
     """Whether torch's oneDNN int8 linear runs here (x86 builds) and sums exactly at this width: without
@@ -84,8 +102,7 @@ def onednn_int8(width: int) -> bool:
         packed = torch.ops.onednn.qlinear_prepack(weight, None)
         for rows in (1, 2, 3, 8, 16, 64, 128):
             x = weight[torch.arange(rows) % 64]
-            out = torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, scales, zeros, None, 1.0, 0, torch.float32,
-                                                     "none", [], "")
+            out = int8_linear(x, packed, scales, zeros)
             if not torch.equal(out, (x.double() @ weight.double().T).float()):  # exact sums, rounded once
                 return False
     except (RuntimeError, NotImplementedError):
@@ -164,9 +181,9 @@ class GreedyScreen:
         low = ((g - high) * 128).round_()
         lost = g - high - low * (1 / 128)  # exact
         per_scale = self.weight_term * (norm / unit) + (127 * lost.abs().sum(-1, keepdim=True) + 2.0**-20)
-        levels = torch.ops.onednn.qlinear_pointwise(torch.cat([high, low]).to(torch.int8), 1.0, 0, self.q,
-                                                    self.scale, self.zeros, None, 1.0, 0, torch.float32, "none",
-                                                    [], "")  # (2B, V')
+        # the custom op costs ~13 us more a call in eager steps
+        linear = onednn_int8_linear if torch.compiler.is_compiling() else int8_linear
+        levels = linear(torch.cat([high, low]).to(torch.int8), self.q, self.scale, self.zeros)  # (2B, V')
         b = h.shape[0]
         return torch.add(levels[:b], levels[b:], alpha=1 / 128), per_scale, unit
 
