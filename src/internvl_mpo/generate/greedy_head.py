@@ -30,8 +30,7 @@ the packed weight, on the input in two int8 levels. h is divided by a power of t
 with max |g| <= 127; high = round(g), low = round(128 (g - high)) in [-64, 64], so g = high
 + low / 128 + lost with |lost| <= 1/256 (exact in fp32). The kernel's integer sums are exact, and
 it rounds s_i * sum once to fp32 for each level; a_i = high part + low part / 128 rounds once more.
-The bound, in units of u (the ranking does not change with them): the input term 127 s_i C / 256 (at
-most a few % of the weight term; the lost parts themselves would cost ten more small ops a step);
+The bound, in units of u (the ranking does not change with them): the input term 127 s_i ||lost||_1;
 the roundings, <= 2^-24 (|a_i| + 127 s_i (||high||_1 + ||low||_1 / 128)) <= 2^-24 (|a_i| + 4 * 127 s_i
 ||g||_1) (a rounded number is at most twice its argument), within 2^-16 |a_i| and the C 2^-24 * 127 s_i
 ||g||_1 of the weight term that this kernel's exact sums leave spare (C >= 4; `build` takes multiples of 16).
@@ -142,7 +141,7 @@ class GreedyScreen:
             self.q = torch.ops.onednn.qlinear_prepack(q, None)  # oneDNN's own layout
             self.scale, self.zeros = scale, torch.zeros(vocab + pad, dtype=torch.int64)
             self.relative = 2.0**-16
-            self.input_term = torch.tensor(127 * width / 256 + 2.0**-20)
+            self.underflow = torch.tensor(2.0**-20)
         else:
             self.q, self.scale = q, scale.bfloat16()  # exact: every scale is a bf16 number
             self.relative = 2.0**-7
@@ -180,8 +179,10 @@ class GreedyScreen:
         unit = power_of_two_at_least(torch.linalg.vector_norm(h, torch.inf, -1, keepdim=True) * (1 / 127))
         g = h / unit  # exact; |g| <= 127 up to the rounding of max |h| / 127, far below what round() carries up
         high = g.round()
-        low = ((g - high) * 128).round_()  # in [-64, 64]
-        per_scale = torch.addcdiv(self.input_term, norm, unit, value=self.weight_term)
+        remainder = (g - high) * 128  # exact
+        low = remainder.round()  # in [-64, 64]
+        lost = torch.linalg.vector_norm(remainder - low, 1, -1, keepdim=True)  # 128 ||lost||_1, exact terms
+        per_scale = torch.addcdiv(torch.add(self.underflow, lost, alpha=127 / 128), norm, unit, value=self.weight_term)
         # the custom op costs ~13 us more a call in eager steps
         linear = onednn_int8_linear if torch.compiler.is_compiling() else int8_linear
         levels = linear(torch.cat([high, low]).to(torch.int8), self.q, self.scale, self.zeros)  # (2B, V')
