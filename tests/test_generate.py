@@ -20,7 +20,7 @@ from PIL import Image
 
 from internvl_mpo.errors import InputError
 from internvl_mpo.generate.engine import Engine, Request
-from internvl_mpo.generate.greedy_head import onednn_int8
+from internvl_mpo.generate.greedy_head import BLOCK, onednn_int8
 from internvl_mpo.generate.sampling import (
     SamplingParams,
     apply_repetition_penalty,
@@ -811,6 +811,28 @@ def test_failed_screen_checks_fall_back_to_the_full_head(setup):
     got = [e.token for events in gen for e in events]
     assert got == plain
     assert gen.fallbacks == 6  # the first token (prefill) and five decode steps
+
+
+def test_failed_screen_checks_are_settled_by_the_blocks_within_reach(few_row_setup):
+    """Equal leading rows in 20 of the head's 128 blocks (the check gathers 16), +r and -r so that they lead
+    whatever the hidden state: every check fails, and `widen` gives the full head's tokens without it."""
+    model, _ = few_row_setup
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        head = model.language_model.output_head().weight
+        lead = head[0] * 1000
+        head[10 * BLOCK : 30 * BLOCK] = lead
+        head[40 * BLOCK : 60 * BLOCK] = -lead
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    requests = [Request(list(range(300, 300 + n)), params) for n in (5, 9)]
+    plain = run(Engine(model, screen=False), requests)
+    gen = Engine(model, screen=True).generate(requests)
+    got = {}
+    for events in gen:
+        for e in events:
+            got.setdefault(e.rid, []).append(e.token)
+    assert got == plain and set(sum(plain.values(), [])) <= {10 * BLOCK, 40 * BLOCK}
+    assert gen.widened == 12 and gen.fallbacks == 0
 
 
 def test_screen_follows_changes_to_the_head(setup):

@@ -23,10 +23,13 @@ def random_head(vocab: int, width: int, seed: int) -> torch.Tensor:
 
 
 def check(screen: GreedyScreen, weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """Assert that every row the screen accepts got the fp32 argmax; return the ok flags."""
-    tokens, ok = screen(hidden)
+    """Assert that every row the screen accepts got the fp32 argmax, and that `widen` gives it or None for the
+    others; return the ok flags."""
+    tokens, ok, ends, best = screen(hidden)
     expected = F.linear(hidden, weight).argmax(-1)
     assert tokens[ok].tolist() == expected[ok].tolist()
+    for i in (~ok).nonzero()[:, 0].tolist():
+        assert screen.widen(hidden[i : i + 1], ends[i], best[i]) in (None, expected[i].item())
     return ok
 
 
@@ -163,7 +166,7 @@ def test_near_ties_get_the_fp32_argmax_or_fall_back(same_block, kernel):
         w[a] = hidden[0] / hidden.norm()  # logit ||h||: far above every other row
         w[b] = w[a] * (1 + gap)
         screen = GreedyScreen.build(w, kernel=kernel)
-        tokens, ok = screen(hidden)
+        tokens, ok, ends, best = screen(hidden)
         expected = F.linear(hidden, w).argmax(-1)
         assert expected.item() in (a, b)
         if gap == 0.0:
@@ -171,7 +174,31 @@ def test_near_ties_get_the_fp32_argmax_or_fall_back(same_block, kernel):
         if ok.item():
             seen_ok += 1
             assert tokens.item() == expected.item(), gap
+        else:  # only the blocks of a and b come within reach
+            assert screen.widen(hidden, ends[0], best[0]) == expected.item(), gap
     assert seen_ok >= 5  # the close calls are decided by the exact logits, not all left to the fallback
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_widen_settles_ties_across_more_blocks_than_the_check_gathers(kernel):
+    """Equal leading rows in 20 blocks (the check gathers 16): every check fails, and `widen` gives the lowest
+    of them, as torch.argmax; with the ties in over a quarter of the vocabulary it leaves them to the full head."""
+    width = 64
+    weight = random_head(8192, width, seed=8) * 1e-3
+    g = torch.Generator().manual_seed(9)
+    lead = torch.randn(width, generator=g)
+    weight[10 * BLOCK + 5 : 30 * BLOCK + 5] = lead  # rows 5..69 of block 10, ..., the first 5 of block 30
+    weight[40 * BLOCK : 60 * BLOCK] = -lead
+    hidden = torch.randn(6, width, generator=g)
+    for kept in (weight, weight[: 90 * BLOCK]):  # 1280 tied rows: 1/6 of the vocabulary, then 2/9
+        screen = GreedyScreen.build(kept, kernel=kernel)
+        tokens, ok, ends, best = screen(hidden)
+        expected = F.linear(hidden, kept).argmax(-1)
+        assert set(expected.tolist()) == {10 * BLOCK + 5, 40 * BLOCK} and not ok.any()
+        assert [screen.widen(hidden[i : i + 1], ends[i], best[i]) for i in range(6)] == expected.tolist()
+    screen = GreedyScreen.build(weight[: 70 * BLOCK], kernel=kernel)  # 2/7: more than a quarter
+    tokens, ok, ends, best = screen(hidden)
+    assert [screen.widen(hidden[i : i + 1], ends[i], best[i]) for i in range(6)] == [None] * 6
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -200,9 +227,11 @@ def test_a_head_of_equal_rows_always_fails_the_check(kernel):
     64) have approximate logits 0, and must not let the check pass."""
     weight = torch.randn(1, 64).expand(500, 64).contiguous()
     hidden = torch.randn(3, 64)
+    screen = GreedyScreen.build(weight, kernel=kernel)
     for h in (hidden, -hidden):
-        tokens, ok = GreedyScreen.build(weight, kernel=kernel)(h)
+        tokens, ok, ends, best = screen(h)
         assert not ok.any()
+        assert [screen.widen(h[i : i + 1], ends[i], best[i]) for i in range(3)] == [None] * 3  # all 500 in reach
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -214,8 +243,9 @@ def test_non_finite_or_overflowing_hidden_states_fail_the_check(kernel):
     hidden[1, 5] = float("inf")
     hidden[2, 7] = -float("inf")
     hidden[3] *= 1e37  # finite, but the logits overflow
-    _, ok = screen(hidden)
+    _, ok, ends, best = screen(hidden)
     assert ok.tolist() == [False, False, False, False, True]
+    assert [screen.widen(hidden[i : i + 1], ends[i], best[i]) for i in range(4)] == [None] * 4
 
 
 def test_build_refuses_heads_it_cannot_screen():

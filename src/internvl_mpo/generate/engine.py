@@ -266,8 +266,8 @@ class Engine:
         return head_logits(self.model.language_model.output_head(), hidden, self.head_forms)
 
     def _decode(self, tokens, positions, key_mask, caches, rows: int, span: int, screen: GreedyScreen | None = None):
-        """One token per active row -> fp32 logits (rows, V); with a `screen`, its greedy tokens and
-        ok flags (rows,) and the hidden states (rows, C) instead. Static shapes, no host sync."""
+        """One token per active row -> fp32 logits (rows, V); with a `screen`, its outputs (tokens, ok flags,
+        upper ends, best logits) and the hidden states (rows, C) instead. Static shapes, no host sync."""
         lm = self.model.language_model
         key_mask[:rows].scatter_(1, positions[:, None], 0.0)
         mask = key_mask[:rows, None, None, :span]  # additive, as SDPA would turn a boolean mask into
@@ -380,6 +380,7 @@ class Generation:
         self.bias: torch.Tensor | None = None  # each row's logit bias, dense: made by the first request with one
         self.rows: list[_Row] = []
         self.fallbacks = 0  # greedy tokens the screen left to the full head
+        self.widened = 0  # greedy tokens whose screen check failed, settled by the blocks within reach
         self.waiting: list[tuple[int, Request]] = []
         self._ids = itertools.count()
         self._cancelled: set[int] = set()
@@ -525,15 +526,19 @@ class Generation:
             events[0] = dataclasses.replace(events[0], prompt_logprobs=prompt)
         return events
 
-    def _screened(self, tokens: torch.Tensor, ok: torch.Tensor, hidden: torch.Tensor, first: int = 0) -> list[int]:
-        """Greedy tokens of the screen for rows first..; rows whose check failed, and rows under their
-        min_new_tokens that it gave a stop id, take the argmax of their full logits (stop ids masked).
-        Any other token of the screen is also the argmax with the stop ids masked."""
+    def _screened(self, tokens: torch.Tensor, ok: torch.Tensor, ends: torch.Tensor, best: torch.Tensor,
+                  hidden: torch.Tensor, first: int = 0) -> list[int]:
+        """Greedy tokens of the screen for rows first.. (its outputs, then the hidden states); a row whose check
+        failed takes the screen's `widen`; where that has none, and for rows under their min_new_tokens that
+        it gave a stop id, the argmax of the full logits (stop ids masked). Any other token of the screen is
+        also the argmax with the stop ids masked."""
         tokens, ok = tokens.tolist(), ok.tolist()
         for i, good in enumerate(ok):
             row = self.rows[first + i]
-            early = row.unstoppable > 0 and tokens[i] in row.stop_ids
-            if not good or early:
+            if not good:
+                tokens[i] = self.engine.greedy_screen().widen(hidden[i : i + 1], ends[i], best[i])
+                self.widened += tokens[i] is not None
+            if tokens[i] is None or (row.unstoppable > 0 and tokens[i] in row.stop_ids):
                 logits = self.engine.logits(hidden[i : i + 1])
                 if row.unstoppable > 0:
                     logits = logits.masked_fill(self.banned[first + i], -torch.inf)

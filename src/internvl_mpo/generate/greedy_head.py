@@ -12,7 +12,9 @@ quarter of the bytes, one scale per vocabulary row) and:
    (K * 64 gathered rows of W); if the (K+1)-th block's upper end, plus what two fp32 evaluations of
    a logit may differ by, lies below the largest of them, no row outside the K blocks can beat it in
    any fp32 evaluation, and the largest decides, ties going to the lowest id as in `torch.argmax`.
-   Otherwise the row's `ok` is False and the caller computes the full logits.
+   Otherwise the row's `ok` is False, and `widen` computes the fp32 logits of every block whose upper
+   end comes within reach of that best logit (the caller computes the full logits where those would
+   be more than a quarter of the head, or where anything is not finite).
 
 Shapes are fixed (K blocks per row), so the screen runs inside a compiled decode step; the host
 reads `ok` with the tokens it syncs on anyway. The token equals the argmax of an fp32 evaluation of
@@ -175,8 +177,8 @@ class GreedyScreen:
             lost = (h - h16).abs().sum(-1, keepdim=True)
             per_scale = self.weight_term * norm + (127 * lost + 2.0**-20)
             approx = torch.ops.aten._weight_int8pack_mm(h16, self.q, self.scale).float()
-            return approx, per_scale, torch.ones_like(per_scale)
-        unit = power_of_two_at_least(torch.linalg.vector_norm(h, torch.inf, -1, keepdim=True) * (1 / 127))
+            return approx, per_scale, self.unit(h)
+        unit = self.unit(h)
         g = h / unit  # exact; |g| <= 127 up to the rounding of max |h| / 127, far below what round() carries up
         high = g.round()
         remainder = (g - high) * 128  # exact
@@ -189,15 +191,23 @@ class GreedyScreen:
         b = h.shape[0]
         return torch.add(levels[:b], levels[b:], alpha=1 / 128), per_scale, unit
 
-    def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden (B, C) -> greedy token ids (B,) and ok (B,) bool; where ok is False, use the full logits."""
+    def unit(self, h: torch.Tensor) -> torch.Tensor:
+        """u (B, 1) of `approximate` for h (B, C) fp32: a power of two >= max |h| / 127 (1 for int8pack)."""
+        if self.kernel == "int8pack":
+            return h.new_ones(h.shape[0], 1)
+        return power_of_two_at_least(torch.linalg.vector_norm(h, torch.inf, -1, keepdim=True) * (1 / 127))
+
+    def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden (B, C) -> greedy token ids (B,), ok (B,) bool, and for `widen`, the blocks' upper ends in units
+        u (B, V'/BLOCK) and the best exact logit found (B,); where ok is False, the token is `widen`'s."""
         b = hidden.shape[0]
         h = hidden.float()
         norm = torch.linalg.vector_norm(h, 1, -1, keepdim=True)  # (B, 1)
         approx, per_scale, unit = self.approximate(h, norm)
         # Upper end of each block: a + bound(a) grows with a, so the block's largest a gives it.
         peak = approx.view(b, -1, BLOCK).amax(-1)  # (B, V'/BLOCK)
-        top = (peak + self.bound(peak, self.block_scale, per_scale)).topk(self.blocks + 1, dim=-1)  # NaN first
+        ends = peak + self.bound(peak, self.block_scale, per_scale)  # (B, V'/BLOCK)
+        top = ends.topk(self.blocks + 1, dim=-1)  # NaN first
         blocks = top.indices[:, :-1].sort(dim=-1).values  # (B, K), ascending: ties go to the lowest id
         ids = self.block_ids.index_select(0, blocks.flatten()).view(b, -1)  # (B, K BLOCK)
         gathered = self.weight.index_select(0, ids.flatten()).view(b, -1, h.shape[-1])  # (B, K BLOCK, C)
@@ -208,4 +218,23 @@ class GreedyScreen:
         # be its first infinite row, wherever it lies).
         upper = torch.add(top.values[:, -1] * unit[:, 0], norm[:, 0], alpha=self.tie_term)
         ok = (upper < best) & (torch.maximum(top.values[:, 0], best) < torch.inf)  # maximum keeps NaN
-        return ids.gather(-1, where[:, None])[:, 0], ok
+        return ids.gather(-1, where[:, None])[:, 0], ok, ends, best
+
+    def widen(self, hidden: torch.Tensor, ends: torch.Tensor, best: torch.Tensor) -> int | None:
+        """The greedy token of a row whose check failed: hidden (1, C), and its ends (V'/BLOCK,) and best () from
+        the call. Any fp32 evaluation of a row's logit lies within tie/2 (tie: the check's margin) of its true
+        value, which is at most its block's upper end E; best is one evaluation of a row r. The blocks with E >=
+        best - 2 tie hold r, and any other row evaluates to at most E + tie/2 < best - 3/2 tie <= (any evaluation of
+        r) - tie/2: the largest fp32 logit of those blocks decides, ties going to the lowest id. None (take the full
+        logits) where those blocks hold more than a quarter of the vocabulary, or anything is not finite."""
+        h = hidden.float()
+        norm = torch.linalg.vector_norm(h, 1)
+        reach = best - 2 * self.tie_term * norm
+        ends = ends * self.unit(h)[0]
+        if not bool(torch.isfinite(ends).all() & torch.isfinite(reach)):
+            return None
+        blocks = (ends >= reach).nonzero()[:, 0]  # ascending
+        if blocks.numel() * BLOCK > self.vocab // 4:
+            return None
+        ids = self.block_ids.index_select(0, blocks).flatten()
+        return int(ids[(self.weight.index_select(0, ids) @ h[0]).argmax()])  # the first of equal maxima
