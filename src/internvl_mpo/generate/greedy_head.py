@@ -37,8 +37,8 @@ the roundings, <= 2^-24 (|a_i| + 127 s_i (||high||_1 + ||low||_1 / 128)) <= 2^-2
 ||g||_1) (a rounded number is at most twice its argument), within 2^-16 |a_i| and the C 2^-24 * 127 s_i
 ||g||_1 of the weight term that this kernel's exact sums leave spare (C >= 4; `build` takes multiples of 16).
 Compiled steps call it through a custom op (`onednn_int8_linear`): inductor lowers torch's op only for
-frozen weights. `int8pack` (elsewhere): torch's int8 weight-only kernel on h' = bf16(h). Input rounding: 127 s_i ||h - h'||_1;
-the kernel (aten/src/ATen/native/cpu/int8mm_kernel.cpp, AVX2, AVX512, NEON and scalar paths alike)
+frozen weights. `int8pack` (elsewhere): torch's int8 weight-only kernel on h' = bf16(h). Input
+rounding: 127 s_i ||h - h'||_1; the kernel (aten/src/ATen/native/cpu/int8mm_kernel.cpp, AVX2, AVX512, NEON and scalar paths alike)
 sums the products in fp32 in some order, <= C 2^-24 * 127 s_i ||h'||_1, and rounds the sum to bf16
 once, <= 2^-8 |a_i| (taken as 2^-7).
 Non-finite hidden states make the bound NaN or infinite, and `topk` ranks those first; they and
