@@ -38,9 +38,9 @@ the roundings, <= 2^-24 (|a_i| + 127 s_i (||high||_1 + ||low||_1 / 128)) <= 2^-2
 ||g||_1 of the weight term that this kernel's exact sums leave spare (C >= 4; `build` takes multiples of 16).
 Compiled steps call it through a custom op (`onednn_int8_linear`): inductor lowers torch's op only for
 frozen weights. `int8pack` (elsewhere): torch's int8 weight-only kernel on h' = bf16(h). Input
-rounding: 127 s_i ||h - h'||_1; the kernel (aten/src/ATen/native/cpu/int8mm_kernel.cpp, AVX2, AVX512, NEON and scalar paths alike)
-sums the products in fp32 in some order, <= C 2^-24 * 127 s_i ||h'||_1, and rounds the sum to bf16
-once, <= 2^-8 |a_i| (taken as 2^-7).
+rounding: 127 s_i ||h - h'||_1; the kernel (aten/src/ATen/native/cpu/int8mm_kernel.cpp, AVX2, AVX512,
+NEON and scalar paths alike) sums the products in fp32 in some order, <= C 2^-24 * 127 s_i ||h'||_1,
+and rounds the sum to bf16 once, <= 2^-8 |a_i| (taken as 2^-7).
 Non-finite hidden states make the bound NaN or infinite, and `topk` ranks those first; they and
 logits beyond the fp32 range (or, for int8pack, beyond bf16's) fail the check.
 """
@@ -138,12 +138,12 @@ class GreedyScreen:
         # What two fp32 evaluations of one row's logit may differ by, per unit of ||h||_1: the check keeps it
         # below the best exact logit, so that no fp32 kernel can put a row outside the K blocks above that row.
         self.tie_term = 2 * (width + 1) * 2.0**-24 * 127 * float(self.row_scale.max())
+        self.underflow = torch.tensor(2.0**-20)  # the bound's absolute term, per unit of scale
         self.kernel = kernel or ("onednn" if onednn_int8(width) else "int8pack")
         if self.kernel == "onednn":
             self.q = torch.ops.onednn.qlinear_prepack(q, None)  # oneDNN's own layout
             self.scale, self.zeros = scale, torch.zeros(vocab + pad, dtype=torch.int64)
             self.relative = 2.0**-16
-            self.underflow = torch.tensor(2.0**-20)
         else:
             self.q, self.scale = q, scale.bfloat16()  # exact: every scale is a bf16 number
             self.relative = 2.0**-7
@@ -175,7 +175,7 @@ class GreedyScreen:
         if self.kernel == "int8pack":
             h16 = h.bfloat16()
             lost = (h - h16).abs().sum(-1, keepdim=True)
-            per_scale = self.weight_term * norm + (127 * lost + 2.0**-20)
+            per_scale = self.weight_term * norm + (127 * lost + self.underflow)
             approx = torch.ops.aten._weight_int8pack_mm(h16, self.q, self.scale).float()
             return approx, per_scale, self.unit(h)
         unit = self.unit(h)
