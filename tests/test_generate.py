@@ -961,7 +961,7 @@ def test_prompt_ids_outside_the_vocabulary_are_refused_when_added(setup):
     chat, _ = setup
     vocab = chat.model.config.llm.vocab_size
     gen = chat.engine.start(max_batch=1, max_len=64)
-    for ids in ([5, vocab], [-1, 5], [5, 2.0]):
+    for ids in ([5, vocab], [-1, 5], [5, 2.0], [5, True], [vocab + 1]):
         with pytest.raises(InputError, match=f"prompt token ids must be whole numbers in 0..{vocab - 1}"):
             gen.add(Request(ids, GREEDY))
     assert not gen

@@ -194,9 +194,11 @@ class Engine:
         if n >= max_len:
             raise PromptTooLongError(f"the prompt is {n} tokens; this batch holds at most {max_len - 1} prompt tokens")
         vocab = self.model.config.llm.vocab_size
-        bad = [i for i in request.prompt_ids if not (whole_number(i) and 0 <= i < vocab)]
-        if bad:
-            raise InputError(f"prompt token ids must be whole numbers in 0..{vocab - 1}, got {bad[:5]}")
+        ids = request.prompt_ids
+        # plain ints in range, checked in C (a Python test per id cost 0.17 ms at 300 ids); else id by id
+        if not (set(map(type, ids)) == {int} and 0 <= min(ids) and max(ids) < vocab):
+            if bad := [i for i in ids if not (whole_number(i) and 0 <= i < vocab)]:
+                raise InputError(f"prompt token ids must be whole numbers in 0..{vocab - 1}, got {bad[:5]}")
         if bad := [i for i in request.params.stop_token_ids if not 0 <= i < vocab]:  # they could never stop it
             raise InputError(f"stop_token_ids must be in 0..{vocab - 1}, got {bad[:5]}")
         if bad := [i for i, _ in request.params.logit_bias if not 0 <= i < vocab]:
