@@ -28,6 +28,7 @@ from internvl_mpo.generate.sampling import (
     exponential_noise,
     filter_top_k_top_p,
     make_generator,
+    race_among_top_k,
 )
 from internvl_mpo.kv_cache import make_caches
 from internvl_mpo.pipeline import InternVLChat, TextAssembler
@@ -531,6 +532,49 @@ def test_exponential_noise_draws_exp1_and_sampling_follows_the_probabilities():
     tokens = choose_tokens(probs.log().expand(rows, 4), torch.zeros(rows, dtype=torch.bool), torch.ones(rows),
                            torch.zeros(rows, dtype=torch.long), torch.ones(rows), noise, 0, False)
     assert torch.allclose(torch.bincount(tokens, minlength=4) / rows, probs, atol=0.015)
+
+
+def test_the_race_among_top_k_draws_the_filtered_probabilities_and_k_values_a_row():
+    """race_among_top_k samples what top-k filtering then the full race would: the kept tokens (ties with the k-th
+    included, -inf left out) with their renormalised probabilities, from one draw per kept token in id order."""
+    weights = torch.tensor([0.05, 0.3, 0.1, 0.1, 0.2, 0.1, 0.15, 0.0])  # token 7 has logit -inf
+    tied = torch.tensor([0.05, 0.3, 0.1, 0.1, 0.2, 0.1, 0.2, 0.2])  # the 3rd value, 0.2, three times
+    logits = weights.log()
+    rows = 6000
+    for row, k, kept in ((weights, 3, [1, 4, 6]), (tied, 3, [1, 4, 6, 7]), (weights, 50, list(range(7)))):
+        g = make_generator(3, "cpu")
+        drawn = race_among_top_k(row.log().expand(rows, -1), [k] * rows, [g] * rows)
+        counts = torch.bincount(torch.tensor(drawn), minlength=8) / rows
+        want = torch.zeros(8)
+        want[kept] = row[kept] / row[kept].sum()
+        assert (counts - want).abs().max() < 0.02, (k, counts, want)
+        assert counts[[i for i in range(8) if i not in kept]].sum() == 0
+    # one draw per kept token, in id order: the generator gives exactly the stream of a by-hand race
+    g, by_hand = make_generator(5, "cpu"), make_generator(5, "cpu")
+    assert race_among_top_k(logits[None], [3], [g]) == [[1, 4, 6][int(
+        (torch.tensor([0.3, 0.2, 0.15]) / 0.3 / exponential_noise([by_hand], 3, "cpu")[0]).argmax())]]
+    assert torch.equal(g.get_state(), by_hand.get_state())
+    # a row whose largest logit is not finite is left to the full race
+    odd = torch.stack([logits, logits.clone().fill_(-math.inf),
+                       logits.clone().index_fill_(0, torch.tensor([2]), math.nan)])
+    assert race_among_top_k(odd, [3, 3, 3], [make_generator(0, "cpu")] * 3)[1:] == [None, None]
+
+
+def test_engine_top_k_sampling_is_the_race_among_the_kept_tokens(setup):
+    """A top-k request (no top-p) samples each step by race_among_top_k on its logits, drawing k values from its
+    generator, batched with other kinds of rows or alone."""
+    chat, _ = setup
+    ids, _ = prompt(chat, "Sample")
+    params = SamplingParams(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=5, seed=11, ignore_eos=True)
+    alone = run(chat.engine, [Request(ids, params)])[0]
+    nucleus = SamplingParams(**{**params.__dict__, "top_p": 0.9, "seed": 12})
+    assert run(chat.engine, [Request(ids, GREEDY), Request(ids, nucleus), Request(ids, params)])[2] == alone
+    g, tokens = make_generator(11, "cpu"), list(ids)
+    with torch.no_grad():
+        for _ in range(8):
+            logits = chat.model(torch.tensor([tokens]))[0, -1].float()
+            tokens += race_among_top_k((logits / 0.7)[None], [5], [g])
+    assert alone == tokens[len(ids):]
 
 
 def test_exponential_noise_is_finite_positive_and_fine_near_zero(monkeypatch):

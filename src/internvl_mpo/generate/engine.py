@@ -64,7 +64,8 @@ from .greedy_head import GreedyScreen
 from .json_mode import JsonConstraint, JsonVocabulary
 from .json_schema import SchemaConstraint
 from .sampling import (
-    SamplingParams, apply_repetition_penalty, choose_tokens, exponential_noise, make_generator, whole_number,
+    SamplingParams, apply_repetition_penalty, choose_tokens, exponential_noise, make_generator, race_among_top_k,
+    whole_number,
 )
 
 SPAN_BUCKET = 256
@@ -567,17 +568,28 @@ class Generation:
         penalised = any(r.penalised for r in self.rows[rows])  # decided on the host: no device sync
         if penalised:
             logits = apply_repetition_penalty(logits, self.seen[rows], self.penalty[rows])
-        generators = [r.generator for r in self.rows[rows]]
+        active = self.rows[rows]
+        raced = {}
+        # Top-k alone on the CPU (the model card's default): the race among the kept tokens, k draws a row, not V.
+        # On a GPU the whole vocabulary's draws cost little, and this would sync the host once a row.
+        if logits.device.type == "cpu" and (fast := [i for i, r in enumerate(active) if r.generator is not None
+                                                     and r.top_k > 0 and r.top_p >= 1]):
+            scaled = logits[fast] / self.temperature[rows][fast].clamp(min=1e-5)[:, None]  # as choose_tokens
+            drawn = race_among_top_k(scaled, [active[i].top_k for i in fast], [active[i].generator for i in fast])
+            raced = {i: token for i, token in zip(fast, drawn) if token is not None}
+        generators = [None if i in raced else r.generator for i, r in enumerate(active)]
         noise, largest_k, nucleus = None, 0, False
-        sampled = [r for r in self.rows[rows] if r.generator is not None]
+        sampled = [r for r, g in zip(active, generators) if g is not None]
         if sampled:
             noise = exponential_noise(generators, logits.shape[-1], logits.device)
             # Known on the host, so top-k alone skips sorting the vocabulary (see filter_top_k_top_p).
             largest_k, nucleus = max(r.top_k for r in sampled), any(r.top_p < 1 for r in sampled)
-        tokens = choose_tokens(
+        tokens = choose_tokens(  # raced rows draw no noise here (ones): their argmax is replaced below
             logits, self.greedy[rows], self.temperature[rows], self.top_k[rows], self.top_p[rows], noise,
             largest_k, nucleus,
         )
+        if raced:
+            tokens[list(raced)] = torch.tensor(list(raced.values()), device=tokens.device)
         if penalised:  # `seen` serves the penalty only, and a penalised row is in every step it lives
             self.seen[rows].scatter_(1, tokens[:, None], True)
         return tokens.tolist()
