@@ -65,7 +65,7 @@ from .json_mode import JsonConstraint, JsonVocabulary
 from .json_schema import SchemaConstraint
 from .sampling import (
     SamplingParams, apply_repetition_penalty, choose_tokens, exponential_noise, make_generator, race_among_top_k,
-    whole_number,
+    whole_number, with_temperature,
 )
 
 SPAN_BUCKET = 256
@@ -574,7 +574,7 @@ class Generation:
         # On a GPU the whole vocabulary's draws cost little, and this would sync the host once a row.
         if logits.device.type == "cpu" and (fast := [i for i, r in enumerate(active) if r.generator is not None
                                                      and r.top_k > 0 and r.top_p >= 1]):
-            scaled = logits[fast] / self.temperature[rows][fast].clamp(min=1e-5)[:, None]  # as choose_tokens
+            scaled = with_temperature(logits[fast], self.temperature[rows][fast])
             drawn = race_among_top_k(scaled, [active[i].top_k for i in fast], [active[i].generator for i in fast])
             raced = {i: token for i, token in zip(fast, drawn) if token is not None}
         generators = [None if i in raced else r.generator for i, r in enumerate(active)]

@@ -228,6 +228,11 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+def with_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """(B, V) logits divided by each row's temperature (B,), kept above 1e-5 (temperature 0 is greedy)."""
+    return logits / temperature.clamp(min=1e-5)[:, None]
+
+
 def choose_tokens(
     logits: torch.Tensor,
     greedy: torch.Tensor,
@@ -243,7 +248,7 @@ def choose_tokens(
     best = logits.argmax(-1)
     if noise is None:
         return best
-    scaled = logits / temperature.clamp(min=1e-5)[:, None]
+    scaled = with_temperature(logits, temperature)
     probs = filter_top_k_top_p(scaled, top_k, top_p, largest_k, nucleus).softmax(-1)
     drawn = (probs / noise).argmax(-1)
     return torch.where(greedy, best, drawn)
