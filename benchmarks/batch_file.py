@@ -31,7 +31,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from internvl_mpo.cli_chat import model_path
-    from internvl_mpo.pipeline import InternVLChat, sampling_params
+    from internvl_mpo.generate.params import sampling_params
+    from internvl_mpo.pipeline import InternVLChat
 
     chat = InternVLChat.from_pretrained(model_path(args.model), device=args.device)
     rng = random.Random(0)

@@ -122,7 +122,7 @@ class Ours:
 
     def generate(self, batch: list[list[int]], new: int, images=None, sample: bool = False) -> list[list[int]]:
         from internvl_mpo.generate.engine import Request
-        from internvl_mpo.generate.sampling import SamplingParams
+        from internvl_mpo.generate.params import SamplingParams
 
         params = SamplingParams(max_new_tokens=new, ignore_eos=True, do_sample=sample, temperature=1.0, top_k=50,
                                 seed=0 if sample else None)

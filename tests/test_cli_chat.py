@@ -47,7 +47,7 @@ def test_the_streamed_answer_holds_back_trailing_whitespace(folder, capsys):
     """An answer cut (at --max-new-tokens) right after a newline printed a blank line before the next
     prompt; whitespace inside the answer still streams as it comes."""
     from internvl_mpo.cli_chat import _answer
-    from internvl_mpo.pipeline import sampling_params
+    from internvl_mpo.generate.params import sampling_params
 
     bot = InternVLChat.from_pretrained(folder)
     bot.engine = ScriptedEngine([t for c in "Two lines:\n first\n\nsecond  \n\n" for t in bot.tokenizer.encode(c)])
@@ -1354,6 +1354,35 @@ def test_the_command_line_starts_without_torch_and_ctrl_c_while_importing_is_qui
 
     monkeypatch.setattr(cli_module, "_resolve", interrupted)
     assert cli_module.main(["chat", "hi"]) == 130
+
+
+def test_flag_errors_are_refused_before_torch_loads(tmp_path):
+    """Sampling, constraint, count and output-path flags of chat and generate (and eval's counts) are checked before
+    torch and the model's code import (about 1.5 s of a process's start): a mistyped flag is refused at once, in one line."""
+    (tmp_path / "bad.gbnf").write_text("root ::= (\n")
+    (tmp_path / "bad.json").write_text("{")
+    calls = [["chat", "--temperature", "-1", "hi"], ["chat", "--top-p", "0", "hi"], ["chat", "--max-num", "0", "hi"],
+             ["chat", "--regex", "(a", "hi"], ["chat", "--regex", "a", "--choice", "a", "hi"],
+             ["chat", "--grammar", str(tmp_path / "bad.gbnf"), "hi"],
+             ["chat", "--json-schema", str(tmp_path / "bad.json"), "hi"],
+             ["chat", "--image", "a.png", "--video", "b.mp4", "hi"],
+             ["generate", "--input", "x.jsonl", "--output", str(tmp_path / "no" / "a.jsonl")],
+             ["generate", "--input", "x.jsonl", "--output", str(tmp_path / "a.jsonl"), "--batch-size", "0"],
+             ["generate", "--input", "x.jsonl", "--output", str(tmp_path / "a.jsonl"), "--min-new-tokens", "9",
+              "--max-new-tokens", "4"],
+             ["eval", "--data", "x.jsonl", "--max-new-tokens", "0"]]
+    code = ("import json, sys\n"
+            "from internvl_mpo.cli import main\n"
+            f"for args in {calls!r}:\n"
+            "    print(json.dumps([main(args), 'torch' in sys.modules]), flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert [json.loads(line) for line in out.stdout.splitlines()] == [[1, False]] * len(calls), out.stderr
+    errors = out.stderr.splitlines()
+    assert len(errors) == len(calls) and all(line.startswith("internvl-mpo ") for line in errors), out.stderr
+    for needle, line in zip(["--temperature", "--top-p", "--max-num", "--regex", "--regex or --choice", "--grammar",
+                             "--json-schema", "--image or --video", "does not exist", "--batch-size",
+                             "--min-new-tokens", "--max-new-tokens"], errors):
+        assert needle in line, line
 
 
 CTRL_C_WHILE_LOADING = """

@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from internvl_mpo.generate.engine import Engine, Request
-from internvl_mpo.generate.sampling import SamplingParams
+from internvl_mpo.generate.params import SamplingParams
 from internvl_mpo.model import InternVL
 from internvl_mpo.pipeline import InternVLChat
 

@@ -21,8 +21,8 @@ from PIL import Image
 from internvl_mpo.errors import InputError
 from internvl_mpo.generate.engine import Engine, Request
 from internvl_mpo.generate.greedy_head import BLOCK, onednn_int8
+from internvl_mpo.generate.params import SamplingParams
 from internvl_mpo.generate.sampling import (
-    SamplingParams,
     apply_repetition_penalty,
     choose_tokens,
     exponential_noise,
@@ -1083,7 +1083,7 @@ def test_the_model_cards_streamer_setting_points_to_stream_chat(setup):
 
 
 def test_sampling_default_is_the_model_card(setup):
-    from internvl_mpo.pipeline import sampling_params
+    from internvl_mpo.generate.params import sampling_params
 
     params = sampling_params()
     assert params.do_sample and params.max_new_tokens == 1024 and params.top_k == 50
@@ -1132,7 +1132,7 @@ def test_seeded_batch_chat_samples_each_question_differently(setup):
 
 
 def test_generation_settings_given_as_none_are_unset(setup):
-    from internvl_mpo.pipeline import sampling_params
+    from internvl_mpo.generate.params import sampling_params
 
     params = sampling_params(do_sample=False, temperature=None, top_p=None, max_new_tokens=None,
                              stop_token_ids=None, stop=None, seed=None)
@@ -1145,7 +1145,7 @@ def test_top_k_none_turns_top_k_off_as_in_transformers():
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from transformers.generation.logits_process import TopKLogitsWarper
 
-    from internvl_mpo.pipeline import sampling_params
+    from internvl_mpo.generate.params import sampling_params
 
     hf = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1))
@@ -1723,7 +1723,7 @@ def test_answers_as_they_finish_refills_freed_rows_and_pulls_jobs_lazily(setup):
     while the long one runs on (chunks of two would make C and D wait for A), every job is pulled
     only when a row can take it, and each answer equals the same question asked alone."""
     from internvl_mpo.errors import InputError
-    from internvl_mpo.pipeline import sampling_params
+    from internvl_mpo.generate.params import sampling_params
 
     chat, _ = setup
     lengths = {"A": 30, "B": 3, "C": 3, "D": 3}
@@ -1749,7 +1749,7 @@ def test_answers_as_they_finish_refills_freed_rows_and_pulls_jobs_lazily(setup):
 
 
 def test_answers_as_they_finish_gives_a_job_too_long_for_the_running_cache_a_new_one(setup):
-    from internvl_mpo.pipeline import sampling_params
+    from internvl_mpo.generate.params import sampling_params
 
     chat, _ = setup
     short, long = (sampling_params(do_sample=False, max_new_tokens=n, ignore_eos=True) for n in (4, 300))
@@ -1779,7 +1779,7 @@ def test_answers_as_they_finish_gives_a_job_too_long_for_the_running_cache_a_new
 def test_answers_as_they_finish_gives_its_next_batch_a_compiled_engines_buffers(setup):
     """A compiled engine lends its buffers to one live Generation at a time: the batch a long job waits for
     is started after the finished one is dropped, so it takes them (not buffers of its own at new addresses)."""
-    from internvl_mpo.pipeline import sampling_params
+    from internvl_mpo.generate.params import sampling_params
 
     chat, _ = setup
     bot = InternVLChat(chat.model, chat.tokenizer)
@@ -1793,7 +1793,7 @@ def test_answers_as_they_finish_gives_its_next_batch_a_compiled_engines_buffers(
 
 def test_answers_as_they_finish_cuts_each_job_at_its_own_stop_strings(setup):
     """Each job is cut at its own SamplingParams.stop (it was ignored for a stop list given beside the jobs)."""
-    from internvl_mpo.pipeline import sampling_params
+    from internvl_mpo.generate.params import sampling_params
 
     chat, _ = setup
     kw = dict(do_sample=False, max_new_tokens=20, ignore_eos=True)
@@ -1809,7 +1809,7 @@ def test_answers_as_they_finish_cuts_each_job_at_its_own_stop_strings(setup):
 
 def test_answers_as_they_finish_refuses_a_batch_size_below_one(setup):
     """batch_size=0 returned no answers at all, silently."""
-    from internvl_mpo.pipeline import sampling_params
+    from internvl_mpo.generate.params import sampling_params
 
     chat, _ = setup
     jobs = [("a", chat.prepare("Question A"), sampling_params(max_new_tokens=2))]
@@ -1877,7 +1877,7 @@ def test_answers_as_they_finish_gives_a_prompt_that_fails_in_the_engine_its_erro
     """A prefill that raises (out of memory on a large image, say) fails its own job only: it comes back
     as that job's answer, so `generate` writes an error line and goes on (it stopped the whole run,
     and a resumed run met the same request again)."""
-    from internvl_mpo.pipeline import sampling_params
+    from internvl_mpo.generate.params import sampling_params
 
     chat, _ = setup
     params = sampling_params(do_sample=False, max_new_tokens=6)
@@ -2008,7 +2008,7 @@ def test_chat_takes_min_new_tokens(setup):
 def test_answers_as_they_finish_answers_the_jobs_in_flight_before_raising_what_the_jobs_raised(setup):
     """A jobs iterator that raises (a bad request line, a failing image loader) lost the answers already
     decoding; now they come out first (generate and eval write each as it comes), then the exception."""
-    from internvl_mpo.pipeline import sampling_params
+    from internvl_mpo.generate.params import sampling_params
 
     chat, _ = setup
     lengths = {"A": 12, "B": 3, "C": 5}

@@ -10,7 +10,7 @@ from PIL import Image
 
 from internvl_mpo.errors import InputError
 from internvl_mpo.generate.engine import Engine, Request
-from internvl_mpo.generate.sampling import SamplingParams
+from internvl_mpo.generate.params import SamplingParams
 from internvl_mpo.pipeline import InternVLChat
 
 from conftest import tiny_chat_folder

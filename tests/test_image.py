@@ -765,7 +765,7 @@ def test_the_readme_gives_each_function_its_own_name_for_the_total_tile_budget()
     import re
     from pathlib import Path
 
-    from internvl_mpo.pipeline import INPUT_KEYS
+    from internvl_mpo.generate.params import INPUT_KEYS
     from internvl_mpo.processor import multi
 
     text = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())

@@ -15,7 +15,7 @@ import torch
 from internvl_mpo.errors import InputError, SettingError
 from internvl_mpo.generate import json_mode as jm
 from internvl_mpo.generate.engine import Engine, Request
-from internvl_mpo.generate.sampling import SamplingParams
+from internvl_mpo.generate.params import SamplingParams
 from internvl_mpo.pipeline import InternVLChat
 from internvl_mpo.server.requests import ApiError, parse_chat_request, parse_completion_request
 from internvl_mpo.server.settings import ServerSettings

@@ -17,7 +17,7 @@ from internvl_mpo.generate import regex as regex_module
 from internvl_mpo.generate.engine import Engine, Request
 from internvl_mpo.generate.automaton import automaton_mask
 from internvl_mpo.generate.regex import RegexError, choice_pattern, compile_regex, escape
-from internvl_mpo.generate.sampling import SamplingParams
+from internvl_mpo.generate.params import SamplingParams
 from internvl_mpo.pipeline import InternVLChat
 
 from conftest import after, assert_automaton_masks, engine_answers, states, tiny_chat_folder

@@ -42,7 +42,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from internvl_mpo.generate.engine import Request
-from internvl_mpo.generate.sampling import SamplingParams
+from internvl_mpo.generate.params import SamplingParams
 from internvl_mpo.pipeline import InternVLChat
 from internvl_mpo.server import ServerSettings, serve
 from internvl_mpo.server.media import image_bytes

@@ -206,7 +206,7 @@ def test_a_request_that_fails_in_the_engine_is_counted_as_an_error(monkeypatch):
 
     from internvl_mpo.cli import default_model
     from internvl_mpo.generate.engine import Request
-    from internvl_mpo.generate.sampling import SamplingParams
+    from internvl_mpo.generate.params import SamplingParams
     from internvl_mpo.pipeline import InternVLChat
     from internvl_mpo.server.worker import BatchWorker, Job
 

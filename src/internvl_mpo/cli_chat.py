@@ -179,12 +179,9 @@ def chat(
     max_pixels: refuse images (and frames) with more pixels (default: Pillow's limit, about 89 M)
     """
     from .cli import flagged
-    from .devices import default_device
-    from .pipeline import InternVLChat, sampling_params
-    from .processor.image import let_pillow_open, open_image, pointed_elsewhere
+    from .generate.params import sampling_params
 
     question = _utf8(" ".join(question), "the question") if question else None  # `chat What is it?` as one string
-    let_pillow_open(max_pixels)
     _at_least_one(max_num=max_num, num_segments=num_segments)
     params = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty,
                                              min_new_tokens, json_mode, _read_schema(json_schema), regex, choice,
@@ -192,6 +189,12 @@ def chat(
     images = list(image or [])
     if images and video is not None:
         raise InputError("give --image or --video, not both")
+    # torch loads from here on (with the image code): the flags above are refused in a fraction of a second
+    from .devices import default_device
+    from .pipeline import InternVLChat
+    from .processor.image import let_pillow_open, open_image, pointed_elsewhere
+
+    let_pillow_open(max_pixels)
     # a missing or broken file: one error now, not after loading the model; the decoded pictures are kept, so a
     # question (or each of a conversation's) does not decode them again
     images = [open_image(path, max_pixels) for path in images]
@@ -370,18 +373,9 @@ def generate(
     dtype: float32, bfloat16, float16 or auto (the checkpoint's own) (default: bf16 on CUDA, fp32 on CPU)
     max_pixels: refuse images (and frames) with more pixels (default: Pillow's limit, about 89 M)
     """
-    from tqdm import tqdm
-
-    from .checkpoint import model_key, weights_identity
     from .cli import flagged
-    from .devices import default_device
-    from .filestamp import stamps, unchanged
-    from .jsonl import rewrite_in_order
-    from .locks import lock_output, no_lock_note
-    from .pipeline import InternVLChat, sampling_params
-    from .processor.image import let_pillow_open, pointed_elsewhere
-    from .processor.preview import no_folder
-    from .run_folder import recorded_weights, writing
+    from .generate.params import sampling_params
+    from .run_folder import no_folder
 
     _at_least_one(batch_size=batch_size, max_num=max_num)
     out = Path(output)
@@ -394,6 +388,18 @@ def generate(
     schema, grammar_text = _read_schema(json_schema), _read_grammar(grammar)
     base = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, 1.0, min_new_tokens,
                                          json_mode, schema, regex, choice, grammar_text))
+    # torch loads from here on (with the image code): the flags above are refused in a fraction of a second
+    from tqdm import tqdm
+
+    from .checkpoint import model_key, weights_identity
+    from .devices import default_device
+    from .filestamp import stamps, unchanged
+    from .jsonl import rewrite_in_order
+    from .locks import lock_output, no_lock_note
+    from .pipeline import InternVLChat
+    from .processor.image import let_pillow_open, pointed_elsewhere
+    from .run_folder import recorded_weights, writing
+
     let_pillow_open(max_pixels)
     requests = _read_requests(Path(input))
     last = len(requests) - 1  # request k samples with seed + k

@@ -511,7 +511,7 @@ def run_eval(
 
 def greedy_params(max_num: int, max_new_tokens: int):
     """The sampling settings of `model_answerer`, checked (with max_num) before a model loads."""
-    from internvl_mpo.pipeline import sampling_params
+    from internvl_mpo.generate.params import sampling_params
 
     if max_num < 1:
         raise SettingError("", "max_num", f" must be at least 1, got {max_num}")
@@ -569,14 +569,15 @@ def eval_(
     max_pixels: refuse images with more pixels (default: Pillow's limit, about 89 M)
     progress: show a progress bar
     """
+    check_counts(batch_size, limit)  # fail on bad flags, a bad file or another run's folder before loading the model
+    params = greedy_params(max_num, max_new_tokens)
+    # torch loads from here on (with the image code): the flags above are refused in a fraction of a second
     from internvl_mpo.checkpoint import weights_identity
     from internvl_mpo.cli_chat import model_path, run_dtype
     from internvl_mpo.devices import default_device
     from internvl_mpo.pipeline import InternVLChat
     from internvl_mpo.processor.image import let_pillow_open
 
-    check_counts(batch_size, limit)  # fail on bad flags, a bad file or another run's folder before loading the model
-    params = greedy_params(max_num, max_new_tokens)
     let_pillow_open(max_pixels)
     items = read_benchmark(data, max_pixels)
     refuse_hidden_options(items, cot)

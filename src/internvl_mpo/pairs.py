@@ -174,7 +174,7 @@ class PairSettings:
         self.sampling_params(0, DROPOUT_NTP)  # its checks (max_new_tokens, top_k, top_p) before any model loads
 
     def sampling_params(self, seed: int, method: str):
-        from internvl_mpo.generate.sampling import SamplingParams
+        from internvl_mpo.generate.params import SamplingParams
 
         return SamplingParams(
             max_new_tokens=self.max_new_tokens, min_new_tokens=min(MIN_NEW_TOKENS[method], self.max_new_tokens),

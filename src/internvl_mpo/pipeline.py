@@ -37,22 +37,13 @@ from .chat.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokenizer, load_tok
 from .config import ModelConfig
 from .errors import ConfigError, InputError, SettingError, located
 from .generate.engine import SPAN_BUCKET, Engine, Event, Generation, Request
-from .generate.sampling import SamplingParams, whole_number
+from .generate.params import INPUT_KEYS, SamplingParams, sampling_params, whole_number
 from .model import InternVL
 from .processor.multi import load_images, planned_tiles, refuse_unordered
 
 if TYPE_CHECKING:
     from .checkpoint import Weights
 
-CARD_DEFAULTS = dict(max_new_tokens=1024, do_sample=True)
-GENERATION_KEYS = {
-    "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "stop",
-    "stop_token_ids", "seed", "ignore_eos", "min_new_tokens", "logit_bias", "json_mode",
-    "json_schema", "regex", "choice", "grammar",
-}
-
-
-INPUT_KEYS = {"max_num", "total_max_num", "num_segments", "num_patches_list", "system_message", "max_pixels"}
 # load_image's tiles lie in -2.12..2.64 (ImageNet mean and std); a resize of float tensors (transformers' fast
 # processors) overshoots a little, and random test tiles reach 5. Raw 0..255 values, or NaN from a division by
 # zero, are no tiles.
@@ -71,33 +62,6 @@ class Prepared:
     @property
     def image_tokens(self) -> int:
         return sum(self.num_patches_list)
-
-
-def sampling_params(**generation) -> SamplingParams:
-    """Map `chat(**generation)` keywords (HF names) to SamplingParams, refusing unknown ones. A
-    setting given as None is not set, except top_k: transformers adds no top-k filter for top_k=None,
-    so None turns top-k off here too."""
-    if "top_k" in generation and generation["top_k"] is None:
-        generation["top_k"] = 0
-    generation = {key: value for key, value in generation.items() if value is not None}
-    unknown = set(generation) - GENERATION_KEYS - {"num_beams", "eos_token_id", "pad_token_id"}
-    if "streamer" in unknown:  # the model card's way to stream
-        raise InputError("streamer is not taken: iterate stream_chat() for the answer's pieces")
-    if unknown:
-        raise InputError(
-            f"unknown generation settings: {sorted(unknown)}; known: {sorted(GENERATION_KEYS | INPUT_KEYS)}"
-        )
-    if generation.pop("num_beams", 1) != 1:
-        raise InputError("beam search is not implemented; use num_beams=1")
-    generation.pop("eos_token_id", None)  # chat() always stops at <|im_end|>, as the official one does
-    generation.pop("pad_token_id", None)
-    for key, one in (("stop", lambda v: isinstance(v, str)), ("stop_token_ids", whole_number)):  # one, or a list
-        value = generation.get(key, ())
-        if one(value):
-            generation[key] = (value,)
-        elif isinstance(value, list) and all(map(one, value)):
-            generation[key] = tuple(value)  # a list holding a wrong one stays a list: its error shows what was given
-    return SamplingParams(**{**CARD_DEFAULTS, **generation})
 
 
 def _is_list(value) -> bool:

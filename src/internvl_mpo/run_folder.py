@@ -96,6 +96,12 @@ def check_output_folder(path: Path) -> None:
                          f"{path}: {existing} is a file, not a folder")
 
 
+def no_folder(path: Path) -> str:
+    """Why the folder of output file `path` cannot take it: a file in its way, or the folder does not exist."""
+    above = next(p for p in path.parents if p.exists())  # "." or "/" at the latest
+    return f"{above} is a file, not a folder" if not above.is_dir() else f"the folder {path.parent} does not exist"
+
+
 def make_output_folder(path: Path) -> None:
     check_output_folder(path)
     try:

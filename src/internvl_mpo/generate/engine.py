@@ -63,9 +63,9 @@ from .automaton import AutomatonConstraint
 from .greedy_head import GreedyScreen
 from .json_mode import JsonConstraint, JsonVocabulary
 from .json_schema import SchemaConstraint
+from .params import SamplingParams, whole_number
 from .sampling import (
-    SamplingParams, apply_repetition_penalty, choose_tokens, exponential_noise, make_generator, race_among_top_k,
-    whole_number, with_temperature,
+    apply_repetition_penalty, choose_tokens, exponential_noise, make_generator, race_among_top_k, with_temperature,
 )
 
 SPAN_BUCKET = 256

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 from internvl_mpo.errors import InputError
 from internvl_mpo.processor.image import ImageSource, open_image, source_name
 from internvl_mpo.processor.tiling import TilePlan, plan_tiles
+from internvl_mpo.run_folder import no_folder
 
 PREVIEW_MAX_SIDE = 1024  # longest side of the drawn grid, in pixels
 _MIN_DRAWN_TILE = 16  # px: smaller tiles get no box or number (they would merge into a smear), only the grid's frame
@@ -39,12 +40,6 @@ def png_output(path: str | os.PathLike) -> Path:
     if not target.parent.is_dir():
         raise InputError(f"{target}: {no_folder(target)}")
     return target
-
-
-def no_folder(path: Path) -> str:
-    """Why the folder of `path` cannot take it: a file in its way, or the folder does not exist."""
-    above = next(p for p in path.parents if p.exists())  # "." or "/" at the latest
-    return f"{above} is a file, not a folder" if not above.is_dir() else f"the folder {path.parent} does not exist"
 
 
 def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from ..generate import json_mode as jm
 from ..generate.engine import Request
-from ..generate.sampling import SamplingParams
+from ..generate.params import SamplingParams
 from ..pipeline import InternVLChat
 from .metrics import CONTENT_TYPE
 from .prompts import Prompt, build_completion_prompts, build_prompt, check_token_ids, echo_texts, tokenize_ids

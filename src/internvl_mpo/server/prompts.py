@@ -12,7 +12,7 @@ import torch
 from ..chat.template import build_prompt_ids, get_template, prompt_length
 from ..chat.tokenizer import IMG_CONTEXT, Tokenizer
 from ..errors import InputError, SettingError
-from ..generate.sampling import SamplingParams
+from ..generate.params import SamplingParams
 from ..pipeline import InternVLChat
 from ..processor.image import AS_A_VIDEO, AS_AN_IMAGE, load_image
 from ..processor.multi import planned_tiles
