@@ -63,7 +63,7 @@ import os
 import random
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -733,6 +733,9 @@ def pairs(
     if method == CORRECTNESS and samples == 1:
         raise InputError("--samples 1: correctness pairs need at least 2 samples per question (each pair is a right "
                          "and a wrong answer to it)")
+    # the flags, checked before torch loads (in a fraction of a second); the dtype and weights come below
+    settings = PairSettings(samples, max_pairs, temperature, top_k, top_p, max_new_tokens, max_num, batch_size, seed,
+                            start_ratio, model)
     from internvl_mpo.checkpoint import weights_identity
     from internvl_mpo.cli_chat import run_dtype
     from internvl_mpo.devices import default_device
@@ -742,9 +745,8 @@ def pairs(
     let_pillow_open(max_pixels)
     device = default_device(device)
     dtype_name, weights = run_dtype(dtype, device, model)
-    settings = PairSettings(samples, max_pairs, temperature, top_k, top_p, max_new_tokens, max_num, batch_size, seed,
-                            start_ratio, model, dtype_name,
-                            weights_identity(weights, recorded_weights(Path(output) / "settings.json")))
+    settings = replace(settings, dtype=dtype_name,
+                       weights=weights_identity(weights, recorded_weights(Path(output) / "settings.json")))
     items = read_items(input, method, max_pixels)  # fail on a bad file or output folder before loading the model
     check_output_folder(Path(output))
     refuse_other_method(Path(output), method)
