@@ -1357,9 +1357,9 @@ def test_the_command_line_starts_without_torch_and_ctrl_c_while_importing_is_qui
 
 
 def test_flag_errors_are_refused_before_torch_loads(tmp_path):
-    """Sampling, constraint, count and output-path flags of chat and generate, eval's counts and pairs' settings
-    are checked before torch and the model's code import (about 1.5 s of a process's start): a mistyped flag is
-    refused at once, in one line."""
+    """Sampling, constraint, count and output-path flags of chat and generate, eval's counts, pairs' settings and
+    serve's limits are checked before torch and the model's code import (about 1.5 s of a process's start): a
+    mistyped flag is refused at once, in one line."""
     (tmp_path / "bad.gbnf").write_text("root ::= (\n")
     (tmp_path / "bad.json").write_text("{")
     calls = [["chat", "--temperature", "-1", "hi"], ["chat", "--top-p", "0", "hi"], ["chat", "--max-num", "0", "hi"],
@@ -1372,7 +1372,8 @@ def test_flag_errors_are_refused_before_torch_loads(tmp_path):
              ["generate", "--input", "x.jsonl", "--output", str(tmp_path / "a.jsonl"), "--min-new-tokens", "9",
               "--max-new-tokens", "4"],
              ["eval", "--data", "x.jsonl", "--max-new-tokens", "0"],
-             ["pairs", "correctness", "--model", "m", "--input", "x.jsonl", "--output", "o", "--samples", "0"]]
+             ["pairs", "correctness", "--model", "m", "--input", "x.jsonl", "--output", "o", "--samples", "0"],
+             ["serve", "--port", "99999"], ["serve", "--max-batch", "0"]]
     code = ("import json, sys\n"
             "from internvl_mpo.cli import main\n"
             f"for args in {calls!r}:\n"
@@ -1383,7 +1384,8 @@ def test_flag_errors_are_refused_before_torch_loads(tmp_path):
     assert len(errors) == len(calls) and all(line.startswith("internvl-mpo ") for line in errors), out.stderr
     for needle, line in zip(["--temperature", "--top-p", "--max-num", "--regex", "--regex or --choice", "--grammar",
                              "--json-schema", "--image or --video", "does not exist", "--batch-size",
-                             "--min-new-tokens", "--max-new-tokens", "--samples"], errors):
+                             "--min-new-tokens", "--max-new-tokens", "--samples", "--port must be in 0..65535",
+                             "--max-batch must be >= 1"], errors):
         assert needle in line, line
 
 

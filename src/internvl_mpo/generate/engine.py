@@ -63,7 +63,7 @@ from .automaton import AutomatonConstraint
 from .greedy_head import GreedyScreen
 from .json_mode import JsonConstraint, JsonVocabulary
 from .json_schema import SchemaConstraint
-from .params import SamplingParams, whole_number
+from .params import MAX_TOP_LOGPROBS, SamplingParams, whole_number
 from .sampling import (
     apply_repetition_penalty, choose_tokens, exponential_noise, make_generator, race_among_top_k, with_temperature,
 )
@@ -75,7 +75,6 @@ COMPILE_OPTIONS = {"fullgraph": True, "dynamic": True}
 # model on) go without it.
 SCREEN_MIN_BYTES = 32 << 20
 SCREEN_MAX_BYTES = 2 << 30
-MAX_TOP_LOGPROBS = 20
 PROMPT_CHUNK_ELEMENTS = 1 << 24  # logits held at once for prompt log-probabilities (64 MiB in fp32)
 
 

@@ -22,6 +22,7 @@ from .regex import Regex, RegexError, choice_pattern, compile_regex
 # it and by the smallest temperature (1e-5) stay below 1e16, and a repeat is already all but certain.
 MIN_REPETITION_PENALTY = 1e-6
 MAX_LOGIT_BIAS = 100  # OpenAI's range for a bias, -100..100: -100 bans a token in practice, 100 forces it
+MAX_TOP_LOGPROBS = 20  # log-probabilities of the most likely tokens, per token (OpenAI's top_logprobs: 0..20)
 
 
 @dataclass(frozen=True)

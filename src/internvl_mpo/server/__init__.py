@@ -61,8 +61,9 @@ the model and its batch), `app` (the FastAPI routes and their response bodies) a
 checked, uvicorn and its HTTP protocol).
 """
 
-from .app import create_app
+# `app.create_app` (the FastAPI app over a loaded model) is not imported here: it loads torch and the web stack, which
+# `internvl-mpo serve --help` and its flag errors do without
 from .runner import serve
 from .settings import ServerSettings
 
-__all__ = ["ServerSettings", "create_app", "serve"]
+__all__ = ["ServerSettings", "serve"]

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 
 from ..chat.template import IMAGE_PLACEHOLDER
 from ..errors import InputError, SettingError
-from ..generate.engine import MAX_TOP_LOGPROBS
 from ..generate.grammar import compile_grammar
 from ..generate.json_schema import ANNOTATIONS, SchemaError, compile_schema
 from ..generate.regex import compile_regex
-from ..generate.params import SamplingParams, checked_choice
+from ..generate.params import MAX_TOP_LOGPROBS, SamplingParams, checked_choice
 from .settings import ServerSettings
 
 MAX_STOP_STRINGS = 64  # OpenAI takes 4, vLLM any number; lm-eval sends a task's stop strings and the EOS

@@ -12,11 +12,7 @@ import os
 import signal
 import socket
 
-from ..devices import default_device
 from ..errors import ConfigError, Interrupted
-from ..pipeline import InternVLChat
-from ..processor.image import let_pillow_open
-from .app import create_app
 from .requests import ApiError
 from .settings import ServerSettings
 
@@ -277,7 +273,6 @@ def serve(
       --max-concurrent-requests, so that every request in progress and /health can connect)
     """
     settings = ServerSettings(**locals())  # the parameters are exactly the settings' fields
-    _require_web_stack()
     if settings.allow_private_image_hosts and not settings.allow_remote_images:
         raise ConfigError("--allow-private-image-hosts only applies with --allow-remote-images")
     if settings.served_model_name is not None and not str(settings.served_model_name).strip():
@@ -320,6 +315,13 @@ def serve(
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use the model",
                     settings.host)
+    _require_web_stack()  # before the model loads
+    # torch, the model's code and the app load from here on: the flags above are refused in a fraction of a second
+    from ..devices import default_device
+    from ..pipeline import InternVLChat
+    from ..processor.image import let_pillow_open
+    from .app import create_app
+
     let_pillow_open(settings.max_image_pixels)
     chosen_device = default_device(settings.device)
     chat = InternVLChat.from_pretrained(settings.model, dtype=settings.dtype, device=chosen_device,
