@@ -284,15 +284,21 @@ def test_lora_resume_after_a_kill_mid_accumulation_and_after_the_last_step_is_ex
     trained = []
     resumed = train(dataclasses.replace(killed, resume=True), on_step=lambda step, _: trained.append(step))
     assert trained == [3, 4]  # a run from the start would give the same weights
+    finals = {"resumed": load_weights(resumed.final_dir)}  # read before the run below writes final/ again
     shutil.rmtree(tmp_path / "killed" / "final")
     after_the_last = train(dataclasses.replace(killed, resume=True),  # from checkpoint-000004: no step to train
                            on_step=lambda step, _: trained.append(step))
     assert trained == [3, 4]
+    finals["resumed after the last step"] = load_weights(after_the_last.final_dir)
 
     expected = load_weights(straight.final_dir)
-    for result in (resumed, after_the_last):
-        got = load_weights(result.final_dir)
-        assert all(torch.equal(expected[k], got[k]) for k in expected)
+    for label, got in finals.items():
+        # what differs, and each run's losses by step (the child's for steps 1-2), should this ever fail again: it
+        # failed twice in long full runs (once under pytest-xdist) and never alone
+        differ = {k: float((expected[k] - got[k]).abs().max()) for k in expected if not torch.equal(expected[k], got[k])}
+        assert not differ, (label, len(differ), sorted(differ.items(), key=lambda kv: -kv[1])[:5],
+                            [row["loss"] for row in metric_rows(tmp_path / "straight")],
+                            [row["loss"] for row in metric_rows(tmp_path / "killed")])
     assert metric_rows(tmp_path / "killed") == [{**r, "tokens_per_s": ANY, "step_time_s": ANY}
                                                 for r in metric_rows(tmp_path / "straight")]
     for name in ("optimizer.safetensors", "extra.safetensors", "rank0.safetensors"):
