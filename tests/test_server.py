@@ -2353,7 +2353,7 @@ def test_a_request_arriving_after_ctrl_c_stopped_the_worker_is_told_the_server_i
     which reads as a crash (it did before 2026-12-05)."""
     from fastapi.testclient import TestClient
 
-    from internvl_mpo.server.app import create_app
+    from internvl_mpo.server import create_app
 
     app = create_app(local_chat, ServerSettings(served_model_name="m", max_batch=1, max_len=256))
     with TestClient(app) as client:
@@ -2372,7 +2372,7 @@ def test_a_worker_that_is_not_running_makes_health_and_requests_503s(local_chat)
     never answer it."""
     from fastapi.testclient import TestClient
 
-    from internvl_mpo.server.app import create_app
+    from internvl_mpo.server import create_app
 
     app = create_app(local_chat, ServerSettings(served_model_name="m", max_batch=1, max_len=256))
     client = TestClient(app)  # not entered: the app's lifespan, which starts the worker, does not run
@@ -2690,7 +2690,7 @@ def app_server(local_chat, send_buffer: int | None = None, **settings):
     the SO_SNDBUF of its connections (else the kernel sizes it, up to megabytes)."""
     import uvicorn
 
-    from internvl_mpo.server.app import create_app
+    from internvl_mpo.server import create_app
     from internvl_mpo.server.runner import uvicorn_config
 
     listener = socket.socket()

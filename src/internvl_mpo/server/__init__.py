@@ -61,9 +61,17 @@ the model and its batch), `app` (the FastAPI routes and their response bodies) a
 checked, uvicorn and its HTTP protocol).
 """
 
-# `app.create_app` (the FastAPI app over a loaded model) is not imported here: it loads torch and the web stack, which
-# `internvl-mpo serve --help` and its flag errors do without
 from .runner import serve
 from .settings import ServerSettings
 
-__all__ = ["ServerSettings", "serve"]
+__all__ = ["ServerSettings", "create_app", "serve"]
+
+
+def __getattr__(name: str):
+    # The app (torch and the web stack) loads on first use, so `internvl-mpo serve --help` and the flag errors of
+    # `serve` come before torch is imported.
+    if name == "create_app":
+        from .app import create_app
+
+        return create_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
