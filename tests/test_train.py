@@ -295,7 +295,8 @@ def test_lora_resume_after_a_kill_mid_accumulation_and_after_the_last_step_is_ex
     for label, got in finals.items():
         # what differs, and each run's losses by step (the child's for steps 1-2), should this ever fail again: it
         # failed twice in long full runs (once under pytest-xdist) and never alone
-        differ = {k: float((expected[k] - got[k]).abs().max()) for k in expected if not torch.equal(expected[k], got[k])}
+        differ = {k: float((expected[k] - got[k]).abs().max())
+                  for k in expected if not torch.equal(expected[k], got[k])}
         assert not differ, (label, len(differ), sorted(differ.items(), key=lambda kv: -kv[1])[:5],
                             [row["loss"] for row in metric_rows(tmp_path / "straight")],
                             [row["loss"] for row in metric_rows(tmp_path / "killed")])
