@@ -39,15 +39,21 @@ def forms_of(model) -> dict:
 def test_a_form_slower_than_f_linear_is_turned_off_and_a_faster_one_kept(monkeypatch):
     weights = [(torch.randn(1024, 256), None) for _ in range(3)]
     monkeypatch.setattr(cpu_forms, "blocked_matvec", slow(cpu_forms.blocked_matvec))
-    monkeypatch.setattr(cpu_forms, "weight_first_matmul", instant)
+    monkeypatch.setattr(cpu_forms, "row_blocks_matmul", instant)
     assert cpu_forms.time_forms(weights) == (False, True)
     monkeypatch.setattr(cpu_forms, "blocked_matvec", instant)
-    monkeypatch.setattr(cpu_forms, "weight_first_matmul", slow(instant))
+    monkeypatch.setattr(cpu_forms, "row_blocks_matmul", slow(instant))
     assert cpu_forms.time_forms(weights) == (True, False)
 
 
+def test_a_shape_without_row_blocks_keeps_f_linear_for_more_rows(monkeypatch):
+    """257 rows (a prime) have no row block: F.linear serves 2-16 rows there, untimed against that form."""
+    monkeypatch.setattr(cpu_forms, "blocked_matvec", instant)
+    assert cpu_forms.time_forms([(torch.randn(257, 256), None)]) == (True, False)
+
+
 def test_one_thread_has_no_blocked_form(monkeypatch):
-    monkeypatch.setattr(cpu_forms, "weight_first_matmul", instant)
+    monkeypatch.setattr(cpu_forms, "row_blocks_matmul", instant)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -103,8 +109,8 @@ def test_forms_turned_off_give_f_linear_exactly():
         one, three = torch.randn(1, 256), torch.randn(3, 256)
         assert torch.equal(layer(one), torch.nn.functional.linear(one, layer.weight, layer.bias))
         assert_close(layer(three), torch.nn.functional.linear(three, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-        assert few_rows_matmul(three, layer.weight, 4, layer.bias, True, False) is None
-        assert few_rows_matmul(one, layer.weight, 4, layer.bias, False, True) is None
+        assert few_rows_matmul(three, layer.weight, layer.bias, True, False) is None
+        assert few_rows_matmul(one, layer.weight, layer.bias, False, True) is None
         layer.more_rows = False
         assert torch.equal(layer(three), torch.nn.functional.linear(three, layer.weight, layer.bias))
 

@@ -101,8 +101,8 @@ def test_left_padded_batch_of_three_equals_transformers(setup):
 @pytest.fixture(scope="module")
 def few_row_setup(tmp_path_factory):
     """A model whose decoder linears (256 x 4096) and head (8192 x 256) hold at least 1M weights, so
-    that one to a few rows take the few-row CPU forms (llm.py: a blocked bmm for one row, W @ x.T for
-    2-4 rows, the head up to 16); and transformers' model with the same weights."""
+    that one to a few rows take the few-row CPU forms (llm.py: a blocked bmm for one row, a bmm over
+    row blocks for 2-16 rows); and transformers' model with the same weights."""
     from internvl_mpo.model import InternVL
 
     base = tiny_config()

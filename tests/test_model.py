@@ -257,9 +257,9 @@ def test_tied_head_config_shares_the_embedding(tiny):
 
 
 def test_few_row_linear_matches_nn_linear():
-    """The decoder's Linear takes a blocked bmm for one row and W @ x.T for 2-4 rows against an fp32
-    CPU weight of 64K entries or more: the same values up to fp32 rounding there, and exactly
-    nn.Linear's everywhere else (more rows, smaller weights, bf16)."""
+    """The decoder's Linear takes a blocked bmm for one row and a bmm over row blocks for 2-16 rows against
+    an fp32 CPU weight of 64K entries or more: the same values up to fp32 rounding there, and exactly
+    nn.Linear's everywhere else (more rows, smaller weights, bf16, 2-16 rows where no row block divides)."""
     from internvl_mpo.llm import Linear
 
     torch.manual_seed(0)
@@ -268,11 +268,11 @@ def test_few_row_linear_matches_nn_linear():
         plain = torch.nn.Linear(1024, 1024, bias=bias)
         plain.load_state_dict(big.state_dict())
         with torch.no_grad():
-            for shape in [(1, 1024), (1, 1, 1024), (2, 1024), (4, 1, 1024), (1, 3, 1024)]:
+            for shape in [(1, 1024), (1, 1, 1024), (2, 1024), (4, 1, 1024), (1, 3, 1024), (2, 8, 1024)]:
                 x = torch.randn(shape)
                 assert big(x).shape == plain(x).shape
                 assert_close(big(x), plain(x), rtol=1e-5, atol=1e-5)
-            for shape in [(5, 1024), (2, 8, 1024)]:
+            for shape in [(17, 1024), (3, 6, 1024)]:
                 x = torch.randn(shape)
                 assert torch.equal(big(x), plain(x))
             for rows in (1, 3):
@@ -287,6 +287,22 @@ def test_few_row_linear_matches_nn_linear():
     for rows in (1, 3):
         x = torch.randn(rows, 64)
         assert torch.equal(small(x), torch.nn.functional.linear(x, small.weight, small.bias))
+    prime = Linear(256, 257)  # 257 rows: no row block
+    with torch.no_grad():
+        for rows in (2, 4, 16):
+            x = torch.randn(rows, 256)
+            assert torch.equal(prime(x), torch.nn.functional.linear(x, prime.weight, prime.bias))
+
+
+def test_row_blocks_are_the_largest_divisor_that_fits_half_a_megabyte():
+    from internvl_mpo.llm import row_block
+
+    assert row_block(4864, 896) == 128  # 448 KB; 152 rows (532 KB) would not fit
+    assert row_block(896, 4864) == 16  # 304 KB
+    assert row_block(151674, 64) == 1487  # 372 KB: 151674 = 2 * 3 * 17 * 1487
+    assert row_block(1024, 64) == 512  # at most half the rows: two blocks or more
+    assert row_block(257, 256) is None  # a prime: one-row blocks, under 64 KB
+    assert row_block(4099 * 2, 896) is None  # blocks of 2 rows (7 KB)
 
 
 def test_linear_decides_once_whether_its_weight_takes_the_few_row_forms(monkeypatch):

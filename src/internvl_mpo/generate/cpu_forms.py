@@ -1,12 +1,14 @@
 """Which few-row CPU forms of a matrix product pay on this CPU, timed once per weight shape.
 
-A decode step multiplies one to four rows by each large fp32 weight. `llm.few_rows_matmul` offers two
-forms beside F.linear's MKL kernel: a bmm over row blocks for one row (`blocked_matvec`) and W @ x.T
-for more (`weight_first_matmul`). Which is fastest depends on the CPU, not only on the shapes. On
-the 2-core AMD EPYC VM the forms were written on (2026-12-03) they streamed the small config's weights at
-about twice MKL's rate; on a 2-core Xeon with AMX (2026-12-06) the blocked form ran at half MKL's rate
-(0.89 against 1.66 ms for a 4864 x 896 weight read from memory) and W @ x.T gained 5-20% or lost, so the
-same code decoded the small config 30% slower with the forms than without.
+A decode step multiplies a few rows (its batch) by each large fp32 weight. `llm.few_rows_matmul` offers two
+forms beside F.linear's MKL kernel: a bmm over row blocks for one row (`blocked_matvec`) and a bmm of
+the rows against each block of the weight's rows for more (`row_blocks_matmul`). Which is fastest
+depends on the CPU, not only on the shapes. On the 2-core AMD EPYC VM the forms were written on
+(2026-12-03) the one-row form streamed the small config's weights at about twice MKL's rate; on a 2-core
+Xeon with AMX (2026-12-06) it ran at half MKL's rate (1.66 against 0.89 ms for a 4864 x 896 weight read
+from memory), while MKL's 4-row product ran at half its one-row rate and the row blocks near it (0.8-1.0
+against 1.2-1.4 ms for that weight). The form the row blocks replaced, W @ x.T, was the faster one for
+2-4 rows on the EPYC VM and no faster than MKL on the Xeon; the row blocks were not timed on the EPYC VM.
 
 So the engine times them, the first time it meets a weight shape in a process: each form against
 F.linear over the model's weights of that shape (up to BUDGET_BYTES of them, the way a decode step
@@ -22,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..llm import Linear, blocked_matvec, few_row_weight, thread_count, weight_first_matmul
+from ..llm import Linear, blocked_matvec, few_row_weight, row_blocks_matmul, thread_count
 
 BUDGET_BYTES = 256 << 20  # the weights of one shape streamed in a timed pass
 ROUNDS = 3
 MARGIN = 0.95  # a form must take under 95% of F.linear's time: near a tie, F.linear (transformers' kernel) stays
-MORE_ROWS = 4  # the rows the weight-first form is timed with (the engine's few-row batches: 2-4 rows)
+MORE_ROWS = 4  # the rows the row-block form is timed with (it serves 2 to FEW_ROWS_MAX rows)
 
 _choices: dict[tuple, tuple[bool, bool]] = {}  # (out, in, bias, threads) -> (one_row, more_rows)
 
@@ -40,14 +42,16 @@ def _pass_seconds(form, x: torch.Tensor, pairs: list) -> float:
 
 
 def time_forms(pairs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[bool, bool]:
-    """(one_row, more_rows): whether `blocked_matvec` (one row) and `weight_first_matmul` (MORE_ROWS
-    rows) beat F.linear over `pairs` of fp32 CPU weights of one shape and their biases."""
+    """(one_row, more_rows): whether `blocked_matvec` (one row) and `row_blocks_matmul` (MORE_ROWS
+    rows) beat F.linear over `pairs` of fp32 CPU weights of one shape and their biases (False where
+    a form does not apply to the shape)."""
     width = pairs[0][0].shape[1]
     one, more = torch.randn(1, width), torch.randn(MORE_ROWS, width)
-    forms = {"linear 1": (F.linear, one), "linear more": (F.linear, more),
-             "weight first": (weight_first_matmul, more)}
+    forms = {"linear 1": (F.linear, one), "linear more": (F.linear, more)}
     if blocked_matvec(one, pairs[0][0]) is not None:  # it applies (threads, row count)
         forms["blocked"] = (blocked_matvec, one)
+    if row_blocks_matmul(more, pairs[0][0]) is not None:  # it applies (a block size divides the rows)
+        forms["row blocks"] = (row_blocks_matmul, more)
     best = dict.fromkeys(forms, float("inf"))
     with torch.no_grad():
         _pass_seconds(F.linear, one, pairs)  # first touch: mapped weights fault their pages in here
@@ -55,7 +59,7 @@ def time_forms(pairs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[b
             for name, (form, x) in forms.items():
                 best[name] = min(best[name], _pass_seconds(form, x, pairs))
     return (best.get("blocked", float("inf")) < MARGIN * best["linear 1"],
-            best["weight first"] < MARGIN * best["linear more"])
+            best.get("row blocks", float("inf")) < MARGIN * best["linear more"])
 
 
 def choose(weight: torch.Tensor, bias: torch.Tensor | None, same_shape: list) -> tuple[bool, bool]:

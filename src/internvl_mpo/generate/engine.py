@@ -312,9 +312,9 @@ def _without_duck_sizing(compiled):
 
 
 def head_logits(head: torch.nn.Linear, hidden: torch.Tensor, forms: tuple[bool, bool]) -> torch.Tensor:
-    """fp32 logits (B, V) of a few rows of hidden states; 1-16 rows on the CPU go through
-    `few_rows_matmul` (the vocabulary-wide head gains up to 16 rows) with `forms` (one_row, more_rows)."""
-    logits = few_rows_matmul(hidden, head.weight, 16, None, *forms)
+    """fp32 logits (B, V) of a few rows of hidden states; a few rows on the CPU go through `few_rows_matmul`
+    with `forms` (one_row, more_rows)."""
+    logits = few_rows_matmul(hidden, head.weight, None, *forms)
     return (head(hidden) if logits is None else logits).float()
 
 
