@@ -79,9 +79,10 @@ def row_block(out_features: int, in_features: int) -> int | None:
 def row_blocks_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x @ weight.T (+ bias) for a few rows x against an fp32 CPU weight, as one bmm of x against each block of
     `row_block` weight rows; None where no block size applies (or the weight is not a contiguous fp32 one). For
-    4 to 12 rows, MKL's fp32 x @ W.T against a weight that is not in the caches runs at half the bandwidth of
-    one row (7-9 GB/s for the small config's 4864 x 896 weights on a 2-core Xeon, 2026-12-06), while this form
-    runs near it (17-21 GB/s); without a bias, the values came out equal to F.linear's, bit for bit, there."""
+    4 to 12 rows, MKL's fp32 x @ W.T against a weight that is not in the caches streams it at about half its
+    rate for one to three rows (the small config's 4864 x 896 weights on a 2-core Xeon, 2026-12-06: 13-15 GB/s
+    at 4 rows, 7-9 at 8-12, 23-29 at 1-3), while this form streams it at 17-22 GB/s; without a bias, the
+    values came out equal to F.linear's, bit for bit, there."""
     out_features, in_features = weight.shape
     if weight.dtype != torch.float32 or not weight.is_contiguous():
         return None
