@@ -142,7 +142,7 @@ def blocked_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 # v projections gain too); smaller ones stay with nn.Linear's kernels.
 FEW_ROWS_MIN_ENTRIES = 1 << 16
 # Most rows that take the few-row forms: on the 2-core Xeon the row blocks beat MKL from 4 to 12 rows
-# (1.3-1.9x for the small config's shapes) and tie at 16.
+# (1.2-1.9x for the small config's shapes) and tie at 16.
 FEW_ROWS_MAX = 16
 
 
