@@ -524,9 +524,13 @@ def silent_hub():
             except OSError:
                 return
 
-    threading.Thread(target=accept, daemon=True).start()
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
     yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.shutdown(socket.SHUT_RDWR)  # wakes the accept() above (close() alone does not, on Linux)
     server.close()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
     for conn in held:
         conn.close()
 
