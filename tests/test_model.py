@@ -303,6 +303,14 @@ def test_row_blocks_are_the_largest_divisor_that_fits_half_a_megabyte():
     assert row_block(1024, 64) == 512  # at most half the rows: two blocks or more
     assert row_block(257, 256) is None  # a prime: one-row blocks, under 64 KB
     assert row_block(4099 * 2, 896) is None  # blocks of 2 rows (7 KB)
+    assert row_block(151674, 896) == 102  # 357 KB
+    assert row_block(1, 64) is None and row_block(4, 1 << 18) is None  # one row; rows over 512 KB
+    for out_features in [*range(2, 3000), 151674, 151655, 92553, 32000]:  # against the plain search
+        for in_features in (64, 160, 896):
+            most = min(out_features // 2, (512 << 10) // (4 * in_features))
+            rows = max(r for r in range(1, most + 1) if out_features % r == 0) if most else 0
+            expected = rows if rows * 4 * in_features >= 64 << 10 else None
+            assert row_block(out_features, in_features) == expected, (out_features, in_features)
 
 
 def test_linear_decides_once_whether_its_weight_takes_the_few_row_forms(monkeypatch):
