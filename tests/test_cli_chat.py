@@ -1357,9 +1357,9 @@ def test_the_command_line_starts_without_torch_and_ctrl_c_while_importing_is_qui
 
 
 def test_flag_errors_are_refused_before_torch_loads(tmp_path):
-    """Sampling, constraint, count and output-path flags of chat and generate, eval's counts, pairs' settings and
-    serve's limits are checked before torch and the model's code import (about 1.5 s of a process's start): a
-    mistyped flag is refused at once, in one line."""
+    """Sampling, constraint, count and output-path flags of chat and generate, generate's requests file, eval's
+    counts, pairs' settings, serve's limits, train's flags and plot's metrics file are checked before torch and the
+    model's code import (about 1.5 s of a process's start): a mistyped flag is refused at once, in one line."""
     (tmp_path / "bad.gbnf").write_text("root ::= (\n")
     (tmp_path / "bad.json").write_text("{")
     calls = [["chat", "--temperature", "-1", "hi"], ["chat", "--top-p", "0", "hi"], ["chat", "--max-num", "0", "hi"],
@@ -1373,7 +1373,12 @@ def test_flag_errors_are_refused_before_torch_loads(tmp_path):
               "--max-new-tokens", "4"],
              ["eval", "--data", "x.jsonl", "--max-new-tokens", "0"],
              ["pairs", "correctness", "--model", "m", "--input", "x.jsonl", "--output", "o", "--samples", "0"],
-             ["serve", "--port", "99999"], ["serve", "--max-batch", "0"]]
+             ["serve", "--port", "99999"], ["serve", "--max-batch", "0"],
+             ["generate", "--input", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "a.jsonl")],
+             ["train", "mpo", "--model", "m", "--data", "meta.json", "--output", "o", "--lr", "-1"],
+             ["train", "sft", "--data", "a.jsonl", "--output", "o"],
+             ["train", "sft", "--model", "m", "--data", "a.jsonl", "--output", "o", "--quality-weight", "0.2"],
+             ["plot", str(tmp_path)]]
     code = ("import json, sys\n"
             "from internvl_mpo.cli import main\n"
             f"for args in {calls!r}:\n"
@@ -1385,7 +1390,9 @@ def test_flag_errors_are_refused_before_torch_loads(tmp_path):
     for needle, line in zip(["--temperature", "--top-p", "--max-num", "--regex", "--regex or --choice", "--grammar",
                              "--json-schema", "--image or --video", "does not exist", "--batch-size",
                              "--min-new-tokens", "--max-new-tokens", "--samples", "--port must be in 0..65535",
-                             "--max-batch must be >= 1"], errors):
+                             "--max-batch must be >= 1", "missing.jsonl: requests file not found", "--lr must be >= 0",
+                             "--model (a checkpoint folder", "--quality-weight must be 0 in sft",
+                             "metrics.jsonl: no metrics file"], errors):
         assert needle in line, line
 
 

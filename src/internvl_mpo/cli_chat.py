@@ -375,6 +375,7 @@ def generate(
     """
     from .cli import flagged
     from .generate.params import sampling_params
+    from .jsonl import check_input_file
     from .run_folder import no_folder
 
     _at_least_one(batch_size=batch_size, max_num=max_num)
@@ -388,6 +389,7 @@ def generate(
     schema, grammar_text = _read_schema(json_schema), _read_grammar(grammar)
     base = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, 1.0, min_new_tokens,
                                          json_mode, schema, regex, choice, grammar_text))
+    check_input_file(input, "requests file")
     # torch loads from here on (with the image code): the flags above are refused in a fraction of a second
     from tqdm import tqdm
 

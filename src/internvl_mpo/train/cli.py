@@ -115,16 +115,18 @@ def train(
     progress: show a progress bar
     """
     settings = dict(locals())
+    from internvl_mpo.train.settings import TrainConfig, count, env_int
+
+    config = TrainConfig(**settings)
+    config.validate()  # the flags are checked before torch loads with what follows (about 2 s)
     from internvl_mpo.convert import remote_code_note
     from internvl_mpo.processor.image import let_pillow_open
-    from internvl_mpo.train.distributed import env_int, print0
     from internvl_mpo.train.checkpointing import latest_checkpoint
+    from internvl_mpo.train.distributed import print0
     from internvl_mpo.train.mpo import train as run
-    from internvl_mpo.train.settings import TrainConfig, count
     from internvl_mpo.train.stopping import EXIT_CODE, Stopped
 
     let_pillow_open(max_pixels)
-    config = TrainConfig(**settings)
     if fsdp and env_int("WORLD_SIZE", 1) < 2:
         print0("note: --fsdp shards only when several processes run (torchrun); this single process trains unsharded")
     try:
@@ -190,8 +192,6 @@ def plot(run_dir: str, output: str | None = None) -> int:
     run_dir: run folder holding metrics.jsonl (or the metrics.jsonl file itself)
     output: PNG path (default: <run_dir>/curves.png; .png is appended to a name without a suffix)
     """
-    from internvl_mpo.processor.preview import png_output
-
     path = Path(run_dir)
     metrics = path if path.is_file() else path / "metrics.jsonl"
     if not metrics.is_file():
@@ -199,6 +199,8 @@ def plot(run_dir: str, output: str | None = None) -> int:
     rows = read_metrics(metrics)
     if not rows:
         raise InputError(f"{metrics}: no metrics recorded yet")
+    from internvl_mpo.processor.preview import png_output  # with torch (the processor package): after the checks
+
     target = png_output(output if output else metrics.parent / "curves.png")
     try:
         import matplotlib

@@ -76,9 +76,9 @@ from internvl_mpo.processor.image import image_to_pixel_values, load_image, open
 from internvl_mpo.processor.tiling import dynamic_preprocess
 from internvl_mpo.processor.video import load_video
 from internvl_mpo.train.mmpr import PreferenceRecord, SFTRecord
+from internvl_mpo.train.settings import REJECTED_SPANS
 
 VIDEO_PLACEHOLDER = "<video>"
-REJECTED_SPANS = ("full", "divergent-line")
 SFT_ROLE_NAMES = {"human": "user", "gpt": "assistant", "system": "system"}
 JPEG_QUALITIES = tuple(range(75, 101))  # the official `qualities`, each equally likely
 

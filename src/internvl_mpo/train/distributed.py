@@ -36,6 +36,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from internvl_mpo.devices import device_name
 from internvl_mpo.errors import ConfigError, InternVLError, TrainingError
+from internvl_mpo.train.settings import env_int
 
 # How long a collective waits for the other ranks: rank 0 writes each checkpoint while the others
 # wait at a barrier, and a large model's save can outlast torch's NCCL default of 10 minutes (the
@@ -57,16 +58,6 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={value!r} is not a whole number") from None
 
 
 def init_distributed(device: str | None = None) -> DistEnv:

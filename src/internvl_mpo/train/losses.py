@@ -40,11 +40,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from internvl_mpo.train.settings import MPOWeights
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 512
@@ -314,17 +315,6 @@ def sft_nll(logps_sum_chosen: Tensor, n_tokens_chosen: Tensor) -> Tensor:
     Equals `CrossEntropyLoss(ignore_index=-100)` over the chosen half, as TRL's `nll_loss`.
     """
     return -logps_sum_chosen.sum() / n_tokens_chosen.sum().clamp(min=1)
-
-
-@dataclass(frozen=True)
-class MPOWeights:
-    """Weights of the MPO sum. Defaults are the InternVL2.5-MPO recipe (section 9.5)."""
-
-    beta: float = 0.1
-    pref_weight: float = 0.8  # sigmoid DPO, reference `sigmoid_loss_weight`
-    quality_weight: float = 0.2  # BCO-pair, reference `bco_pair_loss_weight`
-    gen_weight: float = 1.0  # SFT NLL, reference `rpo_alpha`
-    label_smoothing: float = 0.0
 
 
 def mpo_loss(

@@ -88,7 +88,7 @@ from internvl_mpo.train.distributed import (
     wrap_ddp,
 )
 from internvl_mpo.train.lora import apply_lora, lora_state, lora_target_names
-from internvl_mpo.train.losses import MPOWeights, RunningMean, mpo_loss, sft_nll
+from internvl_mpo.train.losses import RunningMean, mpo_loss, sft_nll
 from internvl_mpo.train.mmpr import SkipReport
 from internvl_mpo.train.policy import (
     SequenceLogps,
@@ -114,7 +114,7 @@ from internvl_mpo.train.resume import (
     rewrite_metrics,
     save_checkpoint,
 )
-from internvl_mpo.train.settings import TrainConfig, count, loss_weights, max_seq_length
+from internvl_mpo.train.settings import MPOWeights, TrainConfig, count, loss_weights, max_seq_length
 from internvl_mpo.train.stopping import Stopped, sigterm_stops, stop_if_requested, stop_requested
 from internvl_mpo.train.stream import SampleStream, build_dataset
 

@@ -4,15 +4,15 @@ what a run derives from them: the loss weights (`loss_weights`) and the sequence
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from internvl_mpo.config import ModelConfig
 from internvl_mpo.errors import ConfigError
-from internvl_mpo.train.data import REJECTED_SPANS
-from internvl_mpo.train.distributed import env_int
-from internvl_mpo.train.losses import MPOWeights
 
+# Without torch: `internvl-mpo train` checks its flags before it imports torch (about 2 s).
 MODES = ("mpo", "dpo", "sft")
+REJECTED_SPANS = ("full", "divergent-line")
 # (pref_weight, quality_weight, gen_weight) when the flag is not given.
 LOSS_WEIGHT_KEYS = ("pref_weight", "quality_weight", "gen_weight")
 MODE_WEIGHTS = {"mpo": (0.8, 0.2, 1.0), "dpo": (1.0, 0.0, 0.0), "sft": (0.0, 0.0, 1.0)}
@@ -50,6 +50,27 @@ def count(n: int, noun: str) -> str:
     """'1 step', '2 steps'."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not a whole number") from None
+
+
+@dataclass(frozen=True)
+class MPOWeights:
+    """Weights of the MPO sum. Defaults are the InternVL2.5-MPO recipe (section 9.5)."""
+
+    beta: float = 0.1
+    pref_weight: float = 0.8  # sigmoid DPO, reference `sigmoid_loss_weight`
+    quality_weight: float = 0.2  # BCO-pair, reference `bco_pair_loss_weight`
+    gen_weight: float = 1.0  # SFT NLL, reference `rpo_alpha`
+    label_smoothing: float = 0.0
 
 @dataclass(frozen=True)
 class TrainConfig:
