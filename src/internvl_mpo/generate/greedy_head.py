@@ -189,7 +189,7 @@ class GreedyScreen:
         linear = onednn_int8_linear if torch.compiler.is_compiling() else int8_linear
         levels = linear(torch.cat([high, low]).to(torch.int8), self.q, self.scale, self.zeros)  # (2B, V')
         b = h.shape[0]
-        return torch.add(levels[:b], levels[b:], alpha=1 / 128), per_scale, unit
+        return levels[:b].add_(levels[b:], alpha=1 / 128), per_scale, unit  # in place: no new (B, V') buffer
 
     def unit(self, h: torch.Tensor) -> torch.Tensor:
         """u (B, 1) of `approximate` for h (B, C) fp32: a power of two >= max |h| / 127 (1 for int8pack)."""
