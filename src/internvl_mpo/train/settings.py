@@ -51,7 +51,6 @@ def count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-
 def env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
