@@ -1985,7 +1985,7 @@ def test_max_pixels_refuses_larger_images_naming_the_flag(tmp_path, chat_folder,
     err = capsys.readouterr().err
     assert re.search(rf"error: {re.escape(str(tmp_path / 'data' / 'toy.jsonl'))}:\d: .*\.png: \d+x\d+ = \d+ pixels exceeds "
                      r"the limit of 1000 \(possible decompression bomb; a larger --max-pixels allows it\)", err), err
-    with pytest.raises(ConfigError, match="--max-pixels must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match="--max-pixels must be a whole number of pixels >= 1, got 0"):
         TrainConfig(mode="mpo", model="m", data="meta.json", output="o", max_pixels=0).validate()
 
 

@@ -34,8 +34,7 @@ FLOAT_RANGES = {
     "lora_alpha": (lambda v: v > 0, "> 0"),
 }
 # The whole-number settings that must be >= 1 (the optional ones only when given), and those >= 0.
-POSITIVE_INTS = ("batch_size", "grad_accum", "epochs", "video_frames", "max_seq_length", "max_dynamic_patch",
-                 "max_pixels")
+POSITIVE_INTS = ("batch_size", "grad_accum", "epochs", "video_frames", "max_seq_length", "max_dynamic_patch")
 COUNTS = ("max_steps", "save_every", "save_total_limit", "lora_rank", "num_workers")
 # --max-seq-length when not given (the official MPO recipe's), capped by the model's context.
 DEFAULT_MAX_SEQ_LENGTH = 8192
@@ -154,6 +153,8 @@ class TrainConfig:
                 value = getattr(self, name)
                 if value is not None and value < lowest:
                     raise ConfigError(f"{flag(name)} must be >= {lowest}, got {value}")
+        if self.max_pixels is not None and self.max_pixels < 1:  # worded as every command's --max-pixels
+            raise ConfigError(f"--max-pixels must be a whole number of pixels >= 1, got {self.max_pixels}")
         for name, (valid, expected) in FLOAT_RANGES.items():
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and valid(value)):
