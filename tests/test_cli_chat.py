@@ -1328,6 +1328,21 @@ def test_command_list_reads_the_docstrings_without_importing_the_commands():
         assert f"  {name:10s} {summary}" in out.stdout
 
 
+def test_every_command_answers_help_without_importing_torch():
+    """A command's module is imported to build its flags; none of them imports torch (about 1.5 s), so
+    `internvl-mpo COMMAND --help` answers at once (`convert` took 1.8 s while its command lived in convert.py)."""
+    from internvl_mpo.cli import COMMANDS
+
+    code = ("import contextlib, io, sys\n"
+            "from internvl_mpo.cli import main\n"
+            "for name in sys.argv[1:]:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+            "        main([name, '--help'])\n"
+            "    print(name, 'usage: internvl-mpo ' + name in out.getvalue(), 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code, *COMMANDS], capture_output=True, text=True, timeout=120)
+    assert out.stdout.splitlines() == [f"{name} True False" for name in COMMANDS], out.stderr
+
+
 def test_an_eager_chat_never_imports_dynamo_or_sympy():
     """Importing torch._dynamo costs a process about a second and 70 MB, sympy (torch's symbolic shapes)
     0.6 s; an eager chat has no use for either. Dynamo came in through torch.compiler's marker on

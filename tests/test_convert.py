@@ -20,9 +20,10 @@ from safetensors import safe_open
 from internvl_mpo.chat.template import build_prompt_ids, render_prompt
 from internvl_mpo.chat.tokenizer import load_tokenizer
 from internvl_mpo.checkpoint import SAVE_LOCK, open_weights
+from internvl_mpo.cli_convert import convert_command
 from internvl_mpo.config import FAMILY_SIZES, ModelConfig, family_config
 from internvl_mpo.convert import (
-    HEAD, config_from_hf, convert, convert_command, hf_config_dict, hf_disk_name, key_maps,
+    HEAD, config_from_hf, convert, hf_config_dict, hf_disk_name, key_maps,
     remote_code_note, split_fused,
 )
 from internvl_mpo.errors import CheckpointError, ConfigError, InputError

@@ -30,7 +30,7 @@ COMMANDS = {
     "pairs": "pairs:pairs",
     "eval": "evaluate:eval_",
     "serve": "server.runner:serve",
-    "convert": "convert:convert_command",
+    "convert": "cli_convert:convert_command",
     "train": "train.cli:train",
     "plot": "train.cli:plot",
     "demo-data": "demo.synth:make_demo_data",

@@ -802,18 +802,3 @@ def _download(folder: Path, config: ModelConfig, pattern: str) -> str:
         return command
     kin = [s for s in FAMILY_SIZES if family_config(s).llm.architectures[0] == config.llm.architectures[0]]
     return f"{command}\n  (SIZE: the release this model comes from, one of {', '.join(kin)})"
-
-
-def convert_command(src: str, dst: str, *, to: str) -> int:
-    """Convert a checkpoint between the official InternVL layout and transformers' InternVL layout.
-
-    src: checkpoint folder to read, or a hub id (downloaded to the hub cache)
-    dst: new folder to write
-    to: "hf" (official -> transformers' InternVLForConditionalGeneration) or "official" (the reverse)
-    """
-    out = convert(src, dst, to)
-    print(f"wrote {out} ({'transformers' if to == 'hf' else 'official'} layout)")
-    for note in (remote_code_note(out), tokenizer_note(out) if to == "official" else None):
-        if note:
-            print(note)
-    return 0
