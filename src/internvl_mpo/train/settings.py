@@ -70,6 +70,7 @@ class MPOWeights:
     gen_weight: float = 1.0  # SFT NLL, reference `rpo_alpha`
     label_smoothing: float = 0.0
 
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every setting of a run; the fields are the `internvl-mpo train` flags one to one, and errors name a
