@@ -1,5 +1,6 @@
 """A training run's settings: `TrainConfig` (the `internvl-mpo train` flags one to one) and its checks, and
-what a run derives from them: the loss weights (`loss_weights`) and the sequence length (`max_seq_length`)."""
+what a run derives from them: the loss weights (`MPOWeights` from `loss_weights`) and the sequence length
+(`max_seq_length`). It imports no torch: `internvl-mpo train` checks its flags before torch loads (about 2 s)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 from internvl_mpo.config import ModelConfig
 from internvl_mpo.errors import ConfigError
 
-# Without torch: `internvl-mpo train` checks its flags before it imports torch (about 2 s).
 MODES = ("mpo", "dpo", "sft")
 REJECTED_SPANS = ("full", "divergent-line")
 # (pref_weight, quality_weight, gen_weight) when the flag is not given.
