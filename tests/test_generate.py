@@ -1305,6 +1305,34 @@ def test_preprocessed_tiles_as_one_tensor_or_one_per_image(setup):
             chat.batch_chat(["First", "Second"], torch.cat([a, b]), num_patches_list=[2, 1], **setting, **kw)
 
 
+def test_numpy_settings_per_image_max_num_with_a_budget_and_eager_stream_checks(setup):
+    """Four inputs that failed deep inside: NumPy floats for temperature, top_p and repetition_penalty passed the
+    settings' check and then could not be written into the engine's tensors (TypeError); one pixel_values tensor
+    with num_patches_list [] met min() of an empty list (ValueError); a per-image max_num list beside
+    total_max_num failed building the error hint whenever an image took more than one tile, even for a prompt
+    that fits (TypeError); stream_chat checked stop and bias ids only at its first piece."""
+    np = numpy
+    chat, _ = setup
+    size = chat.config.image_size
+    kw = dict(max_new_tokens=6, seed=3)
+    for name, value in (("temperature", 0.7), ("top_p", 0.9), ("repetition_penalty", 1.1)):
+        assert chat.chat("Hi", **{name: np.float32(value)}, **kw) == chat.chat("Hi", **{name: float(np.float32(value))},
+                                                                                **kw)
+        assert isinstance(getattr(SamplingParams(**{name: np.float64(value)}), name), float)
+    assert chat.batch_chat(["Hi"], temperature=np.float64(0.7), **kw) == [chat.chat("Hi", temperature=0.7, **kw)]
+    with pytest.raises(InputError, match=r"^num_patches_list \[\] splits the 2 tiles given into no image"):
+        chat.chat("Hi", pixel_values=torch.randn(2, 3, size, size), num_patches_list=[], **kw)
+    wide = Image.new("RGB", (2 * size, size))  # 2 tiles and the thumbnail at max_num 2
+    listed = chat.prepare("Compare", [wide, wide], max_num=[2, 2], total_max_num=4)
+    assert listed.num_patches_list == [3, 3] == chat.prepare("Compare", [wide, wide], max_num=2).num_patches_list
+    stream = None
+    with pytest.raises(InputError, match="stop_token_ids must be in"):
+        stream = chat.stream_chat("Hi", stop_token_ids=[10**9], **kw)
+    with pytest.raises(InputError, match="logit_bias token ids must be in"):
+        stream = chat.stream_chat("Hi", logit_bias={10**9: 1.0}, **kw)
+    assert stream is None
+
+
 def test_images_take_the_tiles_of_the_configs_dynamic_image_size_unless_max_num_is_given(checkpoint, tmp_path):
     """A config.json with dynamic_image_size false (what a config without the key means to the official
     InternVLChatConfig) gives each image one tile, resized whole, as vLLM and the official demo tile it;

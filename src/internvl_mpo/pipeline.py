@@ -79,15 +79,16 @@ def _as_list(images) -> list:
     return [images]
 
 
-def _fewer_tiles(planned: list[int], max_num: int, total_max_num: int | None) -> tuple[str, ...]:
+def _fewer_tiles(planned: list[int], max_num: int | Sequence[int], total_max_num: int | None) -> tuple[str, ...]:
     """The hint of a prompt whose images of `planned` tiles do not fit, as SettingError parts: the settings
-    that give fewer tiles (total_max_num where the call gave one that caps them below max_num), or fewer
-    images where each has 1 tile."""
+    that give fewer tiles (total_max_num where the call gave one that caps them below max_num, or below one
+    image's where it is a list), or fewer images where each has 1 tile."""
     shown = str(planned) if len(planned) <= 10 else "[" + ", ".join(map(str, planned[:10])) + ", ...]"
     said = f"; the images take {sum(planned)} tile{'s' * (sum(planned) > 1)} ({shown} by image"
     if max(planned) == 1:
         return (f"{said}; 1 tile each, the fewest an image takes: fewer images fit)",)
-    if total_max_num is None or max(1, total_max_num // len(planned)) >= max_num:
+    largest = max(max_num) if isinstance(max_num, Sequence) else max_num  # checked: whole numbers, one per image
+    if total_max_num is None or max(1, total_max_num // len(planned)) >= largest:
         return (f"{said}; a smaller ", "max_num", " gives fewer)")
     return (f"{said}; a smaller ", "max_num", " or ", "total_max_num", " gives fewer)")
 
@@ -247,6 +248,9 @@ class InternVLChat:
                     raise InputError(f"num_patches_list {list(num_patches_list)} does not match the tiles of the "
                                      f"{len(items)} tensors given {counts}")
                 counts = [int(n) for n in num_patches_list]
+            if not counts:
+                raise InputError(f"num_patches_list [] splits the {pixels.shape[0]} tiles given into no image; leave "
+                                 "pixel_values out for a question without an image")
             if min(counts) < 1:
                 raise InputError(f"num_patches_list {counts}: an image takes 1 tile at least (a 0 asks a question "
                                  "without an image only in batch_chat)")
@@ -363,8 +367,8 @@ class InternVLChat:
 
     def stream_prepared(self, prepared: Prepared, params: SamplingParams) -> Iterator[str]:
         """Text pieces of the answer to an already prepared prompt; joined, the stripped answer."""
-        gen = self.engine.generate([Request(prepared.prompt_ids, params, prepared.pixel_values)])
-        yield from _stream_text(gen, 0, self._texts(params))
+        gen = self.engine.generate([Request(prepared.prompt_ids, params, prepared.pixel_values)])  # checks it here
+        return _stream_text(gen, 0, self._texts(params))
 
     def chat(self, question: str, images=None, video=None, history=None, return_history: bool = False, *,
              pixel_values=None, verbose: bool = False, **kwargs):

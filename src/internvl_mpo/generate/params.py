@@ -115,6 +115,8 @@ class SamplingParams:
         if self.repetition_penalty < MIN_REPETITION_PENALTY:
             raise SettingError("", "repetition_penalty", f" must be at least {MIN_REPETITION_PENALTY:g} (smaller ones "
                                f"overflow the fp32 logits they divide), got {self.repetition_penalty}")
+        for name in ("temperature", "top_p", "repetition_penalty"):  # numpy.float32: torch refuses it in a tensor
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     @property
     def greedy(self) -> bool:
