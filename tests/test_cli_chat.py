@@ -75,6 +75,18 @@ def test_chat_errors_are_one_clear_line(folder):
     assert out.returncode == 1 and "no such checkpoint folder" in out.stderr
 
 
+def earlier_run(folder: Path, answers: Path, text: str | bytes, max_new_tokens: int) -> None:
+    """`answers` as an earlier generate run of `folder` with `max_new_tokens` left it, holding `text`: the settings
+    file beside it written by a real run (of a question of its own, whose answer `text` replaces)."""
+    from internvl_mpo import cli_chat
+
+    scratch = answers.with_name("earlier_requests.jsonl")
+    scratch.write_text(json.dumps({"question": "Earlier?"}) + "\n")
+    assert cli_chat.generate(input=str(scratch), output=str(answers), model=str(folder),
+                             max_new_tokens=max_new_tokens) == 0
+    answers.write_bytes(text if isinstance(text, bytes) else text.encode())
+
+
 def test_generate_batch_file_and_resume(folder, tmp_path):
     requests = tmp_path / "requests.jsonl"
     images = {"a": "red.png", "c": "blue.png"}
@@ -85,7 +97,8 @@ def test_generate_batch_file_and_resume(folder, tmp_path):
     requests.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     answers = tmp_path / "answers.jsonl"
     # An interrupted earlier run: "b" done, plus a half-written line.
-    answers.write_text(json.dumps({"id": "b", "question": "Hello", "answer": "kept"}) + "\n{\"id\": \"c\", \"ans")
+    earlier_run(folder, answers, json.dumps({"id": "b", "question": "Hello", "answer": "kept"}) + "\n{\"id\": \"c\", \"ans",
+                8)
     out = cli("generate", "--input", requests, "--output", answers, "--model", folder, "--max-new-tokens", "8",
               "--batch-size", "2")
     assert out.returncode == 0, out.stderr
@@ -101,8 +114,8 @@ def test_generate_answers_again_a_request_whose_question_changed_since_the_last_
     line into a file without ids, which shifts the default ids) the old answer stayed, under the new question."""
     requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
     requests.write_text(json.dumps({"id": "a", "question": "Hello"}) + "\n" + json.dumps({"id": "b", "question": "Hi"}))
-    answers.write_text(json.dumps({"id": "a", "question": "Helo", "answer": "stale"}) + "\n"
-                       + json.dumps({"id": "b", "question": "Hi", "answer": "kept"}) + "\n")
+    earlier_run(folder, answers, json.dumps({"id": "a", "question": "Helo", "answer": "stale"}) + "\n"
+                + json.dumps({"id": "b", "question": "Hi", "answer": "kept"}) + "\n", 6)
     out = cli("generate", "--input", requests, "--output", answers, "--model", folder, "--max-new-tokens", "6")
     assert out.returncode == 0, out.stderr
     rows = [json.loads(x) for x in answers.read_text().splitlines()]
@@ -121,11 +134,11 @@ def test_generate_answers_again_a_request_whose_image_or_video_changed_since_the
              {"id": "b", "question": "Colour?", "image": ["red.png", "blue.png"]},
              {"id": "c", "question": "Colour?", "image": "red.png"}]
     requests.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    answers.write_text("\n".join(json.dumps(x) for x in [
+    earlier_run(folder, answers, "\n".join(json.dumps(x) for x in [
         {"id": "a", "question": "Colour?", "image": "red.png", "answer": "stale"},  # the image was changed
         {"id": "b", "question": "Colour?", "image": ["red.png", "blue.png"], "answer": "kept"},
         {"id": "c", "question": "Colour?", "answer": "stale"},  # an image was added to the request
-    ]) + "\n")
+    ]) + "\n", 6)
     out = cli("generate", "--input", requests, "--output", answers, "--model", folder, "--max-new-tokens", "6")
     assert out.returncode == 0, out.stderr
     rows = [json.loads(x) for x in answers.read_text().splitlines()]
@@ -188,7 +201,7 @@ def test_generate_resumes_only_with_the_model_and_settings_that_wrote_the_answer
     answered and kept the first run's answers, silently. answers.jsonl.settings.json now keeps them; the
     model folder counts by its resolved path (./m and /abs/m are the same)."""
     from internvl_mpo import cli_chat
-    from internvl_mpo.errors import ConfigError
+    from internvl_mpo.errors import ConfigError, InputError
 
     requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
     requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")
@@ -205,12 +218,13 @@ def test_generate_resumes_only_with_the_model_and_settings_that_wrote_the_answer
     (tmp_path / "answers.jsonl.settings.json").write_text("[4]")
     with pytest.raises(ConfigError, match=r"answers.jsonl.settings.json: not the settings of a generate run"):
         cli_chat.generate(**run, model=str(folder), max_new_tokens=4)
-    # answers written before the settings were kept resume under any settings, which are then recorded
+    # answers without the settings file are not a run's (a file of questions and reference answers, given by
+    # mistake): they resumed under any settings, taken for the model's answers
     (tmp_path / "answers.jsonl.settings.json").unlink()
-    answers.write_text(json.dumps({**json.loads(answers.read_text()), "answer": "kept"}) + "\n")
-    assert cli_chat.generate(**run, model=str(folder), max_new_tokens=5) == 0
-    assert json.loads(answers.read_text())["answer"] == "kept"
-    assert json.loads((tmp_path / "answers.jsonl.settings.json").read_text())["max_new_tokens"] == 5
+    text = answers.read_text()
+    with pytest.raises(InputError, match=r"answers.jsonl holds answer lines but no answers.jsonl.settings.json beside"):
+        cli_chat.generate(**run, model=str(folder), max_new_tokens=5)
+    assert answers.read_text() == text and not (tmp_path / "answers.jsonl.settings.json").exists()
     answers.unlink()  # a new run records its own settings
     assert cli_chat.generate(**run, model=str(folder), max_new_tokens=3) == 0
     assert json.loads((tmp_path / "answers.jsonl.settings.json").read_text())["max_new_tokens"] == 3
@@ -503,7 +517,7 @@ def test_generate_splits_lines_at_newlines_only_and_resumes_after_a_cut_characte
     requests.write_bytes(b"".join(json.dumps(x, ensure_ascii=False).encode() + b"\r\n" for x in lines))
     answers = tmp_path / "answers.jsonl"
     kept = json.dumps({"id": "kept", "question": "One\u2028two", "answer": "a\u2028b"}, ensure_ascii=False)
-    answers.write_bytes(kept.encode() + b"\n" + '{"id": "cut", "answer": "От'.encode()[:-1])
+    earlier_run(folder, answers, kept.encode() + b"\n" + '{"id": "cut", "answer": "От'.encode()[:-1], 8)
     out = cli("generate", "--input", requests, "--output", answers, "--model", folder, "--max-new-tokens", "8")
     assert out.returncode == 0, out.stderr
     rows = [json.loads(x) for x in answers.read_bytes().decode().split("\n")[:-1]]
@@ -665,38 +679,75 @@ def test_generate_checks_its_arguments_before_loading_the_model(folder, tmp_path
     assert f"{requests}:2: 'id' must be a string or an integer, got [1]" in out.stderr
 
 
-def test_generate_with_every_request_answered_does_not_load_the_model(folder, tmp_path):
+def test_generate_with_every_request_answered_does_not_load_the_model(folder, tmp_path, monkeypatch):
     from internvl_mpo import cli_chat
 
     requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
     requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")
-    answers.write_text(json.dumps({"id": "a", "question": "Hi", "answer": "Hello"}) + "\n")
-    missing_model = str(folder / "nope")  # loading it would fail
-    assert cli_chat.generate(input=str(requests), output=str(answers), model=missing_model) == 0
+    earlier_run(folder, answers, json.dumps({"id": "a", "question": "Hi", "answer": "Hello"}) + "\n", 8)
+    monkeypatch.setattr(InternVLChat, "from_pretrained", None)  # loading the model would fail
+    assert cli_chat.generate(input=str(requests), output=str(answers), model=str(folder), max_new_tokens=8) == 0
     assert answers.read_text() == json.dumps({"id": "a", "question": "Hi", "answer": "Hello"}) + "\n"
 
 
-def test_generate_refuses_an_output_that_is_not_an_answers_file_and_leaves_it_as_it_was(folder, tmp_path):
+def test_generate_refuses_an_output_that_is_not_an_answers_file_and_leaves_it_as_it_was(folder, tmp_path,
+                                                                                          monkeypatch):
     """A file given as --output by mistake (another requests file, notes) was rewritten with the answer
-    lines it held, none, before the answers were appended: its content was lost without a word."""
+    lines it held, none, before the answers were appended: its content was lost without a word. Then any line
+    with an "answer" or "error" field passed for one of generate's: a log of {"time", "error"} lines was emptied,
+    and a file of questions and reference answers (examples/questions.jsonl) was "all answered", its reference
+    answers taken for the model's; answer lines are generate's own now, and come with its settings file."""
     from internvl_mpo import cli_chat
     from internvl_mpo.errors import InputError
 
     requests = tmp_path / "requests.jsonl"
     requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")
     answer = json.dumps({"id": "a", "question": "Hi", "answer": "Hello"})
-    run = dict(input=str(requests), model=str(folder / "nope"))  # loading it would fail
-    for name, text, line in [("other.jsonl", json.dumps({"question": "Mine"}) + "\n", 1), ("notes.txt", "my notes", 1),
-                             ("mixed.jsonl", answer + "\n\nmy notes\n", 3)]:
-        output = tmp_path / name
-        output.write_text(text)
-        with pytest.raises(InputError, match=rf"--output \S+{name}:{line}: not an answer line of generate"):
-            cli_chat.generate(output=str(output), **run)
-        assert output.read_text() == text and not (tmp_path / f"{name}.settings.json").exists()
     output = tmp_path / "answers.jsonl"  # its last line complete but for the LF, a line cut short: an answers file
-    output.write_text('{"id": "b", "question": "Ho", "ans\n' + answer)
+    earlier_run(folder, output, '{"id": "b", "question": "Ho", "ans\n' + answer, 8)
+    monkeypatch.setattr(InternVLChat, "from_pretrained", None)  # loading the model would fail
+    run = dict(input=str(requests), model=str(folder), max_new_tokens=8)
+    log = json.dumps({"time": "2026-12-01", "error": "disk full"}) + "\n"
+    for name, text, line in [("other.jsonl", json.dumps({"question": "Mine"}) + "\n", 1), ("notes.txt", "my notes", 1),
+                             ("mixed.jsonl", answer + "\n\nmy notes\n", 3), ("log.jsonl", log, 1),
+                             ("ids.jsonl", json.dumps({"id": True, "question": "Hi", "answer": "yes"}) + "\n", 1),
+                             ("extra.jsonl", json.dumps({"id": "a", "question": "Hi", "answer": "yes", "x": 1}), 1)]:
+        other = tmp_path / name
+        other.write_text(text)
+        with pytest.raises(InputError, match=rf"--output \S+{name}:{line}: not an answer line of generate"):
+            cli_chat.generate(output=str(other), **run)
+        assert other.read_text() == text and not (tmp_path / f"{name}.settings.json").exists()
+    labels = tmp_path / "labels.jsonl"
+    labels.write_bytes((Path(__file__).parents[1] / "examples" / "questions.jsonl").read_bytes())
+    text = labels.read_text()
+    with pytest.raises(InputError, match=r"--output \S+labels.jsonl holds answer lines but no "
+                                         r"labels.jsonl.settings.json beside it"):
+        cli_chat.generate(output=str(labels), **run)
+    assert labels.read_text() == text and not (tmp_path / "labels.jsonl.settings.json").exists()
     assert cli_chat.generate(output=str(output), **run) == 0
     assert output.read_text() == answer + "\n"
+
+
+def test_generate_drops_answers_no_request_stands_for_before_the_model_loads(folder, tmp_path, monkeypatch, capsys):
+    """Answers of ids no longer in the requests file stayed in the answers file, which then held more lines than
+    requests, "all answered"; and the answer of an edited request stayed until its new answer came, so a run
+    interrupted before that left two lines of one id."""
+    from internvl_mpo import cli_chat
+
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text("".join(json.dumps({"id": i, "question": q}) + "\n" for i, q in (("a", "Hi"), ("b", "New?"))))
+    earlier_run(folder, answers, "".join(json.dumps({"id": i, "question": q, "answer": "old"}) + "\n"
+                                         for i, q in (("gone", "Bye"), ("a", "Hi"), ("b", "Old?"), ("gone2", "Ho"))), 8)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(InternVLChat, "from_pretrained", interrupted)  # b is asked again: the model would load
+    with pytest.raises(KeyboardInterrupt):
+        cli_chat.generate(input=str(requests), output=str(answers), model=str(folder), max_new_tokens=8)
+    assert answers.read_text() == json.dumps({"id": "a", "question": "Hi", "answer": "old"}) + "\n"
+    assert f"dropped from {answers} the answers of 2 ids no longer in {requests}: 'gone', 'gone2'" in \
+        capsys.readouterr().err
 
 
 def test_a_second_generate_into_the_same_output_is_refused_while_the_first_runs(folder, tmp_path):
@@ -1377,6 +1428,7 @@ def test_flag_errors_are_refused_before_torch_loads(tmp_path):
     model's code import (about 1.5 s of a process's start): a mistyped flag is refused at once, in one line."""
     (tmp_path / "bad.gbnf").write_text("root ::= (\n")
     (tmp_path / "bad.json").write_text("{")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "Hi"}) + "\n" + json.dumps({"question": "Hi", "imgae": "a"}))
     calls = [["chat", "--temperature", "-1", "hi"], ["chat", "--top-p", "0", "hi"], ["chat", "--max-num", "0", "hi"],
              ["chat", "--regex", "(a", "hi"], ["chat", "--regex", "a", "--choice", "a", "hi"],
              ["chat", "--grammar", str(tmp_path / "bad.gbnf"), "hi"],
@@ -1393,7 +1445,10 @@ def test_flag_errors_are_refused_before_torch_loads(tmp_path):
              ["train", "mpo", "--model", "m", "--data", "meta.json", "--output", "o", "--lr", "-1"],
              ["train", "sft", "--data", "a.jsonl", "--output", "o"],
              ["train", "sft", "--model", "m", "--data", "a.jsonl", "--output", "o", "--quality-weight", "0.2"],
-             ["plot", str(tmp_path)]]
+             ["plot", str(tmp_path)],
+             ["generate", "--input", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "a.jsonl")],
+             ["chat", "--max-pixels", "0", "hi"],
+             ["generate", "--input", "x.jsonl", "--output", str(tmp_path / "a.jsonl"), "--max-pixels", "0"]]
     code = ("import json, sys\n"
             "from internvl_mpo.cli import main\n"
             f"for args in {calls!r}:\n"
@@ -1407,7 +1462,8 @@ def test_flag_errors_are_refused_before_torch_loads(tmp_path):
                              "--min-new-tokens", "--max-new-tokens", "--samples", "--port must be in 0..65535",
                              "--max-batch must be >= 1", "missing.jsonl: requests file not found", "--lr must be >= 0",
                              "--model (a checkpoint folder", "--quality-weight must be 0 in sft",
-                             "metrics.jsonl: no metrics file"], errors):
+                             "metrics.jsonl: no metrics file", "bad.jsonl:2: field 'imgae'",
+                             "--max-pixels must be a whole number of pixels >= 1, got 0", "--max-pixels"], errors):
         assert needle in line, line
 
 

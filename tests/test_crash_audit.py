@@ -66,11 +66,13 @@ def _limited(limit: int):
 def test_generate_on_a_full_disk_says_so_in_one_line_and_the_rerun_resumes(tmp_path):
     folder, _ = tiny_chat_folder(tmp_path / "model")
     requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
-    requests.write_text("".join(json.dumps({"id": k, "question": q}) + "\n" for k, q in [("a", "Hi"), ("b", "Hello")]))
-    kept = "kept " * 400  # a line longer than the settings file, written first under the same limit
-    answers.write_text(json.dumps({"id": "b", "question": "Hello", "answer": kept}) + "\n")
     run = [sys.executable, "-m", "internvl_mpo.cli", "generate", "--input", str(requests), "--output", str(answers),
            "--model", str(folder), "--max-new-tokens", "4", "--device", "cpu"]
+    requests.write_text(json.dumps({"id": "b", "question": "Hello"}) + "\n")
+    assert subprocess.run(run, capture_output=True, timeout=120).returncode == 0  # an earlier run: b and the settings
+    requests.write_text("".join(json.dumps({"id": k, "question": q}) + "\n" for k, q in [("a", "Hi"), ("b", "Hello")]))
+    kept = "kept " * 400  # b's answer, marked
+    answers.write_text(json.dumps({"id": "b", "question": "Hello", "answer": kept}) + "\n")
     full = subprocess.run(run, capture_output=True, text=True, timeout=120,
                           preexec_fn=_limited(answers.stat().st_size + 20))  # a's line is cut 20 bytes in
     assert full.returncode == 1

@@ -65,6 +65,12 @@ def _at_least_one(**counts: int | None) -> None:
             raise SettingError("", name, f" must be at least 1, got {value}")
 
 
+def _pixel_limit(max_pixels: int | None) -> None:
+    """--max-pixels, checked before torch loads, in the words of the image code's own check."""
+    if max_pixels is not None and max_pixels < 1:
+        raise SettingError("", "max_pixels", f" must be a whole number of pixels >= 1, got {max_pixels}")
+
+
 def _per_image(max_num: int | None, video) -> int | None:
     """--max-num is the tile budget of images: a video's frames take one tile each, as the model card's."""
     return None if video is not None else max_num
@@ -183,6 +189,7 @@ def chat(
 
     question = _utf8(" ".join(question), "the question") if question else None  # `chat What is it?` as one string
     _at_least_one(max_num=max_num, num_segments=num_segments)
+    _pixel_limit(max_pixels)
     params = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty,
                                              min_new_tokens, json_mode, _read_schema(json_schema), regex, choice,
                                              _read_grammar(grammar)))
@@ -379,6 +386,7 @@ def generate(
     from .run_folder import no_folder
 
     _at_least_one(batch_size=batch_size, max_num=max_num)
+    _pixel_limit(max_pixels)
     out = Path(output)
     if out.is_dir():
         raise InputError(f"--output {out} is a folder; give the path of a JSONL file")
@@ -390,7 +398,13 @@ def generate(
     base = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, 1.0, min_new_tokens,
                                          json_mode, schema, regex, choice, grammar_text))
     check_input_file(input, "requests file")
-    # torch loads from here on (with the image code): the flags above are refused in a fraction of a second
+    requests = _read_requests(Path(input))
+    last = len(requests) - 1  # request k samples with seed + k
+    if not base.greedy and seed is not None and seed + last >= 2**63:
+        raise InputError(f"--seed {seed}: request {last} samples with seed + {last}, past the largest seed 2**63 - 1; "
+                         "use a smaller --seed")
+    # torch loads from here on (with the image code): the flags and requests above are refused in a fraction of a
+    # second
     from tqdm import tqdm
 
     from .checkpoint import model_key, weights_identity
@@ -403,11 +417,7 @@ def generate(
     from .run_folder import recorded_weights, writing
 
     let_pillow_open(max_pixels)
-    requests = _read_requests(Path(input))
-    last = len(requests) - 1  # request k samples with seed + k
-    if not base.greedy and seed is not None and seed + last >= 2**63:
-        raise InputError(f"--seed {seed}: request {last} samples with seed + {last}, past the largest seed 2**63 - 1; "
-                         "use a smaller --seed")
+    _read_beside(requests, Path(input).parent)
     lock = lock_output(out.absolute().parent, (f".{out.name}.lock", f"generate run writing {out.name}", "answers"))
     if lock is None:
         print(f"internvl-mpo generate: {no_lock_note(out)}", file=sys.stderr)
@@ -429,18 +439,27 @@ def generate(
                                      "weights": weights_identity(weights, recorded_weights(_settings_file(out)))},
                                resume=bool(done),
                                default_max_num=lambda: _default_tiles(model_path(model)))
+        # an edited request is asked again, and so is one whose image or video file was edited in place
+        asked = {r["id"]: r for r in requests}
+        standing = {rid for rid, (question, files) in done.items() if rid in asked
+                    and question == _asked(asked[rid]) and unchanged(_files(asked[rid]), files)}
+        todo = [r for r in requests if r["id"] not in standing]
         if out.exists():  # only once the settings allow the resume: a refused run leaves the file as it was
+            # without the answers asked again (an interrupted rerun would leave two lines of one id) and those of
+            # requests no longer in the file (the answers file answers the requests file)
             tmp = out.with_name(out.name + ".tmp")
             with writing(out, KEPT):
-                tmp.write_bytes(b"".join(line + b"\n" for line in answered))
+                tmp.write_bytes(b"".join(line + b"\n" for rid, line in answered.items() if rid in standing))
                 os.replace(tmp, out)
-        # an edited request is asked again, and so is one whose image or video file was edited in place
-        todo = [r for r in requests if r["id"] not in done or done[r["id"]][0] != _asked(r)
-                or not unchanged(_files(r), done[r["id"]][1])]
+        if gone := [rid for rid in done if rid not in asked]:
+            shown = ", ".join(map(repr, gone[:5])) + (f", ... ({len(gone) - 5} more)" if len(gone) > 5 else "")
+            print(f"internvl-mpo generate: dropped from {out} the answers of {len(gone)} id{'s' * (len(gone) > 1)} no "
+                  f"longer in {input}: {shown}", file=sys.stderr)
         if not todo:  # a finished run: no need to spend minutes loading a large model
             with writing(out, KEPT):  # one killed before it put its answers back in order
                 rewrite_in_order(out, [item["id"] for item in requests])
-            print(f"internvl-mpo generate: all {len(requests)} requests are answered in {out}", file=sys.stderr)
+            said = f"all {len(requests)} requests are" if len(requests) > 1 else "its request is"
+            print(f"internvl-mpo generate: {said} answered in {out}", file=sys.stderr)
             return 0
         bot = InternVLChat.from_pretrained(model_path(model), dtype=dtype, device=device, weights=weights)
 
@@ -528,12 +547,12 @@ def _check_answer_settings(out: Path, settings: dict, resume: bool, default_max_
     """Answers resume only under the settings that wrote them, which `<output>.settings.json` keeps:
     other settings are refused, except the sampling ones (SAMPLING_ONLY) where either run is greedy, and
     a max_num left out (None) is the model's `default_max_num()`, read only when one run left it out
-    and the other did not. A new run (no answer written yet) records its settings, and so does a
-    resume of answers written before the file was kept (there is nothing to compare)."""
+    and the other did not. A new run (no answer written yet) records its settings; answers come with the file
+    (`_finished_questions` refuses them without it)."""
     from .run_folder import atomic_write, changed_settings, read_settings
 
     path = _settings_file(out)
-    if resume and path.exists():
+    if resume:
         earlier = read_settings(path, "generate", "--output")
         # a greedy run (--temperature 0) reads no sampling flag: only the others can change its answers
         ignored = SAMPLING_ONLY if 0 in (earlier.get("temperature"), settings.get("temperature")) else ()
@@ -558,14 +577,16 @@ def _files(request: dict) -> list[str]:
 ANSWER_START = b'{"id": '  # how every line `generate` writes begins
 
 
-def _finished_questions(out: Path) -> tuple[dict, list[bytes]]:
-    """{id: (`_asked`, stamps)} of the requests answered in `out`, and their lines, the ones a resume keeps:
-    not error lines (those requests run again), nor a line cut by an interrupted write, even in the
-    middle of a character. Any other line is refused, naming it: `out` is not an answers file (another
-    file given as --output by mistake), and the resume would rewrite it without that line."""
+def _finished_questions(out: Path) -> tuple[dict, dict]:
+    """{id: (`_asked`, stamps)} of the requests answered in `out`, and {id: line} of their lines (the last of an
+    id), the ones a resume may keep: not error lines (those requests run again), nor a line cut by an interrupted
+    write, even in the middle of a character. Any other line is refused, naming it, as is a file of such lines
+    without the settings file that generate writes before its first line: `out` is not an answers file (another
+    file given as --output by mistake: a file of questions and their reference answers reads like one), and the
+    resume would rewrite it without that line, or take its answers for the model's."""
     if not out.exists():
-        return {}, []
-    kept, done = [], {}
+        return {}, {}
+    kept, done, lines = {}, {}, False
     for number, line in enumerate(out.read_bytes().split(b"\n"), 1):  # JSON strings may hold U+2028: split at LF
         try:
             row = json.loads(line.decode("utf-8"))
@@ -573,13 +594,26 @@ def _finished_questions(out: Path) -> tuple[dict, list[bytes]]:
             if line.startswith(ANSWER_START) or ANSWER_START.startswith(line.strip()):
                 continue  # a write cut short, or a blank line
             row = None
-        if not (isinstance(row, dict) and ("answer" in row or "error" in row)):
+        if not _answer_line(row):
             raise InputError(f"--output {out}:{number}: not an answer line of generate; a run would rewrite the "
                              "file without it: give the answers a new file (or an earlier run's to resume it)")
-        if "answer" in row and isinstance(row.get("id"), (str, int)):
+        lines = True
+        if "answer" in row:
             done[row["id"]] = _asked(row), row.get("stamps")  # not the answers: a large job's would fill memory
-            kept.append(line)
+            kept[row["id"]] = line
+    if lines and not _settings_file(out).exists():
+        raise InputError(f"--output {out} holds answer lines but no {_settings_file(out).name} beside it, which "
+                         "generate writes before its first answer: it is not the answers file of a generate run (a "
+                         "file of questions and reference answers?); give the answers a new file")
     return done, kept
+
+
+def _answer_line(row) -> bool:
+    """Whether a JSON value is a line as `_write_answers` writes it: an id, the question, the image and video as the
+    request gave them, and an answer or an error."""
+    return (isinstance(row, dict) and isinstance(row.get("id"), (str, int)) and not isinstance(row["id"], bool)
+            and isinstance(row.get("question"), str) and isinstance(row.get("answer", row.get("error")), str)
+            and row.keys() <= {"id", "question", "image", "video", "answer", "error", "stamps"})
 
 
 REQUEST_FIELDS = ("question", "image", "video")  # a misspelling of one is refused (`refuse_misspelt_fields`)
@@ -596,8 +630,9 @@ LINE_SETTINGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "-
 
 
 def _read_requests(path: Path) -> list[dict]:
+    """The requests of a requests file, checked (torch is not imported: a bad file is refused in a fraction of a
+    second); their paths as written, `_read_beside` reads them relative to the file."""
     from .jsonl import read_objects, refuse_misspelt_fields
-    from .processor.image import beside
 
     items, lines = [], {}
     for number, (where, item) in enumerate(read_objects(path, "requests file"), 1):
@@ -633,16 +668,24 @@ def _read_requests(path: Path) -> list[dict]:
             raise InputError(f"{where}: 'video' must be a path, got {json.dumps(video)[:80]}")
         if image and video:  # as chat(): images and a video do not mix
             raise InputError(f"{where}: give 'image' or 'video', not both")
-        if isinstance(image, str):
-            item["image"] = beside(path.parent, image)
-        elif isinstance(image, list):
-            item["image"] = [beside(path.parent, v) for v in image]
-        if isinstance(video, str):
-            item["video"] = beside(path.parent, video)
         items.append(item)
     if not items:
         raise InputError(f"{path}: no requests")
     return items
+
+
+def _read_beside(requests: list[dict], folder: Path) -> None:
+    """Read the image and video paths of `_read_requests`' requests relative to the requests file's `folder`."""
+    from .processor.image import beside
+
+    for item in requests:
+        image, video = item.get("image"), item.get("video")
+        if isinstance(image, str):
+            item["image"] = beside(folder, image)
+        elif isinstance(image, list):
+            item["image"] = [beside(folder, v) for v in image]
+        if isinstance(video, str):
+            item["video"] = beside(folder, video)
 
 
 def tiles(image: str, *, max_num: int = 12, min_num: int = 1, output: str | None = None,
