@@ -97,8 +97,8 @@ def test_generate_batch_file_and_resume(folder, tmp_path):
     requests.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     answers = tmp_path / "answers.jsonl"
     # An interrupted earlier run: "b" done, plus a half-written line.
-    earlier_run(folder, answers, json.dumps({"id": "b", "question": "Hello", "answer": "kept"}) + "\n{\"id\": \"c\", \"ans",
-                8)
+    cut = "{\"id\": \"c\", \"ans"
+    earlier_run(folder, answers, json.dumps({"id": "b", "question": "Hello", "answer": "kept"}) + "\n" + cut, 8)
     out = cli("generate", "--input", requests, "--output", answers, "--model", folder, "--max-new-tokens", "8",
               "--batch-size", "2")
     assert out.returncode == 0, out.stderr
@@ -1428,7 +1428,8 @@ def test_flag_errors_are_refused_before_torch_loads(tmp_path):
     model's code import (about 1.5 s of a process's start): a mistyped flag is refused at once, in one line."""
     (tmp_path / "bad.gbnf").write_text("root ::= (\n")
     (tmp_path / "bad.json").write_text("{")
-    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "Hi"}) + "\n" + json.dumps({"question": "Hi", "imgae": "a"}))
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "Hi"}) + "\n"
+                                        + json.dumps({"question": "Hi", "imgae": "a"}))
     calls = [["chat", "--temperature", "-1", "hi"], ["chat", "--top-p", "0", "hi"], ["chat", "--max-num", "0", "hi"],
              ["chat", "--regex", "(a", "hi"], ["chat", "--regex", "a", "--choice", "a", "hi"],
              ["chat", "--grammar", str(tmp_path / "bad.gbnf"), "hi"],
