@@ -780,6 +780,26 @@ def test_a_tokenizer_file_that_is_not_json_is_named(tmp_path, tiny, name, conten
         InternVL.from_pretrained(tmp_path / "m")
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer.json", "[1]", "it holds a JSON list, not an object"),
+    ("tokenizer.json", '{"added_tokens": null, "x": 1}', None),  # null: none, as transformers reads it
+    ("tokenizer.json", '{"added_tokens": [1]}', "added_tokens is not a list of objects"),
+    ("tokenizer.json", '{"added_tokens": [{"content": "<IMG_CONTEXT>", "id": "9"}]}', "has the id '9'"),
+    ("tokenizer_config.json", '{"added_tokens_decoder": []}', "added_tokens_decoder is not an object of objects"),
+    ("added_tokens.json", '{"<IMG_CONTEXT>": 2.5}', "has the id 2.5"),
+])
+def test_a_tokenizer_file_of_the_wrong_shape_is_named(tmp_path, tiny, name, content, message):
+    """Valid JSON of another shape (a list, a null or misshapen added_tokens) was an AttributeError or a TypeError
+    from deep inside the loader."""
+    InternVL(tiny).save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / name).write_text(content)
+    if message is None:
+        assert InternVL.from_pretrained(tmp_path / "m", image_token_id=299).config == tiny
+        return
+    with pytest.raises(CheckpointError, match=rf"tokenizer file .*{name}: .*{re.escape(message)}"):
+        InternVL.from_pretrained(tmp_path / "m")
+
+
 def test_single_file_written_when_small(tmp_path, tiny):
     model = InternVL(tiny)
     model.init_weights()
@@ -1073,9 +1093,10 @@ def test_saving_over_a_transformers_layout_folder_removes_its_processor_files(tm
     model = InternVL.from_pretrained(src)
     model.tokenizer_dir = convert(src, tmp_path / "hf3", to="hf")  # a tokenizer with transformers' processor files
     out = model.save_pretrained(tmp_path / "out")
-    assert not (out / "processor_config.json").exists() and not (out / "preprocessor_config.json").exists()
-    # the official tokenizer_config.json `--to hf` kept, as `convert --to official` gives it back (no <IMG_CONTEXT> template)
+    assert not (out / "processor_config.json").exists()
+    # the official preprocessor_config.json and tokenizer_config.json `--to hf` kept, as `convert --to official` gives it back (no <IMG_CONTEXT> template)
     assert (out / "tokenizer_config.json").read_bytes() == (src / "tokenizer_config.json").read_bytes()
+    assert (out / "preprocessor_config.json").read_bytes() == (src / "preprocessor_config.json").read_bytes()
     InternVLChat.from_pretrained(out)  # the tokenizer fits the vocabulary
 
 

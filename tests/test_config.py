@@ -59,9 +59,20 @@ def write(tmp_path, change):
         (lambda d: d["vision_config"].update(patch_size=-14), "vision_config.patch_size is -14, not >= 1"),
         (lambda d: d["llm_config"].update(hidden_size=-8), "llm_config.hidden_size is -8, not >= 1"),
         # hand edits the maths took without a word: NaN logits (a negative eps), meaningless positions (theta 0)
-        (lambda d: d["llm_config"].update(rms_norm_eps=-1e-6), r"llm_config.rms_norm_eps -1e-06 is below 0"),
-        (lambda d: d["vision_config"].update(layer_norm_eps=-1), r"vision_config.layer_norm_eps -1 is below 0"),
-        (lambda d: d["llm_config"].update(rope_theta=0), r"llm_config.rope_theta 0 is not above 0"),
+        (lambda d: d["llm_config"].update(rms_norm_eps=-1e-6),
+         r"llm_config.rms_norm_eps -1e-06 is not a finite number >= 0"),
+        (lambda d: d["vision_config"].update(layer_norm_eps=-1),
+         r"vision_config.layer_norm_eps -1 is not a finite number >= 0"),
+        (lambda d: d["llm_config"].update(rope_theta=0), r"llm_config.rope_theta 0 is not a finite number above 0"),
+        # NaN (Python's json writes and reads it) passed every one of those checks: NaN logits
+        (lambda d: d["llm_config"].update(rms_norm_eps=float("nan")),
+         r"llm_config.rms_norm_eps nan is not a finite number >= 0"),
+        (lambda d: d["vision_config"].update(layer_norm_eps=float("nan")),
+         r"vision_config.layer_norm_eps nan is not a finite number >= 0"),
+        (lambda d: d["llm_config"].update(rope_theta=float("inf")),
+         r"llm_config.rope_theta inf is not a finite number above 0"),
+        (lambda d: d["llm_config"].update(rope_scaling={"type": "dynamic", "factor": float("nan")}),
+         "has no positive number 'factor'"),
         (lambda d: d["llm_config"].update(architectures=None), r"llm_config.architectures \[None\] is not implemented"),
         # transformers' Qwen2 (the official code's LLM) sizes its attention by head_dim; we took hidden_size / heads
         (lambda d: d["llm_config"].update(head_dim=256), r"llm_config.head_dim 256 is not hidden_size / num_attention_heads"

@@ -785,6 +785,33 @@ def test_transformers_generate_stops_where_the_official_chat_stops(tmp_path, sou
     assert convert(hf, tmp_path / "older", "official").is_dir()
 
 
+@pytest.mark.parametrize("official", [True, False])
+def test_round_trip_through_hf_gives_back_the_official_preprocessor_config(tmp_path, official, monkeypatch):
+    """`--to hf` writes transformers' GotOcr2 preprocessor_config.json over the official folder's (the official
+    releases ship a CLIP-style one), which `--to official` dropped: the round trip lost the file. It is kept with
+    the other files `--to hf` replaces, and comes back byte for byte (or stays absent); a destination given as
+    `~/...` from Python is the home folder's (it was a folder named `~` in the working directory)."""
+    src, _ = tiny_chat_folder(tmp_path / "src")
+    text = json.dumps({"crop_size": 448, "do_center_crop": True, "image_mean": [0.485, 0.456, 0.406],
+                       "image_processor_type": "CLIPImageProcessor", "size": 448}, indent=2) + "\n"
+    if official:
+        (src / "preprocessor_config.json").write_text(text)
+    else:
+        (src / "preprocessor_config.json").unlink(missing_ok=True)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    hf = convert(src, "~/hf", "hf")
+    assert hf == tmp_path / "home" / "hf" and not (tmp_path / "~").exists()
+    assert json.loads((hf / "preprocessor_config.json").read_text())["image_processor_type"] == \
+        "GotOcr2ImageProcessorFast"
+    back = convert(hf, tmp_path / "back", "official")
+    assert _bytes_or_none(back / "preprocessor_config.json") == (text.encode() if official else None)
+    kept = json.loads((hf / "internvl_official_files.json").read_text())  # as conversions before 2026-12-06 wrote it
+    del kept["files"]["preprocessor_config.json"]
+    (hf / "internvl_official_files.json").write_text(json.dumps(kept))
+    assert convert(hf, tmp_path / "older", "official").is_dir()
+
+
 @pytest.mark.parametrize("text,problem", [("[2]", "not a JSON object of generation settings"), ("{", "not valid JSON")])
 def test_a_broken_generation_config_is_refused_before_the_weights(tmp_path, monkeypatch, text, problem):
     src, _ = tiny_chat_folder(tmp_path / "src")

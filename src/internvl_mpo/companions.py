@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .errors import CheckpointError
+
 # Files that travel with the weights when a model is saved.
 COMPANION_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -132,17 +134,31 @@ def find_token_id(folder: Path, token: str) -> int | None:
 
     tok_json = folder / "tokenizer.json"
     if tok_json.exists():
-        for added in read_tokenizer_json(tok_json).get("added_tokens", []):
+        added_tokens = read_tokenizer_json(tok_json).get("added_tokens")
+        added_tokens = [] if added_tokens is None else added_tokens
+        if not (isinstance(added_tokens, list) and all(isinstance(added, dict) for added in added_tokens)):
+            raise CheckpointError(f"tokenizer file {tok_json}: added_tokens is not a list of objects")
+        for added in added_tokens:
             if added.get("content") == token:
-                return int(added["id"])
+                return _token_id(added.get("id"), tok_json, token)
     config = folder / "tokenizer_config.json"
     if config.exists():
-        for idx, added in read_tokenizer_json(config).get("added_tokens_decoder", {}).items():
+        decoder = read_tokenizer_json(config).get("added_tokens_decoder")
+        decoder = {} if decoder is None else decoder
+        if not (isinstance(decoder, dict) and all(isinstance(added, dict) for added in decoder.values())):
+            raise CheckpointError(f"tokenizer file {config}: added_tokens_decoder is not an object of objects")
+        for idx, added in decoder.items():
             if added.get("content") == token:
-                return int(idx)
+                return _token_id(int(idx) if idx.isdigit() else idx, config, token)
     added_file = folder / "added_tokens.json"
     if added_file.exists():
         value = read_tokenizer_json(added_file).get(token)
         if value is not None:
-            return int(value)
+            return _token_id(value, added_file, token)
     return None
+
+
+def _token_id(value: object, path: Path, token: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CheckpointError(f"tokenizer file {path}: {token} has the id {value!r}, not a whole number >= 0")
+    return value

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,11 @@ def _architectures(known: dict[str, Any]) -> None:
         known["architectures"] = tuple(known["architectures"])
 
 
+def _finite(value) -> bool:
+    """Whether a config value is a finite number (JSON's NaN and Infinity, which Python writes and reads, are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_sizes(obj, section: str, names: tuple[str, ...]) -> None:
     """Sizes and counts must be >= 1 (a zero head count would otherwise fail deep inside as a division)."""
     for name in names:
@@ -142,8 +148,8 @@ class VisionConfig:
             raise ConfigError("vision_config.hidden_size must be divisible by num_attention_heads")
         if self.image_size % self.patch_size:
             raise ConfigError("vision_config.image_size must be a multiple of patch_size")
-        if self.layer_norm_eps < 0:  # the norms' variance plus a negative eps: NaN
-            raise ConfigError(f"vision_config.layer_norm_eps {self.layer_norm_eps} is below 0")
+        if not (_finite(self.layer_norm_eps) and self.layer_norm_eps >= 0):  # a negative eps (or NaN): NaN logits
+            raise ConfigError(f"vision_config.layer_norm_eps {self.layer_norm_eps!r} is not a finite number >= 0")
 
     @property
     def head_dim(self) -> int:
@@ -214,17 +220,18 @@ class LLMConfig:
                                            "max_position_embeddings"))
         if self.hidden_act != "silu":
             raise ConfigError(f"llm_config.hidden_act {self.hidden_act!r} is not implemented (only 'silu')")
-        if self.rms_norm_eps < 0 or self.rope_theta <= 0:  # NaN, or positions of no meaning, in every logit
-            raise ConfigError(f"llm_config.rms_norm_eps {self.rms_norm_eps} is below 0" if self.rms_norm_eps < 0
-                              else f"llm_config.rope_theta {self.rope_theta} is not above 0")
+        # NaN, or positions of no meaning, in every logit
+        if not (_finite(self.rms_norm_eps) and self.rms_norm_eps >= 0):
+            raise ConfigError(f"llm_config.rms_norm_eps {self.rms_norm_eps!r} is not a finite number >= 0")
+        if not (_finite(self.rope_theta) and self.rope_theta > 0):
+            raise ConfigError(f"llm_config.rope_theta {self.rope_theta!r} is not a finite number above 0")
         if self.rope_type not in SUPPORTED_ROPE_SCALING:
             raise ConfigError(
                 f"llm_config.rope_scaling type {self.rope_type!r} is not implemented; "
                 f"supported: none, 'linear', 'dynamic'"
             )
         factor = (self.rope_scaling or {}).get("factor")
-        if self.rope_type is not None and (not isinstance(factor, (int, float)) or isinstance(factor, bool)
-                                           or factor <= 0):
+        if self.rope_type is not None and not (_finite(factor) and factor > 0):
             raise ConfigError(f"llm_config.rope_scaling {json.dumps(self.rope_scaling)} has no positive number "
                               "'factor' (the scaling it names needs one)")
         if self.num_attention_heads % self.num_key_value_heads:

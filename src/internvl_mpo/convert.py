@@ -82,7 +82,9 @@ TOKENIZER_FILES = tuple(name for name in companions.COMPANION_FILES if name != "
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 # The official folder's files that `--to hf` replaces; the transformers folder keeps their text in
 # OFFICIAL_FILES (a file transformers does not read) and `--to official` puts them back.
-REPLACED_FILES = ("tokenizer_config.json", *CHAT_TEMPLATE_FILES, "generation_config.json")
+REPLACED_FILES = ("tokenizer_config.json", *CHAT_TEMPLATE_FILES, "generation_config.json", "preprocessor_config.json")
+# files of REPLACED_FILES that conversions of an earlier date did not keep (they left them as they were)
+LATER_KEPT = {"generation_config.json": "2026-12-04", "preprocessor_config.json": "2026-12-06"}
 OFFICIAL_FILES = "internvl_official_files.json"
 HEAD, EMBEDDINGS = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"  # transformers names
 
@@ -499,7 +501,7 @@ def convert(
     if to not in ("hf", "official"):
         raise SettingError("", "to", f"={to!r}: choose 'hf' (official -> transformers) or 'official' "
                            "(transformers -> official)")
-    dst = Path(dst)
+    dst = Path(dst).expanduser()
     checkpoint.parse_size(max_shard_size)
     _check_destination(Path(src).expanduser(), dst)  # before a hub id is downloaded (gigabytes)
     src = checkpoint.resolve_checkpoint(src)  # a folder, or a hub id downloaded to the cache
@@ -658,8 +660,7 @@ def _official_files(src: Path, ending: Callable[[str], str | None]) -> dict[str,
     says."""
     kept = _read_json(src / OFFICIAL_FILES)
     files = kept.get("files") if isinstance(kept, dict) else None
-    # generation_config.json is missing from the files of conversions before 2026-12-04 (they left it as it was)
-    if not (isinstance(files, dict) and set(REPLACED_FILES) - {"generation_config.json"} <= set(files) <= set(REPLACED_FILES)
+    if not (isinstance(files, dict) and set(REPLACED_FILES) - set(LATER_KEPT) <= set(files) <= set(REPLACED_FILES)
             and all(text is None or isinstance(text, str) for text in files.values())):
         raise ConfigError(f"{src / OFFICIAL_FILES}: not the file convert --to hf writes (delete it to convert "
                           "without it)")

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LLMConfig
-from .errors import ConfigError, InputError
+from .errors import ConfigError
 from .kv_cache import KVCache
-from .llm import Embedding, Linear, RotaryEmbedding, attend, run_layers
+from .llm import Embedding, Linear, RotaryEmbedding, attend, context_cap, refuse_past_cap, run_layers
 from .vision import RMSNorm
 
 
@@ -98,7 +98,7 @@ class InternLM2Model(nn.Module):
         self.layers = nn.ModuleList(InternLM2DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
-        self.max_tokens = config.max_position_embeddings if config.rope_type == "dynamic" else None
+        self.max_tokens = context_cap(config)
 
     def forward(
         self,
@@ -112,12 +112,8 @@ class InternLM2Model(nn.Module):
 
         Arguments as in `llm.Qwen2Model.forward`.
         """
-        if self.max_tokens is not None and caches is None and inputs_embeds.shape[1] > self.max_tokens:
-            raise InputError(
-                f"{inputs_embeds.shape[1]} tokens are more than llm_config.max_position_embeddings"
-                f" ({self.max_tokens}), where dynamic RoPE (llm_config.rope_scaling) would change every position's"
-                " frequencies; this package caps the context there"
-            )
+        if caches is None:
+            refuse_past_cap(self.max_tokens, inputs_embeds.shape[1])
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
         x = run_layers(self.layers, inputs_embeds, cos, sin, mask, caches, cache_positions)
         return self.norm(x.to(self.norm.weight.device))

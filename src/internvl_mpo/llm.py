@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LLMConfig
+from .errors import InputError
 from .kv_cache import KVCache
 from .vision import RMSNorm
 
@@ -52,6 +53,19 @@ class RotaryEmbedding(nn.Module):
         sin = emb.sin()
         sin[..., : self.head_dim // 2].neg_()
         return emb.cos().to(dtype)[:, None], sin.to(dtype)[:, None]
+
+
+def context_cap(config: LLMConfig) -> int | None:
+    """The most tokens one uncached forward takes: max_position_embeddings under dynamic NTK RoPE, which transformers
+    rescales beyond it (every position's frequencies change with the length); None for other RoPE."""
+    return config.max_position_embeddings if config.rope_type == "dynamic" else None
+
+
+def refuse_past_cap(cap: int | None, tokens: int) -> None:
+    if cap is not None and tokens > cap:
+        raise InputError(f"{tokens} tokens are more than llm_config.max_position_embeddings ({cap}), where dynamic "
+                         "RoPE (llm_config.rope_scaling) would change every position's frequencies; this package caps "
+                         "the context there")
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -276,6 +290,7 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
+        self.max_tokens = context_cap(config)
 
     def forward(
         self,
@@ -289,8 +304,10 @@ class Qwen2Model(nn.Module):
 
         mask: boolean (B, 1, T, S), True where a query may attend a key (or the same as an additive
         float mask: 0 or -inf); None means plainly causal (no padding, no cache). caches: one KVCache per layer; cache_positions (T,) are the slots
-        written by this call.
+        written by this call. Without caches, more tokens than `context_cap` are refused (generation caps them).
         """
+        if caches is None:
+            refuse_past_cap(self.max_tokens, inputs_embeds.shape[1])
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
         x = run_layers(self.layers, inputs_embeds, cos, sin, mask, caches, cache_positions)
         return self.norm(x.to(self.norm.weight.device))

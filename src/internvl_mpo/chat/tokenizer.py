@@ -200,12 +200,15 @@ class StreamDecoder:
 
 
 def read_tokenizer_json(path: Path) -> dict:
-    """A tokenizer JSON file; a missing or malformed one is a CheckpointError naming it."""
+    """A tokenizer JSON file (each holds one object); a missing or malformed one is a CheckpointError naming it."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"cannot read tokenizer file {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"cannot read tokenizer file {path}: it holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def _token_text(value: object) -> str | None:
