@@ -8,7 +8,9 @@ import contextlib
 import functools
 import http.client
 import ipaddress
+import os
 import socket
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -78,69 +80,122 @@ def public_addresses(host: str, port: int, resolve=socket.getaddrinfo) -> list[t
     return addresses
 
 
-class _PublicHTTPConnection(http.client.HTTPConnection):
-    """An HTTP connection to public addresses only. It connects to an address that `public_addresses` checked,
-    not to the host name (a second lookup that DNS could answer differently: rebinding); the Host header, and
-    in the HTTPS subclass the TLS server name, stay the URL's host."""
+class _Deadline:
+    """Shuts the sockets of one fetch down when its time is up. urllib's timeout bounds each read alone, so a host
+    that sends a byte now and then, in the status line and headers as in the body, would hold the request and a
+    thread for as long as it likes; a read blocked there ends at the shutdown. It holds a duplicate of each
+    socket's descriptor (shutdown acts on the connection, whichever descriptor names it), closed by `stop`."""
+
+    def __init__(self, seconds: float):
+        self.at = time.monotonic() + seconds
+        self._lock = threading.Lock()
+        self._fds: list[int] | None = []
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self._fds is None:  # a redirect's connection made after the time was up
+                sock.shutdown(socket.SHUT_RDWR)
+            else:
+                self._fds.append(os.dup(sock.fileno()))
+
+    def passed(self) -> bool:
+        return time.monotonic() >= self.at
+
+    def _expire(self) -> None:
+        with self._lock:
+            fds, self._fds = self._fds or [], None
+            for fd in fds:
+                with socket.socket(fileno=fd) as sock, contextlib.suppress(OSError):  # closes the duplicate
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            fds, self._fds = self._fds or [], None
+            for fd in fds:
+                os.close(fd)
+
+
+class _FetchConnection(http.client.HTTPConnection):
+    """An HTTP connection whose sockets `deadline` watches; unless `private` (--allow-private-image-hosts) to
+    public addresses only. It then connects to an address that `public_addresses` checked, not to the host name
+    (a second lookup that DNS could answer differently: rebinding); the Host header, and in the HTTPS subclass the
+    TLS server name, stay the URL's host."""
 
     resolve = staticmethod(socket.getaddrinfo)
+    private = False
+    deadline: _Deadline
 
     def connect(self):
-        *others, last = public_addresses(self.host, self.port, self.resolve)
-        for address in others:  # each address in turn, as socket.create_connection tries them
-            with contextlib.suppress(OSError):
-                self.sock = socket.create_connection(address, self.timeout, self.source_address)
-                return
-        self.sock = socket.create_connection(last, self.timeout, self.source_address)
+        if self.private:
+            super().connect()  # to the host's addresses, or through a proxy from the environment (its tunnel too)
+        else:
+            *others, last = public_addresses(self.host, self.port, self.resolve)
+            for address in others:  # each address in turn, as socket.create_connection tries them
+                with contextlib.suppress(OSError):
+                    self.sock = socket.create_connection(address, self.timeout, self.source_address)
+                    break
+            else:
+                self.sock = socket.create_connection(last, self.timeout, self.source_address)
+        self.deadline.watch(self.sock)
 
 
-class _PublicHTTPSConnection(http.client.HTTPSConnection, _PublicHTTPConnection):
-    """HTTPS over `_PublicHTTPConnection`'s connect (HTTPSConnection.connect wraps what it connected)."""
+class _FetchHTTPSConnection(http.client.HTTPSConnection, _FetchConnection):
+    """HTTPS over `_FetchConnection`'s connect (HTTPSConnection.connect wraps what it connected)."""
 
 
-class _PublicHosts(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+class _FetchHosts(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
     """urllib's http and https handler over the connections above, which look hosts up with `resolve`."""
 
-    def __init__(self, resolve):
+    def __init__(self, resolve, deadline: _Deadline, private: bool):
         super().__init__()
-        self.resolve = resolve
+        self.resolve, self.deadline, self.private = resolve, deadline, private
 
     def _connection(self, cls, host, **kwargs):
         connection = cls(host, **kwargs)
-        connection.resolve = self.resolve
+        connection.resolve, connection.deadline, connection.private = self.resolve, self.deadline, self.private
         return connection
 
     def http_open(self, req):
-        return self.do_open(functools.partial(self._connection, _PublicHTTPConnection), req)
+        return self.do_open(functools.partial(self._connection, _FetchConnection), req)
 
     def https_open(self, req):
-        return self.do_open(functools.partial(self._connection, _PublicHTTPSConnection), req)
+        return self.do_open(functools.partial(self._connection, _FetchHTTPSConnection), req)
 
 
 def _fetch_remote(url: str, param: str, settings: ServerSettings, resolve=socket.getaddrinfo) -> bytes:
-    """The image at `url` within `image_timeout` seconds in all (urllib's timeout bounds each read alone, so a
-    server that sends a byte now and then would hold the request and a thread for as long as it likes).
+    """The image at `url` within `image_timeout` seconds in all, headers and redirects included (`_Deadline`).
     Unless --allow-private-image-hosts, every connection (each redirect hop's too) goes to a public address
     of its host, looked up with `resolve`, and proxies from the environment are not used (a proxy would
-    connect where this server cannot check)."""
-    deadline = time.monotonic() + settings.image_timeout
+    connect where this server cannot check). The host's name lookup itself is the system resolver's, outside
+    the bound."""
+    deadline = _Deadline(settings.image_timeout)
     data = bytearray()
-    if settings.allow_private_image_hosts:
-        opener = urllib.request.build_opener(_Redirects(param))
-    else:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _PublicHosts(resolve), _Redirects(param))
+    private = settings.allow_private_image_hosts
+    hosts = _FetchHosts(resolve, deadline, private)
+    opener = urllib.request.build_opener(*([] if private else [urllib.request.ProxyHandler({})]), hosts,
+                                         _Redirects(param))
+    late = TimeoutError(f"not received within {settings.image_timeout} s")
     try:
         with opener.open(url, timeout=settings.image_timeout) as response:
             while len(data) <= settings.max_image_bytes and (piece := response.read1(2**16)):
                 data += piece
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"not received within {settings.image_timeout} s")
+                if deadline.passed():
+                    raise late
+        if deadline.passed():  # the body may end early at the shutdown
+            raise late
     except HostRefused as e:
         raise ApiError(400, f"{param}: refused to fetch {url[:200]}: {e}; start the server with "
                             "--allow-private-image-hosts to fetch from this machine or its network", param,
                        "remote_image_refused") from None
     except (OSError, ValueError, http.client.HTTPException) as e:  # InvalidURL is an HTTPException
-        raise ApiError(400, f"{param}: could not fetch {url[:200]}: {e}", param, "image_fetch_failed") from None
+        reason = late if deadline.passed() else e  # a read that the shutdown ended fails in its own words
+        raise ApiError(400, f"{param}: could not fetch {url[:200]}: {reason}", param, "image_fetch_failed") from None
+    finally:
+        deadline.stop()
     return bytes(data)
 
 
