@@ -2092,10 +2092,12 @@ def test_remote_images_on_private_addresses_are_refused():
              "http://224.0.0.1/x.png": ("224.0.0.1", "224.0.0.1", "multicast"),
              "http://[ff02::1]/x.png": ("ff02::1", "ff02::1", "multicast"),
              "http://240.0.0.1/x.png": ("240.0.0.1", "240.0.0.1", "reserved"),
-             "http://localhost:9/x.png": ("localhost", r"(127\.0\.0\.1|::1)", "loopback")}
+             "http://localhost:9/x.png": ("localhost", r"(127\.0\.0\.1|::1)", "loopback"),
+             "http://0/x.png": ("0", r"0\.0\.0\.0", "unspecified")}
     for url, (host, ip, reason) in cases.items():
-        with pytest.raises(ApiError, match=rf"^image: refused to fetch {re.escape(url)}: host '{re.escape(host)}' "
-                                           rf"is at {ip}, a {reason} address; .*--allow-private-image-hosts") as e:
+        article = "an" if reason == "unspecified" else "a"
+        refused = rf"^image: refused to fetch {re.escape(url)}: host '{re.escape(host)}' is at {ip}, {article} {reason}"
+        with pytest.raises(ApiError, match=refused + " address; .*--allow-private-image-hosts") as e:
             image_bytes(url, "image", settings)
         assert (e.value.status, e.value.param, e.value.code) == (400, "image", "remote_image_refused"), url
 

@@ -76,7 +76,7 @@ def public_addresses(host: str, port: int, resolve=socket.getaddrinfo) -> list[t
     addresses = [sockaddr[:2] for *_, sockaddr in resolve(host, port, type=socket.SOCK_STREAM)]
     for ip, _ in addresses:
         if reason := refusal(ip):
-            raise HostRefused(f"host {host!r} is at {ip}, a {reason} address")
+            raise HostRefused(f"host {host!r} is at {ip}, {'an' if reason == 'unspecified' else 'a'} {reason} address")
     return addresses
 
 
