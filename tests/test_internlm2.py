@@ -226,13 +226,15 @@ def test_bias_defaults_to_true_like_the_official_config_class():
     assert attention.wqkv.bias is not None and attention.wo.bias is not None
 
 
-def test_a_sequence_past_the_context_is_refused_where_dynamic_rope_would_rescale():
+@pytest.mark.parametrize("make", [internlm2_config, tiny_config], ids=["internlm2", "qwen2"])
+def test_a_sequence_past_the_context_is_refused_where_dynamic_rope_would_rescale(make):
     """Past max_position_embeddings the official dynamic NTK RoPE changes the frequencies of every position
     (to values that depend on the longest sequence its module has seen); a forward pass that long ran with
     plain RoPE and gave other logits without a word. It is refused, naming the limit; without dynamic
-    scaling (plain RoPE there too) it runs."""
-    base = internlm2_config()
-    config = base.replace(llm=dataclasses.replace(base.llm, max_position_embeddings=16))
+    scaling (plain RoPE there too) it runs. Qwen2's decoder lacked the cap (transformers' Qwen2 rescales too)."""
+    base = make()
+    config = base.replace(llm=dataclasses.replace(base.llm, max_position_embeddings=16,
+                                                  rope_scaling={"type": "dynamic", "factor": 2.0}))
     torch.manual_seed(0)
     model = InternVL(config, image_token_id=IMAGE_TOKEN_ID).eval()
     with torch.no_grad():

@@ -632,22 +632,3 @@ def test_tiles_flagged_zero_give_no_features_as_in_the_official_forward(referenc
         got = ours(ids, pixel_values=pixels, image_flags=torch.tensor([0, 1, 0]))
         assert_close(got, hf_logits(ref, ids, pixels[1:2]), **TOL)
 
-
-def test_a_qwen2_sequence_past_the_context_is_refused_where_dynamic_rope_would_rescale():
-    """The cap of InternLM2's dynamic NTK RoPE was missing from Qwen2's decoder: a forward pass longer than
-    max_position_embeddings ran with plain RoPE, where transformers' Qwen2 rescales every position's frequencies,
-    and its logits differed without a word. It is refused, naming the limit; linear scaling (the same at any
-    length) still runs past it."""
-    from internvl_mpo.model import InternVL
-
-    base = tiny_config()
-    dynamic = {"type": "dynamic", "factor": 2.0}
-    config = base.replace(llm=dataclasses.replace(base.llm, max_position_embeddings=16, rope_scaling=dynamic))
-    torch.manual_seed(0)
-    model = InternVL(config, image_token_id=IMAGE_TOKEN_ID).eval()
-    with torch.no_grad():
-        assert model(torch.randint(0, 290, (2, 16))).shape == (2, 16, 300)
-        with pytest.raises(InputError, match=r"17 tokens are more than llm_config.max_position_embeddings \(16\)"):
-            model(torch.randint(0, 290, (2, 17)))
-        linear = config.replace(llm=dataclasses.replace(config.llm, rope_scaling={"type": "linear", "factor": 2.0}))
-        assert InternVL(linear, image_token_id=IMAGE_TOKEN_ID)(torch.randint(0, 290, (1, 17))).shape == (1, 17, 300)
