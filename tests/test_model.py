@@ -631,4 +631,3 @@ def test_tiles_flagged_zero_give_no_features_as_in_the_official_forward(referenc
     with torch.no_grad():
         got = ours(ids, pixel_values=pixels, image_flags=torch.tensor([0, 1, 0]))
         assert_close(got, hf_logits(ref, ids, pixels[1:2]), **TOL)
-
