@@ -617,6 +617,23 @@ def test_split_resize_is_exact_across_many_shapes():
             assert torch.equal(ours, reference_pixel_values(image, max_num=max_num, size=32)), (width, height, max_num)
 
 
+
+def test_a_pixel_limit_the_image_passes_does_not_refuse_its_upscaled_bands(monkeypatch):
+    """The bands of the split resize are crops of the image after Pillow's first pass, which Pillow checks against
+    its pixel limit: an upscaled 200 x 540 image (108,000 pixels) has bands of 448 x 540 (241,920), so a limit of
+    110,000 the image passes raised DecompressionBombError from inside load_image (and a band between the limit and
+    twice it warned), where the official code (448 x 448 crops) tiles it. Such an image is resized whole."""
+    import internvl_mpo.processor.image as image_module
+
+    monkeypatch.setattr(image_module, "_WORKERS", 2)  # bands whatever this machine's cores
+    image = photo(200, 540, seed=3)
+    expected = reference_pixel_values(image, max_num=12)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 110_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning either
+        assert torch.equal(image_to_pixel_values(image, max_num=12), expected)
+
+
 # --- several images in one prompt (processor/multi.py) ---
 
 

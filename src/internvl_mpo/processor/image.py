@@ -422,7 +422,10 @@ def _grid_jobs(image: Image.Image, plan: TilePlan, grid: torch.Tensor) -> list[p
     (in_w, in_h), (out_w, out_h) = image.size, out_size
     order = _horizontal_first(image.size, out_size)
     bands = min(_WORKERS, plan.cols if order else plan.rows)
-    if order is None or bands < 2:
+    # Pillow checks each crop against its pixel limit; an upscaled band can hold more pixels than the image itself,
+    # so a limit the image passes could refuse the band (or warn): such an image is resized whole
+    widest = -(-(plan.cols if order else plan.rows) // max(bands, 1)) * s * (in_h if order else in_w)
+    if order is None or bands < 2 or (Image.MAX_IMAGE_PIXELS and widest > Image.MAX_IMAGE_PIXELS):
         resized = image if image.size == out_size else image.resize(out_size)
         return [partial(_fill_tiles, resized, grid)]
     if order:  # horizontal pass on the whole image, then vertical passes on bands of tile columns
