@@ -606,11 +606,15 @@ def test_known_units_must_agree(prediction, truth, expected):
         ("5 cm", "5 centimeters", True), ("5", "5 Centimetres", True), ("5 m", "5 centimeters", False),
         ("30 min", "30 minutes", True), ("30", "30 minutes", True), ("2 km", "2 kilometres", True),
         ("7 ml", "7 milliliters", True), ("9 s", "9 seconds", True), ("9 h", "9 seconds", False),
+        # a degree sign with its scale was text: only the same spelling was right ("30", "30 °C" were wrong)
+        ("30", "30°C", True), ("30 °C", "30°C", True), ("30 degrees Celsius", "30℃", True), ("-3", "-3 °C", True),
+        ("31 °C", "30°C", False), ("30 cm", "30 °C", False), ("30°C", "30 degrees Celsius", True),
     ],
 )
 def test_a_ground_truth_with_a_long_unit_name_is_a_number(prediction, truth, expected):
     """A known unit of more than six letters ("centimeters", "minutes") leaves the ground truth a number, as
-    its abbreviation does: "5 cm" is right for "5 centimeters" as "5 centimeters" is for "5 cm"."""
+    its abbreviation does: "5 cm" is right for "5 centimeters" as "5 centimeters" is for "5 cm"; so does a degree
+    sign followed by its scale ("30°C")."""
     assert infer_kind(truth) == "number"
     assert check_answer(prediction, truth) is expected
 

@@ -136,7 +136,7 @@ _UNIT_NAMES = {
 _UNITS = {name: unit for unit, names in _UNIT_NAMES.items() for name in names}
 _UNIT_ONLY = re.compile(
     rf"\s*[$€£¥]?\s*{_NUMBER}(?:\s*/\s*{_NUMBER})?\s*"
-    rf"(?:%|°|degrees?|{_UNIT}(?:/{_UNIT})?|[{_CN_MEASURES}])?\s*[.。]?\s*"
+    rf"(?:%|(?:°|degrees?)(?:\s*[A-Za-z]+)?|{_UNIT}(?:/{_UNIT})?|[{_CN_MEASURES}])?\s*[.。]?\s*"  # "30 °C"
 )
 _WORD_NUMBERS = {
     "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
