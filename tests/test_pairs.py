@@ -314,6 +314,9 @@ def test_bad_items_are_reported_with_their_line(tmp_path):
     path.write_text(json.dumps({"id": "a", "question": "q"}) + "\n" + json.dumps({"id": "a", "question": "q"}) + "\n")
     with pytest.raises(InputError, match="items.jsonl:1: DropoutNTP needs a non-empty string 'chosen' \\(or 'answer'\\)$"):
         read_items(path, "dropout-ntp")
+    # a number as the answer, which correctness reads as text, was refused here
+    path.write_text(json.dumps({"id": "a", "question": "<image>\nHow many?", "answer": 3, "image": "good.png"}) + "\n")
+    assert read_items(path, "dropout-ntp")[0].chosen == "3" and read_items(path, "correctness")[0].answer == "3"
     # A field that would be ignored, leaving the question without its images, is refused.
     for extra, why in [({"images": ["good.png"]}, r"'images' is not read; did you mean 'image'\?"),
                        ({"video": "clip.mp4"}, "'video' is not supported")]:

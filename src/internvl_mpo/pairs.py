@@ -303,6 +303,8 @@ def _parse_item(row: dict, method: str, folder: Path, where: str) -> Item:
     image, images = _resolve_image(row.get("image"), folder, where)
     if method == DROPOUT_NTP:
         chosen = row.get("chosen") or row.get("answer")
+        if row.get("chosen") is None and isinstance(chosen, (int, float)):  # an answer of 3, as correctness reads it
+            chosen = _text_field(row, "answer", where)
         if not isinstance(chosen, str) or not chosen.strip():
             raise InputError(f"{where}: DropoutNTP needs a non-empty string 'chosen' (or 'answer')")
         try:
