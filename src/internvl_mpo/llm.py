@@ -159,6 +159,18 @@ def blocked_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out.view(*x.shape[:-1], out_features)
 
 
+def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x @ weight.T (+ bias) for one row x against a bf16 CPU weight, as torch.mv (addmv with a bias); None for
+    other dtypes or a non-contiguous weight. In bf16, F.linear's kernel streamed the small config's weights from
+    memory at 10-16 GB/s at one row on the 2-core Xeon (2026-12-06), torch.mv at 1.2-1.5 times that; the values came
+    out equal to F.linear's, bit for bit, there."""
+    if weight.dtype != torch.bfloat16 or not weight.is_contiguous():
+        return None
+    row = x.reshape(-1)
+    out = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
 # Smallest weights (entries) that take the few-row forms: from 64K entries (256 x 256) on, both pay
 # wherever the weight comes from memory rather than the caches (the small config's 128 x 896 k and
 # v projections gain too); smaller ones stay with nn.Linear's kernels.
@@ -169,22 +181,26 @@ FEW_ROWS_MAX = 16
 
 
 def few_row_weight(weight: torch.Tensor) -> bool:
-    """Whether a weight is one the few-row forms serve: fp32, on the CPU, FEW_ROWS_MIN_ENTRIES or more."""
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() >= FEW_ROWS_MIN_ENTRIES
+    """Whether a weight is one the few-row forms serve: fp32 (or bf16, one row), on the CPU, FEW_ROWS_MIN_ENTRIES or
+    more."""
+    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+            and weight.numel() >= FEW_ROWS_MIN_ENTRIES)
 
 
 def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                     one_row: bool = True, more_rows: bool = True) -> torch.Tensor | None:
     """x @ weight.T (+ bias) in a faster form for 1 to FEW_ROWS_MAX rows against a large fp32 CPU weight:
     `blocked_matvec` for one row (unless `one_row` is False), `row_blocks_matmul` for more (unless
-    `more_rows` is False); None: use the plain matmul (other devices and dtypes: in bf16 both forms are
-    slower than nn.Linear's kernels). Whether the forms pay depends on the CPU: the engine times them
-    (generate/cpu_forms.py)."""
+    `more_rows` is False); against a bf16 one, `matvec` for one row (in bf16 the fp32 forms are slower than
+    nn.Linear's kernels); None: use the plain matmul (other devices and dtypes). Whether the forms pay depends on
+    the CPU: the engine times them (generate/cpu_forms.py)."""
     rows = x.numel() // x.shape[-1]
     if not (1 <= rows <= FEW_ROWS_MAX and few_row_weight(weight)):
         return None
     if rows == 1:
-        return blocked_matvec(x, weight, bias) if one_row else None
+        if not one_row:
+            return None
+        return blocked_matvec(x, weight, bias) if weight.dtype == torch.float32 else matvec(x, weight, bias)
     return row_blocks_matmul(x, weight, bias) if more_rows else None
 
 
