@@ -252,8 +252,8 @@ def weight_stream_fn(model):
     times over: the bytes a batch-1 decode step must read at least, once per step. Each matrix takes
     the faster of two kernels (timed here): `W @ v`, and on an fp32 CPU the blocked bmm our decoder
     may use for one row (llm.blocked_matvec: about twice MKL's bandwidth on an AMD EPYC VM, half of it
-    on an Intel Xeon with AMX)."""
-    from internvl_mpo.llm import blocked_matvec
+    on an Intel Xeon with AMX; for bf16, llm.matvec)."""
+    from internvl_mpo.llm import blocked_matvec, matvec
 
     products = []
     with torch.no_grad():
@@ -264,6 +264,8 @@ def weight_stream_fn(model):
                 forms = [lambda w=w, v=v: w @ v]
                 if w.device.type == "cpu" and blocked_matvec(v.T, w) is not None:
                     forms.append(lambda w=w, v=v: blocked_matvec(v.T, w))
+                if w.device.type == "cpu" and matvec(v.T, w) is not None:  # bf16
+                    forms.append(lambda w=w, v=v: matvec(v.T, w))
                 products.append(min(forms, key=lambda f: timed(f, repeat=3, budget_s=0)))
 
     def stream(passes: int) -> None:
