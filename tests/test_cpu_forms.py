@@ -95,14 +95,17 @@ def test_engine_sets_each_large_linear_and_the_head_and_times_a_shape_once(monke
     assert all(forms_of(model)[n] == (True, True) for n in forms if n.endswith(("gate_proj", "up_proj", "down_proj")))
 
 
-def test_bf16_weights_time_torch_mv_for_one_row_and_no_form_for_more(monkeypatch):
-    """In bf16 F.linear streamed a one-row product's weight at 10-16 GB/s on the Xeon, torch.mv at 1.2-1.5 times
-    that: bf16 weights took no form (both fp32 forms are slower there); their one-row form is now `matvec`, timed
-    as the fp32 forms are, kept apart from fp32 weights of the same shape; the row blocks do not apply."""
+def test_bf16_weights_time_their_own_forms(monkeypatch):
+    """In bf16 F.linear streamed a decode step's weights at 8-16 GB/s on the Xeon, torch.mv at 1.2-1.5 times that
+    for one row and W @ x.T at 1.1-1.5 times for 2-16 rows, with the same values: bf16 weights took no form (both
+    fp32 forms are slower there). Their forms are `matvec` and `transposed_matmul`, timed as the fp32 forms are,
+    and kept apart from fp32 weights of the same shape."""
     weights = [(torch.randn(1024, 256).bfloat16(), torch.randn(1024).bfloat16()) for _ in range(3)]
     monkeypatch.setattr(cpu_forms, "matvec", slow(cpu_forms.matvec))
-    assert cpu_forms.time_forms(weights) == (False, False)
+    monkeypatch.setattr(cpu_forms, "transposed_matmul", instant)
+    assert cpu_forms.time_forms(weights) == (False, True)
     monkeypatch.setattr(cpu_forms, "matvec", instant)
+    monkeypatch.setattr(cpu_forms, "transposed_matmul", slow(instant))
     assert cpu_forms.time_forms(weights) == (True, False)
     monkeypatch.setattr(cpu_forms, "_choices", {})
     timed = []
@@ -112,11 +115,14 @@ def test_bf16_weights_time_torch_mv_for_one_row_and_no_form_for_more(monkeypatch
     assert Engine(model.to(torch.bfloat16)).head_forms == (True, False) and set(timed) == {torch.float32, torch.bfloat16}
     layer = Linear(256, 1024).bfloat16()
     with torch.no_grad():
-        one, three = torch.randn(1, 256).bfloat16(), torch.randn(3, 256).bfloat16()
-        assert_close(few_rows_matmul(one, layer.weight, layer.bias, True, True),
-                     torch.nn.functional.linear(one, layer.weight, layer.bias), rtol=1e-2, atol=1e-2)
-        assert few_rows_matmul(three, layer.weight, layer.bias, True, True) is None  # F.linear's
-        assert few_rows_matmul(one, layer.weight, layer.bias, False, True) is None
+        for x in (torch.randn(1, 256), torch.randn(3, 256), torch.randn(2, 1, 256), torch.randn(16, 256)):
+            x = x.bfloat16()
+            out = few_rows_matmul(x, layer.weight, layer.bias, True, True)
+            assert out.shape == (*x.shape[:-1], 1024)
+            assert_close(out, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-2, atol=1e-2)
+        assert few_rows_matmul(torch.randn(17, 256).bfloat16(), layer.weight, layer.bias, True, True) is None
+        assert few_rows_matmul(torch.randn(1, 256).bfloat16(), layer.weight, layer.bias, False, True) is None
+        assert few_rows_matmul(torch.randn(3, 256).bfloat16(), layer.weight, layer.bias, True, False) is None
 
 
 def test_forms_turned_off_give_f_linear_exactly():

@@ -9,8 +9,8 @@ Xeon with AMX (2026-12-06) it ran at half MKL's rate (1.66 against 0.89 ms for a
 from memory), while MKL's 4-row product ran at half its one-row rate and the row blocks near it (0.8-1.0
 against 1.2-1.4 ms for that weight). The form the row blocks replaced, W @ x.T, was the faster one for
 2-4 rows on the EPYC VM and no faster than MKL on the Xeon; the row blocks were not timed on the EPYC VM.
-Against bf16 weights the one-row form is `matvec` (torch.mv: 1.2-1.5 times F.linear's rate on that Xeon) and
-the row blocks do not apply.
+Against bf16 weights the forms are `matvec` for one row (torch.mv: 1.2-1.5 times F.linear's rate on that Xeon)
+and `transposed_matmul` for more (W @ x.T: 1.1-1.5 times).
 
 So the engine times them, the first time it meets a weight shape in a process: each form against
 F.linear over the model's weights of that shape (up to BUDGET_BYTES of them, the way a decode step
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..llm import Linear, blocked_matvec, few_row_weight, matvec, row_blocks_matmul, thread_count
+from ..llm import Linear, blocked_matvec, few_row_weight, matvec, row_blocks_matmul, thread_count, transposed_matmul
 
 BUDGET_BYTES = 256 << 20  # the weights of one shape streamed in a timed pass
 ROUNDS = 3
@@ -45,16 +45,16 @@ def _pass_seconds(form, x: torch.Tensor, pairs: list) -> float:
 
 def time_forms(pairs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[bool, bool]:
     """(one_row, more_rows): whether `blocked_matvec` (one row; `matvec` for bf16) and `row_blocks_matmul`
-    (MORE_ROWS rows) beat F.linear over `pairs` of fp32 (or bf16) CPU weights of one shape and their biases (False
-    where a form does not apply to the shape or dtype)."""
+    (MORE_ROWS rows; `transposed_matmul` for bf16) beat F.linear over `pairs` of fp32 (or bf16) CPU weights of one
+    shape and their biases (False where a form does not apply to the shape or dtype)."""
     width, dtype = pairs[0][0].shape[1], pairs[0][0].dtype
     one, more = torch.randn(1, width, dtype=dtype), torch.randn(MORE_ROWS, width, dtype=dtype)
     forms = {"linear 1": (F.linear, one), "linear more": (F.linear, more)}
-    one_row = blocked_matvec if dtype == torch.float32 else matvec
+    one_row, more_rows = (blocked_matvec, row_blocks_matmul) if dtype == torch.float32 else (matvec, transposed_matmul)
     if one_row(one, pairs[0][0]) is not None:  # it applies (threads, row count, dtype)
         forms["blocked"] = (one_row, one)
-    if row_blocks_matmul(more, pairs[0][0]) is not None:  # it applies (a block size divides the rows)
-        forms["row blocks"] = (row_blocks_matmul, more)
+    if more_rows(more, pairs[0][0]) is not None:  # it applies (a block size divides the rows, dtype)
+        forms["row blocks"] = (more_rows, more)
     best = dict.fromkeys(forms, float("inf"))
     with torch.no_grad():
         _pass_seconds(F.linear, one, pairs)  # first touch: mapped weights fault their pages in here
