@@ -2,6 +2,7 @@
 
 import time
 
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -36,13 +37,17 @@ def forms_of(model) -> dict:
     return {name: (m.one_row, m.more_rows) for name, m in model.language_model.named_modules() if isinstance(m, Linear)}
 
 
-def test_a_form_slower_than_f_linear_is_turned_off_and_a_faster_one_kept(monkeypatch):
-    weights = [(torch.randn(1024, 256), None) for _ in range(3)]
-    monkeypatch.setattr(cpu_forms, "blocked_matvec", slow(cpu_forms.blocked_matvec))
-    monkeypatch.setattr(cpu_forms, "row_blocks_matmul", instant)
+@pytest.mark.parametrize("dtype, one_row, more_rows", [(torch.float32, "blocked_matvec", "row_blocks_matmul"),
+                                                       (torch.bfloat16, "matvec", "transposed_matmul")])
+def test_a_form_slower_than_f_linear_is_turned_off_and_a_faster_one_kept(monkeypatch, dtype, one_row, more_rows):
+    """Each dtype's forms (bf16 took none: both fp32 forms are slower there, while torch.mv and W @ x.T streamed its
+    weights at 1.1-1.5 times F.linear's rate on the Xeon, with the same values)."""
+    weights = [(torch.randn(1024, 256, dtype=dtype), torch.randn(1024, dtype=dtype)) for _ in range(3)]
+    monkeypatch.setattr(cpu_forms, one_row, slow(getattr(cpu_forms, one_row)))
+    monkeypatch.setattr(cpu_forms, more_rows, instant)
     assert cpu_forms.time_forms(weights) == (False, True)
-    monkeypatch.setattr(cpu_forms, "blocked_matvec", instant)
-    monkeypatch.setattr(cpu_forms, "row_blocks_matmul", slow(instant))
+    monkeypatch.setattr(cpu_forms, one_row, instant)
+    monkeypatch.setattr(cpu_forms, more_rows, slow(instant))
     assert cpu_forms.time_forms(weights) == (True, False)
 
 
@@ -95,18 +100,9 @@ def test_engine_sets_each_large_linear_and_the_head_and_times_a_shape_once(monke
     assert all(forms_of(model)[n] == (True, True) for n in forms if n.endswith(("gate_proj", "up_proj", "down_proj")))
 
 
-def test_bf16_weights_time_their_own_forms(monkeypatch):
-    """In bf16 F.linear streamed a decode step's weights at 8-16 GB/s on the Xeon, torch.mv at 1.2-1.5 times that
-    for one row and W @ x.T at 1.1-1.5 times for 2-16 rows, with the same values: bf16 weights took no form (both
-    fp32 forms are slower there). Their forms are `matvec` and `transposed_matmul`, timed as the fp32 forms are,
-    and kept apart from fp32 weights of the same shape."""
-    weights = [(torch.randn(1024, 256).bfloat16(), torch.randn(1024).bfloat16()) for _ in range(3)]
-    monkeypatch.setattr(cpu_forms, "matvec", slow(cpu_forms.matvec))
-    monkeypatch.setattr(cpu_forms, "transposed_matmul", instant)
-    assert cpu_forms.time_forms(weights) == (False, True)
-    monkeypatch.setattr(cpu_forms, "matvec", instant)
-    monkeypatch.setattr(cpu_forms, "transposed_matmul", slow(instant))
-    assert cpu_forms.time_forms(weights) == (True, False)
+def test_bf16_weights_are_timed_apart_from_fp32_ones_of_the_same_shape(monkeypatch):
+    """bf16 weights' forms (`matvec`, `transposed_matmul`) are timed as the fp32 forms are, kept apart from those of
+    fp32 weights of the same shape, and give F.linear's values for 1-16 rows."""
     monkeypatch.setattr(cpu_forms, "_choices", {})
     timed = []
     monkeypatch.setattr(cpu_forms, "time_forms", lambda pairs: timed.append(pairs[0][0].dtype) or (True, False))
