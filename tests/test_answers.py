@@ -609,6 +609,9 @@ def test_known_units_must_agree(prediction, truth, expected):
         # a degree sign with its scale was text: only the same spelling was right ("30", "30 °C" were wrong)
         ("30", "30°C", True), ("30 °C", "30°C", True), ("30 degrees Celsius", "30℃", True), ("-3", "-3 °C", True),
         ("31 °C", "30°C", False), ("30 cm", "30 °C", False), ("30°C", "30 degrees Celsius", True),
+        # the scale, where both name one, must agree; a bare degree goes with either
+        ("30 °F", "30°C", False), ("30 degrees Fahrenheit", "30 ℃", False), ("30°", "30 °F", True),
+        ("30 °F", "30 degrees", True), ("30° clockwise", "30°C", True),
     ],
 )
 def test_a_ground_truth_with_a_long_unit_name_is_a_number(prediction, truth, expected):

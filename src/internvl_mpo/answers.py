@@ -236,6 +236,7 @@ _BOUND_AFTER = re.compile(
 )
 _PERCENT_WORD = re.compile(r"\s*percent", re.IGNORECASE)
 _UNIT_WORD = re.compile(r"\s*(°|[A-Za-z]+)")  # the word after a number, for `_unit`
+_DEGREE_SCALE = re.compile(r"\s*(celsius|centigrade|fahrenheit|c|f)(?![a-z])", re.IGNORECASE)  # after "°" or "degrees"
 # A root or pi in a text ground truth: compared as math (`normalize_math`).
 _MATH_MARK = re.compile(rf"\\sqrt|[{_ROOTS}]|\b(?:sqrt|cbrt)\s*\(|\\pi|π")
 _SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺"
@@ -727,16 +728,24 @@ def parse_number(text: str) -> Number | None:
 
 def _unit(text: str) -> str | None:
     """The known unit (`_UNIT_NAMES`) written right after the first number, of the answer's part after
-    the last "=" or "≈", that has one ("5 centimeters" -> "cm", "30°C" -> "°", "3 m/s" -> "m"), or None."""
+    the last "=" or "≈", that has one ("5 centimeters" -> "cm", "30° C" -> "°C", "30 degrees" -> "°", "3 m/s" ->
+    "m"), or None."""
     s = _number_part(text)
     for match in _NUMBER_RE.finditer(s):
         word = _UNIT_WORD.match(s, match.end())
         if word:
             name = word.group(1).casefold()
             unit = _UNITS.get(name) or (_UNITS.get(name[:-1]) if len(name) > 2 and name.endswith("s") else None)
+            if unit == "°" and (scale := _DEGREE_SCALE.match(s, word.end())):
+                return "°" + scale.group(1)[0].upper()
             if unit:
                 return unit
     return None
+
+
+def _same_unit(a: str, b: str) -> bool:
+    """Whether two units of `_unit` agree: equal, or a degree without its scale beside one with it."""
+    return a == b or {a, b} <= {"°", "°C", "°F"} and "°" in (a, b)
 
 
 def _is_cjk(ch: str) -> bool:
@@ -896,7 +905,7 @@ def check_answer(
         if got is None:
             return None
         units = _unit(prediction), _unit(ground_truth)
-        if None not in units and units[0] != units[1]:
+        if None not in units and not _same_unit(*units):
             return False
         tol = 0.0 if target.value.is_integer() else rel_tol
         if _close(got.value, target.value, tol):
