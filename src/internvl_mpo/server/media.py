@@ -183,9 +183,7 @@ def _fetch_remote(url: str, param: str, settings: ServerSettings, resolve=socket
         with opener.open(url, timeout=settings.image_timeout) as response:
             while len(data) <= settings.max_image_bytes and (piece := response.read1(2**16)):
                 data += piece
-                if deadline.passed():
-                    raise late
-        if deadline.passed():  # the body may end early at the shutdown
+        if deadline.passed():  # a body the shutdown cut ends early
             raise late
     except HostRefused as e:
         raise ApiError(400, f"{param}: refused to fetch {url[:200]}: {e}; start the server with "
