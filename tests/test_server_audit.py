@@ -1,5 +1,7 @@
 """Findings of a user's audit of the OpenAI-compatible server (chat), each pinned where it was fixed."""
 
+import json
+
 import pytest
 
 pytest.importorskip("fastapi")
@@ -37,3 +39,20 @@ def test_a_video_urls_errors_speak_of_a_video(url, words):
     with pytest.raises(ApiError) as e:
         image_bytes(url, "messages[0].content[0].image_url", settings)
     assert words.replace("video", "image") in e.value.message and "video" not in e.value.message
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"\ud800": 1}, 'unrecognized request argument supplied: "\\ud800"'),
+    ({"stream": True, "stream_options": {"\ud800": True}}, "stream_options.\\ud800 is not a stream option"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}, "\ud800": 1}}},
+     "response_format.json_schema.\\ud800 is not a field"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "\ud800": 1}}]},
+     "tools[0].function.\\ud800 is not a field"),
+])
+def test_an_unknown_key_that_is_not_valid_unicode_is_a_400_that_encodes(body, words):
+    """An unknown key holding a lone surrogate went into the error's message or param as it was, and rendering the
+    400 failed on it (UnicodeEncodeError: the client got a 500 and the log a traceback); it is written as its escape."""
+    with pytest.raises(ApiError) as e:
+        parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **body}, ServerSettings())
+    assert e.value.status == 400 and words in e.value.message
+    json.dumps(e.value.body(), ensure_ascii=False).encode("utf-8")  # what the server sends (starlette's rendering)

@@ -55,6 +55,9 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  type: str = "invalid_request_error"):
+        # A key or value quoted from the body may hold a lone surrogate (a JSON \ud800 escape), which no UTF-8 error
+        # body can carry: written as its escape, as json.dumps would show it.
+        message, param = (s if s is None else s.encode("utf-8", "backslashreplace").decode() for s in (message, param))
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
