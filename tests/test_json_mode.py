@@ -369,3 +369,23 @@ def test_in_key_marks_the_bytes_of_object_keys_and_only_those():
         if jm.in_key(state):
             inside.add(i)
     assert state is not None and inside == expected
+
+
+def test_a_number_holds_at_most_max_number_digits_digits_in_a_row_and_masks_count_them():
+    """A number of more than 4300 digits was taken as complete, and json.loads refuses it (Python's int limit); each
+    run of digits (integer part, fraction, exponent) holds at most MAX_NUMBER_DIGITS now, and a state's mask, cached
+    with the run set to 0, leaves out the tokens whose leading digits would pass it."""
+    most = jm.MAX_NUMBER_DIGITS
+    for text in (b"1" * most, b"-" + b"9" * most, b"0." + b"5" * most, b"1e" + b"7" * most, b"1.5E-" + b"3" * most):
+        assert complete(b'{"a":' + text + b"}")
+        assert state_of(b'{"a":' + text + b"1") is None
+    assert state_of(b'{"a":1' + b"0" * most) is None
+    assert complete(b'{"a":' + b"1" * most + b"." + b"2" * most + b"e" + b"3" * most + b"}")  # each run its own
+    vocabulary = jm.JsonVocabulary([bytes([b]) for b in range(256)] + [b"123", b"45]", b"6,"], 259)
+    at = state_of(b'{"a":[' + b"1" * (most - 2))
+    assert at[3] == most - 2 and jm.unspaced(at)[3] == 0
+    mask = vocabulary.mask(at)
+    assert mask[ord("1")] and mask[257] and mask[258] and not mask[256]  # "123" would pass the limit, "45]" not
+    mask = vocabulary.mask(jm.advance_bytes(at, b"11"))
+    assert not mask[ord("1")] and not mask[257] and mask[ord(".")] and mask[ord("]")]
+    assert not vocabulary.mask(jm.advance_bytes(at, b"1"))[256]

@@ -1528,3 +1528,76 @@ def test_the_root_s_id_is_taken_as_json_schema_s_own_examples_write_it_and_refs_
     assert complete(product, b'{"productId": 1, "tag": "b"}') and complete(product, b'{"productId": 1}')
     assert refused_at(product, b'{"productId": 1, "tag": "c"}') == 25
     assert refused_at(product, b'{"$id": 1}') == 2
+
+
+def test_enum_and_const_equality_tells_booleans_from_numbers_at_every_depth():
+    """Python's == takes [0] for [False] and {"a": 0} for {"a": False}: a const [False] beside an enum holding [0]
+    let "[0]" through, and consts no enum value equals (JSON Schema's equality) compiled."""
+    schema = {"enum": [[0], [False]], "const": [False]}
+    assert refused_at(schema, b"[0]") == 1 and complete(schema, b"[false]")
+    for schema in ({"enum": [[True]], "const": [1]}, {"enum": [{"a": False}], "const": {"a": 0}}):
+        with pytest.raises(js.SchemaError, match="const at # is none of its enum's values"):
+            js.compile_schema(schema)
+    assert complete({"enum": [[1.0, {"a": [None]}]], "const": [1, {"a": [None]}]}, b'[1.0,{"a":[null]}]')
+
+
+@pytest.mark.parametrize("schema, text", [
+    ({"type": "number", "minimum": 2**53 + 1}, b"9007199254740993.0"),  # reads as 2**53
+    ({"type": "number", "minimum": 2**53 + 1}, b"9007199254740993e0"),
+    ({"type": "number", "maximum": 2**53 + 3}, b"9007199254740995.0"),  # reads as 2**53 + 4
+    ({"type": "number", "maximum": -20820017870132778235}, b"-20820017870132778235.5"),
+])
+def test_an_included_bound_that_is_no_double_holds_as_json_loads_reads_the_digits(schema, text):
+    """Past 2**53 an included bound may lie between two doubles; digits with a fraction or an exponent were held to
+    the exact bound, and json.loads reads them as the double on the wrong side of it."""
+    assert not validator(schema).is_valid(json.loads(text))
+    assert not complete(schema, text)
+    bound = schema.get("minimum", schema.get("maximum"))
+    inner = math.nextafter(float(bound), math.inf if "minimum" in schema else -math.inf)
+    for written in (repr(float(bound)), repr(inner)):  # a double on the inner side is taken, one outside it is not
+        assert complete(schema, written.encode()) == validator(schema).is_valid(json.loads(written))
+
+
+def test_a_long_number_is_cut_at_max_number_digits_not_a_value_error_mid_answer():
+    """Bounded numbers of more than 4300 digits (or exponent digits) raised ValueError from int() inside the decode
+    step; every run of digits holds at most MAX_NUMBER_DIGITS, and bounds or enum values that need more are refused
+    when the schema is compiled."""
+    most = jm.MAX_NUMBER_DIGITS
+    for schema in ({"type": "integer", "minimum": 0}, {"type": "number", "minimum": 0}, {"type": "number"}):
+        assert complete(schema, b"1" * most) and refused_at(schema, b"1" * (most + 1)) == most
+    assert complete({"type": "number", "maximum": 5}, b"1e-" + b"0" * (most - 1) + b"1")
+    assert refused_at({"type": "number", "maximum": 5}, b"1e-" + b"0" * most + b"1") == most + 3
+    for schema in ({"type": "integer", "minimum": 10**most}, {"type": "integer", "maximum": -(10**most)},
+                   {"enum": [1, 10**most]}):
+        with pytest.raises(js.SchemaError, match=f"more than {most} digits"):
+            js.compile_schema(schema)
+    assert complete({"type": "integer", "minimum": 10**most - 1}, b"9" * most)
+
+
+def test_ref_pointers_are_percent_decoded_and_array_indexes_are_ascii_digits():
+    """A $ref's fragment is a URI fragment (RFC 6901, section 6): "#/$defs/a%25" points to the key "a%" (it pointed
+    to "a%25"), "a%20b" to "a b" (refused before); "²" passed str.isdigit and raised ValueError from int()."""
+    schema = {"$defs": {"a%25": {"type": "string"}, "a%": {"type": "integer"}}, "$ref": "#/$defs/a%25"}
+    assert complete(schema, b"1") and refused_at(schema, b'"x"') == 0
+    assert complete({"$defs": {"a b": {"type": "string"}}, "$ref": "#/$defs/a%20b"}, b'"x"')
+    items = {"type": "array", "prefixItems": [{"type": "string"}, {"type": "integer"}]}
+    assert complete({"properties": {"a": {"$ref": "#/properties/b/prefixItems/1"}, "b": items}, "type": "object",
+                     "required": ["a"], "additionalProperties": False}, b'{"a":5}')
+    for index in ("\u00b2", "01", "1" * 30, "%FF"):
+        schema = {"type": "object", "properties": {"a": {"$ref": f"#/properties/b/prefixItems/{index}"}, "b": items}}
+        with pytest.raises(js.SchemaError, match=r"\$ref .* at #/properties/a/\$ref (points to nothing|percent-enc)"):
+            js.compile_schema(schema)
+
+
+def test_a_huge_length_beside_a_pattern_is_held_or_refused_not_an_overflow():
+    """maxLength 10**20 beside a pattern raised OverflowError (a 10**20-bit length table), 10**19 beside the ipv4
+    format MemoryError, and 10**6 ran for minutes; above MAX_PATTERN_LENGTH a maxLength is held at it and a
+    minLength refused."""
+    most = js.MAX_PATTERN_LENGTH
+    schema = {"type": "string", "pattern": "^a+$", "maxLength": 10**20}
+    assert complete(schema, b'"' + b"a" * most + b'"') and refused_at(schema, b'"' + b"a" * (most + 1)) == most + 1
+    assert complete({"type": "string", "format": "ipv4", "minLength": 7, "maxLength": 10**19}, b'"1.2.3.4"')
+    for schema in ({"type": "string", "pattern": "^a+$", "minLength": most + 1},
+                   {"type": "string", "format": "ipv4", "minLength": 10**20}):
+        with pytest.raises(js.SchemaError, match=f"minLength at # beside the (pattern|format ipv4) is above {most}"):
+            js.compile_schema(schema)

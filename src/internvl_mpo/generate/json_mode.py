@@ -6,18 +6,18 @@ followed by the low half's, as I-JSON (RFC 7493) asks and Pydantic's reader take
 grammar (`-0.5e+3`; no `01`, `.5`, `+1`, `1.`), `true`/`false`/`null` and whitespace. It works on bytes, as a
 byte-level BPE token may hold part of a UTF-8 character: inside strings it takes only well-formed UTF-8 (no overlong
 forms, surrogates or code points past U+10FFFF; the continuation bytes still due are part of the state) and no raw
-control bytes (< 0x20). Two bounds keep a model from looping: at most `whitespace_limit(depth)` whitespace bytes in
+control bytes (< 0x20). Three bounds keep a model from looping: at most `whitespace_limit(depth)` whitespace bytes in
 a row outside strings, a CR LF and 4 spaces of indentation for each container open (pretty-printed JSON passes; 2
-before the object), and at most MAX_DEPTH nested objects and arrays. Whitespace may come before the object, none
-after it.
+before the object), and at most MAX_DEPTH nested objects and arrays; and at most MAX_NUMBER_DIGITS digits in a row in
+a number. Whitespace may come before the object, none after it.
 
 A state is a hashable tuple (mode, detail, open containers as a str of "{" and "[", whitespace bytes in a
-row); None is a rejected prefix.
+row, or in a number its digits in a row); None is a rejected prefix.
 
 `JsonVocabulary` indexes a tokenizer's tokens to give, for a state, the mask of the token ids whose bytes
 keep the output a valid prefix (`mask`). Special tokens, and ids without bytes, are never in it. Masks
-are cached by state (the state with its whitespace count set to 0: the count only removes the tokens
-that begin with too long a whitespace run, a vectorized check). Outside strings a mask is found by a walk
+are cached by state (the state with its whitespace count, or a number's digit count, set to 0: the count only
+removes the tokens that begin with too long a run, a vectorized check). Outside strings a mask is found by a walk
 of the sorted tokens as a trie, each branch cut at its first rejected byte (`_walk`), after an escape by all of
 them walked together a byte position at a time (`walk_flat`); inside a string, the tokens of plain string
 content (no `"`, `\\` or control byte) are a class precomputed for each of the 8 UTF-8 states, so only the
@@ -38,6 +38,9 @@ import numpy
 from ..errors import InputError
 
 MAX_DEPTH = 32
+# digits in a row in a number (its integer part, fraction or exponent): json.loads refuses an integer of more than
+# 4300 (Python's int limit, at least 640 wherever it is set), and nothing real is this long
+MAX_NUMBER_DIGITS = 300
 CACHED_MASKS = 512  # masks kept per vocabulary, packed 8 to a byte (19 KB each for a Qwen2 vocabulary)
 FEW_WORDS = 256  # walk_flat walks the words still taken as a trie once they are this few
 CACHED_CLASSES = 16  # token class tables kept per vocabulary (by byte runs; 0.6 MB each for a Qwen2 vocabulary)
@@ -111,9 +114,9 @@ def _value(stack: str, byte: int):
             return None
         return (OBJECT_START, 0, stack + "{", 0) if byte == 0x7B else (ARRAY_START, 0, stack + "[", 0)
     if 0x31 <= byte <= 0x39:
-        return (NUMBER, INT, stack, 0)
+        return (NUMBER, INT, stack, 1)
     if byte == 0x30:
-        return (NUMBER, ZERO, stack, 0)
+        return (NUMBER, ZERO, stack, 1)
     if byte == 0x2D:  # -
         return (NUMBER, MINUS, stack, 0)
     if byte == 0x74:
@@ -166,9 +169,9 @@ def advance(state, byte: int):
         return (OBJECT_START, 0, "{", 0) if byte == 0x7B else None  # START: the top-level value is an object
     if mode == NUMBER:
         if 0x30 <= byte <= 0x39:
-            if detail == ZERO:
-                return None  # no leading zeros
-            return (NUMBER, ZERO if detail == MINUS and byte == 0x30 else DIGIT_AFTER[detail], stack, 0)
+            if detail == ZERO or ws >= MAX_NUMBER_DIGITS:
+                return None  # no leading zeros, no endless digits
+            return (NUMBER, ZERO if detail == MINUS and byte == 0x30 else DIGIT_AFTER[detail], stack, ws + 1)
         if byte == 0x2E and (detail == ZERO or detail == INT):
             return (NUMBER, DOT, stack, 0)
         if (byte == 0x65 or byte == 0x45) and detail in (ZERO, INT, FRAC):
@@ -209,12 +212,16 @@ def advance_bytes(state, data: bytes, advance=advance):
 
 
 def unspaced(state):
-    """`state` with its whitespace run set to 0, as masks are cached (only the modes between values count one)."""
-    return (state[0], state[1], state[2], 0) if state[0] in SPACED and state[3] else state
+    """`state` with its whitespace run (or a number's run of digits) set to 0, as masks are cached."""
+    return (state[0], state[1], state[2], 0) if state[3] and (state[0] in SPACED or state[0] == NUMBER) else state
 
 
 def _leading_whitespace(piece: bytes) -> int:
     return len(piece) - len(piece.lstrip(b" \t\n\r"))
+
+
+def _leading_digits(piece: bytes) -> int:
+    return len(piece) - len(piece.lstrip(b"0123456789"))
 
 
 class JsonVocabulary:
@@ -235,11 +242,14 @@ class JsonVocabulary:
         self._quoted_words = [piece for piece, _ in quoted]
         self._quoted_ids = numpy.array([i for _, i in quoted], dtype=numpy.int64)
         self._lead_ws = numpy.zeros(size, dtype=numpy.int32)
+        self._lead_digits = numpy.zeros(size, dtype=numpy.int32)
         # the tokens of plain string content valid from each UTF-8 state u (ASCII ones from u 0 only)
         self._content = numpy.zeros((len(UTF8), size), dtype=bool)
         for piece, i in usable:
             if piece[0] in WHITESPACE:
                 self._lead_ws[i] = _leading_whitespace(piece)
+            elif 0x30 <= piece[0] <= 0x39:
+                self._lead_digits[i] = _leading_digits(piece)
             if len(PLAIN_CONTENT.match(piece)[0]) != len(piece):
                 continue
             if piece.isascii():
@@ -322,8 +332,8 @@ class JsonVocabulary:
 
     def cached_mask(self, cache: OrderedDict, limit: int, key, lexical, compute) -> numpy.ndarray:
         """A new boolean array (size,): the mask `compute()` gives, kept packed in `cache` (its `limit` most recent)
-        by `key`, which holds the state with its whitespace run set to 0 (`unspaced`); the run of the lexical state
-        `lexical` then leaves room for tokens that begin with a shorter run only (None: a state without one)."""
+        by `key`, which holds the state with its whitespace or digit run set to 0 (`unspaced`); the run of the lexical
+        state `lexical` then leaves room for tokens that begin with a shorter run only (None: a state without one)."""
         packed = cache.get(key)
         if packed is None:
             packed = cache[key] = numpy.packbits(compute())
@@ -332,8 +342,11 @@ class JsonVocabulary:
         else:
             cache.move_to_end(key)
         mask = numpy.unpackbits(packed, count=self.size).view(bool)
-        if lexical is not None and lexical[0] in SPACED and lexical[3]:
-            mask &= self._lead_ws <= whitespace_limit(len(lexical[2])) - lexical[3]
+        if lexical is not None and lexical[3]:
+            if lexical[0] in SPACED:
+                mask &= self._lead_ws <= whitespace_limit(len(lexical[2])) - lexical[3]
+            elif lexical[0] == NUMBER:
+                mask &= self._lead_digits <= MAX_NUMBER_DIGITS - lexical[3]
         return mask
 
     def _compute(self, state) -> numpy.ndarray:

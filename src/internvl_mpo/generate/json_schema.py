@@ -50,6 +50,7 @@ import calendar
 import json
 import math
 import re
+import urllib.parse
 from fractions import Fraction
 from functools import lru_cache
 
@@ -132,6 +133,9 @@ REGEX_FORMATS = {"email": (_EMAIL, 254), "hostname": (_HOSTNAME, 253), "ipv4": (
 UNWRITTEN = '"\\' + "".join(map(chr, range(0x20))) + "\u00a0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + \
     "\u2028\u2029\u202f\u205f\u3000\ufeff"
 MAX_PATTERN_STATES = 5_000  # automaton states of a pattern (or format) with a length bound, searched at compile time
+# lengths (code points) a pattern's length table tracks: beside a pattern a maxLength above it is held at it (fewer
+# values), a minLength above it refused; the table's work grows with the square of the lengths
+MAX_PATTERN_LENGTH = 4096
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 KNOWN = ANNOTATIONS | frozenset(("type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions",
                                  "format", "pattern", "multipleOf") + OBJECT_KEYS + ARRAY_KEYS + STRING_KEYS +
@@ -284,9 +288,14 @@ class Schema:
             raise SchemaError(f"$ref at {path} must be '#' or a JSON pointer into this schema ('#/$defs/...'), got "
                               f"{_short(ref)}")
         target = self._document
-        for part in ref[2:].split("/") if ref != "#" else ():
+        try:  # a $ref is a URI reference: its fragment is the pointer percent-encoded (RFC 6901, section 6)
+            pointer = urllib.parse.unquote(ref[2:], errors="strict")
+        except UnicodeDecodeError:
+            raise SchemaError(f"$ref {_short(ref)} at {path} percent-encodes bytes that are not UTF-8") from None
+        for part in pointer.split("/") if ref != "#" else ():
             part = part.replace("~1", "/").replace("~0", "~")
-            if isinstance(target, list) and part.isdigit() and int(part) < len(target):
+            index = re.fullmatch("0|[1-9][0-9]{0,17}", part)  # an array index: ASCII digits, no leading zero
+            if isinstance(target, list) and index and int(part) < len(target):
                 target = target[int(part)]
             elif isinstance(target, dict) and part in target:
                 target = target[part]
@@ -353,6 +362,10 @@ class Schema:
             return self._alternative("string", min_length=low, max_length=high)
         if not low and high == INFINITE:
             return self._alternative("string", automaton=regex)
+        if low > MAX_PATTERN_LENGTH:
+            raise SchemaError(f"minLength at {path} beside {where.split(' at ')[0]} is above {MAX_PATTERN_LENGTH}, the "
+                              "longest string such a pair is held to here")
+        high = min(high, MAX_PATTERN_LENGTH)
         lengths = _lengths(regex, low, high)
         if lengths is None:
             raise SchemaError(f"{where} with minLength/maxLength is too complex: its automaton has more than "
@@ -420,6 +433,10 @@ class Schema:
         if others:
             raise SchemaError(f"{others[0]} beside enum/const at {path} is not supported")
         values = [v for v in values if _type_of(v) in kinds or _type_of(v) == "integer" and "number" in kinds]
+        widest = 10**jm.MAX_NUMBER_DIGITS
+        if any(isinstance(v, int) and not isinstance(v, bool) and abs(v) >= widest for v in values):
+            raise SchemaError(f"an integer of the enum/const at {path} has more than {jm.MAX_NUMBER_DIGITS} digits, "
+                              "more than a number of the output may hold")
         if not values:
             raise SchemaError(f"no value of the enum/const at {path} has its type")
         strings = tuple(dict.fromkeys(_utf8(v, path) for v in values if isinstance(v, str)))
@@ -481,8 +498,8 @@ class Schema:
         """The state after one more byte, or None where no value the schema takes begins with the bytes."""
         lexical, threads = state
         if lexical[0] == jm.NUMBER and not lexical[2]:  # a top-level number: nothing may follow it
-            after = jm.advance((jm.NUMBER, lexical[1], "[", 0), byte)
-            after = (jm.NUMBER, after[1], "", 0) if after is not None and after[0] == jm.NUMBER else None
+            after = jm.advance((jm.NUMBER, lexical[1], "[", lexical[3]), byte)
+            after = (jm.NUMBER, after[1], "", after[3]) if after is not None and after[0] == jm.NUMBER else None
         else:
             after = jm.advance(lexical, byte)
         if after is None:
@@ -929,23 +946,36 @@ def _number_bounds(schema: dict, kind: str, path: str) -> dict:
     if not _meets(bounds["lower"], bounds["upper"]):
         raise SchemaError(f"no {'integer' if kind == 'integer' else 'number'} at {path} is within its bounds "
                           f"(minimum/maximum)")
+    widest = 10**jm.MAX_NUMBER_DIGITS  # an integer's digits are as many at most (a number has its exponent)
+    if kind == "integer" and (bounds["lower"] and bounds["lower"][0] >= widest or
+                              bounds["upper"] and bounds["upper"][0] <= -widest):
+        raise SchemaError(f"every integer at {path} within its bounds has more than {jm.MAX_NUMBER_DIGITS} digits, "
+                          "more than a number of the output may hold")
     return bounds
 
 
 def _as_read(bound: tuple, lower: bool, where: str) -> tuple:
     """A number's bound on the digits written, such that the number also meets it as a reader that takes the digits
     as a double (json.loads, Pydantic, jsonschema) sees it. An included bound also takes the digits that read as the
-    bound's double (json.dumps writes 0.1 for the double 0.1000000000000000055...); an excluded one none that round
-    onto it (the midpoint to the next double, taken as excluded). Past 2**53, where json.loads reads digits without a
-    fraction or exponent as an exact int, the bound itself holds too."""
+    bound's double (json.dumps writes 0.1 for the double 0.1000000000000000055...), or where the bound is no double
+    (an integer past 2**53), of the nearest double on its inner side; an excluded one none that round onto it (the
+    midpoint to the next double, taken as excluded). Past 2**53, where json.loads reads digits without a fraction or
+    exponent as an exact int, the bound itself holds too (so an included bound that is no double takes no digits
+    between it and that double: fewer values, never more)."""
     value, excluded = bound
     try:
         near = float(value)
     except OverflowError:
         raise SchemaError(f"{where} is beyond the range of a double") from None
-    if not excluded:
-        written = Fraction(repr(near))
-        read = (min(value, written) if lower else max(value, written), False)
+    if not excluded:  # the double nearest the bound on its inner side (past 2**53 a bound may lie between two)
+        if lower and Fraction(near) < value:
+            near = math.nextafter(near, math.inf)
+        elif not lower and Fraction(near) > value:
+            near = math.nextafter(near, -math.inf)
+        if math.isinf(near):
+            raise SchemaError(f"{where} is beyond the range of a double")
+        exact, written = Fraction(near), Fraction(repr(near))
+        read = (min(exact, written) if lower else max(exact, written), False)
     else:  # the double next to the bound on its inner side, and the midpoint below it
         if lower and Fraction(near) <= value:
             near = math.nextafter(near, math.inf)
@@ -992,19 +1022,21 @@ def _floor_log10(q: Fraction) -> int:
     return e
 
 
-def _naturals(digits: bytes, whole: bool, low, high, multiple: int = 1) -> bool:
-    """Whether a whole number >= 0 written beginning with `digits` (exactly them if `whole`; any for none) lies in
-    low..high (ints, None: no bound) and is a multiple of `multiple`."""
+def _naturals(digits: bytes, whole: bool, low, high, multiple: int = 1, room: int = 0) -> bool:
+    """Whether a whole number >= 0 written beginning with `digits` (exactly them if `whole`; any for none), with at
+    most `room` more digits, lies in low..high (ints, None: no bound) and is a multiple of `multiple`."""
     low = 0 if low is None else max(low, 0)
     if whole:
         return low <= int(digits) and (high is None or int(digits) <= high) and int(digits) % multiple == 0
-    if high is None:  # a number that long has multiples of `multiple` among its completions
-        return True
-    if not digits:
-        return _multiple_within(low, high, multiple)
+    if not digits:  # 1 to `room` digits
+        most = 10**room - 1
+        return _multiple_within(low, most if high is None else min(high, most), multiple)
     first, scale = int(digits), 1
-    while first * scale <= high:  # the numbers of len(digits) + k digits: first * 10**k to (first + 1) * 10**k - 1
-        if _multiple_within(max(first * scale, low), min((first + 1) * scale - 1, high), multiple):
+    for _ in range(room + 1):  # the numbers of len(digits) + k digits: first * 10**k to (first + 1) * 10**k - 1
+        if high is not None and first * scale > high:
+            break
+        top = (first + 1) * scale - 1
+        if _multiple_within(max(first * scale, low), top if high is None else min(top, high), multiple):
             return True
         scale *= 10
     return False
@@ -1047,7 +1079,8 @@ def _in_range(alternative: _Alternative, text: bytes, whole: bool = False) -> bo
     lower = _tighter_lower(lower, (Fraction(0), bool(negative)))  # a magnitude > 0 after a '-', >= 0 without
     if alternative.kind == "integer":
         return _naturals(digits, whole or digits == b"0", math.ceil(lower[0]) + lower[1],
-                         None if upper is None else int(upper[0]), alternative.multiple)
+                         None if upper is None else int(upper[0]), alternative.multiple,
+                         jm.MAX_NUMBER_DIGITS - len(digits))
     mantissa = Fraction(int(digits + fraction or b"0"), 10 ** len(fraction))
     if exponent_sign is None and (whole or mantissa == 0 and (dot or digits == b"0")):
         if whole:  # no exponent: the value itself
@@ -1087,7 +1120,8 @@ def _in_range(alternative: _Alternative, text: bytes, whole: bool = False) -> bo
         return True  # any e may follow
     if exponent_sign == b"-":
         least, most = None if most is None else -most, None if least is None else -least
-    return _naturals(exponent.lstrip(b"0") or (exponent if whole else b""), whole, least, most)
+    room = jm.MAX_NUMBER_DIGITS - len(exponent)  # leading zeros count: they take room a digit could have
+    return _naturals(exponent.lstrip(b"0") or (exponent if whole else b""), whole, least, most, room=room)
 
 
 def _type_of(value) -> str:
@@ -1101,7 +1135,15 @@ def _type_of(value) -> str:
 
 
 def _same(a, b) -> bool:
-    return _type_of(a) == _type_of(b) and a == b
+    """JSON Schema's equality: the same type and value at every depth (Python's == takes False for 0 inside lists
+    and dicts too), 1 and 1.0 alike."""
+    if _type_of(a) != _type_of(b):
+        return False
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
 
 
 def _utf8(text: str, path: str) -> bytes:
