@@ -1117,7 +1117,7 @@ def test_interactive_commands_help_video_and_a_conversation_too_long(folder, tmp
     config["llm_config"]["max_position_embeddings"] = first + 12  # room for one turn, not for two
     (small / "config.json").write_text(json.dumps(config))
     blue = folder.parent / "blue.png"
-    stdin = f"/help\n/hlep\n/imgae {blue}\n/image {blue}\n{question}\n{question}\n/exit\n"
+    stdin = f"/help\n/hlep\n/imgae {blue}\n/image {blue}\n{question}\n{question}\n/reset now\n/exit\n"
     out = cli("chat", "--model", small, "--max-new-tokens", "4", "--video", frames, "--num-segments", "2", stdin=stdin)
     assert out.returncode == 0, out.stderr
     err = out.stderr.splitlines()
@@ -1127,6 +1127,7 @@ def test_interactive_commands_help_video_and_a_conversation_too_long(folder, tmp
     assert err[3].startswith("unknown command /imgae; /image FILE")  # a misspelt command with its argument too
     assert "images and a video do not mix (/reset starts over" in err[4]
     assert err[5].startswith("error: prompt is") and err[5].endswith("(earlier turns count: /reset starts over)")
+    assert err[6].startswith("/reset takes nothing after it; /image FILE")  # it was "unknown command /reset"
     assert len(out.stdout.strip().splitlines()) == 1  # one answer: no command was asked as a question
 
 

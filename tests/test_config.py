@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from internvl_mpo.config import LLMConfig, ModelConfig, VisionConfig
 from internvl_mpo.errors import ConfigError
@@ -147,6 +148,21 @@ def test_a_peft_adapter_folder_is_named(tmp_path):
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"holds a PEFT adapter \(adapter_config.json\), not a model: merge it"):
         ModelConfig.from_json(tmp_path)
+
+
+def test_a_peft_adapter_beside_its_base_models_config_is_named_too(tmp_path):
+    """With the base model's config.json beside the adapter (as some tools save it), the folder was told it holds
+    adapter_model.safetensors but no shard index ("copy the index from where the shards came from")."""
+    from safetensors.torch import save_file
+
+    from internvl_mpo.errors import CheckpointError
+    from internvl_mpo.model import InternVL
+
+    (tmp_path / "config.json").write_text(json.dumps(ModelConfig().to_dict()))
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "base_model_name_or_path": "x"}')
+    save_file({"base_model.model.a.lora_A.weight": torch.zeros(2, 2)}, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match=r"holds a PEFT adapter \(adapter_config.json\), not a model: merge it"):
+        InternVL.from_pretrained(tmp_path)
 
 
 def test_a_training_run_or_checkpoint_folder_names_the_model_inside(tmp_path):

@@ -34,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .companions import COMPANION_FILES
+from .config import adapter_message
 from .errors import CheckpointError, InputError, SaveError
 from .locks import LOCKS_UNSUPPORTED
 
@@ -238,6 +239,8 @@ def open_weights(folder: Path) -> Weights:
             f"{folder} holds only pickle-based weights ({', '.join(pickles)}); we read safetensors only and "
             "never unpickle a file. Convert them with a tool you trust, then save as safetensors."
         )
+    if (folder / "adapter_config.json").is_file():  # beside a base model's config.json, as some tools save it
+        raise CheckpointError(adapter_message(folder))
     shards = sorted(p.name for p in folder.glob("*.safetensors"))
     if shards:  # a download or copy that left the index behind
         raise CheckpointError(

@@ -266,8 +266,12 @@ def chat(
             print(f"added {path}; the conversation starts over with {len(images)} image(s)", file=sys.stderr)
             continue
         command = re.fullmatch(r"(/[A-Za-z]+)(\s.*)?", line)  # a mistyped command (/imgae F) is not a question
-        if command:
-            print(f"{'' if command[1] == '/help' else f'unknown command {command[1]}; '}{commands}", file=sys.stderr)
+        if command:  # /help, a known command with words after it, or a mistyped one
+            name = command[1]
+            known = name in ("/exit", "/quit", "/reset")
+            told = "" if name == "/help" else f"{name} takes nothing after it; " if known else \
+                f"unknown command {name}; "
+            print(told + commands, file=sys.stderr)
             continue
         try:
             prepared = bot.prepare(_utf8(line, "the line"), images or None, video, history,

@@ -488,15 +488,20 @@ _QUIET_TOP_KEYS = {
 FAMILY_SIZES = ("1B", "2B", "4B", "8B", "26B", "38B", "78B")
 
 
+def adapter_message(folder: Path) -> str:
+    """What a folder holding a PEFT adapter (adapter_config.json: what LoRA fine-tuning tools save) is told."""
+    return (f"{folder} holds a PEFT adapter (adapter_config.json), not a model: merge it into its base model first "
+            "(PEFT's merge_and_unload) and load the merged folder")
+
+
 def read_config_json(path: Path) -> dict[str, Any]:
     """A checkpoint's config.json as a dict; a missing one names what the folder holds instead (a PEFT
     adapter, a training run or checkpoint folder), if it is one of those."""
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        if (path.parent / "adapter_config.json").is_file():  # what PEFT / LoRA fine-tuning tools save
-            raise ConfigError(f"{path.parent} holds a PEFT adapter (adapter_config.json), not a model: merge it "
-                              "into its base model first (PEFT's merge_and_unload) and load the merged folder") from None
+        if (path.parent / "adapter_config.json").is_file():
+            raise ConfigError(adapter_message(path.parent)) from None
         snapshots = sorted(p.parent for p in path.parent.glob("snapshots/*/config.json"))
         if snapshots:  # huggingface_hub's cache of a repo, models--org--name
             main = path.parent / "refs" / "main"
