@@ -210,6 +210,7 @@ def test_random_walks_never_dead_end_and_end_in_sentences(text, make, check, alp
     ('root ::= "" | "x"', ["", "x"], ["xx"]),
     ('root ::= ( )\n', [""], ["a"]),
     ('root ::= "a"{0}', [""], ["a"]),
+    ('root ::= "a"{ 1 , 2 } "b"{ 2 , }', ["abb", "aabbb"], ["ab", "aaabb"]),  # spaces around bounds
     ('root ::= [^a-c\\n] [\\-+*/] [^]', ["x-\n", "é+😀"], ["a-x", "\n-x", "x.x"]),
     ('root ::= [a\\]\\\\]+', ["a]\\"], ["b"]),
     ('root ::= "\\"\\\\\\/\\n\\t\\u00e9\\x41\\U0001F600"', ['"\\/\n\té' + "A😀"], ['"']),
@@ -257,6 +258,9 @@ def test_only_well_formed_utf8_is_taken():
     ('root ::= "a"{2000}', "grammar: line 1, column 13: the repetition {2000} is over the limit of 1000"),
     ('root ::= "a"{3,2}', "the repetition {3,2} has its bounds out of order"),
     ('root ::= "a"{,2}', "grammar: line 1, column 13: a '{' that does not begin a repetition"),
+    # spaces go around a bound, not inside one: these read as {12} and {1,20}, as llama.cpp refuses them
+    ('root ::= "a"{1 2}', "grammar: line 1, column 13: a '{' that does not begin a repetition"),
+    ('root ::= "a"{1, 2 0}', "grammar: line 1, column 13: a '{' that does not begin a repetition"),
     ('\n\nroot ::= ("a" | "b"', "grammar: line 3, column 10: the '(' is never closed"),
     ('root ::= "a")', "grammar: line 1, column 13: unexpected ')'"),
     ("root ::= 'a'", "grammar: line 1, column 10: a single-quoted literal"),

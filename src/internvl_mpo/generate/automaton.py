@@ -115,9 +115,9 @@ class TreeParser:
         start = self.pos
         end = self.text.find("}", start)
         inside = self.text[start + 1: end] if end > 0 else ""
-        if self.spaced:
-            inside = inside.replace(" ", "")
         least, comma, most = inside.partition(",")
+        if self.spaced:  # spaces around a bound, not inside one: {1 2} is no {12}
+            least, most = least.strip(" "), most.strip(" ")
         if not (least.isascii() and least.isdigit() and (not most or (most.isascii() and most.isdigit()))):
             raise self.refuse(f"a '{{' that does not begin a repetition {self.forms}", start, self.hint)
         self.pos = end + 1
