@@ -1022,7 +1022,7 @@ def _floor_log10(q: Fraction) -> int:
     return e
 
 
-def _naturals(digits: bytes, whole: bool, low, high, multiple: int = 1, room: int = 0) -> bool:
+def _naturals(digits: bytes, whole: bool, low, high, multiple: int, room: int) -> bool:
     """Whether a whole number >= 0 written beginning with `digits` (exactly them if `whole`; any for none), with at
     most `room` more digits, lies in low..high (ints, None: no bound) and is a multiple of `multiple`."""
     low = 0 if low is None else max(low, 0)
@@ -1121,7 +1121,7 @@ def _in_range(alternative: _Alternative, text: bytes, whole: bool = False) -> bo
     if exponent_sign == b"-":
         least, most = None if most is None else -most, None if least is None else -least
     room = jm.MAX_NUMBER_DIGITS - len(exponent)  # leading zeros count: they take room a digit could have
-    return _naturals(exponent.lstrip(b"0") or (exponent if whole else b""), whole, least, most, room=room)
+    return _naturals(exponent.lstrip(b"0") or (exponent if whole else b""), whole, least, most, 1, room)
 
 
 def _type_of(value) -> str:
