@@ -235,6 +235,10 @@ def test_whitespace_folding_touches_spaces_only(tmp_path):
     tokenizer = load_internlm2_tokenizer(folder)
     for text in ["\nx\n", "\tindent", "a\n\nb", "  a   b  ", " \tx \n "]:
         assert tokenizer.encode(text) == sp.encode(text), repr(text)
+    # a "▁" typed in the text: trimmed at the end with the spaces (the escaped text's trim), kept elsewhere; it was
+    # kept at the end too ("a▁" gave ['a', '▁'] where SentencePiece gives ['a'])
+    for text in ["a\u2581", "x\u2581<|im_start|>", "b  x\u2581\u2581", " \u2581 ", "\u2581a  x\n", "x\u2581 \n"]:
+        assert tokenizer.encode(text) == slow_path_ids(sp, text), repr(text)
 
 
 def test_user_defined_pieces_the_config_does_not_list_stay_whole(tmp_path):

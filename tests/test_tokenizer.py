@@ -99,6 +99,19 @@ def test_sizes_and_named_ids(pair):
     assert ours.img_context_id != 151667 and ours.im_end_id != 151645
 
 
+def test_split_special_tokens_true_is_refused_naming_the_file(tmp_path):
+    """transformers spells "<|im_end|>" as text under split_special_tokens: true; the key was ignored here (the same
+    files gave other ids), and the chat prompts need the special tokens whole."""
+    write_qwen2_tokenizer(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "split_special_tokens": False}))
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.encode("a <|im_end|> b").count(tokenizer.token_to_id("<|im_end|>")) == 1
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "split_special_tokens": True}))
+    with pytest.raises(CheckpointError, match=r"tokenizer_config.json: split_special_tokens is true, which spells"):
+        load_tokenizer(tmp_path)
+
+
 def test_token_to_id_names_missing_token(vocab_dir):
     ours = load_tokenizer(vocab_dir)
     with pytest.raises(CheckpointError, match="not_a_token"):

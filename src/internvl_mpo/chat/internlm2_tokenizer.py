@@ -23,7 +23,9 @@ that tokenizer_config.json declares at the id of another piece takes that id ove
 `<|im_end|>` is declared at 92542, the user-defined piece `[UNUSED_TOKEN_145]` in `tokenizer.model`), and
 the user-defined piece so renamed, typed in a text, still reads as that id, as SentencePiece has it. Not done
 here: the BOS that `InternLM2Tokenizer` prepends by default (`add_bos_token`, exposed on the result);
-the slow decoder's spacing quirks around special tokens.
+the slow decoder's spacing quirks around special tokens; SentencePiece's own charsmap normalizer (`tokenizers`'
+`Precompiled` stands for it, and differs on a few sequences: a no-break space before a combining accent loses the
+accent; InternLM2's files normalize nothing, so they have no charsmap).
 """
 
 from __future__ import annotations
@@ -175,8 +177,9 @@ def build_backend(model: SentencePieceModel) -> Backend:
     if model.precompiled_charsmap:
         steps.append(normalizers.Precompiled(model.precompiled_charsmap))
     if model.remove_extra_whitespaces:
-        # spaces only, as SentencePiece does (normalizers.Strip would take newlines and tabs too)
-        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+        # spaces only, as SentencePiece does (normalizers.Strip would take newlines and tabs too); its trailing trim
+        # runs on the escaped text, so it takes a "▁" typed at the end of the text too
+        steps += [normalizers.Replace(Regex(f"\\A +|[ {SPACE}]+\\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
     if model.add_dummy_prefix:
         steps.append(normalizers.Prepend(SPACE))
     if model.escape_whitespaces:

@@ -294,12 +294,16 @@ def _add_tokens(backend: Backend, declared: dict[int, AddedToken], source: Path)
 def load_tokenizer(folder: str | Path) -> Tokenizer:
     """Load the tokenizer files of a checkpoint folder (see the module docstring for the rules)."""
     folder = Path(folder)
+    config_path = folder / "tokenizer_config.json"
+    config = read_tokenizer_json(config_path) if config_path.is_file() else {}
+    if config.get("split_special_tokens") is True:  # transformers would spell them as text; official files: false
+        raise CheckpointError(f"{config_path}: split_special_tokens is true, which spells special tokens typed in "
+                              "a text (<|im_end|>, <IMG_CONTEXT>, ...) as text, and the chat prompts need them as "
+                              "tokens; set it to false, as the official checkpoints do")
     if (folder / "tokenizer.model").is_file() and not (folder / "vocab.json").is_file():
         from .internlm2_tokenizer import load_internlm2_tokenizer  # InternLM2 sizes: SentencePiece
 
         return load_internlm2_tokenizer(folder)
-    config_path = folder / "tokenizer_config.json"
-    config = read_tokenizer_json(config_path) if config_path.is_file() else {}
     map_path = folder / "special_tokens_map.json"
     special_map = read_tokenizer_json(map_path) if map_path.is_file() and "added_tokens_decoder" not in config else {}
 
