@@ -105,7 +105,11 @@ def test_meta_relative_paths_resolve_against_base_dir(tmp_path):
         ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": "2"}}', "'repeat_time' must be int or float"),
         ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": true}}', "'repeat_time' must be int or float"),
         ('{"d": {"root": "r", "annotation": "a.json", "repeat_time": 1}}', "must be a .jsonl"),
-        ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": -1}}', "repeat_time must be >= 0"),
+        ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": -1}}', "repeat_time must be a number from 0 to"),
+        # NaN trained as 1 (MPO) and failed in int() (SFT); infinity and 1e300 raised OverflowError while reading
+        *[('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": %s}}' % v,
+           r"dataset 'd': repeat_time must be a number from 0 to 10000, got ") for v in ("NaN", "Infinity", "1e300")],
+        ('{"note": ' + "[" * 5000 + "]" * 5000 + "}", "its JSON is nested too deeply to read"),  # RecursionError
         ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": 1, "data_augment": "no"}}', "'data_augment'"),
         ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": 1, "max_dynamic_patch": 0}}', "max_dynamic_patch"),
         # json.load keeps the last of two equal keys: a dataset named twice would silently be dropped
@@ -457,3 +461,26 @@ def test_sft_bad_lines(tmp_path, root, item, kind, problem):
 def test_a_key_twice_in_metadata_that_is_not_read_is_no_problem(tmp_path, root):
     spec = _spec(tmp_path, root, ['{"question": "q0", "chosen": "c", "rejected": "r", "meta": {"x": 1, "x": 2}}'])
     assert [r.question for r in read_records(spec, 0)] == ["q0"]
+
+
+def test_a_line_nested_too_deeply_is_a_bad_line_not_a_recursion_error(tmp_path, root):
+    """json.loads raises RecursionError past about 1000 levels, which --skip-bad did not catch either."""
+    deep = '{"question": ' + "[" * 5000 + "]" * 5000 + ', "chosen": "A", "rejected": "B"}'
+    spec = _spec(tmp_path, root, [_pair(0), deep])
+    with pytest.raises(InputError, match=r"ds.jsonl:2: malformed JSON \(nested too deeply to read\)"):
+        read_records(spec, 0)
+    report = SkipReport()
+    assert [r.question for r in read_records(spec, 0, report=report)] == ["q0"]
+    sft = _write_jsonl(tmp_path / "s.jsonl", ['{"conversations": ' + "[" * 5000 + "]" * 5000 + "}"])
+    with pytest.raises(InputError, match=r"s.jsonl:1: malformed JSON \(nested too deeply"):
+        read_sft_records(sft, root)
+
+
+def test_sft_repeat_time_above_one_is_a_whole_number(tmp_path, root):
+    """1.9 read as 1 copy without a word; the official fine-tuning reader asserts a whole number above 1."""
+    sft = _write_jsonl(tmp_path / "s.jsonl", [{"conversations": [{"from": "human", "value": "q"},
+                                                                 {"from": "gpt", "value": "a"}]}])
+    assert len(read_sft_records(sft, root, repeat_time=2.0)) == 2
+    assert len(read_sft_records(sft, root, repeat_time=0.5)) == 0
+    with pytest.raises(InputError, match=r"s.jsonl: repeat_time 1.9 is above 1 and not a whole number"):
+        read_sft_records(sft, root, repeat_time=1.9)

@@ -411,6 +411,25 @@ def test_a_video_placeholder_without_its_one_video_names_file_and_line(tmp_path,
         assert item.message == f"{tmp_path / 'toy.jsonl'}:{line}: the question holds {problem}"
 
 
+def test_an_sft_video_placeholder_after_the_first_human_turn_names_file_and_line(tmp_path, tokenizer, settings):
+    """`<video>` in a later human turn was trained on as literal text (only the first turn's is filled), with or
+    without a video; in the first turn it is taken or refused as before."""
+    write_images(tmp_path / "images")
+    later = [{"from": "human", "value": "Describe."}, {"from": "gpt", "value": "A"},
+             {"from": "human", "value": "<video>\nAnd now?"}, {"from": "gpt", "value": "B"}]
+    lines = [{"conversations": later}, {"image": "blue.png", "conversations": later},
+             {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "A"}]}]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    dataset = SFTDataset(read_sft_records(str(tmp_path / "sft.jsonl"), str(tmp_path / "images")), tokenizer, settings,
+                         4096)
+    for line in (1, 2):
+        item = dataset[line - 1]
+        assert isinstance(item, BadExample) and item.message == (
+            f"{tmp_path / 'sft.jsonl'}:{line}: a human turn after the first holds <video>: a video goes in front of "
+            "the first human turn only (its <video>, or none)")
+    assert not isinstance(dataset[2], BadExample)
+
+
 def test_a_video_as_a_records_image_is_pointed_to_its_video_field(tmp_path, tokenizer, settings):
     """A video named as a record's "image" (or a picture as its "video") was told to pass it "as a video (video= in
     Python, --video on the command line)": neither is how a training record gives one."""

@@ -394,6 +394,10 @@ def encode_sft(
     first_user = next((m for m in messages if m["role"] == "user"), None)
     try:
         _check_video_length(record.video, settings, max_seq_length)
+        if any(m["role"] == "user" and m is not first_user and VIDEO_PLACEHOLDER in m["content"] for m in messages):
+            # only the first human turn's placeholder takes the video; another would be trained on as text
+            raise InputError(f"a human turn after the first holds {VIDEO_PLACEHOLDER}: a video goes in front of the "
+                             f"first human turn only (its {VIDEO_PLACEHOLDER}, or none)")
         question = first_user["content"] if first_user is not None else ""
         pixel_values, num_patches, question = load_media(
             record.images, record.multi_image, record.video, question, settings, max_num, augment, max_seq_length

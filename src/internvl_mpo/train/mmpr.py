@@ -53,6 +53,7 @@ from internvl_mpo.jsonl import unread_field
 from internvl_mpo.processor.video import frame_files
 
 MAX_REPORTED_MESSAGES = 5
+MAX_REPEAT_TIME = 10_000  # copies of a dataset's lines at most (1e300 asked for more records than memory holds)
 SFT_ROLES = ("human", "gpt", "system")
 
 
@@ -170,6 +171,8 @@ def load_meta(meta_path: str, base_dir: str | None = None) -> list[DatasetSpec]:
         raise InputError(f"{meta_path}: is a folder; give the meta.json file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{meta_path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise InputError(f"{meta_path}: its JSON is nested too deeply to read") from None
     except _DuplicateKey as e:
         raise InputError(f"{meta_path}: {e.args[0]!r} appears twice in one object (JSON keeps only the last)") from None
     if not isinstance(meta, dict):
@@ -191,8 +194,8 @@ def load_meta(meta_path: str, base_dir: str | None = None) -> list[DatasetSpec]:
         length = _meta_field(entry, "length", (int,), where, required=False)
         if not annotation.endswith("jsonl"):
             raise InputError(f"{where}: annotation must be a .jsonl file, got {annotation!r}")
-        if repeat_time < 0:
-            raise InputError(f"{where}: repeat_time must be >= 0, got {repeat_time}")
+        if not 0 <= repeat_time <= MAX_REPEAT_TIME:  # NaN too
+            raise InputError(f"{where}: repeat_time must be a number from 0 to {MAX_REPEAT_TIME}, got {repeat_time}")
         if max_patch is not None and max_patch < 1:
             raise InputError(f"{where}: max_dynamic_patch must be >= 1, got {max_patch}")
         specs.append(
@@ -283,6 +286,8 @@ def _parse_object(raw: bytes) -> dict:
         item = json.loads(text, object_pairs_hook=_read_fields_once)
     except json.JSONDecodeError as e:
         raise _BadLine("json", f"malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise _BadLine("json", "malformed JSON (nested too deeply to read)") from None
     except _DuplicateKey as e:
         raise _BadLine("json", f"field {e.args[0]!r} appears twice (JSON keeps only the last)") from None
     if not isinstance(item, dict):
@@ -491,6 +496,9 @@ def read_sft_records(
     only the first `int(lines * repeat_time)` lines are read (not a random sample, unlike MMPR), above 1
     the records repeat `int(repeat_time)` times; no per-dataset shuffle (the trainer shuffles them all).
     """
+    if repeat_time > 1 and repeat_time != int(repeat_time):
+        raise InputError(f"{jsonl_path}: repeat_time {repeat_time} is above 1 and not a whole number, which the "
+                         "official fine-tuning reader refuses (it repeats a dataset a whole number of times)")
     lines = _read_lines(jsonl_path)
     if repeat_time < 1:
         lines = lines[: int(len(lines) * repeat_time)]
