@@ -590,6 +590,7 @@ def test_generate_refuses_a_line_s_own_constraint_or_setting_before_the_model_lo
                                ("json_schema", {"type": "integer"}, "--json-schema FILE"),
                                ("grammar", 'root ::= "a"', "--grammar FILE"),
                                ("guided_choice", ["a", "b"], "--choice"),
+                               ("choice", ["yes", "no"], "--choice"),  # the Python API's name: it was ignored
                                ("response_format", {"type": "json_object"}, "--json-mode or --json-schema FILE")]:
         requests.write_text(json.dumps({"id": 1, "question": "Hi"}) + "\n" +
                             json.dumps({"id": 2, "question": "Hi", field: value}) + "\n")

@@ -1583,6 +1583,11 @@ def test_ref_pointers_are_percent_decoded_and_array_indexes_are_ascii_digits():
     items = {"type": "array", "prefixItems": [{"type": "string"}, {"type": "integer"}]}
     assert complete({"properties": {"a": {"$ref": "#/properties/b/prefixItems/1"}, "b": items}, "type": "object",
                      "required": ["a"], "additionalProperties": False}, b'{"a":5}')
+    # the decoded pointer is the target's key: "#/properties/a%20b" is "a b", not the property named "a%20b"
+    collide = {"type": "object", "properties": {"a%20b": {"type": "integer"}, "a b": {"type": "string", "maxLength": 3},
+                                                "r": {"$ref": "#/properties/a%20b"}},
+               "required": ["a%20b", "a b", "r"], "additionalProperties": False}
+    assert complete(collide, b'{"a%20b":1,"a b":"x","r":"y"}') and not complete(collide, b'{"a%20b":1,"a b":"x","r":2}')
     for index in ("\u00b2", "01", "1" * 30, "%FF"):
         schema = {"type": "object", "properties": {"a": {"$ref": f"#/properties/b/prefixItems/{index}"}, "b": items}}
         with pytest.raises(js.SchemaError, match=r"\$ref .* at #/properties/a/\$ref (points to nothing|percent-enc)"):

@@ -642,10 +642,11 @@ def _read_requests(path: Path) -> list[dict]:
     for number, (where, item) in enumerate(read_objects(path, "requests file"), 1):
         refuse_misspelt_fields(item, REQUEST_FIELDS, where)
         for key, value in item.items():
-            if value is not None and key in LINE_CONSTRAINTS:
+            # `choice` as the Python API's list of answers; a benchmark's "choice": "A" is the line's own data
+            if value is not None and key in LINE_CONSTRAINTS or key == "choice" and isinstance(value, list):
                 raise InputError(f"{where}: field {key!r} is not read: a constraint holds every answer of a run, "
-                                 f"given on the command line ({LINE_CONSTRAINTS[key]}); answer each constraint's "
-                                 "lines in a run of their own")
+                                 f"given on the command line ({LINE_CONSTRAINTS.get(key, '--choice')}); answer each "
+                                 "constraint's lines in a run of their own")
             if value is not None and key in LINE_SETTINGS:
                 raise InputError(f"{where}: field {key!r} is not read: a setting holds every answer of a run, given "
                                  f"on the command line ({LINE_SETTINGS[key]}); answer each setting's lines in a run "

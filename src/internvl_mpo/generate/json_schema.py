@@ -292,8 +292,10 @@ class Schema:
             pointer = urllib.parse.unquote(ref[2:], errors="strict")
         except UnicodeDecodeError:
             raise SchemaError(f"$ref {_short(ref)} at {path} percent-encodes bytes that are not UTF-8") from None
+        canonical = "#"  # the target's path as its schema's own is written, the key it is compiled under
         for part in pointer.split("/") if ref != "#" else ():
             part = part.replace("~1", "/").replace("~0", "~")
+            canonical += f"/{_pointer(part)}"
             index = re.fullmatch("0|[1-9][0-9]{0,17}", part)  # an array index: ASCII digits, no leading zero
             if isinstance(target, list) and index and int(part) < len(target):
                 target = target[int(part)]
@@ -301,7 +303,7 @@ class Schema:
                 target = target[part]
             else:
                 raise SchemaError(f"$ref {_short(ref)} at {path} points to nothing")
-        return self._compile(target, ref)
+        return self._compile(target, canonical)
 
     def _typed(self, schema: dict, path: str) -> tuple[int, ...]:
         kinds = schema.get("type")

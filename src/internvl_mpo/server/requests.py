@@ -24,7 +24,7 @@ UNSUPPORTED_FIELDS = {"tools": ([],), "functions": ([],), "audio": (), "predicti
                       "truncate_prompt_tokens": (), "return_tokens_as_token_ids": (False,), "chat_template": (),
                       "modalities": (["text"],), "function_call": ("none",), "web_search_options": (), "moderation": (),
                       "length_penalty": (1, 1.0), "structural_tag": (), "documents": ([],), "return_token_ids": (False,),
-                      "prompt_embeds": ()}
+                      "prompt_embeds": (), "guided_whitespace_pattern": ()}
 # fields that do not change the answer, accepted and ignored, but type-checked as OpenAI's and vLLM's schemas do
 IGNORED_FIELDS = {"user": (str,), "metadata": (dict,), "store": (bool,), "service_tier": (str,),
                   "parallel_tool_calls": (bool,), "reasoning_effort": (str,), "chat_template_kwargs": (dict,),
@@ -32,7 +32,7 @@ IGNORED_FIELDS = {"user": (str,), "metadata": (dict,), "store": (bool,), "servic
                   "spaces_between_special_tokens": (bool,), "prompt_cache_key": (str,), "prompt_cache_retention": (str,),
                   "prompt_cache_options": (dict,), "safety_identifier": (str,), "verbosity": (str,),
                   "include_reasoning": (bool,), "priority": (int,), "kv_transfer_params": (dict,), "vllm_xargs": (dict,),
-                  "guided_decoding_backend": (str,), "guided_whitespace_pattern": (str,)}
+                  "guided_decoding_backend": (str,)}
 # the fields both endpoints read; with the two above and each endpoint's own, the only ones taken: any other is a 400
 # naming it, as OpenAI answers one (vLLM ignores it), so that a typo (`max_token`) or another API's name
 # (`max_new_tokens`, `stop_sequences`) does not leave the answer silently as if it had not been sent
