@@ -270,3 +270,18 @@ def test_missing_files_raise(tmp_path, vocab_dir):
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="declared as id"):
         load_tokenizer(folder)
+
+
+@pytest.mark.parametrize("entry, problem", [
+    ({"x1": {"content": "<q>", "special": True}}, r"added_tokens_decoder\['x1'\]: the key must be a token id"),
+    ({"409": {"content": 123, "special": True}}, r"added_tokens_decoder\[409\]: content must be a non-empty string"),
+    ({"409": {"special": True}}, r"added_tokens_decoder\[409\] has no content"),
+])
+def test_a_malformed_added_tokens_decoder_entry_is_named(tmp_path, entry, problem):
+    """A key that is no id raised ValueError from int(), a content that is no string a TypeError from tokenizers."""
+    write_qwen2_tokenizer(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"].update(entry)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"tokenizer_config.json: " + problem):
+        load_tokenizer(tmp_path)

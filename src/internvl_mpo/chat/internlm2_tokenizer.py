@@ -39,7 +39,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, models, normalizers
 from tokenizers import Tokenizer as Backend
 
-from internvl_mpo.chat.tokenizer import Tokenizer, read_tokenizer_json
+from internvl_mpo.chat.tokenizer import Tokenizer, added_tokens_decoder, legacy_added_tokens, read_tokenizer_json
 from internvl_mpo.errors import CheckpointError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # SentencePiece piece types
@@ -270,15 +270,10 @@ def load_internlm2_tokenizer(folder: str | Path) -> SentencePieceTokenizer:
     named.update({k: _content(config[k]) for k in named if k in config})
     declared: dict[int, AddedToken] = {}
     if "added_tokens_decoder" in config:
-        for key, entry in config["added_tokens_decoder"].items():
-            if not isinstance(entry, dict) or "content" not in entry:
-                raise CheckpointError(f"{config_path}: added_tokens_decoder[{key}] has no content")
-            names = ("single_word", "lstrip", "rstrip", "normalized", "special")
-            flags = {k: bool(entry[k]) for k in names if k in entry}
-            declared[int(key)] = AddedToken(entry["content"], **flags)
+        declared = added_tokens_decoder(config, config_path)
     elif (folder / "added_tokens.json").is_file():
-        for content, token_id in read_tokenizer_json(folder / "added_tokens.json").items():
-            declared[int(token_id)] = AddedToken(content, special=True, normalized=False)
+        declared = {token_id: AddedToken(content, special=True, normalized=False)
+                    for content, token_id in legacy_added_tokens(folder / "added_tokens.json").items()}
     # A token declared at the id of a different piece takes that id over (InternLM2's `<|im_end|>` sits on
     # the user-defined piece `[UNUSED_TOKEN_145]`); the piece, when user-defined, still reads as that id.
     renamed = list(model.pieces)

@@ -262,22 +262,41 @@ def build_qwen2_backend(
 
 def _declared_added_tokens(folder: Path, config: dict, specials: set[str]) -> dict[int, AddedToken]:
     """id -> AddedToken from tokenizer_config.json, or the legacy added_tokens.json."""
-    declared: dict[int, AddedToken] = {}
     if "added_tokens_decoder" in config:
-        for key, entry in config["added_tokens_decoder"].items():
-            if not isinstance(entry, dict) or "content" not in entry:
-                raise CheckpointError(f"{folder / 'tokenizer_config.json'}: added_tokens_decoder[{key}] has no content")
-            flags = {
-                k: bool(entry[k]) for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in entry
-            }
-            declared[int(key)] = AddedToken(entry["content"], **flags)
-        return declared
+        return added_tokens_decoder(config, folder / "tokenizer_config.json")
     legacy = folder / "added_tokens.json"
-    if legacy.is_file():
-        for content, token_id in read_tokenizer_json(legacy).items():
-            is_special = content in specials
-            declared[int(token_id)] = AddedToken(content, normalized=not is_special, special=is_special)
+    return {token_id: AddedToken(content, normalized=content not in specials, special=content in specials)
+            for content, token_id in legacy_added_tokens(legacy).items()} if legacy.is_file() else {}
+
+
+def added_tokens_decoder(config: dict, path: Path) -> dict[int, AddedToken]:
+    """id -> AddedToken from a tokenizer_config.json's `added_tokens_decoder` (keys: ids as strings), checked."""
+    declared: dict[int, AddedToken] = {}
+    entries = config["added_tokens_decoder"]
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"{path}: added_tokens_decoder must be an object of token ids, got "
+                              f"{type(entries).__name__}")
+    for key, entry in entries.items():
+        if not (key.isascii() and key.isdigit()):
+            raise CheckpointError(f"{path}: added_tokens_decoder[{key!r}]: the key must be a token id (digits)")
+        if not isinstance(entry, dict) or "content" not in entry:
+            raise CheckpointError(f"{path}: added_tokens_decoder[{key}] has no content")
+        if not isinstance(entry["content"], str) or not entry["content"]:
+            raise CheckpointError(f"{path}: added_tokens_decoder[{key}]: content must be a non-empty string, got "
+                                  f"{json.dumps(entry['content'])[:60]}")
+        names = ("single_word", "lstrip", "rstrip", "normalized", "special")
+        declared[int(key)] = AddedToken(entry["content"], **{k: bool(entry[k]) for k in names if k in entry})
     return declared
+
+
+def legacy_added_tokens(path: Path) -> dict[str, int]:
+    """text -> id from an added_tokens.json, checked."""
+    entries = read_tokenizer_json(path)
+    for content, token_id in entries.items():
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+            raise CheckpointError(f"{path}: {content!r} must map to a token id (a whole number >= 0), got "
+                                  f"{json.dumps(token_id)[:60]}")
+    return entries
 
 
 def _add_tokens(backend: Backend, declared: dict[int, AddedToken], source: Path) -> None:
