@@ -189,6 +189,12 @@ def test_refusals(tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="uses for the piece '▁the'"):
         load_internlm2_tokenizer(folder)
+    # a key that is no id, a content that is no string: ValueError / TypeError from the loader before
+    for entry, problem in (({"x1": {"content": "<q>"}}, r"\['x1'\]: the key must be a token id"),
+                           ({"409": {"content": 123}}, r"\[409\]: content must be a non-empty string")):
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "added_tokens_decoder": entry}))
+        with pytest.raises(CheckpointError, match=r"tokenizer_config.json: added_tokens_decoder" + problem):
+            load_internlm2_tokenizer(folder)
     config["added_tokens_decoder"] = {str(sp.piece_to_id("<0x41>")): {"content": "<far>", "special": True}}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="uses for the piece '<0x41>'"):  # a byte piece: "A" would be lost
