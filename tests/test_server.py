@@ -3374,3 +3374,35 @@ def test_a_stream_read_slowly_but_steadily_gets_its_whole_answer_past_send_timeo
         assert "".join(c["delta"].get("content") or "" for c in chunks) == expected["choices"][0]["message"]["content"]
         assert chunks[-1]["finish_reason"] == "length"
         assert sum(len(c["logprobs"]["content"]) for c in chunks if c["logprobs"]) == 400
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_a_stream_cut_by_a_failed_step_counts_the_tokens_it_sent_in_its_usage_chunk(local_chat, monkeypatch, route):
+    """A stream whose decode step fails after some tokens ends with the error event, then its usage chunk: that
+    counted only the choices that had finished, so tokens already sent were reported as 0 completion tokens."""
+    from internvl_mpo.generate.engine import Generation
+
+    decode, calls = Generation._decode_step, []
+
+    def failing_sixth(self):
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("simulated device failure")
+        return decode(self)
+
+    monkeypatch.setattr(Generation, "_decode_step", failing_sixth)
+    body = {"model": "m", "max_tokens": 50, "ignore_eos": True, "n": 2, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    body.update({"messages": [{"role": "user", "content": "Hello there"}]} if "chat" in route else {"prompt": "Hi"})
+    with app_server(local_chat, max_batch=2, max_len=256) as url:
+        with httpx.stream("POST", url + route, json=body, timeout=60) as response:
+            events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    errors = [e for e in events if "error" in e]
+    assert len(errors) == 1 and "simulated device failure" in errors[0]["error"]["message"]
+    sent = {}  # per choice, its tokens so far as its last chunk before the error counted them
+    for e in events[:events.index(errors[0])]:
+        for choice in e["choices"]:
+            sent[choice["index"]] = e["usage"]["completion_tokens"]
+    assert sorted(sent) == [0, 1] and min(sent.values()) >= 5
+    final = events[-1]
+    assert final["choices"] == [] and final["usage"]["completion_tokens"] == sum(sent.values())

@@ -366,7 +366,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
 
         for index in range(req.n):
             yield chunk(index, {"role": "assistant", "content": ""})
-        tokens = 0
+        tokens = [0] * req.n  # per choice, its tokens so far (all counted if the stream ends on an error)
         calls = [ToolCalls(req.named_tool) for _ in range(req.n)] if req.named_tool or req.tools_required else None
         held: list[list[dict]] = [[] for _ in range(req.n)]  # per choice, the logprobs of the chunks not sent
         async for item in _chunks(inbox, req.n):
@@ -384,9 +384,9 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
                 continue  # its tokens' logprobs come with the next chunk
             logprobs, held[item.index] = None if item.logprobs is None else held[item.index], []
             yield chunk(item.index, delta, finish, logprobs, item.stop_reason, item.completion_tokens)
-            tokens += item.completion_tokens if item.finish_reason else 0  # the choice's count, on its last chunk
+            tokens[item.index] = item.completion_tokens
         if req.include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(usage, tokens)})
+            yield _sse({**head, "choices": [], "usage": _usage(usage, sum(tokens))})
         yield _sse("[DONE]")
 
     async def _completion_stream(inbox: asyncio.Queue, req: CompletionRequest, count: int, echoes: list[str],
@@ -402,7 +402,8 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
                          **more})
 
         echoed = [not req.echo] * count  # as vLLM, a choice's first chunk carries the echoed prompt
-        offsets, tokens = [0] * count, 0  # per choice, the length of the text sent: the next chunk's text_offset
+        offsets = [0] * count  # per choice, the length of the text sent: the next chunk's text_offset
+        tokens = [0] * count  # per choice, its tokens so far (all counted if the stream ends on an error)
         async for item in _chunks(inbox, count):
             if isinstance(item, ApiError):
                 yield _sse(item.body())
@@ -418,9 +419,9 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
                 logprobs = _legacy_logprobs(entries, offsets[item.index])
             offsets[item.index] += len(text)
             yield chunk(item, text, logprobs)
-            tokens += item.completion_tokens if item.finish_reason else 0  # the choice's count, on its last chunk
+            tokens[item.index] = item.completion_tokens
         if req.include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(usage, tokens)})
+            yield _sse({**head, "choices": [], "usage": _usage(usage, sum(tokens))})
         yield _sse("[DONE]")
 
     return app
