@@ -207,6 +207,23 @@ def test_integer_pixel_values_are_refused_by_the_vision_tower(tiny):
     assert emb(raw.float()).shape[0] == 1  # floating point tiles are still cast to the weights' dtype
 
 
+def test_tiles_the_pixel_shuffle_cannot_join_are_refused_by_name(tiny):
+    """Tiles that are not square, or whose side is no multiple of two patches, raised a reshape error from inside
+    the model (or, 2 pixels past a multiple, were cut silently by the patch convolution); other such sides still
+    interpolate the position grid as the reference does."""
+    from internvl_mpo.model import InternVL
+
+    model = InternVL(tiny, image_token_id=IMAGE_TOKEN_ID).eval()
+    size, block = tiny.vision.image_size, 2 * tiny.vision.patch_size
+    for shape in [(1, 3, size, size // 2), (1, 3, block // 2, block // 2), (1, 3, 10, 10), (1, 3, size + 2, size + 2)]:
+        with pytest.raises(InputError, match=rf"square tiles whose side is a multiple of {block} pixels .* got "
+                                             rf"\({', '.join(map(str, shape))}\)"):
+            model.extract_feature(torch.zeros(shape))
+    with torch.no_grad():
+        assert model.extract_feature(torch.zeros(2, 3, 2 * block, 2 * block)).shape == (2, 4, tiny.llm.hidden_size)
+        assert model.extract_feature(torch.zeros(1, 3, size, size)).shape[1] == model.num_image_token
+
+
 def test_other_tile_size_interpolates_like_reference(reference_pair, tiny):
     """A 70x70 input (5x5 patches) resizes the 4x4 position grid bicubically, as the reference does."""
     ref, ours = reference_pair(tiny)

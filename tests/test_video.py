@@ -468,6 +468,13 @@ def test_bad_bound_on_a_video_file_is_named(video_path):
         load_video(video_path, bound=(1.0, float("inf")))
 
 
+def test_fps_with_a_video_file_is_refused_not_ignored(video_path):
+    """`fps` serves frame folders and lists; a file's bound was read at its own rate, the fps dropped silently."""
+    with pytest.raises(InputError, match=r"fps is for frame folders and lists; the video file .* has its own frame rate"):
+        load_video(video_path, num_segments=4, bound=(0, 1), fps=5)
+    assert load_video(video_path, num_segments=4, bound=(0, 1)).frame_indices
+
+
 @pytest.mark.parametrize("source", [b"\x00\x00\x00\x18ftypmp42", Image.new("RGB", (8, 8)), None, 5, "file object"])
 def test_a_source_that_is_no_video_path_or_frame_list_is_named(video_path, source):
     """Bytes were read as a list of ints, a file object as a list of lines, and the rest raised TypeError."""

@@ -107,6 +107,11 @@ class InternVL(nn.Module):
         """(N, 3, S, S) tiles -> (N, num_image_token, llm_hidden) image embeddings."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.vision.num_channels:
             raise InputError(f"pixel_values must be (tiles, 3, H, W), got {tuple(pixel_values.shape)}")
+        size, block = pixel_values.shape[-1], 2 * self.config.vision.patch_size  # the shuffle joins 2 x 2 patches
+        if pixel_values.shape[-2] != size or size % block or size == 0:
+            raise InputError(f"pixel_values must hold square tiles whose side is a multiple of {block} pixels "
+                             f"(load_image makes {self.config.vision.image_size} x {self.config.vision.image_size}), "
+                             f"got {tuple(pixel_values.shape)}")
         vit_embeds = self.vision_model(pixel_values, self.config.select_layer)[:, 1:]  # drop CLS: (N, P, C)
         n, p, c = vit_embeds.shape
         side = int(p**0.5)

@@ -564,7 +564,8 @@ def load_video(
     """Sample `num_segments` frames from a video file, a folder of frame images or a list of frames.
     Frames of more than `max_pixels` pixels (default: Pillow's limit, about 89 M) are refused.
 
-    `bound` is (start, end) in seconds; for frame folders and lists it needs `fps`. A folder's
+    `bound` is (start, end) in seconds; for frame folders and lists it needs `fps` (refused for a video file,
+    whose own rate is used). A folder's
     frames are its image files in file-name order, numbers compared as numbers (frame_2 before
     frame_10). `frame_transform` (training's data augmentation) runs on each sampled frame, in
     order, before it is tiled.
@@ -582,6 +583,9 @@ def load_video(
         path = Path(src)
         if os.path.isdir(path):  # False for a name too long to stat (Path.is_dir raises)
             frames, indices = _read_frames(frame_files(path), num_segments, bound, fps, max_pixels, str(path))
+        elif fps is not None:  # it would go unused: a file's bound is read at the stream's own rate
+            raise InputError(f"fps is for frame folders and lists; the video file {os.fspath(path)!r} has its own "
+                             "frame rate (leave fps out)")
         else:
             frames, indices = _read_video(os.fspath(path), num_segments, bound, max_pixels)
     elif isinstance(src, Sequence) and not isinstance(src, (bytes, bytearray)):
