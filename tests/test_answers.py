@@ -697,13 +697,26 @@ def test_a_chinese_count_ground_truth_is_a_number(prediction, truth, expected):
         ("Reasoning.\nFinal answer: \\boxed{4} (i.e. \\boxed{4})", "4"),
         ("Reasoning.\nFinal answer: \\boxed{5} cm", "5"),
         ("Reasoning.\nFinal answer: \\boxed{\\boxed{5}}", "5"),
-        ("Reasoning. So \\boxed{\\frac{1}{\\boxed{2}}}", "\\frac{1}{2}"),
-        # without a trigger the last box is the answer (a revised one)
-        ("Reasoning. First \\boxed{3}, but correcting it: \\boxed{4}", "4"),
     ],
 )
 def test_boxes(text, expected):
     assert extract_final_answer(text, strict=True) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Reasoning. So \\boxed{\\frac{1}{\\boxed{2}}}", "\\frac{1}{2}"),
+        # without a trigger the last box is the answer (a revised one)
+        ("Reasoning. First \\boxed{3}, but correcting it: \\boxed{4}", "4"),
+        ("There are three shapes, so the count is \\boxed{3}.", "3"),
+    ],
+)
+def test_a_box_without_a_trigger_is_an_answer_to_eval_and_none_to_pairs(text, expected):
+    """As the official parse_answer (which asserts the trigger), the pair pipeline takes no answer from a box
+    alone: a response that ignores the asked format is a format negative, not a chosen answer. eval reads it."""
+    assert extract_final_answer(text) == expected
+    assert official_parse_answer(text) is None and extract_final_answer(text, strict=True) is None
 
 
 
@@ -941,3 +954,57 @@ def test_a_zero_denominator_gives_no_number():
     assert check_answer("1/0", "5") is None and check_answer("\\frac{3}{0}", "5") is None
     with pytest.raises(InputError, match="^ground truth '1/0' holds no number, or several$"):
         check_answer("5", "1/0", "number")
+
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [
+        # a tens word and a unit word are one number; "one" after a magnitude ends it
+        ("twenty one", "21", True), ("twenty-one", "21", True), ("twenty one", "20", False),
+        ("Seventy Five", "75", True), ("thirty", "30", True), ("two hundred and one", "201", True),
+        ("two hundred and one", "200", False), ("one hundred one", "101", True), ("a hundred and one", "101", True),
+        # "and a half", dozens: their value, at any length; another part word leaves no number, not the N before it
+        ("1 and a half", "1.5", True), ("one and a half", "1", False), ("3 dozen", "36", True), ("3 dozen", "3", False),
+        ("There are 2 and a half pizzas left on the table", "2.5", True),
+        ("There are 2 and a half pizzas left on the table", "2", False), ("2 thirds", "2", None),
+        # still a pronoun, still picked out: no count
+        ("the big red one", "1", None), ("the other two", "2", None),
+    ],
+)
+def test_number_words_give_the_whole_number_or_none(prediction, truth, expected):
+    """"twenty one" was read as 20, "two hundred and one" as 200, "1 and a half" as 1 and "3 dozen" as 3: a wrong
+    number, so a right answer was a wrong one (a rejected answer in pairs) and a wrong one right."""
+    assert check_answer(prediction, truth) is expected
+
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [
+        ("-$5", "5", False), ("-$5", "-5", True), ("−$5", "-5", True), ("-£5", "5", False),
+        ("-€1,200", "-1200", True), ("-€1,200", "1200", False), ("$-5", "-5", True), ("$5", "-$5", False),
+        ("5", "-$5", False), ("-$5", "-$5", True), ("The loss is -$3.50.", "-3.5", True),
+    ],
+)
+def test_a_minus_before_a_currency_sign_is_the_numbers(prediction, truth, expected):
+    """"-$5" read as "- 5", 5, and a ground truth "-$5" was text that "$5" and "5" matched."""
+    assert check_answer(prediction, truth) is expected
+
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [
+        ("(2, 3)", "(-2, 3)", False), ("(-2, 3)", "(-2, 3)", True), ("x = 2", "x = -2", False),
+        ("[1, 1]", "[-1, 1]", False), ("3, 4", "-3, -4", False), ("(−2, 3)", "(-2, 3)", True),
+        ("well known", "well-known", True), ("2 3", "2-3", True),
+    ],
+)
+def test_text_answers_keep_a_minus_sign(prediction, truth, expected):
+    """Punctuation goes in text answers, and the minus of "(-2, 3)" went with it: "(2, 3)" matched (as the official
+    TextVQA normaliser's does); a hyphen between words or numbers still goes."""
+    assert check_answer(prediction, truth, "text") is expected
+
+
+def test_a_negated_yes_or_no_is_neither():
+    for text in ("Not yes", "The answer is not yes", "it isn't true", "not no"):
+        assert parse_yes_no(text) is None, text
+    assert parse_yes_no("Yes, it is not red") is True and parse_yes_no("No, not at all") is False

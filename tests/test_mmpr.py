@@ -484,3 +484,15 @@ def test_sft_repeat_time_above_one_is_a_whole_number(tmp_path, root):
     assert len(read_sft_records(sft, root, repeat_time=0.5)) == 0
     with pytest.raises(InputError, match=r"s.jsonl: repeat_time 1.9 is above 1 and not a whole number"):
         read_sft_records(sft, root, repeat_time=1.9)
+
+
+def test_a_lone_surrogate_escape_is_a_bad_line(tmp_path, root):
+    """JSON reads "\\ud800" without its pair as a lone surrogate, no Unicode character: it failed later, when the
+    text was encoded; a bad line named by file and line (skipped under --skip-bad). A pair is a character."""
+    lone = '{"question": "How many \\ud800?", "chosen": "A", "rejected": "B"}'
+    paired = '{"question": "q\\ud83d\\ude00", "chosen": "A", "rejected": "B"}'
+    spec = _spec(tmp_path, root, [_pair(0), lone, paired])
+    with pytest.raises(InputError, match=r"ds.jsonl:2: a string holds \\ud800 without its surrogate pair"):
+        read_records(spec, 0)
+    report = SkipReport()
+    assert sorted(r.question for r in read_records(spec, 0, report=report)) == ["q0", "q\U0001f600"]

@@ -1067,3 +1067,17 @@ def test_a_folder_of_one_methods_pairs_refuses_the_other_method_by_name(tmp_path
     assert capsys.readouterr().err == (f"internvl-mpo pairs: error: {out} holds dropout-ntp pairs (an output folder "
                                        "holds one method's): give the correctness pairs another --output\n")
     assert (out / "settings.json").read_text() == settings
+
+
+def test_a_lone_surrogate_escape_in_an_items_file_is_named_before_the_model_loads(tmp_path):
+    """It passed the reader and crashed with a UnicodeEncodeError traceback after sampling (writing the id, the
+    question or a pair)."""
+    from internvl_mpo.jsonl import read_objects
+
+    path = tmp_path / "items.jsonl"
+    path.write_text('{"id": "a", "question": "q\\ud83d\\ude00", "answer": "1"}\n'
+                    '{"id": "\\udc00", "question": "q", "answer": "1"}\n')
+    with pytest.raises(InputError, match=r"items.jsonl:2: a string holds \\udc00 without its surrogate pair"):
+        list(read_objects(path))
+    with pytest.raises(InputError, match=r"items.jsonl:2: a string holds \\udc00"):
+        read_items(path, "correctness")

@@ -51,6 +51,7 @@ responses as format negatives, the evaluator counts them wrong.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import unicodedata
@@ -141,8 +142,19 @@ _UNIT_ONLY = re.compile(
 _WORD_NUMBERS = {
     "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
     "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15,
-    "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20, "none": 0,
+    "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20, "thirty": 30, "forty": 40,
+    "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90, "none": 0,
 }
+_TENS = ("twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+_UNITS_1_9 = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# "twenty one", "twenty-one": one number (21), read before the single words ("twenty" then "one" gave 20)
+_TENS_AND_UNIT = re.compile(rf"\b({'|'.join(_TENS)})(?:\s+|-)({'|'.join(_UNITS_1_9)})\b", re.IGNORECASE)
+# A half or a quarter after "N and a", and dozens, read as their value ("2 and a half" is 2.5, "3 dozen" 36);
+# another part word after a number ("2 thirds", "3 quarters") leaves no number to read, rather than the N alone.
+_AND_A_PART = re.compile(r"(?<![\w.])(\d+)\s+and\s+(?:a|an|one|1)\s+(half|quarter)\b", re.IGNORECASE)
+_DOZENS = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s+dozens?\b", re.IGNORECASE)
+_PART_AFTER = re.compile(r"\s+(?:and\s+(?:a|an|one|1)\s+)?(?:half|halves|quarters?|thirds?|fifths?|dozens?)\b",
+                         re.IGNORECASE)
 # A number word, or "no" before a word ("no green shapes": 0); read only in short answers, and only
 # where it counts something (`_is_count`).
 _NUMBER_WORD = re.compile(rf"\b(?:{'|'.join(_WORD_NUMBERS)}|no(?=\s+\w))\b", re.IGNORECASE)
@@ -354,8 +366,8 @@ def extract_final_answer(text: str, strict: bool = False) -> str | None:
     dropped; a \\boxed{} in it is unwrapped, and several different ones are unwrapped in place, so that
     "\\boxed{3} or \\boxed{4}" stays a hedge; a line that only opens display math, "$$" or "\\[",
     continues to its close), else the content of the last \\boxed{} (nested boxes unwrapped). `strict`
-    adds the pair pipeline's format rules: reasoning must come before the answer and the trigger
-    may appear at most twice.
+    adds the pair pipeline's format rules, as the official `parse_answer`: the trigger must be there (a box
+    alone states no answer), reasoning must come before it, and it may appear at most twice.
     """
     match = _TRIGGER.search(text)
     if match:
@@ -370,10 +382,8 @@ def extract_final_answer(text: str, strict: bool = False) -> str | None:
         if contents:  # one box: its content; different ones ("\\boxed{3} or \\boxed{4}"): the hedge as written
             answer = contents.pop() if len(contents) == 1 else _clean(_unbox(answer))
         return answer or None
-    boxes = _boxes(text)
+    boxes = [] if strict else _boxes(text)
     if not boxes or not _clean(_unbox(boxes[-1][2])):
-        return None
-    if strict and not _clean(text[: boxes[-1][0]]):
         return None
     return _clean(_unbox(boxes[-1][2]))
 
@@ -473,7 +483,8 @@ def parse_yes_no(text: str) -> bool | None:
 
     Chinese 是/对/正确/有/没错 and 否/不是/不对/错/没有 at the start (a hedge such as 可能, 无法确定 or
     不确定 there is neither); else a leading yes/no/true/false/correct/
-    incorrect word; else `YOrN_Extraction`'s rule ("yes" without "no" or the reverse)."""
+    incorrect word; else `YOrN_Extraction`'s rule ("yes" without "no" or the reverse). A yes or no word negated
+    ("not yes", "isn't true") is neither."""
     s = unicodedata.normalize("NFKC", text).strip().strip("*").strip().casefold()
     if s.startswith(_CN_HEDGES):
         return None
@@ -484,6 +495,8 @@ def parse_yes_no(text: str) -> bool | None:
     if s.startswith(_CN_YES):
         return True
     words = re.findall(r"[a-z]+", s)
+    if any(a in ("not", "t") and b in _YES | _NO for a, b in itertools.pairwise(words)):  # "not yes", "isn't true"
+        return None
     said_yes, said_no = "yes" in words, "no" in words
     if said_yes and said_no:
         return None
@@ -529,7 +542,8 @@ def _numeric_text(text: str) -> str:
     s = re.sub(r"(\d)\s*(?:[×x*·]|\\times|\\cdot)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"\1e\2", s)
     s = re.sub(r"(?<![\d.])10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"1e\1", s)
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?", "°", s)  # 30^\circ
-    s = s.replace("\\approx", "≈").replace("\\%", "%").replace("\\$", "$").replace("$", " ")
+    s = s.replace("\\approx", "≈").replace("\\%", "%").replace("\\$", "$")
+    s = re.sub(r"(?<![\w.)])-\s*([$€£¥])\s*(?=\.?\d)", r"\1-", s).replace("$", " ")  # "-$5" is -5, not "- 5"
     s = re.sub(r"\\(?:left|right|[,;!: ])", " ", s)
     # "(3)" as 3, but not a number in brackets beside another ("2(3)", "(2)(3)": two numbers, not 23)
     return re.sub(r"(?<![\d.)])\((-?[\d.]+)\)(?![\d(])", r"\1", s)
@@ -655,6 +669,8 @@ def _is_count(match: re.Match) -> bool:
         return noun_follows and following not in _HEDGES_AFTER_NO
     if word != "one":
         return True
+    if previous in _MAGNITUDES or (previous == "and" and len(words) > 1 and words[-2] in _MAGNITUDES):
+        return True  # the last term of a number: "two hundred and one", "one thousand one"
     singular_noun_follows = noun_follows and not re.search(r"[^su]s$", following)
     return previous is None or previous in _COUNT_AFTER or singular_noun_follows
 
@@ -704,13 +720,18 @@ def parse_number(text: str) -> Number | None:
         return None
     if len(re.findall(r"\w+", s)) <= _SHORT_ANSWER_WORDS:
         # "no", the one match missing from _WORD_NUMBERS, is 0; "two thousand" is 2000, "a hundred and five" 105
+        s = _TENS_AND_UNIT.sub(lambda m: str(_WORD_NUMBERS[m[1].casefold()] + _WORD_NUMBERS[m[2].casefold()]), s)
         s = _NUMBER_WORD.sub(lambda m: str(_WORD_NUMBERS.get(m[0].casefold(), 0)) if _is_count(m) else m[0], s)
         s = _magnitudes(_A_MAGNITUDE.sub("1 ", s))
+    s = _AND_A_PART.sub(lambda m: str(int(m[1]) + (0.5 if m[2].casefold() == "half" else 0.25)), s)
+    s = _DOZENS.sub(lambda m: str(Fraction(m[1]) * 12), s)
     numbers = set()
     for match in _NUMBER_RE.finditer(s):
         # the bound's words within a few dozen characters before the number: searching all the text
         # before every number took seconds on a long degenerate answer ("5 5 5 ..."), quadratic time
         if _BOUND_BEFORE.search(s, max(0, match.start() - 64), match.start()) or _BOUND_AFTER.match(s, match.end()):
+            return None
+        if _PART_AFTER.match(s, match.end()):  # "2 thirds": not 2
             return None
         value = float(match.group(1))
         if match.group(2) is not None:
@@ -755,14 +776,18 @@ def _is_cjk(ch: str) -> bool:
 def normalize_text(text: str) -> str:
     """Short-answer normal form: NFKC, LaTeX text wrappers unwrapped ("\\text{Paris}", "\\textbf{..}",
     "\\mathrm{..}"), casefold, punctuation and LaTeX's inline math `$` to spaces
-    (decimal points kept), thousands commas dropped, English articles dropped (unless they are all there
+    (decimal points and minus signs kept), thousands commas dropped, English articles dropped (unless they are all there
     is), number words as digits, single spaces and no space next to a CJK character."""
     s = _TEXT_WRAPPER.sub(r" \1 ", unicodedata.normalize("NFKC", text)).casefold().replace("$", " ")
-    s = _THOUSANDS_COMMAS.sub(lambda m: m[0].replace(",", ""), s)
+    s = _THOUSANDS_COMMAS.sub(lambda m: m[0].replace(",", ""), s.translate(_DASH_MINUS))
+    s = _TENS_AND_UNIT.sub(lambda m: str(_WORD_NUMBERS[m[1]] + _WORD_NUMBERS[m[2]]), s)
     chars = []
     for i, ch in enumerate(s):
         decimal = ch == "." and 0 < i < len(s) - 1 and s[i - 1].isdigit() and s[i + 1].isdigit()
-        chars.append(" " if unicodedata.category(ch).startswith("P") and not decimal else ch)
+        # a minus sign (before a number, not after a letter or digit: "(-2, 3)", "x = -2") is kept: "(2, 3)" is
+        # another answer; a hyphen goes as other punctuation does ("well-known", "2-3")
+        sign = ch == "-" and s[i + 1 : i + 2].isdigit() and not (i and s[i - 1].isalnum())
+        chars.append(" " if unicodedata.category(ch).startswith("P") and not (decimal or sign) else ch)
     words = "".join(chars).split()
     # articles go, unless they are the whole answer (a ground truth "a": the letter)
     words = [str(_WORD_NUMBERS.get(w, w)) for w in words if w not in _ARTICLES] or words

@@ -30,10 +30,10 @@ def check_input_file(path: str | Path, what: str) -> Path:
 
 
 def read_objects(path: str | Path, what: str = "file") -> Iterator[tuple[str, dict]]:
-    """("file:line", object) for each non-blank line; a line that is not UTF-8 or not a JSON object raises
-    InputError. Lines end at LF only (CRLF works too): JSON strings may hold U+2028, U+2029 or U+0085
-    unescaped, which str.splitlines() would take for line ends. A leading byte order mark (Windows
-    editors' "UTF-8 with BOM") is dropped."""
+    """("file:line", object) for each non-blank line; a line that is not UTF-8 or not a JSON object, or holds an
+    unpaired surrogate escape ("\\ud800"), raises InputError. Lines end at LF only (CRLF works too): JSON strings
+    may hold U+2028, U+2029 or U+0085 unescaped, which str.splitlines() would take for line ends. A leading byte
+    order mark (Windows editors' "UTF-8 with BOM") is dropped."""
     path = check_input_file(path, what)
     data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     for number, raw in enumerate(data.split(b"\n"), 1):
@@ -50,7 +50,21 @@ def read_objects(path: str | Path, what: str = "file") -> Iterator[tuple[str, di
             raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(row, dict):
             raise InputError(f"{where}: expected a JSON object")
+        if "\\ud" in line.lower():  # a \\uD800-\\uDFFF escape: json reads one without its pair as a lone surrogate
+            refuse_lone_surrogates(row, where)
         yield where, row
+
+
+def refuse_lone_surrogates(value: object, where: str) -> None:
+    """InputError naming `where` if a string in `value` (keys too) holds a lone surrogate (U+D800-U+DFFF), which
+    JSON's \\uD800 escape gives without its pair: no Unicode character, it fails later when the text is written or
+    encoded (after a model has loaded and answered)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = e.object[e.start]
+        raise InputError(f"{where}: a string holds \\u{ord(char):04x} without its surrogate pair, which is no "
+                         "Unicode character") from None
 
 
 def rewrite_in_order(path: Path, ids: list) -> None:
