@@ -272,7 +272,8 @@ def test_a_failing_decode_step_fails_only_the_rows_it_ran(setup, monkeypatch):
 
 def test_requests_with_one_prompt_are_prefilled_once(setup, monkeypatch):
     """Samples of one prompt admitted together share a single prefill and still get each its own tokens
-    (the same as alone); a twin whose source row finished on its first token prefills for itself."""
+    (the same as alone); so does a twin whose source row finished on its first token (that row is freed after the
+    step's admissions: the n choices of a max_tokens 1 request prefilled n times before)."""
     chat, _ = setup
     a, pa = prompt(chat, "First question here.", Image.new("RGB", (70, 30), "red"))
     sampled = [SamplingParams(max_new_tokens=12, do_sample=True, temperature=1.0, seed=s, ignore_eos=True)
@@ -295,7 +296,10 @@ def test_requests_with_one_prompt_are_prefilled_once(setup, monkeypatch):
     one = SamplingParams(max_new_tokens=1, ignore_eos=True)
     requests = [Request(a, one, pa), Request(a, sampled[1], pa), Request(b, GREEDY), Request(b, GREEDY)]
     out = run(chat.engine, requests)
-    assert calls == [0, 0, 1] and out[1] == alone[1] and out[2] == out[3] == run(chat.engine, [Request(b, GREEDY)])[0]
+    assert calls == [0, 2] and out[1] == alone[1] and out[2] == out[3] == run(chat.engine, [Request(b, GREEDY)])[0]
+    calls.clear()
+    firsts = run(chat.engine, [Request(a, dataclasses.replace(one, do_sample=True, seed=s), pa) for s in range(4)])
+    assert calls == [0] and [firsts[i] for i in range(4)] == [alone[i][:1] for i in range(3)] + [firsts[3]]
 
 
 def _poisoned_prefill(chat, monkeypatch):

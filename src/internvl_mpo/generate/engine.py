@@ -426,15 +426,20 @@ class Generation:
         events: list[Event] = []
         self._drop_cancelled()
         prefilled: list[tuple] = []  # this step's prompts: request, rid, last hidden state, prompt logprobs
+        # rows whose first token ended them: freed after this step's admissions, so that a twin admitted after one
+        # (the n choices of a max_tokens 1 request) still finds its cache slots to copy
+        ended: list[int] = []
         while self.waiting and len(self.rows) < self.max_batch:
             rid, request = self.waiting.pop(0)
             try:
-                events += self._admit(rid, request, prefilled)
+                events += self._admit(rid, request, prefilled, ended)
             except Exception as e:
                 if self.rows and self.rows[-1].rid == rid:
                     self.rows.pop()
                 self._clear(len(self.rows), len(request.prompt_ids))  # what its prefill may have written
                 events.append(Event(rid, None, "error", e))
+        for rid in ended:
+            self._release(rid)
         if not self.rows:
             return events
         try:
@@ -465,10 +470,10 @@ class Generation:
         chosen = self._choose(logits, slice(0, n))
         return chosen, self._logprobs(logits, chosen, slice(0, n))
 
-    def _admit(self, rid: int, request: Request, prefilled: list[tuple]) -> list[Event]:
+    def _admit(self, rid: int, request: Request, prefilled: list[tuple], ended: list[int]) -> list[Event]:
         """Prefill `request` into the next row, or copy the cache slots (and prompt log-probabilities) of a
         request with the same prompt and images admitted in this step (the n choices of one server
-        request, repeated questions)."""
+        request, repeated questions). If its first token ends it, its id goes to `ended`: the caller frees the row."""
         p = request.params
         row = len(self.rows)
         n = len(request.prompt_ids)
@@ -519,11 +524,12 @@ class Generation:
                               request.logprobs, p.min_new_tokens if stops else 0, constraint))
         screen = self.engine.greedy_screen() if plain else None
         if screen is not None:
-            events = self._emit(self._screened(*screen(hidden), hidden, first=row), first=row)
+            events = self._emit(self._screened(*screen(hidden), hidden, first=row), first=row, ended=ended)
         else:
             logits = self._constrain(self.engine.logits(hidden), slice(row, row + 1))
             token = self._choose(logits, slice(row, row + 1))
-            events = self._emit(token, first=row, logprobs=self._logprobs(logits, token, slice(row, row + 1)))
+            events = self._emit(token, first=row, logprobs=self._logprobs(logits, token, slice(row, row + 1)),
+                                ended=ended)
         if prompt is not None:
             events[0] = dataclasses.replace(events[0], prompt_logprobs=prompt)
         return events
@@ -607,8 +613,9 @@ class Generation:
         return [None if w is None else (chosen[i], tuple(zip(ids[i][:w], values[i][:w])) if w else ())
                 for i, w in enumerate(wanted)]
 
-    def _emit(self, tokens: list[int], first: int = 0, logprobs: list | None = None) -> list[Event]:
-        """Record sampled tokens for rows first.., report them, and retire finished rows."""
+    def _emit(self, tokens: list[int], first: int = 0, logprobs: list | None = None,
+              ended: list[int] | None = None) -> list[Event]:
+        """Record sampled tokens for rows first.., report them, and retire finished rows (or list them in `ended`)."""
         events, done = [], []
         for offset, token in enumerate(tokens):
             row = self.rows[first + offset]
@@ -631,6 +638,9 @@ class Generation:
                 done.append(row.rid)
             else:
                 events.append(Event(row.rid, token, **extra))
+        if ended is not None:
+            ended += done
+            return events
         for rid in done:
             self._release(rid)
         return events
