@@ -1124,6 +1124,31 @@ def test_a_tokenizer_transformers_saved_again_is_saved_without_its_video_token(t
     InternVLChat.from_pretrained(out)  # the tokenizer fits the vocabulary
 
 
+def test_a_tokenizer_folder_gives_its_tokenizer_files_and_the_model_its_generation_and_processor_files(tmp_path):
+    """With a `tokenizer_dir` (train's --tokenizer), the saved folder took the tokenizer folder's
+    generation_config.json (a Qwen2.5-Instruct folder's sampling defaults would become the trained model's in vLLM
+    and transformers), or none where it had none: those files are the model folder's."""
+    src, _ = tiny_chat_folder(tmp_path / "src")
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2]}))
+    (src / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "CLIPImageProcessor"}))
+    tok, tok2 = tmp_path / "tok", tmp_path / "tok2"
+    for folder in (tok, tok2):
+        folder.mkdir()
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+            if (src / name).exists():
+                shutil.copy(src / name, folder / name)
+    (tok / "tokenizer_config.json").write_text(
+        (src / "tokenizer_config.json").read_text().replace("{", '{"model_max_length": 1234, ', 1))
+    (tok2 / "generation_config.json").write_text(json.dumps({"eos_token_id": 7, "temperature": 0.7}))
+    for folder in (tok, tok2):
+        model = InternVL.from_pretrained(src)
+        model.tokenizer_dir = folder
+        out = model.save_pretrained(tmp_path / f"out-{folder.name}")
+        for name in ("generation_config.json", "preprocessor_config.json"):
+            assert (out / name).read_bytes() == (src / name).read_bytes(), (folder.name, name)
+        assert (out / "tokenizer_config.json").read_bytes() == (folder / "tokenizer_config.json").read_bytes()
+
+
 def test_a_folder_with_both_a_single_file_and_an_index_is_refused(tmp_path, tiny, good_state):
     """What a save cut short between its renames and its clean-up leaves, or two checkpoints copied into
     one folder: transformers reads model.safetensors, vLLM the index's shards, and we read the index;

@@ -23,6 +23,9 @@ COMPANION_FILES = (
     "added_tokens.json", "special_tokens_map.json", "tokenizer.model", "preprocessor_config.json",
     "chat_template.jinja", "chat_template.json",  # where newer transformers save the chat template
 )
+# Of those, the model's own settings (generation defaults, image processing): from the model's folder when the
+# tokenizer's files come from another (`model_files`).
+MODEL_FILES = ("generation_config.json", "preprocessor_config.json")
 # transformers' processor file: its layout (`convert --to hf`) writes it, the official layout never holds it.
 PROCESSOR_FILE = "processor_config.json"
 # The tokenizer attributes transformers' InternVLProcessor reads (it needs a video token even for images),
@@ -120,6 +123,11 @@ def tokenizer_files(folder: Path) -> list[str]:
     code = remote_code(folder, [_json_object(folder / "tokenizer_config.json")])
     names = {name for name in COMPANION_FILES if (folder / name).is_file()} - set(transformers_processor_files(folder))
     return sorted(names | set(code))
+
+
+def model_files(folder: Path) -> list[str]:
+    """The generation and processor files of `folder` (`MODEL_FILES`; not transformers' InternVLProcessor's)."""
+    return sorted({name for name in MODEL_FILES if (folder / name).is_file()} - set(transformers_processor_files(folder)))
 
 
 def companions(folder: Path) -> list[str]:

@@ -255,8 +255,8 @@ class InternVL(nn.Module):
     def save_pretrained(self, folder: str | Path, max_shard_size: int | str = "5GB") -> Path:
         """Write config.json and safetensors in the official layout, with the tokenizer, generation and
         remote-code files of the folder the model was loaded from (the tokenizer's from `tokenizer_dir`
-        when set; a `convert --to hf` folder's chat template as `convert --to official` writes it, image
-        items as `<image>`). Over another checkpoint, its weights and (when the source has such files) its
+        when set, the generation and processor files still the model's; a `convert --to hf` folder's chat
+        template as `convert --to official` writes it, image items as `<image>`). Over another checkpoint, its weights and (when the source has such files) its
         tokenizer and code files are replaced, not mixed, and transformers' processor files go. The
         folder is locked while the save writes (`checkpoint.save_lock`)."""
         from . import checkpoint
@@ -317,6 +317,9 @@ class InternVL(nn.Module):
             wanted = {name: source / name for name in companions.remote_code(source, [config.to_dict()])}
         if tokenizer is not None:
             wanted |= {name: tokenizer / name for name in companions.tokenizer_files(tokenizer)}
+        if source is not None and tokenizer != source:  # generation defaults and image processing are the model's
+            wanted = {name: path for name, path in wanted.items() if name not in companions.MODEL_FILES}
+            wanted |= {name: source / name for name in companions.model_files(source)}
         files = {name: path for name, path in wanted.items() if path.resolve() != (folder / name).resolve()}
         # an earlier checkpoint's tokenizer and code give way to the source's (read before config.json is
         # replaced); a model saved into the folder it came from copies nothing and removes nothing
