@@ -745,6 +745,22 @@ def test_real_model_skips_a_prompt_longer_than_the_context(tiny_model, tmp_path,
     assert texts[1] == generator.continue_prefix([ContinueJob("Say hi.", "Hello", 2)])[0]  # as if asked alone
 
 
+def test_an_img_context_in_a_continuation_fails_its_item_alone(tiny_model):
+    """<IMG_CONTEXT> typed in a question or in the kept half of a chosen answer raised out of continue_prefix and
+    ended the whole dropout-ntp run (no file:line, every rerun stopping there); the item fails alone now, as in
+    correctness."""
+    from internvl_mpo.pipeline import InternVLChat
+
+    chat = InternVLChat.from_pretrained(tiny_model, dtype="float32")
+    generator = ModelGenerator(chat, PairSettings(max_new_tokens=4))
+    jobs = [ContinueJob("What does <IMG_CONTEXT> mean?", "It is", 1), ContinueJob("Say hi.", "The <IMG_CONTEXT> is", 2),
+            ContinueJob("Say hi.", "Hello", 3)]
+    texts = generator.continue_prefix(jobs)
+    assert isinstance(texts[0], InputError) and "the text contains <IMG_CONTEXT> 1 time(s)" in str(texts[0])
+    assert isinstance(texts[1], InputError) and "kept part of the chosen answer contains <IMG_CONTEXT>" in str(texts[1])
+    assert texts[2] == generator.continue_prefix([jobs[2]])[0]
+
+
 def test_engine_sampler_equals_chat_with_the_same_seed(tiny_model, tmp_path):
     from internvl_mpo.pipeline import InternVLChat
 

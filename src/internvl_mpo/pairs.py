@@ -609,9 +609,13 @@ def continuation_prompt_ids(tokenizer, question: str, prefix: str, template: str
     """Template prompt (open assistant turn) + the prefix's ids. The prefix is stripped, so this equals
     tokenizing the rendered prompt and the prefix as one string, as the official script does: the
     assistant header ends in a newline, which the Qwen2 pre-tokenizer never joins to following text."""
-    from internvl_mpo.chat.template import build_prompt_ids
+    from internvl_mpo.chat.template import IMG_CONTEXT, build_prompt_ids
 
-    return build_prompt_ids(tokenizer, question, template=template) + tokenizer.encode(prefix)
+    ids = build_prompt_ids(tokenizer, question, template=template)
+    prefix_ids = tokenizer.encode(prefix)
+    if tokenizer.img_context_id in prefix_ids:  # the continuation has no image to fill it
+        raise InputError(f"the kept part of the chosen answer contains {IMG_CONTEXT}; it is reserved for image features")
+    return ids + prefix_ids
 
 
 class ModelGenerator:
@@ -677,7 +681,11 @@ class ModelGenerator:
         out: list[str | InputError | None] = []
         requests = []
         for job in jobs:
-            ids = continuation_prompt_ids(self.chat.tokenizer, job.question, job.prefix, template)
+            try:  # the question or the prefix may hold <IMG_CONTEXT>, which only image features fill: it fails alone
+                ids = continuation_prompt_ids(self.chat.tokenizer, job.question, job.prefix, template)
+            except InputError as e:
+                out.append(e)
+                continue
             if len(ids) >= self.chat.context:
                 out.append(PromptTooLongError(f"prompt is {len(ids)} tokens, longer than the context allows: at "
                                               f"most {self.chat.context - 1}"))
