@@ -470,7 +470,7 @@ def test_bad_bound_on_a_video_file_is_named(video_path):
 
 def test_fps_with_a_video_file_is_refused_not_ignored(video_path):
     """`fps` serves frame folders and lists; a file's bound was read at its own rate, the fps dropped silently."""
-    with pytest.raises(InputError, match=r"fps is for frame folders and lists; the video file .* has its own frame rate"):
+    with pytest.raises(InputError, match=r"fps is for frame folders and lists; the video file .* has its own frame"):
         load_video(video_path, num_segments=4, bound=(0, 1), fps=5)
     assert load_video(video_path, num_segments=4, bound=(0, 1)).frame_indices
 

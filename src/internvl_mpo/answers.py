@@ -776,8 +776,8 @@ def _is_cjk(ch: str) -> bool:
 def normalize_text(text: str) -> str:
     """Short-answer normal form: NFKC, LaTeX text wrappers unwrapped ("\\text{Paris}", "\\textbf{..}",
     "\\mathrm{..}"), casefold, punctuation and LaTeX's inline math `$` to spaces
-    (decimal points and minus signs kept), thousands commas dropped, English articles dropped (unless they are all there
-    is), number words as digits, single spaces and no space next to a CJK character."""
+    (decimal points and minus signs kept), thousands commas dropped, English articles dropped (unless they are all
+    there is), number words as digits, single spaces and no space next to a CJK character."""
     s = _TEXT_WRAPPER.sub(r" \1 ", unicodedata.normalize("NFKC", text)).casefold().replace("$", " ")
     s = _THOUSANDS_COMMAS.sub(lambda m: m[0].replace(",", ""), s.translate(_DASH_MINUS))
     s = _TENS_AND_UNIT.sub(lambda m: str(_WORD_NUMBERS[m[1]] + _WORD_NUMBERS[m[2]]), s)

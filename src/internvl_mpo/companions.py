@@ -127,7 +127,8 @@ def tokenizer_files(folder: Path) -> list[str]:
 
 def model_files(folder: Path) -> list[str]:
     """The generation and processor files of `folder` (`MODEL_FILES`; not transformers' InternVLProcessor's)."""
-    return sorted({name for name in MODEL_FILES if (folder / name).is_file()} - set(transformers_processor_files(folder)))
+    names = {name for name in MODEL_FILES if (folder / name).is_file()}
+    return sorted(names - set(transformers_processor_files(folder)))
 
 
 def companions(folder: Path) -> list[str]:

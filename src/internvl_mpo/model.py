@@ -256,9 +256,9 @@ class InternVL(nn.Module):
         """Write config.json and safetensors in the official layout, with the tokenizer, generation and
         remote-code files of the folder the model was loaded from (the tokenizer's from `tokenizer_dir`
         when set, the generation and processor files still the model's; a `convert --to hf` folder's chat
-        template as `convert --to official` writes it, image items as `<image>`). Over another checkpoint, its weights and (when the source has such files) its
-        tokenizer and code files are replaced, not mixed, and transformers' processor files go. The
-        folder is locked while the save writes (`checkpoint.save_lock`)."""
+        template as `convert --to official` writes it, image items as `<image>`). Over another checkpoint, its
+        weights and (when the source has such files) its tokenizer and code files are replaced, not mixed, and
+        transformers' processor files go. The folder is locked while the save writes (`checkpoint.save_lock`)."""
         from . import checkpoint
 
         folder = Path(folder).expanduser()  # as from_pretrained reads it

@@ -614,7 +614,8 @@ def continuation_prompt_ids(tokenizer, question: str, prefix: str, template: str
     ids = build_prompt_ids(tokenizer, question, template=template)
     prefix_ids = tokenizer.encode(prefix)
     if tokenizer.img_context_id in prefix_ids:  # the continuation has no image to fill it
-        raise InputError(f"the kept part of the chosen answer contains {IMG_CONTEXT}; it is reserved for image features")
+        raise InputError(f"the kept part of the chosen answer contains {IMG_CONTEXT}; it is reserved for image "
+                         "features")
     return ids + prefix_ids
 
 

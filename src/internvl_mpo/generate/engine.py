@@ -473,7 +473,8 @@ class Generation:
     def _admit(self, rid: int, request: Request, prefilled: list[tuple], ended: list[int]) -> list[Event]:
         """Prefill `request` into the next row, or copy the cache slots (and prompt log-probabilities) of a
         request with the same prompt and images admitted in this step (the n choices of one server
-        request, repeated questions). If its first token ends it, its id goes to `ended`: the caller frees the row."""
+        request, repeated questions). If its first token ends it, its id goes to `ended`: the caller frees its
+        row."""
         p = request.params
         row = len(self.rows)
         n = len(request.prompt_ids)
@@ -615,7 +616,8 @@ class Generation:
 
     def _emit(self, tokens: list[int], first: int = 0, logprobs: list | None = None,
               ended: list[int] | None = None) -> list[Event]:
-        """Record sampled tokens for rows first.., report them, and retire finished rows (or list them in `ended`)."""
+        """Record sampled tokens for rows first.., report them, and retire finished rows (or list them in
+        `ended`)."""
         events, done = [], []
         for offset, token in enumerate(tokens):
             row = self.rows[first + offset]
