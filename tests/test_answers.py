@@ -1008,3 +1008,52 @@ def test_a_negated_yes_or_no_is_neither():
     for text in ("Not yes", "The answer is not yes", "it isn't true", "not no"):
         assert parse_yes_no(text) is None, text
     assert parse_yes_no("Yes, it is not red") is True and parse_yes_no("No, not at all") is False
+
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [
+        ("negative five", "5", False), ("negative five", "-5", True), ("minus three", "-3", True),
+        ("The answer is negative two.", "-2", True), ("negative twenty", "-20", True), ("minus one", "-1", True),
+    ],
+)
+def test_a_minus_word_before_a_number_word_is_its_sign(prediction, truth, expected):
+    """"negative five" was read as 5: the sign rule ran before the number words became digits."""
+    assert check_answer(prediction, truth) is expected
+
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [
+        ("12 cm, given that r = 6 cm", "12", True), ("12 cm, given that r = 6 cm", "6", False),
+        ("The perimeter is 20 cm, since each side = 5 cm", "20", True), ("x = 5 (where y = 3)", "5", True),
+        ("x = 5 (where y = 3)", "3", False), ("40 apples (20% of the total, where total = 200)", "40", True),
+        ("a = 3 when b = 4", "3", True), ("The area is 24 (base = 6, height = 8)", "24", True),
+        ("x = 2 + 3 = 5", "5", True), ("x=3, y=4", "4", None), ("2√3 ≈ 3.46", "3.46", True),
+    ],
+)
+def test_a_given_after_the_answer_is_not_the_answer(prediction, truth, expected):
+    """The value after the last "=" was the answer, also where it is a given stated after the answer's own number."""
+    assert check_answer(prediction, truth) is expected
+
+
+def test_hedges_and_bounds_state_no_yes_no_or_number():
+    for text in ("No idea.", "No clue", "No way to tell.", "Not sure, no clear evidence.",
+                 "Cannot determine; no label is visible."):
+        assert check_answer(text, "No") is None, text
+    assert check_answer("No, it is not visible", "No") is True and check_answer("No way!", "No") is True
+    for text in ("over 5", "above 5", "under 5", "below 5", "up to 5", "almost 5", "±5"):
+        assert check_answer(text, "5") is None, text
+    assert check_answer("about 5", "5") is True
+
+
+def test_deeply_nested_boxes_are_unwrapped_to_a_bound_not_a_recursion_error():
+    for depth in (3, 1000):
+        text = "Reasoning. " + "\\boxed{" * depth + "1" + "}" * depth
+        answer = extract_final_answer(text)
+        assert answer == "1" if depth == 3 else answer.endswith("{1" + "}" * answer.count("\\boxed{"))
+
+
+def test_a_long_numeric_answer_against_numeric_options_names_its_option():
+    assert parse_choice("5 " * 2000, [str(i) for i in range(10)]) == "F"
+    assert parse_choice("It is 5.0 cm long", ["5 m", "5 cm"]) == "B"

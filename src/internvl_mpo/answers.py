@@ -235,10 +235,11 @@ _GROUPED = re.compile(
 _THOUSANDS_COMMAS = re.compile(r"(?<![\d.])(?!0,)\d+(?:,\d{3}(?!\d))+")
 _VULGAR_FRACTIONS = "¼½¾⅐⅑⅒⅓⅔⅕⅖⅗⅘⅙⅚⅛⅜⅝⅞"
 # Words and signs that make a number a bound or a negation, not the answer ("more than 5", "not 5",
-# "5 or more", "5+", "至少5个", "5个以上"); "about 5", "~5" and "5 or so" are still 5.
+# "5 or more", "5+", "over 5", "almost 5", "±5", "至少5个", "5个以上"); "about 5", "~5" and "5 or so" are still 5.
 _BOUND_BEFORE = re.compile(
     r"(?:\b(?:more|less|fewer|greater|larger|smaller|higher|lower|other)\s+than|\bat\s+(?:least|most)|\bnot"
-    r"|n't|[<>≤≥]|不是|不到|超过|至少|至多|最多|最少|多于|少于|大于|小于|不止)\s*$",
+    r"|\b(?:over|above|under|below|almost|nearly|up\s+to)|n't|[<>≤≥±]|不是|不到|超过|至少|至多|最多|最少|多于|少于"
+    r"|大于|小于|不止)\s*$",
     re.IGNORECASE,
 )
 _BOUND_AFTER = re.compile(
@@ -246,6 +247,10 @@ _BOUND_AFTER = re.compile(
     r"|[个只]?(?:以上|以下|多|余))",
     re.IGNORECASE,
 )
+# A bracket or a clause word that opens what an answer is given ("12 cm, given that r = 6", "5 (where y = 3)")
+_GIVEN_CLAUSE = re.compile(r"\(|\b(?:since|where|given|when|because|if|assuming)\b", re.IGNORECASE)
+# "minus 5", "negative 5", "负5": -5 (also after number words become digits: "negative five")
+_MINUS_WORD = re.compile(r"(?:\b(?:minus|negative)\s+|负\s*)(?=[\d.(])", re.IGNORECASE)
 _PERCENT_WORD = re.compile(r"\s*percent", re.IGNORECASE)
 _UNIT_WORD = re.compile(r"\s*(°|[A-Za-z]+)")  # the word after a number, for `_unit`
 _DEGREE_SCALE = re.compile(r"\s*(celsius|centigrade|fahrenheit|c|f)(?![a-z])", re.IGNORECASE)  # after "°" or "degrees"
@@ -254,6 +259,7 @@ _MATH_MARK = re.compile(rf"\\sqrt|[{_ROOTS}]|\b(?:sqrt|cbrt)\s*\(|\\pi|π")
 _SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺"
 _FROM_SUPERSCRIPT = str.maketrans(_SUPERSCRIPTS, "0123456789-+")
 _SHORT_ANSWER_WORDS = 5
+REL_TOL = 1e-3  # numbers that are not whole match within 0.1%, the official `math_score` tolerance
 _YES = {"yes", "true", "correct", "yeah", "yep"}
 _NO = {"no", "false", "incorrect", "nope"}
 _ARTICLES = {"a", "an", "the"}
@@ -261,6 +267,11 @@ _ARTICLES = {"a", "an", "the"}
 # that starts like a no (没错, "not wrong"), no, yes (有/没有 answer "is there ...?").
 _CN_HEDGES = ("可能", "有可能", "也许", "或许", "无法", "没法", "没有办法", "不确定", "不知道", "不清楚", "难以")
 _CN_NOT_WRONG = ("没错", "没有错")
+# English hedges that hold a "no" or "not" but answer neither ("no idea", "not sure", "cannot determine")
+# (where the answer does not start with yes or no: "No, it is not clear" is a no)
+_HEDGE = re.compile(r"\b(?:no\s+(?:idea|clue)|no\s+way\s+to|not\s+(?:sure|certain|clear|possible|visible)|unsure"
+                    r"|uncertain|unclear|(?:cannot|can't|can\s+not|unable\s+to)\s+(?:be\s+)?(?:determined?|tell|say"
+                    r"|see|know))\b")
 _CN_NO = ("不是", "否", "不对", "不正确", "错", "没有")
 _CN_YES = ("是", "对", "正确", "有")
 
@@ -349,9 +360,17 @@ def _boxes(text: str) -> list[tuple[int, int, str]]:
 
 
 def _unbox(text: str) -> str:
-    """`text` with every \\boxed{x} replaced by x, nested ones too."""
-    for start, end, content in reversed(_boxes(text)):
-        text = text[:start] + _unbox(content) + text[end:]
+    """`text` with every \\boxed{x} replaced by x, nested ones too, to MAX_NESTING levels (a degenerate answer
+    nesting a thousand raised RecursionError, and took quadratic time on the way)."""
+    for _ in range(MAX_NESTING):
+        boxes = _boxes(text)
+        if not boxes:
+            break
+        pieces, at = [], 0
+        for start, end, content in boxes:
+            pieces += [text[at:start], content]
+            at = end
+        text = "".join(pieces) + text[at:]
     return text
 
 
@@ -435,8 +454,10 @@ def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = 
     alone = {t for t in re.findall(r"[A-Za-z]+", text) if t in letters}
     if len(alone) == 1:
         return alone.pop()
-    if parse_number(text) is not None:  # "2.0" names option "2", "5 cm" option "5 cm" and not "5 m"
-        same = [k for k, v in opts.items() if parse_number(v) is not None and _same_number(text, v)]
+    got = parse_number(text)
+    if got is not None:  # "2.0" names option "2", "5 cm" option "5 cm" and not "5 m"
+        unit = _unit(text)  # read once: a long answer against many options took seconds read for each
+        same = [k for k, v in opts.items() if _same_number(got, unit, v)]
         if len(same) == 1:
             return same[0]
     lowered = text.casefold()
@@ -444,12 +465,12 @@ def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = 
     return contained[0] if len(contained) == 1 else None
 
 
-def _same_number(text: str, option: str) -> bool:
-    """Whether `text` gives the number of an option that holds one, as `check_answer` compares numbers."""
-    try:
-        return bool(check_answer(text, option, "number"))
-    except InputError:  # an option beyond the float range
-        return False
+def _same_number(got: Number, unit: str | None, option: str) -> bool:
+    """Whether an answer's number `got` (and `unit`) is the number of an option that holds one, as `check_answer`
+    compares numbers (an option beyond the float range is none)."""
+    target = parse_number(option)
+    return target is not None and math.isfinite(target.value) and _numbers_agree(got, unit, target, _unit(option),
+                                                                                 REL_TOL)
 
 
 def _holds(text: str, option: str) -> bool:
@@ -484,7 +505,8 @@ def parse_yes_no(text: str) -> bool | None:
     Chinese 是/对/正确/有/没错 and 否/不是/不对/错/没有 at the start (a hedge such as 可能, 无法确定 or
     不确定 there is neither); else a leading yes/no/true/false/correct/
     incorrect word; else `YOrN_Extraction`'s rule ("yes" without "no" or the reverse). A yes or no word negated
-    ("not yes", "isn't true") is neither."""
+    ("not yes", "isn't true") is neither, and so is an answer that hedges (`_HEDGE`: "no idea", "not sure") where it
+    does not start with yes or no."""
     s = unicodedata.normalize("NFKC", text).strip().strip("*").strip().casefold()
     if s.startswith(_CN_HEDGES):
         return None
@@ -496,6 +518,9 @@ def parse_yes_no(text: str) -> bool | None:
         return True
     words = re.findall(r"[a-z]+", s)
     if any(a in ("not", "t") and b in _YES | _NO for a, b in itertools.pairwise(words)):  # "not yes", "isn't true"
+        return None
+    hedge = _HEDGE.search(s.replace("\u2019", "'"))
+    if hedge and (hedge.start() == 0 or not (words and words[0] in _YES | _NO)):
         return None
     said_yes, said_no = "yes" in words, "no" in words
     if said_yes and said_no:
@@ -538,7 +563,7 @@ def _numeric_text(text: str) -> str:
     # magnitudes after commas and LaTeX wrappers ("1,200 million", "1.2\\text{ million}") and before Chinese
     # numerals ("3十万" is 3e5, not 3 before 十万)
     s = _fractions(_chinese_numerals(_magnitudes(_TEXT_WRAPPER.sub(r" \1 ", s))))
-    s = re.sub(r"(?:\b(?:minus|negative)\s+|负\s*)(?=[\d.(])", "-", s, flags=re.IGNORECASE)
+    s = _MINUS_WORD.sub("-", s)
     s = re.sub(r"(\d)\s*(?:[×x*·]|\\times|\\cdot)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"\1e\2", s)
     s = re.sub(r"(?<![\d.])10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"1e\1", s)
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?", "°", s)  # 30^\circ
@@ -671,6 +696,8 @@ def _is_count(match: re.Match) -> bool:
         return True
     if previous in _MAGNITUDES or (previous == "and" and len(words) > 1 and words[-2] in _MAGNITUDES):
         return True  # the last term of a number: "two hundred and one", "one thousand one"
+    if previous in ("minus", "negative"):
+        return True
     singular_noun_follows = noun_follows and not re.search(r"[^su]s$", following)
     return previous is None or previous in _COUNT_AFTER or singular_noun_follows
 
@@ -690,9 +717,15 @@ def _root(m: re.Match) -> str:
 
 def _number_part(text: str) -> str:
     """`_numeric_text` of the part after the last "=" or "≈": where an answer's number is read; all of it
-    where a list's separator comes between two of them ("x=3, y=4" gives two values, not 4)."""
+    where a list's separator comes between two of them ("x=3, y=4" gives two values, not 4). A number before a
+    clause that states a given ("12 cm, given that r = 6 cm", "x = 5 (where y = 3)") is the answer, not the
+    given's value after it."""
     s = _numeric_text(text)
     parts = re.split("[=≈]", s)
+    for part in parts[:-1]:
+        clause = _GIVEN_CLAUSE.search(part)
+        if clause and _NUMBER_RE.search(part, 0, clause.start()):
+            return part[: clause.start()]
     return s if any(re.search(r"[,;、]|\band\b", part) for part in parts[1:-1]) else parts[-1]
 
 
@@ -722,7 +755,7 @@ def parse_number(text: str) -> Number | None:
         # "no", the one match missing from _WORD_NUMBERS, is 0; "two thousand" is 2000, "a hundred and five" 105
         s = _TENS_AND_UNIT.sub(lambda m: str(_WORD_NUMBERS[m[1].casefold()] + _WORD_NUMBERS[m[2].casefold()]), s)
         s = _NUMBER_WORD.sub(lambda m: str(_WORD_NUMBERS.get(m[0].casefold(), 0)) if _is_count(m) else m[0], s)
-        s = _magnitudes(_A_MAGNITUDE.sub("1 ", s))
+        s = _MINUS_WORD.sub("-", _magnitudes(_A_MAGNITUDE.sub("1 ", s)))
     s = _AND_A_PART.sub(lambda m: str(int(m[1]) + (0.5 if m[2].casefold() == "half" else 0.25)), s)
     s = _DOZENS.sub(lambda m: str(Fraction(m[1]) * 12), s)
     numbers = set()
@@ -888,12 +921,25 @@ def _close(a: float, b: float, rel_tol: float) -> bool:
     return math.isclose(a, b, rel_tol=rel_tol, abs_tol=1e-9)
 
 
+def _numbers_agree(got: Number, got_unit: str | None, target: Number, target_unit: str | None, rel_tol: float) -> bool:
+    """Whether a number read from an answer is the ground truth's: units that both name agree, integer ground truths
+    exactly and others within `rel_tol`, a percentage also as its fraction."""
+    if None not in (got_unit, target_unit) and not _same_unit(got_unit, target_unit):
+        return False
+    tol = 0.0 if target.value.is_integer() else rel_tol
+    if _close(got.value, target.value, tol):
+        return True
+    if got.percent != target.percent:
+        return _close(got.value / 100, target.value, tol) or _close(got.value, target.value / 100, tol)
+    return False
+
+
 def check_answer(
     prediction: str | None,
     ground_truth: str,
     kind: str | None = None,
     options: Mapping[str, str] | Sequence[str] | None = None,
-    rel_tol: float = 1e-3,
+    rel_tol: float = REL_TOL,
 ) -> bool | None:
     """Whether an extracted answer matches the ground truth; None when it cannot be read as `kind`.
 
@@ -929,15 +975,7 @@ def check_answer(
         got = parse_number(prediction)
         if got is None:
             return None
-        units = _unit(prediction), _unit(ground_truth)
-        if None not in units and not _same_unit(*units):
-            return False
-        tol = 0.0 if target.value.is_integer() else rel_tol
-        if _close(got.value, target.value, tol):
-            return True
-        if got.percent != target.percent:
-            return _close(got.value / 100, target.value, tol) or _close(got.value, target.value / 100, tol)
-        return False
+        return _numbers_agree(got, _unit(prediction), target, _unit(ground_truth), rel_tol)
     if _MATH_MARK.search(unicodedata.normalize("NFKC", ground_truth)):
         got_math = normalize_math(prediction)
         return got_math == normalize_math(ground_truth) if got_math else None
