@@ -718,6 +718,27 @@ def test_saving_over_an_earlier_save_removes_its_weight_files_and_no_others(tmp_
         assert torch.equal(InternVL.from_pretrained(folder)(ids), model(ids))
 
 
+def test_saving_over_shards_another_tool_numbered_removes_them_as_its_index_names_them(tmp_path, tiny):
+    """Shards numbered otherwise ("model-0001-of-0002.safetensors") stayed beside the new model.safetensors once the
+    index that named them was gone: vLLM, reading every *.safetensors of a folder without an index, would load the
+    earlier weights with the new ones."""
+    model = InternVL(tiny, image_token_id=IMAGE_TOKEN_ID)
+    model.init_weights()
+    folder = model.save_pretrained(tmp_path / "m", max_shard_size="20KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    renamed = {}
+    for name in sorted(set(index["weight_map"].values())):
+        number, total = re.fullmatch(r"model-(\d+)-of-(\d+)\.safetensors", name).groups()
+        renamed[name] = f"model-{int(number):04d}-of-{int(total):04d}.safetensors"
+        (folder / name).rename(folder / renamed[name])
+    index["weight_map"] = {key: renamed[name] for key, name in index["weight_map"].items()}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "model-0009-of-0009.safetensors").write_bytes(b"the user's: no index names it")
+    InternVL.from_pretrained(folder).save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model-0009-of-0009.safetensors",
+                                                        "model.safetensors"]
+
+
 def test_a_head_tied_by_hand_is_saved_as_a_tensor_of_its_own(tmp_path, tiny):
     model = InternVL(tiny, image_token_id=IMAGE_TOKEN_ID)
     model.init_weights()
@@ -869,6 +890,25 @@ def test_a_weight_past_the_range_of_the_dtype_asked_for_is_refused(tmp_path, tin
         InternVL.from_pretrained(src, dtype=torch.float16, image_token_id=IMAGE_TOKEN_ID)
     model = InternVL.from_pretrained(src, dtype=torch.bfloat16, image_token_id=IMAGE_TOKEN_ID)
     assert model.mlp1[1].weight[0, 0].item() == 1e6 - 576  # bf16's nearest
+    good_state["mlp1.1.weight"] = good_state["mlp1.1.weight"].double()
+    good_state["mlp1.1.weight"][0, 0] = 1e300
+    src = write_checkpoint(tmp_path / "f64", tiny, good_state)
+    with pytest.raises(InputError, match=r"past float32's largest \(3\.403e\+38\); load it in a wider dtype "
+                                         r"\(float64\)$"):
+        InternVL.from_pretrained(src, dtype=torch.float32, image_token_id=IMAGE_TOKEN_ID)  # not "bfloat16 or float32"
+
+
+def test_an_index_that_cannot_be_read_is_named(tmp_path, tiny, good_state):
+    """An index in UTF-16, or a folder of its name, raised UnicodeDecodeError or IsADirectoryError from inside."""
+    src = write_checkpoint(tmp_path / "src", tiny, good_state, shards=2)
+    index = src / "model.safetensors.index.json"
+    index.write_bytes(index.read_text().encode("utf-16"))
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: not a valid safetensors index \('utf-8'"):
+        InternVL.from_pretrained(src, image_token_id=IMAGE_TOKEN_ID)
+    index.unlink()
+    index.mkdir()
+    with pytest.raises(CheckpointError, match=r"index.json: cannot read the index \(Is a directory\)"):
+        InternVL.from_pretrained(src, image_token_id=IMAGE_TOKEN_ID)
 
 
 def broken_message(file: Path, key: str) -> str:

@@ -204,6 +204,21 @@ def test_not_utf8(tmp_path):
         ModelConfig.from_json(tmp_path)
 
 
+def test_a_config_json_that_cannot_be_read_is_named(tmp_path):
+    """A folder named config.json (or one without read permission) raised IsADirectoryError from inside."""
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(ConfigError, match=r"config.json: cannot read it \(Is a directory\)$"):
+        ModelConfig.from_json(tmp_path)
+
+
+def test_dtype_is_read_before_torch_dtype_as_transformers_reads_it():
+    """Where a config holds both (a hand-edited one, or mixed tools), transformers 5 takes "dtype"; we took
+    "torch_dtype"."""
+    config = ModelConfig.from_dict({**ModelConfig().to_dict(), "torch_dtype": "float32", "dtype": "bfloat16"})
+    assert config.torch_dtype == "bfloat16"
+    assert ModelConfig.from_dict({**ModelConfig().to_dict(), "torch_dtype": "float16"}).torch_dtype == "float16"
+
+
 # The defaults of the official config classes' __init__ for the keys we read, checked against OpenGVLab/InternVL
 # internvl_chat/internvl/model/internvl_chat/configuration_internvl_chat.py (InternVLChatConfig; its
 # ps_version 'v1' is refused, see above, and its template None cannot build the model),

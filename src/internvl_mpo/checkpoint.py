@@ -194,10 +194,12 @@ def open_weights(folder: Path) -> Weights:
             "config.json's")
     if index.exists():
         try:
-            data = json.loads(index.read_text())
+            data = json.loads(index.read_text(encoding="utf-8"))
             mapping = data["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        except OSError as e:  # a folder of that name, no permission to read it
+            raise CheckpointError(f"{index}: cannot read the index ({e.strerror})") from None
         if not isinstance(mapping, dict):
             raise CheckpointError(f"{index}: weight_map is not an object of tensor name -> shard file")
         for key, name in mapping.items():  # shards are files of this folder (an index may not reach elsewhere)
@@ -282,6 +284,8 @@ def open_safetensors(file: Path):
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except (SafetensorError, OSError) as e:
+        if file.exists() and not os.access(file, os.R_OK):  # safetensors reports it as "No such file or directory"
+            raise CheckpointError(f"{file}: permission denied") from None
         if _is_lfs_pointer(file):
             raise CheckpointError(
                 f"{file}: a Git LFS pointer, not the weights (the repository was cloned without git-lfs); "
@@ -353,7 +357,7 @@ class LazyTensor:
             check_finite(source, self.file, self.key)
             raise InputError(f"{self.file}: {self.key} holds values up to {source.abs().max().item():.4g}, past "
                              f"{str(dtype).removeprefix('torch.')}'s largest ({torch.finfo(dtype).max:.4g}); load it "
-                             "in a wider dtype (bfloat16 or float32)")
+                             f"in a wider dtype ({_wider(dtype)})")
         return out
 
     def _mapped(self, index) -> torch.Tensor:
@@ -362,6 +366,12 @@ class LazyTensor:
             return self.view[slice(None) if index is ... and self.view.get_shape() else index]
         except SafetensorError as e:
             raise CheckpointError(f"{self.file}: tensor {self.key} is corrupt ({e})") from None
+
+
+def _wider(dtype: torch.dtype) -> str:
+    """The float dtypes whose range is wider than `dtype`'s, for a message ("float32" past bfloat16's range)."""
+    wider = [d for d in (torch.bfloat16, torch.float32, torch.float64) if torch.finfo(d).max > torch.finfo(dtype).max]
+    return " or ".join(str(d).removeprefix("torch.") for d in wider) or "none holds it"
 
 
 def check_finite(tensor: torch.Tensor, file: Path, key: str) -> None:
@@ -664,14 +674,15 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
     into place once all are written, so a save that fails part way (a full disk) leaves the folder's earlier
     files as they were (and a crash leaves whole files, of one save or the other), and says so in a `SaveError`
     naming the folder and the cause. After the renames, weight files of an earlier save (model.safetensors,
-    model-NNNNN-of-NNNNN.safetensors, the index) and the names in `replaces` (an earlier checkpoint's tokenizer
-    and code) that this save did not write are removed; other files are left alone. Temporary files a killed
+    model-NNNNN-of-NNNNN.safetensors, the index and the shards it named) and the names in `replaces` (an earlier
+    checkpoint's tokenizer and code) that this save did not write are removed; other files are left alone. Temporary files a killed
     save left go first.
     """
     limit = parse_size(max_shard_size)
     for old in folder.iterdir():
         if _is_temporary(old.name):
             old.unlink(missing_ok=True)
+    replaces = [*replaces, *_indexed_shards(folder)]  # an earlier index's shards, whatever their names
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     stored: set[int] = set()
@@ -728,6 +739,19 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
         if old.name not in names and (old.name in (SINGLE_FILE, INDEX_FILE) or SHARD_NAME.fullmatch(old.name)
                                       or old.name in replaced):
             old.unlink(missing_ok=True)
+
+
+def _indexed_shards(folder: Path) -> list[str]:
+    """The shard files the index in `folder` names, when it names plain file names of the folder ending in
+    .safetensors (another tool's save may number them otherwise: "model-0001-of-0002.safetensors"); none where
+    there is no readable index."""
+    try:
+        mapping = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"]
+        names = set(mapping.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    return sorted(name for name in names if isinstance(name, str) and name.endswith(".safetensors")
+                  and Path(name).name == name and "\\" not in name and (folder / name).is_file())
 
 
 def _is_temporary(name: str) -> bool:

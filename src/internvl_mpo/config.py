@@ -316,8 +316,9 @@ class ModelConfig:
 
     @property
     def torch_dtype(self) -> str | None:
-        """The weights' dtype the config.json records (transformers >= 4.56 writes "dtype")."""
-        return self.extra.get("torch_dtype", self.extra.get("dtype"))
+        """The weights' dtype the config.json records: "dtype" where it is there (transformers >= 4.56 writes it, and
+        reads it before the older "torch_dtype"), else "torch_dtype"."""
+        return self.extra.get("dtype", self.extra.get("torch_dtype"))
 
     @property
     def image_size(self) -> int:
@@ -518,6 +519,8 @@ def read_config_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     except UnicodeDecodeError as e:  # UTF-16, say, as some Windows editors save
         raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+    except OSError as e:  # a folder of that name, no permission to read it
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: not a JSON object of settings")
     return d
