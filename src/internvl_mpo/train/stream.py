@@ -104,7 +104,8 @@ class SampleStream:
 
     Bad samples (`BadExample`) raise InputError naming their file:line, or, with `skip_bad`, are
     counted in `report` (once per record, whatever the epoch) and replaced by the next sample; a
-    whole epoch of bad samples raises InputError (there is nothing to train on). With `ref_valid`
+    whole epoch of bad samples raises InputError (there is nothing to train on), and so does a rank's share of an
+    epoch when the next epoch deals it only records known to be bad. With `ref_valid`
     (precomputed reference log-probs), a record the reference pass could not encode is a bad sample too.
     """
 
@@ -136,9 +137,13 @@ class SampleStream:
         n, world = len(self.dataset), self.env.world_size
         return self.epoch + (share_start(n, self.env.rank, world, self.epoch) + self.cursor * world) / n
 
+    def _share(self, epoch: int) -> list[int]:
+        """This rank's records of `epoch`, in its order."""
+        order = epoch_order(len(self.dataset), epoch, self.seed, self.shuffle)
+        return rank_share(order, self.env.rank, self.env.world_size, epoch)
+
     def _open(self):
-        share = rank_share(epoch_order(len(self.dataset), self.epoch, self.seed, self.shuffle), self.env.rank,
-                           self.env.world_size, self.epoch)
+        share = self._share(self.epoch)
         self._share_len = len(share)
         order = share[self.cursor :]
         dataset = self.dataset.at_epoch(self.epoch)  # the epoch seeds the data augmentation
@@ -163,12 +168,20 @@ class SampleStream:
                 self._items = self._open()
             item = next(self._items, None)
             if item is None:
-                if self._bad_run >= self._share_len:
+                # A share of the epoch with no usable sample: the run stops unless the next epoch deals this rank a
+                # record not known to be bad (a shuffled or rotated share: with several processes one share can be
+                # all bad while the epoch holds usable ones, which a single process would train on)
+                if self._bad_run >= self._share_len and self.bad.issuperset(self._share(self.epoch + 1)):
                     n = self._share_len
                     samples = "the 1 sample of this process was" if n == 1 else f"all {n} samples of this process were"
                     problems = "problem" if len(self.report.messages) == 1 else "problems"
-                    raise InputError(f"no usable sample in a whole epoch: {samples} bad and skipped (--skip-bad); first "
-                                     f"{problems}: {'; '.join(self.report.messages)}")
+                    more = ""
+                    if self.env.world_size > 1:
+                        more = (f", and the next epoch deals it only records known to be bad ({self.env.world_size} "
+                                "processes share each epoch; fewer, or shuffling without --no-shuffle, deal the "
+                                "records otherwise)")
+                    raise InputError(f"no usable sample in a whole epoch: {samples} bad and skipped (--skip-bad)"
+                                     f"{more}; first {problems}: {'; '.join(self.report.messages)}")
                 self.epoch, self.cursor, self._items = self.epoch + 1, 0, None
                 continue
             self.cursor += 1
