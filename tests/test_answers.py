@@ -1057,3 +1057,18 @@ def test_deeply_nested_boxes_are_unwrapped_to_a_bound_not_a_recursion_error():
 def test_a_long_numeric_answer_against_numeric_options_names_its_option():
     assert parse_choice("5 " * 2000, [str(i) for i in range(10)]) == "F"
     assert parse_choice("It is 5.0 cm long", ["5 m", "5 cm"]) == "B"
+
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [
+        ("3千米", "3米", False), ("3厘米", "3米", False), ("3 cm", "3米", False), ("5分钟", "5秒", False),
+        ("3 km", "3千米", True), ("5 minutes", "5分钟", True), ("3公里", "3 km", True), ("3米", "3", True),
+        ("3 AM", "3 PM", False), ("5 weeks", "5 days", False), ("5 ms", "5 s", False), ("5 lbs", "5 kg", False),
+        ("60 mph", "60 km/h", False), ("5 lbs", "5 pounds", True), ("5 m", "5 cm", False),
+    ],
+)
+def test_more_units_must_agree_where_both_sides_name_one(prediction, truth, expected):
+    """Chinese units were not read after a number (3千米 matched 3米), nor am/pm, weeks, months, years, ms, lb, oz,
+    mph: one side read as unitless, so any unit matched."""
+    assert check_answer(prediction, truth) is expected

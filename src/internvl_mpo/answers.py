@@ -132,12 +132,19 @@ _UNIT_NAMES = {
     "km": ("km", "kilometer", "kilometre"), "ft": ("ft", "foot", "feet"), "mi": ("mi", "mile"),
     "g": ("g", "gram"), "kg": ("kg", "kilogram"), "s": ("s", "sec", "second"), "min": ("min", "minute"),
     "h": ("h", "hr", "hour"), "day": ("day",), "°": ("°", "deg", "degree"), "l": ("l", "liter", "litre"),
-    "ml": ("ml", "milliliter", "millilitre"),
+    "ml": ("ml", "milliliter", "millilitre"), "ms": ("ms", "millisecond"), "week": ("wk", "week"),
+    "month": ("month",), "year": ("yr", "year"), "lb": ("lb", "pound"), "oz": ("oz", "ounce"), "mph": ("mph",),
+    "am": ("am",), "pm": ("pm",),
 }
-_UNITS = {name: unit for unit, names in _UNIT_NAMES.items() for name in names}
+# Chinese units after a number ("3千米", "5分钟"), as the English ones they name
+_CN_UNIT_NAMES = {"毫米": "mm", "厘米": "cm", "千米": "km", "公里": "km", "米": "m", "千克": "kg", "公斤": "kg", "克": "g",
+             "毫升": "ml", "升": "l", "毫秒": "ms", "秒": "s", "分钟": "min", "小时": "h", "天": "day", "周": "week",
+             "年": "year"}
+_UNITS = {name: unit for unit, names in _UNIT_NAMES.items() for name in names} | _CN_UNIT_NAMES
+_CN_UNIT = "|".join(sorted(_CN_UNIT_NAMES, key=len, reverse=True))  # longest first: 千米 before 米
 _UNIT_ONLY = re.compile(
     rf"\s*[$€£¥]?\s*{_NUMBER}(?:\s*/\s*{_NUMBER})?\s*"
-    rf"(?:%|(?:°|degrees?)(?:\s*[A-Za-z]+)?|{_UNIT}(?:/{_UNIT})?|[{_CN_MEASURES}])?\s*[.。]?\s*"  # "30 °C"
+    rf"(?:%|(?:°|degrees?)(?:\s*[A-Za-z]+)?|{_UNIT}(?:/{_UNIT})?|{_CN_UNIT}|[{_CN_MEASURES}])?\s*[.。]?\s*"  # "30 °C"
 )
 _WORD_NUMBERS = {
     "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
@@ -252,7 +259,7 @@ _GIVEN_CLAUSE = re.compile(r"\(|\b(?:since|where|given|when|because|if|assuming)
 # "minus 5", "negative 5", "负5": -5 (also after number words become digits: "negative five")
 _MINUS_WORD = re.compile(r"(?:\b(?:minus|negative)\s+|负\s*)(?=[\d.(])", re.IGNORECASE)
 _PERCENT_WORD = re.compile(r"\s*percent", re.IGNORECASE)
-_UNIT_WORD = re.compile(r"\s*(°|[A-Za-z]+)")  # the word after a number, for `_unit`
+_UNIT_WORD = re.compile(rf"\s*(°|[A-Za-z]+|{_CN_UNIT})")  # the word after a number, for `_unit`
 _DEGREE_SCALE = re.compile(r"\s*(celsius|centigrade|fahrenheit|c|f)(?![a-z])", re.IGNORECASE)  # after "°" or "degrees"
 # A root or pi in a text ground truth: compared as math (`normalize_math`).
 _MATH_MARK = re.compile(rf"\\sqrt|[{_ROOTS}]|\b(?:sqrt|cbrt)\s*\(|\\pi|π")
