@@ -1072,3 +1072,9 @@ def test_more_units_must_agree_where_both_sides_name_one(prediction, truth, expe
     """Chinese units were not read after a number (3千米 matched 3米), nor am/pm, weeks, months, years, ms, lb, oz,
     mph: one side read as unitless, so any unit matched."""
     assert check_answer(prediction, truth) is expected
+
+
+def test_a_letter_alone_on_the_first_line_is_the_answer_before_an_explanation_naming_another():
+    """"B" on a line of its own, then "Explanation: A is a dog", picked A (the letter stated last)."""
+    assert parse_choice("B\n\nExplanation: A is a dog", ["dog", "cat"]) == "B"
+    assert parse_choice("B  \nBecause A is wrong", ["dog", "cat"]) == "B"

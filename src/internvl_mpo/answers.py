@@ -90,7 +90,7 @@ _TRIGGER = re.compile(r"(final answer\**\s*[:：]|answer\**\s*[:：]|答案\**\s
 _BOXED = "\\boxed{"
 _DISPLAY_MATH = {"$$": "$$", "\\[": "\\]"}  # opening -> closing delimiter
 _LETTER_ONLY = re.compile(r"[(\[（]?\s*([A-Za-z])\s*[)\]）]?\s*[.:：]?")
-_LEADING_LETTER = re.compile(r"[(\[（]([A-Z])[)\]）]|([A-Z])[.:：)\]）,](?!\d)")
+_LEADING_LETTER = re.compile(r"[(\[（]([A-Z])[)\]）]|([A-Z])(?:[.:：)\]）,](?!\d)|[ \t]*\n)")
 # What follows an option letter that is one of a list of letters ("A, B", "(A) or (C)", "A和B"): the next
 # letter, bracketed or standing alone (a capital "A" before a lowercase word is the article: "B, A cat").
 _LETTER_LIST_TAIL = re.compile(
