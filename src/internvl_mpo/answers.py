@@ -430,7 +430,7 @@ def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = 
     ("not A", "isn't B", "不是A") is dropped, an "A" right before another option's text is the article
     ("A cat" names option "cat"), and an answer that copies two or more options with their letters ("A.
     a dog B. a cat") picks none. Then: a leading letter with a bracket or mark ("B) ...", "(B) ...", "B.
-    ..."); a stated letter ("The answer is B", "option (C)", "答案是C", the last one wins), none of the
+    ...") or alone on its line; a stated letter ("The answer is B", "option (C)", "答案是C", the last one wins), none of the
     two when another letter follows it in a list ("A, B", "A or C"); VLMEvalKit's rule of one valid letter
     standing alone; the one option that is the answer's number ("2.0" names option "2"); else VLMEvalKit's rule
     of one option text contained (a numeric one not inside a longer number). Without options, letters A-N except
