@@ -675,8 +675,8 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
     files as they were (and a crash leaves whole files, of one save or the other), and says so in a `SaveError`
     naming the folder and the cause. After the renames, weight files of an earlier save (model.safetensors,
     model-NNNNN-of-NNNNN.safetensors, the index and the shards it named) and the names in `replaces` (an earlier
-    checkpoint's tokenizer and code) that this save did not write are removed; other files are left alone. Temporary files a killed
-    save left go first.
+    checkpoint's tokenizer and code) that this save did not write are removed; other files are left alone.
+    Temporary files a killed save left go first.
     """
     limit = parse_size(max_shard_size)
     for old in folder.iterdir():
