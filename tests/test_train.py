@@ -1739,15 +1739,16 @@ def test_skip_bad_moves_on_where_one_process_share_is_bad_but_the_next_epoch_dea
     process would train on: the run stopped there. The process goes on to the next epoch when it deals it a record
     not known to be bad, and stops, saying why, when every epoch deals it the same bad ones."""
     rank1 = DistEnv(rank=1, world_size=2)
-    rotated = SampleStream(BadRecords(5, good=(0, 2, 4)), rank1, TrainConfig(skip_bad=True, shuffle=False), SkipReport())
+    no_shuffle = TrainConfig(skip_bad=True, shuffle=False)
+    rotated = SampleStream(BadRecords(5, good=(0, 2, 4)), rank1, no_shuffle, SkipReport())
     assert [rotated.next_example() for _ in range(2)] == [0, 2]  # epoch 0 dealt it 1 and 3; epoch 1 deals 0, 2, 4
     assert rotated.epoch == 1 and rotated.report.counts == {"encode": 2}
     shuffled = SampleStream(BadRecords(4, good=(0, 2)), rank1, TrainConfig(skip_bad=True, seed=12), SkipReport())
     assert shuffled.next_example() in (0, 2)
-    same = SampleStream(BadRecords(4, good=(0, 2)), rank1, TrainConfig(skip_bad=True, shuffle=False), SkipReport())
+    same = SampleStream(BadRecords(4, good=(0, 2)), rank1, no_shuffle, SkipReport())
     with pytest.raises(InputError, match=r"^no usable sample in a whole epoch: all 2 samples of this process were bad "
                                          r"and skipped \(--skip-bad\), and the next epoch deals it only records known "
-                                         r"to be bad \(2 processes share each epoch; fewer, or shuffling without --no-shuffle"):
+                                         r"to be bad \(2 processes share each epoch; fewer, or shuffling"):
         same.next_example()
 
 

@@ -91,7 +91,8 @@ _BOXED = "\\boxed{"
 _DISPLAY_MATH = {"$$": "$$", "\\[": "\\]"}  # opening -> closing delimiter
 _LETTER_ONLY = re.compile(r"[(\[（]?\s*([A-Za-z])\s*[)\]）]?\s*[.:：]?")
 # (a letter alone on its line leads, unless the next line is a letter too: "A\nB\nC" is a list)
-_LEADING_LETTER = re.compile(r"[(\[（]([A-Z])[)\]）]|([A-Z])(?:[.:：)\]）,](?!\d)|[ \t]*\n(?!\s*[(\[（]?[A-Z][)\]）.:：]?\s*(?:\n|$)))")
+_LEADING_LETTER = re.compile(r"[(\[（]([A-Z])[)\]）]|([A-Z])(?:[.:：)\]）,](?!\d)"
+                             r"|[ \t]*\n(?!\s*[(\[（]?[A-Z][)\]）.:：]?\s*(?:\n|$)))")
 # What follows an option letter that is one of a list of letters ("A, B", "(A) or (C)", "A和B"): the next
 # letter, bracketed or standing alone (a capital "A" before a lowercase word is the article: "B, A cat").
 _LETTER_LIST_TAIL = re.compile(
@@ -434,8 +435,8 @@ def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = 
     ("not A", "isn't B", "不是A") is dropped, an "A" right before another option's text is the article
     ("A cat" names option "cat"), and an answer that copies two or more options with their letters ("A.
     a dog B. a cat") picks none. Then: a leading letter with a bracket or mark ("B) ...", "(B) ...", "B.
-    ...") or alone on its line; a stated letter ("The answer is B", "option (C)", "答案是C", the last one wins), none of the
-    two when another letter follows it in a list ("A, B", "A or C"); VLMEvalKit's rule of one valid letter
+    ...") or alone on its line; a stated letter ("The answer is B", "option (C)", "答案是C", the last one wins),
+    none of the two when another letter follows it in a list ("A, B", "A or C"); VLMEvalKit's rule of one valid letter
     standing alone; the one option that is the answer's number ("2.0" names option "2"); else VLMEvalKit's rule
     of one option text contained (a numeric one not inside a longer number). Without options, letters A-N except
     I are valid.
