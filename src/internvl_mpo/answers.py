@@ -278,9 +278,9 @@ _ARTICLES = {"a", "an", "the"}
 # that starts like a no (没错, "not wrong"), no, yes (有/没有 answer "is there ...?").
 _CN_HEDGES = ("可能", "有可能", "也许", "或许", "无法", "没法", "没有办法", "不确定", "不知道", "不清楚", "难以")
 _CN_NOT_WRONG = ("没错", "没有错")
-# English hedges that hold a "no" or "not" but answer neither ("no idea", "not sure", "cannot determine")
-# (where the answer does not start with yes or no: "No, it is not clear" is a no)
-# (a reason for a no, "not visible", "cannot see any", is no hedge)
+# English hedges that hold a "no" or "not" but answer neither ("no idea", "not sure", "cannot determine"), read where
+# the answer does not start with yes or no ("No, I am not sure" is a no); a reason for a no ("not visible", "cannot
+# see any") is no hedge
 _HEDGE = re.compile(r"\b(?:no\s+(?:idea|clue)|no\s+way\s+to\s+(?:tell|know|say|determine)|not\s+(?:sure|certain)|unsure"
                     r"|uncertain|(?:cannot|can't|can\s+not|unable\s+to|impossible\s+to)\s+(?:be\s+)?(?:determined?"
                     r"|tell|say|know))\b")
