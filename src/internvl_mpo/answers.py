@@ -90,9 +90,7 @@ _TRIGGER = re.compile(r"(final answer\**\s*[:：]|answer\**\s*[:：]|答案\**\s
 _BOXED = "\\boxed{"
 _DISPLAY_MATH = {"$$": "$$", "\\[": "\\]"}  # opening -> closing delimiter
 _LETTER_ONLY = re.compile(r"[(\[（]?\s*([A-Za-z])\s*[)\]）]?\s*[.:：]?")
-# (a letter alone on its line leads, unless the next line is a letter too: "A\nB\nC" is a list)
-_LEADING_LETTER = re.compile(r"[(\[（]([A-Z])[)\]）]|([A-Z])(?:[.:：)\]）,](?!\d)"
-                             r"|[ \t]*\n(?!\s*[(\[（]?[A-Z][)\]）.:：]?\s*(?:\n|$)))")
+_LEADING_LETTER = re.compile(r"[(\[（]([A-Z])[)\]）]|([A-Z])[.:：)\]）,](?!\d)")
 # What follows an option letter that is one of a list of letters ("A, B", "(A) or (C)", "A和B"): the next
 # letter, bracketed or standing alone (a capital "A" before a lowercase word is the article: "B, A cat").
 _LETTER_LIST_TAIL = re.compile(
@@ -158,12 +156,11 @@ _TENS = ("twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ni
 _UNITS_1_9 = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # "twenty one", "twenty-one": one number (21), read before the single words ("twenty" then "one" gave 20)
 _TENS_AND_UNIT = re.compile(rf"\b({'|'.join(_TENS)})(?:\s+|-)({'|'.join(_UNITS_1_9)})\b", re.IGNORECASE)
-# A half or a quarter after "N and a", and dozens, read as their value ("2 and a half" is 2.5, "3 dozen" 36);
-# another part word after a number ("2 thirds", "3 quarters") leaves no number to read, rather than the N alone.
+# A half or a quarter after "N and a" read as their value ("2 and a half" is 2.5); dozens, thirds and fifths after a
+# number leave no number to read, rather than the N alone ("3 dozen" may answer "how many dozen" or "how many eggs");
+# "3 quarters", "2 halves" stay counts (coins, pieces).
 _AND_A_PART = re.compile(r"(?<![\w.])(\d+)\s+and\s+(?:a|an|one|1)\s+(half|quarter)\b", re.IGNORECASE)
-_DOZENS = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s+dozens?\b", re.IGNORECASE)
-_PART_AFTER = re.compile(r"\s+(?:and\s+(?:a|an|one|1)\s+)?(?:half|halves|quarters?|thirds?|fifths?|dozens?)\b",
-                         re.IGNORECASE)
+_PART_AFTER = re.compile(r"\s+(?:and\s+(?:a|an|one|1)\s+(?:half|quarter)|thirds?|fifths?|dozens?)\b", re.IGNORECASE)
 # A number word, or "no" before a word ("no green shapes": 0); read only in short answers, and only
 # where it counts something (`_is_count`).
 _NUMBER_WORD = re.compile(rf"\b(?:{'|'.join(_WORD_NUMBERS)}|no(?=\s+\w))\b", re.IGNORECASE)
@@ -244,10 +241,11 @@ _GROUPED = re.compile(
 _THOUSANDS_COMMAS = re.compile(r"(?<![\d.])(?!0,)\d+(?:,\d{3}(?!\d))+")
 _VULGAR_FRACTIONS = "¼½¾⅐⅑⅒⅓⅔⅕⅖⅗⅘⅙⅚⅛⅜⅝⅞"
 # Words and signs that make a number a bound or a negation, not the answer ("more than 5", "not 5",
-# "5 or more", "5+", "over 5", "almost 5", "±5", "至少5个", "5个以上"); "about 5", "~5" and "5 or so" are still 5.
+# "5 or more", "5+", "over 5", "up to 5", "±5", "至少5个", "5个以上"); "about 5", "nearly 5", "~5" and "5 or so" are
+# still 5.
 _BOUND_BEFORE = re.compile(
     r"(?:\b(?:more|less|fewer|greater|larger|smaller|higher|lower|other)\s+than|\bat\s+(?:least|most)|\bnot"
-    r"|\b(?:over|above|under|below|almost|nearly|up\s+to)|n't|[<>≤≥±]|不是|不到|超过|至少|至多|最多|最少|多于|少于"
+    r"|\b(?:over|above|under|below|up\s+to)|n't|[<>≤≥±]|不是|不到|超过|至少|至多|最多|最少|多于|少于"
     r"|大于|小于|不止)\s*$",
     re.IGNORECASE,
 )
@@ -281,6 +279,10 @@ _CN_NOT_WRONG = ("没错", "没有错")
 # English hedges that hold a "no" or "not" but answer neither ("no idea", "not sure", "cannot determine"), read where
 # the answer does not start with yes or no ("No, I am not sure" is a no); a reason for a no ("not visible", "cannot
 # see any") is no hedge
+# ... said by the answer (no subject, or I, we, it: "I am not sure"), not of someone in the picture ("The woman looks
+# uncertain, but yes")
+_HEDGER = re.compile(r"(?:^|[.;,:!?]\s*)(?:(?:i|i'm|im|we|we're|it|it's|this|that|am|are|is|really|honestly|just)"
+                     r"\s+)*$")
 _HEDGE = re.compile(r"\b(?:no\s+(?:idea|clue)|no\s+way\s+to\s+(?:tell|know|say|determine)|not\s+(?:sure|certain)|unsure"
                     r"|uncertain|(?:cannot|can't|can\s+not|unable\s+to|impossible\s+to)\s+(?:be\s+)?(?:determined?"
                     r"|tell|say|know))\b")
@@ -435,7 +437,7 @@ def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = 
     ("not A", "isn't B", "不是A") is dropped, an "A" right before another option's text is the article
     ("A cat" names option "cat"), and an answer that copies two or more options with their letters ("A.
     a dog B. a cat") picks none. Then: a leading letter with a bracket or mark ("B) ...", "(B) ...", "B.
-    ...") or alone on its line; a stated letter ("The answer is B", "option (C)", "答案是C", the last one wins),
+    ..."); a stated letter ("The answer is B", "option (C)", "答案是C", the last one wins),
     none of the two when another letter follows it in a list ("A, B", "A or C"); VLMEvalKit's rule of one valid letter
     standing alone; the one option that is the answer's number ("2.0" names option "2"); else VLMEvalKit's rule
     of one option text contained (a numeric one not inside a longer number). Without options, letters A-N except
@@ -529,10 +531,13 @@ def parse_yes_no(text: str) -> bool | None:
     if s.startswith(_CN_YES):
         return True
     words = re.findall(r"[a-z]+", s)
-    if any(a in ("not", "t") and b in _YES | _NO for a, b in itertools.pairwise(words)):  # "not yes", "isn't true"
-        return None
-    hedge = _HEDGE.search(s.replace("\u2019", "'"))
-    if hedge and (hedge.start() == 0 or not (words and words[0] in _YES | _NO)):
+    if not (words and words[0] in _YES | _NO):  # "No, that isn't true" is a no
+        if any(a in ("not", "t") and b in _YES | _NO for a, b in itertools.pairwise(words)):  # "not yes", "isn't true"
+            return None
+        hedge = _HEDGE.search(s.replace("\u2019", "'"))
+        if hedge and _HEDGER.search(s.replace("\u2019", "'"), 0, hedge.start()):
+            return None
+    elif _HEDGE.match(s):  # "No idea", "No clue"
         return None
     said_yes, said_no = "yes" in words, "no" in words
     if said_yes and said_no:
@@ -735,10 +740,10 @@ def _number_part(text: str) -> str:
     given's value after it."""
     s = _numeric_text(text)
     parts = re.split("[=≈]", s)
-    for part in parts[:-1]:
-        clause = _GIVEN_CLAUSE.search(part)
-        if clause and len({m[0] for m in _NUMBER_RE.finditer(part, 0, clause.start())}) == 1:  # not "12 - 4 (given"
-            return part[: clause.start()]
+    if len(parts) > 1:  # the given is the last "=" ("Step 2: since x = 4, y = 8" opens no given before y)
+        clause = _GIVEN_CLAUSE.search(parts[-2])
+        if clause and len({m[0] for m in _NUMBER_RE.finditer(parts[-2], 0, clause.start())}) == 1:  # not "12 - 4 ("
+            return parts[-2][: clause.start()]
     return s if any(re.search(r"[,;、]|\band\b", part) for part in parts[1:-1]) else parts[-1]
 
 
@@ -770,14 +775,13 @@ def parse_number(text: str) -> Number | None:
         s = _NUMBER_WORD.sub(lambda m: str(_WORD_NUMBERS.get(m[0].casefold(), 0)) if _is_count(m) else m[0], s)
         s = _MINUS_WORD.sub("-", _magnitudes(_A_MAGNITUDE.sub("1 ", s)))
     s = _AND_A_PART.sub(lambda m: str(int(m[1]) + (0.5 if m[2].casefold() == "half" else 0.25)), s)
-    s = _DOZENS.sub(lambda m: str(Fraction(m[1]) * 12), s)
     numbers = set()
     for match in _NUMBER_RE.finditer(s):
         # the bound's words within a few dozen characters before the number: searching all the text
         # before every number took seconds on a long degenerate answer ("5 5 5 ..."), quadratic time
         if _BOUND_BEFORE.search(s, max(0, match.start() - 64), match.start()) or _BOUND_AFTER.match(s, match.end()):
             return None
-        if _PART_AFTER.match(s, match.end()):  # "2 thirds": not 2
+        if _PART_AFTER.match(s, match.end()):  # "2 thirds", "3 dozen": not 2, 3
             return None
         value = float(match.group(1))
         if match.group(2) is not None:
@@ -832,7 +836,7 @@ def normalize_text(text: str) -> str:
         decimal = ch == "." and 0 < i < len(s) - 1 and s[i - 1].isdigit() and s[i + 1].isdigit()
         # a minus sign (before a number, not after a letter or digit: "(-2, 3)", "x = -2") is kept: "(2, 3)" is
         # another answer; a hyphen goes as other punctuation does ("well-known", "2-3")
-        sign = ch == "-" and s[i + 1 : i + 2].isdigit() and not (i and s[i - 1].isalnum())
+        sign = ch == "-" and s[i + 1 : i + 2].isdigit() and not s[:i].rstrip()[-1:].isalnum()  # not "10 -20"
         chars.append(" " if unicodedata.category(ch).startswith("P") and not (decimal or sign) else ch)
     words = "".join(chars).split()
     # articles go, unless they are the whole answer (a ground truth "a": the letter)
