@@ -50,21 +50,23 @@ def read_objects(path: str | Path, what: str = "file") -> Iterator[tuple[str, di
             raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(row, dict):
             raise InputError(f"{where}: expected a JSON object")
-        if "\\ud" in line.lower():  # a \\uD800-\\uDFFF escape: json reads one without its pair as a lone surrogate
-            refuse_lone_surrogates(row, where)
+        if problem := lone_surrogate(line, row):
+            raise InputError(f"{where}: {problem}")
         yield where, row
 
 
-def refuse_lone_surrogates(value: object, where: str) -> None:
-    """InputError naming `where` if a string in `value` (keys too) holds a lone surrogate (U+D800-U+DFFF), which
-    JSON's \\uD800 escape gives without its pair: no Unicode character, it fails later when the text is written or
-    encoded (after a model has loaded and answered)."""
+def lone_surrogate(line: str, value: object) -> str | None:
+    """What is wrong, if a string in `value` (keys too), read from the JSON text `line`, holds a lone surrogate
+    (U+D800-U+DFFF), which JSON's \\uD800 escape gives without its pair: no Unicode character, it fails later when
+    the text is written or encoded (after a model has loaded and answered). None otherwise."""
+    if "\\ud" not in line.lower():  # no \\uD800-\\uDFFF escape: nothing to look for
+        return None
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as e:
         char = e.object[e.start]
-        raise InputError(f"{where}: a string holds \\u{ord(char):04x} without its surrogate pair, which is no "
-                         "Unicode character") from None
+        return f"a string holds \\u{ord(char):04x} without its surrogate pair, which is no Unicode character"
+    return None
 
 
 def rewrite_in_order(path: Path, ids: list) -> None:

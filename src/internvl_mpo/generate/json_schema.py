@@ -136,6 +136,8 @@ MAX_PATTERN_STATES = 5_000  # automaton states of a pattern (or format) with a l
 # lengths (code points) a pattern's length table tracks: beside a pattern a maxLength above it is held at it (fewer
 # values), a minLength above it refused; the table's work grows with the square of the lengths
 MAX_PATTERN_LENGTH = 4096
+# an integer written in the output is below it (its digits are jm.MAX_NUMBER_DIGITS at most; a number has its exponent)
+WIDEST_INTEGER = 10**jm.MAX_NUMBER_DIGITS
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 KNOWN = ANNOTATIONS | frozenset(("type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions",
                                  "format", "pattern", "multipleOf") + OBJECT_KEYS + ARRAY_KEYS + STRING_KEYS +
@@ -435,8 +437,7 @@ class Schema:
         if others:
             raise SchemaError(f"{others[0]} beside enum/const at {path} is not supported")
         values = [v for v in values if _type_of(v) in kinds or _type_of(v) == "integer" and "number" in kinds]
-        widest = 10**jm.MAX_NUMBER_DIGITS
-        if any(isinstance(v, int) and not isinstance(v, bool) and abs(v) >= widest for v in values):
+        if any(isinstance(v, int) and not isinstance(v, bool) and abs(v) >= WIDEST_INTEGER for v in values):
             raise SchemaError(f"an integer of the enum/const at {path} has more than {jm.MAX_NUMBER_DIGITS} digits, "
                               "more than a number of the output may hold")
         if not values:
@@ -948,9 +949,8 @@ def _number_bounds(schema: dict, kind: str, path: str) -> dict:
     if not _meets(bounds["lower"], bounds["upper"]):
         raise SchemaError(f"no {'integer' if kind == 'integer' else 'number'} at {path} is within its bounds "
                           f"(minimum/maximum)")
-    widest = 10**jm.MAX_NUMBER_DIGITS  # an integer's digits are as many at most (a number has its exponent)
-    if kind == "integer" and (bounds["lower"] and bounds["lower"][0] >= widest or
-                              bounds["upper"] and bounds["upper"][0] <= -widest):
+    if kind == "integer" and (bounds["lower"] and bounds["lower"][0] >= WIDEST_INTEGER or
+                              bounds["upper"] and bounds["upper"][0] <= -WIDEST_INTEGER):
         raise SchemaError(f"every integer at {path} within its bounds has more than {jm.MAX_NUMBER_DIGITS} digits, "
                           "more than a number of the output may hold")
     return bounds

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from internvl_mpo.errors import InputError
-from internvl_mpo.jsonl import refuse_lone_surrogates, unread_field
+from internvl_mpo.jsonl import lone_surrogate, unread_field
 from internvl_mpo.processor.video import frame_files
 
 MAX_REPORTED_MESSAGES = 5
@@ -292,11 +292,8 @@ def _parse_object(raw: bytes) -> dict:
         raise _BadLine("json", f"field {e.args[0]!r} appears twice (JSON keeps only the last)") from None
     if not isinstance(item, dict):
         raise _BadLine("json", f"expected a JSON object, got {type(item).__name__}")
-    if "\\ud" in text.lower():  # a \\uD800-\\uDFFF escape, maybe without its pair (see jsonl.refuse_lone_surrogates)
-        try:
-            refuse_lone_surrogates(item, "")
-        except InputError as e:
-            raise _BadLine("json", str(e).removeprefix(": ")) from None
+    if problem := lone_surrogate(text, item):
+        raise _BadLine("json", problem)
     return item
 
 
