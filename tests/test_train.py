@@ -793,6 +793,9 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(chat_folder, meta):
      r" turn off \(only the --gen-weight NLL term trains\)$"),
     ({"mode": "dpo", "pref_weight": 0.0, "gen_weight": 1.0, "label_smoothing": 0.1, "rejected_span": "divergent-line"},
      "^--label-smoothing, --rejected-span: for the preference and quality terms"),
+    # label smoothing enters the sigmoid DPO term only: with the quality term alone it was ignored
+    ({"mode": "dpo", "pref_weight": 0.0, "quality_weight": 1.0, "label_smoothing": 0.2},
+     r"^--label-smoothing: for the sigmoid DPO term alone, which --pref-weight 0 turns off$"),
 ])
 def test_out_of_range_settings_are_refused_before_loading(tmp_path, meta, change, message):
     """Values torch would reject with a traceback after the model loads, or train on silently (NaN, no-ops)."""

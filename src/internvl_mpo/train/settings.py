@@ -178,6 +178,8 @@ class TrainConfig:
         if given and not (weights.pref_weight or weights.quality_weight):
             raise ConfigError(f"{', '.join(given)}: for the preference and quality terms, which --pref-weight 0 and"
                               " --quality-weight 0 turn off (only the --gen-weight NLL term trains)")
+        if self.label_smoothing and not weights.pref_weight:  # BCO-pair (the quality term) has none
+            raise ConfigError("--label-smoothing: for the sigmoid DPO term alone, which --pref-weight 0 turns off")
 
     @property
     def lora_scale(self) -> float:
