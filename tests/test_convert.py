@@ -1046,3 +1046,66 @@ def test_a_conversion_fills_a_shard_up_to_max_shard_size_inclusive(tmp_path):
     assert [p.name for p in (tmp_path / "hf").glob("*.safetensors")] == ["model.safetensors"]
     convert(src, tmp_path / "hf2", to="hf", max_shard_size=total - 1)
     assert not (tmp_path / "hf2" / "model.safetensors").exists()
+
+
+def rendered(template_file: Path, system: str | None = None) -> str:
+    """A template file rendered as transformers renders it, for one user turn (an image and a question), with
+    InternLM2's BOS."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template_file.read_text())
+    return template.render(messages=messages, add_generation_prompt=True, bos_token="<s>")
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_an_internlm2_chat_template_starts_with_the_bos_its_tokenizer_adds(tmp_path, add_bos):
+    """The official chat() tokenizes an InternLM2 size's prompt with the tokenizer's BOS first. transformers'
+    tokenizer.apply_chat_template and vLLM's chat endpoint add no special tokens to a rendered template, so the
+    template `--to hf` wrote, and the official form it turned back into, gave those prompts without `<s>`."""
+    src = official_folder(tmp_path / "src", "internlm2")
+    (src / "tokenizer.model").write_bytes(b"")  # the SentencePiece file: whether the tokenizer adds a BOS
+    tokenizer_config = json.loads((src / "tokenizer_config.json").read_text())
+    tokenizer_config.update(bos_token="<s>", **({} if add_bos else {"add_bos_token": False}))
+    (src / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    hf = convert(src, tmp_path / "hf", to="hf")
+    official = ("<s>" if add_bos else "") + render_prompt("<image>\nDescribe it.")
+    assert rendered(hf / "chat_template.jinja") == official.replace("<image>", "<IMG_CONTEXT>")
+    (hf / "internvl_official_files.json").unlink()  # as after transformers saved the folder again elsewhere
+    back = convert(hf, tmp_path / "back", to="official")
+    assert rendered(back / "chat_template.jinja") == official
+    assert json.loads((back / "tokenizer_config.json").read_text())["chat_template"] == (
+        back / "chat_template.jinja").read_text()
+
+
+def test_the_system_message_and_no_thumbnail_without_tiling_come_back_from_transformers(tmp_path):
+    """config.json's system_message (the official chat()'s default, ours too) was dropped by `--to hf`: the hf
+    template said the template's own, and the official config.json that came back had none. use_thumbnail
+    false without tiling (taken by --to hf) came back true, and `max_num` runs then added a thumbnail. Both
+    travel in transformers' config.json, which transformers saves again with them."""
+    from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+    src, _ = tiny_chat_folder(tmp_path / "src")
+    settings = json.loads((src / "config.json").read_text())
+    settings.update(system_message="You are terse.", dynamic_image_size=False, use_thumbnail=False)
+    (src / "config.json").write_text(json.dumps(settings))
+    hf = convert(src, tmp_path / "hf", to="hf")
+    official = render_prompt("<image>\nDescribe it.", system_message="You are terse.")
+    assert rendered(hf / "chat_template.jinja") == official.replace("<image>", "<IMG_CONTEXT>")
+    assert rendered(hf / "chat_template.jinja", system="Be brief.") == render_prompt(
+        "<IMG_CONTEXT>\nDescribe it.", system_message="Be brief.")
+    resaved = tmp_path / "resaved"
+    InternVLForConditionalGeneration.from_pretrained(hf).save_pretrained(resaved)
+    AutoTokenizer.from_pretrained(hf).save_pretrained(resaved)
+    shutil.copy(hf / "preprocessor_config.json", resaved)  # the tiling (crop_to_patches false)
+    for folder in (hf, resaved):
+        back = convert(folder, tmp_path / f"back-{folder.name}", to="official")
+        config = ModelConfig.from_json(back)
+        assert config == ModelConfig.from_json(src) and config.extra["system_message"] == "You are terse."
+        assert not config.use_thumbnail
+    # the source had no template file: from `hf` none comes back (its record of the official files); from
+    # `resaved` (no record) the template in its official form, with the system message
+    assert not (tmp_path / "back-hf" / "chat_template.jinja").exists()
+    assert rendered(tmp_path / "back-resaved" / "chat_template.jinja") == official

@@ -21,8 +21,10 @@ inverse, so a round trip gives back every tensor bit for bit. Tensors keep their
 streamed one at a time into shards, so memory stays near one shard. Config fields that change the
 maths are carried both ways; the tiling (dynamic_image_size as crop_to_patches, the tile limits) goes
 to preprocessor_config.json and comes back from it; the template is not part of transformers' files and
-comes back as the InternVL2.5 one, the thumbnail always (transformers' processor adds it, so use_thumbnail
-false with tiling on is refused).
+comes back as the InternVL2.5 one, the thumbnail always where tiling is on (transformers' processor adds it,
+so use_thumbnail false with tiling on is refused). config.json's `system_message` (the official chat()'s
+default system message) and a use_thumbnail false without tiling are kept in transformers' config.json
+(transformers keeps keys it does not know) and come back.
 
 The head: the official code never ties it (InternVLChatConfig forces tie_word_embeddings False), so
 official configs say untied both ways. transformers 5 ties `lm_head` to the input embeddings when the
@@ -36,8 +38,9 @@ ship a re-made Llama tokenizer; that is not done here), with the code files that
 `auto_map` names (InternLM2's tokenization_internlm2*.py) and the modules they import from the folder. To transformers, the processor files are
 written too: preprocessor_config.json (GotOcr2 tiling with the official tile size, ImageNet mean/std and
 tile limits; it always adds the thumbnail, as InternVL2.5 does), processor_config.json (image tokens per
-tile), chat_template.jinja (the official template: its default system message, each image item as
-`<IMG_CONTEXT>\n`, which the processor expands into `<img>` + tokens + `</img>`) and the image tokens
+tile), chat_template.jinja (the official template: its default system message or config.json's, each image
+item as `<IMG_CONTEXT>\n`, which the processor expands into `<img>` + tokens + `</img>`, and first the BOS
+where the tokenizer adds one, as InternLM2's does) and the image tokens
 named in tokenizer_config.json's `extra_special_tokens`. The official files this replaces
 (tokenizer_config.json with its chat template, chat_template.jinja/.json) are kept, as text, in
 `OFFICIAL_FILES`, which transformers does not read; to the official layout they are put back byte for byte
@@ -70,6 +73,7 @@ from safetensors import SafetensorError
 
 from . import checkpoint, companions
 from .chat.template import get_template
+from .chat.tokenizer import adds_bos
 from .config import FAMILY_SIZES, LLMConfig, ModelConfig, family_config, official_rope, read_config_json
 from .errors import CheckpointError, ConfigError, InputError, SaveError, SettingError
 from .model import InternVL, context_token_id
@@ -242,7 +246,18 @@ def hf_config_dict(config: ModelConfig, image_token_id: int) -> dict[str, Any]:
     }
     if config.torch_dtype is not None:  # written `torch_dtype` or (newer transformers) `dtype`
         out["torch_dtype"] = config.torch_dtype
+    # official settings transformers' InternVL has no key for, kept (transformers keeps unknown keys) for the way back
+    if system_message(config) is not None:
+        out["system_message"] = system_message(config)
+    if not config.use_thumbnail:  # tiling off (--to hf refuses it with tiling on): `max_num` runs tile without one
+        out["use_thumbnail"] = False
     return out
+
+
+def system_message(config: ModelConfig) -> str | None:
+    """config.json's `system_message`, which the official chat() uses as its default; None: the template's."""
+    stored = config.extra.get("system_message")
+    return stored if isinstance(stored, str) else None
 
 
 def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None) -> ModelConfig:
@@ -329,8 +344,10 @@ def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None
         "vision_config": vision, "llm_config": llm, "template": "internvl2_5", "ps_version": "v2",
         "downsample_ratio": d.get("downsample_ratio", 0.5), "select_layer": d.get("vision_feature_layer", -1),
         "force_image_size": image_size, "dynamic_image_size": dynamic,
-        "use_thumbnail": True, **tiles,  # GotOcr2 adds a thumbnail to every tiled image
-    }
+        "use_thumbnail": True if dynamic else d.get("use_thumbnail", True), **tiles,  # GotOcr2 adds a thumbnail
+    }  # to every tiled image
+    if isinstance(d.get("system_message"), str):  # what --to hf keeps of the official config.json
+        official["system_message"] = d["system_message"]
     dtype = d.get("torch_dtype", d.get("dtype"))
     if dtype is not None:
         official["torch_dtype"] = dtype
@@ -582,7 +599,7 @@ def convert(
                     checkpoint.copy_file(src / name, stage / name)
             if to == "hf":
                 originals = {name: _text(src / name) for name in REPLACED_FILES}
-                _write_processor_files(stage, config)
+                _write_processor_files(stage, config, adds_bos(src))
                 if generation is not None:
                     _write_json(stage / "generation_config.json", generation)
                 _write_json(stage / OFFICIAL_FILES,
@@ -591,7 +608,7 @@ def convert(
                 tokenizer = {name: stage / name for name in companions.PROCESSOR_TOKEN_FILES}
                 for name, text in companions.without_processor_tokens(tokenizer, config.llm.vocab_size).items():
                     (stage / name).write_text(text, encoding="utf-8")
-                ending = official_template_files(src, lambda name: _text(stage / name), config.template)
+                ending = official_template_files(src, lambda name: _text(stage / name), config)
                 for name, text in ending.items():
                     if text is None:
                         (stage / name).unlink(missing_ok=True)
@@ -633,25 +650,30 @@ def _text(path: Path) -> str | None:
         raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
 
 
-def official_template_files(src: Path, ending: Callable[[str], str | None], template: str) -> dict[str, str | None]:
+def official_template_files(src: Path, ending: Callable[[str], str | None], config: ModelConfig
+                            ) -> dict[str, str | None]:
     """The chat template files (`REPLACED_FILES`) of an official-layout folder whose tokenizer files come from
     `src`, a transformers folder: name -> text, None for no such file; `ending(name)` is the text that folder
     would end with otherwise (None: none). `convert --to official` and `InternVL.save_pretrained` (with a
     `tokenizer_dir`) both write them. With `OFFICIAL_FILES` the official files `--to hf` replaced come back
     byte for byte (a tokenizer_config.json changed since keeps its changes, with the official chat template
-    back in it). Without it (transformers saved the folder again elsewhere), a template still the one `--to hf`
-    writes gets its official form, image items as `<image>`; a template of another origin (a hub `-hf`
-    port's, the user's) stays, as do the files not named."""
+    back in it). Without it (transformers saved the folder again elsewhere), a template still one that `--to hf`
+    writes for `config` (with or without the BOS, the config's system message or the template's: earlier
+    conversions wrote neither) gets its official form, image items as `<image>`; a template of another origin
+    (a hub `-hf` port's, the user's) stays, as do the files not named."""
     if (src / OFFICIAL_FILES).is_file():
         return _official_files(src, ending)
-    ours, official = chat_template(template), chat_template(template, OFFICIAL_IMAGE)
+    official = {chat_template(config.template, system=system, bos=bos):
+                chat_template(config.template, OFFICIAL_IMAGE, system, bos)
+                for system in {None, system_message(config)} for bos in (False, True)}
     out: dict[str, str | None] = {}
-    if _text(src / "chat_template.jinja") == ours:
-        out["chat_template.jinja"] = official
+    if _text(src / "chat_template.jinja") in official:
+        out["chat_template.jinja"] = official[_text(src / "chat_template.jinja")]
     for name in ("tokenizer_config.json", "chat_template.json"):
         data = _read_json(src / name) if (src / name).is_file() else None
-        if isinstance(data, dict) and data.get("chat_template") == ours:
-            out[name] = _json_text({**json.loads(ending(name) or "{}"), "chat_template": official})
+        if isinstance(data, dict) and data.get("chat_template") in official:
+            out[name] = _json_text({**json.loads(ending(name) or "{}"),
+                                    "chat_template": official[data["chat_template"]]})
     return out
 
 
@@ -690,13 +712,18 @@ def _tokenizer_code(folder: Path) -> tuple[str, ...]:
     return tuple(companions.remote_code(folder, [_read_json(path)])) if path.is_file() else ()
 
 
-def chat_template(template: str = "internvl2_5", image: str = IMG_CONTEXT_TOKEN) -> str:
+def chat_template(template: str = "internvl2_5", image: str = IMG_CONTEXT_TOKEN, system: str | None = None,
+                  bos: bool = False) -> str:
     """The chat template (Jinja) for an official template: the official prompt, with each image item written
     as `image` + `\\n` and each video item as `<video>\\n`. For transformers' layout `image` is `<IMG_CONTEXT>`,
     the placeholder its processor expands; for the official layout `<image>` (`OFFICIAL_IMAGE`), the one the
-    official chat() writes and vLLM expands into `<img>` + context tokens + `</img>`."""
-    system = json.dumps(get_template(template).system_message, ensure_ascii=False)
-    return (
+    official chat() writes and vLLM expands into `<img>` + context tokens + `</img>`. `system`: the default
+    system message (config.json's; None: the template's). `bos`: the tokenizer's BOS first, as in the official
+    chat()'s prompt where the tokenizer adds one (InternLM2's): transformers' `tokenizer.apply_chat_template`
+    and vLLM's chat endpoint add no special tokens to the text rendered (transformers' processor adds none to a
+    text that starts with it)."""
+    system = json.dumps(get_template(template).system_message if system is None else system, ensure_ascii=False)
+    return ("{{ bos_token }}" if bos else "") + (
         "{%- if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n' + " + system + " + '<|im_end|>\\n' }}"
         "{%- endif %}{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
         "{%- if message['content'] is string %}{{ message['content'] }}"
@@ -709,8 +736,9 @@ def chat_template(template: str = "internvl2_5", image: str = IMG_CONTEXT_TOKEN)
     )
 
 
-def _write_processor_files(dst: Path, config: ModelConfig) -> None:
-    """What transformers' AutoProcessor reads for InternVLProcessor (GotOcr2 image processor)."""
+def _write_processor_files(dst: Path, config: ModelConfig, bos: bool) -> None:
+    """What transformers' AutoProcessor reads for InternVLProcessor (GotOcr2 image processor); `bos`: whether the
+    tokenizer starts each text with its BOS (`chat_template`)."""
     size = config.image_size
     _write_json(dst / "preprocessor_config.json", {
         "image_processor_type": "GotOcr2ImageProcessorFast", "processor_class": "InternVLProcessor",
@@ -722,7 +750,7 @@ def _write_processor_files(dst: Path, config: ModelConfig) -> None:
     })
     _write_json(dst / "processor_config.json",
                 {"processor_class": "InternVLProcessor", "image_seq_length": config.num_image_token})
-    template = chat_template(config.template)
+    template = chat_template(config.template, system=system_message(config), bos=bos)
     (dst / "chat_template.jinja").write_text(template, encoding="utf-8")
     path = dst / "tokenizer_config.json"
     tokenizer_config = _read_json(path) if path.is_file() else {}

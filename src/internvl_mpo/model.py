@@ -342,7 +342,7 @@ class InternVL(nn.Module):
                     return texts[name]
                 return files[name].read_text(encoding="utf-8") if name in files else None
 
-            for name, text in official_template_files(tokenizer, current, config.template).items():
+            for name, text in official_template_files(tokenizer, current, config).items():
                 files.pop(name, None)
                 texts.pop(name, None)
                 if text is None:

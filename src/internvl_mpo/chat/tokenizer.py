@@ -310,6 +310,21 @@ def _add_tokens(backend: Backend, declared: dict[int, AddedToken], source: Path)
             )
 
 
+def sentencepiece_folder(folder: Path) -> bool:
+    """Whether `folder`'s tokenizer is the SentencePiece one of the InternLM2 sizes (tokenizer.model, no vocab.json)."""
+    return (folder / "tokenizer.model").is_file() and not (folder / "vocab.json").is_file()
+
+
+def adds_bos(folder: Path) -> bool:
+    """Whether the tokenizer of `folder` starts each text it encodes with its BOS, as InternLM2's does unless its
+    tokenizer_config.json sets add_bos_token false (the official chat() prompt starts with it then); Qwen2's
+    adds none."""
+    if not sentencepiece_folder(folder):
+        return False
+    path = folder / "tokenizer_config.json"
+    return bool((read_tokenizer_json(path) if path.is_file() else {}).get("add_bos_token", True))
+
+
 def load_tokenizer(folder: str | Path) -> Tokenizer:
     """Load the tokenizer files of a checkpoint folder (see the module docstring for the rules)."""
     folder = Path(folder)
@@ -319,7 +334,7 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
         raise CheckpointError(f"{config_path}: split_special_tokens is true, which spells special tokens typed in "
                               "a text (<|im_end|>, <IMG_CONTEXT>, ...) as text, and the chat prompts need them as "
                               "tokens; set it to false, as the official checkpoints do")
-    if (folder / "tokenizer.model").is_file() and not (folder / "vocab.json").is_file():
+    if sentencepiece_folder(folder):
         from .internlm2_tokenizer import load_internlm2_tokenizer  # InternLM2 sizes: SentencePiece
 
         return load_internlm2_tokenizer(folder)
