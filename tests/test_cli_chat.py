@@ -1899,3 +1899,103 @@ def test_regex_and_choice_flags(folder, tmp_path):
     assert out.returncode == 0, out.stderr
     assert json.loads((tmp_path / "b.jsonl.settings.json").read_text())["choice"] == ["yes", " no way"]
     assert [json.loads(line)["answer"] for line in (tmp_path / "b.jsonl").read_text().splitlines()][0] == choice
+
+
+def test_a_piped_session_that_starts_with_a_byte_order_mark_reads_its_first_command(folder, monkeypatch, capsys):
+    """A session file saved as "UTF-8 with BOM" (Windows editors): its first line, "/image ...", went to the model
+    as a question, and the next question was answered without the image."""
+    import io
+
+    from internvl_mpo import cli_chat
+
+    image = folder.parent / "red.png"
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"\ufeff/image {image}\nWhat is it?\n"))
+    assert cli_chat.chat(model=str(folder), device="cpu", max_new_tokens=6) == 0
+    out, err = capsys.readouterr()
+    assert f"added {image}" in err
+    assert out.strip() == InternVLChat.from_pretrained(folder).chat("What is it?", images=str(image),
+                                                                    max_new_tokens=6, do_sample=False)
+
+
+def test_generate_refuses_an_output_that_is_a_pipe_or_a_device(folder, tmp_path):
+    """--output on a named pipe waited forever to read it; on a device (/dev/null, as root) the answers replaced
+    the device with a file, and a settings file and a lock were written beside it."""
+    import os
+    import stat
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")
+    os.mkfifo(tmp_path / "answers.fifo")
+    outputs = [tmp_path / "answers.fifo"]
+    try:
+        os.mknod(tmp_path / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        outputs.append(tmp_path / "null")
+    except PermissionError:  # not root: the pipe alone
+        pass
+    for out in outputs:
+        run = cli("generate", "--input", requests, "--output", out, "--model", folder, "--max-new-tokens", 4)
+        assert run.returncode == 1 and f"--output {out}: not a regular file (a pipe or a device)" in run.stderr
+        assert not out.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["requests.jsonl", *(o.name for o in outputs)])
+
+
+def test_generate_writes_through_a_link_to_the_file_it_names(folder, tmp_path):
+    """An --output that is a symbolic link was replaced by a file of its own at the first rewrite (the file it
+    named stayed as it was), and its lock and settings were the link's: a run on the file and one through the
+    link wrote into one file at once. They are the file's now."""
+    from internvl_mpo import cli_chat
+
+    requests, store = tmp_path / "requests.jsonl", tmp_path / "store"
+    requests.write_text("".join(json.dumps({"id": k, "question": q}) + "\n" for k, q in [("a", "Hi"), ("b", "Yo")]))
+    store.mkdir()
+    (store / "answers.jsonl").write_text("")
+    link = tmp_path / "answers.jsonl"
+    link.symlink_to(store / "answers.jsonl")
+    for _ in range(2):  # the second run finds every request answered and rewrites the file in order
+        assert cli_chat.generate(input=str(requests), output=str(link), model=str(folder), max_new_tokens=4) == 0
+        assert link.is_symlink()
+        assert [json.loads(x)["id"] for x in (store / "answers.jsonl").read_text().splitlines()] == ["a", "b"]
+    assert (store / "answers.jsonl.settings.json").is_file() and not (tmp_path / "answers.jsonl.settings.json").exists()
+
+
+def test_generate_interrupted_as_an_answer_is_written_counts_the_lines_on_disk(folder, tmp_path, monkeypatch,
+                                                                                capsys):
+    """A Ctrl-C after an answer's line was written and before the progress bar moved said "nothing was written"
+    (or one request fewer than the file held)."""
+    import tqdm
+
+    from internvl_mpo import cli_chat
+
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text("".join(json.dumps({"question": q}) + "\n" for q in ("Hi", "Hello")))
+
+    def ctrl_c(bar, n=1):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tqdm.tqdm, "update", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        cli_chat.generate(input=str(requests), output=str(answers), model=str(folder), device="cpu",
+                          max_new_tokens=6, batch_size=1)
+    assert capsys.readouterr().err.endswith(f"interrupted after 1 of 2 requests (their lines are in {answers}); run "
+                                            "the same command again to resume\n")
+    assert len(answers.read_text().splitlines()) == 1
+
+
+def test_an_unreadable_requests_file_is_one_line(folder, tmp_path, monkeypatch, capsys):
+    """A requests file without read permission (or an I/O error) ended generate, eval and pairs with a
+    PermissionError traceback (their reader is one: jsonl.read_objects)."""
+    from internvl_mpo.cli import main
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")
+    real = Path.read_bytes
+
+    def refusing(path):
+        if path == requests:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refusing)
+    assert main(["generate", "--input", str(requests), "--output", str(tmp_path / "a.jsonl"), "--model",
+                 str(folder)]) == 1
+    assert capsys.readouterr().err == f"internvl-mpo generate: error: {requests}: cannot read it (Permission denied)\n"

@@ -496,3 +496,26 @@ def test_a_lone_surrogate_escape_is_a_bad_line(tmp_path, root):
         read_records(spec, 0)
     report = SkipReport()
     assert sorted(r.question for r in read_records(spec, 0, report=report)) == ["q0", "q\U0001f600"]
+
+
+def test_unreadable_meta_and_annotation_files_are_named(tmp_path, root, monkeypatch):
+    """A file without read permission (or an I/O error) raised PermissionError with a traceback from train."""
+    import builtins
+
+    meta = tmp_path / "meta.json"
+    meta.write_text("{}")
+    annotation = _write_jsonl(tmp_path / "ann.jsonl", [])
+    real_open = builtins.open
+
+    def refusing(path, *args, **kwargs):
+        if str(path) in (str(meta), annotation):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing)
+    with pytest.raises(InputError, match=r"meta.json: cannot read the meta file \(Permission denied\)$"):
+        load_meta(str(meta))
+    with pytest.raises(InputError, match=r"ann.jsonl: cannot read the annotation file \(Permission denied\)$"):
+        read_records(DatasetSpec("d", root, annotation), 0)
+    with pytest.raises(InputError, match=r"ann.jsonl: cannot read the annotation file \(Permission denied\)$"):
+        read_sft_records(annotation, root)

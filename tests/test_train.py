@@ -2155,3 +2155,28 @@ def test_a_final_model_without_the_official_py_files_says_where_to_get_them(tmp_
     assert main(["train", "dpo", "--model", str(folder), "--output", str(tmp_path / "b"), *args]) == 0
     assert "has no" not in capsys.readouterr().out
     assert (tmp_path / "b" / "final" / "modeling_internvl_chat.py").is_file()
+
+
+def test_plot_names_a_file_it_cannot_read_or_that_is_not_text(tmp_path, capsys, monkeypatch):
+    """A picture given to plot raised UnicodeDecodeError, and a metrics file without read permission
+    PermissionError, each with a traceback."""
+    from pathlib import Path
+
+    from internvl_mpo.cli import main
+
+    picture = tmp_path / "curves.png"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n")
+    assert main(["plot", str(picture)]) == 1
+    assert f"{picture}: not a metrics.jsonl file (not UTF-8 text, byte 1)" in capsys.readouterr().err
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 1, "loss": 0.5}) + "\n")
+    real = Path.read_bytes
+
+    def refusing(path):
+        if path == metrics:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refusing)
+    assert main(["plot", str(tmp_path)]) == 1
+    assert f"{metrics}: cannot read it (Permission denied)" in capsys.readouterr().err

@@ -232,7 +232,9 @@ def chat(
         sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
-            line = input("> " if sys.stdin.isatty() else "").strip()  # piped: stdout holds the answers only
+            # piped: stdout holds the answers only. A byte order mark (a session file saved as "UTF-8 with BOM")
+            # is no text of the line: strip() keeps it, and "/image" would not be a command
+            line = input("> " if sys.stdin.isatty() else "").removeprefix("\ufeff").strip()
         except (EOFError, KeyboardInterrupt) as stop:  # Ctrl-D or Ctrl-C at the prompt quits
             if sys.stdin.isatty():
                 print()  # the shell's prompt on a line of its own, not after "> "
@@ -392,10 +394,14 @@ def generate(
     _at_least_one(batch_size=batch_size, max_num=max_num)
     _pixel_limit(max_pixels)
     out = Path(output)
+    if out.is_symlink():  # the answers go to the file the link names (renaming over the link would replace it),
+        out = out.resolve()  # locked under that file's name: a run through the link and one on the file collide
     if out.is_dir():
         raise InputError(f"--output {out} is a folder; give the path of a JSONL file")
     if not out.parent.is_dir():
         raise InputError(f"--output {out}: {no_folder(out)}")
+    if out.exists() and not out.is_file():  # /dev/null would be replaced by a file (as root), a pipe read forever
+        raise InputError(f"--output {out}: not a regular file (a pipe or a device); give the path of a JSONL file")
     if out.resolve() == Path(input).resolve():  # resuming rewrites the output: the requests would be lost
         raise InputError(f"--output {out} is the requests file; give the answers a file of their own")
     schema, grammar_text = _read_schema(json_schema), _read_grammar(grammar)
@@ -487,8 +493,9 @@ def generate(
                 _write_answers(bot.answers_as_they_finish(jobs(), batch_size), out, bar)
             except KeyboardInterrupt:
                 bar.close()  # its last state, then the message (a bar closed on leaving `with` came after it)
-                if bar.n:
-                    said = f"after {bar.n} of {len(requests)} requests (their lines are in {out}); run the same " \
+                answered = out.read_bytes().count(b"\n")  # the lines on disk: a Ctrl-C can come before the bar moves
+                if answered:
+                    said = f"after {answered} of {len(requests)} requests (their lines are in {out}); run the same " \
                            "command again to resume"
                 else:
                     said = f"before any of {len(requests)} requests was answered; nothing was written to {out}"

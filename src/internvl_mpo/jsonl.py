@@ -29,13 +29,22 @@ def check_input_file(path: str | Path, what: str) -> Path:
     return path
 
 
+def read_input_bytes(path: Path) -> bytes:
+    """The bytes of an input file less a leading byte order mark; one that cannot be read (no permission, an
+    I/O error) raises InputError naming it."""
+    try:
+        return path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
 def read_objects(path: str | Path, what: str = "file") -> Iterator[tuple[str, dict]]:
     """("file:line", object) for each non-blank line; a line that is not UTF-8 or not a JSON object, or holds an
     unpaired surrogate escape ("\\ud800"), raises InputError. Lines end at LF only (CRLF works too): JSON strings
     may hold U+2028, U+2029 or U+0085 unescaped, which str.splitlines() would take for line ends. A leading byte
     order mark (Windows editors' "UTF-8 with BOM") is dropped."""
     path = check_input_file(path, what)
-    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    data = read_input_bytes(path)
     for number, raw in enumerate(data.split(b"\n"), 1):
         where = f"{path}:{number}"
         try:

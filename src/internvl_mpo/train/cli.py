@@ -171,7 +171,13 @@ def read_metrics(path: Path) -> list[dict]:
     """The rows of metrics.jsonl, less a last line without its newline (a run killed during the append);
     InputError at a line that is not a metrics row (another JSONL given to plot)."""
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(keepends=True), 1):
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:  # a picture, a binary file
+        raise InputError(f"{path}: not a metrics.jsonl file (not UTF-8 text, byte {e.start + 1})") from None
+    for number, line in enumerate(text.splitlines(keepends=True), 1):
         if not line.endswith("\n"):
             break
         if not line.strip():

@@ -169,6 +169,8 @@ def load_meta(meta_path: str, base_dir: str | None = None) -> list[DatasetSpec]:
         raise InputError(f"{meta_path}: meta file not found") from None
     except IsADirectoryError:
         raise InputError(f"{meta_path}: is a folder; give the meta.json file") from None
+    except OSError as e:  # no permission, an I/O error
+        raise InputError(f"{meta_path}: cannot read the meta file ({e.strerror or e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{meta_path}: not valid JSON ({e})") from None
     except RecursionError:
@@ -253,6 +255,8 @@ def _read_lines(path: str) -> list[bytes]:
         raise InputError(f"{path}: annotation file not found") from None
     except IsADirectoryError:
         raise InputError(f"{path}: is a folder, not an annotation file") from None
+    except OSError as e:  # no permission, an I/O error
+        raise InputError(f"{path}: cannot read the annotation file ({e.strerror or e})") from None
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
