@@ -409,6 +409,50 @@ def test_rewriting_left_recursion_calls_large_parts_instead_of_copying_them():
         assert grammar.matches(sentence.encode()) == taken, sentence
 
 
+def test_the_left_recursion_analysis_agrees_with_plain_fixpoints_on_random_grammars():
+    """The rules that derive the empty text and those on a cycle of first calls (with a path of it), now found in
+    linear time (a chain of 3000 rules took two minutes), equal the plain definitions on random grammars."""
+    rng = random.Random(0)
+    for _ in range(300):
+        names = [f"r{i}" for i in range(rng.randint(1, 9))]
+
+        def tree(depth=0):
+            kind = rng.choice(["ref", "ref", "bytes", "empty", "cat", "alt", "rep"] if depth < 3 else ["ref", "bytes"])
+            if kind == "ref":
+                return ("ref", rng.choice(names), None)
+            if kind in ("bytes", "empty"):
+                return ("bytes", b"x" if kind == "bytes" else b"")
+            if kind == "rep":
+                low = rng.choice([0, 1, 2])
+                return ("rep", tree(depth + 1), low, rng.choice([None, low, low + 1]))
+            return (kind, tuple(tree(depth + 1) for _ in range(rng.randint(1, 3))))
+
+        rules = {name: tree() for name in names}
+        nullable: set[str] = set()
+        while found := {n for n in names if n not in nullable and grammar_module._nullable(rules[n], nullable)}:
+            nullable |= found
+        assert grammar_module._nullable_rules(rules) == nullable
+        firsts = {n: grammar_module._firsts(rules[n], nullable) for n in names}
+        reach = {}
+        for n in names:  # the rules n calls first, through one another
+            seen, todo = set(), [n]
+            while todo:
+                for callee in firsts[todo.pop()] - seen:
+                    seen.add(callee)
+                    todo.append(callee)
+            reach[n] = seen
+        cycles = grammar_module._cycles(firsts)
+        assert list(cycles) == [n for n in names if n in reach[n]]
+        for n, path in cycles.items():
+            assert path[0] == path[-1] == n and all(b in firsts[a] for a, b in zip(path, path[1:]))
+
+
+def test_a_chain_of_thousands_of_rules_compiles():
+    text = "root ::= r0\n" + "".join(f'r{i} ::= r{i + 1} "x" | "y"\n' for i in range(3000)) + 'r3000 ::= "a"'
+    grammar = compile_grammar(text)
+    assert grammar.matches(b"y") and grammar.matches(b"yxx") and not grammar.matches(b"x")
+
+
 def test_unproductive_parts_are_pruned():
     """An alternative that derives no text (`loop` never ends) takes no byte: its prefix `"l"` is refused."""
     grammar = compile_grammar('root ::= "a" | loop\nloop ::= "l" loop')
