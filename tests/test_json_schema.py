@@ -1606,3 +1606,24 @@ def test_a_huge_length_beside_a_pattern_is_held_or_refused_not_an_overflow():
                    {"type": "string", "format": "ipv4", "minLength": 10**20}):
         with pytest.raises(js.SchemaError, match=f"minLength at # beside the (pattern|format ipv4) is above {most}"):
             js.compile_schema(schema)
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "array", "items": False, "minItems": 1},
+    {"type": "array", "prefixItems": [{"type": "integer"}], "items": False, "minItems": 2},
+    {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]},
+])
+def test_a_schema_no_value_satisfies_is_not_called_too_deep(schema):
+    """Schemas that no value satisfies at any depth were refused as "no JSON value within 32 levels of nesting",
+    which sent the user to look for deep nesting."""
+    with pytest.raises(js.SchemaError, match=r"^no JSON value satisfies this schema: a value it describes needs"):
+        js.compile_schema(schema)
+
+
+def test_a_schema_whose_values_nest_too_deep_says_so():
+    schema = {"type": "integer"}
+    for _ in range(jm.MAX_DEPTH + 1):
+        schema = {"type": "array", "items": schema, "minItems": 1}
+    with pytest.raises(js.SchemaError, match=rf"^no JSON value within {jm.MAX_DEPTH} levels of nesting satisfies"):
+        js.compile_schema(schema)
+    js.compile_schema(schema["items"])  # one level less fits
