@@ -1056,7 +1056,8 @@ def rendered(template_file: Path, system: str | None = None) -> str:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
     if system is not None:
         messages.insert(0, {"role": "system", "content": system})
-    template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template_file.read_text())
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    template = environment.from_string(template_file.read_text())
     return template.render(messages=messages, add_generation_prompt=True, bos_token="<s>")
 
 
