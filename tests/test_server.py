@@ -208,6 +208,25 @@ def test_messages_map_onto_the_template():
     assert [p for p, _ in req.image_urls] == ["messages[1].content[0].image_url", "messages[1].content[1].image_url"]
 
 
+def test_an_assistant_refusal_in_the_history_is_read_as_its_answer():
+    """OpenAI sends a refusal as an assistant message with content null and the text in `refusal` (or as a
+    {"type": "refusal"} part): a client that sent such a turn back got a 400."""
+    def history(assistant: dict) -> list:
+        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", **assistant},
+                    {"role": "user", "content": "Why?"}]
+        return parse_chat_request({"messages": messages}, ServerSettings()).history
+
+    assert history({"content": None, "refusal": "I can't help."}) == [("Hi", "I can't help.")]
+    assert history({"content": None}) == [("Hi", "")]
+    assert history({"content": [{"type": "refusal", "refusal": "No."}, {"type": "text", "text": "Sorry."}]}) == [
+        ("Hi", "No.\nSorry.")]
+    with pytest.raises(ApiError, match=r"^messages\[1\]\.refusal must be a string, got 3$"):
+        history({"content": None, "refusal": 3})
+    with pytest.raises(ApiError, match=r"messages\[0\]\.content\[0\]: content parts must be"):
+        parse_chat_request({"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "x"}]}]},
+                           ServerSettings())
+
+
 def test_a_user_messages_images_go_before_its_text_whatever_the_parts_order():
     """OpenAI's examples send the text part first and the image after it: the prompt read "What is it?\n<image>",
     where the model card and InternVL's training put the image first (and vLLM puts a message's image
@@ -1490,6 +1509,8 @@ def test_bad_text_completions_get_openai_errors(server, client, local_chat):
     bad = {
         "max_tokens must be at least 1, got 0": {"prompt": "hi", "max_tokens": 0},  # as vLLM: 0 only with echo
         "prompt_logprobs are not available with stream: true": {"prompt": "hi", "prompt_logprobs": 1, "stream": True},
+        # 0 too, as vLLM refuses any value with a stream (it was dropped without a word)
+        "prompt_logprobs are not available with stream": {"prompt": "hi", "prompt_logprobs": 0, "stream": True},
         "prompt_logprobs must be between 0 and 20, got 21": {"prompt": "hi", "prompt_logprobs": 21},
         "min_tokens is 1, more than the 0 tokens": {"prompt": "hi", "echo": True, "max_tokens": 0, "min_tokens": 1},
         "suffix is not supported": {"prompt": "hi", "suffix": "end"},
@@ -1630,6 +1651,10 @@ def test_bad_requests_get_openai_errors(server, client):
     # a content coding is case-insensitive (RFC 9110): "Identity" is the uncompressed body
     plain = httpx.post(server[0] + "/detokenize", json={"model": "m", "tokens": [1]},
                        headers={"Authorization": f"Bearer {KEY}", "Content-Encoding": "Identity"})
+    assert plain.status_code == 200, plain.text
+    # an empty Content-Encoding names no coding: it was a 415 ("Content-Encoding '' is not supported")
+    plain = httpx.post(server[0] + "/detokenize", json={"model": "m", "tokens": [1]},
+                       headers={"Authorization": f"Bearer {KEY}", "Content-Encoding": ""})
     assert plain.status_code == 200, plain.text
     assert health(server)["status"] == "ok"
 

@@ -176,6 +176,8 @@ def _content_text(content, param: str, role: str, images: list[tuple[str, str]],
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             pieces.append(_plain_text(part["text"], where, role))
+        elif kind == "refusal" and role == "assistant" and isinstance(part.get("refusal"), str):  # what it said
+            pieces.append(_plain_text(part["refusal"], where, role))
         elif kind == "video_url" and videos is not None:
             video = part.get("video_url")
             url = video.get("url") if isinstance(video, dict) else None
@@ -199,6 +201,16 @@ def _content_text(content, param: str, role: str, images: list[tuple[str, str]],
             raise ApiError(400, f"{where}: content parts must be {{'type': 'text', 'text': ...}} or "
                                 f"{{'type': 'image_url', 'image_url': {{'url': ...}}}}{video}", where)
     return "\n".join(placeholders + ["\n".join(pieces)])
+
+
+def _refusal(message: dict, param: str) -> str:
+    """The text of an assistant message whose content is null: its `refusal` (OpenAI's refusals come so), or none."""
+    refusal = message.get("refusal")
+    if refusal is None:
+        return ""
+    if not isinstance(refusal, str):
+        raise ApiError(400, f"{param}.refusal must be a string, got {json.dumps(refusal)[:80]}", f"{param}.refusal")
+    return _plain_text(refusal, f"{param}.refusal", "assistant")
 
 
 def _tool_calls_text(message: dict, param: str, images: list[tuple[str, str]]) -> str:
@@ -252,6 +264,8 @@ def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], list[tup
                            f"{param}.tool_calls")
         if calls:
             text = _tool_calls_text(message, param, images)
+        elif role == "assistant" and message.get("content") is None:  # a refusal (OpenAI: content null, the text in
+            text = _refusal(message, param)  # `refusal`), or an empty answer
         else:
             text = _content_text(message.get("content"), f"{param}.content", role, images,
                                  videos if role == "user" else None)
@@ -660,7 +674,7 @@ def _logit_bias(value) -> dict[int, float]:
 def _prompt_logprobs(body: dict) -> int | None:
     """vLLM's `prompt_logprobs` (alternatives per prompt token), refused with a stream as vLLM refuses it."""
     value = _field(body, "prompt_logprobs", (int,), None, 0, MAX_TOP_LOGPROBS)
-    if value and body.get("stream"):
+    if value is not None and body.get("stream"):  # 0 too, as vLLM
         raise ApiError(400, "prompt_logprobs are not available with stream: true", "prompt_logprobs")
     return value
 
