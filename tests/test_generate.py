@@ -1533,6 +1533,19 @@ def test_pixel_values_no_normalised_tile_holds_are_refused(setup, value):
     assert chat.prepare("What is it?", tiles).num_patches_list == [2]
 
 
+def test_the_engine_refuses_pixel_values_that_are_no_tiles_as_chat_does(setup):
+    """A Request's pixel_values went into the vision encoder unchecked: NaN tiles answered token 0 at every step
+    (finish "length"), uint8 tiles (a raw picture) were cast to float and answered."""
+    chat, _ = setup
+    prepared = chat.prepare("What is it?", Image.new("RGB", (112, 56), "blue"))
+    params = SamplingParams(max_new_tokens=2)
+    for tiles, message in ((prepared.pixel_values * float("nan"), "got a value of magnitude nan"),
+                           ((prepared.pixel_values * 50).to(torch.uint8), "must be floating point .* got torch.uint8")):
+        with pytest.raises(InputError, match=message):
+            run(chat.engine, [Request(prepared.prompt_ids, params, tiles)])
+    assert run(chat.engine, [Request(prepared.prompt_ids, params, prepared.pixel_values)])[0]
+
+
 def test_video_frames_take_the_pixel_limit(setup):
     chat, _ = setup
     frames = [Image.new("RGB", (20, 10))] * 2

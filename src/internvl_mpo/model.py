@@ -33,6 +33,27 @@ if TYPE_CHECKING:
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 
 
+# load_image's tiles lie in -2.12..2.64 (ImageNet mean and std); a resize of float tensors (transformers' fast
+# processors) overshoots a little, and random test tiles reach 5. Raw 0..255 values, or NaN from a division by
+# zero, are no tiles.
+MAX_TILE_VALUE = 10.0
+
+
+def check_tile_values(pixel_values: torch.Tensor) -> None:
+    """Refuse tiles that are no normalised pixels: an integer tensor (a raw picture's 0..255), NaN, inf or a value
+    past MAX_TILE_VALUE (the vision encoder would answer them all without a word, NaN as token 0)."""
+    if not pixel_values.is_floating_point():
+        raise InputError(f"pixel_values must be floating point tiles normalised as load_image makes them, got "
+                         f"{pixel_values.dtype}; give raw pictures as files or PIL images")
+    if pixel_values.numel() == 0:  # the count of tiles is checked against the prompt's placeholders
+        return
+    low, high = torch.aminmax(pixel_values)  # one pass, no copy of the tiles
+    largest = float(torch.maximum(-low, high))  # NaN if any is
+    if not largest <= MAX_TILE_VALUE:
+        raise InputError(f"pixel_values must be tiles normalised as load_image makes them (-2.12 to 2.64), got a "
+                         f"value of magnitude {largest:g}; give raw pictures as files or PIL images")
+
+
 def splice_image_embeddings(
     input_ids: torch.Tensor, input_embeds: torch.Tensor, image_embeds: torch.Tensor, image_token_id: int
 ) -> torch.Tensor:

@@ -38,17 +38,11 @@ from .config import ModelConfig
 from .errors import ConfigError, InputError, SettingError, located
 from .generate.engine import SPAN_BUCKET, Engine, Event, Generation, Request
 from .generate.params import INPUT_KEYS, SamplingParams, sampling_params, whole_number
-from .model import InternVL
+from .model import InternVL, check_tile_values
 from .processor.multi import load_images, planned_tiles, refuse_unordered
 
 if TYPE_CHECKING:
     from .checkpoint import Weights
-
-# load_image's tiles lie in -2.12..2.64 (ImageNet mean and std); a resize of float tensors (transformers' fast
-# processors) overshoots a little, and random test tiles reach 5. Raw 0..255 values, or NaN from a division by
-# zero, are no tiles.
-MAX_TILE_VALUE = 10.0
-
 
 @dataclass
 class Prepared:
@@ -231,14 +225,7 @@ class InternVLChat:
                 if item.dim() != 4 or tuple(item.shape[1:]) != (3, size, size) or item.shape[0] == 0:
                     raise InputError(f"pixel_values must have the shape (tiles, 3, {size}, {size}), got "
                                      f"{tuple(item.shape)}")
-                if not item.is_floating_point():
-                    raise InputError(f"pixel_values must be floating point tiles normalised as load_image makes "
-                                     f"them, got {item.dtype}; give raw pictures as files or PIL images")
-                low, high = torch.aminmax(item)  # one pass, no copy of the tiles
-                largest = float(torch.maximum(-low, high))  # NaN if any is
-                if not largest <= MAX_TILE_VALUE:
-                    raise InputError(f"pixel_values must be tiles normalised as load_image makes them (-2.12 to 2.64), "
-                                     f"got a value of magnitude {largest:g}; give raw pictures as files or PIL images")
+                check_tile_values(item)
             pixels = torch.cat(items) if len(items) > 1 else items[0]
             counts = [t.shape[0] for t in items]
             if num_patches_list is not None:

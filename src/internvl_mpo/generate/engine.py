@@ -57,7 +57,7 @@ import torch
 from ..errors import InputError, PromptTooLongError
 from ..kv_cache import make_caches
 from ..llm import few_rows_matmul, thread_count
-from ..model import InternVL
+from ..model import InternVL, check_tile_values
 from . import cpu_forms
 from .automaton import AutomatonConstraint
 from .greedy_head import GreedyScreen
@@ -187,7 +187,8 @@ class Engine:
 
     def check(self, request: Request, max_len: int) -> None:
         """Refuse a request that a batch of `max_len` slots cannot run: an empty prompt, one of `max_len`
-        tokens or more, ids outside the vocabulary (prompt, stop or bias ids), log-probability counts out of range."""
+        tokens or more, ids outside the vocabulary (prompt, stop or bias ids), log-probability counts out of range,
+        pixel_values that are no normalised tiles (`check_tile_values`)."""
         n = len(request.prompt_ids)
         if n == 0:
             raise InputError("the prompt is empty")
@@ -199,6 +200,8 @@ class Engine:
         if not (set(map(type, ids)) == {int} and 0 <= min(ids) and max(ids) < vocab):
             if bad := [i for i in ids if not (whole_number(i) and 0 <= i < vocab)]:
                 raise InputError(f"prompt token ids must be whole numbers in 0..{vocab - 1}, got {bad[:5]}")
+        if request.pixel_values is not None:
+            check_tile_values(request.pixel_values)
         if bad := [i for i in request.params.stop_token_ids if not 0 <= i < vocab]:  # they could never stop it
             raise InputError(f"stop_token_ids must be in 0..{vocab - 1}, got {bad[:5]}")
         if bad := [i for i, _ in request.params.logit_bias if not 0 <= i < vocab]:
