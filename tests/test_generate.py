@@ -62,6 +62,8 @@ def run(engine: Engine, requests: list[Request]) -> dict[int, list[int]]:
 
 def hf_greedy(ref, ids, pixels=None, attention_mask=None, steps=STEPS) -> torch.Tensor:
     kw = {} if pixels is None else {"pixel_values": pixels}
+    if attention_mask is None:  # given, or transformers masks the prompt's tokens equal to pad_token_id 0 ("!")
+        attention_mask = torch.ones_like(ids)
     with torch.no_grad():
         out = ref.generate(input_ids=ids, attention_mask=attention_mask, max_new_tokens=steps, do_sample=False,
                            eos_token_id=None, pad_token_id=0, **kw)
@@ -1962,8 +1964,9 @@ def test_min_new_tokens_equals_transformers(setup, screen):
         params = SamplingParams(max_new_tokens=STEPS, min_new_tokens=n, ignore_eos=True, stop_token_ids=(stop,))
         ours = run(engine, [Request(ids, params, pixels)])[0]
         with torch.no_grad():
-            out = ref.generate(input_ids=torch.tensor([ids]), pixel_values=pixels, max_new_tokens=STEPS,
-                               min_new_tokens=n, do_sample=False, eos_token_id=stop, pad_token_id=0)
+            out = ref.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                               pixel_values=pixels, max_new_tokens=STEPS, min_new_tokens=n, do_sample=False,
+                               eos_token_id=stop, pad_token_id=0)
         assert ours == out[0, len(ids):].tolist(), n
         assert stop not in ours[:n] and (ours[-1] == stop or len(ours) == STEPS)
     assert ours[0] != stop and len(ours) > 4

@@ -156,8 +156,9 @@ def test_decoding_across_the_256th_cache_slot_equals_transformers(chat, checkpoi
     events = [e for step in chat.engine.generate([request]) for e in step]
     ours = [e.token for e in events]
     with torch.no_grad():
-        out = checkpoint[1].generate(input_ids=torch.tensor([ids]), max_new_tokens=16, do_sample=False,
-                                     eos_token_id=None, pad_token_id=0)
+        ones = torch.ones(1, len(ids), dtype=torch.long)  # else the prompt's tokens equal to pad_token_id are masked
+        out = checkpoint[1].generate(input_ids=torch.tensor([ids]), attention_mask=ones, max_new_tokens=16,
+                                     do_sample=False, eos_token_id=None, pad_token_id=0)
         logp = checkpoint[1](input_ids=torch.tensor([ids + ours])).logits[0, len(ids) - 1 : -1].float().log_softmax(-1)
     assert ours == out[0, len(ids):].tolist()
     assert [e.logprob for e in events] == pytest.approx([logp[t, e.token].item() for t, e in enumerate(events)],
