@@ -168,6 +168,10 @@ def test_demo_data_negative_count_is_refused_naming_its_flag_before_writing(tmp_
         assert main(["demo-data", str(tmp_path / "out"), *[x for kv in sizes.items() for x in kv]]) == 1
         assert capsys.readouterr().err == f"internvl-mpo demo-data: error: {flag} must be >= 0, got -1\n"
         assert not (tmp_path / "out").exists()
+    # Python's random.Random seeds with |seed|: --seed -5 wrote the training items of --seed 5
+    assert main(["demo-data", str(tmp_path / "out"), "--train", "1", "--seed", "-5"]) == 1
+    assert capsys.readouterr().err == "internvl-mpo demo-data: error: --seed must be >= 0, got -5\n"
+    assert not (tmp_path / "out").exists()
 
 
 def test_demo_data_refuses_a_folder_of_other_files_and_writes_its_own_again(tmp_path, capsys):

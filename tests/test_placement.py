@@ -116,8 +116,18 @@ def test_a_gpu_index_without_cuda_says_there_is_no_cuda(tmp_path, tiny):
 @pytest.mark.parametrize("prefix", ["vision_modle", "language_model.model.layers.99", "mlp"])
 def test_a_device_map_prefix_that_names_no_module_is_refused(tmp_path, tiny, prefix):
     InternVL(tiny).save_pretrained(tmp_path / "m")
-    with pytest.raises(InputError, match=f"device_map names '{prefix}', which is no module of this model"):
+    with pytest.raises(InputError, match=f"device_map names '{prefix}', which is no module of this model .*"
+                                         "device_map=\"auto\" places the model as it does$"):
         InternVL.from_pretrained(tmp_path / "m", device_map={"": "cpu", prefix: "cpu"})
+
+
+@pytest.mark.parametrize("key", [0, None, ("mlp1",)])
+def test_a_device_map_key_that_is_no_string_is_refused_by_name(tmp_path, tiny, key):
+    """{0: "cuda:0"}, typed for {"": 0}, raised a TypeError from inside the package."""
+    InternVL(tiny).save_pretrained(tmp_path / "m")
+    with pytest.raises(InputError, match=rf"^device_map's keys must be module prefixes \(strings; \"\" for the whole "
+                                         rf"model\), got {re.escape(repr(key))}$"):
+        InternVL.from_pretrained(tmp_path / "m", device_map={"": "cpu", key: "cpu"})
 
 
 def test_a_device_map_that_leaves_weights_unplaced_is_refused(tmp_path, tiny):

@@ -65,6 +65,9 @@ def resolve_device_map(device_map, config: ModelConfig) -> dict[str, str] | None
         return split_model(config, count)
     if not isinstance(device_map, dict):
         raise InputError(f"device_map must be None, 'auto' or a dict of module prefix -> device, got {device_map!r}")
+    if bad := [prefix for prefix in device_map if not isinstance(prefix, str)]:  # {0: "cuda:0"} for {"": 0}
+        raise InputError(f"device_map's keys must be module prefixes (strings; \"\" for the whole model), got "
+                         f"{bad[0]!r}")
     return {prefix: str(_indexed(parse_device(device))) for prefix, device in device_map.items()}
 
 
@@ -84,7 +87,9 @@ def check_device_map(device_map: dict[str, str], keys) -> None:
     for prefix in device_map:
         if not any(_covers(prefix, key) for key in keys):
             modules = ", ".join(sorted({key.split(".")[0] for key in keys}))
-            raise InputError(f"device_map names {prefix!r}, which is no module of this model (top level: {modules})")
+            raise InputError(f"device_map names {prefix!r}, which is no module of this model (top level: {modules}); "
+                             "the model card's split_model names modules of every size (both embeddings' names, "
+                             "layers past the last): device_map=\"auto\" places the model as it does")
     unplaced = [key for key in keys if not any(_covers(prefix, key) for prefix in device_map)]
     if unplaced:
         shown = ", ".join(unplaced[:3]) + (f", ... ({len(unplaced) - 3} more)" if len(unplaced) > 3 else "")

@@ -386,7 +386,7 @@ def make_demo_data(
     train: number of training items (one question per image)
     val: number of validation items
     test: number of held-out test items
-    seed: seed of everything; the same seed writes the same files
+    seed: seed of everything (>= 0); the same seed writes the same files
     image_format: png or jpg
     direct: share of SFT answers that are only the final-answer line, without the reasoning
     bare_copies: share of items that also get an SFT conversation answering with the final line only
@@ -399,6 +399,8 @@ def make_demo_data(
             raise InputError(f"{flag} must be >= 0, got {n}")
     if image_format not in ("png", "jpg"):
         raise InputError(f"--image-format must be png or jpg, got {image_format!r}")
+    if seed < 0:  # Python's random.Random seeds with |seed|: -S wrote the training split of S
+        raise InputError(f"--seed must be >= 0, got {seed}")
     if not 0 <= direct <= 1:
         raise InputError(f"--direct must be in [0, 1], got {direct}")
     if not 0 <= bare_copies <= 1:
