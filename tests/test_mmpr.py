@@ -338,6 +338,27 @@ def test_blank_lines_are_skipped_keeping_line_numbers_and_the_official_order(tmp
     assert [r.source.line for r in read_sft_records(str(sft), root)] == [2, 4]
 
 
+def test_lines_end_where_the_official_readlines_ends_them(tmp_path, root):
+    """An annotation file with CR line ends (classic Mac) was one line, refused as malformed JSON ("Extra data"):
+    the official reader's readlines() in text mode ends lines at LF, CRLF and a lone CR."""
+    path = tmp_path / "cr.jsonl"
+    path.write_bytes(b"\r".join(json.dumps(_pair(k)).encode() for k in range(3)) + b"\r\n"
+                     + json.dumps(_pair(3)).encode() + b"\n")
+    records = read_records(DatasetSpec("cr", root, str(path)), 0)
+    with open(path) as f:
+        official = [json.loads(line)["question"] for line in f.readlines()]
+    assert sorted((r.source.line, r.question) for r in records) == list(enumerate(official, 1))
+    assert len(official) == 4
+
+
+def test_a_key_given_twice_where_nothing_reads_it_is_left_be(tmp_path, root):
+    """MMPR records carry objects nothing reads (`chosen_meta`): a key given twice there refused the whole record,
+    which the official reader trains on. A read field given twice is still refused (BAD_LINES)."""
+    line = '{"question": "q", "chosen": "c", "rejected": "r", "chosen_meta": {"question": "a", "question": "b"}}'
+    (record,) = read_records(DatasetSpec("a", root, _write_jsonl(tmp_path / "a.jsonl", [line])), 0)
+    assert (record.question, record.chosen, record.rejected) == ("q", "c", "r")
+
+
 def test_non_utf8_line(tmp_path, root):
     path = tmp_path / "bin.jsonl"
     path.write_bytes(json.dumps(_pair(0)).encode() + b"\n\xff\xfe{}\n")

@@ -246,8 +246,9 @@ def write_meta(path: str, datasets: list[DatasetSpec]) -> None:
 
 
 def _read_lines(path: str) -> list[bytes]:
-    """Raw lines as `readlines()` splits them on '\\n' (a trailing newline adds no line; a leading byte order
-    mark, which Windows editors write, is dropped, as `jsonl.read_objects` drops it)."""
+    """Raw lines as the official reader's `readlines()` in text mode splits them: at LF, CRLF or a lone CR (a
+    trailing line end adds no line; a leading byte order mark, which Windows editors write, is dropped, as
+    `jsonl.read_objects` drops it). A JSON line holds no raw CR, so none is cut inside a record."""
     try:
         with open(path, "rb") as f:
             data = f.read().removeprefix(codecs.BOM_UTF8)
@@ -257,23 +258,39 @@ def _read_lines(path: str) -> list[bytes]:
         raise InputError(f"{path}: is a folder, not an annotation file") from None
     except OSError as e:  # no permission, an I/O error
         raise InputError(f"{path}: cannot read the annotation file ({e.strerror or e})") from None
-    lines = data.split(b"\n")
+    lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
     return lines
 
 
-# the fields a record is read by: JSON keeps the last of two equal keys, so one given twice is refused
-READ_FIELDS = frozenset({"image", "video", "question", "chosen", "rejected", "conversations", "from", "value"})
+# the fields a record is read by, and those of its conversation turns: JSON keeps the last of two equal keys, so
+# one given twice is refused (in other objects, such as MMPR's chosen_meta, which nothing reads, a repeat is left be)
+READ_FIELDS = frozenset({"image", "video", "question", "chosen", "rejected", "conversations"})
+TURN_FIELDS = frozenset({"from", "value"})
 
 
-def _read_fields_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = {}
-    for key, value in pairs:
-        if key in out and key in READ_FIELDS:
-            raise _DuplicateKey(key)
-        out[key] = value
+class _Object(dict):
+    """A parsed JSON object that knows its keys given twice (the last value kept, as json.loads keeps it)."""
+
+    twice: frozenset = frozenset()
+
+
+def _object(pairs: list[tuple[str, Any]]) -> _Object:
+    out = _Object(pairs)
+    if len(out) < len(pairs):
+        seen: set[str] = set()
+        out.twice = frozenset(key for key, _ in pairs if key in seen or seen.add(key))
     return out
+
+
+def _repeated_field(item: dict) -> str | None:
+    """A field the reader reads that `item` (parsed with `_object`) or one of its conversation turns gives twice."""
+    repeated = getattr(item, "twice", frozenset()) & READ_FIELDS
+    turns = item.get("conversations")
+    for turn in turns if isinstance(turns, list) else ():
+        repeated |= getattr(turn, "twice", frozenset()) & TURN_FIELDS
+    return min(repeated) if repeated else None
 
 
 def _blank(raw: bytes) -> bool:
@@ -287,15 +304,15 @@ def _parse_object(raw: bytes) -> dict:
     except UnicodeDecodeError as e:
         raise _BadLine("json", f"not UTF-8 ({e.reason} at byte {e.start})") from None
     try:
-        item = json.loads(text, object_pairs_hook=_read_fields_once)
+        item = json.loads(text, object_pairs_hook=_object)
     except json.JSONDecodeError as e:
         raise _BadLine("json", f"malformed JSON ({e.msg} at column {e.colno})") from None
     except RecursionError:
         raise _BadLine("json", "malformed JSON (nested too deeply to read)") from None
-    except _DuplicateKey as e:
-        raise _BadLine("json", f"field {e.args[0]!r} appears twice (JSON keeps only the last)") from None
     if not isinstance(item, dict):
         raise _BadLine("json", f"expected a JSON object, got {type(item).__name__}")
+    if field := _repeated_field(item):
+        raise _BadLine("json", f"field {field!r} appears twice (JSON keeps only the last)")
     if problem := lone_surrogate(text, item):
         raise _BadLine("json", problem)
     return item
