@@ -212,8 +212,8 @@ class Schema:
         self.depths = self._depths()
         if self.depths[self.root] == INFINITE:  # no value at all, at any depth: not a matter of nesting
             raise SchemaError("no JSON value satisfies this schema: a value it describes needs what it cannot hold "
-                              "(an array's minItems past its prefixItems with items false, or required properties "
-                              "that nest without end)")
+                              "(an array's minItems past its prefixItems with items false, required properties "
+                              "that nest without end, a $ref to itself alone)")
         if self.depths[self.root] > jm.MAX_DEPTH:
             raise SchemaError(f"no JSON value within {jm.MAX_DEPTH} levels of nesting satisfies this schema")
         self.initial = (jm.ANY_VALUE, frozenset({((), (VALUE, self.root))}))
