@@ -344,8 +344,9 @@ def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None
         "vision_config": vision, "llm_config": llm, "template": "internvl2_5", "ps_version": "v2",
         "downsample_ratio": d.get("downsample_ratio", 0.5), "select_layer": d.get("vision_feature_layer", -1),
         "force_image_size": image_size, "dynamic_image_size": dynamic,
-        "use_thumbnail": True if dynamic else d.get("use_thumbnail", True), **tiles,  # GotOcr2 adds a thumbnail
-    }  # to every tiled image
+        # GotOcr2 adds a thumbnail to every tiled image; without tiling, the value --to hf kept (max_num runs tile)
+        "use_thumbnail": True if dynamic else d.get("use_thumbnail", True), **tiles,
+    }
     if isinstance(d.get("system_message"), str):  # what --to hf keeps of the official config.json
         official["system_message"] = d["system_message"]
     dtype = d.get("torch_dtype", d.get("dtype"))

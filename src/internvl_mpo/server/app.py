@@ -140,7 +140,8 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
 
     async def read_body(request: HttpRequest) -> bytearray:
         encoding = request.headers.get("content-encoding", "identity")
-        if encoding.strip().lower() not in ("identity", ""):  # an empty header names no encoding  # a gzip body was read as text: "not valid JSON: 'utf-8' codec ..."
+        # a gzip body was read as text ("not valid JSON: 'utf-8' codec ..."); an empty header names no coding
+        if encoding.strip().lower() not in ("identity", ""):
             raise ApiError(415, f"Content-Encoding {encoding[:40]!r} is not supported; send the body uncompressed",
                            code="unsupported_content_encoding")
         limit = settings.max_request_bytes

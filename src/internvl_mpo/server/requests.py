@@ -264,8 +264,8 @@ def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], list[tup
                            f"{param}.tool_calls")
         if calls:
             text = _tool_calls_text(message, param, images)
-        elif role == "assistant" and message.get("content") is None:  # a refusal (OpenAI: content null, the text in
-            text = _refusal(message, param)  # `refusal`), or an empty answer
+        elif role == "assistant" and message.get("content") is None:  # a refusal as OpenAI sends one, or no text
+            text = _refusal(message, param)
         else:
             text = _content_text(message.get("content"), f"{param}.content", role, images,
                                  videos if role == "user" else None)

@@ -38,6 +38,7 @@ name (or any key) given twice in meta.json, of which `json.load` keeps the last 
 from __future__ import annotations
 
 import codecs
+import collections
 import contextlib
 import json
 import os
@@ -279,8 +280,8 @@ class _Object(dict):
 def _object(pairs: list[tuple[str, Any]]) -> _Object:
     out = _Object(pairs)
     if len(out) < len(pairs):
-        seen: set[str] = set()
-        out.twice = frozenset(key for key, _ in pairs if key in seen or seen.add(key))
+        counts = collections.Counter(key for key, _ in pairs)
+        out.twice = frozenset(key for key, n in counts.items() if n > 1)
     return out
 
 
