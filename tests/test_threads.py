@@ -129,3 +129,57 @@ def test_images_opened_from_several_threads_leave_the_warning_filters_alone(imag
     for thread in threads:
         thread.join()
     assert warnings.filters == filters
+
+
+def test_generations_started_at_once_never_share_a_compiled_engines_storages(monkeypatch):
+    """Two threads starting Generations of one compiled engine at the same moment could both pass the check that
+    the storages were free and build their KV caches on one storage: one chat answered the other's question. The
+    check and the claim are one step now (here the claim is slowed, so the threads overlap in it)."""
+    from types import SimpleNamespace
+
+    from internvl_mpo.generate import engine as engine_module
+
+    real_ref = engine_module.weakref.ref
+
+    def slow_ref(obj):
+        time.sleep(0.05)
+        return real_ref(obj)
+
+    monkeypatch.setattr(engine_module, "weakref", SimpleNamespace(ref=slow_ref))
+
+    class Taker:  # a Generation, as far as the storages see one
+        pass
+
+    storages, takers = engine_module._Storages(), [Taker(), Taker()]
+    start, got = threading.Barrier(2), [None, None]
+
+    def take(i):
+        start.wait()
+        got[i] = storages.take(takers[i])
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(f is engine_module.torch.full for f in got) == [False, True]  # one got the storages, one its own
+
+
+def test_a_compiled_step_runs_one_thread_at_a_time(monkeypatch):
+    """Two threads in a compiled decode step at once sometimes raised "torch.compile with fullgraph=True found no
+    compiled frames": the step is entered by one thread at a time."""
+    from internvl_mpo.generate.engine import _without_duck_sizing
+
+    inside, most = [0], [0]
+
+    def step(*args):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.02)
+        inside[0] -= 1
+        return args
+
+    decode = _without_duck_sizing(step)
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(decode, range(8))) == [(k,) for k in range(8)]
+    assert most[0] == 1

@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -295,21 +296,25 @@ def _same_prompt(a: Request, b: Request) -> bool:
 
 
 def _without_duck_sizing(compiled):
-    """`compiled`, traced without duck sizing. With it, sizes equal when a graph is traced share one symbol and
-    the graph is guarded on their equality: a first batch whose rows number the KV heads (2 in InternVL2.5-4B), or
-    fill its cache rows (every `generate`), compiled the step again at the next batch size or finished row. The
-    setting is a context variable, as the `dynamic=True` that torch.compile sets on each call: other threads and
-    compiles keep theirs."""
+    """`compiled`, traced without duck sizing, one thread at a time. With duck sizing, sizes equal when a graph is
+    traced share one symbol and the graph is guarded on their equality: a first batch whose rows number the KV heads
+    (2 in InternVL2.5-4B), or fill its cache rows (every `generate`), compiled the step again at the next batch size
+    or finished row. The setting is a context variable, as the `dynamic=True` that torch.compile sets on each call:
+    other threads and compiles keep theirs. Two threads in the compiled step at once (chats of one InternVLChat
+    from a web app's threads) sometimes raised "torch.compile with fullgraph=True found no compiled frames": they
+    take turns, a step each."""
     from torch.fx.experimental import _config
 
     patch = _config._make_closure_patcher(use_duck_shape=False)
+    lock = threading.Lock()
 
     def decode(*args):
-        revert = patch()
-        try:
-            return compiled(*args)
-        finally:
-            revert()
+        with lock:
+            revert = patch()
+            try:
+                return compiled(*args)
+            finally:
+                revert()
 
     return decode
 
@@ -332,12 +337,14 @@ class _Storages:
     def __init__(self):
         self._storages: list[torch.Tensor | None] = []
         self._taker: weakref.ref | None = None
+        self._lock = threading.Lock()  # two threads starting Generations at once both took the storages
 
     def take(self, generation: "Generation"):
         """A `torch.full` for `generation` to make its buffers with, in the same order every time."""
-        if self._taker is not None and self._taker() is not None:
-            return torch.full
-        self._taker = weakref.ref(generation)
+        with self._lock:
+            if self._taker is not None and self._taker() is not None:
+                return torch.full
+            self._taker = weakref.ref(generation)
         index = itertools.count()
 
         def full(shape, value, dtype, device):
