@@ -368,6 +368,18 @@ def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
         proc.wait()
 
 
+def refuse_reading(monkeypatch, path: Path) -> None:
+    """`path.read_bytes()` raises PermissionError, as for a file without read permission (tests run as root)."""
+    real = Path.read_bytes
+
+    def refusing(self):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", refusing)
+
+
 def cli(*args, stdin=None, cwd=None):
     """The command line run in a subprocess: `python -m internvl_mpo.cli ARGS` (text out, 120 s at most)."""
     return subprocess.run([sys.executable, "-m", "internvl_mpo.cli", *map(str, args)], capture_output=True,

@@ -20,6 +20,7 @@ from conftest import (
     check_replaced_weights_refuse_resume,
     official_shards,
     record_header_reads,
+    refuse_reading,
     replace_shard,
     tiny_chat_folder,
 )
@@ -1988,14 +1989,7 @@ def test_an_unreadable_requests_file_is_one_line(folder, tmp_path, monkeypatch, 
 
     requests = tmp_path / "requests.jsonl"
     requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")
-    real = Path.read_bytes
-
-    def refusing(path):
-        if path == requests:
-            raise PermissionError(13, "Permission denied", str(path))
-        return real(path)
-
-    monkeypatch.setattr(Path, "read_bytes", refusing)
+    refuse_reading(monkeypatch, requests)
     assert main(["generate", "--input", str(requests), "--output", str(tmp_path / "a.jsonl"), "--model",
                  str(folder)]) == 1
     assert capsys.readouterr().err == f"internvl-mpo generate: error: {requests}: cannot read it (Permission denied)\n"

@@ -24,7 +24,7 @@ from unittest.mock import ANY
 import pytest
 import torch
 from safetensors.torch import load_file
-from conftest import bf16_shards_without_dtype, record_header_reads
+from conftest import bf16_shards_without_dtype, record_header_reads, refuse_reading
 from test_train_data import color_pairs, write_mmpr, write_noise_images
 
 from internvl_mpo.chat.tokenizer import load_tokenizer
@@ -2160,8 +2160,6 @@ def test_a_final_model_without_the_official_py_files_says_where_to_get_them(tmp_
 def test_plot_names_a_file_it_cannot_read_or_that_is_not_text(tmp_path, capsys, monkeypatch):
     """A picture given to plot raised UnicodeDecodeError, and a metrics file without read permission
     PermissionError, each with a traceback."""
-    from pathlib import Path
-
     from internvl_mpo.cli import main
 
     picture = tmp_path / "curves.png"
@@ -2170,13 +2168,6 @@ def test_plot_names_a_file_it_cannot_read_or_that_is_not_text(tmp_path, capsys, 
     assert f"{picture}: not a metrics.jsonl file (not UTF-8 text, byte 1)" in capsys.readouterr().err
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text(json.dumps({"step": 1, "loss": 0.5}) + "\n")
-    real = Path.read_bytes
-
-    def refusing(path):
-        if path == metrics:
-            raise PermissionError(13, "Permission denied", str(path))
-        return real(path)
-
-    monkeypatch.setattr(Path, "read_bytes", refusing)
+    refuse_reading(monkeypatch, metrics)
     assert main(["plot", str(tmp_path)]) == 1
     assert f"{metrics}: cannot read it (Permission denied)" in capsys.readouterr().err
