@@ -121,6 +121,10 @@ def test_meta_relative_paths_resolve_against_base_dir(tmp_path):
          "dataset 'd': field 'data_augmentation' is not read; did you mean 'data_augment'"),
         ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": 1, "max_dynamic_patches": 1}}',
          "field 'max_dynamic_patches' is not read; did you mean 'max_dynamic_patch'"),
+        # a setting of its own, no misspelling: it was told "did you mean 'max_dynamic_patch'?"
+        ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": 1, "min_dynamic_patch": 2}}',
+         r"field 'min_dynamic_patch' is not read: a meta.json entry sets max_dynamic_patch only \(as in the official "
+         r"reader\); remove it$"),
     ],
 )
 def test_meta_errors_name_file_and_problem(tmp_path, content, problem):

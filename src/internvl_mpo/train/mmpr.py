@@ -186,6 +186,9 @@ def load_meta(meta_path: str, base_dir: str | None = None) -> list[DatasetSpec]:
         where = f"{meta_path}: dataset {name!r}"
         if not isinstance(entry, dict):
             raise InputError(f"{where}: expected an object, got {type(entry).__name__}")
+        if "min_dynamic_patch" in entry:  # no misspelling of max_dynamic_patch, as the close match would say
+            raise InputError(f"{where}: field 'min_dynamic_patch' is not read: a meta.json entry sets "
+                             "max_dynamic_patch only (as in the official reader); remove it")
         misspelt = unread_field(entry, ("data_augment", "max_dynamic_patch"))  # it would be ignored
         if misspelt:
             raise InputError(f"{where}: {misspelt}")
