@@ -1515,6 +1515,8 @@ def test_pixel_values_that_are_not_float_tiles_are_refused(setup):
         chat.batch_chat(["What is it?"], pixel_values=raw, num_patches_list=[1], max_new_tokens=1)
     tiles = (raw.float() / 255 - 0.45) / 0.225  # normalised as load_image normalises
     assert chat.prepare("What is it?", tiles.half()).num_patches_list == [1]
+    with pytest.raises(InputError, match="^pixel_values are on the meta device, which holds no values"):
+        chat.prepare("What is it?", tiles.to("meta"))  # a RuntimeError from torch before
 
 
 @pytest.mark.parametrize("value", [255.0, float("nan"), float("-inf")])

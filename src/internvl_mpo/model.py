@@ -47,6 +47,8 @@ def check_tile_values(pixel_values: torch.Tensor) -> None:
                          f"{pixel_values.dtype}; give raw pictures as files or PIL images")
     if pixel_values.numel() == 0:  # the count of tiles is checked against the prompt's placeholders
         return
+    if pixel_values.is_meta:  # torch's "Tensor.item() cannot be called on meta tensors" below
+        raise InputError("pixel_values are on the meta device, which holds no values; give tiles with values")
     low, high = torch.aminmax(pixel_values)  # one pass, no copy of the tiles
     largest = float(torch.maximum(-low, high))  # NaN if any is
     if not largest <= MAX_TILE_VALUE:
