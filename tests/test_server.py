@@ -420,6 +420,8 @@ def test_refused_fields_are_refused_whatever_their_type_and_pass_only_at_their_o
            "return_tokens_as_token_ids": False, "include_stop_str_in_output": False}
     assert parse_chat_request({**chat, **off, "min_p": 0.0, "echo": False}, ServerSettings()).question == "hi"
     assert parse_completion_request({"prompt": "hi", **off, "suffix": None}, ServerSettings()).prompts == ["hi"]
+    # an empty suffix, text after the completion that adds nothing, is its off value (it was refused)
+    assert parse_completion_request({"prompt": "hi", "suffix": ""}, ServerSettings()).prompts == ["hi"]
 
 
 def test_an_image_detail_other_than_openais_is_refused_naming_it():

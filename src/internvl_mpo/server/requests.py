@@ -739,7 +739,7 @@ def parse_completion_request(body, settings: ServerSettings) -> CompletionReques
         raise ApiError(400, "the request body must be a JSON object")
     echo = _field(body, "echo", (bool,), False)
     # as vLLM, max_tokens 0 echoes the prompt (with its log-probabilities) and generates nothing
-    sampling = _sampling(body, settings, {**UNSUPPORTED_FIELDS, "suffix": ()}, COMPLETION_FIELDS,
+    sampling = _sampling(body, settings, {**UNSUPPORTED_FIELDS, "suffix": ("",)}, COMPLETION_FIELDS,
                          lowest_max_tokens=0 if echo else 1)
     if sampling["max_tokens"] is None:  # OpenAI's and vLLM's default for text completions
         sampling["max_tokens"] = min(COMPLETION_MAX_TOKENS, settings.max_tokens)
