@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from internvl_mpo.errors import InputError, Interrupted
+from internvl_mpo.jsonl import read_input_bytes
 
 
 def train(
@@ -172,9 +173,7 @@ def read_metrics(path: Path) -> list[dict]:
     InputError at a line that is not a metrics row (another JSONL given to plot)."""
     rows = []
     try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as e:
-        raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None
+        text = read_input_bytes(path).decode("utf-8")
     except UnicodeDecodeError as e:  # a picture, a binary file
         raise InputError(f"{path}: not a metrics.jsonl file (not UTF-8 text, byte {e.start + 1})") from None
     for number, line in enumerate(text.splitlines(keepends=True), 1):
