@@ -105,3 +105,19 @@ def test_batch_chat_names_the_question_it_cannot_ask(short_folder):
     assert e.value.named({"max_num": "--max-num"}).args[0].endswith("a smaller --max-num gives fewer)")
     with pytest.raises(InputError, match=r"^questions\[2\]: .*nothing\.png"):
         bot.batch_chat(["Hi", "Ho", "What is it?"], [None, None, short_folder / "nothing.png"], max_new_tokens=1)
+
+
+def test_a_lone_surrogate_is_named_where_the_caller_wrote_it(tmp_path):
+    """A broken \\ud83d escape was reported at its place in the rendered prompt (character 108 for a question's
+    fourth character): the message names the argument and the place in it."""
+    folder, _ = tiny_chat_folder(tmp_path / "model")
+    bot = InternVLChat.from_pretrained(folder)
+    cases = [
+        ({"question": "hi \ud83d"}, r"^the question holds a lone surrogate '\\ud83d' at character 3,"),
+        ({"question": "hi", "system_message": "\ud800 be brief"}, r"^the system message holds .* at character 0,"),
+        ({"question": "hi", "history": [("q", "ok"), ("a\udfffb", "x")]}, r"^history\[1\]\[0\] holds .* character 1,"),
+        ({"question": "hi", "history": [("q", "ans \ud83d")]}, r"^history\[0\]\[1\] holds .* at character 4,"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(InputError, match=message):
+            bot.chat(**kwargs, max_new_tokens=2)

@@ -150,6 +150,34 @@ def test_stream_decoder_never_yields_broken_characters(vocab_dir, skip):
     assert decoder.feed(ids[:7]) + decoder.feed(ids[7:]) + decoder.flush() == ours.decode(ids, skip)
 
 
+def test_stream_decoder_takes_one_id_of_any_integer_type(vocab_dir):
+    """A hand-written decoding loop feeds `logits.argmax(-1)[0]` (a 0-d tensor) or a NumPy integer."""
+    import numpy as np
+    import torch
+
+    ours = load_tokenizer(vocab_dir)
+    ids = ours.encode("熊猫 é")
+    for convert in (int, np.int64, torch.tensor):
+        decoder = ours.stream_decoder()
+        assert "".join(decoder.feed(convert(i)) for i in ids) + decoder.flush() == ours.decode(ids)
+    with pytest.raises(TypeError):
+        ours.stream_decoder().feed(1.5)
+
+
+@pytest.mark.parametrize("name, content, problem", [
+    ("merges.txt", b"#version: 0.2\n\xff\xfe a\n", r"cannot read tokenizer file .*merges.txt"),
+    ("merges.txt", b"#version: 0.2\nzzzq qqqz\n", r"cannot build the tokenizer from .*vocab.json and .*merges.txt"),
+    ("vocab.json", b'{"a": "0"}', r"vocab.json: token 'a' has id '0'; ids are integers >= 0"),
+    ("vocab.json", b'{"a": -1}', r"vocab.json: token 'a' has id -1"),
+])
+def test_malformed_vocab_or_merges_named(tmp_path, vocab_dir, name, content, problem):
+    folder = tmp_path / "tok"
+    shutil.copytree(vocab_dir, folder)
+    (folder / name).write_bytes(content)
+    with pytest.raises(CheckpointError, match=problem):
+        load_tokenizer(folder)
+
+
 def test_stream_decoder_invalid_bytes_match_decode(vocab_dir):
     ours = load_tokenizer(vocab_dir)
     byte_id = {b: ours.token_to_id(ch) for b, ch in bytes_to_unicode().items()}

@@ -24,8 +24,9 @@ that tokenizer_config.json declares at the id of another piece takes that id ove
 the user-defined piece so renamed, typed in a text, still reads as that id, as SentencePiece has it. Not done
 here: the BOS that `InternLM2Tokenizer` prepends by default (`add_bos_token`, exposed on the result);
 the slow decoder's spacing quirks around special tokens; SentencePiece's own charsmap normalizer (`tokenizers`'
-`Precompiled` stands for it, and differs on a few sequences: a no-break space before a combining accent loses the
-accent; InternLM2's files normalize nothing, so they have no charsmap).
+`Precompiled` stands for it, as in transformers' fast converters, and differs from it: a combining mark after a
+character the map rewrites (a no-break or ideographic space, a full-width letter, a circled digit) is lost, and
+Hangul jamo are not composed; InternLM2's files normalize nothing, so they have no charsmap).
 """
 
 from __future__ import annotations

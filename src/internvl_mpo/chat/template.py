@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from internvl_mpo.chat.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokenizer
+from internvl_mpo.chat.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokenizer, check_unicode
 from internvl_mpo.errors import ConfigError, InputError, PromptTooLongError
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -215,6 +215,12 @@ def _prompt_pieces(
 ) -> list[str]:
     """The `chat()` prompt's text, split where its questions place the images (an `<image>` in an answer stays
     text); refused unless they place one for each entry of `num_patches_list`."""
+    _check_history(history)
+    texts = [("the question", question), ("the system message", system_message)]
+    texts += [(f"history[{i}][{j}]", text) for i, turn in enumerate(history) for j, text in enumerate(turn)]
+    for what, text in texts:
+        if isinstance(text, str):
+            check_unicode(text, what)
     question = add_image_prefix(question, len(num_patches_list), history)
     tmpl = get_template(template)
     messages = _chat_messages(tmpl, question, history)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import operator
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -86,15 +87,9 @@ class Tokenizer:
         try:
             return self.backend.encode(text, add_special_tokens=False).ids
         except TypeError:  # what `tokenizers` raises for a str that is not valid Unicode
-            if not isinstance(text, str):
-                raise
-            at = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
-            if at is None:
-                raise
-            raise InputError(
-                f"the text holds a lone surrogate {text[at]!r} at character {at}, which is not valid Unicode"
-                f" (a broken \\uXXXX escape?): {text[max(0, at - 30) : at + 30]!r}"
-            ) from None
+            if isinstance(text, str):
+                check_unicode(text, "the text")
+            raise
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -162,6 +157,19 @@ class Tokenizer:
         return self.token_to_id(IMG_END)
 
 
+def check_unicode(text: str, what: str) -> None:
+    """Refuse a `text` holding a lone surrogate (a \\ud800-\\udfff outside a pair: no Unicode character), naming
+    `what` it is and where."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        at = err.start
+        raise InputError(
+            f"{what} holds a lone surrogate {text[at]!r} at character {at}, which is not valid Unicode"
+            f" (a broken \\uXXXX escape?): {text[max(0, at - 30) : at + 30]!r}"
+        ) from None
+
+
 class StreamDecoder:
     """Turns ids fed one by one (or a few at a time) into text pieces for streaming.
 
@@ -182,8 +190,8 @@ class StreamDecoder:
 
     def feed(self, ids: int | Iterable[int]) -> str:
         """Add ids; return the text they complete ("" while a character is still incomplete)."""
-        if isinstance(ids, int):
-            ids = (ids,)
+        if not isinstance(ids, Iterable) or getattr(ids, "ndim", None) == 0:  # an int, a NumPy or 0-d torch integer
+            ids = (operator.index(ids),)
         parts = []
         for i in ids:
             if self._skip_special and self._tokenizer.is_special(i):
@@ -219,16 +227,20 @@ def _token_text(value: object) -> str | None:
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = list(f)
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"cannot read tokenizer file {path}: {err}") from err
     merges = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f):
-            line = line.strip()
-            if not line or (line_no == 0 and line.startswith("#version")):
-                continue
-            parts = line.split()
-            if len(parts) != 2:
-                raise CheckpointError(f"{path} line {line_no + 1}: expected two symbols, got {line!r}")
-            merges.append((parts[0], parts[1]))
+    for line_no, line in enumerate(lines):
+        line = line.strip()
+        if not line or (line_no == 0 and line.startswith("#version")):
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise CheckpointError(f"{path} line {line_no + 1}: expected two symbols, got {line!r}")
+        merges.append((parts[0], parts[1]))
     return merges
 
 
@@ -371,7 +383,14 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
             raise CheckpointError(f"tokenizer folder {folder} has no tokenizer.json and no {' or '.join(missing)}"
                                   " (Qwen2 sizes), nor tokenizer.model (InternLM2 sizes)")
         vocab = read_tokenizer_json(vocab_path)
-        backend = build_qwen2_backend(vocab, _read_merges(merges_path), bool(config.get("add_prefix_space", False)))
+        bad = next((k for k, i in vocab.items() if type(i) is not int or i < 0), None)
+        if bad is not None:
+            raise CheckpointError(f"{vocab_path}: token {bad!r} has id {vocab[bad]!r}; ids are integers >= 0")
+        merges = _read_merges(merges_path)
+        try:
+            backend = build_qwen2_backend(vocab, merges, bool(config.get("add_prefix_space", False)))
+        except Exception as err:  # the Rust BPE constructor raises a plain Exception (a merge of unknown symbols)
+            raise CheckpointError(f"cannot build the tokenizer from {vocab_path} and {merges_path}: {err}") from err
 
     source = config_path if "added_tokens_decoder" in config else folder / "added_tokens.json"
     _add_tokens(backend, _declared_added_tokens(folder, config, set(named_specials)), source)
