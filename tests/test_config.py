@@ -385,3 +385,34 @@ def test_select_layer_takes_each_index_of_the_official_hidden_state_tuple_and_no
     for layer in (-n - 2, n + 1):
         with pytest.raises(ConfigError, match=rf"^select_layer {layer} is out of range for a {n}-layer ViT$"):
             tiny.replace(select_layer=layer)
+
+
+def test_json_files_nested_too_deeply_are_named_not_a_recursion_error(tmp_path):
+    """json.loads raises RecursionError (no ValueError) past Python's recursion limit: a config.json, tokenizer file,
+    safetensors index, request or metrics line, or --json-schema file holding one was a traceback."""
+    from internvl_mpo.checkpoint import open_weights
+    from internvl_mpo.chat.tokenizer import read_tokenizer_json
+    from internvl_mpo.cli_chat import _read_schema
+    from internvl_mpo.config import read_config_json
+    from internvl_mpo.errors import CheckpointError, InputError
+    from internvl_mpo.jsonl import read_objects
+
+    deep = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / "deep.json"
+    path.write_text('{"x": ' + deep + "}")
+    lines = tmp_path / "deep.jsonl"
+    lines.write_text('{"id": 1, "question": ' + deep + "}\n")
+    cases = [
+        (lambda: read_config_json(path), ConfigError, "deep.json: its JSON is nested too deeply to read"),
+        (lambda: read_tokenizer_json(path), CheckpointError, "deep.json: its JSON is nested too deeply"),
+        (lambda: _read_schema(str(path)), InputError, "deep.json: its JSON is nested too deeply to read"),
+        (lambda: list(read_objects(lines)), InputError, "deep.jsonl:1: its JSON is nested too deeply to read"),
+    ]
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": ' + deep + "}")
+    cases.append((lambda: open_weights(folder), CheckpointError, "index.json: not a valid safetensors index"))
+    for call, error, message in cases:
+        with pytest.raises(error) as caught:
+            call()
+        assert message in str(caught.value)

@@ -2093,6 +2093,38 @@ def image_server(image: bytes):
     return httpd
 
 
+def test_a_remote_image_url_with_non_ascii_characters_is_fetched_percent_encoded():
+    """urllib sends the URL as given, and a request line is ASCII: http://host/Café.png was a 400 ("'ascii' codec
+    can't encode character"). Its path and query go out percent-encoded as UTF-8, as requests (vLLM's fetcher)
+    sends them; escapes already there are kept."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    image, seen = png(56, 56), []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(image)))
+            self.end_headers()
+            self.wfile.write(image)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    settings = ServerSettings(allow_remote_images=True, allow_private_image_hosts=True, image_timeout=60.0)
+    try:
+        base = f"http://127.0.0.1:{httpd.server_port}"
+        for path, sent in (("/Café 1.png?q=é", "/Caf%C3%A9%201.png?q=%C3%A9"), ("/a%20b.png", "/a%20b.png")):
+            assert image_bytes(base + path, "image", settings) == image
+            assert seen[-1] == sent
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def test_remote_images_on_private_addresses_are_refused():
     """--allow-remote-images fetches from public addresses only (no server-side request forgery onto this
     machine, its LAN or the cloud metadata service): a host at any loopback, private, link-local, unique-local,

@@ -198,6 +198,8 @@ def open_weights(folder: Path) -> Weights:
             mapping = data["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        except RecursionError:
+            raise CheckpointError(f"{index}: not a valid safetensors index (its JSON is nested too deeply)") from None
         except OSError as e:  # a folder of that name, no permission to read it
             raise CheckpointError(f"{index}: cannot read the index ({e.strerror})") from None
         if not isinstance(mapping, dict):

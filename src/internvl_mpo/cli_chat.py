@@ -128,6 +128,8 @@ def _read_schema(path: str | None):
         raise InputError(f"--json-schema {path}: {e.strerror or e}") from None
     except (ValueError, SchemaError) as e:  # UnicodeDecodeError and json's errors are ValueErrors
         raise InputError(f"--json-schema {path}: {e}") from None
+    except RecursionError:
+        raise InputError(f"--json-schema {path}: its JSON is nested too deeply to read") from None
     return schema
 
 

@@ -48,7 +48,7 @@ def _json_object(path: Path) -> dict:
     """A JSON file's object; {} when it is missing or not a JSON object (nothing it names is then known)."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
 

@@ -517,6 +517,8 @@ def read_config_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: no such config file") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: its JSON is nested too deeply to read") from None
     except UnicodeDecodeError as e:  # UTF-16, say, as some Windows editors save
         raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
     except OSError as e:  # a folder of that name, no permission to read it

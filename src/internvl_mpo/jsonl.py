@@ -57,6 +57,8 @@ def read_objects(path: str | Path, what: str = "file") -> Iterator[tuple[str, di
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise InputError(f"{where}: its JSON is nested too deeply to read") from None
         if not isinstance(row, dict):
             raise InputError(f"{where}: expected a JSON object")
         if problem := lone_surrogate(line, row):

@@ -214,6 +214,8 @@ def read_tokenizer_json(path: Path) -> dict:
             data = json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"cannot read tokenizer file {path}: {err}") from err
+    except RecursionError:
+        raise CheckpointError(f"cannot read tokenizer file {path}: its JSON is nested too deeply") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"cannot read tokenizer file {path}: it holds a JSON {type(data).__name__}, not an object")
     return data

@@ -166,6 +166,16 @@ class _FetchHosts(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
         return self.do_open(functools.partial(self._connection, _FetchHTTPSConnection), req)
 
 
+def _quoted(url: str) -> str:
+    """`url` with the characters a request line cannot carry (non-ASCII ones as their UTF-8 bytes, spaces, controls)
+    percent-encoded in its path, query and fragment, as requests and browsers send them; escapes and the characters
+    URLs reserve are kept, and the host is left to the resolver (an international name goes out as IDNA)."""
+    parts = urllib.parse.urlsplit(url)
+    safe = "!#$%&'()*+,/:;=?@[]~"
+    return urllib.parse.urlunsplit(parts._replace(**{name: urllib.parse.quote(getattr(parts, name), safe)
+                                                     for name in ("path", "query", "fragment")}))
+
+
 def _fetch_remote(url: str, param: str, settings: ServerSettings, resolve=socket.getaddrinfo) -> bytes:
     """The image at `url` within `image_timeout` seconds in all, headers and redirects included (`_Deadline`).
     Unless --allow-private-image-hosts, every connection (each redirect hop's too) goes to a public address
@@ -180,7 +190,7 @@ def _fetch_remote(url: str, param: str, settings: ServerSettings, resolve=socket
                                          _Redirects(param))
     late = TimeoutError(f"not received within {settings.image_timeout} s")
     try:
-        with opener.open(url, timeout=settings.image_timeout) as response:
+        with opener.open(_quoted(url), timeout=settings.image_timeout) as response:
             while len(data) <= settings.max_image_bytes and (piece := response.read1(2**16)):
                 data += piece
         if deadline.passed():  # a body the shutdown cut ends early

@@ -185,6 +185,8 @@ def read_metrics(path: Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise InputError(f"{path}:{number}: its JSON is nested too deeply to read") from None
         if not (isinstance(row, dict) and isinstance(row.get("step"), int | float)):
             raise InputError(f"{path}:{number}: not a metrics.jsonl row (an object with a numeric 'step')")
         rows.append(row)
