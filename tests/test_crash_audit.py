@@ -86,6 +86,21 @@ def test_generate_on_a_full_disk_says_so_in_one_line_and_the_rerun_resumes(tmp_p
     assert [r["id"] for r in rows] == ["a", "b"] and rows[1]["answer"] == kept
 
 
+def test_generate_putting_answers_in_order_on_a_full_disk_leaves_no_temporary_file(tmp_path):
+    """The rerun of a finished run rewrites the answers in order through answers.jsonl.tmp: on a full disk it said
+    so in one line but left the .tmp (as large as what fitted), keeping the disk full."""
+    folder, _ = tiny_chat_folder(tmp_path / "model")
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text("".join(json.dumps({"id": k, "question": q}) + "\n" for k, q in [("a", "Hi"), ("b", "Hello")]))
+    run = [sys.executable, "-m", "internvl_mpo.cli", "generate", "--input", str(requests), "--output", str(answers),
+           "--model", str(folder), "--max-new-tokens", "4", "--device", "cpu"]
+    assert subprocess.run(run, capture_output=True, timeout=120).returncode == 0
+    before = answers.read_bytes()
+    full = subprocess.run(run, capture_output=True, text=True, timeout=120, preexec_fn=_limited(10))
+    assert full.returncode == 1 and "saving failed" in full.stderr.splitlines()[-1], full.stderr
+    assert answers.read_bytes() == before and not answers.with_name("answers.jsonl.tmp").exists()
+
+
 def test_a_full_disk_leaves_the_output_locked_with_its_holder_unnamed(tmp_path):
     """Writing the holder's pid into the lock file was a traceback on a full disk."""
     from internvl_mpo.errors import ConfigError
@@ -129,14 +144,13 @@ def test_a_live_run_is_named_as_its_holder_not_a_crashed_run_before_it(tmp_path)
 def test_putting_answers_in_order_keeps_the_answers_of_requests_no_longer_in_the_file(tmp_path):
     """A rerun of `generate` puts the answers in the requests' order; answers of ids the requests file no longer
     holds (a request taken out of it) stay, after the others, and each id keeps its last line."""
-    from internvl_mpo.jsonl import rewrite_in_order
+    from internvl_mpo.jsonl import in_order
 
     answers = tmp_path / "answers.jsonl"
     b, gone, a_old, a = (json.dumps({"id": k, "answer": text}) + "\n" for k, text in
                          [("b", "B"), ("gone", "G"), ("a", "old"), ("a", "A")])
     answers.write_text(b + gone + a_old + a)
-    rewrite_in_order(answers, ["a", "b"])
-    assert answers.read_text() == a + b + gone
+    assert in_order(answers, ["a", "b"]).decode() == a + b + gone
 
 
 def test_generate_rerun_after_a_kill_past_the_last_answer_puts_the_answers_in_order(tmp_path):

@@ -144,6 +144,18 @@ def test_resume_answers_only_missing_questions(tmp_path):
 
 
 
+def test_a_rerun_removes_the_temporary_file_of_a_write_a_kill_cut_short(tmp_path):
+    """A run killed inside an atomic write (after it wrote predictions.jsonl.tmp, before the rename) left the .tmp:
+    the rerun, finding predictions.jsonl already in order, wrote nothing and never removed it."""
+    data = write_bench(tmp_path / "data")
+    out = tmp_path / "out"
+    first = run_eval(data, FakeAnswerer(DIRECT), out, batch_size=1)
+    for name in ("predictions.jsonl.tmp", "score.json.tmp"):
+        (out / name).write_text("cut short")
+    assert run_eval(data, FakeAnswerer(DIRECT, fail=True), out) == first
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []
+
+
 def test_a_rerun_after_a_kill_past_the_last_answer_writes_the_predictions_in_data_order(tmp_path):
     """A run killed after its last answer, before it rewrote predictions.jsonl in data order, left the answers in
     the order they finished: the rerun had nothing to ask and kept them so."""

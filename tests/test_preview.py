@@ -144,6 +144,25 @@ def test_cli_tiles_output_error_is_one_line(tmp_path, capsys):
     assert "error:" in err and "does not exist" in err and "Traceback" not in err
 
 
+def test_cli_tiles_on_a_full_disk_is_one_line(tmp_path, capsys):
+    """The picture's save on a full disk (or a read-only folder) was a chained OSError traceback."""
+    import resource
+
+    from internvl_mpo.cli import main
+
+    image = save(tmp_path, 600, 400)
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, before[1]))  # writes past 100 bytes fail (EFBIG)
+    try:
+        code = main(["tiles", str(image), "--output", str(tmp_path / "t.png")])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, before)
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith(f"error: {tmp_path / 't.png'}: saving failed ([Errno 27] File too "
+                                                 "large); no picture was written; give --output a path where one can be")
+
+
 def test_png_for_more_tiles_than_the_picture_can_show(tmp_path):
     # 1100 tiles in one column: each is under a pixel high at the preview's scale. The picture
     # drew a box per tile (Pillow refused the inverted box) after resizing to 448x492800 pixels.

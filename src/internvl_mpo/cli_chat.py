@@ -422,11 +422,10 @@ def generate(
     from .checkpoint import model_key, weights_identity
     from .devices import default_device
     from .filestamp import stamps, unchanged
-    from .jsonl import rewrite_in_order
     from .locks import lock_output, no_lock_note
     from .pipeline import InternVLChat
     from .processor.image import let_pillow_open, pointed_elsewhere
-    from .run_folder import recorded_weights, writing
+    from .run_folder import atomic_write, recorded_weights, writing
 
     let_pillow_open(max_pixels)
     _read_beside(requests, Path(input).parent)
@@ -459,17 +458,13 @@ def generate(
         if out.exists():  # only once the settings allow the resume: a refused run leaves the file as it was
             # without the answers asked again (an interrupted rerun would leave two lines of one id) and those of
             # requests no longer in the file (the answers file answers the requests file)
-            tmp = out.with_name(out.name + ".tmp")
-            with writing(out, KEPT):
-                tmp.write_bytes(b"".join(line + b"\n" for rid, line in answered.items() if rid in standing))
-                os.replace(tmp, out)
+            atomic_write(out, b"".join(line + b"\n" for rid, line in answered.items() if rid in standing), KEPT)
         if gone := [rid for rid in done if rid not in asked]:
             shown = ", ".join(map(repr, gone[:5])) + (f", ... ({len(gone) - 5} more)" if len(gone) > 5 else "")
             print(f"internvl-mpo generate: dropped from {out} the answers of {len(gone)} id{'s' * (len(gone) > 1)} no "
                   f"longer in {input}: {shown}", file=sys.stderr)
         if not todo:  # a finished run: no need to spend minutes loading a large model
-            with writing(out, KEPT):  # one killed before it put its answers back in order
-                rewrite_in_order(out, [item["id"] for item in requests])
+            _put_in_order(out, requests)  # one killed before it put its answers back in order
             said = f"all {len(requests)} requests are" if len(requests) > 1 else "its request is"
             print(f"internvl-mpo generate: {said} answered in {out}", file=sys.stderr)
             return 0
@@ -503,13 +498,22 @@ def generate(
                     said = f"before any of {len(requests)} requests was answered; nothing was written to {out}"
                 print(f"internvl-mpo generate: interrupted {said}", file=sys.stderr)
                 raise Interrupted from None
-        with writing(out, KEPT):
-            rewrite_in_order(out, [item["id"] for item in requests])  # answers were written as they finished
+        _put_in_order(out, requests)  # answers were written as they finished
         return 0
 
 
 # what a run that could not write its answers file (a full disk) says: the next run resumes from what it holds
 KEPT = "the answers written before are kept: make room and run the same command again to resume"
+
+
+def _put_in_order(out: Path, requests: list[dict]) -> None:
+    """Put the answers file's lines in the order of the requests (answers are appended as they finish)."""
+    from .jsonl import in_order as ordered
+    from .run_folder import atomic_write, writing
+
+    with writing(out, KEPT):
+        data = ordered(out, [item["id"] for item in requests])
+    atomic_write(out, data, KEPT)
 
 
 def _write_answers(answers, out: Path, bar) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import codecs
 import difflib
 import json
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -80,19 +79,13 @@ def lone_surrogate(line: str, value: object) -> str | None:
     return None
 
 
-def rewrite_in_order(path: Path, ids: list) -> None:
-    """Rewrite a JSONL file of {"id", ...} lines (each ending with LF) with one line per id, the last
-    one written, in the order of `ids`; lines of other ids follow. For files written as answers finish."""
+def in_order(path: Path, ids: list) -> bytes:
+    """A JSONL file of {"id", ...} lines (each ending with LF) with one line per id, the last one written, in the
+    order of `ids`; lines of other ids follow. For files written as answers finish."""
     lines = {}
     for line in path.read_bytes().split(b"\n")[:-1]:
         lines[json.loads(line)["id"]] = line + b"\n"
-    ordered = [lines.pop(rid) for rid in ids if rid in lines] + list(lines.values())
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(b"".join(ordered))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return b"".join([lines.pop(rid) for rid in ids if rid in lines] + list(lines.values()))
 
 
 def _plain_name(key: str) -> str:

@@ -381,8 +381,12 @@ def _write_outputs(out: Path, input_path: Path, files: dict[str, list[dict]]) ->
             root = str(input_path.parent.resolve())
             specs.append(DatasetSpec(name, root, str(path.resolve()), repeat_time=1.0, length=len(unique)))
     tmp = out / "meta.json.tmp"
-    write_meta(str(tmp), specs)
-    os.replace(tmp, out / "meta.json")
+    try:
+        write_meta(str(tmp), specs)
+        os.replace(tmp, out / "meta.json")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return [*written, str(out / "meta.json")]
 
 

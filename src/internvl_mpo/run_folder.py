@@ -73,13 +73,14 @@ def append_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one rename; a write that fails (SaveError) leaves `path` as it was."""
+def atomic_write(path: Path, data: str | bytes, outcome: str | None = None) -> None:
+    """Replace `path` with `data` (text is written as UTF-8) in one rename through `path`.tmp; a write that fails
+    (a SaveError saying `outcome`, by default that the file is as it was) leaves `path` as it was and no .tmp."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with writing(path, f"{path.name} is as it was: make room and run the same command again"):
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
+        with writing(path, outcome or f"{path.name} is as it was: make room and run the same command again"):
+            with open(tmp, "wb") as f:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -124,6 +125,9 @@ def hold_output(path: Path, identity: dict, writes: Sequence[str], kind: tuple[s
         print(no_lock_note(path), file=sys.stderr)
     with lock or contextlib.nullcontext():
         check_settings(path / "settings.json", identity, writes)  # under the lock: no run records others meanwhile
+        for tmp in path.glob("*.tmp"):  # what `atomic_write` of a killed run left (a rerun need not write that file)
+            if tmp.is_file():
+                tmp.unlink()
         yield
 
 

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 from internvl_mpo.errors import InputError
 from internvl_mpo.processor.image import ImageSource, open_image, source_name
 from internvl_mpo.processor.tiling import TilePlan, plan_tiles
-from internvl_mpo.run_folder import no_folder
+from internvl_mpo.run_folder import no_folder, writing
 
 PREVIEW_MAX_SIDE = 1024  # longest side of the drawn grid, in pixels
 _MIN_DRAWN_TILE = 16  # px: smaller tiles get no box or number (they would merge into a smear), only the grid's frame
@@ -88,7 +88,9 @@ def tiles_report(
         "output_png": None,
     }
     if target is not None:
-        render_tiles(image, plan, caption=format_tiles_report(report).splitlines()[0]).save(target, format="PNG")
+        picture = render_tiles(image, plan, caption=format_tiles_report(report).splitlines()[0])
+        with writing(target, "no picture was written; give --output a path where one can be"):  # a full disk
+            picture.save(target, format="PNG")
         report["output_png"] = os.fspath(target)
     return report
 
