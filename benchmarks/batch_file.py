@@ -29,6 +29,10 @@ def main() -> None:
                         help="new tokens per request, drawn uniformly from these")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    for flag, value in (("--requests", args.requests), ("--batch-size", args.batch_size),
+                        ("--lengths", min(args.lengths)), ("--rounds", args.rounds)):
+        if value < 1:
+            parser.error(f"{flag} {value}: must be at least 1")
 
     from internvl_mpo.cli_chat import model_path
     from internvl_mpo.generate.params import sampling_params

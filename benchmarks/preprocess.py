@@ -208,33 +208,56 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="length of one timed round")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: at least 1 round is needed")
+    if args.seconds <= 0:
+        parser.error(f"--seconds {args.seconds}: a round needs a positive length")
 
     side = args.side
     if side != "ours" and not torchvision_available():
         if side == "both" and args.official_python:
-            # Both sides in that interpreter (our package only needs torch, numpy and Pillow), so
-            # that their rounds interleave in one process.
-            cmd = [args.official_python, __file__, "--side", "both", "--json",
-                   "--rounds", str(args.rounds), "--seconds", str(args.seconds)]
-            env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-            done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-            result = json.loads(done.stdout)
-            report(result)
-            exit_if_different(result)
-            return
-        if side == "official":
+            result = run_official_python(args)
+        elif side == "official":
             sys.exit("the official side needs torchvision; see this script's docstring")
-        print(
-            "official side not run: torchvision does not import here. Create /work/venv-official as described "
-            "in this script's docstring and pass --official-python /work/venv-official/bin/python\n"
-        )
-        side = "ours"
-    result = run_here(side, args.rounds, args.seconds)
+        else:
+            print(  # stderr: with --json, stdout holds the JSON object only
+                "official side not run: torchvision does not import here. Create /work/venv-official as described "
+                "in this script's docstring and pass --official-python /work/venv-official/bin/python\n",
+                file=sys.stderr,
+            )
+            result = run_here("ours", args.rounds, args.seconds)
+    else:
+        result = run_here(side, args.rounds, args.seconds)
     if args.json:
         print(json.dumps(result))
     else:
         report(result)
         exit_if_different(result)
+
+
+def run_official_python(args) -> dict:
+    """Both sides in the --official-python interpreter (our package only needs torch, numpy and Pillow),
+    so that their rounds interleave in one process; it must import torchvision."""
+    python = args.official_python
+    try:
+        done = subprocess.run([python, "-c", "import torchvision"], capture_output=True, text=True, check=False)
+    except OSError as e:
+        raise SystemExit(f"--official-python {python}: cannot run it ({e.strerror})") from None
+    if done.returncode != 0:
+        error = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"--official-python {python}: it cannot import torchvision ({error}); make the environment"
+                         " this script's docstring shows and pass its python")
+    cmd = [python, __file__, "--side", "both", "--json", "--rounds", str(args.rounds), "--seconds", str(args.seconds)]
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        error = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"--official-python {python}: the run there failed ({error})")
+    try:
+        return json.loads(done.stdout)
+    except json.JSONDecodeError:
+        raise SystemExit(f"--official-python {python}: the run there printed no JSON object: "
+                         f"{done.stdout.strip()[:200]!r}") from None
 
 
 def report(result: dict) -> None:

@@ -10,7 +10,8 @@ whatever the random model says. Reported per level: completion tokens per second
 time, latency percentiles of whole requests and of the first token, and the most rows the server had
 decoding at once. Each server is warmed up with one request first; with `--compile`, also with an
 untimed round at each level's concurrency before that level, so that the compiling for each row count
-falls outside the timed levels.
+falls outside the timed levels. A request that fails (an error status, or a stream that ends on an error)
+fails the run, with its status and message.
 
     python benchmarks/serve.py                                 # CPU, small preset
     python benchmarks/serve.py --preset 0.5b --device cuda     # GPU
@@ -99,8 +100,21 @@ def get_json(port: int, path: str) -> dict:
         conn.close()
 
 
+class RequestFailed(Exception):
+    """A request the server refused or ended with an error, or whose connection broke."""
+
+
+def error_message(body: bytes) -> str:
+    """The message of an OpenAI-style error body, else the body's start."""
+    try:
+        return json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return repr(body[:300])
+
+
 def stream_request(port: int, prompt: str, max_tokens: int) -> tuple[float, float, int]:
-    """(seconds to the first text, seconds to the end, completion tokens) of one streamed completion."""
+    """(seconds to the first text, seconds to the end, completion tokens) of one streamed completion;
+    RequestFailed where the server answers with an error status or ends the stream on an error."""
     body = json.dumps({
         "model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
         "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
@@ -112,11 +126,13 @@ def stream_request(port: int, prompt: str, max_tokens: int) -> tuple[float, floa
         conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
         response = conn.getresponse()
         if response.status != 200:
-            raise RuntimeError(f"HTTP {response.status}: {response.read()[:300]!r}")
+            raise RequestFailed(f"HTTP {response.status}: {error_message(response.read())}")
         for line in response:
             if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RequestFailed(f"the stream ended on an error: {error_message(line[6:])}")
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             elif first is None and any(c["delta"].get("content") for c in chunk["choices"]):
@@ -133,6 +149,7 @@ def percentile(values: list[float], q: int) -> float:
 
 def run_level(port: int, clients: int, requests_per_client: int, max_tokens: int) -> dict:
     results: list[tuple[float, float, int]] = []
+    errors: list[str] = []  # a client stops at its first failed request
     lock = threading.Lock()
     barrier = threading.Barrier(clients)
 
@@ -140,7 +157,12 @@ def run_level(port: int, clients: int, requests_per_client: int, max_tokens: int
         barrier.wait()
         for r in range(requests_per_client):
             topic = TOPICS[(c + r) % len(TOPICS)]
-            out = stream_request(port, f"Client {c}, request {r}: write about {topic}.", max_tokens)
+            try:
+                out = stream_request(port, f"Client {c}, request {r}: write about {topic}.", max_tokens)
+            except Exception as e:  # collected: an exception ends only its thread
+                with lock:
+                    errors.append(str(e) if isinstance(e, RequestFailed) else repr(e))
+                return
             with lock:
                 results.append(out)
 
@@ -151,6 +173,8 @@ def run_level(port: int, clients: int, requests_per_client: int, max_tokens: int
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    if errors:  # a level with failed requests measures less work than it claims
+        raise RequestFailed(f"{clients} clients: {len(errors)} request(s) failed, the first: {errors[0]}")
     latencies = [end for _, end, _ in results]
     firsts = [first for first, _, _ in results]
     return {
@@ -191,6 +215,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="serve with --compile")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    if args.max_batch < 2:  # the one-at-a-time run (--max-batch 1) is the baseline it is compared with
+        parser.error(f"--max-batch {args.max_batch}: the batched server needs at least 2 rows")
+    if min(args.clients) < 1 or args.requests_per_client < 1:
+        parser.error("--clients and --requests-per-client need at least 1")
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_checkpoint(Path(tmp) / "model", args.preset)
@@ -218,5 +246,5 @@ if __name__ == "__main__":
 
     try:
         main()
-    except InternVLError as e:  # a bad path or setting: one line, as the command line gives it
+    except (InternVLError, RequestFailed) as e:  # a bad path or setting, a failed request: one line
         raise SystemExit(f"error: {e}") from None

@@ -1,7 +1,8 @@
 """Reading the sampled frames of a long clip: seeking, what `load_video` does for an mp4/mov or mkv/webm
-clip (decode from the keyframe before each sampled frame), against decoding in order from the start,
-what it did before 2026-12-03 and still does where seeking cannot be trusted, and against the model
-card's decord reader (`vr[i]` for each index, one thread) when decord is installed.
+clip (decode from the keyframe before each sampled frame), against decoding in order from the start to
+the end (counting the frames, as its fallback does without a bound), what it did before 2026-12-03 and
+still does where seeking cannot be trusted, and against the model card's decord reader (`vr[i]` for
+each index, one thread) when decord is installed.
 
 The clip is encoded here with libx264: --minutes of --size video at 30 fps, 3 B-frames, a keyframe
 every --gop frames (250 is x264's default). Our two sides must give the same frames (checked); decord's
@@ -48,7 +49,8 @@ def read_seeking(path: str, num_segments: int) -> tuple[list[np.ndarray], list[i
 
 
 def read_in_order(path: str, indices: list[int]) -> list[np.ndarray]:
-    kept, _ = video._decode_frames(av, path, set(indices), None)  # no pixel limit, as read_seeking's
+    # no pixel limit, as read_seeking's; to the end, as _read_video's fallback without a bound (to count the frames)
+    kept, _ = video._decode_frames(av, path, set(indices), None, to_end=True)
     return [np.asarray(kept[i]) for i in indices]
 
 
@@ -74,7 +76,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--keep", type=Path, help="write the clip here and reuse it if it exists")
     args = parser.parse_args()
-    width, height = (int(v) for v in args.size.split("x"))
+    try:
+        width, height = (int(v) for v in args.size.split("x"))
+    except ValueError:
+        parser.error(f"--size {args.size}: give WIDTHxHEIGHT, e.g. 640x360")
+    if width < 2 or height < 2 or width % 2 or height % 2:  # yuv420p halves both
+        parser.error(f"--size {args.size}: width and height must be even, 2 or more")
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: at least 1 round is needed")
     try:
         import decord  # noqa: F401
     except ImportError:

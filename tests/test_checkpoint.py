@@ -319,6 +319,22 @@ def test_config_that_does_not_match_weights(tmp_path, tiny, good_state):
         InternVL.from_pretrained(folder)
 
 
+def test_a_config_asking_for_more_layers_than_the_weights_hold_is_refused_before_building(tmp_path, tiny, good_state):
+    """The model was built (on the meta device) before its keys were compared with the weights: a config.json typo
+    of 10**9 decoder layers grew memory for minutes, 10**5 vision layers took gigabytes. Refused from the
+    weights' names first."""
+    import resource
+
+    for part, field in (("llm", "llm"), ("vision", "vision")):
+        deep = tiny.replace(**{field: dataclasses.replace(getattr(tiny, field), num_hidden_layers=10**9)})
+        folder = write_checkpoint(tmp_path / part, deep, good_state)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with pytest.raises(CheckpointError, match=rf"config.json's {part}_config.num_hidden_layers is 1000000000, "
+                                                  rf"but the weights hold 2 {part} layers"):
+            InternVL.from_pretrained(folder)
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KB: nothing built
+
+
 def test_pickle_only_folder_is_refused_without_unpickling(tmp_path, tiny):
     folder = tmp_path / "bin"
     folder.mkdir()

@@ -792,3 +792,32 @@ def test_the_readme_gives_each_function_its_own_name_for_the_total_tile_budget()
     assert "total_budget" in inspect.signature(multi.load_images).parameters
     assert "total_budget" in inspect.signature(multi.planned_tiles).parameters
     assert "total_max_num" in INPUT_KEYS
+
+
+def test_an_icon_holding_a_picture_over_the_limit_is_refused_before_decoding(tmp_path):
+    """Pillow takes an ICO's and ICNS's sizes from their directories (256x256 at most) and decodes the picture
+    they hold whatever its size, an ICO's inside Image.open: a small icon holding a 10000 x 9000 PNG was decoded
+    (360 MB) before max_pixels was checked. The pictures' own headers are read first."""
+    import resource
+
+    from internvl_mpo.errors import SettingError
+
+    inner = png_header_only(10000, 9000)
+    ico = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(inner), 22) + inner
+    block = b"ic08" + struct.pack(">I", 8 + len(inner)) + inner  # an ICNS 256x256 entry
+    icns = b"icns" + struct.pack(">I", 8 + len(block)) + block
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for data in (ico, icns):
+        for read in (read_size, load_image):
+            with pytest.raises(SettingError, match=r"10000x9000 = 90000000 pixels exceeds the limit of 1000000"):
+                read(data, max_pixels=1_000_000)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KB: nothing decoded
+    # Icons as Pillow writes them (PNG and BMP pictures, several sizes) open as before.
+    picture = Image.new("RGB", (64, 64), (200, 30, 90))
+    for options in ({"format": "ICO", "sizes": [(16, 16), (64, 64)]},
+                    {"format": "ICO", "sizes": [(64, 64)], "bitmap_format": "bmp"}, {"format": "ICNS"}):
+        buffer = io.BytesIO()
+        picture.save(buffer, **options)
+        assert read_size(buffer.getvalue(), max_pixels=5000 if options["format"] == "ICO" else None) == Image.open(
+            io.BytesIO(buffer.getvalue())).size  # the largest picture (an ICNS has larger ones made from it)
+        assert load_image(buffer.getvalue(), max_num=1).shape[0] == 1

@@ -520,6 +520,63 @@ def test_max_image_pixels_above_pillows_limit_is_honoured(server, apps, monkeypa
     assert reply.status_code == 200, reply.text
 
 
+def test_prompts_fetching_from_a_slow_image_host_do_not_hold_up_other_requests(server, apps):
+    """Prompts were built (remote images fetched) on the pool of 40 threads that also reads every request's body:
+    40 requests waiting on a slow image host held up a text-only completion until their fetches ended. Prompts
+    have threads of their own now, one per request in progress."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from starlette.testclient import TestClient
+
+    release, arrived, image = threading.Event(), [], png(28, 28)
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_GET(self):
+            arrived.append(self.path)
+            release.wait(120)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(image)))
+            self.end_headers()
+            self.wfile.write(image)
+
+        def log_message(self, *args):
+            pass
+
+    host = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    serve(model=str(server[1]), port=0, device="cpu", max_batch=4, max_len=1024, allow_remote_images=True,
+          allow_private_image_hosts=True, image_timeout=120.0)
+    url = f"http://127.0.0.1:{host.server_port}/slow.png"
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]
+    slow_replies, text_reply = [], []
+    try:
+        with TestClient(apps[0]) as client:
+            def slow():
+                slow_replies.append(client.post("/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": content}], "max_tokens": 1}).status_code)
+
+            waiting = [threading.Thread(target=slow) for _ in range(40)]
+            for thread in waiting:
+                thread.start()
+            deadline = time.monotonic() + 60
+            while len(arrived) < 40 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(arrived) == 40  # every one of them holds a thread in its fetch
+            text = threading.Thread(target=lambda: text_reply.append(client.post(
+                "/v1/completions", json={"prompt": "Hello", "max_tokens": 1}).status_code))
+            text.start()
+            text.join(60)
+            assert text_reply == [200] and not release.is_set()  # answered while the 40 still wait
+            release.set()
+            for thread in waiting:
+                thread.join(120)
+        assert slow_replies == [200] * 40
+    finally:
+        release.set()
+        host.shutdown()
+        host.server_close()
+
+
 def test_an_image_over_the_pixel_limit_names_the_server_flag_that_raises_it(server, apps):
     """The limit is the server's --max-image-pixels; the error said "pass a larger max_pixels", which no
     request can pass."""

@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .companions import COMPANION_FILES
-from .config import adapter_message
+from .config import ModelConfig, adapter_message
 from .errors import CheckpointError, InputError, SaveError
 from .locks import LOCKS_UNSUPPORTED
 
@@ -147,6 +147,21 @@ class Weights(NamedTuple):
         saved again into a folder (a retrained model) have another. None for weights without one (official
         checkpoints)."""
         return (next(iter(self.handles.values())).metadata() or {}).get(SAVE_ID)
+
+
+_LAYERS = {"llm": re.compile(r"language_model\.model\.layers\.(\d+)\."),
+           "vision": re.compile(r"vision_model\.encoder\.layers\.(\d+)\.")}
+
+
+def check_layer_counts(folder: Path, config: ModelConfig, weights: Weights) -> None:
+    """Refuse a config.json that asks for more decoder or vision layers than the weights hold, before a model
+    that size is built (a typo of 10**9 layers took minutes and gigabytes, only to be refused for the missing
+    weights)."""
+    for part, wanted in (("llm", config.llm.num_hidden_layers), ("vision", config.vision.num_hidden_layers)):
+        held = {int(m[1]) for key in weights.files if (m := _LAYERS[part].match(key))}
+        if wanted > len(held):
+            raise CheckpointError(f"{folder}: config.json's {part}_config.num_hidden_layers is {wanted}, but the "
+                                  f"weights hold {len(held)} {part} layers; the config does not match its weights")
 
 
 def weights_identity(weights: Weights | None, recorded: Any = None) -> str | dict[str, Any] | None:

@@ -255,6 +255,9 @@ class InternVL(nn.Module):
         config = ModelConfig.from_json(folder / "config.json")
         device_map = resolve_device_map(device_map, config)
         image_token_id = context_token_id(folder, config.llm.vocab_size, image_token_id)
+        if weights is None:  # each file's header read once, for the layer counts, the dtype and the tensors
+            weights = checkpoint.open_weights(folder)
+        checkpoint.check_layer_counts(folder, config, weights)
         with torch.device("meta"):
             model = cls(config, image_token_id=image_token_id)
         if device_map is not None:
@@ -262,8 +265,6 @@ class InternVL(nn.Module):
             if device == "cpu":
                 device = device_for("mlp1", device_map, device)
         device = devices.parse_device(device)
-        if weights is None:  # each file's header read once, for the dtype and the tensors
-            weights = checkpoint.open_weights(folder)
         auto = checkpoint.auto_dtype(folder, config.torch_dtype, weights) if dtype == "auto" else None
         dtype = devices.parse_dtype(dtype, device, auto)
         placement = device if device_map is None else (lambda key: device_for(key, device_map, device))

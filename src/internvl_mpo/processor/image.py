@@ -32,6 +32,7 @@ import numbers
 import os
 import re
 import stat
+import struct
 import threading
 import warnings
 from collections.abc import Iterator
@@ -210,8 +211,67 @@ def _pillows_pixels(error: Exception) -> int | None:
     return int(counted[1]) if counted else None
 
 
+def _embedded_size(data: bytes, bmp: bool) -> tuple[int, int] | None:
+    """The size a PNG, JPEG 2000 or (`bmp`: an ICO's) BMP picture's header gives, from its first bytes; None for
+    others."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data.startswith(b"\xff\x4f\xff\x51") and len(data) >= 24:  # a JPEG 2000 codestream: SIZ's extents less offsets
+        right, bottom, left, top = struct.unpack(">IIII", data[8:24])
+        return right - left, bottom - top
+    jp2 = data.startswith(b"\0\0\0\x0cjP  \r\n\x87\n")
+    if jp2 and (at := data.find(b"ihdr", 0, 200)) >= 0 and len(data) >= at + 12:  # the file's image header box
+        height, width = struct.unpack(">II", data[at + 4 : at + 12])
+        return width, height
+    if bmp and len(data) >= 12 and struct.unpack("<I", data[:4])[0] in (12, 40, 52, 56, 108, 124):  # a DIB header
+        width, height = struct.unpack("<HH", data[4:8]) if data[:4] == b"\x0c\0\0\0" else struct.unpack("<ii", data[4:12])
+        return abs(width), abs(height) // 2  # an icon's BMP counts its mask's rows too
+    return None
+
+
+def _check_icon_pictures(fp: BinaryIO, name: str, max_pixels: int | None) -> None:
+    """Refuse an ICO or ICNS file holding a picture over the limit, from the pictures' own headers. Pillow takes
+    their sizes from the directory, which says 256x256 at most, and decodes the picture whatever it holds (ICO
+    while it opens the file, in `Image.open`): a 0.7 MB icon held a 13000x13000 PNG (650 MB once decoded)."""
+    try:
+        start = fp.tell()
+    except (OSError, ValueError, AttributeError):  # not seekable: Pillow reads it as it can
+        return
+    try:
+        head = fp.read(8)
+        pictures = []  # where each embedded picture starts
+        if head[:4] == b"\0\0\1\0":  # ICO: a directory of 16-byte entries (size and offset last)
+            count = struct.unpack("<H", head[4:6])[0]
+            fp.seek(start + 6)
+            entries = fp.read(16 * count)
+            pictures = [struct.unpack("<I", entries[i + 12 : i + 16])[0] for i in range(0, len(entries) - 15, 16)]
+        elif head[:4] == b"icns":  # ICNS: blocks of a 4-byte type and a 4-byte length (header included)
+            end, at = struct.unpack(">I", head[4:8])[0], 8
+            while at + 8 <= end and len(pictures) < 1000:
+                fp.seek(start + at)
+                block = fp.read(8)
+                length = struct.unpack(">I", block[4:8])[0] if len(block) == 8 else 0
+                if length < 8:
+                    break
+                pictures.append(at + 8)
+                at += length
+        sizes = []
+        for offset in pictures:
+            fp.seek(start + offset)
+            sizes.append(_embedded_size(fp.read(200), bmp=head[:4] != b"icns"))
+        fp.seek(start)
+    except (OSError, ValueError, struct.error):  # cut short: Pillow says what is wrong
+        with contextlib.suppress(OSError, ValueError):
+            fp.seek(start)
+        return
+    for size in sizes:
+        if size is not None:
+            check_pixels(*size, max_pixels, name)
+
+
 def _open_pil(src: BinaryIO | bytes | bytearray, name: str, max_pixels: int | None) -> Image.Image:
     fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src
+    _check_icon_pictures(fp, name, max_pixels)
     try:
         # Pillow's warnings (a cut TIFF's "Corrupt EXIF data", two lines naming Pillow's source) are held: shown for
         # a file it opens, dropped for one refused here, whose one-line error says what is wrong. Its warning above

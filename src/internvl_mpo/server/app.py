@@ -76,6 +76,8 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
     """The FastAPI app: one BatchWorker (started and stopped with the app) behind the OpenAI routes."""
     from contextlib import asynccontextmanager
 
+    import anyio
+    import anyio.to_thread
     from fastapi import FastAPI
     from fastapi import Request as HttpRequest
     from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -87,12 +89,21 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
     in_progress = InProgress(settings.max_concurrent_requests)
     model_name = str(settings.served_model_name or settings.model or "internvl-mpo")  # a Path from Python too
     started = int(time.time())
+    prompt_threads = None  # the prompts' own threads, one per request in progress (made in the event loop)
 
     @asynccontextmanager
     async def lifespan(app):
+        nonlocal prompt_threads
+        prompt_threads = anyio.CapacityLimiter(settings.max_concurrent_requests)
         worker.start()
         yield
         worker.stop()
+
+    async def in_prompt_thread(func: Callable, *args):
+        """`func(*args)` on one of the prompts' own threads: a prompt fetches its remote images (seconds each from
+        a slow host), which on the shared pool of 40 threads that reads every body and encodes every answer held up
+        all other requests once 40 such prompts were being built. Each request in progress may hold one."""
+        return await anyio.to_thread.run_sync(functools.partial(func, *args), limiter=prompt_threads)
 
     app = FastAPI(title="internvl-mpo", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
@@ -238,7 +249,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
     @admitted
     async def tokenize(request: HttpRequest):
         req = await read_json(request, parse_tokenize_request, settings)
-        ids = await run_in_threadpool(tokenize_ids, chat, req, settings, worker.max_len)
+        ids = await in_prompt_thread(tokenize_ids, chat, req, settings, worker.max_len)
         return await answer(lambda: {"count": len(ids), "max_model_len": worker.max_len, "tokens": ids,
                                      "token_strs": None})
 
@@ -282,7 +293,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
     async def chat_completions(request: HttpRequest):
         req = await read_json(request, parse_chat_request, settings)
         check_token_ids(req.params, chat.config.llm.vocab_size)
-        prompt = await run_in_threadpool(build_prompt, chat, req, settings, worker.max_len)
+        prompt = await in_prompt_thread(build_prompt, chat, req, settings, worker.max_len)
         inbox, close = submit([prompt], req.n, req.params, req.logprobs, None if req.stream else req.prompt_logprobs)
         head = {"id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time()), "model": model_name}
         usage = {"prompt_tokens": len(prompt.ids)}
@@ -299,7 +310,7 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
     async def text_completions(request: HttpRequest):
         req = await read_json(request, parse_completion_request, settings)
         check_token_ids(req.params, chat.config.llm.vocab_size)
-        prompts = await run_in_threadpool(build_completion_prompts, chat, req, settings, worker.max_len)
+        prompts = await in_prompt_thread(build_completion_prompts, chat, req, settings, worker.max_len)
         echoes = await run_in_threadpool(echo_texts, chat.tokenizer, req)
         # the prompt's log-probabilities serve vLLM's prompt_logprobs and an echo's logprobs (the larger top k)
         asked = [k for k in (req.shown_prompt_logprobs, req.logprobs if req.echo else None) if k is not None]
