@@ -2039,6 +2039,16 @@ def test_the_closing_lines_count_in_the_singular_and_name_the_problem_kinds(tmp_
     assert "\nskipped 1 bad record (json: 1)\n" in out
 
 
+def test_a_save_interval_longer_than_the_run_is_noted(tmp_path, chat_folder, meta, capsys):
+    """--save-every past the last step saved no checkpoint without a word: a run meant to be resumable was not."""
+    train(config(chat_folder, meta, tmp_path / "a", max_steps=2, save_every=5))
+    assert "note: --save-every 5 is more than the run's 2 steps: it saves no checkpoint before final/" in (
+        capsys.readouterr().out)
+    assert not list((tmp_path / "a").glob("checkpoint-*"))
+    train(config(chat_folder, meta, tmp_path / "b", max_steps=2, save_every=2))
+    assert "--save-every" not in capsys.readouterr().out
+
+
 def test_records_an_epoch_run_leaves_untrained_are_counted(tmp_path, chat_folder, meta, capsys):
     """--epochs counts whole steps: the records after the last one were left untrained without a word (the
     official trainer trains them in a smaller last batch)."""

@@ -258,6 +258,9 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
     if unread:  # the HF Trainer would train them in a smaller last batch
         print0(f"note: {count(total_steps, 'step')} of {samples_per_step * env.world_size} samples leave"
                f" {count(unread, 'record')} of the last epoch untrained (steps take whole batches)")
+    if cfg.save_every > total_steps:  # a run that asked to be resumable would find no checkpoint to resume from
+        print0(f"note: --save-every {cfg.save_every} is more than the run's {count(total_steps, 'step')}: it saves "
+               "no checkpoint before final/")
     needs_ref = cfg.mode != "sft" and (weights.pref_weight != 0 or weights.quality_weight != 0)
     precompute = needs_ref and cfg.precompute_ref
     if precompute:
