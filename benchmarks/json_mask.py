@@ -101,6 +101,14 @@ def pieces_of(args) -> tuple[list, int, str]:
     return pieces, len(pieces), f"{folder} ({len(pieces)} tokens)"
 
 
+def read_json(parser: argparse.ArgumentParser, flag: str, text: str):
+    """The JSON value of `text`, or argparse's one-line error naming `flag`."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        parser.error(f"{flag}: not valid JSON ({e})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", type=Path, help="a checkpoint folder whose tokenizer to index")
@@ -165,8 +173,8 @@ def main() -> None:
             vocabulary.regex_cache.clear()
     elif args.schema:
         schema, sample = (TYPED, TYPED_VALUE) if args.typed else (MIXED, MIXED_VALUE) if args.mixed else \
-            (json.loads(args.schema_file.read_text()), json.loads(args.text)) if args.schema_file else \
-            (SCHEMA, SCHEMA_VALUE)
+            (read_json(parser, "--schema-file", args.schema_file.read_text()), read_json(parser, "--text", args.text)) \
+            if args.schema_file else (SCHEMA, SCHEMA_VALUE)
         start = time.perf_counter()
         reference = schema
         schema = js.compile_schema(schema)
