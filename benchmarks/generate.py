@@ -376,7 +376,8 @@ def run_child(args) -> dict:
         return peak_memory("ours", lambda: Ours(args.folder + "/ours", args.device, args.dtype, args.compile, screen),
                            args.device)
     if args.child == "hf":
-        return peak_memory("hf", lambda: Theirs(args.folder + "/hf", args.device, args.dtype, args.compile), args.device)
+        return peak_memory("hf", lambda: Theirs(args.folder + "/hf", args.device, args.dtype, args.compile),
+                           args.device)
     ours = Ours(args.folder + "/ours", args.device, args.dtype, args.compile, screen)
     theirs = Theirs(args.folder + "/hf", args.device, args.dtype, args.compile)
     agree = [side.generate([image_prompt(side.per_tile)], NEW, side.pixels)[0] for side in (ours, theirs)]

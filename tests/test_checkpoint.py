@@ -333,6 +333,10 @@ def test_a_config_asking_for_more_layers_than_the_weights_hold_is_refused_before
                                                   rf"but the weights hold 2 {part} layers"):
             InternVL.from_pretrained(folder)
         assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KB: nothing built
+    # keys under another prefix (DDP's module.) hold no layers under these names: the key report says what differs
+    prefixed = write_checkpoint(tmp_path / "prefixed", tiny, {f"module.{k}": v for k, v in good_state.items()})
+    with pytest.raises(CheckpointError, match=r"the weights do not match config.json .*missing.*unexpected: module\."):
+        InternVL.from_pretrained(prefixed)
 
 
 def test_pickle_only_folder_is_refused_without_unpickling(tmp_path, tiny):
@@ -790,6 +794,20 @@ def test_weights_that_do_not_fit_the_config_are_not_saved(tmp_path, tiny):
         assert torch.equal(InternVL.from_pretrained(model.save_pretrained(tmp_path / "plain"))(ids), model(ids))
 
 
+def test_weights_holding_inf_or_nan_are_not_saved(tmp_path, tiny):
+    """A weight past fp16's range becomes inf when a model is cast to fp16 (train writes final/ in the starting
+    checkpoint's dtype): it was saved without a word, into a folder the loader then refuses as broken."""
+    model = InternVL(tiny, image_token_id=IMAGE_TOKEN_ID)
+    model.init_weights()
+    with torch.no_grad():
+        model.language_model.model.layers[0].mlp.up_proj.weight[0, 0] = 1e5
+    model = model.to(torch.float16)
+    with pytest.raises(InputError, match=r"hold NaN or inf values \(language_model\.model\.layers\.0\.mlp\.up_proj\."
+                                         r"weight\); .*nothing was written"):
+        model.save_pretrained(tmp_path / "inf")
+    assert not (tmp_path / "inf").exists()
+
+
 def test_the_saved_dtype_is_recorded_in_the_vision_and_llm_configs_too(tmp_path, tiny):
     """An official config.json records torch_dtype in llm_config and vision_config as well (TensorRT-LLM's
     InternVL builder reads the vision one); a bf16 checkpoint loaded and saved as float32 must say float32
@@ -1018,8 +1036,16 @@ def test_dtype_auto_refuses_a_config_dtype_it_cannot_load_in(tmp_path, tiny, goo
     config = json.loads((folder / "config.json").read_text())
     config["torch_dtype"] = name
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InputError, match=f"dtype='auto': the checkpoint's dtype is {name!r}.*pass dtype="):
+    with pytest.raises(InputError, match=f"^dtype 'auto': the checkpoint's dtype is {name!r}.*; give dtype as one of "
+                                         ) as refused:
         InternVL.from_pretrained(folder, dtype="auto")
+    # the command line names its flag (it said "pass dtype=", a Python parameter, and offered 'auto' again)
+    from internvl_mpo.cli import flagged
+    from internvl_mpo.cli_chat import chat
+
+    shown = str(flagged(refused.value, chat))
+    assert shown.startswith(f"--dtype 'auto': the checkpoint's dtype is {name!r}")
+    assert "; give --dtype as one of b" in shown
 
 
 @pytest.mark.parametrize("shards", [1, 3])

@@ -608,6 +608,12 @@ def test_generate_refuses_a_line_s_own_constraint_or_setting_before_the_model_lo
         assert err == f"internvl-mpo generate: error: {requests}:1: field '{field}' is not read: a setting holds " \
                       f"every answer of a run, given on the command line ({flag}); answer each setting's lines in " \
                       "a run of their own\n", err
+    for field, value, said in [("num_segments", 2, "a video's 8 frames are sampled"),  # no flag sets them: ignored
+                               ("repetition_penalty", 1.2, "answers are decoded without a repetition penalty")]:
+        requests.write_text(json.dumps({"id": 1, "question": "Hi", field: value}) + "\n")
+        assert main(run) == 1
+        assert capsys.readouterr().err.startswith(
+            f"internvl-mpo generate: error: {requests}:1: field '{field}' is not read: {said}")
     requests.write_text(json.dumps({"id": 1, "question": "Hi", "regex": None, "choice": "A", "seed": None}) + "\n")
     assert main(run) == 1  # on to loading the (missing) model
     assert "is not read" not in capsys.readouterr().err
@@ -805,6 +811,9 @@ def test_chat_names_its_flags_on_the_command_line_and_its_parameters_in_python(f
                           (["--max-new-tokens", "2", "--min-new-tokens", "3"],
                            "--min-new-tokens must be in 0..--max-new-tokens (2), got 3"),
                           (["--repetition-penalty", "0"], "--repetition-penalty must be at least 1e-06"),
+                          (["--temperature", "1e39"], "--temperature must be at most 3.40282e+38 (the largest fp32 "
+                                                      "number), got 1e+39"),
+                          (["--repetition-penalty", "1e39"], "--repetition-penalty must be at most 3.40282e+38"),
                           (["--num-segments", "0"], "--num-segments must be at least 1, got 0")):
         assert main(["chat", "Hi", "--model", missing_model, *args]) == 1
         assert f"internvl-mpo chat: error: {message}" in capsys.readouterr().err
@@ -1993,3 +2002,23 @@ def test_an_unreadable_requests_file_is_one_line(folder, tmp_path, monkeypatch, 
     assert main(["generate", "--input", str(requests), "--output", str(tmp_path / "a.jsonl"), "--model",
                  str(folder)]) == 1
     assert capsys.readouterr().err == f"internvl-mpo generate: error: {requests}: cannot read it (Permission denied)\n"
+
+
+def test_a_finished_command_line_ignores_ctrl_c_while_its_process_ends(tmp_path):
+    """A Ctrl-C in the 0.6 s a finished command's process takes to end (torch's teardown) printed a KeyboardInterrupt
+    traceback, or turned its exit 0 into a kill. The command line's main() ignores SIGINT once it returns; main()
+    called with arguments (from Python) leaves the handler alone."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    Image.new("RGB", (60, 40)).save(tmp_path / "a.png")
+    args = ["tiles", str(tmp_path / "a.png"), "--output", str(tmp_path / "t.png")]
+    code = ("import signal, sys\n"
+            "from internvl_mpo.cli import main\n"
+            f"assert main({args!r}) == 0 and signal.getsignal(signal.SIGINT) is signal.default_int_handler\n"
+            f"sys.argv = ['internvl-mpo', *{args!r}]\n"
+            "print(main(), signal.getsignal(signal.SIGINT) is signal.SIG_IGN)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "0 True", done.stderr

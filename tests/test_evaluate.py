@@ -150,10 +150,10 @@ def test_a_rerun_removes_the_temporary_file_of_a_write_a_kill_cut_short(tmp_path
     data = write_bench(tmp_path / "data")
     out = tmp_path / "out"
     first = run_eval(data, FakeAnswerer(DIRECT), out, batch_size=1)
-    for name in ("predictions.jsonl.tmp", "score.json.tmp"):
+    for name in ("predictions.jsonl.tmp", "score.json.tmp", "download.tmp"):
         (out / name).write_text("cut short")
     assert run_eval(data, FakeAnswerer(DIRECT, fail=True), out) == first
-    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == ["download.tmp"]  # not the run's
 
 
 def test_a_rerun_after_a_kill_past_the_last_answer_writes_the_predictions_in_data_order(tmp_path):

@@ -821,3 +821,41 @@ def test_an_icon_holding_a_picture_over_the_limit_is_refused_before_decoding(tmp
         assert read_size(buffer.getvalue(), max_pixels=5000 if options["format"] == "ICO" else None) == Image.open(
             io.BytesIO(buffer.getvalue())).size  # the largest picture (an ICNS has larger ones made from it)
         assert load_image(buffer.getvalue(), max_num=1).shape[0] == 1
+
+
+class _Stream(io.RawIOBase):
+    """A file object that tells its position but cannot seek, as an HTTP response (urllib3's, requests' .raw)."""
+
+    def __init__(self, data: bytes):
+        self._data, self._at = data, 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        n = min(len(buffer), len(self._data) - self._at)
+        buffer[:n] = self._data[self._at : self._at + n]
+        self._at += n
+        return n
+
+    def tell(self):
+        return self._at
+
+
+def test_a_stream_that_cannot_seek_is_read_whole_and_its_icons_checked():
+    """The icon check read a stream's first bytes and could not put them back: a PNG from an HTTP response was "not
+    an image Pillow can read". Such a stream is read into memory first, as Image.open reads it, and checked."""
+    from internvl_mpo.errors import SettingError
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 10), "red").save(buffer, format="PNG")
+    assert open_image(_Stream(buffer.getvalue())).size == (20, 10)
+    assert read_size(_Stream(buffer.getvalue())) == (20, 10)
+    inner = png_header_only(10000, 9000)
+    ico = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(inner), 22) + inner
+    with pytest.raises(SettingError, match="10000x9000"):
+        read_size(_Stream(ico), max_pixels=1_000_000)
+    moved = io.BytesIO(ico)
+    moved.seek(5)  # Image.open reads a file object from its start, wherever it stands
+    with pytest.raises(SettingError, match="10000x9000"):
+        read_size(moved, max_pixels=1_000_000)

@@ -761,6 +761,25 @@ def test_an_img_context_in_a_continuation_fails_its_item_alone(tiny_model):
     assert texts[2] == generator.continue_prefix([jobs[2]])[0]
 
 
+def test_an_item_whose_images_do_not_fit_names_the_command_line_flag(tiny_model, tmp_path):
+    """pairs' per-item failure said "a smaller max_num gives fewer" (the Python parameter) where eval and generate
+    name --max-num."""
+    import shutil
+
+    from internvl_mpo.pipeline import InternVLChat
+
+    folder = tmp_path / "short"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["llm_config"]["max_position_embeddings"] = 100  # 4 image tokens a tile: 4 images of 7 tiles overflow it
+    (folder / "config.json").write_text(json.dumps(config))
+    Image.new("RGB", (336, 56), (200, 30, 30)).save(tmp_path / "wide.png")  # 6 tiles and the thumbnail
+    chat = InternVLChat.from_pretrained(folder, dtype="float32")
+    got = ModelGenerator(chat, PairSettings(samples=2, max_new_tokens=4)).sample(
+        [SampleJob("<image>\n" * 4 + "What?", (str(tmp_path / "wide.png"),) * 4, (1, 2))])[0]
+    assert isinstance(got, InputError) and "a smaller --max-num gives fewer" in str(got), got
+
+
 def test_engine_sampler_equals_chat_with_the_same_seed(tiny_model, tmp_path):
     from internvl_mpo.pipeline import InternVLChat
 

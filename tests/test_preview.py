@@ -159,8 +159,9 @@ def test_cli_tiles_on_a_full_disk_is_one_line(tmp_path, capsys):
         resource.setrlimit(resource.RLIMIT_FSIZE, before)
     err = capsys.readouterr().err
     assert code != 0 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].endswith(f"error: {tmp_path / 't.png'}: saving failed ([Errno 27] File too "
-                                                 "large); no picture was written; give --output a path where one can be")
+    assert err.strip().splitlines()[-1].endswith(
+        f"error: {tmp_path / 't.png'}: saving failed ([Errno 27] File too large); no picture was written; give "
+        "--output a path where one can be")
 
 
 def test_png_for_more_tiles_than_the_picture_can_show(tmp_path):

@@ -321,6 +321,24 @@ def test_fields_of_the_wrong_type_are_400s_naming_them_even_when_they_read_as_fa
         assert e.value.param == "add_generation_prompt"
 
 
+def test_a_turn_of_several_user_messages_puts_all_its_images_in_front_as_chat_does():
+    """Each message of a turn was written on its own (images, a newline, its text) and the messages joined by
+    newlines: an image-only message then the question gave "<image>\n\nWhat?" and an image sent after the question
+    went after it, where chat() writes "<image>\nWhat?"."""
+    image = {"type": "image_url", "image_url": {"url": "data:,"}}
+
+    def question(*contents) -> str:
+        return parse_chat_request({"messages": [{"role": "user", "content": c} for c in contents]},
+                                  ServerSettings()).question
+
+    assert question([image], "What differs?") == "<image>\nWhat differs?"
+    assert question("What differs?", [image]) == "<image>\nWhat differs?"
+    assert question([image], [image], [{"type": "text", "text": "What differs?"}]) == (
+        "Image-1: <image>\nImage-2: <image>\nWhat differs?")
+    assert question([image, {"type": "text", "text": "A"}], "B") == "<image>\nA\nB"
+    assert question([image]) == "<image>\n"  # an image alone: an empty question, as before
+
+
 def test_consecutive_messages_of_one_role_are_joined_without_copying_each_again():
     """One turn of k messages was built by k concatenations, each copying the turn so far: 300,000 one-line
     messages (a 10 MB body) held the event loop for 16 s, 100-character ones for minutes. Every `+` on the
@@ -2177,6 +2195,9 @@ def test_a_remote_image_url_with_non_ascii_characters_is_fetched_percent_encoded
         for path, sent in (("/Café 1.png?q=é", "/Caf%C3%A9%201.png?q=%C3%A9"), ("/a%20b.png", "/a%20b.png")):
             assert image_bytes(base + path, "image", settings) == image
             assert seen[-1] == sent
+        for control in ("\n", "\t"):  # urlsplit would drop them (fetching another path): refused as urllib refuses them
+            with pytest.raises(ApiError, match="can't contain control characters"):
+                image_bytes(f"{base}/a{control}b.png", "image", settings)
     finally:
         httpd.shutdown()
         httpd.server_close()

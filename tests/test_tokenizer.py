@@ -162,6 +162,11 @@ def test_stream_decoder_takes_one_id_of_any_integer_type(vocab_dir):
         assert "".join(decoder.feed(convert(i)) for i in ids) + decoder.flush() == ours.decode(ids)
     with pytest.raises(TypeError):
         ours.stream_decoder().feed(1.5)
+    # a tensor's items are 0-d tensors, which hash by identity: the special tokens among them were not skipped
+    with_end = ours.encode("熊猫<|im_end|>")
+    for ids in (torch.tensor(with_end), list(torch.tensor(with_end))):
+        decoder = ours.stream_decoder()
+        assert decoder.feed(ids) + decoder.flush() == "熊猫"
 
 
 @pytest.mark.parametrize("name, content, problem", [

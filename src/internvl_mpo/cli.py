@@ -17,6 +17,7 @@ import functools
 import importlib
 import inspect
 import os
+import signal
 import sys
 import types
 import typing
@@ -152,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141
+    finally:
+        if argv is None:  # the command line's process, which ends now: a Ctrl-C in its teardown (torch's, 0.6 s)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # printed a traceback, or turned a success into a kill
 
 
 def _main(argv: list[str] | None) -> int:

@@ -644,6 +644,9 @@ LINE_CONSTRAINTS = {"json_mode": "--json-mode", "json_schema": "--json-schema FI
 LINE_SETTINGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "seed": "--seed",
                  "do_sample": "--temperature", "max_new_tokens": "--max-new-tokens", "max_tokens": "--max-new-tokens",
                  "min_new_tokens": "--min-new-tokens", "min_tokens": "--min-new-tokens", "max_num": "--max-num"}
+# a line's setting that generate keeps at one value (chat() reads them): what it does instead
+LINE_FIXED = {"num_segments": "a video's 8 frames are sampled (the model card's num_segments)",
+              "repetition_penalty": "answers are decoded without a repetition penalty (1.0)"}
 
 
 def _read_requests(path: Path) -> list[dict]:
@@ -660,6 +663,8 @@ def _read_requests(path: Path) -> list[dict]:
                 raise InputError(f"{where}: field {key!r} is not read: a constraint holds every answer of a run, "
                                  f"given on the command line ({LINE_CONSTRAINTS.get(key, '--choice')}); answer each "
                                  "constraint's lines in a run of their own")
+            if value is not None and key in LINE_FIXED:
+                raise InputError(f"{where}: field {key!r} is not read: {LINE_FIXED[key]}")
             if value is not None and key in LINE_SETTINGS:
                 raise InputError(f"{where}: field {key!r} is not read: a setting holds every answer of a run, given "
                                  f"on the command line ({LINE_SETTINGS[key]}); answer each setting's lines in a run "

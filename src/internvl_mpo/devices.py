@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, SettingError
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -31,9 +31,9 @@ def parse_dtype(dtype, device: torch.device, auto: str | None = None) -> torch.d
     if dtype == "auto":
         if auto is None:
             return torch.float32
-        if str(auto).lower() not in _DTYPES:
-            raise InputError(f"dtype='auto': the checkpoint's dtype is {auto!r}, which this does not load in; pass "
-                             f"dtype= ({_DTYPE_CHOICES.removeprefix('use ')})")
+        if str(auto).lower() not in _DTYPES:  # named as its reader knows it: dtype= in Python, --dtype in a command
+            raise SettingError("", "dtype", f" 'auto': the checkpoint's dtype is {auto!r}, which this does not load "
+                               "in; give ", "dtype", f" as one of {', '.join(sorted(_DTYPES))} (or their torch dtypes)")
         return _DTYPES[str(auto).lower()]
     try:
         return _DTYPES[str(dtype).lower()]

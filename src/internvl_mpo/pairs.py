@@ -665,8 +665,10 @@ class ModelGenerator:
             try:
                 prepared = self.chat.prepare(job.question, list(job.images) or None, max_num=self.settings.max_num,
                                              max_pixels=self.max_pixels)
-            except InputError as e:  # a prompt longer than the context: this job fails alone
-                out[j] = e
+            except InputError as e:  # a prompt longer than the context: this job fails alone, naming pairs' flags
+                from internvl_mpo.cli import flagged
+
+                out[j] = flagged(e, pairs)
                 continue
             vit_embeds = None
             if prepared.pixel_values is not None:

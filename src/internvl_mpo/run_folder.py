@@ -125,9 +125,9 @@ def hold_output(path: Path, identity: dict, writes: Sequence[str], kind: tuple[s
         print(no_lock_note(path), file=sys.stderr)
     with lock or contextlib.nullcontext():
         check_settings(path / "settings.json", identity, writes)  # under the lock: no run records others meanwhile
-        for tmp in path.glob("*.tmp"):  # what `atomic_write` of a killed run left (a rerun need not write that file)
-            if tmp.is_file():
-                tmp.unlink()
+        with writing(path, "nothing was asked yet"):  # what `atomic_write` of a killed run left, which a rerun
+            for name in ("settings.json", *writes):   # need not write again (its other files it writes again)
+                (path / f"{name}.tmp").unlink(missing_ok=True)
         yield
 
 

@@ -193,7 +193,7 @@ class StreamDecoder:
         if not isinstance(ids, Iterable) or getattr(ids, "ndim", None) == 0:  # an int, a NumPy or 0-d torch integer
             ids = (operator.index(ids),)
         parts = []
-        for i in ids:
+        for i in map(operator.index, ids):  # a tensor's 0-d items hash by identity: none would be a special id
             if self._skip_special and self._tokenizer.is_special(i):
                 continue
             data = self._tokenizer.token_bytes(i)

@@ -21,6 +21,7 @@ from .regex import Regex, RegexError, choice_pattern, compile_regex
 # temperature) overflows fp32 to inf and sampling gives NaN; from 1e-6 up, logits up to 1e4 divided by
 # it and by the smallest temperature (1e-5) stay below 1e16, and a repeat is already all but certain.
 MIN_REPETITION_PENALTY = 1e-6
+FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 MAX_LOGIT_BIAS = 100  # OpenAI's range for a bias, -100..100: -100 bans a token in practice, 100 forces it
 MAX_TOP_LOGPROBS = 20  # log-probabilities of the most likely tokens, per token (OpenAI's top_logprobs: 0..20)
 
@@ -115,6 +116,10 @@ class SamplingParams:
         if self.repetition_penalty < MIN_REPETITION_PENALTY:
             raise SettingError("", "repetition_penalty", f" must be at least {MIN_REPETITION_PENALTY:g} (smaller ones "
                                f"overflow the fp32 logits they divide), got {self.repetition_penalty}")
+        for name in ("temperature", "repetition_penalty"):  # the engine holds them in fp32 tensors
+            if getattr(self, name) > FP32_MAX:
+                raise SettingError("", name, f" must be at most {FP32_MAX:.6g} (the largest fp32 number), got "
+                                   f"{getattr(self, name)}")
         for name in ("temperature", "top_p", "repetition_penalty"):  # numpy.float32: torch refuses it in a tensor
             object.__setattr__(self, name, float(getattr(self, name)))
 

@@ -224,31 +224,39 @@ def _embedded_size(data: bytes, bmp: bool) -> tuple[int, int] | None:
         height, width = struct.unpack(">II", data[at + 4 : at + 12])
         return width, height
     if bmp and len(data) >= 12 and struct.unpack("<I", data[:4])[0] in (12, 40, 52, 56, 108, 124):  # a DIB header
-        width, height = struct.unpack("<HH", data[4:8]) if data[:4] == b"\x0c\0\0\0" else struct.unpack("<ii", data[4:12])
+        core = data[:4] == b"\x0c\0\0\0"  # the old BITMAPCOREHEADER: 16-bit sizes
+        width, height = struct.unpack("<HH", data[4:8]) if core else struct.unpack("<ii", data[4:12])
         return abs(width), abs(height) // 2  # an icon's BMP counts its mask's rows too
     return None
 
 
+def _rewound(fp: BinaryIO) -> BinaryIO:
+    """`fp` at its start, where `Image.open` reads a file object from; one that cannot seek (an HTTP response) read
+    into memory, as `Image.open` reads it."""
+    try:
+        fp.seek(0)
+        return fp
+    except (AttributeError, io.UnsupportedOperation):
+        return io.BytesIO(fp.read())
+
+
 def _check_icon_pictures(fp: BinaryIO, name: str, max_pixels: int | None) -> None:
-    """Refuse an ICO or ICNS file holding a picture over the limit, from the pictures' own headers. Pillow takes
+    """Refuse an ICO or ICNS file (`fp` at its start, seekable) holding a picture over the limit, from the pictures'
+    own headers. Pillow takes
     their sizes from the directory, which says 256x256 at most, and decodes the picture whatever it holds (ICO
     while it opens the file, in `Image.open`): a 0.7 MB icon held a 13000x13000 PNG (650 MB once decoded)."""
-    try:
-        start = fp.tell()
-    except (OSError, ValueError, AttributeError):  # not seekable: Pillow reads it as it can
-        return
     try:
         head = fp.read(8)
         pictures = []  # where each embedded picture starts
         if head[:4] == b"\0\0\1\0":  # ICO: a directory of 16-byte entries (size and offset last)
             count = struct.unpack("<H", head[4:6])[0]
-            fp.seek(start + 6)
+            fp.seek(6)
             entries = fp.read(16 * count)
             pictures = [struct.unpack("<I", entries[i + 12 : i + 16])[0] for i in range(0, len(entries) - 15, 16)]
         elif head[:4] == b"icns":  # ICNS: blocks of a 4-byte type and a 4-byte length (header included)
             end, at = struct.unpack(">I", head[4:8])[0], 8
             while at + 8 <= end and len(pictures) < 1000:
-                fp.seek(start + at)
+                fp.seek(at)
                 block = fp.read(8)
                 length = struct.unpack(">I", block[4:8])[0] if len(block) == 8 else 0
                 if length < 8:
@@ -257,12 +265,12 @@ def _check_icon_pictures(fp: BinaryIO, name: str, max_pixels: int | None) -> Non
                 at += length
         sizes = []
         for offset in pictures:
-            fp.seek(start + offset)
+            fp.seek(offset)
             sizes.append(_embedded_size(fp.read(200), bmp=head[:4] != b"icns"))
-        fp.seek(start)
+        fp.seek(0)
     except (OSError, ValueError, struct.error):  # cut short: Pillow says what is wrong
         with contextlib.suppress(OSError, ValueError):
-            fp.seek(start)
+            fp.seek(0)
         return
     for size in sizes:
         if size is not None:
@@ -270,7 +278,12 @@ def _check_icon_pictures(fp: BinaryIO, name: str, max_pixels: int | None) -> Non
 
 
 def _open_pil(src: BinaryIO | bytes | bytearray, name: str, max_pixels: int | None) -> Image.Image:
-    fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src
+    try:
+        fp = _rewound(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
+    except MemoryError:
+        raise
+    except _DECODE_ERRORS as e:  # what Image.open would have raised reading it (a tar stream seeking back, say)
+        raise InputError(f"{name}: cannot read image header: {e}") from None
     _check_icon_pictures(fp, name, max_pixels)
     try:
         # Pillow's warnings (a cut TIFF's "Corrupt EXIF data", two lines naming Pillow's source) are held: shown for

@@ -170,6 +170,8 @@ def _quoted(url: str) -> str:
     """`url` with the characters a request line cannot carry (non-ASCII ones as their UTF-8 bytes, spaces, controls)
     percent-encoded in its path, query and fragment, as requests and browsers send them; escapes and the characters
     URLs reserve are kept, and the host is left to the resolver (an international name goes out as IDNA)."""
+    if any(ord(c) < 32 or c == "\x7f" for c in url):  # urlsplit would drop tabs and newlines: urllib refuses them
+        return url
     parts = urllib.parse.urlsplit(url)
     safe = "!#$%&'()*+,/:;=?@[]~"
     return urllib.parse.urlunsplit(parts._replace(**{name: urllib.parse.quote(getattr(parts, name), safe)

@@ -160,17 +160,28 @@ def _plain_text(text: str, param: str, role: str) -> str:
     return text
 
 
-def _content_text(content, param: str, role: str, images: list[tuple[str, str]],
-                  videos: list[tuple[str, str]] | None = None) -> str:
-    """The text of one message, an `<image>` line for each image part in front of its text parts, whatever the
-    parts' order, as the model card puts images and vLLM a message's placeholders (their URLs appended to
-    `images`); text parts are joined by newlines. A video part (vLLM's `video_url`) adds its URL to `videos`
-    and nothing to the text: its frames' lines go in front of the question (`prompts._video_prompt`)."""
+def _content_text(content, param: str, role: str, images: list[tuple[str, str]]) -> str:
+    """The text of one message (`_turn_text` of its `_content_parts`)."""
+    return _turn_text(*_content_parts(content, param, role, images))
+
+
+def _turn_text(image_count: int, pieces: list[str]) -> str:
+    """An `<image>` line for each image of a turn in front of its text pieces, joined by newlines: whatever the
+    order of the parts (and of the messages of one role read as one turn), as the model card puts images in front
+    of the question and vLLM a message's placeholders."""
+    return "\n".join([IMAGE_PLACEHOLDER] * image_count + ["\n".join(pieces)])
+
+
+def _content_parts(content, param: str, role: str, images: list[tuple[str, str]],
+                   videos: list[tuple[str, str]] | None = None) -> tuple[int, list[str]]:
+    """(the number of image parts, the text parts) of one message's content; the image parts' URLs are appended to
+    `images`. A video part (vLLM's `video_url`) adds its URL to `videos` and nothing to the text: its frames'
+    lines go in front of the question (`prompts._video_prompt`)."""
     if isinstance(content, str):
-        return _plain_text(content, param, role)
+        return 0, [_plain_text(content, param, role)]
     if not isinstance(content, list):
         raise ApiError(400, f"{param} must be a string or a list of content parts", param)
-    placeholders, pieces = [], []
+    image_count, pieces = 0, []
     for k, part in enumerate(content):
         where = f"{param}[{k}]"
         kind = part.get("type") if isinstance(part, dict) else None
@@ -195,12 +206,12 @@ def _content_text(content, param: str, role: str, images: list[tuple[str, str]],
                 raise ApiError(400, f"{where}.image_url.detail must be one of {', '.join(IMAGE_DETAILS)}, got "
                                     f"{json.dumps(image['detail'])[:80]}", f"{where}.image_url.detail")
             images.append((f"{where}.image_url", _unicode(url, f"{where}.image_url")))
-            placeholders.append(IMAGE_PLACEHOLDER)
+            image_count += 1
         else:
             video = " or {'type': 'video_url', 'video_url': {'url': ...}}" if role == "user" else ""
             raise ApiError(400, f"{where}: content parts must be {{'type': 'text', 'text': ...}} or "
                                 f"{{'type': 'image_url', 'image_url': {{'url': ...}}}}{video}", where)
-    return "\n".join(placeholders + ["\n".join(pieces)])
+    return image_count, pieces
 
 
 def _refusal(message: dict, param: str) -> str:
@@ -263,24 +274,25 @@ def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], list[tup
             raise ApiError(400, f"{param}.tool_calls must be a list of calls, got {json.dumps(calls)[:80]}",
                            f"{param}.tool_calls")
         if calls:
-            text = _tool_calls_text(message, param, images)
+            image_count, pieces = 0, [_tool_calls_text(message, param, images)]
         elif role == "assistant" and message.get("content") is None:  # a refusal as OpenAI sends one, or no text
-            text = _refusal(message, param)
+            image_count, pieces = 0, [_refusal(message, param)]
         else:
-            text = _content_text(message.get("content"), f"{param}.content", role, images,
-                                 videos if role == "user" else None)
+            image_count, pieces = _content_parts(message.get("content"), f"{param}.content", role, images,
+                                                 videos if role == "user" else None)
         if role == "tool":
             if not isinstance(message.get("tool_call_id"), str):
                 raise ApiError(400, f"{param}.tool_call_id must be a string (the id of the call it answers), got "
                                     f"{json.dumps(message.get('tool_call_id'))[:80]}", f"{param}.tool_call_id")
             role = "user"
-        if turns and turns[-1][0] == role:  # consecutive messages of one role read as one turn
-            turns[-1][1].append(text)  # joined once below: adding each to the turn so far is quadratic
+        if turns and turns[-1][0] == role:  # consecutive messages of one role read as one turn: its images in front
+            turns[-1][1] += image_count
+            turns[-1][2].extend(pieces)  # joined once below: adding each to the turn so far is quadratic
         else:
-            turns.append((role, [text]))
+            turns.append([role, image_count, pieces])
         if len(videos) > count:
             video_turn = len(turns) - 1
-    turns = [(role, "\n".join(texts)) for role, texts in turns]
+    turns = [(role, _turn_text(image_count, pieces)) for role, image_count, pieces in turns]
     if not turns or turns[0][0] != "user" or turns[-1][0] != "user":
         raise ApiError(400, "the conversation must start and end with a user message (after an optional "
                             "system message)", "messages")
