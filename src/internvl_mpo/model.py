@@ -321,9 +321,9 @@ class InternVL(nn.Module):
                              "not be loaded, so nothing was written")
         broken = [key for key in both if not bool(torch.isfinite(state[key]).all())]
         if broken:  # what a cast to fp16 makes of weights past its range; the loader refuses them (a diverged run)
-            raise InputError(f"the model's weights hold NaN or inf values ({', '.join(broken[:3])}"
-                             f"{', ...' if len(broken) > 3 else ''}); a checkpoint of them would not load, so nothing was "
-                             "written")
+            shown = ", ".join(broken[:3]) + (", ..." if len(broken) > 3 else "")
+            raise InputError(f"the model's weights hold NaN or inf values ({shown}); a checkpoint of them would not "
+                             "load, so nothing was written")
 
     def _save_into(self, folder: Path, max_shard_size: int | str) -> None:
         from . import checkpoint, companions
