@@ -542,26 +542,10 @@ def test_prompts_fetching_from_a_slow_image_host_do_not_hold_up_other_requests(s
     """Prompts were built (remote images fetched) on the pool of 40 threads that also reads every request's body:
     40 requests waiting on a slow image host held up a text-only completion until their fetches ended. Prompts
     have threads of their own now, one per request in progress."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from starlette.testclient import TestClient
 
-    release, arrived, image = threading.Event(), [], png(28, 28)
-
-    class Slow(BaseHTTPRequestHandler):
-        def do_GET(self):
-            arrived.append(self.path)
-            release.wait(120)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(image)))
-            self.end_headers()
-            self.wfile.write(image)
-
-        def log_message(self, *args):
-            pass
-
-    host = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    threading.Thread(target=host.serve_forever, daemon=True).start()
+    release, arrived = threading.Event(), []
+    host = image_server(png(28, 28), lambda path: (arrived.append(path), release.wait(120)))
     serve(model=str(server[1]), port=0, device="cpu", max_batch=4, max_len=1024, allow_remote_images=True,
           allow_private_image_hosts=True, image_timeout=120.0)
     url = f"http://127.0.0.1:{host.server_port}/slow.png"
@@ -2143,12 +2127,15 @@ def test_a_remote_image_that_trickles_in_is_cut_off_at_the_image_timeout():
         httpd.server_close()
 
 
-def image_server(image: bytes):
-    """An HTTP server on 127.0.0.1 that serves `image` at any path, and redirects /to/<url> to <url>."""
+def image_server(image: bytes, on_request=None):
+    """An HTTP server on 127.0.0.1 that serves `image` at any path, and redirects /to/<url> to <url>;
+    `on_request(path)` is called first with each request's path, as sent."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
+            if on_request is not None:
+                on_request(self.path)
             if self.path.startswith("/to/"):
                 self.send_response(302)
                 self.send_header("Location", self.path.removeprefix("/to/"))
@@ -2172,23 +2159,8 @@ def test_a_remote_image_url_with_non_ascii_characters_is_fetched_percent_encoded
     """urllib sends the URL as given, and a request line is ASCII: http://host/Café.png was a 400 ("'ascii' codec
     can't encode character"). Its path and query go out percent-encoded as UTF-8, as requests (vLLM's fetcher)
     sends them; escapes already there are kept."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     image, seen = png(56, 56), []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            seen.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(image)))
-            self.end_headers()
-            self.wfile.write(image)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    httpd = image_server(image, seen.append)
     settings = ServerSettings(allow_remote_images=True, allow_private_image_hosts=True, image_timeout=60.0)
     try:
         base = f"http://127.0.0.1:{httpd.server_port}"
