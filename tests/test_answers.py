@@ -351,6 +351,9 @@ def test_one_as_a_pronoun_is_no_count():
         ("True", True), ("false", False), ("There is no dog in the image.", False),
         ("是", True), ("是的", True), ("否", False), ("不是", False), ("对", True), ("不对", False),
         ("maybe", None), ("yes and no", None),
+        # a leading verdict word yields to the yes or no the answer says (it read "Correct answer: no." as yes)
+        ("Correct answer: no.", False), ("Incorrect assumption, yes there is a cat.", True), ("Correct.", True),
+        ("Incorrect.", False), ("true or false: no", False),
     ],
 )
 def test_parse_yes_no(text, expected):

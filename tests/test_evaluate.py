@@ -588,7 +588,8 @@ def test_a_tsv_whose_cells_do_not_fit_its_header_is_refused_naming_the_row_or_co
         ("index\tquestion\tanswer\tanswer\n1\tq?\t2\t3\n", "column 'answer' appears more than once in the header"),
         (header + "1\tWhich?\tred\tblue\tA\n2\tWhich?\tred\tA\n", ":row 3: 4 cells, but the header has 5 columns"),
         (header + "1\tWhich?\tred\tblue\tA\tB\n", ":row 2: 6 cells, but the header has 5 columns"),
-        (header + '1\t"Which?\tred\tblue\tA\n2\tWhich?\tred\tblue\tA\n', ":row 2: 2 cells"),  # a quote opens a cell
+        (header + '1\t"Which?\tred\tblue\tA\n2\tWhich?\tred\tblue\tA\n',  # a quote opens a cell, never closed
+         r": not a readable TSV \(unexpected end of data"),
     ]:
         (tmp_path / "bad.tsv").write_text(text, encoding="utf-8")
         with pytest.raises(InputError, match=rf"^{re.escape(str(tmp_path / 'bad.tsv'))}{'' if text.startswith(header) else ': '}"
@@ -969,3 +970,30 @@ def test_eval_interrupted_says_what_is_kept_and_the_rerun_resumes(tiny_model, tm
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 1
     assert main(args + ["--no-progress"]) == 0
     assert len((out / "predictions.jsonl").read_text().splitlines()) == len(BENCH)
+
+
+def test_benchmark_files_vlmevalkit_tools_write_are_read_or_refused_by_name(tmp_path):
+    """A quote opened in a TSV cell and never closed took every later row into that cell (1 question read of 3; pandas
+    refuses the file); a JSONL row written from a VLMEvalKit table (choices as "A", "B" fields) lost its choices, and
+    its NaN hint or options became the text "nan"; base64 wrapped in lines of 76 (base64.encodebytes) was refused."""
+    tsv = tmp_path / "q.tsv"
+    tsv.write_text("index\tquestion\tA\tB\tanswer\tcategory\n1\tWhich is red?\tapple\tsky\tA\t\"fruit\n"
+                   "2\tWhich is blue?\tapple\tsky\tB\tcolour\n")
+    with pytest.raises(InputError, match=r"q.tsv: not a readable TSV \(unexpected end of data; a quote opened"):
+        read_benchmark(tsv)
+    jsonl = tmp_path / "q.jsonl"
+    for row, message in [({"A": "apple", "B": "sky"}, r"q.jsonl:1: field 'A' is not read: give the choices as "),
+                         ({"hint": float("nan"), "options": ["apple", "sky"]}, "field 'hint' must be a finite"),
+                         ({"options": {"A": "apple", "B": float("nan")}}, "field \"options\\['B'\\]\" must be a finite"),
+                         ({"options": ["apple", float("nan")]}, "field 'options\\[1\\]' must be a finite")]:
+        jsonl.write_text(json.dumps({"id": 1, "question": "Which is a fruit?", "answer": "A", **row}) + "\n")
+        with pytest.raises(InputError, match=message):
+            read_benchmark(jsonl)
+    buffer = io.BytesIO()
+    Image.new("RGB", (30, 20), "red").save(buffer, format="PNG")
+    wrapped = base64.encodebytes(buffer.getvalue()).decode()  # newlines every 76 characters: quoted in the cell
+    with tsv.open("w", newline="") as f:
+        csv.writer(f, delimiter="\t").writerows([["index", "question", "answer", "image"],
+                                                 ["1", "Is it red?", "yes", wrapped]])
+    (item,) = read_benchmark(tsv)
+    assert item.images == (buffer.getvalue(),)

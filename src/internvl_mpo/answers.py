@@ -271,6 +271,7 @@ _SHORT_ANSWER_WORDS = 5
 REL_TOL = 1e-3  # numbers that are not whole match within 0.1%, the official `math_score` tolerance
 _YES = {"yes", "true", "correct", "yeah", "yep"}
 _NO = {"no", "false", "incorrect", "nope"}
+_VERDICTS = {"true", "false", "correct", "incorrect"}  # a leading one decides only where no yes or no follows
 _ARTICLES = {"a", "an", "the"}
 # Chinese yes/no by how the answer starts, checked in this order: hedges ("maybe", "cannot tell"), yes
 # that starts like a no (没错, "not wrong"), no, yes (有/没有 answer "is there ...?").
@@ -517,10 +518,10 @@ def parse_yes_no(text: str) -> bool | None:
     """True for yes, False for no, None when neither or both is said.
 
     Chinese 是/对/正确/有/没错 and 否/不是/不对/错/没有 at the start (a hedge such as 可能, 无法确定 or
-    不确定 there is neither); else a leading yes/no/true/false/correct/
-    incorrect word; else `YOrN_Extraction`'s rule ("yes" without "no" or the reverse). A yes or no word negated
-    ("not yes", "isn't true") is neither, and so is an answer that hedges (`_HEDGE`: "no idea", "not sure") where it
-    does not start with yes or no."""
+    不确定 there is neither); else a leading yes/no word, or a leading true/false/correct/incorrect one where the
+    answer says neither yes nor no ("Correct answer: no." is a no); else `YOrN_Extraction`'s rule ("yes" without
+    "no" or the reverse). A yes or no word negated ("not yes", "isn't true") is neither, and so is an answer that
+    hedges (`_HEDGE`: "no idea", "not sure") where it does not start with yes or no."""
     s = unicodedata.normalize("NFKC", text).strip().strip("*").strip().casefold()
     if s.startswith(_CN_HEDGES):
         return None
@@ -543,6 +544,8 @@ def parse_yes_no(text: str) -> bool | None:
     if said_yes and said_no:
         return None
     if words and words[0] in _YES | _NO:
+        if words[0] in _VERDICTS and said_yes != said_no:  # "Correct answer: no." says no, as YOrN_Extraction reads it
+            return said_yes
         return words[0] in _YES
     return True if said_yes else False if said_no else None
 

@@ -168,6 +168,14 @@ def _read_jsonl(path: Path, max_pixels: int | None) -> list[BenchItem]:
         for key in ("hint", "category"):  # a list or an object would go into the prompt or score.json as its repr
             if row.get(key) is not None and (isinstance(row[key], bool) or not isinstance(row[key], (str, int, float))):
                 raise InputError(f"{where}: field {key!r} must be a string, got {row[key]!r:.80}")
+            refuse_non_finite(row.get(key), key, where)  # NaN (pandas' empty cell) would be the text "nan"
+        options = row.get("options")
+        for key, value in (options.items() if isinstance(options, dict) else enumerate(options or [])):
+            refuse_non_finite(value, f"options[{key!r}]", where)
+        letters = [k for k in ("A", "B") if k in row]  # a VLMEvalKit row written as JSON: its choices as columns
+        if letters and options is None:
+            raise InputError(f"{where}: field {letters[0]!r} is not read: give the choices as \"options\": "
+                             '{"A": ..., "B": ...} (or a list)')
         image = row.get("image") or []
         names = [image] if isinstance(image, str) else image
         if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
@@ -195,7 +203,10 @@ def _tsv_rows(path: Path) -> list[dict[str, str]]:
     previous = csv.field_size_limit()
     csv.field_size_limit(2**31 - 1)  # base64 images exceed the 128 kB default
     try:
-        rows = [row for row in csv.reader(io.StringIO(text, newline=""), delimiter="\t") if row]
+        # strict: a quote opened in a cell and never closed took every row after it into that cell without a word
+        rows = [row for row in csv.reader(io.StringIO(text, newline=""), delimiter="\t", strict=True) if row]
+    except csv.Error as e:  # as pandas (VLMEvalKit's reader) refuses it: "EOF inside string"
+        raise InputError(f"{path}: not a readable TSV ({e}; a quote opened in a cell and never closed?)") from None
     finally:
         csv.field_size_limit(previous)
     if not rows:
@@ -241,7 +252,7 @@ def _read_tsv(path: Path, max_pixels: int | None) -> list[BenchItem]:
         images = []
         if cell:
             try:
-                images.append(base64.b64decode(cell, validate=True))
+                images.append(base64.b64decode("".join(cell.split()), validate=True))  # lines of 76 as encodebytes
             except (binascii.Error, ValueError):
                 raise InputError(f"{where}: the image is not valid base64") from None
         check_images(images, where, checked, max_pixels)
