@@ -984,7 +984,7 @@ def test_benchmark_files_vlmevalkit_tools_write_are_read_or_refused_by_name(tmp_
     jsonl = tmp_path / "q.jsonl"
     for row, message in [({"A": "apple", "B": "sky"}, r"q.jsonl:1: field 'A' is not read: give the choices as "),
                          ({"hint": float("nan"), "options": ["apple", "sky"]}, "field 'hint' must be a finite"),
-                         ({"options": {"A": "apple", "B": float("nan")}}, "field \"options\\['B'\\]\" must be a finite"),
+                         ({"options": {"A": "apple", "B": float("nan")}}, "\"options\\['B'\\]\" must be a finite"),
                          ({"options": ["apple", float("nan")]}, "field 'options\\[1\\]' must be a finite")]:
         jsonl.write_text(json.dumps({"id": 1, "question": "Which is a fruit?", "answer": "A", **row}) + "\n")
         with pytest.raises(InputError, match=message):
