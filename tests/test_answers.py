@@ -189,6 +189,9 @@ OPTIONS = {"A": "a dog", "B": "a cat", "C": "a horse", "D": "Vitamin C"}
         ("I think it is a horse.", "C"),
         ("A or B, hard to say", None),
         ("none of these", None),
+        # a letter stated as the answer beats a leading letter or an option named after it (they read A, B, D)
+        ("(A) is wrong, so the answer is (C).", "C"), ("The answer is C; option B is wrong.", "C"),
+        ("So the answer is C. (Option D is a fish.)", "C"), ("(B) The answer is B", "B"),
     ],
 )
 def test_parse_choice(text, expected):

@@ -102,6 +102,7 @@ _STATED_LETTER = re.compile(
     r"|(?:答案|选项|选择|选)\s*(?:是|为|应为|应该是)?\s*[:：]?\s*(?:选项)?)"
     r"\s*[(\[（]?([A-Z])(?![A-Za-z])"
 )
+_ANSWER_WORD = re.compile(r"(?i:answer)|答案")  # a stated letter that says it is the answer, not an option named
 # A negated letter ("not A", "isn't (B)", "不是A") is no pick: parse_choice drops it, keeping the word.
 _NEGATED_LETTER = re.compile(
     r"(\b(?i:not|never)\s+(?i:option\s+|choice\s+)?|n't\s+(?i:option\s+)?|不是\s*(?:选项)?)[(\[（]?[A-Z][)\]）]?(?![A-Za-z])"
@@ -437,8 +438,9 @@ def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = 
     In order: a bare letter ("B", "(b)", "B."); the text of exactly one option. Then a negated letter
     ("not A", "isn't B", "不是A") is dropped, an "A" right before another option's text is the article
     ("A cat" names option "cat"), and an answer that copies two or more options with their letters ("A.
-    a dog B. a cat") picks none. Then: a leading letter with a bracket or mark ("B) ...", "(B) ...", "B.
-    ..."); a stated letter ("The answer is B", "option (C)", "答案是C", the last one wins),
+    a dog B. a cat") picks none. Then: a letter stated as the answer ("The answer is B", "答案是C", the last one
+    wins); a leading letter with a bracket or mark ("B) ...", "(B) ...", "B. ..."); a letter named otherwise
+    ("option (C)", "选项C", the last one wins),
     none of the two when another letter follows it in a list ("A, B", "A or C"); VLMEvalKit's rule of one valid letter
     standing alone; the one option that is the answer's number ("2.0" names option "2"); else VLMEvalKit's rule
     of one option text contained (a numeric one not inside a longer number). Without options, letters A-N except
@@ -459,11 +461,14 @@ def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = 
             text = re.sub(rf"(?<![A-Za-z])A(?=\s+(?i:{re.escape(option.strip())})(?![A-Za-z]))", "a", text)
     if len(_listed_options(text, opts)) > 1:  # the options list copied back
         return None
+    stated = [m for m in _STATED_LETTER.finditer(text) if m.group(1) in letters]
+    answered = [m for m in stated if _ANSWER_WORD.search(m.group(0))]  # "the answer is C" beats "(A) is wrong, ..."
+    if answered:
+        return _unless_listed(text, answered[-1].group(1), answered[-1].end(), letters)
     leading = _LEADING_LETTER.match(text)
     if leading and (leading.group(1) or leading.group(2)) in letters:
         group = 1 if leading.group(1) else 2
         return _unless_listed(text, leading.group(group), leading.end(group), letters)
-    stated = [m for m in _STATED_LETTER.finditer(text) if m.group(1) in letters]
     if stated:
         return _unless_listed(text, stated[-1].group(1), stated[-1].end(), letters)
     alone = {t for t in re.findall(r"[A-Za-z]+", text) if t in letters}
