@@ -238,6 +238,33 @@ def test_two_processes_match_one_on_the_same_global_batch(setup):
     assert {p.name for p in saved.glob("rank*.json")} == {"rank0.json", "rank1.json"}
 
 
+def test_ddp_trains_a_model_whose_select_layer_leaves_vit_layers_unrun(setup):
+    """The ViT layers after select_layer (-2 in a config) get no gradient: DDP waited for theirs, so step 1's gradients
+    were not averaged (the weights were rank 0's alone) and step 2 raised "Expected to have finished reduction in the
+    prior iteration". They are frozen, and --lora-vision puts no adapters in them."""
+    root, folder, meta = setup
+    model = root / "select_layer_-2"
+    shutil.copytree(folder, model)
+    config = json.loads((model / "config.json").read_text())
+    config["select_layer"] = -2  # the tiny ViT's 2 layers: the second never runs
+    (model / "config.json").write_text(json.dumps(config))
+    base = TrainConfig(model=str(model), data=str(meta), max_steps=2, lr=1e-3, warmup_ratio=0.0, drop_path_rate=0.0,
+                       progress=False, seed=3)
+    single = train(dataclasses.replace(base, output=str(root / "select_single"), batch_size=2))
+    configs = [dataclasses.asdict(dataclasses.replace(base, output=str(root / "select_ddp"), batch_size=1)),
+               dataclasses.asdict(dataclasses.replace(base, output=str(root / "select_lora"), batch_size=1, lora_rank=2,
+                                                           lora_vision=True))]
+    mp.start_processes(_worker, args=(2, free_ports(2), configs), nprocs=2, start_method="spawn")
+    expected = InternVL.from_pretrained(single.final_dir, dtype=torch.float32).state_dict()
+    got = InternVL.from_pretrained(root / "select_ddp" / "final", dtype=torch.float32).state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-4, msg=key)
+    unrun = InternVL.from_pretrained(model, dtype=torch.float32).state_dict()
+    lora = InternVL.from_pretrained(root / "select_lora" / "final", dtype=torch.float32).state_dict()
+    for key in (k for k in unrun if k.startswith("vision_model.encoder.layers.1.")):
+        assert torch.equal(got[key], unrun[key]) and torch.equal(lora[key], unrun[key]), key
+
+
 def test_two_processes_match_one_across_an_uneven_epoch_end(setup):
     # 5 records on 2 ranks: the ranks used to read 2 each per epoch and never the fifth; the global batches
     # (and so the losses) left one process's at the first epoch's end.

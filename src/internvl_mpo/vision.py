@@ -24,6 +24,12 @@ from .config import VisionConfig
 from .errors import InputError
 
 
+
+def layers_run(select_layer: int, n_layers: int) -> int:
+    """How many of `n_layers` encoder layers run for `select_layer` (the official hidden-state tuple's index: 0 the
+    embeddings output, k layer k's, -1 the last layer's); the layers after them get no gradient."""
+    return select_layer % (n_layers + 1)
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 and cast back (InternRMSNorm / Qwen2RMSNorm)."""
 
@@ -178,10 +184,8 @@ class InternVisionModel(nn.Module):
         Layer indices follow the official hidden-state tuple: 0 is the embeddings output, k the output
         of layer k, -1 the last layer. Layers after the selected one are not run.
         """
-        n_layers = len(self.encoder.layers)
-        stop = select_layer % (n_layers + 1)
         x = self.embeddings(pixel_values)
-        for layer in self.encoder.layers[:stop]:
+        for layer in self.encoder.layers[: layers_run(select_layer, len(self.encoder.layers))]:
             x = layer(x)
         return x
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from internvl_mpo.vision import layers_run
+
 # Qwen2 and InternLM2 projections (the official `wrap_llm_lora` target lists).
 LLM_TARGETS = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -56,10 +58,14 @@ class LoRALinear(nn.Module):
 
 
 def lora_target_names(model: nn.Module, llm: bool = True, vision: bool = False) -> list[str]:
-    """Names of the nn.Linear modules of an InternVL that get adapters."""
+    """Names of the nn.Linear modules of an InternVL that get adapters (none in ViT layers that select_layer leaves
+    unrun)."""
+    layers = model.vision_model.encoder.layers
+    unrun = tuple(f"vision_model.encoder.layers.{i}." for i in
+                  range(layers_run(model.config.select_layer, len(layers)), len(layers)))
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) or unrun and name.startswith(unrun):
             continue
         if llm and name.startswith("language_model.model.layers.") and name.endswith(LLM_TARGETS) or vision and name.startswith("vision_model.encoder.layers.") and name.endswith(VISION_TARGETS):
             names.append(name)

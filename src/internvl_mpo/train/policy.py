@@ -19,7 +19,7 @@ from internvl_mpo.errors import ConfigError
 from internvl_mpo.model import InternVL
 from internvl_mpo.train.losses import label_logps_from_hidden
 from internvl_mpo.train.settings import TrainConfig, max_seq_length
-from internvl_mpo.vision import RMSNorm
+from internvl_mpo.vision import RMSNorm, layers_run
 
 # Label log-probs are computed this many logits at a time (rows x vocabulary): 32 MiB in float32.
 LOGPS_CHUNK_ELEMENTS = 2**23
@@ -144,6 +144,8 @@ def freeze(model: InternVL, cfg: TrainConfig) -> None:
         model.mlp1.requires_grad_(False)
     if cfg.freeze_llm or cfg.lora_rank:
         model.language_model.requires_grad_(False)
+    layers = model.vision_model.encoder.layers  # those after select_layer never run: DDP would wait for their gradients
+    layers[layers_run(model.config.select_layer, len(layers)):].requires_grad_(False)
 
 
 def build_optimizer(model: InternVL, cfg: TrainConfig) -> torch.optim.AdamW:
