@@ -465,7 +465,7 @@ def test_dtype_auto_without_a_config_dtype_takes_the_weights_dtype_as_transforme
     save_file({**mixed, first: mixed[first].to(torch.float32)}, tmp_path / "s1" / "model.safetensors")
     assert InternVL.from_pretrained(tmp_path / "s1", dtype="auto").dtype == torch.float32
     save_file({**mixed, first: mixed[first].to(torch.float8_e4m3fn)}, tmp_path / "s1" / "model.safetensors")
-    with pytest.raises(InputError, match="dtype='auto': the checkpoint's dtype is 'float8_e4m3fn'"):
+    with pytest.raises(InputError, match="dtype 'auto': the checkpoint's dtype is 'float8_e4m3fn'"):
         InternVL.from_pretrained(tmp_path / "s1", dtype="auto")
 
 

@@ -2111,7 +2111,7 @@ def test_a_config_dtype_the_final_save_cannot_take_is_refused_before_training(tm
     settings = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**settings, "torch_dtype": "float8_e4m3fn"}))
     monkeypatch.setattr(mpo, "build_dataset", lambda *a, **k: pytest.fail("training went on"))
-    with pytest.raises(InputError, match="dtype='auto': the checkpoint's dtype is 'float8_e4m3fn'"):
+    with pytest.raises(InputError, match="dtype 'auto': the checkpoint's dtype is 'float8_e4m3fn'"):
         train(config(folder, meta, tmp_path / "run", max_steps=1))
 
 
