@@ -361,14 +361,14 @@ class LazyTensor:
         if stored is not None and not (cpu and dtype in (None, stored)):
             out = torch.empty(self.view.get_shape(), dtype=dtype or stored, device=device or "cpu")
             _read_into(self.file, self.start, out, stored)
-            finite = _finite(out)
+            finite = all_finite(out)
         else:
             source = self._mapped(index)
             out = source.to(device=device, dtype=dtype)
             if whole and self.start is not None and out.data_ptr() == source.data_ptr():
                 finite = _finite_in_file(self.file, self.start, out)  # `out` is the mapping itself: left untouched
             else:
-                finite = _finite(out)
+                finite = all_finite(out)
         if not finite:
             source = self._mapped(index)
             check_finite(source, self.file, self.key)
@@ -393,12 +393,12 @@ def _wider(dtype: torch.dtype) -> str:
 
 def check_finite(tensor: torch.Tensor, file: Path, key: str) -> None:
     """Refuse the weight `key` of `file` where it holds NaN or inf: a model loaded with it answers garbage."""
-    if not _finite(tensor):
+    if not all_finite(tensor):
         raise CheckpointError(f"{file}: {key} holds NaN or inf values; the checkpoint is broken (a diverged run or "
                               "a damaged file)")
 
 
-def _finite(tensor: torch.Tensor) -> bool:
+def all_finite(tensor: torch.Tensor) -> bool:
     """Whether every value is finite, in one pass without a copy: the min and the max are both finite exactly
     then (NaN carries through both, and unlike a sum they cannot overflow). One sync on CUDA."""
     if tensor.numel() == 0:
@@ -409,11 +409,11 @@ def _finite(tensor: torch.Tensor) -> bool:
 
 
 def _finite_in_file(file: Path, start: int, tensor: torch.Tensor, chunk: int = 1 << 23) -> bool:
-    """`_finite` of the tensor whose data lie in `file` from byte `start`, read `chunk` bytes at a time with
+    """`all_finite` of the tensor whose data lie in `file` from byte `start`, read `chunk` bytes at a time with
     file reads: checking a memory-mapped tensor through its mapping makes every page of it resident in this
     process, so weights a run never touches (an embedding table's unused rows, a ViT in text-only chat) would
     count in its memory as if used."""
-    return all(_finite(piece) for _, piece in _file_pieces(file, start, tensor.dtype, tensor.numel(), chunk))
+    return all(all_finite(piece) for _, piece in _file_pieces(file, start, tensor.dtype, tensor.numel(), chunk))
 
 
 def _read_into(file: Path, start: int, out: torch.Tensor, stored: torch.dtype, chunk: int = 1 << 23) -> None:

@@ -301,7 +301,8 @@ class InternVL(nn.Module):
 
     def _check_weights_fit_config(self) -> None:
         """Refuse weights a model built from `self.config` would not hold (an embedding resized, a submodule
-        replaced by `torch.compile`'s wrapper, whose keys gain `_orig_mod.`): saved, no loader could read them."""
+        replaced by `torch.compile`'s wrapper, whose keys gain `_orig_mod.`), or that hold NaN or inf: saved, no
+        loader could read them."""
         from . import checkpoint
 
         with torch.device("meta"):
@@ -319,7 +320,7 @@ class InternVL(nn.Module):
                     if any("._orig_mod." in key for key in state) else "")
             raise InputError(f"the model's weights do not fit its config ({report}){hint}; a checkpoint of them could "
                              "not be loaded, so nothing was written")
-        broken = [key for key in both if not bool(torch.isfinite(state[key]).all())]
+        broken = [key for key in both if not checkpoint.all_finite(state[key])]
         if broken:  # what a cast to fp16 makes of weights past its range; the loader refuses them (a diverged run)
             shown = ", ".join(broken[:3]) + (", ..." if len(broken) > 3 else "")
             raise InputError(f"the model's weights hold NaN or inf values ({shown}); a checkpoint of them would not "

@@ -191,7 +191,7 @@ class StreamDecoder:
     def feed(self, ids: int | Iterable[int]) -> str:
         """Add ids; return the text they complete ("" while a character is still incomplete)."""
         if not isinstance(ids, Iterable) or getattr(ids, "ndim", None) == 0:  # an int, a NumPy or 0-d torch integer
-            ids = (operator.index(ids),)
+            ids = (ids,)
         parts = []
         for i in map(operator.index, ids):  # a tensor's 0-d items hash by identity: none would be a special id
             if self._skip_special and self._tokenizer.is_special(i):

@@ -242,9 +242,9 @@ def _rewound(fp: BinaryIO) -> BinaryIO:
 
 def _check_icon_pictures(fp: BinaryIO, name: str, max_pixels: int | None) -> None:
     """Refuse an ICO or ICNS file (`fp` at its start, seekable) holding a picture over the limit, from the pictures'
-    own headers. Pillow takes
-    their sizes from the directory, which says 256x256 at most, and decodes the picture whatever it holds (ICO
-    while it opens the file, in `Image.open`): a 0.7 MB icon held a 13000x13000 PNG (650 MB once decoded)."""
+    own headers. Pillow takes their sizes from the directory, which says 256x256 at most, and decodes the picture
+    whatever it holds (ICO while it opens the file, in `Image.open`): a 0.7 MB icon held a 13000x13000 PNG (650 MB
+    once decoded)."""
     try:
         head = fp.read(8)
         pictures = []  # where each embedded picture starts
