@@ -96,13 +96,15 @@ def timed(fn, repeat: int = 3, budget_s: float = 3.0, warm_up: bool = True) -> f
     return best
 
 
-def peak_bytes(device: str) -> int:
+def memory_bytes(device: str, peak: bool = True) -> int:
     """Peak GPU memory, or this process's peak RSS (VmHWM: ru_maxrss would carry over the parent's
-    peak across fork + exec, and the parent held the weights while writing them)."""
+    peak across fork + exec, and the parent held the weights while writing them); with `peak` False, the
+    memory in use now (VmRSS; without /proc, the peak so far)."""
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated()
+        return torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
+    field = "VmHWM:" if peak else "VmRSS:"
     for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
+        if line.startswith(field):
             return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -280,16 +282,6 @@ def weight_stream_fn(model):
     return stream
 
 
-def now_bytes(device: str) -> int:
-    """GPU memory in use now, or this process's resident set now (VmRSS; without /proc, its peak so far)."""
-    if device.startswith("cuda"):
-        return torch.cuda.memory_allocated()
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def import_side(child: str) -> None:
     """The modules a side imports to build and run its model, imported before it is built."""
     if child == "ours":
@@ -304,12 +296,12 @@ def peak_memory(child: str, build, device: str) -> dict:
     code and caches are counted), and the part of it above the memory in use right after the side's
     imports, before `build()` makes the model."""
     import_side(child)
-    base = now_bytes(device)
+    base = memory_bytes(device, peak=False)
     side = build()
     for fn in workloads(side).values():
         fn()
         fn()
-    peak = peak_bytes(device)
+    peak = memory_bytes(device)
     return {"peak_bytes": peak, "peak_above_imports_bytes": peak - base}
 
 
