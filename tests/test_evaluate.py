@@ -388,7 +388,7 @@ def test_a_second_run_on_the_folder_of_a_live_run_is_refused(tmp_path, capsys):
     assert f"error: {out} holds a run with other settings" in capsys.readouterr().err
 
 
-def test_a_question_that_cannot_run_counts_wrong_and_is_not_retried(tmp_path):
+def test_a_question_that_cannot_run_counts_wrong_and_is_asked_again_by_a_rerun(tmp_path):
     data = write_bench(tmp_path / "data")
     out = tmp_path / "out"
 
@@ -403,7 +403,13 @@ def test_a_question_that_cannot_run_counts_wrong_and_is_not_retried(tmp_path):
     assert score["failed"] == [f"{data}:5 (id '5'): prompt is 9999 tokens"]
     rows = {r["id"]: r for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
     assert rows["5"]["correct"] is False and rows["5"]["error"] == "prompt is 9999 tokens"
-    assert run_eval(data, FakeAnswerer(DIRECT, fail=True), out) == score  # recorded: not asked again
+    # A rerun asks the failed question again (out of memory, say, may not happen twice), and only that one.
+    rerun = FakeAnswerer(dict(DIRECT, city="Paris"))
+    score = run_eval(data, rerun, out)
+    assert [p.question for p in rerun.prompts] == ["Which city is this?\nAnswer the question using a single word or "
+                                                   "phrase."]
+    assert score["failed"] == [] and score["correct"] == EXPECTED["correct"] + 1
+    assert run_eval(data, FakeAnswerer(DIRECT, fail=True), out) == score  # answered now: not asked again
 
 
 def test_rows_without_an_id_are_numbered_in_file_order(tmp_path):

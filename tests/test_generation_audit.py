@@ -107,6 +107,19 @@ def test_rows_asking_for_different_logprob_counts_get_each_their_own(chat):
         assert [e.logprob is None for e in mine] == [request.logprobs is None] * 4
 
 
+def test_a_constrained_rows_top_logprobs_do_not_depend_on_a_neighbours_count(chat):
+    """A constrained row's masked tokens tie at -inf, and torch's topk orders ties differently for another k:
+    one topk with the batch's largest k, cut to each row's, listed other ids beside a neighbour asking for 20."""
+    params = SamplingParams(max_new_tokens=5, choice=("yes", "no", "maybe"))
+    request = Request(chat.prepare("Yes or no?").prompt_ids, params, logprobs=4)
+    other = Request(chat.prepare("Hi").prompt_ids, SamplingParams(max_new_tokens=8, ignore_eos=True), logprobs=20)
+    alone = [e for step in chat.engine.generate([request]) for e in step]
+    beside = [e for step in chat.engine.generate([request, other]) for e in step if e.rid == 0]
+    assert [e.token for e in alone] == [e.token for e in beside]
+    assert any(v == float("-inf") for e in alone for _, v in e.top_logprobs)  # ties among masked tokens
+    assert [[i for i, _ in e.top_logprobs] for e in beside] == [[i for i, _ in e.top_logprobs] for e in alone]
+
+
 def test_a_stop_id_held_back_by_min_new_tokens_stops_the_answer_once_the_minimum_is_reached(chat):
     """Under min_new_tokens the stop id is masked, even where a logit bias forces it; once the minimum is
     reached it ends the answer, also in a row that moved when the row before it finished."""

@@ -1249,6 +1249,24 @@ def test_precomputed_reference_gives_the_live_reference_losses(tmp_path, chat_fo
         torch.testing.assert_close(value, load_weights(cached.final_dir)[key], rtol=1e-4, atol=1e-6)
 
 
+def test_precomputed_reference_pass_runs_on_the_policy_without_a_copy(tmp_path, chat_folder, meta, monkeypatch):
+    """--precompute-ref holds no second model: the policy runs the pass itself (in eval mode) and trains after it in
+    train mode (drop path applies: the same weights as a live-reference run that draws it)."""
+    live = train(config(chat_folder, meta, tmp_path / "live", max_steps=2, batch_size=1, drop_path_rate=0.5))
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("a second model was made")
+
+    monkeypatch.setattr(mpo, "make_reference", no_copy)
+    cached = train(config(chat_folder, meta, tmp_path / "cached", max_steps=2, batch_size=1, drop_path_rate=0.5,
+                          precompute_ref=True))
+    for key, value in load_weights(live.final_dir).items():
+        torch.testing.assert_close(value, load_weights(cached.final_dir)[key], rtol=1e-4, atol=1e-6)
+    eval_run = train(config(chat_folder, meta, tmp_path / "no_drop", max_steps=2, batch_size=1, precompute_ref=True))
+    assert any(not torch.equal(value, load_weights(eval_run.final_dir)[key])
+               for key, value in load_weights(cached.final_dir).items())  # drop path did change the training
+
+
 def test_precomputed_reference_sees_the_augmented_tiles(tmp_path, chat_folder, noisy_metas):
     """The first pass encodes each record with the JPEG draws of the epoch that trains on it."""
     augmented, plain = noisy_metas
@@ -1639,6 +1657,30 @@ def test_a_resume_refuses_weights_holding_nan_or_inf(tmp_path, chat_folder, meta
         file.write_bytes(kept)
 
 
+def test_a_resume_refuses_adapters_of_another_shape(tmp_path, chat_folder, meta):
+    """extra.safetensors holding adapters of another rank (a damaged or mixed-up checkpoint): one line naming the
+    file, not load_state_dict's size-mismatch traceback; adapters missing from it likewise."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg = config(chat_folder, meta, tmp_path / "run", max_steps=2, save_every=1, batch_size=1, lora_rank=2)
+    train(cfg)
+    saved = tmp_path / "run" / "checkpoint-000001" / ckpt.EXTRA_FILE
+    shutil.rmtree(tmp_path / "run" / "final")
+    shutil.rmtree(tmp_path / "run" / "checkpoint-000002")
+    with safe_open(str(saved), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(saved)
+    wider = {k: torch.zeros(3, v.shape[1]) if k.endswith("lora_A") else torch.zeros(v.shape[0], 3)
+             for k, v in tensors.items()}
+    fewer = dict(sorted(tensors.items())[2:])
+    for adapters in (wider, fewer):
+        save_file(adapters, saved, metadata=metadata)
+        with pytest.raises(CheckpointError, match=re.escape(f"{saved}: LoRA adapters do not match this run's "
+                                                            "--lora-* settings")):
+            train(dataclasses.replace(cfg, resume=True))
+
+
 def test_lora_training_writes_official_layout(tmp_path, chat_folder, meta):
     result = train(config(chat_folder, meta, tmp_path / "run", lora_rank=4, save_every=2))
     initial, final = load_weights(chat_folder), load_weights(result.final_dir)
@@ -1968,6 +2010,46 @@ def test_plot_step_axis_has_whole_steps_only(tmp_path, monkeypatch):
     assert main(["plot", str(tmp_path)]) == 0
     ticks = saved[0].axes[-1].get_xticks()
     assert len(ticks) > 1 and all(t == int(t) for t in ticks), ticks
+
+
+def test_plot_shows_a_lone_value_as_a_dot(tmp_path, monkeypatch):
+    """A one-step run, or a value with gaps (null) on both sides, makes no line segment: it is drawn as a dot,
+    and a one-step axis ticks that step only."""
+    import matplotlib.figure
+
+    from internvl_mpo.cli import main
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+
+    def drawn(fig, key):  # the finite points of the lines drawn in `key`'s colour (the curve and any dots)
+        ax = next(a for a in fig.axes if key in [t.get_text() for t in a.get_legend().get_texts()])
+        colour = next(line.get_color() for line in ax.get_lines() if line.get_label() == key)
+        return sorted((float(x), float(y)) for line in ax.get_lines() if line.get_color() == colour
+                      for x, y in zip(line.get_xdata(), line.get_ydata()) if math.isfinite(y))
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5}) + "\n")
+    assert main(["plot", str(tmp_path)]) == 0
+    assert (1.0, 0.5) in drawn(saved[-1], "loss")
+    assert list(saved[-1].axes[-1].get_xticks()) == [1]
+    values = [0.9, None, 0.7, None, 0.5, 0.4]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": v}) + "\n"
+                                                    for s, v in enumerate(values, 1)))
+    assert main(["plot", str(tmp_path)]) == 0
+    points = drawn(saved[-1], "loss")
+    assert {(1.0, 0.9), (3.0, 0.7)} <= set(points) and points.count((5.0, 0.5)) == 1  # a joined value: no dot
+
+
+@pytest.mark.parametrize("value", ['{"a": 1}', "[1, 2]", '"1.0"', "true"])
+def test_plot_refuses_a_value_that_is_not_a_number(tmp_path, capsys, value):
+    """A hand-edited or foreign file: one line naming the row and key, not a matplotlib traceback or a curve
+    on a categorical axis."""
+    from internvl_mpo.cli import main
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": %s}\n' % value)
+    assert main(["plot", str(tmp_path)]) == 1
+    assert f"{tmp_path / 'metrics.jsonl'}:2: 'loss' is {json.dumps(json.loads(value))}, not a number or null" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("line", ['{"question": "q", "chosen": "a", "rejected": "b"}', "[1]", '{"step": "one"}'])

@@ -269,6 +269,10 @@ def test_long_answers_lose_their_tails_never_the_prompt(tmp_path, tokenizer, set
     # a limit the longer answer exactly fills cuts nothing: not counted as cut
     exact = encode_pair(recs[0], tokenizer, settings, len(full.prompt_ids) + len(full.chosen_ids))
     assert not exact.truncated and exact.chosen_ids == full.chosen_ids and exact.chosen_labels == full.chosen_labels
+    # nor one that cuts only the untrained newline after <|im_end|>: no answer token was lost
+    assert full.chosen_labels[-1] == -100 and full.chosen_labels[-2] != -100
+    newline = encode_pair(recs[0], tokenizer, settings, len(full.prompt_ids) + len(full.chosen_ids) - 1)
+    assert not newline.truncated and newline.chosen_labels == full.chosen_labels[:-1]
 
 
 def test_answers_cut_to_the_same_tokens_name_file_and_line(tmp_path, tokenizer, settings):
@@ -538,6 +542,9 @@ def test_sft_truncation_never_cuts_image_tokens(tmp_path, tokenizer, settings):
     assert isinstance(SFTDataset(records, tokenizer, settings, image_end - 1)[0], BadExample)
     whole = SFTDataset(records, tokenizer, settings, image_end)[0]
     assert whole.truncated and whole.input_ids == full.input_ids[:image_end]
+    assert full.labels[-1] == -100 and full.labels[-2] != -100  # the newline after the last <|im_end|>
+    newline = SFTDataset(records, tokenizer, settings, len(full.input_ids) - 1)[0]
+    assert not newline.truncated and newline.labels == full.labels[:-1]  # cut, but no answer token lost
     (tmp_path / "text.jsonl").write_text(json.dumps({"conversations": convo[:2]}) + "\n")
     text = read_sft_records(str(tmp_path / "text.jsonl"), str(tmp_path / "images"))
     short = SFTDataset(text, tokenizer, settings, 5)[0]  # the answer starts past token 5

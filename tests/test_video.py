@@ -159,6 +159,20 @@ def test_video_file(video_path):
         assert abs(grey - 8 * index) < 4  # it really is frame `index`
 
 
+def test_a_video_whose_tags_are_not_utf8_is_read(video_path, tmp_path):
+    """A Latin-1 title (old tools write them) or handler name: read as decord reads such files, not PyAV's
+    UnicodeDecodeError, which no interface caught (a traceback, a server 500, a generate run stopped)."""
+    data = video_path.read_bytes()
+    with av.open(str(video_path), "r") as container:
+        handler = container.streams.video[0].metadata.get("handler_name", "")
+    assert handler and handler.encode() in data, "the clip names its stream handler"
+    path = tmp_path / "latin1.mp4"
+    path.write_bytes(data.replace(handler.encode(), ("\u00e9" + handler[1:]).encode("latin-1")))
+    result = load_video(path, num_segments=8)
+    assert result.frame_indices == reference_index(None, FPS, NUM_FRAMES - 1, 8)
+    assert torch.equal(result.pixel_values, load_video(video_path, num_segments=8).pixel_values)
+
+
 def test_video_file_frames_over_max_pixels_are_refused(video_path):
     """max_pixels (the commands' --max-pixels) holds for a video file's frames as for images and frame folders;
     a video file's frames were not checked."""

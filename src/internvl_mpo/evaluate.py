@@ -37,8 +37,9 @@ answers arrive; a rerun skips the questions found there with
 the same prompt, images (paths, and `filestamp` stamps of their files) and ground truth), `score.json` (overall and per-category
 accuracy, recomputed from all predictions) and `settings.json` (a rerun must use the same settings); a
 running job holds `.eval.lock` there (`run_folder.hold_output`), so a second run on the folder is refused.
-A question that cannot run (a prompt longer than the model's context) is recorded with the reason,
-counted wrong, listed under "failed" with its file:line and id, and not retried.
+A question that cannot run (a prompt longer than the model's context, out of memory in the engine) is recorded
+with the reason, counted wrong and listed under "failed" with its file:line and id; a rerun asks it again (as
+`generate` retries failed requests: the failure may have been the machine's).
 """
 
 from __future__ import annotations
@@ -457,7 +458,7 @@ def run_eval(
     items: list[BenchItem] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Answer every question not yet in predictions.jsonl (or stored there with another prompt or
+    """Answer every question not yet in predictions.jsonl (or stored there as failed, or with another prompt or
     ground truth: the data changed), then score all; returns the score dict.
     `items`: those of `data` when already read (reading decodes every image); `progress`: show a progress bar."""
     from tqdm import tqdm
@@ -477,7 +478,8 @@ def run_eval(
         # An image file edited in place is told by its stamp. A row without "images" or "stamps" (written
         # by an older version) is not compared on them.
         images = {item.id: image_keys(item) for item in items}
-        todo = [item for item in items if item.id not in done or done[item.id].get("prompt") != build_prompt(item, cot)
+        todo = [item for item in items if item.id not in done or "error" in done[item.id]
+                or done[item.id].get("prompt") != build_prompt(item, cot)
                 or done[item.id].get("answer") != item.answer
                 or done[item.id].get("images", images[item.id]) != images[item.id]
                 or not unchanged(image_files(item), done[item.id].get("stamps"))]

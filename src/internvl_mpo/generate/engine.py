@@ -618,11 +618,16 @@ class Generation:
             return None
         logp = torch.log_softmax(logits.float(), dim=-1)
         chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
-        k = max(w or 0 for w in wanted)
-        best = logp.topk(k, dim=-1) if k else None
-        ids, values = (best.indices.tolist(), best.values.tolist()) if best is not None else ([], [])
-        return [None if w is None else (chosen[i], tuple(zip(ids[i][:w], values[i][:w])) if w else ())
-                for i, w in enumerate(wanted)]
+        out = []
+        for i, w in enumerate(wanted):
+            if not w:
+                out.append(None if w is None else (chosen[i], ()))
+                continue
+            # each row's own k over its own row: torch orders tied values (the -inf of a constrained row's
+            # masked tokens) differently for another k, so one topk cut per row let neighbours change the list
+            best = logp[i : i + 1].topk(w, dim=-1)
+            out.append((chosen[i], tuple(zip(best.indices[0].tolist(), best.values[0].tolist()))))
+        return out
 
     def _emit(self, tokens: list[int], first: int = 0, logprobs: list | None = None,
               ended: list[int] | None = None) -> list[Event]:

@@ -192,7 +192,9 @@ def _import_av():
 def _open_container(av, path: str):
     name = source_name(path)
     try:
-        return av.open(path)
+        # tags (title, handler, encoder) that are not UTF-8, Latin-1 say, are read with U+FFFD where the default
+        # raises UnicodeDecodeError; decord opens such files
+        return av.open(path, metadata_errors="replace")
     except FileNotFoundError:
         raise InputError(f"{name}: no such file") from None
     except av.error.FFmpegError as e:  # strerror: FFmpeg's reason without the path again

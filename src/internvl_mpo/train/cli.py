@@ -7,6 +7,7 @@ Multi-GPU: `torchrun --nproc-per-node N -m internvl_mpo.cli train mpo ...`.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -166,6 +167,7 @@ PLOT_PANELS = (
     ("accuracy", ("rewards/accuracies",)),
     ("delta", ("delta",)),
 )
+PLOTTED = [key for _, keys in PLOT_PANELS for key in keys]
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -189,6 +191,10 @@ def read_metrics(path: Path) -> list[dict]:
             raise InputError(f"{path}:{number}: its JSON is nested too deeply to read") from None
         if not (isinstance(row, dict) and isinstance(row.get("step"), int | float)):
             raise InputError(f"{path}:{number}: not a metrics.jsonl row (an object with a numeric 'step')")
+        for key in PLOTTED:  # missing or null: a gap in the curve
+            value = row.get(key)
+            if isinstance(value, bool) or not (value is None or isinstance(value, int | float)):
+                raise InputError(f"{path}:{number}: {key!r} is {json.dumps(value)[:40]}, not a number or null")
         rows.append(row)
     return rows
 
@@ -226,13 +232,21 @@ def plot(run_dir: str, output: str | None = None) -> int:
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False)
     for ax, (title, keys) in zip(axes[:, 0], panels):
         for key in keys:
-            points = [(r["step"], r[key]) for r in rows if key in r]
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=key)
+            steps = [r["step"] for r in rows if key in r]
+            values = [math.nan if r[key] is None else r[key] for r in rows if key in r]  # null: a gap
+            (line,) = ax.plot(steps, values, label=key)
+            shown = [math.isfinite(v) for v in values]
+            # a value with a gap (or the end) on both sides makes no line segment: a dot shows it
+            alone = [i for i, ok in enumerate(shown) if ok and not any(shown[i - 1:i]) and not any(shown[i + 1:i + 2])]
+            ax.plot([steps[i] for i in alone], [values[i] for i in alone], ".", color=line.get_color())
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[-1, 0].set_xlabel("step")
     axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))  # no ticks at step 1.5 on a short run
+    steps = sorted({r["step"] for r in rows})
+    if steps[-1] - steps[0] < 1:  # one step: the locator would tick fractions around it
+        axes[-1, 0].set_xticks(steps)
     fig.tight_layout()
     fig.savefig(target, dpi=100, format="png")
     plt.close(fig)

@@ -234,13 +234,15 @@ def _supervised(labels: Sequence[int]) -> int:
 def fit_pair(
     prompt_len: int, chosen: tuple[list[int], list[int]], rejected: tuple[list[int], list[int]], max_seq_length: int
 ) -> tuple[tuple[list[int], list[int]], tuple[list[int], list[int]], bool] | None:
-    """Cut each answer's tail so prompt + answer <= max_seq_length; None if an answer keeps no label."""
+    """Cut each answer's tail so prompt + answer <= max_seq_length; None if an answer keeps no label.
+    `truncated`: a supervised token was cut (not only the untrained newline after <|im_end|>)."""
     room = max_seq_length - prompt_len
     out = []
     truncated = False
     for ids, labels in (chosen, rejected):
         if len(ids) > room:
-            ids, labels, truncated = ids[: max(room, 0)], labels[: max(room, 0)], True
+            truncated = truncated or _supervised(labels[max(room, 0):]) > 0
+            ids, labels = ids[: max(room, 0)], labels[: max(room, 0)]
         if _supervised(labels) == 0:
             return None
         out.append((ids, labels))
@@ -408,8 +410,8 @@ def encode_sft(
         ids, labels = build_training_ids(tokenizer, messages, num_patches, num_image_token=settings.num_image_token)
     except InputError as e:
         raise InputError(f"{where}: {_flagged(e)}") from None
-    truncated = len(ids) > max_seq_length
-    if truncated:
+    truncated = _supervised(labels[max_seq_length:]) > 0  # not for the untrained newline after <|im_end|> alone
+    if len(ids) > max_seq_length:
         image_ids = {tokenizer.img_start_id, tokenizer.img_context_id, tokenizer.img_end_id}
         if any(t in image_ids for t in ids[max_seq_length:]):
             raise InputError(

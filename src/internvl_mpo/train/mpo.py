@@ -289,10 +289,11 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
     if resume_from is not None:
         check_resume_settings(resume_from, cfg, env, total_steps, fingerprint, model_print, stream, policy.config)
 
-    # 3. reference log-probs: a frozen copy of the initial model, or a cached first pass
+    # 3. reference log-probs: a frozen copy of the initial model, or a cached first pass, which outside FSDP2 the
+    # policy itself runs (still the initial model, in eval mode): no second model in memory
     ref_module, ref_table = None, None
     if needs_ref:
-        reference = make_reference(policy, bf16 and fsdp)
+        reference = policy.eval() if cfg.precompute_ref and not fsdp else make_reference(policy, bf16 and fsdp)
         # sharded, the pass's ranks run the vision tower on every forward (as training's do)
         ref_module = SequenceLogps(reference, encode_empty=fsdp or (env.distributed and not cfg.precompute_ref))
         if fsdp:
@@ -308,6 +309,7 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
             check_reference_epoch(cfg, env, dataset, total_steps * samples_per_step, valid)  # --skip-bad's skips
             ref_module = None
         del reference
+        policy.train()
 
     # 4. training set-up, applied from outside the model
     if resume_from is not None and fsdp:
@@ -324,9 +326,11 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
             adapters = ckpt.read_tensors(resume_from / ckpt.EXTRA_FILE)
             for key, value in adapters.items():
                 check_finite(value, resume_from / ckpt.EXTRA_FILE, key)
-            unexpected = policy.load_state_dict(adapters, strict=False).unexpected_keys
-            if unexpected or len(adapters) != 2 * len(names):
-                raise CheckpointError(f"{resume_from}: LoRA adapters do not match this run's --lora-* settings")
+            own = lora_state(policy.state_dict())  # their names and shapes, checked before load_state_dict raises
+            if {k: v.shape for k, v in adapters.items()} != {k: v.shape for k, v in own.items()}:
+                raise CheckpointError(f"{resume_from / ckpt.EXTRA_FILE}: LoRA adapters do not match this run's "
+                                      "--lora-* settings")
+            policy.load_state_dict(adapters, strict=False)
     if cfg.grad_checkpointing:
         from torch.distributed._composable import checkpoint as activation_checkpoint
 
