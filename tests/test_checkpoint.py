@@ -578,6 +578,36 @@ def test_a_hub_that_never_answers_is_an_error_or_the_cached_copy(tmp_path, silen
                                "within 1 s (HF_HUB_ETAG_TIMEOUT)")
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_hub_that_refuses_connections_is_an_error_or_the_cached_copy_at_once(tmp_path, cached):
+    """Connection refused (no network, a firewall): the cached copy, or one line. A commit revision went on to
+    snapshot_download online, which retried the hub's files list with backoff for 20 s and more before it
+    read the cache."""
+    import socket
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: connections are refused
+    commit = "a" * 40
+    snapshot = tmp_path / "hf" / "hub" / "models--org--name" / "snapshots" / commit
+    if cached:
+        snapshot.mkdir(parents=True)
+        (snapshot / "config.json").write_text("{}")
+    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"))
+    env.pop("HF_HUB_OFFLINE", None)
+    code = ("from internvl_mpo.checkpoint import resolve_checkpoint\n"
+            "from internvl_mpo.errors import CheckpointError\n"
+            f"try:\n    print('PATH', resolve_checkpoint('org/name', revision={commit!r}))\n"
+            "except CheckpointError as e:\n    print('ERROR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=15).stdout
+    if cached:
+        assert out.strip() == f"PATH {snapshot}"
+    else:
+        assert out.startswith("ERROR org/name: not a local folder, not in the hub cache, and the hub could not be "
+                              "reached ("), out
+
+
 def test_an_unusable_device_or_dtype_is_refused_before_the_hub_is_asked(fake_hub):
     """A hub id with device="cuda" on a CPU machine must not download the checkpoint first."""
     asked = fake_hub(AssertionError("the checkpoint was fetched before the device and dtype were checked"))
@@ -598,6 +628,71 @@ def test_an_unusable_device_or_dtype_is_refused_before_the_hub_is_asked(fake_hub
     assert asked == []
 
 
+def test_a_load_while_another_process_saves_into_the_folder_reads_one_model(tmp_path, tiny, monkeypatch):
+    """Tensors cast on loading (a bf16 folder loaded in fp32) were read from the files by path, after the checks
+    made on the files as opened: a save renaming new files into place meanwhile gave a model mixing the two saves'
+    weights, with no error. They are read from the files as opened."""
+    from internvl_mpo import checkpoint
+
+    old = InternVL(tiny).to(torch.bfloat16)
+    new = InternVL(tiny).to(torch.bfloat16)
+    with torch.no_grad():
+        for param in new.parameters():
+            param.add_(1.0)
+    folder = tmp_path / "m"
+    old.save_pretrained(folder)
+    real, reads = checkpoint._read_into, []
+
+    def read_into(*args, **kwargs):  # another process's save lands after the first few tensors were read
+        reads.append(1)
+        if len(reads) == 5:
+            new.save_pretrained(folder)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "_read_into", read_into)
+    loaded = InternVL.from_pretrained(folder, dtype=torch.float32).state_dict()
+    assert len(reads) > 5
+    for key, value in old.state_dict().items():
+        assert torch.equal(loaded[key], value.float()), key
+    monkeypatch.setattr(checkpoint, "_read_into", real)
+    assert torch.equal(InternVL.from_pretrained(folder).state_dict()[key], new.state_dict()[key].float())
+
+
+def test_a_weight_file_replaced_between_its_two_opens_is_opened_again(tmp_path, monkeypatch):
+    """The safetensors handle (whose header the checks read) and the file the data are read from must be the same
+    file: one replaced between the two opens is opened again, and one replaced every time is refused."""
+    from safetensors.torch import save_file
+
+    from internvl_mpo import checkpoint
+
+    file = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(3)}, str(file))
+    real, opened = checkpoint.open_safetensors, []
+
+    def replaced_first(path):
+        opened.append(path)
+        if len(opened) == 1:
+            save_file({"w": torch.ones(3)}, str(tmp_path / "new.safetensors"))
+            os.replace(tmp_path / "new.safetensors", path)
+        return real(path)
+
+    monkeypatch.setattr(checkpoint, "open_safetensors", replaced_first)
+    handle, reader = checkpoint.open_file(file)
+    assert len(opened) == 2 and torch.equal(handle.get_tensor("w"), torch.ones(3))
+    lazy = checkpoint.LazyTensor(reader, "w", handle.get_slice("w"), checkpoint.data_starts(reader)["w"])
+    assert torch.equal(lazy.read(dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+
+    def replaced_always(path):
+        save_file({"w": torch.ones(3)}, str(tmp_path / "new.safetensors"))
+        os.replace(tmp_path / "new.safetensors", path)
+        return real(path)
+
+    monkeypatch.setattr(checkpoint, "open_safetensors", replaced_always)
+    with pytest.raises(CheckpointError, match=re.escape(f"{file} was replaced 3 times while it was being opened: "
+                                                        "another process is saving into the folder")):
+        checkpoint.open_file(file)
+
+
 def test_parse_size():
     assert parse_size("5GB") == 5_000_000_000
     assert parse_size("2GiB") == 2 * 1024**3
@@ -605,6 +700,10 @@ def test_parse_size():
     assert parse_size(123) == 123
     with pytest.raises(ValueError, match="cannot read the size"):
         parse_size("lots")
+    for size in ("5iB", "5IB", "5 ib"):  # a binary mark without its unit letter: "BKMGT".index("I") raised
+        with pytest.raises(InputError, match=f"^cannot read the size {size!r}"):
+            parse_size(size)
+    assert parse_size("3B") == parse_size("3") == 3 and parse_size("1kib") == 1024
     for size in (0, -5, "0MB"):
         with pytest.raises(InputError, match="not a positive size|cannot read the size"):
             parse_size(size)
@@ -1352,7 +1451,7 @@ def test_dtype_names_and_torch_dtypes_accept_the_same_set():
 def test_the_weight_check_reads_the_file_in_chunks_and_finds_nan_in_any(tmp_path):
     from safetensors.torch import save_file
 
-    from internvl_mpo.checkpoint import _finite_in_file, data_starts
+    from internvl_mpo.checkpoint import Reader, _finite_in_file, data_starts
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         values = torch.randn(1000).to(dtype)
@@ -1362,10 +1461,12 @@ def test_the_weight_check_reads_the_file_in_chunks_and_finds_nan_in_any(tmp_path
                 w[where] = bad
             file = tmp_path / "w.safetensors"
             save_file({"a": torch.ones(3), "w": w}, str(file))
-            start = data_starts(file)["w"]
+            reader = Reader(file)
+            start = data_starts(reader)["w"]
             for chunk in (64, 1 << 23):  # many chunks, one
-                assert _finite_in_file(file, start, w, chunk=chunk) is (where is None), (dtype, where, chunk)
-    assert data_starts(tmp_path / "missing.safetensors") == {}
+                assert _finite_in_file(reader, start, w, chunk=chunk) is (where is None), (dtype, where, chunk)
+    (tmp_path / "short.safetensors").write_bytes(b"\x10\x00")
+    assert data_starts(Reader(tmp_path / "short.safetensors")) == {}
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssFile from /proc")
@@ -1419,7 +1520,7 @@ print(rss_file() - before)
 def test_a_weight_cast_or_moved_is_read_piece_by_piece_into_the_same_values(tmp_path):
     from safetensors.torch import save_file
 
-    from internvl_mpo.checkpoint import _read_into, data_starts, open_state_dict
+    from internvl_mpo.checkpoint import Reader, _read_into, data_starts, open_state_dict
 
     for stored, target in ((torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
                            (torch.float16, torch.float32), (torch.bfloat16, torch.float16)):
@@ -1428,8 +1529,8 @@ def test_a_weight_cast_or_moved_is_read_piece_by_piece_into_the_same_values(tmp_
         save_file(state, str(tmp_path / "model.safetensors"))
         for chunk in (64, 1 << 23):  # many pieces, one
             out = torch.empty(37, 29, dtype=target)
-            _read_into(tmp_path / "model.safetensors", data_starts(tmp_path / "model.safetensors")["w"], out, stored,
-                       chunk=chunk)
+            reader = Reader(tmp_path / "model.safetensors")
+            _read_into(reader, data_starts(reader)["w"], out, stored, chunk=chunk)
             assert torch.equal(out, state["w"].to(target)), (stored, target, chunk)
         lazy = open_state_dict(tmp_path, {key: value.shape for key, value in state.items()})
         for key, value in state.items():
@@ -1442,7 +1543,7 @@ def test_whole_tensor_read_through_a_view_that_takes_no_ellipsis(tmp_path):
     whole tensor used: on safetensors 0.4 - 0.7 no checkpoint loaded. It reads `view[:]`, which all take."""
     from safetensors.torch import save_file
 
-    from internvl_mpo.checkpoint import LazyTensor
+    from internvl_mpo.checkpoint import LazyTensor, Reader
 
     class NoEllipsis:  # safetensors 0.4 - 0.7's slice object
         def __init__(self, view):
@@ -1461,7 +1562,7 @@ def test_whole_tensor_read_through_a_view_that_takes_no_ellipsis(tmp_path):
     save_file({"w": w, "b": b}, str(file))
     with safe_open(str(file), "pt") as handle:
         for key, value in (("w", w), ("b", b)):
-            lazy = LazyTensor(file, key, NoEllipsis(handle.get_slice(key)))
+            lazy = LazyTensor(Reader(file), key, NoEllipsis(handle.get_slice(key)))
             assert torch.equal(lazy.read(), value) and torch.equal(lazy.read(dtype=torch.float64), value.double())
             assert torch.equal(lazy[1:3], value[1:3])
 

@@ -24,6 +24,7 @@ import shutil
 import socket
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,15 +90,19 @@ def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None) -> P
 
         try:  # snapshot_download asks the hub without a timeout: one that never answers would hang there
             HfApi().repo_info(text, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
-        except Exception as e:  # offline, refused, not found, ...: snapshot_download below knows what to do
-            if _timed_out(e):  # a copy in the cache still serves, as it does when offline
+        except Exception as e:  # offline, not found, ...: snapshot_download below knows what to do
+            # A hub that does not answer or cannot be reached: a copy in the cache serves, as it does offline
+            # (asked online, snapshot_download retries for a commit's files list with backoff: 20 s and more)
+            unreachable = None if _hub_offline() else _unreachable(e)  # offline, snapshot_download reads the cache
+            if unreachable:
                 try:
                     return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS,
                                                   local_files_only=True))
                 except Exception:
-                    raise CheckpointError(
-                        f"{text}: not a local folder, not in the hub cache, and the hub did not answer within"
-                        f" {constants.HF_HUB_ETAG_TIMEOUT} s (HF_HUB_ETAG_TIMEOUT)") from None
+                    why = (f"did not answer within {constants.HF_HUB_ETAG_TIMEOUT} s (HF_HUB_ETAG_TIMEOUT)"
+                           if unreachable == "timeout" else f"could not be reached ({' '.join(str(e).split())})")
+                    raise CheckpointError(f"{text}: not a local folder, not in the hub cache, and the hub {why}") \
+                        from None
         return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS))
     except CheckpointError:
         raise
@@ -128,18 +133,25 @@ def model_key(path_or_id: str) -> str:
     return str(path.resolve()) if path_or_id and path.exists() else path_or_id
 
 
-def _timed_out(error: BaseException) -> bool:
-    """A timeout of any HTTP stack huggingface_hub has used (requests, httpx, httpx2)."""
-    return any(cls.__name__ in ("Timeout", "TimeoutException") for cls in type(error).__mro__)
+def _unreachable(error: BaseException) -> str | None:
+    """"timeout" for a timeout of any HTTP stack huggingface_hub has used (requests, httpx, httpx2), "network" for
+    a connection they could not make (refused, no route, no name), else None."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    if names & {"Timeout", "TimeoutException"}:
+        return "timeout"
+    return "network" if names & {"ConnectionError", "ConnectError", "NetworkError"} else None
 
 
 class Weights(NamedTuple):
     """A checkpoint's weight files as one load opens them, each once (its header read; tensors are read on
-    access): each key's file, each file's open safetensors handle, and the index's metadata ({} without)."""
+    access): each key's file, each file's open safetensors handle, the index's metadata ({} without), and each
+    file's `Reader` (the same file as the handle's: a save renaming new files into the folder meanwhile changes
+    neither)."""
 
     files: dict[str, Path]
     handles: dict[Path, Any]
     metadata: dict[str, Any]
+    readers: dict[Path, Reader]
 
     @property
     def save_id(self) -> str | None:
@@ -227,7 +239,8 @@ def open_weights(folder: Path) -> Weights:
         for name, file in files.items():
             if not file.exists():
                 raise CheckpointError(f"{index} names {name}, which is not in {folder}")
-        handles = {files[name]: open_safetensors(files[name]) for name in sorted(files)}
+        opened = {files[name]: open_file(files[name]) for name in sorted(files)}
+        handles = {file: handle for file, (handle, _) in opened.items()}
         metadata = data.get("metadata")
         _check_one_save(index, metadata, handles)
         listed: dict[str, set[str]] = {name: set() for name in files}
@@ -243,10 +256,11 @@ def open_weights(folder: Path) -> Weights:
                         f"{files[name]} {what.format(count)} ({_describe(sorted(keys))}): the index and its shards "
                         "disagree; rewrite the index from the shards, or replace the folder with a complete copy")
         return Weights({key: files[name] for key, name in mapping.items()}, handles,
-                       metadata if isinstance(metadata, dict) else {})
+                       metadata if isinstance(metadata, dict) else {},
+                       {file: reader for file, (_, reader) in opened.items()})
     if single.exists():
-        handle = open_safetensors(single)
-        return Weights(dict.fromkeys(handle.keys(), single), {single: handle}, {})
+        handle, reader = open_file(single)
+        return Weights(dict.fromkeys(handle.keys(), single), {single: handle}, {}, {single: reader})
     if (folder / "zero_to_fp32.py").is_file() or any(p.is_dir() for p in folder.glob("global_step*")):
         raise CheckpointError(
             f"{folder} is a DeepSpeed checkpoint without gathered weights (only the global_step* shards); "
@@ -297,6 +311,54 @@ def _check_one_save(index: Path, metadata: Any, shards: dict[Path, Any]) -> None
                 "with a complete copy of the checkpoint")
 
 
+class Reader:
+    """A weight file held open for reads at byte offsets (`read_at`): the file as it was opened, also after a
+    save renames another into its place (reads by path would then mix the two saves' tensors)."""
+
+    _lock = threading.Lock()  # where the OS has no positional reads: seek + read, one at a time
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        weakref.finalize(self, os.close, self.fd)
+
+    def read_at(self, buffer: memoryview, offset: int) -> int:
+        """Read into `buffer` from byte `offset`; the bytes read (fewer at the end of the file)."""
+        if hasattr(os, "preadv"):
+            return os.preadv(self.fd, [buffer], offset)
+        with self._lock:
+            os.lseek(self.fd, offset, os.SEEK_SET)
+            data = os.read(self.fd, len(buffer))
+            buffer[: len(data)] = data
+            return len(data)
+
+    def is_at_path(self) -> bool:
+        """Whether the path still names this file."""
+        try:
+            now = os.stat(self.path)
+        except OSError:
+            return False
+        held = os.fstat(self.fd)
+        return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
+
+def open_file(file: Path, tries: int = 3) -> tuple[Any, Reader]:
+    """The safetensors handle of `file` and a `Reader` of the same file: a save into the folder that renames a new
+    file into place between the two opens is seen (the path no longer names the reader's file) and both are opened
+    again; after `tries` such saves, a CheckpointError."""
+    for _ in range(tries):
+        try:
+            reader = Reader(file)
+        except OSError as e:
+            open_safetensors(file)  # raises, saying why (permission, a Git LFS pointer, ...)
+            raise CheckpointError(f"{file}: cannot open it ({e.strerror})") from None
+        handle = open_safetensors(file)
+        if reader.is_at_path():
+            return handle, reader
+    raise CheckpointError(f"{file} was replaced {tries} times while it was being opened: another process is saving "
+                          "into the folder; load it once that save has finished")
+
+
 def open_safetensors(file: Path):
     try:
         return safe_open(str(file), framework="pt", device="cpu")
@@ -338,10 +400,11 @@ def mismatch_report(missing: list[str], unexpected: list[str], wrong: list[str])
 
 class LazyTensor:
     """One checkpoint tensor, read on indexing: `t[a:b]` reads rows a..b-1 of the memory-mapped file only.
-    `start`: the byte of the file where its data begins (`data_starts`), or None where unknown."""
+    `start`: the byte of the file where its data begins (`data_starts`), or None where unknown; `reader`: the
+    file's `Reader` (the view's file), which reads it there."""
 
-    def __init__(self, file: Path, key: str, view, start: int | None = None):
-        self.file, self.key, self.view, self.start = file, key, view, start
+    def __init__(self, reader: Reader, key: str, view, start: int | None = None):
+        self.reader, self.file, self.key, self.view, self.start = reader, reader.path, key, view, start
 
     def __getitem__(self, index) -> torch.Tensor:
         """The rows as stored, refused where they hold NaN or inf (`check_finite`)."""
@@ -360,13 +423,13 @@ class LazyTensor:
         cpu = device is None or torch.device(device).type == "cpu"
         if stored is not None and not (cpu and dtype in (None, stored)):
             out = torch.empty(self.view.get_shape(), dtype=dtype or stored, device=device or "cpu")
-            _read_into(self.file, self.start, out, stored)
+            _read_into(self.reader, self.start, out, stored)
             finite = all_finite(out)
         else:
             source = self._mapped(index)
             out = source.to(device=device, dtype=dtype)
             if whole and self.start is not None and out.data_ptr() == source.data_ptr():
-                finite = _finite_in_file(self.file, self.start, out)  # `out` is the mapping itself: left untouched
+                finite = _finite_in_file(self.reader, self.start, out)  # `out` is the mapping itself: left untouched
             else:
                 finite = all_finite(out)
         if not finite:
@@ -408,43 +471,41 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all())
 
 
-def _finite_in_file(file: Path, start: int, tensor: torch.Tensor, chunk: int = 1 << 23) -> bool:
-    """`all_finite` of the tensor whose data lie in `file` from byte `start`, read `chunk` bytes at a time with
-    file reads: checking a memory-mapped tensor through its mapping makes every page of it resident in this
+def _finite_in_file(reader: Reader, start: int, tensor: torch.Tensor, chunk: int = 1 << 23) -> bool:
+    """`all_finite` of the tensor whose data lie in `reader`'s file from byte `start`, read `chunk` bytes at a time
+    with file reads: checking a memory-mapped tensor through its mapping makes every page of it resident in this
     process, so weights a run never touches (an embedding table's unused rows, a ViT in text-only chat) would
     count in its memory as if used."""
-    return all(all_finite(piece) for _, piece in _file_pieces(file, start, tensor.dtype, tensor.numel(), chunk))
+    return all(all_finite(piece) for _, piece in _file_pieces(reader, start, tensor.dtype, tensor.numel(), chunk))
 
 
-def _read_into(file: Path, start: int, out: torch.Tensor, stored: torch.dtype, chunk: int = 1 << 23) -> None:
-    """Fill the contiguous `out` (any dtype and device) with the tensor stored as `stored` in `file` from byte
-    `start`, read `chunk` bytes at a time with file reads, each piece cast and moved on its own. Read through the
+def _read_into(reader: Reader, start: int, out: torch.Tensor, stored: torch.dtype, chunk: int = 1 << 23) -> None:
+    """Fill the contiguous `out` (any dtype and device) with the tensor stored as `stored` in `reader`'s file from
+    byte `start`, read `chunk` bytes at a time with file reads, each piece cast and moved on its own. Read through the
     memory mapping, the stored tensor's pages would stay resident in the process beside `out` until the file is
     closed: loading a bf16 checkpoint in fp32 would peak at 1.5 times the model's size, on a GPU at the whole
     checkpoint's size in host memory."""
     flat = out.view(-1)
-    for done, piece in _file_pieces(file, start, stored, out.numel(), chunk):
+    for done, piece in _file_pieces(reader, start, stored, out.numel(), chunk):
         flat[done:done + piece.numel()].copy_(piece)
 
 
-def _file_pieces(file: Path, start: int, dtype: torch.dtype, count: int,
+def _file_pieces(reader: Reader, start: int, dtype: torch.dtype, count: int,
                  chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """The `count` values of `dtype` stored in `file` from byte `start`, as (offset, piece) of at most `chunk`
-    bytes each; a piece lives in one buffer that the next overwrites."""
+    """The `count` values of `dtype` stored in `reader`'s file from byte `start`, as (offset, piece) of at most
+    `chunk` bytes each; a piece lives in one buffer that the next overwrites."""
     size = dtype.itemsize
     chunk -= chunk % size
     left = count * size
     buffer = bytearray(min(chunk, left))
     done = 0
-    with open(file, "rb") as f:
-        f.seek(start)
-        while left:
-            got = f.readinto(memoryview(buffer)[: min(chunk, left)])
-            if not got or got % size:
-                raise CheckpointError(f"{file}: ends inside its tensor data; the file is cut short")
-            yield done, torch.frombuffer(buffer, dtype=dtype, count=got // size)
-            done += got // size
-            left -= got
+    while left:
+        got = reader.read_at(memoryview(buffer)[: min(chunk, left)], start + done * size)
+        if not got or got % size:
+            raise CheckpointError(f"{reader.path}: ends inside its tensor data; the file is cut short")
+        yield done, torch.frombuffer(buffer, dtype=dtype, count=got // size)
+        done += got // size
+        left -= got
 
 
 def read_header(f: BinaryIO) -> dict | None:
@@ -460,16 +521,23 @@ def read_header(f: BinaryIO) -> dict | None:
     return header if isinstance(header, dict) else None
 
 
-def data_starts(file: Path) -> dict[str, int]:
-    """The byte of safetensors `file` where each tensor's data begin ({} where its header cannot be read:
-    the tensors are then checked through their mapping)."""
+def data_starts(reader: Reader) -> dict[str, int]:
+    """The byte of `reader`'s safetensors file where each tensor's data begin ({} where its header cannot be
+    read: the tensors are then checked through their mapping)."""
     try:
-        with open(file, "rb") as f:
-            header = read_header(f)
-            base = f.tell()
-        return {key: base + int(entry["data_offsets"][0]) for key, entry in (header or {}).items()
+        size = bytearray(8)
+        if reader.read_at(memoryview(size), 0) != 8:
+            return {}
+        length = int.from_bytes(size, "little")
+        if length > MAX_HEADER:
+            return {}
+        text = bytearray(length)
+        if reader.read_at(memoryview(text), 8) != length:
+            return {}
+        header = json.loads(text)
+        return {key: 8 + length + int(entry["data_offsets"][0]) for key, entry in header.items()
                 if key != "__metadata__"}
-    except (OSError, ValueError, TypeError, KeyError, IndexError):
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
         return {}
 
 
@@ -481,7 +549,8 @@ def open_state_dict(
     Keys in `optional` may be present or absent (a tied head written out by some tools). `weights`: the
     folder's, where the caller has opened them (`open_weights`).
     """
-    mapping, handles, _ = open_weights(folder) if weights is None else weights
+    weights = open_weights(folder) if weights is None else weights
+    mapping, handles, readers = weights.files, weights.handles, weights.readers
     present = set(mapping)
     missing = sorted(set(expected) - present - set(optional))
     unexpected = sorted(present - set(expected) - set(optional))
@@ -499,8 +568,8 @@ def open_state_dict(
         elif kind.startswith("F8"):
             float8.append((key, _FLOAT_KINDS[kind]))
         if mapping[key] not in starts:
-            starts[mapping[key]] = data_starts(mapping[key])
-        views[key] = LazyTensor(mapping[key], key, view, starts[mapping[key]].get(key))
+            starts[mapping[key]] = data_starts(readers[mapping[key]])
+        views[key] = LazyTensor(readers[mapping[key]], key, view, starts[mapping[key]].get(key))
     if float8:
         key, dtype = float8[0]
         raise float8_error(mapping[key], key, dtype, len(float8) - 1)
@@ -547,7 +616,7 @@ def parse_size(size: int | str) -> int:
     if isinstance(size, int):
         number = size
     else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(size).upper())
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size).upper())
         if not match:
             raise InputError(f"cannot read the size {size!r}; write e.g. '5GB' or '500MB'")
         unit = match[2] or "B"

@@ -555,7 +555,7 @@ def convert(
         out_config = config.to_dict()
 
     maps = key_maps(config)
-    mapping, handles, _ = checkpoint.open_weights(src)  # each file's header read once, for the keys and the tensors
+    mapping, handles, *_ = checkpoint.open_weights(src)  # each file's header read once, for the keys and the tensors
     names = {key: key for key in mapping}  # the name the table uses -> the name in the files
     tied_head = False
     if to == "official":
