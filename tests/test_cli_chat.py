@@ -1184,6 +1184,12 @@ def test_interactive_images_too_many_for_the_context_say_reset_drops_them(folder
     err = capsys.readouterr().err.splitlines()
     assert err[2].startswith("error: prompt is") and err[2].endswith(" (/reset starts over without the images)")
     assert len(err) == 4  # the question after /reset is answered
+    # The line's own <image> placeholder: checked alone it was a count error, which ended the session.
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {image}\n<image> Hi?\n/reset\nHi?\n"))
+    assert cli_chat.chat(model=str(small), device="cpu", max_new_tokens=2) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[2].startswith("error: prompt is") and err[2].endswith(" (/reset starts over without the images)"), err
+    assert len(err) == 4
 
 
 

@@ -150,3 +150,26 @@ def test_a_long_compiled_session_records_each_shape_once(folder):
     for _ in range(10):
         session()
     assert recorded_graphs() == first
+
+
+def test_a_device_map_on_gpus_with_device_given_as_a_torch_device_loads_in_bf16(folder):
+    """`device=torch.device("cpu")` beside a map onto the GPU compared unequal to "cpu": the model loaded in fp32."""
+    for device in ("cpu", torch.device("cpu")):
+        model = InternVL.from_pretrained(folder, device=device, device_map={"": "cuda:0"})
+        assert model.dtype == torch.bfloat16 and model.mlp1[0].weight.device.type == "cuda", device
+
+
+def test_vit_embeds_on_the_cpu_reach_a_cuda_engine(folder):
+    """Precomputed vision features given on the CPU: moved to the model's device, as pixel_values are."""
+    chat = InternVLChat.from_pretrained(folder, device="cuda", dtype="float32")
+    prepared = chat.prepare("What is it?", torch.randn(1, 3, 56, 56))
+    with torch.no_grad():
+        features = chat.model.extract_feature(prepared.pixel_values.cuda()).cpu()
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    tokens = {}
+    for name, request in (("pixels", Request(prepared.prompt_ids, params, prepared.pixel_values)),
+                          ("features", Request(prepared.prompt_ids, params, vit_embeds=features))):
+        events = [e for step in chat.engine.generate([request]) for e in step]
+        assert all(e.error is None for e in events), name
+        tokens[name] = [e.token for e in events]
+    assert tokens["features"] == tokens["pixels"]

@@ -973,6 +973,29 @@ def test_images_first_given_on_a_later_turn_are_placed_and_kept_in_the_history(s
             chat.prepare("What happens?", video=frames, history=bad)
 
 
+def test_a_video_placeholder_in_the_question_takes_the_frames_as_in_training(setup, tmp_path):
+    """`<video>` typed in a question stayed text while training data (and vLLM) put the frames there: the same
+    record text gave another prompt at inference. The frames go at it; without one, in front (the card's)."""
+    from internvl_mpo.train.data import MediaSettings, load_media
+
+    chat, _ = setup
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for k in range(4):
+        Image.new("RGB", (20, 10), (40 * k, 0, 0)).save(frames / f"{k + 1}.png")
+    prefix = "".join(f"Frame{k}: <image>\n" for k in range(1, 5))
+    for question, placed in (("<video>\nWhat happens?", prefix + "What happens?"),
+                             ("Watch <video> closely.", f"Watch {prefix} closely."),
+                             ("What happens?", prefix + "What happens?")):
+        assert chat.prepare(question, video=str(frames), num_segments=4).question == placed
+        settings = MediaSettings(video_frames=4, image_size=chat.config.image_size)
+        trained = load_media((), False, str(frames), question, settings)[2]
+        assert trained == placed
+    assert chat.prepare("<video> and <video>?").question == "<video> and <video>?"  # no video: text
+    with pytest.raises(InputError, match="^the question holds 2 <video> placeholders; a video's frames go at one$"):
+        chat.prepare("<video> and <video>?", video=str(frames), num_segments=4)
+
+
 def test_the_model_cards_calls_give_the_official_prompt_ids(setup, checkpoint):
     """The card's chat() calls (one image, a follow-up turn, combined and separate images, a video,
     pure text), written with this API, give the ids of the prompt the official chat() builds

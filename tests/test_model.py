@@ -648,3 +648,23 @@ def test_tiles_flagged_zero_give_no_features_as_in_the_official_forward(referenc
     with torch.no_grad():
         got = ours(ids, pixel_values=pixels, image_flags=torch.tensor([0, 1, 0]))
         assert_close(got, hf_logits(ref, ids, pixels[1:2]), **TOL)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_decode_steps_grouped_attention_equals_sdpas_gqa(rows):
+    """A decode step (one query, an additive mask) puts each KV head's query heads on the query axis instead of
+    enable_gqa, which with a mask has no fused kernel on CUDA: the same values as SDPA's grouped attention."""
+    import torch.nn.functional as F
+
+    from internvl_mpo.llm import attend
+
+    heads, kv_heads, dim, span = 14, 2, 16, 37
+    q, k, v = torch.randn(rows, heads, 1, dim), torch.randn(rows, kv_heads, span, dim), torch.randn(rows, kv_heads,
+                                                                                                     span, dim)
+    mask = torch.zeros(rows, 1, 1, span)
+    mask[0, :, :, :5] = float("-inf")  # a left-padded row
+    cos, sin = torch.ones(1, 1, dim), torch.zeros(1, 1, dim)  # no rotation
+    got = attend(q, k, v, cos, sin, mask, None, None, 0.0, True)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    assert got.shape == (rows, 1, heads * dim)
+    assert_close(got, expected.reshape(rows, 1, -1), rtol=1e-5, atol=1e-6)

@@ -679,6 +679,15 @@ def test_a_video_part_is_answered_as_chat_answers_about_the_video(client, local_
     assert reply.choices[0].message.content.strip() == local_chat.chat(
         "What colour is it?", video=path, do_sample=False, max_new_tokens=STEPS)
     assert reply.usage.prompt_tokens == len(local_chat.prepare("What colour is it?", video=path).prompt_ids)
+    placed = [{"role": "user", "content": [{"type": "text", "text": "Here: <video>\nWhat colour is it?"},
+                                           {"type": "video_url", "video_url": {"url": url}}]}]
+    reply = client.chat.completions.create(model="m", messages=placed, **GREEDY)  # the frames at its <video>
+    assert reply.usage.prompt_tokens == len(local_chat.prepare("Here: <video>\nWhat colour is it?", video=path)
+                                            .prompt_ids)
+    twice = [{"role": "user", "content": [{"type": "text", "text": "<video> or <video>?"},
+                                          {"type": "video_url", "video_url": {"url": url}}]}]
+    with pytest.raises(openai.BadRequestError, match="the question holds 2 <video> placeholders"):
+        client.chat.completions.create(model="m", messages=twice, **GREEDY)
     video = {"type": "video_url", "video_url": {"url": url}}
     for content, where in (([video, video], "messages[0].content[1]"),
                            ([video, {"type": "image_url", "image_url": {"url": data_url(png(56, 56))}}],

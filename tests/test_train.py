@@ -1190,6 +1190,22 @@ def test_resume_compares_tiles_with_meta_jsons_per_dataset_value(tmp_path, chat_
     assert train(dataclasses.replace(cfg, resume=True, max_dynamic_patch=4)).steps == 2
 
 
+def test_the_saved_config_records_the_tile_budget_the_run_trained_with(tmp_path, chat_folder, meta):
+    """--max-dynamic-patch goes into the saved config.json (final and checkpoints), as the official trainers write
+    it before training: servers read it as their default tile budget. A resume from such a checkpoint goes on."""
+    assert json.loads((chat_folder / "config.json").read_text())["max_dynamic_patch"] != 1
+    cfg = config(chat_folder, meta, tmp_path / "run", max_steps=2, save_every=1, max_dynamic_patch=1)
+    result = train(cfg)
+    for folder in (result.final_dir, tmp_path / "run" / "checkpoint-000001" / "model"):
+        saved = json.loads((folder / "config.json").read_text())
+        assert (saved["max_dynamic_patch"], saved["min_dynamic_patch"]) == (1, 1), folder
+    killed_after_step_1(tmp_path / "run")
+    assert train(dataclasses.replace(cfg, resume=True)).steps == 2
+    plain = train(config(chat_folder, meta, tmp_path / "plain", max_steps=1))  # without the flag: the model's own
+    assert json.loads((plain.final_dir / "config.json").read_text())["max_dynamic_patch"] == \
+        json.loads((chat_folder / "config.json").read_text())["max_dynamic_patch"]
+
+
 def test_resume_takes_another_tile_limit_where_dynamic_tiling_is_off(tmp_path, chat_folder, meta):
     """With the config's dynamic_image_size false every image is one tile, whatever --max-dynamic-patch says: a resume
     that changed only that was refused although the run's data stayed the same."""

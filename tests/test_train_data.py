@@ -545,6 +545,14 @@ def test_sft_truncation_never_cuts_image_tokens(tmp_path, tokenizer, settings):
     assert full.labels[-1] == -100 and full.labels[-2] != -100  # the newline after the last <|im_end|>
     newline = SFTDataset(records, tokenizer, settings, len(full.input_ids) - 1)[0]
     assert not newline.truncated and newline.labels == full.labels[:-1]  # cut, but no answer token lost
+    # <img> / </img> typed in an answer are those ids (as in the official tokenizer) but no image: cut as text
+    typed = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Red " * 30 + "</img> and <img>" + "Red " * 30}]
+    (tmp_path / "typed.jsonl").write_text(json.dumps({"conversations": typed}) + "\n")
+    typed = read_sft_records(str(tmp_path / "typed.jsonl"), str(tmp_path / "images"))
+    whole_text = SFTDataset(typed, tokenizer, settings, 100_000)[0]
+    assert tokenizer.img_end_id in whole_text.input_ids and tokenizer.img_context_id not in whole_text.input_ids
+    cut = SFTDataset(typed, tokenizer, settings, whole_text.input_ids.index(tokenizer.img_end_id) - 2)[0]
+    assert not isinstance(cut, BadExample) and cut.truncated
     (tmp_path / "text.jsonl").write_text(json.dumps({"conversations": convo[:2]}) + "\n")
     text = read_sft_records(str(tmp_path / "text.jsonl"), str(tmp_path / "images"))
     short = SFTDataset(text, tokenizer, settings, 5)[0]  # the answer starts past token 5

@@ -295,8 +295,10 @@ def chat(
 def _fits_alone(bot, question: str, system: str | None) -> bool:
     """Whether `question` alone, without the conversation's turns and images, fits the model's context: only
     then does /reset, which drops them, help a question too long for it."""
-    try:
-        bot.check_prompt(question, None, [], system)
+    from .chat.template import IMAGE_PLACEHOLDER
+
+    try:  # its own <image> placeholders go with the images (they would be a count error without them)
+        bot.check_prompt(question.replace(IMAGE_PLACEHOLDER, ""), None, [], system)
     except PromptTooLongError:
         return False
     return True

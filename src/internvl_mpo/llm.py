@@ -283,9 +283,16 @@ def attend(q, k, v, cos, sin, mask, cache: KVCache | None, cache_positions, drop
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache is not None:
         k, v = cache.update(cache_positions, k, v)  # (B, K, S, D)
+    b, h, t, d = q.shape
+    if gqa and t == 1 and mask is not None:
+        # A decode step: the query heads of each KV head go on the query axis, (B, K, H/K, D), and the mask broadcasts
+        # over them. The same values without enable_gqa, which with a mask has no fused kernel on CUDA (SDPA fell
+        # back to its math one, K and V copied per query head in fp32); 1.5x as fast on the CPU for 14 over 2 heads.
+        out = F.scaled_dot_product_attention(q.view(b, k.shape[1], -1, d), k, v, attn_mask=mask, dropout_p=dropout_p)
+        return out.reshape(b, 1, h * d)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p,
                                          enable_gqa=gqa)  # (B, H, T, D)
-    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+    return out.transpose(1, 2).reshape(b, t, -1)
 
 
 class MLP(nn.Module):

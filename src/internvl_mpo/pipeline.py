@@ -30,7 +30,7 @@ from .chat.template import (
     build_prompt_ids,
     check_prompt_length,
     get_template,
-    holds_images,
+    place_video,
     prompt_length,
 )
 from .chat.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokenizer, load_tokenizer
@@ -180,8 +180,7 @@ class InternVLChat:
                                f"least, leaving no room in the model's context of {self.context}")
         planned = planned_frame_tiles(video, num_segments, self.config.image_size, max_num, max_pixels,
                                       context_length=self.context)
-        if not holds_images(question, history or ()):
-            question = video_prefix(len(planned)) + question
+        question = place_video(question, video_prefix(len(planned)), history or ())
         frames = "1 frame takes" if len(planned) == 1 else f"{len(planned)} frames take"
         said = f"; the video's {frames} {sum(planned)} tile{'s' * (sum(planned) > 1)} (a smaller "
         fewer = ("num_segments", " or ", "max_num", " gives fewer)") if max_num > 1 else ("num_segments", " gives fewer)")
@@ -310,8 +309,7 @@ class InternVLChat:
                 clip = load_video(video, num_segments=num_segments, image_size=self.config.image_size,
                                   max_num=per_frame, max_pixels=max_pixels, context_length=self.context)
             pixels, counts = clip.pixel_values, list(clip.num_patches_list)
-            if not holds_images(question, history or ()):
-                question = clip.prefix + question
+            question = place_video(question, clip.prefix, history or ())
         else:
             pixels, counts = self.load_images(
                 images, max_num, total_max_num, num_patches_list, max_pixels,

@@ -40,6 +40,7 @@ from internvl_mpo.chat.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokeniz
 from internvl_mpo.errors import ConfigError, InputError, PromptTooLongError
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"  # where a video's frames go (training data, vLLM); the card prefixes them
 IGNORE_INDEX = -100
 NUM_IMAGE_TOKEN = 256  # LLM tokens per 448x448 tile: (448 / 14) ** 2 * 0.5 ** 2
 
@@ -137,6 +138,21 @@ def add_image_prefix(question: str, num_images: int, history: Sequence[tuple[str
     if num_images == 1:
         return f"{IMAGE_PLACEHOLDER}\n{question}"
     return "".join(f"Image-{k}: {IMAGE_PLACEHOLDER}\n" for k in range(1, num_images + 1)) + question
+
+
+def place_video(question: str, prefix: str, history: Sequence[tuple[str, str]] = ()) -> str:
+    """The question with a video's frame `prefix` ("Frame1: <image>\\n..."): at its `<video>` (with the newline
+    after it, as training data puts them), else in front, as the model card does; unchanged where the question
+    or one in the `history` holds `<image>` (the frames go there). Two `<video>` are refused: one video fills one."""
+    if holds_images(question, history):
+        return question
+    count = question.count(VIDEO_PLACEHOLDER)
+    if count > 1:
+        raise InputError(f"the question holds {count} {VIDEO_PLACEHOLDER} placeholders; a video's frames go at one")
+    if count == 0:
+        return prefix + question
+    at = VIDEO_PLACEHOLDER + "\n" if VIDEO_PLACEHOLDER + "\n" in question else VIDEO_PLACEHOLDER
+    return question.replace(at, prefix, 1)
 
 
 def _tiles_said(num_patches_list: Sequence[int]) -> str:

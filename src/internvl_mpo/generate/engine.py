@@ -244,7 +244,8 @@ class Engine:
         model = self.model
         ids = torch.tensor([[int(i) for i in request.prompt_ids]], device=model.device)  # NumPy ids: no slow path
         pixels = None if request.pixel_values is None else request.pixel_values.to(model.device, model.dtype)
-        embeds = model.embed(ids, pixels, vit_embeds=request.vit_embeds)
+        vit_embeds = None if request.vit_embeds is None else request.vit_embeds.to(model.device)  # as pixel_values
+        embeds = model.embed(ids, pixels, vit_embeds=vit_embeds)
         positions = torch.arange(ids.shape[1], device=model.device)[None]
         lm = model.language_model
         return lm.model(embeds, positions, None, [c.prefill_row(row) for c in caches], None)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..chat.template import build_prompt_ids, get_template, prompt_length
+from ..chat.template import build_prompt_ids, get_template, place_video, prompt_length
 from ..chat.tokenizer import IMG_CONTEXT, Tokenizer
 from ..errors import InputError, SettingError
 from ..generate.params import SamplingParams
@@ -111,10 +111,14 @@ def _video_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings
     """The prompt of a request with a video, as `InternVLChat.prepare` builds it but with the template's system
     message, as other requests: VIDEO_FRAMES frames, `max_num` tiles each (1 by default, as the model card; within
     --max-tiles in all, and fewer where the frames' tiles would not leave TEXT_ROOM tokens of the sequence), their
-    `Frame1: <image>` lines in front of the question. The video's bytes come as an image's do (a data: URL, or a
+    `Frame1: <image>` lines in front of the question or at its `<video>`. The video's bytes come as an image's do (a data: URL, or a
     file or http(s) URL when allowed, within --max-image-bytes); PyAV reads them from a temporary file. `fits`
     gets the prompt's length, planned from the stream's frame size, before a frame is decoded."""
     param, url = req.video_url
+    try:
+        place_video(req.question, "")  # two <video> in the question: refused before the video is fetched
+    except InputError as e:
+        raise ApiError(400, str(e), "messages") from None
     raw = image_bytes(url, param, settings)
     config = chat.config
     per_frame = min(req.max_num or 1, max(1, settings.max_tiles // VIDEO_FRAMES),
@@ -129,7 +133,7 @@ def _video_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings
         try:
             if fits is not None:
                 planned = planned_frame_tiles(file.name, **frames)
-                fits(prompt_length(chat.tokenizer, video_prefix(len(planned)) + req.question,
+                fits(prompt_length(chat.tokenizer, place_video(req.question, video_prefix(len(planned))),
                                    num_patches_list=planned, **prompt))
             video = load_video(file.name, **frames)
         except InputError as e:
@@ -137,8 +141,8 @@ def _video_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings
             why = why.replace(AS_AN_IMAGE, "send it as an image_url part")
             raise ApiError(400, f"{param}: {why}", param, "invalid_video") from None
     try:
-        ids = build_prompt_ids(chat.tokenizer, video.prefix + req.question, num_patches_list=video.num_patches_list,
-                               **prompt)
+        ids = build_prompt_ids(chat.tokenizer, place_video(req.question, video.prefix),
+                               num_patches_list=video.num_patches_list, **prompt)
     except InputError as e:
         raise ApiError(400, str(e), "messages") from None
     return ids, video.pixel_values

@@ -65,6 +65,7 @@ from PIL import Image
 from internvl_mpo.chat.template import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
+    VIDEO_PLACEHOLDER,
     add_image_prefix,
     build_pair_ids,
     build_training_ids,
@@ -78,7 +79,6 @@ from internvl_mpo.processor.video import load_video
 from internvl_mpo.train.mmpr import PreferenceRecord, SFTRecord
 from internvl_mpo.train.settings import REJECTED_SPANS
 
-VIDEO_PLACEHOLDER = "<video>"
 SFT_ROLE_NAMES = {"human": "user", "gpt": "assistant", "system": "system"}
 JPEG_QUALITIES = tuple(range(75, 101))  # the official `qualities`, each equally likely
 
@@ -412,8 +412,11 @@ def encode_sft(
         raise InputError(f"{where}: {_flagged(e)}") from None
     truncated = _supervised(labels[max_seq_length:]) > 0  # not for the untrained newline after <|im_end|> alone
     if len(ids) > max_seq_length:
-        image_ids = {tokenizer.img_start_id, tokenizer.img_context_id, tokenizer.img_end_id}
-        if any(t in image_ids for t in ids[max_seq_length:]):
+        # the last image's context tokens and the </img> after them must be kept; a <img> or </img> typed in an
+        # answer (the tokenizer reads them as those ids, as the official one does) is text, cut as any; a typed
+        # <IMG_CONTEXT> is refused earlier, so context ids are images'
+        last = len(ids) - 1 - ids[::-1].index(tokenizer.img_context_id) if tokenizer.img_context_id in ids else -1
+        if last >= 0 and last + 1 >= max_seq_length:
             raise InputError(
                 f"{where}: the conversation is {len(ids)} tokens and cutting it to --max-seq-length {max_seq_length}"
                 f" would cut image tokens; lower {_tiles_flag(record.video)} or raise --max-seq-length"

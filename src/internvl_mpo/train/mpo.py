@@ -317,6 +317,10 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
     elif resume_from is not None:
         resume_weights(resume_from, policy, cfg)
     set_drop_path(policy, cfg.drop_path_rate)
+    if cfg.max_dynamic_patch is not None:  # saved in the model's config.json, as the official trainers save the tile
+        config = policy.config                # budget they trained with (servers read it as their default)
+        policy.config = config.replace(max_dynamic_patch=cfg.max_dynamic_patch,
+                                       min_dynamic_patch=min(config.min_dynamic_patch, cfg.max_dynamic_patch))
     freeze(policy, cfg)
     if cfg.lora_rank:
         names = lora_target_names(policy, llm=True, vision=cfg.lora_vision)
