@@ -111,9 +111,9 @@ def _video_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings
     """The prompt of a request with a video, as `InternVLChat.prepare` builds it but with the template's system
     message, as other requests: VIDEO_FRAMES frames, `max_num` tiles each (1 by default, as the model card; within
     --max-tiles in all, and fewer where the frames' tiles would not leave TEXT_ROOM tokens of the sequence), their
-    `Frame1: <image>` lines in front of the question or at its `<video>`. The video's bytes come as an image's do (a data: URL, or a
-    file or http(s) URL when allowed, within --max-image-bytes); PyAV reads them from a temporary file. `fits`
-    gets the prompt's length, planned from the stream's frame size, before a frame is decoded."""
+    `Frame1: <image>` lines in front of the question or at its `<video>`. The video's bytes come as an image's do
+    (a data: URL, or a file or http(s) URL when allowed, within --max-image-bytes); PyAV reads them from a temporary
+    file. `fits` gets the prompt's length, planned from the stream's frame size, before a frame is decoded."""
     param, url = req.video_url
     try:
         place_video(req.question, "")  # two <video> in the question: refused before the video is fetched
