@@ -628,6 +628,13 @@ def test_remote_code_note_names_the_matching_repo(tmp_path):
     for name in ("configuration_internvl_chat.py", "modeling_internvl_chat.py"):
         (tmp_path / name).write_text("")
     assert remote_code_note(tmp_path) is None
+    internlm2 = tmp_path / "8B"  # its llm_config's auto_map names InternLM2's files, which the note named not
+    internlm2.mkdir()
+    family_config("8B").to_json(internlm2 / "config.json")
+    for name in ("configuration_internvl_chat.py", "modeling_internvl_chat.py"):
+        (internlm2 / name).write_text("")
+    assert remote_code_note(internlm2).startswith(f"note: {internlm2} has no configuration_internlm2.py, "
+                                                  "modeling_internlm2.py.")
 
 
 def a_photo() -> Image.Image:

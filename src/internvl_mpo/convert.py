@@ -795,9 +795,12 @@ def remote_code_note(folder: str | Path) -> str | None:
     needs, missing = [], []
     for settings, loader in ((config, "the official code (AutoModel.from_pretrained(..., trust_remote_code=True))"),
                              (tokenizer, "AutoTokenizer.from_pretrained(..., trust_remote_code=True)")):
-        auto_map = settings.get("auto_map") if isinstance(settings, dict) else None
-        absent = [f for f in companions.auto_map_files(auto_map if isinstance(auto_map, dict) else {})
-                  if not (folder / f).is_file() and f not in missing]
+        # its own auto_map and its nested configs' (InternLM2's llm_config names modeling_internlm2.py)
+        maps = [c.get("auto_map") for c in (settings, *settings.values()) if isinstance(c, dict)] \
+            if isinstance(settings, dict) else []
+        absent = [f for auto_map in maps if isinstance(auto_map, dict) for f in companions.auto_map_files(auto_map)
+                  if not (folder / f).is_file()]
+        absent = [f for f in dict.fromkeys(absent) if f not in missing]
         if absent:
             needs.append(loader)
             missing += absent
