@@ -693,6 +693,28 @@ def test_a_weight_file_replaced_between_its_two_opens_is_opened_again(tmp_path, 
         checkpoint.open_file(file)
 
 
+def test_short_reads_of_a_weight_file_are_read_on_not_called_a_cut_file(tmp_path):
+    """A network or FUSE filesystem may return fewer bytes than asked: the read goes on (as buffered reads did),
+    and only the file's end is a cut file."""
+    from safetensors.torch import save_file
+
+    from internvl_mpo import checkpoint
+
+    class Trickle(checkpoint.Reader):  # at most 3 bytes a read: fewer than a float32
+        def _read(self, buffer, offset):
+            return super()._read(buffer[:3], offset)
+
+    file = tmp_path / "w.safetensors"
+    w = torch.randn(37, 29)
+    save_file({"w": w}, str(file))
+    reader = Trickle(file)
+    out = torch.empty(37, 29, dtype=torch.float64)
+    checkpoint._read_into(reader, checkpoint.data_starts(reader)["w"], out, torch.float32, chunk=64)
+    assert torch.equal(out, w.double())
+    with pytest.raises(CheckpointError, match="ends inside its tensor data"):
+        checkpoint._read_into(reader, file.stat().st_size - 8, out, torch.float32, chunk=64)
+
+
 def test_parse_size():
     assert parse_size("5GB") == 5_000_000_000
     assert parse_size("2GiB") == 2 * 1024**3

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 import pytest
 import torch
@@ -385,6 +386,34 @@ def test_select_layer_takes_each_index_of_the_official_hidden_state_tuple_and_no
     for layer in (-n - 2, n + 1):
         with pytest.raises(ConfigError, match=rf"^select_layer {layer} is out of range for a {n}-layer ViT$"):
             tiny.replace(select_layer=layer)
+
+
+def test_json_files_with_integers_past_pythons_digit_limit_are_named(tmp_path):
+    """json.loads raises a plain ValueError for an integer of more than 4300 digits (Python's limit on reading
+    them): a request line, config.json, meta.json, MMPR line or metrics line holding one was a traceback."""
+    from internvl_mpo.config import read_config_json
+    from internvl_mpo.errors import InputError
+    from internvl_mpo.jsonl import read_objects
+    from internvl_mpo.train.cli import read_metrics
+    from internvl_mpo.train.mmpr import load_meta
+
+    huge = "7" * 5000
+    path = tmp_path / "big.json"
+    path.write_text('{"x": ' + huge + "}")
+    lines = tmp_path / "big.jsonl"
+    lines.write_text('{"step": 1, "question": ' + huge + "}\n")
+    digits = f"an integer of more than {sys.get_int_max_str_digits()} digits"
+    cases = [(lambda: read_config_json(path), ConfigError, f"big.json: its JSON holds {digits}"),
+             (lambda: load_meta(str(path)), InputError, f"big.json: its JSON holds {digits}"),
+             (lambda: list(read_objects(lines)), InputError, f"big.jsonl:1: its JSON holds {digits}"),
+             (lambda: read_metrics(lines), InputError, f"big.jsonl:1: its JSON holds {digits}")]
+    for call, error, message in cases:
+        with pytest.raises(error) as caught:
+            call()
+        assert message in str(caught.value)
+    lines.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 1' + "0" * 400 + "}\n")  # read, past a float
+    with pytest.raises(InputError, match="big.jsonl:2: 'loss' is an integer of 401 digits, past what a plot can draw"):
+        read_metrics(lines)
 
 
 def test_json_files_nested_too_deeply_are_named_not_a_recursion_error(tmp_path):

@@ -992,6 +992,13 @@ def test_a_video_placeholder_in_the_question_takes_the_frames_as_in_training(set
         trained = load_media((), False, str(frames), question, settings)[2]
         assert trained == placed
     assert chat.prepare("<video> and <video>?").question == "<video> and <video>?"  # no video: text
+    # beside an <image>, the frames still go at the <video>, as training puts them (the official reader's order)
+    mixed = "<image>\nSee <video>\nWhat happens?"
+    trained = load_media((), False, str(frames), mixed, MediaSettings(video_frames=4,
+                                                                     image_size=chat.config.image_size))[2]
+    assert trained == f"<image>\nSee {prefix}What happens?"
+    with pytest.raises(InputError, match="5 <image> placeholder"):  # the same prompt: one <image> too many
+        chat.prepare(mixed, video=str(frames), num_segments=4)
     with pytest.raises(InputError, match="^the question holds 2 <video> placeholders; a video's frames go at one$"):
         chat.prepare("<video> and <video>?", video=str(frames), num_segments=4)
 

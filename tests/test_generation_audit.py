@@ -113,11 +113,13 @@ def test_a_constrained_rows_top_logprobs_do_not_depend_on_a_neighbours_count(cha
     params = SamplingParams(max_new_tokens=5, choice=("yes", "no", "maybe"))
     request = Request(chat.prepare("Yes or no?").prompt_ids, params, logprobs=4)
     other = Request(chat.prepare("Hi").prompt_ids, SamplingParams(max_new_tokens=8, ignore_eos=True), logprobs=20)
+    same_k = Request(chat.prepare("Hello?").prompt_ids, SamplingParams(max_new_tokens=8, ignore_eos=True), logprobs=4)
     alone = [e for step in chat.engine.generate([request]) for e in step]
-    beside = [e for step in chat.engine.generate([request, other]) for e in step if e.rid == 0]
-    assert [e.token for e in alone] == [e.token for e in beside]
     assert any(v == float("-inf") for e in alone for _, v in e.top_logprobs)  # ties among masked tokens
-    assert [[i for i, _ in e.top_logprobs] for e in beside] == [[i for i, _ in e.top_logprobs] for e in alone]
+    for neighbours in ([other], [same_k], [other, same_k]):
+        beside = [e for step in chat.engine.generate([request, *neighbours]) for e in step if e.rid == 0]
+        assert [e.token for e in alone] == [e.token for e in beside]
+        assert [[i for i, _ in e.top_logprobs] for e in beside] == [[i for i, _ in e.top_logprobs] for e in alone]
 
 
 def test_a_stop_id_held_back_by_min_new_tokens_stops_the_answer_once_the_minimum_is_reached(chat):

@@ -499,6 +499,9 @@ def test_a_line_nested_too_deeply_is_a_bad_line_not_a_recursion_error(tmp_path, 
     sft = _write_jsonl(tmp_path / "s.jsonl", ['{"conversations": ' + "[" * 5000 + "]" * 5000 + "}"])
     with pytest.raises(InputError, match=r"s.jsonl:1: malformed JSON \(nested too deeply"):
         read_sft_records(sft, root)
+    huge = '{"question": "q", "chosen": "A", "rejected": "B", "score": ' + "9" * 5000 + "}"  # past Python's digits
+    with pytest.raises(InputError, match=r"ds.jsonl:2: malformed JSON \(an integer of more than \d+ digits\)"):
+        read_records(_spec(tmp_path, root, [_pair(0), huge]), 0)
 
 
 def test_sft_repeat_time_above_one_is_a_whole_number(tmp_path, root):

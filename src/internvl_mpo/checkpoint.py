@@ -323,7 +323,17 @@ class Reader:
         weakref.finalize(self, os.close, self.fd)
 
     def read_at(self, buffer: memoryview, offset: int) -> int:
-        """Read into `buffer` from byte `offset`; the bytes read (fewer at the end of the file)."""
+        """Fill `buffer` from byte `offset`; the bytes read (fewer only at the end of the file). A read that returns
+        fewer bytes than asked (network and FUSE filesystems may) is followed by another, as buffered reads do."""
+        done = 0
+        while done < len(buffer):
+            got = self._read(buffer[done:], offset + done)
+            if not got:
+                break
+            done += got
+        return done
+
+    def _read(self, buffer: memoryview, offset: int) -> int:
         if hasattr(os, "preadv"):
             return os.preadv(self.fd, [buffer], offset)
         with self._lock:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .jsonl import too_many_digits
 
 log = logging.getLogger(__name__)
 
@@ -521,6 +522,8 @@ def read_config_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: its JSON is nested too deeply to read") from None
     except UnicodeDecodeError as e:  # UTF-16, say, as some Windows editors save
         raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+    except ValueError:  # Python's limit on the digits of an integer read from text
+        raise ConfigError(f"{path}: its JSON holds {too_many_digits()}") from None
     except OSError as e:  # a folder of that name, no permission to read it
         raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
     if not isinstance(d, dict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import difflib
 import json
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -13,6 +14,11 @@ from .errors import InputError
 # other names that input files give the input fields (after `_plain_name`'s other changes): refused as those
 FIELD_ALIASES = {"img": "image", "picture": "image", "photo": "image", "prompt": "question", "query": "question",
                  "instruction": "question"}
+
+
+def too_many_digits() -> str:
+    """What json.loads's plain ValueError means: an integer past Python's limit on the digits read from text."""
+    return f"an integer of more than {sys.get_int_max_str_digits()} digits"
 
 
 def check_input_file(path: str | Path, what: str) -> Path:
@@ -58,6 +64,8 @@ def read_objects(path: str | Path, what: str = "file") -> Iterator[tuple[str, di
             raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
         except RecursionError:
             raise InputError(f"{where}: its JSON is nested too deeply to read") from None
+        except ValueError:  # Python's limit on the digits of an integer read from text
+            raise InputError(f"{where}: its JSON holds {too_many_digits()}") from None
         if not isinstance(row, dict):
             raise InputError(f"{where}: expected a JSON object")
         if problem := lone_surrogate(line, row):

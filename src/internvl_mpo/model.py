@@ -262,7 +262,7 @@ class InternVL(nn.Module):
             model = cls(config, image_token_id=image_token_id)
         if device_map is not None:
             check_device_map(device_map, model.state_dict())
-            if torch.device(device).type == "cpu":  # torch.device("cpu") too: its default dtype is the GPUs' bf16
+            if devices.parse_device(device).type == "cpu":  # torch.device("cpu") too: the default dtype is the GPUs'
                 device = device_for("mlp1", device_map, device)
         device = devices.parse_device(device)
         auto = checkpoint.auto_dtype(folder, config.torch_dtype, weights) if dtype == "auto" else None

@@ -142,15 +142,14 @@ def add_image_prefix(question: str, num_images: int, history: Sequence[tuple[str
 
 def place_video(question: str, prefix: str, history: Sequence[tuple[str, str]] = ()) -> str:
     """The question with a video's frame `prefix` ("Frame1: <image>\\n..."): at its `<video>` (with the newline
-    after it, as training data puts them), else in front, as the model card does; unchanged where the question
-    or one in the `history` holds `<image>` (the frames go there). Two `<video>` are refused: one video fills one."""
-    if holds_images(question, history):
-        return question
+    after it), as training data puts them (there also beside an `<image>`, as the official reader does); without
+    one, unchanged where the question or one in the `history` holds `<image>` (the frames go there), else in
+    front, as the model card does. Two `<video>` are refused: one video fills one."""
     count = question.count(VIDEO_PLACEHOLDER)
     if count > 1:
         raise InputError(f"the question holds {count} {VIDEO_PLACEHOLDER} placeholders; a video's frames go at one")
     if count == 0:
-        return prefix + question
+        return question if holds_images(question, history) else prefix + question
     at = VIDEO_PLACEHOLDER + "\n" if VIDEO_PLACEHOLDER + "\n" in question else VIDEO_PLACEHOLDER
     return question.replace(at, prefix, 1)
 

@@ -619,16 +619,16 @@ class Generation:
             return None
         logp = torch.log_softmax(logits.float(), dim=-1)
         chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
-        out = []
-        for i, w in enumerate(wanted):
-            if not w:
-                out.append(None if w is None else (chosen[i], ()))
-                continue
-            # each row's own k over its own row: torch orders tied values (the -inf of a constrained row's
-            # masked tokens) differently for another k, so one topk cut per row let neighbours change the list
-            best = logp[i : i + 1].topk(w, dim=-1)
-            out.append((chosen[i], tuple(zip(best.indices[0].tolist(), best.values[0].tolist()))))
-        return out
+        tops: dict[int, tuple] = {}
+        for k in {w for w in wanted if w}:
+            # one topk per count asked, over the rows asking it: torch orders tied values (the -inf of a
+            # constrained row's masked tokens) differently for another k, so one topk with the largest k, cut to
+            # each row's, let neighbours change a row's list
+            rows_k = [i for i, w in enumerate(wanted) if w == k]
+            best = logp[rows_k].topk(k, dim=-1)
+            tops |= {i: tuple(zip(ids, values))
+                     for i, ids, values in zip(rows_k, best.indices.tolist(), best.values.tolist())}
+        return [None if w is None else (chosen[i], tops.get(i, ())) for i, w in enumerate(wanted)]
 
     def _emit(self, tokens: list[int], first: int = 0, logprobs: list | None = None,
               ended: list[int] | None = None) -> list[Event]:

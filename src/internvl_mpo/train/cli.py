@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from internvl_mpo.errors import InputError, Interrupted
-from internvl_mpo.jsonl import read_input_bytes
+from internvl_mpo.jsonl import read_input_bytes, too_many_digits
 
 
 def train(
@@ -189,12 +189,19 @@ def read_metrics(path: Path) -> list[dict]:
             raise InputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
         except RecursionError:
             raise InputError(f"{path}:{number}: its JSON is nested too deeply to read") from None
+        except ValueError:  # Python's limit on the digits of an integer read from text
+            raise InputError(f"{path}:{number}: its JSON holds {too_many_digits()}") from None
         if not (isinstance(row, dict) and isinstance(row.get("step"), int | float)):
             raise InputError(f"{path}:{number}: not a metrics.jsonl row (an object with a numeric 'step')")
         for key in PLOTTED:  # missing or null: a gap in the curve
             value = row.get(key)
             if isinstance(value, bool) or not (value is None or isinstance(value, int | float)):
                 raise InputError(f"{path}:{number}: {key!r} is {json.dumps(value)[:40]}, not a number or null")
+            try:
+                float(value or 0)
+            except OverflowError:  # an integer past float's range (JSON's integers have no bound)
+                raise InputError(f"{path}:{number}: {key!r} is an integer of {len(str(value))} digits, past what a "
+                                 "plot can draw") from None
         rows.append(row)
     return rows
 

@@ -69,6 +69,7 @@ from internvl_mpo.chat.template import (
     add_image_prefix,
     build_pair_ids,
     build_training_ids,
+    place_video,
 )
 from internvl_mpo.chat.tokenizer import Tokenizer
 from internvl_mpo.config import ModelConfig
@@ -215,12 +216,7 @@ def load_media(
     if video is not None:
         frames = load_video(video, num_segments=s.video_frames, image_size=s.image_size, frame_transform=augment,
                             max_pixels=s.max_pixels, context_length=context_length)
-        if VIDEO_PLACEHOLDER in question:
-            question = question.replace(VIDEO_PLACEHOLDER + "\n", frames.prefix, 1)
-            question = question.replace(VIDEO_PLACEHOLDER, frames.prefix, 1)
-        elif IMAGE_PLACEHOLDER not in question:
-            question = frames.prefix + question
-        return frames.pixel_values, frames.num_patches_list, question
+        return frames.pixel_values, frames.num_patches_list, place_video(question, frames.prefix)
     return torch.zeros(0, 3, s.image_size, s.image_size), [], question
 
 

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from internvl_mpo.errors import InputError
-from internvl_mpo.jsonl import lone_surrogate, unread_field
+from internvl_mpo.jsonl import lone_surrogate, too_many_digits, unread_field
 from internvl_mpo.processor.video import frame_files
 
 MAX_REPORTED_MESSAGES = 5
@@ -176,6 +176,8 @@ def load_meta(meta_path: str, base_dir: str | None = None) -> list[DatasetSpec]:
         raise InputError(f"{meta_path}: not valid JSON ({e})") from None
     except RecursionError:
         raise InputError(f"{meta_path}: its JSON is nested too deeply to read") from None
+    except ValueError:  # Python's limit on the digits of an integer read from text
+        raise InputError(f"{meta_path}: its JSON holds {too_many_digits()}") from None
     except _DuplicateKey as e:
         raise InputError(f"{meta_path}: {e.args[0]!r} appears twice in one object (JSON keeps only the last)") from None
     if not isinstance(meta, dict):
@@ -313,6 +315,8 @@ def _parse_object(raw: bytes) -> dict:
         raise _BadLine("json", f"malformed JSON ({e.msg} at column {e.colno})") from None
     except RecursionError:
         raise _BadLine("json", "malformed JSON (nested too deeply to read)") from None
+    except ValueError:  # Python's limit on the digits of an integer read from text
+        raise _BadLine("json", f"malformed JSON ({too_many_digits()})") from None
     if not isinstance(item, dict):
         raise _BadLine("json", f"expected a JSON object, got {type(item).__name__}")
     if field := _repeated_field(item):
