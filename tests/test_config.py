@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 
 import pytest
@@ -414,6 +415,51 @@ def test_json_files_with_integers_past_pythons_digit_limit_are_named(tmp_path):
     lines.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 1' + "0" * 400 + "}\n")  # read, past a float
     with pytest.raises(InputError, match="big.jsonl:2: 'loss' is an integer of 401 digits, past what a plot can draw"):
         read_metrics(lines)
+
+
+def test_other_json_files_with_odd_values_are_named(tmp_path):
+    """Tokenizer files, the safetensors index, resumable runs' progress and settings files, training checkpoints'
+    JSON and convert's source files: a 5000-digit integer, a lone surrogate, another JSON type or a folder in
+    their place was a traceback (ValueError, UnicodeEncodeError, AttributeError, IsADirectoryError)."""
+    from internvl_mpo.checkpoint import open_weights
+    from internvl_mpo.chat.tokenizer import read_tokenizer_json
+    from internvl_mpo.convert import _read_json
+    from internvl_mpo.errors import CheckpointError, InputError
+    from internvl_mpo.run_folder import Progress, read_settings
+    from internvl_mpo.train.checkpointing import read_json
+
+    digits = f"its JSON holds an integer of more than {sys.get_int_max_str_digits()} digits"
+    huge, surrogate, listed = tmp_path / "huge.json", tmp_path / "surrogate.json", tmp_path / "list.json"
+    huge.write_text('{"x": ' + "7" * 5000 + "}")
+    surrogate.write_text('{"eos_token": "<|im_end|>\\udc00"}')
+    listed.write_text("[1, 2]")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": {}, "n": ' + "7" * 5000 + "}")
+    progress = tmp_path / "progress.jsonl"
+    cases = [
+        (lambda: read_tokenizer_json(huge), CheckpointError, f"cannot read tokenizer file {huge}: {digits}"),
+        (lambda: read_tokenizer_json(surrogate), CheckpointError,
+         f"cannot read tokenizer file {surrogate}: a string holds \\udc00 without its surrogate pair"),
+        (lambda: open_weights(folder), CheckpointError, f"index.json: not a valid safetensors index ({digits})"),
+        (lambda: read_json(huge), CheckpointError, f"{huge}: {digits}"),
+        (lambda: read_json(listed), CheckpointError, f"{listed}: holds a JSON list, not an object"),
+        (lambda: read_json(tmp_path), CheckpointError, f"{tmp_path}: cannot read it"),
+        (lambda: _read_json(huge), ConfigError, f"{huge}: {digits}"),
+        (lambda: _read_json(listed), ConfigError, f"{listed}: not a JSON object of settings (a JSON list)"),
+        (lambda: read_settings(huge, "eval", "output folder"), ConfigError,
+         f"{huge}: not the settings of an eval run; use another output folder"),
+        (lambda: read_settings(tmp_path, "pairs", "output folder"), ConfigError, f"{tmp_path}: cannot read it"),
+        (lambda: Progress(tmp_path).load(), InputError, f"{tmp_path}: cannot read it"),
+    ]
+    for line in ('{"id": "1", "n": ' + "7" * 5000 + "}", '{"id": "1", "prediction": "yes\\ud800"}'):
+        progress.write_text(line + "\n")
+        with pytest.raises(InputError, match=re.escape(f"{progress}:1: corrupt progress line")):
+            Progress(progress).load()
+    for call, error, message in cases:
+        with pytest.raises(error) as caught:
+            call()
+        assert message in str(caught.value), (message, str(caught.value))
 
 
 def test_json_files_nested_too_deeply_are_named_not_a_recursion_error(tmp_path):

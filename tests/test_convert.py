@@ -819,7 +819,9 @@ def test_round_trip_through_hf_gives_back_the_official_preprocessor_config(tmp_p
     assert convert(hf, tmp_path / "older", "official").is_dir()
 
 
-@pytest.mark.parametrize("text,problem", [("[2]", "not a JSON object of generation settings"), ("{", "not valid JSON")])
+@pytest.mark.parametrize("text,problem", [("[2]", "not a JSON object of generation settings"), ("{", "not valid JSON"),
+                                          ('{"eos_token_id": NaN}', "eos_token_id must be token ids"),  # was written
+                                          ('{"eos_token_id": [2, "650"]}', "eos_token_id must be token ids")])
 def test_a_broken_generation_config_is_refused_before_the_weights(tmp_path, monkeypatch, text, problem):
     src, _ = tiny_chat_folder(tmp_path / "src")
     (src / "generation_config.json").write_text(text)

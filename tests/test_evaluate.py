@@ -412,6 +412,18 @@ def test_a_question_that_cannot_run_counts_wrong_and_is_asked_again_by_a_rerun(t
     assert run_eval(data, FakeAnswerer(DIRECT, fail=True), out) == score  # answered now: not asked again
 
 
+def test_a_damaged_predictions_row_is_named_not_a_traceback(tmp_path):
+    """A hand-edited predictions.jsonl row whose prediction is no string failed in rescoring (AttributeError)."""
+    data = write_bench(tmp_path / "data")
+    out = tmp_path / "out"
+    run_eval(data, FakeAnswerer(DIRECT), out)
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    rows[0]["prediction"] = 5
+    (out / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(InputError, match=f"the row of id {rows[0]['id']!r} is not one eval writes"):
+        run_eval(data, FakeAnswerer(DIRECT, fail=True), out)
+
+
 def test_rows_without_an_id_are_numbered_in_file_order(tmp_path):
     path = tmp_path / "bench.jsonl"
     rows = [{"question": "How many dogs?", "answer": "3"}, {"question": "Is it red?", "answer": "no"},

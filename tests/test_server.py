@@ -1108,6 +1108,9 @@ def test_response_format_json_object_answers_a_json_object_and_json_schema_a_val
     bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "not": {"const": 5}}}}
     with pytest.raises(openai.BadRequestError, match='the keyword .not. at # is not supported'):
         client.chat.completions.create(model="m", **{**body, "response_format": bad})
+    for text, why in (("[" * 5000 + "]" * 5000, "nested too deeply"), ("7" * 5000, "an integer of more than")):
+        with pytest.raises(openai.BadRequestError, match=f"guided_json is not JSON: its JSON .*{why}"):  # was a 500
+            client.completions.create(model="m", prompt="{", max_tokens=4, extra_body={"guided_json": text})
 
 
 def test_guided_regex_and_choice_in_their_four_forms_and_their_400s():

@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from .companions import COMPANION_FILES
 from .config import ModelConfig, adapter_message
 from .errors import CheckpointError, InputError, SaveError
+from .jsonl import json_problem
 from .locks import LOCKS_UNSUPPORTED
 
 SINGLE_FILE = "model.safetensors"
@@ -223,10 +224,10 @@ def open_weights(folder: Path) -> Weights:
         try:
             data = json.loads(index.read_text(encoding="utf-8"))
             mapping = data["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        except (KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        except RecursionError:
-            raise CheckpointError(f"{index}: not a valid safetensors index (its JSON is nested too deeply)") from None
+        except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deeply, a 5000-digit integer
+            raise CheckpointError(f"{index}: not a valid safetensors index ({json_problem(e)})") from None
         except OSError as e:  # a folder of that name, no permission to read it
             raise CheckpointError(f"{index}: cannot read the index ({e.strerror})") from None
         if not isinstance(mapping, dict):

@@ -609,7 +609,7 @@ def _finished_questions(out: Path) -> tuple[dict, dict]:
     for number, line in enumerate(out.read_bytes().split(b"\n"), 1):  # JSON strings may hold U+2028: split at LF
         try:
             row = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # not UTF-8 or JSON (a cut write), or a damaged line
             if line.startswith(ANSWER_START) or ANSWER_START.startswith(line.strip()):
                 continue  # a write cut short, or a blank line
             row = None

@@ -76,6 +76,7 @@ from .chat.template import get_template
 from .chat.tokenizer import adds_bos
 from .config import FAMILY_SIZES, LLMConfig, ModelConfig, family_config, official_rope, read_config_json
 from .errors import CheckpointError, ConfigError, InputError, SaveError, SettingError
+from .jsonl import json_problem
 from .model import InternVL, context_token_id
 from .processor.image import IMAGENET_MEAN, IMAGENET_STD
 
@@ -367,15 +368,19 @@ def _ties_head(d: dict[str, Any]) -> bool:
     return bool(d.get("tie_word_embeddings", True))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, what: str = "settings") -> dict[str, Any]:
+    """A JSON file of `what` (an object); missing, unreadable, not JSON or another type: a ConfigError."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+    except OSError as e:  # a folder of that name, no permission
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deeply, a 5000-digit integer
+        raise ConfigError(f"{path}: {json_problem(e)}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: not a JSON object of {what} (a JSON {type(value).__name__})")
+    return value
 
 
 # ---- tensors -------------------------------------------------------------------------------------
@@ -771,11 +776,12 @@ def _generation_config(src: Path, config: ModelConfig) -> dict[str, Any] | None:
     (or none) already stops there."""
     stop = companions.find_token_id(src, get_template(config.template).sep.strip())
     path = src / "generation_config.json"
-    settings = _read_json(path) if path.is_file() else {}
-    if not isinstance(settings, dict):
-        raise ConfigError(f"{path}: not a JSON object of generation settings")
+    settings = _read_json(path, "generation settings") if path.is_file() else {}
     eos = settings.get("eos_token_id", config.llm.eos_token_id)
     eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos):  # NaN was written on
+        raise ConfigError(f"{path}: eos_token_id must be token ids (whole numbers >= 0), got "
+                          f"{json.dumps(settings.get('eos_token_id'))[:60]}")
     if stop is None or stop in eos:
         return None
     return {**settings, "eos_token_id": [*eos, stop] if eos else stop}

@@ -473,6 +473,10 @@ def run_eval(
     with hold_output(out, run_identity(data, cot, settings), RUN_FILES, EVAL_LOCK):
         predictions = Progress(out / "predictions.jsonl")
         done = predictions.load()
+        for key, row in done.items():  # a hand-edited or damaged file: named here, not a traceback in rescoring
+            if not (isinstance(row.get("prediction"), str) and isinstance(row.get("correct", False), bool | None)):
+                raise InputError(f"{predictions.path}: the row of id {key!r} is not one eval writes (a string "
+                                 "'prediction', a boolean or null 'correct'); delete the folder to start over")
         # A stored prediction counts only for the same question: ids may be line numbers, and a data file
         # edited between runs would otherwise have old answers scored against new questions (or images).
         # An image file edited in place is told by its stamp. A row without "images" or "stamps" (written

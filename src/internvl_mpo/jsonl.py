@@ -21,6 +21,18 @@ def too_many_digits() -> str:
     return f"an integer of more than {sys.get_int_max_str_digits()} digits"
 
 
+def json_problem(error: ValueError | RecursionError) -> str:
+    """Why json.load(s) could not read a text, for a one-line error: bytes that are not UTF-8, JSON it cannot
+    parse, nesting past Python's recursion limit, or an integer past its digit limit."""
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text ({error.reason} at byte {error.start})"
+    if isinstance(error, json.JSONDecodeError):
+        return f"not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
+    if isinstance(error, RecursionError):
+        return "its JSON is nested too deeply to read"
+    return f"its JSON holds {too_many_digits()}"
+
+
 def check_input_file(path: str | Path, what: str) -> Path:
     """`path` as a Path, if it names a regular file; a folder, a missing path or another kind of file (a pipe
     such as a shell's `<(...)`, a device) raises InputError naming it as such."""

@@ -533,7 +533,7 @@ def refuse_other_method(out: Path, method: str) -> None:
     """A folder holds one method's pairs, or one `eval` run (`method` "eval"): a run of another there is refused
     naming what the folder holds (the settings check would list every setting the two record differently)."""
     if (out / "settings.json").is_file():
-        earlier = read_settings(out / "settings.json", "pairs", "output folder")
+        earlier = read_settings(out / "settings.json", "eval" if method == "eval" else "pairs", "output folder")
         earlier = earlier.get("method", "eval" if "cot" in earlier else method)  # eval records no method
         if earlier == method:
             return

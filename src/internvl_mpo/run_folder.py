@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from internvl_mpo.errors import ConfigError, InputError, SaveError
+from internvl_mpo.jsonl import lone_surrogate
 from internvl_mpo.locks import lock_output, no_lock_note
 
 
@@ -28,7 +29,10 @@ class Progress:
     def load(self) -> dict[str, dict]:
         if not self.path.exists():
             return {}
-        data = self.path.read_bytes()
+        try:
+            data = self.path.read_bytes()
+        except OSError as e:  # a folder of that name, no permission
+            raise InputError(f"{self.path}: cannot read it ({e.strerror}); delete it to start over") from None
         if data and not data.endswith(b"\n"):
             data = data[: data.rfind(b"\n") + 1]
             with open(self.path, "r+b") as f:
@@ -37,9 +41,12 @@ class Progress:
         # Lines end at LF only: answers may hold U+2028 and the like, which str.splitlines() splits at.
         for number, line in enumerate(data.split(b"\n")[:-1], 1):
             try:
-                row = json.loads(line.decode("utf-8"))
+                text = line.decode("utf-8")
+                row = json.loads(text)
                 rows[row["id"]] = row
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                if lone_surrogate(text, row):  # no text can hold it: writing the file again would fail
+                    raise ValueError
+            except (ValueError, RecursionError, KeyError, TypeError):  # not UTF-8 or JSON, damaged, no "id"
                 raise InputError(f"{self.path}:{number}: corrupt progress line; delete the folder to start over") from None
         return rows
 
@@ -136,10 +143,13 @@ def read_settings(path: Path, kind: str, output: str) -> dict:
     file holds no JSON object."""
     try:
         earlier = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except OSError as e:  # a folder of that name, no permission
+        raise ConfigError(f"{path}: cannot read it ({e.strerror}); use another {output}") from None
+    except (ValueError, RecursionError):  # not UTF-8 or JSON, nested too deeply, a 5000-digit integer
         earlier = None
     if not isinstance(earlier, dict):
-        raise ConfigError(f"{path}: not the settings of a {kind} run; use another {output}")
+        raise ConfigError(f"{path}: not the settings of {'an' if kind[0] in 'aeiou' else 'a'} {kind} run; use another "
+                          f"{output}")
     return earlier
 
 
@@ -148,7 +158,7 @@ def recorded_weights(path: Path) -> Any:
     this run's to take where the files are unchanged; None where there is none (`check_settings` says why)."""
     try:
         earlier = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # `check_settings` says what is wrong with the file
         return None
     return earlier.get("weights") if isinstance(earlier, dict) else None
 

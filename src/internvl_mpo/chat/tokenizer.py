@@ -33,6 +33,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as Backend
 
 from internvl_mpo.errors import CheckpointError, InputError
+from internvl_mpo.jsonl import json_problem, lone_surrogate
 
 # The Qwen2 pre-tokenizer split pattern (transformers `tokenization_qwen2.PRETOKENIZE_REGEX`).
 QWEN2_SPLIT_PATTERN = (
@@ -211,13 +212,16 @@ def read_tokenizer_json(path: Path) -> dict:
     """A tokenizer JSON file (each holds one object); a missing or malformed one is a CheckpointError naming it."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            text = f.read()
+        data = json.loads(text)
+    except OSError as err:
         raise CheckpointError(f"cannot read tokenizer file {path}: {err}") from err
-    except RecursionError:
-        raise CheckpointError(f"cannot read tokenizer file {path}: its JSON is nested too deeply") from None
+    except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, nested too deeply, a 5000-digit integer
+        raise CheckpointError(f"cannot read tokenizer file {path}: {json_problem(err)}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"cannot read tokenizer file {path}: it holds a JSON {type(data).__name__}, not an object")
+    if problem := lone_surrogate(text, data):  # a token's content that no text can hold: it failed deep inside later
+        raise CheckpointError(f"cannot read tokenizer file {path}: {problem}")
     return data
 
 
@@ -291,8 +295,10 @@ def added_tokens_decoder(config: dict, path: Path) -> dict[int, AddedToken]:
         raise CheckpointError(f"{path}: added_tokens_decoder must be an object of token ids, got "
                               f"{type(entries).__name__}")
     for key, entry in entries.items():
-        if not (key.isascii() and key.isdigit()):
-            raise CheckpointError(f"{path}: added_tokens_decoder[{key!r}]: the key must be a token id (digits)")
+        if not (key.isascii() and key.isdigit()) or len(key) > 18:  # int() refuses 4300 digits and more
+            shown = repr(key) if len(key) <= 40 else f"{key[:20]!r}... ({len(key)} characters)"
+            raise CheckpointError(f"{path}: added_tokens_decoder[{shown}]: the key must be a token id (digits, at most "
+                                  "18)")
         if not isinstance(entry, dict) or "content" not in entry:
             raise CheckpointError(f"{path}: added_tokens_decoder[{key}] has no content")
         if not isinstance(entry["content"], str) or not entry["content"]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ..chat.template import IMAGE_PLACEHOLDER
 from ..errors import InputError, SettingError
+from ..jsonl import json_problem
 from ..generate.grammar import compile_grammar
 from ..generate.json_schema import ANNOTATIONS, SchemaError, compile_schema
 from ..generate.regex import compile_regex
@@ -535,8 +536,8 @@ def _json_text(value, name: str):
         return value
     try:
         return json.loads(value)
-    except ValueError as e:
-        raise ApiError(400, f"{name} is not JSON: {e}", name.split(".")[0]) from None
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, f"{name} is not JSON: {json_problem(e)}", name.split(".")[0]) from None
 
 
 def _schema(schema, param: str):
