@@ -2279,3 +2279,17 @@ def test_plot_names_a_file_it_cannot_read_or_that_is_not_text(tmp_path, capsys, 
     refuse_reading(monkeypatch, metrics)
     assert main(["plot", str(tmp_path)]) == 1
     assert f"{metrics}: cannot read it (Permission denied)" in capsys.readouterr().err
+
+
+def test_a_resume_drops_metrics_lines_that_are_no_metrics_rows(tmp_path):
+    """A damaged or hand-edited metrics.jsonl line (no step, a string step, a NaN count, bytes that are not UTF-8)
+    stopped the resume with a traceback: it is dropped as a half-written line is."""
+    from internvl_mpo.train.resume import rewrite_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"step": 1, "truncated": 1}), json.dumps({"step": 2})]
+    odd = [b'{"loss": 1.0}', b'{"step": "x"}', b'{"step": 2, "truncated": NaN}', b'{"step": 1, "note": "\xff"}',
+           b"[1]", b'{"step": 3}', b'{"step": 2, "lo']
+    path.write_bytes(b"\n".join([good[0].encode(), *odd[:4], good[1].encode(), *odd[4:]]))
+    assert rewrite_metrics(path, 2) == 1
+    assert path.read_text().splitlines() == [good[0], '{"step": 1, "note": "\ufffd"}', good[1]]

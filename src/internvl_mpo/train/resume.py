@@ -305,14 +305,14 @@ def rewrite_metrics(path: Path, last_step: int) -> int:
     if not path.is_file():
         return 0
     kept, cut = [], 0
-    for line in path.read_text().splitlines():
-        try:
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:  # a line that is no metrics row (damaged, or edited by hand) is dropped as a half-written one is
             row = json.loads(line)
-        except json.JSONDecodeError:
+            if row["step"] <= last_step:
+                cut += int(row.get("truncated", 0))  # absent in the lines of versions before it was counted
+                kept.append(line)
+        except (ValueError, RecursionError, KeyError, TypeError, OverflowError):
             continue
-        if row["step"] <= last_step:
-            kept.append(line)
-            cut += int(row.get("truncated", 0))  # absent in the lines of versions before it was counted
     tmp = path.with_name(".tmp-" + path.name)
     tmp.write_text("".join(line + "\n" for line in kept))
     fsync_path(tmp)  # a crash after the rename leaves these rows, not an empty file
