@@ -276,6 +276,8 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/train_step_bench")
     parser.add_argument("--json", action="store_true", help="print one JSON line (used by --side both)")
     args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 0:
+        parser.error(f"--steps must be at least 1 and --warmup at least 0, got {args.steps} and {args.warmup}")
 
     if args.side != "both":
         result = run_ours(args) if args.side == "ours" else run_trl(args)
