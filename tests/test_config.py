@@ -443,7 +443,7 @@ def test_other_json_files_with_odd_values_are_named(tmp_path):
          f"cannot read tokenizer file {surrogate}: a string holds \\udc00 without its surrogate pair"),
         (lambda: open_weights(folder), CheckpointError, f"index.json: not a valid safetensors index ({digits})"),
         (lambda: read_json(huge), CheckpointError, f"{huge}: {digits}"),
-        (lambda: read_json(listed), CheckpointError, f"{listed}: holds a JSON list, not an object"),
+        (lambda: read_json(listed), CheckpointError, f"{listed}: not a JSON object of a checkpoint's state"),
         (lambda: read_json(tmp_path), CheckpointError, f"{tmp_path}: cannot read it"),
         (lambda: _read_json(huge), ConfigError, f"{huge}: {digits}"),
         (lambda: _read_json(listed), ConfigError, f"{listed}: not a JSON object of settings (a JSON list)"),

@@ -76,7 +76,7 @@ from .chat.template import get_template
 from .chat.tokenizer import adds_bos
 from .config import FAMILY_SIZES, LLMConfig, ModelConfig, family_config, official_rope, read_config_json
 from .errors import CheckpointError, ConfigError, InputError, SaveError, SettingError
-from .jsonl import json_problem
+from .jsonl import read_json_object
 from .model import InternVL, context_token_id
 from .processor.image import IMAGENET_MEAN, IMAGENET_STD
 
@@ -370,17 +370,7 @@ def _ties_head(d: dict[str, Any]) -> bool:
 
 def _read_json(path: Path, what: str = "settings") -> dict[str, Any]:
     """A JSON file of `what` (an object); missing, unreadable, not JSON or another type: a ConfigError."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except OSError as e:  # a folder of that name, no permission
-        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
-    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deeply, a 5000-digit integer
-        raise ConfigError(f"{path}: {json_problem(e)}") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path}: not a JSON object of {what} (a JSON {type(value).__name__})")
-    return value
+    return read_json_object(path, ConfigError, "no such config file", what)
 
 
 # ---- tensors -------------------------------------------------------------------------------------

@@ -21,6 +21,23 @@ def too_many_digits() -> str:
     return f"an integer of more than {sys.get_int_max_str_digits()} digits"
 
 
+def read_json_object(path: Path, error: type[Exception], missing: str, what: str) -> dict:
+    """The JSON object in the file `path`; where it is missing (`missing` says so), cannot be read, is not UTF-8
+    JSON that Python can read (`json_problem`), or holds another JSON type (not an object of `what`), an
+    `error` naming the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}") from None
+    except OSError as e:  # a folder of that name, no permission
+        raise error(f"{path}: cannot read it ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:
+        raise error(f"{path}: {json_problem(e)}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: not a JSON object of {what} (a JSON {type(value).__name__})")
+    return value
+
+
 def json_problem(error: ValueError | RecursionError) -> str:
     """Why json.load(s) could not read a text, for a one-line error: bytes that are not UTF-8, JSON it cannot
     parse, nesting past Python's recursion limit, or an integer past its digit limit."""

@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 
 from internvl_mpo.checkpoint import fsync_path, fsync_tree, save_tensors, write_failure
 from internvl_mpo.errors import CheckpointError, SaveError
-from internvl_mpo.jsonl import json_problem
+from internvl_mpo.jsonl import read_json_object
 from internvl_mpo.model import InternVL
 from internvl_mpo.train.distributed import DistEnv, ranks_together
 
@@ -113,17 +113,7 @@ def write_json(path: Path, data: Any) -> None:
 
 def read_json(path: Path) -> dict:
     """A checkpoint's JSON file, which holds one object; a missing, unreadable or damaged one is a CheckpointError."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing from the checkpoint") from None
-    except OSError as e:  # a folder of that name, no permission
-        raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
-    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deeply, a 5000-digit integer
-        raise CheckpointError(f"{path}: {json_problem(e)}") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: holds a JSON {type(value).__name__}, not an object; the checkpoint is damaged")
-    return value
+    return read_json_object(path, CheckpointError, "missing from the checkpoint", "a checkpoint's state")
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
