@@ -1131,3 +1131,19 @@ def test_a_number_that_sets_the_scene_before_an_earlier_given_is_not_the_answer(
     """The given-clause rule read the first number of the answer where the clause came before another "=": only a
     clause before the last "=" opens a given."""
     assert check_answer(prediction, truth) is not False
+
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [
+        ("123456789012345679", "123456789012345678", False), ("12345678901234567", "12345678901234568", False),
+        ("99999999999999999", "100000000000000000", False), ("9007199254740993", "9007199254740992", False),
+        ("123456789012345678", "123456789012345678", True), ("123,456,789,012,345,678", "123456789012345678", True),
+        ("1.2e17", "120000000000000000", True), ("246913578024691356/2", "123456789012345678", True),
+        ("123456789012345678 or 123456789012345679", "123456789012345678", None),  # two numbers, not one
+    ],
+)
+def test_integers_past_float_precision_match_exactly(prediction, truth, expected):
+    """Numbers were compared as floats, which round integers past 2**53 to a neighbour: a 17-digit number off by one
+    digit (an ID read from a document) counted right, against "Integers match exactly"."""
+    assert check_answer(prediction, truth) is expected

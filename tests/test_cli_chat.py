@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -1162,6 +1164,22 @@ def test_text_that_is_not_utf8_is_named_as_such(folder):
         err = out.stderr.decode()
         assert out.returncode == 0 and f"error: the line {said}\n" in err and "Traceback" not in err, err
         assert len(out.stdout.decode().strip().splitlines()) == 1  # the next line is answered
+
+
+def test_stdout_writes_what_its_encoding_cannot_as_escapes(folder, tmp_path):
+    """stdout is strict outside the C locale: a file name whose bytes are not UTF-8 (under en_US.UTF-8), or an
+    answer's CJK text (under a Latin-1 or cp1252 locale, Windows output redirected to a file), raised
+    UnicodeEncodeError after the work was done: `tiles` had written its PNG, `convert` its folder."""
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "a.png")
+    name = os.fsdecode(b"caf\xe9.png")  # "caf\udce9.png"
+    shutil.copy(tmp_path / "a.png", tmp_path / name)
+    runs = [(["tiles", name], "utf-8", "preview: caf\\udce9.png.tiles.png"),
+            (["chat", "--model", str(folder), "--choice", "\u65e5\u672c", "Which?"], "cp1252", "\\u65e5\\u672c")]
+    for args, encoding, shown in runs:
+        out = subprocess.run([sys.executable, "-m", "internvl_mpo.cli", *args], capture_output=True, timeout=120,
+                             cwd=tmp_path, env={**os.environ, "PYTHONIOENCODING": encoding})
+        assert out.returncode == 0 and b"Traceback" not in out.stderr, out.stderr.decode()
+        assert shown in out.stdout.decode(encoding), out.stdout
 
 
 def test_interactive_images_too_many_for_the_context_say_reset_drops_them(folder, tmp_path, monkeypatch, capsys):

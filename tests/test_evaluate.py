@@ -1015,3 +1015,21 @@ def test_benchmark_files_vlmevalkit_tools_write_are_read_or_refused_by_name(tmp_
                                                  ["1", "Is it red?", "yes", wrapped]])
     (item,) = read_benchmark(tsv)
     assert item.images == (buffer.getvalue(),)
+
+
+def test_cot_a_final_answer_with_nothing_after_it_answers_nothing(tmp_path):
+    """A --cot response cut right after its "Final answer:" was scored from its whole text (its reasoning's letter or
+    number counted), where VLMEvalKit's mpo_post_processing reads the empty answer: it answers nothing now."""
+    data = tmp_path / "bench.jsonl"
+    rows = [{"id": "1", "question": "Which animal?", "options": ["dog", "cat"], "answer": "B"},
+            {"id": "2", "question": "How many?", "answer": "3"}, {"id": "3", "question": "How many?", "answer": "3"}]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    responses = {"1": "It has whiskers, so B.\nFinal answer:", "2": "I count 3 shapes.\n**Final answer:**",
+                 "3": "I count 3 shapes."}  # no trigger: the whole response, as VLMEvalKit reads it
+
+    def answerer(prompts, batch_size):
+        for key, _ in prompts:
+            yield key, responses[key[0].id]
+
+    score = run_eval(data, answerer, output=tmp_path / "out", cot=True, progress=False)
+    assert (score["correct"], score["unparsed"]) == (1, 2)

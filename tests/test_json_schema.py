@@ -1627,3 +1627,14 @@ def test_a_schema_whose_values_nest_too_deep_says_so():
     with pytest.raises(js.SchemaError, match=rf"^no JSON value within {jm.MAX_DEPTH} levels of nesting satisfies"):
         js.compile_schema(schema)
     js.compile_schema(schema["items"])  # one level less fits
+
+
+def test_a_schema_nested_past_the_recursion_limit_is_a_schema_error():
+    """A schema whose data (an enum's value) nests deeper than Python's json module goes raised RecursionError from
+    json.dumps or json.loads, which the server answered with a 500 (a request body decodes just under the limit)."""
+    deep = [0]
+    for _ in range(5000):
+        deep = [deep]
+    for schema in ({"enum": [deep]}, {"const": deep}, {"type": "array", "default": deep}):
+        with pytest.raises(js.SchemaError, match="nested too deeply"):
+            js.compile_schema(schema)

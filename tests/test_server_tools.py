@@ -420,3 +420,16 @@ def test_parameters_without_a_type_hold_the_arguments_to_an_object():
                 for byte in (text % value).encode():
                     state = state and schema.advance(state, byte)
                 assert bool(state and schema.complete(state)) == taken, (parameters, choice, value)
+
+
+def test_tool_call_arguments_nested_near_the_recursion_limit_are_no_500():
+    """Arguments that json.loads reads just under the recursion limit but that json.dumps, writing them inside the
+    calls' list, cannot: a RecursionError (a 500 on the server) before; they are taken as their text, as arguments
+    that json.loads cannot read are."""
+    for depth in range(sys.getrecursionlimit() - 200, sys.getrecursionlimit() + 10):
+        arguments = "[" * depth + "]" * depth
+        call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
+        messages = [MESSAGES[0], {"role": "assistant", "content": None, "tool_calls": [call]}, MESSAGES[0]]
+        written = parse_chat_request({"messages": messages}, ServerSettings()).history[0][1]
+        assert written in (f'[{{"name": "f", "parameters": {arguments.replace("][", "], [")}}}]',
+                           f'[{{"name": "f", "parameters": "{arguments}"}}]'), depth

@@ -991,6 +991,48 @@ def test_resume_refuses_a_run_that_would_read_other_records(tmp_path, chat_folde
         train(dataclasses.replace(cfg, resume=True))
 
 
+DAMAGED = [  # (file, path to the field, value written there, what the error names)
+    ("trainer_state.json", ["step"], math.nan, "step is nan"),
+    ("trainer_state.json", ["step"], "1", "step is '1'"),
+    ("trainer_state.json", ["skipped"], {"bad_image": "a"}, "skipped is {'bad_image': 'a'}"),
+    ("trainer_state.json", ["config"], [1], "config is [1]"),
+    ("trainer_state.json", ["data_fingerprint"], [1], "data_fingerprint is [1]"),
+    ("trainer_state.json", ["model_fingerprint"], ["x"], "model_fingerprint is ['x']"),
+    ("rank0.json", ["data", "epoch"], 1.5, "data.epoch is 1.5"),
+    ("rank0.json", ["data", "cursor"], None, "data.cursor is None"),
+    ("rank0.json", ["data", "bad"], 5, "data.bad is 5"),
+    ("rank0.json", ["data"], None, "data is None"),
+    ("rank0.json", ["rng", "numpy", "pos"], "x", "its RNG state is refused"),
+    ("rank0.json", ["rng", "python", "state"], [1, 2], "its RNG state is refused"),
+    ("optimizer.json", ["param_groups"], [{"lr": 1.0}], "param_groups is [{'lr': 1.0}]"),
+    ("optimizer.json", ["scalars"], [1], "scalars is [1]"),
+]
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory, chat_folder, meta):
+    """A run killed after its step-1 checkpoint, and its config."""
+    root = tmp_path_factory.mktemp("saved_run")
+    cfg = config(chat_folder, meta, root / "run", max_steps=2, save_every=1)
+    train(cfg)
+    killed_after_step_1(root / "run")
+    return cfg
+
+
+@pytest.mark.parametrize("file, keys, value, named", DAMAGED, ids=[f"{d[0]}:{'.'.join(d[1])}" for d in DAMAGED])
+def test_resume_names_a_damaged_checkpoint_field(tmp_path, saved_run, file, keys, value, named):
+    """A checkpoint's JSON edited by hand (or not one this program wrote) stopped the resume with a bare
+    ValueError, TypeError or KeyError from deep inside, or resumed from a step given as a string."""
+    shutil.copytree(saved_run.output, tmp_path / "run")
+    path = tmp_path / "run" / "checkpoint-000001" / file
+    data = json.loads(path.read_text())
+    parent = functools.reduce(lambda d, k: d[k], keys[:-1], data)
+    parent[keys[-1]] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=rf"checkpoint-000001/{file}: {re.escape(named)}.*the file is damaged"):
+        train(dataclasses.replace(saved_run, output=str(tmp_path / "run"), resume=True))
+
+
 def test_resume_of_a_text_only_run_whose_vision_tower_has_no_optimizer_state(tmp_path, chat_folder):
     """Text-only conversations never give the (trainable) vision tower a gradient, so AdamW holds no state
     for it; the checkpoint is complete without one, and resuming gives the uninterrupted run's weights."""
@@ -1423,6 +1465,19 @@ def test_precomputed_reference_is_reused_from_a_moved_model_folder(tmp_path, cha
     _, printed = rerun_keeping_the_cache(dataclasses.replace(run, model=str(tmp_path / "moved")), capsys)
     assert "computing it again" not in printed
     assert (tmp_path / "run" / "ref_logps.safetensors").stat().st_mtime_ns == cached
+
+
+def test_a_reference_cache_of_other_records_is_refused(tmp_path, chat_folder, capsys):
+    """Values whose description matches the run but which hold another count of records (a file swapped in by
+    hand) would index past their end or give records other records' log-probs: named, not used."""
+    meta = write_mmpr(tmp_path / "data", color_pairs(4))
+    run = config(chat_folder, meta, tmp_path / "run", max_steps=1, batch_size=1, precompute_ref=True)
+    train(run)
+    table = load_file(tmp_path / "run" / "ref_logps.safetensors")
+    ckpt.write_tensors(tmp_path / "run" / "ref_logps.safetensors", {k: v[:3] for k, v in table.items()})
+    with pytest.raises(CheckpointError, match=r"ref_logps.safetensors: holds \{'chosen': \(3,\), .* not the chosen,"
+                                              r" rejected and valid values of the 4 records its ref_logps.json"):
+        rerun_keeping_the_cache(run, capsys)
 
 
 def test_a_record_without_precomputed_reference_log_probs_is_skipped(tmp_path, chat_folder, capsys):
@@ -2013,6 +2068,28 @@ def test_plot_skips_the_half_written_line_of_a_killed_run(tmp_path, capsys):
     assert f"{tmp_path / 'metrics.jsonl'}:3: not valid JSON" in capsys.readouterr().err
 
 
+def test_plot_of_rows_without_a_plotted_value_is_one_line(tmp_path, capsys):
+    """A metrics file whose rows hold none of the plotted keys made plt.subplots(0, 1) raise ValueError."""
+    from internvl_mpo.cli import main
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "lr": 0.1}\n{"step": 2, "lr": 0.2}\n')
+    assert main(["plot", str(tmp_path)]) == 1
+    assert f"{tmp_path / 'metrics.jsonl'}: no row holds a value to plot (one of loss," in capsys.readouterr().err
+
+
+def test_plot_reads_lines_ending_at_lf_only(tmp_path):
+    """str.splitlines() took an unescaped U+2028 or U+0085 in a JSON string for a line end, and the rest of the
+    file was dropped as a half-written last line, without a word."""
+    from internvl_mpo.train.cli import read_metrics
+
+    rows = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5, "note": "a\u2028b\x85c"}, {"step": 3, "loss": 0.2}]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    (tmp_path / "metrics.jsonl").write_text(text + '{"step": 4, "lo', encoding="utf-8")  # and a cut last line
+    assert read_metrics(tmp_path / "metrics.jsonl") == rows
+    (tmp_path / "metrics.jsonl").write_bytes(text.replace("\n", "\r\n").encode())  # CRLF
+    assert read_metrics(tmp_path / "metrics.jsonl") == rows
+
+
 def test_plot_step_axis_has_whole_steps_only(tmp_path, monkeypatch):
     """A 4-step run's curves had ticks at steps 1.5, 2.5, ...: the step axis ticks whole steps only."""
     import matplotlib.figure
@@ -2293,3 +2370,15 @@ def test_a_resume_drops_metrics_lines_that_are_no_metrics_rows(tmp_path):
     path.write_bytes(b"\n".join([good[0].encode(), *odd[:4], good[1].encode(), *odd[4:]]))
     assert rewrite_metrics(path, 2) == 1
     assert path.read_text().splitlines() == [good[0], '{"step": 1, "note": "\ufffd"}', good[1]]
+
+
+def test_a_resume_keeps_metrics_rows_holding_a_unicode_line_separator(tmp_path):
+    """A row whose string holds U+2028 unescaped (written by hand or another tool) was split there by splitlines()
+    and dropped as two damaged lines; lines end at LF only."""
+    from internvl_mpo.train.resume import rewrite_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": 1, "note": "a\u2028b\x85c"}, ensure_ascii=False), json.dumps({"step": 2})]
+    path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
+    rewrite_metrics(path, 2)
+    assert path.read_text(encoding="utf-8").split("\n") == [*rows, ""]

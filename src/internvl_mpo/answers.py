@@ -295,6 +295,24 @@ _CN_YES = ("是", "对", "正确", "有")
 class Number(NamedTuple):
     value: float
     percent: bool
+    # the number as written, exactly, where it is 2**53 or more, past which float() rounds integers (123456789012345678
+    # and ...679 are one float); None below that, and where its exponent is too large to write out
+    exact: Fraction | None = None
+
+
+EXACT_FLOAT_INTEGERS = 2**53  # every integer up to here is a float of its own
+
+
+def _exact(text: str) -> Fraction | None:
+    """A `_NUMBER` match as an exact fraction; None where its exponent is too large to write out (1e999999 is
+    no number to build: float() reads it as infinity at once)."""
+    exponent = text.lower().partition("e")[2]
+    if len(exponent.lstrip("+-").lstrip("0")) > 3:
+        return None
+    try:
+        return Fraction(text)
+    except (ValueError, ZeroDivisionError):  # past Python's digit limit for int()
+        return None
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -421,6 +439,12 @@ def extract_final_answer(text: str, strict: bool = False) -> str | None:
     if not boxes or not _clean(_unbox(boxes[-1][2])):
         return None
     return _clean(_unbox(boxes[-1][2]))
+
+
+def states_answer(text: str) -> bool:
+    """Whether a response has a "Final answer:" / "Answer:" / "答案:" trigger, whatever follows it (nothing, when
+    the response was cut right after it)."""
+    return _TRIGGER.search(text) is not None
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -797,8 +821,14 @@ def parse_number(text: str) -> Number | None:
             if denominator == 0:
                 return None
             value /= denominator
+        exact = None  # below 2**53 floats hold the number well enough: compared as before
+        if math.isfinite(value) and abs(value) >= EXACT_FLOAT_INTEGERS:
+            exact = _exact(match.group(1))
+            if match.group(2) is not None and exact is not None:
+                divisor = _exact(match.group(2))
+                exact = exact / divisor if divisor else None
         percent = bool(match.group(3)) or bool(_PERCENT_WORD.match(s, match.end()))
-        numbers.add(Number(value, percent))
+        numbers.add(Number(value, percent, exact))
     # "50% (0.5)": a percentage beside its fraction is one number
     plain = [n.value for n in numbers if not n.percent]
     numbers = {n for n in numbers if not (n.percent and any(_close(n.value / 100, v, 1e-9) for v in plain))}
@@ -952,6 +982,9 @@ def _numbers_agree(got: Number, got_unit: str | None, target: Number, target_uni
     if None not in (got_unit, target_unit) and not _same_unit(got_unit, target_unit):
         return False
     tol = 0.0 if target.value.is_integer() else rel_tol
+    if tol == 0 and got.percent == target.percent and None not in (got.exact, target.exact):
+        # past 2**53 float() rounds integers to their neighbours: 123456789012345679 was read as ...678
+        return got.exact == target.exact
     if _close(got.value, target.value, tol):
         return True
     if got.percent != target.percent:

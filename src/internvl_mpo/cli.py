@@ -171,6 +171,7 @@ def _main(argv: list[str] | None) -> int:
     if name not in COMMANDS:
         print(f"internvl-mpo: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    _lenient_stdout()
     fn = _resolve(name)
     parser = build_parser(fn, name)
     # words and flags in any order (`chat What --image a.png is it`); after `--` every word is a positional one
@@ -207,6 +208,16 @@ def _main(argv: list[str] | None) -> int:
             _end_line()
         return 130
     return int(result or 0)
+
+
+def _lenient_stdout() -> None:
+    """Let stdout write what its encoding cannot as backslash escapes, as Python's stderr does: a file name whose
+    bytes are not UTF-8 (read as lone surrogates) under a UTF-8 locale, or an answer's CJK text under a Latin-1 or
+    cp1252 one, raised UnicodeEncodeError, a traceback after the work was done (a converted folder, a tiles PNG) or
+    in the middle of a conversation."""
+    stream = sys.stdout
+    if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+        stream.reconfigure(errors="backslashreplace")
 
 
 def _end_line() -> None:

@@ -10,10 +10,10 @@ Mirrors open-compass/VLMEvalKit:
   options appended as "A. text" lines, wrapped in the CoT instruction. One image goes in front as
   `<image>\\n`, several as `Image-k: <image>` lines (`reorganize_prompt`); `max_num` tiles per image
   and 64 in all (`set_max_num`); greedy decoding.
-- Answers: with `cot`, the text after the first "Final answer:" / "Answer:" (else the whole
-  response), as `mpo_post_processing`; letters as `can_infer` (`answers.parse_choice`, a superset,
-  except that a negated letter, "not A", or a copied options list picks none, and "A cat" names the
-  option "cat");
+- Answers: with `cot`, the text after the first "Final answer:" / "Answer:" (nothing when nothing follows
+  it; the whole response where it has neither), as `mpo_post_processing`; letters as `can_infer`
+  (`answers.parse_choice`, a superset, except that a negated letter, "not A", or a copied options list
+  picks none, and "A cat" names the option "cat");
   yes/no as `YOrN_Extraction` (`answers.parse_yes_no`, a superset).
 - MMBench-style TSV (`ImageBaseDataset.prepare_tsv`): columns index, question, hint, A..Z, answer,
   category, image (base64); an image cell of at most 64 characters names the row whose image it
@@ -65,6 +65,7 @@ from internvl_mpo.answers import (
     extract_final_answer,
     infer_kind,
     normalize_options,
+    states_answer,
 )
 from internvl_mpo.chat.template import IMAGE_PLACEHOLDER
 from internvl_mpo.errors import InputError, Interrupted, SettingError
@@ -318,8 +319,12 @@ def build_prompt(item: BenchItem, cot: bool = False) -> str:
 
 
 def score_response(item: BenchItem, response: str, cot: bool) -> tuple[str, bool | None]:
-    """(the answer text that was checked, True / False / None = unparseable)."""
-    text = (extract_final_answer(response) or response) if cot else response
+    """(the answer text that was checked, True / False / None = unparseable). With `cot`, a response whose trigger
+    has nothing after it (cut by --max-new-tokens there) answers nothing, as `mpo_post_processing` reads it: the
+    whole response is read only where it has no trigger."""
+    text = response
+    if cot:
+        text = extract_final_answer(response) or ("" if states_answer(response) else response)
     return text, check_answer(text, item.answer, item.kind, item.options)
 
 

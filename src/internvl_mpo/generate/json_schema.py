@@ -1178,11 +1178,17 @@ def compile_schema(schema) -> Schema:
         shown = f"the class {schema.__name__}, not a Pydantic model" if isinstance(schema, type) else \
             type(schema).__name__
         raise SchemaError(f"a JSON schema must be an object or true/false, got {shown}")
+    nested = "the schema is nested too deeply to be read (Python's recursion limit)"
     try:
         canonical = json.dumps(schema, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except RecursionError:  # a value nested near the recursion limit (a request body's: a 500 on the server)
+        raise SchemaError(nested) from None
     except (TypeError, ValueError) as e:
         raise SchemaError(f"a JSON schema must be JSON: {e}") from None
-    return _compiled(canonical)
+    try:
+        return _compiled(canonical)
+    except RecursionError:  # its json.loads, called deeper than the dumps above
+        raise SchemaError(nested) from None
 
 
 @lru_cache(maxsize=CACHED_SCHEMAS)

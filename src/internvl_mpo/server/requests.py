@@ -240,6 +240,7 @@ def _tool_calls_text(message: dict, param: str, images: list[tuple[str, str]]) -
                                 f"'arguments': <JSON text>}}}}, got {json.dumps(call)[:80]}", where)
         try:
             arguments = json.loads(function["arguments"])
+            json.dumps([{"parameters": arguments}])  # as deep as the calls written below (a 500 just under the limit)
         except (ValueError, RecursionError):
             arguments = function["arguments"]
         calls.append({"name": function["name"], "parameters": arguments})

@@ -116,6 +116,58 @@ def read_json(path: Path) -> dict:
     return read_json_object(path, CheckpointError, "missing from the checkpoint", "a checkpoint's state")
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _damaged(path: Path, what: str, value: Any, problem: str = "") -> CheckpointError:
+    problem = problem or f"{what} is {value!r:.80}"
+    return CheckpointError(f"{path}: {problem}; the file is damaged (edited by hand, or not one this program"
+                           " wrote): resume from another checkpoint, or start a new run")
+
+
+def read_trainer_state(path: Path) -> dict:
+    """The checkpoint's trainer_state.json, its fields checked (a CheckpointError names the first damaged one)."""
+    file = path / STATE_FILE
+    state = read_json(file)
+    if not _is_count(state.get("step")):
+        raise _damaged(file, "step", state.get("step"))
+    for key in ("total_steps", "world_size", "records"):
+        if key in state and not _is_count(state[key]):
+            raise _damaged(file, key, state[key])
+    for key in ("config", "skipped", "running_mean", "model_fingerprint"):  # the last two may be null
+        if key in state and not isinstance(state[key], dict) and not (key[0] in "rm" and state[key] is None):
+            raise _damaged(file, key, state[key])
+    if not all(_is_count(n) for n in state.get("skipped", {}).values()):
+        raise _damaged(file, "skipped", state["skipped"])
+    if not all(isinstance(v, str) for v in (state.get("model_fingerprint") or {}).values()):
+        raise _damaged(file, "model_fingerprint", state["model_fingerprint"])
+    prints = state.get("data_fingerprint")
+    if prints is not None and not (isinstance(prints, list) and prints
+                                   and all(isinstance(p, dict) and isinstance(p.get("file"), str) for p in prints)):
+        raise _damaged(file, "data_fingerprint", prints)
+    return state
+
+
+def read_rank_state(path: Path, rank: int) -> dict:
+    """rank<r>.json: the process's data position (checked here) and RNG scalars (checked as they are set)."""
+    file = path / f"rank{rank}.json"
+    state = read_json(file)
+    data = state.get("data")
+    if not isinstance(data, dict):
+        raise _damaged(file, "data", data)
+    for key in ("epoch", "cursor"):
+        if not _is_count(data.get(key)):
+            raise _damaged(file, f"data.{key}", data.get(key))
+    if not (isinstance(data.get("bad", []), list) and all(_is_count(i) for i in data.get("bad", []))):
+        raise _damaged(file, "data.bad", data["bad"])
+    if not isinstance(data.get("share_sha256", ""), str):
+        raise _damaged(file, "data.share_sha256", data["share_sha256"])
+    if not isinstance(state.get("rng"), dict):
+        raise _damaged(file, "rng", state.get("rng"))
+    return state
+
+
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_tensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, path)
 
@@ -219,19 +271,21 @@ def flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict, file: Path) -> dict:
+    """The optimizer state dict from its tensors and the JSON `file`'s `meta` (its layout checked)."""
+    groups, scalars = meta.get("param_groups"), meta.get("scalars", {})
+    if not (isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                             and all(isinstance(n, str) for n in g["params"]) for g in groups)):
+        raise _damaged(file, "param_groups", groups)
+    if not (isinstance(scalars, dict) and all(isinstance(v, dict) for v in scalars.values())):
+        raise _damaged(file, "scalars", scalars)
     state: dict[str, dict[str, Any]] = {}
     for flat, value in tensors.items():
         name, _, key = flat.rpartition(KEY_SEP)
         state.setdefault(name, {})[key] = value
-    for name, entries in meta.get("scalars", {}).items():
+    for name, entries in scalars.items():
         state.setdefault(name, {}).update(entries)
-    groups = []
-    for group in meta["param_groups"]:
-        group = dict(group)
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])
-        groups.append(group)
+    groups = [{**g, "betas": tuple(g["betas"])} if isinstance(g.get("betas"), list) else dict(g) for g in groups]
     return {"state": state, "param_groups": groups}
 
 
@@ -384,13 +438,18 @@ def load_training_state(
         set_optimizer_state_dict,
     )
 
-    state = read_json(path / STATE_FILE)
-    optim = unflatten_optimizer_state(read_tensors(path / "optimizer.safetensors"), read_json(path / "optimizer.json"))
+    state = read_trainer_state(path)
+    meta = read_json(path / "optimizer.json")
+    optim = unflatten_optimizer_state(read_tensors(path / "optimizer.safetensors"), meta, path / "optimizer.json")
     # Not strict: a trainable parameter that never had a gradient (the vision tower of text-only data) has no
     # AdamW state in the checkpoint, and has none in the run that wrote it either.
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_optimizer_state_dict(module, optimizer, optim, options=options)
     with ranks_together(env):  # files of this rank's own: one that is missing or cut short stops every rank
-        rank_state = read_json(path / f"rank{env.rank}.json")
-        set_rng_state(read_tensors(path / f"rank{env.rank}.safetensors"), rank_state["rng"], env.device)
+        rank_state = read_rank_state(path, env.rank)
+        tensors = read_tensors(path / f"rank{env.rank}.safetensors")
+        try:  # numpy's and python's setters check the values they are given
+            set_rng_state(tensors, rank_state["rng"], env.device)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise _damaged(path / f"rank{env.rank}.json", "rng", None, f"its RNG state is refused ({e})") from None
     return state, rank_state

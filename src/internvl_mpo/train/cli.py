@@ -178,9 +178,9 @@ def read_metrics(path: Path) -> list[dict]:
         text = read_input_bytes(path).decode("utf-8")
     except UnicodeDecodeError as e:  # a picture, a binary file
         raise InputError(f"{path}: not a metrics.jsonl file (not UTF-8 text, byte {e.start + 1})") from None
-    for number, line in enumerate(text.splitlines(keepends=True), 1):
-        if not line.endswith("\n"):
-            break
+    # lines end at LF only: a JSON string may hold U+2028 or U+0085 unescaped, which splitlines() takes for line
+    # ends; the piece after the last LF (a line cut by a kill, or nothing) is left out
+    for number, line in enumerate(text.split("\n")[:-1], 1):
         if not line.strip():
             continue
         try:
@@ -236,6 +236,8 @@ def plot(run_dir: str, output: str | None = None) -> int:
 
     panels = [(title, [k for k in keys if any(k in r for r in rows)]) for title, keys in PLOT_PANELS]
     panels = [(title, keys) for title, keys in panels if keys]
+    if not panels:  # plt.subplots(0, 1) raises ValueError
+        raise InputError(f"{metrics}: no row holds a value to plot (one of {', '.join(PLOTTED)})")
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False)
     for ax, (title, keys) in zip(axes[:, 0], panels):
         for key in keys:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from internvl_mpo.errors import ConfigError, InputError
+from internvl_mpo.errors import CheckpointError, ConfigError, InputError
 from internvl_mpo.train import checkpointing as ckpt
 from internvl_mpo.train.data import BadExample, PairDataset, collate_pairs
 from internvl_mpo.train.distributed import DistEnv, all_reduce_sum, epoch_order, print0, rank_share, ranks_together
@@ -66,6 +66,11 @@ def precompute_reference(
         cached = ckpt.read_json(meta_path)
         if cached == fingerprint:
             table = ckpt.read_tensors(path)
+            shapes = {k: tuple(v.shape) for k, v in table.items()}
+            if shapes != dict.fromkeys(("chosen", "rejected", "valid"), (len(dataset),)):
+                raise CheckpointError(f"{path}: holds {shapes}, not the chosen, rejected and valid values of the"
+                                      f" {len(dataset)} records its {meta_path.name} describes; delete both files"
+                                      " to compute them again")
             return table["chosen"], table["rejected"], table["valid"].bool()
         changed = [k for k in fingerprint if cached.get(k) != fingerprint[k]] + [k for k in cached if k not in fingerprint]
         print0(f"note: {path} was computed from other inputs ({', '.join(changed)}): computing it again")

@@ -201,7 +201,7 @@ def check_resume_settings(
     settings. Checkpoints written before the data fingerprint was recorded are compared by the --data path only.
     ConfigError when the run finished after this checkpoint (its final/ is there).
     """
-    state = ckpt.read_json(path / ckpt.STATE_FILE)
+    state = ckpt.read_trainer_state(path)
     saved = state.get("config", {})
     saved_print = state.get("data_fingerprint")
     if saved_print is not None:  # recorded as spelled before 2026-12-03: through a symlink, the link's own path
@@ -237,7 +237,7 @@ def check_resume_settings(
     if changed:
         raise CheckpointError(f"{path}: cannot resume, these settings differ from the checkpoint: {', '.join(changed)}")
     # final/ is written (atomically) only at the end of a run: beside an earlier checkpoint, that run went on past it
-    step = int(state.get("step", total_steps))
+    step = state["step"]
     if step < total_steps and (path.parent / FINAL_DIR).exists():
         raise ConfigError(f"{path.parent} holds the {FINAL_DIR}/ of the finished run, written after {path.name} (step"
                           f" {step} of {total_steps}): resuming would train its last steps again and overwrite it;"
@@ -251,9 +251,9 @@ def _selection_changes(path: Path, cfg: TrainConfig, env: DistEnv, state: dict, 
     not divide the records (each share was cut to records // processes before 2026-12-02) and an SFT
     meta.json with a repeat_time below 1 (a random sample before 2026-12-02, the first lines since)."""
     n = len(stream.dataset)
-    positions = [ckpt.read_json(path / f"rank{r}.json").get("data", {}) for r in range(env.world_size)]
+    positions = [ckpt.read_rank_state(path, r)["data"] for r in range(env.world_size)]
     if all("share_sha256" in p for p in positions):
-        ranks = [r for r, p in enumerate(positions) if p["share_sha256"] != stream.share_sha256(int(p["epoch"]), r)]
+        ranks = [r for r, p in enumerate(positions) if p["share_sha256"] != stream.share_sha256(p["epoch"], r)]
         if not ranks:
             return []
         counts = f"{state.get('records')} records then, {n} now" if state.get("records") != n else f"{n} records"
@@ -295,7 +295,7 @@ def resume_training_state(
             raise CheckpointError(f"{path / ckpt.STATE_FILE}: {e}") from None
     stream.report.counts.update(state.get("skipped", {}))
     stream.restore(rank_state["data"])
-    return int(state["step"])
+    return state["step"]
 
 
 def rewrite_metrics(path: Path, last_step: int) -> int:
@@ -305,7 +305,7 @@ def rewrite_metrics(path: Path, last_step: int) -> int:
     if not path.is_file():
         return 0
     kept, cut = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").split("\n"):  # LF only, as `read_metrics`
         try:  # a line that is no metrics row (damaged, or edited by hand) is dropped as a half-written one is
             row = json.loads(line)
             if row["step"] <= last_step:
@@ -314,7 +314,7 @@ def rewrite_metrics(path: Path, last_step: int) -> int:
         except (ValueError, RecursionError, KeyError, TypeError, OverflowError):
             continue
     tmp = path.with_name(".tmp-" + path.name)
-    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     fsync_path(tmp)  # a crash after the rename leaves these rows, not an empty file
     os.replace(tmp, path)
     return cut
