@@ -1790,7 +1790,8 @@ def test_bad_requests_fail_alone_with_400(server, client):
     solo = client.chat.completions.create(model="m", messages=messages, **long).choices[0].message.content
     hi = '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4'
     bad = {
-        "reserved for image features": '{"messages": [{"role": "user", "content": "a <IMG_CONTEXT> b"}]}',
+        "messages[0].content: the text holds the image-context token <IMG_CONTEXT>, which is reserved for image":
+            '{"messages": [{"role": "user", "content": "a <IMG_CONTEXT> b"}]}',
         "top_p must be a finite number": hi + ', "temperature": 1, "top_p": NaN}',
         "temperature must be a finite number": hi + ', "temperature": NaN}',
         "repetition_penalty must be a finite number": hi + ', "repetition_penalty": NaN}',

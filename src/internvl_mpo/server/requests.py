@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 
 from ..chat.template import IMAGE_PLACEHOLDER
+from ..chat.tokenizer import IMG_CONTEXT
 from ..errors import InputError, SettingError
 from ..jsonl import json_problem
 from ..generate.grammar import compile_grammar
@@ -154,8 +155,12 @@ def _unicode(text: str, param: str) -> str:
 
 def _plain_text(text: str, param: str, role: str) -> str:
     """A text part; `<image>` places an image in a user message, so it is refused there and in a tool's result,
-    which is read as one (an answer or a system message that mentions it keeps it as text)."""
+    which is read as one (an answer or a system message that mentions it keeps it as text). The image-context token
+    is refused in any message: the model would look for image features there."""
     _unicode(text, param)
+    if IMG_CONTEXT in text:
+        raise ApiError(400, f"{param}: the text holds the image-context token {IMG_CONTEXT}, which is reserved for"
+                            " image features", param)
     if role in ("user", "tool") and IMAGE_PLACEHOLDER in text:
         raise ApiError(400, f"{param}: the text holds {IMAGE_PLACEHOLDER!r}; send images as image_url parts", param)
     return text
