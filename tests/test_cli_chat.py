@@ -1837,6 +1837,23 @@ def test_json_mode_flag(folder, tmp_path):
     assert out.returncode == 1 and "other settings (json_mode)" in out.stderr, out.stderr
 
 
+def test_schema_and_grammar_files_with_a_byte_order_mark_or_a_huge_integer(tmp_path):
+    """A schema or grammar file saved with a byte order mark (Windows editors) was refused ("Unexpected UTF-8 BOM",
+    a grammar error at its first character), where meta.json and request files take one; a 5000-digit integer in
+    a schema was refused with json's advice to call sys.set_int_max_str_digits()."""
+    from internvl_mpo.cli_chat import _read_grammar, _read_schema
+    from internvl_mpo.errors import InputError
+
+    schema, grammar = tmp_path / "schema.json", tmp_path / "yes.gbnf"
+    schema.write_bytes(b"\xef\xbb\xbf" + json.dumps({"enum": ["yes", "no"]}).encode())
+    grammar.write_bytes(b'\xef\xbb\xbfroot ::= "yes" | "no"\n')
+    assert _read_schema(str(schema)) == {"enum": ["yes", "no"]}
+    assert _read_grammar(str(grammar)) == 'root ::= "yes" | "no"\n'
+    schema.write_text('{"type": "integer", "maximum": ' + "9" * 5000 + "}")
+    with pytest.raises(InputError, match=r"schema.json: its JSON holds an integer of more than 4300 digits$"):
+        _read_schema(str(schema))
+
+
 def test_json_schema_flag(folder, tmp_path):
     """--json-schema FILE holds chat's and generate's answers to a value of the schema (the API's json_schema),
     generate records the schema in its settings (a resume without it is refused), and a schema file that cannot be
@@ -1855,7 +1872,7 @@ def test_json_schema_flag(folder, tmp_path):
     assert out.returncode == 1 and f"--json-schema {bad}: pattern at #: regex '(?=a)': a lookaround" in out.stderr
     bad.write_text("{")
     out = cli("chat", "--model", folder, "--json-schema", bad, "Hello")
-    assert out.returncode == 1 and f"--json-schema {bad}: Expecting property name" in out.stderr, out.stderr
+    assert out.returncode == 1 and f"--json-schema {bad}: not valid JSON (Expecting property name" in out.stderr
     out = cli("chat", "--model", folder, "--json-schema", tmp_path / "missing.json", "Hello")
     assert out.returncode == 1 and "missing.json: No such file or directory" in out.stderr, out.stderr
     out = cli("chat", "--model", folder, "--json-schema", path, "--json-mode", "Hello")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import CheckpointError, ConfigError, InputError, Interrupted, PromptTooLongError, SettingError
+from .jsonl import json_problem
 
 if TYPE_CHECKING:
     from .checkpoint import Weights
@@ -106,7 +107,7 @@ def _read_grammar(path: str | None) -> str | None:
     if path is None:
         return None
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is dropped
         compile_grammar(text)
     except OSError as e:
         raise InputError(f"--grammar {path}: {e.strerror or e}") from None
@@ -117,19 +118,20 @@ def _read_grammar(path: str | None) -> str | None:
 
 def _read_schema(path: str | None):
     """The JSON schema in the file of --json-schema (None without one), checked: InputError naming the file."""
-    from .generate.json_schema import SchemaError, compile_schema
+    from .generate.json_schema import compile_schema
 
     if path is None:
         return None
     try:
-        schema = json.loads(Path(path).read_text(encoding="utf-8"))
-        compile_schema(schema)
+        schema = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # a byte order mark is dropped
     except OSError as e:
         raise InputError(f"--json-schema {path}: {e.strerror or e}") from None
-    except (ValueError, SchemaError) as e:  # UnicodeDecodeError and json's errors are ValueErrors
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and json's errors are ValueErrors
+        raise InputError(f"--json-schema {path}: {json_problem(e)}") from None
+    try:
+        compile_schema(schema)
+    except ValueError as e:  # a SchemaError
         raise InputError(f"--json-schema {path}: {e}") from None
-    except RecursionError:
-        raise InputError(f"--json-schema {path}: its JSON is nested too deeply to read") from None
     return schema
 
 
