@@ -2397,3 +2397,14 @@ def test_generate_benchmark_compiles_transformers_where_its_generate_does():
     bench = generate_benchmark()
     assert bench.theirs_compiles("cuda") and bench.theirs_compiles("cuda:1")
     assert not bench.theirs_compiles("cpu")
+
+
+def test_a_history_that_is_no_list_is_refused_by_name_before_its_truth_value_is_asked(setup):
+    import numpy as np
+
+    chat = setup[0]
+    for history in (np.array([["What is it?", "A cat."]]), np.empty((0, 2), dtype=object)):
+        with pytest.raises(InputError, match="history must be a list of .* got ndarray"):
+            chat.chat("And now?", history=history, do_sample=False, max_new_tokens=2)
+        with pytest.raises(InputError, match="history must be a list"):
+            chat.stream_chat("And now?", history=history, do_sample=False, max_new_tokens=2)

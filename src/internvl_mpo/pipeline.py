@@ -279,6 +279,8 @@ class InternVLChat:
                 "pixel_values, question, generation_config) is chat(question, pixel_values=pixel_values, "
                 "generation_config=generation_config) here"
             )
+        if history is not None and not isinstance(history, (list, tuple)):  # `history or ()` below: a NumPy array
+            raise InputError(f"history must be a list of (question, answer) pairs, got {type(history).__name__}")
         if isinstance(video, dict):  # chat(question, images, generation_config): the settings went to video=
             raise InputError("video must be a file, a folder or a list of frames, got a dict; pass generation "
                              "settings as keywords or as generation_config=")
