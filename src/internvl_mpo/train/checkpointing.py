@@ -135,8 +135,8 @@ def read_trainer_state(path: Path) -> dict:
     for key in ("total_steps", "world_size", "records"):
         if key in state and not _is_count(state[key]):
             raise _damaged(file, key, state[key])
-    for key in ("config", "skipped", "running_mean", "model_fingerprint"):  # the last two may be null
-        if key in state and not isinstance(state[key], dict) and not (key[0] in "rm" and state[key] is None):
+    for key, nullable in (("config", False), ("skipped", False), ("running_mean", True), ("model_fingerprint", True)):
+        if key in state and not isinstance(state[key], dict) and not (nullable and state[key] is None):
             raise _damaged(file, key, state[key])
     if not all(_is_count(n) for n in state.get("skipped", {}).values()):
         raise _damaged(file, "skipped", state["skipped"])
