@@ -36,6 +36,8 @@ FLOAT_RANGES = {
 # The whole-number settings that must be >= 1 (the optional ones only when given), and those >= 0.
 POSITIVE_INTS = ("batch_size", "grad_accum", "epochs", "video_frames", "max_seq_length", "max_dynamic_patch")
 COUNTS = ("max_steps", "save_every", "save_total_limit", "lora_rank", "num_workers")
+# The settings that name files or folders: a pathlib.Path given from Python is kept as its text.
+PATH_FIELDS = ("model", "data", "output", "image_root", "init_from_config", "tokenizer")
 # --max-seq-length when not given (the official MPO recipe's), capped by the model's context.
 DEFAULT_MAX_SEQ_LENGTH = 8192
 
@@ -124,6 +126,14 @@ class TrainConfig:
     fsdp: bool = False
     num_workers: int = 0
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        # `train()` from Python may get pathlib.Path objects: the run reads them as text (".jsonl" suffix checks,
+        # trainer_state.json), so they are stored as their text, as the command line gives them
+        for name in PATH_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                object.__setattr__(self, name, os.fspath(value))
 
     def validate(self) -> None:
         if self.mode not in MODES:
