@@ -1600,17 +1600,19 @@ def test_lora_alpha_defaults_to_twice_the_rank():
 
 
 def test_train_takes_pathlib_paths_from_python(tmp_path, chat_folder, meta):
-    """train() from Python with pathlib.Path settings (as tmp_path gives them) trains as with their text."""
+    """train() from Python with pathlib.Path settings (as tmp_path gives them) trains as with their text; an SFT
+    file whose suffix is upper case was read as a meta.json ("not valid JSON")."""
     cfg = TrainConfig(model=chat_folder, data=meta, output=tmp_path / "run", max_steps=1, batch_size=2,
                       warmup_ratio=0.0, grad_checkpointing=False, progress=False, save_every=1)
     assert (cfg.model, cfg.data, cfg.output) == (str(chat_folder), str(meta), str(tmp_path / "run"))
     result = train(cfg)
     assert result.final_dir == tmp_path / "run" / "final" and (tmp_path / "run" / "checkpoint-000001").is_dir()
-    sft = tmp_path / "sft.jsonl"
+    sft = tmp_path / "sft.JSONL"
     sft.write_text(json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]})
                    + "\n")
-    train(TrainConfig(mode="sft", model=chat_folder, data=sft, output=tmp_path / "sft", max_steps=1,
-                      grad_checkpointing=False, progress=False))
+    result = train(TrainConfig(mode="sft", model=chat_folder, data=sft, output=tmp_path / "sft", max_steps=1,
+                               grad_checkpointing=False, progress=False))
+    assert metric_rows(tmp_path / "sft")[0]["step"] == 1 and result.final_dir.is_dir()
 
 
 def test_gradient_accumulation_equals_the_larger_micro_batch(tmp_path, chat_folder, meta):

@@ -63,7 +63,7 @@ def dataset_tiles(cfg: TrainConfig, flag: int | None, model: ModelConfig) -> int
     one number when every dataset uses the same."""
     if not model.dynamic_image_size:
         return 1
-    if flag is not None or (cfg.mode == "sft" and cfg.data.endswith(".jsonl")):
+    if flag is not None or (cfg.mode == "sft" and cfg.single_jsonl):
         return model.max_dynamic_patch if flag is None else flag
     tiles = {spec.name: spec.max_dynamic_patch or model.max_dynamic_patch for spec in load_meta(cfg.data)}
     return tiles.popitem()[1] if len(set(tiles.values())) == 1 else tiles
@@ -140,7 +140,7 @@ def _lora_base_keys(policy: InternVL, cfg: TrainConfig) -> set[str]:
 
 def data_files(cfg: TrainConfig) -> list[str]:
     """The files a run reads its records from: the SFT .jsonl, or meta.json and its annotations."""
-    if cfg.mode == "sft" and cfg.data.endswith(".jsonl"):
+    if cfg.mode == "sft" and cfg.single_jsonl:
         return [cfg.data]
     return [cfg.data, *(spec.annotation for spec in load_meta(cfg.data))]
 
@@ -262,7 +262,7 @@ def _selection_changes(path: Path, cfg: TrainConfig, env: DistEnv, state: dict, 
     old = []
     if env.world_size > 1 and n % env.world_size:
         old.append(f"{env.world_size} processes do not divide the {n} records")
-    if cfg.mode == "sft" and not cfg.data.endswith(".jsonl") and any(s.repeat_time < 1 for s in load_meta(cfg.data)):
+    if cfg.mode == "sft" and not cfg.single_jsonl and any(s.repeat_time < 1 for s in load_meta(cfg.data)):
         old.append("a dataset's repeat_time is below 1")
     if not old:
         return []

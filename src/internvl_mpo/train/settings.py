@@ -135,6 +135,11 @@ class TrainConfig:
             if isinstance(value, os.PathLike):
                 object.__setattr__(self, name, os.fspath(value))
 
+    @property
+    def single_jsonl(self) -> bool:
+        """Whether --data names one .jsonl file (an SFT file; any case of the suffix) rather than a meta.json."""
+        return self.data is not None and self.data.lower().endswith(".jsonl")
+
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be {', '.join(MODES[:-1])} or {MODES[-1]}, got {self.mode!r}")
@@ -146,10 +151,10 @@ class TrainConfig:
         if missing:
             names = ", ".join(missing[:-1]) + " and " + missing[-1] if len(missing) > 1 else missing[0]
             raise ConfigError(f"{names} {'are' if len(missing) > 1 else 'is'} required")
-        if self.mode != "sft" and self.data.endswith(".jsonl"):
+        if self.mode != "sft" and self.single_jsonl:
             raise ConfigError(f"--data {self.data}: {self.mode} reads a meta.json (MMPR layout) that lists the"
                               " annotation .jsonl files with their image root; only sft takes a single .jsonl")
-        if self.image_root is not None and not (self.mode == "sft" and self.data.endswith(".jsonl")):
+        if self.image_root is not None and not (self.mode == "sft" and self.single_jsonl):
             raise ConfigError("--image-root applies to a single sft .jsonl; a meta.json gives each dataset its root")
         if self.model is not None and self.init_from_config is not None:
             raise ConfigError("give only one of --model and --init-from-config")

@@ -51,7 +51,7 @@ def build_dataset(cfg: TrainConfig, tokenizer: Tokenizer, config: ModelConfig) -
         )
     else:
         skip = report if cfg.skip_bad else None
-        if cfg.data.endswith(".jsonl"):
+        if cfg.single_jsonl:
             root = cfg.image_root if cfg.image_root is not None else os.path.dirname(os.path.abspath(cfg.data))
             records, max_nums, augment = read_sft_records(cfg.data, root, report=skip), None, None
         else:
