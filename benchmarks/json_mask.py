@@ -48,8 +48,8 @@ from internvl_mpo.generate import json_schema as js
 from internvl_mpo.generate.lark import is_lark
 from internvl_mpo.generate import regex as rx
 
-REGEX = -1  # the label of a regex's states in the table
-MODES = {REGEX: "regex", jm.START: "start", jm.VALUE: "value", jm.ARRAY_START: "array start", jm.OBJECT_START: "object start",
+REGEX, GRAMMAR = -1, -2  # the labels of a regex's and a grammar's states in the table
+MODES = {REGEX: "regex", GRAMMAR: "grammar", jm.START: "start", jm.VALUE: "value", jm.ARRAY_START: "array start", jm.OBJECT_START: "object start",
          jm.KEY: "key", jm.COLON: "colon", jm.AFTER: "after value", jm.STRING: "string", jm.ESCAPE: "escape",
          jm.UNICODE: "\\u escape", jm.NUMBER: "number", jm.LITERAL: "true/false/null", jm.DONE: "done"}
 SAMPLE = {"title": "Ein Café in Zürich", "objects": [{"name": "猫", "box": [12, 34.5, -0.5e3, 1e-2], "visible": True},
@@ -167,7 +167,7 @@ def main() -> None:
             return regex.mask(vocabulary, state)
 
         def lexical(state):
-            return (REGEX, 0, "", 0)
+            return (REGEX if args.grammar is None else GRAMMAR, 0, "", 0)
 
         def clear():
             vocabulary.regex_cache.clear()
