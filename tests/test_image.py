@@ -284,6 +284,20 @@ def test_a_video_given_as_an_image_is_pointed_to_the_video_input(tmp_path):
             open_image(source)
 
 
+def test_an_mpeg_video_stream_given_as_an_image_is_pointed_to_the_video_input(tmp_path):
+    """Pillow reads the size in an MPEG-1/2 video stream's sequence header (.m1v, .m2v, a .mpg that is no program
+    stream) but decodes none of it: such a video was planned as 13 tiles, then refused as "cannot decode image
+    (truncated or corrupt): cannot load this image", as if the file were damaged."""
+    stream = b"\x00\x00\x01\xb3" + b"\x02\x80\x1e\x00" + bytes(40)  # a sequence header: 40x30
+    path = tmp_path / "clip.m1v"
+    path.write_bytes(stream)
+    hint = ": not an image Pillow can read, and it looks like a video: pass it as a video"
+    for source in (path, stream, io.BytesIO(stream)):
+        for read in (open_image, read_size, load_image):
+            with pytest.raises(InputError, match=re.escape(hint)):
+                read(source)
+
+
 def test_multi_frame_files_are_closed_after_decoding(tmp_path):
     """Pillow keeps a multi-frame file open after decoding (to seek later frames); it used to stay
     open until garbage collection, with a ResourceWarning, and as long as an RGB result lived."""

@@ -4,8 +4,10 @@ and frame tensors against the image recipe applied to independently decoded fram
 import contextlib
 import io
 import itertools
+import os
 import re
 import struct
+import threading
 import warnings
 from fractions import Fraction
 
@@ -281,6 +283,30 @@ def test_a_video_path_with_a_newline_or_a_very_long_name_gives_a_one_line_error(
     assert str(error.value) == "x" * 5000 + ".mp4: not a video FFmpeg can read: File name too long"
 
 
+def test_a_video_given_as_a_pipe_is_refused_as_one(video_path):
+    """`chat --video <(curl ...)` gives a pipe, which a video's reading opens more than once (plan, packet list,
+    decode): the second open found the data used up, "not a video FFmpeg can read: Invalid data found"; and a named
+    pipe with no writer yet waited forever in FFmpeg's open."""
+    read_end, write_end = os.pipe()
+    data = video_path.read_bytes()
+    assert len(data) < 65536  # fits the pipe's buffer: the writer never waits for a reader
+
+    def write():
+        with contextlib.suppress(OSError):
+            os.write(write_end, data)
+        os.close(write_end)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        for read in (load_video, video.planned_frame_tiles):
+            with pytest.raises(InputError, match=r"^/dev/fd/\d+: is a pipe, not a file"):
+                read(f"/dev/fd/{read_end}")
+    finally:
+        writer.join(5)
+        os.close(read_end)
+
+
 def test_video_urls_are_refused_as_urls(tmp_path):
     with pytest.raises(InputError, match="^https://example.com/clip.mp4: is a URL"):
         load_video("https://example.com/clip.mp4")
@@ -331,6 +357,21 @@ def test_a_clip_none_of_whose_frames_decode_is_named_when_its_tiles_are_planned(
 
 @pytest.mark.parametrize("name", ["photo.jpg", "photo.png", "photo.webp", "photo.tiff", "photo.bmp"])
 def test_an_image_file_is_not_a_one_frame_video(tmp_path, name):
+    path = tmp_path / name
+    frame_image(3).save(path)
+    for read in (load_video, video.planned_frame_tiles):
+        with pytest.raises(InputError, match=f"^{re.escape(str(path))}: is an image, not a video .*--image"):
+            read(path)
+
+
+@pytest.mark.parametrize("name", ["photo.avif", "photo.ico"])
+def test_an_avif_photo_or_an_icon_is_not_a_one_frame_video(tmp_path, name):
+    """FFmpeg reads an AVIF (or HEIC) photo with its mp4 reader and an icon with its ico reader, neither an image2
+    or *_pipe reader: each was a one-frame clip, every FrameK that picture."""
+    from PIL import features
+
+    if name.endswith(".avif") and not features.check("avif"):
+        pytest.skip("this Pillow writes no AVIF")
     path = tmp_path / name
     frame_image(3).save(path)
     for read in (load_video, video.planned_frame_tiles):

@@ -320,6 +320,10 @@ def _open_pil(src: BinaryIO | bytes | bytearray, name: str, max_pixels: int | No
         raise
     except _DECODE_ERRORS as e:
         raise InputError(f"{name}: cannot read image header: {e}") from None
+    if image.format == "MPEG":  # an MPEG-1/2 video stream (.m1v, .m2v, a .mpg without a program stream): Pillow
+        # reads its sequence header's size but decodes none of it ("cannot load this image"); the file stays open
+        # (a caller's file object is theirs; a path's is closed by open_image or read_size)
+        raise InputError(f"{name}: not an image Pillow can read, and it looks like a video: {AS_A_VIDEO}")
     for warning in held:  # let through by the filters already (Python's default: once a place)
         if not issubclass(warning.category, Image.DecompressionBombWarning):
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno, warning.file,

@@ -74,6 +74,7 @@ import math
 import numbers
 import os
 import re
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +192,14 @@ def _import_av():
 
 def _open_container(av, path: str):
     name = source_name(path)
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # a %03d.png pattern names no file; a missing file: FFmpeg says so below
+        mode = 0
+    # `--video <(curl ...)`, a named pipe: read once only, and opening one waits for a writer
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        raise InputError(f"{name}: is a pipe, not a file: a video is read more than once (its stream planned, its "
+                         "packets listed, its frames decoded); save it to a file and give that")
     try:
         # tags (title, handler, encoder) that are not UTF-8, Latin-1 say, are read with U+FFFD where the default
         # raises UnicodeDecodeError; decord opens such files
@@ -398,13 +407,28 @@ def _video_stream(container):
     return best if best in videos else next(iter(videos), None)
 
 
+# ISO media brands of a still picture (HEIF, AVIF), which FFmpeg's mp4 reader reads as a one-frame video; the
+# brands of picture sequences (avis, msf1, hevc: an animated AVIF or HEIF) stay videos, as an animated PNG does
+_STILL_IMAGE_BRANDS = frozenset({"avif", "heic", "heix", "heim", "heis", "mif1"})
+
+
+def _reads_an_image(container) -> bool:
+    """Whether FFmpeg reads the file as a picture: with its image2 reader (which goes by the name), a `*_pipe`
+    reader of one image format, its icon reader, or its mp4 reader where the file's major brand is a still
+    picture's (an AVIF or HEIC photo)."""
+    reader = container.format.name
+    if reader == "image2" or reader.endswith("_pipe") or reader == "ico":
+        return True
+    return reader.startswith("mov,") and container.metadata.get("major_brand", "").strip() in _STILL_IMAGE_BRANDS
+
+
 def _checked_stream(av, container, name: str, max_pixels: int | None):
     """The video stream to read (`_video_stream`); refused, before a frame is decoded, when the file is an image
     (FFmpeg reads a JPEG, PNG or WebP as a one-frame video: every sample would be that picture), when there is no
     stream, its codec cannot be decoded, or its frames have more than `max_pixels` pixels. A `%03d.png` pattern,
     which FFmpeg's image2 reader reads as a sequence of frames, names no file and is left to it."""
     reader = container.format.name
-    if (reader == "image2" or reader.endswith("_pipe")) and os.path.isfile(container.name):
+    if _reads_an_image(container) and os.path.isfile(container.name):
         if not pillow_identifies(container.name):  # image2 goes by the name alone: a text file named .jpg
             raise InputError(f"{name}: not a video (FFmpeg takes it for an image, with its {reader} reader), nor an"
                              " image Pillow can read")
