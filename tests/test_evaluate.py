@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import (
     bf16_shards_without_dtype,
@@ -567,7 +568,7 @@ def test_reads_mmbench_tsv_with_shared_and_large_images(tmp_path, monkeypatch):
     assert [i.id for i in items] == ["10", "11", "12"]
     assert items[0].options == {"A": "red", "B": "green", "C": "blue"} and items[0].kind == "choice"
     assert items[1].images == items[0].images  # "10" in the image cell: row 10's image
-    assert Image.open(io.BytesIO(items[0].images[0])).getpixel((5, 5)) == (0, 0, 255)
+    assert Image.open(io.BytesIO(items[0].images[0])).getpixel((5, 5)) == (0, 0, 254)  # blue, through JPEG
     assert Image.open(io.BytesIO(items[2].images[0])).size == (260, 260)
     assert items[2].hint == ""
     assert build_prompt(items[1]) == f"Only one shape is drawn.\nWhich shape is it?\n(look closely)\nA. square\nB. circle\n{MCQ}"
@@ -1014,7 +1015,43 @@ def test_benchmark_files_vlmevalkit_tools_write_are_read_or_refused_by_name(tmp_
         csv.writer(f, delimiter="\t").writerows([["index", "question", "answer", "image"],
                                                  ["1", "Is it red?", "yes", wrapped]])
     (item,) = read_benchmark(tsv)
-    assert item.images == (buffer.getvalue(),)
+    assert Image.open(io.BytesIO(item.images[0])).getpixel((0, 0)) == (254, 0, 0)  # red, through JPEG
+
+
+def vlmevalkit_dump(encoded: str, folder: Path, index: str) -> bytes:
+    """VLMEvalKit's `dump_image` of a TSV row, as its `decode_base64_to_image_file` writes it: the file's bytes."""
+    image = Image.open(io.BytesIO(base64.b64decode(encoded)))
+    if image.mode in ("RGBA", "P", "LA"):
+        image = image.convert("RGB")
+    image.save(folder / f"{index}.jpg")
+    return (folder / f"{index}.jpg").read_bytes()
+
+
+def test_tsv_images_are_what_vlmevalkit_writes_for_the_model(tmp_path):
+    """VLMEvalKit saves each TSV image as <index>.jpg (a JPEG at quality 75; RGBA, P and LA made RGB) and the model
+    reads that file: the images were handed over as decoded from base64, other pixels than VLMEvalKit's run."""
+    rng = np.random.default_rng(0)
+    pictures = {"rgba": Image.fromarray(rng.integers(0, 256, (40, 60, 4), dtype=np.uint8), "RGBA"),
+                "p": Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)).quantize(16),
+                "gray": Image.fromarray(rng.integers(0, 256, (20, 30), dtype=np.uint8), "L"),
+                "jpeg": Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))}
+    cells = []
+    for name, picture in pictures.items():
+        buffer = io.BytesIO()
+        picture.save(buffer, format="JPEG" if name == "jpeg" else "PNG", quality=95)
+        cells.append(base64.b64encode(buffer.getvalue()).decode())
+    sixteen = io.BytesIO()  # 16-bit: JPEG cannot hold it (VLMEvalKit fails): handed over as given
+    Image.fromarray(rng.integers(0, 65536, (8, 8), dtype=np.uint16)).save(sixteen, format="PNG")
+    tsv = tmp_path / "q.tsv"
+    with tsv.open("w", newline="") as f:
+        csv.writer(f, delimiter="\t").writerows(
+            [["index", "question", "answer", "image"], *[[str(i), "What?", "x", c] for i, c in enumerate(cells)],
+             ["9", "What?", "x", base64.b64encode(sixteen.getvalue()).decode()], ["10", "Again?", "x", "0"]])
+    items = read_benchmark(tsv)
+    for i, cell in enumerate(cells):
+        assert items[i].images == (vlmevalkit_dump(cell, tmp_path, str(i)),), list(pictures)[i]
+    assert items[4].images == (sixteen.getvalue(),)
+    assert items[5].images == items[0].images  # a row naming another's image
 
 
 def test_cot_a_final_answer_with_nothing_after_it_answers_nothing(tmp_path):

@@ -17,7 +17,8 @@ Mirrors open-compass/VLMEvalKit:
   yes/no as `YOrN_Extraction` (`answers.parse_yes_no`, a superset).
 - MMBench-style TSV (`ImageBaseDataset.prepare_tsv`): columns index, question, hint, A..Z, answer,
   category, image (base64); an image cell of at most 64 characters names the row whose image it
-  shares. Images are decoded into memory. Rows i + k * 10**6 are question i with its options rotated
+  shares. Each image is re-encoded as `dump_image` writes it (`<index>.jpg`: JPEG at Pillow's default quality,
+  RGBA, P and LA converted to RGB), in memory, so the model sees VLMEvalKit's pixels. Rows i + k * 10**6 are question i with its options rotated
   (`mcq_circular_eval`): a question counts right only when all its rows are.
 
 Differences: there is no judge model, so an answer whose letter cannot be inferred counts wrong
@@ -52,10 +53,13 @@ import io
 import json
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from internvl_mpo.answers import (
     ANSWER_INSTRUCTIONS,
@@ -233,6 +237,21 @@ def _cell(row: dict[str, str], key: str) -> str:
     return "" if value is None or value.strip() in _MISSING else value
 
 
+def _as_dumped(data: bytes) -> bytes:
+    """A TSV's image as VLMEvalKit hands it to the model: decoded, RGBA, P and LA converted to RGB, and saved as
+    `<index>.jpg` (`decode_base64_to_image_file`: Pillow's JPEG at its default quality, 75), which the model reads.
+    An image JPEG cannot hold (16-bit, float; VLMEvalKit fails on it) is kept as given."""
+    try:
+        with warnings.catch_warnings():  # its pixels were checked against the run's limit already
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                out = io.BytesIO()
+                (image.convert("RGB") if image.mode in ("RGBA", "P", "LA") else image).save(out, format="JPEG")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return data
+    return out.getvalue()
+
+
 def _read_tsv(path: Path, max_pixels: int | None) -> list[BenchItem]:
     rows = _tsv_rows(path)
     if not rows:
@@ -241,7 +260,7 @@ def _read_tsv(path: Path, max_pixels: int | None) -> list[BenchItem]:
         raise InputError(f"{path}: images given as an image_path column are not read (the questions would go without "
                          "them); give base64 images in an image column, or a JSONL file with image paths")
     encoded = {row["index"]: _cell(row, "image") for row in rows}
-    items, checked = [], set()
+    items, checked, dumped = [], set(), {}
     for number, row in enumerate(rows, 2):
         where = f"{path}:row {number} (index {row['index']})"
         if not _cell(row, "index"):
@@ -258,6 +277,10 @@ def _read_tsv(path: Path, max_pixels: int | None) -> list[BenchItem]:
             except (binascii.Error, ValueError):
                 raise InputError(f"{where}: the image is not valid base64") from None
         check_images(images, where, checked, max_pixels)
+        if cell:
+            if cell not in dumped:  # rotated copies of a question repeat its image
+                dumped[cell] = _as_dumped(images[0])
+            images = [dumped[cell]]
         options = {k: _cell(row, k) for k in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if _cell(row, k)}
         items.append(_item(
             row["index"], row["question"] or "", _cell(row, "answer"), images, options or None, _cell(row, "hint"),
@@ -268,7 +291,8 @@ def _read_tsv(path: Path, max_pixels: int | None) -> list[BenchItem]:
 
 def read_benchmark(path: str | Path, max_pixels: int | None = None) -> list[BenchItem]:
     """Questions of a .jsonl or MMBench-style .tsv benchmark file, in file order; every image is decoded
-    once here and refused over `max_pixels` pixels (default: Pillow's limit)."""
+    once here and refused over `max_pixels` pixels (default: Pillow's limit); a TSV's are re-encoded as
+    VLMEvalKit writes them (`_as_dumped`)."""
     path = check_input_file(path, "benchmark file")
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".tsv"):
