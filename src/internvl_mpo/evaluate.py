@@ -18,8 +18,9 @@ Mirrors open-compass/VLMEvalKit:
 - MMBench-style TSV (`ImageBaseDataset.prepare_tsv`): columns index, question, hint, A..Z, answer,
   category, image (base64); an image cell of at most 64 characters names the row whose image it
   shares. Each image is re-encoded as `dump_image` writes it (`<index>.jpg`: JPEG at Pillow's default quality,
-  RGBA, P and LA converted to RGB), in memory, so the model sees VLMEvalKit's pixels. Rows i + k * 10**6 are question i with its options rotated
-  (`mcq_circular_eval`): a question counts right only when all its rows are.
+  RGBA, P and LA converted to RGB), in memory, so the model sees VLMEvalKit's pixels. Rows i + k * 10**6
+  are question i with its options rotated (`mcq_circular_eval`): a question counts right only when all its
+  rows are.
 
 Differences: there is no judge model, so an answer whose letter cannot be inferred counts wrong
 (VLMEvalKit's exact-matching mode); short answers are compared by `answers.check_answer` (VLMEvalKit has per-benchmark scorers); with
