@@ -830,6 +830,18 @@ def test_a_broken_generation_config_is_refused_before_the_weights(tmp_path, monk
         convert(src, tmp_path / "hf", "hf")
 
 
+def test_config_eos_ids_the_loader_takes_convert_without_a_generation_config(tmp_path):
+    """config.json's eos_token_id is checked as it is read (any integer; -1 in some configs): the check of
+    generation_config.json's ids took it as that file's, and refused the folder naming a file it does not have."""
+    src, _ = tiny_chat_folder(tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config["llm_config"]["eos_token_id"] = -1
+    (src / "config.json").write_text(json.dumps(config))
+    assert not (src / "generation_config.json").exists()
+    out = convert(src, tmp_path / "hf", "hf")
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"][0] == -1
+
+
 def _bytes_or_none(path):
     return path.read_bytes() if path.exists() else None
 

@@ -433,3 +433,13 @@ def test_tool_call_arguments_nested_near_the_recursion_limit_are_no_500():
         written = parse_chat_request({"messages": messages}, ServerSettings()).history[0][1]
         assert written in (f'[{{"name": "f", "parameters": {arguments.replace("][", "], [")}}}]',
                            f'[{{"name": "f", "parameters": "{arguments}"}}]'), depth
+
+
+def test_image_context_token_in_tool_call_arguments_is_refused_naming_the_message():
+    """The README: no message may hold <IMG_CONTEXT>, a 400 naming the message. An assistant turn's tool-call
+    arguments holding it passed the request check and failed later as "the text contains <IMG_CONTEXT> 1
+    time(s)", naming no message."""
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"x": "<IMG_CONTEXT>"}'}}
+    messages = [MESSAGES[0], {"role": "assistant", "content": None, "tool_calls": [call]}, MESSAGES[0]]
+    with pytest.raises(ApiError, match=r"^messages\[1\]\.tool_calls: the text holds the image-context token"):
+        parse_chat_request({"messages": messages}, ServerSettings())

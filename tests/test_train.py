@@ -1004,6 +1004,9 @@ DAMAGED = [  # (file, path to the field, value written there, what the error nam
     ("rank0.json", ["data"], None, "data is None"),
     ("rank0.json", ["rng", "numpy", "pos"], "x", "its RNG state is refused"),
     ("rank0.json", ["rng", "python", "state"], [1, 2], "its RNG state is refused"),
+    ("rank0.json", ["rng", "python", "state"], [-1] * 625, "its RNG state is refused"),  # OverflowError
+    ("rank0.json", ["rng", "numpy", "pos"], 2**70, "its RNG state is refused"),  # OverflowError
+    ("rank0.json", ["data", "epoch"], 2**64, f"data.epoch is {2**64}"),  # torch's manual_seed: ValueError
     ("optimizer.json", ["param_groups"], [{"lr": 1.0}], "param_groups is [{'lr': 1.0}]"),
     ("optimizer.json", ["scalars"], [1], "scalars is [1]"),
 ]

@@ -769,7 +769,8 @@ def _generation_config(src: Path, config: ModelConfig) -> dict[str, Any] | None:
     settings = _read_json(path, "generation settings") if path.is_file() else {}
     eos = settings.get("eos_token_id", config.llm.eos_token_id)
     eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
-    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos):  # NaN was written on
+    # the file's own ids (config.json's were checked as it was read, and may be any integer): NaN was written on
+    if "eos_token_id" in settings and not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos):
         raise ConfigError(f"{path}: eos_token_id must be token ids (whole numbers >= 0), got "
                           f"{json.dumps(settings.get('eos_token_id'))[:60]}")
     if stop is None or stop in eos:

@@ -251,7 +251,11 @@ def _tool_calls_text(message: dict, param: str, images: list[tuple[str, str]]) -
         calls.append({"name": function["name"], "parameters": arguments})
     content = message.get("content")
     text = "" if content is None else _content_text(content, f"{param}.content", "assistant", images)
-    return _unicode("\n".join(filter(None, (text, json.dumps(calls, ensure_ascii=False)))), f"{param}.tool_calls")
+    written = json.dumps(calls, ensure_ascii=False)
+    if IMG_CONTEXT in written:  # a call's name or arguments: refused naming the message, as its text parts are
+        raise ApiError(400, f"{param}.tool_calls: the text holds the image-context token {IMG_CONTEXT}, which is "
+                            "reserved for image features", f"{param}.tool_calls")
+    return _unicode("\n".join(filter(None, (text, written))), f"{param}.tool_calls")
 
 
 def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], list[tuple[str, str]], tuple[str, str] | None]:

@@ -116,8 +116,11 @@ def read_json(path: Path) -> dict:
     return read_json_object(path, CheckpointError, "missing from the checkpoint", "a checkpoint's state")
 
 
+MAX_COUNT = 2**53  # past any step, epoch or record count a run reaches; torch's seeds (seed + epoch) stop at 2**64
+
+
 def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
 
 
 def _damaged(path: Path, what: str, value: Any, problem: str = "") -> CheckpointError:
@@ -450,6 +453,6 @@ def load_training_state(
         tensors = read_tensors(path / f"rank{env.rank}.safetensors")
         try:  # numpy's and python's setters check the values they are given
             set_rng_state(tensors, rank_state["rng"], env.device)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError, RuntimeError) as e:  # -1 or 2**70: OverflowError
             raise _damaged(path / f"rank{env.rank}.json", "rng", None, f"its RNG state is refused ({e})") from None
     return state, rank_state
