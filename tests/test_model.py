@@ -639,6 +639,17 @@ def test_attention_dropout_of_the_config_applies_in_training_only(reference_pair
         assert not torch.allclose(model.train()(ids, pixel_values=pixels), expected, atol=1e-2)
 
 
+def test_vision_config_dropout_drops_the_attention_output_in_training_only(tiny):
+    """vision_config.dropout is the official InternAttention's proj_drop, after the output projection: it was not
+    read. At 1.0 every attention output is dropped in training (the block returns zeros); eval keeps it."""
+    from internvl_mpo.vision import VisionAttention
+
+    attention = VisionAttention(dataclasses.replace(tiny.vision, dropout=1.0))
+    x = torch.randn(2, 5, tiny.vision.hidden_size)
+    assert torch.equal(attention.train()(x), torch.zeros_like(x))
+    assert attention.eval()(x).abs().sum() > 0
+
+
 def test_tiles_flagged_zero_give_no_features_as_in_the_official_forward(reference_pair, tiny):
     """image_flags (N,) as the official forward reads them: the features of tiles flagged 0 (a text-only sample's
     dummy tile) are dropped before the splice."""

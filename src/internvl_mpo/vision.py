@@ -125,6 +125,7 @@ class VisionAttention(nn.Module):
             self.q_norm = RMSNorm(dim, eps=config.layer_norm_eps)
             self.k_norm = RMSNorm(dim, eps=config.layer_norm_eps)
         self.dropout = config.attention_dropout
+        self.proj_dropout = config.dropout  # the official proj_drop, after the output projection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, p, c = x.shape
@@ -133,7 +134,8 @@ class VisionAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.view(n, p, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (N, H, P, D)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(out.transpose(1, 2).reshape(n, p, c))
+        out = self.proj(out.transpose(1, 2).reshape(n, p, c))
+        return F.dropout(out, self.proj_dropout) if self.training and self.proj_dropout else out
 
 
 class VisionMLP(nn.Module):
