@@ -49,7 +49,8 @@ from internvl_mpo.generate.lark import is_lark
 from internvl_mpo.generate import regex as rx
 
 REGEX, GRAMMAR = -1, -2  # the labels of a regex's and a grammar's states in the table
-MODES = {REGEX: "regex", GRAMMAR: "grammar", jm.START: "start", jm.VALUE: "value", jm.ARRAY_START: "array start", jm.OBJECT_START: "object start",
+MODES = {REGEX: "regex", GRAMMAR: "grammar", jm.START: "start", jm.VALUE: "value", jm.ARRAY_START: "array start",
+         jm.OBJECT_START: "object start",
          jm.KEY: "key", jm.COLON: "colon", jm.AFTER: "after value", jm.STRING: "string", jm.ESCAPE: "escape",
          jm.UNICODE: "\\u escape", jm.NUMBER: "number", jm.LITERAL: "true/false/null", jm.DONE: "done"}
 SAMPLE = {"title": "Ein Café in Zürich", "objects": [{"name": "猫", "box": [12, 34.5, -0.5e3, 1e-2], "visible": True},
