@@ -2408,3 +2408,20 @@ def test_a_history_that_is_no_list_is_refused_by_name_before_its_truth_value_is_
             chat.chat("And now?", history=history, do_sample=False, max_new_tokens=2)
         with pytest.raises(InputError, match="history must be a list"):
             chat.stream_chat("And now?", history=history, do_sample=False, max_new_tokens=2)
+
+
+def test_activations_that_overflow_are_an_error_not_an_answer_of_exclamation_marks(checkpoint):
+    """A model whose activations overflow to inf or NaN on a prompt (float16 weights on a GPU: these models'
+    activations exceed its range) gave NaN logits, whose argmax is token 0 ("!"), an answer of "!!!!" without a
+    word; the request fails naming the cause, and the engine answers the next one."""
+    from internvl_mpo.errors import NumericsError
+
+    chat = InternVLChat.from_pretrained(checkpoint[0], dtype=torch.float32)
+    good = chat.chat("Hello", do_sample=False, max_new_tokens=3)
+    zed = sorted(set(chat.prepare("Zzz").prompt_ids) - set(chat.prepare("Hello").prompt_ids))
+    with torch.no_grad():
+        chat.model.language_model.input_embeddings().weight[zed] = float("inf")  # in "Zzz", not in "Hello"'s prompt
+    with pytest.raises(NumericsError, match=r"activations overflowed to NaN or inf on this prompt \(weights in "
+                                            r"float32\); its answer would be garbage"):
+        chat.chat("Zzz", do_sample=False, max_new_tokens=3)
+    assert chat.chat("Hello", do_sample=False, max_new_tokens=3) == good

@@ -57,6 +57,11 @@ class PromptTooLongError(SettingError):
     names the settings that shorten it (`max_num`), as SettingError's parts."""
 
 
+class NumericsError(InternVLError, RuntimeError):
+    """A model whose activations overflowed to NaN or inf on an input (float16 weights, whose range the
+    activations of these models exceed): its answer would be garbage."""
+
+
 class TrainingError(InternVLError, RuntimeError):
     """A training run that cannot go on (its loss diverged)."""
 

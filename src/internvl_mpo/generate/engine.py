@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import InputError, PromptTooLongError
+from ..errors import InputError, NumericsError, PromptTooLongError
 from ..kv_cache import make_caches
 from ..llm import few_rows_matmul, thread_count
 from ..model import InternVL, check_tile_values
@@ -503,6 +503,11 @@ class Generation:
             if request.prompt_logprobs is not None:
                 prompt = self.engine.prompt_logprobs(states[0, :-1], request.prompt_ids, request.prompt_logprobs)
             hidden = states[:, -1]
+            if not bool(torch.isfinite(hidden).all()):  # argmax of NaN logits is token 0 ("!!!!"): an error instead
+                fix = ": load it in bfloat16 or float32" if self.engine.model.dtype == torch.float16 else ""
+                raise NumericsError(f"the model's activations overflowed to NaN or inf on this prompt (weights in "
+                                    f"{str(self.engine.model.dtype).removeprefix('torch.')}{fix}); its answer would "
+                                    "be garbage")
             prefilled.append((request, rid, hidden, prompt))
         self.key_mask[row] = -torch.inf
         self.key_mask[row, :n] = 0.0
