@@ -17,6 +17,7 @@ and `--dtype` a checkpoint loads in are read by `devices`.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import re
@@ -537,18 +538,16 @@ def data_starts(reader: Reader) -> dict[str, int]:
     read: the tensors are then checked through their mapping)."""
     try:
         size = bytearray(8)
-        if reader.read_at(memoryview(size), 0) != 8:
-            return {}
+        reader.read_at(memoryview(size), 0)
         length = int.from_bytes(size, "little")
-        if length > MAX_HEADER:
+        if length > MAX_HEADER:  # before its buffer is made
             return {}
-        text = bytearray(length)
-        if reader.read_at(memoryview(text), 8) != length:
-            return {}
-        header = json.loads(text)
-        return {key: 8 + length + int(entry["data_offsets"][0]) for key, entry in header.items()
+        start = bytearray(8 + length)  # the size and the header, read as `read_header` reads a file
+        reader.read_at(memoryview(start), 0)
+        header = read_header(io.BytesIO(start))  # a file cut short leaves zeros: not JSON
+        return {key: len(start) + int(entry["data_offsets"][0]) for key, entry in (header or {}).items()
                 if key != "__metadata__"}
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+    except (OSError, ValueError, TypeError, KeyError, IndexError):
         return {}
 
 

@@ -158,12 +158,18 @@ def _plain_text(text: str, param: str, role: str) -> str:
     which is read as one (an answer or a system message that mentions it keeps it as text). The image-context token
     is refused in any message: the model would look for image features there."""
     _unicode(text, param)
-    if IMG_CONTEXT in text:
-        raise ApiError(400, f"{param}: the text holds the image-context token {IMG_CONTEXT}, which is reserved for"
-                            " image features", param)
+    _refuse_image_context(text, param)
     if role in ("user", "tool") and IMAGE_PLACEHOLDER in text:
         raise ApiError(400, f"{param}: the text holds {IMAGE_PLACEHOLDER!r}; send images as image_url parts", param)
     return text
+
+
+def _refuse_image_context(text: str, param: str) -> None:
+    """A 400 naming `param` where `text` holds the image-context token: the model would look for image features
+    there."""
+    if IMG_CONTEXT in text:
+        raise ApiError(400, f"{param}: the text holds the image-context token {IMG_CONTEXT}, which is reserved for"
+                            " image features", param)
 
 
 def _content_text(content, param: str, role: str, images: list[tuple[str, str]]) -> str:
@@ -252,9 +258,7 @@ def _tool_calls_text(message: dict, param: str, images: list[tuple[str, str]]) -
     content = message.get("content")
     text = "" if content is None else _content_text(content, f"{param}.content", "assistant", images)
     written = json.dumps(calls, ensure_ascii=False)
-    if IMG_CONTEXT in written:  # a call's name or arguments: refused naming the message, as its text parts are
-        raise ApiError(400, f"{param}.tool_calls: the text holds the image-context token {IMG_CONTEXT}, which is "
-                            "reserved for image features", f"{param}.tool_calls")
+    _refuse_image_context(written, f"{param}.tool_calls")  # a call's name or arguments, as its text parts
     return _unicode("\n".join(filter(None, (text, written))), f"{param}.tool_calls")
 
 
