@@ -333,10 +333,10 @@ def test_a_sequence_that_went_non_finite_leaves_nothing_for_the_next_one(setup, 
     for request in (Request(short, GREEDY), poisoned):  # the poisoned sequence in the last row
         gen.add(request)
     tokens = {0: [], 1: []}
-    for events in gen:
-        for e in events:
+    while gen:  # step by step: iterating would raise the poisoned row's error
+        for e in gen.step():
             tokens[e.rid].append(e.token)
-            if e.rid == 1 and e.finish:
+            if e.rid == 1 and e.finish:  # "error": its first decode step read the NaN keys
                 gen.add(Request(short, GREEDY))  # takes the row the poisoned sequence leaves
                 tokens[2] = []
     assert tokens[0] == alone and tokens[2] == alone
@@ -352,8 +352,8 @@ def test_a_non_finite_sequence_that_moved_rows_leaves_nothing_in_the_row_it_left
     gen.add(Request(short, SamplingParams(max_new_tokens=2, ignore_eos=True)))  # finishes first: row 1 moves to 0
     gen.add(poisoned)
     tokens = {}
-    for events in gen:
-        for e in events:
+    while gen:  # step by step: iterating would raise the poisoned row's error
+        for e in gen.step():
             tokens.setdefault(e.rid, []).append(e.token)
             if e.rid == 0 and e.finish:
                 gen.add(Request(short, GREEDY))  # takes row 1, which the poisoned sequence left
@@ -2425,3 +2425,58 @@ def test_activations_that_overflow_are_an_error_not_an_answer_of_exclamation_mar
                                             r"float32\); its answer would be garbage"):
         chat.chat("Zzz", do_sample=False, max_new_tokens=3)
     assert chat.chat("Hello", do_sample=False, max_new_tokens=3) == good
+
+
+@pytest.mark.parametrize("mode", ["greedy", "screened", "sampled"])
+def test_activations_that_overflow_during_the_answer_fail_that_row_not_its_batch(checkpoint, mode):
+    """A row whose activations overflow only at a token of its answer (its prompt passed the admission check)
+    decoded NaN logits into token 0 for the rest of the answer ("!!!!"); it fails with NumericsError at that step,
+    and the other row of its batch answers as it does alone. Checked greedy (the full head), through the greedy
+    screen, and sampled."""
+    from internvl_mpo.errors import NumericsError
+
+    chat = InternVLChat.from_pretrained(checkpoint[0], dtype=torch.float32)
+    engine = Engine(chat.model, chat.engine.stop_token_ids, screen=mode == "screened")
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True, do_sample=mode == "sampled", seed=3)
+    ids_a, _ = prompt(chat, "Hello")
+    ids_b, _ = prompt(chat, "What is it?")
+    answer_a = run(engine, [Request(ids_a, params)])[0]
+    answer_b = run(engine, [Request(ids_b, params)])[0]
+    # the third token of A's answer, which neither prompt nor B's answer holds, overflows as it is fed back
+    poison = answer_a[2]
+    assert poison not in set(ids_a) | set(ids_b) | set(answer_b) | set(answer_a[:2])
+    weight = chat.model.language_model.input_embeddings().weight
+    saved = weight[poison].clone()
+    with torch.no_grad():
+        weight[poison] = float("inf")
+    try:
+        gen = engine.generate([Request(ids_a, params), Request(ids_b, params)])
+        got: dict[int, list] = {0: [], 1: []}
+        while gen:
+            for e in gen.step():
+                got[e.rid].append(e.error if e.finish == "error" else e.token)
+    finally:
+        with torch.no_grad():
+            weight[poison] = saved
+    assert got[0][:3] == answer_a[:3] and len(got[0]) == 4
+    assert isinstance(got[0][3], NumericsError)
+    assert re.fullmatch(r"the model's activations overflowed to NaN or inf during the answer \(weights in "
+                        r"float32\); its answer would be garbage", str(got[0][3]))
+    assert got[1] == answer_b
+
+
+def test_answers_as_they_finish_gives_a_row_that_overflows_mid_answer_its_error_and_goes_on(checkpoint):
+    """`eval` and `generate` files: a job whose activations overflow at a token of its answer comes back with its
+    NumericsError as its answer (a failing decode step raises, as it fails every row); the other job answers."""
+    from internvl_mpo.errors import NumericsError
+
+    chat = InternVLChat.from_pretrained(checkpoint[0], dtype=torch.float32)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    jobs = [(key, chat.prepare(q), params) for key, q in (("a", "Hello"), ("b", "What is it?"))]
+    alone = dict(chat.answers_as_they_finish(jobs, batch_size=2))
+    poison = run(chat.engine, [Request(jobs[0][1].prompt_ids, params)])[0][2]
+    assert poison not in set(jobs[0][1].prompt_ids) | set(jobs[1][1].prompt_ids)
+    with torch.no_grad():
+        chat.model.language_model.input_embeddings().weight[poison] = float("inf")
+    answers = dict(chat.answers_as_they_finish(jobs, batch_size=2))
+    assert isinstance(answers["a"], NumericsError) and answers["b"] == alone["b"]

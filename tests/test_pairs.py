@@ -1116,3 +1116,63 @@ def test_a_lone_surrogate_escape_in_an_items_file_is_named_before_the_model_load
         list(read_objects(path))
     with pytest.raises(InputError, match=r"items.jsonl:2: a string holds \\udc00"):
         read_items(path, "correctness")
+
+
+def test_a_prompt_whose_activations_overflow_fails_its_item_alone(tiny_model, tmp_path, monkeypatch, capsys):
+    """A prompt whose activations overflow (NumericsError from the engine, as an fp16 model's can) ended the whole
+    pairs run after the model loaded, naming neither file:line nor id, and every rerun stopped there: the item fails
+    alone, reported as `skipped file:line (id ...)`, as a prompt longer than the context is."""
+    import torch
+
+    from internvl_mpo.cli import main
+    from internvl_mpo.pipeline import InternVLChat
+
+    load = InternVLChat.from_pretrained.__func__
+
+    def overflowing(cls, *args, **kwargs):  # inf in the embeddings of the tokens of "Zzz" only
+        chat = load(cls, *args, **kwargs)
+        zed = sorted(set(chat.prepare("Zzz").prompt_ids) - set(chat.prepare("Hello").prompt_ids))
+        with torch.no_grad():
+            chat.model.language_model.input_embeddings().weight[zed] = float("inf")
+        return chat
+
+    monkeypatch.setattr(InternVLChat, "from_pretrained", classmethod(overflowing))
+    path = tmp_path / "items.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "question": q, "answer": "2"}) + "\n"
+                            for i, q in (("a", "How many?"), ("b", "Zzz how many?"), ("c", "Hello, how many?"))))
+    args = ["pairs", "correctness", "--model", str(tiny_model), "--input", str(path), "--output", str(tmp_path / "out"),
+            "--samples", "2", "--max-new-tokens", "2", "--batch-size", "1", "--device", "cpu", "--dtype", "float32",
+            "--no-progress"]
+    assert main(args) == 0
+    assert f"skipped {path}:2 (id 'b'): the model's activations overflowed" in capsys.readouterr().out
+    progress = {p["id"]: p for p in map(json.loads, (tmp_path / "out" / "progress.jsonl").read_text().splitlines())}
+    assert sorted(progress) == ["a", "b", "c"] and "overflowed" in progress["b"]["error"]
+    assert [len(progress[i]["responses"]) for i in "ac"] == [2, 2]
+    generator = ModelGenerator(InternVLChat.from_pretrained(tiny_model, dtype="float32"), PairSettings(max_new_tokens=2))
+    texts = generator.continue_prefix([ContinueJob("Zzz?", "It is", 1), ContinueJob("Say hi.", "Hello", 2)])
+    assert type(texts[0]).__name__ == "NumericsError" and isinstance(texts[1], str)
+
+
+def test_a_sample_whose_activations_overflow_mid_answer_fails_its_item_alone(tiny_model):
+    """An overflow that starts at a token of one sample's answer fails that sample's item with its NumericsError
+    (the engine fails that row alone); the other item gets its samples."""
+    import torch
+
+    from internvl_mpo.errors import NumericsError
+    from internvl_mpo.generate.engine import Request
+    from internvl_mpo.pairs import CORRECTNESS
+    from internvl_mpo.pipeline import InternVLChat
+
+    chat = InternVLChat.from_pretrained(tiny_model, dtype="float32")
+    settings = PairSettings(max_new_tokens=5, temperature=0.01)
+    generator = ModelGenerator(chat, settings)
+    jobs = [SampleJob("Hello", (), (1,)), SampleJob("What is it?", (), (2,))]
+    alone = generator.sample(jobs)
+    ids = chat.prepare("Hello").prompt_ids
+    tokens = [e.token for events in chat.engine.generate([Request(ids, settings.sampling_params(1, CORRECTNESS))])
+              for e in events]
+    assert tokens[2] not in set(ids) | set(chat.prepare("What is it?").prompt_ids)
+    with torch.no_grad():
+        chat.model.language_model.input_embeddings().weight[tokens[2]] = float("inf")
+    out = generator.sample(jobs)
+    assert isinstance(out[0], NumericsError) and out[1] == alone[1]

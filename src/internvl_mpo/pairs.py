@@ -76,7 +76,7 @@ from internvl_mpo.answers import (
     options_text,
 )
 from internvl_mpo.chat.template import IMAGE_PLACEHOLDER, add_image_prefix
-from internvl_mpo.errors import ConfigError, InputError, Interrupted, PromptTooLongError, SettingError
+from internvl_mpo.errors import ConfigError, InputError, Interrupted, NumericsError, PromptTooLongError, SettingError
 from internvl_mpo.filestamp import stamps, unchanged
 from internvl_mpo.jsonl import read_objects, refuse_misspelt_fields
 from internvl_mpo.locks import check_not_in_use
@@ -139,10 +139,10 @@ class ContinueJob:
     seed: int
 
 
-# A job that cannot run (a prompt longer than the context) gets its InputError instead of its text(s);
-# the item is recorded as failed, reported and not retried.
-Sampler = Callable[[list[SampleJob]], list[list[str] | InputError]]
-Continuer = Callable[[list[ContinueJob]], list[str | InputError]]
+# A job that cannot run (a prompt longer than the context: InputError) or that fails alone in the engine
+# (NumericsError) gets its error instead of its text(s); the item is recorded as failed, reported and not retried.
+Sampler = Callable[[list[SampleJob]], list[list[str] | Exception]]
+Continuer = Callable[[list[ContinueJob]], list[str | Exception]]
 
 
 @dataclass(frozen=True)
@@ -488,11 +488,11 @@ def make_correctness_pairs(
         ]
         taken = [stamps(it.images) for it in chunk]  # before the sampler reads the images
         answers = sample_fn(jobs)
-        if len(answers) != len(jobs) or any(not isinstance(a, InputError) and len(a) != settings.samples for a in answers):
+        if len(answers) != len(jobs) or any(not isinstance(a, Exception) and len(a) != settings.samples for a in answers):
             raise InputError(f"the sampler returned {len(answers)} answer lists for {len(jobs)} x {settings.samples}")
         return [
             {"id": it.id, **inputs(it), "stamps": st,
-             **({"error": str(a)} if isinstance(a, InputError) else {"responses": a})}
+             **({"error": str(a)} if isinstance(a, Exception) else {"responses": a})}
             for it, st, a in zip(chunk, taken, answers, strict=True)
         ]
 
@@ -585,7 +585,7 @@ def make_dropout_ntp_pairs(
         if len(texts) != len(jobs):
             raise InputError(f"the continuer returned {len(texts)} texts for {len(jobs)} prefixes")
         return [
-            {"id": it.id, **inputs(it), **({"error": str(t)} if isinstance(t, InputError) else {"continuation": t})}
+            {"id": it.id, **inputs(it), **({"error": str(t)} if isinstance(t, Exception) else {"continuation": t})}
             for it, t in zip(chunk, texts, strict=True)
         ]
 
@@ -635,8 +635,11 @@ class ModelGenerator:
         self.settings = settings
         self.max_pixels = max_pixels
 
-    def _generate(self, requests: list) -> list[str]:
-        """Raw text of each request (special tokens skipped, nothing stripped)."""
+    def _generate(self, requests: list) -> list[str | Exception]:
+        """Raw text of each request (special tokens skipped, nothing stripped); a request that failed alone in the
+        engine (its prompt, before its first token: out of memory, say; its activations overflowing, at any token:
+        NumericsError) gets its error, as `answers_as_they_finish` gives it, and the others still run. A failing
+        decode step, which fails every running row, raises."""
         from internvl_mpo.pipeline import TextAssembler
 
         if not requests:
@@ -646,21 +649,28 @@ class ModelGenerator:
         for request in requests:
             gen.add(request)
         assemblers = [TextAssembler(self.chat.tokenizer) for _ in requests]
-        texts = [""] * len(requests)
-        for events in gen:
-            for event in events:
+        texts: list[str | Exception] = [""] * len(requests)
+        started = [False] * len(requests)
+        while gen:
+            for event in gen.step():
+                if event.error is not None:
+                    if started[event.rid] and not isinstance(event.error, NumericsError):
+                        raise event.error
+                    texts[event.rid] = event.error
+                    continue
+                started[event.rid] = True
                 piece, _ = assemblers[event.rid].feed(event.token, last=event.finish is not None)
                 texts[event.rid] += piece
         return texts
 
-    def sample(self, jobs: list[SampleJob]) -> list[list[str] | InputError]:
+    def sample(self, jobs: list[SampleJob]) -> list[list[str] | Exception]:
         import torch
 
         from internvl_mpo.generate.engine import Request
 
         model = self.chat.model
         requests, owners = [], []
-        out: list[list[str] | InputError] = [[] for _ in jobs]
+        out: list[list[str] | Exception] = [[] for _ in jobs]
         for j, job in enumerate(jobs):
             try:
                 prepared = self.chat.prepare(job.question, list(job.images) or None, max_num=self.settings.max_num,
@@ -678,14 +688,15 @@ class ModelGenerator:
                 requests.append(Request(prepared.prompt_ids, self.settings.sampling_params(seed, CORRECTNESS), vit_embeds=vit_embeds))
                 owners.append(j)
         for owner, text in zip(owners, self._generate(requests), strict=True):
-            out[owner].append(text.strip())
+            if isinstance(out[owner], list):  # a sample that failed fails its item (alone), with its error
+                out[owner] = text if isinstance(text, Exception) else out[owner] + [text.strip()]
         return out
 
-    def continue_prefix(self, jobs: list[ContinueJob]) -> list[str | InputError]:
+    def continue_prefix(self, jobs: list[ContinueJob]) -> list[str | Exception]:
         from internvl_mpo.generate.engine import Request
 
         template = self.chat.config.template
-        out: list[str | InputError | None] = []
+        out: list[str | Exception | None] = []
         requests = []
         for job in jobs:
             try:  # the question or the prefix may hold <IMG_CONTEXT>, which only image features fill: it fails alone

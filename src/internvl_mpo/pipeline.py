@@ -35,7 +35,7 @@ from .chat.template import (
 )
 from .chat.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokenizer, load_tokenizer
 from .config import ModelConfig
-from .errors import ConfigError, InputError, SettingError, located
+from .errors import ConfigError, InputError, NumericsError, SettingError, located
 from .generate.engine import SPAN_BUCKET, Engine, Event, Generation, Request
 from .generate.params import INPUT_KEYS, SamplingParams, sampling_params, whole_number
 from .model import InternVL, check_tile_values
@@ -462,8 +462,8 @@ class InternVLChat:
         most the context); a later job that needs more waits until the running rows finish, then a
         new cache is sized for it. An InputError job comes back as its own answer at once, and so does
         the error of a job whose prompt fails inside the engine (out of memory on its images, say: the
-        engine keeps such a failure to its own request); a failing decode step, which fails every
-        running row, raises. When `jobs` itself raises (a bad request line, a bug in the caller's
+        engine keeps such a failure to its own request) or whose activations overflow at any token
+        (NumericsError); a failing decode step, which fails every running row, raises. When `jobs` itself raises (a bad request line, a bug in the caller's
         generator), no job is pulled any more; the answers in flight are finished and yielded (a
         caller that writes each answer as it comes keeps them), then the exception is raised."""
         if not (whole_number(batch_size) and batch_size >= 1):
@@ -520,7 +520,8 @@ class InternVLChat:
                     add(job)
             for event in gen.step():
                 if event.error is not None:
-                    if event.rid in owners and not owners[event.rid][2]:  # no token yet: its prompt failed
+                    # its prompt failed (no token yet), or its activations overflowed: it fails alone
+                    if event.rid in owners and (not owners[event.rid][2] or isinstance(event.error, NumericsError)):
                         yield owners.pop(event.rid)[0], event.error
                         continue
                     raise event.error

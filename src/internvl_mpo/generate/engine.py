@@ -274,16 +274,18 @@ class Engine:
 
     def _decode(self, tokens, positions, key_mask, caches, rows: int, span: int, screen: GreedyScreen | None = None):
         """One token per active row -> fp32 logits (rows, V); with a `screen`, its outputs (tokens, ok flags,
-        upper ends, best logits) and the hidden states (rows, C) instead. Static shapes, no host sync."""
+        upper ends, best logits) and the hidden states (rows, C) instead; then whether each row's hidden state
+        is finite. Static shapes, no host sync."""
         lm = self.model.language_model
         key_mask[:rows].scatter_(1, positions[:, None], 0.0)
         mask = key_mask[:rows, None, None, :span]  # additive, as SDPA would turn a boolean mask into
         embeds = lm.input_embeddings()(tokens[:, None])
         views = [c.decode_view(rows, span) for c in caches]
         hidden = lm.model(embeds, positions[:, None], mask, views, positions)[:, 0]
+        finite = torch.isfinite(hidden).all(-1)  # (rows,): read with the tokens, no sync of its own
         if screen is not None:
-            return *screen(hidden), hidden
-        return head_logits(lm.output_head(), hidden, self.head_forms)
+            return *screen(hidden), hidden, finite
+        return head_logits(lm.output_head(), hidden, self.head_forms), finite
 
 
 def _same_prompt(a: Request, b: Request) -> bool:
@@ -454,7 +456,7 @@ class Generation:
         if not self.rows:
             return events
         try:
-            chosen, logprobs = self._decode_step()
+            chosen, logprobs, finite = self._decode_step()
         except Exception as e:
             events += [Event(row.rid, None, "error", e) for row in self.rows]
             for index, row in enumerate(self.rows):
@@ -463,10 +465,10 @@ class Generation:
             return events
         for row in self.rows:
             row.position += 1
-        events += self._emit(chosen, logprobs=logprobs)
+        events += self._emit(chosen, logprobs=logprobs, finite=finite)
         return events
 
-    def _decode_step(self) -> tuple[list[int], list | None]:
+    def _decode_step(self) -> tuple[list[int], list | None, list[bool]]:
         n = len(self.rows)
         tokens = torch.tensor([r.pending for r in self.rows], device=self.key_mask.device)
         positions = torch.tensor([r.position for r in self.rows], device=self.key_mask.device)
@@ -474,12 +476,15 @@ class Generation:
         if not self.engine.compiled:
             span = min(self.max_len, -(-(max(r.position for r in self.rows) + 1) // SPAN_BUCKET) * SPAN_BUCKET)
         screen = self.engine.greedy_screen() if all(r.plain for r in self.rows) else None
-        out = self.engine._decode_fn(tokens, positions, self.key_mask, self.caches, n, span, screen)
+        *out, finite = self.engine._decode_fn(tokens, positions, self.key_mask, self.caches, n, span, screen)
         if screen is not None:
-            return self._screened(*out), None
-        logits = self._constrain(out, slice(0, n))
-        chosen = self._choose(logits, slice(0, n))
-        return chosen, self._logprobs(logits, chosen, slice(0, n))
+            chosen, logprobs = self._screened(*out), None
+        else:
+            logits = self._constrain(out[0], slice(0, n))
+            chosen = self._choose(logits, slice(0, n))
+            logprobs = self._logprobs(logits, chosen, slice(0, n))
+        # after the tokens' read: the device has finished the step, so this read waits for nothing
+        return chosen, logprobs, finite.tolist()
 
     def _admit(self, rid: int, request: Request, prefilled: list[tuple], ended: list[int]) -> list[Event]:
         """Prefill `request` into the next row, or copy the cache slots (and prompt log-probabilities) of a
@@ -504,10 +509,7 @@ class Generation:
                 prompt = self.engine.prompt_logprobs(states[0, :-1], request.prompt_ids, request.prompt_logprobs)
             hidden = states[:, -1]
             if not bool(torch.isfinite(hidden).all()):  # argmax of NaN logits is token 0 ("!!!!"): an error instead
-                fix = ": load it in bfloat16 or float32" if self.engine.model.dtype == torch.float16 else ""
-                raise NumericsError(f"the model's activations overflowed to NaN or inf on this prompt (weights in "
-                                    f"{str(self.engine.model.dtype).removeprefix('torch.')}{fix}); its answer would "
-                                    "be garbage")
+                raise self._overflowed("on this prompt")
             prefilled.append((request, rid, hidden, prompt))
         self.key_mask[row] = -torch.inf
         self.key_mask[row, :n] = 0.0
@@ -636,12 +638,16 @@ class Generation:
         return [None if w is None else (chosen[i], tops.get(i, ())) for i, w in enumerate(wanted)]
 
     def _emit(self, tokens: list[int], first: int = 0, logprobs: list | None = None,
-              ended: list[int] | None = None) -> list[Event]:
+              ended: list[int] | None = None, finite: list[bool] | None = None) -> list[Event]:
         """Record sampled tokens for rows first.., report them, and retire finished rows (or list them in
-        `ended`)."""
+        `ended`). A row whose hidden state was not `finite` fails with a NumericsError instead."""
         events, done = [], []
         for offset, token in enumerate(tokens):
             row = self.rows[first + offset]
+            if finite is not None and not finite[offset]:
+                events.append(Event(row.rid, None, "error", self._overflowed("during the answer")))
+                done.append(row.rid)
+                continue
             row.remaining -= 1
             row.pending = token
             if row.json is not None and token not in row.stop_ids:
@@ -667,6 +673,14 @@ class Generation:
         for rid in done:
             self._release(rid)
         return events
+
+    def _overflowed(self, where: str) -> NumericsError:
+        """The error of a row whose activations overflowed `where` (the argmax of its NaN logits would be token 0,
+        "!!!!" for Qwen2.5)."""
+        dtype = self.engine.model.dtype
+        fix = ": load it in bfloat16 or float32" if dtype == torch.float16 else ""
+        return NumericsError(f"the model's activations overflowed to NaN or inf {where} (weights in "
+                             f"{str(dtype).removeprefix('torch.')}{fix}); its answer would be garbage")
 
     def _drop_cancelled(self) -> None:
         if not self._cancelled:
