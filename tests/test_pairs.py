@@ -1148,7 +1148,8 @@ def test_a_prompt_whose_activations_overflow_fails_its_item_alone(tiny_model, tm
     progress = {p["id"]: p for p in map(json.loads, (tmp_path / "out" / "progress.jsonl").read_text().splitlines())}
     assert sorted(progress) == ["a", "b", "c"] and "overflowed" in progress["b"]["error"]
     assert [len(progress[i]["responses"]) for i in "ac"] == [2, 2]
-    generator = ModelGenerator(InternVLChat.from_pretrained(tiny_model, dtype="float32"), PairSettings(max_new_tokens=2))
+    chat = InternVLChat.from_pretrained(tiny_model, dtype="float32")
+    generator = ModelGenerator(chat, PairSettings(max_new_tokens=2))
     texts = generator.continue_prefix([ContinueJob("Zzz?", "It is", 1), ContinueJob("Say hi.", "Hello", 2)])
     assert type(texts[0]).__name__ == "NumericsError" and isinstance(texts[1], str)
 

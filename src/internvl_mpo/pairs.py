@@ -488,7 +488,8 @@ def make_correctness_pairs(
         ]
         taken = [stamps(it.images) for it in chunk]  # before the sampler reads the images
         answers = sample_fn(jobs)
-        if len(answers) != len(jobs) or any(not isinstance(a, Exception) and len(a) != settings.samples for a in answers):
+        if len(answers) != len(jobs) or any(not isinstance(a, Exception) and len(a) != settings.samples
+                                            for a in answers):
             raise InputError(f"the sampler returned {len(answers)} answer lists for {len(jobs)} x {settings.samples}")
         return [
             {"id": it.id, **inputs(it), "stamps": st,

@@ -463,9 +463,10 @@ class InternVLChat:
         new cache is sized for it. An InputError job comes back as its own answer at once, and so does
         the error of a job whose prompt fails inside the engine (out of memory on its images, say: the
         engine keeps such a failure to its own request) or whose activations overflow at any token
-        (NumericsError); a failing decode step, which fails every running row, raises. When `jobs` itself raises (a bad request line, a bug in the caller's
-        generator), no job is pulled any more; the answers in flight are finished and yielded (a
-        caller that writes each answer as it comes keeps them), then the exception is raised."""
+        (NumericsError); a failing decode step, which fails every running row, raises. When `jobs` itself
+        raises (a bad request line, a bug in the caller's generator), no job is pulled any more; the answers
+        in flight are finished and yielded (a caller that writes each answer as it comes keeps them), then the
+        exception is raised."""
         if not (whole_number(batch_size) and batch_size >= 1):
             raise InputError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
         jobs = iter(jobs)
