@@ -649,3 +649,32 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step_and_resume_is_exa
     expected = InternVL.from_pretrained(whole / "final").state_dict()
     for key, value in InternVL.from_pretrained(resumed / "final").state_dict().items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+
+
+def _noting_worker(rank: int, world: int, ports: list[int], configs: list[dict], log: str) -> None:
+    """`_worker` that records each process's closing truncation note."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    notes = []
+    for port, cfg in zip(ports, configs):
+        os.environ["MASTER_PORT"] = str(port)
+        notes.append(train(TrainConfig(**cfg)).truncation_note)
+        assert_no_process_group()
+    Path(log.format(rank)).write_text(json.dumps(notes))
+
+
+def test_the_truncation_note_names_the_first_cut_sample_whichever_process_read_it(setup):
+    """Process 0 prints the closing note: a cut sample that only process 1 read was counted, but the note named no
+    file:line (one process with the same global batch names it)."""
+    root, folder, _ = setup
+    long = {"question": "Say hello", "chosen": "Hello there! " * 40, "rejected": "Go away. " * 40}
+    short = {"question": "Hi", "chosen": "Hello!", "rejected": "No."}
+    meta = write_mmpr(root / "data_cut", [short, long])  # the cut line 2 is process 1's (as one process reads it 2nd)
+    base = TrainConfig(model=str(folder), data=str(meta), mode="dpo", max_steps=1, shuffle=False, max_seq_length=100,
+                       drop_path_rate=0.0, progress=False)
+    single = train(dataclasses.replace(base, output=str(root / "cut_single"), batch_size=2))
+    log = str(root / "cut_notes{}.json")
+    configs = [dataclasses.asdict(dataclasses.replace(base, output=str(root / "cut_ddp"), batch_size=1))]
+    mp.start_processes(_noting_worker, args=(2, free_ports(1), configs, log), nprocs=2, start_method="spawn")
+    assert f"(the first since the run started or resumed: {root}/data_cut/toy.jsonl:2)" in single.truncation_note
+    assert json.loads(Path(log.format(0)).read_text()) == [single.truncation_note]

@@ -447,8 +447,11 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
             state = {k: v.to(final_dtype) for k, v in official_state(state, cfg).items()}
             ckpt.atomic_folder(final_dir, lambda tmp: ckpt.export_model(state, policy, tmp))
     note = None
+    # the first cut sample of the whole run, whichever process read it (process 0 prints the note)
+    cuts = [c for c in all_gather_lists([(stream.first_cut_at, stream.first_cut)], env) if c[1] is not None]
+    first_cut = min(cuts)[1] if cuts else None
     if cut_total:  # a tail of an answer that did not fit was never trained, a final answer often
-        first = f" (the first since the run started or resumed: {stream.first_cut})" if stream.first_cut else ""
+        first = f" (the first since the run started or resumed: {first_cut})" if first_cut else ""
         had = "had its answer" if cut_total == 1 else "had their answers"
         note = (f"note: {count(cut_total, 'sample')} {had} cut to fit --max-seq-length"
                 f" {cfg.max_seq_length}{first}; the cut tails were not trained (metrics.jsonl: truncated)")

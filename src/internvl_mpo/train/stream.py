@@ -125,6 +125,8 @@ class SampleStream:
         self._new_bad: list[tuple[int, str, str]] = []  # (index, kind, message) skipped since `share_bad`
         self.cut = 0  # samples batched since the step's metrics whose answers were cut to --max-seq-length
         self.first_cut: str | None = None  # the first of them on this rank (file:line)
+        self.first_cut_at: int | None = None  # its place in the run's stream since the start or resume (all ranks)
+        self._batched = 0  # samples this rank batched since the run started or resumed
         self._items = None
         self.ref_valid: torch.Tensor | None = None
 
@@ -202,9 +204,12 @@ class SampleStream:
 
     def next_batch(self, batch_size: int, pad_id: int) -> Batch:
         examples = [self.next_example() for _ in range(batch_size)]
-        cut = [e.source for e in examples if e.truncated]
+        cut = [k for k, e in enumerate(examples) if e.truncated]
         self.cut += len(cut)
-        self.first_cut = self.first_cut or next(iter(cut), None)
+        if cut and self.first_cut is None:  # rank r's j-th sample is the stream's (j * W + r)-th
+            self.first_cut = examples[cut[0]].source
+            self.first_cut_at = (self._batched + cut[0]) * self.env.world_size + self.env.rank
+        self._batched += len(examples)
         if isinstance(self.dataset, PairDataset):
             return collate_pairs(examples, pad_id)
         return collate_sft(examples, pad_id)
