@@ -99,6 +99,7 @@ def write(tmp_path, change):
         (lambda d: d["llm_config"].update(eos_token_id=["<|im_end|>"]), "eos_token_id is .*, not a token id"),
         (lambda d: d.update(max_dynamic_patch=0), "max_dynamic_patch is 0, not >= 1"),
         (lambda d: d.update(min_dynamic_patch=6, max_dynamic_patch=4), "min_dynamic_patch 6 is above max_dynamic_patch 4"),
+        (lambda d: d.update(max_dynamic_patch=10**9), "max_dynamic_patch 1000000000 is above 10000 tiles"),
         (lambda d: d.update(quantization_config={"quant_method": "awq", "bits": 4, "group_size": 128}),
          r"quantization_config \(quant_method 'awq'\): quantized weights are not implemented; .*without -AWQ"),
         (lambda d: d["llm_config"].update(quantization_config={"quant_method": "fp8"}),

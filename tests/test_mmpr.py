@@ -112,6 +112,9 @@ def test_meta_relative_paths_resolve_against_base_dir(tmp_path):
         ('{"note": ' + "[" * 5000 + "]" * 5000 + "}", "its JSON is nested too deeply to read"),  # RecursionError
         ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": 1, "data_augment": "no"}}', "'data_augment'"),
         ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": 1, "max_dynamic_patch": 0}}', "max_dynamic_patch"),
+        # planning a grid of up to 10**9 tiles filled the memory
+        ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": 1, "max_dynamic_patch": 1000000000}}',
+         "dataset 'd': max_dynamic_patch must be from 1 to 10000, got 1000000000"),
         # json.load keeps the last of two equal keys: a dataset named twice would silently be dropped
         ('{"d": {"root": "r", "annotation": "a.jsonl", "repeat_time": 1},\n "d": {"root": "r", "annotation": "b.jsonl",'
          ' "repeat_time": 1}}', "'d' appears twice"),

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from internvl_mpo.errors import InputError
+from internvl_mpo.errors import InputError, SettingError
 from internvl_mpo.processor.tiling import (
     TilePlan,
     candidate_grids,
@@ -90,6 +90,15 @@ def test_candidate_order_matches_the_set_comprehension_for_every_small_setting_a
     for min_num, max_num in [(1, 150), (3, 180), (11, 200)]:
         assert list(candidate_grids.__wrapped__(min_num, max_num)) == reference_grids(min_num, max_num)
     assert len(candidate_grids.__wrapped__(1, 5000)) == sum(5000 // i for i in range(1, 5001))  # i*j <= 5000
+
+
+def test_a_tile_count_past_any_context_is_refused_not_planned():
+    """max_num 10**9 listed every grid up to it (the process filled the memory and was killed); a large
+    min_num looped over min_num**2 pairs (minutes at 30000, now only the pairs it keeps). Refused, or planned."""
+    for max_num in (10_001, 10**9):
+        with pytest.raises(SettingError, match=f"max_num must be at most 10000 tiles .*got {max_num}$"):
+            plan_tiles(640, 480, max_num=max_num)
+    assert len(candidate_grids.__wrapped__(10_000, 10_000)) == sum(1 for i in range(1, 10_001) if 10_000 % i == 0)
 
 
 @pytest.mark.parametrize("max_num", MAX_NUMS)

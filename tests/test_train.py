@@ -767,6 +767,7 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(chat_folder, meta):
     ({"lora_rank": 2, "lora_alpha": 0.0}, "^--lora-alpha must be > 0, got 0.0$"),
     ({"lora_alpha": 16.0}, "--lora-alpha needs --lora-rank > 0"),
     ({"max_dynamic_patch": 0}, "^--max-dynamic-patch must be >= 1, got 0$"),
+    ({"max_dynamic_patch": 10**9}, "^--max-dynamic-patch must be at most 10000 tiles, got 1000000000$"),
     ({"batch_size": 0}, "^--batch-size must be >= 1, got 0$"),
     ({"max_seq_length": -5}, "^--max-seq-length must be >= 1, got -5$"),
     # these five shared one message that named none of them

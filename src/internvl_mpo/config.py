@@ -22,6 +22,11 @@ from typing import Any
 from .errors import ConfigError
 from .jsonl import too_many_digits
 
+# The most tiles an image may be given (max_num, max_dynamic_patch): 10000 tiles are 2.56 million tokens at 448
+# pixels, far past any InternVL2.5 context (32768 tokens: 127 tiles). The tiling's candidate grids grow as
+# max_num log max_num (1.2 million and 12 s at 100000; at 10**9 they fill the memory), so more is refused.
+MAX_TILES = 10_000
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_LLM_ARCHITECTURES = ("Qwen2ForCausalLM", "InternLM2ForCausalLM")
@@ -309,6 +314,9 @@ class ModelConfig:
         if self.min_dynamic_patch > self.max_dynamic_patch:
             raise ConfigError(f"min_dynamic_patch {self.min_dynamic_patch} is above max_dynamic_patch "
                               f"{self.max_dynamic_patch}")
+        if self.max_dynamic_patch > MAX_TILES:  # planning an image's grid would fill the memory, not refuse it
+            raise ConfigError(f"max_dynamic_patch {self.max_dynamic_patch} is above {MAX_TILES} tiles "
+                              f"({MAX_TILES * 256} tokens at 448 pixels, past any model's context)")
         if self.force_image_size not in (None, self.vision.image_size):
             raise ConfigError(
                 f"force_image_size {self.force_image_size} differs from vision_config.image_size "

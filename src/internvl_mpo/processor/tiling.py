@@ -28,6 +28,7 @@ from functools import lru_cache
 
 from PIL import Image
 
+from internvl_mpo.config import MAX_TILES
 from internvl_mpo.errors import InputError, SettingError
 
 Grid = tuple[int, int]  # (cols, rows): width factor, height factor
@@ -39,6 +40,9 @@ def candidate_grids(min_num: int = 1, max_num: int = 12) -> tuple[Grid, ...]:
     if min_num < 1 or max_num < min_num:
         raise SettingError("tile counts need 1 <= ", "min_num", " <= ", "max_num", ", got ", "min_num", f"={min_num}, ",
                            "max_num", f"={max_num}")
+    if max_num > MAX_TILES:
+        raise SettingError("", "max_num", f" must be at most {MAX_TILES} tiles ({MAX_TILES * 256} tokens at 448 "
+                           f"pixels, past any model's context), got {max_num}")
     grids: set[Grid] = set()
     # The official set comprehension runs n over min_num..max_num and i, j over 1..n; the iteration
     # order of a set of small-int tuples depends on the order of first insertions (collisions), and
@@ -50,7 +54,7 @@ def candidate_grids(min_num: int = 1, max_num: int = 12) -> tuple[Grid, ...]:
             grids.add((i, j))
 
     for i in range(1, min_num + 1):
-        for j in range(1, min_num + 1):
+        for j in range(-(-min_num // i), min(min_num, max_num // i) + 1):  # the j that `add` keeps, in order
             add(i, j)
     for n in range(min_num + 1, max_num + 1):
         for i in range(1, min(n - 1, max_num // n) + 1):

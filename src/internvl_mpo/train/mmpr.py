@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from internvl_mpo.config import MAX_TILES
 from internvl_mpo.errors import InputError
 from internvl_mpo.jsonl import lone_surrogate, too_many_digits, unread_field
 from internvl_mpo.processor.video import frame_files
@@ -204,8 +205,8 @@ def load_meta(meta_path: str, base_dir: str | None = None) -> list[DatasetSpec]:
             raise InputError(f"{where}: annotation must be a .jsonl file, got {annotation!r}")
         if not 0 <= repeat_time <= MAX_REPEAT_TIME:  # NaN too
             raise InputError(f"{where}: repeat_time must be a number from 0 to {MAX_REPEAT_TIME}, got {repeat_time}")
-        if max_patch is not None and max_patch < 1:
-            raise InputError(f"{where}: max_dynamic_patch must be >= 1, got {max_patch}")
+        if max_patch is not None and not 1 <= max_patch <= MAX_TILES:
+            raise InputError(f"{where}: max_dynamic_patch must be from 1 to {MAX_TILES}, got {max_patch}")
         specs.append(
             DatasetSpec(
                 name=name,

@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from internvl_mpo.config import ModelConfig
+from internvl_mpo.config import MAX_TILES, ModelConfig
 from internvl_mpo.errors import ConfigError
 
 MODES = ("mpo", "dpo", "sft")
@@ -169,6 +169,8 @@ class TrainConfig:
                 value = getattr(self, name)
                 if value is not None and value < lowest:
                     raise ConfigError(f"{flag(name)} must be >= {lowest}, got {value}")
+        if self.max_dynamic_patch is not None and self.max_dynamic_patch > MAX_TILES:  # before the model loads
+            raise ConfigError(f"--max-dynamic-patch must be at most {MAX_TILES} tiles, got {self.max_dynamic_patch}")
         if self.max_pixels is not None and self.max_pixels < 1:  # worded as every command's --max-pixels
             raise ConfigError(f"--max-pixels must be a whole number of pixels >= 1, got {self.max_pixels}")
         for name, (valid, expected) in FLOAT_RANGES.items():
