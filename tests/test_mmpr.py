@@ -277,6 +277,8 @@ BAD_LINES = [
     (json.dumps({"question": "q", "chosen": "c"}), "missing_field", "missing required field 'rejected'"),
     (json.dumps({"question": 3, "chosen": "c", "rejected": "r"}), "wrong_type", "field 'question' must be a string, got int"),
     (json.dumps(_pair(0, chosen=["c"])), "wrong_type", "field 'chosen' must be a string, got list"),
+    # an object was named by the reader's own class ("got _Object")
+    (json.dumps(_pair(0, rejected={"a": 1})), "wrong_type", "field 'rejected' must be a string, got dict"),
     (json.dumps(_pair(0, chosen="")), "empty_answer", "field 'chosen' is empty"),
     (json.dumps(_pair(0, rejected=" \n")), "empty_answer", "field 'rejected' is empty"),
     (json.dumps(_pair(0, rejected=_pair(0)["chosen"])), "same_answers", "'chosen' and 'rejected' are the same text"),
@@ -288,6 +290,8 @@ BAD_LINES = [
     (json.dumps(_pair(0, image=["a.jpg", "gone.png"])), "missing_file", "image file not found: .*gone.png"),
     # a folder was named "image file not found", which sends one looking for a file that is there
     (json.dumps(_pair(0, image="sub")), "missing_file", "image is a folder, not a file: .*sub$"),
+    # a device was "not found"
+    (json.dumps(_pair(0, image="/dev/zero")), "missing_file", "image is not a regular file: /dev/zero$"),
     # a video's folder is its frames (as chat reads one): a folder without frame images has none to train on
     (json.dumps(_pair(0, video="notes")), "missing_file",
      "video folder has no image files to use as video frames: .*notes$"),

@@ -145,7 +145,7 @@ def _meta_field(entry: dict, key: str, types: tuple[type, ...], where: str, requ
     value = entry[key]
     if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
         names = " or ".join(t.__name__ for t in types)
-        raise InputError(f"{where}: field {key!r} must be {names}, got {type(value).__name__}")
+        raise InputError(f"{where}: field {key!r} must be {names}, got {_type_name(value)}")
     return value
 
 
@@ -188,7 +188,7 @@ def load_meta(meta_path: str, base_dir: str | None = None) -> list[DatasetSpec]:
     for name, entry in meta.items():
         where = f"{meta_path}: dataset {name!r}"
         if not isinstance(entry, dict):
-            raise InputError(f"{where}: expected an object, got {type(entry).__name__}")
+            raise InputError(f"{where}: expected an object, got {_type_name(entry)}")
         if "min_dynamic_patch" in entry:  # no misspelling of max_dynamic_patch, as the close match would say
             raise InputError(f"{where}: field 'min_dynamic_patch' is not read: a meta.json entry sets "
                              "max_dynamic_patch only (as in the official reader); remove it")
@@ -283,6 +283,11 @@ class _Object(dict):
     twice: frozenset = frozenset()
 
 
+def _type_name(value: Any) -> str:
+    """The name of a parsed JSON value's type, as Python names it (an object is a dict, not an _Object)."""
+    return "dict" if isinstance(value, dict) else type(value).__name__
+
+
 def _object(pairs: list[tuple[str, Any]]) -> _Object:
     out = _Object(pairs)
     if len(out) < len(pairs):
@@ -319,7 +324,7 @@ def _parse_object(raw: bytes) -> dict:
     except ValueError:  # Python's limit on the digits of an integer read from text
         raise _BadLine("json", f"malformed JSON ({too_many_digits()})") from None
     if not isinstance(item, dict):
-        raise _BadLine("json", f"expected a JSON object, got {type(item).__name__}")
+        raise _BadLine("json", f"expected a JSON object, got {_type_name(item)}")
     if field := _repeated_field(item):
         raise _BadLine("json", f"field {field!r} appears twice (JSON keeps only the last)")
     if problem := lone_surrogate(text, item):
@@ -332,7 +337,7 @@ def _require_str(item: dict, key: str) -> str:
         raise _BadLine("missing_field", f"missing required field {key!r}")
     value = item[key]
     if not isinstance(value, str):
-        raise _BadLine("wrong_type", f"field {key!r} must be a string, got {type(value).__name__}")
+        raise _BadLine("wrong_type", f"field {key!r} must be a string, got {_type_name(value)}")
     return value
 
 
@@ -382,7 +387,7 @@ def _media(item: dict, root: str) -> tuple[tuple[str, ...], bool, str | None]:
     if video is None or video == "":
         return (), False, None
     if not isinstance(video, str):
-        raise _BadLine("wrong_type", f"field 'video' must be a string, got {type(video).__name__}")
+        raise _BadLine("wrong_type", f"field 'video' must be a string, got {_type_name(video)}")
     path = os.path.abspath(os.path.join(root, video))
     if os.path.isdir(path):
         _check_frames_folder(path)
@@ -407,6 +412,8 @@ def _not_a_file(kind: str, path: str, root: str | None) -> str:
     meta.json `root` or --image-root, which fails every record) is named too."""
     if os.path.isdir(path):
         return f"{kind} is a folder, not a file: {path}"
+    if os.path.exists(path):  # a device (/dev/zero), a pipe or a socket
+        return f"{kind} is not a regular file: {path}"
     if root is not None and not root.startswith("s3://") and not os.path.isdir(root):
         why = "is a file, not a folder" if os.path.exists(root) else "does not exist"
         return f"{kind} file not found: {path} (the folder it is read from, {root}, {why})"
@@ -442,12 +449,12 @@ def _conversations(item: dict) -> tuple[dict[str, str], ...]:
     out = []
     for k, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise _BadLine("wrong_type", f"conversations[{k}] must be an object, got {type(turn).__name__}")
+            raise _BadLine("wrong_type", f"conversations[{k}] must be an object, got {_type_name(turn)}")
         for key in ("from", "value"):
             if key not in turn:
                 raise _BadLine("missing_field", f"conversations[{k}] is missing {key!r}")
             if not isinstance(turn[key], str):
-                raise _BadLine("wrong_type", f"conversations[{k}].{key} must be a string, got {type(turn[key]).__name__}")
+                raise _BadLine("wrong_type", f"conversations[{k}].{key} must be a string, got {_type_name(turn[key])}")
         if turn["from"] not in SFT_ROLES:
             raise _BadLine("wrong_type", f"conversations[{k}].from must be one of {SFT_ROLES}, got {turn['from']!r}")
         if turn["from"] == "gpt" and not turn["value"].strip():
