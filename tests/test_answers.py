@@ -67,6 +67,8 @@ def vlmevalkit_can_infer(answer: str, choices: dict[str, str]):
 
     def can_infer_text(answer, choices):
         answer = answer.lower()
+        if len(answer) > 2 * sum(len(str(v)) for v in choices.values()):
+            return False
         cands = [k for k in choices if str(choices[k]).lower() in answer]
         return cands[0] if len(cands) == 1 else False
 
@@ -1147,3 +1149,28 @@ def test_integers_past_float_precision_match_exactly(prediction, truth, expected
     """Numbers were compared as floats, which round integers past 2**53 to a neighbour: a 17-digit number off by one
     digit (an ID read from a document) counted right, against "Integers match exactly"."""
     assert check_answer(prediction, truth) is expected
+
+
+@pytest.mark.parametrize(
+    "text", ["There is no cat in the picture, only a tree.", "The animal is definitely not a dog; it's something else."]
+)
+def test_a_long_answer_that_mentions_one_option_picks_none(text):
+    """VLMEvalKit's `can_infer_text` reads an option's text only in an answer at most twice as long as all the option
+    texts together: a long answer that mentions (or negates) one option picked it, and counted right."""
+    choices = {"A": "cat", "B": "dog", "C": "bird"}
+    assert parse_choice(text, choices) is None
+    assert check_answer(text, "A" if "cat" in text else "B", options=choices) is None
+    assert parse_choice("It is a cat.", choices) == "A"  # a short one still names it
+
+
+@pytest.mark.parametrize(
+    "text", ["A, or maybe B", "B, possibly C", "The answer is B or perhaps C", "The answer is B, or possibly C.",
+             "(B)(C)", "(B) (C)"]
+)
+def test_a_hedge_over_several_letters_picks_none(text):
+    """A second letter after a hedge word ("or maybe", "possibly") or in brackets right after the first was not seen
+    as a list: the first letter was the pick (VLMEvalKit infers none: two letters stand alone)."""
+    choices = {"A": "a dog", "B": "a cat", "C": "a horse", "D": "a cow"}
+    assert not vlmevalkit_can_infer(text, choices)
+    assert parse_choice(text, choices) is None
+    assert parse_choice("(B) The answer is B", choices) == "B" and parse_choice("B, because A is a dog", choices) == "B"

@@ -1070,3 +1070,28 @@ def test_cot_a_final_answer_with_nothing_after_it_answers_nothing(tmp_path):
 
     score = run_eval(data, answerer, output=tmp_path / "out", cot=True, progress=False)
     assert (score["correct"], score["unparsed"]) == (1, 2)
+
+
+def test_a_multiple_choice_question_without_options_is_asked_as_vlmevalkit_asks_it(tmp_path):
+    """VLMEvalKit's build_multi_choice_prompt asks for "the option's letter from the given choices" only where it
+    lists options; without them (the letters in the question's text, a TSV without option columns) it says "Answer
+    the question directly." (请直接回答问题。 in Chinese)."""
+    rows = [{"id": 1, "question": "Which is larger? (A) 3 (B) 5", "answer": "B"},
+            {"id": 2, "question": "哪个更大？(A) 3 (B) 5", "answer": "B"}]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    english, chinese = read_benchmark(tmp_path / "q.jsonl")
+    assert english.kind == "choice"
+    assert build_prompt(english) == "Which is larger? (A) 3 (B) 5\nAnswer the question directly."
+    assert build_prompt(chinese) == "哪个更大？(A) 3 (B) 5\n请直接回答问题。"
+
+
+def test_a_category_or_hint_given_as_the_number_0_is_kept(tmp_path):
+    """`str(row.get("category") or "")` made a category 0 (and a hint 0) no category: its questions were scored
+    under "(none)", beside category 1."""
+    rows = [{"id": 1, "question": "How many?", "answer": "3", "category": 0, "hint": 0},
+            {"id": 2, "question": "How many?", "answer": "4", "category": 1}]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    first, second = read_benchmark(tmp_path / "q.jsonl")
+    assert (first.category, first.hint, second.category) == ("0", "0", "1")
+    score = run_eval(tmp_path / "q.jsonl", lambda prompts, n: [(key, "3") for key, _ in prompts], tmp_path / "out")
+    assert sorted(score["categories"]) == ["0", "1"]

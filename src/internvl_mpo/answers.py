@@ -91,10 +91,12 @@ _BOXED = "\\boxed{"
 _DISPLAY_MATH = {"$$": "$$", "\\[": "\\]"}  # opening -> closing delimiter
 _LETTER_ONLY = re.compile(r"[(\[（]?\s*([A-Za-z])\s*[)\]）]?\s*[.:：]?")
 _LEADING_LETTER = re.compile(r"[(\[（]([A-Z])[)\]）]|([A-Z])[.:：)\]）,](?!\d)")
-# What follows an option letter that is one of a list of letters ("A, B", "(A) or (C)", "A和B"): the next
-# letter, bracketed or standing alone (a capital "A" before a lowercase word is the article: "B, A cat").
+# What follows an option letter that is one of a list of letters ("A, B", "(A) or (C)", "A和B", "A, or maybe B",
+# "(A)(C)"): the next letter, bracketed or standing alone (a capital "A" before a lowercase word is the article:
+# "B, A cat"), maybe after a hedge word.
 _LETTER_LIST_TAIL = re.compile(
-    r"[)\]）]?\.?\s*(?:[,/&、;]|\b(?:and|or)\b|和|或)\s*(?:(?:and|or)\s+)?"
+    r"[)\]）]?\.?\s*(?:[,/&、;]|\b(?:and|or)\b|和|或|(?<=[)\]）])(?=\s*[(\[（]))\s*(?:(?:and|or)\s+)?"
+    r"(?:(?i:maybe|perhaps|possibly|probably)\s+)?"
     r"(?:[(\[（]([A-Z])[)\]）]|([A-Z])(?![A-Za-z])(?!(?<=A)\s+[a-z]))"
 )
 _STATED_LETTER = re.compile(
@@ -467,12 +469,14 @@ def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = 
     ("option (C)", "选项C", the last one wins),
     none of the two when another letter follows it in a list ("A, B", "A or C"); VLMEvalKit's rule of one valid letter
     standing alone; the one option that is the answer's number ("2.0" names option "2"); else VLMEvalKit's rule
-    of one option text contained (a numeric one not inside a longer number). Without options, letters A-N except
-    I are valid.
+    of one option text contained (a numeric one not inside a longer number), in an answer at most twice as long as
+    all option texts together (`can_infer_text`'s guard: "There is no cat in the picture, only a tree" picks no
+    "cat"). Without options, letters A-N except I are valid.
     """
     opts = normalize_options(options)
     letters = set(opts) if opts else set(_LETTERS)
     text = unicodedata.normalize("NFKC", text).strip().strip("*").strip()
+    answer_length = len(text)
     bare = _LETTER_ONLY.fullmatch(text)
     if bare and bare.group(1).upper() in letters:
         return bare.group(1).upper()
@@ -504,6 +508,8 @@ def parse_choice(text: str, options: Mapping[str, str] | Sequence[str] | None = 
         same = [k for k, v in opts.items() if _same_number(got, unit, v)]
         if len(same) == 1:
             return same[0]
+    if answer_length > 2 * sum(len(v) for v in opts.values()):  # can_infer_text's guard: a long answer
+        return None  # that mentions one option ("there is no cat, only a tree") does not pick it
     lowered = text.casefold()
     contained = [k for k, v in opts.items() if v.strip() and _holds(lowered, v.strip().casefold())]
     return contained[0] if len(contained) == 1 else None

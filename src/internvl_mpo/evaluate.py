@@ -96,6 +96,8 @@ from internvl_mpo.run_folder import (
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 MCQ_INSTRUCTION_ZH = "请直接回答选项字母。"
 SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
+DIRECT_INSTRUCTION = "Answer the question directly."  # build_multi_choice_prompt's line for a question without options
+DIRECT_INSTRUCTION_ZH = "请直接回答问题。"
 TOTAL_MAX_NUM = 64  # VLMEvalKit's cap on tiles over all images of one question
 IMAGE_REFERENCE_CHARS = 64  # a TSV image cell this short names another row's image
 RUN_FILES = ("predictions.jsonl", "score.json")  # written into the output folder beside settings.json
@@ -191,7 +193,8 @@ def _read_jsonl(path: Path, max_pixels: int | None) -> list[BenchItem]:
         check_images(paths, where, checked, max_pixels)
         items.append(_item(
             str(row["id"]), str(row["question"]), str(row["answer"]), paths, row.get("options"),
-            str(row.get("hint") or ""), str(row.get("category") or ""), row.get("kind"), where,
+            "" if row.get("hint") is None else str(row["hint"]),  # a hint or category 0 is one (not `or ""`)
+            "" if row.get("category") is None else str(row["category"]), row.get("kind"), where,
         ))
     return items
 
@@ -337,7 +340,10 @@ def build_prompt(item: BenchItem, cot: bool = False) -> str:
         prompt = question + "".join(f"\n{key}. {text}" for key, text in (item.options or {}).items())
         if _has_instruction(prompt):
             return prompt
-        return prompt + "\n" + (MCQ_INSTRUCTION_ZH if re.search("[\u4e00-\u9fff]", prompt) else MCQ_INSTRUCTION)
+        chinese = re.search("[\u4e00-\u9fff]", prompt)
+        if not item.options:  # build_multi_choice_prompt without option columns: no letters to ask for
+            return prompt + "\n" + (DIRECT_INSTRUCTION_ZH if chinese else DIRECT_INSTRUCTION)
+        return prompt + "\n" + (MCQ_INSTRUCTION_ZH if chinese else MCQ_INSTRUCTION)
     if item.kind == "yesno" or _has_instruction(question):
         return question
     return f"{question}\n{SHORT_INSTRUCTION}"
