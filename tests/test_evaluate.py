@@ -1095,3 +1095,13 @@ def test_a_category_or_hint_given_as_the_number_0_is_kept(tmp_path):
     assert (first.category, first.hint, second.category) == ("0", "0", "1")
     score = run_eval(tmp_path / "q.jsonl", lambda prompts, n: [(key, "3") for key, _ in prompts], tmp_path / "out")
     assert sorted(score["categories"]) == ["0", "1"]
+
+
+def test_eval_answers_run_to_vlmevalkits_4096_tokens_by_default():
+    """VLMEvalKit evaluates InternVL2.5-MPO with max_new_tokens 4096; eval's 1024 cut longer chains of thought
+    before their final answer, which then counted wrong."""
+    import inspect
+
+    from internvl_mpo.evaluate import eval_
+
+    assert inspect.signature(eval_).parameters["max_new_tokens"].default == 4096

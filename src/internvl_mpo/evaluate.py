@@ -600,7 +600,7 @@ def eval_(
     cot: bool = False,
     max_num: int = 6,
     batch_size: int = 8,
-    max_new_tokens: int = 1024,
+    max_new_tokens: int = 4096,  # VLMEvalKit's for InternVL2.5-MPO: a chain of thought cut short answers nothing
     limit: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
