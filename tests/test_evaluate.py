@@ -276,7 +276,7 @@ def test_a_run_in_another_precision_is_refused_before_the_model_loads(tmp_path):
     data = write_bench(tmp_path / "data")
     (tmp_path / "m").mkdir()
     out = tmp_path / "out"
-    settings = {"model": str(tmp_path / "m"), "max_num": 6, "max_new_tokens": 1024, "dtype": "float32"}
+    settings = {"model": str(tmp_path / "m"), "max_num": 6, "max_new_tokens": 4096, "dtype": "float32"}
     run_eval(data, FakeAnswerer(DIRECT), out, settings=settings)
     run = dict(data=str(data), model=str(tmp_path / "m"), output=str(out), device="cpu")
     with pytest.raises(ConfigError, match=r"other settings \(dtype\)"):
@@ -320,7 +320,7 @@ def test_bad_flags_and_another_runs_folder_are_refused_before_the_model_loads(tm
                           ("--batch-size=0", "--batch-size must be at least 1, got 0")):
         assert main([*base, flag]) != 0
         assert f"error: {message}" in capsys.readouterr().err
-    run_eval(data, FakeAnswerer(DIRECT), out, settings={"model": "another", "max_num": 6, "max_new_tokens": 1024,
+    run_eval(data, FakeAnswerer(DIRECT), out, settings={"model": "another", "max_num": 6, "max_new_tokens": 4096,
                                                         "dtype": "float32"})
     base.append("--device=cpu")
     assert main(base) != 0
