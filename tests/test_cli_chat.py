@@ -2063,3 +2063,31 @@ def test_a_finished_command_line_ignores_ctrl_c_while_its_process_ends(tmp_path)
             "print(main(), signal.getsignal(signal.SIGINT) is signal.SIG_IGN)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.splitlines()[-1] == "0 True", done.stderr
+
+
+def test_an_answer_whose_activations_overflow_fails_alone_and_the_interactive_chat_goes_on(folder, monkeypatch,
+                                                                                            capsys):
+    """A NumericsError part way through an answer (fp16 activations past its range) ended the interactive session,
+    its conversation lost, the error glued to the half answer's line: that question fails alone, as Ctrl-C's does."""
+    import io
+
+    from internvl_mpo import cli_chat
+    from internvl_mpo.errors import NumericsError
+
+    stream, prompts = InternVLChat.stream_prepared, []
+
+    def overflowing_once(bot, prepared, params):
+        prompts.append(prepared.prompt_ids)
+        for i, piece in enumerate(stream(bot, prepared, params)):
+            if len(prompts) == 1 and i == 1:  # as the engine fails a row at the step its hidden state is not finite
+                raise NumericsError("the model's activations overflowed to NaN or inf during the answer (weights in "
+                                    "float16: load it in bfloat16 or float32); its answer would be garbage")
+            yield piece
+
+    monkeypatch.setattr(InternVLChat, "stream_prepared", overflowing_once)
+    monkeypatch.setattr("sys.stdin", io.StringIO("first?\nsecond?\n"))
+    assert cli_chat.chat(model=str(folder), device="cpu", max_new_tokens=6) == 0
+    assert len(prompts) == 2 and prompts[1] == InternVLChat.from_pretrained(folder).prepare("second?").prompt_ids
+    out, err = capsys.readouterr()
+    assert "error: the model's activations overflowed" in err and "left out of the conversation" in err
+    assert len(out.splitlines()) == 2  # the half answer's line ended, then the second answer's

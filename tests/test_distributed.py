@@ -678,3 +678,25 @@ def test_the_truncation_note_names_the_first_cut_sample_whichever_process_read_i
     mp.start_processes(_noting_worker, args=(2, free_ports(1), configs, log), nprocs=2, start_method="spawn")
     assert f"(the first since the run started or resumed: {root}/data_cut/toy.jsonl:2)" in single.truncation_note
     assert json.loads(Path(log.format(0)).read_text()) == [single.truncation_note]
+
+
+def test_the_truncation_note_names_the_first_cut_sample_also_past_records_skipped_as_bad(setup):
+    """The processes placed a cut sample at rank r's j-th batched sample's j * W + r: a record skipped as bad
+    (--skip-bad) takes a place in the stream too, so process 0, having skipped one, put its cut sample before
+    process 1's that came first, and the note named another file:line than one process with the same global batch."""
+    root, folder, _ = setup
+    long = {"question": "Say hello", "chosen": "Hello there! " * 40, "rejected": "Go away. " * 40}
+    later = {**long, "question": "Say hello again"}
+    bad = {"question": "long " * 400, "chosen": "Hi.", "rejected": "No."}  # no room for an answer: skipped
+    short = {"question": "Hi", "chosen": "Hello!", "rejected": "No."}
+    # the reader's order (lines 4, 3, 6, 5, 1, 2) puts the bad line first, then two short ones, then line 5, line 1
+    meta = write_mmpr(root / "data_cut_bad", [later, short, short, bad, long, short])
+    base = TrainConfig(model=str(folder), data=str(meta), mode="dpo", max_steps=2, shuffle=False, max_seq_length=100,
+                       drop_path_rate=0.0, progress=False, skip_bad=True)
+    single = train(dataclasses.replace(base, output=str(root / "cut_bad_single"), batch_size=2))
+    log = str(root / "cut_bad_notes{}.json")
+    configs = [dataclasses.asdict(dataclasses.replace(base, output=str(root / "cut_bad_ddp"), batch_size=1))]
+    mp.start_processes(_noting_worker, args=(2, free_ports(1), configs, log), nprocs=2, start_method="spawn")
+    assert single.skipped.counts == {"encode": 1}
+    assert f"(the first since the run started or resumed: {root}/data_cut_bad/toy.jsonl:5)" in single.truncation_note
+    assert json.loads(Path(log.format(0)).read_text()) == [single.truncation_note]

@@ -13,7 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import CheckpointError, ConfigError, InputError, Interrupted, PromptTooLongError, SettingError
+from .errors import (
+    CheckpointError, ConfigError, InputError, Interrupted, NumericsError, PromptTooLongError, SettingError,
+)
 from .jsonl import json_problem
 
 if TYPE_CHECKING:
@@ -289,6 +291,8 @@ def chat(
                 way_out = " (earlier turns count: /reset starts over)" if history else \
                     " (/reset starts over without the images)"
             print(f"error: {flagged(e, chat)}{way_out}", file=sys.stderr)
+        except NumericsError as e:  # this answer alone failed (activations past fp16's range): the session goes on
+            print(f"error: {flagged(e, chat)} (that question is left out of the conversation)", file=sys.stderr)
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session (Ctrl-C at the prompt quits)
             print()
             print("(interrupted; that question is left out of the conversation)", file=sys.stderr)
@@ -334,9 +338,14 @@ def _typed_path(text: str) -> str:
 def _answer(bot, prepared, params) -> str:
     """Stream the answer to the terminal (its pieces join to the stripped answer), then end the line."""
     pieces = []
-    for piece in bot.stream_prepared(prepared, params):
-        pieces.append(piece)
-        print(piece, end="", flush=True)
+    try:
+        for piece in bot.stream_prepared(prepared, params):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+    except NumericsError:
+        if pieces:
+            print()  # the error on a line of its own, not after the half answer
+        raise
     print()
     return "".join(pieces)
 

@@ -125,8 +125,8 @@ class SampleStream:
         self._new_bad: list[tuple[int, str, str]] = []  # (index, kind, message) skipped since `share_bad`
         self.cut = 0  # samples batched since the step's metrics whose answers were cut to --max-seq-length
         self.first_cut: str | None = None  # the first of them on this rank (file:line)
-        self.first_cut_at: int | None = None  # its place in the run's stream since the start or resume (all ranks)
-        self._batched = 0  # samples this rank batched since the run started or resumed
+        self.first_cut_at: int | None = None  # its place in the run's stream (all ranks': epoch * n + position)
+        self._position = 0  # the stream position of the last example `next_example` gave
         self._items = None
         self.ref_valid: torch.Tensor | None = None
 
@@ -186,6 +186,8 @@ class SampleStream:
                                      f"{more}; first {problems}: {'; '.join(self.report.messages)}")
                 self.epoch, self.cursor, self._items = self.epoch + 1, 0, None
                 continue
+            n, world = len(self.dataset), self.env.world_size  # a skipped bad record takes its place in the stream
+            self._position = self.epoch * n + share_start(n, self.env.rank, world, self.epoch) + self.cursor * world
             self.cursor += 1
             if not isinstance(item, BadExample) and self.ref_valid is not None and not self.ref_valid[item.index]:
                 item = BadExample(item.index, "reference", f"{item.source}: no reference log-probs: the --precompute-ref"
@@ -203,13 +205,15 @@ class SampleStream:
             return item
 
     def next_batch(self, batch_size: int, pad_id: int) -> Batch:
-        examples = [self.next_example() for _ in range(batch_size)]
+        examples, positions = [], []
+        for _ in range(batch_size):
+            examples.append(self.next_example())
+            positions.append(self._position)
         cut = [k for k, e in enumerate(examples) if e.truncated]
         self.cut += len(cut)
-        if cut and self.first_cut is None:  # rank r's j-th sample is the stream's (j * W + r)-th
+        if cut and self.first_cut is None:  # its place in the stream, records skipped as bad counted
             self.first_cut = examples[cut[0]].source
-            self.first_cut_at = (self._batched + cut[0]) * self.env.world_size + self.env.rank
-        self._batched += len(examples)
+            self.first_cut_at = positions[cut[0]]
         if isinstance(self.dataset, PairDataset):
             return collate_pairs(examples, pad_id)
         return collate_sft(examples, pad_id)
