@@ -2480,3 +2480,20 @@ def test_answers_as_they_finish_gives_a_row_that_overflows_mid_answer_its_error_
         chat.model.language_model.input_embeddings().weight[poison] = float("inf")
     answers = dict(chat.answers_as_they_finish(jobs, batch_size=2))
     assert isinstance(answers["a"], NumericsError) and answers["b"] == alone["b"]
+
+
+def test_batch_chat_names_the_question_whose_activations_overflow(checkpoint):
+    """batch_chat raised a NumericsError without saying which question overflowed (an input error names
+    `questions[i]`); it names it too."""
+    from internvl_mpo.errors import NumericsError
+
+    chat = InternVLChat.from_pretrained(checkpoint[0], dtype=torch.float32)
+    questions = ["What is it?", "Hello"]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    poison = run(chat.engine, [Request(chat.prepare("Hello").prompt_ids, params)])[0][2]
+    assert poison not in set(chat.prepare("Hello").prompt_ids)
+    with torch.no_grad():
+        chat.model.language_model.input_embeddings().weight[poison] = float("inf")
+    with pytest.raises(NumericsError, match=r"^questions\[1\]: the model's activations overflowed to NaN or inf "
+                                            r"during the answer"):
+        chat.batch_chat(questions, max_new_tokens=6, ignore_eos=True, do_sample=False)

@@ -445,7 +445,8 @@ class InternVLChat:
         in the result."""
         good = [job for job in jobs if not isinstance(job, InputError)]
         requests = [Request(p.prompt_ids, params, p.pixel_values) for p, params in good]
-        texts = iter(generate_texts(self.engine.generate(requests), [self._texts(params) for _, params in good])
+        where = [f"questions[{i}]: " for i, job in enumerate(jobs) if not isinstance(job, InputError)]
+        texts = iter(generate_texts(self.engine.generate(requests), [self._texts(params) for _, params in good], where)
                      if requests else [])
         return [job if isinstance(job, InputError) else next(texts) for job in jobs]
 
@@ -582,11 +583,18 @@ def _stream_text(gen: Generation, rid: int, texts: TextAssembler) -> Iterator[st
                 return
 
 
-def generate_texts(gen: Generation, assemblers: list[TextAssembler]) -> list[str]:
+def generate_texts(gen: Generation, assemblers: list[TextAssembler], where: list[str] | None = None) -> list[str]:
     """Run a Generation to the end and return the answer of each request id 0..n-1, whose text
-    `assemblers[id]` puts together, stripped (unless the assembler's `strip` is off)."""
+    `assemblers[id]` puts together, stripped (unless the assembler's `strip` is off). A request that fails
+    raises its error; one of its own (NumericsError) names it with `where[id]` first, where given."""
     answers = [""] * len(assemblers)
-    for events in gen:
+    while gen:
+        events = gen.step()
+        for event in events:
+            if event.error is not None:
+                if where is not None and isinstance(event.error, NumericsError):
+                    raise NumericsError(where[event.rid] + str(event.error)) from None
+                raise event.error
         for event in events:
             piece, stopped = assemblers[event.rid].feed_event(event)
             answers[event.rid] += piece
