@@ -1647,6 +1647,24 @@ def test_tile_and_frame_counts_are_checked_before_the_model_loads(tmp_path):
     assert not (tmp_path / "a.jsonl").exists()
 
 
+def test_a_tile_budget_past_the_limit_is_refused_before_the_model_loads(tmp_path):
+    """--max-num past 10000 (the tiling's limit): chat loaded the model first, generate wrote an error line for
+    every request with images, and pairs recorded the value, skipped every item with an image for good and
+    refused the corrected flag as "other settings" in the same --output."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"id": 1, "question": "hi"}) + "\n")
+    missing = tmp_path / "no-model"
+    for args in (["chat", "--model", missing, "--max-num", "20000", "hi"],
+                 ["generate", "--model", missing, "--input", requests, "--output", tmp_path / "a.jsonl",
+                  "--max-num", "20000"],
+                 ["eval", "--model", missing, "--data", requests, "--output", tmp_path / "e", "--max-num", "20000"],
+                 ["pairs", "correctness", "--model", missing, "--input", requests, "--output", tmp_path / "p",
+                  "--max-num", "20000"]):
+        out = cli(*args)
+        assert out.returncode == 1 and "error: --max-num must be at most 10000 tiles" in out.stderr, out.stderr
+    assert not any((tmp_path / name).exists() for name in ("a.jsonl", "a.jsonl.settings.json", "e", "p"))
+
+
 def test_generate_seeds_request_k_as_batch_chat_seeds_question_k(folder, tmp_path):
     """--seed S gives the file's k-th request (from 0) the seed S + k, as batch_chat(seed=S) seeds its questions,
     so one request answers as `chat --seed S` does (the first request took S + 1)."""

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .config import check_tile_budget
 from .errors import (
     CheckpointError, ConfigError, InputError, Interrupted, NumericsError, PromptTooLongError, SettingError,
 )
@@ -66,6 +67,8 @@ def _at_least_one(**counts: int | None) -> None:
     for name, value in counts.items():
         if value is not None and value < 1:
             raise SettingError("", name, f" must be at least 1, got {value}")
+    if counts.get("max_num") is not None:
+        check_tile_budget(counts["max_num"])  # past it every image would fail alone, after the model loads
 
 
 def _pixel_limit(max_pixels: int | None) -> None:

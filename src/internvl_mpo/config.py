@@ -19,13 +19,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, SettingError
 from .jsonl import too_many_digits
 
 # The most tiles an image may be given (max_num, max_dynamic_patch): 10000 tiles are 2.56 million tokens at 448
 # pixels, far past any InternVL2.5 context (32768 tokens: 127 tiles). The tiling's candidate grids grow as
 # max_num log max_num (1.2 million and 12 s at 100000; at 10**9 they fill the memory), so more is refused.
 MAX_TILES = 10_000
+
+
+def check_tile_budget(max_num: int) -> None:
+    """Refuse a `max_num` past MAX_TILES (SettingError: a command names its flag). Commands check their --max-num
+    with it before torch and the model load: past it the tiling would refuse every image, each alone."""
+    if max_num > MAX_TILES:
+        raise SettingError("", "max_num", f" must be at most {MAX_TILES} tiles ({MAX_TILES * 256} tokens at 448 "
+                           f"pixels, past any model's context), got {max_num}")
+
 
 log = logging.getLogger(__name__)
 

@@ -73,6 +73,7 @@ from internvl_mpo.answers import (
     states_answer,
 )
 from internvl_mpo.chat.template import IMAGE_PLACEHOLDER
+from internvl_mpo.config import check_tile_budget
 from internvl_mpo.errors import InputError, Interrupted, SettingError
 from internvl_mpo.filestamp import stamps, unchanged
 from internvl_mpo.jsonl import check_input_file, read_objects, refuse_misspelt_fields
@@ -568,6 +569,7 @@ def greedy_params(max_num: int, max_new_tokens: int):
 
     if max_num < 1:
         raise SettingError("", "max_num", f" must be at least 1, got {max_num}")
+    check_tile_budget(max_num)
     return sampling_params(do_sample=False, max_new_tokens=max_new_tokens)
 
 

@@ -76,6 +76,7 @@ from internvl_mpo.answers import (
     options_text,
 )
 from internvl_mpo.chat.template import IMAGE_PLACEHOLDER, add_image_prefix
+from internvl_mpo.config import check_tile_budget
 from internvl_mpo.errors import ConfigError, InputError, Interrupted, NumericsError, PromptTooLongError, SettingError
 from internvl_mpo.filestamp import stamps, unchanged
 from internvl_mpo.jsonl import read_objects, refuse_misspelt_fields
@@ -165,6 +166,7 @@ class PairSettings:
         for name in ("samples", "max_pairs", "batch_size", "max_num"):
             if getattr(self, name) < 1:
                 raise SettingError("", name, f" must be at least 1, got {getattr(self, name)}")
+        check_tile_budget(self.max_num)
         if self.temperature <= 0 or self.top_k == 1:
             raise SettingError("pairs need sampling: ", "temperature", " > 0 and ", "top_k", " other than 1 (got ",
                                "temperature", f" {self.temperature}, ", "top_k", f" {self.top_k}); greedy samples are "

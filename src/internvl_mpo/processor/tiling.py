@@ -28,7 +28,7 @@ from functools import lru_cache
 
 from PIL import Image
 
-from internvl_mpo.config import MAX_TILES
+from internvl_mpo.config import check_tile_budget
 from internvl_mpo.errors import InputError, SettingError
 
 Grid = tuple[int, int]  # (cols, rows): width factor, height factor
@@ -40,9 +40,7 @@ def candidate_grids(min_num: int = 1, max_num: int = 12) -> tuple[Grid, ...]:
     if min_num < 1 or max_num < min_num:
         raise SettingError("tile counts need 1 <= ", "min_num", " <= ", "max_num", ", got ", "min_num", f"={min_num}, ",
                            "max_num", f"={max_num}")
-    if max_num > MAX_TILES:
-        raise SettingError("", "max_num", f" must be at most {MAX_TILES} tiles ({MAX_TILES * 256} tokens at 448 "
-                           f"pixels, past any model's context), got {max_num}")
+    check_tile_budget(max_num)
     grids: set[Grid] = set()
     # The official set comprehension runs n over min_num..max_num and i, j over 1..n; the iteration
     # order of a set of small-int tuples depends on the order of first insertions (collisions), and
