@@ -494,6 +494,15 @@ def test_only_bad_input_fails_a_request_in_the_worker_with_a_400():
     assert _failure(InputError("the prompt is empty")).status == 400
     assert [_failure(e).status for e in (ValueError("a shape"), RuntimeError("out of memory"))] == [500, 500]
 
+def test_the_models_route_with_a_trailing_slash_lists_the_models(server):
+    """GET /v1/models/ is the list, as /v1/models (FastAPI redirects a trailing slash there, as vLLM's route does):
+    the model route read it as an empty id, which is served as no model at all, and answered the card."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    listed = httpx.get(server[0] + "/v1/models/", headers=auth)
+    assert listed.status_code == 200 and listed.json() == httpx.get(server[0] + "/v1/models", headers=auth).json()
+    assert httpx.get(server[0] + "/v1/models/m", headers=auth).json()["id"] == "m"
+
+
 def test_unknown_routes_and_methods_get_openai_errors(server):
     missing = httpx.post(server[0] + "/v1/embeddings", json={})
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"

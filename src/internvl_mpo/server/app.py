@@ -242,6 +242,8 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
     @app.get("/v1/models/{model_id:path}")  # a served name may hold slashes (OpenGVLab/InternVL2_5-4B-MPO)
     async def model(model_id: str, request: HttpRequest):
         authorize(request)
+        if not model_id:  # /v1/models/ is the list (where FastAPI's slash redirect takes it), not an empty id's card
+            return {"object": "list", "data": [card]}
         check_model({"model": model_id}, model_name)
         return card
 
