@@ -659,6 +659,25 @@ def test_multi_turn_keeps_the_image_of_the_first_turn(client, local_chat):
         max_new_tokens=STEPS, system_message="You answer in French.")
 
 
+def test_a_conversation_that_opens_with_an_assistant_greeting_is_answered(client, local_chat, hf_tokenizer):
+    """[assistant, user] (a chat app's greeting first, which OpenAI and vLLM answer) was a 400 ("must start and end
+    with a user message"); the greeting is the assistant's opening turn, as vLLM renders the chat template."""
+    greeting = {"role": "assistant", "content": "How can I help you?"}
+    for system in ([], [{"role": "system", "content": "You answer in French."}]):
+        messages = system + [greeting, {"role": "user", "content": "Hello there"}]
+        reply = client.chat.completions.create(model="m", messages=messages, **GREEDY)
+        settings = {"system_message": "You answer in French."} if system else {}
+        assert reply.choices[0].message.content.strip() == local_chat.chat(
+            "Hello there", history=[(None, "How can I help you?")], do_sample=False, max_new_tokens=STEPS, **settings)
+    opened = hand_prompt("Hello there").replace("<|im_start|>user\n", "<|im_start|>assistant\nHow can I help you?"
+                                                "<|im_end|>\n<|im_start|>user\n", 1)
+    reply = client.chat.completions.create(model="m", messages=[greeting, {"role": "user", "content": "Hello there"}],
+                                           **GREEDY)
+    assert reply.usage.prompt_tokens == len(hf_tokenizer(opened)["input_ids"])
+    with pytest.raises(openai.BadRequestError, match="the conversation must end with a user message"):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}, greeting], **GREEDY)
+
+
 def clip(path: Path, size: tuple[int, int] = (64, 48)) -> bytes:
     """A 12-frame video of changing colours, written with the first encoder PyAV has (skips without one)."""
     av = pytest.importorskip("av")

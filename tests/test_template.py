@@ -212,7 +212,8 @@ def test_images_first_given_on_a_later_turn_go_in_front_of_that_question(ours, h
         build_prompt_ids(ours, "And now?", later, [])
 
 
-@pytest.mark.parametrize("history", [["qa"], [("q", 3)], [{"role": "user", "content": "q"}], [("q", "a", "b")]])
+@pytest.mark.parametrize("history", [["qa"], [("q", 3)], [{"role": "user", "content": "q"}], [("q", "a", "b")],
+                                     [("q", "a"), (None, "b")], [(None, None)]])
 def test_history_entries_must_be_pairs_of_strings(ours, history):
     with pytest.raises(InputError, match=r"history entries must be \(question, answer\) pairs of strings"):
         build_prompt_ids(ours, "Q", history)
@@ -450,3 +451,15 @@ def test_a_long_history_is_joined_without_copying_the_prompt_once_per_turn(ours,
     assert ids == build_prompt_ids(ours, "last", history)
     text = render_prompt("last", history)
     assert built[0] <= 2 * len(text)
+
+
+def test_a_conversation_may_open_with_the_assistants_turn(ours, hf):
+    """A first history entry (None, answer) is the assistant's opening turn alone (a chat app's greeting), as vLLM
+    renders the checkpoint's chat template for [assistant, user]; an image of the question still gets its prefix."""
+    system = "<|im_start|>system\n" + get_template("internvl2_5").system_message + "<|im_end|>\n"
+    expected = (system + "<|im_start|>assistant\nHow can I help you?<|im_end|>\n<|im_start|>user\nDescribe a cat."
+                "<|im_end|>\n<|im_start|>assistant\n")
+    history = [(None, "How can I help you?")]
+    assert build_prompt_ids(ours, "Describe a cat.", history) == hf.encode(expected, add_special_tokens=False)
+    with_image = build_prompt_ids(ours, "Describe it.", history, [1])
+    assert with_image == build_prompt_ids(ours, "<image>\nDescribe it.", history, [1])

@@ -103,12 +103,16 @@ def render_prompt(
     return tmpl.render(_chat_messages(tmpl, question, history), system_message)
 
 
-def _check_history(history: Sequence[tuple[str, str]]) -> None:
+def _check_history(history: Sequence[tuple[str | None, str]]) -> None:
+    """(question, answer) pairs of strings; the first question may be None: the conversation opens with the
+    assistant's turn (a greeting, as chat apps send one; vLLM renders it as that turn alone)."""
     if not isinstance(history, (list, tuple)):
         raise InputError(f"history must be a list of (question, answer) pairs, got {type(history).__name__}")
-    for turn in history:
-        if not isinstance(turn, (tuple, list)) or len(turn) != 2 or not all(isinstance(t, str) for t in turn):
-            raise InputError(f"history entries must be (question, answer) pairs of strings, got {turn!r}")
+    for i, turn in enumerate(history):
+        if not isinstance(turn, (tuple, list)) or len(turn) != 2 or not (
+                isinstance(turn[0], str) or (i == 0 and turn[0] is None)) or not isinstance(turn[1], str):
+            raise InputError(f"history entries must be (question, answer) pairs of strings (the first question may "
+                             f"be None: an opening assistant turn), got {turn!r}")
 
 
 def _chat_messages(tmpl: Template, question: str, history: Sequence[tuple[str, str]]) -> list[tuple[str, str | None]]:
@@ -116,14 +120,15 @@ def _chat_messages(tmpl: Template, question: str, history: Sequence[tuple[str, s
     user, assistant = tmpl.roles
     messages: list[tuple[str, str | None]] = []
     for old_question, old_answer in history:
-        messages += [(user, old_question), (assistant, old_answer)]
+        messages += ([] if old_question is None else [(user, old_question)]) + [(assistant, old_answer)]
     return messages + [(user, question), (assistant, None)]
 
 
 def holds_images(question: str, history: Sequence[tuple[str, str]] = ()) -> bool:
     """Whether the question or an earlier one holds `<image>`: the images go there, no prefix is added."""
     _check_history(history)
-    return IMAGE_PLACEHOLDER in question or any(IMAGE_PLACEHOLDER in old_question for old_question, _ in history)
+    return IMAGE_PLACEHOLDER in question or any(IMAGE_PLACEHOLDER in (old_question or "")
+                                                for old_question, _ in history)
 
 
 def add_image_prefix(question: str, num_images: int, history: Sequence[tuple[str, str]] = ()) -> str:

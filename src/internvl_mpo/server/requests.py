@@ -263,9 +263,9 @@ def _tool_calls_text(message: dict, param: str, images: list[tuple[str, str]]) -
 
 
 def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], list[tuple[str, str]], tuple[str, str] | None]:
-    """(system message, [(role, text)] alternating user/assistant and ending with user, image urls, the video url
-    or None). The template has no tool turns: an assistant message's `tool_calls` are written after its content
-    (`_tool_calls_text`) and a `tool` message (a call's result) is read as a user message."""
+    """(system message, [(role, text)] alternating user/assistant (from either) and ending with user, image urls,
+    the video url or None). The template has no tool turns: an assistant message's `tool_calls` are written after
+    its content (`_tool_calls_text`) and a `tool` message (a call's result) is read as a user message."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", "messages")
     system, turns, images, videos, video_turn = None, [], [], [], None
@@ -308,9 +308,8 @@ def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], list[tup
         if len(videos) > count:
             video_turn = len(turns) - 1
     turns = [(role, _turn_text(image_count, pieces)) for role, image_count, pieces in turns]
-    if not turns or turns[0][0] != "user" or turns[-1][0] != "user":
-        raise ApiError(400, "the conversation must start and end with a user message (after an optional "
-                            "system message)", "messages")
+    if not turns or turns[-1][0] != "user":  # it may open with the assistant's turn (a chat app's greeting)
+        raise ApiError(400, "the conversation must end with a user message", "messages")
     if videos and (len(videos) > 1 or images or video_turn != len(turns) - 1):
         raise ApiError(400, "a request may hold one video, in its last user message, and no images beside it (its "
                             "frames go in front of the question, as the model card asks about a video)", videos[-1][0])
@@ -726,7 +725,8 @@ def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
         raise ApiError(400, f"the request has {len(images)} images; this server accepts at most "
                             f"{settings.max_images}", "messages", "too_many_images")
     turns = _label_images(turns, len(images))
-    history = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
+    opening = [(None, turns.pop(0)[1])] if turns[0][0] == "assistant" else []  # the template's opening answer
+    history = opening + [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
     return ChatRequest(
         question=turns[-1][1], history=history, system_message=system, image_urls=images, video_url=video,
         max_num=_field(body, "max_num", (int,), None, 1, settings.max_tiles),
