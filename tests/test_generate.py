@@ -2497,3 +2497,15 @@ def test_batch_chat_names_the_question_whose_activations_overflow(checkpoint):
     with pytest.raises(NumericsError, match=r"^questions\[1\]: the model's activations overflowed to NaN or inf "
                                             r"during the answer"):
         chat.batch_chat(questions, max_new_tokens=6, ignore_eos=True, do_sample=False)
+
+
+def test_a_conversation_opened_by_the_assistant_is_measured_as_any_other(setup):
+    """A first history entry (None, answer) (the assistant's opening turn): a prompt too long with its images is
+    refused with the usual message (its text-only length was measured with None taken for a question)."""
+    from internvl_mpo.errors import PromptTooLongError
+
+    chat = setup[0]
+    with pytest.raises(PromptTooLongError, match=r"^prompt is \d+ tokens .*longer than the context allows"):
+        chat.check_prompt("<image>\nDescribe it.", [(None, "How can I help you?")], [10**6])
+    answer = chat.chat("Hello", history=[(None, "How can I help you?")], do_sample=False, max_new_tokens=3)
+    assert isinstance(answer, str)

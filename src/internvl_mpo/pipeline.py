@@ -158,7 +158,7 @@ class InternVLChat:
         length = prompt_length(self.tokenizer, question, history or (), num_patches_list, system, tokens,
                                self.config.template)
         if length > self.context - 1 and num_patches_list:  # a hint of fewer tiles or images must be able to help
-            bare = [(q.replace(IMAGE_PLACEHOLDER, ""), a) for q, a in [*(history or ()), (question, "")]]
+            bare = [(q and q.replace(IMAGE_PLACEHOLDER, ""), a) for q, a in [*(history or ()), (question, "")]]
             text = prompt_length(self.tokenizer, bare[-1][0], bare[:-1], (), system, tokens, self.config.template)
             if text > self.context - 1:
                 hint = (f"; without its images it is {text} tokens",)
