@@ -346,11 +346,20 @@ class ScriptedEngine:
 
         tokens, finished = self.tokens, set()
 
-        class Generation:
+        class Generation:  # the engine's Generation as its callers use it: truth, step, iteration, finish
+            steps = 0
+
+            def __bool__(self):
+                return self.steps < len(tokens) and len(finished) < len(requests)
+
+            def step(self):
+                i, self.steps = self.steps, self.steps + 1
+                return [Event(rid, tokens[i], "length" if i == len(tokens) - 1 else None)
+                        for rid in range(len(requests)) if rid not in finished]
+
             def __iter__(self):
-                for i, token in enumerate(tokens):
-                    yield [Event(rid, token, "length" if i == len(tokens) - 1 else None)
-                           for rid in range(len(requests)) if rid not in finished]
+                while self:
+                    yield self.step()
 
             def finish(self, rid):
                 finished.add(rid)
