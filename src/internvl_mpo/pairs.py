@@ -77,7 +77,7 @@ from internvl_mpo.answers import (
 )
 from internvl_mpo.chat.template import IMAGE_PLACEHOLDER, add_image_prefix
 from internvl_mpo.config import check_tile_budget
-from internvl_mpo.errors import ConfigError, InputError, Interrupted, NumericsError, PromptTooLongError, SettingError
+from internvl_mpo.errors import ConfigError, InputError, Interrupted, PromptTooLongError, SettingError
 from internvl_mpo.filestamp import stamps, unchanged
 from internvl_mpo.jsonl import read_objects, refuse_misspelt_fields
 from internvl_mpo.locks import check_not_in_use
@@ -653,15 +653,13 @@ class ModelGenerator:
             gen.add(request)
         assemblers = [TextAssembler(self.chat.tokenizer) for _ in requests]
         texts: list[str | Exception] = [""] * len(requests)
-        started = [False] * len(requests)
         while gen:
             for event in gen.step():
                 if event.error is not None:
-                    if started[event.rid] and not isinstance(event.error, NumericsError):
+                    if not event.alone:
                         raise event.error
                     texts[event.rid] = event.error
                     continue
-                started[event.rid] = True
                 piece, _ = assemblers[event.rid].feed(event.token, last=event.finish is not None)
                 texts[event.rid] += piece
         return texts

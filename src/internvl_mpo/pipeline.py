@@ -522,8 +522,7 @@ class InternVLChat:
                     add(job)
             for event in gen.step():
                 if event.error is not None:
-                    # its prompt failed (no token yet), or its activations overflowed: it fails alone
-                    if event.rid in owners and (not owners[event.rid][2] or isinstance(event.error, NumericsError)):
+                    if event.rid in owners and event.alone:  # its prompt failed, or its activations overflowed
                         yield owners.pop(event.rid)[0], event.error
                         continue
                     raise event.error

@@ -101,10 +101,11 @@ PromptLogprob = tuple[float, int, tuple[tuple[int, float], ...]]
 @dataclass(frozen=True)
 class Event:
     """One token produced for request `rid`; `finish` is "stop" or "length" on its last token. A
-    request that failed (its prefill or a decode step raised) gets one last Event with no token,
-    finish "error" and the exception in `error`. With `Request.logprobs`, the token's log-probability
-    and the most likely (token, log-probability) pairs, best first. With `Request.prompt_logprobs`, the
-    request's first Event carries one entry per prompt token (None for the first)."""
+    request that failed (its prefill or a decode step raised, or its activations overflowed) gets one last
+    Event with no token, finish "error" and the exception in `error`; `alone` tells a failure of the request's
+    own (its prefill, its overflow) from a decode step that failed every running row. With `Request.logprobs`,
+    the token's log-probability and the most likely (token, log-probability) pairs, best first. With
+    `Request.prompt_logprobs`, the request's first Event carries one entry per prompt token (None for the first)."""
 
     rid: int
     token: int | None
@@ -113,6 +114,7 @@ class Event:
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
     prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
+    alone: bool = False
 
 
 @dataclass
@@ -450,7 +452,7 @@ class Generation:
                 if self.rows and self.rows[-1].rid == rid:
                     self.rows.pop()
                 self._clear(len(self.rows), len(request.prompt_ids))  # what its prefill may have written
-                events.append(Event(rid, None, "error", e))
+                events.append(Event(rid, None, "error", e, alone=True))
         for rid in ended:
             self._release(rid)
         if not self.rows:
@@ -645,7 +647,7 @@ class Generation:
         for offset, token in enumerate(tokens):
             row = self.rows[first + offset]
             if finite is not None and not finite[offset]:
-                events.append(Event(row.rid, None, "error", self._overflowed("during the answer")))
+                events.append(Event(row.rid, None, "error", self._overflowed("during the answer"), alone=True))
                 done.append(row.rid)
                 continue
             row.remaining -= 1
