@@ -1580,6 +1580,24 @@ def test_the_engine_refuses_pixel_values_that_are_no_tiles_as_chat_does(setup):
     assert run(chat.engine, [Request(prepared.prompt_ids, params, prepared.pixel_values)])[0]
 
 
+def test_the_engine_reads_a_requests_tiles_once(setup, monkeypatch):
+    """Engine.generate checked each request, then Generation.add checked it again: two passes over the tiles
+    (0.2 ms each for one tile on a 2-core CPU, part of every image prompt's prefill)."""
+    from internvl_mpo.generate import engine as engine_module
+
+    chat, _ = setup
+    prepared = chat.prepare("What is it?", Image.new("RGB", (112, 56), "blue"))
+    scanned = []
+    real = engine_module.check_tile_values
+    monkeypatch.setattr(engine_module, "check_tile_values", lambda tiles: scanned.append(tiles) or real(tiles))
+    request = Request(prepared.prompt_ids, SamplingParams(max_new_tokens=2), prepared.pixel_values)
+    assert run(chat.engine, [request])[0]
+    assert len(scanned) == 1
+    gen = chat.engine.start(1, 256)  # a request added to a running batch is checked there
+    gen.add(request)
+    assert len(scanned) == 2
+
+
 def test_video_frames_take_the_pixel_limit(setup):
     chat, _ = setup
     frames = [Image.new("RGB", (20, 10))] * 2

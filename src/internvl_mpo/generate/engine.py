@@ -179,7 +179,7 @@ class Engine:
             longest = -(-longest // SPAN_BUCKET) * SPAN_BUCKET
         gen = self.start(len(requests), longest)
         for request in requests:
-            gen.add(request)
+            gen._queue(request)  # checked above, and it fits: the batch holds the longest prompt + its new tokens
         return gen
 
     def release(self) -> None:
@@ -407,6 +407,10 @@ class Generation:
     def add(self, request: Request) -> int:
         """Queue a request; it joins the batch at the next step with a free row. Returns its id."""
         self.engine.check(request, self.max_len)
+        return self._queue(request)
+
+    def _queue(self, request: Request) -> int:
+        """Queue a request already checked against this batch (`add`, `Engine.generate`)."""
         rid = next(self._ids)
         self.waiting.append((rid, request))
         return rid
