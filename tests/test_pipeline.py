@@ -121,3 +121,33 @@ def test_a_lone_surrogate_is_named_where_the_caller_wrote_it(tmp_path):
     for kwargs, message in cases:
         with pytest.raises(InputError, match=message):
             bot.chat(**kwargs, max_new_tokens=2)
+
+
+def add_token_past_the_vocabulary(folder) -> str:
+    """Give `folder`'s tokenizer one added token more than its config's vocab_size holds; returns its text."""
+    import json
+
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    decoder = config["added_tokens_decoder"]
+    last = str(max(map(int, decoder)) + 1)
+    decoder[last] = {**decoder[str(int(last) - 1)], "content": "<extra_token>", "special": False}
+    config_path.write_text(json.dumps(config))
+    added = json.loads((folder / "added_tokens.json").read_text())
+    (folder / "added_tokens.json").write_text(json.dumps({**added, "<extra_token>": int(last)}))
+    return last
+
+
+def test_tokenizer_files_past_the_models_vocabulary_are_refused_before_the_weights(tmp_path, monkeypatch):
+    """A tokenizer with more tokens than the model's embeddings (another model's files) was refused after the
+    weights were read, with an InputError naming neither the folder nor the token."""
+    from internvl_mpo.errors import CheckpointError
+    from internvl_mpo.model import InternVL
+
+    folder, _ = tiny_chat_folder(tmp_path / "model")
+    last = add_token_past_the_vocabulary(folder)
+    monkeypatch.setattr(InternVL, "from_pretrained", lambda *a, **k: pytest.fail("the weights were read"))
+    with pytest.raises(CheckpointError, match=rf"^{folder}: the tokenizer files hold {int(last) + 1} tokens \(the "
+                                              rf"last, '<extra_token>', is id {last}\), past the model's vocabulary "
+                                              rf"\(llm_config.vocab_size {last}\): they are another model's"):
+        InternVLChat.from_pretrained(folder)

@@ -2402,3 +2402,17 @@ def test_a_resume_keeps_metrics_rows_holding_a_unicode_line_separator(tmp_path):
     path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
     rewrite_metrics(path, 2)
     assert path.read_text(encoding="utf-8").split("\n") == [*rows, ""]
+
+
+def test_a_tokenizer_past_the_models_vocabulary_is_refused_before_training(tmp_path, chat_folder, meta, monkeypatch):
+    """--tokenizer files holding more tokens than the model's embeddings trained without a word (an id past the
+    vocabulary in the data failed deep inside) and final/ got them: a checkpoint that chat refused."""
+    from test_pipeline import add_token_past_the_vocabulary
+
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(chat_folder, tokenizer)
+    add_token_past_the_vocabulary(tokenizer)
+    monkeypatch.setattr(InternVL, "from_pretrained", lambda *a, **k: pytest.fail("the weights were read"))
+    with pytest.raises(CheckpointError, match=rf"^{tokenizer}: the tokenizer files hold .* past the model's vocab"):
+        train(config(chat_folder, meta, tmp_path / "run", max_steps=1, tokenizer=str(tokenizer)))
+    assert not (tmp_path / "run" / "final").exists()

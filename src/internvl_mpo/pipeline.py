@@ -33,7 +33,7 @@ from .chat.template import (
     place_video,
     prompt_length,
 )
-from .chat.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokenizer, load_tokenizer
+from .chat.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokenizer, check_vocabulary, load_tokenizer
 from .config import ModelConfig
 from .errors import ConfigError, InputError, NumericsError, SettingError, located
 from .generate.engine import SPAN_BUCKET, Engine, Event, Generation, Request
@@ -96,10 +96,7 @@ class InternVLChat:
                 f"the model's image token id {model.image_token_id} is not the tokenizer's <IMG_CONTEXT> "
                 f"id {tokenizer.img_context_id}"
             )
-        if len(tokenizer) > model.config.llm.vocab_size:
-            raise InputError(
-                f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {model.config.llm.vocab_size}"
-            )
+        check_vocabulary(tokenizer, model.config.llm.vocab_size)
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
@@ -124,8 +121,10 @@ class InternVLChat:
         check_device_and_dtype(device, dtype)
         folder = resolve_checkpoint(path_or_id, revision)
         config_path = folder / "config.json"
-        get_template(ModelConfig.from_json(config_path).template, config_path)  # unknown: refused before the weights
+        config = ModelConfig.from_json(config_path)
+        get_template(config.template, config_path)  # unknown: refused before the weights, as another model's tokenizer
         tokenizer = load_tokenizer(folder)
+        check_vocabulary(tokenizer, config.llm.vocab_size)
         model = InternVL.from_pretrained(
             folder, dtype=dtype, device=device, image_token_id=tokenizer.img_context_id, device_map=device_map,
             weights=weights,

@@ -345,6 +345,17 @@ def adds_bos(folder: Path) -> bool:
     return bool((read_tokenizer_json(path) if path.is_file() else {}).get("add_bos_token", True))
 
 
+def check_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> None:
+    """Refuse a tokenizer whose ids run past a model's vocabulary of `vocab_size`: a text holding its last
+    tokens would index past the embeddings, and a checkpoint saved with its files would not load."""
+    n = len(tokenizer)
+    if n > vocab_size:
+        last = tokenizer.decode([n - 1], skip_special_tokens=False)
+        raise CheckpointError(f"{tokenizer.source}: the tokenizer files hold {n} tokens (the last, {last!r}, is id "
+                              f"{n - 1}), past the model's vocabulary (llm_config.vocab_size {vocab_size}): they are "
+                              "another model's; use the tokenizer files of the checkpoint the weights come from")
+
+
 def load_tokenizer(folder: str | Path) -> Tokenizer:
     """Load the tokenizer files of a checkpoint folder (see the module docstring for the rules)."""
     folder = Path(folder)

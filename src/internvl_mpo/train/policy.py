@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from internvl_mpo.chat.template import get_template
-from internvl_mpo.chat.tokenizer import Tokenizer, load_tokenizer
+from internvl_mpo.chat.tokenizer import Tokenizer, check_vocabulary, load_tokenizer
 from internvl_mpo.checkpoint import auto_dtype, open_state_dict, open_weights, resolve_checkpoint
 from internvl_mpo.config import ModelConfig
 from internvl_mpo.errors import ConfigError
@@ -99,6 +99,8 @@ def load_initial_model(
                 model = InternVL(config, image_token_id=tokenizer.img_context_id)
         model.source_dir = Path(cfg.tokenizer)
     else:
+        tokenizer = load_tokenizer(cfg.tokenizer or folder)  # the resolved folder, also for a hub id
+        check_vocabulary(tokenizer, config.llm.vocab_size)  # before the weights are read
         if lazy:
             with torch.device("meta"):
                 model = InternVL(config)
@@ -106,7 +108,6 @@ def load_initial_model(
             initial = open_state_dict(folder, model.expected_keys(), weights=weights)
         else:
             model = InternVL.from_pretrained(folder, dtype=torch.float32, device=device, weights=weights)
-        tokenizer = load_tokenizer(cfg.tokenizer or folder)  # the resolved folder, also for a hub id
         # the data's image context id is the tokenizer's; final/ gets --tokenizer's files, as the run used them
         model.image_token_id = tokenizer.img_context_id
         model.tokenizer_dir = Path(cfg.tokenizer) if cfg.tokenizer else None
