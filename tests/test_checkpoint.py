@@ -441,6 +441,25 @@ def test_shards_without_their_index_are_named(tmp_path, tiny, good_state):
         InternVL.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "model.safetensors.index.json",
+                                  "model-00002-of-00002.safetensors"])
+@pytest.mark.parametrize("loop", [False, True])
+def test_a_weight_file_that_is_a_broken_link_is_named_as_one(tmp_path, tiny, good_state, name, loop):
+    """A hub cache's snapshot whose blob is gone (a cleaned cache, a download cut short) keeps a link that leads
+    nowhere: a single file's was reported as shards without an index ("holds model.safetensors but no
+    model.safetensors.index.json"), an index's as no weights at all, a shard's as missing from the folder."""
+    folder = write_checkpoint(tmp_path / "ck", tiny, good_state, shards=1 if name == "model.safetensors" else 2)
+    link = folder / name
+    target = name if loop else "../blobs/0123abcd"
+    link.unlink()
+    link.symlink_to(target)
+    why = "Too many levels of symbolic links" if loop else \
+        "No such file or directory): a download cut short or a cache cleaned; fetch the file again"
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(link))} is a symbolic link to {re.escape(target)}, "
+                                              rf"which leads to no file \({re.escape(why)}"):
+        InternVL.from_pretrained(folder)
+
+
 @pytest.mark.parametrize("kind", [torch.int64, torch.bool])
 def test_integer_weights_are_refused_by_name_before_loading(tmp_path, tiny, good_state, kind):
     state = dict(good_state)
