@@ -460,6 +460,19 @@ def test_a_weight_file_that_is_a_broken_link_is_named_as_one(tmp_path, tiny, goo
         InternVL.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json", "vocab.json", "added_tokens.json"])
+def test_a_config_or_tokenizer_file_that_is_a_broken_link_is_named_as_one(tmp_path, name):
+    """A tokenizer file linking nowhere read as absent: the tokenizer loaded from the other files without a word
+    (tokenizer_config.json's token flags and eos/pad names dropped); config.json's read as "no such config file"."""
+    folder, _ = tiny_chat_folder(tmp_path / "ck")
+    link = folder / name
+    link.unlink()
+    link.symlink_to("../../blobs/0123abcd")
+    with pytest.raises((CheckpointError, ConfigError), match=rf"^{re.escape(str(link))} is a symbolic link to "
+                                                             r"\.\./\.\./blobs/0123abcd, which leads to no file"):
+        InternVLChat.from_pretrained(folder)
+
+
 @pytest.mark.parametrize("kind", [torch.int64, torch.bool])
 def test_integer_weights_are_refused_by_name_before_loading(tmp_path, tiny, good_state, kind):
     state = dict(good_state)

@@ -35,7 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .companions import COMPANION_FILES
+from .companions import COMPANION_FILES, broken_link
 from .config import ModelConfig, adapter_message
 from .errors import CheckpointError, InputError, SaveError
 from .jsonl import json_problem
@@ -217,7 +217,8 @@ def open_weights(folder: Path) -> Weights:
     or a refusal."""
     index, single = folder / INDEX_FILE, folder / SINGLE_FILE
     for path in (index, single):  # read as absent below, for a message about a missing index
-        _refuse_broken_link(path)
+        if why := broken_link(path):
+            raise CheckpointError(why)
     if index.exists() and single.exists():  # transformers reads the single file, vLLM the index's shards
         raise CheckpointError(
             f"{folder} holds both {SINGLE_FILE} and {INDEX_FILE}: the weights of two saves (one cut short, or "
@@ -241,7 +242,8 @@ def open_weights(folder: Path) -> Weights:
                     f"{index}: weight_map gives {key} the shard {name!r}, not a file name in the folder")
         files = {name: folder / name for name in sorted(set(mapping.values()))}  # the first missing one is named
         for name, file in files.items():
-            _refuse_broken_link(file)
+            if why := broken_link(file):
+                raise CheckpointError(why)
             if not file.exists():
                 raise CheckpointError(f"{index} names {name}, which is not in {folder}")
         opened = {files[name]: open_file(files[name]) for name in sorted(files)}
@@ -285,18 +287,6 @@ def open_weights(folder: Path) -> Weights:
             f"{folder} holds {_describe(shards)} but no {INDEX_FILE}, which says which tensor each shard holds; "
             "copy the index from where the shards came from")
     raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}")
-
-
-def _refuse_broken_link(path: Path) -> None:
-    """Refuse `path` where it is a symbolic link that leads to no file (its target gone, as a hub cache's
-    snapshot keeps after its blobs were deleted or a download was cut short, or a loop of links)."""
-    if path.is_symlink():
-        try:
-            path.stat()
-        except OSError as e:
-            hint = "" if e.errno == errno.ELOOP else ": a download cut short or a cache cleaned; fetch the file again"
-            raise CheckpointError(f"{path} is a symbolic link to {os.readlink(path)}, which leads to no file "
-                                  f"({e.strerror}){hint}") from None
 
 
 def save_metadata() -> dict[str, str]:

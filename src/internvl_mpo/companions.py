@@ -9,7 +9,9 @@ string (`find_token_id`).
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -83,6 +85,20 @@ def transformers_processor_files(folder: Path) -> list[str]:
     if _json_object(folder / "preprocessor_config.json").get("processor_class") == "InternVLProcessor":
         names.append("preprocessor_config.json")
     return names
+
+
+def broken_link(path: Path) -> str | None:
+    """Why `path` leads to no file where it is a symbolic link that does (its target gone, as a hub cache's
+    snapshot keeps after its blobs were deleted or a download was cut short, or a loop of links); else None.
+    Such a file would read as absent."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.stat()
+    except OSError as e:
+        hint = "" if e.errno == errno.ELOOP else ": a download cut short or a cache cleaned; fetch the file again"
+        return f"{path} is a symbolic link to {os.readlink(path)}, which leads to no file ({e.strerror}){hint}"
+    return None
 
 
 def without_processor_tokens(files: dict[str, Path], vocab_size: int) -> dict[str, str]:

@@ -519,6 +519,10 @@ def read_config_json(path: Path) -> dict[str, Any]:
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        from .companions import broken_link
+
+        if why := broken_link(path):
+            raise ConfigError(why) from None
         if (path.parent / "adapter_config.json").is_file():
             raise ConfigError(adapter_message(path.parent)) from None
         snapshots = sorted(p.parent for p in path.parent.glob("snapshots/*/config.json"))

@@ -32,6 +32,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
+from internvl_mpo.companions import broken_link
 from internvl_mpo.errors import CheckpointError, InputError
 from internvl_mpo.jsonl import json_problem, lone_surrogate
 
@@ -345,6 +346,11 @@ def adds_bos(folder: Path) -> bool:
     return bool((read_tokenizer_json(path) if path.is_file() else {}).get("add_bos_token", True))
 
 
+# The files load_tokenizer reads where the folder holds them (the InternLM2 loader too).
+_READ_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "vocab.json", "merges.txt",
+               "added_tokens.json", "tokenizer.model")
+
+
 def check_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> None:
     """Refuse a tokenizer whose ids run past a model's vocabulary of `vocab_size`: a text holding its last
     tokens would index past the embeddings, and a checkpoint saved with its files would not load."""
@@ -359,6 +365,9 @@ def check_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> None:
 def load_tokenizer(folder: str | Path) -> Tokenizer:
     """Load the tokenizer files of a checkpoint folder (see the module docstring for the rules)."""
     folder = Path(folder)
+    for name in _READ_FILES:  # each is read where it is a file: a link leading nowhere would read as none
+        if why := broken_link(folder / name):
+            raise CheckpointError(why)
     config_path = folder / "tokenizer_config.json"
     config = read_tokenizer_json(config_path) if config_path.is_file() else {}
     if config.get("split_special_tokens") is True:  # transformers would spell them as text; official files: false
