@@ -62,7 +62,7 @@ def run_dtype(dtype: str | None, device: str, model: str) -> tuple[str, Weights 
     return str(chosen).removeprefix("torch."), weights
 
 
-def _at_least_one(**counts: int | None) -> None:
+def _check_counts(**counts: int | None) -> None:
     """Tile and frame counts, checked before the model loads (every question or request would fail on them)."""
     for name, value in counts.items():
         if value is not None and value < 1:
@@ -197,7 +197,7 @@ def chat(
     from .generate.params import sampling_params
 
     question = _utf8(" ".join(question), "the question") if question else None  # `chat What is it?` as one string
-    _at_least_one(max_num=max_num, num_segments=num_segments)
+    _check_counts(max_num=max_num, num_segments=num_segments)
     _pixel_limit(max_pixels)
     params = sampling_params(**_generation(temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty,
                                              min_new_tokens, json_mode, _read_schema(json_schema), regex, choice,
@@ -409,7 +409,7 @@ def generate(
     from .jsonl import check_input_file
     from .run_folder import no_folder
 
-    _at_least_one(batch_size=batch_size, max_num=max_num)
+    _check_counts(batch_size=batch_size, max_num=max_num)
     _pixel_limit(max_pixels)
     out = Path(output)
     if out.is_symlink():  # the answers go to the file the link names (renaming over the link would replace it),
