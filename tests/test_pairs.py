@@ -1177,3 +1177,37 @@ def test_a_sample_whose_activations_overflow_mid_answer_fails_its_item_alone(tin
         chat.model.language_model.input_embeddings().weight[tokens[2]] = float("inf")
     out = generator.sample(jobs)
     assert isinstance(out[0], NumericsError) and out[1] == alone[1]
+
+
+def test_a_prompt_that_runs_out_of_memory_stops_the_run_and_is_retried(tiny_model, tmp_path, monkeypatch):
+    """Out of memory on one item's prompt (a CUDA OutOfMemoryError from its prefill, which depends on what else the
+    batch holds) was recorded as that item's failure in progress.jsonl, and failed items are never retried: the same
+    command, with the memory back, skipped it again for good. It stops the run, as before, and the rerun asks it."""
+    import torch
+
+    from internvl_mpo.cli import main
+    from internvl_mpo.generate.engine import Engine
+    from internvl_mpo.pipeline import InternVLChat
+
+    chat = InternVLChat.from_pretrained(tiny_model, dtype="float32")
+    zed = set(chat.prepare("Zzz").prompt_ids) - set(chat.prepare("Hello").prompt_ids)
+    prefill = Engine.prefill
+
+    def out_of_memory(self, request, caches, row):
+        if set(request.prompt_ids) & zed:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return prefill(self, request, caches, row)
+
+    path = tmp_path / "items.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "question": q, "answer": "2"}) + "\n"
+                            for i, q in (("a", "How many?"), ("b", "Zzz how many?"), ("c", "Hello, how many?"))))
+    args = ["pairs", "correctness", "--model", str(tiny_model), "--input", str(path), "--output", str(tmp_path / "out"),
+            "--samples", "2", "--max-new-tokens", "2", "--batch-size", "1", "--device", "cpu", "--dtype", "float32",
+            "--no-progress"]
+    monkeypatch.setattr(Engine, "prefill", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        main(args)
+    monkeypatch.setattr(Engine, "prefill", prefill)
+    assert main(args) == 0
+    progress = {p["id"]: p for p in map(json.loads, (tmp_path / "out" / "progress.jsonl").read_text().splitlines())}
+    assert sorted(progress) == ["a", "b", "c"] and all(len(p.get("responses", ())) == 2 for p in progress.values())

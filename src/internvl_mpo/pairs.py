@@ -77,7 +77,9 @@ from internvl_mpo.answers import (
 )
 from internvl_mpo.chat.template import IMAGE_PLACEHOLDER, add_image_prefix
 from internvl_mpo.config import check_tile_budget
-from internvl_mpo.errors import ConfigError, InputError, Interrupted, PromptTooLongError, SettingError
+from internvl_mpo.errors import (
+    ConfigError, InputError, Interrupted, NumericsError, PromptTooLongError, SettingError,
+)
 from internvl_mpo.filestamp import stamps, unchanged
 from internvl_mpo.jsonl import read_objects, refuse_misspelt_fields
 from internvl_mpo.locks import check_not_in_use
@@ -640,9 +642,10 @@ class ModelGenerator:
 
     def _generate(self, requests: list) -> list[str | Exception]:
         """Raw text of each request (special tokens skipped, nothing stripped); a request that failed alone in the
-        engine (its prompt, before its first token: out of memory, say; its activations overflowing, at any token:
-        NumericsError) gets its error, as `answers_as_they_finish` gives it, and the others still run. A failing
-        decode step, which fails every running row, raises."""
+        engine for its input (an InputError; its activations overflowing, at any token: NumericsError) gets its
+        error, and the others still run: such an item is recorded as failed and not retried. Any other failure
+        (out of memory on a prompt, which another batch or a rerun may not hit; a failing decode step) raises,
+        so that the same command retries its items."""
         from internvl_mpo.pipeline import TextAssembler
 
         if not requests:
@@ -656,7 +659,7 @@ class ModelGenerator:
         while gen:
             for event in gen.step():
                 if event.error is not None:
-                    if not event.alone:
+                    if not (event.alone and isinstance(event.error, (InputError, NumericsError))):
                         raise event.error
                     texts[event.rid] = event.error
                     continue
