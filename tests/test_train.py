@@ -1122,6 +1122,27 @@ def test_resume_takes_the_model_saved_again_unchanged_in_the_model_fingerprint(t
     assert train(dataclasses.replace(cfg, resume=True)).steps == 2
 
 
+def test_a_resume_names_a_checkpoint_without_its_state_file_that_it_passes_over(tmp_path, chat_folder, meta, capsys):
+    """A checkpoint folder whose trainer_state.json is missing (a partial copy of the run folder: saves write it last)
+    is not resumed from; a run that thus starts over (dropping metrics.jsonl) says so rather than in silence."""
+    cfg = config(chat_folder, meta, tmp_path / "run", max_steps=3, save_every=2)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_three(step, metrics):
+        if step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, on_step=stop_at_three)
+    (tmp_path / "run" / "checkpoint-000002" / ckpt.STATE_FILE).unlink()
+    capsys.readouterr()
+    assert train(dataclasses.replace(cfg, resume=True)).resumed_after == 0
+    assert ("note: checkpoint-000002 in " + str(tmp_path / "run") + " has no trainer_state.json (an incomplete copy?)"
+            " and is not resumed from; the run starts from the beginning") in capsys.readouterr().out
+
+
 def test_resume_from_a_truncated_checkpoint_file_names_it(tmp_path, chat_folder, meta):
     cfg = config(chat_folder, meta, tmp_path / "run", max_steps=1, save_every=1)
     train(cfg)
@@ -1327,6 +1348,31 @@ def test_precomputed_reference_pass_runs_on_the_policy_without_a_copy(tmp_path, 
     eval_run = train(config(chat_folder, meta, tmp_path / "no_drop", max_steps=2, batch_size=1, precompute_ref=True))
     assert any(not torch.equal(value, load_weights(eval_run.final_dir)[key])
                for key, value in load_weights(cached.final_dir).items())  # drop path did change the training
+
+
+def test_a_resume_reuses_the_reference_cache_for_the_same_data_and_tiles_spelled_otherwise(
+        tmp_path, chat_folder, meta, monkeypatch):
+    """A resume takes the same meta.json through a symlink and --max-dynamic-patch spelled with the value the run
+    used (the model config's 12) as no change; so must the --precompute-ref cache (a pass of hours for MMPR)."""
+    cfg = config(chat_folder, meta, tmp_path / "run", max_steps=3, save_every=1, precompute_ref=True)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_one(step, metrics):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, on_step=stop_at_one)
+    (tmp_path / "link").symlink_to(meta.parent)
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the reference pass ran again")
+
+    monkeypatch.setattr("internvl_mpo.train.reference.collate_pairs", no_pass)
+    resumed = train(dataclasses.replace(cfg, data=str(tmp_path / "link" / meta.name), max_dynamic_patch=12,
+                                        resume=True))
+    assert resumed.resumed_after == 1
 
 
 def test_precomputed_reference_sees_the_augmented_tiles(tmp_path, chat_folder, noisy_metas):

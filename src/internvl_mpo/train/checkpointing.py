@@ -56,17 +56,23 @@ def checkpoint_dir(output: Path, step: int) -> Path:
     return Path(output) / f"checkpoint-{step:06d}"
 
 
-def checkpoints(output: Path) -> list[Path]:
-    """The complete checkpoints in `output`, oldest step first (folders being written are ignored)."""
+def checkpoints(output: Path, complete: bool = True) -> list[Path]:
+    """The complete checkpoints in `output`, oldest step first (folders being written are ignored); with
+    `complete` False, the `checkpoint-<step>` folders without their trainer_state.json instead (a partial copy:
+    a save writes a `.tmp-` folder and renames it whole)."""
     output = Path(output)
     if not output.is_dir():
         return []
     found = []
     for path in output.iterdir():
         match = CHECKPOINT_RE.fullmatch(path.name)
-        if match and path.is_dir() and (path / STATE_FILE).is_file():
+        if match and path.is_dir() and (path / STATE_FILE).is_file() == complete:
             found.append((int(match[1]), path))
     return [path for _, path in sorted(found)]
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(CHECKPOINT_RE.fullmatch(path.name)[1])
 
 
 def latest_checkpoint(output: Path) -> Path | None:

@@ -286,6 +286,14 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
 
     # a resume that would continue otherwise is refused before the reference pass (hours for MMPR)
     resume_from = ckpt.latest_checkpoint(output) if cfg.resume else None
+    skipped = [path for path in ckpt.checkpoints(output, complete=False) if cfg.resume and
+               (resume_from is None or ckpt.checkpoint_step(path) > ckpt.checkpoint_step(resume_from))]
+    if skipped:  # a partial copy of the run folder, say: said, not passed over in silence
+        names = ", ".join(p.name for p in skipped)
+        has, is_ = ("has", "is") if len(skipped) == 1 else ("have", "are")
+        went_on = f"goes on from {resume_from.name}" if resume_from is not None else "starts from the beginning"
+        print0(f"note: {names} in {output} {has} no {ckpt.STATE_FILE} (an incomplete copy?) and {is_} not resumed "
+               f"from; the run {went_on}")
     if resume_from is not None:
         check_resume_settings(resume_from, cfg, env, total_steps, fingerprint, model_print, stream, policy.config)
 

@@ -21,16 +21,17 @@ from internvl_mpo.train.stopping import stop_if_requested
 REF_FILE = "ref_logps.safetensors"
 
 
-def _ref_fingerprint(cfg: TrainConfig, env: DistEnv, dataset, data_print: list[dict], model_print: dict) -> dict:
+def _ref_fingerprint(cfg: TrainConfig, env: DistEnv, dataset, data_print: list[dict], model_print: dict,
+                     tiles: int | dict[str, int]) -> dict:
     return {
         **model_print,  # the reference's weights, config and tokenizer files (names, sizes, sha256)
-        "data": os.path.abspath(cfg.data),
+        "data": os.path.realpath(cfg.data),  # as a resume knows it: the same file through a symlink is the same data
         "data_files": data_print,  # size and sha256: an edited annotation keeps its records and file:line sources
         "media": media_digest(dataset.records, env),  # an image edited in place keeps its path
         "records": len(dataset),
         "sources": [str(r.source) for r in dataset.records[:1000]],
         "max_seq_length": cfg.max_seq_length,
-        "max_dynamic_patch": cfg.max_dynamic_patch,
+        "max_dynamic_patch": tiles,  # as the run uses them: the flag spelling out the value it had anyway is no change
         "video_frames": cfg.video_frames,
         "seed": cfg.seed,
         "rejected_span": cfg.rejected_span,
@@ -61,9 +62,18 @@ def precompute_reference(
     path, meta_path = output / REF_FILE, output / (Path(REF_FILE).stem + ".json")
     with autocast():  # the weights' dtype and the autocast decide what the reference computes
         compute = {"weights": str(module.model.dtype), "bf16_autocast": torch.is_autocast_enabled(env.device.type)}
-    fingerprint = {**_ref_fingerprint(cfg, env, dataset, data_print, model_print), **compute}
+    from internvl_mpo.train.resume import dataset_tiles  # resume imports stream, which imports this module
+
+    config = module.model.config
+    tiles = dataset_tiles(cfg, cfg.max_dynamic_patch, config)
+    fingerprint = {**_ref_fingerprint(cfg, env, dataset, data_print, model_print, tiles), **compute}
     if path.is_file() and meta_path.is_file():
         cached = ckpt.read_json(meta_path)
+        # written before 2026-12-07: the data's path as given (made absolute), --max-dynamic-patch as given
+        if isinstance(cached.get("data"), str):
+            cached["data"] = os.path.realpath(cached["data"])
+        if cached.get("max_dynamic_patch") is None or type(cached.get("max_dynamic_patch")) is int:
+            cached["max_dynamic_patch"] = dataset_tiles(cfg, cached.get("max_dynamic_patch"), config)
         if cached == fingerprint:
             table = ckpt.read_tensors(path)
             shapes = {k: tuple(v.shape) for k, v in table.items()}
