@@ -208,6 +208,22 @@ def test_messages_map_onto_the_template():
     assert [p for p, _ in req.image_urls] == ["messages[1].content[0].image_url", "messages[1].content[1].image_url"]
 
 
+def test_an_empty_last_user_message_and_top_logprobs_0_without_logprobs_are_taken():
+    """As vLLM and chat("") answer them: a last user message of no text (or of whitespace alone) was a 400 ("the last
+    user message is empty"), and top_logprobs 0 without logprobs (which asks for nothing; vLLM refuses only a count
+    above 0) was a 400 "top_logprobs needs logprobs: true"."""
+    for content in ("", " ", [], [{"type": "text", "text": ""}]):
+        req = parse_chat_request({"messages": [{"role": "user", "content": content}]}, ServerSettings())
+        assert req.question == ("" if content != " " else " ") and req.history == []
+    req = parse_chat_request({"messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 0}, ServerSettings())
+    assert req.logprobs is None
+    req = parse_chat_request({"messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 0, "logprobs": True},
+                             ServerSettings())
+    assert req.logprobs == 0
+    with pytest.raises(ApiError, match="top_logprobs needs logprobs: true"):
+        parse_chat_request({"messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 1}, ServerSettings())
+
+
 def test_an_assistant_refusal_in_the_history_is_read_as_its_answer():
     """OpenAI sends a refusal as an assistant message with content null and the text in `refusal` (or as a
     {"type": "refusal"} part): a client that sent such a turn back got a 400."""
@@ -2052,7 +2068,7 @@ def test_file_urls_are_percent_decoded_and_name_this_machine(tmp_path):
     path.write_bytes(image)
     settings = ServerSettings(allow_local_images=True)
     for url in (str(path), "file://" + quote(str(path)), "file://localhost" + quote(str(path)),
-                "file:" + quote(str(path))):
+                "file://LocalHost" + quote(str(path)), "file:" + quote(str(path))):
         assert image_bytes(url, "image", settings) == image, url
     refused = {"file://example.com" + quote(str(path)): "a file URL must name this machine",
                "ftp://127.0.0.1/x.png": "unsupported URL scheme 'ftp'",
@@ -2357,6 +2373,52 @@ def test_a_remote_image_one_byte_over_the_limit_is_a_413_whatever_its_chunks():
         with pytest.raises(ApiError, match="at most 100 bytes") as e:
             image_bytes(f"{base}/over.png", "image", settings)
         assert e.value.status == 413
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_remote_image_sent_gzip_or_deflate_encoded_is_decoded():
+    """A host may send an image with Content-Encoding gzip whatever the request asked (an object stored compressed);
+    requests and aiohttp, vLLM's fetchers, decode it: the image's bytes are the decoded ones (it was "not an image
+    Pillow can read"). Decoded past --max-image-bytes is a 413 (a bomb fills no memory); an encoding it cannot
+    decode is a 400 naming it."""
+    import gzip
+    import zlib
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    image = bytes(range(256)) * 40
+    bodies = {"/gzip.png": ("gzip", gzip.compress(image)), "/deflate.png": ("deflate", zlib.compress(image)),
+              "/raw-deflate.png": ("deflate", zlib.compress(image)[2:-4]), "/br.png": ("br", b"\x0b\x01\x80"),
+              "/bomb.png": ("gzip", gzip.compress(b"\0" * 10**6)), "/cut.png": ("gzip", gzip.compress(image)[:-20])}
+
+    class Encoded(BaseHTTPRequestHandler):
+        def do_GET(self):
+            encoding, body = bodies[self.path]
+            self.send_response(200)
+            self.send_header("Content-Encoding", encoding)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Encoded)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_port}"
+    settings = ServerSettings(allow_remote_images=True, allow_private_image_hosts=True, max_image_bytes=100_000,
+                              image_timeout=60.0)
+    try:
+        for path in ("/gzip.png", "/deflate.png", "/raw-deflate.png"):
+            assert image_bytes(base + path, "image", settings) == image, path
+        with pytest.raises(ApiError, match="at most 100000 bytes") as e:
+            image_bytes(base + "/bomb.png", "image", settings)
+        assert e.value.status == 413
+        for path, match in (("/br.png", "Content-Encoding 'br'"), ("/cut.png", "does not decode")):
+            with pytest.raises(ApiError, match=match) as e:
+                image_bytes(base + path, "image", settings)
+            assert (e.value.status, e.value.code) == (400, "image_fetch_failed")
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+import zlib
 from pathlib import Path
 
 from .requests import ApiError
@@ -193,10 +194,12 @@ def _fetch_remote(url: str, param: str, settings: ServerSettings, resolve=socket
     late = TimeoutError(f"not received within {settings.image_timeout} s")
     try:
         with opener.open(_quoted(url), timeout=settings.image_timeout) as response:
+            encoding = (response.headers.get("Content-Encoding") or "identity").strip().lower()
             while len(data) <= settings.max_image_bytes and (piece := response.read1(2**16)):
                 data += piece
         if deadline.passed():  # a body the shutdown cut ends early
             raise late
+        data = _decoded(bytes(data), encoding, url, param, settings)
     except HostRefused as e:
         raise ApiError(400, f"{param}: refused to fetch {url[:200]}: {e}; start the server with "
                             "--allow-private-image-hosts to fetch from this machine or its network", param,
@@ -209,12 +212,37 @@ def _fetch_remote(url: str, param: str, settings: ServerSettings, resolve=socket
     return bytes(data)
 
 
+def _decoded(data: bytes, encoding: str, url: str, param: str, settings: ServerSettings) -> bytes:
+    """A fetched body decoded as its Content-Encoding says, as requests and aiohttp (vLLM's fetchers) decode it: a
+    host may send gzip whatever the request asked (an object stored compressed, say). At most --max-image-bytes + 1
+    bytes come out, so a small bomb is a 413, not a full memory."""
+    if encoding in ("identity", "") or len(data) > settings.max_image_bytes:  # past the limit: the 413 already
+        return data
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise ApiError(400, f"{param}: could not fetch {url[:200]}: the host sent it with Content-Encoding "
+                            f"{encoding[:40]!r}, which this server cannot decode", param, "image_fetch_failed")
+    problem = None
+    # gzip's header; deflate as zlib data (RFC 9110), else raw, as some hosts send it
+    for wbits in (zlib.MAX_WBITS | 16,) if encoding != "deflate" else (zlib.MAX_WBITS, -zlib.MAX_WBITS):
+        decoder = zlib.decompressobj(wbits)
+        try:
+            out = decoder.decompress(data, settings.max_image_bytes + 1)
+        except zlib.error as e:
+            problem = problem or str(e)
+            continue
+        if len(out) > settings.max_image_bytes or decoder.eof:
+            return out
+        problem = problem or "the compressed stream is cut short"
+    raise ApiError(400, f"{param}: could not fetch {url[:200]}: its {encoding} body does not decode ({problem})",
+                   param, "image_fetch_failed")
+
+
 def _read_local(url: str, param: str, settings: ServerSettings) -> bytes:
     """The file named by a path or a file URL (percent-decoded; its host empty or localhost)."""
     path = Path(url)
     if url[:5].lower() == "file:":
         parts = urllib.parse.urlsplit(url)
-        if parts.netloc not in ("", "localhost"):
+        if parts.netloc.lower() not in ("", "localhost"):  # a host name is read whatever its case (RFC 3986)
             raise ApiError(400, f"{param}: a file URL must name this machine (file:///path or file://localhost/path), "
                                 f"got host {parts.netloc[:100]!r}", param, "invalid_image")
         path = Path(urllib.parse.unquote(parts.path))

@@ -313,8 +313,6 @@ def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], list[tup
     if videos and (len(videos) > 1 or images or video_turn != len(turns) - 1):
         raise ApiError(400, "a request may hold one video, in its last user message, and no images beside it (its "
                             "frames go in front of the question, as the model card asks about a video)", videos[-1][0])
-    if not turns[-1][1].strip() and not videos:
-        raise ApiError(400, "the last user message is empty", "messages")
     return system, turns, images, videos[0] if videos else None
 
 
@@ -718,7 +716,7 @@ def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
     _refuse_off(body, "add_generation_prompt")  # the answer would go on with the user's turn
     logprobs = _field(body, "logprobs", (bool,), False)
     top_logprobs = _field(body, "top_logprobs", (int,), None, 0, MAX_TOP_LOGPROBS)
-    if top_logprobs is not None and not logprobs:
+    if top_logprobs and not logprobs:  # 0 asks for nothing: taken without logprobs, as vLLM takes it
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     system, turns, images, video = _conversation(body.get("messages"))
     if len(images) > settings.max_images:
