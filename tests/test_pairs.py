@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -508,6 +509,22 @@ def test_a_continuation_that_gives_back_the_chosen_answer_makes_no_pair(tmp_path
     stats = make_dropout_ntp_pairs(folder / "items.jsonl", tmp_path / "out", lambda jobs: [
         chosen[len(job.prefix):] for job in jobs], SETTINGS)
     assert stats.pairs == 0 and (tmp_path / "out" / "items_pairs_dropout_ntp.jsonl").read_text() == ""
+    assert stats.no_pairs == 1 and "no_pairs=1" in stats.summary()  # counted and reported, not dropped silently
+
+
+def test_items_that_give_no_pair_are_counted_in_the_summary(tmp_path):
+    """An item whose samples are all right (or none right) gives no pair; the summary said only pairs=0, where the
+    official postprocess reports all_correct / all_incorrect / key_without_pairs."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.new("RGB", (28, 28), (200, 20, 20)).save(folder / "red.png")
+    (folder / "items.jsonl").write_text("".join(
+        json.dumps({"id": i, "image": "red.png", "question": "How many?", "answer": a}) + "\n"
+        for i, a in [("right", "3"), ("wrong", "4")]))
+    stats = make_correctness_pairs(folder / "items.jsonl", tmp_path / "out", lambda jobs: [
+        ["Counting.\nFinal answer: 3"] * len(job.seeds) for job in jobs], SETTINGS)
+    assert stats.pairs == stats.format_pairs == 0
+    assert stats.no_pairs == 2 and "no_pairs=2" in stats.summary()
 
 
 def test_correctness_asks_the_sampler_for_batch_size_sequences_a_call(tmp_path):
@@ -1211,3 +1228,31 @@ def test_a_prompt_that_runs_out_of_memory_stops_the_run_and_is_retried(tiny_mode
     assert main(args) == 0
     progress = {p["id"]: p for p in map(json.loads, (tmp_path / "out" / "progress.jsonl").read_text().splitlines())}
     assert sorted(progress) == ["a", "b", "c"] and all(len(p.get("responses", ())) == 2 for p in progress.values())
+
+
+def test_reading_the_items_shows_progress(tmp_path, capsys, monkeypatch):
+    """Every image is decoded while the items are read, before the model loads (80 ms for a 3-megapixel JPEG:
+    minutes for thousands of items, again on every rerun): `pairs` showed nothing meanwhile."""
+    from internvl_mpo.pairs import read_items
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.new("RGB", (28, 28), (200, 20, 20)).save(folder / "red.png")
+    (folder / "items.jsonl").write_text("".join(
+        json.dumps({"id": str(i), "image": "red.png", "question": "How many?", "answer": "3"}) + "\n" for i in range(3)))
+    from internvl_mpo import pairs
+
+    real_read = pairs.read_objects
+
+    def slow_read(*args):  # a second a line, as a few large images take
+        for line in real_read(*args):
+            time.sleep(0.6)
+            yield line
+
+    assert len(read_items(folder / "items.jsonl", "correctness", progress=True)) == 3
+    assert capsys.readouterr().err == ""  # a file read within a second shows no bar
+    monkeypatch.setattr(pairs, "read_objects", slow_read)
+    assert len(read_items(folder / "items.jsonl", "correctness", progress=True)) == 3
+    assert "reading items: 3item" in capsys.readouterr().err
+    read_items(folder / "items.jsonl", "correctness")
+    assert capsys.readouterr().err == ""

@@ -211,6 +211,9 @@ class PairStats:
     entail_skipped: int = 0
     pairs: int = 0
     format_pairs: int = 0
+    # items that ran but gave no pair (correctness: all samples right, or no right one to pair; DropoutNTP: the
+    # continuation gave the chosen answer back), as the official postprocess reports all_correct / all_incorrect
+    no_pairs: int = 0
     files: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)  # "file:line (id ...): why", one per item that could not run
 
@@ -340,12 +343,17 @@ def _parse_item(row: dict, method: str, folder: Path, where: str) -> Item:
     return item
 
 
-def read_items(path: str | Path, method: str, max_pixels: int | None = None) -> list[Item]:
+def read_items(path: str | Path, method: str, max_pixels: int | None = None, progress: bool = False) -> list[Item]:
     """Items of a JSONL file; relative image paths are taken against the file's folder. Every image
-    is opened and decoded once here (refused over `max_pixels` pixels, default: Pillow's limit)."""
+    is opened and decoded once here (refused over `max_pixels` pixels, default: Pillow's limit); `progress`
+    shows a bar after a second, since decoding thousands of images takes minutes before the model loads."""
+    from tqdm import tqdm
+
     path = Path(path)
     items, seen, checked = [], {}, set()
-    for where, row in read_objects(path, "items file"):
+    # shown once reading has taken a second: a small file reads without a bar
+    rows = tqdm(read_objects(path, "items file"), desc="reading items", unit="item", disable=not progress, delay=1)
+    for where, row in rows:
         item = _parse_item(row, method, path.parent, where)
         if item.id in seen:
             raise InputError(f"{where}: id {item.id!r} appears twice (first at {seen[item.id]})")
@@ -516,6 +524,8 @@ def make_correctness_pairs(
                 continue
             correct, formats, samples = item_pairs(item, row["question"], row["responses"], max_pairs, settings.seed,
                                                    stats)
+            if not correct and not formats:
+                stats.no_pairs += 1
             correct_rows += correct
             format_rows += formats
             judged += samples
@@ -606,6 +616,8 @@ def make_dropout_ntp_pairs(
             rejected = row["prefix"] + row["continuation"]
             if rejected != item.chosen:
                 rows.append(_pair_row(item, item.question, item.chosen, rejected, None))
+            else:
+                stats.no_pairs += 1
         stats.files = _write_outputs(out, input_path, {f"{input_path.stem}_pairs_dropout_ntp": rows})
         stats.pairs = _count_lines(stats.files[0])
     return stats
@@ -779,7 +791,7 @@ def pairs(
     dtype_name, weights = run_dtype(dtype, device, model)
     settings = replace(settings, dtype=dtype_name,
                        weights=weights_identity(weights, recorded_weights(Path(output) / "settings.json")))
-    items = read_items(input, method, max_pixels)  # fail on a bad file or output folder before loading the model
+    items = read_items(input, method, max_pixels, progress)  # fail on a bad file or output folder before loading the model
     check_output_folder(Path(output))
     refuse_other_method(Path(output), method)
     check_not_in_use(Path(output), PAIRS_LOCK)
