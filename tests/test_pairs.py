@@ -1239,7 +1239,8 @@ def test_reading_the_items_shows_progress(tmp_path, capsys, monkeypatch):
     folder.mkdir()
     Image.new("RGB", (28, 28), (200, 20, 20)).save(folder / "red.png")
     (folder / "items.jsonl").write_text("".join(
-        json.dumps({"id": str(i), "image": "red.png", "question": "How many?", "answer": "3"}) + "\n" for i in range(3)))
+        json.dumps({"id": str(i), "image": "red.png", "question": "How many?", "answer": "3"}) + "\n"
+        for i in range(3)))
     from internvl_mpo import pairs
 
     real_read = pairs.read_objects

@@ -791,7 +791,8 @@ def pairs(
     dtype_name, weights = run_dtype(dtype, device, model)
     settings = replace(settings, dtype=dtype_name,
                        weights=weights_identity(weights, recorded_weights(Path(output) / "settings.json")))
-    items = read_items(input, method, max_pixels, progress)  # fail on a bad file or output folder before loading the model
+    # fail on a bad file or output folder before loading the model
+    items = read_items(input, method, max_pixels, progress)
     check_output_folder(Path(output))
     refuse_other_method(Path(output), method)
     check_not_in_use(Path(output), PAIRS_LOCK)
