@@ -690,8 +690,27 @@ def test_a_conversation_that_opens_with_an_assistant_greeting_is_answered(client
     reply = client.chat.completions.create(model="m", messages=[greeting, {"role": "user", "content": "Hello there"}],
                                            **GREEDY)
     assert reply.usage.prompt_tokens == len(hf_tokenizer(opened)["input_ids"])
-    with pytest.raises(openai.BadRequestError, match="the conversation must end with a user message"):
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}, greeting], **GREEDY)
+
+
+def test_a_conversation_that_ends_with_an_assistant_message_is_answered_anew(server, client, local_chat,
+                                                                             hf_tokenizer):
+    """[user, assistant] (which OpenAI answers, and vLLM renders with its generation prompt: a new assistant turn
+    after the last) was a 400 ("must end with a user message"); so was a lone assistant message."""
+    greeting = {"role": "assistant", "content": "How can I help you?"}
+    for messages, turns in (([{"role": "user", "content": "Hi"}, greeting], ("Hi", "How can I help you?")),
+                            ([greeting], None)):
+        text = hand_prompt(*turns) if turns else hand_prompt("x").replace(
+            "<|im_start|>user\nx<|im_end|>\n", "<|im_start|>assistant\nHow can I help you?<|im_end|>\n")
+        ids = hf_tokenizer(text)["input_ids"]
+        reply = client.chat.completions.create(model="m", messages=messages, **GREEDY)
+        assert reply.usage.prompt_tokens == len(ids)
+        assert reply.choices[0].message.content.strip() == engine_completion(local_chat, ids, STEPS)[0].strip()
+        # without the generation prompt, as vLLM's /tokenize: the conversation as it stands
+        body = {"messages": messages, "add_generation_prompt": False}
+        closed = text.removesuffix("<|im_start|>assistant\n")
+        assert post_to(server, "/tokenize", body).json()["tokens"] == hf_tokenizer(closed)["input_ids"]
+    with pytest.raises(openai.BadRequestError, match="the conversation holds no user or assistant message"):
+        client.chat.completions.create(model="m", messages=[{"role": "system", "content": "Hi"}], **GREEDY)
 
 
 def clip(path: Path, size: tuple[int, int] = (64, 48)) -> bytes:
@@ -736,12 +755,12 @@ def test_a_video_part_is_answered_as_chat_answers_about_the_video(client, local_
     for content, where in (([video, video], "messages[0].content[1]"),
                            ([video, {"type": "image_url", "image_url": {"url": data_url(png(56, 56))}}],
                             "messages[0].content[0]")):
-        with pytest.raises(openai.BadRequestError, match="one video, in its last user message") as e:
+        with pytest.raises(openai.BadRequestError, match="one video, in the user message that ends the") as e:
             client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}], **GREEDY)
         assert e.value.body["param"] == where + ".video_url"
     earlier = [{"role": "user", "content": [video]}, {"role": "assistant", "content": "Blue."},
                {"role": "user", "content": "Sure?"}]
-    with pytest.raises(openai.BadRequestError, match="one video, in its last user message"):
+    with pytest.raises(openai.BadRequestError, match="one video, in the user message that ends the conversation"):
         client.chat.completions.create(model="m", messages=earlier, **GREEDY)
     broken = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAAAAAA"}}
     with pytest.raises(openai.BadRequestError) as e:
@@ -1754,8 +1773,8 @@ def test_bad_requests_get_openai_errors(server, client):
     # the whole message (no images to count); body, not str(e), whose wording differs between openai versions
     assert re.fullmatch(r"the prompt is \d+ tokens; this server accepts at most 2047", e.value.body["message"])
     assert (e.value.body["param"], e.value.body["code"]) == ("messages", "context_length_exceeded")
-    with pytest.raises(openai.BadRequestError, match="end with a user message"):
-        client.chat.completions.create(model="m", messages=[{"role": "assistant", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="holds no user or assistant message"):
+        client.chat.completions.create(model="m", messages=[{"role": "system", "content": "hi"}])
     bad_json = httpx.post(server[0] + "/v1/chat/completions", content=b"{not json",
                           headers={"Authorization": f"Bearer {KEY}"})
     assert bad_json.status_code == 400 and "JSON" in bad_json.json()["error"]["message"]

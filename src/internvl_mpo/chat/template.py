@@ -115,30 +115,31 @@ def _check_history(history: Sequence[tuple[str | None, str]]) -> None:
                              f"be None: an opening assistant turn), got {turn!r}")
 
 
-def _chat_messages(tmpl: Template, question: str, history: Sequence[tuple[str, str]]) -> list[tuple[str, str | None]]:
+def _chat_messages(tmpl: Template, question: str | None,
+                   history: Sequence[tuple[str, str]]) -> list[tuple[str, str | None]]:
     _check_history(history)
     user, assistant = tmpl.roles
     messages: list[tuple[str, str | None]] = []
     for old_question, old_answer in history:
         messages += ([] if old_question is None else [(user, old_question)]) + [(assistant, old_answer)]
-    return messages + [(user, question), (assistant, None)]
+    return messages + ([] if question is None else [(user, question)]) + [(assistant, None)]
 
 
-def holds_images(question: str, history: Sequence[tuple[str, str]] = ()) -> bool:
+def holds_images(question: str | None, history: Sequence[tuple[str, str]] = ()) -> bool:
     """Whether the question or an earlier one holds `<image>`: the images go there, no prefix is added."""
     _check_history(history)
-    return IMAGE_PLACEHOLDER in question or any(IMAGE_PLACEHOLDER in (old_question or "")
+    return IMAGE_PLACEHOLDER in (question or "") or any(IMAGE_PLACEHOLDER in (old_question or "")
                                                 for old_question, _ in history)
 
 
-def add_image_prefix(question: str, num_images: int, history: Sequence[tuple[str, str]] = ()) -> str:
+def add_image_prefix(question: str | None, num_images: int, history: Sequence[tuple[str, str]] = ()) -> str | None:
     """Put image placeholders in front of a question when no question of the conversation has any.
 
     One image: `"<image>\\n" + question`, as `chat()` does. Several: `"Image-1: <image>\\nImage-2: <image>\\n"`
     + question, the model card's multi-image convention. Unchanged when there is no image or the
     question or one in the `history` already holds `<image>`.
     """
-    if num_images == 0 or holds_images(question, history):
+    if num_images == 0 or question is None or holds_images(question, history):  # None: no question to hold them
         return question
     if num_images == 1:
         return f"{IMAGE_PLACEHOLDER}\n{question}"
@@ -230,11 +231,13 @@ def _refuse_typed_context(
 
 
 def _prompt_pieces(
-    question: str, history: Sequence[tuple[str, str]], num_patches_list: Sequence[int], system_message: str | None,
-    template: str,
+    question: str | None, history: Sequence[tuple[str, str]], num_patches_list: Sequence[int],
+    system_message: str | None, template: str,
 ) -> list[str]:
     """The `chat()` prompt's text, split where its questions place the images (an `<image>` in an answer stays
-    text); refused unless they place one for each entry of `num_patches_list`."""
+    text); refused unless they place one for each entry of `num_patches_list`. A `question` None asks none: the
+    assistant answers anew after the history's last answer (a conversation ending with an assistant message, as
+    vLLM renders the chat template with its generation prompt)."""
     _check_history(history)
     texts = [("the question", question), ("the system message", system_message)]
     texts += [(f"history[{i}][{j}]", text) for i, turn in enumerate(history) for j, text in enumerate(turn)]
@@ -260,7 +263,7 @@ def _prompt_pieces(
 
 def build_prompt_ids(
     tokenizer: Tokenizer,
-    question: str,
+    question: str | None,
     history: Sequence[tuple[str, str]] = (),
     num_patches_list: Sequence[int] = (),
     system_message: str | None = None,
@@ -272,7 +275,8 @@ def build_prompt_ids(
 
     When no question of the conversation holds `<image>` (on the first turn, say), the question gets
     the image prefix; on later turns the placeholders live in the stored question (pass it with its
-    prefix, as `chat()` stores it) and are expanded again with the same `num_patches_list`.
+    prefix, as `chat()` stores it) and are expanded again with the same `num_patches_list`. A `question` None
+    asks none: the prompt opens a new answer after the history's last one (`_prompt_pieces`).
     """
     pieces = _prompt_pieces(question, history, num_patches_list, system_message, template)
     ids = _encode_pieces(tokenizer, pieces, num_patches_list, num_image_token)
@@ -285,7 +289,7 @@ def build_prompt_ids(
 
 def prompt_length(
     tokenizer: Tokenizer,
-    question: str,
+    question: str | None,
     history: Sequence[tuple[str, str]] = (),
     num_patches_list: Sequence[int] = (),
     system_message: str | None = None,

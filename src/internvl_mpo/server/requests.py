@@ -71,7 +71,7 @@ class ApiError(Exception):
 class ChatRequest:
     """A parsed /v1/chat/completions body; images are still URLs."""
 
-    question: str
+    question: str | None  # None: the conversation ends with an assistant message
     history: list[tuple[str, str]]
     system_message: str | None
     image_urls: list[tuple[str, str]]  # (param path, url), in prompt order
@@ -308,11 +308,12 @@ def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], list[tup
         if len(videos) > count:
             video_turn = len(turns) - 1
     turns = [(role, _turn_text(image_count, pieces)) for role, image_count, pieces in turns]
-    if not turns or turns[-1][0] != "user":  # it may open with the assistant's turn (a chat app's greeting)
-        raise ApiError(400, "the conversation must end with a user message", "messages")
+    if not turns:
+        raise ApiError(400, "the conversation holds no user or assistant message", "messages")
     if videos and (len(videos) > 1 or images or video_turn != len(turns) - 1):
-        raise ApiError(400, "a request may hold one video, in its last user message, and no images beside it (its "
-                            "frames go in front of the question, as the model card asks about a video)", videos[-1][0])
+        raise ApiError(400, "a request may hold one video, in the user message that ends the conversation, and no "
+                            "images beside it (its frames go in front of the question, as the model card asks about "
+                            "a video)", videos[-1][0])
     return system, turns, images, videos[0] if videos else None
 
 
@@ -725,8 +726,10 @@ def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
     turns = _label_images(turns, len(images))
     opening = [(None, turns.pop(0)[1])] if turns[0][0] == "assistant" else []  # the template's opening answer
     history = opening + [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
+    # ending with an assistant message, no question: a new answer follows it, as vLLM renders the template
+    question = turns[-1][1] if turns and turns[-1][0] == "user" else None
     return ChatRequest(
-        question=turns[-1][1], history=history, system_message=system, image_urls=images, video_url=video,
+        question=question, history=history, system_message=system, image_urls=images, video_url=video,
         max_num=_field(body, "max_num", (int,), None, 1, settings.max_tiles),
         logprobs=(top_logprobs or 0) if logprobs else None, prompt_logprobs=_prompt_logprobs(body),
         named_tool=named_tool, tools_required=tools_required, **sampling,
@@ -795,7 +798,7 @@ def parse_tokenize_request(body, settings: ServerSettings) -> TokenizeRequest:
     if (body.get("prompt") is None) == (body.get("messages") is None):
         raise ApiError(400, "send either prompt (text, tokenized as /v1/completions tokenizes it) or messages (a "
                             "chat, as /v1/chat/completions takes it)", "prompt")
-    for key in ("return_token_strs", "continue_final_message"):  # vLLM's; the chat must end with a user message
+    for key in ("return_token_strs", "continue_final_message"):  # vLLM's; a chat's last answer is never continued
         if _field(body, key, (bool,), False):
             raise ApiError(400, f"{key} is not supported by this server", key)
     # vLLM's add_special_tokens (the BOS of a tokenizer that has one); a chat's ids are the template's, BOS included
