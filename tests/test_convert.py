@@ -34,7 +34,7 @@ from conftest import (
     IMAGE_TOKEN_ID, hf_config, hf_reference, hf_to_official, modes_other_than, record_header_reads, tiny_chat_folder,
     tiny_config, write_checkpoint,
 )
-from test_internlm2 import hf_llama_reference, hf_llama_to_official, internlm2_config
+from test_internlm2 import hf_llama_config, hf_llama_reference, hf_llama_to_official, internlm2_config
 
 SIX_B = dict(norm_type="rms_norm", qk_normalization=True, qkv_bias=False)
 
@@ -133,22 +133,47 @@ def test_round_trip_keeps_the_tiling(tmp_path, dynamic):
                                                  "dynamic_image_size": dynamic}))
     convert(src, tmp_path / "hf", to="hf")
     preprocessor = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
-    assert (preprocessor["crop_to_patches"], preprocessor["min_patches"], preprocessor["max_patches"]) == (dynamic, 2, 4)
+    # tiling off: one tile, since transformers' InternVLProcessor sets crop_to_patches itself
+    assert (preprocessor["crop_to_patches"], preprocessor["min_patches"], preprocessor["max_patches"]) == (
+        (True, 2, 4) if dynamic else (False, 1, 1))
     back = ModelConfig.from_json(convert(tmp_path / "hf", tmp_path / "back", to="official"))
     assert back == ModelConfig.from_json(src) and (back.dynamic_image_size, back.min_dynamic_patch,
                                                    back.max_dynamic_patch) == (dynamic, 2, 4)
 
 
 def test_tiling_read_from_a_transformers_preprocessor_config():
-    """crop_to_patches left out of preprocessor_config.json is GotOcr2's default (false: one tile); without
-    the file the tiling is InternVL's; every tiled image gets a thumbnail, as transformers' processor adds."""
+    """transformers' InternVLProcessor passes crop_to_patches=True to its image processor whatever
+    preprocessor_config.json says (the hub -hf ports, written by transformers' conversion script, save
+    GotOcr2's default false): such a folder tiles up to max_patches, and so does the official folder made of it
+    (it was read as one tile per image). Without the file the tiling is InternVL's; every tiled image gets a
+    thumbnail, as transformers' processor adds."""
     hf_dict = hf_config_dict(tiny_config(), image_token_id=IMAGE_TOKEN_ID)
-    config = config_from_hf(hf_dict, {"min_patches": 1, "max_patches": 6})
-    assert (config.dynamic_image_size, config.max_dynamic_patch, config.use_thumbnail) == (False, 6, True)
+    for crop in ({}, {"crop_to_patches": False}, {"crop_to_patches": True}):
+        config = config_from_hf(hf_dict, {"min_patches": 1, "max_patches": 6, **crop})
+        assert (config.dynamic_image_size, config.max_dynamic_patch, config.use_thumbnail) == (True, 6, True)
     config = config_from_hf(hf_dict)
     assert (config.dynamic_image_size, config.max_dynamic_patch, config.use_thumbnail) == (True, 12, True)
     with pytest.raises(ConfigError, match='crop_to_patches is "yes", not true or false'):
         config_from_hf(hf_dict, {"crop_to_patches": "yes"})
+
+
+def test_transformers_processor_tiles_a_converted_folder_as_the_official_config_says(tmp_path):
+    """--to hf of a config with dynamic_image_size false wrote crop_to_patches false with max_patches 12, which
+    InternVLProcessor overrides (its images_kwargs default crop_to_patches=True): transformers tiled the
+    images that the official model sees whole. One tile is allowed (max_patches 1), and the official limits
+    travel in config.json."""
+    from transformers import AutoImageProcessor
+
+    src = official_folder(tmp_path / "src", "qwen2")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "dynamic_image_size": False, "max_dynamic_patch": 6}))
+    hf = convert(src, tmp_path / "hf", to="hf")
+    processor = AutoImageProcessor.from_pretrained(hf, backend="pil")
+    # crop_to_patches=True: what InternVLProcessor passes its image processor (its images_kwargs default)
+    out = processor(images=[a_photo()], return_tensors="pt", crop_to_patches=True)
+    assert out["num_patches"].tolist() == [1]
+    back = ModelConfig.from_json(convert(hf, tmp_path / "back", to="official"))
+    assert (back.dynamic_image_size, back.max_dynamic_patch) == (False, 6) and back == ModelConfig.from_json(src)
 
 
 @pytest.mark.parametrize("scaling", [
@@ -258,14 +283,17 @@ def test_transformers_checkpoint_to_official(tmp_path, llm, vision):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_tied_transformers_checkpoint_gets_its_head_written(tmp_path):
+@pytest.mark.parametrize("llm", ["qwen2", "internlm2"])
+def test_tied_transformers_checkpoint_gets_its_head_written(tmp_path, llm):
     """transformers 5 ties the head when the top-level tie_word_embeddings is true (the InternVLConfig
     default) and saves none; the official folder holds the embeddings as its head, says untied (as the
-    official code reads any config) and gives transformers' logits."""
+    official code reads any config) and gives transformers' logits. For a Llama text model (the InternLM2
+    sizes, whose official head is `language_model.output`) the head written was the embedding tensor itself,
+    and safetensors refused to save the shard holding both ("Some tensors share memory"), a traceback."""
     from transformers import InternVLForConditionalGeneration
 
-    config = tiny_config()
-    hf = hf_config(config)
+    config = internlm2_config() if llm == "internlm2" else tiny_config()
+    hf = hf_llama_config(config) if llm == "internlm2" else hf_config(config)
     hf.tie_word_embeddings, hf.text_config.tie_word_embeddings = True, False
     torch.manual_seed(0)
     ref = InternVLForConditionalGeneration(hf).eval()
@@ -276,7 +304,10 @@ def test_tied_transformers_checkpoint_gets_its_head_written(tmp_path):
     saved = json.loads((official / "config.json").read_text())
     assert saved["llm_config"]["tie_word_embeddings"] is False
     weights = tensors(official)
-    assert torch.equal(weights["language_model.lm_head.weight"], weights["language_model.model.embed_tokens.weight"])
+    head, embeddings = (("language_model.output.weight", "language_model.model.tok_embeddings.weight")
+                        if llm == "internlm2" else ("language_model.lm_head.weight",
+                                                    "language_model.model.embed_tokens.weight"))
+    assert torch.equal(weights[head], weights[embeddings])
     ours = InternVL.from_pretrained(official, dtype=torch.float32, image_token_id=IMAGE_TOKEN_ID)
     ids, pixels = inputs(config, tiles=1)
     with torch.no_grad():
@@ -291,7 +322,7 @@ def test_tied_transformers_checkpoint_gets_its_head_written(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(untied))
     assert type(hf).from_pretrained(tmp_path / "hf").tie_word_embeddings
     weights = tensors(convert(tmp_path / "hf", tmp_path / "default", to="official"))
-    assert torch.equal(weights["language_model.lm_head.weight"], weights["language_model.model.embed_tokens.weight"])
+    assert torch.equal(weights[head], weights[embeddings])
 
 
 def test_refusals(tmp_path):
@@ -504,6 +535,48 @@ def test_a_killed_conversion_leaves_the_destination_as_it_was_and_the_rerun_conv
     assert tensors(dst).keys() == tensors(convert(src, tmp_path / "clean", to=to)).keys()
     assert sorted(p.name for p in dst.iterdir() if not p.name.startswith("model")) == sorted(
         p.name for p in (tmp_path / "clean").iterdir() if not p.name.startswith("model"))
+
+
+@pytest.mark.parametrize("given", ["working directory", "relative mount point"])
+def test_a_conversion_into_the_working_directory_or_a_relative_mount_point(tmp_path, monkeypatch, capsys, given):
+    """`convert SRC .` in an empty folder renamed the finished conversion onto it: the process (and the shell it
+    came from) stayed in the deleted folder it replaced, so the command's closing note could not read
+    ./config.json ("error: config.json: no such config file", exit 1) after writing the conversion, and `ls` in
+    that shell showed nothing. A mount point (or a folder under an unwritable parent) named by a relative path
+    was refused as "not empty": its staging folder inside it, listed relative, was not recognised."""
+    from internvl_mpo.cli import main
+
+    src = official_folder(tmp_path / "src", "qwen2")
+    dst = tmp_path / "out"
+    dst.mkdir()
+    if given == "working directory":
+        monkeypatch.chdir(dst)
+    else:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == dst)
+    assert main(["convert", str(src), "." if given == "working directory" else "out", "--to", "hf"]) == 0
+    assert capsys.readouterr().err == ""
+    assert os.path.samefile(".", dst if given == "working directory" else tmp_path)  # not a deleted folder
+    assert (dst / "config.json").is_file() and not (dst / ".convert.tmp").exists()
+    assert not (tmp_path / ".out.convert.tmp").exists()
+
+
+def test_a_destination_name_near_the_length_limit_or_a_symlink_loop(tmp_path, capsys):
+    """A destination whose name is valid but within 13 bytes of NAME_MAX (255) was refused: its staging
+    folder `.NAME.convert.tmp` is longer ("File name too long"). A destination that is a symlink loop raised
+    pathlib's RuntimeError with a traceback."""
+    from internvl_mpo.cli import main
+
+    src = official_folder(tmp_path / "src", "qwen2")
+    long = tmp_path / ("d" * 250)
+    assert main(["convert", str(src), str(long), "--to", "hf"]) == 0
+    assert (long / "config.json").is_file() and [p.name for p in tmp_path.iterdir() if "convert" in p.name] == []
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    capsys.readouterr()
+    assert main(["convert", str(src), str(loop), "--to", "hf"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"internvl-mpo convert: error: {loop}: cannot be used as a folder") and "Traceback" not in err
 
 
 def test_convert_command(tmp_path, capsys):
@@ -1049,7 +1122,7 @@ def test_keys_a_transformers_config_leaves_out_are_read_as_transformers_defaults
             ours.vision.image_size, ours.vision.patch_size, ours.vision.num_channels, ours.vision.initializer_factor,
             ours.vision.dropout, ours.vision.attention_dropout) == (
         v.attention_bias, v.use_qk_norm, v.norm_type, v.layer_norm_eps, v.image_size[0], v.patch_size[0],
-        v.num_channels, v.layer_scale_init_value, v.hidden_dropout_prob, v.attention_dropout)
+        v.num_channels, v.layer_scale_init_value, v.projection_dropout, v.attention_dropout)
     assert (ours.llm.rms_norm_eps, ours.llm.rope_theta, ours.llm.rope_scaling, ours.llm.max_position_embeddings,
             ours.llm.attention_dropout, ours.llm.bos_token_id, ours.llm.eos_token_id) == (
         t.rms_norm_eps, t.rope_parameters["rope_theta"], None, t.max_position_embeddings, t.attention_dropout,
@@ -1057,6 +1130,19 @@ def test_keys_a_transformers_config_leaves_out_are_read_as_transformers_defaults
     assert (ours.downsample_ratio, ours.select_layer) == (ref.downsample_ratio, ref.vision_feature_layer)
     if kind == "llama":  # (Qwen2Config's default of 32 kv heads ignores the head count; ours: one per head)
         assert (ours.llm.num_key_value_heads, ours.llm.extra["bias"]) == (t.num_key_value_heads, t.attention_bias)
+
+
+def test_the_vision_dropout_goes_where_transformers_drops_after_the_output_projection():
+    """The official `vision_config.dropout` is InternAttention's proj_drop, after the output projection:
+    transformers' `projection_dropout`. It was written as `hidden_dropout_prob` (which transformers applies to
+    the patch embeddings and each MLP output) with `projection_dropout` set to the attention dropout, and
+    read back from `hidden_dropout_prob`: training the converted model dropped other activations."""
+    config = tiny_config(dropout=0.1, attention_dropout=0.05)
+    vision = hf_config_dict(config, IMAGE_TOKEN_ID)["vision_config"]
+    assert (vision["projection_dropout"], vision["attention_dropout"], vision["hidden_dropout_prob"]) == (
+        0.1, 0.05, 0.0)
+    back = config_from_hf(hf_config_dict(config, IMAGE_TOKEN_ID))
+    assert (back.vision.dropout, back.vision.attention_dropout) == (0.1, 0.05)
 
 
 def test_a_conversion_fills_a_shard_up_to_max_shard_size_inclusive(tmp_path):

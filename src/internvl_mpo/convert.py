@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -215,8 +216,10 @@ def hf_config_dict(config: ModelConfig, image_token_id: int) -> dict[str, Any]:
         "attention_bias": v.qkv_bias, "use_qk_norm": v.qk_normalization, "norm_type": v.norm_type,
         "layer_norm_eps": v.layer_norm_eps, "image_size": [v.image_size, v.image_size],
         "patch_size": [v.patch_size, v.patch_size], "num_channels": v.num_channels, "hidden_act": v.hidden_act,
-        "hidden_dropout_prob": v.dropout, "attention_dropout": v.attention_dropout,
-        "projection_dropout": v.attention_dropout, "layer_scale_init_value": v.initializer_factor,
+        # the official proj_drop (`dropout`) follows the attention's output projection: transformers'
+        # projection_dropout; its hidden_dropout_prob (embeddings and MLP outputs) has no official counterpart
+        "hidden_dropout_prob": 0.0, "attention_dropout": v.attention_dropout,
+        "projection_dropout": v.dropout, "layer_scale_init_value": v.initializer_factor,
         "initializer_range": v.initializer_range, "drop_path_rate": v.drop_path_rate,
         "use_absolute_position_embeddings": True, "use_mask_token": False, "use_mean_pooling": True,
     }
@@ -252,6 +255,10 @@ def hf_config_dict(config: ModelConfig, image_token_id: int) -> dict[str, Any]:
         out["system_message"] = system_message(config)
     if not config.use_thumbnail:  # tiling off (--to hf refuses it with tiling on): `max_num` runs tile without one
         out["use_thumbnail"] = False
+    if not config.dynamic_image_size:  # transformers' InternVLProcessor tiles whatever crop_to_patches says (its
+        # images_kwargs default): preprocessor_config.json allows one tile; the official settings come back from here
+        out.update(dynamic_image_size=False, min_dynamic_patch=config.min_dynamic_patch,
+                   max_dynamic_patch=config.max_dynamic_patch)
     return out
 
 
@@ -297,7 +304,7 @@ def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None
         "num_channels": v.get("num_channels", 3), "norm_type": v.get("norm_type", "layer_norm"),
         "layer_norm_eps": v.get("layer_norm_eps", 1e-6), "qkv_bias": v.get("attention_bias", False),
         "qk_normalization": v.get("use_qk_norm", False), "hidden_act": v.get("hidden_act", "gelu"),
-        "dropout": v.get("hidden_dropout_prob", 0.0), "attention_dropout": v.get("attention_dropout", 0.0),
+        "dropout": v.get("projection_dropout", 0.0), "attention_dropout": v.get("attention_dropout", 0.0),
         "drop_path_rate": v.get("drop_path_rate", 0.0), "initializer_factor": v.get("layer_scale_init_value", 0.1),
         "initializer_range": v.get("initializer_range", 1e-10),
     }
@@ -338,9 +345,15 @@ def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None
              for name, key, default in (("min_dynamic_patch", "min_patches", 1), ("max_dynamic_patch", "max_patches", 12))}
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in tiles.values()):
         raise ConfigError(f"preprocessor_config.json: min_patches and max_patches must be integers >= 1, got {tiles}")
-    dynamic = preprocessor.get("crop_to_patches", False)  # GotOcr2's default: one tile per image
-    if not isinstance(dynamic, bool):
-        raise ConfigError(f"preprocessor_config.json: crop_to_patches is {json.dumps(dynamic)}, not true or false")
+    cropping = preprocessor.get("crop_to_patches", False)
+    if not isinstance(cropping, bool):
+        raise ConfigError(f"preprocessor_config.json: crop_to_patches is {json.dumps(cropping)}, not true or false")
+    # transformers' InternVLProcessor passes crop_to_patches=True to its image processor whatever
+    # preprocessor_config.json says (the hub -hf ports save false, GotOcr2's default): it tiles up to max_patches.
+    # Tiling is off only where `--to hf` kept the official dynamic_image_size false in config.json.
+    dynamic = d.get("dynamic_image_size") is not False
+    if not dynamic:
+        tiles = {name: d.get(name, tiles[name]) for name in tiles}
     official = {
         "vision_config": vision, "llm_config": llm, "template": "internvl2_5", "ps_version": "v2",
         "downsample_ratio": d.get("downsample_ratio", 0.5), "select_layer": d.get("vision_feature_layer", -1),
@@ -449,6 +462,10 @@ def _check_shape(folder: Path, name: str, tensor: torch.Tensor, shape: tuple[int
 def _check_destination(src: Path, dst: Path) -> None:
     """InputError for a `dst` that cannot be written: `src` (a local folder), a file, a folder that is not
     empty, or one under a file."""
+    try:
+        dst.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+        raise InputError(f"{dst}: cannot be used as a folder ({e})") from None
     if src.exists() and dst.resolve() == src.resolve():
         raise InputError(f"{dst}: the destination must differ from the source folder")
     if dst.exists() and not dst.is_dir():
@@ -462,7 +479,8 @@ def _check_destination(src: Path, dst: Path) -> None:
 def _check_empty(dst: Path) -> None:
     """InputError unless `dst` is missing or holds nothing (but the lock and the `_staging` folder of a
     conversion)."""
-    if dst.is_dir() and any(path.name != checkpoint.SAVE_LOCK and path != _staging(dst) for path in dst.iterdir()):
+    if dst.is_dir() and any(path.name != checkpoint.SAVE_LOCK and path.resolve() != _staging(dst)
+                            for path in dst.iterdir()):
         raise InputError(f"{dst} exists and is not empty; give a new folder")
 
 
@@ -472,9 +490,25 @@ def _staging(dst: Path) -> Path:
     inside it too where its parent cannot be written. The one a killed conversion left is emptied by the next
     conversion into `dst`."""
     dst = dst.resolve()
-    if dst.is_dir() and (os.path.ismount(dst) or not os.access(dst.parent, os.W_OK)):
+    if dst.is_dir() and (os.path.ismount(dst) or not os.access(dst.parent, os.W_OK) or _holds_cwd(dst)):
         return dst / ".convert.tmp"
-    return dst.parent / f".{dst.name}.convert.tmp"
+    name = f".{dst.name}.convert.tmp"
+    try:
+        longest = os.pathconf(dst.parent, "PC_NAME_MAX") if dst.parent.is_dir() else 255
+    except (OSError, ValueError):
+        longest = 255
+    if len(os.fsencode(name)) > longest:  # a destination name near the limit: a name of its hash instead
+        name = f".{hashlib.sha256(os.fsencode(dst.name)).hexdigest()[:32]}.convert.tmp"
+    return dst.parent / name
+
+
+def _holds_cwd(folder: Path) -> bool:
+    """Whether the working directory is `folder` (or under it): a rename onto it would leave this process, and
+    the shell it was started from, in the deleted folder it replaced (`convert SRC .` in an empty folder)."""
+    try:
+        return Path.cwd().resolve().is_relative_to(folder)
+    except OSError:  # the working directory was deleted
+        return False
 
 
 def _clear(stage: Path) -> None:
@@ -585,7 +619,7 @@ def convert(
                         raise CheckpointError(
                             f"{src}: {', '.join(m.hf)} do not fit {m.official} {list(m.shape)}") from None
                     _check_shape(src, ", ".join(m.hf), merged, m.shape)
-                    if tied_head and m.official == HEAD:
+                    if tied_head and m.hf == (HEAD,):  # InternLM2's official name is language_model.output
                         merged = merged.clone()  # a copy: safetensors refuses to save tensors that share memory
                     writer.add(m.official, merged)
             writer.close()
@@ -741,8 +775,11 @@ def _write_processor_files(dst: Path, config: ModelConfig, bos: bool) -> None:
         "do_convert_rgb": True, "do_resize": True, "size": {"height": size, "width": size}, "resample": 3,  # bicubic
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD),
-        "crop_to_patches": config.dynamic_image_size, "min_patches": config.min_dynamic_patch,
-        "max_patches": config.max_dynamic_patch,
+        # tiling off: at most one tile, since InternVLProcessor sets crop_to_patches itself (GotOcr2 tiles only
+        # where max_patches > 1); config.json keeps the official limits for the way back
+        "crop_to_patches": config.dynamic_image_size,
+        "min_patches": config.min_dynamic_patch if config.dynamic_image_size else 1,
+        "max_patches": config.max_dynamic_patch if config.dynamic_image_size else 1,
     })
     _write_json(dst / "processor_config.json",
                 {"processor_class": "InternVLProcessor", "image_seq_length": config.num_image_token})
