@@ -12,7 +12,8 @@ decoding's masks (`internvl_mpo.generate.grammar`) of the GBNF grammar in FILE t
 it; without it, the pretty-printed sample object where the grammar takes it, else a random walk). Both print the
 compile time of the regex or grammar.
 
-The vocabulary that matters is Qwen2's (151,643 tokens + specials, InternVL2.5's 1B/4B/26B/38B/78B):
+The vocabulary that matters is Qwen2's (151,643 tokens + specials, InternVL2.5's 1B/4B/38B/78B; the 2B/8B/26B
+sizes use InternLM2's SentencePiece vocabulary):
 
     python benchmarks/json_mask.py --tokenizer /path/to/InternVL2_5-4B-MPO      # a checkpoint folder
     python benchmarks/json_mask.py --tiktoken qwen.tiktoken                     # the same 151,643 byte strings
