@@ -176,6 +176,25 @@ def test_transformers_processor_tiles_a_converted_folder_as_the_official_config_
     assert (back.dynamic_image_size, back.max_dynamic_patch) == (False, 6) and back == ModelConfig.from_json(src)
 
 
+def test_a_tiling_off_folder_converted_before_2026_12_07_comes_back_with_tiling_off(tmp_path):
+    """`--to hf` before 2026-12-07 wrote an official dynamic_image_size false as crop_to_patches false (its limits as
+    min/max_patches) and nothing in config.json; `--to official` now reads crop_to_patches false as the hub ports'
+    GotOcr2 default, so such a folder (it holds internvl_official_files.json) came back with tiling on."""
+    src = official_folder(tmp_path / "src", "qwen2")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "dynamic_image_size": False, "max_dynamic_patch": 6}))
+    hf = convert(src, tmp_path / "hf", to="hf")
+    hf_dict = json.loads((hf / "config.json").read_text())  # made as the earlier conversion wrote it
+    for key in ("dynamic_image_size", "min_dynamic_patch", "max_dynamic_patch"):
+        del hf_dict[key]
+    (hf / "config.json").write_text(json.dumps(hf_dict))
+    preprocessor = json.loads((hf / "preprocessor_config.json").read_text())
+    (hf / "preprocessor_config.json").write_text(json.dumps({**preprocessor, "crop_to_patches": False,
+                                                             "min_patches": 1, "max_patches": 6}))
+    back = ModelConfig.from_json(convert(hf, tmp_path / "back", to="official"))
+    assert (back.dynamic_image_size, back.max_dynamic_patch) == (False, 6) and back == ModelConfig.from_json(src)
+
+
 @pytest.mark.parametrize("scaling", [
     {"factor": 2.5, "rope_type": "dynamic", "type": "dynamic"},  # transformers 4.x adds rope_type to the saved dict
     {"factor": 2.5, "rope_type": "dynamic"},
@@ -577,6 +596,44 @@ def test_a_destination_name_near_the_length_limit_or_a_symlink_loop(tmp_path, ca
     assert main(["convert", str(src), str(loop), "--to", "hf"]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"internvl-mpo convert: error: {loop}: cannot be used as a folder") and "Traceback" not in err
+
+
+def test_a_destination_holding_a_symlink_loop_is_refused_as_not_empty(tmp_path, capsys):
+    """Each entry of a destination folder was resolved to tell the staging folder apart: an entry that is a symlink
+    loop raised pathlib's RuntimeError ("Symlink loop from ...") with a traceback; such a folder is not empty."""
+    from internvl_mpo.cli import main
+
+    src = official_folder(tmp_path / "src", "qwen2")
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "loop").symlink_to("loop")
+    capsys.readouterr()
+    assert main(["convert", str(src), str(dst), "--to", "hf"]) == 1
+    assert capsys.readouterr().err == f"internvl-mpo convert: error: {dst} exists and is not empty; give a new folder\n"
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "vocab.json"])
+def test_a_source_tokenizer_file_that_is_a_broken_link_is_named_by_convert(tmp_path, name):
+    """A hub snapshot whose tokenizer blob is gone: convert read the link as no file (tokenizer_config.json: "no
+    <IMG_CONTEXT> in the tokenizer files"; vocab.json: left out of the converted folder without a word)."""
+    src = official_folder(tmp_path / "src", "qwen2")
+    (src / name).unlink(missing_ok=True)
+    (src / name).symlink_to("../blobs/gone")
+    with pytest.raises(CheckpointError, match=f"{name} is a symbolic link to ../blobs/gone, which leads to no file"):
+        convert(src, tmp_path / "hf", to="hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_staging_folder_left_inside_the_destination_is_cleared_by_a_conversion_from_elsewhere(tmp_path, monkeypatch):
+    """`convert SRC .` stages inside DST; killed part way it leaves DST/.convert.tmp, which the next conversion into
+    DST removes (README): one started from another directory refused DST as not empty."""
+    src = official_folder(tmp_path / "src", "qwen2")
+    dst = tmp_path / "out"
+    (dst / ".convert.tmp").mkdir(parents=True)
+    (dst / ".convert.tmp" / "model.safetensors").write_bytes(b"half a shard")
+    monkeypatch.chdir(tmp_path)
+    convert(src, dst, to="hf")
+    assert (dst / "config.json").is_file() and not (dst / ".convert.tmp").exists()
 
 
 def test_convert_command(tmp_path, capsys):

@@ -479,8 +479,11 @@ def _check_destination(src: Path, dst: Path) -> None:
 def _check_empty(dst: Path) -> None:
     """InputError unless `dst` is missing or holds nothing (but the lock and the `_staging` folder of a
     conversion)."""
-    if dst.is_dir() and any(path.name != checkpoint.SAVE_LOCK and path.resolve() != _staging(dst)
-                            for path in dst.iterdir()):
+    if not dst.is_dir():
+        return
+    # each entry by its name in the folder, never resolved: an entry that is a symlink loop makes DST not empty
+    stage, folder = _staging(dst), dst.resolve()
+    if any(path.name != checkpoint.SAVE_LOCK and folder / path.name != stage for path in dst.iterdir()):
         raise InputError(f"{dst} exists and is not empty; give a new folder")
 
 
@@ -490,8 +493,11 @@ def _staging(dst: Path) -> Path:
     inside it too where its parent cannot be written. The one a killed conversion left is emptied by the next
     conversion into `dst`."""
     dst = dst.resolve()
-    if dst.is_dir() and (os.path.ismount(dst) or not os.access(dst.parent, os.W_OK) or _holds_cwd(dst)):
-        return dst / ".convert.tmp"
+    inside = dst / ".convert.tmp"
+    # inside too where a conversion killed there left its staging folder (one run from DST itself, say)
+    if dst.is_dir() and (os.path.ismount(dst) or not os.access(dst.parent, os.W_OK) or _holds_cwd(dst)
+                         or inside.is_dir()):
+        return inside
     name = f".{dst.name}.convert.tmp"
     try:
         longest = os.pathconf(dst.parent, "PC_NAME_MAX") if dst.parent.is_dir() else 255
@@ -553,6 +559,10 @@ def convert(
     _check_destination(Path(src).expanduser(), dst)  # before a hub id is downloaded (gigabytes)
     src = checkpoint.resolve_checkpoint(src)  # a folder, or a hub id downloaded to the cache
     source_config = read_config_json(src / "config.json")
+    # each is read or copied where it is a file: a link leading nowhere would read as absent
+    for name in (*companions.COMPANION_FILES, OFFICIAL_FILES):
+        if why := companions.broken_link(src / name):
+            raise CheckpointError(why)
     if source_config.get("model_type") in {"hf": ("internvl",), "official": (None, "internvl_chat")}[to]:
         raise InputError(f"{src} is already in the {'transformers' if to == 'hf' else 'official'} layout "
                          f"(model_type {source_config.get('model_type')!r}); nothing to convert")
@@ -577,6 +587,13 @@ def convert(
                               f"[{HF_ARCHITECTURE!r}]")
         preprocessor = src / "preprocessor_config.json"
         tiling = _read_json(preprocessor) if preprocessor.is_file() else None
+        if (isinstance(tiling, dict) and tiling.get("crop_to_patches") is False and (src / OFFICIAL_FILES).is_file()
+                and "dynamic_image_size" not in source_config):
+            # `--to hf` before 2026-12-07 of an official config with tiling off: it wrote dynamic_image_size as
+            # crop_to_patches and the limits as min/max_patches (a hub -hf port has no OFFICIAL_FILES)
+            source_config = {**source_config, "dynamic_image_size": False,
+                             "min_dynamic_patch": tiling.get("min_patches", 1),
+                             "max_dynamic_patch": tiling.get("max_patches", 12)}
         try:
             config = config_from_hf(source_config, tiling)
         except ConfigError as e:  # its errors name the key (preprocessor_config.json's, or config.json's)
