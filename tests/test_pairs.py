@@ -1135,6 +1135,18 @@ def test_a_lone_surrogate_escape_in_an_items_file_is_named_before_the_model_load
         read_items(path, "correctness")
 
 
+
+def zed_items(tiny_model, tmp_path) -> tuple[Path, list[str]]:
+    """Three correctness items, the second's question holding "Zzz" (tokens the others lack), and the pairs
+    command over them, one prompt a batch."""
+    path = tmp_path / "items.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "question": q, "answer": "2"}) + "\n"
+                            for i, q in (("a", "How many?"), ("b", "Zzz how many?"), ("c", "Hello, how many?"))))
+    return path, ["pairs", "correctness", "--model", str(tiny_model), "--input", str(path), "--output",
+                  str(tmp_path / "out"), "--samples", "2", "--max-new-tokens", "2", "--batch-size", "1", "--device",
+                  "cpu", "--dtype", "float32", "--no-progress"]
+
+
 def test_a_prompt_whose_activations_overflow_fails_its_item_alone(tiny_model, tmp_path, monkeypatch, capsys):
     """A prompt whose activations overflow (NumericsError from the engine, as an fp16 model's can) ended the whole
     pairs run after the model loaded, naming neither file:line nor id, and every rerun stopped there: the item fails
@@ -1154,12 +1166,7 @@ def test_a_prompt_whose_activations_overflow_fails_its_item_alone(tiny_model, tm
         return chat
 
     monkeypatch.setattr(InternVLChat, "from_pretrained", classmethod(overflowing))
-    path = tmp_path / "items.jsonl"
-    path.write_text("".join(json.dumps({"id": i, "question": q, "answer": "2"}) + "\n"
-                            for i, q in (("a", "How many?"), ("b", "Zzz how many?"), ("c", "Hello, how many?"))))
-    args = ["pairs", "correctness", "--model", str(tiny_model), "--input", str(path), "--output", str(tmp_path / "out"),
-            "--samples", "2", "--max-new-tokens", "2", "--batch-size", "1", "--device", "cpu", "--dtype", "float32",
-            "--no-progress"]
+    path, args = zed_items(tiny_model, tmp_path)
     assert main(args) == 0
     assert f"skipped {path}:2 (id 'b'): the model's activations overflowed" in capsys.readouterr().out
     progress = {p["id"]: p for p in map(json.loads, (tmp_path / "out" / "progress.jsonl").read_text().splitlines())}
@@ -1215,12 +1222,7 @@ def test_a_prompt_that_runs_out_of_memory_stops_the_run_and_is_retried(tiny_mode
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return prefill(self, request, caches, row)
 
-    path = tmp_path / "items.jsonl"
-    path.write_text("".join(json.dumps({"id": i, "question": q, "answer": "2"}) + "\n"
-                            for i, q in (("a", "How many?"), ("b", "Zzz how many?"), ("c", "Hello, how many?"))))
-    args = ["pairs", "correctness", "--model", str(tiny_model), "--input", str(path), "--output", str(tmp_path / "out"),
-            "--samples", "2", "--max-new-tokens", "2", "--batch-size", "1", "--device", "cpu", "--dtype", "float32",
-            "--no-progress"]
+    path, args = zed_items(tiny_model, tmp_path)
     monkeypatch.setattr(Engine, "prefill", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
         main(args)

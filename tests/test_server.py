@@ -2103,7 +2103,7 @@ def test_file_urls_are_percent_decoded_and_name_this_machine(tmp_path):
 def test_remote_image_redirects_stay_on_http_and_are_few():
     """--allow-remote-images follows at most 5 redirects, to http(s) only: a redirect to ftp:// or file://
     (a way around the data:-only default) or a long chain is a 400 that says so."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     image = png(56, 56)
 
@@ -2128,8 +2128,7 @@ def test_remote_image_redirects_stay_on_http_and_are_few():
         def log_message(self, *args):
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Redirects)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    httpd = start_http(Redirects)
     base = f"http://127.0.0.1:{httpd.server_port}"
     settings = ServerSettings(allow_remote_images=True, allow_private_image_hosts=True)
     try:
@@ -2151,7 +2150,7 @@ def test_a_remote_image_that_trickles_in_is_cut_off_at_the_image_timeout():
     within the timeout) must not hold the request for the 20 s its image takes; one that answers at once
     gives the whole image. The bound held for the body alone: a status line or headers sent a byte at a time
     held the request (and a thread of the pool every request shares) for as long as they took."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     stop = threading.Event()
     image = png(300, 200)
@@ -2183,8 +2182,7 @@ def test_a_remote_image_that_trickles_in_is_cut_off_at_the_image_timeout():
         def log_message(self, *args):
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    httpd = start_http(Trickle)
     try:
         settings = ServerSettings(allow_remote_images=True, allow_private_image_hosts=True, image_timeout=1.0)
         # the whole image under a bound that a busy machine cannot miss (1 s of it could be spent elsewhere)
@@ -2203,10 +2201,19 @@ def test_a_remote_image_that_trickles_in_is_cut_off_at_the_image_timeout():
         httpd.server_close()
 
 
+def start_http(handler):
+    """A threaded HTTP server of `handler` on 127.0.0.1 at a free port, serving in a daemon thread."""
+    from http.server import ThreadingHTTPServer
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
 def image_server(image: bytes, on_request=None):
     """An HTTP server on 127.0.0.1 that serves `image` at any path, and redirects /to/<url> to <url>;
     `on_request(path)` is called first with each request's path, as sent."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
@@ -2226,9 +2233,7 @@ def image_server(image: bytes, on_request=None):
         def log_message(self, *args):
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd
+    return start_http(Handler)
 
 
 def test_a_remote_image_url_with_non_ascii_characters_is_fetched_percent_encoded():
@@ -2365,7 +2370,7 @@ def test_a_remote_image_is_not_fetched_through_a_proxy_from_the_environment(monk
 def test_a_remote_image_one_byte_over_the_limit_is_a_413_whatever_its_chunks():
     """The fetch reads past --max-image-bytes before it stops: an image that comes chunked, a first chunk of exactly
     the limit and then one byte, is a 413, not taken cut to the limit; one of exactly the limit is taken."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     class Chunked(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -2382,8 +2387,7 @@ def test_a_remote_image_one_byte_over_the_limit_is_a_413_whatever_its_chunks():
         def log_message(self, *args):
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Chunked)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    httpd = start_http(Chunked)
     base = f"http://127.0.0.1:{httpd.server_port}"
     settings = ServerSettings(allow_remote_images=True, allow_private_image_hosts=True, max_image_bytes=100,
                               image_timeout=60.0)  # a bound a busy machine cannot miss
@@ -2404,7 +2408,7 @@ def test_a_remote_image_sent_gzip_or_deflate_encoded_is_decoded():
     decode is a 400 naming it."""
     import gzip
     import zlib
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     image = bytes(range(256)) * 40
     bodies = {"/gzip.png": ("gzip", gzip.compress(image)), "/deflate.png": ("deflate", zlib.compress(image)),
@@ -2423,8 +2427,7 @@ def test_a_remote_image_sent_gzip_or_deflate_encoded_is_decoded():
         def log_message(self, *args):
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Encoded)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    httpd = start_http(Encoded)
     base = f"http://127.0.0.1:{httpd.server_port}"
     settings = ServerSettings(allow_remote_images=True, allow_private_image_hosts=True, max_image_bytes=100_000,
                               image_timeout=60.0)
