@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -355,6 +356,61 @@ def test_rejected_span_divergent_line_scores_up_to_the_first_wrong_line(tmp_path
     assert tokenizer.decode(whole) == rejected
     with pytest.raises(ValueError, match="rejected_span"):
         PairDataset(recs, tokenizer, settings, 4096, rejected_span="half")[0]
+
+
+def test_a_dotdot_image_path_under_a_symlinked_root_opens_the_file_the_official_join_opens(tmp_path):
+    # root is a symlink; "../other/x.png" goes up from the link's target, as os.path.join(root, image) is opened by
+    # the official reader (and the OS). A lexical collapse (abspath) took the file beside the link instead.
+    real, top = tmp_path / "real", tmp_path / "top"
+    (real / "images").mkdir(parents=True)
+    (real / "other").mkdir()
+    (top / "other").mkdir(parents=True)
+    Image.new("RGB", (8, 8), COLORS["red"]).save(real / "other" / "x.png")
+    Image.new("RGB", (8, 8), COLORS["blue"]).save(top / "other" / "x.png")  # the wrong one
+    (top / "link").symlink_to(real / "images", target_is_directory=True)
+    annotation = tmp_path / "pairs.jsonl"
+    annotation.write_text(json.dumps({"image": "../other/x.png", "question": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"d": {"root": str(top / "link"), "annotation": str(annotation), "repeat_time": 1}}))
+    (record,), _ = read_datasets(load_meta(str(meta)))
+    official = os.path.join(str(top / "link"), "../other/x.png")
+    assert os.path.samefile(record.images[0], official)
+    with Image.open(record.images[0]) as image:
+        assert image.convert("RGB").getpixel((0, 0)) == COLORS["red"]
+
+
+def test_an_annotation_that_is_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path):
+    import threading
+
+    fifo = tmp_path / "pairs.jsonl"
+    os.mkfifo(fifo)
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"d": {"root": str(tmp_path), "annotation": str(fifo), "repeat_time": 1}}))
+    outcome = []
+
+    def read():
+        try:
+            read_datasets(load_meta(str(meta)))
+            outcome.append("read")
+        except InputError as e:
+            outcome.append(str(e))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # hung in open(): a writer lets it go on
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(10)
+    assert outcome and "is not a regular file" in outcome[0] and str(fifo) in outcome[0]
+
+
+def test_an_empty_misnamed_media_field_beside_the_record_s_own_is_not_refused(tmp_path):
+    meta = write_mmpr(tmp_path, [{"image": "red.png", "videos": [], "question": "q", "chosen": "a", "rejected": "b"},
+                                 {"images": None, "question": "t", "chosen": "a", "rejected": "b"},
+                                 {"images": ["red.png"], "question": "u", "chosen": "a", "rejected": "b"}])
+    records, report = read_datasets(load_meta(str(meta)), skip_bad=True)
+    assert sorted(r.question for r in records) == ["q", "t"]
+    assert report.messages == [f"{tmp_path / 'toy.jsonl'}:3: field 'images' is not read; did you mean 'image'?"]
 
 
 def test_corrupt_image_names_file_and_line(tmp_path, tokenizer, settings):

@@ -14,8 +14,8 @@ Mirrors the data side of `internvl_chat/internvl/train/internvl_chat_mpo.py` (`b
   there; then `numpy.random.default_rng(seed=i).shuffle(lines)`. Datasets are concatenated.
 - Image paths: `s3://` paths are prefixed with the root as strings, others joined with
   `os.path.join(root, path)`. An `image` that is a list (even of one path) selects the official
-  multi-image branch (no `<image>` auto-prefix, tiles split across images), so records keep
-  `multi_image`. An empty `image` ("" or []) means text-only; then `video` if non-empty. A `video` that
+  multi-image branch (tiles split across images), so records keep `multi_image`; a question without
+  placeholders gets `Image-k: <image>` lines (`data.py`: the official branch asserts and swaps in another record). An empty `image` ("" or []) means text-only; then `video` if non-empty. A `video` that
   is a folder is its frame images, as `load_video` reads one (the official `TCSLoader` reads frames from
   a path that ends in '/', and decodes any other as a video file); one without frame images is refused.
 
@@ -43,6 +43,7 @@ import contextlib
 import json
 import os
 import random
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,10 +132,19 @@ class _BadLine(Exception):
 # ----------------------------------------------------------------------------- meta.json
 
 
+def _absolute(path: str) -> str:
+    """`path` made absolute as the OS opens it. `os.path.abspath` drops a `..` with the name before it, which
+    is another file where that name is a symlink (`link/../x` is `x` beside the link's target, as the official
+    `os.path.join` path opens it): a path with a `..` is only made absolute, others are normalised."""
+    if os.pardir in path.split(os.sep):
+        return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+    return os.path.abspath(path)
+
+
 def _resolve(path: str, base_dir: str) -> str:
     if path.startswith("s3://"):
         return path
-    return os.path.abspath(os.path.join(base_dir, os.path.expanduser(path)))
+    return _absolute(os.path.join(base_dir, os.path.expanduser(path)))
 
 
 def _meta_field(entry: dict, key: str, types: tuple[type, ...], where: str, required: bool) -> Any:
@@ -257,7 +267,15 @@ def _read_lines(path: str) -> list[bytes]:
     trailing line end adds no line; a leading byte order mark, which Windows editors write, is dropped, as
     `jsonl.read_objects` drops it). A JSON line holds no raw CR, so none is cut inside a record."""
     try:
-        with open(path, "rb") as f:
+        # opened without blocking: a named pipe without a writer would wait in open() for good (SIGTERM too), and
+        # a pipe or device (/dev/zero) is no file to read twice (the run hashes its data files again)
+        with open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK)) as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError
+            if not stat.S_ISREG(mode):
+                raise InputError(f"{path}: is not a regular file (a pipe or a device); give the annotation file")
+            os.set_blocking(f.fileno(), True)
             data = f.read().removeprefix(codecs.BOM_UTF8)
     except FileNotFoundError:
         raise InputError(f"{path}: annotation file not found") from None
@@ -344,7 +362,7 @@ def _require_str(item: dict, key: str) -> str:
 def _image_path(root: str, path: str) -> str:
     if path.startswith("s3://"):
         return root + path
-    return os.path.abspath(os.path.join(root, path))
+    return _absolute(os.path.join(root, path))
 
 
 def _paths(value: Any) -> bool:
@@ -356,7 +374,9 @@ def _media(item: dict, root: str) -> tuple[tuple[str, ...], bool, str | None]:
     """(images, multi_image, video) with the official branch order: image, then video, else text; a record
     with both is refused (the official reader drops its video). A field that looks like an `image` or `video`
     the line lacks ("images", "image_path") is refused: the record would train without its image."""
-    problem = unread_field(item, ("image", "video"))
+    # a misnamed field that names nothing ("videos": [] beside an image) loses no image or video: not refused
+    named = {key: value for key, value in item.items() if key in ("image", "video") or value not in ("", [], None)}
+    problem = unread_field(named, ("image", "video"))
     if problem is None and any(item.get(key) in ("", []) for key in ("image", "video")):
         # an empty image or video is none given: a field of paths beside it ("images": [...]) is another name for
         # it, and the record would train without them (metadata such as "image_id": 4 stays ignored)
@@ -388,7 +408,7 @@ def _media(item: dict, root: str) -> tuple[tuple[str, ...], bool, str | None]:
         return (), False, None
     if not isinstance(video, str):
         raise _BadLine("wrong_type", f"field 'video' must be a string, got {_type_name(video)}")
-    path = os.path.abspath(os.path.join(root, video))
+    path = _absolute(os.path.join(root, video))
     if os.path.isdir(path):
         _check_frames_folder(path)
     elif not os.path.isfile(path):
