@@ -369,7 +369,8 @@ def test_a_dotdot_image_path_under_a_symlinked_root_opens_the_file_the_official_
     Image.new("RGB", (8, 8), COLORS["blue"]).save(top / "other" / "x.png")  # the wrong one
     (top / "link").symlink_to(real / "images", target_is_directory=True)
     annotation = tmp_path / "pairs.jsonl"
-    annotation.write_text(json.dumps({"image": "../other/x.png", "question": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    record = {"image": "../other/x.png", "question": "q", "chosen": "a", "rejected": "b"}
+    annotation.write_text(json.dumps(record) + "\n")
     meta = tmp_path / "meta.json"
     meta.write_text(json.dumps({"d": {"root": str(top / "link"), "annotation": str(annotation), "repeat_time": 1}}))
     (record,), _ = read_datasets(load_meta(str(meta)))
