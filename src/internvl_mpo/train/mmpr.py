@@ -16,8 +16,9 @@ Mirrors the data side of `internvl_chat/internvl/train/internvl_chat_mpo.py` (`b
   `os.path.join(root, path)`. An `image` that is a list (even of one path) selects the official
   multi-image branch (tiles split across images), so records keep `multi_image`; a question without
   placeholders gets `Image-k: <image>` lines (`data.py`; the official branch asserts and swaps in another
-  record). An empty `image` ("" or []) means text-only; then `video` if non-empty. A `video` that is a folder is its frame images, as `load_video` reads one (the official `TCSLoader` reads frames from
-  a path that ends in '/', and decodes any other as a video file); one without frame images is refused.
+  record). An empty `image` ("" or []) means text-only; then `video` if non-empty. A `video` that is a
+  folder is its frame images, as `load_video` reads one (the official `TCSLoader` reads frames from a
+  path that ends in '/', and decodes any other as a video file); one without frame images is refused.
 
 Deliberate differences: the official loader parses lines lazily and silently replaces a record
 that fails (bad JSON, missing image) by a random other one. Here every selected line is parsed and
