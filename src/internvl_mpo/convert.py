@@ -463,10 +463,10 @@ def _check_destination(src: Path, dst: Path) -> None:
     """InputError for a `dst` that cannot be written: `src` (a local folder), a file, a folder that is not
     empty, or one under a file."""
     try:
-        dst.resolve()
+        resolved = dst.resolve()
     except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13)
         raise InputError(f"{dst}: cannot be used as a folder ({e})") from None
-    if src.exists() and dst.resolve() == src.resolve():
+    if src.exists() and resolved == src.resolve():
         raise InputError(f"{dst}: the destination must differ from the source folder")
     if dst.exists() and not dst.is_dir():
         raise InputError(f"{dst} is a file; give a new folder")

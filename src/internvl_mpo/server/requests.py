@@ -263,7 +263,7 @@ def _tool_calls_text(message: dict, param: str, images: list[tuple[str, str]]) -
 
 
 def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], list[tuple[str, str]], tuple[str, str] | None]:
-    """(system message, [(role, text)] alternating user/assistant (from either) and ending with user, image urls,
+    """(system message, [(role, text)] alternating user/assistant (opening and ending with either), image urls,
     the video url or None). The template has no tool turns: an assistant message's `tool_calls` are written after
     its content (`_tool_calls_text`) and a `tool` message (a call's result) is read as a user message."""
     if not isinstance(messages, list) or not messages:
