@@ -713,6 +713,33 @@ def test_a_conversation_that_ends_with_an_assistant_message_is_answered_anew(ser
         client.chat.completions.create(model="m", messages=[{"role": "system", "content": "Hi"}], **GREEDY)
 
 
+def test_continue_final_message_continues_the_assistant_message(server, client, local_chat, hf_tokenizer):
+    """vLLM's `continue_final_message` (with `add_generation_prompt: false`, as vLLM asks) was a 400: the final
+    assistant message is left open (no <|im_end|>) and the answer continues it, as transformers renders the
+    template; /tokenize gives the same ids. Both flags on, or a conversation ending with a user message, is a 400."""
+    cont = {"continue_final_message": True, "add_generation_prompt": False}
+    for messages, text in (
+            ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The answer is "}],
+             hand_prompt("Hi") + "The answer is "),
+            ([{"role": "assistant", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "I"}]}],
+             hand_prompt("x").replace("<|im_start|>user\nx<|im_end|>\n", "") + "Hello\nI")):
+        ids = hf_tokenizer(text)["input_ids"]
+        reply = client.chat.completions.create(model="m", messages=messages, extra_body=cont, **GREEDY)
+        assert reply.usage.prompt_tokens == len(ids)
+        assert reply.choices[0].message.content == engine_completion(local_chat, ids, STEPS)[0].split("<|im_end|>")[0]
+        assert post_to(server, "/tokenize", {"messages": messages, **cont}).json()["tokens"] == ids
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The"}]
+    for body, why in (({"continue_final_message": True}, "needs add_generation_prompt: false"),
+                      ({**cont, "messages": messages[:1]}, "ends with an assistant message")):
+        with pytest.raises(openai.BadRequestError, match=why):
+            client.chat.completions.create(model="m", messages=messages, extra_body=body, **GREEDY)
+        assert post_to(server, "/tokenize", {"messages": messages, **body}).status_code == 400
+    video = {"role": "user", "content": [{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}},
+                                         {"type": "text", "text": "Q"}]}  # a video before the continued message
+    req = parse_chat_request({"messages": [video, {"role": "assistant", "content": "It is"}], **cont}, ServerSettings())
+    assert (req.question, req.answer_start, req.video_url[0]) == ("Q", "It is", "messages[0].content[0].video_url")
+
+
 def clip(path: Path, size: tuple[int, int] = (64, 48)) -> bytes:
     """A 12-frame video of changing colours, written with the first encoder PyAV has (skips without one)."""
     av = pytest.importorskip("av")

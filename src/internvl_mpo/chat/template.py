@@ -232,14 +232,15 @@ def _refuse_typed_context(
 
 def _prompt_pieces(
     question: str | None, history: Sequence[tuple[str, str]], num_patches_list: Sequence[int],
-    system_message: str | None, template: str,
+    system_message: str | None, template: str, answer_start: str = "",
 ) -> list[str]:
     """The `chat()` prompt's text, split where its questions place the images (an `<image>` in an answer stays
     text); refused unless they place one for each entry of `num_patches_list`. A `question` None asks none: the
     assistant answers anew after the history's last answer (a conversation ending with an assistant message, as
-    vLLM renders the chat template with its generation prompt)."""
+    vLLM renders the chat template with its generation prompt). `answer_start` is written after the open
+    assistant turn's header: the answer goes on from it (vLLM's `continue_final_message`)."""
     _check_history(history)
-    texts = [("the question", question), ("the system message", system_message)]
+    texts = [("the question", question), ("the system message", system_message), ("the answer's start", answer_start)]
     texts += [(f"history[{i}][{j}]", text) for i, turn in enumerate(history) for j, text in enumerate(turn)]
     for what, text in texts:
         if isinstance(text, str):
@@ -252,6 +253,7 @@ def _prompt_pieces(
         parts = text.split(IMAGE_PLACEHOLDER) if role == tmpl.roles[0] else [text]
         runs[-1].append(parts[0])
         runs += [[part] for part in parts[1:]]
+    runs[-1].append(answer_start)
     pieces = ["".join(run) for run in runs]
     # Only the questions place images: an answer that says "<image>" (about HTML, say) stays text.
     hint = "" if not history else (
@@ -270,15 +272,17 @@ def build_prompt_ids(
     max_length: int | None = None,
     num_image_token: int = NUM_IMAGE_TOKEN,
     template: str = "internvl2_5",
+    answer_start: str = "",
 ) -> list[int]:
     """Token ids of the `chat()` prompt, ready for prefill.
 
     When no question of the conversation holds `<image>` (on the first turn, say), the question gets
     the image prefix; on later turns the placeholders live in the stored question (pass it with its
     prefix, as `chat()` stores it) and are expanded again with the same `num_patches_list`. A `question` None
-    asks none: the prompt opens a new answer after the history's last one (`_prompt_pieces`).
+    asks none: the prompt opens a new answer after the history's last one (`_prompt_pieces`). `answer_start`
+    is the open answer's opening text, which the answer continues.
     """
-    pieces = _prompt_pieces(question, history, num_patches_list, system_message, template)
+    pieces = _prompt_pieces(question, history, num_patches_list, system_message, template, answer_start)
     ids = _encode_pieces(tokenizer, pieces, num_patches_list, num_image_token)
     if tokenizer.add_bos_token:  # the official chat() tokenizes the prompt with the tokenizer's BOS
         ids = [tokenizer.bos_id, *ids]
@@ -295,14 +299,15 @@ def prompt_length(
     system_message: str | None = None,
     num_image_token: int = NUM_IMAGE_TOKEN,
     template: str = "internvl2_5",
+    answer_start: str = "",
 ) -> int:
     """`len(build_prompt_ids(...))` (refused as it refuses the prompt, but for its length), from tile counts
     alone: only the text is tokenized, so the prompt can be measured before its images are tiled. Where the
     image tokens are not plain added tokens the whole prompt is tokenized, as build_prompt_ids does then."""
     if not _plain_image_tokens(tokenizer):
         return len(build_prompt_ids(tokenizer, question, history, num_patches_list, system_message,
-                                    num_image_token=num_image_token, template=template))
-    pieces = _prompt_pieces(question, history, num_patches_list, system_message, template)
+                                    num_image_token=num_image_token, template=template, answer_start=answer_start))
+    pieces = _prompt_pieces(question, history, num_patches_list, system_message, template, answer_start)
     text = [tokenizer.encode(piece) for piece in pieces]
     _refuse_typed_context(tokenizer, [i for ids in text for i in ids], (), num_image_token)
     return sum(map(len, text)) + _image_ids(num_patches_list, num_image_token) + int(tokenizer.add_bos_token)

@@ -81,7 +81,7 @@ def chat_prompt_ids(chat: InternVLChat, req: ChatRequest, settings: ServerSettin
             with _invalid_image(param):
                 planned += planned_tiles([images[-1][1]], **budget)
     prompt = dict(question=req.question, history=req.history, system_message=req.system_message,
-                  num_image_token=chat.model.num_image_token, template=config.template)
+                  num_image_token=chat.model.num_image_token, template=config.template, answer_start=req.answer_start)
     if fits is not None and images:
         try:
             length = prompt_length(chat.tokenizer, num_patches_list=planned, **prompt)
@@ -126,7 +126,7 @@ def _video_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings
     frames = dict(num_segments=VIDEO_FRAMES, image_size=config.image_size, max_num=per_frame,
                   max_pixels=settings.max_image_pixels)
     prompt = dict(history=req.history, system_message=req.system_message, num_image_token=chat.model.num_image_token,
-                  template=config.template)
+                  template=config.template, answer_start=req.answer_start)
     with tempfile.NamedTemporaryFile(suffix=".video") as file:
         file.write(raw)
         file.flush()

@@ -43,7 +43,8 @@ SHARED_FIELDS = {"model", "temperature", "top_p", "max_tokens", "max_completion_
                  "ignore_eos", "skip_special_tokens", "frequency_penalty", "presence_penalty", "response_format",
                  "logprobs", "prompt_logprobs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
                  "structured_outputs"}
-CHAT_FIELDS = {"messages", "top_logprobs", "tools", "tool_choice", "add_generation_prompt", "max_num"}
+CHAT_FIELDS = {"messages", "top_logprobs", "tools", "tool_choice", "add_generation_prompt", "max_num",
+               "continue_final_message"}
 COMPLETION_FIELDS = {"prompt", "suffix", "best_of", "echo", "add_special_tokens"}
 IMAGE_DETAILS = ("auto", "low", "high")  # OpenAI's image_url.detail; tiles follow max_num whatever it says
 TOOL_FIELDS = ("name", "description", "parameters", "strict")  # a function tool's fields (OpenAI's)
@@ -88,6 +89,7 @@ class ChatRequest:
     video_url: tuple[str, str] | None = None  # (param path, url) of a video in the last user message
     named_tool: str | None = None  # a named tool_choice: the answer is this function's arguments, one call
     tools_required: bool = False  # tool_choice "required": the answer is a JSON list of calls
+    answer_start: str = ""  # vLLM's continue_final_message: the final assistant message, which the answer continues
 
 
 @dataclass
@@ -262,10 +264,13 @@ def _tool_calls_text(message: dict, param: str, images: list[tuple[str, str]]) -
     return _unicode("\n".join(filter(None, (text, written))), f"{param}.tool_calls")
 
 
-def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], list[tuple[str, str]], tuple[str, str] | None]:
+def _conversation(messages, continuing: bool = False
+                  ) -> tuple[str | None, list[tuple[str, str]], list[tuple[str, str]], tuple[str, str] | None]:
     """(system message, [(role, text)] alternating user/assistant (opening and ending with either), image urls,
     the video url or None). The template has no tool turns: an assistant message's `tool_calls` are written after
-    its content (`_tool_calls_text`) and a `tool` message (a call's result) is read as a user message."""
+    its content (`_tool_calls_text`) and a `tool` message (a call's result) is read as a user message. A video
+    goes in the last user message: the last message, or the one before the final assistant message when
+    `continuing` it."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", "messages")
     system, turns, images, videos, video_turn = None, [], [], [], None
@@ -310,10 +315,11 @@ def _conversation(messages) -> tuple[str | None, list[tuple[str, str]], list[tup
     turns = [(role, _turn_text(image_count, pieces)) for role, image_count, pieces in turns]
     if not turns:
         raise ApiError(400, "the conversation holds no user or assistant message", "messages")
-    if videos and (len(videos) > 1 or images or video_turn != len(turns) - 1):
-        raise ApiError(400, "a request may hold one video, in the user message that ends the conversation, and no "
-                            "images beside it (its frames go in front of the question, as the model card asks about "
-                            "a video)", videos[-1][0])
+    last_user = len(turns) - 1 - (continuing and turns[-1][0] == "assistant")
+    if videos and (len(videos) > 1 or images or video_turn != last_user):
+        raise ApiError(400, "a request may hold one video, in the user message that ends the conversation (or comes "
+                            "before the assistant message it continues), and no images beside it (its frames go in "
+                            "front of the question, as the model card asks about a video)", videos[-1][0])
     return system, turns, images, videos[0] if videos else None
 
 
@@ -704,27 +710,45 @@ def _prompt_logprobs(body: dict) -> int | None:
     return value
 
 
-def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
-    """Check a /v1/chat/completions body and map it onto the chat template; raises ApiError."""
+def _continuing(body: dict) -> bool:
+    """vLLM's `continue_final_message`: the answer continues the final assistant message instead of following
+    it; as in vLLM it needs `add_generation_prompt: false` (the two exclude each other)."""
+    continuing = _field(body, "continue_final_message", (bool,), False)
+    if continuing and _field(body, "add_generation_prompt", (bool,), True):
+        raise ApiError(400, "continue_final_message needs add_generation_prompt: false (the answer continues the "
+                            "final message rather than opening a new one)", "continue_final_message")
+    return continuing
+
+
+def parse_chat_request(body, settings: ServerSettings, tokenizing: bool = False) -> ChatRequest:
+    """Check a /v1/chat/completions body and map it onto the chat template; raises ApiError. `tokenizing`
+    (/tokenize) takes `add_generation_prompt: false` without `continue_final_message`."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    # vLLM's chat fields: echo (its chat meaning), continue_final_message, a BOS besides the template's
-    refused = {**UNSUPPORTED_FIELDS, "echo": (False,), "best_of": (1,), "continue_final_message": (False,),
-               "add_special_tokens": (False,)}
+    # vLLM's chat fields: echo (its chat meaning), a BOS besides the template's
+    refused = {**UNSUPPORTED_FIELDS, "echo": (False,), "best_of": (1,), "add_special_tokens": (False,)}
     del refused["tools"]  # taken here (`_tool_choice`)
     named_tool, tools_required, tool_constraint = _tool_choice(body)
     sampling = _sampling(body, settings, refused, CHAT_FIELDS, tool_constraint=tool_constraint)
-    _refuse_off(body, "add_generation_prompt")  # the answer would go on with the user's turn
+    continuing = _continuing(body)
+    if not continuing and not tokenizing:
+        _refuse_off(body, "add_generation_prompt")  # the answer would go on with the user's turn
     logprobs = _field(body, "logprobs", (bool,), False)
     top_logprobs = _field(body, "top_logprobs", (int,), None, 0, MAX_TOP_LOGPROBS)
     if top_logprobs and not logprobs:  # 0 asks for nothing: taken without logprobs, as vLLM takes it
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-    system, turns, images, video = _conversation(body.get("messages"))
+    system, turns, images, video = _conversation(body.get("messages"), continuing)
     if len(images) > settings.max_images:
         raise ApiError(400, f"the request has {len(images)} images; this server accepts at most "
                             f"{settings.max_images}", "messages", "too_many_images")
     turns = _label_images(turns, len(images))
-    opening = [(None, turns.pop(0)[1])] if turns[0][0] == "assistant" else []  # the template's opening answer
+    answer_start = ""
+    if continuing:
+        if turns[-1][0] != "assistant":
+            raise ApiError(400, "continue_final_message needs a conversation that ends with an assistant message "
+                                "(the answer to continue)", "messages")
+        answer_start = turns.pop()[1]
+    opening = [(None, turns.pop(0)[1])] if turns and turns[0][0] == "assistant" else []  # the opening answer
     history = opening + [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
     # ending with an assistant message, no question: a new answer follows it, as vLLM renders the template
     question = turns[-1][1] if turns and turns[-1][0] == "user" else None
@@ -732,7 +756,7 @@ def parse_chat_request(body, settings: ServerSettings) -> ChatRequest:
         question=question, history=history, system_message=system, image_urls=images, video_url=video,
         max_num=_field(body, "max_num", (int,), None, 1, settings.max_tiles),
         logprobs=(top_logprobs or 0) if logprobs else None, prompt_logprobs=_prompt_logprobs(body),
-        named_tool=named_tool, tools_required=tools_required, **sampling,
+        named_tool=named_tool, tools_required=tools_required, answer_start=answer_start, **sampling,
     )
 
 
@@ -798,17 +822,17 @@ def parse_tokenize_request(body, settings: ServerSettings) -> TokenizeRequest:
     if (body.get("prompt") is None) == (body.get("messages") is None):
         raise ApiError(400, "send either prompt (text, tokenized as /v1/completions tokenizes it) or messages (a "
                             "chat, as /v1/chat/completions takes it)", "prompt")
-    for key in ("return_token_strs", "continue_final_message"):  # vLLM's; a chat's last answer is never continued
-        if _field(body, key, (bool,), False):
-            raise ApiError(400, f"{key} is not supported by this server", key)
+    if _field(body, "return_token_strs", (bool,), False):  # vLLM's
+        raise ApiError(400, "return_token_strs is not supported by this server", "return_token_strs")
     # vLLM's add_special_tokens (the BOS of a tokenizer that has one); a chat's ids are the template's, BOS included
     add_special_tokens = _field(body, "add_special_tokens", (bool,), True)
     if body.get("prompt") is not None:
         return TokenizeRequest(_unicode(_field(body, "prompt", (str,)), "prompt"), None,
                                add_special_tokens=add_special_tokens)
-    own = ("prompt", "add_special_tokens", "return_token_strs", "continue_final_message", "add_generation_prompt")
-    return TokenizeRequest(None, parse_chat_request({k: v for k, v in body.items() if k not in own}, settings),
-                           _field(body, "add_generation_prompt", (bool,), True))
+    own = ("prompt", "add_special_tokens", "return_token_strs")
+    chat = parse_chat_request({k: v for k, v in body.items() if k not in own}, settings, True)
+    # the open answer's header stays when the final message is continued
+    return TokenizeRequest(None, chat, _field(body, "add_generation_prompt", (bool,), True) or _continuing(body))
 
 
 def parse_detokenize_request(body, vocab: int) -> list[int]:
