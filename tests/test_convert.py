@@ -195,6 +195,22 @@ def test_a_tiling_off_folder_converted_before_2026_12_07_comes_back_with_tiling_
     assert (back.dynamic_image_size, back.max_dynamic_patch) == (False, 6) and back == ModelConfig.from_json(src)
 
 
+def test_a_vision_dropout_folder_converted_before_2026_12_07_comes_back_with_its_dropout(tmp_path):
+    """`--to hf` before 2026-12-07 wrote the official vision dropout as hidden_dropout_prob (and attention_dropout as
+    projection_dropout); `--to official` now reads the dropout from projection_dropout, so such a folder (it holds
+    internvl_official_files.json) came back with the attention's dropout in its place (0.1 -> 0.0, silently)."""
+    src = official_folder(tmp_path / "src", "qwen2")
+    config = json.loads((src / "config.json").read_text())
+    config["vision_config"].update(dropout=0.1, attention_dropout=0.0)
+    (src / "config.json").write_text(json.dumps(config))
+    hf = convert(src, tmp_path / "hf", to="hf")
+    hf_dict = json.loads((hf / "config.json").read_text())  # made as the earlier conversion wrote it
+    hf_dict["vision_config"].update(hidden_dropout_prob=0.1, projection_dropout=0.0)
+    (hf / "config.json").write_text(json.dumps(hf_dict))
+    back = ModelConfig.from_json(convert(hf, tmp_path / "back", to="official"))
+    assert (back.vision.dropout, back.vision.attention_dropout) == (0.1, 0.0) and back == ModelConfig.from_json(src)
+
+
 @pytest.mark.parametrize("scaling", [
     {"factor": 2.5, "rope_type": "dynamic", "type": "dynamic"},  # transformers 4.x adds rope_type to the saved dict
     {"factor": 2.5, "rope_type": "dynamic"},

@@ -805,3 +805,20 @@ def test_a_video_folder_of_frames_trains_a_step_and_one_without_frames_is_a_bad_
     assert result.skipped.counts == {"missing_file": 1}
     (row,) = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert row["step"] == 1 and math.isfinite(row["loss"]) and row["grad_norm"] > 0
+
+
+def test_a_dotdot_path_without_a_symlink_is_spelt_as_before_so_that_older_checkpoints_resume(tmp_path, monkeypatch):
+    # records' file:line sources and media paths go into share_sha256 and the --precompute-ref cache: a meta.json
+    # naming "../data/pairs.jsonl" from the working directory kept its `..` (9d30922), so a run's checkpoint
+    # written before was refused ("process 0 would read other records than the checkpoint's run")
+    data, run = tmp_path / "data", tmp_path / "run"
+    write_mmpr(data, color_pairs(2))
+    run.mkdir()
+    monkeypatch.chdir(run)
+    (run / "meta.json").write_text(json.dumps({"toy": {"root": "../data/images", "annotation": "../data/toy.jsonl",
+                                                       "repeat_time": 1}}))
+    (spec,) = load_meta("meta.json")
+    assert (spec.root, spec.annotation) == (str(data / "images"), str(data / "toy.jsonl"))
+    records, _ = read_datasets([spec])
+    assert str(records[0].source) == f"{data / 'toy.jsonl'}:1"
+    assert records[0].images == (str(data / "images" / "red.png"),)

@@ -594,6 +594,12 @@ def convert(
             source_config = {**source_config, "dynamic_image_size": False,
                              "min_dynamic_patch": tiling.get("min_patches", 1),
                              "max_dynamic_patch": tiling.get("max_patches", 12)}
+        vision = source_config.get("vision_config")
+        if (isinstance(vision, dict) and vision.get("hidden_dropout_prob") and (src / OFFICIAL_FILES).is_file()):
+            # `--to hf` before 2026-12-07 wrote the official dropout (proj_drop) as hidden_dropout_prob, which it
+            # now writes 0.0, and attention_dropout as projection_dropout: the dropout comes back from there
+            source_config = {**source_config,
+                             "vision_config": {**vision, "projection_dropout": vision["hidden_dropout_prob"]}}
         try:
             config = config_from_hf(source_config, tiling)
         except ConfigError as e:  # its errors name the key (preprocessor_config.json's, or config.json's)

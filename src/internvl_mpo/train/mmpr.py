@@ -41,6 +41,7 @@ from __future__ import annotations
 import codecs
 import collections
 import contextlib
+import functools
 import json
 import os
 import random
@@ -136,10 +137,27 @@ class _BadLine(Exception):
 def _absolute(path: str) -> str:
     """`path` made absolute as the OS opens it. `os.path.abspath` drops a `..` with the name before it, which
     is another file where that name is a symlink (`link/../x` is `x` beside the link's target, as the official
-    `os.path.join` path opens it): a path with a `..` is only made absolute, others are normalised."""
-    if os.pardir in path.split(os.sep):
-        return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
-    return os.path.abspath(path)
+    `os.path.join` path opens it): such a path keeps its `..`. Where the collapse names the same place (no
+    symlink before a `..`), the path is normalised as before 2026-12-07: file:line sources and media paths are
+    what a resume (`share_sha256`) and the --precompute-ref cache compare."""
+    normal = os.path.abspath(path)
+    if os.pardir not in path.split(os.sep):
+        return normal
+    joined = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+    head, tail = os.path.split(joined)
+    if tail == os.pardir:
+        head = joined
+    return normal if _collapses_alike(head) else joined
+
+
+@functools.lru_cache(maxsize=4096)
+def _collapses_alike(folder: str) -> bool:
+    """Whether the absolute `folder`, spelt with `..`, is the folder its lexical collapse names (a name before a
+    `..` that does not exist makes the path open nothing, as the official reader's open fails on it)."""
+    try:
+        return os.path.realpath(folder, strict=True) == os.path.realpath(os.path.normpath(folder), strict=True)
+    except OSError:
+        return False
 
 
 def _resolve(path: str, base_dir: str) -> str:
