@@ -2462,3 +2462,16 @@ def test_a_tokenizer_past_the_models_vocabulary_is_refused_before_training(tmp_p
     with pytest.raises(CheckpointError, match=rf"^{tokenizer}: the tokenizer files hold .* past the model's vocab"):
         train(config(chat_folder, meta, tmp_path / "run", max_steps=1, tokenizer=str(tokenizer)))
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_preference_modes_train_without_the_vision_dropout_as_trls_dpo_trainer(tmp_path, chat_folder, meta):
+    # TRL's DPOTrainer (disable_dropout=True, the official MPO trainer's default) sets every nn.Dropout to p = 0:
+    # the ViT's proj_drop (vision_config.dropout). Without drop path the policy then computes what the reference does.
+    model = tmp_path / "model"
+    shutil.copytree(chat_folder, model)
+    settings = json.loads((model / "config.json").read_text())
+    settings["vision_config"]["dropout"] = 0.5
+    (model / "config.json").write_text(json.dumps(settings))
+    train(config(chat_folder, meta, tmp_path / "run", model=str(model), max_steps=1, shuffle=False))
+    row = metric_rows(tmp_path / "run")[0]
+    assert (row["rewards/chosen"], row["rewards/rejected"], row["delta"]) == (0.0, 0.0, 0.0)

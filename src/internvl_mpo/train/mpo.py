@@ -93,6 +93,7 @@ from internvl_mpo.train.mmpr import SkipReport
 from internvl_mpo.train.policy import (
     SequenceLogps,
     build_optimizer,
+    disable_dropout,
     freeze,
     initial_weight,
     load_initial_model,
@@ -325,6 +326,8 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
     elif resume_from is not None:
         resume_weights(resume_from, policy, cfg)
     set_drop_path(policy, cfg.drop_path_rate)
+    if cfg.mode != "sft":  # the official MPO trainer (TRL's DPOTrainer) trains with nn.Dropout at p = 0
+        disable_dropout(policy)
     if cfg.max_dynamic_patch is not None:  # saved in the model's config.json, as the official trainers save the tile
         config = policy.config                # budget they trained with (servers read it as their default)
         policy.config = config.replace(max_dynamic_patch=cfg.max_dynamic_patch,

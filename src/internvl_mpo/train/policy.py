@@ -130,6 +130,14 @@ def set_drop_path(model: InternVL, rate: float) -> None:
     model.config = model.config.replace(vision=dataclasses.replace(model.config.vision, drop_path_rate=rate))
 
 
+def disable_dropout(model: InternVL) -> None:
+    """What TRL's `DPOTrainer` (`disable_dropout=True`, the official MPO trainer's default) does: every `nn.Dropout`
+    to p = 0. In InternVL that is the ViT attention's `proj_drop` (`vision_config.dropout`); the attention dropouts
+    are floats passed to the attention kernels (flash attention in the ViT, Qwen2's attention), which it leaves."""
+    for layer in model.vision_model.encoder.layers:
+        layer.attn.proj_dropout = 0.0
+
+
 def make_reference(model: InternVL, bf16: bool) -> InternVL:
     """A frozen eval-mode copy of the initial model, stored in the dtype the policy computes with: bf16
     under FSDP2's bf16 mixed precision, else float32 (run under the policy's autocast, if any)."""
