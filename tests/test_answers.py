@@ -1174,3 +1174,25 @@ def test_a_hedge_over_several_letters_picks_none(text):
     assert not vlmevalkit_can_infer(text, choices)
     assert parse_choice(text, choices) is None
     assert parse_choice("(B) The answer is B", choices) == "B" and parse_choice("B, because A is a dog", choices) == "B"
+
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [("USA", "U.S.A.", True), ("U.S.", "U.S.A.", False), ("10 am", "10 a.m.", True),
+     ("Washington DC", "Washington D.C.", True), ("US", "U.S.", True)],
+)
+def test_periods_inside_an_abbreviation_join_its_letters(prediction, truth, expected):
+    """"U.S.A." was read as the words "u s a", whose "a" went as an article: "U.S." counted right against it and
+    "USA" wrong; the official TextVQA normaliser strips such periods ("usa")."""
+    assert check_answer(prediction, truth, "text") is expected
+
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [("-(1/2)", "-0.5", True), ("-(1/2)", "0.5", False), ("-\\left(\\frac{1}{2}\\right)", "-0.5", True),
+     ("-\\left(\\frac{1}{2}\\right)", "0.5", False), ("\\left(\\frac{1}{2}\\right)", "0.5", True)],
+)
+def test_a_minus_before_a_bracketed_fraction_stays(prediction, truth, expected):
+    """"-(1/2)" and "-\\left(\\frac{1}{2}\\right)" were read as 0.5: the minus stood before a bracket, which only a
+    single number was taken out of (and \\left left a space, a dash with a space being no minus)."""
+    assert check_answer(prediction, truth) is expected

@@ -26,7 +26,13 @@ from PIL import Image
 
 from internvl_mpo.answers import COT_INSTRUCTION
 from internvl_mpo.errors import ConfigError, InputError
-from internvl_mpo.evaluate import Prompt, build_prompt, read_benchmark, run_eval
+from internvl_mpo.evaluate import (
+    Prompt,
+    build_prompt,
+    read_benchmark,
+    run_eval,
+    score_response,
+)
 
 MCQ = "Answer with the option's letter from the given choices directly."
 SHORT = "Answer the question using a single word or phrase."
@@ -598,7 +604,8 @@ def test_tsv_with_a_byte_order_mark_or_not_utf8(tmp_path):
 
 def test_a_tsv_whose_cells_do_not_fit_its_header_is_refused_naming_the_row_or_column(tmp_path):
     """A column named twice kept its last copy, a row with a cell too many dropped it and a row with one too few
-    left the last columns empty (option B was left out); a blank first line made the header look empty."""
+    left the last columns empty (option B was left out); a blank first line made the header look empty. A cell the
+    csv reader refuses (a quote never closed, text after a closing quote) was named by the file alone: by its line."""
     header = "index\tquestion\tA\tB\tanswer\n"
     for text, problem in [
         ("", r"the file is empty \(or blank\); expected a header row naming the columns"),
@@ -608,7 +615,9 @@ def test_a_tsv_whose_cells_do_not_fit_its_header_is_refused_naming_the_row_or_co
         (header + "1\tWhich?\tred\tblue\tA\n2\tWhich?\tred\tA\n", ":row 3: 4 cells, but the header has 5 columns"),
         (header + "1\tWhich?\tred\tblue\tA\tB\n", ":row 2: 6 cells, but the header has 5 columns"),
         (header + '1\t"Which?\tred\tblue\tA\n2\tWhich?\tred\tblue\tA\n',  # a quote opens a cell, never closed
-         r": not a readable TSV \(unexpected end of data"),
+         r":line 2: not a readable TSV \(unexpected end of data"),
+        (header + '1\tWhich?\tred\tblue\tA\n\n2\t"Red" or what?\tred\tblue\tA\n',  # blank line 3 skipped
+         r":line 4: not a readable TSV \('\t' expected after '\"'"),
     ]:
         (tmp_path / "bad.tsv").write_text(text, encoding="utf-8")
         with pytest.raises(InputError, match=rf"^{re.escape(str(tmp_path / 'bad.tsv'))}{'' if text.startswith(header) else ': '}"
@@ -998,7 +1007,7 @@ def test_benchmark_files_vlmevalkit_tools_write_are_read_or_refused_by_name(tmp_
     tsv = tmp_path / "q.tsv"
     tsv.write_text("index\tquestion\tA\tB\tanswer\tcategory\n1\tWhich is red?\tapple\tsky\tA\t\"fruit\n"
                    "2\tWhich is blue?\tapple\tsky\tB\tcolour\n")
-    with pytest.raises(InputError, match=r"q.tsv: not a readable TSV \(unexpected end of data; a quote opened"):
+    with pytest.raises(InputError, match=r"q.tsv:line 2: not a readable TSV \(unexpected end of data; a quote opened"):
         read_benchmark(tsv)
     jsonl = tmp_path / "q.jsonl"
     for row, message in [({"A": "apple", "B": "sky"}, r"q.jsonl:1: field 'A' is not read: give the choices as "),
@@ -1105,3 +1114,23 @@ def test_eval_answers_run_to_vlmevalkits_4096_tokens_by_default():
     from internvl_mpo.evaluate import eval_
 
     assert inspect.signature(eval_).parameters["max_new_tokens"].default == 4096
+
+
+def test_blank_options_are_left_out_of_a_jsonl_question_as_of_a_tsv_one(tmp_path):
+    """A JSONL question's blank options were asked ("C. \\nD. ") and an answer "C" picked one, where the same question
+    in a TSV (blank cells, VLMEvalKit's missing values) is asked without them; an option letter given twice in
+    another case ({"A": ..., "a": ...}) replaced the first without a word."""
+    (tmp_path / "q.jsonl").write_text(json.dumps({"id": 1, "question": "Which is red?", "answer": "A",
+                                                  "options": {"A": "apple", "B": "sky", "C": "", "D": " "}}) + "\n")
+    with open(tmp_path / "q.tsv", "w", newline="") as f:
+        csv.writer(f, delimiter="\t").writerows([["index", "question", "A", "B", "C", "D", "answer"],
+                                                 ["1", "Which is red?", "apple", "sky", "", "", "A"]])
+    (jsonl,), (tsv,) = read_benchmark(tmp_path / "q.jsonl"), read_benchmark(tmp_path / "q.tsv")
+    for cot in (False, True):
+        assert build_prompt(jsonl, cot) == build_prompt(tsv, cot)
+    assert jsonl.options == {"A": "apple", "B": "sky"}
+    assert score_response(jsonl, "C", False) == ("C", None)
+    (tmp_path / "q.jsonl").write_text(json.dumps({"id": 1, "question": "Which is red?", "answer": "A",
+                                                  "options": {"A": "apple", "a": "sky"}}) + "\n")
+    with pytest.raises(InputError, match=r"q.jsonl:1: option A is given twice"):
+        read_benchmark(tmp_path / "q.jsonl")

@@ -334,8 +334,8 @@ def strip_answer_instruction(question: str) -> str:
 
 
 def normalize_options(options: Mapping[str, str] | Sequence[str] | None) -> dict[str, str]:
-    """Options as {letter: text}: a list becomes A, B, C, ...; dict keys must be single letters; texts
-    are strings or numbers."""
+    """Options as {letter: text}: a list becomes A, B, C, ...; dict keys must be single letters (each once, in any
+    case); texts are strings or numbers, and blank ones are left out (their letters are not reused)."""
     if options is None:
         return {}
     if isinstance(options, Mapping):
@@ -351,10 +351,16 @@ def normalize_options(options: Mapping[str, str] | Sequence[str] | None) -> dict
         raise InputError(f"at most 26 options are supported, got {len(options)}")
     else:
         pairs = [(chr(ord("A") + i), text) for i, text in enumerate(options)]
+    seen = set()
     for letter, text in pairs:
         if isinstance(text, bool) or not isinstance(text, (str, int, float)):
             raise InputError(f"option {letter} must be a string or a number, got {text!r:.80}")
-    return {letter: str(text) for letter, text in pairs}
+        if letter in seen:  # {"A": ..., "a": ...}: the second replaced the first without a word
+            raise InputError(f"option {letter} is given twice (keys are read in any case)")
+        seen.add(letter)
+    # A blank option is no option, as a TSV's blank cell (VLMEvalKit's missing value, which its prompts leave out):
+    # "C. " was asked, and an answer "C" picked it.
+    return {letter: str(text) for letter, text in pairs if str(text).strip()}
 
 
 def options_text(options: Mapping[str, str]) -> str:
@@ -625,9 +631,12 @@ def _numeric_text(text: str) -> str:
     s = s.replace("\\approx", "≈").replace("\\%", "%").replace("\\$", "$")
     # "-$5" is -5, not "- 5"; a dash with a space after it is no minus ("Sales – $50", a bullet "- $5")
     s = re.sub(r"(?<![\w.)])-([$€£¥])\s*(?=\.?\d)", r"\1-", s).replace("$", " ")
-    s = re.sub(r"\\(?:left|right|[,;!: ])", " ", s)
-    # "(3)" as 3, but not a number in brackets beside another ("2(3)", "(2)(3)": two numbers, not 23)
-    return re.sub(r"(?<![\d.)])\((-?[\d.]+)\)(?![\d(])", r"\1", s)
+    # \\left( is "(": a space there parted a minus from its bracket ("-\\left(\\frac{1}{2}\\right)" read as 0.5)
+    s = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", s)
+    s = re.sub(r"\\[,;!: ]", " ", s)
+    # "(3)" as 3 and "(1/2)" as 1/2, so that a minus before the bracket stays ("-(1/2)" is -0.5, not 0.5), but not a
+    # number in brackets beside another ("2(3)", "(2)(3)": two numbers, not 23)
+    return _repeat(r"(?<![\d.)])\((-?[\d.]+(?:\s*/\s*[\d.]+)?)\)(?![\d(])", r"\1", s)  # "((1)/(2))": inside out
 
 
 def _ungroup(m: re.Match) -> str:
@@ -881,6 +890,10 @@ def normalize_text(text: str) -> str:
         # a minus sign (before a number, not after a letter or digit: "(-2, 3)", "x = -2") is kept: "(2, 3)" is
         # another answer; a hyphen goes as other punctuation does ("well-known", "2-3")
         sign = ch == "-" and s[i + 1 : i + 2].isdigit() and not s[:i].rstrip()[-1:].isalnum()  # not "10 -20"
+        # a period between two letters joins them, as the official TextVQA normaliser strips it: "U.S.A." is "usa"
+        # (not "u s a", whose "a" went as an article), "a.m." is "am"
+        if ch == "." and s[i - 1 : i].isalpha() and s[i + 1 : i + 2].isalpha():
+            continue
         chars.append(" " if unicodedata.category(ch).startswith("P") and not (decimal or sign) else ch)
     words = "".join(chars).split()
     # articles go, unless they are the whole answer (a ground truth "a": the letter)

@@ -205,19 +205,30 @@ def _tsv_rows(path: Path) -> list[dict[str, str]]:
     file, a header without the required columns or with a name twice, and a row with more or fewer cells
     than the header has columns (its cells would go under the wrong columns) are refused, naming the file
     and the row or column."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")  # a leading byte order mark is dropped, as pandas drops it
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise InputError(f"{path}: not valid UTF-8 (line {line})") from None
     previous = csv.field_size_limit()
     csv.field_size_limit(2**31 - 1)  # base64 images exceed the 128 kB default
+    # Read as a stream: the whole file as bytes, then as text, then a StringIO copy of it (4 bytes a character) held
+    # about 7 times the file's size at once (1 GB for a 144 MB TSV), where VLMEvalKit's TSVs reach gigabytes.
+    rows, line = [], 1
     try:
-        # strict: a quote opened in a cell and never closed took every row after it into that cell without a word
-        rows = [row for row in csv.reader(io.StringIO(text, newline=""), delimiter="\t", strict=True) if row]
+        with open(path, encoding="utf-8-sig", newline="") as f:  # a leading byte order mark is dropped, as pandas
+            reader = csv.reader(f, delimiter="\t", strict=True)
+            # strict: a quote opened in a cell and never closed took every row after it into that cell without a word
+            for row in reader:
+                if row:
+                    rows.append(row)
+                line = reader.line_num + 1  # where the next row starts
+    except UnicodeDecodeError:
+        data = path.read_bytes()  # the error's offset is into the chunk decoded: find the line in the bytes
+        try:
+            data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            raise InputError(f"{path}: not valid UTF-8 (line {line})") from None
+        raise
     except csv.Error as e:  # as pandas (VLMEvalKit's reader) refuses it: "EOF inside string"
-        raise InputError(f"{path}: not a readable TSV ({e}; a quote opened in a cell and never closed?)") from None
+        raise InputError(f"{path}:line {line}: not a readable TSV ({e}; a quote opened in a cell and never "
+                         "closed?)") from None
     finally:
         csv.field_size_limit(previous)
     if not rows:
