@@ -389,3 +389,21 @@ def test_a_number_holds_at_most_max_number_digits_digits_in_a_row_and_masks_coun
     mask = vocabulary.mask(jm.advance_bytes(at, b"11"))
     assert not mask[ord("1")] and not mask[257] and mask[ord(".")] and mask[ord("]")]
     assert not vocabulary.mask(jm.advance_bytes(at, b"1"))[256]
+
+
+def test_a_mask_evicted_by_another_thread_between_its_read_and_its_touch_is_still_given():
+    """Threads share one model's mask caches: a key evicted by another thread after `get` found it made
+    `move_to_end` raise KeyError in the middle of an answer."""
+    from collections import OrderedDict
+
+    class Evicting(OrderedDict):  # another thread evicts the key right after this one read it
+        def get(self, key, default=None):
+            found = super().get(key, default)
+            self.pop(key, None)
+            return found
+
+    vocabulary = jm.JsonVocabulary([b"{", b"}", b"1"], 4)
+    cache = Evicting()
+    first = vocabulary.cached_mask(cache, 8, "k", None, lambda: numpy.array([True, False, True, False]))
+    again = vocabulary.cached_mask(cache, 8, "k", None, lambda: numpy.array([False] * 4))
+    assert first.tolist() == again.tolist() == [True, False, True, False]

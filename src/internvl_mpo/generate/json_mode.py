@@ -28,6 +28,7 @@ the engine masks its row's logits with `allowed` and `advance`s it with each tok
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import itertools
 import re
@@ -224,6 +225,13 @@ def _leading_digits(piece: bytes) -> int:
     return len(piece) - len(piece.lstrip(b"0123456789"))
 
 
+def _touch(cache: OrderedDict, key) -> None:
+    """Mark `key` as the latest used in the LRU `cache`, which another thread may have evicted it from since it was
+    read (a KeyError from `move_to_end` then: threads share one model's caches)."""
+    with contextlib.suppress(KeyError):
+        cache.move_to_end(key)
+
+
 class JsonVocabulary:
     """A tokenizer's tokens indexed for JSON masks. `pieces[i]` is the bytes of token id i, or None for an id
     that never goes inside the object (a special token); ids from len(pieces) to `size` (the model's
@@ -293,7 +301,7 @@ class JsonVocabulary:
             if len(self._classes) > CACHED_CLASSES:
                 self._classes.popitem(last=False)
         else:
-            self._classes.move_to_end(key)
+            _touch(self._classes, key)
         return found
 
     @functools.cached_property
@@ -340,7 +348,7 @@ class JsonVocabulary:
             if len(cache) > limit:
                 cache.popitem(last=False)
         else:
-            cache.move_to_end(key)
+            _touch(cache, key)
         mask = numpy.unpackbits(packed, count=self.size).view(bool)
         if lexical is not None and lexical[3]:
             if lexical[0] in SPACED:
