@@ -231,10 +231,24 @@ def _decoded(data: bytes, encoding: str, url: str, param: str, settings: ServerS
             problem = problem or str(e)
             continue
         if len(out) > settings.max_image_bytes or decoder.eof:
-            return out
+            return out + _later_members(decoder, wbits, settings.max_image_bytes + 1 - len(out))
         problem = problem or "the compressed stream is cut short"
     raise ApiError(400, f"{param}: could not fetch {url[:200]}: its {encoding} body does not decode ({problem})",
                    param, "image_fetch_failed")
+
+
+def _later_members(decoder, wbits: int, room: int) -> bytes:
+    """The gzip members after the one `decoder` finished (`cat a.gz b.gz`), decoded as urllib3 (requests) decodes
+    them, up to `room` bytes; bytes after the last member that are no gzip data are ignored, as it ignores them."""
+    out, rest = b"", decoder.unused_data
+    while rest and wbits & 16 and room > len(out) and decoder.eof:
+        decoder = zlib.decompressobj(wbits)
+        try:
+            out += decoder.decompress(rest, room - len(out))
+        except zlib.error:
+            break
+        rest = decoder.unused_data
+    return out
 
 
 def _read_local(url: str, param: str, settings: ServerSettings) -> bytes:
