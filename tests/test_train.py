@@ -1643,6 +1643,20 @@ def test_weight_decay_skips_biases_and_norm_weights_only(chat_folder):
     assert "vision_model.encoder.layers.0.ls1" in groups[0.05]  # layer scales are no norm: decayed
 
 
+def test_a_lora_rank_no_layer_can_use_is_refused_before_any_adapter_is_made(tmp_path, chat_folder, meta):
+    """A huge --lora-rank asked torch for adapters of that many rows: a traceback from the allocator (10**9: 256 GB
+    per layer) or from torch.empty (10**20), or the kernel's OOM kill where each allocation fits but not all. B @ A
+    has rank at most min(in, out) of its layer, so a rank past every adapted layer's is refused in one line (64 is the
+    tiny LLM's hidden size), before the run folder is made."""
+    with pytest.raises(ConfigError, match=r"^--lora-rank 100000000000000000000 is more than any adapted layer can"
+                                          r" use: .*, 64 at the largest in this model$"):
+        train(config(chat_folder, meta, tmp_path / "run", lora_rank=10**20))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"^--lora-rank 65 is more"):
+        train(config(chat_folder, meta, tmp_path / "run", lora_rank=65, lora_vision=True))
+    assert train(config(chat_folder, meta, tmp_path / "ok", lora_rank=64, max_steps=1)).steps == 1
+
+
 def test_lora_alpha_defaults_to_twice_the_rank():
     """The official `wrap_llm_lora` / `wrap_backbone_lora` use lora_alpha = 2 * r: the adapters' scale is 2."""
     assert TrainConfig(lora_rank=4).lora_scale == 2.0 and TrainConfig(lora_rank=16).lora_scale == 2.0

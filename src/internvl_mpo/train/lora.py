@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from internvl_mpo.errors import ConfigError
 from internvl_mpo.vision import layers_run
 
 # Qwen2 and InternLM2 projections (the official `wrap_llm_lora` target lists).
@@ -70,6 +71,17 @@ def lora_target_names(model: nn.Module, llm: bool = True, vision: bool = False) 
         if llm and name.startswith("language_model.model.layers.") and name.endswith(LLM_TARGETS) or vision and name.startswith("vision_model.encoder.layers.") and name.endswith(VISION_TARGETS):
             names.append(name)
     return names
+
+
+def check_lora_rank(model: nn.Module, rank: int, vision: bool) -> None:
+    """Refuse a rank that no adapted layer can use, before any adapter is made: `B @ A` has rank at most
+    min(in_features, out_features), so past the largest such bound a rank only adds memory (`--lora-rank 10**9`
+    asked for 256 GB per layer and ended in the allocator's traceback, or the kernel's OOM kill)."""
+    names = lora_target_names(model, llm=True, vision=vision)
+    useful = max((min(m.in_features, m.out_features) for m in map(model.get_submodule, names)), default=0)
+    if rank > useful:
+        raise ConfigError(f"--lora-rank {rank} is more than any adapted layer can use: an adapter's update B @ A has"
+                          f" rank at most min(in, out) of its layer, {useful} at the largest in this model")
 
 
 def apply_lora(model: nn.Module, names: list[str], rank: int, alpha: float, device: torch.device | None = None) -> None:

@@ -87,7 +87,7 @@ from internvl_mpo.train.distributed import (
     transformer_blocks,
     wrap_ddp,
 )
-from internvl_mpo.train.lora import apply_lora, lora_state, lora_target_names
+from internvl_mpo.train.lora import apply_lora, check_lora_rank, lora_state, lora_target_names
 from internvl_mpo.train.losses import RunningMean, mpo_loss, sft_nll
 from internvl_mpo.train.mmpr import SkipReport
 from internvl_mpo.train.policy import (
@@ -230,6 +230,8 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
     with ranks_together(env):
         # meta under FSDP2 (filled in 3, 4)
         tokenizer, policy, initial, start_dtype = load_initial_model(cfg, env.device, lazy=fsdp)
+        if cfg.lora_rank:  # before the reference pass and before any adapter is made
+            check_lora_rank(policy, cfg.lora_rank, cfg.lora_vision)
         final_dtype = parse_dtype("auto", env.device, start_dtype)  # refused now
     stop_if_requested(env)  # a SIGTERM during the set-up stops the run between its stages
     # from here on the run's settings hold the length it uses (checkpoints and resumes compare it)
