@@ -660,6 +660,30 @@ def test_an_unusable_device_or_dtype_is_refused_before_the_hub_is_asked(fake_hub
     assert asked == []
 
 
+def test_commands_refuse_an_unusable_device_before_the_hub_is_asked(fake_hub, tmp_path, capsys):
+    """generate, eval and pairs read the model's dtype and weight stamps (`run_dtype`) before the load checked the
+    device: `--device cuda` on a CPU machine (or "meta", "bogus") downloaded a hub checkpoint first, and generate left
+    an `<output>.settings.json` recording the dtype the device would have run in (bfloat16)."""
+    from internvl_mpo.cli import main
+
+    asked = fake_hub(AssertionError("the checkpoint was fetched before the device was checked"))
+    (tmp_path / "q.jsonl").write_text('{"id": 1, "question": "hi"}\n')
+    (tmp_path / "bench.jsonl").write_text('{"id": "1", "question": "hi", "answer": "a"}\n')
+    (tmp_path / "items.jsonl").write_text('{"id": "1", "question": "hi", "answer": "a"}\n')
+    commands = [["generate", "--input", "q.jsonl", "--output", "a.jsonl"],
+                ["eval", "--data", "bench.jsonl", "--output", "ev"],
+                ["pairs", "correctness", "--input", "items.jsonl", "--output", "pr"]]
+    devices = [("meta", "device 'meta' holds no data"), ("bogus", "unknown device 'bogus'")]
+    if not torch.cuda.is_available():
+        devices.append(("cuda", "sees no CUDA device"))
+    for command in commands:
+        for device, message in devices:
+            assert main([*command, "--model", "OpenGVLab/InternVL2_5-4B-MPO", "--device", device]) == 1
+            assert message in capsys.readouterr().err
+    assert asked == []
+    assert not (tmp_path / "a.jsonl.settings.json").exists()
+
+
 def test_a_load_while_another_process_saves_into_the_folder_reads_one_model(tmp_path, tiny, monkeypatch):
     """Tensors cast on loading (a bf16 folder loaded in fp32) were read from the files by path, after the checks
     made on the files as opened: a save renaming new files into place meanwhile gave a model mixing the two saves'

@@ -1330,7 +1330,9 @@ def test_bad_device_dtype_and_tile_budget_are_one_line_errors(folder):
 
 def test_a_bare_gpu_index_is_that_cuda_device_in_every_command(folder, tmp_path, monkeypatch):
     """`--device 0` said "unknown device '0'", while `device=0` in Python is cuda:0: a string of digits is cuda:N."""
-    from internvl_mpo import cli_chat
+    import torch
+
+    from internvl_mpo import cli_chat, devices
     from internvl_mpo.devices import default_device
 
     assert default_device("1") == "cuda:1" and default_device("cpu") == "cpu"
@@ -1346,6 +1348,8 @@ def test_a_bare_gpu_index_is_that_cuda_device_in_every_command(folder, tmp_path,
         raise Loaded(device)
 
     monkeypatch.setattr(InternVLChat, "from_pretrained", staticmethod(from_pretrained))
+    # generate reads the device (run_dtype) before the model loads: a CPU machine passes for one with two GPUs here
+    monkeypatch.setattr(devices, "parse_device", lambda device: torch.device(devices.device_name(device)))
     requests = tmp_path / "requests.jsonl"
     requests.write_text('{"id": "a", "question": "Hi"}\n')
     with pytest.raises(Loaded, match="^cuda:1$"):
@@ -1578,7 +1582,7 @@ def test_chat_and_generate_default_to_cuda_when_it_is_there(folder, tmp_path, mo
     """As pairs, eval, serve and train do: a GPU machine does not quietly run the model on the CPU."""
     import torch
 
-    from internvl_mpo import cli_chat
+    from internvl_mpo import cli_chat, devices
 
     class Loaded(Exception):
         pass
@@ -1588,6 +1592,7 @@ def test_chat_and_generate_default_to_cuda_when_it_is_there(folder, tmp_path, mo
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(InternVLChat, "from_pretrained", staticmethod(from_pretrained))
+    monkeypatch.setattr(devices, "parse_device", lambda device: torch.device(devices.device_name(device)))
     requests = tmp_path / "requests.jsonl"
     requests.write_text('{"id": "a", "question": "Hi"}\n')
     for run in (lambda: cli_chat.chat("Hi", model=str(folder)),

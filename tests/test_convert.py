@@ -870,6 +870,18 @@ def test_the_weights_dtype_travels_to_transformers(tmp_path, key):
     assert AutoConfig.from_pretrained(dst).dtype == torch.bfloat16
 
 
+def test_the_newer_dtype_key_wins_on_the_way_back_as_in_transformers(tmp_path):
+    """A transformers config holding both keys (a stale `torch_dtype` beside the `dtype` newer transformers read
+    first): `--to official` took `torch_dtype`, so dtype="auto" loaded in float32 what transformers loads in bf16."""
+    from transformers import AutoConfig
+
+    hf_dict = hf_config_dict(tiny_config(), image_token_id=IMAGE_TOKEN_ID)
+    hf_dict.update(dtype="bfloat16", torch_dtype="float32")
+    assert config_from_hf(hf_dict).torch_dtype == "bfloat16"
+    (tmp_path / "config.json").write_text(json.dumps(hf_dict))
+    assert AutoConfig.from_pretrained(tmp_path).dtype == torch.bfloat16
+
+
 def test_a_transformers_config_without_a_size_is_refused_by_name():
     hf_dict = hf_config_dict(tiny_config(), image_token_id=IMAGE_TOKEN_ID)
     del hf_dict["text_config"]["hidden_size"]

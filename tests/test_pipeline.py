@@ -151,3 +151,28 @@ def test_tokenizer_files_past_the_models_vocabulary_are_refused_before_the_weigh
                                               rf"last, '<extra_token>', is id {last}\), past the model's vocabulary "
                                               rf"\(llm_config.vocab_size {last}\): they are another model's"):
         InternVLChat.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("cast", ["language_model", "vision", "vision_model_alone"])
+def test_chat_runs_a_model_whose_towers_were_cast_to_different_dtypes(tmp_path, cast):
+    """A model with its LLM in bf16 and its ViT and projector in fp32 (or the reverse), as save_pretrained
+    records it: the engine's KV cache and attention mask took the projector's dtype (`model.dtype`), and the
+    first prompt stopped in the cache's scatter with "Expected self.dtype to be equal to src.dtype". A ViT in
+    fp32 before a bf16 projector stopped in the projector's LayerNorm ("mixed dtype (CPU)")."""
+    import torch
+
+    folder, _ = tiny_chat_folder(tmp_path / "model")
+    path = tmp_path / "a.png"
+    Image.new("RGB", (40, 30), "red").save(path)
+    bot = InternVLChat.from_pretrained(folder, dtype=torch.float32)
+    if cast == "language_model":
+        bot.model.language_model.to(torch.bfloat16)
+    elif cast == "vision_model_alone":  # a bf16 model with its ViT kept in fp32: the projector's LayerNorm refused it
+        bot.model.to(torch.bfloat16)
+        bot.model.vision_model.float()
+    else:
+        bot.model.vision_model.to(torch.bfloat16)
+        bot.model.mlp1.to(torch.bfloat16)
+    answers = bot.batch_chat(["What colour?", "Hi"], [path, None], max_new_tokens=4, do_sample=False)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert bot.chat("What colour?", [path], max_new_tokens=4, do_sample=False) == answers[0]

@@ -151,6 +151,20 @@ def test_a_device_map_that_splits_what_sits_outside_the_decoder_layers_is_refuse
     check_device_map(split_model(tiny, 2), keys)
 
 
+@pytest.mark.parametrize("part", ["mlp", "self_attn.q_proj", "post_attention_layernorm"])
+def test_a_device_map_that_splits_a_decoder_layer_is_refused(tiny, part):
+    """A layer moves its input to its first norm's device and no further: a map putting one of its modules on
+    another device passed the check and failed in the first forward on a device mismatch."""
+    with torch.device("meta"):
+        keys = InternVL(tiny).state_dict()
+    with pytest.raises(InputError, match=rf"^device_map puts language_model\.model\.layers\.1\.{re.escape(part)}\.\S+ "
+                                         r"on cuda:1 but language_model\.model\.layers\.1\.\S+ on cuda:0; a decoder "
+                                         r"layer goes to one device whole"):
+        check_device_map({"": "cuda:0", f"language_model.model.layers.1.{part}": "cuda:1"}, keys)
+    check_device_map({"": "cuda:0", "language_model.model.layers.1": "cuda:1",
+                      f"language_model.model.layers.1.{part}": "cuda:1"}, keys)  # the same device: one layer
+
+
 def test_cuda_without_an_index_is_the_current_gpu_in_a_device_map(tiny, monkeypatch):
     """"cuda" beside "cuda:0" is one device (the weights land on the current GPU): not refused as two."""
     import internvl_mpo.placement as placement

@@ -41,14 +41,12 @@ def run_dtype(dtype: str | None, device: str, model: str) -> tuple[str, Weights 
     for the run to record (`checkpoint.weights_identity`; None for a missing model or one without weights: the
     load says what is wrong), for the load to take (`InternVLChat.from_pretrained`): each header read once. A hub id is
     downloaded here: its weights are recorded too."""
-    import torch
-
     from .checkpoint import auto_dtype, open_weights, resolve_checkpoint
     from .config import ModelConfig
-    from .devices import parse_dtype
+    from .devices import parse_device, parse_dtype
 
-    # the default depends on CUDA or not alone; the device itself is checked when the model loads
-    kind = torch.device("cuda" if device.partition(":")[0] == "cuda" else "cpu")
+    # the device is checked here, before a hub id downloads or a run records settings (a bf16 dtype for "cuda")
+    kind = parse_device(device)
     chosen = None if dtype == "auto" else parse_dtype(dtype, kind)  # refused before a hub id downloads
     folder = weights = None
     if chosen is None:

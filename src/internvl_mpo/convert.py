@@ -363,7 +363,7 @@ def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None
     }
     if isinstance(d.get("system_message"), str):  # what --to hf keeps of the official config.json
         official["system_message"] = d["system_message"]
-    dtype = d.get("torch_dtype", d.get("dtype"))
+    dtype = d.get("dtype", d.get("torch_dtype"))  # transformers reads `dtype` first (ModelConfig.torch_dtype too)
     if dtype is not None:
         official["torch_dtype"] = dtype
     try:  # the official config.json it becomes, read (and each value checked) as loading it reads it

@@ -139,6 +139,8 @@ class InternVL(nn.Module):
         n, p, c = vit_embeds.shape
         side = int(p**0.5)
         vit_embeds = pixel_shuffle(vit_embeds.reshape(n, side, side, c))  # (N, P/4, 4C)
+        if self.vision_model.embeddings.patch_embedding.weight.dtype != self.dtype:  # a ViT cast apart (fp32 ViT)
+            vit_embeds = vit_embeds.to(self.dtype)
         return self.mlp1(vit_embeds)
 
     def embed(

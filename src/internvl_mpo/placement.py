@@ -103,6 +103,16 @@ def check_device_map(device_map: dict[str, str], keys) -> None:
                 f"device_map puts {key} on {other} but {first} on {device}; only the decoder layers"
                 " (language_model.model.layers.N) may go to other devices: the vision tower, projector, embeddings,"
                 " final norm and head share one")
+    # A decoder layer moves its input to its first norm's device only: its parts must share that device.
+    layers: dict[str, tuple[str, torch.device]] = {}
+    for key in keys:
+        if layer := DECODER_LAYER.match(key):
+            device = device_for(key, device_map, None)
+            first, where = layers.setdefault(layer.group(0), (key, device))
+            if device != where:
+                raise InputError(
+                    f"device_map puts {key} on {device} but {first} on {where}; a decoder layer goes to one device"
+                    f" whole: give its prefix ({layer.group(0).rstrip('.')}), not one of its modules")
 
 
 def device_for(key: str, device_map: dict[str, str], default: torch.device) -> torch.device:

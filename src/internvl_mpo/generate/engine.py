@@ -376,12 +376,14 @@ class Generation:
         self.max_batch, self.max_len = max_batch, max_len
         device = model.device
         layer_devices = [next(layer.parameters()).device for layer in model.language_model.model.layers]
+        # the decoder's dtype (model.dtype is the projector's: towers cast to different dtypes differ from it)
+        llm_dtype = model.language_model.input_embeddings().weight.dtype
         full = engine._storages.take(self) if engine.compiled else torch.full
-        self.caches = make_caches(model.config.llm, max_batch, max_len, model.dtype, layer_devices,
+        self.caches = make_caches(model.config.llm, max_batch, max_len, llm_dtype, layer_devices,
                                   zeros=lambda shape, dtype, device: full(shape, 0, dtype=dtype, device=device))
         vocab = model.config.llm.vocab_size
         # Attention mask over cache slots, additive: 0 where a row's key is written, -inf elsewhere.
-        self.key_mask = full((max_batch, max_len), -torch.inf, dtype=model.dtype, device=device)
+        self.key_mask = full((max_batch, max_len), -torch.inf, dtype=llm_dtype, device=device)
         if engine.compiled:  # the decode step writes into these (see the module's docstring)
             for buffer in [self.key_mask] + [t for c in self.caches for t in (c.k, c.v)]:
                 torch._dynamo.mark_static_address(buffer, guard=False)
@@ -683,7 +685,7 @@ class Generation:
     def _overflowed(self, where: str) -> NumericsError:
         """The error of a row whose activations overflowed `where` (the argmax of its NaN logits would be token 0,
         "!!!!" for Qwen2.5)."""
-        dtype = self.engine.model.dtype
+        dtype = self.engine.model.language_model.input_embeddings().weight.dtype  # the decoder's
         fix = ": load it in bfloat16 or float32" if dtype == torch.float16 else ""
         return NumericsError(f"the model's activations overflowed to NaN or inf {where} (weights in "
                              f"{str(dtype).removeprefix('torch.')}{fix}); its answer would be garbage")
