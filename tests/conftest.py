@@ -208,7 +208,7 @@ def fake_hub(monkeypatch, tmp_path):
     def serve(answer: Path | BaseException) -> list[str]:
         asked = []
 
-        def snapshot_download(repo_id, revision=None, allow_patterns=None):
+        def snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False):
             asked.append(repo_id)
             if isinstance(answer, BaseException):
                 raise answer

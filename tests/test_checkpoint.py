@@ -636,8 +636,117 @@ def test_a_hub_that_refuses_connections_is_an_error_or_the_cached_copy_at_once(t
     if cached:
         assert out.strip() == f"PATH {snapshot}"
     else:
-        assert out.startswith("ERROR org/name: not a local folder, not in the hub cache, and the hub could not be "
-                              "reached ("), out
+        assert out.startswith(f"ERROR org/name (revision {commit!r}): not a local folder, not in the hub cache, and "
+                              "the hub could not be reached ("), out
+
+
+def _cached_snapshot(home: Path, commit: str, listed: list[str]) -> Path:
+    """A hub cache (HF_HOME=home) holding org/name at `commit` (refs/main) as huggingface_hub writes it: files in
+    blobs/, snapshot links to them, and the commit's cached file listing (trees/<commit>.json), which also names
+    `listed` files the snapshot lacks (a README.md, remote code: what `hf download --include` or another tool's
+    download leaves out)."""
+    import hashlib
+
+    repo = home / "hub" / "models--org--name"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    files = {}
+    for name, data in {"config.json": b"{}"}.items():
+        blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        (repo / "blobs" / blob).write_bytes(data)
+        (snapshot / name).symlink_to(Path("..", "..", "blobs", blob))
+        files[name] = {"size": len(data), "blob_id": blob}
+    files.update({name: {"size": 1, "blob_id": "0" * 40} for name in listed})
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "trees").mkdir()
+    (repo / "trees" / f"{commit}.json").write_text(json.dumps({"format_version": 1, "files": files}))
+    return snapshot
+
+
+def _resolve_in_subprocess(env: dict, *args, timeout: float = 60) -> str:
+    code = ("import sys, huggingface_hub\n"
+            "from internvl_mpo.checkpoint import resolve_checkpoint\n"
+            "from internvl_mpo.errors import CheckpointError\n"
+            "probe, probes = huggingface_hub.HfApi.repo_info, []\n"
+            "huggingface_hub.HfApi.repo_info = lambda *a, **k: probes.append(1) or probe(*a, **k)\n"
+            "for revision in sys.argv[1:] or [None]:\n"
+            "    try:\n        print('PATH', resolve_checkpoint('org/name', revision))\n"
+            "    except CheckpointError as e:\n        print('ERROR', e)\n"
+            "print('PROBES', len(probes))\n")
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout).stdout
+
+
+def _closed_port() -> int:
+    import socket
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: connections are refused
+    return port
+
+
+@pytest.mark.parametrize("hub", ["offline", "refused"])
+def test_a_cached_snapshot_whose_listing_names_files_no_load_reads_is_served(tmp_path, hub):
+    """huggingface_hub >= 2 refuses, without the hub, a snapshot that its cached file listing calls incomplete
+    (IncompleteSnapshotError); a cache that lacks only a README.md or remote code (left out by `hf download
+    --include`, or by another tool's download) was "not in the hub cache". The snapshot is served, as
+    transformers serves its files offline; a file the load needs and lacks is named by the loader."""
+    commit = "a" * 40
+    snapshot = _cached_snapshot(tmp_path / "hf", commit, ["README.md", "modeling_internvl_chat.py"])
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"))
+    env.pop("HF_HUB_OFFLINE", None)
+    if hub == "offline":
+        env["HF_HUB_OFFLINE"] = "1"
+    else:
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{_closed_port()}"
+    assert _resolve_in_subprocess(env, "main", commit).splitlines()[:2] == [f"PATH {snapshot}"] * 2
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_a_hub_answering_a_server_error_serves_the_cached_copy_at_once(tmp_path, status):
+    """A hub that answers 503 (down, overloaded, or a proxy before it) or 429 (rate limiting): the probe's answer came
+    back at once, but the resolver went on to snapshot_download online, which for a commit revision retried the hub's
+    file list with backoff for 20 s and more before reading the cache (as a refused connection did before)."""
+    import http.server
+    import threading
+
+    class Unavailable(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        commit = "a" * 40
+        snapshot = _cached_snapshot(tmp_path / "hf", commit, [])
+        env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}")
+        env.pop("HF_HUB_OFFLINE", None)
+        out = _resolve_in_subprocess(env, commit, "b" * 40, timeout=15)
+    finally:
+        server.shutdown()
+        server.server_close()
+    lines = out.splitlines()
+    assert lines[0] == f"PATH {snapshot}"
+    assert lines[1].startswith(f"ERROR org/name (revision '{'b' * 40}'): not a local folder, not in the hub cache, "
+                               "and the hub answered with an error (")
+
+
+def test_an_unreachable_hub_is_asked_once_a_process(tmp_path):
+    """A command resolves its model more than once (its dtype and weights, then the load): each asked the hub again,
+    so a hub that never answers cost HF_HUB_ETAG_TIMEOUT seconds each time (`generate`: twice)."""
+    snapshot = _cached_snapshot(tmp_path / "hf", "a" * 40, [])
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}")
+    env.pop("HF_HUB_OFFLINE", None)
+    assert _resolve_in_subprocess(env, "main", "main").splitlines() == [f"PATH {snapshot}"] * 2 + ["PROBES 1"]
 
 
 def test_an_unusable_device_or_dtype_is_refused_before_the_hub_is_asked(fake_hub):

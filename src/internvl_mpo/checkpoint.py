@@ -87,35 +87,67 @@ def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None) -> P
     text = str(path_or_id)
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", text) or text.startswith((".", "/")):
         raise CheckpointError(f"{text}: no such checkpoint folder (and not a hub id like 'org/name')")
+    named = text if revision is None else f"{text} (revision {revision!r})"
     try:
         from huggingface_hub import HfApi, constants, snapshot_download
 
+        # a hub found unreachable once in this process is not waited for again (a command resolves its model
+        # more than once: each wait was HF_HUB_ETAG_TIMEOUT seconds)
+        key = (text, revision, str(constants.HF_HUB_CACHE))
+        if key in _SERVED_FROM_CACHE:
+            return _SERVED_FROM_CACHE[key]
         try:  # snapshot_download asks the hub without a timeout: one that never answers would hang there
             HfApi().repo_info(text, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
         except Exception as e:  # offline, not found, ...: snapshot_download below knows what to do
-            # A hub that does not answer or cannot be reached: a copy in the cache serves, as it does offline
-            # (asked online, snapshot_download retries for a commit's files list with backoff: 20 s and more)
+            # A hub that does not answer, cannot be reached or answers 5xx or 429 (busy): a copy in the cache
+            # serves, as it does offline (asked online, snapshot_download retries for a commit's files list with
+            # backoff: 20 s and more)
             unreachable = None if _hub_offline() else _unreachable(e)  # offline, snapshot_download reads the cache
             if unreachable:
                 try:
-                    return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS,
-                                                  local_files_only=True))
+                    folder = _snapshot(snapshot_download, text, revision, local_files_only=True)
                 except Exception:
-                    why = (f"did not answer within {constants.HF_HUB_ETAG_TIMEOUT} s (HF_HUB_ETAG_TIMEOUT)"
-                           if unreachable == "timeout" else f"could not be reached ({' '.join(str(e).split())})")
-                    raise CheckpointError(f"{text}: not a local folder, not in the hub cache, and the hub {why}") \
+                    detail = " ".join(str(e).split())
+                    why = {"timeout": f"did not answer within {constants.HF_HUB_ETAG_TIMEOUT} s (HF_HUB_ETAG_TIMEOUT)",
+                           "busy": f"answered with an error ({detail})"}.get(
+                               unreachable, f"could not be reached ({detail})")
+                    raise CheckpointError(f"{named}: not a local folder, not in the hub cache, and the hub {why}") \
                         from None
-        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS))
+                _SERVED_FROM_CACHE[key] = folder
+                return folder
+        # offline, snapshot_download of a commit whose file listing is cached would fetch each file it lacks
+        return _snapshot(snapshot_download, text, revision, **({"local_files_only": True} if _hub_offline() else {}))
     except CheckpointError:
         raise
     except Exception as e:  # network, auth, missing repo: one clear message, on one line
         reason = " ".join(str(e).split())
+        if _hub_offline() and type(e).__name__ == "LocalEntryNotFoundError":  # its text speaks of local_files_only
+            from huggingface_hub import constants
+
+            reason = f"no snapshot of it in {constants.HF_HUB_CACHE}; unset HF_HUB_OFFLINE to download it"
         if _hub_offline():
-            raise CheckpointError(f"{text}: not a local folder, and not in the hub cache (HF_HUB_OFFLINE is set, so "
-                                  f"the hub was not asked): {reason}") from None
-        raise CheckpointError(f"{text}: not a local folder, and downloading it from the hub failed: "
+            raise CheckpointError(f"{named}: not a local folder, and not in the hub cache (HF_HUB_OFFLINE is set, "
+                                  f"so the hub was not asked): {reason}") from None
+        raise CheckpointError(f"{named}: not a local folder, and downloading it from the hub failed: "
                               f"{reason.rstrip('.')}; give a local folder, or download it where the hub can be "
                               "reached") from None
+
+
+# (hub id, revision, hub cache) -> the cached snapshot served while the hub could not be reached (`resolve_checkpoint`)
+_SERVED_FROM_CACHE: dict[tuple[str, str | None, str], Path] = {}
+
+
+def _snapshot(download: Callable[..., str], repo_id: str, revision: str | None, **kwargs: Any) -> Path:
+    """`snapshot_download`'s folder. A cached snapshot that the cached file listing of its commit (huggingface_hub's
+    `trees/<commit>.json`) calls incomplete, read without the hub, is taken as it is (the error's `snapshot_path`):
+    the files missing there are often ones no load reads (README.md, remote code, examples/ that `hf download
+    --include` or another tool's download left out), and the loader names a file it needs that is missing."""
+    try:
+        return Path(download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, **kwargs))
+    except Exception as e:
+        if type(e).__name__ == "IncompleteSnapshotError" and getattr(e, "snapshot_path", None):
+            return Path(e.snapshot_path)
+        raise
 
 
 def _hub_offline() -> bool:
@@ -136,11 +168,15 @@ def model_key(path_or_id: str) -> str:
 
 
 def _unreachable(error: BaseException) -> str | None:
-    """"timeout" for a timeout of any HTTP stack huggingface_hub has used (requests, httpx, httpx2), "network" for
-    a connection they could not make (refused, no route, no name), else None."""
+    """"timeout" for a timeout of any HTTP stack huggingface_hub has used (requests, httpx, httpx2), "busy" for an
+    answer with a 5xx or 429 status, "network" for a connection they could not make (refused, no route, no name), else
+    None."""
     names = {cls.__name__ for cls in type(error).__mro__}
     if names & {"Timeout", "TimeoutException"}:
         return "timeout"
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if isinstance(status, int) and (status >= 500 or status == 429):  # down, overloaded, rate limiting (or a proxy)
+        return "busy"
     return "network" if names & {"ConnectionError", "ConnectError", "NetworkError"} else None
 
 
