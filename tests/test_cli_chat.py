@@ -2114,3 +2114,44 @@ def test_an_answer_whose_activations_overflow_fails_alone_and_the_interactive_ch
     out, err = capsys.readouterr()
     assert "error: the model's activations overflowed" in err and "left out of the conversation" in err
     assert len(out.splitlines()) == 2  # the half answer's line ended, then the second answer's
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("command", [["tiles", "{image}", "--output", "{tmp}/t.png"],
+                                     ["chat", "--model", "{model}", "--max-new-tokens", "4", "Hi"]])
+def test_an_answer_that_stdout_cannot_take_is_one_line(folder, tmp_path, command):
+    """stdout on a full disk (`chat ... > out.txt`) ended chat, tiles, convert and demo-data with an OSError
+    traceback after the work was done: one line, exit 1."""
+    words = [w.format(image=folder.parent / "red.png", tmp=tmp_path, model=folder) for w in command]
+    with open("/dev/full", "w") as full:
+        out = subprocess.run([sys.executable, "-m", "internvl_mpo.cli", *words], stdout=full, stderr=subprocess.PIPE,
+                             text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[-1] == f"internvl-mpo {words[0]}: error: cannot write to stdout (No space left on " \
+                                          "device)" and "Traceback" not in out.stderr
+
+
+def test_an_answers_file_generate_cannot_read_is_one_line(folder, tmp_path, monkeypatch, capsys):
+    """An --output without read permission ended generate with a PermissionError traceback (the resume reads it)."""
+    from internvl_mpo.cli import main
+
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")
+    answers.write_text(json.dumps({"id": "a", "question": "Hi", "answer": "Hello"}) + "\n")
+    refuse_reading(monkeypatch, answers)
+    assert main(["generate", "--input", str(requests), "--output", str(answers), "--model", str(folder)]) == 1
+    assert capsys.readouterr().err == (f"internvl-mpo generate: error: --output {answers}: cannot read it (Permission "
+                                       "denied); a resume reads the answers written before\n")
+
+
+def test_an_output_name_near_the_file_name_limit_is_one_line(folder, tmp_path, capsys):
+    """An --output name a few bytes under the file-name limit (its lock fits, <output>.settings.json.tmp does not)
+    ended generate with an OSError traceback: removing the .tmp that could not be made failed again."""
+    from internvl_mpo.cli import main
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"id": "a", "question": "Hi"}) + "\n")
+    answers = tmp_path / ("a" * (os.pathconf(tmp_path, "PC_NAME_MAX") - 12) + ".jsonl")
+    assert main(["generate", "--input", str(requests), "--output", str(answers), "--model", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert "saving failed" in err and "File name too long" in err and "Traceback" not in err

@@ -1302,3 +1302,24 @@ def test_the_system_message_and_no_thumbnail_without_tiling_come_back_from_trans
     # `resaved` (no record) the template in its official form, with the system message
     assert not (tmp_path / "back-hf" / "chat_template.jinja").exists()
     assert rendered(tmp_path / "back-resaved" / "chat_template.jinja") == official
+
+
+def test_a_transformers_folder_without_tokenizer_files_is_told_where_to_get_them(tmp_path, capsys):
+    """`model.save_pretrained` in transformers writes config.json and the weights only; `--to official` of such a
+    folder wrote, without a word, an official folder that chat refuses ("has no tokenizer.json and no vocab.json
+    or merges.txt"). The command now says so, with the download that adds the official tokenizer files."""
+    from conftest import tiny_chat_folder
+
+    convert(tiny_chat_folder(tmp_path / "src")[0], tmp_path / "hf", to="hf")
+    assert convert_command(str(tmp_path / "hf"), str(tmp_path / "back"), to="official") == 0
+    assert "has no tokenizer files" not in capsys.readouterr().out  # a folder with its tokenizer
+    weights_only = tmp_path / "weights_only"
+    weights_only.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(tmp_path / "hf" / name, weights_only / name)
+    assert convert_command(str(weights_only), str(tmp_path / "back2"), to="official") == 0
+    out = capsys.readouterr().out
+    assert (f"note: {tmp_path / 'back2'} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt: the "
+            "transformers folder held none), which chat, the official code and vLLM read. Add those of the model it "
+            'comes from:\n  hf download OpenGVLab/InternVL2_5-SIZE-MPO --include "tokenizer*" "vocab.json" '
+            f'"merges.txt" "added_tokens.json" "special_tokens_map.json" --local-dir {tmp_path / "back2"}') in out

@@ -2438,6 +2438,26 @@ def test_plot_names_a_file_it_cannot_read_or_that_is_not_text(tmp_path, capsys, 
     assert f"{metrics}: cannot read it (Permission denied)" in capsys.readouterr().err
 
 
+def test_plot_into_a_folder_it_cannot_write_is_one_line(tmp_path, capsys, monkeypatch):
+    """A run folder (or --output) that cannot be written (read-only, a full disk) ended plot with matplotlib's
+    PermissionError traceback, where tiles says so in a line."""
+    import matplotlib.figure
+
+    from internvl_mpo.cli import main
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2)))
+    target = tmp_path / "curves.png"
+
+    def refuse(fig, path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", refuse)
+    assert main(["plot", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"internvl-mpo plot: error: {target}: saving failed (") and "Permission denied" in err
+    assert "no picture was written" in err and "Traceback" not in err
+
+
 def test_a_resume_drops_metrics_lines_that_are_no_metrics_rows(tmp_path):
     """A damaged or hand-edited metrics.jsonl line (no step, a string step, a NaN count, bytes that are not UTF-8)
     stopped the resume with a traceback: it is dropped as a half-written line is."""

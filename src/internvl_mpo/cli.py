@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import functools
 import importlib
 import inspect
@@ -145,8 +146,14 @@ def _module_tree(module: str) -> ast.Module:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .errors import OutputError
+
     try:
-        return _main(argv)
+        with _guarded_stdout():
+            return _main(argv)
+    except OutputError as e:  # a command's own is its one-line error (_main); this is the command list's (--help)
+        print(f"internvl-mpo: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # also while a command's modules (torch) are still importing
         _end_line()
         return 130
@@ -218,6 +225,46 @@ def _lenient_stdout() -> None:
     stream = sys.stdout
     if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
         stream.reconfigure(errors="backslashreplace")
+
+
+class _GuardedStdout:
+    """stdout, whose writes that fail (a full disk under `chat ... > out.txt`, an I/O error; not a closed pipe,
+    main's BrokenPipeError) raise OutputError, a one-line error, not an OSError traceback."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+    def write(self, text):
+        return self._guard(self._stream.write, text)
+
+    def flush(self):
+        return self._guard(self._stream.flush)
+
+    def _guard(self, call, *args):
+        from .errors import OutputError
+
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            with contextlib.suppress(OSError, ValueError):  # Python's flush at exit would fail again
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+            raise OutputError(f"cannot write to stdout ({e.strerror or e})") from None
+
+
+@contextlib.contextmanager
+def _guarded_stdout():
+    """sys.stdout as a _GuardedStdout while a command runs."""
+    stream = sys.stdout
+    sys.stdout = _GuardedStdout(stream)
+    try:
+        yield
+    finally:
+        sys.stdout = stream
 
 
 def _end_line() -> None:

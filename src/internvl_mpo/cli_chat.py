@@ -618,7 +618,12 @@ def _finished_questions(out: Path) -> tuple[dict, dict]:
     if not out.exists():
         return {}, {}
     kept, done, lines = {}, {}, False
-    for number, line in enumerate(out.read_bytes().split(b"\n"), 1):  # JSON strings may hold U+2028: split at LF
+    try:
+        data = out.read_bytes()
+    except OSError as e:  # no read permission, an I/O error
+        raise InputError(f"--output {out}: cannot read it ({e.strerror or e}); a resume reads the answers "
+                         "written before") from None
+    for number, line in enumerate(data.split(b"\n"), 1):  # JSON strings may hold U+2028: split at LF
         try:
             row = json.loads(line.decode("utf-8"))
         except (ValueError, RecursionError):  # not UTF-8 or JSON (a cut write), or a damaged line

@@ -870,23 +870,35 @@ def remote_code_note(folder: str | Path) -> str | None:
             f"  {_download(folder, model, pattern)}")
 
 
+# the tokenizer files of the Qwen2 sizes' hub repos (their tokenizer as vocab.json and merges.txt)
+QWEN2_TOKENIZER_FILES = ("tokenizer*", "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json")
+
+
 def tokenizer_note(folder: str | Path) -> str | None:
     """What to add to an official-layout InternLM2 folder without tokenizer.model (converted from a folder that
-    holds its tokenizer as tokenizer.json only, as transformers saves one), or None."""
+    holds its tokenizer as tokenizer.json only, as transformers saves one), or to a Qwen2 one without tokenizer
+    files at all (converted from what transformers' `model.save_pretrained` writes: config and weights), or None."""
     folder = Path(folder)
     config = ModelConfig.from_json(folder)
-    if config.llm.architectures[0] != "InternLM2ForCausalLM" or (folder / "tokenizer.model").is_file():
+    if config.llm.architectures[0] != "InternLM2ForCausalLM":
+        if (folder / "tokenizer.json").is_file() or all((folder / n).is_file() for n in ("vocab.json", "merges.txt")):
+            return None
+        return (f"note: {folder} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt: the "
+                "transformers folder held none), which chat, the official code and vLLM read. Add those of the model "
+                f"it comes from:\n  {_download(folder, config, *QWEN2_TOKENIZER_FILES)}")
+    if (folder / "tokenizer.model").is_file():
         return None
     return (f"note: {folder} has no tokenizer.model, the InternLM2 tokenizer that chat, the official code and vLLM "
             "read (the transformers folder held none). Add the official tokenizer files of the matching hub repo:"
             f"\n  {_download(folder, config, 'tokenizer*')}")
 
 
-def _download(folder: Path, config: ModelConfig, pattern: str) -> str:
-    """The command that downloads the files `pattern` of the hub repo of this config's size into `folder`; for a
+def _download(folder: Path, config: ModelConfig, *patterns: str) -> str:
+    """The command that downloads the files `patterns` of the hub repo of this config's size into `folder`; for a
     model of no released size, SIZE stands for the release it came from, among those of its language model."""
     size = next((s for s in FAMILY_SIZES if _family_key(family_config(s)) == _family_key(config)), None)
-    command = (f"hf download OpenGVLab/InternVL2_5-{size or 'SIZE'}-MPO --include \"{pattern}\" "
+    included = " ".join(f'"{pattern}"' for pattern in patterns)
+    command = (f"hf download OpenGVLab/InternVL2_5-{size or 'SIZE'}-MPO --include {included} "
                f"--local-dir {shlex.quote(str(folder))}")
     if size:
         return command

@@ -26,6 +26,10 @@ class SaveError(CheckpointError):
         return SaveError, (self.folder, self.reason, self.outcome)
 
 
+class OutputError(InternVLError):
+    """A command's output that could not be written (stdout on a full disk)."""
+
+
 class InputError(InternVLError, ValueError):
     """A bad image, video, prompt or data record given by a user."""
 

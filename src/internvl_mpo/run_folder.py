@@ -92,7 +92,8 @@ def atomic_write(path: Path, data: str | bytes, outcome: str | None = None) -> N
                 os.fsync(f.fileno())
             os.replace(tmp, path)
     except SaveError:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a .tmp name past the file-name limit (ENAMETOOLONG) was never made
+            tmp.unlink(missing_ok=True)
         raise
 
 

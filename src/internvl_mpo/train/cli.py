@@ -257,7 +257,12 @@ def plot(run_dir: str, output: str | None = None) -> int:
     if steps[-1] - steps[0] < 1:  # one step: the locator would tick fractions around it
         axes[-1, 0].set_xticks(steps)
     fig.tight_layout()
-    fig.savefig(target, dpi=100, format="png")
-    plt.close(fig)
+    from internvl_mpo.run_folder import writing
+
+    try:
+        with writing(target, "no picture was written; give --output a path where one can be"):  # read-only, full
+            fig.savefig(target, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     print(f"wrote {target}")
     return 0
