@@ -405,6 +405,25 @@ def test_an_annotation_that_is_a_named_pipe_is_refused_without_waiting_for_a_wri
     assert outcome and "is not a regular file" in outcome[0] and str(fifo) in outcome[0]
 
 
+def test_metadata_that_cannot_name_a_file_is_not_taken_for_a_misnamed_image_or_video(tmp_path):
+    """A text-only (or video) SFT record with `"image_id": 4` was refused as "did you mean 'image'?", though an
+    integer names no image; the official reader trains it (and `"image": null`, generate's way out, is refused)."""
+    write_images(tmp_path / "images")
+    (tmp_path / "images" / "frames").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "frames" / "f_1.png")
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]
+    lines = [{"image_id": 4, "conversations": turns}, {"video": "frames", "image_id": 7, "conversations": turns},
+             {"image": "red.png", "video_id": 12, "conversations": turns},
+             {"images": ["red.png"], "conversations": turns}]  # a path under another name: still refused
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    from internvl_mpo.train.mmpr import SkipReport
+
+    report = SkipReport()
+    records = read_sft_records(str(tmp_path / "sft.jsonl"), str(tmp_path / "images"), report=report)
+    assert [r.source.line for r in records] == [1, 2, 3]
+    assert report.messages == [f"{tmp_path / 'sft.jsonl'}:4: field 'images' is not read; did you mean 'image'?"]
+
+
 def test_an_empty_misnamed_media_field_beside_the_record_s_own_is_not_refused(tmp_path):
     meta = write_mmpr(tmp_path, [{"image": "red.png", "videos": [], "question": "q", "chosen": "a", "rejected": "b"},
                                  {"images": None, "question": "t", "chosen": "a", "rejected": "b"},
