@@ -730,14 +730,43 @@ def test_a_hub_answering_a_server_error_serves_the_cached_copy_at_once(tmp_path,
         snapshot = _cached_snapshot(tmp_path / "hf", commit, [])
         env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}")
         env.pop("HF_HUB_OFFLINE", None)
-        out = _resolve_in_subprocess(env, commit, "b" * 40, timeout=15)
+        out = _resolve_in_subprocess(env, commit, timeout=15)
     finally:
         server.shutdown()
         server.server_close()
-    lines = out.splitlines()
-    assert lines[0] == f"PATH {snapshot}"
-    assert lines[1].startswith(f"ERROR org/name (revision '{'b' * 40}'): not a local folder, not in the hub cache, "
-                               "and the hub answered with an error (")
+    assert out.splitlines()[0] == f"PATH {snapshot}"
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_a_busy_hub_without_a_cached_copy_is_still_downloaded_from(tmp_path, monkeypatch, status):
+    """A 5xx or 429 on the probe (the hub's API rate limit, a passing 503) with nothing cached: the download was
+    not even tried ("not in the hub cache, and the hub answered with an error"), where the files (and
+    huggingface_hub's retries) may well serve; it is tried, as before the cache fallback."""
+    import httpx
+    import huggingface_hub
+    from huggingface_hub import constants as hub_constants
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    from internvl_mpo.checkpoint import resolve_checkpoint
+
+    def repo_info(self, repo_id, revision=None, timeout=None, **kwargs):
+        response = httpx.Response(status, request=httpx.Request("GET", f"https://hub/api/models/{repo_id}"))
+        raise HfHubHTTPError(f"{status} from the API", response=response)
+
+    asked = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False):
+        asked.append(local_files_only)
+        if local_files_only:
+            raise LocalEntryNotFoundError("not cached")
+        return str(tmp_path)
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", repo_info)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_checkpoint("org/busy-name") == tmp_path
+    assert asked == [True, False]  # the cache first, then the download
 
 
 def test_an_unreachable_hub_is_asked_once_a_process(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -2129,6 +2130,20 @@ def test_an_answer_that_stdout_cannot_take_is_one_line(folder, tmp_path, command
     assert out.returncode == 1
     assert out.stderr.splitlines()[-1] == f"internvl-mpo {words[0]}: error: cannot write to stdout (No space left on " \
                                           "device)" and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("command", [["--help"], ["tiles", "{image}", "--output", "{tmp}/t.png"]])
+def test_a_closed_stdout_is_written_nothing_as_print_writes_nothing(folder, tmp_path, command):
+    """A stdout closed at the start (`internvl-mpo tiles ... >&-`, a daemon or cron job's) is None in Python, and
+    print() writes nothing to it: the guard around stdout wrapped None, so the command's first line raised
+    AttributeError ('NoneType' object has no attribute 'write') with a traceback and exit 1, after the work."""
+    words = [w.format(image=folder.parent / "red.png", tmp=tmp_path) for w in command]
+    line = " ".join(shlex.quote(w) for w in [sys.executable, "-m", "internvl_mpo.cli", *words])
+    out = subprocess.run(["sh", "-c", f"exec {line} >&-"], stderr=subprocess.PIPE, text=True, timeout=120,
+                         check=False)
+    assert (out.returncode, out.stderr) == (0, "")
+    if command[0] == "tiles":
+        assert (tmp_path / "t.png").is_file()
 
 
 def test_an_answers_file_generate_cannot_read_is_one_line(folder, tmp_path, monkeypatch, capsys):

@@ -2443,7 +2443,10 @@ def test_a_remote_image_sent_gzip_or_deflate_encoded_is_decoded():
               "/bomb.png": ("gzip", gzip.compress(b"\0" * 10**6)), "/cut.png": ("gzip", gzip.compress(image)[:-20]),
               # several members (`cat a.gz b.gz`), as urllib3 decodes them: the image was cut to the first
               "/members.png": ("gzip", gzip.compress(image[:5000]) + gzip.compress(image[5000:]) + b"junk"),
-              "/member-bomb.png": ("gzip", gzip.compress(image) + gzip.compress(b"\0" * 10**6))}
+              "/member-bomb.png": ("gzip", gzip.compress(image) + gzip.compress(b"\0" * 10**6)),
+              # raw deflate and data after it: urllib3 reads the one stream (-15, raw deflate's wbits, has the gzip
+              # bit set in two's complement: the data after it was decoded as more "members" and added to the image)
+              "/raw-deflate-more.png": ("deflate", zlib.compress(image)[2:-4] + zlib.compress(b"junk")[2:-4])}
 
     class Encoded(BaseHTTPRequestHandler):
         def do_GET(self):
@@ -2462,7 +2465,7 @@ def test_a_remote_image_sent_gzip_or_deflate_encoded_is_decoded():
     settings = ServerSettings(allow_remote_images=True, allow_private_image_hosts=True, max_image_bytes=100_000,
                               image_timeout=60.0)
     try:
-        for path in ("/gzip.png", "/deflate.png", "/raw-deflate.png", "/members.png"):
+        for path in ("/gzip.png", "/deflate.png", "/raw-deflate.png", "/members.png", "/raw-deflate-more.png"):
             assert image_bytes(base + path, "image", settings) == image, path
         for path in ("/bomb.png", "/member-bomb.png"):
             with pytest.raises(ApiError, match="at most 100000 bytes") as e:

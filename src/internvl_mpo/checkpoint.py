@@ -107,14 +107,17 @@ def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None) -> P
                 try:
                     folder = _snapshot(snapshot_download, text, revision, local_files_only=True)
                 except Exception:
-                    detail = " ".join(str(e).split())
-                    why = {"timeout": f"did not answer within {constants.HF_HUB_ETAG_TIMEOUT} s (HF_HUB_ETAG_TIMEOUT)",
-                           "busy": f"answered with an error ({detail})"}.get(
-                               unreachable, f"could not be reached ({detail})")
-                    raise CheckpointError(f"{named}: not a local folder, not in the hub cache, and the hub {why}") \
-                        from None
-                _SERVED_FROM_CACHE[key] = folder
-                return folder
+                    # a busy hub (5xx, 429: often the API's rate limit alone) may still serve the files: without a
+                    # cached copy the download below is tried, with huggingface_hub's retries, as before
+                    if unreachable != "busy":
+                        detail = " ".join(str(e).split())
+                        why = (f"did not answer within {constants.HF_HUB_ETAG_TIMEOUT} s (HF_HUB_ETAG_TIMEOUT)"
+                               if unreachable == "timeout" else f"could not be reached ({detail})")
+                        raise CheckpointError(f"{named}: not a local folder, not in the hub cache, and the hub "
+                                              f"{why}") from None
+                else:
+                    _SERVED_FROM_CACHE[key] = folder
+                    return folder
         # offline, snapshot_download of a commit whose file listing is cached would fetch each file it lacks
         return _snapshot(snapshot_download, text, revision, **({"local_files_only": True} if _hub_offline() else {}))
     except CheckpointError:

@@ -258,8 +258,12 @@ class _GuardedStdout:
 
 @contextlib.contextmanager
 def _guarded_stdout():
-    """sys.stdout as a _GuardedStdout while a command runs."""
+    """sys.stdout as a _GuardedStdout while a command runs. A stdout closed at the start (`>&-`, a daemon's) is
+    None in Python, to which print() writes nothing: it stays so (a wrapper around None raised AttributeError)."""
     stream = sys.stdout
+    if stream is None:
+        yield
+        return
     sys.stdout = _GuardedStdout(stream)
     try:
         yield

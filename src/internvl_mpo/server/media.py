@@ -241,7 +241,8 @@ def _later_members(decoder, wbits: int, room: int) -> bytes:
     """The gzip members after the one `decoder` finished (`cat a.gz b.gz`), decoded as urllib3 (requests) decodes
     them, up to `room` bytes; bytes after the last member that are no gzip data are ignored, as it ignores them."""
     out, rest = b"", decoder.unused_data
-    while rest and wbits & 16 and room > len(out) and decoder.eof:
+    # gzip only: raw deflate's -15 has the 16 bit set too (two's complement), and urllib3 reads one deflate stream
+    while rest and wbits == zlib.MAX_WBITS | 16 and room > len(out) and decoder.eof:
         decoder = zlib.decompressobj(wbits)
         try:
             out += decoder.decompress(rest, room - len(out))
