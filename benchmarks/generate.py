@@ -334,9 +334,16 @@ def main() -> None:
     parser.add_argument("--child", choices=["times", "ours", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: at least 1 turn per side is needed")
     if args.child:
         print("RESULT " + json.dumps(run_child(args)))
         return
+    try:  # the reference side, and the weights it writes
+        from transformers import InternVLForConditionalGeneration  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"this benchmark compares with transformers' InternVLForConditionalGeneration, which does "
+                         f"not import here ({e}); pip install 'transformers>=5' (the test extra)") from None
     names = ["tiny", "small"] if args.config == "both" else [args.config]
     disagree = []
     for name in names:

@@ -134,6 +134,12 @@ def main() -> None:
             parser.error(f"{flag} {path}: no such file")
     if args.schema_file is not None and args.text is None:
         parser.error("--schema-file needs --text, a JSON value of the schema")
+    if args.against == "xgrammar":  # before our side's index and masks (a minute on Qwen2's vocabulary), not after
+        try:
+            import xgrammar  # noqa: F401
+        except ImportError as error:
+            raise SystemExit(f"--against xgrammar: xgrammar is not importable ({error}); pip install --no-deps "
+                             "xgrammar apache-tvm-ffi")
     args.schema = args.schema or args.typed or args.mixed or args.schema_file is not None
     pieces, size, name = pieces_of(args)
     start = time.perf_counter()
@@ -207,9 +213,15 @@ def main() -> None:
     states, state = [], initial
     text = sample if args.regex is not None or args.grammar is not None else json.dumps(sample, indent=2,
                                                                                       ensure_ascii=False)
-    for byte in text.encode():
+    data = text.encode()
+    for position, byte in enumerate(data):
         states.append(state)
         state = advance(state, byte)
+        if state is None:  # only --schema-file's --text can get here: the other texts are checked or built in
+            parser.error(f"--text is not a value of the schema in {args.schema_file}: no value it takes begins with "
+                         f"{data[max(0, position - 30):position + 1].decode(errors='replace')!r} (byte {position})")
+    if args.schema_file is not None and not schema.complete(state):
+        parser.error(f"--text is not a value of the schema in {args.schema_file}: it ends before one does")
     states.append(state)
     fresh: dict[int, list[float]] = {}
     # one state per mask the cache keeps (a whitespace count filters the mask of the state without it)

@@ -219,6 +219,8 @@ def main() -> None:
         parser.error(f"--max-batch {args.max_batch}: the batched server needs at least 2 rows")
     if min(args.clients) < 1 or args.requests_per_client < 1:
         parser.error("--clients and --requests-per-client need at least 1")
+    if args.json is not None and not args.json.parent.is_dir():  # before minutes of measuring, not after
+        parser.error(f"--json {args.json}: no folder {args.json.parent} to write the results in")
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_checkpoint(Path(tmp) / "model", args.preset)

@@ -239,7 +239,9 @@ def run_trl(args) -> dict:
 def check_trl_python(python: str) -> None:
     """Before our side runs (minutes for the 0.5b config): the --trl-python interpreter must import trl."""
     try:
-        done = subprocess.run([python, "-c", "import trl"], capture_output=True, text=True, check=False)
+        # trl's top level imports lazily: `import trl` passes where DPOTrainer (transformers, datasets) cannot import
+        done = subprocess.run([python, "-c", "from trl import DPOConfig, DPOTrainer; import datasets"],
+                              capture_output=True, text=True, check=False)
     except OSError as e:
         raise SystemExit(f"--trl-python {python}: cannot run it ({e.strerror})") from None
     if done.returncode != 0:
@@ -283,6 +285,11 @@ def main() -> None:
         result = run_ours(args) if args.side == "ours" else run_trl(args)
         print(json.dumps(result) if args.json else result)
         return
+    try:  # our side builds its decoder and tokenizer with transformers too
+        from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"our side needs transformers (its Qwen2 decoder and tokenizer), which does not import here "
+                         f"({e}); pip install 'transformers>=5' (the test extra)") from None
     check_trl_python(args.trl_python)
     ours = run_side(sys.executable, "ours", args)
     theirs = run_side(args.trl_python, "trl", args)

@@ -19,8 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import av
 import numpy as np
+
+try:
+    import av
+except ImportError as error:  # the optional `video` extra
+    raise SystemExit(f"video.py needs PyAV, which does not import here ({error}); pip install 'internvl-mpo[video]'")
 
 from internvl_mpo.processor import video
 
@@ -84,6 +88,9 @@ def main() -> None:
         parser.error(f"--size {args.size}: width and height must be even, 2 or more")
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: at least 1 round is needed")
+    if args.keep is None or not args.keep.exists():
+        if args.minutes * 60 * 30 < 1:
+            parser.error(f"--minutes {args.minutes}: the clip needs at least one frame (1/1800 of a minute)")
     try:
         import decord  # noqa: F401
     except ImportError:

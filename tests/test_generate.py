@@ -2527,3 +2527,56 @@ def test_a_conversation_opened_by_the_assistant_is_measured_as_any_other(setup):
         chat.check_prompt("<image>\nDescribe it.", [(None, "How can I help you?")], [10**6])
     answer = chat.chat("Hello", history=[(None, "How can I help you?")], do_sample=False, max_new_tokens=3)
     assert isinstance(answer, str)
+
+
+def _benchmark(script, args, tmp_path, env=None, timeout=300):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    return subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=tmp_path, env=None if env is None else {**os.environ, **env})
+
+
+def test_json_mask_benchmark_refuses_a_text_the_schema_file_does_not_take(tmp_path):
+    """`json_mask.py --schema-file FILE --text VALUE` with a VALUE the schema does not take ended in json_schema's
+    "TypeError: cannot unpack non-iterable NoneType object" (the states were advanced past the dead one); as a
+    --regex's or --grammar's --text, it is refused in one line, before any mask is timed."""
+    schema = tmp_path / "s.json"
+    schema.write_text('{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], '
+                      '"additionalProperties": false}')
+    for text in ('{"a": "x"}', "[1, 2]", "{}"):
+        run = _benchmark("json_mask.py", ["--schema-file", str(schema), "--text", text], tmp_path)
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+        assert f"error: --text is not a value of the schema in {schema}" in run.stderr.splitlines()[-1]
+    run = _benchmark("json_mask.py", ["--schema-file", str(schema), "--text", '{"a": 1}'], tmp_path)
+    assert run.returncode == 0 and "cached:" in run.stdout, run.stderr[-2000:]
+
+
+def test_generate_benchmark_refuses_no_rounds_and_a_missing_transformers_in_one_line(tmp_path):
+    """`generate.py --rounds 0` ran both peak-memory processes (minutes for the small config) and then printed the
+    timing process's "KeyError: 'vision'" traceback; without transformers (the reference it compares with) the
+    run was a ModuleNotFoundError traceback. Both are one line before anything is built."""
+    run = _benchmark("generate.py", ["--config", "tiny", "--rounds", "0"], tmp_path, timeout=60)
+    assert run.returncode == 2 and run.stderr.splitlines()[-1].endswith("--rounds 0: at least 1 turn per side is needed")
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "transformers.py").write_text("raise ModuleNotFoundError(\"No module named 'transformers'\", "
+                                             "name='transformers')\n")
+    import os
+
+    path = os.pathsep.join([str(blocked), os.environ.get("PYTHONPATH", "")])
+    run = _benchmark("generate.py", ["--config", "tiny"], tmp_path, env={"PYTHONPATH": path}, timeout=60)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.startswith("this benchmark compares with transformers' InternVLForConditionalGeneration")
+
+
+def test_serve_benchmark_checks_its_json_folder_before_the_run(tmp_path):
+    """`serve.py --json DIR/x.json` with no DIR measured both servers (minutes) and then ended in write_text's
+    FileNotFoundError traceback; the folder is checked first."""
+    run = _benchmark("serve.py", ["--json", str(tmp_path / "nope" / "x.json")], tmp_path, timeout=60)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.splitlines()[-1].endswith(f"--json {tmp_path / 'nope' / 'x.json'}: no folder "
+                                                f"{tmp_path / 'nope'} to write the results in")

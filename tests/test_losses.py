@@ -657,3 +657,12 @@ def test_train_step_benchmark_checks_its_trl_python_first(tmp_path):
     has_trl.write_text("#!/bin/sh\nexit 0\n")
     has_trl.chmod(0o755)
     bench.check_trl_python(str(has_trl))
+    # trl's top level imports lazily: an interpreter where `import trl` passes but its DPOTrainer cannot import
+    # (a transformers it cannot take) passed the check, and failed with a traceback after our side had run
+    lazy = tmp_path / "python-lazy-trl"
+    lazy.write_text("#!/bin/sh\n[ \"$2\" = \"import trl\" ] && exit 0\n"
+                    "echo \"ModuleNotFoundError: No module named 'transformers'\" >&2\nexit 1\n")
+    lazy.chmod(0o755)
+    with pytest.raises(SystemExit, match=rf"--trl-python {lazy}: it cannot import trl \(ModuleNotFoundError: No module "
+                                         r"named 'transformers'\)"):
+        bench.check_trl_python(str(lazy))

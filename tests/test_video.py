@@ -1202,3 +1202,25 @@ def test_chat_refuses_a_second_video_flag(tmp_path, capsys):
     assert exit_.value.code == 2
     assert capsys.readouterr().err.endswith(f"internvl-mpo chat: error: --video takes one value, got "
                                             f"'{tmp_path / 'a.mp4'}' and '{tmp_path / 'frames'}'\n")
+
+
+def test_video_benchmark_without_pyav_or_frames_says_so_in_one_line(tmp_path):
+    """benchmarks/video.py imported av at its top: without the optional `video` extra it was a ModuleNotFoundError
+    traceback; `--minutes 0` wrote no clip and ended in PyAV's FileNotFoundError traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "video.py"
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "av.py").write_text("raise ModuleNotFoundError(\"No module named 'av'\", name='av')\n")
+    path = os.pathsep.join([str(blocked), os.environ.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, str(script), "--minutes", "0.01"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": path})
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.startswith("video.py needs PyAV") and "internvl-mpo[video]" in run.stderr
+    run = subprocess.run([sys.executable, str(script), "--minutes", "0"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.splitlines()[-1].endswith("--minutes 0.0: the clip needs at least one frame (1/1800 of a minute)")
