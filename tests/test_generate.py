@@ -2560,7 +2560,8 @@ def test_generate_benchmark_refuses_no_rounds_and_a_missing_transformers_in_one_
     timing process's "KeyError: 'vision'" traceback; without transformers (the reference it compares with) the
     run was a ModuleNotFoundError traceback. Both are one line before anything is built."""
     run = _benchmark("generate.py", ["--config", "tiny", "--rounds", "0"], tmp_path, timeout=60)
-    assert run.returncode == 2 and run.stderr.splitlines()[-1].endswith("--rounds 0: at least 1 turn per side is needed")
+    assert run.returncode == 2
+    assert run.stderr.splitlines()[-1].endswith("--rounds 0: at least 1 turn per side is needed")
     blocked = tmp_path / "blocked"
     blocked.mkdir()
     (blocked / "transformers.py").write_text("raise ModuleNotFoundError(\"No module named 'transformers'\", "

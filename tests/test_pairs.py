@@ -512,6 +512,40 @@ def test_a_continuation_that_gives_back_the_chosen_answer_makes_no_pair(tmp_path
     assert stats.no_pairs == 1 and "no_pairs=1" in stats.summary()  # counted and reported, not dropped silently
 
 
+def test_dropout_ntp_writes_no_pair_that_training_refuses(tmp_path):
+    """A chosen answer holding <IMG_CONTEXT> past its kept half, or a rejected answer that is blank (no prefix kept, a
+    continuation of whitespace), made a pair that `train mpo` refuses, stopping the run on the whole file."""
+    from internvl_mpo.chat.template import build_pair_ids
+    from internvl_mpo.chat.tokenizer import load_tokenizer
+
+    folder = tmp_path / "data"
+    lines = [ntp_line(folder, id="ctx", question="Describe.", chosen="A green square <IMG_CONTEXT> on white."),
+             ntp_line(folder, id="blank", question="Describe.", chosen="图中有一个绿色的正方形。"),
+             ntp_line(folder, id="ok", question="Describe.", chosen="A green square on a white background.")]
+    (folder / "items.jsonl").write_text("".join(lines))
+    stats = make_dropout_ntp_pairs(folder / "items.jsonl", tmp_path / "out", lambda jobs: [
+        "\n\n\n" if job.prefix == "" else " and more." for job in jobs], SETTINGS)
+    assert stats.pairs == 1 and stats.no_pairs == 1
+    assert len(stats.failed) == 1 and "(id 'ctx')" in stats.failed[0] and "<IMG_CONTEXT>" in stats.failed[0]
+    records, _ = read_datasets(load_meta(str(tmp_path / "out" / "meta.json")))
+    tokenizer = load_tokenizer(Path(__file__).parents[1] / "src" / "internvl_mpo" / "demo_model")
+    for record in records:  # what train mpo does with each record: no refusal
+        build_pair_ids(tokenizer, record.question, record.chosen, record.rejected, [1], num_image_token=2)
+
+
+def test_a_question_holding_a_video_placeholder_is_refused_with_its_line(tmp_path):
+    """`train mpo` refuses a record whose question holds <video> without a video: pairs on such an item stopped
+    the training run; the item is refused when read, naming its line, for both methods."""
+    folder = tmp_path / "data"
+    path = folder / "items.jsonl"
+    for method, line in (("dropout-ntp", ntp_line(folder, id="v", question="What does <video> do?", chosen="It plays.")),
+                         ("correctness", ntp_line(folder, id="v", question="What does <video> do?", answer="play",
+                                                  kind="text"))):
+        path.write_text(line)
+        with pytest.raises(InputError, match=r"items\.jsonl:1: the question holds <video>"):
+            read_items(path, method)
+
+
 def test_items_that_give_no_pair_are_counted_in_the_summary(tmp_path):
     """An item whose samples are all right (or none right) gives no pair; the summary said only pairs=0, where the
     official postprocess reports all_correct / all_incorrect / key_without_pairs."""
@@ -840,6 +874,21 @@ def test_dropout_ntp_prompt_is_the_template_plus_the_prefix(tiny_model, tmp_path
     for row, item in zip(pairs, rows, strict=True):
         assert row["chosen"] == item["chosen"] and row["rejected"].startswith(truncate_words(item["chosen"]))
         assert row["rejected"] != row["chosen"]
+
+
+def test_dropout_ntp_prompt_of_a_question_that_is_only_its_image_closes_the_user_turn(tiny_model):
+    """The official script renders the text-only question with lmdeploy's template, which closes an empty user turn
+    ("<|im_start|>user\\n<|im_end|>\\n"); the prompt left the bare role, so the model continued another conversation."""
+    from internvl_mpo.chat.template import get_template
+    from internvl_mpo.chat.tokenizer import load_tokenizer
+    from internvl_mpo.pairs import text_only_question
+
+    tokenizer = load_tokenizer(tiny_model)
+    question = text_only_question("<image>\n")
+    assert question == ""
+    tmpl = get_template("internvl2_5")
+    official = tmpl.system_turn() + "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\nThe picture shows"
+    assert continuation_prompt_ids(tokenizer, question, "The picture shows") == tokenizer.encode(official)
 
 
 def test_one_mpo_training_step_on_the_pairs(tiny_model, tmp_path):

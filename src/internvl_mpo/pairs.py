@@ -75,7 +75,7 @@ from internvl_mpo.answers import (
     normalize_options,
     options_text,
 )
-from internvl_mpo.chat.template import IMAGE_PLACEHOLDER, add_image_prefix
+from internvl_mpo.chat.template import IMAGE_PLACEHOLDER, IMG_CONTEXT, VIDEO_PLACEHOLDER, add_image_prefix
 from internvl_mpo.config import check_tile_budget
 from internvl_mpo.errors import (
     ConfigError, InputError, Interrupted, NumericsError, PromptTooLongError, SettingError,
@@ -246,6 +246,13 @@ def refuse_unread_media(row: dict, where: str) -> None:
         raise InputError(f"{where}: field 'video' is not supported here; {FRAMES_AS_IMAGES}")
 
 
+def refuse_video_placeholder(prompt: str, where: str) -> None:
+    """Refuse a prompt holding `<video>`: training reads it as a video's place and refuses the pair without one."""
+    if VIDEO_PLACEHOLDER in prompt:
+        raise InputError(f"{where}: the question holds {VIDEO_PLACEHOLDER}, which training reads as a video's place "
+                         f"(its pairs would be refused); videos are not read here, {FRAMES_AS_IMAGES}")
+
+
 def check_images(images, where: str, checked: set, max_pixels: int | None = None) -> None:
     """Open and decode each image (path or bytes) not in `checked` yet, so a missing file, a non-image
     or one over `max_pixels` pixels is reported with its file:line before the model loads. A video given
@@ -322,6 +329,7 @@ def _parse_item(row: dict, method: str, folder: Path, where: str) -> Item:
             place_images(question, len(images))  # the pairs keep the question: training must be able to place them
         except InputError as e:
             raise InputError(f"{where}: {e}") from None
+        refuse_video_placeholder(question, where)
         if not images:  # without an image the "continued without the image" answer is a sample of the same prompt
             raise InputError(f"{where}: DropoutNTP needs an 'image': its rejected answer is the chosen one continued "
                              "without the image, which for an item without one is the model's own answer to the same prompt")
@@ -337,6 +345,7 @@ def _parse_item(row: dict, method: str, folder: Path, where: str) -> Item:
         self_check = check_answer(answer, answer, kind, options)
     except InputError as e:
         raise InputError(f"{where}: {e}") from None
+    refuse_video_placeholder(correctness_prompt(item), where)
     if not self_check:
         raise InputError(f"{where}: the ground truth {answer!r} cannot be checked (it does not match itself); "
                          'give the options, or "kind": "text" to compare it as text')
@@ -613,8 +622,13 @@ def make_dropout_ntp_pairs(
             if "error" in row:
                 stats.failed.append(f"{item.where} (id {item.id!r}): {row['error']}")
                 continue
+            if IMG_CONTEXT in item.chosen:  # training refuses the pair (the text reads as image tokens)
+                stats.failed.append(f"{item.where} (id {item.id!r}): the chosen answer contains {IMG_CONTEXT}; it is "
+                                    "reserved for image features")
+                continue
             rejected = row["prefix"] + row["continuation"]
-            if rejected != item.chosen:
+            # training refuses a pair whose answers are the same text, or whose rejected one is blank
+            if rejected != item.chosen and rejected.strip() and IMG_CONTEXT not in rejected:
                 rows.append(_pair_row(item, item.question, item.chosen, rejected, None))
             else:
                 stats.no_pairs += 1
@@ -630,9 +644,15 @@ def continuation_prompt_ids(tokenizer, question: str, prefix: str, template: str
     """Template prompt (open assistant turn) + the prefix's ids. The prefix is stripped, so this equals
     tokenizing the rendered prompt and the prefix as one string, as the official script does: the
     assistant header ends in a newline, which the Qwen2 pre-tokenizer never joins to following text."""
-    from internvl_mpo.chat.template import IMG_CONTEXT, build_prompt_ids
+    from internvl_mpo.chat.template import build_prompt_ids, get_template
 
-    ids = build_prompt_ids(tokenizer, question, template=template)
+    if question:
+        ids = build_prompt_ids(tokenizer, question, template=template)
+    else:  # a question that was only its image: lmdeploy closes the empty user turn, where chat()'s template leaves
+        # the bare role ("<|im_start|>user\n<|im_start|>assistant\n")
+        tmpl = get_template(template)
+        ids = tokenizer.encode(tmpl.system_turn() + tmpl.roles[0] + tmpl.sep + tmpl.roles[1])
+        ids = [tokenizer.bos_id, *ids] if tokenizer.add_bos_token else ids
     prefix_ids = tokenizer.encode(prefix)
     if tokenizer.img_context_id in prefix_ids:  # the continuation has no image to fill it
         raise InputError(f"the kept part of the chosen answer contains {IMG_CONTEXT}; it is reserved for image "
