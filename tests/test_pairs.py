@@ -538,9 +538,9 @@ def test_a_question_holding_a_video_placeholder_is_refused_with_its_line(tmp_pat
     the training run; the item is refused when read, naming its line, for both methods."""
     folder = tmp_path / "data"
     path = folder / "items.jsonl"
-    for method, line in (("dropout-ntp", ntp_line(folder, id="v", question="What does <video> do?", chosen="It plays.")),
-                         ("correctness", ntp_line(folder, id="v", question="What does <video> do?", answer="play",
-                                                  kind="text"))):
+    question = "What does <video> do?"
+    for method, line in (("dropout-ntp", ntp_line(folder, id="v", question=question, chosen="It plays.")),
+                         ("correctness", ntp_line(folder, id="v", question=question, answer="play", kind="text"))):
         path.write_text(line)
         with pytest.raises(InputError, match=r"items\.jsonl:1: the question holds <video>"):
             read_items(path, method)
