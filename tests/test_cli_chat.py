@@ -2132,6 +2132,21 @@ def test_an_answer_that_stdout_cannot_take_is_one_line(folder, tmp_path, command
                                           "device)" and "Traceback" not in out.stderr
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("command", [["--help"], ["tiles", "--help"], ["tiles", "{image}", "--output", "{tmp}/t.png"]])
+def test_a_buffered_stdout_that_cannot_take_the_output_is_one_line(folder, tmp_path, command):
+    """Without PYTHONUNBUFFERED, stdout into a file is block-buffered: a short output was still in the buffer when
+    the guard came off, and Python's flush at exit failed ("Exception ignored ... OSError: [Errno 28]", exit 120)."""
+    words = [w.format(image=folder.parent / "red.png", tmp=tmp_path) for w in command]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    with open("/dev/full", "w") as full:
+        out = subprocess.run([sys.executable, "-m", "internvl_mpo.cli", *words], stdout=full, stderr=subprocess.PIPE,
+                             text=True, timeout=120, env=env)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.splitlines()[-1].endswith("error: cannot write to stdout (No space left on device)")
+    assert "Exception ignored" not in out.stderr and "Traceback" not in out.stderr
+
+
 @pytest.mark.parametrize("command", [["--help"], ["tiles", "{image}", "--output", "{tmp}/t.png"]])
 def test_a_closed_stdout_is_written_nothing_as_print_writes_nothing(folder, tmp_path, command):
     """A stdout closed at the start (`internvl-mpo tiles ... >&-`, a daemon or cron job's) is None in Python, and
@@ -2170,3 +2185,4 @@ def test_an_output_name_near_the_file_name_limit_is_one_line(folder, tmp_path, c
     assert main(["generate", "--input", str(requests), "--output", str(answers), "--model", str(folder)]) == 1
     err = capsys.readouterr().err
     assert "saving failed" in err and "File name too long" in err and "Traceback" not in err
+    assert "give a shorter one" in err and "make room" not in err  # room would not help

@@ -424,6 +424,27 @@ def test_metadata_that_cannot_name_a_file_is_not_taken_for_a_misnamed_image_or_v
     assert report.messages == [f"{tmp_path / 'sft.jsonl'}:4: field 'images' is not read; did you mean 'image'?"]
 
 
+def test_a_misnamed_image_in_another_form_than_a_string_is_still_refused(tmp_path):
+    """The metadata exemption ("image_id": 4) took every value that is not a string or a list of strings for one
+    that names no file: an image under another name in datasets' form ([{"bytes": null, "path": ...}]), as an
+    object, or in a list with a null trained text-only without a word (before, "did you mean 'image'?")."""
+    write_images(tmp_path / "images")
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]
+    lines = [{"images": [{"bytes": None, "path": "red.png"}], "conversations": turns},
+             {"image_path": {"path": "red.png"}, "conversations": turns},
+             {"images": ["red.png", None], "conversations": turns},
+             {"image_id": 4, "image_flags": [0, 1], "conversations": turns}]  # names no file: kept
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    from internvl_mpo.train.mmpr import SkipReport
+
+    report = SkipReport()
+    records = read_sft_records(str(tmp_path / "sft.jsonl"), str(tmp_path / "images"), report=report)
+    assert [r.source.line for r in records] == [4]
+    assert [m.split(": ", 1)[1] for m in report.messages] == [
+        "field 'images' is not read; did you mean 'image'?", "field 'image_path' is not read; did you mean 'image'?",
+        "field 'images' is not read; did you mean 'image'?"]
+
+
 def test_an_empty_misnamed_media_field_beside_the_record_s_own_is_not_refused(tmp_path):
     meta = write_mmpr(tmp_path, [{"image": "red.png", "videos": [], "question": "q", "chosen": "a", "rejected": "b"},
                                  {"images": None, "question": "t", "chosen": "a", "rejected": "b"},

@@ -203,6 +203,8 @@ def _main(argv: list[str] | None) -> int:
             positional += args.pop(p.name)
     try:
         result = fn(*positional, **args)
+        if sys.stdout is not None:  # what the buffer holds (stdout into a file is block-buffered), while guarded
+            sys.stdout.flush()
     except InternVLError as e:
         print(f"internvl-mpo {name}: error: {flagged(e, fn)}", file=sys.stderr)
         return 1
@@ -266,7 +268,13 @@ def _guarded_stdout():
         return
     sys.stdout = _GuardedStdout(stream)
     try:
-        yield
+        try:
+            yield
+        except SystemExit:  # argparse's --help and usage errors: their text is still in the buffer
+            sys.stdout.flush()
+            raise
+        # flushed here, not at exit: Python's own flush there fails with "Exception ignored ... OSError", exit 120
+        sys.stdout.flush()
     finally:
         sys.stdout = stream
 

@@ -8,6 +8,7 @@ it holds the folder locked while it writes (`hold_output`), appends each finishe
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -67,6 +68,8 @@ def writing(path: Path, outcome: str) -> Iterator[None]:
     try:
         yield
     except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:  # room would not help: the name (or one made from it) is too long
+            outcome = "the name, with the suffix added to it, is too long for this file system: give a shorter one"
         raise SaveError(path, " ".join(str(e).split()), outcome) from None
 
 

@@ -389,14 +389,26 @@ def _paths(value: Any) -> bool:
     return isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
+def _holds_a_path(value: Any) -> bool:
+    """Whether a field's value holds something that could be a file path: a non-empty string, or a list or object
+    holding one. Numbers, booleans and null (ids, flags) cannot."""
+    if isinstance(value, str):
+        return value != ""
+    if isinstance(value, list):
+        return any(_holds_a_path(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_a_path(v) for v in value.values())
+    return False
+
+
 def _media(item: dict, root: str) -> tuple[tuple[str, ...], bool, str | None]:
     """(images, multi_image, video) with the official branch order: image, then video, else text; a record
     with both is refused (the official reader drops its video). A field that looks like an `image` or `video`
     the line lacks ("images", "image_path") is refused: the record would train without its image."""
     # a misnamed field that names nothing ("videos": [] beside an image) loses no image or video: not refused, and
-    # neither is one that cannot name a file (metadata such as "image_id": 4 on a text-only or video record)
-    named = {key: value for key, value in item.items()
-             if key in ("image", "video") or (value not in ("", [], None) and _paths(value))}
+    # neither is one that cannot name a file (metadata such as "image_id": 4 on a text-only or video record); one
+    # that holds a path in another form (datasets' [{"bytes": null, "path": "a.png"}]) is refused
+    named = {key: value for key, value in item.items() if key in ("image", "video") or _holds_a_path(value)}
     problem = unread_field(named, ("image", "video"))
     if problem is None and any(item.get(key) in ("", []) for key in ("image", "video")):
         # an empty image or video is none given: a field of paths beside it ("images": [...]) is another name for
