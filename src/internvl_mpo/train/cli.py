@@ -6,6 +6,7 @@ Multi-GPU: `torchrun --nproc-per-node N -m internvl_mpo.cli train mpo ...`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -120,7 +121,8 @@ def train(
     from internvl_mpo.train.settings import TrainConfig, count, env_int
 
     config = TrainConfig(**settings)
-    config.validate()  # the flags are checked before torch loads with what follows (about 2 s)
+    with _said_by_process_0():
+        config.validate()  # the flags are checked before torch loads with what follows (about 2 s)
     from internvl_mpo.convert import remote_code_note
     from internvl_mpo.processor.image import let_pillow_open
     from internvl_mpo.train.checkpointing import latest_checkpoint
@@ -132,7 +134,8 @@ def train(
     if fsdp and env_int("WORLD_SIZE", 1) < 2:
         print0("note: --fsdp shards only when several processes run (torchrun); this single process trains unsharded")
     try:
-        result = run(config)
+        with _said_by_process_0():
+            result = run(config)
     except Stopped as e:  # by SIGTERM: 143 (128 + 15), the code a shell gives a process that SIGTERM ended
         print0(f"internvl-mpo train: {e}", file=sys.stderr)
         return EXIT_CODE
@@ -159,6 +162,24 @@ def train(
         for message in result.skipped.messages:
             print0(f"  {message}")
     return 0
+
+
+@contextlib.contextmanager
+def _said_by_process_0():
+    """A ConfigError (a flag or setting, which every torchrun process checks alike and refuses with the same line)
+    is printed by process 0 alone: the others end with exit code 1 and no line, not N copies of it. A process whose
+    own RANK is out of range says so itself."""
+    from internvl_mpo.errors import ConfigError
+    from internvl_mpo.train.settings import env_int
+
+    try:
+        yield
+    except ConfigError:
+        with contextlib.suppress(ConfigError):
+            rank, world = env_int("RANK", 0), env_int("WORLD_SIZE", 1)
+            if 0 < rank < world:
+                raise SystemExit(1) from None
+        raise
 
 
 PLOT_PANELS = (

@@ -204,10 +204,25 @@ def train(config: TrainConfig, on_step: Callable[[int, dict[str, float]], None] 
         # One process keeps them (a debugger's post-mortem reads them).
         if env.distributed:
             traceback.clear_frames(e.__traceback__)
+            if lost_peer(e):  # another process died (killed, out of memory): gloo's error deep in a collective
+                last = ckpt.latest_checkpoint(Path(config.output))
+                kept = f"--resume goes on from {last}" if last else "no checkpoint was saved"
+                raise TrainingError(f"process {env.rank}: lost contact with another process of the run (it ended or"
+                                    f" was killed: see its own output); {kept} ({str(e).split('. ')[0]})") from None
         raise
     finally:
         if env.distributed:
             destroy_distributed(mesh)
+
+
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused")
+
+
+def lost_peer(e: BaseException) -> bool:
+    """Whether `e` is torch's error (gloo's RuntimeError, a DistError) for a peer process that went away."""
+    if isinstance(e, TrainingError) or not isinstance(e, RuntimeError):
+        return False
+    return isinstance(e, torch.distributed.DistNetworkError) or any(text in str(e) for text in _PEER_LOST)
 
 
 def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitStack) -> TrainResult:
