@@ -730,7 +730,8 @@ def test_a_process_that_died_ends_the_others_with_one_line(setup, fsdp):
     log = root / f"{name}.txt"
     mp.start_processes(_dying_worker, args=(2, free_ports(1)[0], cfg, str(log)), nprocs=2, start_method="spawn")
     assert re.fullmatch(r"TrainingError: process 0: lost contact with another process of the run \(it ended or was"
-                        r" killed: see its own output\); --resume goes on from \S+checkpoint-00000[24] \(.* by peer.*\)",
+                        r" killed: see its own output\); --resume goes on from \S+checkpoint-00000[24]"
+                        r" \(.* by peer.*\)",
                         log.read_text()), log.read_text()
 
 
