@@ -89,7 +89,7 @@ def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None) -> P
         raise CheckpointError(f"{text}: no such checkpoint folder (and not a hub id like 'org/name')")
     named = text if revision is None else f"{text} (revision {revision!r})"
     try:
-        from huggingface_hub import HfApi, constants, snapshot_download
+        from huggingface_hub import HfApi, constants
 
         # a hub found unreachable once in this process is not waited for again (a command resolves its model
         # more than once: each wait was HF_HUB_ETAG_TIMEOUT seconds)
@@ -105,7 +105,7 @@ def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None) -> P
             unreachable = None if _hub_offline() else _unreachable(e)  # offline, snapshot_download reads the cache
             if unreachable:
                 try:
-                    folder = _snapshot(snapshot_download, text, revision, local_files_only=True)
+                    folder = _snapshot(text, revision, local_files_only=True)
                 except Exception:
                     # a busy hub (5xx, 429: often the API's rate limit alone) may still serve the files: without a
                     # cached copy the download below is tried, with huggingface_hub's retries, as before
@@ -119,16 +119,14 @@ def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None) -> P
                     _SERVED_FROM_CACHE[key] = folder
                     return folder
         # offline, snapshot_download of a commit whose file listing is cached would fetch each file it lacks
-        return _snapshot(snapshot_download, text, revision, **({"local_files_only": True} if _hub_offline() else {}))
+        return _snapshot(text, revision, **({"local_files_only": True} if _hub_offline() else {}))
     except CheckpointError:
         raise
     except Exception as e:  # network, auth, missing repo: one clear message, on one line
         reason = " ".join(str(e).split())
-        if _hub_offline() and type(e).__name__ == "LocalEntryNotFoundError":  # its text speaks of local_files_only
-            from huggingface_hub import constants
-
-            reason = f"no snapshot of it in {constants.HF_HUB_CACHE}; unset HF_HUB_OFFLINE to download it"
         if _hub_offline():
+            if type(e).__name__ == "LocalEntryNotFoundError":  # its text speaks of local_files_only
+                reason = f"no snapshot of it in {constants.HF_HUB_CACHE}; unset HF_HUB_OFFLINE to download it"
             raise CheckpointError(f"{named}: not a local folder, and not in the hub cache (HF_HUB_OFFLINE is set, "
                                   f"so the hub was not asked): {reason}") from None
         raise CheckpointError(f"{named}: not a local folder, and downloading it from the hub failed: "
@@ -140,13 +138,15 @@ def resolve_checkpoint(path_or_id: str | Path, revision: str | None = None) -> P
 _SERVED_FROM_CACHE: dict[tuple[str, str | None, str], Path] = {}
 
 
-def _snapshot(download: Callable[..., str], repo_id: str, revision: str | None, **kwargs: Any) -> Path:
+def _snapshot(repo_id: str, revision: str | None, **kwargs: Any) -> Path:
     """`snapshot_download`'s folder. A cached snapshot that the cached file listing of its commit (huggingface_hub's
     `trees/<commit>.json`) calls incomplete, read without the hub, is taken as it is (the error's `snapshot_path`):
     the files missing there are often ones no load reads (README.md, remote code, examples/ that `hf download
     --include` or another tool's download left out), and the loader names a file it needs that is missing."""
+    from huggingface_hub import snapshot_download
+
     try:
-        return Path(download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, **kwargs))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, **kwargs))
     except Exception as e:
         if type(e).__name__ == "IncompleteSnapshotError" and getattr(e, "snapshot_path", None):
             return Path(e.snapshot_path)

@@ -685,7 +685,7 @@ class Generation:
     def _overflowed(self, where: str) -> NumericsError:
         """The error of a row whose activations overflowed `where` (the argmax of its NaN logits would be token 0,
         "!!!!" for Qwen2.5)."""
-        dtype = self.engine.model.language_model.input_embeddings().weight.dtype  # the decoder's
+        dtype = self.key_mask.dtype  # the decoder's
         fix = ": load it in bfloat16 or float32" if dtype == torch.float16 else ""
         return NumericsError(f"the model's activations overflowed to NaN or inf {where} (weights in "
                              f"{str(dtype).removeprefix('torch.')}{fix}); its answer would be garbage")
