@@ -380,7 +380,7 @@ def test_vllm_fields_that_would_change_the_answer_are_refused_not_ignored():
         return parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **fields}, ServerSettings())
 
     for key, value in {"min_p": 0.1, "use_beam_search": True, "include_stop_str_in_output": True,
-                       "echo": True, "allowed_token_ids": [1, 2],
+                       "allowed_token_ids": [1, 2],
                        "bad_words": ["no"], "logits_processors": ["x"], "truncate_prompt_tokens": 5,
                        "return_tokens_as_token_ids": True, "chat_template": "{{ messages }}",
                        "skip_special_tokens": False, "add_generation_prompt": False,
@@ -440,7 +440,7 @@ def test_refused_fields_are_refused_whatever_their_type_and_pass_only_at_their_o
     """`tools: {}`, chat `echo: 0` or `suffix: []` passed because they read as false: a refused field passes
     only as null or its off value of its own JSON type (`tools: []`, `echo: false`, `min_p: 0`)."""
     chat = {"messages": [{"role": "user", "content": "hi"}]}
-    cases = [(parse_chat_request, chat, {"echo": 0, "min_p": False, "bad_words": {},
+    cases = [(parse_chat_request, chat, {"min_p": False, "bad_words": {},
                                          "use_beam_search": 0, "chat_template": "", "functions": "",
                                          "truncate_prompt_tokens": 0, "audio": {}}),
              (parse_completion_request, {"prompt": "hi"}, {"suffix": [], "tools": "", "include_stop_str_in_output": 0,
@@ -738,6 +738,26 @@ def test_continue_final_message_continues_the_assistant_message(server, client, 
                                          {"type": "text", "text": "Q"}]}  # a video before the continued message
     req = parse_chat_request({"messages": [video, {"role": "assistant", "content": "It is"}], **cont}, ServerSettings())
     assert (req.question, req.answer_start, req.video_url[0]) == ("Q", "It is", "messages[0].content[0].video_url")
+
+
+def test_chat_echo_puts_the_final_assistant_message_before_the_answer(server, client):
+    """vLLM's chat `echo` was a 400: the final message, where it is the assistant's, goes before each answer (in a
+    chunk of its own after the role when streamed); after a user message it adds nothing, as in vLLM."""
+    greedy = {**GREEDY, "max_tokens": 6}
+    ask = [{"role": "user", "content": "Hi"}]
+    prefill = [*ask, {"role": "assistant", "content": "The answer is "}]
+    cont = {"continue_final_message": True, "add_generation_prompt": False}
+    for messages, extra, echoed in ((prefill, cont, "The answer is "), (prefill, {}, "The answer is "), (ask, {}, "")):
+        plain = client.chat.completions.create(model="m", messages=messages, extra_body=extra, **greedy)
+        reply = client.chat.completions.create(model="m", messages=messages, n=2,
+                                               extra_body={**extra, "echo": True}, **greedy)
+        answer = plain.choices[0].message.content
+        assert [c.message.content for c in reply.choices] == [echoed + answer] * 2
+        assert reply.usage.prompt_tokens == plain.usage.prompt_tokens
+        texts, _, _ = stream_text(client, messages=messages, extra_body={**extra, "echo": True}, **greedy)
+        assert texts == {0: echoed + answer}
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        client.chat.completions.create(model="m", messages=ask, extra_body={"echo": 1}, **greedy)
 
 
 def clip(path: Path, size: tuple[int, int] = (64, 48)) -> bytes:

@@ -380,6 +380,8 @@ def create_app(chat: InternVLChat, settings: ServerSettings):
 
         for index in range(req.n):
             yield chunk(index, {"role": "assistant", "content": ""})
+        for index in range(req.n if req.echo else 0):  # as vLLM, the echoed message in a chunk of its own
+            yield chunk(index, {"content": req.echo})
         tokens = [0] * req.n  # per choice, its tokens so far (all counted if the stream ends on an error)
         calls = [ToolCalls(req.named_tool) for _ in range(req.n)] if req.named_tool or req.tools_required else None
         held: list[list[dict]] = [[] for _ in range(req.n)]  # per choice, the logprobs of the chunks not sent
@@ -540,12 +542,13 @@ def _tool_finish(req: ChatRequest, finish_reason: str | None, stop_reason: int |
 
 
 def _message(req: ChatRequest, a: Answer) -> tuple[dict, str | None]:
-    """(the message, the finish_reason) of one finished choice; with tool_choice, its calls (content "", as vLLM)."""
+    """(the message, the finish_reason) of one finished choice; with tool_choice, its calls (content "", as vLLM);
+    the content starts with the echoed message (vLLM's chat `echo`)."""
     if not (req.named_tool or req.tools_required):
-        return {"role": "assistant", "content": a.text}, a.finish_reason
+        return {"role": "assistant", "content": req.echo + a.text}, a.finish_reason
     calls = ToolCalls(req.named_tool)
     calls.read(a.text)
-    message = {"role": "assistant", "content": "", "tool_calls": calls.calls}
+    message = {"role": "assistant", "content": req.echo, "tool_calls": calls.calls}
     return message, _tool_finish(req, a.finish_reason, a.stop_reason)
 
 

@@ -44,7 +44,7 @@ SHARED_FIELDS = {"model", "temperature", "top_p", "max_tokens", "max_completion_
                  "logprobs", "prompt_logprobs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
                  "structured_outputs"}
 CHAT_FIELDS = {"messages", "top_logprobs", "tools", "tool_choice", "add_generation_prompt", "max_num",
-               "continue_final_message"}
+               "continue_final_message", "echo"}
 COMPLETION_FIELDS = {"prompt", "suffix", "best_of", "echo", "add_special_tokens"}
 IMAGE_DETAILS = ("auto", "low", "high")  # OpenAI's image_url.detail; tiles follow max_num whatever it says
 TOOL_FIELDS = ("name", "description", "parameters", "strict")  # a function tool's fields (OpenAI's)
@@ -90,6 +90,7 @@ class ChatRequest:
     named_tool: str | None = None  # a named tool_choice: the answer is this function's arguments, one call
     tools_required: bool = False  # tool_choice "required": the answer is a JSON list of calls
     answer_start: str = ""  # vLLM's continue_final_message: the final assistant message, which the answer continues
+    echo: str = ""  # vLLM's chat `echo`: the final assistant message's text, put before each answer
 
 
 @dataclass
@@ -725,8 +726,8 @@ def parse_chat_request(body, settings: ServerSettings, tokenizing: bool = False)
     (/tokenize) takes `add_generation_prompt: false` without `continue_final_message`."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    # vLLM's chat fields: echo (its chat meaning), a BOS besides the template's
-    refused = {**UNSUPPORTED_FIELDS, "echo": (False,), "best_of": (1,), "add_special_tokens": (False,)}
+    # vLLM's chat fields: a BOS besides the template's
+    refused = {**UNSUPPORTED_FIELDS, "best_of": (1,), "add_special_tokens": (False,)}
     del refused["tools"]  # taken here (`_tool_choice`)
     named_tool, tools_required, tool_constraint = _tool_choice(body)
     sampling = _sampling(body, settings, refused, CHAT_FIELDS, tool_constraint=tool_constraint)
@@ -742,6 +743,8 @@ def parse_chat_request(body, settings: ServerSettings, tokenizing: bool = False)
         raise ApiError(400, f"the request has {len(images)} images; this server accepts at most "
                             f"{settings.max_images}", "messages", "too_many_images")
     turns = _label_images(turns, len(images))
+    # vLLM's chat echo: the final message, where it is the answer's role (assistant), goes before each answer
+    echo = turns[-1][1] if _field(body, "echo", (bool,), False) and turns[-1][0] == "assistant" else ""
     answer_start = ""
     if continuing:
         if turns[-1][0] != "assistant":
@@ -756,7 +759,7 @@ def parse_chat_request(body, settings: ServerSettings, tokenizing: bool = False)
         question=question, history=history, system_message=system, image_urls=images, video_url=video,
         max_num=_field(body, "max_num", (int,), None, 1, settings.max_tiles),
         logprobs=(top_logprobs or 0) if logprobs else None, prompt_logprobs=_prompt_logprobs(body),
-        named_tool=named_tool, tools_required=tools_required, answer_start=answer_start, **sampling,
+        named_tool=named_tool, tools_required=tools_required, answer_start=answer_start, echo=echo, **sampling,
     )
 
 
