@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from test_train_data import COLORS, write_mmpr
 
 from internvl_mpo.chat.tokenizer import load_tokenizer
-from internvl_mpo.errors import CheckpointError, ConfigError
+from internvl_mpo.errors import ConfigError, ResumeSettingsError
 from internvl_mpo.model import InternVL
 from internvl_mpo.train.distributed import epoch_order, init_distributed, rank_share
 from internvl_mpo.train.mpo import train
@@ -313,7 +313,7 @@ def test_fsdp_resumes_mid_epoch_exactly_and_refuses_another_world_size(setup):
     run("whole")
     (root / "resumed").mkdir()
     shutil.copytree(root / "whole" / "checkpoint-000003", root / "resumed" / "checkpoint-000003")  # 3 of 4 per rank
-    with pytest.raises(CheckpointError, match=r"world_size \(checkpoint 2, now 1\)"):
+    with pytest.raises(ResumeSettingsError, match=r"world_size \(checkpoint 2, now 1\)"):
         train(dataclasses.replace(base, output=str(root / "resumed"), resume=True))
     run("resumed", resume=True)
     assert_resumed_as_whole(root / "whole", root / "resumed")
@@ -752,3 +752,28 @@ def test_a_bad_flag_under_torchrun_is_one_line_from_process_0(monkeypatch, capsy
     assert lines == {"0": (1, "internvl-mpo train: error: --lr must be >= 0, got -1.0\n"), "1": (1, "")}
     monkeypatch.setenv("RANK", "5")  # out of range (not a process torchrun made): it speaks for itself
     assert (main(argv), capsys.readouterr().err) == lines["0"]
+
+
+def test_a_resume_that_differs_from_its_checkpoint_is_one_line_from_process_0(monkeypatch, capsys, tmp_path):
+    """Every process reads the same checkpoint and finds the same differences (the process count, say): N
+    processes printed the same refusal N times."""
+    import internvl_mpo.train.mpo
+    from internvl_mpo.cli import main
+
+    def refused(cfg):
+        raise ResumeSettingsError("checkpoint-000001: cannot resume, these settings differ from the checkpoint: "
+                                  "world_size (checkpoint 1, now 2)")
+
+    monkeypatch.setattr(internvl_mpo.train.mpo, "train", refused)
+    monkeypatch.setattr(TrainConfig, "validate", lambda self: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    lines = {}
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        try:
+            code = main(["train", "mpo", "--model", "m", "--data", "d", "--output", str(tmp_path), "--resume"])
+        except SystemExit as e:
+            code = e.code
+        lines[rank] = (code, capsys.readouterr().err)
+    assert lines == {"0": (1, "internvl-mpo train: error: checkpoint-000001: cannot resume, these settings differ "
+                              "from the checkpoint: world_size (checkpoint 1, now 2)\n"), "1": (1, "")}

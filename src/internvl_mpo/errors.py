@@ -15,6 +15,11 @@ class CheckpointError(InternVLError, ValueError):
     """Weights that are missing, unexpected, mis-shaped, corrupt or not safetensors."""
 
 
+class ResumeSettingsError(CheckpointError):
+    """A resume whose settings (flags, data, model files, process count) differ from the checkpoint's: every
+    process of a run reads the same checkpoint and finds the same differences."""
+
+
 class SaveError(CheckpointError):
     """Files that could not be written (a full disk, a read-only folder); `reason` is the cause, one line."""
 

@@ -166,15 +166,16 @@ def train(
 
 @contextlib.contextmanager
 def _said_by_process_0():
-    """A ConfigError (a flag or setting, which every torchrun process checks alike and refuses with the same line)
-    is printed by process 0 alone: the others end with exit code 1 and no line, not N copies of it. A process whose
-    own RANK is out of range says so itself."""
-    from internvl_mpo.errors import ConfigError
+    """A ConfigError (a flag or setting) or ResumeSettingsError (a resume's settings that differ from the
+    checkpoint's), which every torchrun process finds alike and refuses with the same line, is printed by process 0
+    alone: the others end with exit code 1 and no line, not N copies of it. A process whose own RANK is out of range
+    says so itself."""
+    from internvl_mpo.errors import ConfigError, ResumeSettingsError
     from internvl_mpo.train.settings import env_int
 
     try:
         yield
-    except ConfigError:
+    except (ConfigError, ResumeSettingsError):
         with contextlib.suppress(ConfigError):
             rank, world = env_int("RANK", 0), env_int("WORLD_SIZE", 1)
             if 0 < rank < world:

@@ -16,7 +16,7 @@ from torch import nn
 
 from internvl_mpo.checkpoint import fsync_path
 from internvl_mpo.config import ModelConfig
-from internvl_mpo.errors import CheckpointError, ConfigError
+from internvl_mpo.errors import CheckpointError, ConfigError, ResumeSettingsError
 from internvl_mpo.model import InternVL
 from internvl_mpo.train import checkpointing as ckpt
 from internvl_mpo.train.distributed import DistEnv, ranks_together
@@ -193,7 +193,7 @@ def check_resume_settings(
     path: Path, cfg: TrainConfig, env: DistEnv, total_steps: int, fingerprint: list[dict] | None = None,
     model_print: dict | None = None, stream: SampleStream | None = None, model: ModelConfig | None = None,
 ) -> None:
-    """CheckpointError naming every setting that differs from the checkpoint's (before anything is loaded).
+    """ResumeSettingsError naming every setting that differs from the checkpoint's (before anything is loaded).
 
     Compared too, where the checkpoint recorded them: the data files' contents, the model's files (the
     reference model is rebuilt from --model), and the records each process reads from its position
@@ -235,7 +235,8 @@ def check_resume_settings(
         changed.append(f"total steps (--epochs / --max-steps; checkpoint {state.get('total_steps')},"
                        f" now {total_steps})")
     if changed:
-        raise CheckpointError(f"{path}: cannot resume, these settings differ from the checkpoint: {', '.join(changed)}")
+        raise ResumeSettingsError(f"{path}: cannot resume, these settings differ from the checkpoint: "
+                                  f"{', '.join(changed)}")
     # final/ is written (atomically) only at the end of a run: beside an earlier checkpoint, that run went on past it
     step = state["step"]
     if step < total_steps and (path.parent / FINAL_DIR).exists():
