@@ -199,9 +199,16 @@ def test_a_video_that_is_a_folder_of_frames_is_read_as_the_records_video(tmp_pat
 def test_fields_beside_the_image_that_are_not_another_name_for_it_are_ignored(tmp_path, root):
     """Ids and metadata beside an image (or beside "image": "", text only) are not taken for a misnamed image."""
     spec = _spec(tmp_path, root, [_pair(0, image="a.jpg", image_id=3, images_meta="x", answer_gt="B"),
-                                  _pair(1, image="", image_id=4, source="web")])
+                                  _pair(1, image="", image_id=4, source="web"),
+                                  _pair(2, image="a.jpg", video_id="v_abc", image_id="img-7"),  # string ids
+                                  _pair(3, image="", video_id="v_abc")])
     images = {r.question: r.images for r in read_records(spec, 0)}
-    assert images == {"q0": (os.path.join(root, "a.jpg"),), "q1": ()}
+    assert images == {"q0": (os.path.join(root, "a.jpg"),), "q1": (), "q2": (os.path.join(root, "a.jpg"),), "q3": ()}
+    # a string that could name a file still is another name for the image: a folder, an extension, a file of root's
+    for misnamed in ({"images": "b.png"}, {"image_path": "sub/b"}, {"img": "a.jpg"}, {"video_id": "b"}):
+        open(os.path.join(root, "b"), "wb").close()
+        with pytest.raises(InputError, match=f"field {next(iter(misnamed))!r} is not read"):
+            read_records(_spec(tmp_path, root, [_pair(0, image="", **misnamed)]), 0)
 
 
 def test_s3_images_are_root_prefixed(tmp_path, root):
