@@ -3694,3 +3694,34 @@ def test_a_stream_cut_by_a_failed_step_counts_the_tokens_it_sent_in_its_usage_ch
     assert sorted(sent) == [0, 1] and min(sent.values()) >= 5
     final = events[-1]
     assert final["choices"] == [] and final["usage"]["completion_tokens"] == sum(sent.values())
+
+
+def test_chat_echo_is_the_final_messages_own_content_as_in_vllm():
+    """vLLM's chat `echo` puts the final message's content before the answer: not the turn it joins (two assistant
+    messages in a row: the last one's), nor the JSON this server writes an assistant's tool calls as in the prompt."""
+    def echo(*messages):
+        return parse_chat_request({"messages": [{"role": "user", "content": "Hi"}, *messages], "echo": True},
+                                  ServerSettings()).echo
+
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    assert echo({"role": "assistant", "content": "A"}, {"role": "assistant", "content": "B"}) == "B"
+    assert echo({"role": "assistant", "content": None, "tool_calls": [call]}) == ""
+    assert echo({"role": "assistant", "content": "Let me look", "tool_calls": [call]}) == "Let me look"
+    parts = [{"type": "text", "text": "x"}, {"type": "text", "text": "y"}]
+    assert echo({"role": "assistant", "content": parts}) == "x\ny"
+    assert echo({"role": "assistant", "content": "The answer is "}) == "The answer is "
+    assert echo() == ""
+
+
+def test_tokenize_and_detokenize_refuse_unknown_fields_as_chat_requests_do():
+    """/tokenize with messages refused a typo (`add_generation_promt`) as the chat endpoint does, but with a prompt
+    (`add_special_token: false`, whose BOS then stayed) and /detokenize took any unknown field silently."""
+    from internvl_mpo.server.requests import parse_detokenize_request, parse_tokenize_request
+
+    for parse, body in ((lambda b: parse_tokenize_request(b, ServerSettings()), {"prompt": "a"}),
+                        (lambda b: parse_tokenize_request(b, ServerSettings()), {"messages": [{"role": "user",
+                                                                                                 "content": "a"}]}),
+                        (lambda b: parse_detokenize_request(b, 10), {"tokens": [1]})):
+        parse({**body, "model": "m", "user": "u"})  # known and ignored fields pass
+        with pytest.raises(ApiError, match='unrecognized request argument supplied: "add_special_token"'):
+            parse({**body, "add_special_token": False})

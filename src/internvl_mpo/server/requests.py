@@ -365,11 +365,7 @@ def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], f
     ApiError. Fields in `refused` are a 400 when set to anything but null or one of their off values, and so is
     any field not among them, the shared ones, the ignored ones and the endpoint's own `fields`.
     `tool_constraint` is a chat's tool_choice constraint (`_tool_choice`), refused beside another one."""
-    known = SHARED_FIELDS | IGNORED_FIELDS.keys() | refused.keys() | fields
-    if unknown := [key for key in body if key not in known]:
-        shown = ", ".join(json.dumps(key)[:80] for key in unknown[:5])
-        raise ApiError(400, f"unrecognized request argument supplied: {shown} (this server does not know "
-                            f"{'them' if len(unknown) > 1 else 'it'}, so it would have no effect)", unknown[0][:80])
+    _refuse_unknown(body, SHARED_FIELDS | IGNORED_FIELDS.keys() | refused.keys() | fields)
     for key, off in refused.items():
         value = body.get(key)
         if value is not None and not any(type(value) is type(v) and value == v for v in off):
@@ -448,6 +444,15 @@ def _sampling(body: dict, settings: ServerSettings, refused: dict[str, tuple], f
             "stream": _field(body, "stream", (bool,), False), "include_usage": include_usage,
             # as vLLM, continuous_usage_stats counts only beside include_usage
             "continuous_usage": include_usage and continuous_usage}
+
+
+def _refuse_unknown(body: dict, known) -> None:
+    """A 400 naming the fields of `body` not in `known`, as OpenAI answers one (vLLM ignores it): a typo
+    (`max_token`, `add_special_token`) would otherwise leave the answer as if it had not been sent."""
+    if unknown := [key for key in body if key not in known]:
+        shown = ", ".join(json.dumps(key)[:80] for key in unknown[:5])
+        raise ApiError(400, f"unrecognized request argument supplied: {shown} (this server does not know "
+                            f"{'them' if len(unknown) > 1 else 'it'}, so it would have no effect)", unknown[0][:80])
 
 
 def _structured(body: dict) -> tuple[dict, str | None]:
@@ -743,8 +748,12 @@ def parse_chat_request(body, settings: ServerSettings, tokenizing: bool = False)
         raise ApiError(400, f"the request has {len(images)} images; this server accepts at most "
                             f"{settings.max_images}", "messages", "too_many_images")
     turns = _label_images(turns, len(images))
-    # vLLM's chat echo: the final message, where it is the answer's role (assistant), goes before each answer
-    echo = turns[-1][1] if _field(body, "echo", (bool,), False) and turns[-1][0] == "assistant" else ""
+    # vLLM's chat echo: the final message, where it is the answer's role (assistant), goes before each answer: its
+    # own content (text parts joined by newlines; "" for null), not the turn it joins nor its tool calls' text
+    echo, messages = "", body["messages"]
+    final = messages[-1]
+    if _field(body, "echo", (bool,), False) and final.get("role") == "assistant" and final.get("content") is not None:
+        echo = _content_text(final["content"], f"messages[{len(messages) - 1}].content", "assistant", [])
     answer_start = ""
     if continuing:
         if turns[-1][0] != "assistant":
@@ -829,7 +838,9 @@ def parse_tokenize_request(body, settings: ServerSettings) -> TokenizeRequest:
         raise ApiError(400, "return_token_strs is not supported by this server", "return_token_strs")
     # vLLM's add_special_tokens (the BOS of a tokenizer that has one); a chat's ids are the template's, BOS included
     add_special_tokens = _field(body, "add_special_tokens", (bool,), True)
-    if body.get("prompt") is not None:
+    if body.get("prompt") is not None:  # the messages' fields are checked as a chat request's
+        _refuse_unknown(body, {"model", "prompt", "messages", "add_special_tokens", "return_token_strs",
+                               *IGNORED_FIELDS})
         return TokenizeRequest(_unicode(_field(body, "prompt", (str,)), "prompt"), None,
                                add_special_tokens=add_special_tokens)
     own = ("prompt", "add_special_tokens", "return_token_strs")
@@ -841,6 +852,8 @@ def parse_tokenize_request(body, settings: ServerSettings) -> TokenizeRequest:
 def parse_detokenize_request(body, vocab: int) -> list[int]:
     """The token ids of a /detokenize body (vLLM's `tokens`), each in 0..vocab - 1; raises ApiError."""
     tokens = body.get("tokens") if isinstance(body, dict) else None
+    if isinstance(body, dict):
+        _refuse_unknown(body, {"model", "tokens", *IGNORED_FIELDS})
     if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
         raise ApiError(400, f"tokens must be a list of token ids, got {json.dumps(tokens)[:80]}", "tokens")
     if bad := [t for t in tokens if not 0 <= t < vocab]:
