@@ -67,7 +67,7 @@ def test_the_vocabulary_bytes_are_the_text_of_the_answer(internlm2, dummy_prefix
         vocabulary = JsonVocabulary.of_tokenizer(tokenizer, chat.config.llm.vocab_size)
         assert vocabulary.pieces[sp.piece_to_id("<0xC3>")] == b"\xc3"
         assert vocabulary.pieces[sp.piece_to_id("▁the")] == b" the"
-        assert all(vocabulary.pieces[i] is None for i in (tokenizer.im_end_id, tokenizer.im_start_id,
+        assert all(vocabulary.pieces[i] is None for i in (tokenizer.im_end_id, tokenizer.token_to_id("<|im_start|>"),
                                                           tokenizer.img_context_id, sp.bos_id(), sp.eos_id()))
         ordinary = [i for i, piece in enumerate(vocabulary.pieces) if piece]
         for _ in range(200):

@@ -144,7 +144,7 @@ def test_special_ids_decode_and_streaming(internlm2_like):
     base = sp.get_piece_size()
     assert (tokenizer.img_start_id, tokenizer.img_end_id, tokenizer.img_context_id) == (base, base + 1, base + 2)
     assert tokenizer.im_end_id == sp.piece_to_id("<|im_end|>") and len(tokenizer) == base + 9
-    assert tokenizer.bos_id == sp.bos_id() and tokenizer.add_bos_token and tokenizer.eos_id == sp.eos_id()
+    assert tokenizer.bos_id == sp.bos_id() and tokenizer.add_bos_token
     text = "    def f(x):\n 模型 🚀 über龘"
     ids = tokenizer.encode("<|im_start|>" + text + "<|im_end|>")
     assert tokenizer.decode(ids) == sp.decode(sp.encode(text)) == text

@@ -33,11 +33,15 @@ from internvl_mpo.train.losses import (
     dpo_sigmoid_loss,
     label_logps_from_hidden,
     mpo_loss,
-    sequence_logps,
     sft_nll,
 )
 
 LOG2 = math.log(2.0)
+
+
+def _logps_of_logits(logits: torch.Tensor, labels: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed label log-probs of given logits: through an identity head (exact: x @ I == x)."""
+    return label_logps_from_hidden(logits, torch.eye(logits.shape[-1], dtype=logits.dtype), labels, **kwargs)
 
 
 def _softplus(x: float) -> float:
@@ -227,7 +231,7 @@ def test_sft_nll_is_pooled_token_mean_cross_entropy():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11)
     labels = torch.tensor([[-100, -100, -100, 4, -100], [-100, 1, 2, 3, -100]])
-    sums, counts = sequence_logps(logits, labels)
+    sums, counts = _logps_of_logits(logits, labels)
     assert counts.tolist() == [1, 3]
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(sft_nll(sums, counts), expected)
@@ -254,49 +258,15 @@ def _labels(B: int, T: int, V: int, gen: torch.Generator) -> torch.Tensor:
     return labels
 
 
-@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
-def test_sequence_logps_matches_naive_fp32(chunk_size):
-    gen = torch.Generator().manual_seed(1)
-    B, T, V = 3, 9, 37
-    labels = _labels(B, T, V, gen)
-    logits = torch.randn(B, T, V, generator=gen, requires_grad=True)
-    ours, n = sequence_logps(logits, labels, chunk_size=chunk_size)
-    ref_logits = logits.detach().clone().requires_grad_()
-    ref, n_ref = _naive_logps(ref_logits, labels)
-    torch.testing.assert_close(ours, ref)
-    assert torch.equal(n, n_ref) and n.dtype == torch.long
-    w = torch.randn(B, generator=gen)
-    (ours * w).sum().backward()
-    (ref * w).sum().backward()
-    torch.testing.assert_close(logits.grad, ref_logits.grad)
-    assert logits.grad[:, -1].abs().max() == 0  # the last position scores nothing
-
-
-def test_sequence_logps_bf16_inputs():
-    """bf16 logits are upcast per chunk; values equal the fp32 log-softmax of the bf16 values."""
-    gen = torch.Generator().manual_seed(2)
-    B, T, V = 3, 8, 50
-    labels = _labels(B, T, V, gen)
-    logits = (3 * torch.randn(B, T, V, generator=gen)).bfloat16().requires_grad_()
-    ours, _ = sequence_logps(logits, labels, chunk_size=5)
-    assert ours.dtype == torch.float32
-    ref_logits = logits.detach().clone().requires_grad_()
-    ref, _ = _naive_logps(ref_logits, labels)
-    torch.testing.assert_close(ours, ref)
-    ours.sum().backward()
-    ref.sum().backward()
-    assert logits.grad.dtype == torch.bfloat16
-    torch.testing.assert_close(logits.grad, ref_logits.grad)
-
-
-def test_sequence_logps_all_ignored_and_shape_check():
-    logits = torch.randn(2, 4, 5, requires_grad=True)
-    sums, n = sequence_logps(logits, torch.full((2, 4), -100))
+def test_label_logps_all_ignored_and_shape_check():
+    hidden = torch.randn(2, 4, 5, requires_grad=True)
+    weight = torch.randn(7, 5, requires_grad=True)
+    sums, n = label_logps_from_hidden(hidden, weight, torch.full((2, 4), -100))
     assert sums.tolist() == [0.0, 0.0] and n.tolist() == [0, 0]
     sums.sum().backward()
-    assert logits.grad.abs().max() == 0
+    assert hidden.grad.abs().max() == 0 and weight.grad.abs().max() == 0
     with pytest.raises(ValueError, match="differ"):
-        sequence_logps(logits, torch.zeros(2, 3, dtype=torch.long))
+        label_logps_from_hidden(hidden, weight, torch.zeros(2, 3, dtype=torch.long))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -339,7 +309,7 @@ def test_label_logps_from_hidden_second_order_use_cases():
 
 
 def test_no_full_size_tensor_saved_for_backward():
-    """Memory-lean: the hidden path saves nothing with V * T elements; the logits path saves no fp32 copy."""
+    """Memory-lean: nothing with V * T elements is saved for the backward."""
     B, T, D, V = 2, 64, 8, 300
     saved: list[torch.Tensor] = []
 
@@ -353,13 +323,6 @@ def test_no_full_size_tensor_saved_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         label_logps_from_hidden(hidden, weight, labels, chunk_size=16)
     assert saved and max(t.numel() for t in saved) < T * V
-    saved.clear()
-    logits = torch.randn(B, T, V).bfloat16().requires_grad_()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        sequence_logps(logits, labels, chunk_size=16)
-    big = [t for t in saved if t.numel() >= B * T * V]
-    assert big and all(t.dtype == torch.bfloat16 for t in big)
-    assert sum(t.numel() for t in saved if t.dtype == torch.float32) < 2 * B * T
 
 
 # ----------------------------------------------------------------------------- MPO combination
@@ -626,7 +589,7 @@ def test_parity_with_trl_0_10_1(setting):
             assert scale * o[key] == pytest.approx(r[key], rel=1e-6, abs=1e-7), key
     assert running.state_dict() == pytest.approx(trl_out["steps"][-1]["running"], nan_ok=True)
 
-    sums, counts = sequence_logps(logits, labels, chunk_size=5)
+    sums, counts = _logps_of_logits(logits, labels, chunk_size=5)
     torch.testing.assert_close(sums, torch.tensor(trl_out["logps"]))
     assert counts.tolist() == trl_out["counts"]
     assert sft_nll(sums[:2], counts[:2]).item() == pytest.approx(trl_out["nll"], rel=1e-6)

@@ -384,6 +384,15 @@ def test_non_utf8_line(tmp_path, root):
         read_records(DatasetSpec("b", root, str(path)), 0)
 
 
+def test_meta_json_not_utf8_says_so_as_other_json_files(tmp_path):
+    """A meta.json in Latin-1 was "not valid JSON ('utf-8' codec can't decode ...)"; it is said as config.json and
+    the other JSON files say it (jsonl.json_problem)."""
+    meta = tmp_path / "meta.json"
+    meta.write_bytes('{"caf\xe9": {}}'.encode("latin-1"))
+    with pytest.raises(InputError, match=re.escape(f"{meta}: not UTF-8 text (invalid continuation byte at byte 5)")):
+        load_meta(str(meta))
+
+
 def test_files_saved_with_a_byte_order_mark_read_as_without(tmp_path, root):
     """Windows editors save "UTF-8 with BOM": the meta.json was refused as not valid JSON and the first
     line of an annotation or SFT file as malformed, where `pairs` and `eval` read the same files."""

@@ -1751,7 +1751,7 @@ def test_a_fresh_lora_adapter_changes_nothing(chat_folder, meta):
     tiles = batch.pixel_values[: int(batch.num_tiles[0])]
     with torch.no_grad():
         before = model(ids, pixel_values=tiles)
-    names = lora_target_names(model, llm=True, vision=True)
+    names = lora_target_names(model, vision=True)
     apply_lora(model, names, rank=4, alpha=8.0)
     with torch.no_grad():
         assert torch.equal(model(ids, pixel_values=tiles), before)
@@ -1762,7 +1762,7 @@ def test_a_fresh_lora_adapter_changes_nothing(chat_folder, meta):
 
 def test_lora_merges_into_plain_weights(tmp_path, chat_folder, meta):
     model, batch = pair_batch(chat_folder, meta)
-    names = lora_target_names(model, llm=True, vision=True)
+    names = lora_target_names(model, vision=True)
     assert len(names) == 7 * 2 + 4 * 2  # 2 decoder blocks x 7 projections, 2 ViT layers x 4
     apply_lora(model, names, rank=4, alpha=8.0)
     with torch.no_grad():

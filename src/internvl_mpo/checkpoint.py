@@ -649,17 +649,15 @@ def read_state_dict(
     expected: dict[str, torch.Size],
     dtype: torch.dtype,
     device: torch.device | Callable[[str], torch.device],
-    optional: tuple[str, ...] = (),
     weights: Weights | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read exactly the `expected` keys (name -> shape), checked before any tensor data is read.
 
-    `device` is one device, or a function of the key (a device map). Keys in `optional` may be
-    present or absent (a tied head written out by some tools). `weights` as for `open_state_dict`.
+    `device` is one device, or a function of the key (a device map). `weights` as for `open_state_dict`.
     """
     device_of = device if callable(device) else (lambda key: device)
     return {key: tensor.read(dtype=dtype, device=device_of(key))
-            for key, tensor in open_state_dict(folder, expected, optional, weights).items()}
+            for key, tensor in open_state_dict(folder, expected, weights=weights).items()}
 
 
 def parse_size(size: int | str) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, SettingError
-from .jsonl import too_many_digits
+from .jsonl import json_problem
 
 # The most tiles an image may be given (max_num, max_dynamic_patch): 10000 tiles are 2.56 million tokens at 448
 # pixels, far past any InternVL2.5 context (32768 tokens: 127 tiles). The tiling's candidate grids grow as
@@ -537,14 +537,8 @@ def read_config_json(path: Path) -> dict[str, Any]:
             if (path.parent / inside / "config.json").is_file():  # what `train` writes
                 raise ConfigError(f"{path.parent}: {what}; its model is {path.parent / inside}") from None
         raise ConfigError(f"{path}: no such config file") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: its JSON is nested too deeply to read") from None
-    except UnicodeDecodeError as e:  # UTF-16, say, as some Windows editors save
-        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
-    except ValueError:  # Python's limit on the digits of an integer read from text
-        raise ConfigError(f"{path}: its JSON holds {too_many_digits()}") from None
+    except (ValueError, RecursionError) as e:  # UTF-16, say, as some Windows editors save; bad JSON
+        raise ConfigError(f"{path}: {json_problem(e)}") from None
     except OSError as e:  # a folder of that name, no permission to read it
         raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
     if not isinstance(d, dict):

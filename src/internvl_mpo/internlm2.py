@@ -32,7 +32,8 @@ from torch import nn
 from .config import LLMConfig
 from .errors import ConfigError
 from .kv_cache import KVCache
-from .llm import Embedding, Linear, RotaryEmbedding, attend, context_cap, refuse_past_cap, run_layers
+from .llm import (Embedding, Linear, RotaryEmbedding, attend, context_cap, init_language_model, refuse_past_cap,
+                  run_layers)
 from .vision import RMSNorm
 
 
@@ -143,16 +144,5 @@ class InternLM2ForCausalLM(nn.Module):
         """Logits (B, T, V) in the activation dtype."""
         return self.output(self.model(inputs_embeds, position_ids, mask, caches, cache_positions))
 
-    @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """Random init for training from scratch (never needed when loading a checkpoint)."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=std)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
-        padding = self.model.tok_embeddings.padding_idx
-        if padding is not None:
-            self.model.tok_embeddings.weight[padding].zero_()
+        init_language_model(self, std)

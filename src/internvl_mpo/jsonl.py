@@ -43,8 +43,9 @@ def json_problem(error: ValueError | RecursionError) -> str:
     parse, nesting past Python's recursion limit, or an integer past its digit limit."""
     if isinstance(error, UnicodeDecodeError):
         return f"not UTF-8 text ({error.reason} at byte {error.start})"
-    if isinstance(error, json.JSONDecodeError):
-        return f"not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
+    if isinstance(error, json.JSONDecodeError):  # a line of a JSONL file (named by its caller) is its line 1
+        at = f"line {error.lineno} column" if error.lineno > 1 else "column"
+        return f"not valid JSON ({error.msg} at {at} {error.colno})"
     if isinstance(error, RecursionError):
         return "its JSON is nested too deeply to read"
     return f"its JSON holds {too_many_digits()}"
@@ -89,12 +90,8 @@ def read_objects(path: str | Path, what: str = "file") -> Iterator[tuple[str, di
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        except RecursionError:
-            raise InputError(f"{where}: its JSON is nested too deeply to read") from None
-        except ValueError:  # Python's limit on the digits of an integer read from text
-            raise InputError(f"{where}: its JSON holds {too_many_digits()}") from None
+        except (ValueError, RecursionError) as e:
+            raise InputError(f"{where}: {json_problem(e)}") from None
         if not isinstance(row, dict):
             raise InputError(f"{where}: expected a JSON object")
         if problem := lone_surrogate(line, row):

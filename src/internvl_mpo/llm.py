@@ -370,19 +370,24 @@ class Qwen2ForCausalLM(nn.Module):
         """Logits (B, T, V) in the activation dtype."""
         return self.lm_head(self.model(inputs_embeds, position_ids, mask, caches, cache_positions))
 
-    @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """Random init for training from scratch (never needed when loading a checkpoint)."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=std)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
-        padding = self.model.embed_tokens.padding_idx
-        if padding is not None:  # zero, as transformers' init leaves it
-            self.model.embed_tokens.weight[padding].zero_()
+        init_language_model(self, std)
+
+
+@torch.no_grad()
+def init_language_model(lm: nn.Module, std: float = 0.02) -> None:
+    """Random init of a language model of this package, for training from scratch (never needed when loading a
+    checkpoint)."""
+    for m in lm.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, RMSNorm):
+            nn.init.ones_(m.weight)
+    embeddings = lm.input_embeddings()
+    if embeddings.padding_idx is not None:  # zero, as transformers' init leaves it
+        embeddings.weight[embeddings.padding_idx].zero_()
 
 
 def run_layers(layers, x, cos, sin, mask, caches=None, cache_positions=None) -> torch.Tensor:

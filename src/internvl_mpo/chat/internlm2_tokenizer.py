@@ -202,10 +202,10 @@ class SentencePieceTokenizer(Tokenizer):
 
     utf8_errors = "sentencepiece"
 
-    def __init__(self, backend: Backend, eos_token, pad_token, source: str, bos_token: str | None,
+    def __init__(self, backend: Backend, pad_token, source: str, bos_token: str | None,
                  add_bos_token: bool, strips_leading_space: bool = False, aliases: dict[int, int] | None = None,
                  folds_whitespace: bool = False, control_ids: frozenset[int] = frozenset()):
-        super().__init__(backend, eos_token, pad_token, source)
+        super().__init__(backend, pad_token, source)
         self.bos_token = bos_token
         self.add_bos_token = add_bos_token
         # add_dummy_prefix or remove_extra_whitespaces: decoding drops the "▁" a text begins with
@@ -308,7 +308,7 @@ def load_internlm2_tokenizer(folder: str | Path) -> SentencePieceTokenizer:
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(specials) if t])
     backend.add_tokens([AddedToken(piece, special=False, normalized=False) for piece in displaced])
     return SentencePieceTokenizer(
-        backend, named["eos_token"], named["pad_token"], str(folder), named["bos_token"],
+        backend, named["pad_token"], str(folder), named["bos_token"],
         bool(config.get("add_bos_token", True)), model.add_dummy_prefix or model.remove_extra_whitespaces,
         {backend.token_to_id(piece): token_id for piece, token_id in displaced.items()}, model.remove_extra_whitespaces,
         frozenset(i for i, (_, _, kind) in enumerate(model.pieces) if kind == CONTROL),

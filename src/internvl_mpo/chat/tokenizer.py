@@ -43,7 +43,6 @@ QWEN2_SPLIT_PATTERN = (
 )
 
 ENDOFTEXT = "<|endoftext|>"
-IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 IMG_START = "<img>"
 IMG_END = "</img>"
@@ -76,10 +75,9 @@ class Tokenizer:
     add_bos_token = False  # Qwen2 prepends nothing; InternLM2's SentencePiece tokenizer prepends <s>
     utf8_errors = "replace"  # invalid UTF-8 in decoded bytes: one U+FFFD per bad sequence, as `tokenizers`
 
-    def __init__(self, backend: Backend, eos_token: str | None, pad_token: str | None, source: str):
+    def __init__(self, backend: Backend, pad_token: str | None, source: str):
         self.backend = backend
         self.source = source
-        self._eos_token = eos_token or IM_END
         self._pad_token = pad_token or ENDOFTEXT
         self._added = backend.get_added_tokens_decoder()  # id -> AddedToken
         self._special_ids = frozenset(i for i, tok in self._added.items() if tok.special)
@@ -129,17 +127,8 @@ class Tokenizer:
         return StreamDecoder(self, skip_special_tokens)
 
     @property
-    def im_start_id(self) -> int:
-        return self.token_to_id(IM_START)
-
-    @property
     def im_end_id(self) -> int:
         return self.token_to_id(IM_END)
-
-    @property
-    def eos_id(self) -> int:
-        """The config's eos_token (`<|im_end|>` in InternVL2.5, also the fallback when unset)."""
-        return self.token_to_id(self._eos_token)
 
     @property
     def pad_id(self) -> int:
@@ -425,4 +414,4 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     # Qwen2Tokenizer's constructor re-adds every named special token with default flags: missing ones
     # get the next ids, and lstrip/rstrip/single_word set for them in the config are dropped.
     backend.add_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(named_specials)])
-    return Tokenizer(backend, named["eos_token"], named["pad_token"], str(folder))
+    return Tokenizer(backend, named["pad_token"], str(folder))

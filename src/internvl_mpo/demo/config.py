@@ -16,37 +16,25 @@ from internvl_mpo.config import ModelConfig, family_config
 DEMO_NAME = "internvl-mpo-demo"
 
 
-@dataclasses.dataclass(frozen=True)
-class DemoSize:
-    vision_width: int = 96
-    vision_layers: int = 3
-    vision_heads: int = 4
-    llm_width: int = 128
-    llm_layers: int = 4
-    llm_heads: int = 4
-    llm_kv_heads: int = 2
-    max_dynamic_patch: int = 2
-
-
-def demo_config(vocab_size: int, size: DemoSize = DemoSize()) -> ModelConfig:
+def demo_config(vocab_size: int) -> ModelConfig:
     """The 4B config with the demo's sizes and `vocab_size` (the demo tokenizer's length)."""
     base = family_config("4B")
     vision = dataclasses.replace(
         base.vision,
-        hidden_size=size.vision_width,
-        intermediate_size=4 * size.vision_width,
-        num_hidden_layers=size.vision_layers,
-        num_attention_heads=size.vision_heads,
+        hidden_size=96,
+        intermediate_size=4 * 96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
         drop_path_rate=0.0,
         extra={**base.vision.extra, "torch_dtype": "float32", "use_flash_attn": False},
     )
     llm = dataclasses.replace(
         base.llm,
-        hidden_size=size.llm_width,
-        intermediate_size=3 * size.llm_width,
-        num_hidden_layers=size.llm_layers,
-        num_attention_heads=size.llm_heads,
-        num_key_value_heads=size.llm_kv_heads,
+        hidden_size=128,
+        intermediate_size=3 * 128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
         vocab_size=vocab_size,
         max_position_embeddings=4096,
         rope_theta=10000.0,
@@ -55,6 +43,6 @@ def demo_config(vocab_size: int, size: DemoSize = DemoSize()) -> ModelConfig:
         extra={**base.llm.extra, "_name_or_path": DEMO_NAME, "torch_dtype": "float32", "use_bfloat16": False},
     )
     return base.replace(
-        vision=vision, llm=llm, max_dynamic_patch=size.max_dynamic_patch,
+        vision=vision, llm=llm, max_dynamic_patch=2,
         extra={**base.extra, "_name_or_path": DEMO_NAME, "torch_dtype": "float32"},
     )

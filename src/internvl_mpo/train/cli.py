@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from internvl_mpo.errors import InputError, Interrupted
-from internvl_mpo.jsonl import read_input_bytes, too_many_digits
+from internvl_mpo.jsonl import json_problem, read_input_bytes
 
 
 def train(
@@ -207,12 +207,8 @@ def read_metrics(path: Path) -> list[dict]:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        except RecursionError:
-            raise InputError(f"{path}:{number}: its JSON is nested too deeply to read") from None
-        except ValueError:  # Python's limit on the digits of an integer read from text
-            raise InputError(f"{path}:{number}: its JSON holds {too_many_digits()}") from None
+        except (ValueError, RecursionError) as e:
+            raise InputError(f"{path}:{number}: {json_problem(e)}") from None
         if not (isinstance(row, dict) and isinstance(row.get("step"), int | float)):
             raise InputError(f"{path}:{number}: not a metrics.jsonl row (an object with a numeric 'step')")
         for key in PLOTTED:  # missing or null: a gap in the curve

@@ -58,9 +58,9 @@ class LoRALinear(nn.Module):
         return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
 
 
-def lora_target_names(model: nn.Module, llm: bool = True, vision: bool = False) -> list[str]:
-    """Names of the nn.Linear modules of an InternVL that get adapters (none in ViT layers that select_layer leaves
-    unrun)."""
+def lora_target_names(model: nn.Module, vision: bool = False) -> list[str]:
+    """Names of the nn.Linear modules of an InternVL that get adapters: the LLM's, and with `vision` the ViT's (none
+    in ViT layers that select_layer leaves unrun)."""
     layers = model.vision_model.encoder.layers
     unrun = tuple(f"vision_model.encoder.layers.{i}." for i in
                   range(layers_run(model.config.select_layer, len(layers)), len(layers)))
@@ -68,7 +68,8 @@ def lora_target_names(model: nn.Module, llm: bool = True, vision: bool = False) 
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or unrun and name.startswith(unrun):
             continue
-        if llm and name.startswith("language_model.model.layers.") and name.endswith(LLM_TARGETS) or vision and name.startswith("vision_model.encoder.layers.") and name.endswith(VISION_TARGETS):
+        llm = name.startswith("language_model.model.layers.") and name.endswith(LLM_TARGETS)
+        if llm or vision and name.startswith("vision_model.encoder.layers.") and name.endswith(VISION_TARGETS):
             names.append(name)
     return names
 
@@ -77,7 +78,7 @@ def check_lora_rank(model: nn.Module, rank: int, vision: bool) -> None:
     """Refuse a rank that no adapted layer can use, before any adapter is made: `B @ A` has rank at most
     min(in_features, out_features), so past the largest such bound a rank only adds memory (`--lora-rank 10**9`
     asked for 256 GB per layer and ended in the allocator's traceback, or the kernel's OOM kill)."""
-    names = lora_target_names(model, llm=True, vision=vision)
+    names = lora_target_names(model, vision=vision)
     useful = max((min(m.in_features, m.out_features) for m in map(model.get_submodule, names)), default=0)
     if rank > useful:
         raise ConfigError(f"--lora-rank {rank} is more than any adapted layer can use: an adapter's update B @ A has"

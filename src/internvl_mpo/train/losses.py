@@ -22,8 +22,8 @@ Mirrors TRL 0.10.1 (tag v0.10.1, the version the InternVL docs pin) as driven by
 
 Deliberate differences (all numerically neutral for the 4B-MPO recipe, or documented quirks):
 
-- Log-probs are always computed in float32, chunk by chunk, from logits or from final hidden states
-  and the head weight. TRL itself does no cast: it takes `log_softmax` in the dtype the model
+- Log-probs are always computed in float32, chunk by chunk, from final hidden states and the head
+  weight. TRL itself does no cast: it takes `log_softmax` in the dtype the model
   returns (float32 for the Qwen2 head of the transformers/Liger versions of the reference run).
   The full `(B, T, V)` float32 log-softmax is never built, and rows whose label is ignored are
   skipped entirely.
@@ -57,52 +57,13 @@ def _shifted_targets(labels: Tensor, ignore_index: int) -> Tensor:
     return torch.cat([labels[:, 1:], pad], dim=1)  # (B, T)
 
 
-class _LabelLogProbsFromLogits(torch.autograd.Function):
-    """Per-position log p(target) in float32 from (B, T, V) logits, chunked over scored rows.
-
-    Saves only the logits (no copy), the targets and one float32 log-sum-exp per scored row; the
-    backward recomputes softmax chunk by chunk and writes `g * (onehot - softmax)` into the grad.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, ignore_index: int, chunk_size: int) -> Tensor:
-        B, T, V = logits.shape
-        flat = logits.reshape(B * T, V)
-        tgt = targets.reshape(B * T)
-        rows = (tgt != ignore_index).nonzero().squeeze(1)
-        out = torch.zeros(B * T, dtype=torch.float32, device=logits.device)
-        lse = torch.empty(rows.numel(), dtype=torch.float32, device=logits.device)
-        for start in range(0, rows.numel(), chunk_size):
-            r = rows[start : start + chunk_size]
-            x = flat[r].float()  # (c, V)
-            lse_c = torch.logsumexp(x, dim=-1)
-            out[r] = x.gather(1, tgt[r, None]).squeeze(1) - lse_c
-            lse[start : start + chunk_size] = lse_c
-        ctx.save_for_backward(logits, tgt, rows, lse)
-        ctx.chunk_size = chunk_size
-        return out.view(B, T)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        logits, tgt, rows, lse = ctx.saved_tensors
-        B, T, V = logits.shape
-        flat = logits.reshape(B * T, V)
-        grad = torch.zeros(B * T, V, dtype=logits.dtype, device=logits.device)
-        g = grad_out.reshape(B * T).float()
-        for start in range(0, rows.numel(), ctx.chunk_size):
-            r = rows[start : start + ctx.chunk_size]
-            g_r = g[r, None]  # (c, 1)
-            d = torch.exp(flat[r].float() - lse[start : start + ctx.chunk_size, None]).mul_(-g_r)
-            d.scatter_add_(1, tgt[r, None], g_r)
-            grad[r] = d.to(logits.dtype)
-        return grad.view(B, T, V), None, None, None
-
-
 class _LabelLogProbsFromHidden(torch.autograd.Function):
-    """Like `_LabelLogProbsFromLogits` but builds logits chunk by chunk as `hidden @ weight.T`.
+    """Per-position log p(target) in float32, chunked over scored rows, building the logits chunk by
+    chunk as `hidden @ weight.T`.
 
     The logits of a chunk are rounded to the hidden dtype (as the model's head output would be)
-    and then upcast. Backward recomputes them; the weight grad is accumulated in float32.
+    and then upcast. Saves one float32 log-sum-exp per scored row; backward recomputes the logits;
+    the weight grad is accumulated in float32.
     """
 
     @staticmethod
@@ -148,22 +109,6 @@ class _LabelLogProbsFromHidden(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
-def sequence_logps(
-    logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> tuple[Tensor, Tensor]:
-    """Summed label log-probs per sequence, TRL `get_batch_logps` semantics, float32.
-
-    logits (B, T, V) any float dtype, labels (B, T) with `ignore_index` for unscored positions.
-    Returns (sum_logps (B,) float32, n_tokens (B,) int64). Memory beyond the logits themselves is
-    one (chunk_size, V) float32 block; the backward writes one grad of the logits' shape and dtype.
-    """
-    if logits.shape[:2] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} differ in (B, T)")
-    targets = _shifted_targets(labels, ignore_index)
-    token_logps = _LabelLogProbsFromLogits.apply(logits, targets, ignore_index, chunk_size)  # (B, T)
-    return token_logps.sum(-1), (targets != ignore_index).sum(-1)
-
-
 def label_logps_from_hidden(
     hidden: Tensor,
     lm_head_weight: Tensor,
@@ -171,7 +116,8 @@ def label_logps_from_hidden(
     ignore_index: int = IGNORE_INDEX,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[Tensor, Tensor]:
-    """`sequence_logps(hidden @ lm_head_weight.T, labels)` without ever building the full logits.
+    """Summed label log-probs per sequence of the logits `hidden @ lm_head_weight.T`, TRL `get_batch_logps`
+    semantics, float32, without ever building the full logits.
 
     hidden (B, T, D) final normed hidden states, lm_head_weight (V, D) (Qwen2's head has no bias),
     labels (B, T). Only positions with a scored label are projected. Returns (sum_logps (B,)

@@ -54,7 +54,7 @@ import numpy as np
 
 from internvl_mpo.config import MAX_TILES
 from internvl_mpo.errors import InputError
-from internvl_mpo.jsonl import lone_surrogate, too_many_digits, unread_field
+from internvl_mpo.jsonl import json_problem, lone_surrogate, too_many_digits, unread_field
 from internvl_mpo.processor.video import frame_files
 
 MAX_REPORTED_MESSAGES = 5
@@ -202,12 +202,8 @@ def load_meta(meta_path: str, base_dir: str | None = None) -> list[DatasetSpec]:
         raise InputError(f"{meta_path}: is a folder; give the meta.json file") from None
     except OSError as e:  # no permission, an I/O error
         raise InputError(f"{meta_path}: cannot read the meta file ({e.strerror or e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{meta_path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise InputError(f"{meta_path}: its JSON is nested too deeply to read") from None
-    except ValueError:  # Python's limit on the digits of an integer read from text
-        raise InputError(f"{meta_path}: its JSON holds {too_many_digits()}") from None
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"{meta_path}: {json_problem(e)}") from None
     except _DuplicateKey as e:
         raise InputError(f"{meta_path}: {e.args[0]!r} appears twice in one object (JSON keeps only the last)") from None
     if not isinstance(meta, dict):

@@ -351,7 +351,7 @@ def _train(cfg: TrainConfig, env: DistEnv, mesh, on_step, held: contextlib.ExitS
                                        min_dynamic_patch=min(config.min_dynamic_patch, cfg.max_dynamic_patch))
     freeze(policy, cfg)
     if cfg.lora_rank:
-        names = lora_target_names(policy, llm=True, vision=cfg.lora_vision)
+        names = lora_target_names(policy, vision=cfg.lora_vision)
         # on the device also under FSDP2: the adapters are drawn as they always were
         apply_lora(policy, names, cfg.lora_rank, cfg.lora_scale * cfg.lora_rank, device=env.device)
         if resume_from is not None:

@@ -134,7 +134,7 @@ def resumed_weights(path: Path, policy: InternVL, cfg: TrainConfig) -> dict:
 
 
 def _lora_base_keys(policy: InternVL, cfg: TrainConfig) -> set[str]:
-    lora_names = lora_target_names(policy, llm=True, vision=cfg.lora_vision) if cfg.lora_rank else []
+    lora_names = lora_target_names(policy, vision=cfg.lora_vision) if cfg.lora_rank else []
     return {n + ".weight" for n in lora_names}
 
 
