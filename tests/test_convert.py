@@ -692,10 +692,10 @@ def test_tokenizer_code_that_tokenizer_config_names_and_the_folder_lacks_is_told
             f"--local-dir {tmp_path / 'hf'}\n") in out
     assert convert_command(str(tmp_path / "hf"), str(tmp_path / "back"), to="official") == 0
     out = capsys.readouterr().out
-    assert ("has no configuration_internvl_chat.py, modeling_internvl_chat.py, tokenization_internlm2.py, "
-            "tokenization_internlm2_fast.py. This package does not need them; the official code "
-            "(AutoModel.from_pretrained(..., trust_remote_code=True)) and AutoTokenizer.from_pretrained(..., "
-            "trust_remote_code=True) do.") in out
+    assert ("has no configuration_internvl_chat.py, modeling_internvl_chat.py, configuration_internlm2.py, "
+            "modeling_internlm2.py, tokenization_internlm2.py, tokenization_internlm2_fast.py. This package does not "
+            "need them; the official code (AutoModel.from_pretrained(..., trust_remote_code=True)) and "
+            "AutoTokenizer.from_pretrained(..., trust_remote_code=True) do.") in out
     for name in ("tokenization_internlm2.py", "tokenization_internlm2_fast.py"):
         (src / name).write_text("# the official tokenizer code\n")
     assert convert_command(str(src), str(tmp_path / "hf2"), to="hf") == 0
@@ -781,6 +781,43 @@ def test_remote_code_note_names_the_matching_repo(tmp_path):
         (internlm2 / name).write_text("")
     assert remote_code_note(internlm2).startswith(f"note: {internlm2} has no configuration_internlm2.py, "
                                                   "modeling_internlm2.py.")
+
+
+def test_an_internlm2_folder_written_by_to_official_or_a_python_config_names_internlm2s_remote_code(tmp_path):
+    """The official InternLM2 llm_config names its remote code in its auto_map (the official modeling file imports
+    it as well); `--to official` and a save of a config built in Python wrote none, so the note left it out."""
+    config = internlm2_config()
+    assert config.to_dict()["llm_config"]["auto_map"] == family_config("8B").to_dict()["llm_config"]["auto_map"]
+    model = InternVL(config, image_token_id=config.llm.vocab_size - 1)
+    saved = model.save_pretrained(tmp_path / "saved")
+    convert(saved, tmp_path / "hf", "hf", image_token_id=config.llm.vocab_size - 1)
+    back = convert(tmp_path / "hf", tmp_path / "back", "official")
+    for folder in (saved, back):
+        for name in ("configuration_internvl_chat.py", "modeling_internvl_chat.py"):
+            (folder / name).write_text("")
+        assert remote_code_note(folder).startswith(f"note: {folder} has no configuration_internlm2.py, "
+                                                   "modeling_internlm2.py.")
+    assert family_config("4B").to_dict()["llm_config"].get("auto_map") is None  # Qwen2 is transformers' own
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-2])
+def test_qk_normalisation_with_an_eps_transformers_cannot_hold_is_refused_both_ways(tmp_path, eps):
+    """transformers' InternVL builds the ViT's q_norm / k_norm with eps 1e-6 whatever layer_norm_eps says, where the
+    official InternAttention (and ours) gives them layer_norm_eps: the converted model gave other logits."""
+    folder, _ = tiny_chat_folder(tmp_path / "src", qk_normalization=True, norm_type="rms_norm", qkv_bias=False)
+    convert(folder, tmp_path / "hf", "hf")  # the released eps, 1e-6: both sides agree
+    config = json.loads((folder / "config.json").read_text())
+    config["vision_config"]["layer_norm_eps"] = eps
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"config.json: vision_config.layer_norm_eps .* qk-normalisation"):
+        convert(folder, tmp_path / "hf2", "hf")
+    assert not (tmp_path / "hf2").exists()
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    hf["vision_config"]["layer_norm_eps"] = eps
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ConfigError, match="vision_config.layer_norm_eps .* qk-normalisation"):
+        convert(tmp_path / "hf", tmp_path / "back", "official")
+    assert not (tmp_path / "back").exists()
 
 
 def a_photo() -> Image.Image:

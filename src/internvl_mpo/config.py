@@ -418,6 +418,8 @@ class ModelConfig:
         out["hidden_size"] = self.llm.hidden_size
         out["tie_word_embeddings"] = self.llm.tie_word_embeddings
         out.setdefault("auto_map", _AUTO_MAP)
+        if self.llm.architectures[0] == "InternLM2ForCausalLM":  # as the released 2B, 8B and 26B configs name it
+            out["llm_config"].setdefault("auto_map", dict(_INTERNLM2_AUTO_MAP))
         return out
 
     def to_json_text(self) -> str:
@@ -495,6 +497,12 @@ _AUTO_MAP = {
     "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
     "AutoModel": "modeling_internvl_chat.InternVLChatModel",
     "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
+}
+# What the official InternLM2 llm_config names (its remote code, which the official modeling file imports too).
+_INTERNLM2_AUTO_MAP = {
+    "AutoConfig": "configuration_internlm2.InternLM2Config",
+    "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+    "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
 }
 # Top-level keys that official files carry and that change nothing at inference.
 _QUIET_TOP_KEYS = {

@@ -206,9 +206,22 @@ def merge_fused(parts: list[torch.Tensor], fused: str | None, llm: LLMConfig) ->
 # ---- configs -------------------------------------------------------------------------------------
 
 
+# transformers' InternVL builds the ViT's q_norm / k_norm (InternViT-6B's qk-normalisation) with its RMSNorm's
+# default eps, whatever layer_norm_eps says; the official InternAttention gives them layer_norm_eps.
+HF_QK_NORM_EPS = 1e-6
+
+
+def _check_qk_norm_eps(qk_normalization: bool, eps: float, key: str) -> None:
+    if qk_normalization and eps != HF_QK_NORM_EPS:
+        raise ConfigError(f"{key} {eps} with qk-normalisation has no equivalent in transformers' InternVL, whose "
+                          f"q_norm and k_norm always use eps {HF_QK_NORM_EPS} (the official code gives them "
+                          "layer_norm_eps): the converted model would give other logits")
+
+
 def hf_config_dict(config: ModelConfig, image_token_id: int) -> dict[str, Any]:
     """transformers' InternVLConfig (as config.json) for an official ModelConfig."""
     v, l = config.vision, config.llm
+    _check_qk_norm_eps(v.qk_normalization, v.layer_norm_eps, "vision_config.layer_norm_eps")
     internlm2 = l.architectures[0] == "InternLM2ForCausalLM"
     vision = {
         "model_type": "internvl_vision", "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
@@ -372,6 +385,7 @@ def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None
         raise ConfigError(f"{e} (the official config.json's name of the key)") from None
     if t.get("head_dim") not in (None, config.llm.head_dim):
         raise ConfigError(f"text_config.head_dim {t['head_dim']} is not hidden_size / num_attention_heads")
+    _check_qk_norm_eps(config.vision.qk_normalization, config.vision.layer_norm_eps, "vision_config.layer_norm_eps")
     return config
 
 
@@ -580,7 +594,10 @@ def convert(
                 f"{src}: no {IMG_CONTEXT_TOKEN} in the tokenizer files (tokenizer.json, tokenizer_config.json, "
                 "added_tokens.json); copy the model's tokenizer files there (from Python: pass image_token_id=)"
             )
-        out_config = hf_config_dict(config, image_token_id)
+        try:
+            out_config = hf_config_dict(config, image_token_id)
+        except ConfigError as e:
+            raise ConfigError(f"{src / 'config.json'}: {e}") from None
     else:
         if source_config.get("architectures") not in (None, [HF_ARCHITECTURE]):
             raise ConfigError(f"{src / 'config.json'}: architectures {source_config['architectures']} is not "
