@@ -873,3 +873,29 @@ def test_a_stream_that_cannot_seek_is_read_whole_and_its_icons_checked():
     moved.seek(5)  # Image.open reads a file object from its start, wherever it stands
     with pytest.raises(SettingError, match="10000x9000"):
         read_size(moved, max_pixels=1_000_000)
+
+
+def test_a_path_naming_a_pipe_is_not_read_for_its_plan():
+    """`chat(images=["/dev/fd/N"])` (a script run with `--image <(curl ...)`): the header read for the plan used up
+    the pipe, and the image was then refused as "the file is empty (0 bytes)"."""
+    from internvl_mpo.processor.multi import load_images, planned_tiles
+
+    data = io.BytesIO()
+    Image.new("RGB", (900, 300), (200, 10, 10)).save(data, format="PNG")
+    read, write = os.pipe()
+
+    def writer():
+        with os.fdopen(write, "wb") as out:
+            out.write(data.getvalue())
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        path = f"/dev/fd/{read}"
+        assert planned_tiles([path]) == [1]  # counted as one tile, as a file object that cannot seek
+        loaded = load_images([path])
+        assert loaded.num_patches_list == [4]  # 3x1 grid + thumbnail
+        assert torch.equal(loaded.pixel_values, load_image(data.getvalue()))
+    finally:
+        thread.join(10)
+        os.close(read)

@@ -1224,3 +1224,26 @@ def test_video_benchmark_without_pyav_or_frames_says_so_in_one_line(tmp_path):
     run = subprocess.run([sys.executable, str(script), "--minutes", "0"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
     assert run.stderr.splitlines()[-1].endswith("--minutes 0.0: the clip needs at least one frame (1/1800 of a minute)")
+
+
+def test_a_relative_video_path_with_a_colon_is_read_as_that_file(video_path, tmp_path, monkeypatch):
+    # FFmpeg takes the text before a colon for a protocol: "file:clip.mp4" opened clip.mp4, another video, and
+    # "2024-05-01T12:30:00.mp4" was "Protocol not found"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clip.mp4").write_bytes(video_path.read_bytes())  # NUM_FRAMES frames
+    short = tmp_path / "short.mp4"
+    with av.open(str(short), "w") as container:
+        codec = available_encoder()
+        stream = container.add_stream(codec, rate=FPS)
+        stream.width, stream.height = 64, 48
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        for k in range(3):
+            for packet in stream.encode(av.VideoFrame.from_image(frame_image(k))):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    (tmp_path / "file:clip.mp4").write_bytes(short.read_bytes())  # 3 frames, and named file:clip.mp4
+    (tmp_path / "2024-05-01T12:30:00.mp4").write_bytes(video_path.read_bytes())
+    assert load_video("file:clip.mp4", num_segments=4).frame_indices == reference_index(None, FPS, 2, 4)
+    assert load_video("2024-05-01T12:30:00.mp4", num_segments=4).frame_indices == reference_index(
+        None, FPS, NUM_FRAMES - 1, 4)

@@ -15,6 +15,7 @@ section 6.2):
 
 import numbers
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -77,7 +78,14 @@ def _image_max_nums(
 
 def _rereadable(src: ImageSource) -> bool:
     """Whether the image can be read twice, its header now and its pixels later: not a file object that
-    cannot seek (a pipe, an HTTP response)."""
+    cannot seek (a pipe, an HTTP response), nor a path naming a pipe (`<(curl ...)`, /dev/fd/N, a named pipe),
+    whose header read would use up the data the pixels need."""
+    if isinstance(src, (str, os.PathLike)):
+        try:
+            mode = os.stat(src).st_mode
+        except (OSError, ValueError):  # missing, or a name no file can have: read_size says so
+            return True
+        return not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode))
     if not hasattr(src, "read") or isinstance(src, Image.Image):
         return True
     try:
