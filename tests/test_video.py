@@ -501,6 +501,8 @@ def test_bound_outside_the_video(video_path, tmp_path):
         ((0.0, 1.0), float("nan"), "fps must be"),
         ((0.0, 1.0), -2.0, "fps must be"),
         ((0.0, 1.0), "10", "fps must be"),
+        ((True, 3), 10.0, "bound must be"),  # a bool is not a number of seconds (True read as 1)
+        ((0.0, 1.0), True, "fps must be"),
     ],
 )
 def test_bad_bound_or_frame_rate_is_named(bound, fps, message):

@@ -110,7 +110,8 @@ class VideoInput:
 
 
 def _finite(value) -> bool:
-    return isinstance(value, numbers.Real) and math.isfinite(value)
+    """A finite number; not a bool (`fps=True` read as 1 frame per second)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _bound_seconds(bound) -> tuple[float, float] | None:
