@@ -204,9 +204,8 @@ def test_fields_beside_the_image_that_are_not_another_name_for_it_are_ignored(tm
                                   _pair(3, image="", video_id="v_abc")])
     images = {r.question: r.images for r in read_records(spec, 0)}
     assert images == {"q0": (os.path.join(root, "a.jpg"),), "q1": (), "q2": (os.path.join(root, "a.jpg"),), "q3": ()}
-    # a string that could name a file still is another name for the image: a folder, an extension, a file of root's
-    for misnamed in ({"images": "b.png"}, {"image_path": "sub/b"}, {"img": "a.jpg"}, {"video_id": "b"}):
-        open(os.path.join(root, "b"), "wb").close()
+    # a string that could name a file still is another name for the image: with a folder or an extension
+    for misnamed in ({"images": "b.png"}, {"image_path": "sub/b"}, {"img": "a.jpg"}, {"video_id": "v.mp4"}):
         with pytest.raises(InputError, match=f"field {next(iter(misnamed))!r} is not read"):
             read_records(_spec(tmp_path, root, [_pair(0, image="", **misnamed)]), 0)
 

@@ -385,17 +385,17 @@ def _paths(value: Any) -> bool:
     return isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
-def _holds_a_path(value: Any, root: str) -> bool:
+def _holds_a_path(value: Any) -> bool:
     """Whether a field's value holds something that could be a file path: a string with a folder or a file
-    extension ("a/b", "x.jpg") or naming a file under `root`, or a list or object holding one. Numbers, booleans,
-    null and other strings (ids such as "v_abc", flags) cannot."""
+    extension ("a/b", "x.jpg"), or a list or object holding one. Numbers, booleans, null and other strings (ids
+    such as "v_abc", flags) cannot. Read from the text alone: a file check per field of every record would stat
+    millions of names on a large dataset."""
     if isinstance(value, str):
-        looks_like_one = "/" in value or "\\" in value or os.path.splitext(value)[1] != ""
-        return value != "" and (looks_like_one or os.path.exists(os.path.join(root, value)))
+        return "/" in value or "\\" in value or os.path.splitext(value)[1] != ""
     if isinstance(value, list):
-        return any(_holds_a_path(v, root) for v in value)
+        return any(_holds_a_path(v) for v in value)
     if isinstance(value, dict):
-        return any(_holds_a_path(v, root) for v in value.values())
+        return any(_holds_a_path(v) for v in value.values())
     return False
 
 
@@ -406,13 +406,13 @@ def _media(item: dict, root: str) -> tuple[tuple[str, ...], bool, str | None]:
     # a misnamed field that names nothing ("videos": [] beside an image) loses no image or video: not refused, and
     # neither is one that cannot name a file (metadata such as "image_id": 4 or "video_id": "v_abc"); one
     # that holds a path in another form (datasets' [{"bytes": null, "path": "a.png"}]) is refused
-    named = {key: value for key, value in item.items() if key in ("image", "video") or _holds_a_path(value, root)}
+    named = {key: value for key, value in item.items() if key in ("image", "video") or _holds_a_path(value)}
     problem = unread_field(named, ("image", "video"))
     if problem is None and any(item.get(key) in ("", []) for key in ("image", "video")):
         # an empty image or video is none given: a field of paths beside it ("images": [...]) is another name for
         # it, and the record would train without them (metadata such as "image_id": 4 stays ignored)
         paths = {key: value for key, value in item.items()
-                 if item[key] not in ("", []) and _paths(value) and _holds_a_path(value, root)}
+                 if item[key] not in ("", []) and _paths(value) and _holds_a_path(value)}
         problem = unread_field(paths, ("image", "video"))
     if problem:
         raise _BadLine("unread_field", problem)
