@@ -1476,6 +1476,21 @@ def test_precomputed_reference_is_recomputed_when_its_inputs_change(tmp_path, ch
     assert [(r["rewards/chosen"], r["rewards/rejected"]) for r in rows][:1] == [(0.0, 0.0)]
 
 
+def test_a_config_edit_is_not_named_a_tokenizer_change(tmp_path, chat_folder, capsys):
+    """Without --tokenizer the tokenizer is the model folder's files, which the model's digest covers: an edited
+    config.json (tokenizer files unchanged) is a change of the model, and the note does not name the tokenizer."""
+    model = tmp_path / "model"
+    shutil.copytree(chat_folder, model)
+    meta = write_mmpr(tmp_path / "data", color_pairs(4))
+    run = config(model, meta, tmp_path / "run", max_steps=1, batch_size=1, precompute_ref=True)
+    train(run)
+    settings = json.loads((model / "config.json").read_text())
+    settings["llm_config"]["rms_norm_eps"] = 2e-6
+    (model / "config.json").write_text(json.dumps(settings))
+    _, printed = rerun_keeping_the_cache(run, capsys)
+    assert "ref_logps.safetensors was computed from other inputs (model): computing it again" in printed
+
+
 def test_a_pass_killed_before_describing_its_values_leaves_no_stale_description(tmp_path, chat_folder, monkeypatch):
     """The values of a second pass (other weights) were in place and the first pass's description still beside
     them when the process died: going back to the first weights reused the second pass's values silently."""

@@ -83,6 +83,10 @@ def precompute_reference(
                                       " to compute them again")
             return table["chosen"], table["rejected"], table["valid"].bool()
         changed = [k for k in fingerprint if cached.get(k) != fingerprint[k]] + [k for k in cached if k not in fingerprint]
+        if cfg.tokenizer is None and "model" in changed and "tokenizer" in changed:
+            # the tokenizer's files are the model folder's .json and .txt files, which "model" counts already: an edited
+            # config.json changes both digests, and naming the tokenizer then would blame files that did not change
+            changed.remove("tokenizer")
         print0(f"note: {path} was computed from other inputs ({', '.join(changed)}): computing it again")
     dataset = dataset.at_epoch(0)
     n = len(dataset)
