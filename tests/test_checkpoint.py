@@ -1558,6 +1558,21 @@ def test_a_folder_with_both_a_single_file_and_an_index_is_refused(tmp_path, tiny
         InternVL.from_pretrained(folder)
 
 
+def test_an_index_naming_only_the_single_file_beside_it_loads(tmp_path, tiny, good_state):
+    """mlx-lm's saves write model.safetensors.index.json beside a single model.safetensors, naming it alone: every
+    loader reads that one file, so the folder loads; the index must still list exactly its tensors."""
+    folder = write_checkpoint(tmp_path / "m", tiny, good_state)
+    mapping = dict.fromkeys(sorted(good_state), "model.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": mapping}))
+    model = InternVL.from_pretrained(folder)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, good_state[key]), key
+    del mapping[sorted(mapping)[0]]
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": mapping}))
+    with pytest.raises(CheckpointError, match="model.safetensors holds 1 tensor the index does not list there"):
+        InternVL.from_pretrained(folder)
+
+
 def save_ids(folder: Path) -> dict[str, str | None]:
     """The save id of the index ("index") and of each shard (by file name), None where there is none."""
     ids = {"index": json.loads((folder / "model.safetensors.index.json").read_text())["metadata"].get(SAVE_ID)}

@@ -492,3 +492,13 @@ def test_json_files_nested_too_deeply_are_named_not_a_recursion_error(tmp_path):
         with pytest.raises(error) as caught:
             call()
         assert message in str(caught.value)
+
+
+def test_top_level_keys_named_like_our_fields_are_kept_and_written_back(tmp_path):
+    from internvl_mpo.config import ModelConfig
+
+    d = ModelConfig().to_dict()
+    d.update(vision="a note", llm={"note": 1})
+    config = ModelConfig.from_dict(d)
+    assert config.to_dict()["vision"] == "a note" and config.to_dict()["llm"] == {"note": 1}
+    assert config.vision == ModelConfig().vision

@@ -1360,3 +1360,17 @@ def test_a_transformers_folder_without_tokenizer_files_is_told_where_to_get_them
             "transformers folder held none), which chat, the official code and vLLM read. Add those of the model it "
             'comes from:\n  hf download OpenGVLab/InternVL2_5-SIZE-MPO --include "tokenizer*" "vocab.json" '
             f'"merges.txt" "added_tokens.json" "special_tokens_map.json" --local-dir {tmp_path / "back2"}') in out
+
+
+def test_select_layer_0_converts_to_a_transformers_config_that_runs_and_comes_back(tmp_path):
+    src = official_folder(tmp_path / "src", "qwen2")
+    settings = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**settings, "select_layer": 0}))  # the ViT's embeddings
+    dst = convert(src, tmp_path / "hf", to="hf")
+    ours = InternVL.from_pretrained(src, dtype=torch.float32)
+    ids, pixels = inputs(ours.config)
+    with torch.no_grad():
+        diff = (ours(ids, pixel_values=pixels) - load_hf(dst)(input_ids=ids, pixel_values=pixels).logits).abs().max()
+    assert diff <= 1e-4
+    back = convert(dst, tmp_path / "back", to="official")
+    assert ModelConfig.from_json(back).select_layer == 0

@@ -258,7 +258,9 @@ def open_weights(folder: Path) -> Weights:
     for path in (index, single):  # read as absent below, for a message about a missing index
         if why := broken_link(path):
             raise CheckpointError(why)
-    if index.exists() and single.exists():  # transformers reads the single file, vLLM the index's shards
+    # transformers reads the single file, vLLM the index's shards: the same weights only where the index names the
+    # single file alone (mlx-lm's saves write such an index beside it)
+    if index.exists() and single.exists() and not _indexes_single_file(index):
         raise CheckpointError(
             f"{folder} holds both {SINGLE_FILE} and {INDEX_FILE}: the weights of two saves (one cut short, or "
             "files copied together), and loaders differ on which they read; delete the one that is not this "
@@ -877,6 +879,16 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size
         if old.name not in names and (old.name in (SINGLE_FILE, INDEX_FILE) or SHARD_NAME.fullmatch(old.name)
                                       or old.name in replaced):
             old.unlink(missing_ok=True)
+
+
+def _indexes_single_file(index: Path) -> bool:
+    """Whether the index names model.safetensors and nothing else (False where it cannot be read: `open_weights`
+    then refuses the folder holding both)."""
+    try:
+        mapping = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return bool(mapping) and set(mapping.values()) == {SINGLE_FILE}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return False
 
 
 def _indexed_shards(folder: Path) -> list[str]:

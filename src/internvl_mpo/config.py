@@ -385,9 +385,10 @@ class ModelConfig:
         # llm_config says; reading it the same way keeps the logits equal to the official ones.
         llm = dataclasses.replace(LLMConfig.from_dict(_official_llm_dict(d.pop("llm_config"))),
                                   tie_word_embeddings=False)
+        # "vision" and "llm" name our fields, not config.json keys: a file's keys of those names are its own, kept
+        own = {key: d.pop(key) for key in ("vision", "llm") if key in d}
         known, extra = _split(cls, d)
-        known.pop("vision", None)
-        known.pop("llm", None)
+        extra.update(own)
         _architectures(known)
         ignored = sorted(k for k in extra if k not in _QUIET_TOP_KEYS)
         if ignored:

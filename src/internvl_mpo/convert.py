@@ -258,7 +258,10 @@ def hf_config_dict(config: ModelConfig, image_token_id: int) -> dict[str, Any]:
         "architectures": [HF_ARCHITECTURE], "model_type": "internvl", "vision_config": vision, "text_config": text,
         "image_token_id": image_token_id, "image_seq_length": config.num_image_token,
         "downsample_ratio": config.downsample_ratio, "projector_hidden_act": "gelu",
-        "vision_feature_layer": config.select_layer, "vision_feature_select_strategy": "default",
+        # transformers asks its ViT for hidden states only where vision_feature_layer is true: 0 (the embeddings)
+        # failed there ("'NoneType' object is not subscriptable"); the same entry counted from the end runs
+        "vision_feature_layer": config.select_layer or -(v.num_hidden_layers + 1),
+        "vision_feature_select_strategy": "default",
         "tie_word_embeddings": l.tie_word_embeddings,
     }
     if config.torch_dtype is not None:  # written `torch_dtype` or (newer transformers) `dtype`
@@ -266,6 +269,8 @@ def hf_config_dict(config: ModelConfig, image_token_id: int) -> dict[str, Any]:
     # official settings transformers' InternVL has no key for, kept (transformers keeps unknown keys) for the way back
     if system_message(config) is not None:
         out["system_message"] = system_message(config)
+    if config.select_layer == 0:  # written as -(layers + 1) above: the official value comes back
+        out["select_layer"] = 0
     if not config.use_thumbnail:  # tiling off (--to hf refuses it with tiling on): `max_num` runs tile without one
         out["use_thumbnail"] = False
     if not config.dynamic_image_size:  # transformers' InternVLProcessor tiles whatever crop_to_patches says (its
@@ -279,6 +284,16 @@ def system_message(config: ModelConfig) -> str | None:
     """config.json's `system_message`, which the official chat() uses as its default; None: the template's."""
     stored = config.extra.get("system_message")
     return stored if isinstance(stored, str) else None
+
+
+def _select_layer(d: dict[str, Any], vision: dict[str, Any]) -> Any:
+    """The official select_layer of a transformers config: its vision_feature_layer, or 0 where `--to hf` wrote 0
+    as -(layers + 1) (`hf_config_dict`) and kept it in `select_layer`."""
+    layer = d.get("vision_feature_layer", -1)
+    layers = vision.get("num_hidden_layers")
+    if d.get("select_layer") == 0 and isinstance(layers, int) and layer == -(layers + 1):
+        return 0
+    return layer
 
 
 def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None) -> ModelConfig:
@@ -369,7 +384,7 @@ def config_from_hf(d: dict[str, Any], preprocessor: dict[str, Any] | None = None
         tiles = {name: d.get(name, tiles[name]) for name in tiles}
     official = {
         "vision_config": vision, "llm_config": llm, "template": "internvl2_5", "ps_version": "v2",
-        "downsample_ratio": d.get("downsample_ratio", 0.5), "select_layer": d.get("vision_feature_layer", -1),
+        "downsample_ratio": d.get("downsample_ratio", 0.5), "select_layer": _select_layer(d, v),
         "force_image_size": image_size, "dynamic_image_size": dynamic,
         # GotOcr2 adds a thumbnail to every tiled image; without tiling, the value --to hf kept (max_num runs tile)
         "use_thumbnail": True if dynamic else d.get("use_thumbnail", True), **tiles,
