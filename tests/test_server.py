@@ -816,6 +816,26 @@ def test_a_video_part_is_answered_as_chat_answers_about_the_video(client, local_
     assert e.value.body["code"] == "invalid_video"
 
 
+def test_a_video_part_that_is_a_concat_list_reads_no_video_beside_its_temporary_file(client):
+    """A video_url part holding an FFmpeg concat list ("ffconcat version 1.0 / file x/y.mp4") was answered about the
+    video it names, read relative to the temporary file, so from the temporary folder (/tmp): a local file read
+    without --allow-local-images (and "no such file" against "not a video" told which names exist there)."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(dir=tempfile.gettempdir()))
+    try:
+        clip(folder / "private.mp4")
+        listing = f"ffconcat version 1.0\nfile {folder.name}/private.mp4\n".encode()
+        url = "data:video/mp4;base64," + base64.b64encode(listing).decode()
+        video = {"type": "video_url", "video_url": {"url": url}}
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": [video]}], **GREEDY)
+        assert e.value.body["code"] == "invalid_video"
+    finally:
+        shutil.rmtree(folder)
+
+
 def test_an_image_in_a_video_part_or_a_video_in_an_image_part_is_told_the_part_to_use(client, tmp_path):
     """A JPEG sent as a video_url part got a 400 saying "pass it as an image (images= in Python, --image on the
     command line)", words for Python and the command line; a video sent as an image_url part was only "not an
@@ -2528,6 +2548,29 @@ def test_every_address_of_a_remote_image_host_is_checked():
     assert asked == [("images.example", 443)]
     with pytest.raises(ValueError, match=r"^host 'images\.example' is at 10\.0\.0\.5, a private address$"):
         public_addresses("images.example", 443, resolver("93.184.216.34", "10.0.0.5"))
+
+
+def test_image_timeout_bounds_connecting_to_every_address_of_a_host(monkeypatch):
+    """--image-timeout bounds the whole fetch, connecting included: a host whose name gives several addresses that
+    drop packets got --image-timeout for each (4 addresses: 4 times the bound)."""
+    from internvl_mpo.server import media as media_module
+
+    monkeypatch.setattr(media_module, "refusal", lambda ip: None)
+    tried = []
+
+    def dropping(address, timeout=None, source_address=None):  # a connection attempt that gets no answer
+        tried.append(timeout)
+        time.sleep(timeout)
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(media_module.socket, "create_connection", dropping)
+    addresses = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.%d" % k, 80)) for k in range(1, 5)]
+    settings = ServerSettings(allow_remote_images=True, image_timeout=0.5)
+    start = time.monotonic()
+    with pytest.raises(ApiError, match="could not fetch"):
+        media_module._fetch_remote("http://images.invalid/a.png", "image", settings,
+                                   resolve=lambda host, port, **kw: addresses)
+    assert time.monotonic() - start < 1.0 and sum(tried) <= 0.5 + 1e-6
 
 
 def test_a_redirect_to_a_private_address_is_refused(monkeypatch):

@@ -105,6 +105,13 @@ class _Deadline:
     def passed(self) -> bool:
         return time.monotonic() >= self.at
 
+    def left(self) -> float:
+        """The seconds left, for a connection's attempt; TimeoutError once none are."""
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the time is up")
+        return left
+
     def _expire(self) -> None:
         with self._lock:
             fds, self._fds = self._fds or [], None
@@ -131,16 +138,19 @@ class _FetchConnection(http.client.HTTPConnection):
     deadline: _Deadline
 
     def connect(self):
+        # connecting is within the deadline too: each attempt gets the time left (a host whose DNS answer lists
+        # several addresses that drop packets, or a redirect to one, held the fetch --image-timeout per address)
         if self.private:
+            self.timeout = self.deadline.left()
             super().connect()  # to the host's addresses, or through a proxy from the environment (its tunnel too)
         else:
             *others, last = public_addresses(self.host, self.port, self.resolve)
             for address in others:  # each address in turn, as socket.create_connection tries them
                 with contextlib.suppress(OSError):
-                    self.sock = socket.create_connection(address, self.timeout, self.source_address)
+                    self.sock = socket.create_connection(address, self.deadline.left(), self.source_address)
                     break
             else:
-                self.sock = socket.create_connection(last, self.timeout, self.source_address)
+                self.sock = socket.create_connection(last, self.deadline.left(), self.source_address)
         self.deadline.watch(self.sock)
 
 

@@ -127,7 +127,11 @@ def _video_prompt(chat: InternVLChat, req: ChatRequest, settings: ServerSettings
                   max_pixels=settings.max_image_pixels)
     prompt = dict(history=req.history, system_message=req.system_message, num_image_token=chat.model.num_image_token,
                   template=config.template, answer_start=req.answer_start)
-    with tempfile.NamedTemporaryFile(suffix=".video") as file:
+    # in a folder of its own: FFmpeg's concat demuxer (an "ffconcat" list sent as the video) opens the files its list
+    # names relative to the list, and would read the videos of the temporary folder (/tmp) beside it, or say which
+    # names exist there, without --allow-local-images
+    with tempfile.TemporaryDirectory(prefix="internvl-video-") as folder, \
+            tempfile.NamedTemporaryFile(suffix=".video", dir=folder) as file:
         file.write(raw)
         file.flush()
         try:
