@@ -1196,3 +1196,43 @@ def test_a_minus_before_a_bracketed_fraction_stays(prediction, truth, expected):
     """"-(1/2)" and "-\\left(\\frac{1}{2}\\right)" were read as 0.5: the minus stood before a bracket, which only a
     single number was taken out of (and \\left left a space, a dash with a space being no minus)."""
     assert check_answer(prediction, truth) is expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # a self-correction: the official parse_answer splits at the last trigger (`rsplit(trigger, 1)`)
+        ("I see 3 shapes.\nFinal answer: 3\nWait, I missed one at the bottom, so 4.\nFinal answer: 4", "4"),
+        # "answer:" inside the reasoning is no trigger when a "Final answer:" follows (the official reads only that)
+        ("To get the answer: count the shapes.\nThere are 4.\nFinal answer: 4", "4"),
+    ],
+)
+def test_strict_extraction_reads_the_last_final_answer(text, expected):
+    assert extract_final_answer(text, strict=True) == expected
+
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [
+        # spaces around a math operator do not change a short text answer (the TextVQA normaliser reads these alike)
+        ("y = 2x + 1", "y=2x+1", True), ("$y=2x+1$", "y = 2x + 1", True), ("x^2+1", "x^2 + 1", True),
+        ("(x+1)(x-1)", "(x + 1)(x - 1)", True), ("a + b", "a+b", True),
+        # the operators themselves still count
+        ("x < 3", "x>3", False), ("y = 2x - 1", "y=2x+1", False),
+    ],
+)
+def test_spaces_around_math_operators_in_text_answers(prediction, truth, expected):
+    assert check_answer(prediction, truth) is expected
+
+
+@pytest.mark.parametrize(
+    "prediction, truth, expected",
+    [("5", "\\boxed{5}", True), ("6", "\\boxed{5}", False), ("B", "\\boxed{B}", True),
+     ("Paris", "\\boxed{\\text{Paris}}", True)],
+)
+def test_a_boxed_ground_truth_is_its_content(prediction, truth, expected):
+    """Every extracted answer is unboxed ("Final answer: \\boxed{5}" is "5"): a boxed ground truth that stayed boxed
+    could match no answer, and its item silently gave no pairs."""
+    assert check_answer(prediction, truth) is expected
+    extracted = extract_final_answer(f"Reasoning.\nFinal answer: \\boxed{{{prediction}}}", strict=True)
+    assert check_answer(extracted, truth) is expected

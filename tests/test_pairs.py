@@ -1308,3 +1308,13 @@ def test_reading_the_items_shows_progress(tmp_path, capsys, monkeypatch):
     assert "reading items: 3item" in capsys.readouterr().err
     read_items(folder / "items.jsonl", "correctness")
     assert capsys.readouterr().err == ""
+
+
+def test_choices_is_refused_as_another_name_for_options(tmp_path):
+    """"choices" (ScienceQA's and A-OKVQA's name for the options) was ignored: the question was sampled without its
+    options, and a letter ground truth checked against letters the model was never shown."""
+    path = tmp_path / "items.jsonl"
+    row = {"id": "a", "question": "Which animal is shown?", "answer": "A", "choices": ["cat", "dog"]}
+    for method in ("correctness", "dropout-ntp"):
+        with pytest.raises(InputError, match=r"items.jsonl:1: field 'choices' is not read; did you mean 'options'\?$"):
+            read_items(_items(path, row), method)

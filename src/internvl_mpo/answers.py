@@ -276,6 +276,9 @@ _YES = {"yes", "true", "correct", "yeah", "yep"}
 _NO = {"no", "false", "incorrect", "nope"}
 _VERDICTS = {"true", "false", "correct", "incorrect"}  # a leading one decides only where no yes or no follows
 _ARTICLES = {"a", "an", "the"}
+# spaces around a math operator in a short text answer: "y = 2x + 1" is "y=2x+1" (the TextVQA normaliser, which drops
+# or spaces "=", "+", "<" and ">" as punctuation, reads them alike; the operators are kept, so "x<3" is not "x>3")
+_SPACED_OPERATOR = re.compile(r"\s*([=+<>^×÷±≤≥≠])\s*")
 # Chinese yes/no by how the answer starts, checked in this order: hedges ("maybe", "cannot tell"), yes
 # that starts like a no (没错, "not wrong"), no, yes (有/没有 answer "is there ...?").
 _CN_HEDGES = ("可能", "有可能", "也许", "或许", "无法", "没法", "没有办法", "不确定", "不知道", "不清楚", "难以")
@@ -423,7 +426,8 @@ def _clean(answer: str) -> str:
 def extract_final_answer(text: str, strict: bool = False) -> str | None:
     """The final answer stated in a response, or None when it states none.
 
-    The rest of the line after the first "Final answer:" / "Answer:" / "答案:" (markdown stars
+    The rest of the line after the first "Final answer:" / "Answer:" / "答案:" (`strict`: the last, a "Final answer:"
+    before a bare "Answer:", as the official `parse_answer` splits at it; markdown stars
     dropped; a \\boxed{} in it is unwrapped, and several different ones are unwrapped in place, so that
     "\\boxed{3} or \\boxed{4}" stays a hedge; a line that only opens display math, "$$" or "\\[",
     continues to its close), else the content of the last \\boxed{} (nested boxes unwrapped). `strict`
@@ -431,6 +435,12 @@ def extract_final_answer(text: str, strict: bool = False) -> str | None:
     alone states no answer), reasoning must come before it, and it may appear at most twice.
     """
     match = _TRIGGER.search(text)
+    if match and strict:
+        # the official parse_answer splits at the last trigger (`rsplit`), and reads "Final answer:" (a bare
+        # "answer:" in the reasoning, "to get the answer: count them", is no trigger there when one follows)
+        matches = list(_TRIGGER.finditer(text))
+        finals = [m for m in matches if not m.group(1).lower().startswith("answer")]
+        match = (finals or matches)[-1]
     if match:
         trigger = match.group(1)
         if strict and (text.count(trigger) > 2 or not _clean(text[: match.start()])):
@@ -895,7 +905,7 @@ def normalize_text(text: str) -> str:
         if ch == "." and s[i - 1 : i].isalpha() and s[i + 1 : i + 2].isalpha():
             continue
         chars.append(" " if unicodedata.category(ch).startswith("P") and not (decimal or sign) else ch)
-    words = "".join(chars).split()
+    words = _SPACED_OPERATOR.sub(r"\1", "".join(chars)).split()
     # articles go, unless they are the whole answer (a ground truth "a": the letter)
     words = [str(_WORD_NUMBERS.get(w, w)) for w in words if w not in _ARTICLES] or words
     out = ""
@@ -1026,6 +1036,8 @@ def check_answer(
     the same when both are known (`_UNIT_NAMES`: "5 m" is not "5 cm", "5 centimeters" is). A text
     ground truth holding a root or pi is compared in `normalize_math` form.
     """
+    # a boxed ground truth ("\\boxed{5}") is its content, as every extracted answer is unboxed: else nothing matches it
+    ground_truth = _clean(_unbox(ground_truth)) or ground_truth
     if kind is None:
         kind = infer_kind(ground_truth, options)
     if kind not in KINDS:

@@ -13,7 +13,7 @@ from .errors import InputError
 
 # other names that input files give the input fields (after `_plain_name`'s other changes): refused as those
 FIELD_ALIASES = {"img": "image", "picture": "image", "photo": "image", "prompt": "question", "query": "question",
-                 "instruction": "question"}
+                 "instruction": "question", "choice": "option"}
 
 
 def too_many_digits() -> str:
