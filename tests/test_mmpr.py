@@ -210,6 +210,19 @@ def test_fields_beside_the_image_that_are_not_another_name_for_it_are_ignored(tm
             read_records(_spec(tmp_path, root, [_pair(0, image="", **misnamed)]), 0)
 
 
+def test_a_misnamed_field_naming_a_frames_folder_or_a_file_without_extension_is_refused(tmp_path, root):
+    """A plain name (no folder, no extension) was never taken for a path: "videos": "v_abc" naming the record's
+    folder of frames (or an image saved without an extension) trained the record as text, without a word. It is a
+    path where it names something under the root; an id that names nothing there stays ignored."""
+    (tmp_path / "images" / "photo").write_bytes(b"x")
+    for misnamed in ({"videos": "notes"}, {"video_path": ["notes"]}, {"images": ["photo"]}, {"image_file": "photo"}):
+        for base in ({}, {"image": ""}):
+            with pytest.raises(InputError, match=f"field {next(iter(misnamed))!r} is not read"):
+                read_records(_spec(tmp_path, root, [_pair(0, **base, **misnamed)]), 0)
+    spec = _spec(tmp_path, root, [_pair(0, image="a.jpg", video_id="v_abc", image_id="photo"), _pair(1, video_id="x")])
+    assert [r.images for r in read_records(spec, 0)] == [(os.path.join(root, "a.jpg"),), ()]
+
+
 def test_s3_images_are_root_prefixed(tmp_path, root):
     spec = _spec(tmp_path, "s3://bucket/", [_pair(0, image="s3://x/y.jpg")])
     with pytest.raises(InputError, match="s3://bucket/s3://x/y.jpg"):

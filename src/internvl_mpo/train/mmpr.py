@@ -399,6 +399,16 @@ def _holds_a_path(value: Any) -> bool:
     return False
 
 
+def _names_a_file(value: Any, root: str) -> bool:
+    """Whether a string (or a list holding one) with no folder or extension names a file or folder under `root`: a
+    video's folder of frames ("v_abc"), an image saved without an extension."""
+    if isinstance(value, str):
+        return value != "" and os.path.exists(_image_path(root, value))
+    if isinstance(value, list):
+        return any(_names_a_file(v, root) for v in value)
+    return False
+
+
 def _media(item: dict, root: str) -> tuple[tuple[str, ...], bool, str | None]:
     """(images, multi_image, video) with the official branch order: image, then video, else text; a record
     with both is refused (the official reader drops its video). A field that looks like an `image` or `video`
@@ -406,13 +416,20 @@ def _media(item: dict, root: str) -> tuple[tuple[str, ...], bool, str | None]:
     # a misnamed field that names nothing ("videos": [] beside an image) loses no image or video: not refused, and
     # neither is one that cannot name a file (metadata such as "image_id": 4 or "video_id": "v_abc"); one
     # that holds a path in another form (datasets' [{"bytes": null, "path": "a.png"}]) is refused
-    named = {key: value for key, value in item.items() if key in ("image", "video") or _holds_a_path(value)}
+    # a plain name (no folder, no extension) is a path where it names a file or folder under the root ("videos":
+    # "v_abc", a folder of frames); looked up only for a field whose name reads as an image's or a video's, so a
+    # record's other fields cost no file check
+    plain = {key for key, value in item.items() if key not in ("image", "video") and _paths(value)
+             and not _holds_a_path(value) and unread_field({key: value}, ("image", "video"))
+             and _names_a_file(value, root)}
+    named = {key: value for key, value in item.items()
+             if key in ("image", "video") or key in plain or _holds_a_path(value)}
     problem = unread_field(named, ("image", "video"))
     if problem is None and any(item.get(key) in ("", []) for key in ("image", "video")):
         # an empty image or video is none given: a field of paths beside it ("images": [...]) is another name for
         # it, and the record would train without them (metadata such as "image_id": 4 stays ignored)
         paths = {key: value for key, value in item.items()
-                 if item[key] not in ("", []) and _paths(value) and _holds_a_path(value)}
+                 if item[key] not in ("", []) and _paths(value) and (key in plain or _holds_a_path(value))}
         problem = unread_field(paths, ("image", "video"))
     if problem:
         raise _BadLine("unread_field", problem)
