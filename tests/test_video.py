@@ -1249,3 +1249,5 @@ def test_a_relative_video_path_with_a_colon_is_read_as_that_file(video_path, tmp
     assert load_video("file:clip.mp4", num_segments=4).frame_indices == reference_index(None, FPS, 2, 4)
     assert load_video("2024-05-01T12:30:00.mp4", num_segments=4).frame_indices == reference_index(
         None, FPS, NUM_FRAMES - 1, 4)
+    with pytest.raises(InputError, match="^'': no such file$"):  # not "./", the working directory
+        video.planned_frame_tiles("")

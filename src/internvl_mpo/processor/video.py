@@ -206,7 +206,8 @@ def _open_container(av, path: str):
         # raises UnicodeDecodeError; decord opens such files
         # FFmpeg reads what comes before a colon as a protocol: a relative "12:30:00.mp4" was "Protocol not found"
         # and "file:a.mp4" opened a.mp4 (pathlib drops a "./" the caller adds); "./" + the name is read as a file
-        return av.open(path if os.path.isabs(path) else os.path.join(os.curdir, path), metadata_errors="replace")
+        local = path if not path or os.path.isabs(path) else os.path.join(os.curdir, path)  # "" is no file, not "./"
+        return av.open(local, metadata_errors="replace")
     except FileNotFoundError:
         raise InputError(f"{name}: no such file") from None
     except av.error.FFmpegError as e:  # strerror: FFmpeg's reason without the path again
