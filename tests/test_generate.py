@@ -1815,6 +1815,20 @@ def test_the_model_cards_generation_config_dict_is_taken(setup):
         chat.chat("First", None, config)
 
 
+def test_a_setting_given_as_none_beside_generation_config_is_not_set(setup):
+    """None is "not set" (README): a wrapper's max_new_tokens=None beside the card's generation_config dict, or a
+    None in the dict beside a keyword, takes the other value, where it was refused as given twice."""
+    chat, _ = setup
+    config = dict(max_new_tokens=6, do_sample=False)
+    expected = chat.chat("First", **config)
+    assert chat.chat("First", generation_config=config, max_new_tokens=None) == expected
+    assert chat.chat("First", generation_config=dict(config, max_new_tokens=None), max_new_tokens=6) == expected
+    assert "".join(chat.stream_chat("First", generation_config=config, seed=None)) == expected
+    assert chat.batch_chat(["First"], generation_config=config, temperature=None) == [expected]
+    with pytest.raises(InputError, match=r"\['top_k'\] given in generation_config and as a keyword"):
+        chat.chat("First", generation_config=dict(config, top_k=5), top_k=None)  # None turns top-k off: a setting
+
+
 def test_answers_as_they_finish_refills_freed_rows_and_pulls_jobs_lazily(setup):
     """Two rows, one long job and three short ones: each short one takes the row the last one freed
     while the long one runs on (chunks of two would make C and D wait for A), every job is pulled

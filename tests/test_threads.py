@@ -183,3 +183,19 @@ def test_a_compiled_step_runs_one_thread_at_a_time(monkeypatch):
     with ThreadPoolExecutor(4) as pool:
         assert list(pool.map(decode, range(8))) == [(k,) for k in range(8)]
     assert most[0] == 1
+
+
+def test_a_stream_made_under_inference_mode_is_read_outside_it(images):
+    """torch.inference_mode() is thread-local and ends with its block: a stream made inside one (a handler
+    that returns it) and read after it, or in another thread, must not write into inference tensors."""
+    import torch
+
+    chat = InternVLChat.from_pretrained(default_model())
+    expected = chat.chat("Describe the picture.", images[0], **GREEDY)
+    with torch.inference_mode():
+        later = chat.stream_chat("Describe the picture.", images[0], **GREEDY)
+        elsewhere = chat.stream_chat("Describe the picture.", images[0], **GREEDY)
+    assert "".join(later) == expected  # before: "Inplace update to inference tensor outside InferenceMode"
+    assert in_another_thread(elsewhere) == expected
+    with torch.inference_mode():  # and read inside one, as before
+        assert "".join(chat.stream_chat("Describe the picture.", images[0], **GREEDY)) == expected

@@ -330,9 +330,14 @@ class InternVLChat:
         config = kwargs.pop("generation_config", None) or {}
         if not isinstance(config, dict):
             raise InputError(f"generation_config must be a dict of settings, got {type(config).__name__}")
-        if set(config) & set(kwargs):
-            raise InputError(f"{sorted(set(config) & set(kwargs))} given in generation_config and as a keyword")
-        kwargs = {**config, **kwargs}
+
+        def unset(settings: dict, key: str) -> bool:  # None is "not set", but top_k=None turns top-k off
+            return settings[key] is None and key != "top_k"
+
+        both = sorted(k for k in set(config) & set(kwargs) if not unset(config, k) and not unset(kwargs, k))
+        if both:
+            raise InputError(f"{both} given in generation_config and as a keyword")
+        kwargs = {**config, **{k: v for k, v in kwargs.items() if k not in config or not unset(kwargs, k)}}
         inputs = {k: kwargs.pop(k) for k in list(kwargs) if k in INPUT_KEYS}
         return inputs, sampling_params(**kwargs)
 

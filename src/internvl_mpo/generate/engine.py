@@ -370,6 +370,11 @@ class _Storages:
 class Generation:
     """A running batch. `add` requests, then iterate: each item is the list of Events of one step."""
 
+    # Its buffers are ordinary tensors even when made under torch.inference_mode(): a stream made there may be
+    # read outside it (a handler that returns it, another thread: the mode is thread-local), where writing
+    # into an inference tensor is refused.
+    @torch.inference_mode(False)
+    @torch.no_grad()
     def __init__(self, engine: Engine, max_batch: int, max_len: int):
         model = engine.model
         self.engine = engine
@@ -439,7 +444,8 @@ class Generation:
 
     # ---- one step -------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @torch.inference_mode(False)  # writes into the buffers made in __init__, whatever mode the reader is in
+    @torch.no_grad()  # inside: inference_mode(False) turns gradients on
     def step(self) -> list[Event]:
         """Admit waiting requests into free rows, then decode one token for every active row. Failures
         come back as "error" Events: a prefill that raises fails its own request, a decode step that
